@@ -1,0 +1,62 @@
+"""Exception types raised by orthofx.
+
+Every error orthofx raises on bad input derives from :class:`OrthofxError`, and its message says what was
+wrong, where (a file:line:col, a module path or a graph site) and how to fix it. The concrete types also derive
+from the built-in exception a user would otherwise expect (``ValueError``, ``RuntimeError``), so existing
+``except ValueError`` code keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "OrthofxError",
+    "PolicyError",
+    "CaptureError",
+    "PlanError",
+    "TransformError",
+    "ImpossibleLayerError",
+]
+
+
+class OrthofxError(Exception):
+    """Base class of every error orthofx raises on purpose."""
+
+
+class PolicyError(OrthofxError, ValueError):
+    """A policy (YAML file, text, dict or preset name) is malformed.
+
+    ``file``, ``line`` and ``column`` locate the mistake (1-based; ``None`` when the policy came from a dict
+    without position information). The message starts with ``file:line:col:``.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 column: int | None = None):
+        self.file = file
+        self.line = line
+        self.column = column
+        self.reason = message
+        where = ":".join(str(p) for p in (file or "<policy>", line, column) if p is not None)
+        super().__init__(f"{where}: {message}")
+
+
+class CaptureError(OrthofxError, RuntimeError):
+    """The model could not be turned into a graph.
+
+    ``module_path`` names the submodule where tracing failed ('' for the top level).
+    """
+
+    def __init__(self, message: str, *, module_path: str | None = None):
+        self.module_path = module_path
+        super().__init__(message)
+
+
+class PlanError(OrthofxError, ValueError):
+    """The policy does not fit the model: a rule matches nothing, or matches a site its pass cannot handle."""
+
+
+class TransformError(OrthofxError, RuntimeError):
+    """A pass or the check after rewriting failed (wrong shapes, non-finite outputs, invalid graph)."""
+
+
+class ImpossibleLayerError(TransformError, ValueError):
+    """No orthogonal version of a layer exists (P0, Theorem 4); the message quotes the condition."""

@@ -1,0 +1,287 @@
+"""The vocabulary passes speak: sites, plan entries, parameters, changes, penalty terms and the manifest.
+
+A *site* is a place in a captured graph that a rule can target: a module call (``kind="module"``), a function
+call such as ``torch.linalg.eigh`` (``kind="function"``) or a submodule taken as a whole (``kind="block"``).
+A *plan entry* pairs a site with the rule that matched it and the rule's validated parameters. A pass turns its
+plan entries into graph edits and records each one as a :class:`Change` in the :class:`Manifest` kept at
+``gm.meta["orthofx"]``; passes that add a regulariser record a :class:`PenaltyTerm`, which
+``orthofx.penalty(gm)`` sums.
+
+Everything here is plain data (picklable, deep-copyable), so a transformed model can be copied and saved.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Param",
+    "Site",
+    "PlanEntry",
+    "Change",
+    "PenaltyTerm",
+    "CaptureInfo",
+    "Manifest",
+    "PassContext",
+    "Pass",
+    "MANIFEST_KEY",
+]
+
+#: Key of the manifest in ``GraphModule.meta``.
+MANIFEST_KEY = "orthofx"
+
+SITE_KINDS = ("module", "function", "block")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter a pass accepts under a rule's ``with:``.
+
+    ``types`` are the accepted Python types (an ``int`` is accepted where ``float`` is, and converted);
+    ``choices`` restricts the value to a set; ``minimum`` / ``maximum`` bound numbers (inclusive unless
+    ``exclusive_minimum``).
+    """
+
+    name: str
+    default: Any
+    types: tuple[type, ...]
+    doc: str = ""
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+
+    def describe(self) -> str:
+        """Human-readable description of the allowed values, used in error messages."""
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        names = " or ".join(_type_name(t) for t in self.types)
+        bounds = []
+        if self.minimum is not None:
+            bounds.append(("> " if self.exclusive_minimum else ">= ") + repr(self.minimum))
+        if self.maximum is not None:
+            bounds.append("<= " + repr(self.maximum))
+        return names + (" " + " and ".join(bounds) if bounds else "")
+
+    def validate(self, value: Any) -> Any:
+        """Return ``value`` converted to the parameter's type, or raise ``ValueError`` saying what is allowed."""
+        if self.choices is not None:
+            # True == 1 in Python; a choice matches only a value of the same boolean-ness.
+            if not any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in self.choices):
+                raise ValueError(f"parameter '{self.name}' must be {self.describe()}, got {value!r}")
+            return value
+        accepted = _accepts(self.types, value)
+        if accepted is _REJECT:
+            raise ValueError(f"parameter '{self.name}' must be {self.describe()}, got {value!r} "
+                             f"({_type_name(type(value))})")
+        value = accepted
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"parameter '{self.name}' must be finite, got {value!r}")
+            low_fails = self.minimum is not None and (
+                value <= self.minimum if self.exclusive_minimum else value < self.minimum)
+            if low_fails or (self.maximum is not None and value > self.maximum):
+                raise ValueError(f"parameter '{self.name}' must be {self.describe()}, got {value!r}")
+        return value
+
+
+_REJECT = object()
+
+
+def _accepts(types: tuple[type, ...], value: Any) -> Any:
+    if isinstance(value, bool):
+        return value if bool in types else _REJECT
+    for t in types:
+        if t is float and isinstance(value, (int, float)):
+            return float(value)
+        if t is not bool and isinstance(value, t):
+            return value
+    return _REJECT
+
+
+def _type_name(t: type) -> str:
+    return {float: "a number", int: "an integer", bool: "true/false", str: "a string",
+            list: "a list", dict: "a mapping", type(None): "null"}.get(t, t.__name__)
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place in the graph a rule can target.
+
+    ``name`` is the module's qualified name as in ``model.named_modules()`` for module and block sites; for a
+    function site it is ``"<scope>:<op>"`` (``scope`` the qualified name of the module whose forward makes the
+    call, empty at top level, so a top-level call is just ``"<op>"``), with ``#k`` appended for the k-th repeated
+    call in the same scope (k >= 2). ``target`` is the module's class name or the canonical op name
+    (``"linalg.eigh"``); ``node`` the fx node name (``None`` for a block, which may span no single node).
+    """
+
+    kind: str
+    name: str
+    target: str
+    node: str | None = None
+    module_type: type | None = None
+
+    def __str__(self) -> str:
+        return self.name or "<root>"
+
+
+@dataclass
+class PlanEntry:
+    """A site, the rule that claimed it and the pass parameters (validated, defaults filled in)."""
+
+    site: Site
+    rule_name: str
+    rule_index: int
+    pass_name: str
+    params: dict[str, Any]
+    reason: str = ""  # why this rule won the site (shown by explain)
+
+
+@dataclass
+class Change:
+    """One edit a pass made, recorded in the manifest and shown by ``orthofx.report``."""
+
+    site: str
+    rule: str
+    pass_name: str
+    what: str
+    params: dict[str, Any] = field(default_factory=dict)
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+
+
+class PenaltyTerm:
+    """A differentiable regulariser a pass attached to a site; ``orthofx.penalty`` sums ``weight * value``.
+
+    Subclasses implement :meth:`value`, computing the unweighted term from the transformed model ``root``
+    (looked up by site name at call time, so the term holds no tensors and survives copies and saving).
+    """
+
+    def __init__(self, site: str, rule: str, weight: float):
+        self.site = site
+        self.rule = rule
+        self.weight = float(weight)
+
+    def value(self, root: nn.Module) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(site={self.site!r}, weight={self.weight})"
+
+
+@dataclass
+class CaptureInfo:
+    """How the graph was obtained: the mode used, submodules kept as leaves after a failed trace, warnings."""
+
+    mode: str
+    leaf_fallbacks: list[tuple[str, str]] = field(default_factory=list)  # (module path, one-line reason)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    """Everything orthofx did to a model; stored at ``gm.meta["orthofx"]``."""
+
+    policy: Any
+    plan: Any
+    capture: CaptureInfo
+    changes: list[Change] = field(default_factory=list)
+    penalties: list[PenaltyTerm] = field(default_factory=list)
+    # Input shape of each module call seen on the example inputs (first call), keyed by qualified name.
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    output_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What a pass works with: the graph module being rewritten and the manifest to record into."""
+
+    gm: torch.fx.GraphModule
+    manifest: Manifest
+
+    def module(self, site: Site | str) -> nn.Module:
+        name = site.name if isinstance(site, Site) else site
+        return self.gm.get_submodule(name)
+
+    def node(self, site: Site) -> torch.fx.Node:
+        for n in self.gm.graph.nodes:
+            if n.name == site.node:
+                return n
+        raise KeyError(f"no node {site.node!r} in the graph for site {site.name!r}")
+
+    def record(self, change: Change) -> None:
+        self.manifest.changes.append(change)
+
+    def add_penalty(self, term: PenaltyTerm) -> None:
+        self.manifest.penalties.append(term)
+
+
+class Pass:
+    """Base class of graph passes. Subclass, set the class attributes, implement :meth:`apply`, and decorate
+    with :func:`orthofx.passes.register_pass`.
+
+    Class attributes:
+        name: the name rules use under ``apply:``.
+        params: the :class:`Param` specs accepted under ``with:``.
+        site_kinds: which site kinds the pass handles (``"module"``, ``"function"``, ``"block"``).
+        module_types: for module sites, the layer types it can rewrite (subclasses included); empty means any.
+        ops: for function sites, the canonical op names it can rewrite; empty means any.
+
+    Example::
+
+        from orthofx.passes import Pass, Param, register_pass, Change
+
+        @register_pass
+        class ScaleWeights(Pass):
+            name = "scale_weights"
+            params = (Param("factor", 1.0, (float,), "multiplier", minimum=0.0),)
+            site_kinds = frozenset({"module"})
+            module_types = (torch.nn.Linear,)
+
+            def apply(self, ctx, entries):
+                for e in entries:
+                    with torch.no_grad():
+                        ctx.module(e.site).weight.mul_(e.params["factor"])
+                    ctx.record(Change(e.site.name, e.rule_name, self.name, "scaled weight", e.params))
+    """
+
+    name: ClassVar[str] = ""
+    params: ClassVar[tuple[Param, ...]] = ()
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"module"})
+    module_types: ClassVar[tuple[type, ...]] = ()
+    ops: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def param_spec(cls) -> dict[str, Param]:
+        return {p.name: p for p in cls.params}
+
+    @classmethod
+    def validate_params(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """Defaults filled in and every given value validated; ``KeyError``/``ValueError`` name the problem."""
+        spec = cls.param_spec()
+        out = {name: p.default for name, p in spec.items()}
+        for key, value in given.items():
+            if key not in spec:
+                allowed = ", ".join(sorted(spec)) or "none"
+                raise KeyError(f"unknown parameter '{key}' for pass '{cls.name}'; allowed: {allowed}")
+            out[key] = spec[key].validate(value)
+        return out
+
+    def accepts(self, site: Site, module: nn.Module | None) -> str | None:
+        """``None`` if the pass can handle ``site``; otherwise a short reason why not."""
+        if site.kind not in self.site_kinds:
+            return f"pass '{self.name}' handles {', '.join(sorted(self.site_kinds))} sites, not {site.kind} sites"
+        if site.kind == "module" and self.module_types and not isinstance(module, self.module_types):
+            names = ", ".join(t.__name__ for t in self.module_types)
+            return f"pass '{self.name}' handles {names}, not {type(module).__name__}"
+        if site.kind == "function" and self.ops and site.target not in self.ops:
+            return f"pass '{self.name}' handles {', '.join(self.ops)}, not {site.target}"
+        return None
+
+    def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,53 @@
+"""The pass registry: rules name passes under ``apply:``; :func:`register_pass` adds user passes."""
+
+from __future__ import annotations
+
+from ..errors import OrthofxError
+from .base import SITE_KINDS, Pass
+
+__all__ = ["register_pass", "get_pass", "available_passes", "unregister_pass"]
+
+_PASSES: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass] | None = None, *, replace: bool = False):
+    """Register a :class:`~orthofx.passes.Pass` subclass under its ``name`` (usable as a class decorator).
+
+    Raises :class:`orthofx.OrthofxError` if the name is taken (pass ``replace=True`` to override) or the class
+    is not a well-formed pass.
+    """
+
+    def add(pass_cls: type[Pass]) -> type[Pass]:
+        if not (isinstance(pass_cls, type) and issubclass(pass_cls, Pass)):
+            raise OrthofxError(f"register_pass expects a subclass of orthofx.passes.Pass, got {pass_cls!r}")
+        name = pass_cls.name
+        if not name or not isinstance(name, str) or not name.isidentifier():
+            raise OrthofxError(f"{pass_cls.__name__}.name must be a non-empty identifier, got {name!r}")
+        unknown = set(pass_cls.site_kinds) - set(SITE_KINDS)
+        if unknown or not pass_cls.site_kinds:
+            raise OrthofxError(f"{pass_cls.__name__}.site_kinds must be a non-empty subset of {SITE_KINDS}")
+        if name in _PASSES and _PASSES[name] is not pass_cls and not replace:
+            raise OrthofxError(f"a pass named '{name}' is already registered ({_PASSES[name].__qualname__}); "
+                               "choose another name or pass replace=True")
+        _PASSES[name] = pass_cls
+        return pass_cls
+
+    return add if cls is None else add(cls)
+
+
+def unregister_pass(name: str) -> None:
+    """Remove a registered pass (mainly for tests and notebooks that redefine a pass)."""
+    _PASSES.pop(name, None)
+
+
+def get_pass(name: str) -> type[Pass]:
+    """The pass class registered under ``name``; ``KeyError`` with the available names otherwise."""
+    try:
+        return _PASSES[name]
+    except KeyError:
+        raise KeyError(f"unknown pass '{name}'; available: {', '.join(sorted(_PASSES))}") from None
+
+
+def available_passes() -> dict[str, type[Pass]]:
+    """Name -> pass class of every registered pass, sorted by name."""
+    return dict(sorted(_PASSES.items()))
