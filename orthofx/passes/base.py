@@ -231,6 +231,9 @@ class Pass:
         site_kinds: which site kinds the pass handles (``"module"``, ``"function"``, ``"block"``).
         module_types: for module sites, the layer types it can rewrite (subclasses included); empty means any.
         ops: for function sites, the canonical op names it can rewrite; empty means any.
+        group: passes of one group compete for a site (the first matching rule in the policy wins); passes of
+            different groups all apply. Empty means the pass's own name. Built-in passes that govern a layer's
+            weights (L_orth, hard orthogonal layers, Riemannian training, Pre-SVD treatments) share ``"weight"``.
 
     Example::
 
@@ -255,6 +258,7 @@ class Pass:
     site_kinds: ClassVar[frozenset[str]] = frozenset({"module"})
     module_types: ClassVar[tuple[type, ...]] = ()
     ops: ClassVar[tuple[str, ...]] = ()
+    group: ClassVar[str] = ""
 
     @classmethod
     def param_spec(cls) -> dict[str, Param]:

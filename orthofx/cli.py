@@ -1,0 +1,242 @@
+"""The ``orthofx`` command.
+
+    orthofx demo                                   # explain, transform, train a little on digits, report
+    orthofx presets                                # list the preset policies
+    orthofx check POLICY [--model M --input-shape 1,3,32,32]
+    orthofx explain MODEL --policy P [--input-shape ...]
+    orthofx transform MODEL --policy P --input-shape 1,3,32,32 [--json report.json] [--plot spectra.png]
+
+MODEL is a built-in name (``orthofx.models.names()``), ``package.module:factory`` or ``path/to/file.py:factory``
+(a callable taking no arguments that returns an ``nn.Module``). Exit status 0 on success, 2 on bad input with a
+one-line message (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import models
+from .errors import OrthofxError
+from .penalty import penalty
+from .policy import Policy, presets
+from .report import report
+from .transform import explain, transform
+
+__all__ = ["main", "load_model"]
+
+
+class CliError(OrthofxError):
+    """Bad command-line input (exit status 2)."""
+
+
+def load_model(spec: str) -> nn.Module:
+    """A model from a built-in name, ``package.module:factory`` or ``file.py:factory``."""
+    if ":" not in spec:
+        try:
+            return models.get(spec)
+        except ValueError as exc:
+            raise CliError(f"{exc}; or give package.module:factory or file.py:factory") from None
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py"):
+        if not os.path.isfile(target):
+            raise CliError(f"model file {target!r} does not exist")
+        module_name = "orthofx_user_model_" + os.path.splitext(os.path.basename(target))[0]
+        module_spec = importlib.util.spec_from_file_location(module_name, target)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise CliError(f"cannot import {target!r} for model {spec!r}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise CliError(f"{target!r} has no attribute {attr!r}")
+    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    if not isinstance(model, nn.Module):
+        raise CliError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _input_shape(text: str | None, model_spec: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        if model_spec is not None and model_spec in models.names():
+            return (1,) + models.input_shape(model_spec)
+        return None
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise CliError(f"--input-shape must be comma-separated integers like 1,3,32,32, got {text!r}") from None
+    if not shape or any(n < 1 for n in shape):
+        raise CliError(f"--input-shape must contain positive integers, got {text!r}")
+    return shape
+
+
+def _example(shape: tuple[int, ...] | None) -> tuple[torch.Tensor, ...] | None:
+    if shape is None:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(*shape, generator=generator),)
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    for name, description in presets().items():
+        print(f"{name:16s} {description}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    policy = Policy.load(args.policy)
+    print(f"ok: {policy.source}: {len(policy.rules)} rule(s): "
+          + ", ".join(f"{r.name} -> {r.apply}" for r in policy.rules))
+    if args.model:
+        model = load_model(args.model)
+        print(explain(model, policy, _example(_input_shape(args.input_shape, args.model))))
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    print(explain(model, args.policy, _example(_input_shape(args.input_shape, args.model))))
+    return 0
+
+
+def _cmd_transform(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    inputs = _example(_input_shape(args.input_shape, args.model))
+    started = time.perf_counter()
+    gm = transform(model, args.policy, example_inputs=inputs)
+    elapsed = time.perf_counter() - started
+    rep = report(gm)
+    print(rep)
+    print(f"transformed in {elapsed:.2f} s")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rep.to_dict(), handle, indent=2, default=str)
+        print(f"wrote {args.json}")
+    if args.plot:
+        rep.plot(args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _progress(step: int, total: int, text: str, stream=sys.stderr) -> None:
+    width = 30
+    filled = int(width * step / total)
+    bar = "#" * filled + "." * (width - filled)
+    end = "\n" if step == total else ""
+    stream.write(f"\r[{bar}] {step:4d}/{total} {text}{end}")
+    stream.flush()
+
+
+def load_digits_tensors(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8x8 digits as (x_train, y_train, x_test, y_test), images scaled to [0, 1]."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise CliError("the demo trains on scikit-learn's bundled digits: pip install 'orthofx[demo]'") from None
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    split = int(0.8 * len(x))
+    return x[:split], y[:split], x[split:], y[split:]
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    torch.manual_seed(args.seed)
+    x_train, y_train, x_test, y_test = load_digits_tensors(args.seed)
+    model = load_model(args.model)
+    example = (x_train[:8],)
+    print(f"== explain: model {args.model}, policy {args.policy}")
+    print(explain(model, args.policy, example))
+    gm = transform(model, args.policy, example_inputs=example)
+    optimizer = torch.optim.Adam(gm.parameters(), lr=args.lr)
+    print(f"\n== training {args.steps} steps on scikit-learn digits ({len(x_train)} train / {len(x_test)} test)")
+    gm.train()
+    generator = torch.Generator().manual_seed(args.seed)
+    first_penalty = None
+    for step in range(1, args.steps + 1):
+        index = torch.randint(0, len(x_train), (args.batch_size,), generator=generator)
+        task = nn.functional.cross_entropy(gm(x_train[index]), y_train[index])
+        reg = penalty(gm)
+        loss = task + reg
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        first_penalty = float(reg.detach()) if first_penalty is None else first_penalty
+        if step % max(1, args.steps // 50) == 0 or step == args.steps:
+            _progress(step, args.steps, f"task {float(task):.3f}  penalty {float(reg):.4f}")
+    gm.eval()
+    with torch.no_grad():
+        accuracy = (gm(x_test).argmax(1) == y_test).float().mean().item()
+    print(f"\npenalty {first_penalty:.4f} -> {float(penalty(gm)):.4f}; test accuracy {accuracy:.3f}\n")
+    print("== report")
+    print(report(gm))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orthofx", description="Orthogonality for any PyTorch model.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="explain, transform, train briefly on digits and report")
+    demo.add_argument("--model", default="small_cnn", help="a built-in model taking 1x8x8 images")
+    demo.add_argument("--policy", default="lorth")
+    demo.add_argument("--steps", type=int, default=200)
+    demo.add_argument("--batch-size", type=int, default=64)
+    demo.add_argument("--lr", type=float, default=3e-3)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_cmd_demo)
+
+    sub.add_parser("presets", help="list preset policies").set_defaults(run=_cmd_presets)
+
+    check = sub.add_parser("check", help="validate a policy (and plan it on a model)")
+    check.add_argument("policy")
+    check.add_argument("--model")
+    check.add_argument("--input-shape")
+    check.set_defaults(run=_cmd_check)
+
+    for name, func, text in (("explain", _cmd_explain, "show which rule hits which site (dry run)"),
+                             ("transform", _cmd_transform, "transform a model and print the report")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("model", help="built-in name, package.module:factory or file.py:factory")
+        cmd.add_argument("--policy", required=True, help="preset name, YAML file or YAML text")
+        cmd.add_argument("--input-shape", help="example input shape, e.g. 1,3,32,32")
+        if name == "transform":
+            cmd.add_argument("--json", help="write the report as JSON to this path")
+            cmd.add_argument("--plot", help="write the singular-value spectra PNG to this path")
+        cmd.set_defaults(run=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (OrthofxError, OSError) as exc:
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split())
+        print(f"orthofx: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""Sites and rule matching: which rule of a policy applies which pass to which place of a captured graph.
+
+Sites (see :class:`orthofx.passes.Site`):
+
+* module sites: every module the graph calls (``call_module`` nodes), named as in ``model.named_modules()``,
+  plus the submodules of modules kept as fx leaves (they have no node of their own, but passes that change only
+  weights, such as the L_orth regulariser, still reach them);
+* function sites: calls of ``torch.linalg.svd``, ``svdvals``, ``eigh``, ``eigvalsh`` and ``torch.svd``
+  (functions and tensor methods), named ``"<scope>:<op>"``;
+* block sites: submodules that a ``kind: block`` rule names, kept as leaves by capture so the pass sees the
+  block as a whole.
+
+Precedence: rules are tried in policy order. Every pass belongs to a *group* (``Pass.group``; passes that
+govern a layer's weights, such as ``orth_regularizer`` and ``orthogonal_conv``, share the group ``weight``).
+For each site and group, the first rule whose selectors match the site and whose pass accepts it wins;
+later rules of the same group that also match are *shadowed* (``explain`` shows by which rule). Rules of
+different groups all apply. A rule that matches no site is an error unless it says ``optional: true``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from tabulate import tabulate
+from torch import fx, nn
+
+from .errors import PlanError
+from .passes.base import CaptureInfo, PlanEntry, Site
+from .passes.registry import get_pass
+from .policy import Match, Policy, Rule
+
+__all__ = ["Plan", "build_plan", "block_paths", "collect_sites", "describe_module", "producers_feeding",
+           "FUNCTION_OPS"]
+
+#: Callables (functions and tensor methods) recognised as function sites, by canonical op name.
+FUNCTION_OPS: dict[Any, str] = {
+    torch.linalg.svd: "linalg.svd",
+    torch.linalg.svdvals: "linalg.svdvals",
+    torch.linalg.eigh: "linalg.eigh",
+    torch.linalg.eigvalsh: "linalg.eigvalsh",
+    torch.svd: "svd",
+}
+_METHOD_OPS = {"svd": "svd"}
+
+# Layers whose weights shape their output linearly: where a walk upstream from a decomposition stops.
+_PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                   nn.ConvTranspose3d)
+
+
+def describe_module(module: nn.Module) -> str:
+    """Short description of a layer, e.g. ``Conv2d(64->128, k=3, s=2)`` or ``Linear(512->10)``."""
+    name = type(module).__name__
+    if isinstance(module, nn.modules.conv._ConvNd):
+        k = module.kernel_size
+        s = module.stride
+        ks = k[0] if len(set(k)) == 1 else "x".join(map(str, k))
+        ss = s[0] if len(set(s)) == 1 else "x".join(map(str, s))
+        extra = f", g={module.groups}" if module.groups != 1 else ""
+        if any(d != 1 for d in module.dilation):
+            extra += f", d={module.dilation[0] if len(set(module.dilation)) == 1 else module.dilation}"
+        return f"{name}({module.in_channels}->{module.out_channels}, k={ks}, s={ss}{extra})"
+    if isinstance(module, nn.Linear):
+        return f"{name}({module.in_features}->{module.out_features})"
+    return name
+
+
+# ----------------------------------------------------------------------------------------------- sites
+
+def _op_name(node: fx.Node) -> str | None:
+    if node.op == "call_function":
+        return FUNCTION_OPS.get(node.target)
+    if node.op == "call_method":
+        return _METHOD_OPS.get(node.target)
+    return None
+
+
+def _scope(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    # The innermost entry is the module whose forward made the call; its key is the qualified path.
+    key, value = list(stack.items())[-1]
+    path = value[0] if isinstance(value, tuple) else key
+    return path if isinstance(path, str) else str(key)
+
+
+def collect_sites(gm: fx.GraphModule, blocks: Iterable[str] = ()) -> list[Site]:
+    """Every site of a captured graph, in graph order (see the module docstring)."""
+    blocks = set(blocks)
+    sites: list[Site] = []
+    seen_modules: set[str] = set()
+    op_counts: Counter[str] = Counter()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            target = str(node.target)
+            if target in seen_modules:
+                continue
+            seen_modules.add(target)
+            module = gm.get_submodule(target)
+            sites.append(Site("module", target, type(module).__name__, node.name, type(module)))
+            if target in blocks:
+                sites.append(Site("block", target, type(module).__name__, node.name, type(module)))
+            # Submodules of a leaf are not in the graph; list them so weight-only passes can reach them.
+            for sub_name, sub in module.named_modules(prefix=target):
+                if sub_name != target and sub_name not in seen_modules:
+                    seen_modules.add(sub_name)
+                    sites.append(Site("module", sub_name, type(sub).__name__, None, type(sub)))
+        else:
+            op = _op_name(node)
+            if op is None:
+                continue
+            scope = _scope(node)
+            base = f"{scope}:{op}" if scope else op
+            op_counts[base] += 1
+            name = base if op_counts[base] == 1 else f"{base}#{op_counts[base]}"
+            sites.append(Site("function", name, op, node.name, None))
+    return sites
+
+
+def producers_feeding(gm: fx.GraphModule, node: fx.Node) -> list[str]:
+    """Qualified names of the conv/linear modules whose outputs reach ``node``'s inputs.
+
+    The walk goes upstream through reshapes, elementwise operations, reductions, matmuls and non-weight modules
+    (activations, normalisation, pooling), and stops at the first conv/linear module on each path: those are
+    the layers whose orthogonality conditions the matrix that ``node`` decomposes (P4's Pre-SVD layers).
+    """
+    found: list[str] = []
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "call_module":
+            module = gm.get_submodule(str(current.target))
+            if isinstance(module, _PRODUCER_TYPES) or (
+                    type(module).__module__.startswith("orthofx.nn") and hasattr(module, "weight")):
+                if current.target not in found:
+                    found.append(str(current.target))
+                continue
+        if current.op in ("placeholder", "get_attr"):
+            continue
+        stack.extend(current.all_input_nodes)
+    return found
+
+
+# --------------------------------------------------------------------------------------------- matching
+
+def _type_matches(type_names: Iterable[str], cls: type | None) -> bool:
+    if cls is None:
+        return False
+    wanted = set(type_names)
+    for klass in cls.__mro__:
+        if klass.__name__ in wanted or f"{klass.__module__}.{klass.__qualname__}" in wanted:
+            return True
+    return False
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def _attribute_matches(module: nn.Module | None, where: dict[str, Any]) -> bool:
+    """``where:`` filters: equality, lists compare with tuples, and a scalar matches a tuple of equal entries
+    (``kernel_size: 3`` matches ``(3, 3)``)."""
+    for attr, expected in where.items():
+        if module is None or not hasattr(module, attr):
+            return False
+        actual = _normalise(getattr(module, attr))
+        expected = _normalise(expected)
+        if isinstance(actual, list) and not isinstance(expected, list):
+            if not actual or any(a != expected for a in actual):
+                return False
+        elif actual != expected:
+            return False
+    return True
+
+
+def _selects(match: Match, site: Site, module: nn.Module | None, fed_by: dict[str, set[str]]) -> bool:
+    if site.kind != match.site_kind or not match.matches_name(site.name):
+        return False
+    if site.kind == "function":
+        return not match.op or site.target in match.op
+    if match.type and not _type_matches(match.type, site.module_type):
+        return False
+    if match.where and not _attribute_matches(module, match.where):
+        return False
+    if match.feeds and not any(site.name in fed_by.get(op, ()) for op in match.feeds):
+        return False
+    return True
+
+
+def block_paths(model: nn.Module, policy: Policy) -> list[str]:
+    """Qualified names of the submodules that ``kind: block`` rules select; capture keeps them as leaves."""
+    paths = []
+    for rule in policy.rules:
+        if rule.match.kind != "block":
+            continue
+        for name, module in model.named_modules():
+            if not name:
+                continue
+            site = Site("block", name, type(module).__name__, None, type(module))
+            if _selects(rule.match, site, module, {}) and name not in paths:
+                paths.append(name)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------- plan
+
+@dataclass
+class Plan:
+    """The result of matching a policy against a graph; ``str(plan)`` is the ``explain`` table.
+
+    ``entries`` are applied (in policy order); ``skipped`` are (site, rule, reason) where a rule's selectors
+    matched but its pass cannot handle the site; ``shadowed`` are (site, rule, winning rule).
+    """
+
+    entries: list[PlanEntry]
+    sites: list[Site]
+    skipped: list[tuple[Site, str, str]] = field(default_factory=list)
+    shadowed: list[tuple[Site, str, str]] = field(default_factory=list)
+    unmatched_optional: list[str] = field(default_factory=list)
+    capture: CaptureInfo | None = None
+    layers: dict[str, str] = field(default_factory=dict)  # site name -> describe_module
+
+    def entries_for(self, pass_name: str) -> list[PlanEntry]:
+        return [e for e in self.entries if e.pass_name == pass_name]
+
+    def pass_order(self) -> list[str]:
+        """Passes in order of their first rule in the policy."""
+        order: list[str] = []
+        for entry in sorted(self.entries, key=lambda e: e.rule_index):
+            if entry.pass_name not in order:
+                order.append(entry.pass_name)
+        return order
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for e in self.entries:
+            rows.append({"site": e.site.name, "kind": e.site.kind, "layer": self.layers.get(e.site.name, e.site.target),
+                         "rule": e.rule_name, "pass": e.pass_name, "params": _format_params(e.params),
+                         "status": "apply"})
+        for site, rule, reason in self.skipped:
+            rows.append({"site": site.name, "kind": site.kind, "layer": self.layers.get(site.name, site.target),
+                         "rule": rule, "pass": "", "params": "", "status": f"skipped: {reason}"})
+        for site, rule, winner in self.shadowed:
+            rows.append({"site": site.name, "kind": site.kind, "layer": self.layers.get(site.name, site.target),
+                         "rule": rule, "pass": "", "params": "", "status": f"shadowed by {winner}"})
+        order = {s.name: i for i, s in enumerate(self.sites)}
+        rows.sort(key=lambda r: (order.get(r["site"], len(order)), r["status"] != "apply"))
+        return rows
+
+    def __str__(self) -> str:
+        lines = []
+        if self.capture is not None:
+            lines.append(f"capture: {self.capture.mode}")
+            for path, reason in self.capture.leaf_fallbacks:
+                lines.append(f"  kept as leaf (not traceable): {path}: {reason}")
+            for warning in self.capture.warnings:
+                lines.append(f"  warning: {warning}")
+        rows = self.rows()
+        if rows:
+            lines.append(tabulate(rows, headers="keys", tablefmt="simple"))
+        else:
+            lines.append("(no site matched)")
+        for name in self.unmatched_optional:
+            lines.append(f"optional rule '{name}' matched nothing")
+        n_apply = len(self.entries)
+        lines.append(f"{n_apply} change(s) planned, {len(self.skipped)} skipped, {len(self.shadowed)} shadowed")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _format_params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def _module_or_none(gm: fx.GraphModule, site: Site) -> nn.Module | None:
+    if site.kind == "function":
+        return None
+    return gm.get_submodule(site.name)
+
+
+def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None = None,
+               blocks: Iterable[str] = ()) -> Plan:
+    """Match ``policy`` against the captured ``gm``; raise :class:`PlanError` for a rule that matches nothing."""
+    sites = collect_sites(gm, blocks)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    fed_by: dict[str, set[str]] = {}
+    for site in sites:
+        if site.kind == "function":
+            fed_by.setdefault(site.target, set()).update(producers_feeding(gm, nodes[site.node]))
+
+    entries: list[PlanEntry] = []
+    skipped: list[tuple[Site, str, str]] = []
+    shadowed: list[tuple[Site, str, str]] = []
+    unmatched_optional: list[str] = []
+    winners: dict[tuple[str, str, str], str] = {}  # (site kind, site name, group) -> rule name
+    layers = {}
+    for site in sites:
+        if site.kind != "function":
+            layers[site.name] = describe_module(gm.get_submodule(site.name))
+
+    for rule in policy.rules:
+        pass_cls = get_pass(rule.apply)
+        pass_obj = pass_cls()
+        group = getattr(pass_cls, "group", "") or pass_cls.name
+        selected = 0
+        rejected: list[tuple[Site, str]] = []
+        for site in sites:
+            module = _module_or_none(gm, site)
+            if not _selects(rule.match, site, module, fed_by):
+                continue
+            selected += 1
+            key = (site.kind, site.name, group)
+            if key in winners:
+                shadowed.append((site, rule.name, winners[key]))
+                continue
+            reason = pass_obj.accepts(site, module)
+            if reason is not None:
+                rejected.append((site, reason))
+                continue
+            winners[key] = rule.name
+            entries.append(PlanEntry(site=site, rule_name=rule.name, rule_index=rule.index,
+                                     pass_name=pass_cls.name, params=dict(rule.params),
+                                     reason=f"first '{group}' rule matching {site.name}"))
+        skipped.extend((site, rule.name, reason) for site, reason in rejected)
+        if selected == 0:
+            if rule.optional:
+                unmatched_optional.append(rule.name)
+                continue
+            raise PlanError(_no_match_message(rule, sites))
+        if selected == len(rejected) and not rule.optional:
+            details = "; ".join(f"{s.name}: {r}" for s, r in rejected[:5])
+            raise PlanError(f"rule '{rule.name}' (apply: {rule.apply}) matched {selected} site(s) but its pass "
+                            f"can handle none of them: {details}. Narrow the rule's match, or mark it "
+                            "'optional: true'.")
+    return Plan(entries=entries, sites=sites, skipped=skipped, shadowed=shadowed,
+                unmatched_optional=unmatched_optional, capture=capture, layers=layers)
+
+
+def _no_match_message(rule: Rule, sites: list[Site]) -> str:
+    kind = rule.match.site_kind
+    candidates = [s for s in sites if s.kind == kind]
+    where = ""
+    loc = getattr(rule, "location", None)
+    if loc is not None and getattr(loc, "line", None) is not None:
+        where = f" ({loc.file or '<policy>'}:{loc.line})"
+    if kind == "function":
+        found = sorted({s.target for s in candidates})
+        have = ", ".join(found) if found else "none"
+        hint = f"the graph's decompositions: {have}"
+    elif kind == "block":
+        hint = "a block rule selects submodules by name and type; check match.name against model.named_modules()"
+    else:
+        types = Counter(s.target for s in candidates)
+        top = ", ".join(f"{t} x{n}" for t, n in types.most_common(8)) or "none"
+        hint = f"the graph's module sites: {top}"
+    return (f"rule '{rule.name}'{where} matched no {kind} site; {hint}. Fix the match, or mark the rule "
+            "'optional: true' if the policy is meant for several models.")

@@ -1,0 +1,902 @@
+"""Policies: which pass runs on which part of a model, read from YAML, a dict or a preset, and validated.
+
+A policy is a list of rules; each rule *matches* sites of the captured graph (module calls, function calls,
+blocks) and names the pass to *apply* to them, with parameters under ``with:``::
+
+    orthofx: 1                       # schema version
+    capture: {mode: auto, leaf_modules: [MyAttention]}
+    rules:
+      - name: soft
+        match: {type: [Conv2d, Linear], exclude: ["fc"]}
+        apply: orth_regularizer
+        with: {weight: 0.01}
+
+Everything is checked when the policy is loaded: unknown keys, passes, parameters and op names, values of the
+wrong type or out of range, bad regular expressions, inconsistent selectors and duplicate keys all raise
+:class:`orthofx.errors.PolicyError` naming the file, line and column of the offending key or value, what was
+found and what is allowed. YAML is only ever *composed* with PyYAML's safe loader and the node tree is turned
+into plain Python values here, so no tag in a policy can construct objects or run code.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+import functools
+import importlib.resources
+import numbers
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import PolicyError
+from .passes import registry as _registry  # importing orthofx.passes registers the built-in passes
+from .passes.base import Pass
+
+__all__ = [
+    "Location",
+    "Match",
+    "Rule",
+    "CaptureConfig",
+    "Policy",
+    "OP_ALIASES",
+    "CANONICAL_OPS",
+    "canonical_op",
+    "presets",
+    "match_pattern",
+    "SCHEMA_VERSION",
+    "CAPTURE_MODES",
+    "MATCH_KINDS",
+]
+
+#: The only policy schema version this orthofx reads (top-level key ``orthofx``).
+SCHEMA_VERSION = 1
+#: Accepted values of ``capture.mode``.
+CAPTURE_MODES = ("auto", "fx")
+#: Accepted values of ``match.kind``.
+MATCH_KINDS = ("module", "block", "function")
+
+# ----------------------------------------------------------------------------------------------- op names
+
+#: Canonical names of the decompositions a rule can target with ``op:`` / ``feeds:``.
+CANONICAL_OPS = ("linalg.svd", "linalg.svdvals", "linalg.eigh", "linalg.eigvalsh", "svd")
+
+
+def _make_op_aliases() -> dict[str, str]:
+    aliases: dict[str, str] = {}
+    for op in CANONICAL_OPS:
+        aliases[op] = op
+        aliases["torch." + op] = op
+    aliases.update({
+        "eigh": "linalg.eigh",
+        "symeig": "linalg.eigh",        # torch.symeig, removed from torch; same decomposition
+        "torch.symeig": "linalg.eigh",
+        "svdvals": "linalg.svdvals",
+        "eigvalsh": "linalg.eigvalsh",
+    })
+    return aliases
+
+
+#: Every accepted spelling of an op name -> its canonical name.
+OP_ALIASES: dict[str, str] = _make_op_aliases()
+
+
+def canonical_op(name: str) -> str:
+    """The canonical op name for ``name`` (``"torch.linalg.eigh"`` -> ``"linalg.eigh"``).
+
+    Raises ``ValueError`` listing the accepted names when ``name`` is not one of them.
+    """
+    if isinstance(name, str) and name in OP_ALIASES:
+        return OP_ALIASES[name]
+    hint = _did_you_mean(name, OP_ALIASES) if isinstance(name, str) else ""
+    raise ValueError(
+        f"unknown op {name!r}; accepted: {', '.join(CANONICAL_OPS)} (each also with a 'torch.' prefix), "
+        f"and the aliases eigh, symeig, svdvals, eigvalsh{hint}")
+
+
+def _did_you_mean(word: Any, options) -> str:
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, [o for o in options if isinstance(o, str)], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where something was written: 1-based line and column; ``None`` when unknown (a policy from a dict)."""
+
+    file: str | None = None
+    line: int | None = None
+    column: int | None = None
+
+    def __str__(self) -> str:
+        return ":".join(str(p) for p in (self.file or "<policy>", self.line, self.column) if p is not None)
+
+
+@dataclass
+class Match:
+    """The selectors of a rule. Empty tuples mean "any"; all given selectors must hold.
+
+    ``type``: class names (``"Conv2d"``, matching subclasses) or dotted class paths (``"mypkg.mod.MyBlock"``).
+    ``name`` / ``exclude``: glob patterns (``fnmatch.fnmatchcase``) or ``"re:<regex>"`` (must match the whole
+    name); a site whose name matches any ``exclude`` pattern is left out. ``where``: attribute filters
+    ``{attr: value}``; list values are stored as tuples (``kernel_size: [3, 3]`` -> ``(3, 3)``).
+    ``op``: canonical op names of function sites. ``feeds``: canonical op names; selects the layers upstream
+    of those calls. ``kind``: as written (``None`` when not given; see :attr:`site_kind`).
+    """
+
+    type: tuple[str, ...] = ()
+    name: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    where: dict[str, Any] = field(default_factory=dict)
+    op: tuple[str, ...] = ()
+    feeds: tuple[str, ...] = ()
+    kind: str | None = None
+
+    @property
+    def site_kind(self) -> str:
+        """The kind of site the rule selects: ``kind`` when given, else ``"function"`` with ``op``, else module."""
+        if self.kind is not None:
+            return self.kind
+        return "function" if self.op else "module"
+
+    def matches_name(self, name: str) -> bool:
+        """True if ``name`` matches one of the ``name`` patterns (or there are none) and no ``exclude`` pattern."""
+        if self.name and not any(match_pattern(p, name) for p in self.name):
+            return False
+        return not any(match_pattern(p, name) for p in self.exclude)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("type", "name", "exclude", "op", "feeds"):
+            values = getattr(self, key)
+            if values:
+                out[key] = values[0] if len(values) == 1 else list(values)
+        if self.where:
+            out["where"] = {k: _untuple(v) for k, v in self.where.items()}
+        if self.kind is not None:
+            out["kind"] = self.kind
+        # keep the documented key order: type, name, exclude, where, op, feeds, kind
+        order = ("type", "name", "exclude", "where", "op", "feeds", "kind")
+        return {k: out[k] for k in order if k in out}
+
+
+@dataclass
+class Rule:
+    """One rule: the sites ``match`` selects get pass ``apply`` with ``params``.
+
+    ``params`` are validated with defaults filled in; ``given_params`` are exactly as written under ``with:``.
+    ``index`` is the rule's position in the policy (0-based); ``location`` where its mapping starts.
+    """
+
+    name: str
+    match: Match
+    apply: str
+    params: dict[str, Any] = field(default_factory=dict)
+    given_params: dict[str, Any] = field(default_factory=dict)
+    optional: bool = False
+    index: int = 0
+    location: Location = field(default=Location(), compare=False)
+
+    @property
+    def pass_class(self) -> type[Pass]:
+        """The registered pass class this rule applies."""
+        return _registry.get_pass(self.apply)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.name != _default_rule_name(self.apply, self.index):
+            out["name"] = self.name
+        out["match"] = self.match.to_dict()
+        out["apply"] = self.apply
+        if self.given_params:
+            out["with"] = copy.deepcopy(self.given_params)
+        if self.optional:
+            out["optional"] = True
+        return out
+
+
+@dataclass
+class CaptureConfig:
+    """How the model is turned into a graph: ``mode`` (``"auto"`` or ``"fx"``) and extra fx leaves.
+
+    ``leaf_modules`` are class names, dotted class paths or module qualified names kept as fx leaves.
+    """
+
+    mode: str = "auto"
+    leaf_modules: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.mode != "auto":
+            out["mode"] = self.mode
+        if self.leaf_modules:
+            out["leaf_modules"] = list(self.leaf_modules)
+        return out
+
+
+@dataclass
+class Policy:
+    """A validated policy. Build it with :meth:`load`, :meth:`from_yaml`, :meth:`from_dict` or :meth:`preset`.
+
+    ``==`` compares content (``source`` and rule locations are ignored), so
+    ``Policy.from_yaml(p.to_yaml()) == p``.
+    """
+
+    version: int = SCHEMA_VERSION
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    rules: list[Rule] = field(default_factory=list)
+    description: str = ""
+    source: str | None = field(default=None, compare=False)
+
+    # -- constructors ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | os.PathLike) -> Policy:
+        """Read a policy from a YAML file (a ``Path``, or a ``str`` naming an existing file) or YAML text."""
+        if isinstance(path_or_text, os.PathLike):
+            path = Path(path_or_text)
+            if not path.is_file():
+                raise PolicyError(f"policy file not found: {str(path)!r}", file=str(path))
+            return _policy_from_file(path)
+        if not isinstance(path_or_text, str):
+            raise PolicyError(f"Policy.from_yaml expects a file path or YAML text, got {type(path_or_text).__name__}")
+        text = path_or_text
+        if _is_existing_file(text):
+            return _policy_from_file(Path(text))
+        word = text.strip()
+        if "\n" not in word and word.lower().endswith((".yaml", ".yml")) and ": " not in word:
+            raise PolicyError(f"policy file not found: {word!r}", file=word)
+        return _policy_from_text(text, "<string>", require_version=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "<dict>") -> Policy:
+        """Build a policy from a mapping shaped like the YAML (``orthofx`` defaults to 1 here).
+
+        The input is not modified and the policy shares no mutable state with it. Errors name the path of
+        the mistake (``rules[1].with.weight``); their ``line`` and ``column`` are ``None``.
+        """
+        pos = _Positions(source)
+        if not isinstance(d, Mapping):
+            raise pos.error(f"a policy dict must be a mapping, got {type(d).__name__}", ())
+        data = _plain(d, (), pos, 0)
+        return _build_policy(data, pos, require_version=False)
+
+    @classmethod
+    def preset(cls, name: str) -> Policy:
+        """One of the built-in policies (see :func:`presets`)."""
+        files = _preset_files()
+        if name not in files:
+            hint = _did_you_mean(name, files)
+            raise PolicyError(f"unknown preset {name!r}; available presets: {', '.join(files) or 'none'}{hint}")
+        text = files[name].read_text(encoding="utf-8")
+        return _policy_from_text(text, f"<preset:{name}>", require_version=True)
+
+    @classmethod
+    def load(cls, obj: Policy | Mapping[str, Any] | str | os.PathLike) -> Policy:
+        """Anything a user may pass as a policy: a Policy (returned as is), a dict, a YAML file path, a preset
+        name or YAML text."""
+        if isinstance(obj, Policy):
+            return obj
+        if isinstance(obj, Mapping):
+            return cls.from_dict(obj)
+        if isinstance(obj, os.PathLike):
+            return cls.from_yaml(obj)
+        if isinstance(obj, str):
+            files = _preset_files()
+            if obj in files:
+                return cls.preset(obj)
+            if _is_existing_file(obj):
+                return cls.from_yaml(obj)
+            word = obj.strip()
+            if word and re.fullmatch(r"[\w.\-/\\~]+", word):
+                if word.lower().endswith((".yaml", ".yml")) or "/" in word or "\\" in word:
+                    raise PolicyError(f"policy file not found: {word!r}", file=word)
+                hint = _did_you_mean(word, files)
+                raise PolicyError(
+                    f"{word!r} is neither a preset nor an existing file{hint}; available presets: "
+                    f"{', '.join(files) or 'none'}; or pass a YAML file path, YAML text, a dict or a Policy")
+            return _policy_from_text(obj, "<string>", require_version=True)
+        raise PolicyError(f"a policy must be a Policy, a dict, a YAML file path, YAML text or a preset name; "
+                          f"got {type(obj).__name__}")
+
+    # -- output ---------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data in the YAML's shape (``Policy.from_dict(p.to_dict()) == p``)."""
+        out: dict[str, Any] = {"orthofx": self.version}
+        if self.description:
+            out["description"] = self.description
+        capture = self.capture.to_dict()
+        if capture:
+            out["capture"] = capture
+        out["rules"] = [rule.to_dict() for rule in self.rules]
+        return out
+
+    def to_yaml(self) -> str:
+        """YAML text of the policy (``Policy.from_yaml(p.to_yaml()) == p``)."""
+        return yaml.dump(self.to_dict(), Dumper=_PolicyDumper, sort_keys=False, default_flow_style=None,
+                         allow_unicode=True, width=100)
+
+
+def presets() -> dict[str, str]:
+    """Name -> one-line description (the first line of the YAML's ``description:``) of every preset."""
+    out = {}
+    for name, res in _preset_files().items():
+        source = f"<preset:{name}>"
+        data, _ = _parse_yaml(res.read_text(encoding="utf-8"), source)
+        desc = data.get("description") if isinstance(data, dict) else None
+        out[name] = desc.strip().splitlines()[0] if isinstance(desc, str) and desc.strip() else ""
+    return out
+
+
+def _preset_files() -> dict[str, Any]:
+    root = importlib.resources.files("orthofx.policies")
+    found = {entry.name[: -len(".yaml")]: entry for entry in root.iterdir()
+             if entry.name.endswith(".yaml") and entry.is_file()}
+    return dict(sorted(found.items()))
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled_regex(regex: str) -> re.Pattern:
+    return re.compile(regex)
+
+
+def match_pattern(pattern: str, name: str) -> bool:
+    """True if ``name`` matches ``pattern``: a glob (``fnmatch.fnmatchcase``) or ``"re:<regex>"`` (full match)."""
+    if pattern.startswith("re:"):
+        return _compiled_regex(pattern[3:]).fullmatch(name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _default_rule_name(apply: str, index: int) -> str:
+    return f"{apply}[{index}]"
+
+
+def _untuple(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_untuple(v) for v in value]
+    return value
+
+
+def _tuple(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return tuple(_tuple(v) for v in value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- YAML reading
+
+_TAG = "tag:yaml.org,2002:"
+_STR, _INT, _FLOAT, _BOOL, _NULL, _TIMESTAMP = (_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp"))
+_MAP, _SEQ, _MERGE = _TAG + "map", _TAG + "seq", _TAG + "merge"
+
+# YAML 1.1 (PyYAML) reads 1e-2, 1E-3 and 1.0e5 as strings: its float form needs a dot and a signed exponent.
+_EXP_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+class _PolicyLoader(yaml.SafeLoader):
+    """The safe loader plus exponent-only floats. Used only to *compose* node trees, never to construct."""
+
+
+class _PolicyDumper(yaml.SafeDumper):
+    """The safe dumper, quoting strings that :class:`_PolicyLoader` would read back as floats."""
+
+
+for _cls in (_PolicyLoader, _PolicyDumper):
+    _cls.add_implicit_resolver(_FLOAT, _EXP_FLOAT, list("-+0123456789."))
+del _cls
+
+_SCALARS = yaml.constructor.SafeConstructor()
+_MAX_NODES = 100_000  # guards against alias expansion ("billion laughs")
+
+
+class _Positions:
+    """Marks of the keys and values of a parsed policy, by path (``("rules", 0, "with", "weight")``)."""
+
+    def __init__(self, file: str | None):
+        self.file = file
+        self.keys: dict[tuple, tuple[int, int]] = {}
+        self.values: dict[tuple, tuple[int, int]] = {}
+
+    def locate(self, path: tuple, key: bool = False) -> tuple[int | None, int | None]:
+        if key and path in self.keys:
+            return self.keys[path]
+        p = tuple(path)
+        while True:
+            if p in self.values:
+                return self.values[p]
+            if p in self.keys:
+                return self.keys[p]
+            if not p:
+                return (None, None)
+            p = p[:-1]
+
+    def location(self, path: tuple) -> Location:
+        line, column = self.locate(path)
+        return Location(self.file, line, column)
+
+    def error(self, message: str, path: tuple, *, key: bool = False) -> PolicyError:
+        line, column = self.locate(path, key)
+        return PolicyError(message, file=self.file, line=line, column=column)
+
+
+def _mark(node: yaml.Node) -> tuple[int, int]:
+    return (node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _tag_name(tag: str) -> str:
+    return "!!" + tag[len(_TAG):] if tag.startswith(_TAG) else tag
+
+
+def _is_existing_file(text: str) -> bool:
+    if "\n" in text or not text.strip() or len(text) > 4096:
+        return False
+    try:
+        return os.path.isfile(text)
+    except (OSError, ValueError):
+        return False
+
+
+def _policy_from_file(path: Path) -> Policy:
+    file = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PolicyError(f"cannot read policy file: {e.strerror or e}", file=file) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PolicyError(f"policy file is not UTF-8 text ({e.reason} at byte {e.start})", file=file) from None
+    return _policy_from_text(text, file, require_version=True)
+
+
+def _policy_from_text(text: str, source: str, *, require_version: bool) -> Policy:
+    data, pos = _parse_yaml(text, source)
+    return _build_policy(data, pos, require_version=require_version)
+
+
+def _parse_yaml(text: str, file: str) -> tuple[Any, _Positions]:
+    """Plain Python data and the marks of every key and value; YAML errors become PolicyErrors."""
+    try:
+        node = yaml.compose(text, Loader=_PolicyLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = ", ".join(str(p) for p in (e.context, e.problem) if p)
+        if "\\t" in what or "\t" in what:
+            what += " (indent YAML with spaces, not tabs)"
+        raise PolicyError(f"invalid YAML: {what}", file=file, line=mark.line + 1 if mark else None,
+                          column=mark.column + 1 if mark else None) from None
+    except yaml.reader.ReaderError as e:
+        before = text[: e.position]
+        line = before.count("\n") + 1
+        column = e.position - (before.rfind("\n") + 1) + 1
+        raise PolicyError(f"invalid YAML: {e.reason} (character {e.character!r})", file=file, line=line,
+                          column=column) from None
+    except yaml.YAMLError as e:
+        raise PolicyError(f"invalid YAML: {e}", file=file) from None
+    except RecursionError:
+        raise PolicyError("invalid YAML: the policy is nested too deeply", file=file) from None
+    pos = _Positions(file)
+    if node is None:
+        return None, pos
+    walker = _NodeWalker(pos)
+    try:
+        return walker.walk(node, ()), pos
+    except RecursionError:
+        raise PolicyError("the policy is nested too deeply", file=file) from None
+
+
+class _NodeWalker:
+    """Turns a composed node tree into plain data, recording marks and rejecting anything but plain values."""
+
+    def __init__(self, pos: _Positions):
+        self.pos = pos
+        self.count = 0
+
+    def fail(self, node: yaml.Node, message: str) -> PolicyError:
+        line, column = _mark(node)
+        return PolicyError(message, file=self.pos.file, line=line, column=column)
+
+    def walk(self, node: yaml.Node, path: tuple) -> Any:
+        self.count += 1
+        if self.count > _MAX_NODES:
+            raise self.fail(node, f"the policy is too large (more than {_MAX_NODES} values, counting aliases)")
+        self.pos.values[path] = _mark(node)
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalar(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            if node.tag != _SEQ:
+                raise self.fail(node, self._bad_tag(node, path))
+            return [self.walk(child, path + (i,)) for i, child in enumerate(node.value)]
+        if isinstance(node, yaml.MappingNode):
+            if node.tag != _MAP:
+                raise self.fail(node, self._bad_tag(node, path))
+            out: dict[Any, Any] = {}
+            first_seen: dict[Any, yaml.Node] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE:
+                    raise self.fail(key_node, f"YAML merge keys ('<<') are not supported in a policy "
+                                              f"(in {_fmt(path)}); write the keys out")
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise self.fail(key_node, f"keys in {_fmt(path)} must be plain names, found a "
+                                              f"{'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}")
+                key = self.scalar(key_node, path + ("<key>",))
+                if key in first_seen:
+                    line, column = _mark(first_seen[key])
+                    raise self.fail(key_node, f"duplicate key {key!r} in {_fmt(path)} (first given at line "
+                                              f"{line}, column {column}); give each key once")
+                first_seen[key] = key_node
+                self.pos.keys[path + (key,)] = _mark(key_node)
+                out[key] = self.walk(value_node, path + (key,))
+            return out
+        raise self.fail(node, f"unsupported YAML node in {_fmt(path)}")  # pragma: no cover
+
+    def _bad_tag(self, node: yaml.Node, path: tuple) -> str:
+        return (f"YAML tag '{_tag_name(node.tag)}' is not allowed in a policy (at {_fmt(path)}); a policy holds "
+                "only plain values: strings, numbers, true/false, null, lists and mappings")
+
+    def scalar(self, node: yaml.ScalarNode, path: tuple) -> Any:
+        tag = node.tag
+        try:
+            if tag == _STR:
+                return node.value
+            if tag == _NULL:
+                return None
+            if tag == _BOOL:
+                return _SCALARS.bool_values[node.value.lower()]
+            if tag == _INT:
+                return _SCALARS.construct_yaml_int(node)
+            if tag == _FLOAT:
+                return _SCALARS.construct_yaml_float(node)
+            if tag == _TIMESTAMP:
+                return node.value  # a date-like value stays the string as written
+        except (KeyError, ValueError, TypeError):
+            raise self.fail(node, f"invalid {_tag_name(tag)} value {node.value!r} at {_fmt(path)}") from None
+        raise self.fail(node, self._bad_tag(node, path))
+
+
+def _plain(obj: Any, path: tuple, pos: _Positions, depth: int) -> Any:
+    """A deep copy of dict input as plain data; anything but plain values is an error naming its path."""
+    if depth > 64:
+        raise pos.error(f"the policy is nested too deeply at {_fmt(path)}", path)
+    if obj is None or isinstance(obj, (str, bool)):
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        return float(obj)
+    if isinstance(obj, Mapping):
+        out = {}
+        for key, value in obj.items():
+            if not (key is None or isinstance(key, (str, int, float, bool))):
+                raise pos.error(f"keys in {_fmt(path)} must be strings, found {type(key).__name__} {key!r}", path)
+            out[key] = _plain(value, path + (key,), pos, depth + 1)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, path + (i,), pos, depth + 1) for i, v in enumerate(obj)]
+    raise pos.error(f"{_fmt(path)}: unsupported value of type {type(obj).__name__} ({obj!r:.60}); a policy holds "
+                    "only plain values: strings, numbers, booleans, None, lists and dicts", path)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+_TOP_KEYS = ("orthofx", "description", "capture", "rules")
+_CAPTURE_KEYS = ("mode", "leaf_modules")
+_RULE_KEYS = ("name", "match", "apply", "with", "optional")
+_MATCH_KEYS = ("type", "name", "exclude", "where", "op", "feeds", "kind")
+
+
+def _fmt(path: tuple) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "the top level"
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({'true' if value else 'false'})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return f"a string ({value!r})" if len(value) <= 40 else "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _check_keys(mapping: dict, allowed: tuple[str, ...], path: tuple, pos: _Positions, where: str,
+                extra: str = "") -> None:
+    for key in mapping:
+        if key not in allowed:
+            hint = _did_you_mean(key, allowed)
+            if key == "version" and "orthofx" in allowed and not hint:
+                hint = " (the schema version is given as 'orthofx: 1')"
+            raise pos.error(f"unknown key {key!r} {where}{extra}; allowed: {', '.join(allowed)}{hint}",
+                            path + (key,), key=True)
+
+
+def _build_policy(data: Any, pos: _Positions, *, require_version: bool) -> Policy:
+    if data is None:
+        raise pos.error("the policy is empty; it needs at least 'orthofx: 1' and a non-empty 'rules:' list", ())
+    if not isinstance(data, dict):
+        raise pos.error(f"the top level of a policy must be a mapping with keys {', '.join(_TOP_KEYS)}; "
+                        f"found {_describe(data)}", ())
+    _check_keys(data, _TOP_KEYS, (), pos, "at the top level")
+
+    if "orthofx" in data:
+        version = data["orthofx"]
+        if isinstance(version, bool) or not isinstance(version, int) or version != SCHEMA_VERSION:
+            raise pos.error(f"unsupported policy schema version {version!r} (key 'orthofx'); this orthofx reads "
+                            f"version {SCHEMA_VERSION}", ("orthofx",))
+    elif require_version:
+        raise pos.error(f"missing schema version: add 'orthofx: {SCHEMA_VERSION}' at the top of the policy", ())
+
+    description = data.get("description")
+    if description is None:
+        description = ""
+    elif not isinstance(description, str):
+        raise pos.error(f"description must be a string, found {_describe(description)}", ("description",))
+
+    capture = _build_capture(data.get("capture"), pos)
+
+    if "rules" not in data:
+        raise pos.error("missing 'rules': a policy needs a non-empty list of rules "
+                        "(each with 'match' and 'apply')", ())
+    raw_rules = data["rules"]
+    if not isinstance(raw_rules, list):
+        raise pos.error(f"rules must be a list of rules (each with 'match' and 'apply'), found "
+                        f"{_describe(raw_rules)}", ("rules",))
+    if not raw_rules:
+        raise pos.error("rules is empty; a policy needs at least one rule", ("rules",))
+
+    rules = [_build_rule(raw, i, pos) for i, raw in enumerate(raw_rules)]
+    seen: dict[str, int] = {}
+    for rule in rules:
+        if rule.name in seen:
+            first = rules[seen[rule.name]]
+            at = f" (line {first.location.line})" if first.location.line is not None else ""
+            path = ("rules", rule.index, "name")
+            raise pos.error(f"duplicate rule name {rule.name!r} in rules[{rule.index}]; already used by "
+                            f"rules[{first.index}]{at}; rule names must be unique", path)
+        seen[rule.name] = rule.index
+    return Policy(version=SCHEMA_VERSION, capture=capture, rules=rules, description=description, source=pos.file)
+
+
+def _build_capture(raw: Any, pos: _Positions) -> CaptureConfig:
+    path = ("capture",)
+    if raw is None:
+        return CaptureConfig()
+    if not isinstance(raw, dict):
+        raise pos.error(f"capture must be a mapping with keys {', '.join(_CAPTURE_KEYS)}, found {_describe(raw)}",
+                        path)
+    _check_keys(raw, _CAPTURE_KEYS, path, pos, "in capture")
+    mode = raw.get("mode", "auto")
+    if not isinstance(mode, str) or mode not in CAPTURE_MODES:
+        later = " ('export' is not available yet)" if mode == "export" else ""
+        hint = _did_you_mean(mode, CAPTURE_MODES)
+        raise pos.error(f"capture.mode must be one of {', '.join(CAPTURE_MODES)}; found {_describe(mode)}"
+                        f"{later}{hint}", path + ("mode",))
+    leaves = _strings(raw, "leaf_modules", path, pos, allow_empty=True)
+    for i, leaf in enumerate(leaves):
+        if not leaf.strip() or any(c.isspace() for c in leaf):
+            raise pos.error(f"capture.leaf_modules[{i}] must be a class name, dotted class path or module "
+                            f"name without spaces, found {leaf!r}", _elem_path(raw, "leaf_modules", path, i))
+    return CaptureConfig(mode=mode, leaf_modules=leaves)
+
+
+def _elem_path(mapping: dict, key: str, path: tuple, i: int) -> tuple:
+    return path + (key, i) if isinstance(mapping.get(key), list) else path + (key,)
+
+
+def _strings(mapping: dict, key: str, path: tuple, pos: _Positions, *, allow_empty: bool) -> tuple[str, ...]:
+    """``mapping[key]`` as a tuple of non-empty strings (a single string or a list of strings accepted)."""
+    if key not in mapping:
+        return ()
+    value = mapping[key]
+    here = path + (key,)
+    if isinstance(value, str):
+        values = [value]
+    elif isinstance(value, list):
+        if not value and not allow_empty:
+            raise pos.error(f"{_fmt(here)} is an empty list; give at least one value or leave the key out", here)
+        values = value
+    else:
+        raise pos.error(f"{_fmt(here)} must be a string or a list of strings, found {_describe(value)}", here)
+    for i, item in enumerate(values):
+        item_path = _elem_path(mapping, key, path, i)
+        if not isinstance(item, str):
+            raise pos.error(f"{_fmt(item_path)} must be a string, found {_describe(item)}", item_path)
+        if not item:
+            raise pos.error(f"{_fmt(item_path)} is an empty string", item_path)
+    return tuple(values)
+
+
+def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
+    path = ("rules", index)
+    label = _fmt(path)
+    if not isinstance(raw, dict):
+        raise pos.error(f"{label} must be a mapping with keys 'match' and 'apply' (optionally name, with, "
+                        f"optional); found {_describe(raw)}", path)
+    _check_keys(raw, _RULE_KEYS, path, pos, f"in {label}")
+
+    if "match" not in raw:
+        raise pos.error(f"{label} has no 'match': say which sites the rule selects, e.g. match: {{type: Conv2d}}",
+                        path)
+    passes = _registry.available_passes()
+    if "apply" not in raw:
+        raise pos.error(f"{label} has no 'apply': name the pass to run; available: {', '.join(passes) or 'none'}",
+                        path)
+    apply = raw["apply"]
+    if not isinstance(apply, str) or apply not in passes:
+        hint = _did_you_mean(apply, passes)
+        raise pos.error(f"unknown pass {apply!r} in {label}.apply; available: {', '.join(passes) or 'none'}{hint}",
+                        path + ("apply",))
+    pass_cls = passes[apply]
+
+    match = _build_match(raw["match"], path + ("match",), pos)
+    kind = match.site_kind
+    if kind not in pass_cls.site_kinds:
+        why = (" (it has 'op')" if match.op and match.kind is None else
+               f" (kind: {match.kind})" if match.kind else "")
+        raise pos.error(f"pass {apply!r} handles {', '.join(sorted(pass_cls.site_kinds))} sites, but "
+                        f"{label}.match selects {kind} sites{why}", path + ("apply",))
+    if match.op and pass_cls.ops:
+        bad = [op for op in match.op if op not in pass_cls.ops]
+        if bad:
+            raise pos.error(f"pass {apply!r} handles the ops {', '.join(pass_cls.ops)}, not {', '.join(bad)} "
+                            f"({label}.match.op)", path + ("match", "op"))
+
+    given = raw.get("with")
+    with_path = path + ("with",)
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise pos.error(f"{label}.with must be a mapping of parameters for pass {apply!r}, found "
+                        f"{_describe(given)}", with_path)
+    spec = pass_cls.param_spec()
+    for key, value in given.items():
+        if key not in spec:
+            hint = _did_you_mean(key, spec)
+            raise pos.error(f"unknown key {key!r} in {label}.with for pass {apply!r}; allowed: "
+                            f"{', '.join(sorted(spec)) or 'none (the pass takes no parameters)'}{hint}",
+                            with_path + (key,), key=True)
+        try:
+            spec[key].validate(value)
+        except (ValueError, TypeError) as e:
+            raise pos.error(f"{_fmt(with_path + (key,))}: {e}", with_path + (key,)) from None
+    try:
+        params = pass_cls.validate_params(copy.deepcopy(given))
+    except (KeyError, ValueError, TypeError) as e:
+        msg = e.args[0] if e.args else str(e)
+        raise pos.error(f"{label}.with: {msg}", with_path) from None
+
+    optional = raw.get("optional", False)
+    if not isinstance(optional, bool):
+        raise pos.error(f"{label}.optional must be true or false, found {_describe(optional)}",
+                        path + ("optional",))
+
+    if "name" in raw:
+        name = raw["name"]
+        if not isinstance(name, str) or not name.strip():
+            raise pos.error(f"{label}.name must be a non-empty string, found {_describe(name)}", path + ("name",))
+    else:
+        name = _default_rule_name(apply, index)
+
+    return Rule(name=name, match=match, apply=apply, params=copy.deepcopy(params),
+                given_params=copy.deepcopy(given), optional=optional, index=index, location=pos.location(path))
+
+
+def _build_match(raw: Any, path: tuple, pos: _Positions) -> Match:
+    label = _fmt(path)
+    if not isinstance(raw, dict):
+        raise pos.error(f"{label} must be a mapping of selectors ({', '.join(_MATCH_KEYS)}), found "
+                        f"{_describe(raw)}", path)
+    _check_keys(raw, _MATCH_KEYS, path, pos, f"in {label}")
+
+    types = _strings(raw, "type", path, pos, allow_empty=False)
+    for i, type_name in enumerate(types):
+        # "<locals>" appears in the qualified name of a class defined inside a function
+        if not all(part.isidentifier() or part == "<locals>" for part in type_name.split(".")):
+            item_path = _elem_path(raw, "type", path, i)
+            raise pos.error(f"{_fmt(item_path)}: {type_name!r} is not a class name or dotted class path "
+                            "(e.g. Conv2d or mypkg.blocks.MyBlock)", item_path)
+
+    names = _patterns(raw, "name", path, pos, allow_empty=False)
+    exclude = _patterns(raw, "exclude", path, pos, allow_empty=True)
+
+    where: dict[str, Any] = {}
+    if "where" in raw and raw["where"] is not None:
+        raw_where = raw["where"]
+        where_path = path + ("where",)
+        if not isinstance(raw_where, dict):
+            raise pos.error(f"{label}.where must be a mapping of attribute name -> value (e.g. {{groups: 1}}), "
+                            f"found {_describe(raw_where)}", where_path)
+        for attr, value in raw_where.items():
+            attr_path = where_path + (attr,)
+            if not isinstance(attr, str) or not attr.isidentifier():
+                raise pos.error(f"{label}.where: {attr!r} is not an attribute name", attr_path, key=True)
+            _check_where_value(value, attr_path, pos)
+            where[attr] = _tuple(value)
+
+    ops = _ops(raw, "op", path, pos)
+    feeds = _ops(raw, "feeds", path, pos)
+
+    kind = raw.get("kind")
+    if kind is not None and (not isinstance(kind, str) or kind not in MATCH_KINDS):
+        hint = _did_you_mean(kind, MATCH_KINDS)
+        raise pos.error(f"{label}.kind must be one of {', '.join(MATCH_KINDS)}; found {_describe(kind)}{hint}",
+                        path + ("kind",))
+
+    if ops and feeds:
+        raise pos.error(f"{label}: 'op' and 'feeds' cannot be combined ('op' selects the calls, 'feeds' the "
+                        "layers feeding them); write two rules", path + ("feeds",), key=True)
+    if kind == "function" and not ops:
+        raise pos.error(f"{label}.kind 'function' needs 'op' naming the functions (e.g. op: linalg.eigh)",
+                        path + ("kind",))
+    if ops and kind in ("module", "block"):
+        raise pos.error(f"{label}: 'op' selects function calls and cannot be used with kind {kind!r}; "
+                        "drop 'kind' or use kind: function", path + ("kind",))
+    if feeds and kind in ("function", "block"):
+        raise pos.error(f"{label}: 'feeds' selects modules (the layers feeding the calls) and cannot be used "
+                        f"with kind {kind!r}; drop 'kind' or use kind: module", path + ("kind",))
+    for key in ("type", "where"):
+        if ops and raw.get(key):
+            raise pos.error(f"{label}: {key!r} filters modules and cannot be combined with 'op' (function "
+                            "sites); use 'name' to pick calls by scope", path + (key,), key=True)
+
+    return Match(type=types, name=names, exclude=exclude, where=where, op=ops, feeds=feeds, kind=kind)
+
+
+def _patterns(raw: dict, key: str, path: tuple, pos: _Positions, *, allow_empty: bool) -> tuple[str, ...]:
+    patterns = _strings(raw, key, path, pos, allow_empty=allow_empty)
+    for i, pattern in enumerate(patterns):
+        if pattern.startswith("re:"):
+            item_path = _elem_path(raw, key, path, i)
+            regex = pattern[3:]
+            if not regex:
+                raise pos.error(f"{_fmt(item_path)}: empty regular expression after 're:'", item_path)
+            try:
+                re.compile(regex)
+            except re.error as e:
+                raise pos.error(f"{_fmt(item_path)}: invalid regular expression {regex!r}: {e}", item_path) from None
+    return patterns
+
+
+def _ops(raw: dict, key: str, path: tuple, pos: _Positions) -> tuple[str, ...]:
+    names = _strings(raw, key, path, pos, allow_empty=False)
+    out = []
+    for i, name in enumerate(names):
+        try:
+            out.append(canonical_op(name))
+        except ValueError as e:
+            item_path = _elem_path(raw, key, path, i)
+            raise pos.error(f"{_fmt(item_path)}: {e}", item_path) from None
+    return tuple(out)
+
+
+def _check_where_value(value: Any, path: tuple, pos: _Positions) -> None:
+    if isinstance(value, dict):
+        raise pos.error(f"{_fmt(path)} must be a value or a list of values, found a mapping", path)
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_where_value(item, path + (i,), pos)

@@ -1,0 +1,217 @@
+"""``transform``: capture -> plan -> passes -> verify -> (compile), and ``explain``, its dry run.
+
+Example::
+
+    import torch, orthofx
+    model = orthofx.models.get("small_cnn")
+    x = orthofx.models.example_input("small_cnn")
+    print(orthofx.explain(model, "lorth", example_inputs=(x,)))
+    gm = orthofx.transform(model, "lorth", example_inputs=(x,))
+    loss = gm(x).logsumexp(1).mean() + orthofx.penalty(gm)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .capture import capture, unwrap_model
+from .errors import OrthofxError, TransformError
+from .passes.base import MANIFEST_KEY, Manifest, PassContext
+from .passes.registry import get_pass
+from .plan import Plan, block_paths, build_plan
+from .policy import Policy
+
+__all__ = ["transform", "explain", "manifest_of", "is_transformed"]
+
+
+def manifest_of(model: nn.Module) -> Manifest:
+    """The manifest of a transformed model (also through ``torch.compile`` and DDP wrappers).
+
+    Raises :class:`orthofx.OrthofxError` for a model that ``orthofx.transform`` did not return.
+    """
+    root = unwrap_model(model)
+    meta = getattr(root, "meta", None)
+    if not isinstance(meta, dict) or not isinstance(meta.get(MANIFEST_KEY), Manifest):
+        raise OrthofxError(f"{type(root).__name__} was not produced by orthofx.transform (no manifest in "
+                           f"gm.meta[{MANIFEST_KEY!r}]); call orthofx.transform(model, policy) first")
+    return meta[MANIFEST_KEY]
+
+
+def is_transformed(model: nn.Module) -> bool:
+    """Whether ``model`` (or what it wraps) was returned by ``orthofx.transform``."""
+    try:
+        manifest_of(model)
+    except OrthofxError:
+        return False
+    return True
+
+
+def _as_tuple(example_inputs: Any) -> tuple | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise TransformError(f"example_inputs must be a tensor or a tuple of model inputs, got "
+                         f"{type(example_inputs).__name__}; pass example_inputs=(x,)")
+
+
+def _capture_and_plan(root: nn.Module, policy: Policy) -> tuple[fx.GraphModule, Plan]:
+    blocks = block_paths(root, policy)
+    gm, info = capture(root, leaf_types=policy.capture.leaf_modules, leaf_paths=blocks,
+                       mode=policy.capture.mode)
+    plan = build_plan(gm, policy, info, blocks=blocks)
+    return gm, plan
+
+
+def explain(model: nn.Module, policy: Any, example_inputs: Any = None) -> Plan:
+    """Dry run of :func:`transform`: the plan of which rule applies which pass to which site; nothing changes.
+
+    ``print(orthofx.explain(model, policy))`` shows the table. ``example_inputs`` is accepted for symmetry with
+    ``transform`` and checked, but matching does not need it.
+    """
+    policy = Policy.load(policy)
+    _as_tuple(example_inputs)
+    root = unwrap_model(model)
+    # Capture shares submodules with the model but changes nothing, so no copy is needed for a dry run.
+    _, plan = _capture_and_plan(root, policy)
+    return plan
+
+
+class _Eval:
+    """Run a module in eval mode without gradients, restoring every submodule's training flag afterwards
+    (a forward in training mode would update BatchNorm statistics of the user's model)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.flags: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        self._grad = torch.no_grad()
+        self._grad.__enter__()
+        return self.module
+
+    def __exit__(self, *exc):
+        self._grad.__exit__(*exc)
+        for m, flag in self.flags:
+            m.training = flag
+        return False
+
+
+def _record_shapes(gm: fx.GraphModule, plan: Plan, inputs: tuple, manifest: Manifest) -> Any:
+    """Run ``gm`` once, recording the input/output shape of every module site's first call; return the output."""
+    names = {site.name for site in plan.sites if site.kind != "function"}
+    handles = []
+
+    def hook(name):
+        def record(module, args, output):
+            if name not in manifest.input_shapes and args and isinstance(args[0], torch.Tensor):
+                manifest.input_shapes[name] = tuple(args[0].shape)
+                if isinstance(output, torch.Tensor):
+                    manifest.output_shapes[name] = tuple(output.shape)
+        return record
+
+    for name in names:
+        handles.append(gm.get_submodule(name).register_forward_hook(hook(name)))
+    try:
+        with _Eval(gm):
+            return gm(*inputs)
+    except Exception as exc:
+        raise TransformError(f"the model failed on example_inputs before any rewrite: "
+                             f"{type(exc).__name__}: {exc}. Check the inputs' shapes and dtypes.") from exc
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _flatten(output: Any) -> list[torch.Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(output)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def _check_output(before: Any, after: Any) -> None:
+    old, new = _flatten(before), _flatten(after)
+    if len(old) != len(new):
+        raise TransformError(f"the rewritten model returns {len(new)} tensors where the model returned "
+                             f"{len(old)}; a pass changed the output structure")
+    for i, (a, b) in enumerate(zip(old, new)):
+        if a.shape != b.shape:
+            raise TransformError(f"output {i} changed shape from {tuple(a.shape)} to {tuple(b.shape)} after "
+                                 "rewriting; a pass broke the model's shapes")
+        if b.is_floating_point() and not torch.isfinite(b).all():
+            bad = int((~torch.isfinite(b)).sum())
+            raise TransformError(f"output {i} of the rewritten model has {bad} non-finite value(s) on "
+                                 "example_inputs; check the policy's parameters (e.g. gain, eps) and the inputs")
+
+
+def _compile(gm: fx.GraphModule, compile: Any) -> nn.Module:
+    if compile is None or compile is False:
+        return gm
+    if compile is True:
+        options: dict[str, Any] = {}
+    elif isinstance(compile, dict):
+        options = dict(compile)
+    else:
+        raise TransformError(f"compile must be None, True/False or a dict of torch.compile options, got "
+                             f"{compile!r}")
+    try:
+        return torch.compile(gm, **options)
+    except TypeError as exc:
+        raise TransformError(f"torch.compile rejected the options {options}: {exc}") from exc
+
+
+def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inplace: bool = False,
+              compile: Any = None) -> nn.Module:
+    """Rewrite ``model`` according to ``policy`` and return a ``torch.fx.GraphModule``.
+
+    Args:
+        model: any ``nn.Module`` (``torch.compile``, DataParallel and DDP wrappers are unwrapped).
+        policy: a :class:`orthofx.Policy`, a dict, a YAML path or text, or a preset name (``orthofx presets``).
+        example_inputs: a tensor or a tuple of inputs. When given, the model runs once before and once after
+            rewriting (eval mode, no gradients): input sizes are recorded for the report and the result is
+            checked for unchanged output shapes and finite values.
+        inplace: rewrite ``model``'s own submodules. By default a deep copy is rewritten and ``model`` stays
+            bitwise identical.
+        compile: ``True`` or a dict of ``torch.compile`` options to return the compiled module; every orthofx
+            function accepts it.
+
+    The manifest of every change is at ``gm.meta["orthofx"]``; ``orthofx.report(gm)`` shows it.
+    """
+    policy = Policy.load(policy)
+    inputs = _as_tuple(example_inputs)
+    root = unwrap_model(model)
+    work = root if inplace else copy.deepcopy(root)
+    gm, plan = _capture_and_plan(work, policy)
+    gm.training = work.training
+    manifest = Manifest(policy=policy, plan=plan, capture=plan.capture)
+    before = _record_shapes(gm, plan, inputs, manifest) if inputs is not None else None
+
+    ctx = PassContext(gm=gm, manifest=manifest)
+    for pass_name in plan.pass_order():
+        pass_obj = get_pass(pass_name)()
+        try:
+            pass_obj.apply(ctx, plan.entries_for(pass_name))
+        except OrthofxError:
+            raise
+        except Exception as exc:
+            raise TransformError(f"pass '{pass_name}' failed: {type(exc).__name__}: {exc}") from exc
+    gm.graph.lint()
+    gm.recompile()
+    gm.meta[MANIFEST_KEY] = manifest
+
+    if inputs is not None:
+        with _Eval(gm):
+            try:
+                after = gm(*inputs)
+            except Exception as exc:
+                raise TransformError(f"the rewritten model failed on example_inputs: {type(exc).__name__}: "
+                                     f"{exc}") from exc
+        _check_output(before, after)
+    return _compile(gm, compile)

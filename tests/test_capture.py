@@ -1,0 +1,353 @@
+"""Tests for orthofx.capture: leaf rules, leaf fallback on untraceable submodules, errors, unwrapping, purity."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from orthofx.capture import OrthofxTracer, capture, unwrap_model
+from orthofx.errors import CaptureError
+
+
+# ------------------------------------------------------------------------------------------------ test models
+
+class Gate(nn.Module):
+    """Data-dependent branch: symbolic tracing cannot follow it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.lin(x)
+        return -x
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.gate = Gate()
+        self.post = Plain()
+
+    def forward(self, x):
+        return self.post(self.gate(self.pre(x)))
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = Gate()
+        self.c = Plain()
+
+    def forward(self, x):
+        return self.c(self.b(x)) + x
+
+
+class Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = Outer()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.a(x))
+
+
+class TopBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        if y.mean() > 0:
+            return y
+        return y * 2
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.q(x).softmax(-1)
+
+
+class SubAttention(Attention):
+    pass
+
+
+class FakeOrthoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+FakeOrthoLayer.__module__ = "orthofx.nn.fake"
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att = Attention()
+        self.sub = SubAttention()
+        self.plain = Plain()
+        self.ortho = FakeOrthoLayer()
+        self.seq = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+    def forward(self, x):
+        return self.seq(self.ortho(self.plain(self.sub(self.att(x)))))
+
+
+class WithConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("scale", torch.full((4,), 2.0))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale + torch.ones(4)
+
+
+def call_module_targets(gm):
+    return {n.target for n in gm.graph.nodes if n.op == "call_module"}
+
+
+# ----------------------------------------------------------------------------------------- leaf fallback
+
+def test_data_dependent_submodule_becomes_leaf():
+    torch.manual_seed(0)
+    model = Net()
+    gm, info = capture(model)
+    assert info.mode == "fx"
+    assert [p for p, _ in info.leaf_fallbacks] == ["gate"]
+    reason = info.leaf_fallbacks[0][1]
+    assert "control flow" in reason and "test_capture.py" in reason and "x.sum() > 0" in reason
+    assert "gate" in call_module_targets(gm)
+    assert "post.lin" in call_module_targets(gm)  # Plain stays traced through
+    assert "post" not in call_module_targets(gm)
+    # Both branches of the gate: pre's output sign decides; check many inputs and make sure both happen.
+    branches = set()
+    for _ in range(40):
+        x = torch.randn(3, 4) * 3
+        with torch.no_grad():
+            branches.add(bool(model.pre(x).sum() > 0))
+            torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    assert branches == {True, False}
+    assert type(gm).__name__ == "Net"
+
+
+def test_nested_failure_only_inner_becomes_leaf():
+    model = Nested()
+    gm, info = capture(model)
+    assert [p for p, _ in info.leaf_fallbacks] == ["a.b"]
+    targets = call_module_targets(gm)
+    assert "a.b" in targets and "a.c.lin" in targets and "head" in targets
+    assert "a" not in targets and "a.c" not in targets
+    for sign in (1.0, -1.0):
+        x = sign * torch.rand(2, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+def test_top_level_failure_raises_capture_error():
+    with pytest.raises(CaptureError) as info:
+        capture(TopBranch())
+    err = info.value
+    msg = str(err)
+    assert err.module_path == ""
+    assert "top-level forward" in msg and "TopBranch" in msg
+    assert "control flow" in msg and "y.mean() > 0" in msg and "test_capture.py:" in msg
+    assert "leaf_modules" in msg and "concrete_args" in msg and "submodule" in msg
+    assert isinstance(err.__cause__, torch.fx.proxy.TraceError)
+    assert isinstance(err, RuntimeError)
+
+
+def test_other_exception_cause_and_max_retries():
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise TypeError("unsupported thing\nsecond line")
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.boom = Boom()
+            self.gate = Gate()
+
+        def forward(self, x):
+            return self.gate(self.boom(x))
+
+    gm, info = capture(M())
+    assert dict(info.leaf_fallbacks).keys() == {"boom", "gate"}
+    assert "raised TypeError: unsupported thing" in dict(info.leaf_fallbacks)["boom"]
+    assert "\n" not in dict(info.leaf_fallbacks)["boom"]  # one line
+
+    with pytest.raises(CaptureError) as err:
+        capture(M(), max_retries=1)
+    assert err.value.module_path in ("boom", "gate")
+    assert "max_retries=1" in str(err.value) and "leaf_modules" in str(err.value)
+
+
+def test_concrete_args_resolve_control_flow():
+    class Flag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, double=False):
+            y = self.lin(x)
+            if double:
+                y = y * 2
+            return y
+
+    model = Flag()
+    gm, info = capture(model, concrete_args={"double": True})
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(gm(x, True), model(x, True))
+    assert info.leaf_fallbacks == []
+
+
+def test_unknown_mode():
+    with pytest.raises(CaptureError) as err:
+        capture(Plain(), mode="export-ish")
+    assert "'auto'" in str(err.value) and "'fx'" in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------ leaf rules
+
+def test_default_leaves():
+    gm, _ = capture(Mixed())
+    targets = call_module_targets(gm)
+    assert "ortho" in targets  # orthofx.nn classes are leaves
+    assert "ortho.lin" not in targets
+    assert {"seq.0", "seq.1"} <= targets and "seq" not in targets  # Sequential is traced through
+    assert {"att.q", "sub.q", "plain.lin"} <= targets
+
+
+def test_leaf_types_by_name_dotted_path_and_subclass():
+    gm, _ = capture(Mixed(), leaf_types=["Attention"])
+    targets = call_module_targets(gm)
+    assert {"att", "sub"} <= targets  # SubAttention is a subclass of Attention
+    assert "att.q" not in targets and "plain" not in targets
+
+    gm, _ = capture(Mixed(), leaf_types=[f"{SubAttention.__module__}.{SubAttention.__qualname__}"])
+    targets = call_module_targets(gm)
+    assert "sub" in targets and "att" not in targets
+
+    gm, _ = capture(Mixed(), leaf_types=[Plain])
+    assert "plain" in call_module_targets(gm)
+
+    gm, _ = capture(Mixed(), leaf_types=["Sequential"])
+    assert "seq" in call_module_targets(gm)
+
+
+def test_leaf_paths():
+    gm, _ = capture(Mixed(), leaf_paths=["att", "seq"])
+    targets = call_module_targets(gm)
+    assert {"att", "seq"} <= targets and "sub" not in targets and "sub.q" in targets
+
+
+def test_tracer_is_leaf_module_directly():
+    tracer = OrthofxTracer(leaf_types=("Attention",), leaf_paths=("x.y",))
+    assert tracer.is_leaf_module(nn.Conv2d(1, 1, 1), "c")
+    assert not tracer.is_leaf_module(nn.Sequential(), "s")
+    assert not tracer.is_leaf_module(nn.ModuleList(), "l")
+    assert tracer.is_leaf_module(SubAttention(), "s")
+    assert tracer.is_leaf_module(Plain(), "x.y")
+    assert not tracer.is_leaf_module(Plain(), "x")
+    assert tracer.is_leaf_module(FakeOrthoLayer(), "o")
+
+
+def test_nn_module_stack_metadata():
+    gm, _ = capture(Nested())
+    stacks = {n.target: n.meta.get("nn_module_stack") for n in gm.graph.nodes if n.op == "call_module"}
+    assert stacks["a.c.lin"] is not None
+    assert list(stacks["a.c.lin"]) == ["a", "a.c", "a.c.lin"]
+    assert stacks["a.b"] is not None and "a.b" in stacks["a.b"]
+
+
+# -------------------------------------------------------------------------------------------------- unwrap
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's first import of dynamo warns
+def test_unwrap_wrappers():
+    model = Plain()
+    assert unwrap_model(model) is model
+    assert unwrap_model(nn.DataParallel(model)) is model
+    compiled = torch.compile(model)
+    assert compiled is not model
+    assert unwrap_model(compiled) is model
+    assert unwrap_model(torch.compile(nn.DataParallel(model))) is model
+    gm, _ = capture(torch.compile(nn.DataParallel(model)))
+    assert type(gm).__name__ == "Plain"
+
+
+@pytest.mark.parametrize("bad", [None, {"w": torch.zeros(1)}, Plain, lambda x: x])
+def test_unwrap_rejects_non_modules(bad):
+    with pytest.raises(CaptureError, match="expected a torch.nn.Module"):
+        capture(bad)
+
+
+# ------------------------------------------------------------------------------------------------- purity
+
+def test_model_not_modified():
+    torch.manual_seed(0)
+    for model in (Net(), Nested(), WithConstant()):
+        model.eval()
+        before_state = {k: v.clone() for k, v in model.state_dict().items()}
+        before_params = [(n, p) for n, p in model.named_parameters()]
+        before_dict = {m: dict(vars(m)) for m in model.modules()}
+        gm, _ = capture(model)
+        assert model.training is False and gm.training is False
+        after_state = model.state_dict()
+        assert before_state.keys() == after_state.keys()
+        for k, v in before_state.items():
+            assert torch.equal(v, after_state[k]) and v.dtype == after_state[k].dtype
+        assert [(n, p) for n, p in model.named_parameters()] == before_params
+        for m, d in before_dict.items():
+            assert set(vars(m)) == set(d), type(m).__name__
+        assert not any(k.startswith("_tensor_constant") for k in vars(model))
+
+
+def test_graph_module_shares_submodules():
+    model = Net()
+    gm, _ = capture(model)
+    assert gm.get_submodule("gate") is model.gate
+    assert gm.get_submodule("pre") is model.pre
+
+
+def test_factory_constant_warning_and_output():
+    model = WithConstant()
+    gm, info = capture(model)
+    assert any("_tensor_constant0" in w and "device=" in w for w in info.warnings)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+    assert not hasattr(model, "_tensor_constant0")
+    # no warning when nothing is baked in
+    assert capture(Plain())[1].warnings == []
+
+
+def test_graph_module_pickles():
+    gm, _ = capture(Net())
+    clone = pickle.loads(pickle.dumps(gm))
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), gm(x))

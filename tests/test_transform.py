@@ -1,0 +1,237 @@
+"""transform(), the manifest, penalty() and the pass registry, end to end."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import orthofx
+from orthofx import metrics
+from orthofx.passes import Change, Param, Pass, register_pass, unregister_pass
+
+LORTH_ALL = {"orthofx": 1, "rules": [{"name": "soft", "match": {"type": ["Conv1d", "Conv2d", "Linear"]},
+                                       "apply": "orth_regularizer", "with": {"weight": 0.5}}]}
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.fc = nn.Linear(8 + 6, 5)
+
+    def forward(self, x, s):
+        a = self.g(torch.relu(self.bn(self.c2(x)))).mean((2, 3))
+        b = self.c1(s).mean(2)
+        return self.fc(torch.cat([a, b], 1))
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 2, 7, generator=g)
+
+
+def snapshot(model):
+    return copy.deepcopy(model.state_dict()), [m.training for m in model.modules()], repr(model)
+
+
+def test_transform_returns_graph_module_with_same_outputs_and_a_manifest():
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    x = inputs()
+    gm = orthofx.transform(model, LORTH_ALL, example_inputs=x)
+    assert isinstance(gm, torch.fx.GraphModule)
+    torch.testing.assert_close(gm(*x), model(*x))
+    manifest = gm.meta["orthofx"]
+    assert [c.site for c in manifest.changes] == ["c2", "g", "c1", "fc"]
+    assert {t.site for t in manifest.penalties} == {"c1", "c2", "g", "fc"}
+    assert manifest.input_shapes["c2"] == (4, 3, 8, 8) and manifest.input_shapes["c1"] == (4, 2, 7)
+    assert manifest.capture.mode == "fx"
+
+
+def test_user_model_is_bitwise_unchanged_including_batchnorm_statistics():
+    torch.manual_seed(0)
+    model = Mixed().train()
+    state, flags, text = snapshot(model)
+    gm = orthofx.transform(model, LORTH_ALL, example_inputs=inputs())
+    new_state, new_flags, new_text = snapshot(model)
+    assert new_flags == flags and new_text == text
+    assert all(torch.equal(state[k], new_state[k]) for k in state)
+    assert gm.training  # the returned model keeps the mode of the model it came from
+    # The returned model owns its parameters: training it leaves the user's model alone.
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(gm.parameters(), model.parameters()))
+
+
+def test_inplace_shares_the_users_modules():
+    model = Mixed()
+    gm = orthofx.transform(model, LORTH_ALL, inplace=True)
+    assert gm.get_submodule("c2") is model.c2
+
+
+def test_penalty_is_the_weighted_sum_of_lorth():
+    torch.manual_seed(0)
+    model = Mixed()
+    gm = orthofx.transform(model, LORTH_ALL)
+    expected = 0.5 * (metrics.lorth(model.c1.weight) + metrics.lorth(model.c2.weight, stride=2)
+                      + metrics.lorth(model.g.weight, groups=2) + metrics.lorth(model.fc.weight))
+    torch.testing.assert_close(orthofx.penalty(gm), expected)
+    terms = orthofx.penalty_terms(gm)
+    assert set(terms) == {"soft/c1", "soft/c2", "soft/g", "soft/fc"}
+    torch.testing.assert_close(sum(terms.values()), expected)
+
+
+def test_penalty_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2), nn.ReLU(), nn.Conv2d(3, 5, 2)).double()
+    gm = orthofx.transform(model, LORTH_ALL)
+    weight = gm.get_submodule("0").weight
+    value = orthofx.penalty(gm)
+    (grad,) = torch.autograd.grad(value, weight)
+    eps = 1e-6
+    numeric = torch.zeros_like(weight)
+    with torch.no_grad():
+        for index in range(weight.numel()):
+            flat = weight.view(-1)
+            old = flat[index].item()
+            flat[index] = old + eps
+            up = orthofx.penalty(gm).item()
+            flat[index] = old - eps
+            down = orthofx.penalty(gm).item()
+            flat[index] = old
+            numeric.view(-1)[index] = (up - down) / (2 * eps)
+    torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_training_with_the_penalty_lowers_lorth():
+    torch.manual_seed(0)
+    # Non-square cases (M != C S^d): P0 reports that L_orth minimisation reaches 0 there; the square case often
+    # stalls.
+    model = nn.Sequential(nn.Conv2d(4, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 8, 3, stride=2))
+    gm = orthofx.transform(model, LORTH_ALL)
+    optimizer = torch.optim.Adam(gm.parameters(), lr=1e-2)
+    first = float(orthofx.penalty(gm).detach())
+    for _ in range(200):
+        loss = orthofx.penalty(gm)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(orthofx.penalty(gm)) < 0.01 * first
+
+
+def test_compile_option_returns_a_compiled_module_every_function_accepts():
+    model = Mixed()
+    compiled = orthofx.transform(model, LORTH_ALL, compile={"backend": "eager"})
+    assert not isinstance(compiled, torch.fx.GraphModule)
+    assert orthofx.is_transformed(compiled)
+    value = orthofx.penalty(compiled)
+    value.backward()
+    assert compiled._orig_mod.get_submodule("c2").weight.grad is not None
+    assert "c2" in str(orthofx.report(compiled))
+    out = compiled(*inputs())
+    assert out.shape == (4, 5)
+    with pytest.raises(orthofx.TransformError, match="compile must be"):
+        orthofx.transform(model, LORTH_ALL, compile="yes")
+
+
+def test_wrapped_models_are_unwrapped():
+    model = Mixed()
+    gm = orthofx.transform(nn.DataParallel(model), LORTH_ALL)
+    assert orthofx.penalty(nn.DataParallel(gm)).requires_grad
+
+
+def test_functions_reject_models_that_were_not_transformed():
+    with pytest.raises(orthofx.OrthofxError, match="not produced by orthofx.transform"):
+        orthofx.penalty(Mixed())
+    with pytest.raises(orthofx.OrthofxError, match="not produced by orthofx.transform"):
+        orthofx.report(Mixed())
+
+
+def test_bad_example_inputs_give_a_clear_error():
+    with pytest.raises(orthofx.TransformError, match="failed on example_inputs before any rewrite"):
+        orthofx.transform(Mixed(), LORTH_ALL, example_inputs=(torch.randn(2, 5, 8, 8), torch.randn(2, 2, 7)))
+    with pytest.raises(orthofx.TransformError, match="example_inputs must be"):
+        orthofx.transform(Mixed(), LORTH_ALL, example_inputs="x")
+
+
+def test_preset_yaml_text_dict_and_policy_all_work(tmp_path):
+    model = Mixed()
+    text = ("orthofx: 1\nrules:\n  - match: {type: [Conv1d, Conv2d, Linear]}\n"
+            "    apply: orth_regularizer\n    with: {weight: 0.5}\n")
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    values = []
+    for policy in ("lorth", text, str(path), path, LORTH_ALL, orthofx.Policy.from_dict(LORTH_ALL)):
+        values.append(float(orthofx.penalty(orthofx.transform(model, policy))))
+    assert values[1:] == pytest.approx([values[1]] * 5)
+    assert values[0] == pytest.approx(values[1] / 50)  # the preset's weight is 0.01
+
+
+def test_user_passes_from_the_registry_rewrite_the_graph():
+    @register_pass
+    class ScaleOutputs(Pass):
+        """Multiply a module's output by a constant: a genuine graph edit through the public API."""
+
+        name = "scale_outputs_for_test"
+        params = (Param("factor", 2.0, (float,), minimum=0.0),)
+        site_kinds = frozenset({"module"})
+        module_types = (nn.Linear,)
+
+        def apply(self, ctx, entries):
+            for entry in entries:
+                node = ctx.node(entry.site)
+                with ctx.gm.graph.inserting_after(node):
+                    scaled = ctx.gm.graph.call_function(torch.mul, (node, entry.params["factor"]))
+                node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+                ctx.record(Change(entry.site.name, entry.rule_name, self.name, "scaled output", entry.params))
+
+    try:
+        model = Mixed().eval()
+        x = inputs()
+        policy = {"rules": [{"match": {"type": "Linear"}, "apply": "scale_outputs_for_test",
+                             "with": {"factor": 3}}]}
+        gm = orthofx.transform(model, policy, example_inputs=x)
+        torch.testing.assert_close(gm(*x), 3 * model(*x))
+        with pytest.raises(orthofx.OrthofxError, match="already registered"):
+            register_pass(type("Other", (Pass,), {"name": "scale_outputs_for_test"}))
+    finally:
+        unregister_pass("scale_outputs_for_test")
+
+
+def test_a_pass_that_breaks_shapes_or_finiteness_is_caught():
+    @register_pass
+    class Breaker(Pass):
+        name = "breaker_for_test"
+        params = (Param("mode", "nan", (str,), choices=("nan", "shape")),)
+        site_kinds = frozenset({"module"})
+
+        def apply(self, ctx, entries):
+            for entry in entries:
+                node = ctx.node(entry.site)
+                fn = (lambda t: t * float("nan")) if entry.params["mode"] == "nan" else (lambda t: t[:, :1])
+                with ctx.gm.graph.inserting_after(node):
+                    new = ctx.gm.graph.call_function(fn, (node,))
+                node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+
+    try:
+        for mode, message in (("nan", "non-finite"), ("shape", "changed shape")):
+            policy = {"rules": [{"match": {"type": "Linear"}, "apply": "breaker_for_test", "with": {"mode": mode}}]}
+            with pytest.raises(orthofx.TransformError, match=message):
+                orthofx.transform(Mixed(), policy, example_inputs=inputs())
+    finally:
+        unregister_pass("breaker_for_test")
+
+
+def test_transformed_model_trains_and_deep_copies():
+    torch.manual_seed(0)
+    gm = orthofx.transform(Mixed(), LORTH_ALL, example_inputs=inputs())
+    clone = copy.deepcopy(gm)
+    assert orthofx.manifest_of(clone).changes[0].site == "c2"
+    optimizer = torch.optim.SGD(clone.parameters(), lr=0.1)
+    x = inputs()
+    loss = clone(*x).square().mean() + orthofx.penalty(clone)
+    loss.backward()
+    optimizer.step()
+    assert not torch.equal(clone.get_submodule("c2").weight, gm.get_submodule("c2").weight)
