@@ -235,3 +235,68 @@ def test_transformed_model_trains_and_deep_copies():
     loss.backward()
     optimizer.step()
     assert not torch.equal(clone.get_submodule("c2").weight, gm.get_submodule("c2").weight)
+
+
+class Gate(nn.Module):
+    """A data-dependent branch: symbolic tracing cannot follow it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return -self.conv(x)
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = Gate()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.gate(self.stem(x)).mean((2, 3)))
+
+
+def test_untraceable_submodule_becomes_a_leaf_and_is_reported():
+    torch.manual_seed(0)
+    model = GatedNet().eval()
+    x = torch.randn(2, 3, 6, 6)
+    gm = orthofx.transform(model, LORTH_ALL, example_inputs=(x,))
+    for sign in (1.0, -1.0):  # both branches still run, inside the leaf
+        torch.testing.assert_close(gm(sign * x), model(sign * x))
+    manifest = orthofx.manifest_of(gm)
+    assert [path for path, _ in manifest.capture.leaf_fallbacks] == ["gate"]
+    assert "control flow" in manifest.capture.leaf_fallbacks[0][1]
+    # The conv inside the leaf is still regularised: weight-only passes reach submodules of leaves.
+    assert {t.site for t in manifest.penalties} == {"stem", "gate.conv", "fc"}
+    text = str(orthofx.report(gm))
+    assert "kept as leaf (not traceable): gate" in text
+    assert "kept as leaf (not traceable): gate" in str(orthofx.explain(model, LORTH_ALL))
+
+
+def test_untraceable_top_level_gives_capture_error_with_the_fix():
+    class Top(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y if y.mean() > 0 else -y
+
+    with pytest.raises(orthofx.CaptureError) as info:
+        orthofx.transform(Top(), LORTH_ALL)
+    message = str(info.value)
+    assert "top-level" in message and "leaf_modules" in message and "concrete_args" in message
+    assert info.value.module_path == ""
+
+
+def test_leaf_modules_from_the_policy_are_respected():
+    policy = dict(LORTH_ALL, capture={"leaf_modules": ["Gate"]})
+    gm = orthofx.transform(GatedNet(), policy)
+    assert orthofx.manifest_of(gm).capture.leaf_fallbacks == []
+    assert any(n.op == "call_module" and n.target == "gate" for n in gm.graph.nodes)
