@@ -143,7 +143,8 @@ def _progress(step: int, total: int, text: str, stream=sys.stderr) -> None:
 
 
 def load_digits_tensors(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled 8x8 digits as (x_train, y_train, x_test, y_test), images scaled to [0, 1]."""
+    """scikit-learn's bundled 8x8 digits as (x_train, y_train, x_test, y_test), standardised with the training
+    split's mean and standard deviation."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -154,6 +155,8 @@ def load_digits_tensors(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torc
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     x, y = x[order], y[order]
     split = int(0.8 * len(x))
+    mean, std = x[:split].mean(), x[:split].std()
+    x = (x - mean) / std
     return x[:split], y[:split], x[split:], y[split:]
 
 
@@ -180,7 +183,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         optimizer.step()
         first_penalty = float(reg.detach()) if first_penalty is None else first_penalty
         if step % max(1, args.steps // 50) == 0 or step == args.steps:
-            _progress(step, args.steps, f"task {float(task):.3f}  penalty {float(reg):.4f}")
+            _progress(step, args.steps, f"task {task.item():.3f}  penalty {reg.item():.4f}")
     gm.eval()
     with torch.no_grad():
         accuracy = (gm(x_test).argmax(1) == y_test).float().mean().item()
@@ -198,9 +201,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="explain, transform, train briefly on digits and report")
     demo.add_argument("--model", default="small_cnn", help="a built-in model taking 1x8x8 images")
     demo.add_argument("--policy", default="lorth")
-    demo.add_argument("--steps", type=int, default=200)
+    demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--batch-size", type=int, default=64)
-    demo.add_argument("--lr", type=float, default=3e-3)
+    demo.add_argument("--lr", type=float, default=1e-2)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_cmd_demo)
 

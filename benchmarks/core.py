@@ -1,0 +1,128 @@
+"""Core-engine measurements, side by side in one run (never as timed tests).
+
+1. Transform latency: ``orthofx.transform`` with the ``lorth`` preset against torch.ao's ``prepare_fx`` on the same
+   model (a 50-conv plain CNN and the ResNet-50-like built-in), and against a bare ``torch.fx.symbolic_trace``.
+   Quality bar (DESIGN.md): under 0.5 s for a 50-conv model and no slower than ``prepare_fx``.
+2. L_orth overhead: a training step of the ResNet-18-like built-in with and without ``orthofx.penalty``.
+   Quality bar: under 10 % extra time per step.
+
+    python benchmarks/core.py            # full
+    python benchmarks/core.py --quick    # smaller widths and batches, for a CPU smoke run
+
+Writes ``benchmarks/results/core.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import orthofx
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def plain_cnn(depth: int = 50, width: int = 16) -> nn.Module:
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1)]
+    for _ in range(depth - 1):
+        layers += [nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, the candidates run in turn so that machine noise hits all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for name, fn in fns.items():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def transform_latency(quick: bool) -> list[dict]:
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    rows = []
+    cases = {"plain_cnn_50": (plain_cnn(50), (1, 3, 32, 32)),
+             "resnet50": (orthofx.models.get("resnet50", width=16 if quick else 64), (1, 3, 32, 32))}
+    for name, (model, shape) in cases.items():
+        model.eval()
+        x = torch.randn(*shape)
+        qconfig = get_default_qconfig_mapping("fbgemm")
+        fns = {
+            "symbolic_trace": lambda: torch.fx.symbolic_trace(model),
+            "orthofx.transform": lambda: orthofx.transform(model, "lorth"),
+            "orthofx.transform+inputs": lambda: orthofx.transform(model, "lorth", example_inputs=(x,)),
+            "prepare_fx": lambda: prepare_fx(model, qconfig, (x,)),
+        }
+        times = interleaved(fns, repeats=5 if quick else 10)
+        n_conv = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+        for fn_name, seconds in times.items():
+            rows.append({"benchmark": "transform", "model": name, "convs": n_conv, "method": fn_name,
+                         "seconds": seconds, "ratio_to_prepare_fx": seconds / times["prepare_fx"]})
+    return rows
+
+
+def lorth_overhead(quick: bool) -> list[dict]:
+    torch.manual_seed(0)
+    width, batch = (16, 16) if quick else (64, 64)
+    model = orthofx.models.get("resnet18", width=width)
+    gm = orthofx.transform(model, "lorth")
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    optimizer = torch.optim.SGD(gm.parameters(), lr=1e-3)
+    criterion = nn.CrossEntropyLoss()
+
+    def step(with_penalty: bool):
+        loss = criterion(gm(x), y)
+        if with_penalty:
+            loss = loss + orthofx.penalty(gm)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    times = interleaved({"plain step": lambda: step(False), "step + penalty": lambda: step(True)},
+                        repeats=5 if quick else 20)
+    base = times["plain step"]
+    return [{"benchmark": "lorth_overhead", "model": f"resnet18(width={width})", "batch": batch, "method": k,
+             "seconds": v, "ratio_to_plain": v / base} for k, v in times.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "core.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = transform_latency(args.quick) + lorth_overhead(args.quick)
+    from tabulate import tabulate
+    print(tabulate(rows, headers="keys", floatfmt=".4g"))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as handle:
+        json.dump({"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+                   "quick": args.quick, "rows": rows}, handle, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
