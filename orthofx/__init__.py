@@ -8,6 +8,7 @@
 """
 
 from . import metrics, models, theory
+from .optim import AttachHandle, attach
 from .errors import CaptureError, ImpossibleLayerError, OrthofxError, PlanError, PolicyError, TransformError
 from .passes import register_pass
 from .penalty import penalty, penalty_terms
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "transform", "explain", "penalty", "penalty_terms", "report", "Report", "Plan", "Policy", "presets",
-    "register_pass", "manifest_of", "is_transformed",
+    "register_pass", "manifest_of", "is_transformed", "attach", "AttachHandle",
     "OrthofxError", "PolicyError", "CaptureError", "PlanError", "TransformError", "ImpossibleLayerError",
     "metrics", "theory", "models",
 ]

@@ -1,10 +1,11 @@
 """Graph passes: one module per pass, all registered by name in :mod:`orthofx.passes.registry`."""
 
-from .base import Change, CaptureInfo, Manifest, Param, Pass, PassContext, PenaltyTerm, PlanEntry, Site
+from .base import (Change, CaptureInfo, Manifest, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry,
+                   Site)
 from .registry import available_passes, get_pass, register_pass, unregister_pass
 from . import orth_regularizer  # noqa: F401  (registers the built-in pass)
 
 __all__ = [
-    "Change", "CaptureInfo", "Manifest", "Param", "Pass", "PassContext", "PenaltyTerm", "PlanEntry", "Site",
+    "Change", "CaptureInfo", "Manifest", "OptimizerHook", "Param", "Pass", "PassContext", "PenaltyTerm", "PlanEntry", "Site",
     "available_passes", "get_pass", "register_pass", "unregister_pass",
 ]

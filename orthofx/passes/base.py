@@ -25,6 +25,7 @@ __all__ = [
     "PlanEntry",
     "Change",
     "PenaltyTerm",
+    "OptimizerHook",
     "CaptureInfo",
     "Manifest",
     "PassContext",
@@ -174,6 +175,36 @@ class PenaltyTerm:
         return f"{type(self).__name__}(site={self.site!r}, weight={self.weight})"
 
 
+class OptimizerHook:
+    """Work a pass needs done around ``optimizer.step()`` (Riemannian updates, NOG, OLR).
+
+    ``orthofx.attach(optimizer, gm)`` calls :meth:`setup` once, then :meth:`before_step` and :meth:`after_step`
+    around every step. Like :class:`PenaltyTerm`, a hook finds its parameters by site name on the transformed
+    model ``root`` at call time and holds no tensors of its own, so the manifest stays plain data. Parameters
+    are matched to the optimizer's by identity, not by name, so wrapper prefixes (DDP's ``module.``) are
+    irrelevant; with DDP the hooks run after gradients were all-reduced, on every replica alike.
+    """
+
+    #: Attributes of the site's module that the hook updates; ``attach`` checks the optimizer owns them.
+    parameter_names: tuple[str, ...] = ("weight",)
+
+    def __init__(self, site: str, rule: str):
+        self.site = site
+        self.rule = rule
+
+    def setup(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called once by ``attach``; may, for example, move a parameter into a param group of its own."""
+
+    def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called before each ``optimizer.step()``, after the gradients are final."""
+
+    def after_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called after each ``optimizer.step()``."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(site={self.site!r}, rule={self.rule!r})"
+
+
 @dataclass
 class CaptureInfo:
     """How the graph was obtained: the mode used, submodules kept as leaves after a failed trace, warnings."""
@@ -192,6 +223,7 @@ class Manifest:
     capture: CaptureInfo
     changes: list[Change] = field(default_factory=list)
     penalties: list[PenaltyTerm] = field(default_factory=list)
+    optimizer_hooks: list[OptimizerHook] = field(default_factory=list)
     # Input shape of each module call seen on the example inputs (first call), keyed by qualified name.
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     output_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -219,6 +251,9 @@ class PassContext:
 
     def add_penalty(self, term: PenaltyTerm) -> None:
         self.manifest.penalties.append(term)
+
+    def add_optimizer_hook(self, hook: OptimizerHook) -> None:
+        self.manifest.optimizer_hooks.append(hook)
 
 
 class Pass:

@@ -1,0 +1,86 @@
+"""``attach(optimizer, gm)``: run the optimizer hooks that passes recorded (Riemannian updates, NOG, OLR).
+
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
+    handle = orthofx.attach(optimizer, gm)
+    ...
+    loss.backward(); optimizer.step()      # the hooks run inside step()
+    handle.remove()                         # detach again
+
+The hooks are registered with ``Optimizer.register_step_pre_hook`` / ``register_step_post_hook``, so they run in
+``optimizer.step()`` after gradients are final (after DDP's all-reduce) and need no change to the training loop.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .capture import unwrap_model
+from .errors import OrthofxError
+from .transform import manifest_of
+
+__all__ = ["attach", "AttachHandle"]
+
+
+class AttachHandle:
+    """What :func:`attach` returns: the hooks it registered; :meth:`remove` unregisters them."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, hooks: list, handles: list):
+        self.optimizer = optimizer
+        self.hooks = hooks
+        self._handles = handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.optimizer.__dict__.get("_orthofx_attached", {}).pop(id(self), None)
+
+    def __repr__(self) -> str:
+        return f"AttachHandle({len(self.hooks)} hook(s): {self.hooks!r})"
+
+
+def _optimizer_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
+    """Register the optimizer hooks of a transformed model on ``optimizer``; returns a removable handle.
+
+    Every parameter a hook acts on must be optimised by ``optimizer`` (matched by identity, so DDP and
+    DataParallel name prefixes do not matter); otherwise :class:`orthofx.OrthofxError` names the site. Attaching
+    the same model twice to one optimizer is an error (the updates would run twice).
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise OrthofxError(f"attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}; call "
+                           "orthofx.attach(optimizer, gm)")
+    root = unwrap_model(model)
+    hooks = list(manifest_of(model).optimizer_hooks)
+    registry = optimizer.__dict__.setdefault("_orthofx_attached", {})
+    if id(root) in registry.values():
+        raise OrthofxError("this model's hooks are already attached to this optimizer; call handle.remove() "
+                           "before attaching again")
+    owned = _optimizer_parameters(optimizer)
+    for hook in hooks:
+        module = root.get_submodule(hook.site)
+        missing = [name for name in hook.parameter_names
+                   if id(getattr(module, name, None)) not in owned]
+        if missing:
+            raise OrthofxError(f"site '{hook.site}' (rule '{hook.rule}'): its parameter(s) {missing} are not "
+                               "optimised by this optimizer; build the optimizer from gm.parameters() before "
+                               "calling orthofx.attach")
+    for hook in hooks:
+        hook.setup(root, optimizer)
+
+    def before(opt, args, kwargs):
+        for hook in hooks:
+            hook.before_step(root, opt)
+
+    def after(opt, args, kwargs):
+        for hook in hooks:
+            hook.after_step(root, opt)
+
+    handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+    handle = AttachHandle(optimizer, hooks, handles)
+    registry[id(handle)] = id(root)
+    return handle
