@@ -48,7 +48,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from orthofx.theory import orthogonality_case
+from orthofx.theory import _positive_int as _int, orthogonality_case
 
 __all__ = [
     "lorth",
@@ -84,15 +84,6 @@ def _check_conv_weight(weight, what: str) -> int:
     if weight.numel() == 0:
         raise ValueError(f"{what}: the weight is empty, shape {tuple(weight.shape)}")
     return weight.ndim - 2
-
-
-def _int(value, name: str) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    value = value.__index__()
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def _tuple(value, d: int, name: str) -> tuple[int, ...]:

@@ -108,6 +108,14 @@ def _positive(value: int, what: str) -> int:
 # ---------------------------------------------------------------------------------------------------- ResNets
 
 
+def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
+    """Identity, or a strided 1x1 conv + BatchNorm where the block changes shape (P0's example of a layer
+    with no orthogonal version: (M, C, k, S) = (2C, C, 1, 2))."""
+    if stride != 1 or in_planes != out_planes:
+        return nn.Sequential(_conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
+    return nn.Identity()
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block: conv1 (3x3, stride) - bn1 - relu - conv2 (3x3) - bn2, plus shortcut, then relu.
 
@@ -125,10 +133,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU()
         out_planes = planes * self.expansion
-        if stride != 1 or in_planes != out_planes:
-            self.shortcut = nn.Sequential(_conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
-        else:
-            self.shortcut = nn.Identity()
+        self.shortcut = _shortcut(in_planes, out_planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -154,10 +159,7 @@ class Bottleneck(nn.Module):
         self.conv3 = _conv1x1(planes, out_planes)
         self.bn3 = nn.BatchNorm2d(out_planes)
         self.relu = nn.ReLU()
-        if stride != 1 or in_planes != out_planes:
-            self.shortcut = nn.Sequential(_conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
-        else:
-            self.shortcut = nn.Identity()
+        self.shortcut = _shortcut(in_planes, out_planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
