@@ -164,7 +164,7 @@ def test_preset_yaml_text_dict_and_policy_all_work(tmp_path):
     path.write_text(text)
     values = []
     for policy in ("lorth", text, str(path), path, LORTH_ALL, orthofx.Policy.from_dict(LORTH_ALL)):
-        values.append(float(orthofx.penalty(orthofx.transform(model, policy))))
+        values.append(orthofx.penalty(orthofx.transform(model, policy)).item())
     assert values[1:] == pytest.approx([values[1]] * 5)
     assert values[0] == pytest.approx(values[1] / 50)  # the preset's weight is 0.01
 
