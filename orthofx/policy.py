@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from .capture import CAPTURE_MODES
 from .errors import PolicyError
 from .passes import registry as _registry  # importing orthofx.passes registers the built-in passes
 from .passes.base import Pass
@@ -57,8 +58,6 @@ __all__ = [
 
 #: The only policy schema version this orthofx reads (top-level key ``orthofx``).
 SCHEMA_VERSION = 1
-#: Accepted values of ``capture.mode``.
-CAPTURE_MODES = ("auto", "fx")
 #: Accepted values of ``match.kind``.
 MATCH_KINDS = ("module", "block", "function")
 
