@@ -8,8 +8,10 @@
 """
 
 from . import metrics, models, theory
+from .export import ExportResult, export, freeze, load
 from .optim import AttachHandle, attach
-from .errors import CaptureError, ImpossibleLayerError, OrthofxError, PlanError, PolicyError, TransformError
+from .errors import (CaptureError, ExportError, ImpossibleLayerError, OrthofxError, PlanError, PolicyError,
+                     TransformError)
 from .passes import register_pass
 from .penalty import penalty, penalty_terms
 from .plan import Plan
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "transform", "explain", "penalty", "penalty_terms", "report", "Report", "Plan", "Policy", "presets",
     "register_pass", "manifest_of", "is_transformed", "attach", "AttachHandle",
+    "freeze", "export", "load", "ExportResult", "ExportError",
     "OrthofxError", "PolicyError", "CaptureError", "PlanError", "TransformError", "ImpossibleLayerError",
     "metrics", "theory", "models",
 ]

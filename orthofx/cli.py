@@ -5,6 +5,7 @@
     orthofx check POLICY [--model M --input-shape 1,3,32,32]
     orthofx explain MODEL --policy P [--input-shape ...]
     orthofx transform MODEL --policy P --input-shape 1,3,32,32 [--json report.json] [--plot spectra.png]
+                      [--export model.onnx|model.pt2|model.pt]
 
 MODEL is a built-in name (``orthofx.models.names()``), ``package.module:factory`` or ``path/to/file.py:factory``
 (a callable taking no arguments that returns an ``nn.Module``). Exit status 0 on success, 2 on bad input with a
@@ -27,6 +28,7 @@ from torch import nn
 
 from . import models
 from .errors import OrthofxError
+from .export import export
 from .penalty import penalty
 from .policy import Policy, presets
 from .report import report
@@ -130,6 +132,10 @@ def _cmd_transform(args: argparse.Namespace) -> int:
     if args.plot:
         rep.plot(args.plot)
         print(f"wrote {args.plot}")
+    if args.export:
+        if inputs is None:
+            raise CliError("--export needs --input-shape (the example input to trace and check with)")
+        print(export(gm, args.export, example_inputs=inputs))
     return 0
 
 
@@ -187,7 +193,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     gm.eval()
     with torch.no_grad():
         accuracy = (gm(x_test).argmax(1) == y_test).float().mean().item()
-    print(f"\npenalty {first_penalty:.4f} -> {float(penalty(gm)):.4f}; test accuracy {accuracy:.3f}\n")
+    print(f"\npenalty {first_penalty:.4f} -> {penalty(gm).item():.4f}; test accuracy {accuracy:.3f}\n")
     print("== report")
     print(report(gm))
     return 0
@@ -224,6 +230,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "transform":
             cmd.add_argument("--json", help="write the report as JSON to this path")
             cmd.add_argument("--plot", help="write the singular-value spectra PNG to this path")
+            cmd.add_argument("--export", help="export the model: .onnx, .pt2 or .pt (state_dict + policy)")
         cmd.set_defaults(run=func)
     return parser
 

@@ -15,6 +15,7 @@ __all__ = [
     "PlanError",
     "TransformError",
     "ImpossibleLayerError",
+    "ExportError",
 ]
 
 
@@ -60,3 +61,7 @@ class TransformError(OrthofxError, RuntimeError):
 
 class ImpossibleLayerError(TransformError, ValueError):
     """No orthogonal version of a layer exists (P0, Theorem 4); the message quotes the condition."""
+
+
+class ExportError(OrthofxError, RuntimeError):
+    """Freezing, exporting, saving or loading failed, or the exported model does not reproduce the original."""

@@ -80,3 +80,10 @@ def test_demo_trains_and_reports(capsys):
 def test_console_script_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "orthofx.cli", "presets"], capture_output=True, text=True)
     assert result.returncode == 0 and "lorth" in result.stdout
+
+
+def test_transform_exports(capsys, tmp_path):
+    path = tmp_path / "m.pt2"
+    code, out, _ = run(capsys, "transform", "small_cnn", "--policy", "lorth", "--input-shape", "2,1,8,8",
+                       "--export", str(path))
+    assert code == 0 and path.exists() and "pt2 ->" in out

@@ -31,6 +31,7 @@ __all__ = [
     "PassContext",
     "Pass",
     "MANIFEST_KEY",
+    "replace_module",
 ]
 
 #: Key of the manifest in ``GraphModule.meta``.
@@ -227,6 +228,20 @@ class Manifest:
     # Input shape of each module call seen on the example inputs (first call), keyed by qualified name.
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     output_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    frozen: bool = False  # set by orthofx.freeze: plain layers, no penalties or hooks
+
+
+def replace_module(root: nn.Module, qualname: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``qualname`` in ``root`` (setattr on the parent) and return the module it replaced.
+
+    Graph nodes that call ``qualname`` now call ``new``; this is how passes swap a layer for its orthogonal,
+    normalised or probed version, and how ``freeze`` swaps it back for a plain one.
+    """
+    parent_name, _, child = qualname.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
 
 
 @dataclass
@@ -239,6 +254,10 @@ class PassContext:
     def module(self, site: Site | str) -> nn.Module:
         name = site.name if isinstance(site, Site) else site
         return self.gm.get_submodule(name)
+
+    def replace_module(self, site: Site | str, new: nn.Module) -> nn.Module:
+        """Swap the module at ``site`` for ``new`` (see :func:`replace_module`); returns the old module."""
+        return replace_module(self.gm, site.name if isinstance(site, Site) else site, new)
 
     def node(self, site: Site) -> torch.fx.Node:
         for n in self.gm.graph.nodes:
