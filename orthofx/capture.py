@@ -233,6 +233,17 @@ class _Overlay(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------ capture
 
+def _drop_string_annotations(graph: torch.fx.Graph) -> None:
+    """Forget type annotations that are strings (``from __future__ import annotations`` in the user's file).
+
+    fx copies them into the generated code as globals, and ``torch.save`` of the GraphModule then fails inside
+    torch.fx (it expects every global to be an object with a ``__name__``).
+    """
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+
+
 def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: Iterable[str] = (),
             concrete_args: dict[str, Any] | None = None, mode: str = "auto",
             max_retries: int | None = None) -> tuple[torch.fx.GraphModule, CaptureInfo]:
@@ -288,6 +299,7 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
             paths.add(path)
             info.leaf_fallbacks.append((path, cause))
 
+    _drop_string_annotations(graph)
     root = _Overlay(model, tracer.constants)
     gm = torch.fx.GraphModule(root, graph, type(model).__name__)
     info.warnings.extend(_constant_warnings(gm, tracer))

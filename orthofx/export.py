@@ -31,9 +31,9 @@ from torch import fx, nn
 
 from .capture import unwrap_model
 from .errors import ExportError
-from .passes.base import MANIFEST_KEY, replace_module
+from .passes.base import replace_module
 from .policy import Policy
-from .transform import manifest_of, transform
+from .transform import manifest_of, store_manifest, transform
 
 __all__ = ["freeze", "export", "load", "ExportResult", "FORMAT_VERSION"]
 
@@ -78,7 +78,7 @@ def freeze(model: nn.Module) -> fx.GraphModule:
     else:  # pragma: no cover - a to_plain() that returns itself
         raise ExportError("freeze did not terminate: a module's to_plain() keeps returning orthofx layers")
     frozen.recompile()
-    frozen.meta[MANIFEST_KEY] = dataclasses.replace(manifest, penalties=[], optimizer_hooks=[], frozen=True)
+    store_manifest(frozen, dataclasses.replace(manifest, penalties=[], optimizer_hooks=[], frozen=True))
     return frozen
 
 

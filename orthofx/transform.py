@@ -25,7 +25,18 @@ from .passes.registry import get_pass
 from .plan import Plan, block_paths, build_plan
 from .policy import Policy
 
-__all__ = ["transform", "explain", "manifest_of", "is_transformed"]
+__all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed"]
+
+
+# GraphModule pickling (torch.save of the whole module) rebuilds ``meta`` empty but keeps unknown attributes, so
+# the manifest is also kept under this attribute and put back into ``meta`` when found there only.
+_MANIFEST_ATTRIBUTE = "_orthofx_manifest"
+
+
+def store_manifest(gm: fx.GraphModule, manifest: Manifest) -> None:
+    """Attach ``manifest`` to ``gm`` (``gm.meta["orthofx"]``, and an attribute that survives pickling)."""
+    gm.meta[MANIFEST_KEY] = manifest
+    setattr(gm, _MANIFEST_ATTRIBUTE, manifest)
 
 
 def manifest_of(model: nn.Module) -> Manifest:
@@ -35,10 +46,15 @@ def manifest_of(model: nn.Module) -> Manifest:
     """
     root = unwrap_model(model)
     meta = getattr(root, "meta", None)
-    if not isinstance(meta, dict) or not isinstance(meta.get(MANIFEST_KEY), Manifest):
-        raise OrthofxError(f"{type(root).__name__} was not produced by orthofx.transform (no manifest in "
-                           f"gm.meta[{MANIFEST_KEY!r}]); call orthofx.transform(model, policy) first")
-    return meta[MANIFEST_KEY]
+    if isinstance(meta, dict) and isinstance(meta.get(MANIFEST_KEY), Manifest):
+        return meta[MANIFEST_KEY]
+    manifest = getattr(root, _MANIFEST_ATTRIBUTE, None)
+    if isinstance(manifest, Manifest):
+        if isinstance(meta, dict):
+            meta[MANIFEST_KEY] = manifest
+        return manifest
+    raise OrthofxError(f"{type(root).__name__} was not produced by orthofx.transform (no manifest in "
+                       f"gm.meta[{MANIFEST_KEY!r}]); call orthofx.transform(model, policy) first")
 
 
 def is_transformed(model: nn.Module) -> bool:
@@ -204,7 +220,7 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
             raise TransformError(f"pass '{pass_name}' failed: {type(exc).__name__}: {exc}") from exc
     gm.graph.lint()
     gm.recompile()
-    gm.meta[MANIFEST_KEY] = manifest
+    store_manifest(gm, manifest)
 
     if inputs is not None:
         with _Eval(gm):

@@ -300,3 +300,14 @@ def test_leaf_modules_from_the_policy_are_respected():
     gm = orthofx.transform(GatedNet(), policy)
     assert orthofx.manifest_of(gm).capture.leaf_fallbacks == []
     assert any(n.op == "call_module" and n.target == "gate" for n in gm.graph.nodes)
+
+
+def test_transformed_model_pickles_even_with_string_annotations(tmp_path):
+    # orthofx.models uses `from __future__ import annotations`: fx would keep "torch.Tensor" as a string global
+    # and torch.save of the GraphModule would fail.
+    gm = orthofx.transform(orthofx.models.get("small_cnn", width=4), "lorth")
+    torch.save(gm, tmp_path / "gm.pt")
+    loaded = torch.load(tmp_path / "gm.pt", weights_only=False)
+    x = orthofx.models.example_input("small_cnn")
+    torch.testing.assert_close(loaded(x), gm(x))
+    assert orthofx.penalty(loaded).item() == pytest.approx(orthofx.penalty(gm).item())
