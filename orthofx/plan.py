@@ -28,7 +28,7 @@ from tabulate import tabulate
 from torch import fx, nn
 
 from .errors import PlanError
-from .passes.base import CaptureInfo, PlanEntry, Site
+from .passes.base import CaptureInfo, PlanEntry, Site, describe_module
 from .passes.registry import get_pass
 from .policy import Match, Policy, Rule
 
@@ -48,23 +48,6 @@ _METHOD_OPS = {"svd": "svd"}
 # Layers whose weights shape their output linearly: where a walk upstream from a decomposition stops.
 _PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d,
                    nn.ConvTranspose3d)
-
-
-def describe_module(module: nn.Module) -> str:
-    """Short description of a layer, e.g. ``Conv2d(64->128, k=3, s=2)`` or ``Linear(512->10)``."""
-    name = type(module).__name__
-    if isinstance(module, nn.modules.conv._ConvNd):
-        k = module.kernel_size
-        s = module.stride
-        ks = k[0] if len(set(k)) == 1 else "x".join(map(str, k))
-        ss = s[0] if len(set(s)) == 1 else "x".join(map(str, s))
-        extra = f", g={module.groups}" if module.groups != 1 else ""
-        if any(d != 1 for d in module.dilation):
-            extra += f", d={module.dilation[0] if len(set(module.dilation)) == 1 else module.dilation}"
-        return f"{name}({module.in_channels}->{module.out_channels}, k={ks}, s={ss}{extra})"
-    if isinstance(module, nn.Linear):
-        return f"{name}({module.in_features}->{module.out_features})"
-    return name
 
 
 # ----------------------------------------------------------------------------------------------- sites

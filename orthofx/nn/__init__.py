@@ -1,2 +1,6 @@
-"""Layers that passes insert, usable on their own (hard orthogonal layers, ConvNorm and stable decompositions
-arrive with their issues)."""
+"""Layers that passes insert, usable on their own (like geotorch's): ConvNorm wrappers so far; hard orthogonal
+layers and stable decompositions arrive with their issues."""
+
+from .convnorm import ConvNormConv1d, ConvNormConv2d, ConvNormConv3d, with_convnorm
+
+__all__ = ["ConvNormConv1d", "ConvNormConv2d", "ConvNormConv3d", "with_convnorm"]

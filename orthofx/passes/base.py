@@ -32,6 +32,7 @@ __all__ = [
     "Pass",
     "MANIFEST_KEY",
     "replace_module",
+    "describe_module",
 ]
 
 #: Key of the manifest in ``GraphModule.meta``.
@@ -229,6 +230,23 @@ class Manifest:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     output_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     frozen: bool = False  # set by orthofx.freeze: plain layers, no penalties or hooks
+
+
+def describe_module(module: nn.Module) -> str:
+    """Short description of a layer, e.g. ``Conv2d(64->128, k=3, s=2)`` or ``Linear(512->10)``."""
+    name = type(module).__name__
+    if isinstance(module, nn.modules.conv._ConvNd):
+        k = module.kernel_size
+        s = module.stride
+        ks = k[0] if len(set(k)) == 1 else "x".join(map(str, k))
+        ss = s[0] if len(set(s)) == 1 else "x".join(map(str, s))
+        extra = f", g={module.groups}" if module.groups != 1 else ""
+        if any(d != 1 for d in module.dilation):
+            extra += f", d={module.dilation[0] if len(set(module.dilation)) == 1 else module.dilation}"
+        return f"{name}({module.in_channels}->{module.out_channels}, k={ks}, s={ss}{extra})"
+    if isinstance(module, nn.Linear):
+        return f"{name}({module.in_features}->{module.out_features})"
+    return name
 
 
 def replace_module(root: nn.Module, qualname: str, new: nn.Module) -> nn.Module:

@@ -1,0 +1,540 @@
+"""ConvNorm (P3): per-output-channel normalisation of a convolution's output in the Fourier domain.
+
+What it computes
+----------------
+A convolution with kernel ``K`` (``M`` output channels, ``C`` input channels per group) acts on one output
+channel ``m`` as the row block ``A_m = [A_{m,1} ... A_{m,C}]`` of circulant matrices. ConvNorm replaces ``A_m``
+by ``(A_m A_m^T)^(-1/2) A_m``, whose rows are orthonormal (channel-wise isometry). All blocks are diagonalised by
+the same DFT, so ``(A_m A_m^T)^(-1/2)`` is the circular filter with frequency response
+
+    V_m(w) = ( sum_c |K_hat_{m,c}(w)|^2 + eps )^(-1/2)
+
+and the layer becomes ``output_m <- IFFT( FFT(conv output_m) * V_m )``. ``eps`` (absent from the reference
+implementation) keeps ``V`` finite at frequencies where every kernel of channel ``m`` vanishes. For a 1 x 1
+kernel ``K_hat_{m,c}(w) = w_{m,c}`` for every ``w``, so ``V_m = (||w_m||^2 + eps)^(-1/2)``: ConvNorm divides
+channel ``m`` by the norm of its weights. Grouped convolutions need nothing special: the sum runs over the
+input channels of channel ``m``'s group, which is exactly dimension 1 of the weight.
+
+The exact formulation for the layer's padding, stride and dilation
+----------------------------------------------------------------
+A circular filter needs a circular grid, while the layer has zero padding ``(p_l, p_r)``, stride ``S`` and
+dilation ``D`` (one dimension shown; every spatial dimension is treated alike and independently, so ``1 x k``
+kernels, unequal strides and paddings are just per-dimension numbers). With the dilated kernel ``K_D`` of
+extent ``k_e = D (k - 1) + 1`` and the input ``x`` of length ``N`` (zero outside ``[0, N)``), the stride-1 linear
+cross-correlation
+
+    f[j] = sum_t K_D[t] x[j + t]                        (j in Z, non-zero only for -(k_e-1) <= j <= N-1)
+
+contains the layer's output: ``y[i] = f[S i - p_l]`` for ``i = 0 .. N_out - 1``,
+``N_out = floor((N + p_l + p_r - k_e) / S) + 1``. Take the grid of length
+
+    L = N + Q_l + Q_r - k_e + 1,        Q_l = max(p_l, k_e - 1),   Q_r = max(p_r, k_e - 1),
+
+i.e. the stride-1 correlation with zero padding ``(Q_l, Q_r)``, holding ``f`` on the window
+``[-Q_l, L - Q_l)``. The window contains the whole support of ``f`` (``Q_l, Q_r >= k_e - 1``), so ``L >= N + k_e - 1``
+and the circular correlation of ``x`` with ``K_D`` on a period-``L`` grid equals ``f`` there, with no
+wrap-around: the FFT of this window is exactly ``K_hat_D . x_hat`` on the ``L``-grid. The window also contains
+every output position ``S i - p_l`` (``Q_l >= p_l``, ``Q_r >= p_r``). ConvNorm is defined on this grid:
+
+    f' = IFFT_L( V_L . FFT_L(f) ),       y'[i] = f'[Q_l - p_l + S i],     i = 0 .. N_out - 1,
+
+where ``V_L`` is ``V`` sampled at the ``L`` frequencies of the grid, computed from the *dilated* kernel
+(``|K_hat_D(w)| = |K_hat(D w)|``, the reference ignored dilation). On the ``L``-grid the operator
+``x -> f'_m`` has orthonormal rows up to ``eps``; the layer keeps the rows at its own output positions. For the
+paddings used in practice (``p <= k_e - 1``: "same", "valid") ``Q = k_e - 1`` and ``L = N + k_e - 1`` is the
+reference's "stride 1, padding k - 1" grid; the reference then cropped to the "same" positions of a square
+``k x k`` kernel and subsampled, which breaks for ``1 x k`` kernels, dilation and other paddings. Here the
+crop offset ``Q_l - p_l`` and the subsampling come from the layer itself, so the output has exactly the conv's
+shape and output ``i`` is the normalised value at the centre of the same receptive field as the conv's output
+``i`` (checked against a direct float64 construction in ``tests/test_convnorm.py``). Padding larger than
+``k_e - 1`` (e.g. a 1 x 1 conv with padding 1) widens the grid so that all output positions stay distinct.
+
+``padding_mode`` other than ``"zeros"`` (reflect, replicate, circular): the input is padded explicitly with
+that mode first and the formulation above is applied with zero padding ``p = 0`` to the padded signal.
+``padding="same"`` / ``"valid"`` follow torch's convention (for an odd total, the extra zero goes on the right).
+
+The conv's bias is added *after* the normalisation (filtering a constant bias would only rescale it by
+``V_m(0)``, and in the linear picture the bias is not part of the operator being normalised).
+
+Gradients: ``V`` is computed from the *detached* weight, as in P3: the weight's gradient comes only from the
+convolution path, the input's gradient goes through both the convolution and the filter.
+
+Running ``V`` and eval mode
+---------------------------
+``V`` depends on the weight and on the grid ``L`` (so on the feature-map size), not on the data: unlike
+BatchNorm there is nothing to estimate, and a "running" ``V`` is only an exponential average of the filters of
+recent weights. Two behaviours are offered:
+
+* ``momentum=None`` (default): train and eval both use ``V`` recomputed from the current weight. Train and eval
+  outputs agree exactly, every input size works, nothing is stored. This is the recommended mode.
+* ``momentum=m`` (float in (0, 1]): P3's behaviour. Each training forward updates a running filter for its grid,
+  ``running <- (1 - m) running + m V`` (initialised with the first ``V`` seen for that grid, not with ones), kept as
+  a buffer ``running_v_<L1>x<L2>`` (so it is in the ``state_dict``, moves with ``.to()`` and loads into a fresh
+  module). Eval uses the running filter of its grid, and falls back to ``V`` of the current weight for a grid
+  never seen in training. Buffers are created in ``forward``, which makes ``torch.compile`` break the graph on
+  the first call of a new size.
+
+Affine part
+-----------
+``affine=True`` adds P3's learned affine part: a depthwise convolution (``groups = M``, kernel
+``affine_kernel_size``, default the conv's kernel size, stride 1, "same" padding, with bias) applied after the
+normalisation, initialised to the identity (centre tap 1, bias 0). Child name ``affine``.
+
+Module design
+-------------
+:class:`ConvNormConv2d` (and ``1d`` / ``3d``) *owns* the convolution as its child ``conv`` and computes
+conv + normalisation in one forward (it calls the functional convolution with ``conv.weight`` at stride 1 and
+padding ``Q``, so forward hooks registered on the inner ``conv`` do not fire). A graph pass replaces the conv
+by the wrapper under the same qualified name, so the conv's parameters become ``<name>.conv.weight`` /
+``<name>.conv.bias``. The wrapper exposes the conv's ``weight``, ``bias``, ``stride``, ``padding``, ``dilation``,
+``groups``, ``kernel_size``, ``in_channels`` and ``out_channels`` as read-only properties, so code that reads a
+layer's weight by name (``orthofx.penalty`` terms, metrics) keeps working on the wrapped layer.
+
+Example::
+
+    conv = torch.nn.Conv2d(16, 32, (1, 3), stride=(1, 2), padding=(0, 2), dilation=2, bias=False)
+    layer = ConvNormConv2d(conv, eps=1e-5, affine=True)
+    y = layer(torch.randn(8, 16, 20, 20))          # same shape as conv(x)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ConvNormGeometry",
+    "convnorm_geometry",
+    "convnorm_filter",
+    "channel_gains",
+    "conv_norm",
+    "ConvNormConvNd",
+    "ConvNormConv1d",
+    "ConvNormConv2d",
+    "ConvNormConv3d",
+    "with_convnorm",
+    "WRAPPED_MARKER",
+]
+
+#: Attribute set on the convolution (and affine conv) a ConvNorm wrapper owns, so passes can recognise them.
+WRAPPED_MARKER = "_orthofx_convnorm_inner"
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_PAD_MODES = {"zeros", "reflect", "replicate", "circular"}
+_RUNNING_PREFIX = "running_v_"
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+
+class ConvNormGeometry(NamedTuple):
+    """Where ConvNorm works for one input size (one entry per spatial dimension).
+
+    ``pad_left`` / ``pad_right``: the zero padding ``Q`` of the stride-1 correlation; ``grid``: its length ``L``
+    (the FFT size); ``start``: the grid index of the layer's first output (``Q_l - p_l``); ``stride``: the step
+    between outputs; ``output_size``: the layer's output size.
+    """
+
+    pad_left: tuple[int, ...]
+    pad_right: tuple[int, ...]
+    grid: tuple[int, ...]
+    start: tuple[int, ...]
+    stride: tuple[int, ...]
+    output_size: tuple[int, ...]
+
+
+def _ntuple(value, d: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, (tuple, list)):
+        if len(value) != d:
+            raise ValueError(f"{name} must be an int or {d} ints, got {value!r}")
+        out = tuple(value)
+    else:
+        out = (value,) * d
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must hold integers, got {value!r}")
+    return out
+
+
+def _layer_pads(padding, kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """(left, right) zero padding per spatial dimension, torch's convention for the strings."""
+    d = len(kernel_size)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0),) * d
+        if padding == "same":
+            pads = []
+            for k, dil in zip(kernel_size, dilation):
+                total = dil * (k - 1)
+                pads.append((total // 2, total - total // 2))
+            return tuple(pads)
+        raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
+    p = _ntuple(padding, d, "padding")
+    if any(v < 0 for v in p):
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return tuple((v, v) for v in p)
+
+
+def convnorm_geometry(input_size: Sequence[int], kernel_size, stride=1, padding=0, dilation=1) -> ConvNormGeometry:
+    """The grid on which ConvNorm is exact for a conv layer and an input size (see the module docstring).
+
+    ``padding`` is the layer's zero padding: an int, a tuple, ``"same"`` or ``"valid"``.
+    """
+    n = tuple(int(v) for v in input_size)
+    d = len(n)
+    k = _ntuple(kernel_size, d, "kernel_size")
+    s = _ntuple(stride, d, "stride")
+    dil = _ntuple(dilation, d, "dilation")
+    if any(v < 1 for v in k + s + dil):
+        raise ValueError(f"kernel_size, stride and dilation must be positive, got {k}, {s}, {dil}")
+    pads = _layer_pads(padding, k, dil)
+    ql, qr, grid, start, out = [], [], [], [], []
+    for ni, ki, si, di, (pl, pr) in zip(n, k, s, dil, pads):
+        ke = di * (ki - 1) + 1
+        if ni + pl + pr < ke:
+            raise ValueError(f"input size {n} (padded by {[p for p in pads]}) is smaller than the dilated kernel "
+                             f"extent {ke} in some dimension")
+        a, b = max(pl, ke - 1), max(pr, ke - 1)
+        ql.append(a)
+        qr.append(b)
+        grid.append(ni + a + b - ke + 1)
+        start.append(a - pl)
+        out.append((ni + pl + pr - ke) // si + 1)
+    return ConvNormGeometry(tuple(ql), tuple(qr), tuple(grid), tuple(start), s, tuple(out))
+
+
+# ------------------------------------------------------------------------------------------------ filters
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _dilated(weight: torch.Tensor, dilation: tuple[int, ...]) -> torch.Tensor:
+    if all(v == 1 for v in dilation):
+        return weight
+    ks = weight.shape[2:]
+    extent = tuple(di * (ki - 1) + 1 for ki, di in zip(ks, dilation))
+    out = weight.new_zeros(weight.shape[:2] + extent)
+    out[(slice(None), slice(None)) + tuple(slice(None, None, di) for di in dilation)] = weight
+    return out
+
+
+def _power(weight: torch.Tensor, grid: Sequence[int], dilation) -> torch.Tensor:
+    """sum_c |K_hat_{m,c}(w)|^2 on the grid (rfft layout: the last axis has L_d // 2 + 1 frequencies)."""
+    d = weight.ndim - 2
+    grid = tuple(int(v) for v in grid)
+    dil = _ntuple(dilation, d, "dilation")
+    w = _dilated(weight.detach().to(_real_dtype(weight.dtype)), dil)
+    if len(grid) != d or any(g < e for g, e in zip(grid, w.shape[2:])):
+        raise ValueError(f"grid {grid} must have {d} sizes, each at least the dilated kernel extent "
+                         f"{tuple(w.shape[2:])}")
+    spectrum = torch.fft.rfftn(w, s=grid, dim=tuple(range(-d, 0)))
+    return (spectrum.real.square() + spectrum.imag.square()).sum(1)
+
+
+def convnorm_filter(weight: torch.Tensor, grid: Sequence[int], dilation=1, eps: float = 1e-5) -> torch.Tensor:
+    """``V_m(w) = (sum_c |K_hat_{m,c}(w)|^2 + eps)^(-1/2)`` on an ``L_1 x ... x L_d`` grid, from the detached weight.
+
+    Returns a real tensor of shape ``(M, L_1, ..., L_{d-1}, L_d // 2 + 1)`` (the ``rfftn`` half spectrum), dtype
+    float32 or float64 like the weight (half precision weights give float32), no gradient.
+    """
+    return (_power(weight, grid, dilation) + eps).rsqrt()
+
+
+def channel_gains(weight: torch.Tensor, grid: Sequence[int], dilation=1) -> torch.Tensor:
+    """``sqrt(sum_c |K_hat_{m,c}(w)|^2)``: the gain (singular value) of output channel ``m``'s row operator at
+    each frequency of the circular grid; ConvNorm makes them ``sqrt(g^2 / (g^2 + eps))``, i.e. about 1."""
+    return _power(weight, grid, dilation).sqrt()
+
+
+# ------------------------------------------------------------------------------------------------ functional
+
+def _normalise(z: torch.Tensor, v: torch.Tensor, d: int) -> torch.Tensor:
+    dims = tuple(range(-d, 0))
+    grid = z.shape[-d:]
+    spectrum = torch.fft.rfftn(z, dim=dims)
+    return torch.fft.irfftn(spectrum * v.to(z.dtype), s=grid, dim=dims)
+
+
+def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int, eps: float,
+               padding_mode: str, v_for) -> torch.Tensor:
+    """Shared forward; ``v_for(grid, geometry)`` returns the filter for the grid (or ``None`` to compute it)."""
+    d = weight.ndim - 2
+    if padding_mode not in _PAD_MODES:
+        raise ValueError(f"padding_mode must be one of {sorted(_PAD_MODES)}, got {padding_mode!r}")
+    unbatched = x.ndim == d + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    if x.ndim != d + 2:
+        raise ValueError(f"expected a {d + 2}-D (batched) or {d + 1}-D (unbatched) input for a {d}-D convolution, "
+                         f"got shape {tuple(x.shape)}")
+    ks = tuple(weight.shape[2:])
+    dil = _ntuple(dilation, d, "dilation")
+    if padding_mode != "zeros":
+        pads = _layer_pads(padding, ks, dil)
+        flat = [p for pair in reversed(pads) for p in pair]
+        if any(flat):
+            x = F.pad(x, flat, mode=padding_mode)
+        padding = 0
+    geo = convnorm_geometry(x.shape[2:], ks, stride, padding, dil)
+
+    in_dtype = x.dtype
+    work = _real_dtype(in_dtype)
+    xw = x.to(work)
+    w = weight.to(work)
+    if geo.pad_left == geo.pad_right:
+        z = _CONV_FN[d](xw, w, None, 1, geo.pad_left, dil, groups)
+    else:
+        flat = [p for pair in reversed(list(zip(geo.pad_left, geo.pad_right))) for p in pair]
+        z = _CONV_FN[d](F.pad(xw, flat), w, None, 1, 0, dil, groups)
+    v = v_for(geo.grid, geo)
+    if v is None:
+        v = convnorm_filter(weight, geo.grid, dil, eps)
+    z = _normalise(z, v, d)
+    index = (slice(None), slice(None)) + tuple(
+        slice(st, st + sd * (no - 1) + 1, sd) for st, sd, no in zip(geo.start, geo.stride, geo.output_size))
+    y = z[index]
+    if bias is not None:
+        y = y + bias.to(work).view((1, -1) + (1,) * d)
+    y = y.to(in_dtype)
+    return y.squeeze(0) if unbatched else y
+
+
+def conv_norm(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+              dilation=1, groups: int = 1, *, eps: float = 1e-5, padding_mode: str = "zeros",
+              filter: torch.Tensor | None = None) -> torch.Tensor:
+    """Functional ConvNorm: ``conv(input, weight, stride, padding, dilation, groups)`` normalised per output
+    channel in the Fourier domain, then ``bias`` added; output shape equals the convolution's.
+
+    ``filter`` overrides ``V`` (shape ``(M, L_1, ..., L_d // 2 + 1)`` for the grid of
+    :func:`convnorm_geometry`); by default it is :func:`convnorm_filter` of the detached weight.
+    """
+    if filter is not None:
+        def v_for(grid, geo):
+            expected = (weight.shape[0],) + tuple(grid[:-1]) + (grid[-1] // 2 + 1,)
+            if tuple(filter.shape) != expected:
+                raise ValueError(f"filter must have shape {expected} for grid {tuple(grid)}, got "
+                                 f"{tuple(filter.shape)}")
+            return filter
+    else:
+        def v_for(grid, geo):
+            return None
+    return _conv_norm(input, weight, bias, stride, padding, dilation, groups, eps, padding_mode, v_for)
+
+
+# ------------------------------------------------------------------------------------------------ modules
+
+class ConvNormConvNd(nn.Module):
+    """A convolution followed by ConvNorm (P3), as one module owning the conv (see the module docstring).
+
+    Args:
+        conv: the convolution (``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` for the 1d / 2d / 3d class; any padding,
+            padding mode, stride, dilation, groups; not transposed). It becomes the child ``conv``.
+        eps: added to ``sum_c |K_hat|^2`` before the inverse square root (> 0).
+        affine: add the learned depthwise-conv affine part (child ``affine``), initialised to the identity.
+        momentum: ``None`` (default) to recompute ``V`` from the weight in eval too; a float in (0, 1] to keep
+            P3's running ``V`` per grid size for eval.
+        affine_kernel_size: kernel size of the affine depthwise conv (default: the conv's kernel size).
+    """
+
+    _dims: ClassVar[int] = 0
+    _conv_type: ClassVar[type] = nn.Conv2d
+
+    def __init__(self, conv: nn.Module, eps: float = 1e-5, affine: bool = False, momentum: float | None = None,
+                 affine_kernel_size=None):
+        super().__init__()
+        d = self._dims
+        if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+            raise TypeError("ConvNorm normalises a convolution's output channels; transposed convolutions are "
+                            f"not supported (got {type(conv).__name__})")
+        if not isinstance(conv, self._conv_type):
+            raise TypeError(f"{type(self).__name__} wraps a {self._conv_type.__name__}, got {type(conv).__name__}; "
+                            "use orthofx.nn.convnorm.with_convnorm(conv) to pick the class")
+        if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+            raise ValueError("the convolution is lazy and not initialised yet; run it once before wrapping it")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                     or not 0 < momentum <= 1):
+            raise ValueError(f"momentum must be None or a number in (0, 1], got {momentum!r}")
+        self.conv = conv
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        setattr(conv, WRAPPED_MARKER, True)
+        if affine:
+            m = conv.out_channels
+            k = conv.kernel_size if affine_kernel_size is None else _ntuple(affine_kernel_size, d,
+                                                                             "affine_kernel_size")
+            layer = self._conv_type(m, m, k, stride=1, padding="same", groups=m, bias=True,
+                                    device=conv.weight.device, dtype=conv.weight.dtype)
+            setattr(layer, WRAPPED_MARKER, True)
+            self.affine = layer
+            self.reset_affine()
+        else:
+            self.affine = None
+        self.train(conv.training)
+
+    # ---- the conv's attributes, read-only
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.conv.bias
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return self.conv.kernel_size
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return self.conv.stride
+
+    @property
+    def padding(self):
+        return self.conv.padding
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return self.conv.dilation
+
+    @property
+    def groups(self) -> int:
+        return self.conv.groups
+
+    @property
+    def padding_mode(self) -> str:
+        return self.conv.padding_mode
+
+    # ---- affine and running filters
+
+    def reset_affine(self) -> None:
+        """Set the affine depthwise conv to the identity (centre tap 1, bias 0)."""
+        if self.affine is None:
+            return
+        with torch.no_grad():
+            self.affine.weight.zero_()
+            centre = (slice(None), 0) + tuple((k - 1) // 2 for k in self.affine.kernel_size)
+            self.affine.weight[centre] = 1.0
+            self.affine.bias.zero_()
+
+    @staticmethod
+    def _buffer_name(grid: Sequence[int]) -> str:
+        return _RUNNING_PREFIX + "x".join(str(int(g)) for g in grid)
+
+    def running_filter(self, grid: Sequence[int]) -> torch.Tensor | None:
+        """The running ``V`` kept for an FFT grid (see :meth:`geometry`), or ``None``."""
+        return self._buffers.get(self._buffer_name(grid))
+
+    @property
+    def running_grids(self) -> list[tuple[int, ...]]:
+        """The FFT grids a running ``V`` is kept for."""
+        return [tuple(int(v) for v in name[len(_RUNNING_PREFIX):].split("x"))
+                for name in self._buffers if name.startswith(_RUNNING_PREFIX)]
+
+    def reset_running_stats(self) -> None:
+        """Forget every running ``V``."""
+        for name in [n for n in self._buffers if n.startswith(_RUNNING_PREFIX)]:
+            del self._buffers[name]
+
+    def geometry(self, input_size: Sequence[int]) -> ConvNormGeometry:
+        """The FFT grid, crop offset and output size for a spatial input size (padding modes other than zeros
+        pad the input first)."""
+        conv = self.conv
+        size = tuple(int(v) for v in input_size)
+        padding = conv.padding
+        if conv.padding_mode != "zeros":
+            pads = _layer_pads(conv.padding, conv.kernel_size, conv.dilation)
+            size = tuple(n + a + b for n, (a, b) in zip(size, pads))
+            padding = 0
+        return convnorm_geometry(size, conv.kernel_size, conv.stride, padding, conv.dilation)
+
+    def filter(self, input_size: Sequence[int]) -> torch.Tensor:
+        """The ``V`` the current mode applies for a spatial input size (running in eval when kept)."""
+        geo = self.geometry(input_size)
+        v = None if self.training or self.momentum is None else self.running_filter(geo.grid)
+        return convnorm_filter(self.conv.weight, geo.grid, self.conv.dilation, self.eps) if v is None else v
+
+    def _v_for(self, grid, geo) -> torch.Tensor | None:
+        if self.momentum is None:
+            return None
+        name = self._buffer_name(grid)
+        running = self._buffers.get(name)
+        if not self.training:
+            return running
+        v = convnorm_filter(self.conv.weight, grid, self.conv.dilation, self.eps)
+        with torch.no_grad():
+            if running is None or running.shape != v.shape:
+                self.register_buffer(name, v.clone())
+            else:
+                running.lerp_(v.to(running.dtype), self.momentum)
+        return v
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Running filters are created on demand: make room for the ones the state dict holds.
+        for key, value in state_dict.items():
+            if key.startswith(prefix + _RUNNING_PREFIX):
+                name = key[len(prefix):]
+                if "." not in name and name not in self._buffers and isinstance(value, torch.Tensor):
+                    self.register_buffer(name, torch.empty_like(value, device=self.conv.weight.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # ---- forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        y = _conv_norm(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                       self.eps, conv.padding_mode, self._v_for)
+        if self.affine is not None:
+            y = self.affine(y)
+        return y
+
+    def extra_repr(self) -> str:
+        parts = [f"eps={self.eps:g}"]
+        if self.momentum is not None:
+            parts.append(f"momentum={self.momentum:g}")
+        return ", ".join(parts)
+
+
+class ConvNormConv1d(ConvNormConvNd):
+    """``nn.Conv1d`` followed by ConvNorm; see :class:`ConvNormConvNd`."""
+
+    _dims = 1
+    _conv_type = nn.Conv1d
+
+
+class ConvNormConv2d(ConvNormConvNd):
+    """``nn.Conv2d`` followed by ConvNorm; see :class:`ConvNormConvNd`."""
+
+    _dims = 2
+    _conv_type = nn.Conv2d
+
+
+class ConvNormConv3d(ConvNormConvNd):
+    """``nn.Conv3d`` followed by ConvNorm; see :class:`ConvNormConvNd`."""
+
+    _dims = 3
+    _conv_type = nn.Conv3d
+
+
+def with_convnorm(conv: nn.Module, **kwargs) -> ConvNormConvNd:
+    """Wrap ``conv`` in the ConvNorm class of its dimension (``kwargs`` as for :class:`ConvNormConvNd`)."""
+    for cls in (ConvNormConv1d, ConvNormConv2d, ConvNormConv3d):
+        if isinstance(conv, cls._conv_type):
+            return cls(conv, **kwargs)
+    raise TypeError(f"ConvNorm wraps Conv1d, Conv2d or Conv3d layers, got {type(conv).__name__}")

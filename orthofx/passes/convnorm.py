@@ -1,0 +1,106 @@
+"""Pass ``convnorm``: put ConvNorm (P3) after convolutions.
+
+Each selected ``Conv1d`` / ``Conv2d`` / ``Conv3d`` is replaced, under the *same qualified name*, by a
+:class:`orthofx.nn.convnorm.ConvNormConv2d` (or ``1d`` / ``3d``) that owns the conv as its child ``conv`` and
+computes conv + per-channel Fourier normalisation in one forward (see :mod:`orthofx.nn.convnorm` for the exact
+formulation: the FFT grid follows the layer's padding, stride and dilation, ``V`` comes from the detached
+weight, the conv's bias is added after the normalisation). The graph itself is unchanged: its ``call_module``
+node keeps its target and now calls the wrapper. Consequences:
+
+* the conv's state_dict keys move from ``<name>.weight`` / ``<name>.bias`` to ``<name>.conv.weight`` /
+  ``<name>.conv.bias`` (plus ``<name>.affine.*`` with ``affine: true``);
+* the wrapper exposes the conv's ``weight``, ``bias``, ``stride``, ``groups`` ... as read-only properties, so
+  regularisers attached to ``<name>`` by other passes (``orth_regularizer``) keep working in either order;
+* a second ConvNorm on an already wrapped conv is refused (the inner ``<name>.conv`` is a Conv2d site of the
+  transformed model; ``accepts`` says why).
+
+Supported: any padding / padding mode, stride, dilation, groups, ``1 x k`` kernels. Not supported: transposed
+convolutions, lazy convolutions that have not run yet.
+
+Parameters: ``eps`` (> 0, default 1e-5), ``affine`` (default false: no learned depthwise affine part).
+Eval mode recomputes ``V`` from the weight (the wrapper's ``momentum=None``), so train and eval agree exactly.
+
+The :class:`~orthofx.passes.Change` recorded per conv has ``before`` / ``after`` with the layer, its weight's
+state_dict key and, when example inputs gave the layer's input size, the FFT grid and the range of the
+per-channel, per-frequency gains ``sqrt(sum_c |K_hat_{m,c}(w)|^2)`` (``row_gain_min`` / ``row_gain_max``): the
+channel-wise isometry ConvNorm brings them to ~1.
+
+Example::
+
+    import torch, orthofx, orthofx.passes.convnorm
+    model = orthofx.models.get("resnet18", width=8)
+    gm = orthofx.transform(model, "convnorm", example_inputs=(torch.randn(2, 3, 32, 32),))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..nn.convnorm import WRAPPED_MARKER, ConvNormConvNd, channel_gains, with_convnorm
+from .base import Change, Param, Pass, PassContext, PlanEntry, describe_module
+from .registry import register_pass
+
+__all__ = ["ConvNormPass"]
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _gain_figures(layer: ConvNormConvNd, input_shape) -> tuple[dict, dict]:
+    """Grid and the range of channel gains before / after the normalisation, for the recorded input size."""
+    d = layer.conv.weight.ndim - 2
+    if input_shape is None or len(input_shape) < d + 1:
+        return {}, {}
+    geo = layer.geometry(tuple(input_shape)[-d:])
+    with torch.no_grad():
+        g2 = channel_gains(layer.conv.weight, geo.grid, layer.conv.dilation).double().square()
+        after = (g2 / (g2 + layer.eps)).sqrt()
+        g = g2.sqrt()
+    grid = list(geo.grid)
+    return ({"grid": grid, "row_gain_min": float(g.min()), "row_gain_max": float(g.max())},
+            {"grid": grid, "row_gain_min": float(after.min()), "row_gain_max": float(after.max())})
+
+
+@register_pass
+class ConvNormPass(Pass):
+    """ConvNorm after Conv1d/Conv2d/Conv3d layers: the conv is replaced by a ConvNorm wrapper of the same name."""
+
+    name = "convnorm"
+    params = (
+        Param("eps", 1e-5, (float,), "added to sum_c |K_hat|^2 before the inverse square root", minimum=0.0,
+              exclusive_minimum=True),
+        Param("affine", False, (bool,), "add the learned depthwise-conv affine part (identity at start)"),
+    )
+    site_kinds = frozenset({"module"})
+    module_types = _CONV_TYPES
+    group = "convnorm"
+
+    def accepts(self, site, module):
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            return (f"ConvNorm normalises a convolution's output channels; {type(module).__name__} (transposed) "
+                    "is not supported")
+        reason = super().accepts(site, module)
+        if reason is not None:
+            return reason
+        if getattr(module, WRAPPED_MARKER, False):
+            return f"{site.name} already belongs to a ConvNorm layer"
+        if isinstance(module.weight, nn.parameter.UninitializedParameter):
+            return f"{site.name} is a lazy convolution that has not run yet; run the model once first"
+        if not site.name:
+            return "ConvNorm cannot replace the root module"
+        return None
+
+    def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
+        for entry in entries:
+            name = entry.site.name
+            conv = ctx.module(name)
+            layer = with_convnorm(conv, eps=entry.params["eps"], affine=entry.params["affine"])
+            ctx.replace_module(name, layer)
+            before = {"layer": describe_module(conv), "weight_key": f"{name}.weight"}
+            after = {"layer": f"{type(layer).__name__}({describe_module(conv)})", "weight_key": f"{name}.conv.weight"}
+            figures_before, figures_after = _gain_figures(layer, ctx.manifest.input_shapes.get(name))
+            before.update(figures_before)
+            after.update(figures_after)
+            ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name,
+                              what="inserted ConvNorm (per-channel Fourier normalisation) after the convolution",
+                              params=dict(entry.params), before=before, after=after))

@@ -1,0 +1,430 @@
+"""ConvNorm (P3): the layer against a slow direct float64 construction, 1x1 kernels, gradients, train/eval and
+running filters, and the ``convnorm`` pass / preset on built-in models."""
+
+import copy
+import io
+import math
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import orthofx
+import orthofx.passes.convnorm  # noqa: F401  (registers the pass until orthofx.passes imports it)
+from orthofx import models
+from orthofx.nn.convnorm import (ConvNormConv1d, ConvNormConv2d, ConvNormConv3d, conv_norm, convnorm_filter,
+                                 convnorm_geometry, with_convnorm)
+from orthofx.passes import get_pass
+
+# ------------------------------------------------------------------------------------- direct construction
+
+
+def _pads(padding, kernel, dilation):
+    if padding == "valid":
+        return [(0, 0), (0, 0)]
+    if padding == "same":
+        out = []
+        for k, d in zip(kernel, dilation):
+            total = d * (k - 1)
+            out.append((total // 2, total - total // 2))
+        return out
+    return [(p, p) for p in padding]
+
+
+def direct_convnorm(x, w, bias, stride, padding, dilation, groups, eps):
+    """ConvNorm by its definition, in float64 with explicit sums (no conv, no FFT routines).
+
+    f = full stride-1 linear cross-correlation (support -(ke-1) .. N-1), periodised with period
+    L = N + max(pl, ke-1) + max(pr, ke-1) - ke + 1; V by explicit DFT sums over the taps; the spatial filter
+    v = IDFT(V) by explicit DFT matrices; f' = v circularly convolved with f (sum of shifts); y[i] = f'[S i - pl mod L].
+    """
+    x, w = x.double(), w.double()
+    B, C, N1, N2 = x.shape
+    M, Cg, k1, k2 = w.shape
+    D = dilation
+    ke = [D[0] * (k1 - 1) + 1, D[1] * (k2 - 1) + 1]
+    pads = _pads(padding, (k1, k2), D)
+    N = [N1, N2]
+    # full linear correlation f[a] for natural positions j = a - (ke - 1)
+    full = [N[i] + ke[i] - 1 for i in range(2)]
+    xp = torch.zeros(B, C, N1 + 2 * (ke[0] - 1), N2 + 2 * (ke[1] - 1), dtype=torch.float64)
+    xp[:, :, ke[0] - 1: ke[0] - 1 + N1, ke[1] - 1: ke[1] - 1 + N2] = x
+    f = torch.zeros(B, M, *full, dtype=torch.float64)
+    per_group = M // groups
+    for m in range(M):
+        g = m // per_group
+        for c in range(Cg):
+            for p1 in range(k1):
+                for p2 in range(k2):
+                    o1, o2 = D[0] * p1, D[1] * p2
+                    f[:, m] += w[m, c, p1, p2] * xp[:, g * Cg + c, o1: o1 + full[0], o2: o2 + full[1]]
+    L = [N[i] + max(pads[i][0], ke[i] - 1) + max(pads[i][1], ke[i] - 1) - ke[i] + 1 for i in range(2)]
+    fper = torch.zeros(B, M, *L, dtype=torch.float64)
+    for a1 in range(full[0]):
+        for a2 in range(full[1]):
+            fper[:, :, (a1 - ke[0] + 1) % L[0], (a2 - ke[1] + 1) % L[1]] += f[:, :, a1, a2]
+    # V by explicit DFT sums over the (dilated) taps
+    w1 = torch.arange(L[0], dtype=torch.float64).view(-1, 1)
+    w2 = torch.arange(L[1], dtype=torch.float64).view(1, -1)
+    khat = torch.zeros(M, Cg, L[0], L[1], dtype=torch.complex128)
+    for p1 in range(k1):
+        for p2 in range(k2):
+            phase = torch.exp(-2j * math.pi * (w1 * D[0] * p1 / L[0] + w2 * D[1] * p2 / L[1]))
+            khat += w[:, :, p1, p2, None, None] * phase
+    V = (khat.abs().square().sum(1) + eps) ** -0.5  # (M, L1, L2)
+    e1 = torch.exp(2j * math.pi * torch.outer(torch.arange(L[0]), torch.arange(L[0])).double() / L[0])
+    e2 = torch.exp(2j * math.pi * torch.outer(torch.arange(L[1]), torch.arange(L[1])).double() / L[1])
+    v = (e1 @ V.to(torch.complex128) @ e2.T) / (L[0] * L[1])
+    assert v.imag.abs().max() < 1e-10
+    v = v.real
+    fn = torch.zeros_like(fper)
+    for s1 in range(L[0]):
+        for s2 in range(L[1]):
+            fn += v[:, s1, s2, None, None] * torch.roll(fper, shifts=(s1, s2), dims=(2, 3))
+    out = []
+    for i in range(2):
+        n_out = (N[i] + pads[i][0] + pads[i][1] - ke[i]) // stride[i] + 1
+        out.append([(stride[i] * j - pads[i][0]) % L[i] for j in range(n_out)])
+    y = fn[:, :, out[0]][:, :, :, out[1]]
+    if bias is not None:
+        y = y + bias.double().view(1, -1, 1, 1)
+    return y
+
+
+CASES = [
+    # (kernel, stride, padding, dilation, groups, bias, input size)
+    ((3, 3), (1, 1), (1, 1), (1, 1), 1, False, (7, 7)),
+    ((3, 3), (2, 2), (1, 1), (1, 1), 1, False, (9, 8)),
+    ((1, 3), (1, 2), (0, 1), (1, 1), 1, True, (6, 9)),
+    ((3, 1), (1, 1), (2, 0), (2, 1), 2, False, (8, 5)),
+    ((1, 4), (1, 1), "same", (1, 2), 1, False, (4, 10)),
+    ((5, 5), (2, 3), "valid", (1, 1), 1, True, (11, 12)),
+    ((3, 3), (2, 2), (2, 2), (2, 2), 2, True, (9, 10)),
+    ((3, 3), (1, 1), (3, 2), (1, 1), 1, False, (5, 6)),  # padding larger than k - 1
+    ((2, 2), (1, 2), (0, 1), (1, 1), 1, False, (6, 7)),  # even kernel
+]
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,groups,bias,size", CASES)
+def test_layer_matches_direct_construction(kernel, stride, padding, dilation, groups, bias, size):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
+    with torch.no_grad():
+        if bias:
+            conv.bias.normal_()
+    x = torch.randn(2, 4, *size)
+    layer = ConvNormConv2d(copy.deepcopy(conv).double(), eps=1e-3)
+    got = layer(x.double())
+    want = direct_convnorm(x, conv.weight, conv.bias, stride, padding, dilation, groups, 1e-3)
+    assert got.shape == conv(x).shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # float32 module, same numbers
+    got32 = ConvNormConv2d(conv, eps=1e-3)(x)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,groups,bias,size", CASES)
+def test_geometry_reproduces_the_conv_without_normalisation(kernel, stride, padding, dilation, groups, bias, size):
+    """With V = 1 the FFT grid, crop offset and subsampling give the conv's output exactly."""
+    conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                     bias=bias).double()
+    x = torch.randn(3, 4, *size, dtype=torch.float64)
+    geo = convnorm_geometry(size, kernel, stride, padding, dilation)
+    ones = torch.ones((6,) + geo.grid[:-1] + (geo.grid[-1] // 2 + 1,), dtype=torch.float64)
+    out = conv_norm(x, conv.weight, conv.bias, stride, padding, dilation, groups, filter=ones)
+    torch.testing.assert_close(out, conv(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_padding_modes_pad_first(mode):
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, padding_mode=mode).double()
+    x = torch.randn(2, 3, 8, 7, dtype=torch.float64)
+    got = ConvNormConv2d(conv, eps=1e-4)(x)
+    want = direct_convnorm(F.pad(x, [1, 1, 1, 1], mode=mode), conv.weight, conv.bias, (2, 2), (0, 0), (1, 1),
+                           1, 1e-4)
+    assert got.shape == conv(x).shape
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_conv1d_and_conv3d():
+    conv1 = nn.Conv1d(3, 4, 3, stride=2, padding=2, dilation=2).double()
+    x = torch.randn(2, 3, 11, dtype=torch.float64)
+    got = ConvNormConv1d(conv1)(x)
+    want = direct_convnorm(x.unsqueeze(2), conv1.weight.unsqueeze(2), conv1.bias, (1, 2), (0, 2), (1, 2), 1, 1e-5)
+    assert got.shape == conv1(x).shape
+    torch.testing.assert_close(got, want.squeeze(2), rtol=1e-10, atol=1e-10)
+    # unbatched input, like torch's convs
+    torch.testing.assert_close(ConvNormConv1d(conv1)(x[0]), got[0])
+    conv3 = nn.Conv3d(2, 3, (1, 3, 3), padding=(0, 1, 1))
+    y = ConvNormConv3d(conv3)(torch.randn(1, 2, 3, 5, 5))
+    assert y.shape == (1, 3, 3, 5, 5) and torch.isfinite(y).all()
+    assert isinstance(with_convnorm(conv3), ConvNormConv3d)
+
+
+def test_1x1_divides_by_channel_norm():
+    conv = nn.Conv2d(5, 7, 1, stride=2, bias=False).double()
+    x = torch.randn(2, 5, 9, 9, dtype=torch.float64)
+    norms = conv.weight.flatten(1).norm(dim=1).view(1, -1, 1, 1)
+    eps = 1e-6
+    got = ConvNormConv2d(conv, eps=eps)(x)
+    torch.testing.assert_close(got, conv(x) / (norms.square() + eps).sqrt(), rtol=1e-12, atol=1e-12)
+    # and the filter is that constant at every frequency
+    V = convnorm_filter(conv.weight, (5, 5), eps=eps)
+    torch.testing.assert_close(V, (norms.view(-1, 1, 1).square() + eps).rsqrt().expand_as(V))
+
+
+def test_bias_is_added_after_normalisation():
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    bias = conv.bias.detach().clone()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    with_bias = ConvNormConv2d(copy.deepcopy(conv))(x)
+    conv.bias = None
+    without = ConvNormConv2d(conv)(x)
+    torch.testing.assert_close(with_bias - without, bias.view(1, -1, 1, 1).expand_as(with_bias))
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.tuples(st.integers(1, 4), st.integers(1, 4)), s=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       p=st.tuples(st.integers(0, 4), st.integers(0, 4)), d=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       n=st.tuples(st.integers(1, 9), st.integers(1, 9)))
+def test_geometry_property(k, s, p, d, n):
+    """For random kernels, strides, paddings, dilations and sizes: output shape = the conv's, and with V = 1 the
+    result is the conv's output (no wrap-around, right crop and subsampling)."""
+    extent = [d[i] * (k[i] - 1) + 1 for i in range(2)]
+    assume(all(n[i] + 2 * p[i] >= extent[i] for i in range(2)))
+    conv = nn.Conv2d(2, 3, k, stride=s, padding=p, dilation=d).double()
+    x = torch.randn(1, 2, *n, dtype=torch.float64)
+    geo = convnorm_geometry(n, k, s, p, d)
+    assert all(geo.grid[i] >= n[i] + extent[i] - 1 for i in range(2))
+    ones = torch.ones((3,) + geo.grid[:-1] + (geo.grid[-1] // 2 + 1,), dtype=torch.float64)
+    ref = conv(x)
+    torch.testing.assert_close(conv_norm(x, conv.weight, conv.bias, s, p, d, filter=ones), ref, rtol=1e-12,
+                               atol=1e-12)
+    assert ConvNormConv2d(conv)(x).shape == ref.shape
+
+
+# ------------------------------------------------------------------------------------- gradients
+
+
+def _filter_with_grad(weight, grid, dilation, eps):
+    """V computed from the weight WITHOUT detaching (what the paper avoids)."""
+    d = weight.ndim - 2
+    spec = torch.fft.rfftn(weight, s=grid, dim=tuple(range(-d, 0)))
+    return (spec.abs().square().sum(1) + eps).rsqrt()
+
+
+def test_no_gradient_through_v():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    g = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    layer = ConvNormConv2d(conv, eps=1e-3)
+    (layer(x) * g).sum().backward()
+    grad = conv.weight.grad.clone()
+
+    geo = layer.geometry((8, 8))
+    w = conv.weight.detach().clone().requires_grad_(True)
+    v = _filter_with_grad(w.detach(), geo.grid, (1, 1), 1e-3)  # detached by hand
+    (conv_norm(x, w, None, 2, 1, 1, 1, filter=v) * g).sum().backward()
+    torch.testing.assert_close(grad, w.grad, rtol=1e-10, atol=1e-12)
+
+    w2 = conv.weight.detach().clone().requires_grad_(True)
+    v2 = _filter_with_grad(w2, geo.grid, (1, 1), 1e-3)  # gradient through V: must differ
+    (conv_norm(x, w2, None, 2, 1, 1, 1, filter=v2) * g).sum().backward()
+    assert (w2.grad - grad).abs().max() > 1e-3 * grad.abs().max()
+
+
+def test_input_gradient_is_exact():
+    conv = nn.Conv2d(2, 3, (1, 3), stride=(2, 1), padding=(0, 2), dilation=(1, 2)).double()
+    layer = ConvNormConv2d(conv, affine=True)
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+# ------------------------------------------------------------------------------------- train / eval
+
+
+def test_train_and_eval_agree_without_momentum():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    layer = ConvNormConv2d(conv)
+    x = torch.randn(2, 3, 8, 8)
+    y_train = layer.train()(x)
+    y_eval = layer.eval()(x)
+    torch.testing.assert_close(y_train, y_eval)
+    assert not list(layer.buffers())
+    # a new input size works in eval
+    assert layer(torch.randn(1, 3, 5, 7)).shape == (1, 4, 5, 7)
+
+
+def test_running_filter_with_momentum():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
+    layer = ConvNormConv2d(conv, momentum=0.25).train()
+    x = torch.randn(2, 3, 8, 8)
+    grid = layer.geometry((8, 8)).grid
+    assert grid == (10, 10)
+    layer(x)
+    v0 = convnorm_filter(conv.weight, grid)
+    torch.testing.assert_close(layer.running_filter(grid), v0)
+    assert layer.running_grids == [grid]
+    assert "running_v_10x10" in layer.state_dict()
+    with torch.no_grad():
+        conv.weight.mul_(1.5).add_(0.1)
+    y_train = layer(x)
+    v1 = convnorm_filter(conv.weight, grid)
+    running = 0.75 * v0 + 0.25 * v1
+    torch.testing.assert_close(layer.running_filter(grid), running)
+    torch.testing.assert_close(y_train, conv_norm(x, conv.weight, None, 2, 1, filter=v1))
+    layer.eval()
+    y_eval = layer(x)
+    torch.testing.assert_close(y_eval, conv_norm(x, conv.weight, None, 2, 1, filter=running))
+    assert (y_eval - y_train).abs().max() > 1e-4
+    torch.testing.assert_close(layer.filter((8, 8)), running)
+    # an unseen size in eval falls back to the weight's filter, and stores nothing
+    x2 = torch.randn(1, 3, 6, 6)
+    torch.testing.assert_close(layer(x2), conv_norm(x2, conv.weight, None, 2, 1))
+    assert layer.running_grids == [grid]
+    # the running filters load into a fresh module
+    fresh = ConvNormConv2d(nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False), momentum=0.25).eval()
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fresh(x), y_eval)
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    torch.testing.assert_close(copy.deepcopy(fresh)(x), y_eval)
+    layer.reset_running_stats()
+    assert layer.running_grids == []
+
+
+def test_affine_part_starts_at_identity_and_learns():
+    conv = nn.Conv2d(3, 4, (1, 3), padding=(0, 1))
+    plain, affine = ConvNormConv2d(copy.deepcopy(conv)), ConvNormConv2d(conv, affine=True)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(plain(x), affine(x))
+    assert affine.affine.groups == 4 and affine.affine.kernel_size == (1, 3)
+    assert {"conv.weight", "conv.bias", "affine.weight", "affine.bias"} == set(affine.state_dict())
+    affine(x).square().sum().backward()
+    assert affine.affine.weight.grad.abs().sum() > 0
+
+
+def test_half_precision_and_properties():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    ref = ConvNormConv2d(copy.deepcopy(conv))(torch.ones(1, 3, 6, 6))
+    layer = ConvNormConv2d(conv).to(torch.bfloat16)
+    y = layer(torch.ones(1, 3, 6, 6, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+    assert layer.weight is conv.weight and layer.stride == (1, 1) and layer.groups == 1
+    assert layer.out_channels == 4 and layer.kernel_size == (3, 3)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="transposed"):
+        ConvNormConv2d(nn.ConvTranspose2d(3, 4, 3))
+    with pytest.raises(TypeError, match="Conv2d"):
+        ConvNormConv2d(nn.Conv1d(3, 4, 3))
+    with pytest.raises(ValueError, match="eps"):
+        ConvNormConv2d(nn.Conv2d(3, 4, 3), eps=0.0)
+    with pytest.raises(ValueError, match="momentum"):
+        ConvNormConv2d(nn.Conv2d(3, 4, 3), momentum=1.5)
+    with pytest.raises(ValueError, match="smaller"):
+        ConvNormConv2d(nn.Conv2d(3, 4, 5))(torch.randn(1, 3, 3, 3))
+
+
+# ------------------------------------------------------------------------------------- the pass
+
+
+def _conv_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11"])
+def test_preset_on_builtin_models(name):
+    torch.manual_seed(0)
+    model = models.get(name, width=8)
+    x = models.example_input(name, batch=2)
+    convs = _conv_names(model)
+    with torch.no_grad():
+        before = model.eval()(x)
+    gm = orthofx.transform(model, "convnorm", example_inputs=(x,))
+    # the user's model is untouched
+    assert _conv_names(model) == convs
+    manifest = gm.meta["orthofx"]
+    changes = [c for c in manifest.changes if c.pass_name == "convnorm"]
+    assert [c.site for c in changes] == convs
+    for c in changes:
+        layer = gm.get_submodule(c.site)
+        assert isinstance(layer, ConvNormConv2d)
+        torch.testing.assert_close(layer.conv.weight, model.get_submodule(c.site).weight)
+        assert c.before["weight_key"] == f"{c.site}.weight" and c.after["weight_key"] == f"{c.site}.conv.weight"
+        assert 0.99 < c.after["row_gain_min"] <= c.after["row_gain_max"] <= 1.0
+        assert c.params == {"eps": 1e-5, "affine": False}
+    keys = set(gm.state_dict())
+    assert all(f"{n}.conv.weight" in keys and f"{n}.weight" not in keys for n in convs)
+    gm.eval()
+    with torch.no_grad():
+        after = gm(x)
+    assert after.shape == before.shape and torch.isfinite(after).all()
+    # trains
+    gm.train()
+    out = gm(x)
+    out.square().mean().backward()
+    grads = [gm.get_submodule(n).conv.weight.grad for n in convs]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_preset_loads():
+    policy = orthofx.Policy.load("convnorm")
+    (rule,) = policy.rules
+    assert rule.apply == "convnorm" and rule.match.type == ("Conv2d",)
+    assert rule.params == {"eps": 1e-5, "affine": False}
+    assert orthofx.Policy.from_yaml(policy.to_yaml()) == policy
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(3, 6, (1, 3), stride=2, padding=(0, 1), groups=3), nn.ReLU(),
+                                  nn.ConvTranspose2d(6, 3, 2, stride=2))
+
+    def forward(self, x, s):
+        return self.body(x), self.c1(s)
+
+
+def test_pass_params_conv1d_affine_and_skips():
+    model = Mixed()
+    x, s = torch.randn(2, 3, 8, 8), torch.randn(2, 2, 7)
+    policy = {"rules": [{"match": {"type": ["Conv1d", "Conv2d", "ConvTranspose2d"]}, "apply": "convnorm",
+                         "with": {"eps": 1e-3, "affine": True}}]}
+    plan = orthofx.explain(model, policy)
+    assert any("transposed" in reason for _, _, reason in plan.skipped)
+    gm = orthofx.transform(model, policy, example_inputs=(x, s))
+    body0 = gm.get_submodule("body.0")
+    assert isinstance(gm.c1, ConvNormConv1d) and isinstance(body0, ConvNormConv2d)
+    assert body0.affine is not None and body0.eps == 1e-3
+    assert isinstance(gm.get_submodule("body.2"), nn.ConvTranspose2d)
+    a, b = gm(x, s)
+    assert a.shape == (2, 3, 8, 8) and b.shape == (2, 4, 7)
+    # a transformed model's inner convs are refused
+    again = get_pass("convnorm")().accepts(orthofx.passes.Site("module", "c1.conv", "Conv1d"), gm.c1.conv)
+    assert again is not None and "already" in again
+    with pytest.raises(ValueError, match="eps"):
+        orthofx.Policy.load({"rules": [{"match": {"type": "Conv2d"}, "apply": "convnorm", "with": {"eps": 0}}]})
+
+
+def test_composes_with_lorth_penalty():
+    model = models.get("vgg11", width=8)
+    x = models.example_input("vgg11", batch=2)
+    policy = {"rules": [{"match": {"type": "Conv2d"}, "apply": "convnorm"},
+                        {"match": {"type": "Conv2d"}, "apply": "orth_regularizer", "with": {"weight": 0.1}}]}
+    gm = orthofx.transform(model, policy, example_inputs=(x,))
+    pen = orthofx.penalty(gm)
+    assert torch.isfinite(pen) and pen > 0
+    pen.backward()
+    assert gm.get_submodule(_conv_names(model)[0]).conv.weight.grad is not None
