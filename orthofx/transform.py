@@ -121,24 +121,30 @@ class _Eval:
         return False
 
 
-def _record_shapes(gm: fx.GraphModule, plan: Plan, inputs: tuple, manifest: Manifest) -> Any:
-    """Run ``gm`` once, recording the input/output shape of every module site's first call; return the output."""
+def _observe(gm: fx.GraphModule, plan: Plan, inputs: tuple, manifest: Manifest) -> tuple[Any, dict[str, tuple]]:
+    """Run ``gm`` once on the example inputs: record the input/output shape of every module site's first call in
+    the manifest, and return the output and the inputs of the planned module sites (for passes to measure with)."""
     names = {site.name for site in plan.sites if site.kind != "function"}
+    planned = {entry.site.name for entry in plan.entries if entry.site.kind != "function"}
+    site_inputs: dict[str, tuple] = {}
     handles = []
 
     def hook(name):
         def record(module, args, output):
-            if name not in manifest.input_shapes and args and isinstance(args[0], torch.Tensor):
-                manifest.input_shapes[name] = tuple(args[0].shape)
-                if isinstance(output, torch.Tensor):
-                    manifest.output_shapes[name] = tuple(output.shape)
+            if name in manifest.input_shapes or not args or not isinstance(args[0], torch.Tensor):
+                return
+            manifest.input_shapes[name] = tuple(args[0].shape)
+            if isinstance(output, torch.Tensor):
+                manifest.output_shapes[name] = tuple(output.shape)
+            if name in planned:
+                site_inputs[name] = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         return record
 
     for name in names:
         handles.append(gm.get_submodule(name).register_forward_hook(hook(name)))
     try:
         with _Eval(gm):
-            return gm(*inputs)
+            return gm(*inputs), site_inputs
     except Exception as exc:
         raise TransformError(f"the model failed on example_inputs before any rewrite: "
                              f"{type(exc).__name__}: {exc}. Check the inputs' shapes and dtypes.") from exc
@@ -165,6 +171,15 @@ def _check_output(before: Any, after: Any) -> None:
             bad = int((~torch.isfinite(b)).sum())
             raise TransformError(f"output {i} of the rewritten model has {bad} non-finite value(s) on "
                                  "example_inputs; check the policy's parameters (e.g. gain, eps) and the inputs")
+
+
+def _relative_change(before: Any, after: Any) -> float:
+    old = [t.detach().double().flatten() for t in _flatten(before) if t.is_floating_point()]
+    new = [t.detach().double().flatten() for t in _flatten(after) if t.is_floating_point()]
+    if not old:
+        return 0.0
+    old_all, new_all = torch.cat(old), torch.cat(new)
+    return float((new_all - old_all).norm() / old_all.norm().clamp_min(1e-300))
 
 
 def _compile(gm: fx.GraphModule, compile: Any) -> nn.Module:
@@ -207,9 +222,9 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
     gm, plan = _capture_and_plan(work, policy)
     gm.training = work.training
     manifest = Manifest(policy=policy, plan=plan, capture=plan.capture)
-    before = _record_shapes(gm, plan, inputs, manifest) if inputs is not None else None
+    before, site_inputs = _observe(gm, plan, inputs, manifest) if inputs is not None else (None, {})
 
-    ctx = PassContext(gm=gm, manifest=manifest)
+    ctx = PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs)
     for pass_name in plan.pass_order():
         pass_obj = get_pass(pass_name)()
         try:
@@ -230,4 +245,5 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
                 raise TransformError(f"the rewritten model failed on example_inputs: {type(exc).__name__}: "
                                      f"{exc}") from exc
         _check_output(before, after)
+        manifest.output_change = _relative_change(before, after)
     return _compile(gm, compile)

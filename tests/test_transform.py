@@ -50,6 +50,7 @@ def test_transform_returns_graph_module_with_same_outputs_and_a_manifest():
     assert {t.site for t in manifest.penalties} == {"c1", "c2", "g", "fc"}
     assert manifest.input_shapes["c2"] == (4, 3, 8, 8) and manifest.input_shapes["c1"] == (4, 2, 7)
     assert manifest.capture.mode == "fx"
+    assert manifest.output_change == 0.0  # a regulariser does not change the forward
 
 
 def test_user_model_is_bitwise_unchanged_including_batchnorm_statistics():
@@ -194,6 +195,7 @@ def test_user_passes_from_the_registry_rewrite_the_graph():
                              "with": {"factor": 3}}]}
         gm = orthofx.transform(model, policy, example_inputs=x)
         torch.testing.assert_close(gm(*x), 3 * model(*x))
+        assert orthofx.manifest_of(gm).output_change == pytest.approx(2.0)  # |3y - y| / |y|
         with pytest.raises(orthofx.OrthofxError, match="already registered"):
             register_pass(type("Other", (Pass,), {"name": "scale_outputs_for_test"}))
     finally:

@@ -156,6 +156,7 @@ class Change:
     params: dict[str, Any] = field(default_factory=dict)
     before: dict[str, Any] = field(default_factory=dict)
     after: dict[str, Any] = field(default_factory=dict)
+    status: str = ""  # short verdict the report shows next to the pass, e.g. "hard", "regularised", "skipped"
 
 
 class PenaltyTerm:
@@ -230,6 +231,8 @@ class Manifest:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     output_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     frozen: bool = False  # set by orthofx.freeze: plain layers, no penalties or hooks
+    # Relative change ||f_new(x) - f(x)|| / ||f(x)|| of the model's outputs on the example inputs (eval mode).
+    output_change: float | None = None
 
 
 def describe_module(module: nn.Module) -> str:
@@ -268,6 +271,9 @@ class PassContext:
 
     gm: torch.fx.GraphModule
     manifest: Manifest
+    # Positional inputs of each planned module site's first call on the example inputs (eval mode, detached);
+    # empty without example inputs. Held only while the passes run, never stored in the manifest.
+    site_inputs: dict[str, tuple] = field(default_factory=dict)
 
     def module(self, site: Site | str) -> nn.Module:
         name = site.name if isinstance(site, Site) else site
