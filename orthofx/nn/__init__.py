@@ -1,6 +1,9 @@
-"""Layers that passes insert, usable on their own (like geotorch's): ConvNorm wrappers so far; hard orthogonal
-layers and stable decompositions arrive with their issues."""
+"""Layers and ops that passes insert, usable on their own (like geotorch's): ConvNorm wrappers, stable
+eigh/svd custom ops with Taylor-form backward, Newton-Schulz matrix square roots, a condition-number monitor."""
 
 from .convnorm import ConvNormConv1d, ConvNormConv2d, ConvNormConv3d, with_convnorm
+from .decompositions import (ConditionMonitor, eigh_stable, inv_sqrtm_newton_schulz, sqrtm_newton_schulz,
+                             svd_stable)
 
-__all__ = ["ConvNormConv1d", "ConvNormConv2d", "ConvNormConv3d", "with_convnorm"]
+__all__ = ["ConvNormConv1d", "ConvNormConv2d", "ConvNormConv3d", "with_convnorm", "ConditionMonitor", "eigh_stable",
+           "svd_stable", "sqrtm_newton_schulz", "inv_sqrtm_newton_schulz"]

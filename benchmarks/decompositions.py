@@ -1,0 +1,146 @@
+"""Forward + backward time of orthofx's stable decompositions against torch's, side by side.
+
+    python benchmarks/decompositions.py [--dims 64 256 512] [--batch 8] [--dtype float32] [--budget 1.0] [--threads N]
+
+Pairs (candidate vs baseline), each timed on the same inputs and interleaved run by run (A, B, A, B, ...) so
+that drift in machine load hits both alike:
+- eigh_stable (Taylor order 9)  vs torch.linalg.eigh
+- svd_stable (Taylor order 9)   vs torch.linalg.svd(full_matrices=False)
+- sqrtm_newton_schulz (5 it.)   vs the eigh-based square root V diag(sqrt L) V^T (torch.linalg.eigh)
+for every dim, unbatched and batched. One timed run = forward, then backward with fixed random output
+gradients (torch.autograd.grad). Prints a table of medians and ratios (median over adjacent run pairs of
+candidate / baseline, robust to machine load that drifts) and writes
+benchmarks/results/decompositions.json. Quality bar (DESIGN.md): stable ops within 1.5x of torch's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from orthofx.nn.decompositions import eigh_stable, sqrtm_newton_schulz, svd_stable
+
+RESULTS = Path(__file__).resolve().parent / "results" / "decompositions.json"
+
+
+def _spd(batch, n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(*batch, n, 2 * n, generator=g, dtype=torch.float64)
+    S = X @ X.mT / (2 * n) + 1e-3 * torch.eye(n, dtype=torch.float64)
+    return S.to(dtype)
+
+
+def _general(batch, n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*batch, n, n, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _eigh_sqrt(A):
+    L, V = torch.linalg.eigh(A)
+    return V @ torch.diag_embed(L.clamp_min(0).sqrt()) @ V.mT
+
+
+PAIRS = {
+    # name: (input maker, candidate, baseline)
+    "eigh": (_spd, lambda A: eigh_stable(A, taylor_order=9), torch.linalg.eigh),
+    "svd": (_general, lambda A: svd_stable(A, taylor_order=9),
+            lambda A: torch.linalg.svd(A, full_matrices=False)),
+    "sqrtm": (_spd, lambda A: sqrtm_newton_schulz(A, iterations=5), _eigh_sqrt),
+}
+
+
+def _runner(fn, A):
+    with torch.no_grad():
+        outs = fn(A)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(1234)
+    grads = tuple(torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs)
+
+    def run():
+        X = A.detach().requires_grad_(True)
+        res = fn(X)
+        res = res if isinstance(res, tuple) else (res,)
+        (gA,) = torch.autograd.grad(res, X, grads)
+        return gA
+
+    return run
+
+
+def _time_once(run) -> float:
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
+
+
+def measure(name, n, batch, dtype, budget):
+    make, cand, base = PAIRS[name]
+    A = make(batch, n, dtype, seed=n + len(batch))
+    run_c, run_b = _runner(cand, A), _runner(base, A)
+    for _ in range(2):  # warm-up (first calls allocate / dispatch-cache)
+        run_c()
+        run_b()
+    est = _time_once(run_c) + _time_once(run_b)
+    reps = max(3, min(50, int(budget / max(est, 1e-6))))
+    tc, tb = [], []
+    for i in range(reps):
+        if i % 2 == 0:  # alternate which one goes first, too
+            tc.append(_time_once(run_c))
+            tb.append(_time_once(run_b))
+        else:
+            tb.append(_time_once(run_b))
+            tc.append(_time_once(run_c))
+    mc, mb = statistics.median(tc), statistics.median(tb)
+    # the ratio is the median of the ratios of adjacent runs: robust to load that drifts during the row
+    ratio = statistics.median(c / b for c, b in zip(tc, tb))
+    return {"op": name, "n": n, "batch": batch[0] if batch else None, "dtype": str(dtype).replace("torch.", ""),
+            "reps": reps, "candidate_ms": mc * 1e3, "baseline_ms": mb * 1e3, "ratio": ratio}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 256, 512])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per row (about)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    header = f"{'op':6} {'n':>4} {'batch':>5} {'orthofx ms':>11} {'baseline ms':>12} {'ratio':>6}"
+    print(header)
+    print("-" * len(header))
+    for n in args.dims:
+        for batch in ((), (args.batch,)):
+            for name in PAIRS:
+                row = measure(name, n, batch, dtype, args.budget)
+                rows.append(row)
+                print(f"{name:6} {n:>4} {str(row['batch'] or '-'):>5} {row['candidate_ms']:>11.3f} "
+                      f"{row['baseline_ms']:>12.3f} {row['ratio']:>6.2f}", flush=True)
+    stable = [r for r in rows if r["op"] in ("eigh", "svd")]
+    worst = max(stable, key=lambda r: r["ratio"])
+    print(f"\nworst stable-op ratio: {worst['ratio']:.2f} ({worst['op']}, n={worst['n']}, batch={worst['batch']}); "
+          f"bar 1.5x: {'met' if worst['ratio'] <= 1.5 else 'NOT met'}")
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "processor": platform.processor(), "python": platform.python_version(),
+            "baselines": {"eigh": "torch.linalg.eigh", "svd": "torch.linalg.svd(full_matrices=False)",
+                          "sqrtm": "eigh-based V diag(sqrt L) V^T"},
+            "candidates": {"eigh": "eigh_stable(taylor_order=9)", "svd": "svd_stable(taylor_order=9)",
+                           "sqrtm": "sqrtm_newton_schulz(iterations=5)"},
+            "timing": "forward+backward, runs interleaved; ms = medians; ratio = median of candidate/baseline over adjacent run pairs"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+"""Numerically stable eigendecomposition / SVD with bounded gradients, SVD-free matrix square roots, and a
+condition-number monitor (P4, "Improving covariance conditioning of the SVD meta-layer by orthogonality").
+
+Ops
+---
+``eigh_stable(A, taylor_order=9, float64=False, clamp_gap=None) -> (L, V)``
+    ``torch.linalg.eigh`` of a symmetric (batched) matrix: eigenvalues ``L`` ascending, eigenvectors in the
+    columns of ``V``. Only the lower triangle of ``A`` is read (as in torch); the gradient is symmetric.
+``svd_stable(A, taylor_order=9, float64=False, clamp_gap=None) -> (U, S, Vh)``
+    Reduced SVD (``full_matrices=False``) of a real (batched) ``m x n`` matrix; ``S`` descending.
+
+Both are ``torch.library.custom_op`` s (``torch.ops.orthofx.eigh_stable`` / ``torch.ops.orthofx.svd_stable``) with
+``register_autograd`` and ``register_fake``, so that torch.fx symbolic tracing, ``torch.compile(fullgraph=True)``
+and ``torch.export`` keep them as one node and keep their custom backward (an ``autograd.Function`` would be
+inlined and its backward dropped, see DESIGN.md). The real kernels return contiguous (row-major) outputs and the
+fake kernels describe exactly those strides.
+
+Backward (eigh)
+---------------
+With ``X = V^T dV`` and ``skew(X) = (X - X^T) / 2``::
+
+    dA = V (diag(dL) + K o skew(X)) V^T,          K_ij ~ 1 / (lambda_j - lambda_i),  K_ii = 0,
+
+symmetrised at the end ((dA + dA^T) / 2). ``K`` is antisymmetric, so ``K o skew(X)`` is symmetric.
+
+* ``taylor_order=None``: the exact ``K_ij = 1 / (lambda_j - lambda_i)``, with the gap's magnitude clamped from
+  below by ``max(clamp_gap, eps * max|lambda|, sqrt(tiny))`` (``eps``/``tiny`` of the dtype), so that exactly
+  repeated eigenvalues give a large but finite gradient instead of inf/NaN.
+* ``taylor_order=T`` (an int >= 0; P4's Taylor form): for a pair with eigenvalues of the same sign, write
+  ``a`` for the one of larger magnitude and ``b`` for the other; then ``1/(a - b) = (1/a) sum_k (b/a)^k`` and the
+  series is truncated after ``k = T``::
+
+      |K_ij| = (1/|a|) sum_{k=0..T} (|b|/|a|)^k      (<= (T+1)/|a|; for positive spectra |a| = max(lambda_i, lambda_j))
+
+  which is P4's ``(1/lambda_i) sum_k (lambda_j/lambda_i)^k`` for positive eigenvalues (covariances), and the same
+  form on the magnitudes for two negative ones. A pair of *opposite* signs (or with a zero) is already
+  well separated (``|lambda_i - lambda_j| = |lambda_i| + |lambda_j| >= |a|``): it gets the exact value
+  ``1/(|lambda_i| + |lambda_j|)``. Denominators are clamped from below by ``max(eps * max|lambda|, sqrt(tiny))``
+  (a pair of (near-)zero eigenvalues, e.g. a rank-deficient covariance, gives a large but finite value).
+  ``taylor_order=0`` is the one-term form ``1/|a|``; it is *not* the exact K (use ``None`` for that).
+  (Computed as ``min(series, exact)``: for the same sign the truncated series of positive terms is below the
+  exact value, for opposite signs the exact value is below ``1/|a|``, so one minimum covers both cases.)
+* The sign of ``K_ij`` is the sign of ``lambda_j - lambda_i``; at an exact tie it follows the index order
+  (``+`` for ``j > i``, eigenvalues being ascending), which makes the Taylor form continuous across ties.
+* ``clamp_gap=g`` (a float > 0): in every mode, ``|K_ij| <= 1/g`` (for the exact mode this is the same as
+  clamping ``|lambda_i - lambda_j|`` from below by ``g``).
+
+Backward (SVD)
+--------------
+The standard reduced-SVD backward, with the exact ``1/(s_k^2 - s_j^2)`` replaced by the same kernel ``K`` built
+from ``lambda = s^2`` (the eigenvalues of ``A^T A``, all >= 0, so the Taylor form is P4's for covariances)::
+
+    dA = U [ (K o (U^T dU - dU^T U)) S + S (K o (V^T dV - dV^T V)) + diag(dS) ] V^T
+         + (I - U U^T) dU S^-1 V^T     (only when m > k)
+         + U S^-1 dV^T (I - V V^T)     (only when n > k)
+
+with ``K_jk ~ 1/(s_k^2 - s_j^2)``, ``k = min(m, n)``, ``V = Vh^T``, and ``S^-1`` clamped like above. It equals
+torch's gradient for full-rank real matrices with distinct singular values (``taylor_order=None``) and is
+finite for repeated ones. Complex inputs are not supported.
+
+``float64=True`` casts the input to float64, runs the op (forward and backward) in float64 and casts the outputs
+back; the casts are ordinary autograd ops outside the custom op.
+
+The backward formulas are written with differentiable, out-of-place torch ops, so ``create_graph=True`` (double
+backward) works; with ``taylor_order=None`` it is the exact second derivative (gradgradcheck passes), with the
+Taylor form it differentiates the approximate backward (using the approximate backward again for ``L``, ``V``).
+
+Square roots
+------------
+``sqrtm_newton_schulz`` / ``inv_sqrtm_newton_schulz``: the coupled Newton-Schulz iteration (iSQRT-COV, as stated in
+P4): ``A = Sigma / tr(Sigma)``, ``Y0 = A (3I - A) / 2``, ``Z0 = (3I - A) / 2`` (this is already one step from
+``Y = A, Z = I``), then ``iterations`` times ``ZY = (3I - Z Y)/2; Y <- Y ZY; Z <- ZY Z``; ``sqrt(Sigma) ~ Y
+sqrt(tr Sigma)``, ``Sigma^(-1/2) ~ Z / sqrt(tr Sigma)``. Matmuls only (exportable to ONNX), batched,
+differentiated by autograd. It converges for symmetric positive definite ``Sigma``; the error after ``T`` steps
+grows with the condition number (small eigenvalues of ``A`` converge slowly), so ill-conditioned inputs need
+more iterations.
+
+Monitor
+-------
+``ConditionMonitor`` (an ``nn.Module`` whose state lives in buffers, so ``state_dict`` / ``load_state_dict`` carry
+it): ``update(eigenvalues)`` records ``kappa = lambda_max / lambda_min``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "eigh_stable",
+    "svd_stable",
+    "sqrtm_newton_schulz",
+    "inv_sqrtm_newton_schulz",
+    "ConditionMonitor",
+    "pair_kernel",
+]
+
+
+# ------------------------------------------------------------------------------------------- the K kernel
+
+
+def _floor(absmax: Tensor) -> Tensor:
+    """Smallest denominator allowed: eps * max|lambda| per matrix, at least sqrt(tiny); shape [..., 1, 1]."""
+    info = torch.finfo(absmax.dtype)
+    return (absmax * info.eps).clamp_min(math.sqrt(info.tiny)).unsqueeze(-1).unsqueeze(-1)
+
+
+def _geometric_sum(r: Tensor, order: int, inplace: bool) -> Tensor:
+    """``sum_{k=0..order} r^k`` for ``0 <= r <= 1`` in O(log order) tensor ops and without cancellation (no
+    ``(1 - r^(T+1)) / (1 - r)``): ``S_T(r) = (1 + r) S_{(T-1)/2}(r^2)`` for odd ``T``, ``1 + r S_{T-1}(r)`` for even.
+    ``r`` itself is never modified."""
+    return _geometric(r, order, inplace, False)
+
+
+def _geometric(r: Tensor, order: int, inplace: bool, owned: bool) -> Tensor:
+    # owned: r is a temporary of this recursion and may be overwritten (in-place mode only)
+    if order == 0:
+        return torch.ones_like(r)
+    if order == 1:
+        return r.add_(1.0) if (inplace and owned) else r + 1.0
+    if order % 2 == 1:
+        inner = _geometric(r * r, (order - 1) // 2, inplace, True)
+        return inner.addcmul_(inner, r) if inplace else torch.addcmul(inner, inner, r)
+    inner = _geometric(r, order - 1, inplace, False)  # r is still needed below
+    return inner.mul_(r).add_(1.0) if inplace else torch.addcmul(r.new_ones(()), r, inner)
+
+
+def _pair_magnitude(lam: Tensor, taylor_order: int | None, clamp_gap: float | None) -> Tensor:
+    """Symmetric ``|K[..., i, j]|`` (the diagonal is meaningless). Uses in-place ops on its own temporaries
+    unless grad mode is on (a double backward), where it stays out-of-place and differentiable: on CPU every
+    temporary of a large batch is a fresh mmap with page faults, which dominates at small sizes."""
+    inplace = not torch.is_grad_enabled()
+    absl = lam.abs()
+    floor = _floor(absl.amax(-1))
+    floor_gap = floor if clamp_gap is None else floor.clamp_min(float(clamp_gap))
+    # exact magnitude 1/|lam_j - lam_i|, the gap clamped from below
+    gap = lam.unsqueeze(-2) - lam.unsqueeze(-1)
+    if inplace:
+        mag = gap.abs_().clamp_min_(floor_gap).reciprocal_()
+    else:
+        mag = gap.abs().clamp_min(floor_gap).reciprocal()
+    if taylor_order is None:
+        return mag
+    ai, aj = absl.unsqueeze(-1), absl.unsqueeze(-2)
+    big, small = torch.maximum(ai, aj), torch.minimum(ai, aj)
+    if inplace:
+        inv_big = big.clamp_min_(floor).reciprocal_()
+        ratio = small.mul_(inv_big)
+    else:
+        inv_big = big.clamp_min(floor).reciprocal()
+        ratio = small * inv_big
+    series = _geometric_sum(ratio, int(taylor_order), inplace)
+    # same signs: the truncated series of positive terms, below the exact value; opposite signs (or a zero):
+    # the exact value 1/(|a| + |b|) <= 1/|a| <= the series; the minimum picks each case's value
+    if inplace:
+        return torch.minimum(series.mul_(inv_big), mag, out=mag)
+    return torch.minimum(series * inv_big, mag)
+
+
+def pair_kernel(lam: Tensor, taylor_order: int | None = 9, clamp_gap: float | None = None,
+                descending: bool = False) -> Tensor:
+    """``K[..., i, j] ~ 1 / (lam_j - lam_i)`` (zero diagonal, antisymmetric, always finite) as described in the
+    module docstring. ``lam`` holds sorted eigenvalues, ascending unless ``descending``; the order only decides
+    the sign at exact ties (+ above the diagonal for ascending, - for descending)."""
+    _check_args(taylor_order, clamp_gap)
+    upper = _pair_magnitude(lam, taylor_order, clamp_gap).triu(1)
+    return upper.mT - upper if descending else upper - upper.mT
+
+
+def _check_args(taylor_order, clamp_gap) -> None:
+    if taylor_order is not None and (isinstance(taylor_order, bool) or not isinstance(taylor_order, int)
+                                     or taylor_order < 0):
+        raise ValueError(f"taylor_order must be None (exact gradient) or an int >= 0, got {taylor_order!r}")
+    if clamp_gap is not None and not (isinstance(clamp_gap, (int, float)) and clamp_gap > 0):
+        raise ValueError(f"clamp_gap must be None or a float > 0, got {clamp_gap!r}")
+
+
+# ------------------------------------------------------------------------------------------- eigh
+
+
+@torch.library.custom_op("orthofx::eigh_stable", mutates_args=())
+def _eigh_op(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor]:
+    L, V = torch.linalg.eigh(A)
+    return L, V.contiguous()  # LAPACK's V is column-major; the fake kernel promises row-major
+
+
+@_eigh_op.register_fake
+def _eigh_fake(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor]:
+    torch._check(A.shape[-1] == A.shape[-2], lambda: "eigh_stable expects square matrices")
+    return A.new_empty(A.shape[:-1]), torch.empty_like(A, memory_format=torch.contiguous_format)
+
+
+def _eigh_setup(ctx, inputs, output) -> None:
+    _, taylor_order, clamp_gap = inputs
+    L, V = output
+    ctx.save_for_backward(L, V)
+    ctx.taylor_order = taylor_order
+    ctx.clamp_gap = clamp_gap
+
+
+def _eigh_backward(ctx, gL, gV):
+    L, V = ctx.saved_tensors
+    if gV is None and gL is None:
+        return None, None, None
+    inplace = not torch.is_grad_enabled()
+    # With U = triu(|K|, 1) (so K = U - U^T for ascending eigenvalues) and P = U o (X - X^T), X = V^T gV:
+    # K o skew(X) = (P + P^T) / 2, hence dA = (G + G^T) / 2 with G = V (P + diag(gL)) V^T.
+    if gV is None:
+        G = V @ torch.diag_embed(gL) @ V.mT
+        return (G + G.mT) * 0.5, None, None
+    X = V.mT @ gV
+    Q = X - X.mT
+    if not inplace:  # differentiable (double backward)
+        Q = Q * _pair_magnitude(L, ctx.taylor_order, ctx.clamp_gap).triu(1)
+        if gL is not None:
+            Q = Q + torch.diag_embed(gL)
+        G = V @ Q @ V.mT
+        return (G + G.mT) * 0.5, None, None
+    # the same with in-place ops and buffer reuse (fewer n x n temporaries)
+    Q.mul_(_pair_magnitude(L, ctx.taylor_order, ctx.clamp_gap).triu_(1))
+    if gL is not None:
+        Q.diagonal(dim1=-2, dim2=-1).add_(gL)
+    torch.matmul(V, Q, out=X)
+    torch.matmul(X, V.mT, out=Q)
+    return torch.add(Q, Q.mT, out=X).mul_(0.5), None, None
+
+
+torch.library.register_autograd("orthofx::eigh_stable", _eigh_backward, setup_context=_eigh_setup)
+
+
+def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
+                clamp_gap: float | None = None) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of symmetric ``A`` (``[..., n, n]``) with a bounded gradient.
+
+    Returns ``(eigenvalues [..., n] ascending, eigenvectors [..., n, n] in columns)`` like
+    ``torch.linalg.eigh``. ``taylor_order=None`` gives the exact gradient (gap-clamped); an int ``T`` gives
+    P4's Taylor form of order ``T``; ``clamp_gap`` bounds every ``|K_ij|`` by ``1/clamp_gap``;
+    ``float64=True`` computes in float64 and casts back. See the module docstring for the formulas.
+    """
+    _check_args(taylor_order, clamp_gap)
+    clamp = None if clamp_gap is None else float(clamp_gap)
+    if float64:
+        out = _eigh_op(A.to(torch.float64), taylor_order, clamp)
+        return out[0].to(A.dtype), out[1].to(A.dtype)
+    out = _eigh_op(A, taylor_order, clamp)
+    return out[0], out[1]
+
+
+# ------------------------------------------------------------------------------------------- svd
+
+
+@torch.library.custom_op("orthofx::svd_stable", mutates_args=())
+def _svd_op(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    return U.contiguous(), S, Vh.contiguous()
+
+
+@_svd_op.register_fake
+def _svd_fake(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    m, n = A.shape[-2], A.shape[-1]
+    k = min(m, n)
+    batch = A.shape[:-2]
+    return (A.new_empty((*batch, m, k)), A.new_empty((*batch, k)), A.new_empty((*batch, k, n)))
+
+
+def _svd_setup(ctx, inputs, output) -> None:
+    _, taylor_order, clamp_gap = inputs
+    U, S, Vh = output
+    ctx.save_for_backward(U, S, Vh)
+    ctx.taylor_order = taylor_order
+    ctx.clamp_gap = clamp_gap
+
+
+def _svd_backward(ctx, gU, gS, gVh):
+    U, S, Vh = ctx.saved_tensors
+    m, n, k = U.shape[-2], Vh.shape[-1], S.shape[-1]
+    if gU is None and gS is None and gVh is None:
+        return None, None, None
+    inplace = not torch.is_grad_enabled()
+    inner = torch.diag_embed(gS) if gS is not None else None
+    XU = XV = None
+    if gU is not None or gVh is not None:
+        upper = _pair_magnitude(S * S, ctx.taylor_order, ctx.clamp_gap).triu(1)
+        K = upper.mT - upper  # K_jk ~ 1/(s_k^2 - s_j^2), singular values descending
+        if gU is not None:
+            XU = U.mT @ gU
+            T = XU - XU.mT
+            T = T.mul_(K).mul_(S.unsqueeze(-2)) if inplace else T * K * S.unsqueeze(-2)
+            inner = T if inner is None else (inner.add_(T) if inplace else inner + T)
+        if gVh is not None:
+            XV = Vh @ gVh.mT  # V^T dV with V = Vh^T, dV = dVh^T
+            T = XV - XV.mT
+            T = T.mul_(K).mul_(S.unsqueeze(-1)) if inplace else T * K * S.unsqueeze(-1)
+            inner = T if inner is None else (inner.add_(T) if inplace else inner + T)
+    gA = U @ inner @ Vh
+    if (gU is not None and m > k) or (gVh is not None and n > k):
+        s_inv = S.clamp_min(_floor(S.amax(-1)).squeeze(-1)).reciprocal()
+        if gU is not None and m > k:
+            gA = gA + ((gU - U @ XU) * s_inv.unsqueeze(-2)) @ Vh
+        if gVh is not None and n > k:
+            gA = gA + (U * s_inv.unsqueeze(-2)) @ (gVh - XV.mT @ Vh)
+    return gA, None, None
+
+
+torch.library.register_autograd("orthofx::svd_stable", _svd_backward, setup_context=_svd_setup)
+
+
+def svd_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
+               clamp_gap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Reduced SVD ``A = U diag(S) Vh`` of a real ``[..., m, n]`` matrix with a bounded gradient.
+
+    Same arguments as :func:`eigh_stable`; the gradient kernel is built from ``S**2`` (the eigenvalues of
+    ``A^T A``). See the module docstring for the formulas.
+    """
+    _check_args(taylor_order, clamp_gap)
+    clamp = None if clamp_gap is None else float(clamp_gap)
+    if float64:
+        out = _svd_op(A.to(torch.float64), taylor_order, clamp)
+        return out[0].to(A.dtype), out[1].to(A.dtype), out[2].to(A.dtype)
+    out = _svd_op(A, taylor_order, clamp)
+    return out[0], out[1], out[2]
+
+
+# ------------------------------------------------------------------------------------------- Newton-Schulz
+
+
+def _newton_schulz(A: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor]:
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"expected square matrices [..., n, n], got shape {tuple(A.shape)}")
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+    n = A.shape[-1]
+    trace = A.diagonal(dim1=-2, dim2=-1).sum(-1).unsqueeze(-1).unsqueeze(-1)  # [..., 1, 1]
+    An = A / trace
+    eye3 = 3.0 * torch.eye(n, dtype=A.dtype, device=A.device)
+    Z = (eye3 - An) * 0.5
+    Y = An @ Z
+    for _ in range(iterations):
+        ZY = (eye3 - Z @ Y) * 0.5
+        Y = Y @ ZY
+        Z = ZY @ Z
+    return Y, Z, trace
+
+
+def sqrtm_newton_schulz(A: Tensor, iterations: int = 5) -> Tensor:
+    """``A^(1/2)`` of symmetric positive definite ``A`` (``[..., n, n]``) by the coupled Newton-Schulz iteration
+    (matmuls only); ``iterations`` counts the steps after ``Y0, Z0`` (so ``iterations + 1`` steps in all)."""
+    Y, _, trace = _newton_schulz(A, iterations)
+    return Y * trace.sqrt()
+
+
+def inv_sqrtm_newton_schulz(A: Tensor, iterations: int = 5) -> Tensor:
+    """``A^(-1/2)`` of symmetric positive definite ``A`` by the same iteration (``Z / sqrt(tr A)``)."""
+    _, Z, trace = _newton_schulz(A, iterations)
+    return Z * trace.rsqrt()
+
+
+# ------------------------------------------------------------------------------------------- monitor
+
+
+class ConditionMonitor(nn.Module):
+    """Records the condition number ``kappa = lambda_max / lambda_min`` of the matrix entering a site.
+
+    An ``nn.Module`` so that its state is made of buffers (saved by ``state_dict``, moved by ``.to``) and it can
+    sit in a GraphModule; it has no parameters. ``update(eigenvalues)`` (or calling the module) takes the
+    eigenvalues ``[..., n]`` of one (batched) matrix; for a batch the recorded value is the largest kappa in it.
+    ``kappa`` is ``inf`` when ``lambda_min <= 0`` (< ``lambda_max``) and NaN when the eigenvalues hold a NaN.
+
+    Buffers: ``last`` (the latest kappa), ``running_max`` (largest kappa seen, NaN ignored), ``updates`` (number
+    of calls), ``nan_events`` (calls whose eigenvalues held a NaN), ``inf_events`` (calls whose eigenvalues held
+    an inf, or with an infinite kappa), ``history_buffer`` (ring of the last ``history_size`` kappas; read it
+    oldest first with :attr:`history`). Everything is computed with tensor ops (no host sync in ``update``).
+    """
+
+    def __init__(self, history_size: int = 1000) -> None:
+        super().__init__()
+        if not isinstance(history_size, int) or history_size < 1:
+            raise ValueError(f"history_size must be an int >= 1, got {history_size!r}")
+        self.history_size = history_size
+        f64 = torch.float64
+        self.register_buffer("last", torch.tensor(float("nan"), dtype=f64))
+        self.register_buffer("running_max", torch.tensor(float("nan"), dtype=f64))
+        self.register_buffer("updates", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("nan_events", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("inf_events", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("history_buffer", torch.full((history_size,), float("nan"), dtype=f64))
+
+    @staticmethod
+    def kappa(eigenvalues: Tensor) -> Tensor:
+        """``lambda_max / lambda_min`` per matrix (``inf`` when ``lambda_min <= 0``; NaN propagates)."""
+        lam = eigenvalues.detach().to(torch.float64)
+        lmax, lmin = lam.amax(-1), lam.amin(-1)
+        kappa = lmax / lmin
+        kappa = torch.where(lmin <= 0, torch.full_like(kappa, float("inf")), kappa)
+        has_nan = lam.isnan().any(-1)
+        return torch.where(has_nan, torch.full_like(kappa, float("nan")), kappa)
+
+    @torch.no_grad()
+    def update(self, eigenvalues: Tensor) -> Tensor:
+        """Record the (worst, over the batch) kappa of ``eigenvalues`` ``[..., n]`` and return it (0-dim)."""
+        if eigenvalues.dim() < 1 or eigenvalues.shape[-1] < 1:
+            raise ValueError(f"expected eigenvalues of shape [..., n], got {tuple(eigenvalues.shape)}")
+        lam = eigenvalues.detach().to(torch.float64)
+        k = self.kappa(lam).reshape(-1)
+        has_nan = k.isnan().any()
+        worst = torch.where(has_nan, torch.full_like(k[0], float("nan")), torch.where(k.isnan(), torch.zeros_like(k), k).amax())
+        self.nan_events += has_nan.long()
+        self.inf_events += (lam.isinf().any() | k.isinf().any()).long()
+        self.last.copy_(worst)
+        self.running_max.copy_(torch.fmax(self.running_max, worst))
+        self.history_buffer.index_copy_(0, (self.updates % self.history_size).reshape(1), worst.reshape(1))
+        self.updates += 1
+        return worst
+
+    def forward(self, eigenvalues: Tensor) -> Tensor:
+        return self.update(eigenvalues)
+
+    @property
+    def history(self) -> list[float]:
+        """The recorded kappas, oldest first (at most ``history_size``)."""
+        count = int(self.updates)
+        buf = self.history_buffer.tolist()
+        if count <= self.history_size:
+            return buf[:count]
+        start = count % self.history_size
+        return buf[start:] + buf[:start]
+
+    def reset(self) -> None:
+        self.last.fill_(float("nan"))
+        self.running_max.fill_(float("nan"))
+        self.updates.zero_()
+        self.nan_events.zero_()
+        self.inf_events.zero_()
+        self.history_buffer.fill_(float("nan"))
+
+    def extra_repr(self) -> str:
+        return f"history_size={self.history_size}"
