@@ -391,3 +391,361 @@ def spectral_norm_bound(weight: torch.Tensor, input_size=None, stride=1, iterati
         hat, _ = _frequency_matrices(weight, input_size, stride, groups, torch.float64)
         mats = hat.reshape(-1, *hat.shape[-2:])
     return _gram_bound(mats, iterations)
+
+
+# ======================================================================================================
+# Jacobian isometry (P2): stochastic estimators, exact singular values and spectral moments
+# ======================================================================================================
+#
+# Notation. ``fn`` maps a tensor ``x`` (batch dimension first when batched) to a tensor ``y``; ``J`` is the
+# Jacobian of the flattened map, ``m x n`` with ``n = x.numel()`` and ``m = y.numel()``, and ``A = J^T J``
+# (``n x n``, eigenvalues ``sigma_i^2`` and ``n - rank`` zeros). Probes ``v`` are Rademacher vectors (entries
+# +-1 with probability 1/2), so ``E[v v^T] = I`` and ``E[v^T M v] = tr M`` for every matrix ``M``.
+#
+# * ``full``:    ||A - I||_F^2         = E_v ||J^T (J v) - v||^2                      (one JVP, one VJP)
+# * ``partial``: ||J A - J||_F^2       = E_v ||J r||^2 with r = J^T (J v) - v          (JVP, VJP, VJP of the VJP)
+# * ``offdiag``: sum_{i != j} A_ij^2  = Var_v(||J v||^2) / 2                           (JVPs only)
+#
+# Derivations (ours, checked by tests/test_jacobian.py against dense float64 Jacobians):
+#
+# full. ||A v - v||^2 = v^T (A - I)^2 v, so its mean is tr (A - I)^2 = ||A - I||_F^2 (A symmetric). Its
+#   variance is 2 sum_{i != j} ((A - I)^2)_ij^2 (Rademacher quadratic forms have no diagonal noise).
+#   If m < n, A has n - m structural zero eigenvalues, so ||A - I||_F^2 = ||J J^T - I_m||_F^2 + (n - m): the
+#   same gradient as row orthogonality, shifted by a constant.
+# partial. (J A - J) v = J (A v - v) = J r, so E ||J r||^2 = ||J A - J||_F^2 = ||J J^T J - J||_F^2. It needs
+#   three products with J (the quantity has degree 6 in J): u = J v (JVP), w = J^T u (VJP, which also gives
+#   the full estimate's residual r = w - v) and J r. The last one costs no further forward pass: w = J^T c is
+#   linear in the cotangent c, so J r is the VJP of the VJP, the gradient of <J^T c, r> with respect to c,
+#   taken through the graph that the VJP already built.
+# offdiag (OroJaR-style). q = ||J v||^2 = v^T A v = tr A + sum_{i != j} A_ij v_i v_j. The products
+#   v_i v_j (i < j) are pairwise uncorrelated with variance 1, so Var q = 4 sum_{i<j} A_ij^2
+#   = 2 sum_{i != j} A_ij^2. With L >= 2 independent probes the Bessel-corrected sample variance of
+#   q_1..q_L is unbiased for Var q, hence T = s^2 / 2 is unbiased. A single Rademacher probe cannot give an
+#   unbiased estimate: since v_i^2 = 1, one product A v does not separate A_ii A_jj from A_ij^2 (for n = 2 a short
+#   calculation shows that no smooth function of (v, A v) has expectation 2 A_12^2 for every A). So ``offdiag`` always draws
+#   max(probes, 2) probes; each costs one JVP and no VJP, so two probes cost about one ``full`` probe.
+#
+# Batches. ``per_sample=False``: J is the Jacobian of the whole batch map. When the samples do not interact
+# (every model in eval mode, any model without batch statistics), J is block-diagonal and each quantity is the
+# sum of the per-sample ones. ``per_sample=True`` returns the mean over samples of the per-sample parts: for
+# ``full`` the input-side blocks of the residual, for ``partial`` and ``offdiag`` the output-side blocks
+# (J_b = rows of J belonging to output sample b). For independent samples this is exactly the mean over b of
+# the quantity of the per-sample Jacobian dy_b/dx_b, at the cost of one probe for the whole batch. With
+# BatchNorm in training mode the samples are coupled through the batch statistics: J has off-diagonal blocks
+# dy_b/dx_c (of order 1/B) and the per-sample parts include them, so the result is the batch-coupled quantity
+# split per sample, not that of dy_b/dx_b alone (evaluate in eval mode, or one sample per call, for that).
+#
+# Gradients. The estimate is differentiable with respect to fn's parameters (the products are computed with
+# create_graph=True): it can be added to a loss. ``x`` is detached: the Jacobian is taken at the given point
+# and no gradient flows into whatever produced ``x``. An ``nn.Module`` fn runs on copies of its buffers, so
+# the estimator's extra forward passes do not move BatchNorm running statistics.
+#
+# Automatic differentiation. Forward mode is torch.func.jvp, reverse mode torch.autograd.grad with
+# create_graph=True (outputs of torch.func.jvp stay connected to the outer autograd graph, so the estimate is
+# differentiable with respect to parameters the function closes over; no functional_call of the parameters is
+# needed). A module runs on copies of its buffers made inside the transformed function: torch.func refuses to
+# mutate tensors captured from outside (BatchNorm's running statistics in training mode) but accepts tensors
+# created inside. The core dual-number API (torch.autograd.forward_ad) is not used: in torch 2.13 a backward
+# through its softmax/log_softmax tangents fails (a saved tensor is modified in place), torch.func.jvp's is fine.
+# Scaled dot-product attention runs with the math backend during the estimate: the fused CPU/GPU kernels have
+# neither forward-mode AD nor a double backward, the math backend has both (P2). Other forward-mode gaps (an op
+# or a custom autograd.Function without a jvp) raise NotImplementedError or RuntimeError inside the JVP; the
+# estimator then falls back to the double-VJP route: J v = d/dc <J^T c, v> (the VJP of the VJP, at c = 0),
+# which needs a differentiable backward only (the regulariser's gradient needs one anyway).
+
+import contextlib as _contextlib  # noqa: E402  (this section's own imports)
+import warnings as _warnings  # noqa: E402
+
+import torch.autograd.forward_ad as _fwad  # noqa: E402
+from torch import nn as _nn  # noqa: E402
+
+__all__ += ["jacobian_isometry", "jacobian_singular_values", "isometry_moments", "JACOBIAN_KINDS"]
+
+#: The quantities :func:`jacobian_isometry` estimates.
+JACOBIAN_KINDS = ("full", "partial", "offdiag")
+#: Routes for the products with J: forward mode first (``auto``), forward mode only, or reverse mode only.
+_ROUTES = ("auto", "jvp", "double_vjp")
+
+
+def _sdpa_math():
+    """Context in which scaled dot-product attention uses its composite math backend (or nothing to do)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return _contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _as_function(fn, dtype: torch.dtype | None = None):
+    """``fn`` as a callable of one tensor. A module runs on copies of its buffers (cast to ``dtype`` when given,
+    as are its floating-point parameters), so calling it leaves its running statistics untouched."""
+    if not isinstance(fn, _nn.Module):
+        if not callable(fn):
+            raise ValueError(f"fn must be a callable or an nn.Module, got {type(fn).__name__}")
+        return fn
+    module = fn
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        state = {name: cast(b).clone() for name, b in module.named_buffers()}
+        if dtype is not None:
+            state.update({name: cast(p) for name, p in module.named_parameters()})
+        if not state:
+            return module(x)
+        return torch.func.functional_call(module, state, (x,), strict=False, tie_weights=True)
+
+    return call
+
+
+def _check_input(x, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{what}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{what}: x must be a real floating-point tensor (a Jacobian needs a continuous input), "
+                         f"got dtype {x.dtype}")
+
+
+def _check_output(y, x: torch.Tensor, per_sample: bool, what: str) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(f"{what}: fn must return a single tensor, got {type(y).__name__}; wrap fn so that it "
+                         "returns the output to measure")
+    if per_sample and (y.ndim == 0 or x.ndim == 0 or y.shape[0] != x.shape[0]):
+        raise ValueError(f"{what}: per_sample=True needs input and output with the same batch size in dimension "
+                         f"0, got input {tuple(x.shape)} and output {tuple(y.shape)}")
+    return y
+
+
+def _rademacher(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    device = generator.device if generator is not None else like.device
+    bits = torch.randint(0, 2, like.shape, generator=generator, device=device)
+    return (2 * bits - 1).to(device=like.device, dtype=like.dtype)
+
+
+def _vjp(output: torch.Tensor, inputs: torch.Tensor, cotangent: torch.Tensor) -> torch.Tensor:
+    """``J^T cotangent`` through the graph of ``output`` (create_graph); zeros where ``output`` does not depend on
+    ``inputs``."""
+    if not output.requires_grad:
+        return torch.zeros_like(inputs)
+    (grad,) = torch.autograd.grad(output, inputs, cotangent, create_graph=True, allow_unused=True)
+    return torch.zeros_like(inputs) if grad is None else grad
+
+
+def _squared(t: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    """``||t||^2`` (a scalar), or per sample (shape ``(B,)``)."""
+    return t.flatten(1).square().sum(1) if per_sample else t.square().sum()
+
+
+_FORWARD_AD_READY = False
+
+
+def _prepare_forward_ad() -> None:
+    """Forward-mode AD loads its decompositions on first use, through ``torch.jit.script``, which warns that it is
+    deprecated: load them once here with that warning silenced (torch's internals, nothing the user can act on)."""
+    global _FORWARD_AD_READY
+    if _FORWARD_AD_READY:
+        return
+    with _warnings.catch_warnings():
+        _warnings.filterwarnings("ignore", category=DeprecationWarning)
+        with _fwad.dual_level():
+            _fwad.make_dual(torch.zeros(1), torch.zeros(1))
+    _FORWARD_AD_READY = True
+
+
+def _jvp_products(f, xp: torch.Tensor, v: torch.Tensor, kind: str, per_sample: bool, what: str):
+    """Forward-mode route for one probe: u = J v by torch.func.jvp, then the VJPs ``kind`` needs."""
+    _prepare_forward_ad()
+    y, u = torch.func.jvp(f, (xp,), (v,))
+    _check_output(y, xp, per_sample, what)
+    if kind == "offdiag":
+        return u, None
+    if kind == "full":
+        return u, _vjp(y, xp, u) - v
+    # partial: w = J^T (u + c) at c = 0, so that J r = d/dc <w, r> reuses the graph of w (VJP of the VJP).
+    c = torch.zeros_like(u, requires_grad=True)
+    w = _vjp(y, xp, u + c)
+    return u, _vjp(w, c, w - v)
+
+
+class _Linearisation:
+    """Reverse-mode-only route: one forward pass, ``g(c) = J^T c`` at ``c = 0`` built once, then for any probe
+    ``J v = d/dc <g(c), v>`` (the VJP of the VJP) and ``J^T u`` from the forward graph."""
+
+    def __init__(self, f, xp: torch.Tensor, per_sample: bool, what: str):
+        self.xp = xp
+        self.y = _check_output(f(xp), xp, per_sample, what)
+        self.c = torch.zeros_like(self.y, requires_grad=True)
+        self.g = _vjp(self.y, xp, self.c)
+
+    def jvp(self, v: torch.Tensor) -> torch.Tensor:
+        return _vjp(self.g, self.c, v) if self.g.requires_grad else torch.zeros_like(self.y)
+
+    def products(self, v: torch.Tensor, kind: str):
+        u = self.jvp(v)
+        if kind == "offdiag":
+            return u, None
+        r = _vjp(self.y, self.xp, u) - v
+        return u, (r if kind == "full" else self.jvp(r))
+
+
+# Under torch.compile the estimate runs eagerly: aot_autograd has no double backward, which the estimate needs.
+@torch.compiler.disable
+def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", per_sample: bool = False,
+                       generator: torch.Generator | None = None, normalize: bool = False,
+                       create_graph: bool = True, route: str = "auto") -> tuple[torch.Tensor, str]:
+    """:func:`jacobian_isometry` and the route it took (``"jvp"`` or ``"double_vjp"``)."""
+    what = "jacobian_isometry"
+    _check_input(x, what)
+    if kind not in JACOBIAN_KINDS:
+        raise ValueError(f"{what}: kind must be one of {', '.join(JACOBIAN_KINDS)}, got {kind!r}")
+    if route not in _ROUTES:
+        raise ValueError(f"{what}: route must be one of {', '.join(_ROUTES)}, got {route!r}")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"{what}: probes must be a positive integer, got {probes!r}")
+    if per_sample and x.ndim == 0:
+        raise ValueError(f"{what}: per_sample=True needs a batch dimension first, got a 0-d input")
+    f = _as_function(fn)
+    count = max(probes, 2) if kind == "offdiag" else probes
+    xp = x.detach().requires_grad_(True)
+    values: list[torch.Tensor] = []  # per probe: residual norms (full, partial) or ||J v||^2 (offdiag)
+    with torch.enable_grad(), _sdpa_math():
+        linear = None
+        for _ in range(count):
+            v = _rademacher(xp, generator)
+            if route != "double_vjp":
+                try:
+                    u, residual = _jvp_products(f, xp, v, kind, per_sample, what)
+                except (NotImplementedError, RuntimeError):
+                    if route == "jvp":
+                        raise
+                    route = "double_vjp"
+                else:
+                    route = "jvp"
+            if route == "double_vjp":
+                if linear is None:
+                    linear = _Linearisation(f, xp, per_sample, what)
+                u, residual = linear.products(v, kind)
+            values.append(_squared(u if kind == "offdiag" else residual, per_sample))
+        stacked = torch.stack(values)  # (count,) or (count, B)
+        if kind == "offdiag":
+            estimate = stacked.var(dim=0, correction=1) / 2
+        else:
+            estimate = stacked.mean(dim=0)
+        if per_sample:
+            estimate = estimate.mean()
+        if normalize:
+            estimate = estimate / (x[0].numel() if per_sample else x.numel())
+    return (estimate if create_graph else estimate.detach()), route
+
+
+def jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", per_sample: bool = False,
+                      generator: torch.Generator | None = None, *, normalize: bool = False,
+                      create_graph: bool = True, route: str = "auto") -> torch.Tensor:
+    r"""Unbiased stochastic estimate of how far the Jacobian ``J`` of ``fn`` at ``x`` is from an isometry (P2).
+
+    Args:
+        fn: a callable or ``nn.Module`` mapping one tensor to one tensor. A module runs on copies of its buffers
+            (BatchNorm running statistics are not updated by the estimate).
+        x: the input (batch dimension first when batched); detached, so the gradient of the estimate reaches
+            fn's parameters only.
+        probes: number of Rademacher probes averaged (``offdiag`` uses ``max(probes, 2)``: it is a variance).
+        kind: ``"full"``: :math:`\|J^T J - I\|_F^2` (``I`` the identity of the input dimension; for a wide
+            Jacobian, ``m < n``, this is :math:`\|J J^T - I_m\|_F^2 + n - m`); ``"partial"``:
+            :math:`\|J J^T J - J\|_F^2`, zero for partial isometries (e.g. ``relu(Qx + b)``, P2);
+            ``"offdiag"``: :math:`\sum_{i \ne j} (J^T J)_{ij}^2` (OroJaR: orthogonal columns of any norm).
+        per_sample: ``False``: ``J`` is the Jacobian of the whole batch map (for independent samples, the sum over
+            samples); ``True``: the mean over samples of the per-sample parts (exactly the mean of the
+            per-sample Jacobians' values when samples do not interact; with BatchNorm in training mode the
+            cross-sample blocks of the coupled Jacobian are included, see the section comment).
+        generator: draws the probes (a fixed seed gives a deterministic estimate, e.g. for finite differences).
+        normalize: divide by the input dimension (per sample when ``per_sample``): for ``full`` this is
+            :math:`(m_1 - 1)^2 + (m_2 - m_1^2)` of :func:`isometry_moments`, comparable across layer sizes.
+        create_graph: keep the graph (default) so the estimate can be used as a regulariser; ``False`` returns
+            a detached value.
+        route: ``"auto"`` (forward mode, falling back to the double-VJP route when an op or a custom
+            ``autograd.Function`` has no forward-mode formula), ``"jvp"`` or ``"double_vjp"``.
+
+    Cost per probe: ``full`` one JVP + one VJP; ``partial`` one JVP + one VJP + one VJP of the VJP (no extra
+    forward pass); ``offdiag`` one JVP. Returns a 0-d tensor.
+
+    >>> import torch
+    >>> q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
+    >>> float(jacobian_isometry(lambda x: torch.abs(x @ q.T), torch.randn(3, 5, dtype=torch.float64))) < 1e-20
+    True
+    """
+    return _jacobian_isometry(fn, x, probes=probes, kind=kind, per_sample=per_sample, generator=generator,
+                              normalize=normalize, create_graph=create_graph, route=route)[0]
+
+
+def _jacobian_matrix(f, x: torch.Tensor) -> torch.Tensor:
+    """Dense Jacobian of ``f`` at ``x``, shape ``y.shape + x.shape``: torch.func.jacrev, or the loop of
+    torch.autograd.functional.jacobian when a function transform refuses ``f`` (e.g. BatchNorm in training
+    mode, which mutates its buffers, or an old-style autograd.Function)."""
+    with torch.enable_grad(), _sdpa_math():
+        try:
+            return torch.func.jacrev(f)(x)
+        except (RuntimeError, NotImplementedError):
+            return torch.autograd.functional.jacobian(f, x)
+
+
+def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,
+                             dtype: torch.dtype | None = None) -> torch.Tensor:
+    r"""Exact singular values (descending) of the Jacobian of ``fn`` at ``x``, from the dense Jacobian.
+
+    For small widths only: the Jacobian has ``y.numel() x x.numel()`` entries. ``per_sample=False`` decomposes
+    the Jacobian of the whole (flattened) map and returns ``min(m, n)`` values; ``per_sample=True`` decomposes the
+    diagonal blocks :math:`\partial y_b / \partial x_b` (exact even when samples interact) and returns shape
+    ``(B, r)``. ``dtype`` (e.g. ``torch.float64``) casts ``x`` and, for an ``nn.Module``, its floating-point
+    parameters and buffers for the computation (the module itself is not changed; a plain callable only sees
+    the cast input). Without gradient. A module runs on copies of its buffers.
+
+    >>> import torch
+    >>> lin = torch.nn.Linear(3, 2, bias=False)
+    >>> s = jacobian_singular_values(lin, torch.randn(3), dtype=torch.float64)
+    >>> torch.allclose(s, torch.linalg.svdvals(lin.weight.double()))
+    True
+    """
+    what = "jacobian_singular_values"
+    _check_input(x, what)
+    f = _as_function(fn, dtype)
+    x = x.detach() if dtype is None else x.detach().to(dtype)
+    if per_sample and x.ndim == 0:
+        raise ValueError(f"{what}: per_sample=True needs a batch dimension first, got a 0-d input")
+    with torch.no_grad():
+        y = _check_output(f(x), x, per_sample, what)
+    jac = _jacobian_matrix(f, x).detach()
+    if not per_sample:
+        return torch.linalg.svdvals(jac.reshape(y.numel(), x.numel()))
+    batch = x.shape[0]
+    blocks = jac.reshape(batch, y[0].numel(), batch, x[0].numel())
+    diagonal = blocks[torch.arange(batch), :, torch.arange(batch), :]  # (B, m_b, n_b)
+    return torch.linalg.svdvals(diagonal)
+
+
+def isometry_moments(singular_values: torch.Tensor, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(m1, m2)``: mean and mean square of the eigenvalues :math:`\lambda_i = \sigma_i^2` of :math:`J^T J`.
+
+    The moments are taken over the last dimension (batched input gives batched moments). ``n`` is the number of
+    eigenvalues of :math:`J^T J`, the input dimension; when it exceeds the number of singular values given (a
+    Jacobian with fewer rows than columns), the missing eigenvalues are zeros. Then
+
+    .. math::
+
+        \|J^T J - I\|_F^2 = \sum_i (\lambda_i - 1)^2 = n \left[(m_1 - 1)^2 + (m_2 - m_1^2)\right],
+
+    the squared distance of the spectrum's mean from 1 plus its variance (P2): isometry needs both.
+
+    >>> import torch
+    >>> m1, m2 = isometry_moments(torch.tensor([1.0, 1.0]))
+    >>> float(m1), float(m2)
+    (1.0, 1.0)
+    """
+    if not isinstance(singular_values, torch.Tensor) or singular_values.ndim == 0:
+        raise ValueError("isometry_moments expects a tensor of singular values with at least one dimension")
+    count = singular_values.shape[-1]
+    n = count if n is None else int(n)
+    if n < count or n < 1:
+        raise ValueError(f"isometry_moments: n must be at least the number of singular values ({count}), got {n}")
+    eig = singular_values.square()
+    return eig.sum(-1) / n, eig.square().sum(-1) / n

@@ -3,7 +3,7 @@
 from .base import (Change, CaptureInfo, Manifest, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry,
                    Site)
 from .registry import available_passes, get_pass, register_pass, unregister_pass
-from . import convnorm, orth_regularizer  # noqa: F401  (register the built-in passes)
+from . import convnorm, jacobian_isometry, orth_regularizer  # noqa: F401  (register the built-in passes)
 
 __all__ = [
     "Change", "CaptureInfo", "Manifest", "OptimizerHook", "Param", "Pass", "PassContext", "PenaltyTerm", "PlanEntry", "Site",

@@ -1,0 +1,224 @@
+"""``JacobianProbe``: a block that also estimates how far its input-output Jacobian is from an isometry (P2).
+
+The probe wraps a block and returns the block's output unchanged. In training mode (with gradients enabled), on
+every ``every``-th call, it also computes :func:`orthofx.metrics.jacobian_isometry` of the block at the same
+input, differentiable with respect to the block's parameters, and keeps it as :attr:`JacobianProbe.estimate`
+(the last estimate; a plain attribute, not a buffer, so it never enters ``state_dict``). In eval mode, under
+``torch.no_grad()`` and on skipped calls the probe only runs the block and the estimate is ``None``, so a
+penalty built from it is zero and holds no stale graph.
+
+Transparent wrapping. The probe shares the block's registries (its parameters, buffers and submodules are the
+block's own dictionaries), so ``probe.state_dict()`` has exactly the block's keys, ``named_parameters()`` and
+``named_modules()`` give the block's paths, and a probe put at the block's place in a model (``setattr`` on the
+parent) changes no checkpoint key and no module path: ``layer1.0.conv1.weight`` stays ``layer1.0.conv1.weight``
+(a probe with the block as a registered child would rename it ``layer1.block.0.conv1.weight`` and break every
+saved state and every name-based reference). Saving and loading go through the block's own
+``_save_to_state_dict`` / ``_load_from_state_dict`` (class-specific versions, extra state). Attributes the probe
+does not have are looked up on the block (``probe.in_features`` of a wrapped Linear). :attr:`block` is the
+wrapped module; :meth:`to_plain` returns it (``orthofx.freeze`` uses it to remove the probe).
+
+The estimate's extra forward passes run the block on copies of its buffers (``torch.func.functional_call``), so
+BatchNorm running statistics move once per step, as without the probe. The input is detached for the estimate:
+the regulariser shapes the block's own parameters, not the layers that produce its input. With BatchNorm in
+training mode the samples of a batch are coupled; see :func:`orthofx.metrics.jacobian_isometry` for what
+``per_sample`` then measures.
+
+Example::
+
+    import torch
+    from orthofx.nn.jacobian import JacobianProbe
+    block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+    probe = JacobianProbe(block, weight=0.1)
+    x = torch.randn(4, 8)
+    loss = probe(x).square().mean() + probe.penalty()
+    loss.backward()          # the penalty's gradient reaches block[0].weight
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import metrics
+
+__all__ = ["JacobianProbe"]
+
+_ROUTES = ("auto", "jvp", "double_vjp")
+_OWN = ("penalty_weight", "probes", "kind", "every", "per_sample", "normalize", "route", "seed", "estimate",
+        "route_used", "calls")
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class JacobianProbe(nn.Module):
+    """Wrap ``block``; in training mode also estimate its Jacobian isometry defect (see the module docstring).
+
+    Args:
+        block: the module to wrap; its first positional argument is the input the Jacobian is taken with
+            respect to (other arguments are held fixed), and it must return one tensor.
+        weight: multiplier used by :meth:`penalty` (``orthofx.penalty`` uses the rule's weight, the same value).
+        probes: Rademacher probes per estimate (``offdiag`` uses at least 2).
+        kind: ``"full"`` (||J^T J - I||_F^2), ``"partial"`` (||J J^T J - J||_F^2) or ``"offdiag"``
+            (sum of squared off-diagonal entries of J^T J).
+        every: estimate on every ``every``-th training-mode call (1: every call); the calls in between cost
+            nothing and leave the estimate ``None`` (zero penalty). Multiply ``weight`` by ``every`` to keep the
+            average strength of the regulariser ("lazy regularisation").
+        per_sample: mean over samples of per-sample values instead of the whole-batch value.
+        normalize: divide by the input dimension (per sample when ``per_sample``).
+        route: ``"auto"`` (forward mode, double-VJP fallback), ``"jvp"`` or ``"double_vjp"``.
+        seed: when given, every estimate draws its probes from a generator reset to this seed (deterministic,
+            for tests and debugging); by default the global RNG is used.
+
+    Attributes:
+        estimate: the last estimate (0-d tensor with its graph) or ``None``.
+        route_used: the route the last estimate took (after a fallback the probe keeps ``"double_vjp"``).
+    """
+
+    def __init__(self, block: nn.Module, weight: float = 1.0, probes: int = 1, kind: str = "full", every: int = 1,
+                 per_sample: bool = False, *, normalize: bool = False, route: str = "auto", seed: int | None = None):
+        if not isinstance(block, nn.Module):
+            raise ValueError(f"JacobianProbe wraps an nn.Module, got {type(block).__name__}")
+        if isinstance(block, JacobianProbe):
+            raise ValueError("the block is already a JacobianProbe; wrap it once")
+        if kind not in metrics.JACOBIAN_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(metrics.JACOBIAN_KINDS)}, got {kind!r}")
+        if route not in _ROUTES:
+            raise ValueError(f"route must be one of {', '.join(_ROUTES)}, got {route!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(f"weight must be a number >= 0, got {weight!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        clash = [name for name in _OWN if name in block._modules or name in block._parameters
+                 or name in block._buffers]
+        if clash:
+            raise ValueError(f"cannot wrap {type(block).__name__}: its member(s) {', '.join(clash)} would be hidden "
+                             "by the probe's own attributes")
+        super().__init__()
+        # The wrapped block is not registered as a child: the probe adopts its registries instead (see the module
+        # docstring), so paths and state_dict keys are the block's.
+        self.__dict__["_wrapped"] = block
+        self.__dict__["_parameters"] = block._parameters
+        self.__dict__["_buffers"] = block._buffers
+        self.__dict__["_non_persistent_buffers_set"] = block._non_persistent_buffers_set
+        self.__dict__["_modules"] = block._modules
+        self._version = getattr(block, "_version", 1)  # state_dict metadata: the block's class version
+        self.training = block.training
+        self.penalty_weight = float(weight)
+        self.probes = _positive_int(probes, "probes")
+        self.kind = kind
+        self.every = _positive_int(every, "every")
+        self.per_sample = bool(per_sample)
+        self.normalize = bool(normalize)
+        self.route = route
+        self.seed = seed
+        self.estimate: torch.Tensor | None = None
+        self.route_used: str | None = None
+        self.calls = 0  # training-mode calls with gradients enabled, counted for ``every``
+
+    # ------------------------------------------------------------------------------------------ wrapping
+
+    @property
+    def block(self) -> nn.Module:
+        """The wrapped module (shares its parameters, buffers and submodules with the probe)."""
+        return self.__dict__["_wrapped"]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            wrapped = self.__dict__.get("_wrapped")
+            if wrapped is None:
+                raise
+            return getattr(wrapped, name)
+
+    # Container protocols of the block (``model.layer1[0]`` keeps working on a wrapped Sequential); Python looks
+    # special methods up on the class, so __getattr__ alone would not forward them.
+    def __getitem__(self, index: Any) -> Any:
+        return self.block[index]
+
+    def __len__(self) -> int:
+        return len(self.block)
+
+    def __iter__(self):
+        return iter(self.block)
+
+    def __bool__(self) -> bool:  # a module is truthy whatever __len__ says about its block
+        return True
+
+    def train(self, mode: bool = True) -> JacobianProbe:
+        super().train(mode)
+        self.block.training = mode
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.block._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self.block._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                         unexpected_keys, error_msgs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The estimate is a non-leaf tensor tied to one step's graph: not copied, pickled or saved.
+        state = dict(self.__dict__)
+        state["estimate"] = None
+        return state
+
+    def to_plain(self) -> nn.Module:
+        """The wrapped block (with the probe's training flag), for ``orthofx.freeze``."""
+        self.block.training = self.training
+        return self.block
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind}, probes={self.probes}, every={self.every}, per_sample={self.per_sample}, "
+                f"normalize={self.normalize}, weight={self.penalty_weight}")
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def _function(self, args: tuple, kwargs: dict):
+        """The block as a function of its first input, running on copies of its buffers."""
+        block = self.block
+        rest = args[1:]
+        buffers = dict(block.named_buffers())
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            if not buffers:
+                return block(x, *rest, **kwargs)
+            copies = {name: b.clone() for name, b in buffers.items()}
+            return torch.func.functional_call(block, copies, (x, *rest), kwargs, strict=False, tie_weights=True)
+
+        return call
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        block = self.block
+        block.training = self.training
+        if not self.training or not torch.is_grad_enabled():
+            self.estimate = None
+            return block(*args, **kwargs)
+        output = block(*args, **kwargs)
+        self.calls += 1
+        if (self.calls - 1) % self.every != 0:
+            self.estimate = None
+            return output
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise ValueError(f"JacobianProbe({type(block).__name__}): the Jacobian is taken with respect to the "
+                             "first positional argument, which must be a tensor")
+        generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+        route = "double_vjp" if self.route_used == "double_vjp" and self.route == "auto" else self.route
+        self.estimate, self.route_used = metrics._jacobian_isometry(
+            self._function(args, kwargs), args[0], probes=self.probes, kind=self.kind, per_sample=self.per_sample,
+            generator=generator, normalize=self.normalize, route=route)
+        return output
+
+    def penalty(self) -> torch.Tensor:
+        """``weight * estimate`` (a zero scalar when there is no current estimate)."""
+        if self.estimate is None:
+            reference = next(iter(self.parameters()), None)
+            return torch.zeros((), device=None if reference is None else reference.device)
+        return self.penalty_weight * self.estimate

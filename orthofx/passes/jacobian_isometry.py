@@ -1,0 +1,121 @@
+"""Pass ``jacobian_isometry``: regularise blocks towards an orthogonal input-output Jacobian (P2).
+
+Each selected block (a ``kind: block`` site, or a ``kind: module`` site such as a single layer) is wrapped in
+a :class:`orthofx.nn.jacobian.JacobianProbe`. In training mode the probe returns the block's output and also
+estimates, with Rademacher probes, one of
+
+* ``full``:    ||J^T J - I||_F^2    (the Jacobian is orthogonal: P2's perfect dynamical isometry),
+* ``partial``: ||J J^T J - J||_F^2  (a partial isometry, e.g. ``relu(Q x + b)``, P2's extension),
+* ``offdiag``: sum_{i != j} (J^T J)_ij^2  (orthogonal Jacobian columns of any norm, OroJaR),
+
+differentiable with respect to the block's parameters (estimators and their costs:
+:func:`orthofx.metrics.jacobian_isometry`). The pass records a :class:`JacobianTerm` per block, so
+``orthofx.penalty(gm)`` adds ``weight * estimate`` after each training-mode forward; in eval mode the probe only
+runs the block and the term is zero.
+
+Where the probe goes. The probe replaces the block at the block's own path (``setattr`` on the parent), and
+the graph still calls that path. The probe shares the block's parameters, buffers and submodules instead of
+holding the block as a child, so no state_dict key and no module path changes (``layer1.0.conv1.weight`` stays
+as it is): checkpoints of the original model load into the transformed one and back, ``orthofx.load`` replays
+the policy on weights saved from either, and other passes' penalty terms and hooks, which find their layers by
+path, keep working. ``orthofx.freeze`` swaps the probe back for the block (``JacobianProbe.to_plain``).
+
+Targeting. Blocks are submodules named by a ``kind: block`` rule (capture keeps them as fx leaves), e.g.::
+
+    rules:
+      - match: {kind: block, name: "layer*"}          # ResNet stages layer1..layer4
+        apply: jacobian_isometry
+        with: {weight: 0.1, kind: full, per_sample: true, normalize: true}
+
+The model's root is not a site. To regularise the whole model's Jacobian, select its top-level children (the
+``jacobian`` preset takes every top-level ``Sequential``), or wrap the model, ``nn.Sequential(model)``, and
+select the block ``"0"``. A module called several times in one forward keeps the estimate of its last call.
+
+Parameters: ``weight`` (>= 0, default 0.1), ``probes`` (>= 1, default 1), ``kind`` (full | partial | offdiag),
+``every`` (>= 1: estimate on every ``every``-th training step only), ``per_sample`` (mean over samples instead
+of the whole-batch value), ``normalize`` (divide by the input dimension, so one weight suits blocks of any size)
+and ``route`` (auto | jvp | double_vjp: how the Jacobian products are computed).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import metrics
+from ..nn.jacobian import JacobianProbe
+from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, Site
+from .registry import register_pass
+
+__all__ = ["JacobianIsometry", "JacobianTerm"]
+
+
+class JacobianTerm(PenaltyTerm):
+    """The last Jacobian estimate of the :class:`JacobianProbe` at ``site`` (zero before any training forward,
+    after an eval-mode forward and on the calls that ``every`` skips)."""
+
+    def value(self, root: nn.Module) -> torch.Tensor:
+        probe = root.get_submodule(self.site)
+        if not isinstance(probe, JacobianProbe):
+            raise TypeError(f"the module at {self.site!r} is a {type(probe).__name__}, not the JacobianProbe that "
+                            "pass 'jacobian_isometry' put there; was it replaced after the transform?")
+        if probe.estimate is None:
+            reference = next(iter(probe.parameters()), None)
+            return torch.zeros((), device=None if reference is None else reference.device)
+        return probe.estimate
+
+
+def _set_module(root: nn.Module, qualname: str, new: nn.Module) -> None:
+    parent_name, _, child = qualname.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+@register_pass
+class JacobianIsometry(Pass):
+    """Wrap blocks in :class:`JacobianProbe` and attach their Jacobian isometry estimates as penalty terms."""
+
+    name = "jacobian_isometry"
+    params = (
+        Param("weight", 0.1, (float,), "multiplier of the term in orthofx.penalty", minimum=0.0),
+        Param("probes", 1, (int,), "Rademacher probes per estimate (offdiag uses at least 2)", minimum=1),
+        Param("kind", "full", (str,), "full: ||J^T J - I||_F^2; partial: ||J J^T J - J||_F^2; offdiag: "
+              "off-diagonal part of J^T J", choices=metrics.JACOBIAN_KINDS),
+        Param("every", 1, (int,), "estimate on every every-th training-mode forward", minimum=1),
+        Param("per_sample", False, (bool,), "mean over samples instead of the whole-batch value"),
+        Param("normalize", False, (bool,), "divide by the input dimension (per sample with per_sample)"),
+        Param("route", "auto", (str,), "auto: forward mode with double-VJP fallback; jvp; double_vjp",
+              choices=("auto", "jvp", "double_vjp")),
+    )
+    site_kinds = frozenset({"block", "module"})
+
+    def accepts(self, site: Site, module: nn.Module | None) -> str | None:
+        reason = super().accepts(site, module)
+        if reason is not None:
+            return reason
+        if not site.name:
+            return "the model's root cannot be wrapped; select its top-level children"
+        if isinstance(module, JacobianProbe):
+            return f"{site.name} is already a JacobianProbe"
+        if module is not None and not any(True for _ in module.parameters()):
+            return f"{site.name} ({type(module).__name__}) has no parameters for the regulariser to act on"
+        return None
+
+    def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
+        for entry in entries:
+            p = entry.params
+            name = entry.site.name
+            block = ctx.module(entry.site)
+            probe = JacobianProbe(block, weight=p["weight"], probes=p["probes"], kind=p["kind"], every=p["every"],
+                                  per_sample=p["per_sample"], normalize=p["normalize"], route=p["route"])
+            _set_module(ctx.gm, name, probe)
+            ctx.add_penalty(JacobianTerm(name, entry.rule_name, p["weight"]))
+            before = {}
+            if name in ctx.manifest.input_shapes:
+                before["input_shape"] = list(ctx.manifest.input_shapes[name])
+            if name in ctx.manifest.output_shapes:
+                before["output_shape"] = list(ctx.manifest.output_shapes[name])
+            ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name,
+                              what=f"wrapped {type(block).__name__} in JacobianProbe ({p['kind']} Jacobian "
+                                   "isometry regulariser)",
+                              params=dict(p), before=before))
