@@ -3,7 +3,8 @@
 from .base import (Change, CaptureInfo, Manifest, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry,
                    Site)
 from .registry import available_passes, get_pass, register_pass, unregister_pass
-from . import convnorm, jacobian_isometry, orth_regularizer  # noqa: F401  (register the built-in passes)
+from . import (convnorm, isometric_init, jacobian_isometry, orth_regularizer,  # noqa: F401  (registration)
+               riemannian)
 
 __all__ = [
     "Change", "CaptureInfo", "Manifest", "OptimizerHook", "Param", "Pass", "PassContext", "PenaltyTerm", "PlanEntry", "Site",

@@ -1,0 +1,137 @@
+"""Blocks whose input-output Jacobian is exactly orthogonal (P2), usable on their own.
+
+* :class:`OrthogonalActivationBlock`: ``y = sigma(Q x + b)`` with ``Q`` orthogonal. Its Jacobian is
+  ``J = diag(sigma'(Q x + b)) Q``; with ``|sigma'| = 1`` the diagonal is a sign matrix ``S``, and ``S Q`` is
+  orthogonal. Allowed activations:
+
+  - ``"abs"`` (default): ``|z|``, ``sigma' = sign(z)`` (P2's example);
+  - ``"identity"``: ``z`` (the block is the affine isometry ``Q x + b``);
+  - ``"relu"``: ``max(z, 0)``, ``sigma'`` in {0, 1}: *not* orthogonal but a partial isometry (``J J^T J = J``,
+    P2's extension), offered for comparison.
+
+  Any other activation is refused, since it would break the property. The derivative at the kink ``z = 0`` is
+  the one autograd uses (0 for abs and relu); that set has measure zero ("orthogonal almost everywhere").
+
+* :class:`ReflectionResidualBlock`: ``y = x - 2 W^T relu(W x + b)`` with ``W`` (``hidden x features``,
+  ``hidden <= features``) having orthonormal rows. Its Jacobian is ``I - 2 W^T D W`` with ``D`` the 0/1 diagonal
+  of active units; since ``W W^T = I``, ``P = W^T D W`` is an orthogonal projector, and ``I - 2P`` is a
+  reflection: symmetric and orthogonal. A residual form whose Jacobian never drifts from isometry with depth.
+
+Orthonormal parametrisation (self-contained, no ``torch.nn.utils.parametrize``, see DESIGN.md): a free matrix
+``V`` (``n x p``, ``n >= p``) is mapped to the sign-fixed Q factor of its thin QR decomposition, ``qf(V)``, which has
+orthonormal columns for every full-rank ``V`` and is differentiable. For the square ``Q`` this reaches every
+orthogonal matrix (both determinants); ``V`` starts as a Gaussian matrix, so ``qf(V)`` starts Haar-random.
+The current matrices are available as :attr:`OrthogonalActivationBlock.weight` and
+:attr:`ReflectionResidualBlock.weight` (computed on access).
+
+Example::
+
+    import torch
+    from orthofx.nn.isometric import OrthogonalActivationBlock
+    block = OrthogonalActivationBlock(8)
+    x = torch.randn(8)
+    J = torch.autograd.functional.jacobian(block, x)
+    torch.testing.assert_close(J.T @ J, torch.eye(8), atol=1e-5, rtol=0)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .stiefel import qr_retraction
+
+__all__ = ["OrthogonalActivationBlock", "ReflectionResidualBlock", "ISOMETRIC_ACTIVATIONS", "orthonormal_columns"]
+
+#: Activations :class:`OrthogonalActivationBlock` accepts ("relu" gives a partial isometry only).
+ISOMETRIC_ACTIVATIONS = ("abs", "identity", "relu")
+
+
+def orthonormal_columns(v: torch.Tensor) -> torch.Tensor:
+    """The sign-fixed Q factor of the thin QR decomposition of a tall ``v`` (orthonormal columns), differentiable."""
+    if v.shape[-2] < v.shape[-1]:
+        raise ValueError(f"orthonormal_columns needs a tall matrix (rows >= columns), got {tuple(v.shape)}")
+    return qr_retraction(torch.zeros_like(v), v)
+
+
+def _positive_int(value: int, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class OrthogonalActivationBlock(nn.Module):
+    """``y = sigma(Q x + b)``, ``Q`` orthogonal (``features x features``), ``|sigma'| = 1``: orthogonal Jacobian.
+
+    Args:
+        features: input and output size (the last dimension of ``x``).
+        activation: ``"abs"`` (default), ``"identity"`` or ``"relu"`` (partial isometry only); see the module
+            docstring.
+        bias: learn ``b`` (initialised to zero).
+    """
+
+    def __init__(self, features: int, activation: str = "abs", bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        self.features = _positive_int(features, "features")
+        if activation not in ISOMETRIC_ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} does not keep the Jacobian orthogonal; choose one of "
+                             f"{', '.join(ISOMETRIC_ACTIVATIONS)} (|sigma'| = 1; relu gives a partial isometry)")
+        self.activation = activation
+        factory = {"device": device, "dtype": dtype}
+        self.raw = nn.Parameter(torch.randn(features, features, **factory))
+        self.bias = nn.Parameter(torch.zeros(features, **factory)) if bias else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The orthogonal matrix ``Q`` (``features x features``)."""
+        return orthonormal_columns(self.raw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x @ self.weight.transpose(0, 1)
+        if self.bias is not None:
+            z = z + self.bias
+        if self.activation == "abs":
+            return z.abs()
+        if self.activation == "relu":
+            return torch.relu(z)
+        return z
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, activation={self.activation!r}, bias={self.bias is not None}"
+
+
+class ReflectionResidualBlock(nn.Module):
+    """``y = x - 2 W^T relu(W x + b)``, ``W`` (``hidden x features``) with orthonormal rows: its Jacobian
+    ``I - 2 W^T D W`` is a reflection (orthogonal and symmetric) wherever no unit sits exactly at 0.
+
+    Args:
+        features: input and output size.
+        hidden: number of units, ``1 <= hidden <= features``.
+        bias: learn ``b`` (initialised to zero).
+    """
+
+    def __init__(self, features: int, hidden: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.features = _positive_int(features, "features")
+        self.hidden = _positive_int(hidden, "hidden")
+        if hidden > features:
+            raise ValueError(f"hidden ({hidden}) must not exceed features ({features}): W needs orthonormal rows")
+        factory = {"device": device, "dtype": dtype}
+        self.raw = nn.Parameter(torch.randn(features, hidden, **factory))  # W^T = qf(raw)
+        self.bias = nn.Parameter(torch.zeros(hidden, **factory)) if bias else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``W`` (``hidden x features``, orthonormal rows)."""
+        return orthonormal_columns(self.raw).transpose(0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wt = orthonormal_columns(self.raw)  # features x hidden, = W^T
+        z = x @ wt
+        if self.bias is not None:
+            z = z + self.bias
+        return x - 2.0 * (torch.relu(z) @ wt.transpose(0, 1))
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, hidden={self.hidden}, bias={self.bias is not None}"

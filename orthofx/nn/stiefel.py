@@ -1,0 +1,207 @@
+"""The Stiefel manifold of matrices with orthonormal columns (or rows), as plain functions on tensors.
+
+These are the building blocks of Riemannian training (P1) and of isometric initialisation; they know nothing of
+graphs or optimizers and can be used on their own.
+
+Convention (one rule for every function here)
+---------------------------------------------
+A matrix ``W`` of shape ``(m, n)`` is *orthonormal* when
+
+* ``m >= n`` (tall or square): its columns are orthonormal, ``W^T W = I_n``;
+* ``m < n`` (wide): its rows are orthonormal, ``W W^T = I_m``.
+
+So a Linear weight ``(out, in)`` is column-orthonormal when ``out >= in`` (an isometry, ``|W x| = |x|``) and
+row-orthonormal when ``out < in`` (a co-isometry, ``W^T`` is an isometry). The formulas below are written for
+the tall case ``n x p`` with ``n >= p``; a wide matrix is transposed, treated as tall, and transposed back, which
+is the same as working on the Stiefel manifold of its transpose.
+
+Every function takes ``(..., m, n)`` tensors: leading dimensions are a batch (e.g. the groups of a grouped
+convolution). A convolution weight ``(out, in, k, k)`` is therefore *not* a matrix to these functions: flatten it
+first with :func:`flatten_weight`, which gives ``(out, in * k * k)`` (``(groups, out / groups, in_per_group * k
+* k)`` for a grouped one), and undo it with :func:`unflatten_weight`. Orthonormality of that flattened matrix is
+orthonormality of the kernel as a matrix ("kernel orthogonality"); it is orthogonality of the convolution
+operator only for 1x1 and delta (centre-tap) kernels, see P0.
+
+Formulas (P1)
+-------------
+* tangent space at ``W`` (tall, ``W^T W = I``): ``T_W = {xi : W^T xi + xi^T W = 0}``;
+* tangent projection: ``P_W(G) = G - W sym(W^T G)``, ``sym(A) = (A + A^T) / 2``;
+* polar retraction: ``R_W(xi) = (W + xi)(I + xi^T xi)^(-1/2)``;
+* QR retraction: ``R_W(xi) = qf(W + xi)``, the Q factor with the signs chosen so that ``R``'s diagonal is
+  positive;
+* nearest orthonormal matrix (in Frobenius norm): the polar factor ``U V^T`` of ``W = U S V^T``.
+
+The polar retraction is computed as the polar factor ``U V^T`` of ``W + xi`` (thin SVD). For a tangent ``xi``,
+``(W + xi)^T (W + xi) = I + xi^T xi`` because ``W^T xi`` is skew, so both expressions are the same matrix; the SVD
+form is the stable one: its result is orthonormal to working precision whatever the round-off in ``W`` and
+``xi`` (an error in the tangency of ``xi`` does not accumulate from step to step, as it would with the explicit
+``(I + xi^T xi)^(-1/2)`` factor), and ``W + xi`` has singular values ``sqrt(1 + s_i^2) >= 1``, so the SVD is well
+conditioned. Half precision inputs are computed in float32 and cast back (the decompositions need it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "sym",
+    "is_wide",
+    "tangent_projection",
+    "polar_retraction",
+    "qr_retraction",
+    "retract",
+    "project_to_stiefel",
+    "orthogonality_defect",
+    "random_orthonormal",
+    "flatten_weight",
+    "unflatten_weight",
+    "RETRACTIONS",
+]
+
+#: Names accepted by :func:`retract`.
+RETRACTIONS = ("polar", "qr")
+
+
+def _check_matrix(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must be a matrix or a batch of matrices (..., m, n), got shape {tuple(x.shape)}")
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def sym(a: torch.Tensor) -> torch.Tensor:
+    """Symmetric part ``(A + A^T) / 2`` of a (batch of) square matrices."""
+    return 0.5 * (a + a.transpose(-2, -1))
+
+
+def is_wide(w: torch.Tensor) -> bool:
+    """Whether ``w`` (``(..., m, n)``) has more columns than rows, i.e. is orthonormal by rows (``m < n``)."""
+    return w.shape[-2] < w.shape[-1]
+
+
+def _tall(x: torch.Tensor, wide: bool) -> torch.Tensor:
+    return x.transpose(-2, -1) if wide else x
+
+
+def tangent_projection(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Orthogonal projection of ``g`` onto the tangent space of the Stiefel manifold at ``w``.
+
+    ``P_W(G) = G - W sym(W^T G)`` for tall ``W`` (``W^T W = I``); a wide ``W`` is transposed (see the module
+    docstring). The result ``xi`` satisfies ``W^T xi + xi^T W = 0`` and ``P_W(P_W(G)) = P_W(G)``.
+    """
+    _check_matrix(w, "w")
+    if g.shape != w.shape:
+        raise ValueError(f"g must have the shape of w {tuple(w.shape)}, got {tuple(g.shape)}")
+    wide = is_wide(w)
+    wt, gt = _tall(w, wide), _tall(g, wide)
+    out = gt - wt @ sym(wt.transpose(-2, -1) @ gt)
+    return _tall(out, wide)
+
+
+def _polar_factor(a: torch.Tensor) -> torch.Tensor:
+    dtype = _work_dtype(a)
+    u, _, vh = torch.linalg.svd(a.to(dtype), full_matrices=False)
+    return (u @ vh).to(a.dtype)
+
+
+def polar_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+    """Polar retraction ``R_W(xi) = (W + xi)(I + xi^T xi)^(-1/2)``, computed as the polar factor of ``W + xi``.
+
+    Exact for a tangent ``xi``; for any ``xi`` the result is the orthonormal matrix nearest to ``W + xi``.
+    """
+    _check_matrix(w, "w")
+    if xi.shape != w.shape:
+        raise ValueError(f"xi must have the shape of w {tuple(w.shape)}, got {tuple(xi.shape)}")
+    return _polar_factor(w + xi)
+
+
+def qr_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+    """QR retraction ``R_W(xi) = qf(W + xi)``: the Q factor of the thin QR decomposition, with the signs of
+    ``Q``'s columns chosen so that ``R``'s diagonal is positive (which makes ``qf`` unique and smooth, and
+    ``R_W(0) = W`` for orthonormal ``W``). Wide matrices are transposed (rows orthonormal)."""
+    _check_matrix(w, "w")
+    if xi.shape != w.shape:
+        raise ValueError(f"xi must have the shape of w {tuple(w.shape)}, got {tuple(xi.shape)}")
+    wide = is_wide(w)
+    a = _tall(w + xi, wide)
+    dtype = _work_dtype(a)
+    q, r = torch.linalg.qr(a.to(dtype), mode="reduced")
+    signs = torch.diagonal(r, dim1=-2, dim2=-1).sign()
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    q = q * signs.unsqueeze(-2)
+    return _tall(q.to(w.dtype), wide)
+
+
+def retract(w: torch.Tensor, xi: torch.Tensor, method: str = "polar") -> torch.Tensor:
+    """``polar_retraction`` or ``qr_retraction`` by name (``"polar"`` or ``"qr"``)."""
+    if method == "polar":
+        return polar_retraction(w, xi)
+    if method == "qr":
+        return qr_retraction(w, xi)
+    raise ValueError(f"unknown retraction {method!r}; choose one of {', '.join(RETRACTIONS)}")
+
+
+def project_to_stiefel(w: torch.Tensor) -> torch.Tensor:
+    """The orthonormal matrix nearest to ``w`` in Frobenius norm: the polar factor ``U V^T`` of ``w = U S V^T``.
+
+    Rows or columns come out orthonormal by ``w``'s shape (module docstring). A rank-deficient ``w`` gets one of
+    the nearest orthonormal matrices (the SVD picks the basis of the null directions).
+    """
+    _check_matrix(w, "w")
+    return _polar_factor(w)
+
+
+def orthogonality_defect(w: torch.Tensor) -> torch.Tensor:
+    """``max |W^T W - I|`` (tall/square ``W``) or ``max |W W^T - I|`` (wide ``W``), per matrix of the batch.
+
+    Returns a 0-d tensor for a single matrix, a tensor of the batch shape otherwise; computed without gradient
+    tracking in at least float32.
+    """
+    _check_matrix(w, "w")
+    with torch.no_grad():
+        x = _tall(w.detach().to(_work_dtype(w)), is_wide(w))
+        gram = x.transpose(-2, -1) @ x
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        return (gram - eye).abs().amax(dim=(-2, -1))
+
+
+def random_orthonormal(m: int, n: int, *batch: int, generator: torch.Generator | None = None,
+                       dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+                       ) -> torch.Tensor:
+    """A random ``(*batch, m, n)`` orthonormal matrix (columns if ``m >= n``, rows otherwise), uniformly
+    (Haar) distributed: the sign-fixed Q factor of a Gaussian matrix."""
+    tall = (max(m, n), min(m, n))
+    # Drawn on the generator's device (CPU unless a device generator is given), so a seed gives the same matrix
+    # whatever ``device`` is; then moved.
+    gen_device = generator.device if generator is not None else device
+    gauss = torch.randn(*batch, *tall, generator=generator, dtype=torch.float64, device=gen_device)
+    q = qr_retraction(torch.zeros_like(gauss), gauss)  # qf(0 + G): sign-fixed Q factor
+    if m < n:
+        q = q.transpose(-2, -1)
+    return q.to(device=device, dtype=dtype).contiguous()
+
+
+def flatten_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """A layer weight as the matrix (batch) the Stiefel functions work on.
+
+    Linear ``(out, in)``: unchanged. Convolution ``(out, in / groups, *kernel)``: ``(out, in / groups * prod(kernel))``
+    for ``groups == 1``, ``(groups, out / groups, in / groups * prod(kernel))`` otherwise (one matrix per group).
+    A view when ``weight`` is contiguous.
+    """
+    if weight.dim() < 2:
+        raise ValueError(f"a layer weight has at least 2 dimensions, got shape {tuple(weight.shape)}")
+    out = weight.shape[0]
+    if groups == 1:
+        return weight.reshape(out, -1)
+    if out % groups:
+        raise ValueError(f"{out} output channels are not divisible by groups={groups}")
+    return weight.reshape(groups, out // groups, -1)
+
+
+def unflatten_weight(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`flatten_weight`: ``matrix`` reshaped to the shape of the layer weight ``like``."""
+    return matrix.reshape(like.shape)

@@ -1,0 +1,215 @@
+"""Pass ``riemannian``: train Linear / Conv1d / Conv2d weights on the Stiefel manifold (P1).
+
+The graph is not changed. At transform time the pass (optionally) projects each selected weight onto the
+manifold and records a :class:`StiefelHook` per constrained layer; ``orthofx.attach(optimizer, gm)`` runs the
+hooks inside ``optimizer.step()``. Any optimizer works (SGD with or without momentum, Adam, AdamW, ...), because
+the hooks turn the step the optimizer actually took into a Riemannian one:
+
+before the step
+    the weight's gradient ``G`` is replaced (in place) by its tangent projection ``P_W(G) = G - W sym(W^T G)``,
+    and the pre-step weight ``W`` is kept (a clone, held only until the step ends);
+the optimizer
+    takes its usual step ``W -> W + d`` (``d = -lr P_W(G)`` for plain SGD; momentum, Adam's scaling and weight
+    decay make ``d`` something else);
+after the step
+    ``xi = P_W(d)`` with ``d = W_after - W_before`` (the step's component normal to the manifold, weight decay
+    included, since ``P_W(W) = 0``, is dropped), and the weight becomes ``R_W(xi)``, retracted from the *pre-step*
+    point with the polar or QR retraction of :mod:`orthofx.nn.stiefel`. For plain SGD this is exactly Riemannian
+    gradient descent, ``W <- R_W(-lr grad_R f(W))`` with the Riemannian gradient ``grad_R f = P_W(G)``.
+    With ``momentum: project`` the optimizer's first-moment state is then projected onto the tangent space at the
+    new point, ``m <- P_{W_new}(m)``: SGD's ``momentum_buffer`` and Adam/AdamW's ``exp_avg`` (a vector transport
+    by projection, so momentum keeps pointing along the manifold). Adam's second moment ``exp_avg_sq`` is a
+    per-entry scale, not a direction, and is left as is; other state is left as is too.
+
+Matrices and shapes follow :mod:`orthofx.nn.stiefel`: a Linear weight ``(out, in)`` has orthonormal columns when
+``out >= in`` and orthonormal rows when ``out < in``; a convolution weight is flattened to ``(out, in * k * k)``
+(per group for grouped convs) and that matrix is kept orthonormal (kernel orthogonality, which is orthogonality
+of the convolution itself only for 1x1 and delta kernels, see P0). Biases are not constrained.
+
+Parameters (``with:``):
+
+* ``retraction``: ``polar`` (default; P1's retraction) or ``qr`` (cheaper, sign-fixed Q factor).
+* ``free``: ``none`` (default), ``first`` or ``last``. P1 leaves one layer unconstrained (it carries the
+  scale the orthonormal layers cannot, and the proof of linear convergence needs it): ``first`` / ``last``
+  leaves the first / last site this *rule* selected, in graph order, unconstrained (no projection, no hook). Each
+  rule counts its own sites; the manifest records a Change for the free site ("left free") and names it in the
+  Changes of the constrained ones (``after["free_site"]``).
+* ``momentum``: ``project`` (default, described above) or ``keep`` (the optimizer's state is left alone).
+* ``init``: ``project`` (default): at transform time the weight is replaced by its nearest orthonormal matrix
+  (polar factor), so the constraint holds from step 0; ``keep``: the weight is left as is and lands on the
+  manifold at the first step's retraction.
+* ``only_square``: ``false`` (default); ``true`` constrains only layers whose (flattened, per group) weight is
+  square and leaves the others unconstrained, each recorded as a Change "skipped: not square". The policy's
+  ``where:`` filters compare one attribute with a value and cannot say ``in_features == out_features``; this
+  parameter is how the ``isometric`` preset trains only the square Linears on the manifold.
+
+Under DDP the hooks run inside ``optimizer.step()``, so after the gradients were all-reduced; every replica
+computes the same projection and retraction, nothing else is needed.
+
+Example::
+
+    import torch, orthofx
+    model = orthofx.models.get("deep_linear", depth=4, width=16, in_features=16, out_features=16)
+    gm = orthofx.transform(model, {"rules": [{"match": {"type": "Linear"}, "apply": "riemannian",
+                                              "with": {"free": "first"}}]})
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
+    orthofx.attach(optimizer, gm)
+    x = torch.randn(32, 16)
+    loss = (gm(x) - x).square().mean(); loss.backward(); optimizer.step()   # layers 1..3 stay orthonormal
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn import stiefel
+from .base import Change, OptimizerHook, Param, Pass, PassContext, PlanEntry
+from .registry import register_pass
+
+__all__ = ["Riemannian", "StiefelHook"]
+
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+#: Optimizer state entries that hold a first moment (a direction) and are projected with ``momentum: project``.
+MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+
+
+def _groups(module: nn.Module) -> int:
+    return getattr(module, "groups", 1) if isinstance(module, (nn.Conv1d, nn.Conv2d)) else 1
+
+
+class StiefelHook(OptimizerHook):
+    """Riemannian update of the weight of the layer at ``site`` (see the module docstring).
+
+    Holds no tensors between steps: the pre-step weight lives only from ``before_step`` to ``after_step`` (keyed
+    by optimizer, so one model attached to two optimizers does not mix them up) and is dropped on copy/pickle.
+    """
+
+    parameter_names = ("weight",)
+
+    def __init__(self, site: str, rule: str, retraction: str = "polar", momentum: str = "project",
+                 groups: int = 1):
+        super().__init__(site, rule)
+        if retraction not in stiefel.RETRACTIONS:
+            raise ValueError(f"unknown retraction {retraction!r}; choose one of {', '.join(stiefel.RETRACTIONS)}")
+        self.retraction = retraction
+        self.momentum = momentum
+        self.groups = groups
+        self._pre: dict[int, torch.Tensor] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_pre"] = {}
+        return state
+
+    def _weight(self, root: nn.Module) -> nn.Parameter:
+        return root.get_submodule(self.site).weight
+
+    def _matrix(self, tensor: torch.Tensor) -> torch.Tensor:
+        return stiefel.flatten_weight(tensor, self.groups)
+
+    def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        weight = self._weight(root)
+        key = id(optimizer)
+        if weight.grad is None:  # not used this step: the optimizer skips it too
+            self._pre.pop(key, None)
+            return
+        if weight.grad.is_sparse:
+            raise RuntimeError(f"riemannian ({self.site}): sparse gradients are not supported")
+        with torch.no_grad():
+            w = weight.detach()
+            g = self._matrix(weight.grad)
+            weight.grad.copy_(stiefel.unflatten_weight(stiefel.tangent_projection(self._matrix(w), g),
+                                                       weight.grad))
+            self._pre[key] = w.clone()
+
+    def after_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        pre = self._pre.pop(id(optimizer), None)
+        if pre is None:
+            return
+        weight = self._weight(root)
+        with torch.no_grad():
+            w0 = self._matrix(pre)
+            step = self._matrix(weight.detach()) - w0
+            xi = stiefel.tangent_projection(w0, step)
+            new = stiefel.retract(w0, xi, self.retraction)
+            weight.copy_(stiefel.unflatten_weight(new, weight))
+            if self.momentum == "project":
+                state = optimizer.state.get(weight, {})
+                for name in MOMENTUM_KEYS:
+                    buf = state.get(name)
+                    if isinstance(buf, torch.Tensor) and buf.shape == weight.shape:
+                        buf.copy_(stiefel.unflatten_weight(stiefel.tangent_projection(new, self._matrix(buf)),
+                                                           buf))
+
+    def __repr__(self) -> str:
+        return (f"StiefelHook(site={self.site!r}, rule={self.rule!r}, retraction={self.retraction!r}, "
+                f"momentum={self.momentum!r})")
+
+
+@register_pass
+class Riemannian(Pass):
+    """Riemannian training on the Stiefel manifold (P1): tangent-projected gradients and retractions, run by
+    ``orthofx.attach``; optionally one free layer per rule."""
+
+    name = "riemannian"
+    params = (
+        Param("retraction", "polar", (str,), "polar (P1) or qr (sign-fixed Q factor)", choices=("polar", "qr")),
+        Param("free", "none", (str,), "leave the first/last site of this rule (graph order) unconstrained (P1)",
+              choices=("none", "first", "last")),
+        Param("momentum", "project", (str,), "project the optimizer's first moment (SGD momentum_buffer, Adam "
+              "exp_avg) onto the new tangent space after each step, or keep it", choices=("project", "keep")),
+        Param("init", "project", (str,), "replace the weight by its nearest orthonormal matrix at transform time, "
+              "or keep it", choices=("project", "keep")),
+        Param("only_square", False, (bool,), "constrain only layers whose (flattened) weight is square"),
+    )
+    site_kinds = frozenset({"module"})
+    module_types = _LAYER_TYPES
+    group = "weight"
+
+    def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
+        by_rule: dict[int, list[PlanEntry]] = {}
+        for entry in entries:  # plan entries of one rule come in graph order
+            by_rule.setdefault(entry.rule_index, []).append(entry)
+        for rule_entries in by_rule.values():
+            free = rule_entries[0].params["free"]
+            free_site = None
+            if free != "none" and rule_entries:
+                free_site = (rule_entries[0] if free == "first" else rule_entries[-1]).site.name
+            for entry in rule_entries:
+                self._apply_one(ctx, entry, free_site)
+
+    def _apply_one(self, ctx: PassContext, entry: PlanEntry, free_site: str | None) -> None:
+        params = dict(entry.params)
+        name = entry.site.name
+        module = ctx.module(entry.site)
+        groups = _groups(module)
+        weight = module.weight
+        matrix = stiefel.flatten_weight(weight.detach(), groups)
+        shape = "x".join(str(s) for s in matrix.shape[-2:])
+        before = {"orth_defect": float(stiefel.orthogonality_defect(matrix).max())}
+        if name == free_site:
+            ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name,
+                              what=f"left free (unconstrained, free: {params['free']})", params=params,
+                              before=before, after={"free_site": name}))
+            return
+        if params["only_square"] and matrix.shape[-1] != matrix.shape[-2]:
+            ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name,
+                              what=f"skipped: not square ({shape}); trains unconstrained", params=params,
+                              before=before, after={"free_site": free_site}))
+            return
+        if params["init"] == "project":
+            with torch.no_grad():
+                weight.copy_(stiefel.unflatten_weight(stiefel.project_to_stiefel(matrix), weight))
+        after = {"orth_defect": float(stiefel.orthogonality_defect(stiefel.flatten_weight(weight.detach(),
+                                                                                          groups)).max()),
+                 "free_site": free_site}
+        ctx.add_optimizer_hook(StiefelHook(name, entry.rule_name, retraction=params["retraction"],
+                                           momentum=params["momentum"], groups=groups))
+        rows = "rows" if stiefel.is_wide(matrix) else "columns"
+        ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name,
+                          what=f"Riemannian training on the Stiefel manifold ({shape}, orthonormal {rows}, "
+                               f"{params['retraction']} retraction)",
+                          params=params, before=before, after=after))

@@ -1,0 +1,607 @@
+"""Stiefel math, the ``riemannian`` and ``isometric_init`` passes, the isometric blocks, the ``isometric`` preset and
+the orthonormal_linear example (P1, P2)."""
+
+import copy
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import orthofx
+import orthofx.passes.isometric_init  # noqa: F401  (registers the pass)
+import orthofx.passes.riemannian  # noqa: F401  (registers the pass)
+from orthofx.nn import stiefel
+from orthofx.nn.isometric import OrthogonalActivationBlock, ReflectionResidualBlock
+from orthofx.passes.riemannian import StiefelHook
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matrices: on a loaded machine thread synchronisation costs more than the work.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def orthonormal(m, n, *batch, dtype=torch.float64, seed=0):
+    return stiefel.random_orthonormal(m, n, *batch, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def randn(*shape, dtype=torch.float64, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def is_tangent(w, xi):
+    """W^T xi + xi^T W for tall W (W xi^T + xi W^T for wide)."""
+    if stiefel.is_wide(w):
+        w, xi = w.transpose(-2, -1), xi.transpose(-2, -1)
+    return w.transpose(-2, -1) @ xi + xi.transpose(-2, -1) @ w
+
+
+SHAPES = [(6, 6), (9, 4), (4, 9), (3, 7, 5), (2, 5, 8)]
+
+
+# --------------------------------------------------------------------------------------------- the math
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_tangent_projection_is_tangent_and_idempotent(shape):
+    w = orthonormal(*shape[-2:], *shape[:-2])
+    g = randn(*shape)
+    xi = stiefel.tangent_projection(w, g)
+    assert is_tangent(w, xi).abs().max() < 1e-12
+    torch.testing.assert_close(stiefel.tangent_projection(w, xi), xi, atol=1e-12, rtol=0)
+    # Orthogonal projection: the residual G - xi is orthogonal to every tangent vector.
+    other = stiefel.tangent_projection(w, randn(*shape, seed=7))
+    assert float(((g - xi) * other).sum()) == pytest.approx(0.0, abs=1e-10)
+    assert stiefel.tangent_projection(w, w).abs().max() < 1e-12  # weight decay's direction is normal
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 7), n=st.integers(1, 7), seed=st.integers(0, 10_000))
+def test_tangent_projection_any_shape(m, n, seed):
+    w = orthonormal(m, n, seed=seed)
+    xi = stiefel.tangent_projection(w, randn(m, n, seed=seed + 1))
+    assert is_tangent(w, xi).abs().max() < 1e-12
+    for method in stiefel.RETRACTIONS:
+        assert float(stiefel.orthogonality_defect(stiefel.retract(w, xi, method))) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["polar", "qr"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_retractions_land_on_the_manifold(method, shape, dtype, tol):
+    w = orthonormal(*shape[-2:], *shape[:-2], dtype=dtype)
+    xi = stiefel.tangent_projection(w, randn(*shape, dtype=dtype))
+    out = stiefel.retract(w, xi, method)
+    assert out.shape == w.shape and out.dtype == dtype
+    assert float(stiefel.orthogonality_defect(out).max()) < tol
+    torch.testing.assert_close(stiefel.retract(w, torch.zeros_like(w), method), w,
+                               atol=10 * tol, rtol=0)  # R_W(0) = W
+
+
+@pytest.mark.parametrize("method", ["polar", "qr"])
+@pytest.mark.parametrize("shape", [(6, 6), (9, 4), (4, 9)])
+def test_retractions_agree_to_first_order(method, shape):
+    w = orthonormal(*shape)
+    xi = stiefel.tangent_projection(w, randn(*shape))
+    errors = []
+    for t in (1e-2, 5e-3, 2.5e-3):
+        errors.append(float((stiefel.retract(w, t * xi, method) - w - t * xi).norm()))
+    # R_W(t xi) = W + t xi + O(t^2): halving t divides the remainder by ~4, and remainder / t -> 0.
+    assert errors[0] / errors[1] == pytest.approx(4.0, rel=0.05)
+    assert errors[1] / errors[2] == pytest.approx(4.0, rel=0.05)
+    assert errors[2] / 2.5e-3 < 1e-2 * float(xi.norm())
+
+
+def test_polar_retraction_is_the_formula_of_p1():
+    w = orthonormal(7, 4)
+    xi = stiefel.tangent_projection(w, randn(7, 4))
+    evals, evecs = torch.linalg.eigh(torch.eye(4, dtype=torch.float64) + xi.T @ xi)
+    formula = (w + xi) @ evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    torch.testing.assert_close(stiefel.polar_retraction(w, xi), formula, atol=1e-12, rtol=0)
+
+
+def test_qr_retraction_has_positive_r_diagonal():
+    w = orthonormal(8, 3)
+    xi = stiefel.tangent_projection(w, randn(8, 3))
+    q = stiefel.qr_retraction(w, xi)
+    r = q.T @ (w + xi)
+    torch.testing.assert_close(q @ r, w + xi, atol=1e-12, rtol=0)
+    assert (torch.diagonal(r) > 0).all()
+    torch.testing.assert_close(r, torch.triu(r), atol=1e-12, rtol=0)
+
+
+def test_project_to_stiefel_is_the_nearest_orthonormal_matrix():
+    q = orthonormal(6, 4)
+    s = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(stiefel.project_to_stiefel(q * s), q, atol=1e-12, rtol=0)  # polar factor of Q S
+    a = randn(6, 4)
+    p = stiefel.project_to_stiefel(a)
+    assert float(stiefel.orthogonality_defect(p)) < 1e-12
+    for seed in range(20):  # no other orthonormal matrix is closer
+        assert (a - p).norm() <= (a - orthonormal(6, 4, seed=seed + 100)).norm() + 1e-12
+    assert float(stiefel.orthogonality_defect(stiefel.project_to_stiefel(randn(3, 8)))) < 1e-12  # rows
+
+
+def test_orthogonality_defect_and_weight_flattening():
+    w = torch.eye(3, dtype=torch.float64) * torch.tensor([1.0, 1.0, 1.5], dtype=torch.float64)
+    assert float(stiefel.orthogonality_defect(w)) == pytest.approx(1.25)
+    assert float(stiefel.orthogonality_defect(orthonormal(3, 8))) < 1e-12  # wide: rows
+    assert stiefel.orthogonality_defect(orthonormal(3, 8, 4)).shape == (4,)
+    conv = torch.randn(6, 2, 3, 3)
+    assert stiefel.flatten_weight(conv).shape == (6, 18)
+    assert stiefel.flatten_weight(conv, groups=3).shape == (3, 2, 18)
+    torch.testing.assert_close(stiefel.unflatten_weight(stiefel.flatten_weight(conv, 3), conv), conv)
+    with pytest.raises(ValueError, match="matrix"):
+        stiefel.tangent_projection(torch.ones(3), torch.ones(3))
+    with pytest.raises(ValueError, match="unknown retraction"):
+        stiefel.retract(w, w, "cayley")
+
+
+# ------------------------------------------------------------------------------------ the riemannian pass
+
+class Small(nn.Module):
+    """A square, a wide and a tall Linear and a conv, so every shape convention is exercised."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.square = nn.Linear(16, 16)
+        self.wide = nn.Linear(16, 6)
+        self.tall = nn.Linear(6, 9)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).mean((2, 3))
+        h = torch.tanh(self.square(h.repeat(1, 4)))
+        return self.tall(torch.tanh(self.wide(h)))
+
+
+def riemannian(**params):
+    return {"rules": [{"name": "stiefel", "match": {"type": ["Linear", "Conv2d"]}, "apply": "riemannian",
+                       "with": params}]}
+
+
+def weights(gm):
+    return {name: stiefel.flatten_weight(module.weight.detach(), getattr(module, "groups", 1))
+            for name, module in gm.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))}
+
+
+def train(gm, optimizer, steps, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(8, 2, 5, 5, generator=generator)
+        loss = (gm(x) - 1.0).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
+
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "sgd-nesterov-wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("optimizer_name,retraction,steps", [
+    ("sgd-momentum", "polar", 1000), ("adam", "polar", 1000), ("adamw", "qr", 1000),
+    ("sgd-nesterov-wd", "qr", 200), ("sgd-momentum", "qr", 200), ("adam", "qr", 200), ("adamw", "polar", 200),
+])
+def test_riemannian_training_keeps_weights_orthonormal(optimizer_name, retraction, steps):
+    make_optimizer = OPTIMIZERS[optimizer_name]
+    torch.manual_seed(0)
+    gm = orthofx.transform(Small(), riemannian(retraction=retraction))
+    for w in weights(gm).values():
+        assert float(stiefel.orthogonality_defect(w)) < 1e-5  # init: project
+    start = {k: v.clone() for k, v in weights(gm).items()}
+    optimizer = make_optimizer(gm.parameters())
+    orthofx.attach(optimizer, gm)
+    train(gm, optimizer, steps)
+    for name, w in weights(gm).items():
+        assert float(stiefel.orthogonality_defect(w)) < 1e-5, name
+        assert (w - start[name]).abs().max() > 1e-2, name  # and the weights did move
+
+
+def test_sgd_step_is_exact_riemannian_gradient_descent():
+    torch.manual_seed(0)
+    gm = orthofx.transform(Small().double(), riemannian())
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.3)
+    orthofx.attach(optimizer, gm)
+    x = torch.randn(8, 2, 5, 5, dtype=torch.float64)
+    loss = gm(x).square().sum()
+    loss.backward()
+    expected = {}
+    before = {name: w.clone() for name, w in weights(gm).items()}
+    for name, w in before.items():
+        g = stiefel.flatten_weight(gm.get_submodule(name).weight.grad)
+        expected[name] = stiefel.polar_retraction(w, -0.3 * stiefel.tangent_projection(w, g))
+    optimizer.step()
+    for name, w in weights(gm).items():
+        torch.testing.assert_close(w, expected[name], atol=1e-12, rtol=0)
+        # the gradient the optimizer used is the Riemannian one: tangent at the pre-step point
+        g = stiefel.flatten_weight(gm.get_submodule(name).weight.grad)
+        assert is_tangent(before[name], g).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("make_optimizer,key", [
+    (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), "momentum_buffer"),
+    (lambda p: torch.optim.Adam(p, lr=1e-2), "exp_avg"),
+])
+def test_momentum_is_projected_onto_the_new_tangent_space(make_optimizer, key):
+    torch.manual_seed(0)
+    gm = orthofx.transform(Small(), riemannian())
+    optimizer = make_optimizer(gm.parameters())
+    orthofx.attach(optimizer, gm)
+    train(gm, optimizer, 5)
+    for name, w in weights(gm).items():
+        module = gm.get_submodule(name)
+        buf = stiefel.flatten_weight(optimizer.state[module.weight][key])
+        assert buf.abs().max() > 0
+        assert is_tangent(w, buf).abs().max() < 1e-5 * max(1.0, float(buf.abs().max())), name
+    # keep: the state is left as the optimizer made it (not tangent in general)
+    gm2 = orthofx.transform(Small(), riemannian(momentum="keep"))
+    optimizer2 = make_optimizer(gm2.parameters())
+    orthofx.attach(optimizer2, gm2)
+    train(gm2, optimizer2, 5)
+    w = weights(gm2)["wide"]
+    buf = stiefel.flatten_weight(optimizer2.state[gm2.get_submodule("wide").weight][key])
+    assert is_tangent(w, buf).abs().max() > 1e-4 * float(buf.abs().max())
+
+
+def test_adam_second_moment_is_left_alone():
+    torch.manual_seed(0)
+    gm = orthofx.transform(Small(), riemannian())
+    optimizer = torch.optim.Adam(gm.parameters(), lr=1e-2)
+    orthofx.attach(optimizer, gm)
+    train(gm, optimizer, 3)
+    weight = gm.get_submodule("square").weight
+    before = optimizer.state[weight]["exp_avg_sq"].clone()
+    train(gm, optimizer, 1, seed=5)
+    after = optimizer.state[weight]["exp_avg_sq"]
+    projected = weight.grad  # the hook replaced the gradient by its projection before Adam used it
+    torch.testing.assert_close(after, 0.999 * before + 0.001 * projected.square(), atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("free,site", [("first", "conv"), ("last", "tall")])
+def test_free_first_or_last_leaves_that_layer_unconstrained(free, site):
+    torch.manual_seed(0)
+    model = Small()
+    original = model.get_submodule(site).weight.detach().clone()
+    gm = orthofx.transform(model, riemannian(free=free))
+    manifest = orthofx.manifest_of(gm)
+    assert sorted(h.site for h in manifest.optimizer_hooks) == sorted({"conv", "square", "wide", "tall"} - {site})
+    (free_change,) = [c for c in manifest.changes if c.what.startswith("left free")]
+    assert free_change.site == site and free_change.after["free_site"] == site
+    assert all(c.after["free_site"] == site for c in manifest.changes)
+    torch.testing.assert_close(gm.get_submodule(site).weight.detach(), original)  # not projected
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
+    orthofx.attach(optimizer, gm)
+    train(gm, optimizer, 50)
+    for name, w in weights(gm).items():
+        defect = float(stiefel.orthogonality_defect(w))
+        assert (defect > 0.05) if name == site else (defect < 1e-5), name
+
+
+def test_free_counts_the_sites_of_each_rule():
+    torch.manual_seed(0)
+    policy = {"rules": [
+        {"name": "a", "match": {"name": "square"}, "apply": "riemannian", "with": {"free": "first"}},
+        {"name": "b", "match": {"type": "Linear"}, "apply": "riemannian", "with": {"free": "last"}},
+    ]}
+    gm = orthofx.transform(Small(), policy)
+    assert sorted(h.site for h in orthofx.manifest_of(gm).optimizer_hooks) == ["wide"]
+
+
+def test_only_square_and_init_keep():
+    torch.manual_seed(0)
+    model = Small()
+    gm = orthofx.transform(model, riemannian(only_square=True, init="keep"))
+    manifest = orthofx.manifest_of(gm)
+    assert [h.site for h in manifest.optimizer_hooks] == ["square"]
+    skipped = {c.site: c.what for c in manifest.changes if c.what.startswith("skipped")}
+    assert set(skipped) == {"conv", "wide", "tall"} and "not square (4x18)" in skipped["conv"]
+    torch.testing.assert_close(gm.get_submodule("square").weight, model.square.weight)  # init: keep
+    assert float(stiefel.orthogonality_defect(weights(gm)["square"])) > 0.1
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.01)
+    orthofx.attach(optimizer, gm)
+    train(gm, optimizer, 1)  # the first retraction lands on the manifold
+    assert float(stiefel.orthogonality_defect(weights(gm)["square"])) < 1e-5
+
+
+def test_grouped_conv_is_constrained_per_group_and_layers_without_gradient_are_left_alone():
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 6, 3, groups=2, padding=1)
+            self.head = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.head(self.conv(x).mean(-1))
+
+    torch.manual_seed(0)
+    gm = orthofx.transform(Grouped(), {"rules": [{"match": {"type": ["Conv1d", "Linear"]},
+                                                  "apply": "riemannian"}]})
+    optimizer = torch.optim.Adam(gm.parameters(), lr=1e-2)
+    orthofx.attach(optimizer, gm)
+    for _ in range(20):
+        loss = gm(torch.randn(5, 4, 7)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    per_group = stiefel.flatten_weight(gm.get_submodule("conv").weight.detach(), groups=2)
+    assert per_group.shape == (2, 3, 6) and float(stiefel.orthogonality_defect(per_group).max()) < 1e-5
+    # A weight without a gradient this step: the optimizer skips it, and so do the hooks.
+    head = gm.get_submodule("head").weight
+    frozen = head.detach().clone()
+    loss = gm(torch.randn(5, 4, 7)).square().mean()
+    optimizer.zero_grad()
+    loss.backward()
+    head.grad = None
+    optimizer.step()
+    torch.testing.assert_close(head.detach(), frozen, rtol=0, atol=0)
+    assert all(not hook._pre for hook in orthofx.manifest_of(gm).optimizer_hooks)
+
+
+def test_hooks_hold_no_tensors_when_copied():
+    torch.manual_seed(0)
+    gm = orthofx.transform(Small(), riemannian())
+    hook = orthofx.manifest_of(gm).optimizer_hooks[0]
+    assert isinstance(hook, StiefelHook)
+    hook._pre[0] = torch.ones(3)
+    assert pickle.loads(pickle.dumps(hook))._pre == {}
+    assert copy.deepcopy(hook)._pre == {}
+    hook._pre.clear()
+    copied = copy.deepcopy(gm)
+    assert len(orthofx.manifest_of(copied).optimizer_hooks) == 4
+
+
+def test_riemannian_gd_converges_linearly_on_a_p1_instance():
+    """Orthonormal deep linear net, first layer free, whitened data: log loss is a straight line."""
+    width, depth, lr = 6, 3, 0.2
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4 * width, width, generator=generator, dtype=torch.float64)
+    x = x - x.mean(0)
+    evals, evecs = torch.linalg.eigh(x.T @ x / len(x))
+    x = x @ evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    teacher = orthonormal(width, width, seed=3) * torch.linspace(0.5, 1.5, width, dtype=torch.float64)
+    y = x @ teacher.T
+    model = orthofx.models.get("deep_linear", depth=depth, width=width, in_features=width, out_features=width)
+    policy = {"rules": [{"match": {"type": "Linear"}, "apply": "isometric_init", "with": {"seed": 1}},
+                        {"match": {"type": "Linear"}, "apply": "riemannian", "with": {"free": "first"}}]}
+    gm = orthofx.transform(model.double(), policy)
+    optimizer = torch.optim.SGD(gm.parameters(), lr=lr)
+    orthofx.attach(optimizer, gm)
+    losses = []
+    for _ in range(60):
+        loss = 0.5 * (gm(x) - y).square().sum(1).mean()
+        losses.append(float(loss.detach()))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    losses = torch.tensor(losses, dtype=torch.float64)
+    ratios = losses[1:] / losses[:-1]
+    assert (ratios < 1).all()
+    assert losses[-1] < 1e-8 * losses[0]
+    tail = losses[10:].log()
+    steps = torch.arange(len(tail), dtype=torch.float64)
+    slope, intercept = torch.linalg.lstsq(torch.stack([steps, torch.ones_like(steps)], 1), tail[:, None]).solution
+    residual = tail - (slope * steps + intercept)
+    assert residual.abs().max() < 0.05  # a straight line in log loss: linear convergence
+    rate = math.exp(float(slope))
+    assert rate < 0.9
+    assert ratios[10:].sub(rate).abs().max() < 0.02  # the per-step ratio stays constant
+    for hook in orthofx.manifest_of(gm).optimizer_hooks:
+        assert float(stiefel.orthogonality_defect(gm.get_submodule(hook.site).weight.detach())) < 1e-12
+
+
+def test_riemannian_rejects_other_layers():
+    class WithNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.norm = nn.LayerNorm(3)
+
+        def forward(self, x):
+            return self.norm(self.lin(x))
+
+    plan = orthofx.explain(WithNorm(), {"rules": [{"match": {"type": ["Linear", "LayerNorm"]},
+                                                   "apply": "riemannian"}]})
+    assert [e.site.name for e in plan.entries] == ["lin"]
+    assert plan.skipped[0][0].name == "norm"
+    with pytest.raises(orthofx.PolicyError, match="retraction"):
+        orthofx.transform(WithNorm(), {"rules": [{"match": {"type": "Linear"}, "apply": "riemannian",
+                                                  "with": {"retraction": "cayley"}}]})
+
+
+# ---------------------------------------------------------------------------------- isometric init
+
+def isometric(**params):
+    return {"rules": [{"match": {"type": ["Linear", "Conv1d", "Conv2d"]}, "apply": "isometric_init",
+                       "with": params}]}
+
+
+def test_isometric_init_gives_orthonormal_linears():
+    model = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 9), nn.Tanh(), nn.Linear(9, 3))
+    gm = orthofx.transform(model, isometric(seed=0))
+    for name in ("0", "2", "4"):
+        layer = gm.get_submodule(name)
+        assert float(stiefel.orthogonality_defect(layer.weight.detach())) < 1e-6
+        assert layer.bias.abs().max() == 0
+        singular = torch.linalg.svdvals(layer.weight.detach())
+        torch.testing.assert_close(singular, torch.ones_like(singular), atol=1e-6, rtol=0)
+    changes = orthofx.manifest_of(gm).changes
+    assert all(c.after["orth_defect"] < 1e-6 < c.before["orth_defect"] for c in changes)
+    assert "orthonormal columns" in changes[0].what and "orthonormal rows" in changes[2].what
+
+
+def test_isometric_init_gain_activation_seed_and_bias():
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    a = orthofx.transform(model, isometric(seed=3, activation="relu", gain=0.5, bias="keep"))
+    b = orthofx.transform(model, isometric(seed=3, activation="relu", gain=0.5, bias="keep"))
+    c = orthofx.transform(model, isometric(seed=4))
+    wa, wb, wc = (g.get_submodule("0").weight.detach() for g in (a, b, c))
+    torch.testing.assert_close(wa, wb, rtol=0, atol=0)  # seeded: reproducible
+    assert (wa - wc).abs().max() > 0.1
+    scale = 0.5 * math.sqrt(2.0)
+    torch.testing.assert_close(wa.T @ wa, scale ** 2 * torch.eye(6), atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.get_submodule("0").bias, model[0].bias)  # bias: keep
+    assert orthofx.manifest_of(a).changes[0].after["scale"] == pytest.approx(scale)
+    tanh = orthofx.transform(model, isometric(activation="tanh"))
+    w = tanh.get_submodule("2").weight.detach()
+    torch.testing.assert_close(w @ w.T, (5 / 3) ** 2 * torch.eye(6), atol=1e-5, rtol=0)
+    torch.manual_seed(11)  # seed null: the global RNG
+    d = orthofx.transform(model, isometric())
+    torch.manual_seed(11)
+    e = orthofx.transform(model, isometric())
+    torch.testing.assert_close(d.get_submodule("0").weight, e.get_submodule("0").weight, rtol=0, atol=0)
+    with pytest.raises(orthofx.PolicyError, match="gain"):
+        orthofx.transform(model, isometric(gain=0.0))
+
+
+def jacobian(module, x):
+    return torch.autograd.functional.jacobian(lambda t: module(t[None])[0].reshape(-1), x).reshape(-1, x.numel())
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 5, 3, padding=1),          # M > C: columns orthonormal, J^T J = I
+    nn.Conv2d(5, 3, 5, padding=2),          # M < C: rows orthonormal, J J^T = I
+    nn.Conv2d(4, 4, 3, padding="same", dilation=2),
+    nn.Conv2d(4, 6, 3, padding=1, groups=2),
+    nn.Conv1d(3, 3, 3, padding=1),
+    nn.Conv2d(4, 4, 4, padding="same"),    # even kernel: the tap 'same' padding aligns
+], ids=["co", "ro", "dilated", "grouped", "conv1d", "even"])
+def test_delta_orthogonal_conv_has_an_orthogonal_jacobian(conv):
+    gm = orthofx.transform(nn.Sequential(conv.double()), isometric(seed=0))
+    layer = gm.get_submodule("0")
+    spatial = (5,) * (layer.weight.dim() - 2)
+    x = torch.randn(layer.in_channels, *spatial, dtype=torch.float64)
+    j = jacobian(layer, x)
+    groups = layer.groups
+    m, c = layer.out_channels // groups, layer.in_channels // groups
+    gram = j.T @ j if m >= c else j @ j.T
+    torch.testing.assert_close(gram, torch.eye(len(gram), dtype=torch.float64), atol=1e-10, rtol=0)
+    change = orthofx.manifest_of(gm).changes[0]
+    assert "delta-orthogonal" in change.what and abs(change.after["lorth"]) < 1e-10
+    nonzero = layer.weight.detach().abs().flatten(2).sum((0, 1)) > 0
+    assert int(nonzero.sum()) == 1  # a single tap
+
+
+def test_isometric_init_float32_jacobian_of_a_deep_stack():
+    torch.manual_seed(0)
+    model = orthofx.models.get("deep_linear", depth=6, width=8, in_features=8, out_features=8)
+    gm = orthofx.transform(model, isometric(seed=2))
+    j = torch.autograd.functional.jacobian(gm, torch.randn(1, 8))[0, :, 0, :]
+    torch.testing.assert_close(j.T @ j, torch.eye(8), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- isometric blocks
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("activation", ["abs", "identity"])
+def test_orthogonal_activation_block_has_an_orthogonal_jacobian(dtype, tol, activation):
+    torch.manual_seed(0)
+    block = OrthogonalActivationBlock(7, activation=activation, dtype=dtype)
+    with torch.no_grad():
+        block.bias.normal_()
+    q = block.weight.detach()
+    torch.testing.assert_close(q.T @ q, torch.eye(7, dtype=dtype), atol=tol, rtol=0)
+    for _ in range(3):
+        x = torch.randn(7, dtype=dtype)
+        j = torch.autograd.functional.jacobian(block, x)
+        torch.testing.assert_close(j.T @ j, torch.eye(7, dtype=dtype), atol=tol, rtol=0)
+        torch.testing.assert_close(j @ j.T, torch.eye(7, dtype=dtype), atol=tol, rtol=0)
+    assert block(torch.randn(4, 3, 7, dtype=dtype)).shape == (4, 3, 7)
+
+
+def test_relu_block_is_a_partial_isometry_and_other_activations_are_refused():
+    torch.manual_seed(0)
+    block = OrthogonalActivationBlock(6, activation="relu", dtype=torch.float64)
+    j = torch.autograd.functional.jacobian(block, torch.randn(6, dtype=torch.float64))
+    torch.testing.assert_close(j @ j.T @ j, j, atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="abs, identity, relu"):
+        OrthogonalActivationBlock(6, activation="tanh")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("hidden", [1, 4, 9])
+def test_reflection_residual_block_has_an_orthogonal_jacobian(dtype, tol, hidden):
+    torch.manual_seed(0)
+    block = ReflectionResidualBlock(9, hidden, dtype=dtype)
+    with torch.no_grad():
+        block.bias.normal_()
+    w = block.weight.detach()
+    assert w.shape == (hidden, 9)
+    torch.testing.assert_close(w @ w.T, torch.eye(hidden, dtype=dtype), atol=tol, rtol=0)
+    for _ in range(3):
+        j = torch.autograd.functional.jacobian(block, torch.randn(9, dtype=dtype))
+        torch.testing.assert_close(j.T @ j, torch.eye(9, dtype=dtype), atol=tol, rtol=0)
+        torch.testing.assert_close(j, j.T, atol=tol, rtol=0)  # a reflection
+    with pytest.raises(ValueError, match="must not exceed"):
+        ReflectionResidualBlock(3, 4)
+
+
+def test_isometric_blocks_train_and_trace():
+    torch.manual_seed(0)
+    model = nn.Sequential(OrthogonalActivationBlock(5), ReflectionResidualBlock(5, 3), nn.Linear(5, 2))
+    gm = orthofx.transform(model, "lorth", example_inputs=(torch.randn(4, 5),))
+    optimizer = torch.optim.Adam(gm.parameters(), lr=1e-2)
+    for _ in range(5):
+        loss = gm(torch.randn(4, 5)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for block in (gm.get_submodule("0"), gm.get_submodule("1")):
+        w = block.weight.detach()
+        torch.testing.assert_close(w @ w.T, torch.eye(len(w)), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ preset, example
+
+def test_isometric_preset():
+    assert "isometric" in orthofx.presets()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(64, 64), nn.Tanh(),
+                          nn.Linear(64, 10))
+    x = torch.randn(2, 1, 4, 4)
+    gm = orthofx.transform(model, "isometric", example_inputs=(x,))
+    manifest = orthofx.manifest_of(gm)
+    assert [h.site for h in manifest.optimizer_hooks] == ["2"]
+    init = {c.site for c in manifest.changes if c.pass_name == "isometric_init"}
+    assert init == {"0", "2", "4"}
+    (skipped,) = [c for c in manifest.changes if c.what.startswith("skipped")]
+    assert skipped.site == "4" and "10x64" in skipped.what
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
+    orthofx.attach(optimizer, gm)
+    for _ in range(20):
+        loss = gm(torch.randn(8, 1, 4, 4)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(stiefel.orthogonality_defect(gm.get_submodule("2").weight.detach())) < 1e-5
+    convs_only = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1))
+    orthofx.transform(convs_only, "isometric")  # the Stiefel rule is optional
+
+
+def test_orthonormal_linear_example_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "curves.png"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "orthonormal_linear.py"), "--quick",
+                             "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == [2, 4]
+    rates = [float(r[4]) for r in rows]
+    assert all(0 < r < 1 for r in rates) and rates[0] < rates[1]  # linear, and slower when deeper
