@@ -10,8 +10,8 @@
 from . import metrics, models, theory
 from .export import ExportResult, export, freeze, load
 from .optim import AttachHandle, attach
-from .errors import (CaptureError, ExportError, ImpossibleLayerError, OrthofxError, PlanError, PolicyError,
-                     TransformError)
+from .errors import (CaptureError, ExportError, ImpossibleLayerError, LayerArgumentError, OrthofxError, PlanError,
+                     PolicyError, TransformError)
 from .passes import register_pass
 from .penalty import penalty, penalty_terms
 from .plan import Plan
@@ -25,6 +25,6 @@ __all__ = [
     "transform", "explain", "penalty", "penalty_terms", "report", "Report", "Plan", "Policy", "presets",
     "register_pass", "manifest_of", "is_transformed", "attach", "AttachHandle",
     "freeze", "export", "load", "ExportResult", "ExportError",
-    "OrthofxError", "PolicyError", "CaptureError", "PlanError", "TransformError", "ImpossibleLayerError",
+    "OrthofxError", "PolicyError", "CaptureError", "PlanError", "TransformError", "ImpossibleLayerError", "LayerArgumentError",
     "metrics", "theory", "models",
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "TransformError",
     "ImpossibleLayerError",
     "ExportError",
+    "LayerArgumentError",
 ]
 
 
@@ -65,3 +66,7 @@ class ImpossibleLayerError(TransformError, ValueError):
 
 class ExportError(OrthofxError, RuntimeError):
     """Freezing, exporting, saving or loading failed, or the exported model does not reproduce the original."""
+
+
+class LayerArgumentError(OrthofxError, ValueError):
+    """A layer of :mod:`orthofx.nn` got a bad argument; the message says what to pass instead."""

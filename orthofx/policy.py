@@ -388,7 +388,16 @@ class _PolicyLoader(yaml.SafeLoader):
 
 
 class _PolicyDumper(yaml.SafeDumper):
-    """The safe dumper, quoting strings that :class:`_PolicyLoader` would read back as floats."""
+    """The safe dumper, quoting strings that :class:`_PolicyLoader` would read back as floats, and writing
+    strings with YAML line breaks other than ``\n`` (NEL, LS, PS) double-quoted so they survive a round trip."""
+
+    def represent_str(self, data: str):
+        if any(ch in data for ch in "\x85\u2028\u2029\r"):
+            return self.represent_scalar("tag:yaml.org,2002:str", data, style='"')
+        return super().represent_str(data)
+
+
+_PolicyDumper.add_representer(str, _PolicyDumper.represent_str)
 
 
 for _cls in (_PolicyLoader, _PolicyDumper):

@@ -9,13 +9,28 @@ One row per conv/linear layer of the graph (touched or not) and per other planne
   standard surrogate for zero-padded ones), strided convs through space-to-depth;
 * ``exists``: whether an orthogonal convolution of that architecture exists (P0, Theorem 4), with its case.
 
+Function sites (decompositions) rewritten with a condition-number monitor (pass ``svd_conditioning``,
+``monitor: true``) also carry the monitor's figures, read from its buffers (the monitor is found through the
+Change's ``after["monitor"]`` name, on the transformed model):
+
+* ``kappa``: the latest ``lambda_max / lambda_min`` of the matrix entering the site (``None`` before any call);
+* ``kappa_max``: the largest seen (NaN ignored); ``nan_events`` / ``inf_events``: calls whose eigenvalues held a
+  NaN / an inf (or gave an infinite kappa); ``updates``: calls recorded.
+
+The table shows the columns ``kappa``, ``kappa_max`` and ``nan`` only when some site has a monitor.
+``Report.conditioning`` maps each monitored site to its kappa history (oldest first; the monitor keeps the last
+``history_size`` values, 1000 by default). The monitor records every forward through the site, in training and in
+eval mode; the first value is ``transform``'s check run on the example inputs when they were given.
+``Report.plot(path)`` draws the spectra and, when there are monitors, a second panel with kappa against the
+monitor's update count (log scale).
+
 Example::
 
     gm = orthofx.transform(model, "lorth", example_inputs=(x,))
     rep = orthofx.report(gm)
     print(rep)              # a table
     rep.rows[0]["sigma_max"]
-    rep.plot("spectra.png")  # needs matplotlib
+    rep.plot("spectra.png")  # needs matplotlib; a second panel of kappa over updates when there are monitors
 """
 
 from __future__ import annotations
@@ -28,12 +43,16 @@ from torch import nn
 
 from . import metrics, theory
 from .capture import unwrap_model
-from .plan import describe_module
+from .nn.decompositions import ConditionMonitor
+from .nn.orthogonal import OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinear
+from .passes.base import describe_module
 from .transform import manifest_of
 
 __all__ = ["Report", "report", "layer_singular_values"]
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d)
+# Layers whose weight is the operator they apply (ConvNorm wrappers are not: they rescale in Fourier space).
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, OrthogonalConv1d, OrthogonalConv2d)
+_LINEAR_TYPES = (nn.Linear, OrthogonalLinear)
 
 
 def _dilated_kernel(weight: torch.Tensor, dilation: tuple[int, ...]) -> torch.Tensor:
@@ -63,7 +82,7 @@ def layer_singular_values(module: nn.Module, input_shape: tuple[int, ...] | None
     if not isinstance(weight, torch.Tensor):
         return None
     with torch.no_grad():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, _LINEAR_TYPES):
             return metrics.linear_singular_values(weight.detach())
         if isinstance(module, _CONV_TYPES):
             dims = weight.dim() - 2
@@ -76,7 +95,7 @@ def layer_singular_values(module: nn.Module, input_shape: tuple[int, ...] | None
 
 
 def _existence(module: nn.Module) -> str:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, _LINEAR_TYPES):
         return "yes (" + ("RO" if module.out_features <= module.in_features else "CO") + ")"
     if isinstance(module, _CONV_TYPES):
         dims = module.weight.dim() - 2
@@ -90,7 +109,7 @@ def _existence(module: nn.Module) -> str:
 
 
 def _lorth(module: nn.Module) -> float | None:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, _LINEAR_TYPES):
         return float(metrics.lorth(module.weight.detach()))
     if isinstance(module, _CONV_TYPES) and len(set(module.stride)) == 1 and all(d == 1 for d in module.dilation):
         return float(metrics.lorth(module.weight.detach(), stride=module.stride[0], groups=module.groups))
@@ -101,7 +120,10 @@ class Report:
     """Per-site table of a transformed model; ``str()`` renders it, ``rows`` and ``to_dict()`` give the data."""
 
     def __init__(self, rows: list[dict[str, Any]], capture: dict[str, Any], spectra: dict[str, torch.Tensor],
-                 penalties: list[dict[str, Any]]):
+                 penalties: list[dict[str, Any]], output_change: float | None = None,
+                 conditioning: dict[str, list[float]] | None = None):
+        self.output_change = output_change
+        self.conditioning = dict(conditioning or {})
         self.rows = rows
         self.capture = capture
         self.spectra = spectra
@@ -109,7 +131,8 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {"capture": dict(self.capture), "rows": [dict(r) for r in self.rows],
-                "penalties": [dict(p) for p in self.penalties]}
+                "penalties": [dict(p) for p in self.penalties], "output_change": self.output_change,
+                "conditioning": {site: list(values) for site, values in self.conditioning.items()}}
 
     def __str__(self) -> str:
         lines = [f"capture: {self.capture['mode']}"]
@@ -118,8 +141,14 @@ class Report:
         for warning in self.capture["warnings"]:
             lines.append(f"  warning: {warning}")
         headers = ["site", "layer", "pass", "params", "lorth", "sigma_min", "sigma_max", "input", "exists"]
-        table = [[_fmt(row.get(h)) for h in headers] for row in self.rows]
+        columns = list(headers)
+        if any("kappa" in row for row in self.rows):
+            headers += ["kappa", "kappa_max", "nan"]
+            columns += ["kappa", "kappa_max", "nan_events"]
+        table = [[_fmt(row.get(c)) for c in columns] for row in self.rows]
         lines.append(tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True))
+        if self.output_change is not None:
+            lines.append(f"relative output change on the example inputs: {self.output_change:.3g}")
         if self.penalties:
             total = sum(p["weighted"] for p in self.penalties)
             lines.append(f"penalty: {len(self.penalties)} term(s), weighted sum {total:.4g}")
@@ -128,14 +157,22 @@ class Report:
     __repr__ = __str__
 
     def plot(self, path: str, max_layers: int = 24) -> str:
-        """Write a PNG of each layer's singular values (sorted, descending) to ``path``; needs matplotlib."""
+        """Write a PNG of each layer's singular values (sorted, descending) to ``path``; needs matplotlib.
+
+        When the model has condition-number monitors (:attr:`conditioning` is not empty) the figure gets a second
+        panel: each monitored site's kappa against the monitor's update count, on a log scale.
+        """
         try:
             import matplotlib
             matplotlib.use("Agg", force=False)
             import matplotlib.pyplot as plt
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError("Report.plot needs matplotlib: pip install 'orthofx[plot]'") from exc
-        fig, ax = plt.subplots(figsize=(8, 5))
+        if self.conditioning:
+            fig, (ax, kappa_ax) = plt.subplots(1, 2, figsize=(14, 5))
+        else:
+            fig, ax = plt.subplots(figsize=(8, 5))
+            kappa_ax = None
         for name, values in list(self.spectra.items())[:max_layers]:
             v = values.double().cpu()
             x = torch.linspace(0, 1, len(v))
@@ -146,10 +183,28 @@ class Report:
         ax.set_title("per-layer singular-value spectra (circular padding)")
         if self.spectra:
             ax.legend(fontsize=6, ncol=2)
+        if kappa_ax is not None:
+            self._plot_conditioning(kappa_ax)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
+
+    def _plot_conditioning(self, ax) -> None:
+        updates = {row["site"]: row.get("updates") for row in self.rows if "kappa" in row}
+        positive = False
+        for site, history in self.conditioning.items():
+            # x is the update number: when the ring has wrapped, the kept values are the last len(history) ones.
+            first = max(int(updates.get(site) or 0) - len(history), 0)
+            marker = "." if len(history) <= 100 else None  # isolated points (between NaN events) stay visible
+            ax.plot(range(first, first + len(history)), history, label=site, linewidth=1, marker=marker)
+            positive = positive or any(0 < v < float("inf") for v in history)
+        if positive:  # a log axis needs a positive value to draw
+            ax.set_yscale("log")
+        ax.set_xlabel("monitor update (every forward through the site)")
+        ax.set_ylabel("kappa = lambda_max / lambda_min")
+        ax.set_title("condition number entering each monitored decomposition")
+        ax.legend(fontsize=6)
 
 
 def _fmt(value: Any) -> str:
@@ -167,39 +222,45 @@ def report(model: nn.Module) -> Report:
     manifest = manifest_of(model)
     root = unwrap_model(model)
     plan = manifest.plan
-    applied = {e.site.name: e for e in plan.entries if e.site.kind != "function"}
-    skipped = {site.name: (rule, reason) for site, rule, reason in plan.skipped}
+    skipped = {site.name: reason for site, _, reason in plan.skipped}
+    changes: dict[str, list] = {}
+    for change in manifest.changes:
+        changes.setdefault(change.site, []).append(change)
     rows: list[dict[str, Any]] = []
     spectra: dict[str, torch.Tensor] = {}
+    conditioning: dict[str, list[float]] = {}
     for site in plan.sites:
-        if site.kind == "block":
-            continue
-        if site.kind == "function":
-            entry = next((e for e in plan.entries if e.site.name == site.name), None)
-            rows.append({"site": site.name, "layer": site.target, "pass": entry.pass_name if entry else None,
-                         "params": _params(entry)})
+        entries = [e for e in plan.entries if e.site.name == site.name and e.site.kind == site.kind]
+        pass_text = _pass_text(entries, changes.get(site.name, []) if site.kind != "function" or entries else [],
+                               skipped.get(site.name))
+        if site.kind in ("block", "function"):
+            if entries:
+                row = {"site": site.name, "layer": site.target, "pass": pass_text, "params": _params(entries)}
+                monitor = _monitor_of(root, changes.get(site.name, []))
+                if monitor is not None:
+                    row.update(_monitor_figures(monitor))
+                    conditioning[site.name] = monitor.history
+                rows.append(row)
             continue
         module = root.get_submodule(site.name)
-        entry = applied.get(site.name)
-        if not isinstance(module, (nn.Linear,) + _CONV_TYPES) and entry is None:
+        operator = isinstance(module, _CONV_TYPES + _LINEAR_TYPES)
+        if not operator and not entries:
             continue
         shape = manifest.input_shapes.get(site.name)
-        values = layer_singular_values(module, shape)
+        values = layer_singular_values(module, shape) if operator else None
         if values is not None and values.numel():
             spectra[site.name] = values
-        pass_text = entry.pass_name if entry else (f"skipped: {skipped[site.name][1]}" if site.name in skipped
-                                                    else None)
         dims = module.weight.dim() - 2 if isinstance(module, _CONV_TYPES) else 0
         rows.append({
             "site": site.name,
             "layer": describe_module(module),
             "pass": pass_text,
-            "params": _params(entry),
-            "lorth": _lorth(module),
+            "params": _params(entries),
+            "lorth": _lorth(module) if operator else None,
             "sigma_min": float(values.min()) if values is not None and values.numel() else None,
             "sigma_max": float(values.max()) if values is not None and values.numel() else None,
             "input": tuple(shape[-dims:]) if shape is not None and dims else None,
-            "exists": _existence(module),
+            "exists": _existence(module) if operator else "",
         })
     penalties = []
     with torch.no_grad():
@@ -209,10 +270,45 @@ def report(model: nn.Module) -> Report:
                               "weighted": term.weight * value})
     capture = {"mode": manifest.capture.mode, "leaf_fallbacks": list(manifest.capture.leaf_fallbacks),
                "warnings": list(manifest.capture.warnings)}
-    return Report(rows, capture, spectra, penalties)
+    return Report(rows, capture, spectra, penalties, manifest.output_change, conditioning)
 
 
-def _params(entry) -> str | None:
-    if entry is None:
+def _monitor_of(root: nn.Module, changes) -> ConditionMonitor | None:
+    """The condition-number monitor a site's Change names in ``after["monitor"]`` (looked up on the transformed
+    model; ``None`` when no Change names one or it is gone, e.g. replaced by a pass-through)."""
+    for change in changes:
+        name = (change.after or {}).get("monitor")
+        if not isinstance(name, str) or not name:
+            continue
+        try:
+            module = root.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(module, ConditionMonitor):
+            return module
+    return None
+
+
+def _monitor_figures(monitor: ConditionMonitor) -> dict[str, Any]:
+    """The monitor's buffers as plain numbers (``kappa`` / ``kappa_max`` are None before its first call)."""
+    updates = int(monitor.updates)
+    return {"kappa": float(monitor.last) if updates else None,
+            "kappa_max": float(monitor.running_max) if updates else None,
+            "nan_events": int(monitor.nan_events), "inf_events": int(monitor.inf_events), "updates": updates}
+
+
+def _pass_text(entries, changes, skipped_reason) -> str | None:
+    """The passes applied at a site, each with the verdict its Change recorded (hard / regularised / skipped)."""
+    parts = []
+    for entry in entries:
+        statuses = [c.status for c in changes if c.pass_name == entry.pass_name and c.status]
+        parts.append(f"{entry.pass_name} ({statuses[0]})" if statuses else entry.pass_name)
+    if not parts and skipped_reason:
+        return f"skipped: {skipped_reason}"
+    return "; ".join(parts) or None
+
+
+def _params(entries) -> str | None:
+    if not entries:
         return None
-    return ", ".join(f"{k}={v}" for k, v in entry.params.items())
+    return "; ".join(", ".join(f"{k}={v}" for k, v in e.params.items()) for e in entries)

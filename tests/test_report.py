@@ -68,3 +68,106 @@ def test_penalty_summary_and_plot(tmp_path):
     path = rep.plot(str(tmp_path / "spectra.png"))
     with open(path, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------ condition-number monitors
+
+class Whiten(nn.Module):
+    """Linear features, their covariance (+ eps I) and a ZCA whitening through torch.linalg.eigh."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 4, bias=False)
+
+    def covariance(self, x):
+        f = self.proj(x)
+        centred = f - f.mean(0, keepdim=True)
+        cov = centred.T @ centred / f.shape[0]
+        return cov + torch.diag_embed(cov.new_full((4,), 0.05))
+
+    def forward(self, x):
+        evals, evecs = torch.linalg.eigh(self.covariance(x))
+        f = self.proj(x)
+        return (f - f.mean(0, keepdim=True)) @ (evecs * evals.rsqrt().unsqueeze(0)) @ evecs.T
+
+
+SVD_POLICY = {"rules": [{"match": {"op": "linalg.eigh"}, "apply": "svd_conditioning",
+                         "with": {"monitor": True}}]}
+
+
+def _kappa64(model, x):
+    """kappa of the matrix entering eigh, recomputed in float64 from the model's weights (independent of orthofx)."""
+    w = model.proj.weight.detach().double()
+    f = x.double() @ w.T
+    centred = f - f.mean(0, keepdim=True)
+    sigma = centred.T @ centred / f.shape[0] + 0.05 * torch.eye(4, dtype=torch.float64)
+    lam = torch.linalg.eigvalsh(sigma)
+    return float(lam.max() / lam.min())
+
+
+def _monitored():
+    import orthofx.passes.svd_conditioning  # noqa: F401  (registers the pass)
+
+    torch.manual_seed(0)
+    model = Whiten()
+    generator = torch.Generator().manual_seed(1)
+    scales = ([3.0, 1, 1, 0.3, 1, 1], [6.0, 1, 1, 0.1, 1, 1], [1.0] * 6)  # the largest kappa is not the last
+    batches = [torch.randn(32, 6, generator=generator) * torch.tensor(scale) for scale in scales]
+    gm = orthofx.transform(model, SVD_POLICY, example_inputs=(batches[0],))  # the check run: update 1
+    gm(batches[1])
+    # A NaN event, as the monitor records it when a decomposition returns NaN eigenvalues (LAPACK raises instead
+    # on most NaN matrices, so the event is fed to the monitor directly).
+    name = next(c.after["monitor"] for c in orthofx.manifest_of(gm).changes if "monitor" in c.after)
+    gm.get_submodule(name).update(torch.tensor([float("nan"), 1.0, 2.0, 3.0]))
+    gm(batches[2])
+    return model, gm, batches
+
+
+def test_monitored_site_rows_show_kappa_equal_to_an_independent_computation():
+    model, gm, batches = _monitored()
+    rep = orthofx.report(gm)
+    row = next(r for r in rep.rows if "kappa" in r)
+    assert row["site"].endswith("linalg.eigh")
+    kappas = [_kappa64(model, x) for x in batches]
+    assert max(kappas) > 1.5 * kappas[2]
+    assert row["kappa"] == pytest.approx(kappas[2], rel=1e-4)
+    assert row["kappa_max"] == pytest.approx(max(kappas), rel=1e-4)
+    assert row["nan_events"] == 1 and row["inf_events"] == 0 and row["updates"] == 4
+    history = rep.conditioning[row["site"]]
+    assert len(history) == 4 and history[2] != history[2]  # the NaN call
+    assert [history[0], history[1], history[3]] == pytest.approx(kappas[:2] + kappas[2:], rel=1e-4)
+    text = str(rep)
+    assert "kappa_max" in text and f"{row['kappa']:.4g}" in text
+    data = rep.to_dict()
+    assert data["rows"] == rep.rows and list(data["conditioning"]) == [row["site"]]
+    # Reports of models without monitors keep their columns.
+    assert "kappa" not in str(orthofx.report(orthofx.transform(build(), POLICY)))
+
+
+def test_monitored_site_before_any_call():
+    import orthofx.passes.svd_conditioning  # noqa: F401
+
+    torch.manual_seed(0)
+    gm = orthofx.transform(Whiten(), SVD_POLICY)  # no example inputs: the monitor has not run
+    row = next(r for r in orthofx.report(gm).rows if "kappa" in r)
+    assert row["kappa"] is None and row["kappa_max"] is None and row["updates"] == 0
+
+
+def test_plot_with_monitors_draws_the_kappa_panel(tmp_path):
+    pytest.importorskip("matplotlib")
+    _, gm, _ = _monitored()
+    rep = orthofx.report(gm)
+    assert rep.conditioning
+    path = rep.plot(str(tmp_path / "report.png"))
+    with open(path, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The figure with the second panel is wider than the spectra-only one.
+    plain = orthofx.report(orthofx.transform(build(), POLICY, example_inputs=(torch.randn(1, 4, 8, 8),)))
+    other = plain.plot(str(tmp_path / "spectra.png"))
+
+    def width(p):
+        with open(p, "rb") as handle:
+            header = handle.read(24)
+        return int.from_bytes(header[16:20], "big")
+
+    assert width(path) > width(other)

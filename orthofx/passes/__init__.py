@@ -4,7 +4,7 @@ from .base import (Change, CaptureInfo, Manifest, OptimizerHook, Param, Pass, Pa
                    Site)
 from .registry import available_passes, get_pass, register_pass, unregister_pass
 from . import (convnorm, isometric_init, jacobian_isometry, orth_regularizer,  # noqa: F401  (registration)
-               riemannian)
+               orthogonal_conv, pre_svd, riemannian, svd_conditioning)
 
 __all__ = [
     "Change", "CaptureInfo", "Manifest", "OptimizerHook", "Param", "Pass", "PassContext", "PenaltyTerm", "PlanEntry", "Site",

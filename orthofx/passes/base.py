@@ -236,18 +236,20 @@ class Manifest:
 
 
 def describe_module(module: nn.Module) -> str:
-    """Short description of a layer, e.g. ``Conv2d(64->128, k=3, s=2)`` or ``Linear(512->10)``."""
+    """Short description of a layer, e.g. ``Conv2d(64->128, k=3, s=2)`` or ``Linear(512->10)``; orthofx's own
+    conv-like and linear-like layers (same attributes as torch's) are described the same way."""
     name = type(module).__name__
-    if isinstance(module, nn.modules.conv._ConvNd):
-        k = module.kernel_size
-        s = module.stride
+    if all(hasattr(module, a) for a in ("in_channels", "out_channels", "kernel_size", "stride")):
+        k, s = tuple(module.kernel_size), tuple(module.stride)
         ks = k[0] if len(set(k)) == 1 else "x".join(map(str, k))
         ss = s[0] if len(set(s)) == 1 else "x".join(map(str, s))
-        extra = f", g={module.groups}" if module.groups != 1 else ""
-        if any(d != 1 for d in module.dilation):
-            extra += f", d={module.dilation[0] if len(set(module.dilation)) == 1 else module.dilation}"
+        groups = getattr(module, "groups", 1)
+        extra = f", g={groups}" if groups != 1 else ""
+        dilation = tuple(getattr(module, "dilation", (1,)))
+        if any(d != 1 for d in dilation):
+            extra += f", d={dilation[0] if len(set(dilation)) == 1 else dilation}"
         return f"{name}({module.in_channels}->{module.out_channels}, k={ks}, s={ss}{extra})"
-    if isinstance(module, nn.Linear):
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return f"{name}({module.in_features}->{module.out_features})"
     return name
 

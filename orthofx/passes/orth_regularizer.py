@@ -53,7 +53,7 @@ class LorthTerm(PenaltyTerm):
         return metrics.lorth(layer_weight, stride=self.stride, groups=self.groups, case=self.case)
 
 
-def _layer_stride(module: nn.Module) -> int:
+def lorth_stride(module: nn.Module) -> int:
     """The single stride L_orth uses; P0 treats one stride S for all spatial dimensions."""
     if isinstance(module, nn.Linear):
         return 1
@@ -84,7 +84,7 @@ class OrthRegularizer(Pass):
             if module.dilation != (1,) * len(module.dilation):
                 return f"L_orth is defined for undilated convolutions; {site.name} has dilation={module.dilation}"
             try:
-                _layer_stride(module)
+                lorth_stride(module)
             except ValueError as exc:
                 return f"{site.name}: {exc}"
         return reason
@@ -92,7 +92,7 @@ class OrthRegularizer(Pass):
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         for entry in entries:
             module = ctx.module(entry.site)
-            stride = _layer_stride(module)
+            stride = lorth_stride(module)
             groups = getattr(module, "groups", 1)
             case = None if entry.params["case"] == "auto" else entry.params["case"]
             term = LorthTerm(entry.site.name, entry.rule_name, entry.params["weight"], stride=stride,

@@ -1,0 +1,228 @@
+"""Side-by-side speed and orthogonality of hard orthogonal convolutions (a script, not a test).
+
+For each shape, every layer is timed on forward + backward (loss = mean of squared outputs, gradients to the
+parameters and the input) in round-robin, so that all layers see the same machine state; the median over the
+repetitions is reported (and the minimum, less sensitive to other processes on a shared machine), with its
+ratio to a plain ``nn.Conv2d`` (zero padding) and the layer's exact
+``max |sigma - 1|`` (``orthofx.metrics.conv_singular_values`` on the explicit kernel, circular operator on the
+input grid). Layers:
+
+* ``nn.Conv2d``               the baseline (zero padding, not orthogonal);
+* ``nn.Conv2d circular``      same with ``padding_mode='circular'`` (what an exactly orthogonal layer pays for
+                              its boundary);
+* ``orthofx <method>``        :class:`orthofx.nn.orthogonal.OrthogonalConv2d` for each method that applies;
+* ``orthofx <method> (build f32)``  the same with ``compute_dtype=torch.float32`` (kernel built in float32);
+* ``orthofx frozen``          its ``to_conv()`` (inference form), forward + backward through the plain conv;
+* ``torch orthogonal(flat)``  ``torch.nn.utils.parametrizations.orthogonal`` on the kernel flattened to
+                              ``M x (C k^2)`` (orthonormal rows of the flattened kernel: not an orthogonal conv);
+* ``orthogonium AOC`` / ``torchlip SpectralConv2d`` when those packages import (optional).
+
+Usage::
+
+    python benchmarks/orthogonal_layers.py            # batch 64
+    python benchmarks/orthogonal_layers.py --quick    # batch 8, fewer repetitions (CPU)
+
+Writes ``benchmarks/results/orthogonal_layers.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orthofx.metrics import conv_singular_values
+from orthofx.nn.orthogonal import OrthogonalConv2d
+
+SHAPES = [  # (C, M, k, S)
+    (64, 64, 3, 1),
+    (64, 128, 3, 2),
+    (256, 256, 3, 1),
+]
+SIZES = [32, 16]
+
+
+class FlatOrthogonalConv2d(nn.Module):
+    """``torch.nn.utils.parametrizations.orthogonal`` on the flattened ``M x (C k^2)`` kernel."""
+
+    def __init__(self, c_in, c_out, k, stride):
+        super().__init__()
+        self.shape = (c_out, c_in, k, k)
+        self.stride = stride
+        self.padding = (k - 1) // 2
+        self.flat = nn.Linear(c_in * k * k, c_out, bias=False)
+        torch.nn.utils.parametrizations.orthogonal(self.flat, "weight")
+        self.bias = nn.Parameter(torch.zeros(c_out))
+
+    @property
+    def weight(self):
+        return self.flat.weight.reshape(self.shape)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+
+def optional_peers(c_in, c_out, k, stride):
+    """Peer packages' layers when they import; name -> module (their own weight conventions)."""
+    peers = {}
+    try:  # orthogonium (AOC: BCOP composed with RKO)
+        from orthogonium.layers.conv.AOC import AdaptiveOrthoConv2d  # type: ignore
+
+        peers["orthogonium AOC"] = AdaptiveOrthoConv2d(c_in, c_out, k, stride=stride, padding=(k - 1) // 2,
+                                                       padding_mode="circular")
+    except Exception:  # noqa: BLE001 - optional, any import/constructor failure just skips the peer
+        pass
+    try:  # deel-torchlip
+        from deel.torchlip import SpectralConv2d  # type: ignore
+
+        peers["torchlip SpectralConv2d"] = SpectralConv2d(c_in, c_out, k, stride=stride, padding=(k - 1) // 2)
+    except Exception:  # noqa: BLE001
+        pass
+    return peers
+
+
+def kernel_of(module):
+    """The explicit kernel of a layer, or None when it has none we can read."""
+    if isinstance(module, nn.Sequential):
+        return kernel_of(module[-1])
+    try:
+        w = module.weight
+    except Exception:  # noqa: BLE001
+        return None
+    return w if isinstance(w, torch.Tensor) and w.ndim == 4 else None
+
+
+def sigma_error(module, n, stride):
+    with torch.no_grad():
+        w = kernel_of(module)
+        if w is None:
+            return None
+        sv = conv_singular_values(w.detach().float(), n, stride=stride)
+        return float((sv - 1).abs().max())
+
+
+def build_layers(c_in, c_out, k, stride, device):
+    layers = {
+        "nn.Conv2d": nn.Conv2d(c_in, c_out, k, stride=stride, padding=(k - 1) // 2),
+        "nn.Conv2d circular": nn.Conv2d(c_in, c_out, k, stride=stride, padding=(k - 1) // 2,
+                                        padding_mode="circular"),
+    }
+    ours = None
+    for method in ("bcop", "rko"):
+        try:
+            layer = OrthogonalConv2d(c_in, c_out, k, stride=stride, method=method)
+        except ValueError:
+            continue  # the method does not apply to this shape (e.g. rko with k > S)
+        layers[f"orthofx {method}"] = layer
+        ours = ours or layer
+    if ours is not None:
+        fast = OrthogonalConv2d(c_in, c_out, k, stride=stride, method=ours.method, compute_dtype=torch.float32)
+        layers[f"orthofx {ours.method} (build f32)"] = fast
+        layers["orthofx frozen"] = ours.to_conv()
+    layers["torch orthogonal(flat)"] = FlatOrthogonalConv2d(c_in, c_out, k, stride)
+    layers.update(optional_peers(c_in, c_out, k, stride))
+    return {name: m.to(device) for name, m in layers.items()}
+
+
+def step(module, x):
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    y = module(x)
+    y.square().mean().backward()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="batch 8 and fewer repetitions (CPU)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        help="skip layers whose name contains any of these strings (e.g. 'flat')")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "orthogonal_layers.json"))
+    args = parser.parse_args(argv)
+    batch = args.batch or (8 if args.quick else 64)
+    reps = args.reps or (7 if args.quick else 20)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    rows = []
+    for (c_in, c_out, k, stride) in SHAPES:
+        for n in SIZES:
+            layers = build_layers(c_in, c_out, k, stride, device)
+            layers = {name: m for name, m in layers.items()
+                      if name == "nn.Conv2d" or not any(part in name for part in args.skip)}
+            x = torch.randn(batch, c_in, n, n, device=device, requires_grad=True)
+            times = {name: [] for name in layers}
+            for name, m in layers.items():  # warm-up
+                step(m, x)
+            sync(device)
+            for _ in range(reps):
+                for name, m in layers.items():  # interleaved: one step of each layer per repetition
+                    sync(device)
+                    t0 = time.perf_counter()
+                    step(m, x)
+                    sync(device)
+                    times[name].append(time.perf_counter() - t0)
+            base = statistics.median(times["nn.Conv2d"])
+            base_min = min(times["nn.Conv2d"])
+            for name, m in layers.items():
+                med = statistics.median(times[name])
+                rows.append({
+                    "shape": f"{c_in}->{c_out} k{k} s{stride}",
+                    "input": f"{n}x{n}",
+                    "layer": name,
+                    "ms": med * 1e3,
+                    "ratio_to_conv": med / base,
+                    "min_ms": min(times[name]) * 1e3,
+                    "min_ratio_to_conv": min(times[name]) / base_min,
+                    "max_abs_sigma_minus_1": sigma_error(m.cpu(), n, stride),
+                })
+                m.to(device)
+            print_rows(rows[-len(layers):])
+            sys.stdout.flush()
+
+    meta = {
+        "device": str(device), "batch": batch, "reps": reps, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "platform": platform.platform(), "quick": args.quick,
+        "timing": "median and min forward+backward (loss = mean(y^2)), layers interleaved round-robin",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\nwrote {out}")
+
+
+def print_rows(rows):
+    try:
+        from tabulate import tabulate
+    except ImportError:  # pragma: no cover
+        tabulate = None
+    table = [[r["shape"], r["input"], r["layer"], f"{r['ms']:.2f}", f"{r['ratio_to_conv']:.2f}x",
+              f"{r['min_ms']:.2f}", f"{r['min_ratio_to_conv']:.2f}x",
+              "-" if r["max_abs_sigma_minus_1"] is None else f"{r['max_abs_sigma_minus_1']:.1e}"] for r in rows]
+    headers = ["shape", "input", "layer", "median ms", "vs nn.Conv2d", "min ms", "vs nn.Conv2d (min)",
+               "max|sigma-1|"]
+    if tabulate:
+        print(tabulate(table, headers=headers))
+    else:
+        for row in [headers] + table:
+            print(" | ".join(map(str, row)))
+    print()
+
+
+if __name__ == "__main__":
+    main()

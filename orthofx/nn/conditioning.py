@@ -1,0 +1,285 @@
+"""What the ``svd_conditioning`` pass puts into a graph: stable stand-ins for torch's decompositions with torch's
+output conventions, the SVD-free matrix power, and the monitor that records the condition number at a site.
+
+Everything here is usable on its own (no graph knowledge); the pass only inserts calls to it.
+
+Stable stand-ins (same arguments and outputs as the torch call they replace, plus the stable op's options
+``taylor_order``, ``float64``, ``clamp_gap`` of :func:`orthofx.nn.decompositions.eigh_stable`):
+
+===========================  ====================================  ===============================================
+function                     replaces                              returns
+===========================  ====================================  ===============================================
+:func:`stable_eigh`          ``torch.linalg.eigh(A, UPLO)``        ``(L, V)`` (a plain tuple; index 0 / 1)
+:func:`stable_eigvalsh`      ``torch.linalg.eigvalsh(A, UPLO)``    ``L``
+:func:`stable_linalg_svd`    ``torch.linalg.svd(A, full_matrices)`` ``(U, S, Vh)``
+:func:`stable_svdvals`       ``torch.linalg.svdvals(A)``           ``S``
+:func:`stable_torch_svd`     ``torch.svd(A, some, compute_uv)``    ``(U, S, V)`` (``V``, not ``Vh``, as torch.svd)
+===========================  ====================================  ===============================================
+
+``UPLO="U"`` is handled by decomposing ``A^T`` (whose lower triangle is ``A``'s upper one). Full matrices
+(``full_matrices=True`` / ``some=False`` on a non-square input) are the reduced factors completed by an orthonormal
+basis of their orthogonal complement (from a complete QR of the detached reduced factor); as in torch, no
+gradient flows through the completing columns (torch raises for them, here they are constants).
+``torch.svd(compute_uv=False)`` returns zero-filled ``U`` (``m x m``) and ``V`` (``n x n``) like torch.
+
+SVD-free power: :func:`power_newton_schulz` computes ``(A + shift I)^p`` for ``p = 1/2`` or ``-1/2`` with
+:func:`~orthofx.nn.decompositions.sqrtm_newton_schulz` / :func:`~orthofx.nn.decompositions.inv_sqrtm_newton_schulz`
+(matmuls only; valid for symmetric positive definite matrices).
+
+Monitor: :class:`DecompositionMonitor`, a :class:`~orthofx.nn.decompositions.ConditionMonitor` that passes its
+first argument through unchanged (so the graph keeps it by data flow, not as a dead node) and records ``kappa``:
+
+* ``source="eigenvalues"`` (eigh, eigvalsh): ``lambda_max / lambda_min`` of the decomposed matrix.
+* ``source="singular_values"`` (svd, svdvals, torch.svd): the condition number of the *covariance* the SVD
+  stands for. When the decomposed matrix is square and symmetric (to ``sqrt(eps)`` relative, checked per matrix
+  with tensor ops) it is taken to be the covariance itself and ``kappa = s_max / s_min``; otherwise it is taken
+  to be a data matrix ``X`` whose covariance is ``X X^T`` (or ``X^T X``), and ``kappa = (s_max / s_min)^2``
+  (the nonzero eigenvalues of both Gram matrices are ``s^2``).
+* ``source="matrix"`` (the Newton-Schulz form, which has no eigenvalues): ``torch.linalg.eigvalsh`` of the
+  detached input in float64 (a forward-only decomposition, no backward; turn the monitor off to run without any
+  decomposition).
+
+The monitor records in training and in eval mode, with tensor ops only (no host synchronisation, no Python side
+effects), so ``torch.compile(fullgraph=True)`` traces it. ``to_plain()`` returns a :class:`PassThrough`, which is
+what :func:`orthofx.freeze` puts in its place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .decompositions import (ConditionMonitor, eigh_stable, inv_sqrtm_newton_schulz, sqrtm_newton_schulz,
+                             svd_stable)
+
+__all__ = [
+    "stable_eigh",
+    "stable_eigvalsh",
+    "stable_linalg_svd",
+    "stable_svdvals",
+    "stable_torch_svd",
+    "power_newton_schulz",
+    "check_layout",
+    "as_return_type",
+    "DecompositionMonitor",
+    "PassThrough",
+    "MONITOR_SOURCES",
+]
+
+#: What a :class:`DecompositionMonitor` reads its eigenvalues from.
+MONITOR_SOURCES = ("eigenvalues", "singular_values", "matrix")
+
+
+# ------------------------------------------------------------------------------------------- stand-ins
+
+
+def _lower(A: Tensor, uplo: str) -> Tensor:
+    if uplo not in ("L", "U"):
+        raise ValueError(f"UPLO must be 'L' or 'U', got {uplo!r}")
+    return A if uplo == "L" else A.mT
+
+
+def stable_eigh(A: Tensor, UPLO: str = "L", taylor_order: int | None = 9, float64: bool = False,
+                clamp_gap: float | None = None) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` with a bounded gradient: ``(eigenvalues ascending, eigenvectors in columns)``."""
+    return eigh_stable(_lower(A, UPLO), taylor_order=taylor_order, float64=float64, clamp_gap=clamp_gap)
+
+
+def stable_eigvalsh(A: Tensor, UPLO: str = "L", taylor_order: int | None = 9, float64: bool = False,
+                    clamp_gap: float | None = None) -> Tensor:
+    """``torch.linalg.eigvalsh`` through the stable op (the values' gradient is exact: it needs no gap kernel)."""
+    return stable_eigh(A, UPLO, taylor_order, float64, clamp_gap)[0]
+
+
+def _complement(Q: Tensor) -> Tensor:
+    """Orthonormal columns spanning the orthogonal complement of the (orthonormal) columns of ``Q`` (detached)."""
+    m, k = Q.shape[-2], Q.shape[-1]
+    full = torch.linalg.qr(Q.detach(), mode="complete").Q
+    return full[..., :, k:m]
+
+
+def _completed(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+    m, k, n = U.shape[-2], U.shape[-1], Vh.shape[-1]
+    if m > k:
+        U = torch.cat([U, _complement(U)], dim=-1)
+    if n > k:
+        Vh = torch.cat([Vh, _complement(Vh.mT).mT], dim=-2)
+    return U, Vh
+
+
+def stable_linalg_svd(A: Tensor, full_matrices: bool = True, taylor_order: int | None = 9, float64: bool = False,
+                      clamp_gap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.linalg.svd`` with a bounded gradient: ``(U, S descending, Vh)``; see the module docstring for
+    ``full_matrices=True`` on non-square inputs."""
+    U, S, Vh = svd_stable(A, taylor_order=taylor_order, float64=float64, clamp_gap=clamp_gap)
+    if full_matrices:
+        U, Vh = _completed(U, Vh)
+    return U, S, Vh
+
+
+def stable_svdvals(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
+                   clamp_gap: float | None = None) -> Tensor:
+    """``torch.linalg.svdvals`` through the stable op (descending)."""
+    return svd_stable(A, taylor_order=taylor_order, float64=float64, clamp_gap=clamp_gap)[1]
+
+
+def stable_torch_svd(A: Tensor, some: bool = True, compute_uv: bool = True, taylor_order: int | None = 9,
+                     float64: bool = False, clamp_gap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.svd`` with a bounded gradient: ``(U, S, V)`` with ``A = U diag(S) V^T`` (``V``, not ``Vh``)."""
+    U, S, Vh = svd_stable(A, taylor_order=taylor_order, float64=float64, clamp_gap=clamp_gap)
+    if not compute_uv:
+        m, n = A.shape[-2], A.shape[-1]
+        batch = A.shape[:-2]
+        return A.new_zeros((*batch, m, m)), S, A.new_zeros((*batch, n, n))
+    if not some:
+        U, Vh = _completed(U, Vh)
+    return U, S, Vh.mT
+
+
+def as_return_type(result: tuple, name: str):
+    """``torch.return_types.<name>`` (``linalg_eigh``, ``linalg_svd``, ``svd``) built from a plain tuple, for graph
+    users that need the named tuple itself (attribute access is rewritten to indexing by the pass)."""
+    return getattr(torch.return_types, name)(tuple(result))
+
+
+# ------------------------------------------------------------------------------------------- Newton-Schulz
+
+
+def check_layout(ndim: int, layout: tuple) -> str | None:
+    """``None`` when the recorded index arithmetic of a matched ``V diag(f(lambda)) V^T`` pattern means the last two
+    dimensions of ``ndim``-dimensional matrices; otherwise why not. Entries of ``layout``:
+
+    ``("transpose", i, j)``: a transpose of dims ``i, j`` (must be the last two); ``("ndim", k)``: an op that is
+    a transpose of the last two dims only for ``k``-D matrices (``.T``, ``.t()``, ``torch.diag``, ``permute``);
+    ``("col", d)``: ``unsqueeze(d)`` of the eigenvalues
+    must scale columns (``d`` is ``-2`` or ``ndim - 2``); ``("row", d)``: it must scale rows (``-1`` or
+    ``ndim - 1``)."""
+    for entry in layout:
+        kind = entry[0]
+        if kind == "transpose":
+            i, j = entry[1], entry[2]
+            in_range = all(-ndim <= d < ndim for d in (i, j))
+            if not in_range or {i % ndim, j % ndim} != {ndim - 2, ndim - 1}:
+                return f"transpose{entry[1:]} of {ndim}-D matrices does not swap the last two dimensions"
+        elif kind == "ndim":
+            if ndim != entry[1]:
+                return (f"an op written for {entry[1]}-D matrices (.T, .t(), torch.diag, permute) is applied to "
+                        f"{ndim}-D matrices")
+        elif kind in ("col", "row"):
+            want = ndim - 2 if kind == "col" else ndim - 1
+            d = entry[1] if entry[1] >= 0 else entry[1] + ndim
+            if d != want:
+                what = "columns" if kind == "col" else "rows"
+                return (f"unsqueeze({entry[1]}) of the eigenvalues of {ndim}-D matrices does not scale the "
+                        f"eigenvectors' {what}")
+        else:  # pragma: no cover - the pass writes only the kinds above
+            return f"unknown layout entry {entry!r}"
+    return None
+
+
+def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: float = 0.0, float64: bool = False,
+                        uplo: str | None = None, layout: tuple = ()) -> Tensor:
+    """``(A + shift I)^power`` for ``power`` in ``{0.5, -0.5}`` by the coupled Newton-Schulz iteration.
+
+    ``uplo="L"`` / ``"U"``: like ``torch.linalg.eigh``, read only that triangle of ``A`` (the matrix is rebuilt
+    symmetric from it); ``None``: use ``A`` as it is (replacing an SVD of a symmetric matrix).
+
+    ``layout`` (from the pass) is checked against ``A.dim()`` with :func:`check_layout`: when the replaced code's
+    transposes or unsqueezes do not act on the last two dimensions the replacement would not be equivalent, and a
+    ``ValueError`` says so (this depends only on shapes, so it fails on the first call, at transform time when
+    example inputs are given).
+    """
+    problem = check_layout(A.dim(), tuple(layout))
+    if problem is not None:
+        raise ValueError(f"the Newton-Schulz replacement of V diag(lambda^p) V^T does not fit this input: {problem}; "
+                         "transform with method 'taylor' for this site")
+    dtype = A.dtype
+    if float64:
+        A = A.to(torch.float64)
+    if uplo == "L":
+        A = A.tril() + A.tril(-1).mT
+    elif uplo == "U":
+        A = A.triu() + A.triu(1).mT
+    elif uplo is not None:
+        raise ValueError(f"uplo must be 'L', 'U' or None, got {uplo!r}")
+    if shift:
+        A = A + torch.diag_embed(A.new_full(A.shape[:-1], float(shift)))
+    if power == 0.5:
+        out = sqrtm_newton_schulz(A, iterations)
+    elif power == -0.5:
+        out = inv_sqrtm_newton_schulz(A, iterations)
+    else:
+        raise ValueError(f"power must be 0.5 or -0.5, got {power!r}")
+    return out.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------- monitor
+
+
+class PassThrough(nn.Module):
+    """Returns its first argument unchanged (what a :class:`DecompositionMonitor` becomes in a frozen model)."""
+
+    def forward(self, x, *args):
+        return x
+
+
+class DecompositionMonitor(ConditionMonitor):
+    """Condition-number monitor at a decomposition site; ``forward(x, matrix=None)`` returns ``x`` unchanged.
+
+    ``source`` says where the eigenvalues come from (see the module docstring); ``values_index`` picks the values
+    out of ``x`` when ``x`` is a decomposition's tuple (``None``: ``x`` is the values themselves). ``matrix`` is the
+    decomposed matrix, needed for ``source="singular_values"`` (symmetry test); for ``source="matrix"`` ``x`` is
+    the matrix. Buffers and their meaning are :class:`~orthofx.nn.decompositions.ConditionMonitor`'s.
+    """
+
+    _is_impure = True  # torch.fx dead-code elimination must not drop it
+
+    def __init__(self, source: str = "eigenvalues", values_index: int | None = None, op: str = "",
+                 history_size: int = 1000) -> None:
+        super().__init__(history_size)
+        if source not in MONITOR_SOURCES:
+            raise ValueError(f"source must be one of {', '.join(MONITOR_SOURCES)}, got {source!r}")
+        self.source = source
+        self.values_index = values_index
+        self.op = op
+
+    @staticmethod
+    def covariance_eigenvalues(singular_values: Tensor, matrix: Tensor) -> Tensor:
+        """Eigenvalues of the covariance an SVD stands for: ``s`` for a square symmetric matrix, else ``s^2``."""
+        s = singular_values.detach()
+        m = matrix.detach()
+        if m.shape[-1] != m.shape[-2]:
+            return s * s
+        tol = math.sqrt(torch.finfo(m.dtype).eps) if m.is_floating_point() else 0.0
+        asym = (m - m.mT).abs().amax(dim=(-2, -1))
+        scale = m.abs().amax(dim=(-2, -1))
+        symmetric = (asym <= tol * scale).unsqueeze(-1)
+        return torch.where(symmetric, s, s * s)
+
+    def forward(self, x, matrix: Tensor | None = None):
+        if self.source == "matrix":
+            with torch.no_grad():
+                lam = torch.linalg.eigvalsh(x.detach().to(torch.float64))
+            self.update(lam)
+            return x
+        values = x if self.values_index is None else x[self.values_index]
+        if self.source == "singular_values":
+            if matrix is None:
+                raise ValueError("a singular-value monitor needs the decomposed matrix (forward(x, matrix))")
+            values = self.covariance_eigenvalues(values, matrix)
+        self.update(values)
+        return x
+
+    def summary(self) -> dict:
+        """Plain numbers for reports: last and largest kappa, number of updates, NaN and inf events."""
+        return {"kappa": float(self.last), "kappa_max": float(self.running_max), "updates": int(self.updates),
+                "nan_events": int(self.nan_events), "inf_events": int(self.inf_events)}
+
+    def to_plain(self) -> nn.Module:
+        return PassThrough()
+
+    def extra_repr(self) -> str:
+        op = f", op={self.op!r}" if self.op else ""
+        return f"source={self.source!r}{op}, " + super().extra_repr()

@@ -1,0 +1,157 @@
+"""Pass ``orthogonal_conv``: replace convolutions and linears by exactly orthogonal layers.
+
+Each selected ``Conv1d`` / ``Conv2d`` becomes :class:`orthofx.nn.orthogonal.OrthogonalConv1d` / ``2d`` and each
+``Linear`` :class:`orthofx.nn.orthogonal.OrthogonalLinear`, under the same qualified name (the graph is
+unchanged; state_dict keys change to the new layer's parameters). Where P0's Theorem 4 admits no orthogonal
+convolution (e.g. the ResNet strided shortcut, (M, C, k, S) = (2C, C, 1, 2)), ``on_impossible`` decides:
+``error`` raises :class:`orthofx.ImpossibleLayerError` quoting the theorem's condition with the layer's numbers,
+``skip`` leaves the layer as it is, ``regularize`` attaches P0's L_orth instead (weight ``regularize_weight``).
+
+Parameters:
+
+* ``method``: ``auto`` (the cheapest exact construction), ``bcop`` (projector blocks + reshaped kernel) or ``rko``
+  (reshaped kernel only, exact when ``k <= S``).
+* ``padding``: ``circular`` (exactly orthogonal, output size ``n / S``; allowed only where it keeps the layer's
+  output size, which holds for the usual ``k // 2`` padding) or ``keep`` (the layer's own zero padding: orthogonal
+  only away from the borders, P0 Proposition 6; the report says so).
+* ``init``: ``nearest`` starts from the orthogonal layer closest to the original weights (exact for linears,
+  1x1 and ``k <= S`` kernels; for larger kernels a closed-form Procrustes start, refined by ``fit_steps`` Adam
+  steps, about 10 ms each on CPU) so a trained model changes least; ``random`` starts Haar-random. The Change records the kernel's relative distance and, with example inputs, the relative
+  change of the layer's output on them.
+* ``gain``: the layer is ``gain`` times orthogonal.
+
+Example::
+
+    gm = orthofx.transform(model, {"rules": [{"match": {"type": "Conv2d"}, "apply": "orthogonal_conv",
+                                              "with": {"on_impossible": "regularize"}}]})
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import theory
+from ..errors import ImpossibleLayerError, OrthofxError
+from ..nn.orthogonal import OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinear
+from .base import Change, Param, Pass, PassContext, PlanEntry, describe_module
+from .orth_regularizer import LorthTerm, lorth_stride
+from .registry import register_pass
+
+__all__ = ["OrthogonalConvPass", "keeps_output_size"]
+
+_ORTHOGONAL_TYPES = {nn.Conv1d: OrthogonalConv1d, nn.Conv2d: OrthogonalConv2d}
+
+
+def keeps_output_size(conv: nn.Module) -> bool:
+    """Whether the circular ``"same"`` orthogonal layer (output ``n / S``) has the conv's output size on every
+    grid divisible by the stride: ``floor((2p - d(k-1) - 1) / S) = -1`` per dimension, i.e.
+    ``d(k-1) + 1 - S <= 2p <= d(k-1)``."""
+    if isinstance(conv.padding, str):
+        return conv.padding == "same" and all(s == 1 for s in conv.stride)
+    for k, s, p, d in zip(conv.kernel_size, conv.stride, conv.padding, conv.dilation):
+        if not d * (k - 1) + 1 - s <= 2 * p <= d * (k - 1):
+            return False
+    return True
+
+
+def _impossibility(conv: nn.Module, padding: str) -> str | None:
+    """Why no exactly orthogonal replacement is possible for ``conv`` (``None`` when one is)."""
+    dims = conv.weight.dim() - 2
+    exists, _, reason = theory.orthogonal_conv_exists(conv.in_channels, conv.out_channels, conv.kernel_size,
+                                                      conv.stride, dims=dims, groups=conv.groups)
+    if not exists:
+        return f"no orthogonal convolution exists (P0 Theorem 4): {reason}"
+    if any(d > 1 for d in conv.dilation) and any(s > 1 for s, k in zip(conv.stride, conv.kernel_size) if k > 1):
+        return (f"dilation={conv.dilation} with stride={conv.stride}: a dilated convolution is orthogonal only "
+                "at stride 1")
+    if padding == "circular" and not keeps_output_size(conv):
+        return (f"padding={conv.padding} gives another output size than the circular 'same' padding an "
+                "exactly orthogonal layer needs; use 'padding: keep' (orthogonal away from the borders)")
+    return None
+
+
+@register_pass
+class OrthogonalConvPass(Pass):
+    """Hard orthogonality: exactly orthogonal Conv1d/Conv2d/Linear layers, L_orth where none exists."""
+
+    name = "orthogonal_conv"
+    params = (
+        Param("method", "auto", (str,), "construction of the orthogonal kernel", choices=("auto", "bcop", "rko")),
+        Param("padding", "circular", (str,), "circular (exact) or keep (the layer's zero padding)",
+              choices=("circular", "keep")),
+        Param("init", "nearest", (str,), "start from the nearest orthogonal layer or at random",
+              choices=("nearest", "random")),
+        Param("fit_steps", 0, (int,), "Adam steps refining the nearest init of k > S kernels (0: closed form only)",
+              minimum=0),
+        Param("on_impossible", "error", (str,), "what to do where no orthogonal layer exists",
+              choices=("error", "skip", "regularize")),
+        Param("regularize_weight", 0.01, (float,), "weight of the L_orth fallback", minimum=0.0),
+        Param("gain", 1.0, (float,), "the layer is gain times orthogonal", minimum=0.0, exclusive_minimum=True),
+    )
+    site_kinds = frozenset({"module"})
+    module_types = (nn.Conv1d, nn.Conv2d, nn.Linear)
+    group = "weight"
+
+    def accepts(self, site, module):
+        reason = super().accepts(site, module)
+        if reason is None and not site.name:
+            return "the root module cannot be replaced"
+        if reason is None and isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode not in (
+                "zeros", "circular"):
+            return f"padding_mode={module.padding_mode!r}: orthogonal layers use circular (exact) or zero padding"
+        return reason
+
+    def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
+        for entry in entries:
+            module = ctx.module(entry.site)
+            if isinstance(module, nn.Linear):
+                self._replace(ctx, entry, module, OrthogonalLinear.from_linear(
+                    module, init=entry.params["init"], gain=entry.params["gain"]), "hard")
+                continue
+            problem = _impossibility(module, entry.params["padding"])
+            if problem is None:
+                layer = _ORTHOGONAL_TYPES[type(module)].from_conv(
+                    module, init=entry.params["init"], method=entry.params["method"],
+                    padding="same" if entry.params["padding"] == "circular" else "keep",
+                    gain=entry.params["gain"], fit_steps=entry.params["fit_steps"])
+                status = "hard" if entry.params["padding"] == "circular" else "hard (zero padding: not at borders)"
+                self._replace(ctx, entry, module, layer, status)
+            else:
+                self._impossible(ctx, entry, module, problem)
+
+    def _replace(self, ctx: PassContext, entry: PlanEntry, old: nn.Module, new: nn.Module, status: str) -> None:
+        after = {"layer": type(new).__name__, "init_error": new.init_error}
+        inputs = ctx.site_inputs.get(entry.site.name)
+        if inputs is not None:
+            with torch.no_grad():
+                reference = old(*inputs)
+                changed = new(*inputs)
+            after["output_change"] = float((changed - reference).norm() / reference.norm().clamp_min(1e-30))
+        ctx.replace_module(entry.site, new)
+        ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
+                          what=f"replaced by an exactly orthogonal {type(new).__name__}", params=dict(entry.params),
+                          before={"layer": describe_module(old)}, after=after, status=status))
+
+    def _impossible(self, ctx: PassContext, entry: PlanEntry, module: nn.Module, problem: str) -> None:
+        action = entry.params["on_impossible"]
+        where = f"{entry.site.name} ({describe_module(module)})"
+        if action == "error":
+            raise ImpossibleLayerError(
+                f"rule '{entry.rule_name}': {where}: {problem}. Set 'on_impossible: regularize' (L_orth instead) "
+                "or 'skip' in the rule's 'with:', or exclude the layer from the rule's match")
+        if action == "skip":
+            ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
+                              what="left unchanged: " + problem, params=dict(entry.params),
+                              status=f"skipped: {problem}"))
+            return
+        try:
+            stride = lorth_stride(module)
+        except ValueError as exc:
+            raise OrthofxError(f"rule '{entry.rule_name}': {where}: {problem}, and L_orth cannot stand in: {exc}")
+        term = LorthTerm(entry.site.name, entry.rule_name, entry.params["regularize_weight"], stride=stride,
+                         groups=module.groups)
+        ctx.add_penalty(term)
+        ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
+                          what="attached L_orth instead: " + problem, params=dict(entry.params),
+                          status="regularised (no orthogonal version)"))

@@ -1,0 +1,391 @@
+"""Pass ``pre_svd``: orthogonality for the Pre-SVD layers (P4), the convolutions / linears feeding a decomposition.
+
+Select the layers with ``match: {feeds: linalg.eigh}`` (or any decomposition op); each Conv1d / Conv2d / Linear
+gets, by its parameters:
+
+``weight`` (the orthogonal-weight treatment, P4's "OW"; default ``none``)
+    ``orthogonal``: the layer is replaced, under the same name, by the exactly orthogonal layer of
+    :mod:`orthofx.nn.orthogonal` (``OrthogonalConv{1,2}d.from_conv`` / ``OrthogonalLinear.from_linear`` with
+    ``init="nearest"``; ``padding: keep`` keeps the conv's own zero/circular padding, ``circular`` uses circular
+    "same" padding, exact but a different boundary). When no orthogonal layer exists for the architecture (P0
+    Theorem 4), the layer cannot be built, or the new layer would change the output shape, the pass falls back to
+    the L_orth regulariser and the Change's status says so. The hard layer's weight is a function of other
+    parameters, so NOG / OLR are not attached to it (status says so); combine NOG with ``lorth`` or ``srip``
+    for P4's NOG + OW.
+    ``lorth``: P0's L_orth (:class:`orthofx.passes.orth_regularizer.LorthTerm`), weighted by ``penalty_weight``.
+    ``srip``: SRIP, the spectral restricted isometry penalty (Bansal et al., NeurIPS 2018): with ``W`` the weight
+    reshaped to ``out x rest`` (per group), ``sigma_max(W W^T - I)`` when ``out <= rest`` and
+    ``sigma_max(W^T W - I)`` otherwise (the smaller Gram matrix, so that a wide matrix is not charged for its null
+    space), estimated by ``power_iterations`` steps of the power iteration (the matrix is symmetric, so this is its
+    largest |eigenvalue|), started from a fixed pseudo-random vector, the iterate detached and the final
+    ``||M v||`` differentiable in ``W`` (the spectral-norm trick). Summed over groups; see :class:`SripTerm`.
+``nog`` (default true): Nearest Orthogonal Gradient. An optimizer hook (:class:`NearestOrthogonalGradient`)
+    replaces, before every ``optimizer.step()``, the weight's gradient ``G`` (reshaped to ``out x rest``) by its
+    polar factor ``U V^T`` from the SVD ``G = U S V^T`` (float64). Directions with a zero singular value (below
+    ``max(m, n) * eps * s_max`` of the gradient's dtype) are dropped, so a rank-deficient gradient gives the
+    partial isometry ``U_r V_r^T`` and a zero gradient stays zero.
+``olr`` (default false): Optimal Learning Rate. With ``w``, ``g`` the flattened weight and gradient (the gradient
+    after NOG when both are on), ``a = w.w``, ``b = g.w``, ``c = g.g``: ``eta* = a b / (a c + 2 b^2)``; the layer's
+    learning rate for the step is ``eta*`` when ``0 < eta* < base lr`` and the base lr otherwise, a Python float
+    (no autograd history). ``eta*`` is the minimiser of ``||w - eta g||^2 + 2 eta^2 (g.w)^2 / (w.w)`` (derived by
+    us from the reference formula; see tests/test_svd_passes.py). Implemented by :class:`OptimalLearningRate`:
+    ``orthofx.attach`` **edits the optimizer's param groups**: the weight is moved into a param group of its own
+    (a copy of its group's settings, marked ``"orthofx_olr": site``); before each step that group's ``lr`` is set,
+    after the step it is put back to the base lr, so LR schedulers keep scaling the base lr (create schedulers
+    after ``attach``; a scheduler created before it does not know the new group). Parameters are matched by
+    identity, so DataParallel / DDP prefixes do not matter (the reference's OLR matched none under DataParallel).
+``penalty_weight`` (default 0.01): weight of the ``lorth`` / ``srip`` term in ``orthofx.penalty``.
+
+Several layers feeding one decomposition each get their own hooks (and param groups); a layer feeding several
+decompositions is one module site, treated once. The Change per layer lists the decomposition sites it feeds.
+
+Example::
+
+    import torch, orthofx, orthofx.passes.pre_svd, orthofx.passes.svd_conditioning
+    model = orthofx.models.get("dbn_cnn")
+    gm = orthofx.transform(model, "svd", example_inputs=(orthofx.models.example_input("dbn_cnn"),))
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
+    orthofx.attach(optimizer, gm)          # NOG + OLR on conv1, run inside optimizer.step()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..errors import OrthofxError
+from .base import Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, describe_module
+from .orth_regularizer import LorthTerm
+from .registry import register_pass
+
+__all__ = ["PreSVD", "SripTerm", "NearestOrthogonalGradient", "OptimalLearningRate", "srip", "polar_factor",
+           "optimal_learning_rate"]
+
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d,
+              nn.ConvTranspose3d)
+#: Param-group key marking the group OLR created; the value is the site.
+OLR_GROUP_KEY = "orthofx_olr"
+_BASE_LR_KEY = "orthofx_olr_base_lr"
+_LAST_LR_KEY = "orthofx_olr_lr"
+
+
+# ----------------------------------------------------------------------------------------------------- math
+
+def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """The polar factor ``U V^T`` of a 2-D ``matrix = U S V^T`` (float64 SVD, returned in ``matrix``'s dtype),
+    with the directions of zero singular values (``<= max(m, n) * eps * s_max``, ``eps`` of ``matrix``'s dtype)
+    dropped: a rank-``r`` matrix gives ``U_r V_r^T``, a zero matrix gives zero."""
+    if matrix.dim() != 2:
+        raise ValueError(f"polar_factor expects a 2-D matrix, got shape {tuple(matrix.shape)}")
+    m64 = matrix.detach().to(torch.float64)
+    U, S, Vh = torch.linalg.svd(m64, full_matrices=False)
+    eps = torch.finfo(matrix.dtype).eps if matrix.is_floating_point() else torch.finfo(torch.float64).eps
+    tol = S[:1] * (max(matrix.shape) * eps)
+    keep = (S > tol).to(m64.dtype)
+    return ((U * keep.unsqueeze(0)) @ Vh).to(matrix.dtype)
+
+
+def optimal_learning_rate(weight: torch.Tensor, grad: torch.Tensor) -> float | None:
+    """P4's ``eta* = a b / (a c + 2 b^2)`` with ``a = w.w``, ``b = g.w``, ``c = g.g`` (float64, as a Python float);
+    ``None`` when the denominator is zero (a zero gradient)."""
+    w = weight.detach().reshape(-1).to(torch.float64)
+    g = grad.detach().reshape(-1).to(torch.float64)
+    a, b, c = torch.stack([w.dot(w), g.dot(w), g.dot(g)]).tolist()
+    denominator = a * c + 2.0 * b * b
+    if not denominator > 0.0:
+        return None
+    return a * b / denominator
+
+
+def srip(weight: torch.Tensor, groups: int = 1, iterations: int = 10) -> torch.Tensor:
+    """SRIP of a (conv or linear) weight: sum over groups of ``sigma_max(Gram - I)`` (see the module docstring)."""
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    out = weight.shape[0]
+    if out % groups:
+        raise ValueError(f"{out} output channels are not divisible into {groups} groups")
+    W = weight.reshape(groups, out // groups, -1)
+    gram = W @ W.mT if W.shape[1] <= W.shape[2] else W.mT @ W
+    n = gram.shape[-1]
+    M = gram - torch.eye(n, dtype=gram.dtype, device=gram.device)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        v = torch.randn(groups, n, 1, generator=generator, dtype=torch.float64).to(M)
+        Md = M.detach()
+        for _ in range(iterations):
+            v = Md @ v
+            v = v / v.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+    return (M @ v).norm(dim=(-2, -1)).sum()
+
+
+# ------------------------------------------------------------------------------------------ penalties, hooks
+
+class SripTerm(PenaltyTerm):
+    """SRIP of the weight of the module at ``site``: ``sum_groups sigma_max(W W^T - I)`` (smaller Gram)."""
+
+    def __init__(self, site: str, rule: str, weight: float, groups: int = 1, iterations: int = 10):
+        super().__init__(site, rule, weight)
+        self.groups = int(groups)
+        self.iterations = int(iterations)
+
+    def value(self, root: nn.Module) -> torch.Tensor:
+        return srip(root.get_submodule(self.site).weight, self.groups, self.iterations)
+
+
+class NearestOrthogonalGradient(OptimizerHook):
+    """NOG (P4): before each step the weight's gradient (``out x rest``) becomes its polar factor ``U V^T``."""
+
+    def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        weight = root.get_submodule(self.site).weight
+        grad = weight.grad
+        if grad is None or grad.is_sparse:
+            return
+        G = grad.reshape(grad.shape[0], -1)
+        if not bool(torch.isfinite(G).all()):
+            return  # leave a NaN/inf gradient for the user's own checks (an SVD of it would fail)
+        with torch.no_grad():
+            grad.copy_(polar_factor(G).reshape(grad.shape))
+
+
+def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return group
+    raise OrthofxError("the weight is not in any param group of this optimizer")  # attach checked it; defensive
+
+
+class OptimalLearningRate(OptimizerHook):
+    """OLR (P4): the weight gets its own param group, whose lr is ``eta*`` for a step when ``0 < eta* < base lr``.
+
+    ``setup`` moves the weight out of its param group into a new one with the same settings (``attach`` therefore
+    edits the optimizer's param groups; ``handle.remove()`` does not merge them back). ``before_step`` reads the
+    group's current lr as the base lr (the lr at ``attach``, or what an LR scheduler made of it), stores it under
+    ``"orthofx_olr_base_lr"`` and sets ``lr``; ``after_step`` restores the base lr. The lr used is kept under
+    ``"orthofx_olr_lr"`` for logging.
+    """
+
+    def setup(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        weight = root.get_submodule(self.site).weight
+        group = _group_of(optimizer, weight)
+        if len(group["params"]) == 1:
+            group[OLR_GROUP_KEY] = self.site
+            return
+        group["params"] = [p for p in group["params"] if p is not weight]
+        settings = {key: value for key, value in group.items() if key != "params" and not key.startswith("orthofx_")}
+        settings[OLR_GROUP_KEY] = self.site
+        optimizer.add_param_group({"params": [weight], **settings})
+
+    def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        weight = root.get_submodule(self.site).weight
+        group = _group_of(optimizer, weight)
+        base = group["lr"]
+        base = float(base) if isinstance(base, torch.Tensor) else base
+        group[_BASE_LR_KEY] = base
+        lr = base
+        if weight.grad is not None and not weight.grad.is_sparse:
+            eta = optimal_learning_rate(weight, weight.grad)
+            if eta is not None and 0.0 < eta < base:
+                lr = eta
+        group[_LAST_LR_KEY] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+    def after_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        weight = root.get_submodule(self.site).weight
+        group = _group_of(optimizer, weight)
+        base = group.pop(_BASE_LR_KEY, None)
+        if base is None:
+            return
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(base)
+        else:
+            group["lr"] = base
+
+
+# ---------------------------------------------------------------------------------------------------- pass
+
+def _decompositions_fed(ctx: PassContext, name: str) -> list[str]:
+    """Function sites (decompositions) downstream of module ``name`` before another conv/linear intervenes."""
+    plan = ctx.manifest.plan
+    by_node = {s.node: s.name for s in getattr(plan, "sites", ()) if s.kind == "function"}
+    start = [n for n in ctx.gm.graph.nodes if n.op == "call_module" and n.target == name]
+    found: list[str] = []
+    seen: set[fx.Node] = set()
+    stack = [u for n in start for u in n.users]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        site = node.meta.get("orthofx_site") or by_node.get(node.name)
+        if site and site not in found and not site == name:
+            found.append(site)
+        if node.op == "call_module":
+            try:
+                module = ctx.gm.get_submodule(str(node.target))
+            except AttributeError:
+                module = None
+            if isinstance(module, _PRODUCERS):
+                continue
+        stack.extend(node.users)
+    return sorted(found)
+
+
+def _lorth_reason(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return None
+    if any(d != 1 for d in module.dilation):
+        return f"L_orth is defined for undilated convolutions (dilation={module.dilation})"
+    if len(set(module.stride)) != 1:
+        return f"L_orth needs one stride for every dimension (stride={module.stride})"
+    return None
+
+
+def _lorth_term(name: str, rule: str, module: nn.Module, weight: float) -> LorthTerm:
+    if isinstance(module, nn.Linear):
+        return LorthTerm(name, rule, weight)
+    return LorthTerm(name, rule, weight, stride=module.stride[0], groups=module.groups)
+
+
+def _hard_layer(module: nn.Module, padding: str) -> nn.Module:
+    from ..nn import orthogonal  # the layer library; imported when a policy asks for hard layers
+
+    if isinstance(module, nn.Linear):
+        return orthogonal.OrthogonalLinear.from_linear(module, init="nearest")
+    cls = orthogonal.OrthogonalConv2d if isinstance(module, nn.Conv2d) else orthogonal.OrthogonalConv1d
+    if padding == "keep":
+        return cls.from_conv(module, init="nearest", padding="keep")
+    return cls.from_conv(module, init="nearest", padding="same", padding_mode="circular")
+
+
+def _first_sentence(text: str) -> str:
+    head = text.split(". ")[0].strip()
+    return head[:200]
+
+
+@register_pass
+class PreSVD(Pass):
+    """P4's treatments of the layer feeding an SVD meta-layer: orthogonal weights (hard, L_orth or SRIP), NOG, OLR."""
+
+    name = "pre_svd"
+    params = (
+        Param("weight", "none", (str,), "orthogonal-weight treatment: none, orthogonal (hard layer), lorth or srip",
+              choices=("none", "orthogonal", "lorth", "srip")),
+        Param("penalty_weight", 0.01, (float,), "weight of the lorth / srip term in orthofx.penalty", minimum=0.0),
+        Param("nog", True, (bool,), "Nearest Orthogonal Gradient: the gradient becomes its polar factor"),
+        Param("olr", False, (bool,), "Optimal Learning Rate for this layer (own param group)"),
+        Param("power_iterations", 10, (int,), "power iterations of the SRIP estimate", minimum=1),
+        Param("padding", "keep", (str,), "weight: orthogonal: keep the conv's padding, or circular 'same' (exact)",
+              choices=("keep", "circular")),
+    )
+    site_kinds = frozenset({"module"})
+    module_types = _LAYER_TYPES
+    group = "weight"
+
+    def accepts(self, site, module):
+        reason = super().accepts(site, module)
+        if reason is not None:
+            return reason
+        if not site.name:
+            return "the Pre-SVD treatment needs a named layer, not the root module"
+        if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+            return f"{site.name} is a lazy layer that has not run yet; run the model once first"
+        return None
+
+    def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
+        for entry in entries:
+            self._apply_one(ctx, entry)
+
+    def _apply_one(self, ctx: PassContext, entry: PlanEntry) -> None:
+        name, params = entry.site.name, entry.params
+        module = ctx.module(name)
+        before: dict[str, Any] = {"layer": describe_module(module), "feeds": _decompositions_fed(ctx, name)}
+        with torch.no_grad():
+            before["orthogonality_error"] = _flat_orthogonality_error(module.weight)
+        after: dict[str, Any] = {}
+        parts: list[str] = []
+        hooks_allowed = True
+        treatment = params["weight"]
+
+        if treatment == "orthogonal":
+            layer, reason = self._try_hard(ctx, name, module, params["padding"])
+            if layer is not None:
+                parts.append("orthogonal (hard)")
+                after["layer"] = type(layer).__name__
+                after["init_error"] = getattr(layer, "init_error", None)
+                hooks_allowed = False
+                if params["nog"] or params["olr"]:
+                    after["hooks"] = "NOG/OLR not attached: the hard layer's weight is not a parameter"
+            else:
+                treatment = "lorth"
+                after["fallback"] = reason
+                parts.append(f"L_orth (fallback: {reason})")
+        elif treatment in ("lorth", "srip"):
+            parts.append("L_orth" if treatment == "lorth" else "SRIP")
+
+        if treatment == "lorth":
+            problem = _lorth_reason(module)
+            if problem is None:
+                term = _lorth_term(name, entry.rule_name, module, params["penalty_weight"])
+                ctx.add_penalty(term)
+                with torch.no_grad():
+                    after["lorth"] = float(term.value(ctx.gm))
+            else:
+                parts[-1] = f"no weight penalty ({problem})"
+                after["penalty"] = f"none: {problem}"
+        elif treatment == "srip":
+            term = SripTerm(name, entry.rule_name, params["penalty_weight"], groups=getattr(module, "groups", 1),
+                            iterations=params["power_iterations"])
+            ctx.add_penalty(term)
+            with torch.no_grad():
+                after["srip"] = float(term.value(ctx.gm))
+
+        if hooks_allowed:
+            if params["nog"]:
+                ctx.add_optimizer_hook(NearestOrthogonalGradient(name, entry.rule_name))
+                parts.append("NOG")
+            if params["olr"]:
+                ctx.add_optimizer_hook(OptimalLearningRate(name, entry.rule_name))
+                parts.append("OLR")
+        elif params["nog"] or params["olr"]:
+            parts.append("no NOG/OLR on a hard layer")
+
+        status = " + ".join(parts) if parts else "skipped: nothing to apply (weight none, nog and olr off)"
+        feeds = ", ".join(before["feeds"]) or "a decomposition"
+        ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name,
+                          what=f"Pre-SVD layer feeding {feeds}: {status}", params=dict(params), before=before,
+                          after=after, status=status))
+
+    def _try_hard(self, ctx: PassContext, name: str, module: nn.Module, padding: str):
+        """The hard orthogonal layer put in place of ``module``, or ``(None, reason)``."""
+        try:
+            layer = _hard_layer(module, padding)
+        except (OrthofxError, ValueError, TypeError) as exc:
+            return None, _first_sentence(str(exc))
+        layer.train(module.training)
+        inputs = ctx.site_inputs.get(name)
+        expected = ctx.manifest.output_shapes.get(name)
+        if inputs is not None and expected is not None:
+            was = layer.training
+            layer.eval()
+            with torch.no_grad():
+                shape = tuple(layer(*inputs).shape)
+            layer.train(was)
+            if shape != tuple(expected):
+                return None, (f"the orthogonal layer would change the output shape from {tuple(expected)} to "
+                              f"{shape}")
+        ctx.replace_module(name, layer)
+        return layer, None
+
+
+def _flat_orthogonality_error(weight: torch.Tensor) -> float:
+    """``||W W^T - I||_F`` (or ``W^T W``, the smaller Gram) of the weight reshaped to ``out x rest``."""
+    W = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
+    gram = W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W
+    return float(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype)))
+

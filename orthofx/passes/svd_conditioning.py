@@ -1,0 +1,767 @@
+"""Pass ``svd_conditioning``: the conditioning-aware SVD meta-layer (P4) at every eigendecomposition / SVD call.
+
+Each selected function site (``torch.linalg.eigh``, ``eigvalsh``, ``svd``, ``svdvals``, ``torch.svd`` and the
+``Tensor.svd`` method) is rewritten in the graph, by one of three methods:
+
+``taylor`` (default)
+    the call is replaced by the stand-in of :mod:`orthofx.nn.conditioning` with the same outputs
+    (``stable_eigh`` ... ``stable_torch_svd``), which runs the custom op ``orthofx::eigh_stable`` /
+    ``orthofx::svd_stable`` with P4's Taylor-form backward of order ``taylor_order``: the gradient stays bounded
+    (never NaN/inf) on repeated eigenvalues. Forward values are torch's.
+``clamp``
+    the same ops with the exact backward ``1/(lambda_i - lambda_j)``, the gap clamped from below by
+    ``clamp_gap`` (or, when null, by ``eps * max|lambda|``).
+``newton_schulz``
+    SVD-free: where the graph computes a matrix power from the decomposition, ``V diag(f(lambda)) V^T`` with
+    ``f(lambda) = lambda^(1/2)`` or ``lambda^(-1/2)``, the whole pattern *and the decomposition* are replaced by
+    :func:`orthofx.nn.conditioning.power_newton_schulz` (coupled Newton-Schulz, ``iterations`` steps, matmuls
+    only, so exportable to ONNX). It assumes a symmetric positive definite matrix (covariances): clamps of the
+    eigenvalues at ``min >= 0`` are dropped (exact for PD matrices; a clamp at ``c > 0`` differs where eigenvalues
+    are below ``c``, recorded in the Change), ``lambda + c`` becomes ``A + c I``. When no such pattern covers every
+    use of the decomposition (eigvalsh/svdvals, other powers, the eigenvectors used elsewhere ...), ``fallback``
+    decides: ``stable`` (default) applies ``taylor`` and the Change's status says why Newton-Schulz was skipped;
+    ``keep`` leaves the site untouched (status ``skipped: <reason>``); ``error`` raises.
+
+Graph patterns recognised for the power (``V``: eigenvectors, or for an SVD ``U`` / ``V``; ``L``: eigenvalues or
+singular values; ``T(.)``: ``.mT``, ``.transpose(-2, -1)`` / ``(-1, -2)`` / ``(1, 2)`` / ``(0, 1)``, ``swapaxes``,
+``.T`` / ``.t()`` (2-D), ``permute`` swapping the last two dims; ``@``: ``@``, ``matmul``, ``bmm``, ``mm``)::
+
+    D = f(L)                       f: sqrt, rsqrt, pow(+-0.5), ** +-0.5, 1 / sqrt(.), reciprocal(sqrt(.)),
+                                      applied to L through clamp(min=c) / clamp_min / relu / + c
+    V @ diag_embed(D) @ T(V)       (either association; torch.diag(D) for 2-D)
+    (V * D.unsqueeze(-2)) @ T(V)   (also D[..., None, :], unsqueeze(k) with k = ndim - 2; either operand order)
+    V @ (D.unsqueeze(-1) * T(V))   (also D[..., None], unsqueeze(ndim - 1))
+
+For SVDs the left factor may be ``U`` or ``V`` and the right one ``Vh``, ``T(U)`` or ``T(V)`` (equal for a
+symmetric PD input). Ranks are usually unknown to an fx graph: index arithmetic that is only right for some
+ranks (``unsqueeze(0)``, ``transpose(0, 1)``, ``.T``) is recorded in the replacement's ``layout`` argument and
+checked against the input's rank on the first call (a ``ValueError`` naming the mismatch, at transform time when
+example inputs are given); it is checked at transform time when the graph's nodes carry shapes (export capture).
+
+Monitoring (``monitor: true``): a :class:`orthofx.nn.conditioning.DecompositionMonitor` is registered in the
+GraphModule as ``orthofx_monitor_<n>`` and called on the decomposition's result (a pass-through), recording
+``kappa`` of the matrix entering the site (eigenvalues; for SVDs the covariance's, ``(s_max/s_min)^2`` for a data
+matrix and ``s_max/s_min`` for a symmetric input; for Newton-Schulz a forward-only ``eigvalsh``) and NaN/inf
+events, with tensor ops only (``torch.compile(fullgraph=True)`` keeps it in one graph). Read it with
+``gm.get_submodule(change.after["monitor"]).summary()``; :func:`monitors` lists them by site.
+
+Inference form: :func:`to_newton_schulz` rewrites the same power patterns of an already transformed (or plain)
+GraphModule into Newton-Schulz iterations, for exporting models whose decompositions ONNX cannot express.
+
+Example::
+
+    import torch, orthofx, orthofx.passes.svd_conditioning
+    model = orthofx.models.get("gcp_cnn")
+    x = orthofx.models.example_input("gcp_cnn", batch=4)
+    gm = orthofx.transform(model, {"rules": [{"match": {"op": "linalg.eigh"}, "apply": "svd_conditioning",
+                                              "with": {"method": "newton_schulz", "iterations": 10}}]},
+                           example_inputs=(x,))
+    print(orthofx.passes.svd_conditioning.monitors(gm))
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ..errors import TransformError
+from ..nn import conditioning as cond
+from .base import Change, Param, Pass, PassContext, PlanEntry
+from .registry import register_pass
+
+__all__ = ["SVDConditioning", "to_newton_schulz", "monitors", "MONITOR_PREFIX"]
+
+#: Submodule names of the inserted monitors: ``orthofx_monitor_<n>``.
+MONITOR_PREFIX = "orthofx_monitor_"
+
+_OPS = ("linalg.eigh", "linalg.eigvalsh", "linalg.svd", "linalg.svdvals", "svd")
+
+
+# ------------------------------------------------------------------------------------------ op descriptions
+
+@dataclass(frozen=True)
+class _OpInfo:
+    """How one decomposition is called and what it returns."""
+
+    params: tuple[tuple[str, Any], ...]       # positional parameters after the input, with defaults
+    stable: Any                               # the stand-in of orthofx.nn.conditioning
+    fields: tuple[str, ...] = ()              # names of the tuple outputs (empty: a single tensor)
+    values: int | None = None                 # index of the eigen/singular values in the tuple
+    left: frozenset[int] = frozenset()        # outputs that are V-like factors (columns = vectors)
+    right: frozenset[int] = frozenset()       # outputs that are V^T-like factors
+    return_type: str = ""                     # torch.return_types class name
+    monitor_source: str = "eigenvalues"
+    label: str = ""                           # name in statuses
+
+
+_INFO: dict[str, _OpInfo] = {
+    "linalg.eigh": _OpInfo((("UPLO", "L"),), cond.stable_eigh, ("eigenvalues", "eigenvectors"), 0,
+                           frozenset({1}), frozenset(), "linalg_eigh", "eigenvalues", "eigh"),
+    "linalg.eigvalsh": _OpInfo((("UPLO", "L"),), cond.stable_eigvalsh, label="eigvalsh"),
+    "linalg.svd": _OpInfo((("full_matrices", True),), cond.stable_linalg_svd, ("U", "S", "Vh"), 1,
+                          frozenset({0}), frozenset({2}), "linalg_svd", "singular_values", "svd"),
+    "linalg.svdvals": _OpInfo((), cond.stable_svdvals, monitor_source="singular_values", label="svdvals"),
+    "svd": _OpInfo((("some", True), ("compute_uv", True)), cond.stable_torch_svd, ("U", "S", "V"), 1,
+                   frozenset({0, 2}), frozenset(), "svd", "singular_values", "torch.svd"),
+}
+
+# Targets of already rewritten (stable) or plain decompositions, for to_newton_schulz.
+_TARGET_OPS: dict[Any, str] = {
+    torch.linalg.eigh: "linalg.eigh", cond.stable_eigh: "linalg.eigh",
+    torch.linalg.svd: "linalg.svd", cond.stable_linalg_svd: "linalg.svd",
+    torch.svd: "svd", cond.stable_torch_svd: "svd",
+}
+_STABLE_EXTRA = ("taylor_order", "float64", "clamp_gap")
+
+
+class _Unsupported(Exception):
+    """A call this pass cannot rewrite; the message is the reason."""
+
+
+def _call_options(node: fx.Node, op: str) -> tuple[fx.Node, dict[str, Any]]:
+    """The decomposed matrix's node and the call's options (torch's defaults filled in)."""
+    info = _INFO[op]
+    args = list(node.args)
+    kwargs = dict(node.kwargs)
+    matrix = args.pop(0) if args else kwargs.pop("input", kwargs.pop("A", None))
+    if not isinstance(matrix, fx.Node):
+        raise _Unsupported("the decomposed matrix is not a traced value")
+    if kwargs.pop("out", None) is not None:
+        raise _Unsupported("calls with out= are not rewritten")
+    kwargs.pop("driver", None)  # a cuSOLVER choice; the stable op picks its own
+    options: dict[str, Any] = {}
+    for i, (name, default) in enumerate(info.params):
+        value = args[i] if i < len(args) else kwargs.pop(name, default)
+        if isinstance(value, fx.Node):
+            raise _Unsupported(f"argument {name} is a traced value, not a constant")
+        options[name] = value
+    for name in _STABLE_EXTRA:  # a stand-in already in the graph (to_newton_schulz)
+        kwargs.pop(name, None)
+    if len(args) > len(info.params) or kwargs:
+        raise _Unsupported(f"unexpected arguments {args[len(info.params):] or ''}{kwargs or ''}")
+    return matrix, options
+
+
+# ------------------------------------------------------------------------------------------ node predicates
+
+_MATMUL_FNS = {operator.matmul, torch.matmul, torch.bmm, torch.mm}
+_MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
+_MUL_FNS = {operator.mul, torch.mul}
+_MUL_METHODS = {"mul", "__mul__"}
+_ADD_FNS = {operator.add, torch.add}
+_ADD_METHODS = {"add", "__add__", "__radd__"}
+_TRANSPOSE_FNS = {torch.transpose, torch.swapaxes, torch.swapdims}
+_TRANSPOSE_METHODS = {"transpose", "swapaxes", "swapdims"}
+_NUMBER = (int, float)
+
+
+def _is(node: Any, fns: set = frozenset(), methods: set = frozenset()) -> bool:
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_function" and node.target in fns) or (node.op == "call_method" and node.target in methods))
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _binary(node: fx.Node, fns: set, methods: set) -> tuple[Any, Any] | None:
+    if not _is(node, fns, methods) or len(node.args) != 2 or node.kwargs:
+        return None
+    return node.args[0], node.args[1]
+
+
+def _out_index(node: Any, dec: fx.Node, info: _OpInfo) -> int | None:
+    """``i`` when ``node`` is ``dec[i]`` or ``dec.<field i>``."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.args and node.args[0] is dec):
+        return None
+    n = len(info.fields)
+    if node.target is operator.getitem and isinstance(node.args[1], int) and -n <= node.args[1] < n:
+        return node.args[1] % n
+    if node.target is getattr and node.args[1] in info.fields:
+        return info.fields.index(node.args[1])
+    return None
+
+
+def _transpose_of(node: Any) -> tuple[fx.Node, list] | None:
+    """``(source, layout constraints)`` when ``node`` swaps the last two dims of ``source``."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        if node.args[1] == "mT":
+            return node.args[0], []
+        if node.args[1] == "T":
+            return node.args[0], [("ndim", 2)]
+        return None
+    if _is(node, _TRANSPOSE_FNS, _TRANSPOSE_METHODS):
+        i, j = _arg(node, 1, "dim0"), _arg(node, 2, "dim1")
+        if isinstance(i, int) and isinstance(j, int):
+            return node.args[0], [("transpose", i, j)]
+        return None
+    if _is(node, {torch.t}, {"t"}) and len(node.args) == 1:
+        return node.args[0], [("ndim", 2)]
+    if _is(node, {torch.permute}, {"permute"}):
+        rest = node.args[1:]
+        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+            dims = tuple(rest[0])
+        elif rest:
+            dims = tuple(rest)
+        else:
+            dims = tuple(node.kwargs.get("dims", ()))
+        k = len(dims)
+        if k >= 2 and all(isinstance(d, int) for d in dims) and [d % k for d in dims] == (
+                list(range(k - 2)) + [k - 1, k - 2]):
+            return node.args[0], [("ndim", k)]
+    return None
+
+
+def _unsqueeze_of(node: Any) -> tuple[fx.Node, int] | None:
+    """``(source, dim)`` for ``source.unsqueeze(dim)`` and the equivalent indexing with a single ``None``."""
+    if _is(node, {torch.unsqueeze}, {"unsqueeze"}):
+        dim = _arg(node, 1, "dim")
+        return (node.args[0], dim) if isinstance(dim, int) else None
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem:
+        src, index = node.args
+        if not isinstance(index, tuple):
+            index = (index,)
+        full = slice(None, None, None)
+        if index.count(None) != 1 or any(i not in (None, full, Ellipsis) for i in index) or index.count(Ellipsis) > 1:
+            return None
+        if Ellipsis in index:
+            if index[0] is not Ellipsis:
+                return None
+            tail = index[1:]  # (..., None, :) -> -2, (..., None) -> -1
+            return src, tail.index(None) - len(tail)
+        return src, index.index(None)
+    return None
+
+
+def _diag_of(node: Any) -> tuple[fx.Node, list] | None:
+    if _is(node, {torch.diag_embed}, {"diag_embed"}):
+        offset = _arg(node, 1, "offset", 0)
+        dim1, dim2 = _arg(node, 2, "dim1", -2), _arg(node, 3, "dim2", -1)
+        if offset == 0 and dim1 == -2 and dim2 == -1:
+            return node.args[0], []
+        return None
+    if _is(node, {torch.diag}, {"diag"}) and _arg(node, 1, "diagonal", 0) == 0:
+        return node.args[0], [("ndim", 2)]
+    return None
+
+
+@dataclass
+class _Power:
+    values: fx.Node
+    power: float
+    shift: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    nodes: list[fx.Node] = field(default_factory=list)
+
+
+def _base_of(node: Any, dec: fx.Node, info: _OpInfo) -> _Power | None:
+    """Walk from ``node`` through clamps / relu / ``+ c`` down to the decomposition's values."""
+    nodes, notes, shift = [], [], 0.0
+    cur = node
+    while isinstance(cur, fx.Node) and _out_index(cur, dec, info) != info.values:
+        if _is(cur, {torch.clamp, torch.clip}, {"clamp", "clip"}):
+            low, high = _arg(cur, 1, "min"), _arg(cur, 2, "max")
+            if high is not None or not isinstance(low, _NUMBER):
+                return None
+            notes.append(f"clamp(min={low}) dropped" + ("" if low <= 0 else
+                                                        f" (differs where an eigenvalue is below {low})"))
+        elif _is(cur, {torch.clamp_min}, {"clamp_min"}):
+            low = _arg(cur, 1, "min")
+            if not isinstance(low, _NUMBER):
+                return None
+            notes.append(f"clamp_min({low}) dropped" + ("" if low <= 0 else
+                                                        f" (differs where an eigenvalue is below {low})"))
+        elif _is(cur, {torch.relu, F.relu}, {"relu"}) and len(cur.args) == 1:
+            notes.append("relu dropped")
+        elif (pair := _binary(cur, _ADD_FNS, _ADD_METHODS)) is not None:
+            a, b = pair
+            if isinstance(b, _NUMBER) and isinstance(a, fx.Node):
+                shift += float(b)
+            elif isinstance(a, _NUMBER) and isinstance(b, fx.Node):
+                shift += float(a)
+                a = b
+            else:
+                return None
+            nodes.append(cur)
+            cur = a
+            continue
+        else:
+            return None
+        nodes.append(cur)
+        cur = cur.args[0]
+    if not isinstance(cur, fx.Node):
+        return None
+    return _Power(values=cur, power=0.0, shift=shift, notes=notes, nodes=nodes + [cur])
+
+
+def _power_of(node: Any, dec: fx.Node, info: _OpInfo) -> _Power | None:
+    """``f(L)`` with ``f(x) = (x [+ c])^p``, ``p = +-1/2``, in the forms listed in the module docstring."""
+    if not isinstance(node, fx.Node):
+        return None
+    p = None
+    inner = None
+    if _is(node, {torch.sqrt}, {"sqrt"}) and len(node.args) == 1:
+        p, inner = 0.5, node.args[0]
+    elif _is(node, {torch.rsqrt}, {"rsqrt"}) and len(node.args) == 1:
+        p, inner = -0.5, node.args[0]
+    elif _is(node, {torch.pow, operator.pow}, {"pow", "__pow__"}):
+        exponent = _arg(node, 1, "exponent")
+        if isinstance(exponent, _NUMBER) and float(exponent) in (0.5, -0.5):
+            p, inner = float(exponent), node.args[0]
+    elif _is(node, {torch.reciprocal}, {"reciprocal"}) and len(node.args) == 1:
+        sub = _power_of(node.args[0], dec, info)
+        if sub is not None:
+            sub.power = -sub.power
+            sub.nodes.append(node)
+        return sub
+    elif _is(node, {operator.truediv, torch.div, torch.true_divide}, {"__rtruediv__"}):
+        num, den = node.args[0], node.args[1] if len(node.args) > 1 else None
+        if node.op == "call_method":  # x.__rtruediv__(1) == 1 / x
+            num, den = den, num
+        if isinstance(num, _NUMBER) and float(num) == 1.0 and not node.kwargs:
+            sub = _power_of(den, dec, info)
+            if sub is not None:
+                sub.power = -sub.power
+                sub.nodes.append(node)
+            return sub
+    if p is None:
+        return None
+    base = _base_of(inner, dec, info)
+    if base is None:
+        return None
+    base.power = p
+    base.nodes.append(node)
+    return base
+
+
+def _factor_of(node: Any, dec: fx.Node, info: _OpInfo) -> tuple[str, list, list[fx.Node]] | None:
+    """``("left" | "right", layout, nodes)``: ``node`` is an orthogonal factor of ``dec`` or its transpose."""
+    idx = _out_index(node, dec, info)
+    if idx is not None:
+        if idx in info.left:
+            return "left", [], [node]
+        if idx in info.right:
+            return "right", [], [node]
+        return None
+    t = _transpose_of(node)
+    if t is None:
+        return None
+    sub = _factor_of(t[0], dec, info)
+    if sub is None:
+        return None
+    side, layout, nodes = sub
+    return ("right" if side == "left" else "left"), layout + t[1], nodes + [node]
+
+
+@dataclass
+class _Match:
+    """One ``V diag(f(L)) V^T`` found in the graph: the output node and every node it consists of."""
+
+    output: fx.Node
+    power: _Power
+    layout: list
+    nodes: list[fx.Node]  # internal nodes (output excluded)
+
+
+def _scaled_factor(node: Any, side: str, dec: fx.Node, info: _OpInfo):
+    """``(power, layout, nodes)`` when ``node`` is a ``side`` factor scaled by ``f(L)``: ``V * D.unsqueeze(-2)``
+    / ``V @ diag(D)`` for the left side, ``D.unsqueeze(-1) * V^T`` / ``diag(D) @ V^T`` for the right side."""
+    pair = _binary(node, _MUL_FNS, _MUL_METHODS) if isinstance(node, fx.Node) else None
+    if pair is not None:
+        for fac, other in (pair, pair[::-1]):
+            f = _factor_of(fac, dec, info)
+            u = _unsqueeze_of(other)
+            if f is None or f[0] != side or u is None:
+                continue
+            pw = _power_of(u[0], dec, info)
+            if pw is None:
+                continue
+            kind = "col" if side == "left" else "row"
+            return pw, f[1] + [(kind, u[1])], f[2] + [other, node]
+        return None
+    pair = _binary(node, _MATMUL_FNS, _MATMUL_METHODS) if isinstance(node, fx.Node) else None
+    if pair is not None:
+        fac, other = pair if side == "left" else pair[::-1]
+        f = _factor_of(fac, dec, info)
+        d = _diag_of(other)
+        if f is None or f[0] != side or d is None:
+            return None
+        pw = _power_of(d[0], dec, info)
+        if pw is None:
+            return None
+        return pw, f[1] + d[1], f[2] + [other, node]
+    return None
+
+
+def _match_power(node: fx.Node, dec: fx.Node, info: _OpInfo) -> _Match | None:
+    pair = _binary(node, _MATMUL_FNS, _MATMUL_METHODS)
+    if pair is None:
+        return None
+    x, y = pair
+    # (V scaled) @ V^T
+    scaled = _scaled_factor(x, "left", dec, info)
+    right = _factor_of(y, dec, info)
+    if scaled is not None and right is not None and right[0] == "right":
+        pw, layout, nodes = scaled
+        return _Match(node, pw, layout + right[1], nodes + right[2] + pw.nodes)
+    # V @ (V^T scaled)
+    left = _factor_of(x, dec, info)
+    scaled = _scaled_factor(y, "right", dec, info)
+    if scaled is not None and left is not None and left[0] == "left":
+        pw, layout, nodes = scaled
+        return _Match(node, pw, layout + left[1], nodes + left[2] + pw.nodes)
+    return None
+
+
+def _find_powers(gm: fx.GraphModule, dec: fx.Node, info: _OpInfo) -> tuple[list[_Match], str | None]:
+    """Every power pattern using ``dec``, and ``None``, or why the decomposition cannot be removed."""
+    if info.values is None:
+        return [], "the op returns only the values; there is no V diag(f(lambda)) V^T to replace"
+    for user in dec.users:
+        if _out_index(user, dec, info) is None:
+            return [], f"the decomposition's result is used whole (by node '{user.name}'), not per output"
+    matches = []
+    for node in gm.graph.nodes:
+        m = _match_power(node, dec, info)
+        if m is not None:
+            matches.append(m)
+    if not matches:
+        return [], "no V diag(lambda^(1/2) or lambda^(-1/2)) V^T computed from the decomposition was found"
+    inside = {n for m in matches for n in m.nodes} | {m.output for m in matches}
+    internal = {n for m in matches for n in m.nodes}
+    for n in internal:
+        for user in n.users:
+            if user not in inside:
+                return [], (f"node '{n.name}' of the pattern is also used by node '{user.name}' outside "
+                            "V diag(f(lambda)) V^T, so the decomposition must stay")
+    for user in dec.users:
+        if user not in inside:
+            return [], f"output '{user.name}' of the decomposition is used outside V diag(f(lambda)) V^T"
+    return matches, None
+
+
+def _static_ndim(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.dim()
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return len(shape) if shape is not None else None
+
+
+def _erase_dead(graph: fx.Graph, nodes) -> int:
+    """Erase the nodes of ``nodes`` that have no users, repeatedly (last first); returns how many."""
+    pending = [n for n in graph.nodes if n in set(nodes)]
+    erased = 0
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(pending):
+            if n.graph is graph and not n.users and n in pending:
+                graph.erase_node(n)
+                pending.remove(n)
+                erased += 1
+                changed = True
+    return erased
+
+
+def _copy_meta(new: fx.Node, old: fx.Node, site: str | None = None) -> None:
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+    if site is not None:
+        new.meta["orthofx_site"] = site
+
+
+# ------------------------------------------------------------------------------------------------ rewriting
+
+def _add_monitor(gm: fx.GraphModule, monitor: cond.DecompositionMonitor) -> str:
+    n = 0
+    while hasattr(gm, f"{MONITOR_PREFIX}{n}"):
+        n += 1
+    name = f"{MONITOR_PREFIX}{n}"
+    ref = next(iter(gm.parameters()), None)
+    if ref is None:
+        ref = next(iter(gm.buffers()), None)
+    if ref is not None:
+        monitor.to(ref.device)
+    gm.add_submodule(name, monitor)
+    return name
+
+
+def _rewrite_powers(gm: fx.GraphModule, dec: fx.Node, matrix: fx.Node, uplo: str | None,
+                    matches: list[_Match], iterations: int, float64: bool, monitor: str | None,
+                    site: str | None) -> int:
+    """Replace every match by ``power_newton_schulz(matrix)`` and erase the decomposition; returns nodes erased."""
+    graph = gm.graph
+    source = matrix
+    if monitor is not None:
+        with graph.inserting_before(dec):
+            source = graph.call_module(monitor, (matrix,))
+        _copy_meta(source, dec, site)
+    ndim = _static_ndim(matrix)
+    for m in matches:
+        layout = tuple(tuple(entry) for entry in m.layout)
+        if ndim is not None:
+            problem = cond.check_layout(ndim, layout)
+            if problem is not None:  # pragma: no cover - callers check first
+                raise TransformError(problem)
+            layout = ()
+        kwargs = {"power": m.power.power, "iterations": iterations, "shift": m.power.shift, "float64": float64,
+                  "uplo": uplo, "layout": layout}
+        with graph.inserting_before(m.output):
+            ns = graph.call_function(cond.power_newton_schulz, (source,), kwargs)
+        _copy_meta(ns, m.output, site)
+        m.output.replace_all_uses_with(ns)
+    doomed = [m.output for m in matches] + [n for m in matches for n in m.nodes] + list(dec.users) + [dec]
+    return _erase_dead(graph, doomed)
+
+
+def _layout_problem(matrix: fx.Node, matches: list[_Match]) -> str | None:
+    ndim = _static_ndim(matrix)
+    if ndim is None:
+        return None
+    for m in matches:
+        problem = cond.check_layout(ndim, tuple(tuple(e) for e in m.layout))
+        if problem is not None:
+            return problem
+    return None
+
+
+def _power_name(p: float) -> str:
+    return "sqrt" if p == 0.5 else "inverse sqrt"
+
+
+@register_pass
+class SVDConditioning(Pass):
+    """Stable eigh/svd (Taylor or clamped backward) with a condition-number monitor, or Newton-Schulz powers."""
+
+    name = "svd_conditioning"
+    params = (
+        Param("method", "taylor", (str,), "taylor (P4's Taylor-form backward), clamp (exact, gap-clamped) or "
+              "newton_schulz (SVD-free matrix power)", choices=("taylor", "clamp", "newton_schulz")),
+        Param("taylor_order", 9, (int,), "order of the Taylor form of 1/(lambda_i - lambda_j)", minimum=0),
+        Param("float64", False, (bool,), "run the decomposition (or the iteration) in float64"),
+        Param("clamp_gap", None, (float, type(None)), "bound every gradient weight by 1/clamp_gap",
+              minimum=0.0, exclusive_minimum=True),
+        Param("iterations", 5, (int,), "Newton-Schulz iterations (method newton_schulz)", minimum=1),
+        Param("monitor", True, (bool,), "record the condition number at the site (orthofx_monitor_<n>)"),
+        Param("fallback", "stable", (str,), "newton_schulz where no matrix-power pattern is found: stable "
+              "(use the taylor method), keep (leave the site) or error", choices=("stable", "keep", "error")),
+    )
+    site_kinds = frozenset({"function"})
+    ops = _OPS
+    group = "decomposition"
+
+    def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
+        for entry in entries:
+            node = ctx.node(entry.site)
+            params = entry.params
+            op = entry.site.target
+            try:
+                matrix, options = _call_options(node, op)
+            except _Unsupported as exc:
+                self._skip(ctx, entry, str(exc))
+                continue
+            reason = None
+            if params["method"] == "newton_schulz":
+                reason = self._newton_schulz(ctx, entry, node, op, matrix, options)
+                if reason is None:
+                    continue
+                if params["fallback"] == "error":
+                    raise TransformError(f"site '{entry.site.name}' (rule '{entry.rule_name}'): method newton_schulz "
+                                         f"cannot be applied: {reason}. Use method taylor, or fallback: stable")
+                if params["fallback"] == "keep":
+                    self._skip(ctx, entry, f"newton_schulz: {reason}")
+                    continue
+            self._stabilise(ctx, entry, node, op, matrix, options, reason)
+
+    # -------------------------------------------------------------------------------------------- helpers
+
+    def _skip(self, ctx: PassContext, entry: PlanEntry, reason: str) -> None:
+        ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
+                          what=f"left {entry.site.target} unchanged: {reason}", params=dict(entry.params),
+                          after={"reason": reason}, status=f"skipped: {reason}"))
+
+    def _stabilise(self, ctx: PassContext, entry: PlanEntry, node: fx.Node, op: str, matrix: fx.Node,
+                   options: dict, ns_reason: str | None) -> None:
+        params = entry.params
+        info = _INFO[op]
+        graph = ctx.gm.graph
+        method = "clamp" if params["method"] == "clamp" else "taylor"
+        kwargs = dict(options)
+        kwargs.update(taylor_order=None if method == "clamp" else params["taylor_order"],
+                      float64=params["float64"], clamp_gap=params["clamp_gap"])
+        with graph.inserting_after(node):
+            new = graph.call_function(info.stable, (matrix,), kwargs)
+        _copy_meta(new, node, entry.site.name)
+        result = new
+        monitor_name = None
+        if params["monitor"]:
+            monitor = cond.DecompositionMonitor(info.monitor_source, info.values, op)
+            monitor_name = _add_monitor(ctx.gm, monitor)
+            args = (new, matrix) if info.monitor_source == "singular_values" else (new,)
+            with graph.inserting_after(new):
+                result = graph.call_module(monitor_name, args)
+            _copy_meta(result, node, entry.site.name)
+        named = None
+        for user in list(node.users):
+            idx = _out_index(user, node, info) if info.fields else None
+            if idx is not None and user.target is getattr:
+                # attribute access on the named tuple (r.eigenvalues) becomes indexing of the plain tuple
+                with graph.inserting_after(user):
+                    item = graph.call_function(operator.getitem, (result, idx))
+                user.replace_all_uses_with(item)
+                graph.erase_node(user)
+            elif idx is None and info.fields:
+                # a user of the named tuple itself (returned, passed on) gets one
+                if named is None:
+                    with graph.inserting_after(result):
+                        named = graph.call_function(cond.as_return_type, (result, info.return_type))
+                user.replace_input_with(node, named)
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+
+        if method == "clamp":
+            gap = params["clamp_gap"]
+            detail = f"clamp, gap {gap:g}" if gap is not None else "clamp, gap eps*max|lambda|"
+        else:
+            detail = f"taylor, order {params['taylor_order']}"
+            if params["clamp_gap"] is not None:
+                detail += f", gap {params['clamp_gap']:g}"
+        if params["float64"]:
+            detail += ", float64"
+        status = f"stable {info.label} ({detail})"
+        after: dict[str, Any] = {"op": f"orthofx.nn.conditioning.{info.stable.__name__}", "node": new.name}
+        if monitor_name is not None:
+            after["monitor"] = monitor_name
+        if ns_reason is not None:
+            status += f"; newton_schulz skipped: {ns_reason}"
+            after["newton_schulz"] = f"skipped: {ns_reason}"
+        what = (f"replaced {op} by the stable op with the "
+                + ("gap-clamped exact backward" if method == "clamp" else
+                   f"Taylor-form backward (order {params['taylor_order']})"))
+        ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name, what=what,
+                          params=dict(params), before={"op": op}, after=after, status=status))
+
+    def _newton_schulz(self, ctx: PassContext, entry: PlanEntry, node: fx.Node, op: str, matrix: fx.Node,
+                       options: dict) -> str | None:
+        """Replace the decomposition's matrix powers by Newton-Schulz; ``None`` on success, else why not."""
+        info = _INFO[op]
+        if op == "svd" and not options.get("compute_uv", True):
+            return "torch.svd(compute_uv=False) has no singular vectors"
+        matches, reason = _find_powers(ctx.gm, node, info)
+        if reason is not None:
+            return reason
+        problem = _layout_problem(matrix, matches)
+        if problem is not None:
+            return problem
+        params = entry.params
+        monitor_name = None
+        if params["monitor"]:
+            monitor_name = _add_monitor(ctx.gm, cond.DecompositionMonitor("matrix", None, op))
+        uplo = options.get("UPLO") if op == "linalg.eigh" else None
+        removed = _rewrite_powers(ctx.gm, node, matrix, uplo, matches, params["iterations"], params["float64"],
+                                  monitor_name, entry.site.name)
+        powers = sorted({_power_name(m.power.power) for m in matches})
+        notes = sorted({note for m in matches for note in m.power.notes})
+        shifts = sorted({m.power.shift for m in matches if m.power.shift})
+        after: dict[str, Any] = {"op": "orthofx.nn.conditioning.power_newton_schulz", "powers": powers,
+                                 "patterns": len(matches), "nodes_removed": removed}
+        if notes:
+            after["notes"] = notes
+        if shifts:
+            after["shift"] = shifts
+        if monitor_name is not None:
+            after["monitor"] = monitor_name
+        status = f"newton_schulz ({' + '.join(powers)}, {params['iterations']} iterations"
+        status += ", float64)" if params["float64"] else ")"
+        ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
+                          what=f"replaced {op} and V diag(lambda^p) V^T by Newton-Schulz iterations (matmuls only)",
+                          params=dict(params), before={"op": op}, after=after, status=status))
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ public helpers
+
+def to_newton_schulz(gm: fx.GraphModule, iterations: int = 5, float64: bool = False) -> dict[str, str]:
+    """Rewrite, in place, every ``V diag(lambda^(+-1/2)) V^T`` computed from an eigh/SVD of ``gm`` (torch's or the
+    stable stand-ins this pass inserts) into Newton-Schulz iterations, and recompile ``gm``.
+
+    This is the inference form of the SVD meta-layer (matmuls only, so ONNX can express it). A monitor between a
+    stable decomposition and its users is removed with the decomposition. Returns ``{node name: "replaced" or the
+    reason it was left}`` for every decomposition node found.
+    """
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+    results: dict[str, str] = {}
+    for node in list(gm.graph.nodes):
+        if node.graph is not gm.graph:
+            continue  # erased by an earlier rewrite
+        op = None
+        if node.op == "call_function":
+            op = _TARGET_OPS.get(node.target)
+        elif node.op == "call_method" and node.target == "svd":
+            op = "svd"
+        if op is None:
+            continue
+        name = node.name
+        info = _INFO[op]
+        try:
+            matrix, options = _call_options(node, op)
+        except _Unsupported as exc:
+            results[name] = str(exc)
+            continue
+        dec = node
+        monitor_node = None
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and isinstance(
+                gm.get_submodule(str(users[0].target)), cond.DecompositionMonitor):
+            monitor_node = users[0]
+            dec = monitor_node
+        if op == "svd" and not options.get("compute_uv", True):
+            results[name] = "torch.svd(compute_uv=False) has no singular vectors"
+            continue
+        matches, reason = _find_powers(gm, dec, info)
+        reason = reason or _layout_problem(matrix, matches)
+        if reason is not None:
+            results[name] = reason
+            continue
+        uplo = options.get("UPLO") if op == "linalg.eigh" else None
+        _rewrite_powers(gm, dec, matrix, uplo, matches, iterations, float64, None,
+                        node.meta.get("orthofx_site"))
+        if monitor_node is not None:
+            _erase_dead(gm.graph, [node])
+        results[name] = "replaced"
+    gm.graph.lint()
+    gm.recompile()
+    return results
+
+
+def monitors(model: torch.nn.Module) -> dict[str, dict]:
+    """``{site: monitor summary}`` for every condition-number monitor this pass inserted into a transformed model
+    (also through ``torch.compile`` / DataParallel wrappers): ``kappa`` (latest), ``kappa_max``, ``updates``,
+    ``nan_events``, ``inf_events`` and ``monitor`` (the submodule's name)."""
+    from ..capture import unwrap_model  # capture sits above the passes; imported when called
+    from ..transform import manifest_of
+
+    root = unwrap_model(model)
+    out: dict[str, dict] = {}
+    for change in manifest_of(model).changes:
+        name = change.after.get("monitor") if change.pass_name == SVDConditioning.name else None
+        if not name:
+            continue
+        try:
+            module = root.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(module, cond.DecompositionMonitor):
+            out[change.site] = dict(module.summary(), monitor=name)
+    return out

@@ -1,0 +1,100 @@
+"""The orthogonal_conv pass and the presets on the built-in ResNet-18 and VGG."""
+
+import pytest
+import torch
+from torch import nn
+
+import orthofx
+from orthofx import metrics
+from orthofx.nn.orthogonal import OrthogonalConv2d, OrthogonalLinear
+
+
+def rule(**params):
+    return {"rules": [{"match": {"type": ["Conv2d", "Linear"]}, "apply": "orthogonal_conv", "with": params}]}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11"])
+@pytest.mark.parametrize("preset", ["orthogonal", "convnorm", "lorth"])
+def test_presets_on_builtin_models(name, preset):
+    torch.manual_seed(0)
+    model = orthofx.models.get(name, width=4).eval()
+    x = orthofx.models.example_input(name, batch=2)
+    gm = orthofx.transform(model, preset, example_inputs=(x,))
+    out = gm.eval()(x)
+    assert out.shape == model(x).shape and torch.isfinite(out).all()
+    rows = {r["site"]: r for r in orthofx.report(gm).rows}
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert set(convs) <= set(rows)
+    assert all(rows[n]["pass"] for n in convs)  # every conv says what happened to it
+
+
+def test_hard_layers_are_orthogonal_and_stay_so_while_training():
+    torch.manual_seed(0)
+    model = orthofx.models.get("resnet18", width=4)
+    gm = orthofx.transform(model, "orthogonal", example_inputs=(orthofx.models.example_input("resnet18"),))
+    hard = {n: m for n, m in gm.named_modules() if isinstance(m, OrthogonalConv2d)}
+    assert len(hard) == 17  # every conv but the three strided 1x1 shortcuts
+    shortcut = orthofx.manifest_of(gm).changes
+    statuses = {c.site: c.status for c in shortcut}
+    assert statuses["layer2.0.shortcut.0"].startswith("regularised")
+    assert isinstance(gm.get_submodule("fc"), OrthogonalLinear)
+    optimizer = torch.optim.Adam(gm.parameters(), lr=1e-2)
+    for _ in range(5):
+        loss = gm(torch.randn(4, 3, 32, 32)).logsumexp(1).mean() + orthofx.penalty(gm)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for name, layer in hard.items():
+        assert layer.matrix.grad is not None and torch.isfinite(layer.matrix.grad).all()
+        sv = metrics.conv_singular_values(layer.weight.detach(), (8, 8), stride=layer.stride[0])
+        assert float((sv - 1).abs().max()) <= 1e-5, name
+
+
+def test_impossible_layers_follow_on_impossible():
+    model = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2), nn.Conv2d(8, 8, 3, padding=1))
+    with pytest.raises(orthofx.ImpossibleLayerError) as info:
+        orthofx.transform(model, rule())
+    message = str(info.value)
+    assert "0 (Conv2d(4->8, k=1, s=2))" in message and "Theorem 4" in message
+    assert "exists iff M <= C*k^d, here 8 > 4" in message and "on_impossible: regularize" in message
+    gm = orthofx.transform(model, rule(on_impossible="skip"))
+    assert type(gm.get_submodule("0")) is nn.Conv2d and isinstance(gm.get_submodule("1"), OrthogonalConv2d)
+    assert orthofx.penalty(gm).item() == 0.0
+    gm = orthofx.transform(model, rule(on_impossible="regularize", regularize_weight=0.5))
+    expected = 0.5 * metrics.lorth(model[0].weight, stride=2)
+    torch.testing.assert_close(orthofx.penalty(gm), expected)
+
+
+def test_padding_keep_and_output_size_guard():
+    model = nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU())  # 'valid': circular 'same' would change the size
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(orthofx.ImpossibleLayerError, match="padding: keep"):
+        orthofx.transform(model, rule(), example_inputs=(x,))
+    gm = orthofx.transform(model, rule(padding="keep"), example_inputs=(x,))
+    assert gm(x).shape == model(x).shape
+    assert "zero padding" in orthofx.manifest_of(gm).changes[0].status
+
+
+def test_nearest_init_keeps_an_orthogonal_layer():
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(6, 6))
+    model = nn.Sequential(nn.Conv2d(6, 6, 1, bias=False), nn.Linear(5, 5))
+    with torch.no_grad():
+        model[0].weight.copy_(q.view(6, 6, 1, 1))
+        model[1].weight.copy_(torch.linalg.qr(torch.randn(5, 5))[0])
+    x = torch.randn(2, 6, 4, 5)
+    gm = orthofx.transform(model, rule(), example_inputs=(x,))
+    for change in orthofx.manifest_of(gm).changes:
+        assert change.after["init_error"] < 1e-6 and change.after["output_change"] < 1e-6
+    torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=0)
+    assert orthofx.manifest_of(gm).output_change < 1e-5
+
+
+def test_freeze_gives_plain_layers_with_the_same_outputs():
+    torch.manual_seed(0)
+    model = orthofx.models.get("small_cnn", width=4).eval()
+    x = orthofx.models.example_input("small_cnn", batch=3)
+    gm = orthofx.transform(model, "orthogonal", example_inputs=(x,))
+    frozen = orthofx.freeze(gm)
+    assert not any(isinstance(m, (OrthogonalConv2d, OrthogonalLinear)) for m in frozen.modules())
+    torch.testing.assert_close(frozen(x), gm.eval()(x), atol=1e-5, rtol=0)

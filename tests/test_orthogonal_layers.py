@@ -1,0 +1,476 @@
+"""Tests of orthofx.nn.orthogonal: exactly orthogonal convolutions and linear layers.
+
+The reference is the dense matrix of the layer's operator written entry by entry here
+(``dense_operator``: circular, strided, dilated, grouped, with the layer's padding offset), in float64:
+its Gram matrix must be the identity (A A^T = I in the row-orthogonal case, A^T A = I in the column-orthogonal
+one) and the layer's forward must be that matrix applied to the input.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from orthofx.errors import ImpossibleLayerError, OrthofxError
+from orthofx.metrics import conv_singular_values
+from orthofx.nn.orthogonal import (
+    LayerArgumentError,
+    OrthogonalConv1d,
+    OrthogonalConv2d,
+    OrthogonalLinear,
+    nearest_orthonormal,
+    orthonormal,
+)
+from orthofx.theory import orthogonal_conv_exists
+
+CLS = {1: OrthogonalConv1d, 2: OrthogonalConv2d}
+TORCH_CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+
+
+# ------------------------------------------------------------------------------------------- references
+
+
+def dense_operator(K: np.ndarray, n: int, stride: tuple, dilation: tuple, groups: int, lefts: tuple) -> np.ndarray:
+    """Matrix of y[m, i] = sum_{c in group(m), p} K[m, c, p] x[c, (S i + D p - left) mod n], one entry at a time.
+
+    Rows (m, i) and columns (c, x) in C order; the output grid is n / S per dimension.
+    """
+    M, Cg = K.shape[:2]
+    ks = K.shape[2:]
+    d = len(ks)
+    C = Cg * groups
+    Mg = M // groups
+    out_grid = tuple(n // s for s in stride)
+    n_out, n_in = math.prod(out_grid), n ** d
+    A = np.zeros((M * n_out, C * n_in))
+    for m in range(M):
+        group = m // Mg
+        for io, i in enumerate(itertools.product(*(range(q) for q in out_grid))):
+            row = m * n_out + io
+            for cl in range(Cg):
+                c = group * Cg + cl
+                for p in itertools.product(*(range(k) for k in ks)):
+                    pos = [(stride[t] * i[t] + dilation[t] * p[t] - lefts[t]) % n for t in range(d)]
+                    col = c * n_in + int(np.ravel_multi_index(pos, (n,) * d))
+                    A[row, col] += K[(m, cl) + p]
+    return A
+
+
+def operator_of(layer) -> np.ndarray:
+    n = layer._test_grid
+    return dense_operator(layer.weight.detach().double().numpy(), n, layer.stride, layer.dilation, layer.groups,
+                          tuple(l for l, _ in layer.pads))
+
+
+def gram_error(A: np.ndarray, case: str) -> float:
+    G = A @ A.T if case == "RO" else A.T @ A
+    return float(np.abs(G - np.eye(G.shape[0])).max())
+
+
+def max_sigma_error(layer, n: int) -> float:
+    sv = conv_singular_values(layer.weight.detach(), n, stride=layer.stride, groups=layer.groups)
+    return float((sv / layer.gain - 1).abs().max())
+
+
+# ------------------------------------------------------------------------------------------- the domain grid
+
+
+@st.composite
+def architectures(draw):
+    d = draw(st.sampled_from([1, 2]))
+    g = draw(st.sampled_from([1, 1, 2]))
+    C = draw(st.integers(1, 3))
+    M = draw(st.integers(1, 6 if d == 2 else 5))
+    k = draw(st.integers(1, 4))
+    S = draw(st.integers(1, 3))
+    D = draw(st.sampled_from([1, 2])) if S == 1 else 1
+    return d, g, C, M, k, S, D
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arch=architectures(), seed=st.integers(0, 2 ** 16))
+def test_orthogonal_inside_domain_impossible_outside(arch, seed):
+    d, g, C, M, k, S, D = arch
+    cls = CLS[d]
+    exists, case, reason = orthogonal_conv_exists(C * g, M * g, k, S, dims=d, groups=g)
+    torch.manual_seed(seed)
+    if not exists:
+        with pytest.raises(ImpossibleLayerError) as info:
+            cls(C * g, M * g, k, stride=S, dilation=D, groups=g)
+        assert reason in str(info.value)
+        assert "Theorem 4" in str(info.value) and "Fix:" in str(info.value)
+        return
+    layer = cls(C * g, M * g, k, stride=S, dilation=D, groups=g, dtype=torch.float64)
+    assert layer.case == case
+    keff = D * (k - 1) + 1
+    n = S * max(1, math.ceil(keff / S)) if d == 2 else S * max(2, math.ceil(keff / S) + 1)
+    layer._test_grid = n
+    A = operator_of(layer)
+    assert gram_error(A, case) < 1e-10
+    x = torch.randn(2, C * g, *(n,) * d, dtype=torch.float64)
+    y = layer(x)
+    assert y.shape == (2, M * g) + (n // S,) * d
+    expected = (A @ x.reshape(2, -1).numpy().T).T.reshape(y.shape)
+    np.testing.assert_allclose(y.detach().numpy() - layer.bias.detach().numpy().reshape(-1, *(1,) * d),
+                               expected, atol=1e-10)
+    # float32: exact FFT singular values within 1e-5 on a grid divisible by the stride
+    layer32 = cls(C * g, M * g, k, stride=S, dilation=D, groups=g)
+    assert max_sigma_error(layer32, 2 * S * max(k, 2)) <= 1e-5
+
+
+@pytest.mark.parametrize("d, C, M, k, S", [
+    (2, 4, 4, 3, 1),    # square, odd k
+    (2, 4, 4, 2, 1),    # even k
+    (2, 3, 5, 4, 1),    # CO at stride 1 (embedding), even k
+    (2, 6, 2, 3, 1),    # RO at stride 1 (rows of a square one)
+    (2, 2, 8, 2, 2),    # k = S, square operator
+    (2, 3, 12, 3, 2),   # CO strided (12 = 3 * 2^2 is square; 3 * 4 = 12)
+    (2, 2, 9, 3, 2),    # CO strided, M > C S^2
+    (2, 4, 6, 3, 2),    # RO strided
+    (2, 4, 4, 1, 2),    # k < S, RO: M <= C k^d
+    (2, 2, 7, 2, 3),    # k < S, RO: 7 <= 2 * 2^2
+    (1, 2, 5, 3, 3),    # 1-D, k = S, RO
+    (1, 3, 2, 5, 2),    # 1-D, k > S, RO
+])
+def test_cases_dense_gram_and_forward(d, C, M, k, S):
+    torch.manual_seed(0)
+    layer = CLS[d](C, M, k, stride=S, dtype=torch.float64)
+    n = 2 * S * max(1, math.ceil(k / S)) if d == 1 else S * max(2, math.ceil(k / S))
+    layer._test_grid = n
+    A = operator_of(layer)
+    assert gram_error(A, layer.case) < 1e-10
+    x = torch.randn(3, C, *(n,) * d, dtype=torch.float64)
+    expected = (A @ x.reshape(3, -1).numpy().T).T
+    got = (layer(x) - layer.bias.reshape(-1, *(1,) * d)).reshape(3, -1).detach().numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("C, M, k, S, g", [
+    (64, 64, 3, 1, 1), (32, 64, 3, 2, 1), (64, 32, 5, 1, 1), (16, 96, 4, 2, 1), (32, 32, 3, 1, 8),
+    (48, 48, 3, 1, 48), (24, 40, 2, 1, 1), (16, 128, 1, 1, 1), (64, 128, 1, 2, 1),
+])
+def test_float32_exact_at_realistic_sizes(C, M, k, S, g):
+    if not orthogonal_conv_exists(C, M, k, S, groups=g).exists:
+        with pytest.raises(ImpossibleLayerError):
+            OrthogonalConv2d(C, M, k, S, groups=g)
+        return
+    torch.manual_seed(1)
+    layer = OrthogonalConv2d(C, M, k, stride=S, groups=g)
+    for n in (S * 3, 8 * S):
+        assert max_sigma_error(layer, n) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------- outside the domain
+
+
+@pytest.mark.parametrize("d, C, M, k, S, g", [
+    (2, 8, 16, 1, 2, 1),   # ResNet strided shortcut (2C, C, 1, 2)
+    (2, 2, 9, 2, 3, 1),    # k < S with M > C k^d (RO case: 9 <= 2 * 9)
+    (2, 1, 5, 1, 2, 1),    # CO with S > k
+    (1, 2, 5, 1, 2, 1),    # 1-D CO with S > k
+    (2, 4, 16, 1, 2, 2),   # per group: (M, C) = (8, 2), RO, 8 > 2
+])
+def test_impossible_configurations(d, C, M, k, S, g):
+    reason = orthogonal_conv_exists(C, M, k, S, dims=d, groups=g).reason
+    with pytest.raises(ImpossibleLayerError) as info:
+        CLS[d](C, M, k, stride=S, groups=g)
+    message = str(info.value)
+    assert reason in message and "Theorem 4" in message and "Fix:" in message
+    assert isinstance(info.value, ValueError) and isinstance(info.value, OrthofxError)
+
+
+def test_shortcut_message_quotes_numbers():
+    with pytest.raises(ImpossibleLayerError, match=r"M <= C\*k\^d, here 16 > 8") as info:
+        OrthogonalConv2d(8, 16, 1, stride=2)
+    assert "kernel_size >= 2" in str(info.value) and "out_channels <= 8" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("C, M, k, S, g", [(6, 6, 3, 1, 1), (4, 10, 3, 2, 1), (6, 4, 2, 1, 2), (3, 7, 4, 1, 1),
+                                           (4, 4, 1, 2, 1)])
+def test_gradients_and_adam_keep_orthogonality(C, M, k, S, g):
+    torch.manual_seed(2)
+    layer = OrthogonalConv2d(C, M, k, stride=S, groups=g)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05)
+    target = torch.randn(4, M, 8 // S, 8 // S)
+    for step in range(5):
+        x = torch.randn(4, C, 8, 8)
+        loss = (layer(x) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        for name, p in layer.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, name
+        opt.step()
+        assert max_sigma_error(layer, 8) <= 1e-5
+    before = layer.weight.detach().clone()
+    assert not torch.equal(before, OrthogonalConv2d(C, M, k, stride=S, groups=g).weight.detach())
+
+
+def test_gain_scales_singular_values():
+    layer = OrthogonalConv2d(4, 8, 3, stride=2, gain=2.5)
+    sv = conv_singular_values(layer.weight.detach(), 8, stride=2)
+    assert float((sv - 2.5).abs().max()) < 3e-5
+    assert layer.orthogonality_error(8) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------- padding, dilation
+
+
+@pytest.mark.parametrize("k, S, D, expected", [
+    (3, 1, 1, ((1, 1),)), (2, 1, 1, ((0, 1),)), (4, 1, 1, ((1, 2),)), (3, 2, 1, ((1, 1),)), (4, 2, 1, ((1, 1),)),
+    (5, 2, 1, ((2, 2),)), (1, 2, 1, ((0, 0),)), (2, 3, 1, ((0, 0),)), (3, 1, 2, ((2, 2),)), (2, 1, 3, ((1, 2),)),
+    (3, 3, 1, ((1, 1),)), (4, 3, 1, ((1, 1),)), (6, 2, 1, ((2, 2),)),
+])
+def test_same_padding_offsets(k, S, D, expected):
+    layer = OrthogonalConv1d(2, 2, k, stride=S, dilation=D)
+    assert layer.pads == expected
+    for n in (6 * S, 6 * S + 1):
+        y = layer(torch.randn(1, 2, n))
+        if n % S == 0:
+            assert y.shape == (1, 2, n // S)
+        if all(l == r for l, r in expected):  # nn.Conv's output size and alignment with padding (k_eff - 1) // 2
+            ref = nn.Conv1d(2, 2, k, stride=S, dilation=D, padding=expected[0][0], padding_mode="circular")
+            with torch.no_grad():
+                ref.weight.copy_(layer.weight)
+                ref.bias.copy_(layer.bias)
+                torch.testing.assert_close(ref(torch.ones(1, 2, n)), layer(torch.ones(1, 2, n)))
+                x = torch.randn(1, 2, n)
+                torch.testing.assert_close(ref(x), layer(x))
+
+
+def test_dilation_at_stride_one_even_kernel():
+    torch.manual_seed(3)
+    layer = OrthogonalConv2d(3, 3, 2, dilation=2, dtype=torch.float64)
+    for n in (6, 7):  # a grid divisible by the dilation, and one that is not (the symbol stays unitary)
+        layer._test_grid = n
+        assert gram_error(operator_of(layer), "RO") < 1e-10
+
+
+def test_dilation_with_stride_is_refused():
+    with pytest.raises(LayerArgumentError, match="dilation"):
+        OrthogonalConv2d(4, 4, 3, stride=2, dilation=2)
+    OrthogonalConv2d(4, 4, 1, stride=(1, 2), dilation=(2, 1))   # k = 1 ignores dilation: fine
+
+
+def test_zero_padding_mode_is_orthogonal_away_from_borders():
+    torch.manual_seed(4)
+    circ = OrthogonalConv2d(3, 5, 3, padding=1, padding_mode="circular", dtype=torch.float64)
+    zero = OrthogonalConv2d(3, 5, 3, padding=1, padding_mode="zeros", dtype=torch.float64)
+    zero.load_state_dict(circ.state_dict())
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    yc, yz = circ(x), zero(x)
+    assert yz.shape == yc.shape
+    torch.testing.assert_close(yz[..., 1:-1, 1:-1], yc[..., 1:-1, 1:-1])
+    assert not torch.allclose(yz, yc)
+    ref = nn.Conv2d(3, 5, 3, padding=1).double()
+    with torch.no_grad():
+        ref.weight.copy_(zero.weight)
+        ref.bias.copy_(zero.bias)
+    torch.testing.assert_close(ref(x), yz)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(k=3, S=1, padding="same", mode="circular"), dict(k=2, S=1, padding="same", mode="circular"),
+    dict(k=3, S=2, padding="same", mode="circular"), dict(k=4, S=2, padding="same", mode="zeros"),
+    dict(k=3, S=2, padding="same", mode="zeros"), dict(k=3, S=1, padding=1, mode="zeros"),
+    dict(k=3, S=1, padding="valid", mode="circular"), dict(k=1, S=2, padding="same", mode="circular", M=4),
+])
+@pytest.mark.parametrize("d", [1, 2])
+def test_to_conv_identical_outputs(kwargs, d):
+    torch.manual_seed(5)
+    layer = CLS[d](4, kwargs.get("M", 6), kwargs["k"], stride=kwargs["S"], padding=kwargs["padding"],
+                   padding_mode=kwargs["mode"])
+    frozen = layer.to_conv()
+    symmetric = all(l == r for l, r in layer.pads)
+    assert isinstance(frozen, TORCH_CONV[d] if symmetric else nn.Sequential)
+    conv = frozen if symmetric else frozen[1]
+    assert not any(isinstance(m, (OrthogonalConv1d, OrthogonalConv2d)) for m in frozen.modules())
+    if symmetric and any(l for l, _ in layer.pads):
+        assert conv.padding_mode == kwargs["mode"]
+    x = torch.randn(2, 4, *(8,) * d)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), layer(x), atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- from_conv
+
+
+@pytest.mark.parametrize("C, M, k, S", [(6, 6, 1, 1), (4, 2, 1, 1), (3, 8, 1, 1), (4, 16, 2, 2), (4, 9, 2, 2),
+                                        (3, 5, 2, 3)])
+def test_from_conv_nearest_is_exact_for_1x1_and_k_le_s(C, M, k, S):
+    torch.manual_seed(6)
+    source = OrthogonalConv2d(C, M, k, stride=S)
+    conv = source.to_conv()
+    layer = OrthogonalConv2d.from_conv(conv)
+    assert layer.method == "rko"
+    torch.testing.assert_close(layer.weight, source.weight, atol=1e-6, rtol=0)
+    assert layer.init_error < 1e-6
+    torch.testing.assert_close(layer.bias, source.bias)
+    # a non-orthogonal conv gets its polar factor: no orthogonal kernel is closer
+    plain = nn.Conv2d(C, M, k, stride=S)
+    near = OrthogonalConv2d.from_conv(plain)
+    for _ in range(3):
+        other = OrthogonalConv2d.from_conv(plain, init="random")
+        assert near.init_error <= other.init_error + 1e-12
+
+
+def test_from_conv_nearest_best_effort_for_general_k():
+    torch.manual_seed(7)
+    source = OrthogonalConv2d(8, 8, 3)
+    conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(source.weight)
+    near = OrthogonalConv2d.from_conv(conv, fit_steps=60)
+    rand = OrthogonalConv2d.from_conv(conv, init="random")
+    assert near.bias is None
+    assert near.init_error < 0.5 * rand.init_error
+    assert max_sigma_error(near, 8) <= 1e-5
+    strided = nn.Conv1d(3, 5, 4, stride=2)
+    with torch.no_grad():  # as a pass might call it
+        layer = OrthogonalConv1d.from_conv(strided, fit_steps=20)
+    assert 0 < layer.init_error < OrthogonalConv1d.from_conv(strided, init="random").init_error + 1e-9
+
+
+def test_from_conv_padding_keep_and_errors():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    layer = OrthogonalConv2d.from_conv(conv, padding="keep", fit_steps=0)
+    assert layer.padding == (1, 1) and layer.padding_mode == "zeros"
+    x = torch.randn(1, 4, 6, 6)
+    assert layer(x).shape == conv(x).shape
+    with pytest.raises(LayerArgumentError, match="padding_mode"):
+        OrthogonalConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), padding="keep")
+    with pytest.raises(LayerArgumentError, match="Conv2d"):
+        OrthogonalConv2d.from_conv(nn.Conv1d(4, 4, 3))
+    with pytest.raises(LayerArgumentError, match="init"):
+        OrthogonalConv2d.from_conv(conv, init="closest")
+    with pytest.raises(ImpossibleLayerError):
+        OrthogonalConv2d.from_conv(nn.Conv2d(8, 16, 1, stride=2))
+
+
+# ------------------------------------------------------------------------------------------- linear
+
+
+@pytest.mark.parametrize("n_in, n_out", [(64, 64), (300, 7), (7, 300), (128, 96), (2000, 16), (1, 5), (5, 1)])
+def test_linear_orthonormal_float32(n_in, n_out):
+    torch.manual_seed(8)
+    layer = OrthogonalLinear(n_in, n_out)
+    W = layer.weight.detach().double()
+    G = W @ W.T if n_out <= n_in else W.T @ W
+    assert float((G - torch.eye(G.shape[0], dtype=torch.float64)).abs().max()) < 1e-6
+    assert layer.case == ("RO" if n_out <= n_in else "CO")
+    x = torch.randn(3, n_in)
+    y = layer(x)
+    torch.testing.assert_close(y, x @ layer.weight.T + layer.bias)
+    y.square().sum().backward()
+    assert torch.isfinite(layer.raw_weight.grad).all() and layer.raw_weight.grad.abs().sum() > 0
+    torch.testing.assert_close(layer.to_linear()(x), y.detach())
+
+
+def test_linear_adam_and_from_linear():
+    torch.manual_seed(9)
+    layer = OrthogonalLinear(32, 48, gain=2.0)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1)
+    for _ in range(5):
+        loss = layer(torch.randn(8, 32)).sin().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    W = layer.weight.detach().double() / 2.0
+    assert float((W.T @ W - torch.eye(32, dtype=torch.float64)).abs().max()) < 1e-6
+    plain = nn.Linear(32, 48)
+    near = OrthogonalLinear.from_linear(plain)
+    torch.testing.assert_close(near.weight, nearest_orthonormal(plain.weight.detach()), atol=1e-6, rtol=0)
+    assert near.init_error <= OrthogonalLinear.from_linear(plain, init="random").init_error
+    exact = OrthogonalLinear.from_linear(layer.to_linear(), gain=2.0)
+    torch.testing.assert_close(exact.weight, layer.weight, atol=1e-6, rtol=0)
+    assert exact.init_error < 1e-6
+    with pytest.raises(LayerArgumentError):
+        OrthogonalLinear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+def test_orthonormal_helper():
+    w = orthonormal(torch.randn(3, 2, 9, 4, dtype=torch.float64))
+    eye = torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(w.mT @ w, eye.expand(3, 2, 4, 4))
+    torch.testing.assert_close(orthonormal(w), w)
+    wide = orthonormal(torch.randn(4, 9, dtype=torch.float64))
+    torch.testing.assert_close(wide @ wide.T, eye)
+
+
+# ------------------------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(in_channels=4, out_channels=6, kernel_size=3, groups=4), "groups"),
+    (dict(in_channels=4, out_channels=4, kernel_size=3, padding_mode="reflect"), "padding_mode"),
+    (dict(in_channels=4, out_channels=4, kernel_size=3, padding="full"), "padding"),
+    (dict(in_channels=4, out_channels=4, kernel_size=3, method="cayley"), "method"),
+    (dict(in_channels=4, out_channels=4, kernel_size=3, method="rko"), "rko"),
+    (dict(in_channels=4, out_channels=4, kernel_size=0), "kernel_size"),
+    (dict(in_channels=4, out_channels=4, kernel_size=(3, 3, 3)), "kernel_size"),
+    (dict(in_channels=0, out_channels=4, kernel_size=3), "in_channels"),
+    (dict(in_channels=4, out_channels=4, kernel_size=3, gain=0.0), "gain"),
+    (dict(in_channels=4, out_channels=4, kernel_size=3, dtype=torch.int64), "dtype"),
+    (dict(in_channels=4, out_channels=4, kernel_size=3, stride=2.5), "stride"),
+    (dict(in_channels=4, out_channels=4, kernel_size=3, compute_dtype=torch.float16), "compute_dtype"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(LayerArgumentError, match=match) as info:
+        OrthogonalConv2d(**kwargs)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, OrthofxError)
+
+
+def test_bad_linear_arguments_and_reset():
+    with pytest.raises(LayerArgumentError, match="out_features"):
+        OrthogonalLinear(3, 0)
+    with pytest.raises(LayerArgumentError, match="init"):
+        OrthogonalConv2d(2, 2, 3).reset_parameters("ones")
+
+
+def test_state_dict_round_trip_and_centre_init():
+    torch.manual_seed(10)
+    a = OrthogonalConv2d(4, 4, 3)
+    b = OrthogonalConv2d(4, 4, 3)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(a.weight, b.weight)
+    a.reset_parameters("centre")
+    w = a.weight.detach()
+    assert float(w[..., 1, 1].abs().sum()) > 0
+    torch.testing.assert_close(w[..., 0, :], torch.zeros_like(w[..., 0, :]), atol=1e-6, rtol=0)
+    assert max_sigma_error(a, 6) <= 1e-5
+
+
+def test_float32_build_is_within_tolerance():
+    torch.manual_seed(11)
+    for C, M, k, S in [(64, 64, 3, 1), (32, 64, 4, 2)]:
+        layer = OrthogonalConv2d(C, M, k, stride=S, compute_dtype=torch.float32)
+        assert layer.compute_dtype == torch.float32
+        assert max_sigma_error(layer, 8) <= 1e-5
+    lin = OrthogonalLinear(256, 64, compute_dtype=torch.float32)
+    W = lin.weight.detach().double()
+    assert float((W @ W.T - torch.eye(64, dtype=torch.float64)).abs().max()) < 1e-5
+
+
+def test_symbolic_trace_and_pickle():
+    import io
+
+    torch.manual_seed(12)
+    model = nn.Sequential(OrthogonalConv2d(4, 8, 3, stride=2), nn.ReLU(), OrthogonalConv2d(8, 16, 2),
+                          OrthogonalConv2d(16, 16, 1, groups=2), nn.Flatten(), OrthogonalLinear(16 * 16, 10))
+    x = torch.randn(2, 4, 8, 8)
+    gm = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(gm(x), model(x))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x), model(x))
