@@ -39,19 +39,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .stiefel import qr_retraction
+from .stiefel import orthonormal
 
-__all__ = ["OrthogonalActivationBlock", "ReflectionResidualBlock", "ISOMETRIC_ACTIVATIONS", "orthonormal_columns"]
+__all__ = ["OrthogonalActivationBlock", "ReflectionResidualBlock", "ISOMETRIC_ACTIVATIONS"]
 
 #: Activations :class:`OrthogonalActivationBlock` accepts ("relu" gives a partial isometry only).
 ISOMETRIC_ACTIVATIONS = ("abs", "identity", "relu")
-
-
-def orthonormal_columns(v: torch.Tensor) -> torch.Tensor:
-    """The sign-fixed Q factor of the thin QR decomposition of a tall ``v`` (orthonormal columns), differentiable."""
-    if v.shape[-2] < v.shape[-1]:
-        raise ValueError(f"orthonormal_columns needs a tall matrix (rows >= columns), got {tuple(v.shape)}")
-    return qr_retraction(torch.zeros_like(v), v)
 
 
 def _positive_int(value: int, name: str) -> int:
@@ -85,7 +78,7 @@ class OrthogonalActivationBlock(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The orthogonal matrix ``Q`` (``features x features``)."""
-        return orthonormal_columns(self.raw)
+        return orthonormal(self.raw, tall=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = x @ self.weight.transpose(0, 1)
@@ -124,10 +117,10 @@ class ReflectionResidualBlock(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """``W`` (``hidden x features``, orthonormal rows)."""
-        return orthonormal_columns(self.raw).transpose(0, 1)
+        return orthonormal(self.raw, tall=True).transpose(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wt = orthonormal_columns(self.raw)  # features x hidden, = W^T
+        wt = orthonormal(self.raw, tall=True)  # features x hidden, = W^T
         z = x @ wt
         if self.bias is not None:
             z = z + self.bias

@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError
+from orthofx.nn.stiefel import orthonormal, project_to_stiefel
 from orthofx.theory import orthogonal_conv_exists
 
 __all__ = [
@@ -83,7 +84,6 @@ __all__ = [
     "OrthogonalLinear",
     "LayerArgumentError",
     "orthonormal",
-    "nearest_orthonormal",
 ]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
@@ -95,50 +95,6 @@ _PADDING_MODES = ("circular", "zeros")
 
 
 # ------------------------------------------------------------------------------------------ matrix helpers
-
-
-def orthonormal(raw: torch.Tensor, tall: bool | None = None) -> torch.Tensor:
-    r"""Orthonormal columns (``p >= q``) or rows (``p < q``) from an unconstrained ``(..., p, q)`` tensor.
-
-    :math:`A = QR` (reduced Householder QR of the tall orientation), then :math:`Q \operatorname{diag}(s)`
-    with :math:`s = \operatorname{sign}(\operatorname{diag} R)` (``+1`` for zeros): smooth where ``A`` has full
-    rank, differentiable (QR's backward), and the identity on matrices that are already orthonormal, so a
-    parameter set to an orthonormal matrix gives back that matrix. Cost :math:`O(pq\min(p, q))`; batched over
-    the leading dimensions. ``tall`` (``p >= q``) may be passed when known, which keeps the function free of
-    shape-dependent control flow (``torch.fx`` symbolic tracing).
-
-    >>> import torch
-    >>> w = orthonormal(torch.randn(5, 3, dtype=torch.float64))
-    >>> bool(torch.allclose(w.T @ w, torch.eye(3, dtype=torch.float64)))
-    True
-    >>> bool(torch.allclose(orthonormal(w), w))
-    True
-    """
-    if tall is None:
-        p, q = raw.shape[-2:]
-        tall = p >= q
-    a = raw if tall else raw.mT
-    Q, R = torch.linalg.qr(a, mode="reduced")
-    diag = torch.diagonal(R, dim1=-2, dim2=-1).detach()
-    sign = torch.where(diag < 0, -torch.ones_like(diag), torch.ones_like(diag))
-    Q = Q * sign.unsqueeze(-2)
-    return Q if tall else Q.mT
-
-
-@torch.no_grad()
-def nearest_orthonormal(matrix: torch.Tensor) -> torch.Tensor:
-    r"""The orthonormal matrix nearest to ``matrix`` in Frobenius norm: its polar factor :math:`UV^T`.
-
-    With :math:`A = U\Sigma V^T` (thin SVD), :math:`UV^T` minimises :math:`\|A - W\|_F` over matrices ``W`` of the
-    same shape with orthonormal rows or columns (orthogonal Procrustes). Batched; no gradient.
-
-    >>> import torch
-    >>> nearest_orthonormal(torch.diag(torch.tensor([3.0, -0.5])))
-    tensor([[ 1.,  0.],
-            [ 0., -1.]])
-    """
-    U, _, Vh = torch.linalg.svd(matrix, full_matrices=False)
-    return U @ Vh
 
 
 # ------------------------------------------------------------------------------------------ argument checks
@@ -632,7 +588,7 @@ class _OrthogonalConvNd(nn.Module):
                 Kw = target[window].reshape(g, M, C, -1)
                 G[(Ellipsis,) + offset] = torch.einsum("gmcq,gqjc->gmj", Kw, Af)
             G = G.reshape(self.matrix.shape)
-        self.matrix.copy_(nearest_orthonormal(G).to(self.matrix))
+        self.matrix.copy_(project_to_stiefel(G).to(self.matrix))
 
     def _fit(self, target: torch.Tensor, steps: int) -> None:
         cd = self.compute_dtype
@@ -863,7 +819,7 @@ class OrthogonalLinear(nn.Module):
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
             if init == "nearest":
-                polar = nearest_orthonormal(w0.to(layer.compute_dtype) / layer.gain)
+                polar = project_to_stiefel(w0.to(layer.compute_dtype) / layer.gain)
                 layer.raw_weight.copy_(polar.to(layer.raw_weight))
             t = w0.to(torch.float64)
             layer.init_error = float(torch.linalg.vector_norm(layer.weight.to(torch.float64) - t)

@@ -51,6 +51,7 @@ __all__ = [
     "qr_retraction",
     "retract",
     "project_to_stiefel",
+    "orthonormal",
     "orthogonality_defect",
     "random_orthonormal",
     "flatten_weight",
@@ -119,6 +120,37 @@ def polar_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     return _polar_factor(w + xi)
 
 
+def orthonormal(raw: torch.Tensor, tall: bool | None = None) -> torch.Tensor:
+    r"""Orthonormal columns (``p >= q``) or rows (``p < q``) from an unconstrained ``(..., p, q)`` tensor.
+
+    :math:`A = QR` (reduced Householder QR of the tall orientation), then :math:`Q \operatorname{diag}(s)`
+    with :math:`s = \operatorname{sign}(\operatorname{diag} R)` (``+1`` for zeros): smooth where ``A`` has full
+    rank, differentiable (QR's backward), and the identity on matrices that are already orthonormal, so a
+    parameter set to an orthonormal matrix gives back that matrix. Cost :math:`O(pq\min(p, q))`; batched over
+    the leading dimensions. ``tall`` (``p >= q``) may be passed when known, which keeps the function free of
+    shape-dependent control flow (``torch.fx`` symbolic tracing).
+
+    >>> import torch
+    >>> w = orthonormal(torch.randn(5, 3, dtype=torch.float64))
+    >>> bool(torch.allclose(w.T @ w, torch.eye(3, dtype=torch.float64)))
+    True
+    >>> bool(torch.allclose(orthonormal(w), w))
+    True
+    """
+    if tall is None:
+        p, q = raw.shape[-2:]
+        tall = p >= q
+    a = raw if tall else raw.mT
+    Q, R = torch.linalg.qr(a, mode="reduced")
+    diag = torch.diagonal(R, dim1=-2, dim2=-1).detach()
+    sign = torch.where(diag < 0, -torch.ones_like(diag), torch.ones_like(diag))
+    Q = Q * sign.unsqueeze(-2)
+    return Q if tall else Q.mT
+
+
+@torch.no_grad()
+
+
 def qr_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     """QR retraction ``R_W(xi) = qf(W + xi)``: the Q factor of the thin QR decomposition, with the signs of
     ``Q``'s columns chosen so that ``R``'s diagonal is positive (which makes ``qf`` unique and smooth, and
@@ -126,14 +158,8 @@ def qr_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     _check_matrix(w, "w")
     if xi.shape != w.shape:
         raise ValueError(f"xi must have the shape of w {tuple(w.shape)}, got {tuple(xi.shape)}")
-    wide = is_wide(w)
-    a = _tall(w + xi, wide)
-    dtype = _work_dtype(a)
-    q, r = torch.linalg.qr(a.to(dtype), mode="reduced")
-    signs = torch.diagonal(r, dim1=-2, dim2=-1).sign()
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    q = q * signs.unsqueeze(-2)
-    return _tall(q.to(w.dtype), wide)
+    a = w + xi
+    return orthonormal(a.to(_work_dtype(a))).to(w.dtype)
 
 
 def retract(w: torch.Tensor, xi: torch.Tensor, method: str = "polar") -> torch.Tensor:
