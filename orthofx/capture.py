@@ -244,6 +244,32 @@ def _drop_string_annotations(graph: torch.fx.Graph) -> None:
             node.type = None
 
 
+def _node_keys(graph: torch.fx.Graph) -> set[tuple[str, str]]:
+    keys = set()
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        scope = list(stack.values())[-1][0] if stack else ""
+        keys.add((str(scope), f"{node.op}:{getattr(node.target, '__name__', node.target)}"))
+    return keys
+
+
+def _mode_dependent_scopes(model: nn.Module, graph: torch.fx.Graph, tracer_args: dict,
+                           concrete_args: dict[str, Any] | None) -> list[str]:
+    """Module paths whose traced code differs between train and eval mode (a forward that branches on
+    ``self.training`` outside a leaf): the graph keeps only the branch of the mode it was traced in."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(not model.training)
+        other = OrthofxTracer(**tracer_args).trace(model, concrete_args)
+    except Exception:  # noqa: BLE001 - the other mode's forward may not trace; nothing to compare then
+        return []
+    finally:
+        for module, flag in flags:
+            module.training = flag
+    changed = _node_keys(graph) ^ _node_keys(other)
+    return sorted({scope or "<top level>" for scope, _ in changed})
+
+
 def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: Iterable[str] = (),
             concrete_args: dict[str, Any] | None = None, mode: str = "auto",
             max_retries: int | None = None) -> tuple[torch.fx.GraphModule, CaptureInfo]:
@@ -300,6 +326,14 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
             info.leaf_fallbacks.append((path, cause))
 
     _drop_string_annotations(graph)
+    scopes = _mode_dependent_scopes(model, graph, {"leaf_types": leaf_types, "leaf_paths": paths}, concrete_args)
+    if scopes:
+        mode_now = "training" if model.training else "eval"
+        info.warnings.append(
+            f"the forward of {', '.join(scopes)} branches on self.training: the graph keeps the {mode_now}-mode "
+            f"branch, and gm.train()/gm.eval() do not switch it (leaf layers such as BatchNorm still do). "
+            f"Transform the model in the mode you will run it in, or list the module's class under "
+            f"capture.leaf_modules")
     root = _Overlay(model, tracer.constants)
     gm = torch.fx.GraphModule(root, graph, type(model).__name__)
     info.warnings.extend(_constant_warnings(gm, tracer))

@@ -351,3 +351,33 @@ def test_graph_module_pickles():
     x = torch.randn(2, 4)
     with torch.no_grad():
         torch.testing.assert_close(clone(x), gm(x))
+
+
+class _ModeBranch(nn.Module):
+    def forward(self, x):
+        if self.training:
+            return x * 2
+        return x
+
+
+class _WithModeBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.branch = _ModeBranch()
+        self.drop = nn.Dropout(0.5)  # a leaf: it switches with gm.eval() and is no reason to warn
+
+    def forward(self, x):
+        return self.drop(self.branch(self.lin(x)))
+
+
+def test_mode_dependent_forward_is_warned_about_and_flags_are_restored():
+    model = _WithModeBranch().train()
+    model.lin.eval()  # a mixed state must come back exactly
+    flags = [m.training for m in model.modules()]
+    gm, info = capture(model)
+    assert [m.training for m in model.modules()] == flags
+    assert len(info.warnings) == 1 and "branch branches on self.training" in info.warnings[0]
+    assert "training-mode branch" in info.warnings[0]
+    plain = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.BatchNorm1d(3))
+    assert capture(plain)[1].warnings == []

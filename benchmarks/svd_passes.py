@@ -1,0 +1,184 @@
+"""Overhead of P4's Pre-SVD optimizer hooks, NOG and OLR, per training step of ``dbn_cnn`` (a script, not a test).
+
+Every variant is the built-in ``dbn_cnn`` transformed with the stable decomposition (pass ``svd_conditioning``,
+Taylor order 9, condition-number monitor on, as in the ``svd`` preset); the Pre-SVD layer ``conv1`` then gets:
+
+* ``plain``      no pre_svd rule (the baseline: stable eigh + monitor only);
+* ``+NOG``       Nearest Orthogonal Gradient (the gradient of conv1 becomes its polar factor: one float64 SVD);
+* ``+OLR``       Optimal Learning Rate (three dot products and the lr of conv1's own param group);
+* ``+NOG+OLR``   both (the ``svd`` preset's Pre-SVD treatment).
+
+``eager`` (the untransformed model: plain ``torch.linalg.eigh``, no monitor) is timed alongside for reference.
+
+One training step = forward, cross-entropy, ``zero_grad``, ``backward``, ``optimizer.step()`` (SGD with momentum;
+``orthofx.attach`` runs the hooks inside ``step``) on a fixed random batch of 1x8x8 inputs. The variants run in
+round-robin, ``--inner`` steps per variant per round, so that all of them see the same machine state; the table
+gives the median and the minimum over the rounds of the time per step, and the median's ratio to ``plain``.
+The step-time differences are small against a shared machine's noise, so the hooks are also timed on their own:
+each hook's ``before_step`` + ``after_step`` on conv1 after a backward pass (median of ``--hook-calls`` calls).
+
+    python benchmarks/svd_passes.py            # batches 64 and 256, 30 rounds of 10 steps
+    python benchmarks/svd_passes.py --quick    # batch 64, 10 rounds of 5 steps
+
+Writes ``benchmarks/results/svd_passes.json``. Uses one CPU thread by default (``--threads``): the matrices are
+tiny and thread synchronisation would dominate on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import orthofx
+import orthofx.passes.pre_svd  # noqa: F401  (registers the passes if orthofx.passes does not yet)
+import orthofx.passes.svd_conditioning  # noqa: F401
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VARIANTS = {
+    "plain": None,
+    "+NOG": {"weight": "none", "nog": True, "olr": False},
+    "+OLR": {"weight": "none", "nog": False, "olr": True},
+    "+NOG+OLR": {"weight": "none", "nog": True, "olr": True},
+}
+
+
+def policy(pre_svd: dict | None) -> dict:
+    rules = [{"name": "stable-eigh", "match": {"op": "linalg.eigh"}, "apply": "svd_conditioning",
+              "with": {"method": "taylor", "taylor_order": 9, "monitor": True}}]
+    if pre_svd is not None:
+        rules.append({"name": "pre-svd", "match": {"feeds": "linalg.eigh"}, "apply": "pre_svd", "with": pre_svd})
+    return {"rules": rules}
+
+
+def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, transformed: bool):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if transformed:
+        orthofx.attach(optimizer, model)
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def build_steps(batch: int, width: int, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 1, 8, 8, generator=generator)
+    y = torch.randint(0, 10, (batch,), generator=generator)
+    steps = {}
+    torch.manual_seed(seed)
+    eager = orthofx.models.get("dbn_cnn", width=width)
+    for name, pre_svd in VARIANTS.items():
+        torch.manual_seed(seed)
+        model = orthofx.models.get("dbn_cnn", width=width)
+        gm = orthofx.transform(model, policy(pre_svd), example_inputs=(x[:8],))
+        hooks = [type(h).__name__ for h in orthofx.manifest_of(gm).optimizer_hooks]
+        expected = (["NearestOrthogonalGradient"] if pre_svd and pre_svd["nog"] else []) + (
+            ["OptimalLearningRate"] if pre_svd and pre_svd["olr"] else [])
+        if sorted(hooks) != sorted(expected):
+            raise RuntimeError(f"{name}: expected hooks {expected}, the transform recorded {hooks}")
+        steps[name] = make_step(gm, x, y, transformed=True)
+    steps["eager"] = make_step(eager, x, y, transformed=False)
+    return steps
+
+
+def interleaved(steps: dict, rounds: int, inner: int) -> dict[str, list[float]]:
+    """Seconds per step of each variant, one sample per round; the variants take turns within a round."""
+    for step in steps.values():  # warm-up
+        for _ in range(inner):
+            step()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                step()
+            samples[name].append((time.perf_counter() - start) / inner)
+    return samples
+
+
+def hook_times(batch: int, width: int, calls: int, seed: int = 0) -> dict[str, float]:
+    """Median seconds of each Pre-SVD hook's before_step + after_step (conv1, with its gradient), alone."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 1, 8, 8, generator=generator)
+    y = torch.randint(0, 10, (batch,), generator=generator)
+    torch.manual_seed(seed)
+    gm = orthofx.transform(orthofx.models.get("dbn_cnn", width=width), policy(VARIANTS["+NOG+OLR"]),
+                           example_inputs=(x[:8],))
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9)
+    handle = orthofx.attach(optimizer, gm)
+    F.cross_entropy(gm(x), y).backward()
+    out = {}
+    for hook in handle.hooks:
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            hook.before_step(gm, optimizer)
+            hook.after_step(gm, optimizer)
+            times.append(time.perf_counter() - start)
+        out[type(hook).__name__] = statistics.median(times)
+    handle.remove()
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 64 only, 10 rounds of 5 steps")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 64 256)")
+    parser.add_argument("--width", type=int, default=16, help="dbn_cnn width (conv1's output channels)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 30; 10 quick)")
+    parser.add_argument("--inner", type=int, default=None, help="steps per variant per round (default 10; 5 quick)")
+    parser.add_argument("--hook-calls", type=int, default=200, help="calls per hook in the isolated timing")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "svd_passes.json"))
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    batches = args.batches or ([64] if args.quick else [64, 256])
+    rounds = args.rounds or (10 if args.quick else 30)
+    inner = args.inner or (5 if args.quick else 10)
+    print(f"dbn_cnn width {args.width}, 1x8x8 inputs; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+          f"{rounds} rounds x {inner} steps per variant, interleaved")
+    rows = []
+    header = f"{'batch':>5}  {'variant':<9}  {'median ms':>9}  {'min ms':>7}  {'vs plain':>8}  {'overhead ms':>11}"
+    print(header)
+    for batch in batches:
+        samples = interleaved(build_steps(batch, args.width), rounds, inner)
+        base = statistics.median(samples["plain"])
+        for name, values in samples.items():
+            median = statistics.median(values)
+            row = {"batch": batch, "variant": name, "median_s": median, "min_s": min(values),
+                   "ratio_to_plain": median / base, "overhead_s": median - base}
+            rows.append(row)
+            print(f"{batch:>5}  {name:<9}  {median * 1e3:>9.3f}  {min(values) * 1e3:>7.3f}  {median / base:>8.3f}  "
+                  f"{(median - base) * 1e3:>+11.3f}")
+    hooks = []
+    for batch in batches[:1]:  # the hooks see only conv1's weight and gradient: the batch size does not matter
+        for name, seconds in hook_times(batch, args.width, args.hook_calls).items():
+            hooks.append({"hook": name, "median_s": seconds})
+    plain = statistics.median(r["median_s"] for r in rows if r["variant"] == "plain" and r["batch"] == batches[0])
+    for hook in hooks:
+        hook["fraction_of_plain_step"] = hook["median_s"] / plain
+        print(f"hook alone: {hook['hook']:<26} {hook['median_s'] * 1e3:.3f} ms per step "
+              f"({100 * hook['fraction_of_plain_step']:.1f}% of the plain step at batch {batches[0]})")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as handle:
+        json.dump({"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+                   "cpus": os.cpu_count(), "quick": args.quick, "width": args.width, "rounds": rounds,
+                   "inner": inner, "rows": rows, "hooks": hooks}, handle, indent=2)
+    print(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
