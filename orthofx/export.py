@@ -130,14 +130,14 @@ def _dynamic_shapes(inputs: tuple, dynamic_batch: bool):
 
 
 def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: bool, opset: int) -> float:
+    if opset < 18:
+        raise ExportError(f"opset {opset} is not supported: opsets below 18 produce graphs onnxruntime rejects "
+                          "(DESIGN.md); use opset >= 18")
     try:
         import onnx
         import onnxruntime
     except ImportError as exc:
         raise ExportError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'orthofx[onnx]'") from exc
-    if opset < 18:
-        raise ExportError(f"opset {opset} is not supported: opsets below 18 produce graphs onnxruntime rejects "
-                          "(DESIGN.md); use opset >= 18")
     try:
         torch.onnx.export(frozen, inputs, path, dynamo=True, opset_version=opset, verbose=False,
                           dynamic_shapes=_dynamic_shapes(inputs, dynamic_batch))
