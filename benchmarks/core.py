@@ -18,13 +18,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import torch
 from torch import nn
 
 import orthofx
+from timing import interleaved
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,28 +34,6 @@ def plain_cnn(depth: int = 50, width: int = 16) -> nn.Module:
     for _ in range(depth - 1):
         layers += [nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)]
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, the candidates run in turn so that machine noise hits all alike."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for name, fn in fns.items():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def transform_latency(quick: bool) -> list[dict]:

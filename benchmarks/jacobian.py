@@ -1,0 +1,239 @@
+"""Jacobian isometry (P2) and Riemannian (P1) training costs, side by side in one run (never as timed tests).
+
+1. Jacobian regulariser: a training step (forward, loss + ``orthofx.penalty``, backward, SGD step) of a model
+   transformed with the ``jacobian_isometry`` pass (``kind: full``, per sample, normalised; 1 and 4 Rademacher
+   probes; the jacobian preset's blocks: every top-level Sequential) against the plain step of the same model.
+   Models: the ResNet-18-like built-in (width 16, batch 8 under ``--quick``; width 64, batch 64 in full) and the
+   64-layer plain MLP (``deep_mlp``, width 64, batch 64). Quality bar (DESIGN.md): under 2.5x with one probe.
+   The one-probe case is also timed on the reverse-mode-only route (``route: double_vjp``) and with lazy
+   regularisation (``every: 4``, weight x4: one estimate every 4 steps; a timed call runs 4 steps and the figure
+   is per step, next to 4 plain steps per call as a check of that accounting).
+2. Riemannian hooks: the ``riemannian`` pass (polar and QR retractions) on the square Linears of ``deep_linear``
+   and ``deep_mlp``, run by ``orthofx.attach`` inside ``optimizer.step()``, against the plain step of the same
+   optimizer (SGD, momentum 0.9) on the unconstrained model and, when ``geoopt`` imports, geoopt's
+   ``RiemannianSGD`` with the same weights as ``ManifoldParameter``s on ``EuclideanStiefel`` (projection and
+   QR retraction, the closest match of orthofx's ``qr``). Timed twice: the optimizer step alone (gradients from
+   one backward kept) and the whole training step.
+
+Every group of candidates is timed interleaved (each repeat runs all of them in turn, so machine noise hits all
+alike) and the median is reported with its ratio to the plain candidate.
+
+    python benchmarks/jacobian.py            # full
+    python benchmarks/jacobian.py --quick    # smaller ResNet and batch, fewer repeats, for a CPU smoke run
+
+Writes ``benchmarks/results/jacobian.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+
+import torch
+from torch import nn
+
+import orthofx
+from timing import interleaved
+import orthofx.passes.jacobian_isometry  # noqa: F401  (registers the passes if orthofx.passes does not yet)
+import orthofx.passes.riemannian  # noqa: F401
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ------------------------------------------------------------------------------------- Jacobian regulariser
+
+
+def jacobian_policy(probes: int, route: str = "auto", every: int = 1) -> dict:
+    """The ``jacobian`` preset's rule with ``probes``, ``route`` and ``every`` set."""
+    return {"rules": [{"name": "jacobian",
+                       "match": {"kind": "block", "type": "Sequential", "name": "re:[^.]+", "exclude": ["fc"]},
+                       "apply": "jacobian_isometry",
+                       "with": {"weight": 0.1 * every, "probes": probes, "kind": "full", "per_sample": True,
+                                "normalize": True, "route": route, "every": every}}]}
+
+
+def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, with_penalty: bool, steps: int = 1):
+    """A function running ``steps`` training steps (``every: k`` estimates on one step in k: a call runs k steps,
+    so that every call costs the same and the median is the amortised cost)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(model(x), y)
+            if with_penalty:
+                loss = loss + orthofx.penalty(model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    return step
+
+
+def jacobian_overhead(quick: bool, repeats: int) -> list[dict]:
+    width, batch = (16, 8) if quick else (64, 64)
+    cases = {
+        f"resnet18(width={width})": (lambda: orthofx.models.get("resnet18", width=width), (batch, 3, 32, 32)),
+        "deep_mlp(depth=64, width=64)": (lambda: orthofx.models.get("deep_mlp", depth=64, width=64), (64, 64)),
+    }
+    # label: (probes, route, every)
+    candidates = {"probes=1": (1, "auto", 1), "probes=4": (4, "auto", 1),
+                  "probes=1 double_vjp": (1, "double_vjp", 1), "probes=1 every=4": (1, "auto", 4)}
+    lazy = max(every for _, _, every in candidates.values())
+    rows = []
+    for model_name, (make, shape) in cases.items():
+        torch.manual_seed(0)
+        model = make()
+        x = torch.randn(*shape)
+        y = torch.randint(0, 10, (shape[0],))
+        fns = {"plain step": training_step(copy.deepcopy(model), x, y, with_penalty=False)}
+        per_call = {"plain step": 1}
+        for label, (probes, route, every) in candidates.items():
+            gm = orthofx.transform(model, jacobian_policy(probes, route, every))
+            fns[f"jacobian {label}"] = training_step(gm, x, y, with_penalty=True, steps=every)
+            per_call[f"jacobian {label}"] = every
+        if lazy > 1:  # the plain step at the same number of steps per call, for the lazy candidates' ratio
+            fns[f"plain step x{lazy}"] = training_step(copy.deepcopy(model), x, y, with_penalty=False, steps=lazy)
+            per_call[f"plain step x{lazy}"] = lazy
+        times = {name: seconds / per_call[name] for name, seconds in interleaved(fns, repeats).items()}
+        base = times["plain step"]
+        for method, seconds in times.items():
+            rows.append({"benchmark": "jacobian_step", "model": model_name, "batch": shape[0], "method": method,
+                         "seconds": seconds, "ratio": seconds / base})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- Riemannian hooks
+
+
+def riemannian_policy(retraction: str) -> dict:
+    return {"rules": [{"name": "stiefel", "match": {"type": "Linear"}, "apply": "riemannian",
+                       "with": {"retraction": retraction, "only_square": True}}]}
+
+
+def _square_linears(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and m.in_features == m.out_features]
+
+
+def geoopt_model(model: nn.Module, geoopt) -> nn.Module:
+    """A copy of ``model`` whose square Linear weights are geoopt ManifoldParameters on EuclideanStiefel
+    (projected onto the manifold first, as orthofx's ``init: project`` does)."""
+    from orthofx.nn.stiefel import project_to_stiefel
+
+    clone = copy.deepcopy(model)
+    manifold = geoopt.EuclideanStiefel()
+    for layer in _square_linears(clone):
+        with torch.no_grad():
+            start = project_to_stiefel(layer.weight.detach()).to(layer.weight.dtype)
+        layer.weight = geoopt.ManifoldParameter(start, manifold=manifold)
+    return clone
+
+
+def riemannian_overhead(quick: bool, repeats: int) -> tuple[list[dict], list[str]]:
+    notes = []
+    try:
+        import geoopt
+    except ImportError:
+        geoopt = None
+        notes.append("geoopt is not importable here: its RiemannianSGD was skipped (pip install geoopt to add it)")
+    linear_depth, linear_width = (8, 64) if quick else (16, 256)
+    cases = {
+        f"deep_linear(depth={linear_depth}, width={linear_width})":
+            (lambda: orthofx.models.get("deep_linear", depth=linear_depth, width=linear_width,
+                                        in_features=linear_width, out_features=linear_width),
+             (64, linear_width), "regression"),
+        "deep_mlp(depth=64, width=64)":
+            (lambda: orthofx.models.get("deep_mlp", depth=64, width=64), (64, 64), "classification"),
+    }
+    rows = []
+    for model_name, (make, shape, task) in cases.items():
+        torch.manual_seed(0)
+        model = make()
+        x = torch.randn(*shape)
+        target = x.clone() if task == "regression" else torch.randint(0, 10, (shape[0],))
+
+        def loss_of(module: nn.Module) -> torch.Tensor:
+            out = module(x)
+            return (out - target).square().mean() if task == "regression" else \
+                nn.functional.cross_entropy(out, target)
+
+        models: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
+        plain = copy.deepcopy(model)
+        models["plain SGD"] = (plain, torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9))
+        for retraction in ("polar", "qr"):
+            gm = orthofx.transform(model, riemannian_policy(retraction))
+            optimizer = torch.optim.SGD(gm.parameters(), lr=1e-3, momentum=0.9)
+            orthofx.attach(optimizer, gm)
+            models[f"orthofx riemannian ({retraction})"] = (gm, optimizer)
+        if geoopt is not None:
+            constrained = geoopt_model(model, geoopt)
+            models["geoopt RiemannianSGD"] = (constrained, geoopt.optim.RiemannianSGD(
+                constrained.parameters(), lr=1e-3, momentum=0.9))
+        n_square = len(_square_linears(model))
+
+        def whole_step(module: nn.Module, optimizer: torch.optim.Optimizer):
+            def step() -> None:
+                loss = loss_of(module)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            return step
+
+        for module, optimizer in models.values():  # gradients for the step-only timing, kept from here on
+            optimizer.zero_grad()
+            loss_of(module).backward()
+        step_only = interleaved({name: optimizer.step for name, (_, optimizer) in models.items()}, repeats)
+        whole = interleaved({name: whole_step(*pair) for name, pair in models.items()}, repeats)
+        for what, times in (("optimizer step", step_only), ("training step", whole)):
+            base = times["plain SGD"]
+            for method, seconds in times.items():
+                rows.append({"benchmark": f"riemannian {what}", "model": model_name, "square_linears": n_square,
+                             "method": method, "seconds": seconds, "ratio": seconds / base})
+    return rows, notes
+
+
+def _geoopt_version() -> str | None:
+    try:
+        import geoopt
+    except ImportError:
+        return None
+    return getattr(geoopt, "__version__", "unknown")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10 with --quick, else 20)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared "
+                        "machine)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "jacobian.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, args.threads))
+    repeats = args.repeats or (10 if args.quick else 20)
+    start = time.perf_counter()
+    jacobian_rows = jacobian_overhead(args.quick, repeats)
+    riemannian_rows, notes = riemannian_overhead(args.quick, repeats)
+    rows = jacobian_rows + riemannian_rows
+    from tabulate import tabulate
+    print(tabulate(jacobian_rows, headers="keys", floatfmt=".4g"))
+    print()
+    print(tabulate(riemannian_rows, headers="keys", floatfmt=".4g"))
+    for note in notes:
+        print(f"note: {note}")
+    one_probe = [r for r in jacobian_rows if r["method"] == "jacobian probes=1"]
+    for r in one_probe:
+        verdict = "meets" if r["ratio"] < 2.5 else "misses"
+        print(f"{r['model']}: one probe {r['ratio']:.2f}x the plain step ({verdict} the 2.5x bar)")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as handle:
+        json.dump({"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+                   "geoopt": _geoopt_version(), "quick": args.quick, "repeats": repeats, "notes": notes,
+                   "rows": rows}, handle, indent=2)
+    print(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,585 @@
+"""A corpus of small, varied plain-torch architectures for the preset x model grid (tests/test_corpus.py).
+
+Not a test file: tests import it as ``from corpus import CORPUS`` (pytest puts ``tests/`` on ``sys.path``, since
+the directory has no ``__init__.py``). Every entry is a factory ``f() -> (model, example_inputs)``: a freshly
+built model in training mode (weights drawn from a private seed, the global RNG is left as it was) and a tuple
+of example inputs (batch 2; batch 1 would let torch.export specialise the batch dimension).
+
+The models imitate what users write, not what orthofx likes: attention (``nn.MultiheadAttention`` and hand-written
+scaled dot-product attention), depthwise / grouped / dilated / transposed / 1-D / rectangular convolutions, weight
+sharing, a functional convolution with its own ``nn.Parameter``, in-place ops, dict and tuple outputs, buffers
+(one mutated in the forward), nested ``Sequential`` / ``ModuleDict`` / ``ModuleList``, BatchNorm, covariance
+pooling with ``eigh`` and an ``svdvals`` spectrum, recurrent layers (GRU, LSTM; fx leaves), a submodule with a
+data-dependent branch (traced as a leaf after the failed trace) and a module with a ``self.training`` branch.
+
+Sizes are tiny (widths 4-8, 6x6 .. 8x8 images, sequences of 5-12) so the whole grid runs in seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CORPUS", "build", "names", "SEED"]
+
+SEED = 0
+BATCH = 2
+
+
+def _inputs(*shapes: tuple[int, ...], seed: int = 1) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn((BATCH,) + tuple(shape), generator=generator) for shape in shapes)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+class MHAClassifier(nn.Module):
+    """Linear embedding -> nn.MultiheadAttention (a torch layer: an fx leaf whose ``out_proj`` is a Linear
+    subclass) -> residual + LayerNorm -> mean over tokens -> Linear head. Input (B, T, 6)."""
+
+    def __init__(self, features: int = 6, dim: int = 8, heads: int = 2, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Linear(features, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        h = self.embed(x)
+        a = self.attn(h, h, h, need_weights=False)[0]
+        h = self.norm(h + a)
+        return self.head(h.mean(dim=1))
+
+
+class SelfAttention(nn.Module):
+    """Hand-written multi-head scaled dot-product attention: fused qkv Linear, softmax(q k^T / sqrt(d)) v,
+    output projection. Shapes come from ``x.size`` (proxies under fx), the model dimension from ``self``."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.dim, self.heads = dim, heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t = x.size(0), x.size(1)
+        d = self.dim // self.heads
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d))
+        y = scores.softmax(dim=-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(b, t, self.dim))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm transformer layer: x + attn(ln(x)), x + mlp(ln(x))."""
+
+    def __init__(self, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyTransformer(nn.Module):
+    """Token embedding (Linear) + learned positional parameter -> two layers in a ModuleList -> head."""
+
+    def __init__(self, features: int = 5, dim: int = 8, tokens: int = 6, classes: int = 4):
+        super().__init__()
+        self.embed = nn.Linear(features, dim)
+        self.pos = nn.Parameter(torch.zeros(1, tokens, dim).normal_(std=0.02))
+        self.layers = nn.ModuleList([TransformerLayer(dim) for _ in range(2)])
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        h = self.embed(x) + self.pos
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(self.ln_f(h)[:, 0])
+
+
+class SDPABlock(nn.Module):
+    """Attention with ``F.scaled_dot_product_attention`` on separate q/k/v Linears."""
+
+    def __init__(self, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+
+    def _split(self, t):
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x):
+        y = F.scaled_dot_product_attention(self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x)))
+        return x + self.o(y.transpose(1, 2).flatten(2))
+
+
+class SDPASequential(nn.Module):
+    """``encoder``: a top-level Sequential of attention and MLP blocks (the jacobian preset's target), head."""
+
+    def __init__(self, dim: int = 8, classes: int = 3):
+        super().__init__()
+        self.encoder = nn.Sequential(SDPABlock(dim), nn.LayerNorm(dim), nn.Linear(dim, dim), nn.Tanh())
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.fc(self.encoder(x).mean(1))
+
+
+# --------------------------------------------------------------------------------------------- convolutions
+
+
+class DepthwiseSeparable(nn.Module):
+    """MobileNet-style: stem conv, depthwise 3x3 (groups = channels), pointwise 1x1, BatchNorm, ReLU6."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.features = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU6(),
+            nn.Conv2d(width, 2 * width, 1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU6(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, 5)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(self.stem(x))).flatten(1))
+
+
+class GroupedConvNet(nn.Module):
+    """ResNeXt-style grouped convolutions, one strided, plus a strided 1x1 shortcut (no orthogonal version)."""
+
+    def __init__(self, width: int = 8, groups: int = 2):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.g1 = nn.Conv2d(width, width, 3, padding=1, groups=groups)
+        self.g2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, groups=groups)
+        self.shortcut = nn.Conv2d(width, 2 * width, 1, stride=2, bias=False)
+        self.fc = nn.Linear(2 * width, 4)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = self.g2(F.relu(self.g1(x)))
+        y = F.relu(y + self.shortcut(x))
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+class DilatedConvNet(nn.Module):
+    """Atrous convolutions (dilation 2 and 3, 'same' zero padding) and a padding_mode='reflect' conv."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.atrous2 = nn.Conv2d(width, width, 3, padding=2, dilation=2)
+        self.atrous3 = nn.Conv2d(width, width, 3, padding=3, dilation=3)
+        self.reflect = nn.Conv2d(width, width, 3, padding=1, padding_mode="reflect")
+        self.fc = nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.atrous2(x) + self.atrous3(x))
+        x = F.relu(self.reflect(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class TransposedConvAE(nn.Module):
+    """Encoder (strided convs) / decoder (ConvTranspose2d, output_padding) autoencoder; output is an image."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(1, width, 3, stride=2, padding=1), nn.ReLU(),
+                                     nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU())
+        self.decoder = nn.Sequential(nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1), nn.ReLU(),
+                                     nn.ConvTranspose2d(width, width, 3, stride=2, padding=1, output_padding=1),
+                                     nn.ReLU(), nn.Conv2d(width, 1, 1))
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+
+class Conv1dNet(nn.Module):
+    """1-D signal model: Conv1d (k 5), strided Conv1d, grouped Conv1d, Conv1d k 1, pooling, head."""
+
+    def __init__(self, channels: int = 3, width: int = 6):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv1d(channels, width, 5, padding=2), nn.ReLU(),
+            nn.Conv1d(width, width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv1d(width, width, 3, padding=1, groups=2), nn.ReLU(),
+            nn.Conv1d(width, 2 * width, 1),
+        )
+        self.pool = nn.AdaptiveMaxPool1d(1)
+        self.fc = nn.Linear(2 * width, 2)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.body(x)).squeeze(-1))
+
+
+class RectangularConvNet(nn.Module):
+    """Rectangular kernels and a per-dimension stride (1, 2): P0's L_orth assumes one stride for every axis."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.horizontal = nn.Conv2d(2, width, (1, 3), padding=(0, 1))
+        self.vertical = nn.Conv2d(width, width, (3, 1), padding=(1, 0))
+        self.squeeze = nn.Conv2d(width, 2 * width, (1, 3), stride=(1, 2), padding=(0, 1))
+        self.fc = nn.Linear(2 * width, 3)
+
+    def forward(self, x):
+        x = torch.tanh(self.vertical(torch.tanh(self.horizontal(x))))
+        return self.fc(F.relu(self.squeeze(x)).amax(dim=(2, 3)))
+
+
+# ------------------------------------------------------------------------------ graph and module structure
+
+
+class SharedWeights(nn.Module):
+    """One conv block and one Linear, each called twice in a forward (weight sharing)."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.mix = nn.Linear(width, width)
+        self.fc = nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = self.block(self.block(self.stem(x)))
+        h = x.mean(dim=(2, 3))
+        return self.fc(self.mix(torch.tanh(self.mix(h))))
+
+
+class FunctionalConv(nn.Module):
+    """A convolution written with ``F.conv2d`` and its own ``nn.Parameter`` kernel (no Conv2d module), ``F.linear``
+    with a parameter matrix, and one Linear module."""
+
+    def __init__(self, width: int = 5):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(width, 3, 3, 3) * 0.2)
+        self.kernel_bias = nn.Parameter(torch.zeros(width))
+        self.mixing = nn.Parameter(torch.randn(width, width) / math.sqrt(width))
+        self.fc = nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = F.relu(F.conv2d(x, self.kernel, self.kernel_bias, stride=1, padding=1))
+        h = F.linear(x.mean(dim=(2, 3)), self.mixing)
+        return self.fc(h)
+
+
+class InplaceOps(nn.Module):
+    """In-place ops everywhere: ``Tensor.relu_``, ``add_``, ``mul_``, ``F.relu(inplace=True)``, ``nn.ReLU(inplace)``
+    in a Sequential, ``+=`` on a local."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(width, 4)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x.relu_()
+        y = self.conv2(x)
+        y.add_(x)
+        y.mul_(0.5)
+        y = F.relu(y, inplace=True)
+        z = self.body(y)
+        z += y
+        return self.fc(z.mean(dim=(2, 3)))
+
+
+class DictOutput(nn.Module):
+    """Returns a dict of tensors: logits, an embedding and a nested tuple of intermediate maps."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.proj = nn.Linear(width, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        fmap = F.relu(self.conv(x))
+        embedding = self.proj(fmap.mean(dim=(2, 3)))
+        return {"logits": self.fc(embedding), "embedding": embedding, "maps": (fmap, fmap.amax(dim=1))}
+
+
+class TupleOutputTwoInputs(nn.Module):
+    """Two inputs (an image and a vector), two outputs as a tuple (the second one unnormalised)."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.image = nn.Conv2d(3, width, 3, stride=2, padding=1)
+        self.vector = nn.Linear(5, width)
+        self.fuse = nn.Linear(2 * width, 3)
+
+    def forward(self, img, vec):
+        a = F.relu(self.image(img)).mean(dim=(2, 3))
+        b = torch.tanh(self.vector(vec))
+        logits = self.fuse(torch.cat([a, b], dim=1))
+        return logits, a * b
+
+
+class Buffers(nn.Module):
+    """Input normalisation from registered buffers (a persistent pair and a non-persistent one), a BatchNorm1d,
+    and a buffer mutated in place on every forward (a call counter)."""
+
+    def __init__(self, features: int = 6):
+        super().__init__()
+        self.register_buffer("mean", torch.linspace(-0.5, 0.5, features))
+        self.register_buffer("std", torch.linspace(0.5, 1.5, features))
+        self.register_buffer("scale", torch.tensor(0.5), persistent=False)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.fc1 = nn.Linear(features, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        self.calls.add_(1)
+        x = (x - self.mean) / self.std
+        return self.fc2(F.relu(self.bn(self.fc1(x)))) * self.scale
+
+
+class Nested(nn.Module):
+    """Sequential inside ModuleDict inside ModuleList inside Sequential; modules reached by key and index."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.stages = nn.Sequential(
+            nn.ModuleList([
+                nn.ModuleDict({"conv": nn.Conv2d(3, width, 3, padding=1),
+                               "post": nn.Sequential(nn.BatchNorm2d(width), nn.ReLU())}),
+                nn.ModuleDict({"conv": nn.Conv2d(width, width, 3, padding=1),
+                               "post": nn.Sequential(nn.Identity(), nn.Tanh())}),
+            ]),
+        )
+        self.heads = nn.ModuleDict({"a": nn.Linear(width, 2), "b": nn.Sequential(nn.Linear(width, 3))})
+
+    def forward(self, x):
+        for stage in self.stages[0]:
+            x = stage["post"](stage["conv"](x))
+        h = x.mean(dim=(2, 3))
+        return self.heads["a"](h).sum(1, keepdim=True) + self.heads["b"](h)
+
+
+class BatchNormResNet(nn.Module):
+    """Conv-BN-ReLU stem, one basic residual block (two 3x3 convs with BatchNorm), pooling, Dropout, head."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                    nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, bias=False),
+                                    nn.BatchNorm2d(width))
+        self.drop = nn.Dropout(0.1)
+        self.fc = nn.Linear(width, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(x + self.layer1(x))
+        return self.fc(self.drop(F.adaptive_avg_pool2d(x, 1).flatten(1)))
+
+
+# --------------------------------------------------------------------------------------------- decompositions
+
+
+class CovPoolNet(nn.Module):
+    """Covariance pooling (P4's GCP, written by a user): 1x1 reduction conv (the Pre-SVD layer), per-sample
+    channel covariance + eps I, ``torch.linalg.eigh``, matrix square root ``V diag(sqrt(lambda)) V^T``, then
+    the flattened root through a Linear head."""
+
+    def __init__(self, width: int = 6, dim: int = 4, eps: float = 1e-3):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.reduce = nn.Conv2d(width, dim, 1, bias=False)
+        self.fc = nn.Linear(dim * dim, 3)
+
+    def forward(self, x):
+        f = self.reduce(F.relu(self.conv(x))).flatten(2)
+        f = f - f.mean(dim=2, keepdim=True)
+        cov = f @ f.transpose(1, 2) / f.size(2)
+        cov = cov + self.eps * torch.eye(self.dim, dtype=cov.dtype, device=cov.device)
+        evals, evecs = torch.linalg.eigh(cov)
+        root = evecs @ torch.diag_embed(evals.clamp(min=0).sqrt()) @ evecs.transpose(1, 2)
+        return self.fc(root.flatten(1))
+
+
+class SpectrumNet(nn.Module):
+    """Features from the singular values of a per-sample matrix (``torch.linalg.svdvals``) of a Linear's output."""
+
+    def __init__(self, features: int = 6, rows: int = 4, cols: int = 3):
+        super().__init__()
+        self.rows, self.cols = rows, cols
+        self.lift = nn.Linear(features, rows * cols)
+        self.fc = nn.Linear(min(rows, cols), 2)
+
+    def forward(self, x):
+        m = self.lift(x).reshape(-1, self.rows, self.cols)
+        return self.fc(torch.linalg.svdvals(m))
+
+
+# ----------------------------------------------------------------------------------------- recurrent layers
+
+
+class RecurrentNet(nn.Module):
+    """GRU and LSTM (torch layers, fx leaves returning tuples), a Linear in between and a head."""
+
+    def __init__(self, features: int = 4, hidden: int = 6):
+        super().__init__()
+        self.gru = nn.GRU(features, hidden, batch_first=True)
+        self.mid = nn.Linear(hidden, hidden)
+        self.lstm = nn.LSTM(hidden, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        h, _ = self.gru(x)
+        out, (h_n, c_n) = self.lstm(torch.tanh(self.mid(h)))
+        return self.fc(out[:, -1] + h_n[0])
+
+
+class ImpossibleLayer(nn.Module):
+    """A 1x1 conv expanding 4 -> 16 channels with stride (1, 2): no orthogonal convolution exists (P0 Theorem 4:
+    16 > 4 * 1 rows, stride 2 > kernel 1), and L_orth cannot stand in (it needs one stride for both axes)."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.expand = nn.Conv2d(width, 4 * width, 1, stride=(1, 2))
+        self.fc = nn.Linear(4 * width, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.expand(F.relu(self.conv(x)))).mean(dim=(2, 3)))
+
+
+# ------------------------------------------------------------------------------------ control flow in modules
+
+
+class GatedBlock(nn.Module):
+    """A branch on a tensor's value (``if x.mean() > 0``): fx cannot trace it, orthofx keeps it as a leaf."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.pos = nn.Linear(width, width)
+        self.neg = nn.Linear(width, width)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return self.pos(x)
+        return self.neg(x)
+
+
+class DataDependent(nn.Module):
+    """Traceable top level around an untraceable submodule ``gate`` (a leaf fallback)."""
+
+    def __init__(self, features: int = 6, width: int = 5):
+        super().__init__()
+        self.inp = nn.Linear(features, width)
+        self.gate = GatedBlock(width)
+        self.fc = nn.Linear(width, 2)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.gate(self.inp(x))))
+
+
+class RunningCentre(nn.Module):
+    """Centres features with batch statistics in training and with a running mean in eval (``if self.training``
+    in a traced, non-leaf module, like a hand-written BatchNorm)."""
+
+    def __init__(self, features: int, momentum: float = 0.5):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(features))
+
+    def forward(self, x):
+        if self.training:
+            mean = x.mean(dim=0)
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+        else:
+            mean = self.running_mean
+        return x - mean
+
+
+class TrainEvalBranch(nn.Module):
+    """Linear -> RunningCentre (train/eval branch) -> Linear."""
+
+    def __init__(self, features: int = 6, width: int = 5):
+        super().__init__()
+        self.fc1 = nn.Linear(features, width)
+        self.centre = RunningCentre(width)
+        self.fc2 = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.centre(self.fc1(x))))
+
+
+# ---------------------------------------------------------------------------------------------------- corpus
+
+
+def _entry(cls: type, *shapes: tuple[int, ...], **kwargs) -> Callable[[], tuple[nn.Module, tuple]]:
+    def factory():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SEED)
+            model = cls(**kwargs)
+        return model, _inputs(*shapes)
+
+    factory.__name__ = f"make_{cls.__name__}"
+    factory.__doc__ = cls.__doc__
+    return factory
+
+
+#: name -> factory returning ``(model, example_inputs)``.
+CORPUS: dict[str, Callable[[], tuple[nn.Module, tuple]]] = {
+    "mha": _entry(MHAClassifier, (5, 6)),
+    "transformer": _entry(TinyTransformer, (6, 5)),
+    "sdpa_sequential": _entry(SDPASequential, (5, 8)),
+    "depthwise": _entry(DepthwiseSeparable, (3, 8, 8)),
+    "grouped": _entry(GroupedConvNet, (3, 8, 8)),
+    "dilated": _entry(DilatedConvNet, (3, 8, 8)),
+    "transposed": _entry(TransposedConvAE, (1, 8, 8)),
+    "conv1d": _entry(Conv1dNet, (3, 12)),
+    "rectangular": _entry(RectangularConvNet, (2, 6, 8)),
+    "impossible_layer": _entry(ImpossibleLayer, (3, 6, 6)),
+    "shared": _entry(SharedWeights, (3, 6, 6)),
+    "functional_conv": _entry(FunctionalConv, (3, 6, 6)),
+    "inplace": _entry(InplaceOps, (3, 6, 6)),
+    "dict_output": _entry(DictOutput, (3, 6, 6)),
+    "tuple_output": _entry(TupleOutputTwoInputs, (3, 8, 8), (5,)),
+    "buffers": _entry(Buffers, (6,)),
+    "nested": _entry(Nested, (3, 6, 6)),
+    "batchnorm_resnet": _entry(BatchNormResNet, (3, 8, 8)),
+    "cov_pool": _entry(CovPoolNet, (3, 6, 6)),
+    "spectrum": _entry(SpectrumNet, (6,)),
+    "recurrent": _entry(RecurrentNet, (5, 4)),
+    "data_dependent": _entry(DataDependent, (6,)),
+    "train_eval_branch": _entry(TrainEvalBranch, (6,)),
+}
+
+
+def names() -> list[str]:
+    """The corpus model names, in definition order."""
+    return list(CORPUS)
+
+
+def build(name: str) -> tuple[nn.Module, tuple]:
+    """A fresh ``(model, example_inputs)`` for corpus entry ``name``."""
+    return CORPUS[name]()

@@ -1,0 +1,278 @@
+"""Transformed models under torch.compile (dynamo) and under CPU autocast.
+
+* eval mode: ``torch._dynamo.explain(gm)(x)`` reports no graph break, for every preset on small built-in models;
+* training mode: ``lambda x: task_loss(gm(x)) + orthofx.penalty(gm)`` compiles with ``fullgraph=True``
+  (backend ``eager``; ``aot_eager`` too, on a default subset and on every cell under ``slow``) and gives the
+  eager loss and gradients;
+* the documented gap: the Jacobian-isometry estimate is ``torch.compiler.disable``-d (aot_autograd has no double
+  backward), so a model carrying a JacobianProbe cannot compile with ``fullgraph=True`` in training mode; without
+  fullgraph it compiles (one graph break at the estimate) and gives the eager loss and gradients;
+* autocast (CPU, bfloat16): orthogonal kernels are built in float32 (exactly orthogonal to 1e-5), and the svd
+  preset's decompositions run in float32 / float64 so outputs stay finite.
+
+Models are tiny (width 4, depth 3); dynamo is reset before each compile so tests do not share caches.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import orthofx
+from orthofx import metrics
+
+MODELS = {"small_cnn": {"width": 4}, "gcp_cnn": {"width": 4, "dim": 4}, "deep_mlp": {"depth": 3, "width": 8}}
+BATCH = 4
+
+# Cells where the preset has something to act on. Left out: convnorm on deep_mlp (no convolution) and svd on
+# small_cnn / deep_mlp (no decomposition): PlanError, see test_presets_without_sites_raise_plan_error; jacobian on
+# small_cnn / gcp_cnn (no top-level Sequential: the preset's optional rule matches nothing, nothing changes).
+CELLS = [
+    ("lorth", "small_cnn"), ("lorth", "gcp_cnn"), ("lorth", "deep_mlp"),
+    ("orthogonal", "small_cnn"), ("orthogonal", "gcp_cnn"), ("orthogonal", "deep_mlp"),
+    ("convnorm", "small_cnn"), ("convnorm", "gcp_cnn"),
+    ("jacobian", "deep_mlp"),
+    ("isometric", "small_cnn"), ("isometric", "gcp_cnn"), ("isometric", "deep_mlp"),
+    ("svd", "gcp_cnn"),
+]
+IDS = [f"{p}-{m}" for p, m in CELLS]
+#: Presets whose training-mode forward calls the compiler-disabled Jacobian estimate.
+NOT_FULLGRAPH_IN_TRAINING = {"jacobian"}
+#: aot_eager cells run by default (the rest under slow): cheap ones, the custom decomposition ops, ConvNorm's FFT.
+AOT_DEFAULT = {("orthogonal", "deep_mlp"), ("svd", "gcp_cnn"), ("convnorm", "small_cnn")}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (two threads on a busy 2-core machine make each small op ~100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(name):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return orthofx.models.get(name, **MODELS[name])
+
+
+def _data(name):
+    x = orthofx.models.example_input(name, batch=BATCH)
+    y = torch.arange(BATCH) % orthofx.models.num_classes(name)
+    return x, y
+
+
+@functools.lru_cache(maxsize=None)
+def _transformed(preset, name):
+    x, _ = _data(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return orthofx.transform(_model(name), preset, example_inputs=(x,))
+
+
+def _loss_fn(gm, y):
+    return lambda x: F.cross_entropy(gm(x), y) + orthofx.penalty(gm)
+
+
+def _loss_and_grads(gm, fn, x, seed=1):
+    """Loss and gradients of ``fn(x)`` w.r.t. ``gm``'s parameters (the global RNG seeded: the Jacobian probes)."""
+    gm.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = fn(x)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in gm.named_parameters() if p.grad is not None}
+    gm.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _assert_same(eager, compiled):
+    (loss0, grads0), (loss1, grads1) = eager, compiled
+    torch.testing.assert_close(loss1, loss0, atol=1e-6, rtol=1e-6)
+    assert grads0 and grads1.keys() == grads0.keys()
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def _compiled_matches_eager(preset, name, backend, fullgraph):
+    gm = _transformed(preset, name)
+    gm.train()
+    x, y = _data(name)
+    fn = _loss_fn(gm, y)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(fn, fullgraph=fullgraph, backend=backend)
+        result = _loss_and_grads(gm, compiled, x)
+    finally:
+        torch._dynamo.reset()
+    _assert_same(_loss_and_grads(gm, fn, x), result)
+
+
+# ----------------------------------------------------------------------------------------------- graph breaks
+
+@pytest.mark.parametrize("preset,name", CELLS, ids=IDS)
+def test_eval_mode_has_no_graph_break(preset, name):
+    gm = _transformed(preset, name)
+    gm.eval()
+    x, _ = _data(name)
+    torch._dynamo.reset()
+    try:
+        explanation = torch._dynamo.explain(gm)(x)
+    finally:
+        torch._dynamo.reset()
+        gm.train()
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("preset,name", CELLS, ids=IDS)
+def test_training_loss_compiles_fullgraph_eager(preset, name):
+    if preset in NOT_FULLGRAPH_IN_TRAINING:
+        gm = _transformed(preset, name)
+        gm.train()
+        x, y = _data(name)
+        torch._dynamo.reset()
+        try:
+            with pytest.raises(Exception, match="compiler.disable"):
+                torch.compile(_loss_fn(gm, y), fullgraph=True, backend="eager")(x)
+        finally:
+            torch._dynamo.reset()
+        # the documented behaviour instead: without fullgraph it compiles and agrees with eager
+        _compiled_matches_eager(preset, name, "eager", fullgraph=False)
+        return
+    _compiled_matches_eager(preset, name, "eager", fullgraph=True)
+
+
+def _aot_params():
+    params = []
+    for preset, name in CELLS:
+        marks = [] if (preset, name) in AOT_DEFAULT else [pytest.mark.slow]
+        params.append(pytest.param(preset, name, marks=marks, id=f"{preset}-{name}"))
+    return params
+
+
+@pytest.mark.parametrize("preset,name", _aot_params())
+def test_training_loss_compiles_aot_eager(preset, name):
+    fullgraph = preset not in NOT_FULLGRAPH_IN_TRAINING
+    _compiled_matches_eager(preset, name, "aot_eager", fullgraph=fullgraph)
+
+
+def test_jacobian_probe_is_the_only_training_graph_break():
+    """In training mode the Jacobian estimate (torch.compiler.disable) is a graph break; nothing else is."""
+    gm = _transformed("jacobian", "deep_mlp")
+    gm.train()
+    x, y = _data("deep_mlp")
+    torch._dynamo.reset()
+    try:
+        explanation = torch._dynamo.explain(_loss_fn(gm, y))(x)
+    finally:
+        torch._dynamo.reset()
+    reasons = [str(r.reason) for r in explanation.break_reasons]
+    assert explanation.graph_break_count >= 1
+    assert all("disable" in r for r in reasons), reasons
+
+
+def test_presets_without_sites_raise_plan_error():
+    for preset, name in [("convnorm", "deep_mlp"), ("svd", "small_cnn"), ("svd", "deep_mlp")]:
+        x, _ = _data(name)
+        with pytest.raises(orthofx.PlanError, match="matched no"):
+            orthofx.transform(_model(name), preset, example_inputs=(x,))
+
+
+def test_transform_compile_option_returns_a_module_penalty_accepts():
+    x, y = _data("small_cnn")
+    compiled = orthofx.transform(_model("small_cnn"), "orthogonal", example_inputs=(x,),
+                                 compile={"backend": "eager", "fullgraph": True})
+    try:
+        assert orthofx.is_transformed(compiled)
+        loss = F.cross_entropy(compiled(x), y) + orthofx.penalty(compiled)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert orthofx.freeze(compiled) is not None
+    finally:
+        torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------------- autocast
+
+def test_orthogonal_conv_weight_is_float32_and_orthogonal_under_autocast():
+    gm = _transformed("orthogonal", "small_cnn")
+    gm.eval()
+    x, _ = _data("small_cnn")
+    layers = {n: m for n, m in gm.named_modules() if type(m).__name__ == "OrthogonalConv2d"}
+    assert set(layers) == {"conv1", "conv2", "conv3"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights = {n: (m.weight, m.stride[0]) for n, m in layers.items()}
+        out = gm(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    for n, (w, stride) in weights.items():
+        assert w.dtype == torch.float32, n
+        # conv1 (1 -> 4, 3x3: row-orthogonal case) and the strided conv2 included: all singular values on an
+        # 8x8 grid are 1
+        sv = metrics.conv_singular_values(w.detach(), 8, stride=stride)
+        assert float((sv - 1).abs().max()) <= 1e-5, (n, float((sv - 1).abs().max()))
+    gm.train()
+
+
+def test_svd_preset_decomposes_in_float32_under_autocast(monkeypatch):
+    import orthofx.nn.conditioning as conditioning
+
+    seen = []
+    original = conditioning.eigh_stable
+
+    def spy(A, *args, **kwargs):
+        out = original(A, *args, **kwargs)
+        seen.append((A.dtype, tuple(t.dtype for t in out)))
+        return out
+
+    gm = _transformed("svd", "gcp_cnn")
+    x, y = _data("gcp_cnn")
+    monkeypatch.setattr(conditioning, "eigh_stable", spy)
+    for mode in ("train", "eval"):
+        getattr(gm, mode)()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = gm(x)
+            loss = F.cross_entropy(out.float(), y) + orthofx.penalty(gm)
+        assert torch.isfinite(out.float()).all(), mode
+        if mode == "train":
+            loss.backward()  # outside autocast, as PyTorch recommends
+            grads = [p.grad for p in gm.parameters() if p.grad is not None]
+            assert grads and all(torch.isfinite(g).all() for g in grads)
+            gm.zero_grad(set_to_none=True)
+    gm.train()
+    assert seen, "the stable eigh was not called"
+    for _, outputs in seen:
+        assert all(dtype in (torch.float32, torch.float64) for dtype in outputs), seen
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "the stable eigh's backward (orthofx/nn/decompositions.py _eigh_backward: torch.matmul(V, Q, out=X)) fails "
+    "when backward() is called inside torch.autocast('cpu', bfloat16): autocast casts V and Q to bfloat16 while "
+    "the out= buffer X is float32 ('expected scalar type Float but found BFloat16'). torch.linalg.eigh's own "
+    "backward works there (the lorth preset on the same model passes), so the svd preset breaks training loops "
+    "that call backward inside the autocast block; the backward should run with autocast disabled"))
+def test_svd_preset_backward_inside_autocast():
+    gm = _transformed("svd", "gcp_cnn")
+    gm.train()
+    x, y = _data("gcp_cnn")
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(gm(x).float(), y) + orthofx.penalty(gm)
+            loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in gm.parameters() if p.grad is not None)
+    finally:
+        gm.zero_grad(set_to_none=True)
+
+
+def test_plain_eigh_backward_inside_autocast_works():
+    """The reference for the xfail above: the same model untransformed (torch.linalg.eigh) trains there."""
+    model = _model("gcp_cnn")
+    x, y = _data("gcp_cnn")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
