@@ -249,12 +249,6 @@ def test_svd_preset_decomposes_in_float32_under_autocast(monkeypatch):
         assert all(dtype in (torch.float32, torch.float64) for dtype in outputs), seen
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "the stable eigh's backward (orthofx/nn/decompositions.py _eigh_backward: torch.matmul(V, Q, out=X)) fails "
-    "when backward() is called inside torch.autocast('cpu', bfloat16): autocast casts V and Q to bfloat16 while "
-    "the out= buffer X is float32 ('expected scalar type Float but found BFloat16'). torch.linalg.eigh's own "
-    "backward works there (the lorth preset on the same model passes), so the svd preset breaks training loops "
-    "that call backward inside the autocast block; the backward should run with autocast disabled"))
 def test_svd_preset_backward_inside_autocast():
     gm = _transformed("svd", "gcp_cnn")
     gm.train()

@@ -200,6 +200,23 @@ def _eigh_setup(ctx, inputs, output) -> None:
     ctx.clamp_gap = clamp_gap
 
 
+def _without_autocast(backward):
+    """Run a backward in the saved tensors' dtype with autocast off: called inside ``torch.autocast`` (a training
+    loop that calls ``backward()`` in the autocast block), matmuls would otherwise drop to bfloat16 and clash with
+    the float32 buffers, and the gradient of a decomposition needs float32 anyway."""
+
+    def wrapped(ctx, *grads):
+        reference = ctx.saved_tensors[0]
+        grads = tuple(g if g is None else g.to(reference.dtype) for g in grads)
+        with torch.autocast(device_type=reference.device.type, enabled=False):
+            return backward(ctx, *grads)
+
+    wrapped.__name__ = backward.__name__
+    wrapped.__doc__ = backward.__doc__
+    return wrapped
+
+
+@_without_autocast
 def _eigh_backward(ctx, gL, gV):
     L, V = ctx.saved_tensors
     if gV is None and gL is None:
@@ -273,6 +290,7 @@ def _svd_setup(ctx, inputs, output) -> None:
     ctx.clamp_gap = clamp_gap
 
 
+@_without_autocast
 def _svd_backward(ctx, gU, gS, gVh):
     U, S, Vh = ctx.saved_tensors
     m, n, k = U.shape[-2], Vh.shape[-1], S.shape[-1]
