@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -129,6 +130,23 @@ def _dynamic_shapes(inputs: tuple, dynamic_batch: bool):
     return tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception in ``exc``'s chain, as one line without terminal colour codes: exporters wrap
+    the useful message (e.g. "No ONNX function found for orthofx.eigh_stable") in generic ones."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: bool, opset: int) -> float:
     if opset < 18:
         raise ExportError(f"opset {opset} is not supported: opsets below 18 produce graphs onnxruntime rejects "
@@ -142,7 +160,9 @@ def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: boo
         torch.onnx.export(frozen, inputs, path, dynamo=True, opset_version=opset, verbose=False,
                           dynamic_shapes=_dynamic_shapes(inputs, dynamic_batch))
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"torch.onnx.export failed: {_root_cause(exc)}. Decompositions (eigh, svd) and ops "
+                          "without an ONNX translation need an exportable form; .pt2 export keeps them"
+                          f"{_leaf_hint(frozen)}") from exc
     onnx.checker.check_model(path, full_check=True)
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), inputs)}
@@ -151,11 +171,19 @@ def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: boo
     return _max_diff(expected, session.run(None, feeds))
 
 
+def _leaf_hint(model: nn.Module) -> str:
+    leaves = [path for path, _ in manifest_of(model).capture.leaf_fallbacks]
+    if not leaves:
+        return ""
+    return (f". Submodules kept as fx leaves because they could not be traced ({', '.join(leaves)}) usually "
+            "cannot be exported either: rewrite a branch on tensor values with torch.cond or torch.where")
+
+
 def _export_pt2(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: bool) -> float:
     try:
         program = torch.export.export(frozen, inputs, dynamic_shapes=_dynamic_shapes(inputs, dynamic_batch))
     except Exception as exc:
-        raise ExportError(f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"torch.export failed: {_root_cause(exc)}{_leaf_hint(frozen)}") from exc
     torch.export.save(program, path)
     loaded = torch.export.load(path).module()
     with torch.no_grad():

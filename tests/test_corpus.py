@@ -235,26 +235,15 @@ PT2_DEFAULT = {
     "recurrent": "lorth", "data_dependent": "lorth", "train_eval_branch": "isometric",
 }
 
-DATA_DEPENDENT_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "torch.export cannot trace the leaf-fallback submodule 'gate' (a branch on a tensor value), and the "
-    "ExportError only quotes torch's first line ('GuardOnDataDependentSymNode: Could not guard on "
-    "data-dependent expression Eq(u0, 1)') without naming the submodule; export should name 'gate' (the capture "
-    "report knows it was kept as a leaf for data-dependent control flow) and suggest torch.cond"))
-
 DECOMPOSITION_ONNX_XFAIL = pytest.mark.xfail(strict=True, reason=(
     "freeze keeps the decompositions (aten._linalg_eigh / linalg_svdvals with lorth, orthogonal, convnorm, "
     "jacobian, isometric; orthofx::eigh_stable / orthofx::svd_stable with svd), which the ONNX exporter cannot "
     "translate (DESIGN.md: freeze replaces them by their inference form, e.g. Newton-Schulz; "
-    "passes.svd_conditioning.to_newton_schulz exists but freeze does not call it; svdvals has no such form); and "
-    "the ExportError quotes only the exporter's generic first line ('ConversionError: Failed to convert the "
-    "exported program to an ONNX model. \\x1b[96mThis is step 3/3\\x1b[0m ... Next steps:', ANSI codes "
-    "included), naming neither the site (e.g. 'cov_pool' model's top-level linalg.eigh) nor the op: it should "
-    "quote the DispatchError ('No ONNX function found for orthofx.eigh_stable')"))
+    "passes.svd_conditioning.to_newton_schulz exists but freeze does not call it; svdvals has no such form). "
+    "The ExportError itself now quotes the root cause ('No ONNX function found for orthofx.eigh_stable')"))
 
 
 def _export_marks(fmt: str, preset: str, name: str) -> list:
-    if name == "data_dependent":
-        return [DATA_DEPENDENT_XFAIL]
     if fmt == "onnx" and name in ("cov_pool", "spectrum"):
         return [DECOMPOSITION_ONNX_XFAIL]
     return []
