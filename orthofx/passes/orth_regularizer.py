@@ -97,9 +97,8 @@ class OrthRegularizer(Pass):
             case = None if entry.params["case"] == "auto" else entry.params["case"]
             term = LorthTerm(entry.site.name, entry.rule_name, entry.params["weight"], stride=stride,
                              groups=groups, case=case)
-            with torch.no_grad():
-                before = float(term.value(ctx.gm))
+            # No L_orth value is computed here: on wide layers it costs as much as a training step's penalty,
+            # and orthofx.report computes it when asked.
             ctx.add_penalty(term)
             ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
-                              what="attached L_orth regulariser", params=dict(entry.params),
-                              before={"lorth": before}))
+                              what="attached L_orth regulariser", params=dict(entry.params)))
