@@ -33,9 +33,7 @@ from .. import metrics
 from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry
 from .registry import register_pass
 
-__all__ = ["OrthRegularizer", "LorthTerm"]
-
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d)
+__all__ = ["OrthRegularizer", "LorthTerm", "lorth_problem", "lorth_term"]
 
 
 class LorthTerm(PenaltyTerm):
@@ -53,14 +51,26 @@ class LorthTerm(PenaltyTerm):
         return metrics.lorth(layer_weight, stride=self.stride, groups=self.groups, case=self.case)
 
 
-def lorth_stride(module: nn.Module) -> int:
-    """The single stride L_orth uses; P0 treats one stride S for all spatial dimensions."""
+def lorth_problem(module: nn.Module) -> str | None:
+    """Why P0's L_orth cannot be computed for ``module`` (``None`` when it can): it is defined for undilated
+    convolutions with one stride S for every spatial dimension."""
     if isinstance(module, nn.Linear):
-        return 1
-    strides = set(module.stride)
-    if len(strides) != 1:
-        raise ValueError(f"L_orth needs the same stride in every dimension, got stride={module.stride}")
-    return strides.pop()
+        return None
+    if any(d != 1 for d in module.dilation):
+        return f"L_orth is defined for undilated convolutions (dilation={module.dilation})"
+    if len(set(module.stride)) != 1:
+        return f"L_orth needs one stride for every dimension (stride={module.stride})"
+    return None
+
+
+def lorth_term(module: nn.Module, site: str, rule: str, weight: float, case: str | None = None) -> LorthTerm:
+    """The L_orth penalty term of ``module`` at ``site``; ``ValueError`` with :func:`lorth_problem`'s reason."""
+    problem = lorth_problem(module)
+    if problem is not None:
+        raise ValueError(problem)
+    if isinstance(module, nn.Linear):
+        return LorthTerm(site, rule, weight, case=case)
+    return LorthTerm(site, rule, weight, stride=module.stride[0], groups=module.groups, case=case)
 
 
 @register_pass
@@ -80,23 +90,13 @@ class OrthRegularizer(Pass):
 
     def accepts(self, site, module):
         reason = super().accepts(site, module)
-        if reason is None and isinstance(module, _CONV_TYPES):
-            if module.dilation != (1,) * len(module.dilation):
-                return f"L_orth is defined for undilated convolutions; {site.name} has dilation={module.dilation}"
-            try:
-                lorth_stride(module)
-            except ValueError as exc:
-                return f"{site.name}: {exc}"
-        return reason
+        return reason if reason is not None else lorth_problem(module)
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         for entry in entries:
-            module = ctx.module(entry.site)
-            stride = lorth_stride(module)
-            groups = getattr(module, "groups", 1)
             case = None if entry.params["case"] == "auto" else entry.params["case"]
-            term = LorthTerm(entry.site.name, entry.rule_name, entry.params["weight"], stride=stride,
-                             groups=groups, case=case)
+            term = lorth_term(ctx.module(entry.site), entry.site.name, entry.rule_name, entry.params["weight"],
+                              case=case)
             # No L_orth value is computed here: on wide layers it costs as much as a training step's penalty,
             # and orthofx.report computes it when asked.
             ctx.add_penalty(term)

@@ -35,12 +35,20 @@ from .. import theory
 from ..errors import ImpossibleLayerError, OrthofxError
 from ..nn.orthogonal import OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinear
 from .base import Change, Param, Pass, PassContext, PlanEntry, describe_module
-from .orth_regularizer import LorthTerm, lorth_stride
+from .orth_regularizer import lorth_term
 from .registry import register_pass
 
-__all__ = ["OrthogonalConvPass", "keeps_output_size"]
+__all__ = ["OrthogonalConvPass", "keeps_output_size", "orthogonal_layer"]
 
-_ORTHOGONAL_TYPES = {nn.Conv1d: OrthogonalConv1d, nn.Conv2d: OrthogonalConv2d}
+def orthogonal_layer(module: nn.Module, *, init: str = "nearest", method: str = "auto", padding: str = "circular",
+                     gain: float = 1.0, fit_steps: int = 0) -> nn.Module:
+    """The exactly orthogonal replacement of a ``Linear`` / ``Conv1d`` / ``Conv2d`` (subclasses included):
+    ``padding="circular"`` gives the circular ``"same"`` layer, ``"keep"`` the conv's own padding."""
+    if isinstance(module, nn.Linear):
+        return OrthogonalLinear.from_linear(module, init=init, gain=gain)
+    cls = OrthogonalConv2d if isinstance(module, nn.Conv2d) else OrthogonalConv1d
+    return cls.from_conv(module, init=init, method=method, padding="same" if padding == "circular" else "keep",
+                         gain=gain, fit_steps=fit_steps)
 
 
 def keeps_output_size(conv: nn.Module) -> bool:
@@ -105,17 +113,13 @@ class OrthogonalConvPass(Pass):
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         for entry in entries:
             module = ctx.module(entry.site)
-            if isinstance(module, nn.Linear):
-                self._replace(ctx, entry, module, OrthogonalLinear.from_linear(
-                    module, init=entry.params["init"], gain=entry.params["gain"]), "hard")
-                continue
-            problem = _impossibility(module, entry.params["padding"])
+            problem = None if isinstance(module, nn.Linear) else _impossibility(module, entry.params["padding"])
             if problem is None:
-                layer = _ORTHOGONAL_TYPES[type(module)].from_conv(
-                    module, init=entry.params["init"], method=entry.params["method"],
-                    padding="same" if entry.params["padding"] == "circular" else "keep",
-                    gain=entry.params["gain"], fit_steps=entry.params["fit_steps"])
-                status = "hard" if entry.params["padding"] == "circular" else "hard (zero padding: not at borders)"
+                layer = orthogonal_layer(module, init=entry.params["init"], method=entry.params["method"],
+                                         padding=entry.params["padding"], gain=entry.params["gain"],
+                                         fit_steps=entry.params["fit_steps"])
+                hard = isinstance(module, nn.Linear) or entry.params["padding"] == "circular"
+                status = "hard" if hard else "hard (zero padding: not at borders)"
                 self._replace(ctx, entry, module, layer, status)
             else:
                 self._impossible(ctx, entry, module, problem)
@@ -146,11 +150,9 @@ class OrthogonalConvPass(Pass):
                               status=f"skipped: {problem}"))
             return
         try:
-            stride = lorth_stride(module)
+            term = lorth_term(module, entry.site.name, entry.rule_name, entry.params["regularize_weight"])
         except ValueError as exc:
             raise OrthofxError(f"rule '{entry.rule_name}': {where}: {problem}, and L_orth cannot stand in: {exc}")
-        term = LorthTerm(entry.site.name, entry.rule_name, entry.params["regularize_weight"], stride=stride,
-                         groups=module.groups)
         ctx.add_penalty(term)
         ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
                           what="attached L_orth instead: " + problem, params=dict(entry.params),

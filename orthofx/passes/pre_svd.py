@@ -57,7 +57,8 @@ from torch import fx, nn
 
 from ..errors import OrthofxError
 from .base import Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, describe_module
-from .orth_regularizer import LorthTerm
+from .orth_regularizer import lorth_problem, lorth_term
+from .orthogonal_conv import orthogonal_layer
 from .registry import register_pass
 
 __all__ = ["PreSVD", "SripTerm", "NearestOrthogonalGradient", "OptimalLearningRate", "srip", "polar_factor",
@@ -236,33 +237,6 @@ def _decompositions_fed(ctx: PassContext, name: str) -> list[str]:
     return sorted(found)
 
 
-def _lorth_reason(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return None
-    if any(d != 1 for d in module.dilation):
-        return f"L_orth is defined for undilated convolutions (dilation={module.dilation})"
-    if len(set(module.stride)) != 1:
-        return f"L_orth needs one stride for every dimension (stride={module.stride})"
-    return None
-
-
-def _lorth_term(name: str, rule: str, module: nn.Module, weight: float) -> LorthTerm:
-    if isinstance(module, nn.Linear):
-        return LorthTerm(name, rule, weight)
-    return LorthTerm(name, rule, weight, stride=module.stride[0], groups=module.groups)
-
-
-def _hard_layer(module: nn.Module, padding: str) -> nn.Module:
-    from ..nn import orthogonal  # the layer library; imported when a policy asks for hard layers
-
-    if isinstance(module, nn.Linear):
-        return orthogonal.OrthogonalLinear.from_linear(module, init="nearest")
-    cls = orthogonal.OrthogonalConv2d if isinstance(module, nn.Conv2d) else orthogonal.OrthogonalConv1d
-    if padding == "keep":
-        return cls.from_conv(module, init="nearest", padding="keep")
-    return cls.from_conv(module, init="nearest", padding="same", padding_mode="circular")
-
-
 def _first_sentence(text: str) -> str:
     head = text.split(". ")[0].strip()
     return head[:200]
@@ -329,9 +303,9 @@ class PreSVD(Pass):
             parts.append("L_orth" if treatment == "lorth" else "SRIP")
 
         if treatment == "lorth":
-            problem = _lorth_reason(module)
+            problem = lorth_problem(module)
             if problem is None:
-                term = _lorth_term(name, entry.rule_name, module, params["penalty_weight"])
+                term = lorth_term(module, name, entry.rule_name, params["penalty_weight"])
                 ctx.add_penalty(term)
                 with torch.no_grad():
                     after["lorth"] = float(term.value(ctx.gm))
@@ -364,7 +338,8 @@ class PreSVD(Pass):
     def _try_hard(self, ctx: PassContext, name: str, module: nn.Module, padding: str):
         """The hard orthogonal layer put in place of ``module``, or ``(None, reason)``."""
         try:
-            layer = _hard_layer(module, padding)
+            # from_conv's default nearest-kernel fit (200 steps), as before the helper was shared
+            layer = orthogonal_layer(module, padding=padding, fit_steps=200)
         except (OrthofxError, ValueError, TypeError) as exc:
             return None, _first_sentence(str(exc))
         layer.train(module.training)
