@@ -34,7 +34,7 @@ from .capture import unwrap_model
 from .errors import ExportError
 from .passes.base import replace_module
 from .policy import Policy
-from .transform import manifest_of, store_manifest, transform
+from .transform import as_input_tuple, manifest_of, output_tensors, store_manifest, transform
 
 __all__ = ["freeze", "export", "load", "ExportResult", "FORMAT_VERSION"]
 
@@ -97,19 +97,6 @@ class ExportResult:
         return f"{self.format} -> {self.path} ({diff}, {self.seconds:.2f} s)"
 
 
-def _inputs(example_inputs: Any) -> tuple:
-    if example_inputs is None:
-        raise ExportError("export needs example_inputs=(x,) to trace and to check the exported model")
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
-
-
-def _flat(output: Any) -> list[torch.Tensor]:
-    leaves, _ = torch.utils._pytree.tree_flatten(output)
-    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-
-
 def _max_diff(expected: list[torch.Tensor], actual: list) -> float:
     if len(expected) != len(actual):
         raise ExportError(f"the exported model returns {len(actual)} outputs, the model {len(expected)}")
@@ -167,7 +154,7 @@ def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: boo
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), inputs)}
     with torch.no_grad():
-        expected = _flat(frozen(*inputs))
+        expected = output_tensors(frozen(*inputs))
     return _max_diff(expected, session.run(None, feeds))
 
 
@@ -187,7 +174,7 @@ def _export_pt2(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: bool
     torch.export.save(program, path)
     loaded = torch.export.load(path).module()
     with torch.no_grad():
-        return _max_diff(_flat(frozen(*inputs)), _flat(loaded(*inputs)))
+        return _max_diff(output_tensors(frozen(*inputs)), output_tensors(loaded(*inputs)))
 
 
 def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *, dynamic_batch: bool = True,
@@ -210,7 +197,9 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
         return ExportResult(path, "pt", None, time.perf_counter() - started)
     if suffix not in (".onnx", ".pt2"):
         raise ExportError(f"unknown export format {suffix or '(no suffix)'!r} for {path!r}; use .onnx, .pt2 or .pt")
-    inputs = _inputs(example_inputs)
+    inputs = as_input_tuple(example_inputs)
+    if inputs is None:
+        raise ExportError("export needs example_inputs=(x,) to trace and to check the exported model")
     frozen = freeze(model)
     if suffix == ".onnx":
         diff = _export_onnx(frozen, path, inputs, dynamic_batch, opset)

@@ -290,11 +290,11 @@ def _monitor_of(root: nn.Module, changes) -> ConditionMonitor | None:
 
 
 def _monitor_figures(monitor: ConditionMonitor) -> dict[str, Any]:
-    """The monitor's buffers as plain numbers (``kappa`` / ``kappa_max`` are None before its first call)."""
-    updates = int(monitor.updates)
-    return {"kappa": float(monitor.last) if updates else None,
-            "kappa_max": float(monitor.running_max) if updates else None,
-            "nan_events": int(monitor.nan_events), "inf_events": int(monitor.inf_events), "updates": updates}
+    """The monitor's summary, with ``kappa`` / ``kappa_max`` None before its first call."""
+    figures = monitor.summary()
+    if not figures["updates"]:
+        figures["kappa"] = figures["kappa_max"] = None
+    return figures
 
 
 def _pass_text(entries, changes, skipped_reason) -> str | None:

@@ -25,7 +25,7 @@ from .passes.registry import get_pass
 from .plan import Plan, block_paths, build_plan
 from .policy import Policy
 
-__all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed"]
+__all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed", "as_input_tuple", "output_tensors"]
 
 
 # GraphModule pickling (torch.save of the whole module) rebuilds ``meta`` empty but keeps unknown attributes, so
@@ -66,7 +66,8 @@ def is_transformed(model: nn.Module) -> bool:
     return True
 
 
-def _as_tuple(example_inputs: Any) -> tuple | None:
+def as_input_tuple(example_inputs: Any) -> tuple | None:
+    """``example_inputs`` as a tuple of model inputs (a single tensor is wrapped; None stays None)."""
     if example_inputs is None:
         return None
     if isinstance(example_inputs, torch.Tensor):
@@ -92,7 +93,7 @@ def explain(model: nn.Module, policy: Any, example_inputs: Any = None) -> Plan:
     ``transform`` and checked, but matching does not need it.
     """
     policy = Policy.load(policy)
-    _as_tuple(example_inputs)
+    as_input_tuple(example_inputs)
     root = unwrap_model(model)
     # Capture shares submodules with the model but changes nothing, so no copy is needed for a dry run.
     _, plan = _capture_and_plan(root, policy)
@@ -153,13 +154,14 @@ def _observe(gm: fx.GraphModule, plan: Plan, inputs: tuple, manifest: Manifest) 
             h.remove()
 
 
-def _flatten(output: Any) -> list[torch.Tensor]:
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output (any nesting of tuples, lists and dicts), in pytree order."""
     leaves, _ = torch.utils._pytree.tree_flatten(output)
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
 def _check_output(before: Any, after: Any) -> None:
-    old, new = _flatten(before), _flatten(after)
+    old, new = output_tensors(before), output_tensors(after)
     if len(old) != len(new):
         raise TransformError(f"the rewritten model returns {len(new)} tensors where the model returned "
                              f"{len(old)}; a pass changed the output structure")
@@ -174,8 +176,8 @@ def _check_output(before: Any, after: Any) -> None:
 
 
 def _relative_change(before: Any, after: Any) -> float:
-    old = [t.detach().double().flatten() for t in _flatten(before) if t.is_floating_point()]
-    new = [t.detach().double().flatten() for t in _flatten(after) if t.is_floating_point()]
+    old = [t.detach().double().flatten() for t in output_tensors(before) if t.is_floating_point()]
+    new = [t.detach().double().flatten() for t in output_tensors(after) if t.is_floating_point()]
     if not old:
         return 0.0
     old_all, new_all = torch.cat(old), torch.cat(new)
@@ -216,7 +218,7 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
     The manifest of every change is at ``gm.meta["orthofx"]``; ``orthofx.report(gm)`` shows it.
     """
     policy = Policy.load(policy)
-    inputs = _as_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs)
     root = unwrap_model(model)
     work = root if inplace else copy.deepcopy(root)
     gm, plan = _capture_and_plan(work, policy)

@@ -272,11 +272,6 @@ class DecompositionMonitor(ConditionMonitor):
         self.update(values)
         return x
 
-    def summary(self) -> dict:
-        """Plain numbers for reports: last and largest kappa, number of updates, NaN and inf events."""
-        return {"kappa": float(self.last), "kappa_max": float(self.running_max), "updates": int(self.updates),
-                "nan_events": int(self.nan_events), "inf_events": int(self.inf_events)}
-
     def to_plain(self) -> nn.Module:
         return PassThrough()
 

@@ -405,6 +405,12 @@ class ConditionMonitor(nn.Module):
         self.register_buffer("inf_events", torch.tensor(0, dtype=torch.long))
         self.register_buffer("history_buffer", torch.full((history_size,), float("nan"), dtype=f64))
 
+    def summary(self) -> dict:
+        """Plain numbers for reports: last and largest kappa (NaN before the first update), number of updates,
+        NaN and inf events."""
+        return {"kappa": float(self.last), "kappa_max": float(self.running_max), "updates": int(self.updates),
+                "nan_events": int(self.nan_events), "inf_events": int(self.inf_events)}
+
     @staticmethod
     def kappa(eigenvalues: Tensor) -> Tensor:
         """``lambda_max / lambda_min`` per matrix (``inf`` when ``lambda_min <= 0``; NaN propagates)."""
