@@ -35,17 +35,8 @@ def penalty(model: nn.Module) -> torch.Tensor:
         loss.backward()
     """
     root = unwrap_model(model)
-    terms = manifest_of(model).penalties
-    if not terms:
+    weighted = [term.weight * term.value(root) for term in manifest_of(model).penalties if term.weight != 0.0]
+    if not weighted:
         reference = next(iter(root.parameters()), None)
-        device = reference.device if reference is not None else None
-        return torch.zeros((), device=device)
-    total = None
-    for term in terms:
-        if term.weight == 0.0:
-            continue
-        value = term.weight * term.value(root)
-        total = value if total is None else total + value
-    if total is None:
-        return torch.zeros((), device=next(iter(root.parameters())).device)
-    return total
+        return torch.zeros((), device=reference.device if reference is not None else None)
+    return sum(weighted[1:], weighted[0])

@@ -229,8 +229,11 @@ def report(model: nn.Module) -> Report:
     rows: list[dict[str, Any]] = []
     spectra: dict[str, torch.Tensor] = {}
     conditioning: dict[str, list[float]] = {}
+    entries_by_site: dict[tuple[str, str], list] = {}
+    for entry in plan.entries:
+        entries_by_site.setdefault((entry.site.kind, entry.site.name), []).append(entry)
     for site in plan.sites:
-        entries = [e for e in plan.entries if e.site.name == site.name and e.site.kind == site.kind]
+        entries = entries_by_site.get((site.kind, site.name), [])
         pass_text = _pass_text(entries, changes.get(site.name, []) if site.kind != "function" or entries else [],
                                skipped.get(site.name))
         if site.kind in ("block", "function"):
