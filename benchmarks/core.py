@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import orthofx
-from timing import interleaved
+from timing import interleaved, synchronizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,13 +61,13 @@ def transform_latency(quick: bool) -> list[dict]:
     return rows
 
 
-def lorth_overhead(quick: bool) -> list[dict]:
+def lorth_overhead(quick: bool, device: str = "cpu") -> list[dict]:
     torch.manual_seed(0)
     width, batch = (16, 16) if quick else (64, 64)
     model = orthofx.models.get("resnet18", width=width)
-    gm = orthofx.transform(model, "lorth")
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.randint(0, 10, (batch,))
+    gm = orthofx.transform(model, "lorth").to(device)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     optimizer = torch.optim.SGD(gm.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss()
 
@@ -80,24 +80,32 @@ def lorth_overhead(quick: bool) -> list[dict]:
         optimizer.step()
 
     times = interleaved({"plain step": lambda: step(False), "step + penalty": lambda: step(True)},
-                        repeats=5 if quick else 20)
+                        repeats=5 if quick else 20, sync=synchronizer(device))
     base = times["plain step"]
-    return [{"benchmark": "lorth_overhead", "model": f"resnet18(width={width})", "batch": batch, "method": k,
+    return [{"benchmark": "lorth_overhead", "model": f"resnet18(width={width})", "batch": batch, "device": device,
+             "method": k,
              "seconds": v, "ratio_to_plain": v / base} for k, v in times.items()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu", help="device of the L_orth step timing (cuda when a GPU is there)")
+    parser.add_argument("--only", choices=["transform", "lorth"], default=None, help="run one part only")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "core.json"))
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows = transform_latency(args.quick) + lorth_overhead(args.quick)
+    rows = []
+    if args.only in (None, "transform"):
+        rows += transform_latency(args.quick)
+    if args.only in (None, "lorth"):
+        rows += lorth_overhead(args.quick, args.device)
     from tabulate import tabulate
     print(tabulate(rows, headers="keys", floatfmt=".4g"))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump({"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+                   "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                    "quick": args.quick, "rows": rows}, handle, indent=2)
     print(f"wrote {args.out}")
 

@@ -1,6 +1,7 @@
 """Forward + backward time of orthofx's stable decompositions against torch's, side by side.
 
     python benchmarks/decompositions.py [--dims 64 256 512] [--batch 8] [--dtype float32] [--budget 1.0] [--threads N]
+                                        [--device cuda]
 
 Pairs (candidate vs baseline), each timed on the same inputs and interleaved run by run (A, B, A, B, ...) so
 that drift in machine load hits both alike:
@@ -60,7 +61,7 @@ def _runner(fn, A):
         outs = fn(A)
     outs = outs if isinstance(outs, tuple) else (outs,)
     g = torch.Generator().manual_seed(1234)
-    grads = tuple(torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs)
+    grads = tuple(torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype).to(o.device) for o in outs)
 
     def run():
         X = A.detach().requires_grad_(True)
@@ -72,15 +73,20 @@ def _runner(fn, A):
     return run
 
 
+_SYNC = [lambda: None]  # torch.cuda.synchronize when timing on a GPU (set by main)
+
+
 def _time_once(run) -> float:
+    _SYNC[0]()
     t0 = time.perf_counter()
     run()
+    _SYNC[0]()
     return time.perf_counter() - t0
 
 
-def measure(name, n, batch, dtype, budget):
+def measure(name, n, batch, dtype, budget, device="cpu"):
     make, cand, base = PAIRS[name]
-    A = make(batch, n, dtype, seed=n + len(batch))
+    A = make(batch, n, dtype, seed=n + len(batch)).to(device)
     run_c, run_b = _runner(cand, A), _runner(base, A)
     for _ in range(2):  # warm-up (first calls allocate / dispatch-cache)
         run_c()
@@ -109,8 +115,11 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per row (about)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda"):
+        _SYNC[0] = torch.cuda.synchronize
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -121,7 +130,7 @@ def main(argv=None):
     for n in args.dims:
         for batch in ((), (args.batch,)):
             for name in PAIRS:
-                row = measure(name, n, batch, dtype, args.budget)
+                row = measure(name, n, batch, dtype, args.budget, args.device)
                 rows.append(row)
                 print(f"{name:6} {n:>4} {str(row['batch'] or '-'):>5} {row['candidate_ms']:>11.3f} "
                       f"{row['baseline_ms']:>12.3f} {row['ratio']:>6.2f}", flush=True)
@@ -130,6 +139,7 @@ def main(argv=None):
     print(f"\nworst stable-op ratio: {worst['ratio']:.2f} ({worst['op']}, n={worst['n']}, batch={worst['batch']}); "
           f"bar 1.5x: {'met' if worst['ratio'] <= 1.5 else 'NOT met'}")
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "processor": platform.processor(), "python": platform.python_version(),
             "baselines": {"eigh": "torch.linalg.eigh", "svd": "torch.linalg.svd(full_matrices=False)",
                           "sqrtm": "eigh-based V diag(sqrt L) V^T"},

@@ -13,6 +13,13 @@ input grid). Layers:
 * ``orthofx <method>``        :class:`orthofx.nn.orthogonal.OrthogonalConv2d` for each method that applies;
 * ``orthofx <method> (build f32)``  the same with ``compute_dtype=torch.float32`` (kernel built in float32);
 * ``orthofx frozen``          its ``to_conv()`` (inference form), forward + backward through the plain conv;
+* ``orthofx cayley_fft``      ``OrthogonalConv2d(method="cayley_fft", input_size=(n, n))`` (Cayley transform per
+                              frequency, solves in float64; ``(build f32)``: in float32), and its frozen
+                              ``FourierConv`` (``cayley_fft frozen``: precomputed per-frequency matrices). Its
+                              max |sigma - 1| is measured on the effective n x n kernel. On CPU the per-frequency
+                              solves are slow for N = max(M, C S^2) >= 256 (tens of seconds per step):
+                              ``--cayley-max-n`` skips those shapes (default 128 with ``--quick``, no limit
+                              otherwise);
 * ``torch orthogonal(flat)``  ``torch.nn.utils.parametrizations.orthogonal`` on the kernel flattened to
                               ``M x (C k^2)`` (orthonormal rows of the flattened kernel: not an orthogonal conv);
 * ``orthogonium AOC`` / ``torchlip SpectralConv2d`` when those packages import (optional).
@@ -21,6 +28,8 @@ Usage::
 
     python benchmarks/orthogonal_layers.py            # batch 64
     python benchmarks/orthogonal_layers.py --quick    # batch 8, fewer repetitions (CPU)
+
+Peers: ``pip install -e ".[bench]"`` (orthogonium, deel-torchlip; torch stays within orthofx's bound).
 
 Writes ``benchmarks/results/orthogonal_layers.json``.
 """
@@ -73,19 +82,25 @@ class FlatOrthogonalConv2d(nn.Module):
 def optional_peers(c_in, c_out, k, stride):
     """Peer packages' layers when they import; name -> module (their own weight conventions)."""
     peers = {}
-    try:  # orthogonium (AOC: BCOP composed with RKO)
+    try:  # orthogonium 0.0.4 (AOC: BCOP composed with RKO); padding="same" is refused at stride > 1, so explicit
         from orthogonium.layers.conv.AOC import AdaptiveOrthoConv2d  # type: ignore
-
-        peers["orthogonium AOC"] = AdaptiveOrthoConv2d(c_in, c_out, k, stride=stride, padding=(k - 1) // 2,
-                                                       padding_mode="circular")
-    except Exception:  # noqa: BLE001 - optional, any import/constructor failure just skips the peer
-        pass
-    try:  # deel-torchlip
+    except ImportError:
+        AdaptiveOrthoConv2d = None
+    if AdaptiveOrthoConv2d is not None:
+        try:
+            peers["orthogonium AOC"] = AdaptiveOrthoConv2d(c_in, c_out, k, stride=stride, padding=(k - 1) // 2,
+                                                           padding_mode="circular")
+        except Exception as exc:  # noqa: BLE001 - e.g. k < S, which AOC refuses
+            print(f"(orthogonium AOC skipped for {c_in}->{c_out} k{k} s{stride}: {exc})")
+    try:  # deel-torchlip 1.0.5 (spectral normalisation + Bjorck on the flattened kernel; zero padding)
         from deel.torchlip import SpectralConv2d  # type: ignore
-
-        peers["torchlip SpectralConv2d"] = SpectralConv2d(c_in, c_out, k, stride=stride, padding=(k - 1) // 2)
-    except Exception:  # noqa: BLE001
-        pass
+    except ImportError:
+        SpectralConv2d = None
+    if SpectralConv2d is not None:
+        try:
+            peers["torchlip SpectralConv2d"] = SpectralConv2d(c_in, c_out, k, stride=stride, padding=(k - 1) // 2)
+        except Exception as exc:  # noqa: BLE001
+            print(f"(torchlip SpectralConv2d skipped for {c_in}->{c_out} k{k} s{stride}: {exc})")
     return peers
 
 
@@ -109,7 +124,7 @@ def sigma_error(module, n, stride):
         return float((sv - 1).abs().max())
 
 
-def build_layers(c_in, c_out, k, stride, device):
+def build_layers(c_in, c_out, k, stride, device, n, cayley_max_n=None):
     layers = {
         "nn.Conv2d": nn.Conv2d(c_in, c_out, k, stride=stride, padding=(k - 1) // 2),
         "nn.Conv2d circular": nn.Conv2d(c_in, c_out, k, stride=stride, padding=(k - 1) // 2,
@@ -127,6 +142,15 @@ def build_layers(c_in, c_out, k, stride, device):
         fast = OrthogonalConv2d(c_in, c_out, k, stride=stride, method=ours.method, compute_dtype=torch.float32)
         layers[f"orthofx {ours.method} (build f32)"] = fast
         layers["orthofx frozen"] = ours.to_conv()
+    big = max(c_out, c_in * stride * stride)
+    if cayley_max_n is None or big <= cayley_max_n:
+        cayley = OrthogonalConv2d(c_in, c_out, k, stride=stride, method="cayley_fft", input_size=(n, n))
+        layers["orthofx cayley_fft"] = cayley
+        layers["orthofx cayley_fft (build f32)"] = OrthogonalConv2d(
+            c_in, c_out, k, stride=stride, method="cayley_fft", input_size=(n, n), compute_dtype=torch.float32)
+        layers["orthofx cayley_fft frozen"] = cayley.to_plain()
+    else:
+        print(f"(skipping cayley_fft for {c_in}->{c_out} s{stride}: N = {big} > --cayley-max-n {cayley_max_n})")
     layers["torch orthogonal(flat)"] = FlatOrthogonalConv2d(c_in, c_out, k, stride)
     layers.update(optional_peers(c_in, c_out, k, stride))
     return {name: m.to(device) for name, m in layers.items()}
@@ -152,17 +176,23 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip", nargs="*", default=[],
                         help="skip layers whose name contains any of these strings (e.g. 'flat')")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--cayley-max-n", type=int, default=None,
+                        help="skip cayley_fft where N = max(M, C S^2) exceeds this (default: 128 with --quick)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "orthogonal_layers.json"))
     args = parser.parse_args(argv)
     batch = args.batch or (8 if args.quick else 64)
     reps = args.reps or (7 if args.quick else 20)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cayley_max_n = args.cayley_max_n if args.cayley_max_n is not None else (128 if args.quick else None)
     torch.manual_seed(0)
 
     rows = []
     for (c_in, c_out, k, stride) in SHAPES:
         for n in SIZES:
-            layers = build_layers(c_in, c_out, k, stride, device)
+            layers = build_layers(c_in, c_out, k, stride, device, n, cayley_max_n)
             layers = {name: m for name, m in layers.items()
                       if name == "nn.Conv2d" or not any(part in name for part in args.skip)}
             x = torch.randn(batch, c_in, n, n, device=device, requires_grad=True)
@@ -198,6 +228,7 @@ def main(argv=None):
     meta = {
         "device": str(device), "batch": batch, "reps": reps, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "platform": platform.platform(), "quick": args.quick,
+        "cayley_max_n": cayley_max_n,
         "timing": "median and min forward+backward (loss = mean(y^2)), layers interleaved round-robin",
     }
     out = Path(args.out)

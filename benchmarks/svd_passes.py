@@ -22,6 +22,16 @@ each hook's ``before_step`` + ``after_step`` on conv1 after a backward pass (med
 
 Writes ``benchmarks/results/svd_passes.json``. Uses one CPU thread by default (``--threads``): the matrices are
 tiny and thread synchronisation would dominate on a shared machine.
+
+``--export`` measures instead the ONNX inference form of the meta-layer (needs onnx, onnxscript, onnxruntime):
+a Linear (5 -> 6) and the per-sample 6 x 6 covariance ``+ eps I`` of its outputs, whose square root and inverse
+square root are computed through ``torch.linalg.eigh``, transformed with the ``svd`` preset and exported with
+``orthofx.export(gm, "m.onnx")``, for ``eps`` from 1e-1 to 1e-5 (kappa from ~10 to ~1e5). For each: kappa, the
+Newton-Schulz iterations ``export`` chose, the PyTorch Newton-Schulz form's and onnxruntime's largest difference
+from the exact frozen model, the float32 exact model's own difference from a float64 eigendecomposition, and
+whether the export passed its 1e-4 check. Writes ``benchmarks/results/svd_export.json``.
+
+    python benchmarks/svd_passes.py --export
 """
 
 from __future__ import annotations
@@ -131,6 +141,62 @@ def hook_times(batch: int, width: int, calls: int, seed: int = 0) -> dict[str, f
     return out
 
 
+class CovarianceRoots(torch.nn.Module):
+    """Per-sample covariance of a Linear's outputs + eps I; its square root and its inverse square root (eigh)."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.proj = torch.nn.Linear(5, 6, bias=False)
+
+    def forward(self, x):
+        f = self.proj(x)
+        cov = f.mT @ f / f.shape[1] + self.eps * torch.eye(6)
+        evals, evecs = torch.linalg.eigh(cov)
+        return ((evecs * evals.sqrt().unsqueeze(-2)) @ evecs.mT).flatten(1), \
+            ((evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.mT @ f.mT).flatten(1)
+
+
+def export_accuracy(out: str, batch: int = 4, samples: int = 40) -> list[dict]:
+    """The ``--export`` measurement (see the module docstring)."""
+    import tempfile
+    import warnings
+
+    rows = []
+    x = torch.randn(batch, samples, 5, generator=torch.Generator().manual_seed(0))
+    print(f"{'eps':>7}  {'kappa':>8}  {'T':>3}  {'NS vs exact':>11}  {'onnx vs exact':>13}  {'f32 vs f64':>10}  result")
+    for eps in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5):
+        torch.manual_seed(0)
+        model = CovarianceRoots(eps)
+        with torch.no_grad():
+            f = x.double() @ model.proj.weight.double().T
+            cov = f.mT @ f / samples + eps * torch.eye(6, dtype=torch.float64)
+            lam, vec = torch.linalg.eigh(cov)
+            exact64 = [((vec * lam.sqrt().unsqueeze(-2)) @ vec.mT).flatten(1),
+                       ((vec * lam.rsqrt().unsqueeze(-2)) @ vec.mT @ f.mT).flatten(1)]
+            own = max(float((a.double() - b).abs().max()) for a, b in zip(model(x), exact64))
+        kappa = float((lam[:, -1] / lam[:, 0]).max())
+        gm = orthofx.transform(model, "svd", example_inputs=(x,))
+        row = {"eps": eps, "kappa": kappa, "float32_exact_vs_float64": own}
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                result = orthofx.export(gm, os.path.join(tmp, "m.onnx"), example_inputs=(x,))
+                row.update(passed=True, iterations=result.newton_schulz.iterations,
+                           newton_schulz_vs_exact=result.newton_schulz.max_abs_diff, onnx_vs_exact=result.max_abs_diff)
+            except orthofx.ExportError as exc:
+                row.update(passed=False, error=str(exc)[:200])
+        rows.append(row)
+        fmt = lambda key: f"{row[key]:.2g}" if key in row else "-"  # noqa: E731
+        print(f"{eps:>7.0e}  {kappa:>8.3g}  {row.get('iterations', '-'):>3}  {fmt('newton_schulz_vs_exact'):>11}  "
+              f"{fmt('onnx_vs_exact'):>13}  {own:>10.2g}  {'ok' if row['passed'] else 'ExportError'}")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as handle:
+        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, handle, indent=2)
+    print(f"wrote {out}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 64 only, 10 rounds of 5 steps")
@@ -140,10 +206,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--inner", type=int, default=None, help="steps per variant per round (default 10; 5 quick)")
     parser.add_argument("--hook-calls", type=int, default=200, help="calls per hook in the isolated timing")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "svd_passes.json"))
+    parser.add_argument("--out", default=None, help="JSON path (default results/svd_passes.json, "
+                        "results/svd_export.json with --export)")
+    parser.add_argument("--export", action="store_true", help="measure the ONNX inference form instead")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.export:
+        return export_accuracy(args.out or os.path.join(HERE, "results", "svd_export.json"))
+    args.out = args.out or os.path.join(HERE, "results", "svd_passes.json")
     batches = args.batches or ([64] if args.quick else [64, 256])
     rounds = args.rounds or (10 if args.quick else 30)
     inner = args.inner or (5 if args.quick else 10)

@@ -6,16 +6,30 @@ import statistics
 import time
 from typing import Callable
 
+import torch
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+
+def synchronizer(device: str | torch.device) -> Callable[[], None]:
+    """What to call before reading the clock on ``device``: CUDA kernels run asynchronously."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int,
+                sync: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Median seconds of each function; every repeat runs all of them in turn (after one warm-up call each),
-    so that drifting machine load hits every candidate alike."""
+    so that drifting machine load hits every candidate alike. ``sync`` (see :func:`synchronizer`) is called
+    before each clock read so that asynchronous devices are timed to completion."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
+    sync()
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}

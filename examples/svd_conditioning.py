@@ -82,7 +82,7 @@ import torch.nn.functional as F
 
 import orthofx
 import orthofx.passes.pre_svd  # noqa: F401  (registers the passes if orthofx.passes does not yet)
-import orthofx.passes.svd_conditioning as svd_conditioning
+from orthofx.report import monitors
 
 MODELS = ("dbn_cnn", "gcp_cnn")
 VARIANTS = ("plain", "+NOG", "+OLR", "+OW", "+NOG+OLR+OW")
@@ -132,7 +132,7 @@ def pre_svd_status(gm) -> str:
 
 def the_monitor(gm):
     """The (single) condition-number monitor the svd_conditioning pass put into ``gm``."""
-    found = svd_conditioning.monitors(gm)
+    found = monitors(gm)
     if len(found) != 1:
         raise RuntimeError(f"expected one monitored decomposition, found {sorted(found)}")
     (site, summary), = found.items()

@@ -1,12 +1,29 @@
-"""Model -> ``torch.fx.GraphModule``: orthofx's tracer, leaf fallback and trace-failure diagnostics.
+"""Model -> ``torch.fx.GraphModule``: orthofx's tracer, leaf fallback, torch.export capture and diagnostics.
 
-:func:`capture` traces a model symbolically with :class:`OrthofxTracer`. torch.nn's built-in layers, orthofx's
-own layers (``orthofx.nn``) and the classes / module paths the caller names are *leaves*: they appear in the
-graph as one ``call_module`` node each. When the forward of some other submodule cannot be traced (Python control
-flow on a traced tensor, iteration over a tensor, an op fx cannot record), that submodule is retried as a leaf,
-and :class:`~orthofx.passes.base.CaptureInfo` records the fallback. A failure in the model's own top-level forward
-cannot be worked around this way and raises :class:`~orthofx.errors.CaptureError`, which names the place, the
-cause (with the line of user code when it can be found) and the fixes.
+Three capture modes (``capture: {mode: ...}`` in a policy):
+
+``fx``
+    :func:`capture` traces a model symbolically with :class:`OrthofxTracer`. torch.nn's built-in layers,
+    orthofx's own layers (``orthofx.nn``) and the classes / module paths the caller names are *leaves*: they
+    appear in the graph as one ``call_module`` node each. When the forward of some other submodule cannot be
+    traced (Python control flow on a traced tensor, iteration over a tensor, an op fx cannot record), that
+    submodule is retried as a leaf, and :class:`~orthofx.passes.base.CaptureInfo` records the fallback. A failure
+    in the model's own top-level forward cannot be worked around this way and raises
+    :class:`~orthofx.errors.CaptureError`, which names the place, the cause (with the line of user code when it
+    can be found) and the fixes.
+``export``
+    the graph is built with ``torch.export.export(..., strict=False)`` on the example inputs (batch dimension
+    dynamic when the model allows it), which follows Python control flow on shapes, ``x.size(0)`` in Python
+    arithmetic and code from other libraries. The exported ATen-level graph is turned back into a GraphModule of
+    the same form as fx mode: every call of a leaf module (the same leaf rule) becomes one ``call_module`` node
+    calling the model's module at its qualified name (found with ``preserve_module_call_signature`` and the
+    nodes' ``nn_module_stack``), parameters and buffers are ``get_attr`` nodes at their original names (so
+    ``named_modules()``, ``state_dict()`` keys and site names are fx mode's), and decompositions and the ops
+    around them are put back in their ``torch.*`` form (``torch.linalg.eigh`` ...) so that every pass handles
+    both kinds of graph. The other ops stay ATen ops (``torch.ops.aten.*``).
+``auto`` (the default)
+    fx first (with the leaf fallback); when the top-level trace fails and example inputs were given, export.
+    :attr:`CaptureInfo.mode` says which one was used and :attr:`CaptureInfo.fx_error` why fx was not.
 
 Capturing never modifies the model: the returned GraphModule shares the model's leaf submodules, parameters and
 buffers (as ``torch.fx.GraphModule(model, graph)`` does); callers that rewrite the graph copy it first.
@@ -14,6 +31,9 @@ buffers (as ``torch.fx.GraphModule(model, graph)`` does); callers that rewrite t
 
 from __future__ import annotations
 
+import contextlib
+import io
+import operator
 import os
 import sys
 import sysconfig
@@ -22,6 +42,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.proxy import TraceError
 
 from .errors import CaptureError
@@ -30,7 +51,7 @@ from .passes.base import CaptureInfo
 __all__ = ["capture", "unwrap_model", "OrthofxTracer", "CAPTURE_MODES"]
 
 #: Capture modes ``capture`` understands.
-CAPTURE_MODES = ("auto", "fx")
+CAPTURE_MODES = ("auto", "fx", "export")
 
 _CONSTANT_PREFIX = "_tensor_constant"
 
@@ -90,6 +111,10 @@ class OrthofxTracer(torch.fx.Tracer):
     the trace without belonging to the model (e.g. made by a factory call such as ``torch.zeros(3)``) are kept in
     :attr:`constants` instead of being set on the model, so tracing leaves the model untouched.
     """
+
+    #: Buffers read in a traced forward are ``get_attr`` nodes, so an in-place update that involves no traced
+    #: value (a call counter ``self.calls.add_(1)``) is recorded instead of run on the model at trace time.
+    proxy_buffer_attributes = True
 
     def __init__(self, leaf_types: Iterable[str | type] = (), leaf_paths: Iterable[str] = (),
                  autowrap_functions: tuple[Callable[..., Any], ...] = ()):
@@ -272,26 +297,31 @@ def _mode_dependent_scopes(model: nn.Module, graph: torch.fx.Graph, tracer_args:
 
 def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: Iterable[str] = (),
             concrete_args: dict[str, Any] | None = None, mode: str = "auto",
-            max_retries: int | None = None) -> tuple[torch.fx.GraphModule, CaptureInfo]:
-    """Trace ``model`` into a ``torch.fx.GraphModule`` and say how it was obtained.
+            max_retries: int | None = None,
+            example_inputs: Any = None) -> tuple[torch.fx.GraphModule, CaptureInfo]:
+    """Turn ``model`` into a ``torch.fx.GraphModule`` and say how it was obtained.
 
     Args:
         model: an ``nn.Module``, possibly wrapped by ``torch.compile`` / ``DataParallel`` / DDP (unwrapped first).
         leaf_types: class names (or dotted paths, or classes) kept as single ``call_module`` nodes.
         leaf_paths: module qualified names kept as leaves.
-        concrete_args: values for forward arguments that should not be traced (see ``torch.fx.symbolic_trace``).
-        mode: ``"auto"`` or ``"fx"`` (both trace symbolically with :class:`OrthofxTracer`).
-        max_retries: how many submodules may be turned into leaves after a failed trace (default: the number
+        concrete_args: values for forward arguments that should not be traced (see ``torch.fx.symbolic_trace``);
+            fx mode only.
+        mode: ``"fx"`` (symbolic tracing with :class:`OrthofxTracer`), ``"export"`` (``torch.export`` on
+            ``example_inputs``) or ``"auto"`` (fx, then export when the top-level trace fails and
+            ``example_inputs`` are given); see the module docstring.
+        max_retries: how many submodules may be turned into leaves after a failed fx trace (default: the number
             of submodules).
+        example_inputs: a tensor or a tuple of positional inputs; needed by export capture.
 
     Returns:
         ``(gm, info)``: the GraphModule (sharing the model's submodules and weights; the model is not modified)
         and a :class:`CaptureInfo` with the mode used, the leaf fallbacks and warnings.
 
     Raises:
-        CaptureError: the model is not a module, the mode is unknown, or tracing failed in the model's
-            top-level forward (or more than ``max_retries`` times); the message names the module, the cause
-            and the fixes.
+        CaptureError: the model is not a module, the mode is unknown, fx tracing failed in the model's
+            top-level forward (or more than ``max_retries`` times) and export was not possible or failed too,
+            or export mode has no example inputs; the message names the module, the cause(s) and the fixes.
     """
     model = unwrap_model(model)
     if mode not in CAPTURE_MODES:
@@ -302,6 +332,52 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
     if isinstance(leaf_paths, str):
         leaf_paths = (leaf_paths,)
     leaf_types = tuple(leaf_types)
+    leaf_paths = tuple(leaf_paths)
+    inputs = _input_tuple(example_inputs)
+    if mode == "export":
+        if concrete_args:
+            raise CaptureError("concrete_args is for capture mode 'fx'; with mode 'export', pass every input's "
+                               "value in example_inputs instead", module_path="")
+        return _capture_export(model, leaf_types, leaf_paths, inputs)
+    try:
+        return _capture_fx(model, leaf_types, leaf_paths, concrete_args, max_retries)
+    except CaptureError as fx_error:
+        if mode == "fx":
+            raise
+        if inputs is None:
+            raise CaptureError(f"{fx_error} Or capture the model with torch.export instead: pass "
+                               "example_inputs=(x,) (capture mode 'auto' then falls back to export, or set "
+                               "capture: {mode: export} in the policy).",
+                               module_path=fx_error.module_path) from (fx_error.__cause__ or fx_error)
+        try:
+            gm, info = _capture_export(model, leaf_types, leaf_paths, inputs)
+        except CaptureError as export_error:
+            raise CaptureError(
+                f"cannot capture the model: symbolic tracing (fx) failed: {fx_error} -- and torch.export failed "
+                f"too: {export_error}", module_path=fx_error.module_path) from export_error
+        info.fx_error = _short_reason(str(fx_error))
+        return gm, info
+
+
+def _input_tuple(example_inputs: Any) -> tuple | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise CaptureError(f"example_inputs must be a tensor or a tuple of the model's positional inputs, got "
+                       f"{type(example_inputs).__name__}; pass example_inputs=(x,)", module_path="")
+
+
+def _short_reason(message: str) -> str:
+    """The cause part of a CaptureError message (without the list of fixes)."""
+    return message.split(" Fix: ", 1)[0].rstrip(".")
+
+
+def _capture_fx(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, concrete_args: dict[str, Any] | None,
+                max_retries: int | None) -> tuple[torch.fx.GraphModule, CaptureInfo]:
+    """Symbolic tracing with leaf fallback (capture mode ``fx``)."""
     paths = set(leaf_paths)
     if max_retries is None:
         max_retries = sum(1 for _ in model.modules()) - 1
@@ -338,6 +414,565 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
     gm = torch.fx.GraphModule(root, graph, type(model).__name__)
     info.warnings.extend(_constant_warnings(gm, tracer))
     return gm, info
+
+
+# ------------------------------------------------------------------------------------------------ export capture
+
+#: torch.export names the entries of ``node.meta["nn_module_stack"]`` by this prefix and the call's name in
+#: ``ExportedProgram.module_call_graph`` (``"conv"``, ``"block.bn@1"`` for the second call of ``block.bn``).
+_STACK_KEY_PREFIX = "L__self__"
+_EXPORT_ATTR_PREFIX = "_orthofx_export_"
+
+
+def _torch_forms() -> dict[Any, Any]:
+    """ATen overloads -> the ``torch`` callables with the same arguments and results.
+
+    Export capture writes these nodes in their ``torch.*`` form, as symbolic tracing records them: the
+    decompositions (so function sites, ``op:`` rules and the ``svd_conditioning`` replacements see the calls
+    they know) and the ops of the ``V diag(f(L)) V^T`` patterns the Newton-Schulz rewrite looks for.
+    """
+    aten = torch.ops.aten
+    pairs = [
+        ("linalg_eigh", "default", torch.linalg.eigh), ("linalg_eigvalsh", "default", torch.linalg.eigvalsh),
+        ("linalg_svd", "default", torch.linalg.svd), ("linalg_svdvals", "default", torch.linalg.svdvals),
+        ("svd", "default", torch.svd),
+        ("matmul", "default", torch.matmul), ("bmm", "default", torch.bmm), ("mm", "default", torch.mm),
+        ("mul", "Tensor", torch.mul), ("mul", "Scalar", torch.mul),
+        ("add", "Tensor", torch.add), ("add", "Scalar", torch.add),
+        ("transpose", "int", torch.transpose), ("permute", "default", torch.permute), ("t", "default", torch.t),
+        ("unsqueeze", "default", torch.unsqueeze), ("diag_embed", "default", torch.diag_embed),
+        ("diag", "default", torch.diag), ("sqrt", "default", torch.sqrt), ("rsqrt", "default", torch.rsqrt),
+        ("reciprocal", "default", torch.reciprocal), ("pow", "Tensor_Scalar", torch.pow),
+        ("clamp", "default", torch.clamp), ("clamp_min", "default", torch.clamp_min),
+        ("relu", "default", torch.relu),
+    ]
+    table: dict[Any, Any] = {}
+    for packet, overload, fn in pairs:
+        op = getattr(getattr(aten, packet, None), overload, None)
+        if op is not None:
+            table[op] = fn
+    return table
+
+
+_TORCH_FORMS: dict[Any, Any] | None = None
+_SYM_OPS_NAMES = ("sym_size", "sym_stride", "sym_numel", "sym_storage_offset")
+
+
+def _export_leaves(model: nn.Module, leaf_types: tuple, leaf_paths: tuple) -> list[str]:
+    """Qualified names of the outermost submodules that the fx leaf rule keeps as leaves."""
+    tracer = OrthofxTracer(leaf_types=leaf_types, leaf_paths=leaf_paths)
+    leaves: list[str] = []
+    found: set[str] = set()
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        parts = name.split(".")
+        if any(".".join(parts[:i]) in found for i in range(1, len(parts))):
+            continue
+        if tracer.is_leaf_module(module, name):
+            leaves.append(name)
+            found.add(name)
+    return leaves
+
+
+def _batch_dynamic_shapes(inputs: tuple) -> tuple | None:
+    """``dynamic_shapes`` marking dim 0 of every tensor input ``Dim.AUTO`` (dynamic unless the model's code needs
+    the batch size as a constant, which export then specialises without an error); None without ``Dim.AUTO``."""
+    auto = getattr(torch.export.Dim, "AUTO", None)
+    if auto is None:  # pragma: no cover - torch < 2.6
+        return None
+
+    def spec(value: Any) -> Any:
+        return {0: auto} if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
+
+    return tuple(torch.utils._pytree.tree_map(spec, value) for value in inputs)
+
+
+def _failing_submodule(model: nn.Module, exc: BaseException) -> str:
+    """Qualified name of the innermost submodule whose ``forward`` frame is in ``exc``'s traceback ('' if none)."""
+    names = {id(m): name for name, m in model.named_modules()}
+    found = ""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None:
+            owner = tb.tb_frame.f_locals.get("self")
+            if owner is not None and id(owner) in names and names[id(owner)]:
+                found = names[id(owner)]
+            tb = tb.tb_next
+        e = e.__cause__ if e.__cause__ is not None else e.__context__
+    return found
+
+
+def _describe_export_failure(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if len(first) > 300:
+        first = first[:297] + "..."
+    cause = f"{type(exc).__name__}" + (f": {first}" if first else "")
+    location = _user_location(exc)
+    if location:
+        cause += f" at {location}"
+    return cause
+
+
+def _run_export(model: nn.Module, inputs: tuple, leaves: list[str]) -> Any:
+    """``torch.export.export`` (non-strict) with a dynamic batch dimension, else static shapes."""
+    options = {"strict": False, "preserve_module_call_signature": tuple(leaves)}
+    attempts = []
+    dynamic = _batch_dynamic_shapes(inputs)
+    if dynamic is not None:
+        attempts.append(dynamic)
+    attempts.append(None)
+    error: BaseException | None = None
+    for shapes in attempts:
+        # torch.export prints the partial graph of a failed export to stderr; keep stderr for the success case
+        # (warnings) and drop it on failure, which the CaptureError below explains.
+        buffer = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(buffer):
+                program = torch.export.export(model, inputs, dynamic_shapes=shapes, **options)
+        except Exception as exc:  # noqa: BLE001 - reported as a CaptureError below
+            error = exc
+            if "DataDependent" in type(exc).__name__:
+                break  # a branch on a tensor's value: static shapes would not help
+            continue
+        sys.stderr.write(buffer.getvalue())
+        return program
+    assert error is not None
+    path = _failing_submodule(model, error)
+    where = f"in submodule '{path}' ({type(model.get_submodule(path)).__name__})" if path else \
+        f"in the forward of {type(model).__name__}"
+    raise CaptureError(
+        f"torch.export (non-strict) cannot capture the model {where}: {_describe_export_failure(error)}. Fix: "
+        "check that the model runs on example_inputs; for a Python branch on a tensor's value, move it into a "
+        "submodule (symbolic tracing, capture mode fx or auto, then keeps that submodule as a leaf) or write it "
+        "with torch.cond", module_path=path) from error
+
+
+class _LeafCall:
+    """One call of a leaf module in the exported graph: its nodes and its preserved call signature."""
+
+    def __init__(self, path: str, name: str, signature: Any):
+        self.path = path
+        self.name = name
+        self.signature = signature
+        self.members: list[torch.fx.Node] = []
+        self.outputs: set[torch.fx.Node] = set()
+        self.seen = 0
+        self.emitted = False
+
+
+class _Isolation(Exception):
+    """A leaf call whose nodes cannot be replaced by one ``call_module`` node; the message says why."""
+
+    def __init__(self, call: _LeafCall, reason: str):
+        super().__init__(reason)
+        self.call = call
+
+
+def _is_plain_spec(spec: Any) -> bool:
+    """Whether a pytree spec is made of tuples, lists and dicts only (fx can write those in its own code)."""
+    if spec.is_leaf():
+        return True
+    if spec.type not in (tuple, list, dict):
+        return False
+    return all(_is_plain_spec(child) for child in _children(spec))
+
+
+def _children(spec: Any) -> list:
+    children = getattr(spec, "children", None)
+    return list(children()) if callable(children) else list(spec.children_specs)
+
+
+def _key_paths(spec: Any) -> list[tuple]:
+    """For every leaf of a pytree spec, the (kind, key) steps from the root: ``("item", i)`` or ``("attr", n)``."""
+    pytree = torch.utils._pytree
+    tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    paths = []
+    for keypath, _ in pytree.tree_flatten_with_path(tree)[0]:
+        steps = []
+        for key in keypath:
+            if isinstance(key, pytree.SequenceKey):
+                steps.append(("item", key.idx))
+            elif isinstance(key, pytree.MappingKey):
+                steps.append(("item", key.key))
+            elif isinstance(key, pytree.GetAttrKey):
+                steps.append(("attr", key.name))
+            else:
+                raise ValueError(f"unsupported output container key {key!r}")
+        paths.append(tuple(steps))
+    return paths
+
+
+class _ExportRebuilder:
+    """Turns an ExportedProgram's graph into an fx graph of fx mode's form (see the module docstring)."""
+
+    def __init__(self, ep: Any, model: nn.Module, leaves: list[str], excluded: set[str],
+                 call_order: list[str] = ()):
+        global _TORCH_FORMS
+        if _TORCH_FORMS is None:
+            _TORCH_FORMS = _torch_forms()
+        self.ep = ep
+        self.model = model
+        self.old = ep.graph
+        self.by_name = {n.name: n for n in self.old.nodes}
+        self.graph = torch.fx.Graph()
+        self.env: dict[torch.fx.Node, Any] = {}
+        self.extras: dict[str, Any] = {}
+        self.attr_nodes: dict[str, torch.fx.Node] = {}
+        self.lazy: dict[torch.fx.Node, tuple[str, Any]] = {}  # lifted placeholders -> (target, constant value)
+        self.member_of: dict[torch.fx.Node, _LeafCall] = {}
+        self.waiting: list[_LeafCall] = []  # calls without nodes of their own (nn.Identity), emitted when ready
+        leaf_set = set(leaves)
+        calls: dict[str, _LeafCall] = {}
+        for entry in ep.module_call_graph[1:]:
+            path = entry.fqn.split("@")[0]
+            if path in leaf_set and entry.fqn not in excluded:
+                calls[_STACK_KEY_PREFIX + entry.fqn] = _LeafCall(path, entry.fqn, entry.signature)
+        for node in self.old.nodes:
+            for key in node.meta.get("nn_module_stack") or {}:
+                call = calls.get(key)
+                if call is not None:
+                    call.members.append(node)
+                    self.member_of[node] = call
+                    break
+        self.calls = list(calls.values())
+        for call in self.calls:
+            self._prepare(call)
+        # a call without nodes waits for the leaf call made before it (in the order the forward made them)
+        by_name = {call.name: call for call in self.calls}
+        self.previous: dict[str, _LeafCall] = {}
+        last = None
+        for name in call_order:
+            call = by_name.get(name)
+            if call is None:
+                continue
+            if last is not None:
+                self.previous[name] = last
+            last = call
+
+    # ---- leaf calls
+
+    def _prepare(self, call: _LeafCall) -> None:
+        sig = call.signature
+        if sig is None:
+            raise _Isolation(call, "torch.export kept no call signature for it")
+        names = [a.name for a in list(sig.inputs) + list(sig.outputs) if not _is_constant_argument(a)]
+        missing = [n for n in names if n not in self.by_name]
+        if missing:
+            raise _Isolation(call, f"its signature names values that are not in the graph ({missing[0]})")
+        if (not sig.inputs and not sig.outputs) or sig.in_spec.num_leaves != len(sig.inputs) \
+                or sig.out_spec.num_leaves != len(sig.outputs):
+            # e.g. a call inside `with torch.no_grad()`, which export keeps as a nested graph
+            raise _Isolation(call, "torch.export recorded no call signature for it; the call is probably inside a "
+                                   "torch.no_grad() / autocast region, which export keeps as a nested graph")
+        if not call.members:
+            self.waiting.append(call)
+        inputs = {self.by_name[a.name] for a in sig.inputs if not _is_constant_argument(a)}
+        call.outputs = {self.by_name[a.name] for a in sig.outputs
+                        if not _is_constant_argument(a) and self.by_name[a.name] not in inputs}
+
+    def _argument(self, arg: Any) -> Any:
+        if _is_constant_argument(arg):
+            return arg.value
+        return self._resolve(self.by_name[arg.name])
+
+    def _emit(self, call: _LeafCall) -> None:
+        call.emitted = True
+        sig = call.signature
+        flat = [self._argument(a) for a in sig.inputs]
+        args, kwargs = torch.utils._pytree.tree_unflatten(flat, sig.in_spec)
+        node = self.graph.call_module(call.path, tuple(args), dict(kwargs))
+        if call.members:
+            stack = call.members[0].meta.get("nn_module_stack") or {}
+            outer = {}
+            for key, value in stack.items():
+                if key == _STACK_KEY_PREFIX + call.name:
+                    break
+                outer[key] = value
+            node.meta["nn_module_stack"] = outer
+        paths = _key_paths(sig.out_spec)
+        parts: dict[tuple, torch.fx.Node] = {(): node}  # output containers already taken apart
+        for arg, steps in zip(sig.outputs, paths):
+            if _is_constant_argument(arg):
+                continue
+            old = self.by_name[arg.name]
+            if old not in call.outputs:
+                continue  # an input returned as it is: its users keep using the input
+            for depth in range(1, len(steps) + 1):
+                if steps[:depth] not in parts:
+                    kind, key = steps[depth - 1]
+                    fn = operator.getitem if kind == "item" else getattr
+                    parts[steps[:depth]] = self.graph.call_function(fn, (parts[steps[:depth - 1]], key))
+            value = parts[steps]
+            for meta_key in ("val", "tensor_meta"):
+                if meta_key in old.meta:
+                    value.meta[meta_key] = old.meta[meta_key]
+            self.env[old] = value
+
+    def _emit_ready(self) -> None:
+        for call in list(self.waiting):
+            sig = call.signature
+            needed = [self.by_name[a.name] for a in sig.inputs if not _is_constant_argument(a)]
+            previous = self.previous.get(call.name)
+            if all(n in self.env for n in needed) and (previous is None or previous.emitted):
+                self.waiting.remove(call)
+                self._emit(call)
+
+    # ---- values
+
+    def _resolve(self, old: torch.fx.Node) -> Any:
+        if old in self.env:
+            return self.env[old]
+        if old in self.lazy:
+            # parameters, buffers and constants are read where first used, as symbolic tracing does (the
+            # GraphModule then registers the submodules in the order fx mode does)
+            target, value = self.lazy[old]
+            self.env[old] = self._attr(target) if value is None else self._extra(value, target)
+            return self.env[old]
+        call = self.member_of.get(old)
+        if call is not None:
+            if old in call.outputs and not call.emitted:
+                self._emit(call)
+                return self.env[old]
+            if _is_symbolic_size(old):
+                # export shares size computations between modules: recompute this one outside the call
+                value = self.graph.node_copy(old, self._resolve)
+                self.env[old] = value
+                return value
+            raise _Isolation(call, f"node '{old.name}' inside the call is used outside it")
+        raise CaptureError(f"cannot rebuild the exported graph: node '{old.name}' is used before it is computed",
+                           module_path="")
+
+    def _attr(self, target: str) -> torch.fx.Node:
+        node = self.attr_nodes.get(target)
+        if node is None:
+            node = self.graph.get_attr(target)
+            self.attr_nodes[target] = node
+        return node
+
+    def _extra(self, value: Any, hint: str) -> torch.fx.Node:
+        base = hint if hint.startswith(_CONSTANT_PREFIX) else f"{_EXPORT_ATTR_PREFIX}{hint}"
+        base = base.replace(".", "_")
+        name, i = base, 0
+        while name in self.extras or hasattr(self.model, name):
+            i += 1
+            name = f"{base}_{i}"
+        self.extras[name] = value
+        return self._attr(name)
+
+    def _copy(self, old: torch.fx.Node) -> torch.fx.Node:
+        if old.op == "get_attr":
+            value = _fetch(self.ep.graph_module, str(old.target))
+            node = self._extra(value, str(old.target))
+            node.meta.update(old.meta)
+            return node
+        new = self.graph.node_copy(old, self._resolve)
+        if new.op == "call_function":
+            if new.target is torch.ops.aten.mT.default and len(new.args) == 1 and not new.kwargs:
+                new.target = getattr
+                new.args = (new.args[0], "mT")
+            else:
+                new.target = _TORCH_FORMS.get(new.target, new.target)
+        return new
+
+    # ---- the whole graph
+
+    def build(self) -> torch.fx.Graph:
+        from torch.export.graph_signature import InputKind, OutputKind
+
+        sig = self.ep.graph_signature
+        specs = {spec.arg.name: spec for spec in sig.input_specs if hasattr(spec.arg, "name")}
+        root_sig = self.ep.module_call_graph[0].signature
+        arg_names = list(getattr(root_sig, "forward_arg_names", None) or [])
+        self.arg_names = arg_names
+        placeholders = [n for n in self.old.nodes if n.op == "placeholder"]
+        user = [n for n in placeholders if specs[n.name].kind == InputKind.USER_INPUT]
+        in_spec, out_spec = self.ep.call_spec.in_spec, self.ep.call_spec.out_spec
+        plain_inputs = (in_spec.type is tuple and in_spec.num_children == 2
+                        and all(c.is_leaf() for part in _children(in_spec) for c in _children(part))
+                        and in_spec.num_leaves == len(user) and len(arg_names) == len(user))
+        for i, old in enumerate(user):
+            name = arg_names[i] if plain_inputs else old.name
+            new = self.graph.placeholder(name)
+            new.meta.update(old.meta)
+            self.env[old] = new
+        self._emit_ready()
+        for old in placeholders:
+            spec = specs[old.name]
+            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+                self.lazy[old] = (spec.target, None)
+            elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
+                self.lazy[old] = (_CONSTANT_PREFIX, self.ep.constants[spec.target])
+            elif spec.kind != InputKind.USER_INPUT:
+                raise CaptureError(f"cannot rebuild the exported graph: unsupported input kind {spec.kind.name} "
+                                   f"({old.name})", module_path="")
+        for old in self.old.nodes:
+            if old.op == "placeholder":
+                continue
+            if old.op == "output":
+                self._output(old, sig, OutputKind, plain_inputs and _is_plain_spec(out_spec))
+                break
+            call = self.member_of.get(old)
+            if call is not None:
+                call.seen += 1
+                if call.seen == len(call.members) and not call.emitted:
+                    self._emit(call)
+            else:
+                self.env[old] = self._copy(old)
+            self._emit_ready()
+        for call in self.waiting:  # pragma: no cover - inputs never computed
+            raise _Isolation(call, "its inputs are not all computed in the graph")
+        for node in reversed(list(self.graph.nodes)):
+            if node.op == "get_attr" and not node.users:
+                self.graph.erase_node(node)
+        self.graph.lint()
+        return self.graph
+
+    def _output(self, old: torch.fx.Node, sig: Any, kinds: Any, plain: bool) -> None:
+        """The output node: user outputs in the model's structure (fx code, or pytree code for other containers),
+        and copies into mutated buffers / inputs when export reported mutations as extra outputs."""
+        values = list(old.args[0]) if isinstance(old.args[0], (tuple, list)) else [old.args[0]]
+        flat = []
+        for spec, value in zip(sig.output_specs, values):
+            value = self._resolve(value) if isinstance(value, torch.fx.Node) else value
+            if spec.kind == kinds.USER_OUTPUT:
+                flat.append(value)
+            elif spec.kind in (kinds.BUFFER_MUTATION, kinds.PARAMETER_MUTATION):
+                self.graph.call_function(torch.ops.aten.copy_.default, (self._attr(spec.target), value))
+            elif spec.kind == kinds.USER_INPUT_MUTATION:
+                target = next(n for n in self.graph.nodes if n.op == "placeholder" and n.name == spec.target)
+                self.graph.call_function(torch.ops.aten.copy_.default, (target, value))
+            else:
+                raise CaptureError(f"cannot rebuild the exported graph: unsupported output kind {spec.kind.name}",
+                                   module_path="")
+        out_spec = self.ep.call_spec.out_spec
+        if plain:
+            self.graph.output(torch.utils._pytree.tree_unflatten(flat, out_spec))
+            return
+        from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+
+        # the forward's own argument names; the placeholders are the flattened leaves of the inputs
+        in_spec = self.ep.call_spec.in_spec
+        names = self.arg_names
+        if not names:
+            names = [f"arg_{i}" for i in range(_children(in_spec)[0].num_children)] + list(
+                _children(in_spec)[1].context)
+        self.graph.output(tuple(flat))
+        self.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, self.ep.call_spec.in_spec, out_spec))
+
+
+def _is_constant_argument(arg: Any) -> bool:
+    from torch.export.graph_signature import ConstantArgument
+
+    return isinstance(arg, ConstantArgument)
+
+
+def _is_symbolic_size(node: torch.fx.Node) -> bool:
+    """Whether ``node`` computes an integer from sizes (``x.size(0)``, ``s0 * 4``) rather than a tensor."""
+    if node.op != "call_function":
+        return False
+    name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+    if name in _SYM_OPS_NAMES:
+        return True
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _static_batch(graph: torch.fx.Graph) -> int | None:
+    """The batch size a graph was specialised to (dim 0 of an input is a plain int), or None when dynamic."""
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.dim() == 0:
+            continue
+        size = val.shape[0]
+        # a SymInt that export specialised after tracing is concrete too
+        if not isinstance(size, torch.SymInt) or is_concrete_int(size):
+            return int(size)
+    return None
+
+
+def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
+                    inputs: tuple | None) -> tuple[torch.fx.GraphModule, CaptureInfo]:
+    """Capture mode ``export``: torch.export, then the ATen graph rebuilt with fx mode's leaves and names."""
+    if inputs is None:
+        raise CaptureError("capture mode 'export' runs torch.export on example inputs, and none were given: pass "
+                           "example_inputs=(x,) to orthofx.transform / orthofx.explain", module_path="")
+    leaves = _export_leaves(model, leaf_types, leaf_paths)
+    flags = [(m, m.training) for m in model.modules()]
+    # The order of the leaf calls (a call that leaves no node in the graph, such as nn.Identity's, is put back
+    # at its place among the others).
+    order: list[str] = []
+    hooks = [model.get_submodule(path).register_forward_pre_hook(
+        lambda module, args, path=path: order.append(path)) for path in leaves]
+    try:
+        ep = _run_export(model, inputs, leaves)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, flag in flags:
+            module.training = flag
+    counts: dict[str, int] = {}
+    call_order = []
+    for path in order:
+        k = counts.get(path, 0)
+        counts[path] = k + 1
+        call_order.append(path if k == 0 else f"{path}@{k}")
+    info = CaptureInfo(mode="export")
+    excluded: set[str] = set()
+    while True:
+        try:
+            rebuilder = _ExportRebuilder(ep, model, leaves, excluded, call_order)
+            graph = rebuilder.build()
+            break
+        except _Isolation as exc:
+            excluded.add(exc.call.name)
+            info.warnings.append(
+                f"the call '{exc.call.name}' of leaf module '{exc.call.path}' stays as inlined ATen ops in the "
+                f"exported graph ({exc}): rules do not see this call, passes that replace the module do not "
+                "affect it (its weights are still the module's)")
+    batch = _static_batch(graph)
+    if batch is not None:
+        info.warnings.append(
+            f"torch.export specialised the graph to batch size {batch} (the forward needs the batch size as a "
+            f"constant, e.g. a Python loop over x.size(0), or the example batch is 1): the captured model only "
+            f"accepts inputs of batch size {batch}; give example inputs of the batch size you will use")
+    info.warnings.extend(_device_warnings(graph))
+    gm = torch.fx.GraphModule(_Overlay(model, rebuilder.extras), graph, type(model).__name__)
+    return gm, info
+
+
+def _device_warnings(graph: torch.fx.Graph) -> list[str]:
+    """Tensors created in the forward (``torch.eye(n)``, ``torch.zeros(..., device=x.device)``): torch.export
+    records their device as a constant, whichever way the code chose it."""
+    found: dict[tuple[str, str], set[str]] = {}
+    for node in graph.nodes:
+        device = node.kwargs.get("device") if node.op == "call_function" else None
+        if isinstance(device, torch.device):
+            stack = node.meta.get("nn_module_stack") or {}
+            scope = str(list(stack.values())[-1][0]) if stack else ""
+            name = getattr(getattr(node.target, "overloadpacket", None), "__name__", None) or str(node.target)
+            found.setdefault((scope, str(device)), set()).add(name)
+    warnings = []
+    for (scope, device), names in found.items():
+        where = f"submodule '{scope}'" if scope else "the top-level forward"
+        warnings.append(
+            f"{where}: tensors created in the forward ({', '.join(sorted(names))}) are made on {device} in the "
+            f"captured graph, whatever device the code asked for; gm.to(...) does not move them: capture the "
+            f"model with example inputs on the device it will run on")
+    return warnings
 
 
 # -------------------------------------------------------------------------------------------------- diagnostics

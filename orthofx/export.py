@@ -2,11 +2,41 @@
 
 * :func:`freeze` bakes a transformed model into plain torch layers with the same eval outputs: every module that
   offers ``to_plain()`` (orthofx's layers do) is replaced by what it returns, and the penalty terms and optimizer
-  hooks are dropped.
+  hooks are dropped. Decompositions whose input does not depend on the model's inputs (decorrelated BatchNorm's
+  running covariance in eval mode) are evaluated once and stored (the running whitening matrix); this is exact.
 * :func:`export` writes ``.onnx`` (dynamo exporter, checked with ``onnx.checker`` and run with onnxruntime),
   ``.pt2`` (``torch.export``; reloaded and compared) or ``.pt`` (state_dict + policy, safe to load with
   ``torch.load(weights_only=True)``); the result reports the largest difference from the frozen model.
 * :func:`load` replays a ``.pt`` file's policy on the original model and restores the weights.
+
+Decompositions and export
+-------------------------
+ONNX has no eigendecomposition or SVD. Where the graph computes a matrix square root or inverse square root from
+one, ``V diag(lambda^(+-1/2)) V^T`` of a symmetric positive definite ``A`` (covariance pooling, ZCA whitening;
+the patterns of :mod:`orthofx.passes.svd_conditioning`), the ``.onnx`` export replaces it by the coupled
+Newton-Schulz iteration (matmuls only), which converges to ``A^(+-1/2)`` with an error that grows with the
+condition number ``kappa(A)`` and falls with the number of iterations ``T``. The switch happens in the ONNX
+path only, on a copy of the frozen model:
+
+* ``freeze`` promises the same eval outputs (1e-5), for every input; Newton-Schulz cannot promise that without
+  knowing the inputs' conditioning, and ``freeze`` has no inputs to check it on. So ``freeze`` and ``.pt2`` keep
+  the exact decompositions (``torch.export`` can express them).
+* ``export(..., ".onnx")`` has example inputs: with ``newton_schulz_iterations=None`` (default) it takes the first
+  ``T`` of 5, 10, 15, 20, 30, 40, 60, 80 whose PyTorch Newton-Schulz form matches the exact frozen model within
+  1e-5 on them (when none does, the fewest within 10 % of the best), exports that form, and compares
+  onnxruntime's outputs with the *exact* frozen model's (so the 1e-4 check covers the approximation too).
+  ``ExportResult.newton_schulz`` records the sites, ``T`` and the difference. Inputs whose covariances are much
+  worse conditioned than the example inputs' need a larger ``T`` (pass ``newton_schulz_iterations``; iterating
+  past convergence costs matmuls, not accuracy).
+* Measured (``benchmarks/svd_passes.py --export``: float32, 6 x 6 covariances + eps I, square and inverse square
+  roots): kappa ~ 1e1 and 1e2 need T = 10 (difference 2e-6 and 7e-6); kappa ~ 1e3, T = 15 (3e-5, which is the
+  float32 ``eigh`` model's own distance from a float64 eigendecomposition); from kappa ~ 1e4 the float32 exact
+  model is itself 4e-4 off the float64 result, the two float32 computations disagree by as much, and the export
+  fails its 1e-4 check whatever T. Such models export to ``.pt2``; better, condition the covariance (P4's
+  point: ``pre_svd``, or a larger ``eps``).
+* A decomposition with no matmul-only form (``eigvalsh``, ``svdvals``, eigenvectors used for anything else)
+  makes the ONNX export raise an :class:`~orthofx.ExportError` naming the site, the layer feeding it and the ways
+  out (``.pt2``, or keeping the decomposition out of the ONNX graph).
 
 Example::
 
@@ -32,16 +62,25 @@ from torch import fx, nn
 
 from .capture import unwrap_model
 from .errors import ExportError
+from .nn.conditioning import power_newton_schulz
 from .passes.base import replace_module
+from .passes.svd_conditioning import decomposition_op, fold_constant_decompositions, to_newton_schulz
+from .plan import collect_sites, producers_feeding
 from .policy import Policy
 from .transform import as_input_tuple, manifest_of, output_tensors, store_manifest, transform
 
-__all__ = ["freeze", "export", "load", "ExportResult", "FORMAT_VERSION"]
+__all__ = ["freeze", "export", "load", "ExportResult", "NewtonSchulzForm", "FORMAT_VERSION"]
 
 #: Version of the ``.pt`` file layout written by :func:`export`.
 FORMAT_VERSION = 1
 #: ONNX difference above which :func:`export` fails.
 ONNX_TOLERANCE = 1e-4
+#: Newton-Schulz iteration counts tried, in order, when ``export`` chooses them for an ONNX file.
+NEWTON_SCHULZ_SCHEDULE = (5, 10, 15, 20, 30, 40, 60, 80)
+#: Largest difference from the exact model (PyTorch, example inputs) at which the choice stops.
+NEWTON_SCHULZ_TARGET = ONNX_TOLERANCE / 10
+#: ``frozen.meta`` key of the decompositions ``freeze`` evaluated once: ``{site: [buffer names]}``.
+FOLDED_KEY = "orthofx_folded"
 
 
 def _plain_replacements(root: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -60,7 +99,19 @@ def freeze(model: nn.Module) -> fx.GraphModule:
     """A copy of a transformed model made of plain torch layers, in eval mode, with the same eval outputs.
 
     Penalty terms and optimizer hooks are dropped from the copy's manifest (``orthofx.penalty`` of it is zero);
-    the original model is not changed.
+    condition-number monitors become pass-throughs; the original model is not changed.
+
+    Decompositions (eigh, svd ...) whose input does not depend on the model's inputs, such as decorrelated
+    BatchNorm's ``eigh(running_cov + eps I)`` in eval mode, are evaluated once with what is computed from them
+    before they meet the inputs (the whitening matrix ``W = V diag(lambda^-1/2) V^T``), and the results are stored
+    as buffers (``orthofx_folded_<n>``; ``frozen.meta["orthofx_folded"]`` maps each site to them). This is exact.
+    Decompositions of input-dependent matrices are kept (exact): :func:`export` replaces them by Newton-Schulz
+    iterations for ONNX only (see the module docstring for why).
+
+    Example::
+
+        frozen = orthofx.freeze(gm)
+        torch.testing.assert_close(frozen(x), gm.eval()(x))
     """
     root = unwrap_model(model)
     manifest = manifest_of(model)
@@ -79,8 +130,136 @@ def freeze(model: nn.Module) -> fx.GraphModule:
     else:  # pragma: no cover - a to_plain() that returns itself
         raise ExportError("freeze did not terminate: a module's to_plain() keeps returning orthofx layers")
     frozen.recompile()
+    names = _site_names(frozen)
+    folded = fold_constant_decompositions(frozen)
+    frozen.meta[FOLDED_KEY] = {names.get(node, node): buffers for node, buffers in folded.items()}
     store_manifest(frozen, dataclasses.replace(manifest, penalties=[], optimizer_hooks=[], frozen=True))
     return frozen
+
+
+def _site_names(gm: fx.GraphModule) -> dict[str, str]:
+    """``{node name: site name}`` for the decompositions of ``gm`` (nested graphs as ``<path>.<node>``): the site a
+    pass recorded on the node, else the name :func:`orthofx.plan.collect_sites` gives a torch call."""
+    names: dict[str, str] = {}
+    for path, module in gm.named_modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        by_node = {site.node: site.name for site in collect_sites(module) if site.kind == "function"}
+        for node in module.graph.nodes:
+            site = node.meta.get("orthofx_site") or by_node.get(node.name)
+            if site and decomposition_op(node) is not None:
+                key = f"{path}.{node.name}" if path else node.name
+                names[key] = f"{path}.{site}" if path else site
+    return names
+
+
+@dataclass
+class _Decomposition:
+    key: str            # node name (nested: <submodule path>.<node name>)
+    site: str
+    op: str
+    producers: list[str]
+
+
+def _decompositions(gm: fx.GraphModule) -> list[_Decomposition]:
+    """Every decomposition call left in ``gm``'s graphs, with its site and the layers whose outputs it decomposes."""
+    names = _site_names(gm)
+    found = []
+    for path, module in gm.named_modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            op = decomposition_op(node)
+            if op is None:
+                continue
+            key = f"{path}.{node.name}" if path else node.name
+            producers = [f"{path}.{p}" if path else p for p in producers_feeding(module, node)]
+            found.append(_Decomposition(key, names.get(key, key), op, producers))
+    return found
+
+
+def _newton_schulz_nodes(gm: fx.GraphModule) -> dict[str, tuple[fx.GraphModule, fx.Node]]:
+    nodes = {}
+    for path, module in gm.named_modules():
+        if isinstance(module, fx.GraphModule):
+            for node in module.graph.nodes:
+                if node.op == "call_function" and node.target is power_newton_schulz:
+                    nodes[f"{path}.{node.name}" if path else node.name] = (module, node)
+    return nodes
+
+
+def _set_iterations(nodes: list[tuple[fx.GraphModule, fx.Node]], iterations: int) -> None:
+    owners = {}
+    for owner, node in nodes:
+        node.kwargs = {**node.kwargs, "iterations": iterations}
+        owners[id(owner)] = owner
+    for owner in owners.values():
+        owner.recompile()
+
+
+def _no_onnx_form(left: list[_Decomposition], reasons: dict[str, str]) -> ExportError:
+    parts = []
+    for d in left:
+        feeding = f", decomposing the output of {', '.join(repr(p) for p in d.producers)}" if d.producers else ""
+        parts.append(f"{d.op} at site '{d.site}'{feeding}: {reasons.get(d.key, 'not a matrix power')}")
+    return ExportError(
+        "cannot export to ONNX: " + "; ".join(parts) + ". ONNX has no eigendecomposition or SVD, and the only "
+        "decompositions orthofx can export are matrix square roots and inverse square roots computed from one "
+        "(V diag(lambda^(1/2) or lambda^(-1/2)) V^T, replaced by Newton-Schulz iterations). Ways out: export to "
+        ".pt2 (torch.export keeps the decomposition, exact); or keep the decomposition out of the ONNX graph "
+        "(compute it in a submodule listed under capture.leaf_modules and export the model up to it, or give that "
+        "submodule an ONNX translation of your own)")
+
+
+@dataclass
+class NewtonSchulzForm:
+    """How the ``.onnx`` export replaced decompositions: the sites, the iteration count and the difference of the
+    PyTorch Newton-Schulz form from the exact frozen model on the example inputs."""
+
+    sites: list[str]
+    iterations: int
+    max_abs_diff: float
+    chosen: bool  # True: iterations chosen on the example inputs; False: given
+
+    def __str__(self) -> str:
+        how = "chosen" if self.chosen else "given"
+        return (f"Newton-Schulz at {', '.join(self.sites)} ({self.iterations} iterations, {how}; "
+                f"max |diff| {self.max_abs_diff:.3g} from the exact decomposition)")
+
+
+def _onnx_form(frozen: fx.GraphModule, inputs: tuple, iterations: int | None
+               ) -> tuple[fx.GraphModule, NewtonSchulzForm | None]:
+    """The frozen model with its matrix powers computed by Newton-Schulz (a copy), or ``frozen`` itself when it has
+    no decomposition; raises :class:`ExportError` for a decomposition with no matmul-only form."""
+    if iterations is not None and (not isinstance(iterations, int) or isinstance(iterations, bool)
+                                   or iterations < 1):
+        raise ExportError(f"newton_schulz_iterations must be None (chosen on the example inputs) or an int >= 1, "
+                          f"got {iterations!r}")
+    found = _decompositions(frozen)
+    if not found:
+        return frozen, None
+    form = copy.deepcopy(frozen)
+    before = set(_newton_schulz_nodes(form))
+    reasons = to_newton_schulz(form, iterations=iterations or NEWTON_SCHULZ_SCHEDULE[0])
+    left = _decompositions(form)
+    if left:
+        raise _no_onnx_form(left, reasons)
+    nodes = [v for k, v in _newton_schulz_nodes(form).items() if k not in before]
+    with torch.no_grad():
+        expected = output_tensors(frozen(*inputs))
+        schedule = (iterations,) if iterations is not None else NEWTON_SCHULZ_SCHEDULE
+        tried: list[tuple[int, float]] = []
+        for count in schedule:
+            _set_iterations(nodes, count)
+            tried.append((count, _max_diff(expected, output_tensors(form(*inputs)))))
+            if tried[-1][1] <= NEWTON_SCHULZ_TARGET:
+                break
+    # None reached the target (float32 rounding of an ill-conditioned matrix function): past convergence more
+    # iterations only move rounding errors, so take the fewest within 10 % of the best difference.
+    best = min(diff for _, diff in tried)
+    count, diff = next((c, d) for c, d in tried if d <= NEWTON_SCHULZ_TARGET or d <= 1.1 * best)
+    _set_iterations(nodes, count)
+    return form, NewtonSchulzForm(sorted({d.site for d in found}), count, diff, iterations is None)
 
 
 @dataclass
@@ -91,10 +270,13 @@ class ExportResult:
     format: str
     max_abs_diff: float | None
     seconds: float
+    #: ``.onnx`` only: the decompositions replaced by Newton-Schulz iterations (None when there were none).
+    newton_schulz: NewtonSchulzForm | None = None
 
     def __str__(self) -> str:
         diff = "not checked" if self.max_abs_diff is None else f"max |diff| {self.max_abs_diff:.3g}"
-        return f"{self.format} -> {self.path} ({diff}, {self.seconds:.2f} s)"
+        text = f"{self.format} -> {self.path} ({diff}, {self.seconds:.2f} s)"
+        return text if self.newton_schulz is None else f"{text}; {self.newton_schulz}"
 
 
 def _max_diff(expected: list[torch.Tensor], actual: list) -> float:
@@ -134,10 +316,16 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
-def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: bool, opset: int) -> float:
+def _check_opset(opset: int) -> None:
     if opset < 18:
         raise ExportError(f"opset {opset} is not supported: opsets below 18 produce graphs onnxruntime rejects "
                           "(DESIGN.md); use opset >= 18")
+
+
+def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: bool, opset: int,
+                 reference: nn.Module | None = None) -> float:
+    """Export ``frozen`` and return onnxruntime's largest difference from ``reference`` (default ``frozen``)."""
+    _check_opset(opset)
     try:
         import onnx
         import onnxruntime
@@ -154,7 +342,7 @@ def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: boo
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), inputs)}
     with torch.no_grad():
-        expected = output_tensors(frozen(*inputs))
+        expected = output_tensors((frozen if reference is None else reference)(*inputs))
     return _max_diff(expected, session.run(None, feeds))
 
 
@@ -178,13 +366,22 @@ def _export_pt2(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: bool
 
 
 def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *, dynamic_batch: bool = True,
-           opset: int = 20) -> ExportResult:
+           opset: int = 20, newton_schulz_iterations: int | None = None) -> ExportResult:
     """Write a transformed model to ``path``; the suffix chooses the format (``.onnx``, ``.pt2``, ``.pt``).
 
     ``.onnx`` and ``.pt2`` export the :func:`freeze`-d model (batch dimension dynamic unless
     ``dynamic_batch=False``), reload it and compare with the frozen model on ``example_inputs``; an ONNX
     difference above 1e-4 raises :class:`orthofx.ExportError`. ``.pt`` stores the state_dict and the policy
     (no pickled code; :func:`load` restores it).
+
+    ``.onnx`` only: matrix square roots / inverse square roots computed through eigh or svd are exported as
+    Newton-Schulz iterations; ``newton_schulz_iterations`` fixes their number (default: chosen on the example
+    inputs), and the check against the exact frozen model covers the approximation (module docstring).
+
+    Example::
+
+        result = orthofx.export(gm, "gcp.onnx", example_inputs=(x,))
+        print(result)   # onnx -> gcp.onnx (max |diff| 3e-07, ...); Newton-Schulz at cov_pool:linalg.eigh (10 ...)
     """
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()
@@ -202,11 +399,19 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
         raise ExportError("export needs example_inputs=(x,) to trace and to check the exported model")
     frozen = freeze(model)
     if suffix == ".onnx":
-        diff = _export_onnx(frozen, path, inputs, dynamic_batch, opset)
+        _check_opset(opset)
+        form, newton_schulz = _onnx_form(frozen, inputs, newton_schulz_iterations)
+        diff = _export_onnx(form, path, inputs, dynamic_batch, opset, reference=frozen)
         if diff > ONNX_TOLERANCE:
+            hint = ""
+            if newton_schulz is not None:
+                hint = (f". {newton_schulz}: the iteration has not converged, or the matrices are too "
+                        "ill-conditioned for float32 to reproduce the exact decomposition; pass a larger "
+                        "newton_schulz_iterations, improve the conditioning (P4: pre_svd, a larger eps), or export "
+                        "to .pt2 (exact)")
             raise ExportError(f"onnxruntime's output differs from the frozen model by {diff:.3g} (> "
-                              f"{ONNX_TOLERANCE}); the file {path} was written but should not be trusted")
-        return ExportResult(path, "onnx", diff, time.perf_counter() - started)
+                              f"{ONNX_TOLERANCE}){hint}; the file {path} was written but should not be trusted")
+        return ExportResult(path, "onnx", diff, time.perf_counter() - started, newton_schulz)
     diff = _export_pt2(frozen, path, inputs, dynamic_batch)
     return ExportResult(path, "pt2", diff, time.perf_counter() - started)
 

@@ -303,7 +303,11 @@ class DecorrelatedBatchNorm2d(nn.Module):
     ``running_mean`` (C,) and ``running_cov`` (C, C) move towards ``mu`` and ``cov`` by ``momentum``.
 
     Eval: the same whitening computed from ``running_cov + eps * I`` (its own plain ``torch.linalg.eigh``) and
-    ``running_mean``, so the output of a sample does not depend on the rest of the batch.
+    ``running_mean``, so the output of a sample does not depend on the rest of the batch. That whitening matrix
+    depends on the buffers only: ``orthofx.freeze`` of a model transformed in eval mode evaluates it once and
+    stores it (the running whitening matrix), so the frozen and exported (ONNX too) models have no ``eigh``.
+    fx resolves ``if self.training`` at trace time: a model traced in training mode keeps the batch-statistics
+    branch in eval mode as well (``orthofx.transform`` warns); transform it in the mode it will run in.
 
     ``affine=True`` adds a per-channel ``weight`` (ones) and ``bias`` (zeros) after the whitening, as BatchNorm.
     ``eps * I`` is made from the covariance (``new_full`` + ``diag_embed``), so it follows its dtype and device

@@ -8,6 +8,9 @@
 
 The hooks are registered with ``Optimizer.register_step_pre_hook`` / ``register_step_post_hook``, so they run in
 ``optimizer.step()`` after gradients are final (after DDP's all-reduce) and need no change to the training loop.
+A hook class may define classmethods ``before_step_group(hooks, root, optimizer)`` and
+``after_step_group(hooks, root, optimizer)``: ``attach`` then hands it all its hooks at once, so that it can batch
+their work (the Riemannian hooks retract all same-shaped weights in one batched call).
 """
 
 from __future__ import annotations
@@ -44,6 +47,26 @@ def _optimizer_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
+def _batches(hooks: list) -> list[tuple[type | None, list]]:
+    """The hooks as ``(class, hooks)`` batches: a hook class with ``before_step_group`` / ``after_step_group``
+    classmethods (e.g. ``StiefelHook``, which stacks same-shaped weights into one batched retraction) gets all its
+    hooks in one batch, at the place of its first hook; any other hook is a batch of one, ``(None, [hook])``, run
+    through its own ``before_step`` / ``after_step``. Hooks of one class act on different parameters, so running
+    them together changes no result."""
+    batches: list[tuple[type | None, list]] = []
+    grouped: dict[type, list] = {}
+    for hook in hooks:
+        cls = type(hook)
+        if callable(getattr(cls, "before_step_group", None)) and callable(getattr(cls, "after_step_group", None)):
+            if cls not in grouped:
+                grouped[cls] = []
+                batches.append((cls, grouped[cls]))
+            grouped[cls].append(hook)
+        else:
+            batches.append((None, [hook]))
+    return batches
+
+
 def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     """Register the optimizer hooks of a transformed model on ``optimizer``; returns a removable handle.
 
@@ -71,14 +94,21 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
                                "calling orthofx.attach")
     for hook in hooks:
         hook.setup(root, optimizer)
+    batches = _batches(hooks)
 
     def before(opt, args, kwargs):
-        for hook in hooks:
-            hook.before_step(root, opt)
+        for cls, batch in batches:
+            if cls is None:
+                batch[0].before_step(root, opt)
+            else:
+                cls.before_step_group(batch, root, opt)
 
     def after(opt, args, kwargs):
-        for hook in hooks:
-            hook.after_step(root, opt)
+        for cls, batch in batches:
+            if cls is None:
+                batch[0].after_step(root, opt)
+            else:
+                cls.after_step_group(batch, root, opt)
 
     handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
     handle = AttachHandle(optimizer, hooks, handles)

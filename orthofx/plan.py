@@ -6,7 +6,8 @@ Sites (see :class:`orthofx.passes.Site`):
   plus the submodules of modules kept as fx leaves (they have no node of their own, but passes that change only
   weights, such as the L_orth regulariser, still reach them);
 * function sites: calls of ``torch.linalg.svd``, ``svdvals``, ``eigh``, ``eigvalsh`` and ``torch.svd``
-  (functions and tensor methods), named ``"<scope>:<op>"``;
+  (functions and tensor methods, and their ATen ops ``aten.linalg_eigh``, ``aten._linalg_eigh`` ... as
+  torch.export records them), named ``"<scope>:<op>"``;
 * block sites: submodules that a ``kind: block`` rule names, kept as leaves by capture so the pass sees the
   block as a whole.
 
@@ -45,6 +46,28 @@ FUNCTION_OPS: dict[Any, str] = {
 }
 _METHOD_OPS = {"svd": "svd"}
 
+
+def _aten_function_ops() -> dict[Any, str]:
+    """The ATen overloads of the decompositions (as a torch.export graph or a decomposed graph holds them)."""
+    ops: dict[Any, str] = {}
+    aten = torch.ops.aten
+    for packet, op in (("linalg_eigh", "linalg.eigh"), ("_linalg_eigh", "linalg.eigh"),
+                       ("linalg_eigvalsh", "linalg.eigvalsh"), ("linalg_svd", "linalg.svd"),
+                       ("_linalg_svd", "linalg.svd"), ("linalg_svdvals", "linalg.svdvals"), ("svd", "svd")):
+        overload = getattr(getattr(aten, packet, None), "default", None)
+        if overload is not None:
+            ops[overload] = op
+    return ops
+
+
+FUNCTION_OPS.update(_aten_function_ops())
+# aten._linalg_eigh(A, UPLO, compute_v) and aten._linalg_svd(A, full_matrices, compute_uv, driver) compute only
+# the values when their flag is False: then they are eigvalsh / svdvals sites.
+_VALUES_ONLY = {
+    getattr(getattr(torch.ops.aten, "_linalg_eigh", None), "default", None): (2, "compute_v", "linalg.eigvalsh"),
+    getattr(getattr(torch.ops.aten, "_linalg_svd", None), "default", None): (2, "compute_uv", "linalg.svdvals"),
+}
+
 # Layers whose weights shape their output linearly: where a walk upstream from a decomposition stops.
 _PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d,
                    nn.ConvTranspose3d)
@@ -54,7 +77,14 @@ _PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1
 
 def _op_name(node: fx.Node) -> str | None:
     if node.op == "call_function":
-        return FUNCTION_OPS.get(node.target)
+        op = FUNCTION_OPS.get(node.target)
+        values_only = _VALUES_ONLY.get(node.target) if op is not None else None
+        if values_only is not None:
+            index, keyword, values_op = values_only
+            flag = node.args[index] if len(node.args) > index else node.kwargs.get(keyword, True)
+            if flag is False:
+                return values_op
+        return op
     if node.op == "call_method":
         return _METHOD_OPS.get(node.target)
     return None
@@ -242,7 +272,7 @@ class Plan:
     def __str__(self) -> str:
         lines = []
         if self.capture is not None:
-            lines.append(f"capture: {self.capture.mode}")
+            lines.append(f"capture: {self.capture.summary()}")
             for path, reason in self.capture.leaf_fallbacks:
                 lines.append(f"  kept as leaf (not traceable): {path}: {reason}")
             for warning in self.capture.warnings:
@@ -306,7 +336,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
             if key in winners:
                 shadowed.append((site, rule.name, winners[key]))
                 continue
-            reason = pass_obj.accepts(site, module)
+            reason = pass_obj.accepts(site, module) or pass_obj.accepts_params(site, module, rule.params)
             if reason is not None:
                 rejected.append((site, reason))
                 continue

@@ -67,6 +67,13 @@ MATCH_KINDS = ("module", "block", "function")
 CANONICAL_OPS = ("linalg.svd", "linalg.svdvals", "linalg.eigh", "linalg.eigvalsh", "svd")
 
 
+#: ATen op names (``torch.ops.aten.<name>``) of the decompositions -> canonical names.
+_ATEN_OPS = {
+    "linalg_eigh": "linalg.eigh", "_linalg_eigh": "linalg.eigh", "linalg_eigvalsh": "linalg.eigvalsh",
+    "linalg_svd": "linalg.svd", "_linalg_svd": "linalg.svd", "linalg_svdvals": "linalg.svdvals", "svd": "svd",
+}
+
+
 def _make_op_aliases() -> dict[str, str]:
     aliases: dict[str, str] = {}
     for op in CANONICAL_OPS:
@@ -79,6 +86,11 @@ def _make_op_aliases() -> dict[str, str]:
         "svdvals": "linalg.svdvals",
         "eigvalsh": "linalg.eigvalsh",
     })
+    # The ATen ops torch.export records for them (export capture): aten.linalg_eigh, and the forms of
+    # decomposed graphs (aten._linalg_eigh returns (eigenvalues, eigenvectors) like torch.linalg.eigh).
+    for aten_name, op in _ATEN_OPS.items():
+        aliases["aten." + aten_name] = op
+        aliases["torch.ops.aten." + aten_name] = op
     return aliases
 
 
@@ -96,7 +108,8 @@ def canonical_op(name: str) -> str:
     hint = _did_you_mean(name, OP_ALIASES) if isinstance(name, str) else ""
     raise ValueError(
         f"unknown op {name!r}; accepted: {', '.join(CANONICAL_OPS)} (each also with a 'torch.' prefix), "
-        f"and the aliases eigh, symeig, svdvals, eigvalsh{hint}")
+        f"the aliases eigh, symeig, svdvals, eigvalsh, and the ATen names (aten.linalg_eigh, aten._linalg_eigh, "
+        f"aten.linalg_svd, ...){hint}")
 
 
 def _did_you_mean(word: Any, options) -> str:
@@ -206,7 +219,11 @@ class Rule:
 
 @dataclass
 class CaptureConfig:
-    """How the model is turned into a graph: ``mode`` (``"auto"`` or ``"fx"``) and extra fx leaves.
+    """How the model is turned into a graph: ``mode`` and extra leaves.
+
+    ``mode``: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export`` on the example inputs, for models
+    symbolic tracing cannot handle) or ``"auto"`` (fx, then export when the top-level trace fails and example
+    inputs are given); see :mod:`orthofx.capture`.
 
     ``leaf_modules`` are class names, dotted class paths or module qualified names kept as fx leaves.
     """
@@ -700,10 +717,9 @@ def _build_capture(raw: Any, pos: _Positions) -> CaptureConfig:
     _check_keys(raw, _CAPTURE_KEYS, path, pos, "in capture")
     mode = raw.get("mode", "auto")
     if not isinstance(mode, str) or mode not in CAPTURE_MODES:
-        later = " ('export' is not available yet)" if mode == "export" else ""
         hint = _did_you_mean(mode, CAPTURE_MODES)
         raise pos.error(f"capture.mode must be one of {', '.join(CAPTURE_MODES)}; found {_describe(mode)}"
-                        f"{later}{hint}", path + ("mode",))
+                        f"{hint}", path + ("mode",))
     leaves = _strings(raw, "leaf_modules", path, pos, allow_empty=True)
     for i, leaf in enumerate(leaves):
         if not leaf.strip() or any(c.isspace() for c in leaf):

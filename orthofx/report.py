@@ -18,6 +18,7 @@ Change's ``after["monitor"]`` name, on the transformed model):
   NaN / an inf (or gave an infinite kappa); ``updates``: calls recorded.
 
 The table shows the columns ``kappa``, ``kappa_max`` and ``nan`` only when some site has a monitor.
+:func:`monitors` gives the same figures as ``{site: summary}`` without building the table.
 ``Report.conditioning`` maps each monitored site to its kappa history (oldest first; the monitor keeps the last
 ``history_size`` values, 1000 by default). The monitor records every forward through the site, in training and in
 eval mode; the first value is ``transform``'s check run on the example inputs when they were given.
@@ -48,7 +49,7 @@ from .nn.orthogonal import OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinear
 from .passes.base import describe_module
 from .transform import manifest_of
 
-__all__ = ["Report", "report", "layer_singular_values"]
+__all__ = ["Report", "report", "monitors", "layer_singular_values"]
 
 # Layers whose weight is the operator they apply (ConvNorm wrappers are not: they rescale in Fourier space).
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, OrthogonalConv1d, OrthogonalConv2d)
@@ -94,7 +95,16 @@ def layer_singular_values(module: nn.Module, input_shape: tuple[int, ...] | None
     return None
 
 
+def _is_full_size(module: nn.Module) -> bool:
+    """A Cayley-FFT layer: its ``weight`` is an n x n kernel on an n x n grid (orthogonal by construction there),
+    for which L_orth (defined for kernels with S n >= 2k - 1, Theorem 7) and Theorem 4's k x k question do not
+    apply."""
+    return getattr(module, "method", None) == "cayley_fft"
+
+
 def _existence(module: nn.Module) -> str:
+    if _is_full_size(module):
+        return "yes (full-size kernel)"
     if isinstance(module, _LINEAR_TYPES):
         return "yes (" + ("RO" if module.out_features <= module.in_features else "CO") + ")"
     if isinstance(module, _CONV_TYPES):
@@ -109,6 +119,8 @@ def _existence(module: nn.Module) -> str:
 
 
 def _lorth(module: nn.Module) -> float | None:
+    if _is_full_size(module):
+        return None
     if isinstance(module, _LINEAR_TYPES):
         return float(metrics.lorth(module.weight.detach()))
     if isinstance(module, _CONV_TYPES) and len(set(module.stride)) == 1 and all(d == 1 for d in module.dilation):
@@ -135,7 +147,7 @@ class Report:
                 "conditioning": {site: list(values) for site, values in self.conditioning.items()}}
 
     def __str__(self) -> str:
-        lines = [f"capture: {self.capture['mode']}"]
+        lines = [f"capture: {self.capture.get('summary') or self.capture['mode']}"]
         for path, reason in self.capture["leaf_fallbacks"]:
             lines.append(f"  kept as leaf (not traceable): {path}: {reason}")
         for warning in self.capture["warnings"]:
@@ -239,7 +251,7 @@ def report(model: nn.Module) -> Report:
         if site.kind in ("block", "function"):
             if entries:
                 row = {"site": site.name, "layer": site.target, "pass": pass_text, "params": _params(entries)}
-                monitor = _monitor_of(root, changes.get(site.name, []))
+                monitor = _monitor_of(root, changes.get(site.name, []))[1]
                 if monitor is not None:
                     row.update(_monitor_figures(monitor))
                     conditioning[site.name] = monitor.history
@@ -272,13 +284,47 @@ def report(model: nn.Module) -> Report:
             penalties.append({"site": term.site, "rule": term.rule, "weight": term.weight, "value": value,
                               "weighted": term.weight * value})
     capture = {"mode": manifest.capture.mode, "leaf_fallbacks": list(manifest.capture.leaf_fallbacks),
-               "warnings": list(manifest.capture.warnings)}
+               "warnings": list(manifest.capture.warnings), "summary": manifest.capture.summary()}
     return Report(rows, capture, spectra, penalties, manifest.output_change, conditioning)
 
 
-def _monitor_of(root: nn.Module, changes) -> ConditionMonitor | None:
-    """The condition-number monitor a site's Change names in ``after["monitor"]`` (looked up on the transformed
-    model; ``None`` when no Change names one or it is gone, e.g. replaced by a pass-through)."""
+def monitors(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{site: figures}`` for every condition-number monitor in a transformed model (also through
+    ``torch.compile`` / DataParallel / DDP wrappers), in the order of the manifest's Changes.
+
+    The figures are :meth:`ConditionMonitor.summary`'s: ``kappa`` (latest ``lambda_max / lambda_min``),
+    ``kappa_max``, ``updates``, ``nan_events``, ``inf_events``, plus ``monitor``, the submodule's name (so
+    ``model.get_submodule(figures["monitor"]).history`` gives the kappa history). A frozen model has none.
+    It shares its lookup (``_monitor_of``: the Change's ``after["monitor"]`` name) with :func:`report`'s kappa
+    columns. (It replaces ``orthofx.passes.svd_conditioning.monitors``: passes sit below the manifest lookup.)
+
+    Example::
+
+        from orthofx.report import monitors
+        gm = orthofx.transform(orthofx.models.get("gcp_cnn"), "svd", example_inputs=(x,))
+        monitors(gm)   # {'cov_pool:linalg.eigh': {'kappa': 61.6, ..., 'monitor': 'orthofx_monitor_0'}}
+    """
+    root = unwrap_model(model)
+    changes: dict[str, list] = {}
+    for change in manifest_of(model).changes:
+        changes.setdefault(change.site, []).append(change)
+    found: dict[str, dict[str, Any]] = {}
+    for site, site_changes in changes.items():
+        name, monitor = _monitor_of(root, site_changes)
+        if monitor is not None:
+            found[site] = dict(monitor.summary(), monitor=name)
+    return found
+
+
+# ``orthofx.report`` is the function above (the package re-exports it over this module's name), so the lookup is
+# reachable as ``orthofx.report.monitors(gm)`` as well as ``from orthofx.report import monitors``.
+report.monitors = monitors
+
+
+def _monitor_of(root: nn.Module, changes) -> tuple[str | None, ConditionMonitor | None]:
+    """``(name, module)`` of the condition-number monitor a site's Changes name in ``after["monitor"]`` (looked up
+    on the transformed model); ``(None, None)`` when no Change names one or it is gone, e.g. replaced by a
+    pass-through in a frozen model."""
     for change in changes:
         name = (change.after or {}).get("monitor")
         if not isinstance(name, str) or not name:
@@ -288,8 +334,8 @@ def _monitor_of(root: nn.Module, changes) -> ConditionMonitor | None:
         except AttributeError:
             continue
         if isinstance(module, ConditionMonitor):
-            return module
-    return None
+            return name, module
+    return None, None
 
 
 def _monitor_figures(monitor: ConditionMonitor) -> dict[str, Any]:

@@ -78,10 +78,10 @@ def as_input_tuple(example_inputs: Any) -> tuple | None:
                          f"{type(example_inputs).__name__}; pass example_inputs=(x,)")
 
 
-def _capture_and_plan(root: nn.Module, policy: Policy) -> tuple[fx.GraphModule, Plan]:
+def _capture_and_plan(root: nn.Module, policy: Policy, inputs: tuple | None) -> tuple[fx.GraphModule, Plan]:
     blocks = block_paths(root, policy)
     gm, info = capture(root, leaf_types=policy.capture.leaf_modules, leaf_paths=blocks,
-                       mode=policy.capture.mode)
+                       mode=policy.capture.mode, example_inputs=inputs)
     plan = build_plan(gm, policy, info, blocks=blocks)
     return gm, plan
 
@@ -89,14 +89,15 @@ def _capture_and_plan(root: nn.Module, policy: Policy) -> tuple[fx.GraphModule, 
 def explain(model: nn.Module, policy: Any, example_inputs: Any = None) -> Plan:
     """Dry run of :func:`transform`: the plan of which rule applies which pass to which site; nothing changes.
 
-    ``print(orthofx.explain(model, policy))`` shows the table. ``example_inputs`` is accepted for symmetry with
-    ``transform`` and checked, but matching does not need it.
+    ``print(orthofx.explain(model, policy))`` shows the table. ``example_inputs`` are needed when the model is
+    captured with torch.export (capture mode ``export``, or ``auto`` when symbolic tracing fails); the first
+    line of the table says which capture mode was used.
     """
     policy = Policy.load(policy)
-    as_input_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs)
     root = unwrap_model(model)
     # Capture shares submodules with the model but changes nothing, so no copy is needed for a dry run.
-    _, plan = _capture_and_plan(root, policy)
+    _, plan = _capture_and_plan(root, policy, inputs)
     return plan
 
 
@@ -209,7 +210,8 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
         policy: a :class:`orthofx.Policy`, a dict, a YAML path or text, or a preset name (``orthofx presets``).
         example_inputs: a tensor or a tuple of inputs. When given, the model runs once before and once after
             rewriting (eval mode, no gradients): input sizes are recorded for the report and the result is
-            checked for unchanged output shapes and finite values.
+            checked for unchanged output shapes and finite values. Capture mode ``export`` (and ``auto`` when
+            symbolic tracing fails) builds the graph with torch.export on them, so they are needed there.
         inplace: rewrite ``model``'s own submodules. By default a deep copy is rewritten and ``model`` stays
             bitwise identical.
         compile: ``True`` or a dict of ``torch.compile`` options to return the compiled module; every orthofx
@@ -221,7 +223,7 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
     inputs = as_input_tuple(example_inputs)
     root = unwrap_model(model)
     work = root if inplace else copy.deepcopy(root)
-    gm, plan = _capture_and_plan(work, policy)
+    gm, plan = _capture_and_plan(work, policy, inputs)
     gm.training = work.training
     manifest = Manifest(policy=policy, plan=plan, capture=plan.capture)
     before, site_inputs = _observe(gm, plan, inputs, manifest) if inputs is not None else (None, {})

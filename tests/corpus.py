@@ -10,7 +10,9 @@ scaled dot-product attention), depthwise / grouped / dilated / transposed / 1-D 
 sharing, a functional convolution with its own ``nn.Parameter``, in-place ops, dict and tuple outputs, buffers
 (one mutated in the forward), nested ``Sequential`` / ``ModuleDict`` / ``ModuleList``, BatchNorm, covariance
 pooling with ``eigh`` and an ``svdvals`` spectrum, recurrent layers (GRU, LSTM; fx leaves), a submodule with a
-data-dependent branch (traced as a leaf after the failed trace) and a module with a ``self.training`` branch.
+data-dependent branch (traced as a leaf after the failed trace), a module with a ``self.training`` branch, and
+top-level forwards symbolic tracing cannot follow (a branch on a shape, ``int()`` of a size, a loop over
+``x.size(1)``), which capture mode ``auto`` hands to torch.export.
 
 Sizes are tiny (widths 4-8, 6x6 .. 8x8 images, sequences of 5-12) so the whole grid runs in seconds.
 """
@@ -532,6 +534,60 @@ class TrainEvalBranch(nn.Module):
         return self.fc2(torch.tanh(self.centre(self.fc1(x))))
 
 
+# ---------------------------------------------------------------------------------------------- export capture
+# Top-level forwards that symbolic tracing cannot follow: capture mode ``auto`` falls back to torch.export.
+
+
+class ShapeBranchNet(nn.Module):
+    """A Python branch on a shape in the top-level forward (``if x.shape[-1] > 6``: pool wide inputs), BatchNorm
+    in a top-level Sequential."""
+
+    def __init__(self, width: int = 8, classes: int = 4):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        if x.shape[-1] > 6:
+            x = F.max_pool2d(x, 2)
+        return self.head(F.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+class PatchTokenNet(nn.Module):
+    """ViT-style tokens turned back into an image whose side is ``int(n ** 0.5)`` of the token count (``int()``
+    of a traced size fails under fx). Input (B, 16, 6)."""
+
+    def __init__(self, features: int = 6, dim: int = 8, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Linear(features, dim)
+        self.features = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.GELU(), nn.Conv2d(dim, dim, 1))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        b, n, _ = tokens.shape
+        side = int(n ** 0.5)
+        x = self.embed(tokens).transpose(1, 2).reshape(b, -1, side, side)
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class ChannelGroupLoop(nn.Module):
+    """A Python loop over ``x.size(1) // 4`` channel groups, each through the same conv (one module called once
+    per group), concatenated."""
+
+    def __init__(self, width: int = 8, classes: int = 2):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
+        self.group_conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        groups = [self.group_conv(x[:, 4 * g:4 * g + 4]) for g in range(x.size(1) // 4)]
+        return self.head(torch.cat(groups, dim=1).mean(dim=(2, 3)))
+
+
 # ---------------------------------------------------------------------------------------------------- corpus
 
 
@@ -572,6 +628,9 @@ CORPUS: dict[str, Callable[[], tuple[nn.Module, tuple]]] = {
     "recurrent": _entry(RecurrentNet, (5, 4)),
     "data_dependent": _entry(DataDependent, (6,)),
     "train_eval_branch": _entry(TrainEvalBranch, (6,)),
+    "shape_branch": _entry(ShapeBranchNet, (3, 8, 8)),
+    "patch_tokens": _entry(PatchTokenNet, (16, 6)),
+    "group_loop": _entry(ChannelGroupLoop, (3, 6, 6)),
 }
 
 

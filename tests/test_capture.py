@@ -228,7 +228,7 @@ def test_concrete_args_resolve_control_flow():
 def test_unknown_mode():
     with pytest.raises(CaptureError) as err:
         capture(Plain(), mode="export-ish")
-    assert "'auto'" in str(err.value) and "'fx'" in str(err.value)
+    assert "'auto'" in str(err.value) and "'fx'" in str(err.value) and "'export'" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------ leaf rules
@@ -324,6 +324,29 @@ def test_model_not_modified():
         for m, d in before_dict.items():
             assert set(vars(m)) == set(d), type(m).__name__
         assert not any(k.startswith("_tensor_constant") for k in vars(model))
+
+
+class Counter(nn.Module):
+    """A buffer updated in place with no traced value involved (a call counter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_buffer_updates_are_recorded_not_run_at_capture(mode):
+    model = Counter()
+    gm, _ = capture(model, mode=mode, example_inputs=(torch.randn(2, 4),))
+    assert int(model.calls) == 0  # capture ran nothing on the model
+    gm(torch.randn(2, 4))
+    gm(torch.randn(3, 4))
+    assert int(gm.calls) == 2 and gm.calls is model.calls  # the graph updates the (shared) buffer
 
 
 def test_graph_module_shares_submodules():

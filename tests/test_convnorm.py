@@ -428,3 +428,154 @@ def test_composes_with_lorth_penalty():
     assert torch.isfinite(pen) and pen > 0
     pen.backward()
     assert gm.get_submodule(_conv_names(model)[0]).conv.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------- freezing
+
+
+def _frozen_types():
+    from orthofx.nn.convnorm import ConvNormConvNd, FrozenConvNormNd
+    return ConvNormConvNd, FrozenConvNormNd
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation, groups, bias, size", CASES[:6])
+def test_to_plain_matches_the_direct_construction_and_eval(kernel, stride, padding, dilation, groups, bias, size):
+    torch.manual_seed(7)
+    conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
+    layer = ConvNormConv2d(conv, eps=1e-4).eval()
+    x = torch.randn(2, 4, *size)
+    y = layer(x)
+    frozen = layer.to_plain()
+    _, FrozenConvNormNd = _frozen_types()
+    assert isinstance(frozen, FrozenConvNormNd) and not frozen.training
+    assert type(frozen.conv) is nn.Conv2d and frozen.conv.stride == (1, 1) and frozen.conv.bias is None
+    torch.testing.assert_close(frozen.conv.weight, conv.weight, rtol=0, atol=0)
+    assert frozen.grids == [layer.geometry(size).grid]
+    torch.testing.assert_close(frozen(x), y, rtol=0, atol=1e-6)
+    expected = direct_convnorm(x, conv.weight.detach(), conv.bias, stride, padding, dilation, groups, 1e-4)
+    torch.testing.assert_close(frozen(x).double(), expected, rtol=0, atol=1e-5)
+
+
+def test_to_plain_never_transforms_the_weight(monkeypatch):
+    import orthofx.nn.convnorm as cn
+
+    torch.manual_seed(8)
+    layer = ConvNormConv2d(nn.Conv2d(3, 5, 3, stride=2, padding=1), affine=True).eval()
+    with torch.no_grad():
+        layer.affine.weight.normal_()
+    x = torch.randn(2, 3, 10, 10)
+    y = layer(x)
+    frozen = layer.to_plain()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the frozen layer computed an FFT of the weight")
+
+    monkeypatch.setattr(cn, "_power", fail)
+    torch.testing.assert_close(frozen(x), y, rtol=0, atol=1e-6)
+    torch.testing.assert_close(frozen(x[0]), y[0], rtol=0, atol=1e-5)  # unbatched
+    assert type(frozen.affine) is nn.Conv2d
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_to_plain_padding_modes_conv1d_conv3d(mode):
+    torch.manual_seed(9)
+    layers = [ConvNormConv2d(nn.Conv2d(2, 4, 3, padding=1, padding_mode=mode)),
+              ConvNormConv1d(nn.Conv1d(2, 3, 5, stride=2, padding=2, padding_mode=mode)),
+              ConvNormConv3d(nn.Conv3d(2, 3, (1, 3, 3), padding=(0, 1, 1), padding_mode=mode))]
+    inputs = [torch.randn(2, 2, 7, 6), torch.randn(2, 2, 11), torch.randn(1, 2, 3, 5, 6)]
+    for layer, x in zip(layers, inputs):
+        layer.eval()
+        y = layer(x)
+        torch.testing.assert_close(layer.to_plain()(x), y, rtol=0, atol=1e-6)
+
+
+def test_to_plain_with_running_filters_and_unknown_sizes():
+    torch.manual_seed(10)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    layer = ConvNormConv2d(conv, momentum=0.5).train()
+    x8, x6 = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 6, 6)
+    layer(x8)
+    with torch.no_grad():
+        conv.weight.mul_(1.3).add_(0.05)  # the running filter now differs from the weight's
+    layer(x8)
+    layer.eval()
+    y8, y6 = layer(x8), layer(x6)  # 6x6: no running filter, eval uses the weight's
+    assert layer.input_sizes == [(8, 8), (6, 6)]
+    frozen = layer.to_plain()
+    assert set(frozen.grids) == {(10, 10), (8, 8)}
+    torch.testing.assert_close(frozen.filter_for((10, 10)), layer.running_filter((10, 10)))
+    torch.testing.assert_close(frozen(x8), y8, rtol=0, atol=1e-6)
+    torch.testing.assert_close(frozen(x6), y6, rtol=0, atol=1e-6)
+    assert (frozen(x8) - conv_norm(x8, conv.weight, conv.bias, 2, 1)).abs().max() > 1e-4  # the running one
+    x5 = torch.randn(1, 3, 5, 5)
+    with pytest.raises(orthofx.LayerArgumentError) as info:
+        frozen(x5)
+    message = str(info.value)
+    assert "input size (5, 5) (FFT grid (7, 7))" in message and "(8, 8)" in message
+    assert "before orthofx.freeze" in message and "to_plain(input_sizes=[(5, 5)])" in message
+    torch.testing.assert_close(layer.to_plain(input_sizes=[(5, 5)])(x5), layer(x5), rtol=0, atol=1e-6)
+    # the frozen layer is a state_dict / pickle round trip like any module
+    buf = io.BytesIO()
+    torch.save(frozen, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x8), y8)
+
+
+def test_remembered_sizes_are_bounded_and_compile_does_not_record():
+    from orthofx.nn.convnorm import MAX_REMEMBERED_SIZES
+
+    layer = ConvNormConv1d(nn.Conv1d(2, 2, 3, padding=1)).eval()
+    for n in range(4, 4 + MAX_REMEMBERED_SIZES + 3):
+        layer(torch.randn(1, 2, n))
+    assert len(layer.input_sizes) == MAX_REMEMBERED_SIZES and layer.input_sizes[-1] == (MAX_REMEMBERED_SIZES + 6,)
+    fresh = ConvNormConv1d(nn.Conv1d(2, 2, 3, padding=1)).eval()
+    torch._dynamo.reset()
+    try:
+        torch.compile(fresh, fullgraph=True, backend="eager")(torch.randn(1, 2, 9))
+    finally:
+        torch._dynamo.reset()
+    assert fresh.input_sizes == []
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: one intra-op thread (two threads on a busy 2-core machine make small ops much slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_freeze_of_the_convnorm_preset(tmp_path, one_thread):
+    ConvNormConvNd, FrozenConvNormNd = _frozen_types()
+    torch.manual_seed(11)
+    model = models.get("resnet18", width=4)
+    x = models.example_input("resnet18", batch=2)
+    gm = orthofx.transform(model, "convnorm", example_inputs=(x,))
+    gm.eval()
+    y = gm(x)
+    frozen = orthofx.freeze(gm)
+    assert not any(isinstance(m, ConvNormConvNd) for m in frozen.modules())
+    assert sum(isinstance(m, FrozenConvNormNd) for m in frozen.modules()) == len(_conv_names(model))
+    torch.testing.assert_close(frozen(x), y, rtol=0, atol=1e-5)
+    bigger = torch.randn(1, 3, 40, 40)
+    with pytest.raises(orthofx.LayerArgumentError, match="input size"):
+        frozen(bigger)
+    expected = gm(bigger)  # the unfrozen model remembers the new size: freezing again covers it
+    torch.testing.assert_close(orthofx.freeze(gm)(bigger), expected, rtol=0, atol=1e-5)
+    small = orthofx.transform(models.get("small_cnn", width=4), "convnorm",
+                              example_inputs=(models.example_input("small_cnn", batch=2),))
+    result = orthofx.export(small, tmp_path / "m.pt2", example_inputs=(models.example_input("small_cnn", batch=2),))
+    assert result.max_abs_diff <= 1e-6
+
+
+@pytest.mark.slow
+def test_frozen_convnorm_exports_to_onnx(tmp_path, one_thread):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(12)
+    model = models.get("small_cnn", width=4)
+    x = models.example_input("small_cnn", batch=2)
+    gm = orthofx.transform(model, "convnorm", example_inputs=(x,))
+    result = orthofx.export(gm, tmp_path / "m.onnx", example_inputs=(x,))
+    assert result.max_abs_diff <= 1e-5

@@ -233,19 +233,17 @@ PT2_DEFAULT = {
     "inplace": "lorth", "dict_output": "convnorm", "tuple_output": "isometric", "buffers": "orthogonal",
     "nested": "jacobian", "batchnorm_resnet": "isometric", "cov_pool": "svd", "spectrum": "svd",
     "recurrent": "lorth", "data_dependent": "lorth", "train_eval_branch": "isometric",
+    "shape_branch": "orthogonal", "patch_tokens": "convnorm", "group_loop": "jacobian",
 }
 
-DECOMPOSITION_ONNX_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "freeze keeps the decompositions (aten._linalg_eigh / linalg_svdvals with lorth, orthogonal, convnorm, "
-    "jacobian, isometric; orthofx::eigh_stable / orthofx::svd_stable with svd), which the ONNX exporter cannot "
-    "translate (DESIGN.md: freeze replaces them by their inference form, e.g. Newton-Schulz; "
-    "passes.svd_conditioning.to_newton_schulz exists but freeze does not call it; svdvals has no such form). "
-    "The ExportError itself now quotes the root cause ('No ONNX function found for orthofx.eigh_stable')"))
+# Decompositions and ONNX: freeze folds input-independent decompositions (exact) and keeps the others; the ONNX
+# path replaces matrix square roots / inverse square roots (cov_pool's V diag(sqrt(lambda)) V^T, every preset) by
+# Newton-Schulz iterations checked against the exact frozen model, and rejects a decomposition with no matmul-only
+# form (spectrum's svdvals) with an ExportError naming the site and the layer feeding it ('lift'); test_export.py
+# checks that error's wording.
 
 
 def _export_marks(fmt: str, preset: str, name: str) -> list:
-    if fmt == "onnx" and name in ("cov_pool", "spectrum"):
-        return [DECOMPOSITION_ONNX_XFAIL]
     return []
 
 

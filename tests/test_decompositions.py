@@ -573,3 +573,70 @@ def test_double_backward_exact_mode():
     assert torch.autograd.gradgradcheck(lambda X: (lambda L, V: (L, V.square()))(*eigh_stable(_sym(X), None)), (A,))
     B = torch.randn(5, 3, generator=torch.Generator().manual_seed(26), dtype=F64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda X: svd_outputs(*svd_stable(X, None))[:3], (B,))
+
+
+# ------------------------------------------------------------------------------------------- non-finite inputs
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_nonfinite_matrix_gives_nan_outputs_instead_of_a_lapack_error(bad_value):
+    good = spd_with_spectrum([1.0, 2.0, 4.0], seed=30)
+    bad = good.clone()
+    bad[2, 0] = bad_value  # the lower triangle, which eigh reads
+    A = torch.stack([good, bad]).requires_grad_(True)
+    L, V = eigh_stable(A, taylor_order=None)  # exact backward, to compare with torch's gradient
+    assert torch.isnan(L[1]).all() and torch.isnan(V[1]).all()
+    L_ref, V_ref = torch.linalg.eigh(good)
+    torch.testing.assert_close(L[0], L_ref)
+    torch.testing.assert_close(V[0].abs(), V_ref.abs())
+    W = torch.randn(3, 3, generator=torch.Generator().manual_seed(30), dtype=F64)
+    (eigh_loss(L[0], V[0], W) + 0 * eigh_loss(L[1], V[1], W).nan_to_num()).backward()
+    torch.testing.assert_close(A.grad[0], eigh_grad(lambda X: torch.linalg.eigh(X), good, W))
+
+    U, S, Vh = svd_stable(torch.stack([good[:, :2], bad[:, :2]]))
+    assert torch.isnan(S[1]).all() and torch.isnan(U[1]).all() and torch.isnan(Vh[1]).all()
+    torch.testing.assert_close(S[0], torch.linalg.svdvals(good[:, :2]))
+
+
+def test_nonfinite_entry_eigh_does_not_read_is_ignored_like_torch():
+    A = spd_with_spectrum([1.0, 3.0, 5.0], seed=31)
+    A[0, 2] = float("nan")  # strict upper triangle: torch.linalg.eigh never reads it
+    L, _ = eigh_stable(A)
+    torch.testing.assert_close(L, torch.linalg.eigh(A).eigenvalues)
+    assert torch.isfinite(L).all()
+
+
+# ------------------------------------------------------------------------------- half precision (autocast)
+
+
+def _spd_batch(n=6, batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(batch, n, 2 * n, generator=g, dtype=torch.float64)
+    return X @ X.mT / (2 * n) + 0.1 * torch.eye(n, dtype=torch.float64)
+
+
+def test_half_precision_input_is_decomposed_in_float32():
+    """LAPACK / cuSOLVER have no bfloat16 eigh: the stable ops decompose in float32 (what autocast hands them
+    after a bfloat16 covariance matmul) and return float32 under autocast, the input's dtype outside it."""
+    A = _spd_batch().to(torch.bfloat16)
+    reference = torch.linalg.eigvalsh(A.double())  # the same bfloat16 values, decomposed exactly
+    L, V = eigh_stable(A)
+    assert L.dtype == V.dtype == torch.bfloat16
+    torch.testing.assert_close(L.double(), reference, atol=0.02, rtol=0.02)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        L32, V32 = eigh_stable(A)
+        U, S, Vh = svd_stable(A)
+    assert L32.dtype == V32.dtype == S.dtype == U.dtype == torch.float32
+    torch.testing.assert_close(L32.double(), reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(S.double().sort(-1).values, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_newton_schulz_under_autocast_keeps_float32_accuracy():
+    A = _spd_batch(seed=1)
+    L, V = torch.linalg.eigh(A)
+    exact = V @ torch.diag_embed(L.sqrt()) @ V.mT
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        Y = sqrtm_newton_schulz(A.float(), iterations=15)
+    assert Y.dtype == torch.float32
+    # bfloat16 matmuls would leave errors around 1e-2; float32 ones reach ~1e-6
+    assert float((Y.double() - exact).abs().max()) < 1e-4

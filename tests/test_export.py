@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import orthofx
+from orthofx.export import NEWTON_SCHULZ_SCHEDULE, NEWTON_SCHULZ_TARGET
 from orthofx.passes import Change, Pass, register_pass, unregister_pass
 
 
@@ -114,3 +115,137 @@ def test_export_errors(tmp_path):
         orthofx.export(gm, tmp_path / "m.pt2")
     with pytest.raises(orthofx.ExportError, match="opset"):
         orthofx.export(gm, tmp_path / "m.onnx", example_inputs=(torch.randn(1, 1, 8, 8),), opset=17)
+
+
+# ------------------------------------------------------------------------------------------- decompositions
+
+def _ops(gm):
+    from orthofx.passes.svd_conditioning import decomposition_op
+
+    return [decomposition_op(n) for n in gm.graph.nodes if decomposition_op(n) is not None]
+
+
+def test_freeze_folds_the_running_whitening_matrix_of_eval_dbn(tmp_path):
+    torch.manual_seed(0)
+    model = orthofx.models.get("dbn_cnn", width=6)
+    model.train()(orthofx.models.example_input("dbn_cnn", batch=32, seed=3))  # move the running statistics
+    model.eval()
+    x = orthofx.models.example_input("dbn_cnn", batch=5)
+    gm = orthofx.transform(model, "svd", example_inputs=(x,))  # traced in eval mode: the running branch
+    assert _ops(gm) == ["linalg.eigh"]
+    frozen = orthofx.freeze(gm)
+    assert _ops(frozen) == [] and _ops(gm) == ["linalg.eigh"]  # the transformed model keeps its eigh
+    (site, (buffer,)), = frozen.meta["orthofx_folded"].items()
+    assert site == "dbn:linalg.eigh"
+    dbn = model.dbn
+    sigma = dbn.running_cov.double() + dbn.eps * torch.eye(6, dtype=torch.float64)
+    lam, vec = torch.linalg.eigh(sigma)
+    torch.testing.assert_close(getattr(frozen, buffer).double(), vec @ torch.diag(lam.rsqrt()) @ vec.T,
+                               atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), gm.eval()(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(frozen(x), model(x), rtol=0, atol=1e-5)
+    result = orthofx.export(gm, tmp_path / "dbn.pt2", example_inputs=(x,))
+    assert result.max_abs_diff <= 1e-6
+    graph = torch.export.load(tmp_path / "dbn.pt2").graph
+    calls = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+    assert calls and not any("linalg" in c or "orthofx" in c for c in calls), calls
+
+
+def test_onnx_export_of_a_values_only_decomposition_names_the_site_and_the_way_out(tmp_path):
+    class Spectrum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lift = nn.Linear(6, 12)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(torch.linalg.svdvals(self.lift(x).reshape(-1, 4, 3)))
+
+    x = torch.randn(5, 6)
+    gm = orthofx.transform(Spectrum(), "svd", example_inputs=(x,))
+    with pytest.raises(orthofx.ExportError) as info:
+        orthofx.export(gm, tmp_path / "s.onnx", example_inputs=(x,))
+    message = str(info.value)
+    for fragment in ("linalg.svdvals at site 'linalg.svdvals'", "'lift'", "returns only the values", ".pt2",
+                     "leaf_modules"):
+        assert fragment in message, (fragment, message)
+    assert not (tmp_path / "s.onnx").exists()
+    assert orthofx.export(gm, tmp_path / "s.pt2", example_inputs=(x,)).max_abs_diff <= 1e-6
+
+
+class CovarianceRoots(nn.Module):
+    """Per-sample covariance of a Linear's output (+ eps I): its square root and its inverse square root."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = eps
+        self.proj = nn.Linear(5, 6, bias=False)
+
+    def forward(self, x):  # x: (B, N, 5)
+        f = self.proj(x)
+        cov = f.mT @ f / f.shape[1] + self.eps * torch.eye(6)
+        evals, evecs = torch.linalg.eigh(cov)
+        root = evecs @ torch.diag_embed(evals.sqrt()) @ evecs.mT
+        inv_root = (evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.mT
+        return root.flatten(1), (inv_root @ f.mT).flatten(1)
+
+
+def _exact_roots(model, x):
+    """Float64 reference: the roots from an eigendecomposition of the same covariance (independent of orthofx)."""
+    f = x.double() @ model.proj.weight.double().T
+    cov = f.mT @ f / f.shape[1] + model.eps * torch.eye(6, dtype=torch.float64)
+    lam, vec = torch.linalg.eigh(cov)
+    root = vec @ torch.diag_embed(lam.sqrt()) @ vec.mT
+    inv_root = vec @ torch.diag_embed(lam.rsqrt()) @ vec.mT
+    return root.flatten(1), (inv_root @ f.mT).flatten(1), float((lam[:, -1] / lam[:, 0]).max().detach())
+
+
+@pytest.mark.parametrize("preset", ["svd", pytest.param("lorth", marks=pytest.mark.slow)])
+def test_onnx_export_replaces_matrix_roots_by_newton_schulz(tmp_path, preset):
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = CovarianceRoots(eps=1e-2)
+    x = torch.randn(4, 40, 5)
+    gm = orthofx.transform(model, preset, example_inputs=(x,))
+    result = orthofx.export(gm, tmp_path / "m.onnx", example_inputs=(x,))
+    ns = result.newton_schulz
+    assert ns.sites == ["linalg.eigh"] and ns.chosen and ns.iterations in NEWTON_SCHULZ_SCHEDULE
+    assert ns.max_abs_diff <= NEWTON_SCHULZ_TARGET and result.max_abs_diff <= 1e-4
+    assert "Newton-Schulz" in str(result)
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    assert {n.domain for n in graph.node} <= {"", "ai.onnx"}  # standard operators only
+    # onnxruntime against an independent float64 eigendecomposition, on other inputs (dynamic batch)
+    other = torch.randn(7, 40, 5, generator=torch.Generator().manual_seed(1))
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {session.get_inputs()[0].name: other.numpy()})
+    root, white, _ = _exact_roots(model, other)
+    torch.testing.assert_close(torch.from_numpy(outputs[0]).double(), root, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(outputs[1]).double(), white, atol=1e-4, rtol=0)
+    # the exact decomposition stays everywhere else
+    assert _ops(orthofx.freeze(gm)) == ["linalg.eigh"]
+
+
+@pytest.mark.slow
+def test_newton_schulz_iterations_follow_the_conditioning(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 5)
+    chosen = {}
+    for eps in (1e-1, 1e-3):
+        model = CovarianceRoots(eps=eps)  # proj maps 5 features to 6: the covariance has rank 5, + eps I
+        gm = orthofx.transform(model, "svd", example_inputs=(x,))
+        result = orthofx.export(gm, tmp_path / f"m{eps}.onnx", example_inputs=(x,))
+        chosen[eps] = result.newton_schulz.iterations
+        assert result.max_abs_diff <= 1e-4
+    kappa = _exact_roots(model, x)[2]
+    assert kappa > 500
+    assert chosen[1e-3] > chosen[1e-1]
+    # too few iterations for kappa ~ 1e3: the check against the exact model refuses the file
+    with pytest.raises(orthofx.ExportError, match=r"Newton-Schulz at linalg.eigh \(5 iterations, given.*not converged"):
+        orthofx.export(gm, tmp_path / "few.onnx", example_inputs=(x,), newton_schulz_iterations=5)
+    with pytest.raises(orthofx.ExportError, match="newton_schulz_iterations"):
+        orthofx.export(gm, tmp_path / "bad.onnx", example_inputs=(x,), newton_schulz_iterations=0)

@@ -10,6 +10,7 @@ are five standard errors of the mean over many single-probe estimates (seeded, h
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import pickle
 
@@ -295,6 +296,141 @@ def test_create_graph_false_is_detached_and_bad_input_is_refused():
         jacobian_isometry(lambda z: (z, z), x)
     with pytest.raises(ValueError, match="batch"):
         jacobian_isometry(lambda z: z.sum(0), x, per_sample=True)
+
+
+# --------------------------------------------------------------------------- batch_fraction, zero tangents
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("kind,per_sample", [("full", False), ("offdiag", False), ("full", True),
+                                             ("partial", True)])
+def test_batch_fraction_is_unbiased_for_the_whole_batch(kind, per_sample):
+    """On a random half of the samples, scaled by B / b (or averaged per sample), the estimate is unbiased for the
+    whole batch's quantity; the randomness is the subset and the probes together."""
+    net = tanh_mlp(n_out=4, seed=13)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3.0)  # strong weights: tanh saturates for some samples, so the per-sample values differ
+    x = torch.randn(6, 4, dtype=D, generator=gen(13)) * torch.linspace(0.2, 2.0, 6, dtype=D)[:, None]
+    expected = exact_per_sample(net, x, kind) if per_sample else exact_quantity(dense_jacobian(net, x), kind)
+    values = samples(net, x, kind, 800, per_sample=per_sample, batch_fraction=0.5, probes=4, route="double_vjp")
+    assert_unbiased(values, expected)
+    # the subsample's own spread is part of the variance: the subset must really vary
+    spread = [exact_quantity(dense_jacobian(net, x[i:i + 1]), kind) for i in range(6)]
+    assert max(spread) > 2 * min(spread)
+
+
+def test_batch_fraction_takes_a_seeded_subset_and_scales_it():
+    net = tanh_mlp(seed=14)
+    x = torch.randn(6, 4, dtype=D, generator=gen(14))
+    value_half = jacobian_isometry(net, x, batch_fraction=0.5, generator=gen(5))
+    g = gen(5)
+    index = torch.randperm(6, generator=g)[:3]  # the subset is drawn first, then the probes, from one generator
+    torch.testing.assert_close(value_half, 2 * jacobian_isometry(net, x[index], generator=g))
+    per_sample = jacobian_isometry(net, x, batch_fraction=0.4, per_sample=True, normalize=True, generator=gen(6))
+    g = gen(6)
+    index = torch.randperm(6, generator=g)[:3]  # ceil(0.4 * 6) = 3 samples
+    torch.testing.assert_close(per_sample, jacobian_isometry(net, x[index], per_sample=True, normalize=True,
+                                                             generator=g))
+    # a fraction that rounds up to the whole batch, or 1, is the plain estimate
+    for fraction in (1.0, 0.99):
+        torch.testing.assert_close(jacobian_isometry(net, x, batch_fraction=fraction, generator=gen(7)),
+                                   jacobian_isometry(net, x, generator=gen(7)))
+    for bad in (0, 1.5, -0.1, True, "half"):
+        with pytest.raises(ValueError, match="batch_fraction"):
+            jacobian_isometry(net, x, batch_fraction=bad)
+    with pytest.raises(ValueError, match="batch"):
+        jacobian_isometry(lambda z: z.sum(0), x, batch_fraction=0.5)  # the output has no sample dimension
+
+
+def test_batch_fraction_with_batchnorm_estimates_the_subset_map():
+    """BatchNorm in training mode normalises the subset with the subset's statistics: the estimate is that of the
+    b-sample map (scaled by B / b), a different and here much larger quantity than the coupled B-sample one
+    (small batches have small variances); the running statistics are left alone."""
+    torch.manual_seed(15)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh()).to(D).train()
+    x = torch.randn(8, 3, dtype=D)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    for seed in range(3):
+        g = gen(seed)
+        index = torch.randperm(8, generator=g)[:4]
+        torch.testing.assert_close(jacobian_isometry(net, x, batch_fraction=0.5, generator=gen(seed)),
+                                   2 * jacobian_isometry(net, x[index], generator=g))
+    subsets = list(itertools.combinations(range(8), 4))
+    over_subsets = sum(exact_quantity(dense_jacobian(net, x[list(c)]), "full") for c in subsets) / len(subsets)
+    coupled = exact_quantity(dense_jacobian(net, x), "full")
+    assert 2 * over_subsets > 2 * coupled  # the mean of what batch_fraction=0.5 estimates, vs the coupled value
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_probe_batch_fraction_subsamples_the_other_batched_arguments():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, z, mask, scale=1.0):
+            return torch.tanh(self.lin(z)) * mask * scale
+
+    torch.manual_seed(16)
+    probe = JacobianProbe(Masked().to(D), batch_fraction=0.5, per_sample=True, seed=3)
+    assert "batch_fraction=0.5" in repr(probe)
+    probe.train()
+    x = torch.randn(6, 4, dtype=D)
+    mask = torch.rand(6, 1, dtype=D) + 0.5
+    scale = torch.full((4,), 2.0, dtype=D)  # dimension 0 is not the batch: passed as it is
+    out = probe(x, mask, scale=scale)
+    torch.testing.assert_close(out, probe.block(x, mask, scale=scale))  # the output covers the whole batch
+    g = gen(3)
+    index = torch.randperm(6, generator=g)[:3]
+    reference = jacobian_isometry(lambda z: probe.block(z, mask[index], scale=scale), x[index], per_sample=True,
+                                  generator=g)
+    torch.testing.assert_close(probe.estimate, reference)
+    with pytest.raises(ValueError, match="batch_fraction"):
+        JacobianProbe(Masked(), batch_fraction=0.0)
+
+
+def test_broadcast_parameters_get_zero_tangents_without_changing_the_estimate(monkeypatch):
+    """The forward-mode route passes biases and normalisation scales as jvp primals with zero tangents (a speed
+    measure); the estimate and its gradient are those of the plain jvp."""
+    torch.manual_seed(17)
+    net = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).to(D).train()
+    x = torch.randn(6, 4, dtype=D)
+    assert set(metrics._Call(net).tangent_parameters()) == {"0.bias", "1.weight", "1.bias", "3.bias"}
+    assert metrics._Call(lambda z: z).tangent_parameters() == {}
+    params = list(net.parameters())
+
+    def run(kind):
+        estimate = jacobian_isometry(net, x, kind=kind, probes=2, route="jvp", generator=gen(2))
+        grads = torch.autograd.grad(estimate, params, allow_unused=True)
+        return estimate, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    with_tangents = {kind: run(kind) for kind in metrics.JACOBIAN_KINDS}
+    monkeypatch.setattr(metrics._Call, "tangent_parameters", lambda self: {})
+    for kind in metrics.JACOBIAN_KINDS:
+        estimate, grads = run(kind)
+        torch.testing.assert_close(with_tangents[kind][0], estimate, rtol=1e-12, atol=1e-12)
+        for a, b in zip(with_tangents[kind][1], grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert any(float(g.abs().max()) > 0 for g in grads)
+
+
+def test_pass_batch_fraction_parameter():
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Linear(4, 2))
+    policy = {"rules": [{"match": {"kind": "block", "name": "0"}, "apply": "jacobian_isometry",
+                         "with": {"batch_fraction": 0.25}}]}
+    gm = orthofx.transform(model, policy)
+    assert gm.get_submodule("0").batch_fraction == 0.25
+    gm.train()
+    gm(torch.randn(8, 4))
+    assert value(orthofx.penalty(gm)) > 0
+    for bad in (0, 1.5):
+        with pytest.raises(orthofx.errors.OrthofxError, match="batch_fraction"):
+            orthofx.Policy.from_dict({"rules": [dict(policy["rules"][0], **{"with": {"batch_fraction": bad}})]})
 
 
 # ------------------------------------------------------------------------------- singular values, moments

@@ -89,3 +89,44 @@ def test_models_without_hooks_attach_to_nothing():
     gm = orthofx.transform(model(), "lorth")
     handle = orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm)
     assert handle.hooks == []
+
+
+class Batched(OptimizerHook):
+    """A hook class that asks attach for all its hooks at once."""
+
+    @classmethod
+    def before_step_group(cls, hooks, root, optimizer):
+        ZeroGradThenRenormalise.calls.append(("before batch", tuple(h.site for h in hooks)))
+
+    @classmethod
+    def after_step_group(cls, hooks, root, optimizer):
+        ZeroGradThenRenormalise.calls.append(("after batch", tuple(h.site for h in hooks)))
+
+    def before_step(self, root, optimizer):  # pragma: no cover - attach must not call it
+        raise AssertionError("a batched hook was run on its own")
+
+
+def test_hook_classes_with_group_methods_run_as_one_batch():
+    @register_pass
+    class MixedPass(Pass):
+        name = "mixed_hooks_for_test"
+        site_kinds = frozenset({"module"})
+        module_types = (nn.Linear,)
+
+        def apply(self, ctx, entries):
+            for entry in entries:
+                ctx.add_optimizer_hook(Batched(entry.site.name, entry.rule_name))
+                ctx.add_optimizer_hook(ZeroGradThenRenormalise(entry.site.name, entry.rule_name))
+
+    try:
+        ZeroGradThenRenormalise.calls = []
+        gm = orthofx.transform(model(), {"rules": [{"match": {"type": "Linear"}, "apply": "mixed_hooks_for_test"}]})
+        optimizer = torch.optim.SGD(gm.parameters(), lr=0.1)
+        orthofx.attach(optimizer, gm)
+        step(gm, optimizer)
+        # the batch runs at the place of its class's first hook, plain hooks one by one in their order
+        assert ZeroGradThenRenormalise.calls == [
+            ("before batch", ("0", "2")), ("before", "0"), ("before", "2"),
+            ("after batch", ("0", "2")), ("after", "0"), ("after", "2")]
+    finally:
+        unregister_pass("mixed_hooks_for_test")

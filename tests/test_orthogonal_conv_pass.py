@@ -98,3 +98,61 @@ def test_freeze_gives_plain_layers_with_the_same_outputs():
     frozen = orthofx.freeze(gm)
     assert not any(isinstance(m, (OrthogonalConv2d, OrthogonalLinear)) for m in frozen.modules())
     torch.testing.assert_close(frozen(x), gm.eval()(x), atol=1e-5, rtol=0)
+
+
+def test_cayley_fft_method_for_the_example_input_size(tmp_path):
+    from orthofx.nn.orthogonal import FourierConv
+
+    torch.manual_seed(0)
+    # the strided 1x1 conv has no orthogonal k x k kernel (Theorem 4); cayley_fft's full-size kernel exists
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 12, 1, stride=2), nn.ReLU(),
+                          nn.Conv2d(12, 12, 3, padding=1), nn.Flatten(), nn.Linear(12 * 16, 5)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = orthofx.transform(model, rule(method="cayley_fft"), example_inputs=(x,))
+    layers = {n: m for n, m in gm.named_modules() if isinstance(m, OrthogonalConv2d)}
+    assert set(layers) == {"0", "2", "4"} and all(m.method == "cayley_fft" for m in layers.values())
+    assert layers["2"].input_size == (8, 8) and layers["4"].input_size == (4, 4)
+    statuses = {c.site: c.status for c in orthofx.manifest_of(gm).changes}
+    assert statuses["2"] == "hard (cayley_fft, input 8x8 only)"
+    for name, layer in layers.items():
+        n = layer.input_size[0]
+        sv = metrics.conv_singular_values(layer.weight.detach(), n, stride=layer.stride[0])
+        assert float((sv - 1).abs().max()) <= 1e-5, name
+    out = gm(x)
+    assert out.shape == model(x).shape and torch.isfinite(out).all()
+    with pytest.raises(orthofx.LayerArgumentError, match="built for inputs of spatial size"):
+        gm(torch.randn(2, 3, 16, 16))
+    frozen = orthofx.freeze(gm)
+    assert all(isinstance(frozen.get_submodule(n), FourierConv) for n in layers)
+    torch.testing.assert_close(frozen(x), gm.eval()(x), atol=1e-5, rtol=0)
+    result = orthofx.export(gm, tmp_path / "m.pt2", example_inputs=(x,))
+    assert result.max_abs_diff <= 1e-6
+
+
+@pytest.mark.slow
+def test_cayley_fft_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(2, 3, 8, 6)
+    gm = orthofx.transform(model, rule(method="cayley_fft"), example_inputs=(x,))
+    result = orthofx.export(gm, tmp_path / "m.onnx", example_inputs=(x,))
+    assert result.max_abs_diff <= 1e-5
+
+
+def test_cayley_fft_pass_errors():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+    with pytest.raises(orthofx.PlanError, match="example_inputs"):
+        orthofx.transform(model, rule(method="cayley_fft"))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(orthofx.PlanError, match="padding: keep"):
+        orthofx.transform(model, rule(method="cayley_fft", padding="keep"), example_inputs=(x,))
+    dilated = nn.Sequential(nn.Conv2d(3, 6, 3, padding=2, dilation=2))
+    with pytest.raises(orthofx.ImpossibleLayerError, match="no dilation"):
+        orthofx.transform(dilated, rule(method="cayley_fft"), example_inputs=(x,))
+    odd = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1))
+    gm = orthofx.transform(odd, rule(method="cayley_fft", on_impossible="skip"),
+                           example_inputs=(torch.randn(1, 3, 7, 8),))
+    assert type(gm.get_submodule("0")) is nn.Conv2d
+    assert "not divisible by stride" in orthofx.manifest_of(gm).changes[0].status

@@ -469,3 +469,271 @@ def test_symbolic_trace_and_pickle():
     torch.save(model, buf)
     buf.seek(0)
     torch.testing.assert_close(torch.load(buf, weights_only=False)(x), model(x))
+
+
+# ------------------------------------------------------------------------------------------- Cayley-FFT
+
+
+def cayley_reference(layer, x: torch.Tensor) -> np.ndarray:
+    """The Cayley-FFT layer recomputed from its parameters with numpy, one frequency at a time (float64).
+
+    Space-to-depth by strided slicing, full ``np.fft.fftn`` (not the half spectrum), per frequency
+    ``A = V_hat - V_hat^H`` with ``V_hat(f) = sum_p V[p] exp(-2 pi i <p - (k_p - 1) // 2, f / grid>)``,
+    ``Q = (I - A) inv(I + A)``, ``Y(f) = gain * Q[:M, :C S^d] X(f)``, inverse FFT, plus the bias.
+    """
+    V = layer.cayley_kernel.detach().double().numpy()
+    g, N = V.shape[:2]
+    kp = V.shape[3:]
+    d = len(kp)
+    S = layer.stride
+    grid = tuple(n // s for n, s in zip(layer.input_size, S))
+    C, M = layer.in_channels // g, layer.out_channels // g
+    cp = C * math.prod(S)
+    xn = x.detach().double().numpy()
+    B = xn.shape[0]
+    xs = np.zeros((B, g, cp) + grid)
+    for gi in range(g):
+        for c in range(C):
+            for j, r in enumerate(itertools.product(*(range(s) for s in S))):
+                window = (slice(None), gi * C + c) + tuple(slice(ri, None, si) for ri, si in zip(r, S))
+                xs[:, gi, c * math.prod(S) + j] = xn[window]
+    X = np.fft.fftn(xs, axes=tuple(range(3, 3 + d)))
+    Y = np.zeros((B, g, M) + grid, dtype=complex)
+    eye = np.eye(N)
+    for f in itertools.product(*(range(n) for n in grid)):
+        for gi in range(g):
+            Vh = np.zeros((N, N), dtype=complex)
+            for p in itertools.product(*(range(k) for k in kp)):
+                phase = sum((p[t] - (kp[t] - 1) // 2) * f[t] / grid[t] for t in range(d))
+                Vh += V[(gi, slice(None), slice(None)) + p] * np.exp(-2j * np.pi * phase)
+            A = Vh - Vh.conj().T
+            Q = (eye - A) @ np.linalg.inv(eye + A)
+            index = (slice(None), gi, slice(None)) + f
+            Y[index] = layer.gain * (Q[:M, :cp] @ X[index].T).T
+    y = np.fft.ifftn(Y, axes=tuple(range(3, 3 + d)))
+    assert np.abs(y.imag).max() < 1e-10  # a real operator: A(-f) = conj(A(f))
+    y = y.real.reshape(B, g * M, *grid)
+    if layer.bias is not None:
+        y = y + layer.bias.detach().double().numpy().reshape(-1, *(1,) * d)
+    return y
+
+
+def forward_matrix(layer, in_shape) -> np.ndarray:
+    """The layer's operator as a dense matrix, from its forward pass on the basis vectors (bias removed)."""
+    n = math.prod(in_shape)
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, *in_shape)
+    with torch.no_grad():
+        out = layer(basis) - layer(torch.zeros(1, *in_shape, dtype=torch.float64))
+    return out.reshape(n, -1).T.numpy()
+
+
+CAYLEY_CASES = [  # d, C, M, k, S, n, groups
+    (2, 4, 4, 3, 1, 6, 1),    # square, even grid
+    (2, 4, 6, 3, 1, 5, 1),    # CO, odd grid
+    (2, 6, 4, 2, 1, 7, 1),    # RO, even kernel
+    (2, 4, 8, 3, 2, 8, 1),    # strided RO
+    (2, 2, 12, 3, 2, 6, 1),   # strided CO (M > C S^2)
+    (2, 4, 8, 1, 2, 6, 1),    # the strided 1x1 shortcut (M = 2C): no k x k orthogonal kernel exists
+    (2, 4, 6, 3, 1, 4, 2),    # groups
+    (1, 3, 5, 3, 2, 8, 1),    # 1-D strided
+    (1, 4, 4, 5, 1, 9, 1),    # 1-D, kernel 5
+]
+
+
+@pytest.mark.parametrize("d, C, M, k, S, n, g", CAYLEY_CASES)
+def test_cayley_fft_against_reference_dense_gram_and_effective_kernel(d, C, M, k, S, n, g):
+    torch.manual_seed(20 + C + M + k + S + n)
+    layer = CLS[d](C, M, k, stride=S, groups=g, method="cayley_fft", input_size=n, dtype=torch.float64, gain=1.5)
+    with torch.no_grad():
+        layer.bias.normal_()
+    assert layer.case == ("RO" if M // g <= (C // g) * S ** d else "CO")
+    x = torch.randn(2, C, *(n,) * d, dtype=torch.float64)
+    y = layer(x)
+    assert y.shape == (2, M, *(n // S,) * d)
+    np.testing.assert_allclose(y.detach().numpy(), cayley_reference(layer, x), atol=1e-12, rtol=0)
+    A = forward_matrix(layer, (C,) + (n,) * d)
+    assert gram_error(A / 1.5, layer.case) < 1e-12
+    # the effective full-size kernel (weight, used by to_conv and the metrics) is the same operator
+    K = layer.weight.detach().numpy()
+    assert K.shape == (M, C // g) + (n,) * d
+    expected = dense_operator(K, n, layer.stride, (1,) * d, g, tuple(l for l, _ in layer.pads))
+    np.testing.assert_allclose(A, expected, atol=1e-12, rtol=0)
+    np.testing.assert_allclose(forward_matrix(layer.to_conv(), (C,) + (n,) * d), A, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("C, M, k, S, n, g", [(32, 32, 3, 1, 16, 1), (16, 32, 3, 2, 16, 1), (16, 32, 1, 2, 16, 1),
+                                              (24, 48, 3, 1, 12, 3)])
+def test_cayley_fft_float32_sigma_and_norm_preservation(C, M, k, S, n, g):
+    torch.manual_seed(30)
+    layer = OrthogonalConv2d(C, M, k, stride=S, groups=g, method="cayley_fft", input_size=(n, n), bias=False)
+    sv = conv_singular_values(layer.weight.detach(), n, stride=S, groups=g)
+    assert sv.numel() == min(M, C * S * S) * (n // S) ** 2
+    assert float((sv - 1).abs().max()) <= 1e-5
+    x = torch.randn(8, C, n, n)
+    y = layer(x)
+    norms_in, norms_out = x.flatten(1).norm(dim=1), y.flatten(1).norm(dim=1)
+    if layer.case == "CO":  # an isometry: every input keeps its norm
+        torch.testing.assert_close(norms_out, norms_in, rtol=1e-5, atol=0)
+    else:                   # rows orthonormal: the adjoint is an isometry, and no output is longer than its input
+        assert bool((norms_out <= norms_in * (1 + 1e-5)).all())
+        z = torch.randn(8, M, n // S, n // S)
+        xt = torch.zeros_like(x, requires_grad=True)
+        (back,) = torch.autograd.grad(layer(xt), xt, z)
+        torch.testing.assert_close(back.flatten(1).norm(dim=1), z.flatten(1).norm(dim=1), rtol=1e-5, atol=0)
+
+
+def test_cayley_fft_gradients_and_adam_keep_orthogonality():
+    torch.manual_seed(31)
+    layer = OrthogonalConv2d(8, 16, 3, stride=2, method="cayley_fft", input_size=(8, 8))
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05)
+    x = torch.randn(4, 8, 8, 8)
+    target = torch.randn(4, 16, 4, 4)
+    losses = []
+    for _ in range(5):
+        loss = (layer(x) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        assert layer.cayley_kernel.grad is not None and float(layer.cayley_kernel.grad.abs().sum()) > 0
+        opt.step()
+        losses.append(float(loss.detach()))
+        sv = conv_singular_values(layer.weight.detach(), 8, stride=2)
+        assert float((sv - 1).abs().max()) <= 1e-5
+    assert losses[-1] < losses[0]
+
+
+def test_cayley_fft_to_plain_is_a_fourier_conv_with_identical_outputs():
+    import io
+
+    from orthofx.nn.orthogonal import FourierConv
+
+    torch.manual_seed(32)
+    layer = OrthogonalConv2d(4, 8, 3, stride=2, method="cayley_fft", input_size=(8, 6))
+    x = torch.randn(3, 4, 8, 6)
+    frozen = layer.to_plain()
+    assert isinstance(frozen, FourierConv) and not list(frozen.buffers())[0].is_complex()
+    torch.testing.assert_close(frozen(x), layer(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(frozen(x[0]), layer(x[0]), atol=1e-6, rtol=0)  # unbatched
+    torch.testing.assert_close(layer.to_conv()(x), layer(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(frozen.double()(x.double()), layer.double()(x.double()), atol=1e-6, rtol=0)
+    buf = io.BytesIO()
+    torch.save(frozen, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x.double()), frozen(x.double()))
+    with pytest.raises(LayerArgumentError, match=r"built for inputs of spatial size \(8, 6\)"):
+        frozen(torch.randn(1, 4, 8, 8, dtype=torch.float64))
+
+
+def test_cayley_fft_state_dict_centre_init_and_from_conv():
+    torch.manual_seed(33)
+    a = OrthogonalConv2d(4, 4, 3, method="cayley_fft", input_size=(6, 6))
+    b = OrthogonalConv2d(4, 4, 3, method="cayley_fft", input_size=(6, 6))
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(b.weight, a.weight)
+    assert set(a.state_dict()) == {"cayley_kernel", "bias"}
+    a.reset_parameters("centre")  # A = 0, Q = I: the identity map
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(a(x), x + a.bias.view(1, -1, 1, 1), atol=1e-6, rtol=0)
+    # nearest start from an existing conv: closer than the identity, refined by Adam steps
+    conv = OrthogonalConv2d(6, 6, 3).to_conv()  # an orthogonal 3x3 conv (which a 3x3 Cayley kernel cannot match)
+    identity = OrthogonalConv2d(6, 6, 3, method="cayley_fft", input_size=(8, 8))
+    identity.reset_parameters("centre")
+    start = identity._relative_error(conv.weight.detach())
+    closed = OrthogonalConv2d.from_conv(conv, method="cayley_fft", input_size=(8, 8), fit_steps=0)
+    fitted = OrthogonalConv2d.from_conv(conv, method="cayley_fft", input_size=(8, 8), fit_steps=60)
+    assert closed.init_error <= start and fitted.init_error < closed.init_error < 1.5
+    torch.testing.assert_close(fitted.bias, conv.bias)
+    assert max_sigma_error(fitted, 8) <= 1e-5
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="cayley_fft"), "needs input_size"),
+    (dict(method="cayley_fft", input_size=(8, 8), padding_mode="zeros"), "padding_mode='circular'"),
+    (dict(method="cayley_fft", input_size=(8, 8), padding="valid"), "padding='same'"),
+    (dict(method="cayley_fft", input_size=(8, 8), dilation=2), "dilation"),
+    (dict(method="cayley_fft", input_size=(9, 8), stride=2), "divisible by stride"),
+    (dict(method="cayley_fft", input_size=(2, 2), kernel_size=5), "too large"),
+    (dict(method="cayley_fft", input_size=(8, 8, 8)), "input_size"),
+    (dict(method="bcop", input_size=(8, 8)), "only used by method='cayley_fft'"),
+])
+def test_cayley_fft_bad_arguments(kwargs, match):
+    args = dict(in_channels=4, out_channels=4, kernel_size=3)
+    args.update(kwargs)
+    with pytest.raises(LayerArgumentError, match=match):
+        OrthogonalConv2d(**args)
+
+
+def test_cayley_fft_wrong_input_size_at_forward():
+    layer = OrthogonalConv2d(4, 4, 3, method="cayley_fft", input_size=(8, 8))
+    with pytest.raises(LayerArgumentError, match=r"built for inputs of spatial size \(8, 8\), got \(16, 16\)"):
+        layer(torch.randn(1, 4, 16, 16))
+    with pytest.raises(LayerArgumentError, match="defined on input_size"):
+        layer.orthogonality_error(16)
+    assert layer.orthogonality_error((8, 8)) <= 1e-5
+    with pytest.raises(LayerArgumentError, match="method='cayley_fft' only"):
+        OrthogonalConv2d(4, 4, 3).frequency_response()
+
+
+def test_cayley_fft_compiles_fullgraph():
+    torch.manual_seed(34)
+    layer = OrthogonalConv2d(4, 8, 3, stride=2, method="cayley_fft", input_size=(8, 8))
+    x = torch.randn(2, 4, 8, 8)
+
+    def loss_and_grad(fn):
+        layer.zero_grad(set_to_none=True)
+        loss = fn(x)
+        loss.backward()
+        return loss.detach(), layer.cayley_kernel.grad.clone()
+
+    fn = lambda inp: layer(inp).square().sum()  # noqa: E731
+    eager = loss_and_grad(fn)
+    torch._dynamo.reset()
+    try:
+        compiled = loss_and_grad(torch.compile(fn, fullgraph=True, backend="aot_eager"))
+        frozen = layer.to_plain()
+        torch.testing.assert_close(torch.compile(frozen, fullgraph=True, backend="aot_eager")(x), frozen(x))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(compiled[1], eager[1], atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- eval-mode kernel cache
+
+
+@pytest.mark.parametrize("make", [
+    lambda: OrthogonalConv2d(6, 6, 3),
+    lambda: OrthogonalConv2d(4, 8, 3, stride=2),
+    lambda: OrthogonalConv2d(4, 4, 3, method="cayley_fft", input_size=(8, 8)),
+    lambda: OrthogonalLinear(5, 7),
+], ids=["bcop", "strided", "cayley_fft", "linear"])
+def test_eval_cache_gives_the_uncached_outputs_and_follows_parameter_changes(make):
+    torch.manual_seed(0)
+    layer = make().double().eval()
+    x = torch.randn(2, 5, dtype=torch.float64) if isinstance(layer, OrthogonalLinear) \
+        else torch.randn(2, layer.in_channels, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        first = layer(x)
+        assert "_eval_cache" in layer.__dict__
+        assert torch.equal(layer(x), first)
+        # an in-place update (what an optimizer step does) must rebuild the kernel
+        weight_param = next(layer.parameters())
+        weight_param.add_(0.3 * torch.randn_like(weight_param))
+        changed = layer(x)
+    with torch.enable_grad():  # no cache with autograd on: the reference
+        expected = layer(x)
+    assert not torch.allclose(changed, first)
+    torch.testing.assert_close(changed, expected, atol=1e-12, rtol=0)
+    layer.train()
+    assert "_eval_cache" not in layer.__dict__
+
+
+def test_eval_cache_is_not_used_in_training_or_with_grad():
+    layer = OrthogonalConv2d(4, 4, 3)
+    x = torch.randn(1, 4, 6, 6)
+    layer(x)  # training mode
+    layer.eval()
+    layer(x)  # autograd on
+    assert "_eval_cache" not in layer.__dict__
+    out = layer(x)
+    out.sum().backward()
+    assert layer.matrix.grad is not None

@@ -1,5 +1,7 @@
 """Sites, rule matching, precedence and the feeds analysis."""
 
+import operator
+
 import pytest
 import torch
 from torch import nn
@@ -194,6 +196,39 @@ def test_function_sites_are_named_by_scope_and_op():
     gm, info = capture(TwoProducers())
     names = sorted(s.name for s in collect_sites(gm) if s.kind == "function")
     assert names == ["linalg.eigvalsh", "svd"]  # a tensor method call counts too
+
+
+def _aten_graph(calls):
+    """A GraphModule calling ATen decompositions directly (as a torch.export or decomposed graph does)."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    outs = []
+    for target, args in calls:
+        node = graph.call_function(target, (x,) + args)
+        outs.append(graph.call_function(operator.getitem, (node, 0)) if "eigvalsh" not in str(target)
+                    and "svdvals" not in str(target) else node)
+    graph.output(tuple(outs))
+    return torch.fx.GraphModule(nn.Module(), graph)
+
+
+def test_function_sites_recognise_aten_decompositions():
+    aten = torch.ops.aten
+    gm = _aten_graph([(aten.linalg_eigh.default, ()), (aten._linalg_eigh.default, ("L", True)),
+                      (aten._linalg_eigh.default, ("L", False)), (aten.linalg_eigvalsh.default, ()),
+                      (aten.linalg_svd.default, ()), (aten._linalg_svd.default, (False, False)),
+                      (aten.linalg_svdvals.default, ()), (aten.svd.default, ())])
+    sites = [(s.name, s.target) for s in collect_sites(gm) if s.kind == "function"]
+    assert sites == [("linalg.eigh", "linalg.eigh"), ("linalg.eigh#2", "linalg.eigh"),
+                     ("linalg.eigvalsh", "linalg.eigvalsh"), ("linalg.eigvalsh#2", "linalg.eigvalsh"),
+                     ("linalg.svd", "linalg.svd"), ("linalg.svdvals", "linalg.svdvals"),
+                     ("linalg.svdvals#2", "linalg.svdvals"), ("svd", "svd")]
+    x = torch.randn(2, 4, 4)
+    gm(x @ x.mT)  # the graph runs: these are the real ops
+    # op: rules match them by canonical name or by their ATen spelling
+    policy = orthofx.Policy.from_dict({"rules": [
+        {"match": {"op": ["aten._linalg_eigh", "torch.ops.aten.linalg_svd"]}, "apply": "svd_conditioning"}]})
+    plan = build_plan(gm, policy)
+    assert [e.site.name for e in plan.entries] == ["linalg.eigh", "linalg.eigh#2", "linalg.svd"]
 
 
 def test_block_rules_keep_the_block_a_leaf():

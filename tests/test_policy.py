@@ -277,7 +277,7 @@ MALFORMED = [
     ("capture-key", "orthofx: 1\ncapture: {mode: fx, leaf: [A]}\n" + BASIC[11:],
      "unknown key 'leaf' in capture; allowed: mode, leaf_modules", 2, 21),
     ("capture-mode", "orthofx: 1\ncapture: {mode: trace}\n" + BASIC[11:],
-     "capture.mode must be one of auto, fx; found a string ('trace')", 2, 17),
+     "capture.mode must be one of auto, fx, export; found a string ('trace')", 2, 17),
     ("capture-leaf-type", "orthofx: 1\ncapture:\n  leaf_modules: [A, 3]\n" + BASIC[11:],
      "capture.leaf_modules[1] must be a string, found an integer (3)", 3, 21),
     ("rules-missing", "orthofx: 1\ndescription: x\n", "missing 'rules'", 1, 1),

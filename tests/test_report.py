@@ -115,10 +115,10 @@ def _monitored():
     batches = [torch.randn(32, 6, generator=generator) * torch.tensor(scale) for scale in scales]
     gm = orthofx.transform(model, SVD_POLICY, example_inputs=(batches[0],))  # the check run: update 1
     gm(batches[1])
-    # A NaN event, as the monitor records it when a decomposition returns NaN eigenvalues (LAPACK raises instead
-    # on most NaN matrices, so the event is fed to the monitor directly).
-    name = next(c.after["monitor"] for c in orthofx.manifest_of(gm).changes if "monitor" in c.after)
-    gm.get_submodule(name).update(torch.tensor([float("nan"), 1.0, 2.0, 3.0]))
+    # A NaN in the input: the stable eigh gives NaN outputs (no LAPACK error) and the monitor counts a NaN event.
+    poisoned = batches[2].clone()
+    poisoned[5, 2] = float("nan")
+    assert torch.isnan(gm(poisoned)).all()
     gm(batches[2])
     return model, gm, batches
 
@@ -142,6 +142,29 @@ def test_monitored_site_rows_show_kappa_equal_to_an_independent_computation():
     assert data["rows"] == rep.rows and list(data["conditioning"]) == [row["site"]]
     # Reports of models without monitors keep their columns.
     assert "kappa" not in str(orthofx.report(orthofx.transform(build(), POLICY)))
+
+
+def test_monitors_lists_the_figures_of_the_report_rows():
+    from orthofx.report import monitors
+
+    model, gm, batches = _monitored()
+    found = monitors(gm)
+    (row,) = [r for r in orthofx.report(gm).rows if "kappa" in r]
+    (site,) = found
+    assert site == row["site"]
+    figures = found[site]
+    for key in ("kappa", "kappa_max", "updates", "nan_events", "inf_events"):
+        assert figures[key] == row[key]
+    assert figures["kappa"] == pytest.approx(_kappa64(model, batches[2]), rel=1e-4)
+    assert gm.get_submodule(figures["monitor"]).history[-1] == pytest.approx(figures["kappa"])
+    assert monitors(nn.DataParallel(gm)) == found  # through wrappers
+    assert orthofx.report.monitors(gm) == found  # orthofx.report is the function; the lookup hangs off it
+    assert monitors(orthofx.freeze(gm)) == {}  # frozen: pass-throughs, nothing to read
+    assert monitors(orthofx.transform(build(), POLICY)) == {}
+    import orthofx.passes.svd_conditioning as svd_conditioning
+
+    with pytest.raises(AttributeError, match="orthofx.report.monitors"):
+        svd_conditioning.monitors  # noqa: B018 - moved (passes sit below the manifest lookup)
 
 
 def test_monitored_site_before_any_call():
@@ -171,3 +194,20 @@ def test_plot_with_monitors_draws_the_kappa_panel(tmp_path):
         return int.from_bytes(header[16:20], "big")
 
     assert width(path) > width(other)
+
+
+def test_cayley_fft_rows_give_exact_sigmas_and_no_lorth():
+    """A Cayley-FFT layer's weight is an n x n kernel on the n x n grid: its singular values there are exactly 1,
+    while L_orth (defined for S n >= 2k - 1) would wrap around and report a non-zero value for an orthogonal layer."""
+    torch.manual_seed(0)
+    model = orthofx.models.get("small_cnn", width=4)
+    x = orthofx.models.example_input("small_cnn", batch=2)
+    policy = {"orthofx": 1, "rules": [{"match": {"type": "Conv2d"}, "apply": "orthogonal_conv",
+                                       "with": {"method": "cayley_fft"}}]}
+    gm = orthofx.transform(model, policy, example_inputs=(x,))
+    rows = {r["site"]: r for r in orthofx.report(gm).rows}
+    for site in ("conv1", "conv2", "conv3"):
+        assert rows[site]["lorth"] is None
+        assert abs(rows[site]["sigma_min"] - 1) < 1e-5 and abs(rows[site]["sigma_max"] - 1) < 1e-5
+        assert rows[site]["exists"].startswith("yes")
+    assert rows["fc"]["lorth"] is not None

@@ -23,6 +23,7 @@ import orthofx.passes.svd_conditioning as svd_conditioning
 from orthofx.errors import PolicyError, TransformError
 from orthofx.nn import conditioning as cond
 from orthofx.passes.orth_regularizer import LorthTerm
+from orthofx.report import monitors
 
 DECOMPOSITIONS = {torch.linalg.eigh, torch.linalg.eigvalsh, torch.linalg.svd, torch.linalg.svdvals, torch.svd}
 STABLE = {cond.stable_eigh, cond.stable_eigvalsh, cond.stable_linalg_svd, cond.stable_svdvals, cond.stable_torch_svd}
@@ -379,6 +380,49 @@ def test_newton_schulz_form_exports_to_onnx(tmp_path):
     assert result.max_abs_diff < 1e-4
 
 
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+def test_svd_preset_gcp_cnn_exports_to_onnx_through_newton_schulz(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = orthofx.models.get("gcp_cnn")  # full size: 16 x 16 covariances over 64 positions
+    x = orthofx.models.example_input("gcp_cnn", batch=8)
+    gm = orthofx.transform(model, "svd", example_inputs=(x,))
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
+    orthofx.attach(optimizer, gm)  # NOG + OLR steps, then export the trained model
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(gm(x), torch.arange(8)) + orthofx.penalty(gm)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    gm.eval()
+    result = orthofx.export(gm, tmp_path / "gcp.onnx", example_inputs=(x,))
+    assert result.newton_schulz.sites == ["cov_pool:linalg.eigh"] and result.max_abs_diff <= 1e-4
+    # another batch: onnxruntime against the transformed model's exact eigh (stable op) in float64
+    other = orthofx.models.example_input("gcp_cnn", batch=3, seed=5)
+    session = onnxruntime.InferenceSession(str(tmp_path / "gcp.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
+    reference = copy.deepcopy(gm).double()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got).double(), reference(other.double()), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+def test_svd_preset_dbn_cnn_in_eval_mode_exports_to_onnx_without_newton_schulz(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = orthofx.models.get("dbn_cnn")
+    model.train()(orthofx.models.example_input("dbn_cnn", batch=64, seed=2))  # running statistics move
+    model.eval()
+    x = orthofx.models.example_input("dbn_cnn", batch=8)
+    gm = orthofx.transform(model, "svd", example_inputs=(x,))
+    result = orthofx.export(gm, tmp_path / "dbn.onnx", example_inputs=(x,))
+    assert result.newton_schulz is None  # the running whitening matrix was folded by freeze: exact
+    assert result.max_abs_diff <= 1e-5
+
+
 def test_to_newton_schulz_gives_the_inference_form():
     torch.manual_seed(0)
     model = orthofx.models.get("gcp_cnn", width=8, dim=8).eval()
@@ -388,6 +432,103 @@ def test_to_newton_schulz_gives_the_inference_form():
     assert list(results.values()) == ["replaced"]
     assert not _has_decomposition(gm)
     assert torch.allclose(gm(x), model(x), atol=1e-4, rtol=1e-3)
+
+
+def test_to_newton_schulz_on_a_frozen_model_removes_the_pass_through():
+    torch.manual_seed(0)
+    model = orthofx.models.get("gcp_cnn", width=8, dim=8).eval()
+    x = orthofx.models.example_input("gcp_cnn", batch=4)
+    frozen = orthofx.freeze(orthofx.transform(model, "svd", example_inputs=(x,)))
+    assert any(isinstance(m, cond.PassThrough) for m in frozen.modules())
+    results = svd_conditioning.to_newton_schulz(frozen, iterations=15)
+    assert list(results.values()) == ["replaced"]
+    assert not _has_decomposition(frozen)
+    assert not any(n.op == "call_module" and isinstance(frozen.get_submodule(n.target), cond.PassThrough)
+                   for n in frozen.graph.nodes)
+    assert torch.allclose(frozen(x), model(x), atol=1e-5, rtol=1e-4)
+    # a values-only decomposition has no such form: left, with the reason
+    gm = orthofx.transform(SvdvalsModel(), _policy("linalg.svdvals"))
+    (reason,) = svd_conditioning.to_newton_schulz(gm).values()
+    assert "returns only the values" in reason and _has_decomposition(gm)
+
+
+class AtenRoot(nn.Module):
+    """The matrix square root written with the ATen op a torch.export graph holds."""
+
+    def forward(self, a):
+        L, V = torch.ops.aten.linalg_eigh.default(a)
+        return V @ torch.diag_embed(L.sqrt()) @ V.mT
+
+
+def test_to_newton_schulz_on_aten_eigh():
+    a = _spd(kappa=20.0)
+    gm = torch.fx.symbolic_trace(AtenRoot())
+    assert svd_conditioning.decomposition_op(next(n for n in gm.graph.nodes if n.op == "call_function")) == \
+        "linalg.eigh"
+    assert list(svd_conditioning.to_newton_schulz(gm, iterations=20).values()) == ["replaced"]
+    lam, vec = torch.linalg.eigh(a)
+    torch.testing.assert_close(gm(a), vec @ torch.diag_embed(lam.sqrt()) @ vec.mT, atol=1e-10, rtol=1e-10)
+
+
+class RunningWhiten(nn.Module):
+    """A buffer-only whitening matrix (decorrelated BN in eval mode), and a training-style buffer update."""
+
+    def __init__(self, update=False):
+        super().__init__()
+        self.update = update
+        g = torch.Generator().manual_seed(3)
+        a = torch.randn(5, 5, generator=g)
+        self.register_buffer("running_cov", a @ a.T / 5)
+
+    def forward(self, x):
+        if self.update:
+            self.running_cov.lerp_(x.T @ x / x.shape[0], 0.1)
+        cov = self.running_cov.type_as(x)
+        L, V = torch.linalg.eigh(cov + 0.1 * torch.eye(5, dtype=cov.dtype))
+        return x @ ((V * L.rsqrt().unsqueeze(0)) @ V.T)
+
+
+def test_fold_constant_decompositions_stores_the_whitening_matrix():
+    x = _white_input(batch=1, c=5, n=16)[0].T.contiguous()  # (16, 5)
+    model = RunningWhiten()
+    gm = orthofx.transform(model, "svd", example_inputs=(x,))
+    reference = gm(x)
+    folded = svd_conditioning.fold_constant_decompositions(gm)
+    (buffers,) = folded.values()
+    assert not _has_decomposition(gm)
+    # the buffer is (running_cov + 0.1 I)^(-1/2), computed here independently in float64
+    sigma = model.running_cov.double() + 0.1 * torch.eye(5, dtype=torch.float64)
+    lam, vec = torch.linalg.eigh(sigma)
+    expected = vec @ torch.diag(lam.rsqrt()) @ vec.T
+    torch.testing.assert_close(getattr(gm, buffers[0]).double(), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(gm(x), reference)
+    # the cast to the input's dtype stays: a float64 input gets a float64 result
+    assert gm(x.double()).dtype == torch.float64
+
+    # a buffer the graph writes (a running statistic in training mode) is not a constant
+    updating = orthofx.transform(RunningWhiten(update=True), "svd", example_inputs=(x,))
+    assert svd_conditioning.fold_constant_decompositions(updating) == {}
+    assert _has_decomposition(updating)
+    # an input-dependent matrix is not either
+    gcp = orthofx.transform(orthofx.models.get("gcp_cnn", width=4, dim=4).eval(), "svd")
+    assert svd_conditioning.fold_constant_decompositions(gcp) == {}
+
+
+def test_nan_input_is_counted_not_raised():
+    torch.manual_seed(0)
+    x = orthofx.models.example_input("gcp_cnn", batch=4)
+    poisoned = x.clone()
+    poisoned[1, 0, 3, 3] = float("nan")
+    for method in ("taylor", "newton_schulz"):
+        model = orthofx.models.get("gcp_cnn", width=8, dim=8).eval()
+        gm = orthofx.transform(model, _policy(method=method, iterations=15), example_inputs=(x,))
+        y = gm(poisoned)  # LAPACK used to raise "ill-conditioned or has too many repeated eigenvalues" here
+        assert torch.isnan(y[1]).all()
+        others = [0, 2, 3]  # per-sample covariances: the other samples are untouched
+        torch.testing.assert_close(y[others], model(x)[others], atol=1e-4, rtol=1e-3)
+        (summary,) = monitors(gm).values()
+        assert summary["nan_events"] == 1 and summary["updates"] == 2
+        y.nan_to_num().sum().backward()  # backward runs too
 
 
 # ----------------------------------------------------------------------------------------- monitor
@@ -420,7 +561,7 @@ def test_monitor_kappa_matches_independent_computation():
     for method in ("taylor", "newton_schulz"):
         gm = orthofx.transform(CovEigh(), _policy(method=method))
         gm(x)
-        (summary,) = svd_conditioning.monitors(gm).values()
+        (summary,) = monitors(gm).values()
         assert summary["updates"] == 1 and summary["nan_events"] == 0
         assert summary["kappa"] == pytest.approx(max(expected_cov), rel=1e-4)
 
@@ -430,7 +571,7 @@ def test_monitor_kappa_matches_independent_computation():
                         (CovSvd(), max(float(g.max() / g.min()) for g in gram))):
         gm = orthofx.transform(model, _policy("linalg.svd"))
         gm(x if isinstance(model, DataSvd) else x)
-        (summary,) = svd_conditioning.monitors(gm).values()
+        (summary,) = monitors(gm).values()
         assert summary["kappa"] == pytest.approx(want, rel=1e-3)
 
 
@@ -447,7 +588,7 @@ def test_monitor_on_gcp_matches_covariance_of_the_pre_svd_output():
     sigma = centred @ centred.mT / flat.shape[2] + 1e-5 * torch.eye(8, dtype=torch.float64)
     lam = torch.linalg.eigvalsh(sigma)
     expected = float((lam.amax(-1) / lam.amin(-1)).max())
-    (summary,) = svd_conditioning.monitors(gm).values()
+    (summary,) = monitors(gm).values()
     assert summary["kappa"] == pytest.approx(expected, rel=1e-3)
 
 
@@ -747,7 +888,7 @@ def test_svd_preset_transforms_and_trains(name):
         optimizer.step()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p).all() for p in gm.parameters())
-    (summary,) = svd_conditioning.monitors(gm).values()
+    (summary,) = monitors(gm).values()
     assert summary["updates"] >= 3 and summary["nan_events"] == 0 and summary["kappa"] >= 1
 
 

@@ -37,7 +37,11 @@ first argument through unchanged (so the graph keeps it by data flow, not as a d
   (the nonzero eigenvalues of both Gram matrices are ``s^2``).
 * ``source="matrix"`` (the Newton-Schulz form, which has no eigenvalues): ``torch.linalg.eigvalsh`` of the
   detached input in float64 (a forward-only decomposition, no backward; turn the monitor off to run without any
-  decomposition).
+  decomposition). A matrix holding a NaN/inf is not decomposed: it counts as a NaN event.
+
+Non-finite values: the stable ops give NaN outputs for a matrix holding a NaN or an inf instead of raising (see
+:mod:`orthofx.nn.decompositions`), so every monitor records such a call as a NaN event (``nan_events``, shown
+by ``orthofx.report``) and the model's output is NaN; nothing raises in the middle of a training run.
 
 The monitor records in training and in eval mode, with tensor ops only (no host synchronisation, no Python side
 effects), so ``torch.compile(fullgraph=True)`` traces it. ``to_plain()`` returns a :class:`PassThrough`, which is
@@ -51,8 +55,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .decompositions import (ConditionMonitor, eigh_stable, inv_sqrtm_newton_schulz, sqrtm_newton_schulz,
-                             svd_stable)
+from .decompositions import (ConditionMonitor, _finite_part, _nan_where, eigh_stable, inv_sqrtm_newton_schulz,
+                             sqrtm_newton_schulz, svd_stable)
 
 __all__ = [
     "stable_eigh",
@@ -261,7 +265,9 @@ class DecompositionMonitor(ConditionMonitor):
     def forward(self, x, matrix: Tensor | None = None):
         if self.source == "matrix":
             with torch.no_grad():
-                lam = torch.linalg.eigvalsh(x.detach().to(torch.float64))
+                # a matrix with a NaN/inf gets NaN eigenvalues (a NaN event) instead of a LAPACK error
+                finite, bad = _finite_part(x.detach().to(torch.float64), lower=True, sync=False)
+                (lam,) = _nan_where(bad, torch.linalg.eigvalsh(finite))
             self.update(lam)
             return x
         values = x if self.values_index is None else x[self.values_index]

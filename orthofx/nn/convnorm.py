@@ -74,6 +74,21 @@ recent weights. Two behaviours are offered:
   never seen in training. Buffers are created in ``forward``, which makes ``torch.compile`` break the graph on
   the first call of a new size.
 
+Freezing (inference form)
+-------------------------
+In eval mode ``V`` is a fixed function of the weight and the grid, so :meth:`ConvNormConvNd.to_plain` (the
+protocol ``orthofx.freeze`` uses) precomputes it: it returns a :class:`FrozenConvNormNd` made of a plain
+``nn.Conv{d}d`` with the same weights (``stride=1``, padding ``Q``: the stride-1 correlation above), one buffer
+``v_<L1>x<L2>`` per FFT grid holding the eval ``V`` (the running filter where one is kept, else ``V`` of the
+weight), the bias and the affine conv; its forward is conv -> rfft -> multiply -> irfft -> crop, with no FFT of
+the weight. The grids are those of the input sizes the layer has run on (each eager forward remembers its
+spatial input size, the 16 most recent ones; ``orthofx.transform`` runs the model once on its example inputs),
+the grids of the running filters, and any ``input_sizes`` passed to ``to_plain``. Eval outputs equal the
+unfrozen layer's in eval (same operations). An input whose grid has no precomputed filter raises
+:class:`~orthofx.errors.LayerArgumentError` naming the size, the grid, the sizes it has and the fix (run the
+unfrozen model on that size before freezing, or ``to_plain(input_sizes=[...])``), where the unfrozen layer
+would have computed ``V`` from the weight.
+
 Affine part
 -----------
 ``affine=True`` adds P3's learned affine part: a depthwise convolution (``groups = M``, kernel
@@ -99,12 +114,15 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import ClassVar, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from orthofx.errors import LayerArgumentError
 
 __all__ = [
     "ConvNormGeometry",
@@ -117,6 +135,7 @@ __all__ = [
     "ConvNormConv2d",
     "ConvNormConv3d",
     "with_convnorm",
+    "FrozenConvNormNd",
     "WRAPPED_MARKER",
 ]
 
@@ -126,6 +145,9 @@ WRAPPED_MARKER = "_orthofx_convnorm_inner"
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _PAD_MODES = {"zeros", "reflect", "replicate", "circular"}
 _RUNNING_PREFIX = "running_v_"
+_FROZEN_PREFIX = "v_"
+#: How many distinct input sizes a ConvNorm layer remembers for :meth:`ConvNormConvNd.to_plain`.
+MAX_REMEMBERED_SIZES = 16
 
 
 # ------------------------------------------------------------------------------------------------ geometry
@@ -375,6 +397,7 @@ class ConvNormConvNd(nn.Module):
             self.reset_affine()
         else:
             self.affine = None
+        self._input_sizes: dict[tuple[int, ...], None] = {}
         self.train(conv.training)
 
     # ---- the conv's attributes, read-only
@@ -496,7 +519,43 @@ class ConvNormConvNd(nn.Module):
 
     # ---- forward
 
+    @property
+    def input_sizes(self) -> list[tuple[int, ...]]:
+        """The spatial input sizes this layer has run on (eager forwards, most recent last, at most
+        ``MAX_REMEMBERED_SIZES``): :meth:`to_plain` precomputes a filter for each."""
+        return list(getattr(self, "_input_sizes", {}))
+
+    def _remember(self, x: torch.Tensor) -> None:
+        sizes = self.__dict__.setdefault("_input_sizes", {})
+        size = tuple(int(n) for n in x.shape[-self._dims:])
+        sizes.pop(size, None)
+        sizes[size] = None
+        while len(sizes) > MAX_REMEMBERED_SIZES:
+            sizes.pop(next(iter(sizes)))
+
+    @torch.no_grad()
+    def to_plain(self, input_sizes: Sequence[Sequence[int]] | None = None) -> "FrozenConvNormNd":
+        """The inference form (``orthofx.freeze`` calls this): a :class:`FrozenConvNormNd` with a plain conv of
+        the same weights and the eval ``V`` precomputed for every grid known (see the module docs, "Freezing");
+        ``input_sizes`` adds spatial sizes. Its outputs equal this layer's in eval mode."""
+        grids: dict[tuple[int, ...], tuple[int, ...] | None] = {}
+        for size in self.input_sizes + [tuple(int(n) for n in s) for s in (input_sizes or [])]:
+            grids.setdefault(tuple(self.geometry(size).grid), size)
+        for grid in self.running_grids:
+            grids.setdefault(grid, None)
+        filters = {}
+        for grid, size in grids.items():
+            v = self.running_filter(grid) if self.momentum is not None else None
+            if v is None:
+                v = convnorm_filter(self.conv.weight, grid, self.conv.dilation, self.eps)
+            filters[grid] = (size, v.detach().clone())
+        frozen = FrozenConvNormNd(self.conv, filters, self.affine)
+        frozen.train(self.training)
+        return frozen
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self._remember(x)
         conv = self.conv
         y = _conv_norm(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
                        self.eps, conv.padding_mode, self._v_for)
@@ -530,6 +589,123 @@ class ConvNormConv3d(ConvNormConvNd):
 
     _dims = 3
     _conv_type = nn.Conv3d
+
+
+class FrozenConvNormNd(nn.Module):
+    """The inference form of a ConvNorm layer (:meth:`ConvNormConvNd.to_plain`), for 1-D, 2-D and 3-D convs.
+
+    Children: ``conv``, a plain ``nn.Conv{d}d`` with the ConvNorm conv's weight, ``stride=1``, no bias and the
+    zero padding ``Q`` of the stride-1 correlation (:func:`convnorm_geometry`), and ``affine`` (the affine
+    depthwise conv, or ``None``). Buffers: ``v_<L1>x...`` (the eval filter ``V`` of each FFT grid, rfft layout
+    ``(M, L_1, ..., L_d // 2 + 1)``); parameter ``bias`` (added after the normalisation). Forward: the layer's
+    own padding mode (non-zero modes pad first), ``conv``, ``irfftn(rfftn(z) * V)``, crop at the layer's output
+    positions, bias, affine. An input whose grid has no filter raises
+    :class:`~orthofx.errors.LayerArgumentError` (no FFT of the weight is ever computed here).
+
+    >>> import torch
+    >>> layer = ConvNormConv2d(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)).eval()
+    >>> x = torch.randn(2, 3, 16, 16)
+    >>> y = layer(x)                                    # the layer remembers the input size 16x16
+    >>> frozen = layer.to_plain(); frozen.grids
+    [(18, 18)]
+    >>> bool(torch.allclose(frozen(x), y, atol=1e-6))
+    True
+    """
+
+    def __init__(self, conv: nn.Module, filters: dict, affine: nn.Module | None = None):
+        super().__init__()
+        d = conv.weight.ndim - 2
+        self._dims = d
+        self.kernel_size = tuple(conv.kernel_size)
+        self.stride = tuple(conv.stride)
+        self.dilation = tuple(conv.dilation)
+        self.groups = conv.groups
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.padding_mode = conv.padding_mode
+        self.layer_padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+        if conv.padding_mode != "zeros":
+            pads = _layer_pads(conv.padding, self.kernel_size, self.dilation)
+            self.pre_pad = [p for pair in reversed(pads) for p in pair]
+            self.geometry_padding = 0
+        else:
+            self.pre_pad = []
+            self.geometry_padding = conv.padding
+        # Q depends only on the padding and the kernel: any input size gives it
+        probe = convnorm_geometry(tuple(e + 1 for e in self._extent()), self.kernel_size, self.stride,
+                                  self.geometry_padding, self.dilation)
+        ql, qr = probe.pad_left, probe.pad_right
+        symmetric = ql == qr
+        self.extra_pad = [] if symmetric else [p for pair in reversed(list(zip(ql, qr))) for p in pair]
+        weight = conv.weight.detach()
+        self.conv = type(conv)(conv.in_channels, conv.out_channels, self.kernel_size, stride=1,
+                               padding=ql if symmetric else 0, dilation=self.dilation, groups=conv.groups,
+                               bias=False, device=weight.device, dtype=weight.dtype)
+        self.conv.weight.data.copy_(weight)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+        self.affine = None if affine is None else copy.deepcopy(affine)
+        self._sizes: dict[tuple[int, ...], tuple[int, ...] | None] = {}
+        for grid, (size, v) in filters.items():
+            grid = tuple(int(g) for g in grid)
+            self.register_buffer(_FROZEN_PREFIX + "x".join(map(str, grid)), v)
+            self._sizes[grid] = None if size is None else tuple(size)
+
+    def _extent(self) -> tuple[int, ...]:
+        return tuple(dl * (k - 1) + 1 for k, dl in zip(self.kernel_size, self.dilation))
+
+    @property
+    def grids(self) -> list[tuple[int, ...]]:
+        """The FFT grids with a precomputed filter."""
+        return list(self._sizes)
+
+    def filter_for(self, grid: Sequence[int]) -> torch.Tensor | None:
+        """The precomputed ``V`` of an FFT grid, or ``None``."""
+        return self._buffers.get(_FROZEN_PREFIX + "x".join(str(int(g)) for g in grid))
+
+    def _missing(self, size: tuple[int, ...], grid: tuple[int, ...]) -> LayerArgumentError:
+        known = [s for s in self._sizes.values() if s is not None]
+        return LayerArgumentError(
+            f"FrozenConvNorm ({self._dims}-D): no precomputed ConvNorm filter for input size {size} (FFT grid "
+            f"{grid}); this frozen layer has filters for input sizes {known or '(none)'} (grids {self.grids}). ConvNorm's filter "
+            f"depends on the feature-map size: run the unfrozen model once on inputs of this size before "
+            f"orthofx.freeze (each ConvNorm layer remembers the sizes it has run on), or freeze the layer with "
+            f"to_plain(input_sizes=[{size}])")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self._dims
+        unbatched = x.ndim == d + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        size = tuple(x.shape[2:])
+        if self.pre_pad:
+            x = F.pad(x, self.pre_pad, mode=self.padding_mode)
+        geo = convnorm_geometry(x.shape[2:], self.kernel_size, self.stride, self.geometry_padding, self.dilation)
+        v = self.filter_for(geo.grid)
+        if v is None:
+            raise self._missing(size, geo.grid)
+        in_dtype = x.dtype
+        work = _real_dtype(in_dtype)
+        xw = x.to(work)
+        if self.extra_pad:
+            xw = F.pad(xw, self.extra_pad)
+        if self.conv.weight.dtype == work:
+            z = self.conv(xw)
+        else:
+            z = _CONV_FN[d](xw, self.conv.weight.to(work), None, 1, self.conv.padding, self.dilation, self.groups)
+        z = _normalise(z, v, d)
+        index = (slice(None), slice(None)) + tuple(
+            slice(st, st + sd * (no - 1) + 1, sd) for st, sd, no in zip(geo.start, geo.stride, geo.output_size))
+        y = z[index]
+        if self.bias is not None:
+            y = y + self.bias.to(work).view((1, -1) + (1,) * d)
+        y = y.to(in_dtype)
+        y = y.squeeze(0) if unbatched else y
+        if self.affine is not None:
+            y = self.affine(y)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"grids={self.grids}")
 
 
 def with_convnorm(conv: nn.Module, **kwargs) -> ConvNormConvNd:

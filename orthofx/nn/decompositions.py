@@ -58,6 +58,17 @@ with ``K_jk ~ 1/(s_k^2 - s_j^2)``, ``k = min(m, n)``, ``V = Vh^T``, and ``S^-1``
 torch's gradient for full-rank real matrices with distinct singular values (``taylor_order=None``) and is
 finite for repeated ones. Complex inputs are not supported.
 
+Non-finite inputs
+-----------------
+A matrix holding a NaN or an inf (a NaN in the model's input, weights gone to NaN after a bad step) is not
+handed to LAPACK, which would raise from deep inside the op (for eigh with the misleading message that the
+matrix is "ill-conditioned or has too many repeated eigenvalues") and end the training run. Its outputs (and
+therefore its gradient) are NaN instead, as for any elementwise torch op; the other matrices of a batch are
+decomposed as usual. The condition-number monitor that ``svd_conditioning`` places after the op counts the call
+as a NaN event (``orthofx.report`` shows the count), and the training loop sees a NaN loss it can skip::
+
+    L, V = eigh_stable(torch.full((2, 2), float("nan")))      # L, V all NaN; no exception
+
 ``float64=True`` casts the input to float64, runs the op (forward and backward) in float64 and casts the outputs
 back; the casts are ordinary autograd ops outside the custom op.
 
@@ -177,13 +188,65 @@ def _check_args(taylor_order, clamp_gap) -> None:
         raise ValueError(f"clamp_gap must be None or a float > 0, got {clamp_gap!r}")
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _working_dtypes(A: Tensor, float64: bool) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype the decomposition runs in, dtype it returns). Half-precision inputs (what ``torch.autocast`` hands
+    over after a bfloat16 matmul) are decomposed in float32 (LAPACK and cuSOLVER have no half kernels, and
+    bfloat16's 8-bit mantissa would swamp the condition number); the result stays float32 under autocast, like
+    autocast's own float32 ops, and is cast back to the input's dtype outside it."""
+    if A.dtype in _LOW_PRECISION:
+        returned = torch.float32 if torch.is_autocast_enabled(A.device.type) else A.dtype
+        return (torch.float64 if float64 else torch.float32), returned
+    return (torch.float64 if float64 else A.dtype), A.dtype
+
+
+def _run_in(op, A: Tensor, work: torch.dtype, returned: torch.dtype, *args) -> tuple[Tensor, ...]:
+    out = op(A.to(work), *args)
+    return tuple(t.to(returned) for t in out)
+
+
 # ------------------------------------------------------------------------------------------- eigh
+
+
+def _finite_part(A: Tensor, lower: bool = False, sync: bool = True) -> tuple[Tensor, Tensor | None]:
+    """``(A', bad)``: ``A`` with every matrix holding a NaN/inf (in its lower triangle when ``lower``: the part
+    eigh reads) replaced by the identity (``m x n``), and the mask of those matrices (shape ``A.shape[:-2]``).
+    With ``sync`` (inside the custom ops' kernels) ``(A, None)`` when all are finite, which costs a host sync;
+    ``sync=False`` always substitutes, with tensor ops only (for code that torch.compile traces). LAPACK raises
+    on such matrices (with a misleading "ill-conditioned" message for eigh), so the kernels decompose the
+    identity instead and give the affected matrices NaN outputs (see "Non-finite inputs" in the module
+    docstring)."""
+    if sync and bool(torch.isfinite(A.sum(dim=(-2, -1))).all()):
+        return A, None  # a NaN or inf entry makes the sum non-finite: no matrix has one (one reduction)
+    nonfinite = ~torch.isfinite(A)
+    if lower:
+        nonfinite = nonfinite.tril()
+    bad = nonfinite.any(dim=-1).any(dim=-1)
+    if sync and not bool(bad.any()):
+        return A, None  # the sum overflowed, or the non-finite entries are in the upper triangle eigh ignores
+    eye = torch.eye(A.shape[-2], A.shape[-1], dtype=A.dtype, device=A.device)
+    return torch.where(bad.unsqueeze(-1).unsqueeze(-1), eye, A), bad
+
+
+def _nan_where(bad: Tensor | None, *outputs: Tensor) -> tuple[Tensor, ...]:
+    """Fill the outputs of the matrices flagged in ``bad`` with NaN (values ``[..., k]``, factors ``[..., m, k]``)."""
+    if bad is None:
+        return outputs
+    filled = []
+    for out in outputs:
+        mask = bad.reshape(bad.shape + (1,) * (out.dim() - bad.dim()))
+        filled.append(out.masked_fill(mask, float("nan")))
+    return tuple(filled)
 
 
 @torch.library.custom_op("orthofx::eigh_stable", mutates_args=())
 def _eigh_op(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor]:
+    A, bad = _finite_part(A, lower=True)
     L, V = torch.linalg.eigh(A)
-    return L, V.contiguous()  # LAPACK's V is column-major; the fake kernel promises row-major
+    # LAPACK's V is column-major; the fake kernel promises row-major
+    return _nan_where(bad, L, V.contiguous())
 
 
 @_eigh_op.register_fake
@@ -254,15 +317,15 @@ def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
     Returns ``(eigenvalues [..., n] ascending, eigenvectors [..., n, n] in columns)`` like
     ``torch.linalg.eigh``. ``taylor_order=None`` gives the exact gradient (gap-clamped); an int ``T`` gives
     P4's Taylor form of order ``T``; ``clamp_gap`` bounds every ``|K_ij|`` by ``1/clamp_gap``;
-    ``float64=True`` computes in float64 and casts back. See the module docstring for the formulas.
+    ``float64=True`` computes in float64 and casts back. Half-precision input (bfloat16 / float16, e.g. under
+    ``torch.autocast``) is decomposed in float32; the outputs are float32 under autocast and the input's dtype
+    otherwise. See the module docstring for the formulas.
     """
     _check_args(taylor_order, clamp_gap)
     clamp = None if clamp_gap is None else float(clamp_gap)
-    if float64:
-        out = _eigh_op(A.to(torch.float64), taylor_order, clamp)
-        return out[0].to(A.dtype), out[1].to(A.dtype)
-    out = _eigh_op(A, taylor_order, clamp)
-    return out[0], out[1]
+    work, returned = _working_dtypes(A, float64)
+    L, V = _run_in(_eigh_op, A, work, returned, taylor_order, clamp)
+    return L, V
 
 
 # ------------------------------------------------------------------------------------------- svd
@@ -270,8 +333,9 @@ def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
 
 @torch.library.custom_op("orthofx::svd_stable", mutates_args=())
 def _svd_op(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    A, bad = _finite_part(A)
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
-    return U.contiguous(), S, Vh.contiguous()
+    return _nan_where(bad, U.contiguous(), S, Vh.contiguous())
 
 
 @_svd_op.register_fake
@@ -334,11 +398,9 @@ def svd_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
     """
     _check_args(taylor_order, clamp_gap)
     clamp = None if clamp_gap is None else float(clamp_gap)
-    if float64:
-        out = _svd_op(A.to(torch.float64), taylor_order, clamp)
-        return out[0].to(A.dtype), out[1].to(A.dtype), out[2].to(A.dtype)
-    out = _svd_op(A, taylor_order, clamp)
-    return out[0], out[1], out[2]
+    work, returned = _working_dtypes(A, float64)
+    U, S, Vh = _run_in(_svd_op, A, work, returned, taylor_order, clamp)
+    return U, S, Vh
 
 
 # ------------------------------------------------------------------------------------------- Newton-Schulz
@@ -349,6 +411,11 @@ def _newton_schulz(A: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor]:
         raise ValueError(f"expected square matrices [..., n, n], got shape {tuple(A.shape)}")
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
         raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+    work, returned = _working_dtypes(A, float64=False)
+    if work != A.dtype or torch.is_autocast_enabled(A.device.type):
+        # bfloat16 matmuls would lose the iteration's accuracy: run it in float32 with autocast off
+        with torch.autocast(device_type=A.device.type, enabled=False):
+            return tuple(t.to(returned) for t in _newton_schulz(A.to(work), iterations))
     n = A.shape[-1]
     trace = A.diagonal(dim1=-2, dim2=-1).sum(-1).unsqueeze(-1).unsqueeze(-1)  # [..., 1, 1]
     An = A / trace
@@ -429,7 +496,8 @@ class ConditionMonitor(nn.Module):
         lam = eigenvalues.detach().to(torch.float64)
         k = self.kappa(lam).reshape(-1)
         has_nan = k.isnan().any()
-        worst = torch.where(has_nan, torch.full_like(k[0], float("nan")), torch.where(k.isnan(), torch.zeros_like(k), k).amax())
+        finite_max = torch.where(k.isnan(), torch.zeros_like(k), k).amax()
+        worst = torch.where(has_nan, torch.full_like(k[0], float("nan")), finite_max)
         self.nan_events += has_nan.long()
         self.inf_events += (lam.isinf().any() | k.isinf().any()).long()
         self.last.copy_(worst)

@@ -47,7 +47,7 @@ __all__ = ["JacobianProbe"]
 
 _ROUTES = ("auto", "jvp", "double_vjp")
 _OWN = ("penalty_weight", "probes", "kind", "every", "per_sample", "normalize", "route", "seed", "estimate",
-        "route_used", "calls")
+        "route_used", "calls", "batch_fraction")
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -72,6 +72,12 @@ class JacobianProbe(nn.Module):
         per_sample: mean over samples of per-sample values instead of the whole-batch value.
         normalize: divide by the input dimension (per sample when ``per_sample``).
         route: ``"auto"`` (forward mode, double-VJP fallback), ``"jvp"`` or ``"double_vjp"``.
+        batch_fraction: estimate on a random subset of ``ceil(batch_fraction * B)`` samples of the batch (1:
+            all of them). Unbiased for the whole batch's value when samples are independent, at about
+            ``batch_fraction`` of the cost; with BatchNorm in training mode the subset is normalised with its
+            own statistics (see :func:`orthofx.metrics.jacobian_isometry`). The block's output is always
+            computed on the whole batch. Tensor arguments after the first whose dimension 0 is the batch are
+            subsampled alike.
         seed: when given, every estimate draws its probes from a generator reset to this seed (deterministic,
             for tests and debugging); by default the global RNG is used.
 
@@ -80,8 +86,11 @@ class JacobianProbe(nn.Module):
         route_used: the route the last estimate took (after a fallback the probe keeps ``"double_vjp"``).
     """
 
+    batch_fraction: float = 1.0  # class default: probes pickled before the parameter existed
+
     def __init__(self, block: nn.Module, weight: float = 1.0, probes: int = 1, kind: str = "full", every: int = 1,
-                 per_sample: bool = False, *, normalize: bool = False, route: str = "auto", seed: int | None = None):
+                 per_sample: bool = False, *, normalize: bool = False, route: str = "auto", seed: int | None = None,
+                 batch_fraction: float = 1.0):
         if not isinstance(block, nn.Module):
             raise ValueError(f"JacobianProbe wraps an nn.Module, got {type(block).__name__}")
         if isinstance(block, JacobianProbe):
@@ -94,6 +103,7 @@ class JacobianProbe(nn.Module):
             raise ValueError(f"weight must be a number >= 0, got {weight!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        batch_fraction = metrics._check_fraction(batch_fraction, "JacobianProbe")
         clash = [name for name in _OWN if name in block._modules or name in block._parameters
                  or name in block._buffers]
         if clash:
@@ -117,6 +127,7 @@ class JacobianProbe(nn.Module):
         self.normalize = bool(normalize)
         self.route = route
         self.seed = seed
+        self.batch_fraction = batch_fraction
         self.estimate: torch.Tensor | None = None
         self.route_used: str | None = None
         self.calls = 0  # training-mode calls with gradients enabled, counted for ``every``
@@ -176,24 +187,11 @@ class JacobianProbe(nn.Module):
         return self.block
 
     def extra_repr(self) -> str:
+        fraction = "" if self.batch_fraction == 1 else f", batch_fraction={self.batch_fraction:g}"
         return (f"kind={self.kind}, probes={self.probes}, every={self.every}, per_sample={self.per_sample}, "
-                f"normalize={self.normalize}, weight={self.penalty_weight}")
+                f"normalize={self.normalize}, weight={self.penalty_weight}{fraction}")
 
     # ------------------------------------------------------------------------------------------ forward
-
-    def _function(self, args: tuple, kwargs: dict):
-        """The block as a function of its first input, running on copies of its buffers."""
-        block = self.block
-        rest = args[1:]
-        buffers = dict(block.named_buffers())
-
-        def call(x: torch.Tensor) -> torch.Tensor:
-            if not buffers:
-                return block(x, *rest, **kwargs)
-            copies = {name: b.clone() for name, b in buffers.items()}
-            return torch.func.functional_call(block, copies, (x, *rest), kwargs, strict=False, tie_weights=True)
-
-        return call
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         block = self.block
@@ -212,8 +210,9 @@ class JacobianProbe(nn.Module):
         generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         route = "double_vjp" if self.route_used == "double_vjp" and self.route == "auto" else self.route
         self.estimate, self.route_used = metrics._jacobian_isometry(
-            self._function(args, kwargs), args[0], probes=self.probes, kind=self.kind, per_sample=self.per_sample,
-            generator=generator, normalize=self.normalize, route=route)
+            metrics._Call(block, args[1:], kwargs), args[0], probes=self.probes, kind=self.kind,
+            per_sample=self.per_sample, generator=generator, normalize=self.normalize, route=route,
+            batch_fraction=self.batch_fraction)
         return output
 
     def penalty(self) -> torch.Tensor:

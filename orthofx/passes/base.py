@@ -210,11 +210,19 @@ class OptimizerHook:
 
 @dataclass
 class CaptureInfo:
-    """How the graph was obtained: the mode used, submodules kept as leaves after a failed trace, warnings."""
+    """How the graph was obtained: the mode used (``"fx"`` or ``"export"``), submodules kept as leaves after a
+    failed trace, warnings, and, when capture mode ``auto`` fell back to torch.export, why fx tracing failed."""
 
     mode: str
     leaf_fallbacks: list[tuple[str, str]] = field(default_factory=list)  # (module path, one-line reason)
     warnings: list[str] = field(default_factory=list)
+    fx_error: str = ""  # mode "auto" -> "export": the fx failure (without its list of fixes)
+
+    def summary(self) -> str:
+        """One line for ``explain`` and ``report``: ``"fx"``, ``"export"`` or ``"export (auto: ...)"``."""
+        if self.fx_error:
+            return f"{self.mode} (auto: symbolic tracing failed: {self.fx_error})"
+        return self.mode
 
 
 @dataclass
@@ -365,6 +373,12 @@ class Pass:
             return f"pass '{self.name}' handles {names}, not {type(module).__name__}"
         if site.kind == "function" and self.ops and site.target not in self.ops:
             return f"pass '{self.name}' handles {', '.join(self.ops)}, not {site.target}"
+        return None
+
+    def accepts_params(self, site: Site, module: nn.Module | None, params: dict[str, Any]) -> str | None:
+        """Like :meth:`accepts`, for reasons that depend on the rule's validated parameters (e.g. the
+        ``riemannian`` pass's ``only_square``): ``None`` (the default) accepts. A site declined here is
+        skipped like one :meth:`accepts` declines: ``explain`` and ``report`` show ``skipped: <reason>``."""
         return None
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:  # pragma: no cover - abstract

@@ -34,7 +34,18 @@ select the block ``"0"``. A module called several times in one forward keeps the
 Parameters: ``weight`` (>= 0, default 0.1), ``probes`` (>= 1, default 1), ``kind`` (full | partial | offdiag),
 ``every`` (>= 1: estimate on every ``every``-th training step only), ``per_sample`` (mean over samples instead
 of the whole-batch value), ``normalize`` (divide by the input dimension, so one weight suits blocks of any size)
-and ``route`` (auto | jvp | double_vjp: how the Jacobian products are computed).
+``route`` (auto | jvp | double_vjp: how the Jacobian products are computed) and ``batch_fraction`` (in (0, 1],
+default 1: estimate on a random subset of that fraction of the batch).
+
+Cost. With one probe, ``full`` adds about three forward-and-backward passes of the block to a training step
+(forward, tangent and VJP, each differentiated again for the parameters' gradient; the forward is
+differentiated too because the tangent and the VJP depend on its activations). A step of a model whose blocks
+carry most of the compute therefore costs about 4x a plain step, whatever the implementation. The two ways to
+make it cheaper change the sampling, not the quantity estimated: ``every: k`` (estimate on one step in ``k``,
+with ``weight`` multiplied by ``k`` to keep the average strength) and ``batch_fraction: f`` (estimate on a random
+``f`` of the samples; unbiased for independent samples, cost about ``f`` of the full estimate). With BatchNorm
+in training mode the subset is normalised with its own batch statistics, so ``batch_fraction`` then estimates
+the quantity of the smaller batch's map (see :func:`orthofx.metrics.jacobian_isometry`).
 """
 
 from __future__ import annotations
@@ -86,6 +97,9 @@ class JacobianIsometry(Pass):
         Param("normalize", False, (bool,), "divide by the input dimension (per sample with per_sample)"),
         Param("route", "auto", (str,), "auto: forward mode with double-VJP fallback; jvp; double_vjp",
               choices=("auto", "jvp", "double_vjp")),
+        Param("batch_fraction", 1.0, (float,), "estimate on a random subset of this fraction of the batch "
+              "(unbiased for independent samples; 1: the whole batch)", minimum=0.0, maximum=1.0,
+              exclusive_minimum=True),
     )
     site_kinds = frozenset({"block", "module"})
 
@@ -107,7 +121,8 @@ class JacobianIsometry(Pass):
             name = entry.site.name
             block = ctx.module(entry.site)
             probe = JacobianProbe(block, weight=p["weight"], probes=p["probes"], kind=p["kind"], every=p["every"],
-                                  per_sample=p["per_sample"], normalize=p["normalize"], route=p["route"])
+                                  per_sample=p["per_sample"], normalize=p["normalize"], route=p["route"],
+                                  batch_fraction=p["batch_fraction"])
             _set_module(ctx.gm, name, probe)
             ctx.add_penalty(JacobianTerm(name, entry.rule_name, p["weight"]))
             before = {}

@@ -9,8 +9,16 @@ convolution (e.g. the ResNet strided shortcut, (M, C, k, S) = (2C, C, 1, 2)), ``
 
 Parameters:
 
-* ``method``: ``auto`` (the cheapest exact construction), ``bcop`` (projector blocks + reshaped kernel) or ``rko``
-  (reshaped kernel only, exact when ``k <= S``).
+* ``method``: ``auto`` (the cheapest exact construction), ``bcop`` (projector blocks + reshaped kernel), ``rko``
+  (reshaped kernel only, exact when ``k <= S``) or ``cayley_fft`` (Trockman & Kolter's Cayley transform per
+  spatial frequency, for the input size the layer sees on the example inputs: ``transform`` needs
+  ``example_inputs``, and the rewritten layer accepts that size only). ``auto`` never picks ``cayley_fft``.
+  ``cayley_fft``'s effective kernel is full size, so it also exists where Theorem 4 admits no ``k x k``
+  orthogonal kernel (e.g. the strided 1x1 shortcut): there it replaces the layer instead of ``on_impossible``.
+  It needs ``padding: circular`` and no dilation. Cost: a batched ``N x N`` complex solve per frequency
+  (``N = max(M, C S^d)``) at every training step: cheaper than ``bcop`` on a GPU for ``N <= 64``, much dearer on
+  CPUs and for wide layers on large grids (figures in :mod:`orthofx.nn.orthogonal`, item 6); it freezes into a
+  Fourier-domain ``FourierConv``.
 * ``padding``: ``circular`` (exactly orthogonal, output size ``n / S``; allowed only where it keeps the layer's
   output size, which holds for the usual ``k // 2`` padding) or ``keep`` (the layer's own zero padding: orthogonal
   only away from the borders, P0 Proposition 6; the report says so).
@@ -32,7 +40,7 @@ import torch
 from torch import nn
 
 from .. import theory
-from ..errors import ImpossibleLayerError, OrthofxError
+from ..errors import ImpossibleLayerError, OrthofxError, PlanError
 from ..nn.orthogonal import OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinear
 from .base import Change, Param, Pass, PassContext, PlanEntry, describe_module
 from .orth_regularizer import lorth_term
@@ -41,14 +49,16 @@ from .registry import register_pass
 __all__ = ["OrthogonalConvPass", "keeps_output_size", "orthogonal_layer"]
 
 def orthogonal_layer(module: nn.Module, *, init: str = "nearest", method: str = "auto", padding: str = "circular",
-                     gain: float = 1.0, fit_steps: int = 0) -> nn.Module:
+                     gain: float = 1.0, fit_steps: int = 0, input_size=None) -> nn.Module:
     """The exactly orthogonal replacement of a ``Linear`` / ``Conv1d`` / ``Conv2d`` (subclasses included):
-    ``padding="circular"`` gives the circular ``"same"`` layer, ``"keep"`` the conv's own padding."""
+    ``padding="circular"`` gives the circular ``"same"`` layer, ``"keep"`` the conv's own padding;
+    ``input_size`` (spatial) is needed by ``method="cayley_fft"`` only."""
     if isinstance(module, nn.Linear):
         return OrthogonalLinear.from_linear(module, init=init, gain=gain)
     cls = OrthogonalConv2d if isinstance(module, nn.Conv2d) else OrthogonalConv1d
     return cls.from_conv(module, init=init, method=method, padding="same" if padding == "circular" else "keep",
-                         gain=gain, fit_steps=fit_steps)
+                         gain=gain, fit_steps=fit_steps,
+                         input_size=input_size if method == "cayley_fft" else None)
 
 
 def keeps_output_size(conv: nn.Module) -> bool:
@@ -63,9 +73,23 @@ def keeps_output_size(conv: nn.Module) -> bool:
     return True
 
 
-def _impossibility(conv: nn.Module, padding: str) -> str | None:
-    """Why no exactly orthogonal replacement is possible for ``conv`` (``None`` when one is)."""
+def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_size=None) -> str | None:
+    """Why no exactly orthogonal replacement is possible for ``conv`` (``None`` when one is); for
+    ``method="cayley_fft"`` the spatial ``input_size`` the layer sees (its effective kernel is that large)."""
     dims = conv.weight.dim() - 2
+    if method == "cayley_fft":
+        if any(d > 1 for d in conv.dilation):
+            return (f"dilation={conv.dilation}: method cayley_fft builds a full-size kernel, which has no dilation; "
+                    "use method bcop (dilated kernels at stride 1)")
+        if any(n % s for n, s in zip(input_size, conv.stride)):
+            return (f"the input size {tuple(input_size)} is not divisible by stride={conv.stride}, which method "
+                    "cayley_fft needs (space-to-depth blocks)")
+        if any(-(-k // s) > n // s for k, s, n in zip(conv.kernel_size, conv.stride, input_size)):
+            return f"kernel_size={conv.kernel_size} does not fit the input size {tuple(input_size)}"
+        if not keeps_output_size(conv):
+            return (f"padding={conv.padding} gives another output size than the circular 'same' padding of an "
+                    "exactly orthogonal layer")
+        return None
     exists, _, reason = theory.orthogonal_conv_exists(conv.in_channels, conv.out_channels, conv.kernel_size,
                                                       conv.stride, dims=dims, groups=conv.groups)
     if not exists:
@@ -85,7 +109,8 @@ class OrthogonalConvPass(Pass):
 
     name = "orthogonal_conv"
     params = (
-        Param("method", "auto", (str,), "construction of the orthogonal kernel", choices=("auto", "bcop", "rko")),
+        Param("method", "auto", (str,), "construction of the orthogonal kernel (cayley_fft: for the example "
+              "input's size only)", choices=("auto", "bcop", "rko", "cayley_fft")),
         Param("padding", "circular", (str,), "circular (exact) or keep (the layer's zero padding)",
               choices=("circular", "keep")),
         Param("init", "nearest", (str,), "start from the nearest orthogonal layer or at random",
@@ -113,16 +138,38 @@ class OrthogonalConvPass(Pass):
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         for entry in entries:
             module = ctx.module(entry.site)
-            problem = None if isinstance(module, nn.Linear) else _impossibility(module, entry.params["padding"])
+            method = entry.params["method"]
+            input_size = None
+            if method == "cayley_fft" and not isinstance(module, nn.Linear):
+                input_size = self._cayley_input_size(ctx, entry, module)
+            problem = None if isinstance(module, nn.Linear) else _impossibility(
+                module, entry.params["padding"], method, input_size)
             if problem is None:
-                layer = orthogonal_layer(module, init=entry.params["init"], method=entry.params["method"],
+                layer = orthogonal_layer(module, init=entry.params["init"], method=method,
                                          padding=entry.params["padding"], gain=entry.params["gain"],
-                                         fit_steps=entry.params["fit_steps"])
+                                         fit_steps=entry.params["fit_steps"], input_size=input_size)
                 hard = isinstance(module, nn.Linear) or entry.params["padding"] == "circular"
                 status = "hard" if hard else "hard (zero padding: not at borders)"
+                if input_size is not None:
+                    status = f"hard (cayley_fft, input {'x'.join(map(str, input_size))} only)"
                 self._replace(ctx, entry, module, layer, status)
             else:
                 self._impossible(ctx, entry, module, problem)
+
+    def _cayley_input_size(self, ctx: PassContext, entry: PlanEntry, module: nn.Module) -> tuple[int, ...]:
+        """The spatial input size of a conv site for ``method: cayley_fft`` (from the example inputs)."""
+        where = f"rule '{entry.rule_name}': {entry.site.name} ({describe_module(module)})"
+        if entry.params["padding"] != "circular":
+            raise PlanError(f"{where}: method 'cayley_fft' is a circular operator; 'padding: keep' (zero padding) "
+                            "is not possible with it. Use 'padding: circular', or method 'bcop' for 'padding: keep'")
+        shape = ctx.manifest.input_shapes.get(entry.site.name)
+        dims = module.weight.dim() - 2
+        if shape is None or len(shape) < dims + 1:
+            raise PlanError(f"{where}: method 'cayley_fft' builds the orthogonal operator for one input size, "
+                            "taken from the example inputs, and none reached this layer. Pass "
+                            "example_inputs=(x,) to orthofx.transform (with inputs of the size the model will "
+                            "see), or use method 'auto' (explicit kernels, any input size)")
+        return tuple(int(n) for n in shape[-dims:])
 
     def _replace(self, ctx: PassContext, entry: PlanEntry, old: nn.Module, new: nn.Module, status: str) -> None:
         after = {"layer": type(new).__name__, "init_error": new.init_error}

@@ -362,5 +362,5 @@ def _flat_orthogonality_error(weight: torch.Tensor) -> float:
     """``||W W^T - I||_F`` (or ``W^T W``, the smaller Gram) of the weight reshaped to ``out x rest``."""
     W = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
     gram = W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W
-    return float(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype)))
+    return float(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)))
 

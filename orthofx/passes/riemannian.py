@@ -28,20 +28,33 @@ of the convolution itself only for 1x1 and delta kernels, see P0). Biases are no
 
 Parameters (``with:``):
 
-* ``retraction``: ``polar`` (default; P1's retraction) or ``qr`` (cheaper, sign-fixed Q factor).
+* ``retraction``: ``polar`` (default; P1's retraction, by Newton-Schulz matrix products near the manifold, see
+  :mod:`orthofx.nn.stiefel`) or ``qr`` (the sign-fixed Q factor: one Householder QR per matrix, which is
+  slower than ``polar``'s batched products on CPU and much slower on GPU; benchmarks/jacobian.py).
 * ``free``: ``none`` (default), ``first`` or ``last``. P1 leaves one layer unconstrained (it carries the
   scale the orthonormal layers cannot, and the proof of linear convergence needs it): ``first`` / ``last``
-  leaves the first / last site this *rule* selected, in graph order, unconstrained (no projection, no hook). Each
-  rule counts its own sites; the manifest records a Change for the free site ("left free") and names it in the
-  Changes of the constrained ones (``after["free_site"]``).
+  leaves the first / last site this *rule* would constrain, in graph order, unconstrained (no projection, no
+  hook). Each rule counts its own sites (after ``only_square``); the manifest records a Change for the free
+  site ("left free", status ``free``) and names it in the Changes of the constrained ones
+  (``after["free_site"]``).
 * ``momentum``: ``project`` (default, described above) or ``keep`` (the optimizer's state is left alone).
+  Projection is a vector transport: ``P_{W_new}`` maps the old tangent space onto the new one, is linear, and
+  is the identity when the point does not move (the standard transport of Riemannian heavy-ball and Adam
+  methods on embedded manifolds). It is the one orthofx offers: the differentiated retraction is a transport
+  too but costs another matrix decomposition per step, and for small steps the two differ by ``O(|xi|^2)``.
+  With ``keep`` the buffer also carries directions of earlier tangent spaces that are normal at the current
+  point; each step's projection of ``d`` discards them, so steps are shorter than the optimizer's. ``keep`` is
+  there for comparison.
 * ``init``: ``project`` (default): at transform time the weight is replaced by its nearest orthonormal matrix
   (polar factor), so the constraint holds from step 0; ``keep``: the weight is left as is and lands on the
   manifold at the first step's retraction.
 * ``only_square``: ``false`` (default); ``true`` constrains only layers whose (flattened, per group) weight is
-  square and leaves the others unconstrained, each recorded as a Change "skipped: not square". The policy's
-  ``where:`` filters compare one attribute with a value and cannot say ``in_features == out_features``; this
-  parameter is how the ``isometric`` preset trains only the square Linears on the manifold.
+  square. The others are declined at planning time (:meth:`Riemannian.accepts_params`), so ``explain`` and
+  ``report`` show them as ``skipped: not square (out x in)`` and they train unconstrained; a rule (not
+  ``optional``) whose sites are all non-square is a plan error, as for any rule whose pass can handle none of
+  its sites. The policy's ``where:`` filters compare one attribute with a value and cannot say
+  ``in_features == out_features``; this parameter is how the ``isometric`` preset trains only the square
+  Linears on the manifold.
 
 Under DDP the hooks run inside ``optimizer.step()``, so after the gradients were all-reduced; every replica
 computes the same projection and retraction, nothing else is needed.
@@ -66,7 +79,7 @@ import torch
 from torch import nn
 
 from ..nn import stiefel
-from .base import Change, OptimizerHook, Param, Pass, PassContext, PlanEntry
+from .base import Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site
 from .registry import register_pass
 
 __all__ = ["Riemannian", "StiefelHook"]
@@ -111,38 +124,75 @@ class StiefelHook(OptimizerHook):
         return stiefel.flatten_weight(tensor, self.groups)
 
     def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        weight = self._weight(root)
-        key = id(optimizer)
-        if weight.grad is None:  # not used this step: the optimizer skips it too
-            self._pre.pop(key, None)
-            return
-        if weight.grad.is_sparse:
-            raise RuntimeError(f"riemannian ({self.site}): sparse gradients are not supported")
-        with torch.no_grad():
-            w = weight.detach()
-            g = self._matrix(weight.grad)
-            weight.grad.copy_(stiefel.unflatten_weight(stiefel.tangent_projection(self._matrix(w), g),
-                                                       weight.grad))
-            self._pre[key] = w.clone()
+        type(self).before_step_group([self], root, optimizer)
 
     def after_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        pre = self._pre.pop(id(optimizer), None)
-        if pre is None:
-            return
-        weight = self._weight(root)
+        type(self).after_step_group([self], root, optimizer)
+
+    # ``orthofx.attach`` runs all the StiefelHooks of a model through these two: the matrices of one shape (and
+    # dtype, device, retraction) are stacked and projected / retracted as one batch, which turns one small
+    # matrix call per layer into one batched call per shape (see orthofx.nn.stiefel on the retraction's cost).
+
+    @classmethod
+    def before_step_group(cls, hooks: list[StiefelHook], root: nn.Module,
+                          optimizer: torch.optim.Optimizer) -> None:
+        """:meth:`before_step` of every hook in ``hooks``, batched by matrix shape."""
+        key = id(optimizer)
+        batches: dict[tuple, list[tuple[StiefelHook, nn.Parameter]]] = {}
+        for hook in hooks:
+            weight = hook._weight(root)
+            if weight.grad is None:  # not used this step: the optimizer skips it too
+                hook._pre.pop(key, None)
+                continue
+            if weight.grad.is_sparse:
+                raise RuntimeError(f"riemannian ({hook.site}): sparse gradients are not supported")
+            shape = hook._matrix(weight.detach()).shape
+            batches.setdefault((shape, weight.dtype, weight.device), []).append((hook, weight))
         with torch.no_grad():
-            w0 = self._matrix(pre)
-            step = self._matrix(weight.detach()) - w0
-            xi = stiefel.tangent_projection(w0, step)
-            new = stiefel.retract(w0, xi, self.retraction)
-            weight.copy_(stiefel.unflatten_weight(new, weight))
-            if self.momentum == "project":
-                state = optimizer.state.get(weight, {})
-                for name in MOMENTUM_KEYS:
-                    buf = state.get(name)
-                    if isinstance(buf, torch.Tensor) and buf.shape == weight.shape:
-                        buf.copy_(stiefel.unflatten_weight(stiefel.tangent_projection(new, self._matrix(buf)),
-                                                           buf))
+            for items in batches.values():
+                w = torch.stack([hook._matrix(weight.detach()) for hook, weight in items])  # a copy
+                g = torch.stack([hook._matrix(weight.grad) for hook, weight in items])
+                projected = stiefel.tangent_projection(w, g)
+                for i, (hook, weight) in enumerate(items):
+                    weight.grad.copy_(projected[i].reshape(weight.grad.shape))
+                    hook._pre[key] = w[i]
+
+    @classmethod
+    def after_step_group(cls, hooks: list[StiefelHook], root: nn.Module,
+                         optimizer: torch.optim.Optimizer) -> None:
+        """:meth:`after_step` of every hook in ``hooks``, batched by matrix shape and retraction."""
+        key = id(optimizer)
+        batches: dict[tuple, list[tuple[StiefelHook, nn.Parameter, torch.Tensor]]] = {}
+        for hook in hooks:
+            pre = hook._pre.pop(key, None)
+            if pre is None:
+                continue
+            batches.setdefault((hook.retraction, pre.shape, pre.dtype, pre.device), []).append(
+                (hook, hook._weight(root), pre))
+        with torch.no_grad():
+            for (retraction, *_), items in batches.items():
+                w0 = torch.stack([pre for _, _, pre in items])
+                w1 = torch.stack([hook._matrix(weight.detach()) for hook, weight, _ in items])
+                xi = stiefel.tangent_projection(w0, w1 - w0)
+                new = stiefel.retract(w0, xi, retraction)
+                for i, (_, weight, _) in enumerate(items):
+                    weight.copy_(new[i].reshape(weight.shape))
+                # momentum: project the first moments onto the tangent spaces at the new points (a transport)
+                index, buffers, matrices = [], [], []
+                for i, (hook, weight, _) in enumerate(items):
+                    if hook.momentum != "project":
+                        continue
+                    state = optimizer.state.get(weight, {})
+                    for name in MOMENTUM_KEYS:
+                        buf = state.get(name)
+                        if isinstance(buf, torch.Tensor) and buf.shape == weight.shape:
+                            index.append(i)
+                            buffers.append(buf)
+                            matrices.append(hook._matrix(buf))
+                if buffers:
+                    moved = stiefel.tangent_projection(new[index], torch.stack(matrices))
+                    for j, buf in enumerate(buffers):
+                        buf.copy_(moved[j].reshape(buf.shape))
 
     def __repr__(self) -> str:
         return (f"StiefelHook(site={self.site!r}, rule={self.rule!r}, retraction={self.retraction!r}, "
@@ -169,6 +219,15 @@ class Riemannian(Pass):
     module_types = _LAYER_TYPES
     group = "weight"
 
+    def accepts_params(self, site: Site, module: nn.Module | None, params: dict[str, Any]) -> str | None:
+        """Decline non-square weights when the rule says ``only_square: true`` (shown as ``skipped: not square``)."""
+        if not params.get("only_square") or not isinstance(module, _LAYER_TYPES):
+            return None
+        rows, cols = stiefel.flatten_weight(module.weight.detach(), _groups(module)).shape[-2:]
+        if rows == cols:
+            return None
+        return f"not square ({rows}x{cols}; only_square: true)"
+
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         by_rule: dict[int, list[PlanEntry]] = {}
         for entry in entries:  # plan entries of one rule come in graph order
@@ -193,12 +252,7 @@ class Riemannian(Pass):
         if name == free_site:
             ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name,
                               what=f"left free (unconstrained, free: {params['free']})", params=params,
-                              before=before, after={"free_site": name}))
-            return
-        if params["only_square"] and matrix.shape[-1] != matrix.shape[-2]:
-            ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name,
-                              what=f"skipped: not square ({shape}); trains unconstrained", params=params,
-                              before=before, after={"free_site": free_site}))
+                              before=before, after={"free_site": name}, status="free"))
             return
         if params["init"] == "project":
             with torch.no_grad():
@@ -212,4 +266,4 @@ class Riemannian(Pass):
         ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name,
                           what=f"Riemannian training on the Stiefel manifold ({shape}, orthonormal {rows}, "
                                f"{params['retraction']} retraction)",
-                          params=params, before=before, after=after))
+                          params=params, before=before, after=after, status=f"Stiefel, {params['retraction']}"))

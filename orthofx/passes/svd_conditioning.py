@@ -43,20 +43,28 @@ GraphModule as ``orthofx_monitor_<n>`` and called on the decomposition's result 
 ``kappa`` of the matrix entering the site (eigenvalues; for SVDs the covariance's, ``(s_max/s_min)^2`` for a data
 matrix and ``s_max/s_min`` for a symmetric input; for Newton-Schulz a forward-only ``eigvalsh``) and NaN/inf
 events, with tensor ops only (``torch.compile(fullgraph=True)`` keeps it in one graph). Read it with
-``gm.get_submodule(change.after["monitor"]).summary()``; :func:`monitors` lists them by site.
+``gm.get_submodule(change.after["monitor"]).summary()``; ``orthofx.report.monitors(gm)`` lists them by site.
+A matrix holding a NaN/inf does not raise: the stable ops give it NaN outputs, and the monitor counts a NaN event.
 
-Inference form: :func:`to_newton_schulz` rewrites the same power patterns of an already transformed (or plain)
-GraphModule into Newton-Schulz iterations, for exporting models whose decompositions ONNX cannot express.
+Inference forms (used by :func:`orthofx.freeze` and :func:`orthofx.export`, not by the pass):
+
+* :func:`fold_constant_decompositions` (exact; ``freeze`` calls it): a decomposition of a matrix that does not
+  depend on the model's inputs (decorrelated BatchNorm's running covariance in eval mode) is evaluated once and
+  what is computed from it (the whitening matrix) becomes a buffer.
+* :func:`to_newton_schulz` (approximate; ``export`` to ``.onnx`` calls it on the frozen copy): the same power
+  patterns as ``method: newton_schulz``, in an already transformed (or plain, or frozen) GraphModule, become
+  Newton-Schulz iterations, for ONNX, which has no eigendecomposition. Decompositions without such a pattern
+  (``eigvalsh``, ``svdvals``, eigenvectors used elsewhere) have no matmul-only form: ONNX export names them.
 
 Example::
 
-    import torch, orthofx, orthofx.passes.svd_conditioning
+    import torch, orthofx
     model = orthofx.models.get("gcp_cnn")
     x = orthofx.models.example_input("gcp_cnn", batch=4)
     gm = orthofx.transform(model, {"rules": [{"match": {"op": "linalg.eigh"}, "apply": "svd_conditioning",
                                               "with": {"method": "newton_schulz", "iterations": 10}}]},
                            example_inputs=(x,))
-    print(orthofx.passes.svd_conditioning.monitors(gm))
+    print(orthofx.report(gm))        # kappa, kappa_max and NaN events of the site (orthofx.report.monitors)
 """
 
 from __future__ import annotations
@@ -74,7 +82,8 @@ from ..nn import conditioning as cond
 from .base import Change, Param, Pass, PassContext, PlanEntry
 from .registry import register_pass
 
-__all__ = ["SVDConditioning", "to_newton_schulz", "monitors", "MONITOR_PREFIX"]
+__all__ = ["SVDConditioning", "to_newton_schulz", "fold_constant_decompositions", "decomposition_op",
+           "DECOMPOSITIONS", "MONITOR_PREFIX"]
 
 #: Submodule names of the inserted monitors: ``orthofx_monitor_<n>``.
 MONITOR_PREFIX = "orthofx_monitor_"
@@ -110,11 +119,13 @@ _INFO: dict[str, _OpInfo] = {
                    frozenset({0, 2}), frozenset(), "svd", "singular_values", "torch.svd"),
 }
 
-# Targets of already rewritten (stable) or plain decompositions, for to_newton_schulz.
+# Targets of already rewritten (stable) or plain decompositions, for to_newton_schulz (the ATen overloads a
+# torch.export graph holds take the same arguments and return the same tuples as the torch functions).
 _TARGET_OPS: dict[Any, str] = {
     torch.linalg.eigh: "linalg.eigh", cond.stable_eigh: "linalg.eigh",
     torch.linalg.svd: "linalg.svd", cond.stable_linalg_svd: "linalg.svd",
     torch.svd: "svd", cond.stable_torch_svd: "svd",
+    torch.ops.aten.linalg_eigh.default: "linalg.eigh", torch.ops.aten.linalg_svd.default: "linalg.svd",
 }
 _STABLE_EXTRA = ("taylor_order", "float64", "clamp_gap")
 
@@ -691,28 +702,95 @@ class SVDConditioning(Pass):
 
 # ------------------------------------------------------------------------------------------------ public helpers
 
+#: Every decomposition call this module recognises in a graph (torch's, their ATen overloads and the stable
+#: stand-ins), by op name; ``Tensor.svd`` appears as a ``call_method`` node named ``svd``.
+DECOMPOSITIONS: dict[Any, str] = {
+    torch.linalg.eigh: "linalg.eigh", torch.linalg.eigvalsh: "linalg.eigvalsh", torch.linalg.svd: "linalg.svd",
+    torch.linalg.svdvals: "linalg.svdvals", torch.svd: "svd",
+    cond.stable_eigh: "linalg.eigh", cond.stable_eigvalsh: "linalg.eigvalsh",
+    cond.stable_linalg_svd: "linalg.svd", cond.stable_svdvals: "linalg.svdvals", cond.stable_torch_svd: "svd",
+    torch.ops.aten.linalg_eigh.default: "linalg.eigh", torch.ops.aten._linalg_eigh.default: "linalg.eigh",
+    torch.ops.aten.linalg_eigvalsh.default: "linalg.eigvalsh", torch.ops.aten.linalg_svd.default: "linalg.svd",
+    torch.ops.aten._linalg_svd.default: "linalg.svd", torch.ops.aten.linalg_svdvals.default: "linalg.svdvals",
+    torch.ops.aten.svd.default: "svd",
+}
+
+
+def decomposition_op(node: fx.Node) -> str | None:
+    """The op name (``linalg.eigh`` ...) when ``node`` calls a decomposition (torch's, a stable stand-in, the
+    ``Tensor.svd`` method, or the custom ops ``orthofx::eigh_stable`` / ``orthofx::svd_stable`` directly)."""
+    if node.op == "call_method":
+        return "svd" if node.target == "svd" else None
+    if node.op != "call_function":
+        return None
+    try:
+        op = DECOMPOSITIONS.get(node.target)
+    except TypeError:  # an unhashable target
+        return None
+    if op is not None:
+        return op
+    name = str(node.target)  # torch.ops.orthofx.eigh_stable(.default) prints as orthofx.eigh_stable(.default)
+    if name.startswith("orthofx.eigh_stable"):
+        return "linalg.eigh"
+    if name.startswith("orthofx.svd_stable"):
+        return "linalg.svd"
+    return None
+
+
+def _graph_modules(gm: fx.GraphModule):
+    """``(path, GraphModule)`` for ``gm`` and every GraphModule nested in it (a graph inside a leaf)."""
+    for path, module in gm.named_modules():
+        if isinstance(module, fx.GraphModule):
+            yield path, module
+
+
+def _qualified(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
 def to_newton_schulz(gm: fx.GraphModule, iterations: int = 5, float64: bool = False) -> dict[str, str]:
     """Rewrite, in place, every ``V diag(lambda^(+-1/2)) V^T`` computed from an eigh/SVD of ``gm`` (torch's or the
     stable stand-ins this pass inserts) into Newton-Schulz iterations, and recompile ``gm``.
 
-    This is the inference form of the SVD meta-layer (matmuls only, so ONNX can express it). A monitor between a
-    stable decomposition and its users is removed with the decomposition. Returns ``{node name: "replaced" or the
-    reason it was left}`` for every decomposition node found.
+    This is the SVD-free form of the meta-layer (matmuls only, so ONNX can express it): with ``A`` the decomposed
+    matrix (symmetric positive definite), ``V diag(lambda^(1/2)) V^T = A^(1/2)`` and ``V diag(lambda^(-1/2)) V^T =
+    A^(-1/2)`` are computed by :func:`orthofx.nn.conditioning.power_newton_schulz` (``iterations`` steps; the
+    error after ``T`` steps grows with the condition number of ``A``). :func:`orthofx.export` uses it for
+    ``.onnx`` files, choosing ``iterations`` on the example inputs. A monitor (or the pass-through a frozen model
+    has in its place) between a stable decomposition and its users is removed with the decomposition. Graphs
+    nested in ``gm`` (GraphModule submodules) are rewritten too. Returns ``{node name: "replaced" or the reason
+    it was left}`` for every decomposition node found (nested ones as ``<submodule path>.<node name>``).
+
+    Example::
+
+        gm = orthofx.transform(model, "svd", example_inputs=(x,))
+        to_newton_schulz(gm, iterations=15)   # {'stable_eigh': 'replaced'}
     """
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
         raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
     results: dict[str, str] = {}
+    for path, module in list(_graph_modules(gm)):
+        for name, outcome in _to_newton_schulz(module, iterations, float64).items():
+            results[_qualified(path, name)] = outcome
+    return results
+
+
+def _to_newton_schulz(gm: fx.GraphModule, iterations: int, float64: bool) -> dict[str, str]:
+    results: dict[str, str] = {}
     for node in list(gm.graph.nodes):
         if node.graph is not gm.graph:
             continue  # erased by an earlier rewrite
-        op = None
-        if node.op == "call_function":
-            op = _TARGET_OPS.get(node.target)
-        elif node.op == "call_method" and node.target == "svd":
-            op = "svd"
+        op = decomposition_op(node)
         if op is None:
             continue
         name = node.name
+        if op in ("linalg.eigvalsh", "linalg.svdvals"):
+            results[name] = (f"{op} returns only the values: there is no V diag(f(lambda)) V^T to compute without "
+                             "the decomposition")
+            continue
+        if node.op == "call_function" and node.target not in _TARGET_OPS:
+            results[name] = f"a call of {node.target} (not the torch function or a stand-in) is not rewritten"
+            continue
         info = _INFO[op]
         try:
             matrix, options = _call_options(node, op)
@@ -720,12 +798,12 @@ def to_newton_schulz(gm: fx.GraphModule, iterations: int = 5, float64: bool = Fa
             results[name] = str(exc)
             continue
         dec = node
-        monitor_node = None
+        passthrough = None
         users = list(node.users)
         if len(users) == 1 and users[0].op == "call_module" and isinstance(
-                gm.get_submodule(str(users[0].target)), cond.DecompositionMonitor):
-            monitor_node = users[0]
-            dec = monitor_node
+                gm.get_submodule(str(users[0].target)), (cond.DecompositionMonitor, cond.PassThrough)):
+            passthrough = users[0]
+            dec = passthrough
         if op == "svd" and not options.get("compute_uv", True):
             results[name] = "torch.svd(compute_uv=False) has no singular vectors"
             continue
@@ -737,7 +815,7 @@ def to_newton_schulz(gm: fx.GraphModule, iterations: int = 5, float64: bool = Fa
         uplo = options.get("UPLO") if op == "linalg.eigh" else None
         _rewrite_powers(gm, dec, matrix, uplo, matches, iterations, float64, None,
                         node.meta.get("orthofx_site"))
-        if monitor_node is not None:
+        if passthrough is not None:
             _erase_dead(gm.graph, [node])
         results[name] = "replaced"
     gm.graph.lint()
@@ -745,23 +823,204 @@ def to_newton_schulz(gm: fx.GraphModule, iterations: int = 5, float64: bool = Fa
     return results
 
 
-def monitors(model: torch.nn.Module) -> dict[str, dict]:
-    """``{site: monitor summary}`` for every condition-number monitor this pass inserted into a transformed model
-    (also through ``torch.compile`` / DataParallel wrappers): ``kappa`` (latest), ``kappa_max``, ``updates``,
-    ``nan_events``, ``inf_events`` and ``monitor`` (the submodule's name)."""
-    from ..capture import unwrap_model  # capture sits above the passes; imported when called
-    from ..transform import manifest_of
+# ------------------------------------------------------------------------------------------------ constant folding
 
-    root = unwrap_model(model)
-    out: dict[str, dict] = {}
-    for change in manifest_of(model).changes:
-        name = change.after.get("monitor") if change.pass_name == SVDConditioning.name else None
-        if not name:
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
+                      operator.setitem}
+# ops whose values are not a function of their arguments (random draws, uninitialised memory)
+_NONDETERMINISTIC = ("rand", "dropout", "bernoulli", "multinomial", "normal", "uniform", "poisson", "empty",
+                     "exponential", "cauchy", "geometric", "seed")
+
+
+def _target_name(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else str(getattr(target, "__name__", target))
+
+
+def _writes_first_argument(node: fx.Node) -> bool:
+    """Whether ``node`` may write its first argument (``x.add_(y)``, ``x += y``, ``x[i] = y``, ``out=``,
+    ``inplace=True``)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.endswith("__")
+    if node.op == "call_function":
+        return node.target in _INPLACE_FUNCTIONS or _target_name(node).endswith("_") or "out" in node.kwargs
+    return False
+
+
+def _mutated_attributes(graph: fx.Graph) -> set[str]:
+    """Targets of every ``get_attr`` an in-place op may write (through views too: every attribute upstream of the
+    written tensor counts)."""
+    mutated: set[str] = set()
+    for node in graph.nodes:
+        if not _writes_first_argument(node):
             continue
-        try:
-            module = root.get_submodule(name)
-        except AttributeError:
+        written = [a for a in (node.args[:1] + (node.kwargs.get("out"),)) if isinstance(a, fx.Node)]
+        stack, seen = written, set()
+        while stack:
+            cur = stack.pop()
+            if cur in seen:
+                continue
+            seen.add(cur)
+            if cur.op == "get_attr":
+                mutated.add(str(cur.target))
+            stack.extend(cur.all_input_nodes)
+    return mutated
+
+
+def _constant_nodes(gm: fx.GraphModule) -> tuple[set[fx.Node], dict[fx.Node, fx.Node]]:
+    """Nodes whose value does not depend on the inputs: attributes no op writes, and pure calls of constants
+    (monitors and their pass-throughs included, as identities); and the casts ``c.type_as(t)`` of a constant to
+    the dtype and device of a traced value ``t`` (``{cast: t}``; models write ``buffer.type_as(x)`` to follow the
+    input's dtype), which count as constants whose value is ``c`` cast at run time."""
+    mutated = _mutated_attributes(gm.graph)
+    const: set[fx.Node] = set()
+    casts: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        inputs_const = all(i in const for i in node.all_input_nodes)
+        if node.op == "get_attr":
+            ok = str(node.target) not in mutated
+        elif (node.op == "call_method" and node.target == "type_as" and len(node.args) == 2 and not node.kwargs
+              and node.args[0] in const and isinstance(node.args[1], fx.Node) and node.args[1] not in const):
+            casts[node] = node.args[1]
+            ok = True
+        elif node.op in ("call_function", "call_method"):
+            name = _target_name(node).lower()
+            ok = (inputs_const and not _writes_first_argument(node) and not node.is_impure()
+                  and not any(fragment in name for fragment in _NONDETERMINISTIC))
+        elif node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            ok = inputs_const and isinstance(module, (cond.PassThrough, cond.DecompositionMonitor))
+        else:
+            ok = False
+        if ok:
+            const.add(node)
+    return const, casts
+
+
+def _constant_ancestors(nodes, const: set[fx.Node], casts: dict[fx.Node, fx.Node]) -> set[fx.Node]:
+    """``nodes`` and every constant node they are computed from (a cast's traced dtype source excluded)."""
+    found: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        cur = stack.pop()
+        if cur in found:
             continue
-        if isinstance(module, cond.DecompositionMonitor):
-            out[change.site] = dict(module.summary(), monitor=name)
-    return out
+        found.add(cur)
+        stack.extend(i for i in ([cur.args[0]] if cur in casts else cur.all_input_nodes) if i in const)
+    return found
+
+
+def _run_constants(gm: fx.GraphModule, wanted: list[fx.Node], const: set[fx.Node],
+                   casts: dict[fx.Node, fx.Node]) -> dict[fx.Node, Any]:
+    """Values of the constant nodes ``wanted`` (and of the constant nodes they need), without gradients; a cast
+    ``c.type_as(t)`` is evaluated as ``c`` (the caller casts the folded result at run time)."""
+    needed = _constant_ancestors(wanted, const, casts)
+    env: dict[fx.Node, Any] = {}
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            if node not in needed:
+                continue
+            if node in casts:
+                env[node] = env[node.args[0]]
+                continue
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            if node.op == "get_attr":
+                value: Any = gm
+                for part in str(node.target).split("."):
+                    value = getattr(value, part)
+            elif node.op == "call_function":
+                value = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                value = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:  # a monitor or its pass-through: its first argument (nothing is recorded for the folded call)
+                value = args[0]
+            env[node] = value
+    return env
+
+
+def fold_constant_decompositions(gm: fx.GraphModule, prefix: str = "orthofx_folded_") -> dict[str, list[str]]:
+    """Evaluate, once, every decomposition of ``gm`` whose input does not depend on the model's inputs, together
+    with what is computed from it before it meets the inputs, and store the results as buffers (in place;
+    ``gm`` is recompiled). Exact: the same ops run once, so the model's outputs do not change.
+
+    This is the inference form of decorrelated BatchNorm in eval mode: its whitening matrix
+    ``(running_cov + eps I)^(-1/2)``, computed from the running covariance by an eigendecomposition on every
+    call, becomes a constant buffer (the "running whitening matrix"), and the exported graph has no
+    decomposition left. Only safe on a model that will not be trained any more (the buffers and parameters it
+    reads are assumed fixed): :func:`orthofx.freeze` calls it. Attributes written by an in-place op in the graph
+    (running statistics updated in training mode) are not constants; nor are random or uninitialised values.
+    Nested GraphModules are folded too.
+
+    Returns ``{node name: [buffer names]}`` for every decomposition folded (nested ones as
+    ``<submodule path>.<node name>``; the buffers belong to that submodule).
+
+    Example::
+
+        frozen = orthofx.freeze(gm)          # calls fold_constant_decompositions(frozen)
+        # DBN traced in eval mode: frozen.orthofx_folded_0 is the whitening matrix, no eigh is left
+    """
+    folded: dict[str, list[str]] = {}
+    for path, module in list(_graph_modules(gm)):
+        for name, buffers in _fold(module, prefix).items():
+            folded[_qualified(path, name)] = buffers
+    return folded
+
+
+def _fold(gm: fx.GraphModule, prefix: str) -> dict[str, list[str]]:
+    graph = gm.graph
+    folded: dict[str, list[str]] = {}
+    const, casts = _constant_nodes(gm)
+    done: set[fx.Node] = set()
+    for seed in [n for n in graph.nodes if n in const and decomposition_op(n) is not None]:
+        if seed in done:
+            continue
+        region: set[fx.Node] = set()
+        stack = [seed]
+        while stack:
+            cur = stack.pop()
+            if cur in region:
+                continue
+            region.add(cur)
+            stack.extend(u for u in cur.users if u in const)
+        boundary = [n for n in graph.nodes if n in region and any(u not in region for u in n.users)]
+        upstream = _constant_ancestors(region, const, casts)
+        sources = {casts[n] for n in upstream if n in casts}
+        if not boundary or len(sources) > 1:
+            continue  # nothing leaves the region, or casts to the dtypes of several traced values
+        values = _run_constants(gm, boundary, const, casts)
+        if not all(isinstance(values[n], torch.Tensor) for n in boundary):
+            continue  # a tuple or a Python value leaves the region: keep the decomposition
+        done |= region
+        names = []
+        for node in boundary:
+            n = 0
+            while hasattr(gm, f"{prefix}{n}"):
+                n += 1
+            buffer = f"{prefix}{n}"
+            gm.register_buffer(buffer, values[node].detach().clone())
+            with graph.inserting_before(node):
+                replacement = graph.get_attr(buffer)
+                if sources:  # computed from c.type_as(t): cast the result the same way
+                    replacement = graph.call_method("type_as", (replacement, next(iter(sources))))
+            _copy_meta(replacement, node, node.meta.get("orthofx_site") or seed.meta.get("orthofx_site"))
+            node.replace_all_uses_with(replacement)
+            names.append(buffer)
+        _erase_dead(graph, upstream)
+        folded[seed.name] = names
+    if folded:
+        graph.lint()
+        gm.recompile()
+    return folded
+
+
+def __getattr__(name: str):
+    if name == "monitors":
+        raise AttributeError("orthofx.passes.svd_conditioning.monitors moved to orthofx.report.monitors "
+                             "(from orthofx.report import monitors): the monitors are found through the manifest, "
+                             "which sits above the passes")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

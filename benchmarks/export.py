@@ -1,0 +1,115 @@
+"""Frozen-model inference against the original model, and export time (a script, not a test).
+
+Issue 6's benchmarks: for each built-in model and preset, ``orthofx.freeze`` of the transformed model is timed in
+eval mode (``torch.no_grad``) side by side with the original, untransformed model on the same input (goal: ratio
+<= 1.05; a preset that changes the architecture, e.g. ConvNorm's extra normalisation, is expected to cost more,
+and the table says so), and ``orthofx.export`` is timed once per format (``.pt``, ``.pt2``, ``.onnx``: the
+export's own parity check included). The maximum difference each export reports is recorded.
+
+    python benchmarks/export.py                 # width 32, batch 32 (CPU)
+    python benchmarks/export.py --quick         # width 8, batch 8, fewer repeats
+    python benchmarks/export.py --device cuda   # inference timing on a GPU (exports run on the CPU)
+
+Writes ``benchmarks/results/export.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+
+import torch
+
+import orthofx
+from timing import interleaved, synchronizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+#: (model, constructor kwargs as a function of the width, presets that have sites in it)
+CASES = [
+    ("resnet18", lambda w: {"width": w}, ["lorth", "orthogonal", "convnorm", "isometric", "jacobian"]),
+    ("vgg11", lambda w: {"width": w}, ["lorth", "orthogonal", "convnorm", "isometric"]),
+    ("gcp_cnn", lambda w: {"width": w, "dim": min(w, 32)}, ["orthogonal", "svd"]),
+    ("deep_mlp", lambda w: {"depth": 16, "width": 4 * w}, ["orthogonal", "isometric", "jacobian"]),
+]
+
+
+def _export_seconds(frozen_source, suffix: str, x: torch.Tensor) -> tuple[float, float | None, str | None]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model" + suffix)
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = orthofx.export(frozen_source, path, example_inputs=(x,))
+        except orthofx.OrthofxError as exc:
+            return time.perf_counter() - start, None, str(exc).splitlines()[0][:200]
+        return time.perf_counter() - start, getattr(result, "max_abs_diff", None), None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (1: steadier when shared)")
+    parser.add_argument("--formats", nargs="*", default=[".pt", ".pt2", ".onnx"])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "export.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.width, args.batch, args.repeats = 8, 8, 5
+    torch.set_num_threads(args.threads)
+    sync = synchronizer(args.device)
+    rows = []
+    for name, kwargs, presets in CASES:
+        torch.manual_seed(0)
+        original = orthofx.models.get(name, **kwargs(args.width)).eval()
+        x = orthofx.models.example_input(name, batch=args.batch)
+        for preset in presets:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                gm = orthofx.transform(original, preset, example_inputs=(x[:2],))
+            gm.eval()
+            frozen = orthofx.freeze(gm)
+            on_device = original.to(args.device), frozen.to(args.device)
+            xd = x.to(args.device)
+
+            def run(model):
+                with torch.no_grad():
+                    return model(xd)
+
+            times = interleaved({"original": lambda: run(on_device[0]), "frozen": lambda: run(on_device[1])},
+                                args.repeats, sync)
+            row = {"model": name, "preset": preset, "device": args.device,
+                   "original_ms": times["original"] * 1e3, "frozen_ms": times["frozen"] * 1e3,
+                   "frozen_vs_original": times["frozen"] / times["original"]}
+            original.cpu()
+            for suffix in args.formats:
+                seconds, diff, error = _export_seconds(gm.cpu(), suffix, x[:2])
+                row[f"export{suffix}_s"] = seconds
+                row[f"export{suffix}_diff"] = diff
+                if error:
+                    row[f"export{suffix}_error"] = error
+            print(row, flush=True)
+            rows.append(row)
+    from tabulate import tabulate
+    table = [{k: v for k, v in r.items() if not k.endswith("_error")} for r in rows]
+    print(tabulate(table, headers="keys", floatfmt=".3g"))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as handle:
+        json.dump({"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+                   "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                   "width": args.width, "batch": args.batch, "repeats": args.repeats, "rows": rows},
+                  handle, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
