@@ -196,15 +196,20 @@ def _working_dtypes(A: Tensor, float64: bool) -> tuple[torch.dtype, torch.dtype]
     over after a bfloat16 matmul) are decomposed in float32 (LAPACK and cuSOLVER have no half kernels, and
     bfloat16's 8-bit mantissa would swamp the condition number); the result stays float32 under autocast, like
     autocast's own float32 ops, and is cast back to the input's dtype outside it."""
+    if not isinstance(A, Tensor):  # a torch.fx Proxy: its dtype is unknown at trace time, keep the plain call
+        return (torch.float64 if float64 else None), None
     if A.dtype in _LOW_PRECISION:
         returned = torch.float32 if torch.is_autocast_enabled(A.device.type) else A.dtype
         return (torch.float64 if float64 else torch.float32), returned
     return (torch.float64 if float64 else A.dtype), A.dtype
 
 
-def _run_in(op, A: Tensor, work: torch.dtype, returned: torch.dtype, *args) -> tuple[Tensor, ...]:
-    out = op(A.to(work), *args)
-    return tuple(t.to(returned) for t in out)
+def _run_in(op, A: Tensor, work: torch.dtype | None, returned: torch.dtype | None, *args) -> tuple[Tensor, ...]:
+    out = op(A if work is None else A.to(work), *args)
+    n = 2 if op is _eigh_op else 3  # index, not iterate: under fx tracing ``out`` is a Proxy
+    if returned is None:  # traced: cast back to the input's dtype only when float64 was asked for
+        return tuple(out[i] if work is None else out[i].to(A.dtype) for i in range(n))
+    return tuple(out[i].to(returned) for i in range(n))
 
 
 # ------------------------------------------------------------------------------------------- eigh
@@ -412,7 +417,7 @@ def _newton_schulz(A: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor]:
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
         raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
     work, returned = _working_dtypes(A, float64=False)
-    if work != A.dtype or torch.is_autocast_enabled(A.device.type):
+    if returned is not None and (work != A.dtype or torch.is_autocast_enabled(A.device.type)):
         # bfloat16 matmuls would lose the iteration's accuracy: run it in float32 with autocast off
         with torch.autocast(device_type=A.device.type, enabled=False):
             return tuple(t.to(returned) for t in _newton_schulz(A.to(work), iterations))
