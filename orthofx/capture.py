@@ -333,7 +333,7 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
         leaf_paths = (leaf_paths,)
     leaf_types = tuple(leaf_types)
     leaf_paths = tuple(leaf_paths)
-    inputs = _input_tuple(example_inputs)
+    inputs = input_tuple(example_inputs)
     if mode == "export":
         if concrete_args:
             raise CaptureError("concrete_args is for capture mode 'fx'; with mode 'export', pass every input's "
@@ -359,15 +359,19 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
         return gm, info
 
 
-def _input_tuple(example_inputs: Any) -> tuple | None:
+def input_tuple(example_inputs: Any,
+                error: Callable[[str], Exception] = lambda message: CaptureError(message, module_path="")
+                ) -> tuple | None:
+    """``example_inputs`` as a tuple of the model's positional inputs (a single tensor is wrapped; None stays
+    None); anything else raises ``error`` (transform passes its own error type)."""
     if example_inputs is None:
         return None
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (list, tuple)):
         return tuple(example_inputs)
-    raise CaptureError(f"example_inputs must be a tensor or a tuple of the model's positional inputs, got "
-                       f"{type(example_inputs).__name__}; pass example_inputs=(x,)", module_path="")
+    raise error(f"example_inputs must be a tensor or a tuple of the model's positional inputs, got "
+                f"{type(example_inputs).__name__}; pass example_inputs=(x,)")
 
 
 def _short_reason(message: str) -> str:
@@ -507,11 +511,7 @@ def _failing_submodule(model: nn.Module, exc: BaseException) -> str:
 
 
 def _describe_export_failure(exc: BaseException) -> str:
-    text = str(exc).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    first = lines[0] if lines else ""
-    if len(first) > 300:
-        first = first[:297] + "..."
+    first = _first_line(str(exc), 300)
     cause = f"{type(exc).__name__}" + (f": {first}" if first else "")
     location = _user_location(exc)
     if location:
@@ -995,10 +995,16 @@ def _failure_message(path: str, cls: type | None, cause: str, fallbacks: list[tu
     return message
 
 
+def _first_line(text: str, limit: int) -> str:
+    """The first non-blank line of an error message, stripped, cut to ``limit`` characters."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    return first if len(first) <= limit else first[:limit - 3] + "..."
+
+
 def _describe_cause(exc: BaseException) -> str:
     """One sentence (no final period) saying why tracing failed, with the user's source line when found."""
     text = str(exc)
-    first = text.strip().splitlines()[0] if text.strip() else ""
     if isinstance(exc, TraceError) and "control flow" in text:
         cause = "its forward uses a traced tensor in Python control flow (if/while/bool/len)"
     elif isinstance(exc, TraceError) and "cannot be iterated" in text:
@@ -1006,8 +1012,7 @@ def _describe_cause(exc: BaseException) -> str:
     elif "'len' is not supported" in text:
         cause = "its forward calls len() on a traced tensor"
     else:
-        if len(first) > 200:
-            first = first[:197] + "..."
+        first = _first_line(text, 200)
         cause = f"its forward raised {type(exc).__name__}" + (f": {first}" if first else "")
     location = _user_location(exc)
     if location:

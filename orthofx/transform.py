@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .capture import capture, unwrap_model
+from .capture import capture, input_tuple, unwrap_model
 from .errors import OrthofxError, TransformError
 from .passes.base import MANIFEST_KEY, Manifest, PassContext
 from .passes.registry import get_pass
@@ -68,14 +68,7 @@ def is_transformed(model: nn.Module) -> bool:
 
 def as_input_tuple(example_inputs: Any) -> tuple | None:
     """``example_inputs`` as a tuple of model inputs (a single tensor is wrapped; None stays None)."""
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)):
-        return tuple(example_inputs)
-    raise TransformError(f"example_inputs must be a tensor or a tuple of model inputs, got "
-                         f"{type(example_inputs).__name__}; pass example_inputs=(x,)")
+    return input_tuple(example_inputs, error=TransformError)
 
 
 def _capture_and_plan(root: nn.Module, policy: Policy, inputs: tuple | None) -> tuple[fx.GraphModule, Plan]:

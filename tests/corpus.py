@@ -642,3 +642,14 @@ def names() -> list[str]:
 def build(name: str) -> tuple[nn.Module, tuple]:
     """A fresh ``(model, example_inputs)`` for corpus entry ``name``."""
     return CORPUS[name]()
+
+
+def eval_outputs(module: nn.Module, inputs: tuple):
+    """``module(*inputs)`` in eval mode without autograd, the module's training flag restored afterwards."""
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return module(*inputs)
+    finally:
+        module.train(was)

@@ -23,14 +23,10 @@ from orthofx.capture import capture
 from orthofx.errors import CaptureError
 from orthofx.plan import collect_sites
 
+from corpus import eval_outputs
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (two threads on a busy 2-core machine make small convs much slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 # ------------------------------------------------------------------------------------------------ test models
@@ -195,16 +191,6 @@ def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _eval(module, inputs):
-    was = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            return module(*inputs)
-    finally:
-        module.train(was)
-
-
 def _transform(model, policy, inputs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -230,7 +216,7 @@ def test_models_are_not_fx_traceable(name):
 def test_presets_on_untraceable_models(preset, name, tmp_path):
     model, inputs = _build(name)
     before = _state(model)
-    expected = _eval(model, inputs)
+    expected = eval_outputs(model, inputs)
     gm = _transform(model, preset, inputs)
 
     # the user's model is untouched (weights, buffers, training flags)
@@ -248,7 +234,7 @@ def test_presets_on_untraceable_models(preset, name, tmp_path):
     if preset != "jacobian":  # the jacobian preset keeps each top-level Sequential as one block
         assert set(_conv_names(model)) <= called
 
-    got = _eval(gm, inputs)
+    got = eval_outputs(gm, inputs)
     assert got.shape == expected.shape and torch.isfinite(got).all()
     if preset in PRESERVING:
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
@@ -280,7 +266,7 @@ def test_presets_on_untraceable_models(preset, name, tmp_path):
 
     # freeze gives the same eval outputs; .pt2 export reloads and matches
     frozen = orthofx.freeze(gm)
-    torch.testing.assert_close(_eval(frozen, inputs), _eval(gm, inputs), atol=1e-5, rtol=0)
+    torch.testing.assert_close(eval_outputs(frozen, inputs), eval_outputs(gm, inputs), atol=1e-5, rtol=0)
     if (preset, name) in PT2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -292,7 +278,7 @@ def test_svd_preset_on_covariance_pooling():
     torch.manual_seed(0)
     model = CovPool()
     x = _input(2, 3, 8, 8)
-    expected = _eval(model, (x,))
+    expected = eval_outputs(model, (x,))
     gm = _transform(model, "svd", (x,))
     manifest = orthofx.manifest_of(gm)
     assert manifest.capture.mode == "export"
@@ -307,7 +293,7 @@ def test_svd_preset_on_covariance_pooling():
     assert "monitor" in stable.after
     # the conv feeding the eigh (through relu-free reshapes, centring and matmuls) is the Pre-SVD layer
     assert [c.site for c in by_pass["pre_svd"]] == ["reduce"]
-    torch.testing.assert_close(_eval(gm, (x,)), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eval_outputs(gm, (x,)), expected, atol=1e-5, rtol=1e-5)
 
     gm.train()
     loss = gm(x).square().mean() + orthofx.penalty(gm)
@@ -328,7 +314,7 @@ def test_newton_schulz_replaces_the_exported_matrix_square_root():
     (change,) = orthofx.manifest_of(gm).changes
     assert change.status.startswith("newton_schulz (sqrt"), change.status
     assert not any(n.target in (torch.linalg.eigh, torch.ops.aten.linalg_eigh.default) for n in gm.graph.nodes)
-    torch.testing.assert_close(_eval(gm, (x,)), _eval(model, (x,)), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(eval_outputs(gm, (x,)), eval_outputs(model, (x,)), atol=1e-3, rtol=1e-3)
 
 
 def test_op_rules_accept_aten_names():
@@ -353,7 +339,7 @@ def test_export_mode_gives_fx_modes_plan_names_and_outputs():
     assert list(ex_gm.state_dict()) == list(fx_gm.state_dict())
     assert [(s.kind, s.name, s.target) for s in collect_sites(ex_gm)] == \
         [(s.kind, s.name, s.target) for s in collect_sites(fx_gm)]
-    torch.testing.assert_close(_eval(ex_gm, (x,)), _eval(fx_gm, (x,)), atol=0, rtol=0)
+    torch.testing.assert_close(eval_outputs(ex_gm, (x,)), eval_outputs(fx_gm, (x,)), atol=0, rtol=0)
 
     rules = {"rules": [{"match": {"type": ["Conv2d", "Linear"], "exclude": ["fc"]}, "apply": "orth_regularizer"},
                        {"match": {"type": "BatchNorm2d"}, "apply": "orth_regularizer", "optional": True}]}
@@ -403,7 +389,7 @@ def test_loop_over_the_batch_fixes_the_batch_size_with_a_warning():
     warning = " ".join(orthofx.manifest_of(gm).capture.warnings)
     assert "batch size 3" in warning
     assert "batch size 3" in str(orthofx.report(gm))
-    torch.testing.assert_close(_eval(gm, (x,)), _eval(model, (x,)))
+    torch.testing.assert_close(eval_outputs(gm, (x,)), eval_outputs(model, (x,)))
 
 
 def test_torch_cond_model():
@@ -413,11 +399,11 @@ def test_torch_cond_model():
     gm = _transform(model, "orthogonal", (x,))
     assert orthofx.manifest_of(gm).capture.mode == "export"
     for sign in (1.0, -1.0):  # both branches are in the graph
-        out = _eval(gm, (sign * x,))
+        out = eval_outputs(gm, (sign * x,))
         assert out.shape == (2, 2) and torch.isfinite(out).all()
     lorth = _transform(model, "lorth", (x,))
     for sign in (1.0, -1.0):
-        torch.testing.assert_close(_eval(lorth, (sign * x,)), _eval(model, (sign * x,)))
+        torch.testing.assert_close(eval_outputs(lorth, (sign * x,)), eval_outputs(model, (sign * x,)))
 
 
 # ------------------------------------------------------------------------------------ leaves and structure
@@ -456,7 +442,7 @@ def test_multi_output_leaves_nested_graphs_and_dict_outputs():
     assert called == ["attn", "lstm", "act", "head"]
     # the Linear called under torch.no_grad() stays inside export's nested graph, and capture says so
     assert any("'frozen'" in w and "no_grad" in w for w in info.warnings)
-    expected, got = _eval(model, (x,)), _eval(gm, (x,))
+    expected, got = eval_outputs(model, (x,)), eval_outputs(gm, (x,))
     assert set(got) == {"logits", "state"}
     for e, g in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)):
         torch.testing.assert_close(g, e)
@@ -504,7 +490,7 @@ def test_transformed_export_model_pickles(tmp_path):
     gm = _transform(model, "lorth", inputs)
     torch.save(gm, tmp_path / "gm.pt")
     loaded = torch.load(tmp_path / "gm.pt", weights_only=False)
-    torch.testing.assert_close(_eval(loaded, inputs), _eval(gm, inputs))
+    torch.testing.assert_close(eval_outputs(loaded, inputs), eval_outputs(gm, inputs))
     assert orthofx.manifest_of(loaded).capture.mode == "export"
     assert orthofx.penalty(loaded).item() == pytest.approx(orthofx.penalty(gm).item())
 
@@ -532,7 +518,7 @@ def test_policy_leaf_modules_apply_to_export_capture():
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     assert "conv" in called and "conv.conv" not in called
     assert {t.site for t in orthofx.manifest_of(gm).penalties} == {"features.0", "features.3", "conv.conv"}
-    torch.testing.assert_close(_eval(gm, (x,)), _eval(model, (x,)))
+    torch.testing.assert_close(eval_outputs(gm, (x,)), eval_outputs(model, (x,)))
 
 
 # ---------------------------------------------------------------------------------------------------- errors

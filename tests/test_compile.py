@@ -46,13 +46,7 @@ NOT_FULLGRAPH_IN_TRAINING = {"jacobian"}
 AOT_DEFAULT = {("orthogonal", "deep_mlp"), ("svd", "gcp_cnn"), ("convnorm", "small_cnn")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread (two threads on a busy 2-core machine make each small op ~100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def _model(name):

@@ -537,15 +537,6 @@ def test_remembered_sizes_are_bounded_and_compile_does_not_record():
     assert fresh.input_sizes == []
 
 
-@pytest.fixture
-def one_thread():
-    """Small tensors: one intra-op thread (two threads on a busy 2-core machine make small ops much slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_freeze_of_the_convnorm_preset(tmp_path, one_thread):
     ConvNormConvNd, FrozenConvNormNd = _frozen_types()
     torch.manual_seed(11)

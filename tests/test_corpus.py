@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import orthofx
-from corpus import CORPUS
+from corpus import CORPUS, eval_outputs
 
 PRESETS = ("lorth", "orthogonal", "convnorm", "jacobian", "isometric", "svd")
 MODELS = tuple(CORPUS)
@@ -63,13 +63,9 @@ TRAINING_BRANCH_XFAIL = pytest.mark.xfail(strict=True, reason=(
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread. With two threads on a busy 2-core machine each small conv waits for a
-    spinning OpenMP peer (~30 ms instead of ~0.1 ms), which made this file several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Tiny tensors: one intra-op thread (tests/conftest.py); the cached cells are dropped with the module."""
     yield
-    torch.set_num_threads(threads)
     _cell.cache_clear()
 
 
@@ -114,8 +110,8 @@ class Cell:
         self.model_unchanged = after.keys() == before.keys() and all(torch.equal(after[k], v)
                                                                      for k, v in before.items())
         # Eval outputs right after the transform, before any test trains the GraphModule.
-        self.expected = _eval_outputs(self.model, self.inputs)
-        self.got = _eval_outputs(self.gm, self.inputs)
+        self.expected = eval_outputs(self.model, self.inputs)
+        self.got = eval_outputs(self.gm, self.inputs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,16 +126,6 @@ def _working(preset: str, name: str) -> Cell:
     if cell.error is not None:
         pytest.skip(f"{preset} fails on {name} (checked by test_preset_on_model): {cell.error}")
     return cell
-
-
-def _eval_outputs(module, inputs):
-    was = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            return module(*inputs)
-    finally:
-        module.train(was)
 
 
 # ------------------------------------------------------------------------------------------------ the grid
@@ -184,8 +170,8 @@ def test_preset_on_model(preset, name):
     # freeze: plain model with the same eval outputs
     frozen = orthofx.freeze(gm)
     assert orthofx.penalty(frozen) == 0
-    reference = _eval_outputs(gm, inputs)
-    baked = _eval_outputs(frozen, inputs)
+    reference = eval_outputs(gm, inputs)
+    baked = eval_outputs(frozen, inputs)
     assert _spec(baked) == _spec(reference)
     for r, b in zip(_tensors(reference), _tensors(baked)):
         assert b.shape == r.shape
@@ -217,7 +203,7 @@ def _preserving_params():
 
 
 @pytest.mark.parametrize("preset,name", _preserving_params())
-def test_function_preserving_preset_keeps_eval_outputs(preset, name):
+def test_function_preserving_preset_keepseval_outputs(preset, name):
     cell = _working(preset, name)
     for e, g in zip(_tensors(cell.expected), _tensors(cell.got)):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)

@@ -31,13 +31,7 @@ from orthofx.passes.jacobian_isometry import JacobianTerm
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 problems: intra-op threads only add synchronisation (tens of ms per op on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny float64 problems (tests/conftest.py)
 
 
 # ------------------------------------------------------------------------------------------- references

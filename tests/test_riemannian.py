@@ -24,13 +24,7 @@ from orthofx.passes.riemannian import StiefelHook
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: on a loaded machine thread synchronisation costs more than the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices (tests/conftest.py)
 
 
 def orthonormal(m, n, *batch, dtype=torch.float64, seed=0):

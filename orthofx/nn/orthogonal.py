@@ -229,6 +229,28 @@ def _broadcast_index(indices: list[torch.Tensor]) -> list[torch.Tensor]:
 # ------------------------------------------------------------------------------------------ convolutions
 
 
+def _fit_best(params: list[nn.Parameter], loss_fn, best: float, steps: int, lr: float) -> None:
+    """``steps`` Adam steps on ``loss_fn`` (the nearest-initialisation fits of ``from_conv``), leaving ``params`` at
+    the best state seen (the start counts, with loss ``best``) and their gradients cleared."""
+    best_state = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=lr)
+    with torch.enable_grad():  # from_conv may be called under torch.no_grad()
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            loss.backward()
+            value = float(loss.detach())
+            if value < best:
+                best = value
+                best_state = [p.detach().clone() for p in params]
+            opt.step()
+    with torch.no_grad():
+        for p, b in zip(params, best_state):
+            p.copy_(b)
+    for p in params:
+        p.grad = None
+
+
 class _EvalCache:
     """Mixin: in eval mode with autograd off, build the orthogonal kernel (or Fourier symbol) once and reuse it.
 
@@ -563,20 +585,7 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
             best = identity_loss
         if steps == 0:
             return
-        best_state = self.cayley_kernel.detach().clone()
-        opt = torch.optim.Adam([self.cayley_kernel], lr=0.3 / math.sqrt(max(N, 2)))
-        with torch.enable_grad():
-            for _ in range(steps):
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn()
-                loss.backward()
-                value = float(loss.detach())
-                if value < best:
-                    best = value
-                    best_state = self.cayley_kernel.detach().clone()
-                opt.step()
-        self.cayley_kernel.copy_(best_state)
-        self.cayley_kernel.grad = None
+        _fit_best([self.cayley_kernel], loss_fn, best, steps, lr=0.3 / math.sqrt(max(N, 2)))
 
     # ---------------------------------------------------------------------------------------- construction
 
@@ -1009,30 +1018,14 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
             return
         params = [p for p in (self.proj_a, self.proj_b, self.matrix) if p is not None]
         norm = float(torch.linalg.vector_norm(t)) ** 2 or 1.0
-        opt = torch.optim.Adam(params, lr=self._fit_lr / math.sqrt(max(self._n, 2)))
 
         def loss_fn():
             return (self._unit_kernel(cd) - t).square().sum() / norm
 
         with torch.no_grad():
             best = float(loss_fn())
-        best_state = [p.detach().clone() for p in params]
-        with torch.enable_grad():  # from_conv may be called under torch.no_grad()
-            for _ in range(steps):
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn()
-                loss.backward()
-                value = float(loss.detach())
-                if value < best:
-                    best = value
-                    best_state = [p.detach().clone() for p in params]
-                opt.step()
-        with torch.no_grad():
-            for p, b in zip(params, best_state):
-                p.copy_(b)
+        _fit_best(params, loss_fn, best, steps, lr=self._fit_lr / math.sqrt(max(self._n, 2)))
         self._procrustes(t)
-        for p in params:
-            p.grad = None
 
     @torch.no_grad()
     def _reset_blocks_centre(self) -> None:
