@@ -25,6 +25,11 @@ Three capture modes (``capture: {mode: ...}`` in a policy):
     fx first (with the leaf fallback); when the top-level trace fails and example inputs were given, export.
     :attr:`CaptureInfo.mode` says which one was used and :attr:`CaptureInfo.fx_error` why fx was not.
 
+Train and eval: a trace resolves ``if self.training:`` (and ``F.dropout(x, training=self.training)``) in the mode
+the model is in. Both modes therefore capture the model a second time in the other training mode; when the two
+graphs differ, :func:`capture` returns a :class:`ModalGraphModule` holding both, whose forward runs the graph of
+its current mode, and :attr:`CaptureInfo.mode_dependent` names the modules whose code differs.
+
 Capturing never modifies the model: the returned GraphModule shares the model's leaf submodules, parameters and
 buffers (as ``torch.fx.GraphModule(model, graph)`` does); callers that rewrite the graph copy it first.
 """
@@ -32,6 +37,8 @@ buffers (as ``torch.fx.GraphModule(model, graph)`` does); callers that rewrite t
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import io
 import operator
 import os
@@ -43,12 +50,14 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.fx.graph_module import _format_import_block, _forward_from_src
+from torch.package import sys_importer
 from torch.fx.proxy import TraceError
 
 from .errors import CaptureError
 from .passes.base import CaptureInfo
 
-__all__ = ["capture", "unwrap_model", "OrthofxTracer", "CAPTURE_MODES"]
+__all__ = ["capture", "unwrap_model", "OrthofxTracer", "ModalGraphModule", "CAPTURE_MODES"]
 
 #: Capture modes ``capture`` understands.
 CAPTURE_MODES = ("auto", "fx", "export")
@@ -256,6 +265,182 @@ class _Overlay(nn.Module):
         return getattr(self.__dict__["_orthofx_model"], name)
 
 
+# --------------------------------------------------------------------------------------- two-mode graph modules
+
+class ModalGraphModule(torch.fx.GraphModule):
+    """A GraphModule with one graph per training mode, for models whose forward branches on ``self.training``.
+
+    Tracing (fx or torch.export) resolves ``if self.training:`` in the mode the model is in, so one graph cannot
+    switch between the branches of, e.g., a decorrelated BatchNorm (batch statistics in training, running
+    statistics in eval) the way the original model does. :func:`capture` traces such models in both modes and
+    returns this module: :attr:`graph` is the graph of the mode the model was captured in
+    (:attr:`graph_training`), :attr:`other_graph` that of the other mode, and ``forward`` runs the one whose mode
+    is the root's ``self.training`` now, so ``gm.train()`` / ``gm.eval()`` behave as on the model. Both graphs
+    call the same submodules, parameters and buffers. Passes rewrite :attr:`graph`; ``orthofx.transform`` applies
+    the function-site rewrites to :attr:`other_graph` too (see :func:`orthofx.transform`).
+
+    It copies (``copy.deepcopy``, ``copy.copy`` as DataParallel does) and pickles with both graphs;
+    :meth:`single_mode` gives a plain ``GraphModule`` of one of them (``orthofx.freeze`` keeps the eval graph).
+
+    Example::
+
+        gm, info = orthofx.capture.capture(model)      # model's forward has `if self.training:`
+        gm.eval()(x)                                   # runs the eval-mode branch, as model.eval()(x) does
+    """
+
+    def __init__(self, root: nn.Module | dict, graph: torch.fx.Graph, other_graph: torch.fx.Graph,
+                 graph_training: bool, class_name: str = "GraphModule", other_root: nn.Module | None = None):
+        # Set before GraphModule.__init__, whose graph assignment already calls recompile().
+        self.__dict__["other_graph"] = other_graph
+        self.__dict__["graph_training"] = bool(graph_training)
+        super().__init__(root, graph, class_name)
+        copy_targets(root if other_root is None else other_root, self, other_graph)
+
+    def graph_for(self, training: bool) -> torch.fx.Graph:
+        """The graph that runs when the root's ``training`` flag is ``training``."""
+        return self.graph if bool(training) == self.graph_training else self.other_graph
+
+    def single_mode(self, training: bool) -> torch.fx.GraphModule:
+        """A plain ``torch.fx.GraphModule`` running the graph of mode ``training`` (sharing the submodules and
+        tensors; ``meta`` is copied)."""
+        graph = copy.deepcopy(self.graph_for(training))
+        gm = torch.fx.GraphModule(self, graph, self._graphmodule_cls_name if hasattr(
+            self, "_graphmodule_cls_name") else "GraphModule")
+        gm.meta = dict(self.meta)
+        gm.train(self.training)
+        return gm
+
+    def recompile(self):
+        code = super().recompile()
+        other = self.__dict__.get("other_graph")
+        if other is None:
+            return code
+        other_code = other.python_code(root_module="self")
+        other_forward = _forward_from_src(other_code.src, other_code.globals, getattr(other, "_co_fields", {}))
+        graph_forward = type(self).forward
+        graph_training = self.graph_training
+
+        @functools.wraps(graph_forward)
+        def forward(self, *args, **kwargs):
+            if self.training == graph_training:
+                return graph_forward(self, *args, **kwargs)
+            return other_forward(self, *args, **kwargs)
+
+        type(self).forward = forward
+        return code
+
+    def _deepcopy_init(self):
+        def init(res, fake_mod, graph):
+            ModalGraphModule.__init__(res, fake_mod, graph, fake_mod.__dict__["other_graph"],
+                                      fake_mod.__dict__["graph_training"])
+        return init
+
+    def __copy__(self):
+        res = ModalGraphModule(self, self.graph, self.other_graph, self.graph_training)
+        res.meta = getattr(self, "meta", {})
+        return res
+
+    def __reduce__(self):
+        rebuild, (body, import_block) = super().__reduce__()
+        other_code = self.other_graph.python_code(root_module="self")
+        body.pop("other_graph", None)
+        return (_rebuild_modal_graph_module,
+                (rebuild, body, import_block, other_code.src,
+                 _format_import_block(other_code.globals, sys_importer), self.graph_training))
+
+
+class _RetraceTracer(torch.fx.Tracer):
+    """The tracer unpickling re-traces an export-captured graph's code with: buffers stay ``get_attr`` nodes
+    (fx's default tracer would run ``buffer * 2`` once and keep the result as a constant)."""
+
+    proxy_buffer_attributes = True
+
+
+def _rebuild_modal_graph_module(rebuild: Callable, body: dict, import_block: str, other_src: str,
+                                other_import_block: str, graph_training: bool) -> ModalGraphModule:
+    """Unpickling of :class:`ModalGraphModule`: each graph is re-traced from its code as torch.fx does."""
+    other = rebuild({**body, "_code": other_src}, other_import_block)
+    plain = rebuild(body, import_block)
+    _rename_clashing_constants(plain, other, "train" if not graph_training else "eval")
+    res = ModalGraphModule(plain, plain.graph, other.graph, graph_training, other_root=other)
+    for key, value in plain.__dict__.items():
+        res.__dict__.setdefault(key, value)
+    return res
+
+
+def _attribute_at(root: Any, target: str) -> Any:
+    obj = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def _has_attribute_at(root: Any, target: str) -> bool:
+    try:
+        _attribute_at(root, target)
+    except AttributeError:
+        return False
+    return True
+
+
+def copy_targets(root: Any, gm: nn.Module, graph: torch.fx.Graph) -> None:
+    """Give ``gm`` the submodules and tensors ``graph`` reads from ``root`` that it does not have yet (as
+    ``torch.fx.GraphModule(root, graph)`` does for its own graph)."""
+    missing = sorted({str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")
+                      and not _has_attribute_at(gm, str(n.target))}, key=lambda t: t.count("."))
+    for target in missing:
+        value = root[target] if isinstance(root, dict) else _attribute_at(root, target)
+        *path, field = target.split(".")
+        owner = gm
+        for atom in path:
+            if not hasattr(owner, atom):
+                owner.add_module(atom, nn.Module())
+            owner = getattr(owner, atom)
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            owner.register_buffer(field, value)
+        else:
+            setattr(owner, field, value)
+
+
+def _with_other_mode(model: nn.Module, gm: torch.fx.GraphModule, info: CaptureInfo,
+                     capture_other_mode: Callable[[], torch.fx.GraphModule]) -> torch.fx.GraphModule:
+    """``gm`` when the model's forward is the same in both training modes; otherwise a
+    :class:`ModalGraphModule` holding ``gm``'s graph and the other mode's (``info`` records the modules)."""
+    try:
+        other = _in_other_mode(model, capture_other_mode)
+    except Exception as exc:  # noqa: BLE001 - the other mode's forward may not trace; nothing to compare then
+        info.warnings.append(
+            f"the {'eval' if model.training else 'training'}-mode forward could not be captured "
+            f"({type(exc).__name__}: {_first_line(str(exc))}): if the model branches on self.training, "
+            f"gm.train()/gm.eval() do not switch the branch; transform the model in the mode it will run in")
+        return gm
+    scopes = _differing_scopes(gm.graph, other.graph)
+    if not scopes:
+        return gm
+    info.mode_dependent = scopes
+    _rename_clashing_constants(gm, other, "train" if not model.training else "eval")
+    return ModalGraphModule(gm, gm.graph, other.graph, model.training, class_name=type(model).__name__,
+                            other_root=other)
+
+
+def _rename_clashing_constants(gm: torch.fx.GraphModule, other: torch.fx.GraphModule, mode: str) -> None:
+    """Give ``other``'s tensors that have a name ``gm`` uses for another object a fresh name ending in ``mode``
+    (each trace numbers its constants from 0)."""
+    for node in other.graph.nodes:
+        if node.op != "get_attr" or not _has_attribute_at(gm, str(node.target)):
+            continue
+        value = _attribute_at(other, str(node.target))
+        if _attribute_at(gm, str(node.target)) is value:
+            continue
+        i = 0
+        while _has_attribute_at(gm, f"{node.target}_{mode}{i}") or _has_attribute_at(
+                other, f"{node.target}_{mode}{i}"):
+            i += 1
+        name = f"{node.target}_{mode}{i}"
+        setattr(other, name, value)
+        node.target = name
+
+
 # ------------------------------------------------------------------------------------------------------ capture
 
 def _drop_string_annotations(graph: torch.fx.Graph) -> None:
@@ -270,29 +455,36 @@ def _drop_string_annotations(graph: torch.fx.Graph) -> None:
 
 
 def _node_keys(graph: torch.fx.Graph) -> set[tuple[str, str]]:
+    """``(scope, op)`` of every node: the module whose forward made the call (for a leaf's call, its parent)."""
     keys = set()
     for node in graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        scope = list(stack.values())[-1][0] if stack else ""
-        keys.add((str(scope), f"{node.op}:{getattr(node.target, '__name__', node.target)}"))
+        scopes = [str(entry[0]) for entry in (node.meta.get("nn_module_stack") or {}).values()]
+        if node.op == "call_module" and scopes and scopes[-1] == node.target:
+            scopes.pop()
+        keys.add((scopes[-1] if scopes else "", f"{node.op}:{getattr(node.target, '__name__', node.target)}"))
     return keys
 
 
-def _mode_dependent_scopes(model: nn.Module, graph: torch.fx.Graph, tracer_args: dict,
-                           concrete_args: dict[str, Any] | None) -> list[str]:
-    """Module paths whose traced code differs between train and eval mode (a forward that branches on
-    ``self.training`` outside a leaf): the graph keeps only the branch of the mode it was traced in."""
+def _differing_scopes(graph: torch.fx.Graph, other: torch.fx.Graph) -> list[str]:
+    """Module paths whose code differs between two traces of one model (train and eval mode); empty when the
+    two graphs generate the same code."""
+    if graph.python_code(root_module="self").src == other.python_code(root_module="self").src:
+        return []
+    changed = _node_keys(graph) ^ _node_keys(other)
+    # The same ops with other arguments (``x * 0.9`` against ``x * 1.0``) leave the key sets equal.
+    return sorted({scope or "<top level>" for scope, _ in changed}) or ["<top level>"]
+
+
+def _in_other_mode(model: nn.Module, run: Callable[[], Any]) -> Any:
+    """``run()`` with every submodule's training flag flipped as ``model.train(not model.training)`` would set
+    them; the flags (a mixed state too) are restored afterwards."""
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.train(not model.training)
-        other = OrthofxTracer(**tracer_args).trace(model, concrete_args)
-    except Exception:  # noqa: BLE001 - the other mode's forward may not trace; nothing to compare then
-        return []
+        return run()
     finally:
         for module, flag in flags:
             module.training = flag
-    changed = _node_keys(graph) ^ _node_keys(other)
-    return sorted({scope or "<top level>" for scope, _ in changed})
 
 
 def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: Iterable[str] = (),
@@ -406,18 +598,16 @@ def _capture_fx(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, concrete
             info.leaf_fallbacks.append((path, cause))
 
     _drop_string_annotations(graph)
-    scopes = _mode_dependent_scopes(model, graph, {"leaf_types": leaf_types, "leaf_paths": paths}, concrete_args)
-    if scopes:
-        mode_now = "training" if model.training else "eval"
-        info.warnings.append(
-            f"the forward of {', '.join(scopes)} branches on self.training: the graph keeps the {mode_now}-mode "
-            f"branch, and gm.train()/gm.eval() do not switch it (leaf layers such as BatchNorm still do). "
-            f"Transform the model in the mode you will run it in, or list the module's class under "
-            f"capture.leaf_modules")
-    root = _Overlay(model, tracer.constants)
-    gm = torch.fx.GraphModule(root, graph, type(model).__name__)
+    gm = torch.fx.GraphModule(_Overlay(model, tracer.constants), graph, type(model).__name__)
     info.warnings.extend(_constant_warnings(gm, tracer))
-    return gm, info
+
+    def trace_other_mode() -> torch.fx.GraphModule:
+        other_tracer = OrthofxTracer(leaf_types=leaf_types, leaf_paths=paths)
+        other_graph = other_tracer.trace(model, concrete_args)
+        _drop_string_annotations(other_graph)
+        return torch.fx.GraphModule(_Overlay(model, other_tracer.constants), other_graph, type(model).__name__)
+
+    return _with_other_mode(model, gm, info, trace_other_mode), info
 
 
 # ------------------------------------------------------------------------------------------------ export capture
@@ -905,8 +1095,9 @@ def _static_batch(graph: torch.fx.Graph) -> int | None:
 
 
 def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
-                    inputs: tuple | None) -> tuple[torch.fx.GraphModule, CaptureInfo]:
-    """Capture mode ``export``: torch.export, then the ATen graph rebuilt with fx mode's leaves and names."""
+                    inputs: tuple | None, both_modes: bool = True) -> tuple[torch.fx.GraphModule, CaptureInfo]:
+    """Capture mode ``export``: torch.export, then the ATen graph rebuilt with fx mode's leaves and names (and
+    once more in the other training mode, see :class:`ModalGraphModule`)."""
     if inputs is None:
         raise CaptureError("capture mode 'export' runs torch.export on example inputs, and none were given: pass "
                            "example_inputs=(x,) to orthofx.transform / orthofx.explain", module_path="")
@@ -936,6 +1127,8 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
         try:
             rebuilder = _ExportRebuilder(ep, model, leaves, excluded, call_order)
             graph = rebuilder.build()
+            # pickling a GraphModule re-traces its code with this tracer (see _RetraceTracer)
+            graph._tracer_cls = _RetraceTracer
             break
         except _Isolation as exc:
             excluded.add(exc.call.name)
@@ -951,7 +1144,10 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
             f"accepts inputs of batch size {batch}; give example inputs of the batch size you will use")
     info.warnings.extend(_device_warnings(graph))
     gm = torch.fx.GraphModule(_Overlay(model, rebuilder.extras), graph, type(model).__name__)
-    return gm, info
+    if not both_modes:
+        return gm, info
+    return _with_other_mode(model, gm, info, lambda: _capture_export(model, leaf_types, leaf_paths, inputs,
+                                                                      both_modes=False)[0]), info
 
 
 def _device_warnings(graph: torch.fx.Graph) -> list[str]:

@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .capture import unwrap_model
+from .capture import ModalGraphModule, unwrap_model
 from .errors import ExportError
 from .nn.conditioning import power_newton_schulz
 from .passes.base import replace_module
@@ -116,6 +116,9 @@ def freeze(model: nn.Module) -> fx.GraphModule:
     root = unwrap_model(model)
     manifest = manifest_of(model)
     frozen = copy.deepcopy(root)
+    if isinstance(frozen, ModalGraphModule):
+        # a forward with `if self.training:` branches: the frozen model is the eval-mode graph alone
+        frozen = frozen.single_mode(training=False)
     frozen.eval()
     # A module's plain form may itself hold orthofx layers (a probe around a block): repeat until none is left.
     for _ in range(100):

@@ -4,7 +4,7 @@ Plain torch only: this module imports nothing of orthofx, so a model defined her
 model would. Every model
 
 * is traceable by ``torch.fx.symbolic_trace`` (no data-dependent Python control flow; the only Python branches
-  are on ``self.training``, which fx resolves at trace time),
+  are on ``self.training``, which a trace resolves, so orthofx captures such models in both modes),
 * is deterministic given ``torch.manual_seed`` (plain PyTorch default initialisation),
 * takes small keyword arguments (``width``, ``depth``, ``num_classes`` ...), so tests can build tiny versions.
 
@@ -306,8 +306,8 @@ class DecorrelatedBatchNorm2d(nn.Module):
     ``running_mean``, so the output of a sample does not depend on the rest of the batch. That whitening matrix
     depends on the buffers only: ``orthofx.freeze`` of a model transformed in eval mode evaluates it once and
     stores it (the running whitening matrix), so the frozen and exported (ONNX too) models have no ``eigh``.
-    fx resolves ``if self.training`` at trace time: a model traced in training mode keeps the batch-statistics
-    branch in eval mode as well (``orthofx.transform`` warns); transform it in the mode it will run in.
+    A trace resolves ``if self.training``: orthofx captures a model holding this layer in both modes (one graph
+    per mode, ``orthofx.capture.ModalGraphModule``), so ``gm.eval()`` uses the running whitening as here.
 
     ``affine=True`` adds a per-channel ``weight`` (ones) and ``bias`` (zeros) after the whitening, as BatchNorm.
     ``eps * I`` is made from the covariance (``new_full`` + ``diag_embed``), so it follows its dtype and device

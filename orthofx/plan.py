@@ -33,8 +33,8 @@ from .passes.base import CaptureInfo, PlanEntry, Site, describe_module
 from .passes.registry import get_pass
 from .policy import Match, Policy, Rule
 
-__all__ = ["Plan", "build_plan", "block_paths", "collect_sites", "describe_module", "producers_feeding",
-           "FUNCTION_OPS"]
+__all__ = ["Plan", "build_plan", "block_paths", "collect_sites", "describe_module", "other_mode_graph",
+           "producers_feeding", "FUNCTION_OPS"]
 
 #: Callables (functions and tensor methods) recognised as function sites, by canonical op name.
 FUNCTION_OPS: dict[Any, str] = {
@@ -100,27 +100,30 @@ def _scope(node: fx.Node) -> str:
     return path if isinstance(path, str) else str(key)
 
 
-def collect_sites(gm: fx.GraphModule, blocks: Iterable[str] = ()) -> list[Site]:
-    """Every site of a captured graph, in graph order (see the module docstring)."""
+def collect_sites(gm: fx.GraphModule, blocks: Iterable[str] = (), graph: fx.Graph | None = None,
+                  mode: str = "") -> list[Site]:
+    """Every site of a captured graph (``gm.graph``, or ``graph`` calling ``gm``'s modules), in graph order (see
+    the module docstring). ``mode`` marks the sites of a model's other-mode graph (see :class:`Site`)."""
     blocks = set(blocks)
     sites: list[Site] = []
     seen_modules: set[str] = set()
     op_counts: Counter[str] = Counter()
-    for node in gm.graph.nodes:
+    suffix = f"@{mode}" if mode else ""
+    for node in (gm.graph if graph is None else graph).nodes:
         if node.op == "call_module":
             target = str(node.target)
             if target in seen_modules:
                 continue
             seen_modules.add(target)
             module = gm.get_submodule(target)
-            sites.append(Site("module", target, type(module).__name__, node.name, type(module)))
+            sites.append(Site("module", target, type(module).__name__, node.name, type(module), mode))
             if target in blocks:
-                sites.append(Site("block", target, type(module).__name__, node.name, type(module)))
+                sites.append(Site("block", target, type(module).__name__, node.name, type(module), mode))
             # Submodules of a leaf are not in the graph; list them so weight-only passes can reach them.
             for sub_name, sub in module.named_modules(prefix=target):
                 if sub_name != target and sub_name not in seen_modules:
                     seen_modules.add(sub_name)
-                    sites.append(Site("module", sub_name, type(sub).__name__, None, type(sub)))
+                    sites.append(Site("module", sub_name, type(sub).__name__, None, type(sub), mode))
         else:
             op = _op_name(node)
             if op is None:
@@ -129,8 +132,43 @@ def collect_sites(gm: fx.GraphModule, blocks: Iterable[str] = ()) -> list[Site]:
             base = f"{scope}:{op}" if scope else op
             op_counts[base] += 1
             name = base if op_counts[base] == 1 else f"{base}#{op_counts[base]}"
-            sites.append(Site("function", name, op, node.name, None))
+            sites.append(Site("function", name + suffix, op, node.name, None, mode))
     return sites
+
+
+def other_mode_graph(gm: fx.GraphModule) -> tuple[fx.Graph, str] | None:
+    """``(graph, mode)`` of the other training mode's graph of a two-mode graph module
+    (:class:`orthofx.capture.ModalGraphModule`), ``mode`` being ``"train"`` or ``"eval"``; ``None`` otherwise."""
+    graph = getattr(gm, "other_graph", None)
+    if not isinstance(graph, fx.Graph):
+        return None
+    return graph, "eval" if gm.graph_training else "train"
+
+
+def _all_sites(gm: fx.GraphModule, blocks: Iterable[str]) -> tuple[list[Site], dict[str, dict[str, fx.Node]]]:
+    """The sites of ``gm.graph`` and, for a two-mode graph module, those of the other mode's graph that the
+    first does not have (its function sites, and modules it alone calls), with each graph's nodes by name."""
+    sites = collect_sites(gm, blocks)
+    nodes = {"": {n.name: n for n in gm.graph.nodes}}
+    other = other_mode_graph(gm)
+    if other is not None:
+        graph, mode = other
+        known = {s.name for s in sites}
+        suffix = f"@{mode}"
+        for site in collect_sites(gm, blocks, graph=graph, mode=mode):
+            if site.kind != "function" and site.name in known:
+                continue
+            # next to the first graph's site of the same name, if any (so tables show the two together)
+            base = site.name[:-len(suffix)] if site.name.endswith(suffix) else None
+            at = next((i for i, s in enumerate(sites) if s.name == base and not s.mode), None)
+            if at is None:
+                sites.append(site)
+            else:
+                while at + 1 < len(sites) and sites[at + 1].name.startswith(base + "@"):
+                    at += 1
+                sites.insert(at + 1, site)
+        nodes[mode] = {n.name: n for n in graph.nodes}
+    return sites, nodes
 
 
 def producers_feeding(gm: fx.GraphModule, node: fx.Node) -> list[str]:
@@ -304,12 +342,11 @@ def _module_or_none(gm: fx.GraphModule, site: Site) -> nn.Module | None:
 def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None = None,
                blocks: Iterable[str] = ()) -> Plan:
     """Match ``policy`` against the captured ``gm``; raise :class:`PlanError` for a rule that matches nothing."""
-    sites = collect_sites(gm, blocks)
-    nodes = {n.name: n for n in gm.graph.nodes}
+    sites, nodes = _all_sites(gm, blocks)
     fed_by: dict[str, set[str]] = {}
     for site in sites:
         if site.kind == "function":
-            fed_by.setdefault(site.target, set()).update(producers_feeding(gm, nodes[site.node]))
+            fed_by.setdefault(site.target, set()).update(producers_feeding(gm, nodes[site.mode][site.node]))
 
     entries: list[PlanEntry] = []
     skipped: list[tuple[Site, str, str]] = []

@@ -13,16 +13,16 @@ Example::
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import fx, nn
 
-from .capture import capture, input_tuple, unwrap_model
+from .capture import capture, copy_targets, input_tuple, unwrap_model
 from .errors import OrthofxError, TransformError
-from .passes.base import MANIFEST_KEY, Manifest, PassContext
+from .passes.base import MANIFEST_KEY, Manifest, PassContext, Site
 from .passes.registry import get_pass
-from .plan import Plan, block_paths, build_plan
+from .plan import Plan, block_paths, build_plan, other_mode_graph
 from .policy import Policy
 
 __all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed", "as_input_tuple", "output_tensors"]
@@ -178,6 +178,43 @@ def _relative_change(before: Any, after: Any) -> float:
     return float((new_all - old_all).norm() / old_all.norm().clamp_min(1e-300))
 
 
+def _run_passes(ctx: PassContext, plan: Plan, selected: Callable[[Site], bool]) -> None:
+    """Apply the plan's entries for the ``selected`` sites, pass by pass in policy order."""
+    for pass_name in plan.pass_order():
+        entries = [e for e in plan.entries_for(pass_name) if selected(e.site)]
+        if not entries:
+            continue
+        try:
+            get_pass(pass_name)().apply(ctx, entries)
+        except OrthofxError:
+            raise
+        except Exception as exc:
+            raise TransformError(f"pass '{pass_name}' failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _rewrite_other_mode(gm: fx.GraphModule, graph: fx.Graph, mode: str, plan: Plan, manifest: Manifest) -> None:
+    """The passes on the other training mode's graph of a two-mode ``gm`` (capture.ModalGraphModule).
+
+    Both graphs call the same modules, which the passes have rewritten already (module sites are rewritten on
+    ``gm`` whichever graph calls them); what is left are this graph's function sites (graph edits). The passes
+    see a GraphModule of this graph holding ``gm``'s submodules, and what they add to it (monitors) is given
+    to ``gm``.
+    """
+    def selected(site: Site) -> bool:
+        return site.kind == "function" and site.mode == mode
+
+    if not any(selected(entry.site) for entry in plan.entries):
+        return
+    view = fx.GraphModule(gm, graph)
+    for name, child in gm.named_children():  # gm's own containers, not the copies the view made
+        view._modules[name] = child
+    _run_passes(PassContext(gm=view, manifest=manifest), plan, selected)
+    view.graph.lint()
+    copy_targets(view, gm, view.graph)
+    gm.other_graph = view.graph
+    view.graph.owning_module = gm
+
+
 def _compile(gm: fx.GraphModule, compile: Any) -> nn.Module:
     if compile is None or compile is False:
         return gm
@@ -221,16 +258,13 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
     manifest = Manifest(policy=policy, plan=plan, capture=plan.capture)
     before, site_inputs = _observe(gm, plan, inputs, manifest) if inputs is not None else (None, {})
 
-    ctx = PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs)
-    for pass_name in plan.pass_order():
-        pass_obj = get_pass(pass_name)()
-        try:
-            pass_obj.apply(ctx, plan.entries_for(pass_name))
-        except OrthofxError:
-            raise
-        except Exception as exc:
-            raise TransformError(f"pass '{pass_name}' failed: {type(exc).__name__}: {exc}") from exc
+    # Module sites are modules whichever graph calls them: their passes all run on gm.
+    _run_passes(PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs), plan,
+                lambda site: site.kind != "function" or not site.mode)
     gm.graph.lint()
+    other = other_mode_graph(gm)
+    if other is not None:
+        _rewrite_other_mode(gm, other[0], other[1], plan, manifest)
     gm.recompile()
     store_manifest(gm, manifest)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from orthofx.capture import OrthofxTracer, capture, unwrap_model
+from orthofx.capture import ModalGraphModule, OrthofxTracer, capture, unwrap_model
 from orthofx.errors import CaptureError
 
 
@@ -394,13 +394,15 @@ class _WithModeBranch(nn.Module):
         return self.drop(self.branch(self.lin(x)))
 
 
-def test_mode_dependent_forward_is_warned_about_and_flags_are_restored():
+def test_mode_dependent_forward_gets_two_graphs_and_flags_are_restored():
     model = _WithModeBranch().train()
     model.lin.eval()  # a mixed state must come back exactly
     flags = [m.training for m in model.modules()]
     gm, info = capture(model)
     assert [m.training for m in model.modules()] == flags
-    assert len(info.warnings) == 1 and "branch branches on self.training" in info.warnings[0]
-    assert "training-mode branch" in info.warnings[0]
+    assert isinstance(gm, ModalGraphModule) and info.mode_dependent == ["branch"]
+    assert info.warnings == [] and "train and eval graphs (self.training branches in branch)" in info.summary()
     plain = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.BatchNorm1d(3))
+    plain_gm, plain_info = capture(plain)
+    assert not isinstance(plain_gm, ModalGraphModule) and plain_info.mode_dependent == []
     assert capture(plain)[1].warnings == []

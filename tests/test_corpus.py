@@ -52,16 +52,6 @@ EXPECTED_FAILURES = {
     ("orthogonal", "impossible_layer"): "expand",
 }
 
-# fx specialises Python branches on ``self.training`` at trace time: the transform traces the model in training
-# mode, so the transformed model runs the training branch in eval mode as well.
-TRAINING_BRANCH_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "capture specialises `if self.training:` in traced (non-leaf) submodules at trace time: corpus "
-    "RunningCentre was traced in training mode, so gm.eval() still centres with the batch mean and updates "
-    "running_mean, and its eval outputs differ from model.eval()'s (the built-in dbn_cnn's "
-    "DecorrelatedBatchNorm2d has the same problem). capture should trace such modules as leaves, or trace both "
-    "modes"))
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_thread):
     """Tiny tensors: one intra-op thread (tests/conftest.py); the cached cells are dropped with the module."""
@@ -197,8 +187,7 @@ def _preserving_params():
         for name in MODELS:
             if (preset, name) in EXPECTED_FAILURES:
                 continue
-            marks = [TRAINING_BRANCH_XFAIL] if name == "train_eval_branch" else []
-            params.append(pytest.param(preset, name, marks=marks, id=f"{preset}-{name}"))
+            params.append(pytest.param(preset, name, id=f"{preset}-{name}"))
     return params
 
 

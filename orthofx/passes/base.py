@@ -121,6 +121,10 @@ class Site:
     call, empty at top level, so a top-level call is just ``"<op>"``), with ``#k`` appended for the k-th repeated
     call in the same scope (k >= 2). ``target`` is the module's class name or the canonical op name
     (``"linalg.eigh"``); ``node`` the fx node name (``None`` for a block, which may span no single node).
+
+    ``mode`` is empty for sites of the graph a model was captured in, and ``"train"`` or ``"eval"`` for sites
+    found only in the graph of the other training mode (a model whose forward branches on ``self.training``,
+    see :class:`orthofx.capture.ModalGraphModule`); such function sites are named ``"<scope>:<op>@<mode>"``.
     """
 
     kind: str
@@ -128,6 +132,7 @@ class Site:
     target: str
     node: str | None = None
     module_type: type | None = None
+    mode: str = ""
 
     def __str__(self) -> str:
         return self.name or "<root>"
@@ -217,12 +222,19 @@ class CaptureInfo:
     leaf_fallbacks: list[tuple[str, str]] = field(default_factory=list)  # (module path, one-line reason)
     warnings: list[str] = field(default_factory=list)
     fx_error: str = ""  # mode "auto" -> "export": the fx failure (without its list of fixes)
+    # Modules whose forward differs between train and eval mode: the graph module holds one graph per mode
+    # (orthofx.capture.ModalGraphModule).
+    mode_dependent: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """One line for ``explain`` and ``report``: ``"fx"``, ``"export"`` or ``"export (auto: ...)"``."""
+        """One line for ``explain`` and ``report``: ``"fx"``, ``"export"`` or ``"export (auto: ...)"``, and the
+        modules traced in both modes."""
+        text = self.mode
         if self.fx_error:
-            return f"{self.mode} (auto: symbolic tracing failed: {self.fx_error})"
-        return self.mode
+            text = f"{self.mode} (auto: symbolic tracing failed: {self.fx_error})"
+        if self.mode_dependent:
+            text += f"; train and eval graphs (self.training branches in {', '.join(self.mode_dependent)})"
+        return text
 
 
 @dataclass
