@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import pickle
 import warnings
 
 import pytest
@@ -493,6 +494,32 @@ def test_transformed_export_model_pickles(tmp_path):
     torch.testing.assert_close(eval_outputs(loaded, inputs), eval_outputs(gm, inputs))
     assert orthofx.manifest_of(loaded).capture.mode == "export"
     assert orthofx.penalty(loaded).item() == pytest.approx(orthofx.penalty(gm).item())
+
+
+class BufferArithmetic(nn.Module):
+    """Arithmetic on a buffer alone (``scale * 2``), and an in-place update of it: unpickling re-traces the code of
+    an export-captured graph, and fx's default tracer would run both once and keep constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.register_buffer("scale", torch.ones(3))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.lin(x) * (self.scale * 2)
+
+
+def test_unpickled_export_graph_keeps_reading_its_buffers():
+    model = BufferArithmetic()
+    x = _input(2, 3)
+    gm, info = capture(model, mode="export", example_inputs=(x,))
+    loaded = pickle.loads(pickle.dumps(gm))
+    with torch.no_grad():
+        loaded.get_buffer("scale").fill_(3.0)
+    torch.testing.assert_close(loaded(x), loaded.lin(x) * 6)
+    assert loaded.get_buffer("calls").item() == 1  # updated by the call, not by unpickling
 
 
 def test_policy_leaf_modules_apply_to_export_capture():
