@@ -273,11 +273,12 @@ class ModalGraphModule(torch.fx.GraphModule):
     Tracing (fx or torch.export) resolves ``if self.training:`` in the mode the model is in, so one graph cannot
     switch between the branches of, e.g., a decorrelated BatchNorm (batch statistics in training, running
     statistics in eval) the way the original model does. :func:`capture` traces such models in both modes and
-    returns this module: :attr:`graph` is the graph of the mode the model was captured in
-    (:attr:`graph_training`), :attr:`other_graph` that of the other mode, and ``forward`` runs the one whose mode
-    is the root's ``self.training`` now, so ``gm.train()`` / ``gm.eval()`` behave as on the model. Both graphs
-    call the same submodules, parameters and buffers. Passes rewrite :attr:`graph`; ``orthofx.transform`` applies
-    the function-site rewrites to :attr:`other_graph` too (see :func:`orthofx.transform`).
+    returns this module, holding the graph of the mode the model was captured in (:attr:`graph_training`; its
+    code is :attr:`code`) and :attr:`other_graph`, that of the other mode. ``forward`` runs the one whose mode is
+    the root's ``self.training`` now, so ``gm.train()`` / ``gm.eval()`` behave as on the model, and :attr:`graph`
+    is that same graph (tools that read ``gm.graph``, such as ``torch.export``, see the current mode's graph;
+    :meth:`graph_for` gives either). Both graphs call the same submodules, parameters and buffers. Passes rewrite
+    the captured mode's graph; ``orthofx.transform`` applies the function-site rewrites to :attr:`other_graph` too.
 
     It copies (``copy.deepcopy``, ``copy.copy`` as DataParallel does) and pickles with both graphs;
     :meth:`single_mode` gives a plain ``GraphModule`` of one of them (``orthofx.freeze`` keeps the eval graph).
@@ -295,10 +296,31 @@ class ModalGraphModule(torch.fx.GraphModule):
         self.__dict__["graph_training"] = bool(graph_training)
         super().__init__(root, graph, class_name)
         copy_targets(root if other_root is None else other_root, self, other_graph)
+        other_graph.owning_module = self
+        self.training = bool(getattr(root, "training", graph_training))
 
     def graph_for(self, training: bool) -> torch.fx.Graph:
         """The graph that runs when the root's ``training`` flag is ``training``."""
-        return self.graph if bool(training) == self.graph_training else self.other_graph
+        return self._graph if bool(training) == self.graph_training else self.other_graph
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        """The graph of the current mode (``self.training``)."""
+        if "_graph" not in self.__dict__:
+            return torch.fx.GraphModule.graph.fget(self)
+        return self.graph_for(self.training)
+
+    @graph.setter
+    def graph(self, g: torch.fx.Graph) -> None:
+        """Replace the current mode's graph (and recompile)."""
+        if "_graph" in self.__dict__ and self.training != self.graph_training:
+            if not isinstance(g, torch.fx.Graph):
+                raise TypeError(f"expected a torch.fx.Graph, got {type(g).__name__}")
+            self.__dict__["other_graph"] = g
+            g.owning_module = self
+            self.recompile()
+        else:
+            torch.fx.GraphModule.graph.fset(self, g)
 
     def single_mode(self, training: bool) -> torch.fx.GraphModule:
         """A plain ``torch.fx.GraphModule`` running the graph of mode ``training`` (sharing the submodules and
@@ -336,7 +358,7 @@ class ModalGraphModule(torch.fx.GraphModule):
         return init
 
     def __copy__(self):
-        res = ModalGraphModule(self, self.graph, self.other_graph, self.graph_training)
+        res = ModalGraphModule(self, self._graph, self.other_graph, self.graph_training)
         res.meta = getattr(self, "meta", {})
         return res
 
@@ -361,10 +383,11 @@ def _rebuild_modal_graph_module(rebuild: Callable, body: dict, import_block: str
     """Unpickling of :class:`ModalGraphModule`: each graph is re-traced from its code as torch.fx does."""
     other = rebuild({**body, "_code": other_src}, other_import_block)
     plain = rebuild(body, import_block)
-    _rename_clashing_constants(plain, other, "train" if not graph_training else "eval")
+    _rename_clashing_constants(plain, other.graph, other, "train" if not graph_training else "eval")
     res = ModalGraphModule(plain, plain.graph, other.graph, graph_training, other_root=other)
     for key, value in plain.__dict__.items():
         res.__dict__.setdefault(key, value)
+    res.training = bool(body.get("training", graph_training))
     return res
 
 
@@ -403,41 +426,47 @@ def copy_targets(root: Any, gm: nn.Module, graph: torch.fx.Graph) -> None:
 
 
 def _with_other_mode(model: nn.Module, gm: torch.fx.GraphModule, info: CaptureInfo,
-                     capture_other_mode: Callable[[], torch.fx.GraphModule]) -> torch.fx.GraphModule:
+                     capture_other_mode: Callable[[], tuple[torch.fx.Graph, nn.Module]]) -> torch.fx.GraphModule:
     """``gm`` when the model's forward is the same in both training modes; otherwise a
-    :class:`ModalGraphModule` holding ``gm``'s graph and the other mode's (``info`` records the modules)."""
+    :class:`ModalGraphModule` holding ``gm``'s graph and the other mode's (``info`` records the modules).
+    ``capture_other_mode`` returns the other mode's graph and the module its ``get_attr`` targets live on."""
     try:
-        other = _in_other_mode(model, capture_other_mode)
+        graph, root = _in_other_mode(model, capture_other_mode)
     except Exception as exc:  # noqa: BLE001 - the other mode's forward may not trace; nothing to compare then
         info.warnings.append(
             f"the {'eval' if model.training else 'training'}-mode forward could not be captured "
-            f"({type(exc).__name__}: {_first_line(str(exc))}): if the model branches on self.training, "
+            f"({type(exc).__name__}: {_first_line(str(exc), 200)}): if the model branches on self.training, "
             f"gm.train()/gm.eval() do not switch the branch; transform the model in the mode it will run in")
         return gm
-    scopes = _differing_scopes(gm.graph, other.graph)
+    scopes = _differing_scopes(gm.graph, gm, graph, root)
     if not scopes:
+        if isinstance(root, torch.fx.GraphModule):
+            root.graph.owning_module = None  # no cycle left to keep the model's modules alive until a gc pass
         return gm
     info.mode_dependent = scopes
-    _rename_clashing_constants(gm, other, "train" if not model.training else "eval")
-    return ModalGraphModule(gm, gm.graph, other.graph, model.training, class_name=type(model).__name__,
-                            other_root=other)
+    _rename_clashing_constants(gm, graph, root, "train" if not model.training else "eval")
+    modal = ModalGraphModule(gm, gm.graph, graph, model.training, class_name=type(model).__name__,
+                             other_root=root)
+    modal.training = model.training
+    return modal
 
 
-def _rename_clashing_constants(gm: torch.fx.GraphModule, other: torch.fx.GraphModule, mode: str) -> None:
-    """Give ``other``'s tensors that have a name ``gm`` uses for another object a fresh name ending in ``mode``
-    (each trace numbers its constants from 0)."""
-    for node in other.graph.nodes:
+def _rename_clashing_constants(gm: torch.fx.GraphModule, graph: torch.fx.Graph, root: nn.Module,
+                               mode: str) -> None:
+    """Give the tensors ``graph`` reads from ``root`` that have a name ``gm`` uses for another object a fresh
+    name ending in ``mode`` (each trace numbers its constants from 0)."""
+    for node in graph.nodes:
         if node.op != "get_attr" or not _has_attribute_at(gm, str(node.target)):
             continue
-        value = _attribute_at(other, str(node.target))
+        value = _attribute_at(root, str(node.target))
         if _attribute_at(gm, str(node.target)) is value:
             continue
         i = 0
         while _has_attribute_at(gm, f"{node.target}_{mode}{i}") or _has_attribute_at(
-                other, f"{node.target}_{mode}{i}"):
+                root, f"{node.target}_{mode}{i}"):
             i += 1
         name = f"{node.target}_{mode}{i}"
-        setattr(other, name, value)
+        setattr(root, name, value)
         node.target = name
 
 
@@ -454,25 +483,70 @@ def _drop_string_annotations(graph: torch.fx.Graph) -> None:
             node.type = None
 
 
+def _node_scope(node: torch.fx.Node) -> str:
+    """The module whose forward made the call (for a leaf's call, its parent); empty at top level."""
+    scopes = [str(entry[0]) for entry in (node.meta.get("nn_module_stack") or {}).values()]
+    if node.op == "call_module" and scopes and scopes[-1] == node.target:
+        scopes.pop()
+    return scopes[-1] if scopes else ""
+
+
 def _node_keys(graph: torch.fx.Graph) -> set[tuple[str, str]]:
-    """``(scope, op)`` of every node: the module whose forward made the call (for a leaf's call, its parent)."""
-    keys = set()
-    for node in graph.nodes:
-        scopes = [str(entry[0]) for entry in (node.meta.get("nn_module_stack") or {}).values()]
-        if node.op == "call_module" and scopes and scopes[-1] == node.target:
-            scopes.pop()
-        keys.add((scopes[-1] if scopes else "", f"{node.op}:{getattr(node.target, '__name__', node.target)}"))
-    return keys
+    """``(scope, op)`` of every node."""
+    return {(_node_scope(n), f"{n.op}:{getattr(n.target, '__name__', n.target)}") for n in graph.nodes}
 
 
-def _differing_scopes(graph: torch.fx.Graph, other: torch.fx.Graph) -> list[str]:
-    """Module paths whose code differs between two traces of one model (train and eval mode); empty when the
-    two graphs generate the same code."""
-    if graph.python_code(root_module="self").src == other.python_code(root_module="self").src:
-        return []
+class _NodeIndex(int):
+    """A node's position, standing for the node in a graph signature (never equal to a plain int argument)."""
+
+    def __eq__(self, other):
+        return isinstance(other, _NodeIndex) and int(self) == int(other)
+
+    __hash__ = int.__hash__
+
+
+def _graph_signature(graph: torch.fx.Graph) -> list[tuple]:
+    """Per node: op, target and arguments (other nodes by position); equal for graphs of the same code."""
+    index: dict[torch.fx.Node, _NodeIndex] = {}
+    signature = []
+    for i, node in enumerate(graph.nodes):
+        index[node] = _NodeIndex(i)
+        args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: index[n])
+        signature.append((node.op, node.target, args))
+    return signature
+
+
+def _same_entry(a: tuple, b: tuple) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an argument whose == is not a bool (a tensor): compare the text
+        return repr(a) == repr(b)
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+    return False
+
+
+def _differing_scopes(graph: torch.fx.Graph, root: nn.Module, other: torch.fx.Graph,
+                      other_root: nn.Module) -> list[str]:
+    """Module paths whose code differs between two traces of one model (train and eval mode), ``root`` and
+    ``other_root`` holding their attributes; empty when the graphs are the same (ops, arguments, constants)."""
+    signature, other_signature = _graph_signature(graph), _graph_signature(other)
+    differing: list[torch.fx.Node] = []
+    if len(signature) == len(other_signature):
+        for node, mine, theirs in zip(graph.nodes, signature, other_signature):
+            if not _same_entry(mine, theirs) or (node.op == "get_attr" and not _same_constant(
+                    _attribute_at(root, str(node.target)), _attribute_at(other_root, str(node.target)))):
+                differing.append(node)
+        if not differing:
+            return []
     changed = _node_keys(graph) ^ _node_keys(other)
-    # The same ops with other arguments (``x * 0.9`` against ``x * 1.0``) leave the key sets equal.
-    return sorted({scope or "<top level>" for scope, _ in changed}) or ["<top level>"]
+    scopes = {scope for scope, _ in changed} or {_node_scope(n) for n in differing}
+    return sorted(scope or "<top level>" for scope in scopes)
 
 
 def _in_other_mode(model: nn.Module, run: Callable[[], Any]) -> Any:
@@ -601,11 +675,11 @@ def _capture_fx(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, concrete
     gm = torch.fx.GraphModule(_Overlay(model, tracer.constants), graph, type(model).__name__)
     info.warnings.extend(_constant_warnings(gm, tracer))
 
-    def trace_other_mode() -> torch.fx.GraphModule:
+    def trace_other_mode() -> tuple[torch.fx.Graph, nn.Module]:
         other_tracer = OrthofxTracer(leaf_types=leaf_types, leaf_paths=paths)
         other_graph = other_tracer.trace(model, concrete_args)
         _drop_string_annotations(other_graph)
-        return torch.fx.GraphModule(_Overlay(model, other_tracer.constants), other_graph, type(model).__name__)
+        return other_graph, _Overlay(model, other_tracer.constants)
 
     return _with_other_mode(model, gm, info, trace_other_mode), info
 
@@ -1146,8 +1220,11 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
     gm = torch.fx.GraphModule(_Overlay(model, rebuilder.extras), graph, type(model).__name__)
     if not both_modes:
         return gm, info
-    return _with_other_mode(model, gm, info, lambda: _capture_export(model, leaf_types, leaf_paths, inputs,
-                                                                      both_modes=False)[0]), info
+    def export_other_mode() -> tuple[torch.fx.Graph, nn.Module]:
+        other = _capture_export(model, leaf_types, leaf_paths, inputs, both_modes=False)[0]
+        return other.graph, other
+
+    return _with_other_mode(model, gm, info, export_other_mode), info
 
 
 def _device_warnings(graph: torch.fx.Graph) -> list[str]:

@@ -148,9 +148,10 @@ def other_mode_graph(gm: fx.GraphModule) -> tuple[fx.Graph, str] | None:
 def _all_sites(gm: fx.GraphModule, blocks: Iterable[str]) -> tuple[list[Site], dict[str, dict[str, fx.Node]]]:
     """The sites of ``gm.graph`` and, for a two-mode graph module, those of the other mode's graph that the
     first does not have (its function sites, and modules it alone calls), with each graph's nodes by name."""
-    sites = collect_sites(gm, blocks)
-    nodes = {"": {n.name: n for n in gm.graph.nodes}}
     other = other_mode_graph(gm)
+    first = gm.graph if other is None else gm.graph_for(gm.graph_training)  # whatever mode gm is in now
+    sites = collect_sites(gm, blocks, graph=first)
+    nodes = {"": {n.name: n for n in first.nodes}}
     if other is not None:
         graph, mode = other
         known = {s.name for s in sites}

@@ -209,10 +209,9 @@ def _rewrite_other_mode(gm: fx.GraphModule, graph: fx.Graph, mode: str, plan: Pl
     for name, child in gm.named_children():  # gm's own containers, not the copies the view made
         view._modules[name] = child
     _run_passes(PassContext(gm=view, manifest=manifest), plan, selected)
-    view.graph.lint()
-    copy_targets(view, gm, view.graph)
-    gm.other_graph = view.graph
-    view.graph.owning_module = gm
+    graph.lint()
+    copy_targets(view, gm, graph)
+    graph.owning_module = gm
 
 
 def _compile(gm: fx.GraphModule, compile: Any) -> nn.Module:

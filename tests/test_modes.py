@@ -79,6 +79,16 @@ def test_capture_traces_both_modes(mode, start):
     assert torch.equal(gm.get_buffer("centre.mean"), before)
 
 
+def test_graph_is_the_current_modes_and_torch_export_follows_it():
+    model, x = _net()
+    gm, _ = capture(model.train())
+    assert gm.graph is gm.graph_for(True) and gm.eval().graph is gm.graph_for(False) is gm.other_graph
+    # torch.export reads gm.graph of a GraphModule rather than calling its forward
+    exported = torch.export.export(gm, (x,)).module()
+    torch.testing.assert_close(exported(x), gm(x))
+    assert not any(n.target == torch.ops.aten.lerp_.Scalar for n in torch.export.export(gm, (x,)).graph.nodes)
+
+
 def test_graph_for_and_single_mode():
     model, x = _net()
     gm, _ = capture(model.train())
@@ -123,6 +133,40 @@ def test_models_without_mode_branches_keep_one_graph():
     for mode in ("fx", "export"):
         gm, info = capture(model, mode=mode, example_inputs=(torch.randn(4, 3),))
         assert not isinstance(gm, ModalGraphModule) and info.mode_dependent == []
+
+
+class ConstantByMode(nn.Module):
+    """The same ops in both modes; only a constant differs (same code, other tensor values)."""
+
+    def forward(self, x):
+        scale = torch.tensor(2.0) if self.training else torch.tensor(1.0)
+        return x * scale
+
+
+class EvalNeedsCalibration(nn.Module):
+    """Eval mode cannot be traced (it asks for a calibration first); training mode can."""
+
+    def forward(self, x):
+        if not self.training:
+            raise RuntimeError("calibrate the model first")
+        return x * 2
+
+
+def test_a_constant_that_depends_on_the_mode_is_found():
+    model = nn.Sequential(nn.Linear(3, 3), ConstantByMode()).train()
+    x = torch.randn(4, 3)
+    gm, info = capture(model)
+    assert isinstance(gm, ModalGraphModule) and info.mode_dependent == ["1"]
+    torch.testing.assert_close(gm.train()(x), model.train()(x))
+    torch.testing.assert_close(gm.eval()(x), model[0](x))
+
+
+def test_other_mode_that_cannot_be_captured_is_warned_about():
+    model = nn.Sequential(nn.Linear(3, 3), EvalNeedsCalibration()).train()
+    gm, info = capture(model)
+    assert not isinstance(gm, ModalGraphModule) and model.training
+    (warning,) = info.warnings
+    assert "eval-mode forward could not be captured (RuntimeError: calibrate the model first)" in warning
 
 
 # ---------------------------------------------------------------------------------------------------- transform
