@@ -8,7 +8,10 @@ each rank trains a few steps on its own data and writes what it ends with to ``t
     singular values; ``OrthogonalLinear`` weights orthonormal);
 (c) the ``riemannian`` pass through ``orthofx.attach(optimizer, ddp_model)`` on ``deep_linear``: identical
     replicas, weights orthonormal after SGD-with-momentum steps;
-(d) the ``svd`` preset (P4's NOG + OLR on the Pre-SVD layer, via ``attach``) on ``gcp_cnn``: identical replicas.
+(d) the ``svd`` preset (P4's NOG + OLR on the Pre-SVD layer, via ``attach``) on ``gcp_cnn``: identical replicas;
+(e) the ``svd`` preset on ``dbn_cnn``, whose decorrelated BatchNorm branches on ``self.training`` (a two-graph
+    ``ModalGraphModule``): identical replicas, and identical eval outputs (running whitening, buffers broadcast
+    by DDP from rank 0).
 
 About 6 s in all (two interpreters importing torch), so not marked slow. Nothing can hang: ``init_process_group(timeout=60 s)`` and the spawn is joined with a deadline, after which the
 workers are terminated (by their own process ids).
@@ -28,7 +31,7 @@ import torch
 WORLD = 2
 STEPS = 3
 JOIN_DEADLINE_S = 240
-SCENARIOS = ("lorth", "orthogonal", "riemannian", "pre_svd")
+SCENARIOS = ("lorth", "orthogonal", "riemannian", "pre_svd", "dbn")
 
 
 def _free_port() -> int:
@@ -52,6 +55,10 @@ def _build(scenario: str):
         model = orthofx.models.get("deep_linear", depth=3, width=8, in_features=8, out_features=8)
         x = torch.randn(4, 8)
         policy = {"rules": [{"match": {"type": "Linear"}, "apply": "riemannian"}]}
+    elif scenario == "dbn":
+        model = orthofx.models.get("dbn_cnn", width=4)
+        x = orthofx.models.example_input("dbn_cnn", batch=8)
+        policy = "svd"
     else:
         model = orthofx.models.get("gcp_cnn", width=4, dim=4)
         x = orthofx.models.example_input("gcp_cnn", batch=4)
@@ -90,9 +97,9 @@ def _run(scenario: str, rank: int) -> dict:
     gm, shape = _build(scenario)
     initial = {k: v.detach().clone() for k, v in gm.named_parameters()}
     ddp = DDP(gm)
-    momentum = 0.9 if scenario in ("riemannian", "pre_svd") else 0.0
+    momentum = 0.9 if scenario in ("riemannian", "pre_svd", "dbn") else 0.0
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=momentum)
-    handle = orthofx.attach(optimizer, ddp) if scenario in ("riemannian", "pre_svd") else None
+    handle = orthofx.attach(optimizer, ddp) if scenario in ("riemannian", "pre_svd", "dbn") else None
     generator = torch.Generator().manual_seed(100 + rank)  # each replica sees its own data
     losses = []
     for _ in range(STEPS):
@@ -108,7 +115,18 @@ def _run(scenario: str, rank: int) -> dict:
         losses.append(float(loss))
     params = {k: v.detach().clone() for k, v in gm.named_parameters()}
     moved = max(float((params[k] - initial[k]).abs().max()) for k in params)
+    fixed = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        evaluation = ddp.eval()(fixed)
+        # the untransformed model with the replica's weights and (broadcast) buffers: the eval reference
+        reference = orthofx.models.get("dbn_cnn", width=4) if scenario == "dbn" else None
+        if reference is not None:
+            reference.load_state_dict(gm.state_dict(), strict=False)
+            reference = reference.eval()(fixed)
+    ddp.train()
     result = {"params": params, "losses": losses, "moved": moved, "orthogonality": _orthogonality(gm),
+              "eval": evaluation, "eval_reference": reference,
+              "modal": isinstance(gm, orthofx.capture.ModalGraphModule),
               "hooks": [type(h).__name__ for h in (handle.hooks if handle is not None else [])],
               "olr_groups": sum(1 for g in optimizer.param_groups if "orthofx_olr" in g)}
     return result
@@ -202,3 +220,13 @@ def test_pre_svd_nog_olr_attach_replicas_identical(ddp_results):
     _assert_identical(ranks)
     assert sorted(ranks[0]["hooks"]) == ["NearestOrthogonalGradient", "OptimalLearningRate"]
     assert ranks[0]["olr_groups"] == 1
+
+
+def test_two_mode_model_replicas_identical_with_the_running_whitening_in_eval(ddp_results):
+    ranks = _replicas(ddp_results, "dbn")
+    _assert_identical(ranks)
+    assert ranks[0]["modal"] and ranks[1]["modal"]
+    assert sorted(ranks[0]["hooks"]) == ["NearestOrthogonalGradient", "OptimalLearningRate"]
+    assert torch.equal(ranks[0]["eval"], ranks[1]["eval"]) and torch.isfinite(ranks[0]["eval"]).all()
+    for rank in ranks:  # eval ran the eval graph: the original model's running whitening
+        torch.testing.assert_close(rank["eval"], rank["eval_reference"], atol=1e-5, rtol=1e-4)
