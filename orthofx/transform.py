@@ -234,6 +234,11 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
               compile: Any = None) -> nn.Module:
     """Rewrite ``model`` according to ``policy`` and return a ``torch.fx.GraphModule``.
 
+    A model whose forward branches on ``self.training`` (outside leaf layers) is captured in both modes and
+    comes back as an :class:`orthofx.capture.ModalGraphModule`: ``gm.train()`` / ``gm.eval()`` switch between
+    the two rewritten graphs as on the model (the other mode's function sites are named ``...@eval`` or
+    ``...@train`` in the plan and the report).
+
     Args:
         model: any ``nn.Module`` (``torch.compile``, DataParallel and DDP wrappers are unwrapped).
         policy: a :class:`orthofx.Policy`, a dict, a YAML path or text, or a preset name (``orthofx presets``).
