@@ -273,12 +273,13 @@ class ModalGraphModule(torch.fx.GraphModule):
     Tracing (fx or torch.export) resolves ``if self.training:`` in the mode the model is in, so one graph cannot
     switch between the branches of, e.g., a decorrelated BatchNorm (batch statistics in training, running
     statistics in eval) the way the original model does. :func:`capture` traces such models in both modes and
-    returns this module, holding the graph of the mode the model was captured in (:attr:`graph_training`; its
-    code is :attr:`code`) and :attr:`other_graph`, that of the other mode. ``forward`` runs the one whose mode is
-    the root's ``self.training`` now, so ``gm.train()`` / ``gm.eval()`` behave as on the model, and :attr:`graph`
-    is that same graph (tools that read ``gm.graph``, such as ``torch.export``, see the current mode's graph;
-    :meth:`graph_for` gives either). Both graphs call the same submodules, parameters and buffers. Passes rewrite
-    the captured mode's graph; ``orthofx.transform`` applies the function-site rewrites to :attr:`other_graph` too.
+    returns this module, holding the graph of the mode the model was captured in (:attr:`graph_training`) and
+    :attr:`other_graph`, that of the other mode. ``forward`` runs the one whose mode is the root's
+    ``self.training`` now, so ``gm.train()`` / ``gm.eval()`` behave as on the model, and :attr:`graph` and
+    :attr:`code` are that same graph and its code (tools that read ``gm.graph``, such as ``torch.export``, see the
+    current mode's graph; :meth:`graph_for` gives either). Both graphs call the same submodules, parameters and
+    buffers. Passes rewrite the captured mode's graph; ``orthofx.transform`` applies the function-site rewrites
+    to :attr:`other_graph` too.
 
     It copies (``copy.deepcopy``, ``copy.copy`` as DataParallel does) and pickles with both graphs;
     :meth:`single_mode` gives a plain ``GraphModule`` of one of them (``orthofx.freeze`` keeps the eval graph).
@@ -302,6 +303,13 @@ class ModalGraphModule(torch.fx.GraphModule):
     def graph_for(self, training: bool) -> torch.fx.Graph:
         """The graph that runs when the root's ``training`` flag is ``training``."""
         return self._graph if bool(training) == self.graph_training else self.other_graph
+
+    @property
+    def code(self) -> str:
+        """The Python code of the current mode's graph."""
+        if self.training == self.graph_training or "_other_code" not in self.__dict__:
+            return torch.fx.GraphModule.code.fget(self)
+        return self.__dict__["_other_code"]
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -338,6 +346,7 @@ class ModalGraphModule(torch.fx.GraphModule):
         if other is None:
             return code
         other_code = other.python_code(root_module="self")
+        self.__dict__["_other_code"] = other_code.src
         other_forward = _forward_from_src(other_code.src, other_code.globals, getattr(other, "_co_fields", {}))
         graph_forward = type(self).forward
         graph_training = self.graph_training
