@@ -57,7 +57,7 @@ from torch.fx.proxy import TraceError
 from .errors import CaptureError
 from .passes.base import CaptureInfo
 
-__all__ = ["capture", "unwrap_model", "OrthofxTracer", "ModalGraphModule", "CAPTURE_MODES"]
+__all__ = ["capture", "unwrap_model", "OrthofxTracer", "ModalGraphModule", "module_scopes", "CAPTURE_MODES"]
 
 #: Capture modes ``capture`` understands.
 CAPTURE_MODES = ("auto", "fx", "export")
@@ -300,6 +300,11 @@ class ModalGraphModule(torch.fx.GraphModule):
         other_graph.owning_module = self
         self.training = bool(getattr(root, "training", graph_training))
 
+    @property
+    def other_mode(self) -> str:
+        """``"train"`` or ``"eval"``: the mode of :attr:`other_graph`."""
+        return _mode_name(not self.graph_training)
+
     def graph_for(self, training: bool) -> torch.fx.Graph:
         """The graph that runs when the root's ``training`` flag is ``training``."""
         return self._graph if bool(training) == self.graph_training else self.other_graph
@@ -380,6 +385,10 @@ class ModalGraphModule(torch.fx.GraphModule):
                  _format_import_block(other_code.globals, sys_importer), self.graph_training))
 
 
+def _mode_name(training: bool) -> str:
+    return "train" if training else "eval"
+
+
 class _RetraceTracer(torch.fx.Tracer):
     """The tracer unpickling re-traces an export-captured graph's code with: buffers stay ``get_attr`` nodes
     (fx's default tracer would run ``buffer * 2`` once and keep the result as a constant)."""
@@ -392,7 +401,7 @@ def _rebuild_modal_graph_module(rebuild: Callable, body: dict, import_block: str
     """Unpickling of :class:`ModalGraphModule`: each graph is re-traced from its code as torch.fx does."""
     other = rebuild({**body, "_code": other_src}, other_import_block)
     plain = rebuild(body, import_block)
-    _rename_clashing_constants(plain, other.graph, other, "train" if not graph_training else "eval")
+    _rename_clashing_constants(plain, other.graph, other, _mode_name(not graph_training))
     res = ModalGraphModule(plain, plain.graph, other.graph, graph_training, other_root=other)
     for key, value in plain.__dict__.items():
         res.__dict__.setdefault(key, value)
@@ -400,16 +409,9 @@ def _rebuild_modal_graph_module(rebuild: Callable, body: dict, import_block: str
     return res
 
 
-def _attribute_at(root: Any, target: str) -> Any:
-    obj = root
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
-
-
 def _has_attribute_at(root: Any, target: str) -> bool:
     try:
-        _attribute_at(root, target)
+        _fetch(root, target)
     except AttributeError:
         return False
     return True
@@ -421,7 +423,7 @@ def copy_targets(root: Any, gm: nn.Module, graph: torch.fx.Graph) -> None:
     missing = sorted({str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")
                       and not _has_attribute_at(gm, str(n.target))}, key=lambda t: t.count("."))
     for target in missing:
-        value = root[target] if isinstance(root, dict) else _attribute_at(root, target)
+        value = root[target] if isinstance(root, dict) else _fetch(root, target)
         *path, field = target.split(".")
         owner = gm
         for atom in path:
@@ -453,7 +455,7 @@ def _with_other_mode(model: nn.Module, gm: torch.fx.GraphModule, info: CaptureIn
             root.graph.owning_module = None  # no cycle left to keep the model's modules alive until a gc pass
         return gm
     info.mode_dependent = scopes
-    _rename_clashing_constants(gm, graph, root, "train" if not model.training else "eval")
+    _rename_clashing_constants(gm, graph, root, _mode_name(not model.training))
     modal = ModalGraphModule(gm, gm.graph, graph, model.training, class_name=type(model).__name__,
                              other_root=root)
     modal.training = model.training
@@ -467,8 +469,8 @@ def _rename_clashing_constants(gm: torch.fx.GraphModule, graph: torch.fx.Graph, 
     for node in graph.nodes:
         if node.op != "get_attr" or not _has_attribute_at(gm, str(node.target)):
             continue
-        value = _attribute_at(root, str(node.target))
-        if _attribute_at(gm, str(node.target)) is value:
+        value = _fetch(root, str(node.target))
+        if _fetch(gm, str(node.target)) is value:
             continue
         i = 0
         while _has_attribute_at(gm, f"{node.target}_{mode}{i}") or _has_attribute_at(
@@ -492,9 +494,19 @@ def _drop_string_annotations(graph: torch.fx.Graph) -> None:
             node.type = None
 
 
+def module_scopes(node: torch.fx.Node) -> list[str]:
+    """Qualified paths of the modules whose forwards were running when ``node`` was recorded, outermost first
+    (``node.meta["nn_module_stack"]``, as fx and torch.export write it); empty at top level."""
+    paths = []
+    for key, value in (node.meta.get("nn_module_stack") or {}).items():
+        path = value[0] if isinstance(value, tuple) else key
+        paths.append(path if isinstance(path, str) else str(key))
+    return paths
+
+
 def _node_scope(node: torch.fx.Node) -> str:
     """The module whose forward made the call (for a leaf's call, its parent); empty at top level."""
-    scopes = [str(entry[0]) for entry in (node.meta.get("nn_module_stack") or {}).values()]
+    scopes = module_scopes(node)
     if node.op == "call_module" and scopes and scopes[-1] == node.target:
         scopes.pop()
     return scopes[-1] if scopes else ""
@@ -549,7 +561,7 @@ def _differing_scopes(graph: torch.fx.Graph, root: nn.Module, other: torch.fx.Gr
     if len(signature) == len(other_signature):
         for node, mine, theirs in zip(graph.nodes, signature, other_signature):
             if not _same_entry(mine, theirs) or (node.op == "get_attr" and not _same_constant(
-                    _attribute_at(root, str(node.target)), _attribute_at(other_root, str(node.target)))):
+                    _fetch(root, str(node.target)), _fetch(other_root, str(node.target)))):
                 differing.append(node)
         if not differing:
             return []
@@ -1155,7 +1167,8 @@ def _is_symbolic_size(node: torch.fx.Node) -> bool:
     return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
-def _fetch(root: nn.Module, target: str) -> Any:
+def _fetch(root: Any, target: str) -> Any:
+    """``root.<target>`` for a dotted ``target`` (a submodule, parameter, buffer or constant)."""
     value: Any = root
     for part in target.split("."):
         value = getattr(value, part)
@@ -1243,8 +1256,7 @@ def _device_warnings(graph: torch.fx.Graph) -> list[str]:
     for node in graph.nodes:
         device = node.kwargs.get("device") if node.op == "call_function" else None
         if isinstance(device, torch.device):
-            stack = node.meta.get("nn_module_stack") or {}
-            scope = str(list(stack.values())[-1][0]) if stack else ""
+            scope = (module_scopes(node) or [""])[-1]
             name = getattr(getattr(node.target, "overloadpacket", None), "__name__", None) or str(node.target)
             found.setdefault((scope, str(device)), set()).add(name)
     warnings = []

@@ -28,6 +28,7 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
+from .capture import ModalGraphModule, module_scopes
 from .errors import PlanError
 from .passes.base import CaptureInfo, PlanEntry, Site, describe_module
 from .passes.registry import get_pass
@@ -91,13 +92,8 @@ def _op_name(node: fx.Node) -> str | None:
 
 
 def _scope(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    # The innermost entry is the module whose forward made the call; its key is the qualified path.
-    key, value = list(stack.items())[-1]
-    path = value[0] if isinstance(value, tuple) else key
-    return path if isinstance(path, str) else str(key)
+    # The innermost module is the one whose forward made the call.
+    return (module_scopes(node) or [""])[-1]
 
 
 def collect_sites(gm: fx.GraphModule, blocks: Iterable[str] = (), graph: fx.Graph | None = None,
@@ -139,10 +135,9 @@ def collect_sites(gm: fx.GraphModule, blocks: Iterable[str] = (), graph: fx.Grap
 def other_mode_graph(gm: fx.GraphModule) -> tuple[fx.Graph, str] | None:
     """``(graph, mode)`` of the other training mode's graph of a two-mode graph module
     (:class:`orthofx.capture.ModalGraphModule`), ``mode`` being ``"train"`` or ``"eval"``; ``None`` otherwise."""
-    graph = getattr(gm, "other_graph", None)
-    if not isinstance(graph, fx.Graph):
+    if not isinstance(gm, ModalGraphModule):
         return None
-    return graph, "eval" if gm.graph_training else "train"
+    return gm.other_graph, gm.other_mode
 
 
 def _all_sites(gm: fx.GraphModule, blocks: Iterable[str]) -> tuple[list[Site], dict[str, dict[str, fx.Node]]]:
