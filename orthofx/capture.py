@@ -339,8 +339,7 @@ class ModalGraphModule(torch.fx.GraphModule):
         """A plain ``torch.fx.GraphModule`` running the graph of mode ``training`` (sharing the submodules and
         tensors; ``meta`` is copied)."""
         graph = copy.deepcopy(self.graph_for(training))
-        gm = torch.fx.GraphModule(self, graph, self._graphmodule_cls_name if hasattr(
-            self, "_graphmodule_cls_name") else "GraphModule")
+        gm = torch.fx.GraphModule(self, graph, type(self).__name__)
         gm.meta = dict(self.meta)
         gm.train(self.training)
         return gm
