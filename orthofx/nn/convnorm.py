@@ -171,13 +171,13 @@ class ConvNormGeometry(NamedTuple):
 def _ntuple(value, d: int, name: str) -> tuple[int, ...]:
     if isinstance(value, (tuple, list)):
         if len(value) != d:
-            raise ValueError(f"{name} must be an int or {d} ints, got {value!r}")
+            raise LayerArgumentError(f"{name} must be an int or {d} ints, got {value!r}")
         out = tuple(value)
     else:
         out = (value,) * d
     for v in out:
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"{name} must hold integers, got {value!r}")
+            raise LayerArgumentError(f"{name} must hold integers, got {value!r}")
     return out
 
 
@@ -193,10 +193,10 @@ def _layer_pads(padding, kernel_size: tuple[int, ...], dilation: tuple[int, ...]
                 total = dil * (k - 1)
                 pads.append((total // 2, total - total // 2))
             return tuple(pads)
-        raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
+        raise LayerArgumentError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
     p = _ntuple(padding, d, "padding")
     if any(v < 0 for v in p):
-        raise ValueError(f"padding must be non-negative, got {padding!r}")
+        raise LayerArgumentError(f"padding must be non-negative, got {padding!r}")
     return tuple((v, v) for v in p)
 
 
@@ -211,14 +211,15 @@ def convnorm_geometry(input_size: Sequence[int], kernel_size, stride=1, padding=
     s = _ntuple(stride, d, "stride")
     dil = _ntuple(dilation, d, "dilation")
     if any(v < 1 for v in k + s + dil):
-        raise ValueError(f"kernel_size, stride and dilation must be positive, got {k}, {s}, {dil}")
+        raise LayerArgumentError(f"kernel_size, stride and dilation must be positive, got {k}, {s}, {dil}")
     pads = _layer_pads(padding, k, dil)
     ql, qr, grid, start, out = [], [], [], [], []
     for ni, ki, si, di, (pl, pr) in zip(n, k, s, dil, pads):
         ke = di * (ki - 1) + 1
         if ni + pl + pr < ke:
-            raise ValueError(f"input size {n} (padded by {[p for p in pads]}) is smaller than the dilated kernel "
-                             f"extent {ke} in some dimension")
+            raise LayerArgumentError(f"input size {n} (padded by {[p for p in pads]}) is smaller than the dilated "
+                                     f"kernel extent {ke} in some dimension (as for the plain convolution): use "
+                                     f"larger inputs, more padding or a smaller kernel / dilation")
         a, b = max(pl, ke - 1), max(pr, ke - 1)
         ql.append(a)
         qr.append(b)
@@ -251,7 +252,7 @@ def _power(weight: torch.Tensor, grid: Sequence[int], dilation) -> torch.Tensor:
     dil = _ntuple(dilation, d, "dilation")
     w = _dilated(weight.detach().to(_real_dtype(weight.dtype)), dil)
     if len(grid) != d or any(g < e for g, e in zip(grid, w.shape[2:])):
-        raise ValueError(f"grid {grid} must have {d} sizes, each at least the dilated kernel extent "
+        raise LayerArgumentError(f"grid {grid} must have {d} sizes, each at least the dilated kernel extent "
                          f"{tuple(w.shape[2:])}")
     spectrum = torch.fft.rfftn(w, s=grid, dim=tuple(range(-d, 0)))
     return (spectrum.real.square() + spectrum.imag.square()).sum(1)
@@ -286,12 +287,12 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
     """Shared forward; ``v_for(grid, geometry)`` returns the filter for the grid (or ``None`` to compute it)."""
     d = weight.ndim - 2
     if padding_mode not in _PAD_MODES:
-        raise ValueError(f"padding_mode must be one of {sorted(_PAD_MODES)}, got {padding_mode!r}")
+        raise LayerArgumentError(f"padding_mode must be one of {sorted(_PAD_MODES)}, got {padding_mode!r}")
     unbatched = x.ndim == d + 1
     if unbatched:
         x = x.unsqueeze(0)
     if x.ndim != d + 2:
-        raise ValueError(f"expected a {d + 2}-D (batched) or {d + 1}-D (unbatched) input for a {d}-D convolution, "
+        raise LayerArgumentError(f"expected a {d + 2}-D (batched) or {d + 1}-D (unbatched) input for a {d}-D convolution, "
                          f"got shape {tuple(x.shape)}")
     ks = tuple(weight.shape[2:])
     dil = _ntuple(dilation, d, "dilation")
@@ -338,7 +339,7 @@ def conv_norm(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         def v_for(grid, geo):
             expected = (weight.shape[0],) + tuple(grid[:-1]) + (grid[-1] // 2 + 1,)
             if tuple(filter.shape) != expected:
-                raise ValueError(f"filter must have shape {expected} for grid {tuple(grid)}, got "
+                raise LayerArgumentError(f"filter must have shape {expected} for grid {tuple(grid)}, got "
                                  f"{tuple(filter.shape)}")
             return filter
     else:
@@ -376,12 +377,12 @@ class ConvNormConvNd(nn.Module):
             raise TypeError(f"{type(self).__name__} wraps a {self._conv_type.__name__}, got {type(conv).__name__}; "
                             "use orthofx.nn.convnorm.with_convnorm(conv) to pick the class")
         if isinstance(conv.weight, nn.parameter.UninitializedParameter):
-            raise ValueError("the convolution is lazy and not initialised yet; run it once before wrapping it")
+            raise LayerArgumentError("the convolution is lazy and not initialised yet; run it once before wrapping it")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+            raise LayerArgumentError(f"eps must be a finite number > 0, got {eps!r}")
         if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
                                      or not 0 < momentum <= 1):
-            raise ValueError(f"momentum must be None or a number in (0, 1], got {momentum!r}")
+            raise LayerArgumentError(f"momentum must be None or a number in (0, 1], got {momentum!r}")
         self.conv = conv
         self.eps = float(eps)
         self.momentum = None if momentum is None else float(momentum)

@@ -39,6 +39,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from orthofx.errors import LayerArgumentError
+
 from .stiefel import orthonormal
 
 __all__ = ["OrthogonalActivationBlock", "ReflectionResidualBlock", "ISOMETRIC_ACTIVATIONS"]
@@ -48,9 +50,18 @@ ISOMETRIC_ACTIVATIONS = ("abs", "identity", "relu")
 
 
 def _positive_int(value: int, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    # any integer type (numpy / torch ints too, as torch.nn layers accept), never a bool
+    if isinstance(value, bool) or not hasattr(value, "__index__") or value.__index__() < 1:
+        raise LayerArgumentError(f"{name} must be a positive integer, got {value!r}")
+    return int(value.__index__())
+
+
+def _qf(raw: torch.Tensor) -> torch.Tensor:
+    """``qf(raw)`` (orthonormal columns) in ``raw``'s dtype. Half-precision parameters (``.half()``,
+    ``.to(torch.bfloat16)``) are factored in float32 and rounded back: CPU QR has no float16 / bfloat16 kernel."""
+    if raw.dtype in (torch.float16, torch.bfloat16):
+        return orthonormal(raw.float(), tall=True).to(raw.dtype)
+    return orthonormal(raw, tall=True)
 
 
 class OrthogonalActivationBlock(nn.Module):
@@ -68,17 +79,17 @@ class OrthogonalActivationBlock(nn.Module):
         super().__init__()
         self.features = _positive_int(features, "features")
         if activation not in ISOMETRIC_ACTIVATIONS:
-            raise ValueError(f"activation {activation!r} does not keep the Jacobian orthogonal; choose one of "
+            raise LayerArgumentError(f"activation {activation!r} does not keep the Jacobian orthogonal; choose one of "
                              f"{', '.join(ISOMETRIC_ACTIVATIONS)} (|sigma'| = 1; relu gives a partial isometry)")
         self.activation = activation
         factory = {"device": device, "dtype": dtype}
-        self.raw = nn.Parameter(torch.randn(features, features, **factory))
-        self.bias = nn.Parameter(torch.zeros(features, **factory)) if bias else None
+        self.raw = nn.Parameter(torch.randn(self.features, self.features, **factory))
+        self.bias = nn.Parameter(torch.zeros(self.features, **factory)) if bias else None
 
     @property
     def weight(self) -> torch.Tensor:
         """The orthogonal matrix ``Q`` (``features x features``)."""
-        return orthonormal(self.raw, tall=True)
+        return _qf(self.raw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = x @ self.weight.transpose(0, 1)
@@ -108,19 +119,20 @@ class ReflectionResidualBlock(nn.Module):
         super().__init__()
         self.features = _positive_int(features, "features")
         self.hidden = _positive_int(hidden, "hidden")
-        if hidden > features:
-            raise ValueError(f"hidden ({hidden}) must not exceed features ({features}): W needs orthonormal rows")
+        if self.hidden > self.features:
+            raise LayerArgumentError(f"ReflectionResidualBlock: hidden ({hidden}) must not exceed features "
+                                     f"({features}): W needs orthonormal rows; pass hidden <= {self.features}")
         factory = {"device": device, "dtype": dtype}
-        self.raw = nn.Parameter(torch.randn(features, hidden, **factory))  # W^T = qf(raw)
-        self.bias = nn.Parameter(torch.zeros(hidden, **factory)) if bias else None
+        self.raw = nn.Parameter(torch.randn(self.features, self.hidden, **factory))  # W^T = qf(raw)
+        self.bias = nn.Parameter(torch.zeros(self.hidden, **factory)) if bias else None
 
     @property
     def weight(self) -> torch.Tensor:
         """``W`` (``hidden x features``, orthonormal rows)."""
-        return orthonormal(self.raw, tall=True).transpose(0, 1)
+        return _qf(self.raw).transpose(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wt = orthonormal(self.raw, tall=True)  # features x hidden, = W^T
+        wt = _qf(self.raw)  # features x hidden, = W^T
         z = x @ wt
         if self.bias is not None:
             z = z + self.bias

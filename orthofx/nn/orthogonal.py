@@ -220,6 +220,23 @@ def _tap_index(n: int, stride: int, left: int, taps: int | None = None) -> tuple
     return r, a
 
 
+def _check_input(x: torch.Tensor, dims: int, channels: int, name: str) -> None:
+    """Refuse an input that is not ``(B, channels, *spatial)`` or ``(channels, *spatial)`` with ``dims`` spatial
+    dimensions. The Fourier-domain forward reshapes ``(B, C, ...)`` with ``-1`` for the batch, so a wrong channel
+    count whose product with ``B`` divides evenly would silently be read as another batch size (8 channels into a
+    4-channel layer gave two outputs per sample); the explicit-kernel forward would fail inside ``F.pad`` or the
+    convolution with a message that does not name the layer. Skipped while ``torch.fx`` symbolically traces the
+    forward (a Proxy has no concrete shape to check)."""
+    if isinstance(x, torch.fx.Proxy):
+        return
+    if x.dim() not in (dims + 1, dims + 2) or x.shape[-dims - 1] != channels:
+        spatial = "L" if dims == 1 else ", ".join("HWD"[i] for i in range(dims))
+        raise LayerArgumentError(
+            f"{name}(in_channels={channels}): expected an input of shape (batch, {channels}, {spatial}) or "
+            f"({channels}, {spatial}), got shape {tuple(x.shape)}. Pass {dims + 2}-D (or unbatched {dims + 1}-D) "
+            f"inputs with {channels} channels, or build the layer with in_channels equal to the input's channels")
+
+
 def _broadcast_index(indices: list[torch.Tensor]) -> list[torch.Tensor]:
     """Reshape one index vector per spatial dimension so that they broadcast to a ``(len_1, ..., len_d)`` grid."""
     d = len(indices)
@@ -801,6 +818,7 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         return F.pad(x, flat, mode=mode), 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self._dims, self.in_channels, type(self).__name__)
         if self.method == "cayley_fft":
             self._check_input_size(x)
             Q = self._cached("symbol", lambda: (self._cayley_unit_symbol() * self.gain).to(
@@ -966,6 +984,9 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         if init == "nearest":
             layer._fit(w0, fit_steps)
         layer.init_error = layer._relative_error(w0)
+        # a replacement takes the conv's mode: a pass rewriting an eval-mode model must not leave train-mode
+        # layers inside it (and eval mode is what enables the kernel cache of inference)
+        layer.train(conv.training)
         return layer
 
     @torch.no_grad()
@@ -1175,6 +1196,7 @@ class FourierConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = len(self.input_size)
+        _check_input(x, d, self.in_channels, "FourierConv")
         size = tuple(x.shape[-d:])
         if size != self.input_size:
             raise LayerArgumentError(
@@ -1306,4 +1328,5 @@ class OrthogonalLinear(_EvalCache, nn.Module):
             t = w0.to(torch.float64)
             layer.init_error = float(torch.linalg.vector_norm(layer.weight.to(torch.float64) - t)
                                      / torch.linalg.vector_norm(t).clamp_min(1e-300))
+        layer.train(linear.training)  # the replacement takes the linear's mode (see from_conv)
         return layer

@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import PlanError
 from ..nn.convnorm import WRAPPED_MARKER, ConvNormConvNd, channel_gains, with_convnorm
 from .base import Change, Param, Pass, PassContext, PlanEntry, describe_module
 from .registry import register_pass
@@ -88,8 +89,6 @@ class ConvNormPass(Pass):
             return reason
         if getattr(module, WRAPPED_MARKER, False):
             return f"{site.name} already belongs to a ConvNorm layer"
-        if isinstance(module.weight, nn.parameter.UninitializedParameter):
-            return f"{site.name} is a lazy convolution that has not run yet; run the model once first"
         if not site.name:
             return "ConvNorm cannot replace the root module"
         return None
@@ -98,6 +97,14 @@ class ConvNormPass(Pass):
         for entry in entries:
             name = entry.site.name
             conv = ctx.module(name)
+            if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+                # checked here, not in accepts(): the example inputs run between planning and the passes, and
+                # that run is what initialises a lazy convolution
+                raise PlanError(
+                    f"rule '{entry.rule_name}': {name} ({type(conv).__name__}) is a lazy convolution that has not "
+                    "run yet, so ConvNorm has no weight to normalise by. Pass example_inputs=(x,) to "
+                    "orthofx.transform (the model runs once before the rewrite), or run the model once before "
+                    "transforming it")
             layer = with_convnorm(conv, eps=entry.params["eps"], affine=entry.params["affine"])
             ctx.replace_module(name, layer)
             before = {"layer": describe_module(conv), "weight_key": f"{name}.weight"}

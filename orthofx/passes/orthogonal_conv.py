@@ -51,14 +51,35 @@ __all__ = ["OrthogonalConvPass", "keeps_output_size", "orthogonal_layer"]
 def orthogonal_layer(module: nn.Module, *, init: str = "nearest", method: str = "auto", padding: str = "circular",
                      gain: float = 1.0, fit_steps: int = 0, input_size=None) -> nn.Module:
     """The exactly orthogonal replacement of a ``Linear`` / ``Conv1d`` / ``Conv2d`` (subclasses included):
-    ``padding="circular"`` gives the circular ``"same"`` layer, ``"keep"`` the conv's own padding;
+    ``padding="circular"`` gives the circular layer with the conv's window alignment (its own padding where
+    that keeps the output size ``n / S``, else ``"same"``; see :func:`_circular_padding`), ``"keep"`` the conv's own
+    zero padding;
     ``input_size`` (spatial) is needed by ``method="cayley_fft"`` only."""
     if isinstance(module, nn.Linear):
         return OrthogonalLinear.from_linear(module, init=init, gain=gain)
     cls = OrthogonalConv2d if isinstance(module, nn.Conv2d) else OrthogonalConv1d
-    return cls.from_conv(module, init=init, method=method, padding="same" if padding == "circular" else "keep",
+    layer_padding = "keep"
+    if padding == "circular":
+        layer_padding = "same" if method == "cayley_fft" else _circular_padding(module)
+    return cls.from_conv(module, init=init, method=method, padding=layer_padding, padding_mode="circular",
                          gain=gain, fit_steps=fit_steps,
                          input_size=input_size if method == "cayley_fft" else None)
+
+
+def _circular_padding(conv: nn.Module):
+    r"""The padding of the circular layer that replaces ``conv``: the conv's own ints where they keep its output
+    size (:func:`keeps_output_size`), else ``"same"``.
+
+    Why not always ``"same"``: its left pad is :math:`(k_e - 1) // 2`, while a strided conv that keeps the size
+    ``n / S`` may read its windows elsewhere, e.g. a patch embedding ``k = S = 4, p = 0`` reads
+    :math:`x[4i .. 4i + 3]` and ``"same"`` would read :math:`x[4i - 1 .. 4i + 2]` (the patch grid shifted by one
+    pixel and wrapped around). With the conv's own pads ``p`` (:math:`k_e - S \le 2p \le k_e - 1`) the circular
+    operator is the ``"same"`` one composed with a circular shift of the input, an orthogonal permutation, so it is
+    just as exactly orthogonal, and it reads the taps where the conv read them (a nearest init stays nearest in
+    output, not only in kernel). At stride 1 both paddings are the same."""
+    if isinstance(conv.padding, str) or not keeps_output_size(conv):
+        return "same"
+    return tuple(int(p) for p in conv.padding)
 
 
 def keeps_output_size(conv: nn.Module) -> bool:
@@ -138,6 +159,14 @@ class OrthogonalConvPass(Pass):
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         for entry in entries:
             module = ctx.module(entry.site)
+            if isinstance(module.weight, nn.parameter.UninitializedParameter):
+                # checked here, not in accepts(): the example inputs run between planning and the passes, and
+                # that run is what gives a lazy layer its shape
+                raise PlanError(
+                    f"rule '{entry.rule_name}': {entry.site.name} ({type(module).__name__}) is a lazy layer that "
+                    "has not run yet, so it has no shape to build an orthogonal layer for. Pass "
+                    "example_inputs=(x,) to orthofx.transform (the model runs once before the rewrite), or run "
+                    "the model once before transforming it")
             method = entry.params["method"]
             input_size = None
             if method == "cayley_fft" and not isinstance(module, nn.Linear):
