@@ -56,7 +56,11 @@ def load_model(spec: str) -> nn.Module:
         module_spec = importlib.util.spec_from_file_location(module_name, target)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:  # the user's file: a syntax error, a failing import ...
+            raise CliError(f"cannot load model file {target!r}: {type(exc).__name__}: {exc} (--debug shows the "
+                           "traceback)") from exc
     else:
         try:
             module = importlib.import_module(target)
@@ -65,7 +69,11 @@ def load_model(spec: str) -> nn.Module:
     factory = getattr(module, attr, None)
     if factory is None:
         raise CliError(f"{target!r} has no attribute {attr!r}")
-    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    try:
+        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    except Exception as exc:  # the factory must be callable without arguments
+        raise CliError(f"{spec} failed: {type(exc).__name__}: {exc}; MODEL must name a callable taking no "
+                       "arguments that returns an nn.Module (--debug shows the traceback)") from exc
     if not isinstance(model, nn.Module):
         raise CliError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -135,7 +143,12 @@ def _cmd_transform(args: argparse.Namespace) -> int:
     if args.export:
         if inputs is None:
             raise CliError("--export needs --input-shape (the example input to trace and check with)")
-        print(export(gm, args.export, example_inputs=inputs))
+        # torch.export cannot trace a dynamic batch from a batch of one (the default input shape): fix it then
+        dynamic = inputs[0].dim() > 0 and inputs[0].shape[0] > 1
+        print(export(gm, args.export, example_inputs=inputs, dynamic_batch=dynamic))
+        if not dynamic and not args.export.lower().endswith(".pt"):
+            print("note: exported with a fixed batch of 1; give --input-shape with a batch of 2 or more for a "
+                  "dynamic batch dimension")
     return 0
 
 

@@ -368,12 +368,38 @@ def _export_pt2(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: bool
         return _max_diff(output_tensors(frozen(*inputs)), output_tensors(loaded(*inputs)))
 
 
+def _path(path: Any) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ExportError(f"the path must be a str or os.PathLike (e.g. 'model.pt'), got {type(path).__name__}")
+    return os.fspath(path)
+
+
+def _check_directory(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ExportError(f"cannot write {path!r}: the directory {directory!r} does not exist; create it first "
+                          "(os.makedirs(directory, exist_ok=True)) or choose another path")
+
+
+def _check_batch(inputs: tuple, dynamic_batch: bool) -> None:
+    """torch.export specialises sizes 0 and 1, so a batch of one cannot be traced as a dynamic batch (``.pt2``
+    fails with a constraint violation, ``.onnx`` silently fixes the batch): say so before exporting."""
+    if not dynamic_batch:
+        return
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] < 2:
+            raise ExportError(f"example_inputs[{i}] has batch size {x.shape[0]}, from which torch.export cannot "
+                              "trace a dynamic batch dimension (it specialises sizes 0 and 1): pass example inputs "
+                              "with a batch of 2 or more, or dynamic_batch=False to export a fixed batch of "
+                              f"{x.shape[0]}")
+
+
 def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *, dynamic_batch: bool = True,
            opset: int = 20, newton_schulz_iterations: int | None = None) -> ExportResult:
     """Write a transformed model to ``path``; the suffix chooses the format (``.onnx``, ``.pt2``, ``.pt``).
 
     ``.onnx`` and ``.pt2`` export the :func:`freeze`-d model (batch dimension dynamic unless
-    ``dynamic_batch=False``), reload it and compare with the frozen model on ``example_inputs``; an ONNX
+    ``dynamic_batch=False``, which a batch of one in ``example_inputs`` needs), reload it and compare with the frozen model on ``example_inputs``; an ONNX
     difference above 1e-4 raises :class:`orthofx.ExportError`. ``.pt`` stores the state_dict and the policy
     (no pickled code; :func:`load` restores it).
 
@@ -386,23 +412,32 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
         result = orthofx.export(gm, "gcp.onnx", example_inputs=(x,))
         print(result)   # onnx -> gcp.onnx (max |diff| 3e-07, ...); Newton-Schulz at cov_pool:linalg.eigh (10 ...)
     """
-    path = os.fspath(path)
+    path = _path(path)
     suffix = os.path.splitext(path)[1].lower()
     started = time.perf_counter()
+    if suffix not in (".onnx", ".pt2", ".pt"):
+        raise ExportError(f"unknown export format {suffix or '(no suffix)'!r} for {path!r}; use .onnx, .pt2 or .pt")
+    _check_directory(path)
     if suffix == ".pt":
         manifest = manifest_of(model)
+        if manifest.frozen:
+            raise ExportError(f"cannot write the frozen model to {path!r}: a .pt file holds the weights and the "
+                              "policy, which orthofx.load replays on the original model, and a frozen model's "
+                              "plain layers do not come back that way. Export the transformed model before "
+                              "freezing (orthofx.export(gm, 'model.pt'), then orthofx.freeze(orthofx.load(model, "
+                              "'model.pt'))), or export the frozen model to .pt2 or .onnx")
         state = {k: v.detach().cpu() for k, v in unwrap_model(model).state_dict().items()}
         torch.save({"orthofx_format": FORMAT_VERSION, "policy": manifest.policy.to_yaml(), "state_dict": state},
                    path)
         return ExportResult(path, "pt", None, time.perf_counter() - started)
-    if suffix not in (".onnx", ".pt2"):
-        raise ExportError(f"unknown export format {suffix or '(no suffix)'!r} for {path!r}; use .onnx, .pt2 or .pt")
     inputs = as_input_tuple(example_inputs)
     if inputs is None:
         raise ExportError("export needs example_inputs=(x,) to trace and to check the exported model")
-    frozen = freeze(model)
     if suffix == ".onnx":
         _check_opset(opset)
+    _check_batch(inputs, dynamic_batch)
+    frozen = freeze(model)
+    if suffix == ".onnx":
         form, newton_schulz = _onnx_form(frozen, inputs, newton_schulz_iterations)
         diff = _export_onnx(form, path, inputs, dynamic_batch, opset, reference=frozen)
         if diff > ONNX_TOLERANCE:
@@ -425,15 +460,22 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None) 
     The file is read with ``torch.load(weights_only=True)``: it holds tensors and the policy's YAML, no code.
     ``model`` is the original (untransformed) model; it is not modified.
     """
+    path = _path(path)
     try:
-        saved = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ExportError(f"cannot read {os.fspath(path)!r} as an orthofx .pt file: {exc}") from exc
+        raise ExportError(f"cannot read {path!r} as an orthofx .pt file: {exc}") from exc
     if not isinstance(saved, dict) or saved.get("orthofx_format") != FORMAT_VERSION:
-        raise ExportError(f"{os.fspath(path)!r} is not an orthofx .pt file (format {FORMAT_VERSION}); write it "
+        raise ExportError(f"{path!r} is not an orthofx .pt file (format {FORMAT_VERSION}); write it "
                           "with orthofx.export(gm, 'model.pt')")
     gm = transform(model, Policy.from_yaml(saved["policy"]), example_inputs=example_inputs)
-    missing, unexpected = gm.load_state_dict(saved["state_dict"], strict=False)
+    try:
+        missing, unexpected = gm.load_state_dict(saved["state_dict"], strict=False)
+    except RuntimeError as exc:  # shapes that do not fit
+        mismatched = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        raise ExportError(f"the saved weights in {path!r} do not fit the model: "
+                          f"{'; '.join(mismatched[:3]) or exc}; load with the model the file was exported "
+                          "from") from exc
     if missing or unexpected:
         raise ExportError(f"the saved weights do not fit the model: missing {list(missing)[:5]}, unexpected "
                           f"{list(unexpected)[:5]}; load with the model the file was exported from")

@@ -213,13 +213,29 @@ def _normalise(value: Any) -> Any:
     return value
 
 
+class _WhereError(Exception):
+    """A ``where:`` value that cannot be compared with the module's attribute (build_plan raises a PlanError)."""
+
+
 def _attribute_matches(module: nn.Module | None, where: dict[str, Any]) -> bool:
     """``where:`` filters: equality, lists compare with tuples, and a scalar matches a tuple of equal entries
-    (``kernel_size: 3`` matches ``(3, 3)``)."""
+    (``kernel_size: 3`` matches ``(3, 3)``). For a tensor attribute (or one that is None), ``true`` / ``false``
+    test whether it is set: ``bias: false`` selects layers built with ``bias=False``."""
     for attr, expected in where.items():
         if module is None or not hasattr(module, attr):
             return False
-        actual = _normalise(getattr(module, attr))
+        actual = getattr(module, attr)
+        if isinstance(actual, torch.Tensor) or (actual is None and isinstance(expected, bool)):
+            if not isinstance(expected, bool):
+                raise _WhereError(
+                    f"where.{attr}: attribute '{attr}' of {type(module).__name__} is a tensor, which cannot be "
+                    f"compared with {expected!r}; for a tensor attribute give true or false (whether it is set: "
+                    "'bias: false' selects layers without a bias), or filter on plain attributes such as groups, "
+                    "stride, kernel_size, padding_mode")
+            if (actual is not None) != expected:
+                return False
+            continue
+        actual = _normalise(actual)
         expected = _normalise(expected)
         if isinstance(actual, list) and not isinstance(expected, list):
             if not actual or any(a != expected for a in actual):
@@ -243,6 +259,16 @@ def _selects(match: Match, site: Site, module: nn.Module | None, fed_by: dict[st
     return True
 
 
+def _rule_selects(rule: Rule, site: Site, module: nn.Module | None, fed_by: dict[str, set[str]]) -> bool:
+    """:func:`_selects` for a policy rule; a ``where:`` value that cannot be compared is a PlanError naming it."""
+    try:
+        return _selects(rule.match, site, module, fed_by)
+    except _WhereError as exc:
+        loc = getattr(rule, "location", None)
+        at = f" ({loc})" if loc is not None and getattr(loc, "line", None) is not None else ""
+        raise PlanError(f"rule '{rule.name}'{at}: match.{exc} (at site '{site.name}')") from None
+
+
 def block_paths(model: nn.Module, policy: Policy) -> list[str]:
     """Qualified names of the submodules that ``kind: block`` rules select; capture keeps them as leaves."""
     paths = []
@@ -253,7 +279,7 @@ def block_paths(model: nn.Module, policy: Policy) -> list[str]:
             if not name:
                 continue
             site = Site("block", name, type(module).__name__, None, type(module))
-            if _selects(rule.match, site, module, {}) and name not in paths:
+            if _rule_selects(rule, site, module, {}) and name not in paths:
                 paths.append(name)
     return paths
 
@@ -362,7 +388,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
         rejected: list[tuple[Site, str]] = []
         for site in sites:
             module = _module_or_none(gm, site)
-            if not _selects(rule.match, site, module, fed_by):
+            if not _rule_selects(rule, site, module, fed_by):
                 continue
             selected += 1
             key = (site.kind, site.name, group)

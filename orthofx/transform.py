@@ -116,9 +116,11 @@ class _Eval:
         return False
 
 
-def _observe(gm: fx.GraphModule, plan: Plan, inputs: tuple, manifest: Manifest) -> tuple[Any, dict[str, tuple]]:
+def _observe(gm: fx.GraphModule, plan: Plan, inputs: tuple, manifest: Manifest,
+             model: nn.Module | None = None) -> tuple[Any, dict[str, tuple]]:
     """Run ``gm`` once on the example inputs: record the input/output shape of every module site's first call in
-    the manifest, and return the output and the inputs of the planned module sites (for passes to measure with)."""
+    the manifest, and return the output and the inputs of the planned module sites (for passes to measure with).
+    When ``gm`` fails, ``model`` (what was captured) is run too, to tell a capture problem from bad inputs."""
     names = {site.name for site in plan.sites if site.kind != "function"}
     planned = {entry.site.name for entry in plan.entries if entry.site.kind != "function"}
     site_inputs: dict[str, tuple] = {}
@@ -141,11 +143,32 @@ def _observe(gm: fx.GraphModule, plan: Plan, inputs: tuple, manifest: Manifest) 
         with _Eval(gm):
             return gm(*inputs), site_inputs
     except Exception as exc:
-        raise TransformError(f"the model failed on example_inputs before any rewrite: "
-                             f"{type(exc).__name__}: {exc}. Check the inputs' shapes and dtypes.") from exc
+        failure = exc
     finally:
         for h in handles:
             h.remove()
+    cause = f"{type(failure).__name__}: {failure}"
+    mode = getattr(plan.capture, "mode", None)
+    if model is not None and _runs(model, inputs):
+        why = (". Symbolic tracing cannot see which way a Python branch on an argument goes (e.g. 'if mask is not "
+               "None:' for an optional argument) and took a path these inputs do not take. Fix: set capture: "
+               "{mode: export} in the policy (torch.export follows the example inputs), or list the submodule "
+               "with the branch under capture.leaf_modules") if mode == "fx" else (
+               ". Fix: try the other capture mode (capture: {mode: fx} or {mode: export} in the policy)")
+        raise TransformError(f"the captured graph (capture mode {mode}) fails on example_inputs although the model "
+                             f"itself runs on them: {cause}{why}") from failure
+    raise TransformError(f"the model failed on example_inputs before any rewrite: {cause}. Check the inputs' "
+                         "shapes and dtypes.") from failure
+
+
+def _runs(model: nn.Module, inputs: tuple) -> bool:
+    """Whether ``model`` runs on ``inputs`` (eval mode, no gradients, training flags restored)."""
+    try:
+        with _Eval(model):
+            model(*inputs)
+    except Exception:  # noqa: BLE001 - only the yes/no matters
+        return False
+    return True
 
 
 def output_tensors(output: Any) -> list[torch.Tensor]:
@@ -260,7 +283,7 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
     gm, plan = _capture_and_plan(work, policy, inputs)
     gm.training = work.training
     manifest = Manifest(policy=policy, plan=plan, capture=plan.capture)
-    before, site_inputs = _observe(gm, plan, inputs, manifest) if inputs is not None else (None, {})
+    before, site_inputs = _observe(gm, plan, inputs, manifest, work) if inputs is not None else (None, {})
 
     # Module sites are modules whichever graph calls them: their passes all run on gm.
     _run_passes(PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs), plan,

@@ -78,7 +78,11 @@ class Param:
             if not any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in self.choices):
                 raise ValueError(f"parameter '{self.name}' must be {self.describe()}, got {value!r}")
             return value
-        accepted = _accepts(self.types, value)
+        try:
+            accepted = _accepts(self.types, value)
+        except OverflowError:  # float() of an integer beyond float range
+            raise ValueError(f"parameter '{self.name}' must be finite, got an integer too large for a float "
+                             f"({str(value)[:20]}...)") from None
         if accepted is _REJECT:
             raise ValueError(f"parameter '{self.name}' must be {self.describe()}, got {value!r} "
                              f"({_type_name(type(value))})")
