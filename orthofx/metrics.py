@@ -159,7 +159,16 @@ def _frequency_matrices(weight: torch.Tensor, input_size, stride, groups, dtype)
 
 
 def _batched_svdvals(mats: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
-    """svdvals over a batch of matrices ``(B, m, n)``, in chunks to bound the workspace."""
+    """svdvals over a batch of matrices ``(B, m, n)``, in chunks to bound the workspace.
+
+    A matrix holding a NaN or an inf (a weight gone non-finite after a diverged step) has no singular values:
+    its row is NaN, like :func:`lorth` and :func:`spectral_norm_bound` of such a weight. LAPACK would raise
+    instead ("failed to converge"), and with it ``orthofx.report`` on exactly the model one wants to inspect.
+    """
+    bad = ~torch.isfinite(mats).flatten(1).all(1)  # (B,)
+    if bool(bad.any()):
+        sv = _batched_svdvals(torch.where(bad[:, None, None], torch.zeros((), dtype=mats.dtype), mats), chunk_elems)
+        return sv.masked_fill(bad[:, None], float("nan"))
     B = mats.shape[0]
     per = max(1, chunk_elems // max(1, mats.shape[1] * mats.shape[2]))
     if per >= B:
@@ -268,7 +277,8 @@ def conv_singular_values(weight: torch.Tensor, input_size, stride=1, groups: int
     by default), one batched ``svdvals``; memory is :math:`O(M C S^d (n/S)^d)` complex numbers.
 
     ``input_size``: int or tuple of ``d`` ints, each divisible by the stride (``ValueError`` otherwise).
-    ``weight``: ``(M, C/groups, k_1, ..., k_d)`` with ``d`` in 1, 2, 3.
+    ``weight``: ``(M, C/groups, k_1, ..., k_d)`` with ``d`` in 1, 2, 3. A group whose kernel holds a NaN or an
+    inf gets NaN values (no exception), as does :func:`linear_singular_values` for such a matrix.
 
     >>> import torch
     >>> k = torch.zeros(4, 1, 2, 2)
@@ -304,7 +314,7 @@ def linear_singular_values(weight: torch.Tensor, dtype: torch.dtype = torch.floa
     if weight.ndim != 2:
         raise ValueError(f"linear_singular_values expects a 2-D weight (out, in), got shape {tuple(weight.shape)}"
                          + (" (use conv_singular_values for convolutions)" if weight.ndim in _KIND else ""))
-    return torch.linalg.svdvals(weight.detach().to(dtype))
+    return _batched_svdvals(weight.detach().to(dtype)[None])[0]
 
 
 def orthogonality_error(weight: torch.Tensor, input_size=None, stride=1, groups: int = 1) -> float:
@@ -773,7 +783,8 @@ def jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", 
 
     >>> import torch
     >>> q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
-    >>> float(jacobian_isometry(lambda x: torch.abs(x @ q.T), torch.randn(3, 5, dtype=torch.float64))) < 1e-20
+    >>> x = torch.randn(3, 5, dtype=torch.float64)
+    >>> float(jacobian_isometry(lambda x: torch.abs(x @ q.T), x, create_graph=False)) < 1e-20   # a plain value
     True
     """
     return _jacobian_isometry(fn, x, probes=probes, kind=kind, per_sample=per_sample, generator=generator,
@@ -818,12 +829,12 @@ def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,
     with torch.no_grad():
         y = _check_output(f(x), x, per_sample, what)
     jac = _jacobian_matrix(f, x).detach()
-    if not per_sample:
-        return torch.linalg.svdvals(jac.reshape(y.numel(), x.numel()))
+    if not per_sample:  # (a non-finite Jacobian gives NaN values, see _batched_svdvals)
+        return _batched_svdvals(jac.reshape(1, y.numel(), x.numel()))[0]
     batch = x.shape[0]
     blocks = jac.reshape(batch, y[0].numel(), batch, x[0].numel())
     diagonal = blocks[torch.arange(batch), :, torch.arange(batch), :]  # (B, m_b, n_b)
-    return torch.linalg.svdvals(diagonal)
+    return _batched_svdvals(diagonal)
 
 
 def isometry_moments(singular_values: torch.Tensor, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

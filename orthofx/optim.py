@@ -8,6 +8,8 @@
 
 The hooks are registered with ``Optimizer.register_step_pre_hook`` / ``register_step_post_hook``, so they run in
 ``optimizer.step()`` after gradients are final (after DDP's all-reduce) and need no change to the training loop.
+With ``optimizer.step(closure)`` the gradients are computed inside the step, so the "before" hooks run right
+after the closure's first evaluation (``attach`` wraps the closure), not before the step.
 A hook class may define classmethods ``before_step_group(hooks, root, optimizer)`` and
 ``after_step_group(hooks, root, optimizer)``: ``attach`` then hands it all its hooks at once, so that it can batch
 their work (the Riemannian hooks retract all same-shaped weights in one batched call).
@@ -96,19 +98,41 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         hook.setup(root, optimizer)
     batches = _batches(hooks)
 
-    def before(opt, args, kwargs):
+    def run_hooks(opt, stage: str):
+        # stage "before" / "after": a hook class with a ``<stage>_step_group`` classmethod gets its hooks at once
         for cls, batch in batches:
             if cls is None:
-                batch[0].before_step(root, opt)
+                getattr(batch[0], f"{stage}_step")(root, opt)
             else:
-                cls.before_step_group(batch, root, opt)
+                getattr(cls, f"{stage}_step_group")(batch, root, opt)
+
+    def before(opt, args, kwargs):
+        # ``optimizer.step(closure)``: torch runs this pre-hook *before* the step calls the closure, which
+        # recomputes the gradients (zero_grad + backward inside it). Running the hooks here would act on the
+        # previous step's gradients (or on none: a first step would skip the Riemannian retraction and leave the
+        # manifold), and the optimizer would then use the closure's raw gradients. So the closure is wrapped:
+        # the hooks run right after its first evaluation, on the gradients at the step's starting point. A later
+        # evaluation in the same step (LBFGS's line search) leaves them alone, so OLR's base lr and the
+        # Riemannian pre-step weight are taken once per step.
+        closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+        if not callable(closure):  # no closure (or an optimizer whose step takes something else)
+            run_hooks(opt, "before")
+            return None
+        done = []
+
+        def closure_then_hooks():
+            loss = closure()
+            if not done:
+                done.append(True)
+                run_hooks(opt, "before")
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_hooks}
+        return (args[0], closure_then_hooks, *args[2:]), kwargs
 
     def after(opt, args, kwargs):
-        for cls, batch in batches:
-            if cls is None:
-                batch[0].after_step(root, opt)
-            else:
-                cls.after_step_group(batch, root, opt)
+        run_hooks(opt, "after")
 
     handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
     handle = AttachHandle(optimizer, hooks, handles)

@@ -55,6 +55,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from orthofx.errors import LayerArgumentError
+
 from .decompositions import (ConditionMonitor, _finite_part, _nan_where, eigh_stable, inv_sqrtm_newton_schulz,
                              sqrtm_newton_schulz, svd_stable)
 
@@ -183,6 +185,16 @@ def check_layout(ndim: int, layout: tuple) -> str | None:
     return None
 
 
+def _check_square(A: Tensor, what: str) -> None:
+    """The Newton-Schulz form stands for ``V diag(f(lambda)) V^T`` of a square symmetric matrix; an SVD site's
+    ``U diag(f(S)) U^T`` of a non-square data matrix ``X`` is ``f`` of ``(X X^T)^(1/2)`` instead, which the
+    iteration on ``X`` cannot give (torch would fail deep inside with an unrelated message)."""
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise LayerArgumentError(f"{what}: the Newton-Schulz replacement of V diag(lambda^p) V^T needs square symmetric "
+                         f"positive definite matrices [..., n, n], got shape {tuple(A.shape)} (an SVD of a "
+                         "non-square data matrix); transform with method 'taylor' for this site")
+
+
 def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: float = 0.0, float64: bool = False,
                         uplo: str | None = None, layout: tuple = ()) -> Tensor:
     """``(A + shift I)^power`` for ``power`` in ``{0.5, -0.5}`` by the coupled Newton-Schulz iteration.
@@ -199,6 +211,7 @@ def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: flo
     if problem is not None:
         raise ValueError(f"the Newton-Schulz replacement of V diag(lambda^p) V^T does not fit this input: {problem}; "
                          "transform with method 'taylor' for this site")
+    _check_square(A, "power_newton_schulz")
     dtype = A.dtype
     if float64:
         A = A.to(torch.float64)
@@ -264,6 +277,7 @@ class DecompositionMonitor(ConditionMonitor):
 
     def forward(self, x, matrix: Tensor | None = None):
         if self.source == "matrix":
+            _check_square(x, f"DecompositionMonitor({self.op or 'matrix'})")
             with torch.no_grad():
                 # a matrix with a NaN/inf gets NaN eigenvalues (a NaN event) instead of a LAPACK error
                 finite, bad = _finite_part(x.detach().to(torch.float64), lower=True, sync=False)

@@ -56,7 +56,8 @@ from ``lambda = s^2`` (the eigenvalues of ``A^T A``, all >= 0, so the Taylor for
 
 with ``K_jk ~ 1/(s_k^2 - s_j^2)``, ``k = min(m, n)``, ``V = Vh^T``, and ``S^-1`` clamped like above. It equals
 torch's gradient for full-rank real matrices with distinct singular values (``taylor_order=None``) and is
-finite for repeated ones. Complex inputs are not supported.
+finite for repeated ones. Complex (and integer) inputs are not supported: both ops raise
+:class:`orthofx.errors.LayerArgumentError` for them, as for a non-matrix (and, for eigh, a non-square) input.
 
 Non-finite inputs
 -----------------
@@ -98,6 +99,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from orthofx.errors import LayerArgumentError
 
 __all__ = [
     "eigh_stable",
@@ -180,12 +183,29 @@ def pair_kernel(lam: Tensor, taylor_order: int | None = 9, clamp_gap: float | No
     return upper.mT - upper if descending else upper - upper.mT
 
 
+def _check_input(A, what: str, square: bool) -> None:
+    """A real floating-point tensor of (batched) matrices, square for eigh. Anything else used to fail late and far
+    from the call: a 1-D input with an IndexError, an integer one inside LAPACK, a non-square one with
+    ``linalg.eigh``'s message, and a complex one (which the backward formulas do not cover) returned complex
+    eigenvalues and crashed in the backward. A torch.fx Proxy (symbolic tracing) is let through."""
+    if isinstance(A, torch.fx.Proxy):
+        return
+    if not isinstance(A, Tensor):
+        raise LayerArgumentError(f"{what} expects a torch.Tensor of matrices [..., m, n], got {type(A).__name__}")
+    if A.is_complex() or not A.is_floating_point():
+        raise LayerArgumentError(f"{what} supports real floating-point matrices only, got dtype {A.dtype}; "
+                                 "use torch.linalg for complex matrices, or cast integer ones with .float()")
+    if A.dim() < 2 or (square and A.shape[-1] != A.shape[-2]):
+        kind = "square matrices [..., n, n]" if square else "matrices [..., m, n]"
+        raise LayerArgumentError(f"{what} expects {kind}, got shape {tuple(A.shape)}")
+
+
 def _check_args(taylor_order, clamp_gap) -> None:
     if taylor_order is not None and (isinstance(taylor_order, bool) or not isinstance(taylor_order, int)
                                      or taylor_order < 0):
-        raise ValueError(f"taylor_order must be None (exact gradient) or an int >= 0, got {taylor_order!r}")
+        raise LayerArgumentError(f"taylor_order must be None (exact gradient) or an int >= 0, got {taylor_order!r}")
     if clamp_gap is not None and not (isinstance(clamp_gap, (int, float)) and clamp_gap > 0):
-        raise ValueError(f"clamp_gap must be None or a float > 0, got {clamp_gap!r}")
+        raise LayerArgumentError(f"clamp_gap must be None or a float > 0, got {clamp_gap!r}")
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -326,6 +346,7 @@ def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
     ``torch.autocast``) is decomposed in float32; the outputs are float32 under autocast and the input's dtype
     otherwise. See the module docstring for the formulas.
     """
+    _check_input(A, "eigh_stable", square=True)
     _check_args(taylor_order, clamp_gap)
     clamp = None if clamp_gap is None else float(clamp_gap)
     work, returned = _working_dtypes(A, float64)
@@ -401,6 +422,7 @@ def svd_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
     Same arguments as :func:`eigh_stable`; the gradient kernel is built from ``S**2`` (the eigenvalues of
     ``A^T A``). See the module docstring for the formulas.
     """
+    _check_input(A, "svd_stable", square=False)
     _check_args(taylor_order, clamp_gap)
     clamp = None if clamp_gap is None else float(clamp_gap)
     work, returned = _working_dtypes(A, float64)
@@ -413,9 +435,9 @@ def svd_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
 
 def _newton_schulz(A: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor]:
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
-        raise ValueError(f"expected square matrices [..., n, n], got shape {tuple(A.shape)}")
+        raise LayerArgumentError(f"expected square matrices [..., n, n], got shape {tuple(A.shape)}")
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
-        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+        raise LayerArgumentError(f"iterations must be an int >= 0, got {iterations!r}")
     work, returned = _working_dtypes(A, float64=False)
     if returned is not None and (work != A.dtype or torch.is_autocast_enabled(A.device.type)):
         # bfloat16 matmuls would lose the iteration's accuracy: run it in float32 with autocast off
@@ -467,7 +489,7 @@ class ConditionMonitor(nn.Module):
     def __init__(self, history_size: int = 1000) -> None:
         super().__init__()
         if not isinstance(history_size, int) or history_size < 1:
-            raise ValueError(f"history_size must be an int >= 1, got {history_size!r}")
+            raise LayerArgumentError(f"history_size must be an int >= 1, got {history_size!r}")
         self.history_size = history_size
         f64 = torch.float64
         self.register_buffer("last", torch.tensor(float("nan"), dtype=f64))
@@ -497,7 +519,7 @@ class ConditionMonitor(nn.Module):
     def update(self, eigenvalues: Tensor) -> Tensor:
         """Record the (worst, over the batch) kappa of ``eigenvalues`` ``[..., n]`` and return it (0-dim)."""
         if eigenvalues.dim() < 1 or eigenvalues.shape[-1] < 1:
-            raise ValueError(f"expected eigenvalues of shape [..., n], got {tuple(eigenvalues.shape)}")
+            raise LayerArgumentError(f"expected eigenvalues of shape [..., n], got {tuple(eigenvalues.shape)}")
         lam = eigenvalues.detach().to(torch.float64)
         k = self.kappa(lam).reshape(-1)
         has_nan = k.isnan().any()
