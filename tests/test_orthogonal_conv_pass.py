@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import orthofx
@@ -156,3 +157,53 @@ def test_cayley_fft_pass_errors():
                            example_inputs=(torch.randn(1, 3, 7, 8),))
     assert type(gm.get_submodule("0")) is nn.Conv2d
     assert "not divisible by stride" in orthofx.manifest_of(gm).changes[0].status
+
+
+class _TiedPair(nn.Module):
+    """Two layers sharing one weight Parameter (as an embedding and its output head do)."""
+
+    def __init__(self, second: nn.Module):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.b = second
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_tied_weights_share_one_orthogonal_layer_and_stay_tied_while_training():
+    torch.manual_seed(0)
+    model = _TiedPair(nn.Conv2d(4, 4, 3, padding=1, bias=False))
+    x = torch.randn(2, 4, 8, 8)
+    gm = orthofx.transform(model, rule(), example_inputs=(x,))
+    assert isinstance(gm.a, OrthogonalConv2d) and gm.b is gm.a
+    assert "tied weight" in [c for c in orthofx.manifest_of(gm).changes if c.site == "b"][0].status
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        gm(x).square().mean().backward()
+        optimizer.step()
+    assert gm.b is gm.a
+    # the model computes b(relu(a(x))) with one kernel: check against a plain conv with that kernel
+    kernel = gm.a.weight.detach()
+    expected = F.conv2d(F.pad(torch.relu(F.conv2d(F.pad(x, (1,) * 4, mode="circular"), kernel)), (1,) * 4,
+                              mode="circular"), kernel)
+    assert torch.allclose(gm(x), expected, atol=1e-5)
+    assert metrics.orthogonality_error(kernel, (8, 8)) <= 1e-5
+
+
+def test_tied_weights_that_cannot_share_a_layer_are_impossible_not_silently_untied():
+    x = torch.randn(2, 4, 8, 8)
+    strided = _TiedPair(nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False))
+    with pytest.raises(orthofx.ImpossibleLayerError, match="tied to"):
+        orthofx.transform(strided, rule(), example_inputs=(x,))
+    # one of the pair outside the rule: the rule's layer would leave its partner behind
+    only_a = {"rules": [{"name": "o", "match": {"type": "Conv2d", "name": "a"}, "apply": "orthogonal_conv"}]}
+    with pytest.raises(orthofx.ImpossibleLayerError, match="tied to b"):
+        orthofx.transform(_TiedPair(nn.Conv2d(4, 4, 3, padding=1, bias=False)), only_a, example_inputs=(x,))
+    # skip leaves the whole group as it was: still one Parameter, the model's outputs unchanged
+    model = _TiedPair(nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False))
+    gm = orthofx.transform(model, rule(on_impossible="skip"), example_inputs=(x,))
+    assert type(gm.a) is nn.Conv2d and type(gm.b) is nn.Conv2d and gm.a.weight is gm.b.weight
+    assert torch.equal(gm(x), model(x))

@@ -572,6 +572,9 @@ def test_isometric_init_gain_activation_seed_and_bias():
     torch.testing.assert_close(d.get_submodule("0").weight, e.get_submodule("0").weight, rtol=0, atol=0)
     with pytest.raises(orthofx.PolicyError, match="gain"):
         orthofx.transform(model, isometric(gain=0.0))
+    for seed in (2**70, -1):  # outside torch.Generator's range: a policy error, not an overflow inside the pass
+        with pytest.raises(orthofx.PolicyError, match="seed"):
+            orthofx.transform(model, isometric(seed=seed))
 
 
 def jacobian(module, x):

@@ -100,7 +100,8 @@ class IsometricInit(Pass):
         Param("activation", "linear", (str,), "activation after the layer; its standard gain multiplies the "
               "weight (linear 1, relu sqrt(2), tanh 5/3, abs 1)", choices=_ACTIVATIONS),
         Param("bias", "zero", (str,), "zero the bias or keep it", choices=("zero", "keep")),
-        Param("seed", None, (int, type(None)), "seed of a private generator (null: the global RNG)"),
+        Param("seed", None, (int, type(None)), "seed of a private generator (null: the global RNG)", minimum=0,
+              maximum=2**63 - 1),  # what torch.Generator.manual_seed accepts
     )
     site_kinds = frozenset({"module"})
     module_types = (nn.Linear, nn.Conv1d, nn.Conv2d)

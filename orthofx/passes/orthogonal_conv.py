@@ -124,6 +124,63 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
     return None
 
 
+def _weight_owners(root: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """``id(parameter) -> [(module path, module), ...]`` for every directly registered parameter: a parameter
+    with several owners is tied (``b.weight = a.weight``)."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in root.named_modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append((name, module))
+    return owners
+
+
+def _configuration(module: nn.Module) -> tuple:
+    """What must agree for two layers with one tied weight to share one orthogonal replacement."""
+    attrs = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding",
+             "dilation", "groups", "padding_mode")
+    return (type(module),) + tuple(getattr(module, a, None) for a in attrs)
+
+
+def _tie_problems(entries: list[PlanEntry], modules: list[nn.Module], owners: dict) -> dict[str, str]:
+    """Site name -> why its layer cannot be replaced because its weight is tied to another layer's.
+
+    An orthogonal layer holds its own parameters (a BCOP or Stiefel parametrisation, not the weight), so a tied
+    weight stays tied only when every layer sharing it is replaced by one and the same orthogonal layer: all of
+    them selected by this rule, with the same configuration, the same bias and the same pass parameters.
+    Anything else would silently untie the weights (an embedding and its tied output head would train apart).
+    Every layer of a group that cannot share gets the problem, before any is replaced, so that ``on_impossible:
+    skip`` leaves the whole group as it was.
+    """
+    selected = {entry.site.name for entry in entries}
+    groups: dict[int, list[tuple[PlanEntry, nn.Module]]] = {}
+    for entry, module in zip(entries, modules):
+        groups.setdefault(id(module.weight), []).append((entry, module))
+    problems: dict[str, str] = {}
+    for key, members in groups.items():
+        names = {entry.site.name for entry, _ in members}
+        outside = [(name, m) for name, m in owners.get(key, []) if name not in names]
+        if not outside and len(members) == 1:
+            continue
+        problem = None
+        for name, other in outside:
+            if name not in selected or getattr(other, "weight", None) is not members[0][1].weight:
+                problem = (f"its weight is tied to {name} ({describe_module(other)}), which this rule does not "
+                           "replace the same way; an orthogonal layer holds its own parameters, so replacing one "
+                           "of them would untie the weights. Select every layer sharing the weight with this rule, "
+                           "or untie them first")
+                break
+        entry0, module0 = members[0]
+        if problem is None and any(_configuration(m) != _configuration(module0) or m.bias is not module0.bias
+                                   or e.params != entry0.params for e, m in members[1:]):
+            problem = (f"its weight is tied to {', '.join(sorted(names - {entry0.site.name})) or entry0.site.name}"
+                       ", and the layers sharing it differ in configuration, bias or pass parameters, so one "
+                       "orthogonal layer cannot stand for all of them. Make them agree, or untie the weights first")
+        if problem is not None:
+            problems.update({entry.site.name: problem for entry, _ in members})
+    return problems
+
+
 @register_pass
 class OrthogonalConvPass(Pass):
     """Hard orthogonality: exactly orthogonal Conv1d/Conv2d/Linear layers, L_orth where none exists."""
@@ -157,8 +214,17 @@ class OrthogonalConvPass(Pass):
         return reason
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
-        for entry in entries:
-            module = ctx.module(entry.site)
+        modules = [ctx.module(entry.site) for entry in entries]
+        ties = _tie_problems(entries, modules, _weight_owners(ctx.gm))
+        built: dict[int, tuple[str, nn.Module]] = {}  # id(weight) -> (site, its orthogonal layer)
+        for entry, module in zip(entries, modules):
+            if entry.site.name in ties:
+                self._impossible(ctx, entry, module, ties[entry.site.name])
+                continue
+            if id(module.weight) in built:  # tied to a layer replaced already, with the same configuration
+                first, layer = built[id(module.weight)]
+                self._replace(ctx, entry, module, layer, f"hard (shares {first}'s layer: tied weight)")
+                continue
             if isinstance(module.weight, nn.parameter.UninitializedParameter):
                 # checked here, not in accepts(): the example inputs run between planning and the passes, and
                 # that run is what gives a lazy layer its shape
@@ -182,6 +248,7 @@ class OrthogonalConvPass(Pass):
                 if input_size is not None:
                     status = f"hard (cayley_fft, input {'x'.join(map(str, input_size))} only)"
                 self._replace(ctx, entry, module, layer, status)
+                built[id(module.weight)] = (entry.site.name, layer)
             else:
                 self._impossible(ctx, entry, module, problem)
 
