@@ -171,6 +171,37 @@ def _runs(model: nn.Module, inputs: tuple) -> bool:
     return True
 
 
+class _NodeTracker(fx.Interpreter):
+    """Runs a graph node by node and remembers the node it is running (the one that raised, after a failure)."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        return super().run_node(n)
+
+
+def _where_it_fails(gm: fx.GraphModule, inputs: tuple, manifest: Manifest) -> str:
+    """`` at node 'x' (...)``: the graph node whose call fails on ``inputs`` and the change that made that node,
+    found by running the graph again node by node; ``""`` when that run does not fail (or cannot say where)."""
+    tracker = _NodeTracker(gm)
+    try:
+        with _Eval(gm):
+            tracker.run(*inputs)
+    except Exception:  # noqa: BLE001 - the caller reports the original error; only the node is wanted here
+        node = tracker.current
+    else:
+        return ""
+    if node is None:
+        return ""
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    what = f"{node.op} {target}"
+    if node.op == "call_module":
+        what += f": {type(gm.get_submodule(str(node.target))).__name__}"
+    made_by = [f"rule '{c.rule}' ({c.pass_name})" for c in manifest.changes if c.site in (node.name, target)]
+    return f" at node '{node.name}' ({what}{', changed by ' + ', '.join(made_by) if made_by else ''})"
+
+
 def output_tensors(output: Any) -> list[torch.Tensor]:
     """The tensors of a model's output (any nesting of tuples, lists and dicts), in pytree order."""
     leaves, _ = torch.utils._pytree.tree_flatten(output)
@@ -300,8 +331,9 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
             try:
                 after = gm(*inputs)
             except Exception as exc:
-                raise TransformError(f"the rewritten model failed on example_inputs: {type(exc).__name__}: "
-                                     f"{exc}") from exc
+                where = _where_it_fails(gm, inputs, manifest)
+                raise TransformError(f"the rewritten model failed on example_inputs{where}: "
+                                     f"{type(exc).__name__}: {exc}") from exc
         _check_output(before, after)
         manifest.output_change = _relative_change(before, after)
     return _compile(gm, compile)

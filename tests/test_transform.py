@@ -226,6 +226,31 @@ def test_a_pass_that_breaks_shapes_or_finiteness_is_caught():
         unregister_pass("breaker_for_test")
 
 
+class _Exploding(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+def test_a_rewritten_model_that_fails_names_the_node_and_the_rule():
+    @register_pass
+    class Exploder(Pass):
+        name = "exploder_for_test"
+        site_kinds = frozenset({"module"})
+
+        def apply(self, ctx, entries):
+            for entry in entries:
+                ctx.replace_module(entry.site, _Exploding())
+                ctx.record(Change(entry.site.name, entry.rule_name, self.name, "exploding"))
+
+    try:
+        policy = {"rules": [{"name": "bad", "match": {"type": "Linear"}, "apply": "exploder_for_test"}]}
+        with pytest.raises(orthofx.TransformError, match=r"at node 'fc' \(call_module fc: _Exploding, changed by "
+                                                         r"rule 'bad' \(exploder_for_test\)\): RuntimeError: boom"):
+            orthofx.transform(Mixed(), policy, example_inputs=inputs())
+    finally:
+        unregister_pass("exploder_for_test")
+
+
 def test_transformed_model_trains_and_deep_copies():
     torch.manual_seed(0)
     gm = orthofx.transform(Mixed(), LORTH_ALL, example_inputs=inputs())
