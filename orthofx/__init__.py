@@ -10,8 +10,8 @@
 from . import metrics, models, theory
 from .export import ExportResult, export, freeze, load
 from .optim import AttachHandle, attach
-from .errors import (CaptureError, ExportError, ImpossibleLayerError, LayerArgumentError, OrthofxError, PlanError,
-                     PolicyError, TransformError)
+from .errors import (ArgumentError, CaptureError, ExportError, ImpossibleLayerError, LayerArgumentError, OrthofxError,
+                     PlanError, PolicyError, TransformError)
 from .passes import register_pass
 from .penalty import penalty, penalty_terms
 from .plan import Plan
@@ -26,5 +26,6 @@ __all__ = [
     "register_pass", "manifest_of", "is_transformed", "attach", "AttachHandle",
     "freeze", "export", "load", "ExportResult", "ExportError",
     "OrthofxError", "PolicyError", "CaptureError", "PlanError", "TransformError", "ImpossibleLayerError", "LayerArgumentError",
+    "ArgumentError",
     "metrics", "theory", "models",
 ]

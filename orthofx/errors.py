@@ -16,6 +16,7 @@ __all__ = [
     "TransformError",
     "ImpossibleLayerError",
     "ExportError",
+    "ArgumentError",
     "LayerArgumentError",
 ]
 
@@ -68,5 +69,9 @@ class ExportError(OrthofxError, RuntimeError):
     """Freezing, exporting, saving or loading failed, or the exported model does not reproduce the original."""
 
 
-class LayerArgumentError(OrthofxError, ValueError):
+class ArgumentError(OrthofxError, ValueError):
+    """A function or class of orthofx got a bad argument; the message says what to pass instead."""
+
+
+class LayerArgumentError(ArgumentError):
     """A layer of :mod:`orthofx.nn` got a bad argument; the message says what to pass instead."""

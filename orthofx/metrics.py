@@ -48,6 +48,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from orthofx.errors import ArgumentError
 from orthofx.theory import _positive_int as _int, orthogonality_case
 
 __all__ = [
@@ -67,9 +68,9 @@ _KIND = {3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
 
 def _check_tensor(weight, name: str = "weight") -> None:
     if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+        raise ArgumentError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
     if weight.is_complex() or not weight.is_floating_point():
-        raise ValueError(f"{name} must be a real floating-point tensor, got dtype {weight.dtype}")
+        raise ArgumentError(f"{name} must be a real floating-point tensor, got dtype {weight.dtype}")
 
 
 def _check_conv_weight(weight, what: str) -> int:
@@ -77,19 +78,19 @@ def _check_conv_weight(weight, what: str) -> int:
     _check_tensor(weight)
     if weight.ndim not in _KIND:
         extra = " (a 2-D weight is a Linear layer: use linear_singular_values)" if weight.ndim == 2 else ""
-        raise ValueError(
+        raise ArgumentError(
             f"{what} expects a convolution weight of shape (out, in/groups, *kernel) with 3 (Conv1d), "
             f"4 (Conv2d) or 5 (Conv3d) dimensions, got shape {tuple(weight.shape)}{extra}"
         )
     if weight.numel() == 0:
-        raise ValueError(f"{what}: the weight is empty, shape {tuple(weight.shape)}")
+        raise ArgumentError(f"{what}: the weight is empty, shape {tuple(weight.shape)}")
     return weight.ndim - 2
 
 
 def _tuple(value, d: int, name: str) -> tuple[int, ...]:
     if isinstance(value, (tuple, list)):
         if len(value) != d:
-            raise ValueError(f"{name} must be an int or a tuple of {d} ints for a {d}-D convolution, got {value!r}")
+            raise ArgumentError(f"{name} must be an int or a tuple of {d} ints for a {d}-D convolution, got {value!r}")
         return tuple(_int(v, name) for v in value)
     return (_int(value, name),) * d
 
@@ -97,8 +98,8 @@ def _tuple(value, d: int, name: str) -> tuple[int, ...]:
 def _groups(weight: torch.Tensor, groups) -> int:
     g = _int(groups, "groups")
     if weight.shape[0] % g:
-        raise ValueError(f"groups={g} must divide the number of output channels {weight.shape[0]} "
-                         f"(weight shape {tuple(weight.shape)})")
+        raise ArgumentError(f"groups={g} must divide the number of output channels {weight.shape[0]} "
+                            f"(weight shape {tuple(weight.shape)})")
     return g
 
 
@@ -114,8 +115,8 @@ def _frequency_matrices(weight: torch.Tensor, input_size, stride, groups, dtype)
     strides = _tuple(stride, d, "stride")
     for n, s in zip(sizes, strides):
         if n % s:
-            raise ValueError(f"input_size {sizes} must be divisible by the stride {strides} in every dimension "
-                             f"(circular strided convolution); {n} is not a multiple of {s}")
+            raise ArgumentError(f"input_size {sizes} must be divisible by the stride {strides} in every dimension "
+                                f"(circular strided convolution); {n} is not a multiple of {s}")
     g = _groups(weight, groups)
     M, Cg = weight.shape[:2]
     ks = weight.shape[2:]
@@ -220,12 +221,12 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
     """
     _check_tensor(weight)
     if case not in (None, "RO", "CO"):
-        raise ValueError(f"case must be None, 'RO' or 'CO', got {case!r}")
+        raise ArgumentError(f"case must be None, 'RO' or 'CO', got {case!r}")
     if weight.ndim == 2:
         if _int(groups, "groups") != 1:
-            raise ValueError("groups must be 1 for a 2-D (Linear) weight")
+            raise ArgumentError("groups must be 1 for a 2-D (Linear) weight")
         if stride != 1:
-            raise ValueError(f"stride must be 1 for a 2-D (Linear) weight, got {stride!r}")
+            raise ArgumentError(f"stride must be 1 for a 2-D (Linear) weight, got {stride!r}")
         out_f, in_f = weight.shape
         if case is None:
             case = "RO" if out_f <= in_f else "CO"
@@ -276,7 +277,7 @@ def conv_singular_values(weight: torch.Tensor, input_size, stride=1, groups: int
     taps folded modulo the grid when the kernel is larger. Computed without gradient in ``dtype`` (float64
     by default), one batched ``svdvals``; memory is :math:`O(M C S^d (n/S)^d)` complex numbers.
 
-    ``input_size``: int or tuple of ``d`` ints, each divisible by the stride (``ValueError`` otherwise).
+    ``input_size``: int or tuple of ``d`` ints, each divisible by the stride (``ArgumentError`` otherwise).
     ``weight``: ``(M, C/groups, k_1, ..., k_d)`` with ``d`` in 1, 2, 3. A group whose kernel holds a NaN or an
     inf gets NaN values (no exception), as does :func:`linear_singular_values` for such a matrix.
 
@@ -291,7 +292,7 @@ def conv_singular_values(weight: torch.Tensor, input_size, stride=1, groups: int
     """
     _check_conv_weight(weight, "conv_singular_values")
     if not dtype.is_floating_point or dtype.is_complex:
-        raise ValueError(f"dtype must be a real floating-point dtype, got {dtype}")
+        raise ArgumentError(f"dtype must be a real floating-point dtype, got {dtype}")
     hat, counts = _frequency_matrices(weight, input_size, stride, groups, dtype)
     m, n = hat.shape[-2:]
     sv = _batched_svdvals(hat.reshape(-1, m, n))  # (B, r)
@@ -312,8 +313,8 @@ def linear_singular_values(weight: torch.Tensor, dtype: torch.dtype = torch.floa
     """
     _check_tensor(weight)
     if weight.ndim != 2:
-        raise ValueError(f"linear_singular_values expects a 2-D weight (out, in), got shape {tuple(weight.shape)}"
-                         + (" (use conv_singular_values for convolutions)" if weight.ndim in _KIND else ""))
+        raise ArgumentError(f"linear_singular_values expects a 2-D weight (out, in), got shape {tuple(weight.shape)}"
+                            + (" (use conv_singular_values for convolutions)" if weight.ndim in _KIND else ""))
     return _batched_svdvals(weight.detach().to(dtype)[None])[0]
 
 
@@ -333,13 +334,13 @@ def orthogonality_error(weight: torch.Tensor, input_size=None, stride=1, groups:
     _check_tensor(weight)
     if weight.ndim == 2:
         if stride != 1 or groups != 1:
-            raise ValueError("stride and groups must be 1 for a 2-D (Linear) weight")
+            raise ArgumentError("stride and groups must be 1 for a 2-D (Linear) weight")
         sv = linear_singular_values(weight)
     else:
         _check_conv_weight(weight, "orthogonality_error")
         if input_size is None:
-            raise ValueError("orthogonality_error needs input_size (the spatial size of the layer's input) "
-                             "for a convolution weight: its singular values depend on the grid")
+            raise ArgumentError("orthogonality_error needs input_size (the spatial size of the layer's input) "
+                                "for a convolution weight: its singular values depend on the grid")
         sv = conv_singular_values(weight, input_size, stride=stride, groups=groups)
     return float((sv - 1).abs().max())
 
@@ -388,16 +389,16 @@ def spectral_norm_bound(weight: torch.Tensor, input_size=None, stride=1, iterati
     _check_tensor(weight)
     iterations = int(iterations)
     if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
+        raise ArgumentError(f"iterations must be >= 0, got {iterations}")
     if weight.ndim == 2:
         if stride != 1 or groups != 1:
-            raise ValueError("stride and groups must be 1 for a 2-D (Linear) weight")
+            raise ArgumentError("stride and groups must be 1 for a 2-D (Linear) weight")
         mats = weight.detach().to(torch.float64)[None]
     else:
         _check_conv_weight(weight, "spectral_norm_bound")
         if input_size is None:
-            raise ValueError("spectral_norm_bound needs input_size (the spatial size of the layer's input) "
-                             "for a convolution weight")
+            raise ArgumentError("spectral_norm_bound needs input_size (the spatial size of the layer's input) "
+                                "for a convolution weight")
         hat, _ = _frequency_matrices(weight, input_size, stride, groups, torch.float64)
         mats = hat.reshape(-1, *hat.shape[-2:])
     return _gram_bound(mats, iterations)
@@ -514,7 +515,7 @@ class _Call:
 
     def __init__(self, fn, rest: tuple = (), kwargs: dict | None = None, dtype: torch.dtype | None = None):
         if not isinstance(fn, _nn.Module) and not callable(fn):
-            raise ValueError(f"fn must be a callable or an nn.Module, got {type(fn).__name__}")
+            raise ArgumentError(f"fn must be a callable or an nn.Module, got {type(fn).__name__}")
         self.fn = fn
         self.rest = tuple(rest)
         self.kwargs = dict(kwargs or {})
@@ -568,19 +569,19 @@ def _as_function(fn, dtype: torch.dtype | None = None) -> _Call:
 
 def _check_input(x, what: str) -> None:
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{what}: x must be a torch.Tensor, got {type(x).__name__}")
+        raise ArgumentError(f"{what}: x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise ValueError(f"{what}: x must be a real floating-point tensor (a Jacobian needs a continuous input), "
-                         f"got dtype {x.dtype}")
+        raise ArgumentError(f"{what}: x must be a real floating-point tensor (a Jacobian needs a continuous input), "
+                            f"got dtype {x.dtype}")
 
 
 def _check_output(y, x: torch.Tensor, per_sample: bool, what: str) -> torch.Tensor:
     if not isinstance(y, torch.Tensor):
-        raise ValueError(f"{what}: fn must return a single tensor, got {type(y).__name__}; wrap fn so that it "
-                         "returns the output to measure")
+        raise ArgumentError(f"{what}: fn must return a single tensor, got {type(y).__name__}; wrap fn so that it "
+                            "returns the output to measure")
     if per_sample and (y.ndim == 0 or x.ndim == 0 or y.shape[0] != x.shape[0]):
-        raise ValueError(f"{what}: per_sample=True needs input and output with the same batch size in dimension "
-                         f"0, got input {tuple(x.shape)} and output {tuple(y.shape)}")
+        raise ArgumentError(f"{what}: per_sample=True needs input and output with the same batch size in dimension "
+                            f"0, got input {tuple(x.shape)} and output {tuple(y.shape)}")
     return y
 
 
@@ -664,7 +665,7 @@ class _Linearisation:
 def _check_fraction(batch_fraction, what: str) -> float:
     if isinstance(batch_fraction, bool) or not isinstance(batch_fraction, (int, float)) \
             or not 0 < batch_fraction <= 1:
-        raise ValueError(f"{what}: batch_fraction must be a number in (0, 1], got {batch_fraction!r}")
+        raise ArgumentError(f"{what}: batch_fraction must be a number in (0, 1], got {batch_fraction!r}")
     return float(batch_fraction)
 
 
@@ -674,7 +675,7 @@ def _subsample(f: _Call, x: torch.Tensor, batch_fraction: float, generator: torc
     if batch_fraction >= 1:
         return f, x, 1.0
     if x.ndim == 0:
-        raise ValueError(f"{what}: batch_fraction < 1 needs a batch dimension first, got a 0-d input")
+        raise ArgumentError(f"{what}: batch_fraction < 1 needs a batch dimension first, got a 0-d input")
     batch = x.shape[0]
     size = max(1, math.ceil(round(batch_fraction * batch, 9)))  # round: 0.6 * 5 is 3.0000000000000004
     if size >= batch:
@@ -694,13 +695,13 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
     what = "jacobian_isometry"
     _check_input(x, what)
     if kind not in JACOBIAN_KINDS:
-        raise ValueError(f"{what}: kind must be one of {', '.join(JACOBIAN_KINDS)}, got {kind!r}")
+        raise ArgumentError(f"{what}: kind must be one of {', '.join(JACOBIAN_KINDS)}, got {kind!r}")
     if route not in _ROUTES:
-        raise ValueError(f"{what}: route must be one of {', '.join(_ROUTES)}, got {route!r}")
+        raise ArgumentError(f"{what}: route must be one of {', '.join(_ROUTES)}, got {route!r}")
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"{what}: probes must be a positive integer, got {probes!r}")
+        raise ArgumentError(f"{what}: probes must be a positive integer, got {probes!r}")
     if per_sample and x.ndim == 0:
-        raise ValueError(f"{what}: per_sample=True needs a batch dimension first, got a 0-d input")
+        raise ArgumentError(f"{what}: per_sample=True needs a batch dimension first, got a 0-d input")
     batch_fraction = _check_fraction(batch_fraction, what)
     f, xs, scale = _subsample(_as_function(fn), x, batch_fraction, generator, what)
     batched = per_sample or scale != 1.0  # the output's dimension 0 must be the samples'
@@ -825,7 +826,7 @@ def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,
     f = _as_function(fn, dtype)
     x = x.detach() if dtype is None else x.detach().to(dtype)
     if per_sample and x.ndim == 0:
-        raise ValueError(f"{what}: per_sample=True needs a batch dimension first, got a 0-d input")
+        raise ArgumentError(f"{what}: per_sample=True needs a batch dimension first, got a 0-d input")
     with torch.no_grad():
         y = _check_output(f(x), x, per_sample, what)
     jac = _jacobian_matrix(f, x).detach()
@@ -856,10 +857,10 @@ def isometry_moments(singular_values: torch.Tensor, n: int | None = None) -> tup
     (1.0, 1.0)
     """
     if not isinstance(singular_values, torch.Tensor) or singular_values.ndim == 0:
-        raise ValueError("isometry_moments expects a tensor of singular values with at least one dimension")
+        raise ArgumentError("isometry_moments expects a tensor of singular values with at least one dimension")
     count = singular_values.shape[-1]
     n = count if n is None else int(n)
     if n < count or n < 1:
-        raise ValueError(f"isometry_moments: n must be at least the number of singular values ({count}), got {n}")
+        raise ArgumentError(f"isometry_moments: n must be at least the number of singular values ({count}), got {n}")
     eig = singular_values.square()
     return eig.sum(-1) / n, eig.square().sum(-1) / n

@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from .capture import CAPTURE_MODES
-from .errors import PolicyError
+from .errors import ArgumentError, PolicyError
 from .passes import registry as _registry  # importing orthofx.passes registers the built-in passes
 from .passes.base import Pass
 
@@ -101,12 +101,13 @@ OP_ALIASES: dict[str, str] = _make_op_aliases()
 def canonical_op(name: str) -> str:
     """The canonical op name for ``name`` (``"torch.linalg.eigh"`` -> ``"linalg.eigh"``).
 
-    Raises ``ValueError`` listing the accepted names when ``name`` is not one of them.
+    Raises :class:`~orthofx.errors.ArgumentError` (a ``ValueError``) listing the accepted names when ``name`` is
+    not one of them.
     """
     if isinstance(name, str) and name in OP_ALIASES:
         return OP_ALIASES[name]
     hint = _did_you_mean(name, OP_ALIASES) if isinstance(name, str) else ""
-    raise ValueError(
+    raise ArgumentError(
         f"unknown op {name!r}; accepted: {', '.join(CANONICAL_OPS)} (each also with a 'torch.' prefix), "
         f"the aliases eigh, symeig, svdvals, eigvalsh, and the ATen names (aten.linalg_eigh, aten._linalg_eigh, "
         f"aten.linalg_svd, ...){hint}")

@@ -36,6 +36,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from orthofx.errors import ArgumentError
+
 __all__ = [
     "ExistenceResult",
     "orthogonality_case",
@@ -61,10 +63,10 @@ class ExistenceResult(NamedTuple):
 
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ArgumentError(f"{name} must be a positive integer, got {value!r}")
     value = value.__index__()
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise ArgumentError(f"{name} must be >= 1, got {value}")
     return int(value)
 
 
@@ -73,7 +75,7 @@ def _sizes(value, dims: int, name: str) -> tuple[int, ...]:
     if isinstance(value, (tuple, list)):
         values = tuple(value)
         if len(values) != dims:
-            raise ValueError(f"{name} must be an int or a tuple of {dims} ints (dims={dims}), got {value!r}")
+            raise ArgumentError(f"{name} must be an int or a tuple of {dims} ints (dims={dims}), got {value!r}")
         return tuple(_positive_int(v, name) for v in values)
     return (_positive_int(value, name),) * dims
 
@@ -81,7 +83,7 @@ def _sizes(value, dims: int, name: str) -> tuple[int, ...]:
 def _dims(dims) -> int:
     dims = _positive_int(dims, "dims")
     if dims > 3:
-        raise ValueError(f"dims must be 1, 2 or 3 (spatial dimensions of the convolution), got {dims}")
+        raise ArgumentError(f"dims must be 1, 2 or 3 (spatial dimensions of the convolution), got {dims}")
     return dims
 
 
@@ -95,7 +97,7 @@ def _per_group(c_in, c_out, groups) -> tuple[int, int, int]:
     c_out = _positive_int(c_out, "c_out")
     groups = _positive_int(groups, "groups")
     if c_in % groups or c_out % groups:
-        raise ValueError(
+        raise ArgumentError(
             f"groups={groups} must divide both c_in={c_in} and c_out={c_out} "
             f"(as in torch.nn.Conv2d); got c_in % groups = {c_in % groups}, c_out % groups = {c_out % groups}"
         )
@@ -160,9 +162,9 @@ def orthogonal_conv_exists(
         the padding on a grid of size ``S*N``), i.e. an effective kernel :math:`k'_i = \min(S_i, k_i - P_i)`
         that is then judged as a circular one: RO iff :math:`M \le C \prod_i k'_i`, CO iff :math:`S_i \le k'_i`.
 
-    Raises ``ValueError`` when a size is < 1, a tuple has the wrong length, the channels are not divisible by
-    ``groups`` or ``padding`` is unknown. Dilation is not modelled (call it with the dilated kernel's effective
-    taps in mind, or not at all).
+    Raises :class:`~orthofx.errors.ArgumentError` (a ``ValueError``) when a size is < 1, a tuple has the wrong
+    length, the channels are not divisible by ``groups`` or ``padding`` is unknown. Dilation is not modelled (call
+    it with the dilated kernel's effective taps in mind, or not at all).
 
     >>> orthogonal_conv_exists(2, 4, 3, stride=2)          # RO: 4 <= 2 * 3**2
     ExistenceResult(exists=True, case='RO', reason='row-orthogonal case (M=4 <= C*S^d=8): exists iff M <= C*k^d, here 4 <= 18')
@@ -179,9 +181,9 @@ def orthogonal_conv_exists(
     ks = _sizes(kernel_size, dims, "kernel_size")
     ss = _sizes(stride, dims, "stride")
     if padding not in _PADDINGS:
-        raise ValueError(f"padding must be one of {_PADDINGS}, got {padding!r} "
-                         "(a torch Conv with padding=0 is 'valid'; padding_mode='zeros' with 'same'-style "
-                         "padding is 'zeros')")
+        raise ArgumentError(f"padding must be one of {_PADDINGS}, got {padding!r} "
+                            "(a torch Conv with padding=0 is 'valid'; padding_mode='zeros' with 'same'-style "
+                            "padding is 'zeros')")
     S = math.prod(ss)
     case = "RO" if M <= C * S else "CO"
     isotropic = len(set(ks)) == 1 and len(set(ss)) == 1

@@ -83,7 +83,7 @@ MONITOR_SOURCES = ("eigenvalues", "singular_values", "matrix")
 
 def _lower(A: Tensor, uplo: str) -> Tensor:
     if uplo not in ("L", "U"):
-        raise ValueError(f"UPLO must be 'L' or 'U', got {uplo!r}")
+        raise LayerArgumentError(f"UPLO must be 'L' or 'U', got {uplo!r}")
     return A if uplo == "L" else A.mT
 
 
@@ -190,9 +190,9 @@ def _check_square(A: Tensor, what: str) -> None:
     ``U diag(f(S)) U^T`` of a non-square data matrix ``X`` is ``f`` of ``(X X^T)^(1/2)`` instead, which the
     iteration on ``X`` cannot give (torch would fail deep inside with an unrelated message)."""
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
-        raise LayerArgumentError(f"{what}: the Newton-Schulz replacement of V diag(lambda^p) V^T needs square symmetric "
-                         f"positive definite matrices [..., n, n], got shape {tuple(A.shape)} (an SVD of a "
-                         "non-square data matrix); transform with method 'taylor' for this site")
+        raise LayerArgumentError(f"{what}: the Newton-Schulz replacement of V diag(lambda^p) V^T needs square "
+                                 f"symmetric positive definite matrices [..., n, n], got shape {tuple(A.shape)} (an "
+                                 "SVD of a non-square data matrix); transform with method 'taylor' for this site")
 
 
 def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: float = 0.0, float64: bool = False,
@@ -204,13 +204,13 @@ def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: flo
 
     ``layout`` (from the pass) is checked against ``A.dim()`` with :func:`check_layout`: when the replaced code's
     transposes or unsqueezes do not act on the last two dimensions the replacement would not be equivalent, and a
-    ``ValueError`` says so (this depends only on shapes, so it fails on the first call, at transform time when
-    example inputs are given).
+    :class:`~orthofx.errors.LayerArgumentError` (a ``ValueError``) says so (this depends only on shapes, so it fails
+    on the first call, at transform time when example inputs are given).
     """
     problem = check_layout(A.dim(), tuple(layout))
     if problem is not None:
-        raise ValueError(f"the Newton-Schulz replacement of V diag(lambda^p) V^T does not fit this input: {problem}; "
-                         "transform with method 'taylor' for this site")
+        raise LayerArgumentError(f"the Newton-Schulz replacement of V diag(lambda^p) V^T does not fit this input: "
+                                 f"{problem}; transform with method 'taylor' for this site")
     _check_square(A, "power_newton_schulz")
     dtype = A.dtype
     if float64:
@@ -220,7 +220,7 @@ def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: flo
     elif uplo == "U":
         A = A.triu() + A.triu(1).mT
     elif uplo is not None:
-        raise ValueError(f"uplo must be 'L', 'U' or None, got {uplo!r}")
+        raise LayerArgumentError(f"uplo must be 'L', 'U' or None, got {uplo!r}")
     if shift:
         A = A + torch.diag_embed(A.new_full(A.shape[:-1], float(shift)))
     if power == 0.5:
@@ -228,7 +228,7 @@ def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: flo
     elif power == -0.5:
         out = inv_sqrtm_newton_schulz(A, iterations)
     else:
-        raise ValueError(f"power must be 0.5 or -0.5, got {power!r}")
+        raise LayerArgumentError(f"power must be 0.5 or -0.5, got {power!r}")
     return out.to(dtype)
 
 
@@ -257,7 +257,7 @@ class DecompositionMonitor(ConditionMonitor):
                  history_size: int = 1000) -> None:
         super().__init__(history_size)
         if source not in MONITOR_SOURCES:
-            raise ValueError(f"source must be one of {', '.join(MONITOR_SOURCES)}, got {source!r}")
+            raise LayerArgumentError(f"source must be one of {', '.join(MONITOR_SOURCES)}, got {source!r}")
         self.source = source
         self.values_index = values_index
         self.op = op
@@ -287,7 +287,7 @@ class DecompositionMonitor(ConditionMonitor):
         values = x if self.values_index is None else x[self.values_index]
         if self.source == "singular_values":
             if matrix is None:
-                raise ValueError("a singular-value monitor needs the decomposed matrix (forward(x, matrix))")
+                raise LayerArgumentError("a singular-value monitor needs the decomposed matrix (forward(x, matrix))")
             values = self.covariance_eigenvalues(values, matrix)
         self.update(values)
         return x

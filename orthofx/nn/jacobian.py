@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .. import metrics
+from ..errors import LayerArgumentError
 
 __all__ = ["JacobianProbe"]
 
@@ -52,7 +53,7 @@ _OWN = ("penalty_weight", "probes", "kind", "every", "per_sample", "normalize", 
 
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise LayerArgumentError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 
@@ -92,23 +93,23 @@ class JacobianProbe(nn.Module):
                  per_sample: bool = False, *, normalize: bool = False, route: str = "auto", seed: int | None = None,
                  batch_fraction: float = 1.0):
         if not isinstance(block, nn.Module):
-            raise ValueError(f"JacobianProbe wraps an nn.Module, got {type(block).__name__}")
+            raise LayerArgumentError(f"JacobianProbe wraps an nn.Module, got {type(block).__name__}")
         if isinstance(block, JacobianProbe):
-            raise ValueError("the block is already a JacobianProbe; wrap it once")
+            raise LayerArgumentError("the block is already a JacobianProbe; wrap it once")
         if kind not in metrics.JACOBIAN_KINDS:
-            raise ValueError(f"kind must be one of {', '.join(metrics.JACOBIAN_KINDS)}, got {kind!r}")
+            raise LayerArgumentError(f"kind must be one of {', '.join(metrics.JACOBIAN_KINDS)}, got {kind!r}")
         if route not in _ROUTES:
-            raise ValueError(f"route must be one of {', '.join(_ROUTES)}, got {route!r}")
+            raise LayerArgumentError(f"route must be one of {', '.join(_ROUTES)}, got {route!r}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-            raise ValueError(f"weight must be a number >= 0, got {weight!r}")
+            raise LayerArgumentError(f"weight must be a number >= 0, got {weight!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+            raise LayerArgumentError(f"seed must be an integer or None, got {seed!r}")
         batch_fraction = metrics._check_fraction(batch_fraction, "JacobianProbe")
         clash = [name for name in _OWN if name in block._modules or name in block._parameters
                  or name in block._buffers]
         if clash:
-            raise ValueError(f"cannot wrap {type(block).__name__}: its member(s) {', '.join(clash)} would be hidden "
-                             "by the probe's own attributes")
+            raise LayerArgumentError(f"cannot wrap {type(block).__name__}: its member(s) {', '.join(clash)} would be "
+                                     "hidden by the probe's own attributes")
         super().__init__()
         # The wrapped block is not registered as a child: the probe adopts its registries instead (see the module
         # docstring), so paths and state_dict keys are the block's.
@@ -205,8 +206,8 @@ class JacobianProbe(nn.Module):
             self.estimate = None
             return output
         if not args or not isinstance(args[0], torch.Tensor):
-            raise ValueError(f"JacobianProbe({type(block).__name__}): the Jacobian is taken with respect to the "
-                             "first positional argument, which must be a tensor")
+            raise LayerArgumentError(f"JacobianProbe({type(block).__name__}): the Jacobian is taken with respect to "
+                                     "the first positional argument, which must be a tensor")
         generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         route = "double_vjp" if self.route_used == "double_vjp" and self.route == "auto" else self.route
         self.estimate, self.route_used = metrics._jacobian_isometry(

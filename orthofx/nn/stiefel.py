@@ -57,6 +57,8 @@ import math
 
 import torch
 
+from orthofx.errors import LayerArgumentError
+
 __all__ = [
     "sym",
     "is_wide",
@@ -81,7 +83,8 @@ def _check_matrix(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
     if x.dim() < 2:
-        raise ValueError(f"{name} must be a matrix or a batch of matrices (..., m, n), got shape {tuple(x.shape)}")
+        raise LayerArgumentError(f"{name} must be a matrix or a batch of matrices (..., m, n), "
+                                 f"got shape {tuple(x.shape)}")
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
@@ -110,7 +113,7 @@ def tangent_projection(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """
     _check_matrix(w, "w")
     if g.shape != w.shape:
-        raise ValueError(f"g must have the shape of w {tuple(w.shape)}, got {tuple(g.shape)}")
+        raise LayerArgumentError(f"g must have the shape of w {tuple(w.shape)}, got {tuple(g.shape)}")
     wide = is_wide(w)
     wt, gt = _tall(w, wide), _tall(g, wide)
     out = gt - wt @ sym(wt.transpose(-2, -1) @ gt)
@@ -162,7 +165,7 @@ def polar_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     """
     _check_matrix(w, "w")
     if xi.shape != w.shape:
-        raise ValueError(f"xi must have the shape of w {tuple(w.shape)}, got {tuple(xi.shape)}")
+        raise LayerArgumentError(f"xi must have the shape of w {tuple(w.shape)}, got {tuple(xi.shape)}")
     return _polar_factor(w + xi)
 
 
@@ -201,7 +204,7 @@ def qr_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     ``R_W(0) = W`` for orthonormal ``W``). Wide matrices are transposed (rows orthonormal)."""
     _check_matrix(w, "w")
     if xi.shape != w.shape:
-        raise ValueError(f"xi must have the shape of w {tuple(w.shape)}, got {tuple(xi.shape)}")
+        raise LayerArgumentError(f"xi must have the shape of w {tuple(w.shape)}, got {tuple(xi.shape)}")
     a = w + xi
     return orthonormal(a.to(_work_dtype(a))).to(w.dtype)
 
@@ -212,7 +215,7 @@ def retract(w: torch.Tensor, xi: torch.Tensor, method: str = "polar") -> torch.T
         return polar_retraction(w, xi)
     if method == "qr":
         return qr_retraction(w, xi)
-    raise ValueError(f"unknown retraction {method!r}; choose one of {', '.join(RETRACTIONS)}")
+    raise LayerArgumentError(f"unknown retraction {method!r}; choose one of {', '.join(RETRACTIONS)}")
 
 
 def project_to_stiefel(w: torch.Tensor) -> torch.Tensor:
@@ -263,12 +266,12 @@ def flatten_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
     A view when ``weight`` is contiguous.
     """
     if weight.dim() < 2:
-        raise ValueError(f"a layer weight has at least 2 dimensions, got shape {tuple(weight.shape)}")
+        raise LayerArgumentError(f"a layer weight has at least 2 dimensions, got shape {tuple(weight.shape)}")
     out = weight.shape[0]
     if groups == 1:
         return weight.reshape(out, -1)
     if out % groups:
-        raise ValueError(f"{out} output channels are not divisible by groups={groups}")
+        raise LayerArgumentError(f"{out} output channels are not divisible by groups={groups}")
     return weight.reshape(groups, out // groups, -1)
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import metrics
+from ..errors import ArgumentError
 from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry
 from .registry import register_pass
 
@@ -64,10 +65,11 @@ def lorth_problem(module: nn.Module) -> str | None:
 
 
 def lorth_term(module: nn.Module, site: str, rule: str, weight: float, case: str | None = None) -> LorthTerm:
-    """The L_orth penalty term of ``module`` at ``site``; ``ValueError`` with :func:`lorth_problem`'s reason."""
+    """The L_orth penalty term of ``module`` at ``site``; ``ArgumentError`` (a ``ValueError``) with
+    :func:`lorth_problem`'s reason when L_orth is not defined for ``module``."""
     problem = lorth_problem(module)
     if problem is not None:
-        raise ValueError(problem)
+        raise ArgumentError(problem)
     if isinstance(module, nn.Linear):
         return LorthTerm(site, rule, weight, case=case)
     return LorthTerm(site, rule, weight, stride=module.stride[0], groups=module.groups, case=case)

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..errors import OrthofxError
+from ..errors import ArgumentError, OrthofxError
 from .base import Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, describe_module
 from .orth_regularizer import lorth_problem, lorth_term
 from .orthogonal_conv import orthogonal_layer
@@ -80,7 +80,7 @@ def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     with the directions of zero singular values (``<= max(m, n) * eps * s_max``, ``eps`` of ``matrix``'s dtype)
     dropped: a rank-``r`` matrix gives ``U_r V_r^T``, a zero matrix gives zero."""
     if matrix.dim() != 2:
-        raise ValueError(f"polar_factor expects a 2-D matrix, got shape {tuple(matrix.shape)}")
+        raise ArgumentError(f"polar_factor expects a 2-D matrix, got shape {tuple(matrix.shape)}")
     m64 = matrix.detach().to(torch.float64)
     U, S, Vh = torch.linalg.svd(m64, full_matrices=False)
     eps = torch.finfo(matrix.dtype).eps if matrix.is_floating_point() else torch.finfo(torch.float64).eps
@@ -104,10 +104,10 @@ def optimal_learning_rate(weight: torch.Tensor, grad: torch.Tensor) -> float | N
 def srip(weight: torch.Tensor, groups: int = 1, iterations: int = 10) -> torch.Tensor:
     """SRIP of a (conv or linear) weight: sum over groups of ``sigma_max(Gram - I)`` (see the module docstring)."""
     if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
+        raise ArgumentError(f"iterations must be >= 1, got {iterations}")
     out = weight.shape[0]
     if out % groups:
-        raise ValueError(f"{out} output channels are not divisible into {groups} groups")
+        raise ArgumentError(f"{out} output channels are not divisible into {groups} groups")
     W = weight.reshape(groups, out // groups, -1)
     gram = W @ W.mT if W.shape[1] <= W.shape[2] else W.mT @ W
     n = gram.shape[-1]

@@ -78,6 +78,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ArgumentError
 from ..nn import stiefel
 from .base import Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site
 from .registry import register_pass
@@ -106,7 +107,7 @@ class StiefelHook(OptimizerHook):
                  groups: int = 1):
         super().__init__(site, rule)
         if retraction not in stiefel.RETRACTIONS:
-            raise ValueError(f"unknown retraction {retraction!r}; choose one of {', '.join(stiefel.RETRACTIONS)}")
+            raise ArgumentError(f"unknown retraction {retraction!r}; choose one of {', '.join(stiefel.RETRACTIONS)}")
         self.retraction = retraction
         self.momentum = momentum
         self.groups = groups

@@ -35,8 +35,9 @@ singular values; ``T(.)``: ``.mT``, ``.transpose(-2, -1)`` / ``(-1, -2)`` / ``(1
 For SVDs the left factor may be ``U`` or ``V`` and the right one ``Vh``, ``T(U)`` or ``T(V)`` (equal for a
 symmetric PD input). Ranks are usually unknown to an fx graph: index arithmetic that is only right for some
 ranks (``unsqueeze(0)``, ``transpose(0, 1)``, ``.T``) is recorded in the replacement's ``layout`` argument and
-checked against the input's rank on the first call (a ``ValueError`` naming the mismatch, at transform time when
-example inputs are given); it is checked at transform time when the graph's nodes carry shapes (export capture).
+checked against the input's rank on the first call (a ``LayerArgumentError``, which is a ``ValueError``, naming
+the mismatch, at transform time when example inputs are given); it is checked at transform time when the graph's
+nodes carry shapes (export capture).
 
 Monitoring (``monitor: true``): a :class:`orthofx.nn.conditioning.DecompositionMonitor` is registered in the
 GraphModule as ``orthofx_monitor_<n>`` and called on the decomposition's result (a pass-through), recording
@@ -77,7 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..errors import TransformError
+from ..errors import ArgumentError, TransformError
 from ..nn import conditioning as cond
 from .base import Change, Param, Pass, PassContext, PlanEntry
 from .registry import register_pass
@@ -767,7 +768,7 @@ def to_newton_schulz(gm: fx.GraphModule, iterations: int = 5, float64: bool = Fa
         to_newton_schulz(gm, iterations=15)   # {'stable_eigh': 'replaced'}
     """
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
-        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+        raise ArgumentError(f"iterations must be an int >= 1, got {iterations!r}")
     results: dict[str, str] = {}
     for path, module in list(_graph_modules(gm)):
         for name, outcome in _to_newton_schulz(module, iterations, float64).items():
