@@ -869,6 +869,21 @@ def test_pre_svd_orthogonal_layers_and_fallback():
     assert isinstance(gm.meta["orthofx"].penalties[0], LorthTerm)
     assert type(gm.get_submodule("conv")) is nn.Conv2d
 
+    # a weight tied to another layer's: a hard layer would untie them, so the pass falls back to L_orth
+    class Tied(ConvCov):
+        def __init__(self):
+            super().__init__()
+            self.twin = nn.Conv2d(8, 4, 1, bias=False)
+            self.twin.weight = self.conv.weight
+
+        def forward(self, x):
+            return super().forward(x) + self.twin(x).mean()
+
+    gm = orthofx.transform(Tied(), _pre_svd_policy(weight="orthogonal", nog=False), example_inputs=(xc,))
+    (change,) = _changes(gm, "pre_svd")
+    assert "tied to twin" in change.status and change.status.startswith("L_orth (fallback: ")
+    assert type(gm.get_submodule("conv")) is nn.Conv2d and gm.get_submodule("conv").weight is gm.twin.weight
+
 
 # ----------------------------------------------------------------------------------------- preset, compile
 

@@ -33,6 +33,7 @@ __all__ = [
     "MANIFEST_KEY",
     "replace_module",
     "describe_module",
+    "parameter_owners",
 ]
 
 #: Key of the manifest in ``GraphModule.meta``.
@@ -276,6 +277,17 @@ def describe_module(module: nn.Module) -> str:
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return f"{name}({module.in_features}->{module.out_features})"
     return name
+
+
+def parameter_owners(root: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """``id(parameter) -> [(module path, module), ...]`` for every directly registered parameter: a parameter
+    with several owners is tied (``b.weight = a.weight``)."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in root.named_modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append((name, module))
+    return owners
 
 
 def replace_module(root: nn.Module, qualname: str, new: nn.Module) -> nn.Module:

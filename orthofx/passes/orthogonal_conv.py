@@ -42,7 +42,7 @@ from torch import nn
 from .. import theory
 from ..errors import ImpossibleLayerError, OrthofxError, PlanError
 from ..nn.orthogonal import OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinear
-from .base import Change, Param, Pass, PassContext, PlanEntry, describe_module
+from .base import Change, Param, Pass, PassContext, PlanEntry, describe_module, parameter_owners
 from .orth_regularizer import lorth_term
 from .registry import register_pass
 
@@ -122,17 +122,6 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
         return (f"padding={conv.padding} gives another output size than the circular 'same' padding an "
                 "exactly orthogonal layer needs; use 'padding: keep' (orthogonal away from the borders)")
     return None
-
-
-def _weight_owners(root: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
-    """``id(parameter) -> [(module path, module), ...]`` for every directly registered parameter: a parameter
-    with several owners is tied (``b.weight = a.weight``)."""
-    owners: dict[int, list[tuple[str, nn.Module]]] = {}
-    for name, module in root.named_modules():
-        for p in module._parameters.values():
-            if p is not None:
-                owners.setdefault(id(p), []).append((name, module))
-    return owners
 
 
 def _configuration(module: nn.Module) -> tuple:
@@ -215,7 +204,7 @@ class OrthogonalConvPass(Pass):
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         modules = [ctx.module(entry.site) for entry in entries]
-        ties = _tie_problems(entries, modules, _weight_owners(ctx.gm))
+        ties = _tie_problems(entries, modules, parameter_owners(ctx.gm))
         built: dict[int, tuple[str, nn.Module]] = {}  # id(weight) -> (site, its orthogonal layer)
         for entry, module in zip(entries, modules):
             if entry.site.name in ties:

@@ -56,7 +56,8 @@ import torch
 from torch import fx, nn
 
 from ..errors import ArgumentError, OrthofxError
-from .base import Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, describe_module
+from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, describe_module,
+                   parameter_owners)
 from .orth_regularizer import lorth_problem, lorth_term
 from .orthogonal_conv import orthogonal_layer
 from .registry import register_pass
@@ -337,6 +338,9 @@ class PreSVD(Pass):
 
     def _try_hard(self, ctx: PassContext, name: str, module: nn.Module, padding: str):
         """The hard orthogonal layer put in place of ``module``, or ``(None, reason)``."""
+        tied = [other for other, m in parameter_owners(ctx.gm).get(id(module.weight), []) if m is not module]
+        if tied:  # a hard layer holds its own parameters: the other layers would keep the old weight
+            return None, f"its weight is tied to {', '.join(tied)} (a hard orthogonal layer would untie them)"
         try:
             # from_conv's default nearest-kernel fit (200 steps), as before the helper was shared
             layer = orthogonal_layer(module, padding=padding, fit_steps=200)
