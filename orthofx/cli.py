@@ -28,7 +28,7 @@ from torch import nn
 
 from . import models
 from .errors import OrthofxError
-from .export import export
+from .export import batch_too_small_for_dynamic, export
 from .penalty import penalty
 from .policy import Policy, presets
 from .report import report
@@ -144,7 +144,7 @@ def _cmd_transform(args: argparse.Namespace) -> int:
         if inputs is None:
             raise CliError("--export needs --input-shape (the example input to trace and check with)")
         # torch.export cannot trace a dynamic batch from a batch of one (the default input shape): fix it then
-        dynamic = inputs[0].dim() > 0 and inputs[0].shape[0] > 1
+        dynamic = batch_too_small_for_dynamic(inputs) is None
         print(export(gm, args.export, example_inputs=inputs, dynamic_batch=dynamic))
         if not dynamic and not args.export.lower().endswith(".pt"):
             print("note: exported with a fixed batch of 1; give --input-shape with a batch of 2 or more for a "

@@ -381,17 +381,24 @@ def _check_directory(path: str) -> None:
                           "(os.makedirs(directory, exist_ok=True)) or choose another path")
 
 
-def _check_batch(inputs: tuple, dynamic_batch: bool) -> None:
-    """torch.export specialises sizes 0 and 1, so a batch of one cannot be traced as a dynamic batch (``.pt2``
-    fails with a constraint violation, ``.onnx`` silently fixes the batch): say so before exporting."""
-    if not dynamic_batch:
-        return
+def batch_too_small_for_dynamic(inputs: tuple) -> int | None:
+    """The index of the first input whose batch (dimension 0) is 0 or 1, or ``None``. torch.export specialises
+    sizes 0 and 1, so such a batch cannot be traced as a dynamic batch (``.pt2`` fails with a constraint
+    violation, ``.onnx`` silently fixes the batch)."""
     for i, x in enumerate(inputs):
         if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] < 2:
-            raise ExportError(f"example_inputs[{i}] has batch size {x.shape[0]}, from which torch.export cannot "
-                              "trace a dynamic batch dimension (it specialises sizes 0 and 1): pass example inputs "
-                              "with a batch of 2 or more, or dynamic_batch=False to export a fixed batch of "
-                              f"{x.shape[0]}")
+            return i
+    return None
+
+
+def _check_batch(inputs: tuple, dynamic_batch: bool) -> None:
+    """Refuse a dynamic batch that these inputs cannot give (see :func:`batch_too_small_for_dynamic`)."""
+    i = batch_too_small_for_dynamic(inputs) if dynamic_batch else None
+    if i is not None:
+        batch = inputs[i].shape[0]
+        raise ExportError(f"example_inputs[{i}] has batch size {batch}, from which torch.export cannot trace a "
+                          "dynamic batch dimension (it specialises sizes 0 and 1): pass example inputs with a batch "
+                          f"of 2 or more, or dynamic_batch=False to export a fixed batch of {batch}")
 
 
 def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *, dynamic_batch: bool = True,
@@ -399,9 +406,9 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
     """Write a transformed model to ``path``; the suffix chooses the format (``.onnx``, ``.pt2``, ``.pt``).
 
     ``.onnx`` and ``.pt2`` export the :func:`freeze`-d model (batch dimension dynamic unless
-    ``dynamic_batch=False``, which a batch of one in ``example_inputs`` needs), reload it and compare with the frozen model on ``example_inputs``; an ONNX
-    difference above 1e-4 raises :class:`orthofx.ExportError`. ``.pt`` stores the state_dict and the policy
-    (no pickled code; :func:`load` restores it).
+    ``dynamic_batch=False``, which a batch of one in ``example_inputs`` needs), reload it and compare with the
+    frozen model on ``example_inputs``; an ONNX difference above 1e-4 raises :class:`orthofx.ExportError`.
+    ``.pt`` stores the state_dict and the policy (no pickled code; :func:`load` restores it).
 
     ``.onnx`` only: matrix square roots / inverse square roots computed through eigh or svd are exported as
     Newton-Schulz iterations; ``newton_schulz_iterations`` fixes their number (default: chosen on the example

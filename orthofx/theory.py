@@ -61,12 +61,14 @@ class ExistenceResult(NamedTuple):
     reason: str
 
 
-def _positive_int(value, name: str) -> int:
+def _positive_int(value, name: str, error: type[ArgumentError] = ArgumentError) -> int:
+    """``value`` as an int >= 1; any integer type (numpy and torch ints too, as torch.nn layers accept), never a
+    bool. ``error``: the class raised otherwise (orthofx.nn's layers raise LayerArgumentError)."""
     if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise ArgumentError(f"{name} must be a positive integer, got {value!r}")
+        raise error(f"{name} must be a positive integer, got {value!r}")
     value = value.__index__()
     if value < 1:
-        raise ArgumentError(f"{name} must be >= 1, got {value}")
+        raise error(f"{name} must be >= 1, got {value}")
     return int(value)
 
 

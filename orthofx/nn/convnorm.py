@@ -253,7 +253,7 @@ def _power(weight: torch.Tensor, grid: Sequence[int], dilation) -> torch.Tensor:
     w = _dilated(weight.detach().to(_real_dtype(weight.dtype)), dil)
     if len(grid) != d or any(g < e for g, e in zip(grid, w.shape[2:])):
         raise LayerArgumentError(f"grid {grid} must have {d} sizes, each at least the dilated kernel extent "
-                         f"{tuple(w.shape[2:])}")
+                                 f"{tuple(w.shape[2:])}")
     spectrum = torch.fft.rfftn(w, s=grid, dim=tuple(range(-d, 0)))
     return (spectrum.real.square() + spectrum.imag.square()).sum(1)
 
@@ -292,8 +292,8 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
     if unbatched:
         x = x.unsqueeze(0)
     if x.ndim != d + 2:
-        raise LayerArgumentError(f"expected a {d + 2}-D (batched) or {d + 1}-D (unbatched) input for a {d}-D convolution, "
-                         f"got shape {tuple(x.shape)}")
+        raise LayerArgumentError(f"expected a {d + 2}-D (batched) or {d + 1}-D (unbatched) input for a {d}-D "
+                                 f"convolution, got shape {tuple(x.shape)}")
     ks = tuple(weight.shape[2:])
     dil = _ntuple(dilation, d, "dilation")
     if padding_mode != "zeros":
@@ -340,7 +340,7 @@ def conv_norm(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             expected = (weight.shape[0],) + tuple(grid[:-1]) + (grid[-1] // 2 + 1,)
             if tuple(filter.shape) != expected:
                 raise LayerArgumentError(f"filter must have shape {expected} for grid {tuple(grid)}, got "
-                                 f"{tuple(filter.shape)}")
+                                         f"{tuple(filter.shape)}")
             return filter
     else:
         def v_for(grid, geo):

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from orthofx.errors import LayerArgumentError
+from orthofx.theory import _positive_int
 
 from .stiefel import orthonormal
 
@@ -49,16 +50,10 @@ __all__ = ["OrthogonalActivationBlock", "ReflectionResidualBlock", "ISOMETRIC_AC
 ISOMETRIC_ACTIVATIONS = ("abs", "identity", "relu")
 
 
-def _positive_int(value: int, name: str) -> int:
-    # any integer type (numpy / torch ints too, as torch.nn layers accept), never a bool
-    if isinstance(value, bool) or not hasattr(value, "__index__") or value.__index__() < 1:
-        raise LayerArgumentError(f"{name} must be a positive integer, got {value!r}")
-    return int(value.__index__())
-
-
 def _qf(raw: torch.Tensor) -> torch.Tensor:
     """``qf(raw)`` (orthonormal columns) in ``raw``'s dtype. Half-precision parameters (``.half()``,
-    ``.to(torch.bfloat16)``) are factored in float32 and rounded back: CPU QR has no float16 / bfloat16 kernel."""
+    ``.to(torch.bfloat16)``) are factored in float32 and rounded back: CPU QR has no float16 / bfloat16 kernel.
+    (Here and not in :func:`orthonormal`, which must stay free of dtype branches for symbolic tracing.)"""
     if raw.dtype in (torch.float16, torch.bfloat16):
         return orthonormal(raw.float(), tall=True).to(raw.dtype)
     return orthonormal(raw, tall=True)
@@ -77,10 +72,11 @@ class OrthogonalActivationBlock(nn.Module):
     def __init__(self, features: int, activation: str = "abs", bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
-        self.features = _positive_int(features, "features")
+        self.features = _positive_int(features, "features", LayerArgumentError)
         if activation not in ISOMETRIC_ACTIVATIONS:
-            raise LayerArgumentError(f"activation {activation!r} does not keep the Jacobian orthogonal; choose one of "
-                             f"{', '.join(ISOMETRIC_ACTIVATIONS)} (|sigma'| = 1; relu gives a partial isometry)")
+            raise LayerArgumentError(f"activation {activation!r} does not keep the Jacobian orthogonal; choose one "
+                                     f"of {', '.join(ISOMETRIC_ACTIVATIONS)} (|sigma'| = 1; relu gives a partial "
+                                     "isometry)")
         self.activation = activation
         factory = {"device": device, "dtype": dtype}
         self.raw = nn.Parameter(torch.randn(self.features, self.features, **factory))
@@ -117,8 +113,8 @@ class ReflectionResidualBlock(nn.Module):
 
     def __init__(self, features: int, hidden: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
-        self.features = _positive_int(features, "features")
-        self.hidden = _positive_int(hidden, "hidden")
+        self.features = _positive_int(features, "features", LayerArgumentError)
+        self.hidden = _positive_int(hidden, "hidden", LayerArgumentError)
         if self.hidden > self.features:
             raise LayerArgumentError(f"ReflectionResidualBlock: hidden ({hidden}) must not exceed features "
                                      f"({features}): W needs orthonormal rows; pass hidden <= {self.features}")

@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import PlanError
+
 __all__ = [
     "Param",
     "Site",
@@ -34,6 +36,7 @@ __all__ = [
     "replace_module",
     "describe_module",
     "parameter_owners",
+    "require_initialised",
 ]
 
 #: Key of the manifest in ``GraphModule.meta``.
@@ -277,6 +280,18 @@ def describe_module(module: nn.Module) -> str:
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return f"{name}({module.in_features}->{module.out_features})"
     return name
+
+
+def require_initialised(entry: PlanEntry, module: nn.Module, purpose: str) -> None:
+    """Refuse a lazy layer that has not run yet (``purpose``: what its missing shape or weight prevents).
+
+    For a pass's ``apply``, not ``accepts``: the example inputs run between planning and the passes, and that run
+    is what initialises a lazy layer, so only a transform without example inputs ends here.
+    """
+    if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+        raise PlanError(f"rule '{entry.rule_name}': {entry.site.name} ({type(module).__name__}) is a lazy layer that "
+                        f"has not run yet, so {purpose}. Pass example_inputs=(x,) to orthofx.transform (the model "
+                        "runs once before the rewrite), or run the model once before transforming it")
 
 
 def parameter_owners(root: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:

@@ -41,9 +41,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import PlanError
 from ..nn.convnorm import WRAPPED_MARKER, ConvNormConvNd, channel_gains, with_convnorm
-from .base import Change, Param, Pass, PassContext, PlanEntry, describe_module
+from .base import Change, Param, Pass, PassContext, PlanEntry, describe_module, require_initialised
 from .registry import register_pass
 
 __all__ = ["ConvNormPass"]
@@ -97,14 +96,7 @@ class ConvNormPass(Pass):
         for entry in entries:
             name = entry.site.name
             conv = ctx.module(name)
-            if isinstance(conv.weight, nn.parameter.UninitializedParameter):
-                # checked here, not in accepts(): the example inputs run between planning and the passes, and
-                # that run is what initialises a lazy convolution
-                raise PlanError(
-                    f"rule '{entry.rule_name}': {name} ({type(conv).__name__}) is a lazy convolution that has not "
-                    "run yet, so ConvNorm has no weight to normalise by. Pass example_inputs=(x,) to "
-                    "orthofx.transform (the model runs once before the rewrite), or run the model once before "
-                    "transforming it")
+            require_initialised(entry, conv, "ConvNorm has no weight to normalise by")
             layer = with_convnorm(conv, eps=entry.params["eps"], affine=entry.params["affine"])
             ctx.replace_module(name, layer)
             before = {"layer": describe_module(conv), "weight_key": f"{name}.weight"}

@@ -42,7 +42,8 @@ from torch import nn
 from .. import theory
 from ..errors import ImpossibleLayerError, OrthofxError, PlanError
 from ..nn.orthogonal import OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinear
-from .base import Change, Param, Pass, PassContext, PlanEntry, describe_module, parameter_owners
+from .base import (Change, Param, Pass, PassContext, PlanEntry, describe_module, parameter_owners,
+                   require_initialised)
 from .orth_regularizer import lorth_term
 from .registry import register_pass
 
@@ -207,6 +208,7 @@ class OrthogonalConvPass(Pass):
         ties = _tie_problems(entries, modules, parameter_owners(ctx.gm))
         built: dict[int, tuple[str, nn.Module]] = {}  # id(weight) -> (site, its orthogonal layer)
         for entry, module in zip(entries, modules):
+            require_initialised(entry, module, "it has no shape to build an orthogonal layer for")
             if entry.site.name in ties:
                 self._impossible(ctx, entry, module, ties[entry.site.name])
                 continue
@@ -214,14 +216,6 @@ class OrthogonalConvPass(Pass):
                 first, layer = built[id(module.weight)]
                 self._replace(ctx, entry, module, layer, f"hard (shares {first}'s layer: tied weight)")
                 continue
-            if isinstance(module.weight, nn.parameter.UninitializedParameter):
-                # checked here, not in accepts(): the example inputs run between planning and the passes, and
-                # that run is what gives a lazy layer its shape
-                raise PlanError(
-                    f"rule '{entry.rule_name}': {entry.site.name} ({type(module).__name__}) is a lazy layer that "
-                    "has not run yet, so it has no shape to build an orthogonal layer for. Pass "
-                    "example_inputs=(x,) to orthofx.transform (the model runs once before the rewrite), or run "
-                    "the model once before transforming it")
             method = entry.params["method"]
             input_size = None
             if method == "cayley_fft" and not isinstance(module, nn.Linear):
