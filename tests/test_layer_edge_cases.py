@@ -64,6 +64,37 @@ def test_pass_keeps_a_strided_convs_window_alignment(conv, size):
     torch.testing.assert_close(gram, torch.eye(gram.shape[0], dtype=torch.float64), atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("conv, size", [
+    (nn.Conv2d(4, 16, 4, stride=4), (16, 16)),                      # patch embedding, row-orthogonal
+    (nn.Conv1d(3, 9, 3, stride=3), (12,)),                           # k = S = 3, square (det -1 here)
+    (nn.Conv2d(4, 8, 3, stride=3), (9, 9)),
+    (nn.Conv2d(2, 16, 2, stride=2), (8, 8)),                         # column-orthogonal (M > C S^2)
+])
+def test_cayley_fft_nearest_start_of_disjoint_window_convs_is_the_polar_factor(conv, size):
+    # Bugs: (1) the nearest cayley_fft start read the conv's taps at "same" offsets, so a k = S, padding 0 conv's
+    # target was shifted by a pixel and out of reach of the one-tap parameter kernel (output change 1.88 where
+    # the nearest orthogonal conv changes it by 0.71); (2) the closed form completed the polar factor arbitrarily
+    # to a unitary, often with determinant -1 or an eigenvalue near -1, which no (real) Cayley transform reaches.
+    # For k <= S the windows are disjoint and the nearest orthogonal layer is the polar factor of the reshaped
+    # kernel, applied as the same strided conv: computed here with a float64 SVD. A square (M = C S) symbol is
+    # real, and real Cayley transforms are rotations: with det -1 the reachable nearest is Kabsch's rotation.
+    torch.manual_seed(0)
+    conv = conv.double()
+    x = torch.randn(2, conv.in_channels, *size, dtype=torch.float64)
+    rule = {"match": {"type": type(conv).__name__}, "apply": "orthogonal_conv", "with": {"method": "cayley_fft"}}
+    gm = orthofx.transform(nn.Sequential(conv), {"rules": [rule]}, example_inputs=(x,))
+    assert gm.get_submodule("0").method == "cayley_fft"
+    w = conv.weight.detach().reshape(conv.out_channels, -1)
+    u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    if w.shape[0] == w.shape[1] and torch.linalg.det(u @ vh) < 0:
+        u[:, -1] = -u[:, -1]  # a real Cayley transform has det +1: the nearest rotation (Kabsch) instead
+    conv_fn = nn.functional.conv2d if conv.weight.ndim == 4 else nn.functional.conv1d
+    expected = conv_fn(x, (u @ vh).reshape(conv.weight.shape), conv.bias, conv.stride)
+    with torch.no_grad():
+        # up to the clamp of eigenvalues near -1 (angle pi - 0.01), which no Cayley transform reaches
+        assert torch.linalg.vector_norm(gm(x) - expected) <= 2e-3 * torch.linalg.vector_norm(expected)
+
+
 # ------------------------------------------------------------------------------ input validation
 
 

@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,8 @@ __all__ = [
     "OrthogonalConv2d",
     "OrthogonalLinear",
     "LayerArgumentError",
+    "circular_alignment",
+    "keeps_output_size",
     "orthonormal",
 ]
 
@@ -117,9 +120,6 @@ _CIRCULAR_PAD = {1: nn.CircularPad1d, 2: nn.CircularPad2d}
 _ZERO_PAD = {1: nn.ZeroPad1d, 2: nn.ZeroPad2d}
 _METHODS = ("auto", "bcop", "rko", "cayley_fft")
 _PADDING_MODES = ("circular", "zeros")
-
-
-# ------------------------------------------------------------------------------------------ matrix helpers
 
 
 # ------------------------------------------------------------------------------------------ argument checks
@@ -171,6 +171,38 @@ def _compute_dtype(requested=None) -> torch.dtype:
     return requested
 
 
+# ------------------------------------------------------------------------------------------ window alignment
+
+
+def circular_alignment(conv: nn.Module):
+    r"""The padding of the circular layer that replaces ``conv`` (used by the ``orthogonal_conv`` pass): the
+    conv's own ints where they keep its output size (:func:`keeps_output_size`), else ``"same"``. The nearest
+    ``cayley_fft`` start of :meth:`OrthogonalConv2d.from_conv` reads the conv's kernel at the same offsets.
+
+    Why not always ``"same"``: its left pad is :math:`(k_e - 1) // 2`, while a strided conv that keeps the size
+    ``n / S`` may read its windows elsewhere, e.g. a patch embedding ``k = S = 4, p = 0`` reads
+    :math:`x[4i .. 4i + 3]` and ``"same"`` would read :math:`x[4i - 1 .. 4i + 2]` (the patch grid shifted by one
+    pixel and wrapped around). With the conv's own pads ``p`` (:math:`k_e - S \le 2p \le k_e - 1`) the circular
+    operator is the ``"same"`` one composed with a circular shift of the input, an orthogonal permutation, so it is
+    just as exactly orthogonal, and it reads the taps where the conv read them (a nearest init stays nearest in
+    output, not only in kernel). At stride 1 both paddings are the same."""
+    if isinstance(conv.padding, str) or not keeps_output_size(conv):
+        return "same"
+    return tuple(int(p) for p in conv.padding)
+
+
+def keeps_output_size(conv: nn.Module) -> bool:
+    """Whether the circular ``"same"`` orthogonal layer (output ``n / S``) has the conv's output size on every
+    grid divisible by the stride: ``floor((2p - d(k-1) - 1) / S) = -1`` per dimension, i.e.
+    ``d(k-1) + 1 - S <= 2p <= d(k-1)``."""
+    if isinstance(conv.padding, str):
+        return conv.padding == "same" and all(s == 1 for s in conv.stride)
+    for k, s, p, d in zip(conv.kernel_size, conv.stride, conv.padding, conv.dilation):
+        if not d * (k - 1) + 1 - s <= 2 * p <= d * (k - 1):
+            return False
+    return True
+
+
 # ------------------------------------------------------------------------------------------ Cayley-FFT helpers
 
 
@@ -218,6 +250,57 @@ def _tap_index(n: int, stride: int, left: int, taps: int | None = None) -> tuple
     r = torch.remainder(u, stride)
     a = torch.remainder(torch.div(r - u, stride, rounding_mode="floor"), n // stride)
     return r, a
+
+
+def _unitary_completion(target: torch.Tensor) -> torch.Tensor:
+    r"""For ``target`` ``(..., M, N)``, ``M <= N``: the ``N x N`` unitary :math:`U` nearest to it that a Cayley
+    transform can reach, as a start for ``cayley_fft``'s nearest initialisation.
+
+    The first ``M`` rows are the polar factor :math:`R = P Q^H` of ``target`` (SVD :math:`P \Sigma Q^H`, the
+    nearest matrix with orthonormal rows); the other rows are :math:`G Z` (:math:`Z`: orthonormal rows spanning
+    the complement, :math:`G` unitary), with :math:`G` maximising :math:`\operatorname{Re} \operatorname{tr} U`
+    (Procrustes: :math:`G = B^H A^H` from the SVD :math:`A \Sigma' B^H` of the block :math:`Y = Z_{:, M:}`),
+    which keeps :math:`U` away from the eigenvalue -1 that no Cayley transform reaches. A real ``target`` (the
+    frequencies 0 and Nyquist of a real kernel, every frequency of a one-tap kernel) needs a real skew-symmetric
+    Cayley parameter, whose transforms have determinant +1: where :math:`\det U = -1` the sign of the direction
+    with the smallest singular value is flipped (Kabsch's rule, the least cost), in :math:`G` when ``M < N``,
+    else in :math:`R` itself (then :math:`U` is the nearest rotation, not the polar factor)."""
+    m = target.shape[-2]
+    u, _, vh = torch.linalg.svd(target)
+    rows = u @ vh[..., :m, :]
+    null = vh[..., m:, :]
+    if null.shape[-2] > 0:
+        a, _, bh = torch.linalg.svd(null[..., :, m:])
+        unitary = torch.cat([rows, bh.mH @ a.mH @ null], dim=-2)
+    else:
+        unitary = rows
+    if target.is_complex():
+        tol = 100 * torch.finfo(target.real.dtype).eps
+        real = target.imag.abs().amax((-2, -1)) <= tol * target.abs().amax((-2, -1)).clamp_min(tol)
+        flip = real & (torch.linalg.det(unitary).real < 0)
+    else:
+        flip = torch.linalg.det(unitary) < 0
+    if not bool(flip.any()):
+        return unitary
+    left = a if null.shape[-2] > 0 else u
+    sign = torch.ones(left.shape[:-1], dtype=left.real.dtype, device=left.device)
+    sign[..., -1] = torch.where(flip, -1.0, 1.0)
+    if null.shape[-2] > 0:
+        return torch.cat([rows, bh.mH @ (sign.unsqueeze(-1) * a.mH) @ null], dim=-2)
+    return (u * sign.unsqueeze(-2)) @ vh
+
+
+def _inverse_cayley(unitary: torch.Tensor, max_angle: float = math.pi - 1e-2) -> torch.Tensor:
+    r"""The skew-Hermitian :math:`A` with :math:`(I - A)(I + A)^{-1}` closest to ``unitary`` :math:`U`.
+
+    On an eigenvector with eigenvalue :math:`e^{i\theta}` the Cayley transform has eigenvalue
+    :math:`-i \tan(\theta / 2)`, unbounded as :math:`\theta \to \pm\pi`: eigenvalues -1 are out of reach, so the
+    angles are clamped to ``max_angle`` (from the eigendecomposition of the normal matrix :math:`U`) and the result
+    is made exactly skew-Hermitian."""
+    values, vectors = torch.linalg.eig(unitary)
+    angle = torch.angle(values).clamp(-max_angle, max_angle)
+    a = vectors @ torch.diag_embed(-1j * torch.tan(angle / 2)) @ torch.linalg.inv(vectors)
+    return 0.5 * (a - a.mH)
 
 
 def _check_input(x: torch.Tensor, dims: int, channels: int, name: str) -> None:
@@ -534,14 +617,17 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         index = (slice(None),) * 3 + tuple(_broadcast_index(rs)) + tuple(_broadcast_index(as_))
         return q[index]
 
-    def _conv_taps(self, kernel: torch.Tensor) -> torch.Tensor:
-        """An ordinary kernel ``(g, M, C, *k)`` read at ``"same"`` offsets ``t - (k - 1) // 2`` -> its circular
-        kernel ``q`` on the space-to-depth ``n/S`` grid, ``(g, M, C S^d, *grid)`` (taps folded modulo the grid)."""
+    def _conv_taps(self, kernel: torch.Tensor, lefts: Sequence[int] | None = None) -> torch.Tensor:
+        """An ordinary kernel ``(g, M, C, *k)`` read at offsets ``t - left`` (default ``"same"``,
+        ``left = (k - 1) // 2``) -> its circular kernel ``q`` on the space-to-depth ``n/S`` grid,
+        ``(g, M, C S^d, *grid)`` (taps folded modulo the grid)."""
         g, M, C, d = self.groups, self._M, self._C, self._dims
+        if lefts is None:
+            lefts = [(k - 1) // 2 for k in kernel.shape[3:]]
         q = kernel.new_zeros(*self.stride, *self._grid, g, M, C)
         rs, as_ = [], []
-        for n, s, k in zip(self.input_size, self.stride, kernel.shape[3:]):
-            r, a = _tap_index(n, s, (k - 1) // 2, taps=k)
+        for n, s, k, left in zip(self.input_size, self.stride, kernel.shape[3:], lefts):
+            r, a = _tap_index(n, s, left, taps=k)
             rs.append(r.to(q.device))
             as_.append(a.to(q.device))
         values = kernel.permute(*range(3, 3 + d), 0, 1, 2)
@@ -559,29 +645,26 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
                 f"method='auto' (an explicit kernel that works on every size)")
 
     @torch.no_grad()
-    def _cayley_fit(self, target: torch.Tensor, steps: int) -> None:
-        r"""Nearest start for ``cayley_fft`` from a kernel ``(g, M, C, *k)`` (``"same"`` offsets, without gain).
+    def _cayley_fit(self, target: torch.Tensor, steps: int, lefts: Sequence[int] | None = None) -> None:
+        r"""Nearest start for ``cayley_fft`` from a kernel ``(g, M, C, *k)`` (without gain) read at the offsets
+        ``t - left`` (:meth:`_conv_taps`).
 
-        Closed form: per frequency the unitary polar factor :math:`U` of the target symbol (embedded in
-        :math:`N \times N`), its inverse Cayley transform :math:`A = (I - U)(I + U)^{-1}` (regularised by
-        ``1e-3 I`` where ``U`` has an eigenvalue near -1, which no Cayley transform reaches) made skew-Hermitian,
-        and the least-squares ``k_p``-tap kernel with :math:`\hat V = A / 2`; kept if it beats ``V = 0``
-        (:math:`Q = I`). Then ``steps`` Adam steps on :math:`\|q - q_0\|^2` (the operators' Frobenius distance);
+        Closed form: per frequency the reachable unitary :math:`U` nearest to the target symbol (its polar factor
+        completed to :math:`N \times N`, :func:`_unitary_completion`), its inverse Cayley transform
+        :math:`A = (I - U)(I + U)^{-1}` (:func:`_inverse_cayley`, eigenvalues near -1 clamped), and the
+        least-squares ``k_p``-tap kernel with :math:`\hat V = A / 2`; exact when each window lies in one stride
+        block (e.g. ``k = S``, padding 0: the polar factor of the reshaped kernel, or the nearest rotation where the
+        square real symbol has determinant -1, up to the clamp). Kept if it beats ``V = 0`` (:math:`Q = I`). Then ``steps`` Adam steps on :math:`\|q - q_0\|^2` (the operators' Frobenius distance);
         the best kernel seen is kept.
         """
         cd = self.compute_dtype
         d, g, M, cp, N = self._dims, self.groups, self._M, self._cp, self._N
-        q0 = self._conv_taps(target.to(cd))
+        q0 = self._conv_taps(target.to(cd), lefts)
         norm = float(q0.square().sum()) or 1.0
         T = torch.fft.rfftn(q0, dim=tuple(range(-d, 0)))            # (g, M, cp, *freq)
         T = T.permute(0, *range(3, 3 + d), 1, 2).reshape(g, -1, M, cp)
-        square = T.new_zeros(*T.shape[:2], N, N)
-        square[..., :M, :cp] = T
-        U, _, Vh = torch.linalg.svd(square)
-        polar = U @ Vh
-        eye = torch.eye(N, dtype=polar.dtype, device=polar.device)
-        A = torch.linalg.solve((1 + 1e-3) * eye + polar, eye - polar, left=False)
-        A = 0.5 * (A - A.mH)
+        polar = _unitary_completion(T) if M <= cp else _unitary_completion(T.mH).mH
+        A = _inverse_cayley(polar)
         freq = self._grid[:-1] + (self._grid[-1] // 2 + 1,)
         half = (0.5 * A).reshape(g, *freq, N, N).permute(0, d + 1, d + 2, *range(1, d + 1))
         full = torch.fft.irfftn(half, s=self._grid, dim=tuple(range(-d, 0)))   # (g, N, N, *grid)
@@ -944,8 +1027,8 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         ``method="cayley_fft"`` (needs ``input_size``): the nearest start is the closed form of
         :meth:`_cayley_fit` (per-frequency polar factor, inverse Cayley transform, least-squares ``k``-tap
         parameter kernel) refined by ``fit_steps`` Adam steps (each one a Cayley transform and its backward); a
-        best effort, since a ``k``-tap parameter kernel reaches only part of the orthogonal operators (e.g. 1.17 ->
-        0.59 relative distance to an orthogonal 3x3 conv, 8 channels on 8x8, with 0 -> 300 steps);
+        best effort, since a ``k``-tap parameter kernel reaches only part of the orthogonal operators (e.g. 1.10 ->
+        0.55 relative distance to an orthogonal 3x3 conv, 8 channels on 8x8, with 0 -> 300 steps);
         ``init_error`` is the relative Frobenius distance of the two circular operators on the ``input_size``
         grid.
 
@@ -981,19 +1064,25 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         with torch.no_grad():
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias)
+        # cayley_fft's operator is free of any window alignment; its nearest start reads the conv's taps where
+        # the conv reads them (else a k = S patch conv's target would be shifted by a pixel and out of reach)
+        lefts = None
+        if layer.method == "cayley_fft":
+            alignment = circular_alignment(conv)
+            lefts = alignment if alignment != "same" else [(k - 1) // 2 for k in conv.kernel_size]
         if init == "nearest":
-            layer._fit(w0, fit_steps)
-        layer.init_error = layer._relative_error(w0)
+            layer._fit(w0, fit_steps, lefts)
+        layer.init_error = layer._relative_error(w0, lefts)
         # a replacement takes the conv's mode: a pass rewriting an eval-mode model must not leave train-mode
         # layers inside it (and eval mode is what enables the kernel cache of inference)
         layer.train(conv.training)
         return layer
 
     @torch.no_grad()
-    def _relative_error(self, target: torch.Tensor) -> float:
+    def _relative_error(self, target: torch.Tensor, lefts: Sequence[int] | None = None) -> float:
         if self.method == "cayley_fft":  # distance of the operators (circular kernels on the input grid)
             g, M, C = self.groups, self._M, self._C
-            q0 = self._conv_taps(target.to(torch.float64).reshape(g, M, C, *target.shape[2:]))
+            q0 = self._conv_taps(target.to(torch.float64).reshape(g, M, C, *target.shape[2:]), lefts)
             q = self._symbol_taps(self._cayley_unit_symbol(torch.float64)) * self.gain
             return float(torch.linalg.vector_norm(q - q0) / torch.linalg.vector_norm(q0).clamp_min(1e-300))
         t = target.to(torch.float64)
@@ -1024,11 +1113,12 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
             G = G.reshape(self.matrix.shape)
         self.matrix.copy_(project_to_stiefel(G).to(self.matrix))
 
-    def _fit(self, target: torch.Tensor, steps: int) -> None:
+    def _fit(self, target: torch.Tensor, steps: int, lefts: Sequence[int] | None = None) -> None:
         cd = self.compute_dtype
         g, M, C = self.groups, self._M, self._C
         if self.method == "cayley_fft":
-            self._cayley_fit((target.detach().to(cd) / self.gain).reshape(g, M, C, *target.shape[2:]), steps)
+            self._cayley_fit((target.detach().to(cd) / self.gain).reshape(g, M, C, *target.shape[2:]), steps,
+                             lefts)
             return
         t = (target.detach().to(cd) / self.gain).reshape(g, M, C, *self.kernel_size)
         has_blocks = self.proj_a is not None or self.proj_b is not None

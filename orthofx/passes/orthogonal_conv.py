@@ -41,7 +41,8 @@ from torch import nn
 
 from .. import theory
 from ..errors import ImpossibleLayerError, OrthofxError, PlanError
-from ..nn.orthogonal import OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinear
+from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinear, circular_alignment,
+                              keeps_output_size)
 from .base import (Change, Param, Pass, PassContext, PlanEntry, describe_module, parameter_owners,
                    require_initialised)
 from .orth_regularizer import lorth_term
@@ -53,7 +54,7 @@ def orthogonal_layer(module: nn.Module, *, init: str = "nearest", method: str = 
                      gain: float = 1.0, fit_steps: int = 0, input_size=None) -> nn.Module:
     """The exactly orthogonal replacement of a ``Linear`` / ``Conv1d`` / ``Conv2d`` (subclasses included):
     ``padding="circular"`` gives the circular layer with the conv's window alignment (its own padding where
-    that keeps the output size ``n / S``, else ``"same"``; see :func:`_circular_padding`), ``"keep"`` the conv's own
+    that keeps the output size ``n / S``, else ``"same"``; see :func:`orthofx.nn.orthogonal.circular_alignment`), ``"keep"`` the conv's own
     zero padding;
     ``input_size`` (spatial) is needed by ``method="cayley_fft"`` only."""
     if isinstance(module, nn.Linear):
@@ -61,38 +62,10 @@ def orthogonal_layer(module: nn.Module, *, init: str = "nearest", method: str = 
     cls = OrthogonalConv2d if isinstance(module, nn.Conv2d) else OrthogonalConv1d
     layer_padding = "keep"
     if padding == "circular":
-        layer_padding = "same" if method == "cayley_fft" else _circular_padding(module)
+        layer_padding = "same" if method == "cayley_fft" else circular_alignment(module)
     return cls.from_conv(module, init=init, method=method, padding=layer_padding, padding_mode="circular",
                          gain=gain, fit_steps=fit_steps,
                          input_size=input_size if method == "cayley_fft" else None)
-
-
-def _circular_padding(conv: nn.Module):
-    r"""The padding of the circular layer that replaces ``conv``: the conv's own ints where they keep its output
-    size (:func:`keeps_output_size`), else ``"same"``.
-
-    Why not always ``"same"``: its left pad is :math:`(k_e - 1) // 2`, while a strided conv that keeps the size
-    ``n / S`` may read its windows elsewhere, e.g. a patch embedding ``k = S = 4, p = 0`` reads
-    :math:`x[4i .. 4i + 3]` and ``"same"`` would read :math:`x[4i - 1 .. 4i + 2]` (the patch grid shifted by one
-    pixel and wrapped around). With the conv's own pads ``p`` (:math:`k_e - S \le 2p \le k_e - 1`) the circular
-    operator is the ``"same"`` one composed with a circular shift of the input, an orthogonal permutation, so it is
-    just as exactly orthogonal, and it reads the taps where the conv read them (a nearest init stays nearest in
-    output, not only in kernel). At stride 1 both paddings are the same."""
-    if isinstance(conv.padding, str) or not keeps_output_size(conv):
-        return "same"
-    return tuple(int(p) for p in conv.padding)
-
-
-def keeps_output_size(conv: nn.Module) -> bool:
-    """Whether the circular ``"same"`` orthogonal layer (output ``n / S``) has the conv's output size on every
-    grid divisible by the stride: ``floor((2p - d(k-1) - 1) / S) = -1`` per dimension, i.e.
-    ``d(k-1) + 1 - S <= 2p <= d(k-1)``."""
-    if isinstance(conv.padding, str):
-        return conv.padding == "same" and all(s == 1 for s in conv.stride)
-    for k, s, p, d in zip(conv.kernel_size, conv.stride, conv.padding, conv.dilation):
-        if not d * (k - 1) + 1 - s <= 2 * p <= d * (k - 1):
-            return False
-    return True
 
 
 def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_size=None) -> str | None:
