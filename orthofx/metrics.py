@@ -387,9 +387,7 @@ def spectral_norm_bound(weight: torch.Tensor, input_size=None, stride=1, iterati
     True
     """
     _check_tensor(weight)
-    iterations = int(iterations)
-    if iterations < 0:
-        raise ArgumentError(f"iterations must be >= 0, got {iterations}")
+    iterations = _int(iterations, "iterations", minimum=0)
     if weight.ndim == 2:
         if stride != 1 or groups != 1:
             raise ArgumentError("stride and groups must be 1 for a 2-D (Linear) weight")

@@ -10,12 +10,19 @@ The hooks are registered with ``Optimizer.register_step_pre_hook`` / ``register_
 ``optimizer.step()`` after gradients are final (after DDP's all-reduce) and need no change to the training loop.
 With ``optimizer.step(closure)`` the gradients are computed inside the step, so the "before" hooks run right
 after the closure's first evaluation (``attach`` wraps the closure), not before the step.
+If the step raises (in the optimizer or in a hook), the "after" hooks still run before the exception propagates,
+so that what the "before" hooks changed is undone (OLR's lr); torch skips post-hooks then, so ``attach`` also wraps
+``optimizer.step`` on the instance (as torch's LR schedulers do; ``handle.remove()`` unwraps it).
 A hook class may define classmethods ``before_step_group(hooks, root, optimizer)`` and
 ``after_step_group(hooks, root, optimizer)``: ``attach`` then hands it all its hooks at once, so that it can batch
 their work (the Riemannian hooks retract all same-shaped weights in one batched call).
 """
 
 from __future__ import annotations
+
+import functools
+import types
+import weakref
 
 import torch
 from torch import nn
@@ -43,6 +50,37 @@ class AttachHandle:
 
     def __repr__(self) -> str:
         return f"AttachHandle({len(self.hooks)} hook(s): {self.hooks!r})"
+
+
+class _StepGuard:
+    """Wraps ``optimizer.step`` on the instance so that ``finish(optimizer)`` runs when the step ends, also when it
+    raises (torch then skips the post-hooks). The wrapper is bound to a weak reference to the optimizer (no
+    reference cycle) and also works rebound to the optimizer itself (what an LR scheduler created later does).
+    :meth:`remove` unwraps it unless something wrapped the step after it; it then stays in the chain, and
+    ``finish`` must be a no-op once the hooks are removed."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, finish):
+        self._optimizer = optimizer
+        own = self._own = optimizer.__dict__.get("step")  # an instance-level step already there, or None
+
+        def step(owner, *args, **kwargs):
+            opt = owner() if isinstance(owner, weakref.ref) else owner
+            try:
+                return type(opt).step(opt, *args, **kwargs) if own is None else own(*args, **kwargs)
+            finally:
+                finish(opt)
+
+        # name, docstring, signature and markers of the wrapped step (an LR scheduler checks its own marker)
+        functools.update_wrapper(step, type(optimizer).step if own is None else own)
+        self._step = types.MethodType(step, weakref.ref(optimizer))
+        optimizer.step = self._step
+
+    def remove(self) -> None:
+        if self._optimizer.__dict__.get("step") is self._step:
+            if self._own is None:
+                del self._optimizer.step
+            else:
+                self._optimizer.step = self._own
 
 
 def _optimizer_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
@@ -106,6 +144,18 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
             else:
                 getattr(cls, f"{stage}_step_group")(batch, root, opt)
 
+    started = []  # non-empty from the "before" hooks of a step until its "after" hooks
+
+    def run_before(opt):
+        started.append(True)
+        run_hooks(opt, "before")
+
+    def run_after(opt):
+        # from the post-hook, or from the step guard when the step raised (then the post-hook never ran)
+        if started:
+            started.clear()
+            run_hooks(opt, "after")
+
     def before(opt, args, kwargs):
         # ``optimizer.step(closure)``: torch runs this pre-hook *before* the step calls the closure, which
         # recomputes the gradients (zero_grad + backward inside it). Running the hooks here would act on the
@@ -116,7 +166,7 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         # Riemannian pre-step weight are taken once per step.
         closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if len(args) > 1 else None)
         if not callable(closure):  # no closure (or an optimizer whose step takes something else)
-            run_hooks(opt, "before")
+            run_before(opt)
             return None
         done = []
 
@@ -124,7 +174,7 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
             loss = closure()
             if not done:
                 done.append(True)
-                run_hooks(opt, "before")
+                run_before(opt)
             return loss
 
         if "closure" in kwargs:
@@ -132,9 +182,10 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         return (args[0], closure_then_hooks, *args[2:]), kwargs
 
     def after(opt, args, kwargs):
-        run_hooks(opt, "after")
+        run_after(opt)
 
-    handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+    handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after),
+               _StepGuard(optimizer, run_after)]
     handle = AttachHandle(optimizer, hooks, handles)
     registry[id(handle)] = id(root)
     return handle

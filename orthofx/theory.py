@@ -61,14 +61,21 @@ class ExistenceResult(NamedTuple):
     reason: str
 
 
-def _positive_int(value, name: str, error: type[ArgumentError] = ArgumentError) -> int:
-    """``value`` as an int >= 1; any integer type (numpy and torch ints too, as torch.nn layers accept), never a
-    bool. ``error``: the class raised otherwise (orthofx.nn's layers raise LayerArgumentError)."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise error(f"{name} must be a positive integer, got {value!r}")
-    value = value.__index__()
-    if value < 1:
-        raise error(f"{name} must be >= 1, got {value}")
+def _positive_int(value, name: str, error: type[ArgumentError] = ArgumentError, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (1: a positive integer); any integer type (numpy and torch ints too, as
+    torch.nn layers accept), never a bool. ``error``: the class raised otherwise (orthofx.nn's layers raise
+    LayerArgumentError)."""
+    given = value
+    if not isinstance(value, bool):
+        try:
+            value = value.__index__()
+        except (AttributeError, TypeError):  # no __index__, or a float tensor's, which raises
+            pass
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise error(f"{name} must be {kind}, got {given!r}")
+    if value < minimum:
+        raise error(f"{name} must be >= {minimum}, got {value}")
     return int(value)
 
 

@@ -71,7 +71,10 @@ recent weights. Two behaviours are offered:
   ``running <- (1 - m) running + m V`` (initialised with the first ``V`` seen for that grid, not with ones), kept as
   a buffer ``running_v_<L1>x<L2>`` (so it is in the ``state_dict``, moves with ``.to()`` and loads into a fresh
   module). Eval uses the running filter of its grid, and falls back to ``V`` of the current weight for a grid
-  never seen in training. Buffers are created in ``forward``, which makes ``torch.compile`` break the graph on
+  never seen in training. A layer with ``momentum=None`` has no running filters: ``running_v_*`` keys in a
+  state dict it loads are unexpected keys (``load_state_dict`` fails with torch's usual message under
+  ``strict=True`` and ignores them under ``strict=False``); construct it with ``momentum=...`` to load them.
+  Buffers are created in ``forward``, which makes ``torch.compile`` break the graph on
   the first call of a new size.
 
 Freezing (inference form)
@@ -350,6 +353,18 @@ def conv_norm(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 # ------------------------------------------------------------------------------------------------ modules
 
+class _LayerTypeError(LayerArgumentError, TypeError):
+    """A ConvNorm layer was given a module of the wrong type: a LayerArgumentError that is also the TypeError
+    these checks raised before (``except TypeError`` keeps working)."""
+
+
+def _not_a_conv(conv, accepted: str, fix: str) -> _LayerTypeError:
+    """The error for wrapping ``conv``, which is not a convolution of an accepted type."""
+    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        fix = "ConvNorm normalises a convolution's output channels: transposed convolutions are not supported"
+    return _LayerTypeError(f"{accepted}, got a {type(conv).__qualname__}; {fix}")
+
+
 class ConvNormConvNd(nn.Module):
     """A convolution followed by ConvNorm (P3), as one module owning the conv (see the module docstring).
 
@@ -370,12 +385,10 @@ class ConvNormConvNd(nn.Module):
                  affine_kernel_size=None):
         super().__init__()
         d = self._dims
-        if isinstance(conv, nn.modules.conv._ConvTransposeNd):
-            raise TypeError("ConvNorm normalises a convolution's output channels; transposed convolutions are "
-                            f"not supported (got {type(conv).__name__})")
         if not isinstance(conv, self._conv_type):
-            raise TypeError(f"{type(self).__name__} wraps a {self._conv_type.__name__}, got {type(conv).__name__}; "
-                            "use orthofx.nn.convnorm.with_convnorm(conv) to pick the class")
+            raise _not_a_conv(conv, f"{type(self).__name__} wraps an nn.{self._conv_type.__name__}",
+                              "pass one, or use orthofx.nn.convnorm.with_convnorm(conv) to pick the class of its "
+                              "dimension")
         if isinstance(conv.weight, nn.parameter.UninitializedParameter):
             raise LayerArgumentError("the convolution is lazy and not initialised yet; run it once before wrapping it")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
@@ -509,8 +522,10 @@ class ConvNormConvNd(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # Running filters are created on demand: make room for the ones the state dict holds.
-        for key, value in state_dict.items():
+        # Running filters are created on demand: make room for the ones the state dict holds. With momentum=None
+        # the layer never uses running filters, so none is made: torch reports them as unexpected keys (a strict
+        # load fails, strict=False ignores them).
+        for key, value in state_dict.items() if self.momentum is not None else ():
             if key.startswith(prefix + _RUNNING_PREFIX):
                 name = key[len(prefix):]
                 if "." not in name and name not in self._buffers and isinstance(value, torch.Tensor):
@@ -714,4 +729,5 @@ def with_convnorm(conv: nn.Module, **kwargs) -> ConvNormConvNd:
     for cls in (ConvNormConv1d, ConvNormConv2d, ConvNormConv3d):
         if isinstance(conv, cls._conv_type):
             return cls(conv, **kwargs)
-    raise TypeError(f"ConvNorm wraps Conv1d, Conv2d or Conv3d layers, got {type(conv).__name__}")
+    raise _not_a_conv(conv, "with_convnorm wraps an nn.Conv1d, nn.Conv2d or nn.Conv3d (or a subclass)",
+                      "pass the convolution layer itself")

@@ -433,6 +433,11 @@ def svd_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
 # ------------------------------------------------------------------------------------------- Newton-Schulz
 
 
+def _zero_matrices(A: Tensor) -> Tensor:
+    """``[..., 1, 1]`` mask of the all-zero matrices of ``A``."""
+    return (A == 0).all(-1, keepdim=True).all(-2, keepdim=True)
+
+
 def _newton_schulz(A: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor]:
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
         raise LayerArgumentError(f"expected square matrices [..., n, n], got shape {tuple(A.shape)}")
@@ -445,7 +450,9 @@ def _newton_schulz(A: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor]:
             return tuple(t.to(returned) for t in _newton_schulz(A.to(work), iterations))
     n = A.shape[-1]
     trace = A.diagonal(dim1=-2, dim2=-1).sum(-1).unsqueeze(-1).unsqueeze(-1)  # [..., 1, 1]
-    An = A / trace
+    # A zero matrix is normalised by 1 instead of its trace 0 (then Y = 0, its square root), so no 0/0 reaches
+    # the result or the gradient; sqrtm_newton_schulz masks it to exactly 0.
+    An = A / torch.where(_zero_matrices(A), torch.ones_like(trace), trace)
     eye3 = 3.0 * torch.eye(n, dtype=A.dtype, device=A.device)
     Z = (eye3 - An) * 0.5
     Y = An @ Z
@@ -458,13 +465,18 @@ def _newton_schulz(A: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor]:
 
 def sqrtm_newton_schulz(A: Tensor, iterations: int = 5) -> Tensor:
     """``A^(1/2)`` of symmetric positive definite ``A`` (``[..., n, n]``) by the coupled Newton-Schulz iteration
-    (matmuls only); ``iterations`` counts the steps after ``Y0, Z0`` (so ``iterations + 1`` steps in all)."""
+    (matmuls only); ``iterations`` counts the steps after ``Y0, Z0`` (so ``iterations + 1`` steps in all).
+
+    The zero matrix (the one positive semi-definite matrix of trace 0) gives exactly 0, with a zero gradient."""
     Y, _, trace = _newton_schulz(A, iterations)
-    return Y * trace.sqrt()
+    zero = _zero_matrices(A)
+    out = Y * torch.where(zero, torch.ones_like(trace), trace).sqrt()
+    return torch.where(zero, torch.zeros_like(out), out)
 
 
 def inv_sqrtm_newton_schulz(A: Tensor, iterations: int = 5) -> Tensor:
-    """``A^(-1/2)`` of symmetric positive definite ``A`` by the same iteration (``Z / sqrt(tr A)``)."""
+    """``A^(-1/2)`` of symmetric positive definite ``A`` by the same iteration (``Z / sqrt(tr A)``); the zero matrix
+    has none and gives non-finite values."""
     _, Z, trace = _newton_schulz(A, iterations)
     return Z * trace.rsqrt()
 

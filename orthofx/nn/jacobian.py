@@ -43,18 +43,13 @@ from torch import nn
 
 from .. import metrics
 from ..errors import LayerArgumentError
+from ..theory import _positive_int
 
 __all__ = ["JacobianProbe"]
 
 _ROUTES = ("auto", "jvp", "double_vjp")
 _OWN = ("penalty_weight", "probes", "kind", "every", "per_sample", "normalize", "route", "seed", "estimate",
         "route_used", "calls", "batch_fraction")
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LayerArgumentError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 class JacobianProbe(nn.Module):
@@ -121,9 +116,9 @@ class JacobianProbe(nn.Module):
         self._version = getattr(block, "_version", 1)  # state_dict metadata: the block's class version
         self.training = block.training
         self.penalty_weight = float(weight)
-        self.probes = _positive_int(probes, "probes")
+        self.probes = _positive_int(probes, "probes", LayerArgumentError)
         self.kind = kind
-        self.every = _positive_int(every, "every")
+        self.every = _positive_int(every, "every", LayerArgumentError)
         self.per_sample = bool(per_sample)
         self.normalize = bool(normalize)
         self.route = route
