@@ -105,6 +105,8 @@ CASES = [
     ((3, 3), (2, 2), (2, 2), (2, 2), 2, True, (9, 10)),
     ((3, 3), (1, 1), (3, 2), (1, 1), 1, False, (5, 6)),  # padding larger than k - 1
     ((2, 2), (1, 2), (0, 1), (1, 1), 1, False, (6, 7)),  # even kernel
+    ((1, 1), (2, 2), (1, 1), (1, 1), 2, True, (7, 8)),   # one tap: a per-channel scale, no FFT
+    ((1, 1), (1, 2), (0, 0), (1, 1), 1, False, (5, 6)),
 ]
 
 
@@ -474,6 +476,49 @@ def test_to_plain_never_transforms_the_weight(monkeypatch):
     torch.testing.assert_close(frozen(x), y, rtol=0, atol=1e-6)
     torch.testing.assert_close(frozen(x[0]), y[0], rtol=0, atol=1e-5)  # unbatched
     assert type(frozen.affine) is nn.Conv2d
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation, groups, bias, size", CASES[-2:])
+def test_one_tap_layers_freeze_into_their_own_conv_with_scaled_weights(kernel, stride, padding, dilation, groups,
+                                                                       bias, size, monkeypatch):
+    # A 1 x 1 kernel's spectrum is its weight at every frequency, so V is 1 / ||w_m|| per channel: the frozen layer
+    # is the layer's own conv (stride, padding) with scaled weights, no FFT at all and every input size works
+    # (it was a stride-1 conv on the whole grid plus an FFT filter: 4x the conv's work at stride 2).
+    import orthofx.nn.convnorm as cn
+
+    torch.manual_seed(9)
+    conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
+    layer = ConvNormConv2d(conv, eps=1e-4).eval()
+    x = torch.randn(2, 4, *size)
+    y = layer(x)
+    frozen = layer.to_plain()
+    assert frozen.conv.stride == conv.stride and frozen.conv.padding == conv.padding and frozen.grids == []
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the frozen one-tap layer computed an FFT")
+
+    monkeypatch.setattr(torch.fft, "rfft", fail)
+    monkeypatch.setattr(torch.fft, "rfftn", fail)
+    monkeypatch.setattr(cn, "_power", fail)
+    torch.testing.assert_close(frozen(x), y, rtol=0, atol=1e-6)
+    other = torch.randn(3, 4, size[0] + 3, size[1] + 1)  # a size the layer never ran on
+    expected = direct_convnorm(other, conv.weight.detach(), conv.bias, stride, padding, dilation, groups, 1e-4)
+    torch.testing.assert_close(frozen(other).double(), expected, rtol=0, atol=1e-5)
+    monkeypatch.undo()
+    # a reflect-padded 1-D layer with an affine part
+    conv1 = nn.Conv1d(4, 4, 1, padding=2, padding_mode="reflect")
+    layer1 = cn.ConvNormConv1d(conv1, affine=True).eval()
+    with torch.no_grad():
+        layer1.affine.weight.normal_()
+    x1 = torch.randn(2, 4, 9)
+    torch.testing.assert_close(layer1.to_plain()(x1), layer1(x1), rtol=0, atol=1e-6)
+    half = frozen(x.half())  # computed in float32, returned in the input's precision like the unfrozen layer
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half, layer(x.half()), rtol=0, atol=1e-3)
+    # running filters (momentum) keep the filter form: they are averages the scale would not reproduce
+    kept = ConvNormConv2d(nn.Conv2d(4, 6, 1), momentum=0.5)
+    kept(x)
+    assert kept.eval().to_plain().grids == [kept.geometry(size).grid]
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])

@@ -84,7 +84,10 @@ protocol ``orthofx.freeze`` uses) precomputes it: it returns a :class:`FrozenCon
 ``nn.Conv{d}d`` with the same weights (``stride=1``, padding ``Q``: the stride-1 correlation above), one buffer
 ``v_<L1>x<L2>`` per FFT grid holding the eval ``V`` (the running filter where one is kept, else ``V`` of the
 weight), the bias and the affine conv; its forward is conv -> rfft -> multiply -> irfft -> crop, with no FFT of
-the weight. The grids are those of the input sizes the layer has run on (each eager forward remembers its
+the weight (the inverse transforms run one axis at a time and keep only the output rows, 1 / S of them at stride
+``S``). A one-tap (1 x 1) kernel needs no FFT at all: its ``V`` is ``(||w_m||^2 + eps)^(-1/2)`` at every
+frequency, so ConvNorm is the layer's own conv with channel ``m`` scaled by it (also in training), and without
+running filters it freezes into that conv with scaled weights, for every input size. The grids are those of the input sizes the layer has run on (each eager forward remembers its
 spatial input size, the 16 most recent ones; ``orthofx.transform`` runs the model once on its example inputs),
 the grids of the running filters, and any ``input_sizes`` passed to ``to_plain``. Eval outputs equal the
 unfrozen layer's in eval (same operations). An input whose grid has no precomputed filter raises
@@ -270,6 +273,19 @@ def convnorm_filter(weight: torch.Tensor, grid: Sequence[int], dilation=1, eps: 
     return (_power(weight, grid, dilation) + eps).rsqrt()
 
 
+def _one_tap(kernel_size: Sequence[int]) -> bool:
+    return all(k == 1 for k in kernel_size)
+
+
+def _one_tap_scale(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``V`` of a one-tap (1 x 1) kernel, whose spectrum is its weight at every frequency: the constant
+    ``(||w_m||^2 + eps)^(-1/2)`` per output channel, ``(M,)``, from the detached weight (real dtype as
+    :func:`convnorm_filter`). ConvNorm of such a layer is the plain conv with channel ``m`` scaled by it, on every
+    grid: no FFT is needed."""
+    w = weight.detach().to(_real_dtype(weight.dtype))
+    return (w.square().flatten(1).sum(1) + eps).rsqrt()
+
+
 def channel_gains(weight: torch.Tensor, grid: Sequence[int], dilation=1) -> torch.Tensor:
     """``sqrt(sum_c |K_hat_{m,c}(w)|^2)``: the gain (singular value) of output channel ``m``'s row operator at
     each frequency of the circular grid; ConvNorm makes them ``sqrt(g^2 / (g^2 + eps))``, i.e. about 1."""
@@ -278,11 +294,23 @@ def channel_gains(weight: torch.Tensor, grid: Sequence[int], dilation=1) -> torc
 
 # ------------------------------------------------------------------------------------------------ functional
 
-def _normalise(z: torch.Tensor, v: torch.Tensor, d: int) -> torch.Tensor:
-    dims = tuple(range(-d, 0))
-    grid = z.shape[-d:]
-    spectrum = torch.fft.rfftn(z, dim=dims)
-    return torch.fft.irfftn(spectrum * v.to(z.dtype), s=grid, dim=dims)
+def _normalise(z: torch.Tensor, v: torch.Tensor, geo: ConvNormGeometry) -> torch.Tensor:
+    """``irfftn(rfftn(z) * v)`` at the layer's output positions only (``geo.start`` + ``geo.stride`` * i).
+
+    The transforms run one axis at a time so that each inverse keeps only the rows the layer outputs before the
+    next axis is transformed (a strided layer keeps 1 / S of them): 5-40 % faster than the full ``irfftn`` and a
+    crop on CPU, the same numbers."""
+    d = len(geo.grid)
+    spectrum = torch.fft.rfft(z, dim=-1)
+    for dim in range(-d, -1):
+        spectrum = torch.fft.fft(spectrum, dim=dim)
+    spectrum = spectrum * v.to(z.dtype)
+    keep = [slice(st, st + sd * (no - 1) + 1, sd) for st, sd, no in zip(geo.start, geo.stride, geo.output_size)]
+    for i, dim in enumerate(range(-d, -1)):
+        spectrum = torch.fft.ifft(spectrum, dim=dim)
+        if geo.output_size[i] != geo.grid[i]:  # a no-op slice would be an alias, which ONNX has no complex form of
+            spectrum = spectrum[(Ellipsis, keep[i]) + (slice(None),) * (-dim - 1)]
+    return torch.fft.irfft(spectrum, n=geo.grid[-1], dim=-1)[..., keep[-1]]
 
 
 def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int, eps: float,
@@ -311,18 +339,19 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
     work = _real_dtype(in_dtype)
     xw = x.to(work)
     w = weight.to(work)
-    if geo.pad_left == geo.pad_right:
-        z = _CONV_FN[d](xw, w, None, 1, geo.pad_left, dil, groups)
-    else:
-        flat = [p for pair in reversed(list(zip(geo.pad_left, geo.pad_right))) for p in pair]
-        z = _CONV_FN[d](F.pad(xw, flat), w, None, 1, 0, dil, groups)
     v = v_for(geo.grid, geo)
-    if v is None:
-        v = convnorm_filter(weight, geo.grid, dil, eps)
-    z = _normalise(z, v, d)
-    index = (slice(None), slice(None)) + tuple(
-        slice(st, st + sd * (no - 1) + 1, sd) for st, sd, no in zip(geo.start, geo.stride, geo.output_size))
-    y = z[index]
+    if v is None and _one_tap(ks):
+        y = _CONV_FN[d](xw, w, None, stride, padding, dil, groups)
+        y = y * _one_tap_scale(weight, eps).to(work).view((1, -1) + (1,) * d)
+    else:
+        if geo.pad_left == geo.pad_right:
+            z = _CONV_FN[d](xw, w, None, 1, geo.pad_left, dil, groups)
+        else:
+            flat = [p for pair in reversed(list(zip(geo.pad_left, geo.pad_right))) for p in pair]
+            z = _CONV_FN[d](F.pad(xw, flat), w, None, 1, 0, dil, groups)
+        if v is None:
+            v = convnorm_filter(weight, geo.grid, dil, eps)
+        y = _normalise(z, v, geo)
     if bias is not None:
         y = y + bias.to(work).view((1, -1) + (1,) * d)
     y = y.to(in_dtype)
@@ -553,7 +582,13 @@ class ConvNormConvNd(nn.Module):
     def to_plain(self, input_sizes: Sequence[Sequence[int]] | None = None) -> "FrozenConvNormNd":
         """The inference form (``orthofx.freeze`` calls this): a :class:`FrozenConvNormNd` with a plain conv of
         the same weights and the eval ``V`` precomputed for every grid known (see the module docs, "Freezing");
-        ``input_sizes`` adds spatial sizes. Its outputs equal this layer's in eval mode."""
+        ``input_sizes`` adds spatial sizes. Its outputs equal this layer's in eval mode. A one-tap (1 x 1) kernel
+        without running filters freezes into its own conv with per-channel scaled weights instead (any size)."""
+        if _one_tap(self.conv.kernel_size) and self.momentum is None:
+            frozen = FrozenConvNormNd(self.conv, {}, self.affine,
+                                      channel_scale=_one_tap_scale(self.conv.weight, self.eps))
+            frozen.train(self.training)
+            return frozen
         grids: dict[tuple[int, ...], tuple[int, ...] | None] = {}
         for size in self.input_sizes + [tuple(int(n) for n in s) for s in (input_sizes or [])]:
             grids.setdefault(tuple(self.geometry(size).grid), size)
@@ -618,6 +653,10 @@ class FrozenConvNormNd(nn.Module):
     positions, bias, affine. An input whose grid has no filter raises
     :class:`~orthofx.errors.LayerArgumentError` (no FFT of the weight is ever computed here).
 
+    One-tap kernels (1 x 1) without running filters: ``V`` is a constant per channel (:func:`_one_tap_scale`),
+    so ``conv`` is the layer's own conv (stride, padding, padding mode) with channel ``m``'s weights multiplied by
+    it, there are no filters and every input size works: the frozen layer costs what the original conv did.
+
     >>> import torch
     >>> layer = ConvNormConv2d(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)).eval()
     >>> x = torch.randn(2, 3, 16, 16)
@@ -628,10 +667,12 @@ class FrozenConvNormNd(nn.Module):
     True
     """
 
-    def __init__(self, conv: nn.Module, filters: dict, affine: nn.Module | None = None):
+    def __init__(self, conv: nn.Module, filters: dict, affine: nn.Module | None = None,
+                 channel_scale: torch.Tensor | None = None):
         super().__init__()
         d = conv.weight.ndim - 2
         self._dims = d
+        self._scaled_conv = channel_scale is not None
         self.kernel_size = tuple(conv.kernel_size)
         self.stride = tuple(conv.stride)
         self.dilation = tuple(conv.dilation)
@@ -653,10 +694,17 @@ class FrozenConvNormNd(nn.Module):
         symmetric = ql == qr
         self.extra_pad = [] if symmetric else [p for pair in reversed(list(zip(ql, qr))) for p in pair]
         weight = conv.weight.detach()
-        self.conv = type(conv)(conv.in_channels, conv.out_channels, self.kernel_size, stride=1,
-                               padding=ql if symmetric else 0, dilation=self.dilation, groups=conv.groups,
-                               bias=False, device=weight.device, dtype=weight.dtype)
-        self.conv.weight.data.copy_(weight)
+        if self._scaled_conv:
+            self.conv = type(conv)(conv.in_channels, conv.out_channels, self.kernel_size, stride=self.stride,
+                                   padding=conv.padding, dilation=self.dilation, groups=conv.groups, bias=False,
+                                   padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
+            scale = channel_scale.to(weight.device, torch.float64).view((-1,) + (1,) * (d + 1))
+            self.conv.weight.data.copy_(weight.to(torch.float64) * scale)
+        else:
+            self.conv = type(conv)(conv.in_channels, conv.out_channels, self.kernel_size, stride=1,
+                                   padding=ql if symmetric else 0, dilation=self.dilation, groups=conv.groups,
+                                   bias=False, device=weight.device, dtype=weight.dtype)
+            self.conv.weight.data.copy_(weight)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
         self.affine = None if affine is None else copy.deepcopy(affine)
         self._sizes: dict[tuple[int, ...], tuple[int, ...] | None] = {}
@@ -692,25 +740,13 @@ class FrozenConvNormNd(nn.Module):
         if unbatched:
             x = x.unsqueeze(0)
         size = tuple(x.shape[2:])
-        if self.pre_pad:
-            x = F.pad(x, self.pre_pad, mode=self.padding_mode)
-        geo = convnorm_geometry(x.shape[2:], self.kernel_size, self.stride, self.geometry_padding, self.dilation)
-        v = self.filter_for(geo.grid)
-        if v is None:
-            raise self._missing(size, geo.grid)
         in_dtype = x.dtype
         work = _real_dtype(in_dtype)
-        xw = x.to(work)
-        if self.extra_pad:
-            xw = F.pad(xw, self.extra_pad)
-        if self.conv.weight.dtype == work:
-            z = self.conv(xw)
+        if self._scaled_conv:
+            # nn.Conv's own forward applies its padding mode; the weight is cast to the working precision
+            y = self.conv._conv_forward(x.to(work), self.conv.weight.to(work), None)
         else:
-            z = _CONV_FN[d](xw, self.conv.weight.to(work), None, 1, self.conv.padding, self.dilation, self.groups)
-        z = _normalise(z, v, d)
-        index = (slice(None), slice(None)) + tuple(
-            slice(st, st + sd * (no - 1) + 1, sd) for st, sd, no in zip(geo.start, geo.stride, geo.output_size))
-        y = z[index]
+            y = self._normalised_conv(x, size, work)
         if self.bias is not None:
             y = y + self.bias.to(work).view((1, -1) + (1,) * d)
         y = y.to(in_dtype)
@@ -719,9 +755,27 @@ class FrozenConvNormNd(nn.Module):
             y = self.affine(y)
         return y
 
+    def _normalised_conv(self, x: torch.Tensor, size: tuple[int, ...], work: torch.dtype) -> torch.Tensor:
+        if self.pre_pad:
+            x = F.pad(x, self.pre_pad, mode=self.padding_mode)
+        geo = convnorm_geometry(x.shape[2:], self.kernel_size, self.stride, self.geometry_padding, self.dilation)
+        v = self.filter_for(geo.grid)
+        if v is None:
+            raise self._missing(size, geo.grid)
+        xw = x.to(work)
+        if self.extra_pad:
+            xw = F.pad(xw, self.extra_pad)
+        if self.conv.weight.dtype == work:
+            z = self.conv(xw)
+        else:
+            z = _CONV_FN[self._dims](xw, self.conv.weight.to(work), None, 1, self.conv.padding, self.dilation,
+                                     self.groups)
+        return _normalise(z, v, geo)
+
     def extra_repr(self) -> str:
+        grids = "any input size (1 x 1: scaled conv)" if self._scaled_conv else self.grids
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"grids={self.grids}")
+                f"grids={grids}")
 
 
 def with_convnorm(conv: nn.Module, **kwargs) -> ConvNormConvNd:

@@ -22,7 +22,8 @@ Eval mode recomputes ``V`` from the weight (the wrapper's ``momentum=None``), so
 ``orthofx.freeze`` replaces each wrapper by a :class:`orthofx.nn.convnorm.FrozenConvNormNd` (a plain conv with the
 same weights and the filter ``V`` precomputed for every input size the layer ran on, the example inputs
 included): the same eval outputs, no FFT of the weight at inference, and a clear error for an input size not
-seen before freezing (see :mod:`orthofx.nn.convnorm`, "Freezing").
+seen before freezing (see :mod:`orthofx.nn.convnorm`, "Freezing"); a 1 x 1 conv freezes into itself with
+per-channel scaled weights, for every input size.
 
 The :class:`~orthofx.passes.Change` recorded per conv has ``before`` / ``after`` with the layer, its weight's
 state_dict key and, when example inputs gave the layer's input size, the FFT grid and the range of the
