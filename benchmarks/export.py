@@ -11,6 +11,11 @@ export's own parity check included). The maximum difference each export reports 
     python benchmarks/export.py --device cuda   # inference timing on a GPU (exports run on the CPU)
 
 Writes ``benchmarks/results/export.json`` (or ``--out``).
+
+On CPU with glibc, fx GraphModules run about 1.2x slower than their source modules because of allocator churn
+(``benchmarks/RESULTS.md``); to time the models without it::
+
+    MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 python benchmarks/export.py --formats
 """
 
 from __future__ import annotations
