@@ -87,8 +87,8 @@ weight), the bias and the affine conv; its forward is conv -> rfft -> multiply -
 the weight (the inverse transforms run one axis at a time and keep only the output rows, 1 / S of them at stride
 ``S``). A one-tap (1 x 1) kernel needs no FFT at all: its ``V`` is ``(||w_m||^2 + eps)^(-1/2)`` at every
 frequency, so ConvNorm is the layer's own conv with channel ``m`` scaled by it (also in training), and without
-running filters it freezes into that conv with scaled weights, for every input size. The grids are those of the input sizes the layer has run on (each eager forward remembers its
-spatial input size, the 16 most recent ones; ``orthofx.transform`` runs the model once on its example inputs),
+running filters it freezes into that conv with scaled weights, for every input size. The grids are those of the
+input sizes the layer has run on (each eager forward remembers its spatial input size, the 16 most recent ones; ``orthofx.transform`` runs the model once on its example inputs),
 the grids of the running filters, and any ``input_sizes`` passed to ``to_plain``. Eval outputs equal the
 unfrozen layer's in eval (same operations). An input whose grid has no precomputed filter raises
 :class:`~orthofx.errors.LayerArgumentError` naming the size, the grid, the sizes it has and the fix (run the
@@ -743,8 +743,7 @@ class FrozenConvNormNd(nn.Module):
         in_dtype = x.dtype
         work = _real_dtype(in_dtype)
         if self._scaled_conv:
-            # nn.Conv's own forward applies its padding mode; the weight is cast to the working precision
-            y = self.conv._conv_forward(x.to(work), self.conv.weight.to(work), None)
+            y = self._conv_in(x, work)
         else:
             y = self._normalised_conv(x, size, work)
         if self.bias is not None:
@@ -765,12 +764,11 @@ class FrozenConvNormNd(nn.Module):
         xw = x.to(work)
         if self.extra_pad:
             xw = F.pad(xw, self.extra_pad)
-        if self.conv.weight.dtype == work:
-            z = self.conv(xw)
-        else:
-            z = _CONV_FN[self._dims](xw, self.conv.weight.to(work), None, 1, self.conv.padding, self.dilation,
-                                     self.groups)
-        return _normalise(z, v, geo)
+        return _normalise(self._conv_in(xw, work), v, geo)
+
+    def _conv_in(self, x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+        """``conv`` on ``x`` in the working precision (nn.Conv's own forward: its padding and padding mode)."""
+        return self.conv._conv_forward(x.to(work), self.conv.weight.to(work), None)
 
     def extra_repr(self) -> str:
         grids = "any input size (1 x 1: scaled conv)" if self._scaled_conv else self.grids

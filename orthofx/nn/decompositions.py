@@ -438,7 +438,9 @@ def _zero_matrices(A: Tensor) -> Tensor:
     return (A == 0).all(-1, keepdim=True).all(-2, keepdim=True)
 
 
-def _newton_schulz(A: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor]:
+def _newton_schulz(A: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(Y, Z, trace, zero)``: the coupled iteration on ``A / tr A`` (``Y -> (A / tr A)^(1/2)``,
+    ``Z -> (A / tr A)^(-1/2)``), the trace and the ``[..., 1, 1]`` mask of all-zero matrices."""
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
         raise LayerArgumentError(f"expected square matrices [..., n, n], got shape {tuple(A.shape)}")
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
@@ -447,12 +449,14 @@ def _newton_schulz(A: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor]:
     if returned is not None and (work != A.dtype or torch.is_autocast_enabled(A.device.type)):
         # bfloat16 matmuls would lose the iteration's accuracy: run it in float32 with autocast off
         with torch.autocast(device_type=A.device.type, enabled=False):
-            return tuple(t.to(returned) for t in _newton_schulz(A.to(work), iterations))
+            Y, Z, trace, zero = _newton_schulz(A.to(work), iterations)
+            return Y.to(returned), Z.to(returned), trace.to(returned), zero
     n = A.shape[-1]
     trace = A.diagonal(dim1=-2, dim2=-1).sum(-1).unsqueeze(-1).unsqueeze(-1)  # [..., 1, 1]
     # A zero matrix is normalised by 1 instead of its trace 0 (then Y = 0, its square root), so no 0/0 reaches
     # the result or the gradient; sqrtm_newton_schulz masks it to exactly 0.
-    An = A / torch.where(_zero_matrices(A), torch.ones_like(trace), trace)
+    zero = _zero_matrices(A)
+    An = A / torch.where(zero, torch.ones_like(trace), trace)
     eye3 = 3.0 * torch.eye(n, dtype=A.dtype, device=A.device)
     Z = (eye3 - An) * 0.5
     Y = An @ Z
@@ -460,7 +464,7 @@ def _newton_schulz(A: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor]:
         ZY = (eye3 - Z @ Y) * 0.5
         Y = Y @ ZY
         Z = ZY @ Z
-    return Y, Z, trace
+    return Y, Z, trace, zero
 
 
 def sqrtm_newton_schulz(A: Tensor, iterations: int = 5) -> Tensor:
@@ -468,8 +472,7 @@ def sqrtm_newton_schulz(A: Tensor, iterations: int = 5) -> Tensor:
     (matmuls only); ``iterations`` counts the steps after ``Y0, Z0`` (so ``iterations + 1`` steps in all).
 
     The zero matrix (the one positive semi-definite matrix of trace 0) gives exactly 0, with a zero gradient."""
-    Y, _, trace = _newton_schulz(A, iterations)
-    zero = _zero_matrices(A)
+    Y, _, trace, zero = _newton_schulz(A, iterations)
     out = Y * torch.where(zero, torch.ones_like(trace), trace).sqrt()
     return torch.where(zero, torch.zeros_like(out), out)
 
@@ -477,7 +480,7 @@ def sqrtm_newton_schulz(A: Tensor, iterations: int = 5) -> Tensor:
 def inv_sqrtm_newton_schulz(A: Tensor, iterations: int = 5) -> Tensor:
     """``A^(-1/2)`` of symmetric positive definite ``A`` by the same iteration (``Z / sqrt(tr A)``); the zero matrix
     has none and gives non-finite values."""
-    _, Z, trace = _newton_schulz(A, iterations)
+    _, Z, trace, _ = _newton_schulz(A, iterations)
     return Z * trace.rsqrt()
 
 

@@ -267,13 +267,20 @@ def _unitary_completion(target: torch.Tensor) -> torch.Tensor:
     else in :math:`R` itself (then :math:`U` is the nearest rotation, not the polar factor)."""
     m = target.shape[-2]
     u, _, vh = torch.linalg.svd(target)
-    rows = u @ vh[..., :m, :]
     null = vh[..., m:, :]
     if null.shape[-2] > 0:
         a, _, bh = torch.linalg.svd(null[..., :, m:])
-        unitary = torch.cat([rows, bh.mH @ a.mH @ null], dim=-2)
+        rows, basis = u @ vh[..., :m, :], a
+
+        def build(sign):  # sign: +-1 per direction of G's SVD (Kabsch)
+            return torch.cat([rows, bh.mH @ (sign.unsqueeze(-1) * a.mH) @ null], dim=-2)
     else:
-        unitary = rows
+        basis = u
+
+        def build(sign):  # sign: +-1 per direction of R's SVD
+            return (u * sign.unsqueeze(-2)) @ vh
+    sign = torch.ones(basis.shape[:-1], dtype=basis.real.dtype, device=basis.device)
+    unitary = build(sign)
     if target.is_complex():
         tol = 100 * torch.finfo(target.real.dtype).eps
         real = target.imag.abs().amax((-2, -1)) <= tol * target.abs().amax((-2, -1)).clamp_min(tol)
@@ -282,12 +289,8 @@ def _unitary_completion(target: torch.Tensor) -> torch.Tensor:
         flip = torch.linalg.det(unitary) < 0
     if not bool(flip.any()):
         return unitary
-    left = a if null.shape[-2] > 0 else u
-    sign = torch.ones(left.shape[:-1], dtype=left.real.dtype, device=left.device)
     sign[..., -1] = torch.where(flip, -1.0, 1.0)
-    if null.shape[-2] > 0:
-        return torch.cat([rows, bh.mH @ (sign.unsqueeze(-1) * a.mH) @ null], dim=-2)
-    return (u * sign.unsqueeze(-2)) @ vh
+    return build(sign)
 
 
 def _inverse_cayley(unitary: torch.Tensor, max_angle: float = math.pi - 1e-2) -> torch.Tensor:
@@ -654,8 +657,9 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         :math:`A = (I - U)(I + U)^{-1}` (:func:`_inverse_cayley`, eigenvalues near -1 clamped), and the
         least-squares ``k_p``-tap kernel with :math:`\hat V = A / 2`; exact when each window lies in one stride
         block (e.g. ``k = S``, padding 0: the polar factor of the reshaped kernel, or the nearest rotation where the
-        square real symbol has determinant -1, up to the clamp). Kept if it beats ``V = 0`` (:math:`Q = I`). Then ``steps`` Adam steps on :math:`\|q - q_0\|^2` (the operators' Frobenius distance);
-        the best kernel seen is kept.
+        square real symbol has determinant -1, up to the clamp). Kept if it beats ``V = 0`` (:math:`Q = I`).
+        Then ``steps`` Adam steps on :math:`\|q - q_0\|^2` (the operators' Frobenius distance); the best kernel
+        seen is kept.
         """
         cd = self.compute_dtype
         d, g, M, cp, N = self._dims, self.groups, self._M, self._cp, self._N
@@ -1066,10 +1070,8 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
                 layer.bias.copy_(conv.bias)
         # cayley_fft's operator is free of any window alignment; its nearest start reads the conv's taps where
         # the conv reads them (else a k = S patch conv's target would be shifted by a pixel and out of reach)
-        lefts = None
-        if layer.method == "cayley_fft":
-            alignment = circular_alignment(conv)
-            lefts = alignment if alignment != "same" else [(k - 1) // 2 for k in conv.kernel_size]
+        alignment = circular_alignment(conv) if layer.method == "cayley_fft" else "same"
+        lefts = None if alignment == "same" else alignment    # None: _conv_taps' "same" offsets
         if init == "nearest":
             layer._fit(w0, fit_steps, lefts)
         layer.init_error = layer._relative_error(w0, lefts)

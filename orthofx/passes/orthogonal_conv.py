@@ -54,9 +54,8 @@ def orthogonal_layer(module: nn.Module, *, init: str = "nearest", method: str = 
                      gain: float = 1.0, fit_steps: int = 0, input_size=None) -> nn.Module:
     """The exactly orthogonal replacement of a ``Linear`` / ``Conv1d`` / ``Conv2d`` (subclasses included):
     ``padding="circular"`` gives the circular layer with the conv's window alignment (its own padding where
-    that keeps the output size ``n / S``, else ``"same"``; see :func:`orthofx.nn.orthogonal.circular_alignment`), ``"keep"`` the conv's own
-    zero padding;
-    ``input_size`` (spatial) is needed by ``method="cayley_fft"`` only."""
+    that keeps the output size ``n / S``, else ``"same"``; see :func:`orthofx.nn.orthogonal.circular_alignment`),
+    ``"keep"`` the conv's own zero padding; ``input_size`` (spatial) is needed by ``method="cayley_fft"`` only."""
     if isinstance(module, nn.Linear):
         return OrthogonalLinear.from_linear(module, init=init, gain=gain)
     cls = OrthogonalConv2d if isinstance(module, nn.Conv2d) else OrthogonalConv1d
