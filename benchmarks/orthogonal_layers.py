@@ -22,6 +22,9 @@ input grid). Layers:
                               otherwise);
 * ``torch orthogonal(flat)``  ``torch.nn.utils.parametrizations.orthogonal`` on the kernel flattened to
                               ``M x (C k^2)`` (orthonormal rows of the flattened kernel: not an orthogonal conv);
+* ``orthofx convnorm``         :class:`orthofx.nn.convnorm.ConvNormConv2d` around the zero-padded ``nn.Conv2d``
+                              (P3's normalisation, computed on every training forward from the detached kernel;
+                              not an orthogonal conv: rows orthonormal per output channel, so no max|sigma - 1|);
 * ``orthogonium AOC`` / ``torchlip SpectralConv2d`` when those packages import (optional).
 
 Usage::
@@ -49,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orthofx.metrics import conv_singular_values
+from orthofx.nn.convnorm import ConvNormConvNd, with_convnorm
 from orthofx.nn.orthogonal import OrthogonalConv2d
 
 SHAPES = [  # (C, M, k, S)
@@ -105,7 +109,9 @@ def optional_peers(c_in, c_out, k, stride):
 
 
 def kernel_of(module):
-    """The explicit kernel of a layer, or None when it has none we can read."""
+    """The explicit kernel of a layer, or None when it has none we can read (ConvNorm's operator has none)."""
+    if isinstance(module, ConvNormConvNd):
+        return None
     if isinstance(module, nn.Sequential):
         return kernel_of(module[-1])
     try:
@@ -151,6 +157,7 @@ def build_layers(c_in, c_out, k, stride, device, n, cayley_max_n=None):
         layers["orthofx cayley_fft frozen"] = cayley.to_plain()
     else:
         print(f"(skipping cayley_fft for {c_in}->{c_out} s{stride}: N = {big} > --cayley-max-n {cayley_max_n})")
+    layers["orthofx convnorm"] = with_convnorm(nn.Conv2d(c_in, c_out, k, stride=stride, padding=(k - 1) // 2))
     layers["torch orthogonal(flat)"] = FlatOrthogonalConv2d(c_in, c_out, k, stride)
     layers.update(optional_peers(c_in, c_out, k, stride))
     return {name: m.to(device) for name, m in layers.items()}

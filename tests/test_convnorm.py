@@ -3,6 +3,7 @@ running filters, and the ``convnorm`` pass / preset on built-in models."""
 
 import copy
 import io
+import itertools
 import math
 
 import pytest
@@ -177,6 +178,41 @@ def test_1x1_divides_by_channel_norm():
     # and the filter is that constant at every frequency
     V = convnorm_filter(conv.weight, (5, 5), eps=eps)
     torch.testing.assert_close(V, (norms.view(-1, 1, 1).square() + eps).rsqrt().expand_as(V))
+
+
+def _filter_by_dft_sums(w, grid, dilation, eps):
+    """V on the grid (rfft half spectrum) by explicit float64 DFT sums over every tap of every kernel."""
+    w = w.double()
+    d = w.ndim - 2
+    frequencies = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in grid], indexing="ij")
+    khat = torch.zeros(w.shape[:2] + tuple(grid), dtype=torch.complex128)
+    for tap in itertools.product(*[range(k) for k in w.shape[2:]]):
+        angle = sum(f * di * t / n for f, di, t, n in zip(frequencies, dilation, tap, grid))
+        khat += w[(slice(None), slice(None)) + tap][(...,) + (None,) * d] * torch.exp(-2j * math.pi * angle)
+    v = (khat.abs().square().sum(1) + eps).rsqrt()
+    return v[..., : grid[-1] // 2 + 1]
+
+
+@pytest.mark.parametrize("shape, grid, dilation", [
+    ((6, 5, 3, 3), (9, 8), (1, 1)),
+    ((4, 3, 3, 3), (3, 3), (1, 1)),       # grid = kernel extent: tap differences wrap around
+    ((5, 4, 3, 2), (11, 7), (2, 3)),      # dilation, even kernel
+    ((3, 4, 5), (12,), (2,)),             # 1-D
+    ((3, 2, 2, 3, 2), (4, 6, 5), (1, 2, 1)),  # 3-D
+])
+def test_filter_matches_dft_sums_where_the_kernels_vanish(shape, grid, dilation):
+    # zero-mean kernels: sum_c |K_hat(0)|^2 is 0, so V(0) = eps^(-1/2), where a float32 autocorrelation sum
+    # would be off by far more than eps
+    torch.manual_seed(0)
+    w = torch.randn(shape)
+    w = w - w.flatten(2).mean(-1).view(shape[:2] + (1,) * (len(shape) - 2))
+    eps = 1e-5
+    expected = _filter_by_dft_sums(w, grid, dilation, eps)
+    got = convnorm_filter(w, grid, dilation, eps)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+    assert float(expected.flatten(1)[:, 0].min()) > 0.99 * eps ** -0.5  # the case is the one described
+    torch.testing.assert_close(convnorm_filter(w.double(), grid, dilation, eps), expected, rtol=1e-8, atol=0)
 
 
 def test_bias_is_added_after_normalisation():

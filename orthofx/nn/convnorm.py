@@ -241,27 +241,45 @@ def _real_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _dilated(weight: torch.Tensor, dilation: tuple[int, ...]) -> torch.Tensor:
-    if all(v == 1 for v in dilation):
-        return weight
-    ks = weight.shape[2:]
-    extent = tuple(di * (ki - 1) + 1 for ki, di in zip(ks, dilation))
-    out = weight.new_zeros(weight.shape[:2] + extent)
-    out[(slice(None), slice(None)) + tuple(slice(None, None, di) for di in dilation)] = weight
-    return out
+def _pair_offsets(kernel_size: Sequence[int], dilation: Sequence[int], grid: Sequence[int],
+                  device: torch.device) -> torch.Tensor:
+    """Flat index on the grid of ``(t_s - t_r) mod grid`` for every pair of taps ``(s, r)`` of the dilated kernel
+    (taps in row-major order, pairs as ``s * T + r``): ``(T * T,)``, int64."""
+    axes = [torch.arange(k, device=device) * di for k, di in zip(kernel_size, dilation)]
+    taps = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))  # (T, d)
+    offsets = taps.unsqueeze(1) - taps.unsqueeze(0)                                           # (T, T, d)
+    flat = torch.zeros(offsets.shape[:2], dtype=torch.int64, device=device)
+    for i, size in enumerate(grid):
+        flat = flat * size + offsets[..., i] % size
+    return flat.reshape(-1)
 
 
 def _power(weight: torch.Tensor, grid: Sequence[int], dilation) -> torch.Tensor:
-    """sum_c |K_hat_{m,c}(w)|^2 on the grid (rfft layout: the last axis has L_d // 2 + 1 frequencies)."""
+    """sum_c |K_hat_{m,c}(w)|^2 on the grid (rfft layout: the last axis has L_d // 2 + 1 frequencies).
+
+    Computed as the DFT of each output channel's autocorrelation summed over its input channels,
+    ``A_m(t) = sum_c sum_s K_{m,c}[s] K_{m,c}[s + t]`` (``t`` wrapped onto the grid; ``|K_hat|^2`` is the DFT of
+    the autocorrelation): ``M`` transforms of a real even signal instead of ``M x C``, from the ``(M, T, T)`` Gram
+    matrix of the ``T`` taps. On CPU that is 20-250x faster than transforming every kernel for the layers of a
+    ResNet (2x for a 3-channel 7 x 7 stem). The sum runs in float64: ``A_m(t)`` cancels at frequencies where
+    every kernel of channel ``m`` nearly vanishes (zero-mean kernels at ``w = 0``), and in float32 it is off
+    there by about ``1e-7 T ||K_m||^2``, more than ``eps``.
+    """
     d = weight.ndim - 2
     grid = tuple(int(v) for v in grid)
     dil = _ntuple(dilation, d, "dilation")
-    w = _dilated(weight.detach().to(_real_dtype(weight.dtype)), dil)
-    if len(grid) != d or any(g < e for g, e in zip(grid, w.shape[2:])):
+    ks = tuple(weight.shape[2:])
+    extent = tuple(di * (ki - 1) + 1 for ki, di in zip(ks, dil))
+    if len(grid) != d or any(g < e for g, e in zip(grid, extent)):
         raise LayerArgumentError(f"grid {grid} must have {d} sizes, each at least the dilated kernel extent "
-                                 f"{tuple(w.shape[2:])}")
-    spectrum = torch.fft.rfftn(w, s=grid, dim=tuple(range(-d, 0)))
-    return (spectrum.real.square() + spectrum.imag.square()).sum(1)
+                                 f"{extent}")
+    taps = weight.detach().to(torch.float64).flatten(2)          # (M, C, T)
+    gram = taps.mT @ taps                                          # (M, T, T): sum over c of K[s] K[r]
+    autocorrelation = gram.new_zeros(gram.shape[0], math.prod(grid))
+    autocorrelation.index_add_(1, _pair_offsets(ks, dil, grid, gram.device), gram.flatten(1))
+    spectrum = torch.fft.rfftn(autocorrelation.reshape(-1, *grid), dim=tuple(range(-d, 0)))
+    # real up to rounding (A_m is even); a sum of squares cannot be negative
+    return spectrum.real.clamp_min(0).to(_real_dtype(weight.dtype))
 
 
 def convnorm_filter(weight: torch.Tensor, grid: Sequence[int], dilation=1, eps: float = 1e-5) -> torch.Tensor:
