@@ -17,6 +17,7 @@ from torch import nn
 import orthofx
 import orthofx.passes.isometric_init  # noqa: F401  (registers the pass)
 import orthofx.passes.riemannian  # noqa: F401  (registers the pass)
+from orthofx import metrics
 from orthofx.nn import stiefel
 from orthofx.nn.isometric import OrthogonalActivationBlock, ReflectionResidualBlock
 from orthofx.passes.riemannian import StiefelHook
@@ -603,6 +604,21 @@ def test_delta_orthogonal_conv_has_an_orthogonal_jacobian(conv):
     assert "delta-orthogonal" in change.what and abs(change.after["lorth"]) < 1e-10
     nonzero = layer.weight.detach().abs().flatten(2).sum((0, 1)) > 0
     assert int(nonzero.sum()) == 1  # a single tap
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 8, 3, stride=2, padding=1),   # C < M <= C S^2: L_orth's RO case, which one tap cannot meet
+    nn.Conv2d(4, 8, 4, stride=2, padding=1),   # even kernel
+    nn.Conv1d(3, 5, 5, stride=3),
+    nn.Conv2d(6, 4, 3, stride=2, groups=2),
+], ids=["strided", "even", "conv1d", "grouped"])
+def test_isometric_init_reports_the_l_orth_of_the_whole_written_kernel(conv):
+    gm = orthofx.transform(nn.Sequential(conv.double()), isometric(seed=0))
+    layer = gm.get_submodule("0")
+    change = orthofx.manifest_of(gm).changes[0]
+    whole = metrics.lorth(layer.weight.detach() / change.after["scale"], stride=layer.stride[0],
+                          groups=layer.groups)
+    assert change.after["lorth"] == pytest.approx(float(whole), rel=1e-10, abs=1e-20)
 
 
 def test_isometric_init_float32_jacobian_of_a_deep_stack():

@@ -134,11 +134,19 @@ class IsometricInit(Pass):
             if params["bias"] == "zero" and getattr(module, "bias", None) is not None:
                 with torch.no_grad():
                     module.bias.zero_()
-            after = _defect(weight.detach(), module, scale)
+            # a delta-orthogonal kernel has one non-zero tap, and L_orth of a one-tap kernel is that of the 1 x 1
+            # kernel at the same stride (conv(K, K) has only its centre offset): 1 / k^d of the full formula's cost
+            written = _centre_tap(weight.detach()) if is_conv else weight.detach()
+            after = _defect(written, module, scale)
             rows = "rows" if shape[0] < shape[1] else "columns"
             ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
                               what=f"{what} (orthonormal {rows}, scale {scale:.4g})", params=params,
                               before=before, after={**after, "scale": scale}))
+
+
+def _centre_tap(weight: torch.Tensor) -> torch.Tensor:
+    """The tap ``(k - 1) // 2`` of every spatial dimension of a conv weight, as a one-tap (1 x 1) kernel."""
+    return weight[(slice(None), slice(None)) + tuple(slice((k - 1) // 2, (k + 1) // 2) for k in weight.shape[2:])]
 
 
 def _defect(weight: torch.Tensor, module: nn.Module, scale: float) -> dict[str, float | None]:
