@@ -3,7 +3,13 @@
 1. Transform latency: ``orthofx.transform`` with the ``lorth`` preset against torch.ao's ``prepare_fx`` on the same
    model (a 50-conv plain CNN and the ResNet-50-like built-in), and against a bare ``torch.fx.symbolic_trace``.
    Quality bar (DESIGN.md): under 0.5 s for a 50-conv model and no slower than ``prepare_fx``.
-2. L_orth overhead: a training step of the ResNet-18-like built-in with and without ``orthofx.penalty``.
+   The same for every preset that acts on the ResNet-50-like model (``--only presets``): presets that initialise
+   layers from the originals (``orthogonal``: the nearest orthogonal layer; ``isometric``: random orthogonal
+   weights) do linear algebra per layer, and every preset's report figures are computed on the example input.
+2. Training step of each preset (``--only steps``): the ResNet-18-like built-in transformed with each preset,
+   one SGD step (loss + ``orthofx.penalty``, optimizer hooks by ``orthofx.attach``) against the plain model's
+   step, interleaved. The Jacobian preset's costs are in ``jacobian.py``.
+3. L_orth overhead: a training step of the ResNet-18-like built-in with and without ``orthofx.penalty``.
    Quality bar: under 10 % extra time per step.
 
     python benchmarks/core.py            # full
@@ -15,6 +21,7 @@ Writes ``benchmarks/results/core.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -61,6 +68,57 @@ def transform_latency(quick: bool) -> list[dict]:
     return rows
 
 
+PRESETS_ON_RESNET = ("lorth", "orthogonal", "convnorm", "isometric", "jacobian")
+
+
+def preset_latency(quick: bool) -> list[dict]:
+    """``orthofx.transform(resnet50, preset, example_inputs=...)`` for each preset against ``prepare_fx``."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    width = 16 if quick else 64
+    model = orthofx.models.get("resnet50", width=width).eval()
+    x = torch.randn(1, 3, 32, 32)
+    qconfig = get_default_qconfig_mapping("fbgemm")
+    fns = {f"transform {preset}": (lambda preset=preset: orthofx.transform(model, preset, example_inputs=(x,)))
+           for preset in PRESETS_ON_RESNET}
+    fns["prepare_fx"] = lambda: prepare_fx(model, qconfig, (x,))
+    times = interleaved(fns, repeats=3)
+    return [{"benchmark": "transform_preset", "model": f"resnet50(width={width})", "method": name,
+             "seconds": seconds, "ratio_to_prepare_fx": seconds / times["prepare_fx"]}
+            for name, seconds in times.items()]
+
+
+def preset_steps(quick: bool) -> list[dict]:
+    torch.manual_seed(0)
+    width, batch = (16, 8) if quick else (32, 32)
+    model = orthofx.models.get("resnet18", width=width)
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+
+    def step_of(net: nn.Module, penalty: bool):
+        optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+        if penalty:
+            orthofx.attach(optimizer, net)
+
+        def step() -> None:
+            loss = nn.functional.cross_entropy(net(x), y)
+            if penalty:
+                loss = loss + orthofx.penalty(net)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return step
+
+    fns = {"plain step": step_of(copy.deepcopy(model), False)}
+    for preset in ("lorth", "orthogonal", "convnorm", "isometric"):
+        fns[f"{preset} step"] = step_of(orthofx.transform(model, preset, example_inputs=(x,)), True)
+    times = interleaved(fns, repeats=5 if quick else 9)
+    base = times["plain step"]
+    return [{"benchmark": "preset_step", "model": f"resnet18(width={width})", "batch": batch, "method": name,
+             "seconds": seconds, "ratio_to_plain": seconds / base} for name, seconds in times.items()]
+
+
 def lorth_overhead(quick: bool, device: str = "cpu") -> list[dict]:
     torch.manual_seed(0)
     width, batch = (16, 16) if quick else (64, 64)
@@ -91,13 +149,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu", help="device of the L_orth step timing (cuda when a GPU is there)")
-    parser.add_argument("--only", choices=["transform", "lorth"], default=None, help="run one part only")
+    parser.add_argument("--only", choices=["transform", "presets", "steps", "lorth"], default=None, help="run one part only")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "core.json"))
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     if args.only in (None, "transform"):
         rows += transform_latency(args.quick)
+    if args.only in (None, "presets"):
+        rows += preset_latency(args.quick)
+    if args.only in (None, "steps"):
+        rows += preset_steps(args.quick)
     if args.only in (None, "lorth"):
         rows += lorth_overhead(args.quick, args.device)
     from tabulate import tabulate
