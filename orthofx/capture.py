@@ -624,9 +624,9 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
         if concrete_args:
             raise CaptureError("concrete_args is for capture mode 'fx'; with mode 'export', pass every input's "
                                "value in example_inputs instead", module_path="")
-        return _capture_export(model, leaf_types, leaf_paths, inputs)
+        return _with_model_flags(_capture_export(model, leaf_types, leaf_paths, inputs), model)
     try:
-        return _capture_fx(model, leaf_types, leaf_paths, concrete_args, max_retries)
+        return _with_model_flags(_capture_fx(model, leaf_types, leaf_paths, concrete_args, max_retries), model)
     except CaptureError as fx_error:
         if mode == "fx":
             raise
@@ -642,7 +642,26 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
                 f"cannot capture the model: symbolic tracing (fx) failed: {fx_error} -- and torch.export failed "
                 f"too: {export_error}", module_path=fx_error.module_path) from export_error
         info.fx_error = _short_reason(str(fx_error))
-        return gm, info
+        return _with_model_flags((gm, info), model)
+
+
+def _with_model_flags(captured: tuple[torch.fx.GraphModule, CaptureInfo], model: nn.Module
+                      ) -> tuple[torch.fx.GraphModule, CaptureInfo]:
+    """``captured`` with every submodule of its GraphModule in the training mode of the module at the same path
+    in ``model`` (the root's where ``model`` has none). The containers a GraphModule creates for the paths of
+    its submodules are new ``nn.Module``s in training mode: an eval-mode model would otherwise come back with
+    ``layer1``, ``layer1.0`` ... in training mode."""
+    gm, _ = captured
+    for path, module in gm.named_modules():
+        if not path:
+            continue
+        try:
+            source = model.get_submodule(path)
+        except AttributeError:
+            source = model
+        if source is not module:
+            module.training = source.training
+    return captured
 
 
 def input_tuple(example_inputs: Any,

@@ -406,3 +406,19 @@ def test_mode_dependent_forward_gets_two_graphs_and_flags_are_restored():
     plain_gm, plain_info = capture(plain)
     assert not isinstance(plain_gm, ModalGraphModule) and plain_info.mode_dependent == []
     assert capture(plain)[1].warnings == []
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+@pytest.mark.parametrize("training", [False, True])
+def test_captured_containers_take_the_models_training_mode(mode, training):
+    # fx creates a fresh nn.Module (training mode) for every container path such as "body.0"; an eval-mode
+    # model must come back in eval mode throughout, and a model with one submodule in the other mode keeps it
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()),
+                          nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.Linear(4, 2)))
+    model.train(training)
+    model[1][0].train(not training)
+    gm, _ = capture(model, mode=mode, example_inputs=(torch.randn(3, 4),))
+    flags = {path: module.training for path, module in model.named_modules()}
+    for path, module in gm.named_modules():
+        assert module.training == flags.get(path, training), path
+    assert [m.training for m in model.modules()] == list(flags.values())  # the model is left as it was
