@@ -104,7 +104,8 @@ class _Eval:
 
     def __enter__(self):
         self.flags = [(m, m.training) for m in self.module.modules()]
-        self.module.eval()
+        if any(flag for _, flag in self.flags):  # eval() of an eval-mode model would drop the kernel caches
+            self.module.eval()
         self._grad = torch.no_grad()
         self._grad.__enter__()
         return self.module

@@ -207,3 +207,19 @@ def test_tied_weights_that_cannot_share_a_layer_are_impossible_not_silently_unti
     gm = orthofx.transform(model, rule(on_impossible="skip"), example_inputs=(x,))
     assert type(gm.a) is nn.Conv2d and type(gm.b) is nn.Conv2d and gm.a.weight is gm.b.weight
     assert torch.equal(gm(x), model(x))
+
+
+def test_transform_of_an_eval_mode_model_builds_each_kernel_once(monkeypatch):
+    # init_error, the report's output change and the final check on the example input all need the kernel; in
+    # eval mode (autograd off) the layer's cache shares one build between them
+    from orthofx.nn import orthogonal
+    torch.manual_seed(0)
+    model = orthofx.models.get("resnet18", width=4).eval()
+    builds = []
+    unit_kernel = orthogonal._OrthogonalConvNd._unit_kernel
+    monkeypatch.setattr(orthogonal._OrthogonalConvNd, "_unit_kernel",
+                        lambda self, *a, **k: builds.append(self) or unit_kernel(self, *a, **k))
+    gm = orthofx.transform(model, "orthogonal", example_inputs=(orthofx.models.example_input("resnet18"),))
+    layers = [m for m in gm.modules() if isinstance(m, OrthogonalConv2d)]
+    assert len(layers) == 17 and len(builds) == len(layers) and set(map(id, builds)) == set(map(id, layers))
+    assert not any(m.training for m in gm.modules())

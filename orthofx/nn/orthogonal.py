@@ -1074,10 +1074,11 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         lefts = None if alignment == "same" else alignment    # None: _conv_taps' "same" offsets
         if init == "nearest":
             layer._fit(w0, fit_steps, lefts)
-        layer.init_error = layer._relative_error(w0, lefts)
         # a replacement takes the conv's mode: a pass rewriting an eval-mode model must not leave train-mode
-        # layers inside it (and eval mode is what enables the kernel cache of inference)
+        # layers inside it (and eval mode is what enables the kernel cache of inference, which the kernel built
+        # for init_error then fills for the pass's first forward)
         layer.train(conv.training)
+        layer.init_error = layer._relative_error(w0, lefts)
         return layer
 
     @torch.no_grad()
@@ -1088,7 +1089,8 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
             q = self._symbol_taps(self._cayley_unit_symbol(torch.float64)) * self.gain
             return float(torch.linalg.vector_norm(q - q0) / torch.linalg.vector_norm(q0).clamp_min(1e-300))
         t = target.to(torch.float64)
-        return float(torch.linalg.vector_norm(self.weight.to(torch.float64) - t)
+        weight = self._cached("weight", lambda: self.weight)
+        return float(torch.linalg.vector_norm(weight.to(torch.float64) - t)
                      / torch.linalg.vector_norm(t).clamp_min(1e-300))
 
     @torch.no_grad()
