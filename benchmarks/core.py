@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import orthofx
-from timing import interleaved, synchronizer
+from timing import interleaved, synchronizer, training_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -96,23 +96,10 @@ def preset_steps(quick: bool) -> list[dict]:
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
 
-    def step_of(net: nn.Module, penalty: bool):
-        optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-        if penalty:
-            orthofx.attach(optimizer, net)
-
-        def step() -> None:
-            loss = nn.functional.cross_entropy(net(x), y)
-            if penalty:
-                loss = loss + orthofx.penalty(net)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        return step
-
-    fns = {"plain step": step_of(copy.deepcopy(model), False)}
+    fns = {"plain step": training_step(copy.deepcopy(model), x, y, orthofx_terms=False)}
     for preset in ("lorth", "orthogonal", "convnorm", "isometric"):
-        fns[f"{preset} step"] = step_of(orthofx.transform(model, preset, example_inputs=(x,)), True)
+        gm = orthofx.transform(model, preset, example_inputs=(x,))
+        fns[f"{preset} step"] = training_step(gm, x, y, orthofx_terms=True)
     times = interleaved(fns, repeats=5 if quick else 9)
     base = times["plain step"]
     return [{"benchmark": "preset_step", "model": f"resnet18(width={width})", "batch": batch, "method": name,

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 import orthofx
-from timing import interleaved
+from timing import interleaved, training_step
 import orthofx.passes.jacobian_isometry  # noqa: F401  (registers the passes if orthofx.passes does not yet)
 import orthofx.passes.riemannian  # noqa: F401
 
@@ -75,23 +75,6 @@ def synchronized(fn, device: torch.device):
     return call
 
 
-def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, with_penalty: bool, steps: int = 1):
-    """A function running ``steps`` training steps (``every: k`` estimates on one step in k: a call runs k steps,
-    so that every call costs the same and the median is the amortised cost)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step() -> None:
-        for _ in range(steps):
-            loss = nn.functional.cross_entropy(model(x), y)
-            if with_penalty:
-                loss = loss + orthofx.penalty(model)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-    return synchronized(step, x.device)
-
-
 def jacobian_overhead(quick: bool, repeats: int, device: torch.device) -> list[dict]:
     width, batch = (16, 8) if quick else (64, 64)
     cases = {
@@ -109,15 +92,15 @@ def jacobian_overhead(quick: bool, repeats: int, device: torch.device) -> list[d
         model = make()
         x = torch.randn(*shape, device=device)
         y = torch.randint(0, 10, (shape[0],), device=device)
-        fns = {"plain step": training_step(copy.deepcopy(model).to(device), x, y, with_penalty=False)}
+        fns = {"plain step": synchronized(training_step(copy.deepcopy(model).to(device), x, y, False), device)}
         per_call = {"plain step": 1}
         for label, (probes, route, every, fraction) in candidates.items():
             gm = orthofx.transform(model, jacobian_policy(probes, route, every, fraction)).to(device)
-            fns[f"jacobian {label}"] = training_step(gm, x, y, with_penalty=True, steps=every)
+            fns[f"jacobian {label}"] = synchronized(training_step(gm, x, y, True, steps=every), device)
             per_call[f"jacobian {label}"] = every
         if lazy > 1:  # the plain step at the same number of steps per call, for the lazy candidates' ratio
-            fns[f"plain step x{lazy}"] = training_step(copy.deepcopy(model).to(device), x, y, with_penalty=False,
-                                                       steps=lazy)
+            fns[f"plain step x{lazy}"] = synchronized(training_step(copy.deepcopy(model).to(device), x, y, False,
+                                                                    steps=lazy), device)
             per_call[f"plain step x{lazy}"] = lazy
         times = {name: seconds / per_call[name] for name, seconds in interleaved(fns, repeats).items()}
         base = times["plain step"]

@@ -7,6 +7,9 @@ import time
 from typing import Callable
 
 import torch
+from torch import nn
+
+import orthofx
 
 
 def synchronizer(device: str | torch.device) -> Callable[[], None]:
@@ -33,3 +36,24 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int,
             sync()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, orthofx_terms: bool,
+                  steps: int = 1) -> Callable[[], None]:
+    """A function running ``steps`` SGD steps (momentum 0.9) of ``cross_entropy(model(x), y)``, plus
+    ``orthofx.penalty(model)`` and the optimizer hooks (``orthofx.attach``) when ``orthofx_terms``. Several steps
+    per call amortise what happens on one step in k (the Jacobian pass's ``every: k``)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    if orthofx_terms:
+        orthofx.attach(optimizer, model)
+
+    def step() -> None:
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(model(x), y)
+            if orthofx_terms:
+                loss = loss + orthofx.penalty(model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    return step
