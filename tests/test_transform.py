@@ -66,6 +66,17 @@ def test_user_model_is_bitwise_unchanged_including_batchnorm_statistics():
     assert all(p.data_ptr() != q.data_ptr() for p, q in zip(gm.parameters(), model.parameters()))
 
 
+@pytest.mark.parametrize("preset, name", [("lorth", "resnet18"), ("orthogonal", "resnet18"), ("convnorm", "vgg11"),
+                                          ("isometric", "deep_mlp"), ("jacobian", "resnet18"), ("svd", "gcp_cnn"),
+                                          ("svd", "dbn_cnn")])
+@pytest.mark.parametrize("training", [False, True])
+def test_every_module_of_the_result_is_in_the_models_mode(preset, name, training):
+    # the containers a GraphModule creates and the modules passes add are new nn.Modules, in training mode
+    model = orthofx.models.get(name, width=4).train(training)
+    gm = orthofx.transform(model, preset, example_inputs=(orthofx.models.example_input(name),))
+    assert {path for path, module in gm.named_modules() if module.training != training} == set()
+
+
 def test_inplace_shares_the_users_modules():
     model = Mixed()
     gm = orthofx.transform(model, LORTH_ALL, inplace=True)

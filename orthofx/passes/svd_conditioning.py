@@ -504,6 +504,7 @@ def _add_monitor(gm: fx.GraphModule, monitor: cond.DecompositionMonitor) -> str:
         ref = next(iter(gm.buffers()), None)
     if ref is not None:
         monitor.to(ref.device)
+    monitor.train(gm.training)  # a new module is in training mode; the transformed model keeps the model's mode
     gm.add_submodule(name, monitor)
     return name
 
