@@ -80,6 +80,7 @@ def test_cayley_fft_nearest_start_of_disjoint_window_convs_is_the_polar_factor(c
     # real, and real Cayley transforms are rotations: with det -1 the reachable nearest is Kabsch's rotation.
     torch.manual_seed(0)
     conv = conv.double()
+    conv.reset_parameters()  # weights from this seed, not from the RNG state when the test file was collected
     x = torch.randn(2, conv.in_channels, *size, dtype=torch.float64)
     rule = {"match": {"type": type(conv).__name__}, "apply": "orthogonal_conv", "with": {"method": "cayley_fft"}}
     gm = orthofx.transform(nn.Sequential(conv), {"rules": [rule]}, example_inputs=(x,))
@@ -91,8 +92,10 @@ def test_cayley_fft_nearest_start_of_disjoint_window_convs_is_the_polar_factor(c
     conv_fn = nn.functional.conv2d if conv.weight.ndim == 4 else nn.functional.conv1d
     expected = conv_fn(x, (u @ vh).reshape(conv.weight.shape), conv.bias, conv.stride)
     with torch.no_grad():
-        # up to the clamp of eigenvalues near -1 (angle pi - 0.01), which no Cayley transform reaches
-        assert torch.linalg.vector_norm(gm(x) - expected) <= 2e-3 * torch.linalg.vector_norm(expected)
+        # up to the clamp of eigenvalues near -1 (angle pi - 0.01), which no Cayley transform reaches: it moves
+        # eigenvalues of a unitary by at most 0.01, so the isometric layer's output by at most 0.01 ||x||
+        # (the bug: 0.3-0.66 of it)
+        assert torch.linalg.vector_norm(gm(x) - expected) <= 1e-2 * torch.linalg.vector_norm(x)
 
 
 # ------------------------------------------------------------------------------ input validation
