@@ -206,6 +206,11 @@ def _layer_pads(padding, kernel_size: tuple[int, ...], dilation: tuple[int, ...]
     return tuple((v, v) for v in p)
 
 
+def _dilated_extent(kernel_size: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
+    """``k_e = D (k - 1) + 1`` per dimension: the span of the dilated kernel's taps."""
+    return tuple(di * (ki - 1) + 1 for ki, di in zip(kernel_size, dilation))
+
+
 def convnorm_geometry(input_size: Sequence[int], kernel_size, stride=1, padding=0, dilation=1) -> ConvNormGeometry:
     """The grid on which ConvNorm is exact for a conv layer and an input size (see the module docstring).
 
@@ -220,8 +225,7 @@ def convnorm_geometry(input_size: Sequence[int], kernel_size, stride=1, padding=
         raise LayerArgumentError(f"kernel_size, stride and dilation must be positive, got {k}, {s}, {dil}")
     pads = _layer_pads(padding, k, dil)
     ql, qr, grid, start, out = [], [], [], [], []
-    for ni, ki, si, di, (pl, pr) in zip(n, k, s, dil, pads):
-        ke = di * (ki - 1) + 1
+    for ni, ke, si, (pl, pr) in zip(n, _dilated_extent(k, dil), s, pads):
         if ni + pl + pr < ke:
             raise LayerArgumentError(f"input size {n} (padded by {[p for p in pads]}) is smaller than the dilated "
                                      f"kernel extent {ke} in some dimension (as for the plain convolution): use "
@@ -269,7 +273,7 @@ def _power(weight: torch.Tensor, grid: Sequence[int], dilation) -> torch.Tensor:
     grid = tuple(int(v) for v in grid)
     dil = _ntuple(dilation, d, "dilation")
     ks = tuple(weight.shape[2:])
-    extent = tuple(di * (ki - 1) + 1 for ki, di in zip(ks, dil))
+    extent = _dilated_extent(ks, dil)
     if len(grid) != d or any(g < e for g, e in zip(grid, extent)):
         raise LayerArgumentError(f"grid {grid} must have {d} sizes, each at least the dilated kernel extent "
                                  f"{extent}")
@@ -706,23 +710,22 @@ class FrozenConvNormNd(nn.Module):
             self.pre_pad = []
             self.geometry_padding = conv.padding
         # Q depends only on the padding and the kernel: any input size gives it
-        probe = convnorm_geometry(tuple(e + 1 for e in self._extent()), self.kernel_size, self.stride,
-                                  self.geometry_padding, self.dilation)
+        probe = convnorm_geometry(tuple(e + 1 for e in _dilated_extent(self.kernel_size, self.dilation)),
+                                  self.kernel_size, self.stride, self.geometry_padding, self.dilation)
         ql, qr = probe.pad_left, probe.pad_right
         symmetric = ql == qr
         self.extra_pad = [] if symmetric else [p for pair in reversed(list(zip(ql, qr))) for p in pair]
         weight = conv.weight.detach()
+        # the scaled form is the layer's own conv; the filtered form is its stride-1 correlation on the grid
+        stride, padding, padding_mode = ((self.stride, conv.padding, conv.padding_mode) if self._scaled_conv
+                                         else (1, ql if symmetric else 0, "zeros"))
+        self.conv = type(conv)(conv.in_channels, conv.out_channels, self.kernel_size, stride=stride, padding=padding,
+                               dilation=self.dilation, groups=conv.groups, bias=False, padding_mode=padding_mode,
+                               device=weight.device, dtype=weight.dtype)
         if self._scaled_conv:
-            self.conv = type(conv)(conv.in_channels, conv.out_channels, self.kernel_size, stride=self.stride,
-                                   padding=conv.padding, dilation=self.dilation, groups=conv.groups, bias=False,
-                                   padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
-            scale = channel_scale.to(weight.device, torch.float64).view((-1,) + (1,) * (d + 1))
-            self.conv.weight.data.copy_(weight.to(torch.float64) * scale)
-        else:
-            self.conv = type(conv)(conv.in_channels, conv.out_channels, self.kernel_size, stride=1,
-                                   padding=ql if symmetric else 0, dilation=self.dilation, groups=conv.groups,
-                                   bias=False, device=weight.device, dtype=weight.dtype)
-            self.conv.weight.data.copy_(weight)
+            weight = weight.to(torch.float64) * channel_scale.to(weight.device, torch.float64).view(
+                (-1,) + (1,) * (d + 1))
+        self.conv.weight.data.copy_(weight)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
         self.affine = None if affine is None else copy.deepcopy(affine)
         self._sizes: dict[tuple[int, ...], tuple[int, ...] | None] = {}
@@ -730,9 +733,6 @@ class FrozenConvNormNd(nn.Module):
             grid = tuple(int(g) for g in grid)
             self.register_buffer(_FROZEN_PREFIX + "x".join(map(str, grid)), v)
             self._sizes[grid] = None if size is None else tuple(size)
-
-    def _extent(self) -> tuple[int, ...]:
-        return tuple(dl * (k - 1) + 1 for k, dl in zip(self.kernel_size, self.dilation))
 
     @property
     def grids(self) -> list[tuple[int, ...]]:
