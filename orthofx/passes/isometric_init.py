@@ -81,10 +81,9 @@ def delta_orthogonal_(weight: torch.Tensor, scale: float = 1.0, generator: torch
     if out % groups:
         raise ValueError(f"{out} output channels are not divisible by groups={groups}")
     q = stiefel.random_orthonormal(out // groups, per_group, groups, generator=generator, dtype=torch.float64)
-    tap = tuple((k - 1) // 2 for k in weight.shape[2:])
     with torch.no_grad():
         weight.zero_()
-        weight[(slice(None), slice(None)) + tap] = (scale * q).reshape(out, per_group).to(
+        weight[(slice(None), slice(None)) + _centre(weight)] = (scale * q).reshape(out, per_group).to(
             device=weight.device, dtype=weight.dtype)
     return weight
 
@@ -144,9 +143,14 @@ class IsometricInit(Pass):
                               before=before, after={**after, "scale": scale}))
 
 
+def _centre(weight: torch.Tensor) -> tuple[int, ...]:
+    """The tap a delta-orthogonal fill uses: ``(k - 1) // 2`` in every spatial dimension of a conv weight."""
+    return tuple((k - 1) // 2 for k in weight.shape[2:])
+
+
 def _centre_tap(weight: torch.Tensor) -> torch.Tensor:
-    """The tap ``(k - 1) // 2`` of every spatial dimension of a conv weight, as a one-tap (1 x 1) kernel."""
-    return weight[(slice(None), slice(None)) + tuple(slice((k - 1) // 2, (k + 1) // 2) for k in weight.shape[2:])]
+    """That tap as a one-tap (1 x 1) kernel."""
+    return weight[(slice(None), slice(None)) + tuple(slice(t, t + 1) for t in _centre(weight))]
 
 
 def _defect(weight: torch.Tensor, module: nn.Module, scale: float) -> dict[str, float | None]:
