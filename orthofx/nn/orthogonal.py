@@ -306,6 +306,12 @@ def _inverse_cayley(unitary: torch.Tensor, max_angle: float = math.pi - 1e-2) ->
     return 0.5 * (a - a.mH)
 
 
+def _relative_distance(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||value - reference||_F / ||reference||_F`` in float64 (a layer's ``init_error``)."""
+    value, reference = value.to(torch.float64), reference.to(torch.float64)
+    return float(torch.linalg.vector_norm(value - reference) / torch.linalg.vector_norm(reference).clamp_min(1e-300))
+
+
 def _check_input(x: torch.Tensor, dims: int, channels: int, name: str) -> None:
     """Refuse an input that is not ``(B, channels, *spatial)`` or ``(channels, *spatial)`` with ``dims`` spatial
     dimensions. The Fourier-domain forward reshapes ``(B, C, ...)`` with ``-1`` for the batch, so a wrong channel
@@ -1087,11 +1093,8 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
             g, M, C = self.groups, self._M, self._C
             q0 = self._conv_taps(target.to(torch.float64).reshape(g, M, C, *target.shape[2:]), lefts)
             q = self._symbol_taps(self._cayley_unit_symbol(torch.float64)) * self.gain
-            return float(torch.linalg.vector_norm(q - q0) / torch.linalg.vector_norm(q0).clamp_min(1e-300))
-        t = target.to(torch.float64)
-        weight = self._cached("weight", lambda: self.weight)
-        return float(torch.linalg.vector_norm(weight.to(torch.float64) - t)
-                     / torch.linalg.vector_norm(t).clamp_min(1e-300))
+            return _relative_distance(q, q0)
+        return _relative_distance(self._cached("weight", lambda: self.weight), target)
 
     @torch.no_grad()
     def _procrustes(self, target: torch.Tensor) -> None:
@@ -1419,8 +1422,7 @@ class OrthogonalLinear(_EvalCache, nn.Module):
             if init == "nearest":
                 polar = project_to_stiefel(w0.to(layer.compute_dtype) / layer.gain)
                 layer.raw_weight.copy_(polar.to(layer.raw_weight))
-            t = w0.to(torch.float64)
-            layer.init_error = float(torch.linalg.vector_norm(layer.weight.to(torch.float64) - t)
-                                     / torch.linalg.vector_norm(t).clamp_min(1e-300))
         layer.train(linear.training)  # the replacement takes the linear's mode (see from_conv)
+        with torch.no_grad():
+            layer.init_error = _relative_distance(layer._cached("weight", lambda: layer.weight), w0)
         return layer
