@@ -136,7 +136,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu", help="device of the L_orth step timing (cuda when a GPU is there)")
-    parser.add_argument("--only", choices=["transform", "presets", "steps", "lorth"], default=None, help="run one part only")
+    parser.add_argument("--only", choices=["transform", "presets", "steps", "lorth"], default=None,
+                        help="run one part only")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "core.json"))
     args = parser.parse_args()

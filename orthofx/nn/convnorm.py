@@ -88,8 +88,8 @@ the weight (the inverse transforms run one axis at a time and keep only the outp
 ``S``). A one-tap (1 x 1) kernel needs no FFT at all: its ``V`` is ``(||w_m||^2 + eps)^(-1/2)`` at every
 frequency, so ConvNorm is the layer's own conv with channel ``m`` scaled by it (also in training), and without
 running filters it freezes into that conv with scaled weights, for every input size. The grids are those of the
-input sizes the layer has run on (each eager forward remembers its spatial input size, the 16 most recent ones; ``orthofx.transform`` runs the model once on its example inputs),
-the grids of the running filters, and any ``input_sizes`` passed to ``to_plain``. Eval outputs equal the
+input sizes the layer has run on (each eager forward remembers its spatial input size, the 16 most recent
+ones; ``orthofx.transform`` runs the model once on its example inputs), the grids of the running filters, and any ``input_sizes`` passed to ``to_plain``. Eval outputs equal the
 unfrozen layer's in eval (same operations). An input whose grid has no precomputed filter raises
 :class:`~orthofx.errors.LayerArgumentError` naming the size, the grid, the sizes it has and the fix (run the
 unfrozen model on that size before freezing, or ``to_plain(input_sizes=[...])``), where the unfrozen layer
