@@ -476,14 +476,19 @@ def _frozen_types():
     return ConvNormConvNd, FrozenConvNormNd
 
 
-@pytest.mark.parametrize("kernel, stride, padding, dilation, groups, bias, size", CASES[:6])
-def test_to_plain_matches_the_direct_construction_and_eval(kernel, stride, padding, dilation, groups, bias, size):
-    torch.manual_seed(7)
+def _eval_and_frozen(seed, kernel, stride, padding, dilation, groups, bias, size):
+    """A 4 -> 6 ConvNorm layer (eps 1e-4) of one CASES row in eval mode: its conv, the layer, an input, the
+    layer's output on it, and the layer's frozen form."""
+    torch.manual_seed(seed)
     conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
     layer = ConvNormConv2d(conv, eps=1e-4).eval()
     x = torch.randn(2, 4, *size)
-    y = layer(x)
-    frozen = layer.to_plain()
+    return conv, layer, x, layer(x), layer.to_plain()
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation, groups, bias, size", CASES[:6])
+def test_to_plain_matches_the_direct_construction_and_eval(kernel, stride, padding, dilation, groups, bias, size):
+    conv, layer, x, y, frozen = _eval_and_frozen(7, kernel, stride, padding, dilation, groups, bias, size)
     _, FrozenConvNormNd = _frozen_types()
     assert isinstance(frozen, FrozenConvNormNd) and not frozen.training
     assert type(frozen.conv) is nn.Conv2d and frozen.conv.stride == (1, 1) and frozen.conv.bias is None
@@ -522,12 +527,7 @@ def test_one_tap_layers_freeze_into_their_own_conv_with_scaled_weights(kernel, s
     # (it was a stride-1 conv on the whole grid plus an FFT filter: 4x the conv's work at stride 2).
     import orthofx.nn.convnorm as cn
 
-    torch.manual_seed(9)
-    conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
-    layer = ConvNormConv2d(conv, eps=1e-4).eval()
-    x = torch.randn(2, 4, *size)
-    y = layer(x)
-    frozen = layer.to_plain()
+    conv, layer, x, y, frozen = _eval_and_frozen(9, kernel, stride, padding, dilation, groups, bias, size)
     assert frozen.conv.stride == conv.stride and frozen.conv.padding == conv.padding and frozen.grids == []
 
     def fail(*args, **kwargs):
