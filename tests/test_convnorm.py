@@ -361,6 +361,28 @@ def test_half_precision_and_properties():
     assert layer.out_channels == 4 and layer.kernel_size == (3, 3)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_autocast_normalises_in_float32(stride):
+    # under autocast the conv runs in bfloat16 (autocast's choice) but the Fourier normalisation must not: the
+    # reference takes that same bfloat16 conv output and normalises it in float64 with V from explicit DFT sums
+    torch.manual_seed(0)
+    layer = ConvNormConv2d(nn.Conv2d(4, 6, 3, stride=stride, padding=1, bias=False))
+    x = torch.randn(2, 4, 9, 9)
+    geo = convnorm_geometry((9, 9), (3, 3), (stride, stride), (1, 1), (1, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        z = F.conv2d(F.pad(x, (geo.pad_left[1], geo.pad_right[1], geo.pad_left[0], geo.pad_right[0])),
+                     layer.weight)
+    assert z.dtype == torch.bfloat16 and tuple(z.shape[2:]) == geo.grid
+    v = _filter_by_dft_sums(layer.weight.detach(), geo.grid, (1, 1), layer.eps)
+    full = torch.fft.irfftn(torch.fft.rfftn(z.double(), s=geo.grid) * v, s=geo.grid)
+    rows, cols = [slice(st, st + sd * (no - 1) + 1, sd)
+                  for st, sd, no in zip(geo.start, geo.stride, geo.output_size)]
+    expected = full[..., rows, cols]
+    assert y.shape == expected.shape
+    assert float((y.detach().double() - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="transposed"):
         ConvNormConv2d(nn.ConvTranspose2d(3, 4, 3))

@@ -158,6 +158,27 @@ def test_inductor_fullgraph_matches_eager_on_cuda(preset, name):
     gm.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("preset", ["convnorm", "lorth", "orthogonal"])
+def test_inductor_under_bf16_autocast_matches_eager_on_cuda(preset):
+    # ConvNorm's FFT once met a bfloat16 conv output here and inductor could not trace it
+    gm, x, y = _setup(preset, "small_cnn")
+    gm = gm.cuda().train()
+    x, y = x.cuda(), y.cuda()
+
+    def loss_fn(inputs):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return F.cross_entropy(gm(inputs).float(), y) + orthofx.penalty(gm)
+
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(loss_fn, fullgraph=True)(x)
+        expected = loss_fn(x)
+    finally:
+        torch._dynamo.reset()
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+
+
 def test_frozen_model_on_cuda_matches_transformed():
     gm, x, _ = _setup("orthogonal", "small_cnn")
     gm = gm.cuda().eval()

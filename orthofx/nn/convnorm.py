@@ -321,8 +321,11 @@ def _normalise(z: torch.Tensor, v: torch.Tensor, geo: ConvNormGeometry) -> torch
 
     The transforms run one axis at a time so that each inverse keeps only the rows the layer outputs before the
     next axis is transformed (a strided layer keeps 1 / S of them): 5-40 % faster than the full ``irfftn`` and a
-    crop on CPU, the same numbers."""
+    crop on CPU, the same numbers. Under ``torch.autocast`` the conv before it gives a half-precision ``z``: the
+    normalisation still runs in float32 (``V`` spans orders of magnitude; rounded to bfloat16 it would be off by
+    up to 0.4 %, and inductor on CUDA has no half-precision FFT)."""
     d = len(geo.grid)
+    z = z.to(_real_dtype(z.dtype))
     spectrum = torch.fft.rfft(z, dim=-1)
     for dim in range(-d, -1):
         spectrum = torch.fft.fft(spectrum, dim=dim)
