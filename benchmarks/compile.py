@@ -9,6 +9,9 @@ compiled (``torch.compile(fullgraph=True)``, inductor, default mode), interleave
 * ``eval``: ``gm(x)`` under ``torch.no_grad()``; for the ``orthogonal`` variant, also the frozen model
   (``orthofx.freeze``: plain convolutions), whose ratio to the plain model is the frozen-inference figure.
 
+The ``jacobian`` preset's training loss compiles without ``fullgraph`` (its estimate is a documented graph
+break, ``TRAINING_GRAPH_BREAKS``); every other cell uses ``fullgraph=True``.
+
 Variants: ``plain`` (the untransformed built-in), and the presets given by ``--presets`` (default ``lorth
 orthogonal convnorm``). Each row also records the cold compile time (first compiled call) and the relative
 difference between compiled and eager outputs.
@@ -38,6 +41,8 @@ from timing import interleaved, synchronizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+# presets whose training loss has a documented graph break: compiled without fullgraph (README, torch.compile)
+TRAINING_GRAPH_BREAKS = {"jacobian": "the Jacobian estimate runs eagerly (aot_autograd has no double backward)"}
 
 
 def _autocast(device: str, precision: str):
@@ -57,7 +62,7 @@ def _variant(name: str, width: int, x: torch.Tensor, device: str) -> torch.nn.Mo
         return orthofx.transform(model, name, example_inputs=(x.cpu()[:2],)).to(device)
 
 
-def _train_rows(name, model, x, y, device, precision, repeats) -> list[dict]:
+def _train_rows(name, model, x, y, device, precision, repeats, mode=None) -> list[dict]:
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
@@ -67,10 +72,13 @@ def _train_rows(name, model, x, y, device, precision, repeats) -> list[dict]:
         loss = F.cross_entropy(model(inputs), y)
         return loss + orthofx.penalty(model) if carries_penalty else loss
 
-    compiled = torch.compile(loss_fn, fullgraph=True)
+    fullgraph = name not in TRAINING_GRAPH_BREAKS
+    compiled = torch.compile(loss_fn, fullgraph=fullgraph, mode=mode)
     sync = synchronizer(device)
 
     def step(fn):
+        if fn is compiled:  # CUDA graphs (reduce-overhead) reuse their output memory: one step per replay
+            torch.compiler.cudagraph_mark_step_begin()
         with _autocast(device, precision):
             loss = fn(x)
         optimizer.zero_grad(set_to_none=True)
@@ -84,17 +92,19 @@ def _train_rows(name, model, x, y, device, precision, repeats) -> list[dict]:
     sync()
     cold = time.perf_counter() - start
     with torch.no_grad(), _autocast(device, precision):
-        eager_loss, compiled_loss = loss_fn(x).float(), compiled(x).float()
+        eager_loss = loss_fn(x).float().clone()
+        torch.compiler.cudagraph_mark_step_begin()
+        compiled_loss = compiled(x).float().clone()
     times = interleaved({"eager": lambda: step(loss_fn), "compiled": lambda: step(compiled)}, repeats, sync)
     return [{"variant": name, "precision": precision, "mode": "train", "eager_ms": times["eager"] * 1e3,
              "compiled_ms": times["compiled"] * 1e3, "speedup": times["eager"] / times["compiled"],
-             "cold_compile_s": cold,
+             "cold_compile_s": cold, "fullgraph": fullgraph, "compile_mode": mode or "default",
              "rel_diff": float((compiled_loss - eager_loss).abs() / eager_loss.abs().clamp_min(1e-12))}]
 
 
-def _eval_rows(name, model, x, device, precision, repeats, reference_ms=None) -> list[dict]:
+def _eval_rows(name, model, x, device, precision, repeats, mode=None) -> list[dict]:
     model.eval()
-    compiled = torch.compile(model, fullgraph=True)
+    compiled = torch.compile(model, fullgraph=True, mode=mode)
     sync = synchronizer(device)
 
     def infer(fn):
@@ -110,7 +120,7 @@ def _eval_rows(name, model, x, device, precision, repeats, reference_ms=None) ->
     times = interleaved({"eager": lambda: infer(model), "compiled": lambda: infer(compiled)}, repeats, sync)
     row = {"variant": name, "precision": precision, "mode": "eval", "eager_ms": times["eager"] * 1e3,
            "compiled_ms": times["compiled"] * 1e3, "speedup": times["eager"] / times["compiled"],
-           "cold_compile_s": cold,
+           "cold_compile_s": cold, "compile_mode": mode or "default",
            "rel_diff": float((compiled_out - eager_out).norm() / eager_out.norm().clamp_min(1e-12))}
     return [row]
 
@@ -124,6 +134,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--mode", default=None, help="torch.compile mode (default, reduce-overhead: CUDA graphs, "
+                                                     "max-autotune)")
     parser.add_argument("--quick", action="store_true", help="width 8, batch 8, 3 repeats (CPU smoke run)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "compile.json"))
     args = parser.parse_args()
@@ -143,13 +155,14 @@ def main() -> None:
                 torch._dynamo.reset()
                 try:
                     if mode == "train":
-                        new = _train_rows(name, model, x, y, args.device, precision, args.repeats)
+                        new = _train_rows(name, model, x, y, args.device, precision, args.repeats, args.mode)
                     else:
-                        new = _eval_rows(name, model, x, args.device, precision, args.repeats)
+                        new = _eval_rows(name, model, x, args.device, precision, args.repeats, args.mode)
                         if name != "plain" and hasattr(orthofx, "freeze"):
                             torch._dynamo.reset()
                             frozen = orthofx.freeze(model)
-                            new += _eval_rows(f"{name} frozen", frozen, x, args.device, precision, args.repeats)
+                            new += _eval_rows(f"{name} frozen", frozen, x, args.device, precision, args.repeats,
+                                              args.mode)
                 except Exception as exc:  # a failed cell is a finding: record it, go on
                     new = [{"variant": name, "precision": precision, "mode": mode,
                             "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}]

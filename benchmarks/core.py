@@ -89,21 +89,25 @@ def preset_latency(quick: bool) -> list[dict]:
             for name, seconds in times.items()]
 
 
-def preset_steps(quick: bool) -> list[dict]:
+def preset_steps(quick: bool, device: str = "cpu") -> list[dict]:
+    """Eager training step of each preset against the plain step (CPU: width 32, batch 32; CUDA: width 64,
+    batch 128, the shape of ``compile.py``)."""
     torch.manual_seed(0)
-    width, batch = (16, 8) if quick else (32, 32)
+    on_gpu = device.startswith("cuda")
+    width, batch = (16, 8) if quick else ((64, 128) if on_gpu else (32, 32))
     model = orthofx.models.get("resnet18", width=width)
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
 
-    fns = {"plain step": training_step(copy.deepcopy(model), x, y, orthofx_terms=False)}
-    for preset in ("lorth", "orthogonal", "convnorm", "isometric"):
-        gm = orthofx.transform(model, preset, example_inputs=(x,))
-        fns[f"{preset} step"] = training_step(gm, x, y, orthofx_terms=True)
-    times = interleaved(fns, repeats=5 if quick else 9)
+    fns = {"plain step": training_step(copy.deepcopy(model).to(device), x.to(device), y.to(device),
+                                       orthofx_terms=False)}
+    for preset in ("lorth", "orthogonal", "convnorm", "isometric", "jacobian"):
+        gm = orthofx.transform(model, preset, example_inputs=(x[:2],)).to(device)
+        fns[f"{preset} step"] = training_step(gm, x.to(device), y.to(device), orthofx_terms=True)
+    times = interleaved(fns, repeats=5 if quick else 9, sync=synchronizer(device))
     base = times["plain step"]
-    return [{"benchmark": "preset_step", "model": f"resnet18(width={width})", "batch": batch, "method": name,
-             "seconds": seconds, "ratio_to_plain": seconds / base} for name, seconds in times.items()]
+    return [{"benchmark": "preset_step", "model": f"resnet18(width={width})", "batch": batch, "device": device,
+             "method": name, "seconds": seconds, "ratio_to_plain": seconds / base} for name, seconds in times.items()]
 
 
 def lorth_overhead(quick: bool, device: str = "cpu") -> list[dict]:
@@ -135,7 +139,8 @@ def lorth_overhead(quick: bool, device: str = "cpu") -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu", help="device of the L_orth step timing (cuda when a GPU is there)")
+    parser.add_argument("--device", default="cpu",
+                        help="device of the L_orth and per-preset step timings (cuda when a GPU is there)")
     parser.add_argument("--only", choices=["transform", "presets", "steps", "lorth"], default=None,
                         help="run one part only")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -149,7 +154,7 @@ def main() -> None:
     if args.only in (None, "presets"):
         rows += preset_latency(args.quick)
     if args.only in (None, "steps"):
-        rows += preset_steps(args.quick)
+        rows += preset_steps(args.quick, args.device)
     if args.only in (None, "lorth"):
         rows += lorth_overhead(args.quick, args.device)
     from tabulate import tabulate

@@ -25,7 +25,12 @@ input grid). Layers:
 * ``orthofx convnorm``         :class:`orthofx.nn.convnorm.ConvNormConv2d` around the zero-padded ``nn.Conv2d``
                               (P3's normalisation, computed on every training forward from the detached kernel;
                               not an orthogonal conv: rows orthonormal per output channel, so no max|sigma - 1|);
-* ``orthogonium AOC`` / ``torchlip SpectralConv2d`` when those packages import (optional).
+* ``orthogonium AOC`` / ``torchlip SpectralConv2d`` when those packages import (optional);
+* ``... (compiled)``           with ``--compile MODE``: ``torch.compile(layer, mode=MODE)`` of nn.Conv2d, of
+                              orthofx's first exact method (build f32) and of orthogonium's AOC, at the first
+                              input size only (a cold compile per layer costs seconds to tens of seconds).
+                              ``reduce-overhead`` replays CUDA graphs: the kernel build is many small launches,
+                              which is what a graph removes.
 
 Usage::
 
@@ -163,6 +168,13 @@ def build_layers(c_in, c_out, k, stride, device, n, cayley_max_n=None):
     return {name: m.to(device) for name, m in layers.items()}
 
 
+def compiled_layers(layers: dict, mode: str) -> dict:
+    """``torch.compile`` of the baseline, of orthofx's first exact method (build f32) and of orthogonium's AOC."""
+    picked = ["nn.Conv2d"] + [name for name in layers if name.endswith("(build f32)")][:1] + \
+        [name for name in layers if name.startswith("orthogonium")]
+    return {f"{name} (compiled)": torch.compile(layers[name], mode=mode) for name in picked}
+
+
 def step(module, x):
     module.zero_grad(set_to_none=True)
     x.grad = None
@@ -186,6 +198,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--cayley-max-n", type=int, default=None,
                         help="skip cayley_fft where N = max(M, C S^2) exceeds this (default: 128 with --quick)")
+    parser.add_argument("--compile", default=None, metavar="MODE",
+                        help="also time torch.compile(mode=MODE) forms at the first input size "
+                             "(default, reduce-overhead, max-autotune)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "orthogonal_layers.json"))
     args = parser.parse_args(argv)
     batch = args.batch or (8 if args.quick else 64)
@@ -202,6 +217,8 @@ def main(argv=None):
             layers = build_layers(c_in, c_out, k, stride, device, n, cayley_max_n)
             layers = {name: m for name, m in layers.items()
                       if name == "nn.Conv2d" or not any(part in name for part in args.skip)}
+            if args.compile and n == SIZES[0]:
+                layers.update(compiled_layers(layers, "default" if args.compile == "default" else args.compile))
             x = torch.randn(batch, c_in, n, n, device=device, requires_grad=True)
             times = {name: [] for name in layers}
             for name, m in layers.items():  # warm-up
@@ -226,7 +243,9 @@ def main(argv=None):
                     "ratio_to_conv": med / base,
                     "min_ms": min(times[name]) * 1e3,
                     "min_ratio_to_conv": min(times[name]) / base_min,
-                    "max_abs_sigma_minus_1": sigma_error(m.cpu(), n, stride),
+                    # a compiled form shares its layer's kernel: its row would repeat the figure
+                    "max_abs_sigma_minus_1": None if name.endswith("(compiled)") else sigma_error(m.cpu(), n,
+                                                                                                  stride),
                 })
                 m.to(device)
             print_rows(rows[-len(layers):])
@@ -235,7 +254,7 @@ def main(argv=None):
     meta = {
         "device": str(device), "batch": batch, "reps": reps, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "platform": platform.platform(), "quick": args.quick,
-        "cayley_max_n": cayley_max_n,
+        "cayley_max_n": cayley_max_n, "compile": args.compile,
         "timing": "median and min forward+backward (loss = mean(y^2)), layers interleaved round-robin",
     }
     out = Path(args.out)
