@@ -402,6 +402,60 @@ def test_orthonormal_helper():
     torch.testing.assert_close(wide @ wide.T, eye)
 
 
+def _sign_fixed_q(a: torch.Tensor) -> torch.Tensor:
+    """Q of a = QR with diag(R) >= 0 (a column-by-column sign fix, written here)."""
+    Q, R = torch.linalg.qr(a)
+    for j in range(Q.shape[1]):
+        if R[j, j] < 0:
+            Q[:, j] = -Q[:, j]
+    return Q
+
+
+def _bcop_kernel_by_definition(layer) -> torch.Tensor:
+    r"""The kernel of a square stride-1 BCOP layer (groups 1) from its parameters, tap by tap in float64.
+
+    Per dimension a chain of blocks :math:`P_j + (I - P_j) z` (``P_j = Q_j Q_j^T``; block ``j`` takes the next
+    unused basis of ``proj_a`` for even ``j`` and ``proj_b`` for odd ``j``, counting across dimensions, a zero
+    projector where the class has rank 0), each new block on the left; the kernel is
+    ``K[p_1, ..., p_d] = W T_1[p_1] ... T_d[p_d]`` with ``W`` the orthonormal ``matrix``."""
+    n = layer.in_channels
+    eye = torch.eye(n, dtype=torch.float64)
+    used = {"a": 0, "b": 0}
+    chains = []
+    for k in layer.kernel_size:
+        taps = [eye]
+        for j in range(k - 1):
+            cls = "a" if j % 2 == 0 else "b"
+            raw = getattr(layer, f"proj_{cls}")
+            if raw is None:
+                P = torch.zeros(n, n, dtype=torch.float64)
+            else:
+                Q = _sign_fixed_q(raw[0, used[cls]].detach().double())
+                P = Q @ Q.T
+            used[cls] += 1
+            zero = torch.zeros(n, n, dtype=torch.float64)
+            taps = [(P @ taps[p] if p < len(taps) else zero) + ((eye - P) @ taps[p - 1] if p > 0 else zero)
+                    for p in range(len(taps) + 1)]
+        chains.append(taps)
+    W = _sign_fixed_q(layer.matrix[0].detach().double())
+    K = torch.zeros(n, n, *layer.kernel_size, dtype=torch.float64)
+    for p in itertools.product(*(range(k) for k in layer.kernel_size)):
+        product = W
+        for chain, tap in zip(chains, p):
+            product = product @ chain[tap]
+        K[(slice(None), slice(None)) + p] = product
+    return K
+
+
+@pytest.mark.parametrize("d, n, k", [(1, 6, 4), (1, 5, 4), (1, 1, 3), (2, 4, 3), (2, 5, (2, 4)), (2, 3, 3)])
+def test_bcop_kernel_is_the_product_of_its_blocks(d, n, k):
+    # both QR paths (even n: one QR for both projector classes; odd n: one each) and rank-0 blocks (n = 1)
+    torch.manual_seed(0)
+    layer = CLS[d](n, n, k, method="bcop", dtype=torch.float64, bias=False)
+    expected = _bcop_kernel_by_definition(layer)
+    torch.testing.assert_close(layer.weight.detach(), expected, rtol=0, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------- bad arguments
 
 

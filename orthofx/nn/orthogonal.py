@@ -801,28 +801,52 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
                 self.proj_a[:, ia] = full[..., :ra].to(self.proj_a)
                 self.proj_b[:, ib] = full[..., ra:].to(self.proj_b)
 
+    def _projector_bases(self, cd: torch.dtype) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Orthonormal bases ``(g, n, r)`` of the projector blocks, per class (``"a"``, ``"b"``; empty if absent;
+        a sequence, or one fx proxy under symbolic tracing).
+
+        One batched QR for both classes when their ranks agree (even ``n``), and ``unbind`` rather than indexing
+        per block (its backward is one stack): on a GPU the build is bound by kernel launches, and each QR with
+        its backward is a few dozen of them."""
+        a, b = self.proj_a, self.proj_b
+        if a is not None and b is not None and self._ra == self._rb:
+            count_a = sum(cls == "a" for blocks in self._block_index for cls, _ in blocks)
+            bases = orthonormal(torch.cat([a, b], dim=1).to(cd), tall=True).unbind(1)
+            return {"a": bases[:count_a], "b": bases[count_a:]}
+        return {"a": orthonormal(a.to(cd), tall=True).unbind(1) if a is not None else (),
+                "b": orthonormal(b.to(cd), tall=True).unbind(1) if b is not None else ()}
+
     def _chains(self, cd: torch.dtype) -> list[torch.Tensor | None]:
-        """Per spatial dimension, the 1-D kernel of its blocks, ``(g, k'_i, n, n)`` (tap, out, in), or None."""
+        r"""Per spatial dimension, the 1-D kernel of its blocks, ``(g, k'_i, n, n)`` (tap, out, in), or None.
+
+        Block :math:`j` with projector :math:`P = QQ^T` maps a chain :math:`T` to :math:`T'[p] = P\,T[p] +
+        (I - P)\,T[p - 1]`. The chain is kept as ``(g, n, taps, n)`` so that :math:`Q^T T` is one matrix product
+        over all taps; the first block of a dimension is :math:`[P, I - P]` itself. Fewer, larger operations
+        than a product per tap: on a GPU the build is bound by kernel launches."""
         g, n = self.groups, self._n
-        qa = orthonormal(self.proj_a.to(cd), tall=True) if self.proj_a is not None else None
-        qb = orthonormal(self.proj_b.to(cd), tall=True) if self.proj_b is not None else None
+        bases = self._projector_bases(cd)
+        eye = torch.eye(n, dtype=cd, device=self.matrix.device).unsqueeze(1).expand(g, n, 1, n)
         chains: list[torch.Tensor | None] = []
         for dim_blocks in self._block_index:
             if not dim_blocks:
                 chains.append(None)
                 continue
-            T = torch.eye(n, dtype=cd, device=self.matrix.device).expand(g, 1, n, n)
+            T = None  # the identity, one tap
             for cls, idx in dim_blocks:
-                q = qa if cls == "a" else qb
-                zero = T.new_zeros(g, 1, n, n)
-                shifted = torch.cat([zero, T], dim=1)      # T[p - 1]
-                current = torch.cat([T, zero], dim=1)      # T[p]
-                if q is None:  # rank-0 projector: a pure shift
-                    T = shifted
-                else:
-                    Q = q[:, idx].unsqueeze(1)  # (g, 1, n, r)
-                    T = shifted + Q @ (Q.mT @ (current - shifted))
-            chains.append(T)
+                if (self.proj_a if cls == "a" else self.proj_b) is None:  # rank-0 projector: a pure shift
+                    T = F.pad(eye if T is None else T, (0, 0, 1, 0))
+                    continue
+                Q = bases[cls][idx]  # (g, n, r)
+                if T is None:
+                    P = (Q @ Q.mT).unsqueeze(2)
+                    T = torch.cat([P, eye - P], dim=2)
+                    continue
+                taps = T.shape[2]
+                U = (Q @ (Q.mT @ T.reshape(g, n, taps * n))).reshape(g, n, taps, n)  # P T[p]
+                D = T - U  # (I - P) T[p]
+                # zero padding rather than slices and a concatenation: its backward is a view, no kernels
+                T = F.pad(U, (0, 0, 0, 1)) + F.pad(D, (0, 0, 1, 0))
+            chains.append(T.transpose(1, 2))
         return chains
 
     def _block_product(self, cd: torch.dtype, left: torch.Tensor | None = None,

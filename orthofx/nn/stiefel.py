@@ -173,7 +173,7 @@ def orthonormal(raw: torch.Tensor, tall: bool | None = None) -> torch.Tensor:
     r"""Orthonormal columns (``p >= q``) or rows (``p < q``) from an unconstrained ``(..., p, q)`` tensor.
 
     :math:`A = QR` (reduced Householder QR of the tall orientation), then :math:`Q \operatorname{diag}(s)`
-    with :math:`s = \operatorname{sign}(\operatorname{diag} R)` (``+1`` for zeros): smooth where ``A`` has full
+    with :math:`s = \operatorname{sign}(\operatorname{diag} R)` (``+1`` for ``+0``): smooth where ``A`` has full
     rank, differentiable (QR's backward), and the identity on matrices that are already orthonormal, so a
     parameter set to an orthonormal matrix gives back that matrix. Cost :math:`O(pq\min(p, q))`; batched over
     the leading dimensions. ``tall`` (``p >= q``) may be passed when known, which keeps the function free of
@@ -192,7 +192,7 @@ def orthonormal(raw: torch.Tensor, tall: bool | None = None) -> torch.Tensor:
     a = raw if tall else raw.mT
     Q, R = torch.linalg.qr(a, mode="reduced")
     diag = torch.diagonal(R, dim1=-2, dim2=-1).detach()
-    sign = torch.where(diag < 0, -torch.ones_like(diag), torch.ones_like(diag))
+    sign = torch.copysign(torch.ones_like(diag), diag)
     Q = Q * sign.unsqueeze(-2)
     return Q if tall else Q.mT
 
