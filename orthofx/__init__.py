@@ -25,7 +25,7 @@ __all__ = [
     "transform", "explain", "penalty", "penalty_terms", "report", "Report", "Plan", "Policy", "presets",
     "register_pass", "manifest_of", "is_transformed", "attach", "AttachHandle",
     "freeze", "export", "load", "ExportResult", "ExportError",
-    "OrthofxError", "PolicyError", "CaptureError", "PlanError", "TransformError", "ImpossibleLayerError", "LayerArgumentError",
-    "ArgumentError",
+    "OrthofxError", "PolicyError", "CaptureError", "PlanError", "TransformError", "ImpossibleLayerError",
+    "LayerArgumentError", "ArgumentError",
     "metrics", "theory", "models",
 ]

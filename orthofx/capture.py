@@ -110,10 +110,11 @@ class OrthofxTracer(torch.fx.Tracer):
     """``torch.fx.Tracer`` with orthofx's leaf rules and failure location.
 
     Leaves are: torch.nn's built-in layers (fx's default rule, except the containers ``Sequential``,
-    ``ModuleList`` and ``ModuleDict``) and user subclasses of them that keep the base class's forward, orthofx's own layers (classes defined under ``orthofx.nn``), classes named
-    in ``leaf_types`` (a class name such as ``"MyAttention"`` or a dotted ``"package.module.MyAttention"``,
-    matched against every class in the module's MRO so subclasses count; class objects are accepted too) and
-    the module paths in ``leaf_paths`` (qualified names as in ``model.named_modules()``).
+    ``ModuleList`` and ``ModuleDict``) and user subclasses of them that keep the base class's forward,
+    orthofx's own layers (classes defined under ``orthofx.nn``), classes named in ``leaf_types`` (a class name
+    such as ``"MyAttention"`` or a dotted ``"package.module.MyAttention"``, matched against every class in the
+    module's MRO so subclasses count; class objects are accepted too) and the module paths in ``leaf_paths``
+    (qualified names as in ``model.named_modules()``).
 
     While tracing, the tracer keeps the stack of qualified names of the modules whose forward is being traced;
     :meth:`failure_location` uses it to say in which submodule an exception was raised. Tensors that appear in

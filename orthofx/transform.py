@@ -25,7 +25,8 @@ from .passes.registry import get_pass
 from .plan import Plan, block_paths, build_plan, other_mode_graph
 from .policy import Policy
 
-__all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed", "as_input_tuple", "output_tensors"]
+__all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed", "as_input_tuple",
+           "output_tensors"]
 
 
 # GraphModule pickling (torch.save of the whole module) rebuilds ``meta`` empty but keeps unknown attributes, so

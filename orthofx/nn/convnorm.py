@@ -89,11 +89,11 @@ the weight (the inverse transforms run one axis at a time and keep only the outp
 frequency, so ConvNorm is the layer's own conv with channel ``m`` scaled by it (also in training), and without
 running filters it freezes into that conv with scaled weights, for every input size. The grids are those of the
 input sizes the layer has run on (each eager forward remembers its spatial input size, the 16 most recent
-ones; ``orthofx.transform`` runs the model once on its example inputs), the grids of the running filters, and any ``input_sizes`` passed to ``to_plain``. Eval outputs equal the
-unfrozen layer's in eval (same operations). An input whose grid has no precomputed filter raises
-:class:`~orthofx.errors.LayerArgumentError` naming the size, the grid, the sizes it has and the fix (run the
-unfrozen model on that size before freezing, or ``to_plain(input_sizes=[...])``), where the unfrozen layer
-would have computed ``V`` from the weight.
+ones; ``orthofx.transform`` runs the model once on its example inputs), the grids of the running filters, and
+any ``input_sizes`` passed to ``to_plain``. Eval outputs equal the unfrozen layer's in eval (same operations).
+An input whose grid has no precomputed filter raises :class:`~orthofx.errors.LayerArgumentError` naming the
+size, the grid, the sizes it has and the fix (run the unfrozen model on that size before freezing, or
+``to_plain(input_sizes=[...])``), where the unfrozen layer would have computed ``V`` from the weight.
 
 Affine part
 -----------
@@ -750,9 +750,9 @@ class FrozenConvNormNd(nn.Module):
         known = [s for s in self._sizes.values() if s is not None]
         return LayerArgumentError(
             f"FrozenConvNorm ({self._dims}-D): no precomputed ConvNorm filter for input size {size} (FFT grid "
-            f"{grid}); this frozen layer has filters for input sizes {known or '(none)'} (grids {self.grids}). ConvNorm's filter "
-            f"depends on the feature-map size: run the unfrozen model once on inputs of this size before "
-            f"orthofx.freeze (each ConvNorm layer remembers the sizes it has run on), or freeze the layer with "
+            f"{grid}); this frozen layer has filters for input sizes {known or '(none)'} (grids {self.grids}). "
+            f"ConvNorm's filter depends on the feature-map size: run the unfrozen model once on inputs of this size "
+            f"before orthofx.freeze (each ConvNorm layer remembers the sizes it has run on), or freeze the layer with "
             f"to_plain(input_sizes=[{size}])")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1215,9 +1215,10 @@ class OrthogonalConv2d(_OrthogonalConvNd):
 
     Padding: ``"same"`` pads ``(k_eff - 1) // 2`` on both sides (``k_eff = dilation*(k-1)+1``; PyTorch's
     asymmetric ``'same'`` split for an even ``k_eff`` at stride 1, see :attr:`pads`), so the output grid is
-    exactly ``input / stride`` on inputs divisible by the stride; ``"valid"`` or an int as in ``nn.Conv2d``. ``padding_mode="circular"`` makes the layer exactly orthogonal;
-    ``padding_mode="zeros"`` is accepted but then the layer is orthogonal only away from the borders (P0
-    Proposition 6: with zero padding no kernel with more than its centre tap is orthogonal).
+    exactly ``input / stride`` on inputs divisible by the stride; ``"valid"`` or an int as in ``nn.Conv2d``.
+    ``padding_mode="circular"`` makes the layer exactly orthogonal; ``padding_mode="zeros"`` is accepted but
+    then the layer is orthogonal only away from the borders (P0 Proposition 6: with zero padding no kernel with
+    more than its centre tap is orthogonal).
     Dilation: supported at stride 1 (any grid); with stride > 1 a clear error.
 
     ``to_conv()`` bakes the kernel into a plain ``nn.Conv2d`` (or ``nn.Sequential(pad, conv)`` when the padding is

@@ -7,6 +7,7 @@ from . import (convnorm, isometric_init, jacobian_isometry, orth_regularizer,  #
                orthogonal_conv, pre_svd, riemannian, svd_conditioning)
 
 __all__ = [
-    "Change", "CaptureInfo", "Manifest", "OptimizerHook", "Param", "Pass", "PassContext", "PenaltyTerm", "PlanEntry", "Site",
+    "Change", "CaptureInfo", "Manifest", "OptimizerHook", "Param", "Pass", "PassContext", "PenaltyTerm", "PlanEntry",
+    "Site",
     "available_passes", "get_pass", "register_pass", "unregister_pass",
 ]

@@ -25,7 +25,8 @@ at ``scale`` (exactly: all singular values equal it):
 Further parameters: ``bias`` (``zero`` (default) or ``keep``): whether biases are zeroed, as orthogonal
 initialisation usually does; ``seed`` (integer or ``null``, default ``null``): with a seed the matrices come from a
 private generator seeded once per pass run (one per distinct seed) and consumed in plan order, rule by rule and
-in graph order within a rule (reproducible; the global RNG is left untouched); ``null`` draws from the global RNG (so ``torch.manual_seed`` before ``transform`` also reproduces).
+in graph order within a rule (reproducible; the global RNG is left untouched); ``null`` draws from the global
+RNG (so ``torch.manual_seed`` before ``transform`` also reproduces).
 
 Each layer gets a Change with an orthogonality measure before and after (the latter of ``W / scale``, so zero up
 to round-off when the layer is exactly orthogonal) and the scale: for a Linear ``orth_defect`` = ``max |W^T W - I|``

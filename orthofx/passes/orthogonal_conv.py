@@ -24,8 +24,9 @@ Parameters:
   only away from the borders, P0 Proposition 6; the report says so).
 * ``init``: ``nearest`` starts from the orthogonal layer closest to the original weights (exact for linears,
   1x1 and ``k <= S`` kernels; for larger kernels a closed-form Procrustes start, refined by ``fit_steps`` Adam
-  steps, about 10 ms each on CPU) so a trained model changes least; ``random`` starts Haar-random. The Change records the kernel's relative distance and, with example inputs, the relative
-  change of the layer's output on them.
+  steps, about 10 ms each on CPU) so a trained model changes least; ``random`` starts Haar-random. The Change
+  records the kernel's relative distance and, with example inputs, the relative change of the layer's output on
+  them.
 * ``gain``: the layer is ``gain`` times orthogonal.
 
 Example::
