@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from .capture import capture, copy_targets, input_tuple, unwrap_model
 from .errors import OrthofxError, TransformError
-from .passes.base import MANIFEST_KEY, Manifest, PassContext, Site
+from .passes.base import MANIFEST_KEY, EvalRun, Manifest, PassContext, Site
 from .passes.registry import get_pass
 from .plan import Plan, block_paths, build_plan, other_mode_graph
 from .policy import Policy
@@ -95,29 +95,6 @@ def explain(model: nn.Module, policy: Any, example_inputs: Any = None) -> Plan:
     return plan
 
 
-class _Eval:
-    """Run a module in eval mode without gradients, restoring every submodule's training flag afterwards
-    (a forward in training mode would update BatchNorm statistics of the user's model)."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.flags: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self):
-        self.flags = [(m, m.training) for m in self.module.modules()]
-        if any(flag for _, flag in self.flags):  # eval() of an eval-mode model would drop the kernel caches
-            self.module.eval()
-        self._grad = torch.no_grad()
-        self._grad.__enter__()
-        return self.module
-
-    def __exit__(self, *exc):
-        self._grad.__exit__(*exc)
-        for m, flag in self.flags:
-            m.training = flag
-        return False
-
-
 def _observe(gm: fx.GraphModule, plan: Plan, inputs: tuple, manifest: Manifest,
              model: nn.Module | None = None) -> tuple[Any, dict[str, tuple]]:
     """Run ``gm`` once on the example inputs: record the input/output shape of every module site's first call in
@@ -142,7 +119,7 @@ def _observe(gm: fx.GraphModule, plan: Plan, inputs: tuple, manifest: Manifest,
     for name in names:
         handles.append(gm.get_submodule(name).register_forward_hook(hook(name)))
     try:
-        with _Eval(gm):
+        with EvalRun(gm):
             return gm(*inputs), site_inputs
     except Exception as exc:
         failure = exc
@@ -166,7 +143,7 @@ def _observe(gm: fx.GraphModule, plan: Plan, inputs: tuple, manifest: Manifest,
 def _runs(model: nn.Module, inputs: tuple) -> bool:
     """Whether ``model`` runs on ``inputs`` (eval mode, no gradients, training flags restored)."""
     try:
-        with _Eval(model):
+        with EvalRun(model):
             model(*inputs)
     except Exception:  # noqa: BLE001 - only the yes/no matters
         return False
@@ -188,7 +165,7 @@ def _where_it_fails(gm: fx.GraphModule, inputs: tuple, manifest: Manifest) -> st
     found by running the graph again node by node; ``""`` when that run does not fail (or cannot say where)."""
     tracker = _NodeTracker(gm)
     try:
-        with _Eval(gm):
+        with EvalRun(gm):
             tracker.run(*inputs)
     except Exception:  # noqa: BLE001 - the caller reports the original error; only the node is wanted here
         node = tracker.current
@@ -329,7 +306,7 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
     store_manifest(gm, manifest)
 
     if inputs is not None:
-        with _Eval(gm):
+        with EvalRun(gm):
             try:
                 after = gm(*inputs)
             except Exception as exc:

@@ -209,12 +209,14 @@ def test_tied_weights_that_cannot_share_a_layer_are_impossible_not_silently_unti
     assert torch.equal(gm(x), model(x))
 
 
-def test_transform_of_an_eval_mode_model_builds_each_kernel_once(monkeypatch):
-    # init_error, the report's output change and the final check on the example input all need the kernel; in
-    # eval mode (autograd off) the layer's cache shares one build between them
+@pytest.mark.parametrize("training", [False, True])
+def test_transform_builds_each_kernel_once(monkeypatch, training):
+    # init_error, the report's output change and the final check on the example input all need the kernel; the
+    # layer's eval cache (autograd off) shares one build between them, also for a model in training mode (the
+    # transform runs it with eval flags set directly, which keeps the cache; train() / eval() would drop it)
     from orthofx.nn import orthogonal
     torch.manual_seed(0)
-    model = orthofx.models.get("resnet18", width=4).eval()
+    model = orthofx.models.get("resnet18", width=4).train(training)
     builds = []
     unit_kernel = orthogonal._OrthogonalConvNd._unit_kernel
     monkeypatch.setattr(orthogonal._OrthogonalConvNd, "_unit_kernel",
@@ -222,4 +224,9 @@ def test_transform_of_an_eval_mode_model_builds_each_kernel_once(monkeypatch):
     gm = orthofx.transform(model, "orthogonal", example_inputs=(orthofx.models.example_input("resnet18"),))
     layers = [m for m in gm.modules() if isinstance(m, OrthogonalConv2d)]
     assert len(layers) == 17 and len(builds) == len(layers) and set(map(id, builds)) == set(map(id, layers))
-    assert not any(m.training for m in gm.modules())
+    assert all(m.training == training for m in gm.modules())
+    # a no-grad forward reads the cache in eval mode only: in training mode it builds every kernel again
+    builds.clear()
+    with torch.no_grad():
+        gm(orthofx.models.example_input("resnet18"))
+    assert len(builds) == (17 if training else 0)

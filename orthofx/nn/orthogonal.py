@@ -391,6 +391,15 @@ class _EvalCache:
         self.__dict__.pop("_eval_cache", None)
         return super().train(mode)
 
+    def _adopt_mode(self, training: bool) -> None:
+        """Take ``training`` as this layer's mode without dropping the cache (flags set directly).
+
+        A replacement takes the original layer's mode (a pass rewriting an eval-mode model must not leave
+        train-mode layers inside it); the kernel built in eval mode for ``init_error`` stays cached for the
+        transform's later no-gradient runs, which set eval flags the same way (``passes.base.EvalRun``)."""
+        for m in self.modules():
+            m.training = training
+
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
@@ -1104,11 +1113,9 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         lefts = None if alignment == "same" else alignment    # None: _conv_taps' "same" offsets
         if init == "nearest":
             layer._fit(w0, fit_steps, lefts)
-        # a replacement takes the conv's mode: a pass rewriting an eval-mode model must not leave train-mode
-        # layers inside it (and eval mode is what enables the kernel cache of inference, which the kernel built
-        # for init_error then fills for the pass's first forward)
-        layer.train(conv.training)
+        layer.train(False)  # init_error's kernel fills the eval cache, kept by _adopt_mode
         layer.init_error = layer._relative_error(w0, lefts)
+        layer._adopt_mode(conv.training)
         return layer
 
     @torch.no_grad()
@@ -1447,7 +1454,8 @@ class OrthogonalLinear(_EvalCache, nn.Module):
             if init == "nearest":
                 polar = project_to_stiefel(w0.to(layer.compute_dtype) / layer.gain)
                 layer.raw_weight.copy_(polar.to(layer.raw_weight))
-        layer.train(linear.training)  # the replacement takes the linear's mode (see from_conv)
+        layer.train(False)  # as in from_conv: the weight built for init_error stays cached
         with torch.no_grad():
             layer.init_error = _relative_distance(layer._cached("weight", lambda: layer.weight), w0)
+        layer._adopt_mode(linear.training)
         return layer

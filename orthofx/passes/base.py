@@ -263,6 +263,33 @@ class Manifest:
     output_change: float | None = None
 
 
+class EvalRun:
+    """Run a module in eval mode without gradients, restoring every submodule's training flag afterwards
+    (a forward in training mode would update BatchNorm statistics of the user's model).
+
+    The flags are set directly, on entry as on exit, not through ``train()`` / ``eval()``: those calls drop the
+    kernel caches of orthofx's orthogonal layers, so each run of a train-mode model would rebuild every kernel.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.flags: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.module.modules()]
+        for m, _ in self.flags:
+            m.training = False
+        self._grad = torch.no_grad()
+        self._grad.__enter__()
+        return self.module
+
+    def __exit__(self, *exc):
+        self._grad.__exit__(*exc)
+        for m, flag in self.flags:
+            m.training = flag
+        return False
+
+
 def describe_module(module: nn.Module) -> str:
     """Short description of a layer, e.g. ``Conv2d(64->128, k=3, s=2)`` or ``Linear(512->10)``; orthofx's own
     conv-like and linear-like layers (same attributes as torch's) are described the same way."""

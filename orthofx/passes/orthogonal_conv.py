@@ -44,7 +44,7 @@ from .. import theory
 from ..errors import ImpossibleLayerError, OrthofxError, PlanError
 from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinear, circular_alignment,
                               keeps_output_size)
-from .base import (Change, Param, Pass, PassContext, PlanEntry, describe_module, parameter_owners,
+from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, describe_module, parameter_owners,
                    require_initialised)
 from .orth_regularizer import lorth_term
 from .registry import register_pass
@@ -229,6 +229,7 @@ class OrthogonalConvPass(Pass):
         if inputs is not None:
             with torch.no_grad():
                 reference = old(*inputs)
+            with EvalRun(new):  # a conv or linear: the mode only decides whether new's kernel cache is used
                 changed = new(*inputs)
             after["output_change"] = float((changed - reference).norm() / reference.norm().clamp_min(1e-30))
         ctx.replace_module(entry.site, new)
