@@ -233,6 +233,26 @@ def test_theorem8_spectral_error_bounds(cfg):
     assert err_s2 <= hi * L * (1 + 1e-9) + 1e-12
 
 
+@pytest.mark.parametrize("M, Cg, groups, stride, d", [
+    (3, 5, 1, 1, 2), (7, 3, 1, 1, 2), (8, 2, 1, 2, 2), (12, 2, 1, 2, 2), (6, 4, 2, 1, 2), (10, 2, 2, 2, 1),
+    (4, 4, 1, 3, 1), (9, 2, 3, 1, 1),
+])
+def test_lorth_of_one_tap_kernels_equals_the_convolution_route(M, Cg, groups, stride, d):
+    # a 1 x 1 kernel takes a Gram-matrix shortcut; the same taps as the centre of a 3 x 3 kernel (zeros around
+    # it) go through the convolution route and must give the same value and gradient, in both cases RO / CO
+    gen = torch.Generator().manual_seed(M * 100 + Cg)
+    w = torch.randn(M, Cg, *(1,) * d, generator=gen, dtype=torch.float64, requires_grad=True)
+    padded = F.pad(w, (1, 1) * d)
+    assert padded.shape[2:] == (3,) * d
+    for case in (None, "RO", "CO"):
+        one_tap = lorth(w, stride=stride, groups=groups, case=case)
+        by_conv = lorth(padded, stride=stride, groups=groups, case=case)
+        torch.testing.assert_close(one_tap, by_conv, rtol=1e-12, atol=1e-12)
+        grad_one, = torch.autograd.grad(one_tap, w)
+        grad_conv, = torch.autograd.grad(by_conv, w)
+        torch.testing.assert_close(grad_one, grad_conv, rtol=1e-12, atol=1e-12)
+
+
 def test_lorth_matches_dense_frobenius_in_square_case_both_ways():
     """At M = C S^d the RO and CO formulas agree (the subtracted term is zero)."""
     w = torch.randn(8, 2, 3, 3, dtype=torch.float64)
