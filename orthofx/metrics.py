@@ -232,9 +232,7 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
         out_f, in_f = weight.shape
         if case is None:
             case = "RO" if out_f <= in_f else "CO"
-        gram = weight @ weight.T if case == "RO" else weight.T @ weight
-        eye = torch.eye(gram.shape[0], dtype=weight.dtype, device=weight.device)
-        return (gram - eye).square().sum()
+        return _lorth_one_tap(weight.unsqueeze(0), (1,), case)  # a Linear is a one-tap conv at stride 1
     d = _check_conv_weight(weight, "lorth")
     strides = _tuple(stride, d, "stride")
     g = _groups(weight, groups)
