@@ -101,7 +101,7 @@ def preset_steps(quick: bool, device: str = "cpu") -> list[dict]:
 
     fns = {"plain step": training_step(copy.deepcopy(model).to(device), x.to(device), y.to(device),
                                        orthofx_terms=False)}
-    for preset in ("lorth", "orthogonal", "convnorm", "isometric", "jacobian"):
+    for preset in PRESETS_ON_RESNET:
         gm = orthofx.transform(model, preset, example_inputs=(x[:2],)).to(device)
         fns[f"{preset} step"] = training_step(gm, x.to(device), y.to(device), orthofx_terms=True)
     times = interleaved(fns, repeats=5 if quick else 9, sync=synchronizer(device))

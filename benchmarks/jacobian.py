@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 import orthofx
-from timing import interleaved, training_step
+from timing import interleaved, synchronizer, training_step
 import orthofx.passes.jacobian_isometry  # noqa: F401  (registers the passes if orthofx.passes does not yet)
 import orthofx.passes.riemannian  # noqa: F401
 
@@ -63,18 +63,6 @@ def jacobian_policy(probes: int, route: str = "auto", every: int = 1, batch_frac
                                 "batch_fraction": batch_fraction}}]}
 
 
-def synchronized(fn, device: torch.device):
-    """``fn`` followed by a device synchronisation (so a timed call includes the queued GPU work)."""
-    if device.type != "cuda":
-        return fn
-
-    def call() -> None:
-        fn()
-        torch.cuda.synchronize(device)
-
-    return call
-
-
 def jacobian_overhead(quick: bool, repeats: int, device: torch.device) -> list[dict]:
     width, batch = (16, 8) if quick else (64, 64)
     cases = {
@@ -92,17 +80,17 @@ def jacobian_overhead(quick: bool, repeats: int, device: torch.device) -> list[d
         model = make()
         x = torch.randn(*shape, device=device)
         y = torch.randint(0, 10, (shape[0],), device=device)
-        fns = {"plain step": synchronized(training_step(copy.deepcopy(model).to(device), x, y, False), device)}
+        fns = {"plain step": training_step(copy.deepcopy(model).to(device), x, y, False)}
         per_call = {"plain step": 1}
         for label, (probes, route, every, fraction) in candidates.items():
             gm = orthofx.transform(model, jacobian_policy(probes, route, every, fraction)).to(device)
-            fns[f"jacobian {label}"] = synchronized(training_step(gm, x, y, True, steps=every), device)
+            fns[f"jacobian {label}"] = training_step(gm, x, y, True, steps=every)
             per_call[f"jacobian {label}"] = every
         if lazy > 1:  # the plain step at the same number of steps per call, for the lazy candidates' ratio
-            fns[f"plain step x{lazy}"] = synchronized(training_step(copy.deepcopy(model).to(device), x, y, False,
-                                                                    steps=lazy), device)
+            fns[f"plain step x{lazy}"] = training_step(copy.deepcopy(model).to(device), x, y, False, steps=lazy)
             per_call[f"plain step x{lazy}"] = lazy
-        times = {name: seconds / per_call[name] for name, seconds in interleaved(fns, repeats).items()}
+        timed = interleaved(fns, repeats, sync=synchronizer(device))
+        times = {name: seconds / per_call[name] for name, seconds in timed.items()}
         base = times["plain step"]
         for method, seconds in times.items():
             rows.append({"benchmark": "jacobian_step", "model": model_name, "batch": shape[0], "method": method,
@@ -184,14 +172,14 @@ def riemannian_overhead(quick: bool, repeats: int, device: torch.device) -> tupl
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            return synchronized(step, device)
+            return step
 
         for module, optimizer in models.values():  # gradients for the step-only timing, kept from here on
             optimizer.zero_grad()
             loss_of(module).backward()
-        step_only = interleaved({name: synchronized(optimizer.step, device)
-                                 for name, (_, optimizer) in models.items()}, repeats)
-        whole = interleaved({name: whole_step(*pair) for name, pair in models.items()}, repeats)
+        sync = synchronizer(device)
+        step_only = interleaved({name: optimizer.step for name, (_, optimizer) in models.items()}, repeats, sync)
+        whole = interleaved({name: whole_step(*pair) for name, pair in models.items()}, repeats, sync)
         for what, times in (("optimizer step", step_only), ("training step", whole)):
             base = times["plain SGD"]
             for method, seconds in times.items():

@@ -218,7 +218,7 @@ def main(argv=None):
             layers = {name: m for name, m in layers.items()
                       if name == "nn.Conv2d" or not any(part in name for part in args.skip)}
             if args.compile and n == SIZES[0]:
-                layers.update(compiled_layers(layers, "default" if args.compile == "default" else args.compile))
+                layers.update(compiled_layers(layers, args.compile))
             x = torch.randn(batch, c_in, n, n, device=device, requires_grad=True)
             times = {name: [] for name in layers}
             for name, m in layers.items():  # warm-up
