@@ -133,6 +133,56 @@ def test_polar_factor_far_from_the_manifold_uses_the_svd():
     assert stiefel._polar_newton_schulz(bad) is None
 
 
+def _svd_polar(a):
+    u, _, vh = torch.linalg.svd(a.double(), full_matrices=False)
+    return u @ vh
+
+
+def _with_condition(m, n, kappa, seed=3):
+    """An ``m x n`` float64 matrix with singular values spread log-uniformly over ``[1 / kappa, 1] * 3.7``."""
+    k = min(m, n)
+    u = orthonormal(m, k, seed=seed)
+    v = orthonormal(n, k, seed=seed + 1)
+    s = torch.logspace(0, -math.log10(kappa), k, dtype=torch.float64) * 3.7
+    return (u * s) @ v.T
+
+
+@pytest.mark.parametrize("shape", [(9, 4), (4, 9), (3, 6, 6), (2, 5, 3)])
+def test_polar_factor_far_from_the_manifold_takes_the_gram_route(shape):
+    a = randn(*shape) * 3
+    tall = a.mT if stiefel.is_wide(a) else a
+    assert stiefel._polar_newton_schulz(tall) is None
+    assert stiefel._polar_from_gram(tall) is not None
+    torch.testing.assert_close(stiefel.project_to_stiefel(a), _svd_polar(a), atol=1e-12, rtol=0)
+    # a float32 input: computed in float64, returned in float32
+    out32 = stiefel.project_to_stiefel(a.float())
+    assert out32.dtype == torch.float32
+    torch.testing.assert_close(out32.double(), _svd_polar(a), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kappa", [1e2, 1e3, 9e3])
+def test_polar_factor_by_the_gram_route_is_orthonormal_up_to_its_condition_bound(kappa):
+    a = _with_condition(40, 12, kappa)
+    polar = stiefel._polar_from_gram(a)
+    assert polar is not None
+    assert float(stiefel.orthogonality_defect(polar)) < 1e-9
+    torch.testing.assert_close(polar, _svd_polar(a), atol=1e-9, rtol=0)
+
+
+def test_polar_factor_of_ill_conditioned_or_rank_deficient_matrices_uses_the_svd():
+    for a in (_with_condition(40, 12, 1e6), _with_condition(12, 40, 1e6).mT,
+              randn(30, 8) @ randn(8, 10), torch.zeros(6, 4, dtype=torch.float64)):
+        assert stiefel._polar_from_gram(a) is None  # kappa^2 beyond the route's bound: the SVD instead
+    ill = _with_condition(40, 12, 1e6)
+    out = stiefel.project_to_stiefel(ill)
+    assert float(stiefel.orthogonality_defect(out)) < 1e-12
+    torch.testing.assert_close(out, _svd_polar(ill), atol=1e-9, rtol=0)
+    # one ill-conditioned matrix in a batch sends the whole batch to the SVD, with the same result
+    batch = torch.stack([randn(40, 12) * 3, ill])
+    assert stiefel._polar_from_gram(batch) is None
+    torch.testing.assert_close(stiefel.project_to_stiefel(batch), _svd_polar(batch), atol=1e-9, rtol=0)
+
+
 def test_qr_retraction_has_positive_r_diagonal():
     w = orthonormal(8, 3)
     xi = stiefel.tangent_projection(w, randn(8, 3))

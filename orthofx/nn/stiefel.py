@@ -35,7 +35,7 @@ The polar retraction is computed as the polar factor ``U V^T`` of ``A = W + xi``
 ``A^T A = I + xi^T xi`` because ``W^T xi`` is skew, so both expressions are the same matrix; the polar-factor form
 is the stable one: its result is orthonormal to working precision whatever the round-off in ``W`` and ``xi`` (an
 error in the tangency of ``xi`` does not accumulate from step to step, as it would with the explicit
-``(I + xi^T xi)^(-1/2)`` factor). Two algorithms give the polar factor, the same matrix to working precision:
+``(I + xi^T xi)^(-1/2)`` factor). Three routes give the polar factor, the same matrix to working precision:
 
 * Newton-Schulz, ``X_0 = A``, ``X_{k+1} = X_k (3 I - X_k^T X_k) / 2``: it keeps ``A``'s singular vectors and
   maps each singular value ``sigma`` to ``sigma (3 - sigma^2) / 2``, so with ``delta = sigma^2 - 1`` the error
@@ -43,8 +43,14 @@ error in the tangency of ``xi`` does not accumulate from step to step, as it wou
   s_i^2`` small (``s_i`` the singular values of ``xi``), so two or three iterations, all matrix products,
   reach working precision. Used when ``||A^T A - I||_F <= 1/2``; the iteration stops once that error is below
   ``sqrt(eps)`` of the dtype, after one more iteration (which squares it).
-* the thin SVD ``A = U S V^T`` otherwise (a far-from-orthonormal matrix, e.g. at initialisation); well
-  conditioned for a retraction, since ``W + xi`` has singular values ``sqrt(1 + s_i^2) >= 1``.
+* otherwise (a far-from-orthonormal matrix, e.g. at initialisation) the eigendecomposition of the Gram matrix,
+  ``A^T A = V L V^T`` in float64, gives ``A V L^(-1/2) V^T``: a symmetric eigensolver of the small side plus
+  two matrix products, about half the time of the SVD (a 2048 x 512 float64 matrix, one CPU thread: 91 vs
+  209 ms). Forming ``A^T A`` squares the condition number, so the result is orthonormal to about
+  ``kappa(A)^2`` float64 ulps: the route is taken when ``L_min >= 1e-8 L_max`` (``kappa <= 10^4``; then ``max |Q^T Q -
+  I| <= 4e-10``, measured) and returns in ``A``'s dtype.
+* the thin SVD ``A = U S V^T`` for the rest (ill-conditioned or rank-deficient ``A``); well conditioned for a
+  retraction, since ``W + xi`` has singular values ``sqrt(1 + s_i^2) >= 1``.
 
 Matrix products are cheap and batch well (a batch of same-shaped matrices is one ``bmm``), while small SVDs run
 one LAPACK call per matrix: on a 64-layer MLP of 64 x 64 weights the Newton-Schulz retraction of all layers
@@ -126,13 +132,14 @@ _NS_START = 0.5
 _NS_MAX_ITER = 8
 
 
-def _polar_newton_schulz(a: torch.Tensor) -> torch.Tensor | None:
+def _polar_newton_schulz(a: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor | None:
     """Polar factor of a tall (batch of) ``a`` by Newton-Schulz (module docstring), or ``None`` when ``a`` is too
-    far from orthonormal or does not converge (the caller then uses the SVD)."""
+    far from orthonormal or does not converge (the caller then uses another route). ``gram``: ``a^T a`` when the
+    caller has it."""
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     target = math.sqrt(torch.finfo(a.dtype).eps)
     x = a
-    gram = x.mT @ x
+    gram = x.mT @ x if gram is None else gram
     error = float(torch.linalg.matrix_norm(gram - eye).amax())
     if not error <= _NS_START:  # also NaN / inf
         return None
@@ -145,13 +152,34 @@ def _polar_newton_schulz(a: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+#: The Gram route is taken when the smallest eigenvalue of ``A^T A`` is at least this fraction of the largest.
+_GRAM_MIN_RATIO = 1e-8
+
+
+def _polar_from_gram(a: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Polar factor ``a (a^T a)^(-1/2)`` of a tall (batch of) ``a`` from the float64 eigendecomposition of its
+    Gram matrix (module docstring), in ``a``'s dtype; ``None`` when some matrix of the batch is too
+    ill-conditioned for it. ``gram``: the float64 ``a^T a`` when the caller has it."""
+    a64 = a.to(torch.float64)
+    eigenvalues, vectors = torch.linalg.eigh(a64.mT @ a64 if gram is None else gram)
+    ratio = eigenvalues[..., 0] / eigenvalues[..., -1]
+    if not float(ratio.amin()) >= _GRAM_MIN_RATIO:  # also a zero matrix (0 / 0) and NaN
+        return None
+    return (a64 @ ((vectors * eigenvalues.rsqrt().unsqueeze(-2)) @ vectors.mT)).to(a.dtype)
+
+
 def _polar_factor(a: torch.Tensor) -> torch.Tensor:
-    """``U V^T`` of ``a = U S V^T`` (thin), by Newton-Schulz near the manifold and by the SVD elsewhere."""
+    """``U V^T`` of ``a = U S V^T`` (thin): by Newton-Schulz near the manifold, from the Gram matrix's
+    eigendecomposition when ``a`` is well conditioned, and by the SVD otherwise (module docstring)."""
     dtype = _work_dtype(a)
     work = a.to(dtype)
     wide = is_wide(work)
     if work.numel():
-        polar = _polar_newton_schulz(_tall(work, wide))
+        tall = _tall(work, wide)
+        gram = tall.mT @ tall
+        polar = _polar_newton_schulz(tall, gram)
+        if polar is None:
+            polar = _polar_from_gram(tall, gram if dtype == torch.float64 else None)
         if polar is not None:
             return _tall(polar, wide).to(a.dtype)
     u, _, vh = torch.linalg.svd(work, full_matrices=False)
