@@ -275,6 +275,47 @@ def test_gradient_against_finite_differences(kind):
                 assert (up - down) / (2 * eps) == pytest.approx(float(g.view(-1)[i]), rel=1e-5, abs=1e-7)
 
 
+NORM_BLOCKS = {
+    "batchnorm1d": lambda: (nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Tanh()), (5, 3)),
+    "layernorm": lambda: (nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), (4, 3)),
+    "batchnorm2d": lambda: (nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU()),
+                            (3, 2, 3, 3)),
+    "instancenorm": lambda: (nn.Sequential(nn.Conv1d(2, 2, 3, padding=1), nn.InstanceNorm1d(2, affine=True)),
+                             (2, 2, 5)),
+}
+
+
+@pytest.mark.parametrize("route", ["jvp", "double_vjp"])
+@pytest.mark.parametrize("norm", sorted(NORM_BLOCKS))
+def test_gradient_through_normalisation_layers_against_finite_differences(norm, route):
+    """torch's layer / batch / instance norm kernels differentiate wrongly through forward mode (and to third
+    order); the estimate's gradient must still match central differences, in training mode."""
+    torch.manual_seed(5)
+    block, shape = NORM_BLOCKS[norm]()
+    block = block.to(D).train()
+    x = torch.randn(*shape, dtype=D)
+    weight = block[0].weight
+
+    def estimate():
+        return jacobian_isometry(block, x, route=route, generator=torch.Generator().manual_seed(0))
+
+    (grad,) = torch.autograd.grad(estimate(), weight)
+    eps = 1e-6
+    with torch.no_grad():
+        for index in list(itertools.product(*map(range, weight.shape)))[::2]:
+            old = float(weight[index])
+            weight[index] = old + eps
+            up = value(estimate())
+            weight[index] = old - eps
+            down = value(estimate())
+            weight[index] = old
+            assert (up - down) / (2 * eps) == pytest.approx(float(grad[index]), rel=1e-5, abs=1e-6)
+    # the running statistics are the block's own and the estimate leaves them alone
+    for name, buffer in block.named_buffers():
+        if name.endswith("running_mean"):
+            assert torch.equal(buffer, torch.zeros_like(buffer))
+
+
 def test_create_graph_false_is_detached_and_bad_input_is_refused():
     net = tanh_mlp()
     x = torch.randn(2, 4, dtype=D)
@@ -670,3 +711,24 @@ def test_preset_round_trips_and_freeze_removes_the_probes():
     assert list(frozen.state_dict()) == list(model.state_dict())
     torch.testing.assert_close(frozen(x), model.eval()(x))
     assert isinstance(gm.layers, JacobianProbe)  # the transformed model is left as it was
+
+
+def test_a_block_opening_with_an_in_place_op_is_measured_at_its_input():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(3, 3)).to(D)
+    out_of_place = nn.Sequential(nn.ReLU(), block[1])
+    x = torch.randn(16, 3, dtype=D)
+    reference = jacobian_isometry(out_of_place, x, probes=8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(jacobian_isometry(block, x, probes=8, generator=torch.Generator().manual_seed(1)),
+                               reference)
+    probe = JacobianProbe(block, probes=8, seed=1).train()
+    y = probe(x.clone())  # the block overwrites its input in place; the estimate must see the original
+    torch.testing.assert_close(probe.estimate, reference)
+    torch.testing.assert_close(y, out_of_place(x))
+
+
+@pytest.mark.parametrize("kind, exact", [("full", 9.0), ("partial", 36.0), ("offdiag", 0.0)])
+def test_per_sample_with_scalar_samples(kind, exact):
+    # J = 2 per sample: ||J^T J - I||^2 = 9, ||J J^T J - J||^2 = 36, no off-diagonal entries
+    x = torch.randn(5, dtype=D)
+    assert value(jacobian_isometry(lambda t: 2 * t, x, kind=kind, per_sample=True)) == pytest.approx(exact)

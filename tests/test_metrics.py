@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orthofx import metrics
+from orthofx.errors import OrthofxError
 from orthofx.metrics import (
     conv_singular_values,
     linear_singular_values,
@@ -444,6 +445,23 @@ def test_bad_inputs_raise_clear_value_errors():
         linear_singular_values(torch.randn(2, 2, 3))
     with pytest.raises(ValueError, match="Linear"):
         lorth(torch.randn(3, 4), stride=2)
+    for fn in (lorth, linear_singular_values, orthogonality_error, spectral_norm_bound):
+        with pytest.raises(OrthofxError, match="empty"):
+            fn(torch.randn(0, 3))
+    with pytest.raises(OrthofxError, match="iterations=64"):
+        spectral_norm_bound(torch.randn(4, 4), iterations=64)
+    with pytest.raises(OrthofxError, match="torch.dtype"):
+        conv_singular_values(torch.randn(2, 2, 3), 4, dtype="float64")
+    with pytest.raises(OrthofxError, match="integer"):
+        metrics.isometry_moments(torch.ones(3), n=2.7)
+    with pytest.raises(OrthofxError, match="torch.dtype"):
+        metrics.jacobian_singular_values(torch.nn.Linear(2, 2), torch.randn(3, 2), dtype="x")
+
+
+def test_gram_iterations_up_to_the_limit_stay_an_upper_bound():
+    w = torch.randn(6, 4, dtype=torch.float64)
+    top = float(torch.linalg.matrix_norm(w, ord=2))
+    assert top <= spectral_norm_bound(w, iterations=60) <= top * (1 + 1e-12)
 
 
 def test_public_names():

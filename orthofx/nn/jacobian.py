@@ -195,21 +195,21 @@ class JacobianProbe(nn.Module):
         if not self.training or not torch.is_grad_enabled():
             self.estimate = None
             return block(*args, **kwargs)
-        output = block(*args, **kwargs)
         self.calls += 1
         if (self.calls - 1) % self.every != 0:
             self.estimate = None
-            return output
+            return block(*args, **kwargs)
         if not args or not isinstance(args[0], torch.Tensor):
             raise LayerArgumentError(f"JacobianProbe({type(block).__name__}): the Jacobian is taken with respect to "
                                      "the first positional argument, which must be a tensor")
         generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         route = "double_vjp" if self.route_used == "double_vjp" and self.route == "auto" else self.route
+        # the estimate first: a block opening with an in-place op (ReLU(inplace=True)) overwrites its input
         self.estimate, self.route_used = metrics._jacobian_isometry(
             metrics._Call(block, args[1:], kwargs), args[0], probes=self.probes, kind=self.kind,
             per_sample=self.per_sample, generator=generator, normalize=self.normalize, route=route,
             batch_fraction=self.batch_fraction)
-        return output
+        return block(*args, **kwargs)
 
     def penalty(self) -> torch.Tensor:
         """``weight * estimate`` (a zero scalar when there is no current estimate)."""
