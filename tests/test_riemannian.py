@@ -778,3 +778,25 @@ def test_orthonormal_linear_example_runs(tmp_path):
     assert [int(r[0]) for r in rows] == [2, 4]
     rates = [float(r[4]) for r in rows]
     assert all(0 < r < 1 for r in rates) and rates[0] < rates[1]  # linear, and slower when deeper
+
+
+def test_stiefel_functions_refuse_what_they_cannot_handle():
+    from orthofx.errors import LayerArgumentError
+    with pytest.raises(LayerArgumentError, match="NaN or inf"):
+        stiefel.project_to_stiefel(torch.full((3, 3), float("nan")))
+    with pytest.raises(LayerArgumentError, match="NaN or inf"):
+        stiefel.polar_retraction(orthonormal(4, 3), torch.full((4, 3), float("inf"), dtype=torch.float64))
+    for bad in (torch.randn(6, 4, dtype=torch.complex128), torch.ones(3, 3, dtype=torch.int64)):
+        with pytest.raises(LayerArgumentError, match="real floating-point"):
+            stiefel.project_to_stiefel(bad)
+    with pytest.raises(LayerArgumentError, match="groups"):
+        stiefel.flatten_weight(torch.zeros(4, 2, 3, 3), 0)
+    with pytest.raises(LayerArgumentError, match="g must be a tensor"):
+        stiefel.tangent_projection(torch.eye(3), [[1.0]])
+
+
+def test_a_float64_gradient_of_a_float32_weight_is_projected_in_float32():
+    w = orthonormal(5, 3).float()
+    xi = stiefel.tangent_projection(w, randn(5, 3))  # a float64 gradient for a float32 weight
+    assert xi.dtype == torch.float32
+    torch.testing.assert_close(xi.double(), stiefel.tangent_projection(w.double(), randn(5, 3)), atol=1e-6, rtol=0)

@@ -48,13 +48,14 @@ error in the tangency of ``xi`` does not accumulate from step to step, as it wou
   two matrix products, about half the time of the SVD (a 2048 x 512 float64 matrix, one CPU thread: 91 vs
   209 ms). Forming ``A^T A`` squares the condition number, so the result is orthonormal to about
   ``kappa(A)^2`` float64 ulps: the route is taken when ``L_min >= 1e-8 L_max`` (``kappa <= 10^4``; then ``max |Q^T Q -
-  I| <= 4e-10``, measured) and returns in ``A``'s dtype.
+  I| <= 1e-9``, measured) and returns in ``A``'s dtype.
 * the thin SVD ``A = U S V^T`` for the rest (ill-conditioned or rank-deficient ``A``); well conditioned for a
   retraction, since ``W + xi`` has singular values ``sqrt(1 + s_i^2) >= 1``.
 
 Matrix products are cheap and batch well (a batch of same-shaped matrices is one ``bmm``), while small SVDs run
 one LAPACK call per matrix: on a 64-layer MLP of 64 x 64 weights the Newton-Schulz retraction of all layers
-costs a few percent of their SVDs. Half precision inputs are computed in float32 and cast back.
+costs a few percent of their SVDs. Half precision inputs are computed in float32 and cast back (except by
+:func:`orthonormal`, which stays traceable by ``torch.fx`` and takes float32 or float64).
 """
 
 from __future__ import annotations
@@ -87,10 +88,13 @@ RETRACTIONS = ("polar", "qr")
 
 def _check_matrix(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+        raise LayerArgumentError(f"{name} must be a tensor, got {type(x).__name__}")
     if x.dim() < 2:
         raise LayerArgumentError(f"{name} must be a matrix or a batch of matrices (..., m, n), "
                                  f"got shape {tuple(x.shape)}")
+    if x.is_complex() or not x.is_floating_point():
+        raise LayerArgumentError(f"{name} must be a real floating-point tensor, got dtype {x.dtype} (the Stiefel "
+                                 "functions are for real weights)")
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
@@ -118,10 +122,11 @@ def tangent_projection(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     docstring). The result ``xi`` satisfies ``W^T xi + xi^T W = 0`` and ``P_W(P_W(G)) = P_W(G)``.
     """
     _check_matrix(w, "w")
+    _check_matrix(g, "g")
     if g.shape != w.shape:
         raise LayerArgumentError(f"g must have the shape of w {tuple(w.shape)}, got {tuple(g.shape)}")
     wide = is_wide(w)
-    wt, gt = _tall(w, wide), _tall(g, wide)
+    wt, gt = _tall(w, wide), _tall(g.to(w.dtype), wide)
     out = gt - wt @ sym(wt.transpose(-2, -1) @ gt)
     return _tall(out, wide)
 
@@ -179,6 +184,10 @@ def _polar_factor(a: torch.Tensor) -> torch.Tensor:
         gram = tall.mT @ tall
         polar = _polar_newton_schulz(tall, gram)
         if polar is None:
+            if not bool(torch.isfinite(work).all()):  # checked off the fast path only: a host sync
+                raise LayerArgumentError(f"the polar factor of a {tuple(a.shape)} matrix with NaN or inf entries "
+                                         "is undefined; in training this is a diverged step (lower the learning "
+                                         "rate, check the loss for NaN)")
             polar = _polar_from_gram(tall, gram if dtype == torch.float64 else None)
         if polar is not None:
             return _tall(polar, wide).to(a.dtype)
@@ -205,7 +214,8 @@ def orthonormal(raw: torch.Tensor, tall: bool | None = None) -> torch.Tensor:
     rank, differentiable (QR's backward), and the identity on matrices that are already orthonormal, so a
     parameter set to an orthonormal matrix gives back that matrix. Cost :math:`O(pq\min(p, q))`; batched over
     the leading dimensions. ``tall`` (``p >= q``) may be passed when known, which keeps the function free of
-    shape-dependent control flow (``torch.fx`` symbolic tracing).
+    shape-dependent control flow (``torch.fx`` symbolic tracing), and so also free of a dtype test: ``raw``
+    must be float32 or float64 (torch has no half-precision QR; the layers cast before calling it).
 
     >>> import torch
     >>> w = orthonormal(torch.randn(5, 3, dtype=torch.float64))
@@ -296,6 +306,8 @@ def flatten_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
     if weight.dim() < 2:
         raise LayerArgumentError(f"a layer weight has at least 2 dimensions, got shape {tuple(weight.shape)}")
     out = weight.shape[0]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise LayerArgumentError(f"groups must be a positive integer, got {groups!r}")
     if groups == 1:
         return weight.reshape(out, -1)
     if out % groups:
