@@ -74,6 +74,11 @@ def test_padding_keep_and_output_size_guard():
     gm = orthofx.transform(model, rule(padding="keep"), example_inputs=(x,))
     assert gm(x).shape == model(x).shape
     assert "zero padding" in orthofx.manifest_of(gm).changes[0].status
+    # keeping a circular conv's own padding gives the exactly orthogonal circular layer: reported as hard
+    circular = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular"))
+    gm = orthofx.transform(circular, rule(padding="keep"), example_inputs=(x,))
+    assert orthofx.manifest_of(gm).changes[0].status == "hard"
+    assert gm.get_submodule("0").orthogonality_error(8) < 1e-5
 
 
 def test_nearest_init_keeps_an_orthogonal_layer():

@@ -845,3 +845,52 @@ def test_circular_pad_of_an_orthogonal_layer_keeps_its_gradients():
     reference.square().sum().backward()
     for a, b in zip(grads, [x.grad] + [p.grad for p in layer.parameters()]):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_hessian_through_the_circular_padding():
+    # forward mode over vmap (torch.func.hessian = jacfwd(jacrev)) through the layer's padding Functions
+    import torch.nn.functional as F
+    torch.manual_seed(1)
+    layer = OrthogonalConv2d(3, 3, 3, dtype=torch.float64)
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    w, b = layer.weight.detach(), layer.bias.detach()
+    hessian = torch.func.hessian(lambda t: layer(t).pow(3).sum())(x)
+    reference = torch.func.hessian(lambda t: F.conv2d(F.pad(t, (1, 1, 1, 1), mode="circular"), w, b).pow(3).sum())(x)
+    torch.testing.assert_close(hessian, reference, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["auto", "cayley_fft"])
+def test_eval_cache_is_not_stale_after_a_fused_optimizer_step(method):
+    # fused optimizers write parameters without bumping version counters; a training pass in eval mode (frozen
+    # BatchNorm) before the step must drop the cached kernel
+    torch.manual_seed(2)
+    layer = OrthogonalConv2d(4, 4, 3, method=method, input_size=8 if method == "cayley_fft" else None).eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        layer(x)  # validation fills the cache
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5, fused=True)
+    layer(x).square().mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        cached = layer(x)
+    fresh = layer(x).detach()  # with gradients: rebuilt from the parameters
+    torch.testing.assert_close(cached, fresh, atol=0, rtol=0)
+
+
+def test_eval_mode_under_torch_func_and_inference_mode():
+    from torch.func import functional_call, stack_module_state, vmap
+    torch.manual_seed(3)
+    x = torch.randn(2, 4, 8, 8)
+    layers = [OrthogonalConv2d(4, 4, 3).eval() for _ in range(3)]
+    params, buffers = stack_module_state(layers)
+    with torch.no_grad():
+        batched = vmap(lambda p, b: functional_call(layers[0], (p, b), (x,)))(params, buffers)
+        for i, layer in enumerate(layers):
+            torch.testing.assert_close(batched[i], layer(x), atol=1e-6, rtol=1e-6)
+    with torch.inference_mode():
+        layer = OrthogonalConv2d(4, 4, 3).eval()  # inference tensors: no version counter, no cache
+        assert layer(x).shape == (2, 4, 8, 8)
+        assert OrthogonalLinear.from_linear(nn.Linear(5, 3)).init_error > 0
+        with pytest.raises(LayerArgumentError, match="inference_mode"):
+            OrthogonalConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1))  # the nearest fit needs autograd
+        assert OrthogonalConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1), fit_steps=0).init_error > 0

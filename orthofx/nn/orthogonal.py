@@ -234,26 +234,27 @@ class _CircularPad(torch.autograd.Function):
     """Circular padding with a backward of slices and adds (:func:`_circular_fold`). Same values as
     ``F.pad(x, mode="circular")``, whose backward on CPU costs 4-5x as much (64 channels on 32 x 32, batch 64:
     19.7 vs 4.1 ms), a sixth of an orthogonal layer's training step. Forward mode and ``vmap`` are supported
-    (``torch.func``: the Jacobian regulariser); the backward is itself differentiable (its own adjoint is the
-    padding)."""
+    (``torch.func``: the Jacobian regulariser, ``hessian``); the backward is itself differentiable (its own
+    adjoint is the padding). The pads are passed as flat integers ``l_1, r_1, ..., l_d, r_d``: ``torch.func``'s
+    generated vmap rule cannot rebuild a nested tuple argument under forward mode."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, pads):
-        return F.pad(x, _flat_pads(pads), mode="circular")
+    def forward(x, *flat):
+        return F.pad(x, _flat_pads(_pairs(flat)), mode="circular")
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.pads = inputs[1]
+        ctx.flat = inputs[1:]
 
     @staticmethod
     def backward(ctx, grad):
-        return _CircularFold.apply(grad, ctx.pads), None
+        return (_CircularFold.apply(grad, *ctx.flat),) + (None,) * len(ctx.flat)
 
     @staticmethod
-    def jvp(ctx, tangent, _):
-        return F.pad(tangent, _flat_pads(ctx.pads), mode="circular")
+    def jvp(ctx, tangent, *_):
+        return F.pad(tangent, _flat_pads(_pairs(ctx.flat)), mode="circular")
 
 
 class _CircularFold(torch.autograd.Function):
@@ -262,20 +263,25 @@ class _CircularFold(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad, pads):
-        return _circular_fold(grad, pads)
+    def forward(grad, *flat):
+        return _circular_fold(grad, _pairs(flat))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.pads = inputs[1]
+        ctx.flat = inputs[1:]
 
     @staticmethod
     def backward(ctx, grad):
-        return _CircularPad.apply(grad, ctx.pads), None
+        return (_CircularPad.apply(grad, *ctx.flat),) + (None,) * len(ctx.flat)
 
     @staticmethod
-    def jvp(ctx, tangent, _):
-        return _circular_fold(tangent, ctx.pads)
+    def jvp(ctx, tangent, *_):
+        return _circular_fold(tangent, _pairs(ctx.flat))
+
+
+def _pairs(flat: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """``(l_1, r_1, ..., l_d, r_d)`` as ``((l_1, r_1), ..., (l_d, r_d))``."""
+    return tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
 
 
 def _circular_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -287,7 +293,7 @@ def _circular_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Ten
     sizes = x.shape[x.dim() - len(pads):]
     if torch.compiler.is_compiling() or not all(0 <= l <= n and 0 <= r <= n for (l, r), n in zip(pads, sizes)):
         return F.pad(x, _flat_pads(pads), mode="circular")  # (out-of-range pads: F.pad's own error)
-    return _CircularPad.apply(x, pads)
+    return _CircularPad.apply(x, *(v for pair in pads for v in pair))
 
 
 # symbolic tracing records the call as one node (it traces through the orthogonal layers' forward, and the size
@@ -433,6 +439,10 @@ def _broadcast_index(indices: list[torch.Tensor]) -> list[torch.Tensor]:
 def _fit_best(params: list[nn.Parameter], loss_fn, best: float, steps: int, lr: float) -> None:
     """``steps`` Adam steps on ``loss_fn`` (the nearest-initialisation fits of ``from_conv``), leaving ``params`` at
     the best state seen (the start counts, with loss ``best``) and their gradients cleared."""
+    if steps and torch.is_inference_mode_enabled():
+        raise LayerArgumentError(f"the nearest initialisation's {steps} fitting steps need autograd, which "
+                                 "torch.inference_mode() turns off: build the layer outside inference mode, or pass "
+                                 "fit_steps=0 (the closed-form start only)")
     best_state = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=lr)
     with torch.enable_grad():  # from_conv may be called under torch.no_grad()
@@ -461,16 +471,24 @@ class _EvalCache:
     is cached there. The cache is used only when ``not self.training``, ``torch.is_grad_enabled()`` is False and
     nothing traces the module (compile, export), is keyed by every parameter's storage, version counter, dtype and
     device plus ``gain`` (an optimizer step, ``load_state_dict`` or ``.to()`` invalidates it), and is dropped by
-    ``train()``. It is not part of the state_dict. Code that writes through ``param.data`` in eval mode bypasses the
-    version counter: call ``module.train(False)`` again (or ``train()``) afterwards.
+    ``train()`` and by any forward with gradients enabled (a training pass in eval mode: fused optimizers write the
+    parameters without bumping their version counters). Parameters that are inference tensors or ``torch.func``
+    transformed tensors are never cached. It is not part of the state_dict. Code that writes through
+    ``param.data`` in eval mode bypasses the version counter: call ``module.train(False)`` again (or ``train()``)
+    afterwards.
     """
 
     def _cached(self, name: str, build):
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() \
                 or torch.compiler.is_exporting():
+            # a forward with gradients is a training pass in eval mode (frozen BatchNorm): the step after it may
+            # be a fused optimizer's, which writes the parameters without bumping their version counters
+            self.__dict__.pop("_eval_cache", None)
             return build()
-        key = (self.gain, tuple((p.data_ptr(), p._version, p.dtype, p.device)
-                                for p in self.parameters(recurse=False)))
+        params = list(self.parameters(recurse=False))
+        if any(p.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(p) for p in params):
+            return build()  # no version counter (inference tensors) or no storage (torch.func transforms)
+        key = (self.gain, tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
         cache = self.__dict__.get("_eval_cache")
         if cache is None or cache[0] != key:
             cache = (key, {})

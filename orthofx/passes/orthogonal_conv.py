@@ -199,7 +199,7 @@ class OrthogonalConvPass(Pass):
                 layer = orthogonal_layer(module, init=entry.params["init"], method=method,
                                          padding=entry.params["padding"], gain=entry.params["gain"],
                                          fit_steps=entry.params["fit_steps"], input_size=input_size)
-                hard = isinstance(module, nn.Linear) or entry.params["padding"] == "circular"
+                hard = isinstance(module, nn.Linear) or getattr(layer, "padding_mode", "zeros") == "circular"
                 status = "hard" if hard else "hard (zero padding: not at borders)"
                 if input_size is not None:
                     status = f"hard (cayley_fft, input {'x'.join(map(str, input_size))} only)"
