@@ -70,6 +70,18 @@ def value(t: torch.Tensor) -> float:
     return float(t.detach())
 
 
+def central_difference(fn, tensor: torch.Tensor, index, eps: float = 1e-6) -> float:
+    """``(fn() with tensor[index] + eps  -  fn() with tensor[index] - eps) / (2 eps)``; the entry is restored."""
+    with torch.no_grad():
+        old = float(tensor[index])
+        tensor[index] = old + eps
+        up = value(fn())
+        tensor[index] = old - eps
+        down = value(fn())
+        tensor[index] = old
+    return (up - down) / (2 * eps)
+
+
 def assert_unbiased(values: torch.Tensor, expected: float) -> None:
     n = values.numel()
     stderr = float(values.std()) / math.sqrt(n)
@@ -261,18 +273,9 @@ def test_gradient_against_finite_differences(kind):
     params = list(block.parameters())
     grads = torch.autograd.grad(estimate(), params, allow_unused=True)  # the last bias does not change J
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    eps = 1e-6
-    with torch.no_grad():
-        for p, g in zip(params, grads):
-            flat = p.view(-1)
-            for i in range(flat.numel()):
-                old = float(flat[i])
-                flat[i] = old + eps
-                up = value(estimate())
-                flat[i] = old - eps
-                down = value(estimate())
-                flat[i] = old
-                assert (up - down) / (2 * eps) == pytest.approx(float(g.view(-1)[i]), rel=1e-5, abs=1e-7)
+    for p, g in zip(params, grads):
+        for index in itertools.product(*map(range, p.shape)):
+            assert central_difference(estimate, p, index) == pytest.approx(float(g[index]), rel=1e-5, abs=1e-7)
 
 
 NORM_BLOCKS = {
@@ -300,16 +303,8 @@ def test_gradient_through_normalisation_layers_against_finite_differences(norm, 
         return jacobian_isometry(block, x, route=route, generator=torch.Generator().manual_seed(0))
 
     (grad,) = torch.autograd.grad(estimate(), weight)
-    eps = 1e-6
-    with torch.no_grad():
-        for index in list(itertools.product(*map(range, weight.shape)))[::2]:
-            old = float(weight[index])
-            weight[index] = old + eps
-            up = value(estimate())
-            weight[index] = old - eps
-            down = value(estimate())
-            weight[index] = old
-            assert (up - down) / (2 * eps) == pytest.approx(float(grad[index]), rel=1e-5, abs=1e-6)
+    for index in list(itertools.product(*map(range, weight.shape)))[::2]:
+        assert central_difference(estimate, weight, index) == pytest.approx(float(grad[index]), rel=1e-5, abs=1e-6)
     # the running statistics are the block's own and the estimate leaves them alone
     for name, buffer in block.named_buffers():
         if name.endswith("running_mean"):

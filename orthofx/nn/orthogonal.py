@@ -253,8 +253,8 @@ class _CircularPad(torch.autograd.Function):
         return (_CircularFold.apply(grad, *ctx.flat),) + (None,) * len(ctx.flat)
 
     @staticmethod
-    def jvp(ctx, tangent, *_):
-        return F.pad(tangent, _flat_pads(_pairs(ctx.flat)), mode="circular")
+    def jvp(ctx, tangent, *_):  # the padding is linear: its tangent is the padded tangent
+        return _CircularPad.forward(tangent, *ctx.flat)
 
 
 class _CircularFold(torch.autograd.Function):
@@ -275,8 +275,8 @@ class _CircularFold(torch.autograd.Function):
         return (_CircularPad.apply(grad, *ctx.flat),) + (None,) * len(ctx.flat)
 
     @staticmethod
-    def jvp(ctx, tangent, *_):
-        return _circular_fold(tangent, _pairs(ctx.flat))
+    def jvp(ctx, tangent, *_):  # linear, like the padding
+        return _CircularFold.forward(tangent, *ctx.flat)
 
 
 def _pairs(flat: Sequence[int]) -> tuple[tuple[int, int], ...]:
