@@ -212,8 +212,10 @@ class OrthogonalConvPass(Pass):
         """The spatial input size of a conv site for ``method: cayley_fft`` (from the example inputs)."""
         where = f"rule '{entry.rule_name}': {entry.site.name} ({describe_module(module)})"
         if entry.params["padding"] != "circular":
-            raise PlanError(f"{where}: method 'cayley_fft' is a circular operator; 'padding: keep' (zero padding) "
-                            "is not possible with it. Use 'padding: circular', or method 'bcop' for 'padding: keep'")
+            raise PlanError(f"{where}: method 'cayley_fft' builds only the circular layer with 'same' padding, and "
+                            f"'padding: keep' asks for the conv's own padding={module.padding}, "
+                            f"padding_mode={module.padding_mode!r}. Use 'padding: circular', or method 'bcop' for "
+                            "'padding: keep'")
         shape = ctx.manifest.input_shapes.get(entry.site.name)
         dims = module.weight.dim() - 2
         if shape is None or len(shape) < dims + 1:
