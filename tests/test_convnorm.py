@@ -153,6 +153,17 @@ def test_padding_modes_pad_first(mode):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_padding_modes_input_gradient(mode):
+    # the explicit padding is part of the input gradient (circular: orthofx's own padding Function)
+    conv = nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 1), padding_mode=mode).double()
+    layer = ConvNormConv2d(conv, eps=1e-3)
+    x = torch.randn(2, 2, 6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+    assert torch.autograd.gradcheck(lambda t: conv_norm(t, conv.weight.detach(), None, (2, 1), (1, 1), 1, 1, eps=1e-3,
+                                                        padding_mode=mode), (x,))
+
+
 def test_conv1d_and_conv3d():
     conv1 = nn.Conv1d(3, 4, 3, stride=2, padding=2, dilation=2).double()
     x = torch.randn(2, 3, 11, dtype=torch.float64)
@@ -339,6 +350,32 @@ def test_running_filter_with_momentum():
     assert layer.running_grids == []
 
 
+def test_running_filters_made_under_inference_mode_keep_training():
+    layer = ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1), momentum=0.1).train()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        layer(x)
+    assert not layer.running_filter((10, 10)).is_inference()
+    layer(x).sum().backward()  # updated in place: failed when the buffer was an inference tensor
+    assert layer.conv.weight.grad is not None
+
+
+def test_loading_replaces_the_running_filters():
+    torch.manual_seed(4)
+    source = ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1), momentum=0.5).train()
+    source(torch.randn(2, 3, 8, 8))
+    target = ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1), momentum=0.5).train()
+    target(torch.randn(2, 3, 6, 6))  # a filter of other weights, on another grid
+    target.load_state_dict(source.state_dict())  # strict: was "Missing key(s)" for the 6 x 6 filter
+    assert target.running_grids == source.running_grids == [(10, 10)]
+    x6 = torch.randn(1, 3, 6, 6)
+    torch.testing.assert_close(target.eval()(x6), source.eval()(x6))  # not the stale 6 x 6 filter
+    # a float32 state loaded into a float64 layer keeps float64 running filters
+    double = ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1), momentum=0.5).double()
+    double.load_state_dict(source.state_dict())
+    assert double.running_filter((10, 10)).dtype == torch.float64
+
+
 def test_affine_part_starts_at_identity_and_learns():
     conv = nn.Conv2d(3, 4, (1, 3), padding=(0, 1))
     plain, affine = ConvNormConv2d(copy.deepcopy(conv)), ConvNormConv2d(conv, affine=True)
@@ -394,6 +431,52 @@ def test_bad_arguments():
         ConvNormConv2d(nn.Conv2d(3, 4, 3), momentum=1.5)
     with pytest.raises(ValueError, match="smaller"):
         ConvNormConv2d(nn.Conv2d(3, 4, 5))(torch.randn(1, 3, 3, 3))
+    for size in (0, -1):
+        with pytest.raises(orthofx.LayerArgumentError, match="affine_kernel_size"):
+            ConvNormConv2d(nn.Conv2d(2, 3, 3), affine=True, affine_kernel_size=size)
+    with pytest.raises(orthofx.LayerArgumentError, match="5 channels"):
+        ConvNormConv2d(nn.Conv2d(3, 4, 3))(torch.randn(1, 5, 8, 8))
+    # the functional forms check eps like the layer (a bad one made every output NaN)
+    x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    for eps in (0.0, -1.0, float("nan")):
+        with pytest.raises(orthofx.LayerArgumentError, match="eps"):
+            conv_norm(x, w, padding=1, eps=eps)
+        with pytest.raises(orthofx.LayerArgumentError, match="eps"):
+            convnorm_filter(w, (7, 7), eps=eps)
+    # torch refuses a strided 'same' convolution; so does the functional form
+    with pytest.raises(orthofx.LayerArgumentError, match="'same' needs stride 1"):
+        conv_norm(x, w, stride=2, padding="same")
+
+
+def test_refused_inputs_are_no_sizes_to_freeze_for():
+    model = nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU())
+    x = torch.randn(1, 3, 8, 8)
+    gm = orthofx.transform(model, "convnorm", example_inputs=(x,))
+    for bad in (torch.randn(1, 3, 3, 3), torch.randn(8)):
+        with pytest.raises(orthofx.LayerArgumentError):
+            gm(bad)
+    assert gm.get_submodule("0").input_sizes == [(8, 8)]
+    gm.eval()
+    torch.testing.assert_close(orthofx.freeze(gm)(x), gm(x), rtol=0, atol=1e-6)
+    # to_plain takes a 1-D size as an int
+    layer = ConvNormConv1d(nn.Conv1d(2, 3, 3)).eval()
+    frozen = layer.to_plain(input_sizes=[9])
+    y = torch.randn(2, 2, 9)
+    torch.testing.assert_close(frozen(y), layer(y), rtol=0, atol=1e-6)
+
+
+def test_conv_subclasses_freeze():
+    class StdConv(nn.Conv2d):  # a constructor without nn.Conv2d's arguments
+        def __init__(self, c, k):
+            super().__init__(c, c, k, padding=k // 2)
+
+    torch.manual_seed(3)
+    x = torch.randn(1, 3, 8, 8)
+    for k in (3, 1):
+        gm = orthofx.transform(nn.Sequential(StdConv(3, k)), "convnorm", example_inputs=(x,)).eval()
+        frozen = orthofx.freeze(gm)
+        assert type(frozen.get_submodule("0").conv) is nn.Conv2d
+        torch.testing.assert_close(frozen(x), gm(x), rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------- the pass

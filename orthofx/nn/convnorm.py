@@ -4,7 +4,10 @@ What it computes
 ----------------
 A convolution with kernel ``K`` (``M`` output channels, ``C`` input channels per group) acts on one output
 channel ``m`` as the row block ``A_m = [A_{m,1} ... A_{m,C}]`` of circulant matrices. ConvNorm replaces ``A_m``
-by ``(A_m A_m^T)^(-1/2) A_m``, whose rows are orthonormal (channel-wise isometry). All blocks are diagonalised by
+by ``(A_m A_m^T)^(-1/2) A_m``, whose rows are orthonormal (channel-wise isometry) for the circular operator; with
+zero padding the layer keeps P3's approximation (below: exact rows of a circular operator on a wider grid,
+applied to an input that is zero outside its borders, so the layer's own rows are not orthonormal: for a small
+3-channel stride-1 layer their singular values span 0.4-1.0). All blocks are diagonalised by
 the same DFT, so ``(A_m A_m^T)^(-1/2)`` is the circular filter with frequency response
 
     V_m(w) = ( sum_c |K_hat_{m,c}(w)|^2 + eps )^(-1/2)
@@ -39,8 +42,9 @@ every output position ``S i - p_l`` (``Q_l >= p_l``, ``Q_r >= p_r``). ConvNorm i
     f' = IFFT_L( V_L . FFT_L(f) ),       y'[i] = f'[Q_l - p_l + S i],     i = 0 .. N_out - 1,
 
 where ``V_L`` is ``V`` sampled at the ``L`` frequencies of the grid, computed from the *dilated* kernel
-(``|K_hat_D(w)| = |K_hat(D w)|``, the reference ignored dilation). On the ``L``-grid the operator
-``x -> f'_m`` has orthonormal rows up to ``eps``; the layer keeps the rows at its own output positions. For the
+(``|K_hat_D(w)| = |K_hat(D w)|``, the reference ignored dilation). The circular operator on the ``L``-grid has
+orthonormal rows up to ``eps``; the layer applies it to the zero-extended input and keeps the rows at its own
+output positions, so its own operator is normalised only approximately (P3's construction). For the
 paddings used in practice (``p <= k_e - 1``: "same", "valid") ``Q = k_e - 1`` and ``L = N + k_e - 1`` is the
 reference's "stride 1, padding k - 1" grid; the reference then cropped to the "same" positions of a square
 ``k x k`` kernel and subsampled, which breaks for ``1 x k`` kernels, dilation and other paddings. Here the
@@ -129,6 +133,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orthofx.errors import LayerArgumentError
+from orthofx.nn.padding import circular_pad, flat_pads, pairs
 
 __all__ = [
     "ConvNormGeometry",
@@ -149,6 +154,7 @@ __all__ = [
 WRAPPED_MARKER = "_orthofx_convnorm_inner"
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _PAD_MODES = {"zeros", "reflect", "replicate", "circular"}
 _RUNNING_PREFIX = "running_v_"
 _FROZEN_PREFIX = "v_"
@@ -187,13 +193,17 @@ def _ntuple(value, d: int, name: str) -> tuple[int, ...]:
     return out
 
 
-def _layer_pads(padding, kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+def _layer_pads(padding, kernel_size: tuple[int, ...], dilation: tuple[int, ...],
+                stride: tuple[int, ...] = ()) -> tuple[tuple[int, int], ...]:
     """(left, right) zero padding per spatial dimension, torch's convention for the strings."""
     d = len(kernel_size)
     if isinstance(padding, str):
         if padding == "valid":
             return ((0, 0),) * d
         if padding == "same":
+            if any(s != 1 for s in stride):
+                raise LayerArgumentError(f"padding='same' needs stride 1 (as for torch's convolutions), got "
+                                         f"stride={stride}; give the padding as numbers")
             pads = []
             for k, dil in zip(kernel_size, dilation):
                 total = dil * (k - 1)
@@ -223,7 +233,7 @@ def convnorm_geometry(input_size: Sequence[int], kernel_size, stride=1, padding=
     dil = _ntuple(dilation, d, "dilation")
     if any(v < 1 for v in k + s + dil):
         raise LayerArgumentError(f"kernel_size, stride and dilation must be positive, got {k}, {s}, {dil}")
-    pads = _layer_pads(padding, k, dil)
+    pads = _layer_pads(padding, k, dil, s)
     ql, qr, grid, start, out = [], [], [], [], []
     for ni, ke, si, (pl, pr) in zip(n, _dilated_extent(k, dil), s, pads):
         if ni + pl + pr < ke:
@@ -292,7 +302,15 @@ def convnorm_filter(weight: torch.Tensor, grid: Sequence[int], dilation=1, eps: 
     Returns a real tensor of shape ``(M, L_1, ..., L_{d-1}, L_d // 2 + 1)`` (the ``rfftn`` half spectrum), dtype
     float32 or float64 like the weight (half precision weights give float32), no gradient.
     """
-    return (_power(weight, grid, dilation) + eps).rsqrt()
+    return (_power(weight, grid, dilation) + _checked_eps(eps)).rsqrt()
+
+
+def _checked_eps(eps) -> float:
+    """``eps`` as a float; it keeps ``V`` finite where a channel's kernels vanish, so it must be > 0."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise LayerArgumentError(f"eps must be a finite number > 0 (it keeps ConvNorm's filter finite where all "
+                                 f"kernels of a channel vanish), got {eps!r}")
+    return float(eps)
 
 
 def _one_tap(kernel_size: Sequence[int]) -> bool:
@@ -338,6 +356,16 @@ def _normalise(z: torch.Tensor, v: torch.Tensor, geo: ConvNormGeometry) -> torch
     return torch.fft.irfft(spectrum, n=geo.grid[-1], dim=-1)[..., keep[-1]]
 
 
+def _explicit_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]], padding_mode: str) -> torch.Tensor:
+    """``x`` padded by ``(left, right)`` per spatial dimension in a conv's non-zero ``padding_mode`` (circular
+    padding through :func:`~orthofx.nn.padding.circular_pad`, whose backward is cheaper than ``F.pad``'s)."""
+    if not any(p for pair in pads for p in pair):
+        return x
+    if padding_mode == "circular":
+        return circular_pad(x, pads)
+    return F.pad(x, flat_pads(pads), mode=padding_mode)
+
+
 def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int, eps: float,
                padding_mode: str, v_for) -> torch.Tensor:
     """Shared forward; ``v_for(grid, geometry)`` returns the filter for the grid (or ``None`` to compute it)."""
@@ -350,13 +378,14 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
     if x.ndim != d + 2:
         raise LayerArgumentError(f"expected a {d + 2}-D (batched) or {d + 1}-D (unbatched) input for a {d}-D "
                                  f"convolution, got shape {tuple(x.shape)}")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise LayerArgumentError(f"the input has {x.shape[1]} channels (shape {tuple(x.shape)}) where the "
+                                 f"convolution takes {weight.shape[1] * groups} (weight {tuple(weight.shape)}, "
+                                 f"groups={groups})")
     ks = tuple(weight.shape[2:])
     dil = _ntuple(dilation, d, "dilation")
     if padding_mode != "zeros":
-        pads = _layer_pads(padding, ks, dil)
-        flat = [p for pair in reversed(pads) for p in pair]
-        if any(flat):
-            x = F.pad(x, flat, mode=padding_mode)
+        x = _explicit_pad(x, _layer_pads(padding, ks, dil, _ntuple(stride, d, "stride")), padding_mode)
         padding = 0
     geo = convnorm_geometry(x.shape[2:], ks, stride, padding, dil)
 
@@ -372,8 +401,7 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
         if geo.pad_left == geo.pad_right:
             z = _CONV_FN[d](xw, w, None, 1, geo.pad_left, dil, groups)
         else:
-            flat = [p for pair in reversed(list(zip(geo.pad_left, geo.pad_right))) for p in pair]
-            z = _CONV_FN[d](F.pad(xw, flat), w, None, 1, 0, dil, groups)
+            z = _CONV_FN[d](F.pad(xw, flat_pads(list(zip(geo.pad_left, geo.pad_right)))), w, None, 1, 0, dil, groups)
         if v is None:
             v = convnorm_filter(weight, geo.grid, dil, eps)
         y = _normalise(z, v, geo)
@@ -402,7 +430,8 @@ def conv_norm(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     else:
         def v_for(grid, geo):
             return None
-    return _conv_norm(input, weight, bias, stride, padding, dilation, groups, eps, padding_mode, v_for)
+    return _conv_norm(input, weight, bias, stride, padding, dilation, groups, _checked_eps(eps), padding_mode,
+                      v_for)
 
 
 # ------------------------------------------------------------------------------------------------ modules
@@ -445,8 +474,7 @@ class ConvNormConvNd(nn.Module):
                               "dimension")
         if isinstance(conv.weight, nn.parameter.UninitializedParameter):
             raise LayerArgumentError("the convolution is lazy and not initialised yet; run it once before wrapping it")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-            raise LayerArgumentError(f"eps must be a finite number > 0, got {eps!r}")
+        eps = _checked_eps(eps)
         if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
                                      or not 0 < momentum <= 1):
             raise LayerArgumentError(f"momentum must be None or a number in (0, 1], got {momentum!r}")
@@ -458,6 +486,8 @@ class ConvNormConvNd(nn.Module):
             m = conv.out_channels
             k = conv.kernel_size if affine_kernel_size is None else _ntuple(affine_kernel_size, d,
                                                                              "affine_kernel_size")
+            if any(v < 1 for v in k):
+                raise LayerArgumentError(f"affine_kernel_size must be positive, got {affine_kernel_size!r}")
             layer = self._conv_type(m, m, k, stride=1, padding="same", groups=m, bias=True,
                                     device=conv.weight.device, dtype=conv.weight.dtype)
             setattr(layer, WRAPPED_MARKER, True)
@@ -569,7 +599,10 @@ class ConvNormConvNd(nn.Module):
         v = convnorm_filter(self.conv.weight, grid, self.conv.dilation, self.eps)
         with torch.no_grad():
             if running is None or running.shape != v.shape:
-                self.register_buffer(name, v.clone())
+                # a buffer made under inference_mode would be an inference tensor, which later training steps
+                # could not update in place (BatchNorm's running statistics keep working in that sequence)
+                with torch.inference_mode(False):
+                    self.register_buffer(name, v.clone())
             else:
                 running.lerp_(v.to(running.dtype), self.momentum)
         return v
@@ -579,11 +612,19 @@ class ConvNormConvNd(nn.Module):
         # Running filters are created on demand: make room for the ones the state dict holds. With momentum=None
         # the layer never uses running filters, so none is made: torch reports them as unexpected keys (a strict
         # load fails, strict=False ignores them).
+        # The loaded running filters replace this layer's: ones the state dict lacks were made from other
+        # weights, so they are dropped rather than kept stale (or reported missing by a strict load).
+        incoming = set()
         for key, value in state_dict.items() if self.momentum is not None else ():
             if key.startswith(prefix + _RUNNING_PREFIX):
                 name = key[len(prefix):]
-                if "." not in name and name not in self._buffers and isinstance(value, torch.Tensor):
-                    self.register_buffer(name, torch.empty_like(value, device=self.conv.weight.device))
+                if "." not in name and isinstance(value, torch.Tensor):
+                    incoming.add(name)
+                    if name not in self._buffers:
+                        self.register_buffer(name, torch.empty(
+                            value.shape, device=self.conv.weight.device, dtype=_real_dtype(self.conv.weight.dtype)))
+        for name in [n for n in self._buffers if n.startswith(_RUNNING_PREFIX) and n not in incoming]:
+            del self._buffers[name]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -615,7 +656,7 @@ class ConvNormConvNd(nn.Module):
             frozen.train(self.training)
             return frozen
         grids: dict[tuple[int, ...], tuple[int, ...] | None] = {}
-        for size in self.input_sizes + [tuple(int(n) for n in s) for s in (input_sizes or [])]:
+        for size in self.input_sizes + [_ntuple(s, self._dims, "each of input_sizes") for s in (input_sizes or [])]:
             grids.setdefault(tuple(self.geometry(size).grid), size)
         for grid in self.running_grids:
             grids.setdefault(grid, None)
@@ -630,11 +671,11 @@ class ConvNormConvNd(nn.Module):
         return frozen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling():
-            self._remember(x)
         conv = self.conv
         y = _conv_norm(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
                        self.eps, conv.padding_mode, self._v_for)
+        if not torch.compiler.is_compiling():
+            self._remember(x)  # after the checks: a refused input is no size to freeze for
         if self.affine is not None:
             y = self.affine(y)
         return y
@@ -707,7 +748,7 @@ class FrozenConvNormNd(nn.Module):
         self.layer_padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
         if conv.padding_mode != "zeros":
             pads = _layer_pads(conv.padding, self.kernel_size, self.dilation)
-            self.pre_pad = [p for pair in reversed(pads) for p in pair]
+            self.pre_pad = flat_pads(pads)
             self.geometry_padding = 0
         else:
             self.pre_pad = []
@@ -717,12 +758,13 @@ class FrozenConvNormNd(nn.Module):
                                   self.kernel_size, self.stride, self.geometry_padding, self.dilation)
         ql, qr = probe.pad_left, probe.pad_right
         symmetric = ql == qr
-        self.extra_pad = [] if symmetric else [p for pair in reversed(list(zip(ql, qr))) for p in pair]
+        self.extra_pad = [] if symmetric else flat_pads(list(zip(ql, qr)))
         weight = conv.weight.detach()
         # the scaled form is the layer's own conv; the filtered form is its stride-1 correlation on the grid
         stride, padding, padding_mode = ((self.stride, conv.padding, conv.padding_mode) if self._scaled_conv
                                          else (1, ql if symmetric else 0, "zeros"))
-        self.conv = type(conv)(conv.in_channels, conv.out_channels, self.kernel_size, stride=stride, padding=padding,
+        # torch's own class: a subclass's constructor need not take nn.Conv's arguments
+        self.conv = _CONV_CLS[d](conv.in_channels, conv.out_channels, self.kernel_size, stride=stride, padding=padding,
                                dilation=self.dilation, groups=conv.groups, bias=False, padding_mode=padding_mode,
                                device=weight.device, dtype=weight.dtype)
         if self._scaled_conv:
@@ -777,7 +819,7 @@ class FrozenConvNormNd(nn.Module):
 
     def _normalised_conv(self, x: torch.Tensor, size: tuple[int, ...], work: torch.dtype) -> torch.Tensor:
         if self.pre_pad:
-            x = F.pad(x, self.pre_pad, mode=self.padding_mode)
+            x = _explicit_pad(x, tuple(reversed(pairs(self.pre_pad))), self.padding_mode)
         geo = convnorm_geometry(x.shape[2:], self.kernel_size, self.stride, self.geometry_padding, self.dilation)
         v = self.filter_for(geo.grid)
         if v is None:

@@ -27,8 +27,9 @@ per-channel scaled weights, for every input size.
 
 The :class:`~orthofx.passes.Change` recorded per conv has ``before`` / ``after`` with the layer, its weight's
 state_dict key and, when example inputs gave the layer's input size, the FFT grid and the range of the
-per-channel, per-frequency gains ``sqrt(sum_c |K_hat_{m,c}(w)|^2)`` (``row_gain_min`` / ``row_gain_max``): the
-channel-wise isometry ConvNorm brings them to ~1.
+per-channel, per-frequency gains ``sqrt(sum_c |K_hat_{m,c}(w)|^2)`` (``row_gain_min`` / ``row_gain_max``) of the
+circular operator on that grid, which ConvNorm brings to ~1 (with zero padding the layer's own operator is
+normalised only approximately; see :mod:`orthofx.nn.convnorm`).
 
 Example::
 
