@@ -83,6 +83,26 @@ class _StepGuard:
                 self._optimizer.step = self._own
 
 
+def _unscale_for_hooks(optimizer: torch.optim.Optimizer) -> None:
+    """Unscale the gradients a ``GradScaler`` left scaled for a fused optimizer.
+
+    For optimizers whose kernels unscale (``fused=True``), ``GradScaler.step`` does not unscale the gradients
+    first: it sets ``optimizer.grad_scale`` and the kernel divides by it. The hooks need the true gradients
+    (NOG's polar factor and OLR's ``eta*`` do not scale with them: a scale of 2^16 made NOG's step 2^16 times
+    too small), so the gradients are divided here and the kernel is left nothing to undo (``grad_scale`` None;
+    ``found_inf`` still skips a step with non-finite gradients).
+    """
+    scale = getattr(optimizer, "grad_scale", None)
+    if scale is None:
+        return
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.div_(scale.to(p.grad.device) if isinstance(scale, torch.Tensor) else scale)
+    optimizer.grad_scale = None
+
+
 def _optimizer_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
@@ -133,6 +153,8 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
                                "optimised by this optimizer; build the optimizer from gm.parameters() before "
                                "calling orthofx.attach")
     for hook in hooks:
+        hook.check(root, optimizer)
+    for hook in hooks:
         hook.setup(root, optimizer)
     batches = _batches(hooks)
 
@@ -148,6 +170,7 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
 
     def run_before(opt):
         started.append(True)
+        _unscale_for_hooks(opt)
         run_hooks(opt, "before")
 
     def run_after(opt):

@@ -22,6 +22,7 @@ import orthofx.passes.pre_svd as pre_svd
 import orthofx.passes.svd_conditioning as svd_conditioning
 from orthofx.errors import PolicyError, TransformError
 from orthofx.nn import conditioning as cond
+from orthofx.nn.decompositions import ConditionMonitor
 from orthofx.passes.orth_regularizer import LorthTerm
 from orthofx.report import monitors
 
@@ -599,6 +600,17 @@ def test_monitor_on_gcp_matches_covariance_of_the_pre_svd_output():
     assert summary["kappa"] == pytest.approx(expected, rel=1e-3)
 
 
+def test_empty_batch_runs_like_the_original():
+    model = orthofx.models.get("gcp_cnn")
+    x = orthofx.models.example_input("gcp_cnn", batch=2)
+    gm = orthofx.transform(model, "svd", example_inputs=(x,))
+    monitors = [m for m in gm.modules() if isinstance(m, ConditionMonitor)]
+    assert monitors
+    updates = [int(m.updates) for m in monitors]
+    assert gm(x[:0]).shape == model(x[:0]).shape == (0, 10)
+    assert [int(m.updates) for m in monitors] == updates  # no matrix, nothing recorded
+
+
 def test_monitor_records_nan_events_and_freezes_to_a_pass_through():
     monitor = cond.DecompositionMonitor("eigenvalues", 0, "linalg.eigh")
     lam = torch.tensor([[1.0, 2.0], [float("nan"), 1.0]])
@@ -791,6 +803,104 @@ def test_olr_uses_the_nog_gradient():
     optimizer.step()
     lr = _expected_lr(w0, polar, 10.0)
     assert torch.allclose(w0 - gm.a.weight.detach(), lr * polar, rtol=1e-5, atol=1e-8)
+
+
+def _olr_step(optimizer, gm, x, **step):
+    before = {n: p.detach().clone() for n, p in gm.named_parameters()}
+    optimizer.zero_grad()
+    gm(x).backward()
+    grads = {n: p.grad.clone() for n, p in gm.named_parameters()}
+    optimizer.step(**step)
+    return before, grads
+
+
+def test_olr_with_a_tensor_lr_leaves_the_other_groups_alone():
+    # torch hands every group the default's lr tensor: setting OLR's lr in place changed every group's
+    torch.manual_seed(0)
+    x = torch.randn(32, 6)
+    gm = orthofx.transform(LinearEigh(), _pre_svd_policy(nog=False, olr=True), example_inputs=(x,))
+    optimizer = torch.optim.SGD(gm.parameters(), lr=torch.tensor(10.0))
+    orthofx.attach(optimizer, gm)
+    seen = []
+    optimizer.register_step_pre_hook(lambda opt, *_: seen.append([float(g["lr"]) for g in opt.param_groups]))
+    before, grads = _olr_step(optimizer, gm, x)
+    step = before["head.weight"] - gm.head.weight.detach()
+    torch.testing.assert_close(step, 10.0 * grads["head.weight"], rtol=1e-4, atol=1e-6)
+    lr_a = _expected_lr(before["a.weight"], grads["a.weight"], 10.0)
+    assert lr_a < 10.0
+    torch.testing.assert_close(before["a.weight"] - gm.a.weight.detach(), lr_a * grads["a.weight"], rtol=1e-4,
+                               atol=1e-7)
+    want = sorted([10.0, lr_a, _expected_lr(before["b.weight"], grads["b.weight"], 10.0)])
+    assert sorted(seen[-1]) == pytest.approx(want, rel=1e-6)
+
+
+def test_olr_with_maximize_uses_the_step_direction():
+    torch.manual_seed(0)
+    x = torch.randn(32, 6)
+    gm = orthofx.transform(LinearEigh(), _pre_svd_policy(nog=False, olr=True), example_inputs=(x,))
+    optimizer = torch.optim.SGD(gm.parameters(), lr=10.0, maximize=True)
+    orthofx.attach(optimizer, gm)
+    before, grads = _olr_step(optimizer, gm, x)
+    for name in ("a.weight", "b.weight"):  # the step is w + lr g = w - lr (-g)
+        lr = _expected_lr(before[name], -grads[name], 10.0)
+        torch.testing.assert_close(gm.get_parameter(name).detach() - before[name], lr * grads[name], rtol=1e-4,
+                                   atol=1e-7)
+
+
+@pytest.mark.parametrize("olr", [False, True])
+def test_nog_and_olr_under_grad_scaler_with_a_fused_optimizer(olr):
+    # GradScaler leaves a fused optimizer's gradients scaled (its kernel unscales): the hooks saw g * 2^16
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+    steps = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        gm = orthofx.transform(LinearEigh(), _pre_svd_policy(nog=True, olr=olr), example_inputs=(x,))
+        optimizer = torch.optim.SGD(gm.parameters(), lr=10.0, fused=fused)
+        orthofx.attach(optimizer, gm)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+        before = {n: p.detach().clone() for n, p in gm.named_parameters()}
+        scaler.scale(gm(x)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        steps.append({n: before[n] - p.detach() for n, p in gm.named_parameters()})
+    for name in steps[0]:
+        torch.testing.assert_close(steps[1][name], steps[0][name], rtol=1e-5, atol=1e-6)
+    assert steps[1]["a.weight"].norm() > 1e-3
+
+
+def test_olr_refuses_lbfgs_before_changing_the_optimizer():
+    torch.manual_seed(0)
+    x = torch.randn(32, 6)
+    gm = orthofx.transform(LinearEigh(), _pre_svd_policy(nog=True, olr=True), example_inputs=(x,))
+    optimizer = torch.optim.LBFGS(gm.parameters(), lr=0.5, max_iter=2)
+    with pytest.raises(orthofx.OrthofxError, match="LBFGS takes exactly one param group.*olr: false"):
+        orthofx.attach(optimizer, gm)
+    assert len(optimizer.param_groups) == 1
+    gm = orthofx.transform(LinearEigh(), _pre_svd_policy(nog=True, olr=False), example_inputs=(x,))
+    optimizer = torch.optim.LBFGS(gm.parameters(), lr=0.5, max_iter=2)
+    orthofx.attach(optimizer, gm)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = gm(x)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert all(torch.isfinite(p).all() for p in gm.parameters())
+
+
+def test_polar_factor_keeps_the_directions_of_a_half_precision_gradient():
+    g = torch.Generator().manual_seed(0)
+    for shape in ((64, 144), (6, 36), (64, 1152)):
+        for dtype in (torch.bfloat16, torch.float16):
+            G = torch.randn(*shape, generator=g).to(dtype)  # well conditioned: every direction is real
+            P = pre_svd.polar_factor(G).double()
+            U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+            torch.testing.assert_close(P, (U @ Vh).to(dtype).double(), rtol=0, atol=1e-2)
+    # rounding noise of a rank-2 float32 product is still no direction
+    low = torch.randn(300, 2, generator=g) @ torch.randn(2, 200, generator=g)
+    assert int(torch.linalg.matrix_rank(pre_svd.polar_factor(low).double(), atol=0.5)) == 2
 
 
 # ----------------------------------------------------------------------------------------- pre_svd: weights

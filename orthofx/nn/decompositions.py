@@ -532,11 +532,14 @@ class ConditionMonitor(nn.Module):
 
     @torch.no_grad()
     def update(self, eigenvalues: Tensor) -> Tensor:
-        """Record the (worst, over the batch) kappa of ``eigenvalues`` ``[..., n]`` and return it (0-dim)."""
+        """Record the (worst, over the batch) kappa of ``eigenvalues`` ``[..., n]`` and return it (0-dim); an empty
+        batch records nothing and returns NaN."""
         if eigenvalues.dim() < 1 or eigenvalues.shape[-1] < 1:
             raise LayerArgumentError(f"expected eigenvalues of shape [..., n], got {tuple(eigenvalues.shape)}")
         lam = eigenvalues.detach().to(torch.float64)
         k = self.kappa(lam).reshape(-1)
+        if k.numel() == 0:  # an empty batch: no matrix, nothing to record
+            return torch.full((), float("nan"), dtype=torch.float64, device=lam.device)
         has_nan = k.isnan().any()
         finite_max = torch.where(k.isnan(), torch.zeros_like(k), k).amax()
         worst = torch.where(has_nan, torch.full_like(k[0], float("nan")), finite_max)

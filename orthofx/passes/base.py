@@ -208,6 +208,10 @@ class OptimizerHook:
         self.site = site
         self.rule = rule
 
+    def check(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called by ``attach`` for every hook before any :meth:`setup`: raise :class:`orthofx.OrthofxError` when
+        the hook cannot work with this optimizer (nothing has been changed yet)."""
+
     def setup(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Called once by ``attach``; may, for example, move a parameter into a param group of its own."""
 

@@ -50,6 +50,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -78,14 +79,16 @@ _LAST_LR_KEY = "orthofx_olr_lr"
 
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     """The polar factor ``U V^T`` of a 2-D ``matrix = U S V^T`` (float64 SVD, returned in ``matrix``'s dtype),
-    with the directions of zero singular values (``<= max(m, n) * eps * s_max``, ``eps`` of ``matrix``'s dtype)
-    dropped: a rank-``r`` matrix gives ``U_r V_r^T``, a zero matrix gives zero."""
+    with the directions of zero singular values dropped: a rank-``r`` matrix gives ``U_r V_r^T``, a zero matrix
+    gives zero. Zero means ``<= min(max(m, n) * eps, sqrt(eps)) * s_max`` with ``eps`` of ``matrix``'s dtype:
+    rounding noise of a low-rank gradient is not a direction, and the cap keeps a half-precision gradient's real
+    directions (``max(m, n) * eps`` alone reaches 1 for a 128-wide bfloat16 matrix and dropped every one)."""
     if matrix.dim() != 2:
         raise ArgumentError(f"polar_factor expects a 2-D matrix, got shape {tuple(matrix.shape)}")
     m64 = matrix.detach().to(torch.float64)
     U, S, Vh = torch.linalg.svd(m64, full_matrices=False)
     eps = torch.finfo(matrix.dtype).eps if matrix.is_floating_point() else torch.finfo(torch.float64).eps
-    tol = S[:1] * (max(matrix.shape) * eps)
+    tol = S[:1] * min(max(matrix.shape) * eps, math.sqrt(eps))
     keep = (S > tol).to(m64.dtype)
     return ((U * keep.unsqueeze(0)) @ Vh).to(matrix.dtype)
 
@@ -169,16 +172,30 @@ class OptimalLearningRate(OptimizerHook):
     ``"orthofx_olr_lr"`` for logging.
     """
 
+    def check(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        weight = root.get_submodule(self.site).weight
+        if isinstance(optimizer, torch.optim.LBFGS) and len(_group_of(optimizer, weight)["params"]) > 1:
+            raise OrthofxError(f"site '{self.site}' (rule '{self.rule}'): OLR gives the weight a param group of its "
+                               "own, and LBFGS takes exactly one param group. Set 'olr: false' in the rule (NOG "
+                               "and the other hooks work with LBFGS), or optimise only this weight with LBFGS")
+
     def setup(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         weight = root.get_submodule(self.site).weight
         group = _group_of(optimizer, weight)
         if len(group["params"]) == 1:
             group[OLR_GROUP_KEY] = self.site
-            return
-        group["params"] = [p for p in group["params"] if p is not weight]
-        settings = {key: value for key, value in group.items() if key != "params" and not key.startswith("orthofx_")}
-        settings[OLR_GROUP_KEY] = self.site
-        optimizer.add_param_group({"params": [weight], **settings})
+            own = group
+        else:
+            group["params"] = [p for p in group["params"] if p is not weight]
+            settings = {key: value for key, value in group.items()
+                        if key != "params" and not key.startswith("orthofx_")}
+            settings[OLR_GROUP_KEY] = self.site
+            optimizer.add_param_group({"params": [weight], **settings})
+            own = optimizer.param_groups[-1]
+        # A tensor lr may be one object shared by every group (torch hands each group the default's tensor):
+        # the step sets this group's lr in place, so it gets a tensor of its own.
+        if isinstance(own["lr"], torch.Tensor):
+            own["lr"] = own["lr"].clone()
 
     def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         weight = root.get_submodule(self.site).weight
@@ -188,7 +205,8 @@ class OptimalLearningRate(OptimizerHook):
         group[_BASE_LR_KEY] = base
         lr = base
         if weight.grad is not None and not weight.grad.is_sparse:
-            eta = optimal_learning_rate(weight, weight.grad)
+            # maximize=True steps along +g: eta* of the step direction -(-g)
+            eta = optimal_learning_rate(weight, -weight.grad if group.get("maximize") else weight.grad)
             if eta is not None and 0.0 < eta < base:
                 lr = eta
         group[_LAST_LR_KEY] = lr
