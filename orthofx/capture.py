@@ -54,7 +54,7 @@ from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
 from torch.fx.proxy import TraceError
 
-from .errors import CaptureError
+from .errors import ArgumentError, CaptureError
 from .passes.base import CaptureInfo
 
 __all__ = ["capture", "unwrap_model", "OrthofxTracer", "ModalGraphModule", "module_scopes", "CAPTURE_MODES"]
@@ -1194,8 +1194,9 @@ def _fetch(root: Any, target: str) -> Any:
     return value
 
 
-def _static_batch(graph: torch.fx.Graph) -> int | None:
-    """The batch size a graph was specialised to (dim 0 of an input is a plain int), or None when dynamic."""
+def _static_batch(graph: torch.fx.Graph) -> tuple[torch.fx.Node, int] | None:
+    """The first input whose dim 0 (the batch) the graph was specialised to, with that size (a plain int), or
+    None when the batch is dynamic."""
     for node in graph.nodes:
         if node.op != "placeholder":
             continue
@@ -1205,8 +1206,27 @@ def _static_batch(graph: torch.fx.Graph) -> int | None:
         size = val.shape[0]
         # a SymInt that export specialised after tracing is concrete too
         if not isinstance(size, torch.SymInt) or is_concrete_int(size):
-            return int(size)
+            return node, int(size)
     return None
+
+
+@torch.fx.node.has_side_effect  # kept by dead-code elimination: it has no users
+def require_batch_size(x: torch.Tensor, batch: int) -> None:
+    """Refuse an input whose batch differs from the one a captured graph was specialised to: the graph would
+    otherwise run the example's batch size on it and return a wrong result (a loop over ``x.size(0)`` unrolled
+    three times reads rows 0-2 of any batch)."""
+    if x.dim() == 0 or x.shape[0] != batch:
+        raise ArgumentError(f"this model was captured with torch.export for batch size {batch} only (its forward "
+                            f"needs the batch size as a constant, e.g. a Python loop over x.size(0)); got an input "
+                            f"of shape {tuple(x.shape)}. Transform it again with example inputs of the batch size "
+                            "you will use")
+
+
+def _guard_static_batch(graph: torch.fx.Graph, found: tuple[torch.fx.Node, int]) -> None:
+    node, batch = found
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last):
+        graph.call_function(require_batch_size, (node, batch))
 
 
 def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
@@ -1251,12 +1271,14 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
                 f"the call '{exc.call.name}' of leaf module '{exc.call.path}' stays as inlined ATen ops in the "
                 f"exported graph ({exc}): rules do not see this call, passes that replace the module do not "
                 "affect it (its weights are still the module's)")
-    batch = _static_batch(graph)
-    if batch is not None:
+    found = _static_batch(graph)
+    if found is not None:
+        batch = found[1]
+        _guard_static_batch(graph, found)
         info.warnings.append(
             f"torch.export specialised the graph to batch size {batch} (the forward needs the batch size as a "
             f"constant, e.g. a Python loop over x.size(0), or the example batch is 1): the captured model only "
-            f"accepts inputs of batch size {batch}; give example inputs of the batch size you will use")
+            f"accepts inputs of batch size {batch} (others raise an error); give example inputs of the batch size you will use")
     info.warnings.extend(_device_warnings(graph))
     gm = torch.fx.GraphModule(_Overlay(model, rebuilder.extras), graph, type(model).__name__)
     if not both_modes:

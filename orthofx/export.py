@@ -61,10 +61,11 @@ import torch
 from torch import fx, nn
 
 from .capture import ModalGraphModule, unwrap_model
-from .errors import ExportError
+from .errors import ExportError, OrthofxError
 from .nn.conditioning import power_newton_schulz
 from .passes.base import replace_module
-from .passes.svd_conditioning import decomposition_op, fold_constant_decompositions, to_newton_schulz
+from .passes.svd_conditioning import (decomposition_op, fold_constant_decompositions, plain_decompositions,
+                                      to_newton_schulz)
 from .plan import collect_sites, producers_feeding
 from .policy import Policy
 from .transform import as_input_tuple, manifest_of, output_tensors, store_manifest, transform
@@ -95,8 +96,12 @@ def _plain_replacements(root: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def freeze(model: nn.Module) -> fx.GraphModule:
+def freeze(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
     """A copy of a transformed model made of plain torch layers, in eval mode, with the same eval outputs.
+
+    ``example_inputs`` (optional): the copy runs once on them (eval mode, no gradients) before its layers are
+    baked, so layers whose plain form depends on the input size (ConvNorm's filters) cover those sizes even when
+    the model has not run on them yet (for instance right after :func:`load`).
 
     Penalty terms and optimizer hooks are dropped from the copy's manifest (``orthofx.penalty`` of it is zero);
     condition-number monitors become pass-throughs; the original model is not changed.
@@ -120,6 +125,10 @@ def freeze(model: nn.Module) -> fx.GraphModule:
         # a forward with `if self.training:` branches: the frozen model is the eval-mode graph alone
         frozen = frozen.single_mode(training=False)
     frozen.eval()
+    inputs = as_input_tuple(example_inputs)
+    if inputs is not None:
+        with torch.no_grad():
+            frozen(*inputs)
     # A module's plain form may itself hold orthofx layers (a probe around a block): repeat until none is left.
     for _ in range(100):
         pending = _plain_replacements(frozen)
@@ -136,6 +145,7 @@ def freeze(model: nn.Module) -> fx.GraphModule:
     names = _site_names(frozen)
     folded = fold_constant_decompositions(frozen)
     frozen.meta[FOLDED_KEY] = {names.get(node, node): buffers for node, buffers in folded.items()}
+    plain_decompositions(frozen)
     store_manifest(frozen, dataclasses.replace(manifest, penalties=[], optimizer_hooks=[], frozen=True))
     return frozen
 
@@ -283,6 +293,7 @@ class ExportResult:
 
 
 def _max_diff(expected: list[torch.Tensor], actual: list) -> float:
+    """The largest absolute difference; a NaN or inf where the model's output is finite counts as ``inf``."""
     if len(expected) != len(actual):
         raise ExportError(f"the exported model returns {len(actual)} outputs, the model {len(expected)}")
     worst = 0.0
@@ -290,16 +301,63 @@ def _max_diff(expected: list[torch.Tensor], actual: list) -> float:
         a = torch.as_tensor(a)
         if tuple(a.shape) != tuple(e.shape):
             raise ExportError(f"exported output shape {tuple(a.shape)} differs from the model's {tuple(e.shape)}")
+        e = e.detach().cpu().double()
+        if not bool(torch.isfinite(e).all()):
+            raise ExportError("the frozen model's output on example_inputs is not finite (NaN or inf), so the "
+                              "exported model cannot be checked against it; pass example inputs on which the "
+                              "model gives finite outputs")
         if e.numel():
-            worst = max(worst, float((e.detach().double() - a.double()).abs().max()))
+            worst = max(worst, float((e - a.double()).abs().nan_to_num(nan=float("inf")).max()))
     return worst
 
 
+def _check_finite_inputs(inputs: tuple) -> None:
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ExportError(f"example_inputs[{i}] holds NaN or inf; the export is checked on the example inputs, "
+                              "so pass finite ones")
+
+
 def _dynamic_shapes(inputs: tuple, dynamic_batch: bool):
+    """Dimension 0 of every tensor input marked ``Dim.AUTO``: torch.export finds which of them are one batch
+    (equal sizes it has to keep equal), which are free, and which the model fixes. One shared ``Dim`` would tie
+    an input that is not batched (a lookup table) to the batch and fail."""
     if not dynamic_batch:
         return None
-    batch = torch.export.Dim("batch", min=1)
-    return tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+    return tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+                 for x in inputs)
+
+
+def _batched_inputs(inputs: tuple, shapes: list[tuple]) -> list[bool]:
+    """Which top-level ``inputs`` the exported model takes with a symbolic dimension 0; ``shapes``: the exported
+    graph's input shapes, one per tensor leaf of ``inputs`` in order (symbolic sizes are not ints)."""
+    tensors = [x for x in torch.utils._pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor)]
+    dynamic = {id(x): bool(shape) and not isinstance(shape[0], int) for x, shape in zip(tensors, shapes)}
+    return [isinstance(x, torch.Tensor) and dynamic.get(id(x), False) for x in inputs]
+
+
+def _grown_batch(inputs: tuple, batched: list[bool]) -> tuple:
+    """``inputs`` with one more sample (a copy of the first) in each input marked ``batched``."""
+    return tuple(torch.cat([x, x[:1]]) if grow else x for x, grow in zip(inputs, batched))
+
+
+def _check_dynamic_batch(path: str, batched: list[bool], inputs: tuple, reference: nn.Module, run) -> float:
+    """Run the exported model (``run(inputs) -> outputs``) on a batch one larger than the example's and compare
+    with ``reference``; ``batched``: which inputs the exported model takes with a dynamic dimension 0."""
+    fix = ("pass dynamic_batch=False to export the example's batch size, or make the batch size a dynamic value "
+           "in the model (no Python loop or list over the batch)")
+    if not any(batched):
+        raise ExportError(f"{path}: no input kept a dynamic batch dimension: the model fixes its batch size when "
+                          f"traced; {fix}")
+    grown = _grown_batch(inputs, batched)
+    try:
+        with torch.no_grad():
+            expected = output_tensors(reference(*grown))
+        actual = run(grown)
+        return _max_diff(expected, actual)
+    except Exception as exc:
+        raise ExportError(f"{path}: the exported model does not take a batch one larger than the example's "
+                          f"({_root_cause(exc)}); {fix}") from exc
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -320,9 +378,18 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def _check_opset(opset: int) -> None:
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise ExportError(f"opset must be an int (e.g. opset=20), got {opset!r}")
     if opset < 18:
         raise ExportError(f"opset {opset} is not supported: opsets below 18 produce graphs onnxruntime rejects "
                           "(DESIGN.md); use opset >= 18")
+    try:
+        import onnx
+    except ImportError:
+        return  # reported by the export itself
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise ExportError(f"opset {opset} is newer than the installed onnx knows ({newest}); use opset <= {newest}")
 
 
 def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: bool, opset: int,
@@ -337,16 +404,36 @@ def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: boo
     try:
         torch.onnx.export(frozen, inputs, path, dynamo=True, opset_version=opset, verbose=False,
                           dynamic_shapes=_dynamic_shapes(inputs, dynamic_batch))
+    except OSError as exc:
+        raise ExportError(f"cannot write {path!r}: {exc}") from exc
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed: {_root_cause(exc)}. Decompositions (eigh, svd) and ops "
-                          "without an ONNX translation need an exportable form; .pt2 export keeps them"
-                          f"{_leaf_hint(frozen)}") from exc
+        cause = _root_cause(exc)
+        hint = ""
+        if "onnx" in cause.lower() or "decomposition" in cause.lower() or "orthofx" in cause:
+            hint = (". Decompositions (eigh, svd) and ops without an ONNX translation need an exportable form; "
+                    ".pt2 export keeps them")
+        raise ExportError(f"torch.onnx.export failed: {cause}{hint}{_leaf_hint(frozen)}") from exc
     onnx.checker.check_model(path, full_check=True)
+    written = {entry.domain: entry.version for entry in onnx.load(path, load_external_data=False).opset_import}
+    if written.get("", opset) != opset:
+        raise ExportError(f"{path}: asked for opset {opset}, the exporter wrote opset {written['']}; use an opset "
+                          "this torch.onnx supports")
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), inputs)}
+    reference = frozen if reference is None else reference
+
+    def run(values: tuple) -> list:
+        # only the tensors are graph inputs: other values (a float, None) are baked in by the exporter
+        tensors = [x for x in torch.utils._pytree.tree_leaves(values) if isinstance(x, torch.Tensor)]
+        feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), tensors)}
+        return session.run(None, feeds)
+
     with torch.no_grad():
-        expected = output_tensors((frozen if reference is None else reference)(*inputs))
-    return _max_diff(expected, session.run(None, feeds))
+        expected = output_tensors(reference(*inputs))
+    diff = _max_diff(expected, run(inputs))
+    if dynamic_batch:
+        batched = _batched_inputs(inputs, [tuple(arg.shape) for arg in session.get_inputs()])
+        diff = max(diff, _check_dynamic_batch(path, batched, inputs, reference, run))
+    return diff
 
 
 def _leaf_hint(model: nn.Module) -> str:
@@ -362,10 +449,22 @@ def _export_pt2(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: bool
         program = torch.export.export(frozen, inputs, dynamic_shapes=_dynamic_shapes(inputs, dynamic_batch))
     except Exception as exc:
         raise ExportError(f"torch.export failed: {_root_cause(exc)}{_leaf_hint(frozen)}") from exc
-    torch.export.save(program, path)
+    try:
+        torch.export.save(program, path)
+    except (OSError, RuntimeError) as exc:
+        raise ExportError(f"cannot write {path!r}: {_root_cause(exc)}") from exc
     loaded = torch.export.load(path).module()
     with torch.no_grad():
-        return _max_diff(output_tensors(frozen(*inputs)), output_tensors(loaded(*inputs)))
+        diff = _max_diff(output_tensors(frozen(*inputs)), output_tensors(loaded(*inputs)))
+    if dynamic_batch:
+        placeholders = {node.name: node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder"}
+        values = [placeholders.get(getattr(spec.arg, "name", None)) for spec in program.graph_signature.input_specs
+                  if spec.kind.name == "USER_INPUT"]
+        shapes = [tuple(v.shape) for v in values if isinstance(v, torch.Tensor)]
+        batched = _batched_inputs(inputs, shapes)
+        diff = max(diff, _check_dynamic_batch(path, batched, inputs, frozen,
+                                              lambda values: output_tensors(loaded(*values))))
+    return diff
 
 
 def _path(path: Any) -> str:
@@ -375,6 +474,9 @@ def _path(path: Any) -> str:
 
 
 def _check_directory(path: str) -> None:
+    if os.path.isdir(path):
+        raise ExportError(f"cannot write {path!r}: it is an existing directory; give a file path "
+                          f"(e.g. {os.path.join(path, 'model' + os.path.splitext(path)[1])!r})")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ExportError(f"cannot write {path!r}: the directory {directory!r} does not exist; create it first "
@@ -432,18 +534,22 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
                               "policy, which orthofx.load replays on the original model, and a frozen model's "
                               "plain layers do not come back that way. Export the transformed model before "
                               "freezing (orthofx.export(gm, 'model.pt'), then orthofx.freeze(orthofx.load(model, "
-                              "'model.pt'))), or export the frozen model to .pt2 or .onnx")
+                              "'model.pt'), example_inputs=(x,))), or export the frozen model to .pt2 or .onnx")
         state = {k: v.detach().cpu() for k, v in unwrap_model(model).state_dict().items()}
-        torch.save({"orthofx_format": FORMAT_VERSION, "policy": manifest.policy.to_yaml(), "state_dict": state},
-                   path)
+        try:
+            torch.save({"orthofx_format": FORMAT_VERSION, "policy": manifest.policy.to_yaml(), "state_dict": state},
+                       path)
+        except (OSError, RuntimeError) as exc:
+            raise ExportError(f"cannot write {path!r}: {_root_cause(exc)}") from exc
         return ExportResult(path, "pt", None, time.perf_counter() - started)
     inputs = as_input_tuple(example_inputs)
     if inputs is None:
         raise ExportError("export needs example_inputs=(x,) to trace and to check the exported model")
     if suffix == ".onnx":
         _check_opset(opset)
+    _check_finite_inputs(inputs)
     _check_batch(inputs, dynamic_batch)
-    frozen = freeze(model)
+    frozen = freeze(model, inputs)
     if suffix == ".onnx":
         form, newton_schulz = _onnx_form(frozen, inputs, newton_schulz_iterations)
         diff = _export_onnx(form, path, inputs, dynamic_batch, opset, reference=frozen)
@@ -468,14 +574,21 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None) 
     ``model`` is the original (untransformed) model; it is not modified.
     """
     path = _path(path)
+    if not os.path.isfile(path):
+        raise ExportError(f"cannot read {path!r}: no such file")
+    written_by = "write it with orthofx.export(gm, 'model.pt') (a file of state_dict and policy, no pickled code)"
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ExportError(f"cannot read {path!r} as an orthofx .pt file: {exc}") from exc
+        raise ExportError(f"cannot read {path!r} as an orthofx .pt file ({_root_cause(exc)[:200]}); "
+                          f"{written_by}") from exc
     if not isinstance(saved, dict) or saved.get("orthofx_format") != FORMAT_VERSION:
-        raise ExportError(f"{path!r} is not an orthofx .pt file (format {FORMAT_VERSION}); write it "
-                          "with orthofx.export(gm, 'model.pt')")
-    gm = transform(model, Policy.from_yaml(saved["policy"]), example_inputs=example_inputs)
+        raise ExportError(f"{path!r} is not an orthofx .pt file (format {FORMAT_VERSION}); {written_by}")
+    try:
+        gm = transform(model, Policy.from_yaml(saved["policy"]), example_inputs=example_inputs)
+    except OrthofxError as exc:
+        raise ExportError(f"the policy stored in {path!r} does not apply to this model ({exc}); load with the "
+                          "original (untransformed) model the file was exported from") from exc
     try:
         missing, unexpected = gm.load_state_dict(saved["state_dict"], strict=False)
     except RuntimeError as exc:  # shapes that do not fit

@@ -249,3 +249,137 @@ def test_newton_schulz_iterations_follow_the_conditioning(tmp_path):
         orthofx.export(gm, tmp_path / "few.onnx", example_inputs=(x,), newton_schulz_iterations=5)
     with pytest.raises(orthofx.ExportError, match="newton_schulz_iterations"):
         orthofx.export(gm, tmp_path / "bad.onnx", example_inputs=(x,), newton_schulz_iterations=0)
+
+
+# ------------------------------------------------------------------ checks of the written file (audit findings)
+
+
+def _small(preset="lorth", batch=3):
+    x = orthofx.models.example_input("small_cnn", batch=batch)
+    return orthofx.transform(orthofx.models.get("small_cnn"), preset, example_inputs=(x,)), x
+
+
+def test_nan_is_a_difference_and_nan_inputs_are_refused(tmp_path):
+    import numpy as np
+    from orthofx.export import _max_diff
+    assert _max_diff([torch.tensor([1.0, 2.0])], [np.array([1.0, np.nan], np.float32)]) == float("inf")
+    assert _max_diff([torch.tensor([1.0])], [np.array([1.5], np.float32)]) == 0.5
+    with pytest.raises(orthofx.ExportError, match="not finite"):
+        _max_diff([torch.tensor([float("nan")])], [np.array([float("nan")], np.float32)])
+    gm, x = _small()
+    with pytest.raises(orthofx.ExportError, match=r"example_inputs\[0\] holds NaN"):
+        orthofx.export(gm, tmp_path / "m.onnx", example_inputs=(torch.full_like(x, float("nan")),))
+
+
+def test_frozen_svd_model_holds_no_orthofx_op(tmp_path):
+    x = orthofx.models.example_input("gcp_cnn", batch=3)
+    gm = orthofx.transform(orthofx.models.get("gcp_cnn"), "svd", example_inputs=(x,)).eval()
+    frozen = orthofx.freeze(gm)
+    torch.testing.assert_close(frozen(x), gm(x), rtol=0, atol=1e-6)
+    orthofx.export(gm, tmp_path / "g.pt2", example_inputs=(x,))
+    program = torch.export.load(tmp_path / "g.pt2")
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert not [t for t in targets if "orthofx" in t]
+    assert any("linalg_eigh" in t for t in targets)
+    torch.testing.assert_close(program.module()(torch.cat([x, x[:2]])), frozen(torch.cat([x, x[:2]])))
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x, table):  # table: a lookup matrix, not a batch
+        return self.fc(x) @ table.T
+
+
+class ScaleFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, scale, x):
+        return self.fc(x) * scale
+
+
+def test_dynamic_batch_with_unbatched_and_non_tensor_inputs(tmp_path):
+    import onnxruntime
+    inputs = (torch.randn(3, 6), torch.randn(10, 6))
+    gm = orthofx.transform(TwoInputs(), "lorth", example_inputs=inputs)
+    orthofx.export(gm, tmp_path / "t.pt2", example_inputs=inputs)  # one shared batch Dim failed here
+    loaded = torch.export.load(tmp_path / "t.pt2").module()
+    x5 = torch.randn(5, 6)
+    torch.testing.assert_close(loaded(x5, inputs[1]), gm(x5, inputs[1]))
+    result = orthofx.export(gm, tmp_path / "t.onnx", example_inputs=inputs)
+    assert result.max_abs_diff < 1e-5
+    session = onnxruntime.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
+    names = [arg.name for arg in session.get_inputs()]
+    out = session.run(None, dict(zip(names, (x5.numpy(), inputs[1].numpy()))))[0]
+    torch.testing.assert_close(torch.from_numpy(out), gm(x5, inputs[1]).detach(), rtol=1e-5, atol=1e-5)
+    first = (2.0, torch.randn(3, 6))  # a float before the tensor: crashed the onnxruntime feeds
+    gm = orthofx.transform(ScaleFirst(), "lorth", example_inputs=first)
+    assert orthofx.export(gm, tmp_path / "s.onnx", example_inputs=first).max_abs_diff < 1e-5
+
+
+class LoopOverBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return torch.stack([self.fc(x[i]) for i in range(x.size(0))])
+
+
+def test_a_graph_specialised_to_the_batch_refuses_others(tmp_path):
+    x = torch.randn(3, 6)
+    gm = orthofx.transform(LoopOverBatch(), "lorth", example_inputs=(x,))
+    assert any("batch size 3" in w for w in gm.meta["orthofx"].capture.warnings)
+    assert gm(x).shape == (3, 6)
+    with pytest.raises(orthofx.ArgumentError, match="batch size 3 only"):
+        gm(torch.randn(4, 6))  # returned 3 rows of a batch of 4
+    for suffix in (".onnx", ".pt2"):
+        with pytest.raises(orthofx.ExportError, match="dynamic_batch=False"):
+            orthofx.export(gm, tmp_path / f"l{suffix}", example_inputs=(x,))
+        assert orthofx.export(gm, tmp_path / f"l{suffix}", example_inputs=(x,), dynamic_batch=False).max_abs_diff \
+            < 1e-5
+
+
+def test_convnorm_model_loaded_from_pt_freezes_and_exports(tmp_path):
+    gm, x = _small("convnorm")
+    orthofx.export(gm, tmp_path / "c.pt")
+    model = orthofx.models.get("small_cnn")
+    loaded = orthofx.load(model, tmp_path / "c.pt").eval()
+    with pytest.raises(orthofx.LayerArgumentError, match="no precomputed ConvNorm filter"):
+        orthofx.freeze(loaded)(x)  # never ran: no size known
+    frozen = orthofx.freeze(loaded, example_inputs=(x,))
+    torch.testing.assert_close(frozen(x), gm.eval()(x), rtol=0, atol=1e-6)
+    assert loaded.get_submodule("conv1").input_sizes == []  # the copy ran, not the model
+    assert orthofx.export(loaded, tmp_path / "c.onnx", example_inputs=(x,)).max_abs_diff < 1e-4
+
+
+def test_opset_and_path_errors(tmp_path):
+    gm, x = _small()
+    for opset, message in (("20", "must be an int"), (99, "newer than the installed onnx")):
+        with pytest.raises(orthofx.ExportError, match=message):
+            orthofx.export(gm, tmp_path / "m.onnx", example_inputs=(x,), opset=opset)
+    for suffix in (".pt", ".pt2", ".onnx"):
+        directory = tmp_path / f"d{suffix}"
+        directory.mkdir()
+        with pytest.raises(orthofx.ExportError, match="existing directory"):
+            orthofx.export(gm, directory, example_inputs=(x,))
+
+
+def test_load_errors_say_how_to_fix(tmp_path):
+    gm, x = _small()
+    model = orthofx.models.get("small_cnn")
+    torch.save(model, tmp_path / "pickled.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    for name in ("pickled.pt", "text.pt"):
+        with pytest.raises(orthofx.ExportError, match=r"orthofx.export\(gm, 'model.pt'\)") as info:
+            orthofx.load(model, tmp_path / name)
+        assert "\x1b[" not in str(info.value)
+    orthofx.export(gm, tmp_path / "s.pt")
+    with pytest.raises(orthofx.ExportError, match="does not apply to this model.*original"):
+        orthofx.load(nn.Sequential(nn.Flatten(), nn.ReLU()), tmp_path / "s.pt")
+    with pytest.raises(orthofx.ExportError, match="no such file"):
+        orthofx.load(model, tmp_path / "missing.pt")

@@ -88,15 +88,17 @@ def _lower(A: Tensor, uplo: str) -> Tensor:
 
 
 def stable_eigh(A: Tensor, UPLO: str = "L", taylor_order: int | None = 9, float64: bool = False,
-                clamp_gap: float | None = None) -> tuple[Tensor, Tensor]:
-    """``torch.linalg.eigh`` with a bounded gradient: ``(eigenvalues ascending, eigenvectors in columns)``."""
-    return eigh_stable(_lower(A, UPLO), taylor_order=taylor_order, float64=float64, clamp_gap=clamp_gap)
+                clamp_gap: float | None = None, plain: bool = False) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` with a bounded gradient: ``(eigenvalues ascending, eigenvectors in columns)``.
+    ``plain=True`` (every stand-in here): the same values from plain torch operations, as frozen models run."""
+    return eigh_stable(_lower(A, UPLO), taylor_order=taylor_order, float64=float64, clamp_gap=clamp_gap,
+                       plain=plain)
 
 
 def stable_eigvalsh(A: Tensor, UPLO: str = "L", taylor_order: int | None = 9, float64: bool = False,
-                    clamp_gap: float | None = None) -> Tensor:
+                    clamp_gap: float | None = None, plain: bool = False) -> Tensor:
     """``torch.linalg.eigvalsh`` through the stable op (the values' gradient is exact: it needs no gap kernel)."""
-    return stable_eigh(A, UPLO, taylor_order, float64, clamp_gap)[0]
+    return stable_eigh(A, UPLO, taylor_order, float64, clamp_gap, plain)[0]
 
 
 def _complement(Q: Tensor) -> Tensor:
@@ -116,25 +118,26 @@ def _completed(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def stable_linalg_svd(A: Tensor, full_matrices: bool = True, taylor_order: int | None = 9, float64: bool = False,
-                      clamp_gap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                      clamp_gap: float | None = None, plain: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.linalg.svd`` with a bounded gradient: ``(U, S descending, Vh)``; see the module docstring for
     ``full_matrices=True`` on non-square inputs."""
-    U, S, Vh = svd_stable(A, taylor_order=taylor_order, float64=float64, clamp_gap=clamp_gap)
+    U, S, Vh = svd_stable(A, taylor_order=taylor_order, float64=float64, clamp_gap=clamp_gap, plain=plain)
     if full_matrices:
         U, Vh = _completed(U, Vh)
     return U, S, Vh
 
 
 def stable_svdvals(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
-                   clamp_gap: float | None = None) -> Tensor:
+                   clamp_gap: float | None = None, plain: bool = False) -> Tensor:
     """``torch.linalg.svdvals`` through the stable op (descending)."""
-    return svd_stable(A, taylor_order=taylor_order, float64=float64, clamp_gap=clamp_gap)[1]
+    return svd_stable(A, taylor_order=taylor_order, float64=float64, clamp_gap=clamp_gap, plain=plain)[1]
 
 
 def stable_torch_svd(A: Tensor, some: bool = True, compute_uv: bool = True, taylor_order: int | None = 9,
-                     float64: bool = False, clamp_gap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                     float64: bool = False, clamp_gap: float | None = None,
+                     plain: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.svd`` with a bounded gradient: ``(U, S, V)`` with ``A = U diag(S) V^T`` (``V``, not ``Vh``)."""
-    U, S, Vh = svd_stable(A, taylor_order=taylor_order, float64=float64, clamp_gap=clamp_gap)
+    U, S, Vh = svd_stable(A, taylor_order=taylor_order, float64=float64, clamp_gap=clamp_gap, plain=plain)
     if not compute_uv:
         m, n = A.shape[-2], A.shape[-1]
         batch = A.shape[:-2]

@@ -226,7 +226,7 @@ def _working_dtypes(A: Tensor, float64: bool) -> tuple[torch.dtype, torch.dtype]
 
 def _run_in(op, A: Tensor, work: torch.dtype | None, returned: torch.dtype | None, *args) -> tuple[Tensor, ...]:
     out = op(A if work is None else A.to(work), *args)
-    n = 2 if op is _eigh_op else 3  # index, not iterate: under fx tracing ``out`` is a Proxy
+    n = 2 if op is _eigh_op or op is _eigh_plain else 3  # index, not iterate: under fx tracing ``out`` is a Proxy
     if returned is None:  # traced: cast back to the input's dtype only when float64 was asked for
         return tuple(out[i] if work is None else out[i].to(A.dtype) for i in range(n))
     return tuple(out[i].to(returned) for i in range(n))
@@ -272,6 +272,14 @@ def _eigh_op(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tu
     L, V = torch.linalg.eigh(A)
     # LAPACK's V is column-major; the fake kernel promises row-major
     return _nan_where(bad, L, V.contiguous())
+
+
+def _eigh_plain(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor]:
+    """The op's forward in plain torch operations (no host sync, no gradient kernel): what frozen models run, so
+    that an exported program holds ``linalg_eigh`` and needs no orthofx to load."""
+    A, bad = _finite_part(A, lower=True, sync=False)
+    L, V = torch.linalg.eigh(A)
+    return _nan_where(bad, L, V)
 
 
 @_eigh_op.register_fake
@@ -336,7 +344,7 @@ torch.library.register_autograd("orthofx::eigh_stable", _eigh_backward, setup_co
 
 
 def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
-                clamp_gap: float | None = None) -> tuple[Tensor, Tensor]:
+                clamp_gap: float | None = None, *, plain: bool = False) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of symmetric ``A`` (``[..., n, n]``) with a bounded gradient.
 
     Returns ``(eigenvalues [..., n] ascending, eigenvectors [..., n, n] in columns)`` like
@@ -344,13 +352,15 @@ def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
     P4's Taylor form of order ``T``; ``clamp_gap`` bounds every ``|K_ij|`` by ``1/clamp_gap``;
     ``float64=True`` computes in float64 and casts back. Half-precision input (bfloat16 / float16, e.g. under
     ``torch.autocast``) is decomposed in float32; the outputs are float32 under autocast and the input's dtype
-    otherwise. See the module docstring for the formulas.
+    otherwise. See the module docstring for the formulas. ``plain=True``: the same values from plain torch
+    operations, with torch's own gradient instead of the bounded one (what :func:`orthofx.freeze` writes: an
+    exported frozen model then needs no orthofx to load).
     """
     _check_input(A, "eigh_stable", square=True)
     _check_args(taylor_order, clamp_gap)
     clamp = None if clamp_gap is None else float(clamp_gap)
     work, returned = _working_dtypes(A, float64)
-    L, V = _run_in(_eigh_op, A, work, returned, taylor_order, clamp)
+    L, V = _run_in(_eigh_plain if plain else _eigh_op, A, work, returned, taylor_order, clamp)
     return L, V
 
 
@@ -362,6 +372,13 @@ def _svd_op(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tup
     A, bad = _finite_part(A)
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     return _nan_where(bad, U.contiguous(), S, Vh.contiguous())
+
+
+def _svd_plain(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The op's forward in plain torch operations, like :func:`_eigh_plain`."""
+    A, bad = _finite_part(A, sync=False)
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    return _nan_where(bad, U, S, Vh)
 
 
 @_svd_op.register_fake
@@ -416,17 +433,17 @@ torch.library.register_autograd("orthofx::svd_stable", _svd_backward, setup_cont
 
 
 def svd_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
-               clamp_gap: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               clamp_gap: float | None = None, *, plain: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced SVD ``A = U diag(S) Vh`` of a real ``[..., m, n]`` matrix with a bounded gradient.
 
-    Same arguments as :func:`eigh_stable`; the gradient kernel is built from ``S**2`` (the eigenvalues of
+    Same arguments as :func:`eigh_stable` (``plain`` too); the gradient kernel is built from ``S**2`` (the eigenvalues of
     ``A^T A``). See the module docstring for the formulas.
     """
     _check_input(A, "svd_stable", square=False)
     _check_args(taylor_order, clamp_gap)
     clamp = None if clamp_gap is None else float(clamp_gap)
     work, returned = _working_dtypes(A, float64)
-    U, S, Vh = _run_in(_svd_op, A, work, returned, taylor_order, clamp)
+    U, S, Vh = _run_in(_svd_plain if plain else _svd_op, A, work, returned, taylor_order, clamp)
     return U, S, Vh
 
 

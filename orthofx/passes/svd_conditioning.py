@@ -83,8 +83,8 @@ from ..nn import conditioning as cond
 from .base import Change, Param, Pass, PassContext, PlanEntry
 from .registry import register_pass
 
-__all__ = ["SVDConditioning", "to_newton_schulz", "fold_constant_decompositions", "decomposition_op",
-           "DECOMPOSITIONS", "MONITOR_PREFIX"]
+__all__ = ["SVDConditioning", "to_newton_schulz", "fold_constant_decompositions", "plain_decompositions",
+           "decomposition_op", "DECOMPOSITIONS", "MONITOR_PREFIX"]
 
 #: Submodule names of the inserted monitors: ``orthofx_monitor_<n>``.
 MONITOR_PREFIX = "orthofx_monitor_"
@@ -128,7 +128,7 @@ _TARGET_OPS: dict[Any, str] = {
     torch.svd: "svd", cond.stable_torch_svd: "svd",
     torch.ops.aten.linalg_eigh.default: "linalg.eigh", torch.ops.aten.linalg_svd.default: "linalg.svd",
 }
-_STABLE_EXTRA = ("taylor_order", "float64", "clamp_gap")
+_STABLE_EXTRA = ("taylor_order", "float64", "clamp_gap", "plain")
 
 
 class _Unsupported(Exception):
@@ -943,6 +943,29 @@ def _run_constants(gm: fx.GraphModule, wanted: list[fx.Node], const: set[fx.Node
                 value = args[0]
             env[node] = value
     return env
+
+
+_STAND_INS = frozenset({cond.stable_eigh, cond.stable_eigvalsh, cond.stable_linalg_svd, cond.stable_svdvals,
+                        cond.stable_torch_svd})
+
+
+def plain_decompositions(gm: fx.GraphModule) -> int:
+    """Make every stable stand-in call of ``gm`` (and of the graph modules inside it) run its plain form
+    (``plain=True``: the same values from ``torch.linalg`` and tensor ops instead of orthofx's custom ops, with
+    torch's gradient): a frozen model's exported program then holds ``linalg_eigh`` / ``linalg_svd`` and loads
+    without orthofx. In place; returns the number of calls changed."""
+    changed = 0
+    for module in gm.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        nodes = [n for n in module.graph.nodes if n.op == "call_function" and n.target in _STAND_INS
+                 and not n.kwargs.get("plain")]
+        for node in nodes:
+            node.kwargs = {**node.kwargs, "plain": True}
+        if nodes:
+            module.recompile()
+            changed += len(nodes)
+    return changed
 
 
 def fold_constant_decompositions(gm: fx.GraphModule, prefix: str = "orthofx_folded_") -> dict[str, list[str]]:
