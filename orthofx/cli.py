@@ -28,7 +28,7 @@ from torch import nn
 
 from . import models
 from .errors import OrthofxError
-from .export import batch_too_small_for_dynamic, export
+from .export import batch_too_small_for_dynamic, check_export_path, export
 from .penalty import penalty
 from .policy import Policy, presets
 from .report import report
@@ -127,6 +127,16 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 def _cmd_transform(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     inputs = _example(_input_shape(args.input_shape, args.model))
+    # the output paths are checked before the transform, which can take a while
+    if args.export:
+        suffix = check_export_path(args.export)[1]
+        if inputs is None and suffix != ".pt":
+            raise CliError(f"--export {args.export} needs --input-shape (the example input to trace and check "
+                           "with); a .pt file needs none")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else ""
+        if path and not os.path.isdir(folder):
+            raise CliError(f"{option} {path}: the directory {folder} does not exist; create it or choose another path")
     started = time.perf_counter()
     gm = transform(model, args.policy, example_inputs=inputs)
     elapsed = time.perf_counter() - started
@@ -141,10 +151,8 @@ def _cmd_transform(args: argparse.Namespace) -> int:
         rep.plot(args.plot)
         print(f"wrote {args.plot}")
     if args.export:
-        if inputs is None:
-            raise CliError("--export needs --input-shape (the example input to trace and check with)")
         # torch.export cannot trace a dynamic batch from a batch of one (the default input shape): fix it then
-        dynamic = batch_too_small_for_dynamic(inputs) is None
+        dynamic = inputs is None or batch_too_small_for_dynamic(inputs) is None
         print(export(gm, args.export, example_inputs=inputs, dynamic_batch=dynamic))
         if not dynamic and not args.export.lower().endswith(".pt"):
             print("note: exported with a fixed batch of 1; give --input-shape with a batch of 2 or more for a "

@@ -473,6 +473,17 @@ def _path(path: Any) -> str:
     return os.fspath(path)
 
 
+def check_export_path(path: Any) -> tuple[str, str]:
+    """``(path, suffix)`` of a path :func:`export` can write (known suffix, existing directory, not a directory
+    itself); :class:`orthofx.ExportError` otherwise. The CLI checks ``--export`` with it before transforming."""
+    path = _path(path)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".onnx", ".pt2", ".pt"):
+        raise ExportError(f"unknown export format {suffix or '(no suffix)'!r} for {path!r}; use .onnx, .pt2 or .pt")
+    _check_directory(path)
+    return path, suffix
+
+
 def _check_directory(path: str) -> None:
     if os.path.isdir(path):
         raise ExportError(f"cannot write {path!r}: it is an existing directory; give a file path "
@@ -521,12 +532,8 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
         result = orthofx.export(gm, "gcp.onnx", example_inputs=(x,))
         print(result)   # onnx -> gcp.onnx (max |diff| 3e-07, ...); Newton-Schulz at cov_pool:linalg.eigh (10 ...)
     """
-    path = _path(path)
-    suffix = os.path.splitext(path)[1].lower()
     started = time.perf_counter()
-    if suffix not in (".onnx", ".pt2", ".pt"):
-        raise ExportError(f"unknown export format {suffix or '(no suffix)'!r} for {path!r}; use .onnx, .pt2 or .pt")
-    _check_directory(path)
+    path, suffix = check_export_path(path)
     if suffix == ".pt":
         manifest = manifest_of(model)
         if manifest.frozen:

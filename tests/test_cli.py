@@ -62,6 +62,9 @@ def test_model_from_a_file(capsys, tmp_path):
     (["explain", "small_cnn", "--policy", "no_such_preset_or_file"], "no_such_preset_or_file"),
     (["transform", "small_cnn", "--policy", "lorth", "--input-shape", "1,a"], "--input-shape"),
     (["transform", "missing.py:f", "--policy", "lorth"], "does not exist"),
+    (["transform", "small_cnn", "--policy", "lorth", "--export", "m.txt"], "unknown export format"),
+    (["transform", "small_cnn", "--policy", "lorth", "--export", "no/such/dir/m.onnx"], "does not exist"),
+    (["transform", "small_cnn", "--policy", "lorth", "--json", "no/such/dir/r.json"], "--json"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, argv, fragment):
     code, _, err = run(capsys, *argv)
@@ -77,9 +80,16 @@ def test_demo_trains_and_reports(capsys):
     assert float(after) < float(before)
 
 
-def test_console_script_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "orthofx.cli", "presets"], capture_output=True, text=True)
+@pytest.mark.parametrize("module", ["orthofx.cli", "orthofx"])
+def test_console_script_entry_point_runs(module):
+    result = subprocess.run([sys.executable, "-m", module, "presets"], capture_output=True, text=True)
     assert result.returncode == 0 and "lorth" in result.stdout
+
+
+def test_bad_export_path_fails_before_the_transform(capsys, tmp_path):
+    (tmp_path / "d.pt").mkdir()
+    code, out, err = run(capsys, "transform", "small_cnn", "--policy", "lorth", "--export", str(tmp_path / "d.pt"))
+    assert code == 2 and "existing directory" in err and "transformed in" not in out
 
 
 def test_transform_exports(capsys, tmp_path):

@@ -286,6 +286,16 @@ def test_riemannian_training_keeps_weights_orthonormal(optimizer_name, retractio
         assert (w - start[name]).abs().max() > 1e-2, name  # and the weights did move
 
 
+def test_sparse_gradient_is_a_clear_error():
+    gm = orthofx.transform(Small(), riemannian())
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1)
+    orthofx.attach(optimizer, gm)
+    weight = gm.square.weight
+    weight.grad = torch.zeros_like(weight).to_sparse()
+    with pytest.raises(orthofx.OrthofxError, match="sparse gradient.*dense"):
+        optimizer.step()
+
+
 def test_sgd_step_is_exact_riemannian_gradient_descent():
     torch.manual_seed(0)
     gm = orthofx.transform(Small().double(), riemannian())

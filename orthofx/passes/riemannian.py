@@ -78,7 +78,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, OrthofxError
 from ..nn import stiefel
 from .base import Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site
 from .registry import register_pass
@@ -146,7 +146,9 @@ class StiefelHook(OptimizerHook):
                 hook._pre.pop(key, None)
                 continue
             if weight.grad.is_sparse:
-                raise RuntimeError(f"riemannian ({hook.site}): sparse gradients are not supported")
+                raise OrthofxError(f"riemannian ({hook.site}, rule '{hook.rule}'): the weight has a sparse gradient, "
+                                   "and a tangent projection needs a dense one; use a dense layer for this site (e.g. "
+                                   "nn.Embedding(sparse=False)) or exclude it from the rule")
             shape = hook._matrix(weight.detach()).shape
             batches.setdefault((shape, weight.dtype, weight.device), []).append((hook, weight))
         with torch.no_grad():
