@@ -20,6 +20,8 @@ different groups all apply. A rule that matches no site is an error unless it sa
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -201,10 +203,29 @@ def _type_matches(type_names: Iterable[str], cls: type | None) -> bool:
     if cls is None:
         return False
     wanted = set(type_names)
+    aliases = {resolved for resolved in map(_dotted_class, wanted) if resolved is not None}
     for klass in cls.__mro__:
-        if klass.__name__ in wanted or f"{klass.__module__}.{klass.__qualname__}" in wanted:
+        if klass.__name__ in wanted or f"{klass.__module__}.{klass.__qualname__}" in wanted or klass in aliases:
             return True
     return False
+
+
+@functools.lru_cache(maxsize=256)
+def _dotted_class(name: str) -> type | None:
+    """The class a dotted name reaches through an import (``torch.nn.Conv2d`` is defined in
+    ``torch.nn.modules.conv``: both spellings match), or None. Only names whose module is imported already are
+    resolved: matching a rule never imports code."""
+    module_name, _, attribute = name.rpartition(".")
+    while module_name:
+        module = sys.modules.get(module_name)
+        if module is not None:
+            value: Any = module
+            for part in attribute.split("."):
+                value = getattr(value, part, None)
+            return value if isinstance(value, type) else None
+        module_name, _, head = module_name.rpartition(".")
+        attribute = f"{head}.{attribute}"
+    return None
 
 
 def _normalise(value: Any) -> Any:
@@ -380,6 +401,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
         if site.kind != "function":
             layers[site.name] = describe_module(gm.get_submodule(site.name))
 
+    replaced: dict[tuple[str, str], tuple[str, str]] = {}  # site -> (rule, pass) that replaces its module
     for rule in policy.rules:
         pass_cls = get_pass(rule.apply)
         pass_obj = pass_cls()
@@ -396,10 +418,17 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 shadowed.append((site, rule.name, winners[key]))
                 continue
             reason = pass_obj.accepts(site, module) or pass_obj.accepts_params(site, module, rule.params)
+            replacer = replaced.get((site.kind, site.name))
+            if reason is None and replacer is not None and pass_cls.needs_original_module:
+                reason = (f"rule '{replacer[0]}' ({replacer[1]}) replaces this layer earlier in the policy, and "
+                          f"{pass_cls.name} needs the original layer: put this rule before '{replacer[0]}', or "
+                          "narrow one of the matches")
             if reason is not None:
                 rejected.append((site, reason))
                 continue
             winners[key] = rule.name
+            if pass_cls.replaces_module:
+                replaced.setdefault((site.kind, site.name), (rule.name, pass_cls.name))
             entries.append(PlanEntry(site=site, rule_name=rule.name, rule_index=rule.index,
                                      pass_name=pass_cls.name, params=dict(rule.params),
                                      reason=f"first '{group}' rule matching {site.name}"))

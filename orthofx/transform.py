@@ -89,8 +89,9 @@ def explain(model: nn.Module, policy: Any, example_inputs: Any = None) -> Plan:
     """
     policy = Policy.load(policy)
     inputs = as_input_tuple(example_inputs)
-    root = unwrap_model(model)
-    # Capture shares submodules with the model but changes nothing, so no copy is needed for a dry run.
+    # Capture runs the model's forward (symbolic tracing, or torch.export on the example inputs): any Python side
+    # effect of that forward (a counter, a cache) would happen on the user's model, so a copy is traced.
+    root = copy.deepcopy(unwrap_model(model))
     _, plan = _capture_and_plan(root, policy, inputs)
     return plan
 
@@ -225,6 +226,31 @@ def _run_passes(ctx: PassContext, plan: Plan, selected: Callable[[Site], bool]) 
             raise TransformError(f"pass '{pass_name}' failed: {type(exc).__name__}: {exc}") from exc
 
 
+def _share_replaced_layers(root: nn.Module, gm: fx.GraphModule) -> None:
+    """``inplace=True``: set the layers the passes put into ``gm`` at the same paths of the user's model. Only
+    modules the graphs call are considered: fx builds its own intermediate containers, which must not replace the
+    model's."""
+    graphs = [gm.graph]
+    other = other_mode_graph(gm)
+    if other is not None:
+        graphs.append(other[0])
+    called = sorted({node.target for graph in graphs for node in graph.nodes if node.op == "call_module"},
+                    key=lambda path: path.count("."))
+    done: list[str] = []
+    for path in called:
+        if any(path.startswith(outer + ".") for outer in done):
+            continue
+        try:
+            old = root.get_submodule(path)
+        except AttributeError:
+            continue  # a module the passes added (a monitor): the model has no place for it
+        new = gm.get_submodule(path)
+        if new is not old:
+            parent, _, name = path.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, name, new)
+            done.append(path)
+
+
 def _rewrite_other_mode(gm: fx.GraphModule, graph: fx.Graph, mode: str, plan: Plan, manifest: Manifest) -> None:
     """The passes on the other training mode's graph of a two-mode ``gm`` (capture.ModalGraphModule).
 
@@ -279,8 +305,11 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
             rewriting (eval mode, no gradients): input sizes are recorded for the report and the result is
             checked for unchanged output shapes and finite values. Capture mode ``export`` (and ``auto`` when
             symbolic tracing fails) builds the graph with torch.export on them, so they are needed there.
-        inplace: rewrite ``model``'s own submodules. By default a deep copy is rewritten and ``model`` stays
-            bitwise identical.
+        inplace: rewrite ``model``'s own layers instead of a deep copy's (no second copy of the weights): weights
+            a pass changes change in ``model`` (``isometric_init``), and the layers a pass puts in place of
+            others (orthogonal layers, ConvNorm wrappers, Jacobian probes) are set at the same paths of
+            ``model``. Graph edits (penalty bookkeeping, decomposition rewrites, monitors) exist only in the
+            returned module. By default a deep copy is rewritten and ``model`` stays bitwise identical.
         compile: ``True`` or a dict of ``torch.compile`` options to return the compiled module; every orthofx
             function accepts it.
 
@@ -304,6 +333,8 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
         _rewrite_other_mode(gm, other[0], other[1], plan, manifest)
     gm.recompile()
     store_manifest(gm, manifest)
+    if inplace:
+        _share_replaced_layers(root, gm)
 
     if inputs is not None:
         with EvalRun(gm):

@@ -68,6 +68,25 @@ def test_type_matches_subclasses_and_dotted_paths():
     assert applied_sites(plan_for(model, [{"match": {"type": "Conv2d"}, "apply": "orth_regularizer"}])) == ["0", "1"]
     dotted = f"{MyConv.__module__}.{MyConv.__qualname__}"
     assert applied_sites(plan_for(model, [{"match": {"type": dotted}, "apply": "orth_regularizer"}])) == ["0"]
+    # the public spelling of a torch class (defined in torch.nn.modules.conv) matches like the full path
+    for name in ("torch.nn.Conv2d", "torch.nn.modules.conv.Conv2d"):
+        assert applied_sites(plan_for(model, [{"match": {"type": name}, "apply": "orth_regularizer"}])) == ["0", "1"]
+
+
+@pytest.mark.parametrize("later", ["convnorm", "isometric_init"])
+def test_a_pass_needing_the_original_layer_after_a_replacing_rule_is_refused(later):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(512, 4))
+    rules = [{"name": "hard", "match": {"type": "Conv2d"}, "apply": "orthogonal_conv"},
+             {"name": "second", "match": {"type": "Conv2d"}, "apply": later}]
+    with pytest.raises(orthofx.PlanError, match="rule 'hard' \\(orthogonal_conv\\) replaces this layer earlier"):
+        plan_for(model, rules)  # transform crashed inside the second pass
+    if later == "convnorm":  # replaces the layer too: either order is refused
+        with pytest.raises(orthofx.PlanError, match="rule 'second' \\(convnorm\\) replaces this layer"):
+            plan_for(model, rules[::-1])
+        return
+    x = torch.randn(1, 3, 8, 8)
+    gm = orthofx.transform(model, {"rules": rules[::-1]}, example_inputs=(x,))  # initialise, then replace
+    assert type(gm.get_submodule("0")).__name__ == "OrthogonalConv2d"
 
 
 def test_first_rule_of_a_group_wins_and_later_ones_are_shadowed():

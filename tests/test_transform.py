@@ -83,6 +83,34 @@ def test_inplace_shares_the_users_modules():
     assert gm.get_submodule("c2") is model.c2
 
 
+@pytest.mark.parametrize("preset", ["orthogonal", "convnorm"])
+def test_inplace_puts_the_replacement_layers_into_the_model(preset):
+    # the model kept its plain layers: only the returned module had the orthogonal / ConvNorm ones
+    model = orthofx.models.get("resnet18", width=8)
+    x = orthofx.models.example_input("resnet18", batch=2)
+    gm = orthofx.transform(model, preset, example_inputs=(x,), inplace=True)
+    assert model.layer1[0].conv1 is gm.get_submodule("layer1.0.conv1")
+    assert type(model.layer1[0].conv1).__name__ != "Conv2d"
+    assert isinstance(model.layer1, nn.Sequential)  # fx's own containers are not put into the model
+    torch.testing.assert_close(model.eval()(x), gm.eval()(x))
+
+
+def test_explain_runs_no_forward_side_effect_on_the_model():
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            self.calls += 1
+            return self.conv(x)
+
+    model = Counting()
+    orthofx.explain(model, "lorth")
+    assert model.calls == 0
+
+
 def test_penalty_is_the_weighted_sum_of_lorth():
     torch.manual_seed(0)
     model = Mixed()

@@ -421,6 +421,11 @@ class Pass:
     module_types: ClassVar[tuple[type, ...]] = ()
     ops: ClassVar[tuple[str, ...]] = ()
     group: ClassVar[str] = ""
+    #: The pass puts another module at the site (an orthogonal layer, a ConvNorm wrapper).
+    replaces_module: ClassVar[bool] = False
+    #: The pass needs the site's original layer (it writes the weight in place, or rebuilds the layer): a rule
+    #: of another group that replaced the layer earlier in the policy leaves it nothing to act on.
+    needs_original_module: ClassVar[bool] = False
 
     @classmethod
     def param_spec(cls) -> dict[str, Param]:

@@ -80,6 +80,8 @@ class ConvNormPass(Pass):
     site_kinds = frozenset({"module"})
     module_types = _CONV_TYPES
     group = "convnorm"
+    replaces_module = True
+    needs_original_module = True
 
     def accepts(self, site, module):
         if isinstance(module, nn.modules.conv._ConvTransposeNd):

@@ -106,6 +106,7 @@ class IsometricInit(Pass):
     site_kinds = frozenset({"module"})
     module_types = (nn.Linear, nn.Conv1d, nn.Conv2d)
     group = "init"
+    needs_original_module = True
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         generators: dict[int, torch.Generator] = {}

@@ -166,6 +166,8 @@ class OrthogonalConvPass(Pass):
     site_kinds = frozenset({"module"})
     module_types = (nn.Conv1d, nn.Conv2d, nn.Linear)
     group = "weight"
+    replaces_module = True
+    needs_original_module = True
 
     def accepts(self, site, module):
         reason = super().accepts(site, module)
