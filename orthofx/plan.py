@@ -20,7 +20,6 @@ different groups all apply. A rule that matches no site is an error unless it sa
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -210,7 +209,6 @@ def _type_matches(type_names: Iterable[str], cls: type | None) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=256)
 def _dotted_class(name: str) -> type | None:
     """The class a dotted name reaches through an import (``torch.nn.Conv2d`` is defined in
     ``torch.nn.modules.conv``: both spellings match), or None. Only names whose module is imported already are
