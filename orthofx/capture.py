@@ -1278,7 +1278,8 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
         info.warnings.append(
             f"torch.export specialised the graph to batch size {batch} (the forward needs the batch size as a "
             f"constant, e.g. a Python loop over x.size(0), or the example batch is 1): the captured model only "
-            f"accepts inputs of batch size {batch} (others raise an error); give example inputs of the batch size you will use")
+            f"accepts inputs of batch size {batch} (others raise an error); give example inputs of the batch size "
+            "you will use")
     info.warnings.extend(_device_warnings(graph))
     gm = torch.fx.GraphModule(_Overlay(model, rebuilder.extras), graph, type(model).__name__)
     if not both_modes:

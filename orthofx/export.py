@@ -331,8 +331,7 @@ def _dynamic_shapes(inputs: tuple, dynamic_batch: bool):
 def _batched_inputs(inputs: tuple, shapes: list[tuple]) -> list[bool]:
     """Which top-level ``inputs`` the exported model takes with a symbolic dimension 0; ``shapes``: the exported
     graph's input shapes, one per tensor leaf of ``inputs`` in order (symbolic sizes are not ints)."""
-    tensors = [x for x in torch.utils._pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor)]
-    dynamic = {id(x): bool(shape) and not isinstance(shape[0], int) for x, shape in zip(tensors, shapes)}
+    dynamic = {id(x): bool(shape) and not isinstance(shape[0], int) for x, shape in zip(output_tensors(inputs), shapes)}
     return [isinstance(x, torch.Tensor) and dynamic.get(id(x), False) for x in inputs]
 
 
@@ -422,9 +421,8 @@ def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: boo
     reference = frozen if reference is None else reference
 
     def run(values: tuple) -> list:
-        # only the tensors are graph inputs: other values (a float, None) are baked in by the exporter
-        tensors = [x for x in torch.utils._pytree.tree_leaves(values) if isinstance(x, torch.Tensor)]
-        feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), tensors)}
+        # only the tensors (pytree order) are graph inputs: other values (a float, None) are baked in
+        feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), output_tensors(values))}
         return session.run(None, feeds)
 
     with torch.no_grad():
@@ -458,8 +456,7 @@ def _export_pt2(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: bool
         diff = _max_diff(output_tensors(frozen(*inputs)), output_tensors(loaded(*inputs)))
     if dynamic_batch:
         placeholders = {node.name: node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder"}
-        values = [placeholders.get(getattr(spec.arg, "name", None)) for spec in program.graph_signature.input_specs
-                  if spec.kind.name == "USER_INPUT"]
+        values = [placeholders.get(name) for name in program.graph_signature.user_inputs if isinstance(name, str)]
         shapes = [tuple(v.shape) for v in values if isinstance(v, torch.Tensor)]
         batched = _batched_inputs(inputs, shapes)
         diff = max(diff, _check_dynamic_batch(path, batched, inputs, frozen,

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from .capture import capture, copy_targets, input_tuple, unwrap_model
 from .errors import OrthofxError, TransformError
-from .passes.base import MANIFEST_KEY, EvalRun, Manifest, PassContext, Site
+from .passes.base import MANIFEST_KEY, EvalRun, Manifest, PassContext, Site, replace_module
 from .passes.registry import get_pass
 from .plan import Plan, block_paths, build_plan, other_mode_graph
 from .policy import Policy
@@ -246,8 +246,7 @@ def _share_replaced_layers(root: nn.Module, gm: fx.GraphModule) -> None:
             continue  # a module the passes added (a monitor): the model has no place for it
         new = gm.get_submodule(path)
         if new is not old:
-            parent, _, name = path.rpartition(".")
-            setattr(root.get_submodule(parent) if parent else root, name, new)
+            replace_module(root, path, new)
             done.append(path)
 
 

@@ -436,8 +436,8 @@ def svd_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
                clamp_gap: float | None = None, *, plain: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced SVD ``A = U diag(S) Vh`` of a real ``[..., m, n]`` matrix with a bounded gradient.
 
-    Same arguments as :func:`eigh_stable` (``plain`` too); the gradient kernel is built from ``S**2`` (the eigenvalues of
-    ``A^T A``). See the module docstring for the formulas.
+    Same arguments as :func:`eigh_stable` (``plain`` too); the gradient kernel is built from ``S**2`` (the
+    eigenvalues of ``A^T A``). See the module docstring for the formulas.
     """
     _check_input(A, "svd_stable", square=False)
     _check_args(taylor_order, clamp_gap)
