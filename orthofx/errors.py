@@ -18,7 +18,11 @@ __all__ = [
     "ExportError",
     "ArgumentError",
     "LayerArgumentError",
+    "layer_label",
 ]
+
+# The attribute holding a layer's path in the model, set when a pass or ``orthofx.freeze`` installs it.
+SITE_ATTRIBUTE = "orthofx_site"
 
 
 class OrthofxError(Exception):
@@ -75,3 +79,11 @@ class ArgumentError(OrthofxError, ValueError):
 
 class LayerArgumentError(ArgumentError):
     """A layer of :mod:`orthofx.nn` got a bad argument; the message says what to pass instead."""
+
+
+def layer_label(module) -> str:
+    """How an error names a layer of :mod:`orthofx.nn`: its class and, once a pass or ``orthofx.freeze`` has put it
+    into a model, its path there (a model may hold dozens of layers of one class), e.g.
+    ``"ConvNormConv2d at 'layer2.0.conv1'"``."""
+    site = module.__dict__.get(SITE_ATTRIBUTE)
+    return f"{type(module).__name__} at {site!r}" if site else type(module).__name__

@@ -756,3 +756,20 @@ def test_frozen_convnorm_exports_to_onnx(tmp_path, one_thread):
     gm = orthofx.transform(model, "convnorm", example_inputs=(x,))
     result = orthofx.export(gm, tmp_path / "m.onnx", example_inputs=(x,))
     assert result.max_abs_diff <= 1e-5
+
+
+def test_layer_errors_name_the_layer_path_in_the_model():
+    """A model holds many ConvNorm layers of one class: a wrong input names the one that refused it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Sequential(nn.Conv2d(4, 4, 3, padding=1)))
+    gm = orthofx.transform(model, "convnorm", example_inputs=(torch.randn(2, 3, 8, 8),)).eval()
+    with pytest.raises(orthofx.LayerArgumentError, match=r"ConvNormConv2d at '0': the input has 5 channels"):
+        gm(torch.randn(2, 5, 8, 8))
+    frozen = orthofx.freeze(gm)
+    # the 1 x 1 layer freezes for every size; the 3 x 3 one has a filter for 8 x 8 only
+    with pytest.raises(orthofx.LayerArgumentError, match=r"at '2\.0': no precomputed ConvNorm filter for input "
+                                                         r"size \(9, 9\)"):
+        frozen(torch.randn(2, 3, 9, 9))
+    with pytest.raises(orthofx.LayerArgumentError, match=r"^conv_norm: the input has 5 channels"):
+        conv_norm(torch.randn(1, 5, 6, 6), torch.randn(4, 3, 3, 3))
+    assert "orthofx_site" not in ConvNormConv2d(nn.Conv2d(3, 4, 3)).__dict__  # a layer built by hand has no path

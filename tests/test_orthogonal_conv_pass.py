@@ -164,6 +164,18 @@ def test_cayley_fft_pass_errors():
     assert "not divisible by stride" in orthofx.manifest_of(gm).changes[0].status
 
 
+def test_layer_errors_name_the_layer_path_in_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Sequential(nn.Conv2d(6, 6, 3, padding=1)))
+    x = torch.randn(2, 3, 8, 8)
+    gm = orthofx.transform(model, rule(), example_inputs=(x,))
+    with pytest.raises(orthofx.LayerArgumentError, match=r"OrthogonalConv2d at '0' \(in_channels=3\): expected"):
+        gm(torch.randn(2, 4, 8, 8))
+    fourier = orthofx.freeze(orthofx.transform(model, rule(method="cayley_fft"), example_inputs=(x,)).eval())
+    with pytest.raises(orthofx.LayerArgumentError, match=r"FourierConv at '0': the frozen Fourier-domain operator"):
+        fourier(torch.randn(2, 3, 6, 6))
+
+
 class _TiedPair(nn.Module):
     """Two layers sharing one weight Parameter (as an embedding and its output head do)."""
 

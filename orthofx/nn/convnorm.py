@@ -132,7 +132,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orthofx.errors import LayerArgumentError
+from orthofx.errors import LayerArgumentError, layer_label
 from orthofx.nn.padding import circular_pad, flat_pads, pairs
 
 __all__ = [
@@ -366,20 +366,25 @@ def _explicit_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]], padding_mode
     return F.pad(x, flat_pads(pads), mode=padding_mode)
 
 
+def _caller(layer: nn.Module | None) -> str:
+    return "conv_norm" if layer is None else layer_label(layer)
+
+
 def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int, eps: float,
-               padding_mode: str, v_for) -> torch.Tensor:
-    """Shared forward; ``v_for(grid, geometry)`` returns the filter for the grid (or ``None`` to compute it)."""
+               padding_mode: str, v_for, layer: nn.Module | None = None) -> torch.Tensor:
+    """Shared forward; ``v_for(grid, geometry)`` returns the filter for the grid (or ``None`` to compute it);
+    error messages name ``layer`` (``None``: the functional ``conv_norm``)."""
     d = weight.ndim - 2
     if padding_mode not in _PAD_MODES:
-        raise LayerArgumentError(f"padding_mode must be one of {sorted(_PAD_MODES)}, got {padding_mode!r}")
+        raise LayerArgumentError(f"{_caller(layer)}: padding_mode must be one of {sorted(_PAD_MODES)}, got {padding_mode!r}")
     unbatched = x.ndim == d + 1
     if unbatched:
         x = x.unsqueeze(0)
     if x.ndim != d + 2:
-        raise LayerArgumentError(f"expected a {d + 2}-D (batched) or {d + 1}-D (unbatched) input for a {d}-D "
-                                 f"convolution, got shape {tuple(x.shape)}")
+        raise LayerArgumentError(f"{_caller(layer)}: expected a {d + 2}-D (batched) or {d + 1}-D (unbatched) input for a "
+                                 f"{d}-D convolution, got shape {tuple(x.shape)}")
     if x.shape[1] != weight.shape[1] * groups:
-        raise LayerArgumentError(f"the input has {x.shape[1]} channels (shape {tuple(x.shape)}) where the "
+        raise LayerArgumentError(f"{_caller(layer)}: the input has {x.shape[1]} channels (shape {tuple(x.shape)}) where the "
                                  f"convolution takes {weight.shape[1] * groups} (weight {tuple(weight.shape)}, "
                                  f"groups={groups})")
     ks = tuple(weight.shape[2:])
@@ -673,7 +678,7 @@ class ConvNormConvNd(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
         y = _conv_norm(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
-                       self.eps, conv.padding_mode, self._v_for)
+                       self.eps, conv.padding_mode, self._v_for, self)
         if not torch.compiler.is_compiling():
             self._remember(x)  # after the checks: a refused input is no size to freeze for
         if self.affine is not None:
@@ -791,7 +796,7 @@ class FrozenConvNormNd(nn.Module):
     def _missing(self, size: tuple[int, ...], grid: tuple[int, ...]) -> LayerArgumentError:
         known = [s for s in self._sizes.values() if s is not None]
         return LayerArgumentError(
-            f"FrozenConvNorm ({self._dims}-D): no precomputed ConvNorm filter for input size {size} (FFT grid "
+            f"{layer_label(self)}: no precomputed ConvNorm filter for input size {size} (FFT grid "
             f"{grid}); this frozen layer has filters for input sizes {known or '(none)'} (grids {self.grids}). "
             f"ConvNorm's filter depends on the feature-map size: run the unfrozen model once on inputs of this size "
             f"before orthofx.freeze (each ConvNorm layer remembers the sizes it has run on), or freeze the layer with "

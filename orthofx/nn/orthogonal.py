@@ -99,7 +99,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orthofx.errors import ImpossibleLayerError, LayerArgumentError
+from orthofx.errors import ImpossibleLayerError, LayerArgumentError, layer_label
 from orthofx.nn.padding import circular_pad, flat_pads
 from orthofx.nn.stiefel import orthonormal, project_to_stiefel
 from orthofx.theory import orthogonal_conv_exists
@@ -318,7 +318,7 @@ def _relative_distance(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(value - reference) / torch.linalg.vector_norm(reference).clamp_min(1e-300))
 
 
-def _check_input(x: torch.Tensor, dims: int, channels: int, name: str) -> None:
+def _check_input(x: torch.Tensor, dims: int, channels: int, layer: nn.Module) -> None:
     """Refuse an input that is not ``(B, channels, *spatial)`` or ``(channels, *spatial)`` with ``dims`` spatial
     dimensions. The Fourier-domain forward reshapes ``(B, C, ...)`` with ``-1`` for the batch, so a wrong channel
     count whose product with ``B`` divides evenly would silently be read as another batch size (8 channels into a
@@ -330,7 +330,7 @@ def _check_input(x: torch.Tensor, dims: int, channels: int, name: str) -> None:
     if x.dim() not in (dims + 1, dims + 2) or x.shape[-dims - 1] != channels:
         spatial = "L" if dims == 1 else ", ".join("HWD"[i] for i in range(dims))
         raise LayerArgumentError(
-            f"{name}(in_channels={channels}): expected an input of shape (batch, {channels}, {spatial}) or "
+            f"{layer_label(layer)} (in_channels={channels}): expected an input of shape (batch, {channels}, {spatial}) or "
             f"({channels}, {spatial}), got shape {tuple(x.shape)}. Pass {dims + 2}-D (or unbatched {dims + 1}-D) "
             f"inputs with {channels} channels, or build the layer with in_channels equal to the input's channels")
 
@@ -675,7 +675,7 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         size = tuple(x.shape[-self._dims:])
         if size != self.input_size:
             raise LayerArgumentError(
-                f"{type(self).__name__}(method='cayley_fft'): built for inputs of spatial size {self.input_size}, "
+                f"{layer_label(self)} (method='cayley_fft'): built for inputs of spatial size {self.input_size}, "
                 f"got {size} (input shape {tuple(x.shape)}). Its orthogonal operator lives in the Fourier domain "
                 f"of that one grid: resize the input, build the layer with input_size={size}, or use "
                 f"method='auto' (an explicit kernel that works on every size)")
@@ -960,7 +960,7 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         return F.pad(x, flat_pads(pads)), 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self._dims, self.in_channels, type(self).__name__)
+        _check_input(x, self._dims, self.in_channels, self)
         if self.method == "cayley_fft":
             self._check_input_size(x)
             Q = self._cached("symbol", lambda: (self._cayley_unit_symbol() * self.gain).to(
@@ -1338,11 +1338,11 @@ class FourierConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = len(self.input_size)
-        _check_input(x, d, self.in_channels, "FourierConv")
+        _check_input(x, d, self.in_channels, self)
         size = tuple(x.shape[-d:])
         if size != self.input_size:
             raise LayerArgumentError(
-                f"FourierConv: the frozen Fourier-domain operator was built for inputs of spatial size "
+                f"{layer_label(self)}: the frozen Fourier-domain operator was built for inputs of spatial size "
                 f"{self.input_size}, got {size} (input shape {tuple(x.shape)}); resize the input, or freeze an "
                 f"OrthogonalConv with method='auto' (an explicit kernel that works on every size)")
         unbatched = x.dim() == d + 1

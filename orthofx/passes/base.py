@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import PlanError
+from ..errors import SITE_ATTRIBUTE, PlanError
 
 __all__ = [
     "Param",
@@ -346,6 +346,8 @@ def replace_module(root: nn.Module, qualname: str, new: nn.Module) -> nn.Module:
     parent = root.get_submodule(parent_name) if parent_name else root
     old = getattr(parent, child)
     setattr(parent, child, new)
+    if type(new).__module__.startswith("orthofx."):
+        new.__dict__[SITE_ATTRIBUTE] = qualname  # the layer's errors name it (errors.layer_label)
     return old
 
 
