@@ -20,6 +20,8 @@ different groups all apply. A rule that matches no site is an error unless it sa
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -254,6 +256,11 @@ def _attribute_matches(module: nn.Module | None, where: dict[str, Any]) -> bool:
             if (actual is not None) != expected:
                 return False
             continue
+        if isinstance(expected, bool) and not isinstance(actual, bool):
+            # Python's True == 1 would make 'groups: true' select groups=1, the opposite of what it reads as
+            raise _WhereError(
+                f"where.{attr}: attribute '{attr}' of {type(module).__name__} is {actual!r}, not a tensor or a flag, "
+                f"so true / false cannot select on it; give the value itself (e.g. '{attr}: {actual!r}')")
         actual = _normalise(actual)
         expected = _normalise(expected)
         if isinstance(actual, list) and not isinstance(expected, list):
@@ -435,7 +442,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
             if rule.optional:
                 unmatched_optional.append(rule.name)
                 continue
-            raise PlanError(_no_match_message(rule, sites))
+            raise PlanError(_no_match_message(rule, sites) + _missing_attribute_hint(rule, sites, gm, fed_by))
         if selected == len(rejected) and not rule.optional:
             details = "; ".join(f"{s.name}: {r}" for s, r in rejected[:5])
             raise PlanError(f"rule '{rule.name}' (apply: {rule.apply}) matched {selected} site(s) but its pass "
@@ -443,6 +450,26 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                             "'optional: true'.")
     return Plan(entries=entries, sites=sites, skipped=skipped, shadowed=shadowed,
                 unmatched_optional=unmatched_optional, capture=capture, layers=layers)
+
+
+def _missing_attribute_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: dict[str, set[str]]) -> str:
+    """For a rule that matched nothing: the ``where:`` attributes that none of the layers it would otherwise select
+    has (a misspelt key filters everything out), with the closest attribute names those layers do have."""
+    if not rule.match.where:
+        return ""
+    unfiltered = dataclasses.replace(rule.match, where={})
+    modules = [m for s in sites if (m := _module_or_none(gm, s)) is not None and _selects(unfiltered, s, m, fed_by)]
+    if not modules:
+        return ""
+    hints = []
+    for attr in rule.match.where:
+        if any(hasattr(m, attr) for m in modules):
+            continue
+        known = sorted({a for m in modules for a in vars(m) if not a.startswith("_")})
+        close = difflib.get_close_matches(attr, known, n=3)
+        hints.append(f"none of the {len(modules)} layer(s) it selects without 'where' has an attribute '{attr}'"
+                     + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+    return (" The rule's where: " + "; ".join(hints) + ".") if hints else ""
 
 
 def _no_match_message(rule: Rule, sites: list[Site]) -> str:

@@ -60,6 +60,24 @@ def test_exclude_and_where_filters():
     assert applied_sites(plan_for(Net(), rules)) == ["layer1.2"]
 
 
+def test_where_true_on_an_integer_attribute_is_refused():
+    # True == 1 in Python: 'groups: true' would otherwise select exactly the ungrouped convs
+    rules = [{"match": {"type": "Conv2d", "where": {"groups": True}}, "apply": "orth_regularizer"}]
+    with pytest.raises(orthofx.PlanError, match=r"where\.groups: .* is 1, not a tensor or a flag.*'groups: 1'"):
+        plan_for(Net(), rules)
+    rules = [{"match": {"type": "Conv2d", "where": {"bias": False}}, "apply": "orth_regularizer", "optional": True}]
+    assert applied_sites(plan_for(Net(), rules)) == []  # a tensor attribute still takes true / false
+
+
+def test_a_misspelt_where_attribute_is_named_when_nothing_matches():
+    rules = [{"match": {"type": "Conv2d", "where": {"kernal_size": 3}}, "apply": "orth_regularizer"}]
+    with pytest.raises(orthofx.PlanError, match=r"has an attribute 'kernal_size' \(did you mean kernel_size\?\)"):
+        plan_for(Net(), rules)
+    rules = [{"match": {"type": "Conv2d", "where": {"kernel_size": 7}}, "apply": "orth_regularizer"}]
+    with pytest.raises(orthofx.PlanError, match="matched no module site") as info:
+        plan_for(Net(), rules)
+    assert "did you mean" not in str(info.value)  # an existing attribute with no matching value: no hint
+
 def test_type_matches_subclasses_and_dotted_paths():
     class MyConv(nn.Conv2d):
         pass
