@@ -79,6 +79,43 @@ def test_padding_keep_and_output_size_guard():
     gm = orthofx.transform(circular, rule(padding="keep"), example_inputs=(x,))
     assert orthofx.manifest_of(gm).changes[0].status == "hard"
     assert gm.get_submodule("0").orthogonality_error(8) < 1e-5
+    # a circular conv whose own padding changes the output size: an orthogonal kernel, but not an orthogonal
+    # layer (singular values of the cropped or extended operator in [0, 1] / [1, 2]); reported so
+    for padding in (0, 2):
+        conv = nn.Sequential(nn.Conv2d(3, 3, 3, padding=padding, padding_mode="circular"))
+        status = orthofx.manifest_of(orthofx.transform(conv, rule(padding="keep"))).changes[0].status
+        assert status.startswith("orthogonal kernel, not an orthogonal layer") and f"({padding}, {padding})" in status
+
+
+def test_reflect_padded_convs_get_the_circular_layer_unless_keep_is_asked():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU())
+    x = torch.randn(2, 3, 8, 8)
+    gm = orthofx.transform(model, "orthogonal", example_inputs=(x,))
+    layer = gm.get_submodule("0")
+    assert isinstance(layer, OrthogonalConv2d) and layer.padding_mode == "circular"
+    assert layer.orthogonality_error(8) < 1e-5
+    keep = {"rules": [{"match": {"type": "Conv2d"}, "apply": "orthogonal_conv", "with": {"padding": "keep"}}]}
+    with pytest.raises(orthofx.PlanError, match="padding_mode='reflect' with 'padding: keep'"):
+        orthofx.transform(model, keep)
+
+
+def test_rko_on_a_kernel_larger_than_the_stride_follows_on_impossible():
+    model = nn.Sequential(nn.Conv2d(4, 16, 2, stride=2), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    with pytest.raises(orthofx.ImpossibleLayerError, match=r"rule '.*': 2 \(Conv2d.*method rko .* kernel_size=\(3, 3\)"):
+        orthofx.transform(model, rule(method="rko"))
+    gm = orthofx.transform(model, rule(method="rko", on_impossible="skip"))
+    assert isinstance(gm.get_submodule("0"), OrthogonalConv2d) and type(gm.get_submodule("2")) is nn.Conv2d
+
+
+def test_frozen_layers_stay_frozen():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 8))
+    model[0].requires_grad_(False)
+    model[3].bias.requires_grad_(False)
+    gm = orthofx.transform(model, rule())
+    trainable = sorted(n for n, p in gm.named_parameters() if p.requires_grad)
+    assert trainable == ["3.raw_weight"]
 
 
 def test_nearest_init_keeps_an_orthogonal_layer():
@@ -219,11 +256,38 @@ def test_tied_weights_that_cannot_share_a_layer_are_impossible_not_silently_unti
     only_a = {"rules": [{"name": "o", "match": {"type": "Conv2d", "name": "a"}, "apply": "orthogonal_conv"}]}
     with pytest.raises(orthofx.ImpossibleLayerError, match="tied to b"):
         orthofx.transform(_TiedPair(nn.Conv2d(4, 4, 3, padding=1, bias=False)), only_a, example_inputs=(x,))
+    # every member's reason names the layers it is tied to, not itself
+    pair = _TiedPair(nn.Conv2d(4, 4, 3, padding=1, bias=True))
+    statuses = {c.site: c.status for c in orthofx.manifest_of(orthofx.transform(
+        pair, rule(on_impossible="skip"), example_inputs=(x,))).changes}
+    assert "tied to b," in statuses["a"] and "tied to a," in statuses["b"]
     # skip leaves the whole group as it was: still one Parameter, the model's outputs unchanged
     model = _TiedPair(nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False))
     gm = orthofx.transform(model, rule(on_impossible="skip"), example_inputs=(x,))
     assert type(gm.a) is nn.Conv2d and type(gm.b) is nn.Conv2d and gm.a.weight is gm.b.weight
     assert torch.equal(gm(x), model(x))
+
+
+
+def test_a_tied_weight_gets_its_lorth_once():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    torch.manual_seed(0)
+    model = Tied()
+    gm = orthofx.transform(model, "lorth")
+    torch.testing.assert_close(orthofx.penalty(gm), 0.01 * metrics.lorth(model.a.weight))
+    assert "tied weight: counted once" in [c.what for c in orthofx.manifest_of(gm).changes if c.site == "b"][0]
+    # untied layers keep one term each
+    model.b.weight = nn.Parameter(model.a.weight.detach().clone())
+    torch.testing.assert_close(orthofx.penalty(orthofx.transform(model, "lorth")),
+                               0.02 * metrics.lorth(model.a.weight))
 
 
 @pytest.mark.parametrize("training", [False, True])

@@ -335,6 +335,14 @@ def _check_input(x: torch.Tensor, dims: int, channels: int, layer: nn.Module) ->
             f"inputs with {channels} channels, or build the layer with in_channels equal to the input's channels")
 
 
+def _mirror_requires_grad(original: nn.Module, layer: nn.Module) -> None:
+    """A layer built from a frozen one stays frozen: its bias follows the original bias, the parameters that
+    stand for the weight follow the original weight (``requires_grad_(False)`` on a backbone must survive)."""
+    for name, parameter in layer.named_parameters(recurse=False):
+        source = original.bias if name == "bias" else original.weight
+        parameter.requires_grad_(source.requires_grad)
+
+
 def _broadcast_index(indices: list[torch.Tensor]) -> list[torch.Tensor]:
     """Reshape one index vector per spatial dimension so that they broadcast to a ``(len_1, ..., len_d)`` grid."""
     d = len(indices)
@@ -1076,7 +1084,8 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         re-fits the matrix; the best kernel seen is kept. ``init="random"``: random orthogonal, the bias copied.
 
         The relative Frobenius distance :math:`\|K - K_0\|_F / \|K_0\|_F` of the resulting kernel is stored in
-        ``layer.init_error`` (for both inits).
+        ``layer.init_error`` (for both inits). ``requires_grad`` of the new parameters follows the conv's weight
+        (the bias follows its bias): a frozen layer stays frozen.
 
         ``fit_steps``: default (``None``) 200 for the block constructions, 0 for ``cayley_fft``.
 
@@ -1129,6 +1138,7 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         layer.train(False)  # init_error's kernel fills the eval cache, kept by _adopt_mode
         layer.init_error = layer._relative_error(w0, lefts)
         layer._adopt_mode(conv.training)
+        _mirror_requires_grad(conv, layer)
         return layer
 
     @torch.no_grad()
@@ -1451,7 +1461,8 @@ class OrthogonalLinear(_EvalCache, nn.Module):
 
         ``init="nearest"``: the polar factor of ``weight / gain``, the nearest matrix with orthonormal rows or
         columns (exact; an orthonormal weight is returned unchanged). ``init="random"``: Haar-random. The bias is
-        copied. ``layer.init_error`` is :math:`\|W - W_0\|_F / \|W_0\|_F`.
+        copied; ``requires_grad`` follows the linear's (a frozen layer stays frozen). ``layer.init_error`` is
+        :math:`\|W - W_0\|_F / \|W_0\|_F`.
         """
         if not isinstance(linear, nn.Linear):
             raise LayerArgumentError(f"{cls.__name__}.from_linear expects a torch.nn.Linear, got "
@@ -1471,4 +1482,5 @@ class OrthogonalLinear(_EvalCache, nn.Module):
         with torch.no_grad():
             layer.init_error = _relative_distance(layer._cached("weight", lambda: layer.weight), w0)
         layer._adopt_mode(linear.training)
+        _mirror_requires_grad(linear, layer)
         return layer

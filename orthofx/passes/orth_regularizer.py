@@ -34,7 +34,7 @@ from ..errors import ArgumentError
 from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry
 from .registry import register_pass
 
-__all__ = ["OrthRegularizer", "LorthTerm", "lorth_problem", "lorth_term"]
+__all__ = ["OrthRegularizer", "LorthTerm", "add_lorth_term", "lorth_problem", "lorth_term"]
 
 
 class LorthTerm(PenaltyTerm):
@@ -75,6 +75,20 @@ def lorth_term(module: nn.Module, site: str, rule: str, weight: float, case: str
     return LorthTerm(site, rule, weight, stride=module.stride[0], groups=module.groups, case=case)
 
 
+def add_lorth_term(ctx: PassContext, term: LorthTerm) -> str | None:
+    """Add ``term`` to the penalty unless an equal L_orth term is there already for the same weight tensor (layers
+    with a tied weight: the weight's L_orth is counted once, as weight decay counts a shared parameter once).
+    Returns the site of that earlier term, or ``None`` when ``term`` was added."""
+    weight = getattr(ctx.module(term.site), "weight", None)
+    for other in ctx.manifest.penalties:
+        if (isinstance(other, LorthTerm) and (other.stride, other.groups, other.case) == (term.stride, term.groups,
+                                                                                          term.case)
+                and weight is not None and getattr(ctx.module(other.site), "weight", None) is weight):
+            return other.site
+    ctx.add_penalty(term)
+    return None
+
+
 @register_pass
 class OrthRegularizer(Pass):
     """Soft orthogonality: P0's L_orth for Conv1d/Conv2d (per group), ||WW^T - I||_F^2 for Linear."""
@@ -101,6 +115,8 @@ class OrthRegularizer(Pass):
                               case=case)
             # No L_orth value is computed here: on wide layers it costs as much as a training step's penalty,
             # and orthofx.report computes it when asked.
-            ctx.add_penalty(term)
-            ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
-                              what="attached L_orth regulariser", params=dict(entry.params)))
+            shared = add_lorth_term(ctx, term)
+            what = ("attached L_orth regulariser" if shared is None else
+                    f"L_orth of this weight is already attached at {shared} (tied weight: counted once)")
+            ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name, what=what,
+                              params=dict(entry.params)))

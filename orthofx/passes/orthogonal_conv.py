@@ -46,7 +46,7 @@ from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinea
                               keeps_output_size)
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, describe_module, parameter_owners,
                    require_initialised)
-from .orth_regularizer import lorth_term
+from .orth_regularizer import add_lorth_term, lorth_term
 from .registry import register_pass
 
 __all__ = ["OrthogonalConvPass", "keeps_output_size", "orthogonal_layer"]
@@ -90,12 +90,28 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
     if not exists:
         return f"no orthogonal convolution exists (P0 Theorem 4): {reason}"
     if any(d > 1 for d in conv.dilation) and any(s > 1 for s, k in zip(conv.stride, conv.kernel_size) if k > 1):
-        return (f"dilation={conv.dilation} with stride={conv.stride}: a dilated convolution is orthogonal only "
-                "at stride 1")
+        return (f"dilation={conv.dilation} with stride={conv.stride}: orthofx's orthogonal layers build dilated "
+                "kernels at stride 1 only")
+    if method == "rko" and any(k > s for k, s in zip(conv.kernel_size, conv.stride)):
+        return (f"method rko (the reshaped kernel only) is exact only when kernel_size <= stride, got "
+                f"kernel_size={conv.kernel_size}, stride={conv.stride}; use method auto or bcop for this layer")
     if padding == "circular" and not keeps_output_size(conv):
         return (f"padding={conv.padding} gives another output size than the circular 'same' padding an "
                 "exactly orthogonal layer needs; use 'padding: keep' (orthogonal away from the borders)")
     return None
+
+
+def _hard_status(original: nn.Module, padding: str) -> str:
+    """The report's status of a replaced layer: exactly orthogonal, or where its boundary makes it not so
+    (``padding``: the rule's parameter; 'circular' builds the exact boundary, 'keep' the conv's own)."""
+    if isinstance(original, nn.Linear) or padding == "circular":
+        return "hard"
+    if original.padding_mode != "circular":
+        return "hard (zero padding: not at borders)"
+    if keeps_output_size(original):
+        return "hard"
+    return (f"orthogonal kernel, not an orthogonal layer: the conv's circular padding={original.padding} changes "
+            "the output size (use 'padding: circular')")
 
 
 def _configuration(module: nn.Module) -> tuple:
@@ -133,14 +149,17 @@ def _tie_problems(entries: list[PlanEntry], modules: list[nn.Module], owners: di
                            "of them would untie the weights. Select every layer sharing the weight with this rule, "
                            "or untie them first")
                 break
-        entry0, module0 = members[0]
-        if problem is None and any(_configuration(m) != _configuration(module0) or m.bias is not module0.bias
-                                   or e.params != entry0.params for e, m in members[1:]):
-            problem = (f"its weight is tied to {', '.join(sorted(names - {entry0.site.name})) or entry0.site.name}"
-                       ", and the layers sharing it differ in configuration, bias or pass parameters, so one "
-                       "orthogonal layer cannot stand for all of them. Make them agree, or untie the weights first")
         if problem is not None:
             problems.update({entry.site.name: problem for entry, _ in members})
+            continue
+        entry0, module0 = members[0]
+        if any(_configuration(m) != _configuration(module0) or m.bias is not module0.bias
+               or e.params != entry0.params for e, m in members[1:]):
+            for entry, _ in members:
+                problems[entry.site.name] = (
+                    f"its weight is tied to {', '.join(sorted(names - {entry.site.name}))}, and the layers sharing "
+                    "it differ in configuration, bias or pass parameters, so one orthogonal layer cannot stand "
+                    "for all of them. Make them agree, or untie the weights first")
     return problems
 
 
@@ -173,10 +192,15 @@ class OrthogonalConvPass(Pass):
         reason = super().accepts(site, module)
         if reason is None and not site.name:
             return "the root module cannot be replaced"
-        if reason is None and isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode not in (
-                "zeros", "circular"):
-            return f"padding_mode={module.padding_mode!r}: orthogonal layers use circular (exact) or zero padding"
         return reason
+
+    def accepts_params(self, site, module, params):
+        # with 'padding: circular' every padding mode is replaced by the exact circular boundary, as zeros is
+        if params["padding"] == "keep" and isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode not in (
+                "zeros", "circular"):
+            return (f"padding_mode={module.padding_mode!r} with 'padding: keep': orthogonal layers keep circular "
+                    "(exact) or zero padding only; use 'padding: circular'")
+        return None
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         modules = [ctx.module(entry.site) for entry in entries]
@@ -201,8 +225,7 @@ class OrthogonalConvPass(Pass):
                 layer = orthogonal_layer(module, init=entry.params["init"], method=method,
                                          padding=entry.params["padding"], gain=entry.params["gain"],
                                          fit_steps=entry.params["fit_steps"], input_size=input_size)
-                hard = isinstance(module, nn.Linear) or getattr(layer, "padding_mode", "zeros") == "circular"
-                status = "hard" if hard else "hard (zero padding: not at borders)"
+                status = _hard_status(module, entry.params["padding"])
                 if input_size is not None:
                     status = f"hard (cayley_fft, input {'x'.join(map(str, input_size))} only)"
                 self._replace(ctx, entry, module, layer, status)
@@ -257,7 +280,8 @@ class OrthogonalConvPass(Pass):
             term = lorth_term(module, entry.site.name, entry.rule_name, entry.params["regularize_weight"])
         except ValueError as exc:
             raise OrthofxError(f"rule '{entry.rule_name}': {where}: {problem}, and L_orth cannot stand in: {exc}")
-        ctx.add_penalty(term)
+        shared = add_lorth_term(ctx, term)
+        what = "attached L_orth instead" if shared is None else f"L_orth instead (counted once, at {shared}: tied)"
         ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
-                          what="attached L_orth instead: " + problem, params=dict(entry.params),
+                          what=f"{what}: {problem}", params=dict(entry.params),
                           status="regularised (no orthogonal version)"))

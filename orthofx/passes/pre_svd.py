@@ -59,7 +59,7 @@ from torch import fx, nn
 from ..errors import ArgumentError, OrthofxError
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, describe_module,
                    parameter_owners)
-from .orth_regularizer import lorth_problem, lorth_term
+from .orth_regularizer import add_lorth_term, lorth_problem, lorth_term
 from .orthogonal_conv import orthogonal_layer
 from .registry import register_pass
 
@@ -325,7 +325,9 @@ class PreSVD(Pass):
             problem = lorth_problem(module)
             if problem is None:
                 term = lorth_term(module, name, entry.rule_name, params["penalty_weight"])
-                ctx.add_penalty(term)
+                shared = add_lorth_term(ctx, term)
+                if shared is not None:
+                    after["penalty"] = f"counted once, at {shared} (tied weight)"
                 with torch.no_grad():
                     after["lorth"] = float(term.value(ctx.gm))
             else:
