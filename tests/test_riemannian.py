@@ -2,6 +2,7 @@
 the orthonormal_linear example (P1, P2)."""
 
 import copy
+import itertools
 import math
 import os
 import pickle
@@ -667,7 +668,7 @@ def test_delta_orthogonal_conv_has_an_orthogonal_jacobian(conv):
 
 
 @pytest.mark.parametrize("conv", [
-    nn.Conv2d(4, 8, 3, stride=2, padding=1),   # C < M <= C S^2: L_orth's RO case, which one tap cannot meet
+    nn.Conv2d(4, 8, 3, stride=2, padding=1),   # C < M <= C S^2: L_orth's RO case, two taps per dimension
     nn.Conv2d(4, 8, 4, stride=2, padding=1),   # even kernel
     nn.Conv1d(3, 5, 5, stride=3),
     nn.Conv2d(6, 4, 3, stride=2, groups=2),
@@ -680,6 +681,69 @@ def test_isometric_init_reports_the_l_orth_of_the_whole_written_kernel(conv):
                           groups=layer.groups)
     assert change.after["lorth"] == pytest.approx(float(whole), rel=1e-10, abs=1e-20)
 
+
+def _exactly_orthogonal(layer, size):
+    """Dense float64 Jacobian of the layer at one input of ``size``: an isometry or a co-isometry."""
+    x = torch.randn(layer.in_channels, *size, dtype=torch.float64)
+    j = jacobian(layer, x)
+    eye = (torch.eye(j.shape[1], dtype=j.dtype), torch.eye(j.shape[0], dtype=j.dtype))
+    return bool((j.T @ j - eye[0]).abs().max() < 1e-9 or (j @ j.T - eye[1]).abs().max() < 1e-9)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 8, 3, stride=2, padding=1),    # ResNet's downsampling conv: taps 1 and 2 read each 2 x 2 block
+    nn.Conv2d(4, 16, 3, stride=2, padding=1),   # M = C S^2: square space-to-depth matrix
+    nn.Conv2d(4, 32, 4, stride=2, padding=1),   # column-orthogonal case
+    nn.Conv2d(8, 4, 1, stride=2),               # k < S: part of each block, rows orthonormal
+    nn.Conv1d(3, 5, 5, stride=3, padding=1),
+    nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2),
+], ids=["resnet", "square", "co", "k<S", "conv1d", "grouped"])
+def test_isometric_init_of_strided_convs_is_exactly_orthogonal(conv):
+    gm = orthofx.transform(nn.Sequential(conv.double()), isometric(seed=0))
+    layer = gm.get_submodule("0")
+    assert orthofx.manifest_of(gm).changes[0].after["exact"] is True
+    assert _exactly_orthogonal(layer, (6,) * (layer.weight.dim() - 2))
+
+
+def test_isometric_init_says_where_the_layer_is_not_exact():
+    torch.manual_seed(0)
+    claimed = 0
+    for C, M, k, s, d, pad in itertools.product((2, 4), (2, 4, 8), (1, 2, 3, 4), (1, 2, 3), (1, 2),
+                                                ("same", "valid", 0, 1, 2)):
+        if pad == "same" and s > 1:
+            continue  # torch refuses it
+        conv = nn.Conv1d(C, M, k, stride=s, dilation=d, padding=pad, bias=False).double()
+        gm = orthofx.transform(nn.Sequential(conv), isometric(seed=0))
+        if orthofx.manifest_of(gm).changes[0].after["exact"]:  # never a false claim
+            claimed += 1
+            assert _exactly_orthogonal(gm.get_submodule("0"), (12,)), (C, M, k, s, d, pad)
+    assert claimed > 100
+    # an even kernel with a dilation under 'same' padding: no tap is aligned with the output position
+    gm = orthofx.transform(nn.Sequential(nn.Conv1d(2, 2, 2, dilation=2, padding="same").double()), isometric())
+    assert orthofx.manifest_of(gm).changes[0].after["exact"] is False
+    assert not _exactly_orthogonal(gm.get_submodule("0"), (8,))
+
+
+def test_isometric_init_and_the_preset_on_lazy_layers():
+    model = nn.Sequential(nn.Flatten(), nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 4))
+    x = torch.randn(2, 4)
+    gm = orthofx.transform(model, "isometric", example_inputs=(x,))  # the square check waits for the shapes
+    assert {c.site for c in orthofx.manifest_of(gm).changes if c.pass_name == "riemannian"} == {"1", "3"}
+    wide = nn.Sequential(nn.Flatten(), nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 4))
+    changes = orthofx.manifest_of(orthofx.transform(wide, "isometric", example_inputs=(torch.randn(2, 6),))).changes
+    assert [c.status for c in changes if c.pass_name == "riemannian" and c.site == "1"] == [
+        "skipped: not square (4x6; only_square: true)"]
+    with pytest.raises(orthofx.PlanError, match="lazy layer that has not run yet.*example_inputs"):
+        orthofx.transform(nn.Sequential(nn.LazyLinear(4)), isometric())
+
+
+def test_isometric_init_helpers_refuse_bad_weights():
+    from orthofx.passes.isometric_init import activation_gain, delta_orthogonal_, orthogonal_
+    for call in (lambda: activation_gain("gelu"), lambda: delta_orthogonal_(torch.empty(4, 2, 3, 3), groups=3),
+                 lambda: delta_orthogonal_(torch.empty(5)), lambda: orthogonal_(torch.zeros(4, 4, dtype=torch.int64)),
+                 lambda: delta_orthogonal_(torch.empty(4, 4, 3), taps=((2, 2),))):
+        with pytest.raises(orthofx.ArgumentError):
+            call()
 
 def test_isometric_init_float32_jacobian_of_a_deep_stack():
     torch.manual_seed(0)

@@ -4,17 +4,25 @@ At transform time each selected layer's weight is overwritten (the graph is not 
 
 * Linear ``(out, in)``: ``W = scale * Q`` with ``Q`` a Haar-random orthonormal matrix, orthonormal columns when
   ``out >= in`` and orthonormal rows when ``out < in`` (the convention of :mod:`orthofx.nn.stiefel`);
-* Conv1d / Conv2d ``(out, in / groups, *kernel)``: *delta-orthogonal*: every tap is zero except one,
-  ``K[:, :, c] = scale * Q`` (per group, ``Q`` of shape ``(out / groups, in / groups)``, rows or columns
-  orthonormal by that shape), at the tap ``c = (k - 1) // 2`` in each spatial dimension: the centre for odd
-  kernels, and for even ones the tap that padding ``'same'`` aligns with the output position. With stride 1 and
-  'same' padding (``padding = dilation * (k - 1) / 2``, zero padding is fine: the delta kernel reads no padded
-  value off the centre) the convolution is exactly the 1x1 map ``Q`` applied at every position, so its Jacobian
-  is an isometry (``out >= in``) or a co-isometry (``out < in``) of the whole feature map. With a stride the layer
-  only subsamples that map (P0's Proposition 6: under zero padding an orthogonal conv can only be a centre tap).
+* Conv1d / Conv2d ``(out, in / groups, *kernel)``: *delta-orthogonal*: the kernel is zero except on the taps that
+  read one block of ``S`` inputs per output position (``S`` the stride; one tap at stride 1), which hold
+  ``scale * Q`` with ``Q`` Haar-random of shape ``(out / groups, in / groups * S^d)`` per group (rows or columns
+  orthonormal by that shape). Output position ``o`` reads input ``S o - p + t d`` at tap ``t`` (padding ``p`` on
+  the left, dilation ``d``), so the taps ``t = (p + j) / d``, ``j = 0 .. S - 1``, read exactly the block
+  ``S o .. S o + S - 1`` when they are whole numbers inside the kernel: the centre tap for odd kernels with
+  ``'same'`` padding, ``p .. p + S - 1`` for a strided conv (``d = 1``; a ResNet's 3 x 3 / 2 with padding 1 uses
+  taps 1 and 2). The convolution is then the 1 x 1 map ``Q`` on the space-to-depth input, read without any padded
+  value, so when it also keeps the output size ``n / S`` (``d (k - 1) + 1 - S <= 2p <= d (k - 1)``, on inputs
+  divisible by ``S``) its Jacobian is exactly an isometry (``out >= in S^d``) or a co-isometry of the whole feature
+  map, under zero or circular padding alike. Where the taps read only part of the block (``k < S``, a dilated
+  strided conv) the layer is exact only as a co-isometry (``Q`` with orthonormal rows: P0's row-orthogonal
+  case); where none reads inside it (an even kernel with a dilation under ``'same'`` padding) the centre tap
+  ``(k - 1) // 2`` holds an ``(out / groups, in / groups)`` matrix. The Change's ``exact`` says whether the layer
+  is exactly orthogonal on every input size divisible by ``S`` (``false`` also for padding that changes the
+  output size: the layer then crops or extends the map).
 
 ``scale = gain * activation_gain(activation)``, so the layer's Jacobian spectrum at initialisation concentrates
-at ``scale`` (exactly: all singular values equal it):
+at ``scale`` (exactly, all singular values equal to it, for Linears and the convs the Change marks ``exact``):
 
 * ``gain`` (number > 0, default 1.0): an explicit multiplier;
 * ``activation`` (``linear`` (default), ``relu``, ``tanh``, ``abs``): the activation that follows, whose standard
@@ -31,20 +39,34 @@ RNG (so ``torch.manual_seed`` before ``transform`` also reproduces).
 Each layer gets a Change with an orthogonality measure before and after (the latter of ``W / scale``, so zero up
 to round-off when the layer is exactly orthogonal) and the scale: for a Linear ``orth_defect`` = ``max |W^T W - I|``
 (:func:`orthofx.nn.stiefel.orthogonality_defect`, rows for wide weights); for a convolution P0's ``lorth`` at the
-layer's stride, which is zero for a delta-orthogonal kernel at stride 1 (the convolution operator is orthogonal).
+layer's stride (zero when the circular convolution operator is orthogonal) and ``exact``, whether the layer's own
+padding keeps it so (above).
+
+Example::
+
+    import torch, orthofx
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU())
+    policy = {"rules": [{"match": {"type": "Conv2d"}, "apply": "isometric_init", "with": {"activation": "relu"}}]}
+    gm = orthofx.transform(model, policy)
+    orthofx.manifest_of(gm).changes[0].after["exact"]   # True: taps 1 and 2 read each 2 x 2 block once
 """
 
 from __future__ import annotations
+
+import math
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from .. import metrics
+from ..errors import ArgumentError
 from ..nn import stiefel
-from .base import Change, Param, Pass, PassContext, PlanEntry
+from ..nn.orthogonal import keeps_output_size
+from .base import Change, Param, Pass, PassContext, PlanEntry, require_initialised
 from .registry import register_pass
 
-__all__ = ["IsometricInit", "activation_gain", "delta_orthogonal_", "orthogonal_"]
+__all__ = ["IsometricInit", "activation_gain", "delta_orthogonal_", "delta_taps", "orthogonal_"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 _ACTIVATIONS = ("linear", "relu", "tanh", "abs")
@@ -56,14 +78,26 @@ def activation_gain(activation: str) -> float:
     if activation == "abs":
         return 1.0
     if activation not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(_ACTIVATIONS)}")
+        raise ArgumentError(f"activation_gain: unknown activation {activation!r}; choose one of "
+                            f"{', '.join(_ACTIVATIONS)}")
     return float(torch.nn.init.calculate_gain(activation))
+
+
+def _check_weight(weight: torch.Tensor, groups: int, min_dim: int, what: str) -> None:
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() < min_dim:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ArgumentError(f"{what}: expected a floating-point weight with at least {min_dim} dimensions, got "
+                            f"{getattr(weight, 'dtype', '')} {shape}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+        raise ArgumentError(f"{what}: groups={groups!r} must be a positive integer dividing the "
+                            f"{weight.shape[0]} output channels")
 
 
 def orthogonal_(weight: torch.Tensor, scale: float = 1.0, generator: torch.Generator | None = None,
                 groups: int = 1) -> torch.Tensor:
     """Fill a 2-d weight (or a per-group batch after :func:`~orthofx.nn.stiefel.flatten_weight`) with ``scale``
     times a Haar-random orthonormal matrix, in place; returns ``weight``."""
+    _check_weight(weight, groups, 2, "orthogonal_")
     matrix = stiefel.flatten_weight(weight, groups)
     m, n = matrix.shape[-2:]
     batch = tuple(matrix.shape[:-2])
@@ -74,19 +108,61 @@ def orthogonal_(weight: torch.Tensor, scale: float = 1.0, generator: torch.Gener
 
 
 def delta_orthogonal_(weight: torch.Tensor, scale: float = 1.0, generator: torch.Generator | None = None,
-                      groups: int = 1) -> torch.Tensor:
-    """Delta-orthogonal fill of a conv weight ``(out, in / groups, *kernel)`` in place: zeros except the tap
-    ``(k - 1) // 2`` of every spatial dimension, which holds ``scale * Q`` (per group ``(out / groups) x
-    (in / groups)``, Haar-random, rows or columns orthonormal by shape). Returns ``weight``."""
+                      groups: int = 1, taps: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+    """Delta-orthogonal fill of a conv weight ``(out, in / groups, *kernel)`` in place; returns ``weight``.
+
+    ``taps``: per spatial dimension ``(first, count)``; the kernel is zero outside that block of taps, which holds
+    ``scale * Q``, per group ``Q`` of shape ``(out / groups) x (in / groups * prod(count))`` (Haar-random, rows or
+    columns orthonormal by shape). Default: the one tap ``(k - 1) // 2`` per dimension (:func:`delta_taps` gives
+    the block that makes a strided conv orthogonal).
+
+    >>> import torch
+    >>> w = delta_orthogonal_(torch.empty(4, 4, 3, 3))
+    >>> torch.allclose(w[:, :, 1, 1] @ w[:, :, 1, 1].T, torch.eye(4), atol=1e-6), float(w[:, :, 0].abs().sum())
+    (True, 0.0)
+    """
+    _check_weight(weight, groups, 3, "delta_orthogonal_")
+    kernel = tuple(weight.shape[2:])
+    if taps is None:
+        taps = tuple(((k - 1) // 2, 1) for k in kernel)
+    if len(taps) != len(kernel) or any(not (0 <= a and 1 <= c and a + c <= k) for (a, c), k in zip(taps, kernel)):
+        raise ArgumentError(f"delta_orthogonal_: taps={tuple(taps)} must give (first, count) inside the kernel "
+                            f"{kernel} for each of its {len(kernel)} spatial dimensions")
     out, per_group = weight.shape[:2]
-    if out % groups:
-        raise ValueError(f"{out} output channels are not divisible by groups={groups}")
-    q = stiefel.random_orthonormal(out // groups, per_group, groups, generator=generator, dtype=torch.float64)
+    counts = tuple(c for _, c in taps)
+    q = stiefel.random_orthonormal(out // groups, per_group * math.prod(counts), groups, generator=generator,
+                                   dtype=torch.float64)
     with torch.no_grad():
         weight.zero_()
-        weight[(slice(None), slice(None)) + _centre(weight)] = (scale * q).reshape(out, per_group).to(
-            device=weight.device, dtype=weight.dtype)
+        weight[(slice(None), slice(None)) + tuple(slice(a, a + c) for a, c in taps)] = (scale * q).reshape(
+            out, per_group, *counts).to(device=weight.device, dtype=weight.dtype)
     return weight
+
+
+def delta_taps(conv: nn.Module) -> tuple[tuple[tuple[int, int], ...], bool]:
+    """The taps ``((first, count), ...)`` a delta-orthogonal init of ``conv`` fills, and whether the layer is then
+    exactly orthogonal with its own padding (see the module docstring).
+
+    Per dimension the taps ``t`` with ``0 <= t d - p < S`` read inside the block of ``S`` inputs of each output
+    position, each a different input; when there are none, the centre tap (not exact). With the whole block read
+    in every dimension the layer is an isometry or co-isometry by ``Q``'s shape; with part of it (``k < S``, a
+    dilation) only a co-isometry, when ``Q`` has orthonormal rows (P0's row-orthogonal case)."""
+    taps, whole, exact = [], True, keeps_output_size(conv)
+    for i, (k, s, d) in enumerate(zip(conv.kernel_size, conv.stride, conv.dilation)):
+        if isinstance(conv.padding, str):
+            left = d * (k - 1) // 2 if conv.padding == "same" else 0
+        else:
+            left = conv.padding[i]
+        first, last = -(-left // d), min((left + s - 1) // d, k - 1)
+        if first > last:
+            taps.append(((k - 1) // 2, 1))
+            exact = False
+        else:
+            taps.append((first, last - first + 1))
+            whole = whole and last - first + 1 == s and (d == 1 or s == 1)
+    rows = conv.out_channels // conv.groups
+    columns = conv.in_channels // conv.groups * math.prod(c for _, c in taps)
+    return tuple(taps), exact and (whole or rows <= columns)
 
 
 @register_pass
@@ -119,15 +195,17 @@ class IsometricInit(Pass):
                     generators[seed] = torch.Generator().manual_seed(int(seed))
                 generator = generators[seed]
             module = ctx.module(entry.site)
+            require_initialised(entry, module, "it has no weight to initialise")
             weight = module.weight
             groups = module.groups if isinstance(module, _CONV_TYPES) else 1
             scale = params["gain"] * activation_gain(params["activation"])
             is_conv = isinstance(module, _CONV_TYPES)
             before = _defect(weight.detach(), module, 1.0)
             if is_conv:
-                delta_orthogonal_(weight, scale, generator, groups)
+                taps, exact = delta_taps(module)
+                delta_orthogonal_(weight, scale, generator, groups, taps)
                 what = "delta-orthogonal initialisation"
-                shape = (weight.shape[0] // groups, weight.shape[1])
+                shape = (weight.shape[0] // groups, weight.shape[1] * math.prod(c for _, c in taps))
             else:
                 orthogonal_(weight, scale, generator)
                 what = "orthogonal initialisation"
@@ -135,24 +213,22 @@ class IsometricInit(Pass):
             if params["bias"] == "zero" and getattr(module, "bias", None) is not None:
                 with torch.no_grad():
                     module.bias.zero_()
-            # a delta-orthogonal kernel has one non-zero tap, and L_orth of a one-tap kernel is that of the 1 x 1
-            # kernel at the same stride (conv(K, K) has only its centre offset): 1 / k^d of the full formula's cost
-            written = _centre_tap(weight.detach()) if is_conv else weight.detach()
+            # a delta-orthogonal kernel is zero outside its block of taps, and L_orth of the kernel is that of the
+            # block at the same stride when the block is no larger than it (conv(K, K) then has only its centre
+            # offset): a fraction of the full formula's cost
+            written = _tap_block(weight.detach(), taps) if is_conv else weight.detach()
             after = _defect(written, module, scale)
+            if is_conv:
+                after["exact"] = exact
             rows = "rows" if shape[0] < shape[1] else "columns"
             ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
                               what=f"{what} (orthonormal {rows}, scale {scale:.4g})", params=params,
                               before=before, after={**after, "scale": scale}))
 
 
-def _centre(weight: torch.Tensor) -> tuple[int, ...]:
-    """The tap a delta-orthogonal fill uses: ``(k - 1) // 2`` in every spatial dimension of a conv weight."""
-    return tuple((k - 1) // 2 for k in weight.shape[2:])
-
-
-def _centre_tap(weight: torch.Tensor) -> torch.Tensor:
-    """That tap as a one-tap (1 x 1) kernel."""
-    return weight[(slice(None), slice(None)) + tuple(slice(t, t + 1) for t in _centre(weight))]
+def _tap_block(weight: torch.Tensor, taps: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The filled block of a delta-orthogonal kernel as a kernel of its own."""
+    return weight[(slice(None), slice(None)) + tuple(slice(a, a + c) for a, c in taps)]
 
 
 def _defect(weight: torch.Tensor, module: nn.Module, scale: float) -> dict[str, float | None]:

@@ -80,7 +80,7 @@ from torch import nn
 
 from ..errors import ArgumentError, OrthofxError
 from ..nn import stiefel
-from .base import Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site
+from .base import Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, require_initialised
 from .registry import register_pass
 
 __all__ = ["Riemannian", "StiefelHook"]
@@ -88,6 +88,11 @@ __all__ = ["Riemannian", "StiefelHook"]
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 #: Optimizer state entries that hold a first moment (a direction) and are projected with ``momentum: project``.
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+
+
+def _not_square(module: nn.Module) -> str | None:
+    rows, cols = stiefel.flatten_weight(module.weight.detach(), _groups(module)).shape[-2:]
+    return None if rows == cols else f"not square ({rows}x{cols}; only_square: true)"
 
 
 def _groups(module: nn.Module) -> int:
@@ -223,25 +228,38 @@ class Riemannian(Pass):
     group = "weight"
 
     def accepts_params(self, site: Site, module: nn.Module | None, params: dict[str, Any]) -> str | None:
-        """Decline non-square weights when the rule says ``only_square: true`` (shown as ``skipped: not square``)."""
+        """Decline non-square weights when the rule says ``only_square: true`` (shown as ``skipped: not square``).
+        A lazy layer has no shape yet: it is accepted here and checked in :meth:`apply`, after the example inputs
+        have initialised it."""
         if not params.get("only_square") or not isinstance(module, _LAYER_TYPES):
             return None
-        rows, cols = stiefel.flatten_weight(module.weight.detach(), _groups(module)).shape[-2:]
-        if rows == cols:
+        if isinstance(module.weight, nn.parameter.UninitializedParameter):
             return None
-        return f"not square ({rows}x{cols}; only_square: true)"
+        return _not_square(module)
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         by_rule: dict[int, list[PlanEntry]] = {}
         for entry in entries:  # plan entries of one rule come in graph order
             by_rule.setdefault(entry.rule_index, []).append(entry)
         for rule_entries in by_rule.values():
-            free = rule_entries[0].params["free"]
+            for entry in rule_entries:
+                require_initialised(entry, ctx.module(entry.site), "its weight has no shape to keep orthonormal")
+            rule_entries = [e for e in rule_entries if not self._skipped_lazy(ctx, e)]
+            free = rule_entries[0].params["free"] if rule_entries else "none"
             free_site = None
             if free != "none" and rule_entries:
                 free_site = (rule_entries[0] if free == "first" else rule_entries[-1]).site.name
             for entry in rule_entries:
                 self._apply_one(ctx, entry, free_site)
+
+    def _skipped_lazy(self, ctx: PassContext, entry: PlanEntry) -> bool:
+        """A lazy layer that turned out non-square under ``only_square: true`` (accepts_params could not tell):
+        recorded as skipped, like the layers planning declined."""
+        reason = _not_square(ctx.module(entry.site)) if entry.params["only_square"] else None
+        if reason is not None:
+            ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
+                              what=f"left unchanged: {reason}", params=dict(entry.params), status=f"skipped: {reason}"))
+        return reason is not None
 
     def _apply_one(self, ctx: PassContext, entry: PlanEntry, free_site: str | None) -> None:
         params = dict(entry.params)
