@@ -589,6 +589,22 @@ class _ComposedNorms(torch.overrides.TorchFunctionMode):
         return _channel_affine(_normalised(input, list(range(2, input.dim())), eps), weight, bias)
 
 
+class _NoForwardModeGaps(torch.overrides.TorchFunctionMode):
+    """Raise ``NotImplementedError`` (the forward-mode route's signal to fall back to the double-VJP route) at ops
+    whose forward mode is silently wrong in torch 2.13: custom operators (``torch.library`` ops, orthofx's own
+    ``eigh_stable`` / ``svd_stable`` among them, get a zero tangent instead of an error when they have no
+    forward-mode formula: the estimate treated the decomposition as a constant and came out biased low) and
+    ``torch.linalg.eigh`` (its tangent's gradient is NaN, so the penalty's gradient was NaN through a
+    decorrelated BatchNorm)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.linalg.eigh or (isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+                                         and func.namespace not in ("aten", "prims")):
+            raise NotImplementedError(f"{getattr(func, '__name__', func)} has no reliable forward-mode derivative; "
+                                      "use route 'auto' (falls back) or 'double_vjp'")
+        return func(*args, **(kwargs or {}))
+
+
 class _Call:
     """``fn`` as a callable of one tensor ``x``, the Jacobian's variable.
 
@@ -713,11 +729,12 @@ def _jvp_products(f: _Call, xp: torch.Tensor, v: torch.Tensor, kind: str, per_sa
     """Forward-mode route for one probe: u = J v by torch.func.jvp, then the VJPs ``kind`` needs."""
     _prepare_forward_ad()
     params = f.tangent_parameters()
-    if params:  # zero tangents for the broadcast parameters (speed, see _Call.tangent_parameters)
-        zeros = {name: torch.zeros_like(p) for name, p in params.items()}
-        y, u = torch.func.jvp(f, (xp, params), (v, zeros))
-    else:
-        y, u = torch.func.jvp(f, (xp,), (v,))
+    with _NoForwardModeGaps():
+        if params:  # zero tangents for the broadcast parameters (speed, see _Call.tangent_parameters)
+            zeros = {name: torch.zeros_like(p) for name, p in params.items()}
+            y, u = torch.func.jvp(f, (xp, params), (v, zeros))
+        else:
+            y, u = torch.func.jvp(f, (xp,), (v,))
     _check_output(y, xp, per_sample, what)
     if kind == "offdiag":
         return u, None
@@ -777,10 +794,10 @@ def _subsample(f: _Call, x: torch.Tensor, batch_fraction: float, generator: torc
 @torch.compiler.disable
 def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", per_sample: bool = False,
                        generator: torch.Generator | None = None, normalize: bool = False,
-                       create_graph: bool = True, route: str = "auto",
-                       batch_fraction: float = 1.0) -> tuple[torch.Tensor, str]:
-    """:func:`jacobian_isometry` and the route it took (``"jvp"`` or ``"double_vjp"``)."""
-    what = "jacobian_isometry"
+                       create_graph: bool = True, route: str = "auto", batch_fraction: float = 1.0,
+                       what: str = "jacobian_isometry") -> tuple[torch.Tensor, str]:
+    """:func:`jacobian_isometry` and the route it took (``"jvp"`` or ``"double_vjp"``); ``what`` starts the
+    error messages (a probe names its layer)."""
     _check_input(x, what)
     if kind not in JACOBIAN_KINDS:
         raise ArgumentError(f"{what}: kind must be one of {', '.join(JACOBIAN_KINDS)}, got {kind!r}")
@@ -803,6 +820,8 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
             if route != "double_vjp":
                 try:
                     u, residual = _jvp_products(f, xp, v, kind, batched, what)
+                except torch.OutOfMemoryError:
+                    raise  # not a forward-mode gap: falling back for good would hide it
                 except (NotImplementedError, RuntimeError):
                     if route == "jvp":
                         raise

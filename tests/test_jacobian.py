@@ -727,3 +727,120 @@ def test_per_sample_with_scalar_samples(kind, exact):
     # J = 2 per sample: ||J^T J - I||^2 = 9, ||J J^T J - J||^2 = 36, no off-diagonal entries
     x = torch.randn(5, dtype=D)
     assert value(jacobian_isometry(lambda t: 2 * t, x, kind=kind, per_sample=True)) == pytest.approx(exact)
+
+
+# ---------------------------------------------------------------------------------- audit fixes
+
+class _Whitening(nn.Module):
+    """x (B, n) -> x Q^T, Q the eigenvectors of the batch's covariance plus a learned shift: a decomposition in
+    the block, as a decorrelated normalisation has."""
+
+    def __init__(self, n: int, decompose):
+        super().__init__()
+        self.lin = nn.Linear(n, n).double()
+        self.decompose = decompose
+
+    def forward(self, x):
+        h = self.lin(x)
+        cov = h.T @ h / h.shape[0] + torch.eye(h.shape[1], dtype=h.dtype)
+        _, vectors = self.decompose(cov)
+        return h @ vectors
+
+
+@pytest.mark.parametrize("decompose", ["eigh_stable", "linalg_eigh"])
+def test_forward_mode_gaps_fall_back_to_the_double_vjp_route(decompose):
+    # torch.func.jvp gave a zero tangent through orthofx's custom eigh (a biased estimate) and a NaN gradient
+    # through torch.linalg.eigh; the auto route now takes the double-VJP route for both
+    from orthofx.nn.decompositions import eigh_stable
+    torch.manual_seed(0)
+    block = _Whitening(4, eigh_stable if decompose == "eigh_stable" else torch.linalg.eigh)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    auto, route = metrics._jacobian_isometry(block, x, probes=3, generator=torch.Generator().manual_seed(1))
+    reference = jacobian_isometry(block, x, probes=3, generator=torch.Generator().manual_seed(1), route="double_vjp")
+    assert route == "double_vjp"
+    torch.testing.assert_close(auto, reference)
+    (grad,) = torch.autograd.grad(auto, block.lin.weight)
+    assert torch.isfinite(grad).all()
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        jacobian_isometry(block, x, route="jvp")
+
+
+def test_a_block_called_twice_is_estimated_at_both_calls_on_the_scheduled_steps():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+
+        def forward(self, x):
+            return self.block(self.block(x))
+
+    torch.manual_seed(0)
+    policy = {"rules": [{"match": {"kind": "block", "name": "block"}, "apply": "jacobian_isometry",
+                         "with": {"every": 2, "weight": 1.0}}]}
+    gm = orthofx.transform(Twice(), policy).train()
+    probe = gm.get_submodule("block")
+    assert probe.calls_per_step == 2
+    x = torch.randn(8, 4)
+    penalties = []
+    for _ in range(4):
+        gm(x)
+        penalties.append(float(orthofx.penalty(gm).detach()))
+    assert penalties[0] > 0 and penalties[2] > 0 and penalties[1] == penalties[3] == 0.0
+    # the term is the sum of the two calls' estimates (each at its own input), checked with fixed probes
+    probe.seed, probe.calls = 3, 0
+    gm(x)
+    inner = probe.block(x).detach()
+    expected = sum(jacobian_isometry(probe.block, t, generator=torch.Generator().manual_seed(3)) for t in (x, inner))
+    torch.testing.assert_close(probe.estimate, expected)
+
+
+def test_the_probe_under_activation_checkpointing_matches_the_plain_step():
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(1)
+        probe = JacobianProbe(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), seed=5)
+        y = checkpoint(probe, x, use_reentrant=False) if checkpointed else probe(x)
+        (y.sum() + probe.penalty()).backward()
+        assert probe.calls == 1
+        grads.append(probe.block[0].weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_the_penalty_reaches_only_the_blocks_own_parameters():
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, gate):
+            return torch.tanh(self.lin(x)) * gate
+
+    torch.manual_seed(0)
+    upstream = nn.Linear(4, 4)
+    probe = JacobianProbe(Gated())
+    x = torch.randn(8, 4)
+    probe(x, upstream(x))
+    probe.penalty().backward()
+    assert upstream.weight.grad is None and probe.lin.weight.grad is not None
+
+
+def test_blocks_without_a_jacobian_are_skipped_or_named():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("embed", nn.Sequential(nn.Embedding(10, 4)))
+    model.add_module("body", nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+    tokens = torch.randint(0, 10, (3, 5))
+    gm = orthofx.transform(model, "jacobian", example_inputs=(tokens,))
+    statuses = {c.site: c.status for c in manifest_of(gm).changes}
+    assert "not a floating-point tensor" in statuses["embed"] and isinstance(gm.body, JacobianProbe)
+    gm.train()(tokens)
+    assert float(orthofx.penalty(gm).detach()) > 0
+    # without example inputs the pass cannot know: the first training step names the block
+    gm = orthofx.transform(model, "jacobian").train()
+    with pytest.raises(orthofx.LayerArgumentError, match="JacobianProbe at 'embed'.*floating-point"):
+        gm(tokens)
+    with pytest.raises(orthofx.LayerArgumentError, match="finite"):
+        JacobianProbe(nn.Linear(2, 2), weight=math.inf)

@@ -18,8 +18,13 @@ does not have are looked up on the block (``probe.in_features`` of a wrapped Lin
 wrapped module; :meth:`to_plain` returns it (``orthofx.freeze`` uses it to remove the probe).
 
 The estimate's extra forward passes run the block on copies of its buffers (``torch.func.functional_call``), so
-BatchNorm running statistics move once per step, as without the probe. The input is detached for the estimate:
-the regulariser shapes the block's own parameters, not the layers that produce its input. With BatchNorm in
+BatchNorm running statistics move once per step, as without the probe; they draw from the global RNG (the probes,
+and a dropout in the block samples other masks than the block's real forward) and run the forward hooks of the
+block's submodules again. The inputs are detached for the estimate (the first, the Jacobian's variable, and the
+others, held fixed): the regulariser shapes the block's own parameters, not the layers that produce its inputs.
+Under activation checkpointing (``use_reentrant=False``) the estimate keeps its own tensors, outside the
+checkpoint, and the recomputation inside backward runs only the block; with ``use_reentrant=True`` the
+checkpointed forward runs without gradients, so the probe makes no estimate at all: use ``use_reentrant=False``. With BatchNorm in
 training mode the samples of a batch are coupled; see :func:`orthofx.metrics.jacobian_isometry` for what
 ``per_sample`` then measures.
 
@@ -36,20 +41,25 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from .. import metrics
-from ..errors import LayerArgumentError
+from ..errors import LayerArgumentError, layer_label
 from ..theory import _positive_int
 
 __all__ = ["JacobianProbe"]
 
 _ROUTES = ("auto", "jvp", "double_vjp")
 _OWN = ("penalty_weight", "probes", "kind", "every", "per_sample", "normalize", "route", "seed", "estimate",
-        "route_used", "calls", "batch_fraction")
+        "route_used", "calls", "batch_fraction", "calls_per_step")
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 class JacobianProbe(nn.Module):
@@ -62,9 +72,11 @@ class JacobianProbe(nn.Module):
         probes: Rademacher probes per estimate (``offdiag`` uses at least 2).
         kind: ``"full"`` (||J^T J - I||_F^2), ``"partial"`` (||J J^T J - J||_F^2) or ``"offdiag"``
             (sum of squared off-diagonal entries of J^T J).
-        every: estimate on every ``every``-th training-mode call (1: every call); the calls in between cost
-            nothing and leave the estimate ``None`` (zero penalty). Multiply ``weight`` by ``every`` to keep the
-            average strength of the regulariser ("lazy regularisation").
+        every: estimate on every ``every``-th training step (1: every step); the steps in between cost nothing
+            and leave the estimate ``None`` (zero penalty). Multiply ``weight`` by ``every`` to keep the average
+            strength of the regulariser ("lazy regularisation"). A step is :attr:`calls_per_step` calls of the
+            block (the pass sets it to the number of calls in the model's graph: a block used twice per forward
+            is estimated at both calls, and :attr:`estimate` is their sum).
         per_sample: mean over samples of per-sample values instead of the whole-batch value.
         normalize: divide by the input dimension (per sample when ``per_sample``).
         route: ``"auto"`` (forward mode, double-VJP fallback), ``"jvp"`` or ``"double_vjp"``.
@@ -82,7 +94,8 @@ class JacobianProbe(nn.Module):
         route_used: the route the last estimate took (after a fallback the probe keeps ``"double_vjp"``).
     """
 
-    batch_fraction: float = 1.0  # class default: probes pickled before the parameter existed
+    batch_fraction: float = 1.0  # class defaults: probes pickled before these attributes existed
+    calls_per_step: int = 1
 
     def __init__(self, block: nn.Module, weight: float = 1.0, probes: int = 1, kind: str = "full", every: int = 1,
                  per_sample: bool = False, *, normalize: bool = False, route: str = "auto", seed: int | None = None,
@@ -95,8 +108,8 @@ class JacobianProbe(nn.Module):
             raise LayerArgumentError(f"kind must be one of {', '.join(metrics.JACOBIAN_KINDS)}, got {kind!r}")
         if route not in _ROUTES:
             raise LayerArgumentError(f"route must be one of {', '.join(_ROUTES)}, got {route!r}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-            raise LayerArgumentError(f"weight must be a number >= 0, got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+            raise LayerArgumentError(f"weight must be a finite number >= 0, got {weight!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise LayerArgumentError(f"seed must be an integer or None, got {seed!r}")
         batch_fraction = metrics._check_fraction(batch_fraction, "JacobianProbe")
@@ -127,6 +140,7 @@ class JacobianProbe(nn.Module):
         self.estimate: torch.Tensor | None = None
         self.route_used: str | None = None
         self.calls = 0  # training-mode calls with gradients enabled, counted for ``every``
+        self.calls_per_step = 1  # calls of the block in one forward of the model (set by the pass from the graph)
 
     # ------------------------------------------------------------------------------------------ wrapping
 
@@ -192,24 +206,48 @@ class JacobianProbe(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         block = self.block
         block.training = self.training
+        # (both checks are eager-only: dynamo does not trace these autograd-engine queries)
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            # activation checkpointing recomputes the forward inside backward: not a new call, no new estimate
+            return block(*args, **kwargs)
         if not self.training or not torch.is_grad_enabled():
             self.estimate = None
             return block(*args, **kwargs)
         self.calls += 1
-        if (self.calls - 1) % self.every != 0:
+        step, call = divmod(self.calls - 1, self.calls_per_step)
+        if step % self.every != 0:
             self.estimate = None
             return block(*args, **kwargs)
-        if not args or not isinstance(args[0], torch.Tensor):
-            raise LayerArgumentError(f"JacobianProbe({type(block).__name__}): the Jacobian is taken with respect to "
-                                     "the first positional argument, which must be a tensor")
+        # the estimate first: a block opening with an in-place op (ReLU(inplace=True)) overwrites its input
+        if torch.compiler.is_compiling() or torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+            estimate = self._estimate(args, kwargs)
+        else:
+            # Inside activation checkpointing (non-reentrant), whose hooks would pack the estimate's saved tensors
+            # too: its own VJP would then trigger a recomputation, and the recomputation in backward, which runs
+            # only the block, would not match the tensors saved here. The estimate keeps its tensors itself.
+            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                estimate = self._estimate(args, kwargs)
+        # a block called several times per forward: the estimates of one step's calls add up
+        self.estimate = estimate if call == 0 or self.estimate is None else self.estimate + estimate
+        return block(*args, **kwargs)
+
+    def _estimate(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The block's Jacobian estimate at these inputs (sets :attr:`route_used`)."""
+        if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+            got = args[0].dtype if args and isinstance(args[0], torch.Tensor) else type(args[0] if args else None)
+            raise LayerArgumentError(
+                f"{layer_label(self)} ({type(self.block).__name__}): the Jacobian is taken with respect to the first "
+                f"positional argument, which must be a floating-point tensor (got {got}); regularise a block whose "
+                "input is continuous (e.g. the layers after an embedding)")
         generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         route = "double_vjp" if self.route_used == "double_vjp" and self.route == "auto" else self.route
-        # the estimate first: a block opening with an in-place op (ReLU(inplace=True)) overwrites its input
-        self.estimate, self.route_used = metrics._jacobian_isometry(
-            metrics._Call(block, args[1:], kwargs), args[0], probes=self.probes, kind=self.kind,
+        # the other inputs are held fixed, like the first: the regulariser shapes this block's parameters only
+        rest, fixed = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (args[1:], kwargs))
+        estimate, self.route_used = metrics._jacobian_isometry(
+            metrics._Call(self.block, rest, fixed), args[0], probes=self.probes, kind=self.kind,
             per_sample=self.per_sample, generator=generator, normalize=self.normalize, route=route,
-            batch_fraction=self.batch_fraction)
-        return block(*args, **kwargs)
+            batch_fraction=self.batch_fraction, what=f"jacobian_isometry of {layer_label(self)}")
+        return estimate
 
     def penalty(self) -> torch.Tensor:
         """``weight * estimate`` (a zero scalar when there is no current estimate)."""

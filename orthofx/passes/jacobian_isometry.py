@@ -29,7 +29,9 @@ Targeting. Blocks are submodules named by a ``kind: block`` rule (capture keeps 
 
 The model's root is not a site. To regularise the whole model's Jacobian, select its top-level children (the
 ``jacobian`` preset takes every top-level ``Sequential``), or wrap the model, ``nn.Sequential(model)``, and
-select the block ``"0"``. A module called several times in one forward keeps the estimate of its last call.
+select the block ``"0"``. A module called several times in one forward is estimated at each call (the term is
+the sum). A block whose input is not floating point (an embedding fed token ids) has no Jacobian: with example
+inputs the pass skips it and says so; without, its first training step raises an error naming it.
 
 Parameters: ``weight`` (>= 0, default 0.1), ``probes`` (>= 1, default 1), ``kind`` (full | partial | offdiag),
 ``every`` (>= 1: estimate on every ``every``-th training step only), ``per_sample`` (mean over samples instead
@@ -50,10 +52,13 @@ the quantity of the smaller batch's map (see :func:`orthofx.metrics.jacobian_iso
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 
 from .. import metrics
+from ..errors import OrthofxError
 from ..nn.jacobian import JacobianProbe
 from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, Site
 from .registry import register_pass
@@ -68,18 +73,12 @@ class JacobianTerm(PenaltyTerm):
     def value(self, root: nn.Module) -> torch.Tensor:
         probe = root.get_submodule(self.site)
         if not isinstance(probe, JacobianProbe):
-            raise TypeError(f"the module at {self.site!r} is a {type(probe).__name__}, not the JacobianProbe that "
-                            "pass 'jacobian_isometry' put there; was it replaced after the transform?")
+            raise OrthofxError(f"the module at {self.site!r} is a {type(probe).__name__}, not the JacobianProbe "
+                               "that pass 'jacobian_isometry' put there; was it replaced after the transform?")
         if probe.estimate is None:
             reference = next(iter(probe.parameters()), None)
             return torch.zeros((), device=None if reference is None else reference.device)
         return probe.estimate
-
-
-def _set_module(root: nn.Module, qualname: str, new: nn.Module) -> None:
-    parent_name, _, child = qualname.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 @register_pass
@@ -92,7 +91,7 @@ class JacobianIsometry(Pass):
         Param("probes", 1, (int,), "Rademacher probes per estimate (offdiag uses at least 2)", minimum=1),
         Param("kind", "full", (str,), "full: ||J^T J - I||_F^2; partial: ||J J^T J - J||_F^2; offdiag: "
               "off-diagonal part of J^T J", choices=metrics.JACOBIAN_KINDS),
-        Param("every", 1, (int,), "estimate on every every-th training-mode forward", minimum=1),
+        Param("every", 1, (int,), "estimate on every every-th training step", minimum=1),
         Param("per_sample", False, (bool,), "mean over samples instead of the whole-batch value"),
         Param("normalize", False, (bool,), "divide by the input dimension (per sample with per_sample)"),
         Param("route", "auto", (str,), "auto: forward mode with double-VJP fallback; jvp; double_vjp",
@@ -116,14 +115,24 @@ class JacobianIsometry(Pass):
         return None
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
+        calls = Counter(node.target for node in ctx.gm.graph.nodes if node.op == "call_module")
         for entry in entries:
             p = entry.params
             name = entry.site.name
             block = ctx.module(entry.site)
+            inputs = ctx.site_inputs.get(name)
+            if inputs and not (isinstance(inputs[0], torch.Tensor) and inputs[0].is_floating_point()):
+                got = inputs[0].dtype if isinstance(inputs[0], torch.Tensor) else type(inputs[0]).__name__
+                reason = (f"its first input is {got}, not a floating-point tensor: there is no Jacobian to "
+                          "regularise (select the blocks after it)")
+                ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name, what="left unchanged: " +
+                                  reason, params=dict(p), status=f"skipped: {reason}"))
+                continue
             probe = JacobianProbe(block, weight=p["weight"], probes=p["probes"], kind=p["kind"], every=p["every"],
                                   per_sample=p["per_sample"], normalize=p["normalize"], route=p["route"],
                                   batch_fraction=p["batch_fraction"])
-            _set_module(ctx.gm, name, probe)
+            probe.calls_per_step = max(1, calls.get(name, 1))
+            ctx.replace_module(name, probe)
             ctx.add_penalty(JacobianTerm(name, entry.rule_name, p["weight"]))
             before = {}
             if name in ctx.manifest.input_shapes:
