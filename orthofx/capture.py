@@ -20,7 +20,10 @@ Three capture modes (``capture: {mode: ...}`` in a policy):
     nodes' ``nn_module_stack``), parameters and buffers are ``get_attr`` nodes at their original names (so
     ``named_modules()``, ``state_dict()`` keys and site names are fx mode's), and decompositions and the ops
     around them are put back in their ``torch.*`` form (``torch.linalg.eigh`` ...) so that every pass handles
-    both kinds of graph. The other ops stay ATen ops (``torch.ops.aten.*``).
+    both kinds of graph. The other ops stay ATen ops (``torch.ops.aten.*``). What export fixed to the example
+    inputs (every static dimension of a tensor input, the value of a non-tensor input) is checked first thing in
+    the graph (:func:`require_input_shape`, :func:`require_input_value`): other inputs raise
+    :class:`~orthofx.errors.ArgumentError` instead of running with the example's sizes or values.
 ``auto`` (the default)
     fx first (with the leaf fallback); when the top-level trace fails and example inputs were given, export.
     :attr:`CaptureInfo.mode` says which one was used and :attr:`CaptureInfo.fx_error` why fx was not.
@@ -31,7 +34,9 @@ graphs differ, :func:`capture` returns a :class:`ModalGraphModule` holding both,
 its current mode, and :attr:`CaptureInfo.mode_dependent` names the modules whose code differs.
 
 Capturing never modifies the model: the returned GraphModule shares the model's leaf submodules, parameters and
-buffers (as ``torch.fx.GraphModule(model, graph)`` does); callers that rewrite the graph copy it first.
+buffers (as ``torch.fx.GraphModule(model, graph)`` does); callers that rewrite the graph copy it first. What a
+traced forward stores on ``self`` is undone after the trace: a buffer rebound to a computed value
+(``self.steps += 1``) becomes a ``copy_`` into the buffer in the graph, other stores are dropped with a warning.
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ __all__ = ["capture", "unwrap_model", "OrthofxTracer", "ModalGraphModule", "modu
 CAPTURE_MODES = ("auto", "fx", "export")
 
 _CONSTANT_PREFIX = "_tensor_constant"
+#: The ``nn_module_stack`` key torch.export's metadata hook gives nodes made by its own passes (no module).
+_EMPTY_STACK_KEY = "_empty_nn_module_stack_from_metadata_hook"
 
 
 # --------------------------------------------------------------------------------------------------- unwrapping
@@ -142,6 +149,9 @@ class OrthofxTracer(torch.fx.Tracer):
         self._forward_stack: list[tuple[str, type]] = []
         self._failures: dict[int, tuple[BaseException, tuple[tuple[str, type], ...]]] = {}
         self._buffer_ids: set[int] = set()
+        #: ``(module path, attribute)`` of the traced values the forward stored on a module (``self.w = w``);
+        #: the captured graph does not keep them (see :meth:`trace`).
+        self.attribute_stores: list[tuple[str, str]] = []
 
     # ---- leaves
 
@@ -156,6 +166,12 @@ class OrthofxTracer(torch.fx.Tracer):
         return cached
 
     def _is_leaf_type(self, cls: type) -> bool:
+        if cls is nn.Module:  # a plain ``nn.Module()`` holds submodules and has no forward: never called itself
+            return False
+        if issubclass(cls, torch.jit.ScriptModule):
+            # TorchScript code cannot be traced symbolically: fx would keep the compiled object as an opaque
+            # constant, and its parameters would vanish from the GraphModule's parameters() and state_dict()
+            return True
         if cls.__module__ == "orthofx.nn" or cls.__module__.startswith("orthofx.nn."):
             return True
         if self.leaf_type_classes and issubclass(cls, self.leaf_type_classes):
@@ -211,6 +227,10 @@ class OrthofxTracer(torch.fx.Tracer):
     # ---- constants (kept off the model)
 
     def create_arg(self, a: Any) -> Any:
+        numpy = sys.modules.get("numpy")  # a numpy scalar can only exist once numpy was imported
+        if numpy is not None and isinstance(a, numpy.generic):
+            # ``x / np.sqrt(d)``: fx would write ``np.float64(...)`` into code that does not import numpy
+            return super().create_arg(a.item())
         if (isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)
                 and id(a) not in self._buffer_ids and a not in self.tensor_attrs):
             name = self._fresh_constant_name()
@@ -235,18 +255,99 @@ class OrthofxTracer(torch.fx.Tracer):
         self._failures = {}
         self.constants = {}
         self.constant_scopes = {}
+        self.attribute_stores = []
         if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
         self._buffer_ids = {id(b) for b in root.buffers()}
-        before = set(root.__dict__)
+        states = [_ModuleState(path, module) for path, module in root.named_modules()]
         try:
-            return super().trace(root, concrete_args)
-        finally:
-            # fx stores constants of other kinds (script objects, proxyable classes) on the root; move them off
-            # the model so that tracing leaves it as it was.
-            for key in [k for k in root.__dict__ if k not in before]:
-                self.constants[key] = root.__dict__.pop(key)
-                self.constant_scopes.setdefault(key, "")
+            graph = super().trace(root, concrete_args)
+        except BaseException:
+            self._restore(states, None)  # a failed trace (retried with a leaf) must leave no proxies either
+            raise
+        self._restore(states, graph)
+        return graph
+
+    def _restore(self, states: list[_ModuleState], graph: torch.fx.Graph | None) -> None:
+        """Put every module's attributes back as they were before the trace.
+
+        A forward that stores on ``self`` ran on proxies: ``self.steps += 1`` rebinds a buffer to a Proxy and
+        ``self.last_weights = w`` sets one as an attribute. A buffer rebound to a traced value becomes a
+        ``copy_`` into the buffer at the end of ``graph`` (the GraphModule then updates it as the model does);
+        other stores of traced values are dropped and listed in :attr:`attribute_stores`. fx's own constants of
+        kinds other than tensors (script objects, proxyable classes), which it sets on the root, move to
+        :attr:`constants`.
+        """
+        updates: list[tuple[str, torch.fx.Node]] = []
+        for state in states:
+            for table, key, value, new in state.changes():
+                if table == "_buffers" and not new and isinstance(value, torch.fx.Proxy) and value.tracer is self:
+                    updates.append((_join(state.path, key), value.node))
+                elif _holds_proxy(value):
+                    self.attribute_stores.append((state.path, key))
+                elif not state.path and table == "__dict__" and new:
+                    self.constants[key] = value
+                    self.constant_scopes.setdefault(key, "")
+            state.restore()
+        if graph is not None and updates:
+            _record_buffer_updates(graph, updates)
+
+
+_MISSING = object()
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _holds_proxy(value: Any) -> bool:
+    """Whether ``value`` is an fx Proxy or a tuple / list / dict holding one."""
+    return any(isinstance(leaf, torch.fx.Proxy) for leaf in torch.utils._pytree.tree_leaves(value))
+
+
+class _ModuleState:
+    """One module's attributes before a trace (``__dict__`` and its parameter, buffer and submodule tables),
+    so that :meth:`OrthofxTracer.trace` can see what the forward changed on ``self`` and undo it: the user's
+    model must come out of a capture as it went in."""
+
+    _TABLES = ("_parameters", "_buffers", "_modules")
+
+    def __init__(self, path: str, module: nn.Module):
+        self.path = path
+        tables = [("__dict__", module.__dict__)]
+        tables += [(name, module.__dict__[name]) for name in self._TABLES
+                   if isinstance(module.__dict__.get(name), dict)]
+        # (name, the live table, a copy of its entries); the live tables are kept in case the forward rebinds one
+        self.tables = [(name, table, dict(table)) for name, table in tables]
+
+    def changes(self) -> list[tuple[str, str, Any, bool]]:
+        """``(table, key, value now, whether the key is new)`` for every entry the trace added or rebound."""
+        found = []
+        for name, table, saved in self.tables:
+            for key, value in table.items():
+                before = saved.get(key, _MISSING)
+                if value is not before:
+                    found.append((name, key, value, before is _MISSING))
+        return found
+
+    def restore(self) -> None:
+        for _, table, saved in self.tables:
+            for key in [k for k in table if k not in saved]:
+                del table[key]
+            for key, value in saved.items():
+                if table.get(key, _MISSING) is not value:
+                    table[key] = value
+
+
+def _record_buffer_updates(graph: torch.fx.Graph, updates: list[tuple[str, torch.fx.Node]]) -> None:
+    """End ``graph`` with a ``copy_`` of each traced value into the buffer the forward rebound to it
+    (``self.steps += 1`` on a buffer), as the model's own buffer would be updated by the forward."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    with graph.inserting_before(output):
+        for target, value in updates:
+            node = graph.call_function(torch.ops.aten.copy_.default, (graph.get_attr(target), value))
+            if "nn_module_stack" in value.meta:
+                node.meta["nn_module_stack"] = dict(value.meta["nn_module_stack"])
 
 
 class _Overlay(nn.Module):
@@ -391,9 +492,14 @@ def _mode_name(training: bool) -> str:
 
 class _RetraceTracer(torch.fx.Tracer):
     """The tracer unpickling re-traces an export-captured graph's code with: buffers stay ``get_attr`` nodes
-    (fx's default tracer would run ``buffer * 2`` once and keep the result as a constant)."""
+    (fx's default tracer would run ``buffer * 2`` once and keep the result as a constant), and the input guards
+    (:func:`require_input_shape` ...) stay calls instead of being run on proxies."""
 
     proxy_buffer_attributes = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("autowrap_functions", (require_input_shape, require_input_value, require_batch_size))
+        super().__init__(*args, **kwargs)
 
 
 def _rebuild_modal_graph_module(rebuild: Callable, body: dict, import_block: str, other_src: str,
@@ -441,6 +547,7 @@ def _with_other_mode(model: nn.Module, gm: torch.fx.GraphModule, info: CaptureIn
     """``gm`` when the model's forward is the same in both training modes; otherwise a
     :class:`ModalGraphModule` holding ``gm``'s graph and the other mode's (``info`` records the modules).
     ``capture_other_mode`` returns the other mode's graph and the module its ``get_attr`` targets live on."""
+    info.warnings.extend(_mixed_mode_warnings(model, gm, capture_other_mode))
     try:
         graph, root = _in_other_mode(model, capture_other_mode)
     except Exception as exc:  # noqa: BLE001 - the other mode's forward may not trace; nothing to compare then
@@ -499,6 +606,8 @@ def module_scopes(node: torch.fx.Node) -> list[str]:
     (``node.meta["nn_module_stack"]``, as fx and torch.export write it); empty at top level."""
     paths = []
     for key, value in (node.meta.get("nn_module_stack") or {}).items():
+        if key == _EMPTY_STACK_KEY:
+            continue  # torch.export's mark for nodes its own passes added outside any module: the top level
         path = value[0] if isinstance(value, tuple) else key
         paths.append(path if isinstance(path, str) else str(key))
     return paths
@@ -513,8 +622,10 @@ def _node_scope(node: torch.fx.Node) -> str:
 
 
 def _node_keys(graph: torch.fx.Graph) -> set[tuple[str, str]]:
-    """``(scope, op)`` of every node."""
-    return {(_node_scope(n), f"{n.op}:{getattr(n.target, '__name__', n.target)}") for n in graph.nodes}
+    """``(scope, op)`` of every node but size computations (``sym_size``), which torch.export shares between
+    modules and often places outside any (the module whose code differs is named by its other nodes)."""
+    return {(_node_scope(n), f"{n.op}:{getattr(n.target, '__name__', n.target)}") for n in graph.nodes
+            if not _is_symbolic_size(n)}
 
 
 class _NodeIndex(int):
@@ -549,7 +660,18 @@ def _same_constant(a: Any, b: Any) -> bool:
         return True
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+    if isinstance(a, torch.fx.GraphModule) and isinstance(b, torch.fx.GraphModule):
+        return _same_graph_module(a, b)
     return False
+
+
+def _same_graph_module(a: torch.fx.GraphModule, b: torch.fx.GraphModule) -> bool:
+    """Whether two nested graphs (torch.export keeps a ``torch.no_grad()`` region as one) are the same code
+    reading the same tensors: each trace makes its own GraphModule object for the same region."""
+    if a.code != b.code:
+        return False
+    targets = {str(n.target) for n in a.graph.nodes if n.op in ("get_attr", "call_module")}
+    return all(_has_attribute_at(b, t) and _same_constant(_fetch(a, t), _fetch(b, t)) for t in targets)
 
 
 def _differing_scopes(graph: torch.fx.Graph, root: nn.Module, other: torch.fx.Graph,
@@ -568,6 +690,37 @@ def _differing_scopes(graph: torch.fx.Graph, root: nn.Module, other: torch.fx.Gr
     changed = _node_keys(graph) ^ _node_keys(other)
     scopes = {scope for scope, _ in changed} or {_node_scope(n) for n in differing}
     return sorted(scope or "<top level>" for scope in scopes)
+
+
+def _mixed_mode_warnings(model: nn.Module, gm: torch.fx.GraphModule,
+                         capture: Callable[[], tuple[torch.fx.Graph, nn.Module]]) -> list[str]:
+    """A warning when submodules traced through (not leaves) are not in the model's training mode and the graph
+    depends on it: their ``self.training`` branches are fixed in the captured graph as they are now, and neither
+    graph of a :class:`ModalGraphModule` is the one ``model.train()`` / ``model.eval()`` would run. Found by
+    capturing once more with every flag set to the model's (only when such submodules exist)."""
+    leaves = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    mixed = [path for path, module in model.named_modules() if path and module.training != model.training
+             and not any(path == leaf or path.startswith(leaf + ".") for leaf in leaves)]
+    if not mixed:
+        return []
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(model.training)
+        graph, root = capture()
+    except Exception:  # noqa: BLE001 - nothing to compare with; the mix is then not reported
+        return []
+    finally:
+        for module, flag in flags:
+            module.training = flag
+    scopes = _differing_scopes(gm.graph, gm, graph, root)
+    if not scopes:
+        return []
+    mode, other = _mode_name(model.training), _mode_name(not model.training)
+    return [f"some submodules are in {other} mode while the model is in {mode} mode ({', '.join(mixed)}), and the "
+            f"captured graph keeps that mix (self.training branches in {', '.join(scopes)}): gm.train() / gm.eval() "
+            f"do not switch those branches the way model.train() / model.eval() would; put the whole model in one "
+            f"mode (model.train() or model.eval()) before transforming it, or list those submodules under "
+            f"capture.leaf_modules"]
 
 
 def _in_other_mode(model: nn.Module, run: Callable[[], Any]) -> Any:
@@ -625,9 +778,9 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
         if concrete_args:
             raise CaptureError("concrete_args is for capture mode 'fx'; with mode 'export', pass every input's "
                                "value in example_inputs instead", module_path="")
-        return _with_model_flags(_capture_export(model, leaf_types, leaf_paths, inputs), model)
+        return _finish(_capture_export(model, leaf_types, leaf_paths, inputs), model)
     try:
-        return _with_model_flags(_capture_fx(model, leaf_types, leaf_paths, concrete_args, max_retries), model)
+        return _finish(_capture_fx(model, leaf_types, leaf_paths, concrete_args, max_retries), model)
     except CaptureError as fx_error:
         if mode == "fx":
             raise
@@ -643,7 +796,53 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
                 f"cannot capture the model: symbolic tracing (fx) failed: {fx_error} -- and torch.export failed "
                 f"too: {export_error}", module_path=fx_error.module_path) from export_error
         info.fx_error = _short_reason(str(fx_error))
-        return _with_model_flags((gm, info), model)
+        return _finish((gm, info), model)
+
+
+def _finish(captured: tuple[torch.fx.GraphModule, CaptureInfo], model: nn.Module
+            ) -> tuple[torch.fx.GraphModule, CaptureInfo]:
+    """What every capture mode does last: the model's training flags and buffer persistence on the
+    GraphModule's own containers, and the warnings about what a graph cannot reproduce."""
+    gm, info = _with_model_flags(captured, model)
+    _match_persistence(gm, model)
+    if info.mode == "fx":
+        info.warnings.extend(_root_hook_warnings(model))
+    return gm, info
+
+
+def _match_persistence(gm: torch.fx.GraphModule, model: nn.Module) -> None:
+    """Make the buffers of ``gm``'s own containers persistent exactly where the model's are.
+
+    ``torch.fx.GraphModule`` registers every tensor its graph reads as a persistent buffer: a non-persistent
+    buffer of the model (``register_buffer(..., persistent=False)``), a plain tensor attribute and a constant of
+    the trace would otherwise be keys of ``gm.state_dict()`` the model's has not, and
+    ``gm.load_state_dict(model.state_dict())`` would fail.
+    """
+    for path, module in gm.named_modules():
+        try:
+            source = model.get_submodule(path) if path else model
+        except AttributeError:
+            source = None
+        if source is module:
+            continue  # a module the GraphModule shares with the model
+        for name in module._buffers:
+            if (source is not None and name in source._buffers
+                    and name not in source._non_persistent_buffers_set):
+                module._non_persistent_buffers_set.discard(name)
+            else:
+                module._non_persistent_buffers_set.add(name)
+
+
+def _root_hook_warnings(model: nn.Module) -> list[str]:
+    """Symbolic tracing calls the model's ``forward`` itself, so hooks registered on the model are not traced."""
+    hooks = sum(len(getattr(model, name, None) or {}) for name in (
+        "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"))
+    if not hooks:
+        return []
+    return [f"the model itself has {hooks} forward/backward hook(s) (register_forward_hook, "
+            f"register_forward_pre_hook, ...): symbolic tracing calls the model's forward directly, so the captured "
+            f"graph runs without them; register them on the returned module, or on a submodule of the model, or "
+            f"capture with torch.export (capture: {{mode: export}} with example inputs), which traces them"]
 
 
 def _with_model_flags(captured: tuple[torch.fx.GraphModule, CaptureInfo], model: nn.Module
@@ -714,6 +913,7 @@ def _capture_fx(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, concrete
     _drop_string_annotations(graph)
     gm = torch.fx.GraphModule(_Overlay(model, tracer.constants), graph, type(model).__name__)
     info.warnings.extend(_constant_warnings(gm, tracer))
+    info.warnings.extend(_store_warnings(tracer.attribute_stores))
 
     def trace_other_mode() -> tuple[torch.fx.Graph, nn.Module]:
         other_tracer = OrthofxTracer(leaf_types=leaf_types, leaf_paths=paths)
@@ -932,9 +1132,12 @@ class _ExportRebuilder:
         self.member_of: dict[torch.fx.Node, _LeafCall] = {}
         self.waiting: list[_LeafCall] = []  # calls without nodes of their own (nn.Identity), emitted when ready
         leaf_set = set(leaves)
+        made = set(call_order)
         calls: dict[str, _LeafCall] = {}
         for entry in ep.module_call_graph[1:]:
             path = entry.fqn.split("@")[0]
+            if call_order and entry.fqn not in made:
+                continue  # a leaf the forward did not call on the example inputs (an untaken branch)
             if path in leaf_set and entry.fqn not in excluded:
                 calls[_STACK_KEY_PREFIX + entry.fqn] = _LeafCall(path, entry.fqn, entry.signature)
         for node in self.old.nodes:
@@ -1194,39 +1397,129 @@ def _fetch(root: Any, target: str) -> Any:
     return value
 
 
-def _static_batch(graph: torch.fx.Graph) -> tuple[torch.fx.Node, int] | None:
-    """The first input whose dim 0 (the batch) the graph was specialised to, with that size (a plain int), or
-    None when the batch is dynamic."""
-    for node in graph.nodes:
-        if node.op != "placeholder":
-            continue
-        val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor) or val.dim() == 0:
-            continue
-        size = val.shape[0]
-        # a SymInt that export specialised after tracing is concrete too
-        if not isinstance(size, torch.SymInt) or is_concrete_int(size):
-            return node, int(size)
+def _static_size(size: Any) -> int | None:
+    """A dimension's size when the exported graph fixed it (a plain int, or a SymInt export specialised after
+    tracing), else None."""
+    if not isinstance(size, torch.SymInt) or is_concrete_int(size):
+        return int(size)
     return None
+
+
+_GUARDED_VALUE_TYPES = (bool, int, float, str, type(None))
+
+
+class _InputGuards:
+    """What torch.export fixed about each input of a rebuilt graph, read from its placeholders' ``meta["val"]``:
+    the static dimensions of tensor inputs (every dimension but the batch, and the batch too when the forward
+    needs it as a constant) and the values of non-tensor inputs (always constants in an exported graph)."""
+
+    def __init__(self, graph: torch.fx.Graph):
+        self.placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        self.shapes: dict[torch.fx.Node, tuple[int | None, ...]] = {}
+        self.values: dict[torch.fx.Node, Any] = {}
+        for node in self.placeholders:
+            if "val" not in node.meta:
+                continue
+            val = node.meta["val"]
+            if isinstance(val, torch.Tensor):
+                shape = tuple(_static_size(size) for size in val.shape)
+                if any(size is not None for size in shape):
+                    self.shapes[node] = shape
+            elif isinstance(val, _GUARDED_VALUE_TYPES):
+                self.values[node] = val
+        tensors = [n for n in self.placeholders if isinstance(n.meta.get("val"), torch.Tensor)
+                   and n.meta["val"].dim() >= 1]
+        # The batch is fixed when no input kept a dynamic dimension 0 (an input that is not batched, such as an
+        # attention mask, has a static dimension 0 next to a batched input's dynamic one).
+        fixed = tensors and all(self.shapes.get(n, (None,))[0] is not None for n in tensors)
+        self.batch: tuple[torch.fx.Node, int] | None = (tensors[0], self.shapes[tensors[0]][0]) if fixed else None
+
+    def insert(self, graph: torch.fx.Graph) -> None:
+        """Check every input against what was fixed, first thing in the graph (see :func:`require_input_shape`,
+        :func:`require_input_value`)."""
+        if not self.placeholders:
+            return
+        batch_node = self.batch[0] if self.batch is not None else None
+        with graph.inserting_before(self.placeholders[-1].next):
+            for node in self.placeholders:
+                if node in self.shapes:
+                    flag = (True,) if node is batch_node else ()
+                    graph.call_function(require_input_shape, (node, node.name, self.shapes[node]) + flag)
+                elif node in self.values:
+                    graph.call_function(require_input_value, (node, node.name, self.values[node]))
+
+    def warnings(self) -> list[str]:
+        found = []
+        if self.batch is not None:
+            batch = self.batch[1]
+            found.append(
+                f"torch.export specialised the graph to batch size {batch} (the forward needs the batch size as a "
+                f"constant, e.g. a Python loop over x.size(0), or the example batch is 1): the captured model only "
+                f"accepts inputs of batch size {batch} (others raise an error); give example inputs of the batch "
+                "size you will use")
+        if self.values:
+            fixed = ", ".join(f"{n.name}={v!r}" for n, v in self.values.items())
+            found.append(
+                f"torch.export fixed the non-tensor inputs to their example values ({fixed}): the captured graph "
+                f"computes with these values and refuses others (an error); capture with symbolic tracing "
+                f"(capture: {{mode: fx}}, with concrete_args for arguments that drive control flow) to keep them "
+                f"arguments, or transform once per value you will use")
+        return found
+
+
+@torch.fx.node.has_side_effect  # kept by dead-code elimination: it has no users
+def require_input_shape(x: Any, name: str, shape: tuple, batch: bool = False) -> None:
+    """Refuse an input whose shape differs where torch.export specialised the captured graph (``shape``: the
+    fixed size of each dimension, None for a dynamic one): the graph would otherwise compute with the example's
+    sizes and return a wrong result (a loop over ``x.size(1)`` unrolled five times reads steps 0-4 of any
+    sequence). ``batch``: dimension 0 is the batch export fixed (the error says so)."""
+    if (isinstance(x, torch.Tensor) and x.dim() == len(shape)
+            and all(size is None or x.shape[d] == size for d, size in enumerate(shape))):
+        return
+    raise ArgumentError(_shape_mismatch(x, name, shape, batch))
+
+
+def _shape_mismatch(x: Any, name: str, shape: tuple, batch: bool) -> str:
+    expected = "(" + ", ".join("*" if size is None else str(size) for size in shape) + ")"
+    if not isinstance(x, torch.Tensor):
+        got = f"a {type(x).__name__}"
+    else:
+        got = f"shape {tuple(x.shape)}"
+        if batch and x.dim() == len(shape) and x.shape[0] != shape[0]:
+            return (f"this model was captured with torch.export for batch size {shape[0]} only (its forward needs "
+                    f"the batch size as a constant, e.g. a Python loop over x.size(0)); got input '{name}' of "
+                    f"{got}. Transform it again with example inputs of the batch size you will use")
+        if x.dim() == len(shape):
+            d = next(d for d, size in enumerate(shape) if size is not None and x.shape[d] != size)
+            got += f": dimension {d} is {x.shape[d]}, not {shape[d]}"
+    return (f"input '{name}': this model was captured with torch.export for tensors of shape {expected} there "
+            f"('*': any size; the graph is specialised to the others), got {got}. Fix: pass inputs of that shape, "
+            f"transform the model again with example inputs of the shape you will use, or capture it with symbolic "
+            f"tracing (capture: {{mode: fx}} in the policy) if it traces")
+
+
+@torch.fx.node.has_side_effect  # kept by dead-code elimination: it has no users
+def require_input_value(value: Any, name: str, expected: Any) -> None:
+    """Refuse a non-tensor input that differs from the value torch.export fixed it to: the captured graph would
+    ignore it and compute with the example's value (``reduce="sum"`` running the ``"mean"`` branch)."""
+    if not isinstance(value, torch.Tensor) and (value == expected or (value != value and expected != expected)):
+        return
+    raise ArgumentError(
+        f"input '{name}': this model was captured with torch.export for {name}={expected!r} only (export fixes "
+        f"non-tensor inputs to their example values), got {value!r}. Fix: pass {name}={expected!r}, transform the "
+        f"model again with the value you will use in example_inputs, or capture it with symbolic tracing "
+        f"(capture: {{mode: fx}} in the policy, concrete_args for arguments that drive control flow) if it traces")
 
 
 @torch.fx.node.has_side_effect  # kept by dead-code elimination: it has no users
 def require_batch_size(x: torch.Tensor, batch: int) -> None:
-    """Refuse an input whose batch differs from the one a captured graph was specialised to: the graph would
-    otherwise run the example's batch size on it and return a wrong result (a loop over ``x.size(0)`` unrolled
-    three times reads rows 0-2 of any batch)."""
+    """Refuse an input whose batch differs from the one a captured graph was specialised to (the guard of
+    GraphModules pickled by earlier versions; captures now use :func:`require_input_shape`)."""
     if x.dim() == 0 or x.shape[0] != batch:
         raise ArgumentError(f"this model was captured with torch.export for batch size {batch} only (its forward "
                             f"needs the batch size as a constant, e.g. a Python loop over x.size(0)); got an input "
                             f"of shape {tuple(x.shape)}. Transform it again with example inputs of the batch size "
                             "you will use")
-
-
-def _guard_static_batch(graph: torch.fx.Graph, found: tuple[torch.fx.Node, int]) -> None:
-    node, batch = found
-    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last):
-        graph.call_function(require_batch_size, (node, batch))
 
 
 def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
@@ -1271,15 +1564,9 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
                 f"the call '{exc.call.name}' of leaf module '{exc.call.path}' stays as inlined ATen ops in the "
                 f"exported graph ({exc}): rules do not see this call, passes that replace the module do not "
                 "affect it (its weights are still the module's)")
-    found = _static_batch(graph)
-    if found is not None:
-        batch = found[1]
-        _guard_static_batch(graph, found)
-        info.warnings.append(
-            f"torch.export specialised the graph to batch size {batch} (the forward needs the batch size as a "
-            f"constant, e.g. a Python loop over x.size(0), or the example batch is 1): the captured model only "
-            f"accepts inputs of batch size {batch} (others raise an error); give example inputs of the batch size "
-            "you will use")
+    guards = _InputGuards(graph)
+    guards.insert(graph)
+    info.warnings.extend(guards.warnings())
     info.warnings.extend(_device_warnings(graph))
     gm = torch.fx.GraphModule(_Overlay(model, rebuilder.extras), graph, type(model).__name__)
     if not both_modes:
@@ -1392,6 +1679,18 @@ def _user_location(exc: BaseException) -> str:
             line = line[:77] + "..."
         location += f" (`{line}`)"
     return location
+
+
+def _store_warnings(stores: list[tuple[str, str]]) -> list[str]:
+    """The traced values a forward stored on its module (``self.last_weights = w``), which a graph cannot keep."""
+    warnings = []
+    for path, name in dict.fromkeys(stores):
+        where = f"submodule '{path}'" if path else "the top-level forward"
+        warnings.append(
+            f"{where}: the forward stores a computed value as the attribute '{name}' (self.{name} = ...); the "
+            f"captured graph does not (the attribute is not set on the captured model, and the model is left as "
+            f"it was): return the value from the forward, or record it with a forward hook, if you need it")
+    return warnings
 
 
 def _constant_warnings(gm: torch.fx.GraphModule, tracer: OrthofxTracer) -> list[str]:

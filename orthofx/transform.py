@@ -74,7 +74,10 @@ def as_input_tuple(example_inputs: Any) -> tuple | None:
 
 def _capture_and_plan(root: nn.Module, policy: Policy, inputs: tuple | None) -> tuple[fx.GraphModule, Plan]:
     blocks = block_paths(root, policy)
-    gm, info = capture(root, leaf_types=policy.capture.leaf_modules, leaf_paths=blocks,
+    # capture.leaf_modules holds class names and module paths: the entries naming a submodule are paths
+    paths = {name for name, _ in root.named_modules() if name}
+    named = [entry for entry in policy.capture.leaf_modules if isinstance(entry, str) and entry in paths]
+    gm, info = capture(root, leaf_types=policy.capture.leaf_modules, leaf_paths=list(blocks) + named,
                        mode=policy.capture.mode, example_inputs=inputs)
     plan = build_plan(gm, policy, info, blocks=blocks)
     return gm, plan

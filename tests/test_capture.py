@@ -422,3 +422,163 @@ def test_captured_containers_take_the_models_training_mode(mode, training):
     for path, module in gm.named_modules():
         assert module.training == flags.get(path, training), path
     assert [m.training for m in model.modules()] == list(flags.values())  # the model is left as it was
+
+
+# ---------------------------------------------------------------------------------- stores on self while tracing
+
+class _Keeps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(4, 4)
+
+    def forward(self, x):
+        w = torch.softmax(self.q(x), -1)
+        self.last_weights = w  # kept for visualisation
+        return w * x
+
+
+class _Steps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.keeps = _Keeps()
+        self.gate = _StoresThenBranches()
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.steps += 1  # rebinds the buffer to a traced value under fx
+        return self.gate(self.keeps(x)) + self.steps
+
+
+class _StoresThenBranches(nn.Module):
+    def forward(self, x):
+        self.seen = x  # stored before the trace of this forward fails (it becomes a leaf)
+        if x.sum() > 0:
+            return x
+        return -x
+
+
+def test_stores_on_self_leave_no_proxies_and_buffer_rebinds_are_recorded():
+    model = _Steps()
+    gm, info = capture(model, mode="fx")
+    assert info.leaf_fallbacks[0][0] == "gate"
+    assert type(model._buffers["steps"]) is torch.Tensor and int(model.steps) == 0
+    assert "last_weights" not in vars(model.keeps) and "seen" not in vars(model.gate)
+    for module in list(gm.modules()) + list(model.modules()):
+        assert not any(isinstance(v, torch.fx.Proxy) for v in vars(module).values())
+        assert not any(isinstance(v, torch.fx.Proxy) for v in module._buffers.values())
+    assert any("'keeps'" in w and "last_weights" in w for w in info.warnings)
+    reference = _Steps()
+    reference.load_state_dict(model.state_dict())
+    for _ in range(2):
+        x = torch.randn(2, 4)
+        torch.testing.assert_close(gm(x), reference(x))
+    assert int(gm.steps) == int(reference.steps) == 2  # the graph updates the buffer as the forward does
+    pickle.loads(pickle.dumps(gm))
+    assert list(gm.state_dict()) == list(model.state_dict())
+
+
+class _Scripted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.j = torch.jit.script(nn.Linear(4, 4))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.j(x))
+
+
+def test_scripted_submodule_is_a_leaf_and_keeps_its_parameters():
+    model = _Scripted()
+    gm, _ = capture(model, mode="fx")
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["j", "fc"]
+    assert [n for n, _ in gm.named_parameters()] == [n for n, _ in model.named_parameters()]
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+class _NumpyScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(4, 4)
+        self.d = 4
+
+    def forward(self, x):
+        import numpy as np
+        return self.q(x) / np.sqrt(self.d) + np.float32(0.5)
+
+
+def test_numpy_scalars_become_python_numbers():
+    model = _NumpyScale()
+    gm, _ = capture(model, mode="fx")
+    assert "np." not in gm.code and "numpy" not in gm.code
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_hooks_on_the_model_itself_are_reported_in_fx_mode():
+    model = Plain()
+    model.register_forward_pre_hook(lambda module, args: (args[0] * 10,))
+    _, info = capture(model, mode="fx")
+    assert any("hook" in w and "mode: export" in w for w in info.warnings)
+    sub = Plain()
+    sub.lin.register_forward_pre_hook(lambda module, args: (args[0] * 10,))  # on a leaf: in the graph
+    assert capture(sub, mode="fx")[1].warnings == []
+
+
+class _Positional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv_freq", torch.arange(1.0, 5.0), persistent=False)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x * self.inv_freq)
+
+
+class _WithPlainTensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pos = _Positional()
+        self.causal = torch.tril(torch.ones(3, 3))  # a plain tensor attribute, not a buffer
+        self.register_buffer("scale", torch.ones(4))
+
+    def forward(self, x):
+        return (self.causal @ self.pos(x)) * self.scale
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_state_dict_has_the_models_keys(mode):
+    model = _WithPlainTensor()
+    x = torch.randn(2, 3, 4)
+    gm, _ = capture(model, mode=mode, example_inputs=(x,))
+    assert set(gm.state_dict()) == set(model.state_dict())
+    gm.load_state_dict(model.state_dict())
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_submodules_in_the_other_training_mode_are_reported():
+    model = _WithModeBranch().train()
+    model.branch.eval()  # traced through: its self.training branch is fixed in the graph
+    _, info = capture(model, mode="fx")
+    assert any("eval mode" in w and "self.training branches in branch" in w for w in info.warnings)
+    model.branch.train()
+    assert capture(model, mode="fx")[1].warnings == []
+
+
+class _TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(Plain(), Plain())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.enc(x))
+
+
+def test_policy_leaf_modules_accept_module_paths():
+    import orthofx
+    policy = {"orthofx": 1, "capture": {"leaf_modules": ["enc.0"]},
+              "rules": [{"match": {"type": "Linear"}, "apply": "orth_regularizer"}]}
+    gm = orthofx.transform(_TwoBlocks(), policy, example_inputs=(torch.randn(3, 4),))
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert "enc.0" in targets and "enc.1.lin" in targets

@@ -607,3 +607,84 @@ def test_policy_accepts_export_mode():
     assert policy.capture.mode == "export"
     assert policy.rules[0].match.op == ("linalg.eigh",)
     assert orthofx.Policy.from_yaml(policy.to_yaml()) == policy
+
+
+# ----------------------------------------------------------------------------------- what export fixes is checked
+
+class PerStep(nn.Module):
+    """A Python loop over the time steps ``x.size(1)``: export fixes T; the batch (dim 0) stays dynamic."""
+
+    def __init__(self):
+        super().__init__()
+        self.step = nn.Linear(4, 4)
+
+    def forward(self, x, mask, reduce: str = "sum", k: int = 2):
+        y = torch.stack([self.step(x[:, t]) for t in range(x.shape[1])], 1) * k
+        y = y * mask.sum(1)[None, :, None]  # mask (T, T): not batched, its dim 0 fixed to T too
+        return y.sum(-1) if reduce == "sum" else y.mean(-1)
+
+
+def test_export_guards_fixed_dimensions_and_non_tensor_inputs(tmp_path):
+    model = PerStep()
+    x, mask = _input(2, 5, 4), torch.tril(torch.ones(5, 5))
+    gm, info = capture(model, mode="export", example_inputs=(x, mask, "mean", 3))
+    assert not any("batch size" in w for w in info.warnings)  # the mask's fixed dim 0 is no batch
+    assert any("reduce='mean'" in w and "k=3" in w for w in info.warnings)
+    x3 = _input(3, 5, 4, seed=1)  # another batch: fine
+    torch.testing.assert_close(gm(x3, mask, "mean", 3), model(x3, mask, "mean", 3))
+    with pytest.raises(orthofx.ArgumentError, match=r"input 'x'.*\(\*, 5, 4\).*dimension 1 is 7, not 5"):
+        gm(_input(2, 7, 4), mask, "mean", 3)  # computed 5 of the 7 steps
+    with pytest.raises(orthofx.ArgumentError, match=r"input 'mask'.*\(5, 5\).*dimension 0 is 6"):
+        gm(x, torch.ones(6, 6), "mean", 3)
+    with pytest.raises(orthofx.ArgumentError, match=r"input 'reduce'.*reduce='mean' only.*got 'sum'.*mode: fx"):
+        gm(x, mask, "sum", 3)  # ran the 'mean' branch
+    with pytest.raises(orthofx.ArgumentError, match=r"input 'k'.*k=3 only.*got 5"):
+        gm(x, mask, "mean", 5)
+    clone = pickle.loads(pickle.dumps(gm))  # unpickling re-traces the code: the guards stay calls
+    with pytest.raises(orthofx.ArgumentError, match="input 'k'"):
+        clone(x, mask, "mean", 5)
+    program = torch.export.export(gm, (x, mask, "mean", 3), strict=False)  # the guards stay exportable
+    torch.testing.assert_close(program.module()(x, mask, "mean", 3), model(x, mask, "mean", 3))
+
+
+class TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.small = nn.Linear(4, 4)
+        self.large = nn.Linear(4, 4)
+        self.enc = nn.Module()  # a namespace container (no forward of its own)
+        self.enc.conv = nn.Conv2d(1, 1, 1)
+        self.enc.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = self.enc.fc(self.enc.conv(x[:, None])[:, 0])
+        return self.small(x) if x.shape[-1] <= 4 else self.large(x)  # 'large' is never called here
+
+
+def test_export_leaves_inside_plain_containers_and_uncalled_leaves():
+    gm, info = capture(TwoLinears(), mode="export", example_inputs=(_input(3, 2, 4),))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["enc.conv", "enc.fc", "small"]
+    assert info.warnings == []  # no "stays as inlined ATen ops" for the uncalled 'large', nor for 'enc'
+
+
+class NoGradTarget(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.online = nn.Linear(4, 4)
+        self.target = nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            t = self.target(x)
+        return self.online(x) - t
+
+
+def test_no_grad_region_is_no_train_eval_difference():
+    gm, info = capture(NoGradTarget(), mode="export", example_inputs=(_input(3, 4),))
+    assert not isinstance(gm, orthofx.capture.ModalGraphModule) and info.mode_dependent == []
+
+
+def test_export_mode_dependent_scopes_are_modules():
+    model = orthofx.models.get("dbn_cnn", width=4)
+    _, info = capture(model, mode="export", example_inputs=(orthofx.models.example_input("dbn_cnn", batch=4),))
+    assert info.mode_dependent == ["dbn"]
