@@ -498,7 +498,7 @@ class _RetraceTracer(torch.fx.Tracer):
     proxy_buffer_attributes = True
 
     def __init__(self, *args: Any, **kwargs: Any):
-        kwargs.setdefault("autowrap_functions", (require_input_shape, require_input_value, require_batch_size))
+        kwargs.setdefault("autowrap_functions", (require_input_shape, require_input_value))
         super().__init__(*args, **kwargs)
 
 
@@ -1510,16 +1510,6 @@ def require_input_value(value: Any, name: str, expected: Any) -> None:
         f"model again with the value you will use in example_inputs, or capture it with symbolic tracing "
         f"(capture: {{mode: fx}} in the policy, concrete_args for arguments that drive control flow) if it traces")
 
-
-@torch.fx.node.has_side_effect  # kept by dead-code elimination: it has no users
-def require_batch_size(x: torch.Tensor, batch: int) -> None:
-    """Refuse an input whose batch differs from the one a captured graph was specialised to (the guard of
-    GraphModules pickled by earlier versions; captures now use :func:`require_input_shape`)."""
-    if x.dim() == 0 or x.shape[0] != batch:
-        raise ArgumentError(f"this model was captured with torch.export for batch size {batch} only (its forward "
-                            f"needs the batch size as a constant, e.g. a Python loop over x.size(0)); got an input "
-                            f"of shape {tuple(x.shape)}. Transform it again with example inputs of the batch size "
-                            "you will use")
 
 
 def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,

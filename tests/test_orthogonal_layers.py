@@ -805,9 +805,9 @@ def _circular_pad_loop(x: torch.Tensor, pads) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("shape, pads", [((2, 3, 7), ((1, 1),)), ((2, 3, 5), ((2, 0),)), ((1, 2, 4, 5), ((1, 1), (1, 1))),
-                                         ((2, 1, 4, 5), ((0, 1), (2, 1))), ((1, 2, 3, 3), ((3, 3), (0, 3))),
-                                         ((3, 4, 4), ((1, 2), (0, 0)))])
+@pytest.mark.parametrize("shape, pads", [((2, 3, 7), ((1, 1),)), ((2, 3, 5), ((2, 0),)),
+                                         ((1, 2, 4, 5), ((1, 1), (1, 1))), ((2, 1, 4, 5), ((0, 1), (2, 1))),
+                                         ((1, 2, 3, 3), ((3, 3), (0, 3))), ((3, 4, 4), ((1, 2), (0, 0)))])
 def test_circular_pad_values_and_all_derivatives(shape, pads):
     from orthofx.nn.padding import circular_pad as _circular_pad
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)

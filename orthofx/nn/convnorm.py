@@ -376,17 +376,18 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
     error messages name ``layer`` (``None``: the functional ``conv_norm``)."""
     d = weight.ndim - 2
     if padding_mode not in _PAD_MODES:
-        raise LayerArgumentError(f"{_caller(layer)}: padding_mode must be one of {sorted(_PAD_MODES)}, got {padding_mode!r}")
+        raise LayerArgumentError(f"{_caller(layer)}: padding_mode must be one of {sorted(_PAD_MODES)}, got "
+                                 f"{padding_mode!r}")
     unbatched = x.ndim == d + 1
     if unbatched:
         x = x.unsqueeze(0)
     if x.ndim != d + 2:
-        raise LayerArgumentError(f"{_caller(layer)}: expected a {d + 2}-D (batched) or {d + 1}-D (unbatched) input for a "
-                                 f"{d}-D convolution, got shape {tuple(x.shape)}")
+        raise LayerArgumentError(f"{_caller(layer)}: expected a {d + 2}-D (batched) or {d + 1}-D (unbatched) input "
+                                 f"for a {d}-D convolution, got shape {tuple(x.shape)}")
     if x.shape[1] != weight.shape[1] * groups:
-        raise LayerArgumentError(f"{_caller(layer)}: the input has {x.shape[1]} channels (shape {tuple(x.shape)}) where the "
-                                 f"convolution takes {weight.shape[1] * groups} (weight {tuple(weight.shape)}, "
-                                 f"groups={groups})")
+        raise LayerArgumentError(f"{_caller(layer)}: the input has {x.shape[1]} channels (shape {tuple(x.shape)}) "
+                                 f"where the convolution takes {weight.shape[1] * groups} (weight "
+                                 f"{tuple(weight.shape)}, groups={groups})")
     ks = tuple(weight.shape[2:])
     dil = _ntuple(dilation, d, "dilation")
     if padding_mode != "zeros":

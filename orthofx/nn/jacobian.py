@@ -24,9 +24,9 @@ block's submodules again. The inputs are detached for the estimate (the first, t
 others, held fixed): the regulariser shapes the block's own parameters, not the layers that produce its inputs.
 Under activation checkpointing (``use_reentrant=False``) the estimate keeps its own tensors, outside the
 checkpoint, and the recomputation inside backward runs only the block; with ``use_reentrant=True`` the
-checkpointed forward runs without gradients, so the probe makes no estimate at all: use ``use_reentrant=False``. With BatchNorm in
-training mode the samples of a batch are coupled; see :func:`orthofx.metrics.jacobian_isometry` for what
-``per_sample`` then measures.
+checkpointed forward runs without gradients, so the probe makes no estimate at all: use ``use_reentrant=False``.
+With BatchNorm in training mode the samples of a batch are coupled; see :func:`orthofx.metrics.jacobian_isometry`
+for what ``per_sample`` then measures.
 
 Example::
 

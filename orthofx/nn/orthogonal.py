@@ -330,9 +330,10 @@ def _check_input(x: torch.Tensor, dims: int, channels: int, layer: nn.Module) ->
     if x.dim() not in (dims + 1, dims + 2) or x.shape[-dims - 1] != channels:
         spatial = "L" if dims == 1 else ", ".join("HWD"[i] for i in range(dims))
         raise LayerArgumentError(
-            f"{layer_label(layer)} (in_channels={channels}): expected an input of shape (batch, {channels}, {spatial}) or "
-            f"({channels}, {spatial}), got shape {tuple(x.shape)}. Pass {dims + 2}-D (or unbatched {dims + 1}-D) "
-            f"inputs with {channels} channels, or build the layer with in_channels equal to the input's channels")
+            f"{layer_label(layer)} (in_channels={channels}): expected an input of shape (batch, {channels}, "
+            f"{spatial}) or ({channels}, {spatial}), got shape {tuple(x.shape)}. Pass {dims + 2}-D (or unbatched "
+            f"{dims + 1}-D) inputs with {channels} channels, or build the layer with in_channels equal to the "
+            "input's channels")
 
 
 def _mirror_requires_grad(original: nn.Module, layer: nn.Module) -> None:

@@ -134,8 +134,7 @@ def delta_orthogonal_(weight: torch.Tensor, scale: float = 1.0, generator: torch
                                    dtype=torch.float64)
     with torch.no_grad():
         weight.zero_()
-        weight[(slice(None), slice(None)) + tuple(slice(a, a + c) for a, c in taps)] = (scale * q).reshape(
-            out, per_group, *counts).to(device=weight.device, dtype=weight.dtype)
+        _tap_block(weight, taps).copy_((scale * q).reshape(out, per_group, *counts))
     return weight
 
 
@@ -205,11 +204,9 @@ class IsometricInit(Pass):
                 taps, exact = delta_taps(module)
                 delta_orthogonal_(weight, scale, generator, groups, taps)
                 what = "delta-orthogonal initialisation"
-                shape = (weight.shape[0] // groups, weight.shape[1] * math.prod(c for _, c in taps))
             else:
                 orthogonal_(weight, scale, generator)
                 what = "orthogonal initialisation"
-                shape = tuple(weight.shape)
             if params["bias"] == "zero" and getattr(module, "bias", None) is not None:
                 with torch.no_grad():
                     module.bias.zero_()
@@ -217,6 +214,7 @@ class IsometricInit(Pass):
             # block at the same stride when the block is no larger than it (conv(K, K) then has only its centre
             # offset): a fraction of the full formula's cost
             written = _tap_block(weight.detach(), taps) if is_conv else weight.detach()
+            shape = stiefel.flatten_weight(written, groups).shape[-2:]  # Q's shape (per group)
             after = _defect(written, module, scale)
             if is_conv:
                 after["exact"] = exact

@@ -80,10 +80,10 @@ def add_lorth_term(ctx: PassContext, term: LorthTerm) -> str | None:
     with a tied weight: the weight's L_orth is counted once, as weight decay counts a shared parameter once).
     Returns the site of that earlier term, or ``None`` when ``term`` was added."""
     weight = getattr(ctx.module(term.site), "weight", None)
+    form = (term.stride, term.groups, term.case)
     for other in ctx.manifest.penalties:
-        if (isinstance(other, LorthTerm) and (other.stride, other.groups, other.case) == (term.stride, term.groups,
-                                                                                          term.case)
-                and weight is not None and getattr(ctx.module(other.site), "weight", None) is weight):
+        if (weight is not None and isinstance(other, LorthTerm) and (other.stride, other.groups, other.case) == form
+                and getattr(ctx.module(other.site), "weight", None) is weight):
             return other.site
     ctx.add_penalty(term)
     return None
