@@ -396,8 +396,9 @@ class _EvalCache:
     """
 
     def _cached(self, name: str, build):
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() \
-                or torch.compiler.is_exporting():
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return build()  # a traced graph must not touch the module's __dict__ (dynamo cannot trace dict.pop)
+        if self.training or torch.is_grad_enabled():
             # a forward with gradients is a training pass in eval mode (frozen BatchNorm): the step after it may
             # be a fused optimizer's, which writes the parameters without bumping their version counters
             self.__dict__.pop("_eval_cache", None)
