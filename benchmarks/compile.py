@@ -116,7 +116,9 @@ def _eval_rows(name, model, x, device, precision, repeats, mode=None) -> list[di
     infer(compiled)
     sync()
     cold = time.perf_counter() - start
-    eager_out, compiled_out = infer(model).float(), infer(compiled).float()
+    eager_out = infer(model).float().clone()
+    torch.compiler.cudagraph_mark_step_begin()
+    compiled_out = infer(compiled).float().clone()  # a CUDA graph's output is overwritten by its next replay
     times = interleaved({"eager": lambda: infer(model), "compiled": lambda: infer(compiled)}, repeats, sync)
     row = {"variant": name, "precision": precision, "mode": "eval", "eager_ms": times["eager"] * 1e3,
            "compiled_ms": times["compiled"] * 1e3, "speedup": times["eager"] / times["compiled"],
