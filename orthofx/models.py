@@ -4,14 +4,21 @@ Plain torch only: this module imports nothing of orthofx, so a model defined her
 model would. Every model
 
 * is traceable by ``torch.fx.symbolic_trace`` (no data-dependent Python control flow; the only Python branches
-  are on ``self.training``, which a trace resolves, so orthofx captures such models in both modes),
+  are on ``self.training``, which a trace resolves, so orthofx captures such models in both modes, and the input
+  checks of the covariance layers, which are skipped for a ``torch.fx.Proxy`` and run on fake tensors under
+  ``torch.compile``),
 * is deterministic given ``torch.manual_seed`` (plain PyTorch default initialisation),
-* takes small keyword arguments (``width``, ``depth``, ``num_classes`` ...), so tests can build tiny versions.
+* takes small keyword arguments (``width``, ``depth``, ``num_classes`` ...), so tests can build tiny versions,
+* checks them: a bad argument (``width=0``, ``num_classes=True``, ``eps=-1``, ``momentum=2``, an unknown
+  ``activation`` ...) raises ``orthofx.errors.ArgumentError`` naming the model and the argument, a bad input to
+  ``DecorrelatedBatchNorm2d``, ``CovariancePooling`` or ``UpperTriangle`` raises
+  ``orthofx.errors.LayerArgumentError``. Both are ``ValueError`` subclasses; they are looked up in ``sys.modules``
+  when raised, not imported (a copy of this file used without orthofx raises plain ``ValueError``).
 
 Registry::
 
     names()                      -> sorted list of model names
-    get(name, **kwargs)          -> a fresh nn.Module (unknown name: ValueError with the names and a did-you-mean)
+    get(name, **kwargs)          -> a fresh nn.Module (unknown name: ArgumentError with the names, did-you-mean)
     input_shape(name)            -> per-sample input shape, e.g. (3, 32, 32), (1, 8, 8), (64,)
     example_input(name, batch=2, seed=0) -> a standard-normal batch of that shape (private generator)
     num_classes(name)            -> 10 for every built-in model
@@ -38,8 +45,11 @@ deep_linear    DeepLinear          ``depth`` bias-free Linear layers, no activat
 from __future__ import annotations
 
 import difflib
+import math
+import sys
 
 import torch
+import torch.fx
 import torch.nn as nn
 
 __all__ = [
@@ -79,14 +89,34 @@ class Abs(nn.Module):
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "abs": Abs}
 
+# why DecorrelatedBatchNorm2d's eps and momentum have the ranges they have (quoted by the error messages)
+_DBN_EPS_WHY = "the whitening takes lambda^-1/2 of cov + eps * I, and a covariance of few samples is singular"
+_MOMENTUM_WHY = "the running statistics move this fraction of the way to the batch's"
 
-def _activation(name: str) -> nn.Module:
-    try:
+
+def _error(message: str, forward: bool = False) -> ValueError:
+    """The exception for a bad argument (``forward``: a bad input to a layer's forward).
+
+    ``orthofx.errors.ArgumentError`` (``LayerArgumentError`` for forward inputs), both ``ValueError`` subclasses,
+    whenever orthofx is loaded, as it always is for ``orthofx.models``. The class is looked up in ``sys.modules``,
+    not imported, so that this file stays plain torch: a copy of it used without orthofx raises ``ValueError``.
+    """
+    errors = sys.modules.get("orthofx.errors")
+    cls = getattr(errors, "LayerArgumentError" if forward else "ArgumentError", ValueError)
+    return cls(message)
+
+
+def _activation(name: str, owner: str = "activation") -> nn.Module:
+    """A fresh activation module by name; ``owner`` (the model's class name) prefixes the error message."""
+    if isinstance(name, str) and name in _ACTIVATIONS:
         return _ACTIVATIONS[name]()
-    except KeyError:
-        raise ValueError(
-            f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}"
-        ) from None
+    hint = ""
+    if isinstance(name, str):
+        close = difflib.get_close_matches(name.lower(), sorted(_ACTIVATIONS), n=1, cutoff=0.5)
+        if close:
+            hint = f" (did you mean {close[0]!r}?)"
+    raise _error(f"{owner}: unknown activation {name!r}{hint}; choose one of "
+                 f"{', '.join(repr(a) for a in sorted(_ACTIVATIONS))}")
 
 
 def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -99,10 +129,57 @@ def _conv1x1(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, kernel_size=1, stride=stride, padding=0, bias=False)
 
 
-def _positive(value: int, what: str) -> int:
+def _positive(value: int, what: str, owner: str | None = None) -> int:
+    """``value`` if it is an int >= 1 (not a bool), else an ArgumentError naming ``owner`` (a class or function
+    name) and the argument ``what``."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+        where = f"{owner}: " if owner else ""
+        raise _error(f"{where}{what} must be a positive integer (>= 1), got {value!r}")
     return value
+
+
+def _number(value, what: str, owner: str, *, low: float, low_open: bool = False, high: float | None = None,
+            why: str = "") -> float:
+    """``value`` as a float if it is a finite real number in ``[low, high]`` (``(low, high]`` when ``low_open``),
+    else an ArgumentError naming ``owner``, the argument ``what`` and the allowed range (``why``: the reason)."""
+    number = None
+    if not isinstance(value, (bool, str, bytes)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one element
+            number = None
+    bad = (number is None or not math.isfinite(number) or number < low or (low_open and number == low)
+           or (high is not None and number > high))
+    if bad:
+        if high is None:
+            allowed = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        reason = f" ({why})" if why else ""
+        raise _error(f"{owner}: {what} must be a finite number {allowed}{reason}, got {value!r}")
+    return number
+
+
+def _flag(value, what: str, owner: str) -> bool:
+    """``value`` as a bool if it is True or False (or the integers 1 and 0), else an ArgumentError."""
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    raise _error(f"{owner}: {what} must be True or False, got {value!r}")
+
+
+def _is_proxy(x) -> bool:
+    """Whether ``x`` is a torch.fx Proxy (symbolic tracing): it has no concrete shape, so forward checks are
+    skipped for it, as orthofx.nn's layers do (under torch.compile ``x`` is a fake tensor and the checks run)."""
+    return isinstance(x, torch.fx.Proxy)
+
+
+def _tensor_input(x, owner: str) -> None:
+    """A real floating-point tensor, else a LayerArgumentError naming ``owner``."""
+    if not isinstance(x, torch.Tensor):
+        raise _error(f"{owner}: expected a torch.Tensor input, got {type(x).__name__}", forward=True)
+    if x.is_complex() or not x.is_floating_point():
+        raise _error(f"{owner}: expected a real floating-point input, got dtype {x.dtype}; cast it with .float()",
+                     forward=True)
 
 
 # ---------------------------------------------------------------------------------------------------- ResNets
@@ -173,12 +250,29 @@ class ResNet(nn.Module):
 
     Attributes: ``conv1``, ``bn1``, ``relu`` (stem), ``layer1`` .. ``layer4`` (``nn.Sequential`` of blocks with
     ``width``, 2w, 4w, 8w planes; layers 2-4 start with stride 2), ``avgpool``, ``fc``.
+
+    Arguments: ``block`` (an ``nn.Module`` subclass with an integer ``expansion`` >= 1 taking
+    ``(in_planes, planes, stride)``, e.g. :class:`BasicBlock`), ``layers`` (4 integers >= 0, the blocks per stage),
+    ``width``, ``num_classes`` and ``in_channels`` (positive integers); anything else raises
+    ``orthofx.errors.ArgumentError`` (a ``ValueError``) naming the argument.
     """
 
     def __init__(self, block: type, layers: list[int], width: int = 64, num_classes: int = 10,
                  in_channels: int = 3):
         super().__init__()
-        width = _positive(width, "width")
+        owner = type(self).__name__
+        expansion = getattr(block, "expansion", None)
+        if (not isinstance(block, type) or not issubclass(block, nn.Module) or not isinstance(expansion, int)
+                or isinstance(expansion, bool) or expansion < 1):
+            raise _error(f"{owner}: block must be an nn.Module subclass with an integer class attribute expansion "
+                         f">= 1 (e.g. BasicBlock or Bottleneck), got {block!r}")
+        if (isinstance(layers, (str, bytes)) or not hasattr(layers, "__len__") or len(layers) != 4
+                or any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in layers)):
+            raise _error(f"{owner}: layers must be 4 integers >= 0 (the number of blocks in layer1 .. layer4, "
+                         f"e.g. [2, 2, 2, 2]), got {layers!r}")
+        width = _positive(width, "width", owner)
+        num_classes = _positive(num_classes, "num_classes", owner)
+        in_channels = _positive(in_channels, "in_channels", owner)
         self.conv1 = _conv3x3(in_channels, width)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
@@ -210,6 +304,7 @@ class ResNet18(ResNet):
     """ResNet-18-like model for 3x32x32: BasicBlocks [2, 2, 2, 2], channels width, 2w, 4w, 8w.
 
     The first block of layer2..layer4 has a ``shortcut`` of a strided 1x1 conv (2C <- C, stride 2) and BatchNorm.
+    ``width`` and ``num_classes`` must be positive integers (``orthofx.errors.ArgumentError`` otherwise).
     """
 
     def __init__(self, width: int = 64, num_classes: int = 10):
@@ -220,6 +315,7 @@ class ResNet50(ResNet):
     """ResNet-50-like model for 3x32x32: Bottleneck blocks [3, 4, 6, 3], expansion 4, strided 1x1 shortcuts.
 
     The stride sits on each stage's first 3x3 conv (``conv2``) and on its 1x1 ``shortcut`` conv.
+    ``width`` and ``num_classes`` must be positive integers (``orthofx.errors.ArgumentError`` otherwise).
     """
 
     def __init__(self, width: int = 64, num_classes: int = 10):
@@ -234,14 +330,16 @@ class VGG11(nn.Module):
 
     ``features``: 8 blocks of conv 3x3 (padding 1, no bias) - BatchNorm - ReLU with channels
     (1, 2, 4, 4, 8, 8, 8, 8) * width, and 2x2 max-pools after blocks 1, 2, 4, 6 and 8 (32 -> 1).
-    ``classifier``: Linear(8w, 8w) - ReLU - Linear(8w, num_classes).
+    ``classifier``: Linear(8w, 8w) - ReLU - Linear(8w, num_classes). ``width`` and ``num_classes`` must be
+    positive integers (``orthofx.errors.ArgumentError`` otherwise).
     """
 
     _CONFIG = (1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M")
 
     def __init__(self, width: int = 64, num_classes: int = 10):
         super().__init__()
-        width = _positive(width, "width")
+        width = _positive(width, "width", type(self).__name__)
+        num_classes = _positive(num_classes, "num_classes", type(self).__name__)
         layers: list[nn.Module] = []
         c_in = 3
         for item in self._CONFIG:
@@ -269,11 +367,13 @@ class SmallCNN(nn.Module):
 
     conv1 (1 -> w, 3x3, pad 1) - relu - conv2 (w -> 2w, 3x3, stride 2, pad 1) - relu -
     conv3 (2w -> 2w, 3x3, pad 1) - relu - global average pool - fc (2w -> num_classes); ``width`` w = 16.
+    ``width`` and ``num_classes`` must be positive integers (``orthofx.errors.ArgumentError`` otherwise).
     """
 
     def __init__(self, width: int = 16, num_classes: int = 10):
         super().__init__()
-        width = _positive(width, "width")
+        width = _positive(width, "width", type(self).__name__)
+        num_classes = _positive(num_classes, "num_classes", type(self).__name__)
         self.conv1 = nn.Conv2d(1, width, kernel_size=3, padding=1)
         self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(width, 2 * width, kernel_size=3, stride=2, padding=1)
@@ -312,14 +412,22 @@ class DecorrelatedBatchNorm2d(nn.Module):
     ``affine=True`` adds a per-channel ``weight`` (ones) and ``bias`` (zeros) after the whitening, as BatchNorm.
     ``eps * I`` is made from the covariance (``new_full`` + ``diag_embed``), so it follows its dtype and device
     and no constant tensor is folded into a traced graph; the module has no buffers besides the running ones.
+
+    Arguments: ``num_features`` C (a positive integer), ``eps`` (a finite number > 0: a covariance estimated
+    from few samples is singular, and ``lambda^-1/2`` needs ``eps`` to stay finite), ``momentum`` (in [0, 1]) and
+    ``affine`` (True or False); anything else raises ``orthofx.errors.ArgumentError``. The input must be a real
+    floating-point (B, C, H, W) tensor, and in training hold more than one value per channel (B * H * W >= 2) to
+    estimate a covariance (as ``nn.BatchNorm2d``); otherwise ``orthofx.errors.LayerArgumentError``. The input
+    checks are skipped while ``torch.fx`` traces the forward symbolically.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-2, momentum: float = 0.1, affine: bool = True):
         super().__init__()
-        self.num_features = _positive(num_features, "num_features")
-        self.eps = float(eps)
-        self.momentum = float(momentum)
-        self.affine = bool(affine)
+        owner = type(self).__name__
+        self.num_features = _positive(num_features, "num_features", owner)
+        self.eps = _number(eps, "eps", owner, low=0.0, low_open=True, why=_DBN_EPS_WHY)
+        self.momentum = _number(momentum, "momentum", owner, low=0.0, high=1.0, why=_MOMENTUM_WHY)
+        self.affine = _flag(affine, "affine", owner)
         if self.affine:
             self.weight = nn.Parameter(torch.ones(num_features))
             self.bias = nn.Parameter(torch.zeros(num_features))
@@ -341,7 +449,22 @@ class DecorrelatedBatchNorm2d(nn.Module):
         evals, evecs = eig[0], eig[1]
         return (evecs * evals.rsqrt().unsqueeze(0)) @ evecs.transpose(0, 1)
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        if _is_proxy(x):
+            return
+        owner = f"{type(self).__name__}(num_features={self.num_features})"
+        _tensor_input(x, owner)
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise _error(f"{owner}: expected an input of shape (batch, {self.num_features}, H, W), got shape "
+                         f"{tuple(x.shape)}; pass 4-D inputs with {self.num_features} channels, or build the layer "
+                         "with num_features equal to the input's channels", forward=True)
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] < 2:
+            raise _error(f"{owner}: training needs more than one value per channel (batch * H * W >= 2) to "
+                         f"estimate the channel covariance, got shape {tuple(x.shape)}; use a larger batch, or "
+                         "call .eval() to whiten with the running statistics", forward=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         xt = x.transpose(0, 1)  # (C, B, H, W)
         flat = xt.flatten(1)  # (C, N)
         if self.training:
@@ -373,11 +496,18 @@ class DBNCNN(nn.Module):
 
     conv1 has 25 input taps per output channel, so with w <= 25 its weight can have orthonormal rows and the
     covariance entering the eigendecomposition can be full rank (well conditioned under orthogonal weights).
+
+    ``width`` and ``num_classes`` must be positive integers, ``eps`` a finite number > 0 and ``momentum`` one in
+    [0, 1] (both go to ``dbn``); anything else raises ``orthofx.errors.ArgumentError``.
     """
 
     def __init__(self, width: int = 16, num_classes: int = 10, eps: float = 1e-2, momentum: float = 0.1):
         super().__init__()
-        width = _positive(width, "width")
+        owner = type(self).__name__
+        width = _positive(width, "width", owner)
+        num_classes = _positive(num_classes, "num_classes", owner)
+        eps = _number(eps, "eps", owner, low=0.0, low_open=True, why=_DBN_EPS_WHY)
+        momentum = _number(momentum, "momentum", owner, low=0.0, high=1.0, why=_MOMENTUM_WHY)
         self.conv1 = nn.Conv2d(1, width, kernel_size=5, padding=2, bias=False)
         self.dbn = DecorrelatedBatchNorm2d(width, eps=eps, momentum=momentum)
         self.relu1 = nn.ReLU()
@@ -403,22 +533,42 @@ class DBNCNN(nn.Module):
 class CovariancePooling(nn.Module):
     """Global covariance pooling with a matrix square root (P4's GCP meta-layer).
 
-    For ``x`` of shape (B, C, H, W): per sample, the channel covariance over the H*W positions
+    For ``x`` of shape (B, C, H, W) (any number of dimensions after C, flattened): per sample, the channel
+    covariance over the H*W positions
     ``cov = (x - mean)(x - mean)^T / (H*W)`` (C x C), ``Sigma = cov + eps * I``,
     ``lambda, V = torch.linalg.eigh(Sigma)`` and the output ``V diag(sqrt(clamp(lambda, min=0))) V^T``, of
     shape (B, C, C): the square root of ``Sigma``. ``eps`` defaults to 1e-5 (0 gives the root of ``cov``).
     ``eps * I`` is made from the covariance (``new_full`` + ``diag_embed``): no buffers, no traced constants.
+
+    ``num_features`` C must be a positive integer and ``eps`` a finite number >= 0 (``orthofx.errors.ArgumentError``
+    otherwise); an input that is not a real floating-point (B, C, ...) tensor with C channels and at least one
+    position raises ``orthofx.errors.LayerArgumentError`` (not checked while ``torch.fx`` traces symbolically).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()
-        self.num_features = _positive(num_features, "num_features")
-        self.eps = float(eps)
+        owner = type(self).__name__
+        self.num_features = _positive(num_features, "num_features", owner)
+        self.eps = _number(eps, "eps", owner, low=0.0, why="it is added to the covariance's diagonal")
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        if _is_proxy(x):
+            return
+        owner = f"{type(self).__name__}(num_features={self.num_features})"
+        _tensor_input(x, owner)
+        if x.dim() < 3 or x.shape[1] != self.num_features:
+            raise _error(f"{owner}: expected feature maps of shape (batch, {self.num_features}, H, W), got shape "
+                         f"{tuple(x.shape)}; pass inputs with {self.num_features} channels, or build the layer with "
+                         "num_features equal to the input's channels", forward=True)
+        if x.shape[2:].numel() == 0:
+            raise _error(f"{owner}: the covariance needs at least one position (H * W >= 1), got shape "
+                         f"{tuple(x.shape)}", forward=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         flat = x.flatten(2)  # (B, C, N)
         centred = flat - flat.mean(dim=2, keepdim=True)
         cov = (centred @ centred.transpose(1, 2)) / flat.size(2)
@@ -435,16 +585,32 @@ class UpperTriangle(nn.Module):
     Same order as ``x[:, i, j]`` over ``torch.triu_indices(n, n)``; written as a concatenation of row slices so
     that it has no index buffers (fx would copy non-persistent buffers into a GraphModule as persistent ones,
     and the state_dicts of the model and of its trace would differ).
+
+    ``n`` must be a positive integer (``orthofx.errors.ArgumentError`` otherwise); an input that is not a
+    (B, n, n) tensor raises ``orthofx.errors.LayerArgumentError`` (not checked while ``torch.fx`` traces
+    symbolically).
     """
 
     def __init__(self, n: int):
         super().__init__()
-        self.n = _positive(n, "n")
+        self.n = _positive(n, "n", type(self).__name__)
 
     def extra_repr(self) -> str:
         return f"n={self.n}"
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        if _is_proxy(x):
+            return
+        owner = f"{type(self).__name__}(n={self.n})"
+        if not isinstance(x, torch.Tensor):
+            raise _error(f"{owner}: expected a torch.Tensor input, got {type(x).__name__}", forward=True)
+        if x.dim() != 3 or x.shape[1] != self.n or x.shape[2] != self.n:
+            raise _error(f"{owner}: expected a batch of square matrices of shape (batch, {self.n}, {self.n}), got "
+                         f"shape {tuple(x.shape)}; pass (batch, {self.n}, {self.n}) inputs, or build the layer "
+                         "with n equal to the matrices' size", forward=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         return torch.cat([x[:, i, i:] for i in range(self.n)], dim=1)
 
 
@@ -456,12 +622,18 @@ class GCPCNN(nn.Module):
     covariance and eigh in ``cov_pool``) - bn_last - cov_pool (:class:`CovariancePooling`, d x d over the 64
     positions) - triu (:class:`UpperTriangle`, d(d+1)/2 features) - fc. ``width`` w = 16, ``dim`` d = 16.
     All convs keep the 8x8 resolution, so the covariance has 64 samples for d = 16 channels.
+
+    ``width``, ``dim`` and ``num_classes`` must be positive integers and ``eps`` (of ``cov_pool``) a finite
+    number >= 0; anything else raises ``orthofx.errors.ArgumentError``.
     """
 
     def __init__(self, width: int = 16, dim: int = 16, num_classes: int = 10, eps: float = 1e-5):
         super().__init__()
-        width = _positive(width, "width")
-        dim = _positive(dim, "dim")
+        owner = type(self).__name__
+        width = _positive(width, "width", owner)
+        dim = _positive(dim, "dim", owner)
+        num_classes = _positive(num_classes, "num_classes", owner)
+        eps = _number(eps, "eps", owner, low=0.0, why="it is added to the covariance's diagonal")
         self.conv1 = _conv3x3(1, width)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu1 = nn.ReLU()
@@ -489,17 +661,22 @@ class DeepMLP(nn.Module):
 
     ``layers``: ``depth`` blocks of Linear + activation (Linear(in_features, width), then Linear(width, width)),
     so Linear modules sit at ``layers.0, layers.2, ...``; ``fc``: Linear(width, num_classes).
-    ``activation`` is ``"tanh"`` (default), ``"relu"`` or ``"abs"``.
+    ``activation`` is ``"tanh"`` (default), ``"relu"`` or ``"abs"``; ``depth``, ``width``, ``num_classes`` and
+    ``in_features`` must be positive integers. Anything else raises ``orthofx.errors.ArgumentError``.
     """
 
     def __init__(self, depth: int = 64, width: int = 64, activation: str = "tanh", num_classes: int = 10,
                  in_features: int = 64):
         super().__init__()
-        depth = _positive(depth, "depth")
-        width = _positive(width, "width")
+        owner = type(self).__name__
+        depth = _positive(depth, "depth", owner)
+        width = _positive(width, "width", owner)
+        num_classes = _positive(num_classes, "num_classes", owner)
+        in_features = _positive(in_features, "in_features", owner)
+        _activation(activation, owner)  # checked before any layer is built
         layers: list[nn.Module] = []
         for i in range(depth):
-            layers += [nn.Linear(in_features if i == 0 else width, width), _activation(activation)]
+            layers += [nn.Linear(in_features if i == 0 else width, width), _activation(activation, owner)]
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(width, num_classes)
 
@@ -512,18 +689,23 @@ class DeepCNN(nn.Module):
 
     ``features``: conv (3 -> width) then conv (width -> width) ...; convs at ``features.0, features.2, ...``;
     ``pool`` (global average) and ``fc``. No residuals, no normalisation. ``activation``: ``"relu"`` (default),
-    ``"tanh"`` or ``"abs"``.
+    ``"tanh"`` or ``"abs"``; ``depth``, ``width``, ``num_classes`` and ``in_channels`` must be positive integers.
+    Anything else raises ``orthofx.errors.ArgumentError``.
     """
 
     def __init__(self, depth: int = 32, width: int = 16, activation: str = "relu", num_classes: int = 10,
                  in_channels: int = 3):
         super().__init__()
-        depth = _positive(depth, "depth")
-        width = _positive(width, "width")
+        owner = type(self).__name__
+        depth = _positive(depth, "depth", owner)
+        width = _positive(width, "width", owner)
+        num_classes = _positive(num_classes, "num_classes", owner)
+        in_channels = _positive(in_channels, "in_channels", owner)
+        _activation(activation, owner)  # checked before any layer is built
         layers: list[nn.Module] = []
         for i in range(depth):
             c_in = in_channels if i == 0 else width
-            layers += [nn.Conv2d(c_in, width, kernel_size=3, padding=1), _activation(activation)]
+            layers += [nn.Conv2d(c_in, width, kernel_size=3, padding=1), _activation(activation, owner)]
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, num_classes)
@@ -537,12 +719,17 @@ class DeepLinear(nn.Module):
 
     ``layers``: nn.Sequential of Linear(in_features, width), Linear(width, width) ..., Linear(width, out_features)
     (a single Linear(in_features, out_features) when depth is 1). The output has ``out_features`` (64) columns.
+    ``depth``, ``width``, ``in_features`` and ``out_features`` must be positive integers
+    (``orthofx.errors.ArgumentError`` otherwise).
     """
 
     def __init__(self, depth: int = 4, width: int = 64, in_features: int = 64, out_features: int = 64):
         super().__init__()
-        depth = _positive(depth, "depth")
-        width = _positive(width, "width")
+        owner = type(self).__name__
+        depth = _positive(depth, "depth", owner)
+        width = _positive(width, "width", owner)
+        in_features = _positive(in_features, "in_features", owner)
+        out_features = _positive(out_features, "out_features", owner)
         dims = [in_features] + [width] * (depth - 1) + [out_features]
         self.layers = nn.Sequential(
             *[nn.Linear(dims[i], dims[i + 1], bias=False) for i in range(depth)]
@@ -585,13 +772,14 @@ def _lookup(name: str) -> tuple[type, tuple[int, ...]]:
         close = difflib.get_close_matches(name.lower(), available, n=1, cutoff=0.5)
         if close:
             hint = f" did you mean {close[0]!r}?"
-    raise ValueError(f"unknown model {name!r};{hint} available models: {', '.join(available)}")
+    raise _error(f"unknown model {name!r};{hint} available models: {', '.join(available)}")
 
 
 def get(name: str, **kwargs) -> nn.Module:
     """A freshly initialised built-in model; ``kwargs`` go to its constructor (e.g. ``width=8``).
 
-    Unknown names raise ``ValueError`` listing the available models (with a did-you-mean).
+    Unknown names raise ``orthofx.errors.ArgumentError`` (a ``ValueError``) listing the available models (with a
+    did-you-mean); bad constructor arguments raise it too, naming the model and the argument.
     """
     cls, _ = _lookup(name)
     return cls(**kwargs)
@@ -609,7 +797,7 @@ def example_input(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
     """
     shape = input_shape(name)
     generator = torch.Generator().manual_seed(int(seed))
-    return torch.randn((_positive(batch, "batch"),) + shape, generator=generator)
+    return torch.randn((_positive(batch, "batch", "example_input"),) + shape, generator=generator)
 
 
 def num_classes(name: str) -> int:

@@ -71,10 +71,10 @@ def test_bad_argument_raises_argument_error(call):
     assert str(info.value)  # the message says what was wrong
 
 
-def test_models_get_unknown_name_is_a_value_error():
-    # models.py is plain torch and imports nothing of orthofx (tests/test_models.py checks that contract), so its
-    # errors stay plain ValueErrors; the message still lists the models and suggests the closest name.
-    with pytest.raises(ValueError, match="did you mean 'resnet18'"):
+def test_models_get_unknown_name_is_an_argument_error():
+    # models.py imports nothing of orthofx (tests/test_models.py checks that contract) but raises orthofx's
+    # ArgumentError, looked up when raised; the message lists the models and suggests the closest name.
+    with pytest.raises(ArgumentError, match="did you mean 'resnet18'"):
         models.get("resnet19")
 
 

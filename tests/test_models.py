@@ -489,6 +489,154 @@ def test_gcp_backward_is_finite():
     assert torch.isfinite(model.conv_last.weight.grad).all()
 
 
+# ------------------------------------------------------------------------------------------ argument checks
+
+
+@pytest.fixture
+def errors():
+    """orthofx.errors: models.py looks its exception types up in sys.modules when it raises (it imports nothing of
+    orthofx), so importing them here makes the standalone module raise them, as ``orthofx.models`` does."""
+    import orthofx.errors
+
+    return orthofx.errors
+
+
+BAD_CONSTRUCTOR_ARGS = [
+    # (constructor, kwargs, the argument the message must name)
+    ("resnet18", {"width": 0}, "width"),
+    ("resnet18", {"num_classes": 0}, "num_classes"),
+    ("resnet50", {"num_classes": True}, "num_classes"),
+    ("resnet50", {"width": 2.0}, "width"),
+    ("vgg11", {"num_classes": -1}, "num_classes"),
+    ("small_cnn", {"num_classes": 10.0}, "num_classes"),
+    ("dbn_cnn", {"width": 4, "eps": 0.0}, "eps"),
+    ("dbn_cnn", {"width": 4, "eps": -1e-3}, "eps"),
+    ("dbn_cnn", {"width": 4, "eps": float("nan")}, "eps"),
+    ("dbn_cnn", {"width": 4, "momentum": 1.5}, "momentum"),
+    ("dbn_cnn", {"width": 4, "momentum": -0.1}, "momentum"),
+    ("dbn_cnn", {"width": 4, "num_classes": 0}, "num_classes"),
+    ("gcp_cnn", {"width": 4, "dim": 0}, "dim"),
+    ("gcp_cnn", {"width": 4, "dim": 4, "eps": -1e-5}, "eps"),
+    ("gcp_cnn", {"width": 4, "dim": 4, "eps": float("inf")}, "eps"),
+    ("gcp_cnn", {"width": 4, "dim": 4, "num_classes": False}, "num_classes"),
+    ("deep_mlp", {"depth": 2, "width": 4, "activation": "gelu"}, "activation"),
+    ("deep_mlp", {"depth": 2, "width": 4, "activation": ["tanh"]}, "activation"),
+    ("deep_mlp", {"depth": 2, "width": 4, "in_features": 0}, "in_features"),
+    ("deep_mlp", {"depth": 0}, "depth"),
+    ("deep_cnn", {"depth": 2, "width": 4, "activation": "Relu"}, "activation"),
+    ("deep_cnn", {"depth": 2, "width": 4, "in_channels": "3"}, "in_channels"),
+    ("deep_cnn", {"depth": 2, "width": 4, "num_classes": 0}, "num_classes"),
+    ("deep_linear", {"depth": 2, "out_features": 0}, "out_features"),
+    ("deep_linear", {"depth": 2, "in_features": -4}, "in_features"),
+    ("DecorrelatedBatchNorm2d", {"num_features": 4, "momentum": "0.1"}, "momentum"),
+    ("DecorrelatedBatchNorm2d", {"num_features": 4, "affine": None}, "affine"),
+    ("DecorrelatedBatchNorm2d", {"num_features": 0}, "num_features"),
+    ("CovariancePooling", {"num_features": 4, "eps": -1.0}, "eps"),
+    ("UpperTriangle", {"n": 0}, "n"),
+    ("ResNet", {"block": "BasicBlock", "layers": [2, 2, 2, 2]}, "block"),
+    ("ResNet", {"block": models.BasicBlock, "layers": [2, 2]}, "layers"),
+    ("ResNet", {"block": models.BasicBlock, "layers": [2, 2, 2, 2], "in_channels": 0}, "in_channels"),
+]
+
+
+@pytest.mark.parametrize("target, kwargs, argument", BAD_CONSTRUCTOR_ARGS,
+                         ids=[f"{t}-{a}-{i}" for i, (t, _, a) in enumerate(BAD_CONSTRUCTOR_ARGS)])
+def test_bad_constructor_arguments_raise_argument_error(errors, target, kwargs, argument):
+    if target in models.names():
+        build_it, owner = (lambda: models.get(target, **kwargs)), type(models.get(target, **SMALL.get(target, {})))
+    else:
+        build_it, owner = (lambda: getattr(models, target)(**kwargs)), getattr(models, target)
+    with pytest.raises(errors.ArgumentError) as info:
+        build_it()
+    assert isinstance(info.value, ValueError)  # existing ``except ValueError`` code keeps working
+    message = str(info.value)
+    assert message.startswith(f"{owner.__name__}: {argument} ") or message.startswith(f"{owner.__name__}: unknown "
+                                                                                     f"{argument} ")
+    if argument == "activation":
+        assert "'abs', 'relu', 'tanh'" in message  # the allowed values
+    assert repr(kwargs[argument]) in message  # the value given
+
+
+def test_valid_edge_arguments_still_build():
+    assert models.DecorrelatedBatchNorm2d(4, eps=1, momentum=0, affine=0).affine is False
+    assert models.DecorrelatedBatchNorm2d(4, momentum=1).momentum == 1.0
+    assert models.CovariancePooling(4, eps=0).eps == 0.0
+    assert build("gcp_cnn", eps=0.0).cov_pool.eps == 0.0
+    model = models.ResNet(models.BasicBlock, [1, 0, 1, 0], width=2, num_classes=3)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_unknown_model_name_is_an_argument_error(errors):
+    with pytest.raises(errors.ArgumentError, match="did you mean 'resnet18'"):
+        models.get("resnt18")
+    with pytest.raises(errors.ArgumentError, match="batch must be a positive integer"):
+        models.example_input("small_cnn", batch=0)
+
+
+BAD_FORWARD_INPUTS = [
+    # (layer, training, input shape or a tensor, a fragment of the message)
+    ("dbn", True, (2, 3, 5, 5), "(batch, 4, H, W), got shape (2, 3, 5, 5)"),
+    ("dbn", False, (2, 3, 5, 5), "(batch, 4, H, W), got shape (2, 3, 5, 5)"),
+    ("dbn", True, (4, 5, 5), "(batch, 4, H, W), got shape (4, 5, 5)"),
+    ("dbn", True, (1, 4, 1, 1), "more than one value per channel"),
+    ("dbn", True, (0, 4, 3, 3), "more than one value per channel"),
+    ("dbn", True, torch.zeros(2, 4, 3, 3, dtype=torch.long), "real floating-point input, got dtype torch.int64"),
+    ("cov_pool", True, (2, 5, 3, 3), "(batch, 4, H, W), got shape (2, 5, 3, 3)"),
+    ("cov_pool", False, (2, 4), "(batch, 4, H, W), got shape (2, 4)"),
+    ("cov_pool", True, (2, 4, 0, 3), "at least one position"),
+    ("triu", True, (2, 5, 5), "(batch, 4, 4), got shape (2, 5, 5)"),
+    ("triu", True, (2, 4, 5), "(batch, 4, 4), got shape (2, 4, 5)"),
+    ("triu", True, (4, 4), "(batch, 4, 4), got shape (4, 4)"),
+    ("triu", True, (2, 1, 4, 4), "(batch, 4, 4), got shape (2, 1, 4, 4)"),
+]
+
+
+@pytest.mark.parametrize("layer, training, given, fragment", BAD_FORWARD_INPUTS,
+                         ids=[f"{l}-{i}" for i, (l, *_) in enumerate(BAD_FORWARD_INPUTS)])
+def test_bad_forward_inputs_raise_layer_argument_error(errors, layer, training, given, fragment):
+    module = {"dbn": lambda: models.DecorrelatedBatchNorm2d(4), "cov_pool": lambda: models.CovariancePooling(4),
+              "triu": lambda: models.UpperTriangle(4)}[layer]().train(training)
+    x = given if isinstance(given, torch.Tensor) else torch.randn(given)
+    state = copy.deepcopy(module.state_dict())
+    with pytest.raises(errors.LayerArgumentError) as info:
+        module(x)
+    message = str(info.value)
+    assert fragment in message
+    assert message.startswith(type(module).__name__)  # names the layer
+    for key, value in module.state_dict().items():  # a refused input leaves the running statistics alone
+        assert torch.equal(value, state[key]), key
+
+
+def test_dbn_single_value_per_channel_is_fine_in_eval():
+    layer = models.DecorrelatedBatchNorm2d(4).eval()
+    assert torch.isfinite(layer(torch.randn(1, 4, 1, 1))).all()
+
+
+def test_argument_errors_are_value_errors_without_orthofx(tmp_path):
+    """A copy of models.py used without orthofx raises plain ValueError (it never imports orthofx)."""
+    script = tmp_path / "standalone.py"
+    script.write_text(
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('copied_models', {str(MODELS_PATH)!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "for build in (lambda: module.DeepMLP(num_classes=0), lambda: module.UpperTriangle(2)(module.torch.ones(3)),\n"
+        "              lambda: module.get('nope')):\n"
+        "    try:\n"
+        "        build()\n"
+        "    except Exception as exc:\n"
+        "        assert type(exc) is ValueError, type(exc)\n"
+        "    else:\n"
+        "        raise AssertionError('no error')\n"
+        "assert not any(name == 'orthofx' or name.startswith('orthofx.') for name in sys.modules)\n"
+        "print('ok')\n")
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
 # ---------------------------------------------------------------------------------------- independence
 
 
