@@ -42,6 +42,8 @@ import orthofx.passes.isometric_init  # noqa: F401  (registers the passes if ort
 import orthofx.passes.riemannian  # noqa: F401
 from orthofx.nn.stiefel import flatten_weight, orthogonality_defect, random_orthonormal
 
+from _cli import png_path, positive_int, require  # examples/_cli.py: argument checks
+
 TARGET = 1e-6      # loss level whose step count the table reports
 STOP = 1e-11       # runs stop here (float64), so the plot shows the straight line well below TARGET
 LEARNING_RATES = (1.0, 0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08)
@@ -140,13 +142,16 @@ def plot(runs: list[dict], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="orthonormal_linear.png", help="PNG path (default: %(default)s)")
+    parser.add_argument("--out", type=png_path, default="orthonormal_linear.png",
+                        help="PNG path (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="depths 2 and 4, width 8, short grid (for tests)")
-    parser.add_argument("--width", type=int, default=None, help="layer width (default 16; 8 with --quick)")
+    parser.add_argument("--width", type=positive_int, default=None,
+                        help="layer width (default 16; 8 with --quick)")
     args = parser.parse_args(argv)
+    require(parser, "matplotlib")
 
     torch.set_num_threads(1)
-    width = args.width or (8 if args.quick else 16)
+    width = args.width if args.width is not None else (8 if args.quick else 16)
     depths = (2, 4) if args.quick else (2, 4, 8)
     rates = (0.5, 0.25, 0.12) if args.quick else LEARNING_RATES
     max_steps = 200 if args.quick else 400
@@ -156,7 +161,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runs = []
     print(f"teacher-student, width {width}, {4 * width} whitened samples, float64; learning rate: the fastest of "
           f"{', '.join(f'{r:g}' for r in rates)}")
-    header = f"{'depth':>5}  {'lr':>5}  {'steps to 1e-6':>13}  {'final loss':>10}  {'rate/step':>9}  {'orth defect':>11}"
+    header = (f"{'depth':>5}  {'lr':>5}  {'steps to 1e-6':>13}  {'final loss':>10}  {'rate/step':>9}  "
+              f"{'orth defect':>11}")
     print(header)
     for depth in depths:
         run = best_run(depth, width, rates, x, y, max_steps)

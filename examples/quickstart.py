@@ -8,6 +8,7 @@ from sklearn.datasets import load_digits
 
 import orthofx
 
+torch.manual_seed(0)                                                  # same weights and batches every run
 digits = load_digits()
 x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # 1797 x 1 x 8 x 8
 y = torch.tensor(digits.target)

@@ -84,6 +84,8 @@ import orthofx
 import orthofx.passes.pre_svd  # noqa: F401  (registers the passes if orthofx.passes does not yet)
 from orthofx.report import monitors
 
+from _cli import non_negative_float, non_negative_int, png_path, positive_int, require  # examples/_cli.py
+
 MODELS = ("dbn_cnn", "gcp_cnn")
 VARIANTS = ("plain", "+NOG", "+OLR", "+OW", "+NOG+OLR+OW")
 LR, MOMENTUM, WEIGHT_DECAY, BATCH = 0.1, 0.9, 5e-4, 64
@@ -212,19 +214,22 @@ def plot(runs: list[dict], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="svd_conditioning.png", help="PNG path (default: %(default)s)")
+    parser.add_argument("--out", type=png_path, default="svd_conditioning.png",
+                        help="PNG path (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="80 steps per run (for tests)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 600; 80 quick)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="training steps per run (default 600; 80 quick)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--combined-weight", choices=("lorth", "srip", "orthogonal"), default="lorth",
                         help="orthogonal-weight treatment of the +NOG+OLR+OW variant (default: %(default)s)")
-    parser.add_argument("--penalty-weight", type=float, default=0.01,
+    parser.add_argument("--penalty-weight", type=non_negative_float, default=0.01,
                         help="weight of the L_orth / SRIP term in orthofx.penalty (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     args = parser.parse_args(argv)
+    require(parser, "sklearn", "matplotlib")
 
     torch.set_num_threads(1)
-    steps = args.steps or (80 if args.quick else 600)
+    steps = args.steps if args.steps is not None else (80 if args.quick else 600)
     data = load_digits_split(args.seed)
     print(f"digits: {len(data[0])} train / {len(data[2])} test; SGD lr {LR}, momentum {MOMENTUM}, weight decay "
           f"{WEIGHT_DECAY}, batch {BATCH}, {steps} steps; stable eigh (Taylor order 9) with the kappa monitor")

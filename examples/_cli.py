@@ -1,0 +1,72 @@
+"""Command-line helpers shared by the example scripts: argument types that reject bad values when the command line
+is parsed, an output-path check that runs before any training (not when the figure is saved at the end), and a
+check of the optional dependencies that names the pip command. Not part of orthofx; the scripts import it from
+their own folder (``python examples/<script>.py`` puts that folder on ``sys.path``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+
+#: Import name -> (pip package, orthofx extra that installs it; see pyproject.toml).
+EXTRAS = {"sklearn": ("scikit-learn", "demo"), "matplotlib": ("matplotlib", "plot")}
+
+
+def _number(text: str, kind: type, minimum: float, inclusive: bool) -> int | float:
+    bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+    what = f"{'an integer' if kind is int else 'a finite number'} {bound}"
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, 1, True)
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, 0, True)
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, 0.0, False)
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, 0.0, True)
+
+
+def png_path(text: str) -> str:
+    """A path ending in ``.png`` in an existing, writable folder."""
+    if not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"the figure is a PNG: the path must end in .png, got {text!r}")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file path ending in .png")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"folder {folder!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"folder {folder!r} is not writable")
+    return text
+
+
+def require(parser: argparse.ArgumentParser, *modules: str) -> None:
+    """Stop with a usage error (exit status 2) naming the install command when an optional dependency is missing,
+    before the script does any work."""
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        packages = " and ".join(EXTRAS[m][0] for m in missing)
+        extras = ",".join(dict.fromkeys(EXTRAS[m][1] for m in missing))
+        parser.error(f"this example needs {packages}: pip install -e \".[{extras}]\" from the repository root "
+                     f"(or pip install {' '.join(EXTRAS[m][0] for m in missing)})")
