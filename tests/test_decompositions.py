@@ -640,3 +640,28 @@ def test_newton_schulz_under_autocast_keeps_float32_accuracy():
     assert Y.dtype == torch.float32
     # bfloat16 matmuls would leave errors around 1e-2; float32 ones reach ~1e-6
     assert float((Y.double() - exact).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 0), (0, 3, 3), (2, 1, 1)])
+def test_eigh_backward_on_empty_and_one_by_one_matrices_like_torch(shape):
+    """A 0 x 0 matrix has no eigenvalue: the gap floor's max over an empty dim used to raise an IndexError in the
+    backward, where torch's eigh gives an empty gradient."""
+    for taylor_order in (None, 9):
+        A = torch.randn(shape, dtype=F64, requires_grad=True)
+        L, V = eigh_stable(A, taylor_order=taylor_order)
+        (g,) = torch.autograd.grad(L.sum() + V.sum(), A)
+        B = A.detach().clone().requires_grad_(True)
+        L2, V2 = torch.linalg.eigh(B)
+        (g2,) = torch.autograd.grad(L2.sum() + V2.abs().sum(), B)
+        assert g.shape == g2.shape == shape
+        if shape[-1] == 1:  # V = +-1: only the eigenvalue contributes
+            torch.testing.assert_close(g, torch.ones(shape, dtype=F64))
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 3), (2, 3, 0), (0, 3, 2)])
+def test_svd_backward_on_matrices_with_a_zero_dimension_like_torch(shape):
+    for taylor_order in (None, 9):
+        A = torch.randn(shape, dtype=F64, requires_grad=True)
+        U, S, Vh = svd_stable(A, taylor_order=taylor_order)
+        (g,) = torch.autograd.grad(U.sum() + S.sum() + Vh.sum(), A)
+        assert g.shape == shape and not g.any()

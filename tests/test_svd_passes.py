@@ -1054,3 +1054,104 @@ def test_parameter_validation():
         orthofx.Policy.from_dict(_pre_svd_policy(weight="hard"))
     policy = orthofx.Policy.preset("svd")
     assert [r.apply for r in policy.rules] == ["svd_conditioning", "pre_svd"]
+
+
+class UpperZCA(nn.Module):
+    """Whitening with the covariance given by its upper triangle (``UPLO="U"``)."""
+
+    def forward(self, a):
+        L, V = torch.linalg.eigh(a, UPLO="U")
+        return V @ torch.diag_embed(L.rsqrt()) @ V.mT
+
+
+def test_newton_schulz_monitor_reads_the_triangle_the_site_reads():
+    """With ``UPLO="U"`` the decomposition (and the Newton-Schulz replacement) read the upper triangle; the
+    monitor's forward-only eigvalsh used to read the lower one, i.e. the kappa of another matrix."""
+    sigma = _spd(5, batch=(2,), kappa=1e3)
+    a = torch.triu(sigma)  # only the triangle eigh reads holds the matrix
+    lam = torch.linalg.eigvalsh(sigma)
+    expected = float((lam[..., -1] / lam[..., 0]).max())  # 1e3
+    for method in ("taylor", "newton_schulz"):
+        gm = orthofx.transform(UpperZCA(), _policy(method=method, iterations=30), example_inputs=(a,))
+        assert torch.allclose(gm(a), UpperZCA()(a), atol=1e-8)
+        (summary,) = monitors(gm).values()
+        assert summary["kappa"] == pytest.approx(expected, rel=1e-6), method
+
+
+class SvdSqrtUnusedVh(nn.Module):
+    """GCP's matrix square root from an SVD, unpacking (and not using) ``Vh``."""
+
+    def forward(self, a):
+        U, S, Vh = torch.linalg.svd(a)
+        return U @ torch.diag_embed(S.sqrt()) @ U.mT
+
+
+class TorchSvdInvSqrtUnusedV(nn.Module):
+    def forward(self, a):
+        U, S, V = torch.svd(a)
+        return (U * S.rsqrt().unsqueeze(-2)) @ U.transpose(-2, -1)
+
+
+@pytest.mark.parametrize("model,op", [(SvdSqrtUnusedVh(), "linalg.svd"), (TorchSvdInvSqrtUnusedV(), "svd")])
+def test_newton_schulz_ignores_unused_outputs_of_the_decomposition(model, op):
+    """``U, S, Vh = svd(A)`` with ``Vh`` unused leaves a getitem node without users in the graph; it used to count
+    as a use "outside V diag(f(lambda)) V^T", so the documented ``U diag(f(S)) U^T`` form was never replaced."""
+    a = _spd(6, batch=(3,), kappa=10.0)
+    gm = orthofx.transform(model, _policy(op, method="newton_schulz", iterations=20), example_inputs=(a,))
+    (change,) = _changes(gm)
+    assert change.status.startswith("newton_schulz"), change.status
+    assert not _has_decomposition(gm)
+    assert torch.allclose(gm(a), model(a), atol=1e-8)
+    # the inference form finds it too (to_newton_schulz on the plain graph)
+    plain = torch.fx.symbolic_trace(model)
+    node = "linalg_svd" if op == "linalg.svd" else "svd"
+    assert svd_conditioning.to_newton_schulz(plain, iterations=20) == {node: "replaced"}
+    assert torch.allclose(plain(a), model(a), atol=1e-8)
+
+
+class StarredReciprocalSqrt(nn.Module):
+    """``1 / sqrt(L)`` in code symbolic tracing cannot follow (``f(*eigh(a))``): captured by torch.export, which
+    records ``1 / x`` as ``mul(reciprocal(x), 1.0)``."""
+
+    def forward(self, a):
+        return self.whiten(*torch.linalg.eigh(a))
+
+    @staticmethod
+    def whiten(L, V):
+        return V @ torch.diag_embed(1.0 / L.sqrt()) @ V.mT
+
+
+def test_newton_schulz_recognises_one_over_sqrt_as_torch_export_records_it():
+    a = _spd(5, batch=(3,), kappa=10.0)
+    model = StarredReciprocalSqrt()
+    gm = orthofx.transform(model, _policy(method="newton_schulz", iterations=20), example_inputs=(a,))
+    assert gm.meta["orthofx"].capture.mode == "export"
+    (change,) = _changes(gm)
+    assert change.status == "newton_schulz (inverse sqrt, 20 iterations)", change.status
+    assert torch.allclose(gm(a), model(a), atol=1e-8)
+
+
+class LowercaseUplo(nn.Module):
+    """torch accepts ``UPLO="u"`` / ``"l"`` (case-insensitive)."""
+
+    def forward(self, a):
+        L, V = torch.linalg.eigh(a, UPLO="u")
+        return V @ torch.diag_embed(L.rsqrt()) @ V.mT, torch.linalg.eigvalsh(a, "l")
+
+
+@pytest.mark.parametrize("method", ["taylor", "newton_schulz"])
+def test_lowercase_uplo_is_accepted_like_torch(method):
+    sigma = _spd(5, batch=(2,), kappa=100.0)
+    a = torch.triu(sigma) + 0.5 * torch.tril(torch.ones(5, 5, dtype=torch.float64), -1)  # two different triangles
+    model = LowercaseUplo()
+    policy = {"rules": [{"match": {"op": ["linalg.eigh", "linalg.eigvalsh"]}, "apply": "svd_conditioning",
+                         "with": {"method": method, "iterations": 30}}]}
+    gm = orthofx.transform(model, policy, example_inputs=(a,))  # used to fail: "UPLO must be 'L' or 'U', got 'u'"
+    for got, want in zip(gm(a), model(a)):
+        assert torch.allclose(got, want, atol=1e-8)
+    kappas = {site: summary["kappa"] for site, summary in monitors(gm).items()}
+    for site, matrix in (("linalg.eigh", sigma), ("linalg.eigvalsh", a.tril())):  # the triangle each site reads
+        lam = torch.linalg.eigvalsh(matrix)
+        assert kappas[site] == pytest.approx(float((lam[..., -1] / lam[..., 0]).max()), rel=1e-6)
+    assert cond.stable_eigvalsh(a, "u").allclose(torch.linalg.eigvalsh(a, "U"))
+    assert cond.power_newton_schulz(a, 0.5, 30, uplo="u").allclose(cond.power_newton_schulz(a, 0.5, 30, uplo="U"))

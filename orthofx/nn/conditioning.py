@@ -37,7 +37,9 @@ first argument through unchanged (so the graph keeps it by data flow, not as a d
   (the nonzero eigenvalues of both Gram matrices are ``s^2``).
 * ``source="matrix"`` (the Newton-Schulz form, which has no eigenvalues): ``torch.linalg.eigvalsh`` of the
   detached input in float64 (a forward-only decomposition, no backward; turn the monitor off to run without any
-  decomposition). A matrix holding a NaN/inf is not decomposed: it counts as a NaN event.
+  decomposition), reading the triangle ``uplo`` names (``"U"`` for a site ``eigh(A, UPLO="U")``, like the
+  replaced decomposition and :func:`power_newton_schulz`; ``"L"`` otherwise). A matrix holding a NaN/inf (in that
+  triangle) is not decomposed: it counts as a NaN event.
 
 Non-finite values: the stable ops give NaN outputs for a matrix holding a NaN or an inf instead of raising (see
 :mod:`orthofx.nn.decompositions`), so every monitor records such a call as a NaN event (``nan_events``, shown
@@ -81,10 +83,15 @@ MONITOR_SOURCES = ("eigenvalues", "singular_values", "matrix")
 # ------------------------------------------------------------------------------------------- stand-ins
 
 
+def _uplo(uplo, what: str = "UPLO") -> str:
+    """``"L"`` or ``"U"``; like torch, the lower-case letters are accepted too."""
+    if not isinstance(uplo, str) or uplo.upper() not in ("L", "U"):
+        raise LayerArgumentError(f"{what} must be 'L' or 'U', got {uplo!r}")
+    return uplo.upper()
+
+
 def _lower(A: Tensor, uplo: str) -> Tensor:
-    if uplo not in ("L", "U"):
-        raise LayerArgumentError(f"UPLO must be 'L' or 'U', got {uplo!r}")
-    return A if uplo == "L" else A.mT
+    return A if _uplo(uplo) == "L" else A.mT
 
 
 def stable_eigh(A: Tensor, UPLO: str = "L", taylor_order: int | None = 9, float64: bool = False,
@@ -218,12 +225,12 @@ def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: flo
     dtype = A.dtype
     if float64:
         A = A.to(torch.float64)
-    if uplo == "L":
-        A = A.tril() + A.tril(-1).mT
-    elif uplo == "U":
-        A = A.triu() + A.triu(1).mT
-    elif uplo is not None:
+    if uplo is not None and (not isinstance(uplo, str) or uplo.upper() not in ("L", "U")):
         raise LayerArgumentError(f"uplo must be 'L', 'U' or None, got {uplo!r}")
+    if uplo is not None and uplo.upper() == "L":
+        A = A.tril() + A.tril(-1).mT
+    elif uplo is not None:
+        A = A.triu() + A.triu(1).mT
     if shift:
         A = A + torch.diag_embed(A.new_full(A.shape[:-1], float(shift)))
     if power == 0.5:
@@ -251,19 +258,21 @@ class DecompositionMonitor(ConditionMonitor):
     ``source`` says where the eigenvalues come from (see the module docstring); ``values_index`` picks the values
     out of ``x`` when ``x`` is a decomposition's tuple (``None``: ``x`` is the values themselves). ``matrix`` is the
     decomposed matrix, needed for ``source="singular_values"`` (symmetry test); for ``source="matrix"`` ``x`` is
-    the matrix. Buffers and their meaning are :class:`~orthofx.nn.decompositions.ConditionMonitor`'s.
+    the matrix; ``uplo`` (``"L"`` or ``"U"``, for ``source="matrix"``) is the triangle of it that is read. Buffers
+    and their meaning are :class:`~orthofx.nn.decompositions.ConditionMonitor`'s.
     """
 
     _is_impure = True  # torch.fx dead-code elimination must not drop it
 
     def __init__(self, source: str = "eigenvalues", values_index: int | None = None, op: str = "",
-                 history_size: int = 1000) -> None:
+                 history_size: int = 1000, uplo: str = "L") -> None:
         super().__init__(history_size)
         if source not in MONITOR_SOURCES:
             raise LayerArgumentError(f"source must be one of {', '.join(MONITOR_SOURCES)}, got {source!r}")
         self.source = source
         self.values_index = values_index
         self.op = op
+        self.uplo = _uplo(uplo, "uplo")
 
     @staticmethod
     def covariance_eigenvalues(singular_values: Tensor, matrix: Tensor) -> Tensor:
@@ -283,7 +292,8 @@ class DecompositionMonitor(ConditionMonitor):
             _check_square(x, f"DecompositionMonitor({self.op or 'matrix'})")
             with torch.no_grad():
                 # a matrix with a NaN/inf gets NaN eigenvalues (a NaN event) instead of a LAPACK error
-                finite, bad = _finite_part(x.detach().to(torch.float64), lower=True, sync=False)
+                matrix = _lower(x.detach(), getattr(self, "uplo", "L")).to(torch.float64)
+                finite, bad = _finite_part(matrix, lower=True, sync=False)
                 (lam,) = _nan_where(bad, torch.linalg.eigvalsh(finite))
             self.update(lam)
             return x
@@ -300,4 +310,5 @@ class DecompositionMonitor(ConditionMonitor):
 
     def extra_repr(self) -> str:
         op = f", op={self.op!r}" if self.op else ""
-        return f"source={self.source!r}{op}, " + super().extra_repr()
+        uplo = ", uplo='U'" if getattr(self, "uplo", "L") == "U" else ""
+        return f"source={self.source!r}{op}{uplo}, " + super().extra_repr()

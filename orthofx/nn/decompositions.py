@@ -121,6 +121,12 @@ def _floor(absmax: Tensor) -> Tensor:
     return (absmax * info.eps).clamp_min(math.sqrt(info.tiny)).unsqueeze(-1).unsqueeze(-1)
 
 
+def _amax_last(x: Tensor) -> Tensor:
+    """``x.amax(-1)``, and zeros for an empty last dimension (0 x 0 matrices, an SVD of a matrix with a zero
+    dimension), where ``amax`` raises: such matrices have no pair, the floor is never used."""
+    return x.amax(-1) if x.shape[-1] else x.new_zeros(x.shape[:-1])
+
+
 def _geometric_sum(r: Tensor, order: int, inplace: bool) -> Tensor:
     """``sum_{k=0..order} r^k`` for ``0 <= r <= 1`` in O(log order) tensor ops and without cancellation (no
     ``(1 - r^(T+1)) / (1 - r)``): ``S_T(r) = (1 + r) S_{(T-1)/2}(r^2)`` for odd ``T``, ``1 + r S_{T-1}(r)`` for even.
@@ -147,7 +153,7 @@ def _pair_magnitude(lam: Tensor, taylor_order: int | None, clamp_gap: float | No
     temporary of a large batch is a fresh mmap with page faults, which dominates at small sizes."""
     inplace = not torch.is_grad_enabled()
     absl = lam.abs()
-    floor = _floor(absl.amax(-1))
+    floor = _floor(_amax_last(absl))
     floor_gap = floor if clamp_gap is None else floor.clamp_min(float(clamp_gap))
     # exact magnitude 1/|lam_j - lam_i|, the gap clamped from below
     gap = lam.unsqueeze(-2) - lam.unsqueeze(-1)
@@ -421,7 +427,7 @@ def _svd_backward(ctx, gU, gS, gVh):
             inner = T if inner is None else (inner.add_(T) if inplace else inner + T)
     gA = U @ inner @ Vh
     if (gU is not None and m > k) or (gVh is not None and n > k):
-        s_inv = S.clamp_min(_floor(S.amax(-1)).squeeze(-1)).reciprocal()
+        s_inv = S.clamp_min(_floor(_amax_last(S)).squeeze(-1)).reciprocal()
         if gU is not None and m > k:
             gA = gA + ((gU - U @ XU) * s_inv.unsqueeze(-2)) @ Vh
         if gVh is not None and n > k:

@@ -26,7 +26,8 @@ Graph patterns recognised for the power (``V``: eigenvectors, or for an SVD ``U`
 singular values; ``T(.)``: ``.mT``, ``.transpose(-2, -1)`` / ``(-1, -2)`` / ``(1, 2)`` / ``(0, 1)``, ``swapaxes``,
 ``.T`` / ``.t()`` (2-D), ``permute`` swapping the last two dims; ``@``: ``@``, ``matmul``, ``bmm``, ``mm``)::
 
-    D = f(L)                       f: sqrt, rsqrt, pow(+-0.5), ** +-0.5, 1 / sqrt(.), reciprocal(sqrt(.)),
+    D = f(L)                       f: sqrt, rsqrt, pow(+-0.5), ** +-0.5, 1 / sqrt(.), reciprocal(sqrt(.))
+                                      (also times 1.0, as torch.export records 1 / x),
                                       applied to L through clamp(min=c) / clamp_min / relu / + c
     V @ diag_embed(D) @ T(V)       (either association; torch.diag(D) for 2-D)
     (V * D.unsqueeze(-2)) @ T(V)   (also D[..., None, :], unsqueeze(k) with k = ndim - 2; either operand order)
@@ -152,6 +153,8 @@ def _call_options(node: fx.Node, op: str) -> tuple[fx.Node, dict[str, Any]]:
         if isinstance(value, fx.Node):
             raise _Unsupported(f"argument {name} is a traced value, not a constant")
         options[name] = value
+    if isinstance(options.get("UPLO"), str):
+        options["UPLO"] = options["UPLO"].upper()  # torch accepts "l" / "u" too
     for name in _STABLE_EXTRA:  # a stand-in already in the graph (to_newton_schulz)
         kwargs.pop(name, None)
     if len(args) > len(info.params) or kwargs:
@@ -327,6 +330,14 @@ def _power_of(node: Any, dec: fx.Node, info: _OpInfo) -> _Power | None:
         exponent = _arg(node, 1, "exponent")
         if isinstance(exponent, _NUMBER) and float(exponent) in (0.5, -0.5):
             p, inner = float(exponent), node.args[0]
+    elif (pair := _binary(node, _MUL_FNS, _MUL_METHODS)) is not None and any(
+            isinstance(v, _NUMBER) and not isinstance(v, bool) and float(v) == 1.0 for v in pair):
+        # x * 1.0: how torch.export records 1 / x (mul(reciprocal(x), 1.0))
+        other = pair[1] if isinstance(pair[0], _NUMBER) else pair[0]
+        sub = _power_of(other, dec, info)
+        if sub is not None:
+            sub.nodes.append(node)
+        return sub
     elif _is(node, {torch.reciprocal}, {"reciprocal"}) and len(node.args) == 1:
         sub = _power_of(node.args[0], dec, info)
         if sub is not None:
@@ -454,7 +465,8 @@ def _find_powers(gm: fx.GraphModule, dec: fx.Node, info: _OpInfo) -> tuple[list[
                 return [], (f"node '{n.name}' of the pattern is also used by node '{user.name}' outside "
                             "V diag(f(lambda)) V^T, so the decomposition must stay")
     for user in dec.users:
-        if user not in inside:
+        # an output nobody reads (``U, S, Vh = svd(A)`` with ``Vh`` unused) is erased with the decomposition
+        if user not in inside and user.users:
             return [], f"output '{user.name}' of the decomposition is used outside V diag(f(lambda)) V^T"
     return matches, None
 
@@ -677,10 +689,11 @@ class SVDConditioning(Pass):
         if problem is not None:
             return problem
         params = entry.params
-        monitor_name = None
-        if params["monitor"]:
-            monitor_name = _add_monitor(ctx.gm, cond.DecompositionMonitor("matrix", None, op))
         uplo = options.get("UPLO") if op == "linalg.eigh" else None
+        monitor_name = None
+        if params["monitor"]:  # it reads the triangle the replaced eigh read
+            monitor = cond.DecompositionMonitor("matrix", None, op, uplo="U" if uplo == "U" else "L")
+            monitor_name = _add_monitor(ctx.gm, monitor)
         removed = _rewrite_powers(ctx.gm, node, matrix, uplo, matches, params["iterations"], params["float64"],
                                   monitor_name, entry.site.name)
         powers = sorted({_power_name(m.power.power) for m in matches})
