@@ -194,6 +194,66 @@ def test_qr_retraction_has_positive_r_diagonal():
     torch.testing.assert_close(r, torch.triu(r), atol=1e-12, rtol=0)
 
 
+@pytest.fixture
+def cholesky_qr_on_cpu(monkeypatch):
+    """The CUDA route of the QR retraction (Cholesky QR), taken on the CPU."""
+    monkeypatch.setattr(stiefel, "CHOLESKY_QR_DEVICES", ("cuda", "cpu"))
+
+
+@pytest.mark.parametrize("route", ["householder", "cholesky"])
+@pytest.mark.parametrize("shape", [(8, 3), (3, 8), (5, 5), (4, 30, 12)])
+def test_qr_retraction_is_householder_qf_in_float64(shape, route, request):
+    # both routes against numpy's Householder QR with R's diagonal made positive
+    import numpy as np
+    if route == "cholesky":
+        request.getfixturevalue("cholesky_qr_on_cpu")
+    torch.manual_seed(1)
+    w = stiefel.orthonormal(randn(*shape))
+    xi = stiefel.tangent_projection(w, 0.7 * randn(*shape))
+    a = (w + xi).numpy()
+    wide = shape[-2] < shape[-1]
+    tall = np.swapaxes(a, -1, -2) if wide else a
+    q, r = np.linalg.qr(tall)
+    q = q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
+    expected = torch.from_numpy(np.swapaxes(q, -1, -2) if wide else q)
+    torch.testing.assert_close(stiefel.qr_retraction(w, xi), expected, atol=1e-13, rtol=0)
+    if route == "cholesky":  # the route itself, not its Householder fallback
+        by_cholesky = stiefel._cholesky_qr2(torch.from_numpy(tall))
+        assert by_cholesky is not None
+        torch.testing.assert_close(by_cholesky, torch.from_numpy(q), atol=1e-13, rtol=0)
+    in32 = stiefel.qr_retraction(w.float(), xi.float())
+    assert in32.dtype == torch.float32
+    assert float(stiefel.orthogonality_defect(in32).max()) < 2e-6
+
+
+def test_qr_retraction_of_a_rank_deficient_point_falls_back_to_householder(cholesky_qr_on_cpu):
+    # an xi far from tangent that makes W + xi rank-deficient: the Cholesky factorisation fails, QR takes over
+    w = torch.eye(5, 3, dtype=torch.float64)
+    xi = torch.zeros(5, 3, dtype=torch.float64)
+    xi[:, 2] = w[:, 0] - w[:, 2]  # third column of W + xi equals the first
+    assert stiefel._cholesky_qr2(w + xi) is None
+    q = stiefel.qr_retraction(w, xi)
+    torch.testing.assert_close(q, stiefel.orthonormal(w + xi), atol=0, rtol=0)
+    assert torch.isfinite(q).all()
+    # kappa 1e10 > 1 / sqrt(eps): whether or not Cholesky fails, the result is orthonormal to working precision
+    a = _with_condition(40, 12, 1e10)
+    assert stiefel._cholesky_qr2(a) is None
+    q = stiefel.qr_retraction(torch.zeros_like(a), a)
+    assert float(stiefel.orthogonality_defect(q)) < 1e-13
+
+
+def test_cholesky_qr_result_that_is_not_orthonormal_is_refused(monkeypatch, cholesky_qr_on_cpu):
+    # a factorisation that reports success but is wrong (what round-off can do past kappa ~ 1 / sqrt(eps))
+    def wrong_factor(gram):
+        return 2 * torch.eye(gram.shape[-1], dtype=gram.dtype), torch.zeros(gram.shape[:-2], dtype=torch.int32)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", wrong_factor)
+    w = orthonormal(8, 3)
+    xi = stiefel.tangent_projection(w, randn(8, 3))
+    assert stiefel._cholesky_qr2(w + xi) is None
+    torch.testing.assert_close(stiefel.qr_retraction(w, xi), stiefel.orthonormal(w + xi), atol=0, rtol=0)
+
+
 def test_project_to_stiefel_is_the_nearest_orthonormal_matrix():
     q = orthonormal(6, 4)
     s = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)

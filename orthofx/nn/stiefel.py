@@ -28,7 +28,7 @@ Formulas (P1)
 * tangent projection: ``P_W(G) = G - W sym(W^T G)``, ``sym(A) = (A + A^T) / 2``;
 * polar retraction: ``R_W(xi) = (W + xi)(I + xi^T xi)^(-1/2)``;
 * QR retraction: ``R_W(xi) = qf(W + xi)``, the Q factor with the signs chosen so that ``R``'s diagonal is
-  positive;
+  positive (computed by Cholesky QR, :func:`qr_retraction`);
 * nearest orthonormal matrix (in Frobenius norm): the polar factor ``U V^T`` of ``W = U S V^T``.
 
 The polar retraction is computed as the polar factor ``U V^T`` of ``A = W + xi``. For a tangent ``xi``,
@@ -84,6 +84,9 @@ __all__ = [
 
 #: Names accepted by :func:`retract`.
 RETRACTIONS = ("polar", "qr")
+#: Device types on which :func:`qr_retraction` uses Cholesky QR (one batched launch sequence) rather than
+#: Householder QR (cuSOLVER factors a batch matrix by matrix: 2.8 ms per 256 x 256 float64 matrix on an H200).
+CHOLESKY_QR_DEVICES = ("cuda",)
 
 
 def _check_matrix(x: torch.Tensor, name: str) -> None:
@@ -235,16 +238,53 @@ def orthonormal(raw: torch.Tensor, tall: bool | None = None) -> torch.Tensor:
     return Q if tall else Q.mT
 
 
+def _cholesky_qr2(a: torch.Tensor) -> torch.Tensor | None:
+    """``qf(a)`` of a tall ``(..., p, q)`` ``a`` by Cholesky QR applied twice, or None where a Cholesky
+    factorisation fails (``a`` numerically rank-deficient).
+
+    One pass: ``L L^T = a^T a``, ``Q = a L^{-T}``; ``L^T`` is the ``R`` of ``a = QR`` with a positive diagonal, so
+    ``Q`` is the same matrix as sign-corrected Householder QR's. Its orthogonality error is about ``kappa(a)^2``
+    ulps; the second pass, on a ``Q`` with ``kappa ~ 1``, brings it to working precision. Matrix products, one
+    batched Cholesky and one triangular solve per pass: on a GPU this is one launch sequence for a whole batch,
+    where cuSOLVER's Householder QR runs matrix by matrix (``benchmarks/RESULTS.md``). The result is checked
+    (``max |Q^T Q - I| <= 16 q eps``), which costs one device synchronisation.
+    """
+    q, failed = a, None
+    for _ in range(2):
+        lower, info = torch.linalg.cholesky_ex(q.mT @ q)
+        q = torch.linalg.solve_triangular(lower, q.mT, upper=False).mT
+        failed = info != 0 if failed is None else failed | (info != 0)
+    # kappa(a) beyond 1 / sqrt(eps) can pass both factorisations and leave Q far from orthonormal
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    defect = (q.mT @ q - eye).abs().amax(dim=(-2, -1))
+    tolerance = 16 * q.shape[-1] * torch.finfo(q.dtype).eps
+    if bool((failed | ~(defect <= tolerance)).any()):  # ~(<=): a NaN defect fails too
+        return None
+    return q
+
+
 @torch.no_grad()
 def qr_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     """QR retraction ``R_W(xi) = qf(W + xi)``: the Q factor of the thin QR decomposition, with the signs of
     ``Q``'s columns chosen so that ``R``'s diagonal is positive (which makes ``qf`` unique and smooth, and
-    ``R_W(0) = W`` for orthonormal ``W``). Wide matrices are transposed (rows orthonormal)."""
+    ``R_W(0) = W`` for orthonormal ``W``). Wide matrices are transposed (rows orthonormal).
+
+    On the devices in :data:`CHOLESKY_QR_DEVICES` (CUDA) it is computed by Cholesky QR (two passes): for a
+    tangent ``xi``, ``(W + xi)^T (W + xi) = I + xi^T xi`` has eigenvalues ``>= 1``, so the Gram matrix is always
+    well conditioned here, and Householder QR (:func:`orthonormal`) takes over where a factorisation fails (an
+    ``xi`` far from tangent that makes ``W + xi`` rank-deficient). Elsewhere Householder QR, which LAPACK runs
+    faster than Cholesky QR (``benchmarks/RESULTS.md``). Both give the same matrix to working precision."""
     _check_matrix(w, "w")
     if xi.shape != w.shape:
         raise LayerArgumentError(f"xi must have the shape of w {tuple(w.shape)}, got {tuple(xi.shape)}")
     a = w + xi
-    return orthonormal(a.to(_work_dtype(a))).to(w.dtype)
+    a = a.to(_work_dtype(a))
+    wide = is_wide(a)
+    tall = a.mT if wide else a
+    q = _cholesky_qr2(tall) if tall.device.type in CHOLESKY_QR_DEVICES else None
+    if q is None:
+        q = orthonormal(tall, tall=True)
+    return (q.mT if wide else q).to(w.dtype)
 
 
 def retract(w: torch.Tensor, xi: torch.Tensor, method: str = "polar") -> torch.Tensor:
@@ -290,7 +330,7 @@ def random_orthonormal(m: int, n: int, *batch: int, generator: torch.Generator |
     # whatever ``device`` is; then moved.
     gen_device = generator.device if generator is not None else device
     gauss = torch.randn(*batch, *tall, generator=generator, dtype=torch.float64, device=gen_device)
-    q = qr_retraction(torch.zeros_like(gauss), gauss)  # qf(0 + G): sign-fixed Q factor
+    q = orthonormal(gauss, tall=True)  # sign-fixed Householder Q (a Gaussian matrix may be ill-conditioned)
     if m < n:
         q = q.transpose(-2, -1)
     return q.to(device=device, dtype=dtype).contiguous()
