@@ -139,9 +139,7 @@ class OrthofxTracer(torch.fx.Tracer):
         leaf_types = tuple(leaf_types)
         self.leaf_type_names = frozenset(t for t in leaf_types if isinstance(t, str))
         self.leaf_type_classes = tuple(t for t in leaf_types if isinstance(t, type))
-        bad = [t for t in leaf_types if not isinstance(t, (str, type))]
-        if bad:
-            raise TypeError(f"leaf_types must hold class names or classes, got {bad[0]!r}")
+        _check_leaves(leaf_types, leaf_paths)
         self.leaf_paths = frozenset(leaf_paths)
         self.constants: dict[str, torch.Tensor] = {}
         self.constant_scopes: dict[str, str] = {}
@@ -735,6 +733,18 @@ def _in_other_mode(model: nn.Module, run: Callable[[], Any]) -> Any:
             module.training = flag
 
 
+def _check_leaves(leaf_types: Iterable, leaf_paths: Iterable) -> None:
+    """ArgumentError unless every leaf type is a class name or a class and every leaf path a string."""
+    bad = [t for t in leaf_types if not isinstance(t, (str, type))]
+    if bad:
+        raise ArgumentError(f"leaf_types must hold class names (e.g. 'MyAttention') or classes, got {bad[0]!r} "
+                            f"({type(bad[0]).__name__})")
+    bad = [p for p in leaf_paths if not isinstance(p, str)]
+    if bad:
+        raise ArgumentError(f"leaf_paths must hold module paths such as 'encoder.layers.0' (strings), got "
+                            f"{bad[0]!r} ({type(bad[0]).__name__})")
+
+
 def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: Iterable[str] = (),
             concrete_args: dict[str, Any] | None = None, mode: str = "auto",
             max_retries: int | None = None,
@@ -773,6 +783,7 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
         leaf_paths = (leaf_paths,)
     leaf_types = tuple(leaf_types)
     leaf_paths = tuple(leaf_paths)
+    _check_leaves(leaf_types, leaf_paths)
     inputs = input_tuple(example_inputs)
     if mode == "export":
         if concrete_args:

@@ -582,3 +582,17 @@ def test_policy_leaf_modules_accept_module_paths():
     gm = orthofx.transform(_TwoBlocks(), policy, example_inputs=(torch.randn(3, 4),))
     targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert "enc.0" in targets and "enc.1.lin" in targets
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"leaf_types": [3]}, "leaf_types must hold class names"),
+    ({"leaf_types": [nn.Conv2d, None]}, "got None"),
+    ({"leaf_paths": [nn.Conv2d]}, "leaf_paths must hold module paths"),
+])
+def test_bad_leaf_arguments_are_argument_errors(kwargs, says):
+    from orthofx.errors import ArgumentError
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    with pytest.raises(ArgumentError, match=says):
+        capture(model, **kwargs)
+    with pytest.raises(ArgumentError, match=says):
+        OrthofxTracer(**kwargs)
