@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from orthofx.errors import LayerArgumentError
 from orthofx.nn.decompositions import (
     ConditionMonitor,
     eigh_stable,
@@ -541,6 +542,17 @@ def test_condition_monitor_records_kappa():
     mon.update(torch.tensor([1.0, 3.0]))
     assert mon.history == pytest.approx([50.0, 2.0, 3.0])  # bounded, oldest first
     assert int(mon.updates) == 4 and int(mon.nan_events) == 0 and int(mon.inf_events) == 0
+
+
+def test_condition_monitor_records_nothing_for_zero_by_zero_matrices():
+    # torch.linalg.eigh takes 0 x 0 matrices (no eigenvalue); the monitor must not break such a site
+    mon = ConditionMonitor(history_size=4)
+    eigenvalues = torch.linalg.eigvalsh(torch.zeros(3, 0, 0))
+    assert eigenvalues.shape == (3, 0)
+    assert math.isnan(mon.update(eigenvalues).item())
+    assert int(mon.updates) == 0 and mon.history == [] and math.isnan(mon.last.item())
+    with pytest.raises(LayerArgumentError, match=r"\[\.\.\., n\]"):
+        mon.update(torch.tensor(1.0))  # a 0-dim tensor is not a list of eigenvalues
 
 
 def test_condition_monitor_counts_nan_and_inf_events_and_state_dict():

@@ -556,10 +556,12 @@ class ConditionMonitor(nn.Module):
     @torch.no_grad()
     def update(self, eigenvalues: Tensor) -> Tensor:
         """Record the (worst, over the batch) kappa of ``eigenvalues`` ``[..., n]`` and return it (0-dim); an empty
-        batch records nothing and returns NaN."""
-        if eigenvalues.dim() < 1 or eigenvalues.shape[-1] < 1:
+        batch or ``n = 0`` (0 x 0 matrices, which torch decomposes) records nothing and returns NaN."""
+        if eigenvalues.dim() < 1:
             raise LayerArgumentError(f"expected eigenvalues of shape [..., n], got {tuple(eigenvalues.shape)}")
         lam = eigenvalues.detach().to(torch.float64)
+        if lam.shape[-1] == 0:  # 0 x 0 matrices: no eigenvalue, no condition number
+            return torch.full((), float("nan"), dtype=torch.float64, device=lam.device)
         k = self.kappa(lam).reshape(-1)
         if k.numel() == 0:  # an empty batch: no matrix, nothing to record
             return torch.full((), float("nan"), dtype=torch.float64, device=lam.device)
