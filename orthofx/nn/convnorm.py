@@ -133,7 +133,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orthofx.errors import LayerArgumentError, layer_label
-from orthofx.nn.padding import circular_pad, flat_pads, pairs
+from orthofx.nn.padding import circular_pad, flat_pads
 
 __all__ = [
     "ConvNormGeometry",
@@ -753,11 +753,10 @@ class FrozenConvNormNd(nn.Module):
         self.padding_mode = conv.padding_mode
         self.layer_padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
         if conv.padding_mode != "zeros":
-            pads = _layer_pads(conv.padding, self.kernel_size, self.dilation)
-            self.pre_pad = flat_pads(pads)
+            self.pre_pads = _layer_pads(conv.padding, self.kernel_size, self.dilation)
             self.geometry_padding = 0
         else:
-            self.pre_pad = []
+            self.pre_pads = ()
             self.geometry_padding = conv.padding
         # Q depends only on the padding and the kernel: any input size gives it
         probe = convnorm_geometry(tuple(e + 1 for e in _dilated_extent(self.kernel_size, self.dilation)),
@@ -824,8 +823,8 @@ class FrozenConvNormNd(nn.Module):
         return y
 
     def _normalised_conv(self, x: torch.Tensor, size: tuple[int, ...], work: torch.dtype) -> torch.Tensor:
-        if self.pre_pad:
-            x = _explicit_pad(x, tuple(reversed(pairs(self.pre_pad))), self.padding_mode)
+        if self.pre_pads:
+            x = _explicit_pad(x, self.pre_pads, self.padding_mode)
         geo = convnorm_geometry(x.shape[2:], self.kernel_size, self.stride, self.geometry_padding, self.dilation)
         v = self.filter_for(geo.grid)
         if v is None:
