@@ -28,7 +28,7 @@ Formulas (P1)
 * tangent projection: ``P_W(G) = G - W sym(W^T G)``, ``sym(A) = (A + A^T) / 2``;
 * polar retraction: ``R_W(xi) = (W + xi)(I + xi^T xi)^(-1/2)``;
 * QR retraction: ``R_W(xi) = qf(W + xi)``, the Q factor with the signs chosen so that ``R``'s diagonal is
-  positive (computed by Cholesky QR, :func:`qr_retraction`);
+  positive (Cholesky QR on CUDA, Householder QR elsewhere: :func:`qr_retraction`);
 * nearest orthonormal matrix (in Frobenius norm): the polar factor ``U V^T`` of ``W = U S V^T``.
 
 The polar retraction is computed as the polar factor ``U V^T`` of ``A = W + xi``. For a tangent ``xi``,
@@ -280,11 +280,11 @@ def qr_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     a = w + xi
     a = a.to(_work_dtype(a))
     wide = is_wide(a)
-    tall = a.mT if wide else a
+    tall = _tall(a, wide)
     q = _cholesky_qr2(tall) if tall.device.type in CHOLESKY_QR_DEVICES else None
     if q is None:
         q = orthonormal(tall, tall=True)
-    return (q.mT if wide else q).to(w.dtype)
+    return _tall(q, wide).to(w.dtype)
 
 
 def retract(w: torch.Tensor, xi: torch.Tensor, method: str = "polar") -> torch.Tensor:
