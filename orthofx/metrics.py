@@ -76,6 +76,10 @@ def _check_tensor(weight, name: str = "weight") -> None:
                             "one output feature")
 
 
+def _is_real_float_dtype(dtype) -> bool:
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point and not dtype.is_complex
+
+
 def _check_conv_weight(weight, what: str) -> int:
     """Validates a conv weight; returns the number of spatial dims."""
     _check_tensor(weight)
@@ -311,7 +315,7 @@ def conv_singular_values(weight: torch.Tensor, input_size, stride=1, groups: int
     (torch.Size([64]), True)
     """
     _check_conv_weight(weight, "conv_singular_values")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+    if not _is_real_float_dtype(dtype):
         raise ArgumentError(f"dtype must be a real floating-point torch.dtype (e.g. torch.float64), got {dtype!r}")
     hat, counts = _frequency_matrices(weight, input_size, stride, groups, dtype)
     m, n = hat.shape[-2:]
@@ -930,7 +934,7 @@ def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,
     """
     what = "jacobian_singular_values"
     _check_input(x, what)
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex):
+    if dtype is not None and not _is_real_float_dtype(dtype):
         raise ArgumentError(f"jacobian_singular_values: dtype must be None or a real floating-point torch.dtype "
                             f"(e.g. torch.float64), got {dtype!r}")
     f = _as_function(fn, dtype)
