@@ -83,10 +83,10 @@ MONITOR_SOURCES = ("eigenvalues", "singular_values", "matrix")
 # ------------------------------------------------------------------------------------------- stand-ins
 
 
-def _uplo(uplo, what: str = "UPLO") -> str:
+def _uplo(uplo, what: str = "UPLO", allowed: str = "'L' or 'U'") -> str:
     """``"L"`` or ``"U"``; like torch, the lower-case letters are accepted too."""
     if not isinstance(uplo, str) or uplo.upper() not in ("L", "U"):
-        raise LayerArgumentError(f"{what} must be 'L' or 'U', got {uplo!r}")
+        raise LayerArgumentError(f"{what} must be {allowed}, got {uplo!r}")
     return uplo.upper()
 
 
@@ -225,9 +225,7 @@ def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: flo
     dtype = A.dtype
     if float64:
         A = A.to(torch.float64)
-    if uplo is not None and (not isinstance(uplo, str) or uplo.upper() not in ("L", "U")):
-        raise LayerArgumentError(f"uplo must be 'L', 'U' or None, got {uplo!r}")
-    if uplo is not None and uplo.upper() == "L":
+    if uplo is not None and _uplo(uplo, "uplo", "'L', 'U' or None") == "L":
         A = A.tril() + A.tril(-1).mT
     elif uplo is not None:
         A = A.triu() + A.triu(1).mT
@@ -263,6 +261,7 @@ class DecompositionMonitor(ConditionMonitor):
     """
 
     _is_impure = True  # torch.fx dead-code elimination must not drop it
+    uplo: str = "L"  # class default: monitors pickled before the attribute existed
 
     def __init__(self, source: str = "eigenvalues", values_index: int | None = None, op: str = "",
                  history_size: int = 1000, uplo: str = "L") -> None:
@@ -292,7 +291,7 @@ class DecompositionMonitor(ConditionMonitor):
             _check_square(x, f"DecompositionMonitor({self.op or 'matrix'})")
             with torch.no_grad():
                 # a matrix with a NaN/inf gets NaN eigenvalues (a NaN event) instead of a LAPACK error
-                matrix = _lower(x.detach(), getattr(self, "uplo", "L")).to(torch.float64)
+                matrix = _lower(x.detach(), self.uplo).to(torch.float64)
                 finite, bad = _finite_part(matrix, lower=True, sync=False)
                 (lam,) = _nan_where(bad, torch.linalg.eigvalsh(finite))
             self.update(lam)
@@ -310,5 +309,5 @@ class DecompositionMonitor(ConditionMonitor):
 
     def extra_repr(self) -> str:
         op = f", op={self.op!r}" if self.op else ""
-        uplo = ", uplo='U'" if getattr(self, "uplo", "L") == "U" else ""
+        uplo = ", uplo='U'" if self.uplo == "U" else ""
         return f"source={self.source!r}{op}{uplo}, " + super().extra_repr()
