@@ -1522,7 +1522,6 @@ def require_input_value(value: Any, name: str, expected: Any) -> None:
         f"(capture: {{mode: fx}} in the policy, concrete_args for arguments that drive control flow) if it traces")
 
 
-
 def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
                     inputs: tuple | None, both_modes: bool = True) -> tuple[torch.fx.GraphModule, CaptureInfo]:
     """Capture mode ``export``: torch.export, then the ATen graph rebuilt with fx mode's leaves and names (and

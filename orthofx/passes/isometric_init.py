@@ -196,9 +196,9 @@ class IsometricInit(Pass):
             module = ctx.module(entry.site)
             require_initialised(entry, module, "it has no weight to initialise")
             weight = module.weight
-            groups = module.groups if isinstance(module, _CONV_TYPES) else 1
-            scale = params["gain"] * activation_gain(params["activation"])
             is_conv = isinstance(module, _CONV_TYPES)
+            groups = module.groups if is_conv else 1
+            scale = params["gain"] * activation_gain(params["activation"])
             before = _defect(weight.detach(), module, 1.0)
             if is_conv:
                 taps, exact = delta_taps(module)

@@ -247,7 +247,7 @@ class Riemannian(Pass):
             rule_entries = [e for e in rule_entries if not self._skipped_lazy(ctx, e)]
             free = rule_entries[0].params["free"] if rule_entries else "none"
             free_site = None
-            if free != "none" and rule_entries:
+            if free != "none":
                 free_site = (rule_entries[0] if free == "first" else rule_entries[-1]).site.name
             for entry in rule_entries:
                 self._apply_one(ctx, entry, free_site)
