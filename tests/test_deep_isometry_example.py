@@ -2,7 +2,6 @@
 docstring claims at that budget, and writes a PNG; the Jacobian spectra it reports agree with dense Jacobians; bad
 arguments stop it before any work."""
 
-import importlib
 import math
 import os
 import subprocess
@@ -12,20 +11,15 @@ import pytest
 import torch
 
 import orthofx
+from example_scripts import EXAMPLES, import_example
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, "examples")
 SCRIPT = os.path.join(EXAMPLES, "deep_isometry.py")
 VARIANTS = ("default", "isometric", "jacobian", "isometric+jacobian", "abs+isometric", "residual")
 COLUMNS = ("lr", "train_loss", "test_acc", "m1", "m2", "sigma_min", "sigma_max", "seconds")
 
 
 def _example():
-    sys.path.insert(0, EXAMPLES)  # the script imports _cli from its own folder
-    try:
-        return importlib.import_module("deep_isometry")
-    finally:
-        sys.path.remove(EXAMPLES)
+    return import_example("deep_isometry")
 
 
 def _tables(stdout):

@@ -1,7 +1,6 @@
 """The README's example runs as it stands, CI runs the README's test command, examples/orthonormal_linear.py
 reproduces P1's linear convergence, and every example checks its arguments and optional dependencies first."""
 
-import importlib
 import os
 import re
 import subprocess
@@ -11,9 +10,8 @@ import pytest
 import torch
 
 import orthofx
+from example_scripts import EXAMPLES, ROOT, import_example
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, "examples")
 # One intra-op thread in the scripts' subprocesses: the quickstart does not set it itself (it is the README's code),
 # and with two threads on a busy 2-core machine it took 19 s instead of 4.5 s.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -22,15 +20,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def _run(script, *args, cwd=ROOT, timeout=300):
     return subprocess.run([sys.executable, os.path.join(EXAMPLES, script), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=ENV)
-
-
-def _import_example(name):
-    """An example script as a module (its ``main`` is not run); it imports ``_cli`` from its own folder."""
-    sys.path.insert(0, EXAMPLES)
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(EXAMPLES)
 
 
 def _report_column(lines, name, following, sites):
@@ -140,7 +129,7 @@ def _riemannian_gd(weights, x, y, lr, steps):
 
 
 def test_orthonormal_linear_training_matches_an_independent_riemannian_descent(one_thread):
-    example = _import_example("orthonormal_linear")
+    example = import_example("orthonormal_linear")
     depth, width, lr, steps = 3, 6, 0.3, 30
     x, y = example.make_data(width, samples=4 * width)
     assert torch.allclose(x.T @ x / len(x), torch.eye(width, dtype=x.dtype), atol=1e-12)  # whitened exactly
@@ -167,7 +156,7 @@ def test_orthonormal_linear_training_matches_an_independent_riemannian_descent(o
     (["--out", os.path.join("no", "such", "folder", "x.png")], "does not exist"),
 ])
 def test_orthonormal_linear_rejects_bad_arguments(argv, message, capsys):
-    example = _import_example("orthonormal_linear")
+    example = import_example("orthonormal_linear")
     with pytest.raises(SystemExit) as raised:
         example.main(argv)
     assert raised.value.code == 2

@@ -2,7 +2,6 @@
 hard orthogonal Pre-SVD layer conditioning best, the PNG; the kappa it reports is the condition number of the
 matrix entering eigh, checked against an independent computation; bad arguments stop it before any work."""
 
-import importlib
 import os
 import subprocess
 import sys
@@ -11,20 +10,15 @@ import pytest
 import torch
 
 import orthofx
+from example_scripts import EXAMPLES, import_example
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, "examples")
 SCRIPT = os.path.join(EXAMPLES, "svd_conditioning.py")
 MODELS = ("dbn_cnn", "gcp_cnn")
 VARIANTS = ("plain", "+NOG", "+OLR", "+OW", "+NOG+OLR+OW")
 
 
 def _example():
-    sys.path.insert(0, EXAMPLES)  # the script imports _cli from its own folder
-    try:
-        return importlib.import_module("svd_conditioning")
-    finally:
-        sys.path.remove(EXAMPLES)
+    return import_example("svd_conditioning")
 
 
 def test_svd_conditioning_example_quick(tmp_path):
