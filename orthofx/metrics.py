@@ -509,6 +509,14 @@ def spectral_norm_bound(weight: torch.Tensor, input_size=None, stride=1, iterati
 # or a custom autograd.Function without a jvp) raise NotImplementedError or RuntimeError inside the JVP; the
 # estimator then falls back to the double-VJP route: J v = d/dc <J^T c, v> (the VJP of the VJP, at c = 0),
 # which needs a differentiable backward only (the regulariser's gradient needs one anyway).
+#
+# Under torch.compile. Dynamo does not trace torch.autograd.grad (the estimate used to be compiler-disabled, a
+# graph break in every training step). While compiling, the estimate takes the double-VJP route written with
+# torch.func.vjp (_FunctionalLinearisation): dynamo traces function transforms, and their outputs stay
+# differentiable by the outer autograd, so aot_autograd derives the estimate's gradient with the rest of the
+# step. The route is fixed at trace time (no fallback can run inside a graph), and it is the one with no
+# forward-mode gaps. Same value and gradients as the eager routes (tests/test_compile.py); a torch.Generator
+# cannot be created inside a compiled region, so seeded probes are eager-only.
 
 import contextlib as _contextlib  # noqa: E402  (this section's own imports)
 import warnings as _warnings  # noqa: E402
@@ -750,6 +758,27 @@ def _jvp_products(f: _Call, xp: torch.Tensor, v: torch.Tensor, kind: str, per_sa
     return u, _vjp(w, c, w - v)
 
 
+class _FunctionalLinearisation:
+    """The reverse-mode-only route written with ``torch.func.vjp`` instead of ``torch.autograd.grad``, for
+    ``torch.compile``: dynamo traces function transforms into the graph (it stops at ``torch.autograd.grad``), and
+    their results stay differentiable by the outer autograd, so the compiled step's backward takes the estimate's
+    gradient like any other term. ``J^T c`` is ``vjp_fn(c)``; ``J v`` is the VJP of that linear map, taken at
+    ``c = 0``."""
+
+    def __init__(self, f, xp: torch.Tensor, per_sample: bool, what: str):
+        self.y, transpose = torch.func.vjp(f, xp)
+        _check_output(self.y, xp, per_sample, what)
+        self.transpose = lambda c: transpose(c)[0]
+        _, self.transpose_vjp = torch.func.vjp(self.transpose, torch.zeros_like(self.y))
+
+    def products(self, v: torch.Tensor, kind: str):
+        (u,) = self.transpose_vjp(v)
+        if kind == "offdiag":
+            return u, None
+        r = self.transpose(u) - v
+        return u, (r if kind == "full" else self.transpose_vjp(r)[0])
+
+
 class _Linearisation:
     """Reverse-mode-only route: one forward pass, ``g(c) = J^T c`` at ``c = 0`` built once, then for any probe
     ``J v = d/dc <g(c), v>`` (the VJP of the VJP) and ``J^T u`` from the forward graph."""
@@ -795,7 +824,6 @@ def _subsample(f: _Call, x: torch.Tensor, batch_fraction: float, generator: torc
 
 
 # Under torch.compile the estimate runs eagerly: aot_autograd has no double backward, which the estimate needs.
-@torch.compiler.disable
 def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", per_sample: bool = False,
                        generator: torch.Generator | None = None, normalize: bool = False,
                        create_graph: bool = True, route: str = "auto", batch_fraction: float = 1.0,
@@ -815,7 +843,12 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
     f, xs, scale = _subsample(_as_function(fn), x, batch_fraction, generator, what)
     batched = per_sample or scale != 1.0  # the output's dimension 0 must be the samples'
     count = max(probes, 2) if kind == "offdiag" else probes
-    xp = xs.detach().requires_grad_(True)
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # one route, fixed at trace time: no fallback inside a compiled graph (see the section comment)
+        route = "double_vjp"
+    # torch.func differentiates with respect to xp itself; autograd.grad needs a leaf that requires grad (which
+    # dynamo refuses to create inside a compiled region)
+    xp = xs.detach() if compiling else xs.detach().requires_grad_(True)
     values: list[torch.Tensor] = []  # per probe: residual norms (full, partial) or ||J v||^2 (offdiag)
     with torch.enable_grad(), _sdpa_math(), (_ComposedNorms() if create_graph else _contextlib.nullcontext()):
         linear = None
@@ -834,7 +867,7 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
                     route = "jvp"
             if route == "double_vjp":
                 if linear is None:
-                    linear = _Linearisation(f, xp, batched, what)
+                    linear = (_FunctionalLinearisation if compiling else _Linearisation)(f, xp, batched, what)
                 u, residual = linear.products(v, kind)
             values.append(_squared(u if kind == "offdiag" else residual, per_sample))
         stacked = torch.stack(values)  # (count,) or (count, b)
@@ -876,7 +909,8 @@ def jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", 
         create_graph: keep the graph (default) so the estimate can be used as a regulariser; ``False`` returns
             a detached value.
         route: ``"auto"`` (forward mode, falling back to the double-VJP route when an op or a custom
-            ``autograd.Function`` has no forward-mode formula), ``"jvp"`` or ``"double_vjp"``.
+            ``autograd.Function`` has no forward-mode formula), ``"jvp"`` or ``"double_vjp"``. Under
+            ``torch.compile`` every route is the double-VJP one, written with ``torch.func.vjp`` (traceable).
         batch_fraction: estimate on a uniformly random subset of ``b = ceil(batch_fraction * B)`` of the ``B``
             samples (dimension 0), drawn with ``generator``; ``1`` (default) uses the whole batch. For independent
             samples the batch quantity is the sum of per-sample ones, so the subset's value scaled by ``B / b``

@@ -4,9 +4,10 @@
 * training mode: ``lambda x: task_loss(gm(x)) + orthofx.penalty(gm)`` compiles with ``fullgraph=True``
   (backend ``eager``; ``aot_eager`` too, on a default subset and on every cell under ``slow``) and gives the
   eager loss and gradients;
-* the documented gap: the Jacobian-isometry estimate is ``torch.compiler.disable``-d (aot_autograd has no double
-  backward), so a model carrying a JacobianProbe cannot compile with ``fullgraph=True`` in training mode; without
-  fullgraph it compiles (one graph break at the estimate) and gives the eager loss and gradients;
+* the Jacobian-isometry estimate compiles too: under dynamo it takes the reverse-only route written with
+  ``torch.func.vjp`` (dynamo does not trace ``torch.autograd.grad``), which aot_autograd differentiates like any
+  other graph; its value and gradients equal the eager route's for every ``kind``, and ``every: n`` gives ``n``
+  graphs, not a recompilation per step;
 * autocast (CPU, bfloat16): orthogonal kernels are built in float32 (exactly orthogonal to 1e-5), and the svd
   preset's decompositions run in float32 / float64 so outputs stay finite.
 
@@ -47,10 +48,10 @@ IDS = [f"{p}-{m}" for p, m in CELLS]
 OTHER_CELLS = [(preset, name) for name in ("resnet18", "resnet50", "vgg11", "deep_cnn", "deep_linear")
                for preset in ("lorth", "orthogonal", "convnorm", "jacobian", "isometric")
                if (preset, name) != ("convnorm", "deep_linear")]
-#: Presets whose training-mode forward calls the compiler-disabled Jacobian estimate.
-NOT_FULLGRAPH_IN_TRAINING = {"jacobian"}
-#: aot_eager cells run by default (the rest under slow): cheap ones, the custom decomposition ops, ConvNorm's FFT.
-AOT_DEFAULT = {("orthogonal", "deep_mlp"), ("svd", "gcp_cnn"), ("convnorm", "small_cnn"), ("svd", "dbn_cnn")}
+#: aot_eager cells run by default (the rest under slow): cheap ones, the custom decomposition ops, ConvNorm's FFT,
+#: the Jacobian estimate (a derivative that aot_autograd differentiates again).
+AOT_DEFAULT = {("orthogonal", "deep_mlp"), ("svd", "gcp_cnn"), ("convnorm", "small_cnn"), ("svd", "dbn_cnn"),
+               ("jacobian", "deep_mlp")}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
@@ -132,19 +133,6 @@ def test_eval_mode_has_no_graph_break(preset, name):
 
 @pytest.mark.parametrize("preset,name", CELLS, ids=IDS)
 def test_training_loss_compiles_fullgraph_eager(preset, name):
-    if preset in NOT_FULLGRAPH_IN_TRAINING:
-        gm = _transformed(preset, name)
-        gm.train()
-        x, y = _data(name)
-        torch._dynamo.reset()
-        try:
-            with pytest.raises(Exception, match="compiler.disable"):
-                torch.compile(_loss_fn(gm, y), fullgraph=True, backend="eager")(x)
-        finally:
-            torch._dynamo.reset()
-        # the documented behaviour instead: without fullgraph it compiles and agrees with eager
-        _compiled_matches_eager(preset, name, "eager", fullgraph=False)
-        return
     _compiled_matches_eager(preset, name, "eager", fullgraph=True)
 
 
@@ -152,8 +140,7 @@ def test_training_loss_compiles_fullgraph_eager(preset, name):
 @pytest.mark.parametrize("preset,name", OTHER_CELLS, ids=[f"{p}-{m}" for p, m in OTHER_CELLS])
 def test_other_builtin_models_compile_without_graph_breaks(preset, name):
     """Issue 6's "every preset and built-in model": eval with zero graph breaks, and the training loss (penalty
-    included) compiled with fullgraph=True (the Jacobian preset: its estimate is the documented break) agreeing
-    with eager."""
+    included) compiled with fullgraph=True agreeing with eager."""
     test_eval_mode_has_no_graph_break(preset, name)
     test_training_loss_compiles_fullgraph_eager(preset, name)
 
@@ -168,23 +155,95 @@ def _aot_params():
 
 @pytest.mark.parametrize("preset,name", _aot_params())
 def test_training_loss_compiles_aot_eager(preset, name):
-    fullgraph = preset not in NOT_FULLGRAPH_IN_TRAINING
-    _compiled_matches_eager(preset, name, "aot_eager", fullgraph=fullgraph)
+    _compiled_matches_eager(preset, name, "aot_eager", fullgraph=True)
 
 
-def test_jacobian_probe_is_the_only_training_graph_break():
-    """In training mode the Jacobian estimate (torch.compiler.disable) is a graph break; nothing else is."""
-    gm = _transformed("jacobian", "deep_mlp")
-    gm.train()
-    x, y = _data("deep_mlp")
+def _bn_block(dtype=torch.float32):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Tanh(),
+                                   torch.nn.Conv2d(4, 3, 3, padding=1)).to(dtype)
+
+
+@pytest.mark.parametrize("kind,per_sample,batch_fraction",
+                         [("full", False, 1.0), ("partial", True, 1.0), ("offdiag", False, 1.0),
+                          ("full", True, 0.5)])
+def test_compiled_jacobian_estimate_matches_the_eager_route(kind, per_sample, batch_fraction):
+    """The compiled estimate (torch.func, reverse only) against the eager one (forward mode + autograd.grad) on a
+    conv block with BatchNorm in training mode: same probes (the global RNG, seeded), same value, same gradients
+    after aot_autograd differentiated it (float64: the two routes round differently)."""
+    from orthofx.nn.jacobian import JacobianProbe
+
+    probe = JacobianProbe(_bn_block(torch.float64), kind=kind, per_sample=per_sample, batch_fraction=batch_fraction,
+                          probes=2)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+
+    def loss(x):
+        return probe(x).square().mean() + probe.penalty()
+
+    eager = _loss_and_grads(probe, loss, x)
+    assert probe.route_used == "jvp"
     torch._dynamo.reset()
     try:
-        explanation = torch._dynamo.explain(_loss_fn(gm, y))(x)
+        compiled = _loss_and_grads(probe, torch.compile(loss, fullgraph=True, backend="aot_eager"), x)
     finally:
         torch._dynamo.reset()
-    reasons = [str(r.reason) for r in explanation.break_reasons]
-    assert explanation.graph_break_count >= 1
-    assert all("disable" in r for r in reasons), reasons
+    assert probe.route_used == "double_vjp"
+    _assert_same(eager, compiled)
+    assert float(eager[0]) > float(probe.block(x).detach().square().mean()) + 1e-3  # the estimate is in the loss
+
+
+def test_compiled_probe_with_every_makes_one_graph_per_phase():
+    """``every: 2`` under compile: the estimate on steps 0 and 2 only, as in eager, from two graphs (the probe's
+    call count is bounded to one period, so dynamo does not recompile at each step)."""
+    from torch._dynamo.utils import counters
+
+    from orthofx.nn.jacobian import JacobianProbe
+
+    probe = JacobianProbe(_bn_block(torch.float64), every=2)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+
+    def loss(x):
+        return probe(x).square().mean() + probe.penalty()
+
+    eager = [_loss_and_grads(probe, loss, x, seed=step) for step in range(5)]
+    probe.calls = 0  # back to step 0 of the period
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled_loss = torch.compile(loss, fullgraph=True, backend="eager")
+        compiled = [_loss_and_grads(probe, compiled_loss, x, seed=step) for step in range(5)]
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(eager, compiled):
+        _assert_same(a, b)
+    assert eager[0][0] > eager[1][0] and eager[2][0] > eager[3][0]  # estimates on even steps only
+    assert graphs == 2
+
+
+def test_compiled_probe_with_a_seed_names_the_fix():
+    """A probe's ``seed`` builds a torch.Generator per estimate, which dynamo cannot trace: fullgraph fails with
+    orthofx's message (set the seed to None), and without fullgraph the probe runs eagerly with its seed."""
+    from orthofx.nn.jacobian import JacobianProbe
+
+    probe = JacobianProbe(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()), seed=3)
+    x = torch.randn(2, 4)
+
+    def loss(x):
+        return probe(x).sum() + probe.penalty()
+
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(Exception, match="seed=3 makes a torch.Generator"):
+            torch.compile(loss, fullgraph=True, backend="eager")(x)
+        torch._dynamo.reset()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = torch.compile(loss, backend="eager")(x)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, loss(x))  # the same seeded probes both times
 
 
 def test_presets_without_sites_raise_plan_error():

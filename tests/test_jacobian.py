@@ -801,10 +801,10 @@ def test_the_probe_under_activation_checkpointing_matches_the_plain_step():
     grads = []
     for checkpointed in (False, True):
         torch.manual_seed(1)
-        probe = JacobianProbe(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), seed=5)
+        probe = JacobianProbe(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), seed=5, every=3)
         y = checkpoint(probe, x, use_reentrant=False) if checkpointed else probe(x)
         (y.sum() + probe.penalty()).backward()
-        assert probe.calls == 1
+        assert probe.calls == 1  # the recomputation in backward is not a call (phase 1 of 3 next)
         grads.append(probe.block[0].weight.grad.clone())
     torch.testing.assert_close(grads[1], grads[0])
 

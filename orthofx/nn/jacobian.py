@@ -76,7 +76,8 @@ class JacobianProbe(nn.Module):
             and leave the estimate ``None`` (zero penalty). Multiply ``weight`` by ``every`` to keep the average
             strength of the regulariser ("lazy regularisation"). A step is :attr:`calls_per_step` calls of the
             block (the pass sets it to the number of calls in the model's graph: a block used twice per forward
-            is estimated at both calls, and :attr:`estimate` is their sum).
+            is estimated at both calls, and :attr:`estimate` is their sum). Under ``torch.compile`` each phase of
+            the period is one graph (``every: 4`` compiles four; dynamo keeps eight per function by default).
         per_sample: mean over samples of per-sample values instead of the whole-batch value.
         normalize: divide by the input dimension (per sample when ``per_sample``).
         route: ``"auto"`` (forward mode, double-VJP fallback), ``"jvp"`` or ``"double_vjp"``.
@@ -87,7 +88,8 @@ class JacobianProbe(nn.Module):
             computed on the whole batch. Tensor arguments after the first whose dimension 0 is the batch are
             subsampled alike.
         seed: when given, every estimate draws its probes from a generator reset to this seed (deterministic,
-            for tests and debugging); by default the global RNG is used.
+            for tests and debugging; eager only: ``torch.compile`` cannot create the generator, and with
+            ``fullgraph=True`` raises saying so); by default the global RNG is used.
 
     Attributes:
         estimate: the last estimate (0-d tensor with its graph) or ``None``.
@@ -139,7 +141,7 @@ class JacobianProbe(nn.Module):
         self.batch_fraction = batch_fraction
         self.estimate: torch.Tensor | None = None
         self.route_used: str | None = None
-        self.calls = 0  # training-mode calls with gradients enabled, counted for ``every``
+        self.calls = 0  # phase of the next training-mode call with gradients, modulo ``every`` steps
         self.calls_per_step = 1  # calls of the block in one forward of the model (set by the pass from the graph)
 
     # ------------------------------------------------------------------------------------------ wrapping
@@ -213,8 +215,11 @@ class JacobianProbe(nn.Module):
         if not self.training or not torch.is_grad_enabled():
             self.estimate = None
             return block(*args, **kwargs)
-        self.calls += 1
-        step, call = divmod(self.calls - 1, self.calls_per_step)
+        # counted modulo one period of ``every`` steps: under torch.compile the count is a guarded constant, so a
+        # bounded count gives ``every`` graphs instead of a recompilation at each step
+        phase = self.calls % (self.every * self.calls_per_step)
+        self.calls = (phase + 1) % (self.every * self.calls_per_step)
+        step, call = divmod(phase, self.calls_per_step)
         if step % self.every != 0:
             self.estimate = None
             return block(*args, **kwargs)
@@ -239,8 +244,17 @@ class JacobianProbe(nn.Module):
                 f"{layer_label(self)} ({type(self.block).__name__}): the Jacobian is taken with respect to the first "
                 f"positional argument, which must be a floating-point tensor (got {got}); regularise a block whose "
                 "input is continuous (e.g. the layers after an embedding)")
+        if self.seed is not None and torch.compiler.is_compiling():
+            raise LayerArgumentError(
+                f"{layer_label(self)}: seed={self.seed} makes a torch.Generator at each estimate, which torch.compile "
+                "cannot trace; set the probe's seed to None (the probes then come from the global RNG: "
+                "torch.manual_seed) or run it eagerly")
         generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
-        route = "double_vjp" if self.route_used == "double_vjp" and self.route == "auto" else self.route
+        route = self.route
+        # after a fallback, stay on the reverse route (eager only: a compiled estimate has one route, and reading
+        # route_used there would guard on it and recompile once it is set)
+        if route == "auto" and not torch.compiler.is_compiling() and self.route_used == "double_vjp":
+            route = "double_vjp"
         # the other inputs are held fixed, like the first: the regulariser shapes this block's parameters only
         rest, fixed = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (args[1:], kwargs))
         estimate, self.route_used = metrics._jacobian_isometry(
