@@ -9,8 +9,8 @@ compiled (``torch.compile(fullgraph=True)``, inductor, default mode), interleave
 * ``eval``: ``gm(x)`` under ``torch.no_grad()``; for the ``orthogonal`` variant, also the frozen model
   (``orthofx.freeze``: plain convolutions), whose ratio to the plain model is the frozen-inference figure.
 
-The ``jacobian`` preset's training loss compiles without ``fullgraph`` (its estimate is a documented graph
-break, ``TRAINING_GRAPH_BREAKS``); every other cell uses ``fullgraph=True``.
+Every cell uses ``fullgraph=True``; the ``jacobian`` preset's estimate is compiled too (its reverse-only
+``torch.func`` route, see ``orthofx.metrics``).
 
 Variants: ``plain`` (the untransformed built-in), and the presets given by ``--presets`` (default ``lorth
 orthogonal convnorm``). Each row also records the cold compile time (first compiled call) and the relative
@@ -41,8 +41,6 @@ from timing import interleaved, synchronizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-# presets whose training loss has a documented graph break: compiled without fullgraph (README, torch.compile)
-TRAINING_GRAPH_BREAKS = {"jacobian": "the Jacobian estimate runs eagerly (aot_autograd has no double backward)"}
 
 
 def _autocast(device: str, precision: str):
@@ -72,8 +70,7 @@ def _train_rows(name, model, x, y, device, precision, repeats, mode=None) -> lis
         loss = F.cross_entropy(model(inputs), y)
         return loss + orthofx.penalty(model) if carries_penalty else loss
 
-    fullgraph = name not in TRAINING_GRAPH_BREAKS
-    compiled = torch.compile(loss_fn, fullgraph=fullgraph, mode=mode)
+    compiled = torch.compile(loss_fn, fullgraph=True, mode=mode)
     sync = synchronizer(device)
 
     def step(fn):
@@ -98,7 +95,7 @@ def _train_rows(name, model, x, y, device, precision, repeats, mode=None) -> lis
     times = interleaved({"eager": lambda: step(loss_fn), "compiled": lambda: step(compiled)}, repeats, sync)
     return [{"variant": name, "precision": precision, "mode": "train", "eager_ms": times["eager"] * 1e3,
              "compiled_ms": times["compiled"] * 1e3, "speedup": times["eager"] / times["compiled"],
-             "cold_compile_s": cold, "fullgraph": fullgraph, "compile_mode": mode or "default",
+             "cold_compile_s": cold, "fullgraph": True, "compile_mode": mode or "default",
              "rel_diff": float((compiled_loss - eager_loss).abs() / eager_loss.abs().clamp_min(1e-12))}]
 
 
