@@ -809,6 +809,27 @@ def test_the_probe_under_activation_checkpointing_matches_the_plain_step():
     torch.testing.assert_close(grads[1], grads[0])
 
 
+def test_data_parallel_replication_of_a_probe_is_refused(monkeypatch):
+    """nn.DataParallel over several devices replicates the model at each forward (torch.nn.parallel.replicate); a
+    probe's replica would run the original block and lose its estimate, so replication raises with the fix. The
+    device copies are made here by cloning (the real broadcast needs CUDA); the rest is torch's replicate."""
+    import importlib
+
+    # the module (torch.nn.parallel's attribute of that name is the function)
+    replicate_module = importlib.import_module("torch.nn.parallel.replicate")
+
+    def cloned(tensors, devices, detach=False):
+        return [[t.detach().clone() if detach else t.clone() for t in tensors] for _ in devices]
+
+    monkeypatch.setattr(replicate_module, "_broadcast_coalesced_reshape", cloned)
+    plain = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    copies = replicate_module.replicate(plain, [0, 1])  # the patched path works for plain modules
+    torch.testing.assert_close(copies[1](torch.ones(2, 4)), plain(torch.ones(2, 4)))
+    model = nn.Sequential(JacobianProbe(nn.Sequential(nn.Linear(4, 4), nn.Tanh())), nn.Linear(4, 2))
+    with pytest.raises(orthofx.LayerArgumentError, match="DistributedDataParallel"):
+        replicate_module.replicate(model, [0, 1])
+
+
 def test_the_penalty_reaches_only_the_blocks_own_parameters():
     class Gated(nn.Module):
         def __init__(self):

@@ -193,6 +193,15 @@ class JacobianProbe(nn.Module):
         state["estimate"] = None
         return state
 
+    def _replicate_for_data_parallel(self):
+        # nn.DataParallel over several devices copies every module at each forward: a copy of the probe would run
+        # the original block (its parameters on the first device) and keep its estimate on a copy that is thrown
+        # away, so the penalty would silently miss it
+        raise LayerArgumentError(
+            f"{layer_label(self)}: nn.DataParallel over several devices cannot run a JacobianProbe (its replicas "
+            "would run the original block on the first device and their estimates would be lost). Use "
+            "DistributedDataParallel (one process per device), or DataParallel with one device")
+
     def to_plain(self) -> nn.Module:
         """The wrapped block (with the probe's training flag), for ``orthofx.freeze``."""
         self.block.training = self.training
