@@ -1,27 +1,49 @@
 """Transformed models under DistributedDataParallel: gloo, 2 processes on 127.0.0.1.
 
-One ``torch.multiprocessing.spawn`` runs four scenarios in one process group (startup is the expensive part);
-each rank trains a few steps on its own data and writes what it ends with to ``tmp_path``:
+One ``torch.multiprocessing.spawn`` runs every scenario in one process group (startup is the expensive part);
+each rank trains ``STEPS`` SGD steps on its own data and writes what it ends with (parameters, buffers, the data
+it saw, the learning rates OLR used) to ``tmp_path``. The scenarios:
 
-(a) ``lorth``: loss + ``orthofx.penalty(ddp_model)`` -> the two replicas' parameters are identical;
-(b) ``orthogonal``: the same, and the hard layers stay exactly orthogonal (max |sigma - 1| <= 1e-5, exact FFT
-    singular values; ``OrthogonalLinear`` weights orthonormal);
-(c) the ``riemannian`` pass through ``orthofx.attach(optimizer, ddp_model)`` on ``deep_linear``: identical
-    replicas, weights orthonormal after SGD-with-momentum steps;
-(d) the ``svd`` preset (P4's NOG + OLR on the Pre-SVD layer, via ``attach``) on ``gcp_cnn``: identical replicas;
-(e) the ``svd`` preset on ``dbn_cnn``, whose decorrelated BatchNorm branches on ``self.training`` (a two-graph
-    ``ModalGraphModule``): identical replicas, and identical eval outputs (running whitening, buffers broadcast
-    by DDP from rank 0).
+``lorth``       small_cnn, ``lorth`` preset: loss + ``orthofx.penalty(ddp_model)``;
+``orthogonal``  small_cnn, ``orthogonal`` preset: hard orthogonal convs and linear;
+``riemannian``  deep_linear, ``riemannian`` on every Linear, ``orthofx.attach(optimizer, ddp_model)``, momentum;
+``jacobian``    deep_mlp, ``jacobian`` preset (the Jacobian isometry penalty, probes computed in DDP's forward);
+``pre_svd``     gcp_cnn, ``svd`` preset: NOG + OLR on the Pre-SVD layer via ``attach``, momentum;
+``dbn``         dbn_cnn, ``svd`` preset: a two-graph ``ModalGraphModule`` (decorrelated BatchNorm branches on
+                ``self.training``) with NOG + OLR.
 
-About 6 s in all (two interpreters importing torch), so not marked slow. Nothing can hang: ``init_process_group(timeout=60 s)`` and the spawn is joined with a deadline, after which the
-workers are terminated (by their own process ids).
+For each scenario the tests check that
+
+* the replicas' parameters (and, after an eval forward, buffers) are bitwise identical, although each replica
+  saw its own data (their losses differ);
+* the result equals a **single-process reference computed here, in the test process**, on both ranks' data:
+  for models without batch-coupled layers on the concatenated batch, for models with BatchNorm /
+  decorrelated BatchNorm / per-call Jacobian probes on the mean of the two replicas' losses (which is what DDP
+  averages: BatchNorm normalises each replica's batch with its own statistics). The reference is built by
+  the same ``orthofx.transform`` with the same seed, and the same optimizer with ``attach``. Matching it shows
+  that the penalty's gradient is all-reduced (averaged) like the task loss's and that NOG, OLR and the
+  Riemannian updates act on the all-reduced gradient (NOG and OLR are non-linear in the gradient, so hooks on a
+  replica's own gradient would give other weights and the replicas could still agree; the Riemannian tangent
+  projection is linear, so for it the comparison checks the whole update, retraction and momentum transport
+  included). Each comparison is checked to be sensitive: the reference
+  without the hooks, or with the penalty's gradient halved / doubled (one rank's penalty only / summed instead
+  of averaged), is far outside the tolerance;
+* hard orthogonal layers and Riemannian weights stay orthogonal (max |sigma - 1| <= 1e-5 in float32, exact FFT
+  singular values for convs; ``W W^T`` / ``W^T W`` within 1e-5 of I for linears);
+* OLR actually chose ``eta* < base lr`` on some step, and chose the same lr on both replicas and in the
+  reference.
+
+About 6-10 s in all on two busy cores (two interpreters importing torch; the references take ~1.5 s), so not
+marked slow. Nothing can hang: the process group is
+rendezvoused through a file in ``tmp_path`` (no TCP port to pick, so no port race), ``init_process_group`` has a
+60 s timeout that also bounds every collective, each worker destroys its process group in ``finally``, and the
+spawn is joined with a deadline after which the workers are terminated (by their own process objects).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 import traceback
 
@@ -30,46 +52,89 @@ import torch
 
 WORLD = 2
 STEPS = 3
+LR = 0.05
 JOIN_DEADLINE_S = 240
-SCENARIOS = ("lorth", "orthogonal", "riemannian", "pre_svd", "dbn")
+PG_TIMEOUT_S = 60
+# DDP's averaged float32 gradient and the reference's differ by rounding: after STEPS steps the parameters
+# agree to 6e-8 (measured; 0 for the "mean" scenarios). The plausible bugs (penalty on one replica / summed,
+# hooks on a replica's own gradient, no hooks) move them by 5e-4 and more; see _assert_sensitive.
+REF_ATOL = 1e-6
+REF_RTOL = 1e-6
+
+# scenario -> (model name, model kwargs, per-rank batch, policy, optimizer hooks via attach, SGD momentum,
+#              reference batching: "concat" (no batch-coupled layers) or "mean" (mean of the replicas' losses))
+SPECS = {
+    "lorth": ("small_cnn", {"width": 4}, 4, "lorth", False, 0.0, "concat"),
+    "orthogonal": ("small_cnn", {"width": 4}, 4, "orthogonal", False, 0.0, "concat"),
+    "riemannian": ("deep_linear", {"depth": 3, "width": 8, "in_features": 8, "out_features": 8}, 4,
+                   {"rules": [{"match": {"type": "Linear"}, "apply": "riemannian"}]}, True, 0.9, "concat"),
+    "jacobian": ("deep_mlp", {"depth": 2, "width": 8, "in_features": 8}, 4, "jacobian", False, 0.0, "mean"),
+    "pre_svd": ("gcp_cnn", {"width": 4, "dim": 4}, 4, "svd", True, 0.9, "mean"),
+    "dbn": ("dbn_cnn", {"width": 4}, 8, "svd", True, 0.9, "mean"),
+}
+SCENARIOS = tuple(SPECS)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ------------------------------------------------------------------------------------------- worker side
+# ------------------------------------------------------------------------------------- shared by both sides
 
 def _build(scenario: str):
-    """(transformed model, optimizer factory arguments, inputs per step, loss) of a scenario; same on every rank."""
+    """(transformed model, input shape) of a scenario; the same on every rank and in the reference."""
+    import orthofx
+    from orthofx.nn.jacobian import JacobianProbe
+
+    name, kwargs, _, policy, *_ = SPECS[scenario]
+    torch.manual_seed(0)
+    model = orthofx.models.get(name, **kwargs)
+    x = torch.randn(_input_shape(scenario))
+    gm = orthofx.transform(model, policy, example_inputs=(x,))
+    for module in gm.modules():
+        if isinstance(module, JacobianProbe):
+            module.seed = 0  # the same Rademacher probes for each replica's forward and each reference forward
+    return gm, tuple(x.shape)
+
+
+def _input_shape(scenario: str) -> tuple[int, ...]:
+    """One replica's input batch shape."""
     import orthofx
 
-    torch.manual_seed(0)
-    if scenario in ("lorth", "orthogonal"):
-        model = orthofx.models.get("small_cnn", width=4)
-        x = orthofx.models.example_input("small_cnn", batch=4)
-        policy = scenario
-    elif scenario == "riemannian":
-        model = orthofx.models.get("deep_linear", depth=3, width=8, in_features=8, out_features=8)
-        x = torch.randn(4, 8)
-        policy = {"rules": [{"match": {"type": "Linear"}, "apply": "riemannian"}]}
-    elif scenario == "dbn":
-        model = orthofx.models.get("dbn_cnn", width=4)
-        x = orthofx.models.example_input("dbn_cnn", batch=8)
-        policy = "svd"
-    else:
-        model = orthofx.models.get("gcp_cnn", width=4, dim=4)
-        x = orthofx.models.example_input("gcp_cnn", batch=4)
-        policy = "svd"
-    return orthofx.transform(model, policy, example_inputs=(x,)), x.shape
+    name, kwargs, batch, *_ = SPECS[scenario]
+    if name in ("deep_linear", "deep_mlp"):  # their registered input shape is for the default in_features
+        return (batch, kwargs["in_features"])
+    return (batch, *orthofx.models.input_shape(name))
+
+
+def _data(scenario: str, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """What replica ``rank`` trains on: (input, target) per step; each replica sees its own data."""
+    shape = _input_shape(scenario)
+    generator = torch.Generator().manual_seed(100 + rank)
+    steps = []
+    for _ in range(STEPS):
+        x = torch.randn(shape, generator=generator)
+        if scenario == "riemannian":
+            target = torch.randn(shape, generator=generator)
+        else:
+            target = torch.randint(0, 10, (shape[0],), generator=generator)
+        steps.append((x, target))
+    return steps
 
 
 def _loss(scenario, output, target):
     if scenario == "riemannian":
         return (output - target).square().mean()
     return torch.nn.functional.cross_entropy(output, target)
+
+
+def _optimizer(scenario, module, parameters):
+    import orthofx
+
+    *_, hooks, momentum, _ = SPECS[scenario]
+    optimizer = torch.optim.SGD(parameters, lr=LR, momentum=momentum)
+    handle = orthofx.attach(optimizer, module) if hooks else None
+    return optimizer, handle
+
+
+def _olr_lrs(optimizer) -> list[float]:
+    return [float(g["orthofx_olr_lr"]) for g in optimizer.param_groups if "orthofx_olr_lr" in g]
 
 
 def _orthogonality(gm) -> dict[str, float]:
@@ -90,6 +155,8 @@ def _orthogonality(gm) -> dict[str, float]:
     return found
 
 
+# ------------------------------------------------------------------------------------------- worker side
+
 def _run(scenario: str, rank: int) -> dict:
     import orthofx
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -97,48 +164,42 @@ def _run(scenario: str, rank: int) -> dict:
     gm, shape = _build(scenario)
     initial = {k: v.detach().clone() for k, v in gm.named_parameters()}
     ddp = DDP(gm)
-    momentum = 0.9 if scenario in ("riemannian", "pre_svd", "dbn") else 0.0
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=momentum)
-    handle = orthofx.attach(optimizer, ddp) if scenario in ("riemannian", "pre_svd", "dbn") else None
-    generator = torch.Generator().manual_seed(100 + rank)  # each replica sees its own data
-    losses = []
-    for _ in range(STEPS):
-        x = torch.randn(shape, generator=generator)
-        if scenario == "riemannian":
-            target = torch.randn(shape, generator=generator)
-        else:
-            target = torch.randint(0, 10, (shape[0],), generator=generator)
+    optimizer, handle = _optimizer(scenario, ddp, ddp.parameters())
+    data = _data(scenario, rank)
+    losses, olr = [], []
+    for x, target in data:
         loss = _loss(scenario, ddp(x), target) + orthofx.penalty(ddp)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
+        olr.append(_olr_lrs(optimizer))
     params = {k: v.detach().clone() for k, v in gm.named_parameters()}
     moved = max(float((params[k] - initial[k]).abs().max()) for k in params)
     fixed = torch.randn(shape, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        evaluation = ddp.eval()(fixed)
+        evaluation = ddp.eval()(fixed)  # DDP broadcasts rank 0's buffers first
         # the untransformed model with the replica's weights and (broadcast) buffers: the eval reference
         reference = orthofx.models.get("dbn_cnn", width=4) if scenario == "dbn" else None
         if reference is not None:
             reference.load_state_dict(gm.state_dict(), strict=False)
             reference = reference.eval()(fixed)
     ddp.train()
-    result = {"params": params, "losses": losses, "moved": moved, "orthogonality": _orthogonality(gm),
-              "eval": evaluation, "eval_reference": reference,
-              "modal": isinstance(gm, orthofx.capture.ModalGraphModule),
-              "hooks": [type(h).__name__ for h in (handle.hooks if handle is not None else [])],
-              "olr_groups": sum(1 for g in optimizer.param_groups if "orthofx_olr" in g)}
-    return result
+    buffers = {k: v.detach().clone() for k, v in gm.named_buffers()}
+    return {"params": params, "buffers": buffers, "data": data, "losses": losses, "moved": moved, "olr": olr,
+            "orthogonality": _orthogonality(gm), "eval": evaluation, "eval_reference": reference,
+            "modal": isinstance(gm, orthofx.capture.ModalGraphModule),
+            "hooks": [type(h).__name__ for h in (handle.hooks if handle is not None else [])],
+            "olr_groups": sum(1 for g in optimizer.param_groups if "orthofx_olr" in g)}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, store: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     try:
         for scenario in SCENARIOS:
             try:
@@ -158,7 +219,8 @@ def ddp_results(tmp_path_factory):
     import torch.multiprocessing as mp
 
     out_dir = tmp_path_factory.mktemp("ddp")
-    context = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
+    store = out_dir / "store"  # a FileStore rendezvous: must not exist yet, and names no port
+    context = mp.spawn(_worker, args=(str(store), str(out_dir)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + JOIN_DEADLINE_S
     try:
         while not context.join(timeout=1.0):
@@ -176,6 +238,55 @@ def ddp_results(tmp_path_factory):
     return results
 
 
+@pytest.fixture(scope="module")
+def references(ddp_results):
+    """Single-process references, computed lazily per (scenario, variant) in this process."""
+    cache = {}
+
+    def get(scenario, **variant):
+        key = (scenario, tuple(sorted(variant.items())))
+        if key not in cache:
+            data = [ddp_results[scenario][r]["data"] for r in range(WORLD)]
+            cache[key] = _reference(scenario, data, **variant)
+        return cache[key]
+
+    return get
+
+
+def _reference(scenario, data, *, penalty_scale: float = 1.0, hooks: bool = True) -> dict:
+    """Train the scenario's model in this process on both replicas' data: on the concatenated batch, or on the
+    mean of the per-replica losses (see the module docstring). ``penalty_scale`` and ``hooks=False`` give the
+    wrong results a broken DDP integration would produce (used to check the comparison's sensitivity)."""
+    import orthofx
+
+    batching = SPECS[scenario][-1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gm, _ = _build(scenario)
+        optimizer = torch.optim.SGD(gm.parameters(), lr=LR, momentum=SPECS[scenario][5])
+        if SPECS[scenario][4] and hooks:
+            orthofx.attach(optimizer, gm)
+        olr = []
+        for step in zip(*data):
+            if batching == "concat":
+                x = torch.cat([x for x, _ in step])
+                target = torch.cat([t for _, t in step])
+                loss = _loss(scenario, gm(x), target) + penalty_scale * orthofx.penalty(gm)
+            else:
+                loss = 0.0
+                for x, target in step:  # the penalty right after each forward (Jacobian probes estimate there)
+                    replica = _loss(scenario, gm(x), target) + penalty_scale * orthofx.penalty(gm)
+                    loss = loss + replica / len(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            olr.append(_olr_lrs(optimizer))
+    finally:
+        torch.set_num_threads(threads)
+    return {"params": {k: v.detach().clone() for k, v in gm.named_parameters()}, "olr": olr}
+
+
 def _replicas(results, scenario):
     ranks = results[scenario]
     for rank, result in enumerate(ranks):
@@ -183,50 +294,115 @@ def _replicas(results, scenario):
     return ranks
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal, NaN equal to NaN (an unset entry of a monitor's history)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
+
+
 def _assert_identical(ranks):
     first, second = ranks[0]["params"], ranks[1]["params"]
     assert first.keys() == second.keys() and first
     different = [k for k in first if not torch.equal(first[k], second[k])]
     assert not different, f"replicas differ in {different}"
-    assert ranks[0]["moved"] > 0, "training did not change the parameters"
+    assert ranks[0]["buffers"].keys() == ranks[1]["buffers"].keys()
+    # DDP broadcasts rank 0's buffers at each forward, so after the eval forward they agree (NaN where unset)
+    different = [k for k, v in ranks[0]["buffers"].items() if not _same(v, ranks[1]["buffers"][k])]
+    assert not different, f"replicas' buffers differ in {different}"
+    assert ranks[0]["moved"] > 1e-3, "training hardly changed the parameters"
     assert all(torch.isfinite(v).all() for v in first.values())
     # each replica saw its own data, so the losses differ while the parameters agree
+    assert not torch.equal(ranks[0]["data"][0][0], ranks[1]["data"][0][0])
     assert ranks[0]["losses"] != ranks[1]["losses"]
 
 
-def test_lorth_replicas_identical(ddp_results):
-    _assert_identical(_replicas(ddp_results, "lorth"))
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def test_orthogonal_replicas_identical_and_layers_orthogonal(ddp_results):
+def _assert_matches_reference(ranks, reference):
+    params = ranks[0]["params"]
+    assert params.keys() == reference["params"].keys()
+    for name in params:
+        torch.testing.assert_close(params[name], reference["params"][name], atol=REF_ATOL, rtol=REF_RTOL,
+                                   msg=lambda m, name=name: f"{name}: DDP differs from the reference: {m}")
+
+
+def _assert_sensitive(ranks, wrong, what):
+    """The reference comparison can tell ``wrong`` (a plausible bug's result) from the DDP result."""
+    diff = _max_diff(ranks[0]["params"], wrong["params"])
+    assert diff > 100 * REF_ATOL, f"the comparison could not detect {what} (max diff {diff:.2e})"
+
+
+def _check_penalty_allreduced(ranks, scenario, references):
+    _assert_matches_reference(ranks, references(scenario))
+    _assert_sensitive(ranks, references(scenario, penalty_scale=0.5), "the penalty on one replica only")
+    _assert_sensitive(ranks, references(scenario, penalty_scale=2.0), "the penalty summed over replicas")
+
+
+def test_lorth_penalty_allreduced_like_the_task_loss(ddp_results, references):
+    ranks = _replicas(ddp_results, "lorth")
+    _assert_identical(ranks)
+    _check_penalty_allreduced(ranks, "lorth", references)
+
+
+def test_orthogonal_replicas_identical_and_layers_orthogonal(ddp_results, references):
     ranks = _replicas(ddp_results, "orthogonal")
     _assert_identical(ranks)
-    orthogonality = ranks[0]["orthogonality"]
-    assert set(orthogonality) == {"conv1", "conv2", "conv3", "fc"}
-    assert max(orthogonality.values()) <= 1e-5, orthogonality
+    for rank in ranks:
+        orthogonality = rank["orthogonality"]
+        assert set(orthogonality) == {"conv1", "conv2", "conv3", "fc"}
+        assert max(orthogonality.values()) <= 1e-5, orthogonality
+    _assert_matches_reference(ranks, references("orthogonal"))
 
 
-def test_riemannian_attach_replicas_identical_and_orthonormal(ddp_results):
+def test_riemannian_attach_matches_single_process_and_stays_orthonormal(ddp_results, references):
     ranks = _replicas(ddp_results, "riemannian")
     _assert_identical(ranks)
     assert ranks[0]["hooks"] == ["StiefelHook"] * 3
-    orthogonality = ranks[0]["orthogonality"]
-    assert set(orthogonality) == {"layers.0", "layers.1", "layers.2"}
-    assert max(orthogonality.values()) <= 1e-5, orthogonality
+    for rank in ranks:
+        orthogonality = rank["orthogonality"]
+        assert set(orthogonality) == {"layers.0", "layers.1", "layers.2"}
+        assert max(orthogonality.values()) <= 1e-5, orthogonality
+    _assert_matches_reference(ranks, references("riemannian"))
+    _assert_sensitive(ranks, references("riemannian", hooks=False), "missing Riemannian updates")
 
 
-def test_pre_svd_nog_olr_attach_replicas_identical(ddp_results):
-    ranks = _replicas(ddp_results, "pre_svd")
+def test_jacobian_penalty_allreduced_like_the_task_loss(ddp_results, references):
+    ranks = _replicas(ddp_results, "jacobian")
     _assert_identical(ranks)
+    _check_penalty_allreduced(ranks, "jacobian", references)
+
+
+def _check_nog_olr(ranks, scenario, references):
     assert sorted(ranks[0]["hooks"]) == ["NearestOrthogonalGradient", "OptimalLearningRate"]
     assert ranks[0]["olr_groups"] == 1
+    reference = references(scenario)
+    _assert_matches_reference(ranks, reference)
+    _assert_sensitive(ranks, references(scenario, hooks=False), "missing NOG / OLR")
+    # OLR chose one lr per step, the same on both replicas and in the reference, and eta* < base lr at least once
+    # (otherwise OLR would have been a no-op and the comparison would say nothing about it)
+    assert ranks[0]["olr"] == ranks[1]["olr"]
+    assert all(len(lrs) == 1 for lrs in ranks[0]["olr"])
+    torch.testing.assert_close(torch.tensor(ranks[0]["olr"]), torch.tensor(reference["olr"]), rtol=1e-4, atol=0)
+    assert any(lrs[0] < LR for lrs in ranks[0]["olr"]), ranks[0]["olr"]
 
 
-def test_two_mode_model_replicas_identical_with_the_running_whitening_in_eval(ddp_results):
+def test_pre_svd_nog_olr_act_on_the_allreduced_gradient(ddp_results, references):
+    ranks = _replicas(ddp_results, "pre_svd")
+    _assert_identical(ranks)
+    _check_nog_olr(ranks, "pre_svd", references)
+
+
+def test_two_mode_model_replicas_identical_with_the_running_whitening_in_eval(ddp_results, references):
     ranks = _replicas(ddp_results, "dbn")
     _assert_identical(ranks)
     assert ranks[0]["modal"] and ranks[1]["modal"]
-    assert sorted(ranks[0]["hooks"]) == ["NearestOrthogonalGradient", "OptimalLearningRate"]
+    _check_nog_olr(ranks, "dbn", references)
     assert torch.equal(ranks[0]["eval"], ranks[1]["eval"]) and torch.isfinite(ranks[0]["eval"]).all()
     for rank in ranks:  # eval ran the eval graph: the original model's running whitening
         torch.testing.assert_close(rank["eval"], rank["eval_reference"], atol=1e-5, rtol=1e-4)
