@@ -136,10 +136,21 @@ def _fixed_signs(like, generator=None):
     return (1 - 2 * flips).reshape(like.shape)
 
 
-@pytest.mark.parametrize("preset,name", [("orthogonal", "small_cnn"), ("lorth", "small_cnn"),
-                                         ("convnorm", "small_cnn"), ("svd", "gcp_cnn"), ("jacobian", "deep_mlp"),
-                                         ("jacobian", "resnet18")])
-def test_inductor_fullgraph_matches_eager_on_cuda(preset, name, monkeypatch):
+#: torch 2.11 on an H200 (session 12): the compiled Jacobian estimate of the ResNet-18 (BatchNorm in its blocks)
+#: differed from eager with inductor, by 1e-4-5e-4 of the penalty and up to 9 % of a gradient's largest entry, on
+#: some calls and not others (it depended on the BatchNorm running statistics; calls after two training calls
+#: matched). The same graph with aot_eager on CUDA, and inductor on CPU (torch 2.13), match a float64 reference to
+#: 1e-5 on every call: an inductor CUDA code-generation fault, not yet reduced to a torch report.
+_INDUCTOR_CUDA_BN_JACOBIAN = pytest.mark.xfail(
+    reason="torch 2.11 inductor on CUDA: the compiled Jacobian estimate through BatchNorm blocks differs from eager "
+           "on some calls (see the comment above)", strict=False)
+
+
+@pytest.mark.parametrize("preset,name,backend", [
+    ("orthogonal", "small_cnn", "inductor"), ("lorth", "small_cnn", "inductor"), ("convnorm", "small_cnn", "inductor"),
+    ("svd", "gcp_cnn", "inductor"), ("jacobian", "deep_mlp", "inductor"), ("jacobian", "resnet18", "aot_eager"),
+    pytest.param("jacobian", "resnet18", "inductor", marks=_INDUCTOR_CUDA_BN_JACOBIAN)])
+def test_compiled_fullgraph_matches_eager_on_cuda(preset, name, backend, monkeypatch):
     # the Jacobian probes: one fixed sign pattern instead of random draws (inductor has its own generator on CUDA)
     monkeypatch.setattr(metrics, "_rademacher", _fixed_signs)
     gm, x, y = _setup(preset, name)
@@ -151,7 +162,7 @@ def test_inductor_fullgraph_matches_eager_on_cuda(preset, name, monkeypatch):
 
     torch._dynamo.reset()
     try:
-        compiled = torch.compile(loss_fn, fullgraph=True)
+        compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
         got = compiled(x)
         got.backward()
         grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
@@ -160,10 +171,7 @@ def test_inductor_fullgraph_matches_eager_on_cuda(preset, name, monkeypatch):
         expected.backward()
     finally:
         torch._dynamo.reset()
-    # the Jacobian estimate is a difference of large terms (||J^T J v - v||^2): inductor's fused reductions round
-    # it differently, 1.1e-4 relative on the ResNet-18 cell (H200, fp32)
-    rtol = 1e-3 if preset == "jacobian" else 1e-4
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=rtol)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     for n, p in gm.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[n], p.grad, atol=1e-4 * max(1.0, float(p.grad.abs().max())),
