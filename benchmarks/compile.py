@@ -2,23 +2,24 @@
 
 Issue 6 asks, where a GPU is available, for compiled vs eager figures of a ResNet-18-like model at batch 128 in
 float32 and bfloat16 (``torch.autocast``). For each variant x precision x mode the same step is timed eagerly and
-compiled (``torch.compile(fullgraph=True)``, inductor, default mode), interleaved run by run:
+compiled (``torch.compile(fullgraph=True)``, inductor, default mode or ``--mode``), interleaved run by run:
 
 * ``train``: ``loss = cross_entropy(gm(x), y) + orthofx.penalty(gm)`` compiled as one function, then the eager
   backward and an SGD step (what a user writes);
-* ``eval``: ``gm(x)`` under ``torch.no_grad()``; for the ``orthogonal`` variant, also the frozen model
-  (``orthofx.freeze``: plain convolutions), whose ratio to the plain model is the frozen-inference figure.
+* ``eval``: ``gm(x)`` under ``torch.no_grad()``; for every preset, also its frozen model (``orthofx.freeze``,
+  variant ``<preset> frozen``), whose ratio to the plain model is the frozen-inference figure.
 
 Every cell uses ``fullgraph=True``; the ``jacobian`` preset's estimate is compiled too (its reverse-only
 ``torch.func`` route, see ``orthofx.metrics``).
 
 Variants: ``plain`` (the untransformed built-in), and the presets given by ``--presets`` (default ``lorth
-orthogonal convnorm``). Each row also records the cold compile time (first compiled call) and the relative
-difference between compiled and eager outputs.
+orthogonal convnorm``). Each row also records the cold compile time (first compiled call, with inductor's caches
+off so that no earlier compile serves it; ``--quick`` keeps them), the relative difference between compiled and
+eager outputs, and the eager and compiled times' ratios to the plain model's in the same precision and mode.
 
     python benchmarks/compile.py --device cuda                    # everything
     python benchmarks/compile.py --device cuda --precisions bf16  # one precision
-    python benchmarks/compile.py --quick                          # CPU smoke run (width 8, batch 8)
+    python benchmarks/compile.py --quick --device cpu             # smoke run (width 8, batch 8, 3 repeats)
 
 Writes ``benchmarks/results/compile.json`` (or ``--out``).
 """
@@ -29,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import time
 import warnings
 from contextlib import nullcontext
 
@@ -37,10 +37,11 @@ import torch
 import torch.nn.functional as F
 
 import orthofx
-from timing import interleaved, synchronizer
+from timing import checked_device, device_name, interleaved, once, positive_int, synchronizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 def _autocast(device: str, precision: str):
@@ -60,7 +61,7 @@ def _variant(name: str, width: int, x: torch.Tensor, device: str) -> torch.nn.Mo
         return orthofx.transform(model, name, example_inputs=(x.cpu()[:2],)).to(device)
 
 
-def _train_rows(name, model, x, y, device, precision, repeats, mode=None) -> list[dict]:
+def _train_rows(name, model, x, y, device, precision, repeats, compile_mode=None) -> list[dict]:
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
@@ -70,7 +71,7 @@ def _train_rows(name, model, x, y, device, precision, repeats, mode=None) -> lis
         loss = F.cross_entropy(model(inputs), y)
         return loss + orthofx.penalty(model) if carries_penalty else loss
 
-    compiled = torch.compile(loss_fn, fullgraph=True, mode=mode)
+    compiled = torch.compile(loss_fn, fullgraph=True, mode=compile_mode)
     sync = synchronizer(device)
 
     def step(fn):
@@ -83,11 +84,7 @@ def _train_rows(name, model, x, y, device, precision, repeats, mode=None) -> lis
         optimizer.step()
         return loss
 
-    sync()
-    start = time.perf_counter()
-    step(compiled)
-    sync()
-    cold = time.perf_counter() - start
+    cold, _ = once(lambda: step(compiled), sync)
     with torch.no_grad(), _autocast(device, precision):
         eager_loss = loss_fn(x).float().clone()
         torch.compiler.cudagraph_mark_step_begin()
@@ -95,51 +92,75 @@ def _train_rows(name, model, x, y, device, precision, repeats, mode=None) -> lis
     times = interleaved({"eager": lambda: step(loss_fn), "compiled": lambda: step(compiled)}, repeats, sync)
     return [{"variant": name, "precision": precision, "mode": "train", "eager_ms": times["eager"] * 1e3,
              "compiled_ms": times["compiled"] * 1e3, "speedup": times["eager"] / times["compiled"],
-             "cold_compile_s": cold, "fullgraph": True, "compile_mode": mode or "default",
+             "cold_compile_s": cold, "fullgraph": True, "compile_mode": compile_mode or "default",
              "rel_diff": float((compiled_loss - eager_loss).abs() / eager_loss.abs().clamp_min(1e-12))}]
 
 
-def _eval_rows(name, model, x, device, precision, repeats, mode=None) -> list[dict]:
+def _eval_rows(name, model, x, device, precision, repeats, compile_mode=None) -> list[dict]:
     model.eval()
-    compiled = torch.compile(model, fullgraph=True, mode=mode)
+    compiled = torch.compile(model, fullgraph=True, mode=compile_mode)
     sync = synchronizer(device)
 
     def infer(fn):
         with torch.no_grad(), _autocast(device, precision):
             return fn(x)
 
-    sync()
-    start = time.perf_counter()
-    infer(compiled)
-    sync()
-    cold = time.perf_counter() - start
+    cold, _ = once(lambda: infer(compiled), sync)
     eager_out = infer(model).float().clone()
     torch.compiler.cudagraph_mark_step_begin()
     compiled_out = infer(compiled).float().clone()  # a CUDA graph's output is overwritten by its next replay
     times = interleaved({"eager": lambda: infer(model), "compiled": lambda: infer(compiled)}, repeats, sync)
     row = {"variant": name, "precision": precision, "mode": "eval", "eager_ms": times["eager"] * 1e3,
            "compiled_ms": times["compiled"] * 1e3, "speedup": times["eager"] / times["compiled"],
-           "cold_compile_s": cold, "compile_mode": mode or "default",
+           "cold_compile_s": cold, "fullgraph": True, "compile_mode": compile_mode or "default",
            "rel_diff": float((compiled_out - eager_out).norm() / eager_out.norm().clamp_min(1e-12))}
     return [row]
+
+
+def _error_row(variant: str, precision: str, mode: str, exc: Exception) -> dict:
+    return {"variant": variant, "precision": precision, "mode": mode,
+            "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+
+
+def _cell(variant: str, precision: str, mode: str, measure) -> list[dict]:
+    """``measure()``'s rows, from a fresh dynamo state; a failed cell is a finding: its error is the row."""
+    torch._dynamo.reset()
+    try:
+        return measure()
+    except Exception as exc:  # noqa: BLE001
+        return [_error_row(variant, precision, mode, exc)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--presets", nargs="*", default=["lorth", "orthogonal", "convnorm"])
+    parser.add_argument("--presets", nargs="*", choices=sorted(orthofx.presets()), metavar="PRESET",
+                        default=["lorth", "orthogonal", "convnorm"],
+                        help=f"presets timed besides the plain model (of {', '.join(sorted(orthofx.presets()))}; "
+                             "default: lorth orthogonal convnorm)")
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
-    parser.add_argument("--modes", nargs="+", choices=["train", "eval"], default=["train", "eval"])
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--mode", default=None, help="torch.compile mode (default, reduce-overhead: CUDA graphs, "
-                                                     "max-autotune)")
-    parser.add_argument("--quick", action="store_true", help="width 8, batch 8, 3 repeats (CPU smoke run)")
+    parser.add_argument("--modes", nargs="+", choices=["train", "eval"], default=["train", "eval"],
+                        help="which steps to time (not the torch.compile mode: that is --mode)")
+    parser.add_argument("--width", type=positive_int, default=64)
+    parser.add_argument("--batch", type=positive_int, default=128)
+    parser.add_argument("--repeats", type=positive_int, default=30)
+    parser.add_argument("--mode", default=None, choices=COMPILE_MODES,
+                        help="torch.compile mode (default; reduce-overhead: CUDA graphs; max-autotune)")
+    parser.add_argument("--quick", action="store_true",
+                        help="width 8, batch 8, 3 repeats, inductor's caches kept (smoke run: the cold compile "
+                             "times are not figures)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "compile.json"))
     args = parser.parse_args()
+    checked_device(parser, args.device)
     if args.quick:
         args.width, args.batch, args.repeats = 8, 8, 3
+    else:
+        # cold means cold: inductor's caches (on disk, kept between runs, and in memory) would serve a graph
+        # compiled before (by an earlier run, or by an earlier cell: the frozen lorth model is the lorth eval graph)
+        # in a fraction of the time; measured on CPU, 3.2 s against 26 s for the plain training step. A --quick
+        # smoke run keeps them: with them off it takes over 10 minutes on 2 CPU cores, nearly all compiling.
+        torch.compiler.config.force_disable_caches = True
+        warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")  # that setting's notice, per cell
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: orthogonality figures stay comparable
@@ -148,23 +169,24 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch,), device=args.device)
     rows: list[dict] = []
     for name in ["plain", *args.presets]:
-        model = _variant(name, args.width, x, args.device)
+        try:
+            model = _variant(name, args.width, x, args.device)
+        except orthofx.OrthofxError as exc:  # e.g. svd: the model has no decomposition for it to act on
+            rows.append(_error_row(name, "-", "transform", exc))
+            print(rows[-1], flush=True)
+            continue
         for precision in args.precisions:
             for mode in args.modes:
-                torch._dynamo.reset()
-                try:
-                    if mode == "train":
-                        new = _train_rows(name, model, x, y, args.device, precision, args.repeats, args.mode)
-                    else:
-                        new = _eval_rows(name, model, x, args.device, precision, args.repeats, args.mode)
-                        if name != "plain" and hasattr(orthofx, "freeze"):
-                            torch._dynamo.reset()
-                            frozen = orthofx.freeze(model)
-                            new += _eval_rows(f"{name} frozen", frozen, x, args.device, precision, args.repeats,
-                                              args.mode)
-                except Exception as exc:  # a failed cell is a finding: record it, go on
-                    new = [{"variant": name, "precision": precision, "mode": mode,
-                            "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}]
+                if mode == "train":
+                    new = _cell(name, precision, mode, lambda: _train_rows(
+                        name, model, x, y, args.device, precision, args.repeats, args.mode))
+                else:
+                    new = _cell(name, precision, mode, lambda: _eval_rows(
+                        name, model, x, args.device, precision, args.repeats, args.mode))
+                    if name != "plain":  # its own cell: a failure of the frozen model keeps the row above
+                        new += _cell(f"{name} frozen", precision, mode, lambda: _eval_rows(
+                            f"{name} frozen", orthofx.freeze(model), x, args.device, precision, args.repeats,
+                            args.mode))
                 for row in new:
                     print(row, flush=True)
                 rows += new
@@ -185,8 +207,9 @@ def _write(args, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump({"torch": torch.__version__, "machine": platform.machine(),
-                   "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                   "device": device_name(args.device),
                    "width": args.width, "batch": args.batch, "repeats": args.repeats, "tf32": False,
+                   "compile_caches": args.quick,
                    "rows": rows}, handle, indent=2)
 
 

@@ -1,7 +1,8 @@
 """Core-engine measurements, side by side in one run (never as timed tests).
 
-1. Transform latency: ``orthofx.transform`` with the ``lorth`` preset against torch.ao's ``prepare_fx`` on the same
-   model (a 50-conv plain CNN and the ResNet-50-like built-in), and against a bare ``torch.fx.symbolic_trace``.
+1. Transform latency (``--only transform``): ``orthofx.transform`` with the ``lorth`` preset against torch.ao's
+   ``prepare_fx`` on the same model (a 50-conv plain CNN and the ResNet-50-like built-in), and against a bare
+   ``torch.fx.symbolic_trace``.
    Quality bar (DESIGN.md): under 0.5 s for a 50-conv model and no slower than ``prepare_fx``.
    The same for every preset that acts on the ResNet-50-like model (``--only presets``): presets that initialise
    layers from the originals (``orthogonal``: the nearest orthogonal layer; ``isometric``: random orthogonal
@@ -9,13 +10,13 @@
 2. Training step of each preset (``--only steps``): the ResNet-18-like built-in transformed with each preset,
    one SGD step (loss + ``orthofx.penalty``, optimizer hooks by ``orthofx.attach``) against the plain model's
    step, interleaved. The Jacobian preset's costs are in ``jacobian.py``.
-3. L_orth overhead: a training step of the ResNet-18-like built-in with and without ``orthofx.penalty``.
-   Quality bar: under 10 % extra time per step.
+3. L_orth overhead (``--only lorth``): a training step (SGD, momentum 0.9) of the ResNet-18-like built-in
+   transformed with ``lorth``, with and without ``orthofx.penalty``. Quality bar: under 10 % extra time per step.
 
     python benchmarks/core.py            # full
     python benchmarks/core.py --quick    # smaller widths and batches, for a CPU smoke run
 
-Writes ``benchmarks/results/core.json``.
+Writes ``benchmarks/results/core.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ import copy
 import json
 import os
 import platform
-import time
 
 import torch
 from torch import nn
 
 import orthofx
-from timing import interleaved, synchronizer, training_step
+from timing import checked_device, device_name, interleaved, positive_int, synchronizer, training_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -111,29 +111,20 @@ def preset_steps(quick: bool, device: str = "cpu") -> list[dict]:
 
 
 def lorth_overhead(quick: bool, device: str = "cpu") -> list[dict]:
+    """The lorth-transformed model's step with and without ``orthofx.penalty``: the same graph on both sides, so
+    the ratio is the penalty's alone (``preset_steps`` compares with the untransformed model instead)."""
     torch.manual_seed(0)
     width, batch = (16, 16) if quick else (64, 64)
     model = orthofx.models.get("resnet18", width=width)
     gm = orthofx.transform(model, "lorth").to(device)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    optimizer = torch.optim.SGD(gm.parameters(), lr=1e-3)
-    criterion = nn.CrossEntropyLoss()
-
-    def step(with_penalty: bool):
-        loss = criterion(gm(x), y)
-        if with_penalty:
-            loss = loss + orthofx.penalty(gm)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    times = interleaved({"plain step": lambda: step(False), "step + penalty": lambda: step(True)},
+    times = interleaved({"plain step": training_step(copy.deepcopy(gm), x, y, orthofx_terms=False),
+                         "step + penalty": training_step(gm, x, y, orthofx_terms=True)},
                         repeats=5 if quick else 20, sync=synchronizer(device))
     base = times["plain step"]
     return [{"benchmark": "lorth_overhead", "model": f"resnet18(width={width})", "batch": batch, "device": device,
-             "method": k,
-             "seconds": v, "ratio_to_plain": v / base} for k, v in times.items()]
+             "method": k, "seconds": v, "ratio_to_plain": v / base} for k, v in times.items()]
 
 
 def main() -> None:
@@ -143,9 +134,11 @@ def main() -> None:
                         help="device of the L_orth and per-preset step timings (cuda when a GPU is there)")
     parser.add_argument("--only", choices=["transform", "presets", "steps", "lorth"], default=None,
                         help="run one part only")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "core.json"))
     args = parser.parse_args()
+    checked_device(parser, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
@@ -159,10 +152,10 @@ def main() -> None:
         rows += lorth_overhead(args.quick, args.device)
     from tabulate import tabulate
     print(tabulate(rows, headers="keys", floatfmt=".4g"))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump({"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
-                   "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                   "device": device_name(args.device),
                    "quick": args.quick, "rows": rows}, handle, indent=2)
     print(f"wrote {args.out}")
 

@@ -3,15 +3,15 @@
     python benchmarks/decompositions.py [--dims 64 256 512] [--batch 8] [--dtype float32] [--budget 1.0] [--threads N]
                                         [--device cuda]
 
-Pairs (candidate vs baseline), each timed on the same inputs and interleaved run by run (A, B, A, B, ...) so
-that drift in machine load hits both alike:
+Pairs (candidate vs baseline), each timed on the same inputs and interleaved run by run (A, B, then B, A, ...)
+so that drift in machine load hits both alike and neither always runs after the other:
 - eigh_stable (Taylor order 9)  vs torch.linalg.eigh
 - svd_stable (Taylor order 9)   vs torch.linalg.svd(full_matrices=False)
 - sqrtm_newton_schulz (5 it.)   vs the eigh-based square root V diag(sqrt L) V^T (torch.linalg.eigh)
 for every dim, unbatched and batched. One timed run = forward, then backward with fixed random output
 gradients (torch.autograd.grad). Prints a table of medians and ratios (median over adjacent run pairs of
 candidate / baseline, robust to machine load that drifts) and writes
-benchmarks/results/decompositions.json. Quality bar (DESIGN.md): stable ops within 1.5x of torch's.
+benchmarks/results/decompositions.json (or ``--out``). Quality bar (DESIGN.md): stable ops within 1.5x of torch's.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from orthofx.nn.decompositions import eigh_stable, sqrtm_newton_schulz, svd_stable
+from timing import checked_device, device_name, once, positive_float, positive_int, samples, synchronizer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decompositions.json"
 
@@ -73,34 +73,17 @@ def _runner(fn, A):
     return run
 
 
-_SYNC = [lambda: None]  # torch.cuda.synchronize when timing on a GPU (set by main)
-
-
-def _time_once(run) -> float:
-    _SYNC[0]()
-    t0 = time.perf_counter()
-    run()
-    _SYNC[0]()
-    return time.perf_counter() - t0
-
-
 def measure(name, n, batch, dtype, budget, device="cpu"):
     make, cand, base = PAIRS[name]
     A = make(batch, n, dtype, seed=n + len(batch)).to(device)
     run_c, run_b = _runner(cand, A), _runner(base, A)
-    for _ in range(2):  # warm-up (first calls allocate / dispatch-cache)
-        run_c()
-        run_b()
-    est = _time_once(run_c) + _time_once(run_b)
+    sync = synchronizer(device)
+    run_c()  # warm-up (first calls allocate / dispatch-cache) before the estimate that sizes the row
+    run_b()
+    est = once(run_c, sync)[0] + once(run_b, sync)[0]
     reps = max(3, min(50, int(budget / max(est, 1e-6))))
-    tc, tb = [], []
-    for i in range(reps):
-        if i % 2 == 0:  # alternate which one goes first, too
-            tc.append(_time_once(run_c))
-            tb.append(_time_once(run_b))
-        else:
-            tb.append(_time_once(run_b))
-            tc.append(_time_once(run_c))
+    times = samples({"candidate": run_c, "baseline": run_b}, reps, sync, alternate=True)
+    tc, tb = times["candidate"], times["baseline"]
     mc, mb = statistics.median(tc), statistics.median(tb)
     # the ratio is the median of the ratios of adjacent runs: robust to load that drifts during the row
     ratio = statistics.median(c / b for c, b in zip(tc, tb))
@@ -110,16 +93,17 @@ def measure(name, n, batch, dtype, budget, device="cpu"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dims", type=int, nargs="+", default=[64, 256, 512])
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dims", type=positive_int, nargs="+", default=[64, 256, 512])
+    parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per row (about)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--budget", type=positive_float, default=1.0,
+                        help="seconds of timed runs per row (about; 3 to 50 runs of each)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda"):
-        _SYNC[0] = torch.cuda.synchronize
+    checked_device(parser, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -139,13 +123,14 @@ def main(argv=None):
     print(f"\nworst stable-op ratio: {worst['ratio']:.2f} ({worst['op']}, n={worst['n']}, batch={worst['batch']}); "
           f"bar 1.5x: {'met' if worst['ratio'] <= 1.5 else 'NOT met'}")
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "device": device_name(args.device),
             "processor": platform.processor(), "python": platform.python_version(),
             "baselines": {"eigh": "torch.linalg.eigh", "svd": "torch.linalg.svd(full_matrices=False)",
                           "sqrtm": "eigh-based V diag(sqrt L) V^T"},
             "candidates": {"eigh": "eigh_stable(taylor_order=9)", "svd": "svd_stable(taylor_order=9)",
                            "sqrtm": "sqrtm_newton_schulz(iterations=5)"},
-            "timing": "forward+backward, runs interleaved; ms = medians; ratio = median of candidate/baseline over adjacent run pairs"}
+            "timing": "forward+backward, runs interleaved (A B, B A, ...); ms = medians; ratio = median of "
+                      "candidate/baseline over adjacent run pairs"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")

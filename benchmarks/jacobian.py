@@ -43,9 +43,7 @@ import torch
 from torch import nn
 
 import orthofx
-from timing import interleaved, synchronizer, training_step
-import orthofx.passes.jacobian_isometry  # noqa: F401  (registers the passes if orthofx.passes does not yet)
-import orthofx.passes.riemannian  # noqa: F401
+from timing import checked_device, interleaved, positive_int, synchronizer, training_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -199,9 +197,10 @@ def _geoopt_version() -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10 with --quick, else 20)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared "
-                        "machine)")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="timed repeats (default 10 with --quick, else 20)")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch threads (default 1: steadier on a shared machine)")
     parser.add_argument("--flush-denormal", action="store_true",
                         help="torch.set_flush_denormal(True): on some x86 CPUs subnormal floats (the vanishing "
                         "second-order terms of a deep tanh MLP's estimate) are very slow")
@@ -212,10 +211,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(HERE, "results", "jacobian.json"),
                         help="where the JSON results go (default: benchmarks/results/jacobian.json)")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available here")
-    torch.set_num_threads(max(1, args.threads))
+    device = checked_device(parser, args.device)
+    torch.set_num_threads(args.threads)
     if args.flush_denormal and not torch.set_flush_denormal(True):
         print("note: this CPU does not support flushing subnormal floats; --flush-denormal has no effect")
     repeats = args.repeats or (10 if args.quick else 20)

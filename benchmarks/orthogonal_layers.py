@@ -25,7 +25,7 @@ input grid). Layers:
 * ``orthofx convnorm``         :class:`orthofx.nn.convnorm.ConvNormConv2d` around the zero-padded ``nn.Conv2d``
                               (P3's normalisation, computed on every training forward from the detached kernel;
                               not an orthogonal conv: rows orthonormal per output channel, so no max|sigma - 1|);
-* ``orthogonium AOC`` / ``torchlip SpectralConv2d`` when those packages import (optional);
+* ``orthogonium AOC`` / ``torchlip SpectralConv2d`` when those packages import (optional; a note says when not);
 * ``... (compiled)``           with ``--compile MODE``: ``torch.compile(layer, mode=MODE)`` of nn.Conv2d, of
                               orthofx's first exact method (build f32) and of orthogonium's AOC, at the first
                               input size only (a cold compile per layer costs seconds to tens of seconds).
@@ -39,7 +39,7 @@ Usage::
 
 Peers: ``pip install -e ".[bench]"`` (orthogonium, deel-torchlip; torch stays within orthofx's bound).
 
-Writes ``benchmarks/results/orthogonal_layers.json``.
+Writes ``benchmarks/results/orthogonal_layers.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -59,6 +58,7 @@ from torch import nn
 from orthofx.metrics import conv_singular_values
 from orthofx.nn.convnorm import ConvNormConvNd, with_convnorm
 from orthofx.nn.orthogonal import OrthogonalConv2d
+from timing import checked_device, positive_int, samples, synchronizer
 
 SHAPES = [  # (C, M, k, S)
     (64, 64, 3, 1),
@@ -66,6 +66,13 @@ SHAPES = [  # (C, M, k, S)
     (256, 256, 3, 1),
 ]
 SIZES = [32, 16]
+EXACT_METHODS = ("bcop", "rko")  # OrthogonalConv2d methods for any input size, tried in this order
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+#: every layer name a run can time (what ``--skip`` is checked against); ``build_layers`` makes them
+LAYER_NAMES = ["nn.Conv2d", "nn.Conv2d circular", *(f"orthofx {m}" for m in EXACT_METHODS),
+               *(f"orthofx {m} (build f32)" for m in EXACT_METHODS), "orthofx frozen", "orthofx cayley_fft",
+               "orthofx cayley_fft (build f32)", "orthofx cayley_fft frozen", "orthofx convnorm",
+               "torch orthogonal(flat)", "orthogonium AOC", "torchlip SpectralConv2d"]
 
 
 class FlatOrthogonalConv2d(nn.Module):
@@ -88,28 +95,36 @@ class FlatOrthogonalConv2d(nn.Module):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
 
-def optional_peers(c_in, c_out, k, stride):
-    """Peer packages' layers when they import; name -> module (their own weight conventions)."""
-    peers = {}
+def peer_factories() -> tuple[dict, list[str]]:
+    """The peer packages' layers that import here (name -> constructor of ``(c_in, c_out, k, stride)``; their own
+    weight conventions) and a note for each that does not."""
+    factories, notes = {}, []
     try:  # orthogonium 0.0.4 (AOC: BCOP composed with RKO); padding="same" is refused at stride > 1, so explicit
         from orthogonium.layers.conv.AOC import AdaptiveOrthoConv2d  # type: ignore
-    except ImportError:
-        AdaptiveOrthoConv2d = None
-    if AdaptiveOrthoConv2d is not None:
-        try:
-            peers["orthogonium AOC"] = AdaptiveOrthoConv2d(c_in, c_out, k, stride=stride, padding=(k - 1) // 2,
-                                                           padding_mode="circular")
-        except Exception as exc:  # noqa: BLE001 - e.g. k < S, which AOC refuses
-            print(f"(orthogonium AOC skipped for {c_in}->{c_out} k{k} s{stride}: {exc})")
+    except ImportError as exc:
+        notes.append(f'orthogonium AOC not timed: orthogonium does not import ({exc}); pip install -e ".[bench]"')
+    else:
+        factories["orthogonium AOC"] = lambda c_in, c_out, k, stride: AdaptiveOrthoConv2d(
+            c_in, c_out, k, stride=stride, padding=(k - 1) // 2, padding_mode="circular")
     try:  # deel-torchlip 1.0.5 (spectral normalisation + Bjorck on the flattened kernel; zero padding)
         from deel.torchlip import SpectralConv2d  # type: ignore
-    except ImportError:
-        SpectralConv2d = None
-    if SpectralConv2d is not None:
+    except ImportError as exc:
+        notes.append(f"torchlip SpectralConv2d not timed: deel-torchlip does not import ({exc}); "
+                     'pip install -e ".[bench]"')
+    else:
+        factories["torchlip SpectralConv2d"] = lambda c_in, c_out, k, stride: SpectralConv2d(
+            c_in, c_out, k, stride=stride, padding=(k - 1) // 2)
+    return factories, notes
+
+
+def optional_peers(c_in, c_out, k, stride, factories: dict):
+    """The peers of ``peer_factories`` that accept this shape; name -> module."""
+    peers = {}
+    for name, make in factories.items():
         try:
-            peers["torchlip SpectralConv2d"] = SpectralConv2d(c_in, c_out, k, stride=stride, padding=(k - 1) // 2)
-        except Exception as exc:  # noqa: BLE001
-            print(f"(torchlip SpectralConv2d skipped for {c_in}->{c_out} k{k} s{stride}: {exc})")
+            peers[name] = make(c_in, c_out, k, stride)
+        except Exception as exc:  # noqa: BLE001 - e.g. k < S, which AOC refuses
+            print(f"({name} skipped for {c_in}->{c_out} k{k} s{stride}: {exc})")
     return peers
 
 
@@ -135,14 +150,14 @@ def sigma_error(module, n, stride):
         return float((sv - 1).abs().max())
 
 
-def build_layers(c_in, c_out, k, stride, device, n, cayley_max_n=None):
+def build_layers(c_in, c_out, k, stride, device, n, cayley_max_n=None, peers=None):
     layers = {
         "nn.Conv2d": nn.Conv2d(c_in, c_out, k, stride=stride, padding=(k - 1) // 2),
         "nn.Conv2d circular": nn.Conv2d(c_in, c_out, k, stride=stride, padding=(k - 1) // 2,
                                         padding_mode="circular"),
     }
     ours = None
-    for method in ("bcop", "rko"):
+    for method in EXACT_METHODS:
         try:
             layer = OrthogonalConv2d(c_in, c_out, k, stride=stride, method=method)
         except ValueError:
@@ -164,7 +179,7 @@ def build_layers(c_in, c_out, k, stride, device, n, cayley_max_n=None):
         print(f"(skipping cayley_fft for {c_in}->{c_out} s{stride}: N = {big} > --cayley-max-n {cayley_max_n})")
     layers["orthofx convnorm"] = with_convnorm(nn.Conv2d(c_in, c_out, k, stride=stride, padding=(k - 1) // 2))
     layers["torch orthogonal(flat)"] = FlatOrthogonalConv2d(c_in, c_out, k, stride)
-    layers.update(optional_peers(c_in, c_out, k, stride))
+    layers.update(optional_peers(c_in, c_out, k, stride, peers or {}))
     return {name: m.to(device) for name, m in layers.items()}
 
 
@@ -182,55 +197,53 @@ def step(module, x):
     y.square().mean().backward()
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 8 and fewer repetitions (CPU)")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--batch", type=positive_int, default=None, help="batch size (default 64; 8 with --quick)")
+    parser.add_argument("--reps", type=positive_int, default=None,
+                        help="timed repetitions (default 20; 7 with --quick)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip", nargs="*", default=[],
-                        help="skip layers whose name contains any of these strings (e.g. 'flat')")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--cayley-max-n", type=int, default=None,
+                        help="skip layers whose name contains any of these strings (e.g. 'flat'; the nn.Conv2d "
+                             "baseline is always timed)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--cayley-max-n", type=positive_int, default=None,
                         help="skip cayley_fft where N = max(M, C S^2) exceeds this (default: 128 with --quick)")
-    parser.add_argument("--compile", default=None, metavar="MODE",
+    parser.add_argument("--compile", default=None, metavar="MODE", choices=COMPILE_MODES,
                         help="also time torch.compile(mode=MODE) forms at the first input size "
-                             "(default, reduce-overhead, max-autotune)")
+                             f"({', '.join(COMPILE_MODES)})")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "orthogonal_layers.json"))
     args = parser.parse_args(argv)
+    device = checked_device(parser, args.device)
+    names = LAYER_NAMES + [f"{name} (compiled)" for name in LAYER_NAMES]
+    unknown = [part for part in args.skip if not any(part in name for name in names)]
+    if unknown:
+        parser.error(f"--skip {' '.join(unknown)}: no layer name contains it; the layers are "
+                     f"{', '.join(LAYER_NAMES)} (and '... (compiled)' with --compile)")
     batch = args.batch or (8 if args.quick else 64)
     reps = args.reps or (7 if args.quick else 20)
-    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     cayley_max_n = args.cayley_max_n if args.cayley_max_n is not None else (128 if args.quick else None)
+    peers, notes = peer_factories()
+    for note in notes:
+        print(f"note: {note}")
     torch.manual_seed(0)
 
     rows = []
     for (c_in, c_out, k, stride) in SHAPES:
         for n in SIZES:
-            layers = build_layers(c_in, c_out, k, stride, device, n, cayley_max_n)
+            layers = build_layers(c_in, c_out, k, stride, device, n, cayley_max_n, peers)
             layers = {name: m for name, m in layers.items()
                       if name == "nn.Conv2d" or not any(part in name for part in args.skip)}
             if args.compile and n == SIZES[0]:
                 layers.update(compiled_layers(layers, args.compile))
             x = torch.randn(batch, c_in, n, n, device=device, requires_grad=True)
-            times = {name: [] for name in layers}
-            for name, m in layers.items():  # warm-up
-                step(m, x)
-            sync(device)
-            for _ in range(reps):
-                for name, m in layers.items():  # interleaved: one step of each layer per repetition
-                    sync(device)
-                    t0 = time.perf_counter()
-                    step(m, x)
-                    sync(device)
-                    times[name].append(time.perf_counter() - t0)
+            # interleaved: one step of each layer per repetition
+            times = samples({name: (lambda m=m: step(m, x)) for name, m in layers.items()}, reps,
+                            synchronizer(device))
             base = statistics.median(times["nn.Conv2d"])
             base_min = min(times["nn.Conv2d"])
             for name, m in layers.items():
@@ -250,11 +263,13 @@ def main(argv=None):
                 m.to(device)
             print_rows(rows[-len(layers):])
             sys.stdout.flush()
+    for note in notes:  # again below the tables, where a reader of the run looks
+        print(f"note: {note}")
 
     meta = {
         "device": str(device), "batch": batch, "reps": reps, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "platform": platform.platform(), "quick": args.quick,
-        "cayley_max_n": cayley_max_n, "compile": args.compile,
+        "cayley_max_n": cayley_max_n, "compile": args.compile, "notes": notes,
         "timing": "median and min forward+backward (loss = mean(y^2)), layers interleaved round-robin",
     }
     out = Path(args.out)
@@ -264,20 +279,14 @@ def main(argv=None):
 
 
 def print_rows(rows):
-    try:
-        from tabulate import tabulate
-    except ImportError:  # pragma: no cover
-        tabulate = None
+    from tabulate import tabulate
+
     table = [[r["shape"], r["input"], r["layer"], f"{r['ms']:.2f}", f"{r['ratio_to_conv']:.2f}x",
               f"{r['min_ms']:.2f}", f"{r['min_ratio_to_conv']:.2f}x",
               "-" if r["max_abs_sigma_minus_1"] is None else f"{r['max_abs_sigma_minus_1']:.1e}"] for r in rows]
     headers = ["shape", "input", "layer", "median ms", "vs nn.Conv2d", "min ms", "vs nn.Conv2d (min)",
                "max|sigma-1|"]
-    if tabulate:
-        print(tabulate(table, headers=headers))
-    else:
-        for row in [headers] + table:
-            print(" | ".join(map(str, row)))
+    print(tabulate(table, headers=headers))
     print()
 
 

@@ -23,8 +23,8 @@ import os
 
 import torch
 
-from timing import interleaved, synchronizer
 from orthofx.nn.stiefel import orthonormal
+from timing import checked_device, interleaved, positive_int, synchronizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = [(64, 32), (128, 64), (256, 128), (512, 256), (256, 256), (4, 128, 64)]
@@ -69,10 +69,10 @@ def gpu_ms(fn, device: torch.device, calls: int = 10) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--repeats", type=positive_int, default=20)
+    parser.add_argument("--out", default=None, help="JSON path (default results/orthonormal_<device>.json)")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = checked_device(parser, args.device)
     sync = synchronizer(device)
     rows = []
     for dtype in (torch.float64, torch.float32):
@@ -100,6 +100,7 @@ def main() -> None:
                 rows.append(row)
                 print(row, flush=True)
     out = args.out or os.path.join(HERE, "results", f"orthonormal_{device.type}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"torch": torch.__version__, "device": str(device), "rows": rows}, f, indent=1)
     print(f"wrote {out}")

@@ -10,18 +10,20 @@ Taylor order 9, condition-number monitor on, as in the ``svd`` preset); the Pre-
 
 ``eager`` (the untransformed model: plain ``torch.linalg.eigh``, no monitor) is timed alongside for reference.
 
-One training step = forward, cross-entropy, ``zero_grad``, ``backward``, ``optimizer.step()`` (SGD with momentum;
-``orthofx.attach`` runs the hooks inside ``step``) on a fixed random batch of 1x8x8 inputs. The variants run in
+One training step = forward, cross-entropy (plus ``orthofx.penalty``: zero here, a few microseconds),
+``zero_grad``, ``backward``, ``optimizer.step()`` (SGD with momentum; ``orthofx.attach`` runs the hooks inside
+``step``) on a fixed random batch of 1x8x8 inputs: ``timing.training_step``. The variants run in
 round-robin, ``--inner`` steps per variant per round, so that all of them see the same machine state; the table
 gives the median and the minimum over the rounds of the time per step, and the median's ratio to ``plain``.
 The step-time differences are small against a shared machine's noise, so the hooks are also timed on their own:
-each hook's ``before_step`` + ``after_step`` on conv1 after a backward pass (median of ``--hook-calls`` calls).
+each hook's ``before_step`` + ``after_step`` on conv1 after a backward pass (median of ``--hook-calls`` calls, the
+hooks taking turns).
 
     python benchmarks/svd_passes.py            # batches 64 and 256, 30 rounds of 10 steps
     python benchmarks/svd_passes.py --quick    # batch 64, 10 rounds of 5 steps
 
-Writes ``benchmarks/results/svd_passes.json``. Uses one CPU thread by default (``--threads``): the matrices are
-tiny and thread synchronisation would dominate on a shared machine.
+Writes ``benchmarks/results/svd_passes.json`` (or ``--out``). Uses one CPU thread by default (``--threads``): the
+matrices are tiny and thread synchronisation would dominate on a shared machine.
 
 ``--export`` measures instead the ONNX inference form of the meta-layer (needs onnx, onnxscript, onnxruntime):
 a Linear (5 -> 6) and the per-sample 6 x 6 covariance ``+ eps I`` of its outputs, whose square root and inverse
@@ -29,7 +31,7 @@ square root are computed through ``torch.linalg.eigh``, transformed with the ``s
 ``orthofx.export(gm, "m.onnx")``, for ``eps`` from 1e-1 to 1e-5 (kappa from ~10 to ~1e5). For each: kappa, the
 Newton-Schulz iterations ``export`` chose, the PyTorch Newton-Schulz form's and onnxruntime's largest difference
 from the exact frozen model, the float32 exact model's own difference from a float64 eigendecomposition, and
-whether the export passed its 1e-4 check. Writes ``benchmarks/results/svd_export.json``.
+whether the export passed its 1e-4 check. Writes ``benchmarks/results/svd_export.json`` (or ``--out``).
 
     python benchmarks/svd_passes.py --export
 """
@@ -41,14 +43,12 @@ import json
 import os
 import platform
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import orthofx
-import orthofx.passes.pre_svd  # noqa: F401  (registers the passes if orthofx.passes does not yet)
-import orthofx.passes.svd_conditioning  # noqa: F401
+from timing import interleaved, positive_int, samples, training_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {
@@ -67,20 +67,6 @@ def policy(pre_svd: dict | None) -> dict:
     return {"rules": rules}
 
 
-def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, transformed: bool):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    if transformed:
-        orthofx.attach(optimizer, model)
-
-    def step():
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
 def build_steps(batch: int, width: int, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 1, 8, 8, generator=generator)
@@ -97,24 +83,20 @@ def build_steps(batch: int, width: int, seed: int = 0) -> dict:
             ["OptimalLearningRate"] if pre_svd and pre_svd["olr"] else [])
         if sorted(hooks) != sorted(expected):
             raise RuntimeError(f"{name}: expected hooks {expected}, the transform recorded {hooks}")
-        steps[name] = make_step(gm, x, y, transformed=True)
-    steps["eager"] = make_step(eager, x, y, transformed=False)
+        steps[name] = training_step(gm, x, y, orthofx_terms=True)
+    steps["eager"] = training_step(eager, x, y, orthofx_terms=False)
     return steps
 
 
-def interleaved(steps: dict, rounds: int, inner: int) -> dict[str, list[float]]:
-    """Seconds per step of each variant, one sample per round; the variants take turns within a round."""
-    for step in steps.values():  # warm-up
+def per_step(steps: dict, rounds: int, inner: int) -> dict[str, list[float]]:
+    """Seconds per step of each variant, one sample per round of ``inner`` steps; the variants take turns within
+    a round (``timing.samples``)."""
+    def run(step):
         for _ in range(inner):
             step()
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                step()
-            samples[name].append((time.perf_counter() - start) / inner)
-    return samples
+
+    times = samples({name: (lambda step=step: run(step)) for name, step in steps.items()}, rounds)
+    return {name: [seconds / inner for seconds in values] for name, values in times.items()}
 
 
 def hook_times(batch: int, width: int, calls: int, seed: int = 0) -> dict[str, float]:
@@ -128,15 +110,12 @@ def hook_times(batch: int, width: int, calls: int, seed: int = 0) -> dict[str, f
     optimizer = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9)
     handle = orthofx.attach(optimizer, gm)
     F.cross_entropy(gm(x), y).backward()
-    out = {}
-    for hook in handle.hooks:
-        times = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            hook.before_step(gm, optimizer)
-            hook.after_step(gm, optimizer)
-            times.append(time.perf_counter() - start)
-        out[type(hook).__name__] = statistics.median(times)
+
+    def hook_step(hook):
+        hook.before_step(gm, optimizer)
+        hook.after_step(gm, optimizer)
+
+    out = interleaved({type(hook).__name__: (lambda hook=hook: hook_step(hook)) for hook in handle.hooks}, calls)
     handle.remove()
     return out
 
@@ -157,20 +136,20 @@ class CovarianceRoots(torch.nn.Module):
             ((evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.mT @ f.mT).flatten(1)
 
 
-def export_accuracy(out: str, batch: int = 4, samples: int = 40) -> list[dict]:
+def export_accuracy(out: str, batch: int = 4, vectors: int = 40) -> list[dict]:
     """The ``--export`` measurement (see the module docstring)."""
     import tempfile
     import warnings
 
     rows = []
-    x = torch.randn(batch, samples, 5, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(batch, vectors, 5, generator=torch.Generator().manual_seed(0))
     print(f"{'eps':>7}  {'kappa':>8}  {'T':>3}  {'NS vs exact':>11}  {'onnx vs exact':>13}  {'f32 vs f64':>10}  result")
     for eps in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5):
         torch.manual_seed(0)
         model = CovarianceRoots(eps)
         with torch.no_grad():
             f = x.double() @ model.proj.weight.double().T
-            cov = f.mT @ f / samples + eps * torch.eye(6, dtype=torch.float64)
+            cov = f.mT @ f / vectors + eps * torch.eye(6, dtype=torch.float64)
             lam, vec = torch.linalg.eigh(cov)
             exact64 = [((vec * lam.sqrt().unsqueeze(-2)) @ vec.mT).flatten(1),
                        ((vec * lam.rsqrt().unsqueeze(-2)) @ vec.mT @ f.mT).flatten(1)]
@@ -190,6 +169,8 @@ def export_accuracy(out: str, batch: int = 4, samples: int = 40) -> list[dict]:
         fmt = lambda key: f"{row[key]:.2g}" if key in row else "-"  # noqa: E731
         print(f"{eps:>7.0e}  {kappa:>8.3g}  {row.get('iterations', '-'):>3}  {fmt('newton_schulz_vs_exact'):>11}  "
               f"{fmt('onnx_vs_exact'):>13}  {own:>10.2g}  {'ok' if row['passed'] else 'ExportError'}")
+        if not row["passed"]:
+            print(f"         {row['error']}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as handle:
         json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, handle, indent=2)
@@ -200,12 +181,14 @@ def export_accuracy(out: str, batch: int = 4, samples: int = 40) -> list[dict]:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 64 only, 10 rounds of 5 steps")
-    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 64 256)")
-    parser.add_argument("--width", type=int, default=16, help="dbn_cnn width (conv1's output channels)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 30; 10 quick)")
-    parser.add_argument("--inner", type=int, default=None, help="steps per variant per round (default 10; 5 quick)")
-    parser.add_argument("--hook-calls", type=int, default=200, help="calls per hook in the isolated timing")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=None,
+                        help="batch sizes (default 64 256)")
+    parser.add_argument("--width", type=positive_int, default=16, help="dbn_cnn width (conv1's output channels)")
+    parser.add_argument("--rounds", type=positive_int, default=None, help="rounds (default 30; 10 quick)")
+    parser.add_argument("--inner", type=positive_int, default=None,
+                        help="steps per variant per round (default 10; 5 quick)")
+    parser.add_argument("--hook-calls", type=positive_int, default=200, help="calls per hook in the isolated timing")
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--out", default=None, help="JSON path (default results/svd_passes.json, "
                         "results/svd_export.json with --export)")
     parser.add_argument("--export", action="store_true", help="measure the ONNX inference form instead")
@@ -224,9 +207,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     header = f"{'batch':>5}  {'variant':<9}  {'median ms':>9}  {'min ms':>7}  {'vs plain':>8}  {'overhead ms':>11}"
     print(header)
     for batch in batches:
-        samples = interleaved(build_steps(batch, args.width), rounds, inner)
-        base = statistics.median(samples["plain"])
-        for name, values in samples.items():
+        times = per_step(build_steps(batch, args.width), rounds, inner)
+        base = statistics.median(times["plain"])
+        for name, values in times.items():
             median = statistics.median(values)
             row = {"batch": batch, "variant": name, "median_s": median, "min_s": min(values),
                    "ratio_to_plain": median / base, "overhead_s": median - base}
@@ -237,7 +220,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for batch in batches[:1]:  # the hooks see only conv1's weight and gradient: the batch size does not matter
         for name, seconds in hook_times(batch, args.width, args.hook_calls).items():
             hooks.append({"hook": name, "median_s": seconds})
-    plain = statistics.median(r["median_s"] for r in rows if r["variant"] == "plain" and r["batch"] == batches[0])
+    plain = next(r["median_s"] for r in rows if r["variant"] == "plain" and r["batch"] == batches[0])
     for hook in hooks:
         hook["fraction_of_plain_step"] = hook["median_s"] / plain
         print(f"hook alone: {hook['hook']:<26} {hook['median_s'] * 1e3:.3f} ms per step "

@@ -1,7 +1,8 @@
-"""Side-by-side timing shared by the benchmark scripts (run them from the repository root)."""
+"""Side-by-side timing and argument checks shared by the benchmark scripts (run them from the repository root)."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
@@ -19,23 +20,49 @@ def synchronizer(device: str | torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int,
-                sync: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Median seconds of each function; every repeat runs all of them in turn (after one warm-up call each),
-    so that drifting machine load hits every candidate alike. ``sync`` (see :func:`synchronizer`) is called
-    before each clock read so that asynchronous devices are timed to completion."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+def device_name(device: str | torch.device) -> str:
+    """What the results' metadata calls ``device``: the GPU's name for a CUDA device, else ``"cpu"``."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def samples(fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None] = lambda: None,
+            alternate: bool = False) -> dict[str, list[float]]:
+    """Seconds of each call of each function; every repeat runs all of them in turn (after one warm-up call
+    each), so that drifting machine load hits every candidate alike, and the i-th samples of two candidates were
+    taken next to each other (a paired ratio can use them). ``sync`` (see :func:`synchronizer`) is called before
+    each clock read so that asynchronous devices are timed to completion. ``alternate`` reverses the order on
+    every other repeat, so that no candidate always runs right after the same other one."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
     sync()
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for repeat in range(repeats):
+        for name, fn in (order[::-1] if alternate and repeat % 2 else order):
             sync()
             start = time.perf_counter()
             fn()
             sync()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int,
+                sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median seconds of each function over :func:`samples`' interleaved repeats."""
+    return {name: statistics.median(values) for name, values in samples(fns, repeats, sync).items()}
+
+
+def once(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> tuple[float, object]:
+    """Seconds of one call of ``fn`` (what cannot be repeated alike: a cold compile, an export) and its result."""
+    sync()
+    start = time.perf_counter()
+    result = fn()
+    sync()
+    return time.perf_counter() - start, result
 
 
 def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, orthofx_terms: bool,
@@ -57,3 +84,45 @@ def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, orthofx_te
             optimizer.step()
 
     return step
+
+
+# ------------------------------------------------------------------------------------------- argument checks
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` of counts and sizes (repeats, batch, width, threads): an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type`` of a duration or a budget: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def checked_device(parser: argparse.ArgumentParser, device: str) -> torch.device:
+    """``--device`` as a ``torch.device``; ``parser.error`` for a malformed name, a type the scripts do not time
+    (they synchronise CUDA only) or CUDA where it is not available."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parser.error(f"--device {device!r} is not a device name (cpu, cuda, cuda:1)")
+    if parsed.type not in ("cpu", "cuda"):
+        parser.error(f"--device {device!r}: the benchmarks time cpu and cuda only")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {device!r}: CUDA is not available here")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            parser.error(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return parsed
