@@ -516,7 +516,8 @@ def spectral_norm_bound(weight: torch.Tensor, input_size=None, stride=1, iterati
 # differentiable by the outer autograd, so aot_autograd derives the estimate's gradient with the rest of the
 # step. The route is fixed at trace time (no fallback can run inside a graph), and it is the one with no
 # forward-mode gaps. Same value and gradients as the eager routes (tests/test_compile.py); a torch.Generator
-# cannot be created inside a compiled region, so seeded probes are eager-only.
+# cannot be created inside a compiled region, so seeded probes are eager-only. The probes are drawn with
+# torch.randint_like there: torch.randint takes no symbolic sizes (a dynamic batch).
 
 import contextlib as _contextlib  # noqa: E402  (this section's own imports)
 import warnings as _warnings  # noqa: E402
@@ -702,6 +703,9 @@ def _check_output(y, x: torch.Tensor, per_sample: bool, what: str) -> torch.Tens
 
 
 def _rademacher(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is None and torch.compiler.is_compiling():
+        # torch.randint cannot take the symbolic sizes of a dynamic batch, randint_like can
+        return (2 * torch.randint_like(like, 0, 2, dtype=torch.int64) - 1).to(like.dtype)
     device = generator.device if generator is not None else like.device
     bits = torch.randint(0, 2, like.shape, generator=generator, device=device)
     return (2 * bits - 1).to(device=like.device, dtype=like.dtype)
@@ -823,7 +827,6 @@ def _subsample(f: _Call, x: torch.Tensor, batch_fraction: float, generator: torc
     return f.subset(index, batch), x[index], batch / size
 
 
-# Under torch.compile the estimate runs eagerly: aot_autograd has no double backward, which the estimate needs.
 def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", per_sample: bool = False,
                        generator: torch.Generator | None = None, normalize: bool = False,
                        create_graph: bool = True, route: str = "auto", batch_fraction: float = 1.0,

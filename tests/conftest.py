@@ -13,3 +13,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+
+class _FixedSigns:
+    """A deterministic stand-in for ``orthofx.metrics._rademacher``: the n-th probe drawn since ``count`` was last
+    set to 0 is a fixed +-1 pattern shifted by n (so the probes of one estimate differ, as ``offdiag`` needs)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, like, generator=None):
+        shift = self.count
+        self.count += 1
+        flips = (torch.arange(like.numel(), device=like.device) + shift).remainder(3).eq(0).to(like.dtype)
+        return (1 - 2 * flips).reshape(like.shape)
+
+
+@pytest.fixture
+def fixed_probe_signs(monkeypatch):
+    """Fixed Jacobian probes (:class:`_FixedSigns`) instead of random draws, for comparisons of an eager with a
+    compiled estimate, whose graph may draw its random numbers otherwise (inductor has its own generator on CUDA;
+    aot_autograd drew other values than eager with torch.randint_like). Set ``.count = 0`` before each run that
+    is compared (a compiled graph holds the patterns it was traced with)."""
+    from orthofx import metrics
+
+    signs = _FixedSigns()
+    monkeypatch.setattr(metrics, "_rademacher", signs)
+    return signs

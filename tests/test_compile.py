@@ -55,6 +55,7 @@ AOT_DEFAULT = {("orthogonal", "deep_mlp"), ("svd", "gcp_cnn"), ("convnorm", "sma
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
+original_rademacher = metrics._rademacher  # the library's probe draws (the fixed_probe_signs fixture replaces them)
 
 
 def _model(name):
@@ -168,10 +169,11 @@ def _bn_block(dtype=torch.float32):
 @pytest.mark.parametrize("kind,per_sample,batch_fraction",
                          [("full", False, 1.0), ("partial", True, 1.0), ("offdiag", False, 1.0),
                           ("full", True, 0.5)])
-def test_compiled_jacobian_estimate_matches_the_eager_route(kind, per_sample, batch_fraction):
+def test_compiled_jacobian_estimate_matches_the_eager_route(kind, per_sample, batch_fraction, fixed_probe_signs):
     """The compiled estimate (torch.func, reverse only) against the eager one (forward mode + autograd.grad) on a
-    conv block with BatchNorm in training mode: same probes (the global RNG, seeded), same value, same gradients
-    after aot_autograd differentiated it (float64: the two routes round differently)."""
+    conv block with BatchNorm in training mode: same probes (fixed sign patterns; the subset of batch_fraction
+    from the seeded global RNG), same value, same gradients after aot_autograd differentiated it (float64: the
+    two routes round differently)."""
     from orthofx.nn.jacobian import JacobianProbe
 
     probe = JacobianProbe(_bn_block(torch.float64), kind=kind, per_sample=per_sample, batch_fraction=batch_fraction,
@@ -181,11 +183,18 @@ def test_compiled_jacobian_estimate_matches_the_eager_route(kind, per_sample, ba
     def loss(x):
         return probe(x).square().mean() + probe.penalty()
 
-    eager = _loss_and_grads(probe, loss, x)
+    def from_first_probe(fn):
+        def run(x):
+            fixed_probe_signs.count = 0
+            return fn(x)
+        return run
+
+    eager = _loss_and_grads(probe, from_first_probe(loss), x)
     assert probe.route_used == "jvp"
     torch._dynamo.reset()
     try:
-        compiled = _loss_and_grads(probe, torch.compile(loss, fullgraph=True, backend="aot_eager"), x)
+        compiled = _loss_and_grads(
+            probe, from_first_probe(torch.compile(loss, fullgraph=True, backend="aot_eager")), x)
     finally:
         torch._dynamo.reset()
     assert probe.route_used == "double_vjp"
@@ -220,6 +229,42 @@ def test_compiled_probe_with_every_makes_one_graph_per_phase():
         _assert_same(a, b)
     assert eager[0][0] > eager[1][0] and eager[2][0] > eager[3][0]  # estimates on even steps only
     assert graphs == 2
+
+
+@pytest.mark.parametrize("kind,batch_fraction", [("full", 1.0), ("full", 0.5), ("offdiag", 1.0)])
+def test_compiled_probe_takes_a_dynamic_batch(kind, batch_fraction, fixed_probe_signs):
+    """A batch size that changes between calls (the last batch of an epoch; dynamo then compiles with symbolic
+    sizes): each call equals eager (fixed probe patterns; the subset from the seeded global RNG). The probes'
+    torch.randint failed on symbolic sizes; under compile they come from torch.randint_like, traced here once with
+    symbolic sizes before the fixed patterns replace it."""
+    from orthofx.nn.jacobian import JacobianProbe
+
+    probe = JacobianProbe(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()).double(), kind=kind,
+                          batch_fraction=batch_fraction, probes=2)
+
+    def loss(x):
+        return probe(x).square().mean() + probe.penalty()
+
+    def from_first_probe(fn):
+        def run(x):
+            fixed_probe_signs.count = 0
+            return fn(x)
+        return run
+
+    torch._dynamo.reset()
+    try:
+        with pytest.MonkeyPatch.context() as real_draws:  # the library's own draws, symbolic sizes
+            real_draws.setattr(metrics, "_rademacher", original_rademacher)
+            out = torch.compile(loss, fullgraph=True, backend="aot_eager", dynamic=True)(torch.randn(5, 4).double())
+            assert torch.isfinite(out)
+        torch._dynamo.reset()
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager", dynamic=True)
+        for batch in (4, 6, 7):
+            x = torch.randn(batch, 4, dtype=torch.float64)
+            _assert_same(_loss_and_grads(probe, from_first_probe(loss), x, seed=batch),
+                         _loss_and_grads(probe, from_first_probe(compiled), x, seed=batch))
+    finally:
+        torch._dynamo.reset()
 
 
 def test_compiled_probe_with_a_seed_names_the_fix():

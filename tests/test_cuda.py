@@ -130,12 +130,6 @@ def test_svd_preset_under_bf16_autocast_on_cuda_is_finite_and_monitored():
     assert "kappa" in str(orthofx.report(gm)).lower()
 
 
-def _fixed_signs(like, generator=None):
-    """A deterministic stand-in for ``metrics._rademacher``: +-1 entries in a fixed pattern."""
-    flips = torch.arange(like.numel(), device=like.device).remainder(3).eq(0).to(like.dtype)
-    return (1 - 2 * flips).reshape(like.shape)
-
-
 #: torch 2.11 on an H200 (session 12): the compiled Jacobian estimate of the ResNet-18 (BatchNorm in its blocks)
 #: differed from eager with inductor, by 1e-4-5e-4 of the penalty and up to 9 % of a gradient's largest entry, on
 #: some calls and not others (it depended on the BatchNorm running statistics; calls after two training calls
@@ -150,9 +144,7 @@ _INDUCTOR_CUDA_BN_JACOBIAN = pytest.mark.xfail(
     ("orthogonal", "small_cnn", "inductor"), ("lorth", "small_cnn", "inductor"), ("convnorm", "small_cnn", "inductor"),
     ("svd", "gcp_cnn", "inductor"), ("jacobian", "deep_mlp", "inductor"), ("jacobian", "resnet18", "aot_eager"),
     pytest.param("jacobian", "resnet18", "inductor", marks=_INDUCTOR_CUDA_BN_JACOBIAN)])
-def test_compiled_fullgraph_matches_eager_on_cuda(preset, name, backend, monkeypatch):
-    # the Jacobian probes: one fixed sign pattern instead of random draws (inductor has its own generator on CUDA)
-    monkeypatch.setattr(metrics, "_rademacher", _fixed_signs)
+def test_compiled_fullgraph_matches_eager_on_cuda(preset, name, backend, fixed_probe_signs):
     gm, x, y = _setup(preset, name)
     gm = gm.cuda().train()
     x, y = x.cuda(), y.cuda()
@@ -163,10 +155,12 @@ def test_compiled_fullgraph_matches_eager_on_cuda(preset, name, backend, monkeyp
     torch._dynamo.reset()
     try:
         compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
+        fixed_probe_signs.count = 0
         got = compiled(x)
         got.backward()
         grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
         gm.zero_grad(set_to_none=True)
+        fixed_probe_signs.count = 0
         expected = loss_fn(x)
         expected.backward()
     finally:
