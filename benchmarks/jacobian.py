@@ -8,7 +8,9 @@
    The one-probe case is also timed on the reverse-mode-only route (``route: double_vjp``), on a random quarter
    of the batch (``batch_fraction: 0.25``) and with lazy regularisation (``every: 4``, weight x4: one estimate
    every 4 steps; a timed call runs 4 steps and the figure is per step, next to 4 plain steps per call as a
-   check of that accounting).
+   check of that accounting). ``--compile`` adds the plain step and the one-probe step with their loss compiled
+   (``torch.compile(fullgraph=True)``, inductor; the estimate's torch.func route), each cold compile untimed (it
+   happens in the warm-up call).
 2. Riemannian hooks: the ``riemannian`` pass (polar and QR retractions) on the square Linears of ``deep_linear``
    and ``deep_mlp``, run by ``orthofx.attach`` inside ``optimizer.step()``, against the plain step of the same
    optimizer (SGD, momentum 0.9) on the unconstrained model and, when ``geoopt`` imports, geoopt's
@@ -61,7 +63,7 @@ def jacobian_policy(probes: int, route: str = "auto", every: int = 1, batch_frac
                                 "batch_fraction": batch_fraction}}]}
 
 
-def jacobian_overhead(quick: bool, repeats: int, device: torch.device) -> list[dict]:
+def jacobian_overhead(quick: bool, repeats: int, device: torch.device, compile: bool = False) -> list[dict]:
     width, batch = (16, 8) if quick else (64, 64)
     cases = {
         f"resnet18(width={width})": (lambda: orthofx.models.get("resnet18", width=width), (batch, 3, 32, 32)),
@@ -84,6 +86,12 @@ def jacobian_overhead(quick: bool, repeats: int, device: torch.device) -> list[d
             gm = orthofx.transform(model, jacobian_policy(probes, route, every, fraction)).to(device)
             fns[f"jacobian {label}"] = training_step(gm, x, y, True, steps=every)
             per_call[f"jacobian {label}"] = every
+        if compile:
+            fns["plain step (compiled)"] = training_step(copy.deepcopy(model).to(device), x, y, False, compile=True)
+            per_call["plain step (compiled)"] = 1
+            gm = orthofx.transform(model, jacobian_policy(1)).to(device)
+            fns["jacobian probes=1 (compiled)"] = training_step(gm, x, y, True, compile=True)
+            per_call["jacobian probes=1 (compiled)"] = 1
         if lazy > 1:  # the plain step at the same number of steps per call, for the lazy candidates' ratio
             fns[f"plain step x{lazy}"] = training_step(copy.deepcopy(model).to(device), x, y, False, steps=lazy)
             per_call[f"plain step x{lazy}"] = lazy
@@ -197,6 +205,8 @@ def _geoopt_version() -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the plain and the one-probe steps with their loss compiled (fullgraph)")
     parser.add_argument("--repeats", type=positive_int, default=None,
                         help="timed repeats (default 10 with --quick, else 20)")
     parser.add_argument("--threads", type=positive_int, default=1,
@@ -217,7 +227,7 @@ def main() -> None:
         print("note: this CPU does not support flushing subnormal floats; --flush-denormal has no effect")
     repeats = args.repeats or (10 if args.quick else 20)
     start = time.perf_counter()
-    jacobian_rows = jacobian_overhead(args.quick, repeats, device) if args.part != "riemannian" else []
+    jacobian_rows = jacobian_overhead(args.quick, repeats, device, args.compile) if args.part != "riemannian" else []
     riemannian_rows, notes = (riemannian_overhead(args.quick, repeats, device) if args.part != "jacobian"
                               else ([], []))
     rows = jacobian_rows + riemannian_rows
@@ -231,14 +241,14 @@ def main() -> None:
                  and "double_vjp" not in r["method"]]
     for r in one_probe:
         verdict = "meets" if r["ratio"] < 2.5 else "misses"
-        setting = r["method"][len("jacobian probes=1"):].strip() or "whole batch, every step"
+        setting = r["method"][len("jacobian probes=1"):].strip().strip("()") or "whole batch, every step"
         print(f"{r['model']}: one probe ({setting}) {r['ratio']:.2f}x the plain step ({verdict} the 2.5x bar)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump({"torch": torch.__version__, "machine": platform.machine(), "device": str(device),
                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                    "threads": torch.get_num_threads(),
-                   "geoopt": _geoopt_version(), "quick": args.quick, "part": args.part,
+                   "geoopt": _geoopt_version(), "quick": args.quick, "compile": args.compile, "part": args.part,
                    "flush_denormal": args.flush_denormal, "repeats": repeats, "notes": notes,
                    "rows": rows}, handle, indent=2)
     print(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")

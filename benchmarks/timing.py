@@ -66,19 +66,25 @@ def once(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> t
 
 
 def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, orthofx_terms: bool,
-                  steps: int = 1) -> Callable[[], None]:
+                  steps: int = 1, compile: bool = False) -> Callable[[], None]:
     """A function running ``steps`` SGD steps (momentum 0.9) of ``cross_entropy(model(x), y)``, plus
     ``orthofx.penalty(model)`` and the optimizer hooks (``orthofx.attach``) when ``orthofx_terms``. Several steps
-    per call amortise what happens on one step in k (the Jacobian pass's ``every: k``)."""
+    per call amortise what happens on one step in k (the Jacobian pass's ``every: k``). ``compile``: the loss
+    (forward and penalty) goes through ``torch.compile(fullgraph=True)``; the first call compiles it."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     if orthofx_terms:
         orthofx.attach(optimizer, model)
 
+    def loss_of() -> torch.Tensor:
+        loss = nn.functional.cross_entropy(model(x), y)
+        return loss + orthofx.penalty(model) if orthofx_terms else loss
+
+    if compile:
+        loss_of = torch.compile(loss_of, fullgraph=True)
+
     def step() -> None:
         for _ in range(steps):
-            loss = nn.functional.cross_entropy(model(x), y)
-            if orthofx_terms:
-                loss = loss + orthofx.penalty(model)
+            loss = loss_of()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
