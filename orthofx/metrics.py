@@ -762,27 +762,6 @@ def _jvp_products(f: _Call, xp: torch.Tensor, v: torch.Tensor, kind: str, per_sa
     return u, _vjp(w, c, w - v)
 
 
-class _FunctionalLinearisation:
-    """The reverse-mode-only route written with ``torch.func.vjp`` instead of ``torch.autograd.grad``, for
-    ``torch.compile``: dynamo traces function transforms into the graph (it stops at ``torch.autograd.grad``), and
-    their results stay differentiable by the outer autograd, so the compiled step's backward takes the estimate's
-    gradient like any other term. ``J^T c`` is ``vjp_fn(c)``; ``J v`` is the VJP of that linear map, taken at
-    ``c = 0``."""
-
-    def __init__(self, f, xp: torch.Tensor, per_sample: bool, what: str):
-        self.y, transpose = torch.func.vjp(f, xp)
-        _check_output(self.y, xp, per_sample, what)
-        self.transpose = lambda c: transpose(c)[0]
-        _, self.transpose_vjp = torch.func.vjp(self.transpose, torch.zeros_like(self.y))
-
-    def products(self, v: torch.Tensor, kind: str):
-        (u,) = self.transpose_vjp(v)
-        if kind == "offdiag":
-            return u, None
-        r = self.transpose(u) - v
-        return u, (r if kind == "full" else self.transpose_vjp(r)[0])
-
-
 class _Linearisation:
     """Reverse-mode-only route: one forward pass, ``g(c) = J^T c`` at ``c = 0`` built once, then for any probe
     ``J v = d/dc <g(c), v>`` (the VJP of the VJP) and ``J^T u`` from the forward graph."""
@@ -796,12 +775,35 @@ class _Linearisation:
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
         return _vjp(self.g, self.c, v) if self.g.requires_grad else torch.zeros_like(self.y)
 
+    def transpose(self, u: torch.Tensor) -> torch.Tensor:
+        """``J^T u``."""
+        return _vjp(self.y, self.xp, u)
+
     def products(self, v: torch.Tensor, kind: str):
         u = self.jvp(v)
         if kind == "offdiag":
             return u, None
-        r = _vjp(self.y, self.xp, u) - v
+        r = self.transpose(u) - v
         return u, (r if kind == "full" else self.jvp(r))
+
+
+class _FunctionalLinearisation(_Linearisation):
+    """The reverse-mode-only route written with ``torch.func.vjp`` instead of ``torch.autograd.grad``, for
+    ``torch.compile``: dynamo traces function transforms into the graph (it stops at ``torch.autograd.grad``), and
+    their results stay differentiable by the outer autograd, so the compiled step's backward takes the estimate's
+    gradient like any other term. ``J^T c`` is ``vjp_fn(c)``; ``J v`` is the VJP of that linear map, taken at
+    ``c = 0``."""
+
+    def __init__(self, f, xp: torch.Tensor, per_sample: bool, what: str):
+        self.y, self._vjp_fn = torch.func.vjp(f, xp)
+        _check_output(self.y, xp, per_sample, what)
+        _, self._transpose_vjp = torch.func.vjp(self.transpose, torch.zeros_like(self.y))
+
+    def jvp(self, v: torch.Tensor) -> torch.Tensor:
+        return self._transpose_vjp(v)[0]
+
+    def transpose(self, u: torch.Tensor) -> torch.Tensor:
+        return self._vjp_fn(u)[0]
 
 
 def _check_fraction(batch_fraction, what: str) -> float:
