@@ -23,6 +23,13 @@ class _FixedSigns:
     def __init__(self):
         self.count = 0
 
+    def from_first_probe(self, fn):
+        """``fn`` with the count set to 0 before each call (each run compared draws the same patterns)."""
+        def run(*args, **kwargs):
+            self.count = 0
+            return fn(*args, **kwargs)
+        return run
+
     def __call__(self, like, generator=None):
         shift = self.count
         self.count += 1
@@ -34,8 +41,8 @@ class _FixedSigns:
 def fixed_probe_signs(monkeypatch):
     """Fixed Jacobian probes (:class:`_FixedSigns`) instead of random draws, for comparisons of an eager with a
     compiled estimate, whose graph may draw its random numbers otherwise (inductor has its own generator on CUDA;
-    aot_autograd drew other values than eager with torch.randint_like). Set ``.count = 0`` before each run that
-    is compared (a compiled graph holds the patterns it was traced with)."""
+    aot_autograd drew other values than eager with torch.randint_like). Wrap each compared run in
+    ``.from_first_probe`` (a compiled graph holds the patterns it was traced with)."""
     from orthofx import metrics
 
     signs = _FixedSigns()

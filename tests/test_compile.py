@@ -159,6 +159,11 @@ def test_training_loss_compiles_aot_eager(preset, name):
     _compiled_matches_eager(preset, name, "aot_eager", fullgraph=True)
 
 
+def _probe_loss(probe):
+    """A training loss of a standalone probe: its block's output and its penalty."""
+    return lambda x: probe(x).square().mean() + probe.penalty()
+
+
 def _bn_block(dtype=torch.float32):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -180,21 +185,14 @@ def test_compiled_jacobian_estimate_matches_the_eager_route(kind, per_sample, ba
                           probes=2)
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
 
-    def loss(x):
-        return probe(x).square().mean() + probe.penalty()
+    loss = _probe_loss(probe)
 
-    def from_first_probe(fn):
-        def run(x):
-            fixed_probe_signs.count = 0
-            return fn(x)
-        return run
-
-    eager = _loss_and_grads(probe, from_first_probe(loss), x)
+    eager = _loss_and_grads(probe, fixed_probe_signs.from_first_probe(loss), x)
     assert probe.route_used == "jvp"
     torch._dynamo.reset()
     try:
         compiled = _loss_and_grads(
-            probe, from_first_probe(torch.compile(loss, fullgraph=True, backend="aot_eager")), x)
+            probe, fixed_probe_signs.from_first_probe(torch.compile(loss, fullgraph=True, backend="aot_eager")), x)
     finally:
         torch._dynamo.reset()
     assert probe.route_used == "double_vjp"
@@ -212,8 +210,7 @@ def test_compiled_probe_with_every_makes_one_graph_per_phase():
     probe = JacobianProbe(_bn_block(torch.float64), every=2)
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
 
-    def loss(x):
-        return probe(x).square().mean() + probe.penalty()
+    loss = _probe_loss(probe)
 
     eager = [_loss_and_grads(probe, loss, x, seed=step) for step in range(5)]
     probe.calls = 0  # back to step 0 of the period
@@ -242,14 +239,7 @@ def test_compiled_probe_takes_a_dynamic_batch(kind, batch_fraction, fixed_probe_
     probe = JacobianProbe(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()).double(), kind=kind,
                           batch_fraction=batch_fraction, probes=2)
 
-    def loss(x):
-        return probe(x).square().mean() + probe.penalty()
-
-    def from_first_probe(fn):
-        def run(x):
-            fixed_probe_signs.count = 0
-            return fn(x)
-        return run
+    loss = _probe_loss(probe)
 
     torch._dynamo.reset()
     try:
@@ -261,8 +251,8 @@ def test_compiled_probe_takes_a_dynamic_batch(kind, batch_fraction, fixed_probe_
         compiled = torch.compile(loss, fullgraph=True, backend="aot_eager", dynamic=True)
         for batch in (4, 6, 7):
             x = torch.randn(batch, 4, dtype=torch.float64)
-            _assert_same(_loss_and_grads(probe, from_first_probe(loss), x, seed=batch),
-                         _loss_and_grads(probe, from_first_probe(compiled), x, seed=batch))
+            _assert_same(_loss_and_grads(probe, fixed_probe_signs.from_first_probe(loss), x, seed=batch),
+                         _loss_and_grads(probe, fixed_probe_signs.from_first_probe(compiled), x, seed=batch))
     finally:
         torch._dynamo.reset()
 

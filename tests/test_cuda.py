@@ -154,14 +154,12 @@ def test_compiled_fullgraph_matches_eager_on_cuda(preset, name, backend, fixed_p
 
     torch._dynamo.reset()
     try:
-        compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
-        fixed_probe_signs.count = 0
+        compiled = fixed_probe_signs.from_first_probe(torch.compile(loss_fn, fullgraph=True, backend=backend))
         got = compiled(x)
         got.backward()
         grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
         gm.zero_grad(set_to_none=True)
-        fixed_probe_signs.count = 0
-        expected = loss_fn(x)
+        expected = fixed_probe_signs.from_first_probe(loss_fn)(x)
         expected.backward()
     finally:
         torch._dynamo.reset()
