@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -11,6 +13,11 @@ import torch
 from torch import nn
 
 import orthofx
+
+# The argparse types of counts and durations are the examples' (one place for them): ``positive_int`` (an
+# integer >= 1) and ``positive_float`` (a finite number > 0), re-exported for the benchmark scripts.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
+from _cli import positive_float, positive_int  # noqa: E402,F401
 
 
 def synchronizer(device: str | torch.device) -> Callable[[], None]:
@@ -93,28 +100,6 @@ def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, orthofx_te
 
 
 # ------------------------------------------------------------------------------------------- argument checks
-
-
-def positive_int(text: str) -> int:
-    """argparse ``type`` of counts and sizes (repeats, batch, width, threads): an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse ``type`` of a duration or a budget: a number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
 
 
 def checked_device(parser: argparse.ArgumentParser, device: str) -> torch.device:
