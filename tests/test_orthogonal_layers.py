@@ -335,6 +335,45 @@ def test_from_conv_nearest_best_effort_for_general_k():
     assert 0 < layer.init_error < OrthogonalConv1d.from_conv(strided, init="random").init_error + 1e-9
 
 
+@pytest.mark.parametrize("d, C, M, k, S, g", [
+    (2, 6, 6, 3, 1, 1), (2, 4, 7, 3, 1, 1), (2, 7, 4, 3, 1, 1), (2, 4, 9, 4, 2, 1), (2, 4, 4, (3, 5), (1, 2), 2),
+    (1, 3, 6, 6, 2, 1), (2, 4, 4, (3, 4), (1, 2), 2), (1, 3, 6, 5, 2, 1), (1, 1, 1, 4, 1, 1), (1, 2, 2, 4, 1, 1), (2, 4, 4, 2, 1, 1), (1, 1, 3, 5, 1, 1)])
+def test_nearest_start_reads_the_shift_window_as_the_block_product_does(d, C, M, k, S, g):
+    # right after the blocks are paired, the Procrustes target read at the shift (no block product) must give the
+    # matrix the general form gives with the block product formed; odd block counts (k - S + 1 even) have no shift
+    torch.manual_seed(3)
+    layer = CLS[d](C, M, k, stride=S, groups=g, dtype=torch.float64, bias=False)
+    target = torch.randn(g, M // g, C // g, *layer.kernel_size, dtype=torch.float64)
+    layer._reset_blocks_centre()
+    shift = layer._paired_shift()
+    blocks = [kp - 1 for kp in layer._kp]
+    assert (shift is None) == (layer._n > 1 and any(b % 2 for b in blocks))
+    if shift is None:
+        return
+    A = layer._block_product(torch.float64)
+    if A is not None:  # the block part is the identity at the shift, zero elsewhere
+        expected = torch.zeros_like(A)
+        expected[(slice(None),) + shift] = torch.eye(layer._n, dtype=torch.float64)
+        torch.testing.assert_close(A, expected, rtol=0, atol=1e-12)
+    layer._procrustes(target)
+    general = layer.matrix.detach().clone()
+    layer._procrustes(target, shift)
+    torch.testing.assert_close(layer.matrix.detach(), general, rtol=0, atol=1e-10)
+    # the kernel at the shift is the layer's kernel, built without the block product
+    with torch.no_grad():
+        torch.testing.assert_close(layer._explicit_kernel(shift), layer.weight, rtol=0, atol=1e-12)
+    # from_conv's nearest start with fit_steps=0 fills the eval cache with that kernel: the same outputs
+    conv = TORCH_CONV[d](C, M, k, stride=S, groups=g, padding=tuple(kk // 2 for kk in layer.kernel_size))
+    built = CLS[d].from_conv(conv, fit_steps=0)
+    x = torch.randn(2, C, *(4 * s for s in layer.stride))
+    with torch.no_grad():
+        cached = built.eval()(x)
+        built.__dict__.pop("_eval_cache")
+        torch.testing.assert_close(cached, built(x), rtol=0, atol=1e-6)
+        assert built.init_error == pytest.approx(float((built.weight - conv.weight).norm() / conv.weight.norm()),
+                                                 abs=1e-6)
+
+
 def test_from_conv_padding_keep_and_errors():
     conv = nn.Conv2d(4, 4, 3, padding=1)
     layer = OrthogonalConv2d.from_conv(conv, padding="keep", fit_steps=0)

@@ -913,11 +913,20 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
                 prod = torch.einsum("glab,gkbc->glkac", prod, c).reshape(g, -1, prod.shape[-2], c.shape[-1])
         return prod.reshape(g, *self._kp, prod.shape[-2], prod.shape[-1])
 
-    def _unit_kernel(self, cd: torch.dtype | None = None) -> torch.Tensor:
-        """The orthogonal kernel without gain, ``(g, M, C, *k)`` in ``cd``."""
+    def _unit_kernel(self, cd: torch.dtype | None = None, shift: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The orthogonal kernel without gain, ``(g, M, C, *k)`` in ``cd``.
+
+        ``shift``: the blocks are known to form a pure shift by these taps (:meth:`_paired_shift`); the kernel is
+        then the orthonormal matrix on the window at the shift, zero elsewhere, built without the block product
+        (the same kernel to rounding)."""
         cd = cd or self.compute_dtype
         g, M, C, d = self.groups, self._M, self._C, self._dims
         W = orthonormal(self.matrix.to(cd), tall=self._matrix_tall)
+        if shift is not None:
+            pad = []
+            for c, r, k in reversed(list(zip(shift, self._r, self.kernel_size))):
+                pad += [c, k - r - c]
+            return F.pad(W.reshape(g, M, C, *self._r), pad)
         spatial_last = lambda t: t.permute(0, d + 1, d + 2, *range(1, d + 1))  # (g, *k, a, b) -> (g, a, b, *k)
         if self._embed:
             A = self._block_product(cd, right=W)
@@ -954,7 +963,11 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
             q = self._symbol_taps(self._cayley_unit_symbol())
             K = self._cayley_kernel_from_taps(q) * self.gain
             return K.reshape(self.out_channels, self._C, *self.input_size).to(self._param_dtype)
-        K = self._unit_kernel() * self.gain
+        return self._explicit_kernel()
+
+    def _explicit_kernel(self, shift: tuple[int, ...] | None = None) -> torch.Tensor:
+        """:attr:`weight` of the explicit-kernel methods (``shift``: as for :meth:`_unit_kernel`)."""
+        K = self._unit_kernel(shift=shift) * self.gain
         return K.reshape(self.out_channels, self._C, *self.kernel_size).to(self.matrix.dtype)
 
     # ---------------------------------------------------------------------------------------- forward
@@ -1135,28 +1148,53 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         # the conv reads them (else a k = S patch conv's target would be shifted by a pixel and out of reach)
         alignment = circular_alignment(conv) if layer.method == "cayley_fft" else "same"
         lefts = None if alignment == "same" else alignment    # None: _conv_taps' "same" offsets
-        if init == "nearest":
-            layer._fit(w0, fit_steps, lefts)
+        shift = layer._fit(w0, fit_steps, lefts) if init == "nearest" else None
         layer.train(False)  # init_error's kernel fills the eval cache, kept by _adopt_mode
-        layer.init_error = layer._relative_error(w0, lefts)
+        layer.init_error = layer._relative_error(w0, lefts, shift)
         layer._adopt_mode(conv.training)
         _mirror_requires_grad(conv, layer)
         return layer
 
     @torch.no_grad()
-    def _relative_error(self, target: torch.Tensor, lefts: Sequence[int] | None = None) -> float:
+    def _relative_error(self, target: torch.Tensor, lefts: Sequence[int] | None = None,
+                        shift: tuple[int, ...] | None = None) -> float:
+        """``||K - K_0|| / ||K_0||`` of the layer's kernel (filling the eval cache); ``shift``: from :meth:`_fit`."""
         if self.method == "cayley_fft":  # distance of the operators (circular kernels on the input grid)
             g, M, C = self.groups, self._M, self._C
             q0 = self._conv_taps(target.to(torch.float64).reshape(g, M, C, *target.shape[2:]), lefts)
             q = self._symbol_taps(self._cayley_unit_symbol(torch.float64)) * self.gain
             return _relative_distance(q, q0)
-        return _relative_distance(self._cached("weight", lambda: self.weight), target)
+        return _relative_distance(self._cached("weight", lambda: self._explicit_kernel(shift)), target)
+
+    def _paired_shift(self) -> tuple[int, ...] | None:
+        """The per-dimension shift that the block part is when consecutive blocks are complementary (right after
+        :meth:`_pair_blocks`): each pair ``[P, I - P]`` then ``[I - P, P]`` multiplies to a shift by one tap.
+        ``None`` where a dimension has an unpaired last block with ``n > 1`` (not a shift). With ``n = 1`` every
+        block is a shift or the identity (rank-0 / rank-1 projectors), so the shift is the class-a count."""
+        shifts = []
+        for dim_blocks in self._block_index:
+            if self._n == 1:
+                shifts.append(sum(cls == "a" for cls, _ in dim_blocks))
+            elif len(dim_blocks) % 2:
+                return None
+            else:
+                shifts.append(len(dim_blocks) // 2)
+        return tuple(shifts)
 
     @torch.no_grad()
-    def _procrustes(self, target: torch.Tensor) -> None:
-        """Set ``matrix`` to the optimum for the current blocks (target: ``(g, M, C, *k)`` in compute dtype)."""
+    def _procrustes(self, target: torch.Tensor, shift: tuple[int, ...] | None = None) -> None:
+        """Set ``matrix`` to the optimum for the current blocks (target: ``(g, M, C, *k)`` in compute dtype).
+
+        ``shift``: the blocks are known to form a pure shift by these taps (:meth:`_paired_shift`), so ``A[p]`` is
+        the identity at ``p = shift`` and zero elsewhere and every form below reduces to reading the target's
+        window at the shift: no block product (the nearest start of a layer built from a conv, ``fit_steps=0``,
+        spent half its time forming that identity)."""
         cd = self.compute_dtype
         g, M, C, d = self.groups, self._M, self._C, self._dims
+        if shift is not None:
+            window = (Ellipsis,) + tuple(slice(c, c + r) for c, r in zip(shift, self._r))
+            self.matrix.copy_(project_to_stiefel(target[window].reshape(self.matrix.shape)).to(self.matrix))
+            return
         A = self._block_product(cd)  # (g, *kp, n, n) or None
         if A is None:
             G = target.reshape(self.matrix.shape)
@@ -1176,20 +1214,24 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
             G = G.reshape(self.matrix.shape)
         self.matrix.copy_(project_to_stiefel(G).to(self.matrix))
 
-    def _fit(self, target: torch.Tensor, steps: int, lefts: Sequence[int] | None = None) -> None:
+    def _fit(self, target: torch.Tensor, steps: int, lefts: Sequence[int] | None = None
+             ) -> tuple[int, ...] | None:
+        """The nearest start (:meth:`from_conv`); returns the shift the blocks are left at when they are a pure
+        shift (:meth:`_paired_shift`), else None."""
         cd = self.compute_dtype
         g, M, C = self.groups, self._M, self._C
         if self.method == "cayley_fft":
             self._cayley_fit((target.detach().to(cd) / self.gain).reshape(g, M, C, *target.shape[2:]), steps,
                              lefts)
-            return
+            return None
         t = (target.detach().to(cd) / self.gain).reshape(g, M, C, *self.kernel_size)
         has_blocks = self.proj_a is not None or self.proj_b is not None
         if has_blocks:
             self._reset_blocks_centre()
-        self._procrustes(t)
+        shift = self._paired_shift() if has_blocks else None
+        self._procrustes(t, shift)
         if not has_blocks or steps == 0:
-            return
+            return shift
         params = [p for p in (self.proj_a, self.proj_b, self.matrix) if p is not None]
         norm = float(torch.linalg.vector_norm(t)) ** 2 or 1.0
 
@@ -1200,6 +1242,7 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
             best = float(loss_fn())
         _fit_best(params, loss_fn, best, steps, lr=self._fit_lr / math.sqrt(max(self._n, 2)))
         self._procrustes(t)
+        return None
 
     @torch.no_grad()
     def _reset_blocks_centre(self) -> None:
