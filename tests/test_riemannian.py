@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -732,13 +733,15 @@ def test_delta_orthogonal_conv_has_an_orthogonal_jacobian(conv):
     nn.Conv2d(4, 8, 4, stride=2, padding=1),   # even kernel
     nn.Conv1d(3, 5, 5, stride=3),
     nn.Conv2d(6, 4, 3, stride=2, groups=2),
-], ids=["strided", "even", "conv1d", "grouped"])
+    nn.Conv2d(4, 6, 3, stride=(1, 2), padding=1),  # a stride per dimension (the report had no L_orth for it)
+], ids=["strided", "even", "conv1d", "grouped", "per-dimension"])
 def test_isometric_init_reports_the_l_orth_of_the_whole_written_kernel(conv):
     gm = orthofx.transform(nn.Sequential(conv.double()), isometric(seed=0))
     layer = gm.get_submodule("0")
     change = orthofx.manifest_of(gm).changes[0]
-    whole = metrics.lorth(layer.weight.detach() / change.after["scale"], stride=layer.stride[0],
+    whole = metrics.lorth(layer.weight.detach() / change.after["scale"], stride=tuple(layer.stride),
                           groups=layer.groups)
+    assert change.before["lorth"] is not None
     assert change.after["lorth"] == pytest.approx(float(whole), rel=1e-10, abs=1e-20)
 
 
@@ -934,3 +937,174 @@ def test_a_float64_gradient_of_a_float32_weight_is_projected_in_float32():
     xi = stiefel.tangent_projection(w, randn(5, 3))  # a float64 gradient for a float32 weight
     assert xi.dtype == torch.float32
     torch.testing.assert_close(xi.double(), stiefel.tangent_projection(w.double(), randn(5, 3)), atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------ audit: dtypes, ties, edge cases
+
+def tangent_reference(w, g):
+    """P_W(G) from P1's formula, in float64, written out for the tall orientation (a wide W is transposed)."""
+    w, g = w.double(), g.double()
+    wide = w.shape[-2] < w.shape[-1]
+    if wide:
+        w, g = w.mT, g.mT
+    wtg = w.mT @ g
+    out = g - w @ ((wtg + wtg.mT) / 2)
+    return out.mT if wide else out
+
+
+def polar_reference(a):
+    """U V^T of the float64 thin SVD of ``a``."""
+    u, _, vh = torch.linalg.svd(a.double(), full_matrices=False)
+    return u @ vh
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_half_precision_gradient_is_projected_to_the_accuracy_of_its_dtype(dtype, shape):
+    """A half-precision weight's gradient with a large normal component (an L2 term: G = c W + tangent) was
+    projected in that dtype: the cancellation in G - W sym(W^T G) left a 15% error in bfloat16. The projection of
+    the exact bf16 inputs, rounded once, is off by about one ulp."""
+    out, inp = shape
+    gm = orthofx.transform(nn.Sequential(nn.Linear(inp, out)).to(dtype), {"rules": [
+        {"match": {"type": "Linear"}, "apply": "riemannian"}]})
+    weight = gm.get_submodule("0").weight
+    w = weight.detach()
+    tangent = tangent_reference(w, randn(out, inp))
+    grad = (w.double() + 0.01 * tangent / tangent.norm() * w.double().norm()).to(dtype)
+    expected = tangent_reference(w, grad)
+    optimizer = torch.optim.SGD([weight], lr=0.0)
+    orthofx.attach(optimizer, gm)
+    weight.grad = grad.clone()
+    optimizer.step()
+    error = float((weight.grad.double() - expected).norm() / expected.norm())
+    assert error < 4 * torch.finfo(dtype).eps, error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tangent_projection_of_half_precision_inputs_is_rounded_once(dtype):
+    # stiefel.tangent_projection itself computes in float32 and returns the input dtype
+    w = stiefel.random_orthonormal(24, 10, generator=torch.Generator().manual_seed(2)).to(dtype)
+    tangent = tangent_reference(w, randn(24, 10))
+    g = (w.double() + 0.01 * tangent / tangent.norm() * w.double().norm()).to(dtype)
+    out = stiefel.tangent_projection(w, g)
+    expected = tangent_reference(w, g)
+    assert out.dtype == dtype
+    assert float((out.double() - expected).norm() / expected.norm()) < 4 * torch.finfo(dtype).eps
+
+
+class TiedLinears(nn.Module):
+    """Three 8x8 Linears; the first and the last share one weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.m = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.m(torch.tanh(self.a(x)))))
+
+
+def test_free_layer_whose_weight_is_tied_to_a_constrained_one_stays_free():
+    """free: first left site 'a' "unconstrained" in the manifest, but its weight is also 'b''s, which got a hook
+    and the init projection: the "free" weight was projected (moved by 0.52) and trained on the manifold."""
+    torch.manual_seed(0)
+    model = TiedLinears()
+    original = model.a.weight.detach().clone()
+    gm = orthofx.transform(model, {"rules": [{"match": {"type": "Linear"}, "apply": "riemannian",
+                                              "with": {"free": "first"}}]})
+    assert gm.a.weight is gm.b.weight
+    manifest = orthofx.manifest_of(gm)
+    assert [h.site for h in manifest.optimizer_hooks] == ["m"]
+    status = {c.site: c for c in manifest.changes}
+    assert status["a"].status == status["b"].status == "free"
+    assert "tied" in status["b"].what and "'a'" in status["b"].what
+    torch.testing.assert_close(gm.a.weight.detach(), original, rtol=0, atol=0)  # not projected
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
+    orthofx.attach(optimizer, gm)
+    for _ in range(20):
+        loss = (gm(torch.randn(4, 8)) - 1).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(stiefel.orthogonality_defect(gm.a.weight.detach())) > 0.05
+    assert float(stiefel.orthogonality_defect(gm.m.weight.detach())) < 1e-5
+
+
+def test_layers_with_an_empty_weight_are_skipped_with_a_reason():
+    """A Linear with no inputs or no outputs has nothing to keep orthonormal; the pass failed on it with a raw
+    reshape / amax error (TransformError "cannot reshape tensor of 0 elements") and no model was returned."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: "Initializing zero-element tensors is a no-op"
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 0), nn.Linear(0, 3))
+    policy = {"rules": [{"match": {"type": "Linear"}, "apply": "riemannian"}]}
+    status = {row["site"]: row["status"] for row in orthofx.explain(model, policy).rows()}
+    assert status["0"] == "apply"
+    assert status["1"].startswith("skipped: empty weight (0x4)")
+    assert status["2"].startswith("skipped: empty weight (3x0)")
+    gm = orthofx.transform(model, policy)
+    assert [h.site for h in orthofx.manifest_of(gm).optimizer_hooks] == ["0"]
+    optimizer = torch.optim.Adam(gm.parameters(), lr=1e-2)
+    orthofx.attach(optimizer, gm)
+    loss = (gm(torch.randn(5, 4)) - 1).square().sum()
+    loss.backward()
+    optimizer.step()
+    assert float(stiefel.orthogonality_defect(gm.get_submodule("0").weight.detach())) < 1e-5
+
+
+def test_sgd_nesterov_groups_scheduler_and_closure_match_a_slow_reference():
+    """Param groups with their own lr, an LR scheduler created after attach, weight decay, nesterov, steps with and
+    without a closure: every step is, per weight, P1's update written out below (float64, dense formulas)."""
+    torch.manual_seed(0)
+    gm = orthofx.transform(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).double(), {"rules": [
+        {"match": {"type": "Linear"}, "apply": "riemannian"}]})
+    first, last = gm.get_submodule("0"), gm.get_submodule("2")
+    mu, wd, lrs = 0.9, 1e-2, [0.2, 0.05]
+    optimizer = torch.optim.SGD([{"params": first.parameters(), "lr": lrs[0]},
+                                 {"params": last.parameters(), "lr": lrs[1]}],
+                                momentum=mu, nesterov=True, weight_decay=wd)
+    orthofx.attach(optimizer, gm)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
+    reference = copy.deepcopy(gm)
+    ref_params = [[reference.get_submodule("0").weight, reference.get_submodule("0").bias],
+                  [reference.get_submodule("2").weight, reference.get_submodule("2").bias]]
+    buffers = {}
+    generator = torch.Generator().manual_seed(3)
+    for step in range(6):
+        x = torch.randn(9, 5, generator=generator, dtype=torch.float64)
+
+        def closure():
+            optimizer.zero_grad()
+            loss = (gm(x) - 1).square().mean()
+            loss.backward()
+            return loss
+
+        if step % 2:
+            optimizer.step(closure)
+        else:
+            closure()
+            optimizer.step()
+        scheduler.step()
+        # the reference step
+        grads = torch.autograd.grad((reference(x) - 1).square().mean(), [p for ps in ref_params for p in ps])
+        with torch.no_grad():
+            for (weight, bias), (gw, gb), lr in zip(ref_params, (grads[:2], grads[2:]), lrs):
+                lr = lr * 0.7 ** step
+                w = weight.detach().clone()
+                for key, p, g in ((("w", lr), weight, tangent_reference(w, gw)), (("b", lr), bias, gb)):
+                    g = g + wd * p
+                    name = (key[0], id(p))
+                    buffers[name] = g.clone() if name not in buffers else mu * buffers[name] + g
+                    d = g + mu * buffers[name]
+                    if key[0] == "b":
+                        p -= lr * d
+                    else:
+                        p.copy_(polar_reference(w + tangent_reference(w, -lr * d)))
+                        buffers[name] = tangent_reference(p, buffers[name])
+    for (name, p), (_, q) in zip(gm.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-11, rtol=0, msg=name)
+    for module in (first, last):
+        buf = optimizer.state[module.weight]["momentum_buffer"]
+        torch.testing.assert_close(buf, buffers[("w", id(ref_params[module is last][0]))], atol=1e-11, rtol=0)

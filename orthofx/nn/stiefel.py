@@ -129,9 +129,10 @@ def tangent_projection(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if g.shape != w.shape:
         raise LayerArgumentError(f"g must have the shape of w {tuple(w.shape)}, got {tuple(g.shape)}")
     wide = is_wide(w)
-    wt, gt = _tall(w, wide), _tall(g.to(w.dtype), wide)
+    work = _work_dtype(w)  # half precision cancels most bits of G - W sym(W^T G): computed in float32
+    wt, gt = _tall(w.to(work), wide), _tall(g.to(work), wide)
     out = gt - wt @ sym(wt.transpose(-2, -1) @ gt)
-    return _tall(out, wide)
+    return _tall(out, wide).to(w.dtype)
 
 
 #: Newton-Schulz is used for the polar factor when ``||A^T A - I||_F`` is at most this (all ``sigma^2`` in

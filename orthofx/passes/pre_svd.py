@@ -18,12 +18,13 @@ gets, by its parameters:
     ``sigma_max(W^T W - I)`` otherwise (the smaller Gram matrix, so that a wide matrix is not charged for its null
     space), estimated by ``power_iterations`` steps of the power iteration (the matrix is symmetric, so this is its
     largest |eigenvalue|), started from a fixed pseudo-random vector, the iterate detached and the final
-    ``||M v||`` differentiable in ``W`` (the spectral-norm trick). Summed over groups; see :class:`SripTerm`.
+    ``||M v||`` differentiable in ``W`` (the spectral-norm trick). Summed over groups; see :class:`SripTerm`. A weight
+    tied between several sites is counted once (as L_orth is).
 ``nog`` (default true): Nearest Orthogonal Gradient. An optimizer hook (:class:`NearestOrthogonalGradient`)
     replaces, before every ``optimizer.step()``, the weight's gradient ``G`` (reshaped to ``out x rest``) by its
-    polar factor ``U V^T`` from the SVD ``G = U S V^T`` (float64). Directions with a zero singular value (below
-    ``max(m, n) * eps * s_max`` of the gradient's dtype) are dropped, so a rank-deficient gradient gives the
-    partial isometry ``U_r V_r^T`` and a zero gradient stays zero.
+    polar factor ``U V^T`` from the SVD ``G = U S V^T`` (float64). Directions with a zero singular value (at most
+    ``min(max(m, n) * eps, sqrt(eps)) * s_max``, ``eps`` of the gradient's dtype; see :func:`polar_factor`) are
+    dropped, so a rank-deficient gradient gives the partial isometry ``U_r V_r^T`` and a zero gradient stays zero.
 ``olr`` (default false): Optimal Learning Rate. With ``w``, ``g`` the flattened weight and gradient (the gradient
     after NOG when both are on), ``a = w.w``, ``b = g.w``, ``c = g.g``: ``eta* = a b / (a c + 2 b^2)``; the layer's
     learning rate for the step is ``eta*`` when ``0 < eta* < base lr`` and the base lr otherwise, a Python float
@@ -155,6 +156,19 @@ class NearestOrthogonalGradient(OptimizerHook):
             grad.copy_(polar_factor(G).reshape(grad.shape))
 
 
+def _add_srip_term(ctx: PassContext, term: SripTerm) -> str | None:
+    """Add ``term`` unless an equal SRIP term is there already for the same weight tensor (layers with a tied
+    weight: counted once, as :func:`orthofx.passes.orth_regularizer.add_lorth_term` counts L_orth). Returns the
+    site of that earlier term, or ``None`` when ``term`` was added."""
+    weight = ctx.module(term.site).weight
+    for other in ctx.manifest.penalties:
+        if (isinstance(other, SripTerm) and (other.groups, other.iterations, other.weight) ==
+                (term.groups, term.iterations, term.weight) and ctx.module(other.site).weight is weight):
+            return other.site
+    ctx.add_penalty(term)
+    return None
+
+
 def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
     for group in optimizer.param_groups:
         if any(p is param for p in group["params"]):
@@ -200,6 +214,10 @@ class OptimalLearningRate(OptimizerHook):
     def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         weight = root.get_submodule(self.site).weight
         group = _group_of(optimizer, weight)
+        if _BASE_LR_KEY in group:
+            # a weight shared by two sites has two OLR hooks: the first set this step's lr (from the same weight
+            # and gradient); the base lr it stored is the one to restore, not the eta* it wrote
+            return
         base = group["lr"]
         base = float(base) if isinstance(base, torch.Tensor) else base
         group[_BASE_LR_KEY] = base
@@ -336,7 +354,9 @@ class PreSVD(Pass):
         elif treatment == "srip":
             term = SripTerm(name, entry.rule_name, params["penalty_weight"], groups=getattr(module, "groups", 1),
                             iterations=params["power_iterations"])
-            ctx.add_penalty(term)
+            shared = _add_srip_term(ctx, term)
+            if shared is not None:
+                after["penalty"] = f"counted once, at {shared} (tied weight)"
             with torch.no_grad():
                 after["srip"] = float(term.value(ctx.gm))
 

@@ -18,13 +18,17 @@ after the step
     gradient descent, ``W <- R_W(-lr grad_R f(W))`` with the Riemannian gradient ``grad_R f = P_W(G)``.
     With ``momentum: project`` the optimizer's first-moment state is then projected onto the tangent space at the
     new point, ``m <- P_{W_new}(m)``: SGD's ``momentum_buffer`` and Adam/AdamW's ``exp_avg`` (a vector transport
-    by projection, so momentum keeps pointing along the manifold). Adam's second moment ``exp_avg_sq`` is a
+    by projection, so momentum keeps pointing along the manifold). The state is found by name: any entry called
+    ``momentum_buffer`` or ``exp_avg`` with the weight's shape is projected, so also RMSprop's
+    ``momentum_buffer`` and NAdam / RAdam / Adamax's ``exp_avg``. Adam's second moment ``exp_avg_sq`` is a
     per-entry scale, not a direction, and is left as is; other state is left as is too.
 
 Matrices and shapes follow :mod:`orthofx.nn.stiefel`: a Linear weight ``(out, in)`` has orthonormal columns when
 ``out >= in`` and orthonormal rows when ``out < in``; a convolution weight is flattened to ``(out, in * k * k)``
 (per group for grouped convs) and that matrix is kept orthonormal (kernel orthogonality, which is orthogonality
-of the convolution itself only for 1x1 and delta kernels, see P0). Biases are not constrained.
+of the convolution itself only for 1x1 and delta kernels, see P0). Biases are not constrained. Half-precision
+(float16 / bfloat16) weights, gradients and first moments are projected and retracted in float32 and written
+back once, in their own dtype.
 
 Parameters (``with:``):
 
@@ -36,7 +40,8 @@ Parameters (``with:``):
   leaves the first / last site this *rule* would constrain, in graph order, unconstrained (no projection, no
   hook). Each rule counts its own sites (after ``only_square``); the manifest records a Change for the free
   site ("left free", status ``free``) and names it in the Changes of the constrained ones
-  (``after["free_site"]``).
+  (``after["free_site"]``). A site of the rule whose weight is tied to the free site's (the same parameter) is
+  left free too, since constraining it would constrain the free weight.
 * ``momentum``: ``project`` (default, described above) or ``keep`` (the optimizer's state is left alone).
   Projection is a vector transport: ``P_{W_new}`` maps the old tangent space onto the new one, is linear, and
   is the identity when the point does not move (the standard transport of Riemannian heavy-ball and Adam
@@ -73,6 +78,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -158,8 +164,11 @@ class StiefelHook(OptimizerHook):
             batches.setdefault((shape, weight.dtype, weight.device), []).append((hook, weight))
         with torch.no_grad():
             for items in batches.values():
-                w = torch.stack([hook._matrix(weight.detach()) for hook, weight in items])  # a copy
-                g = torch.stack([hook._matrix(weight.grad) for hook, weight in items])
+                # a copy, in float32 for a half-precision weight: the projection of the exact half-precision
+                # inputs, rounded once when written back (G - W sym(W^T G) in bfloat16 cancels most of its bits)
+                w = torch.stack([hook._matrix(weight.detach()) for hook, weight in items])
+                w = w.to(stiefel._work_dtype(w))
+                g = torch.stack([hook._matrix(weight.grad) for hook, weight in items]).to(w.dtype)
                 projected = stiefel.tangent_projection(w, g)
                 for i, (hook, weight) in enumerate(items):
                     weight.grad.copy_(projected[i].reshape(weight.grad.shape))
@@ -179,8 +188,8 @@ class StiefelHook(OptimizerHook):
                 (hook, hook._weight(root), pre))
         with torch.no_grad():
             for (retraction, *_), items in batches.items():
-                w0 = torch.stack([pre for _, _, pre in items])
-                w1 = torch.stack([hook._matrix(weight.detach()) for hook, weight, _ in items])
+                w0 = torch.stack([pre for _, _, pre in items])  # float32 for a half-precision weight
+                w1 = torch.stack([hook._matrix(weight.detach()) for hook, weight, _ in items]).to(w0.dtype)
                 xi = stiefel.tangent_projection(w0, w1 - w0)
                 new = stiefel.retract(w0, xi, retraction)
                 for i, (_, weight, _) in enumerate(items):
@@ -196,7 +205,7 @@ class StiefelHook(OptimizerHook):
                         if isinstance(buf, torch.Tensor) and buf.shape == weight.shape:
                             index.append(i)
                             buffers.append(buf)
-                            matrices.append(hook._matrix(buf))
+                            matrices.append(hook._matrix(buf).to(new.dtype))
                 if buffers:
                     moved = stiefel.tangent_projection(new[index], torch.stack(matrices))
                     for j, buf in enumerate(buffers):
@@ -227,6 +236,16 @@ class Riemannian(Pass):
     module_types = _LAYER_TYPES
     group = "weight"
 
+    def accepts(self, site: Site, module: nn.Module | None) -> str | None:
+        """Also declines a layer whose weight has no entries (``Linear(4, 0)``): nothing to keep orthonormal."""
+        reason = super().accepts(site, module)
+        if reason is None and isinstance(module, _LAYER_TYPES):
+            weight = module.weight
+            if not isinstance(weight, nn.parameter.UninitializedParameter) and weight.numel() == 0:
+                shape = "x".join(str(s) for s in (weight.shape[0], math.prod(weight.shape[1:])))
+                return f"empty weight ({shape}): nothing to keep orthonormal"
+        return reason
+
     def accepts_params(self, site: Site, module: nn.Module | None, params: dict[str, Any]) -> str | None:
         """Decline non-square weights when the rule says ``only_square: true`` (shown as ``skipped: not square``).
         A lazy layer has no shape yet: it is accepted here and checked in :meth:`apply`, after the example inputs
@@ -249,8 +268,11 @@ class Riemannian(Pass):
             free_site = None
             if free != "none":
                 free_site = (rule_entries[0] if free == "first" else rule_entries[-1]).site.name
+            # the free layer's weight stays free also where another site of the rule shares it (tied weights):
+            # constraining that site would project and retract the free weight too
+            free_weight = ctx.module(free_site).weight if free_site is not None else None
             for entry in rule_entries:
-                self._apply_one(ctx, entry, free_site)
+                self._apply_one(ctx, entry, free_site, free_weight)
 
     def _skipped_lazy(self, ctx: PassContext, entry: PlanEntry) -> bool:
         """A lazy layer that turned out non-square under ``only_square: true`` (accepts_params could not tell):
@@ -261,7 +283,8 @@ class Riemannian(Pass):
                               what=f"left unchanged: {reason}", params=dict(entry.params), status=f"skipped: {reason}"))
         return reason is not None
 
-    def _apply_one(self, ctx: PassContext, entry: PlanEntry, free_site: str | None) -> None:
+    def _apply_one(self, ctx: PassContext, entry: PlanEntry, free_site: str | None,
+                   free_weight: torch.Tensor | None = None) -> None:
         params = dict(entry.params)
         name = entry.site.name
         module = ctx.module(entry.site)
@@ -270,10 +293,12 @@ class Riemannian(Pass):
         matrix = stiefel.flatten_weight(weight.detach(), groups)
         shape = "x".join(str(s) for s in matrix.shape[-2:])
         before = {"orth_defect": float(stiefel.orthogonality_defect(matrix).max())}
-        if name == free_site:
-            ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name,
-                              what=f"left free (unconstrained, free: {params['free']})", params=params,
-                              before=before, after={"free_site": name}, status="free"))
+        if name == free_site or (free_weight is not None and weight is free_weight):
+            what = f"left free (unconstrained, free: {params['free']})"
+            if name != free_site:
+                what = f"left free (its weight is tied to the free site '{free_site}', free: {params['free']})"
+            ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name, what=what, params=params,
+                              before=before, after={"free_site": free_site}, status="free"))
             return
         if params["init"] == "project":
             with torch.no_grad():
