@@ -80,6 +80,19 @@ def _is_real_float_dtype(dtype) -> bool:
     return isinstance(dtype, torch.dtype) and dtype.is_floating_point and not dtype.is_complex
 
 
+def _check_svd_inputs(weight: torch.Tensor, dtype, what: str) -> None:
+    """The singular-value routines need the weight's values (not a meta tensor) and a dtype LAPACK decomposes."""
+    if not _is_real_float_dtype(dtype):
+        raise ArgumentError(f"dtype must be a real floating-point torch.dtype (e.g. torch.float64), got {dtype!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ArgumentError(f"{what}: dtype must be torch.float32 or float64 (no SVD in {dtype}); the weight itself "
+                            "may be in any floating-point dtype")
+    if weight.is_meta:
+        raise ArgumentError(f"{what}: the weight is on the meta device (shape {tuple(weight.shape)}, no values); "
+                            "load or materialise the weights first (e.g. model.to_empty(device=...) and load a "
+                            "state dict)")
+
+
 def _check_conv_weight(weight, what: str) -> int:
     """Validates a conv weight; returns the number of spatial dims."""
     _check_tensor(weight)
@@ -315,8 +328,7 @@ def conv_singular_values(weight: torch.Tensor, input_size, stride=1, groups: int
     (torch.Size([64]), True)
     """
     _check_conv_weight(weight, "conv_singular_values")
-    if not _is_real_float_dtype(dtype):
-        raise ArgumentError(f"dtype must be a real floating-point torch.dtype (e.g. torch.float64), got {dtype!r}")
+    _check_svd_inputs(weight, dtype, "conv_singular_values")
     hat, counts = _frequency_matrices(weight, input_size, stride, groups, dtype)
     m, n = hat.shape[-2:]
     sv = _batched_svdvals(hat.reshape(-1, m, n))  # (B, r)
@@ -339,6 +351,7 @@ def linear_singular_values(weight: torch.Tensor, dtype: torch.dtype = torch.floa
     if weight.ndim != 2:
         raise ArgumentError(f"linear_singular_values expects a 2-D weight (out, in), got shape {tuple(weight.shape)}"
                             + (" (use conv_singular_values for convolutions)" if weight.ndim in _KIND else ""))
+    _check_svd_inputs(weight, dtype, "linear_singular_values")
     return _batched_svdvals(weight.detach().to(dtype)[None])[0]
 
 
@@ -420,6 +433,7 @@ def spectral_norm_bound(weight: torch.Tensor, input_size=None, stride=1, iterati
         raise ArgumentError(f"spectral_norm_bound: iterations={iterations} is more than the {_MAX_GRAM_ITERATIONS} "
                             "that change anything in float64 (the bound's excess over sigma_1 is at most "
                             "rank^(2^-iterations)); pass at most that")
+    _check_svd_inputs(weight, torch.float64, "spectral_norm_bound")
     if weight.ndim == 2:
         if stride != 1 or groups != 1:
             raise ArgumentError("stride and groups must be 1 for a 2-D (Linear) weight")
@@ -963,7 +977,8 @@ def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,
     diagonal blocks :math:`\partial y_b / \partial x_b` (exact even when samples interact) and returns shape
     ``(B, r)``. ``dtype`` (e.g. ``torch.float64``) casts ``x`` and, for an ``nn.Module``, its floating-point
     parameters and buffers for the computation (the module itself is not changed; a plain callable only sees
-    the cast input). Without gradient. A module runs on copies of its buffers.
+    the cast input). Without gradient. A module runs on copies of its buffers. A float16 / bfloat16 Jacobian is
+    decomposed in float32 (the values are then float32).
 
     >>> import torch
     >>> lin = torch.nn.Linear(3, 2, bias=False)
@@ -980,9 +995,15 @@ def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,
     x = x.detach() if dtype is None else x.detach().to(dtype)
     if per_sample and x.ndim == 0:
         raise ArgumentError(f"{what}: per_sample=True needs a batch dimension first, got a 0-d input")
+    if x.is_meta:
+        raise ArgumentError(f"{what}: x is on the meta device (no values): a Jacobian needs real tensors")
     with torch.no_grad():
         y = _check_output(f(x), x, per_sample, what)
     jac = _jacobian_matrix(f, x).detach()
+    if jac.is_meta:
+        raise ArgumentError(f"{what}: fn's output is on the meta device (meta parameters?): no values to decompose")
+    if jac.dtype in (torch.float16, torch.bfloat16):  # no SVD in half precision: decompose in float32
+        jac = jac.float()
     if not per_sample:  # (a non-finite Jacobian gives NaN values, see _batched_svdvals)
         return _batched_svdvals(jac.reshape(1, y.numel(), x.numel()))[0]
     batch = x.shape[0]

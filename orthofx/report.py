@@ -3,11 +3,15 @@
 One row per conv/linear layer of the graph (touched or not) and per other planned site:
 
 * ``site``, ``layer`` (e.g. ``Conv2d(64->128, k=3, s=2)``), ``pass`` (or why a rule skipped the site), ``params``;
-* ``lorth``: P0's L_orth of the current weight (per group for grouped convs, ||WW^T - I||^2 for linears);
+* ``lorth``: P0's L_orth of the current weight, computed in float64 (per group for grouped convs, that of the
+  undilated equivalent kernel for dilated ones, ||WW^T - I||^2 for linears);
 * ``sigma_min`` / ``sigma_max``: the exact extreme singular values of the layer's operator at the input size
   seen on the example inputs, computed with circular padding (Sedghi et al.; exact for circular convs, the
   standard surrogate for zero-padded ones), strided convs through space-to-depth;
-* ``exists``: whether an orthogonal convolution of that architecture exists (P0, Theorem 4), with its case.
+* ``exists``: whether an orthogonal convolution of that architecture exists (P0, Theorem 4, dilation included),
+  with its case.
+
+Layers whose weights have no values (meta device, a lazy layer that has not run) get rows without figures.
 
 Function sites (decompositions) rewritten with a condition-number monitor (pass ``svd_conditioning``,
 ``monitor: true``) also carry the monitor's figures, read from its buffers (the monitor is found through the
@@ -52,8 +56,18 @@ from .transform import manifest_of
 __all__ = ["Report", "report", "monitors", "layer_singular_values"]
 
 # Layers whose weight is the operator they apply (ConvNorm wrappers are not: they rescale in Fourier space).
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, OrthogonalConv1d, OrthogonalConv2d)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, OrthogonalConv1d, OrthogonalConv2d)
 _LINEAR_TYPES = (nn.Linear, OrthogonalLinear)
+
+
+def _weight_values(module: nn.Module) -> torch.Tensor | None:
+    """The layer's weight, detached; ``None`` when it has no values to measure (no tensor weight, a lazy layer that
+    has not run yet, or weights on the meta device)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.parameter.UninitializedParameter) \
+            or weight.is_meta:
+        return None
+    return weight.detach()
 
 
 def _dilated_kernel(weight: torch.Tensor, dilation: tuple[int, ...]) -> torch.Tensor:
@@ -77,21 +91,22 @@ def _grid(input_shape: tuple[int, ...] | None, dims: int, stride: tuple[int, ...
 
 
 def layer_singular_values(module: nn.Module, input_shape: tuple[int, ...] | None) -> torch.Tensor | None:
-    """All singular values of a conv (circular, at ``input_shape``'s spatial size) or linear layer's operator;
-    ``None`` when they cannot be computed (unknown input size, unequal strides, other layer types)."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        return None
+    """All singular values of a conv (circular, at ``input_shape``'s spatial size; dilated convs through their
+    undilated equivalent kernel) or linear layer's operator; ``None`` when they cannot be computed (unknown input
+    size, other layer types, weights without values: meta device, uninitialised lazy layer)."""
     with torch.no_grad():
+        weight = _weight_values(module)
+        if weight is None:
+            return None
         if isinstance(module, _LINEAR_TYPES):
-            return metrics.linear_singular_values(weight.detach())
+            return metrics.linear_singular_values(weight)
         if isinstance(module, _CONV_TYPES):
             dims = weight.dim() - 2
-            grid = _grid(input_shape, dims, module.stride)
-            if grid is None or len(set(module.stride)) != 1:
+            grid = _grid(input_shape, dims, tuple(module.stride))
+            if grid is None:
                 return None
-            kernel = _dilated_kernel(weight.detach(), module.dilation)
-            return metrics.conv_singular_values(kernel, grid, stride=module.stride[0], groups=module.groups)
+            kernel = _dilated_kernel(weight, module.dilation)
+            return metrics.conv_singular_values(kernel, grid, stride=tuple(module.stride), groups=module.groups)
     return None
 
 
@@ -105,13 +120,16 @@ def _is_full_size(module: nn.Module) -> bool:
 def _existence(module: nn.Module) -> str:
     if _is_full_size(module):
         return "yes (full-size kernel)"
+    if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+        return "? (lazy layer, not run yet: its input size is unknown)"
     if isinstance(module, _LINEAR_TYPES):
         return "yes (" + ("RO" if module.out_features <= module.in_features else "CO") + ")"
     if isinstance(module, _CONV_TYPES):
-        dims = module.weight.dim() - 2
+        dims = len(module.kernel_size)
         try:
             result = theory.orthogonal_conv_exists(module.in_channels, module.out_channels, module.kernel_size,
-                                                   module.stride, dims=dims, groups=module.groups)
+                                                   module.stride, dims=dims, groups=module.groups,
+                                                   dilation=tuple(module.dilation))
         except ValueError as exc:
             return f"? ({exc})"
         return f"yes ({result.case})" if result.exists else f"no ({result.case})"
@@ -119,12 +137,21 @@ def _existence(module: nn.Module) -> str:
 
 
 def _lorth(module: nn.Module) -> float | None:
+    """L_orth of the layer's weight, computed in float64 (in the CO case it is a small difference of large numbers,
+    which a bfloat16 / float16 computation rounds away); a dilated conv's is that of its undilated equivalent
+    kernel, the operator it applies."""
     if _is_full_size(module):
         return None
-    if isinstance(module, _LINEAR_TYPES):
-        return float(metrics.lorth(module.weight.detach()))
-    if isinstance(module, _CONV_TYPES) and len(set(module.stride)) == 1 and all(d == 1 for d in module.dilation):
-        return float(metrics.lorth(module.weight.detach(), stride=module.stride[0], groups=module.groups))
+    with torch.no_grad():
+        weight = _weight_values(module)
+        if weight is None:
+            return None
+        weight = weight.to(torch.float64)
+        if isinstance(module, _LINEAR_TYPES):
+            return float(metrics.lorth(weight))
+        if isinstance(module, _CONV_TYPES):
+            kernel = _dilated_kernel(weight, module.dilation)
+            return float(metrics.lorth(kernel, stride=tuple(module.stride), groups=module.groups))
     return None
 
 
@@ -265,7 +292,7 @@ def report(model: nn.Module) -> Report:
         values = layer_singular_values(module, shape) if operator else None
         if values is not None and values.numel():
             spectra[site.name] = values
-        dims = module.weight.dim() - 2 if isinstance(module, _CONV_TYPES) else 0
+        dims = len(module.kernel_size) if isinstance(module, _CONV_TYPES) else 0
         rows.append({
             "site": site.name,
             "layer": describe_module(module),

@@ -142,6 +142,7 @@ def orthogonal_conv_exists(
     dims: int = 2,
     groups: int = 1,
     padding: str = "circular",
+    dilation=1,
 ) -> ExistenceResult:
     r"""Whether an orthogonal convolution with this architecture exists (P0 Theorem 4, Propositions 5 and 6).
 
@@ -171,9 +172,15 @@ def orthogonal_conv_exists(
         the padding on a grid of size ``S*N``), i.e. an effective kernel :math:`k'_i = \min(S_i, k_i - P_i)`
         that is then judged as a circular one: RO iff :math:`M \le C \prod_i k'_i`, CO iff :math:`S_i \le k'_i`.
 
+    ``dilation`` (``D``, an int or a tuple; ``padding="circular"`` only; derived by us, checked numerically in the
+    tests): tap ``p`` reads the input at ``S i + D p``, so the taps read
+    :math:`r_i = \min(k_i, S_i / \gcd(D_i, S_i))` residues modulo :math:`S_i` (``min(k_i, S_i)`` undilated). RO
+    exists iff :math:`M \le C \prod_i r_i`, CO iff :math:`r_i = S_i` in every dimension. At stride 1 dilation
+    changes nothing.
+
     Raises :class:`~orthofx.errors.ArgumentError` (a ``ValueError``) when a size is < 1, a tuple has the wrong
-    length, the channels are not divisible by ``groups`` or ``padding`` is unknown. Dilation is not modelled (call
-    it with the dilated kernel's effective taps in mind, or not at all).
+    length, the channels are not divisible by ``groups``, ``padding`` is unknown, or ``dilation != 1`` with a
+    padding other than ``"circular"`` (not modelled there).
 
     >>> orthogonal_conv_exists(2, 4, 3, stride=2)          # RO: 4 <= 2 * 3**2
     ExistenceResult(exists=True, case='RO', reason='row-orthogonal case (M=4 <= C*S^d=8): exists iff M <= C*k^d, here 4 <= 18')
@@ -193,6 +200,10 @@ def orthogonal_conv_exists(
         raise ArgumentError(f"padding must be one of {_PADDINGS}, got {padding!r} "
                             "(a torch Conv with padding=0 is 'valid'; padding_mode='zeros' with 'same'-style "
                             "padding is 'zeros')")
+    ds = _sizes(dilation, dims, "dilation")
+    dilated = any(dl != 1 for dl in ds)
+    if dilated and padding != "circular":
+        raise ArgumentError(f"dilation={_fmt(ds)} is modelled for padding='circular' only, got padding={padding!r}")
     S = math.prod(ss)
     case = "RO" if M <= C * S else "CO"
     isotropic = len(set(ks)) == 1 and len(set(ss)) == 1
@@ -218,6 +229,19 @@ def orthogonal_conv_exists(
             return ok, f"exists iff S <= k, here {ss[0]} {'<=' if ok else '>'} {kern[0]}"
         return ok, (f"exists iff S_i <= {what}_i in every dimension, "
                     f"here S={_fmt(ss)}, {what}={_fmt(kern)}")
+
+    if padding == "circular" and dilated:
+        # taps p * D read the residues {p * D mod S}: min(k, S / gcd(D, S)) of them per dimension
+        reads = tuple(min(k, s // math.gcd(dl, s)) for k, s, dl in zip(ks, ss, ds))
+        where = f"with dilation D={_fmt(ds)} the taps read r=min(k, S/gcd(D, S))={_fmt(reads)} residues mod S"
+        if case == "RO":
+            limit = C * math.prod(reads)
+            ok = M <= limit
+            return ExistenceResult(ok, case, f"{head}: {where}; exists iff M <= C*prod(r_i), "
+                                             f"here {M} {'<=' if ok else '>'} {limit}")
+        ok = reads == ss
+        return ExistenceResult(ok, case, f"{head}: {where}; exists iff r_i = S_i in every dimension, "
+                                         f"here r={_fmt(reads)}, S={_fmt(ss)}")
 
     if padding == "circular":
         ok, cond = (ro_condition if case == "RO" else co_condition)(ks, "k")

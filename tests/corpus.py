@@ -236,7 +236,7 @@ class Conv1dNet(nn.Module):
 
 
 class RectangularConvNet(nn.Module):
-    """Rectangular kernels and a per-dimension stride (1, 2): P0's L_orth assumes one stride for every axis."""
+    """Rectangular kernels and a per-dimension stride (1, 2)."""
 
     def __init__(self, width: int = 4):
         super().__init__()
@@ -461,7 +461,8 @@ class RecurrentNet(nn.Module):
 
 class ImpossibleLayer(nn.Module):
     """A 1x1 conv expanding 4 -> 16 channels with stride (1, 2): no orthogonal convolution exists (P0 Theorem 4:
-    16 > 4 * 1 rows, stride 2 > kernel 1), and L_orth cannot stand in (it needs one stride for both axes)."""
+    16 > 4 * 1 rows, stride 2 > kernel 1); the orthogonal preset's L_orth fallback stands in (one stride per
+    axis)."""
 
     def __init__(self, width: int = 4):
         super().__init__()

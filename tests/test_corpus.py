@@ -49,7 +49,6 @@ EXPECTED_FAILURES = {
         "mha", "transformer", "sdpa_sequential", "conv1d", "functional_conv", "buffers", "spectrum", "recurrent",
         "data_dependent", "train_eval_branch")},
     **{("svd", m): "matched no function site" for m in MODELS if m not in ("cov_pool", "spectrum")},
-    ("orthogonal", "impossible_layer"): "expand",
 }
 
 @pytest.fixture(autouse=True, scope="module")

@@ -469,3 +469,34 @@ def test_gram_iterations_up_to_the_limit_stay_an_upper_bound():
 def test_public_names():
     assert set(metrics.__all__) >= {"lorth", "conv_singular_values", "linear_singular_values",
                                     "orthogonality_error", "spectral_norm_bound"}
+
+
+def test_half_precision_compute_dtype_and_meta_weights_raise_clear_errors():
+    w = torch.randn(2, 2, 3, 3)
+    for dt in (torch.float16, torch.bfloat16):  # LAPACK has no half-precision SVD
+        with pytest.raises(OrthofxError, match="float32 or float64"):
+            conv_singular_values(w, 4, dtype=dt)
+        with pytest.raises(OrthofxError, match="float32 or float64"):
+            linear_singular_values(w[:, :, 0, 0], dtype=dt)
+    # half-precision *weights* are fine: computed in float64
+    torch.testing.assert_close(conv_singular_values(w.half(), 4), conv_singular_values(w.half().double(), 4))
+    meta = w.to("meta")
+    for call in (lambda: conv_singular_values(meta, 4), lambda: linear_singular_values(meta[:, :, 0, 0]),
+                 lambda: spectral_norm_bound(meta, 4), lambda: orthogonality_error(meta, 4)):
+        with pytest.raises(OrthofxError, match="meta"):
+            call()
+    assert lorth(meta).device.type == "meta"  # shape inference through the regulariser still works
+
+
+def test_jacobian_singular_values_of_half_precision_and_meta_inputs():
+    lin = torch.nn.Linear(4, 3, bias=False).to(torch.bfloat16)
+    x = torch.randn(2, 4).to(torch.bfloat16)
+    # the Jacobian of x -> x W^T (batch of 2) is block-diagonal with two copies of W
+    ref = torch.linalg.svdvals(lin.weight.detach().double())
+    sv = metrics.jacobian_singular_values(lin, x)
+    assert sv.dtype == torch.float32 and sv.shape == (6,)
+    torch.testing.assert_close(sv.double(), torch.cat([ref, ref]).sort(descending=True).values)
+    per = metrics.jacobian_singular_values(lin, x, per_sample=True)
+    torch.testing.assert_close(per.double(), torch.stack([ref, ref]))
+    with pytest.raises(OrthofxError, match="meta"):
+        metrics.jacobian_singular_values(torch.nn.Linear(4, 3).to("meta"), torch.randn(2, 4, device="meta"))

@@ -1,6 +1,7 @@
 """orthofx.report: rows per layer, exact singular values, existence, JSON and the spectra plot."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -211,3 +212,105 @@ def test_cayley_fft_rows_give_exact_sigmas_and_no_lorth():
         assert abs(rows[site]["sigma_min"] - 1) < 1e-5 and abs(rows[site]["sigma_max"] - 1) < 1e-5
         assert rows[site]["exists"].startswith("yes")
     assert rows["fc"]["lorth"] is not None
+
+
+# ------------------------------------------------------------------------------ layers beyond square 2-D convs
+
+NOTHING = {"rules": [{"match": {"name": "no_such_layer"}, "apply": "orth_regularizer", "optional": True}]}
+CONV_FN = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
+
+
+def dense_circular(conv: nn.Module, size: tuple[int, ...]) -> torch.Tensor:
+    """The circular operator of ``conv`` (bias left out) on an input grid ``size``, float64: the conv applied, with
+    circular padding of D (k - 1) on the right, to every basis vector."""
+    w = conv.weight.detach().double()
+    d = len(size)
+    C = conv.in_channels
+    eye = torch.eye(C * math.prod(size), dtype=torch.float64).reshape(-1, C, *size)
+    pad = []
+    for k, dl in reversed(list(zip(conv.kernel_size, conv.dilation))):
+        pad += [0, dl * (k - 1)]
+    cols = CONV_FN[d](torch.nn.functional.pad(eye, pad, mode="circular"), w, stride=conv.stride,
+                      dilation=conv.dilation, groups=conv.groups)
+    return cols.reshape(cols.shape[0], -1).T
+
+
+def theorem7_lorth(conv: nn.Module) -> float:
+    """L_orth from the dense operator on the smallest N grid with S N >= 2 k_eff - 1 (P0 Theorem 7)."""
+    eff = [dl * (k - 1) + 1 for k, dl in zip(conv.kernel_size, conv.dilation)]
+    N = [math.ceil((2 * e - 1) / s) for e, s in zip(eff, conv.stride)]
+    A = dense_circular(conv, tuple(n * s for n, s in zip(N, conv.stride)))
+    ro = conv.out_channels <= conv.in_channels * math.prod(conv.stride)
+    G = A @ A.T if ro else A.T @ A
+    return float((G - torch.eye(G.shape[0], dtype=G.dtype)).square().sum()) / math.prod(N)
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c3 = nn.Conv3d(2, 3, 2, bias=False)
+        self.ns = nn.Conv2d(2, 4, (3, 1), stride=(2, 1), bias=False)
+        self.dil = nn.Conv2d(2, 4, 2, stride=2, dilation=2, bias=False)
+
+    def forward(self, v, x):
+        return self.c3(v).mean() + self.ns(x).mean() + self.dil(x).mean()
+
+
+def test_conv3d_non_square_stride_and_dilated_rows_against_the_dense_operator():
+    torch.manual_seed(0)
+    model = Mixed()
+    v, x = torch.randn(1, 2, 4, 4, 4), torch.randn(1, 2, 8, 8)
+    gm = orthofx.transform(model, NOTHING, example_inputs=(v, x))
+    rows = {r["site"]: r for r in orthofx.report(gm).rows}
+    assert set(rows) == {"c3", "ns", "dil"}  # the Conv3d had no row
+    for site, size in (("c3", (4, 4, 4)), ("ns", (8, 8)), ("dil", (8, 8))):
+        layer = getattr(model, site)
+        sv = torch.linalg.svdvals(dense_circular(layer, size))
+        assert rows[site]["input"] == size
+        assert rows[site]["sigma_max"] == pytest.approx(float(sv.max()), rel=1e-9)
+        assert rows[site]["sigma_min"] == pytest.approx(float(sv.min()), rel=1e-9, abs=1e-9)
+        assert rows[site]["lorth"] == pytest.approx(theorem7_lorth(layer), rel=1e-9)
+    # taps 0 and 2 of the dilated conv read one residue mod 2: rank <= 2 * 16 < 4 * 16 rows, no orthogonal version
+    assert rows["dil"]["sigma_min"] == pytest.approx(0.0, abs=1e-9)
+    assert rows["dil"]["exists"] == "no (RO)"
+    assert rows["ns"]["exists"] == "yes (RO)" and rows["c3"]["exists"] == "yes (CO)"
+
+
+def test_low_precision_weights_get_float64_lorth():
+    # a column-orthogonal 3x3 conv (a 1x1 orthonormal mixing, slightly perturbed): L_orth is a small difference of
+    # large numbers, ||conv(K, K) - I||^2 - (M - C), which bfloat16 / float16 rounded to 0.5 (true: 0.52)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 64, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, :, 1, 1] = torch.linalg.qr(torch.randn(64, 16))[0]
+        conv.weight.add_(0.01 * torch.randn_like(conv.weight))
+    for dtype in (torch.bfloat16, torch.float16):
+        gm = orthofx.transform(nn.Sequential(conv), NOTHING).to(dtype)
+        (row,) = orthofx.report(gm).rows
+        ref = theorem7_lorth(gm.get_submodule("0"))
+        assert row["lorth"] == pytest.approx(ref, rel=1e-9)
+
+
+def test_meta_and_uninitialised_lazy_layers_get_rows_without_figures():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(2, 4, 3, padding=1)
+            self.lc = nn.LazyConv2d(4, 3)
+            self.lin = nn.LazyLinear(3)
+
+        def forward(self, x):
+            return self.lin(self.lc(self.c(x)).mean((2, 3)))
+
+    rows = {r["site"]: r for r in orthofx.report(orthofx.transform(Net(), NOTHING)).rows}
+    assert rows["c"]["lorth"] is not None
+    for site in ("lc", "lin"):
+        assert rows[site]["lorth"] is None and rows[site]["sigma_max"] is None
+        assert rows[site]["exists"].startswith("? (lazy layer")  # in_features 0 said "yes (CO)"
+    gm = orthofx.transform(Net(), NOTHING, example_inputs=(torch.randn(1, 2, 6, 6),)).to("meta")
+    rep = orthofx.report(gm)
+    assert [r["site"] for r in rep.rows] == ["c", "lc", "lin"]
+    for r in rep.rows:
+        assert r["lorth"] is None and r["sigma_max"] is None and r["exists"].startswith("yes")
+    assert "Conv2d(2->4, k=3, s=1)" in str(rep)

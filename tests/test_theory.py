@@ -294,3 +294,77 @@ def test_padding_variants_by_minimising_the_dense_error(C, M, k, S, padding):
             assert off.abs().max() < 2e-2  # the error is quartic in them: 1e-6 error allows ~1e-3 taps
     else:
         assert best > 0.1
+
+
+# ------------------------------------------------------------------------------------------- dilation
+
+
+def dense_dilated(K: torch.Tensor, n: tuple[int, ...], S: tuple[int, ...], D: tuple[int, ...]) -> torch.Tensor:
+    """Dense circular operator of a dilated, strided conv, y[m, i] = sum_{c, p} K[m, c, p] x[c, (S i + D p) mod n],
+    one entry at a time."""
+    M, C = K.shape[:2]
+    ks = K.shape[2:]
+    out = tuple(a // s for a, s in zip(n, S))
+    A = torch.zeros(M, *out, C, *n, dtype=torch.float64)
+    for m, c in itertools.product(range(M), range(C)):
+        for p in itertools.product(*[range(k) for k in ks]):
+            for i in itertools.product(*[range(o) for o in out]):
+                x = tuple((s * a + dl * b) % size for s, a, dl, b, size in zip(S, i, D, p, n))
+                A[(m,) + i + (c,) + x] += K[(m, c) + p]
+    return A.reshape(M * math.prod(out), C * math.prod(n))
+
+
+# (C, M, kernel, stride, dilation)
+DILATED_GRID = [
+    (1, 2, (2,), (2,), (2,)),  # taps 0, 2 both read residue 0 mod 2: RO needs M <= 1, none (undilated: exists)
+    (1, 2, (2,), (2,), (1,)),  # undilated: exists
+    (1, 3, (3,), (2,), (2,)),  # CO: residue 1 mod 2 never read: none (undilated S <= k: exists)
+    (1, 3, (3,), (2,), (3,)),  # CO: taps 0, 3, 6 read both residues: exists
+    (1, 3, (2,), (3,), (2,)),  # RO: taps 0, 2 read 2 residues mod 3, M = 3 > 2: none
+    (1, 2, (2,), (3,), (2,)),  # RO: M = 2 <= 2: exists
+    (2, 2, (3,), (1,), (2,)),  # stride 1: dilation changes nothing
+    (1, 2, (2, 2), (2, 1), (2, 1)),  # 2-D: dimension 0 reads one residue, M = 2 > 1 * 1 * 1: none
+    (1, 2, (2, 2), (2, 1), (1, 2)),  # 2-D: M = 2 <= 2: exists
+]
+
+
+@pytest.mark.parametrize("C,M,ks,ss,ds", DILATED_GRID)
+def test_dilated_existence_matches_the_rank_of_the_dense_operator(C, M, ks, ss, ds):
+    """An orthogonal conv has full row (RO) or column (CO) rank; a random kernel has the largest rank the
+    architecture allows. So 'exists' must be 'a random dilated kernel's dense operator has full rank', and when it
+    does, the explicit single-tap construction below must be orthogonal."""
+    d = len(ks)
+    result = orthogonal_conv_exists(C, M, ks, ss, dims=d, dilation=ds)
+    eff = tuple(dl * (k - 1) + 1 for k, dl in zip(ks, ds))
+    n = tuple(s * math.ceil(max(e, 2) / s) for e, s in zip(eff, ss))
+    gen = torch.Generator().manual_seed(0)
+    A = dense_dilated(torch.randn(M, C, *ks, generator=gen, dtype=torch.float64), n, ss, ds)
+    sv = torch.linalg.svdvals(A)
+    full = A.shape[0] if result.case == "RO" else A.shape[1]
+    rank = int((sv > 1e-9 * sv[0]).sum())
+    assert result.exists == (rank == full), (result, rank, full)
+    if all(dl == 1 for dl in ds):
+        assert result == orthogonal_conv_exists(C, M, ks, ss, dims=d)
+    if result.exists:  # one tap per output channel, each reading its own (channel, residue) class
+        K = torch.zeros(M, C, *ks, dtype=torch.float64)
+        used = set()
+        for m in range(min(M, C * math.prod(ss))):
+            for c, *p in itertools.product(range(C), *[range(k) for k in ks]):
+                key = (c,) + tuple(dl * b % s for dl, b, s in zip(ds, p, ss))
+                if key not in used:
+                    used.add(key)
+                    K[(m, c) + tuple(p)] = 1.0
+                    break
+        Q = dense_dilated(K, n, ss, ds)
+        G = Q @ Q.T if result.case == "RO" else Q.T @ Q
+        assert torch.allclose(G, torch.eye(G.shape[0], dtype=G.dtype))
+
+
+def test_dilation_reason_and_bad_arguments():
+    exists, case, reason = orthogonal_conv_exists(1, 2, 2, stride=2, dims=1, dilation=2)
+    assert (exists, case) == (False, "RO")
+    assert "2 > 1" in reason and "dilation" in reason
+    with pytest.raises(ValueError, match="dilation"):
+        orthogonal_conv_exists(1, 2, 2, stride=2, dims=1, dilation=0)
+    with pytest.raises(ValueError, match="dilation"):
+        orthogonal_conv_exists(1, 2, 3, stride=2, dims=1, dilation=2, padding="valid")

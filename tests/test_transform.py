@@ -123,6 +123,25 @@ def test_penalty_is_the_weighted_sum_of_lorth():
     torch.testing.assert_close(sum(terms.values()), expected)
 
 
+def test_a_stride_per_dimension_gets_its_lorth_term():
+    # Conv2d(stride=(1, 2)) was skipped ("L_orth needs one stride for every dimension"); metrics.lorth takes a
+    # stride per dimension, and its value is N^d L_orth = ||K K^T - I||_F^2 of the dense circular operator
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 4, (1, 3), stride=(1, 2), padding=(0, 1), bias=False))
+    gm = orthofx.transform(model, LORTH_ALL)
+    term = orthofx.penalty_terms(gm)["soft/0"]
+    weight = model[0].weight.detach().double()
+    n = 6  # the output grid; the input grid is (6, 12), S n >= 2k - 1 in both dimensions
+    columns = []
+    for i in range(3 * n * 2 * n):  # the operator's matrix, one input basis vector at a time
+        e = torch.zeros(3 * n * 2 * n, dtype=torch.float64)
+        e[i] = 1.0
+        x = torch.nn.functional.pad(e.reshape(1, 3, n, 2 * n), (1, 1, 0, 0), mode="circular")
+        columns.append(torch.nn.functional.conv2d(x, weight, stride=(1, 2)).reshape(-1))
+    A = torch.stack(columns, dim=1)  # (4 n n, 3 n 2n): M = 4 <= C S^d = 6, the row-orthogonal case
+    dense = (A @ A.T - torch.eye(A.shape[0], dtype=torch.float64)).square().sum()
+    torch.testing.assert_close(term.double() / 0.5 * n * n, dense, rtol=1e-5, atol=1e-6)
+
 def test_penalty_gradient_matches_finite_differences():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2), nn.ReLU(), nn.Conv2d(3, 5, 2)).double()

@@ -231,12 +231,8 @@ def _tap_block(weight: torch.Tensor, taps: Sequence[tuple[int, int]]) -> torch.T
 
 def _defect(weight: torch.Tensor, module: nn.Module, scale: float) -> dict[str, float | None]:
     """``{"orth_defect": max |W^T W - I|}`` of ``W / scale`` for a Linear; ``{"lorth": L_orth(K / scale)}`` (P0,
-    the orthogonality measure of the convolution operator, at the layer's stride) for a conv, ``None`` when the
-    strides differ between dimensions (L_orth assumes one stride)."""
+    the orthogonality measure of the convolution operator, at the layer's stride per dimension) for a conv."""
     w = weight / scale
     if not isinstance(module, _CONV_TYPES):
         return {"orth_defect": float(stiefel.orthogonality_defect(w))}
-    strides = set(module.stride)
-    if len(strides) != 1:
-        return {"lorth": None}
-    return {"lorth": float(metrics.lorth(w, stride=strides.pop(), groups=module.groups))}
+    return {"lorth": float(metrics.lorth(w, stride=tuple(module.stride), groups=module.groups))}

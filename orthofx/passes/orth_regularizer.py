@@ -40,7 +40,7 @@ __all__ = ["OrthRegularizer", "LorthTerm", "add_lorth_term", "lorth_problem", "l
 class LorthTerm(PenaltyTerm):
     """L_orth of the weight of the module at ``site`` (a Conv1d, Conv2d or Linear)."""
 
-    def __init__(self, site: str, rule: str, weight: float, stride: int = 1, groups: int = 1,
+    def __init__(self, site: str, rule: str, weight: float, stride: int | tuple[int, ...] = 1, groups: int = 1,
                  case: str | None = None):
         super().__init__(site, rule, weight)
         self.stride = stride
@@ -54,13 +54,11 @@ class LorthTerm(PenaltyTerm):
 
 def lorth_problem(module: nn.Module) -> str | None:
     """Why P0's L_orth cannot be computed for ``module`` (``None`` when it can): it is defined for undilated
-    convolutions with one stride S for every spatial dimension."""
+    convolutions (a stride per spatial dimension is fine: :func:`orthofx.metrics.lorth` takes one)."""
     if isinstance(module, nn.Linear):
         return None
     if any(d != 1 for d in module.dilation):
         return f"L_orth is defined for undilated convolutions (dilation={module.dilation})"
-    if len(set(module.stride)) != 1:
-        return f"L_orth needs one stride for every dimension (stride={module.stride})"
     return None
 
 
@@ -72,7 +70,7 @@ def lorth_term(module: nn.Module, site: str, rule: str, weight: float, case: str
         raise ArgumentError(problem)
     if isinstance(module, nn.Linear):
         return LorthTerm(site, rule, weight, case=case)
-    return LorthTerm(site, rule, weight, stride=module.stride[0], groups=module.groups, case=case)
+    return LorthTerm(site, rule, weight, stride=tuple(module.stride), groups=module.groups, case=case)
 
 
 def add_lorth_term(ctx: PassContext, term: LorthTerm) -> str | None:
