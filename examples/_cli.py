@@ -1,45 +1,20 @@
 """Command-line helpers shared by the example scripts: argument types that reject bad values when the command line
-is parsed, an output-path check that runs before any training (not when the figure is saved at the end), and a
-check of the optional dependencies that names the pip command. Not part of orthofx; the scripts import it from
-their own folder (``python examples/<script>.py`` puts that folder on ``sys.path``)."""
+is parsed (orthofx.cli's, re-exported here), an output-path check that runs before any training (not when the
+figure is saved at the end), and a check of the optional dependencies that names the pip command. Not part of
+orthofx; the scripts import it from their own folder (``python examples/<script>.py`` puts that folder on
+``sys.path``)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
+
+from orthofx.cli import (non_negative_float, non_negative_int, positive_float,  # noqa: F401
+                         positive_int)
 
 #: Import name -> (pip package, orthofx extra that installs it; see pyproject.toml).
 EXTRAS = {"sklearn": ("scikit-learn", "demo"), "matplotlib": ("matplotlib", "plot")}
-
-
-def _number(text: str, kind: type, minimum: float, inclusive: bool) -> int | float:
-    bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
-    what = f"{'an integer' if kind is int else 'a finite number'} {bound}"
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    return _number(text, int, 1, True)
-
-
-def non_negative_int(text: str) -> int:
-    return _number(text, int, 0, True)
-
-
-def positive_float(text: str) -> float:
-    return _number(text, float, 0.0, False)
-
-
-def non_negative_float(text: str) -> float:
-    return _number(text, float, 0.0, True)
 
 
 def png_path(text: str) -> str:

@@ -18,6 +18,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -62,10 +63,16 @@ def load_model(spec: str) -> nn.Module:
             raise CliError(f"cannot load model file {target!r}: {type(exc).__name__}: {exc} (--debug shows the "
                            "traceback)") from exc
     else:
+        if not target.strip():
+            raise CliError(f"model {spec!r} names no module before ':'; give package.module:factory or "
+                           "file.py:factory")
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
             raise CliError(f"cannot import {target!r} for model {spec!r}: {exc}") from None
+        except Exception as exc:  # the user's module failed while being imported
+            raise CliError(f"cannot import {target!r} for model {spec!r}: {type(exc).__name__}: {exc} "
+                           "(--debug shows the traceback)") from exc
     factory = getattr(module, attr, None)
     if factory is None:
         raise CliError(f"{target!r} has no attribute {attr!r}")
@@ -137,6 +144,8 @@ def _cmd_transform(args: argparse.Namespace) -> int:
         folder = os.path.dirname(os.path.abspath(path)) if path else ""
         if path and not os.path.isdir(folder):
             raise CliError(f"{option} {path}: the directory {folder} does not exist; create it or choose another path")
+        if path and os.path.isdir(path):
+            raise CliError(f"{option} {path} is an existing directory; give a file path in it")
     started = time.perf_counter()
     gm = transform(model, args.policy, example_inputs=inputs)
     elapsed = time.perf_counter() - started
@@ -220,6 +229,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(text: str, kind: type, minimum: float, inclusive: bool) -> int | float:
+    bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+    what = f"{'an integer' if kind is int else 'a finite number'} {bound}"
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+# argparse types that refuse bad values when the command line is parsed (the examples and benchmarks use them too)
+def positive_int(text: str) -> int:
+    return _number(text, int, 1, True)
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, 0, True)
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, 0.0, False)
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, 0.0, True)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orthofx", description="Orthogonality for any PyTorch model.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -228,9 +266,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="explain, transform, train briefly on digits and report")
     demo.add_argument("--model", default="small_cnn", help="a built-in model taking 1x8x8 images")
     demo.add_argument("--policy", default="lorth")
-    demo.add_argument("--steps", type=int, default=300)
-    demo.add_argument("--batch-size", type=int, default=64)
-    demo.add_argument("--lr", type=float, default=1e-2)
+    demo.add_argument("--steps", type=positive_int, default=300)
+    demo.add_argument("--batch-size", type=positive_int, default=64)
+    demo.add_argument("--lr", type=positive_float, default=1e-2)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_cmd_demo)
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .capture import unwrap_model
+from .passes.base import zero_like_parameters
 from .transform import manifest_of
 
 __all__ = ["penalty", "penalty_terms"]
@@ -26,7 +27,8 @@ def penalty_terms(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def penalty(model: nn.Module) -> torch.Tensor:
-    """Sum of all weighted regularisers attached by the policy; a zero scalar when there are none.
+    """Sum of all weighted regularisers attached by the policy; a zero scalar (in the dtype and on the device of
+    the model's parameters) when there are none or all have weight 0.
 
     Example::
 
@@ -37,6 +39,5 @@ def penalty(model: nn.Module) -> torch.Tensor:
     root = unwrap_model(model)
     weighted = [term.weight * term.value(root) for term in manifest_of(model).penalties if term.weight != 0.0]
     if not weighted:
-        reference = next(iter(root.parameters()), None)
-        return torch.zeros((), device=reference.device if reference is not None else None)
+        return zero_like_parameters(root)
     return sum(weighted[1:], weighted[0])

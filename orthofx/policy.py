@@ -25,6 +25,7 @@ import difflib
 import fnmatch
 import functools
 import importlib.resources
+import math
 import numbers
 import os
 import re
@@ -263,7 +264,7 @@ class Policy:
         if isinstance(path_or_text, os.PathLike):
             path = Path(path_or_text)
             if not path.is_file():
-                raise PolicyError(f"policy file not found: {str(path)!r}", file=str(path))
+                raise _no_policy_file(str(path))
             return _policy_from_file(path)
         if not isinstance(path_or_text, str):
             raise PolicyError(f"Policy.from_yaml expects a file path or YAML text, got {type(path_or_text).__name__}")
@@ -271,8 +272,8 @@ class Policy:
         if _is_existing_file(text):
             return _policy_from_file(Path(text))
         word = text.strip()
-        if "\n" not in word and word.lower().endswith((".yaml", ".yml")) and ": " not in word:
-            raise PolicyError(f"policy file not found: {word!r}", file=word)
+        if _looks_like_a_path(word):
+            raise _no_policy_file(word)
         return _policy_from_text(text, "<string>", require_version=True)
 
     @classmethod
@@ -310,14 +311,18 @@ class Policy:
             return cls.from_yaml(obj)
         if isinstance(obj, str):
             files = _preset_files()
-            if obj in files:
-                return cls.preset(obj)
+            word = obj.strip()
+            if word in files:
+                return cls.preset(word)
             if _is_existing_file(obj):
                 return cls.from_yaml(obj)
-            word = obj.strip()
+            if _is_existing_file(word):
+                return cls.from_yaml(word)
+            if _looks_like_a_path(word):
+                raise _no_policy_file(word)
             if word and re.fullmatch(r"[\w.\-/\\~]+", word):
-                if word.lower().endswith((".yaml", ".yml")) or "/" in word or "\\" in word:
-                    raise PolicyError(f"policy file not found: {word!r}", file=word)
+                if "/" in word or "\\" in word:
+                    raise _no_policy_file(word)
                 hint = _did_you_mean(word, files)
                 raise PolicyError(
                     f"{word!r} is neither a preset nor an existing file{hint}; available presets: "
@@ -424,6 +429,18 @@ del _cls
 
 _SCALARS = yaml.constructor.SafeConstructor()
 _MAX_NODES = 100_000  # guards against alias expansion ("billion laughs")
+# Integers beyond a float's range are refused wherever they appear (str() of one over 4300 digits even raises).
+_MAX_INT_BITS = 1024
+
+
+def _too_large_int(value: int, path: tuple) -> str | None:
+    """The message for an integer too large for a policy, ``None`` when it fits."""
+    bits = abs(value).bit_length()
+    if bits <= _MAX_INT_BITS:
+        return None
+    digits = int(bits * 0.30103) + 1
+    return (f"{_fmt(path)}: integer too large (about {digits} digits); numbers in a policy must be smaller than "
+            "1.8e308 in magnitude (a float's range)")
 
 
 class _Positions:
@@ -462,6 +479,28 @@ def _mark(node: yaml.Node) -> tuple[int, int]:
 
 def _tag_name(tag: str) -> str:
     return "!!" + tag[len(_TAG):] if tag.startswith(_TAG) else tag
+
+
+def _looks_like_a_path(word: str) -> bool:
+    """A one-line string naming a YAML file or a directory rather than holding YAML text."""
+    if not word or "\n" in word:
+        return False
+    if word.lower().endswith((".yaml", ".yml")) and ": " not in word:
+        return True
+    try:
+        return os.path.isdir(word)
+    except (OSError, ValueError):
+        return False
+
+
+def _no_policy_file(word: str) -> PolicyError:
+    try:
+        is_dir = os.path.isdir(word)
+    except (OSError, ValueError):
+        is_dir = False
+    if is_dir:
+        return PolicyError(f"{word!r} is a directory, not a policy file; name a .yaml file in it", file=word)
+    return PolicyError(f"policy file not found: {word!r}", file=word)
 
 
 def _is_existing_file(text: str) -> bool:
@@ -573,6 +612,11 @@ class _NodeWalker:
 
     def scalar(self, node: yaml.ScalarNode, path: tuple) -> Any:
         tag = node.tag
+        if tag == _INT and sum(c.isdigit() for c in node.value) > 4000:
+            # beyond a float's range in any base (binary included); int() of over 4300 digits even raises
+            raise self.fail(node, f"{_fmt(path)}: integer too large ({sum(c.isdigit() for c in node.value)} "
+                                  "digits); numbers in a policy must be smaller than 1.8e308 in magnitude "
+                                  "(a float's range)")
         try:
             if tag == _STR:
                 return node.value
@@ -581,13 +625,18 @@ class _NodeWalker:
             if tag == _BOOL:
                 return _SCALARS.bool_values[node.value.lower()]
             if tag == _INT:
-                return _SCALARS.construct_yaml_int(node)
+                value = _SCALARS.construct_yaml_int(node)
             if tag == _FLOAT:
                 return _SCALARS.construct_yaml_float(node)
             if tag == _TIMESTAMP:
                 return node.value  # a date-like value stays the string as written
         except (KeyError, ValueError, TypeError):
             raise self.fail(node, f"invalid {_tag_name(tag)} value {node.value!r} at {_fmt(path)}") from None
+        if tag == _INT:
+            message = _too_large_int(value, path)
+            if message is not None:
+                raise self.fail(node, message)
+            return value
         raise self.fail(node, self._bad_tag(node, path))
 
 
@@ -598,6 +647,9 @@ def _plain(obj: Any, path: tuple, pos: _Positions, depth: int) -> Any:
     if obj is None or isinstance(obj, (str, bool)):
         return obj
     if isinstance(obj, numbers.Integral):
+        message = _too_large_int(int(obj), path)
+        if message is not None:
+            raise pos.error(message, path)
         return int(obj)
     if isinstance(obj, numbers.Real):
         return float(obj)
@@ -922,6 +974,9 @@ def _ops(raw: dict, key: str, path: tuple, pos: _Positions) -> tuple[str, ...]:
 def _check_where_value(value: Any, path: tuple, pos: _Positions) -> None:
     if isinstance(value, dict):
         raise pos.error(f"{_fmt(path)} must be a value or a list of values, found a mapping", path)
+    if isinstance(value, float) and math.isnan(value):
+        raise pos.error(f"{_fmt(path)} is NaN, which equals no attribute value (the filter could never match); "
+                        "give a number", path)
     if isinstance(value, list):
         for i, item in enumerate(value):
             _check_where_value(item, path + (i,), pos)

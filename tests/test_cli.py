@@ -97,3 +97,149 @@ def test_transform_exports(capsys, tmp_path):
     code, out, _ = run(capsys, "transform", "small_cnn", "--policy", "lorth", "--input-shape", "2,1,8,8",
                        "--export", str(path))
     assert code == 0 and path.exists() and "pt2 ->" in out
+
+
+# ----------------------------------------------------------------------------------------------- audit: bad input
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["demo", "--steps", "0"], "--steps"),
+    (["demo", "--steps", "-3"], "--steps"),
+    (["demo", "--batch-size", "0"], "--batch-size"),
+    (["demo", "--lr", "-0.1"], "--lr"),
+    (["demo", "--lr", "nan"], "--lr"),
+    (["demo", "--lr", "inf"], "--lr"),
+])
+def test_demo_rejects_bad_numbers_before_loading_anything(capsys, argv, fragment):
+    # --steps 0 used to crash with a raw TypeError after the explain; --batch-size 0 trained on empty batches
+    # (task loss nan); --lr -0.1 got Adam's raw ValueError
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and fragment in err and "explain" not in out
+
+
+def test_model_spec_with_an_empty_module_name_exits_2(capsys):
+    code, _, err = run(capsys, "explain", ":build", "--policy", "lorth")
+    assert code == 2 and "':build'" in err and err.count("\n") == 1
+
+
+def test_model_module_that_raises_on_import_exits_2(capsys, tmp_path, monkeypatch):
+    (tmp_path / "orthofx_cli_broken_mod.py").write_text("raise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, _, err = run(capsys, "explain", "orthofx_cli_broken_mod:build", "--policy", "lorth")
+    assert code == 2 and "no GPU here" in err and err.count("\n") == 1
+
+
+def test_model_file_that_fails_to_load_exits_2(capsys, tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def build(:\n")
+    code, _, err = run(capsys, "explain", f"{broken}:build", "--policy", "lorth")
+    assert code == 2 and "cannot load model file" in err and "SyntaxError" in err and err.count("\n") == 1
+    raising = tmp_path / "raising.py"
+    raising.write_text("import torch\ndef build():\n    raise ValueError('bad width')\n")
+    code, _, err = run(capsys, "explain", f"{raising}:build", "--policy", "lorth")
+    assert code == 2 and "bad width" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_output_path_that_is_a_directory_fails_before_the_transform(capsys, tmp_path, option):
+    code, out, err = run(capsys, "transform", "small_cnn", "--policy", "lorth", option, str(tmp_path))
+    assert code == 2 and option in err and "directory" in err and "transformed in" not in out
+
+
+def test_help_and_missing_command(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0 and "transform" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+
+
+def test_missing_policy_file_exits_2(capsys, tmp_path):
+    code, _, err = run(capsys, "explain", "small_cnn", "--policy", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "policy file not found" in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------------------- orthofx.penalty
+# (the demo's training loop adds it to the task loss)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import orthofx  # noqa: E402
+from orthofx import metrics  # noqa: E402
+
+
+class _PenaltyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, stride=2, groups=2, padding=1)
+        self.b = nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).flatten(1))
+
+
+_PENALTY_POLICY = {"rules": [
+    {"name": "a", "match": {"name": "a"}, "apply": "orth_regularizer", "with": {"weight": 0.3}},
+    {"name": "b", "match": {"name": "b"}, "apply": "orth_regularizer", "with": {"weight": 0.7}},
+    {"name": "fc", "match": {"name": "fc"}, "apply": "orth_regularizer", "with": {"weight": 0.0}},
+]}
+
+
+def _penalty_model(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = _PenaltyNet().to(dtype)
+    return orthofx.transform(model, _PENALTY_POLICY, example_inputs=(torch.randn(2, 4, 8, 8, dtype=dtype),))
+
+
+def test_penalty_is_the_weighted_sum_of_the_terms_by_hand():
+    gm = _penalty_model()
+    a, b = gm.get_submodule("a").weight, gm.get_submodule("b").weight
+    expected = 0.3 * metrics.lorth(a, stride=2, groups=2) + 0.7 * metrics.lorth(b)
+    value = orthofx.penalty(gm)
+    assert value.dtype == torch.float64 and value.shape == ()
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)
+    value.backward()
+    assert a.grad is not None and b.grad is not None
+    assert gm.get_submodule("fc").weight.grad is None  # a term of weight 0 is left out of the graph
+    terms = orthofx.penalty_terms(gm)
+    assert set(terms) == {"a/a", "b/b", "fc/fc"} and float(terms["fc/fc"]) == 0.0
+    torch.testing.assert_close(sum(terms.values()), expected.detach(), rtol=1e-12, atol=0)
+    # the same value under no_grad, in eval mode and through a DataParallel wrapper
+    with torch.no_grad():
+        quiet = orthofx.penalty(gm)
+    assert not quiet.requires_grad
+    torch.testing.assert_close(quiet, expected.detach(), rtol=1e-12, atol=0)
+    gm.eval()
+    torch.testing.assert_close(orthofx.penalty(gm).detach(), expected.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(orthofx.penalty(nn.DataParallel(gm)).detach(), expected.detach(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_penalty_without_terms_is_a_zero_in_the_models_dtype(dtype):
+    # only weight-0 terms, and no terms at all: 0-dim zeros in the model's dtype (it was float32 for a float64 model)
+    torch.manual_seed(0)
+    model = _PenaltyNet().to(dtype)
+    inputs = (torch.randn(2, 4, 8, 8, dtype=dtype),)
+    zero_weight = {"rules": [{"match": {"type": "Conv2d"}, "apply": "orth_regularizer", "with": {"weight": 0.0}}]}
+    no_terms = {"rules": [{"match": {"type": "Linear"}, "apply": "riemannian"}]}
+    for policy in (zero_weight, no_terms):
+        gm = orthofx.transform(model, policy, example_inputs=inputs)
+        value = orthofx.penalty(gm)
+        assert value.shape == () and value.dtype == dtype and float(value) == 0.0
+        assert value.device == next(gm.parameters()).device
+        (value + gm(*inputs).sum()).backward()  # adds to a task loss of the same dtype
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_penalty_without_terms_is_on_the_models_device():
+    torch.manual_seed(0)
+    model = _PenaltyNet().cuda()
+    gm = orthofx.transform(model, {"rules": [{"match": {"type": "Linear"}, "apply": "riemannian"}]},
+                           example_inputs=(torch.randn(2, 4, 8, 8, device="cuda"),))
+    value = orthofx.penalty(gm)
+    assert value.device.type == "cuda" and value.dtype == torch.float32 and float(value) == 0.0

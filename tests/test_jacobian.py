@@ -865,3 +865,12 @@ def test_blocks_without_a_jacobian_are_skipped_or_named():
         gm(tokens)
     with pytest.raises(orthofx.LayerArgumentError, match="finite"):
         JacobianProbe(nn.Linear(2, 2), weight=math.inf)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_term_without_an_estimate_is_a_zero_in_the_blocks_dtype(dtype):
+    # before any training forward the term was a float32 zero whatever the model's dtype
+    gm = orthofx.transform(orthofx.models.get("deep_mlp", depth=4).to(dtype), "jacobian")
+    terms = orthofx.penalty_terms(gm)
+    assert terms and all(t.dtype == dtype and float(t) == 0.0 for t in terms.values())
+    assert orthofx.penalty(gm).dtype == dtype

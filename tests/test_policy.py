@@ -548,3 +548,85 @@ def test_round_trip_property(rules, description):
     p = Policy.from_dict({"description": description, "rules": rules})
     assert Policy.from_yaml(p.to_yaml()) == p
     assert Policy.from_dict(p.to_dict()) == p
+
+
+# ----------------------------------------------------------------------------------------------- audit: edge inputs
+
+
+def test_load_preset_name_with_surrounding_whitespace():
+    # a preset name read from a file or an environment variable often carries a newline
+    assert Policy.load(" lorth\n") == Policy.preset("lorth")
+
+
+def test_load_missing_yaml_path_with_a_space_says_not_found(tmp_path):
+    missing = tmp_path / "my policies" / "p.yaml"
+    with pytest.raises(PolicyError, match="policy file not found") as info:
+        Policy.load(str(missing))
+    assert info.value.file == str(missing)
+
+
+def test_directory_is_not_a_policy_file(tmp_path):
+    for call in (Policy.load, Policy.from_yaml):
+        for arg in (tmp_path, str(tmp_path)):
+            with pytest.raises(PolicyError, match="is a directory"):
+                call(arg)
+
+
+def _with(value):
+    return {"rules": [{"match": {"type": "Conv2d"}, "apply": "tpolicy_soft", "with": {"weight": value}}]}
+
+
+@pytest.mark.parametrize("build, path", [
+    (lambda big: {"orthofx": big, "rules": [{"match": {}, "apply": "tpolicy_soft"}]}, "orthofx"),
+    (lambda big: {"rules": [{"match": {"where": {"groups": big}}, "apply": "tpolicy_soft"}]},
+     "rules[0].match.where.groups"),
+    (lambda big: _with(big), "rules[0].with.weight"),
+    (lambda big: {"rules": [{"match": {}, "apply": "tpolicy_soft", "with": {"probes": -big}}]},
+     "rules[0].with.probes"),
+])
+def test_huge_integers_in_a_dict_are_policy_errors(build, path):
+    big = 10 ** 5000  # str() of it raises ValueError in Python >= 3.11
+    with pytest.raises(PolicyError) as info:
+        Policy.from_dict(build(big))
+    assert path in info.value.reason and "too large" in info.value.reason
+    assert len(str(info.value)) < 400
+
+
+def test_huge_integer_in_yaml_is_a_short_policy_error():
+    for digits in (400, 5000):
+        text = BASIC + f"    with: {{probes: {'9' * digits}}}\n"
+        with pytest.raises(PolicyError) as info:
+            Policy.from_yaml(text)
+        err = info.value
+        assert (err.line, err.column) == (5, 20) and "too large" in err.reason and len(err.reason) < 300
+
+
+def test_integers_that_fit_a_float_still_load_and_round_trip():
+    p = Policy.from_dict({"rules": [{"match": {"where": {"groups": 2 ** 62}}, "apply": "tpolicy_soft",
+                                     "with": {"weight": 10 ** 30}}]})
+    assert p.rules[0].params["weight"] == 1e30 and p.rules[0].match.where == {"groups": 2 ** 62}
+    assert Policy.from_yaml(p.to_yaml()) == p
+
+
+@pytest.mark.parametrize("value", [float("nan"), [3, float("nan")]])
+def test_nan_in_where_is_rejected(value):
+    # NaN equals nothing: the filter could never match, and the policy would not survive a YAML round trip
+    with pytest.raises(PolicyError, match=r"rules\[0\]\.match\.where\.kernel_size.*NaN"):
+        Policy.from_dict({"rules": [{"match": {"where": {"kernel_size": value}}, "apply": "tpolicy_soft"}]})
+    text = R + "  - match: {where: {kernel_size: .nan}}\n    apply: tpolicy_soft\n"
+    with pytest.raises(PolicyError, match="NaN") as info:
+        Policy.from_yaml(text)
+    assert (info.value.line, info.value.column) == (3, 34)
+
+
+def test_infinite_where_value_round_trips():
+    p = Policy.from_dict({"rules": [{"match": {"where": {"eps": float("inf")}}, "apply": "tpolicy_soft"}]})
+    assert Policy.from_yaml(p.to_yaml()) == p
+
+
+@pytest.mark.parametrize("name", sorted(presets()))
+def test_every_preset_validates_and_round_trips(name):
+    p = Policy.preset(name)
+    assert p.rules and p.source == f"<preset:{name}>"
+    assert Policy.from_yaml(p.to_yaml()) == p and Policy.from_dict(p.to_dict()) == p
+    assert Policy.load(name) == p and Policy.load(p.to_dict()) == p

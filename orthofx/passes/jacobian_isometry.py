@@ -60,7 +60,7 @@ from torch import nn
 from .. import metrics
 from ..errors import OrthofxError
 from ..nn.jacobian import JacobianProbe
-from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, Site
+from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, Site, zero_like_parameters
 from .registry import register_pass
 
 __all__ = ["JacobianIsometry", "JacobianTerm"]
@@ -76,8 +76,7 @@ class JacobianTerm(PenaltyTerm):
             raise OrthofxError(f"the module at {self.site!r} is a {type(probe).__name__}, not the JacobianProbe "
                                "that pass 'jacobian_isometry' put there; was it replaced after the transform?")
         if probe.estimate is None:
-            reference = next(iter(probe.parameters()), None)
-            return torch.zeros((), device=None if reference is None else reference.device)
+            return zero_like_parameters(probe)
         return probe.estimate
 
 
