@@ -438,9 +438,12 @@ def _too_large_int(value: int, path: tuple) -> str | None:
     bits = abs(value).bit_length()
     if bits <= _MAX_INT_BITS:
         return None
-    digits = int(bits * 0.30103) + 1
-    return (f"{_fmt(path)}: integer too large (about {digits} digits); numbers in a policy must be smaller than "
-            "1.8e308 in magnitude (a float's range)")
+    return _too_large_message(path, f"about {int(bits * 0.30103) + 1}")
+
+
+def _too_large_message(path: tuple, digits: str) -> str:
+    return (f"{_fmt(path)}: integer too large ({digits} digits); numbers in a policy must be smaller than 1.8e308 "
+            "in magnitude (a float's range)")
 
 
 class _Positions:
@@ -481,24 +484,25 @@ def _tag_name(tag: str) -> str:
     return "!!" + tag[len(_TAG):] if tag.startswith(_TAG) else tag
 
 
+def _path_test(test, text: str) -> bool:
+    """``os.path.isfile`` / ``isdir`` of a string that may not be a valid path at all (a NUL byte, too long)."""
+    try:
+        return test(text)
+    except (OSError, ValueError):
+        return False
+
+
 def _looks_like_a_path(word: str) -> bool:
     """A one-line string naming a YAML file or a directory rather than holding YAML text."""
     if not word or "\n" in word:
         return False
     if word.lower().endswith((".yaml", ".yml")) and ": " not in word:
         return True
-    try:
-        return os.path.isdir(word)
-    except (OSError, ValueError):
-        return False
+    return _path_test(os.path.isdir, word)
 
 
 def _no_policy_file(word: str) -> PolicyError:
-    try:
-        is_dir = os.path.isdir(word)
-    except (OSError, ValueError):
-        is_dir = False
-    if is_dir:
+    if _path_test(os.path.isdir, word):
         return PolicyError(f"{word!r} is a directory, not a policy file; name a .yaml file in it", file=word)
     return PolicyError(f"policy file not found: {word!r}", file=word)
 
@@ -506,10 +510,7 @@ def _no_policy_file(word: str) -> PolicyError:
 def _is_existing_file(text: str) -> bool:
     if "\n" in text or not text.strip() or len(text) > 4096:
         return False
-    try:
-        return os.path.isfile(text)
-    except (OSError, ValueError):
-        return False
+    return _path_test(os.path.isfile, text)
 
 
 def _policy_from_file(path: Path) -> Policy:
@@ -612,11 +613,10 @@ class _NodeWalker:
 
     def scalar(self, node: yaml.ScalarNode, path: tuple) -> Any:
         tag = node.tag
-        if tag == _INT and sum(c.isdigit() for c in node.value) > 4000:
+        digits = sum(c.isdigit() for c in node.value) if tag == _INT else 0
+        if digits > 4000:
             # beyond a float's range in any base (binary included); int() of over 4300 digits even raises
-            raise self.fail(node, f"{_fmt(path)}: integer too large ({sum(c.isdigit() for c in node.value)} "
-                                  "digits); numbers in a policy must be smaller than 1.8e308 in magnitude "
-                                  "(a float's range)")
+            raise self.fail(node, _too_large_message(path, str(digits)))
         try:
             if tag == _STR:
                 return node.value

@@ -923,10 +923,8 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         g, M, C, d = self.groups, self._M, self._C, self._dims
         W = orthonormal(self.matrix.to(cd), tall=self._matrix_tall)
         if shift is not None:
-            pad = []
-            for c, r, k in reversed(list(zip(shift, self._r, self.kernel_size))):
-                pad += [c, k - r - c]
-            return F.pad(W.reshape(g, M, C, *self._r), pad)
+            pads = [(c, k - r - c) for c, r, k in zip(shift, self._r, self.kernel_size)]
+            return F.pad(W.reshape(g, M, C, *self._r), flat_pads(pads))
         spatial_last = lambda t: t.permute(0, d + 1, d + 2, *range(1, d + 1))  # (g, *k, a, b) -> (g, a, b, *k)
         if self._embed:
             A = self._block_product(cd, right=W)

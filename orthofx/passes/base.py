@@ -197,6 +197,12 @@ class PenaltyTerm:
     def value(self, root: nn.Module) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def form(self) -> tuple | None:
+        """What makes two terms of this class on one weight tensor the same regulariser, so that a weight tied
+        between sites is counted once (as weight decay counts a shared parameter once); ``None`` (the default):
+        the term is not a function of its site's weight alone and is never merged."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(site={self.site!r}, weight={self.weight})"
 
@@ -388,8 +394,19 @@ class PassContext:
     def record(self, change: Change) -> None:
         self.manifest.changes.append(change)
 
-    def add_penalty(self, term: PenaltyTerm) -> None:
+    def add_penalty(self, term: PenaltyTerm) -> str | None:
+        """Add ``term`` to the penalty, unless a term of its class and :meth:`~PenaltyTerm.form` is there already for
+        the same weight tensor (layers with a tied weight); returns that earlier term's site, or ``None`` when
+        ``term`` was added."""
+        form = term.form()
+        weight = getattr(self.module(term.site), "weight", None) if form is not None else None
+        if weight is not None:
+            for other in self.manifest.penalties:
+                if (type(other) is type(term) and other.form() == form
+                        and getattr(self.module(other.site), "weight", None) is weight):
+                    return other.site
         self.manifest.penalties.append(term)
+        return None
 
     def add_optimizer_hook(self, hook: OptimizerHook) -> None:
         self.manifest.optimizer_hooks.append(hook)

@@ -34,7 +34,7 @@ from ..errors import ArgumentError
 from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry
 from .registry import register_pass
 
-__all__ = ["OrthRegularizer", "LorthTerm", "add_lorth_term", "lorth_problem", "lorth_term"]
+__all__ = ["OrthRegularizer", "LorthTerm", "lorth_problem", "lorth_term"]
 
 
 class LorthTerm(PenaltyTerm):
@@ -50,6 +50,9 @@ class LorthTerm(PenaltyTerm):
     def value(self, root: nn.Module) -> torch.Tensor:
         layer_weight = root.get_submodule(self.site).weight
         return metrics.lorth(layer_weight, stride=self.stride, groups=self.groups, case=self.case)
+
+    def form(self) -> tuple:
+        return (self.stride, self.groups, self.case)
 
 
 def lorth_problem(module: nn.Module) -> str | None:
@@ -71,20 +74,6 @@ def lorth_term(module: nn.Module, site: str, rule: str, weight: float, case: str
     if isinstance(module, nn.Linear):
         return LorthTerm(site, rule, weight, case=case)
     return LorthTerm(site, rule, weight, stride=tuple(module.stride), groups=module.groups, case=case)
-
-
-def add_lorth_term(ctx: PassContext, term: LorthTerm) -> str | None:
-    """Add ``term`` to the penalty unless an equal L_orth term is there already for the same weight tensor (layers
-    with a tied weight: the weight's L_orth is counted once, as weight decay counts a shared parameter once).
-    Returns the site of that earlier term, or ``None`` when ``term`` was added."""
-    weight = getattr(ctx.module(term.site), "weight", None)
-    form = (term.stride, term.groups, term.case)
-    for other in ctx.manifest.penalties:
-        if (weight is not None and isinstance(other, LorthTerm) and (other.stride, other.groups, other.case) == form
-                and getattr(ctx.module(other.site), "weight", None) is weight):
-            return other.site
-    ctx.add_penalty(term)
-    return None
 
 
 @register_pass
@@ -113,7 +102,7 @@ class OrthRegularizer(Pass):
                               case=case)
             # No L_orth value is computed here: on wide layers it costs as much as a training step's penalty,
             # and orthofx.report computes it when asked.
-            shared = add_lorth_term(ctx, term)
+            shared = ctx.add_penalty(term)
             what = ("attached L_orth regulariser" if shared is None else
                     f"L_orth of this weight is already attached at {shared} (tied weight: counted once)")
             ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name, what=what,

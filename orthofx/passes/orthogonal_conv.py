@@ -46,7 +46,7 @@ from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinea
                               keeps_output_size)
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, describe_module, parameter_owners,
                    require_initialised)
-from .orth_regularizer import add_lorth_term, lorth_term
+from .orth_regularizer import lorth_term
 from .registry import register_pass
 
 __all__ = ["OrthogonalConvPass", "keeps_output_size", "orthogonal_layer"]
@@ -280,7 +280,7 @@ class OrthogonalConvPass(Pass):
             term = lorth_term(module, entry.site.name, entry.rule_name, entry.params["regularize_weight"])
         except ValueError as exc:
             raise OrthofxError(f"rule '{entry.rule_name}': {where}: {problem}, and L_orth cannot stand in: {exc}")
-        shared = add_lorth_term(ctx, term)
+        shared = ctx.add_penalty(term)
         what = "attached L_orth instead" if shared is None else f"L_orth instead (counted once, at {shared}: tied)"
         ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
                           what=f"{what}: {problem}", params=dict(entry.params),

@@ -60,7 +60,7 @@ from torch import fx, nn
 from ..errors import ArgumentError, OrthofxError
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, describe_module,
                    parameter_owners)
-from .orth_regularizer import add_lorth_term, lorth_problem, lorth_term
+from .orth_regularizer import lorth_problem, lorth_term
 from .orthogonal_conv import orthogonal_layer
 from .registry import register_pass
 
@@ -140,6 +140,9 @@ class SripTerm(PenaltyTerm):
     def value(self, root: nn.Module) -> torch.Tensor:
         return srip(root.get_submodule(self.site).weight, self.groups, self.iterations)
 
+    def form(self) -> tuple:
+        return (self.groups, self.iterations, self.weight)
+
 
 class NearestOrthogonalGradient(OptimizerHook):
     """NOG (P4): before each step the weight's gradient (``out x rest``) becomes its polar factor ``U V^T``."""
@@ -154,19 +157,6 @@ class NearestOrthogonalGradient(OptimizerHook):
             return  # leave a NaN/inf gradient for the user's own checks (an SVD of it would fail)
         with torch.no_grad():
             grad.copy_(polar_factor(G).reshape(grad.shape))
-
-
-def _add_srip_term(ctx: PassContext, term: SripTerm) -> str | None:
-    """Add ``term`` unless an equal SRIP term is there already for the same weight tensor (layers with a tied
-    weight: counted once, as :func:`orthofx.passes.orth_regularizer.add_lorth_term` counts L_orth). Returns the
-    site of that earlier term, or ``None`` when ``term`` was added."""
-    weight = ctx.module(term.site).weight
-    for other in ctx.manifest.penalties:
-        if (isinstance(other, SripTerm) and (other.groups, other.iterations, other.weight) ==
-                (term.groups, term.iterations, term.weight) and ctx.module(other.site).weight is weight):
-            return other.site
-    ctx.add_penalty(term)
-    return None
 
 
 def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
@@ -343,7 +333,7 @@ class PreSVD(Pass):
             problem = lorth_problem(module)
             if problem is None:
                 term = lorth_term(module, name, entry.rule_name, params["penalty_weight"])
-                shared = add_lorth_term(ctx, term)
+                shared = ctx.add_penalty(term)
                 if shared is not None:
                     after["penalty"] = f"counted once, at {shared} (tied weight)"
                 with torch.no_grad():
@@ -354,7 +344,7 @@ class PreSVD(Pass):
         elif treatment == "srip":
             term = SripTerm(name, entry.rule_name, params["penalty_weight"], groups=getattr(module, "groups", 1),
                             iterations=params["power_iterations"])
-            shared = _add_srip_term(ctx, term)
+            shared = ctx.add_penalty(term)
             if shared is not None:
                 after["penalty"] = f"counted once, at {shared} (tied weight)"
             with torch.no_grad():
