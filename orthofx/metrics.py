@@ -123,13 +123,15 @@ def _groups(weight: torch.Tensor, groups) -> int:
     return g
 
 
-def _frequency_matrices(weight: torch.Tensor, input_size, stride, groups, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-frequency matrices of the (strided, grouped, circular) convolution.
+#: Largest number of complex entries of per-frequency matrices formed at once (256 MiB in complex128): a wide
+#: layer on a large grid would otherwise need gigabytes (512 channels on 64 x 64: 9 GB).
+_MAX_FREQUENCY_ELEMENTS = 1 << 24
 
-    Returns ``(mats, counts)``: ``mats`` of shape ``(groups, F_1, ..., F_d, M/g, C/g * prod(S))`` (complex, the
-    last spatial frequency axis halved by ``rfftn``) and ``counts`` of shape ``(F_d,)``: how many frequencies of
-    the full spectrum each entry of the last frequency axis stands for (1 or 2).
-    """
+
+def _space_to_depth_kernel(weight: torch.Tensor, input_size, stride, groups, dtype
+                           ) -> tuple[torch.Tensor, tuple[int, ...], int]:
+    """``(K', grid, groups)``: the stride-1 kernel ``(M, C/g * prod(S), a_1, ..., a_d)`` on the ``n/S`` grid
+    (module docstring), in ``dtype``, taps folded modulo the grid."""
     d = weight.ndim - 2
     sizes = _tuple(input_size, d, "input_size")
     strides = _tuple(stride, d, "stride")
@@ -166,17 +168,75 @@ def _frequency_matrices(weight: torch.Tensor, input_size, stride, groups, dtype)
                 w = F.pad(w, p)
             shape = list(w.shape)
             w = w.reshape(shape[:dim] + [shape[dim] // q, q] + shape[dim + 1:]).sum(dim)
-    spatial = tuple(range(2, 2 + d))
-    hat = torch.fft.rfftn(w, s=grid, dim=spatial)  # (M, C', F_1, ..., F_d)
-    Cp = hat.shape[1]
-    hat = hat.reshape(g, M // g, Cp, *hat.shape[2:])
-    hat = hat.permute(0, *range(3, 3 + d), 1, 2)  # (g, F..., M/g, C')
-    q = grid[-1]
-    counts = torch.full((hat.shape[d],), 2, dtype=torch.long)
+    return w, grid, g
+
+
+def _rfft_counts(q: int) -> torch.Tensor:
+    """How many frequencies of the full spectrum each of ``rfft``'s ``q // 2 + 1`` frequencies stands for."""
+    counts = torch.full((q // 2 + 1,), 2, dtype=torch.long)
     counts[0] = 1
     if q % 2 == 0:
         counts[-1] = 1
-    return hat, counts
+    return counts
+
+
+def _frequency_matrices(weight: torch.Tensor, input_size, stride, groups, dtype, max_elements: int | None = None):
+    """The per-frequency matrices of the (strided, grouped, circular) convolution, in chunks.
+
+    Yields ``(mats, counts)``: ``mats`` ``(B, M/g, C/g * prod(S))`` (``dtype``; complex but for a one-tap
+    kernel) and ``counts`` ``(B,)``, how many frequencies of the full spectrum each matrix stands for (conjugate
+    frequencies share singular values, so only half are formed). Together the chunks cover every frequency of
+    every group once, each chunk at most ``max_elements`` entries (default :data:`_MAX_FREQUENCY_ELEMENTS`;
+    one frequency of the first grid axis when that alone is larger):
+
+    * a kernel with one tap after space-to-depth (``1 x 1`` convs, ``k <= S``) is the same matrix at every
+      frequency: one matrix per group, counted ``prod(n/S)`` times;
+    * otherwise ``rfftn`` over the grid when everything fits in ``max_elements``, else chunk by chunk along the
+      first grid axis, the DFT along every axis as a direct sum over the kernel's few taps.
+    """
+    max_elements = _MAX_FREQUENCY_ELEMENTS if max_elements is None else max_elements
+    w, grid, g = _space_to_depth_kernel(weight, input_size, stride, groups, dtype)
+    M, Cp = w.shape[:2]
+    d = len(grid)
+    if all(a == 1 for a in w.shape[2:]):
+        mats = w.reshape(g, M // g, Cp)
+        yield mats, torch.full((g,), math.prod(grid), dtype=torch.long)
+        return
+
+    def per_group(hat: torch.Tensor, counts: torch.Tensor):
+        """``hat`` ``(M, C', F...)`` -> ``(B, M/g, C')``; ``counts`` broadcast over ``F...`` -> ``(B,)``."""
+        hat = hat.reshape(g, M // g, Cp, *hat.shape[2:]).permute(0, *range(3, 3 + d), 1, 2)
+        counts = counts.expand(g, *hat.shape[1:1 + d]).reshape(-1)
+        return hat.reshape(-1, M // g, Cp), counts
+
+    spatial = tuple(range(2, 2 + d))
+    last_counts = _rfft_counts(grid[-1])
+    # frequencies along the first grid axis: all of them (d > 1), rfft's half (d = 1, it is also the last axis)
+    first = grid[0] if d > 1 else grid[0] // 2 + 1
+    per_first = M * Cp * math.prod(grid[1:-1]) * (grid[-1] // 2 + 1 if d > 1 else 1)
+    if first * per_first <= max_elements:
+        hat = torch.fft.rfftn(w, s=grid, dim=spatial)
+        yield per_group(hat, last_counts.reshape((1,) * (d - 1) + (-1,)))
+        return
+    chunk = max(1, max_elements // per_first)
+    hat0 = w.to(torch.complex128 if dtype == torch.float64 else torch.complex64)
+    for start in range(0, first, chunk):
+        freqs = torch.arange(start, min(first, start + chunk))
+        hat = _dft(hat0, 2, grid[0], freqs)
+        for i in range(1, d):  # the other axes in full, the last one halved
+            hat = _dft(hat, 2 + i, grid[i], torch.arange(grid[i] if i < d - 1 else grid[i] // 2 + 1))
+        counts = last_counts.reshape((1,) * (d - 1) + (-1,)) if d > 1 else last_counts[freqs]
+        yield per_group(hat, counts)
+
+
+def _dft(x: torch.Tensor, axis: int, q: int, freqs: torch.Tensor) -> torch.Tensor:
+    """The length-``q`` DFT of complex ``x`` along ``axis`` (its taps, zero beyond), at the frequencies ``freqs``
+    only: a direct sum over the few taps of a kernel."""
+    taps = torch.arange(x.shape[axis])
+    # exact angles: the product a * u reduced modulo q before the division
+    angles = ((taps[:, None] * freqs[None, :]) % q).to(torch.float64) * (-2 * math.pi / q)
+    basis = torch.polar(torch.ones_like(angles), angles).to(device=x.device, dtype=x.dtype)  # (taps, freqs)
+    return torch.tensordot(x, basis, dims=([axis], [0])).movedim(-1, axis)
 
 
 def _batched_svdvals(mats: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
@@ -312,7 +372,8 @@ def conv_singular_values(weight: torch.Tensor, input_size, stride=1, groups: int
     per-frequency matrices :math:`\hat K'(u) = \sum_a K'[:, :, a]\, \omega^{\langle a, u\rangle}` of the
     space-to-depth kernel :math:`K'[m, (c, r), a] = K[m, c, S a + r]` on the ``n/S`` grid (``K' = K`` at stride 1),
     taps folded modulo the grid when the kernel is larger. Computed without gradient in ``dtype`` (float64
-    by default), one batched ``svdvals``; memory is :math:`O(M C S^d (n/S)^d)` complex numbers.
+    by default) by batched ``svdvals``, the per-frequency matrices formed in chunks of at most 2^24 entries; a
+    one-tap kernel (1 x 1, or ``k <= S``) is one matrix at every frequency and is decomposed once.
 
     ``input_size``: int or tuple of ``d`` ints, each divisible by the stride (``ArgumentError`` otherwise).
     ``weight``: ``(M, C/groups, k_1, ..., k_d)`` with ``d`` in 1, 2, 3. A group whose kernel holds a NaN or an
@@ -329,14 +390,11 @@ def conv_singular_values(weight: torch.Tensor, input_size, stride=1, groups: int
     """
     _check_conv_weight(weight, "conv_singular_values")
     _check_svd_inputs(weight, dtype, "conv_singular_values")
-    hat, counts = _frequency_matrices(weight, input_size, stride, groups, dtype)
-    m, n = hat.shape[-2:]
-    sv = _batched_svdvals(hat.reshape(-1, m, n))  # (B, r)
-    sv = sv.reshape(*hat.shape[:-2], sv.shape[-1])
-    d = weight.ndim - 2
-    reps = counts.to(sv.device).reshape((1,) * d + (-1, 1)).expand(sv.shape).reshape(-1)
-    sv = torch.repeat_interleave(sv.reshape(-1), reps)
-    return torch.sort(sv, descending=True).values
+    parts = []
+    for mats, counts in _frequency_matrices(weight, input_size, stride, groups, dtype):
+        sv = _batched_svdvals(mats)  # (B, r)
+        parts.append(torch.repeat_interleave(sv, counts.to(sv.device), dim=0).reshape(-1))
+    return torch.sort(torch.cat(parts), descending=True).values
 
 
 @torch.no_grad()
@@ -443,8 +501,8 @@ def spectral_norm_bound(weight: torch.Tensor, input_size=None, stride=1, iterati
         if input_size is None:
             raise ArgumentError("spectral_norm_bound needs input_size (the spatial size of the layer's input) "
                                 "for a convolution weight")
-        hat, _ = _frequency_matrices(weight, input_size, stride, groups, torch.float64)
-        mats = hat.reshape(-1, *hat.shape[-2:])
+        return max(_gram_bound(mats, iterations)
+                   for mats, _ in _frequency_matrices(weight, input_size, stride, groups, torch.float64))
     return _gram_bound(mats, iterations)
 
 

@@ -127,6 +127,38 @@ def test_conv_singular_values_equal_dense_svd(cfg):
     np.testing.assert_allclose(sv.numpy(), ref, rtol=0, atol=1e-9 * max(1.0, ref[0]))
 
 
+@settings(max_examples=40, deadline=None)
+@given(conv_configs(dims=(1, 2, 3), max_k=3, max_s=2, max_grid=4), st.integers(1, 40))
+def test_conv_singular_values_in_chunks_equal_dense_svd(cfg, budget):
+    """A tiny per-chunk budget forces the chunked direct DFT (every chunk size down to one frequency)."""
+    w, ss, groups, n = cfg
+    ref = singular_values_np(dense_conv_matrix(w.numpy(), n, ss, groups))
+    chunks = list(metrics._frequency_matrices(w, n, ss, groups, torch.float64, max_elements=budget))
+    total = sum(int(c.sum()) for _, c in chunks) // groups
+    assert total == math.prod(ni // si for ni, si in zip(n, ss))  # every frequency counted once per group
+    # each chunk within the budget, or no larger than the smallest chunk there is (one first-axis frequency)
+    floor = max(m.numel() for m, _ in metrics._frequency_matrices(w, n, ss, groups, torch.float64, max_elements=1))
+    assert all(m.numel() <= max(budget, floor) for m, _ in chunks)
+    old = metrics._MAX_FREQUENCY_ELEMENTS
+    metrics._MAX_FREQUENCY_ELEMENTS = budget
+    try:
+        sv = conv_singular_values(w, as_arg(n), stride=as_arg(ss), groups=groups)
+        bound = spectral_norm_bound(w, as_arg(n), stride=as_arg(ss), groups=groups, iterations=10)
+    finally:
+        metrics._MAX_FREQUENCY_ELEMENTS = old
+    np.testing.assert_allclose(sv.numpy(), ref, rtol=0, atol=1e-9 * max(1.0, ref[0]))
+    assert ref[0] * (1 - 1e-9) <= bound <= ref[0] * 1.01 + 1e-12
+
+
+def test_one_tap_conv_is_decomposed_once():
+    """1 x 1 and k <= S kernels are one matrix at every frequency: one matrix per group, counted n^d / S^d times."""
+    w = torch.randn(6, 2, 2, 1, dtype=torch.float64)  # k = (2, 1) <= S = (2, 1)
+    chunks = list(metrics._frequency_matrices(w, (8, 5), (2, 1), 3, torch.float64))
+    assert len(chunks) == 1 and chunks[0][0].shape == (3, 2, 4) and chunks[0][1].tolist() == [20, 20, 20]
+    ref = singular_values_np(dense_conv_matrix(w.numpy(), (8, 5), (2, 1), 3))
+    np.testing.assert_allclose(conv_singular_values(w, (8, 5), stride=(2, 1), groups=3).numpy(), ref, atol=1e-10)
+
+
 def test_conv_singular_values_3d_and_folding():
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(3, 2, 2, 3, 1, generator=gen, dtype=torch.float64)
