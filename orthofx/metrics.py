@@ -285,7 +285,9 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
     A 2-D weight (``nn.Linear``, ``out x in``) gives :math:`\|W W^T - I\|_F^2` if ``out <= in`` (or
     ``case="RO"``) and :math:`\|W^T W - I\|_F^2` otherwise, which is the 1x1, stride-1 case of the formula above.
 
-    Returns a 0-dim tensor in the weight's dtype and device.
+    Returns a 0-dim tensor in the weight's dtype and device. A float64 weight without gradient (what reports
+    measure) takes the value from Theorem 7 instead, through the per-frequency matrices on the smallest grid it
+    holds on (the same value to rounding; float64 convolutions have no fast CPU kernel).
 
     ``fast_backward`` (default True): :math:`\mathrm{conv}(K, K)` is symmetric under swapping its two arguments
     (with :math:`m_1 \leftrightarrow m_2`, :math:`j \leftrightarrow -j`), so the gradient is twice the gradient
@@ -323,6 +325,8 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
         case = orthogonality_case(C, M, strides, dims=d)
     if all(k == 1 for k in ks):
         return _lorth_one_tap(weight.reshape(g, M // g, Cg), strides, case)
+    if weight.dtype == torch.float64 and not (torch.is_grad_enabled() and weight.requires_grad):
+        return _lorth_fourier(weight, strides, g, case)
     pads = tuple(((k - 1) // s) * s for k, s in zip(ks, strides))
     if g == 1:
         images = weight
@@ -355,6 +359,31 @@ def _lorth_one_tap(w: torch.Tensor, strides: tuple[int, ...], case: str) -> torc
     constant = g * max(m - c, 0) - (g * m - g * c * math.prod(strides) if case == "CO" else 0)
     value = (gram - eye).square().sum()
     return value + constant if constant else value
+
+
+def _lorth_fourier(weight: torch.Tensor, strides: tuple[int, ...], groups: int, case: str) -> torch.Tensor:
+    r""":func:`lorth` by Theorem 7, the value only: on the grid :math:`N_i = \lceil (2k_i - 1)/S_i \rceil`,
+    :math:`N^d L_{orth} = \sum_u \|\hat K'(u) \hat K'(u)^H - I\|_F^2` (RO) over the per-frequency matrices of
+    :func:`conv_singular_values`, or the same with :math:`\hat K'^H \hat K'` (CO). The smaller Gram matrix of each
+    group stands in for either case, :math:`\|G_m - I_m\|_F^2 = \|G_c - I_c\|_F^2 + N^d (m - c)`, so no large
+    constant cancels. Taken for float64 weights without gradient (reports): matrix products, where the float64
+    convolution of the general route has no fast CPU kernel (a 512-channel 3 x 3 conv: 0.56 s against 2.8 s)."""
+    g = groups
+    m, c = weight.shape[0] // g, weight.shape[1] * math.prod(strides)
+    grid = tuple(-(-(2 * k - 1) // s) for k, s in zip(weight.shape[2:], strides))
+    total = weight.new_zeros((), dtype=weight.dtype)
+    with torch.no_grad():
+        for mats, counts in _frequency_matrices(weight, tuple(n * s for n, s in zip(grid, strides)), strides, g,
+                                                weight.dtype):
+            gram = mats @ mats.mH if m <= c else mats.mH @ mats
+            gram.diagonal(dim1=-2, dim2=-1).sub_(1)
+            total += (gram.abs().square().sum((-2, -1)) * counts.to(gram.device)).sum()
+    value = total / math.prod(grid)
+    if m <= c and case == "CO":
+        return value + g * (c - m)
+    if m > c and case == "RO":
+        return value + g * (m - c)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------- spectra

@@ -236,6 +236,21 @@ def test_theorem7_frobenius_error_equals_Nd_lorth(cfg):
     assert errF2 == pytest.approx(math.prod(N) * L, rel=1e-9, abs=1e-9)
 
 
+@settings(max_examples=50, deadline=None)
+@given(conv_configs(dims=(1, 2, 3), max_k=4, max_s=3), st.sampled_from([None, "RO", "CO"]))
+def test_lorth_fourier_route_equals_convolution_route(cfg, case):
+    """Float64 without gradient takes Theorem 7's per-frequency Gram matrices; with gradient, the convolution."""
+    w, ss, groups, _ = cfg
+    fourier = lorth(w, stride=as_arg(ss), groups=groups, case=case)
+    conv = lorth(w.clone().requires_grad_(), stride=as_arg(ss), groups=groups, case=case)
+    assert conv.requires_grad and not fourier.requires_grad
+    assert fourier.dtype == torch.float64 and fourier.shape == ()
+    assert float(fourier) == pytest.approx(float(conv), rel=1e-10, abs=1e-10)
+    with torch.no_grad():  # no gradient mode: the Fourier route for a weight that requires grad too
+        assert float(lorth(w.clone().requires_grad_(), stride=as_arg(ss), groups=groups, case=case)) == \
+            pytest.approx(float(conv), rel=1e-10, abs=1e-10)
+
+
 def test_theorem7_in_3d():
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(3, 2, 2, 3, 2, generator=gen, dtype=torch.float64)
@@ -318,7 +333,8 @@ def test_lorth_zero_for_orthogonal_convolutions():
     K = torch.zeros(3, 3, 3, 3, dtype=torch.float64)
     for m, (c, p, q) in enumerate([(2, 0, 2), (0, 1, 1), (1, 2, 0)]):
         K[m, c, p, q] = 1.0
-    assert float(lorth(K)) == 0.0
+    assert float(lorth(K.clone().requires_grad_())) == 0.0  # the convolution route: exact
+    assert float(lorth(K)) < 1e-30  # float64 without gradient, the Fourier route: the DFT's cos / sin rounded
     assert orthogonality_error(K, 6) < 1e-12
     # a non-trivial 3x3 orthogonal kernel: vertical then horizontal paraunitary convs
     A, B = _paraunitary_taps(4, gen), _paraunitary_taps(4, gen)
