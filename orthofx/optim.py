@@ -132,7 +132,9 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
 
     Every parameter a hook acts on must be optimised by ``optimizer`` (matched by identity, so DDP and
     DataParallel name prefixes do not matter); otherwise :class:`orthofx.OrthofxError` names the site. Attaching
-    the same model twice to one optimizer is an error (the updates would run twice).
+    the same model twice to one optimizer is an error (the updates would run twice). OLR moves each Pre-SVD
+    weight into a parameter group of its own, so an optimizer state saved after ``attach`` loads
+    (``optimizer.load_state_dict``) after ``attach``.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise OrthofxError(f"attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}; call "
