@@ -1,4 +1,4 @@
-"""Transformed models under DistributedDataParallel: gloo, 2 processes on 127.0.0.1.
+"""Transformed models under DistributedDataParallel and FSDP2 (``fully_shard``): gloo, 2 processes on 127.0.0.1.
 
 One ``torch.multiprocessing.spawn`` runs every scenario in one process group (startup is the expensive part);
 each rank trains ``STEPS`` SGD steps on its own data and writes what it ends with (parameters, buffers, the data
@@ -33,7 +33,10 @@ For each scenario the tests check that
 * OLR actually chose ``eta* < base lr`` on some step, and chose the same lr on both replicas and in the
   reference.
 
-About 6-10 s in all on two busy cores (two interpreters importing torch; the references take ~1.5 s), so not
+Each scenario runs again under FSDP2 (``test_fsdp2_training_matches_single_process``): the same data, the same
+references and sensitivity checks, on the whole parameters gathered at the end.
+
+About 10-15 s in all on two busy cores (two interpreters importing torch; the references take ~1.5 s), so not
 marked slow. Nothing can hang: the process group is
 rendezvoused through a file in ``tmp_path`` (no TCP port to pick, so no port race), ``init_process_group`` has a
 60 s timeout that also bounds every collective, each worker destroys its process group in ``finally``, and the
@@ -157,6 +160,34 @@ def _orthogonality(gm) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------- worker side
 
+def _run_fsdp(scenario: str, rank: int) -> dict:
+    """The scenario under FSDP2: ``fully_shard`` on the transformed model, each rank owning half of every
+    parameter; what is compared is the whole parameters gathered at the end."""
+    import orthofx
+    from orthofx.passes.base import whole
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    gm, _ = _build(scenario)
+    fully_shard(gm, mesh=init_device_mesh("cpu", (WORLD,)))
+    sharded = [type(p).__name__ for p in gm.parameters()]
+    optimizer, handle = _optimizer(scenario, gm, gm.parameters())
+    losses, olr = [], []
+    for x, target in _data(scenario, rank):
+        loss = _loss(scenario, gm(x), target) + orthofx.penalty(gm)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        olr.append(_olr_lrs(optimizer))
+    params = {k: whole(v).detach().clone() for k, v in gm.named_parameters()}
+    plain, _ = _build(scenario)  # the gathered weights in an unsharded copy, to measure orthogonality on
+    plain.load_state_dict(params, strict=False)
+    return {"params": params, "losses": losses, "olr": olr, "sharded": sharded,
+            "orthogonality": _orthogonality(plain),
+            "hooks": [type(h).__name__ for h in (handle.hooks if handle is not None else [])]}
+
+
 def _run(scenario: str, rank: int) -> dict:
     import orthofx
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -201,13 +232,14 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     try:
-        for scenario in SCENARIOS:
-            try:
-                result = _run(scenario, rank)
-            except Exception:  # noqa: BLE001 - reported to the test, which fails with the traceback
-                result = {"error": traceback.format_exc()}
-            torch.save(result, os.path.join(out_dir, f"{scenario}_rank{rank}.pt"))
-            dist.barrier()
+        for wrapper, run in (("ddp", _run), ("fsdp", _run_fsdp)):
+            for scenario in SCENARIOS:
+                try:
+                    result = run(scenario, rank)
+                except Exception:  # noqa: BLE001 - reported to the test, which fails with the traceback
+                    result = {"error": traceback.format_exc()}
+                torch.save(result, os.path.join(out_dir, f"{wrapper}_{scenario}_rank{rank}.pt"))
+                dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -215,7 +247,17 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
 # --------------------------------------------------------------------------------------------- test side
 
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory):
+def ddp_results(all_results):
+    return all_results["ddp"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(all_results):
+    return all_results["fsdp"]
+
+
+@pytest.fixture(scope="module")
+def all_results(tmp_path_factory):
     import torch.multiprocessing as mp
 
     out_dir = tmp_path_factory.mktemp("ddp")
@@ -231,11 +273,9 @@ def ddp_results(tmp_path_factory):
             if process.is_alive():
                 process.terminate()
                 process.join(5)
-    results = {}
-    for scenario in SCENARIOS:
-        results[scenario] = [torch.load(out_dir / f"{scenario}_rank{r}.pt", weights_only=False)
-                             for r in range(WORLD)]
-    return results
+    return {wrapper: {scenario: [torch.load(out_dir / f"{wrapper}_{scenario}_rank{r}.pt", weights_only=False)
+                                 for r in range(WORLD)] for scenario in SCENARIOS}
+            for wrapper in ("ddp", "fsdp")}
 
 
 @pytest.fixture(scope="module")
@@ -406,3 +446,32 @@ def test_two_mode_model_replicas_identical_with_the_running_whitening_in_eval(dd
     assert torch.equal(ranks[0]["eval"], ranks[1]["eval"]) and torch.isfinite(ranks[0]["eval"]).all()
     for rank in ranks:  # eval ran the eval graph: the original model's running whitening
         torch.testing.assert_close(rank["eval"], rank["eval_reference"], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_fsdp2_training_matches_single_process(scenario, fsdp_results, references):
+    """Under ``fully_shard`` (each rank holds half of every parameter as a DTensor) the penalty, the orthogonal
+    layers and the optimizer hooks (which gather whole matrices, ``passes.base.whole``) give the single-process
+    reference's weights, the same on both ranks; each comparison tells the plausible bugs apart."""
+    ranks = _replicas(fsdp_results, scenario)
+    assert all(kind == "DTensor" for kind in ranks[0]["sharded"]) and ranks[0]["sharded"]
+    first, second = ranks[0]["params"], ranks[1]["params"]
+    assert not [k for k in first if not torch.equal(first[k], second[k])]
+    assert ranks[0]["losses"] != ranks[1]["losses"]  # each rank trained on its own data
+    _assert_matches_reference(ranks, references(scenario))
+    name, _, _, policy, hooks, _, batching = SPECS[scenario]
+    if hooks:
+        _assert_sensitive(ranks, references(scenario, hooks=False), "missing optimizer hooks")
+        assert ranks[0]["hooks"] and ranks[0]["hooks"] == ranks[1]["hooks"]
+    if policy in ("lorth", "jacobian"):
+        _assert_sensitive(ranks, references(scenario, penalty_scale=0.5), "the penalty on one rank only")
+        _assert_sensitive(ranks, references(scenario, penalty_scale=2.0), "the penalty summed over ranks")
+    if scenario in ("pre_svd", "dbn"):  # OLR: one lr per step from the whole weight and gradient
+        assert ranks[0]["olr"] == ranks[1]["olr"]
+        torch.testing.assert_close(torch.tensor(ranks[0]["olr"]), torch.tensor(references(scenario)["olr"]),
+                                   rtol=1e-4, atol=0)
+    if scenario in ("orthogonal", "riemannian"):
+        for rank in ranks:
+            assert rank["orthogonality"] and max(rank["orthogonality"].values()) <= 1e-5, rank["orthogonality"]

@@ -207,6 +207,38 @@ class PenaltyTerm:
         return f"{type(self).__name__}(site={self.site!r}, weight={self.weight})"
 
 
+def _dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor``, or None on a torch built without distributed support."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+    return DTensor
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a parameter, gradient or optimizer state: a sharded ``DTensor`` (FSDP2's
+    ``fully_shard`` keeps parameters, their gradients and the optimizer's state sharded outside forward and
+    backward) is all-gathered into a plain tensor, the same on every rank; any other tensor is returned as is.
+    The optimizer hooks compute on whole matrices (a polar factor, a tangent projection, a global dot product)."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(tensor, dtensor):
+        return tensor.full_tensor()
+    return tensor
+
+
+@torch.no_grad()
+def write_whole(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)`` for a ``value`` computed from :func:`whole` tensors: a sharded ``DTensor`` target
+    takes its own shard of ``value`` (every rank computed the same whole value, so no communication)."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(target, dtensor):
+        from torch.distributed.tensor import Replicate
+        mesh = target.device_mesh
+        value = dtensor.from_local(value.to(target.dtype), mesh, [Replicate()] * mesh.ndim, run_check=False)
+        value = value.redistribute(mesh, target.placements)
+    target.copy_(value)
+
+
 class OptimizerHook:
     """Work a pass needs done around ``optimizer.step()`` (Riemannian updates, NOG, OLR).
 
@@ -214,7 +246,9 @@ class OptimizerHook:
     around every step. Like :class:`PenaltyTerm`, a hook finds its parameters by site name on the transformed
     model ``root`` at call time and holds no tensors of its own, so the manifest stays plain data. Parameters
     are matched to the optimizer's by identity, not by name, so wrapper prefixes (DDP's ``module.``) are
-    irrelevant; with DDP the hooks run after gradients were all-reduced, on every replica alike.
+    irrelevant; with DDP the hooks run after gradients were all-reduced, on every replica alike. With FSDP2
+    (``fully_shard``) parameters, gradients and optimizer state are sharded ``DTensor`` s: hooks read them
+    through :func:`whole` and write through :func:`write_whole`, after the gradients were reduce-scattered.
     """
 
     #: Attributes of the site's module that the hook updates; ``attach`` checks the optimizer owns them.

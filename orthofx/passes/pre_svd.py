@@ -59,7 +59,7 @@ from torch import fx, nn
 
 from ..errors import ArgumentError, OrthofxError
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, describe_module,
-                   parameter_owners)
+                   parameter_owners, whole, write_whole)
 from .orth_regularizer import lorth_problem, lorth_term
 from .orthogonal_conv import orthogonal_layer
 from .registry import register_pass
@@ -152,11 +152,10 @@ class NearestOrthogonalGradient(OptimizerHook):
         grad = weight.grad
         if grad is None or grad.is_sparse:
             return
-        G = grad.reshape(grad.shape[0], -1)
+        G = whole(grad).reshape(grad.shape[0], -1)
         if not bool(torch.isfinite(G).all()):
             return  # leave a NaN/inf gradient for the user's own checks (an SVD of it would fail)
-        with torch.no_grad():
-            grad.copy_(polar_factor(G).reshape(grad.shape))
+        write_whole(grad, polar_factor(G).reshape(grad.shape))
 
 
 def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
@@ -214,7 +213,8 @@ class OptimalLearningRate(OptimizerHook):
         lr = base
         if weight.grad is not None and not weight.grad.is_sparse:
             # maximize=True steps along +g: eta* of the step direction -(-g)
-            eta = optimal_learning_rate(weight, -weight.grad if group.get("maximize") else weight.grad)
+            grad = whole(weight.grad)
+            eta = optimal_learning_rate(whole(weight), -grad if group.get("maximize") else grad)
             if eta is not None and 0.0 < eta < base:
                 lr = eta
         group[_LAST_LR_KEY] = lr

@@ -86,7 +86,8 @@ from torch import nn
 
 from ..errors import ArgumentError, OrthofxError
 from ..nn import stiefel
-from .base import Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, require_initialised
+from .base import (Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, require_initialised, whole,
+                   write_whole)
 from .registry import register_pass
 
 __all__ = ["Riemannian", "StiefelHook"]
@@ -166,12 +167,12 @@ class StiefelHook(OptimizerHook):
             for items in batches.values():
                 # a copy, in float32 for a half-precision weight: the projection of the exact half-precision
                 # inputs, rounded once when written back (G - W sym(W^T G) in bfloat16 cancels most of its bits)
-                w = torch.stack([hook._matrix(weight.detach()) for hook, weight in items])
+                w = torch.stack([hook._matrix(whole(weight.detach())) for hook, weight in items])
                 w = w.to(stiefel._work_dtype(w))
-                g = torch.stack([hook._matrix(weight.grad) for hook, weight in items]).to(w.dtype)
+                g = torch.stack([hook._matrix(whole(weight.grad)) for hook, weight in items]).to(w.dtype)
                 projected = stiefel.tangent_projection(w, g)
                 for i, (hook, weight) in enumerate(items):
-                    weight.grad.copy_(projected[i].reshape(weight.grad.shape))
+                    write_whole(weight.grad, projected[i].reshape(weight.grad.shape))
                     hook._pre[key] = w[i]
 
     @classmethod
@@ -189,11 +190,11 @@ class StiefelHook(OptimizerHook):
         with torch.no_grad():
             for (retraction, *_), items in batches.items():
                 w0 = torch.stack([pre for _, _, pre in items])  # float32 for a half-precision weight
-                w1 = torch.stack([hook._matrix(weight.detach()) for hook, weight, _ in items]).to(w0.dtype)
+                w1 = torch.stack([hook._matrix(whole(weight.detach())) for hook, weight, _ in items]).to(w0.dtype)
                 xi = stiefel.tangent_projection(w0, w1 - w0)
                 new = stiefel.retract(w0, xi, retraction)
                 for i, (_, weight, _) in enumerate(items):
-                    weight.copy_(new[i].reshape(weight.shape))
+                    write_whole(weight, new[i].reshape(weight.shape))
                 # momentum: project the first moments onto the tangent spaces at the new points (a transport)
                 index, buffers, matrices = [], [], []
                 for i, (hook, weight, _) in enumerate(items):
@@ -205,11 +206,11 @@ class StiefelHook(OptimizerHook):
                         if isinstance(buf, torch.Tensor) and buf.shape == weight.shape:
                             index.append(i)
                             buffers.append(buf)
-                            matrices.append(hook._matrix(buf).to(new.dtype))
+                            matrices.append(hook._matrix(whole(buf)).to(new.dtype))
                 if buffers:
                     moved = stiefel.tangent_projection(new[index], torch.stack(matrices))
                     for j, buf in enumerate(buffers):
-                        buf.copy_(moved[j].reshape(buf.shape))
+                        write_whole(buf, moved[j].reshape(buf.shape))
 
     def __repr__(self) -> str:
         return (f"StiefelHook(site={self.site!r}, rule={self.rule!r}, retraction={self.retraction!r}, "
