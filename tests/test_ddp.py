@@ -161,15 +161,23 @@ def _orthogonality(gm) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------- worker side
 
 def _run_fsdp(scenario: str, rank: int) -> dict:
-    """The scenario under FSDP2: ``fully_shard`` on the transformed model, each rank owning half of every
-    parameter; what is compared is the whole parameters gathered at the end."""
+    """The scenario under FSDP2: ``fully_shard`` on each layer the graph calls and on the root (each rank owning
+    half of every parameter; the layers' parameters are resharded after their forward, so the penalty and the
+    hooks meet sharded DTensors); what is compared is the whole parameters gathered at the end."""
     import orthofx
     from orthofx.passes.base import whole
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     gm, _ = _build(scenario)
-    fully_shard(gm, mesh=init_device_mesh("cpu", (WORLD,)))
+    mesh = init_device_mesh("cpu", (WORLD,))
+    graphs = [gm.graph] + ([gm.other_graph] if hasattr(gm, "other_graph") else [])
+    called = sorted({node.target for graph in graphs for node in graph.nodes if node.op == "call_module"})
+    for name in called:
+        layer = gm.get_submodule(name)
+        if next(layer.parameters(recurse=False), None) is not None:
+            fully_shard(layer, mesh=mesh)
+    fully_shard(gm, mesh=mesh)
     sharded = [type(p).__name__ for p in gm.parameters()]
     optimizer, handle = _optimizer(scenario, gm, gm.parameters())
     losses, olr = [], []

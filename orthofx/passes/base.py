@@ -219,7 +219,9 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     """The whole value of a parameter, gradient or optimizer state: a sharded ``DTensor`` (FSDP2's
     ``fully_shard`` keeps parameters, their gradients and the optimizer's state sharded outside forward and
     backward) is all-gathered into a plain tensor, the same on every rank; any other tensor is returned as is.
-    The optimizer hooks compute on whole matrices (a polar factor, a tangent projection, a global dot product)."""
+    The optimizer hooks compute on whole matrices (a polar factor, a tangent projection, a global dot product),
+    and so do the penalty terms of a weight, for which the gather is differentiable: each rank's shard gets its
+    part of the gradient, the same on every rank."""
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(tensor, dtensor):
         return tensor.full_tensor()

@@ -31,7 +31,7 @@ from torch import nn
 
 from .. import metrics
 from ..errors import ArgumentError
-from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry
+from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, whole
 from .registry import register_pass
 
 __all__ = ["OrthRegularizer", "LorthTerm", "lorth_problem", "lorth_term"]
@@ -48,7 +48,7 @@ class LorthTerm(PenaltyTerm):
         self.case = case
 
     def value(self, root: nn.Module) -> torch.Tensor:
-        layer_weight = root.get_submodule(self.site).weight
+        layer_weight = whole(root.get_submodule(self.site).weight)  # FSDP2 shards: gathered, differentiably
         return metrics.lorth(layer_weight, stride=self.stride, groups=self.groups, case=self.case)
 
     def form(self) -> tuple:

@@ -138,7 +138,7 @@ class SripTerm(PenaltyTerm):
         self.iterations = int(iterations)
 
     def value(self, root: nn.Module) -> torch.Tensor:
-        return srip(root.get_submodule(self.site).weight, self.groups, self.iterations)
+        return srip(whole(root.get_submodule(self.site).weight), self.groups, self.iterations)
 
     def form(self) -> tuple:
         return (self.groups, self.iterations, self.weight)
