@@ -2,7 +2,7 @@
 
     orthofx demo                                   # explain, transform, train a little on digits, report
     orthofx presets                                # list the preset policies
-    orthofx check POLICY [--model M --input-shape 1,3,32,32]
+    orthofx check POLICY [--model M [--input-shape 1,3,32,32]]
     orthofx explain MODEL --policy P [--input-shape ...]
     orthofx transform MODEL --policy P --input-shape 1,3,32,32 [--json report.json] [--plot spectra.png]
                       [--export model.onnx|model.pt2|model.pt]
@@ -15,6 +15,7 @@ one-line message (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -30,6 +31,7 @@ from torch import nn
 from . import models
 from .errors import OrthofxError
 from .export import batch_too_small_for_dynamic, check_export_path, export
+from .passes.base import EvalRun
 from .penalty import penalty
 from .policy import Policy, presets
 from .report import report
@@ -43,7 +45,13 @@ class CliError(OrthofxError):
 
 
 def load_model(spec: str) -> nn.Module:
-    """A model from a built-in name, ``package.module:factory`` or ``file.py:factory``."""
+    """A model from a built-in name, ``package.module:factory`` or ``file.py:factory``.
+
+    As for ``python dir/file.py``, the file's directory is put first on ``sys.path`` (and stays there: the model
+    may import siblings lazily, in its factory or forward), so the file can import the modules next to it. The
+    file itself is imported under a name made from its absolute path: two files called ``model.py`` in
+    different directories are two modules.
+    """
     if ":" not in spec:
         try:
             return models.get(spec)
@@ -51,17 +59,7 @@ def load_model(spec: str) -> nn.Module:
             raise CliError(f"{exc}; or give package.module:factory or file.py:factory") from None
     target, _, attr = spec.rpartition(":")
     if target.endswith(".py"):
-        if not os.path.isfile(target):
-            raise CliError(f"model file {target!r} does not exist")
-        module_name = "orthofx_user_model_" + os.path.splitext(os.path.basename(target))[0]
-        module_spec = importlib.util.spec_from_file_location(module_name, target)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:  # the user's file: a syntax error, a failing import ...
-            raise CliError(f"cannot load model file {target!r}: {type(exc).__name__}: {exc} (--debug shows the "
-                           "traceback)") from exc
+        module = _load_file(target)
     else:
         if not target.strip():
             raise CliError(f"model {spec!r} names no module before ':'; give package.module:factory or "
@@ -86,6 +84,29 @@ def load_model(spec: str) -> nn.Module:
     return model
 
 
+def _load_file(target: str):
+    """The module of the Python file ``target``, its directory first on ``sys.path`` (see :func:`load_model`)."""
+    if not os.path.isfile(target):
+        raise CliError(f"model file {target!r} does not exist")
+    path = os.path.realpath(target)
+    folder = os.path.dirname(path)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    stem = "".join(c if c.isalnum() or c == "_" else "_" for c in os.path.splitext(os.path.basename(path))[0])
+    digest = hashlib.sha1(path.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    module_name = f"orthofx_user_model_{stem}_{digest}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # the user's file: a syntax error, a failing import ...
+        sys.modules.pop(module_name, None)
+        raise CliError(f"cannot load model file {target!r}: {type(exc).__name__}: {exc} (--debug shows the "
+                       "traceback)") from exc
+    return module
+
+
 def _input_shape(text: str | None, model_spec: str | None) -> tuple[int, ...] | None:
     if text is None:
         if model_spec is not None and model_spec in models.names():
@@ -100,11 +121,32 @@ def _input_shape(text: str | None, model_spec: str | None) -> tuple[int, ...] | 
     return shape
 
 
-def _example(shape: tuple[int, ...] | None) -> tuple[torch.Tensor, ...] | None:
+def _example(model: nn.Module, text: str | None, model_spec: str | None) -> tuple[torch.Tensor, ...] | None:
+    """The example input of ``--input-shape`` (or a built-in model's default shape): random numbers in the
+    dtype and on the device of the model's first floating-point parameter or buffer. The model runs on it once
+    (eval mode, no gradients), as transform does, so that a shape the model cannot take is a usage error."""
+    shape = _input_shape(text, model_spec)
     if shape is None:
         return None
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    dtype = tensors[0].dtype if tensors else torch.get_default_dtype()
+    device = tensors[0].device if tensors else torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
-    return (torch.randn(*shape, generator=generator),)
+    given = f"--input-shape {text}" if text is not None else f"the default input shape {','.join(map(str, shape))}"
+    try:
+        inputs = (torch.randn(*shape, generator=generator, dtype=dtype).to(device),)
+    except (RuntimeError, TypeError, OverflowError, MemoryError) as exc:  # too many elements for an int64 / memory
+        raise CliError(f"cannot create an example input of {given} ({dtype}, {device}): {type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}; give the shape of one input, batch "
+                       "first") from None
+    try:
+        with EvalRun(model):
+            model(*inputs)
+    except Exception as exc:  # the user's model on the user's shape
+        raise CliError(f"the model fails on an input of {given} ({dtype}, {device}): {type(exc).__name__}: {exc}; "
+                       "give the shape of one input the model takes, batch first (--debug shows the "
+                       "traceback)") from exc
+    return inputs
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -116,30 +158,38 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    if args.input_shape is not None and not args.model:
+        raise CliError(f"--input-shape needs --model (the shape of the model's example input); give --model MODEL "
+                       f"or leave out --input-shape {args.input_shape}")
     policy = Policy.load(args.policy)
     print(f"ok: {policy.source}: {len(policy.rules)} rule(s): "
           + ", ".join(f"{r.name} -> {r.apply}" for r in policy.rules))
     if args.model:
         model = load_model(args.model)
-        print(explain(model, policy, _example(_input_shape(args.input_shape, args.model))))
+        print(explain(model, policy, _example(model, args.input_shape, args.model)))
     return 0
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     model = load_model(args.model)
-    print(explain(model, args.policy, _example(_input_shape(args.input_shape, args.model))))
+    print(explain(model, args.policy, _example(model, args.input_shape, args.model)))
     return 0
 
 
 def _cmd_transform(args: argparse.Namespace) -> int:
     model = load_model(args.model)
-    inputs = _example(_input_shape(args.input_shape, args.model))
+    inputs = _example(model, args.input_shape, args.model)
     # the output paths are checked before the transform, which can take a while
     if args.export:
         suffix = check_export_path(args.export)[1]
         if inputs is None and suffix != ".pt":
             raise CliError(f"--export {args.export} needs --input-shape (the example input to trace and check "
                            "with); a .pt file needs none")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (Report.plot needs it: say so before the transform, not after)
+        except ImportError:
+            raise CliError(f"--plot {args.plot} needs matplotlib: pip install 'orthofx[plot]'") from None
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         folder = os.path.dirname(os.path.abspath(path)) if path else ""
         if path and not os.path.isdir(folder):
@@ -169,7 +219,8 @@ def _cmd_transform(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(step: int, total: int, text: str, stream=sys.stderr) -> None:
+def _progress(step: int, total: int, text: str, stream=None) -> None:
+    stream = sys.stderr if stream is None else stream  # the stderr of now, not of import time
     width = 30
     filled = int(width * step / total)
     bar = "#" * filled + "." * (width - filled)
@@ -261,9 +312,12 @@ def non_negative_float(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orthofx", description="Orthogonality for any PyTorch model.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    # --debug after the command too (the error messages suggest it): SUPPRESS keeps a --debug given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="explain, transform, train briefly on digits and report")
+    demo = sub.add_parser("demo", parents=[common], help="explain, transform, train briefly on digits and report")
     demo.add_argument("--model", default="small_cnn", help="a built-in model taking 1x8x8 images")
     demo.add_argument("--policy", default="lorth")
     demo.add_argument("--steps", type=positive_int, default=300)
@@ -272,9 +326,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_cmd_demo)
 
-    sub.add_parser("presets", help="list preset policies").set_defaults(run=_cmd_presets)
+    sub.add_parser("presets", parents=[common], help="list preset policies").set_defaults(run=_cmd_presets)
 
-    check = sub.add_parser("check", help="validate a policy (and plan it on a model)")
+    check = sub.add_parser("check", parents=[common], help="validate a policy (and plan it on a model)")
     check.add_argument("policy")
     check.add_argument("--model")
     check.add_argument("--input-shape")
@@ -282,7 +336,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("explain", _cmd_explain, "show which rule hits which site (dry run)"),
                              ("transform", _cmd_transform, "transform a model and print the report")):
-        cmd = sub.add_parser(name, help=text)
+        cmd = sub.add_parser(name, parents=[common], help=text)
         cmd.add_argument("model", help="built-in name, package.module:factory or file.py:factory")
         cmd.add_argument("--policy", required=True, help="preset name, YAML file or YAML text")
         cmd.add_argument("--input-shape", help="example input shape, e.g. 1,3,32,32")

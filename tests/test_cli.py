@@ -243,3 +243,147 @@ def test_penalty_without_terms_is_on_the_models_device():
                            example_inputs=(torch.randn(2, 4, 8, 8, device="cuda"),))
     value = orthofx.penalty(gm)
     assert value.device.type == "cuda" and value.dtype == torch.float32 and float(value) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------- audit: model files,
+# input shapes and usage errors
+
+import os  # noqa: E402
+import pickle  # noqa: E402
+
+from orthofx.cli import CliError, load_model  # noqa: E402
+
+
+@pytest.fixture
+def restored_import_state(monkeypatch):
+    """sys.path as it was after the test, and the sibling modules a test imports removed from sys.modules."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    names = []
+    yield names
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def test_model_file_imports_a_sibling_module(capsys, tmp_path, restored_import_state):
+    # like `python dir/model.py`: the file's directory is importable while it runs and while the factory builds
+    # the model (it was not: ModuleNotFoundError: No module named ...)
+    restored_import_state.extend(["orthofx_cli_sibling_blocks", "orthofx_cli_lazy_sibling"])
+    (tmp_path / "orthofx_cli_sibling_blocks.py").write_text(
+        "import torch\nclass Block(torch.nn.Conv2d):\n    pass\n")
+    (tmp_path / "orthofx_cli_lazy_sibling.py").write_text("WIDTH = 5\n")
+    (tmp_path / "model.py").write_text(textwrap.dedent("""
+        import torch
+        from orthofx_cli_sibling_blocks import Block
+        def build():
+            from orthofx_cli_lazy_sibling import WIDTH  # imported when the factory runs
+            return torch.nn.Sequential(Block(3, WIDTH, 3))
+    """))
+    code, out, err = run(capsys, "explain", f"{tmp_path / 'model.py'}:build", "--policy", "lorth")
+    assert code == 0, err
+    assert "(3->5, k=3, s=1)" in out
+    folder = os.path.realpath(tmp_path)
+    assert sys.path.count(folder) == 1
+    model = load_model(f"{tmp_path / 'model.py'}:build")  # loading again does not add the directory twice
+    assert sys.path.count(folder) == 1 and model[0].out_channels == 5
+
+
+def test_two_model_files_with_the_same_name_stay_distinct(tmp_path, restored_import_state):
+    # both were registered as sys.modules['orthofx_user_model_model']: the second replaced the first, and
+    # pickling (torch.save) the first model failed with "it's not the same object as ..."
+    for folder, width in (("a", 2), ("b", 3)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "model.py").write_text(
+            f"import torch\nclass Net(torch.nn.Linear):\n    pass\ndef build():\n    return Net(4, {width})\n")
+    first = load_model(f"{tmp_path / 'a' / 'model.py'}:build")
+    second = load_model(f"{tmp_path / 'b' / 'model.py'}:build")
+    assert type(first) is not type(second)
+    for model, width in ((first, 2), (second, 3)):
+        assert sys.modules[type(model).__module__].Net is type(model)
+        assert pickle.loads(pickle.dumps(model)).out_features == width
+
+
+def test_model_file_that_fails_leaves_no_module_behind(tmp_path, restored_import_state):
+    broken = tmp_path / "orthofx_cli_half_loaded.py"
+    broken.write_text("import torch\nraise RuntimeError('half way')\n")
+    before = set(sys.modules)
+    with pytest.raises(CliError, match="half way"):
+        load_model(f"{broken}:build")
+    assert not [name for name in set(sys.modules) - before if "orthofx_cli_half_loaded" in name]
+
+
+@pytest.mark.parametrize("argv", [
+    ["explain", "small_cnn", "--policy", "lorth", "--input-shape", "1,3,32,32"],
+    ["check", "lorth", "--model", "small_cnn", "--input-shape", "1,3,32,32"],
+    ["transform", "small_cnn", "--policy", "lorth", "--input-shape", "1,3,32,32"],
+])
+def test_an_input_shape_the_model_cannot_take_exits_2(capsys, argv):
+    # explain and check printed the plan and exited 0 for an input small_cnn (1 channel) cannot take
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1
+    assert "--input-shape 1,3,32,32" in err and "3 channels" in err
+    assert "planned" not in out and "transformed in" not in out
+
+
+def test_check_input_shape_without_model_is_a_usage_error(capsys):
+    # --input-shape was silently ignored
+    code, out, err = run(capsys, "check", "lorth", "--input-shape", "1,3,32,32")
+    assert code == 2 and err.count("\n") == 1
+    assert "--input-shape needs --model" in err and out == ""
+
+
+@pytest.mark.parametrize("command", ["explain", "transform"])
+def test_example_input_follows_the_models_dtype(capsys, tmp_path, command):
+    # the example input was float32 whatever the model: a float64 model failed with a dtype mismatch
+    source = tmp_path / "wide.py"
+    source.write_text("import torch\ndef build():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3),"
+                      " torch.nn.Flatten(), torch.nn.Linear(16, 2)).double()\n")
+    code, out, err = run(capsys, command, f"{source}:build", "--policy", "lorth", "--input-shape", "2,3,4,4")
+    assert code == 0, err
+    assert "Linear(16->2)" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_example_input_follows_the_models_device(capsys, tmp_path):
+    source = tmp_path / "on_gpu.py"
+    source.write_text("import torch\ndef build():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)).cuda()\n")
+    code, out, err = run(capsys, "transform", f"{source}:build", "--policy", "lorth", "--input-shape", "2,3,6,6")
+    assert code == 0, err
+
+
+def test_debug_after_the_subcommand_shows_the_traceback(capsys):
+    # the messages say "--debug shows the traceback", but `orthofx explain ... --debug` was refused by argparse
+    argv = ["explain", "missing.py:f", "--policy", "lorth"]
+    with pytest.raises(CliError, match="does not exist"):
+        main(argv + ["--debug"])
+    with pytest.raises(CliError, match="does not exist"):
+        main(["--debug"] + argv)  # before the subcommand, as before
+    assert run(capsys, *argv)[0] == 2
+
+
+def test_plot_without_matplotlib_fails_before_the_transform(capsys, tmp_path, monkeypatch):
+    # the ImportError was raised after the transform, as a raw traceback
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, out, err = run(capsys, "transform", "small_cnn", "--policy", "lorth", "--plot", str(tmp_path / "s.png"))
+    assert code == 2 and err.count("\n") == 1
+    assert "--plot" in err and "matplotlib" in err and "transformed in" not in out
+
+
+@pytest.mark.parametrize("shape", ["1,99999999999999999999", "100000,100000,100000"])
+def test_an_input_shape_too_large_to_create_exits_2(capsys, shape):
+    # a raw TypeError (integer overflow) or RuntimeError (4e15 bytes) traceback before
+    code, _, err = run(capsys, "explain", "small_cnn", "--policy", "lorth", "--input-shape", shape)
+    assert code == 2 and err.count("\n") == 1 and f"--input-shape {shape}" in err
+
+
+@pytest.mark.slow
+def test_demo_progress_goes_to_the_current_stderr(capsys):
+    # the progress bar's stream was sys.stderr as it was when orthofx.cli was imported: a redirected (or
+    # replaced) sys.stderr did not get it
+    pytest.importorskip("sklearn")
+    import contextlib
+    import io
+    buffer = io.StringIO()
+    with contextlib.redirect_stderr(buffer):
+        code = main(["demo", "--steps", "2", "--batch-size", "8"])
+    assert code == 0
+    assert "2/2 task" in buffer.getvalue()
