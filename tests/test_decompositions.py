@@ -677,3 +677,148 @@ def test_svd_backward_on_matrices_with_a_zero_dimension_like_torch(shape):
         U, S, Vh = svd_stable(A, taylor_order=taylor_order)
         (g,) = torch.autograd.grad(U.sum() + S.sum() + Vh.sum(), A)
         assert g.shape == shape and not g.any()
+
+
+class _HalfSite(torch.nn.Module):
+    def forward(self, A, X):
+        L, V = eigh_stable(A, taylor_order=None)
+        U, S, Vh = svd_stable(X, taylor_order=None)
+        return L, S
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_traced_op_call_on_half_precision_input_runs_in_float32(dtype):
+    """fx tracing keeps the plain custom-op call (the Python wrapper's upcast cannot see a Proxy's dtype), so the
+    kernels themselves get half-precision input: they raised "linalg_eigh_cpu not implemented for 'BFloat16'"."""
+    gm = torch.fx.symbolic_trace(_HalfSite())
+    A = _spd_batch(seed=3).to(dtype).requires_grad_(True)
+    X = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(4)).to(dtype).requires_grad_(True)
+    L, S = gm(A, X)
+    assert L.dtype == S.dtype == dtype
+    A64, X64 = A.detach().double(), X.detach().double()  # the same half-precision values, exactly
+    torch.testing.assert_close(L.double(), torch.linalg.eigvalsh(A64), atol=0.02, rtol=0.02)
+    torch.testing.assert_close(S.double(), torch.linalg.svdvals(X64), atol=0.02, rtol=0.02)
+    w = torch.randn(L.shape, dtype=F64, generator=torch.Generator().manual_seed(5))
+    gA, gX = torch.autograd.grad((L * w.to(dtype)).sum() + S.sum(), (A, X))
+    assert gA.dtype == gX.dtype == dtype
+    A_ref, X_ref = A64.clone().requires_grad_(True), X64.clone().requires_grad_(True)
+    ref_A, ref_X = torch.autograd.grad((torch.linalg.eigvalsh(A_ref) * w).sum()
+                                       + torch.linalg.svdvals(X_ref).sum(), (A_ref, X_ref))
+    torch.testing.assert_close(gA.double(), ref_A, atol=0.03, rtol=0.03)
+    torch.testing.assert_close(gX.double(), ref_X, atol=0.03, rtol=0.03)
+
+
+def test_newton_schulz_float16_input_with_trace_above_float16_range():
+    """The iteration ran in float32 but handed its trace back in float16: a trace above 65504 became inf, so the
+    square root was inf everywhere (its entries are ~100) and the inverse one 0."""
+    Q = _rotation(8, seed=6)
+    lam = torch.linspace(5e3, 1.2e4, 8, dtype=F64)  # trace 6.8e4: entries fit float16, the trace does not
+    A = (Q @ torch.diag(lam) @ Q.T).to(torch.float16)
+    L, V = torch.linalg.eigh(A.double())  # the float16 matrix's exact square roots
+    exact = V @ torch.diag_embed(L.sqrt()) @ V.mT
+    exact_inv = V @ torch.diag_embed(L.rsqrt()) @ V.mT
+    Y = sqrtm_newton_schulz(A, iterations=10)
+    Z = inv_sqrtm_newton_schulz(A, iterations=10)
+    assert Y.dtype == Z.dtype == torch.float16
+    torch.testing.assert_close(Y.double(), exact, atol=0.1, rtol=2e-3)
+    torch.testing.assert_close(Z.double(), exact_inv, atol=1e-5, rtol=2e-3)
+
+
+@pytest.mark.parametrize("convert", [lambda m: m.half(), lambda m: m.bfloat16(), lambda m: m.to(torch.float16)])
+def test_condition_monitor_state_stays_float64_when_the_model_is_converted(convert):
+    """``model.half()`` converted the monitor's buffers: the next update raised in ``index_copy_`` (Half vs
+    Double), and a float16 kappa above 65504 would have been inf."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), ConditionMonitor(history_size=4))
+    model[1].update(torch.tensor([1e-3, 1.0], dtype=F64))
+    convert(model)
+    monitor = model[1]
+    assert model[0].weight.dtype != F64  # the model itself was converted
+    assert all(b.dtype in (F64, torch.long) for b in monitor.buffers())
+    kappa = monitor.update(torch.tensor([1e-6, 1.0], dtype=torch.float16))
+    expected = 1.0 / float(torch.tensor(1e-6, dtype=torch.float16))
+    assert float(kappa) == pytest.approx(expected, rel=1e-12)
+    assert monitor.history == pytest.approx([1e3, expected], rel=1e-12)
+    restored = ConditionMonitor(history_size=4)
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.summary() == monitor.summary()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 5, 3), (2, 3, 5)])
+def test_full_matrices_svd_stand_ins_on_half_precision_input(dtype, shape):
+    """The stable op decomposes half precision in float32, but the completion of ``U``/``Vh`` (full_matrices=True,
+    torch's default, and torch.svd(some=False)) ran a QR in the input's dtype: "geqrf_cpu not implemented"."""
+    from orthofx.nn.conditioning import stable_linalg_svd, stable_torch_svd
+
+    X = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    m, n = shape[-2:]
+    U, S, Vh = stable_linalg_svd(X, full_matrices=True)
+    U2, S2, V2 = stable_torch_svd(X, some=False)
+    assert U.shape == U2.shape == (2, m, m) and Vh.shape == V2.shape == (2, n, n)
+    assert U.dtype == Vh.dtype == S.dtype == dtype
+    torch.testing.assert_close(S.double(), torch.linalg.svdvals(X.double()), atol=0.03, rtol=0.03)
+    for Q in (U, Vh, U2, V2):  # orthogonal to half precision
+        eye = torch.eye(Q.shape[-1], dtype=F64).expand_as(Q)
+        torch.testing.assert_close(Q.double().mT @ Q.double(), eye, atol=0.03, rtol=0)
+    k = min(m, n)
+    rebuilt = U[..., :, :k].double() @ torch.diag_embed(S.double()) @ Vh[..., :k, :].double()
+    torch.testing.assert_close(rebuilt, X.double(), atol=0.05, rtol=0.05)
+
+
+def _signed_eigh(decompose):
+    def fn(A):
+        L, V = decompose(A)
+        return L, V * V[..., :1, :].sign()
+    return fn
+
+
+def _signed_svd(decompose):
+    def fn(X):
+        U, S, Vh = decompose(X)
+        s = U[..., :1, :].sign()
+        return U * s, S, Vh * s.mT
+    return fn
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("outputs", [(0,), (1,), (0, 1), (0, 2)])
+def test_vectorized_jacobian_through_the_backward_matches_torch(outputs):
+    """``torch.autograd.functional.jacobian(vectorize=True)`` (vmap over the backward, is_grads_batched) failed in
+    the in-place backward: "vmap: aten::add_ ... not possible" / "Batching rule not implemented for
+    aten::matmul.out"."""
+    A = spd_with_spectrum([0.5, 1.0, 2.0, 4.0], seed=8)
+    X = torch.randn(2, 5, 3, dtype=F64, generator=torch.Generator().manual_seed(9))
+    for inputs, ours, ref in (
+            (A, _signed_eigh(lambda a: eigh_stable(a, taylor_order=None)), _signed_eigh(torch.linalg.eigh)),
+            (X, _signed_svd(lambda x: svd_stable(x, taylor_order=None)),
+             _signed_svd(lambda x: torch.linalg.svd(x, full_matrices=False)))):
+        keep = [i for i in outputs if i < (2 if inputs is A else 3)]
+
+        def pick(fn):
+            return lambda x: tuple(fn(x)[i] for i in keep)
+        J = torch.autograd.functional.jacobian(pick(ours), inputs, vectorize=True)
+        J_ref = torch.autograd.functional.jacobian(pick(ref), inputs)
+        for got, want in zip(J, J_ref):
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("which", ["eigh", "svd"])
+def test_forward_mode_ad_raises_instead_of_a_zero_tangent(which):
+    """The custom ops have no forward-mode formula and torch gave them a zero tangent (torch.func.jvp) or none
+    (forward_ad): a JVP through the decomposition silently came out 0 where torch's eigh gives the tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    A = spd_with_spectrum([0.5, 1.0, 2.0, 4.0], seed=10)
+    T = torch.eye(4, dtype=F64)  # d lambda_i = v_i^T T v_i = 1, d s_i = u_i^T T v_i = 1
+
+    def values(a, plain=False):
+        return eigh_stable(a, plain=plain)[0] if which == "eigh" else svd_stable(a, plain=plain)[1]
+
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jvp(values, (A,), (T,))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
+        values(fwAD.make_dual(A, T))
+    _, tangent = torch.func.jvp(lambda a: values(a, plain=True), (A,), (T,))  # plain: torch's forward mode
+    torch.testing.assert_close(tangent, torch.ones(4, dtype=F64))
+    L = values(A.clone().requires_grad_(True))  # reverse mode unaffected
+    assert L.requires_grad

@@ -111,7 +111,10 @@ def stable_eigvalsh(A: Tensor, UPLO: str = "L", taylor_order: int | None = 9, fl
 def _complement(Q: Tensor) -> Tensor:
     """Orthonormal columns spanning the orthogonal complement of the (orthonormal) columns of ``Q`` (detached)."""
     m, k = Q.shape[-2], Q.shape[-1]
-    full = torch.linalg.qr(Q.detach(), mode="complete").Q
+    Q = Q.detach()
+    if Q.dtype in (torch.float16, torch.bfloat16):  # no half-precision QR kernel: complete in float32
+        return torch.linalg.qr(Q.float(), mode="complete").Q[..., :, k:m].to(Q.dtype)
+    full = torch.linalg.qr(Q, mode="complete").Q
     return full[..., :, k:m]
 
 

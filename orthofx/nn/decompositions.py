@@ -98,6 +98,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch import Tensor, nn
 
 from orthofx.errors import LayerArgumentError
@@ -206,6 +207,18 @@ def _check_input(A, what: str, square: bool) -> None:
         raise LayerArgumentError(f"{what} expects {kind}, got shape {tuple(A.shape)}")
 
 
+def _refuse_forward_mode(A, what: str) -> None:
+    """The custom ops have a backward formula only, and torch gives a custom op without a forward-mode formula a
+    zero tangent (``torch.func.jvp``) or none (``torch.autograd.forward_ad``) instead of an error: a JVP through
+    the decomposition silently treated it as a constant. Raise instead (``NotImplementedError``, the usual signal
+    of a missing forward-mode formula, on which orthofx's Jacobian estimate falls back to reverse mode)."""
+    if isinstance(A, Tensor) and not torch.compiler.is_compiling() and _fwad.unpack_dual(A).tangent is not None:
+        raise NotImplementedError(
+            f"{what}: forward-mode AD (torch.func.jvp / torch.autograd.forward_ad) is not supported: the bounded "
+            "gradient is a backward formula, and the custom op would get a zero tangent; use reverse mode "
+            "(torch.autograd.grad, .backward()), or plain=True (torch.linalg, exact forward mode)")
+
+
 def _check_args(taylor_order, clamp_gap) -> None:
     if taylor_order is not None and (isinstance(taylor_order, bool) or not isinstance(taylor_order, int)
                                      or taylor_order < 0):
@@ -274,6 +287,11 @@ def _nan_where(bad: Tensor | None, *outputs: Tensor) -> tuple[Tensor, ...]:
 
 @torch.library.custom_op("orthofx::eigh_stable", mutates_args=())
 def _eigh_op(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor]:
+    if A.dtype in _LOW_PRECISION:
+        # only a graph that holds the op itself (fx tracing keeps the plain call, which cannot see the dtype)
+        # hands half precision to the kernel: decompose in float32 (no half LAPACK / cuSOLVER kernel), return
+        # the input's dtype as the fake kernel says; the backward runs in float32 too (_without_autocast)
+        return tuple(t.to(A.dtype) for t in _eigh_op(A.float(), taylor_order, clamp_gap))
     A, bad = _finite_part(A, lower=True)
     L, V = torch.linalg.eigh(A)
     # LAPACK's V is column-major; the fake kernel promises row-major
@@ -302,16 +320,25 @@ def _eigh_setup(ctx, inputs, output) -> None:
     ctx.clamp_gap = clamp_gap
 
 
+def _saved(ctx) -> tuple[Tensor, ...]:
+    """The saved outputs in the backward's working dtype: float32 for half-precision ones (a traced
+    graph's plain op call on half-precision input, see _eigh_op)."""
+    return tuple(t.float() if t.dtype in _LOW_PRECISION else t for t in ctx.saved_tensors)
+
+
 def _without_autocast(backward):
-    """Run a backward in the saved tensors' dtype with autocast off: called inside ``torch.autocast`` (a training
-    loop that calls ``backward()`` in the autocast block), matmuls would otherwise drop to bfloat16 and clash with
-    the float32 buffers, and the gradient of a decomposition needs float32 anyway."""
+    """Run a backward in the saved tensors' dtype (float32 for half-precision ones, the gradient cast back to
+    theirs) with autocast off: called inside ``torch.autocast`` (a training loop that calls ``backward()`` in the
+    autocast block), matmuls would otherwise drop to bfloat16 and clash with the float32 buffers, and the
+    gradient of a decomposition needs float32 anyway."""
 
     def wrapped(ctx, *grads):
         reference = ctx.saved_tensors[0]
-        grads = tuple(g if g is None else g.to(reference.dtype) for g in grads)
+        work = torch.float32 if reference.dtype in _LOW_PRECISION else reference.dtype
+        grads = tuple(g if g is None else g.to(work) for g in grads)
         with torch.autocast(device_type=reference.device.type, enabled=False):
-            return backward(ctx, *grads)
+            gA, *rest = backward(ctx, *grads)
+        return (gA if gA is None else gA.to(reference.dtype), *rest)
 
     wrapped.__name__ = backward.__name__
     wrapped.__doc__ = backward.__doc__
@@ -320,7 +347,7 @@ def _without_autocast(backward):
 
 @_without_autocast
 def _eigh_backward(ctx, gL, gV):
-    L, V = ctx.saved_tensors
+    L, V = _saved(ctx)
     if gV is None and gL is None:
         return None, None, None
     inplace = not torch.is_grad_enabled()
@@ -329,21 +356,35 @@ def _eigh_backward(ctx, gL, gV):
     if gV is None:
         G = V @ torch.diag_embed(gL) @ V.mT
         return (G + G.mT) * 0.5, None, None
+    if inplace:
+        try:
+            return _eigh_backward_in_place(L, V, gL, gV, ctx.taylor_order, ctx.clamp_gap), None, None
+        except RuntimeError:
+            # vmap over the backward (torch.autograd.grad(is_grads_batched=True), jacobian(vectorize=True)):
+            # batched gradients cannot be written into unbatched buffers, nor matmul(out=) be batched, and the
+            # batching is not visible from Python; the out-of-place form below works there
+            pass
     X = V.mT @ gV
     Q = X - X.mT
-    if not inplace:  # differentiable (double backward)
-        Q = Q * _pair_magnitude(L, ctx.taylor_order, ctx.clamp_gap).triu(1)
-        if gL is not None:
-            Q = Q + torch.diag_embed(gL)
-        G = V @ Q @ V.mT
-        return (G + G.mT) * 0.5, None, None
-    # the same with in-place ops and buffer reuse (fewer n x n temporaries)
-    Q.mul_(_pair_magnitude(L, ctx.taylor_order, ctx.clamp_gap).triu_(1))
+    # differentiable (double backward)
+    Q = Q * _pair_magnitude(L, ctx.taylor_order, ctx.clamp_gap).triu(1)
+    if gL is not None:
+        Q = Q + torch.diag_embed(gL)
+    G = V @ Q @ V.mT
+    return (G + G.mT) * 0.5, None, None
+
+
+def _eigh_backward_in_place(L: Tensor, V: Tensor, gL: Tensor | None, gV: Tensor, taylor_order, clamp_gap) -> Tensor:
+    """:func:`_eigh_backward`'s ``dA`` with in-place ops and buffer reuse (fewer n x n temporaries); writes only
+    its own temporaries."""
+    X = V.mT @ gV
+    Q = X - X.mT
+    Q.mul_(_pair_magnitude(L, taylor_order, clamp_gap).triu_(1))
     if gL is not None:
         Q.diagonal(dim1=-2, dim2=-1).add_(gL)
     torch.matmul(V, Q, out=X)
     torch.matmul(X, V.mT, out=Q)
-    return torch.add(Q, Q.mT, out=X).mul_(0.5), None, None
+    return torch.add(Q, Q.mT, out=X).mul_(0.5)
 
 
 torch.library.register_autograd("orthofx::eigh_stable", _eigh_backward, setup_context=_eigh_setup)
@@ -364,6 +405,8 @@ def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
     """
     _check_input(A, "eigh_stable", square=True)
     _check_args(taylor_order, clamp_gap)
+    if not plain:
+        _refuse_forward_mode(A, "eigh_stable")
     clamp = None if clamp_gap is None else float(clamp_gap)
     work, returned = _working_dtypes(A, float64)
     L, V = _run_in(_eigh_plain if plain else _eigh_op, A, work, returned, taylor_order, clamp)
@@ -375,6 +418,8 @@ def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
 
 @torch.library.custom_op("orthofx::svd_stable", mutates_args=())
 def _svd_op(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    if A.dtype in _LOW_PRECISION:  # a traced graph's plain op call, as in _eigh_op
+        return tuple(t.to(A.dtype) for t in _svd_op(A.float(), taylor_order, clamp_gap))
     A, bad = _finite_part(A)
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     return _nan_where(bad, U.contiguous(), S, Vh.contiguous())
@@ -405,15 +450,24 @@ def _svd_setup(ctx, inputs, output) -> None:
 
 @_without_autocast
 def _svd_backward(ctx, gU, gS, gVh):
-    U, S, Vh = ctx.saved_tensors
-    m, n, k = U.shape[-2], Vh.shape[-1], S.shape[-1]
+    U, S, Vh = _saved(ctx)
     if gU is None and gS is None and gVh is None:
         return None, None, None
-    inplace = not torch.is_grad_enabled()
+    if not torch.is_grad_enabled():
+        try:
+            return _svd_grad(U, S, Vh, gU, gS, gVh, ctx.taylor_order, ctx.clamp_gap, True), None, None
+        except RuntimeError:  # vmap over the backward, see _eigh_backward: the out-of-place form works there
+            pass
+    return _svd_grad(U, S, Vh, gU, gS, gVh, ctx.taylor_order, ctx.clamp_gap, False), None, None
+
+
+def _svd_grad(U, S, Vh, gU, gS, gVh, taylor_order, clamp_gap, inplace: bool) -> Tensor:
+    """:func:`_svd_backward`'s ``dA``; ``inplace``: with in-place ops on its own temporaries (not differentiable)."""
+    m, n, k = U.shape[-2], Vh.shape[-1], S.shape[-1]
     inner = torch.diag_embed(gS) if gS is not None else None
     XU = XV = None
     if gU is not None or gVh is not None:
-        upper = _pair_magnitude(S * S, ctx.taylor_order, ctx.clamp_gap).triu(1)
+        upper = _pair_magnitude(S * S, taylor_order, clamp_gap).triu(1)
         K = upper.mT - upper  # K_jk ~ 1/(s_k^2 - s_j^2), singular values descending
         if gU is not None:
             XU = U.mT @ gU
@@ -432,7 +486,7 @@ def _svd_backward(ctx, gU, gS, gVh):
             gA = gA + ((gU - U @ XU) * s_inv.unsqueeze(-2)) @ Vh
         if gVh is not None and n > k:
             gA = gA + (U * s_inv.unsqueeze(-2)) @ (gVh - XV.mT @ Vh)
-    return gA, None, None
+    return gA
 
 
 torch.library.register_autograd("orthofx::svd_stable", _svd_backward, setup_context=_svd_setup)
@@ -447,6 +501,8 @@ def svd_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
     """
     _check_input(A, "svd_stable", square=False)
     _check_args(taylor_order, clamp_gap)
+    if not plain:
+        _refuse_forward_mode(A, "svd_stable")
     clamp = None if clamp_gap is None else float(clamp_gap)
     work, returned = _working_dtypes(A, float64)
     U, S, Vh = _run_in(_svd_plain if plain else _svd_op, A, work, returned, taylor_order, clamp)
@@ -463,17 +519,7 @@ def _zero_matrices(A: Tensor) -> Tensor:
 
 def _newton_schulz(A: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(Y, Z, trace, zero)``: the coupled iteration on ``A / tr A`` (``Y -> (A / tr A)^(1/2)``,
-    ``Z -> (A / tr A)^(-1/2)``), the trace and the ``[..., 1, 1]`` mask of all-zero matrices."""
-    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
-        raise LayerArgumentError(f"expected square matrices [..., n, n], got shape {tuple(A.shape)}")
-    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
-        raise LayerArgumentError(f"iterations must be an int >= 0, got {iterations!r}")
-    work, returned = _working_dtypes(A, float64=False)
-    if returned is not None and (work != A.dtype or torch.is_autocast_enabled(A.device.type)):
-        # bfloat16 matmuls would lose the iteration's accuracy: run it in float32 with autocast off
-        with torch.autocast(device_type=A.device.type, enabled=False):
-            Y, Z, trace, zero = _newton_schulz(A.to(work), iterations)
-            return Y.to(returned), Z.to(returned), trace.to(returned), zero
+    ``Z -> (A / tr A)^(-1/2)``), the trace and the ``[..., 1, 1]`` mask of all-zero matrices, in ``A``'s dtype."""
     n = A.shape[-1]
     trace = A.diagonal(dim1=-2, dim2=-1).sum(-1).unsqueeze(-1).unsqueeze(-1)  # [..., 1, 1]
     # A zero matrix is normalised by 1 instead of its trace 0 (then Y = 0, its square root), so no 0/0 reaches
@@ -490,21 +536,37 @@ def _newton_schulz(A: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor, 
     return Y, Z, trace, zero
 
 
+def _newton_schulz_power(A: Tensor, iterations: int, inverse: bool) -> Tensor:
+    """``A^(1/2)`` (``A^(-1/2)`` when ``inverse``) from :func:`_newton_schulz`."""
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise LayerArgumentError(f"expected square matrices [..., n, n], got shape {tuple(A.shape)}")
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+        raise LayerArgumentError(f"iterations must be an int >= 0, got {iterations!r}")
+    work, returned = _working_dtypes(A, float64=False)
+    if returned is not None and (work != A.dtype or torch.is_autocast_enabled(A.device.type)):
+        # bfloat16 matmuls would lose the iteration's accuracy: run it in float32 with autocast off; the trace
+        # and the final scaling stay in float32 too (a float16 trace above 65504 was inf, and so was the result)
+        with torch.autocast(device_type=A.device.type, enabled=False):
+            return _newton_schulz_power(A.to(work), iterations, inverse).to(returned)
+    Y, Z, trace, zero = _newton_schulz(A, iterations)
+    if inverse:
+        return Z * trace.rsqrt()
+    out = Y * torch.where(zero, torch.ones_like(trace), trace).sqrt()
+    return torch.where(zero, torch.zeros_like(out), out)
+
+
 def sqrtm_newton_schulz(A: Tensor, iterations: int = 5) -> Tensor:
     """``A^(1/2)`` of symmetric positive definite ``A`` (``[..., n, n]``) by the coupled Newton-Schulz iteration
     (matmuls only); ``iterations`` counts the steps after ``Y0, Z0`` (so ``iterations + 1`` steps in all).
 
     The zero matrix (the one positive semi-definite matrix of trace 0) gives exactly 0, with a zero gradient."""
-    Y, _, trace, zero = _newton_schulz(A, iterations)
-    out = Y * torch.where(zero, torch.ones_like(trace), trace).sqrt()
-    return torch.where(zero, torch.zeros_like(out), out)
+    return _newton_schulz_power(A, iterations, inverse=False)
 
 
 def inv_sqrtm_newton_schulz(A: Tensor, iterations: int = 5) -> Tensor:
     """``A^(-1/2)`` of symmetric positive definite ``A`` by the same iteration (``Z / sqrt(tr A)``); the zero matrix
     has none and gives non-finite values."""
-    _, Z, trace, _ = _newton_schulz(A, iterations)
-    return Z * trace.rsqrt()
+    return _newton_schulz_power(A, iterations, inverse=True)
 
 
 # ------------------------------------------------------------------------------------------- monitor
@@ -536,6 +598,18 @@ class ConditionMonitor(nn.Module):
         self.register_buffer("nan_events", torch.tensor(0, dtype=torch.long))
         self.register_buffer("inf_events", torch.tensor(0, dtype=torch.long))
         self.register_buffer("history_buffer", torch.full((history_size,), float("nan"), dtype=f64))
+
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the buffers; a dtype conversion of the model (``model.half()``, ``.bfloat16()``,
+        ``.to(torch.float16)``) leaves them float64: ``update`` writes float64 kappas into them (a float16 history
+        made it raise), and a float16 kappa would saturate to inf above 65504."""
+        kept = {name: buf for name, buf in self._buffers.items() if buf is not None and buf.dtype == torch.float64}
+        result = super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers.get(name)
+            if new is not None and new.dtype != torch.float64:
+                self._buffers[name] = old.to(device=new.device)
+        return result
 
     def summary(self) -> dict:
         """Plain numbers for reports: last and largest kappa (NaN before the first update), number of updates,
