@@ -53,6 +53,7 @@ from orthofx.theory import _positive_int as _int, orthogonality_case
 
 __all__ = [
     "lorth",
+    "dilated_kernel",
     "conv_singular_values",
     "linear_singular_values",
     "orthogonality_error",
@@ -261,7 +262,7 @@ def _batched_svdvals(mats: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Te
 
 
 def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = None, *,
-          fast_backward: bool = True) -> torch.Tensor:
+          dilation=1, fast_backward: bool = True) -> torch.Tensor:
     r"""The orthogonality regulariser :math:`L_{orth}` of P0 (Definition 1), differentiable w.r.t. ``weight``.
 
     For a convolution weight ``K`` (``M x C/g x k_1 [x k_2 [x k_3]]``, non-square kernels and strides allowed),
@@ -284,6 +285,12 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
 
     A 2-D weight (``nn.Linear``, ``out x in``) gives :math:`\|W W^T - I\|_F^2` if ``out <= in`` (or
     ``case="RO"``) and :math:`\|W^T W - I\|_F^2` otherwise, which is the 1x1, stride-1 case of the formula above.
+
+    ``dilation``: a dilated convolution applies :func:`dilated_kernel`, and its L_orth is that kernel's. Along
+    a dimension of stride 1 the dilation changes nothing (:math:`\mathrm{conv}(K, K)` is only spread over multiples
+    of it), so the kernel is dilated along the strided dimensions only. A transposed convolution
+    (``nn.ConvTranspose{d}d``, weight ``(in, out/groups, *k)``) is the adjoint of the convolution with the same
+    weight and stride: the same singular values, so the same L_orth, with RO and CO swapped.
 
     Returns a 0-dim tensor in the weight's dtype and device. A float64 weight without gradient (what reports
     measure) takes the value from Theorem 7 instead, through the per-frequency matrices on the smallest grid it
@@ -317,6 +324,8 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
         return _lorth_one_tap(weight.unsqueeze(0), (1,), case)  # a Linear is a one-tap conv at stride 1
     d = _check_conv_weight(weight, "lorth")
     strides = _tuple(stride, d, "stride")
+    dilations = _tuple(dilation, d, "dilation")
+    weight = dilated_kernel(weight, tuple(D if s > 1 else 1 for D, s in zip(dilations, strides)))
     g = _groups(weight, groups)
     M, Cg = weight.shape[:2]
     ks = tuple(weight.shape[2:])
@@ -344,6 +353,24 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
     if case == "CO":
         value = value - (M - C * math.prod(strides))
     return value
+
+
+def dilated_kernel(weight: torch.Tensor, dilation) -> torch.Tensor:
+    """The undilated kernel a dilated convolution applies: ``(M, C/g, D_1 (k_1 - 1) + 1, ...)``, the taps of
+    ``weight`` ``D_i`` apart with zeros between them (``weight`` itself when every ``D_i`` is 1). Differentiable.
+
+    >>> import torch
+    >>> dilated_kernel(torch.tensor([[[1.0, 2.0]]]), 3)
+    tensor([[[1., 0., 0., 2.]]])
+    """
+    d = _check_conv_weight(weight, "dilated_kernel")
+    dilations = _tuple(dilation, d, "dilation")
+    if all(D == 1 for D in dilations):
+        return weight
+    size = [(k - 1) * D + 1 for k, D in zip(weight.shape[2:], dilations)]
+    out = weight.new_zeros(*weight.shape[:2], *size)
+    out[(slice(None), slice(None)) + tuple(slice(None, None, D) for D in dilations)] = weight
+    return out
 
 
 def _lorth_one_tap(w: torch.Tensor, strides: tuple[int, ...], case: str) -> torch.Tensor:

@@ -4,7 +4,8 @@ One row per conv/linear layer of the graph (touched or not) and per other planne
 
 * ``site``, ``layer`` (e.g. ``Conv2d(64->128, k=3, s=2)``), ``pass`` (or why a rule skipped the site), ``params``;
 * ``lorth``: P0's L_orth of the current weight, computed in float64 (per group for grouped convs, that of the
-  undilated equivalent kernel for dilated ones, ||WW^T - I||^2 for linears);
+  undilated equivalent kernel for dilated ones, ||WW^T - I||^2 for linears; a transposed conv is the adjoint of
+  the conv with its weight, with the same singular values and L_orth);
 * ``sigma_min`` / ``sigma_max``: the exact extreme singular values of the layer's operator at the input size
   seen on the example inputs, computed with circular padding (Sedghi et al.; exact for circular convs, the
   standard surrogate for zero-padded ones), strided convs through space-to-depth;
@@ -56,7 +57,8 @@ from .transform import manifest_of
 __all__ = ["Report", "report", "monitors", "layer_singular_values"]
 
 # Layers whose weight is the operator they apply (ConvNorm wrappers are not: they rescale in Fourier space).
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, OrthogonalConv1d, OrthogonalConv2d)
+_TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, OrthogonalConv1d, OrthogonalConv2d) + _TRANSPOSED_TYPES
 _LINEAR_TYPES = (nn.Linear, OrthogonalLinear)
 
 
@@ -68,18 +70,6 @@ def _weight_values(module: nn.Module) -> torch.Tensor | None:
             or weight.is_meta:
         return None
     return weight.detach()
-
-
-def _dilated_kernel(weight: torch.Tensor, dilation: tuple[int, ...]) -> torch.Tensor:
-    """The equivalent undilated kernel (zeros between taps), so dilated convs get exact singular values."""
-    if all(d == 1 for d in dilation):
-        return weight
-    spatial = weight.shape[2:]
-    size = [(k - 1) * d + 1 for k, d in zip(spatial, dilation)]
-    out = weight.new_zeros(*weight.shape[:2], *size)
-    index = (slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilation)
-    out[index] = weight
-    return out
 
 
 def _grid(input_shape: tuple[int, ...] | None, dims: int, stride: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -105,7 +95,9 @@ def layer_singular_values(module: nn.Module, input_shape: tuple[int, ...] | None
             grid = _grid(input_shape, dims, tuple(module.stride))
             if grid is None:
                 return None
-            kernel = _dilated_kernel(weight, module.dilation)
+            if isinstance(module, _TRANSPOSED_TYPES):  # the adjoint of the conv on the output grid, n S
+                grid = tuple(n * s for n, s in zip(grid, module.stride))
+            kernel = metrics.dilated_kernel(weight, module.dilation)
             return metrics.conv_singular_values(kernel, grid, stride=tuple(module.stride), groups=module.groups)
     return None
 
@@ -126,13 +118,17 @@ def _existence(module: nn.Module) -> str:
         return "yes (" + ("RO" if module.out_features <= module.in_features else "CO") + ")"
     if isinstance(module, _CONV_TYPES):
         dims = len(module.kernel_size)
+        transposed = isinstance(module, _TRANSPOSED_TYPES)
+        # a transposed conv is the adjoint of the conv from its out_channels to its in_channels: orthogonal with it
+        channels = (module.out_channels, module.in_channels) if transposed else (module.in_channels,
+                                                                                   module.out_channels)
         try:
-            result = theory.orthogonal_conv_exists(module.in_channels, module.out_channels, module.kernel_size,
-                                                   module.stride, dims=dims, groups=module.groups,
-                                                   dilation=tuple(module.dilation))
+            result = theory.orthogonal_conv_exists(*channels, module.kernel_size, module.stride, dims=dims,
+                                                   groups=module.groups, dilation=tuple(module.dilation))
         except ValueError as exc:
             return f"? ({exc})"
-        return f"yes ({result.case})" if result.exists else f"no ({result.case})"
+        case = {"RO": "CO", "CO": "RO"}.get(result.case, result.case) if transposed else result.case
+        return f"yes ({case})" if result.exists else f"no ({case})"
     return ""
 
 
@@ -150,8 +146,8 @@ def _lorth(module: nn.Module) -> float | None:
         if isinstance(module, _LINEAR_TYPES):
             return float(metrics.lorth(weight))
         if isinstance(module, _CONV_TYPES):
-            kernel = _dilated_kernel(weight, module.dilation)
-            return float(metrics.lorth(kernel, stride=tuple(module.stride), groups=module.groups))
+            return float(metrics.lorth(weight, stride=tuple(module.stride), groups=module.groups,
+                                       dilation=tuple(module.dilation)))
     return None
 
 

@@ -58,7 +58,7 @@ CASES = {
     "srip: iterations 0": lambda: srip(torch.randn(4, 4), iterations=0),
     "to_newton_schulz: iterations 0": lambda: to_newton_schulz(torch.fx.symbolic_trace(nn.Identity()), iterations=0),
     "StiefelHook: unknown retraction": lambda: StiefelHook("fc", "rule", retraction="cayley"),
-    "lorth_term: dilated conv": lambda: lorth_term(nn.Conv2d(2, 4, 3, dilation=2), "conv", "rule", 0.1),
+    "lorth_term: not a conv or linear": lambda: lorth_term(nn.Embedding(3, 4), "emb", "rule", 0.1),
 }
 
 

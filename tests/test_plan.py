@@ -156,15 +156,16 @@ def test_rule_matching_nothing_is_an_error_unless_optional():
 
 
 def test_pass_refusing_every_selected_site_is_an_error_with_reasons():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2), nn.ReLU())
-    with pytest.raises(orthofx.PlanError, match="can handle none.*dilation"):
-        plan_for(model, [{"match": {"type": "Conv2d"}, "apply": "orth_regularizer"}])
+    square_only = [{"match": {"type": "Linear"}, "apply": "riemannian", "with": {"only_square": True}}]
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    with pytest.raises(orthofx.PlanError, match="can handle none.*not square"):
+        plan_for(model, square_only)
     # Only some refused: they are reported as skipped, the others applied.
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2), nn.Conv2d(4, 4, 3))
-    plan = plan_for(model, [{"match": {"type": "Conv2d"}, "apply": "orth_regularizer"}])
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4))
+    plan = plan_for(model, square_only)
     assert applied_sites(plan) == ["1"]
     assert [s.name for s, _, _ in plan.skipped] == ["0"]
-    assert "skipped: L_orth is defined for undilated" in str(plan)
+    assert "skipped: not square" in str(plan)
 
 
 class Whiten(nn.Module):

@@ -244,7 +244,8 @@ def test_presets():
     assert p.description.splitlines()[0] == listed["lorth"]
     (rule,) = p.rules
     assert rule.apply == "orth_regularizer" and not rule.optional
-    assert rule.match.type == ("Conv1d", "Conv2d", "Linear") and not rule.match.exclude
+    assert rule.match.type == ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+                               "Linear") and not rule.match.exclude
     assert rule.params["weight"] == 0.01
     assert Policy.from_yaml(p.to_yaml()) == p
 

@@ -276,6 +276,87 @@ def test_conv3d_non_square_stride_and_dilated_rows_against_the_dense_operator():
     assert rows["ns"]["exists"] == "yes (RO)" and rows["c3"]["exists"] == "yes (CO)"
 
 
+CONV_T_FN = {1: torch.nn.functional.conv_transpose1d, 2: torch.nn.functional.conv_transpose2d,
+             3: torch.nn.functional.conv_transpose3d}
+
+
+def dense_circular_transposed(layer: nn.Module, size: tuple[int, ...]) -> torch.Tensor:
+    """The circular operator of a ConvTranspose layer (bias left out) on an input grid ``size`` (output grid
+    ``size * S``), float64: torch's transposed conv of every basis vector, without padding, its overflow beyond
+    ``n S`` wrapped around (added modulo the output grid)."""
+    w = layer.weight.detach().double()
+    d = len(size)
+    eye = torch.eye(layer.in_channels * math.prod(size), dtype=torch.float64).reshape(-1, layer.in_channels, *size)
+    full = CONV_T_FN[d](eye, w, stride=layer.stride, dilation=layer.dilation, groups=layer.groups)
+    out = tuple(n * s for n, s in zip(size, layer.stride))
+    for axis, q in enumerate(out):
+        dim = 2 + axis
+        extra = (-full.shape[dim]) % q
+        full = torch.nn.functional.pad(full, [0, 0] * (full.dim() - 1 - dim) + [0, extra])
+        shape = list(full.shape)
+        full = full.reshape(shape[:dim] + [shape[dim] // q, q] + shape[dim + 1:]).sum(dim)
+    return full.reshape(full.shape[0], -1).T
+
+
+class AllConvKinds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.t1 = nn.ConvTranspose1d(8, 2, 4, stride=2, padding=1, bias=False)
+        self.t2 = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2, padding=1, output_padding=1, bias=False)
+        self.t3 = nn.ConvTranspose3d(2, 3, 2, bias=False)
+        self.t2d = nn.ConvTranspose2d(2, 2, 2, stride=2, dilation=2, bias=False)
+        self.c3 = nn.Conv3d(2, 3, 3, padding=1, bias=False)
+        self.d1 = nn.Conv2d(2, 4, 3, padding=2, dilation=2, bias=False)
+        self.d2 = nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2, bias=False)
+
+    def forward(self, a, x, v):
+        return (self.t1(a).mean() + self.t2(torch.cat([x, x], 1)).mean() + self.t3(v).mean() + self.t2d(x).mean()
+                + self.c3(v).mean() + self.d1(x).mean() + self.d2(x).mean())
+
+
+def test_lorth_penalty_and_rows_of_transposed_3d_and_dilated_convs_against_the_dense_operator():
+    """orth_regularizer covers ConvTranspose1d/2d/3d (the adjoint of the conv with the same weight), Conv3d and
+    dilated convs: each term is N^d-normalised Frobenius error of the layer's own circular operator (Theorem 7),
+    built here from torch's transposed / dilated convs; the report's sigma and L_orth columns match it too."""
+    torch.manual_seed(0)
+    model = AllConvKinds().double()
+    a, x, v = torch.randn(1, 8, 6).double(), torch.randn(1, 2, 6, 6).double(), torch.randn(1, 2, 4, 4, 4).double()
+    every = {"rules": [{"match": {"type": ["ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Conv3d",
+                                           "Conv2d"]}, "apply": "orth_regularizer", "with": {"weight": 1.0}}]}
+    gm = orthofx.transform(model, every, example_inputs=(a, x, v))
+    terms = {k.split("/")[1]: float(t) for k, t in orthofx.penalty_terms(gm).items()}
+    assert set(terms) == {"t1", "t2", "t3", "t2d", "c3", "d1", "d2"}
+    rows = {r["site"]: r for r in orthofx.report(gm).rows}
+    for site in ("t1", "t2", "t3", "t2d"):
+        layer = getattr(model, site)
+        eff = [dl * (k - 1) + 1 for k, dl in zip(layer.kernel_size, layer.dilation)]
+        N = [math.ceil((2 * e - 1) / s) for e, s in zip(eff, layer.stride)]  # the input grid
+        T = dense_circular_transposed(layer, tuple(N))
+        G = T @ T.T if T.shape[0] <= T.shape[1] else T.T @ T
+        reference = float((G - torch.eye(G.shape[0], dtype=G.dtype)).square().sum()) / math.prod(N)
+        assert terms[site] == pytest.approx(reference, rel=1e-9), site
+        assert rows[site]["lorth"] == pytest.approx(reference, rel=1e-9), site
+        size = rows[site]["input"]
+        sv = torch.linalg.svdvals(dense_circular_transposed(layer, size))
+        assert rows[site]["sigma_max"] == pytest.approx(float(sv.max()), rel=1e-9), site
+        assert rows[site]["sigma_min"] == pytest.approx(float(sv.min()), rel=1e-9, abs=1e-9), site
+    for site in ("c3", "d1", "d2"):
+        reference = theorem7_lorth(getattr(model, site))
+        assert terms[site] == pytest.approx(reference, rel=1e-9), site
+        assert rows[site]["lorth"] == pytest.approx(reference, rel=1e-9), site
+    # the transposed layer's own case (its adjoint conv's swapped): t1 maps 8 channels to 2 at 2x upsampling, 2 * 2
+    # outputs per 8 inputs: row orthogonal; t3 maps 2 to 3 at stride 1: column orthogonal
+    assert rows["t1"]["exists"] == "yes (RO)" and rows["t3"]["exists"] == "yes (CO)"
+    # gradients: the penalty of the strided dilated conv and of a transposed conv against finite differences
+    for site in ("d2", "t2"):
+        (term,) = [t for t in orthofx.transform(model, every).meta["orthofx"].penalties if t.site == site]
+        layer = getattr(model, site)
+        w = layer.weight.detach().clone().requires_grad_()
+        value = lambda w, term=term: orthofx.metrics.lorth(w, stride=term.stride, groups=term.groups,
+                                                            dilation=term.dilation)
+        assert torch.autograd.gradcheck(value, (w,))
+
+
 def test_low_precision_weights_get_float64_lorth():
     # a column-orthogonal 3x3 conv (a 1x1 orthonormal mixing, slightly perturbed): L_orth is a small difference of
     # large numbers, ||conv(K, K) - I||^2 - (M - C), which bfloat16 / float16 rounded to 0.5 (true: 0.52)

@@ -8,8 +8,11 @@ For a convolution with kernel K (M out, C in channels, stride S) the term is P0'
 with P = floor((k - 1) / S) * S (not the padding 1 of the widely copied OCNN code, which misses shifts of +-2
 and measures nothing at stride 2). It is zero exactly when the convolution is orthogonal, and by P0's Theorem 7
 ``N^d * L_orth`` is the squared Frobenius orthogonality error of the layer on an N-grid. Grouped convolutions
-are penalised per group. A Linear layer with weight W (out x in) gets ||W W^T - I||_F^2 when out <= in and
-||W^T W - I||_F^2 otherwise.
+are penalised per group, Conv1d, Conv2d and Conv3d alike. A dilated convolution gets the L_orth of the
+undilated kernel it applies (taps D apart, zeros between; along stride-1 dimensions the dilation changes nothing),
+and a transposed convolution (ConvTranspose1d/2d/3d) that of the convolution with its weight, whose adjoint it
+is (the same singular values; its RO case is the transposed layer's CO case). A Linear layer with weight W
+(out x in) gets ||W W^T - I||_F^2 when out <= in and ||W^T W - I||_F^2 otherwise.
 
 The graph is not changed: the pass records a :class:`LorthTerm` per layer, and ``orthofx.penalty(gm)`` returns
 ``sum(weight * L_orth)`` over all terms, differentiable with respect to the layers' weights.
@@ -34,51 +37,53 @@ from ..errors import ArgumentError
 from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, whole
 from .registry import register_pass
 
-__all__ = ["OrthRegularizer", "LorthTerm", "lorth_problem", "lorth_term"]
+__all__ = ["OrthRegularizer", "LorthTerm", "lorth_term"]
+
+
+_TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + _TRANSPOSED_TYPES
 
 
 class LorthTerm(PenaltyTerm):
-    """L_orth of the weight of the module at ``site`` (a Conv1d, Conv2d or Linear)."""
+    """L_orth of the weight of the module at ``site`` (a Linear, Conv or ConvTranspose layer)."""
 
     def __init__(self, site: str, rule: str, weight: float, stride: int | tuple[int, ...] = 1, groups: int = 1,
-                 case: str | None = None):
+                 case: str | None = None, dilation: int | tuple[int, ...] = 1):
         super().__init__(site, rule, weight)
         self.stride = stride
         self.groups = groups
         self.case = case
+        self.dilation = dilation
 
     def value(self, root: nn.Module) -> torch.Tensor:
         layer_weight = whole(root.get_submodule(self.site).weight)  # FSDP2 shards: gathered, differentiably
-        return metrics.lorth(layer_weight, stride=self.stride, groups=self.groups, case=self.case)
+        return metrics.lorth(layer_weight, stride=self.stride, groups=self.groups, case=self.case,
+                             dilation=self.dilation)
 
     def form(self) -> tuple:
-        return (self.stride, self.groups, self.case)
-
-
-def lorth_problem(module: nn.Module) -> str | None:
-    """Why P0's L_orth cannot be computed for ``module`` (``None`` when it can): it is defined for undilated
-    convolutions (a stride per spatial dimension is fine: :func:`orthofx.metrics.lorth` takes one)."""
-    if isinstance(module, nn.Linear):
-        return None
-    if any(d != 1 for d in module.dilation):
-        return f"L_orth is defined for undilated convolutions (dilation={module.dilation})"
-    return None
+        return (self.stride, self.groups, self.case, self.dilation)
 
 
 def lorth_term(module: nn.Module, site: str, rule: str, weight: float, case: str | None = None) -> LorthTerm:
-    """The L_orth penalty term of ``module`` at ``site``; ``ArgumentError`` (a ``ValueError``) with
-    :func:`lorth_problem`'s reason when L_orth is not defined for ``module``."""
-    problem = lorth_problem(module)
-    if problem is not None:
-        raise ArgumentError(problem)
+    """The L_orth penalty term of ``module`` at ``site``; ``case`` ("RO" / "CO") is the layer's own. A transposed
+    conv is the adjoint of the conv with its weight (the same singular values): its term is that conv's L_orth,
+    with RO and CO swapped. ``ArgumentError`` (a ``ValueError``) for other layer types."""
     if isinstance(module, nn.Linear):
         return LorthTerm(site, rule, weight, case=case)
-    return LorthTerm(site, rule, weight, stride=tuple(module.stride), groups=module.groups, case=case)
+    # conv-like by what it has (a layer a pass installed in place of a conv, e.g. ConvNorm's, qualifies too)
+    if not all(hasattr(module, a) for a in ("stride", "groups", "dilation")) or getattr(module, "weight", None) is None:
+        raise ArgumentError(f"L_orth is defined for Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d layers, not "
+                            f"{type(module).__name__} ('{site}')")
+    if isinstance(module, _TRANSPOSED_TYPES) and case is not None:
+        case = {"RO": "CO", "CO": "RO"}[case]
+    return LorthTerm(site, rule, weight, stride=tuple(module.stride), groups=module.groups, case=case,
+                     dilation=tuple(module.dilation))
 
 
 @register_pass
 class OrthRegularizer(Pass):
-    """Soft orthogonality: P0's L_orth for Conv1d/Conv2d (per group), ||WW^T - I||_F^2 for Linear."""
+    """Soft orthogonality: P0's L_orth for Conv1d/2d/3d and ConvTranspose1d/2d/3d (per group, dilated ones through
+    their undilated equivalent kernel), ||WW^T - I||_F^2 for Linear."""
 
     name = "orth_regularizer"
     params = (
@@ -88,12 +93,8 @@ class OrthRegularizer(Pass):
               choices=("auto", "RO", "CO")),
     )
     site_kinds = frozenset({"module"})
-    module_types = (nn.Conv1d, nn.Conv2d, nn.Linear)
+    module_types = _LAYER_TYPES
     group = "weight"
-
-    def accepts(self, site, module):
-        reason = super().accepts(site, module)
-        return reason if reason is not None else lorth_problem(module)
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         for entry in entries:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .. import theory
-from ..errors import ImpossibleLayerError, OrthofxError, PlanError
+from ..errors import ImpossibleLayerError, PlanError
 from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinear, circular_alignment,
                               keeps_output_size)
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, describe_module, parameter_owners,
@@ -276,10 +276,7 @@ class OrthogonalConvPass(Pass):
                               what="left unchanged: " + problem, params=dict(entry.params),
                               status=f"skipped: {problem}"))
             return
-        try:
-            term = lorth_term(module, entry.site.name, entry.rule_name, entry.params["regularize_weight"])
-        except ValueError as exc:
-            raise OrthofxError(f"rule '{entry.rule_name}': {where}: {problem}, and L_orth cannot stand in: {exc}")
+        term = lorth_term(module, entry.site.name, entry.rule_name, entry.params["regularize_weight"])
         shared = ctx.add_penalty(term)
         what = "attached L_orth instead" if shared is None else f"L_orth instead (counted once, at {shared}: tied)"
         ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,

@@ -60,7 +60,7 @@ from torch import fx, nn
 from ..errors import ArgumentError, OrthofxError
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, describe_module,
                    parameter_owners, whole, write_whole)
-from .orth_regularizer import lorth_problem, lorth_term
+from .orth_regularizer import lorth_term
 from .orthogonal_conv import orthogonal_layer
 from .registry import register_pass
 
@@ -330,17 +330,12 @@ class PreSVD(Pass):
             parts.append("L_orth" if treatment == "lorth" else "SRIP")
 
         if treatment == "lorth":
-            problem = lorth_problem(module)
-            if problem is None:
-                term = lorth_term(module, name, entry.rule_name, params["penalty_weight"])
-                shared = ctx.add_penalty(term)
-                if shared is not None:
-                    after["penalty"] = f"counted once, at {shared} (tied weight)"
-                with torch.no_grad():
-                    after["lorth"] = float(term.value(ctx.gm))
-            else:
-                parts[-1] = f"no weight penalty ({problem})"
-                after["penalty"] = f"none: {problem}"
+            term = lorth_term(module, name, entry.rule_name, params["penalty_weight"])
+            shared = ctx.add_penalty(term)
+            if shared is not None:
+                after["penalty"] = f"counted once, at {shared} (tied weight)"
+            with torch.no_grad():
+                after["lorth"] = float(term.value(ctx.gm))
         elif treatment == "srip":
             term = SripTerm(name, entry.rule_name, params["penalty_weight"], groups=getattr(module, "groups", 1),
                             iterations=params["power_iterations"])
