@@ -773,3 +773,104 @@ def test_layer_errors_name_the_layer_path_in_the_model():
     with pytest.raises(orthofx.LayerArgumentError, match=r"^conv_norm: the input has 5 channels"):
         conv_norm(torch.randn(1, 5, 6, 6), torch.randn(4, 3, 3, 3))
     assert "orthofx_site" not in ConvNormConv2d(nn.Conv2d(3, 4, 3)).__dict__  # a layer built by hand has no path
+
+
+# ------------------------------------------------------------------------------------- audit: edge cases
+
+
+@pytest.mark.parametrize("kernel, stride", [(3, 1), (3, 2), (1, 2)])
+def test_empty_batch_gives_the_convs_empty_output(kernel, stride):
+    # a batch of 0 crashed in the FFT (MKL: "Inconsistent configuration parameters") where torch's conv returns an
+    # empty output; the frozen layer did the same
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=1)
+    layer = ConvNormConv2d(conv)
+    x = torch.randn(0, 3, 8, 7)
+    y = layer(x)
+    assert y.shape == conv(x).shape
+    y.sum().backward()
+    assert conv.weight.grad is not None and float(conv.weight.grad.abs().sum()) == 0.0
+    layer.eval()
+    layer(torch.randn(2, 3, 8, 7))
+    assert layer.to_plain()(x).shape == conv(x).shape
+
+
+def test_non_floating_inputs_are_refused():
+    # an integer input was silently normalised in float32 and truncated back to integers (all zeros / -1 here);
+    # torch's conv refuses it
+    torch.manual_seed(0)
+    layer = ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1)).eval()
+    x = torch.randint(-3, 4, (2, 3, 8, 8))
+    with pytest.raises(orthofx.LayerArgumentError, match="floating"):
+        layer(x)
+    with pytest.raises(orthofx.LayerArgumentError, match="floating"):
+        conv_norm(x, layer.weight, padding=1)
+    layer(x.float())
+    with pytest.raises(orthofx.LayerArgumentError, match="floating"):
+        layer.to_plain()(x)
+    with pytest.raises(orthofx.LayerArgumentError, match="floating"):
+        layer(x.to(torch.complex64))
+
+
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_frozen_layer_checks_its_input_like_the_layer(kernel):
+    # the frozen layer gave torch's raw channel error, and for a wrong number of dimensions
+    # "kernel_size must be an int or 3 ints, got (3, 3)"
+    layer = ConvNormConv2d(nn.Conv2d(3, 4, kernel, padding=1)).eval()
+    layer(torch.randn(2, 3, 8, 8))
+    frozen = layer.to_plain()
+    with pytest.raises(orthofx.LayerArgumentError, match="the input has 5 channels"):
+        frozen(torch.randn(2, 5, 8, 8))
+    for shape in [(1, 2, 3, 8, 8), (3, 8)]:
+        with pytest.raises(orthofx.LayerArgumentError, match="expected a 4-D"):
+            frozen(torch.randn(shape))
+
+
+def test_geometry_of_a_size_with_the_wrong_number_of_dimensions():
+    # said "kernel_size must be an int or 1 ints, got (3, 3)" for a 1-D size given to a 2-D layer
+    layer = ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1))
+    for call in (layer.geometry, layer.filter):
+        with pytest.raises(orthofx.LayerArgumentError, match=r"input size \(8,\).*2 spatial"):
+            call((8,))
+
+
+def test_frozen_parameters_keep_requires_grad():
+    # a conv whose weights were frozen (requires_grad=False) froze into parameters that require gradients
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    conv.requires_grad_(False)
+    layer = ConvNormConv2d(conv).eval()
+    layer(torch.randn(1, 3, 6, 6))
+    frozen = layer.to_plain()
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = ConvNormConv2d(nn.Conv2d(3, 4, 1)).eval().to_plain()
+    assert all(p.requires_grad for p in trainable.parameters())
+
+
+def test_running_filters_stay_float32_when_the_layer_is_cast_to_half():
+    # .bfloat16() turned the running filters into bfloat16: their exponential average then stalled (off by 1.6 %
+    # from the float64 average after 20 steps), while a layer built in bfloat16 keeps them in float32
+    torch.manual_seed(0)
+    layer = ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1), momentum=0.1).train()
+    x = torch.randn(2, 3, 8, 8)
+    layer(x)
+    start = layer.running_filter((10, 10)).clone()
+    layer.bfloat16()
+    assert layer.running_filter((10, 10)).dtype == torch.float32
+    torch.testing.assert_close(layer.running_filter((10, 10)), start, rtol=0, atol=0)  # not rounded on the way
+    expected = start.double()
+    for _ in range(20):
+        with torch.no_grad():
+            layer.conv.weight.mul_(1.02)
+        layer(x.bfloat16())
+        expected = 0.9 * expected + 0.1 * _filter_by_dft_sums(layer.conv.weight.detach(), (10, 10), (1, 1), layer.eps)
+    torch.testing.assert_close(layer.running_filter((10, 10)).double(), expected, rtol=1e-5, atol=0)
+    # the frozen layer's filters likewise: cast with the model, they keep their float32 values
+    plain = ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1)).eval()
+    plain(x)
+    frozen = plain.to_plain()
+    v = frozen.filter_for((10, 10)).clone()
+    frozen.bfloat16()
+    torch.testing.assert_close(frozen.filter_for((10, 10)), v, rtol=0, atol=0)
+    assert frozen(x.bfloat16()).dtype == torch.bfloat16
+    frozen.double()
+    assert frozen.filter_for((10, 10)).dtype == torch.float64

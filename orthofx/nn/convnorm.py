@@ -74,7 +74,8 @@ recent weights. Two behaviours are offered:
 * ``momentum=m`` (float in (0, 1]): P3's behaviour. Each training forward updates a running filter for its grid,
   ``running <- (1 - m) running + m V`` (initialised with the first ``V`` seen for that grid, not with ones), kept as
   a buffer ``running_v_<L1>x<L2>`` (so it is in the ``state_dict``, moves with ``.to()`` and loads into a fresh
-  module). Eval uses the running filter of its grid, and falls back to ``V`` of the current weight for a grid
+  module; a cast to half precision leaves it in float32, the precision ``V`` is computed in for such
+  weights). Eval uses the running filter of its grid, and falls back to ``V`` of the current weight for a grid
   never seen in training. A layer with ``momentum=None`` has no running filters: ``running_v_*`` keys in a
   state dict it loads are unexpected keys (``load_state_dict`` fails with torch's usual message under
   ``strict=True`` and ignores them under ``strict=False``); construct it with ``momentum=...`` to load them.
@@ -326,6 +327,20 @@ def _one_tap_scale(weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (w.square().flatten(1).sum(1) + eps).rsqrt()
 
 
+def _apply_keeping_filters_real(module: nn.Module, apply, fn, recurse: bool, prefix: str) -> nn.Module:
+    """``nn.Module._apply`` (``.to()``, ``.half()``, ``.cuda()`` ...) for a module holding ConvNorm filters as buffers
+    named ``<prefix>...``: they move with it, but a cast to half precision leaves them in float32 (converted from
+    the values before the cast, so not rounded), the precision the layer computes ``V`` in for half-precision
+    weights. In half precision ``V`` would be off by up to 0.4 % and a running average of it would stall."""
+    before = {name: buf for name, buf in module._buffers.items() if name.startswith(prefix) and buf is not None}
+    apply(fn, recurse)
+    for name, old in before.items():
+        new = module._buffers.get(name)
+        if new is not None and new.dtype not in (torch.float32, torch.float64):
+            module._buffers[name] = old.detach().to(device=new.device, dtype=torch.float32)
+    return module
+
+
 def channel_gains(weight: torch.Tensor, grid: Sequence[int], dilation=1) -> torch.Tensor:
     """``sqrt(sum_c |K_hat_{m,c}(w)|^2)``: the gain (singular value) of output channel ``m``'s row operator at
     each frequency of the circular grid; ConvNorm makes them ``sqrt(g^2 / (g^2 + eps))``, i.e. about 1."""
@@ -344,11 +359,13 @@ def _normalise(z: torch.Tensor, v: torch.Tensor, geo: ConvNormGeometry) -> torch
     up to 0.4 %, and inductor on CUDA has no half-precision FFT)."""
     d = len(geo.grid)
     z = z.to(_real_dtype(z.dtype))
+    keep = [slice(st, st + sd * (no - 1) + 1, sd) for st, sd, no in zip(geo.start, geo.stride, geo.output_size)]
+    if z.numel() == 0:  # an empty batch: the FFT libraries refuse empty transforms; the output is empty too
+        return z[(Ellipsis,) + tuple(keep)]
     spectrum = torch.fft.rfft(z, dim=-1)
     for dim in range(-d, -1):
         spectrum = torch.fft.fft(spectrum, dim=dim)
     spectrum = spectrum * v.to(z.dtype)
-    keep = [slice(st, st + sd * (no - 1) + 1, sd) for st, sd, no in zip(geo.start, geo.stride, geo.output_size)]
     for i, dim in enumerate(range(-d, -1)):
         spectrum = torch.fft.ifft(spectrum, dim=dim)
         if geo.output_size[i] != geo.grid[i]:  # a no-op slice would be an alias, which ONNX has no complex form of
@@ -370,6 +387,26 @@ def _caller(layer: nn.Module | None) -> str:
     return "conv_norm" if layer is None else layer_label(layer)
 
 
+def _batched_input(x: torch.Tensor, weight: torch.Tensor, groups: int, caller: str) -> tuple[torch.Tensor, bool]:
+    """``x`` with a batch dimension (added to an unbatched input) and whether it was added, after checking that it
+    is a floating-point input with the number of dimensions and channels the convolution takes."""
+    d = weight.ndim - 2
+    if not x.is_floating_point():
+        raise LayerArgumentError(f"{caller}: the input must be a real floating-point tensor (as for torch's "
+                                 f"convolutions), got dtype {x.dtype}; convert it first, e.g. x.float()")
+    unbatched = x.ndim == d + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    if x.ndim != d + 2:
+        raise LayerArgumentError(f"{caller}: expected a {d + 2}-D (batched) or {d + 1}-D (unbatched) input "
+                                 f"for a {d}-D convolution, got shape {tuple(x.shape)}")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise LayerArgumentError(f"{caller}: the input has {x.shape[1]} channels (shape {tuple(x.shape)}) "
+                                 f"where the convolution takes {weight.shape[1] * groups} (weight "
+                                 f"{tuple(weight.shape)}, groups={groups})")
+    return x, unbatched
+
+
 def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int, eps: float,
                padding_mode: str, v_for, layer: nn.Module | None = None) -> torch.Tensor:
     """Shared forward; ``v_for(grid, geometry)`` returns the filter for the grid (or ``None`` to compute it);
@@ -378,16 +415,7 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
     if padding_mode not in _PAD_MODES:
         raise LayerArgumentError(f"{_caller(layer)}: padding_mode must be one of {sorted(_PAD_MODES)}, got "
                                  f"{padding_mode!r}")
-    unbatched = x.ndim == d + 1
-    if unbatched:
-        x = x.unsqueeze(0)
-    if x.ndim != d + 2:
-        raise LayerArgumentError(f"{_caller(layer)}: expected a {d + 2}-D (batched) or {d + 1}-D (unbatched) input "
-                                 f"for a {d}-D convolution, got shape {tuple(x.shape)}")
-    if x.shape[1] != weight.shape[1] * groups:
-        raise LayerArgumentError(f"{_caller(layer)}: the input has {x.shape[1]} channels (shape {tuple(x.shape)}) "
-                                 f"where the convolution takes {weight.shape[1] * groups} (weight "
-                                 f"{tuple(weight.shape)}, groups={groups})")
+    x, unbatched = _batched_input(x, weight, groups, _caller(layer))
     ks = tuple(weight.shape[2:])
     dil = _ntuple(dilation, d, "dilation")
     if padding_mode != "zeros":
@@ -582,6 +610,9 @@ class ConvNormConvNd(nn.Module):
         pad the input first)."""
         conv = self.conv
         size = tuple(int(v) for v in input_size)
+        if len(size) != self._dims:
+            raise LayerArgumentError(f"{layer_label(self)}: input size {size} must have {self._dims} spatial "
+                                     f"sizes, one per spatial dimension of the convolution")
         padding = conv.padding
         if conv.padding_mode != "zeros":
             pads = _layer_pads(conv.padding, conv.kernel_size, conv.dilation)
@@ -612,6 +643,9 @@ class ConvNormConvNd(nn.Module):
             else:
                 running.lerp_(v.to(running.dtype), self.momentum)
         return v
+
+    def _apply(self, fn, recurse=True):
+        return _apply_keeping_filters_real(self, super()._apply, fn, recurse, _RUNNING_PREFIX)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -776,13 +810,18 @@ class FrozenConvNormNd(nn.Module):
             weight = weight.to(torch.float64) * channel_scale.to(weight.device, torch.float64).view(
                 (-1,) + (1,) * (d + 1))
         self.conv.weight.data.copy_(weight)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+        self.conv.weight.requires_grad_(conv.weight.requires_grad)  # a frozen (untrained) weight stays frozen
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(),
+                                                                requires_grad=conv.bias.requires_grad)
         self.affine = None if affine is None else copy.deepcopy(affine)
         self._sizes: dict[tuple[int, ...], tuple[int, ...] | None] = {}
         for grid, (size, v) in filters.items():
             grid = tuple(int(g) for g in grid)
             self.register_buffer(_FROZEN_PREFIX + "x".join(map(str, grid)), v)
             self._sizes[grid] = None if size is None else tuple(size)
+
+    def _apply(self, fn, recurse=True):
+        return _apply_keeping_filters_real(self, super()._apply, fn, recurse, _FROZEN_PREFIX)
 
     @property
     def grids(self) -> list[tuple[int, ...]]:
@@ -804,9 +843,7 @@ class FrozenConvNormNd(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self._dims
-        unbatched = x.ndim == d + 1
-        if unbatched:
-            x = x.unsqueeze(0)
+        x, unbatched = _batched_input(x, self.conv.weight, self.groups, layer_label(self))
         size = tuple(x.shape[2:])
         in_dtype = x.dtype
         work = _real_dtype(in_dtype)
