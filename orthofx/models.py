@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import operator
 import sys
 
 import torch
@@ -129,13 +130,25 @@ def _conv1x1(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, kernel_size=1, stride=stride, padding=0, bias=False)
 
 
+def _integer(value) -> int | None:
+    """``value`` as a Python int if it is an integer (numpy and torch integers too, as torch.nn layers accept;
+    never a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except (TypeError, ValueError, RuntimeError):  # no __index__, or a float / multi-element tensor's
+        return None
+
+
 def _positive(value: int, what: str, owner: str | None = None) -> int:
-    """``value`` if it is an int >= 1 (not a bool), else an ArgumentError naming ``owner`` (a class or function
-    name) and the argument ``what``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    """``value`` as an int if it is an integer >= 1 (not a bool), else an ArgumentError naming ``owner`` (a class
+    or function name) and the argument ``what``."""
+    number = _integer(value)
+    if number is None or number < 1:
         where = f"{owner}: " if owner else ""
         raise _error(f"{where}{what} must be a positive integer (>= 1), got {value!r}")
-    return value
+    return number
 
 
 def _number(value, what: str, owner: str, *, low: float, low_open: bool = False, high: float | None = None,
@@ -171,6 +184,16 @@ def _is_proxy(x) -> bool:
     """Whether ``x`` is a torch.fx Proxy (symbolic tracing): it has no concrete shape, so forward checks are
     skipped for it, as orthofx.nn's layers do (under torch.compile ``x`` is a fake tensor and the checks run)."""
     return isinstance(x, torch.fx.Proxy)
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 if it is float16 / bfloat16 (torch has no half-precision eigh), else unchanged.
+
+    Written as type promotion with a one-element float32 zero instead of a branch on ``t.dtype``, so that a
+    ``torch.fx`` trace records it (a branch would be resolved at trace time, and a traced graph moved to bfloat16
+    later would call eigh in bfloat16); ``new_zeros`` follows ``t``'s device and is no constant folded into a
+    graph. Adding zero leaves float32 and float64 values unchanged."""
+    return t + t.new_zeros((1,), dtype=torch.float32)
 
 
 def _tensor_input(x, owner: str) -> None:
@@ -412,6 +435,9 @@ class DecorrelatedBatchNorm2d(nn.Module):
     ``affine=True`` adds a per-channel ``weight`` (ones) and ``bias`` (zeros) after the whitening, as BatchNorm.
     ``eps * I`` is made from the covariance (``new_full`` + ``diag_embed``), so it follows its dtype and device
     and no constant tensor is folded into a traced graph; the module has no buffers besides the running ones.
+    Half-precision (float16 / bfloat16) covariances are decomposed in float32 (torch has no half-precision
+    ``eigh``) and the whitening matrix is rounded back to the input's dtype; the running statistics keep their own
+    dtype when the input's differs (``torch.autocast``, a float64 input to a float32 layer).
 
     Arguments: ``num_features`` C (a positive integer), ``eps`` (a finite number > 0: a covariance estimated
     from few samples is singular, and ``lambda^-1/2`` needs ``eps`` to stay finite), ``momentum`` (in [0, 1]) and
@@ -445,9 +471,9 @@ class DecorrelatedBatchNorm2d(nn.Module):
         return torch.diag_embed(like.new_full((self.num_features,), self.eps))
 
     def _whitening(self, sigma: torch.Tensor) -> torch.Tensor:
-        eig = torch.linalg.eigh(sigma)
+        eig = torch.linalg.eigh(_at_least_float32(sigma))
         evals, evecs = eig[0], eig[1]
-        return (evecs * evals.rsqrt().unsqueeze(0)) @ evecs.transpose(0, 1)
+        return ((evecs * evals.rsqrt().unsqueeze(0)) @ evecs.transpose(0, 1)).type_as(sigma)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if _is_proxy(x):
@@ -471,8 +497,9 @@ class DecorrelatedBatchNorm2d(nn.Module):
             mean = flat.mean(dim=1, keepdim=True)
             centred = flat - mean
             cov = (centred @ centred.transpose(0, 1)) / flat.size(1)
-            self.running_mean.lerp_(mean.detach().squeeze(1), self.momentum)
-            self.running_cov.lerp_(cov.detach(), self.momentum)
+            # type_as: the buffers keep their dtype when the input's differs (autocast, a float64 input)
+            self.running_mean.lerp_(mean.detach().squeeze(1).type_as(self.running_mean), self.momentum)
+            self.running_cov.lerp_(cov.detach().type_as(self.running_cov), self.momentum)
             sigma = cov + self._eps_identity(cov)
         else:
             # type_as(x) keeps the buffers as graph inputs under fx (instead of constants folded at trace time)
@@ -539,6 +566,7 @@ class CovariancePooling(nn.Module):
     ``lambda, V = torch.linalg.eigh(Sigma)`` and the output ``V diag(sqrt(clamp(lambda, min=0))) V^T``, of
     shape (B, C, C): the square root of ``Sigma``. ``eps`` defaults to 1e-5 (0 gives the root of ``cov``).
     ``eps * I`` is made from the covariance (``new_full`` + ``diag_embed``): no buffers, no traced constants.
+    Half-precision inputs are decomposed in float32 and the root is rounded back to the input's dtype.
 
     ``num_features`` C must be a positive integer and ``eps`` a finite number >= 0 (``orthofx.errors.ArgumentError``
     otherwise); an input that is not a real floating-point (B, C, ...) tensor with C channels and at least one
@@ -573,10 +601,10 @@ class CovariancePooling(nn.Module):
         centred = flat - flat.mean(dim=2, keepdim=True)
         cov = (centred @ centred.transpose(1, 2)) / flat.size(2)
         sigma = cov + torch.diag_embed(cov.new_full((self.num_features,), self.eps))
-        eig = torch.linalg.eigh(sigma)
+        eig = torch.linalg.eigh(_at_least_float32(sigma))
         evals, evecs = eig[0], eig[1]
         roots = torch.sqrt(torch.clamp(evals, min=0.0))
-        return (evecs * roots.unsqueeze(1)) @ evecs.transpose(1, 2)
+        return ((evecs * roots.unsqueeze(1)) @ evecs.transpose(1, 2)).type_as(sigma)
 
 
 class UpperTriangle(nn.Module):
@@ -793,10 +821,14 @@ def input_shape(name: str) -> tuple[int, ...]:
 def example_input(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
     """A float32 standard-normal batch ``(batch, *input_shape(name))`` from a private generator seeded ``seed``.
 
-    The global RNG is left untouched.
+    The global RNG is left untouched. ``batch`` must be a positive integer and ``seed`` an integer
+    (``orthofx.errors.ArgumentError`` otherwise).
     """
     shape = input_shape(name)
-    generator = torch.Generator().manual_seed(int(seed))
+    number = _integer(seed)
+    if number is None:
+        raise _error(f"example_input: seed must be an integer, got {seed!r}")
+    generator = torch.Generator().manual_seed(number)
     return torch.randn((_positive(batch, "batch", "example_input"),) + shape, generator=generator)
 
 

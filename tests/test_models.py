@@ -660,3 +660,89 @@ def test_package_module_is_this_file():
 
     assert pathlib.Path(package_models.__file__).resolve() == MODELS_PATH
     assert package_models.names() == models.names()
+
+
+# ------------------------------------------------------------------------------- audit: dtypes, mixed precision
+
+
+def _zca_reference(inp: torch.Tensor, eps: float) -> torch.Tensor:
+    """ZCA whitening of (B, C, H, W) with the batch's own statistics, in float64 (a dense reference)."""
+    x = inp.detach().double()
+    flat = x.transpose(0, 1).flatten(1)
+    centred = flat - flat.mean(dim=1, keepdim=True)
+    sigma = centred @ centred.T / flat.shape[1] + eps * torch.eye(flat.shape[0], dtype=torch.float64)
+    evals, evecs = torch.linalg.eigh(sigma)
+    white = evecs @ torch.diag(evals.rsqrt()) @ evecs.T @ centred
+    return white.reshape(x.shape[1], x.shape[0], *x.shape[2:]).transpose(0, 1)
+
+
+def test_dbn_trains_on_an_input_of_another_dtype_than_its_buffers():
+    """Under torch.autocast the conv feeding DBN returns bfloat16 while the running buffers stay float32; a
+    float64 input into a float32 layer is the same case. Training used to fail inside ``lerp_`` (raw RuntimeError
+    'expected dtype float for `end`') while eval accepted the input; the running statistics keep their dtype."""
+    torch.manual_seed(0)
+    layer = models.DecorrelatedBatchNorm2d(4, affine=False).train()
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    y = layer(x)
+    assert y.dtype == torch.float64 and layer.running_cov.dtype == torch.float32
+    torch.testing.assert_close(y, _zca_reference(x, layer.eps), atol=1e-6, rtol=1e-6)
+    m = layer.momentum
+    flat = x.transpose(0, 1).flatten(1)
+    torch.testing.assert_close(layer.running_mean.double(), m * flat.mean(dim=1), atol=1e-6, rtol=0)
+    centred = flat - flat.mean(dim=1, keepdim=True)
+    expected_cov = (1 - m) * torch.eye(4, dtype=torch.float64) + m * centred @ centred.T / flat.shape[1]
+    torch.testing.assert_close(layer.running_cov.double(), expected_cov, atol=1e-6, rtol=0)
+
+    model = build("dbn_cnn").train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(models.example_input("dbn_cnn", batch=8))
+    assert out.shape == (8, 10) and torch.isfinite(out).all()
+    assert model.dbn.running_cov.dtype == torch.float32 and not torch.equal(model.dbn.running_cov, torch.eye(8))
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_covariance_layers_run_in_half_precision(half):
+    """``model.to(torch.bfloat16)`` works for every built-in model; DBN and covariance pooling used to fail with a
+    raw NotImplementedError ('linalg_eigh_cpu' not implemented for 'BFloat16'). The eigendecomposition runs in
+    float32 and the result is rounded back; compared with float64 references computed from the same inputs."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 5, 5).to(half)
+    dbn = models.DecorrelatedBatchNorm2d(4, affine=False).to(half)
+    for training in (True, False):
+        y = dbn.train(training)(x)
+        assert y.dtype == half
+        if training:
+            torch.testing.assert_close(y.double(), _zca_reference(x, dbn.eps), atol=0.05, rtol=0.05)
+    pool = models.CovariancePooling(4).to(half)
+    root = pool(x)
+    assert root.dtype == half
+    flat = x.double().flatten(2)
+    centred = flat - flat.mean(dim=2, keepdim=True)
+    sigma = centred @ centred.transpose(1, 2) / flat.shape[2] + pool.eps * torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(root.double() @ root.double(), sigma, atol=0.05, rtol=0.05)
+    for name in ("dbn_cnn", "gcp_cnn"):
+        model = build(name).to(half)
+        for training in (True, False):
+            out = model.train(training)(models.example_input(name, batch=4).to(half))
+            assert out.dtype == half and torch.isfinite(out).all()
+        gm = torch.fx.symbolic_trace(copy.deepcopy(model).train())
+        assert gm(models.example_input(name, batch=4).to(half)).dtype == half
+
+
+def test_integer_like_arguments_are_accepted(errors):
+    """numpy and torch integers are positive integers (as torch.nn layers accept them): ``width=np.int64(4)`` was
+    refused with 'width must be a positive integer (>= 1), got np.int64(4)'."""
+    np = pytest.importorskip("numpy")
+    model = models.get("small_cnn", width=np.int64(4), num_classes=torch.tensor(3))
+    assert model.conv1.out_channels == 4 and model.fc.out_features == 3
+    assert type(model.fc.out_features) is int
+    assert models.example_input("small_cnn", batch=np.int32(3)).shape == (3, 1, 8, 8)
+    with pytest.raises(errors.ArgumentError, match="width must be a positive integer"):
+        models.get("small_cnn", width=torch.tensor(4.0))
+
+
+@pytest.mark.parametrize("seed", [1.7, "x", True, None])
+def test_example_input_seed_must_be_an_integer(errors, seed):
+    """seed=1.7 was silently truncated to 1 and seed='x' raised a raw int() ValueError."""
+    with pytest.raises(errors.ArgumentError, match="seed must be an integer"):
+        models.example_input("small_cnn", seed=seed)

@@ -37,9 +37,10 @@ Example::
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import nn
 
-from orthofx.errors import LayerArgumentError
+from orthofx.errors import LayerArgumentError, layer_label
 from orthofx.theory import _positive_int
 
 from .stiefel import orthonormal
@@ -50,13 +51,45 @@ __all__ = ["OrthogonalActivationBlock", "ReflectionResidualBlock", "ISOMETRIC_AC
 ISOMETRIC_ACTIVATIONS = ("abs", "identity", "relu")
 
 
-def _qf(raw: torch.Tensor) -> torch.Tensor:
+def _qf(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``qf(raw)`` (orthonormal columns) in ``raw``'s dtype. Half-precision parameters (``.half()``,
     ``.to(torch.bfloat16)``) are factored in float32 and rounded back: CPU QR has no float16 / bfloat16 kernel.
-    (Here and not in :func:`orthonormal`, which must stay free of dtype branches for symbolic tracing.)"""
-    if raw.dtype in (torch.float16, torch.bfloat16):
-        return orthonormal(raw.float(), tall=True).to(raw.dtype)
+    (Here and not in :func:`orthonormal`, which must stay free of dtype branches for symbolic tracing.)
+    ``dtype`` is the parameter's concrete dtype, passed separately: while ``torch.fx`` traces the forward,
+    ``raw`` is a Proxy whose ``dtype`` cannot decide a Python branch (the branch is resolved at trace time)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return orthonormal(raw.float(), tall=True).to(dtype)
     return orthonormal(raw, tall=True)
+
+
+def _raw_dtype(block: nn.Module) -> torch.dtype:
+    """The concrete dtype of ``block.raw``: read from ``_parameters``, which ``torch.fx``'s tracer does not turn
+    into a Proxy (``block.raw`` when a wrapper has replaced the parameter by a plain tensor attribute)."""
+    raw = block._parameters.get("raw")
+    return (raw if raw is not None else block.raw).dtype
+
+
+def _factory(device, dtype) -> dict:
+    """``device`` and ``dtype`` for the parameters; ``dtype`` must be a real floating-point ``torch.dtype``."""
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
+                              or dtype.is_complex):
+        raise LayerArgumentError(f"dtype must be a real floating-point torch.dtype (e.g. torch.float32), got "
+                                 f"{dtype!r}: the blocks' matrices are real orthogonal")
+    return {"device": device, "dtype": dtype}
+
+
+def _check_input(x: torch.Tensor, features: int, layer: nn.Module) -> None:
+    """Refuse an input whose last dimension is not ``features`` (a raw matmul error otherwise). Skipped while
+    ``torch.fx`` symbolically traces the forward (a Proxy has no concrete shape)."""
+    if isinstance(x, torch.fx.Proxy):
+        return
+    if not isinstance(x, torch.Tensor):
+        raise LayerArgumentError(f"{layer_label(layer)}: expected a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != features:
+        raise LayerArgumentError(
+            f"{layer_label(layer)} (features={features}): expected an input of shape (..., {features}), got shape "
+            f"{tuple(x.shape)}; pass inputs whose last dimension is {features}, or build the block with features "
+            "equal to the input's last dimension")
 
 
 class OrthogonalActivationBlock(nn.Module):
@@ -67,6 +100,9 @@ class OrthogonalActivationBlock(nn.Module):
         activation: ``"abs"`` (default), ``"identity"`` or ``"relu"`` (partial isometry only); see the module
             docstring.
         bias: learn ``b`` (initialised to zero).
+        device, dtype: of the parameters; ``dtype`` a real floating-point one.
+
+    An input whose last dimension is not ``features`` raises :class:`~orthofx.errors.LayerArgumentError`.
     """
 
     def __init__(self, features: int, activation: str = "abs", bias: bool = True,
@@ -78,16 +114,17 @@ class OrthogonalActivationBlock(nn.Module):
                                      f"of {', '.join(ISOMETRIC_ACTIVATIONS)} (|sigma'| = 1; relu gives a partial "
                                      "isometry)")
         self.activation = activation
-        factory = {"device": device, "dtype": dtype}
+        factory = _factory(device, dtype)
         self.raw = nn.Parameter(torch.randn(self.features, self.features, **factory))
         self.bias = nn.Parameter(torch.zeros(self.features, **factory)) if bias else None
 
     @property
     def weight(self) -> torch.Tensor:
         """The orthogonal matrix ``Q`` (``features x features``)."""
-        return _qf(self.raw)
+        return _qf(self.raw, _raw_dtype(self))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.features, self)
         z = x @ self.weight.transpose(0, 1)
         if self.bias is not None:
             z = z + self.bias
@@ -109,6 +146,9 @@ class ReflectionResidualBlock(nn.Module):
         features: input and output size.
         hidden: number of units, ``1 <= hidden <= features``.
         bias: learn ``b`` (initialised to zero).
+        device, dtype: of the parameters; ``dtype`` a real floating-point one.
+
+    An input whose last dimension is not ``features`` raises :class:`~orthofx.errors.LayerArgumentError`.
     """
 
     def __init__(self, features: int, hidden: int, bias: bool = True, device=None, dtype=None):
@@ -118,17 +158,18 @@ class ReflectionResidualBlock(nn.Module):
         if self.hidden > self.features:
             raise LayerArgumentError(f"ReflectionResidualBlock: hidden ({hidden}) must not exceed features "
                                      f"({features}): W needs orthonormal rows; pass hidden <= {self.features}")
-        factory = {"device": device, "dtype": dtype}
+        factory = _factory(device, dtype)
         self.raw = nn.Parameter(torch.randn(self.features, self.hidden, **factory))  # W^T = qf(raw)
         self.bias = nn.Parameter(torch.zeros(self.hidden, **factory)) if bias else None
 
     @property
     def weight(self) -> torch.Tensor:
         """``W`` (``hidden x features``, orthonormal rows)."""
-        return _qf(self.raw).transpose(0, 1)
+        return _qf(self.raw, _raw_dtype(self)).transpose(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wt = _qf(self.raw)  # features x hidden, = W^T
+        _check_input(x, self.features, self)
+        wt = _qf(self.raw, _raw_dtype(self))  # features x hidden, = W^T
         z = x @ wt
         if self.bias is not None:
             z = z + self.bias
