@@ -631,3 +631,23 @@ def test_every_preset_validates_and_round_trips(name):
     assert p.rules and p.source == f"<preset:{name}>"
     assert Policy.from_yaml(p.to_yaml()) == p and Policy.from_dict(p.to_dict()) == p
     assert Policy.load(name) == p and Policy.load(p.to_dict()) == p
+
+
+def test_presets_cover_3d_and_transposed_convs():
+    """lorth puts L_orth on Conv3d and ConvTranspose layers; orthogonal (no hard layer exists for them) too;
+    isometric gives the Conv3d a delta-orthogonal kernel."""
+    import orthofx
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.Flatten(1, 2), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.ConvTranspose2d(16, 3, 2, stride=2))
+    x = torch.randn(1, 2, 4, 4, 4)
+    for preset in ("lorth", "orthogonal"):
+        terms = orthofx.penalty_terms(orthofx.transform(model, preset, example_inputs=(x,)))
+        expected = {"0", "2", "3"} if preset == "lorth" else {"0", "3"}  # orthogonal: the Conv2d is a hard layer
+        assert {key.split("/")[1] for key in terms} == expected, preset
+        assert all(float(value) > 0 for value in terms.values())
+    gm = orthofx.transform(model, "isometric", example_inputs=(x,))
+    change = [c for c in orthofx.manifest_of(gm).changes if c.site == "0"][0]
+    assert "delta-orthogonal" in change.what and change.after["lorth"] < 1e-10

@@ -483,6 +483,24 @@ def test_only_square_and_init_keep():
     assert not orthofx.manifest_of(gm).optimizer_hooks
 
 
+def test_conv3d_weight_stays_on_the_stiefel_manifold():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 4, 2), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(3, 2, 3, 3, 3)
+    gm = orthofx.transform(model, {"rules": [{"match": {"type": "Conv3d"}, "apply": "riemannian"}]},
+                           example_inputs=(x,))
+    matrix = lambda: stiefel.flatten_weight(gm.get_submodule("0").weight.detach())
+    assert matrix().shape == (4, 16) and float(stiefel.orthogonality_defect(matrix())) < 1e-6  # projected
+    start = matrix().clone()
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
+    orthofx.attach(optimizer, gm)
+    for _ in range(5):
+        optimizer.zero_grad()
+        gm(x).square().mean().backward()
+        optimizer.step()
+    assert float((matrix() - start).abs().max()) > 1e-3 and float(stiefel.orthogonality_defect(matrix())) < 1e-5
+
+
 def test_grouped_conv_is_constrained_per_group_and_layers_without_gradient_are_left_alone():
     class Grouped(nn.Module):
         def __init__(self):
@@ -655,7 +673,7 @@ def test_riemannian_rejects_other_layers():
 # ---------------------------------------------------------------------------------- isometric init
 
 def isometric(**params):
-    return {"rules": [{"match": {"type": ["Linear", "Conv1d", "Conv2d"]}, "apply": "isometric_init",
+    return {"rules": [{"match": {"type": ["Linear", "Conv1d", "Conv2d", "Conv3d"]}, "apply": "isometric_init",
                        "with": params}]}
 
 
@@ -760,12 +778,15 @@ def _exactly_orthogonal(layer, size):
     nn.Conv2d(8, 4, 1, stride=2),               # k < S: part of each block, rows orthonormal
     nn.Conv1d(3, 5, 5, stride=3, padding=1),
     nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2),
-], ids=["resnet", "square", "co", "k<S", "conv1d", "grouped"])
+    nn.Conv3d(2, 8, 3, stride=(1, 2, 2), padding=1),  # taps 1..1 x 1..2 x 1..2: a 2 * 4 -> 8 square matrix
+    nn.Conv3d(3, 3, 3, padding=1, groups=3),          # depthwise, stride 1: the centre tap
+], ids=["resnet", "square", "co", "k<S", "conv1d", "grouped", "conv3d", "conv3d-depthwise"])
 def test_isometric_init_of_strided_convs_is_exactly_orthogonal(conv):
     gm = orthofx.transform(nn.Sequential(conv.double()), isometric(seed=0))
     layer = gm.get_submodule("0")
     assert orthofx.manifest_of(gm).changes[0].after["exact"] is True
-    assert _exactly_orthogonal(layer, (6,) * (layer.weight.dim() - 2))
+    assert orthofx.manifest_of(gm).changes[0].after["lorth"] < 1e-20
+    assert _exactly_orthogonal(layer, (6,) * (layer.weight.dim() - 2) if layer.weight.dim() < 5 else (4, 4, 4))
 
 
 def test_isometric_init_says_where_the_layer_is_not_exact():

@@ -4,7 +4,7 @@ At transform time each selected layer's weight is overwritten (the graph is not 
 
 * Linear ``(out, in)``: ``W = scale * Q`` with ``Q`` a Haar-random orthonormal matrix, orthonormal columns when
   ``out >= in`` and orthonormal rows when ``out < in`` (the convention of :mod:`orthofx.nn.stiefel`);
-* Conv1d / Conv2d ``(out, in / groups, *kernel)``: *delta-orthogonal*: the kernel is zero except on the taps that
+* Conv1d / Conv2d / Conv3d ``(out, in / groups, *kernel)``: *delta-orthogonal*: the kernel is zero except on the taps that
   read one block of ``S`` inputs per output position (``S`` the stride; one tap at stride 1), which hold
   ``scale * Q`` with ``Q`` Haar-random of shape ``(out / groups, in / groups * S^d)`` per group (rows or columns
   orthonormal by that shape). Output position ``o`` reads input ``S o - p + t d`` at tap ``t`` (padding ``p`` on
@@ -68,7 +68,7 @@ from .registry import register_pass
 
 __all__ = ["IsometricInit", "activation_gain", "delta_orthogonal_", "delta_taps", "orthogonal_"]
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _ACTIVATIONS = ("linear", "relu", "tanh", "abs")
 
 
@@ -166,7 +166,7 @@ def delta_taps(conv: nn.Module) -> tuple[tuple[tuple[int, int], ...], bool]:
 
 @register_pass
 class IsometricInit(Pass):
-    """Orthogonal (Linear) and delta-orthogonal (Conv1d/Conv2d) initialisation, scaled by ``gain`` and the
+    """Orthogonal (Linear) and delta-orthogonal (Conv1d/Conv2d/Conv3d) initialisation, scaled by ``gain`` and the
     activation's gain, so each layer's Jacobian has all singular values equal to that scale."""
 
     name = "isometric_init"
@@ -179,7 +179,7 @@ class IsometricInit(Pass):
               maximum=2**63 - 1),  # what torch.Generator.manual_seed accepts
     )
     site_kinds = frozenset({"module"})
-    module_types = (nn.Linear, nn.Conv1d, nn.Conv2d)
+    module_types = (nn.Linear,) + _CONV_TYPES
     group = "init"
     needs_original_module = True
 

@@ -1,4 +1,4 @@
-"""Pass ``riemannian``: train Linear / Conv1d / Conv2d weights on the Stiefel manifold (P1).
+"""Pass ``riemannian``: train Linear / Conv1d / Conv2d / Conv3d weights on the Stiefel manifold (P1).
 
 The graph is not changed. At transform time the pass (optionally) projects each selected weight onto the
 manifold and records a :class:`StiefelHook` per constrained layer; ``orthofx.attach(optimizer, gm)`` runs the
@@ -92,7 +92,7 @@ from .registry import register_pass
 
 __all__ = ["Riemannian", "StiefelHook"]
 
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Optimizer state entries that hold a first moment (a direction) and are projected with ``momentum: project``.
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
 
@@ -103,7 +103,7 @@ def _not_square(module: nn.Module) -> str | None:
 
 
 def _groups(module: nn.Module) -> int:
-    return getattr(module, "groups", 1) if isinstance(module, (nn.Conv1d, nn.Conv2d)) else 1
+    return getattr(module, "groups", 1) if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else 1
 
 
 class StiefelHook(OptimizerHook):
