@@ -289,10 +289,13 @@ class ResNet(nn.Module):
                 or isinstance(expansion, bool) or expansion < 1):
             raise _error(f"{owner}: block must be an nn.Module subclass with an integer class attribute expansion "
                          f">= 1 (e.g. BasicBlock or Bottleneck), got {block!r}")
-        if (isinstance(layers, (str, bytes)) or not hasattr(layers, "__len__") or len(layers) != 4
-                or any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in layers)):
+        counts = None
+        if not isinstance(layers, (str, bytes)) and hasattr(layers, "__len__") and len(layers) == 4:
+            counts = [_integer(n) for n in layers]  # numpy / torch integers too, like the other arguments
+        if counts is None or any(n is None or n < 0 for n in counts):
             raise _error(f"{owner}: layers must be 4 integers >= 0 (the number of blocks in layer1 .. layer4, "
                          f"e.g. [2, 2, 2, 2]), got {layers!r}")
+        layers = counts
         width = _positive(width, "width", owner)
         num_classes = _positive(num_classes, "num_classes", owner)
         in_channels = _positive(in_channels, "in_channels", owner)

@@ -739,6 +739,11 @@ def test_integer_like_arguments_are_accepted(errors):
     assert models.example_input("small_cnn", batch=np.int32(3)).shape == (3, 1, 8, 8)
     with pytest.raises(errors.ArgumentError, match="width must be a positive integer"):
         models.get("small_cnn", width=torch.tensor(4.0))
+    resnet = models.ResNet(models.BasicBlock, np.array([1, 0, 1, 0]), width=4)  # refused before
+    assert [len(stage) for stage in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)] == [1, 0, 1, 0]
+    for bad in (np.array([1.5, 0, 1, 0]), [1, 0, True, 0], [1, -1, 1, 0]):
+        with pytest.raises(errors.ArgumentError, match="layers must be 4 integers"):
+            models.ResNet(models.BasicBlock, bad, width=4)
 
 
 @pytest.mark.parametrize("seed", [1.7, "x", True, None])
