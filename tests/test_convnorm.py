@@ -874,3 +874,15 @@ def test_running_filters_stay_float32_when_the_layer_is_cast_to_half():
     assert frozen(x.bfloat16()).dtype == torch.bfloat16
     frozen.double()
     assert frozen.filter_for((10, 10)).dtype == torch.float64
+
+
+def test_compiles_with_dynamic_shapes_in_one_graph():
+    """torch.compile(dynamic=True) makes the float eps symbolic; the forward no longer re-checks it with
+    math.isfinite (a graph break, an error under fullgraph=True). Two input sizes, one compiled function, both
+    equal to eager."""
+    torch.manual_seed(0)
+    layer = ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1))
+    compiled = torch.compile(layer, dynamic=True, fullgraph=True, backend="eager")
+    for n in (8, 10):
+        x = torch.randn(2, 3, n, n + 1)
+        torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=1e-6)

@@ -303,7 +303,14 @@ def convnorm_filter(weight: torch.Tensor, grid: Sequence[int], dilation=1, eps: 
     Returns a real tensor of shape ``(M, L_1, ..., L_{d-1}, L_d // 2 + 1)`` (the ``rfftn`` half spectrum), dtype
     float32 or float64 like the weight (half precision weights give float32), no gradient.
     """
-    return (_power(weight, grid, dilation) + _checked_eps(eps)).rsqrt()
+    return _filter(weight, grid, dilation, _checked_eps(eps))
+
+
+def _filter(weight: torch.Tensor, grid: Sequence[int], dilation, eps: float) -> torch.Tensor:
+    """:func:`convnorm_filter` for an ``eps`` checked already (by the layer's constructor, or by
+    :func:`conv_norm`'s entry): in the forward, where ``torch.compile(dynamic=True)`` makes a float attribute
+    symbolic and ``math.isfinite`` cannot take it."""
+    return (_power(weight, grid, dilation) + eps).rsqrt()
 
 
 def _checked_eps(eps) -> float:
@@ -437,7 +444,7 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
         else:
             z = _CONV_FN[d](F.pad(xw, flat_pads(list(zip(geo.pad_left, geo.pad_right)))), w, None, 1, 0, dil, groups)
         if v is None:
-            v = convnorm_filter(weight, geo.grid, dil, eps)
+            v = _filter(weight, geo.grid, dil, eps)
         y = _normalise(z, v, geo)
     if bias is not None:
         y = y + bias.to(work).view((1, -1) + (1,) * d)
@@ -624,7 +631,7 @@ class ConvNormConvNd(nn.Module):
         """The ``V`` the current mode applies for a spatial input size (running in eval when kept)."""
         geo = self.geometry(input_size)
         v = None if self.training or self.momentum is None else self.running_filter(geo.grid)
-        return convnorm_filter(self.conv.weight, geo.grid, self.conv.dilation, self.eps) if v is None else v
+        return _filter(self.conv.weight, geo.grid, self.conv.dilation, self.eps) if v is None else v
 
     def _v_for(self, grid, geo) -> torch.Tensor | None:
         if self.momentum is None:
@@ -633,7 +640,7 @@ class ConvNormConvNd(nn.Module):
         running = self._buffers.get(name)
         if not self.training:
             return running
-        v = convnorm_filter(self.conv.weight, grid, self.conv.dilation, self.eps)
+        v = _filter(self.conv.weight, grid, self.conv.dilation, self.eps)
         with torch.no_grad():
             if running is None or running.shape != v.shape:
                 # a buffer made under inference_mode would be an inference tensor, which later training steps
@@ -704,7 +711,7 @@ class ConvNormConvNd(nn.Module):
         for grid, size in grids.items():
             v = self.running_filter(grid) if self.momentum is not None else None
             if v is None:
-                v = convnorm_filter(self.conv.weight, grid, self.conv.dilation, self.eps)
+                v = _filter(self.conv.weight, grid, self.conv.dilation, self.eps)
             filters[grid] = (size, v.detach().clone())
         frozen = FrozenConvNormNd(self.conv, filters, self.affine)
         frozen.train(self.training)
