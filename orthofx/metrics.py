@@ -325,7 +325,7 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
     d = _check_conv_weight(weight, "lorth")
     strides = _tuple(stride, d, "stride")
     dilations = _tuple(dilation, d, "dilation")
-    weight = dilated_kernel(weight, tuple(D if s > 1 else 1 for D, s in zip(dilations, strides)))
+    weight = _dilate(weight, tuple(D if s > 1 else 1 for D, s in zip(dilations, strides)))
     g = _groups(weight, groups)
     M, Cg = weight.shape[:2]
     ks = tuple(weight.shape[2:])
@@ -364,7 +364,11 @@ def dilated_kernel(weight: torch.Tensor, dilation) -> torch.Tensor:
     tensor([[[1., 0., 0., 2.]]])
     """
     d = _check_conv_weight(weight, "dilated_kernel")
-    dilations = _tuple(dilation, d, "dilation")
+    return _dilate(weight, _tuple(dilation, d, "dilation"))
+
+
+def _dilate(weight: torch.Tensor, dilations: tuple[int, ...]) -> torch.Tensor:
+    """:func:`dilated_kernel` of a checked weight and per-dimension dilations."""
     if all(D == 1 for D in dilations):
         return weight
     size = [(k - 1) * D + 1 for k, D in zip(weight.shape[2:], dilations)]

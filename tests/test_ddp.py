@@ -160,11 +160,25 @@ def _orthogonality(gm) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------- worker side
 
+def _train(scenario: str, model, optimizer, data) -> tuple[list[float], list[list[float]]]:
+    """One replica's training: loss + ``orthofx.penalty(model)`` per step of ``data``; (losses, OLR lrs)."""
+    import orthofx
+
+    losses, olr = [], []
+    for x, target in data:
+        loss = _loss(scenario, model(x), target) + orthofx.penalty(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        olr.append(_olr_lrs(optimizer))
+    return losses, olr
+
+
 def _run_fsdp(scenario: str, rank: int) -> dict:
     """The scenario under FSDP2: ``fully_shard`` on each layer the graph calls and on the root (each rank owning
     half of every parameter; the layers' parameters are resharded after their forward, so the penalty and the
     hooks meet sharded DTensors); what is compared is the whole parameters gathered at the end."""
-    import orthofx
     from orthofx.passes.base import whole
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -180,14 +194,7 @@ def _run_fsdp(scenario: str, rank: int) -> dict:
     fully_shard(gm, mesh=mesh)
     sharded = [type(p).__name__ for p in gm.parameters()]
     optimizer, handle = _optimizer(scenario, gm, gm.parameters())
-    losses, olr = [], []
-    for x, target in _data(scenario, rank):
-        loss = _loss(scenario, gm(x), target) + orthofx.penalty(gm)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        olr.append(_olr_lrs(optimizer))
+    losses, olr = _train(scenario, gm, optimizer, _data(scenario, rank))
     params = {k: whole(v).detach().clone() for k, v in gm.named_parameters()}
     plain, _ = _build(scenario)  # the gathered weights in an unsharded copy, to measure orthogonality on
     plain.load_state_dict(params, strict=False)
@@ -205,14 +212,7 @@ def _run(scenario: str, rank: int) -> dict:
     ddp = DDP(gm)
     optimizer, handle = _optimizer(scenario, ddp, ddp.parameters())
     data = _data(scenario, rank)
-    losses, olr = [], []
-    for x, target in data:
-        loss = _loss(scenario, ddp(x), target) + orthofx.penalty(ddp)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        olr.append(_olr_lrs(optimizer))
+    losses, olr = _train(scenario, ddp, optimizer, data)
     params = {k: v.detach().clone() for k, v in gm.named_parameters()}
     moved = max(float((params[k] - initial[k]).abs().max()) for k in params)
     fixed = torch.randn(shape, generator=torch.Generator().manual_seed(7))
