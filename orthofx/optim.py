@@ -29,6 +29,7 @@ from torch import nn
 
 from .capture import unwrap_model
 from .errors import OrthofxError
+from .passes.base import refuse_fsdp1
 from .transform import manifest_of
 
 __all__ = ["attach", "AttachHandle"]
@@ -148,6 +149,10 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     owned = _optimizer_parameters(optimizer)
     for hook in hooks:
         module = root.get_submodule(hook.site)
+        for name in hook.parameter_names:
+            parameter = getattr(module, name, None)
+            if isinstance(parameter, torch.Tensor):
+                refuse_fsdp1(parameter, f"site '{hook.site}' (rule '{hook.rule}'): {type(hook).__name__}")
         missing = [name for name in hook.parameter_names
                    if id(getattr(module, name, None)) not in owned]
         if missing:

@@ -1,4 +1,4 @@
-"""Transformed models under DistributedDataParallel and FSDP2 (``fully_shard``): gloo, 2 processes on 127.0.0.1.
+"""Transformed models under DistributedDataParallel, FSDP2 (``fully_shard``) and FSDP1: gloo, 2 processes on 127.0.0.1.
 
 One ``torch.multiprocessing.spawn`` runs every scenario in one process group (startup is the expensive part);
 each rank trains ``STEPS`` SGD steps on its own data and writes what it ends with (parameters, buffers, the data
@@ -34,9 +34,12 @@ For each scenario the tests check that
   reference.
 
 Each scenario runs again under FSDP2 (``test_fsdp2_training_matches_single_process``): the same data, the same
-references and sensitivity checks, on the whole parameters gathered at the end.
+references and sensitivity checks, on the whole parameters gathered at the end. Four run under FSDP2 with a bf16
+``MixedPrecisionPolicy`` against a single-process bf16 reference (``_mixed_step``; equal to it bitwise, 7e-5 to
+2e-4 away from the float32 result), and under the older ``FullyShardedDataParallel`` (FSDP1) the orthogonal and
+Jacobian scenarios train like the reference while the others are refused with orthofx's error.
 
-About 10-15 s in all on two busy cores (two interpreters importing torch; the references take ~1.5 s), so not
+About 15-30 s in all on two busy cores (two interpreters importing torch; the references take ~1.5 s), so not
 marked slow. Nothing can hang: the process group is
 rendezvoused through a file in ``tmp_path`` (no TCP port to pick, so no port race), ``init_process_group`` has a
 60 s timeout that also bounds every collective, each worker destroys its process group in ``finally``, and the
@@ -76,6 +79,15 @@ SPECS = {
     "dbn": ("dbn_cnn", {"width": 4}, 8, "svd", True, 0.9, "mean"),
 }
 SCENARIOS = tuple(SPECS)
+# FSDP1 trains the scenarios whose orthogonality lives in the forward, and must refuse the others' (see _run_fsdp1)
+FSDP1_TRAINS = ("orthogonal", "jacobian")
+FSDP1_SCENARIOS = ("orthogonal", "jacobian", "lorth", "riemannian", "pre_svd")
+# FSDP2 with a bf16 MixedPrecisionPolicy (the models without BatchNorm: torch's CPU batch_norm refuses bf16
+# parameters with float32 running statistics, with or without orthofx)
+MIXED_SCENARIOS = ("lorth", "orthogonal", "riemannian", "jacobian")
+# the mixed-precision result against its own reference, and how far it must be from the float32 one (bf16
+# forward and backward move the weights by about 1e-3 in these runs; see test_fsdp2_mixed_precision_...)
+MIXED_ATOL = 1e-6
 
 
 # ------------------------------------------------------------------------------------- shared by both sides
@@ -175,23 +187,27 @@ def _train(scenario: str, model, optimizer, data) -> tuple[list[float], list[lis
     return losses, olr
 
 
-def _run_fsdp(scenario: str, rank: int) -> dict:
+def _run_fsdp(scenario: str, rank: int, mixed: bool = False) -> dict:
     """The scenario under FSDP2: ``fully_shard`` on each layer the graph calls and on the root (each rank owning
     half of every parameter; the layers' parameters are resharded after their forward, so the penalty and the
-    hooks meet sharded DTensors); what is compared is the whole parameters gathered at the end."""
+    hooks meet sharded DTensors); what is compared is the whole parameters gathered at the end. ``mixed``: with
+    ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` (forward and backward on bf16 copies
+    of the parameters, float32 sharded parameters, gradients and optimizer steps)."""
     from orthofx.passes.base import whole
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     gm, _ = _build(scenario)
     mesh = init_device_mesh("cpu", (WORLD,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else None
+    options = {"mesh": mesh} if policy is None else {"mesh": mesh, "mp_policy": policy}
     graphs = [gm.graph] + ([gm.other_graph] if hasattr(gm, "other_graph") else [])
     called = sorted({node.target for graph in graphs for node in graph.nodes if node.op == "call_module"})
     for name in called:
         layer = gm.get_submodule(name)
         if next(layer.parameters(recurse=False), None) is not None:
-            fully_shard(layer, mesh=mesh)
-    fully_shard(gm, mesh=mesh)
+            fully_shard(layer, **options)
+    fully_shard(gm, **options)
     sharded = [type(p).__name__ for p in gm.parameters()]
     optimizer, handle = _optimizer(scenario, gm, gm.parameters())
     losses, olr = _train(scenario, gm, optimizer, _data(scenario, rank))
@@ -201,6 +217,39 @@ def _run_fsdp(scenario: str, rank: int) -> dict:
     return {"params": params, "losses": losses, "olr": olr, "sharded": sharded,
             "orthogonality": _orthogonality(plain),
             "hooks": [type(h).__name__ for h in (handle.hooks if handle is not None else [])]}
+
+
+def _run_fsdp1(scenario: str, rank: int) -> dict:
+    """The scenario under the older ``FullyShardedDataParallel`` on the CPU (root wrapped, original parameters
+    exposed). What works inside the forward (hard orthogonal layers, the Jacobian penalty) trains; what reads
+    whole weights outside it (the L_orth penalty, the optimizer hooks) must be refused with orthofx's error, with
+    the flattened views of ``use_orig_params=True`` and of the default alike."""
+    import orthofx
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if scenario not in FSDP1_TRAINS:
+        refusals = {}
+        for use_orig_params in (True, False):
+            gm, shape = _build(scenario)
+            model = FSDP(gm, device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+            optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+            try:
+                if SPECS[scenario][4]:
+                    orthofx.attach(optimizer, model)
+                else:
+                    model(torch.randn(shape))
+                    orthofx.penalty(model)
+            except orthofx.OrthofxError as error:
+                refusals[use_orig_params] = str(error)
+        return {"refusals": refusals}
+    gm, _ = _build(scenario)
+    model = FSDP(gm, device_id=torch.device("cpu"), use_orig_params=True)
+    optimizer, handle = _optimizer(scenario, model, model.parameters())
+    losses, olr = _train(scenario, model, optimizer, _data(scenario, rank))
+    with FSDP.summon_full_params(model):
+        params = {k: v.detach().clone() for k, v in gm.named_parameters()}
+        orthogonality = _orthogonality(gm)
+    return {"params": params, "losses": losses, "orthogonality": orthogonality}
 
 
 def _run(scenario: str, rank: int) -> dict:
@@ -240,8 +289,8 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
     try:
-        for wrapper, run in (("ddp", _run), ("fsdp", _run_fsdp)):
-            for scenario in SCENARIOS:
+        for wrapper, run, scenarios in WRAPPERS:
+            for scenario in scenarios:
                 try:
                     result = run(scenario, rank)
                 except Exception:  # noqa: BLE001 - reported to the test, which fails with the traceback
@@ -250,6 +299,14 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
                 dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _run_fsdp_mixed(scenario: str, rank: int) -> dict:
+    return _run_fsdp(scenario, rank, mixed=True)
+
+
+WRAPPERS = (("ddp", _run, SCENARIOS), ("fsdp", _run_fsdp, SCENARIOS), ("fsdp1", _run_fsdp1, FSDP1_SCENARIOS),
+            ("fsdp_mixed", _run_fsdp_mixed, MIXED_SCENARIOS))
 
 
 # --------------------------------------------------------------------------------------------- test side
@@ -282,8 +339,8 @@ def all_results(tmp_path_factory):
                 process.terminate()
                 process.join(5)
     return {wrapper: {scenario: [torch.load(out_dir / f"{wrapper}_{scenario}_rank{r}.pt", weights_only=False)
-                                 for r in range(WORLD)] for scenario in SCENARIOS}
-            for wrapper in ("ddp", "fsdp")}
+                                 for r in range(WORLD)] for scenario in scenarios}
+            for wrapper, _, scenarios in WRAPPERS}
 
 
 @pytest.fixture(scope="module")
@@ -301,10 +358,38 @@ def references(ddp_results):
     return get
 
 
-def _reference(scenario, data, *, penalty_scale: float = 1.0, hooks: bool = True) -> dict:
+def _mixed_step(scenario, gm, low, step, penalty_scale: float) -> None:
+    """The gradients of one FSDP2 mixed-precision step, into ``gm``'s float32 parameters: each replica's forward
+    and backward on a bf16 copy of the parameters (``low``) and a bf16 input, its gradients cast to float32 and
+    averaged over replicas; the Jacobian penalty is estimated in that bf16 forward, the weight penalties
+    (L_orth) are taken on the float32 parameters, as FSDP2 keeps them outside the forward."""
+    import orthofx
+
+    low_params = dict(low.named_parameters())
+    for name, p in gm.named_parameters():
+        low_params[name].data = p.detach().to(torch.bfloat16)
+    in_forward = SPECS[scenario][3] == "jacobian"
+    for x, target in step:
+        low.zero_grad(set_to_none=True)
+        loss = _loss(scenario, low(x.to(torch.bfloat16)), target)
+        if in_forward:
+            loss = loss + penalty_scale * orthofx.penalty(low)
+        loss.backward()
+        for name, p in gm.named_parameters():
+            grad = low_params[name].grad
+            if grad is not None:
+                grad = grad.float() / len(step)
+                p.grad = grad if p.grad is None else p.grad + grad
+    penalty = orthofx.penalty(gm)
+    if not in_forward and penalty.requires_grad:  # (without terms the penalty is a constant zero)
+        (penalty_scale * penalty).backward()
+
+
+def _reference(scenario, data, *, penalty_scale: float = 1.0, hooks: bool = True, mixed: bool = False) -> dict:
     """Train the scenario's model in this process on both replicas' data: on the concatenated batch, or on the
-    mean of the per-replica losses (see the module docstring). ``penalty_scale`` and ``hooks=False`` give the
-    wrong results a broken DDP integration would produce (used to check the comparison's sensitivity)."""
+    mean of the per-replica losses (see the module docstring); ``mixed``: FSDP2's bf16 mixed precision
+    (:func:`_mixed_step`). ``penalty_scale`` and ``hooks=False`` give the wrong results a broken DDP integration
+    would produce (used to check the comparison's sensitivity)."""
     import orthofx
 
     batching = SPECS[scenario][-1]
@@ -312,11 +397,18 @@ def _reference(scenario, data, *, penalty_scale: float = 1.0, hooks: bool = True
     torch.set_num_threads(1)
     try:
         gm, _ = _build(scenario)
+        low = _build(scenario)[0] if mixed else None
         optimizer = torch.optim.SGD(gm.parameters(), lr=LR, momentum=SPECS[scenario][5])
         if SPECS[scenario][4] and hooks:
             orthofx.attach(optimizer, gm)
         olr = []
         for step in zip(*data):
+            if mixed:
+                optimizer.zero_grad(set_to_none=True)
+                _mixed_step(scenario, gm, low, step, penalty_scale)
+                optimizer.step()
+                olr.append(_olr_lrs(optimizer))
+                continue
             if batching == "concat":
                 x = torch.cat([x for x, _ in step])
                 target = torch.cat([t for _, t in step])
@@ -483,3 +575,59 @@ def test_fsdp2_training_matches_single_process(scenario, fsdp_results, reference
     if scenario in ("orthogonal", "riemannian"):
         for rank in ranks:
             assert rank["orthogonality"] and max(rank["orthogonality"].values()) <= 1e-5, rank["orthogonality"]
+
+
+@pytest.mark.parametrize("scenario", MIXED_SCENARIOS)
+def test_fsdp2_mixed_precision_matches_a_bf16_reference(scenario, all_results, references):
+    """FSDP2 with a bf16 ``MixedPrecisionPolicy``: the result is the single-process computation with bf16
+    forward and backward and float32 weights, penalties on the float32 weights and hooks (:func:`_mixed_step`);
+    it is far from the float32 result (so bf16 was really used); orthogonal layers and Riemannian weights (the
+    float32 sharded parameters) stay orthogonal to float32 accuracy."""
+    ranks = _replicas(all_results["fsdp_mixed"], scenario)
+    first, second = ranks[0]["params"], ranks[1]["params"]
+    assert not [k for k in first if not torch.equal(first[k], second[k])]
+    assert all(v.dtype == torch.float32 for v in first.values())
+    mixed = references(scenario, mixed=True)
+    diff = _max_diff(first, mixed["params"])
+    assert diff <= MIXED_ATOL, f"{scenario}: FSDP2 mixed precision differs from its reference by {diff:.2e}"
+    away = _max_diff(first, references(scenario)["params"])
+    assert away > 20 * MIXED_ATOL, f"{scenario}: the bf16 run is {away:.2e} from the float32 one"
+    if SPECS[scenario][4]:
+        assert ranks[0]["hooks"]
+        assert _max_diff(first, references(scenario, mixed=True, hooks=False)["params"]) > 20 * MIXED_ATOL
+    if SPECS[scenario][3] in ("lorth", "jacobian"):
+        assert _max_diff(first, references(scenario, mixed=True, penalty_scale=2.0)["params"]) > 20 * MIXED_ATOL
+    if scenario in ("orthogonal", "riemannian"):
+        for rank in ranks:
+            assert rank["orthogonality"] and max(rank["orthogonality"].values()) <= 1e-5, rank["orthogonality"]
+
+
+# ------------------------------------------------------------------------------------------------ FSDP1
+
+@pytest.mark.parametrize("scenario", FSDP1_TRAINS)
+def test_fsdp1_trains_what_works_in_the_forward(scenario, all_results, references):
+    """Under the older ``FullyShardedDataParallel`` the hard orthogonal layers and the Jacobian penalty (both
+    computed inside the forward, where FSDP1 has unsharded the weights) give the single-process reference."""
+    ranks = _replicas(all_results["fsdp1"], scenario)
+    first, second = ranks[0]["params"], ranks[1]["params"]
+    assert first and not [k for k in first if not torch.equal(first[k], second[k])]
+    assert ranks[0]["losses"] != ranks[1]["losses"]
+    _assert_matches_reference(ranks, references(scenario))
+    if scenario == "jacobian":
+        _assert_sensitive(ranks, references(scenario, penalty_scale=0.5), "the penalty on one rank only")
+        _assert_sensitive(ranks, references(scenario, penalty_scale=2.0), "the penalty summed over ranks")
+    else:
+        for rank in ranks:
+            assert rank["orthogonality"] and max(rank["orthogonality"].values()) <= 1e-5, rank["orthogonality"]
+
+
+@pytest.mark.parametrize("scenario", [s for s in FSDP1_SCENARIOS if s not in FSDP1_TRAINS])
+def test_fsdp1_refuses_what_reads_whole_weights_outside_the_forward(scenario, all_results):
+    """The L_orth penalty and the optimizer hooks would read FSDP1's flattened shards (a 1-d slice per rank, or a
+    view the optimizer does not update): ``orthofx.penalty`` and ``orthofx.attach`` refuse, naming the site and
+    the fix, whether or not FSDP1 exposes the original parameters."""
+    for rank in _replicas(all_results["fsdp1"], scenario):
+        refusals = rank["refusals"]
+        assert set(refusals) == {True, False}, refusals
+        for message in refusals.values():
+            assert "FSDP1" in message and "fully_shard" in message and "site '" in message, message

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import SITE_ATTRIBUTE, PlanError
+from ..errors import SITE_ATTRIBUTE, OrthofxError, PlanError
 
 __all__ = [
     "Param",
@@ -215,13 +215,36 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
-def whole(tensor: torch.Tensor) -> torch.Tensor:
+def flattened_by_fsdp1(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is (a view of) the flat parameter of the older ``FullyShardedDataParallel`` (FSDP1).
+
+    Outside its forward FSDP1 keeps a layer's weight as a 1-d slice of its rank's shard
+    (``use_orig_params=True``) or as a view of a flat parameter the optimizer does not see (the default): no
+    whole weight, and no ``DTensor`` to gather it from."""
+    return bool(getattr(tensor, "_fsdp_flattened", False) or getattr(tensor._base, "_fsdp_flattened", False))
+
+
+def refuse_fsdp1(tensor: torch.Tensor, where: str) -> None:
+    """Raise :class:`orthofx.OrthofxError` when ``where`` (a site and what it needs) would read a weight that
+    FSDP1 keeps flattened and sharded (:func:`flattened_by_fsdp1`)."""
+    if flattened_by_fsdp1(tensor):
+        raise OrthofxError(
+            f"{where} needs the whole weight outside the forward, and FullyShardedDataParallel (FSDP1) keeps it "
+            f"flattened and sharded there (this rank holds a {tuple(tensor.shape)} slice). Wrap the model with "
+            "FSDP2 (torch.distributed.fsdp.fully_shard, on the layers the graph calls and the root) or with "
+            "DistributedDataParallel; under FSDP1 only the hard orthogonal layers and the Jacobian penalty, which "
+            "work inside the forward, are supported")
+
+
+def whole(tensor: torch.Tensor, where: str = "this orthofx term") -> torch.Tensor:
     """The whole value of a parameter, gradient or optimizer state: a sharded ``DTensor`` (FSDP2's
     ``fully_shard`` keeps parameters, their gradients and the optimizer's state sharded outside forward and
     backward) is all-gathered into a plain tensor, the same on every rank; any other tensor is returned as is.
     The optimizer hooks compute on whole matrices (a polar factor, a tangent projection, a global dot product),
     and so do the penalty terms of a weight, for which the gather is differentiable: each rank's shard gets its
-    part of the gradient, the same on every rank."""
+    part of the gradient, the same on every rank. A weight FSDP1 flattened is refused (:func:`refuse_fsdp1`,
+    ``where`` names the reader)."""
+    refuse_fsdp1(tensor, where)
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(tensor, dtensor):
         return tensor.full_tensor()

@@ -56,7 +56,8 @@ class LorthTerm(PenaltyTerm):
         self.dilation = dilation
 
     def value(self, root: nn.Module) -> torch.Tensor:
-        layer_weight = whole(root.get_submodule(self.site).weight)  # FSDP2 shards: gathered, differentiably
+        layer_weight = whole(root.get_submodule(self.site).weight,  # FSDP2 shards: gathered, differentiably
+                             f"site '{self.site}' (rule '{self.rule}'): the L_orth penalty")
         return metrics.lorth(layer_weight, stride=self.stride, groups=self.groups, case=self.case,
                              dilation=self.dilation)
 

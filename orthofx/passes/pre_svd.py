@@ -138,7 +138,9 @@ class SripTerm(PenaltyTerm):
         self.iterations = int(iterations)
 
     def value(self, root: nn.Module) -> torch.Tensor:
-        return srip(whole(root.get_submodule(self.site).weight), self.groups, self.iterations)
+        weight = whole(root.get_submodule(self.site).weight,
+                       f"site '{self.site}' (rule '{self.rule}'): the SRIP penalty")
+        return srip(weight, self.groups, self.iterations)
 
     def form(self) -> tuple:
         return (self.groups, self.iterations, self.weight)
