@@ -318,6 +318,9 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
             raise ArgumentError("groups must be 1 for a 2-D (Linear) weight")
         if stride != 1:
             raise ArgumentError(f"stride must be 1 for a 2-D (Linear) weight, got {stride!r}")
+        if dilation != 1:
+            raise ArgumentError(f"lorth: dilation must be 1 for a 2-D (Linear) weight (it has no kernel taps to "
+                                f"spread), got {dilation!r}; pass dilation only with a convolution weight")
         out_f, in_f = weight.shape
         if case is None:
             case = "RO" if out_f <= in_f else "CO"

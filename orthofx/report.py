@@ -81,9 +81,11 @@ def _grid(input_shape: tuple[int, ...] | None, dims: int, stride: tuple[int, ...
 
 
 def layer_singular_values(module: nn.Module, input_shape: tuple[int, ...] | None) -> torch.Tensor | None:
-    """All singular values of a conv (circular, at ``input_shape``'s spatial size; dilated convs through their
-    undilated equivalent kernel) or linear layer's operator; ``None`` when they cannot be computed (unknown input
-    size, other layer types, weights without values: meta device, uninitialised lazy layer)."""
+    """All singular values of a conv (circular, at ``input_shape``'s spatial size, rounded up to a multiple of the
+    stride; dilated convs through their undilated equivalent kernel) or linear layer's operator; a transposed
+    conv's are those of the conv with its weight (its adjoint) on the grid ``input * stride``, for any input size.
+    ``None`` when they cannot be computed (unknown input size, other layer types, weights without values: meta
+    device, uninitialised lazy layer)."""
     with torch.no_grad():
         weight = _weight_values(module)
         if weight is None:
@@ -92,11 +94,14 @@ def layer_singular_values(module: nn.Module, input_shape: tuple[int, ...] | None
             return metrics.linear_singular_values(weight)
         if isinstance(module, _CONV_TYPES):
             dims = weight.dim() - 2
-            grid = _grid(input_shape, dims, tuple(module.stride))
+            if isinstance(module, _TRANSPOSED_TYPES):
+                # the adjoint of the conv on the output grid n S: its input n is that conv's output grid, any n
+                grid = _grid(input_shape, dims, (1,) * dims)
+                grid = None if grid is None else tuple(n * s for n, s in zip(grid, module.stride))
+            else:
+                grid = _grid(input_shape, dims, tuple(module.stride))
             if grid is None:
                 return None
-            if isinstance(module, _TRANSPOSED_TYPES):  # the adjoint of the conv on the output grid, n S
-                grid = tuple(n * s for n, s in zip(grid, module.stride))
             kernel = metrics.dilated_kernel(weight, module.dilation)
             return metrics.conv_singular_values(kernel, grid, stride=tuple(module.stride), groups=module.groups)
     return None

@@ -231,8 +231,11 @@ def _tap_block(weight: torch.Tensor, taps: Sequence[tuple[int, int]]) -> torch.T
 
 def _defect(weight: torch.Tensor, module: nn.Module, scale: float) -> dict[str, float | None]:
     """``{"orth_defect": max |W^T W - I|}`` of ``W / scale`` for a Linear; ``{"lorth": L_orth(K / scale)}`` (P0,
-    the orthogonality measure of the convolution operator, at the layer's stride per dimension) for a conv."""
+    the orthogonality measure of the convolution operator, at the layer's stride and dilation per dimension, as
+    orth_regularizer and report measure it) for a conv. A block of taps (``_tap_block``) has the L_orth of the
+    whole kernel it was cut from also under a dilation: the dilated kernel is the dilated block, shifted."""
     w = weight / scale
     if not isinstance(module, _CONV_TYPES):
         return {"orth_defect": float(stiefel.orthogonality_defect(w))}
-    return {"lorth": float(metrics.lorth(w, stride=tuple(module.stride), groups=module.groups))}
+    return {"lorth": float(metrics.lorth(w, stride=tuple(module.stride), groups=module.groups,
+                                         dilation=tuple(module.dilation)))}
