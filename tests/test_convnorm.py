@@ -886,3 +886,21 @@ def test_compiles_with_dynamic_shapes_in_one_graph():
     for n in (8, 10):
         x = torch.randn(2, 3, n, n + 1)
         torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=1e-6)
+
+
+def test_to_plain_refuses_a_flat_size_that_reads_two_ways():
+    """``input_sizes=(8, 6)`` on a 2-d layer is one 8 x 6 input or two square ones: refused with both spellings;
+    ``[(8, 6)]`` gives the 8 x 6 grid only, ``[8, 6]`` on a 1-d layer two lengths."""
+    layer = ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1)).eval()
+    for ambiguous in ((8, 6), [8, 6], torch.Size([8, 6])):
+        with pytest.raises(orthofx.LayerArgumentError) as info:
+            layer.to_plain(input_sizes=ambiguous)
+        assert "[(8, 6)]" in str(info.value) and "[(8, 8), (6, 6)]" in str(info.value)
+    with pytest.raises(orthofx.LayerArgumentError, match="list of spatial sizes"):
+        layer.to_plain(input_sizes=8)
+    frozen = layer.to_plain(input_sizes=[(8, 6)])
+    assert set(frozen.grids) == {tuple(layer.geometry((8, 6)).grid)}
+    x = torch.randn(2, 3, 8, 6)
+    torch.testing.assert_close(frozen(x), layer(x), rtol=0, atol=1e-6)
+    line = ConvNormConv1d(nn.Conv1d(3, 4, 3, padding=1)).eval()
+    assert set(line.to_plain(input_sizes=[8, 6]).grids) == {tuple(line.geometry((n,)).grid) for n in (8, 6)}

@@ -194,6 +194,24 @@ def _ntuple(value, d: int, name: str) -> tuple[int, ...]:
     return out
 
 
+def _sizes_list(input_sizes, d: int) -> list[tuple[int, ...]]:
+    """``to_plain``'s ``input_sizes`` as a list of ``d``-tuples; a flat run of ``d > 1`` integers is refused: it
+    reads as one size and as ``d`` square ones alike."""
+    if input_sizes is None:
+        return []
+    if not isinstance(input_sizes, (tuple, list)):
+        raise LayerArgumentError(f"input_sizes must be a list of spatial sizes (e.g. [(32, 32), (16, 16)]), got "
+                                 f"{input_sizes!r}")
+    if d > 1 and len(input_sizes) == d and all(isinstance(v, int) and not isinstance(v, bool)
+                                               for v in input_sizes):
+        one = ", ".join(map(str, input_sizes))
+        raise LayerArgumentError(
+            f"input_sizes={input_sizes!r} is ambiguous for a {d}-d layer: pass [({one})] for one input of that "
+            f"size, or [{', '.join('(' + ', '.join([str(v)] * d) + ')' for v in input_sizes)}] for "
+            f"{d} square ones")
+    return [_ntuple(size, d, "each of input_sizes") for size in input_sizes]
+
+
 def _layer_pads(padding, kernel_size: tuple[int, ...], dilation: tuple[int, ...],
                 stride: tuple[int, ...] = ()) -> tuple[tuple[int, int], ...]:
     """(left, right) zero padding per spatial dimension, torch's convention for the strings."""
@@ -703,7 +721,7 @@ class ConvNormConvNd(nn.Module):
             frozen.train(self.training)
             return frozen
         grids: dict[tuple[int, ...], tuple[int, ...] | None] = {}
-        for size in self.input_sizes + [_ntuple(s, self._dims, "each of input_sizes") for s in (input_sizes or [])]:
+        for size in self.input_sizes + _sizes_list(input_sizes, self._dims):
             grids.setdefault(tuple(self.geometry(size).grid), size)
         for grid in self.running_grids:
             grids.setdefault(grid, None)
