@@ -822,3 +822,32 @@ def test_forward_mode_ad_raises_instead_of_a_zero_tangent(which):
     torch.testing.assert_close(tangent, torch.ones(4, dtype=F64))
     L = values(A.clone().requires_grad_(True))  # reverse mode unaffected
     assert L.requires_grad
+
+
+@pytest.mark.parametrize("saved_size, size", [(5, 3), (3, 5), (4, 10), (6, 6)])
+def test_condition_monitor_loads_a_history_saved_with_another_size(saved_size, size):
+    """A state saved with ``history_size=a`` loads into a monitor of size ``b`` (torch raised a size mismatch):
+    it then holds what a size-``b`` monitor fed the same kappas would hold, and keeps agreeing with it after
+    more updates; kappas the saved ring had dropped read NaN."""
+    kappas = [float(k) for k in torch.arange(2.0, 10.0)]  # 8 updates: the saved ring wraps when a < 8
+
+    def fed(monitor, values):
+        for k in values:
+            monitor.update(torch.tensor([1.0, k], dtype=torch.float64))
+        return monitor
+
+    saved = fed(ConditionMonitor(history_size=saved_size), kappas)
+    state = saved.state_dict()
+    before = {k: v.clone() for k, v in state.items()}
+    loaded = ConditionMonitor(history_size=size)
+    loaded.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in state.items())  # the caller's state is not modified
+    reference = fed(ConditionMonitor(history_size=size), kappas)
+    lost = max(0, min(size, len(kappas)) - saved_size)  # entries this ring would hold that the saved one dropped
+    expected = [float("nan")] * lost + reference.history[lost:]
+    assert loaded.history == pytest.approx(expected, nan_ok=True)
+    assert int(loaded.updates) == len(kappas) and loaded.summary()["kappa_max"] == kappas[-1]
+    more = [11.0, 12.0, 13.0, 14.0, 15.0, 16.0]
+    fed(loaded, more), fed(reference, more)
+    assert loaded.history == pytest.approx(reference.history, nan_ok=True)
+    assert torch.equal(loaded.history_buffer.isnan(), reference.history_buffer.isnan())

@@ -611,6 +611,28 @@ class ConditionMonitor(nn.Module):
                 self._buffers[name] = old.to(device=new.device)
         return result
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A history saved with another ``history_size`` is laid into this monitor's ring (the latest
+        ``min(saved, history_size)`` kappas, where this ring would hold them after the saved ``updates``; entries
+        the saved ring no longer held read NaN), instead of torch's size-mismatch error."""
+        key, count_key = prefix + "history_buffer", prefix + "updates"
+        saved = state_dict.get(key)
+        if (isinstance(saved, torch.Tensor) and saved.dim() == 1 and saved.numel() != self.history_size
+                and saved.numel() > 0 and isinstance(state_dict.get(count_key), torch.Tensor)):
+            count = int(state_dict[count_key])
+            size = saved.numel()
+            start = count % size if count > size else 0
+            ordered = torch.cat([saved[start:], saved[:start]])[:min(count, size)]  # oldest first
+            kept = ordered[max(0, ordered.numel() - self.history_size):]
+            ring = torch.full((self.history_size,), float("nan"), dtype=saved.dtype, device=saved.device)
+            first = count - kept.numel()  # the update number of kept[0]
+            positions = torch.arange(first, count, device=saved.device) % self.history_size
+            ring[positions] = kept
+            state_dict[key] = ring
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def summary(self) -> dict:
         """Plain numbers for reports: last and largest kappa (NaN before the first update), number of updates,
         NaN and inf events."""
