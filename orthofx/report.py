@@ -132,7 +132,7 @@ def _existence(module: nn.Module) -> str:
                                                    groups=module.groups, dilation=tuple(module.dilation))
         except ValueError as exc:
             return f"? ({exc})"
-        case = {"RO": "CO", "CO": "RO"}.get(result.case, result.case) if transposed else result.case
+        case = theory.adjoint_case(result.case) if transposed else result.case
         return f"yes ({case})" if result.exists else f"no ({case})"
     return ""
 

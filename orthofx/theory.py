@@ -40,6 +40,7 @@ from orthofx.errors import ArgumentError
 
 __all__ = [
     "ExistenceResult",
+    "adjoint_case",
     "orthogonality_case",
     "orthogonal_conv_exists",
     "theorem8_constants",
@@ -132,6 +133,19 @@ def orthogonality_case(c_in: int, c_out: int, stride=1, dims: int = 2) -> str:
     c_out = _positive_int(c_out, "c_out")
     strides = _sizes(stride, dims, "stride")
     return "RO" if c_out <= c_in * math.prod(strides) else "CO"
+
+
+def adjoint_case(case: str) -> str:
+    r"""The case of the adjoint operator (e.g. a transposed conv, the adjoint of the conv with its weight):
+    :math:`T T^T = I` for :math:`T` is :math:`(T^T)^T T^T = I`, so ``"RO"`` and ``"CO"`` swap.
+
+    >>> adjoint_case("RO")
+    'CO'
+    """
+    swapped = {"RO": "CO", "CO": "RO"}.get(case)
+    if swapped is None:
+        raise ArgumentError(f"case must be 'RO' or 'CO', got {case!r}")
+    return swapped
 
 
 def orthogonal_conv_exists(

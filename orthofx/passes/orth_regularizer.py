@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import metrics
+from .. import metrics, theory
 from ..errors import ArgumentError
 from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, whole
 from .registry import register_pass
@@ -76,7 +76,7 @@ def lorth_term(module: nn.Module, site: str, rule: str, weight: float, case: str
         raise ArgumentError(f"L_orth is defined for Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d layers, not "
                             f"{type(module).__name__} ('{site}')")
     if isinstance(module, _TRANSPOSED_TYPES) and case is not None:
-        case = {"RO": "CO", "CO": "RO"}[case]
+        case = theory.adjoint_case(case)
     return LorthTerm(site, rule, weight, stride=tuple(module.stride), groups=module.groups, case=case,
                      dilation=tuple(module.dilation))
 
