@@ -31,7 +31,7 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from .capture import ModalGraphModule, module_scopes
+from .capture import ModalGraphModule, _is_torch_layer, module_scopes
 from .errors import PlanError
 from .passes.base import CaptureInfo, PlanEntry, Site, describe_module
 from .passes.registry import get_pass
@@ -387,10 +387,63 @@ def _module_or_none(gm: fx.GraphModule, site: Site) -> nn.Module | None:
     return gm.get_submodule(site.name)
 
 
+_CONTAINERS = (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def traced_through_layers(model: nn.Module, sites: Iterable[Site]) -> dict[str, type]:
+    """Qualified name -> class of the submodules of ``model`` that subclass a torch.nn layer (``class
+    StdConv2d(nn.Conv2d)`` with its own ``forward``, as weight-standardised convs are written) but are no module
+    site: capture traced their forward (their own code decides what the layer computes), so the graph calls no
+    such module and rules on ``type: Conv2d`` cannot select them. Submodules of sites are left out."""
+    names = {site.name for site in sites if site.kind != "function"}
+    found: dict[str, type] = {}
+    for name, module in model.named_modules():
+        if not name or name in names or any(name.startswith(site + ".") for site in names):
+            continue
+        cls = type(module)
+        if _is_torch_layer(cls) or cls.__module__.startswith("orthofx."):
+            continue
+        if any(_is_torch_layer(klass) and klass not in _CONTAINERS for klass in cls.__mro__[1:]):
+            found[name] = cls
+    return found
+
+
+def _hidden_by_tracing(rule: Rule, model: nn.Module | None, traced: dict[str, type]) -> list[str]:
+    """The traced-through layers (:func:`traced_through_layers`) that ``rule`` would select as module sites."""
+    if model is None or rule.match.site_kind != "module" or not rule.match.type:
+        return []
+    hidden = []
+    for name, cls in traced.items():
+        site = Site("module", name, cls.__name__, None, cls)
+        try:
+            if _selects(rule.match, site, model.get_submodule(name), {}):
+                hidden.append(name)
+        except _WhereError:
+            continue
+    return hidden
+
+
+def _traced_through_note(rule: Rule, hidden: list[str], traced: dict[str, type]) -> str:
+    classes = sorted({traced[name].__name__ for name in hidden})
+    shown = ", ".join(hidden[:6]) + (f" and {len(hidden) - 6} more" if len(hidden) > 6 else "")
+    bases = sorted({klass.__name__ for name in hidden for klass in traced[name].__mro__[1:]
+                    if _is_torch_layer(klass) and klass not in _CONTAINERS and klass.__name__ in rule.match.type})
+    return (f"rule '{rule.name}' does not reach {shown} ({', '.join(classes)}: subclass(es) of "
+            f"{', '.join(bases) or 'a matched torch.nn layer'} with their own forward, which capture traced "
+            f"through, so the graph calls no such layer). To treat them as layers, list the class in the policy's "
+            f"capture: {{leaf_modules: [{', '.join(classes)}]}} (a pass that replaces the layer then drops its "
+            f"forward's own code)")
+
+
 def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None = None,
-               blocks: Iterable[str] = ()) -> Plan:
-    """Match ``policy`` against the captured ``gm``; raise :class:`PlanError` for a rule that matches nothing."""
+               blocks: Iterable[str] = (), model: nn.Module | None = None) -> Plan:
+    """Match ``policy`` against the captured ``gm``; raise :class:`PlanError` for a rule that matches nothing.
+
+    ``model``: the module ``gm`` was captured from; with it, rules on a layer type also look for subclasses of
+    that layer that capture traced through (:func:`traced_through_layers`): a rule that matches nothing says so
+    in its error, and one that matches other sites adds a capture warning (shown by ``explain`` and ``report``)."""
     sites, nodes = _all_sites(gm, blocks)
+    traced = traced_through_layers(model, sites) if model is not None else {}
     fed_by: dict[str, set[str]] = {}
     for site in sites:
         if site.kind == "function":
@@ -438,11 +491,15 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                                      pass_name=pass_cls.name, params=dict(rule.params),
                                      reason=f"first '{group}' rule matching {site.name}"))
         skipped.extend((site, rule.name, reason) for site, reason in rejected)
+        hidden = _hidden_by_tracing(rule, model, traced)
+        if hidden and (selected or rule.optional) and capture is not None:
+            capture.warnings.append(_traced_through_note(rule, hidden, traced))
         if selected == 0:
             if rule.optional:
                 unmatched_optional.append(rule.name)
                 continue
-            raise PlanError(_no_match_message(rule, sites) + _missing_attribute_hint(rule, sites, gm, fed_by))
+            note = f" Note: {_traced_through_note(rule, hidden, traced)}." if hidden else ""
+            raise PlanError(_no_match_message(rule, sites) + _missing_attribute_hint(rule, sites, gm, fed_by) + note)
         if selected == len(rejected) and not rule.optional:
             details = "; ".join(f"{s.name}: {r}" for s, r in rejected[:5])
             raise PlanError(f"rule '{rule.name}' (apply: {rule.apply}) matched {selected} site(s) but its pass "

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from .capture import capture, copy_targets, input_tuple, unwrap_model
 from .errors import OrthofxError, TransformError
-from .passes.base import MANIFEST_KEY, EvalRun, Manifest, PassContext, Site, replace_module
+from .passes.base import MANIFEST_KEY, EvalRun, Manifest, PassContext, PlanEntry, Site, replace_module
 from .passes.registry import get_pass
 from .plan import Plan, block_paths, build_plan, other_mode_graph
 from .policy import Policy
@@ -79,7 +79,7 @@ def _capture_and_plan(root: nn.Module, policy: Policy, inputs: tuple | None) -> 
     named = [entry for entry in policy.capture.leaf_modules if isinstance(entry, str) and entry in paths]
     gm, info = capture(root, leaf_types=policy.capture.leaf_modules, leaf_paths=list(blocks) + named,
                        mode=policy.capture.mode, example_inputs=inputs)
-    plan = build_plan(gm, policy, info, blocks=blocks)
+    plan = build_plan(gm, policy, info, blocks=blocks, model=root)
     return gm, plan
 
 
@@ -226,7 +226,28 @@ def _run_passes(ctx: PassContext, plan: Plan, selected: Callable[[Site], bool]) 
         except OrthofxError:
             raise
         except Exception as exc:
-            raise TransformError(f"pass '{pass_name}' failed: {type(exc).__name__}: {exc}") from exc
+            raise TransformError(f"pass '{pass_name}' failed{_failing_site(exc, entries)}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+
+
+def _failing_site(exc: BaseException, entries: list[PlanEntry]) -> str:
+    """Where a pass raised a non-orthofx exception: `` at <site> (rule '<rule>')`` for the plan entry the pass was
+    working on (the innermost frame of the traceback holding one of ``entries`` in a local variable: passes loop
+    over their entries), else the sites of all ``entries`` (a few of them) so the message names a place."""
+    ids = {id(entry): entry for entry in entries}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if id(value) in ids:
+                found = ids[id(value)]
+                break
+        tb = tb.tb_next
+    if found is not None:
+        return f" at {found.site.name or '<root>'} (rule '{found.rule_name}')"
+    names = [entry.site.name or "<root>" for entry in entries]
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f" on one of its sites ({shown})"
 
 
 def _share_replaced_layers(root: nn.Module, gm: fx.GraphModule) -> None:

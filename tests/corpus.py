@@ -12,7 +12,12 @@ sharing, a functional convolution with its own ``nn.Parameter``, in-place ops, d
 pooling with ``eigh`` and an ``svdvals`` spectrum, recurrent layers (GRU, LSTM; fx leaves), a submodule with a
 data-dependent branch (traced as a leaf after the failed trace), a module with a ``self.training`` branch, and
 top-level forwards symbolic tracing cannot follow (a branch on a shape, ``int()`` of a size, a loop over
-``x.size(1)``), which capture mode ``auto`` hands to torch.export.
+``x.size(1)``), which capture mode ``auto`` hands to torch.export. Small versions of modern architectures as
+people write them from the papers: a U-Net (ConvTranspose2d up, ``torch.cat`` skips), ConvNeXt (7x7 depthwise
+convs, channels-last LayerNorm, layer scale; its late 7x7 convs run on maps smaller than the kernel),
+MobileNetV2 inverted residuals, an SE-ResNet, an EfficientNet-like MBConv stack with stochastic depth
+(``torch.rand`` in training mode only), a ViT (``nn.TransformerEncoder``, class token, position embedding) and a
+BiT-style ResNet of weight-standardised ``Conv2d`` subclasses (their own ``forward``, traced through).
 
 Sizes are tiny (widths 4-8, 6x6 .. 8x8 images, sequences of 5-12) so the whole grid runs in seconds.
 """
@@ -589,6 +594,304 @@ class ChannelGroupLoop(nn.Module):
         return self.head(torch.cat(groups, dim=1).mean(dim=(2, 3)))
 
 
+# ---------------------------------------------------------------------------------------- modern architectures
+# Small imitations of what people build from papers in plain torch (no torchvision / timm).
+
+
+class UNet(nn.Module):
+    """A two-level U-Net: double-conv blocks (Conv-BN-ReLU x 2), max-pool down, ConvTranspose2d (k 2, stride 2)
+    up, ``torch.cat`` skip connections on the channel axis, 1x1 segmentation head (an image output)."""
+
+    def __init__(self, channels: int = 3, width: int = 4, classes: int = 2):
+        super().__init__()
+
+        def double(c_in, c_out):
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                                 nn.ReLU(inplace=True), nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+                                 nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+        self.down1 = double(channels, width)
+        self.down2 = double(width, 2 * width)
+        self.bottom = double(2 * width, 4 * width)
+        self.up2 = nn.ConvTranspose2d(4 * width, 2 * width, 2, stride=2)
+        self.dec2 = double(4 * width, 2 * width)
+        self.up1 = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
+        self.dec1 = double(2 * width, width)
+        self.head = nn.Conv2d(width, classes, 1)
+
+    def forward(self, x):
+        s1 = self.down1(x)
+        s2 = self.down2(F.max_pool2d(s1, 2))
+        b = self.bottom(F.max_pool2d(s2, 2))
+        d2 = self.dec2(torch.cat([self.up2(b), s2], dim=1))
+        d1 = self.dec1(torch.cat([self.up1(d2), s1], dim=1))
+        return self.head(d1)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt block: depthwise 7x7 conv, permute to channels-last, LayerNorm, Linear (4x) - GELU - Linear,
+    layer scale ``gamma`` (an ``nn.Parameter`` multiplied in), permute back, residual."""
+
+    def __init__(self, dim: int, layer_scale: float = 1e-1):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(layer_scale * torch.ones(dim))
+
+    def forward(self, x):
+        shortcut = x
+        x = self.dwconv(x).permute(0, 2, 3, 1)
+        x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
+        x = self.gamma * x
+        return shortcut + x.permute(0, 3, 1, 2)
+
+
+class ChannelsFirstLayerNorm(nn.Module):
+    """ConvNeXt's LayerNorm over the channel axis of an NCHW map, written by hand (mean / var over dim 1)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class ConvNeXt(nn.Module):
+    """ConvNeXt-style: patchify stem (4x4 conv, stride 4) + channels-first LayerNorm, a stage of two blocks, a
+    downsampling layer (norm + 2x2 conv, stride 2), a stage of one block, global pool, LayerNorm, head."""
+
+    def __init__(self, channels: int = 3, dims: tuple[int, int] = (4, 8), classes: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, dims[0], 4, stride=4), ChannelsFirstLayerNorm(dims[0]))
+        self.stage1 = nn.Sequential(*[ConvNeXtBlock(dims[0]) for _ in range(2)])
+        self.downsample = nn.Sequential(ChannelsFirstLayerNorm(dims[0]), nn.Conv2d(dims[0], dims[1], 2, stride=2))
+        self.stage2 = nn.Sequential(ConvNeXtBlock(dims[1]))
+        self.norm = nn.LayerNorm(dims[1])
+        self.head = nn.Linear(dims[1], classes)
+
+    def forward(self, x):
+        x = self.stage2(self.downsample(self.stage1(self.stem(x))))
+        return self.head(self.norm(x.mean(dim=(-2, -1))))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand (BN, ReLU6), depthwise 3x3 (stride 1 or 2; BN, ReLU6), 1x1 linear project
+    (BN), residual only when stride is 1 and the channel counts match (decided in ``__init__``)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int = 4):
+        super().__init__()
+        hidden = c_in * expand
+        self.use_residual = stride == 1 and c_in == c_out
+        self.conv = nn.Sequential(
+            nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
+        )
+
+    def forward(self, x):
+        if self.use_residual:
+            return x + self.conv(x)
+        return self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """Stem (3x3, stride 2), inverted residuals (one strided without residual, two with), 1x1 last conv, pool,
+    Dropout, classifier."""
+
+    def __init__(self, channels: int = 3, classes: int = 4):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Sequential(nn.Conv2d(channels, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU6(inplace=True)),
+            InvertedResidual(4, 4, 1, expand=1),
+            InvertedResidual(4, 6, 2),
+            InvertedResidual(6, 6, 1),
+            nn.Sequential(nn.Conv2d(6, 12, 1, bias=False), nn.BatchNorm2d(12), nn.ReLU6(inplace=True)),
+        )
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(12, classes))
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: adaptive average pool to 1x1, 1x1 conv reduce, ReLU, 1x1 conv expand, sigmoid
+    gate multiplied into the features."""
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, channels // reduction, 1)
+        self.fc2 = nn.Conv2d(channels // reduction, channels, 1)
+
+    def forward(self, x):
+        s = self.fc2(F.relu(self.fc1(self.pool(x))))
+        return x * torch.sigmoid(s)
+
+
+class SEBasicBlock(nn.Module):
+    """ResNet basic block with SE before the addition; a 1x1 strided conv + BN shortcut when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.se = SqueezeExcite(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.se(self.bn2(self.conv2(out)))
+        return F.relu(out + identity)
+
+
+class SEResNet(nn.Module):
+    """SE-ResNet: conv stem, ``layer1`` (one SE block), ``layer2`` (a strided SE block, channels doubled), pool,
+    ``fc``. The SE gate in ``layer2`` uses Linears instead of 1x1 convs (the other common spelling)."""
+
+    def __init__(self, channels: int = 3, width: int = 8, classes: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = nn.Sequential(SEBasicBlock(width, width))
+        self.layer2 = nn.Sequential(SEBasicBlock(width, 2 * width, stride=2))
+        self.gate = nn.Sequential(nn.Linear(2 * width, width // 2), nn.ReLU(), nn.Linear(width // 2, 2 * width),
+                                  nn.Sigmoid())
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))
+        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        x = x * self.gate(pooled)[:, :, None, None]
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples with probability ``p`` in training, rescale the kept ones."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = (torch.rand(x.shape[0], 1, 1, 1, dtype=x.dtype, device=x.device) < keep).to(x.dtype)
+    return x * mask / keep
+
+
+class MBConv(nn.Module):
+    """EfficientNet MBConv: 1x1 expand (BN, SiLU), depthwise 3x3 (BN, SiLU), SE with SiLU, 1x1 project (BN),
+    residual through stochastic depth (``drop_path`` with ``torch.rand`` in training mode only)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, expand: int = 4, drop: float = 0.2):
+        super().__init__()
+        hidden = c_in * expand
+        self.drop = drop
+        self.residual = stride == 1 and c_in == c_out
+        self.expand = nn.Sequential(nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.SiLU())
+        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                                       nn.BatchNorm2d(hidden), nn.SiLU())
+        self.se_reduce = nn.Conv2d(hidden, max(1, c_in // 4), 1)
+        self.se_expand = nn.Conv2d(max(1, c_in // 4), hidden, 1)
+        self.project = nn.Sequential(nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        h = self.depthwise(self.expand(x))
+        s = F.silu(self.se_reduce(h.mean((2, 3), keepdim=True)))
+        h = self.project(h * torch.sigmoid(self.se_expand(s)))
+        if self.residual:
+            return x + drop_path(h, self.drop, self.training)
+        return h
+
+
+class EfficientNetLike(nn.Module):
+    """Stem (3x3 stride 2, BN, SiLU), ``blocks``: MBConv stack (a strided one, two residual ones with stochastic
+    depth), 1x1 head conv with SiLU, pool, Dropout, classifier."""
+
+    def __init__(self, channels: int = 3, classes: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4), nn.SiLU())
+        self.blocks = nn.Sequential(MBConv(4, 4, expand=1, drop=0.1), MBConv(4, 6, stride=2),
+                                    MBConv(6, 6, drop=0.2))
+        self.conv_head = nn.Sequential(nn.Conv2d(6, 12, 1, bias=False), nn.BatchNorm2d(12), nn.SiLU())
+        self.dropout = nn.Dropout(0.2)
+        self.classifier = nn.Linear(12, classes)
+
+    def forward(self, x):
+        x = self.conv_head(self.blocks(self.stem(x)))
+        return self.classifier(self.dropout(x.mean(dim=(2, 3))))
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight-standardised convolution (BiT, NFNet): a Conv2d subclass whose own ``forward`` standardises the
+    kernel per output channel before ``F.conv2d``."""
+
+    def forward(self, x):
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return F.conv2d(x, (w - mean) / torch.sqrt(var + 1e-6), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+class BiTResNet(nn.Module):
+    """BiT-style pre-activation ResNet: StdConv2d stem and block convs (traced through: their forward is the
+    user's), GroupNorm, a pre-activation bottleneck residual, pooling, Linear head."""
+
+    def __init__(self, channels: int = 3, width: int = 8, classes: int = 3):
+        super().__init__()
+        self.stem = StdConv2d(channels, width, 3, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(2, width)
+        self.conv1 = StdConv2d(width, width // 2, 1, bias=False)
+        self.norm2 = nn.GroupNorm(2, width // 2)
+        self.conv2 = StdConv2d(width // 2, width, 3, padding=1, bias=False)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.conv1(F.relu(self.norm1(x)))
+        x = x + self.conv2(F.relu(self.norm2(y)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class ViT(nn.Module):
+    """ViT: Conv2d patch embedding (kernel = stride = patch), flatten + transpose to tokens, a class token
+    ``nn.Parameter`` expanded over the batch and concatenated, learned position embedding, two
+    ``nn.TransformerEncoderLayer`` (batch_first, norm_first, GELU) in an ``nn.TransformerEncoder``, final
+    LayerNorm, Linear head on the class token."""
+
+    def __init__(self, channels: int = 3, image: int = 8, patch: int = 4, dim: int = 8, heads: int = 2,
+                 depth: int = 2, classes: int = 3):
+        super().__init__()
+        tokens = (image // patch) ** 2
+        self.patch_embed = nn.Conv2d(channels, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.1, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed
+        x = self.norm(self.encoder(x))
+        return self.head(x[:, 0])
+
+
 # ---------------------------------------------------------------------------------------------------- corpus
 
 
@@ -632,6 +935,13 @@ CORPUS: dict[str, Callable[[], tuple[nn.Module, tuple]]] = {
     "shape_branch": _entry(ShapeBranchNet, (3, 8, 8)),
     "patch_tokens": _entry(PatchTokenNet, (16, 6)),
     "group_loop": _entry(ChannelGroupLoop, (3, 6, 6)),
+    "unet": _entry(UNet, (3, 8, 8)),
+    "convnext": _entry(ConvNeXt, (3, 16, 16)),
+    "mobilenet_v2": _entry(MobileNetV2, (3, 8, 8)),
+    "se_resnet": _entry(SEResNet, (3, 8, 8)),
+    "efficientnet": _entry(EfficientNetLike, (3, 8, 8)),
+    "vit": _entry(ViT, (3, 8, 8)),
+    "std_conv": _entry(BiTResNet, (3, 6, 6)),
 }
 
 

@@ -23,11 +23,14 @@ import functools
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 import orthofx
 from corpus import CORPUS, eval_outputs
+from orthofx.nn.orthogonal import OrthogonalConv1d, OrthogonalConv2d
+from orthofx.nn.padding import CircularPad, circular_pad
 
 PRESETS = ("lorth", "orthogonal", "convnorm", "jacobian", "isometric", "svd")
 MODELS = tuple(CORPUS)
@@ -48,6 +51,8 @@ EXPECTED_FAILURES = {
     **{("convnorm", m): "matched no module site" for m in (
         "mha", "transformer", "sdpa_sequential", "conv1d", "functional_conv", "buffers", "spectrum", "recurrent",
         "data_dependent", "train_eval_branch")},
+    # StdConv2d's own forward is traced (no Conv2d module site): the error names the traced-through layers
+    ("convnorm", "std_conv"): "does not reach stem, conv1, conv2 (StdConv2d",
     **{("svd", m): "matched no function site" for m in MODELS if m not in ("cov_pool", "spectrum")},
 }
 
@@ -208,6 +213,8 @@ PT2_DEFAULT = {
     "nested": "jacobian", "batchnorm_resnet": "isometric", "cov_pool": "svd", "spectrum": "svd",
     "recurrent": "lorth", "data_dependent": "lorth", "train_eval_branch": "isometric",
     "shape_branch": "orthogonal", "patch_tokens": "convnorm", "group_loop": "jacobian",
+    "unet": "lorth", "convnext": "orthogonal", "mobilenet_v2": "orthogonal", "se_resnet": "convnorm",
+    "efficientnet": "jacobian", "vit": "isometric", "std_conv": "orthogonal",
 }
 
 # Decompositions and ONNX: freeze folds input-independent decompositions (exact) and keeps the others; the ONNX
@@ -282,7 +289,126 @@ def test_export_onnx(preset, name, tmp_path):
     _onnx(preset, name, tmp_path)
 
 
-@pytest.mark.parametrize("preset,name", _export_params(
-    "onnx", [c for c in GRID if c not in ONNX_DEFAULT_CELLS], slow=True))
+# The larger models added last (an ONNX export takes them 5-8 s each) export to ONNX under one preset each,
+# rotated, rather than under all six: the whole grid of them would add about two minutes to the suite, and their
+# layers are the ones the grid above already exports (convs, depthwise and transposed convs, attention).
+ONNX_ONCE = {"unet": "orthogonal", "convnext": "lorth", "mobilenet_v2": "convnorm", "se_resnet": "isometric",
+             "efficientnet": "orthogonal", "vit": "jacobian", "std_conv": "lorth"}
+ONNX_GRID = [(p, m) for p, m in GRID if (p, m) not in ONNX_DEFAULT_CELLS and ONNX_ONCE.get(m, p) == p]
+
+
+def test_onnx_grid_exports_every_model():
+    assert {m for _, m in ONNX_GRID} | {m for _, m in ONNX_DEFAULT_CELLS} == set(MODELS)
+    assert not {(p, m) for m, p in ONNX_ONCE.items()} & set(EXPECTED_FAILURES)
+
+
+@pytest.mark.parametrize("preset,name", _export_params("onnx", ONNX_GRID, slow=True))
 def test_export_onnx_grid(preset, name, tmp_path):
     _onnx(preset, name, tmp_path)
+
+
+# ------------------------------------------------------------------------- regressions found by the corpus
+
+
+
+def _dense(layer: torch.nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    """The matrix of a linear map on inputs of ``shape`` (one column per unit input), float64."""
+    n = int(torch.tensor(shape).prod())
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
+    with torch.no_grad():
+        return layer(basis).reshape(n, -1).T
+
+
+def _periodic_conv2d(x: torch.Tensor, w: torch.Tensor, left: tuple[int, int]) -> torch.Tensor:
+    """Slow reference: stride-1 circular convolution on an ``n x m`` map (any kernel size), channels by loops:
+    ``y[o, i, j] = sum_{c, a, b} w[o, c, a, b] x[c, (i + a - left_0) mod n, (j + b - left_1) mod m]``."""
+    B, C, n, m = x.shape
+    y = torch.zeros(B, w.shape[0], n, m, dtype=x.dtype)
+    for i in range(n):
+        for j in range(m):
+            for a in range(w.shape[2]):
+                for b in range(w.shape[3]):
+                    y[:, :, i, j] += x[:, :, (i + a - left[0]) % n, (j + b - left[1]) % m] @ w[:, :, a, b].T
+    return y
+
+
+def test_circular_pad_wraps_around_more_than_once():
+    # ConvNeXt's 7 x 7 depthwise conv on a 2 x 2 map: the orthogonal layer's circular pads (3) exceed the map
+    x = torch.randn(2, 3, 2, 1, dtype=torch.float64, requires_grad=True)
+    pads = [(3, 4), (2, 0)]
+    expected = np.pad(x.detach().numpy(), [(0, 0), (0, 0), (3, 4), (2, 0)], mode="wrap")
+    np.testing.assert_array_equal(circular_pad(x, pads).detach().numpy(), expected)
+    np.testing.assert_array_equal(CircularPad(pads)(x).detach().numpy(), expected)
+    assert torch.autograd.gradcheck(lambda t: circular_pad(t, pads), (x,))  # finite differences
+    # pads within the size keep F.pad's values (and the fast backward)
+    np.testing.assert_array_equal(circular_pad(x, [(1, 2), (1, 1)]).detach().numpy(),
+                                  np.pad(x.detach().numpy(), [(0, 0), (0, 0), (1, 2), (1, 1)], mode="wrap"))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_orthogonal_conv_with_a_kernel_larger_than_the_map(n):
+    torch.manual_seed(0)
+    layer = OrthogonalConv2d(4, 4, 7, bias=False).double()
+    assert (layer.weight.detach().abs().sum(dim=(0, 1)) > 1e-3).sum() > 9  # taps far off the centre too
+    x = torch.randn(2, 4, n, n, dtype=torch.float64)
+    left = tuple(l for l, _ in layer.pads)
+    torch.testing.assert_close(layer(x), _periodic_conv2d(x, layer.weight.detach(), left), atol=1e-12, rtol=0)
+    A = _dense(layer, (4, n, n))  # still exactly orthogonal: the kernel's symbol sampled at n frequencies
+    torch.testing.assert_close(A.T @ A, torch.eye(A.shape[1], dtype=torch.float64), atol=1e-10, rtol=0)
+    frozen = layer.to_conv()
+    torch.testing.assert_close(frozen(x), layer(x), atol=1e-12, rtol=0)
+    big = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    torch.testing.assert_close(frozen(big), layer(big), atol=1e-12, rtol=0)
+    # 1-D, a 5-tap kernel on one sample
+    conv1d = OrthogonalConv1d(3, 3, 5, bias=False).double()
+    y = torch.randn(2, 3, 1, dtype=torch.float64)
+    torch.testing.assert_close(conv1d.to_conv()(y), conv1d(y), atol=1e-12, rtol=0)
+    # on one sample every tap wraps onto it: the layer is the sum of its taps
+    torch.testing.assert_close(conv1d(y), torch.einsum("oc,bcn->bon", conv1d.weight.detach().sum(-1), y),
+                               atol=1e-12, rtol=0)
+
+
+def test_orthogonal_preset_on_convnext_late_stage():
+    model, inputs = CORPUS["convnext"]()
+    gm = orthofx.transform(model, "orthogonal", example_inputs=inputs)
+    frozen = orthofx.freeze(gm)
+    torch.testing.assert_close(eval_outputs(frozen, inputs), eval_outputs(gm, inputs), atol=1e-5, rtol=0)
+
+
+def test_traced_through_layer_subclass_is_named():
+    model, inputs = CORPUS["std_conv"]()
+    with pytest.raises(orthofx.PlanError, match=r"does not reach stem, conv1, conv2 \(StdConv2d.*leaf_modules"):
+        orthofx.transform(model, "convnorm", example_inputs=inputs)
+    plan = orthofx.explain(model, "lorth", example_inputs=inputs)
+    assert "does not reach stem, conv1, conv2" in str(plan)
+    gm = orthofx.transform(model, "lorth", example_inputs=inputs)
+    assert "does not reach stem" in str(orthofx.report(gm))
+    # the remedy the message names works
+    policy = {"capture": {"leaf_modules": ["StdConv2d"]},
+              "rules": [{"match": {"type": "Conv2d"}, "apply": "orth_regularizer"}]}
+    plan = orthofx.explain(model, policy, example_inputs=inputs)
+    assert {e.site.name for e in plan.entries} == {"stem", "conv1", "conv2"}
+    assert "does not reach" not in str(plan)
+
+
+def test_a_pass_failing_with_a_torch_error_names_the_site():
+    from orthofx.passes import Pass, register_pass, unregister_pass
+
+    @register_pass
+    class Fails(Pass):
+        name = "fails_on_conv2_for_test"
+        site_kinds = frozenset({"module"})
+
+        def apply(self, ctx, entries):
+            for entry in entries:
+                if entry.site.name == "conv2":
+                    torch.zeros(2) @ torch.zeros(3)
+
+    try:
+        model, inputs = CORPUS["std_conv"]()
+        policy = {"capture": {"leaf_modules": ["StdConv2d"]},
+                  "rules": [{"name": "r", "match": {"type": "Conv2d"}, "apply": "fails_on_conv2_for_test"}]}
+        with pytest.raises(orthofx.TransformError, match=r"fails_on_conv2_for_test' failed at conv2 \(rule 'r'\)"):
+            orthofx.transform(model, policy, example_inputs=inputs)
+    finally:
+        unregister_pass("fails_on_conv2_for_test")

@@ -100,7 +100,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, layer_label
-from orthofx.nn.padding import circular_pad, flat_pads
+from orthofx.nn.padding import CircularPad, circular_pad, flat_pads
 from orthofx.nn.stiefel import orthonormal, project_to_stiefel
 from orthofx.theory import orthogonal_conv_exists
 
@@ -1031,7 +1031,9 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
 
         With symmetric padding (see :attr:`pads`: every case but ``"same"`` with an even ``k_eff`` at stride 1)
         the result is one ``nn.Conv{d}d(padding=left, padding_mode=self.padding_mode)``; with asymmetric padding
-        it is ``nn.Sequential(nn.CircularPad{d}d(...) or nn.ZeroPad{d}d(...), nn.Conv{d}d(padding=0))``.
+        it is ``nn.Sequential(nn.CircularPad{d}d(...) or nn.ZeroPad{d}d(...), nn.Conv{d}d(padding=0))``. Circular
+        pads of 2 or more (which wrap around more than once on maps smaller than the pad, as the layer allows and
+        ``nn.Conv{d}d`` does not) give ``nn.Sequential(orthofx.nn.padding.CircularPad(pads), nn.Conv{d}d(padding=0))``.
         The result has no orthogonality constraint: use it for inference and export.
 
         ``method="cayley_fft"``: the plain conv holds the effective full-size kernel (``input_size`` taps per
@@ -1040,7 +1042,11 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         """
         d = self._dims
         pads = self.pads
-        symmetric = all(l == r for l, r in pads)
+        # nn.Conv's and nn.CircularPad's circular padding refuses pads larger than the map ("wrapping around more
+        # than once"), which the layer itself allows (circular_pad): a pad of 2 or more exceeds maps of size 1 or
+        # more, so those freeze into orthofx's CircularPad (any pad) + a conv without padding
+        wraps = self.padding_mode == "circular" and any(p > 1 for pair in pads for p in pair)
+        symmetric = all(l == r for l, r in pads) and not wraps
         ref = self.cayley_kernel if self.method == "cayley_fft" else self.matrix
         size = self.input_size if self.method == "cayley_fft" else self.kernel_size
         conv = _TORCH_CONV[d](self.in_channels, self.out_channels, size, stride=self.stride,
@@ -1054,7 +1060,10 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         conv.train(self.training)
         if symmetric:
             return conv
-        pad = (_CIRCULAR_PAD if self.padding_mode == "circular" else _ZERO_PAD)[d](tuple(flat_pads(pads)))
+        if wraps:
+            pad = CircularPad(pads)
+        else:
+            pad = (_CIRCULAR_PAD if self.padding_mode == "circular" else _ZERO_PAD)[d](tuple(flat_pads(pads)))
         return nn.Sequential(pad, conv)
 
     def to_plain(self) -> nn.Module:

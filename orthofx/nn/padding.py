@@ -19,8 +19,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["circular_pad", "flat_pads", "pairs"]
+__all__ = ["CircularPad", "circular_pad", "flat_pads", "pairs", "periodic_pad"]
 
 
 def flat_pads(pads: Sequence[tuple[int, int]]) -> list[int]:
@@ -101,13 +102,58 @@ def pairs(flat: Sequence[int]) -> tuple[tuple[int, int], ...]:
     return tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
 
 
+def periodic_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """``x`` extended periodically by ``(left, right)`` entries per trailing dimension, for pads of any size: the
+    entry at padded position ``j`` of a dimension of size ``n`` is ``x[(j - left) mod n]``. Where every pad is at
+    most its dimension's size this is :func:`circular_pad`; larger pads wrap around more than once (a kernel
+    wider than the map it runs on, as a 7 x 7 depthwise conv on a 2 x 2 map late in a ConvNeXt), which
+    ``F.pad(mode="circular")`` refuses. An ``index_select`` per dimension (its backward sums the copies, it
+    traces, exports and vmaps)."""
+    d = len(pads)
+    for i, (l, r) in enumerate(pads):
+        l, r = int(l), int(r)
+        if l < 0 or r < 0:
+            raise ValueError(f"periodic_pad: pads must be >= 0, got {tuple(pads)}")
+        if not (l or r):
+            continue
+        dim = x.dim() - d + i
+        n = x.shape[dim]
+        if n == 0:
+            raise ValueError(f"periodic_pad: cannot pad an empty dimension (size 0) periodically")
+        index = torch.remainder(torch.arange(-l, n + r, device=x.device), n)
+        x = x.index_select(dim, index)
+    return x
+
+
 def circular_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tensor:
     """``x`` padded circularly by ``(left, right)`` per trailing dimension, ``F.pad(..., mode="circular")``'s
     values, with a faster backward in eager mode (:class:`_CircularPad`). Under ``torch.compile`` and
     ``torch.export`` it is ``F.pad`` itself: dynamo does not trace an autograd.Function with a custom ``jvp``,
-    and the compiler fuses the padding's backward anyway."""
+    and the compiler fuses the padding's backward anyway. Pads larger than their dimension (which ``F.pad``
+    refuses: "wrapping around more than once") go through :func:`periodic_pad`, in every mode."""
     pads = tuple((int(l), int(r)) for l, r in pads)
     sizes = x.shape[x.dim() - len(pads):]
-    if torch.compiler.is_compiling() or not all(0 <= l <= n and 0 <= r <= n for (l, r), n in zip(pads, sizes)):
-        return F.pad(x, flat_pads(pads), mode="circular")  # (out-of-range pads: F.pad's own error)
+    if any(l < 0 or r < 0 for l, r in pads) or len(sizes) < len(pads):
+        return F.pad(x, flat_pads(pads), mode="circular")  # (negative pads, too few dimensions: F.pad's own error)
+    if not all(l <= n and r <= n for (l, r), n in zip(pads, sizes)):
+        return periodic_pad(x, pads)
+    if torch.compiler.is_compiling():
+        return F.pad(x, flat_pads(pads), mode="circular")
     return _CircularPad.apply(x, *(v for pair in pads for v in pair))
+
+
+class CircularPad(nn.Module):
+    """Circular padding by ``(left, right)`` per trailing spatial dimension (``pads`` in that order), of any size:
+    :func:`circular_pad`, so that pads larger than the input wrap around as often as needed, where
+    ``nn.CircularPad2d`` and ``nn.Conv2d(padding_mode="circular")`` raise. The padding of the plain convs
+    orthogonal layers freeze into when a pad could exceed the map (``to_conv``)."""
+
+    def __init__(self, pads: Sequence[tuple[int, int]]):
+        super().__init__()
+        self.pads = tuple((int(l), int(r)) for l, r in pads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return circular_pad(x, self.pads)
+
+    def extra_repr(self) -> str:
+        return f"pads={self.pads}"
