@@ -62,7 +62,11 @@ Construction (per group; the math, checked numerically in ``tests/test_orthogona
    is ``n x n`` (:attr:`weight`, :meth:`to_conv`), not ``k x k``; hence it exists for every ``(C, M, S)`` with
    ``S | n``, also where Theorem 4 admits no ``k x k`` kernel (the strided 1x1 shortcut). The rfft half
    spectrum is used (``n_1 ... (n_d/2 + 1)`` frequencies); the solves run in ``compute_dtype`` (complex128 by
-   default). Cost per step: one batched ``N x N`` complex solve per frequency plus its backward, i.e.
+   default). In complex64 (``compute_dtype=torch.float32``) the solve alone is orthogonal only to about
+   :math:`\epsilon \sqrt{1 + \|A\|^2}`, and :math:`\|A\|` grows in training (measured 1.5e-5 after 10 Adam steps
+   at lr 0.1, ``N = 128``), so one Newton-Schulz step :math:`Q (3I - Q^HQ)/2` follows (about 2e-7 .. 5e-7
+   then; up to ~30% more per float32 build on a CPU for wide strided layers). Cost per step: one batched
+   ``N x N`` complex solve per frequency plus its backward, i.e.
    :math:`O(N^3 n^d / S^d)` flops in few large batched kernels, against BCOP's :math:`O(C^3 k)` kernel build in
    many small ones. Measured (``benchmarks/orthogonal_layers.py``, forward + backward, ms, cayley_fft vs bcop):
    on a GPU (H200, batch 64) cayley_fft is cheaper for ``N <= 64`` (64 -> 64, k = 3: 4.9 vs 7.5 on 32x32,
@@ -237,6 +241,11 @@ def _apply_symbol(x: torch.Tensor, symbol: torch.Tensor, stride: tuple[int, ...]
     d = len(stride)
     dims = tuple(range(-d, 0))
     g, nf, m, c = symbol.shape
+    if x.shape[0] == 0:
+        # an empty batch, as nn.Conv takes it: the FFT backends refuse it (MKL: "Inconsistent configuration
+        # parameters"); the empty sum keeps the output attached to the symbol (zero gradients, as nn.Conv's)
+        grid = [n // s for n, s in zip(x.shape[2:], stride)]
+        return x.new_zeros(0, g * m, *grid) + symbol.real.reshape(-1)[:0].sum().to(x.dtype)
     work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     xs = _space_to_depth(x.to(work), stride)
     grid = xs.shape[2:]
@@ -626,10 +635,20 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         eye = torch.eye(N, dtype=A.dtype, device=A.device)
         plus, minus = eye + A, eye - A
         if M < N:    # RO: rows of Q = (I - A)(I + A)^{-1}: solve X (I + A) = (I - A)[:M]
-            return torch.linalg.solve(plus, minus[..., :M, :], left=False)
-        if cp < N:   # CO: columns of Q = (I + A)^{-1}(I - A)
-            return torch.linalg.solve(plus, minus[..., :, :cp])
-        return torch.linalg.solve(plus, minus)
+            Q = torch.linalg.solve(plus, minus[..., :M, :], left=False)
+        elif cp < N:   # CO: columns of Q = (I + A)^{-1}(I - A)
+            Q = torch.linalg.solve(plus, minus[..., :, :cp])
+        else:
+            Q = torch.linalg.solve(plus, minus)
+        if Q.dtype == torch.complex64:
+            # the solve's orthogonality error is about eps * cond(I + A) = eps * sqrt(1 + |A|^2), and |A| grows in
+            # training (1.5e-5 after 10 Adam steps at lr 0.1 for N = 128): one Newton-Schulz step
+            # Q (3 I - Q^H Q) / 2 squares that error (to the rounding of its own products, ~1e-6)
+            if M <= cp:
+                Q = 1.5 * Q - 0.5 * ((Q @ Q.mH) @ Q)
+            else:
+                Q = 1.5 * Q - 0.5 * (Q @ (Q.mH @ Q))
+        return Q
 
     def frequency_response(self) -> torch.Tensor:
         r"""``method="cayley_fft"`` only: the operator's per-frequency matrices, ``(groups, F, M, C S^d)`` complex
@@ -980,6 +999,25 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
             return circular_pad(x, pads), 0
         return F.pad(x, flat_pads(pads)), 0
 
+    def _check_spatial_size(self, x: torch.Tensor) -> None:
+        """Refuse an input whose padded size is below the kernel's extent in some dimension (nn.Conv's
+        "Kernel size can't be greater than actual input size", which names neither the layer nor a fix), e.g.
+        ``padding="valid"`` on a map smaller than the kernel, or ``"same"`` at stride ``S`` on a map smaller than
+        ``S``. Skipped under ``torch.fx`` symbolic tracing (no concrete shape)."""
+        if isinstance(x, torch.fx.Proxy):
+            return
+        sizes = tuple(x.shape[-self._dims:])
+        extents = self.effective_kernel_size
+        pads = self.pads
+        if all(n + l + r >= e for n, (l, r), e in zip(sizes, pads, extents)):
+            return
+        need = tuple(max(1, e - l - r) for (l, r), e in zip(pads, extents))
+        raise LayerArgumentError(
+            f"{layer_label(self)}: an input of spatial size {sizes} (input shape {tuple(x.shape)}) is too small: "
+            f"padded by {pads} it is smaller than the kernel's extent {extents} (dilation * (kernel_size - 1) + 1). "
+            f"Use inputs of spatial size >= {need}, or padding='same' with inputs divisible by the stride "
+            f"{self.stride}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self._dims, self.in_channels, self)
         if self.method == "cayley_fft":
@@ -991,6 +1029,7 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype).reshape(-1, *(1,) * self._dims)
             return y.squeeze(0) if unbatched else y
+        self._check_spatial_size(x)
         x, padding = self._pad_input(x)
         weight = self._cached("weight", lambda: self.weight)
         return _CONV_FN[self._dims](x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
