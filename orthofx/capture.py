@@ -977,9 +977,15 @@ _TORCH_FORMS: dict[Any, Any] | None = None
 _SYM_OPS_NAMES = ("sym_size", "sym_stride", "sym_numel", "sym_storage_offset")
 
 
-def _export_leaves(model: nn.Module, leaf_types: tuple, leaf_paths: tuple) -> list[str]:
-    """Qualified names of the outermost submodules that the fx leaf rule keeps as leaves."""
+def _export_leaves(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
+                   opened: Iterable[str] = ()) -> list[str]:
+    """Qualified names of the outermost submodules that the fx leaf rule keeps as leaves.
+
+    ``opened``: leaves the forward does not call (a ``kind: block`` Sequential whose layers the forward reaches by
+    index, ``self.stages[0]``), which symbolic tracing never meets as a call: the leaves inside them are taken
+    instead, as fx mode sees their calls."""
     tracer = OrthofxTracer(leaf_types=leaf_types, leaf_paths=leaf_paths)
+    opened = set(opened)
     leaves: list[str] = []
     found: set[str] = set()
     for name, module in model.named_modules():
@@ -988,10 +994,16 @@ def _export_leaves(model: nn.Module, leaf_types: tuple, leaf_paths: tuple) -> li
         parts = name.split(".")
         if any(".".join(parts[:i]) in found for i in range(1, len(parts))):
             continue
-        if tracer.is_leaf_module(module, name):
+        if name not in opened and tracer.is_leaf_module(module, name):
             leaves.append(name)
             found.add(name)
     return leaves
+
+
+def _uncalled_outer_leaves(model: nn.Module, leaves: list[str], called: set[str]) -> list[str]:
+    """The ``leaves`` the forward did not call that hold other submodules (whose calls fx mode would see)."""
+    return [path for path in leaves
+            if path not in called and any(name for name, _ in model.get_submodule(path).named_modules())]
 
 
 def _batch_dynamic_shapes(inputs: tuple) -> tuple | None:
@@ -1289,6 +1301,13 @@ class _ExportRebuilder:
             node = self._extra(value, str(old.target))
             node.meta.update(old.meta)
             return node
+        if (old.op == "call_function" and old.target is torch.ops.aten.type_as.default and len(old.args) == 2
+                and not old.kwargs):
+            # ``c.type_as(t)`` in fx mode's form: freeze folds a constant cast to a traced value's dtype (decorrelated
+            # BatchNorm's running covariance) only in this form
+            new = self.graph.call_method("type_as", torch.fx.node.map_arg(old.args, self._resolve))
+            new.meta.update(old.meta)
+            return new
         new = self.graph.node_copy(old, self._resolve)
         if new.op == "call_function":
             if new.target is torch.ops.aten.mT.default and len(new.args) == 1 and not new.kwargs:
@@ -1529,20 +1548,28 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
     if inputs is None:
         raise CaptureError("capture mode 'export' runs torch.export on example inputs, and none were given: pass "
                            "example_inputs=(x,) to orthofx.transform / orthofx.explain", module_path="")
-    leaves = _export_leaves(model, leaf_types, leaf_paths)
+    opened: set[str] = set()
     flags = [(m, m.training) for m in model.modules()]
-    # The order of the leaf calls (a call that leaves no node in the graph, such as nn.Identity's, is put back
-    # at its place among the others).
-    order: list[str] = []
-    hooks = [model.get_submodule(path).register_forward_pre_hook(
-        lambda module, args, path=path: order.append(path)) for path in leaves]
-    try:
-        ep = _run_export(model, inputs, leaves)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for module, flag in flags:
-            module.training = flag
+    while True:
+        leaves = _export_leaves(model, leaf_types, leaf_paths, opened)
+        # The order of the leaf calls (a call that leaves no node in the graph, such as nn.Identity's, is put
+        # back at its place among the others).
+        order: list[str] = []
+        hooks = [model.get_submodule(path).register_forward_pre_hook(
+            lambda module, args, path=path: order.append(path)) for path in leaves]
+        try:
+            ep = _run_export(model, inputs, leaves)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for module, flag in flags:
+                module.training = flag
+        # A leaf holding other modules that the forward never called (it called the modules inside it): export
+        # again with the leaves inside it, else their calls would stay inlined ATen ops where fx sees layers.
+        uncalled = _uncalled_outer_leaves(model, leaves, set(order))
+        if not uncalled:
+            break
+        opened.update(uncalled)
     counts: dict[str, int] = {}
     call_order = []
     for path in order:
