@@ -22,6 +22,7 @@ from orthofx.errors import ImpossibleLayerError, OrthofxError
 from orthofx.metrics import conv_singular_values
 from orthofx.errors import LayerArgumentError
 from orthofx.nn.orthogonal import OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinear, orthonormal
+from orthofx.nn.stiefel import project_to_stiefel
 from orthofx.theory import orthogonal_conv_exists
 
 CLS = {1: OrthogonalConv1d, 2: OrthogonalConv2d}
@@ -350,11 +351,10 @@ def test_nearest_start_reads_the_shift_window_as_the_block_product_does(d, C, M,
     assert (shift is None) == (layer._n > 1 and any(b % 2 for b in blocks))
     if shift is None:
         return
-    A = layer._block_product(torch.float64)
-    if A is not None:  # the block part is the identity at the shift, zero elsewhere
-        expected = torch.zeros_like(A)
-        expected[(slice(None),) + shift] = torch.eye(layer._n, dtype=torch.float64)
-        torch.testing.assert_close(A, expected, rtol=0, atol=1e-12)
+    with torch.no_grad():  # the block part is the identity at the shift, zero elsewhere
+        for p, block in _explicit_block_part(layer).items():
+            expected = torch.eye(layer._n, dtype=torch.float64) if p == shift else torch.zeros_like(block)
+            torch.testing.assert_close(block, expected.expand_as(block), rtol=0, atol=1e-12)
     layer._procrustes(target)
     general = layer.matrix.detach().clone()
     layer._procrustes(target, shift)
@@ -933,3 +933,92 @@ def test_eval_mode_under_torch_func_and_inference_mode():
         with pytest.raises(LayerArgumentError, match="inference_mode"):
             OrthogonalConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1))  # the nearest fit needs autograd
         assert OrthogonalConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1), fit_steps=0).init_error > 0
+
+
+# --------------------------------------------------------------------- the block part, against explicit products
+
+def _explicit_block_part(layer) -> dict:
+    """``A[p] = T_1[p_1] ... T_d[p_d]`` with ``T_i = B_m ... B_1`` and ``B = P + (I - P) z`` (``B = z`` for a rank-0
+    projector), formed by explicit polynomial products, tap by tap (float64, loops): the reference the layer's
+    block-by-block application (``_apply_blocks``) is checked against."""
+    g, n = layer.groups, layer._n
+    eye = torch.eye(n, dtype=torch.float64).expand(g, n, n)
+    zero = torch.zeros(g, n, n, dtype=torch.float64)
+    bases = layer._projector_bases(torch.float64)
+    chains = []
+    for dim_blocks in layer._block_index:
+        T = [eye]
+        for cls, idx in dim_blocks:
+            if (layer.proj_a if cls == "a" else layer.proj_b) is None:
+                B = [zero, eye]
+            else:
+                P = bases[cls][idx] @ bases[cls][idx].mT
+                B = [P, eye - P]
+            product = [zero] * (len(T) + 1)
+            for i, b in enumerate(B):
+                for j, t in enumerate(T):
+                    product[i + j] = product[i + j] + b @ t
+            T = product
+        chains.append(T)
+    A = {}
+    for p in itertools.product(*(range(len(c)) for c in chains)):
+        term = eye
+        for chain, tap in zip(chains, p):
+            term = term @ chain[tap]
+        A[p] = term
+    return A
+
+
+def _explicit_kernel(layer) -> torch.Tensor:
+    """The unit kernel ``(g, M, C, *k)`` from :func:`_explicit_block_part`: ``W A[p]`` (stride 1), ``A[p] W``
+    (``M > C`` at stride 1, the orthonormal columns embedded) or ``sum_a R[a] A[p - a]`` (strided, ``R`` the
+    ``S``-tap reshaped matrix)."""
+    g, M, C = layer.groups, layer._M, layer._C
+    W = orthonormal(layer.matrix.detach().double(), tall=layer._matrix_tall)
+    A = _explicit_block_part(layer)
+    K = torch.zeros(g, M, C, *layer.kernel_size, dtype=torch.float64)
+    if layer._strided:
+        R = W.reshape(g, M, C, *layer._r)
+        for a in itertools.product(*(range(r) for r in layer._r)):
+            for q, block in A.items():
+                p = tuple(x + y for x, y in zip(a, q))
+                K[(Ellipsis,) + p] += R[(Ellipsis,) + a] @ block
+        return K
+    for p, block in A.items():
+        K[(Ellipsis,) + p] = block @ W if layer._embed else W @ block
+    return K
+
+
+BLOCK_CASES = [(d, C, M, k, S, g) for d, C, M, k, S, g in itertools.product(
+    (1, 2), (1, 2, 3, 4), (1, 2, 4, 6), (1, 2, 3, 4), (1, 2), (1, 2)) if C % g == 0 and M % g == 0]
+
+
+@pytest.mark.parametrize("d, C, M, k, S, g", BLOCK_CASES[::4] + [(2, 4, 4, (3, 5), (1, 2), 2), (2, 3, 8, (4, 2), (2, 1), 1)])
+def test_kernel_built_block_by_block_equals_the_explicit_block_product(d, C, M, k, S, g):
+    # generic projectors (not paired into shifts): every block acts, in the stride-1 (right), embedded (left) and
+    # strided forms; the Procrustes step (the adjoint application) gives the optimum of the explicit form
+    torch.manual_seed(5)
+    try:
+        layer = CLS[d](C, M, k, stride=S, groups=g, dtype=torch.float64, bias=False)
+    except ImpossibleLayerError:
+        return
+    with torch.no_grad():
+        for p in (layer.proj_a, layer.proj_b):
+            if p is not None:
+                p.normal_()
+        torch.testing.assert_close(layer._unit_kernel(torch.float64), _explicit_kernel(layer), rtol=0, atol=1e-12)
+        # the Procrustes step applies the adjoint: its matrix is the polar factor of the explicit correlation
+        target = torch.randn(g, M // g, C // g, *layer.kernel_size, dtype=torch.float64)
+        A = _explicit_block_part(layer)
+        if layer._strided:
+            G = torch.zeros(g, M // g, C // g, *layer._r, dtype=torch.float64)
+            for a in itertools.product(*(range(r) for r in layer._r)):
+                for q, block in A.items():
+                    p = tuple(x + y for x, y in zip(a, q))
+                    G[(Ellipsis,) + a] += target[(Ellipsis,) + p] @ block.mT
+        else:
+            G = sum(block.mT @ target[(Ellipsis,) + p] if layer._embed else target[(Ellipsis,) + p] @ block.mT
+                    for p, block in A.items())
+        layer._procrustes(target)
+        expected = project_to_stiefel(G.reshape(layer.matrix.shape))
+        torch.testing.assert_close(layer.matrix, expected, rtol=0, atol=1e-10)
