@@ -61,6 +61,7 @@ from orthofx.errors import LayerArgumentError
 
 from .decompositions import (ConditionMonitor, _finite_part, _nan_where, eigh_stable, inv_sqrtm_newton_schulz,
                              sqrtm_newton_schulz, svd_stable)
+from .tracing import fx_tracer_of, record_as_leaf
 
 __all__ = [
     "stable_eigh",
@@ -290,6 +291,11 @@ class DecompositionMonitor(ConditionMonitor):
         return torch.where(symmetric, s, s * s)
 
     def forward(self, x, matrix: Tensor | None = None):
+        tracer = fx_tracer_of((x, matrix))
+        if tracer is not None:
+            kwargs = {} if matrix is None else {"matrix": matrix}
+            return record_as_leaf(self, tracer, (x,), kwargs,
+                                  "it records the condition number in its buffers, branching on shapes and values")
         if self.source == "matrix":
             _check_square(x, f"DecompositionMonitor({self.op or 'matrix'})")
             with torch.no_grad():

@@ -116,6 +116,19 @@ by the wrapper under the same qualified name, so the conv's parameters become ``
 ``groups``, ``kernel_size``, ``in_channels`` and ``out_channels`` as read-only properties, so code that reads a
 layer's weight by name (``orthofx.penalty`` terms, metrics) keeps working on the wrapped layer.
 
+Symbolic tracing
+----------------
+The FFT grid, the filter and the output crop follow from the input's spatial size (and, with ``momentum``, from
+the running filter of that grid), which a ``torch.fx`` Proxy does not carry. So ``torch.fx.symbolic_trace`` of a
+model holding a :class:`ConvNormConvNd` or :class:`FrozenConvNormNd` records the layer as one ``call_module`` node,
+as fx does for ``nn.Conv2d`` (the layer's forward does it when it receives a Proxy): the GraphModule calls the
+layer itself, so outputs, gradients, running-filter updates and every input size are the eager layer's, in train
+and eval mode. Tracing the layer itself as the root (``symbolic_trace(layer)``) cannot give such a node and
+raises :class:`~orthofx.errors.CaptureError`. ``torch.func`` transforms (``vmap`` / ``grad`` of a
+``functional_call``, per-sample gradients) work with ``momentum=None`` and in eval mode; a training-mode update of
+a running filter is an in-place buffer write they cannot make, refused with a
+:class:`~orthofx.errors.LayerArgumentError` naming those two fixes.
+
 Example::
 
     conv = torch.nn.Conv2d(16, 32, (1, 3), stride=(1, 2), padding=(0, 2), dilation=2, bias=False)
@@ -134,6 +147,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orthofx.errors import LayerArgumentError, layer_label
+from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf
 from orthofx.nn.padding import circular_pad, flat_pads
 
 __all__ = [
@@ -161,6 +175,9 @@ _RUNNING_PREFIX = "running_v_"
 _FROZEN_PREFIX = "v_"
 #: How many distinct input sizes a ConvNorm layer remembers for :meth:`ConvNormConvNd.to_plain`.
 MAX_REMEMBERED_SIZES = 16
+#: Why ``torch.fx.symbolic_trace`` records a ConvNorm layer as one call (see "Symbolic tracing" in the docs).
+_TRACE_REASON = ("its FFT grid, filter and output crop follow from the input's spatial size (and, with momentum, "
+                 "the running filter of that grid), which a torch.fx Proxy does not carry")
 
 
 # ------------------------------------------------------------------------------------------------ geometry
@@ -659,6 +676,7 @@ class ConvNormConvNd(nn.Module):
         if not self.training:
             return running
         v = _filter(self.conv.weight, grid, self.conv.dilation, self.eps)
+        self._refuse_running_update_under_transform()
         with torch.no_grad():
             if running is None or running.shape != v.shape:
                 # a buffer made under inference_mode would be an inference tensor, which later training steps
@@ -668,6 +686,21 @@ class ConvNormConvNd(nn.Module):
             else:
                 running.lerp_(v.to(running.dtype), self.momentum)
         return v
+
+    def _refuse_running_update_under_transform(self) -> None:
+        """The training-mode update of a running filter writes a buffer in place (or registers a new one), which a
+        ``torch.func`` transform (``vmap`` / ``grad`` of a ``functional_call``: per-sample gradients) cannot do:
+        torch refuses the in-place ``lerp_`` on a captured tensor, and a first call would leave a functorch-wrapped
+        tensor as the layer's buffer. Say so with the fixes instead (as torch's BatchNorm, which has the same
+        limitation)."""
+        if not in_func_transform():
+            return
+        raise LayerArgumentError(
+            f"{layer_label(self)} (momentum={self.momentum:g}): in training mode each forward updates the running "
+            f"ConvNorm filter of its grid in place, which cannot run inside a torch.func transform (vmap, grad, "
+            f"jacrev ... e.g. per-sample gradients of a functional_call). Run the transformed call in eval mode "
+            f"(layer.eval(): the running filters are then only read), or build the layer with momentum=None (the "
+            f"default: the filter is recomputed from the weight and nothing is stored)")
 
     def _apply(self, fn, recurse=True):
         return _apply_keeping_filters_real(self, super()._apply, fn, recurse, _RUNNING_PREFIX)
@@ -736,6 +769,9 @@ class ConvNormConvNd(nn.Module):
         return frozen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tracer = fx_tracer_of((x,))
+        if tracer is not None:
+            return record_as_leaf(self, tracer, (x,), {}, _TRACE_REASON)
         conv = self.conv
         y = _conv_norm(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
                        self.eps, conv.padding_mode, self._v_for, self)
@@ -867,6 +903,9 @@ class FrozenConvNormNd(nn.Module):
             f"to_plain(input_sizes=[{size}])")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tracer = fx_tracer_of((x,))
+        if tracer is not None:
+            return record_as_leaf(self, tracer, (x,), {}, _TRACE_REASON)
         d = self._dims
         x, unbatched = _batched_input(x, self.conv.weight, self.groups, layer_label(self))
         size = tuple(x.shape[2:])

@@ -87,6 +87,11 @@ differentiated by autograd. It converges for symmetric positive definite ``Sigma
 grows with the condition number (small eigenvalues of ``A`` converge slowly), so ill-conditioned inputs need
 more iterations.
 
+``torch.func``: inside a transform (``grad``, ``vmap``, ``jacrev``: per-sample gradients) the ops run as an
+``autograd.Function`` with ``setup_context`` and a generated vmap rule (:class:`_EighFunction`,
+:class:`_SvdFunction`), the same forward values and backward formulas: torch refuses the custom ops' registered
+autograd there ("it must override the setup_context staticmethod", pytorch/pytorch#168393).
+
 Monitor
 -------
 ``ConditionMonitor`` (an ``nn.Module`` whose state lives in buffers, so ``state_dict`` / ``load_state_dict`` carry
@@ -99,9 +104,11 @@ import math
 
 import torch
 import torch.autograd.forward_ad as _fwad
+import torch.fx
 from torch import Tensor, nn
 
-from orthofx.errors import LayerArgumentError
+from orthofx.errors import LayerArgumentError, layer_label
+from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf
 
 __all__ = [
     "eigh_stable",
@@ -245,7 +252,7 @@ def _working_dtypes(A: Tensor, float64: bool) -> tuple[torch.dtype, torch.dtype]
 
 def _run_in(op, A: Tensor, work: torch.dtype | None, returned: torch.dtype | None, *args) -> tuple[Tensor, ...]:
     out = op(A if work is None else A.to(work), *args)
-    n = 2 if op is _eigh_op or op is _eigh_plain else 3  # index, not iterate: under fx tracing ``out`` is a Proxy
+    n = 2 if op in (_eigh_op, _eigh_plain, _eigh_function) else 3  # index, not iterate: under fx ``out`` is a Proxy
     if returned is None:  # traced: cast back to the input's dtype only when float64 was asked for
         return tuple(out[i] if work is None else out[i].to(A.dtype) for i in range(n))
     return tuple(out[i].to(returned) for i in range(n))
@@ -390,6 +397,31 @@ def _eigh_backward_in_place(L: Tensor, V: Tensor, gL: Tensor | None, gV: Tensor,
 torch.library.register_autograd("orthofx::eigh_stable", _eigh_backward, setup_context=_eigh_setup)
 
 
+# ------------------------------------------------------------------------------------------- torch.func
+
+
+class _EighFunction(torch.autograd.Function):
+    """The stable eigh as an ``autograd.Function`` with a separate ``setup_context`` and a generated vmap rule,
+    for calls inside ``torch.func`` transforms (per-sample gradients: ``vmap(grad(functional_call))``). The
+    custom op's registered autograd is a generated ``autograd.Function`` without ``setup_context``, which
+    ``torch.func`` refuses ("it must override the setup_context staticmethod", pytorch/pytorch#168393). Same
+    forward values (the host-sync-free :func:`_eigh_plain`: a vmapped kernel cannot branch on data) and the same
+    backward formula as the op."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(A, taylor_order, clamp_gap):
+        return _eigh_plain(A, taylor_order, clamp_gap)
+
+    setup_context = staticmethod(_eigh_setup)
+    backward = staticmethod(_eigh_backward)
+
+
+def _eigh_function(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor]:
+    return _EighFunction.apply(A, taylor_order, clamp_gap)
+
+
 def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
                 clamp_gap: float | None = None, *, plain: bool = False) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of symmetric ``A`` (``[..., n, n]``) with a bounded gradient.
@@ -409,7 +441,8 @@ def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
         _refuse_forward_mode(A, "eigh_stable")
     clamp = None if clamp_gap is None else float(clamp_gap)
     work, returned = _working_dtypes(A, float64)
-    L, V = _run_in(_eigh_plain if plain else _eigh_op, A, work, returned, taylor_order, clamp)
+    op = _eigh_plain if plain else (_eigh_function if in_func_transform() else _eigh_op)
+    L, V = _run_in(op, A, work, returned, taylor_order, clamp)
     return L, V
 
 
@@ -492,6 +525,23 @@ def _svd_grad(U, S, Vh, gU, gS, gVh, taylor_order, clamp_gap, inplace: bool) -> 
 torch.library.register_autograd("orthofx::svd_stable", _svd_backward, setup_context=_svd_setup)
 
 
+class _SvdFunction(torch.autograd.Function):
+    """The stable SVD for ``torch.func`` transforms, as :class:`_EighFunction` for eigh."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(A, taylor_order, clamp_gap):
+        return _svd_plain(A, taylor_order, clamp_gap)
+
+    setup_context = staticmethod(_svd_setup)
+    backward = staticmethod(_svd_backward)
+
+
+def _svd_function(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    return _SvdFunction.apply(A, taylor_order, clamp_gap)
+
+
 def svd_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
                clamp_gap: float | None = None, *, plain: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced SVD ``A = U diag(S) Vh`` of a real ``[..., m, n]`` matrix with a bounded gradient.
@@ -505,7 +555,8 @@ def svd_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
         _refuse_forward_mode(A, "svd_stable")
     clamp = None if clamp_gap is None else float(clamp_gap)
     work, returned = _working_dtypes(A, float64)
-    U, S, Vh = _run_in(_svd_plain if plain else _svd_op, A, work, returned, taylor_order, clamp)
+    op = _svd_plain if plain else (_svd_function if in_func_transform() else _svd_op)
+    U, S, Vh = _run_in(op, A, work, returned, taylor_order, clamp)
     return U, S, Vh
 
 
@@ -584,6 +635,10 @@ class ConditionMonitor(nn.Module):
     of calls), ``nan_events`` (calls whose eigenvalues held a NaN), ``inf_events`` (calls whose eigenvalues held
     an inf, or with an infinite kappa), ``history_buffer`` (ring of the last ``history_size`` kappas; read it
     oldest first with :attr:`history`). Everything is computed with tensor ops (no host sync in ``update``).
+
+    ``torch.fx.symbolic_trace`` records a monitor as one ``call_module`` node
+    (:func:`orthofx.nn.tracing.record_as_leaf`: its update branches on shapes and writes its buffers); inside a
+    ``torch.func`` transform the in-place writes cannot run and :meth:`update` raises :class:`~orthofx.errors.LayerArgumentError` naming the fixes.
     """
 
     def __init__(self, history_size: int = 1000) -> None:
@@ -655,6 +710,15 @@ class ConditionMonitor(nn.Module):
         batch or ``n = 0`` (0 x 0 matrices, which torch decomposes) records nothing and returns NaN."""
         if eigenvalues.dim() < 1:
             raise LayerArgumentError(f"expected eigenvalues of shape [..., n], got {tuple(eigenvalues.shape)}")
+        if in_func_transform():
+            # torch refuses the in-place buffer writes there ("attempted to call in-place operation ... that
+            # would mutate a captured Tensor"), and under vmap one call sees one sample, not the batch
+            raise LayerArgumentError(
+                f"{layer_label(self)}: a condition-number monitor records into its buffers in place, which cannot "
+                f"run inside a torch.func transform (vmap, grad, jacrev ... e.g. per-sample gradients of a "
+                f"functional_call). Transform the model with the svd_conditioning option monitor: false, or put "
+                f"orthofx.nn.conditioning.PassThrough() (what monitor.to_plain() returns) in the monitors' places "
+                f"for the transformed call")
         lam = eigenvalues.detach().to(torch.float64)
         if lam.shape[-1] == 0:  # 0 x 0 matrices: no eigenvalue, no condition number
             return torch.full((), float("nan"), dtype=torch.float64, device=lam.device)
@@ -673,6 +737,10 @@ class ConditionMonitor(nn.Module):
         return worst
 
     def forward(self, eigenvalues: Tensor) -> Tensor:
+        tracer = fx_tracer_of((eigenvalues,))
+        if tracer is not None:
+            return record_as_leaf(self, tracer, (eigenvalues,), {},
+                                  "its update branches on the eigenvalues' shape and writes its buffers in place")
         return self.update(eigenvalues)
 
     @property

@@ -25,7 +25,12 @@ others, held fixed): the regulariser shapes the block's own parameters, not the 
 Under activation checkpointing (``use_reentrant=False``) the estimate keeps its own tensors, outside the
 checkpoint, and the recomputation inside backward runs only the block; with ``use_reentrant=True`` the
 checkpointed forward runs without gradients, so the probe makes no estimate at all: use ``use_reentrant=False``.
-With BatchNorm in training mode the samples of a batch are coupled; see :func:`orthofx.metrics.jacobian_isometry`
+``torch.fx.symbolic_trace`` of a model holding a probe records the probe as one ``call_module`` node (its block
+is not a registered submodule, and the estimate is nested autograd on concrete tensors), so the traced model makes
+the same estimates. A training-mode estimate cannot run inside ``torch.func`` transforms (``vmap`` / ``grad``,
+per-sample gradients) nor under ``torch.export``: both raise :class:`~orthofx.errors.LayerArgumentError` (put the
+probe in eval mode, where it only runs its block, or remove it). With BatchNorm in training mode the samples of a
+batch are coupled; see :func:`orthofx.metrics.jacobian_isometry`
 for what ``per_sample`` then measures.
 
 Example::
@@ -50,6 +55,7 @@ from torch import nn
 from .. import metrics
 from ..errors import LayerArgumentError, layer_label
 from ..theory import _positive_int
+from .tracing import fx_tracer_of, in_func_transform, record_as_leaf
 
 __all__ = ["JacobianProbe"]
 
@@ -215,6 +221,12 @@ class JacobianProbe(nn.Module):
     # ------------------------------------------------------------------------------------------ forward
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        tracer = fx_tracer_of(args, kwargs)
+        if tracer is not None:
+            # the block is not a submodule of the traced model (the probe shares its registries instead), so fx
+            # could not trace through it, and the estimate is nested autograd on concrete tensors
+            return record_as_leaf(self, tracer, args, kwargs, "in training mode it estimates the block's Jacobian "
+                                  "with nested autograd on concrete tensors and keeps the estimate on the probe")
         block = self.block
         block.training = self.training
         # (both checks are eager-only: dynamo does not trace these autograd-engine queries)
@@ -224,6 +236,7 @@ class JacobianProbe(nn.Module):
         if not self.training or not torch.is_grad_enabled():
             self.estimate = None
             return block(*args, **kwargs)
+        self._refuse_untraceable_estimate()
         # counted modulo one period of ``every`` steps: under torch.compile the count is a guarded constant, so a
         # bounded count gives ``every`` graphs instead of a recompilation at each step
         phase = self.calls % (self.every * self.calls_per_step)
@@ -244,6 +257,26 @@ class JacobianProbe(nn.Module):
         # a block called several times per forward: the estimates of one step's calls add up
         self.estimate = estimate if call == 0 or self.estimate is None else self.estimate + estimate
         return block(*args, **kwargs)
+
+    def _refuse_untraceable_estimate(self) -> None:
+        """Refuse a training-mode estimate where it cannot be made: inside a ``torch.func`` transform (``vmap`` /
+        ``grad`` of a ``functional_call``, e.g. per-sample gradients), whose wrapped tensors the estimate's own
+        autograd calls reject (torch: "attempting to call Tensor.requires_grad_() ... inside of a function being
+        transformed by a functorch transform"), and under ``torch.export``, which cannot capture it (torch:
+        "attempted to apply meta conversion to view functorch tensor"); an exported program has no place for the
+        estimate anyway. Eval mode (or no_grad) runs only the block, which both handle."""
+        if torch.compiler.is_exporting():
+            where = "under torch.export"
+        elif in_func_transform():
+            where = ("inside a torch.func transform (vmap, grad, jacrev ... e.g. per-sample gradients of a "
+                     "functional_call)")
+        else:
+            return
+        raise LayerArgumentError(
+            f"{layer_label(self)}: in training mode the probe estimates its block's Jacobian with nested autograd "
+            f"on every call, which cannot run {where}. Put the probe in eval mode for this call (probe.eval(): it "
+            f"then only runs its block and adds no penalty), or remove it (orthofx.freeze(model) or "
+            f"probe.to_plain())")
 
     def _estimate(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The block's Jacobian estimate at these inputs (sets :attr:`route_used`)."""

@@ -76,7 +76,9 @@ Construction (per group; the math, checked numerically in ``tests/test_orthogona
    large kernels on tiny grids (16 -> 16, k = 7, 8x8: 1.4 vs 2.4). It is also the only exact option where
    Theorem 4 rules out a ``k x k`` kernel. ``method="auto"`` never picks it (it needs the input size).
    Inference: :meth:`to_plain` gives a :class:`FourierConv` with ``Q`` precomputed (GPU: 1.4-1.6x a plain
-   ``nn.Conv2d``, about a frozen BCOP conv with circular padding).
+   ``nn.Conv2d``, about a frozen BCOP conv with circular padding). ``torch.fx.symbolic_trace`` of a model holding
+   either traces the symbol op by op from ``cayley_kernel`` (it is fixed by ``input_size``) and records its
+   application (input checks, FFTs, bias) as one call of ``_fourier_forward``, which needs concrete shapes.
 
 The kernel is rebuilt from the parameters at every access of :attr:`weight` (nothing is cached), in
 ``compute_dtype`` (keyword argument and attribute; float64 by default, then rounded to the layer's dtype, which
@@ -333,7 +335,7 @@ def _relative_distance(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(value - reference) / torch.linalg.vector_norm(reference).clamp_min(1e-300))
 
 
-def _check_input(x: torch.Tensor, dims: int, channels: int, layer: nn.Module) -> None:
+def _check_input(x: torch.Tensor, dims: int, channels: int, layer: nn.Module | str) -> None:
     """Refuse an input that is not ``(B, channels, *spatial)`` or ``(channels, *spatial)`` with ``dims`` spatial
     dimensions. The Fourier-domain forward reshapes ``(B, C, ...)`` with ``-1`` for the batch, so a wrong channel
     count whose product with ``B`` divides evenly would silently be read as another batch size (8 channels into a
@@ -344,11 +346,47 @@ def _check_input(x: torch.Tensor, dims: int, channels: int, layer: nn.Module) ->
         return
     if x.dim() not in (dims + 1, dims + 2) or x.shape[-dims - 1] != channels:
         spatial = "L" if dims == 1 else ", ".join("HWD"[i] for i in range(dims))
+        label = layer if isinstance(layer, str) else layer_label(layer)
         raise LayerArgumentError(
-            f"{layer_label(layer)} (in_channels={channels}): expected an input of shape (batch, {channels}, "
+            f"{label} (in_channels={channels}): expected an input of shape (batch, {channels}, "
             f"{spatial}) or ({channels}, {spatial}), got shape {tuple(x.shape)}. Pass {dims + 2}-D (or unbatched "
             f"{dims + 1}-D) inputs with {channels} channels, or build the layer with in_channels equal to the "
             "input's channels")
+
+
+def _fourier_forward(x: torch.Tensor, symbol: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, ...],
+                     input_size: tuple[int, ...], channels: int, label: str, frozen: bool) -> torch.Tensor:
+    r"""The forward of a Fourier-domain layer (``method="cayley_fft"`` and :class:`FourierConv`): the input checks,
+    :math:`y = \mathrm{IFFT}(Q(f)\,\mathrm{FFT}(x'))` with ``symbol`` :math:`Q` (``(g, F, M, C S^d)`` complex),
+    plus ``bias``; an unbatched input gives an unbatched output. ``label`` names the layer in errors; ``frozen``
+    picks the fix an input of another spatial size is told (freeze another method, or build another layer).
+
+    Registered with ``torch.fx.wrap`` below: ``torch.fx.symbolic_trace`` records it as one call (the checks, the
+    unbatched case and the empty batch need concrete shapes, which a Proxy does not have), while the symbol, a
+    function of the parameters fixed by the layer's ``input_size``, is traced op by op before it, so a traced
+    model computes the same outputs and parameter gradients."""
+    d = len(input_size)
+    _check_input(x, d, channels, label)
+    size = tuple(x.shape[-d:])
+    if size != tuple(input_size):
+        if frozen:
+            built = f"{label}: the frozen Fourier-domain operator was built"
+            fix = "freeze an OrthogonalConv with method='auto'"
+        else:
+            built = f"{label} (method='cayley_fft'): built"
+            fix = f"build the layer with input_size={size}, or use method='auto'"
+        raise LayerArgumentError(
+            f"{built} for inputs of spatial size {tuple(input_size)}, got {size} (input shape {tuple(x.shape)}). Its "
+            f"orthogonal operator lives in the Fourier domain of that one grid: resize the input, {fix} (an explicit "
+            f"kernel that works on every size)")
+    unbatched = x.dim() == d + 1
+    y = _apply_symbol(x.unsqueeze(0) if unbatched else x, symbol, stride)
+    if bias is not None:
+        y = y + bias.to(y.dtype).reshape(-1, *(1,) * d)
+    return y.squeeze(0) if unbatched else y
+
+
+torch.fx.wrap("_fourier_forward")
 
 
 def _mirror_requires_grad(original: nn.Module, layer: nn.Module) -> None:
@@ -413,6 +451,10 @@ class _EvalCache:
     def _cached(self, name: str, build):
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
             return build()  # a traced graph must not touch the module's __dict__ (dynamo cannot trace dict.pop)
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            # build() gives a Proxy there: cached, it was returned by later eager forwards (an eval-mode layer
+            # traced under no_grad answered Proxy(getattr_10) instead of a tensor ever after)
+            return build()
         if self.training or torch.is_grad_enabled():
             # a forward with gradients is a training pass in eval mode (frozen BatchNorm): the step after it may
             # be a fused optimizer's, which writes the parameters without bumping their version counters
@@ -613,7 +655,9 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
 
     @property
     def _param_dtype(self) -> torch.dtype:
-        return (self.cayley_kernel if self.method == "cayley_fft" else self.matrix).dtype
+        """The parameters' dtype, read from ``_parameters``: ``torch.fx``'s tracer turns ``self.matrix`` into a
+        Proxy, whose ``dtype`` cannot decide a Python branch."""
+        return self._parameters["cayley_kernel" if self.method == "cayley_fft" else "matrix"].dtype
 
     def _cayley_skew(self, cd: torch.dtype) -> torch.Tensor:
         r"""``A(f) = \hat V(f) - \hat V(f)^H`` on the rfft half spectrum of the ``n/S`` grid, ``(g, F, N, N)``;
@@ -646,7 +690,7 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
             Q = torch.linalg.solve(plus, minus[..., :, :cp])
         else:
             Q = torch.linalg.solve(plus, minus)
-        if Q.dtype == torch.complex64:
+        if cd == torch.float32:  # complex64 solves (the compute dtype, not Q.dtype: a Proxy under torch.fx)
             # the solve's orthogonality error is about eps * cond(I + A) = eps * sqrt(1 + |A|^2), and |A| grows in
             # training (1.5e-5 after 10 Adam steps at lr 0.1 for N = 128): one Newton-Schulz step
             # Q (3 I - Q^H Q) / 2 squares that error (to the rounding of its own products, ~1e-6)
@@ -705,15 +749,6 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         q.index_put_(tuple(_broadcast_index(rs)) + tuple(_broadcast_index(as_)), values, accumulate=True)
         q = q.permute(2 * d, 2 * d + 1, 2 * d + 2, *range(2 * d))   # (g, M, C, *S, *grid)
         return q.reshape(g, M, self._cp, *self._grid)
-
-    def _check_input_size(self, x: torch.Tensor) -> None:
-        size = tuple(x.shape[-self._dims:])
-        if size != self.input_size:
-            raise LayerArgumentError(
-                f"{layer_label(self)} (method='cayley_fft'): built for inputs of spatial size {self.input_size}, "
-                f"got {size} (input shape {tuple(x.shape)}). Its orthogonal operator lives in the Fourier domain "
-                f"of that one grid: resize the input, build the layer with input_size={size}, or use "
-                f"method='auto' (an explicit kernel that works on every size)")
 
     @torch.no_grad()
     def _cayley_fit(self, target: torch.Tensor, steps: int, lefts: Sequence[int] | None = None) -> None:
@@ -994,16 +1029,12 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
             f"{self.stride}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self._dims, self.in_channels, self)
         if self.method == "cayley_fft":
-            self._check_input_size(x)
             Q = self._cached("symbol", lambda: (self._cayley_unit_symbol() * self.gain).to(
                 torch.complex128 if self._param_dtype == torch.float64 else torch.complex64))
-            unbatched = x.dim() == self._dims + 1
-            y = _apply_symbol(x.unsqueeze(0) if unbatched else x, Q, self.stride)
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype).reshape(-1, *(1,) * self._dims)
-            return y.squeeze(0) if unbatched else y
+            return _fourier_forward(x, Q, self.bias, self.stride, self.input_size, self.in_channels,
+                                    layer_label(self), frozen=False)
+        _check_input(x, self._dims, self.in_channels, self)
         self._check_spatial_size(x)
         x, padding = self._pad_input(x)
         weight = self._cached("weight", lambda: self.weight)
@@ -1402,20 +1433,12 @@ class FourierConv(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = len(self.input_size)
-        _check_input(x, d, self.in_channels, self)
-        size = tuple(x.shape[-d:])
-        if size != self.input_size:
-            raise LayerArgumentError(
-                f"{layer_label(self)}: the frozen Fourier-domain operator was built for inputs of spatial size "
-                f"{self.input_size}, got {size} (input shape {tuple(x.shape)}); resize the input, or freeze an "
-                f"OrthogonalConv with method='auto' (an explicit kernel that works on every size)")
-        unbatched = x.dim() == d + 1
-        symbol = self.symbol if self.symbol.dtype in (torch.float32, torch.float64) else self.symbol.float()
-        y = _apply_symbol(x.unsqueeze(0) if unbatched else x, torch.view_as_complex(symbol), self.stride)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype).reshape(-1, *(1,) * d)
-        return y.squeeze(0) if unbatched else y
+        symbol = self.symbol
+        # the dtype from _buffers: a tracer with proxy_buffer_attributes (orthofx's) makes self.symbol a Proxy
+        if self._buffers["symbol"].dtype not in (torch.float32, torch.float64):
+            symbol = symbol.float()
+        return _fourier_forward(x, torch.view_as_complex(symbol), self.bias, self.stride, self.input_size,
+                                self.in_channels, layer_label(self), frozen=True)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, input_size={self.input_size}, stride={self.stride}, "

@@ -142,6 +142,10 @@ def circular_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tens
     return _CircularPad.apply(x, *(v for pair in pads for v in pair))
 
 
+# CircularPad.forward below calls it: symbolic tracing records one call (its pads checks need concrete sizes)
+torch.fx.wrap("circular_pad")
+
+
 class CircularPad(nn.Module):
     """Circular padding by ``(left, right)`` per trailing spatial dimension (``pads`` in that order), of any size:
     :func:`circular_pad`, so that pads larger than the input wrap around as often as needed, where

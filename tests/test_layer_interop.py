@@ -1,0 +1,318 @@
+"""orthofx.nn layers put directly into a user's model and used with standard PyTorch tooling (not through
+orthofx.transform): torch.fx.symbolic_trace, torch.func (functional_call, vmap + grad per-sample gradients) and
+torch.export.
+
+References are independent of the code under test where one exists: the plain torch conv a layer freezes into
+(``to_conv``), torch.linalg's own eigh / svd gradients, a loop of per-sample ``torch.autograd.grad`` calls, or the
+eager layer on a deep copy (for the layers that symbolic tracing records as one call).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from orthofx.errors import CaptureError, LayerArgumentError
+from orthofx.nn import ConvNormConv2d, JacobianProbe, OrthogonalConv1d, OrthogonalConv2d
+from orthofx.nn.conditioning import DecompositionMonitor, stable_eigh
+from orthofx.nn.decompositions import ConditionMonitor, eigh_stable, svd_stable
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _Holder(nn.Module):
+    """A user's model holding one layer (symbolic tracing enters the holder and meets the layer as a submodule)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return torch.tanh(self.layer(x)) * 2
+
+
+def _param_grads(module: nn.Module, out: torch.Tensor) -> list[torch.Tensor]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    return list(torch.autograd.grad(out.square().sum(), params))
+
+
+def _per_sample_grads(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Opacus-style per-sample gradients: ``vmap(grad(loss of functional_call))`` over the batch."""
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    buffers = dict(module.named_buffers())
+
+    def loss(p, xi):
+        return functional_call(module, {**p, **buffers}, (xi.unsqueeze(0),)).square().sum()
+
+    return vmap(grad(loss), in_dims=(None, 0))(params, x)
+
+
+def _per_sample_loop(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The reference: one ``torch.autograd.grad`` per sample."""
+    names = [k for k, _ in module.named_parameters()]
+    rows = []
+    for xi in x:
+        out = module(xi.unsqueeze(0)).square().sum()
+        rows.append(torch.autograd.grad(out, [dict(module.named_parameters())[k] for k in names]))
+    return {k: torch.stack([row[i] for row in rows]) for i, k in enumerate(names)}
+
+
+# ------------------------------------------------------------------------------------------- cayley_fft
+
+
+_CAYLEY = {
+    "2d": (lambda: OrthogonalConv2d(4, 4, 3, method="cayley_fft", input_size=8), (2, 4, 8, 8)),
+    "2d-stride2-groups": (lambda: OrthogonalConv2d(4, 8, 1, stride=2, groups=2, method="cayley_fft",
+                                                   input_size=(8, 8)), (2, 4, 8, 8)),
+    "1d-float32-build": (lambda: OrthogonalConv1d(3, 6, 3, method="cayley_fft", input_size=8,
+                                                  compute_dtype=torch.float32), (2, 3, 8)),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", list(_CAYLEY))
+def test_cayley_fft_layer_traces_symbolically_with_eager_outputs_and_gradients(case, training):
+    """``cayley_fft`` has a fixed input size, so its whole computation is fixed by the module: the traced model
+    computes the symbol op by op from the parameter and equals the plain conv it freezes into (``to_conv``, an
+    explicit full-size kernel), with the eager layer's parameter gradients. (It raised fx's raw "Proxy object
+    cannot be iterated" in the input-size check.)"""
+    make, shape = _CAYLEY[case]
+    torch.manual_seed(0)
+    model = _Holder(make()).train(training)
+    x = torch.randn(shape)
+    traced = torch.fx.symbolic_trace(model)
+    assert "cayley_kernel" in traced.code  # the symbol is built in the graph, from the parameter
+    with torch.no_grad():
+        plain = torch.tanh(model.layer.to_conv()(x)) * 2
+    torch.testing.assert_close(traced(x), plain, atol=1e-5, rtol=1e-5)
+    for got, want in zip(_param_grads(traced, traced(x)), _param_grads(model, model(x))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_traced_cayley_fft_keeps_its_input_checks():
+    torch.manual_seed(1)
+    traced = torch.fx.symbolic_trace(_Holder(OrthogonalConv2d(4, 4, 3, method="cayley_fft", input_size=8)))
+    with pytest.raises(LayerArgumentError, match=r"built for inputs of spatial size \(8, 8\), got \(6, 6\)"):
+        traced(torch.randn(2, 4, 6, 6))
+    with pytest.raises(LayerArgumentError, match=r"in_channels=4\): expected an input of shape"):
+        traced(torch.randn(1, 8, 8, 8))  # 8 channels into 4 would otherwise be read as a batch of 2
+    unbatched = torch.randn(4, 8, 8)
+    torch.testing.assert_close(traced(unbatched), traced(unbatched.unsqueeze(0)).squeeze(0))
+
+
+def test_frozen_fourier_conv_traces_symbolically():
+    torch.manual_seed(2)
+    layer = OrthogonalConv2d(4, 8, 3, stride=2, method="cayley_fft", input_size=8)
+    frozen = layer.to_plain()
+    x = torch.randn(3, 4, 8, 8)
+    traced = torch.fx.symbolic_trace(_Holder(frozen))
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), torch.tanh(layer.to_conv()(x)) * 2, atol=1e-5, rtol=1e-5)
+    with pytest.raises(LayerArgumentError, match="the frozen Fourier-domain operator was built"):
+        traced(torch.randn(3, 4, 4, 4))
+
+
+def test_eval_layer_traced_under_no_grad_keeps_answering_tensors():
+    """The eval-mode kernel cache stored the Proxy that building the kernel gives during symbolic tracing (traced
+    under no_grad, eval): every later eager forward returned ``Proxy(getattr_..)`` instead of a tensor."""
+    torch.manual_seed(3)
+    layer = OrthogonalConv2d(4, 4, 3).eval()
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        traced = torch.fx.symbolic_trace(_Holder(layer))
+        out = layer(x)
+        assert isinstance(out, torch.Tensor)
+        torch.testing.assert_close(out, layer.to_conv()(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(traced(x), torch.tanh(out) * 2)
+
+
+# ------------------------------------------------------------------------------------------- ConvNorm
+
+
+@pytest.mark.parametrize("momentum", [None, 0.5])
+def test_convnorm_is_one_call_in_a_symbolic_trace(momentum):
+    """ConvNorm's grid, filter and crop follow from the input's spatial size, which a Proxy lacks: symbolic
+    tracing records the layer as one ``call_module`` (what fx does for a leaf) instead of failing with fx's raw
+    "symbolically traced variables cannot be used as inputs to control flow". The traced model then equals the
+    eager one in train and eval, on several input sizes, and updates the same running filters."""
+    torch.manual_seed(4)
+    model = _Holder(ConvNormConv2d(nn.Conv2d(3, 4, 3, stride=2, padding=1), affine=True, momentum=momentum))
+    reference = copy.deepcopy(model)
+    traced = torch.fx.symbolic_trace(model)
+    calls = [n.target for n in traced.graph.nodes if n.op == "call_module"]
+    assert calls == ["layer"]
+    for training in (True, False):
+        traced.train(training)
+        reference.train(training)
+        for size in (8, 6):
+            x = torch.randn(2, 3, size, size)
+            got, want = traced(x), reference(x)
+            torch.testing.assert_close(got, want)
+            for a, b in zip(_param_grads(traced, got), _param_grads(reference, want)):
+                torch.testing.assert_close(a, b)
+    assert sorted(model.layer.running_grids) == sorted(reference.layer.running_grids)
+    for grid in reference.layer.running_grids:
+        torch.testing.assert_close(model.layer.running_filter(grid), reference.layer.running_filter(grid))
+
+
+def test_frozen_convnorm_is_one_call_in_a_symbolic_trace():
+    torch.manual_seed(5)
+    layer = ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = torch.tanh(layer(x)) * 2
+    traced = torch.fx.symbolic_trace(_Holder(layer.to_plain()))
+    torch.testing.assert_close(traced(x), want)
+    with pytest.raises(LayerArgumentError, match="no precomputed ConvNorm filter for input size"):
+        traced(torch.randn(2, 3, 6, 6))
+
+
+def test_convnorm_traced_as_the_root_names_the_fix():
+    layer = ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1))
+    with pytest.raises(CaptureError, match=r"cannot be traced symbolically by itself: its FFT grid.*Trace a model "
+                                           r"that holds it as a submodule"):
+        torch.fx.symbolic_trace(layer)
+
+
+def test_convnorm_with_momentum_in_training_refuses_torch_func_transforms():
+    """The running filter's in-place update cannot run under vmap/grad: torch's raw "mutate a captured Tensor",
+    and on a first call a functorch-wrapped tensor left behind as the layer's buffer."""
+    torch.manual_seed(6)
+    layer = ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1), momentum=0.1)
+    x = torch.randn(3, 3, 6, 6)
+    with pytest.raises(LayerArgumentError, match=r"momentum=0.1\): in training mode each forward updates the "
+                                                 r"running ConvNorm filter.*layer.eval\(\)"):
+        _per_sample_grads(layer, x)
+    assert layer.running_grids == []  # nothing was registered by the refused call
+    layer(x)  # a normal training step makes the running filter, then eval mode reads it under the transform
+    layer.eval()
+    got = _per_sample_grads(layer, x)
+    want = _per_sample_loop(layer, x)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- monitors
+
+
+class _MonitoredEigh(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.monitor = DecompositionMonitor("eigenvalues", values_index=0, op="eigh")
+
+    def forward(self, x):
+        z = self.lin(x)
+        cov = z.mT @ z + torch.eye(4)
+        L, V = self.monitor(stable_eigh(cov))
+        return z @ V * L.unsqueeze(-2)
+
+
+def test_condition_monitors_are_one_call_in_a_symbolic_trace():
+    torch.manual_seed(7)
+    model = _MonitoredEigh()
+    reference = copy.deepcopy(model)
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["lin", "monitor"]
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(traced(x), reference(x))
+    assert int(model.monitor.updates) == 1
+    torch.testing.assert_close(model.monitor.last, reference.monitor.last)
+
+    plain = torch.fx.symbolic_trace(_Holder(ConditionMonitor()))
+    assert plain.layer is not None and [n.op for n in plain.graph.nodes].count("call_module") == 1
+
+
+def test_condition_monitor_refuses_torch_func_transforms_with_the_fix():
+    torch.manual_seed(8)
+    model = _MonitoredEigh()
+    with pytest.raises(LayerArgumentError, match=r"records into its buffers in place.*monitor: false"):
+        _per_sample_grads(model, torch.randn(3, 5, 4))
+
+
+# ------------------------------------------------------------------------------------------- eigh / svd
+
+
+def test_stable_eigh_and_svd_give_per_sample_gradients_under_vmap_and_grad():
+    """torch.func refuses the custom ops' registered autograd ("must override the setup_context staticmethod",
+    pytorch/pytorch#168393); inside a transform the ops run as an autograd.Function with the same formulas. With
+    the exact gradient (``taylor_order=None``) and distinct eigenvalues it equals torch.linalg's own."""
+    torch.manual_seed(9)
+    A = torch.randn(3, 4, 4, dtype=torch.float64)
+    A = A @ A.mT + torch.eye(4, dtype=torch.float64)
+    B = torch.randn(3, 5, 3, dtype=torch.float64)
+    weights = torch.randn(4, 4, dtype=torch.float64)
+
+    def eigh_loss(decompose):
+        def loss(a):
+            L, V = decompose(a)
+            return (L * weights[0]).sum() + (V.abs() * weights).sum()  # |V|: sign-invariant
+        return loss
+
+    def svd_loss(decompose):
+        def loss(a):
+            U, S, Vh = decompose(a)
+            return (S * weights[0, :3]).sum() + U.abs().sum() + (Vh.abs() * weights[:3, :3]).sum()
+        return loss
+
+    got = vmap(grad(eigh_loss(lambda a: eigh_stable(a, taylor_order=None))))(A)
+    want = vmap(grad(eigh_loss(torch.linalg.eigh)))(A)
+    torch.testing.assert_close(got, want)
+    got = vmap(grad(svd_loss(lambda a: svd_stable(a, taylor_order=None))))(B)
+    want = vmap(grad(svd_loss(lambda a: torch.linalg.svd(a, full_matrices=False))))(B)
+    torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------------------------------- JacobianProbe
+
+
+def test_jacobian_probe_is_one_call_in_a_symbolic_trace():
+    """The probe shares its block's registries without registering the block, so fx could not trace into it
+    ("module is not installed as a submodule" in eval, a misleading orthofx error in training); it is recorded as
+    one call, and the traced model makes the same estimate."""
+    torch.manual_seed(10)
+    block = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+    model = _Holder(JacobianProbe(block, seed=0))
+    reference = copy.deepcopy(model)
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["layer"]
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(traced(x), reference(x))
+    torch.testing.assert_close(model.layer.estimate, reference.layer.estimate)
+    traced.eval()
+    reference.eval()
+    torch.testing.assert_close(traced(x), reference(x))
+
+
+def test_training_jacobian_probe_refuses_torch_func_and_export_with_the_fix():
+    torch.manual_seed(11)
+    probe = JacobianProbe(nn.Sequential(nn.Linear(6, 6), nn.Tanh()))
+    x = torch.randn(3, 6)
+    with pytest.raises(LayerArgumentError, match=r"inside a torch.func transform.*probe.eval\(\)"):
+        _per_sample_grads(probe, x)
+    with pytest.raises(LayerArgumentError, match=r"under torch.export.*probe.eval\(\)"):
+        torch.export.export(_Holder(probe), (x,))
+    probe.eval()  # the fix the messages give: per-sample gradients of the block itself
+    got = _per_sample_grads(probe, x)
+    want = _per_sample_loop(probe, x)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+
+
+def test_circular_pad_wrapping_more_than_once_traces_symbolically():
+    """``CircularPad`` (the padding of frozen layers with pads of 2 or more) is one call in a symbolic trace; its
+    values against an explicit periodic index (pads wider than the map wrap around more than once)."""
+    from orthofx.nn.padding import CircularPad
+
+    model = nn.Sequential(CircularPad([(3, 3), (2, 1)]), nn.Conv2d(2, 2, 3))
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 2, 2, 3)
+    rows = torch.arange(-3, 2 + 3) % 2
+    cols = torch.arange(-2, 3 + 1) % 3
+    reference = model[1](x[:, :, rows][:, :, :, cols])
+    torch.testing.assert_close(traced(x), reference, rtol=0, atol=0)
