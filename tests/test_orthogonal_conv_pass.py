@@ -312,3 +312,27 @@ def test_transform_builds_each_kernel_once(monkeypatch, training):
     with torch.no_grad():
         gm(orthofx.models.example_input("resnet18"))
     assert len(builds) == (17 if training else 0)
+
+
+def test_dilated_strided_convs_become_hard_orthogonal_layers():
+    """A dilation next to a stride (gcd(D, S) = 1, and 2 with one residue read) gets an exactly orthogonal layer
+    where Theorem 4 with dilation admits one, and L_orth where it does not; the frozen convs' operators, read off
+    their forward on basis inputs, have singular values 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, dilation=3, padding=3), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, stride=2, dilation=2, padding=2), nn.ReLU(),
+                          nn.Conv2d(4, 8, 3, stride=2, dilation=2, padding=2))   # 8 > 4 * 1 residue: impossible
+    x = torch.randn(2, 2, 8, 8)
+    gm = orthofx.transform(model, "orthogonal", example_inputs=(x,))
+    rows = {r["site"]: r for r in orthofx.report(gm).rows}
+    assert [rows[s]["pass"] for s in ("0", "2")] == ["orthogonal_conv (hard)"] * 2
+    assert rows["4"]["pass"] == "orthogonal_conv (regularised (no orthogonal version))"
+    frozen = orthofx.freeze(gm)
+    for site, in_shape in (("0", (2, 8, 8)), ("2", (4, 4, 4))):
+        conv = frozen.get_submodule(site).double()
+        n = torch.tensor(in_shape).prod().item()
+        basis = torch.eye(n, dtype=torch.float64).reshape(n, *in_shape)
+        with torch.no_grad():
+            A = (conv(basis) - conv(torch.zeros(1, *in_shape, dtype=torch.float64))).reshape(n, -1)
+        sigma = torch.linalg.svdvals(A)
+        assert torch.allclose(sigma, torch.ones_like(sigma), atol=1e-6), site

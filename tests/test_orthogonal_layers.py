@@ -69,8 +69,17 @@ def gram_error(A: np.ndarray, case: str) -> float:
     return float(np.abs(G - np.eye(G.shape[0])).max())
 
 
+def undilated(K: torch.Tensor, dilation: tuple) -> torch.Tensor:
+    """The kernel a dilated convolution applies: the taps of ``K`` spread ``dilation`` apart, zeros between."""
+    size = [(k - 1) * dl + 1 for k, dl in zip(K.shape[2:], dilation)]
+    out = K.new_zeros(*K.shape[:2], *size)
+    out[(slice(None), slice(None)) + tuple(slice(None, None, dl) for dl in dilation)] = K
+    return out
+
+
 def max_sigma_error(layer, n: int) -> float:
-    sv = conv_singular_values(layer.weight.detach(), n, stride=layer.stride, groups=layer.groups)
+    K = undilated(layer.weight.detach(), layer.dilation)
+    sv = conv_singular_values(K, n, stride=layer.stride, groups=layer.groups)
     return float((sv / layer.gain - 1).abs().max())
 
 
@@ -85,16 +94,16 @@ def architectures(draw):
     M = draw(st.integers(1, 6 if d == 2 else 5))
     k = draw(st.integers(1, 4))
     S = draw(st.integers(1, 3))
-    D = draw(st.sampled_from([1, 2])) if S == 1 else 1
+    D = draw(st.sampled_from([1, 1, 2, 3]))  # also next to a stride: gcd(D, S) = 1 or > 1
     return d, g, C, M, k, S, D
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(arch=architectures(), seed=st.integers(0, 2 ** 16))
 def test_orthogonal_inside_domain_impossible_outside(arch, seed):
     d, g, C, M, k, S, D = arch
     cls = CLS[d]
-    exists, case, reason = orthogonal_conv_exists(C * g, M * g, k, S, dims=d, groups=g)
+    exists, case, reason = orthogonal_conv_exists(C * g, M * g, k, S, dims=d, groups=g, dilation=D)
     torch.manual_seed(seed)
     if not exists:
         with pytest.raises(ImpossibleLayerError) as info:
@@ -251,10 +260,54 @@ def test_dilation_at_stride_one_even_kernel():
         assert gram_error(operator_of(layer), "RO") < 1e-10
 
 
-def test_dilation_with_stride_is_refused():
-    with pytest.raises(LayerArgumentError, match="dilation"):
-        OrthogonalConv2d(4, 4, 3, stride=2, dilation=2)
-    OrthogonalConv2d(4, 4, 1, stride=(1, 2), dilation=(2, 1))   # k = 1 ignores dilation: fine
+@pytest.mark.parametrize("d, C, M, k, S, D, case", [
+    (1, 4, 8, 3, 2, 3, "RO"),             # gcd(D, S) = 1: built for stride 2, as undilated
+    (1, 4, 12, 3, 2, 3, "CO"),            # gcd 1, column orthogonal
+    (1, 3, 3, 2, 2, 5, "RO"),             # k = S
+    (1, 2, 6, 4, 3, 2, "RO"),
+    (1, 4, 4, 3, 2, 2, "RO"),             # gcd 2: every other input read, a stride-1 kernel there
+    (1, 4, 2, 3, 2, 2, "RO"),
+    (1, 2, 4, 3, 4, 2, "RO"),             # gcd 2: stride-2 kernel on the even inputs, 4 <= 2 * min(3, 2)
+    (2, 2, 6, (3, 2), (2, 3), (3, 2), "RO"),
+    (2, 2, 2, (3, 3), (2, 2), (2, 1), "RO"),  # gcd 2 along one dimension
+    (2, 2, 10, 3, 2, 3, "CO"),
+])
+def test_dilation_next_to_a_stride_dense_gram_and_forward(d, C, M, k, S, D, case):
+    """Dilation ``D`` in a strided dimension (module docs, item 5): the layer's dense operator, written entry by
+    entry with its dilation and stride, is row or column orthogonal, and its forward is that operator."""
+    torch.manual_seed(0)
+    layer = CLS[d](C, M, k, stride=S, dilation=D, dtype=torch.float64)
+    assert layer.case == case
+    strides = layer.stride
+    keff = max(dl * (kk - 1) + 1 for kk, dl in zip(layer.kernel_size, layer.dilation))
+    n = math.lcm(*strides) * max(2, math.ceil(keff / min(strides)))
+    layer._test_grid = n
+    A = operator_of(layer)
+    assert gram_error(A, case) < 1e-10
+    x = torch.randn(2, C, *(n,) * d, dtype=torch.float64)
+    y = (layer(x) - layer.bias.reshape(-1, *(1,) * d)).detach()
+    np.testing.assert_allclose(y.reshape(2, -1).numpy(), (A @ x.reshape(2, -1).numpy().T).T, atol=1e-10)
+    assert layer.orthogonality_error(n) < 1e-10
+
+
+@pytest.mark.parametrize("d, C, M, k, S, D", [
+    (1, 4, 8, 3, 2, 2),      # gcd 2: one residue of two read, 8 > 4 * 1
+    (1, 2, 4, 3, 2, 4),      # CO shape, gcd 2: no column-orthogonal layer reads half the inputs
+    (2, 2, 8, 3, 2, (2, 1)),
+])
+def test_dilation_next_to_a_stride_outside_the_domain_is_impossible(d, C, M, k, S, D):
+    with pytest.raises(ImpossibleLayerError, match="Theorem 4") as info:
+        CLS[d](C, M, k, stride=S, dilation=D)
+    message = str(info.value)
+    assert "dilation" in message and "gcd" in message and "Fix:" in message
+    exists, _, reason = orthogonal_conv_exists(C, M, k, S, dims=d, dilation=D)
+    assert not exists and reason in message
+
+
+def test_dilation_with_a_one_tap_kernel_is_ignored():
+    layer = OrthogonalConv2d(4, 4, 1, stride=(1, 2), dilation=(2, 1), dtype=torch.float64)
+    layer._test_grid = 4
+    assert gram_error(operator_of(layer), layer.case) < 1e-10
 
 
 def test_zero_padding_mode_is_orthogonal_away_from_borders():

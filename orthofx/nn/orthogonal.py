@@ -47,8 +47,17 @@ Construction (per group; the math, checked numerically in ``tests/test_orthogona
    [HPH^T, I - HPH^T]\,H`). Grouped convolutions are built per group (all groups batched).
 
 5. *Dilation.* At stride 1 a dilated convolution's symbol is its undilated symbol evaluated at
-   :math:`\omega D`, still unitary, so the same kernel is orthogonal with any dilation; with stride > 1 a
-   dilation > 1 in the same dimension is refused (``k = 1`` ignores dilation).
+   :math:`\omega D`, still unitary, so the same kernel is orthogonal with any dilation. At stride ``S`` with
+   :math:`g = \gcd(D, S)`, write :math:`D = gD'`, :math:`S = gS'`: tap ``p`` reads input ``S i + D p``, so the
+   layer reads every ``g``-th input only (a selection, orthonormal rows) and acts there as a stride-``S'``
+   convolution with dilation ``D'`` coprime to ``S'``. For coprime ones tap ``p = \rho + S' m`` lands in phase
+   :math:`D'\rho \bmod S'` (a permutation of the phases) at block offset :math:`\lfloor D'\rho/S' \rfloor +
+   D'm`, so the polyphase matrix is the undilated one's evaluated at :math:`z^{D'}`, its columns permuted and
+   multiplied by unimodular phases: :math:`EE^H` and :math:`E^HE` keep the undilated values on the unit circle.
+   Hence the kernel is built for stride ``S'`` (per dimension) and applied with stride ``S`` and dilation ``D``:
+   exactly orthogonal on every grid divisible by the stride, RO when ``g > 1`` (``M <= C prod min(k, S')``),
+   RO or CO when ``g = 1``, which is :func:`orthofx.theory.orthogonal_conv_exists`'s domain with dilation
+   (``k = 1`` ignores dilation). Checked against dense operators in ``tests/test_orthogonal_layers.py``.
 
 6. *Cayley-FFT* (``method="cayley_fft"``, Trockman & Kolter, ICLR 2021; for one fixed input size ``n``). Per
    group, after a space-to-depth rearrangement by the stride (``C' = C S^d`` channels on the ``n/S`` grid, an
@@ -537,32 +546,27 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
                 f"{name}: input_size={input_size!r} is only used by method='cayley_fft' (an operator defined on one "
                 f"input size); method={method!r} builds an explicit kernel that works on every input size. Drop "
                 f"input_size or pass method='cayley_fft'")
-        for i, (k, s, dl) in enumerate(zip(self.kernel_size, self.stride, self.dilation)):
-            if dl > 1 and s > 1 and k > 1:
-                raise LayerArgumentError(
-                    f"{name}: dilation={self.dilation} together with stride={self.stride} (dimension {i}) is not "
-                    f"supported: dilated orthogonal convolutions are built at stride 1 only, where a dilated "
-                    f"convolution is orthogonal exactly when its undilated kernel is (it acts independently on the "
-                    f"dilation cosets). Use dilation=1 or stride=1 in that dimension (e.g. a stride-1 dilated layer "
-                    f"followed by a strided one)")
-
         g = self.groups
         C = self.in_channels // g
         M = self.out_channels // g
         self._C, self._M = C, M
         exists, case, reason = orthogonal_conv_exists(self.in_channels, self.out_channels, self.kernel_size,
-                                                      self.stride, dims=d, groups=g, padding="circular")
+                                                      self.stride, dims=d, groups=g, padding="circular",
+                                                      dilation=self.dilation)
         self.case = case
         if not exists:
+            dilated = "" if all(dl == 1 for dl in self.dilation) else f", dilation={self.dilation}"
             raise ImpossibleLayerError(
                 f"{name}(in_channels={self.in_channels}, out_channels={self.out_channels}, "
-                f"kernel_size={self.kernel_size}, stride={self.stride}, groups={g}): no orthogonal convolution "
-                f"exists (P0 Theorem 4, circular padding): {reason}. {self._impossible_fix(case)}")
+                f"kernel_size={self.kernel_size}, stride={self.stride}{dilated}, groups={g}): no orthogonal "
+                f"convolution exists (P0 Theorem 4, circular padding): {reason}. {self._impossible_fix(case)}")
 
-        # the construction: blocks of kernel k' on n channels, then the reshaped kernel R (size r) or embedding
-        self._kp = tuple(k - s + 1 if k >= s else 1 for k, s in zip(self.kernel_size, self.stride))
-        self._r = tuple(min(k, s) for k, s in zip(self.kernel_size, self.stride))
-        self._strided = any(s > 1 for s in self.stride)
+        # the construction (module docs, items 4 and 5): blocks of kernel k' on n channels, then the reshaped
+        # kernel R (size r) or embedding, all for the stride the taps see
+        build = self._build_stride
+        self._kp = tuple(k - s + 1 if k >= s else 1 for k, s in zip(self.kernel_size, build))
+        self._r = tuple(min(k, s) for k, s in zip(self.kernel_size, build))
+        self._strided = any(s > 1 for s in build)
         self._embed = (not self._strided) and M > C
         n = M if self._embed else C
         self._n = n
@@ -622,7 +626,7 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         if any(dl != 1 for dl in self.dilation):
             raise LayerArgumentError(
                 f"{name}: method='cayley_fft' builds a full-size {size} kernel, for which dilation has no meaning; "
-                f"got dilation={self.dilation}. Use dilation=1, or method='bcop' (dilated kernels at stride 1)")
+                f"got dilation={self.dilation}. Use dilation=1, or method='bcop' (explicit dilated kernels)")
         if any(n % s for n, s in zip(size, self.stride)):
             raise LayerArgumentError(
                 f"{name}: input_size={size} must be divisible by stride={self.stride} for method='cayley_fft' "
@@ -796,15 +800,25 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
 
     # ---------------------------------------------------------------------------------------- construction
 
+    @property
+    def _build_stride(self) -> tuple[int, ...]:
+        """The stride the kernel is built for, per dimension: ``S / gcd(D, S)`` (module docs, item 5), ``S``
+        undilated and for one-tap dimensions (a single tap has no spacing)."""
+        return tuple(s // math.gcd(dl, s) if k > 1 else s
+                     for k, s, dl in zip(self.kernel_size, self.stride, self.dilation))
+
     def _impossible_fix(self, case: str) -> str:
         g, C, M = self.groups, self._C, self._M
-        largest = g * C * math.prod(min(k, s) for k, s in zip(self.kernel_size, self.stride))
+        build = self._build_stride
+        largest = g * C * math.prod(min(k, s) for k, s in zip(self.kernel_size, build))
         hints = []
         if case == "RO":
-            k_min = next((k for k in range(1, max(self.stride) + 1)
-                          if C * math.prod(min(k, s) for s in self.stride) >= M), None)
+            k_min = next((k for k in range(1, max(build) + 1)
+                          if C * math.prod(min(k, s) for s in build) >= M), None)
             if k_min is not None:
                 hints.append(f"use kernel_size >= {k_min}")
+        elif build != self.stride:
+            hints.append("use a dilation coprime to the stride in every strided dimension")
         else:
             hints.append(f"use kernel_size >= stride ({max(self.stride)}) in every dimension")
         hints.append(f"use out_channels <= {largest}")
@@ -1060,14 +1074,14 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
 
     def orthogonality_error(self, input_size) -> float:
         r""":math:`\max_i |\sigma_i / \text{gain} - 1|` of the circular operator on an ``input_size`` grid
-        (:func:`orthofx.metrics.orthogonality_error`, exact FFT singular values; dilation is ignored, which
-        changes no singular value at stride 1 on a grid divisible by the dilation)."""
-        from orthofx.metrics import orthogonality_error
+        (:func:`orthofx.metrics.orthogonality_error`, exact FFT singular values; a dilated layer through the
+        undilated kernel it applies, :func:`orthofx.metrics.dilated_kernel`)."""
+        from orthofx.metrics import dilated_kernel, orthogonality_error
         if self.method == "cayley_fft" and _tuple(input_size, self._dims, "input_size") != self.input_size:
             raise LayerArgumentError(f"{type(self).__name__}(method='cayley_fft') is defined on input_size="
                                      f"{self.input_size} only, got input_size={input_size!r}")
         with torch.no_grad():
-            w = self.weight / self.gain
+            w = dilated_kernel(self.weight / self.gain, self.dilation)
         return orthogonality_error(w, input_size=input_size, stride=self.stride, groups=self.groups)
 
     @torch.no_grad()
@@ -1335,7 +1349,8 @@ class OrthogonalConv2d(_OrthogonalConvNd):
     ``padding_mode="circular"`` makes the layer exactly orthogonal; ``padding_mode="zeros"`` is accepted but
     then the layer is orthogonal only away from the borders (P0 Proposition 6: with zero padding no kernel with
     more than its centre tap is orthogonal).
-    Dilation: supported at stride 1 (any grid); with stride > 1 a clear error.
+    Dilation: at stride 1 any; in a strided dimension wherever Theorem 4 with dilation admits one (module docs,
+    item 5: the kernel is built for stride ``S / gcd(D, S)``); elsewhere :class:`~orthofx.errors.ImpossibleLayerError`.
 
     ``to_conv()`` bakes the kernel into a plain ``nn.Conv2d`` (or ``nn.Sequential(pad, conv)`` when the padding is
     asymmetric); ``from_conv(conv, init="nearest")`` starts from an existing conv (``layer.init_error`` says how

@@ -75,7 +75,7 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
     if method == "cayley_fft":
         if any(d > 1 for d in conv.dilation):
             return (f"dilation={conv.dilation}: method cayley_fft builds a full-size kernel, which has no dilation; "
-                    "use method bcop (dilated kernels at stride 1)")
+                    "use method bcop (explicit dilated kernels)")
         if any(n % s for n, s in zip(input_size, conv.stride)):
             return (f"the input size {tuple(input_size)} is not divisible by stride={conv.stride}, which method "
                     "cayley_fft needs (space-to-depth blocks)")
@@ -86,12 +86,10 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
                     "exactly orthogonal layer")
         return None
     exists, _, reason = theory.orthogonal_conv_exists(conv.in_channels, conv.out_channels, conv.kernel_size,
-                                                      conv.stride, dims=dims, groups=conv.groups)
+                                                      conv.stride, dims=dims, groups=conv.groups,
+                                                      dilation=conv.dilation)
     if not exists:
         return f"no orthogonal convolution exists (P0 Theorem 4): {reason}"
-    if any(d > 1 for d in conv.dilation) and any(s > 1 for s, k in zip(conv.stride, conv.kernel_size) if k > 1):
-        return (f"dilation={conv.dilation} with stride={conv.stride}: orthofx's orthogonal layers build dilated "
-                "kernels at stride 1 only")
     if method == "rko" and any(k > s for k, s in zip(conv.kernel_size, conv.stride)):
         return (f"method rko (the reshaped kernel only) is exact only when kernel_size <= stride, got "
                 f"kernel_size={conv.kernel_size}, stride={conv.stride}; use method auto or bcop for this layer")
