@@ -60,15 +60,15 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .capture import ModalGraphModule, unwrap_model
+from .capture import ModalGraphModule, capture, unwrap_model
 from .errors import ExportError, OrthofxError
 from .nn.conditioning import power_newton_schulz
-from .passes.base import replace_module
+from .passes.base import Manifest, replace_module
 from .passes.svd_conditioning import (decomposition_op, fold_constant_decompositions, plain_decompositions,
                                       to_newton_schulz)
-from .plan import collect_sites, producers_feeding
+from .plan import build_plan, collect_sites, producers_feeding
 from .policy import Policy
-from .transform import as_input_tuple, manifest_of, output_tensors, store_manifest, transform
+from .transform import as_input_tuple, is_transformed, manifest_of, output_tensors, store_manifest, transform
 
 __all__ = ["freeze", "export", "load", "ExportResult", "NewtonSchulzForm", "FORMAT_VERSION"]
 
@@ -96,8 +96,28 @@ def _plain_replacements(root: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _captured_with_orthofx_layers(model: nn.Module, inputs: tuple | None) -> fx.GraphModule:
+    """A model written with orthofx's layers (``orthofx.nn.OrthogonalConv2d`` ...) but not returned by
+    :func:`orthofx.transform`, captured as ``transform`` would (orthofx layers kept as leaves; ``auto`` mode, so
+    torch.export on ``inputs`` where symbolic tracing fails) with a manifest that records no change: what
+    :func:`freeze` and :func:`export` need. A model holding no orthofx layer has nothing to freeze."""
+    root = copy.deepcopy(unwrap_model(model))
+    if not _plain_replacements(root):
+        raise OrthofxError(f"{type(root).__name__} was not produced by orthofx.transform and holds no orthofx layer "
+                           "(nothing to freeze): call orthofx.transform(model, policy) first, or use the model as "
+                           "it is (torch.export / torch.onnx.export work on it directly)")
+    policy = Policy(description="a model holding orthofx layers, frozen without a transform")
+    gm, info = capture(root, mode="auto", example_inputs=inputs)
+    store_manifest(gm, Manifest(policy=policy, plan=build_plan(gm, policy, info, model=root), capture=info))
+    return gm
+
+
 def freeze(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
     """A copy of a transformed model made of plain torch layers, in eval mode, with the same eval outputs.
+
+    A model written with orthofx's layers (``orthofx.nn``: orthogonal convs and linears, ConvNorm, ...) that
+    :func:`orthofx.transform` did not return is frozen too: it is captured first (symbolic tracing, or
+    torch.export on ``example_inputs`` where that fails), its orthofx layers kept as calls.
 
     ``example_inputs`` (optional): the copy runs once on them (eval mode, no gradients) before its layers are
     baked, so layers whose plain form depends on the input size (ConvNorm's filters) cover those sizes even when
@@ -118,6 +138,9 @@ def freeze(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
         frozen = orthofx.freeze(gm)
         torch.testing.assert_close(frozen(x), gm.eval()(x))
     """
+    inputs = as_input_tuple(example_inputs)
+    if not is_transformed(model):
+        model = _captured_with_orthofx_layers(model, inputs)
     root = unwrap_model(model)
     manifest = manifest_of(model)
     frozen = copy.deepcopy(root)
@@ -125,7 +148,6 @@ def freeze(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
         # a forward with `if self.training:` branches: the frozen model is the eval-mode graph alone
         frozen = frozen.single_mode(training=False)
     frozen.eval()
-    inputs = as_input_tuple(example_inputs)
     if inputs is not None:
         with torch.no_grad():
             frozen(*inputs)
@@ -298,7 +320,7 @@ def _max_diff(expected: list[torch.Tensor], actual: list) -> float:
         raise ExportError(f"the exported model returns {len(actual)} outputs, the model {len(expected)}")
     worst = 0.0
     for e, a in zip(expected, actual):
-        a = torch.as_tensor(a)
+        a = torch.as_tensor(a).detach()  # outputs of a reloaded .pt2 module require grad (its parameters do)
         if tuple(a.shape) != tuple(e.shape):
             raise ExportError(f"exported output shape {tuple(a.shape)} differs from the model's {tuple(e.shape)}")
         e = e.detach().cpu().double()
@@ -532,6 +554,11 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
     started = time.perf_counter()
     path, suffix = check_export_path(path)
     if suffix == ".pt":
+        if not is_transformed(model):
+            raise ExportError(f"cannot write {type(unwrap_model(model)).__name__} to {path!r}: a .pt file holds the "
+                              "weights and the policy orthofx.load replays, and this model was not returned by "
+                              "orthofx.transform. Save its weights with torch.save(model.state_dict(), path), or "
+                              "export it to .pt2 or .onnx (frozen)")
         manifest = manifest_of(model)
         if manifest.frozen:
             raise ExportError(f"cannot write the frozen model to {path!r}: a .pt file holds the weights and the "

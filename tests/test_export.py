@@ -383,3 +383,56 @@ def test_load_errors_say_how_to_fix(tmp_path):
         orthofx.load(nn.Sequential(nn.Flatten(), nn.ReLU()), tmp_path / "s.pt")
     with pytest.raises(orthofx.ExportError, match="no such file"):
         orthofx.load(model, tmp_path / "missing.pt")
+
+
+# ------------------------------------------------------------------------ models written with orthofx layers
+
+
+class _ShapeBranch(nn.Module):
+    """A model symbolic tracing cannot capture (a Python branch on a shape), holding orthofx layers."""
+
+    def __init__(self):
+        super().__init__()
+        from orthofx.nn import ConvNormConv2d, OrthogonalConv2d
+        self.conv = OrthogonalConv2d(3, 6, 3, stride=2)
+        self.norm = ConvNormConv2d(nn.Conv2d(6, 6, 3, padding=1))
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.shape[-1] > 2:
+            y = self.norm(y)
+        return y.relu()
+
+
+def _written_with_orthofx_layers() -> nn.Module:
+    from orthofx.nn import ConvNormConv2d, OrthogonalConv2d, OrthogonalLinear
+    return nn.Sequential(OrthogonalConv2d(3, 8, 3, stride=2), nn.ReLU(),
+                         ConvNormConv2d(nn.Conv2d(8, 8, 3, padding=1)),
+                         OrthogonalConv2d(8, 8, 3, method="cayley_fft", input_size=4), nn.Flatten(),
+                         OrthogonalLinear(8 * 4 * 4, 10))
+
+
+@pytest.mark.parametrize("make", [_written_with_orthofx_layers, _ShapeBranch], ids=["fx", "export-capture"])
+def test_freeze_a_model_written_with_orthofx_layers(make, tmp_path):
+    """Not returned by transform, but holding orthofx layers: freeze bakes them into plain layers (outputs of the
+    model itself in eval mode), leaves the model untouched, and .pt2 export works; .pt (a policy to replay) is
+    refused with the way out."""
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen = orthofx.freeze(model, example_inputs=(x,))
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    kinds = {type(m).__name__ for m in frozen.modules()}
+    assert not kinds & {"OrthogonalConv2d", "OrthogonalLinear", "ConvNormConv2d"}, kinds
+    with torch.no_grad():
+        reference = model.eval()(x)
+        torch.testing.assert_close(frozen(x), reference, atol=1e-5, rtol=1e-5)
+    assert orthofx.export(model, tmp_path / "written.pt2", example_inputs=(x,)).max_abs_diff <= 1e-5
+    with pytest.raises(orthofx.ExportError, match="torch.save"):
+        orthofx.export(model, tmp_path / "written.pt")
+
+
+def test_freeze_of_a_plain_model_says_there_is_nothing_to_freeze():
+    with pytest.raises(orthofx.OrthofxError, match="holds no orthofx layer"):
+        orthofx.freeze(nn.Sequential(nn.Linear(3, 3)))
