@@ -336,3 +336,27 @@ def test_dilated_strided_convs_become_hard_orthogonal_layers():
             A = (conv(basis) - conv(torch.zeros(1, *in_shape, dtype=torch.float64))).reshape(n, -1)
         sigma = torch.linalg.svdvals(A)
         assert torch.allclose(sigma, torch.ones_like(sigma), atol=1e-6), site
+
+
+def test_conv3d_layers_become_hard_orthogonal_layers_and_freeze_to_circular_conv3d():
+    """The orthogonal preset on a model with Conv3d layers (a strided one, one with a Theorem-4 impossible shape):
+    hard layers where admitted, L_orth elsewhere; the frozen Conv3d's operator has singular values 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 8, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.Conv3d(8, 65, 1, stride=2))   # 65 > 8 * 2^3 with k < S: impossible
+    x = torch.randn(2, 2, 4, 4, 4)
+    gm = orthofx.transform(model, "orthogonal", example_inputs=(x,))
+    rows = {r["site"]: r for r in orthofx.report(gm).rows}
+    assert [rows[s]["pass"] for s in ("0", "2")] == ["orthogonal_conv (hard)"] * 2
+    assert rows["4"]["pass"] == "orthogonal_conv (regularised (no orthogonal version))"
+    frozen = orthofx.freeze(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), gm.eval()(x), atol=1e-5, rtol=1e-5)
+    conv = frozen.get_submodule("2").double()
+    assert isinstance(conv, nn.Conv3d) and conv.padding_mode == "circular"
+    n = 4 * 4 ** 3
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, 4, 4, 4, 4)
+    with torch.no_grad():
+        A = (conv(basis) - conv(torch.zeros(1, 4, 4, 4, 4, dtype=torch.float64))).reshape(n, -1)
+    sigma = torch.linalg.svdvals(A)
+    assert torch.allclose(sigma, torch.ones_like(sigma), atol=1e-6)

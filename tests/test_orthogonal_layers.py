@@ -21,12 +21,12 @@ from torch import nn
 from orthofx.errors import ImpossibleLayerError, OrthofxError
 from orthofx.metrics import conv_singular_values
 from orthofx.errors import LayerArgumentError
-from orthofx.nn.orthogonal import OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinear, orthonormal
+from orthofx.nn.orthogonal import OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalLinear, orthonormal
 from orthofx.nn.stiefel import project_to_stiefel
 from orthofx.theory import orthogonal_conv_exists
 
-CLS = {1: OrthogonalConv1d, 2: OrthogonalConv2d}
-TORCH_CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+CLS = {1: OrthogonalConv1d, 2: OrthogonalConv2d, 3: OrthogonalConv3d}
+TORCH_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 # ------------------------------------------------------------------------------------------- references
@@ -302,6 +302,37 @@ def test_dilation_next_to_a_stride_outside_the_domain_is_impossible(d, C, M, k, 
     assert "dilation" in message and "gcd" in message and "Fix:" in message
     exists, _, reason = orthogonal_conv_exists(C, M, k, S, dims=d, dilation=D)
     assert not exists and reason in message
+
+
+@pytest.mark.parametrize("C, M, k, S, D, g, case", [
+    (2, 2, 3, 1, 1, 1, "RO"),                       # square, stride 1
+    (2, 4, 2, 1, 1, 1, "CO"),                       # embedding at stride 1, even k
+    (2, 8, 2, 2, 1, 1, "RO"),                       # k = S: 8 = 2 * 2^3 / 2
+    (4, 8, 3, 2, 1, 1, "RO"),                       # strided, blocks and reshaped kernel
+    (2, 20, (3, 2, 2), 2, 1, 1, "CO"),              # 20 > 2 * 2^3, S <= k everywhere
+    (2, 2, (3, 1, 2), (2, 1, 2), 1, 1, "RO"),       # per-dimension kernel and stride, k < S on one axis
+    (4, 4, 3, (1, 2, 1), (2, 3, 1), 2, "RO"),       # groups, dilation next to a stride
+])
+def test_conv3d_dense_gram_and_forward(C, M, k, S, D, g, case):
+    """OrthogonalConv3d: the construction of the module docs in three dimensions, against the dense operator."""
+    torch.manual_seed(0)
+    layer = OrthogonalConv3d(C, M, k, stride=S, dilation=D, groups=g, dtype=torch.float64)
+    assert layer.case == case
+    n = 4
+    layer._test_grid = n
+    A = operator_of(layer)
+    assert gram_error(A, case) < 1e-10
+    x = torch.randn(2, C, n, n, n, dtype=torch.float64)
+    y = (layer(x) - layer.bias.reshape(-1, 1, 1, 1)).detach()
+    np.testing.assert_allclose(y.reshape(2, -1).numpy(), (A @ x.reshape(2, -1).numpy().T).T, atol=1e-10)
+    plain = layer.to_conv()   # nn.Conv3d(padding_mode="circular"), or a padding and a conv for pads of 2 or more
+    assert isinstance(plain if isinstance(plain, nn.Conv3d) else plain[-1], nn.Conv3d)
+    torch.testing.assert_close(plain(x), layer(x))
+
+
+def test_conv3d_outside_the_domain_is_impossible():
+    with pytest.raises(ImpossibleLayerError, match="Theorem 4"):
+        OrthogonalConv3d(2, 17, 1, stride=2)        # CO (17 > 16) with k < S
 
 
 def test_dilation_with_a_one_tap_kernel_is_ignored():

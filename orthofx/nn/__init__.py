@@ -5,10 +5,11 @@ eigh/svd custom ops with Taylor-form backward, Newton-Schulz matrix square roots
 from .convnorm import ConvNormConv1d, ConvNormConv2d, ConvNormConv3d, with_convnorm
 from .isometric import OrthogonalActivationBlock, ReflectionResidualBlock
 from .jacobian import JacobianProbe
-from .orthogonal import OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinear
+from .orthogonal import OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalLinear
 from .decompositions import (ConditionMonitor, eigh_stable, inv_sqrtm_newton_schulz, sqrtm_newton_schulz,
                              svd_stable)
 
 __all__ = ["ConvNormConv1d", "ConvNormConv2d", "ConvNormConv3d", "with_convnorm", "ConditionMonitor", "eigh_stable",
            "svd_stable", "sqrtm_newton_schulz", "inv_sqrtm_newton_schulz", "OrthogonalActivationBlock",
-           "ReflectionResidualBlock", "JacobianProbe", "OrthogonalConv1d", "OrthogonalConv2d", "OrthogonalLinear"]
+           "ReflectionResidualBlock", "JacobianProbe", "OrthogonalConv1d", "OrthogonalConv2d",
+           "OrthogonalConv3d", "OrthogonalLinear"]

@@ -122,6 +122,7 @@ __all__ = [
     "FourierConv",
     "OrthogonalConv1d",
     "OrthogonalConv2d",
+    "OrthogonalConv3d",
     "OrthogonalLinear",
     "LayerArgumentError",
     "circular_alignment",
@@ -129,10 +130,10 @@ __all__ = [
     "orthonormal",
 ]
 
-_CONV_FN = {1: F.conv1d, 2: F.conv2d}
-_TORCH_CONV = {1: nn.Conv1d, 2: nn.Conv2d}
-_CIRCULAR_PAD = {1: nn.CircularPad1d, 2: nn.CircularPad2d}
-_ZERO_PAD = {1: nn.ZeroPad1d, 2: nn.ZeroPad2d}
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_TORCH_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CIRCULAR_PAD = {1: nn.CircularPad1d, 2: nn.CircularPad2d, 3: nn.CircularPad3d}
+_ZERO_PAD = {1: nn.ZeroPad1d, 2: nn.ZeroPad2d, 3: nn.ZeroPad3d}
 _METHODS = ("auto", "bcop", "rko", "cayley_fft")
 _PADDING_MODES = ("circular", "zeros")
 
@@ -1397,6 +1398,27 @@ class OrthogonalConv1d(_OrthogonalConvNd):
     """
 
     _dims = 1
+
+
+class OrthogonalConv3d(_OrthogonalConvNd):
+    r"""A 3-D convolution that is exactly orthogonal (times ``gain``) for circular padding (videos, volumes).
+
+    Same construction, arguments and guarantees as :class:`OrthogonalConv2d` with ``d = 3`` (every item of the
+    module docs is written for any number of spatial dimensions; ``method="cayley_fft"`` too, with
+    ``input_size=(D, H, W)``): RO when :math:`M \le C S^3` (exists iff :math:`M \le C \prod_i \min(k_i, S_i)`), CO
+    otherwise (exists iff :math:`S_i \le k_i` in every dimension). Freezes into ``nn.Conv3d(padding_mode=
+    "circular")``.
+
+    >>> import torch
+    >>> from orthofx.metrics import conv_singular_values
+    >>> layer = OrthogonalConv3d(4, 8, 3, stride=(1, 2, 2))       # RO: 8 <= 4 * 4
+    >>> layer(torch.randn(2, 4, 6, 8, 8)).shape
+    torch.Size([2, 8, 6, 4, 4])
+    >>> float((conv_singular_values(layer.weight, (6, 8, 8), stride=(1, 2, 2)) - 1).abs().max()) < 1e-5
+    True
+    """
+
+    _dims = 3
 
 
 class FourierConv(nn.Module):

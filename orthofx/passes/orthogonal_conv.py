@@ -1,7 +1,7 @@
 """Pass ``orthogonal_conv``: replace convolutions and linears by exactly orthogonal layers.
 
-Each selected ``Conv1d`` / ``Conv2d`` becomes :class:`orthofx.nn.orthogonal.OrthogonalConv1d` / ``2d`` and each
-``Linear`` :class:`orthofx.nn.orthogonal.OrthogonalLinear`, under the same qualified name (the graph is
+Each selected ``Conv1d`` / ``Conv2d`` / ``Conv3d`` becomes :class:`orthofx.nn.orthogonal.OrthogonalConv1d` /
+``2d`` / ``3d`` and each ``Linear`` :class:`orthofx.nn.orthogonal.OrthogonalLinear`, under the same qualified name (the graph is
 unchanged; state_dict keys change to the new layer's parameters). Where P0's Theorem 4 admits no orthogonal
 convolution (e.g. the ResNet strided shortcut, (M, C, k, S) = (2C, C, 1, 2)), ``on_impossible`` decides:
 ``error`` raises :class:`orthofx.ImpossibleLayerError` quoting the theorem's condition with the layer's numbers,
@@ -42,8 +42,8 @@ from torch import nn
 
 from .. import theory
 from ..errors import ImpossibleLayerError, PlanError
-from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinear, circular_alignment,
-                              keeps_output_size)
+from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalLinear,
+                              circular_alignment, keeps_output_size)
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, describe_module, parameter_owners,
                    require_initialised)
 from .orth_regularizer import lorth_term
@@ -53,13 +53,13 @@ __all__ = ["OrthogonalConvPass", "keeps_output_size", "orthogonal_layer"]
 
 def orthogonal_layer(module: nn.Module, *, init: str = "nearest", method: str = "auto", padding: str = "circular",
                      gain: float = 1.0, fit_steps: int = 0, input_size=None) -> nn.Module:
-    """The exactly orthogonal replacement of a ``Linear`` / ``Conv1d`` / ``Conv2d`` (subclasses included):
+    """The exactly orthogonal replacement of a ``Linear`` / ``Conv1d`` / ``Conv2d`` / ``Conv3d`` (subclasses included):
     ``padding="circular"`` gives the circular layer with the conv's window alignment (its own padding where
     that keeps the output size ``n / S``, else ``"same"``; see :func:`orthofx.nn.orthogonal.circular_alignment`),
     ``"keep"`` the conv's own zero padding; ``input_size`` (spatial) is needed by ``method="cayley_fft"`` only."""
     if isinstance(module, nn.Linear):
         return OrthogonalLinear.from_linear(module, init=init, gain=gain)
-    cls = OrthogonalConv2d if isinstance(module, nn.Conv2d) else OrthogonalConv1d
+    cls = {1: OrthogonalConv1d, 2: OrthogonalConv2d, 3: OrthogonalConv3d}[module.weight.dim() - 2]
     layer_padding = "keep"
     if padding == "circular":
         layer_padding = "same" if method == "cayley_fft" else circular_alignment(module)
@@ -163,7 +163,7 @@ def _tie_problems(entries: list[PlanEntry], modules: list[nn.Module], owners: di
 
 @register_pass
 class OrthogonalConvPass(Pass):
-    """Hard orthogonality: exactly orthogonal Conv1d/Conv2d/Linear layers, L_orth where none exists."""
+    """Hard orthogonality: exactly orthogonal Conv1d/2d/3d and Linear layers, L_orth where none exists."""
 
     name = "orthogonal_conv"
     params = (
@@ -181,7 +181,7 @@ class OrthogonalConvPass(Pass):
         Param("gain", 1.0, (float,), "the layer is gain times orthogonal", minimum=0.0, exclusive_minimum=True),
     )
     site_kinds = frozenset({"module"})
-    module_types = (nn.Conv1d, nn.Conv2d, nn.Linear)
+    module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
     group = "weight"
     replaces_module = True
     needs_original_module = True
@@ -194,8 +194,8 @@ class OrthogonalConvPass(Pass):
 
     def accepts_params(self, site, module, params):
         # with 'padding: circular' every padding mode is replaced by the exact circular boundary, as zeros is
-        if params["padding"] == "keep" and isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode not in (
-                "zeros", "circular"):
+        if params["padding"] == "keep" and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) \
+                and module.padding_mode not in ("zeros", "circular"):
             return (f"padding_mode={module.padding_mode!r} with 'padding: keep': orthogonal layers keep circular "
                     "(exact) or zero padding only; use 'padding: circular'")
         return None
