@@ -88,8 +88,8 @@ grows with the condition number (small eigenvalues of ``A`` converge slowly), so
 more iterations.
 
 ``torch.func``: inside a transform (``grad``, ``vmap``, ``jacrev``: per-sample gradients) the ops run as an
-``autograd.Function`` with ``setup_context`` and a generated vmap rule (:class:`_EighFunction`,
-:class:`_SvdFunction`), the same forward values and backward formulas: torch refuses the custom ops' registered
+``autograd.Function`` with ``setup_context`` and a generated vmap rule (:func:`_func_transform_function`), the
+same forward values and backward formulas: torch refuses the custom ops' registered
 autograd there ("it must override the setup_context staticmethod", pytorch/pytorch#168393).
 
 Monitor
@@ -400,22 +400,28 @@ torch.library.register_autograd("orthofx::eigh_stable", _eigh_backward, setup_co
 # ------------------------------------------------------------------------------------------- torch.func
 
 
-class _EighFunction(torch.autograd.Function):
-    """The stable eigh as an ``autograd.Function`` with a separate ``setup_context`` and a generated vmap rule,
-    for calls inside ``torch.func`` transforms (per-sample gradients: ``vmap(grad(functional_call))``). The
+def _func_transform_function(plain, setup_context, backward, name: str) -> type[torch.autograd.Function]:
+    """A stable decomposition as an ``autograd.Function`` with a separate ``setup_context`` and a generated vmap
+    rule, for calls inside ``torch.func`` transforms (per-sample gradients: ``vmap(grad(functional_call))``). The
     custom op's registered autograd is a generated ``autograd.Function`` without ``setup_context``, which
     ``torch.func`` refuses ("it must override the setup_context staticmethod", pytorch/pytorch#168393). Same
-    forward values (the host-sync-free :func:`_eigh_plain`: a vmapped kernel cannot branch on data) and the same
+    forward values (``plain``, the host-sync-free form: a vmapped kernel cannot branch on data) and the same
     backward formula as the op."""
 
-    generate_vmap_rule = True
+    class Function(torch.autograd.Function):
+        generate_vmap_rule = True
 
-    @staticmethod
-    def forward(A, taylor_order, clamp_gap):
-        return _eigh_plain(A, taylor_order, clamp_gap)
+        @staticmethod
+        def forward(A, taylor_order, clamp_gap):
+            return plain(A, taylor_order, clamp_gap)
 
-    setup_context = staticmethod(_eigh_setup)
-    backward = staticmethod(_eigh_backward)
+    Function.setup_context = staticmethod(setup_context)
+    Function.backward = staticmethod(backward)
+    Function.__name__ = Function.__qualname__ = name
+    return Function
+
+
+_EighFunction = _func_transform_function(_eigh_plain, _eigh_setup, _eigh_backward, "_EighFunction")
 
 
 def _eigh_function(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor]:
@@ -525,17 +531,7 @@ def _svd_grad(U, S, Vh, gU, gS, gVh, taylor_order, clamp_gap, inplace: bool) -> 
 torch.library.register_autograd("orthofx::svd_stable", _svd_backward, setup_context=_svd_setup)
 
 
-class _SvdFunction(torch.autograd.Function):
-    """The stable SVD for ``torch.func`` transforms, as :class:`_EighFunction` for eigh."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(A, taylor_order, clamp_gap):
-        return _svd_plain(A, taylor_order, clamp_gap)
-
-    setup_context = staticmethod(_svd_setup)
-    backward = staticmethod(_svd_backward)
+_SvdFunction = _func_transform_function(_svd_plain, _svd_setup, _svd_backward, "_SvdFunction")
 
 
 def _svd_function(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor, Tensor]:
