@@ -81,6 +81,20 @@ def test_readme_python_example_is_the_quickstart():
     assert example_lines[-len(code_lines):] == code_lines
 
 
+def test_readme_other_python_blocks_run_as_written():
+    """Every python block of the README after the quickstart runs on its own (fresh namespace) and does what its
+    comments say where that is checkable here."""
+    with open(os.path.join(ROOT, "README.md")) as handle:
+        blocks = re.findall(r"```python\n(.*?)```", handle.read(), re.S)[1:]
+    assert len(blocks) >= 2
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, "<README block>", "exec"), namespace)
+        if "conv" in namespace:   # the layers block: the plain form of the strided orthogonal conv
+            plain = namespace["conv"].to_plain()
+            assert isinstance(plain, torch.nn.Conv2d) and plain.padding_mode == "circular"
+
+
 # --------------------------------------------------------------------------------------- orthonormal_linear.py
 
 
