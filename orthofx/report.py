@@ -50,14 +50,16 @@ from torch import nn
 from . import metrics, theory
 from .capture import unwrap_model
 from .nn.decompositions import ConditionMonitor
-from .nn.orthogonal import OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalLinear
+from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
+                            OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
 from .passes.base import describe_module
 from .transform import manifest_of
 
 __all__ = ["Report", "report", "monitors", "layer_singular_values"]
 
 # Layers whose weight is the operator they apply (ConvNorm wrappers are not: they rescale in Fourier space).
-_TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, OrthogonalConvTranspose1d,
+                     OrthogonalConvTranspose2d, OrthogonalConvTranspose3d)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, OrthogonalConv1d, OrthogonalConv2d,
                OrthogonalConv3d) + _TRANSPOSED_TYPES
 _LINEAR_TYPES = (nn.Linear, OrthogonalLinear)

@@ -634,9 +634,8 @@ def test_every_preset_validates_and_round_trips(name):
 
 
 def test_presets_cover_3d_and_transposed_convs():
-    """lorth puts L_orth on Conv3d and ConvTranspose layers; orthogonal makes the Conv3d a hard orthogonal layer
-    and puts L_orth on the ConvTranspose (no hard layer for it); isometric gives the Conv3d a delta-orthogonal
-    kernel."""
+    """lorth puts L_orth on Conv3d and ConvTranspose layers; orthogonal makes all of them hard orthogonal layers
+    (no penalty left); isometric gives the Conv3d a delta-orthogonal kernel."""
     import orthofx
     import torch
     from torch import nn
@@ -646,7 +645,7 @@ def test_presets_cover_3d_and_transposed_convs():
     x = torch.randn(1, 2, 4, 4, 4)
     for preset in ("lorth", "orthogonal"):
         terms = orthofx.penalty_terms(orthofx.transform(model, preset, example_inputs=(x,)))
-        expected = {"0", "2", "3"} if preset == "lorth" else {"3"}  # orthogonal: the Conv3d, Conv2d are hard
+        expected = {"0", "2", "3"} if preset == "lorth" else set()  # orthogonal: every layer is hard
         assert {key.split("/")[1] for key in terms} == expected, preset
         assert all(float(value) > 0 for value in terms.values())
     gm = orthofx.transform(model, "isometric", example_inputs=(x,))

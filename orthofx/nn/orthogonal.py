@@ -114,20 +114,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, layer_label
-from orthofx.nn.padding import CircularPad, circular_pad, flat_pads
+from orthofx.nn.padding import CircularFold, CircularPad, circular_fold, circular_pad, flat_pads
 from orthofx.nn.stiefel import orthonormal, project_to_stiefel
-from orthofx.theory import orthogonal_conv_exists
+from orthofx.theory import adjoint_case, orthogonal_conv_exists
 
 __all__ = [
     "FourierConv",
     "OrthogonalConv1d",
     "OrthogonalConv2d",
     "OrthogonalConv3d",
+    "OrthogonalConvTranspose1d",
+    "OrthogonalConvTranspose2d",
+    "OrthogonalConvTranspose3d",
     "OrthogonalLinear",
     "LayerArgumentError",
     "circular_alignment",
     "keeps_output_size",
     "orthonormal",
+    "transposed_alignment",
+    "transposed_keeps_output_size",
 ]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -1419,6 +1424,331 @@ class OrthogonalConv3d(_OrthogonalConvNd):
     """
 
     _dims = 3
+
+
+# ------------------------------------------------------------------------------------------ transposed convolutions
+
+
+def transposed_keeps_output_size(padding, output_padding, kernel_size, stride, dilation) -> bool:
+    r"""Whether a transposed convolution with these ints (per dimension) maps every input size ``n`` to ``n S``
+    *and* its padding ``p``, read as a convolution's, keeps that adjoint convolution's size ``n S -> n``:
+    :math:`2p = D(k - 1) + 1 - S + o` with :math:`0 \le o < S` (``o``: output_padding). Such a layer is the
+    adjoint of the zero-padded conv ``(p, S)``, whose circular version the orthogonal transposed layer's adjoint
+    conv is (same window offsets)."""
+    return all(0 <= o < s and 2 * p == dl * (k - 1) + 1 - s + o
+               for p, o, k, s, dl in zip(padding, output_padding, kernel_size, stride, dilation))
+
+
+def transposed_alignment(module: nn.Module):
+    """``(padding, output_padding)`` of the orthogonal layer replacing the ``nn.ConvTranspose{d}d`` ``module``
+    (the ``orthogonal_conv`` pass): the module's own where they give the output size ``input * stride``
+    (:func:`transposed_keeps_output_size`: the replacement then writes every tap where the module wrote it, the
+    overflow past the borders wrapped around), else ``("same", 0)``."""
+    padding, output_padding = tuple(module.padding), tuple(module.output_padding)
+    if transposed_keeps_output_size(padding, output_padding, module.kernel_size, module.stride, module.dilation):
+        return padding, output_padding
+    return "same", 0
+
+
+_CONV_TRANSPOSE_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_TORCH_CONV_TRANSPOSE = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+# symbolic tracing records the fold as one node (its sizes need concrete shapes)
+torch.fx.wrap("circular_fold")
+
+
+class _OrthogonalConvTransposeNd(nn.Module):
+    r"""Shared implementation of :class:`OrthogonalConvTranspose1d` / ``2d`` / ``3d``.
+
+    The layer (``in_channels -> out_channels``, stride ``S``, grid ``n -> n S``) is the adjoint of the circular
+    convolution :attr:`conv` (an :class:`OrthogonalConv{d}d` from ``out_channels`` to ``in_channels`` with the
+    same kernel size, stride, dilation, groups and method, no bias; its parameters are this layer's). That conv
+    pads ``(l, r)`` circularly and applies the kernel ``K`` at stride ``S``:
+    :math:`(Ay)[i] = \sum_p K[p]\, y[(S i + D p - l) \bmod nS]`. Its adjoint is
+    :math:`(A^T x)[j] = \sum_{S i + D p \equiv j + l} K[p]^T x[i]`: ``F.conv_transpose{d}d`` with the same kernel
+    tensor (the ConvTranspose layout ``(in, out / groups, *k)`` is the conv's ``(out, in / groups, *k)``), stride,
+    dilation and groups, padding 0, which writes ``(n - 1) S + D(k - 1) + 1`` entries (``output_padding`` adds
+    the zeros up to ``nS + l + r``), then :func:`orthofx.nn.padding.circular_fold` with ``(l, r)``, the adjoint of
+    the circular padding, which adds the overflow back modulo ``nS``; then the bias. A row-orthogonal conv
+    (:math:`AA^T = I`) gives a column-orthogonal layer and vice versa (:attr:`case`), so the layer is exactly
+    orthogonal (times ``gain``) wherever P0 Theorem 4 admits the conv ``(out -> in, k, S)``, and raises
+    :class:`~orthofx.errors.ImpossibleLayerError` elsewhere.
+
+    Alignment: output ``j`` receives the taps with :math:`S i + D p = j + l`, as in ``nn.ConvTranspose{d}d`` with
+    ``padding = l``. ``padding="same"`` (default) is the adjoint of the conv's ``"same"``:
+    :math:`l = (D(k-1)+1 - 1) // 2`, which is ``nn.ConvTranspose``'s own padding for the usual decoder layers
+    (``k = 4, S = 2, p = 1``; ``k = 2, S = 2, p = 0``; ``k = 3, S = 1, p = 1``; ``k = 3, S = 2, p = 1,
+    output_padding = 1``), so a nearest start reads and writes like the layer it replaces, up to the wrap-around
+    at the borders. Integer ``padding`` / ``output_padding`` are allowed where they give the output size
+    ``input * stride`` (:func:`transposed_keeps_output_size`: ``2 p = D(k-1) + 1 - S + o``, ``0 <= o < S``); then
+    ``l = p``. Circular boundary only (``padding_mode="circular"``).
+    """
+
+    _dims = 0
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding="same", output_padding=0,
+                 groups=1, bias=True, dilation=1, padding_mode="circular", method="auto", device=None, dtype=None,
+                 *, gain=1.0, compute_dtype=None):
+        super().__init__()
+        d = self._dims
+        name = type(self).__name__
+        factory = _factory(device, dtype)
+        self.in_channels = _int(in_channels, "in_channels")
+        self.out_channels = _int(out_channels, "out_channels")
+        self.groups = _int(groups, "groups")
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise LayerArgumentError(
+                f"{name}: groups={self.groups} must divide in_channels={self.in_channels} and "
+                f"out_channels={self.out_channels} (as in torch.nn.ConvTranspose{d}d)")
+        self.kernel_size = _tuple(kernel_size, d, "kernel_size")
+        self.stride = _tuple(stride, d, "stride")
+        self.dilation = _tuple(dilation, d, "dilation")
+        if padding_mode != "circular":
+            raise LayerArgumentError(
+                f"{name}: padding_mode must be 'circular' (the adjoint of the exactly orthogonal circular conv), "
+                f"got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        if method == "cayley_fft":
+            raise LayerArgumentError(
+                f"{name}: method='cayley_fft' is not supported for transposed convolutions (its operator lives on "
+                f"one input grid); use method='auto', 'bcop' or 'rko'")
+        self.padding, self.output_padding = self._check_padding(padding, output_padding, name)
+        exists, case, reason = orthogonal_conv_exists(self.out_channels, self.in_channels, self.kernel_size,
+                                                      self.stride, dims=d, groups=self.groups,
+                                                      padding="circular", dilation=self.dilation)
+        if not exists:
+            dilated = "" if all(dl == 1 for dl in self.dilation) else f", dilation={self.dilation}"
+            raise ImpossibleLayerError(
+                f"{name}(in_channels={self.in_channels}, out_channels={self.out_channels}, "
+                f"kernel_size={self.kernel_size}, stride={self.stride}{dilated}, groups={self.groups}): no "
+                f"orthogonal transposed convolution exists. It is the adjoint of the convolution from "
+                f"out_channels={self.out_channels} to in_channels={self.in_channels} channels (C={self.out_channels}"
+                f", M={self.in_channels} below), which is orthogonal iff it is, and by P0 Theorem 4 (circular "
+                f"padding): {reason}. Fix: use in_channels <= out_channels * prod(min(kernel_size, stride)) (RO "
+                f"conv) or kernel_size >= stride in every dimension (CO conv), or keep a plain ConvTranspose{d}d "
+                f"(e.g. with the orth_regularizer pass) for this layer")
+        self.conv = _ORTHOGONAL_CONV[d](self.out_channels, self.in_channels, self.kernel_size, stride=self.stride,
+                                        padding=self.padding, dilation=self.dilation, groups=self.groups,
+                                        bias=False, padding_mode="circular", method=method, device=device,
+                                        dtype=dtype, gain=gain, compute_dtype=compute_dtype)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.init_error: float | None = None
+        self.reset_bias()
+
+    def _check_padding(self, padding, output_padding, name: str):
+        d = self._dims
+        supported = (f"supported: padding='same' (default) or integer padding p and output_padding o with "
+                     f"2*p = dilation*(kernel_size-1)+1 - stride + o and 0 <= o < stride in every dimension (the "
+                     f"output size is then exactly input * stride, e.g. kernel_size=4, stride=2, padding=1)")
+        if isinstance(padding, str):
+            if padding != "same":
+                raise LayerArgumentError(f"{name}: padding={padding!r} is not supported; {supported}")
+            if any(_tuple(output_padding, d, "output_padding", minimum=0)):
+                raise LayerArgumentError(f"{name}: output_padding={output_padding!r} with padding='same' (whose "
+                                         f"output size is input * stride already); {supported}")
+            return "same", (0,) * d
+        pads = _tuple(padding, d, "padding", minimum=0)
+        outs = _tuple(output_padding, d, "output_padding", minimum=0)
+        if not transposed_keeps_output_size(pads, outs, self.kernel_size, self.stride, self.dilation):
+            raise LayerArgumentError(
+                f"{name}: padding={pads}, output_padding={outs} with kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, dilation={self.dilation} does not give the output size input * stride "
+                f"that an exactly orthogonal transposed convolution has; {supported}")
+        return pads, outs
+
+    @torch.no_grad()
+    def reset_bias(self) -> None:
+        """Bias uniform in :math:`\\pm 1/\\sqrt{\\text{fan\\_in}}` as ``nn.ConvTranspose`` (fan_in: out / groups
+        times the kernel's taps, torch's computation on the ``(in, out / groups, *k)`` weight)."""
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.out_channels // self.groups * math.prod(self.kernel_size))
+            self.bias.uniform_(-bound, bound)
+
+    def reset_parameters(self, init: str = "random") -> None:
+        """Re-initialise the adjoint conv's kernel (:meth:`OrthogonalConv2d.reset_parameters`) and the bias."""
+        self.conv.reset_parameters(init)
+        self.reset_bias()
+
+    # ---------------------------------------------------------------------------------------- properties
+
+    @property
+    def case(self) -> str:
+        """``"RO"`` / ``"CO"`` of this layer: the adjoint conv's case swapped."""
+        return adjoint_case(self.conv.case)
+
+    @property
+    def method(self) -> str:
+        return self.conv.method
+
+    @property
+    def gain(self) -> float:
+        return self.conv.gain
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The kernel ``(in_channels, out_channels / groups, *kernel_size)`` (``nn.ConvTranspose``'s layout), the
+        adjoint conv's :attr:`OrthogonalConv2d.weight` (differentiable, rebuilt at every access)."""
+        return self.conv.weight
+
+    @property
+    def pads(self) -> tuple[tuple[int, int], ...]:
+        """``(l, r)`` per dimension: the adjoint conv's circular padding, folded back by the forward."""
+        return self.conv.pads
+
+    @property
+    def _overflow(self) -> tuple[int, ...]:
+        """``output_padding`` of the unpadded transposed conv: the zeros that bring its
+        ``(n - 1) S + D(k - 1) + 1`` entries to ``n S + l + r`` (``l + r - (D(k-1) + 1 - S)``, in ``[0, S)``)."""
+        return tuple(l + r - (ke - s) for (l, r), ke, s in zip(self.pads, self.conv.effective_kernel_size,
+                                                                self.stride))
+
+    # ---------------------------------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self._dims
+        _check_input(x, d, self.in_channels, self)
+        weight = self.conv._cached("weight", lambda: self.conv.weight)
+        y = _CONV_TRANSPOSE_FN[d](x, weight, None, self.stride, 0, self._overflow, self.groups, self.dilation)
+        y = circular_fold(y, self.pads)
+        if self.bias is not None:
+            y = y + self.bias.reshape(-1, *(1,) * d)
+        return y
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding!r}")
+        if any(self.output_padding):
+            s += f", output_padding={self.output_padding}"
+        if any(dl != 1 for dl in self.dilation):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        s += f", method={self.method!r}, case={self.case!r}"
+        if self.gain != 1.0:
+            s += f", gain={self.gain}"
+        return s
+
+    # ---------------------------------------------------------------------------------------- tools
+
+    def orthogonality_error(self, input_size) -> float:
+        r""":math:`\max_i |\sigma_i / \text{gain} - 1|` of the layer on an ``input_size`` grid: that of its adjoint
+        conv on the output grid ``input_size * stride`` (the same singular values)."""
+        size = _tuple(input_size, self._dims, "input_size")
+        return self.conv.orthogonality_error(tuple(n * s for n, s in zip(size, self.stride)))
+
+    @torch.no_grad()
+    def to_conv(self) -> nn.Sequential:
+        """Plain layers with the same outputs: ``nn.Sequential(nn.ConvTranspose{d}d(padding=0, output_padding=...,
+        bias=False), orthofx.nn.padding.CircularFold(pads, bias))``, the kernel baked in. Traces with
+        ``torch.fx``, exports to ``.pt2`` and ONNX; no orthogonality constraint (inference)."""
+        d = self._dims
+        ref = self.conv.matrix
+        plain = _TORCH_CONV_TRANSPOSE[d](self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                                         padding=0, output_padding=self._overflow, groups=self.groups, bias=False,
+                                         dilation=self.dilation, device=ref.device, dtype=ref.dtype)
+        plain.weight.copy_(self.weight)
+        fold = CircularFold(self.pads, None if self.bias is None else self.bias)
+        frozen = nn.Sequential(plain, fold)
+        frozen.train(self.training)
+        return frozen
+
+    def to_plain(self) -> nn.Module:
+        """The protocol ``orthofx.freeze`` uses: :meth:`to_conv`."""
+        return self.to_conv()
+
+    @classmethod
+    def from_conv_transpose(cls, module: nn.Module, init: str = "nearest", *, method: str = "auto",
+                            padding="same", output_padding=0, gain: float = 1.0, fit_steps: int | None = None,
+                            compute_dtype=None):
+        r"""The orthogonal layer for an existing ``nn.ConvTranspose{d}d`` (same channels, kernel, stride,
+        dilation, groups, bias, device and dtype).
+
+        ``padding`` / ``output_padding``: the new layer's (default ``"same"``; ``padding="keep"`` takes the
+        module's own, which must give the output size ``input * stride``; the ``orthogonal_conv`` pass passes
+        :func:`transposed_alignment`). The kernel starts as the adjoint conv's :meth:`OrthogonalConv2d.from_conv`
+        start from the module's weight (the same tensor read as a conv ``out -> in``; ``init="nearest"``: closest
+        orthogonal kernel, ``fit_steps`` as there; ``"random"``), the bias is copied; ``layer.init_error`` is
+        :math:`\|K - K_0\|_F / \|K_0\|_F`, and ``requires_grad`` follows the module's.
+        """
+        d = cls._dims
+        torch_type = _TORCH_CONV_TRANSPOSE[d]
+        if not isinstance(module, torch_type):
+            raise LayerArgumentError(f"{cls.__name__}.from_conv_transpose expects a torch.nn.ConvTranspose{d}d, "
+                                     f"got {type(module).__name__}")
+        if init not in ("nearest", "random"):
+            raise LayerArgumentError(f"init must be 'nearest' or 'random', got {init!r}")
+        if padding == "keep":
+            padding, output_padding = tuple(module.padding), tuple(module.output_padding)
+        w0 = module.weight.detach()
+        layer = cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+                    padding=padding, output_padding=output_padding, groups=module.groups,
+                    bias=module.bias is not None, dilation=module.dilation, method=method, device=w0.device,
+                    dtype=w0.dtype, gain=gain, compute_dtype=compute_dtype)
+        # the same weight tensor read as the adjoint conv's (out -> in channels), built on the meta device
+        adjoint = _TORCH_CONV[d](module.out_channels, module.in_channels, module.kernel_size, stride=module.stride,
+                                 dilation=module.dilation, groups=module.groups, bias=False, device="meta")
+        adjoint.weight = nn.Parameter(w0, requires_grad=module.weight.requires_grad)
+        adjoint.train(module.training)
+        layer.conv = _ORTHOGONAL_CONV[d].from_conv(adjoint, init=init, method=method, padding=layer.padding,
+                                                   padding_mode="circular", gain=gain, fit_steps=fit_steps,
+                                                   compute_dtype=compute_dtype)
+        with torch.no_grad():
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+                layer.bias.requires_grad_(module.bias.requires_grad)
+        layer.init_error = layer.conv.init_error
+        for m in layer.modules():  # flags only: the conv's eval-mode kernel cache from from_conv stays
+            m.training = module.training
+        return layer
+
+
+class OrthogonalConvTranspose2d(_OrthogonalConvTransposeNd):
+    r"""A 2-D transposed convolution that is exactly orthogonal (times ``gain``), grid ``n -> n S``.
+
+    The adjoint of the circular :class:`OrthogonalConv2d` from ``out_channels`` to ``in_channels``
+    (:attr:`conv`; construction and alignment in :class:`_OrthogonalConvTransposeNd`'s docs). Signature of
+    ``torch.nn.ConvTranspose2d`` (``padding="same"`` by default; integer paddings only where the output is
+    ``input * stride``), plus ``method``, ``gain`` and ``compute_dtype`` as for :class:`OrthogonalConv2d`.
+    Exists iff the conv ``(out -> in, k, S)`` does (P0 Theorem 4): CO (:math:`T^T T = I`) when
+    ``in_channels <= out_channels * S^2`` (the conv is RO), RO otherwise.
+
+    >>> import torch
+    >>> layer = OrthogonalConvTranspose2d(16, 8, 4, stride=2, padding=1)   # a decoder's upsampling
+    >>> x = torch.randn(2, 16, 5, 5)
+    >>> y = layer(x); y.shape
+    torch.Size([2, 8, 10, 10])
+    >>> layer.case, round(layer.orthogonality_error((5, 5)), 4)
+    ('CO', 0.0)
+    >>> bool(torch.allclose((y - layer.bias.reshape(-1, 1, 1)).square().sum(), x.square().sum(), rtol=1e-4))
+    True
+    >>> frozen = layer.to_plain()
+    >>> bool(torch.allclose(frozen(x), y, atol=1e-5))
+    True
+    """
+
+    _dims = 2
+
+
+class OrthogonalConvTranspose1d(_OrthogonalConvTransposeNd):
+    """A 1-D transposed convolution that is exactly orthogonal (times ``gain``): as
+    :class:`OrthogonalConvTranspose2d` with ``d = 1`` (the adjoint of :class:`OrthogonalConv1d`)."""
+
+    _dims = 1
+
+
+class OrthogonalConvTranspose3d(_OrthogonalConvTransposeNd):
+    """A 3-D transposed convolution that is exactly orthogonal (times ``gain``): as
+    :class:`OrthogonalConvTranspose2d` with ``d = 3`` (the adjoint of :class:`OrthogonalConv3d`)."""
+
+    _dims = 3
+
+
+_ORTHOGONAL_CONV = {1: OrthogonalConv1d, 2: OrthogonalConv2d, 3: OrthogonalConv3d}
 
 
 class FourierConv(nn.Module):

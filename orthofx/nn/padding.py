@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CircularPad", "circular_pad", "flat_pads", "pairs", "periodic_pad"]
+__all__ = ["CircularFold", "CircularPad", "circular_fold", "circular_pad", "flat_pads", "pairs", "periodic_pad"]
 
 
 def flat_pads(pads: Sequence[tuple[int, int]]) -> list[int]:
@@ -161,3 +161,70 @@ class CircularPad(nn.Module):
 
     def extra_repr(self) -> str:
         return f"pads={self.pads}"
+
+
+def circular_fold(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tensor:
+    r"""The adjoint of :func:`circular_pad` (and :func:`periodic_pad`) for pads of any size: each trailing dimension
+    of size ``n + l + r`` (``(l, r)`` = ``pads`` of that dimension) folded onto ``n`` entries, entry ``j`` of the
+    input added onto entry :math:`(j - l) \bmod n` of the output.
+
+    The transposed orthogonal layers' wrap-around (:class:`orthofx.nn.OrthogonalConvTranspose2d`): a transposed
+    convolution without padding writes past the ``n`` outputs on both sides, and the circular layer adds that
+    overflow back modulo the grid. Computed as one zero padding to a multiple of ``n`` (``(-l) mod n`` in front,
+    so that entry ``j`` lands at a position congruent to ``j - l``), a reshape to ``(m, n)`` and a sum over ``m``:
+    plain ops that trace, export (``torch.export``, ONNX) and differentiate (the backward is the periodic padding),
+    for pads larger than ``n`` too (a kernel wider than a small map wraps around more than once).
+
+    >>> x = torch.tensor([[[1., 2., 3., 4., 5., 6.]]])
+    >>> circular_fold(x, [(1, 2)])     # n = 3: entry j goes to (j - 1) mod 3
+    tensor([[[7., 9., 5.]]])
+    """
+    pads = tuple((int(l), int(r)) for l, r in pads)
+    d = len(pads)
+    if any(l < 0 or r < 0 for l, r in pads) or x.dim() < d:
+        raise ValueError(f"circular_fold: pads must be >= 0 and at most one pair per dimension of the input, got "
+                         f"pads={pads} for an input of shape {tuple(x.shape)}")
+    for i, (l, r) in enumerate(pads):
+        if not (l or r):
+            continue
+        dim = x.dim() - d + i
+        n = x.shape[dim] - l - r
+        if n < 1:
+            raise ValueError(f"circular_fold: dimension {dim} has size {x.shape[dim]}, not more than its pads "
+                             f"({l}, {r}): nothing to fold onto")
+        front = (-l) % n
+        back = (-(front + x.shape[dim])) % n
+        trailing = x.dim() - 1 - dim
+        x = F.pad(x, [0, 0] * trailing + [front, back])
+        m = x.shape[dim] // n
+        x = x.reshape(*x.shape[:dim], m, n, *x.shape[dim + 1:]).sum(dim)
+    return x
+
+
+# CircularFold.forward below calls it: symbolic tracing records one call (its sizes need concrete shapes)
+torch.fx.wrap("circular_fold")
+
+
+class CircularFold(nn.Module):
+    """The adjoint of circular padding by ``(left, right)`` per trailing spatial dimension (:func:`circular_fold`),
+    then an optional per-channel ``bias``: what a frozen orthogonal transposed convolution applies after its plain
+    ``nn.ConvTranspose{d}d`` (padding 0, no bias) to wrap the overflow around the output grid. The bias comes
+    after the fold because an output entry that receives overflow would otherwise get it more than once. Pads of
+    any size."""
+
+    def __init__(self, pads: Sequence[tuple[int, int]], bias: torch.Tensor | None = None):
+        super().__init__()
+        self.pads = tuple((int(l), int(r)) for l, r in pads)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone())
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = circular_fold(x, self.pads)
+        if self.bias is not None:
+            y = y + self.bias.reshape(-1, *(1,) * len(self.pads))
+        return y
+
+    def extra_repr(self) -> str:
+        return f"pads={self.pads}, bias={self.bias is not None}"

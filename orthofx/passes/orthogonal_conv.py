@@ -1,8 +1,11 @@
 """Pass ``orthogonal_conv``: replace convolutions and linears by exactly orthogonal layers.
 
 Each selected ``Conv1d`` / ``Conv2d`` / ``Conv3d`` becomes :class:`orthofx.nn.orthogonal.OrthogonalConv1d` /
-``2d`` / ``3d`` and each ``Linear`` :class:`orthofx.nn.orthogonal.OrthogonalLinear`, under the same qualified name (the graph is
-unchanged; state_dict keys change to the new layer's parameters). Where P0's Theorem 4 admits no orthogonal
+``2d`` / ``3d``, each ``ConvTranspose1d`` / ``2d`` / ``3d`` :class:`orthofx.nn.orthogonal.OrthogonalConvTranspose1d` /
+``2d`` / ``3d`` (the adjoint of the orthogonal conv ``out -> in``; it exists iff that conv does, and it is built only
+where the layer's output size is ``input * stride``, which holds for the usual decoder layers such as ``k = 4,
+S = 2, p = 1`` or ``k = S, p = 0``) and each ``Linear`` :class:`orthofx.nn.orthogonal.OrthogonalLinear`, under the
+same qualified name (the graph is unchanged; state_dict keys change to the new layer's parameters). Where P0's Theorem 4 admits no orthogonal
 convolution (e.g. the ResNet strided shortcut, (M, C, k, S) = (2C, C, 1, 2)), ``on_impossible`` decides:
 ``error`` raises :class:`orthofx.ImpossibleLayerError` quoting the theorem's condition with the layer's numbers,
 ``skip`` leaves the layer as it is, ``regularize`` attaches P0's L_orth instead (weight ``regularize_weight``).
@@ -42,8 +45,10 @@ from torch import nn
 
 from .. import theory
 from ..errors import ImpossibleLayerError, PlanError
-from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalLinear,
-                              circular_alignment, keeps_output_size)
+from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
+                              OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
+                              circular_alignment, keeps_output_size, transposed_alignment,
+                              transposed_keeps_output_size)
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, describe_module, parameter_owners,
                    require_initialised)
 from .orth_regularizer import lorth_term
@@ -51,14 +56,26 @@ from .registry import register_pass
 
 __all__ = ["OrthogonalConvPass", "keeps_output_size", "orthogonal_layer"]
 
+_TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_ORTHOGONAL_TRANSPOSED = {1: OrthogonalConvTranspose1d, 2: OrthogonalConvTranspose2d, 3: OrthogonalConvTranspose3d}
+
+
 def orthogonal_layer(module: nn.Module, *, init: str = "nearest", method: str = "auto", padding: str = "circular",
                      gain: float = 1.0, fit_steps: int = 0, input_size=None) -> nn.Module:
-    """The exactly orthogonal replacement of a ``Linear`` / ``Conv1d`` / ``Conv2d`` / ``Conv3d`` (subclasses included):
+    """The exactly orthogonal replacement of a ``Linear`` / ``Conv1d`` / ``Conv2d`` / ``Conv3d`` /
+    ``ConvTranspose1d`` / ``2d`` / ``3d`` (subclasses included):
     ``padding="circular"`` gives the circular layer with the conv's window alignment (its own padding where
-    that keeps the output size ``n / S``, else ``"same"``; see :func:`orthofx.nn.orthogonal.circular_alignment`),
-    ``"keep"`` the conv's own zero padding; ``input_size`` (spatial) is needed by ``method="cayley_fft"`` only."""
+    that keeps the output size ``n / S``, else ``"same"``; see :func:`orthofx.nn.orthogonal.circular_alignment`;
+    a transposed conv's own padding and output_padding where its output is ``n * S``,
+    :func:`orthofx.nn.orthogonal.transposed_alignment`), ``"keep"`` the conv's own zero padding (not for transposed
+    convs); ``input_size`` (spatial) is needed by ``method="cayley_fft"`` only."""
     if isinstance(module, nn.Linear):
         return OrthogonalLinear.from_linear(module, init=init, gain=gain)
+    if isinstance(module, _TRANSPOSED_TYPES):
+        cls = _ORTHOGONAL_TRANSPOSED[module.weight.dim() - 2]
+        layer_padding, output_padding = transposed_alignment(module)
+        return cls.from_conv_transpose(module, init=init, method=method, padding=layer_padding,
+                                       output_padding=output_padding, gain=gain, fit_steps=fit_steps)
     cls = {1: OrthogonalConv1d, 2: OrthogonalConv2d, 3: OrthogonalConv3d}[module.weight.dim() - 2]
     layer_padding = "keep"
     if padding == "circular":
@@ -72,6 +89,8 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
     """Why no exactly orthogonal replacement is possible for ``conv`` (``None`` when one is); for
     ``method="cayley_fft"`` the spatial ``input_size`` the layer sees (its effective kernel is that large)."""
     dims = conv.weight.dim() - 2
+    if isinstance(conv, _TRANSPOSED_TYPES):
+        return _transposed_impossibility(conv, padding, method)
     if method == "cayley_fft":
         if any(d > 1 for d in conv.dilation):
             return (f"dilation={conv.dilation}: method cayley_fft builds a full-size kernel, which has no dilation; "
@@ -99,6 +118,32 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
     return None
 
 
+def _transposed_impossibility(conv: nn.Module, padding: str, method: str) -> str | None:
+    """:func:`_impossibility` for a ``ConvTranspose{d}d``: its orthogonal version is the adjoint of the circular
+    orthogonal conv ``out -> in`` (same kernel, stride, dilation, groups), which exists iff that conv does."""
+    if method == "cayley_fft":
+        return ("method cayley_fft has no transposed version (its operator lives on one input grid); use method "
+                "auto, bcop or rko for transposed convolutions")
+    if padding == "keep":
+        return ("'padding: keep' is not available for transposed convolutions: their orthogonal version is the "
+                "adjoint of a circular conv only; use 'padding: circular'")
+    exists, _, reason = theory.orthogonal_conv_exists(conv.out_channels, conv.in_channels, conv.kernel_size,
+                                                      conv.stride, dims=conv.weight.dim() - 2, groups=conv.groups,
+                                                      dilation=conv.dilation)
+    if not exists:
+        return (f"no orthogonal transposed convolution exists: it is the adjoint of the convolution "
+                f"{conv.out_channels} -> {conv.in_channels} channels, and for that one (P0 Theorem 4) {reason}")
+    if method == "rko" and any(k > s for k, s in zip(conv.kernel_size, conv.stride)):
+        return (f"method rko (the reshaped kernel only) is exact only when kernel_size <= stride, got "
+                f"kernel_size={conv.kernel_size}, stride={conv.stride}; use method auto or bcop for this layer")
+    if not transposed_keeps_output_size(conv.padding, conv.output_padding, conv.kernel_size, conv.stride,
+                                        conv.dilation):
+        return (f"padding={conv.padding}, output_padding={conv.output_padding} give another output size than "
+                f"input * stride, the size of an exactly orthogonal transposed convolution (e.g. kernel_size=4, "
+                f"stride=2, padding=1 or kernel_size=stride, padding=0 have it)")
+    return None
+
+
 def _hard_status(original: nn.Module, padding: str) -> str:
     """The report's status of a replaced layer: exactly orthogonal, or where its boundary makes it not so
     (``padding``: the rule's parameter; 'circular' builds the exact boundary, 'keep' the conv's own)."""
@@ -115,7 +160,7 @@ def _hard_status(original: nn.Module, padding: str) -> str:
 def _configuration(module: nn.Module) -> tuple:
     """What must agree for two layers with one tied weight to share one orthogonal replacement."""
     attrs = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding",
-             "dilation", "groups", "padding_mode")
+             "output_padding", "dilation", "groups", "padding_mode")
     return (type(module),) + tuple(getattr(module, a, None) for a in attrs)
 
 
@@ -163,7 +208,8 @@ def _tie_problems(entries: list[PlanEntry], modules: list[nn.Module], owners: di
 
 @register_pass
 class OrthogonalConvPass(Pass):
-    """Hard orthogonality: exactly orthogonal Conv1d/2d/3d and Linear layers, L_orth where none exists."""
+    """Hard orthogonality: exactly orthogonal Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear layers, L_orth where
+    none exists."""
 
     name = "orthogonal_conv"
     params = (
@@ -181,7 +227,7 @@ class OrthogonalConvPass(Pass):
         Param("gain", 1.0, (float,), "the layer is gain times orthogonal", minimum=0.0, exclusive_minimum=True),
     )
     site_kinds = frozenset({"module"})
-    module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _TRANSPOSED_TYPES
     group = "weight"
     replaces_module = True
     needs_original_module = True
@@ -215,7 +261,7 @@ class OrthogonalConvPass(Pass):
                 continue
             method = entry.params["method"]
             input_size = None
-            if method == "cayley_fft" and not isinstance(module, nn.Linear):
+            if method == "cayley_fft" and not isinstance(module, (nn.Linear,) + _TRANSPOSED_TYPES):
                 input_size = self._cayley_input_size(ctx, entry, module)
             problem = None if isinstance(module, nn.Linear) else _impossibility(
                 module, entry.params["padding"], method, input_size)

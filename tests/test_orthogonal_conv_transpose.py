@@ -1,0 +1,221 @@
+"""Exactly orthogonal transposed convolutions (orthofx.nn.OrthogonalConvTranspose1d/2d/3d) and the orthogonal_conv
+pass on ConvTranspose layers. References: dense float64 operators built entry by entry from the kernel here."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import orthofx
+from orthofx.errors import ImpossibleLayerError, LayerArgumentError
+from orthofx.nn import OrthogonalConvTranspose1d, OrthogonalConvTranspose2d, OrthogonalConvTranspose3d
+
+LAYERS = {1: OrthogonalConvTranspose1d, 2: OrthogonalConvTranspose2d, 3: OrthogonalConvTranspose3d}
+
+
+def _left(padding, k, dilation):
+    """The documented alignment: output j takes the taps with S i + D p = j + l, l = padding or (k_eff - 1) // 2."""
+    if padding == "same":
+        return tuple((dl * (kk - 1)) // 2 for kk, dl in zip(k, dilation))
+    return padding
+
+
+def dense_transposed(weight, n, stride, dilation, groups, lefts):
+    """T[(o, j), (c, i)] of the circular transposed conv: sum of W[c, o_local, p] over the taps p with
+    S i + D p = j + l modulo the output grid n * S, per group; weight (in, out / groups, *k)."""
+    cin, opg = weight.shape[:2]
+    k = weight.shape[2:]
+    big = tuple(a * s for a, s in zip(n, stride))
+    T = torch.zeros(opg * groups, *big, cin, *n, dtype=torch.float64)
+    ipg = cin // groups
+    for c in range(cin):
+        g = c // ipg
+        for ol in range(opg):
+            for p in itertools.product(*map(range, k)):
+                for i in itertools.product(*map(range, n)):
+                    j = tuple((s * ii + dl * pp - l) % N
+                              for s, ii, dl, pp, l, N in zip(stride, i, dilation, p, lefts, big))
+                    T[(g * opg + ol,) + j + (c,) + i] += weight[(c, ol) + p]
+    return T.reshape(opg * groups * math.prod(big), cin * math.prod(n))
+
+
+def dense_of(fn, shape):
+    """The matrix of a linear map on inputs of ``shape`` (channels, *spatial), column by column."""
+    size = math.prod(shape)
+    basis = torch.eye(size, dtype=torch.float64).reshape(size, *shape)
+    with torch.no_grad():
+        return fn(basis).reshape(size, -1).T
+
+
+# (in, out, k, stride, dilation, groups, padding, output_padding, n)
+CASES = [
+    (4, 2, 4, 2, 1, 1, 1, 0, (4,)),                 # conv 2 -> 4 RO: layer CO
+    (8, 2, 3, 3, 1, 1, "same", 0, (3,)),            # conv 2 -> 8 CO (M > C S): layer RO, stride 3
+    (3, 5, 2, 1, 2, 1, "same", 0, (5,)),            # stride 1, dilated, even kernel
+    (3, 5, 4, 1, 1, 1, "same", 0, (5,)),            # stride 1, even kernel: asymmetric pads (1, 2)
+    (2, 2, 7, 1, 1, 1, "same", 0, (2,)),            # pads 3 > the grid 2: the overflow wraps twice
+    (4, 6, 3, 2, 1, 2, 1, 1, (3,)),                 # groups, k = 3, S = 2, p = 1, output_padding = 1
+    (4, 4, 3, 2, 3, 1, "same", 0, (3,)),            # dilation coprime to the stride
+    (8, 4, 4, 2, 1, 1, 1, 0, (3, 3)),               # the usual decoder upsampling
+    (4, 4, 2, 2, 1, 1, 0, 0, (3, 2)),               # k = S, p = 0
+    (3, 3, 3, 1, 1, 1, 1, 0, (3, 4)),               # k = 3, S = 1, p = 1
+    (12, 2, 2, 2, 1, 1, "same", 0, (2, 2)),         # conv CO: layer RO
+    (2, 3, (2, 3), 1, 1, 1, "same", 0, (3, 3)),     # stride 1, pads (0, 1) and (1, 1)
+    (4, 6, (3, 2), (1, 2), (2, 1), 2, "same", 0, (4, 2)),
+    (4, 2, (2, 3, 2), (2, 1, 2), 1, 1, "same", 0, (2, 3, 2)),   # 3-D
+    (6, 2, 3, 3, 1, 1, "same", 0, (2, 1, 2)),      # 3-D, stride 3, conv CO: layer RO
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{len(c[-1])}d-in{c[0]}-out{c[1]}-k{c[2]}-s{c[3]}")
+def test_dense_operator_is_orthogonal_and_adjoint_of_its_conv(case):
+    cin, cout, k, stride, dilation, groups, padding, output_padding, n = case
+    d = len(n)
+    torch.manual_seed(0)
+    layer = LAYERS[d](cin, cout, k, stride=stride, padding=padding, output_padding=output_padding, groups=groups,
+                      dilation=dilation, bias=False, dtype=torch.float64)
+    ks, ss, ds = (tuple(v) if isinstance(v, tuple) else (v,) * d for v in (k, stride, dilation))
+    w = layer.weight.detach()
+    assert w.shape == (cin, cout // groups, *ks)            # nn.ConvTranspose's layout
+    reference = dense_transposed(w, n, ss, ds, groups, _left(padding if padding == "same" else (padding,) * d,
+                                                              ks, ds))
+    T = dense_of(layer, (cin, *n))
+    torch.testing.assert_close(T, reference, atol=1e-12, rtol=0)
+    sv = torch.linalg.svdvals(reference)
+    assert sv.numel() == min(reference.shape)
+    torch.testing.assert_close(sv, torch.ones_like(sv), atol=1e-10, rtol=0)
+    expected_case = "CO" if reference.shape[0] >= reference.shape[1] else "RO"
+    assert layer.case == expected_case
+    # the exact adjoint of its conv (out -> in channels on the grid n * S)
+    big = tuple(a * s for a, s in zip(n, ss))
+    A = dense_of(layer.conv, (cout, *big))
+    torch.testing.assert_close(T, A.T, atol=1e-12, rtol=0)
+    x = torch.randn(2, cin, *n, dtype=torch.float64)
+    y = torch.randn(2, cout, *big, dtype=torch.float64)
+    with torch.no_grad():
+        assert abs(float((layer(x) * y).sum() - (x * layer.conv(y)).sum())) < 1e-10
+
+
+def test_writes_where_the_torch_layer_writes_away_from_the_wrap():
+    """Same weight as nn.ConvTranspose2d(k=4, S=2, p=1): equal outputs except the first and last row / column,
+    which receive the overflow wrapped around (the chosen alignment, l = padding)."""
+    torch.manual_seed(1)
+    layer = OrthogonalConvTranspose2d(6, 3, 4, stride=2, padding=1, dtype=torch.float64)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        ours = layer(x)
+        plain = torch.nn.functional.conv_transpose2d(x, layer.weight, layer.bias, stride=2, padding=1)
+    assert ours.shape == plain.shape == (2, 3, 10, 10)
+    torch.testing.assert_close(ours[..., 1:-1, 1:-1], plain[..., 1:-1, 1:-1], atol=1e-12, rtol=0)
+    assert (ours[..., 0, :] - plain[..., 0, :]).abs().max() > 1e-3
+
+
+def test_nearest_init_of_an_orthogonal_patch_layer_is_exact():
+    """k = S, p = 0 (the U-Net up-convolution): no overflow, and the polar factor keeps an orthogonal kernel, so the
+    replacement computes what the original computes."""
+    torch.manual_seed(2)
+    source = OrthogonalConvTranspose2d(8, 4, 2, stride=2, padding=0, dtype=torch.float64)
+    module = nn.ConvTranspose2d(8, 4, 2, stride=2, dtype=torch.float64)
+    with torch.no_grad():
+        module.weight.copy_(source.weight)
+    layer = OrthogonalConvTranspose2d.from_conv_transpose(module)
+    assert layer.init_error < 1e-12
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), module(x), atol=1e-12, rtol=0)
+
+
+def test_impossible_shape_quotes_the_theorem():
+    # the adjoint of the ResNet strided shortcut: conv 4 -> 8, k = 1, S = 2 has no orthogonal version
+    with pytest.raises(ImpossibleLayerError, match=r"P0 Theorem 4.*here 8 > 4"):
+        OrthogonalConvTranspose2d(8, 4, 1, stride=2)
+    with pytest.raises(ImpossibleLayerError, match=r"exists iff S <= k, here 3 > 2"):
+        OrthogonalConvTranspose1d(16, 2, 2, stride=3)     # conv 2 -> 16 CO needs S <= k
+
+
+def test_unsupported_padding_says_what_is_supported():
+    with pytest.raises(LayerArgumentError, match=r"does not give the output size input \* stride.*padding='same'"):
+        OrthogonalConvTranspose2d(8, 4, 3, stride=2, padding=1)                   # output 2n - 1
+    with pytest.raises(LayerArgumentError, match="output_padding"):
+        OrthogonalConvTranspose2d(8, 4, 4, stride=2, output_padding=1)
+    with pytest.raises(LayerArgumentError, match="circular"):
+        OrthogonalConvTranspose2d(8, 4, 4, stride=2, padding_mode="zeros")
+
+
+def test_symbolic_trace_and_frozen_form_match():
+    torch.manual_seed(5)
+    layer = OrthogonalConvTranspose3d(4, 2, (2, 3, 2), stride=(2, 1, 2))
+    model = nn.Sequential(layer, nn.ReLU())
+    x = torch.randn(2, 4, 2, 3, 2)
+    traced = torch.fx.symbolic_trace(model)
+    frozen = torch.fx.symbolic_trace(layer.to_plain())
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(traced(x), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.relu(frozen(x)), expected, atol=1e-5, rtol=0)
+
+
+def test_gradients_reach_the_parameters():
+    torch.manual_seed(3)
+    layer = OrthogonalConvTranspose2d(8, 4, 4, stride=2, padding=1)
+    layer(torch.randn(2, 8, 4, 4)).square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert {n for n, _ in layer.named_parameters()} >= {"bias", "conv.matrix"}
+
+
+class Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.up1 = nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1)
+        self.up2 = nn.ConvTranspose2d(16, 4, 2, stride=2)
+        self.head = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.enc(x))
+        u = torch.relu(self.up1(h))
+        return self.head(self.up2(torch.cat([u, u], 1)))
+
+
+def test_pass_on_a_decoder_gives_hard_rows_and_freezes_and_exports(tmp_path):
+    torch.manual_seed(4)
+    model = Decoder().eval()
+    x = torch.randn(2, 3, 8, 8)
+    policy = {"rules": [{"match": {"type": ["Conv2d", "ConvTranspose2d"]}, "apply": "orthogonal_conv",
+                         "with": {"on_impossible": "regularize"}}]}
+    gm = orthofx.transform(model, policy, example_inputs=(x,))
+    statuses = {c.site: c.status for c in orthofx.manifest_of(gm).changes}
+    assert statuses["up1"] == statuses["up2"] == "hard"
+    assert isinstance(gm.get_submodule("up1"), OrthogonalConvTranspose2d)
+    rows = {r["site"]: r for r in orthofx.report(gm).rows}
+    for site in ("up1", "up2"):
+        assert abs(rows[site]["sigma_min"] - 1) < 1e-5 and abs(rows[site]["sigma_max"] - 1) < 1e-5, rows[site]
+        assert rows[site]["exists"] == "yes (CO)"
+    gm.eval()
+    with torch.no_grad():
+        expected = gm(x)
+    frozen = orthofx.freeze(gm, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), expected, atol=1e-5, rtol=0)
+    assert not any(isinstance(m, OrthogonalConvTranspose2d) for m in frozen.modules())
+    orthofx.export(gm, tmp_path / "m.pt2", example_inputs=(x,))
+    assert (tmp_path / "m.pt2").exists()
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    orthofx.export(gm, tmp_path / "m.onnx", example_inputs=(x,))
+    assert (tmp_path / "m.onnx").exists()
+
+
+def test_pass_regularizes_where_no_transposed_layer_exists():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ConvTranspose2d(8, 4, 1, stride=2))
+    policy = {"rules": [{"match": {"type": ["ConvTranspose2d"]}, "apply": "orthogonal_conv",
+                         "with": {"on_impossible": "regularize"}}]}
+    gm = orthofx.transform(model, policy)
+    change = orthofx.manifest_of(gm).changes[0]
+    assert change.status == "regularised (no orthogonal version)" and "P0 Theorem 4" in change.what
+    assert isinstance(gm.get_submodule("1"), nn.ConvTranspose2d)
+    with pytest.raises(ImpossibleLayerError, match="adjoint of the convolution 4 -> 8"):
+        orthofx.transform(model, {"rules": [{"match": {"type": ["ConvTranspose2d"]}, "apply": "orthogonal_conv"}]})
