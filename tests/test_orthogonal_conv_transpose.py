@@ -219,3 +219,17 @@ def test_pass_regularizes_where_no_transposed_layer_exists():
     assert isinstance(gm.get_submodule("1"), nn.ConvTranspose2d)
     with pytest.raises(ImpossibleLayerError, match="adjoint of the convolution 4 -> 8"):
         orthofx.transform(model, {"rules": [{"match": {"type": ["ConvTranspose2d"]}, "apply": "orthogonal_conv"}]})
+
+
+@pytest.mark.parametrize("n, l, r", [(5, 1, 2), (4, 2, 2), (3, 0, 3), (2, 3, 1), (1, 2, 2), (6, 5, 4)])
+def test_circular_fold_adds_each_entry_onto_its_residue(n, l, r):
+    """Both routes of circular_fold (slices when l + r <= n, a padded reshape otherwise) against a loop that adds
+    entry j onto (j - l) mod n, along two dimensions at once."""
+    from orthofx.nn.padding import circular_fold
+
+    x = torch.randn(2, 3, n + l + r, n + r + l, dtype=torch.float64)
+    reference = torch.zeros(2, 3, n, n, dtype=torch.float64)
+    for i in range(n + l + r):
+        for j in range(n + r + l):
+            reference[..., (i - l) % n, (j - r) % n] += x[..., i, j]
+    torch.testing.assert_close(circular_fold(x, [(l, r), (r, l)]), reference, rtol=0, atol=1e-12)

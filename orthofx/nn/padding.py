@@ -170,10 +170,12 @@ def circular_fold(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Ten
 
     The transposed orthogonal layers' wrap-around (:class:`orthofx.nn.OrthogonalConvTranspose2d`): a transposed
     convolution without padding writes past the ``n`` outputs on both sides, and the circular layer adds that
-    overflow back modulo the grid. Computed as one zero padding to a multiple of ``n`` (``(-l) mod n`` in front,
-    so that entry ``j`` lands at a position congruent to ``j - l``), a reshape to ``(m, n)`` and a sum over ``m``:
-    plain ops that trace, export (``torch.export``, ONNX) and differentiate (the backward is the periodic padding),
-    for pads larger than ``n`` too (a kernel wider than a small map wraps around more than once).
+    overflow back modulo the grid. Where every pad is at most its dimension's ``n`` (eagerly) it is
+    :class:`_CircularFold`, the backward of :func:`circular_pad`, whose own backward is the circular padding (slices
+    and adds both ways; autograd through the slices would build a zero tensor of the full size per strip, which
+    took a third of a 64-channel decoder layer's step). Otherwise, and under ``torch.compile`` / ``torch.export``,
+    :func:`_periodic_fold`: plain ops that trace, export (ONNX too) and differentiate, for pads larger than ``n``
+    as well (a kernel wider than a small map wraps around more than once).
 
     >>> x = torch.tensor([[[1., 2., 3., 4., 5., 6.]]])
     >>> circular_fold(x, [(1, 2)])     # n = 3: entry j goes to (j - 1) mod 3
@@ -184,14 +186,28 @@ def circular_fold(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Ten
     if any(l < 0 or r < 0 for l, r in pads) or x.dim() < d:
         raise ValueError(f"circular_fold: pads must be >= 0 and at most one pair per dimension of the input, got "
                          f"pads={pads} for an input of shape {tuple(x.shape)}")
+    sizes = [x.shape[x.dim() - d + i] - l - r for i, (l, r) in enumerate(pads)]
+    for i, n in enumerate(sizes):
+        if n < 1:
+            raise ValueError(f"circular_fold: dimension {x.dim() - d + i} has size {x.shape[x.dim() - d + i]}, not "
+                             f"more than its pads {pads[i]}: nothing to fold onto")
+    if not any(l or r for l, r in pads):
+        return x
+    if all(l <= n and r <= n for (l, r), n in zip(pads, sizes)) and not torch.compiler.is_compiling():
+        return _CircularFold.apply(x, *(v for pair in pads for v in pair))
+    return _periodic_fold(x, pads)
+
+
+def _periodic_fold(x: torch.Tensor, pads: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """:func:`circular_fold` for pads of any size: per dimension one zero padding to a multiple of ``n``
+    (``(-l) mod n`` in front, so that entry ``j`` lands at a position congruent to ``j - l``), a reshape to
+    ``(m, n)`` and a sum over ``m``."""
+    d = len(pads)
     for i, (l, r) in enumerate(pads):
         if not (l or r):
             continue
         dim = x.dim() - d + i
         n = x.shape[dim] - l - r
-        if n < 1:
-            raise ValueError(f"circular_fold: dimension {dim} has size {x.shape[dim]}, not more than its pads "
-                             f"({l}, {r}): nothing to fold onto")
         front = (-l) % n
         back = (-(front + x.shape[dim])) % n
         trailing = x.dim() - 1 - dim
