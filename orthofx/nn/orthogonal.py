@@ -404,6 +404,23 @@ def _fourier_forward(x: torch.Tensor, symbol: torch.Tensor, bias: torch.Tensor |
 torch.fx.wrap("_fourier_forward")
 
 
+def _set_conv_arguments(layer: nn.Module, in_channels, out_channels, kernel_size, stride, dilation, groups,
+                        torch_name: str) -> None:
+    """Check and set the arguments an orthogonal conv shares with ``torch.nn.<torch_name>`` (``layer._dims``
+    spatial dimensions): channel counts, groups dividing both, and per-dimension kernel size, stride, dilation."""
+    d = layer._dims
+    layer.in_channels = _int(in_channels, "in_channels")
+    layer.out_channels = _int(out_channels, "out_channels")
+    layer.groups = _int(groups, "groups")
+    if layer.in_channels % layer.groups or layer.out_channels % layer.groups:
+        raise LayerArgumentError(
+            f"{type(layer).__name__}: groups={layer.groups} must divide in_channels={layer.in_channels} and "
+            f"out_channels={layer.out_channels} (as in torch.nn.{torch_name})")
+    layer.kernel_size = _tuple(kernel_size, d, "kernel_size")
+    layer.stride = _tuple(stride, d, "stride")
+    layer.dilation = _tuple(dilation, d, "dilation")
+
+
 def _mirror_requires_grad(original: nn.Module, layer: nn.Module) -> None:
     """A layer built from a frozen one stays frozen: its bias follows the original bias, the parameters that
     stand for the weight follow the original weight (``requires_grad_(False)`` on a backbone must survive)."""
@@ -520,16 +537,7 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         d = self._dims
         name = type(self).__name__
         factory = _factory(device, dtype)
-        self.in_channels = _int(in_channels, "in_channels")
-        self.out_channels = _int(out_channels, "out_channels")
-        self.groups = _int(groups, "groups")
-        if self.in_channels % self.groups or self.out_channels % self.groups:
-            raise LayerArgumentError(
-                f"{name}: groups={self.groups} must divide in_channels={self.in_channels} and "
-                f"out_channels={self.out_channels} (as in torch.nn.Conv{d}d)")
-        self.kernel_size = _tuple(kernel_size, d, "kernel_size")
-        self.stride = _tuple(stride, d, "stride")
-        self.dilation = _tuple(dilation, d, "dilation")
+        _set_conv_arguments(self, in_channels, out_channels, kernel_size, stride, dilation, groups, f"Conv{d}d")
         if padding_mode not in _PADDING_MODES:
             raise LayerArgumentError(
                 f"{name}: padding_mode must be 'circular' (exactly orthogonal) or 'zeros' (orthogonal away from "
@@ -1493,16 +1501,8 @@ class _OrthogonalConvTransposeNd(nn.Module):
         d = self._dims
         name = type(self).__name__
         factory = _factory(device, dtype)
-        self.in_channels = _int(in_channels, "in_channels")
-        self.out_channels = _int(out_channels, "out_channels")
-        self.groups = _int(groups, "groups")
-        if self.in_channels % self.groups or self.out_channels % self.groups:
-            raise LayerArgumentError(
-                f"{name}: groups={self.groups} must divide in_channels={self.in_channels} and "
-                f"out_channels={self.out_channels} (as in torch.nn.ConvTranspose{d}d)")
-        self.kernel_size = _tuple(kernel_size, d, "kernel_size")
-        self.stride = _tuple(stride, d, "stride")
-        self.dilation = _tuple(dilation, d, "dilation")
+        _set_conv_arguments(self, in_channels, out_channels, kernel_size, stride, dilation, groups,
+                            f"ConvTranspose{d}d")
         if padding_mode != "circular":
             raise LayerArgumentError(
                 f"{name}: padding_mode must be 'circular' (the adjoint of the exactly orthogonal circular conv), "
