@@ -139,11 +139,12 @@ def freeze(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
         torch.testing.assert_close(frozen(x), gm.eval()(x))
     """
     inputs = as_input_tuple(example_inputs)
-    if not is_transformed(model):
-        model = _captured_with_orthofx_layers(model, inputs)
-    root = unwrap_model(model)
-    manifest = manifest_of(model)
-    frozen = copy.deepcopy(root)
+    if is_transformed(model):
+        manifest = manifest_of(model)
+        frozen = copy.deepcopy(unwrap_model(model))
+    else:  # captured from a copy of the model already: baked in place
+        frozen = _captured_with_orthofx_layers(model, inputs)
+        manifest = manifest_of(frozen)
     if isinstance(frozen, ModalGraphModule):
         # a forward with `if self.training:` branches: the frozen model is the eval-mode graph alone
         frozen = frozen.single_mode(training=False)
