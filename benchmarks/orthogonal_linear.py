@@ -22,7 +22,6 @@ Writes ``benchmarks/results/orthogonal_linear_<device>.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
@@ -30,7 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from orthofx.nn import OrthogonalLinear
-from timing import checked_device, device_name, interleaved, positive_int, synchronizer
+from timing import checked_device, interleaved, positive_int, synchronizer, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # (in_features, out_features): square, a thin projection down, a wide embedding up, a mild rectangle
@@ -124,13 +123,8 @@ def main() -> None:
             ratio = "" if base is None else f"{row['ratio_to_linear']:7.2f}x"
             defect = "" if row["defect"] is None else f"defect {row['defect']:.1e}"
             print(f"{row['shape']:>11}  {name:<20} {row['ms']:9.2f} ms  {ratio}  {defect}", flush=True)
-    out = args.out or os.path.join(HERE, "results", f"orthogonal_linear_{device.type}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"torch": torch.__version__, "device": device_name(device), "threads": torch.get_num_threads(),
-                   "batch": args.batch, "repeats": args.repeats, "square_max_n": args.square_max_n,
-                   "rows": rows}, f, indent=1)
-    print(f"wrote {out}")
+    write_results(args.out or os.path.join(HERE, "results", f"orthogonal_linear_{device.type}.json"), device,
+                  rows, batch=args.batch, repeats=args.repeats, square_max_n=args.square_max_n)
 
 
 if __name__ == "__main__":

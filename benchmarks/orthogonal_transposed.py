@@ -16,14 +16,13 @@ Writes ``benchmarks/results/orthogonal_transposed_<device>.json`` (or ``--out``)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
 from torch import nn
 
 from orthofx.nn import OrthogonalConvTranspose2d
-from timing import checked_device, device_name, interleaved, positive_int, synchronizer
+from timing import checked_device, interleaved, positive_int, synchronizer, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # (in_channels, out_channels, kernel_size, stride, padding, input size): U-Net / DCGAN-style upsampling
@@ -75,12 +74,8 @@ def main() -> None:
             rows.append(row)
             sigma = "" if error is None else f"max|sigma-1| {error:.1e}"
             print(f"{shape:>26}  {name:<20} {row['ms']:9.2f} ms  {row['ratio']:6.2f}x  {sigma}", flush=True)
-    out = args.out or os.path.join(HERE, "results", f"orthogonal_transposed_{device.type}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"torch": torch.__version__, "device": device_name(device), "threads": torch.get_num_threads(),
-                   "batch": args.batch, "repeats": args.repeats, "rows": rows}, f, indent=1)
-    print(f"wrote {out}")
+    write_results(args.out or os.path.join(HERE, "results", f"orthogonal_transposed_{device.type}.json"), device,
+                  rows, batch=args.batch, repeats=args.repeats)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -97,6 +98,16 @@ def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, orthofx_te
             optimizer.step()
 
     return step
+
+
+def write_results(out: str, device: str | torch.device, rows: list[dict], **meta) -> None:
+    """Write a benchmark's ``rows`` to the JSON file ``out`` (its folder created) with the run's metadata: torch's
+    version, :func:`device_name`, the thread count and ``meta`` (the script's own settings); say where."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"torch": torch.__version__, "device": device_name(device), "threads": torch.get_num_threads(),
+                   **meta, "rows": rows}, f, indent=1)
+    print(f"wrote {out}")
 
 
 # ------------------------------------------------------------------------------------------- argument checks
