@@ -27,7 +27,6 @@ Writes ``benchmarks/results/compile.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import warnings
@@ -37,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import orthofx
-from timing import checked_device, device_name, interleaved, once, positive_int, synchronizer
+from timing import checked_device, interleaved, once, positive_int, synchronizer, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -200,17 +199,12 @@ def main() -> None:
     from tabulate import tabulate
     print(tabulate(rows, headers="keys", floatfmt=".3g"))
     _write(args, rows)
-    print(f"wrote {args.out}")
 
 
 def _write(args, rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump({"torch": torch.__version__, "machine": platform.machine(),
-                   "device": device_name(args.device),
-                   "width": args.width, "batch": args.batch, "repeats": args.repeats, "tf32": False,
-                   "compile_caches": args.quick,
-                   "rows": rows}, handle, indent=2)
+    """The rows so far, with the run's settings, to ``args.out``."""
+    write_results(args.out, args.device, rows, machine=platform.machine(), width=args.width, batch=args.batch,
+                  repeats=args.repeats, tf32=False, compile_caches=args.quick)
 
 
 if __name__ == "__main__":

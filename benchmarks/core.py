@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 import orthofx
-from timing import checked_device, device_name, interleaved, positive_int, synchronizer, training_step
+from timing import checked_device, interleaved, positive_int, synchronizer, training_step, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -152,12 +151,7 @@ def main() -> None:
         rows += lorth_overhead(args.quick, args.device)
     from tabulate import tabulate
     print(tabulate(rows, headers="keys", floatfmt=".4g"))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump({"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
-                   "device": device_name(args.device),
-                   "quick": args.quick, "rows": rows}, handle, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, args.device, rows, machine=platform.machine(), quick=args.quick)
 
 
 if __name__ == "__main__":

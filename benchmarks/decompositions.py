@@ -17,7 +17,6 @@ benchmarks/results/decompositions.json (or ``--out``). Quality bar (DESIGN.md): 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from orthofx.nn.decompositions import eigh_stable, sqrtm_newton_schulz, svd_stable
-from timing import checked_device, device_name, once, positive_float, positive_int, samples, synchronizer
+from timing import checked_device, once, positive_float, positive_int, samples, synchronizer, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decompositions.json"
 
@@ -122,18 +121,15 @@ def main(argv=None):
     worst = max(stable, key=lambda r: r["ratio"])
     print(f"\nworst stable-op ratio: {worst['ratio']:.2f} ({worst['op']}, n={worst['n']}, batch={worst['batch']}); "
           f"bar 1.5x: {'met' if worst['ratio'] <= 1.5 else 'NOT met'}")
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "device": device_name(args.device),
-            "processor": platform.processor(), "python": platform.python_version(),
-            "baselines": {"eigh": "torch.linalg.eigh", "svd": "torch.linalg.svd(full_matrices=False)",
-                          "sqrtm": "eigh-based V diag(sqrt L) V^T"},
-            "candidates": {"eigh": "eigh_stable(taylor_order=9)", "svd": "svd_stable(taylor_order=9)",
-                           "sqrtm": "sqrtm_newton_schulz(iterations=5)"},
-            "timing": "forward+backward, runs interleaved (A B, B A, ...); ms = medians; ratio = median of "
-                      "candidate/baseline over adjacent run pairs"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(
+        args.out, args.device, rows, machine=platform.machine(), processor=platform.processor(),
+        python=platform.python_version(),
+        baselines={"eigh": "torch.linalg.eigh", "svd": "torch.linalg.svd(full_matrices=False)",
+                   "sqrtm": "eigh-based V diag(sqrt L) V^T"},
+        candidates={"eigh": "eigh_stable(taylor_order=9)", "svd": "svd_stable(taylor_order=9)",
+                    "sqrtm": "sqrtm_newton_schulz(iterations=5)"},
+        timing="forward+backward, runs interleaved (A B, B A, ...); ms = medians; ratio = median of "
+               "candidate/baseline over adjacent run pairs")
     return rows
 
 

@@ -24,7 +24,6 @@ On CPU with glibc, fx GraphModules run about 1.2x slower than their source modul
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -33,7 +32,7 @@ import warnings
 import torch
 
 import orthofx
-from timing import checked_device, device_name, interleaved, once, positive_int, synchronizer
+from timing import checked_device, interleaved, once, positive_int, synchronizer, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -115,13 +114,8 @@ def main() -> None:
     from tabulate import tabulate
     table = [{k: v for k, v in r.items() if not k.endswith("_error")} for r in rows]
     print(tabulate(table, headers="keys", floatfmt=".3g"))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump({"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
-                   "device": device_name(args.device),
-                   "width": args.width, "batch": args.batch, "repeats": args.repeats, "rows": rows},
-                  handle, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, args.device, rows, machine=platform.machine(), width=args.width, batch=args.batch,
+                  repeats=args.repeats)
 
 
 if __name__ == "__main__":

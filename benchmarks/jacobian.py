@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import time
@@ -45,7 +44,7 @@ import torch
 from torch import nn
 
 import orthofx
-from timing import checked_device, interleaved, positive_int, synchronizer, training_step
+from timing import checked_device, interleaved, positive_int, synchronizer, training_step, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -243,15 +242,12 @@ def main() -> None:
         verdict = "meets" if r["ratio"] < 2.5 else "misses"
         setting = r["method"][len("jacobian probes=1"):].strip().strip("()") or "whole batch, every step"
         print(f"{r['model']}: one probe ({setting}) {r['ratio']:.2f}x the plain step ({verdict} the 2.5x bar)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump({"torch": torch.__version__, "machine": platform.machine(), "device": str(device),
-                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-                   "threads": torch.get_num_threads(),
-                   "geoopt": _geoopt_version(), "quick": args.quick, "compile": args.compile, "part": args.part,
-                   "flush_denormal": args.flush_denormal, "repeats": repeats, "notes": notes,
-                   "rows": rows}, handle, indent=2)
-    print(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
+    # ``device`` is written as its name (the GPU's, or "cpu"); ``device_spec`` keeps the argument (a CUDA index)
+    write_results(args.out, device, rows, machine=platform.machine(), device_spec=str(device),
+                  device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                  geoopt=_geoopt_version(), quick=args.quick, compile=args.compile, part=args.part,
+                  flush_denormal=args.flush_denormal, repeats=repeats, notes=notes)
+    print(f"took {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ Writes ``benchmarks/results/orthogonal_layers.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -58,7 +57,7 @@ from torch import nn
 from orthofx.metrics import conv_singular_values
 from orthofx.nn.convnorm import ConvNormConvNd, with_convnorm
 from orthofx.nn.orthogonal import OrthogonalConv2d
-from timing import checked_device, positive_int, samples, synchronizer
+from timing import checked_device, positive_int, samples, synchronizer, write_results
 
 SHAPES = [  # (C, M, k, S)
     (64, 64, 3, 1),
@@ -266,16 +265,12 @@ def main(argv=None):
     for note in notes:  # again below the tables, where a reader of the run looks
         print(f"note: {note}")
 
-    meta = {
-        "device": str(device), "batch": batch, "reps": reps, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "platform": platform.platform(), "quick": args.quick,
-        "cayley_max_n": cayley_max_n, "compile": args.compile, "notes": notes,
-        "timing": "median and min forward+backward (loss = mean(y^2)), layers interleaved round-robin",
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\nwrote {out}")
+    print()
+    # ``device`` is written as its name (the GPU's, or "cpu"); ``device_spec`` keeps the argument (a CUDA index)
+    write_results(args.out, device, rows, device_spec=str(device), batch=batch, reps=reps,
+                  platform=platform.platform(), quick=args.quick, cayley_max_n=cayley_max_n, compile=args.compile,
+                  notes=notes,
+                  timing="median and min forward+backward (loss = mean(y^2)), layers interleaved round-robin")
 
 
 def print_rows(rows):

@@ -18,13 +18,12 @@ Writes ``benchmarks/results/orthonormal_<device>.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
 
 from orthofx.nn.stiefel import orthonormal
-from timing import checked_device, interleaved, positive_int, synchronizer
+from timing import checked_device, interleaved, positive_int, synchronizer, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = [(64, 32), (128, 64), (256, 128), (512, 256), (256, 256), (4, 128, 64)]
@@ -99,11 +98,9 @@ def main() -> None:
                        "orthogonality_defect": float((q.mT @ q - eye).abs().max())}
                 rows.append(row)
                 print(row, flush=True)
-    out = args.out or os.path.join(HERE, "results", f"orthonormal_{device.type}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"torch": torch.__version__, "device": str(device), "rows": rows}, f, indent=1)
-    print(f"wrote {out}")
+    # ``device`` is written as its name (the GPU's, or "cpu"); ``device_spec`` keeps the argument (a CUDA index)
+    write_results(args.out or os.path.join(HERE, "results", f"orthonormal_{device.type}.json"), device, rows,
+                  device_spec=str(device))
 
 
 if __name__ == "__main__":

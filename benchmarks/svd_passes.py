@@ -39,7 +39,6 @@ whether the export passed its 1e-4 check. Writes ``benchmarks/results/svd_export
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -48,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import orthofx
-from timing import interleaved, positive_int, samples, training_step
+from timing import interleaved, positive_int, samples, training_step, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {
@@ -171,10 +170,7 @@ def export_accuracy(out: str, batch: int = 4, vectors: int = 40) -> list[dict]:
               f"{fmt('onnx_vs_exact'):>13}  {own:>10.2g}  {'ok' if row['passed'] else 'ExportError'}")
         if not row["passed"]:
             print(f"         {row['error']}")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as handle:
-        json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, handle, indent=2)
-    print(f"wrote {out}")
+    write_results(out, "cpu", rows)
     return rows
 
 
@@ -225,12 +221,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         hook["fraction_of_plain_step"] = hook["median_s"] / plain
         print(f"hook alone: {hook['hook']:<26} {hook['median_s'] * 1e3:.3f} ms per step "
               f"({100 * hook['fraction_of_plain_step']:.1f}% of the plain step at batch {batches[0]})")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump({"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
-                   "cpus": os.cpu_count(), "quick": args.quick, "width": args.width, "rounds": rounds,
-                   "inner": inner, "rows": rows, "hooks": hooks}, handle, indent=2)
-    print(f"wrote {args.out}")
+    write_results(args.out, "cpu", rows, machine=platform.machine(), cpus=os.cpu_count(), quick=args.quick,
+                  width=args.width, rounds=rounds, inner=inner, hooks=hooks)
     return rows
 
 
