@@ -233,3 +233,121 @@ def test_circular_fold_adds_each_entry_onto_its_residue(n, l, r):
         for j in range(n + r + l):
             reference[..., (i - l) % n, (j - r) % n] += x[..., i, j]
     torch.testing.assert_close(circular_fold(x, [(l, r), (r, l)]), reference, rtol=0, atol=1e-12)
+
+
+# (kernel_size, stride, dilation, a padding whose output size is not input * stride)
+SIZE_FIX_CASES = [(3, 2, 1, 0), (4, 2, 1, 0), (5, 2, 2, 1), (3, 1, 2, 0), (1, 3, 1, 1), (2, 3, 2, 1), (3, 3, 2, 0),
+                  ((3, 4), (2, 2), (2, 1), 0)]
+_ERROR_POLICY = {"rules": [{"match": {"type": ["ConvTranspose2d"]}, "apply": "orthogonal_conv"}]}
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, tuple) else (v, v)
+
+
+@pytest.mark.parametrize("k, stride, dilation, wrong", SIZE_FIX_CASES)
+def test_wrong_padding_error_suggests_the_padding_that_keeps_this_layers_size(k, stride, dilation, wrong):
+    """The pass's error names a padding / output_padding for the layer's own kernel, stride and dilation; torch's
+    nn.ConvTranspose2d with them gives the output size input * stride, and the orthogonal layer accepts them."""
+    import re
+
+    module = nn.ConvTranspose2d(4, 4, k, stride=stride, dilation=dilation, padding=wrong)
+    S = _pair(stride)
+    assert module(torch.zeros(1, 4, 3, 4)).shape[2:] != (3 * S[0], 4 * S[1])   # the case is really wrong
+    with pytest.raises(ImpossibleLayerError, match="another output size than input \\* stride") as info:
+        orthofx.transform(nn.Sequential(module), _ERROR_POLICY)
+    found = re.search(r"use padding=\((\d+), (\d+)\), output_padding=\((\d+), (\d+)\)", str(info.value))
+    assert found, str(info.value)
+    numbers = tuple(map(int, found.groups()))
+    padding, output_padding = numbers[:2], numbers[2:]
+    fixed = nn.ConvTranspose2d(4, 4, k, stride=stride, dilation=dilation, padding=padding,
+                               output_padding=output_padding)
+    for n in ((1, 2), (3, 4), (5, 5)):
+        with torch.no_grad():
+            assert fixed(torch.zeros(1, 4, *n)).shape[2:] == (n[0] * S[0], n[1] * S[1])
+    layer = OrthogonalConvTranspose2d(4, 4, k, stride=stride, dilation=dilation, padding=padding,
+                                      output_padding=output_padding)
+    assert layer(torch.zeros(1, 4, 3, 4)).shape[2:] == (3 * S[0], 4 * S[1])
+    gm = orthofx.transform(nn.Sequential(fixed), _ERROR_POLICY)          # the pass takes the fixed module
+    assert isinstance(gm.get_submodule("0"), OrthogonalConvTranspose2d)
+    # the layer's own error suggests the same numbers
+    with pytest.raises(LayerArgumentError, match=re.escape(f"padding={padding}, output_padding={output_padding} "
+                                                           f"does")):
+        OrthogonalConvTranspose2d(4, 4, k, stride=stride, dilation=dilation, padding=wrong)
+
+
+@pytest.mark.parametrize("k, dilation", [(4, 1), (2, 3)])
+def test_wrong_padding_error_says_when_no_padding_keeps_the_size(k, dilation):
+    """Stride 1 with dilation * (k - 1) odd: no padding with 0 <= output_padding < stride gives input * stride
+    (checked with torch over every padding up to the kernel's extent), and the error says so."""
+    extent = dilation * (k - 1) + 1
+    for p in range(extent + 1):
+        plain = nn.ConvTranspose1d(2, 2, k, stride=1, dilation=dilation, padding=p)
+        assert plain(torch.zeros(1, 2, 6)).shape[-1] != 6
+    module = nn.ConvTranspose2d(4, 4, k, dilation=dilation, padding=1)
+    with pytest.raises(ImpossibleLayerError, match="no padding and output_padding .* give it with "
+                                                   r"kernel_size=\(\d, \d\), stride=\(1, 1\)"):
+        orthofx.transform(nn.Sequential(module), _ERROR_POLICY)
+
+
+def _fold_by_index(full, lefts, sizes):
+    """Add entry j of each spatial dimension of ``full`` onto (j - l) mod N (index_add, dimension by dimension)."""
+    for axis, (l, N) in enumerate(zip(lefts, sizes), start=2):
+        target = (torch.arange(full.shape[axis]) - l) % N
+        shape = list(full.shape)
+        shape[axis] = N
+        full = torch.zeros(shape, dtype=full.dtype).index_add_(axis, target, full)
+    return full
+
+
+@pytest.mark.parametrize("training, bias, frozen, kwargs", [
+    (False, True, True, dict(kernel_size=4, stride=2, padding=1)),
+    (True, False, False, dict(kernel_size=3, stride=2, padding=3, output_padding=1, dilation=3)),
+])
+def test_from_conv_transpose_builds_its_adjoint_conv_once(training, bias, frozen, kwargs):
+    """from_conv_transpose builds one OrthogonalConv2d (the nearest start from the module's weight), not a random
+    one first; the layer keeps the module's padding, bias, dtype, modes and requires_grad, and computes the
+    adjoint of its conv: the transposed conv of the conv's kernel with the overflow folded back by index."""
+    from unittest import mock
+
+    from orthofx.nn.orthogonal import _OrthogonalConvNd
+
+    built = []
+    original = _OrthogonalConvNd.__init__
+
+    def counting_init(self, *args, **kw):
+        built.append(type(self).__name__)
+        original(self, *args, **kw)
+
+    torch.manual_seed(6)
+    module = nn.ConvTranspose2d(6, 4, bias=bias, dtype=torch.float64, **kwargs).train(training)
+    module.weight.requires_grad_(not frozen)
+    with mock.patch.object(_OrthogonalConvNd, "__init__", counting_init):
+        layer = OrthogonalConvTranspose2d.from_conv_transpose(module, padding="keep", fit_steps=3)
+    assert built == ["OrthogonalConv2d"]
+    assert layer.padding == module.padding and layer.output_padding == module.output_padding
+    assert all(m.training == training for m in layer.modules())
+    assert layer.conv.matrix.dtype == torch.float64 and layer.conv.matrix.requires_grad == (not frozen)
+    with torch.no_grad():
+        distance = float((layer.weight - module.weight).norm() / module.weight.norm())
+    assert layer.init_error == pytest.approx(distance, abs=1e-9)
+    if bias:
+        assert torch.equal(layer.bias, module.bias) and layer.bias.requires_grad
+    else:
+        assert layer.bias is None
+    # from_conv's kernel (built for init_error) stays cached for eval-mode forwards: the flags were set, not train()
+    assert "_eval_cache" in layer.conv.__dict__
+    n = (3, 4)
+    x = torch.randn(2, 6, *n, dtype=torch.float64)
+    S, D, l = 2, kwargs.get("dilation", 1), kwargs["padding"]
+    big = tuple(a * S for a in n)
+    with torch.no_grad():
+        kernel = layer.conv.weight
+        full = torch.nn.functional.conv_transpose2d(x, kernel, stride=S, dilation=D)
+        expected = _fold_by_index(full, (l, l), big)
+        if bias:
+            expected = expected + module.bias.reshape(-1, 1, 1)
+        torch.testing.assert_close(layer(x), expected, atol=1e-12, rtol=0)
+        y = torch.randn(2, 4, *big, dtype=torch.float64)
+        linear = layer(x) - (module.bias.reshape(-1, 1, 1) if bias else 0)
+        assert abs(float((linear * y).sum() - (x * layer.conv(y)).sum())) < 1e-10

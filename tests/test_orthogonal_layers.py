@@ -539,7 +539,7 @@ def _bcop_kernel_by_definition(layer) -> torch.Tensor:
 
     Per dimension a chain of blocks :math:`P_j + (I - P_j) z` (``P_j = Q_j Q_j^T``; block ``j`` takes the next
     unused basis of ``proj_a`` for even ``j`` and ``proj_b`` for odd ``j``, counting across dimensions, a zero
-    projector where the class has rank 0), each new block on the left; the kernel is
+    projector where the class has rank 0 and the identity where it has rank n), each new block on the left; the kernel is
     ``K[p_1, ..., p_d] = W T_1[p_1] ... T_d[p_d]`` with ``W`` the orthonormal ``matrix``."""
     n = layer.in_channels
     eye = torch.eye(n, dtype=torch.float64)
@@ -550,8 +550,9 @@ def _bcop_kernel_by_definition(layer) -> torch.Tensor:
         for j in range(k - 1):
             cls = "a" if j % 2 == 0 else "b"
             raw = getattr(layer, f"proj_{cls}")
-            if raw is None:
-                P = torch.zeros(n, n, dtype=torch.float64)
+            if raw is None:  # no parameter: rank 0 (a delay) or rank n (the identity), by the class's rank
+                rank = n // 2 if cls == "a" else n - n // 2
+                P = eye.clone() if rank == n else torch.zeros(n, n, dtype=torch.float64)
             else:
                 Q = _sign_fixed_q(raw[0, used[cls]].detach().double())
                 P = Q @ Q.T

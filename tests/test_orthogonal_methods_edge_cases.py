@@ -483,3 +483,61 @@ def test_freeze_of_a_transformed_model_with_corner_layers_matches_it():
     assert sum(isinstance(m, FourierConv) for m in frozen.modules()) == 2
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), gm.eval()(x), rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- one channel per group
+
+
+ONE_CHANNEL_CASES = [  # d, C, M, k, S, groups, dilation: one input channel per group (n = 1), k - S + 1 >= 3
+    (1, 1, 2, 4, 2, 1, 1),                 # strided RO 1 -> 2: blocks a (delay), b (identity)
+    (1, 2, 2, 5, 2, 2, 1),                 # groups == channels, strided: blocks a, b, a
+    (1, 1, 2, 5, 2, 1, 3),                 # dilation 3 next to stride 2
+    (1, 1, 1, 6, 3, 1, 1),                 # 1 -> 1 at stride 3 (the matrix is 1 x 3)
+    (2, 1, 3, (3, 4), (1, 2), 1, 1),       # CO, strided in one dimension only
+    (2, 3, 6, (2, 4), 2, 3, 1),            # groups, blocks in one dimension only
+]
+
+
+@pytest.mark.parametrize("d, C, M, k, S, g, D", ONE_CHANNEL_CASES)
+def test_one_channel_per_group_every_parameter_gets_a_gradient_and_sigma_stays_1(d, C, M, k, S, g, D):
+    """With one channel per group a rank-1 projector is the identity whatever its 1 x 1 basis: the layer registers
+    no parameter for it (it would never receive a gradient), every parameter it has gets one, and the dense
+    operator stays orthogonal."""
+    torch.manual_seed(C + 5 * M + 11 * D)
+    layer = CLS[d](C, M, k, stride=S, groups=g, dilation=D, dtype=torch.float64)
+    assert layer.method == "bcop"
+    shape = layer_input_shape(layer, (3, 3))
+    y = layer(torch.randn(2, *shape, dtype=torch.float64))
+    (y * torch.randn_like(y)).sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().max()) > 1e-8, name
+    ok, case = admitted(C // g, M // g, layer.kernel_size, layer.stride)
+    assert ok and layer.case == case
+    assert gram_error(forward_matrix(layer, shape), case) < 1e-10
+    fresh = CLS[d](C, M, k, stride=S, groups=g, dilation=D, dtype=torch.float64)
+    fresh.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.weight, layer.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("d, k", [(1, 3), (1, 6), (2, (3, 5))])
+def test_depthwise_stride_1_kernel_is_a_signed_tap_without_block_parameters(d, k):
+    """Depthwise at stride 1 (1 -> 1 per group): the blocks alternate a delay (rank 0) and the identity (rank 1),
+    so each channel's kernel is the sign of its 1 x 1 matrix at tap (k - 1) - (k - 1) // 2 (the delays), and no
+    block parameter exists. A state_dict that still holds the old, dead proj_b loads (strictly)."""
+    torch.manual_seed(4)
+    layer = CLS[d](4, 4, k, groups=4, dtype=torch.float64)
+    assert {name for name, _ in layer.named_parameters()} == {"matrix", "bias"}
+    ks = layer.kernel_size
+    expected = torch.zeros(4, 1, *ks, dtype=torch.float64)
+    tap = tuple((kk - 1) - (kk - 1) // 2 for kk in ks)
+    expected[(slice(None), 0) + tap] = torch.sign(layer.matrix.detach().reshape(4))
+    with torch.no_grad():
+        torch.testing.assert_close(layer.weight, expected, rtol=0, atol=1e-15)
+    assert max_sigma_error(forward_matrix(layer, layer_input_shape(layer, (3, 4)))) < 1e-12
+    legacy = dict(layer.state_dict())
+    legacy["proj_b"] = torch.randn(4, sum((kk - 1) // 2 for kk in ks), 1, 1, dtype=torch.float64)
+    fresh = CLS[d](4, 4, k, groups=4, dtype=torch.float64)
+    fresh.load_state_dict(legacy)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.weight, expected, rtol=0, atol=1e-15)

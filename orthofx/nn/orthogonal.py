@@ -29,6 +29,8 @@ Construction (per group; the math, checked numerically in ``tests/test_orthogona
    ``n -> n`` orthogonal kernel ``A`` of size ``k'`` (the product over dimensions of the 1-D chains,
    :math:`A[p, q] = T_1[p]\,T_2[q]`). Ranks alternate between ``n // 2`` and ``n - n // 2`` along each
    dimension, so that consecutive blocks can be complementary (their product is then a pure one-tap shift).
+   With ``n = 1`` (one channel per group) they are ``z`` (rank 0) and the identity (rank 1, left out): the
+   kernel is a fixed shift there, and only the matrix below has parameters.
 
 3. *Reshaped kernel.* With stride ``S`` and a kernel of size :math:`r_i = \min(k_i, S_i) \le S_i`, the windows
    do not overlap, so the strided convolution is the matrix :math:`W \in \mathbb{R}^{M \times C\prod r_i}`
@@ -133,6 +135,7 @@ __all__ = [
     "orthonormal",
     "transposed_alignment",
     "transposed_keeps_output_size",
+    "transposed_size_keeping_padding",
 ]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -590,17 +593,26 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
                 f"{name}: method='rko' (reshaped kernel only) is exact only when kernel_size <= stride in every "
                 f"dimension, got kernel_size={self.kernel_size}, stride={self.stride}; use method='bcop' or 'auto'")
         self.method = ("rko" if not any(nblocks) else "bcop") if method == "auto" else method
-        # block j of dimension i has rank ra = n // 2 (j even, class a) or rb = n - ra (j odd, class b)
+        # block j of dimension i has rank ra = n // 2 (j even, class a) or rb = n - ra (j odd, class b). A block
+        # of rank n is the identity (P = I, taps [I, 0]), left out of the list and counted in _identity_taps
+        # instead: that is class b when n == 1 (one channel per group, e.g. a depthwise layer), whose 1 x 1 basis
+        # q gives P = q q / q^2 = 1 for every value, so a parameter for it would never receive a gradient (the
+        # rank-0 class-a blocks are delays: they make the kernel's shift)
         self._ra, self._rb = n // 2, n - n // 2
+        ranks = {"a": self._ra, "b": self._rb}
         self._block_index: list[list[tuple[str, int]]] = []
+        identities = []
         counts = {"a": 0, "b": 0}
         for m in nblocks:
             dim_blocks = []
             for j in range(m):
                 cls = "a" if j % 2 == 0 else "b"
-                dim_blocks.append((cls, counts[cls]))
-                counts[cls] += 1
+                if ranks[cls] < n:
+                    dim_blocks.append((cls, counts[cls]))
+                    counts[cls] += 1
             self._block_index.append(dim_blocks)
+            identities.append(m - len(dim_blocks))
+        self._identity_taps = tuple(identities)
         if counts["a"] and self._ra > 0:
             self.proj_a = nn.Parameter(torch.empty(g, counts["a"], n, self._ra, **factory))
         else:
@@ -670,6 +682,15 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
             self.bias = nn.Parameter(torch.empty(self.out_channels, **factory))
         else:
             self.register_parameter("bias", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state_dict saved before the identity blocks of n == 1 were left out holds their proj_b, whose value
+        # has no effect on the kernel (P = 1 for any 1 x 1 basis): dropped, so that such checkpoints still load
+        key = prefix + "proj_b"
+        if (key in state_dict and self.method != "cayley_fft" and self._n == 1 and self.proj_b is None
+                and tuple(state_dict[key].shape[-2:]) == (1, 1)):
+            state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def _param_dtype(self) -> torch.dtype:
@@ -946,7 +967,8 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
 
         ``A[p] = T_1[p_1] \cdots T_d[p_d]``, where the 1-D kernel of dimension ``i`` is the product of its blocks
         :math:`T_i = B_m \cdots B_1` and a block is :math:`B = P + (I - P) z` (:math:`P = QQ^T`, a projector;
-        ``z`` delays by one tap; a rank-0 projector makes ``B = z``). ``side="right"``: ``X`` is
+        ``z`` delays by one tap; a rank-0 projector makes ``B = z``; a rank-``n`` one, ``B = I``, is not listed: it
+        appends a zero tap, ``_identity_taps``). ``side="right"``: ``X`` is
         ``(g, *taps, a, n)`` and the result is :math:`(X \star A)[p] = \sum_q X[p - q] A[q]`; ``side="left"``:
         ``X`` is ``(g, *taps, n, b)`` and the result is :math:`\sum_q A[q] X[p - q]`; each spatial size grows by
         ``k'_i - 1``. ``adjoint=True`` applies the adjoint map (the correlation :math:`\sum_q X[p + q] A[q]^T`,
@@ -964,6 +986,10 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
             steps = [(dim, block) for dim in range(d) for block in reversed(self._block_index[dim])]
         else:
             steps = [(dim, block) for dim in reversed(range(d)) for block in self._block_index[dim]]
+        if adjoint:  # the identity blocks' zero taps (see below): their adjoint drops them
+            for dim, extra in enumerate(self._identity_taps):
+                if extra:
+                    X = X.narrow(1 + dim, 0, X.shape[1 + dim] - extra)
         for dim, (cls, idx) in (reversed(steps) if adjoint else steps):
             axis, trailing = 1 + dim, d - dim + 1  # X is (g, *taps, a, b)
             if (self.proj_a if cls == "a" else self.proj_b) is None:  # rank-0 projector: a pure delay
@@ -980,6 +1006,12 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
                 X = Y.narrow(axis, 0, size) + (X - Y).narrow(axis, 1, size)
             else:
                 X = _delay(Y, trailing, before=0, after=1) + _delay(X - Y, trailing)
+        if not adjoint:
+            # an identity block (rank n, not listed) is the polynomial I written on two taps [I, 0]: it commutes
+            # with every block, so all of them together append their zero taps at the end of the dimension
+            for dim, extra in enumerate(self._identity_taps):
+                if extra:
+                    X = _delay(X, d - dim + 1, before=0, after=extra)
         return X
 
     def _unit_kernel(self, cd: torch.dtype | None = None, shift: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -1250,7 +1282,8 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         """The per-dimension shift that the block part is when consecutive blocks are complementary (right after
         :meth:`_pair_blocks`): each pair ``[P, I - P]`` then ``[I - P, P]`` multiplies to a shift by one tap.
         ``None`` where a dimension has an unpaired last block with ``n > 1`` (not a shift). With ``n = 1`` every
-        block is a shift or the identity (rank-0 / rank-1 projectors), so the shift is the class-a count."""
+        listed block is a delay (rank-0 projectors; the rank-1 identities are left out), so the shift is the
+        class-a count."""
         shifts = []
         for dim_blocks in self._block_index:
             if self._n == 1:
@@ -1354,7 +1387,8 @@ class OrthogonalConv2d(_OrthogonalConvNd):
       (module docs, item 6); ``"auto"`` never picks it.
 
     Parameters: ``proj_a``, ``proj_b`` (unconstrained ``n x r`` matrices whose column spaces give the
-    projectors) and ``matrix`` (unconstrained, made orthonormal by QR). :attr:`weight` rebuilds the explicit
+    projectors; ``None`` where no block has one: rank 0, or one channel per group) and ``matrix`` (unconstrained,
+    made orthonormal by QR). :attr:`weight` rebuilds the explicit
     kernel (differentiable) at every forward; nothing is cached.
 
     Padding: ``"same"`` pads ``(k_eff - 1) // 2`` on both sides (``k_eff = dilation*(k-1)+1``; PyTorch's
@@ -1447,6 +1481,29 @@ def transposed_keeps_output_size(padding, output_padding, kernel_size, stride, d
                for p, o, k, s, dl in zip(padding, output_padding, kernel_size, stride, dilation))
 
 
+def transposed_size_keeping_padding(kernel_size, stride, dilation):
+    r"""The ``(padding, output_padding)`` (tuples, per dimension) with which a transposed convolution of these
+    ``kernel_size``, ``stride`` and ``dilation`` (tuples) keeps the output size ``input * stride`` as
+    :func:`transposed_keeps_output_size` asks, or ``None`` when some dimension has none.
+
+    Output size :math:`(n - 1)S - 2p + D(k - 1) + o + 1 = nS` means :math:`2p = e + o` with
+    :math:`e = D(k - 1) + 1 - S`; with :math:`p \ge 0` and :math:`0 \le o < S` the smallest is
+    :math:`p = 0, o = -e` for :math:`e < 0` (then :math:`o \le S - 1`), else :math:`o = e \bmod 2`,
+    :math:`p = (e + o) / 2`. None exists where that ``o`` is not below ``S``: stride 1 with :math:`D(k - 1)` odd
+    (e.g. an even kernel, undilated). ``o < max(S, D)``, torch's own bound, would admit ``o = 1`` there for an odd
+    ``D > 1``, but the padding read as a convolution's would then give that adjoint conv ``n + 1`` outputs, not
+    ``n`` (:func:`transposed_keeps_output_size`)."""
+    paddings, output_paddings = [], []
+    for k, s, dl in zip(kernel_size, stride, dilation):
+        excess = dl * (k - 1) + 1 - s
+        o = -excess if excess < 0 else excess % 2
+        if o >= s:
+            return None
+        paddings.append((excess + o) // 2)
+        output_paddings.append(o)
+    return tuple(paddings), tuple(output_paddings)
+
+
 def transposed_alignment(module: nn.Module):
     """``(padding, output_padding)`` of the orthogonal layer replacing the ``nn.ConvTranspose{d}d`` ``module``
     (the ``orthogonal_conv`` pass): the module's own where they give the output size ``input * stride``
@@ -1498,9 +1555,21 @@ class _OrthogonalConvTransposeNd(nn.Module):
                  groups=1, bias=True, dilation=1, padding_mode="circular", method="auto", device=None, dtype=None,
                  *, gain=1.0, compute_dtype=None):
         super().__init__()
+        factory = _factory(device, dtype)
+        self._configure(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, dilation,
+                        padding_mode, method)
+        self.conv = _ORTHOGONAL_CONV[self._dims](
+            self.out_channels, self.in_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, groups=self.groups, bias=False, padding_mode="circular", method=method,
+            device=device, dtype=dtype, gain=gain, compute_dtype=compute_dtype)
+        self._register_bias(bias, factory)
+
+    def _configure(self, in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, dilation,
+                   padding_mode, method) -> None:
+        """The checks and the attributes of the layer, everything but the adjoint conv and the bias (shared by
+        ``__init__`` and :meth:`from_conv_transpose`, which builds the conv from the module's weight)."""
         d = self._dims
         name = type(self).__name__
-        factory = _factory(device, dtype)
         _set_conv_arguments(self, in_channels, out_channels, kernel_size, stride, dilation, groups,
                             f"ConvTranspose{d}d")
         if padding_mode != "circular":
@@ -1527,15 +1596,13 @@ class _OrthogonalConvTransposeNd(nn.Module):
                 f"padding): {reason}. Fix: use in_channels <= out_channels * prod(min(kernel_size, stride)) (RO "
                 f"conv) or kernel_size >= stride in every dimension (CO conv), or keep a plain ConvTranspose{d}d "
                 f"(e.g. with the orth_regularizer pass) for this layer")
-        self.conv = _ORTHOGONAL_CONV[d](self.out_channels, self.in_channels, self.kernel_size, stride=self.stride,
-                                        padding=self.padding, dilation=self.dilation, groups=self.groups,
-                                        bias=False, padding_mode="circular", method=method, device=device,
-                                        dtype=dtype, gain=gain, compute_dtype=compute_dtype)
+        self.init_error: float | None = None
+
+    def _register_bias(self, bias: bool, factory: dict) -> None:
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_channels, **factory))
         else:
             self.register_parameter("bias", None)
-        self.init_error: float | None = None
         self.reset_bias()
 
     def _check_padding(self, padding, output_padding, name: str):
@@ -1553,10 +1620,13 @@ class _OrthogonalConvTransposeNd(nn.Module):
         pads = _tuple(padding, d, "padding", minimum=0)
         outs = _tuple(output_padding, d, "output_padding", minimum=0)
         if not transposed_keeps_output_size(pads, outs, self.kernel_size, self.stride, self.dilation):
+            fix = transposed_size_keeping_padding(self.kernel_size, self.stride, self.dilation)
+            here = ("no integer padding does here" if fix is None else
+                    f"here padding={fix[0]}, output_padding={fix[1]} does")
             raise LayerArgumentError(
                 f"{name}: padding={pads}, output_padding={outs} with kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, dilation={self.dilation} does not give the output size input * stride "
-                f"that an exactly orthogonal transposed convolution has; {supported}")
+                f"that an exactly orthogonal transposed convolution has ({here}); {supported}")
         return pads, outs
 
     @torch.no_grad()
@@ -1685,10 +1755,13 @@ class _OrthogonalConvTransposeNd(nn.Module):
         if padding == "keep":
             padding, output_padding = tuple(module.padding), tuple(module.output_padding)
         w0 = module.weight.detach()
-        layer = cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
-                    padding=padding, output_padding=output_padding, groups=module.groups,
-                    bias=module.bias is not None, dilation=module.dilation, method=method, device=w0.device,
-                    dtype=w0.dtype, gain=gain, compute_dtype=compute_dtype)
+        # built around the conv that from_conv makes, not by cls(...), whose randomly initialised conv (QR
+        # factorisations and all) would be thrown away; the checks come first, so that an impossible layer is
+        # reported as a transposed one
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._configure(module.in_channels, module.out_channels, module.kernel_size, module.stride, padding,
+                         output_padding, module.groups, module.dilation, "circular", method)
         # the same weight tensor read as the adjoint conv's (out -> in channels), built on the meta device
         adjoint = _TORCH_CONV[d](module.out_channels, module.in_channels, module.kernel_size, stride=module.stride,
                                  dilation=module.dilation, groups=module.groups, bias=False, device="meta")
@@ -1697,6 +1770,7 @@ class _OrthogonalConvTransposeNd(nn.Module):
         layer.conv = _ORTHOGONAL_CONV[d].from_conv(adjoint, init=init, method=method, padding=layer.padding,
                                                    padding_mode="circular", gain=gain, fit_steps=fit_steps,
                                                    compute_dtype=compute_dtype)
+        layer._register_bias(module.bias is not None, _factory(w0.device, w0.dtype))
         with torch.no_grad():
             if module.bias is not None:
                 layer.bias.copy_(module.bias)

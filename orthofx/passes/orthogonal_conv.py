@@ -48,7 +48,7 @@ from ..errors import ImpossibleLayerError, PlanError
 from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                               OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
                               circular_alignment, keeps_output_size, transposed_alignment,
-                              transposed_keeps_output_size)
+                              transposed_keeps_output_size, transposed_size_keeping_padding)
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, describe_module, parameter_owners,
                    require_initialised)
 from .orth_regularizer import lorth_term
@@ -139,9 +139,23 @@ def _transposed_impossibility(conv: nn.Module, padding: str, method: str) -> str
     if not transposed_keeps_output_size(conv.padding, conv.output_padding, conv.kernel_size, conv.stride,
                                         conv.dilation):
         return (f"padding={conv.padding}, output_padding={conv.output_padding} give another output size than "
-                f"input * stride, the size of an exactly orthogonal transposed convolution (e.g. kernel_size=4, "
-                f"stride=2, padding=1 or kernel_size=stride, padding=0 have it)")
+                f"input * stride, the size of an exactly orthogonal transposed convolution; "
+                f"{_size_keeping_fix(conv)}")
     return None
+
+
+def _size_keeping_fix(conv: nn.Module) -> str:
+    """The ``padding`` / ``output_padding`` that give ``conv`` (a ``ConvTranspose{d}d``) the output size
+    ``input * stride`` for its own kernel_size, stride and dilation
+    (:func:`orthofx.nn.orthogonal.transposed_size_keeping_padding`), or why none does."""
+    what = f"kernel_size={conv.kernel_size}, stride={conv.stride}, dilation={conv.dilation}"
+    fix = transposed_size_keeping_padding(conv.kernel_size, conv.stride, conv.dilation)
+    if fix is None:
+        return (f"no padding and output_padding (0 <= output_padding < stride) give it with {what}: "
+                f"2*padding = dilation*(kernel_size-1) + 1 - stride + output_padding needs dilation*(kernel_size-1) "
+                f"even at stride 1 (e.g. an odd kernel_size)")
+    padding, output_padding = fix
+    return f"with {what} use padding={padding}, output_padding={output_padding}"
 
 
 def _hard_status(original: nn.Module, padding: str) -> str:
