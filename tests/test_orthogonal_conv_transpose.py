@@ -351,3 +351,12 @@ def test_from_conv_transpose_builds_its_adjoint_conv_once(training, bias, frozen
         y = torch.randn(2, 4, *big, dtype=torch.float64)
         linear = layer(x) - (module.bias.reshape(-1, 1, 1) if bias else 0)
         assert abs(float((linear * y).sum() - (x * layer.conv(y)).sum())) < 1e-10
+
+
+@pytest.mark.parametrize("kwargs", [dict(stride=2, padding=1, output_padding=1, bias=False),
+                                    dict(stride=2, padding=1, output_padding=1, groups=2),
+                                    dict(stride=1, padding=2, dilation=2)])
+def test_repr_lists_the_torch_arguments_as_torch_does(kwargs):
+    layer = OrthogonalConvTranspose2d(8, 4, 3, **kwargs)
+    torch_layer = nn.ConvTranspose2d(8, 4, 3, **kwargs)
+    assert layer.extra_repr().startswith(torch_layer.extra_repr() + ", method=")

@@ -1101,14 +1101,7 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         return _CONV_FN[self._dims](x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-             f"padding={self.padding!r}")
-        if any(dl != 1 for dl in self.dilation):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
+        s = _conv_arguments_repr(self)
         s += f", padding_mode={self.padding_mode!r}, method={self.method!r}, case={self.case!r}"
         if self.input_size is not None:
             s += f", input_size={self.input_size}"
@@ -1471,6 +1464,22 @@ class OrthogonalConv3d(_OrthogonalConvNd):
 # ------------------------------------------------------------------------------------------ transposed convolutions
 
 
+def _conv_arguments_repr(layer: nn.Module, output_padding: tuple[int, ...] | None = None) -> str:
+    """The torch conv arguments of an orthogonal (transposed) conv for ``extra_repr``, those at their defaults
+    left out, as ``nn.Conv`` prints them."""
+    s = (f"{layer.in_channels}, {layer.out_channels}, kernel_size={layer.kernel_size}, stride={layer.stride}, "
+         f"padding={layer.padding!r}")
+    if output_padding is not None and any(output_padding):
+        s += f", output_padding={output_padding}"
+    if any(dl != 1 for dl in layer.dilation):
+        s += f", dilation={layer.dilation}"
+    if layer.groups != 1:
+        s += f", groups={layer.groups}"
+    if layer.bias is None:
+        s += ", bias=False"
+    return s
+
+
 def transposed_keeps_output_size(padding, output_padding, kernel_size, stride, dilation) -> bool:
     r"""Whether a transposed convolution with these ints (per dimension) maps every input size ``n`` to ``n S``
     *and* its padding ``p``, read as a convolution's, keeps that adjoint convolution's size ``n S -> n``:
@@ -1688,16 +1697,7 @@ class _OrthogonalConvTransposeNd(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-             f"padding={self.padding!r}")
-        if any(self.output_padding):
-            s += f", output_padding={self.output_padding}"
-        if any(dl != 1 for dl in self.dilation):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
+        s = _conv_arguments_repr(self, self.output_padding)
         s += f", method={self.method!r}, case={self.case!r}"
         if self.gain != 1.0:
             s += f", gain={self.gain}"
