@@ -436,3 +436,25 @@ def test_freeze_a_model_written_with_orthofx_layers(make, tmp_path):
 def test_freeze_of_a_plain_model_says_there_is_nothing_to_freeze():
     with pytest.raises(orthofx.OrthofxError, match="holds no orthofx layer"):
         orthofx.freeze(nn.Sequential(nn.Linear(3, 3)))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("preset", ["lorth", "orthogonal", "convnorm"])
+def test_frozen_models_trace_with_torch_jit(preset):
+    """README, Known limits: torch.jit.trace of a frozen model reproduces it at the traced shape (TorchScript is
+    not an export target), also with orthogonal transposed convs."""
+    from orthofx.nn import OrthogonalConvTranspose2d
+    if preset == "orthogonal":
+        torch.manual_seed(0)
+        model = nn.Sequential(_written_with_orthofx_layers()[:3], OrthogonalConvTranspose2d(8, 4, 4, stride=2,
+                                                                                             padding=1))
+        x = torch.randn(2, 3, 8, 8)
+        frozen = orthofx.freeze(model, example_inputs=(x,))
+    else:
+        gm, x = _small(preset)
+        frozen = orthofx.freeze(gm)
+    with torch.no_grad():
+        traced = torch.jit.trace(frozen, (x,))
+        torch.testing.assert_close(traced(x), frozen(x), atol=1e-6, rtol=1e-6)
+        other = torch.randn_like(x)  # a traced graph is not specialised to the example's values
+        torch.testing.assert_close(traced(other), frozen(other), atol=1e-6, rtol=1e-6)
