@@ -6,6 +6,12 @@ Each pass that attaches a regulariser records a penalty term in the manifest (``
 penalty is ``sum_i weight_i * term_i(gm)``, differentiable with respect to the model's parameters. It works on
 the result of ``torch.compile`` and on DDP/DataParallel wrappers too (the terms are evaluated on the wrapped
 module's parameters, outside the compiled graph).
+
+A model written with orthofx's layers (``orthofx.nn``) that ``orthofx.transform`` did not return has no manifest:
+its penalty is ``sum_p p.penalty()`` over its :class:`~orthofx.nn.JacobianProbe` modules ``p`` (each the probe's
+``weight * estimate`` after a training-mode forward; zero before it, in eval mode and on the calls ``every``
+skips), its terms keyed ``"JacobianProbe/<module path>"``. A model holding no orthofx layer raises
+:class:`~orthofx.OrthofxError`.
 """
 
 from __future__ import annotations
@@ -13,22 +19,59 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import nn as orthofx_nn
 from .capture import unwrap_model
+from .errors import OrthofxError
+from .nn.jacobian import JacobianProbe
 from .passes.base import zero_like_parameters
-from .transform import manifest_of
+from .transform import is_transformed, manifest_of
 
-__all__ = ["penalty", "penalty_terms"]
+__all__ = ["penalty", "penalty_terms", "is_orthofx_layer", "holding_orthofx_layers"]
+
+#: The module classes ``orthofx.nn`` exports (its other exports are functions): "an orthofx layer" is an instance
+#: of one of them, subclasses included (a pass's DecompositionMonitor is a ConditionMonitor).
+ORTHOFX_LAYER_TYPES = tuple(obj for obj in (getattr(orthofx_nn, name) for name in orthofx_nn.__all__)
+                            if isinstance(obj, type) and issubclass(obj, nn.Module))
+
+
+def is_orthofx_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one of ``orthofx.nn``'s layers (OrthogonalConv2d, ConvNormConv2d, JacobianProbe ...)."""
+    return isinstance(module, ORTHOFX_LAYER_TYPES)
+
+
+def holding_orthofx_layers(model: nn.Module) -> nn.Module:
+    """The module inside ``model``'s wrappers (torch.compile, DDP), when it holds an orthofx layer (itself
+    included); raises :class:`~orthofx.OrthofxError` otherwise. For models not returned by ``orthofx.transform``."""
+    root = unwrap_model(model)
+    if not any(is_orthofx_layer(module) for module in root.modules()):
+        raise OrthofxError(
+            f"{type(root).__name__} was not produced by orthofx.transform and holds no orthofx layer "
+            "(orthofx.nn: OrthogonalConv2d, ConvNormConv2d, JacobianProbe ...), so orthofx has nothing to measure "
+            "or regularise in it: call orthofx.transform(model, policy) first, or build the model with orthofx.nn "
+            "layers (wrap a block in orthofx.nn.JacobianProbe for a Jacobian penalty)")
+    return root
+
+
+def _probes(model: nn.Module) -> list[tuple[str, JacobianProbe]]:
+    """``(module path, probe)`` of every JacobianProbe of a model holding orthofx layers (not transformed)."""
+    return [(name, m) for name, m in holding_orthofx_layers(model).named_modules() if isinstance(m, JacobianProbe)]
 
 
 def penalty_terms(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Each term's weighted value, keyed ``"<rule>/<site>"`` (for logging which layers dominate)."""
+    """Each term's weighted value, keyed ``"<rule>/<site>"`` (for logging which layers dominate); for a model
+    holding orthofx layers but not transformed, ``"JacobianProbe/<module path>"``: ``probe.penalty()``, or a zero
+    like the probe's parameters when it has no current estimate."""
+    if not is_transformed(model):
+        return {f"JacobianProbe/{name}": zero_like_parameters(probe) if probe.estimate is None else probe.penalty()
+                for name, probe in _probes(model)}
     root = unwrap_model(model)
     return {f"{t.rule}/{t.site}": t.weight * t.value(root) for t in manifest_of(model).penalties}
 
 
 def penalty(model: nn.Module) -> torch.Tensor:
-    """Sum of all weighted regularisers attached by the policy; a zero scalar (in the dtype and on the device of
-    the model's parameters) when there are none or all have weight 0.
+    """Sum of all weighted regularisers attached by the policy (for a model holding orthofx layers but not
+    transformed: of its JacobianProbes' ``penalty()``); a zero scalar (in the dtype and on the device of the
+    model's parameters) when there are none or all have weight 0.
 
     Example::
 
@@ -37,7 +80,11 @@ def penalty(model: nn.Module) -> torch.Tensor:
         loss.backward()
     """
     root = unwrap_model(model)
-    weighted = [term.weight * term.value(root) for term in manifest_of(model).penalties if term.weight != 0.0]
+    if is_transformed(model):
+        weighted = [term.weight * term.value(root) for term in manifest_of(model).penalties if term.weight != 0.0]
+    else:
+        weighted = [probe.penalty() for _, probe in _probes(model)
+                    if probe.estimate is not None and probe.penalty_weight != 0.0]
     if not weighted:
         return zero_like_parameters(root)
     return sum(weighted[1:], weighted[0])

@@ -30,6 +30,13 @@ eval mode; the first value is ``transform``'s check run on the example inputs wh
 ``Report.plot(path)`` draws the spectra and, when there are monitors, a second panel with kappa against the
 monitor's update count (log scale).
 
+A model written with ``orthofx.nn`` layers that ``transform`` did not return (no manifest) gets one row per conv /
+linear layer and per orthofx layer (not those nested inside an orthofx layer, whose row stands for them; a
+JacobianProbe is transparent: its block's layers keep their rows), pass ``"orthofx layer"`` (None for torch's
+layers), the monitors' kappa figures and the probes' penalty terms. The model is not run, so ``sigma_min`` /
+``sigma_max`` are given only where a layer knows its input size (``method="cayley_fft"``'s ``input_size``).
+A model holding no orthofx layer raises :class:`~orthofx.OrthofxError`.
+
 Example::
 
     gm = orthofx.transform(model, "lorth", example_inputs=(x,))
@@ -50,10 +57,12 @@ from torch import nn
 from . import metrics, theory
 from .capture import unwrap_model
 from .nn.decompositions import ConditionMonitor
+from .nn.jacobian import JacobianProbe
 from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                             OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
 from .passes.base import describe_module
-from .transform import manifest_of
+from .penalty import holding_orthofx_layers, is_orthofx_layer
+from .transform import is_transformed, manifest_of
 
 __all__ = ["Report", "report", "monitors", "layer_singular_values"]
 
@@ -261,7 +270,10 @@ def _fmt(value: Any) -> str:
 
 
 def report(model: nn.Module) -> Report:
-    """Report on a model returned by :func:`orthofx.transform` (compiled or wrapped models too)."""
+    """Report on a model returned by :func:`orthofx.transform` (compiled or wrapped models too), or on a model
+    written with ``orthofx.nn`` layers (:func:`_layers_report`: its orthofx and conv / linear layers, not run)."""
+    if not is_transformed(model):
+        return _layers_report(model)
     manifest = manifest_of(model)
     root = unwrap_model(model)
     plan = manifest.plan
@@ -289,25 +301,10 @@ def report(model: nn.Module) -> Report:
                 rows.append(row)
             continue
         module = root.get_submodule(site.name)
-        operator = isinstance(module, _CONV_TYPES + _LINEAR_TYPES)
-        if not operator and not entries:
+        if not isinstance(module, _CONV_TYPES + _LINEAR_TYPES) and not entries:
             continue
-        shape = manifest.input_shapes.get(site.name)
-        values = layer_singular_values(module, shape) if operator else None
-        if values is not None and values.numel():
-            spectra[site.name] = values
-        dims = len(module.kernel_size) if isinstance(module, _CONV_TYPES) else 0
-        rows.append({
-            "site": site.name,
-            "layer": describe_module(module),
-            "pass": pass_text,
-            "params": _params(entries),
-            "lorth": _lorth(module) if operator else None,
-            "sigma_min": float(values.min()) if values is not None and values.numel() else None,
-            "sigma_max": float(values.max()) if values is not None and values.numel() else None,
-            "input": tuple(shape[-dims:]) if shape is not None and dims else None,
-            "exists": _existence(module) if operator else "",
-        })
+        rows.append(_layer_row(site.name, module, pass_text, _params(entries), manifest.input_shapes.get(site.name),
+                               spectra))
     penalties = []
     with torch.no_grad():
         for term in manifest.penalties:
@@ -317,6 +314,78 @@ def report(model: nn.Module) -> Report:
     capture = {"mode": manifest.capture.mode, "leaf_fallbacks": list(manifest.capture.leaf_fallbacks),
                "warnings": list(manifest.capture.warnings), "summary": manifest.capture.summary()}
     return Report(rows, capture, spectra, penalties, manifest.output_change, conditioning)
+
+
+def _layer_row(site: str, module: nn.Module, pass_text: str | None, params: str | None,
+               shape: tuple[int, ...] | None, spectra: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A module's row (figures for conv / linear layers only, at the input ``shape`` when it is known); its
+    singular values go into ``spectra`` under ``site``."""
+    operator = isinstance(module, _CONV_TYPES + _LINEAR_TYPES)
+    values = layer_singular_values(module, shape) if operator else None
+    if values is not None and values.numel():
+        spectra[site] = values
+    dims = len(module.kernel_size) if isinstance(module, _CONV_TYPES) else 0
+    return {
+        "site": site,
+        "layer": describe_module(module),
+        "pass": pass_text,
+        "params": params,
+        "lorth": _lorth(module) if operator else None,
+        "sigma_min": float(values.min()) if values is not None and values.numel() else None,
+        "sigma_max": float(values.max()) if values is not None and values.numel() else None,
+        "input": tuple(shape[-dims:]) if shape is not None and dims else None,
+        "exists": _existence(module) if operator else "",
+    }
+
+
+#: ``Report.capture`` of a model that ``orthofx.transform`` did not return.
+_NOT_TRANSFORMED = {"mode": "none", "leaf_fallbacks": [], "warnings": [],
+                    "summary": "none: not transformed; the orthofx.nn layers and conv / linear layers of the model "
+                               "as written (not run: sigma only where a layer knows its input size)"}
+
+
+def _reported_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of every conv / linear layer and orthofx layer of a model as written, not those nested
+    in an orthofx layer (its row stands for them), except in a JacobianProbe, whose children are its block's
+    (same paths: the probe is transparent)."""
+    found, outer = [], []
+    for name, module in root.named_modules():
+        if any(not o or name.startswith(o + ".") for o in outer):
+            continue
+        if is_orthofx_layer(module) and not isinstance(module, JacobianProbe):
+            outer.append(name)
+        if is_orthofx_layer(module) or isinstance(module, _CONV_TYPES + _LINEAR_TYPES):
+            found.append((name, module))
+    return found
+
+
+def _layers_report(model: nn.Module) -> Report:
+    """The report of a model holding orthofx layers that ``orthofx.transform`` did not return: one row per module
+    of :func:`_reported_modules` (pass ``"orthofx layer"`` for orthofx's, None for torch's; no params; a probe's
+    row measures its block when that is a conv / linear), monitors' kappa figures, the probes' penalty terms.
+    Nothing runs the model: a layer's input size is known only when it holds one (``cayley_fft``'s
+    ``input_size``)."""
+    root = holding_orthofx_layers(model)
+    rows: list[dict[str, Any]] = []
+    spectra: dict[str, torch.Tensor] = {}
+    conditioning: dict[str, list[float]] = {}
+    penalties: list[dict[str, Any]] = []
+    for name, module in _reported_modules(root):
+        probe = module if isinstance(module, JacobianProbe) else None
+        measured = module if probe is None else probe.block
+        size = getattr(measured, "input_size", None)
+        row = _layer_row(name, measured, "orthofx layer" if is_orthofx_layer(module) else None, None,
+                         tuple(size) if isinstance(size, tuple) else None, spectra)
+        if probe is not None:
+            row["layer"] = f"JacobianProbe({row['layer']})"
+            value = 0.0 if probe.estimate is None else float(probe.estimate.detach())
+            penalties.append({"site": name, "rule": "JacobianProbe", "weight": probe.penalty_weight, "value": value,
+                              "weighted": probe.penalty_weight * value})
+        if isinstance(module, ConditionMonitor):
+            row.update(_monitor_figures(module))
+            conditioning[name] = module.history
+        rows.append(row)
+    return Report(rows, dict(_NOT_TRANSFORMED), spectra, penalties, None, conditioning)
 
 
 def monitors(model: nn.Module) -> dict[str, dict[str, Any]]:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from orthofx.errors import CaptureError, LayerArgumentError
-from orthofx.nn import ConvNormConv2d, JacobianProbe, OrthogonalConv1d, OrthogonalConv2d
+from orthofx.nn import ConvNormConv2d, JacobianProbe, OrthogonalConv1d, OrthogonalConv2d, OrthogonalConvTranspose2d
 from orthofx.nn.conditioning import DecompositionMonitor, stable_eigh
 from orthofx.nn.decompositions import ConditionMonitor, eigh_stable, svd_stable
 
@@ -316,3 +316,136 @@ def test_circular_pad_wrapping_more_than_once_traces_symbolically():
     cols = torch.arange(-2, 3 + 1) % 3
     reference = model[1](x[:, :, rows][:, :, :, cols])
     torch.testing.assert_close(traced(x), reference, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- penalty and report
+# A model written with orthofx.nn layers and never transformed: orthofx.penalty sums its probes' penalties and
+# orthofx.report tables its layers, without a manifest.
+
+
+class _Probed(nn.Module):
+    """A user's model with two probed blocks (float64, so that the zero penalty's dtype is checked)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(JacobianProbe(nn.Sequential(nn.Linear(5, 5), nn.Tanh()), weight=0.3),
+                                  nn.Linear(5, 5),
+                                  JacobianProbe(nn.Sequential(nn.Linear(5, 4), nn.Sigmoid()), weight=2.0))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _double_probed() -> _Probed:
+    torch.manual_seed(20)
+    return _Probed().double()
+
+
+def test_penalty_of_an_untransformed_model_sums_its_probes_with_their_gradient():
+    import orthofx
+
+    model = _double_probed()
+    first, second = model.body[0], model.body[2]
+    before = orthofx.penalty(model)
+    assert before.dtype == torch.float64 and before.item() == 0.0
+    model(torch.randn(6, 5, dtype=torch.float64))
+    reference = 0.3 * first.estimate + 2.0 * second.estimate
+    assert reference.item() > 0
+    got = orthofx.penalty(model)
+    torch.testing.assert_close(got, reference, rtol=1e-12, atol=0)
+    params = list(model.parameters())
+    want = torch.autograd.grad(reference, params, retain_graph=True, allow_unused=True)
+    have = torch.autograd.grad(got, params, retain_graph=True, allow_unused=True)
+    for w, h in zip(want, have):
+        assert (w is None) == (h is None)
+        if w is not None:
+            torch.testing.assert_close(h, w, rtol=1e-12, atol=0)
+    assert have[0].abs().sum() > 0 and have[2] is None  # the probed block's weight; the unprobed Linear's none
+    terms = orthofx.penalty_terms(model)
+    assert list(terms) == ["JacobianProbe/body.0", "JacobianProbe/body.2"]
+    torch.testing.assert_close(terms["JacobianProbe/body.0"], 0.3 * first.estimate, rtol=1e-12, atol=0)
+    torch.testing.assert_close(terms["JacobianProbe/body.2"], 2.0 * second.estimate, rtol=1e-12, atol=0)
+    model.eval()
+    model(torch.randn(6, 5, dtype=torch.float64))
+    after = orthofx.penalty(model)
+    assert after.dtype == torch.float64 and after.item() == 0.0
+    assert all(t.dtype == torch.float64 and t.item() == 0.0 for t in orthofx.penalty_terms(model).values())
+
+
+def test_penalty_and_report_refuse_a_model_without_orthofx_layers():
+    import orthofx
+    from orthofx.errors import OrthofxError
+
+    plain = nn.Sequential(nn.Conv2d(2, 2, 3), nn.ReLU())
+    for call in (orthofx.penalty, orthofx.penalty_terms, orthofx.report):
+        with pytest.raises(OrthofxError, match=r"Sequential was not produced by orthofx.transform and holds no "
+                                               r"orthofx layer.*orthofx.transform\(model, policy\)"):
+            call(plain)
+
+
+def test_penalty_and_report_of_an_untransformed_model_through_torch_compile():
+    import orthofx
+
+    model = _double_probed()
+    model(torch.randn(6, 5, dtype=torch.float64))
+    compiled = torch.compile(model)  # the wrapper only: unwrapped, not run
+    reference = 0.3 * model.body[0].estimate + 2.0 * model.body[2].estimate
+    torch.testing.assert_close(orthofx.penalty(compiled), reference, rtol=1e-12, atol=0)
+    assert list(orthofx.penalty_terms(compiled)) == ["JacobianProbe/body.0", "JacobianProbe/body.2"]
+    assert [row["site"] for row in orthofx.report(compiled).rows] == ["body.0", "body.0.0", "body.1", "body.2",
+                                                                       "body.2.0"]
+
+
+class _Written(nn.Module):
+    """A user's model mixing orthofx and torch layers (never run by the report test)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = OrthogonalConv2d(4, 8, 3)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.up = OrthogonalConvTranspose2d(8, 4, 4, stride=2, padding=1)
+        self.fixed = OrthogonalConv2d(4, 4, 3, method="cayley_fft", input_size=(8, 8))
+        self.norm = ConvNormConv2d(nn.Conv2d(4, 4, 3, padding=1))
+        self.probe = JacobianProbe(nn.Sequential(nn.Linear(6, 6), nn.Tanh()), weight=0.5)
+        self.monitor = ConditionMonitor()
+        self.head = nn.Linear(6, 3)
+
+
+def test_report_of_an_untransformed_model_tables_its_layers_without_changing_it():
+    import orthofx
+    from orthofx import metrics, theory
+
+    torch.manual_seed(21)
+    model = _Written()
+    model.monitor(torch.tensor([1.0, 4.0]))  # kappa 4
+    model.probe(torch.randn(3, 6))  # a training-mode estimate
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rep = orthofx.report(model)
+    rows = {row["site"]: row for row in rep.rows}
+    # the inner conv of the transposed layer and of ConvNorm are their layer's rows; the probe's block's are its own
+    assert list(rows) == ["stem", "down", "up", "fixed", "norm", "probe", "probe.0", "monitor", "head"]
+    assert rows["stem"]["pass"] == "orthofx layer" and rows["down"]["pass"] is None
+    assert rows["stem"]["layer"] == "OrthogonalConv2d(4->8, k=3, s=1)"
+    assert rows["probe"]["layer"] == "JacobianProbe(Sequential)"
+    assert abs(rows["stem"]["lorth"]) < 1e-10
+    want = metrics.lorth(model.down.weight.detach().double(), stride=(2, 2))
+    assert rows["down"]["lorth"] == pytest.approx(float(want), rel=1e-12)
+    for site, (c_in, c_out, stride) in {"stem": (4, 8, 1), "down": (8, 8, 2)}.items():
+        result = theory.orthogonal_conv_exists(c_in, c_out, 3, stride)
+        assert rows[site]["exists"] == f"{'yes' if result.exists else 'no'} ({result.case})"
+    assert rows["down"]["sigma_min"] is None and rows["down"]["input"] is None  # the model was not run
+    assert rows["fixed"]["input"] == (8, 8)
+    assert rows["fixed"]["sigma_min"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["fixed"]["sigma_max"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["monitor"]["kappa"] == 4.0 and rows["monitor"]["updates"] == 1
+    assert rep.conditioning == {"monitor": [4.0]}
+    [term] = rep.penalties
+    estimate = float(model.probe.estimate.detach())
+    assert term["site"] == "probe" and term["value"] == pytest.approx(estimate, rel=1e-12)
+    assert term["weighted"] == pytest.approx(0.5 * estimate, rel=1e-12)
+    text = str(rep)
+    assert "not transformed" in text and "OrthogonalConvTranspose2d(8->4, k=4, s=2)" in text
+    after = model.state_dict()
+    assert list(after) == list(state)
+    for key, value in state.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
