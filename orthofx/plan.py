@@ -38,7 +38,7 @@ from .passes.registry import get_pass
 from .policy import Match, Policy, Rule
 
 __all__ = ["Plan", "build_plan", "block_paths", "collect_sites", "describe_module", "other_mode_graph",
-           "producers_feeding", "FUNCTION_OPS"]
+           "producers_feeding", "unused_leaf_entries", "FUNCTION_OPS"]
 
 #: Callables (functions and tensor methods) recognised as function sites, by canonical op name.
 FUNCTION_OPS: dict[Any, str] = {
@@ -221,7 +221,10 @@ def _dotted_class(name: str) -> type | None:
         if module is not None:
             value: Any = module
             for part in attribute.split("."):
-                value = getattr(value, part, None)
+                try:
+                    value = getattr(value, part, None)
+                except Exception:  # noqa: BLE001 - a module's __getattr__ may raise anything (torch.classes)
+                    return None
             return value if isinstance(value, type) else None
         module_name, _, head = module_name.rpartition(".")
         attribute = f"{head}.{attribute}"
@@ -243,9 +246,11 @@ def _attribute_matches(module: nn.Module | None, where: dict[str, Any]) -> bool:
     (``kernel_size: 3`` matches ``(3, 3)``). For a tensor attribute (or one that is None), ``true`` / ``false``
     test whether it is set: ``bias: false`` selects layers built with ``bias=False``."""
     for attr, expected in where.items():
-        if module is None or not hasattr(module, attr):
+        if module is None:
             return False
-        actual = getattr(module, attr)
+        found, actual = _read_attribute(module, attr)
+        if not found:
+            return False
         if isinstance(actual, torch.Tensor) or (actual is None and isinstance(expected, bool)):
             if not isinstance(expected, bool):
                 raise _WhereError(
@@ -264,11 +269,39 @@ def _attribute_matches(module: nn.Module | None, where: dict[str, Any]) -> bool:
         actual = _normalise(actual)
         expected = _normalise(expected)
         if isinstance(actual, list) and not isinstance(expected, list):
-            if not actual or any(a != expected for a in actual):
+            if not actual or not all(_equal(module, attr, a, expected) for a in actual):
                 return False
-        elif actual != expected:
+        elif not _equal(module, attr, actual, expected):
             return False
     return True
+
+
+def _read_attribute(module: nn.Module, attr: str) -> tuple[bool, Any]:
+    """``(True, value)`` of ``module.attr``, ``(False, None)`` when it has none. A property of the user's class
+    that raises something else than AttributeError (which ``hasattr`` would let through) is a _WhereError."""
+    try:
+        return True, getattr(module, attr)
+    except AttributeError:
+        return False, None
+    except Exception as exc:  # noqa: BLE001 - user code: any exception means the filter cannot be evaluated
+        raise _WhereError(
+            f"where.{attr}: reading attribute '{attr}' of {type(module).__name__} raised {type(exc).__name__}: "
+            f"{str(exc)[:200]}; filter on plain attributes such as groups, stride, kernel_size, padding_mode, "
+            "or narrow the match so it does not select this layer") from None
+
+
+def _equal(module: nn.Module, attr: str, actual: Any, expected: Any) -> bool:
+    """``actual == expected`` as a bool. An attribute that is no plain value (a NumPy array, a tuple of tensors)
+    may compare elementwise or raise; that is a _WhereError naming the attribute rather than a crash."""
+    try:
+        return bool(actual == expected)
+    except Exception as exc:  # noqa: BLE001 - the attribute's own __eq__ / __bool__ may raise anything
+        raise _WhereError(
+            f"where.{attr}: attribute '{attr}' of {type(module).__name__} is no plain value (a "
+            f"{type(actual).__name__} in it cannot be compared with {expected!r}: {type(exc).__name__}: "
+            f"{str(exc)[:120]}); filter on "
+            "plain attributes (numbers, strings, booleans, tuples of them) such as groups, stride, "
+            "kernel_size, padding_mode") from None
 
 
 def _selects(match: Match, site: Site, module: nn.Module | None, fed_by: dict[str, set[str]]) -> bool:
@@ -459,6 +492,9 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
         if site.kind != "function":
             layers[site.name] = describe_module(gm.get_submodule(site.name))
 
+    if model is not None and capture is not None:
+        capture.warnings.extend(w for w in unused_leaf_entries(policy, model) if w not in capture.warnings)
+
     replaced: dict[tuple[str, str], tuple[str, str]] = {}  # site -> (rule, pass) that replaces its module
     for rule in policy.rules:
         pass_cls = get_pass(rule.apply)
@@ -509,6 +545,37 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 unmatched_optional=unmatched_optional, capture=capture, layers=layers)
 
 
+def unused_leaf_entries(policy: Policy, model: nn.Module) -> list[str]:
+    """Warnings for the ``capture.leaf_modules`` entries that keep nothing of ``model`` as a leaf: capture compares
+    each entry with the submodule paths and, along each submodule class's MRO, with ``__name__`` and
+    ``__module__.__qualname__`` (see :class:`orthofx.capture.OrthofxTracer`); an entry matching none of them (a
+    typo, a re-exported path) is silently without effect. A warning, not an error: one policy may serve several
+    models."""
+    entries = policy.capture.leaf_modules
+    if not entries:
+        return []
+    known: set[str] = set()
+    classes: set[type] = set()
+    for name, module in model.named_modules():
+        known.add(name)
+        classes.update(type(module).__mro__)
+    known.update(name for klass in classes for name in (klass.__name__, f"{klass.__module__}.{klass.__qualname__}"))
+    warnings = []
+    for entry in entries:
+        if entry in known:
+            continue
+        resolved = _dotted_class(entry) if "." in entry else None
+        if resolved is not None and resolved in classes:
+            hint = (f"; {entry} is defined as {resolved.__module__}.{resolved.__qualname__}: write that path or "
+                    f"the class name {resolved.__name__}")
+        else:
+            close = difflib.get_close_matches(entry, sorted(known - {""}), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+        warnings.append(f"capture.leaf_modules entry {entry!r} names no submodule path and no class of the model, "
+                        f"so it keeps nothing as a leaf{hint}")
+    return warnings
+
+
 def _missing_attribute_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: dict[str, set[str]]) -> str:
     """For a rule that matched nothing: the ``where:`` attributes that none of the layers it would otherwise select
     has (a misspelt key filters everything out), with the closest attribute names those layers do have."""
@@ -520,13 +587,21 @@ def _missing_attribute_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by
         return ""
     hints = []
     for attr in rule.match.where:
-        if any(hasattr(m, attr) for m in modules):
+        if any(_has_attribute(m, attr) for m in modules):
             continue
         known = sorted({a for m in modules for a in vars(m) if not a.startswith("_")})
         close = difflib.get_close_matches(attr, known, n=3)
         hints.append(f"none of the {len(modules)} layer(s) it selects without 'where' has an attribute '{attr}'"
                      + (f" (did you mean {' or '.join(close)}?)" if close else ""))
     return (" The rule's where: " + "; ".join(hints) + ".") if hints else ""
+
+
+def _has_attribute(module: nn.Module, attr: str) -> bool:
+    """``hasattr`` that also survives a property raising something else than AttributeError (it has one)."""
+    try:
+        return _read_attribute(module, attr)[0]
+    except _WhereError:
+        return True
 
 
 def _no_match_message(rule: Rule, sites: list[Site]) -> str:

@@ -400,7 +400,7 @@ def _tuple(value: Any) -> Any:
 
 _TAG = "tag:yaml.org,2002:"
 _STR, _INT, _FLOAT, _BOOL, _NULL, _TIMESTAMP = (_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp"))
-_MAP, _SEQ, _MERGE = _TAG + "map", _TAG + "seq", _TAG + "merge"
+_MAP, _SEQ, _MERGE, _VALUE = _TAG + "map", _TAG + "seq", _TAG + "merge", _TAG + "value"
 
 # YAML 1.1 (PyYAML) reads 1e-2, 1E-3 and 1.0e5 as strings: its float form needs a dot and a signed exponent.
 _EXP_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
@@ -630,6 +630,10 @@ class _NodeWalker:
                 return _SCALARS.construct_yaml_float(node)
             if tag == _TIMESTAMP:
                 return node.value  # a date-like value stays the string as written
+            if tag in (_VALUE, _MERGE) and node.style is None:
+                # YAML 1.1 resolves a plain '=' or '<<' to its "value" / "merge" key types; as a value (or, for
+                # '=', a key) here they can only be the text written (merge keys are refused in walk())
+                return node.value
         except (KeyError, ValueError, TypeError):
             raise self.fail(node, f"invalid {_tag_name(tag)} value {node.value!r} at {_fmt(path)}") from None
         if tag == _INT:
@@ -775,9 +779,11 @@ def _build_capture(raw: Any, pos: _Positions) -> CaptureConfig:
                         f"{hint}", path + ("mode",))
     leaves = _strings(raw, "leaf_modules", path, pos, allow_empty=True)
     for i, leaf in enumerate(leaves):
-        if not leaf.strip() or any(c.isspace() for c in leaf):
+        # no class name, class path or module path has an empty dotted part ('a..b', '.a', 'a.')
+        if not leaf.strip() or any(c.isspace() for c in leaf) or "" in leaf.split("."):
             raise pos.error(f"capture.leaf_modules[{i}] must be a class name, dotted class path or module "
-                            f"name without spaces, found {leaf!r}", _elem_path(raw, "leaf_modules", path, i))
+                            f"name without spaces or empty dotted parts (e.g. MyAttention, mypkg.MyAttention, "
+                            f"encoder.layers.0), found {leaf!r}", _elem_path(raw, "leaf_modules", path, i))
     return CaptureConfig(mode=mode, leaf_modules=leaves)
 
 
@@ -952,11 +958,26 @@ def _patterns(raw: dict, key: str, path: tuple, pos: _Positions, *, allow_empty:
             regex = pattern[3:]
             if not regex:
                 raise pos.error(f"{_fmt(item_path)}: empty regular expression after 're:'", item_path)
-            try:
-                re.compile(regex)
-            except re.error as e:
-                raise pos.error(f"{_fmt(item_path)}: invalid regular expression {regex!r}: {e}", item_path) from None
+            problem = _regex_problem(regex)
+            if problem is not None:
+                shown = repr(regex) if len(regex) <= 80 else repr(regex[:60]) + "..."
+                raise pos.error(f"{_fmt(item_path)}: invalid regular expression {shown}: {problem}", item_path)
     return patterns
+
+
+def _regex_problem(regex: str) -> str | None:
+    """Why ``regex`` does not compile, ``None`` when it does. Besides ``re.error``, Python's parser raises
+    OverflowError for a repeat count beyond its limit (``a{99999999999}``) and RecursionError for groups nested
+    hundreds deep: both are mistakes in the policy, not in orthofx."""
+    try:
+        re.compile(regex)
+    except re.error as e:
+        return str(e)
+    except OverflowError:
+        return "a repeat count in braces is too large (Python's re allows up to 4294967294); use '+' or '*'"
+    except RecursionError:
+        return "groups are nested too deeply for Python's re; flatten the expression"
+    return None
 
 
 def _ops(raw: dict, key: str, path: tuple, pos: _Positions) -> tuple[str, ...]:
