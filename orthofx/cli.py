@@ -177,6 +177,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_transform(args: argparse.Namespace) -> int:
+    # an empty path (--export "" from an unset shell variable) would skip the output silently
+    for option, path in (("--export", args.export), ("--json", args.json), ("--plot", args.plot)):
+        if path is not None and not path.strip():
+            raise CliError(f"{option} got an empty path; give a file path, or leave out {option}")
     model = load_model(args.model)
     inputs = _example(model, args.input_shape, args.model)
     # the output paths are checked before the transform, which can take a while

@@ -150,8 +150,12 @@ def freeze(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
         frozen = frozen.single_mode(training=False)
     frozen.eval()
     if inputs is not None:
-        with torch.no_grad():
-            frozen(*inputs)
+        try:
+            with torch.no_grad():
+                frozen(*inputs)
+        except Exception as exc:  # bad inputs: say that they are the problem, not the layer torch failed in
+            raise ExportError(f"the model failed on example_inputs ({_root_cause(exc)}); pass inputs the model "
+                              f"takes: {_describe_inputs(inputs)} given") from exc
     # A module's plain form may itself hold orthofx layers (a probe around a block): repeat until none is left.
     for _ in range(100):
         pending = _plain_replacements(frozen)
@@ -171,6 +175,13 @@ def freeze(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
     plain_decompositions(frozen)
     store_manifest(frozen, dataclasses.replace(manifest, penalties=[], optimizer_hooks=[], frozen=True))
     return frozen
+
+
+def _describe_inputs(inputs: tuple) -> str:
+    """``shape (2, 1, 8, 8) float32 on cpu`` for each input (other values by type), for error messages."""
+    parts = [f"shape {tuple(x.shape)} {str(x.dtype).replace('torch.', '')} on {x.device}"
+             if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+    return "; ".join(parts) or "no inputs"
 
 
 def _site_names(gm: fx.GraphModule) -> dict[str, str]:
@@ -498,6 +509,9 @@ def check_export_path(path: Any) -> tuple[str, str]:
     itself); :class:`orthofx.ExportError` otherwise. The CLI checks ``--export`` with it before transforming."""
     path = _path(path)
     suffix = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path) and not suffix:  # a directory, not a file name without a suffix: say so
+        raise ExportError(f"cannot write {path!r}: it is an existing directory; give a file path in it ending in "
+                          f".onnx, .pt2 or .pt (e.g. {os.path.join(path, 'model.pt2')!r})")
     if suffix not in (".onnx", ".pt2", ".pt"):
         raise ExportError(f"unknown export format {suffix or '(no suffix)'!r} for {path!r}; use .onnx, .pt2 or .pt")
     _check_directory(path)
@@ -553,6 +567,10 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
         print(result)   # onnx -> gcp.onnx (max |diff| 3e-07, ...); Newton-Schulz at cov_pool:linalg.eigh (10 ...)
     """
     started = time.perf_counter()
+    # a flag, not a truthy value: dynamic_batch="no" would export a dynamic batch
+    if not isinstance(dynamic_batch, bool):
+        raise ExportError(f"dynamic_batch must be True or False, got {dynamic_batch!r}; dynamic_batch=False exports "
+                          "the example's batch size")
     path, suffix = check_export_path(path)
     if suffix == ".pt":
         if not is_transformed(model):
@@ -606,8 +624,13 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None) 
     ``model`` is the original (untransformed) model; it is not modified.
     """
     path = _path(path)
+    if os.path.isdir(path):
+        raise ExportError(f"cannot read {path!r}: it is a directory; give the .pt file orthofx.export wrote")
     if not os.path.isfile(path):
         raise ExportError(f"cannot read {path!r}: no such file")
+    # checked here so that their errors are not reported as the stored policy not fitting the model
+    unwrap_model(model)
+    as_input_tuple(example_inputs)
     written_by = "write it with orthofx.export(gm, 'model.pt') (a file of state_dict and policy, no pickled code)"
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -616,6 +639,10 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None) 
                           f"{written_by}") from exc
     if not isinstance(saved, dict) or saved.get("orthofx_format") != FORMAT_VERSION:
         raise ExportError(f"{path!r} is not an orthofx .pt file (format {FORMAT_VERSION}); {written_by}")
+    lacking = [key for key, kind in (("policy", str), ("state_dict", dict)) if not isinstance(saved.get(key), kind)]
+    if lacking:
+        raise ExportError(f"{path!r} is not a complete orthofx .pt file: {' and '.join(repr(k) for k in lacking)} "
+                          f"missing or of the wrong type; {written_by}")
     try:
         gm = transform(model, Policy.from_yaml(saved["policy"]), example_inputs=example_inputs)
     except OrthofxError as exc:

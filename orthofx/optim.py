@@ -142,8 +142,9 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
                            "orthofx.attach(optimizer, gm)")
     root = unwrap_model(model)
     hooks = list(manifest_of(model).optimizer_hooks)
-    registry = optimizer.__dict__.setdefault("_orthofx_attached", {})
-    if id(root) in registry.values():
+    # read only: the registry is written once the checks have passed, so a refused attach leaves the optimizer as
+    # it was
+    if id(root) in optimizer.__dict__.get("_orthofx_attached", {}).values():
         raise OrthofxError("this model's hooks are already attached to this optimizer; call handle.remove() "
                            "before attaching again")
     owned = _optimizer_parameters(optimizer)
@@ -217,5 +218,5 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after),
                _StepGuard(optimizer, run_after)]
     handle = AttachHandle(optimizer, hooks, handles)
-    registry[id(handle)] = id(root)
+    optimizer.__dict__.setdefault("_orthofx_attached", {})[id(handle)] = id(root)
     return handle

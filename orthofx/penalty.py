@@ -21,12 +21,12 @@ from torch import nn
 
 from . import nn as orthofx_nn
 from .capture import unwrap_model
-from .errors import OrthofxError
+from .errors import ArgumentError, OrthofxError
 from .nn.jacobian import JacobianProbe
-from .passes.base import zero_like_parameters
+from .passes.base import PenaltyTerm, zero_like_parameters
 from .transform import is_transformed, manifest_of
 
-__all__ = ["penalty", "penalty_terms", "is_orthofx_layer", "holding_orthofx_layers"]
+__all__ = ["penalty", "penalty_terms", "is_orthofx_layer", "holding_orthofx_layers", "lazy_site_module"]
 
 #: The module classes ``orthofx.nn`` exports (its other exports are functions): "an orthofx layer" is an instance
 #: of one of them, subclasses included (a pass's DecompositionMonitor is a ConditionMonitor).
@@ -57,6 +57,29 @@ def _probes(model: nn.Module) -> list[tuple[str, JacobianProbe]]:
     return [(name, m) for name, m in holding_orthofx_layers(model).named_modules() if isinstance(m, JacobianProbe)]
 
 
+def lazy_site_module(root: nn.Module, term: PenaltyTerm) -> nn.Module | None:
+    """The module at ``term``'s site when it is a lazy layer that has not run yet (``nn.LazyLinear`` ...: its
+    parameters have no shape or values, so no term of it can be computed); ``None`` otherwise, also for a site
+    that is not a module (a graph function site)."""
+    try:
+        module = root.get_submodule(term.site)
+    except AttributeError:
+        return None
+    if any(nn.parameter.is_lazy(t) for t in (*module.parameters(), *module.buffers())):
+        return module
+    return None
+
+
+def _term_value(root: nn.Module, term: PenaltyTerm) -> torch.Tensor:
+    """``term``'s unweighted value; a lazy layer that has not run is refused with the fix, not torch's error."""
+    lazy = lazy_site_module(root, term)
+    if lazy is not None:
+        raise ArgumentError(f"site '{term.site}' (rule '{term.rule}'): {type(lazy).__name__} is a lazy layer that "
+                            "has not run yet, so its weight has no values to penalise. Run the model once "
+                            "(gm(x)) before orthofx.penalty, or pass example_inputs=(x,) to orthofx.transform")
+    return term.value(root)
+
+
 def penalty_terms(model: nn.Module) -> dict[str, torch.Tensor]:
     """Each term's weighted value, keyed ``"<rule>/<site>"`` (for logging which layers dominate); for a model
     holding orthofx layers but not transformed, ``"JacobianProbe/<module path>"``: ``probe.penalty()``, or a zero
@@ -65,7 +88,7 @@ def penalty_terms(model: nn.Module) -> dict[str, torch.Tensor]:
         return {f"JacobianProbe/{name}": zero_like_parameters(probe) if probe.estimate is None else probe.penalty()
                 for name, probe in _probes(model)}
     root = unwrap_model(model)
-    return {f"{t.rule}/{t.site}": t.weight * t.value(root) for t in manifest_of(model).penalties}
+    return {f"{t.rule}/{t.site}": t.weight * _term_value(root, t) for t in manifest_of(model).penalties}
 
 
 def penalty(model: nn.Module) -> torch.Tensor:
@@ -81,7 +104,8 @@ def penalty(model: nn.Module) -> torch.Tensor:
     """
     root = unwrap_model(model)
     if is_transformed(model):
-        weighted = [term.weight * term.value(root) for term in manifest_of(model).penalties if term.weight != 0.0]
+        weighted = [term.weight * _term_value(root, term) for term in manifest_of(model).penalties
+                    if term.weight != 0.0]
     else:
         weighted = [probe.penalty() for _, probe in _probes(model)
                     if probe.estimate is not None and probe.penalty_weight != 0.0]

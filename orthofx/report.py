@@ -48,6 +48,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -61,7 +62,8 @@ from .nn.jacobian import JacobianProbe
 from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                             OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
 from .passes.base import describe_module
-from .penalty import holding_orthofx_layers, is_orthofx_layer
+from .errors import ArgumentError
+from .penalty import holding_orthofx_layers, is_orthofx_layer, lazy_site_module
 from .transform import is_transformed, manifest_of
 
 __all__ = ["Report", "report", "monitors", "layer_singular_values"]
@@ -202,8 +204,11 @@ class Report:
         if self.output_change is not None:
             lines.append(f"relative output change on the example inputs: {self.output_change:.3g}")
         if self.penalties:
-            total = sum(p["weighted"] for p in self.penalties)
-            lines.append(f"penalty: {len(self.penalties)} term(s), weighted sum {total:.4g}")
+            total = sum(p["weighted"] for p in self.penalties if p["weighted"] is not None)
+            unknown = sum(1 for p in self.penalties if p["weighted"] is None)
+            note = (f" ({unknown} term(s) left out: their layers have no values yet, lazy layers that have not run or "
+                    "weights on the meta device)") if unknown else ""
+            lines.append(f"penalty: {len(self.penalties)} term(s), weighted sum {total:.4g}{note}")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -214,6 +219,7 @@ class Report:
         When the model has condition-number monitors (:attr:`conditioning` is not empty) the figure gets a second
         panel: each monitored site's kappa against the monitor's update count, on a log scale.
         """
+        _check_plot_arguments(path, max_layers)
         try:
             import matplotlib
             matplotlib.use("Agg", force=False)
@@ -257,6 +263,23 @@ class Report:
         ax.set_ylabel("kappa = lambda_max / lambda_min")
         ax.set_title("condition number entering each monitored decomposition")
         ax.legend(fontsize=6)
+
+
+def _check_plot_arguments(path: Any, max_layers: Any) -> None:
+    """Refuse what :meth:`Report.plot` would only fail on inside matplotlib, after drawing."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentError(f"Report.plot: path must be a str or os.PathLike (e.g. 'spectra.png'), got "
+                            f"{type(path).__name__}")
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if os.path.isdir(path):
+        raise ArgumentError(f"Report.plot: {os.fspath(path)!r} is an existing directory; give a file path in it "
+                            f"(e.g. {os.path.join(os.fspath(path), 'spectra.png')!r})")
+    if not os.path.isdir(folder):
+        raise ArgumentError(f"Report.plot: cannot write {os.fspath(path)!r}: the directory {folder!r} does not "
+                            "exist; create it first or choose another path")
+    if isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 1:
+        raise ArgumentError(f"Report.plot: max_layers must be an int >= 1 (how many layers' spectra to draw), got "
+                            f"{max_layers!r}")
 
 
 def _fmt(value: Any) -> str:
@@ -308,12 +331,21 @@ def report(model: nn.Module) -> Report:
     penalties = []
     with torch.no_grad():
         for term in manifest.penalties:
-            value = float(term.value(root))
+            value = _penalty_value(root, term)
             penalties.append({"site": term.site, "rule": term.rule, "weight": term.weight, "value": value,
-                              "weighted": term.weight * value})
+                              "weighted": None if value is None else term.weight * value})
     capture = {"mode": manifest.capture.mode, "leaf_fallbacks": list(manifest.capture.leaf_fallbacks),
                "warnings": list(manifest.capture.warnings), "summary": manifest.capture.summary()}
     return Report(rows, capture, spectra, penalties, manifest.output_change, conditioning)
+
+
+def _penalty_value(root: nn.Module, term) -> float | None:
+    """A penalty term's value; ``None`` when its layer has no values yet (a lazy layer that has not run, weights
+    on the meta device), as the layer rows then have no figures."""
+    if lazy_site_module(root, term) is not None:
+        return None
+    value = term.value(root)
+    return None if value.is_meta else float(value)
 
 
 def _layer_row(site: str, module: nn.Module, pass_text: str | None, params: str | None,

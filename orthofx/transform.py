@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from .capture import capture, copy_targets, input_tuple, unwrap_model
-from .errors import OrthofxError, TransformError
+from .errors import ArgumentError, OrthofxError, TransformError
 from .passes.base import MANIFEST_KEY, EvalRun, Manifest, PassContext, PlanEntry, Site, replace_module
 from .passes.registry import get_pass
 from .plan import Plan, block_paths, build_plan, other_mode_graph
@@ -131,6 +131,9 @@ def _observe(gm: fx.GraphModule, plan: Plan, inputs: tuple, manifest: Manifest,
         for h in handles:
             h.remove()
     cause = f"{type(failure).__name__}: {failure}"
+    meta = _meta_tensors(gm)
+    if meta:
+        raise TransformError(f"the model cannot run on example_inputs: {_meta_text(meta)} ({cause})") from failure
     mode = getattr(plan.capture, "mode", None)
     if model is not None and _runs(model, inputs):
         why = (". Symbolic tracing cannot see which way a Python branch on an argument goes (e.g. 'if mask is not "
@@ -141,7 +144,28 @@ def _observe(gm: fx.GraphModule, plan: Plan, inputs: tuple, manifest: Manifest,
         raise TransformError(f"the captured graph (capture mode {mode}) fails on example_inputs although the model "
                              f"itself runs on them: {cause}{why}") from failure
     raise TransformError(f"the model failed on example_inputs before any rewrite: {cause}. Check the inputs' "
-                         "shapes and dtypes.") from failure
+                         f"shapes, dtypes and devices{_model_dtype_device(gm)}.") from failure
+
+
+def _model_dtype_device(module: nn.Module) -> str:
+    """`` (the model's parameters: float32 on cpu)`` for an error about inputs; ``""`` for a model without any."""
+    kinds = sorted({(str(p.dtype).replace("torch.", ""), str(p.device)) for p in module.parameters()})
+    if not kinds:
+        return ""
+    return " (the model's parameters: " + ", ".join(f"{dtype} on {device}" for dtype, device in kinds) + ")"
+
+
+def _meta_tensors(module: nn.Module) -> list[str]:
+    """Names of ``module``'s parameters and buffers on the meta device (shapes without values)."""
+    return [name for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+
+
+def _meta_text(names: list[str]) -> str:
+    """Why a model on the meta device cannot be run or rewritten from its weights, and how to fix it."""
+    shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"its parameters/buffers {shown} are on the meta device (shapes without values). Materialise the "
+            "model first: model.to_empty(device='cpu') and model.load_state_dict(...) (or build it outside "
+            "torch.device('meta')), then transform it")
 
 
 def _runs(model: nn.Module, inputs: tuple) -> bool:
@@ -226,8 +250,12 @@ def _run_passes(ctx: PassContext, plan: Plan, selected: Callable[[Site], bool]) 
         except OrthofxError:
             raise
         except Exception as exc:
+            # a pass computing from weights that have no values (a model built on the meta device) fails deep
+            # inside torch: say so, and how to fix it, instead of torch's message alone
+            meta = _meta_tensors(ctx.gm)
+            why = f". The model cannot be rewritten: {_meta_text(meta)}" if meta else ""
             raise TransformError(f"pass '{pass_name}' failed{_failing_site(exc, entries)}: "
-                                 f"{type(exc).__name__}: {exc}") from exc
+                                 f"{type(exc).__name__}: {exc}{why}") from exc
 
 
 def _failing_site(exc: BaseException, entries: list[PlanEntry]) -> str:
@@ -338,6 +366,10 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
 
     The manifest of every change is at ``gm.meta["orthofx"]``; ``orthofx.report(gm)`` shows it.
     """
+    # a flag, not a truthy value: inplace="no" would rewrite the user's model
+    if not isinstance(inplace, bool):
+        raise ArgumentError(f"inplace must be True or False, got {inplace!r}; inplace=True rewrites the model's own "
+                            "layers, inplace=False (the default) a copy")
     policy = Policy.load(policy)
     inputs = as_input_tuple(example_inputs)
     root = unwrap_model(model)
