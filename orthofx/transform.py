@@ -340,6 +340,27 @@ def _compile(gm: fx.GraphModule, compile: Any) -> nn.Module:
         raise TransformError(f"torch.compile rejected the options {options}: {exc}") from exc
 
 
+def _refuse_dropping_attachments(model: nn.Module) -> None:
+    """Refuse to transform a transformed model that carries penalty terms or optimizer hooks: the new manifest
+    would replace its own, so ``orthofx.penalty`` and ``orthofx.attach`` would silently lose the first policy's
+    regularisers and hooks. A frozen model (no terms, no hooks) or one whose policy attached none may be
+    transformed again."""
+    if not is_transformed(model):
+        return
+    manifest = manifest_of(model)
+    carried = []
+    if manifest.penalties:
+        carried.append(f"{len(manifest.penalties)} penalty term(s)")
+    if manifest.optimizer_hooks:
+        carried.append(f"{len(manifest.optimizer_hooks)} optimizer hook(s)")
+    if carried:
+        raise TransformError(
+            f"this model was already transformed and carries {' and '.join(carried)} of its policy, which a second "
+            "transform would drop (its manifest replaces the first). Transform the original model once with a "
+            "policy holding the rules of both (e.g. Policy.from_dict({'rules': [*first.to_dict()['rules'], "
+            "*second.to_dict()['rules']]})), or freeze it first (orthofx.freeze) to start from plain layers")
+
+
 def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inplace: bool = False,
               compile: Any = None) -> nn.Module:
     """Rewrite ``model`` according to ``policy`` and return a ``torch.fx.GraphModule``.
@@ -373,6 +394,7 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
     policy = Policy.load(policy)
     inputs = as_input_tuple(example_inputs)
     root = unwrap_model(model)
+    _refuse_dropping_attachments(model)
     work = root if inplace else copy.deepcopy(root)
     gm, plan = _capture_and_plan(work, policy, inputs)
     gm.training = work.training

@@ -396,3 +396,31 @@ def test_transformed_model_pickles_even_with_string_annotations(tmp_path):
     x = orthofx.models.example_input("small_cnn")
     torch.testing.assert_close(loaded(x), gm(x))
     assert orthofx.penalty(loaded).item() == pytest.approx(orthofx.penalty(gm).item())
+
+
+def test_transforming_a_model_that_carries_penalties_or_hooks_again_is_refused():
+    """A second transform would replace the manifest, silently dropping the first policy's penalty terms and
+    optimizer hooks; the error says how to combine the policies, and that combination keeps both."""
+    x = orthofx.models.example_input("small_cnn", batch=2)
+    model = orthofx.models.get("small_cnn")
+    first = orthofx.transform(model, "lorth", example_inputs=(x,))
+    terms = len(orthofx.manifest_of(first).penalties)
+    assert terms > 0
+    with pytest.raises(orthofx.TransformError, match=rf"carries {terms} penalty term\(s\).*rules of both"):
+        orthofx.transform(first, "convnorm", example_inputs=(x,))
+    mlp = orthofx.models.DeepMLP(depth=3, width=8, in_features=8)
+    isometric = orthofx.transform(mlp, "isometric", example_inputs=(torch.randn(2, 8),))
+    assert orthofx.manifest_of(isometric).optimizer_hooks
+    with pytest.raises(orthofx.TransformError, match=r"optimizer hook\(s\)"):
+        orthofx.transform(isometric, "lorth")
+    lorth, convnorm = orthofx.Policy.load("lorth"), orthofx.Policy.load("convnorm")
+    both = orthofx.Policy.from_dict({"rules": [*lorth.to_dict()["rules"], *convnorm.to_dict()["rules"]]})
+    combined = orthofx.transform(model, both, example_inputs=(x,))
+    assert len(orthofx.manifest_of(combined).penalties) == terms
+    assert any(type(m).__name__.startswith("ConvNorm") for m in combined.modules())
+    # nothing to drop: a frozen model, or one whose policy attached no term or hook, transforms again
+    again = orthofx.transform(orthofx.freeze(first), "lorth", example_inputs=(x,))
+    assert len(orthofx.manifest_of(again).penalties) == terms
+    plain = orthofx.transform(model, "convnorm", example_inputs=(x,))
+    assert not orthofx.manifest_of(plain).penalties and not orthofx.manifest_of(plain).optimizer_hooks
+    orthofx.transform(plain, "lorth", example_inputs=(x,))
