@@ -209,19 +209,32 @@ def circular_alignment(conv: nn.Module):
     pixel and wrapped around). With the conv's own pads ``p`` (:math:`k_e - S \le 2p \le k_e - 1`) the circular
     operator is the ``"same"`` one composed with a circular shift of the input, an orthogonal permutation, so it is
     just as exactly orthogonal, and it reads the taps where the conv read them (a nearest init stays nearest in
-    output, not only in kernel). At stride 1 both paddings are the same."""
-    if isinstance(conv.padding, str) or not keeps_output_size(conv):
+    output, not only in kernel). At stride 1 both paddings are the same. ``padding="valid"`` is ``0``."""
+    pads = _numeric_padding(conv)
+    if pads is None or not keeps_output_size(conv):
         return "same"
+    return pads
+
+
+def _numeric_padding(conv: nn.Module) -> tuple[int, ...] | None:
+    """The conv's padding as ints per dimension (``"valid"`` is 0); ``None`` for ``"same"``, whose split torch
+    decides from the kernel."""
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    if isinstance(conv.padding, str):
+        return None
     return tuple(int(p) for p in conv.padding)
 
 
 def keeps_output_size(conv: nn.Module) -> bool:
     """Whether the circular ``"same"`` orthogonal layer (output ``n / S``) has the conv's output size on every
     grid divisible by the stride: ``floor((2p - d(k-1) - 1) / S) = -1`` per dimension, i.e.
-    ``d(k-1) + 1 - S <= 2p <= d(k-1)``."""
-    if isinstance(conv.padding, str):
-        return conv.padding == "same" and all(s == 1 for s in conv.stride)
-    for k, s, p, d in zip(conv.kernel_size, conv.stride, conv.padding, conv.dilation):
+    ``d(k-1) + 1 - S <= 2p <= d(k-1)``. ``padding="valid"`` is ``p = 0`` (it keeps the size where every
+    window is at most one stride long, e.g. a 1 x 1 conv or a ``k = S`` patch embedding)."""
+    pads = _numeric_padding(conv)
+    if pads is None:  # "same": torch allows it at stride 1 only, where it keeps the size by definition
+        return all(s == 1 for s in conv.stride)
+    for k, s, p, d in zip(conv.kernel_size, conv.stride, pads, conv.dilation):
         if not d * (k - 1) + 1 - s <= 2 * p <= d * (k - 1):
             return False
     return True
