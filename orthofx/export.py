@@ -451,13 +451,14 @@ def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: boo
     if written.get("", opset) != opset:
         raise ExportError(f"{path}: asked for opset {opset}, the exporter wrote opset {written['']}; use an opset "
                           "this torch.onnx supports")
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = _onnxruntime_call(lambda: onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]),
+                                path, "load")
     reference = frozen if reference is None else reference
 
     def run(values: tuple) -> list:
         # only the tensors (pytree order) are graph inputs: other values (a float, None) are baked in
         feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), output_tensors(values))}
-        return session.run(None, feeds)
+        return _onnxruntime_call(lambda: session.run(None, feeds), path, "run")
 
     with torch.no_grad():
         expected = output_tensors(reference(*inputs))
@@ -466,6 +467,19 @@ def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: boo
         batched = _batched_inputs(inputs, [tuple(arg.shape) for arg in session.get_inputs()])
         diff = max(diff, _check_dynamic_batch(path, batched, inputs, reference, run))
     return diff
+
+
+def _onnxruntime_call(call, path: str, what: str):
+    """``call()`` (loading or running the exported file in onnxruntime), its failure an :class:`ExportError`: the
+    file is valid ONNX (the checker passed), but onnxruntime's CPU provider may lack a kernel for one of its ops
+    (e.g. a 3-D ConvTranspose)."""
+    try:
+        return call()
+    except Exception as exc:  # onnxruntime's own exception types (Fail, NotImplemented, InvalidGraph ...)
+        raise ExportError(f"onnxruntime could not {what} {path!r}, so the export cannot be checked: "
+                          f"{type(exc).__name__}: {str(exc)[:400]}. The file passed the ONNX checker; an op "
+                          "onnxruntime's CPU provider does not implement is the usual cause: export to .pt2 "
+                          "(torch.export) instead, or check the file with the runtime you deploy on") from exc
 
 
 def _leaf_hint(model: nn.Module) -> str:

@@ -458,3 +458,37 @@ def test_frozen_models_trace_with_torch_jit(preset):
         torch.testing.assert_close(traced(x), frozen(x), atol=1e-6, rtol=1e-6)
         other = torch.randn_like(x)  # a traced graph is not specialised to the example's values
         torch.testing.assert_close(traced(other), frozen(other), atol=1e-6, rtol=1e-6)
+
+
+def test_onnxruntime_failures_are_export_errors(tmp_path, monkeypatch):
+    """A file that passes the ONNX checker but that onnxruntime cannot load or run (an op its CPU provider lacks)
+    is an ExportError pointing to .pt2, not onnxruntime's own exception."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    gm, x = _small()
+
+    class MissingKernel(Exception):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise MissingKernel("Could not find an implementation for ConvTranspose(11) node")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    with pytest.raises(orthofx.ExportError, match=r"onnxruntime could not load .*MissingKernel.*\.pt2"):
+        orthofx.export(gm, tmp_path / "m.onnx", example_inputs=(x,))
+    monkeypatch.undo()
+
+    real = onnxruntime.InferenceSession
+
+    class FailingRun:
+        def __init__(self, *args, **kwargs):
+            self._session = real(*args, **kwargs)
+
+        def get_inputs(self):
+            return self._session.get_inputs()
+
+        def run(self, *args, **kwargs):
+            raise MissingKernel("kernel not implemented")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", FailingRun)
+    with pytest.raises(orthofx.ExportError, match=r"onnxruntime could not run"):
+        orthofx.export(gm, tmp_path / "m2.onnx", example_inputs=(x,))
