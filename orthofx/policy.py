@@ -624,6 +624,10 @@ class _NodeWalker:
                 return None
             if tag == _BOOL:
                 return _SCALARS.bool_values[node.value.lower()]
+            if tag in (_INT, _FLOAT) and ":" in node.value:
+                # YAML 1.1 reads 1:30 as the base-60 number 90: a policy means the text (a name, a mistyped
+                # number), which the checks of its key then judge
+                return node.value
             if tag == _INT:
                 value = _SCALARS.construct_yaml_int(node)
             if tag == _FLOAT:

@@ -161,3 +161,19 @@ def test_dotted_type_through_a_module_getattr_that_raises_matches_nothing():
     assert sorted(e.site.name for e in plan.entries) == ["conv1", "conv2", "conv3"]
     with pytest.raises(PlanError, match=r"^rule 'odd' matched no module site; the graph's module sites: Conv2d x3"):
         orthofx.explain(model, {"orthofx": 1, "rules": [dict(policy["rules"][1], optional=False)]})
+
+
+def test_base_60_numbers_are_read_as_the_text_written():
+    """YAML 1.1 reads `1:30` as 90 (base 60): a rule named 1:30 kept that name only as '90', and `weight: 1:30`
+    silently became a weight of 90. They are the text written, which the key's own check then judges."""
+    named = orthofx.Policy.from_yaml("orthofx: 1\nrules:\n  - name: 1:30\n    match: {type: Conv2d}\n"
+                                     "    apply: orth_regularizer\n")
+    assert named.rules[0].name == "1:30"
+    again = orthofx.Policy.from_yaml(named.to_yaml())
+    assert again.rules[0].name == "1:30"
+    with pytest.raises(orthofx.PolicyError, match=r"weight.*'1:30'"):
+        orthofx.Policy.from_yaml("orthofx: 1\nrules:\n  - match: {type: Conv2d}\n    apply: orth_regularizer\n"
+                                 "    with: {weight: 1:30}\n")
+    with pytest.raises(orthofx.PolicyError, match=r"weight.*'1:30.5'"):
+        orthofx.Policy.from_yaml("orthofx: 1\nrules:\n  - match: {type: Conv2d}\n    apply: orth_regularizer\n"
+                                 "    with: {weight: 1:30.5}\n")
