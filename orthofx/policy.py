@@ -117,8 +117,13 @@ def canonical_op(name: str) -> str:
 def _did_you_mean(word: Any, options) -> str:
     if not isinstance(word, str):
         return ""
-    close = difflib.get_close_matches(word, [o for o in options if isinstance(o, str)], n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    # compared in lower case, so that 'LORTH' or 'Orth_Regularizer' still find their option
+    by_lower = {}
+    for option in options:
+        if isinstance(option, str):
+            by_lower.setdefault(option.lower(), option)
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean '{by_lower[close[0]]}'?)" if close else ""
 
 
 # ----------------------------------------------------------------------------------------------- the model

@@ -177,3 +177,10 @@ def test_base_60_numbers_are_read_as_the_text_written():
     with pytest.raises(orthofx.PolicyError, match=r"weight.*'1:30.5'"):
         orthofx.Policy.from_yaml("orthofx: 1\nrules:\n  - match: {type: Conv2d}\n    apply: orth_regularizer\n"
                                  "    with: {weight: 1:30.5}\n")
+
+
+def test_did_you_mean_ignores_case():
+    with pytest.raises(orthofx.PolicyError, match=r"'LORTH' is neither a preset.*did you mean 'lorth'\?"):
+        orthofx.Policy.load("LORTH")
+    with pytest.raises(orthofx.PolicyError, match=r"did you mean 'orth_regularizer'\?"):
+        orthofx.Policy.from_dict({"rules": [{"match": {"type": "Conv2d"}, "apply": "Orth_Regularizer"}]})
