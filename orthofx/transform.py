@@ -324,16 +324,22 @@ def _rewrite_other_mode(gm: fx.GraphModule, graph: fx.Graph, mode: str, plan: Pl
     graph.owning_module = gm
 
 
-def _compile(gm: fx.GraphModule, compile: Any) -> nn.Module:
+def _compile_options(compile: Any) -> dict[str, Any] | None:
+    """``transform``'s ``compile`` argument as ``torch.compile`` options (``None``: do not compile), checked before
+    any work is done."""
     if compile is None or compile is False:
-        return gm
+        return None
     if compile is True:
-        options: dict[str, Any] = {}
-    elif isinstance(compile, dict):
-        options = dict(compile)
-    else:
-        raise TransformError(f"compile must be None, True/False or a dict of torch.compile options, got "
-                             f"{compile!r}")
+        return {}
+    if isinstance(compile, dict):
+        return dict(compile)
+    raise ArgumentError(f"compile must be None, True/False or a dict of torch.compile options (e.g. "
+                        f"{{'mode': 'reduce-overhead'}}), got {compile!r}")
+
+
+def _compile(gm: fx.GraphModule, options: dict[str, Any] | None) -> nn.Module:
+    if options is None:
+        return gm
     try:
         return torch.compile(gm, **options)
     except TypeError as exc:
@@ -391,6 +397,7 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
     if not isinstance(inplace, bool):
         raise ArgumentError(f"inplace must be True or False, got {inplace!r}; inplace=True rewrites the model's own "
                             "layers, inplace=False (the default) a copy")
+    compile_options = _compile_options(compile)
     policy = Policy.load(policy)
     inputs = as_input_tuple(example_inputs)
     root = unwrap_model(model)
@@ -423,4 +430,4 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
                                      f"{type(exc).__name__}: {exc}") from exc
         _check_output(before, after)
         manifest.output_change = _relative_change(before, after)
-    return _compile(gm, compile)
+    return _compile(gm, compile_options)

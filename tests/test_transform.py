@@ -191,7 +191,8 @@ def test_compile_option_returns_a_compiled_module_every_function_accepts():
     assert "c2" in str(orthofx.report(compiled))
     out = compiled(*inputs())
     assert out.shape == (4, 5)
-    with pytest.raises(orthofx.TransformError, match="compile must be"):
+    # checked before any work, as a bad argument
+    with pytest.raises(orthofx.ArgumentError, match="compile must be"):
         orthofx.transform(model, LORTH_ALL, compile="yes")
 
 
