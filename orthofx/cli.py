@@ -15,6 +15,7 @@ one-line message (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import importlib
 import importlib.util
@@ -251,11 +252,31 @@ def load_digits_tensors(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torc
     return x[:split], y[:split], x[split:], y[split:]
 
 
+def _check_digits_model(model: nn.Module, images: torch.Tensor, spec: str) -> None:
+    """The demo's data is fixed (1 x 8 x 8 digit images, 10 classes): a model that cannot classify it is refused
+    before the explain, with the way out, instead of failing in transform with advice about input shapes the
+    user cannot change here. The model runs once on a copy in eval mode (its own state is left alone)."""
+    probe = copy.deepcopy(model).eval()
+    try:
+        with torch.no_grad():
+            out = probe(images)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's model on the digits
+        raise CliError(f"model {spec!r} cannot take the demo's inputs, scikit-learn digits of shape "
+                       f"{tuple(images.shape[1:])} (batch, 1, 8, 8): {type(exc).__name__}: {str(exc)[:200]}. Use a "
+                       "model built for them (the default small_cnn), or run 'orthofx transform MODEL --policy P "
+                       "--input-shape ...' for other models") from None
+    if not isinstance(out, torch.Tensor) or out.shape != (images.shape[0], 10):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CliError(f"model {spec!r} gives {shape} on the demo's digits, but the demo trains a 10-class "
+                       f"classifier (output (batch, 10)); use a model with 10 outputs (the default small_cnn)")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     x_train, y_train, x_test, y_test = load_digits_tensors(args.seed)
     model = load_model(args.model)
     example = (x_train[:8],)
+    _check_digits_model(model, example[0], args.model)
     print(f"== explain: model {args.model}, policy {args.policy}")
     print(explain(model, args.policy, example))
     gm = transform(model, args.policy, example_inputs=example)

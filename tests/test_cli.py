@@ -387,3 +387,13 @@ def test_demo_progress_goes_to_the_current_stderr(capsys):
         code = main(["demo", "--steps", "2", "--batch-size", "8"])
     assert code == 0
     assert "2/2 task" in buffer.getvalue()
+
+
+@pytest.mark.parametrize("model, fragment", [("resnet18", "cannot take the demo's inputs"),
+                                             ("deep_cnn", "cannot take the demo's inputs")])
+def test_demo_refuses_a_model_that_cannot_classify_digits_before_the_explain(capsys, model, fragment):
+    """The demo's data is fixed (1x8x8 digits, 10 classes): such a model used to fail in transform, after the
+    explain, with advice to check input shapes that the demo does not let the user choose."""
+    pytest.importorskip("sklearn")
+    code, out, err = run(capsys, "demo", "--model", model, "--steps", "2")
+    assert code == 2 and fragment in err and "small_cnn" in err and "explain" not in out
