@@ -262,6 +262,10 @@ def test_tied_weights_that_cannot_share_a_layer_are_impossible_not_silently_unti
     statuses = {c.site: c.status for c in orthofx.manifest_of(orthofx.transform(
         pair, rule(on_impossible="skip"), example_inputs=(x,))).changes}
     assert "tied to b," in statuses["a"] and "tied to a," in statuses["b"]
+    # regularised, the status names the tie, not a missing orthogonal version (one exists for each layer alone)
+    statuses = {c.site: c.status for c in orthofx.manifest_of(orthofx.transform(
+        pair, rule(on_impossible="regularize"), example_inputs=(x,))).changes}
+    assert statuses["a"] == statuses["b"] == "regularised (tied weight)"
     # skip leaves the whole group as it was: still one Parameter, the model's outputs unchanged
     model = _TiedPair(nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False))
     gm = orthofx.transform(model, rule(on_impossible="skip"), example_inputs=(x,))

@@ -267,7 +267,7 @@ class OrthogonalConvPass(Pass):
         for entry, module in zip(entries, modules):
             require_initialised(entry, module, "it has no shape to build an orthogonal layer for")
             if entry.site.name in ties:
-                self._impossible(ctx, entry, module, ties[entry.site.name])
+                self._impossible(ctx, entry, module, ties[entry.site.name], why="tied weight")
                 continue
             if id(module.weight) in built:  # tied to a layer replaced already, with the same configuration
                 first, layer = built[id(module.weight)]
@@ -322,7 +322,11 @@ class OrthogonalConvPass(Pass):
                           what=f"replaced by an exactly orthogonal {type(new).__name__}", params=dict(entry.params),
                           before={"layer": describe_module(old)}, after=after, status=status))
 
-    def _impossible(self, ctx: PassContext, entry: PlanEntry, module: nn.Module, problem: str) -> None:
+    def _impossible(self, ctx: PassContext, entry: PlanEntry, module: nn.Module, problem: str,
+                    why: str = "no orthogonal version") -> None:
+        """``on_impossible`` for a layer that is not replaced because of ``problem``; ``why``: its short form in
+        the report's status (an orthogonal version may exist, e.g. for a weight tied to a layer it cannot share
+        one with)."""
         action = entry.params["on_impossible"]
         where = f"{entry.site.name} ({describe_module(module)})"
         if action == "error":
@@ -339,4 +343,4 @@ class OrthogonalConvPass(Pass):
         what = "attached L_orth instead" if shared is None else f"L_orth instead (counted once, at {shared}: tied)"
         ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
                           what=f"{what}: {problem}", params=dict(entry.params),
-                          status="regularised (no orthogonal version)"))
+                          status=f"regularised ({why})"))
