@@ -55,3 +55,15 @@ def test_valid_padding_that_keeps_the_size_gets_an_exact_layer(conv, size):
     w = conv.weight.detach().double().reshape(conv.out_channels, -1)
     u, _, vh = torch.linalg.svd(w, full_matrices=False)
     assert torch.allclose(layer.weight.detach().double().reshape(w.shape), u @ vh, atol=1e-5)
+
+
+def test_lorth_skips_a_layer_with_an_empty_weight_instead_of_failing_in_penalty():
+    """A Linear(3, 0) was given an L_orth term that orthofx.penalty then refused ('weight is empty'): the pass now
+    skips it with the reason, and the penalty is the other layer's term alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 0))
+    gm = orthofx.transform(model, "lorth", example_inputs=(torch.randn(2, 4),))
+    w = model[0].weight.detach().double()
+    expected = 0.01 * (w @ w.T - torch.eye(3, dtype=torch.float64)).square().sum()
+    torch.testing.assert_close(orthofx.penalty(gm).double(), expected, rtol=1e-5, atol=1e-7)
+    assert "weight is empty" in str(orthofx.explain(model, "lorth"))

@@ -97,6 +97,17 @@ class OrthRegularizer(Pass):
     module_types = _LAYER_TYPES
     group = "weight"
 
+    def accepts(self, site, module):
+        reason = super().accepts(site, module)
+        if reason is not None:
+            return reason
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and not isinstance(weight, nn.parameter.UninitializedParameter) \
+                and weight.numel() == 0:
+            # a layer with zero inputs or outputs: no operator to make orthogonal (penalty() would refuse it)
+            return f"its weight is empty (shape {tuple(weight.shape)}): L_orth has nothing to measure"
+        return None
+
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         for entry in entries:
             case = None if entry.params["case"] == "auto" else entry.params["case"]
