@@ -279,8 +279,10 @@ class DecompositionMonitor(ConditionMonitor):
 
     @staticmethod
     def covariance_eigenvalues(singular_values: Tensor, matrix: Tensor) -> Tensor:
-        """Eigenvalues of the covariance an SVD stands for: ``s`` for a square symmetric matrix, else ``s^2``."""
-        s = singular_values.detach()
+        """Eigenvalues of the covariance an SVD stands for: ``s`` for a square symmetric matrix, else ``s^2``
+        (float64: squared in a half-precision or float32 dtype, ``s > 256`` in float16 or ``s > 1.8e19`` in float32
+        overflowed to inf, and the monitor reported a NaN kappa and NaN/inf events for a finite matrix)."""
+        s = singular_values.detach().to(torch.float64)
         m = matrix.detach()
         if m.shape[-1] != m.shape[-2]:
             return s * s

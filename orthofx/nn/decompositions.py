@@ -54,7 +54,9 @@ from ``lambda = s^2`` (the eigenvalues of ``A^T A``, all >= 0, so the Taylor for
          + (I - U U^T) dU S^-1 V^T     (only when m > k)
          + U S^-1 dV^T (I - V V^T)     (only when n > k)
 
-with ``K_jk ~ 1/(s_k^2 - s_j^2)``, ``k = min(m, n)``, ``V = Vh^T``, and ``S^-1`` clamped like above. It equals
+with ``K_jk ~ 1/(s_k^2 - s_j^2)``, ``k = min(m, n)``, ``V = Vh^T``, and ``S^-1`` clamped like above. ``K o S`` is
+computed as ``(K' / c) o (S / c)`` with ``K'`` built from ``(S / c)^2`` and ``c`` the power of two just above
+``max(S)`` (1 when ``max(S) <= 1``): the same values, without overflowing ``S^2`` for huge singular values. It equals
 torch's gradient for full-rank real matrices with distinct singular values (``taylor_order=None``) and is
 finite for repeated ones. Complex (and integer) inputs are not supported: both ops raise
 :class:`orthofx.errors.LayerArgumentError` for them, as for a non-matrix (and, for eigh, a non-square) input.
@@ -155,14 +157,18 @@ def _geometric(r: Tensor, order: int, inplace: bool, owned: bool) -> Tensor:
     return inner.mul_(r).add_(1.0) if inplace else torch.addcmul(r.new_ones(()), r, inner)
 
 
-def _pair_magnitude(lam: Tensor, taylor_order: int | None, clamp_gap: float | None) -> Tensor:
-    """Symmetric ``|K[..., i, j]|`` (the diagonal is meaningless). Uses in-place ops on its own temporaries
+def _pair_magnitude(lam: Tensor, taylor_order: int | None, clamp_gap: float | Tensor | None) -> Tensor:
+    """Symmetric ``|K[..., i, j]|`` (the diagonal is meaningless); ``clamp_gap`` may also be a tensor of shape
+    ``[..., 1, 1]`` (one gap per matrix, the SVD's rescaled one). Uses in-place ops on its own temporaries
     unless grad mode is on (a double backward), where it stays out-of-place and differentiable: on CPU every
     temporary of a large batch is a fresh mmap with page faults, which dominates at small sizes."""
     inplace = not torch.is_grad_enabled()
     absl = lam.abs()
     floor = _floor(_amax_last(absl))
-    floor_gap = floor if clamp_gap is None else floor.clamp_min(float(clamp_gap))
+    if clamp_gap is None:
+        floor_gap = floor
+    else:
+        floor_gap = floor.clamp_min(clamp_gap if isinstance(clamp_gap, Tensor) else float(clamp_gap))
     # exact magnitude 1/|lam_j - lam_i|, the gap clamped from below
     gap = lam.unsqueeze(-2) - lam.unsqueeze(-1)
     if inplace:
@@ -500,23 +506,38 @@ def _svd_backward(ctx, gU, gS, gVh):
     return _svd_grad(U, S, Vh, gU, gS, gVh, ctx.taylor_order, ctx.clamp_gap, False), None, None
 
 
+def _svd_scale(S: Tensor) -> Tensor:
+    """``c [..., 1]``: the smallest power of two ``>= max(S)`` per matrix, and 1 when ``max(S) <= 1`` (a constant of
+    the backward: not differentiated)."""
+    _, exponent = torch.frexp(_amax_last(S.detach()))
+    return torch.ldexp(torch.ones_like(S[..., :1]), exponent.clamp_min(0).unsqueeze(-1))
+
+
 def _svd_grad(U, S, Vh, gU, gS, gVh, taylor_order, clamp_gap, inplace: bool) -> Tensor:
     """:func:`_svd_backward`'s ``dA``; ``inplace``: with in-place ops on its own temporaries (not differentiable)."""
     m, n, k = U.shape[-2], Vh.shape[-1], S.shape[-1]
     inner = torch.diag_embed(gS) if gS is not None else None
     XU = XV = None
     if gU is not None or gVh is not None:
-        upper = _pair_magnitude(S * S, taylor_order, clamp_gap).triu(1)
-        K = upper.mT - upper  # K_jk ~ 1/(s_k^2 - s_j^2), singular values descending
+        # K o S with K_jk ~ 1/(s_k^2 - s_j^2) is (K' / c) o (S / c) with K' built from (S / c)^2: for a power of two
+        # c >= max(S) the squares cannot overflow (S * S was inf for s > 1.8e19 in float32, 1.3e154 in float64,
+        # and K NaN); c = 1 when max(S) <= 1, and for c > 1 the result is the same (c is exact, the floor scales)
+        c = _svd_scale(S)
+        Sc = S / c
+        # clamp_gap / c^2 in float64 (c^2 may overflow, and a float32 clamp_gap above 3.4e38 is still valid here)
+        c64 = c.unsqueeze(-1).to(torch.float64)
+        gap = None if clamp_gap is None else (float(clamp_gap) / c64 / c64).to(S.dtype)
+        upper = _pair_magnitude(Sc * Sc, taylor_order, gap).triu(1)
+        K = (upper.mT - upper) / c.unsqueeze(-1)  # K'_jk / c, singular values descending
         if gU is not None:
             XU = U.mT @ gU
             T = XU - XU.mT
-            T = T.mul_(K).mul_(S.unsqueeze(-2)) if inplace else T * K * S.unsqueeze(-2)
+            T = T.mul_(K).mul_(Sc.unsqueeze(-2)) if inplace else T * K * Sc.unsqueeze(-2)
             inner = T if inner is None else (inner.add_(T) if inplace else inner + T)
         if gVh is not None:
             XV = Vh @ gVh.mT  # V^T dV with V = Vh^T, dV = dVh^T
             T = XV - XV.mT
-            T = T.mul_(K).mul_(S.unsqueeze(-1)) if inplace else T * K * S.unsqueeze(-1)
+            T = T.mul_(K).mul_(Sc.unsqueeze(-1)) if inplace else T * K * Sc.unsqueeze(-1)
             inner = T if inner is None else (inner.add_(T) if inplace else inner + T)
     gA = U @ inner @ Vh
     if (gU is not None and m > k) or (gVh is not None and n > k):
