@@ -831,6 +831,11 @@ def _check_output(y, x: torch.Tensor, per_sample: bool, what: str) -> torch.Tens
     if not isinstance(y, torch.Tensor):
         raise ArgumentError(f"{what}: fn must return a single tensor, got {type(y).__name__}; wrap fn so that it "
                             "returns the output to measure")
+    if not y.is_floating_point():
+        # an integer or boolean output is piecewise constant (its Jacobian is zero where it exists), and autograd
+        # cannot carry a probe through it: the estimate either failed inside torch or measured ||-I||^2
+        raise ArgumentError(f"{what}: fn must return a real floating-point tensor, got dtype {y.dtype}; measure the "
+                            "continuous output before any rounding, argmax or comparison")
     if per_sample and (y.ndim == 0 or x.ndim == 0 or y.shape[0] != x.shape[0]):
         raise ArgumentError(f"{what}: per_sample=True needs input and output with the same batch size in dimension "
                             f"0, got input {tuple(x.shape)} and output {tuple(y.shape)}")
@@ -979,6 +984,10 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
         raise ArgumentError(f"{what}: probes must be a positive integer, got {probes!r}")
     if per_sample and x.ndim == 0:
         raise ArgumentError(f"{what}: per_sample=True needs a batch dimension first, got a 0-d input")
+    if per_sample and x.shape[0] == 0:
+        # the mean over no samples is undefined (NaN), which would poison a loss it is added to
+        raise ArgumentError(f"{what}: per_sample=True needs at least one sample, got an empty batch "
+                            f"{tuple(x.shape)}; skip the estimate for an empty batch")
     batch_fraction = _check_fraction(batch_fraction, what)
     f, xs, scale = _subsample(_as_function(fn), x, batch_fraction, generator, what)
     batched = per_sample or scale != 1.0  # the output's dimension 0 must be the samples'
@@ -1128,7 +1137,10 @@ def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,
     if not per_sample:  # (a non-finite Jacobian gives NaN values, see _batched_svdvals)
         return _batched_svdvals(jac.reshape(1, y.numel(), x.numel()))[0]
     batch = x.shape[0]
-    blocks = jac.reshape(batch, y[0].numel(), batch, x[0].numel())
+    rows, columns = math.prod(y.shape[1:]), math.prod(x.shape[1:])  # per sample (y[0] fails on an empty batch)
+    if batch == 0:
+        return jac.new_zeros(0, min(rows, columns))
+    blocks = jac.reshape(batch, rows, batch, columns)
     diagonal = blocks[torch.arange(batch), :, torch.arange(batch), :]  # (B, m_b, n_b)
     return _batched_svdvals(diagonal)
 

@@ -85,6 +85,9 @@ def _check_input(x: torch.Tensor, features: int, layer: nn.Module) -> None:
         return
     if not isinstance(x, torch.Tensor):
         raise LayerArgumentError(f"{layer_label(layer)}: expected a torch.Tensor input, got {type(x).__name__}")
+    if not x.is_floating_point():  # an integer or complex input met a raw matmul dtype error
+        raise LayerArgumentError(f"{layer_label(layer)}: expected a real floating-point input, got dtype {x.dtype}; "
+                                 "convert it (x.float()) or embed token ids first")
     if x.dim() < 1 or x.shape[-1] != features:
         raise LayerArgumentError(
             f"{layer_label(layer)} (features={features}): expected an input of shape (..., {features}), got shape "

@@ -317,6 +317,8 @@ def orthogonality_defect(w: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         x = _tall(w.detach().to(_work_dtype(w)), is_wide(w))
         gram = x.transpose(-2, -1) @ x
+        if gram.shape[-1] == 0:  # no columns (an empty weight): vacuously orthonormal, and amax has no identity
+            return gram.new_zeros(gram.shape[:-2])
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
         return (gram - eye).abs().amax(dim=(-2, -1))
 
@@ -349,11 +351,12 @@ def flatten_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
     out = weight.shape[0]
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise LayerArgumentError(f"groups must be a positive integer, got {groups!r}")
+    columns = math.prod(weight.shape[1:])  # not -1: a weight with no output channels has no inferable size
     if groups == 1:
-        return weight.reshape(out, -1)
+        return weight.reshape(out, columns)
     if out % groups:
         raise LayerArgumentError(f"{out} output channels are not divisible by groups={groups}")
-    return weight.reshape(groups, out // groups, -1)
+    return weight.reshape(groups, out // groups, columns)
 
 
 def unflatten_weight(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

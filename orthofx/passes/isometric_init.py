@@ -93,11 +93,23 @@ def _check_weight(weight: torch.Tensor, groups: int, min_dim: int, what: str) ->
                             f"{weight.shape[0]} output channels")
 
 
+def _check_scale(scale, what: str) -> None:
+    # a NaN or infinite scale filled the weight with non-finite values without a word
+    try:
+        value = float(scale)  # a Python, numpy or 0-d tensor number
+    except (TypeError, ValueError, RuntimeError):
+        value = math.nan
+    if isinstance(scale, (bool, str, bytes)) or not math.isfinite(value):
+        raise ArgumentError(f"{what}: scale must be a finite number (the singular value of the layer), got "
+                            f"{scale!r}")
+
+
 def orthogonal_(weight: torch.Tensor, scale: float = 1.0, generator: torch.Generator | None = None,
                 groups: int = 1) -> torch.Tensor:
     """Fill a 2-d weight (or a per-group batch after :func:`~orthofx.nn.stiefel.flatten_weight`) with ``scale``
     times a Haar-random orthonormal matrix, in place; returns ``weight``."""
     _check_weight(weight, groups, 2, "orthogonal_")
+    _check_scale(scale, "orthogonal_")
     matrix = stiefel.flatten_weight(weight, groups)
     m, n = matrix.shape[-2:]
     batch = tuple(matrix.shape[:-2])
@@ -122,6 +134,7 @@ def delta_orthogonal_(weight: torch.Tensor, scale: float = 1.0, generator: torch
     (True, 0.0)
     """
     _check_weight(weight, groups, 3, "delta_orthogonal_")
+    _check_scale(scale, "delta_orthogonal_")
     kernel = tuple(weight.shape[2:])
     if taps is None:
         taps = tuple(((k - 1) // 2, 1) for k in kernel)
