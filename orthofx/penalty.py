@@ -65,7 +65,8 @@ def lazy_site_module(root: nn.Module, term: PenaltyTerm) -> nn.Module | None:
         module = root.get_submodule(term.site)
     except AttributeError:
         return None
-    if any(nn.parameter.is_lazy(t) for t in (*module.parameters(), *module.buffers())):
+    # isinstance rather than nn.parameter.is_lazy, which dynamo cannot trace (penalty runs in compiled steps)
+    if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in (*module.parameters(), *module.buffers())):
         return module
     return None
 
