@@ -44,15 +44,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import io
 import operator
 import os
 import sys
 import sysconfig
+import threading
 import traceback
 from typing import Any, Callable, Iterable
 
 import torch
+from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.graph_module import _format_import_block, _forward_from_src
@@ -135,7 +138,8 @@ class OrthofxTracer(torch.fx.Tracer):
 
     def __init__(self, leaf_types: Iterable[str | type] = (), leaf_paths: Iterable[str] = (),
                  autowrap_functions: tuple[Callable[..., Any], ...] = ()):
-        super().__init__(autowrap_functions=tuple(autowrap_functions))
+        # default_argument stays a call when a captured graph's code is traced again (unpickling, a copy)
+        super().__init__(autowrap_functions=tuple(autowrap_functions) + (default_argument,) + _GRAPH_HELPERS)
         leaf_types = tuple(leaf_types)
         self.leaf_type_names = frozenset(t for t in leaf_types if isinstance(t, str))
         self.leaf_type_classes = tuple(t for t in leaf_types if isinstance(t, type))
@@ -259,11 +263,13 @@ class OrthofxTracer(torch.fx.Tracer):
         self._buffer_ids = {id(b) for b in root.buffers()}
         states = [_ModuleState(path, module) for path, module in root.named_modules()]
         try:
-            graph = super().trace(root, concrete_args)
+            with _recording_mode_switches(self):
+                graph = super().trace(root, concrete_args)
         except BaseException:
             self._restore(states, None)  # a failed trace (retried with a leaf) must leave no proxies either
             raise
         self._restore(states, graph)
+        _move_tensor_defaults(graph)
         return graph
 
     def _restore(self, states: list[_ModuleState], graph: torch.fx.Graph | None) -> None:
@@ -289,6 +295,132 @@ class OrthofxTracer(torch.fx.Tracer):
             state.restore()
         if graph is not None and updates:
             _record_buffer_updates(graph, updates)
+
+
+@contextlib.contextmanager
+def _recording_mode_switches(tracer: torch.fx.Tracer):
+    """Record the forward's grad-mode and autocast switches as graph nodes while ``tracer`` traces it.
+
+    Symbolic tracing runs ``with torch.no_grad():`` and ``with torch.autocast(...):`` blocks for real but records
+    nothing of them, so the graph would compute the block with gradients (a frozen branch would train) and in
+    full precision. Every ``torch._C._set_grad_enabled`` call (which ``no_grad``, ``enable_grad`` and
+    ``set_grad_enabled`` make on entry and exit) and every autocast entry and exit of the tracing thread
+    becomes a call in the graph: an entry :func:`set_grad_mode` / :func:`enter_autocast`, the matching exit
+    :func:`restore_grad_mode` / :func:`exit_autocast` (restoring the mode the graph was *run* in, not the one it
+    was traced in).
+    """
+    thread = threading.get_ident()
+    real_set_grad = torch._C._set_grad_enabled
+    autocast = torch.amp.autocast_mode.autocast
+    real_enter, real_exit = autocast.__enter__, autocast.__exit__
+    # (node giving the mode before the switch, trace-time mode before it) per grad-mode switch still open
+    open_switches: list[tuple[torch.fx.Node, bool]] = []
+
+    def set_grad(mode: bool) -> None:
+        before = torch.is_grad_enabled()
+        real_set_grad(mode)
+        if threading.get_ident() != thread:
+            return
+        if open_switches and bool(mode) == open_switches[-1][1]:  # a block's exit: back to the mode before it
+            entry, _ = open_switches.pop()
+            tracer.create_node("call_function", restore_grad_mode, (entry,), {})
+        else:
+            entry = tracer.create_node("call_function", set_grad_mode, (bool(mode),), {})
+            open_switches.append((entry, before))
+
+    def enter(self_: Any) -> Any:
+        result = real_enter(self_)
+        if threading.get_ident() == thread:
+            self_._orthofx_node = tracer.create_node(
+                "call_function", enter_autocast,
+                (self_.device, self_.fast_dtype, self_._enabled, self_._cache_enabled), {})
+        return result
+
+    def exit_(self_: Any, *exc: Any) -> Any:
+        entry = self_.__dict__.pop("_orthofx_node", None)
+        if entry is not None:
+            tracer.create_node("call_function", exit_autocast, (entry,), {})
+        return real_exit(self_, *exc)
+
+    torch._C._set_grad_enabled = set_grad
+    autocast.__enter__, autocast.__exit__ = enter, exit_
+    try:
+        yield
+    finally:
+        torch._C._set_grad_enabled = real_set_grad
+        autocast.__enter__, autocast.__exit__ = real_enter, real_exit
+
+
+@torch.fx.node.has_side_effect  # no user may read its result (a block that returns nothing): keep it
+def set_grad_mode(mode: bool) -> bool:
+    """Enter a ``torch.no_grad()`` / ``torch.enable_grad()`` block of the traced forward; returns the mode before
+    it, for :func:`restore_grad_mode`."""
+    before = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(mode)
+    return before
+
+
+@torch.fx.node.has_side_effect  # kept by dead-code elimination: it has no users
+def restore_grad_mode(before: bool) -> None:
+    """Leave a grad-mode block of the traced forward (see :func:`set_grad_mode`)."""
+    torch._C._set_grad_enabled(before)
+
+
+@torch.fx.node.has_side_effect  # no user may read its result: keep it
+def enter_autocast(device: str, dtype: torch.dtype, enabled: bool, cache_enabled: bool) -> Any:
+    """Enter a ``torch.autocast(...)`` block of the traced forward; returns the context for
+    :func:`exit_autocast`. Under dynamo through torch's ``_enter_autocast``, which it traces (``autocast.__enter__``
+    called directly is an unsupported method there); otherwise the context itself, which torch.export traces (a
+    bare ``_enter_autocast`` call confuses its dtype checks)."""
+    if torch.compiler.is_dynamo_compiling():
+        return _enter_autocast(device, dtype, enabled, cache_enabled)
+    context = torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+    context.__enter__()
+    return context
+
+
+@torch.fx.node.has_side_effect  # kept by dead-code elimination: it has no users
+def exit_autocast(context: Any) -> None:
+    """Leave a ``torch.autocast(...)`` block of the traced forward (see :func:`enter_autocast`)."""
+    if torch.compiler.is_dynamo_compiling():
+        _exit_autocast(context)
+    else:
+        context.__exit__(None, None, None)
+
+
+#: Functions a captured fx graph calls that must stay calls when its code is traced again (unpickling, copies).
+_GRAPH_HELPERS = (set_grad_mode, restore_grad_mode, enter_autocast, exit_autocast)
+
+
+def _move_tensor_defaults(graph: torch.fx.Graph) -> None:
+    """Turn forward defaults that hold tensors (``def forward(self, x, scale=torch.tensor(2.0))``) into graph code.
+
+    fx writes a placeholder's default into the generated ``def forward(...)`` line, where a tensor (kept as the
+    constant ``_tensor_constant0``, a ``get_attr`` node) cannot be named: compiling the GraphModule would raise
+    ``NameError``. The placeholder's default becomes None and :func:`default_argument` puts the tensor back,
+    first thing in the graph. (None itself is no value such an argument can take in the traced graph: the trace
+    ran with a tensor there.)
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for placeholder in placeholders:
+        if not placeholder.args:
+            continue
+        default = placeholder.args[0]
+        held: list[torch.fx.Node] = []
+        torch.fx.node.map_arg(default, held.append)
+        if not held:
+            continue
+        placeholder.args = (None,)
+        for node in held:  # the get_attr nodes were made while fx built the placeholder, before it
+            placeholders[-1].append(node)
+        with graph.inserting_after(held[-1]):
+            value = graph.call_function(default_argument, (placeholder, default))
+        placeholder.replace_all_uses_with(value, delete_user_cb=lambda user, value=value: user is not value)
+
+
+def default_argument(value: Any, default: Any) -> Any:
+    """``value``, or the forward's default ``default`` when the caller left the argument out (None)."""
+    return default if value is None else value
 
 
 _MISSING = object()
@@ -496,7 +628,8 @@ class _RetraceTracer(torch.fx.Tracer):
     proxy_buffer_attributes = True
 
     def __init__(self, *args: Any, **kwargs: Any):
-        kwargs.setdefault("autowrap_functions", (require_input_shape, require_input_value))
+        kwargs.setdefault("autowrap_functions",
+                          (require_input_shape, require_input_value, default_argument) + _GRAPH_HELPERS)
         super().__init__(*args, **kwargs)
 
 
@@ -1006,9 +1139,12 @@ def _uncalled_outer_leaves(model: nn.Module, leaves: list[str], called: set[str]
             if path not in called and any(name for name, _ in model.get_submodule(path).named_modules())]
 
 
-def _batch_dynamic_shapes(inputs: tuple) -> tuple | None:
+def _batch_dynamic_shapes(model: nn.Module, inputs: tuple) -> tuple | None:
     """``dynamic_shapes`` marking dim 0 of every tensor input ``Dim.AUTO`` (dynamic unless the model's code needs
-    the batch size as a constant, which export then specialises without an error); None without ``Dim.AUTO``."""
+    the batch size as a constant, which export then specialises without an error); None without ``Dim.AUTO``.
+
+    torch.export matches ``dynamic_shapes`` against the forward's parameters, so the inputs a ``*args`` parameter
+    collects get one entry together (a tuple), as they are one argument."""
     auto = getattr(torch.export.Dim, "AUTO", None)
     if auto is None:  # pragma: no cover - torch < 2.6
         return None
@@ -1016,7 +1152,24 @@ def _batch_dynamic_shapes(inputs: tuple) -> tuple | None:
     def spec(value: Any) -> Any:
         return {0: auto} if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
 
-    return tuple(torch.utils._pytree.tree_map(spec, value) for value in inputs)
+    specs = tuple(torch.utils._pytree.tree_map(spec, value) for value in inputs)
+    named = _var_positional_index(model)
+    if named is None or len(specs) < named:
+        return specs
+    return specs[:named] + (specs[named:],)
+
+
+def _var_positional_index(model: nn.Module) -> int | None:
+    """How many positional parameters ``model.forward`` has before its ``*args`` parameter; None without one (or
+    when the signature cannot be read)."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C forward without a signature
+        return None
+    for index, parameter in enumerate(parameters):
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            return index
+    return None
 
 
 def _failing_submodule(model: nn.Module, exc: BaseException) -> str:
@@ -1050,7 +1203,7 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str]) -> Any:
     """``torch.export.export`` (non-strict) with a dynamic batch dimension, else static shapes."""
     options = {"strict": False, "preserve_module_call_signature": tuple(leaves)}
     attempts = []
-    dynamic = _batch_dynamic_shapes(inputs)
+    dynamic = _batch_dynamic_shapes(model, inputs)
     if dynamic is not None:
         attempts.append(dynamic)
     attempts.append(None)
@@ -1435,6 +1588,58 @@ def _static_size(size: Any) -> int | None:
     return None
 
 
+def _size_range(size: Any) -> tuple[int, int | None] | None:
+    """``(lowest, highest)`` sizes a dynamic dimension may take in the exported graph (highest None: unbounded),
+    when the forward narrowed it (``if x.shape[0] > 2:`` makes export keep the branch of the example and guard
+    ``s0 >= 3``); None when it is free. Export's default lower bound 2 (it specialises sizes 0 and 1 apart) is
+    not a guard of the model's code, and export's own ``ep.module()`` accepts size 1 there too, so it counts as
+    free."""
+    node = getattr(size, "node", None)
+    shape_env = getattr(node, "shape_env", None)
+    bounds = shape_env.var_to_range.get(node.expr) if shape_env is not None else None
+    if bounds is None:
+        return None
+    lower = _finite_int(bounds.lower)
+    lower = 0 if lower is None else lower
+    upper = _finite_int(bounds.upper)
+    if lower <= 2 and upper is None:
+        return None
+    return (lower if lower > 2 else 0, upper)
+
+
+def _finite_int(bound: Any) -> int | None:
+    """A range bound (a sympy number) as an int, None for an infinite one (sympy's ``oo``, torch's ``int_oo``)."""
+    from torch.utils._sympy.numbers import int_oo
+
+    # int_oo says it is finite (sympy treats it as an integer) and int() of it raises: compare with it
+    if bound in (int_oo, -int_oo) or getattr(bound, "is_finite", True) is False:
+        return None
+    return int(bound)
+
+
+def _guarded_size(size: Any) -> int | tuple[int, int | None] | None:
+    """What :func:`require_input_shape` checks of one dimension: its size when fixed, its range when the forward
+    narrowed a dynamic one, else None."""
+    static = _static_size(size)
+    return static if static is not None else _size_range(size)
+
+
+def _size_fits(actual: int, size: int | tuple[int, int | None] | None) -> bool:
+    if size is None:
+        return True
+    if isinstance(size, tuple):
+        return actual >= size[0] and (size[1] is None or actual <= size[1])
+    return actual == size
+
+
+def _size_text(size: int | tuple[int, int | None] | None) -> str:
+    if size is None:
+        return "*"
+    if isinstance(size, tuple):
+        return f"{size[0]}..{'' if size[1] is None else size[1]}"
+    return str(size)
+
+
 _GUARDED_VALUE_TYPES = (bool, int, float, str, type(None))
 
 
@@ -1452,7 +1657,7 @@ class _InputGuards:
                 continue
             val = node.meta["val"]
             if isinstance(val, torch.Tensor):
-                shape = tuple(_static_size(size) for size in val.shape)
+                shape = tuple(_guarded_size(size) for size in val.shape)
                 if any(size is not None for size in shape):
                     self.shapes[node] = shape
             elif isinstance(val, _GUARDED_VALUE_TYPES):
@@ -1461,7 +1666,7 @@ class _InputGuards:
                    and n.meta["val"].dim() >= 1]
         # The batch is fixed when no input kept a dynamic dimension 0 (an input that is not batched, such as an
         # attention mask, has a static dimension 0 next to a batched input's dynamic one).
-        fixed = tensors and all(self.shapes.get(n, (None,))[0] is not None for n in tensors)
+        fixed = tensors and all(isinstance(self.shapes.get(n, (None,))[0], int) for n in tensors)
         self.batch: tuple[torch.fx.Node, int] | None = (tensors[0], self.shapes[tensors[0]][0]) if fixed else None
 
     def insert(self, graph: torch.fx.Graph) -> None:
@@ -1487,6 +1692,14 @@ class _InputGuards:
                 f"constant, e.g. a Python loop over x.size(0), or the example batch is 1): the captured model only "
                 f"accepts inputs of batch size {batch} (others raise an error); give example inputs of the batch "
                 "size you will use")
+        narrowed = [f"{node.name} dimension {d}: {_size_text(size)}" for node, shape in self.shapes.items()
+                    for d, size in enumerate(shape) if isinstance(size, tuple)]
+        if narrowed:
+            found.append(
+                f"torch.export narrowed dynamic input sizes to the range of the example's branch ("
+                f"{', '.join(narrowed)}; the forward's Python code branches on a size, e.g. if x.shape[0] > 2:): "
+                f"inputs outside it raise an error; transform once per branch you will use, or write the branch "
+                f"with torch.cond")
         if self.values:
             fixed = ", ".join(f"{n.name}={v!r}" for n, v in self.values.items())
             found.append(
@@ -1500,17 +1713,18 @@ class _InputGuards:
 @torch.fx.node.has_side_effect  # kept by dead-code elimination: it has no users
 def require_input_shape(x: Any, name: str, shape: tuple, batch: bool = False) -> None:
     """Refuse an input whose shape differs where torch.export specialised the captured graph (``shape``: the
-    fixed size of each dimension, None for a dynamic one): the graph would otherwise compute with the example's
-    sizes and return a wrong result (a loop over ``x.size(1)`` unrolled five times reads steps 0-4 of any
-    sequence). ``batch``: dimension 0 is the batch export fixed (the error says so)."""
+    fixed size of each dimension, None for a dynamic one, ``(lowest, highest)`` for a dynamic one the forward's
+    Python code narrowed): the graph would otherwise compute with the example's sizes and return a wrong result (a
+    loop over ``x.size(1)`` unrolled five times reads steps 0-4 of any sequence; ``if x.shape[0] > 2:`` kept only
+    the branch the example took). ``batch``: dimension 0 is the batch export fixed (the error says so)."""
     if (isinstance(x, torch.Tensor) and x.dim() == len(shape)
-            and all(size is None or x.shape[d] == size for d, size in enumerate(shape))):
+            and all(_size_fits(x.shape[d], size) for d, size in enumerate(shape))):
         return
     raise ArgumentError(_shape_mismatch(x, name, shape, batch))
 
 
 def _shape_mismatch(x: Any, name: str, shape: tuple, batch: bool) -> str:
-    expected = "(" + ", ".join("*" if size is None else str(size) for size in shape) + ")"
+    expected = "(" + ", ".join(_size_text(size) for size in shape) + ")"
     if not isinstance(x, torch.Tensor):
         got = f"a {type(x).__name__}"
     else:
@@ -1520,10 +1734,15 @@ def _shape_mismatch(x: Any, name: str, shape: tuple, batch: bool) -> str:
                     f"the batch size as a constant, e.g. a Python loop over x.size(0)); got input '{name}' of "
                     f"{got}. Transform it again with example inputs of the batch size you will use")
         if x.dim() == len(shape):
-            d = next(d for d, size in enumerate(shape) if size is not None and x.shape[d] != size)
-            got += f": dimension {d} is {x.shape[d]}, not {shape[d]}"
+            d = next(d for d, size in enumerate(shape) if not _size_fits(x.shape[d], size))
+            if isinstance(shape[d], tuple):
+                got += (f": dimension {d} is {x.shape[d]}, outside {_size_text(shape[d])} (the forward's Python "
+                        f"code branched on this size, and the graph keeps only the example's branch)")
+            else:
+                got += f": dimension {d} is {x.shape[d]}, not {shape[d]}"
     return (f"input '{name}': this model was captured with torch.export for tensors of shape {expected} there "
-            f"('*': any size; the graph is specialised to the others), got {got}. Fix: pass inputs of that shape, "
+            f"('*': any size; 'a..b': a size from a to b; the graph is specialised to the others), got {got}. "
+            f"Fix: pass inputs of that shape, "
             f"transform the model again with example inputs of the shape you will use, or capture it with symbolic "
             f"tracing (capture: {{mode: fx}} in the policy) if it traces")
 

@@ -446,7 +446,12 @@ def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: boo
             hint = (". Decompositions (eigh, svd) and ops without an ONNX translation need an exportable form; "
                     ".pt2 export keeps them")
         raise ExportError(f"torch.onnx.export failed: {cause}{hint}{_leaf_hint(frozen)}") from exc
-    onnx.checker.check_model(path, full_check=True)
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except Exception as exc:  # onnx's ValidationError / InferenceError
+        raise ExportError(f"the exported file {path!r} fails the ONNX checker: {type(exc).__name__}: "
+                          f"{str(exc)[:400]}. A dtype an ONNX op does not take (e.g. a bfloat16 conv from an autocast "
+                          "block in the forward) is a usual cause: export to .pt2 (torch.export) instead") from exc
     written = {entry.domain: entry.version for entry in onnx.load(path, load_external_data=False).opset_import}
     if written.get("", opset) != opset:
         raise ExportError(f"{path}: asked for opset {opset}, the exporter wrote opset {written['']}; use an opset "
