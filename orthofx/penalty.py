@@ -72,13 +72,18 @@ def lazy_site_module(root: nn.Module, term: PenaltyTerm) -> nn.Module | None:
 
 
 def _term_value(root: nn.Module, term: PenaltyTerm) -> torch.Tensor:
-    """``term``'s unweighted value; a lazy layer that has not run is refused with the fix, not torch's error."""
-    lazy = lazy_site_module(root, term)
-    if lazy is not None:
+    """``term``'s unweighted value; a lazy layer that has not run is refused with the fix, not torch's error.
+    Looked for only when the term fails: penalty runs at every training step, and a layer stays initialised."""
+    try:
+        return term.value(root)
+    except Exception as exc:
+        lazy = lazy_site_module(root, term)
+        if lazy is None:
+            raise
         raise ArgumentError(f"site '{term.site}' (rule '{term.rule}'): {type(lazy).__name__} is a lazy layer that "
                             "has not run yet, so its weight has no values to penalise. Run the model once "
-                            "(gm(x)) before orthofx.penalty, or pass example_inputs=(x,) to orthofx.transform")
-    return term.value(root)
+                            "(gm(x)) before orthofx.penalty, or pass example_inputs=(x,) to orthofx.transform"
+                            ) from exc
 
 
 def penalty_terms(model: nn.Module) -> dict[str, torch.Tensor]:
