@@ -14,6 +14,17 @@ One row per conv/linear layer of the graph (touched or not) and per other planne
 
 Layers whose weights have no values (meta device, a lazy layer that has not run) get rows without figures.
 
+A conv wrapped by ConvNorm (:class:`~orthofx.nn.convnorm.ConvNormConv2d` ..., what the ``convnorm`` pass puts in
+its place) gets the figures of its own conv (``lorth``, ``sigma_min`` / ``sigma_max``, ``exists``: those a plain
+conv with the same weight, stride, dilation and groups gets at the same input size), not those of the
+conv + ConvNorm composite: the weight is what an ``orth_regularizer`` term of the same site penalises (the row's
+``lorth`` is that term's unweighted value) and what ``riemannian`` retracts, while ConvNorm's Fourier rescaling
+is a function of that weight and the grid, not a parameter (the pass's Change records its effect on the circular
+operator: the per-channel gains ``row_gain_min`` / ``row_gain_max`` before and after). The row's ``layer`` says
+so: ``ConvNormConv2d(3->4, k=3, s=1) (figures: its conv, without ConvNorm)``. The conv inside a wrapper the model
+was written with (a site ``<name>.conv`` of its own) is measured at the wrapper's input size. A frozen wrapper
+(``FrozenConvNormNd``: its 1 x 1 conv's weight is rescaled) gets no figures.
+
 Function sites (decompositions) rewritten with a condition-number monitor (pass ``svd_conditioning``,
 ``monitor: true``) also carry the monitor's figures, read from its buffers (the monitor is found through the
 Change's ``after["monitor"]`` name, on the transformed model):
@@ -35,7 +46,8 @@ linear layer and per orthofx layer (not those nested inside an orthofx layer, wh
 JacobianProbe is transparent: its block's layers keep their rows), pass ``"orthofx layer"`` (None for torch's
 layers), the monitors' kappa figures and the probes' penalty terms. The model is not run, so ``sigma_min`` /
 ``sigma_max`` are given only where a layer knows its input size (``method="cayley_fft"``'s ``input_size``).
-A model holding no orthofx layer raises :class:`~orthofx.OrthofxError`.
+:func:`monitors` of such a model lists the :class:`~orthofx.nn.ConditionMonitor` modules it holds (by module
+path). A model holding no orthofx layer raises :class:`~orthofx.OrthofxError`.
 
 Example::
 
@@ -57,6 +69,7 @@ from torch import nn
 
 from . import metrics, theory
 from .capture import unwrap_model
+from .nn.convnorm import ConvNormConvNd
 from .nn.decompositions import ConditionMonitor
 from .nn.jacobian import JacobianProbe
 from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
@@ -68,7 +81,8 @@ from .transform import is_transformed, manifest_of
 
 __all__ = ["Report", "report", "monitors", "layer_singular_values"]
 
-# Layers whose weight is the operator they apply (ConvNorm wrappers are not: they rescale in Fourier space).
+# Layers whose weight is the operator they apply (ConvNorm wrappers are not: they rescale in Fourier space; their
+# rows measure their conv, see _measured_layer).
 _TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, OrthogonalConvTranspose1d,
                      OrthogonalConvTranspose2d, OrthogonalConvTranspose3d)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, OrthogonalConv1d, OrthogonalConv2d,
@@ -326,8 +340,8 @@ def report(model: nn.Module) -> Report:
         module = root.get_submodule(site.name)
         if not isinstance(module, _CONV_TYPES + _LINEAR_TYPES) and not entries:
             continue
-        rows.append(_layer_row(site.name, module, pass_text, _params(entries), manifest.input_shapes.get(site.name),
-                               spectra))
+        rows.append(_layer_row(site.name, module, pass_text, _params(entries),
+                               _input_shape(root, site.name, manifest.input_shapes), spectra))
     penalties = []
     with torch.no_grad():
         for term in manifest.penalties:
@@ -348,25 +362,50 @@ def _penalty_value(root: nn.Module, term) -> float | None:
     return None if value.is_meta else float(value)
 
 
+def _measured_layer(module: nn.Module) -> nn.Module:
+    """The layer whose weight a row measures: a ConvNorm wrapper's own conv (the weight its regularisers penalise
+    and its retractions move; ConvNorm's rescaling is not a parameter), any other module itself."""
+    return module.conv if isinstance(module, ConvNormConvNd) else module
+
+
+def _input_shape(root: nn.Module, site: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The input shape recorded at ``site``; for the conv a ConvNorm wrapper owns (which the wrapper runs through
+    the functional conv, so it records none), the wrapper's: the conv's input is the wrapper's."""
+    shape = shapes.get(site)
+    parent, _, child = site.rpartition(".")
+    if shape is None and child == "conv" and parent:
+        try:
+            owner = root.get_submodule(parent)
+        except AttributeError:
+            return None
+        if isinstance(owner, ConvNormConvNd):
+            return shapes.get(parent)
+    return shape
+
+
 def _layer_row(site: str, module: nn.Module, pass_text: str | None, params: str | None,
                shape: tuple[int, ...] | None, spectra: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """A module's row (figures for conv / linear layers only, at the input ``shape`` when it is known); its
-    singular values go into ``spectra`` under ``site``."""
-    operator = isinstance(module, _CONV_TYPES + _LINEAR_TYPES)
-    values = layer_singular_values(module, shape) if operator else None
+    """A module's row (figures for conv / linear layers only, and for a ConvNorm wrapper those of its conv, at the
+    input ``shape`` when it is known); its singular values go into ``spectra`` under ``site``."""
+    measured = _measured_layer(module)
+    operator = isinstance(measured, _CONV_TYPES + _LINEAR_TYPES)
+    values = layer_singular_values(measured, shape) if operator else None
     if values is not None and values.numel():
         spectra[site] = values
-    dims = len(module.kernel_size) if isinstance(module, _CONV_TYPES) else 0
+    dims = len(measured.kernel_size) if isinstance(measured, _CONV_TYPES) else 0
+    layer = describe_module(module)
+    if measured is not module and operator:
+        layer += " (figures: its conv, without ConvNorm)"
     return {
         "site": site,
-        "layer": describe_module(module),
+        "layer": layer,
         "pass": pass_text,
         "params": params,
-        "lorth": _lorth(module) if operator else None,
+        "lorth": _lorth(measured) if operator else None,
         "sigma_min": float(values.min()) if values is not None and values.numel() else None,
         "sigma_max": float(values.max()) if values is not None and values.numel() else None,
         "input": tuple(shape[-dims:]) if shape is not None and dims else None,
-        "exists": _existence(module) if operator else "",
+        "exists": _existence(measured) if operator else "",
     }
 
 
@@ -422,7 +461,11 @@ def _layers_report(model: nn.Module) -> Report:
 
 def monitors(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``{site: figures}`` for every condition-number monitor in a transformed model (also through
-    ``torch.compile`` / DataParallel / DDP wrappers), in the order of the manifest's Changes.
+    ``torch.compile`` / DataParallel / DDP wrappers), in the order of the manifest's Changes; for a model written
+    with ``orthofx.nn`` layers that ``transform`` did not return, ``{module path: figures}`` of every
+    :class:`~orthofx.nn.ConditionMonitor` it holds (a ``DecompositionMonitor`` included), in module order (none:
+    ``{}``, as for a transformed model without monitors; a model holding no orthofx layer raises
+    :class:`~orthofx.OrthofxError`, as :func:`report` does).
 
     The figures are :meth:`ConditionMonitor.summary`'s: ``kappa`` (latest ``lambda_max / lambda_min``),
     ``kappa_max``, ``updates``, ``nan_events``, ``inf_events``, plus ``monitor``, the submodule's name (so
@@ -436,6 +479,8 @@ def monitors(model: nn.Module) -> dict[str, dict[str, Any]]:
         gm = orthofx.transform(orthofx.models.get("gcp_cnn"), "svd", example_inputs=(x,))
         monitors(gm)   # {'cov_pool:linalg.eigh': {'kappa': 61.6, ..., 'monitor': 'orthofx_monitor_0'}}
     """
+    if not is_transformed(model):
+        return _held_monitors(model)
     root = unwrap_model(model)
     changes: dict[str, list] = {}
     for change in manifest_of(model).changes:
@@ -446,6 +491,14 @@ def monitors(model: nn.Module) -> dict[str, dict[str, Any]]:
         if monitor is not None:
             found[site] = dict(monitor.summary(), monitor=name)
     return found
+
+
+def _held_monitors(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """:func:`monitors` of a model that ``orthofx.transform`` did not return: every ConditionMonitor among its
+    modules (nested in other layers too: a monitor is found by its type, not by a manifest), keyed by its path."""
+    root = holding_orthofx_layers(model)
+    return {name: dict(module.summary(), monitor=name) for name, module in root.named_modules()
+            if isinstance(module, ConditionMonitor)}
 
 
 # ``orthofx.report`` is the function above (the package re-exports it over this module's name), so the lookup is
