@@ -84,8 +84,11 @@ NEWTON_SCHULZ_TARGET = ONNX_TOLERANCE / 10
 FOLDED_KEY = "orthofx_folded"
 
 
-def _plain_replacements(root: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of every outermost module offering ``to_plain()``."""
+def _modules_to_freeze(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every outermost module that needs freezing: one offering ``to_plain()`` (its
+    plain torch form). This asks what ``freeze`` must replace, not whether a module is an orthofx layer
+    (:func:`orthofx.nn.tracing.is_orthofx_layer`): a user's module may offer ``to_plain()`` too, a pass's
+    monitor is replaced by a pass-through, and the frozen forms (``FourierConv`` ...) offer none."""
     found: list[tuple[str, nn.Module]] = []
     for name, module in root.named_modules():
         if not name or not callable(getattr(module, "to_plain", None)):
@@ -102,7 +105,7 @@ def _captured_with_orthofx_layers(model: nn.Module, inputs: tuple | None) -> fx.
     torch.export on ``inputs`` where symbolic tracing fails) with a manifest that records no change: what
     :func:`freeze` and :func:`export` need. A model holding no orthofx layer has nothing to freeze."""
     root = copy.deepcopy(unwrap_model(model))
-    if not _plain_replacements(root):
+    if not _modules_to_freeze(root):
         raise OrthofxError(f"{type(root).__name__} was not produced by orthofx.transform and holds no orthofx layer "
                            "(nothing to freeze): call orthofx.transform(model, policy) first, or use the model as "
                            "it is (torch.export / torch.onnx.export work on it directly)")
@@ -158,7 +161,7 @@ def freeze(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
                               f"takes: {_describe_inputs(inputs)} given") from exc
     # A module's plain form may itself hold orthofx layers (a probe around a block): repeat until none is left.
     for _ in range(100):
-        pending = _plain_replacements(frozen)
+        pending = _modules_to_freeze(frozen)
         if not pending:
             break
         for name, module in pending:

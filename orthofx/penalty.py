@@ -11,7 +11,11 @@ A model written with orthofx's layers (``orthofx.nn``) that ``orthofx.transform`
 its penalty is ``sum_p p.penalty()`` over its :class:`~orthofx.nn.JacobianProbe` modules ``p`` (each the probe's
 ``weight * estimate`` after a training-mode forward; zero before it, in eval mode and on the calls ``every``
 skips), its terms keyed ``"JacobianProbe/<module path>"``. A model holding no orthofx layer raises
-:class:`~orthofx.OrthofxError`.
+:class:`~orthofx.OrthofxError` ("an orthofx layer": :func:`orthofx.nn.tracing.is_orthofx_layer`).
+
+A frozen model (``orthofx.freeze``) keeps a manifest without terms: its penalty is a zero, its ``penalty_terms``
+empty. Frozen layers (``to_plain()``'s ``FourierConv``, ``FrozenConvNormNd`` ...) are not orthofx layers: a model
+assembled from them without that manifest is a plain model, refused like any other.
 """
 
 from __future__ import annotations
@@ -19,24 +23,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import nn as orthofx_nn
 from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError
 from .nn.jacobian import JacobianProbe
+from .nn.tracing import is_orthofx_layer, is_orthofx_module, orthofx_layer_types
 from .passes.base import PenaltyTerm, zero_like_parameters
 from .transform import is_transformed, manifest_of
 
 __all__ = ["penalty", "penalty_terms", "is_orthofx_layer", "holding_orthofx_layers", "lazy_site_module"]
 
-#: The module classes ``orthofx.nn`` exports (its other exports are functions): "an orthofx layer" is an instance
-#: of one of them, subclasses included (a pass's DecompositionMonitor is a ConditionMonitor).
-ORTHOFX_LAYER_TYPES = tuple(obj for obj in (getattr(orthofx_nn, name) for name in orthofx_nn.__all__)
-                            if isinstance(obj, type) and issubclass(obj, nn.Module))
+#: The module classes ``orthofx.nn`` exports (see :func:`orthofx.nn.tracing.orthofx_layer_types`).
+ORTHOFX_LAYER_TYPES = orthofx_layer_types()
 
-
-def is_orthofx_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is one of ``orthofx.nn``'s layers (OrthogonalConv2d, ConvNormConv2d, JacobianProbe ...)."""
-    return isinstance(module, ORTHOFX_LAYER_TYPES)
+# ``is_orthofx_layer`` (defined in orthofx.nn.tracing, the one definition) stays importable from here.
 
 
 def holding_orthofx_layers(model: nn.Module) -> nn.Module:
@@ -46,10 +45,21 @@ def holding_orthofx_layers(model: nn.Module) -> nn.Module:
     if not any(is_orthofx_layer(module) for module in root.modules()):
         raise OrthofxError(
             f"{type(root).__name__} was not produced by orthofx.transform and holds no orthofx layer "
-            "(orthofx.nn: OrthogonalConv2d, ConvNormConv2d, JacobianProbe ...), so orthofx has nothing to measure "
-            "or regularise in it: call orthofx.transform(model, policy) first, or build the model with orthofx.nn "
-            "layers (wrap a block in orthofx.nn.JacobianProbe for a Jacobian penalty)")
+            f"(orthofx.nn: OrthogonalConv2d, ConvNormConv2d, JacobianProbe ...){_frozen_note(root)}, so orthofx has "
+            "nothing to measure or regularise in it: call orthofx.transform(model, policy) first, or build the "
+            "model with orthofx.nn layers (wrap a block in orthofx.nn.JacobianProbe for a Jacobian penalty)")
     return root
+
+
+def _frozen_note(root: nn.Module) -> str:
+    """`` (its FourierConv ... are frozen forms ...)`` when ``root`` holds modules of orthofx.nn that are not
+    layers (what ``to_plain()`` and ``orthofx.freeze`` leave), which is why it has nothing to regularise."""
+    frozen = sorted({type(m).__name__ for m in root.modules() if is_orthofx_module(m)})
+    if not frozen:
+        return ""
+    return (f"; its {', '.join(frozen)} are frozen forms or helpers of orthofx layers (what to_plain() and "
+            "orthofx.freeze leave), which carry no regulariser (orthofx.penalty of a model orthofx.freeze returned "
+            "is zero)")
 
 
 def _probes(model: nn.Module) -> list[tuple[str, JacobianProbe]]:

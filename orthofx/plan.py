@@ -33,6 +33,7 @@ from torch import fx, nn
 
 from .capture import ModalGraphModule, _is_torch_layer, module_scopes
 from .errors import PlanError
+from .nn.tracing import is_orthofx_module
 from .passes.base import CaptureInfo, PlanEntry, Site, describe_module
 from .passes.registry import get_pass
 from .policy import Match, Policy, Rule
@@ -170,6 +171,18 @@ def _all_sites(gm: fx.GraphModule, blocks: Iterable[str]) -> tuple[list[Site], d
     return sites, nodes
 
 
+def _is_producer(module: nn.Module) -> bool:
+    """Whether the walk of :func:`producers_feeding` stops at ``module``: a torch conv / linear, or a module of
+    orthofx's own (:func:`~orthofx.nn.tracing.is_orthofx_module`: its layers, their subclasses and frozen forms)
+    that has a weight (orthogonal convs and linears, ConvNorm, a JacobianProbe around a linear). Looked up
+    without reading it: orthofx's layers compute ``weight`` as a property (the orthogonal kernel)."""
+    if isinstance(module, _PRODUCER_TYPES):
+        return True
+    has_weight = (hasattr(type(module), "weight") or "weight" in module._parameters
+                  or "weight" in module._buffers)
+    return has_weight and is_orthofx_module(module)
+
+
 def producers_feeding(gm: fx.GraphModule, node: fx.Node) -> list[str]:
     """Qualified names of the conv/linear modules whose outputs reach ``node``'s inputs.
 
@@ -187,8 +200,7 @@ def producers_feeding(gm: fx.GraphModule, node: fx.Node) -> list[str]:
         seen.add(current)
         if current.op == "call_module":
             module = gm.get_submodule(str(current.target))
-            if isinstance(module, _PRODUCER_TYPES) or (
-                    type(module).__module__.startswith("orthofx.nn") and hasattr(module, "weight")):
+            if _is_producer(module):
                 if current.target not in found:
                     found.append(str(current.target))
                 continue

@@ -5,6 +5,19 @@
   ``call_module`` node when ``torch.fx.symbolic_trace`` hands it a Proxy, as fx does for ``nn.Conv2d``.
 - :func:`in_func_transform`: whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``) is running the
   call, where in-place buffer writes and nested autograd cannot run.
+- What counts as orthofx's own module, the one definition the rest of orthofx asks (three questions, three
+  answers, each a superset of the one before):
+
+  * :func:`is_orthofx_layer`: a *public layer*, an instance of a module class ``orthofx.nn`` exports in its
+    ``__all__`` (user subclasses included). These carry what ``orthofx.penalty`` and ``orthofx.report`` measure.
+  * :func:`is_orthofx_nn_class`: a class *defined* in the package ``orthofx.nn`` (``orthofx.nn`` itself or a
+    module ``orthofx.nn.<x>``), public or not: the layers, their frozen forms (``FourierConv``,
+    ``FrozenConvNormNd``, ``PassThrough``), internal helpers (``CircularPad``, ``CircularFold``). Capture keeps
+    such a class as a tracing leaf (see its docstring for why that is broader than the public layers).
+  * :func:`is_orthofx_module`: either of the two: a module whose state orthofx's code owns (its buffers are
+    caches and statistics of orthofx's, not the user's).
+
+  Whether a module must be *frozen* is another question (``orthofx.export``: it offers ``to_plain()``).
 
 Example::
 
@@ -16,6 +29,8 @@ Example::
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
@@ -23,7 +38,11 @@ from torch import nn
 
 from orthofx.errors import CaptureError, layer_label
 
-__all__ = ["fx_tracer_of", "record_as_leaf", "in_func_transform"]
+__all__ = ["fx_tracer_of", "record_as_leaf", "in_func_transform", "is_orthofx_layer", "orthofx_layer_types",
+           "is_orthofx_nn_class", "is_orthofx_module"]
+
+#: The package whose classes are orthofx's layers and their helpers.
+ORTHOFX_NN_PACKAGE = "orthofx.nn"
 
 
 def fx_tracer_of(args, kwargs=None) -> torch.fx.Tracer | None:
@@ -59,3 +78,60 @@ def in_func_transform() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev`` ...) is running this call eagerly
     (under ``torch.compile`` the query is not traced, and answers no)."""
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+# --------------------------------------------------------------------------------------- orthofx's own modules
+
+_LAYER_TYPES: tuple[type, ...] | None = None
+
+
+def orthofx_layer_types() -> tuple[type, ...]:
+    """The ``nn.Module`` classes named in ``orthofx.nn.__all__`` (its other exports are functions such as
+    ``svd_stable``): ConvNorm, orthogonal convs / transposed convs / linears, JacobianProbe, ConditionMonitor,
+    the isometric blocks. Read from ``__all__`` once, when first asked (the package imports this module, so the
+    list cannot be built here at import time); kept in a tuple so ``isinstance`` against it compiles."""
+    global _LAYER_TYPES
+    if _LAYER_TYPES is None:
+        package = importlib.import_module(ORTHOFX_NN_PACKAGE)
+        _LAYER_TYPES = tuple(obj for obj in (getattr(package, name) for name in package.__all__)
+                             if isinstance(obj, type) and issubclass(obj, nn.Module))
+    return _LAYER_TYPES
+
+
+def is_orthofx_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one of ``orthofx.nn``'s public layers: an instance of a module class that
+    ``orthofx.nn.__all__`` names (:func:`orthofx_layer_types`), subclasses included (a user's
+    ``class MyConv(OrthogonalConv2d)``, a pass's ``DecompositionMonitor``, which is a ``ConditionMonitor``).
+
+    These are the modules a model written with ``orthofx.nn`` holds that orthofx can measure or regularise
+    (``orthofx.penalty`` of a model that ``orthofx.transform`` did not return, ``orthofx.report``). The frozen
+    forms ``to_plain()`` returns (``FourierConv``, ``FrozenConvNormNd``, ``PassThrough``) and the internal
+    helpers (``CircularPad``, ``CircularFold``) are not layers: they carry no regulariser and nothing to
+    measure, and a model made of them is a plain model (:func:`is_orthofx_module` covers them)."""
+    return isinstance(module, orthofx_layer_types())
+
+
+def is_orthofx_nn_class(cls: type) -> bool:
+    """Whether the class ``cls`` is defined in the package ``orthofx.nn``: its ``__module__`` is ``orthofx.nn`` or
+    starts with ``orthofx.nn.`` (a user's module named ``orthofx.nnx_user`` is not it). Public layers, their frozen
+    forms and private helpers all count; subclasses defined elsewhere do not (the class's own module decides).
+
+    This is capture's leaf rule for orthofx's classes, broader than :func:`is_orthofx_layer` on purpose: every
+    module ``orthofx.nn`` defines computes only what its documented forward says, and several depend on runtime
+    shapes or values that symbolic tracing cannot follow (ConvNorm's grid, a monitor's buffer writes), so one
+    ``call_module`` node is always right for them, frozen helpers included (a frozen model is captured again by
+    ``freeze``/``export`` and by a second ``transform``), and tracing into their code would only expose orthofx's
+    internals as sites."""
+    name = getattr(cls, "__module__", None) or ""
+    return name == ORTHOFX_NN_PACKAGE or name.startswith(ORTHOFX_NN_PACKAGE + ".")
+
+
+def is_orthofx_module(module: nn.Module) -> bool:
+    """Whether orthofx's code owns ``module``'s state: a public layer (:func:`is_orthofx_layer`, subclasses
+    included) or any module of a class ``orthofx.nn`` defines (:func:`is_orthofx_nn_class`: frozen forms, helpers).
+
+    Used where orthofx must tell its own modules from the user's: the buffers such a module holds are orthofx's
+    caches and statistics (ConvNorm's per-input-size filters, an orthogonal layer's kernel cache, a monitor's
+    history), which a run of the model legitimately fills, and a weight-bearing one is a linear layer as
+    ``nn.Conv2d`` is (``plan.producers_feeding`` stops at it)."""
+    return is_orthofx_nn_class(type(module)) or is_orthofx_layer(module)

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import SITE_ATTRIBUTE, OrthofxError, PlanError
+from ..nn.jacobian import JacobianProbe
+from ..nn.tracing import is_orthofx_module
 
 __all__ = [
     "Param",
@@ -344,7 +346,10 @@ class Manifest:
 
 class EvalRun:
     """Run a module in eval mode without gradients, restoring every submodule's training flag afterwards
-    (a forward in training mode would update BatchNorm statistics of the user's model).
+    (a forward in training mode would update BatchNorm statistics of the user's model), and the buffers of the
+    user's own modules (:class:`UserBuffers`: a step counter or an EMA that the forward advances even in eval
+    mode comes back to what it held, so ``transform``'s runs on the example inputs leave no trace in the
+    returned model or, with ``inplace=True``, in the user's).
 
     The flags are set directly, on entry as on exit, not through ``train()`` / ``eval()``: those calls drop the
     kernel caches of orthofx's orthogonal layers, so each run of a train-mode model would rebuild every kernel.
@@ -353,6 +358,7 @@ class EvalRun:
     def __init__(self, module: nn.Module):
         self.module = module
         self.flags: list[tuple[nn.Module, bool]] = []
+        self.buffers: UserBuffers | None = None
 
     def __enter__(self):
         self.flags = [(m, m.training) for m in self.module.modules()]
@@ -360,13 +366,77 @@ class EvalRun:
             m.training = False
         self._grad = torch.no_grad()
         self._grad.__enter__()
+        self.buffers = UserBuffers(self.module)
         return self.module
 
     def __exit__(self, *exc):
-        self._grad.__exit__(*exc)
-        for m, flag in self.flags:
-            m.training = flag
+        try:
+            if self.buffers is not None:
+                self.buffers.restore()
+        finally:
+            self.buffers = None
+            self._grad.__exit__(*exc)
+            for m, flag in self.flags:
+                m.training = flag
         return False
+
+
+def owns_user_buffers(module: nn.Module) -> bool:
+    """Whether the buffers registered directly on ``module`` are the user's: not those of orthofx's own modules
+    (:func:`orthofx.nn.tracing.is_orthofx_module`: ConvNorm's per-input-size filters, a monitor's statistics,
+    which a run legitimately fills). A JacobianProbe adopts its wrapped block's registries (its buffers *are*
+    the block's), so the block decides."""
+    owner = module.block if isinstance(module, JacobianProbe) else module
+    return not is_orthofx_module(owner)
+
+
+class UserBuffers:
+    """The buffers of the user's modules in ``root`` (:func:`owns_user_buffers`) as they are now, to be put back by
+    :meth:`restore` after a run that may change them.
+
+    Saved: each such module's buffer registry (name -> tensor object, so a buffer the forward *replaces*,
+    ``self.buf = new``, or registers anew is undone) and a copy of each tensor's values (so one it *mutates*,
+    ``self.count += 1``, ``self.ema.lerp_(x, m)``, is written back in place with ``copy_``: the tensor objects the
+    model, its graph module and an optimizer hold stay the same). The cost is one copy of those buffers each way;
+    no forward. Not saved: lazy layers' uninitialised buffers (the run is what initialises them, with their
+    initial values) and inference tensors (nothing outside ``torch.inference_mode`` can write them in place).
+    """
+
+    def __init__(self, root: nn.Module):
+        self.registries: list[tuple[nn.Module, dict[str, torch.Tensor | None], set[str]]] = []
+        self.values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        seen: set[int] = set()
+        with torch.no_grad():
+            for module in root.modules():
+                if id(module._buffers) in seen or not owns_user_buffers(module):
+                    continue
+                seen.add(id(module._buffers))
+                self.registries.append((module, dict(module._buffers), set(module._non_persistent_buffers_set)))
+                for tensor in module._buffers.values():
+                    if (tensor is None or id(tensor) in self.values
+                            or isinstance(tensor, nn.parameter.UninitializedTensorMixin) or tensor.is_inference()):
+                        continue
+                    self.values[id(tensor)] = (tensor, tensor.clone())
+
+    def restore(self) -> None:
+        """Put every saved buffer back: the same tensor objects under the same names (buffers registered since
+        are removed), holding the saved values."""
+        with torch.no_grad():
+            for module, entries, non_persistent in self.registries:
+                registry = module._buffers
+                for name in [name for name in registry if name not in entries]:
+                    del registry[name]
+                for name, tensor in entries.items():
+                    if registry.get(name, _MISSING) is not tensor:
+                        registry[name] = tensor
+                if module._non_persistent_buffers_set != non_persistent:
+                    module._non_persistent_buffers_set.clear()
+                    module._non_persistent_buffers_set.update(non_persistent)
+            for tensor, saved in self.values.values():
+                tensor.copy_(saved)
+
+
+_MISSING = object()
 
 
 def describe_module(module: nn.Module) -> str:
