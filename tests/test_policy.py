@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orthofx.errors import PolicyError
+from orthofx.errors import OrthofxError, PolicyError
 from orthofx.passes import registry
 from orthofx.passes.base import Param, Pass
 from orthofx.policy import (
@@ -651,3 +651,14 @@ def test_presets_cover_3d_and_transposed_convs():
     gm = orthofx.transform(model, "isometric", example_inputs=(x,))
     change = [c for c in orthofx.manifest_of(gm).changes if c.site == "0"][0]
     assert "delta-orthogonal" in change.what and change.after["lorth"] < 1e-10
+
+
+def test_get_pass_of_an_unknown_name_raises_an_orthofx_error_that_is_still_a_key_error():
+    from orthofx.passes import UnknownPassError, get_pass
+    for name in ("orthogonal_cnov", ["not", "hashable"]):
+        with pytest.raises(UnknownPassError) as caught:
+            get_pass(name)
+        assert isinstance(caught.value, OrthofxError) and isinstance(caught.value, KeyError)
+        text = str(caught.value)
+        assert text.startswith(f"unknown pass {name!r}; available: ") and "orthogonal_conv" in text
+        assert "register_pass" in text

@@ -5,7 +5,14 @@ from __future__ import annotations
 from ..errors import OrthofxError
 from .base import SITE_KINDS, Pass
 
-__all__ = ["register_pass", "get_pass", "available_passes", "unregister_pass"]
+__all__ = ["register_pass", "get_pass", "available_passes", "unregister_pass", "UnknownPassError"]
+
+
+class UnknownPassError(OrthofxError, KeyError):
+    """No pass is registered under the name asked for. A ``KeyError`` too (what a registry lookup raised before),
+    with the message shown as written, not quoted as a missing key is."""
+
+    __str__ = Exception.__str__
 
 _PASSES: dict[str, type[Pass]] = {}
 
@@ -41,11 +48,12 @@ def unregister_pass(name: str) -> None:
 
 
 def get_pass(name: str) -> type[Pass]:
-    """The pass class registered under ``name``; ``KeyError`` with the available names otherwise."""
+    """The pass class registered under ``name``; :class:`UnknownPassError` naming the available ones otherwise."""
     try:
         return _PASSES[name]
-    except KeyError:
-        raise KeyError(f"unknown pass '{name}'; available: {', '.join(sorted(_PASSES))}") from None
+    except (KeyError, TypeError):  # TypeError: an unhashable name
+        raise UnknownPassError(f"unknown pass {name!r}; available: {', '.join(sorted(_PASSES))} (a pass of your "
+                               "own must be registered with orthofx.passes.register_pass first)") from None
 
 
 def available_passes() -> dict[str, type[Pass]]:
