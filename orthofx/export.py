@@ -40,11 +40,15 @@ path only, on a copy of the frozen model:
 
 Example::
 
+    import torch, orthofx
+    model = orthofx.models.get("small_cnn")
+    x = orthofx.models.example_input("small_cnn")
     gm = orthofx.transform(model, "lorth", example_inputs=(x,))
     result = orthofx.export(gm, "model.onnx", example_inputs=(x,))
-    print(result.max_abs_diff)
+    print(result.max_abs_diff)              # about 1e-7: the ONNX model against the frozen one
     orthofx.export(gm, "model.pt")
-    gm2 = orthofx.load(model, "model.pt")
+    gm2 = orthofx.load(model, "model.pt")   # the policy replayed on `model`, the weights restored
+    torch.testing.assert_close(gm2.eval()(x), gm.eval()(x))
 """
 
 from __future__ import annotations
@@ -138,7 +142,10 @@ def freeze(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
 
     Example::
 
-        frozen = orthofx.freeze(gm)
+        import torch, orthofx
+        x = orthofx.models.example_input("small_cnn")
+        gm = orthofx.transform(orthofx.models.get("small_cnn"), "orthogonal", example_inputs=(x,))
+        frozen = orthofx.freeze(gm)            # plain nn.Conv2d / nn.Linear with baked weights
         torch.testing.assert_close(frozen(x), gm.eval()(x))
     """
     inputs = as_input_tuple(example_inputs)
@@ -585,6 +592,9 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
 
     Example::
 
+        import orthofx
+        x = orthofx.models.example_input("gcp_cnn")
+        gm = orthofx.transform(orthofx.models.get("gcp_cnn"), "svd", example_inputs=(x,))
         result = orthofx.export(gm, "gcp.onnx", example_inputs=(x,))
         print(result)   # onnx -> gcp.onnx (max |diff| 3e-07, ...); Newton-Schulz at cov_pool:linalg.eigh (10 ...)
     """

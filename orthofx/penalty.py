@@ -114,6 +114,9 @@ def penalty(model: nn.Module) -> torch.Tensor:
 
     Example::
 
+        import torch, orthofx
+        model = orthofx.models.get("small_cnn")
+        x, y = orthofx.models.example_input("small_cnn", batch=8), torch.randint(0, 10, (8,))
         gm = orthofx.transform(model, "lorth")
         loss = torch.nn.functional.cross_entropy(gm(x), y) + orthofx.penalty(gm)
         loss.backward()

@@ -51,6 +51,9 @@ path). A model holding no orthofx layer raises :class:`~orthofx.OrthofxError`.
 
 Example::
 
+    import orthofx
+    model = orthofx.models.get("small_cnn")
+    x = orthofx.models.example_input("small_cnn")
     gm = orthofx.transform(model, "lorth", example_inputs=(x,))
     rep = orthofx.report(gm)
     print(rep)              # a table
@@ -475,7 +478,9 @@ def monitors(model: nn.Module) -> dict[str, dict[str, Any]]:
 
     Example::
 
+        import orthofx
         from orthofx.report import monitors
+        x = orthofx.models.example_input("gcp_cnn", batch=4)
         gm = orthofx.transform(orthofx.models.get("gcp_cnn"), "svd", example_inputs=(x,))
         monitors(gm)   # {'cov_pool:linalg.eigh': {'kappa': 61.6, ..., 'monitor': 'orthofx_monitor_0'}}
     """

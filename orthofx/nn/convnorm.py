@@ -131,9 +131,13 @@ a running filter is an in-place buffer write they cannot make, refused with a
 
 Example::
 
+    import torch
+    from orthofx.nn import ConvNormConv2d
     conv = torch.nn.Conv2d(16, 32, (1, 3), stride=(1, 2), padding=(0, 2), dilation=2, bias=False)
     layer = ConvNormConv2d(conv, eps=1e-5, affine=True)
-    y = layer(torch.randn(8, 16, 20, 20))          # same shape as conv(x)
+    x = torch.randn(8, 16, 20, 20)
+    y = layer(x)
+    assert y.shape == conv(x).shape
 """
 
 from __future__ import annotations

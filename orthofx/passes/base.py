@@ -557,7 +557,8 @@ class Pass:
 
     Example::
 
-        from orthofx.passes import Pass, Param, register_pass, Change
+        import torch, orthofx
+        from orthofx.passes import Pass, Param, register_pass, unregister_pass, Change
 
         @register_pass
         class ScaleWeights(Pass):
@@ -571,6 +572,12 @@ class Pass:
                     with torch.no_grad():
                         ctx.module(e.site).weight.mul_(e.params["factor"])
                     ctx.record(Change(e.site.name, e.rule_name, self.name, "scaled weight", e.params))
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        gm = orthofx.transform(model, {"rules": [{"match": {"type": "Linear"}, "apply": "scale_weights",
+                                                  "with": {"factor": 0.5}}]})
+        torch.testing.assert_close(gm.get_submodule("0").weight, 0.5 * model[0].weight)
+        unregister_pass("scale_weights")
     """
 
     name: ClassVar[str] = ""

@@ -34,8 +34,11 @@ Parameters:
 
 Example::
 
+    import orthofx
+    model = orthofx.models.get("small_cnn")
     gm = orthofx.transform(model, {"rules": [{"match": {"type": "Conv2d"}, "apply": "orthogonal_conv",
                                               "with": {"on_impossible": "regularize"}}]})
+    print(orthofx.report(gm))       # each conv: hard (orthogonal), or regularised and why
 """
 
 from __future__ import annotations

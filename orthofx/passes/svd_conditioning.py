@@ -778,7 +778,10 @@ def to_newton_schulz(gm: fx.GraphModule, iterations: int = 5, float64: bool = Fa
 
     Example::
 
-        gm = orthofx.transform(model, "svd", example_inputs=(x,))
+        import orthofx
+        from orthofx.passes.svd_conditioning import to_newton_schulz
+        x = orthofx.models.example_input("gcp_cnn", batch=4)
+        gm = orthofx.transform(orthofx.models.get("gcp_cnn"), "svd", example_inputs=(x,))
         to_newton_schulz(gm, iterations=15)   # {'stable_eigh': 'replaced'}
     """
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
@@ -999,8 +1002,12 @@ def fold_constant_decompositions(gm: fx.GraphModule, prefix: str = "orthofx_fold
 
     Example::
 
+        import torch, orthofx
+        x = orthofx.models.example_input("dbn_cnn", batch=4)
+        gm = orthofx.transform(orthofx.models.get("dbn_cnn").eval(), "svd", example_inputs=(x,))
         frozen = orthofx.freeze(gm)          # calls fold_constant_decompositions(frozen)
         # DBN traced in eval mode: frozen.orthofx_folded_0 is the whitening matrix, no eigh is left
+        assert torch.linalg.eigh not in {node.target for node in frozen.graph.nodes}
     """
     folded: dict[str, list[str]] = {}
     for path, module in list(_graph_modules(gm)):
