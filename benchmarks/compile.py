@@ -27,7 +27,6 @@ Writes ``benchmarks/results/compile.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import warnings
 from contextlib import nullcontext
@@ -36,9 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import orthofx
-from timing import checked_device, interleaved, once, positive_int, synchronizer, write_results
+from timing import common_arguments, interleaved, once, positive_int, setup, synchronizer, write_results
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
@@ -132,7 +130,6 @@ def _cell(variant: str, precision: str, mode: str, measure) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--presets", nargs="*", choices=sorted(orthofx.presets()), metavar="PRESET",
                         default=["lorth", "orthogonal", "convnorm"],
                         help=f"presets timed besides the plain model (of {', '.join(sorted(orthofx.presets()))}; "
@@ -148,9 +145,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="width 8, batch 8, 3 repeats, inductor's caches kept (smoke run: the cold compile "
                              "times are not figures)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "compile.json"))
+    common_arguments(parser, "compile.json", device="auto", threads=None)
     args = parser.parse_args()
-    checked_device(parser, args.device)
+    setup(parser, args)
     if args.quick:
         args.width, args.batch, args.repeats = 8, 8, 3
     else:

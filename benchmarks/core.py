@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import platform
 
 import torch
 from torch import nn
 
 import orthofx
-from timing import checked_device, interleaved, positive_int, synchronizer, training_step, write_results
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from timing import common_arguments, interleaved, setup, synchronizer, training_step, write_results
 
 
 def plain_cnn(depth: int = 50, width: int = 16) -> nn.Module:
@@ -129,17 +126,11 @@ def lorth_overhead(quick: bool, device: str = "cpu") -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu",
-                        help="device of the L_orth and per-preset step timings (cuda when a GPU is there)")
     parser.add_argument("--only", choices=["transform", "presets", "steps", "lorth"], default=None,
                         help="run one part only")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "core.json"))
+    common_arguments(parser, "core.json", device_use="where the L_orth and per-preset step timings run")
     args = parser.parse_args()
-    checked_device(parser, args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup(parser, args)
     rows = []
     if args.only in (None, "transform"):
         rows += transform_latency(args.quick)

@@ -19,14 +19,11 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-from pathlib import Path
 
 import torch
 
 from orthofx.nn.decompositions import eigh_stable, sqrtm_newton_schulz, svd_stable
-from timing import checked_device, once, positive_float, positive_int, samples, synchronizer, write_results
-
-RESULTS = Path(__file__).resolve().parent / "results" / "decompositions.json"
+from timing import common_arguments, once, positive_float, positive_int, samples, setup, synchronizer, write_results
 
 
 def _spd(batch, n, dtype, seed):
@@ -97,14 +94,9 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--budget", type=positive_float, default=1.0,
                         help="seconds of timed runs per row (about; 3 to 50 runs of each)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    common_arguments(parser, "decompositions.json")
     args = parser.parse_args(argv)
-    checked_device(parser, args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup(parser, args)
     dtype = getattr(torch, args.dtype)
     rows = []
     header = f"{'op':6} {'n':>4} {'batch':>5} {'orthofx ms':>11} {'baseline ms':>12} {'ratio':>6}"

@@ -32,9 +32,7 @@ import warnings
 import torch
 
 import orthofx
-from timing import checked_device, interleaved, once, positive_int, synchronizer, write_results
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from timing import common_arguments, interleaved, once, positive_int, setup, write_results
 
 FORMATS = [".pt", ".pt2", ".onnx"]
 
@@ -63,22 +61,17 @@ def _export_seconds(gm: torch.nn.Module, suffix: str, x: torch.Tensor) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--width", type=positive_int, default=32)
     parser.add_argument("--batch", type=positive_int, default=32)
     parser.add_argument("--repeats", type=positive_int, default=20)
-    parser.add_argument("--threads", type=positive_int, default=1,
-                        help="torch threads on the CPU (1: steadier when shared)")
     parser.add_argument("--formats", nargs="*", choices=FORMATS, default=FORMATS,
                         help="export formats to time (none: no export)")
     parser.add_argument("--quick", action="store_true", help="width 8, batch 8, 5 repeats")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "export.json"))
+    common_arguments(parser, "export.json", threads=1)
     args = parser.parse_args()
-    checked_device(parser, args.device)
+    _, sync = setup(parser, args)
     if args.quick:
         args.width, args.batch, args.repeats = 8, 8, 5
-    torch.set_num_threads(args.threads)
-    sync = synchronizer(args.device)
     rows = []
     for name, kwargs, presets in CASES:
         torch.manual_seed(0)

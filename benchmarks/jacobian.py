@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import platform
 import time
 
@@ -44,9 +43,7 @@ import torch
 from torch import nn
 
 import orthofx
-from timing import checked_device, interleaved, positive_int, synchronizer, training_step, write_results
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from timing import common_arguments, interleaved, positive_int, setup, synchronizer, training_step, write_results
 
 
 # ------------------------------------------------------------------------------------- Jacobian regulariser
@@ -208,20 +205,14 @@ def main() -> None:
                         help="also time the plain and the one-probe steps with their loss compiled (fullgraph)")
     parser.add_argument("--repeats", type=positive_int, default=None,
                         help="timed repeats (default 10 with --quick, else 20)")
-    parser.add_argument("--threads", type=positive_int, default=1,
-                        help="torch threads (default 1: steadier on a shared machine)")
     parser.add_argument("--flush-denormal", action="store_true",
                         help="torch.set_flush_denormal(True): on some x86 CPUs subnormal floats (the vanishing "
                         "second-order terms of a deep tanh MLP's estimate) are very slow")
     parser.add_argument("--part", choices=("all", "jacobian", "riemannian"), default="all",
                         help="run only the Jacobian regulariser or only the Riemannian hook timings")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda[:index] (default: cuda when available)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "jacobian.json"),
-                        help="where the JSON results go (default: benchmarks/results/jacobian.json)")
+    common_arguments(parser, "jacobian.json", device="auto", threads=1)
     args = parser.parse_args()
-    device = checked_device(parser, args.device)
-    torch.set_num_threads(args.threads)
+    device, _ = setup(parser, args)
     if args.flush_denormal and not torch.set_flush_denormal(True):
         print("note: this CPU does not support flushing subnormal floats; --flush-denormal has no effect")
     repeats = args.repeats or (10 if args.quick else 20)

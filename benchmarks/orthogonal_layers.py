@@ -48,7 +48,6 @@ import argparse
 import platform
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +56,7 @@ from torch import nn
 from orthofx.metrics import conv_singular_values
 from orthofx.nn.convnorm import ConvNormConvNd, with_convnorm
 from orthofx.nn.orthogonal import OrthogonalConv2d
-from timing import checked_device, positive_int, samples, synchronizer, write_results
+from timing import common_arguments, positive_int, samples, setup, write_results
 
 SHAPES = [  # (C, M, k, S)
     (64, 64, 3, 1),
@@ -202,20 +201,17 @@ def main(argv=None):
     parser.add_argument("--batch", type=positive_int, default=None, help="batch size (default 64; 8 with --quick)")
     parser.add_argument("--reps", type=positive_int, default=None,
                         help="timed repetitions (default 20; 7 with --quick)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip", nargs="*", default=[],
                         help="skip layers whose name contains any of these strings (e.g. 'flat'; the nn.Conv2d "
                              "baseline is always timed)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--cayley-max-n", type=positive_int, default=None,
                         help="skip cayley_fft where N = max(M, C S^2) exceeds this (default: 128 with --quick)")
     parser.add_argument("--compile", default=None, metavar="MODE", choices=COMPILE_MODES,
                         help="also time torch.compile(mode=MODE) forms at the first input size "
                              f"({', '.join(COMPILE_MODES)})")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "orthogonal_layers.json"))
+    common_arguments(parser, "orthogonal_layers.json", device="auto")
     args = parser.parse_args(argv)
-    device = checked_device(parser, args.device)
+    device, sync = setup(parser, args)
     names = LAYER_NAMES + [f"{name} (compiled)" for name in LAYER_NAMES]
     unknown = [part for part in args.skip if not any(part in name for name in names)]
     if unknown:
@@ -223,8 +219,6 @@ def main(argv=None):
                      f"{', '.join(LAYER_NAMES)} (and '... (compiled)' with --compile)")
     batch = args.batch or (8 if args.quick else 64)
     reps = args.reps or (7 if args.quick else 20)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cayley_max_n = args.cayley_max_n if args.cayley_max_n is not None else (128 if args.quick else None)
     peers, notes = peer_factories()
     for note in notes:
@@ -241,8 +235,7 @@ def main(argv=None):
                 layers.update(compiled_layers(layers, args.compile))
             x = torch.randn(batch, c_in, n, n, device=device, requires_grad=True)
             # interleaved: one step of each layer per repetition
-            times = samples({name: (lambda m=m: step(m, x)) for name, m in layers.items()}, reps,
-                            synchronizer(device))
+            times = samples({name: (lambda m=m: step(m, x)) for name, m in layers.items()}, reps, sync)
             base = statistics.median(times["nn.Conv2d"])
             base_min = min(times["nn.Conv2d"])
             for name, m in layers.items():

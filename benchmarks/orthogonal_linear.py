@@ -22,16 +22,14 @@ Writes ``benchmarks/results/orthogonal_linear_<device>.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
 from orthofx.nn import OrthogonalLinear
-from timing import checked_device, interleaved, positive_int, synchronizer, write_results
+from timing import common_arguments, interleaved, positive_int, setup, write_results
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # (in_features, out_features): square, a thin projection down, a wide embedding up, a mild rectangle
 SHAPES = [(256, 256), (1024, 1024), (4096, 64), (64, 4096), (1024, 256)]
 TORCH_MAPS = ("matrix_exp", "cayley", "householder")
@@ -85,19 +83,14 @@ def train_a_little(layer: nn.Module, x: torch.Tensor, target: torch.Tensor, step
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--batch", type=positive_int, default=256)
     parser.add_argument("--repeats", type=positive_int, default=9)
     parser.add_argument("--square-max-n", type=positive_int, default=1024,
                         help="skip torch's n x n maps (matrix_exp, cayley) above this n = max(in, out)")
     parser.add_argument("--skip", nargs="*", default=[], help="candidate names to leave out")
-    parser.add_argument("--out", default=None, help="JSON path (default results/orthogonal_linear_<device>.json)")
+    common_arguments(parser, "orthogonal_linear_<device>.json", device="auto")
     args = parser.parse_args()
-    device = checked_device(parser, args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sync = synchronizer(device)
+    device, sync = setup(parser, args)
     rows = []
     for in_features, out_features in SHAPES:
         torch.manual_seed(0)
@@ -123,8 +116,7 @@ def main() -> None:
             ratio = "" if base is None else f"{row['ratio_to_linear']:7.2f}x"
             defect = "" if row["defect"] is None else f"defect {row['defect']:.1e}"
             print(f"{row['shape']:>11}  {name:<20} {row['ms']:9.2f} ms  {ratio}  {defect}", flush=True)
-    write_results(args.out or os.path.join(HERE, "results", f"orthogonal_linear_{device.type}.json"), device,
-                  rows, batch=args.batch, repeats=args.repeats, square_max_n=args.square_max_n)
+    write_results(args.out, device, rows, batch=args.batch, repeats=args.repeats, square_max_n=args.square_max_n)
 
 
 if __name__ == "__main__":

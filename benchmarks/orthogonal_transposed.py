@@ -16,15 +16,13 @@ Writes ``benchmarks/results/orthogonal_transposed_<device>.json`` (or ``--out``)
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 from torch import nn
 
 from orthofx.nn import OrthogonalConvTranspose2d
-from timing import checked_device, interleaved, positive_int, synchronizer, write_results
+from timing import common_arguments, interleaved, positive_int, setup, write_results
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # (in_channels, out_channels, kernel_size, stride, padding, input size): U-Net / DCGAN-style upsampling
 SHAPES = [(128, 64, 4, 2, 1, 16), (64, 32, 4, 2, 1, 32), (64, 64, 2, 2, 0, 16), (256, 128, 4, 2, 1, 8)]
 
@@ -41,16 +39,11 @@ def candidates(c_in: int, c_out: int, k: int, s: int, p: int, device) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--batch", type=positive_int, default=64)
     parser.add_argument("--repeats", type=positive_int, default=7)
-    parser.add_argument("--out", default=None, help="JSON path (default results/orthogonal_transposed_<device>.json)")
+    common_arguments(parser, "orthogonal_transposed_<device>.json", device="auto")
     args = parser.parse_args()
-    device = checked_device(parser, args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sync = synchronizer(device)
+    device, sync = setup(parser, args)
     rows = []
     for c_in, c_out, k, s, p, n in SHAPES:
         torch.manual_seed(0)
@@ -74,8 +67,7 @@ def main() -> None:
             rows.append(row)
             sigma = "" if error is None else f"max|sigma-1| {error:.1e}"
             print(f"{shape:>26}  {name:<20} {row['ms']:9.2f} ms  {row['ratio']:6.2f}x  {sigma}", flush=True)
-    write_results(args.out or os.path.join(HERE, "results", f"orthogonal_transposed_{device.type}.json"), device,
-                  rows, batch=args.batch, repeats=args.repeats)
+    write_results(args.out, device, rows, batch=args.batch, repeats=args.repeats)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,12 @@ Writes ``benchmarks/results/orthonormal_<device>.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
 from orthofx.nn.stiefel import orthonormal
-from timing import checked_device, interleaved, positive_int, synchronizer, write_results
+from timing import common_arguments, interleaved, positive_int, setup, write_results
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = [(64, 32), (128, 64), (256, 128), (512, 256), (256, 256), (4, 128, 64)]
 
 
@@ -67,12 +65,10 @@ def gpu_ms(fn, device: torch.device, calls: int = 10) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=positive_int, default=20)
-    parser.add_argument("--out", default=None, help="JSON path (default results/orthonormal_<device>.json)")
+    common_arguments(parser, "orthonormal_<device>.json", device="auto", threads=None)
     args = parser.parse_args()
-    device = checked_device(parser, args.device)
-    sync = synchronizer(device)
+    device, sync = setup(parser, args)
     rows = []
     for dtype in (torch.float64, torch.float32):
         for shape in SHAPES:
@@ -99,8 +95,7 @@ def main() -> None:
                 rows.append(row)
                 print(row, flush=True)
     # ``device`` is written as its name (the GPU's, or "cpu"); ``device_spec`` keeps the argument (a CUDA index)
-    write_results(args.out or os.path.join(HERE, "results", f"orthonormal_{device.type}.json"), device, rows,
-                  device_spec=str(device))
+    write_results(args.out, device, rows, device_spec=str(device))
 
 
 if __name__ == "__main__":

@@ -47,9 +47,8 @@ import torch
 import torch.nn.functional as F
 
 import orthofx
-from timing import interleaved, positive_int, samples, training_step, write_results
+from timing import RESULTS, common_arguments, interleaved, positive_int, samples, setup, training_step, write_results
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {
     "plain": None,
     "+NOG": {"weight": "none", "nog": True, "olr": False},
@@ -184,16 +183,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--inner", type=positive_int, default=None,
                         help="steps per variant per round (default 10; 5 quick)")
     parser.add_argument("--hook-calls", type=positive_int, default=200, help="calls per hook in the isolated timing")
-    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--out", default=None, help="JSON path (default results/svd_passes.json, "
                         "results/svd_export.json with --export)")
     parser.add_argument("--export", action="store_true", help="measure the ONNX inference form instead")
+    common_arguments(parser, None, device=None, threads=1)  # CPU only; --out above: two defaults
     args = parser.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
+    setup(parser, args)
     if args.export:
-        return export_accuracy(args.out or os.path.join(HERE, "results", "svd_export.json"))
-    args.out = args.out or os.path.join(HERE, "results", "svd_passes.json")
+        return export_accuracy(args.out or os.path.join(RESULTS, "svd_export.json"))
+    args.out = args.out or os.path.join(RESULTS, "svd_passes.json")
     batches = args.batches or ([64] if args.quick else [64, 256])
     rounds = args.rounds or (10 if args.quick else 30)
     inner = args.inner or (5 if args.quick else 10)

@@ -1,4 +1,5 @@
-"""Side-by-side timing and argument checks shared by the benchmark scripts (run them from the repository root)."""
+"""Side-by-side timing, the command-line options and their checks shared by the benchmark scripts (run them from
+the repository root)."""
 
 from __future__ import annotations
 
@@ -128,3 +129,48 @@ def checked_device(parser: argparse.ArgumentParser, device: str) -> torch.device
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             parser.error(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return parsed
+
+
+# ------------------------------------------------------------------------------------- the scripts' shared options
+
+#: The folder of the scripts' JSON results (their default ``--out`` lies in it).
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def common_arguments(parser: argparse.ArgumentParser, results: str | None, *, device: str | None = "cpu",
+                     threads: int | str | None = "torch", device_use: str = "") -> None:
+    """Add the options the scripts share, as a group of their own in ``--help``; :func:`setup` acts on them.
+
+    * ``--device``: ``device`` is its default, ``"auto"`` for cuda when available (``None``: no option, the
+      script times the CPU); ``device_use`` says what runs there, where that is not everything.
+    * ``--threads`` (``torch.set_num_threads``): ``threads`` is its default count, ``"torch"`` for torch's own
+      (nothing set); ``None``: no option.
+    * ``--out``: ``results`` is the default file's name in ``benchmarks/results``, ``<device>`` in it standing
+      for the device type (``cpu``, ``cuda``); ``None``: no option (the script has its own).
+    """
+    group = parser.add_argument_group("options shared by the benchmark scripts")
+    if device is not None:
+        default = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        shown = "cuda when available" if device == "auto" else device
+        use = f": {device_use}" if device_use else ""
+        group.add_argument("--device", default=default, help=f"cpu or cuda[:index]{use} (default: {shown})")
+    if threads is not None:
+        shown = "default: torch's" if threads == "torch" else f"default {threads}: steadier on a shared machine"
+        group.add_argument("--threads", type=positive_int, default=None if threads == "torch" else threads,
+                           help=f"torch.set_num_threads ({shown})")
+    if results is not None:
+        group.add_argument("--out", default=None,
+                           help=f"where the JSON results go (default: benchmarks/results/{results})")
+        parser.set_defaults(out_template=results)  # read by setup, which knows the device
+
+
+def setup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.device, Callable[[], None]]:
+    """Act on :func:`common_arguments`' options: check ``--device`` (``parser.error`` if it cannot be timed; the
+    CPU where the script has no ``--device``), set ``--threads``, fill in ``--out``'s default path; return the
+    device and its :func:`synchronizer`."""
+    device = checked_device(parser, args.device) if "device" in vars(args) else torch.device("cpu")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if getattr(args, "out_template", None) and args.out is None:
+        args.out = os.path.join(RESULTS, args.out_template.replace("<device>", device.type))
+    return device, synchronizer(device)

@@ -437,6 +437,17 @@ def _set_conv_arguments(layer: nn.Module, in_channels, out_channels, kernel_size
     layer.dilation = _tuple(dilation, d, "dilation")
 
 
+def _check_conversion(cls: type, constructor: str, module, torch_type: type, init) -> None:
+    """The checks ``from_conv`` and ``from_conv_transpose`` share, before they read anything off ``module``:
+    it is the ``torch_type`` layer that ``cls.<constructor>`` converts (same dimensionality too), and ``init``
+    is a start they know."""
+    if not isinstance(module, torch_type):
+        raise LayerArgumentError(f"{cls.__name__}.{constructor} expects a torch.nn.{torch_type.__name__}, got "
+                                 f"{type(module).__name__}")
+    if init not in ("nearest", "random"):
+        raise LayerArgumentError(f"init must be 'nearest' or 'random', got {init!r}")
+
+
 def _mirror_requires_grad(original: nn.Module, layer: nn.Module) -> None:
     """A layer built from a frozen one stays frozen: its bias follows the original bias, the parameters that
     stand for the weight follow the original weight (``requires_grad_(False)`` on a backbone must survive)."""
@@ -1238,13 +1249,7 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         >>> 0 < layer.init_error < 1
         True
         """
-        d = cls._dims
-        torch_type = _TORCH_CONV[d]
-        if not isinstance(conv, torch_type):
-            raise LayerArgumentError(f"{cls.__name__}.from_conv expects a torch.nn.Conv{d}d, got "
-                                     f"{type(conv).__name__}")
-        if init not in ("nearest", "random"):
-            raise LayerArgumentError(f"init must be 'nearest' or 'random', got {init!r}")
+        _check_conversion(cls, "from_conv", conv, _TORCH_CONV[cls._dims], init)
         if fit_steps is None:  # Adam steps cost ~10 ms for bcop, a batched solve per frequency for cayley_fft
             fit_steps = 0 if method == "cayley_fft" else 200
         fit_steps = _int(fit_steps, "fit_steps", minimum=0)
@@ -1759,12 +1764,7 @@ class _OrthogonalConvTransposeNd(nn.Module):
         :math:`\|K - K_0\|_F / \|K_0\|_F`, and ``requires_grad`` follows the module's.
         """
         d = cls._dims
-        torch_type = _TORCH_CONV_TRANSPOSE[d]
-        if not isinstance(module, torch_type):
-            raise LayerArgumentError(f"{cls.__name__}.from_conv_transpose expects a torch.nn.ConvTranspose{d}d, "
-                                     f"got {type(module).__name__}")
-        if init not in ("nearest", "random"):
-            raise LayerArgumentError(f"init must be 'nearest' or 'random', got {init!r}")
+        _check_conversion(cls, "from_conv_transpose", module, _TORCH_CONV_TRANSPOSE[d], init)
         if padding == "keep":
             padding, output_padding = tuple(module.padding), tuple(module.output_padding)
         w0 = module.weight.detach()
