@@ -23,7 +23,12 @@ Three capture modes (``capture: {mode: ...}`` in a policy):
     both kinds of graph. The other ops stay ATen ops (``torch.ops.aten.*``). What export fixed to the example
     inputs (every static dimension of a tensor input, the value of a non-tensor input) is checked first thing in
     the graph (:func:`require_input_shape`, :func:`require_input_value`): other inputs raise
-    :class:`~orthofx.errors.ArgumentError` instead of running with the example's sizes or values.
+    :class:`~orthofx.errors.ArgumentError` instead of running with the example's sizes or values. So do another
+    number of inputs for a ``*args`` forward (:func:`require_input_count`) and a value for a parameter the example
+    left at its default (:func:`require_default_argument`); keyword inputs (``example_kwargs``) are inputs by
+    name. ``torch.no_grad()`` and ``torch.autocast(...)`` blocks stay flat (fx mode's :func:`set_grad_mode` ...
+    calls), so leaf calls inside them are ``call_module`` nodes too; lazy layers that have not run yet are
+    exported from a copy that ran once on the example inputs (:func:`_materialised`).
 ``auto`` (the default)
     fx first (with the leaf fallback); when the top-level trace fails and example inputs were given, export.
     :attr:`CaptureInfo.mode` says which one was used and :attr:`CaptureInfo.fx_error` why fx was not.
@@ -64,6 +69,7 @@ from torch.fx.proxy import TraceError
 
 from .errors import ArgumentError, CaptureError
 from .passes.base import CaptureInfo
+from .nn.tracing import is_orthofx_nn_class
 
 __all__ = ["capture", "unwrap_model", "OrthofxTracer", "ModalGraphModule", "module_scopes", "CAPTURE_MODES"]
 
@@ -174,7 +180,7 @@ class OrthofxTracer(torch.fx.Tracer):
             # TorchScript code cannot be traced symbolically: fx would keep the compiled object as an opaque
             # constant, and its parameters would vanish from the GraphModule's parameters() and state_dict()
             return True
-        if cls.__module__ == "orthofx.nn" or cls.__module__.startswith("orthofx.nn."):
+        if is_orthofx_nn_class(cls):
             return True
         if self.leaf_type_classes and issubclass(cls, self.leaf_type_classes):
             return True
@@ -390,6 +396,8 @@ def exit_autocast(context: Any) -> None:
 
 #: Functions a captured fx graph calls that must stay calls when its code is traced again (unpickling, copies).
 _GRAPH_HELPERS = (set_grad_mode, restore_grad_mode, enter_autocast, exit_autocast)
+#: torch.export's autocast calls -> fx mode's (see :func:`_flat_mode_regions`); the same arguments.
+_MODE_SWITCHES = {_enter_autocast: enter_autocast, _exit_autocast: exit_autocast}
 
 
 def _move_tensor_defaults(graph: torch.fx.Graph) -> None:
@@ -518,8 +526,21 @@ class ModalGraphModule(torch.fx.GraphModule):
 
     Example::
 
-        gm, info = orthofx.capture.capture(model)      # model's forward has `if self.training:`
-        gm.eval()(x)                                   # runs the eval-mode branch, as model.eval()(x) does
+        import torch, orthofx.capture
+
+        class Noisy(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(4, 4)
+
+            def forward(self, x):
+                if self.training:                      # a Python branch on the mode: one graph per mode
+                    x = x + 0.1 * torch.randn_like(x)
+                return self.fc(x)
+
+        model, x = Noisy(), torch.randn(2, 4)
+        gm, info = orthofx.capture.capture(model)
+        torch.testing.assert_close(gm.eval()(x), model.eval()(x))   # the eval-mode branch, as model.eval() runs
     """
 
     def __init__(self, root: nn.Module | dict, graph: torch.fx.Graph, other_graph: torch.fx.Graph,
@@ -629,7 +650,8 @@ class _RetraceTracer(torch.fx.Tracer):
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("autowrap_functions",
-                          (require_input_shape, require_input_value, default_argument) + _GRAPH_HELPERS)
+                          (require_input_shape, require_input_value, require_input_count, require_default_argument,
+                           default_argument) + _GRAPH_HELPERS)
         super().__init__(*args, **kwargs)
 
 
@@ -881,7 +903,8 @@ def _check_leaves(leaf_types: Iterable, leaf_paths: Iterable) -> None:
 def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: Iterable[str] = (),
             concrete_args: dict[str, Any] | None = None, mode: str = "auto",
             max_retries: int | None = None,
-            example_inputs: Any = None) -> tuple[torch.fx.GraphModule, CaptureInfo]:
+            example_inputs: Any = None,
+            example_kwargs: dict[str, Any] | None = None) -> tuple[torch.fx.GraphModule, CaptureInfo]:
     """Turn ``model`` into a ``torch.fx.GraphModule`` and say how it was obtained.
 
     Args:
@@ -896,6 +919,9 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
         max_retries: how many submodules may be turned into leaves after a failed fx trace (default: the number
             of submodules).
         example_inputs: a tensor or a tuple of positional inputs; needed by export capture.
+        example_kwargs: the keyword inputs of the example call (``{"mask": m}`` for ``model(x, mask=m)``), for
+            export capture; the captured graph takes them by name too. Arguments the example leaves out keep
+            their default: the graph is captured for that value, and refuses another.
 
     Returns:
         ``(gm, info)``: the GraphModule (sharing the model's submodules and weights; the model is not modified)
@@ -918,11 +944,14 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
     leaf_paths = tuple(leaf_paths)
     _check_leaves(leaf_types, leaf_paths)
     inputs = input_tuple(example_inputs)
+    kwargs = _keyword_inputs(example_kwargs)
+    if kwargs and inputs is None:
+        inputs = ()  # a forward taking keyword inputs only
     if mode == "export":
         if concrete_args:
             raise CaptureError("concrete_args is for capture mode 'fx'; with mode 'export', pass every input's "
                                "value in example_inputs instead", module_path="")
-        return _finish(_capture_export(model, leaf_types, leaf_paths, inputs), model)
+        return _finish(_capture_export(model, leaf_types, leaf_paths, inputs, kwargs), model)
     try:
         return _finish(_capture_fx(model, leaf_types, leaf_paths, concrete_args, max_retries), model)
     except CaptureError as fx_error:
@@ -934,7 +963,7 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
                                "capture: {mode: export} in the policy).",
                                module_path=fx_error.module_path) from (fx_error.__cause__ or fx_error)
         try:
-            gm, info = _capture_export(model, leaf_types, leaf_paths, inputs)
+            gm, info = _capture_export(model, leaf_types, leaf_paths, inputs, kwargs)
         except CaptureError as export_error:
             raise CaptureError(
                 f"cannot capture the model: symbolic tracing (fx) failed: {fx_error} -- and torch.export failed "
@@ -1021,6 +1050,16 @@ def input_tuple(example_inputs: Any,
         return tuple(example_inputs)
     raise error(f"example_inputs must be a tensor or a tuple of the model's positional inputs, got "
                 f"{type(example_inputs).__name__}; pass example_inputs=(x,)")
+
+
+def _keyword_inputs(example_kwargs: Any) -> dict[str, Any]:
+    """``example_kwargs`` as a dict of keyword inputs (None: none); anything else raises :class:`CaptureError`."""
+    if example_kwargs is None:
+        return {}
+    if not isinstance(example_kwargs, dict) or not all(isinstance(k, str) for k in example_kwargs):
+        raise CaptureError(f"example_kwargs must be a dict of the model's keyword inputs by name (e.g. "
+                           f"{{'mask': m}}), got {type(example_kwargs).__name__}", module_path="")
+    return dict(example_kwargs)
 
 
 def _short_reason(message: str) -> str:
@@ -1139,12 +1178,13 @@ def _uncalled_outer_leaves(model: nn.Module, leaves: list[str], called: set[str]
             if path not in called and any(name for name, _ in model.get_submodule(path).named_modules())]
 
 
-def _batch_dynamic_shapes(model: nn.Module, inputs: tuple) -> tuple | None:
+def _batch_dynamic_shapes(model: nn.Module, inputs: tuple, kwargs: dict[str, Any] | None = None) -> Any:
     """``dynamic_shapes`` marking dim 0 of every tensor input ``Dim.AUTO`` (dynamic unless the model's code needs
     the batch size as a constant, which export then specialises without an error); None without ``Dim.AUTO``.
 
     torch.export matches ``dynamic_shapes`` against the forward's parameters, so the inputs a ``*args`` parameter
-    collects get one entry together (a tuple), as they are one argument."""
+    collects get one entry together (a tuple), as they are one argument. With keyword inputs the entries are a dict
+    by parameter name (the inputs bound to the forward's signature, as torch.export binds them)."""
     auto = getattr(torch.export.Dim, "AUTO", None)
     if auto is None:  # pragma: no cover - torch < 2.6
         return None
@@ -1152,6 +1192,12 @@ def _batch_dynamic_shapes(model: nn.Module, inputs: tuple) -> tuple | None:
     def spec(value: Any) -> Any:
         return {0: auto} if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
 
+    if kwargs:
+        try:
+            bound = inspect.signature(model.forward).bind(*inputs, **kwargs)
+        except (TypeError, ValueError):  # inputs the forward does not take: export says so, with static shapes
+            return None
+        return {name: torch.utils._pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
     specs = tuple(torch.utils._pytree.tree_map(spec, value) for value in inputs)
     named = _var_positional_index(model)
     if named is None or len(specs) < named:
@@ -1170,6 +1216,44 @@ def _var_positional_index(model: nn.Module) -> int | None:
         if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
             return index
     return None
+
+
+def _forward_layout(model: nn.Module, arg_names: list[str], keyword_count: int
+                    ) -> tuple[tuple[str, list[str]] | None, list[tuple[str, Any]]]:
+    """How the rebuilt graph's forward takes inputs besides one placeholder per input of the example, in torch.export's
+    order (``arg_names``: the positional inputs, ``args_0``, ``args_1`` ... for those a ``*args`` parameter
+    collected, then the ``keyword_count`` keyword inputs).
+
+    Returns ``(star, defaults)``. ``star``: ``(name, element names)`` when the model's forward has a ``*args``
+    parameter and no keyword input follows its inputs: the graph takes them as ``*name`` (and checks their number).
+    ``defaults``: ``(name, default)`` of the parameters the example left at their default, which the graph takes
+    after the inputs (before ``*args``), with that default (and checks that it stays so); keyword-only ones only
+    without ``*args``, since fx's re-tracing of the graph's code (unpickling) moves parameters after ``*args``
+    before it.
+
+    The inputs keep export's order so that a call with them flattened in that order (torch.export of the graph
+    module, ``torch.fx.Interpreter``) still binds them as the example did.
+    """
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C forward without a signature
+        return None, []
+    star = None
+    varargs = next((p for p in parameters if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+    if varargs is not None:
+        positional = arg_names[:len(arg_names) - keyword_count]
+        elements: list[str] = []
+        while f"{varargs.name}_{len(elements)}" in positional:
+            elements.append(f"{varargs.name}_{len(elements)}")
+        if not keyword_count and positional[len(positional) - len(elements):] == elements:
+            star = (varargs.name, elements)
+    known = set(arg_names)
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if star is None:
+        kinds += (inspect.Parameter.KEYWORD_ONLY,)
+    defaults = [(p.name, p.default) for p in parameters
+                if p.kind in kinds and p.name not in known and p.default is not inspect.Parameter.empty]
+    return star, defaults
 
 
 def _failing_submodule(model: nn.Module, exc: BaseException) -> str:
@@ -1199,11 +1283,12 @@ def _describe_export_failure(exc: BaseException) -> str:
     return cause
 
 
-def _run_export(model: nn.Module, inputs: tuple, leaves: list[str]) -> Any:
+def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict[str, Any] | None = None) -> Any:
     """``torch.export.export`` (non-strict) with a dynamic batch dimension, else static shapes."""
     options = {"strict": False, "preserve_module_call_signature": tuple(leaves)}
+    inputs, kwargs = _unaliased_inputs(inputs, kwargs or {})
     attempts = []
-    dynamic = _batch_dynamic_shapes(model, inputs)
+    dynamic = _batch_dynamic_shapes(model, inputs, kwargs)
     if dynamic is not None:
         attempts.append(dynamic)
     attempts.append(None)
@@ -1213,8 +1298,9 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str]) -> Any:
         # (warnings) and drop it on failure, which the CaptureError below explains.
         buffer = io.StringIO()
         try:
-            with contextlib.redirect_stderr(buffer):
-                program = torch.export.export(model, inputs, dynamic_shapes=shapes, **options)
+            with contextlib.redirect_stderr(buffer), _flat_mode_regions():
+                program = torch.export.export(model, inputs, kwargs=kwargs or None, dynamic_shapes=shapes,
+                                              **options)
         except Exception as exc:  # noqa: BLE001 - reported as a CaptureError below
             error = exc
             if "DataDependent" in type(exc).__name__:
@@ -1231,6 +1317,77 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str]) -> Any:
         "check that the model runs on example_inputs; for a Python branch on a tensor's value, move it into a "
         "submodule (symbolic tracing, capture mode fx or auto, then keeps that submodule as a leaf) or write it "
         "with torch.cond", module_path=path) from error
+
+
+def _unaliased_inputs(inputs: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """The example inputs with every tensor that shares memory with an earlier one replaced by a copy.
+
+    torch.export takes inputs that share memory (``example_inputs=(x, x)``) as one tensor: the exported graph reads
+    the last of them everywhere (``self.lin(y) + y`` for ``self.lin(x) + y``) and computes a wrong result for any
+    call with two different tensors. The captured graph must treat every input as a tensor of its own.
+    """
+    seen: set[tuple[int, int]] = set()
+
+    def own(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        try:
+            key = (0, value.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # a tensor without storage (a subclass): by identity
+            key = (1, id(value))
+        if key[1] == 0:  # no memory (an empty or meta tensor): by identity
+            key = (1, id(value))
+        if key not in seen:
+            seen.add(key)
+            return value
+        return value.detach().clone().requires_grad_(value.requires_grad)
+
+    return torch.utils._pytree.tree_map(own, (inputs, kwargs))
+
+
+#: torch.export's passes that move ``torch.no_grad()`` / ``torch.autocast(...)`` regions into nested graphs
+#: (``wrap_with_set_grad_enabled`` / ``wrap_with_autocast``): (module, function).
+_REGION_PASSES = (("torch._export.passes.replace_set_grad_with_hop_pass", "replace_set_grad_with_hop_pass"),
+                  ("torch._export.passes.replace_autocast_with_hop_pass", "replace_autocast_with_hop_pass"))
+
+
+@contextlib.contextmanager
+def _flat_mode_regions():
+    """Keep grad-mode and autocast regions flat in the exported graph (``torch._C._set_grad_enabled`` and
+    ``_enter_autocast`` / ``_exit_autocast`` calls around the region's nodes) while torch.export runs.
+
+    torch.export moves such a region into a nested graph after tracing, and records the call signature of the
+    modules it preserves only afterwards, from the top-level graph: a leaf module called inside
+    ``with torch.no_grad():`` or ``with torch.autocast(...):`` got an empty signature and could not become a
+    ``call_module`` node (rules and passes did not see it). :class:`_ExportRebuilder` writes the switches in fx mode's
+    form (:func:`set_grad_mode` ...). Where torch has no such pass (another version), nothing changes, and such a
+    call stays inlined with a warning. Exports in other threads meanwhile run the passes as usual.
+    """
+    import importlib
+
+    thread = threading.get_ident()
+    patched = []
+    for module_name, attribute in _REGION_PASSES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # pragma: no cover - another torch version
+            continue
+        original = getattr(module, attribute, None)
+        if original is None:  # pragma: no cover - another torch version
+            continue
+
+        def keep_flat(gm: Any, signature: Any, original: Callable = original) -> tuple[Any, Any]:
+            if threading.get_ident() != thread:
+                return original(gm, signature)
+            return gm, signature
+
+        setattr(module, attribute, keep_flat)
+        patched.append((module, attribute, original))
+    try:
+        yield
+    finally:
+        for module, attribute, original in patched:
+            setattr(module, attribute, original)
 
 
 class _LeafCall:
@@ -1307,6 +1464,11 @@ class _ExportRebuilder:
         self.lazy: dict[torch.fx.Node, tuple[str, Any]] = {}  # lifted placeholders -> (target, constant value)
         self.member_of: dict[torch.fx.Node, _LeafCall] = {}
         self.waiting: list[_LeafCall] = []  # calls without nodes of their own (nn.Identity), emitted when ready
+        self.inputs: list[torch.fx.Node] = []  # the nodes standing for the exported graph's user inputs
+        self.prologue_end: torch.fx.Node | None = None
+        # grad-mode switches of the forward (see _grad_switch): the mode torch.export traced in, which is this one
+        self.grad_mode = torch.is_grad_enabled()
+        self.grad_switches: list[tuple[torch.fx.Node, bool]] = []
         leaf_set = set(leaves)
         made = set(call_order)
         calls: dict[str, _LeafCall] = {}
@@ -1461,14 +1623,67 @@ class _ExportRebuilder:
             new = self.graph.call_method("type_as", torch.fx.node.map_arg(old.args, self._resolve))
             new.meta.update(old.meta)
             return new
+        if old.op == "call_function" and old.target is torch._C._set_grad_enabled and len(old.args) == 1:
+            return self._grad_switch(bool(old.args[0]))
         new = self.graph.node_copy(old, self._resolve)
         if new.op == "call_function":
-            if new.target is torch.ops.aten.mT.default and len(new.args) == 1 and not new.kwargs:
+            if new.target in _MODE_SWITCHES:
+                new.target = _MODE_SWITCHES[new.target]
+            elif new.target is torch.ops.aten.mT.default and len(new.args) == 1 and not new.kwargs:
                 new.target = getattr
                 new.args = (new.args[0], "mT")
             else:
                 new.target = _TORCH_FORMS.get(new.target, new.target)
         return new
+
+    def _grad_switch(self, mode: bool) -> torch.fx.Node:
+        """A ``torch._C._set_grad_enabled(mode)`` of the exported graph (the entry or exit of a ``torch.no_grad()``
+        block, see :func:`_flat_mode_regions`) in fx mode's form (:func:`_recording_mode_switches`): an entry
+        :func:`set_grad_mode`, whose exit :func:`restore_grad_mode` restores the mode the graph is *run* in (export
+        recorded the exit as the mode it traced in)."""
+        if self.grad_switches and mode == self.grad_switches[-1][1]:
+            entry, _ = self.grad_switches.pop()
+            node = self.graph.call_function(restore_grad_mode, (entry,))
+        else:
+            node = self.graph.call_function(set_grad_mode, (mode,))
+            self.grad_switches.append((node, self.grad_mode))
+        self.grad_mode = mode
+        return node
+
+    # ---- inputs
+
+    def _input(self, old: torch.fx.Node, new: torch.fx.Node) -> None:
+        """``new`` stands for the exported graph's user input ``old``."""
+        new.meta.update(old.meta)
+        self.env[old] = new
+        self.inputs.append(new)
+
+    def _forward_inputs(self, user: list[torch.fx.Node], arg_names: list[str], keyword_count: int) -> None:
+        """One placeholder per input of the example, named as the forward's parameters, in export's order; the
+        inputs of a ``*args`` parameter as one ``*args`` placeholder whose number of inputs is checked; the
+        parameters the example left at their default last, with that default, checked to stay so (see
+        :func:`_forward_layout`)."""
+        star, defaults = _forward_layout(self.model, arg_names, keyword_count)
+        inside = set(star[1]) if star is not None else set()
+        for name, old in zip(arg_names, user):
+            if name not in inside:
+                self._input(old, self.graph.placeholder(name))
+        checks = []
+        for name, default in defaults:
+            held = default if isinstance(default, _GUARDED_VALUE_TYPES) else None  # a value code can write
+            node = self.graph.placeholder(name, default_value=held)
+            checks.append((node, name, held, _default_text(default)))
+        if star is not None:
+            name, elements = star
+            node = self.graph.placeholder("*" + name)
+            before = len(arg_names) - len(elements)
+            self.graph.call_function(require_input_count, (node, name, len(elements), before))
+            given = dict(zip(arg_names, user))
+            for i, element in enumerate(elements):
+                self._input(given[element], self.graph.create_node(
+                    "call_function", operator.getitem, (node, i), name=element))
+        for args in checks:
+            self.graph.call_function(require_default_argument, args)
 
     # ---- the whole graph
 
@@ -1486,11 +1701,13 @@ class _ExportRebuilder:
         plain_inputs = (in_spec.type is tuple and in_spec.num_children == 2
                         and all(c.is_leaf() for part in _children(in_spec) for c in _children(part))
                         and in_spec.num_leaves == len(user) and len(arg_names) == len(user))
-        for i, old in enumerate(user):
-            name = arg_names[i] if plain_inputs else old.name
-            new = self.graph.placeholder(name)
-            new.meta.update(old.meta)
-            self.env[old] = new
+        if plain_inputs:
+            self._forward_inputs(user, arg_names, _children(in_spec)[1].num_children)
+        else:  # nested inputs: placeholders for the flattened leaves, taken apart by pytree code (see _output)
+            for old in user:
+                self._input(old, self.graph.placeholder(old.name))
+        made = list(self.graph.nodes)
+        self.prologue_end = made[-1] if made else None  # the last node that takes the inputs apart and checks them
         self._emit_ready()
         for old in placeholders:
             spec = specs[old.name]
@@ -1644,12 +1861,15 @@ _GUARDED_VALUE_TYPES = (bool, int, float, str, type(None))
 
 
 class _InputGuards:
-    """What torch.export fixed about each input of a rebuilt graph, read from its placeholders' ``meta["val"]``:
+    """What torch.export fixed about each input of a rebuilt graph, read from its input nodes' ``meta["val"]``:
     the static dimensions of tensor inputs (every dimension but the batch, and the batch too when the forward
-    needs it as a constant) and the values of non-tensor inputs (always constants in an exported graph)."""
+    needs it as a constant) and the values of non-tensor inputs (always constants in an exported graph).
 
-    def __init__(self, graph: torch.fx.Graph):
-        self.placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    ``inputs``: the nodes standing for export's inputs (:attr:`_ExportRebuilder.inputs`: placeholders, and the
+    items of a ``*args`` placeholder); the graph's placeholders by default."""
+
+    def __init__(self, graph: torch.fx.Graph, inputs: list[torch.fx.Node] | None = None):
+        self.placeholders = list(inputs) if inputs is not None else [n for n in graph.nodes if n.op == "placeholder"]
         self.shapes: dict[torch.fx.Node, tuple[int | None, ...]] = {}
         self.values: dict[torch.fx.Node, Any] = {}
         for node in self.placeholders:
@@ -1669,13 +1889,13 @@ class _InputGuards:
         fixed = tensors and all(isinstance(self.shapes.get(n, (None,))[0], int) for n in tensors)
         self.batch: tuple[torch.fx.Node, int] | None = (tensors[0], self.shapes[tensors[0]][0]) if fixed else None
 
-    def insert(self, graph: torch.fx.Graph) -> None:
-        """Check every input against what was fixed, first thing in the graph (see :func:`require_input_shape`,
-        :func:`require_input_value`)."""
+    def insert(self, graph: torch.fx.Graph, after: torch.fx.Node | None = None) -> None:
+        """Check every input against what was fixed, first thing in the graph (after the node ``after``, by
+        default the last input node; see :func:`require_input_shape`, :func:`require_input_value`)."""
         if not self.placeholders:
             return
         batch_node = self.batch[0] if self.batch is not None else None
-        with graph.inserting_before(self.placeholders[-1].next):
+        with graph.inserting_before((after or self.placeholders[-1]).next):
             for node in self.placeholders:
                 if node in self.shapes:
                     flag = (True,) if node is batch_node else ()
@@ -1760,24 +1980,82 @@ def require_input_value(value: Any, name: str, expected: Any) -> None:
         f"(capture: {{mode: fx}} in the policy, concrete_args for arguments that drive control flow) if it traces")
 
 
-def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
-                    inputs: tuple | None, both_modes: bool = True) -> tuple[torch.fx.GraphModule, CaptureInfo]:
+@torch.fx.node.has_side_effect  # kept by dead-code elimination: it has no users
+def require_input_count(values: Any, name: str, count: int, before: int) -> None:
+    """Refuse another number of inputs in a ``*args`` parameter (``name``) than the example's ``count``: torch.export
+    fixed it, and the captured graph reads exactly that many (``before``: the named positional parameters before
+    ``*args``)."""
+    # a tuple in a call, a list when torch.fx.Interpreter runs the graph
+    if isinstance(values, (tuple, list)) and len(values) == count:
+        return
+    got = len(values) if isinstance(values, (tuple, list)) else 0
+    raise ArgumentError(
+        f"input '*{name}': this model was captured with torch.export for {count} input(s) in *{name} "
+        f"({before + count} positional input(s) in all; export fixes how many inputs a *{name} parameter collects to "
+        f"the example's number), got {got} ({before + got} in all). Fix: call it with {before + count} inputs, or "
+        f"transform the model again with example inputs of the number you will use (once per number)")
+
+
+@torch.fx.node.has_side_effect  # kept by dead-code elimination: it has no users
+def require_default_argument(value: Any, name: str, default: Any, shown: str) -> None:
+    """Refuse a value for a parameter the example inputs left at its default (``shown``; ``default`` is the
+    placeholder's, None for a default that cannot be written in code): torch.export captured the graph for the
+    default, which has no input for it and would ignore the value."""
+    if _is_default(value, default):
+        return
+    got = f"a {type(value).__name__}" + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                                         else f" ({value!r})")
+    raise ArgumentError(
+        f"input '{name}': this model was captured with torch.export with {name} left at its default ({shown}): the "
+        f"captured graph computes with the default and has no input for it, got {got}. Fix: leave {name} out, or "
+        f"transform the model again with {name} in the example inputs (positional, or example_kwargs={{{name!r}: "
+        f"...}} for capture)")
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    if value is default:
+        return True
+    if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor):
+        return False
+    try:
+        return bool(value == default) or bool(value != value and default != default)  # NaN equals NaN here
+    except Exception:  # noqa: BLE001 - a value whose == is no bool (an array): not the default
+        return False
+
+
+def _default_text(default: Any) -> str:
+    """A parameter's default as an error shows it (a tensor by its shape)."""
+    if isinstance(default, torch.Tensor):
+        return f"a tensor of shape {tuple(default.shape)}"
+    text = repr(default)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inputs: tuple | None,
+                    kwargs: dict[str, Any] | None = None,
+                    both_modes: bool = True) -> tuple[torch.fx.GraphModule, CaptureInfo]:
     """Capture mode ``export``: torch.export, then the ATen graph rebuilt with fx mode's leaves and names (and
-    once more in the other training mode, see :class:`ModalGraphModule`)."""
+    once more in the other training mode, see :class:`ModalGraphModule`).
+
+    A model with lazy layers that have not run yet (``nn.LazyLinear`` ...) is exported as a copy whose lazy layers
+    ran once on the example inputs (:func:`_materialised`); the graph calls the model's own layers, which
+    initialise themselves on the first call, as they do in fx mode's graph."""
     if inputs is None:
         raise CaptureError("capture mode 'export' runs torch.export on example inputs, and none were given: pass "
                            "example_inputs=(x,) to orthofx.transform / orthofx.explain", module_path="")
+    kwargs = kwargs or {}
+    source = _materialised(model, inputs, kwargs)
     opened: set[str] = set()
-    flags = [(m, m.training) for m in model.modules()]
+    flags = [(m, m.training) for m in source.modules()]
     while True:
-        leaves = _export_leaves(model, leaf_types, leaf_paths, opened)
+        leaves = _export_leaves(source, leaf_types, leaf_paths, opened)
         # The order of the leaf calls (a call that leaves no node in the graph, such as nn.Identity's, is put
         # back at its place among the others).
         order: list[str] = []
-        hooks = [model.get_submodule(path).register_forward_pre_hook(
+        hooks = [source.get_submodule(path).register_forward_pre_hook(
             lambda module, args, path=path: order.append(path)) for path in leaves]
         try:
-            ep = _run_export(model, inputs, leaves)
+            ep = _run_export(source, inputs, leaves, kwargs)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -1785,7 +2063,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
                 module.training = flag
         # A leaf holding other modules that the forward never called (it called the modules inside it): export
         # again with the leaves inside it, else their calls would stay inlined ATen ops where fx sees layers.
-        uncalled = _uncalled_outer_leaves(model, leaves, set(order))
+        uncalled = _uncalled_outer_leaves(source, leaves, set(order))
         if not uncalled:
             break
         opened.update(uncalled)
@@ -1799,7 +2077,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
     excluded: set[str] = set()
     while True:
         try:
-            rebuilder = _ExportRebuilder(ep, model, leaves, excluded, call_order)
+            rebuilder = _ExportRebuilder(ep, source, leaves, excluded, call_order)
             graph = rebuilder.build()
             # pickling a GraphModule re-traces its code with this tracer (see _RetraceTracer)
             graph._tracer_cls = _RetraceTracer
@@ -1810,18 +2088,57 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
                 f"the call '{exc.call.name}' of leaf module '{exc.call.path}' stays as inlined ATen ops in the "
                 f"exported graph ({exc}): rules do not see this call, passes that replace the module do not "
                 "affect it (its weights are still the module's)")
-    guards = _InputGuards(graph)
-    guards.insert(graph)
+    guards = _InputGuards(graph, rebuilder.inputs)
+    guards.insert(graph, rebuilder.prologue_end)
     info.warnings.extend(guards.warnings())
     info.warnings.extend(_device_warnings(graph))
     gm = torch.fx.GraphModule(_Overlay(model, rebuilder.extras), graph, type(model).__name__)
     if not both_modes:
         return gm, info
     def export_other_mode() -> tuple[torch.fx.Graph, nn.Module]:
-        other = _capture_export(model, leaf_types, leaf_paths, inputs, both_modes=False)[0]
+        other = _capture_export(model, leaf_types, leaf_paths, inputs, kwargs, both_modes=False)[0]
         return other.graph, other
 
     return _with_other_mode(model, gm, info, export_other_mode), info
+
+
+def _uninitialised_lazy_modules(model: nn.Module) -> list[str]:
+    """Paths of the lazy layers (``nn.LazyLinear``, ``nn.LazyConv2d`` ...) whose parameters do not exist yet."""
+    from torch.nn.modules.lazy import LazyModuleMixin
+
+    return [path or "<model>" for path, module in model.named_modules()
+            if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()]
+
+
+def _materialised(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> nn.Module:
+    """``model``, or, when it has lazy layers that have not run yet, a copy whose lazy layers ran once on the
+    example inputs: torch.export cannot trace a parameter without a shape (``UninitializedParameter``).
+
+    The model itself stays as it is (as in fx mode, its lazy layers initialise on their first call), and so does
+    the random number generator: the copy's initialisation runs on a forked one, so the model's layers get the
+    weights they would get without the capture.
+    """
+    lazy = _uninitialised_lazy_modules(model)
+    if not lazy:
+        return model
+    shown = ", ".join(f"'{path}'" for path in lazy[:3]) + (f" and {len(lazy) - 3} more" if len(lazy) > 3 else "")
+    tensors = [t for t in torch.utils._pytree.tree_leaves((inputs, kwargs, list(model.parameters()),
+                                                           list(model.buffers()))) if isinstance(t, torch.Tensor)]
+    devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    try:
+        source = copy.deepcopy(model)
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            source(*inputs, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported as a CaptureError
+        raise CaptureError(
+            f"the model has lazy layers that have not run yet ({shown}): torch.export cannot capture a layer "
+            f"without weights, and running a copy of the model once on example_inputs to initialise them failed: "
+            f"{type(exc).__name__}: {_first_line(str(exc), 200)}. Fix: check the example inputs, or run the model "
+            f"once on an input (model(x)) before capturing it", module_path="") from exc
+    return source
+
+
+_ASSERT_METADATA = getattr(getattr(torch.ops.aten, "_assert_tensor_metadata", None), "default", None)
 
 
 def _device_warnings(graph: torch.fx.Graph) -> list[str]:
@@ -1830,7 +2147,8 @@ def _device_warnings(graph: torch.fx.Graph) -> list[str]:
     found: dict[tuple[str, str], set[str]] = {}
     for node in graph.nodes:
         device = node.kwargs.get("device") if node.op == "call_function" else None
-        if isinstance(device, torch.device):
+        # export's check of a tensor's metadata before a .to() / .float() creates nothing
+        if isinstance(device, torch.device) and node.target is not _ASSERT_METADATA:
             scope = (module_scopes(node) or [""])[-1]
             name = getattr(getattr(node.target, "overloadpacket", None), "__name__", None) or str(node.target)
             found.setdefault((scope, str(device)), set()).add(name)
