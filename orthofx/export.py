@@ -321,7 +321,17 @@ def _onnx_form(frozen: fx.GraphModule, inputs: tuple, iterations: int | None
 
 @dataclass
 class ExportResult:
-    """What :func:`export` wrote and how closely the written model reproduces the frozen one."""
+    """What :func:`export` wrote and how closely the written model reproduces the frozen one.
+
+    Example::
+
+        import orthofx
+        x = orthofx.models.example_input("small_cnn")
+        gm = orthofx.transform(orthofx.models.get("small_cnn"), "lorth", example_inputs=(x,))
+        result = orthofx.export(gm, "small_cnn.pt2", example_inputs=(x,))
+        print(result)
+        assert result.format == "pt2" and result.max_abs_diff < 1e-5
+    """
 
     path: str
     format: str
@@ -654,6 +664,15 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None) 
 
     The file is read with ``torch.load(weights_only=True)``: it holds tensors and the policy's YAML, no code.
     ``model`` is the original (untransformed) model; it is not modified.
+
+    Example::
+
+        import torch, orthofx
+        x = orthofx.models.example_input("small_cnn")
+        gm = orthofx.transform(orthofx.models.get("small_cnn"), "orthogonal", example_inputs=(x,))
+        orthofx.export(gm, "small_cnn.pt")                       # tensors + the policy's YAML, no pickled code
+        restored = orthofx.load(orthofx.models.get("small_cnn"), "small_cnn.pt")   # any fresh copy of the model
+        torch.testing.assert_close(restored(x), gm(x))
     """
     path = _path(path)
     if os.path.isdir(path):

@@ -99,7 +99,16 @@ def _term_value(root: nn.Module, term: PenaltyTerm) -> torch.Tensor:
 def penalty_terms(model: nn.Module) -> dict[str, torch.Tensor]:
     """Each term's weighted value, keyed ``"<rule>/<site>"`` (for logging which layers dominate); for a model
     holding orthofx layers but not transformed, ``"JacobianProbe/<module path>"``: ``probe.penalty()``, or a zero
-    like the probe's parameters when it has no current estimate."""
+    like the probe's parameters when it has no current estimate.
+
+    Example::
+
+        import torch, orthofx
+        model = orthofx.models.get("small_cnn")
+        gm = orthofx.transform(model, "lorth")
+        terms = orthofx.penalty_terms(gm)    # {'lorth/conv1': tensor(...), ...}
+        torch.testing.assert_close(sum(terms.values()), orthofx.penalty(gm))
+    """
     if not is_transformed(model):
         return {f"JacobianProbe/{name}": zero_like_parameters(probe) if probe.estimate is None else probe.penalty()
                 for name, probe in _probes(model)}

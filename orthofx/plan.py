@@ -363,6 +363,18 @@ class Plan:
 
     ``entries`` are applied (in policy order); ``skipped`` are (site, rule, reason) where a rule's selectors
     matched but its pass cannot handle the site; ``shadowed`` are (site, rule, winning rule).
+
+    Example::
+
+        import orthofx
+        policy = {"rules": [{"match": {"type": "Conv2d", "where": {"stride": 1}}, "apply": "orth_regularizer",
+                             "with": {"weight": 0.1}},
+                            {"match": {"type": ["Conv2d", "Linear"]}, "apply": "orth_regularizer"}]}
+        plan = orthofx.explain(orthofx.models.get("small_cnn"), policy)
+        print(plan)
+        assert [(e.site.name, e.params["weight"]) for e in plan.entries] == [         # in policy order
+            ("conv1", 0.1), ("conv3", 0.1), ("conv2", 0.01), ("fc", 0.01)]
+        assert [site.name for site, rule, winner in plan.shadowed] == ["conv1", "conv3"]   # the first rule won there
     """
 
     entries: list[PlanEntry]

@@ -253,6 +253,17 @@ class Policy:
 
     ``==`` compares content (``source`` and rule locations are ignored), so
     ``Policy.from_yaml(p.to_yaml()) == p``.
+
+    Example::
+
+        import orthofx
+        policy = orthofx.Policy.from_dict({"rules": [
+            {"name": "late", "match": {"type": "Conv2d", "name": "conv[23]"}, "apply": "orth_regularizer",
+             "with": {"weight": 0.1}}]})
+        print(policy.to_yaml())                                  # the same policy as a YAML file would hold it
+        assert orthofx.Policy.from_yaml(policy.to_yaml()) == policy
+        gm = orthofx.transform(orthofx.models.get("small_cnn"), policy)
+        assert [term.site for term in orthofx.manifest_of(gm).penalties] == ["conv2", "conv3"]
     """
 
     version: int = SCHEMA_VERSION
@@ -356,7 +367,16 @@ class Policy:
 
 
 def presets() -> dict[str, str]:
-    """Name -> one-line description (the first line of the YAML's ``description:``) of every preset."""
+    """Name -> one-line description (the first line of the YAML's ``description:``) of every preset.
+
+    Example::
+
+        import orthofx
+        for name, description in orthofx.presets().items():
+            print(f"{name:11} {description[:70]}")
+        assert {"lorth", "orthogonal", "svd"} <= set(orthofx.presets())
+        policy = orthofx.Policy.preset("lorth")   # transform(model, "lorth") loads the same policy
+    """
     out = {}
     for name, res in _preset_files().items():
         source = f"<preset:{name}>"

@@ -188,7 +188,18 @@ def _lorth(module: nn.Module) -> float | None:
 
 
 class Report:
-    """Per-site table of a transformed model; ``str()`` renders it, ``rows`` and ``to_dict()`` give the data."""
+    """Per-site table of a transformed model; ``str()`` renders it, ``rows`` and ``to_dict()`` give the data.
+
+    Example::
+
+        import json, orthofx
+        gm = orthofx.transform(orthofx.models.get("small_cnn"), "lorth")
+        report = orthofx.report(gm)
+        print([(row["site"], round(row["lorth"], 2)) for row in report.rows])   # the data behind str(report)
+        total = sum(term["weighted"] for term in report.penalties)              # what orthofx.penalty(gm) sums
+        assert abs(total - orthofx.penalty(gm).item()) < 1e-4 * total
+        text = json.dumps(report.to_dict())                                      # plain data, e.g. for a logger
+    """
 
     def __init__(self, rows: list[dict[str, Any]], capture: dict[str, Any], spectra: dict[str, torch.Tensor],
                  penalties: list[dict[str, Any]], output_change: float | None = None,
@@ -311,7 +322,18 @@ def _fmt(value: Any) -> str:
 
 def report(model: nn.Module) -> Report:
     """Report on a model returned by :func:`orthofx.transform` (compiled or wrapped models too), or on a model
-    written with ``orthofx.nn`` layers (:func:`_layers_report`: its orthofx and conv / linear layers, not run)."""
+    written with ``orthofx.nn`` layers (:func:`_layers_report`: its orthofx and conv / linear layers, not run).
+
+    Example::
+
+        import orthofx
+        x = orthofx.models.example_input("small_cnn")
+        gm = orthofx.transform(orthofx.models.get("small_cnn"), "orthogonal", example_inputs=(x,))
+        report = orthofx.report(gm)
+        print(report)   # per site: pass, L_orth, sigma_min / sigma_max at the input size seen, existence
+        conv2 = next(row for row in report.rows if row["site"] == "conv2")
+        assert abs(conv2["sigma_min"] - 1) < 1e-5 and abs(conv2["sigma_max"] - 1) < 1e-5
+    """
     if not is_transformed(model):
         return _layers_report(model)
     manifest = manifest_of(model)

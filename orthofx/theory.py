@@ -55,6 +55,15 @@ class ExistenceResult(NamedTuple):
     ``exists``: whether an orthogonal convolution with this architecture exists.
     ``case``: ``"RO"`` (row orthogonal, :math:`M \le C S^d`) or ``"CO"`` (column orthogonal).
     ``reason``: one sentence quoting the condition with the layer's numbers.
+
+    >>> from orthofx.theory import orthogonal_conv_exists
+    >>> result = orthogonal_conv_exists(64, 128, 1, stride=2)    # the ResNet strided 1x1 shortcut
+    >>> result.exists, result.case
+    (False, 'RO')
+    >>> print(result.reason)
+    row-orthogonal case (M=128 <= C*S^d=256): exists iff M <= C*k^d, here 128 > 64
+    >>> bool(result)                                             # a non-empty tuple: test result.exists
+    True
     """
 
     exists: bool

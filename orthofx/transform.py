@@ -44,6 +44,15 @@ def manifest_of(model: nn.Module) -> Manifest:
     """The manifest of a transformed model (also through ``torch.compile`` and DDP wrappers).
 
     Raises :class:`orthofx.OrthofxError` for a model that ``orthofx.transform`` did not return.
+
+    Example::
+
+        import orthofx
+        gm = orthofx.transform(orthofx.models.get("small_cnn"), "lorth")
+        manifest = orthofx.manifest_of(gm)                      # what gm.meta["orthofx"] holds
+        print([(change.site, change.what) for change in manifest.changes])
+        assert [term.site for term in manifest.penalties] == ["conv1", "conv2", "conv3", "fc"]
+        assert manifest.policy == orthofx.Policy.preset("lorth")
     """
     root = unwrap_model(model)
     meta = getattr(root, "meta", None)
@@ -59,7 +68,16 @@ def manifest_of(model: nn.Module) -> Manifest:
 
 
 def is_transformed(model: nn.Module) -> bool:
-    """Whether ``model`` (or what it wraps) was returned by ``orthofx.transform``."""
+    """Whether ``model`` (or what it wraps) was returned by ``orthofx.transform``.
+
+    Example::
+
+        import torch, orthofx
+        model = orthofx.models.get("small_cnn")
+        gm = orthofx.transform(model, "lorth")
+        assert orthofx.is_transformed(gm) and not orthofx.is_transformed(model)
+        assert orthofx.is_transformed(torch.nn.DataParallel(gm))      # wrappers are looked through
+    """
     try:
         manifest_of(model)
     except OrthofxError:
@@ -89,6 +107,14 @@ def explain(model: nn.Module, policy: Any, example_inputs: Any = None) -> Plan:
     ``print(orthofx.explain(model, policy))`` shows the table. ``example_inputs`` are needed when the model is
     captured with torch.export (capture mode ``export``, or ``auto`` when symbolic tracing fails); the first
     line of the table says which capture mode was used.
+
+    Example::
+
+        import orthofx
+        model = orthofx.models.get("small_cnn")
+        plan = orthofx.explain(model, "lorth")   # a dry run: the model is traced, not changed
+        print(plan)                              # one row per site: rule, pass, params, apply / skipped / shadowed
+        assert [entry.site.name for entry in plan.entries] == ["conv1", "conv2", "conv3", "fc"]
     """
     policy = Policy.load(policy)
     inputs = as_input_tuple(example_inputs)
@@ -392,6 +418,16 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
             function accepts it.
 
     The manifest of every change is at ``gm.meta["orthofx"]``; ``orthofx.report(gm)`` shows it.
+
+    Example::
+
+        import torch, orthofx
+        model = orthofx.models.get("small_cnn")
+        x = orthofx.models.example_input("small_cnn")
+        gm = orthofx.transform(model, "orthogonal", example_inputs=(x,))   # exactly orthogonal layers
+        print(type(gm.conv2).__name__, type(model.conv2).__name__)          # OrthogonalConv2d Conv2d: model untouched
+        sv = orthofx.metrics.conv_singular_values(gm.conv2.weight, 8, stride=2)   # at conv2's 8 x 8 input
+        assert (sv - 1).abs().max() < 1e-5
     """
     # a flag, not a truthy value: inplace="no" would rewrite the user's model
     if not isinstance(inplace, bool):

@@ -793,21 +793,51 @@ class ConvNormConvNd(nn.Module):
 
 
 class ConvNormConv1d(ConvNormConvNd):
-    """``nn.Conv1d`` followed by ConvNorm; see :class:`ConvNormConvNd`."""
+    """``nn.Conv1d`` followed by ConvNorm; see :class:`ConvNormConvNd`.
+
+    >>> import torch
+    >>> from orthofx.nn import ConvNormConv1d
+    >>> conv = torch.nn.Conv1d(4, 3, 1, bias=False)      # a 1-tap kernel: ConvNorm divides by each row's norm
+    >>> layer, x = ConvNormConv1d(conv), torch.randn(2, 4, 16)
+    >>> norms = conv.weight.square().sum((1, 2)).add(layer.eps).sqrt().reshape(3, 1)
+    >>> torch.allclose(layer(x), conv(x) / norms, atol=1e-6)
+    True
+    """
 
     _dims = 1
     _conv_type = nn.Conv1d
 
 
 class ConvNormConv2d(ConvNormConvNd):
-    """``nn.Conv2d`` followed by ConvNorm; see :class:`ConvNormConvNd`."""
+    """``nn.Conv2d`` followed by ConvNorm; see :class:`ConvNormConvNd`.
+
+    >>> import torch
+    >>> from orthofx.nn import ConvNormConv2d
+    >>> layer = ConvNormConv2d(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False))
+    >>> x = torch.randn(2, 3, 16, 16)
+    >>> y = layer(x)
+    >>> with torch.no_grad():
+    ...     _ = layer.conv.weight.mul_(torch.rand(8, 1, 1, 1) * 3 + 1)   # rescale every output channel
+    >>> bool((layer(x) - y).norm() < 1e-3 * y.norm())                  # ConvNorm normalises the scale away
+    True
+    """
 
     _dims = 2
     _conv_type = nn.Conv2d
 
 
 class ConvNormConv3d(ConvNormConvNd):
-    """``nn.Conv3d`` followed by ConvNorm; see :class:`ConvNormConvNd`."""
+    """``nn.Conv3d`` followed by ConvNorm; see :class:`ConvNormConvNd`.
+
+    >>> import torch
+    >>> from orthofx.nn import ConvNormConv3d
+    >>> conv = torch.nn.Conv3d(2, 4, 3, stride=2, padding=1)
+    >>> layer, x = ConvNormConv3d(conv).eval(), torch.randn(1, 2, 8, 8, 8)
+    >>> y = layer(x); y.shape == conv(x).shape                  # the conv's stride and padding, exactly
+    True
+    >>> torch.allclose(layer.to_plain()(x), y, atol=1e-5)      # a plain conv + the filter for this size (freeze)
+    True
+    """
 
     _dims = 3
     _conv_type = nn.Conv3d
@@ -950,7 +980,16 @@ class FrozenConvNormNd(nn.Module):
 
 
 def with_convnorm(conv: nn.Module, **kwargs) -> ConvNormConvNd:
-    """Wrap ``conv`` in the ConvNorm class of its dimension (``kwargs`` as for :class:`ConvNormConvNd`)."""
+    """Wrap ``conv`` in the ConvNorm class of its dimension (``kwargs`` as for :class:`ConvNormConvNd`).
+
+    >>> import torch
+    >>> from orthofx.nn import with_convnorm
+    >>> [type(with_convnorm(conv)).__name__ for conv in (torch.nn.Conv1d(2, 4, 3), torch.nn.Conv3d(2, 4, 3))]
+    ['ConvNormConv1d', 'ConvNormConv3d']
+    >>> conv, x = torch.nn.Conv2d(3, 8, 3, padding=1), torch.randn(2, 3, 8, 8)
+    >>> torch.allclose(with_convnorm(conv, affine=True)(x), with_convnorm(conv)(x))   # the affine part starts as I
+    True
+    """
     for cls in (ConvNormConv1d, ConvNormConv2d, ConvNormConv3d):
         if isinstance(conv, cls._conv_type):
             return cls(conv, **kwargs)

@@ -446,6 +446,16 @@ def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
     otherwise. See the module docstring for the formulas. ``plain=True``: the same values from plain torch
     operations, with torch's own gradient instead of the bounded one (what :func:`orthofx.freeze` writes: an
     exported frozen model then needs no orthofx to load).
+
+    >>> import torch
+    >>> from orthofx.nn import eigh_stable
+    >>> A = torch.diag(torch.tensor([1.0, 1.0, 2.0])).requires_grad_()   # a repeated eigenvalue
+    >>> values, vectors = eigh_stable(A)
+    >>> values.detach()
+    tensor([1., 1., 2.])
+    >>> (vectors.sum() + values.sum()).backward()
+    >>> bool(A.grad.isfinite().all())                          # torch.linalg.eigh's is NaN here
+    True
     """
     _check_input(A, "eigh_stable", square=True)
     _check_args(taylor_order, clamp_gap)
@@ -565,6 +575,16 @@ def svd_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
 
     Same arguments as :func:`eigh_stable` (``plain`` too); the gradient kernel is built from ``S**2`` (the
     eigenvalues of ``A^T A``). See the module docstring for the formulas.
+
+    >>> import torch
+    >>> from orthofx.nn import svd_stable
+    >>> A = torch.linalg.qr(torch.randn(4, 3)).Q.requires_grad_()   # all singular values equal 1
+    >>> U, S, Vh = svd_stable(A)
+    >>> torch.allclose(U @ torch.diag(S) @ Vh, A, atol=1e-6)
+    True
+    >>> (U.sum() + Vh.sum()).backward()
+    >>> bool(A.grad.isfinite().all())                          # torch.linalg.svd's is NaN / inf here
+    True
     """
     _check_input(A, "svd_stable", square=False)
     _check_args(taylor_order, clamp_gap)
@@ -627,13 +647,31 @@ def sqrtm_newton_schulz(A: Tensor, iterations: int = 5) -> Tensor:
     """``A^(1/2)`` of symmetric positive definite ``A`` (``[..., n, n]``) by the coupled Newton-Schulz iteration
     (matmuls only); ``iterations`` counts the steps after ``Y0, Z0`` (so ``iterations + 1`` steps in all).
 
-    The zero matrix (the one positive semi-definite matrix of trace 0) gives exactly 0, with a zero gradient."""
+    The zero matrix (the one positive semi-definite matrix of trace 0) gives exactly 0, with a zero gradient.
+
+    >>> import torch
+    >>> from orthofx.nn import sqrtm_newton_schulz
+    >>> X = torch.randn(64, 4, dtype=torch.float64)
+    >>> A = X.T @ X / 64 + 0.1 * torch.eye(4, dtype=torch.float64)    # a covariance, well conditioned
+    >>> R = sqrtm_newton_schulz(A, iterations=10)
+    >>> torch.allclose(R @ R, A, atol=1e-6), torch.allclose(R, R.T)
+    (True, True)
+    """
     return _newton_schulz_power(A, iterations, inverse=False)
 
 
 def inv_sqrtm_newton_schulz(A: Tensor, iterations: int = 5) -> Tensor:
     """``A^(-1/2)`` of symmetric positive definite ``A`` by the same iteration (``Z / sqrt(tr A)``); the zero matrix
-    has none and gives non-finite values."""
+    has none and gives non-finite values.
+
+    >>> import torch
+    >>> from orthofx.nn import inv_sqrtm_newton_schulz
+    >>> X = torch.randn(64, 4, dtype=torch.float64)
+    >>> A = X.T @ X / 64 + 0.1 * torch.eye(4, dtype=torch.float64)
+    >>> W = inv_sqrtm_newton_schulz(A, iterations=10)          # ZCA whitening matrix
+    >>> torch.allclose(W @ A @ W, torch.eye(4, dtype=torch.float64), atol=1e-6)
+    True
+    """
     return _newton_schulz_power(A, iterations, inverse=True)
 
 
@@ -656,6 +694,17 @@ class ConditionMonitor(nn.Module):
     ``torch.fx.symbolic_trace`` records a monitor as one ``call_module`` node
     (:func:`orthofx.nn.tracing.record_as_leaf`: its update branches on shapes and writes its buffers); inside a
     ``torch.func`` transform the in-place writes cannot run and :meth:`update` raises :class:`~orthofx.errors.LayerArgumentError` naming the fixes.
+
+    >>> import torch
+    >>> from orthofx.nn import ConditionMonitor
+    >>> monitor = ConditionMonitor(history_size=3)
+    >>> monitor(torch.tensor([0.5, 1.0, 2.0]))                    # kappa = 2 / 0.5
+    tensor(4., dtype=torch.float64)
+    >>> _ = monitor(torch.tensor([[1.0, 10.0], [1.0, 2.0]]))      # a batch of two matrices: the worst kappa
+    >>> monitor.summary()
+    {'kappa': 10.0, 'kappa_max': 10.0, 'updates': 2, 'nan_events': 0, 'inf_events': 0}
+    >>> monitor.history                                         # oldest first
+    [4.0, 10.0]
     """
 
     def __init__(self, history_size: int = 1000) -> None:

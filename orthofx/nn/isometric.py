@@ -106,6 +106,14 @@ class OrthogonalActivationBlock(nn.Module):
         device, dtype: of the parameters; ``dtype`` a real floating-point one.
 
     An input whose last dimension is not ``features`` raises :class:`~orthofx.errors.LayerArgumentError`.
+
+    >>> import torch
+    >>> from orthofx.nn import OrthogonalActivationBlock
+    >>> deep = torch.nn.Sequential(*[OrthogonalActivationBlock(16) for _ in range(20)])
+    >>> x, v = torch.randn(4, 16, requires_grad=True), torch.randn(4, 16)
+    >>> deep(x).backward(v)                                   # back-propagate v through 20 blocks
+    >>> torch.allclose(x.grad.norm(dim=1), v.norm(dim=1), rtol=1e-4)   # every sample's gradient keeps its norm
+    True
     """
 
     def __init__(self, features: int, activation: str = "abs", bias: bool = True,
@@ -152,6 +160,15 @@ class ReflectionResidualBlock(nn.Module):
         device, dtype: of the parameters; ``dtype`` a real floating-point one.
 
     An input whose last dimension is not ``features`` raises :class:`~orthofx.errors.LayerArgumentError`.
+
+    >>> import torch
+    >>> from orthofx.nn import ReflectionResidualBlock
+    >>> block = ReflectionResidualBlock(8, hidden=3)
+    >>> with torch.no_grad():
+    ...     _ = block.bias.normal_()                          # so that some units are active
+    >>> J = torch.autograd.functional.jacobian(block, torch.randn(8))
+    >>> torch.allclose(J, J.T, atol=1e-6), torch.allclose(J @ J, torch.eye(8), atol=1e-5)   # a reflection
+    (True, True)
     """
 
     def __init__(self, features: int, hidden: int, bias: bool = True, device=None, dtype=None):

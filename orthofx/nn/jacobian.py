@@ -100,6 +100,17 @@ class JacobianProbe(nn.Module):
     Attributes:
         estimate: the last estimate (0-d tensor with its graph) or ``None``.
         route_used: the route the last estimate took (after a fallback the probe keeps ``"double_vjp"``).
+
+    >>> import torch, orthofx
+    >>> from orthofx.nn import JacobianProbe
+    >>> probe = JacobianProbe(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()), weight=0.1)
+    >>> model = torch.nn.Sequential(probe, torch.nn.Linear(8, 2))
+    >>> out = model(torch.randn(16, 8))                       # training mode: the probe estimates its defect
+    >>> bool(torch.allclose(orthofx.penalty(model), 0.1 * probe.estimate))
+    True
+    >>> _ = model.eval()(torch.randn(16, 8))                  # eval mode: the block only
+    >>> probe.estimate is None, float(orthofx.penalty(model))
+    (True, 0.0)
     """
 
     batch_fraction: float = 1.0  # class defaults: probes pickled before these attributes existed

@@ -1823,14 +1823,34 @@ class OrthogonalConvTranspose2d(_OrthogonalConvTransposeNd):
 
 class OrthogonalConvTranspose1d(_OrthogonalConvTransposeNd):
     """A 1-D transposed convolution that is exactly orthogonal (times ``gain``): as
-    :class:`OrthogonalConvTranspose2d` with ``d = 1`` (the adjoint of :class:`OrthogonalConv1d`)."""
+    :class:`OrthogonalConvTranspose2d` with ``d = 1`` (the adjoint of :class:`OrthogonalConv1d`).
+
+    >>> import torch
+    >>> from orthofx.nn import OrthogonalConvTranspose1d
+    >>> layer = OrthogonalConvTranspose1d(8, 4, 4, stride=2, padding=1, bias=False)   # CO: 8 <= 4 * 2
+    >>> x = torch.randn(3, 8, 10)
+    >>> y = layer(x); y.shape
+    torch.Size([3, 4, 20])
+    >>> torch.allclose(y.norm(), x.norm())                    # circular padding: an isometry
+    True
+    """
 
     _dims = 1
 
 
 class OrthogonalConvTranspose3d(_OrthogonalConvTransposeNd):
     """A 3-D transposed convolution that is exactly orthogonal (times ``gain``): as
-    :class:`OrthogonalConvTranspose2d` with ``d = 3`` (the adjoint of :class:`OrthogonalConv3d`)."""
+    :class:`OrthogonalConvTranspose2d` with ``d = 3`` (the adjoint of :class:`OrthogonalConv3d`).
+
+    >>> import torch
+    >>> from orthofx.nn import OrthogonalConvTranspose3d
+    >>> layer = OrthogonalConvTranspose3d(8, 2, 2, stride=2, bias=False)   # CO: 8 <= 2 * 2**3
+    >>> x = torch.randn(1, 8, 3, 3, 3)
+    >>> y = layer(x); y.shape
+    torch.Size([1, 2, 6, 6, 6])
+    >>> torch.allclose(y.norm(), x.norm())
+    True
+    """
 
     _dims = 3
 

@@ -22,6 +22,30 @@ def register_pass(cls: type[Pass] | None = None, *, replace: bool = False):
 
     Raises :class:`orthofx.OrthofxError` if the name is taken (pass ``replace=True`` to override) or the class
     is not a well-formed pass.
+
+    Example::
+
+        import torch, orthofx
+        from orthofx.passes import Change, Pass, available_passes, unregister_pass
+
+        @orthofx.register_pass
+        class CountLinears(Pass):          # records each Linear it is given, changes nothing
+            name = "count_linears"
+            module_types = (torch.nn.Linear,)
+
+            def apply(self, ctx, entries):
+                for entry in entries:
+                    ctx.record(Change(entry.site.name, entry.rule_name, self.name, "counted", entry.params))
+
+        assert available_passes()["count_linears"] is CountLinears
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        gm = orthofx.transform(model, {"rules": [{"match": {"type": "Linear"}, "apply": "count_linears"}]})
+        assert [change.site for change in orthofx.manifest_of(gm).changes] == ["0", "2"]
+        try:
+            orthofx.register_pass(type("Another", (CountLinears,), {}))   # same name: refused without replace=True
+        except orthofx.OrthofxError as error:
+            print(error)
+        unregister_pass("count_linears")
     """
 
     def add(pass_cls: type[Pass]) -> type[Pass]:
