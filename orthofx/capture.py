@@ -944,7 +944,7 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
     leaf_paths = tuple(leaf_paths)
     _check_leaves(leaf_types, leaf_paths)
     inputs = input_tuple(example_inputs)
-    kwargs = _keyword_inputs(example_kwargs)
+    kwargs = keyword_inputs(example_kwargs)
     if kwargs and inputs is None:
         inputs = ()  # a forward taking keyword inputs only
     if mode == "export":
@@ -1052,13 +1052,16 @@ def input_tuple(example_inputs: Any,
                 f"{type(example_inputs).__name__}; pass example_inputs=(x,)")
 
 
-def _keyword_inputs(example_kwargs: Any) -> dict[str, Any]:
-    """``example_kwargs`` as a dict of keyword inputs (None: none); anything else raises :class:`CaptureError`."""
+def keyword_inputs(example_kwargs: Any,
+                   error: Callable[[str], Exception] = lambda message: CaptureError(message, module_path="")
+                   ) -> dict[str, Any]:
+    """``example_kwargs`` as a dict of keyword inputs (None: none); anything else raises ``error`` (transform
+    passes its own error type), as :func:`input_tuple` does."""
     if example_kwargs is None:
         return {}
     if not isinstance(example_kwargs, dict) or not all(isinstance(k, str) for k in example_kwargs):
-        raise CaptureError(f"example_kwargs must be a dict of the model's keyword inputs by name (e.g. "
-                           f"{{'mask': m}}), got {type(example_kwargs).__name__}", module_path="")
+        raise error(f"example_kwargs must be a dict of the model's keyword inputs by name (e.g. {{'mask': m}} "
+                    f"for model(x, mask=m)), got {type(example_kwargs).__name__}")
     return dict(example_kwargs)
 
 

@@ -13,12 +13,14 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 from typing import Any, Callable
 
 import torch
 from torch import fx, nn
 
-from .capture import capture, copy_targets, input_tuple, unwrap_model
+from .capture import capture, copy_targets, input_tuple, keyword_inputs, unwrap_model
 from .errors import ArgumentError, OrthofxError, TransformError
 from .passes.base import MANIFEST_KEY, EvalRun, Manifest, PassContext, PlanEntry, Site, replace_module
 from .passes.registry import get_pass
@@ -90,23 +92,61 @@ def as_input_tuple(example_inputs: Any) -> tuple | None:
     return input_tuple(example_inputs, error=TransformError)
 
 
-def _capture_and_plan(root: nn.Module, policy: Policy, inputs: tuple | None) -> tuple[fx.GraphModule, Plan]:
+@dataclasses.dataclass(frozen=True)
+class ExampleCall:
+    """The example call ``model(*args, **kwargs)`` that ``transform`` runs the model with (``example_inputs`` and
+    ``example_kwargs``)."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+    def run(self, fn: Callable) -> Any:
+        return fn(*self.args, **self.kwargs)
+
+    def positional(self, gm: fx.GraphModule) -> tuple | None:
+        """The inputs in ``gm``'s placeholder order (what ``fx.Interpreter.run`` takes), defaults filled in;
+        ``None`` when they do not bind to its forward's signature or it has a variadic parameter."""
+        try:
+            signature = inspect.signature(gm.forward)
+            bound = signature.bind(*self.args, **self.kwargs)
+        except (TypeError, ValueError):
+            return None
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
+            return None
+        bound.apply_defaults()
+        return tuple(bound.arguments.values())
+
+
+def example_call(example_inputs: Any, example_kwargs: Any) -> ExampleCall | None:
+    """The example call of ``example_inputs`` (a tensor or a tuple) and ``example_kwargs`` (a dict of keyword
+    inputs); ``None`` when neither is given."""
+    args = input_tuple(example_inputs, error=TransformError)
+    kwargs = keyword_inputs(example_kwargs, error=TransformError)
+    if args is None and not kwargs:
+        return None
+    return ExampleCall(args or (), kwargs)
+
+
+def _capture_and_plan(root: nn.Module, policy: Policy, example: ExampleCall | None
+                      ) -> tuple[fx.GraphModule, Plan]:
     blocks = block_paths(root, policy)
     # capture.leaf_modules holds class names and module paths: the entries naming a submodule are paths
     paths = {name for name, _ in root.named_modules() if name}
     named = [entry for entry in policy.capture.leaf_modules if isinstance(entry, str) and entry in paths]
     gm, info = capture(root, leaf_types=policy.capture.leaf_modules, leaf_paths=list(blocks) + named,
-                       mode=policy.capture.mode, example_inputs=inputs)
+                       mode=policy.capture.mode, example_inputs=None if example is None else example.args,
+                       example_kwargs=None if example is None else example.kwargs)
     plan = build_plan(gm, policy, info, blocks=blocks, model=root)
     return gm, plan
 
 
-def explain(model: nn.Module, policy: Any, example_inputs: Any = None) -> Plan:
+def explain(model: nn.Module, policy: Any, example_inputs: Any = None, *, example_kwargs: Any = None) -> Plan:
     """Dry run of :func:`transform`: the plan of which rule applies which pass to which site; nothing changes.
 
     ``print(orthofx.explain(model, policy))`` shows the table. ``example_inputs`` are needed when the model is
-    captured with torch.export (capture mode ``export``, or ``auto`` when symbolic tracing fails); the first
-    line of the table says which capture mode was used.
+    captured with torch.export (capture mode ``export``, or ``auto`` when symbolic tracing fails), with
+    ``example_kwargs`` for a forward that takes keyword inputs (as in :func:`transform`); the first line of the
+    table says which capture mode was used.
 
     Example::
 
@@ -117,15 +157,15 @@ def explain(model: nn.Module, policy: Any, example_inputs: Any = None) -> Plan:
         assert [entry.site.name for entry in plan.entries] == ["conv1", "conv2", "conv3", "fc"]
     """
     policy = Policy.load(policy)
-    inputs = as_input_tuple(example_inputs)
+    example = example_call(example_inputs, example_kwargs)
     # Capture runs the model's forward (symbolic tracing, or torch.export on the example inputs): any Python side
     # effect of that forward (a counter, a cache) would happen on the user's model, so a copy is traced.
     root = copy.deepcopy(unwrap_model(model))
-    _, plan = _capture_and_plan(root, policy, inputs)
+    _, plan = _capture_and_plan(root, policy, example)
     return plan
 
 
-def _observe(gm: fx.GraphModule, plan: Plan, inputs: tuple, manifest: Manifest,
+def _observe(gm: fx.GraphModule, plan: Plan, example: ExampleCall, manifest: Manifest,
              model: nn.Module | None = None) -> tuple[Any, dict[str, tuple]]:
     """Run ``gm`` once on the example inputs: record the input/output shape of every module site's first call in
     the manifest, and return the output and the inputs of the planned module sites (for passes to measure with).
@@ -150,7 +190,7 @@ def _observe(gm: fx.GraphModule, plan: Plan, inputs: tuple, manifest: Manifest,
         handles.append(gm.get_submodule(name).register_forward_hook(hook(name)))
     try:
         with EvalRun(gm):
-            return gm(*inputs), site_inputs
+            return example.run(gm), site_inputs
     except Exception as exc:
         failure = exc
     finally:
@@ -161,7 +201,7 @@ def _observe(gm: fx.GraphModule, plan: Plan, inputs: tuple, manifest: Manifest,
     if meta:
         raise TransformError(f"the model cannot run on example_inputs: {_meta_text(meta)} ({cause})") from failure
     mode = getattr(plan.capture, "mode", None)
-    if model is not None and _runs(model, inputs):
+    if model is not None and _runs(model, example):
         why = (". Symbolic tracing cannot see which way a Python branch on an argument goes (e.g. 'if mask is not "
                "None:' for an optional argument) and took a path these inputs do not take. Fix: set capture: "
                "{mode: export} in the policy (torch.export follows the example inputs), or list the submodule "
@@ -194,11 +234,11 @@ def _meta_text(names: list[str]) -> str:
             "torch.device('meta')), then transform it")
 
 
-def _runs(model: nn.Module, inputs: tuple) -> bool:
-    """Whether ``model`` runs on ``inputs`` (eval mode, no gradients, training flags restored)."""
+def _runs(model: nn.Module, example: ExampleCall) -> bool:
+    """Whether ``model`` runs on the example call (eval mode, no gradients, training flags restored)."""
     try:
         with EvalRun(model):
-            model(*inputs)
+            example.run(model)
     except Exception:  # noqa: BLE001 - only the yes/no matters
         return False
     return True
@@ -214,10 +254,14 @@ class _NodeTracker(fx.Interpreter):
         return super().run_node(n)
 
 
-def _where_it_fails(gm: fx.GraphModule, inputs: tuple, manifest: Manifest) -> str:
-    """`` at node 'x' (...)``: the graph node whose call fails on ``inputs`` and the change that made that node,
-    found by running the graph again node by node; ``""`` when that run does not fail (or cannot say where)."""
+def _where_it_fails(gm: fx.GraphModule, example: ExampleCall, manifest: Manifest) -> str:
+    """`` at node 'x' (...)``: the graph node whose call fails on the example call and the change that made that
+    node, found by running the graph again node by node; ``""`` when that run does not fail (or cannot say
+    where)."""
     tracker = _NodeTracker(gm)
+    inputs = example.positional(gm)
+    if inputs is None:
+        return ""
     try:
         with EvalRun(gm):
             tracker.run(*inputs)
@@ -393,8 +437,8 @@ def _refuse_dropping_attachments(model: nn.Module) -> None:
             "*second.to_dict()['rules']]})), or freeze it first (orthofx.freeze) to start from plain layers")
 
 
-def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inplace: bool = False,
-              compile: Any = None) -> nn.Module:
+def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, example_kwargs: Any = None,
+              inplace: bool = False, compile: Any = None) -> nn.Module:
     """Rewrite ``model`` according to ``policy`` and return a ``torch.fx.GraphModule``.
 
     A model whose forward branches on ``self.training`` (outside leaf layers) is captured in both modes and
@@ -409,6 +453,10 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
             rewriting (eval mode, no gradients): input sizes are recorded for the report and the result is
             checked for unchanged output shapes and finite values. Capture mode ``export`` (and ``auto`` when
             symbolic tracing fails) builds the graph with torch.export on them, so they are needed there.
+        example_kwargs: a dict of keyword inputs of the example call, for a forward such as
+            ``forward(self, x, *, mask=None)``: the example is ``model(*example_inputs, **example_kwargs)``.
+            Export capture makes them inputs of the graph by name; an argument the example leaves out keeps its
+            default there (the graph refuses another value for it), so pass every argument you will vary.
         inplace: rewrite ``model``'s own layers instead of a deep copy's (no second copy of the weights): weights
             a pass changes change in ``model`` (``isometric_init``), and the layers a pass puts in place of
             others (orthogonal layers, ConvNorm wrappers, Jacobian probes) are set at the same paths of
@@ -435,14 +483,14 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
                             "layers, inplace=False (the default) a copy")
     compile_options = _compile_options(compile)
     policy = Policy.load(policy)
-    inputs = as_input_tuple(example_inputs)
+    example = example_call(example_inputs, example_kwargs)
     root = unwrap_model(model)
     _refuse_dropping_attachments(model)
     work = root if inplace else copy.deepcopy(root)
-    gm, plan = _capture_and_plan(work, policy, inputs)
+    gm, plan = _capture_and_plan(work, policy, example)
     gm.training = work.training
     manifest = Manifest(policy=policy, plan=plan, capture=plan.capture)
-    before, site_inputs = _observe(gm, plan, inputs, manifest, work) if inputs is not None else (None, {})
+    before, site_inputs = _observe(gm, plan, example, manifest, work) if example is not None else (None, {})
 
     # Module sites are modules whichever graph calls them: their passes all run on gm.
     _run_passes(PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs), plan,
@@ -456,12 +504,12 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, inpl
     if inplace:
         _share_replaced_layers(root, gm)
 
-    if inputs is not None:
+    if example is not None:
         with EvalRun(gm):
             try:
-                after = gm(*inputs)
+                after = example.run(gm)
             except Exception as exc:
-                where = _where_it_fails(gm, inputs, manifest)
+                where = _where_it_fails(gm, example, manifest)
                 raise TransformError(f"the rewritten model failed on example_inputs{where}: "
                                      f"{type(exc).__name__}: {exc}") from exc
         _check_output(before, after)
