@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .capture import unwrap_model
-from .errors import OrthofxError
+from .errors import ArgumentError
 from .passes.base import refuse_fsdp1
 from .transform import manifest_of
 
@@ -36,11 +36,14 @@ __all__ = ["attach", "AttachHandle"]
 
 
 class AttachHandle:
-    """What :func:`attach` returns: the hooks it registered; :meth:`remove` unregisters them."""
+    """What :func:`attach` returns: the hooks it registered (``hooks``) and those it left out (``skipped``);
+    :meth:`remove` unregisters them."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, hooks: list, handles: list):
+    def __init__(self, optimizer: torch.optim.Optimizer, hooks: list, handles: list, skipped: list | None = None):
         self.optimizer = optimizer
         self.hooks = hooks
+        #: hooks left out because their parameters are frozen and not in the optimizer (see :func:`attach`)
+        self.skipped = list(skipped or [])
         self._handles = handles
 
     def remove(self) -> None:
@@ -104,6 +107,10 @@ def _unscale_for_hooks(optimizer: torch.optim.Optimizer) -> None:
     optimizer.grad_scale = None
 
 
+def _frozen(parameter) -> bool:
+    return isinstance(parameter, torch.Tensor) and not parameter.requires_grad
+
+
 def _optimizer_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
@@ -132,23 +139,25 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     """Register the optimizer hooks of a transformed model on ``optimizer``; returns a removable handle.
 
     Every parameter a hook acts on must be optimised by ``optimizer`` (matched by identity, so DDP and
-    DataParallel name prefixes do not matter); otherwise :class:`orthofx.OrthofxError` names the site. Attaching
-    the same model twice to one optimizer is an error (the updates would run twice). OLR moves each Pre-SVD
-    weight into a parameter group of its own, so an optimizer state saved after ``attach`` loads
-    (``optimizer.load_state_dict``) after ``attach``.
+    DataParallel name prefixes do not matter); otherwise :class:`orthofx.errors.ArgumentError` names the site.
+    Only a frozen parameter (``requires_grad=False``) may be left out of the optimizer: no step changes it, so
+    its hooks are skipped (listed in ``handle.skipped``). Attaching the same model twice to one optimizer is an
+    error (the updates would run twice). OLR moves each Pre-SVD weight into a parameter group of its own, so an
+    optimizer state saved after ``attach`` loads (``optimizer.load_state_dict``) after ``attach``; create LR
+    schedulers after ``attach`` too.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise OrthofxError(f"attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}; call "
-                           "orthofx.attach(optimizer, gm)")
+        raise ArgumentError(f"attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}; call "
+                            "orthofx.attach(optimizer, gm)")
     root = unwrap_model(model)
-    hooks = list(manifest_of(model).optimizer_hooks)
     # read only: the registry is written once the checks have passed, so a refused attach leaves the optimizer as
     # it was
     if id(root) in optimizer.__dict__.get("_orthofx_attached", {}).values():
-        raise OrthofxError("this model's hooks are already attached to this optimizer; call handle.remove() "
-                           "before attaching again")
+        raise ArgumentError("this model's hooks are already attached to this optimizer; call handle.remove() "
+                            "before attaching again")
     owned = _optimizer_parameters(optimizer)
-    for hook in hooks:
+    hooks, skipped = [], []
+    for hook in manifest_of(model).optimizer_hooks:
         module = root.get_submodule(hook.site)
         for name in hook.parameter_names:
             parameter = getattr(module, name, None)
@@ -156,10 +165,17 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
                 refuse_fsdp1(parameter, f"site '{hook.site}' (rule '{hook.rule}'): {type(hook).__name__}")
         missing = [name for name in hook.parameter_names
                    if id(getattr(module, name, None)) not in owned]
+        if missing and len(missing) == len(hook.parameter_names) and all(
+                _frozen(getattr(module, name, None)) for name in missing):
+            # the usual fine-tuning optimizer holds only the trainable parameters: no step ever changes a frozen
+            # one, so its hook has nothing to act on
+            skipped.append(hook)
+            continue
         if missing:
-            raise OrthofxError(f"site '{hook.site}' (rule '{hook.rule}'): its parameter(s) {missing} are not "
-                               "optimised by this optimizer; build the optimizer from gm.parameters() before "
-                               "calling orthofx.attach")
+            raise ArgumentError(f"site '{hook.site}' (rule '{hook.rule}'): its parameter(s) {missing} are not "
+                                "optimised by this optimizer; build the optimizer from gm.parameters() before "
+                                "calling orthofx.attach (a frozen parameter, requires_grad=False, may be left out)")
+        hooks.append(hook)
     for hook in hooks:
         hook.check(root, optimizer)
     for hook in hooks:
@@ -217,6 +233,6 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
 
     handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after),
                _StepGuard(optimizer, run_after)]
-    handle = AttachHandle(optimizer, hooks, handles)
+    handle = AttachHandle(optimizer, hooks, handles, skipped)
     optimizer.__dict__.setdefault("_orthofx_attached", {})[id(handle)] = id(root)
     return handle

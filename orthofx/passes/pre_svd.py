@@ -33,8 +33,12 @@ gets, by its parameters:
     ``orthofx.attach`` **edits the optimizer's param groups**: the weight is moved into a param group of its own
     (a copy of its group's settings, marked ``"orthofx_olr": site``); before each step that group's ``lr`` is set,
     after the step it is put back to the base lr, so LR schedulers keep scaling the base lr (create schedulers
-    after ``attach``; a scheduler created before it does not know the new group). Parameters are matched by
-    identity, so DataParallel / DDP prefixes do not matter (the reference's OLR matched none under DataParallel).
+    after ``attach``: a scheduler created before it does not know the new group, and ``attach`` refuses it). An
+    optimizer built from ``named_parameters()`` gets the weight's name moved along into the new group. Parameters
+    are matched by identity, so DataParallel / DDP prefixes do not matter (the reference's OLR matched none under
+    DataParallel). LBFGS (which reads its lr before the closure computes the gradient), Rprop (which uses its lr
+    only as the first step size) and ASGD (which steps by a size computed from the previous step's lr) would never
+    use ``eta*``: ``attach`` refuses OLR with them.
 ``penalty_weight`` (default 0.01): weight of the ``lorth`` / ``srip`` term in ``orthofx.penalty``.
 
 Several layers feeding one decomposition each get their own hooks (and param groups); a layer feeding several
@@ -167,6 +171,27 @@ def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
     raise OrthofxError("the weight is not in any param group of this optimizer")  # attach checked it; defensive
 
 
+def _split_off(optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor) -> dict:
+    """Move ``param`` out of ``group`` into a new param group with the same settings; returns the new group.
+
+    An optimizer built from ``named_parameters()`` keeps the names in ``"param_names"``, parallel to
+    ``"params"``: the parameter's name moves with it (a load-state-dict hook that maps state by name, and the
+    saved state itself, would otherwise pair the group's parameters with the wrong names).
+    """
+    index = next(i for i, p in enumerate(group["params"]) if p is param)
+    settings = {key: value for key, value in group.items()
+                if key not in ("params", "param_names") and not key.startswith("orthofx_")}
+    new_group = {"params": [param], **settings}
+    names = group.get("param_names")
+    if names is not None:
+        new_group["param_names"] = [names[index]]
+        group["param_names"] = names[:index] + names[index + 1:]
+    # removed first: torch refuses a parameter that is in two groups
+    group["params"] = group["params"][:index] + group["params"][index + 1:]
+    optimizer.add_param_group(new_group)
+    return optimizer.param_groups[-1]
+
+
 class OptimalLearningRate(OptimizerHook):
     """OLR (P4): the weight gets its own param group, whose lr is ``eta*`` for a step when ``0 < eta* < base lr``.
 
@@ -179,10 +204,34 @@ class OptimalLearningRate(OptimizerHook):
 
     def check(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         weight = root.get_submodule(self.site).weight
+        where = f"site '{self.site}' (rule '{self.rule}')"
         if isinstance(optimizer, torch.optim.LBFGS) and len(_group_of(optimizer, weight)["params"]) > 1:
-            raise OrthofxError(f"site '{self.site}' (rule '{self.rule}'): OLR gives the weight a param group of its "
-                               "own, and LBFGS takes exactly one param group. Set 'olr: false' in the rule (NOG "
-                               "and the other hooks work with LBFGS), or optimise only this weight with LBFGS")
+            raise ArgumentError(f"{where}: OLR gives the weight a param group of its own, and LBFGS takes exactly "
+                                "one param group. Set 'olr: false' in the rule (NOG and the other hooks work with "
+                                "LBFGS)")
+        # eta* needs this step's gradient, which the closure computes; LBFGS reads its lr before it calls the
+        # closure, Rprop reads it only at its first step (then it adapts its own step sizes), and ASGD steps by a
+        # size it computed from the previous step's lr: the lr OLR set would never be the one used
+        ignores = {torch.optim.LBFGS: "reads its lr before it evaluates the closure that computes the gradient",
+                   torch.optim.Rprop: "uses its lr only as the first step size and then adapts its own",
+                   torch.optim.ASGD: "steps by a size computed from the previous step's lr"}
+        for kind, why in ignores.items():
+            if isinstance(optimizer, kind):
+                raise ArgumentError(f"{where}: OLR sets the weight's lr from this step's gradient, and "
+                                    f"{kind.__name__} {why}, so no step would use the eta* of its own gradient. "
+                                    "Set 'olr: false' in the rule (NOG and the other hooks still work), or use "
+                                    "SGD, Adam, AdamW or RMSprop")
+        # An LR scheduler stores one base lr per param group when it is created ('initial_lr' in every group) and
+        # pairs them with the groups at each step: the group setup() adds would fail its next step with "zip()
+        # argument 2 is longer than argument 1" (LambdaLR, CosineAnnealingLR, CyclicLR, ...) or go unscheduled.
+        if len(_group_of(optimizer, weight)["params"]) > 1:
+            scheduled = [i for i, group in enumerate(optimizer.param_groups) if "initial_lr" in group]
+            if scheduled:
+                raise ArgumentError(f"{where}: OLR moves the weight into a param group of its own, and an LR "
+                                    f"scheduler already holds the optimizer's groups (param group {scheduled[0]} "
+                                    "has 'initial_lr'), so it would not schedule the new group. Create the LR "
+                                    "scheduler after orthofx.attach(optimizer, gm) (and load checkpoints of the "
+                                    "optimizer and scheduler after both)")
 
     def setup(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         weight = root.get_submodule(self.site).weight
@@ -191,12 +240,8 @@ class OptimalLearningRate(OptimizerHook):
             group[OLR_GROUP_KEY] = self.site
             own = group
         else:
-            group["params"] = [p for p in group["params"] if p is not weight]
-            settings = {key: value for key, value in group.items()
-                        if key != "params" and not key.startswith("orthofx_")}
-            settings[OLR_GROUP_KEY] = self.site
-            optimizer.add_param_group({"params": [weight], **settings})
-            own = optimizer.param_groups[-1]
+            own = _split_off(optimizer, group, weight)
+            own[OLR_GROUP_KEY] = self.site
         # A tensor lr may be one object shared by every group (torch hands each group the default's tensor):
         # the step sets this group's lr in place, so it gets a tensor of its own.
         if isinstance(own["lr"], torch.Tensor):
