@@ -37,7 +37,18 @@ __all__ = ["attach", "AttachHandle"]
 
 class AttachHandle:
     """What :func:`attach` returns: the hooks it registered (``hooks``) and those it left out (``skipped``);
-    :meth:`remove` unregisters them."""
+    :meth:`remove` unregisters them.
+
+    Example::
+
+        import torch, orthofx
+        gm = orthofx.transform(torch.nn.Sequential(torch.nn.Linear(8, 8)), "isometric")
+        optimizer = torch.optim.SGD(gm.parameters(), lr=0.1)
+        handle = orthofx.attach(optimizer, gm)
+        print(handle)               # AttachHandle(1 hook(s): [...])
+        handle.remove()             # the optimizer steps as plain SGD again
+        orthofx.attach(optimizer, gm)   # and may be attached again
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, hooks: list, handles: list, skipped: list | None = None):
         self.optimizer = optimizer
@@ -145,6 +156,20 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     error (the updates would run twice). OLR moves each Pre-SVD weight into a parameter group of its own, so an
     optimizer state saved after ``attach`` loads (``optimizer.load_state_dict``) after ``attach``; create LR
     schedulers after ``attach`` too.
+
+    Example::
+
+        import torch, orthofx
+        gm = orthofx.transform(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8)),
+                               "isometric")     # square linears: orthogonal init + Riemannian updates
+        optimizer = torch.optim.Adam(gm.parameters(), lr=1e-2)
+        orthofx.attach(optimizer, gm)           # the hooks run inside optimizer.step()
+        for _ in range(5):
+            optimizer.zero_grad()
+            gm(torch.randn(16, 8)).square().mean().backward()
+            optimizer.step()
+        weight = gm.get_submodule("0").weight
+        torch.testing.assert_close(weight @ weight.T, torch.eye(8), atol=1e-5, rtol=0)   # still orthogonal
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ArgumentError(f"attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}; call "

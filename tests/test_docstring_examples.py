@@ -114,8 +114,6 @@ def test_doctest_output_matches(qualname, doc, module, tmp_path, monkeypatch):
 # function in ``orthofx.__all__``, ``orthofx.nn.__all__`` and ``orthofx.theory.__all__`` needs one.
 _EXCEPTION_CLASS = "an exception class: orthofx raises it, users catch it; nothing to build or call"
 EXAMPLE_EXEMPT = {
-    "orthofx.attach": "orthofx/optim.py is being rewritten; its example comes with that change",
-    "orthofx.AttachHandle": "orthofx/optim.py is being rewritten; its example comes with that change",
     **{f"orthofx.{name}": _EXCEPTION_CLASS
        for name in ("OrthofxError", "PolicyError", "CaptureError", "PlanError", "TransformError",
                     "ImpossibleLayerError", "LayerArgumentError", "ArgumentError", "ExportError")},
