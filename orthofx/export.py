@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import os
 import re
 import time
@@ -72,7 +73,8 @@ from .passes.svd_conditioning import (decomposition_op, fold_constant_decomposit
                                       to_newton_schulz)
 from .plan import build_plan, collect_sites, producers_feeding
 from .policy import Policy
-from .transform import as_input_tuple, is_transformed, manifest_of, output_tensors, store_manifest, transform
+from .transform import (ExampleCall, as_input_tuple, example_call, is_transformed, manifest_of, output_tensors,
+                        store_manifest, transform)
 
 __all__ = ["freeze", "export", "load", "ExportResult", "NewtonSchulzForm", "FORMAT_VERSION"]
 
@@ -103,32 +105,36 @@ def _modules_to_freeze(root: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _captured_with_orthofx_layers(model: nn.Module, inputs: tuple | None) -> fx.GraphModule:
+def _captured_with_orthofx_layers(model: nn.Module, example: ExampleCall | None) -> fx.GraphModule:
     """A model written with orthofx's layers (``orthofx.nn.OrthogonalConv2d`` ...) but not returned by
     :func:`orthofx.transform`, captured as ``transform`` would (orthofx layers kept as leaves; ``auto`` mode, so
-    torch.export on ``inputs`` where symbolic tracing fails) with a manifest that records no change: what
-    :func:`freeze` and :func:`export` need. A model holding no orthofx layer has nothing to freeze."""
+    torch.export on the example call, keyword inputs included, where symbolic tracing fails) with a manifest that
+    records no change: what :func:`freeze` and :func:`export` need. A model holding no orthofx layer has nothing
+    to freeze."""
     root = copy.deepcopy(unwrap_model(model))
     if not _modules_to_freeze(root):
         raise OrthofxError(f"{type(root).__name__} was not produced by orthofx.transform and holds no orthofx layer "
                            "(nothing to freeze): call orthofx.transform(model, policy) first, or use the model as "
                            "it is (torch.export / torch.onnx.export work on it directly)")
     policy = Policy(description="a model holding orthofx layers, frozen without a transform")
-    gm, info = capture(root, mode="auto", example_inputs=inputs)
+    gm, info = capture(root, mode="auto", example_inputs=None if example is None else example.args,
+                       example_kwargs=None if example is None else example.kwargs)
     store_manifest(gm, Manifest(policy=policy, plan=build_plan(gm, policy, info, model=root), capture=info))
     return gm
 
 
-def freeze(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
+def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any = None) -> fx.GraphModule:
     """A copy of a transformed model made of plain torch layers, in eval mode, with the same eval outputs.
 
     A model written with orthofx's layers (``orthofx.nn``: orthogonal convs and linears, ConvNorm, ...) that
     :func:`orthofx.transform` did not return is frozen too: it is captured first (symbolic tracing, or
-    torch.export on ``example_inputs`` where that fails), its orthofx layers kept as calls.
+    torch.export on the example inputs where that fails), its orthofx layers kept as calls.
 
     ``example_inputs`` (optional): the copy runs once on them (eval mode, no gradients) before its layers are
     baked, so layers whose plain form depends on the input size (ConvNorm's filters) cover those sizes even when
-    the model has not run on them yet (for instance right after :func:`load`).
+    the model has not run on them yet (for instance right after :func:`load`). ``example_kwargs`` (optional, a dict
+    by name): the keyword inputs of that call, for a forward such as ``forward(self, x, *, mask=None)``; the example
+    call is ``model(*example_inputs, **example_kwargs)``, as in :func:`orthofx.transform`.
 
     Penalty terms and optimizer hooks are dropped from the copy's manifest (``orthofx.penalty`` of it is zero);
     condition-number monitors become pass-throughs; the original model is not changed.
@@ -148,24 +154,25 @@ def freeze(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
         frozen = orthofx.freeze(gm)            # plain nn.Conv2d / nn.Linear with baked weights
         torch.testing.assert_close(frozen(x), gm.eval()(x))
     """
-    inputs = as_input_tuple(example_inputs)
+    example = example_call(example_inputs, example_kwargs)
     if is_transformed(model):
         manifest = manifest_of(model)
         frozen = copy.deepcopy(unwrap_model(model))
     else:  # captured from a copy of the model already: baked in place
-        frozen = _captured_with_orthofx_layers(model, inputs)
+        frozen = _captured_with_orthofx_layers(model, example)
         manifest = manifest_of(frozen)
     if isinstance(frozen, ModalGraphModule):
         # a forward with `if self.training:` branches: the frozen model is the eval-mode graph alone
         frozen = frozen.single_mode(training=False)
     frozen.eval()
-    if inputs is not None:
+    if example is not None:
         try:
             with torch.no_grad():
-                frozen(*inputs)
+                example.run(frozen)
         except Exception as exc:  # bad inputs: say that they are the problem, not the layer torch failed in
-            raise ExportError(f"the model failed on example_inputs ({_root_cause(exc)}); pass inputs the model "
-                              f"takes: {_describe_inputs(inputs)} given") from exc
+            given = "example_inputs and example_kwargs" if example.kwargs else "example_inputs"
+            raise ExportError(f"the model failed on {given} ({_root_cause(exc)}); pass inputs the model "
+                              f"takes: {_describe_inputs(example)} given") from exc
     # A module's plain form may itself hold orthofx layers (a probe around a block): repeat until none is left.
     for _ in range(100):
         pending = _modules_to_freeze(frozen)
@@ -187,10 +194,22 @@ def freeze(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
     return frozen
 
 
-def _describe_inputs(inputs: tuple) -> str:
-    """``shape (2, 1, 8, 8) float32 on cpu`` for each input (other values by type), for error messages."""
-    parts = [f"shape {tuple(x.shape)} {str(x.dtype).replace('torch.', '')} on {x.device}"
-             if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+def _named_inputs(example: ExampleCall) -> list[tuple[str, Any]]:
+    """``(label, value)`` of every top-level input of the example call, labelled as the user passed it
+    (``example_inputs[0]``, ``example_kwargs['mask']``), for checks and error messages."""
+    return ([(f"example_inputs[{i}]", x) for i, x in enumerate(example.args)]
+            + [(f"example_kwargs[{name!r}]", x) for name, x in example.kwargs.items()])
+
+
+def _describe_inputs(example: ExampleCall) -> str:
+    """``shape (2, 1, 8, 8) float32 on cpu`` for each input (other values by type; keyword inputs as
+    ``mask=...``), for error messages."""
+    def describe(x: Any) -> str:
+        if isinstance(x, torch.Tensor):
+            return f"shape {tuple(x.shape)} {str(x.dtype).replace('torch.', '')} on {x.device}"
+        return type(x).__name__
+
+    parts = [describe(x) for x in example.args] + [f"{name}={describe(x)}" for name, x in example.kwargs.items()]
     return "; ".join(parts) or "no inputs"
 
 
@@ -284,7 +303,7 @@ class NewtonSchulzForm:
                 f"max |diff| {self.max_abs_diff:.3g} from the exact decomposition)")
 
 
-def _onnx_form(frozen: fx.GraphModule, inputs: tuple, iterations: int | None
+def _onnx_form(frozen: fx.GraphModule, example: ExampleCall, iterations: int | None
                ) -> tuple[fx.GraphModule, NewtonSchulzForm | None]:
     """The frozen model with its matrix powers computed by Newton-Schulz (a copy), or ``frozen`` itself when it has
     no decomposition; raises :class:`ExportError` for a decomposition with no matmul-only form."""
@@ -303,12 +322,12 @@ def _onnx_form(frozen: fx.GraphModule, inputs: tuple, iterations: int | None
         raise _no_onnx_form(left, reasons)
     nodes = [v for k, v in _newton_schulz_nodes(form).items() if k not in before]
     with torch.no_grad():
-        expected = output_tensors(frozen(*inputs))
+        expected = output_tensors(example.run(frozen))
         schedule = (iterations,) if iterations is not None else NEWTON_SCHULZ_SCHEDULE
         tried: list[tuple[int, float]] = []
         for count in schedule:
             _set_iterations(nodes, count)
-            tried.append((count, _max_diff(expected, output_tensors(form(*inputs)))))
+            tried.append((count, _max_diff(expected, output_tensors(example.run(form)))))
             if tried[-1][1] <= NEWTON_SCHULZ_TARGET:
                 break
     # None reached the target (float32 rounding of an ill-conditioned matrix function): past convergence more
@@ -365,47 +384,99 @@ def _max_diff(expected: list[torch.Tensor], actual: list) -> float:
     return worst
 
 
-def _check_finite_inputs(inputs: tuple) -> None:
-    for i, x in enumerate(inputs):
+def _check_finite_inputs(example: ExampleCall) -> None:
+    for label, x in _named_inputs(example):
         if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise ExportError(f"example_inputs[{i}] holds NaN or inf; the export is checked on the example inputs, "
-                              "so pass finite ones")
+            raise ExportError(f"{label} holds NaN or inf; the export is checked on the example inputs, so pass "
+                              "finite ones")
 
 
-def _dynamic_shapes(inputs: tuple, dynamic_batch: bool):
+def _export_call(frozen: fx.GraphModule, example: ExampleCall) -> ExampleCall:
+    """The example call as torch.export must receive it for ``frozen`` (export's own frozen copy, whose
+    placeholders this may reorder in place).
+
+    torch.export (and the dynamo ONNX exporter, which calls it) runs a GraphModule with ``fx.Interpreter``, which
+    binds inputs by position only: the keyword inputs are passed after the positional ones in the dict's order,
+    whatever their names. A dict in another order than the graph's placeholders, or a parameter left at its
+    default between two given ones (``forward(x, scale=1.0, mask=None)`` called with ``mask=m``), would bind a
+    tensor to the wrong input. So the keyword inputs are put in placeholder order, and the placeholders the example
+    leaves at their default are moved after the given ones (they keep their default: the exported graph has no
+    input for them, as in export capture). Calls by name bind as before; only ``frozen``'s positional order past
+    the example's positional inputs changes. Without keyword inputs, and for graphs whose inputs are taken apart
+    by pytree code (nested inputs) or collected by ``*args``, the call is returned unchanged.
+    """
+    if not example.kwargs:
+        return example
+    placeholders = [node for node in frozen.graph.nodes if node.op == "placeholder"]
+    position = {node.target: i for i, node in enumerate(placeholders)}
+    pytree_code = type(frozen.graph._codegen) is not fx.graph.CodeGen  # nested inputs, taken apart by pytree code
+    variadic = any(str(name).startswith("*") for name in position)
+    if pytree_code or variadic or not set(example.kwargs) <= set(position):
+        return example
+    given = {node.target for node in placeholders[:len(example.args)]} | set(example.kwargs)
+    order = [n for n in placeholders if n.target in given] + [n for n in placeholders if n.target not in given]
+    if order != placeholders:
+        first = next(node for node in frozen.graph.nodes if node.op != "placeholder")
+        for node in order:
+            first.prepend(node)
+        frozen.recompile()
+    return ExampleCall(example.args, {name: example.kwargs[name] for name in sorted(example.kwargs, key=position.get)})
+
+
+def _dynamic_shapes(model: nn.Module, example: ExampleCall, dynamic_batch: bool):
     """Dimension 0 of every tensor input marked ``Dim.AUTO``: torch.export finds which of them are one batch
     (equal sizes it has to keep equal), which are free, and which the model fixes. One shared ``Dim`` would tie
-    an input that is not batched (a lookup table) to the batch and fail."""
+    an input that is not batched (a lookup table) to the batch and fail. Keyword tensors are marked too: with
+    keyword inputs torch.export matches ``dynamic_shapes`` to the forward's parameters by name, so the marks are a
+    dict by parameter name (the call bound to ``model``'s signature)."""
     if not dynamic_batch:
         return None
-    return tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
-                 for x in inputs)
+
+    def mark(x: Any) -> dict | None:
+        return {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+
+    if not example.kwargs:
+        return tuple(mark(x) for x in example.args)
+    try:
+        bound = inspect.signature(model.forward).bind(*example.args, **example.kwargs)
+    except (TypeError, ValueError):  # freeze ran this call, so it binds; without a signature, leave shapes static
+        return None
+    return {name: mark(value) for name, value in bound.arguments.items()}
 
 
-def _batched_inputs(inputs: tuple, shapes: list[tuple]) -> list[bool]:
-    """Which top-level ``inputs`` the exported model takes with a symbolic dimension 0; ``shapes``: the exported
-    graph's input shapes, one per tensor leaf of ``inputs`` in order (symbolic sizes are not ints)."""
-    dynamic = {id(x): bool(shape) and not isinstance(shape[0], int) for x, shape in zip(output_tensors(inputs), shapes)}
-    return [isinstance(x, torch.Tensor) and dynamic.get(id(x), False) for x in inputs]
+def _top_level_inputs(example: ExampleCall) -> list[Any]:
+    """The example call's inputs, positional then keyword, in the order torch.export flattens them."""
+    return [*example.args, *example.kwargs.values()]
 
 
-def _grown_batch(inputs: tuple, batched: list[bool]) -> tuple:
-    """``inputs`` with one more sample (a copy of the first) in each input marked ``batched``."""
-    return tuple(torch.cat([x, x[:1]]) if grow else x for x, grow in zip(inputs, batched))
+def _batched_inputs(example: ExampleCall, shapes: list[tuple]) -> list[bool]:
+    """Which top-level inputs of ``example`` (see :func:`_top_level_inputs`) the exported model takes with a symbolic
+    dimension 0; ``shapes``: the exported graph's input shapes, one per tensor leaf of the call in order (symbolic
+    sizes are not ints)."""
+    leaves = output_tensors((example.args, example.kwargs))
+    dynamic = {id(x): bool(shape) and not isinstance(shape[0], int) for x, shape in zip(leaves, shapes)}
+    return [isinstance(x, torch.Tensor) and dynamic.get(id(x), False) for x in _top_level_inputs(example)]
 
 
-def _check_dynamic_batch(path: str, batched: list[bool], inputs: tuple, reference: nn.Module, run) -> float:
-    """Run the exported model (``run(inputs) -> outputs``) on a batch one larger than the example's and compare
+def _grown_batch(example: ExampleCall, batched: list[bool]) -> ExampleCall:
+    """``example`` with one more sample (a copy of the first) in each input marked ``batched``."""
+    grown = [torch.cat([x, x[:1]]) if grow else x for x, grow in zip(_top_level_inputs(example), batched)]
+    count = len(example.args)
+    return ExampleCall(tuple(grown[:count]), dict(zip(example.kwargs, grown[count:])))
+
+
+def _check_dynamic_batch(path: str, batched: list[bool], example: ExampleCall, reference: nn.Module, run) -> float:
+    """Run the exported model (``run(call) -> outputs``) on a batch one larger than the example's and compare
     with ``reference``; ``batched``: which inputs the exported model takes with a dynamic dimension 0."""
     fix = ("pass dynamic_batch=False to export the example's batch size, or make the batch size a dynamic value "
            "in the model (no Python loop or list over the batch)")
     if not any(batched):
         raise ExportError(f"{path}: no input kept a dynamic batch dimension: the model fixes its batch size when "
                           f"traced; {fix}")
-    grown = _grown_batch(inputs, batched)
+    grown = _grown_batch(example, batched)
     try:
         with torch.no_grad():
-            expected = output_tensors(reference(*grown))
+            expected = output_tensors(grown.run(reference))
         actual = run(grown)
         return _max_diff(expected, actual)
     except Exception as exc:
@@ -445,9 +516,11 @@ def _check_opset(opset: int) -> None:
         raise ExportError(f"opset {opset} is newer than the installed onnx knows ({newest}); use opset <= {newest}")
 
 
-def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: bool, opset: int,
+def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batch: bool, opset: int,
                  reference: nn.Module | None = None) -> float:
-    """Export ``frozen`` and return onnxruntime's largest difference from ``reference`` (default ``frozen``)."""
+    """Export ``frozen`` and return onnxruntime's largest difference from ``reference`` (default ``frozen``).
+    ``example``: the call as torch.export takes it (:func:`_export_call`); its keyword tensors become graph inputs
+    named as the keywords."""
     _check_opset(opset)
     try:
         import onnx
@@ -455,8 +528,9 @@ def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: boo
     except ImportError as exc:
         raise ExportError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'orthofx[onnx]'") from exc
     try:
-        torch.onnx.export(frozen, inputs, path, dynamo=True, opset_version=opset, verbose=False,
-                          dynamic_shapes=_dynamic_shapes(inputs, dynamic_batch))
+        torch.onnx.export(frozen, example.args, path, kwargs=example.kwargs or None, dynamo=True,
+                          opset_version=opset, verbose=False,
+                          dynamic_shapes=_dynamic_shapes(frozen, example, dynamic_batch))
     except OSError as exc:
         raise ExportError(f"cannot write {path!r}: {exc}") from exc
     except Exception as exc:
@@ -480,17 +554,19 @@ def _export_onnx(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: boo
                                 path, "load")
     reference = frozen if reference is None else reference
 
-    def run(values: tuple) -> list:
-        # only the tensors (pytree order) are graph inputs: other values (a float, None) are baked in
-        feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), output_tensors(values))}
+    def run(call: ExampleCall) -> list:
+        # only the tensors (pytree order: positional, then keyword) are graph inputs: other values (a float,
+        # None) are baked in
+        tensors = output_tensors((call.args, call.kwargs))
+        feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), tensors)}
         return _onnxruntime_call(lambda: session.run(None, feeds), path, "run")
 
     with torch.no_grad():
-        expected = output_tensors(reference(*inputs))
-    diff = _max_diff(expected, run(inputs))
+        expected = output_tensors(example.run(reference))
+    diff = _max_diff(expected, run(example))
     if dynamic_batch:
-        batched = _batched_inputs(inputs, [tuple(arg.shape) for arg in session.get_inputs()])
-        diff = max(diff, _check_dynamic_batch(path, batched, inputs, reference, run))
+        batched = _batched_inputs(example, [tuple(arg.shape) for arg in session.get_inputs()])
+        diff = max(diff, _check_dynamic_batch(path, batched, example, reference, run))
     return diff
 
 
@@ -515,9 +591,12 @@ def _leaf_hint(model: nn.Module) -> str:
             "cannot be exported either: rewrite a branch on tensor values with torch.cond or torch.where")
 
 
-def _export_pt2(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: bool) -> float:
+def _export_pt2(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batch: bool) -> float:
+    """Export ``frozen`` with torch.export on ``example`` (the call as torch.export takes it, :func:`_export_call`;
+    the program takes its keyword inputs by name), reload it and return its largest difference from ``frozen``."""
     try:
-        program = torch.export.export(frozen, inputs, dynamic_shapes=_dynamic_shapes(inputs, dynamic_batch))
+        program = torch.export.export(frozen, example.args, kwargs=example.kwargs or None,
+                                      dynamic_shapes=_dynamic_shapes(frozen, example, dynamic_batch))
     except Exception as exc:
         raise ExportError(f"torch.export failed: {_root_cause(exc)}{_leaf_hint(frozen)}") from exc
     try:
@@ -526,14 +605,14 @@ def _export_pt2(frozen: nn.Module, path: str, inputs: tuple, dynamic_batch: bool
         raise ExportError(f"cannot write {path!r}: {_root_cause(exc)}") from exc
     loaded = torch.export.load(path).module()
     with torch.no_grad():
-        diff = _max_diff(output_tensors(frozen(*inputs)), output_tensors(loaded(*inputs)))
+        diff = _max_diff(output_tensors(example.run(frozen)), output_tensors(example.run(loaded)))
     if dynamic_batch:
         placeholders = {node.name: node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder"}
         values = [placeholders.get(name) for name in program.graph_signature.user_inputs if isinstance(name, str)]
         shapes = [tuple(v.shape) for v in values if isinstance(v, torch.Tensor)]
-        batched = _batched_inputs(inputs, shapes)
-        diff = max(diff, _check_dynamic_batch(path, batched, inputs, frozen,
-                                              lambda values: output_tensors(loaded(*values))))
+        batched = _batched_inputs(example, shapes)
+        diff = max(diff, _check_dynamic_batch(path, batched, example, frozen,
+                                              lambda call: output_tensors(call.run(loaded))))
     return diff
 
 
@@ -572,29 +651,44 @@ def batch_too_small_for_dynamic(inputs: tuple) -> int | None:
     sizes 0 and 1, so such a batch cannot be traced as a dynamic batch (``.pt2`` fails with a constraint
     violation, ``.onnx`` silently fixes the batch)."""
     for i, x in enumerate(inputs):
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] < 2:
+        if _batch_too_small(x):
             return i
     return None
 
 
-def _check_batch(inputs: tuple, dynamic_batch: bool) -> None:
-    """Refuse a dynamic batch that these inputs cannot give (see :func:`batch_too_small_for_dynamic`)."""
-    i = batch_too_small_for_dynamic(inputs) if dynamic_batch else None
-    if i is not None:
-        batch = inputs[i].shape[0]
-        raise ExportError(f"example_inputs[{i}] has batch size {batch}, from which torch.export cannot trace a "
-                          "dynamic batch dimension (it specialises sizes 0 and 1): pass example inputs with a batch "
-                          f"of 2 or more, or dynamic_batch=False to export a fixed batch of {batch}")
+def _batch_too_small(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] < 2
 
 
-def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *, dynamic_batch: bool = True,
-           opset: int = 20, newton_schulz_iterations: int | None = None) -> ExportResult:
+def _check_batch(example: ExampleCall, dynamic_batch: bool) -> None:
+    """Refuse a dynamic batch that the example's inputs, positional or keyword, cannot give (see
+    :func:`batch_too_small_for_dynamic`)."""
+    if not dynamic_batch:
+        return
+    for label, x in _named_inputs(example):
+        if _batch_too_small(x):
+            batch = x.shape[0]
+            raise ExportError(f"{label} has batch size {batch}, from which torch.export cannot trace a dynamic batch "
+                              "dimension (it specialises sizes 0 and 1): pass example inputs with a batch of 2 or "
+                              f"more, or dynamic_batch=False to export a fixed batch of {batch}")
+
+
+def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *, example_kwargs: Any = None,
+           dynamic_batch: bool = True, opset: int = 20, newton_schulz_iterations: int | None = None) -> ExportResult:
     """Write a transformed model to ``path``; the suffix chooses the format (``.onnx``, ``.pt2``, ``.pt``).
 
     ``.onnx`` and ``.pt2`` export the :func:`freeze`-d model (batch dimension dynamic unless
     ``dynamic_batch=False``, which a batch of one in ``example_inputs`` needs), reload it and compare with the
     frozen model on ``example_inputs``; an ONNX difference above 1e-4 raises :class:`orthofx.ExportError`.
     ``.pt`` stores the state_dict and the policy (no pickled code; :func:`load` restores it).
+
+    ``example_kwargs`` (a dict by name): the keyword inputs of the example call
+    ``model(*example_inputs, **example_kwargs)``, for a forward such as ``forward(self, x, *, mask=None)``. The
+    exported model takes them by name: the ``.pt2`` program as ``program.module()(x, mask=m)``, the ``.onnx``
+    graph as inputs named after the keywords (``session.run(None, {"x": ..., "mask": ...})``). Their dimension 0
+    is dynamic too (torch.export and the ONNX exporter both allow it) and the check on a larger batch grows them
+    with the positional inputs. Parameters the example leaves out keep their default in the exported graph, which
+    has no input for them. ``.pt`` needs no example inputs.
 
     ``.onnx`` only: matrix square roots / inverse square roots computed through eigh or svd are exported as
     Newton-Schulz iterations; ``newton_schulz_iterations`` fixes their number (default: chosen on the example
@@ -607,6 +701,22 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
         gm = orthofx.transform(orthofx.models.get("gcp_cnn"), "svd", example_inputs=(x,))
         result = orthofx.export(gm, "gcp.onnx", example_inputs=(x,))
         print(result)   # onnx -> gcp.onnx (max |diff| 3e-07, ...); Newton-Schulz at cov_pool:linalg.eigh (10 ...)
+
+        import torch                            # a forward with a keyword input: pass it in example_kwargs
+        class Masked(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(6, 6)
+
+            def forward(self, x, *, mask=None):
+                return self.fc(x) * mask
+
+        x, mask = torch.randn(4, 6), torch.ones(4, 6)
+        gm = orthofx.transform(Masked(), "orthogonal", example_inputs=(x,), example_kwargs={"mask": mask})
+        orthofx.export(gm, "masked.pt2", example_inputs=(x,), example_kwargs={"mask": mask})
+        program = torch.export.load("masked.pt2").module()
+        x3, mask3 = torch.randn(3, 6), torch.ones(3, 6)   # another batch size: the batch is dynamic
+        torch.testing.assert_close(program(x3, mask=mask3), orthofx.freeze(gm)(x3, mask=mask3))
     """
     started = time.perf_counter()
     # a flag, not a truthy value: dynamic_batch="no" would export a dynamic batch
@@ -634,17 +744,19 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
         except (OSError, RuntimeError) as exc:
             raise ExportError(f"cannot write {path!r}: {_root_cause(exc)}") from exc
         return ExportResult(path, "pt", None, time.perf_counter() - started)
-    inputs = as_input_tuple(example_inputs)
-    if inputs is None:
-        raise ExportError("export needs example_inputs=(x,) to trace and to check the exported model")
+    example = example_call(example_inputs, example_kwargs)
+    if example is None:
+        raise ExportError("export needs example_inputs=(x,) (and example_kwargs={'mask': m} for a forward taking "
+                          "keyword inputs) to trace and to check the exported model")
     if suffix == ".onnx":
         _check_opset(opset)
-    _check_finite_inputs(inputs)
-    _check_batch(inputs, dynamic_batch)
-    frozen = freeze(model, inputs)
+    _check_finite_inputs(example)
+    _check_batch(example, dynamic_batch)
+    frozen = freeze(model, example.args, example_kwargs=example.kwargs)
+    call = _export_call(frozen, example)
     if suffix == ".onnx":
-        form, newton_schulz = _onnx_form(frozen, inputs, newton_schulz_iterations)
-        diff = _export_onnx(form, path, inputs, dynamic_batch, opset, reference=frozen)
+        form, newton_schulz = _onnx_form(frozen, call, newton_schulz_iterations)
+        diff = _export_onnx(form, path, call, dynamic_batch, opset, reference=frozen)
         if diff > ONNX_TOLERANCE:
             hint = ""
             if newton_schulz is not None:
@@ -655,7 +767,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
             raise ExportError(f"onnxruntime's output differs from the frozen model by {diff:.3g} (> "
                               f"{ONNX_TOLERANCE}){hint}; the file {path} was written but should not be trusted")
         return ExportResult(path, "onnx", diff, time.perf_counter() - started, newton_schulz)
-    diff = _export_pt2(frozen, path, inputs, dynamic_batch)
+    diff = _export_pt2(frozen, path, call, dynamic_batch)
     return ExportResult(path, "pt2", diff, time.perf_counter() - started)
 
 
