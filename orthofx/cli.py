@@ -9,33 +9,42 @@
 
 MODEL is a built-in name (``orthofx.models.names()``), ``package.module:factory`` or ``path/to/file.py:factory``
 (a callable taking no arguments that returns an ``nn.Module``). Exit status 0 on success, 2 on bad input with a
-one-line message (``--debug`` shows the traceback).
+one-line message, 1 with a one-line message on an unexpected failure (``--debug`` shows the traceback). The output
+files of ``transform`` are written only when every one of them could be: a failure leaves none behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
+import io
 import json
+import logging
 import math
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from . import models
-from .errors import OrthofxError
+from .errors import ArgumentError, OrthofxError
 from .export import batch_too_small_for_dynamic, check_export_path, export
 from .passes.base import EvalRun
 from .penalty import penalty
 from .policy import Policy, presets
-from .report import report
+from .report import check_plot_format, report
 from .transform import explain, transform
 
 __all__ = ["main", "load_model"]
@@ -49,9 +58,11 @@ def load_model(spec: str) -> nn.Module:
     """A model from a built-in name, ``package.module:factory`` or ``file.py:factory``.
 
     As for ``python dir/file.py``, the file's directory is put first on ``sys.path`` (and stays there: the model
-    may import siblings lazily, in its factory or forward), so the file can import the modules next to it. The
-    file itself is imported under a name made from its absolute path: two files called ``model.py`` in
-    different directories are two modules.
+    may import siblings lazily, in its factory or forward), so the file can import the modules next to it, and
+    ``sys.argv`` is ``[file]`` while the file is imported and the factory runs (a script that parses its command
+    line at import time sees no arguments, not orthofx's). The file itself is imported under a name made from its
+    absolute path: two files called ``model.py`` in different directories are two modules. An existing file is
+    read as Python source whatever its suffix.
     """
     if ":" not in spec:
         try:
@@ -59,35 +70,81 @@ def load_model(spec: str) -> nn.Module:
         except ValueError as exc:
             raise CliError(f"{exc}; or give package.module:factory or file.py:factory") from None
     target, _, attr = spec.rpartition(":")
-    if target.endswith(".py"):
-        module = _load_file(target)
-    else:
-        if not target.strip():
-            raise CliError(f"model {spec!r} names no module before ':'; give package.module:factory or "
-                           "file.py:factory")
+    if not attr.strip():
+        raise CliError(f"model {spec!r} names no factory after ':'; give {target or 'package.module'}:factory, "
+                       "the name of a callable taking no arguments that returns an nn.Module")
+    with _script_argv(target):
+        module = _load_module(target, spec)
+        factory = getattr(module, attr, None)
+        if factory is None:
+            raise CliError(f"{target!r} has no attribute {attr!r}")
         try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise CliError(f"cannot import {target!r} for model {spec!r}: {exc}") from None
-        except Exception as exc:  # the user's module failed while being imported
-            raise CliError(f"cannot import {target!r} for model {spec!r}: {type(exc).__name__}: {exc} "
-                           "(--debug shows the traceback)") from exc
-    factory = getattr(module, attr, None)
-    if factory is None:
-        raise CliError(f"{target!r} has no attribute {attr!r}")
-    try:
-        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
-    except Exception as exc:  # the factory must be callable without arguments
-        raise CliError(f"{spec} failed: {type(exc).__name__}: {exc}; MODEL must name a callable taking no "
-                       "arguments that returns an nn.Module (--debug shows the traceback)") from exc
+            model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+        except SystemExit as exc:  # a factory that calls sys.exit (or argparse's parse_args) would end orthofx
+            raise CliError(f"{spec} called sys.exit({exc.code!r}); MODEL must name a callable taking no arguments "
+                           "that returns an nn.Module") from exc
+        except Exception as exc:  # the factory must be callable without arguments
+            raise CliError(f"{spec} failed: {type(exc).__name__}: {exc}; MODEL must name a callable taking no "
+                           "arguments that returns an nn.Module (--debug shows the traceback)") from exc
     if not isinstance(model, nn.Module):
         raise CliError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
+@contextlib.contextmanager
+def _script_argv(target: str):
+    """``sys.argv`` as ``python target`` would set it, for the duration of the block."""
+    saved = sys.argv
+    sys.argv = [target]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def _load_module(target: str, spec: str):
+    """The module named by the part of ``spec`` before ':': a file (a ``.py`` suffix, or any existing file) or an
+    importable module name."""
+    if target.endswith(".py") or _is_file(target):
+        return _load_file(target)
+    if not target.strip():
+        raise CliError(f"model {spec!r} names no module before ':'; give package.module:factory or "
+                       "file.py:factory")
+    if _is_directory(target):
+        raise CliError(f"model {spec!r}: {target!r} is a directory; give path/to/file.py:factory")
+    if "/" in target or os.sep in target:  # a module name has no slash: this was meant as a file
+        raise CliError(f"model file {target!r} does not exist")
+    try:
+        return importlib.import_module(target)
+    except ImportError as exc:
+        raise CliError(f"cannot import {target!r} for model {spec!r}: {exc}") from None
+    except SystemExit as exc:  # a module that exits while imported would end orthofx with its status
+        raise CliError(f"cannot import {target!r} for model {spec!r}: it called sys.exit({exc.code!r}) while "
+                       "being imported; move that call under `if __name__ == '__main__':`") from exc
+    except Exception as exc:  # the user's module failed while being imported
+        raise CliError(f"cannot import {target!r} for model {spec!r}: {type(exc).__name__}: {exc} "
+                       "(--debug shows the traceback)") from exc
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return os.path.isfile(path)
+    except (OSError, ValueError):  # a NUL byte, a name too long
+        return False
+
+
+def _is_directory(path: str) -> bool:
+    try:
+        return os.path.isdir(path)
+    except (OSError, ValueError):
+        return False
+
+
 def _load_file(target: str):
     """The module of the Python file ``target``, its directory first on ``sys.path`` (see :func:`load_model`)."""
-    if not os.path.isfile(target):
+    if _is_directory(target):
+        raise CliError(f"model file {target!r} is a directory; give path/to/file.py:factory")
+    if not _is_file(target):
         raise CliError(f"model file {target!r} does not exist")
     path = os.path.realpath(target)
     folder = os.path.dirname(path)
@@ -96,11 +153,17 @@ def _load_file(target: str):
     stem = "".join(c if c.isalnum() or c == "_" else "_" for c in os.path.splitext(os.path.basename(path))[0])
     digest = hashlib.sha1(path.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     module_name = f"orthofx_user_model_{stem}_{digest}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    # an explicit source loader: the default one is chosen by suffix, and there is none for 'model.txt'
+    loader = importlib.machinery.SourceFileLoader(module_name, path)
+    module_spec = importlib.util.spec_from_file_location(module_name, path, loader=loader)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
     try:
         module_spec.loader.exec_module(module)
+    except SystemExit as exc:  # a script that exits (argparse's parse_args ...) would end orthofx with its status
+        sys.modules.pop(module_name, None)
+        raise CliError(f"cannot load model file {target!r}: it called sys.exit({exc.code!r}) while being imported; "
+                       "move the script's own code under `if __name__ == '__main__':`") from exc
     except Exception as exc:  # the user's file: a syntax error, a failing import ...
         sys.modules.pop(module_name, None)
         raise CliError(f"cannot load model file {target!r}: {type(exc).__name__}: {exc} (--debug shows the "
@@ -108,16 +171,20 @@ def _load_file(target: str):
     return module
 
 
+#: One dimension of --input-shape: ASCII digits only (int() would also take '1_0' and non-ASCII digits).
+_DIMENSION = re.compile(r"\s*[0-9]+\s*")
+
+
 def _input_shape(text: str | None, model_spec: str | None) -> tuple[int, ...] | None:
     if text is None:
         if model_spec is not None and model_spec in models.names():
             return (1,) + models.input_shape(model_spec)
         return None
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
-    except ValueError:
-        raise CliError(f"--input-shape must be comma-separated integers like 1,3,32,32, got {text!r}") from None
-    if not shape or any(n < 1 for n in shape):
+    parts = text.replace("x", ",").split(",")
+    if not all(_DIMENSION.fullmatch(part) for part in parts):
+        raise CliError(f"--input-shape must be comma-separated integers like 1,3,32,32, got {text!r}")
+    shape = tuple(int(part) for part in parts)
+    if any(n < 1 for n in shape):
         raise CliError(f"--input-shape must contain positive integers, got {text!r}")
     return shape
 
@@ -159,69 +226,212 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    if args.input_shape is not None and not args.model:
+    if args.input_shape is not None and args.model is None:
         raise CliError(f"--input-shape needs --model (the shape of the model's example input); give --model MODEL "
                        f"or leave out --input-shape {args.input_shape}")
     policy = Policy.load(args.policy)
+    plan = None
+    if args.model is not None:  # --model "" (an unset shell variable) is an unknown model, not no model
+        model = load_model(args.model)
+        inputs = _example(model, args.input_shape, args.model)
+        with _quiet_torch(args.debug):
+            plan = explain(model, policy, inputs)
+    # printed once everything is checked: "ok" followed by an error would be read as a pass
     print(f"ok: {policy.source}: {len(policy.rules)} rule(s): "
           + ", ".join(f"{r.name} -> {r.apply}" for r in policy.rules))
-    if args.model:
-        model = load_model(args.model)
-        print(explain(model, policy, _example(model, args.input_shape, args.model)))
+    if plan is not None:
+        print(plan)
     return 0
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     model = load_model(args.model)
-    print(explain(model, args.policy, _example(model, args.input_shape, args.model)))
+    inputs = _example(model, args.input_shape, args.model)
+    with _quiet_torch(args.debug):
+        plan = explain(model, args.policy, inputs)
+    print(plan)
     return 0
 
 
+@contextlib.contextmanager
+def _quiet_torch(debug: bool):
+    """torch's own diagnostics while the block runs, unless ``--debug``: its log lines (``torch`` logger) are
+    dropped, and what it prints to stderr (``torch.export`` prints the partial graph of a failed export, dozens of
+    lines, before raising) is held back and written out only when the block succeeds, so that a failure reads as
+    the one-line error alone."""
+    if debug:
+        yield
+        return
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    finally:
+        logger.setLevel(level)
+    sys.stderr.write(held.getvalue())
+
+
+# --------------------------------------------------------------------------------------------- output files
+
+@dataclasses.dataclass
+class _Output:
+    """One output file of ``transform``. It is written as ``staged``, a file of the same name in a hidden folder
+    next to ``target``, and moved into place (``os.replace``, atomic) once every output has been written, so that
+    a failure (a full disk, an export that fails its check, a plot format that needs LaTeX) leaves no file behind,
+    not even a half-written one. A target that exists and is no regular file (``/dev/stdout``, a pipe) cannot be
+    replaced: it is written in place, after the others (``in_place``)."""
+
+    option: str   # "--json"
+    path: str     # as given
+    target: str   # the file the path names (symbolic links followed: the link stays a link)
+    in_place: bool = False
+    folder: str | None = None   # the hidden folder, once made
+
+    @property
+    def staged(self) -> str:
+        return self.target if self.folder is None else os.path.join(self.folder, os.path.basename(self.target))
+
+
+def _output(option: str, path: str) -> _Output:
+    """``path`` checked as the target of ``option`` (no folder made yet): a file name in an existing directory."""
+    if "\0" in path:
+        raise CliError(f"{option} {path!r} contains a NUL byte; give a file path")
+    if os.path.isdir(path):
+        raise CliError(f"{option} {path} is an existing directory; give a file path in it")
+    if os.path.exists(path) and not os.path.isfile(path):
+        # a device or a pipe (/dev/stdout, whose link leads to /proc/self/fd/1): written in place, as named
+        return _Output(option, path, path, in_place=True)
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise CliError(f"{option} {path}: the directory {folder} does not exist; create it or choose another path")
+    return _Output(option, path, target)
+
+
+def _stage(output: _Output) -> None:
+    """Make ``output``'s hidden folder and try its file name there, so that a directory that cannot be written
+    or a name the file system refuses (too long) fails now, before the transform, not after it."""
+    if output.in_place:
+        return
+    directory = os.path.dirname(output.target)
+    try:
+        output.folder = tempfile.mkdtemp(prefix=".orthofx-", dir=directory)
+        with open(output.staged, "wb"):
+            pass
+        os.remove(output.staged)
+    except OSError as exc:
+        raise CliError(f"{output.option} {output.path}: cannot write there ({exc.strerror or exc}); choose another "
+                       "path") from None
+
+
+def _commit(outputs: list[_Output]) -> None:
+    """Move the staged files into place: each folder's extra files first (an ONNX model's external data), the
+    file itself last."""
+    for output in outputs:
+        if output.folder is None:
+            continue
+        name = os.path.basename(output.target)
+        for entry in sorted(os.listdir(output.folder), key=lambda entry: entry == name):
+            os.replace(os.path.join(output.folder, entry), os.path.join(os.path.dirname(output.target), entry))
+
+
+def _discard(outputs: list[_Output]) -> None:
+    for output in outputs:
+        if output.folder is not None:
+            shutil.rmtree(output.folder, ignore_errors=True)
+
+
+def _write(output: _Output, write: Callable[[str], object]) -> object:
+    """``write(output.staged)``; a failure becomes a :class:`CliError` naming the option and the path as given."""
+    try:
+        return write(output.staged)
+    except Exception as exc:  # OSError, ExportError, matplotlib's errors ...
+        message = " ".join(str(exc).split()).replace(output.staged, output.path)
+        # the file is discarded with the others, whatever the exporter says about it
+        message = message.replace("was written but should not be trusted", "was not kept")
+        if not isinstance(exc, OrthofxError):
+            message = f"{type(exc).__name__}: {message}"
+        raise CliError(f"{output.option} {output.path}: {message}") from exc
+
+
+def _check_plot_path(path: str) -> None:
+    """Matplotlib draws the format the suffix names and adds '.png' to a path without one: refuse both an unknown
+    suffix and none before the transform (the file written must be the one named)."""
+    try:
+        check_plot_format(path)
+    except ImportError:
+        raise CliError(f"--plot {path} needs matplotlib: pip install 'orthofx[plot]'") from None
+    except ArgumentError as exc:
+        raise CliError(f"--plot {path}: {str(exc).split(': ', 1)[1]}") from None
+
+
 def _cmd_transform(args: argparse.Namespace) -> int:
+    given = [(option, path) for option, path in (("--json", args.json), ("--plot", args.plot),
+                                                 ("--export", args.export)) if path is not None]
     # an empty path (--export "" from an unset shell variable) would skip the output silently
-    for option, path in (("--export", args.export), ("--json", args.json), ("--plot", args.plot)):
-        if path is not None and not path.strip():
+    for option, path in given:
+        if not path.strip():
             raise CliError(f"{option} got an empty path; give a file path, or leave out {option}")
+    # the output paths are checked before the model is loaded and transformed, which can take a while
+    outputs = [_output(option, path) for option, path in given]
+    if args.export:
+        check_export_path(args.export)
+    if args.plot:
+        _check_plot_path(args.plot)
+    for i, first in enumerate(outputs):
+        for second in outputs[i + 1:]:
+            if first.target == second.target:
+                raise CliError(f"{first.option} and {second.option} both name {second.path}; give each its own file")
     model = load_model(args.model)
     inputs = _example(model, args.input_shape, args.model)
-    # the output paths are checked before the transform, which can take a while
+    if args.export and inputs is None and os.path.splitext(args.export)[1].lower() != ".pt":
+        raise CliError(f"--export {args.export} needs --input-shape (the example input to trace and check "
+                       "with); a .pt file needs none")
+    try:
+        for output in outputs:
+            _stage(output)
+        started = time.perf_counter()
+        with _quiet_torch(args.debug):
+            gm = transform(model, args.policy, example_inputs=inputs)
+        elapsed = time.perf_counter() - started
+        rep = report(gm)
+        print(rep)
+        print(f"transformed in {elapsed:.2f} s")
+        writers = {"--json": lambda path: _write_json(rep, path), "--plot": rep.plot,
+                   "--export": lambda path: _export(gm, path, inputs)}
+        results = {}
+        with _quiet_torch(args.debug):
+            for output in sorted(outputs, key=lambda output: output.in_place):  # in place last
+                results[output.option] = _write(output, writers[output.option])
+        _commit(outputs)
+    finally:
+        _discard(outputs)
+    for output in outputs:
+        if output.option != "--export":
+            print(f"wrote {output.path}")
     if args.export:
-        suffix = check_export_path(args.export)[1]
-        if inputs is None and suffix != ".pt":
-            raise CliError(f"--export {args.export} needs --input-shape (the example input to trace and check "
-                           "with); a .pt file needs none")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401  (Report.plot needs it: say so before the transform, not after)
-        except ImportError:
-            raise CliError(f"--plot {args.plot} needs matplotlib: pip install 'orthofx[plot]'") from None
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
-        folder = os.path.dirname(os.path.abspath(path)) if path else ""
-        if path and not os.path.isdir(folder):
-            raise CliError(f"{option} {path}: the directory {folder} does not exist; create it or choose another path")
-        if path and os.path.isdir(path):
-            raise CliError(f"{option} {path} is an existing directory; give a file path in it")
-    started = time.perf_counter()
-    gm = transform(model, args.policy, example_inputs=inputs)
-    elapsed = time.perf_counter() - started
-    rep = report(gm)
-    print(rep)
-    print(f"transformed in {elapsed:.2f} s")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rep.to_dict(), handle, indent=2, default=str)
-        print(f"wrote {args.json}")
-    if args.plot:
-        rep.plot(args.plot)
-        print(f"wrote {args.plot}")
-    if args.export:
-        # torch.export cannot trace a dynamic batch from a batch of one (the default input shape): fix it then
-        dynamic = inputs is None or batch_too_small_for_dynamic(inputs) is None
-        print(export(gm, args.export, example_inputs=inputs, dynamic_batch=dynamic))
+        result, dynamic = results["--export"]
+        print(dataclasses.replace(result, path=args.export))
         if not dynamic and not args.export.lower().endswith(".pt"):
             print("note: exported with a fixed batch of 1; give --input-shape with a batch of 2 or more for a "
                   "dynamic batch dimension")
     return 0
+
+
+def _write_json(rep, path: str) -> None:
+    text = json.dumps(rep.to_dict(), indent=2, default=str)  # made whole before the file is opened
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text + "\n")
+
+
+def _export(gm: nn.Module, path: str, inputs: tuple[torch.Tensor, ...] | None):
+    """``(export result, whether the batch is dynamic)``."""
+    # torch.export cannot trace a dynamic batch from a batch of one (the default input shape): fix it then
+    dynamic = inputs is None or batch_too_small_for_dynamic(inputs) is None
+    return export(gm, path, example_inputs=inputs, dynamic_batch=dynamic), dynamic
 
 
 def _progress(step: int, total: int, text: str, stream=None) -> None:
@@ -275,11 +485,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     x_train, y_train, x_test, y_test = load_digits_tensors(args.seed)
     model = load_model(args.model)
+    policy = Policy.load(args.policy)  # a bad policy is refused before the first heading is printed
     example = (x_train[:8],)
     _check_digits_model(model, example[0], args.model)
+    plan = explain(model, policy, example)
     print(f"== explain: model {args.model}, policy {args.policy}")
-    print(explain(model, args.policy, example))
-    gm = transform(model, args.policy, example_inputs=example)
+    print(plan)
+    gm = transform(model, policy, example_inputs=example)
     optimizer = torch.optim.Adam(gm.parameters(), lr=args.lr)
     print(f"\n== training {args.steps} steps on scikit-learn digits ({len(x_train)} train / {len(x_test)} test)")
     gm.train()
@@ -334,6 +546,17 @@ def non_negative_float(text: str) -> float:
     return _number(text, float, 0.0, True)
 
 
+def torch_seed(text: str) -> int:
+    """A random seed: an integer torch.manual_seed takes (-2^63 to 2^64 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not -2 ** 63 <= value <= 2 ** 64 - 1:  # beyond, torch raises a bare overflow ValueError
+        raise argparse.ArgumentTypeError(f"expected an integer from -2^63 to 2^64 - 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orthofx", description="Orthogonality for any PyTorch model.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -348,7 +571,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=positive_int, default=300)
     demo.add_argument("--batch-size", type=positive_int, default=64)
     demo.add_argument("--lr", type=positive_float, default=1e-2)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=torch_seed, default=0)
     demo.set_defaults(run=_cmd_demo)
 
     sub.add_parser("presets", parents=[common], help="list preset policies").set_defaults(run=_cmd_presets)
@@ -367,7 +590,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--input-shape", help="example input shape, e.g. 1,3,32,32")
         if name == "transform":
             cmd.add_argument("--json", help="write the report as JSON to this path")
-            cmd.add_argument("--plot", help="write the singular-value spectra PNG to this path")
+            cmd.add_argument("--plot", help="write the singular-value spectra to this image (.png, .svg, .pdf ...)")
             cmd.add_argument("--export", help="export the model: .onnx, .pt2 or .pt (state_dict + policy)")
         cmd.set_defaults(run=func)
     return parser
@@ -384,6 +607,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(exc).split())
         print(f"orthofx: error: {message}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug in orthofx or in the model: one line here too, the traceback with --debug
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split())
+        print(f"orthofx: error: unexpected {type(exc).__name__}: {message} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

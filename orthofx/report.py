@@ -248,12 +248,10 @@ class Report:
         panel: each monitored site's kappa against the monitor's update count, on a log scale.
         """
         _check_plot_arguments(path, max_layers)
-        try:
-            import matplotlib
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError("Report.plot needs matplotlib: pip install 'orthofx[plot]'") from exc
+        check_plot_format(path)
+        import matplotlib
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
         if self.conditioning:
             fig, (ax, kappa_ax) = plt.subplots(1, 2, figsize=(14, 5))
         else:
@@ -291,6 +289,24 @@ class Report:
         ax.set_ylabel("kappa = lambda_max / lambda_min")
         ax.set_title("condition number entering each monitored decomposition")
         ax.legend(fontsize=6)
+
+
+def check_plot_format(path: str | os.PathLike) -> None:
+    """Refuse a ``path`` :meth:`Report.plot` cannot write as named, before any work: ``ImportError`` without
+    matplotlib (with the install command), :class:`~orthofx.ArgumentError` for a suffix that is not an image
+    format matplotlib writes, or none (matplotlib would fail after drawing, or add ``.png`` to the name)."""
+    try:
+        import matplotlib  # imported first: its submodules may be in sys.modules while it is not importable
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as exc:
+        raise ImportError("Report.plot needs matplotlib: pip install 'orthofx[plot]'") from exc
+    del matplotlib
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    suffix = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    if suffix not in formats:
+        raise ArgumentError(f"Report.plot: {os.fspath(path)!r} has "
+                            f"{'an unknown image format .' + suffix if suffix else 'no suffix'}; give a path ending "
+                            f"in .png (or .{', .'.join(f for f in formats if f != 'png')})")
 
 
 def _check_plot_arguments(path: Any, max_layers: Any) -> None:

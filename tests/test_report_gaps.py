@@ -9,6 +9,7 @@ Theorem 7's L_orth), and the condition number of a covariance from torch.linalg.
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -195,3 +196,22 @@ def test_monitors_of_untransformed_models_without_monitors():
     with pytest.raises(OrthofxError, match=r"Sequential was not produced by orthofx.transform and holds no "
                                            r"orthofx layer.*orthofx.transform\(model, policy\)"):
         monitors(nn.Sequential(nn.Conv2d(2, 2, 3), nn.ReLU()))
+
+
+@pytest.mark.parametrize("name", ["spectra.txt", "spectra"])
+def test_plot_refuses_a_path_matplotlib_would_not_write_as_named(tmp_path, name):
+    # matplotlib raised its own ValueError after drawing (.txt), or wrote spectra.png for "spectra"
+    pytest.importorskip("matplotlib")
+    rep = orthofx.report(orthofx.transform(orthofx.models.get("small_cnn"), "lorth"))
+    with pytest.raises(orthofx.ArgumentError, match="give a path ending in .png"):
+        rep.plot(str(tmp_path / name))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_without_an_importable_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
+    # with matplotlib's submodules already imported, a check importing only a submodule passed
+    pytest.importorskip("matplotlib.backend_bases")
+    rep = orthofx.report(orthofx.transform(orthofx.models.get("small_cnn"), "lorth"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"pip install 'orthofx\[plot\]'"):
+        rep.plot(str(tmp_path / "s.png"))
