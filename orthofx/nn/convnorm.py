@@ -721,14 +721,40 @@ class ConvNormConvNd(nn.Module):
             if key.startswith(prefix + _RUNNING_PREFIX):
                 name = key[len(prefix):]
                 if "." not in name and isinstance(value, torch.Tensor):
+                    problem = self._running_filter_problem(name, value)
+                    if problem is not None:
+                        # refused as torch refuses a parameter of the wrong shape (also under strict=False): a
+                        # filter shaped otherwise would broadcast over the channels in eval, silently
+                        error_msgs.append(f"{problem} (key {key!r})")
+                        continue
                     incoming.add(name)
                     if name not in self._buffers:
-                        self.register_buffer(name, torch.empty(
-                            value.shape, device=self.conv.weight.device, dtype=_real_dtype(self.conv.weight.dtype)))
+                        # made outside inference mode (as in _v_for): a load_state_dict under
+                        # torch.inference_mode() would leave an inference tensor that a later training forward
+                        # could not update in place (BatchNorm's running statistics keep working in that sequence)
+                        with torch.inference_mode(False):
+                            self.register_buffer(name, torch.empty(value.shape, device=self.conv.weight.device,
+                                                                   dtype=_real_dtype(self.conv.weight.dtype)))
         for name in [n for n in self._buffers if n.startswith(_RUNNING_PREFIX) and n not in incoming]:
             del self._buffers[name]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _running_filter_problem(self, name: str, value: torch.Tensor) -> str | None:
+        """Why the tensor ``value`` loaded as the buffer ``name`` (``running_v_<L1>x...x<Ld>``) cannot be a running
+        filter of this layer, or ``None``: its name must give ``d`` positive grid sizes and its shape must be the
+        rfft half spectrum of that grid for every output channel, ``(M, L_1, ..., L_d // 2 + 1)``."""
+        sizes = name[len(_RUNNING_PREFIX):].split("x")
+        if len(sizes) != self._dims or not all(v.isdigit() and int(v) > 0 for v in sizes):
+            return (f"unexpected running ConvNorm filter {name}: its name does not give the {self._dims} FFT grid "
+                    f"sizes of a {self._dims}-d layer ({_RUNNING_PREFIX}<L1>x...x<Ld>)")
+        grid = tuple(int(v) for v in sizes)
+        expected = (self.conv.out_channels,) + grid[:-1] + (grid[-1] // 2 + 1,)
+        if tuple(value.shape) != expected:
+            return (f"size mismatch for {name}: copying a running ConvNorm filter with shape {tuple(value.shape)} "
+                    f"from checkpoint; the filter of the FFT grid {grid} of this layer ({self.conv.out_channels} "
+                    f"output channels) has shape {expected}")
+        return None
 
     # ---- forward
 

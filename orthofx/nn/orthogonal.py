@@ -108,12 +108,15 @@ operator.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, layer_label
 from orthofx.nn.padding import CircularFold, CircularPad, circular_fold, circular_pad, flat_pads
@@ -366,6 +369,28 @@ def _relative_distance(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(value - reference) / torch.linalg.vector_norm(reference).clamp_min(1e-300))
 
 
+def _kept_parameter(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor that holds the parameter ``name`` of ``module``, read from ``_parameters`` (``torch.fx``'s tracer
+    turns ``module.<name>`` into a Proxy, whose dtype and device cannot decide a Python branch). A
+    ``torch.nn.utils.parametrize`` parametrization moves it into ``parametrizations.<name>``: then it is the first
+    tensor kept there (``original``, or ``original0`` for a right inverse giving several)."""
+    if name in module._parameters:
+        return module._parameters[name]
+    kept = module.parametrizations[name]
+    return next(t for t in (*kept._parameters.values(), *kept._buffers.values()) if t is not None)
+
+
+def _autocast_off(reference: torch.Tensor):
+    """A context in which the orthogonal kernel is built as ``compute_dtype`` says: ``torch.autocast`` turned off
+    for ``reference``'s device where it is on (it would run the float32 build's matmuls in bfloat16 / float16,
+    orthogonal to 1e-2 only, and an eval-mode layer would keep that kernel cached after the autocast block);
+    nothing otherwise (a trace outside autocast records no switch)."""
+    device_type = reference.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _check_input(x: torch.Tensor, dims: int, channels: int, layer: nn.Module | str) -> None:
     """Refuse an input that is not ``(B, channels, *spatial)`` or ``(channels, *spatial)`` with ``dims`` spatial
     dimensions. The Fourier-domain forward reshapes ``(B, C, ...)`` with ``-1`` for the batch, so a wrong channel
@@ -498,13 +523,17 @@ class _EvalCache:
     per layer on an H200, against 0.5 ms for the convolution itself; ``benchmarks/compile.py``: a transformed
     ResNet-18 in eval ran 10x slower than its frozen form). A validation pass changes no parameter, so the kernel
     is cached there. The cache is used only when ``not self.training``, ``torch.is_grad_enabled()`` is False and
-    nothing traces the module (compile, export), is keyed by every parameter's storage, version counter, dtype and
-    device plus ``gain`` (an optimizer step, ``load_state_dict`` or ``.to()`` invalidates it), and is dropped by
-    ``train()`` and by any forward with gradients enabled (a training pass in eval mode: fused optimizers write the
-    parameters without bumping their version counters). Parameters that are inference tensors or ``torch.func``
-    transformed tensors are never cached. It is not part of the state_dict. Code that writes through
-    ``param.data`` in eval mode bypasses the version counter: call ``module.train(False)`` again (or ``train()``)
-    afterwards.
+    nothing traces the module (compile, export), is keyed by every parameter's identity (a weak reference: the
+    tensors ``torch.func.functional_call`` substitutes are new objects, even where one reuses a freed one's
+    memory), storage address, layout, version counter, dtype and device plus ``gain`` and ``compute_dtype`` (an
+    optimizer step, ``load_state_dict`` or ``.to()`` invalidates it), and is dropped by ``train()`` and by any
+    forward with gradients enabled (a training pass in eval mode: fused optimizers write the parameters without
+    bumping their version counters). Parameters that are inference tensors or ``torch.func`` transformed tensors
+    are never cached, nor is a layer with a ``torch.nn.utils.parametrize`` parametrization (its parameters live in
+    the parametrization modules, and torch recomputes a parametrized tensor at every access too, outside
+    ``parametrize.cached()``). It is not part of the state_dict. Code that writes through ``param.data`` in eval
+    mode (``torch.nn.utils.vector_to_parameters`` does) bypasses the version counter: call
+    ``module.train(False)`` again (or ``train()``) afterwards.
     """
 
     def _cached(self, name: str, build):
@@ -519,17 +548,24 @@ class _EvalCache:
             # be a fused optimizer's, which writes the parameters without bumping their version counters
             self.__dict__.pop("_eval_cache", None)
             return build()
+        if parametrize.is_parametrized(self):
+            # the parametrized tensors are computed by modules outside parameters(recurse=False), from parameters
+            # (and state) the key would not see
+            return build()
         params = list(self.parameters(recurse=False))
         if any(p.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(p) for p in params):
             return build()  # no version counter (inference tensors) or no storage (torch.func transforms)
-        key = (self.gain, tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        key = (self.gain, self.compute_dtype,
+               tuple((p.data_ptr(), p.shape, p.stride(), p._version, p.dtype, p.device) for p in params))
         cache = self.__dict__.get("_eval_cache")
-        if cache is None or cache[0] != key:
-            cache = (key, {})
+        # the address and version alone do not name a tensor: a functional_call's substituted tensor may sit where
+        # the freed one of the call before sat, with the same (zero) version, or be a transposed view of it
+        if cache is None or cache[0] != key or any(ref() is not p for ref, p in zip(cache[1], params)):
+            cache = (key, [weakref.ref(p) for p in params], {})
             self.__dict__["_eval_cache"] = cache
-        if name not in cache[1]:
-            cache[1][name] = build()
-        return cache[1][name]
+        if name not in cache[2]:
+            cache[2][name] = build()
+        return cache[2][name]
 
     def train(self, mode: bool = True):
         self.__dict__.pop("_eval_cache", None)
@@ -718,9 +754,9 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
 
     @property
     def _param_dtype(self) -> torch.dtype:
-        """The parameters' dtype, read from ``_parameters``: ``torch.fx``'s tracer turns ``self.matrix`` into a
-        Proxy, whose ``dtype`` cannot decide a Python branch."""
-        return self._parameters["cayley_kernel" if self.method == "cayley_fft" else "matrix"].dtype
+        """The parameters' dtype (:func:`_kept_parameter`: concrete under ``torch.fx`` tracing and with a torch
+        parametrization)."""
+        return _kept_parameter(self, "cayley_kernel" if self.method == "cayley_fft" else "matrix").dtype
 
     def _cayley_skew(self, cd: torch.dtype) -> torch.Tensor:
         r"""``A(f) = \hat V(f) - \hat V(f)^H`` on the rfft half spectrum of the ``n/S`` grid, ``(g, F, N, N)``;
@@ -742,7 +778,11 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
     def _cayley_unit_symbol(self, cd: torch.dtype | None = None) -> torch.Tensor:
         r"""The per-frequency matrices without gain, ``(g, F, M, C S^d)`` complex: the needed block of the Cayley
         transform :math:`Q = (I - A)(I + A)^{-1} = (I + A)^{-1}(I - A)` (the factors commute)."""
-        cd = cd or self.compute_dtype
+        with _autocast_off(_kept_parameter(self, "cayley_kernel")):
+            return self._cayley_transform(cd or self.compute_dtype)
+
+    def _cayley_transform(self, cd: torch.dtype) -> torch.Tensor:
+        """:meth:`_cayley_unit_symbol` in ``cd`` (outside autocast)."""
         A = self._cayley_skew(cd)
         N, M, cp = self._N, self._M, self._cp
         eye = torch.eye(N, dtype=A.dtype, device=A.device)
@@ -1044,7 +1084,11 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         ``shift``: the blocks are known to form a pure shift by these taps (:meth:`_paired_shift`); the kernel is
         then the orthonormal matrix on the window at the shift, zero elsewhere, built without the block product
         (the same kernel to rounding)."""
-        cd = cd or self.compute_dtype
+        with _autocast_off(_kept_parameter(self, "matrix")):
+            return self._block_kernel(cd or self.compute_dtype, shift)
+
+    def _block_kernel(self, cd: torch.dtype, shift: tuple[int, ...] | None) -> torch.Tensor:
+        """:meth:`_unit_kernel` in ``cd`` (outside autocast)."""
         g, M, C, d = self.groups, self._M, self._C, self._dims
         W = orthonormal(self.matrix.to(cd), tall=self._matrix_tall)
         if shift is not None:
@@ -1977,7 +2021,8 @@ class OrthogonalLinear(_EvalCache, nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The ``out x in`` weight, ``gain`` times orthonormal rows or columns (differentiable)."""
-        W = orthonormal(self.raw_weight.to(self.compute_dtype), tall=self.out_features >= self.in_features)
+        with _autocast_off(_kept_parameter(self, "raw_weight")):
+            W = orthonormal(self.raw_weight.to(self.compute_dtype), tall=self.out_features >= self.in_features)
         W = W * self.gain
         return W.to(self.raw_weight.dtype)
 
