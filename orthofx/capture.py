@@ -2105,7 +2105,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
     return _with_other_mode(model, gm, info, export_other_mode), info
 
 
-def _uninitialised_lazy_modules(model: nn.Module) -> list[str]:
+def uninitialised_lazy_modules(model: nn.Module) -> list[str]:
     """Paths of the lazy layers (``nn.LazyLinear``, ``nn.LazyConv2d`` ...) whose parameters do not exist yet."""
     from torch.nn.modules.lazy import LazyModuleMixin
 
@@ -2121,7 +2121,7 @@ def _materialised(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> nn
     the random number generator: the copy's initialisation runs on a forked one, so the model's layers get the
     weights they would get without the capture.
     """
-    lazy = _uninitialised_lazy_modules(model)
+    lazy = uninitialised_lazy_modules(model)
     if not lazy:
         return model
     shown = ", ".join(f"'{path}'" for path in lazy[:3]) + (f" and {len(lazy) - 3} more" if len(lazy) > 3 else "")

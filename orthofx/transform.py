@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from .capture import capture, copy_targets, input_tuple, keyword_inputs, unwrap_model
+from .capture import capture, copy_targets, input_tuple, keyword_inputs, uninitialised_lazy_modules, unwrap_model
 from .errors import ArgumentError, OrthofxError, TransformError
 from .passes.base import MANIFEST_KEY, EvalRun, Manifest, PassContext, PlanEntry, Site, replace_module
 from .passes.registry import get_pass
@@ -129,6 +129,10 @@ def example_call(example_inputs: Any, example_kwargs: Any) -> ExampleCall | None
 
 def _capture_and_plan(root: nn.Module, policy: Policy, example: ExampleCall | None
                       ) -> tuple[fx.GraphModule, Plan]:
+    if example is not None and uninitialised_lazy_modules(root):
+        # the plan must see the shapes the passes will see: an uninitialised LazyLinear reads as Linear(0->2),
+        # which a rule for square layers would select and its pass then skip
+        _runs(root, example)
     blocks = block_paths(root, policy)
     # capture.leaf_modules holds class names and module paths: the entries naming a submodule are paths
     paths = {name for name, _ in root.named_modules() if name}

@@ -425,3 +425,20 @@ def test_transforming_a_model_that_carries_penalties_or_hooks_again_is_refused()
     plain = orthofx.transform(model, "convnorm", example_inputs=(x,))
     assert not orthofx.manifest_of(plain).penalties and not orthofx.manifest_of(plain).optimizer_hooks
     orthofx.transform(plain, "lorth", example_inputs=(x,))
+
+
+def test_explain_and_transform_plan_lazy_layers_with_the_shapes_the_example_gives_them():
+    # explain planned an uninitialised LazyLinear as Linear(0->5): square-layer rules selected it, and transform's
+    # pass then skipped it ("not square") after the example had run
+    model = nn.Sequential(nn.LazyLinear(5), nn.Tanh(), nn.LazyLinear(5))
+    x = torch.randn(4, 3)
+    plan = orthofx.explain(model, "isometric", example_inputs=(x,))
+    applied = {(e.site.name, e.rule_name) for e in plan.entries}
+    skipped = {(site.name, rule): reason for site, rule, reason in plan.skipped}
+    assert skipped[("0", "stiefel-square-linears")].startswith("not square")
+    assert ("2", "stiefel-square-linears") in applied and ("0", "stiefel-square-linears") not in applied
+    assert "Linear(3->5)" in str(plan) and "(0->" not in str(plan)
+    assert isinstance(model[0], nn.LazyLinear) and model[0].has_uninitialized_params()  # the user's model untouched
+    gm = orthofx.transform(model, "isometric", example_inputs=(x,))
+    hooks = [hook.site for hook in orthofx.manifest_of(gm).optimizer_hooks]
+    assert hooks == ["2"]
