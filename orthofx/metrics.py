@@ -116,6 +116,35 @@ def _tuple(value, d: int, name: str) -> tuple[int, ...]:
     return (_int(value, name),) * d
 
 
+def _flag(value, name: str, what: str) -> bool:
+    """``value`` if it is ``True`` or ``False``: an array or a multi-element tensor has no single truth value, and
+    anything else (a string, a list) would silently count as true."""
+    if not isinstance(value, bool):
+        raise ArgumentError(f"{what}: {name} must be True or False, got {value!r}")
+    return value
+
+
+def _one_of(value, choices: tuple, name: str, what: str):
+    """``value`` if it is one of the strings ``choices`` (``None`` included when it is one of them); checked by type
+    first, since ``in`` on an array or a list compares elementwise or needs a hash."""
+    if not (value is None and None in choices) and not (isinstance(value, str) and value in choices):
+        shown = ", ".join(repr(c) for c in choices)
+        raise ArgumentError(f"{what}: {name} must be one of {shown}, got {value!r}")
+    return value
+
+
+def _linear_one(value, name: str, what: str) -> None:
+    """A 2-D (Linear) weight is a one-tap convolution at stride 1: its stride, groups and dilation can only be the
+    integer 1 (any integer type, as torch accepts; not a bool, a float, a tuple or an array)."""
+    try:
+        one = not isinstance(value, bool) and value.__index__() == 1
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # no __index__, or an array's / tensor's refusal
+        one = False
+    if not one:
+        raise ArgumentError(f"{what}: {name} must be 1 for a 2-D (Linear) weight (it has no kernel taps to move or "
+                            f"split), got {value!r}; pass {name} only with a convolution weight")
+
+
 def _groups(weight: torch.Tensor, groups) -> int:
     g = _int(groups, "groups")
     if weight.shape[0] % g:
@@ -128,11 +157,14 @@ def _groups(weight: torch.Tensor, groups) -> int:
 #: layer on a large grid would otherwise need gigabytes (512 channels on 64 x 64: 9 GB).
 _MAX_FREQUENCY_ELEMENTS = 1 << 24
 
+#: Most entries a result (all singular values of a convolution, a dilated kernel) or a set of frequencies may have
+#: (16 GiB in float64): past it torch fails with a bare allocation or size-overflow error, or the loop over the
+#: frequencies never ends; a grid or a dilation that large is a mistake (e.g. a pixel count passed as a side).
+_MAX_ENTRIES = 1 << 31
 
-def _space_to_depth_kernel(weight: torch.Tensor, input_size, stride, groups, dtype
-                           ) -> tuple[torch.Tensor, tuple[int, ...], int]:
-    """``(K', grid, groups)``: the stride-1 kernel ``(M, C/g * prod(S), a_1, ..., a_d)`` on the ``n/S`` grid
-    (module docstring), in ``dtype``, taps folded modulo the grid."""
+
+def _grid(weight: torch.Tensor, input_size, stride) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(input sizes n, strides S, output grid n/S)`` of a checked conv weight, each a tuple of ``d`` ints."""
     d = weight.ndim - 2
     sizes = _tuple(input_size, d, "input_size")
     strides = _tuple(stride, d, "stride")
@@ -140,10 +172,18 @@ def _space_to_depth_kernel(weight: torch.Tensor, input_size, stride, groups, dty
         if n % s:
             raise ArgumentError(f"input_size {sizes} must be divisible by the stride {strides} in every dimension "
                                 f"(circular strided convolution); {n} is not a multiple of {s}")
+    return sizes, strides, tuple(n // s for n, s in zip(sizes, strides))
+
+
+def _space_to_depth_kernel(weight: torch.Tensor, input_size, stride, groups, dtype
+                           ) -> tuple[torch.Tensor, tuple[int, ...], int]:
+    """``(K', grid, groups)``: the stride-1 kernel ``(M, C/g * prod(S), a_1, ..., a_d)`` on the ``n/S`` grid
+    (module docstring), in ``dtype``, taps folded modulo the grid."""
+    d = weight.ndim - 2
+    sizes, strides, grid = _grid(weight, input_size, stride)
     g = _groups(weight, groups)
     M, Cg = weight.shape[:2]
     ks = weight.shape[2:]
-    grid = tuple(n // s for n, s in zip(sizes, strides))
     w = weight.detach().to(dtype)
     # zero-pad each spatial dim to a multiple of the stride (F.pad lists the last dim first)
     pad = []
@@ -181,7 +221,8 @@ def _rfft_counts(q: int) -> torch.Tensor:
     return counts
 
 
-def _frequency_matrices(weight: torch.Tensor, input_size, stride, groups, dtype, max_elements: int | None = None):
+def _frequency_matrices(weight: torch.Tensor, input_size, stride, groups, dtype, max_elements: int | None = None,
+                        what: str = "conv_singular_values"):
     """The per-frequency matrices of the (strided, grouped, circular) convolution, in chunks.
 
     Yields ``(mats, counts)``: ``mats`` ``(B, M/g, C/g * prod(S))`` (``dtype``; complex but for a one-tap
@@ -194,8 +235,15 @@ def _frequency_matrices(weight: torch.Tensor, input_size, stride, groups, dtype,
       frequency: one matrix per group, counted ``prod(n/S)`` times;
     * otherwise ``rfftn`` over the grid when everything fits in ``max_elements``, else chunk by chunk along the
       first grid axis, the DFT along every axis as a direct sum over the kernel's few taps.
+
+    ``what`` starts the error message of a grid with more than :data:`_MAX_ENTRIES` frequencies.
     """
     max_elements = _MAX_FREQUENCY_ELEMENTS if max_elements is None else max_elements
+    sizes, strides, grid = _grid(weight, input_size, stride)
+    if math.prod(grid) > _MAX_ENTRIES:
+        raise ArgumentError(f"{what}: input_size {sizes} at stride {strides} is an output grid of {math.prod(grid)} "
+                            f"frequencies, more than {_MAX_ENTRIES} (2^31): pass the spatial size of the layer's "
+                            "input, e.g. (32, 32) for a CIFAR image")
     w, grid, g = _space_to_depth_kernel(weight, input_size, stride, groups, dtype)
     M, Cp = w.shape[:2]
     d = len(grid)
@@ -311,16 +359,11 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
     0.5
     """
     _check_tensor(weight)
-    if case not in (None, "RO", "CO"):
-        raise ArgumentError(f"case must be None, 'RO' or 'CO', got {case!r}")
+    _one_of(case, (None, "RO", "CO"), "case", "lorth")
+    _flag(fast_backward, "fast_backward", "lorth")
     if weight.ndim == 2:
-        if _int(groups, "groups") != 1:
-            raise ArgumentError("groups must be 1 for a 2-D (Linear) weight")
-        if stride != 1:
-            raise ArgumentError(f"stride must be 1 for a 2-D (Linear) weight, got {stride!r}")
-        if dilation != 1:
-            raise ArgumentError(f"lorth: dilation must be 1 for a 2-D (Linear) weight (it has no kernel taps to "
-                                f"spread), got {dilation!r}; pass dilation only with a convolution weight")
+        for name, value in (("stride", stride), ("groups", groups), ("dilation", dilation)):
+            _linear_one(value, name, "lorth")
         out_f, in_f = weight.shape
         if case is None:
             case = "RO" if out_f <= in_f else "CO"
@@ -328,7 +371,7 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
     d = _check_conv_weight(weight, "lorth")
     strides = _tuple(stride, d, "stride")
     dilations = _tuple(dilation, d, "dilation")
-    weight = _dilate(weight, tuple(D if s > 1 else 1 for D, s in zip(dilations, strides)))
+    weight = _dilate(weight, tuple(D if s > 1 else 1 for D, s in zip(dilations, strides)), "lorth")
     g = _groups(weight, groups)
     M, Cg = weight.shape[:2]
     ks = tuple(weight.shape[2:])
@@ -367,14 +410,19 @@ def dilated_kernel(weight: torch.Tensor, dilation) -> torch.Tensor:
     tensor([[[1., 0., 0., 2.]]])
     """
     d = _check_conv_weight(weight, "dilated_kernel")
-    return _dilate(weight, _tuple(dilation, d, "dilation"))
+    return _dilate(weight, _tuple(dilation, d, "dilation"), "dilated_kernel")
 
 
-def _dilate(weight: torch.Tensor, dilations: tuple[int, ...]) -> torch.Tensor:
-    """:func:`dilated_kernel` of a checked weight and per-dimension dilations."""
+def _dilate(weight: torch.Tensor, dilations: tuple[int, ...], what: str) -> torch.Tensor:
+    """:func:`dilated_kernel` of a checked weight and per-dimension dilations; ``what`` starts the error message."""
     if all(D == 1 for D in dilations):
         return weight
     size = [(k - 1) * D + 1 for k, D in zip(weight.shape[2:], dilations)]
+    entries = weight.shape[0] * weight.shape[1] * math.prod(size)
+    if entries > _MAX_ENTRIES:
+        raise ArgumentError(f"{what}: dilation {dilations} spreads the kernel {tuple(weight.shape[2:])} over "
+                            f"{tuple(size)} taps, {entries} entries with the channels, more than {_MAX_ENTRIES} "
+                            "(2^31): pass the layer's dilation (a dilation past the input size only wraps around)")
     out = weight.new_zeros(*weight.shape[:2], *size)
     out[(slice(None), slice(None)) + tuple(slice(None, None, D) for D in dilations)] = weight
     return out
@@ -453,6 +501,13 @@ def conv_singular_values(weight: torch.Tensor, input_size, stride=1, groups: int
     """
     _check_conv_weight(weight, "conv_singular_values")
     _check_svd_inputs(weight, dtype, "conv_singular_values")
+    sizes, strides, grid = _grid(weight, input_size, stride)
+    g = _groups(weight, groups)
+    count = g * min(weight.shape[0] // g, weight.shape[1] * math.prod(strides)) * math.prod(grid)
+    if count > _MAX_ENTRIES:
+        raise ArgumentError(f"conv_singular_values: the operator on an input of size {sizes} at stride {strides} has "
+                            f"{count} singular values (min(M, C*S^d) * prod(n/S) over {g} group(s)), more than "
+                            f"{_MAX_ENTRIES} (2^31) to return at once: pass a smaller input_size")
     parts = []
     for mats, counts in _frequency_matrices(weight, input_size, stride, groups, dtype):
         sv = _batched_svdvals(mats)  # (B, r)
@@ -491,8 +546,8 @@ def orthogonality_error(weight: torch.Tensor, input_size=None, stride=1, groups:
     """
     _check_tensor(weight)
     if weight.ndim == 2:
-        if stride != 1 or groups != 1:
-            raise ArgumentError("stride and groups must be 1 for a 2-D (Linear) weight")
+        _linear_one(stride, "stride", "orthogonality_error")
+        _linear_one(groups, "groups", "orthogonality_error")
         sv = linear_singular_values(weight)
     else:
         _check_conv_weight(weight, "orthogonality_error")
@@ -556,8 +611,8 @@ def spectral_norm_bound(weight: torch.Tensor, input_size=None, stride=1, iterati
                             "rank^(2^-iterations)); pass at most that")
     _check_svd_inputs(weight, torch.float64, "spectral_norm_bound")
     if weight.ndim == 2:
-        if stride != 1 or groups != 1:
-            raise ArgumentError("stride and groups must be 1 for a 2-D (Linear) weight")
+        _linear_one(stride, "stride", "spectral_norm_bound")
+        _linear_one(groups, "groups", "spectral_norm_bound")
         mats = weight.detach().to(torch.float64)[None]
     else:
         _check_conv_weight(weight, "spectral_norm_bound")
@@ -565,7 +620,8 @@ def spectral_norm_bound(weight: torch.Tensor, input_size=None, stride=1, iterati
             raise ArgumentError("spectral_norm_bound needs input_size (the spatial size of the layer's input) "
                                 "for a convolution weight")
         return max(_gram_bound(mats, iterations)
-                   for mats, _ in _frequency_matrices(weight, input_size, stride, groups, torch.float64))
+                   for mats, _ in _frequency_matrices(weight, input_size, stride, groups, torch.float64,
+                                                      what="spectral_norm_bound"))
     return _gram_bound(mats, iterations)
 
 
@@ -976,12 +1032,15 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
     """:func:`jacobian_isometry` and the route it took (``"jvp"`` or ``"double_vjp"``); ``what`` starts the
     error messages (a probe names its layer)."""
     _check_input(x, what)
-    if kind not in JACOBIAN_KINDS:
-        raise ArgumentError(f"{what}: kind must be one of {', '.join(JACOBIAN_KINDS)}, got {kind!r}")
-    if route not in _ROUTES:
-        raise ArgumentError(f"{what}: route must be one of {', '.join(_ROUTES)}, got {route!r}")
+    _one_of(kind, JACOBIAN_KINDS, "kind", what)
+    _one_of(route, _ROUTES, "route", what)
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ArgumentError(f"{what}: probes must be a positive integer, got {probes!r}")
+    for name, value in (("per_sample", per_sample), ("normalize", normalize), ("create_graph", create_graph)):
+        _flag(value, name, what)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentError(f"{what}: generator must be a torch.Generator or None, got {type(generator).__name__} "
+                            f"{generator!r}; e.g. torch.Generator().manual_seed(0) for reproducible probes")
     if per_sample and x.ndim == 0:
         raise ArgumentError(f"{what}: per_sample=True needs a batch dimension first, got a 0-d input")
     if per_sample and x.shape[0] == 0:
@@ -1118,6 +1177,7 @@ def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,
     """
     what = "jacobian_singular_values"
     _check_input(x, what)
+    _flag(per_sample, "per_sample", what)
     if dtype is not None and not _is_real_float_dtype(dtype):
         raise ArgumentError(f"jacobian_singular_values: dtype must be None or a real floating-point torch.dtype "
                             f"(e.g. torch.float64), got {dtype!r}")
@@ -1165,11 +1225,17 @@ def isometry_moments(singular_values: torch.Tensor, n: int | None = None) -> tup
     """
     if not isinstance(singular_values, torch.Tensor) or singular_values.ndim == 0:
         raise ArgumentError("isometry_moments expects a tensor of singular values with at least one dimension")
+    if singular_values.is_complex() or not singular_values.is_floating_point():
+        # singular values are real: a complex tensor's square is not sigma^2, a bool one holds no magnitudes
+        raise ArgumentError(f"isometry_moments: singular_values must be a real floating-point tensor, got dtype "
+                            f"{singular_values.dtype}; pass e.g. torch.linalg.svdvals(J) or "
+                            "jacobian_singular_values(fn, x)")
     count = singular_values.shape[-1]
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
-        raise ArgumentError(f"isometry_moments: n must be an integer (the layer width), got {n!r}")
-    n = count if n is None else n
-    if n < count or n < 1:
+    if n is None and count == 0:
+        raise ArgumentError(f"isometry_moments: no singular values (shape {tuple(singular_values.shape)}) and no n: "
+                            "pass n, the input dimension (the eigenvalues of J^T J are then all zero)")
+    n = count if n is None else _int(n, "isometry_moments: n (the layer width)")
+    if n < count:
         raise ArgumentError(f"isometry_moments: n must be at least the number of singular values ({count}), got {n}")
     eig = singular_values.square()
     return eig.sum(-1) / n, eig.square().sum(-1) / n

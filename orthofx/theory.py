@@ -151,7 +151,8 @@ def adjoint_case(case: str) -> str:
     >>> adjoint_case("RO")
     'CO'
     """
-    swapped = {"RO": "CO", "CO": "RO"}.get(case)
+    # (checked as a string first: a list or an array cannot be looked up in a dict)
+    swapped = {"RO": "CO", "CO": "RO"}.get(case) if isinstance(case, str) else None
     if swapped is None:
         raise ArgumentError(f"case must be 'RO' or 'CO', got {case!r}")
     return swapped
@@ -219,7 +220,7 @@ def orthogonal_conv_exists(
     C, M, g = _per_group(c_in, c_out, groups)
     ks = _sizes(kernel_size, dims, "kernel_size")
     ss = _sizes(stride, dims, "stride")
-    if padding not in _PADDINGS:
+    if not isinstance(padding, str) or padding not in _PADDINGS:  # ('in' on an array compares elementwise)
         raise ArgumentError(f"padding must be one of {_PADDINGS}, got {padding!r} "
                             "(a torch Conv with padding=0 is 'valid'; padding_mode='zeros' with 'same'-style "
                             "padding is 'zeros')")
