@@ -21,6 +21,7 @@ their work (the Riemannian hooks retract all same-shaped weights in one batched 
 from __future__ import annotations
 
 import functools
+import itertools
 import types
 import weakref
 
@@ -33,6 +34,9 @@ from .passes.base import refuse_fsdp1
 from .transform import manifest_of
 
 __all__ = ["attach", "AttachHandle"]
+
+
+_ATTACHMENT_KEYS = itertools.count()
 
 
 class AttachHandle:
@@ -52,6 +56,9 @@ class AttachHandle:
 
     def __init__(self, optimizer: torch.optim.Optimizer, hooks: list, handles: list, skipped: list | None = None):
         self.optimizer = optimizer
+        # the key of this attachment in the optimizer's registry: a number, not id(self), which a handle created
+        # after this one is dropped (without remove(): its hooks stay) may reuse, overwriting its entry
+        self._key = next(_ATTACHMENT_KEYS)
         self.hooks = hooks
         #: hooks left out because their parameters are frozen and not in the optimizer (see :func:`attach`)
         self.skipped = list(skipped or [])
@@ -61,7 +68,7 @@ class AttachHandle:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.optimizer.__dict__.get("_orthofx_attached", {}).pop(id(self), None)
+        self.optimizer.__dict__.get("_orthofx_attached", {}).pop(self._key, None)
 
     def __repr__(self) -> str:
         return f"AttachHandle({len(self.hooks)} hook(s): {self.hooks!r})"
@@ -259,5 +266,5 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after),
                _StepGuard(optimizer, run_after)]
     handle = AttachHandle(optimizer, hooks, handles, skipped)
-    optimizer.__dict__.setdefault("_orthofx_attached", {})[id(handle)] = id(root)
+    optimizer.__dict__.setdefault("_orthofx_attached", {})[handle._key] = id(root)
     return handle
