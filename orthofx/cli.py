@@ -9,8 +9,9 @@
 
 MODEL is a built-in name (``orthofx.models.names()``), ``package.module:factory`` or ``path/to/file.py:factory``
 (a callable taking no arguments that returns an ``nn.Module``). Exit status 0 on success, 2 on bad input with a
-one-line message, 1 with a one-line message on an unexpected failure (``--debug`` shows the traceback). The output
-files of ``transform`` are written only when every one of them could be: a failure leaves none behind.
+one-line message, 1 with a one-line message on an unexpected failure or a demo whose training diverged, 130 with
+``orthofx: interrupted`` on Ctrl-C (``--debug`` shows the traceback). The output files of ``transform`` are written
+only when every one of them could be: a failure or an interrupt leaves none behind.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -52,6 +55,15 @@ __all__ = ["main", "load_model"]
 
 class CliError(OrthofxError):
     """Bad command-line input (exit status 2)."""
+
+    exit_status = 2
+
+
+class TrainingDiverged(OrthofxError):
+    """The demo's training reached a non-finite loss or parameters (exit status 1: the input was valid, the run
+    failed)."""
+
+    exit_status = 1
 
 
 def load_model(spec: str) -> nn.Module:
@@ -318,7 +330,8 @@ def _stage(output: _Output) -> None:
         return
     directory = os.path.dirname(output.target)
     try:
-        output.folder = tempfile.mkdtemp(prefix=".orthofx-", dir=directory)
+        with _interrupts_deferred():  # a Ctrl-C between making the folder and recording it would leak it
+            output.folder = tempfile.mkdtemp(prefix=".orthofx-", dir=directory)
         with open(output.staged, "wb"):
             pass
         os.remove(output.staged)
@@ -327,21 +340,45 @@ def _stage(output: _Output) -> None:
                        "path") from None
 
 
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C (SIGINT) held back while the block runs and raised as ``KeyboardInterrupt`` once it is done, so that
+    a short step that must not stop halfway (moving the outputs into place, removing the staging folders) does
+    not. Only the main thread receives signals (and only it may install a handler): elsewhere this does
+    nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        # None: the previous handler was not installed from Python (an embedding application's): the default
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def _commit(outputs: list[_Output]) -> None:
     """Move the staged files into place: each folder's extra files first (an ONNX model's external data), the
-    file itself last."""
-    for output in outputs:
-        if output.folder is None:
-            continue
-        name = os.path.basename(output.target)
-        for entry in sorted(os.listdir(output.folder), key=lambda entry: entry == name):
-            os.replace(os.path.join(output.folder, entry), os.path.join(os.path.dirname(output.target), entry))
+    file itself last. A Ctrl-C waits until every file is in place: all of the outputs, not some."""
+    with _interrupts_deferred():
+        for output in outputs:
+            if output.folder is None:
+                continue
+            name = os.path.basename(output.target)
+            for entry in sorted(os.listdir(output.folder), key=lambda entry: entry == name):
+                os.replace(os.path.join(output.folder, entry), os.path.join(os.path.dirname(output.target), entry))
 
 
 def _discard(outputs: list[_Output]) -> None:
-    for output in outputs:
-        if output.folder is not None:
-            shutil.rmtree(output.folder, ignore_errors=True)
+    """Remove the staging folders and whatever is left in them (everything, after a failure or an interrupt);
+    a second Ctrl-C waits until they are gone."""
+    with _interrupts_deferred():
+        for output in outputs:
+            if output.folder is not None:
+                shutil.rmtree(output.folder, ignore_errors=True)
 
 
 def _write(output: _Output, write: Callable[[str], object]) -> object:
@@ -484,6 +521,9 @@ def _check_digits_model(model: nn.Module, images: torch.Tensor, spec: str) -> No
 def _cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     x_train, y_train, x_test, y_test = load_digits_tensors(args.seed)
+    if args.batch_size > len(x_train):  # batches are drawn with replacement: a larger one repeats images
+        args.usage_error(f"argument --batch-size: expected at most {len(x_train)} (the images of the digits "
+                         f"training split), got {args.batch_size}")
     model = load_model(args.model)
     policy = Policy.load(args.policy)  # a bad policy is refused before the first heading is printed
     example = (x_train[:8],)
@@ -497,17 +537,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     gm.train()
     generator = torch.Generator().manual_seed(args.seed)
     first_penalty = None
-    for step in range(1, args.steps + 1):
-        index = torch.randint(0, len(x_train), (args.batch_size,), generator=generator)
-        task = nn.functional.cross_entropy(gm(x_train[index]), y_train[index])
-        reg = penalty(gm)
-        loss = task + reg
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        first_penalty = float(reg.detach()) if first_penalty is None else first_penalty
-        if step % max(1, args.steps // 50) == 0 or step == args.steps:
-            _progress(step, args.steps, f"task {task.item():.3f}  penalty {reg.item():.4f}")
+    progress_open = False  # a progress line without its newline yet, on stderr
+    try:
+        for step in range(1, args.steps + 1):
+            index = torch.randint(0, len(x_train), (args.batch_size,), generator=generator)
+            task = nn.functional.cross_entropy(gm(x_train[index]), y_train[index])
+            reg = penalty(gm)
+            loss = task + reg
+            if not torch.isfinite(loss):  # one inf or nan and every later step, and the report, is nan
+                raise TrainingDiverged(f"training diverged at step {step} of {args.steps}: the loss is "
+                                       f"{loss.item()} (task {task.item()}, penalty {reg.item()}); "
+                                       f"{_smaller_lr(args.lr)}")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            first_penalty = float(reg.detach()) if first_penalty is None else first_penalty
+            if step % max(1, args.steps // 50) == 0 or step == args.steps:
+                _progress(step, args.steps, f"task {task.item():.3f}  penalty {reg.item():.4f}")
+                progress_open = step != args.steps
+        # the last step's update is checked by no later loss: overflowed weights would report nan
+        if not all(bool(torch.isfinite(p).all()) for p in gm.parameters()):
+            raise TrainingDiverged(f"training diverged at step {args.steps} of {args.steps}: the update left "
+                                   f"parameters that are not finite; {_smaller_lr(args.lr)}")
+    finally:
+        if progress_open:  # the error line (or 'interrupted') starts a line of its own
+            sys.stderr.write("\n")
     gm.eval()
     with torch.no_grad():
         accuracy = (gm(x_test).argmax(1) == y_test).float().mean().item()
@@ -515,6 +569,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print("== report")
     print(report(gm))
     return 0
+
+
+def _smaller_lr(lr: float) -> str:
+    """The advice of a diverged demo: the learning rate is the one knob the demo offers that makes it diverge."""
+    default = f" (the default is {_DEMO_LR:g})" if lr > _DEMO_LR else ""
+    return f"try a smaller --lr than {lr:g}{default}"
 
 
 def _number(text: str, kind: type, minimum: float, inclusive: bool) -> int | float:
@@ -557,6 +617,10 @@ def torch_seed(text: str) -> int:
     return value
 
 
+#: The demo's default learning rate (Adam).
+_DEMO_LR = 1e-2
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orthofx", description="Orthogonality for any PyTorch model.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -570,9 +634,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--policy", default="lorth")
     demo.add_argument("--steps", type=positive_int, default=300)
     demo.add_argument("--batch-size", type=positive_int, default=64)
-    demo.add_argument("--lr", type=positive_float, default=1e-2)
+    demo.add_argument("--lr", type=positive_float, default=_DEMO_LR)
     demo.add_argument("--seed", type=torch_seed, default=0)
-    demo.set_defaults(run=_cmd_demo)
+    # usage_error: a bound that depends on the data (--batch-size), checked once the data is loaded
+    demo.set_defaults(run=_cmd_demo, usage_error=demo.error)
 
     sub.add_parser("presets", parents=[common], help="list preset policies").set_defaults(run=_cmd_presets)
 
@@ -601,12 +666,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C: 128 + SIGINT, as a shell reports a command it interrupted
+        if args.debug:
+            raise
+        print("orthofx: interrupted", file=sys.stderr)
+        return 130
     except (OrthofxError, OSError) as exc:
         if args.debug:
             raise
         message = " ".join(str(exc).split())
         print(f"orthofx: error: {message}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_status", 2)
     except Exception as exc:  # a bug in orthofx or in the model: one line here too, the traceback with --debug
         if args.debug:
             raise

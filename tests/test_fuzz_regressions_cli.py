@@ -4,6 +4,7 @@ Every command runs in-process through ``orthofx.cli.main(argv)``, as in tests/te
 """
 
 import os
+import re
 import sys
 import textwrap
 
@@ -236,3 +237,133 @@ def test_an_unexpected_failure_exits_1_with_one_line(capsys, monkeypatch):
     assert "unexpected RuntimeError: boom second line" in err and "--debug" in err
     with pytest.raises(RuntimeError, match="boom"):
         main(TRANSFORM + ["--debug"])
+
+
+# ------------------------------------------------------------------------------------------------ Ctrl-C
+
+
+def run_interrupted(capsys, *argv):
+    """``run``, with a KeyboardInterrupt that escapes main() turned into a failure of this test (not an abort of
+    the whole pytest session)."""
+    try:
+        return run(capsys, *argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped orthofx.cli.main")
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("argv, step", [
+    (["presets"], "presets"),
+    (["check", "lorth", "--model", "small_cnn"], "explain"),
+    (["explain", "small_cnn", "--policy", "lorth"], "explain"),
+    (TRANSFORM, "transform"),
+    (["demo", "--steps", "2", "--batch-size", "8"], "load_digits_tensors"),
+])
+def test_ctrl_c_exits_130_with_one_line(capsys, monkeypatch, argv, step):
+    # Ctrl-C came out as a Python traceback (and the shell's status of a crash)
+    import orthofx.cli
+
+    monkeypatch.setattr(orthofx.cli, step, interrupt)
+    code, out, err = run_interrupted(capsys, *argv)
+    assert (code, out, err) == (130, "", "orthofx: interrupted\n")
+    with pytest.raises(KeyboardInterrupt):  # the traceback with --debug
+        main(argv + ["--debug"])
+
+
+def test_ctrl_c_while_writing_the_outputs_leaves_no_file_behind(capsys, monkeypatch, tmp_path):
+    # the interrupt escaped main() as a traceback; the staged report.json and the half-written model must go
+    import orthofx.cli
+
+    def half_written_export(gm, path, inputs):
+        with open(path, "wb") as handle:
+            handle.write(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(orthofx.cli, "_export", half_written_export)
+    code, _, err = run_interrupted(capsys, *TRANSFORM, "--json", str(tmp_path / "report.json"),
+                                   "--export", str(tmp_path / "model.pt"))
+    assert (code, err) == (130, "orthofx: interrupted\n")
+    assert files_in(tmp_path) == []  # no output, no staging folder
+
+
+@pytest.mark.skipif(not hasattr(os, "kill") or sys.platform == "win32", reason="needs SIGINT by os.kill")
+def test_ctrl_c_while_moving_the_outputs_into_place_moves_all_of_them(capsys, monkeypatch, tmp_path):
+    # a real SIGINT after the first output was moved into place stopped the move halfway: report.json was kept,
+    # model.pt discarded (and the interrupt escaped main() as a traceback)
+    import signal
+
+    real_replace = os.replace
+    moved = []
+
+    def replace_then_ctrl_c(source, target):
+        real_replace(source, target)
+        moved.append(os.path.basename(target))
+        if len(moved) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace_then_ctrl_c)
+    code, _, err = run_interrupted(capsys, *TRANSFORM, "--json", str(tmp_path / "report.json"),
+                                   "--export", str(tmp_path / "model.pt"))
+    monkeypatch.undo()
+    assert (code, err) == (130, "orthofx: interrupted\n")
+    assert moved == ["report.json", "model.pt"]
+    assert files_in(tmp_path) == ["model.pt", "report.json"]  # all of them, no staging folder
+
+
+def test_ctrl_c_during_the_demo_training_ends_the_progress_line(capsys, monkeypatch):
+    # 'orthofx: interrupted' (or any error) was appended to the unfinished progress bar line
+    pytest.importorskip("sklearn")
+    import orthofx.cli
+
+    calls = []
+
+    def penalty_interrupted_at_step_2(gm):
+        calls.append(gm)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return orthofx.penalty(gm)
+
+    monkeypatch.setattr(orthofx.cli, "penalty", penalty_interrupted_at_step_2)
+    code, out, err = run_interrupted(capsys, "demo", "--steps", "3", "--batch-size", "8")
+    assert code == 130 and "test accuracy" not in out
+    assert re.fullmatch(r"\r\[[#.]+\] +1/3 task [^\n]*\northofx: interrupted\n", err), err
+
+
+# ------------------------------------------------------------------------------------------------ demo numbers
+
+
+def test_demo_stops_at_the_first_non_finite_loss(capsys):
+    # --lr 1e308 overflowed the weights at step 1: the demo trained on nan, printed a table of nan and exited 0
+    pytest.importorskip("sklearn")
+    code, out, err = run(capsys, "demo", "--lr", "1e308", "--steps", "3", "--batch-size", "8")
+    assert code == 1 and "test accuracy" not in out and "== report" not in out
+    assert err.endswith("\n") and err.split("\n")[-2] == (
+        "orthofx: error: training diverged at step 2 of 3: the loss is nan (task nan, penalty nan); "
+        "try a smaller --lr than 1e+308 (the default is 0.01)")
+
+
+def test_demo_whose_last_update_overflows_the_weights_fails(capsys):
+    # with one step the loss was finite, the update was not: exit 0 with a report of nan
+    pytest.importorskip("sklearn")
+    code, out, err = run(capsys, "demo", "--lr", "1e308", "--steps", "1", "--batch-size", "8")
+    assert code == 1 and "test accuracy" not in out
+    assert err.split("\n")[-2] == ("orthofx: error: training diverged at step 1 of 1: the update left parameters "
+                                   "that are not finite; try a smaller --lr than 1e+308 (the default is 0.01)")
+
+
+def test_demo_batch_larger_than_the_training_data_is_a_usage_error(capsys):
+    # batches are drawn with replacement: --batch-size 100000 trained on a batch of the same images repeated
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    train_size = int(0.8 * len(sklearn_datasets.load_digits().images))  # the demo's 80 % training split
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--steps", "1", "--batch-size", str(train_size + 1)])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and out == ""
+    assert err.startswith("usage: orthofx demo") and err.split("\n")[-2] == (
+        f"orthofx demo: error: argument --batch-size: expected at most {train_size} (the images of the digits "
+        f"training split), got {train_size + 1}")
+    # as large as the split is allowed
+    assert main(["demo", "--steps", "1", "--batch-size", str(train_size)]) == 0
