@@ -340,7 +340,10 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
     (``nn.ConvTranspose{d}d``, weight ``(in, out/groups, *k)``) is the adjoint of the convolution with the same
     weight and stride: the same singular values, so the same L_orth, with RO and CO swapped.
 
-    Returns a 0-dim tensor in the weight's dtype and device. A float64 weight without gradient (what reports
+    Returns a 0-dim tensor in the weight's dtype and device. A weight on the meta device gives a meta tensor
+    (no value, no error), unlike the singular-value functions, which need values: ``orthofx.penalty`` of a model
+    on the meta device then still builds (shapes, dtypes, tracing), and ``orthofx.report`` turns such a value into
+    a row without figures. A float64 weight without gradient (what reports
     measure) takes the value from Theorem 7 instead, through the per-frequency matrices on the smallest grid it
     holds on (the same value to rounding; float64 convolutions have no fast CPU kernel).
 
@@ -499,17 +502,23 @@ def conv_singular_values(weight: torch.Tensor, input_size, stride=1, groups: int
     >>> sv.shape, bool(torch.allclose(sv, torch.ones(64, dtype=torch.float64)))
     (torch.Size([64]), True)
     """
-    _check_conv_weight(weight, "conv_singular_values")
-    _check_svd_inputs(weight, dtype, "conv_singular_values")
+    return _conv_singular_values(weight, input_size, stride, groups, dtype, "conv_singular_values")
+
+
+def _conv_singular_values(weight: torch.Tensor, input_size, stride, groups, dtype: torch.dtype,
+                          what: str) -> torch.Tensor:
+    """:func:`conv_singular_values`; ``what``, the public function the user called, starts the error messages."""
+    _check_conv_weight(weight, what)
+    _check_svd_inputs(weight, dtype, what)
     sizes, strides, grid = _grid(weight, input_size, stride)
     g = _groups(weight, groups)
     count = g * min(weight.shape[0] // g, weight.shape[1] * math.prod(strides)) * math.prod(grid)
     if count > _MAX_ENTRIES:
-        raise ArgumentError(f"conv_singular_values: the operator on an input of size {sizes} at stride {strides} has "
+        raise ArgumentError(f"{what}: the operator on an input of size {sizes} at stride {strides} has "
                             f"{count} singular values (min(M, C*S^d) * prod(n/S) over {g} group(s)), more than "
                             f"{_MAX_ENTRIES} (2^31) to return at once: pass a smaller input_size")
     parts = []
-    for mats, counts in _frequency_matrices(weight, input_size, stride, groups, dtype):
+    for mats, counts in _frequency_matrices(weight, input_size, stride, groups, dtype, what=what):
         sv = _batched_svdvals(mats)  # (B, r)
         parts.append(torch.repeat_interleave(sv, counts.to(sv.device), dim=0).reshape(-1))
     return torch.sort(torch.cat(parts), descending=True).values
@@ -527,7 +536,12 @@ def linear_singular_values(weight: torch.Tensor, dtype: torch.dtype = torch.floa
     if weight.ndim != 2:
         raise ArgumentError(f"linear_singular_values expects a 2-D weight (out, in), got shape {tuple(weight.shape)}"
                             + (" (use conv_singular_values for convolutions)" if weight.ndim in _KIND else ""))
-    _check_svd_inputs(weight, dtype, "linear_singular_values")
+    return _linear_singular_values(weight, dtype, "linear_singular_values")
+
+
+def _linear_singular_values(weight: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """:func:`linear_singular_values` of a 2-D weight; ``what`` starts the error messages."""
+    _check_svd_inputs(weight, dtype, what)
     return _batched_svdvals(weight.detach().to(dtype)[None])[0]
 
 
@@ -548,13 +562,15 @@ def orthogonality_error(weight: torch.Tensor, input_size=None, stride=1, groups:
     if weight.ndim == 2:
         _linear_one(stride, "stride", "orthogonality_error")
         _linear_one(groups, "groups", "orthogonality_error")
-        sv = linear_singular_values(weight)
+        with torch.no_grad():
+            sv = _linear_singular_values(weight, torch.float64, "orthogonality_error")
     else:
         _check_conv_weight(weight, "orthogonality_error")
         if input_size is None:
             raise ArgumentError("orthogonality_error needs input_size (the spatial size of the layer's input) "
                                 "for a convolution weight: its singular values depend on the grid")
-        sv = conv_singular_values(weight, input_size, stride=stride, groups=groups)
+        with torch.no_grad():
+            sv = _conv_singular_values(weight, input_size, stride, groups, torch.float64, "orthogonality_error")
     return float((sv - 1).abs().max())
 
 
@@ -1218,6 +1234,11 @@ def isometry_moments(singular_values: torch.Tensor, n: int | None = None) -> tup
 
     the squared distance of the spectrum's mean from 1 plus its variance (P2): isometry needs both.
 
+    The moments are computed and returned in float32, or float64 for a float64 input (the wider of the input's
+    dtype and float32): :math:`\sigma^4` overflows float16 once :math:`\sigma > 16` (65504 is its largest
+    value) and loses bfloat16's few digits in the sum, whereas singular values of half-precision layers often
+    come in those dtypes.
+
     >>> import torch
     >>> m1, m2 = isometry_moments(torch.tensor([1.0, 1.0]))
     >>> float(m1), float(m2)
@@ -1237,5 +1258,6 @@ def isometry_moments(singular_values: torch.Tensor, n: int | None = None) -> tup
     n = count if n is None else _int(n, "isometry_moments: n (the layer width)")
     if n < count:
         raise ArgumentError(f"isometry_moments: n must be at least the number of singular values ({count}), got {n}")
-    eig = singular_values.square()
+    # float16's sigma^4 overflows past sigma = 16; promote before squaring (float64 input stays float64)
+    eig = singular_values.to(torch.promote_types(singular_values.dtype, torch.float32)).square()
     return eig.sum(-1) / n, eig.square().sum(-1) / n

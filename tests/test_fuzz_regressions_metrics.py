@@ -65,7 +65,7 @@ def test_huge_input_size_is_an_argument_error():
     with pytest.raises(ArgumentError, match=rf"conv_singular_values: .* has {count} singular values .* pass a "
                                             r"smaller input_size"):
         metrics.conv_singular_values(weight, n)
-    with pytest.raises(ArgumentError, match=rf"conv_singular_values: .* has {count} singular values"):
+    with pytest.raises(ArgumentError, match=rf"orthogonality_error: .* has {count} singular values"):
         metrics.orthogonality_error(weight, n)
     with pytest.raises(ArgumentError, match=rf"spectral_norm_bound: input_size \({n}, 4\) at stride \(1, 1\) is an "
                                             rf"output grid of {4 * n} frequencies"):

@@ -481,6 +481,20 @@ def _mirror_requires_grad(original: nn.Module, layer: nn.Module) -> None:
         parameter.requires_grad_(source.requires_grad)
 
 
+def _frozen_requires_grad(layer: nn.Module, frozen: nn.Module) -> nn.Module:
+    """The inverse of :func:`_mirror_requires_grad`, for the plain forms ``to_plain()`` builds: ``frozen``'s weight
+    trains iff any parameter of ``layer`` standing for the weight does (the weight moves with each of them), its
+    bias iff ``layer``'s bias does; a weight with no parameter behind it keeps the default. Returns ``frozen``."""
+    sources = [p for name, p in layer.named_parameters() if name.rsplit(".", 1)[-1] != "bias"]
+    for module in frozen.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if name == "bias" and layer.bias is not None:
+                parameter.requires_grad_(layer.bias.requires_grad)
+            elif name != "bias" and sources:
+                parameter.requires_grad_(any(p.requires_grad for p in sources))
+    return frozen
+
+
 def _broadcast_index(indices: list[torch.Tensor]) -> list[torch.Tensor]:
     """Reshape one index vector per spatial dimension so that they broadcast to a ``(len_1, ..., len_d)`` grid."""
     d = len(indices)
@@ -1200,7 +1214,8 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         it is ``nn.Sequential(nn.CircularPad{d}d(...) or nn.ZeroPad{d}d(...), nn.Conv{d}d(padding=0))``. Circular
         pads of 2 or more (which wrap around more than once on maps smaller than the pad, as the layer allows and
         ``nn.Conv{d}d`` does not) give ``nn.Sequential(orthofx.nn.padding.CircularPad(pads), nn.Conv{d}d(padding=0))``.
-        The result has no orthogonality constraint: use it for inference and export.
+        The result has no orthogonality constraint: use it for inference and export. ``requires_grad`` follows
+        the layer's: the weight's that of the parameters behind the kernel, the bias's that of the bias.
 
         ``method="cayley_fft"``: the plain conv holds the effective full-size kernel (``input_size`` taps per
         dimension, circular padding of :attr:`pads`), which costs :math:`O(n^d)` multiplications per output and
@@ -1224,6 +1239,7 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         if self.bias is not None:
             conv.bias.copy_(self.bias)
         conv.train(self.training)
+        _frozen_requires_grad(self, conv)  # a frozen layer (requires_grad_(False)) stays frozen
         if symmetric:
             return conv
         if wraps:
@@ -1242,14 +1258,15 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
 
     @torch.no_grad()
     def to_fourier(self) -> "FourierConv":
-        """``method="cayley_fft"`` only: the inference form, a :class:`FourierConv` with the current operator."""
+        """``method="cayley_fft"`` only: the inference form, a :class:`FourierConv` with the current operator (its
+        bias's ``requires_grad`` that of the layer's bias)."""
         if self.method != "cayley_fft":
             raise LayerArgumentError(f"{type(self).__name__}: to_fourier() is for method='cayley_fft'; "
                                      f"method={self.method!r} freezes into a plain conv with to_conv()")
         layer = FourierConv(self.frequency_response(), self.input_size, self.stride,
                             None if self.bias is None else self.bias.detach().clone())
         layer.train(self.training)
-        return layer
+        return _frozen_requires_grad(self, layer)  # the bias only: the symbol is a buffer
 
     @classmethod
     def from_conv(cls, conv: nn.Module, init: str = "nearest", *, method: str = "auto", padding="same",
@@ -1777,7 +1794,8 @@ class _OrthogonalConvTransposeNd(nn.Module):
     def to_conv(self) -> nn.Sequential:
         """Plain layers with the same outputs: ``nn.Sequential(nn.ConvTranspose{d}d(padding=0, output_padding=...,
         bias=False), orthofx.nn.padding.CircularFold(pads, bias))``, the kernel baked in. Traces with
-        ``torch.fx``, exports to ``.pt2`` and ONNX; no orthogonality constraint (inference)."""
+        ``torch.fx``, exports to ``.pt2`` and ONNX; no orthogonality constraint (inference). ``requires_grad``
+        follows the layer's (the weight's that of :attr:`conv`'s parameters, the bias's that of the bias)."""
         d = self._dims
         ref = self.conv.matrix
         plain = _TORCH_CONV_TRANSPOSE[d](self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
@@ -1787,7 +1805,7 @@ class _OrthogonalConvTransposeNd(nn.Module):
         fold = CircularFold(self.pads, None if self.bias is None else self.bias)
         frozen = nn.Sequential(plain, fold)
         frozen.train(self.training)
-        return frozen
+        return _frozen_requires_grad(self, frozen)  # the weight from self.conv's parameters, the bias from self's
 
     def to_plain(self) -> nn.Module:
         """The protocol ``orthofx.freeze`` uses: :meth:`to_conv`."""
@@ -2038,14 +2056,15 @@ class OrthogonalLinear(_EvalCache, nn.Module):
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the baked weight (and bias), same outputs, no constraint."""
+        """A plain ``nn.Linear`` with the baked weight (and bias), same outputs, no constraint; ``requires_grad``
+        follows the layer's (the weight's that of ``raw_weight``, the bias's that of the bias)."""
         ref = self.raw_weight
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=ref.device,
                         dtype=ref.dtype)
         lin.weight.copy_(self.weight)
         if self.bias is not None:
             lin.bias.copy_(self.bias)
-        return lin
+        return _frozen_requires_grad(self, lin)
 
     def to_plain(self) -> nn.Module:
         """The protocol ``orthofx.freeze`` uses: same as :meth:`to_linear`."""
