@@ -1181,7 +1181,7 @@ def _uncalled_outer_leaves(model: nn.Module, leaves: list[str], called: set[str]
             if path not in called and any(name for name, _ in model.get_submodule(path).named_modules())]
 
 
-def _batch_dynamic_shapes(model: nn.Module, inputs: tuple, kwargs: dict[str, Any] | None = None) -> Any:
+def batch_dynamic_shapes(model: nn.Module, inputs: tuple, kwargs: dict[str, Any] | None = None) -> Any:
     """``dynamic_shapes`` marking dim 0 of every tensor input ``Dim.AUTO`` (dynamic unless the model's code needs
     the batch size as a constant, which export then specialises without an error); None without ``Dim.AUTO``.
 
@@ -1291,7 +1291,7 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
     options = {"strict": False, "preserve_module_call_signature": tuple(leaves)}
     inputs, kwargs = _unaliased_inputs(inputs, kwargs or {})
     attempts = []
-    dynamic = _batch_dynamic_shapes(model, inputs, kwargs)
+    dynamic = batch_dynamic_shapes(model, inputs, kwargs)
     if dynamic is not None:
         attempts.append(dynamic)
     attempts.append(None)

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import os
 import re
 import time
@@ -65,7 +64,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .capture import ModalGraphModule, capture, unwrap_model
+from .capture import ModalGraphModule, batch_dynamic_shapes, capture, unwrap_model
 from .errors import ExportError, OrthofxError
 from .nn.conditioning import power_newton_schulz
 from .passes.base import Manifest, replace_module
@@ -424,53 +423,38 @@ def _export_call(frozen: fx.GraphModule, example: ExampleCall) -> ExampleCall:
 
 
 def _dynamic_shapes(model: nn.Module, example: ExampleCall, dynamic_batch: bool):
-    """Dimension 0 of every tensor input marked ``Dim.AUTO``: torch.export finds which of them are one batch
-    (equal sizes it has to keep equal), which are free, and which the model fixes. One shared ``Dim`` would tie
-    an input that is not batched (a lookup table) to the batch and fail. Keyword tensors are marked too: with
-    keyword inputs torch.export matches ``dynamic_shapes`` to the forward's parameters by name, so the marks are a
-    dict by parameter name (the call bound to ``model``'s signature)."""
-    if not dynamic_batch:
-        return None
-
-    def mark(x: Any) -> dict | None:
-        return {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
-
-    if not example.kwargs:
-        return tuple(mark(x) for x in example.args)
-    try:
-        bound = inspect.signature(model.forward).bind(*example.args, **example.kwargs)
-    except (TypeError, ValueError):  # freeze ran this call, so it binds; without a signature, leave shapes static
-        return None
-    return {name: mark(value) for name, value in bound.arguments.items()}
+    """Dimension 0 of every tensor input marked ``Dim.AUTO`` (:func:`orthofx.capture.batch_dynamic_shapes`, as
+    export capture marks them: nested inputs leaf by leaf, a ``*args`` parameter's inputs as one entry, keyword
+    inputs by name): torch.export finds which of them are one batch (equal sizes it has to keep equal), which are
+    free, and which the model fixes. One shared ``Dim`` would tie an input that is not batched (a lookup table) to
+    the batch and fail."""
+    return batch_dynamic_shapes(model, example.args, example.kwargs) if dynamic_batch else None
 
 
-def _top_level_inputs(example: ExampleCall) -> list[Any]:
-    """The example call's inputs, positional then keyword, in the order torch.export flattens them."""
-    return [*example.args, *example.kwargs.values()]
-
-
-def _batched_inputs(example: ExampleCall, shapes: list[tuple]) -> list[bool]:
-    """Which top-level inputs of ``example`` (see :func:`_top_level_inputs`) the exported model takes with a symbolic
-    dimension 0; ``shapes``: the exported graph's input shapes, one per tensor leaf of the call in order (symbolic
-    sizes are not ints)."""
+def _batched_leaves(example: ExampleCall, shapes: list[tuple]) -> set[int]:
+    """``id`` of each tensor of the example call (nested ones included) that the exported model takes with a
+    symbolic dimension 0; ``shapes``: the exported graph's input shapes, one per tensor leaf of the call in pytree
+    order (symbolic sizes are not ints)."""
     leaves = output_tensors((example.args, example.kwargs))
-    dynamic = {id(x): bool(shape) and not isinstance(shape[0], int) for x, shape in zip(leaves, shapes)}
-    return [isinstance(x, torch.Tensor) and dynamic.get(id(x), False) for x in _top_level_inputs(example)]
+    return {id(x) for x, shape in zip(leaves, shapes) if shape and not isinstance(shape[0], int)}
 
 
-def _grown_batch(example: ExampleCall, batched: list[bool]) -> ExampleCall:
-    """``example`` with one more sample (a copy of the first) in each input marked ``batched``."""
-    grown = [torch.cat([x, x[:1]]) if grow else x for x, grow in zip(_top_level_inputs(example), batched)]
-    count = len(example.args)
-    return ExampleCall(tuple(grown[:count]), dict(zip(example.kwargs, grown[count:])))
+def _grown_batch(example: ExampleCall, batched: set[int]) -> ExampleCall:
+    """``example`` with one more sample (a copy of the first) in each tensor of ``batched``."""
+    def grow(x: Any) -> Any:
+        return torch.cat([x, x[:1]]) if isinstance(x, torch.Tensor) and id(x) in batched else x
+
+    args, kwargs = torch.utils._pytree.tree_map(grow, (example.args, example.kwargs))
+    return ExampleCall(tuple(args), dict(kwargs))
 
 
-def _check_dynamic_batch(path: str, batched: list[bool], example: ExampleCall, reference: nn.Module, run) -> float:
+def _check_dynamic_batch(path: str, batched: set[int], example: ExampleCall, reference: nn.Module, run) -> float:
     """Run the exported model (``run(call) -> outputs``) on a batch one larger than the example's and compare
-    with ``reference``; ``batched``: which inputs the exported model takes with a dynamic dimension 0."""
+    with ``reference``; ``batched``: the tensors the exported model takes with a dynamic dimension 0
+    (:func:`_batched_leaves`)."""
     fix = ("pass dynamic_batch=False to export the example's batch size, or make the batch size a dynamic value "
            "in the model (no Python loop or list over the batch)")
-    if not any(batched):
+    if not batched:
         raise ExportError(f"{path}: no input kept a dynamic batch dimension: the model fixes its batch size when "
                           f"traced; {fix}")
     grown = _grown_batch(example, batched)
@@ -565,7 +549,7 @@ def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_bat
         expected = output_tensors(example.run(reference))
     diff = _max_diff(expected, run(example))
     if dynamic_batch:
-        batched = _batched_inputs(example, [tuple(arg.shape) for arg in session.get_inputs()])
+        batched = _batched_leaves(example, [tuple(arg.shape) for arg in session.get_inputs()])
         diff = max(diff, _check_dynamic_batch(path, batched, example, reference, run))
     return diff
 
@@ -610,7 +594,7 @@ def _export_pt2(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batc
         placeholders = {node.name: node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder"}
         values = [placeholders.get(name) for name in program.graph_signature.user_inputs if isinstance(name, str)]
         shapes = [tuple(v.shape) for v in values if isinstance(v, torch.Tensor)]
-        batched = _batched_inputs(example, shapes)
+        batched = _batched_leaves(example, shapes)
         diff = max(diff, _check_dynamic_batch(path, batched, example, frozen,
                                               lambda call: output_tensors(call.run(loaded))))
     return diff
