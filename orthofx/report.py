@@ -79,7 +79,8 @@ from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d
                             OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
 from .passes.base import describe_module
 from .errors import ArgumentError
-from .penalty import holding_orthofx_layers, is_orthofx_layer, lazy_site_module
+from .nn.tracing import is_orthofx_layer
+from .penalty import holding_orthofx_layers, lazy_site_module
 from .transform import is_transformed, manifest_of
 
 __all__ = ["Report", "report", "monitors", "layer_singular_values"]
