@@ -65,14 +65,14 @@ import torch
 from torch import fx, nn
 
 from .capture import ModalGraphModule, batch_dynamic_shapes, capture, unwrap_model
-from .errors import ExportError, OrthofxError
+from .errors import CaptureError, ExportError, OrthofxError
 from .nn.conditioning import power_newton_schulz
 from .passes.base import Manifest, replace_module
 from .passes.svd_conditioning import (decomposition_op, fold_constant_decompositions, plain_decompositions,
                                       to_newton_schulz)
 from .plan import build_plan, collect_sites, producers_feeding
 from .policy import Policy
-from .transform import (ExampleCall, as_input_tuple, example_call, is_transformed, manifest_of, output_tensors,
+from .transform import (ExampleCall, example_call, is_transformed, manifest_of, output_tensors,
                         store_manifest, transform)
 
 __all__ = ["freeze", "export", "load", "ExportResult", "NewtonSchulzForm", "FORMAT_VERSION"]
@@ -194,10 +194,15 @@ def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any 
 
 
 def _named_inputs(example: ExampleCall) -> list[tuple[str, Any]]:
-    """``(label, value)`` of every top-level input of the example call, labelled as the user passed it
-    (``example_inputs[0]``, ``example_kwargs['mask']``), for checks and error messages."""
-    return ([(f"example_inputs[{i}]", x) for i, x in enumerate(example.args)]
-            + [(f"example_kwargs[{name!r}]", x) for name, x in example.kwargs.items()])
+    """``(label, value)`` of every input of the example call, nested inputs (a dict, a tuple of tensors) down to
+    their leaves, labelled as the user passed it (``example_inputs[0]``, ``example_inputs[0]['x']``,
+    ``example_kwargs['mask']``), for checks and error messages. The leaves are pytree's, the walk with which
+    torch.export takes the inputs apart and :func:`orthofx.capture.batch_dynamic_shapes` marks their batch."""
+    pytree = torch.utils._pytree
+    top = ([(f"example_inputs[{i}]", x) for i, x in enumerate(example.args)]
+           + [(f"example_kwargs[{name!r}]", x) for name, x in example.kwargs.items()])
+    return [(label + pytree.keystr(path), leaf)
+            for label, value in top for path, leaf in pytree.tree_flatten_with_path(value)[0]]
 
 
 def _describe_inputs(example: ExampleCall) -> str:
@@ -477,7 +482,9 @@ def _root_cause(exc: BaseException) -> str:
     seen = set()
     while id(exc) not in seen:
         seen.add(id(exc))
-        inner = exc.__cause__ or exc.__context__
+        # `raise ... from None` hides the context (Python's traceback does not show it either): inspect's
+        # "missing a required argument" hid a StopIteration, which was reported instead
+        inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
         if inner is None:
             break
         exc = inner
@@ -512,7 +519,7 @@ def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_bat
     except ImportError as exc:
         raise ExportError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'orthofx[onnx]'") from exc
     try:
-        torch.onnx.export(frozen, example.args, path, kwargs=example.kwargs or None, dynamo=True,
+        torch.onnx.export(frozen, _onnx_positional(example), path, kwargs=example.kwargs or None, dynamo=True,
                           opset_version=opset, verbose=False,
                           dynamic_shapes=_dynamic_shapes(frozen, example, dynamic_batch))
     except OSError as exc:
@@ -552,6 +559,20 @@ def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_bat
         batched = _batched_leaves(example, [tuple(arg.shape) for arg in session.get_inputs()])
         diff = max(diff, _check_dynamic_batch(path, batched, example, reference, run))
     return diff
+
+
+def _onnx_positional(example: ExampleCall) -> tuple:
+    """The positional inputs as ``torch.onnx.export`` must receive them to pass them on as they are.
+
+    Without ``kwargs``, torch.onnx.export takes a dict in the last place of its positional inputs for the keyword
+    inputs (the TorchScript exporter's convention, which it keeps): ``forward(self, batch)`` with ``batch = {"x":
+    x, "y": y}`` was exported as ``forward(x=x, y=y)``, and torch.export failed with "missing a required argument:
+    'batch'". An empty dict after it is taken for the (empty) keyword inputs instead, and the dict stays the
+    positional input; the ONNX graph then takes its tensors as flat inputs named after the keys (``batch_x``,
+    ``batch_y``), in pytree order, as the feeds in :func:`_export_onnx` pass them."""
+    if not example.kwargs and example.args and isinstance(example.args[-1], dict):
+        return example.args + ({},)
+    return example.args
 
 
 def _onnxruntime_call(call, path: str, what: str):
@@ -631,11 +652,11 @@ def _check_directory(path: str) -> None:
 
 
 def batch_too_small_for_dynamic(inputs: tuple) -> int | None:
-    """The index of the first input whose batch (dimension 0) is 0 or 1, or ``None``. torch.export specialises
-    sizes 0 and 1, so such a batch cannot be traced as a dynamic batch (``.pt2`` fails with a constraint
-    violation, ``.onnx`` silently fixes the batch)."""
+    """The index of the first input with a tensor (the input itself, or one nested in it) whose batch (dimension 0)
+    is 0 or 1, or ``None``. torch.export specialises sizes 0 and 1, so such a batch cannot be traced as a dynamic
+    batch (``.pt2`` fixes it, ``.onnx`` fails in the exporter)."""
     for i, x in enumerate(inputs):
-        if _batch_too_small(x):
+        if any(_batch_too_small(t) for t in output_tensors(x)):
             return i
     return None
 
@@ -645,16 +666,30 @@ def _batch_too_small(x: Any) -> bool:
 
 
 def _check_batch(example: ExampleCall, dynamic_batch: bool) -> None:
-    """Refuse a dynamic batch that the example's inputs, positional or keyword, cannot give (see
-    :func:`batch_too_small_for_dynamic`)."""
+    """Refuse a dynamic batch that the example's tensors, positional, keyword or nested in either (the leaves
+    :func:`orthofx.capture.batch_dynamic_shapes` marks), cannot give (see :func:`batch_too_small_for_dynamic`).
+
+    A tensor that broadcasts over the batch of the others (a mask of shape ``(1, ...)``) is refused too: torch.export
+    would fix its dimension 0 at 1 in a ``.pt2`` program, and the ONNX exporter fails on it ("1 not in VR[2,
+    int_oo]"); expanded to the batch, it is exported with the batch of the others."""
     if not dynamic_batch:
         return
-    for label, x in _named_inputs(example):
-        if _batch_too_small(x):
-            batch = x.shape[0]
-            raise ExportError(f"{label} has batch size {batch}, from which torch.export cannot trace a dynamic batch "
-                              "dimension (it specialises sizes 0 and 1): pass example inputs with a batch of 2 or "
-                              f"more, or dynamic_batch=False to export a fixed batch of {batch}")
+    named = [(label, x) for label, x in _named_inputs(example) if isinstance(x, torch.Tensor) and x.dim() > 0]
+    for label, x in named:
+        if not _batch_too_small(x):
+            continue
+        batch = x.shape[0]
+        batched = [(other, t.shape[0]) for other, t in named if t.shape[0] >= 2]
+        broadcast = ""
+        if batched:
+            other, size = batched[0]
+            broadcast = (f"; if it broadcasts over the batch ({other} has batch {size}), expand it to that batch in "
+                         f"the example (.expand({size}, ...)): the exported model then takes it with the batch of "
+                         f"{other}")
+        raise ExportError(f"{label} has batch size {batch} (shape {tuple(x.shape)}), from which torch.export cannot "
+                          "trace a dynamic batch dimension (it specialises sizes 0 and 1). Fix: pass example inputs "
+                          f"with a batch of 2 or more{broadcast}; or pass dynamic_batch=False to export every input "
+                          "with the example's fixed shape")
 
 
 def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *, example_kwargs: Any = None,
@@ -755,11 +790,37 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
     return ExportResult(path, "pt2", diff, time.perf_counter() - started)
 
 
-def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None) -> fx.GraphModule:
+def _check_untransformed(root: nn.Module, path: str) -> None:
+    """Refuse a model returned by :func:`orthofx.transform` or :func:`freeze` as the target of :func:`load`: the
+    file's policy is replayed on the original model, and a second transform of a transformed one either finds no
+    layer its rules match (they were replaced) or drops the first policy's penalty terms."""
+    if not is_transformed(root):
+        return
+    what = "frozen by orthofx.freeze" if manifest_of(root).frozen else "returned by orthofx.transform"
+    raise ExportError(f"cannot load {path!r} into a model {what}: orthofx.load replays the file's policy on the "
+                      "original (untransformed) model and restores the weights; pass a fresh instance of the model "
+                      "the file was exported from (e.g. orthofx.load(MyModel(), path)). The model was not changed")
+
+
+def _other_format_hint(path: str) -> str:
+    """Where a file :func:`export` writes in another format than ``.pt`` is read, by its suffix."""
+    readers = {".pt2": "torch.export.load(path).module()",
+               ".onnx": "onnxruntime.InferenceSession(path)"}
+    reader = readers.get(os.path.splitext(path)[1].lower())
+    return f" (a {os.path.splitext(path)[1]} file is read with {reader}, not orthofx.load)" if reader else ""
+
+
+def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *,
+         example_kwargs: Any = None) -> fx.GraphModule:
     """Replay the policy stored in a ``.pt`` file (written by :func:`export`) on ``model`` and restore the weights.
 
     The file is read with ``torch.load(weights_only=True)``: it holds tensors and the policy's YAML, no code.
     ``model`` is the original (untransformed) model; it is not modified.
+
+    ``example_inputs`` and ``example_kwargs`` (a dict by name) are passed to :func:`orthofx.transform` as they
+    were when the model was transformed: a model captured with torch.export (capture mode ``export``, or ``auto``
+    when symbolic tracing fails) needs them, keyword inputs included for a forward such as
+    ``forward(self, x, *, mask)``.
 
     Example::
 
@@ -776,14 +837,15 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None) 
     if not os.path.isfile(path):
         raise ExportError(f"cannot read {path!r}: no such file")
     # checked here so that their errors are not reported as the stored policy not fitting the model
-    unwrap_model(model)
-    as_input_tuple(example_inputs)
+    _check_untransformed(unwrap_model(model), path)
+    example_call(example_inputs, example_kwargs)
     written_by = "write it with orthofx.export(gm, 'model.pt') (a file of state_dict and policy, no pickled code)"
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ExportError(f"cannot read {path!r} as an orthofx .pt file ({_root_cause(exc)[:200]}); "
-                          f"{written_by}") from exc
+        raise ExportError(f"cannot read {path!r} as an orthofx .pt file: torch.load(weights_only=True) failed "
+                          f"({_root_cause(exc)[:160]}), so the file is truncated, corrupt or of another format"
+                          f"{_other_format_hint(path)}; {written_by}") from exc
     if not isinstance(saved, dict) or saved.get("orthofx_format") != FORMAT_VERSION:
         raise ExportError(f"{path!r} is not an orthofx .pt file (format {FORMAT_VERSION}); {written_by}")
     lacking = [key for key, kind in (("policy", str), ("state_dict", dict)) if not isinstance(saved.get(key), kind)]
@@ -791,10 +853,20 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None) 
         raise ExportError(f"{path!r} is not a complete orthofx .pt file: {' and '.join(repr(k) for k in lacking)} "
                           f"missing or of the wrong type; {written_by}")
     try:
-        gm = transform(model, Policy.from_yaml(saved["policy"]), example_inputs=example_inputs)
+        policy = Policy.from_yaml(saved["policy"])
     except OrthofxError as exc:
+        raise ExportError(f"the policy stored in {path!r} is not a valid orthofx policy ({exc}): the file is damaged "
+                          f"or was not written by orthofx.export; {written_by}") from exc
+    try:
+        gm = transform(model, policy, example_inputs=example_inputs, example_kwargs=example_kwargs)
+    except OrthofxError as exc:
+        hint = ""
+        if isinstance(exc, CaptureError):  # capture with torch.export runs the model on the example call
+            hint = (" A model that symbolic tracing cannot capture is captured with torch.export on the example "
+                    "call: pass the example inputs orthofx.transform was given here too (example_inputs=(x,), and "
+                    "example_kwargs={...} for keyword inputs).")
         raise ExportError(f"the policy stored in {path!r} does not apply to this model ({exc}); load with the "
-                          "original (untransformed) model the file was exported from") from exc
+                          f"original (untransformed) model the file was exported from.{hint}") from exc
     try:
         missing, unexpected = gm.load_state_dict(saved["state_dict"], strict=False)
     except RuntimeError as exc:  # shapes that do not fit
@@ -803,6 +875,6 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None) 
                           f"{'; '.join(mismatched[:3]) or exc}; load with the model the file was exported "
                           "from") from exc
     if missing or unexpected:
-        raise ExportError(f"the saved weights do not fit the model: missing {list(missing)[:5]}, unexpected "
-                          f"{list(unexpected)[:5]}; load with the model the file was exported from")
+        raise ExportError(f"the saved weights in {path!r} do not fit the model: missing {list(missing)[:5]}, "
+                          f"unexpected {list(unexpected)[:5]}; load with the model the file was exported from")
     return gm
