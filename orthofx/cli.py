@@ -42,12 +42,12 @@ import torch
 from torch import nn
 
 from . import models
-from .errors import ArgumentError, OrthofxError
+from .errors import OrthofxError
 from .export import batch_too_small_for_dynamic, check_export_path, export
 from .passes.base import EvalRun
 from .penalty import penalty
 from .policy import Policy, presets
-from .report import check_plot_format, report
+from .report import plot_format_problem, report
 from .transform import explain, transform
 
 __all__ = ["main", "load_model"]
@@ -398,11 +398,11 @@ def _check_plot_path(path: str) -> None:
     """Matplotlib draws the format the suffix names and adds '.png' to a path without one: refuse both an unknown
     suffix and none before the transform (the file written must be the one named)."""
     try:
-        check_plot_format(path)
+        problem = plot_format_problem(path)
     except ImportError:
         raise CliError(f"--plot {path} needs matplotlib: pip install 'orthofx[plot]'") from None
-    except ArgumentError as exc:
-        raise CliError(f"--plot {path}: {str(exc).split(': ', 1)[1]}") from None
+    if problem is not None:
+        raise CliError(f"--plot {path}: {problem}")
 
 
 def _cmd_transform(args: argparse.Namespace) -> int:

@@ -23,7 +23,10 @@ is a function of that weight and the grid, not a parameter (the pass's Change re
 operator: the per-channel gains ``row_gain_min`` / ``row_gain_max`` before and after). The row's ``layer`` says
 so: ``ConvNormConv2d(3->4, k=3, s=1) (figures: its conv, without ConvNorm)``. The conv inside a wrapper the model
 was written with (a site ``<name>.conv`` of its own) is measured at the wrapper's input size. A frozen wrapper
-(``FrozenConvNormNd``: its 1 x 1 conv's weight is rescaled) gets no figures.
+(``FrozenConvNormNd``, from ``orthofx.freeze``) trains no weight any more: its row measures the operator it
+applies, conv + ConvNorm (+ its affine part), at the input size seen: the circular operator on the layer's FFT grid
+(``layer`` names it: ``FrozenConvNormNd(3->4, k=3, s=1) (figures: conv + ConvNorm, circular on its FFT grid
+8x8)``; none when the stride does not divide that grid), a one-tap layer's scaled conv (with its ``lorth``).
 
 Function sites (decompositions) rewritten with a condition-number monitor (pass ``svd_conditioning``,
 ``monitor: true``) also carry the monitor's figures, read from its buffers (the monitor is found through the
@@ -72,7 +75,7 @@ from torch import nn
 
 from . import metrics, theory
 from .capture import unwrap_model
-from .nn.convnorm import ConvNormConvNd
+from .nn.convnorm import ConvNormConvNd, FrozenConvNormNd, convnorm_geometry
 from .nn.decompositions import ConditionMonitor
 from .nn.jacobian import JacobianProbe
 from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
@@ -154,19 +157,23 @@ def _existence(module: nn.Module) -> str:
     if isinstance(module, _LINEAR_TYPES):
         return "yes (" + ("RO" if module.out_features <= module.in_features else "CO") + ")"
     if isinstance(module, _CONV_TYPES):
-        dims = len(module.kernel_size)
-        transposed = isinstance(module, _TRANSPOSED_TYPES)
-        # a transposed conv is the adjoint of the conv from its out_channels to its in_channels: orthogonal with it
-        channels = (module.out_channels, module.in_channels) if transposed else (module.in_channels,
-                                                                                   module.out_channels)
-        try:
-            result = theory.orthogonal_conv_exists(*channels, module.kernel_size, module.stride, dims=dims,
-                                                   groups=module.groups, dilation=tuple(module.dilation))
-        except ValueError as exc:
-            return f"? ({exc})"
-        case = theory.adjoint_case(result.case) if transposed else result.case
-        return f"yes ({case})" if result.exists else f"no ({case})"
+        return _conv_existence(module, isinstance(module, _TRANSPOSED_TYPES))
     return ""
+
+
+def _conv_existence(module: nn.Module, transposed: bool) -> str:
+    """Theorem 4's answer for the architecture of a conv-like ``module`` (its channels, kernel size, stride, groups
+    and dilation attributes)."""
+    dims = len(module.kernel_size)
+    # a transposed conv is the adjoint of the conv from its out_channels to its in_channels: orthogonal with it
+    channels = (module.out_channels, module.in_channels) if transposed else (module.in_channels, module.out_channels)
+    try:
+        result = theory.orthogonal_conv_exists(*channels, module.kernel_size, module.stride, dims=dims,
+                                               groups=module.groups, dilation=tuple(module.dilation))
+    except ValueError as exc:
+        return f"? ({exc})"
+    case = theory.adjoint_case(result.case) if transposed else result.case
+    return f"yes ({case})" if result.exists else f"no ({case})"
 
 
 def _lorth(module: nn.Module) -> float | None:
@@ -294,8 +301,18 @@ class Report:
 
 def check_plot_format(path: str | os.PathLike) -> None:
     """Refuse a ``path`` :meth:`Report.plot` cannot write as named, before any work: ``ImportError`` without
-    matplotlib (with the install command), :class:`~orthofx.ArgumentError` for a suffix that is not an image
-    format matplotlib writes, or none (matplotlib would fail after drawing, or add ``.png`` to the name)."""
+    matplotlib (with the install command), :class:`~orthofx.ArgumentError` (``Report.plot: `` and
+    :func:`plot_format_problem`'s text) for a suffix that is not an image format matplotlib writes, or none."""
+    problem = plot_format_problem(path)
+    if problem is not None:
+        raise ArgumentError(f"Report.plot: {problem}")
+
+
+def plot_format_problem(path: str | os.PathLike) -> str | None:
+    """Why :meth:`Report.plot` cannot write ``path`` as named (matplotlib would fail after drawing on an unknown
+    suffix, or add ``.png`` to a name without one), without a caller's prefix (each caller names itself:
+    ``Report.plot``, the CLI's ``--plot PATH``); ``None`` when it can. ``ImportError`` (with the install command)
+    without matplotlib, whose list of formats decides."""
     try:
         import matplotlib  # imported first: its submodules may be in sys.modules while it is not importable
         from matplotlib.backend_bases import FigureCanvasBase
@@ -304,10 +321,10 @@ def check_plot_format(path: str | os.PathLike) -> None:
     del matplotlib
     formats = sorted(FigureCanvasBase.get_supported_filetypes())
     suffix = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
-    if suffix not in formats:
-        raise ArgumentError(f"Report.plot: {os.fspath(path)!r} has "
-                            f"{'an unknown image format .' + suffix if suffix else 'no suffix'}; give a path ending "
-                            f"in .png (or .{', .'.join(f for f in formats if f != 'png')})")
+    if suffix in formats:
+        return None
+    return (f"{os.fspath(path)!r} has {'an unknown image format .' + suffix if suffix else 'no suffix'}; give a path "
+            f"ending in .png (or .{', .'.join(f for f in formats if f != 'png')})")
 
 
 def _check_plot_arguments(path: Any, max_layers: Any) -> None:
@@ -382,7 +399,7 @@ def report(model: nn.Module) -> Report:
         module = root.get_submodule(site.name)
         if not isinstance(module, _CONV_TYPES + _LINEAR_TYPES) and not entries:
             continue
-        rows.append(_layer_row(site.name, module, pass_text, _params(entries),
+        rows.append(_layer_row(site.name, _reported_module(root, site.name, module), pass_text, _params(entries),
                                _input_shape(root, site.name, manifest.input_shapes), spectra))
     penalties = []
     with torch.no_grad():
@@ -410,9 +427,21 @@ def _measured_layer(module: nn.Module) -> nn.Module:
     return module.conv if isinstance(module, ConvNormConvNd) else module
 
 
+def _reported_module(root: nn.Module, site: str, module: nn.Module) -> nn.Module:
+    """The module a site's row is about: ``module``, the one at ``site``, except for the ``conv`` of a frozen
+    ConvNorm layer (the site ``<name>.conv`` of a model written with ConvNorm layers, then frozen), which runs at
+    stride 1 on the layer's FFT grid, one part of the layer's operator: the frozen layer itself."""
+    parent, _, child = site.rpartition(".")
+    if child == "conv" and parent:
+        owner = root.get_submodule(parent)
+        if isinstance(owner, FrozenConvNormNd) and owner.conv is module:
+            return owner
+    return module
+
+
 def _input_shape(root: nn.Module, site: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
-    """The input shape recorded at ``site``; for the conv a ConvNorm wrapper owns (which the wrapper runs through
-    the functional conv, so it records none), the wrapper's: the conv's input is the wrapper's."""
+    """The input shape recorded at ``site``; for the conv a ConvNorm wrapper owns, frozen or not (which the wrapper
+    runs through the functional conv, so it records none), the wrapper's: the conv's input is the wrapper's."""
     shape = shapes.get(site)
     parent, _, child = site.rpartition(".")
     if shape is None and child == "conv" and parent:
@@ -420,15 +449,18 @@ def _input_shape(root: nn.Module, site: str, shapes: dict[str, tuple[int, ...]])
             owner = root.get_submodule(parent)
         except AttributeError:
             return None
-        if isinstance(owner, ConvNormConvNd):
+        if isinstance(owner, (ConvNormConvNd, FrozenConvNormNd)):
             return shapes.get(parent)
     return shape
 
 
 def _layer_row(site: str, module: nn.Module, pass_text: str | None, params: str | None,
                shape: tuple[int, ...] | None, spectra: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """A module's row (figures for conv / linear layers only, and for a ConvNorm wrapper those of its conv, at the
-    input ``shape`` when it is known); its singular values go into ``spectra`` under ``site``."""
+    """A module's row (figures for conv / linear layers only, for a ConvNorm wrapper those of its conv and for a
+    frozen one those of conv + ConvNorm, at the input ``shape`` when it is known); its singular values go into
+    ``spectra`` under ``site``."""
+    if isinstance(module, FrozenConvNormNd):
+        return _frozen_convnorm_row(site, module, pass_text, params, shape, spectra)
     measured = _measured_layer(module)
     operator = isinstance(measured, _CONV_TYPES + _LINEAR_TYPES)
     values = layer_singular_values(measured, shape) if operator else None
@@ -449,6 +481,98 @@ def _layer_row(site: str, module: nn.Module, pass_text: str | None, params: str 
         "input": tuple(shape[-dims:]) if shape is not None and dims else None,
         "exists": _existence(measured) if operator else "",
     }
+
+
+def _frozen_convnorm_row(site: str, frozen: FrozenConvNormNd, pass_text: str | None, params: str | None,
+                         shape: tuple[int, ...] | None, spectra: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The row of a frozen ConvNorm layer (``orthofx.freeze``'s form of a ConvNorm wrapper): the figures of the
+    linear operator it applies, conv + ConvNorm (+ affine; bias excluded), circular as for every row.
+
+    Nothing of it is trained any more, so the row measures what the layer does rather than its conv's weight (the
+    unfrozen row's figures). ``sigma_min`` / ``sigma_max``: :func:`_frozen_convnorm_kernel`'s operator. ``lorth``:
+    for a one-tap layer without affine part, which is a plain conv with per-channel scaled weights, that conv's;
+    none otherwise (the operator's kernel spans its whole grid, where L_orth does not apply, as for Cayley-FFT
+    layers). ``exists``: Theorem 4 for the layer's architecture, as on the unfrozen row."""
+    dims = len(frozen.kernel_size)
+    plain_conv = frozen._scaled_conv and frozen.affine is None  # the conv it holds is the whole operator
+    operator = _frozen_convnorm_kernel(frozen, shape)
+    values, note = None, ""
+    if isinstance(operator, str):
+        note = f" (no figures: {operator})"
+    elif operator is not None:
+        kernel, grid = operator
+        values = metrics.conv_singular_values(kernel, grid, stride=tuple(frozen.stride), groups=frozen.groups)
+        spectra[site] = values
+        parts = "conv + ConvNorm" + (" + affine" if frozen.affine is not None else "")
+        where = "" if frozen._scaled_conv else f", circular on its FFT grid {'x'.join(map(str, grid))}"
+        note = f" (figures: {parts}{where})"
+    has_values = values is not None and bool(values.numel())
+    return {
+        "site": site,
+        "layer": describe_module(frozen) + note,
+        "pass": pass_text,
+        "params": params,
+        "lorth": _lorth(frozen.conv) if plain_conv and _weight_values(frozen.conv) is not None else None,
+        "sigma_min": float(values.min()) if has_values else None,
+        "sigma_max": float(values.max()) if has_values else None,
+        "input": tuple(shape[-dims:]) if shape is not None and len(shape) >= dims else None,
+        "exists": _conv_existence(frozen, transposed=False),
+    }
+
+
+def _frozen_convnorm_kernel(frozen: FrozenConvNormNd, shape: tuple[int, ...] | None
+                            ) -> tuple[torch.Tensor, tuple[int, ...]] | str | None:
+    """``(kernel, grid)``: the circular conv (at the layer's stride and groups) that a frozen ConvNorm layer
+    applies to inputs of ``shape``, in float64, bias excluded; a text saying why there is none; ``None`` without
+    a weight or an input shape.
+
+    Filtered form (a k-tap kernel ``K``): on the FFT grid ``L`` of the input size the layer computes
+    ``f' = IFFT(V . FFT(K * x))`` and keeps every ``S``-th position, a stride-``S`` circular conv with the kernel
+    ``K' = IFFT(FFT(K_D) V)`` (``V`` real: filtering after the correlation is correlating with the filtered
+    kernel); it needs ``S`` to divide ``L``. One-tap form: its own conv (scaled weights) on the input grid rounded
+    up to the stride, as other conv rows. An affine depthwise conv ``A`` after it acts on the output grid, ``S``
+    taps of the input grid apart: ``K'' = K' conv A_S`` (``A`` dilated by ``S``), per output channel; its
+    "same" offset shifts outputs only."""
+    weight = _weight_values(frozen.conv)
+    dims = len(frozen.kernel_size)
+    if weight is None or shape is None or len(shape) < dims:
+        return None
+    stride = tuple(frozen.stride)
+    kernel = metrics.dilated_kernel(weight.to(torch.float64), frozen.dilation)
+    if frozen._scaled_conv:  # V is a constant per channel, folded into the conv's weights
+        grid, v = _grid(shape, dims, stride), None
+    else:
+        size = tuple(shape[-dims:])
+        if frozen.pre_pads:  # a non-zero padding mode pads first, as the layer's forward does
+            size = tuple(n + a + b for n, (a, b) in zip(size, frozen.pre_pads))
+        grid = convnorm_geometry(size, frozen.kernel_size, stride, frozen.geometry_padding, frozen.dilation).grid
+        v = frozen.filter_for(grid)
+        if v is None:
+            return f"no ConvNorm filter for the input size {tuple(shape[-dims:])}"
+        if any(n % s for n, s in zip(grid, stride)):
+            return (f"its FFT grid {'x'.join(map(str, grid))} is not a multiple of the stride "
+                    f"{'x'.join(map(str, stride))}, so the strided operator is no circular conv")
+    if v is None and frozen.affine is None:
+        return kernel, grid
+    axes = tuple(range(2, 2 + dims))
+    spectrum = torch.fft.rfftn(_periodic(kernel, grid), s=grid, dim=axes)
+    if v is not None:
+        spectrum = spectrum * v.to(device=spectrum.device, dtype=torch.float64).unsqueeze(1)
+    if frozen.affine is not None:
+        taps = metrics.dilated_kernel(frozen.affine.weight.detach().to(torch.float64), stride)  # (M, 1, ...)
+        spectrum = spectrum * torch.fft.rfftn(_periodic(taps, grid), s=grid, dim=axes)
+    return torch.fft.irfftn(spectrum, s=grid, dim=axes), grid
+
+
+def _periodic(kernel: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """``kernel`` ``(M, C, k_1, ...)`` as a kernel of exactly the ``grid``'s size with the same circular operator:
+    tap ``t`` added at ``t mod n`` (zeros beyond a smaller kernel; an FFT of size ``n`` would cut a larger one)."""
+    for axis, n in enumerate(grid, start=2):
+        moved = kernel.movedim(axis, -1)
+        folds = -(-moved.shape[-1] // n)
+        moved = torch.nn.functional.pad(moved, (0, folds * n - moved.shape[-1]))
+        kernel = moved.reshape(*moved.shape[:-1], folds, n).sum(-2).movedim(-1, axis)
+    return kernel
 
 
 #: ``Report.capture`` of a model that ``orthofx.transform`` did not return.
