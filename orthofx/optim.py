@@ -60,7 +60,9 @@ class AttachHandle:
         # after this one is dropped (without remove(): its hooks stay) may reuse, overwriting its entry
         self._key = next(_ATTACHMENT_KEYS)
         self.hooks = hooks
-        #: hooks left out because their parameters are frozen and not in the optimizer (see :func:`attach`)
+        #: hooks left out because their parameters are frozen and not in the optimizer (see :func:`attach`); one
+        #: whose parameters are added to the optimizer later (``add_param_group`` when unfreezing) moves to
+        #: ``hooks`` at the next step
         self.skipped = list(skipped or [])
         self._handles = handles
 
@@ -125,12 +127,47 @@ def _unscale_for_hooks(optimizer: torch.optim.Optimizer) -> None:
     optimizer.grad_scale = None
 
 
+def _step_will_be_skipped(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a ``GradScaler`` found inf/NaN gradients for this step of a fused optimizer.
+
+    For optimizers whose kernels unscale (``fused=True``) ``GradScaler.step`` does not skip ``optimizer.step()``
+    itself: it sets ``optimizer.found_inf`` and the kernel leaves parameters and state alone when it is non-zero.
+    The hooks must then do nothing either: a Riemannian hook would write NaN projections into the gradients and
+    re-retract (move by rounding) the unchanged weight and its momentum, where the step without fused kernels
+    (which ``GradScaler`` skips entirely) leaves all of them bitwise as they were. One host sync per step, as
+    ``GradScaler`` itself makes for non-fused optimizers.
+    """
+    found_inf = getattr(optimizer, "found_inf", None)
+    return isinstance(found_inf, torch.Tensor) and bool(found_inf.ne(0).any())
+
+
 def _frozen(parameter) -> bool:
     return isinstance(parameter, torch.Tensor) and not parameter.requires_grad
 
 
 def _optimizer_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def _missing_parameters(hook, root: nn.Module, owned: set[int]) -> list[str]:
+    """The names of ``hook``'s parameters that the optimizer (its parameters' ids: ``owned``) does not hold."""
+    module = root.get_submodule(hook.site)
+    return [name for name in hook.parameter_names if id(getattr(module, name, None)) not in owned]
+
+
+def _not_optimised_message(hook, missing: list[str], recorded: list, root: nn.Module, owned: set[int]) -> str:
+    """Why ``attach`` refuses an optimizer that leaves out a trainable parameter a hook acts on, and the fix. An
+    optimizer holding none of the hooked parameters is most often the second optimizer of a split (one for the
+    orthogonal weights, one for the rest), which needs no attach at all."""
+    where = f"site '{hook.site}' (rule '{hook.rule}'): its parameter(s) {missing} are not optimised by this optimizer"
+    holds_any = any(len(_missing_parameters(h, root, owned)) < len(h.parameter_names) for h in recorded)
+    if not holds_any:
+        return (f"{where}, which holds none of the parameters orthofx's optimizer hooks act on: attach the "
+                "optimizer that optimises them (with several optimizers, an optimizer for the other parameters "
+                "needs no attach), or build the optimizer from gm.parameters()")
+    return (f"{where}; build the optimizer from gm.parameters() before calling orthofx.attach (a frozen "
+            "parameter, requires_grad=False, may be left out). All the hooked parameters must be in the one "
+            "attached optimizer: with several optimizers, give the hooked weights to one of them and attach that one")
 
 
 def _batches(hooks: list) -> list[tuple[type | None, list]]:
@@ -159,7 +196,10 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     Every parameter a hook acts on must be optimised by ``optimizer`` (matched by identity, so DDP and
     DataParallel name prefixes do not matter); otherwise :class:`orthofx.errors.ArgumentError` names the site.
     Only a frozen parameter (``requires_grad=False``) may be left out of the optimizer: no step changes it, so
-    its hooks are skipped (listed in ``handle.skipped``). Attaching the same model twice to one optimizer is an
+    its hooks are skipped (listed in ``handle.skipped``) until it is added to the optimizer (``add_param_group``
+    when unfreezing): from the next step on they run like the others. With ``GradScaler`` and a fused optimizer, a
+    step whose gradients hold inf/NaN (``optimizer.found_inf``, which the fused kernel skips) runs no hook either.
+    Attaching the same model twice to one optimizer is an
     error (the updates would run twice). OLR moves each Pre-SVD weight into a parameter group of its own, so an
     optimizer state saved after ``attach`` loads (``optimizer.load_state_dict``) after ``attach``; create LR
     schedulers after ``attach`` too.
@@ -188,31 +228,49 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         raise ArgumentError("this model's hooks are already attached to this optimizer; call handle.remove() "
                             "before attaching again")
     owned = _optimizer_parameters(optimizer)
+    recorded = list(manifest_of(model).optimizer_hooks)
     hooks, skipped = [], []
-    for hook in manifest_of(model).optimizer_hooks:
+    for hook in recorded:
         module = root.get_submodule(hook.site)
         for name in hook.parameter_names:
             parameter = getattr(module, name, None)
             if isinstance(parameter, torch.Tensor):
                 refuse_fsdp1(parameter, f"site '{hook.site}' (rule '{hook.rule}'): {type(hook).__name__}")
-        missing = [name for name in hook.parameter_names
-                   if id(getattr(module, name, None)) not in owned]
+        missing = _missing_parameters(hook, root, owned)
         if missing and len(missing) == len(hook.parameter_names) and all(
                 _frozen(getattr(module, name, None)) for name in missing):
             # the usual fine-tuning optimizer holds only the trainable parameters: no step ever changes a frozen
-            # one, so its hook has nothing to act on
+            # one, so its hook has nothing to act on (until the weight is added to the optimizer: see run_before)
             skipped.append(hook)
             continue
         if missing:
-            raise ArgumentError(f"site '{hook.site}' (rule '{hook.rule}'): its parameter(s) {missing} are not "
-                                "optimised by this optimizer; build the optimizer from gm.parameters() before "
-                                "calling orthofx.attach (a frozen parameter, requires_grad=False, may be left out)")
+            raise ArgumentError(_not_optimised_message(hook, missing, recorded, root, owned))
         hooks.append(hook)
     for hook in hooks:
         hook.check(root, optimizer)
     for hook in hooks:
         hook.setup(root, optimizer)
     batches = _batches(hooks)
+    position = {id(hook): i for i, hook in enumerate(recorded)}
+
+    def activate_added(opt):
+        # A weight frozen at attach time (its hook skipped) that has since been added to the optimizer
+        # (``add_param_group`` when unfreezing layers) is trained from this step on: its hook runs from now on too,
+        # or the weight would leave the manifold (Riemannian) or step by its raw gradient (NOG) unnoticed.
+        owned_now = _optimizer_parameters(opt)
+        added = [hook for hook in skipped if not _missing_parameters(hook, root, owned_now)]
+        if not added:
+            return
+        for hook in added:
+            hook.check(root, opt)
+        for hook in added:
+            hook.setup(root, opt)
+        # in place: the handle's ``skipped`` and ``hooks`` are these lists (the closures hold no handle, which would
+        # make a reference cycle through the optimizer's hook dicts)
+        skipped[:] = [hook for hook in skipped if all(hook is not a for a in added)]
+        hooks.extend(added)
+        hooks.sort(key=lambda hook: position[id(hook)])  # the recorded order (NOG before OLR on one weight)
+        batches[:] = _batches(hooks)
 
     def run_hooks(opt, stage: str):
         # stage "before" / "after": a hook class with a ``<stage>_step_group`` classmethod gets its hooks at once
@@ -225,8 +283,12 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     started = []  # non-empty from the "before" hooks of a step until its "after" hooks
 
     def run_before(opt):
-        started.append(True)
+        if skipped:
+            activate_added(opt)
         _unscale_for_hooks(opt)
+        if _step_will_be_skipped(opt):  # a fused kernel will skip this step: so do the hooks, before and after
+            return
+        started.append(True)
         run_hooks(opt, "before")
 
     def run_after(opt):
@@ -266,5 +328,6 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after),
                _StepGuard(optimizer, run_after)]
     handle = AttachHandle(optimizer, hooks, handles, skipped)
+    handle.skipped = skipped  # the list activate_added updates
     optimizer.__dict__.setdefault("_orthofx_attached", {})[handle._key] = id(root)
     return handle

@@ -81,11 +81,30 @@ def lazy_site_module(root: nn.Module, term: PenaltyTerm) -> nn.Module | None:
     return None
 
 
-def _term_value(root: nn.Module, term: PenaltyTerm) -> torch.Tensor:
+def _autocast_device_type(root: nn.Module) -> str | None:
+    """The device type of ``root``'s first floating-point parameter when autocast is on for it, else ``None``."""
+    for tensor in root.parameters():
+        if tensor.is_floating_point():
+            kind = tensor.device.type
+            # is_autocast_enabled raises for a device type autocast does not know (meta)
+            return kind if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind) else None
+    return None
+
+
+def _term_value(root: nn.Module, term: PenaltyTerm, autocast_device: str | None = None) -> torch.Tensor:
     """``term``'s unweighted value; a lazy layer that has not run is refused with the fix, not torch's error.
-    Looked for only when the term fails: penalty runs at every training step, and a layer stays initialised."""
+    Looked for only when the term fails: penalty runs at every training step, and a layer stays initialised.
+
+    Computed with autocast off (``autocast_device``: the device type it is on for): the usual training step
+    evaluates ``criterion(gm(x), y) + orthofx.penalty(gm)`` inside ``torch.autocast``, which would run a term's
+    convolutions and products in bfloat16 / float16. Each term measures a small defect ``W^T W - I`` of a
+    near-orthogonal weight, which those 8 or 11 bits cannot resolve (a conv L_orth's gradient came out 25% off);
+    the terms are tiny next to the forward, so they run in the weights' own dtype."""
     try:
-        return term.value(root)
+        if autocast_device is None:
+            return term.value(root)
+        with torch.autocast(autocast_device, enabled=False):
+            return term.value(root)
     except Exception as exc:
         lazy = lazy_site_module(root, term)
         if lazy is None:
@@ -113,13 +132,16 @@ def penalty_terms(model: nn.Module) -> dict[str, torch.Tensor]:
         return {f"JacobianProbe/{name}": zero_like_parameters(probe) if probe.estimate is None else probe.penalty()
                 for name, probe in _probes(model)}
     root = unwrap_model(model)
-    return {f"{t.rule}/{t.site}": t.weight * _term_value(root, t) for t in manifest_of(model).penalties}
+    autocast_device = _autocast_device_type(root)
+    return {f"{t.rule}/{t.site}": t.weight * _term_value(root, t, autocast_device)
+            for t in manifest_of(model).penalties}
 
 
 def penalty(model: nn.Module) -> torch.Tensor:
     """Sum of all weighted regularisers attached by the policy (for a model holding orthofx layers but not
     transformed: of its JacobianProbes' ``penalty()``); a zero scalar (in the dtype and on the device of the
-    model's parameters) when there are none or all have weight 0.
+    model's parameters) when there are none or all have weight 0. Inside ``torch.autocast`` the terms still run in
+    the weights' dtype (autocast is switched off for them).
 
     Example::
 
@@ -132,7 +154,8 @@ def penalty(model: nn.Module) -> torch.Tensor:
     """
     root = unwrap_model(model)
     if is_transformed(model):
-        weighted = [term.weight * _term_value(root, term) for term in manifest_of(model).penalties
+        autocast_device = _autocast_device_type(root)
+        weighted = [term.weight * _term_value(root, term, autocast_device) for term in manifest_of(model).penalties
                     if term.weight != 0.0]
     else:
         weighted = [probe.penalty() for _, probe in _probes(model)

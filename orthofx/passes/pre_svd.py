@@ -78,6 +78,8 @@ _PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn
 OLR_GROUP_KEY = "orthofx_olr"
 _BASE_LR_KEY = "orthofx_olr_base_lr"
 _LAST_LR_KEY = "orthofx_olr_lr"
+#: Marks (in the optimizer's ``__dict__``) that OLR registered its load-state-dict check on it.
+_LOAD_CHECK_KEY = "_orthofx_olr_load_check"
 
 
 # ----------------------------------------------------------------------------------------------------- math
@@ -192,6 +194,21 @@ def _split_off(optimizer: torch.optim.Optimizer, group: dict, param: torch.Tenso
     return optimizer.param_groups[-1]
 
 
+def _refuse_state_saved_before_split(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """``optimizer.load_state_dict`` pre-hook: an optimizer state saved before ``attach`` (or by an optimizer
+    never attached) has fewer param groups than this optimizer, whose OLR weights ``attach`` moved into groups of
+    their own; torch would refuse it only with "loaded state dict has a different number of parameter groups"."""
+    saved = state_dict.get("param_groups", [])
+    olr = [group[OLR_GROUP_KEY] for group in optimizer.param_groups if OLR_GROUP_KEY in group]
+    if len(saved) == len(optimizer.param_groups) or not olr or any(OLR_GROUP_KEY in group for group in saved):
+        return
+    raise ArgumentError(f"this optimizer state has {len(saved)} param group(s) and the optimizer "
+                        f"{len(optimizer.param_groups)}: orthofx.attach gave the OLR weight(s) of site(s) "
+                        f"{', '.join(map(repr, olr))} param groups of their own, and the state was saved before "
+                        "attach (or by an optimizer never attached). Load it before calling orthofx.attach (attach "
+                        "then moves the weights' state along), or save the state after attach")
+
+
 class OptimalLearningRate(OptimizerHook):
     """OLR (P4): the weight gets its own param group, whose lr is ``eta*`` for a step when ``0 < eta* < base lr``.
 
@@ -246,6 +263,9 @@ class OptimalLearningRate(OptimizerHook):
         # the step sets this group's lr in place, so it gets a tensor of its own.
         if isinstance(own["lr"], torch.Tensor):
             own["lr"] = own["lr"].clone()
+        if not optimizer.__dict__.get(_LOAD_CHECK_KEY):
+            optimizer.__dict__[_LOAD_CHECK_KEY] = True
+            optimizer.register_load_state_dict_pre_hook(_refuse_state_saved_before_split)
 
     def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         weight = root.get_submodule(self.site).weight
