@@ -26,14 +26,11 @@ from torch import nn
 from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError
 from .nn.jacobian import JacobianProbe
-from .nn.tracing import is_orthofx_layer, is_orthofx_module, orthofx_layer_types
+from .nn.tracing import is_orthofx_layer, is_orthofx_module
 from .passes.base import PenaltyTerm, zero_like_parameters
 from .transform import is_transformed, manifest_of
 
 __all__ = ["penalty", "penalty_terms", "is_orthofx_layer", "holding_orthofx_layers", "lazy_site_module"]
-
-#: The module classes ``orthofx.nn`` exports (see :func:`orthofx.nn.tracing.orthofx_layer_types`).
-ORTHOFX_LAYER_TYPES = orthofx_layer_types()
 
 # ``is_orthofx_layer`` (defined in orthofx.nn.tracing, the one definition) stays importable from here.
 

@@ -15,7 +15,6 @@ from orthofx.nn.convnorm import FrozenConvNormNd
 from orthofx.nn.orthogonal import FourierConv
 from orthofx.nn.padding import CircularFold, CircularPad
 from orthofx.nn.tracing import is_orthofx_layer, is_orthofx_module, is_orthofx_nn_class, orthofx_layer_types
-from orthofx.penalty import ORTHOFX_LAYER_TYPES
 from orthofx.penalty import is_orthofx_layer as is_orthofx_layer_from_penalty
 from orthofx.plan import producers_feeding
 
@@ -51,9 +50,8 @@ FROZEN_AND_HELPERS = {
 
 def test_the_layer_types_are_the_module_classes_orthofx_nn_exports():
     assert sorted(cls.__name__ for cls in orthofx_layer_types()) == sorted(PUBLIC_LAYERS)
-    # the compatibility name in orthofx.penalty is the same function and the same types
+    # the name orthofx.penalty re-exports is the same function
     assert is_orthofx_layer_from_penalty is is_orthofx_layer
-    assert ORTHOFX_LAYER_TYPES == orthofx_layer_types()
 
 
 @pytest.mark.parametrize("name", sorted(PUBLIC_LAYERS))
