@@ -62,6 +62,8 @@ __all__ = [
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _KIND = {3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
+#: Dtypes whose sums of squares run in float32 here: bfloat16 keeps 8 bits, float16 overflows past 65504.
+_HALF_PRECISION = (torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -340,7 +342,8 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
     (``nn.ConvTranspose{d}d``, weight ``(in, out/groups, *k)``) is the adjoint of the convolution with the same
     weight and stride: the same singular values, so the same L_orth, with RO and CO swapped.
 
-    Returns a 0-dim tensor in the weight's dtype and device. A weight on the meta device gives a meta tensor
+    Returns a 0-dim tensor in the weight's dtype and device (a bfloat16 / float16 weight: computed in float32,
+    then rounded to its dtype). A weight on the meta device gives a meta tensor
     (no value, no error), unlike the singular-value functions, which need values: ``orthofx.penalty`` of a model
     on the meta device then still builds (shapes, dtypes, tracing), and ``orthofx.report`` turns such a value into
     a row without figures. A float64 weight without gradient (what reports
@@ -364,6 +367,12 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
     _check_tensor(weight)
     _one_of(case, (None, "RO", "CO"), "case", "lorth")
     _flag(fast_backward, "fast_backward", "lorth")
+    if weight.dtype in _HALF_PRECISION:
+        # the defect conv(K, K) - I of a near-orthogonal weight cancels most of bfloat16's 8 bits (the gradient of a
+        # 16 x 16 Linear's L_orth came out 14 % off in direction; float16: 1 %): computed in float32 from the
+        # half-precision values, the value rounded once to their dtype (the gradient reaches them through the cast)
+        return lorth(weight.float(), stride, groups, case, dilation=dilation,
+                     fast_backward=fast_backward).to(weight.dtype)
     if weight.ndim == 2:
         for name, value in (("stride", stride), ("groups", groups), ("dilation", dilation)):
             _linear_one(value, name, "lorth")
@@ -933,8 +942,21 @@ def _vjp(output: torch.Tensor, inputs: torch.Tensor, cotangent: torch.Tensor) ->
 
 
 def _squared(t: torch.Tensor, per_sample: bool) -> torch.Tensor:
-    """``||t||^2`` (a scalar), or per sample (shape ``(B,)``; a sample may be a scalar)."""
+    """``||t||^2`` (a scalar), or per sample (shape ``(B,)``; a sample may be a scalar). A half-precision ``t`` is
+    squared and summed in float32: in float16 the sum over one 16 x 32 x 32 feature map passed 65504 (inf), and
+    bfloat16's 8 bits swamp the variance ``offdiag`` takes of these sums."""
+    if t.dtype in _HALF_PRECISION:
+        t = t.float()
     return t.reshape(t.shape[0], -1).square().sum(1) if per_sample else t.square().sum()
+
+
+def _estimate_dtype(products: torch.Tensor) -> torch.dtype:
+    """The dtype of a Jacobian estimate built from ``products`` (the block's ``J v``): theirs, but float32 for
+    half-precision ones under ``torch.autocast`` (a reduction, as autocast's own sums and losses); outside autocast a
+    half-precision block (``model.half()``) gets its own dtype back, after the float32 sums (:func:`_squared`)."""
+    if products.dtype in _HALF_PRECISION and torch.is_autocast_enabled(products.device.type):
+        return torch.float32
+    return products.dtype
 
 
 _FORWARD_AD_READY = False
@@ -1074,6 +1096,7 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
     # dynamo refuses to create inside a compiled region)
     xp = xs.detach() if compiling else xs.detach().requires_grad_(True)
     values: list[torch.Tensor] = []  # per probe: residual norms (full, partial) or ||J v||^2 (offdiag)
+    returned = None  # the estimate's dtype (_estimate_dtype of the first probe's products)
     with torch.enable_grad(), _sdpa_math(), (_ComposedNorms() if create_graph else _contextlib.nullcontext()):
         linear = None
         for _ in range(count):
@@ -1094,6 +1117,8 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
                     linear = (_FunctionalLinearisation if compiling else _Linearisation)(f, xp, batched, what)
                 u, residual = linear.products(v, kind)
             values.append(_squared(u if kind == "offdiag" else residual, per_sample))
+            if returned is None:
+                returned = _estimate_dtype(u)
         stacked = torch.stack(values)  # (count,) or (count, b)
         if kind == "offdiag":
             estimate = stacked.var(dim=0, correction=1) / 2
@@ -1105,6 +1130,7 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
             estimate = estimate * scale  # the subset's sum, scaled to the batch
         if normalize:
             estimate = estimate / (x[0].numel() if per_sample else x.numel())
+        estimate = estimate.to(returned)
     return (estimate if create_graph else estimate.detach()), route
 
 
@@ -1149,7 +1175,8 @@ def jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", 
     forward pass); ``offdiag`` one JVP. With the gradient of the estimate, ``full`` costs about three times a
     forward and backward pass of ``fn`` on the (sub)batch: forward, tangent and VJP, then the backward of each
     (the VJP and the tangent depend on the forward's activations, so the forward is differentiated too).
-    Returns a 0-d tensor.
+    Returns a 0-d tensor in the dtype of ``fn``'s output; for a half-precision output the squares are summed in
+    float32, and the result is float32 under ``torch.autocast`` (like autocast's own reductions).
 
     >>> import torch
     >>> q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))

@@ -391,6 +391,18 @@ def _autocast_off(reference: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def _check_floating(x: torch.Tensor, layer: nn.Module | str) -> None:
+    """Refuse an integer, boolean or complex input. The Fourier-domain forward casts its input to float32 and its
+    output back to the input's dtype, so an integer input gave a silently truncated integer output (and a complex
+    one lost its imaginary part); the explicit-kernel forwards failed inside torch without naming the layer."""
+    if not x.is_floating_point():
+        label = layer if isinstance(layer, str) else layer_label(layer)
+        raise LayerArgumentError(
+            f"{label}: expected a real floating-point input, got dtype {str(x.dtype).replace('torch.', '')}; the "
+            "layer is a real orthogonal operator: convert the input first (x.float()), embed token ids, or pass "
+            "a complex signal's real and imaginary parts as channels")
+
+
 def _check_input(x: torch.Tensor, dims: int, channels: int, layer: nn.Module | str) -> None:
     """Refuse an input that is not ``(B, channels, *spatial)`` or ``(channels, *spatial)`` with ``dims`` spatial
     dimensions. The Fourier-domain forward reshapes ``(B, C, ...)`` with ``-1`` for the batch, so a wrong channel
@@ -400,6 +412,7 @@ def _check_input(x: torch.Tensor, dims: int, channels: int, layer: nn.Module | s
     forward (a Proxy has no concrete shape to check)."""
     if isinstance(x, torch.fx.Proxy):
         return
+    _check_floating(x, layer)
     if x.dim() not in (dims + 1, dims + 2) or x.shape[-dims - 1] != channels:
         spatial = "L" if dims == 1 else ", ".join("HWD"[i] for i in range(dims))
         label = layer if isinstance(layer, str) else layer_label(layer)
@@ -506,28 +519,43 @@ def _broadcast_index(indices: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _fit_best(params: list[nn.Parameter], loss_fn, best: float, steps: int, lr: float) -> None:
     """``steps`` Adam steps on ``loss_fn`` (the nearest-initialisation fits of ``from_conv``), leaving ``params`` at
-    the best state seen (the start counts, with loss ``best``) and their gradients cleared."""
+    the best state seen (the start counts, with loss ``best``) and their gradients cleared.
+
+    Half-precision parameters are fitted as float32 copies (their ``.data`` swapped for the steps, so ``loss_fn``
+    reads them as it reads the layer) and rounded once at the end: in float16 Adam's ``eps`` (1e-8) is 0 and the
+    squared gradients underflow, so every step was NaN and the fit kept its start; in bfloat16 most steps were
+    below the parameters' resolution."""
     if steps and torch.is_inference_mode_enabled():
         raise LayerArgumentError(f"the nearest initialisation's {steps} fitting steps need autograd, which "
                                  "torch.inference_mode() turns off: build the layer outside inference mode, or pass "
                                  "fit_steps=0 (the closed-form start only)")
-    best_state = [p.detach().clone() for p in params]
-    opt = torch.optim.Adam(params, lr=lr)
-    with torch.enable_grad():  # from_conv may be called under torch.no_grad()
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn()
-            loss.backward()
-            value = float(loss.detach())
-            if value < best:
-                best = value
-                best_state = [p.detach().clone() for p in params]
-            opt.step()
+    dtypes = [p.dtype for p in params]
     with torch.no_grad():
-        for p, b in zip(params, best_state):
-            p.copy_(b)
-    for p in params:
-        p.grad = None
+        for p in params:
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+    best_state = [p.detach().clone() for p in params]
+    try:
+        opt = torch.optim.Adam(params, lr=lr)
+        with torch.enable_grad():  # from_conv may be called under torch.no_grad()
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn()
+                loss.backward()
+                value = float(loss.detach())
+                if value < best:
+                    best = value
+                    best_state = [p.detach().clone() for p in params]
+                opt.step()
+    finally:  # the parameters get their dtype back, with the best state (the start if a step failed)
+        with torch.no_grad():
+            for p, b, dtype in zip(params, best_state, dtypes):
+                if p.dtype == dtype:
+                    p.copy_(b)
+                else:
+                    p.data = b.to(dtype)
+        for p in params:
+            p.grad = None
 
 
 class _EvalCache:
@@ -2045,6 +2073,8 @@ class OrthogonalLinear(_EvalCache, nn.Module):
         return W.to(self.raw_weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.fx.Proxy):  # symbolic tracing records the forward op by op
+            _check_floating(x, self)
         return F.linear(x, self._cached("weight", lambda: self.weight), self.bias)
 
     def extra_repr(self) -> str:
