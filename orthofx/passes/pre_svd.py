@@ -113,9 +113,13 @@ def optimal_learning_rate(weight: torch.Tensor, grad: torch.Tensor) -> float | N
 
 
 def srip(weight: torch.Tensor, groups: int = 1, iterations: int = 10) -> torch.Tensor:
-    """SRIP of a (conv or linear) weight: sum over groups of ``sigma_max(Gram - I)`` (see the module docstring)."""
+    """SRIP of a (conv or linear) weight: sum over groups of ``sigma_max(Gram - I)`` (see the module docstring).
+    A bfloat16 / float16 weight is measured in float32 and the value rounded to its dtype, as
+    :func:`orthofx.metrics.lorth` does: ``Gram - I`` of a near-orthogonal weight cancels most of bfloat16's 8 bits."""
     if iterations < 1:
         raise ArgumentError(f"iterations must be >= 1, got {iterations}")
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        return srip(weight.float(), groups, iterations).to(weight.dtype)
     out = weight.shape[0]
     if out % groups:
         raise ArgumentError(f"{out} output channels are not divisible into {groups} groups")
