@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from orthofx.errors import ArgumentError
-from orthofx.theory import _positive_int as _int, orthogonality_case
+from orthofx.theory import _flag as _theory_flag, _positive_int as _int, orthogonality_case
 
 __all__ = [
     "lorth",
@@ -119,11 +119,8 @@ def _tuple(value, d: int, name: str) -> tuple[int, ...]:
 
 
 def _flag(value, name: str, what: str) -> bool:
-    """``value`` if it is ``True`` or ``False``: an array or a multi-element tensor has no single truth value, and
-    anything else (a string, a list) would silently count as true."""
-    if not isinstance(value, bool):
-        raise ArgumentError(f"{what}: {name} must be True or False, got {value!r}")
-    return value
+    """``value`` as a bool (see :func:`orthofx.theory._flag`), the error starting with ``what``."""
+    return _theory_flag(value, f"{what}: {name}")
 
 
 def _one_of(value, choices: tuple, name: str, what: str):

@@ -89,6 +89,19 @@ def _positive_int(value, name: str, error: type[ArgumentError] = ArgumentError, 
     return int(value)
 
 
+def _flag(value, name: str, error: type[ArgumentError] = ArgumentError) -> bool:
+    """``value`` as a bool if it is one (Python's, numpy's, a 0-d tensor's; the integers 0 and 1 too); anything
+    else raises ``error``: a string or a list would silently count as true (``bias="no"`` built a bias), and an
+    array has no single truth value."""
+    try:
+        boolean = not isinstance(value, (str, bytes)) and value in (True, False)
+    except (RuntimeError, TypeError, ValueError):  # an array's or a multi-element tensor's truth value
+        boolean = False
+    if not boolean:
+        raise error(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _sizes(value, dims: int, name: str) -> tuple[int, ...]:
     """An int or a sequence of ``dims`` ints, each >= 1, as a tuple of length ``dims``."""
     if isinstance(value, (tuple, list)):

@@ -22,7 +22,8 @@ Orthonormal parametrisation (self-contained, no ``torch.nn.utils.parametrize``, 
 orthonormal columns for every full-rank ``V`` and is differentiable. For the square ``Q`` this reaches every
 orthogonal matrix (both determinants); ``V`` starts as a Gaussian matrix, so ``qf(V)`` starts Haar-random.
 The current matrices are available as :attr:`OrthogonalActivationBlock.weight` and
-:attr:`ReflectionResidualBlock.weight` (computed on access).
+:attr:`ReflectionResidualBlock.weight` (computed on access). ``to_plain()`` (what :func:`orthofx.freeze` calls)
+bakes them into plain ``nn.Linear`` layers wired by a small ``torch.fx.GraphModule``: the same outputs, no QR.
 
 Example::
 
@@ -36,13 +37,16 @@ Example::
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 from torch import nn
 
 from orthofx.errors import LayerArgumentError, layer_label
-from orthofx.theory import _positive_int
+from orthofx.theory import _flag as _theory_flag, _positive_int
 
+from .orthogonal import _frozen_requires_grad
 from .stiefel import orthonormal
 
 __all__ = ["OrthogonalActivationBlock", "ReflectionResidualBlock", "ISOMETRIC_ACTIVATIONS"]
@@ -69,17 +73,28 @@ def _raw_dtype(block: nn.Module) -> torch.dtype:
     return (raw if raw is not None else block.raw).dtype
 
 
-def _factory(device, dtype) -> dict:
+def _factory(layer: nn.Module, device, dtype) -> dict:
     """``device`` and ``dtype`` for the parameters; ``dtype`` must be a real floating-point ``torch.dtype``."""
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
                               or dtype.is_complex):
-        raise LayerArgumentError(f"dtype must be a real floating-point torch.dtype (e.g. torch.float32), got "
-                                 f"{dtype!r}: the blocks' matrices are real orthogonal")
+        raise LayerArgumentError(f"{layer_label(layer)}: dtype must be a real floating-point torch.dtype (e.g. "
+                                 f"torch.float32), got {dtype!r}: the blocks' matrices are real orthogonal")
     return {"device": device, "dtype": dtype}
 
 
+def _size(layer: nn.Module, value, name: str) -> int:
+    """``value`` as a positive integer, or a :class:`LayerArgumentError` naming the block and the argument."""
+    return _positive_int(value, f"{layer_label(layer)}: {name}", LayerArgumentError)
+
+
+def _flag(layer: nn.Module, value, name: str) -> bool:
+    """``value`` as a bool (:func:`orthofx.theory._flag`); ``bias="no"`` is truthy and gave a bias without a word."""
+    return _theory_flag(value, f"{layer_label(layer)}: {name}", LayerArgumentError)
+
+
 def _check_input(x: torch.Tensor, features: int, layer: nn.Module) -> None:
-    """Refuse an input whose last dimension is not ``features`` (a raw matmul error otherwise). Skipped while
+    """Refuse an input whose last dimension is not ``features``, or whose dtype is not the parameters' (outside
+    ``torch.autocast``, which casts the matmul's operands itself): raw matmul errors otherwise. Skipped while
     ``torch.fx`` symbolically traces the forward (a Proxy has no concrete shape)."""
     if isinstance(x, torch.fx.Proxy):
         return
@@ -93,6 +108,12 @@ def _check_input(x: torch.Tensor, features: int, layer: nn.Module) -> None:
             f"{layer_label(layer)} (features={features}): expected an input of shape (..., {features}), got shape "
             f"{tuple(x.shape)}; pass inputs whose last dimension is {features}, or build the block with features "
             "equal to the input's last dimension")
+    dtype = _raw_dtype(layer)
+    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        name = str(dtype).replace("torch.", "")
+        raise LayerArgumentError(
+            f"{layer_label(layer)}: the input's dtype {str(x.dtype).replace('torch.', '')} is not the block's "
+            f"{name}; convert the input (x.to(torch.{name})) or the block (block.to(x.dtype))")
 
 
 class OrthogonalActivationBlock(nn.Module):
@@ -119,13 +140,14 @@ class OrthogonalActivationBlock(nn.Module):
     def __init__(self, features: int, activation: str = "abs", bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
-        self.features = _positive_int(features, "features", LayerArgumentError)
-        if activation not in ISOMETRIC_ACTIVATIONS:
-            raise LayerArgumentError(f"activation {activation!r} does not keep the Jacobian orthogonal; choose one "
-                                     f"of {', '.join(ISOMETRIC_ACTIVATIONS)} (|sigma'| = 1; relu gives a partial "
-                                     "isometry)")
+        self.features = _size(self, features, "features")
+        if not isinstance(activation, str) or activation not in ISOMETRIC_ACTIVATIONS:
+            raise LayerArgumentError(f"{layer_label(self)}: activation {activation!r} does not keep the Jacobian "
+                                     f"orthogonal; choose one of {', '.join(ISOMETRIC_ACTIVATIONS)} (|sigma'| = 1; "
+                                     "relu gives a partial isometry)")
         self.activation = activation
-        factory = _factory(device, dtype)
+        bias = _flag(self, bias, "bias")
+        factory = _factory(self, device, dtype)
         self.raw = nn.Parameter(torch.randn(self.features, self.features, **factory))
         self.bias = nn.Parameter(torch.zeros(self.features, **factory)) if bias else None
 
@@ -144,6 +166,18 @@ class OrthogonalActivationBlock(nn.Module):
         if self.activation == "relu":
             return torch.relu(z)
         return z
+
+    @torch.no_grad()
+    def to_plain(self) -> torch.fx.GraphModule:
+        """The protocol ``orthofx.freeze`` uses: ``sigma(linear(x))`` with ``linear`` a plain ``nn.Linear`` holding
+        the current ``Q`` and ``b`` (same outputs; ``requires_grad`` follows ``raw``'s and the bias's)."""
+        linear = _baked_linear(self, self.weight, self.bias)
+        graph = torch.fx.Graph()
+        z = graph.call_module("linear", (graph.placeholder("x"),))
+        if self.activation != "identity":
+            z = graph.call_function(torch.abs if self.activation == "abs" else torch.relu, (z,))
+        graph.output(z)
+        return _plain_module(self, {"linear": linear}, graph)
 
     def extra_repr(self) -> str:
         return f"features={self.features}, activation={self.activation!r}, bias={self.bias is not None}"
@@ -173,12 +207,13 @@ class ReflectionResidualBlock(nn.Module):
 
     def __init__(self, features: int, hidden: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
-        self.features = _positive_int(features, "features", LayerArgumentError)
-        self.hidden = _positive_int(hidden, "hidden", LayerArgumentError)
+        self.features = _size(self, features, "features")
+        self.hidden = _size(self, hidden, "hidden")
         if self.hidden > self.features:
-            raise LayerArgumentError(f"ReflectionResidualBlock: hidden ({hidden}) must not exceed features "
+            raise LayerArgumentError(f"{layer_label(self)}: hidden ({hidden}) must not exceed features "
                                      f"({features}): W needs orthonormal rows; pass hidden <= {self.features}")
-        factory = _factory(device, dtype)
+        bias = _flag(self, bias, "bias")
+        factory = _factory(self, device, dtype)
         self.raw = nn.Parameter(torch.randn(self.features, self.hidden, **factory))  # W^T = qf(raw)
         self.bias = nn.Parameter(torch.zeros(self.hidden, **factory)) if bias else None
 
@@ -195,5 +230,37 @@ class ReflectionResidualBlock(nn.Module):
             z = z + self.bias
         return x - 2.0 * (torch.relu(z) @ wt.transpose(0, 1))
 
+    @torch.no_grad()
+    def to_plain(self) -> torch.fx.GraphModule:
+        """The protocol ``orthofx.freeze`` uses: ``x - 2 * back(relu(hidden(x)))`` with plain ``nn.Linear`` layers,
+        ``hidden`` holding ``W`` and ``b``, ``back`` (no bias) holding ``W^T`` (same outputs; ``requires_grad``
+        follows ``raw``'s and the bias's)."""
+        w = self.weight
+        modules = {"hidden": _baked_linear(self, w, self.bias), "back": _baked_linear(self, w.transpose(0, 1), None)}
+        graph = torch.fx.Graph()
+        x = graph.placeholder("x")
+        back = graph.call_module("back", (graph.call_function(torch.relu, (graph.call_module("hidden", (x,)),)),))
+        graph.output(graph.call_function(operator.sub, (x, graph.call_function(operator.mul, (back, 2.0)))))
+        return _plain_module(self, modules, graph)
+
     def extra_repr(self) -> str:
         return f"features={self.features}, hidden={self.hidden}, bias={self.bias is not None}"
+
+
+def _baked_linear(block: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain ``nn.Linear`` holding copies of ``weight`` (``out x in``) and ``bias``, on the block's device and
+    in its dtype."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)
+    linear.weight.copy_(weight)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return linear
+
+
+def _plain_module(block: nn.Module, modules: dict[str, nn.Module], graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """``graph`` over ``modules`` as a GraphModule named ``Frozen<Block>``, in the block's mode, with the
+    parameters' ``requires_grad`` following the block's (a frozen block stays frozen)."""
+    plain = torch.fx.GraphModule(modules, graph, class_name=f"Frozen{type(block).__name__}")
+    plain.train(block.training)
+    return _frozen_requires_grad(block, plain)

@@ -121,7 +121,7 @@ from torch.nn.utils import parametrize
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, layer_label
 from orthofx.nn.padding import CircularFold, CircularPad, circular_fold, circular_pad, flat_pads
 from orthofx.nn.stiefel import orthonormal, project_to_stiefel
-from orthofx.theory import adjoint_case, orthogonal_conv_exists
+from orthofx.theory import _flag, adjoint_case, orthogonal_conv_exists
 
 __all__ = [
     "FourierConv",
@@ -653,6 +653,7 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
             raise LayerArgumentError(f"{name}: method must be one of {_METHODS} ('auto' picks the cheapest exact "
                                      f"construction), got {method!r}")
         self.gain = _gain(gain)
+        bias = _flag(bias, f"{name}: bias", LayerArgumentError)  # bias="no" is truthy: it built a bias
         self.compute_dtype = _compute_dtype(compute_dtype)
         self.init_error: float | None = None
         self.input_size: tuple[int, ...] | None = None
@@ -1674,6 +1675,7 @@ class _OrthogonalConvTransposeNd(nn.Module):
         factory = _factory(device, dtype)
         self._configure(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, dilation,
                         padding_mode, method)
+        bias = _flag(bias, f"{type(self).__name__}: bias", LayerArgumentError)
         self.conv = _ORTHOGONAL_CONV[self._dims](
             self.out_channels, self.in_channels, self.kernel_size, stride=self.stride, padding=self.padding,
             dilation=self.dilation, groups=self.groups, bias=False, padding_mode="circular", method=method,
@@ -2042,6 +2044,7 @@ class OrthogonalLinear(_EvalCache, nn.Module):
         self.in_features = _int(in_features, "in_features")
         self.out_features = _int(out_features, "out_features")
         self.gain = _gain(gain)
+        bias = _flag(bias, "OrthogonalLinear: bias", LayerArgumentError)
         self.raw_weight = nn.Parameter(torch.empty(self.out_features, self.in_features, **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_features, **factory))

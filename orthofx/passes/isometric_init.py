@@ -36,6 +36,11 @@ private generator seeded once per pass run (one per distinct seed) and consumed 
 in graph order within a rule (reproducible; the global RNG is left untouched); ``null`` draws from the global
 RNG (so ``torch.manual_seed`` before ``transform`` also reproduces).
 
+A weight tied between selected layers (``b.weight = a.weight``) is written once, at the first of them; the others
+record that they share it. Where they would need different matrices (another scale, or other taps for a conv)
+the transform stops with a :class:`~orthofx.errors.PlanError`: a second write would silently replace the first
+layer's matrix and leave its Change describing a weight that is gone.
+
 Each layer gets a Change with an orthogonality measure before and after (the latter of ``W / scale``, so zero up
 to round-off when the layer is exactly orthogonal) and the scale: for a Linear ``orth_defect`` = ``max |W^T W - I|``
 (:func:`orthofx.nn.stiefel.orthogonality_defect`, rows for wide weights); for a convolution P0's ``lorth`` at the
@@ -60,7 +65,7 @@ import torch
 from torch import nn
 
 from .. import metrics
-from ..errors import ArgumentError
+from ..errors import ArgumentError, PlanError
 from ..nn import stiefel
 from ..nn.orthogonal import keeps_output_size
 from .base import Change, Param, Pass, PassContext, PlanEntry, require_initialised
@@ -198,6 +203,7 @@ class IsometricInit(Pass):
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         generators: dict[int, torch.Generator] = {}
+        initialised: dict[int, tuple] = {}  # id(weight) -> (first writer's entry, scale, layout, before)
         for entry in entries:
             params = dict(entry.params)
             seed = params["seed"]
@@ -212,14 +218,21 @@ class IsometricInit(Pass):
             is_conv = isinstance(module, _CONV_TYPES)
             groups = module.groups if is_conv else 1
             scale = params["gain"] * activation_gain(params["activation"])
-            before = _defect(weight.detach(), module, 1.0)
-            if is_conv:
-                taps, exact = delta_taps(module)
-                delta_orthogonal_(weight, scale, generator, groups, taps)
-                what = "delta-orthogonal initialisation"
+            taps, exact = delta_taps(module) if is_conv else (None, None)
+            what = "delta-orthogonal initialisation" if is_conv else "orthogonal initialisation"
+            layout = (groups, taps)  # what decides the matrix's structure besides the scale
+            tied = initialised.get(id(weight))
+            if tied is None:
+                before = _defect(weight.detach(), module, 1.0)
+                initialised[id(weight)] = (entry, scale, layout, before)
+                if is_conv:
+                    delta_orthogonal_(weight, scale, generator, groups, taps)
+                else:
+                    orthogonal_(weight, scale, generator)
             else:
-                orthogonal_(weight, scale, generator)
-                what = "orthogonal initialisation"
+                first, first_scale, first_layout, before = tied
+                _check_tied(entry, first, scale, first_scale, layout, first_layout)
+                what += f" (weight tied to {first.site.name}, written there)"
             if params["bias"] == "zero" and getattr(module, "bias", None) is not None:
                 with torch.no_grad():
                     module.bias.zero_()
@@ -235,6 +248,19 @@ class IsometricInit(Pass):
             ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
                               what=f"{what} (orthonormal {rows}, scale {scale:.4g})", params=params,
                               before=before, after={**after, "scale": scale}))
+
+
+def _check_tied(entry: PlanEntry, first: PlanEntry, scale: float, first_scale: float, layout, first_layout) -> None:
+    """Refuse a layer whose weight, tied to the already initialised ``first``'s, would need another matrix
+    (``layout``: the layer's ``(groups, taps)``)."""
+    if math.isclose(scale, first_scale, rel_tol=1e-12) and layout == first_layout:
+        return
+    differs = (f"scale {scale:.4g} (rule '{entry.rule_name}') vs {first_scale:.4g} (rule '{first.rule_name}')"
+               if layout == first_layout else
+               f"(groups, taps) {layout} vs {first_layout}: their groups, padding, stride or dilation differ")
+    raise PlanError(f"isometric_init: {entry.site.name} shares its weight with {first.site.name}, which this pass "
+                    f"initialised first, but needs another matrix ({differs}); a second write would replace "
+                    f"{first.site.name}'s. Give both the same gain and activation, or untie the weights first")
 
 
 def _tap_block(weight: torch.Tensor, taps: Sequence[tuple[int, int]]) -> torch.Tensor:
