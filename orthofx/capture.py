@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 import io
@@ -68,10 +69,11 @@ from torch.package import sys_importer
 from torch.fx.proxy import TraceError
 
 from .errors import ArgumentError, CaptureError
-from .passes.base import CaptureInfo
+from .passes.base import CALL_HOOK_REGISTRIES, CaptureInfo, call_hook_count
 from .nn.tracing import is_orthofx_nn_class
 
-__all__ = ["capture", "unwrap_model", "OrthofxTracer", "ModalGraphModule", "module_scopes", "CAPTURE_MODES"]
+__all__ = ["capture", "unwrap_model", "copy_model", "OrthofxTracer", "ModalGraphModule", "module_scopes",
+           "CAPTURE_MODES"]
 
 #: Capture modes ``capture`` understands.
 CAPTURE_MODES = ("auto", "fx", "export")
@@ -114,6 +116,24 @@ def _wrapped_module(model: nn.Module) -> nn.Module | None:
     if optimized is not None and isinstance(model, optimized):
         return model._orig_mod
     return None
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also for a model whose modules hold a computed tensor as a plain attribute.
+
+    The older ``torch.nn.utils.weight_norm`` and ``torch.nn.utils.prune`` keep a layer's ``weight`` as a non-leaf
+    tensor (``g * v / ||v||``, ``weight_orig * mask``) that a forward pre-hook recomputes before each call, and
+    ``deepcopy`` refuses non-leaf tensors ("Only Tensors created explicitly by the user ... support the deepcopy
+    protocol"). Such tensors are copied detached: the copy's own hook recomputes them from the copied parameters at
+    its first call, as the model's does. Parameters, buffers and every other attribute are copied as by
+    ``deepcopy``.
+    """
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 # ------------------------------------------------------------------------------------------------------- tracer
@@ -165,6 +185,11 @@ class OrthofxTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths:
+            return True
+        if module_qualified_name and call_hook_count(m):
+            # Tracing through a module runs its hooks once on proxies and inlines them: a hook with a side effect
+            # (storing activations) would never fire again, and one holding a proxy would leak it. As a leaf it is
+            # called, hooks and all, at each forward (see hooked_module_warnings).
             return True
         cls = type(m)
         cached = self._leaf_type_cache.get(cls)
@@ -239,6 +264,10 @@ class OrthofxTracer(torch.fx.Tracer):
         if numpy is not None and isinstance(a, numpy.generic):
             # ``x / np.sqrt(d)``: fx would write ``np.float64(...)`` into code that does not import numpy
             return super().create_arg(a.item())
+        if isinstance(a, dict) and type(a) is not dict:
+            rebuilt = _mapping_node(self, a)
+            if rebuilt is not None:
+                return rebuilt
         if (isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter)
                 and id(a) not in self._buffer_ids and a not in self.tensor_attrs):
             name = self._fresh_constant_name()
@@ -301,6 +330,35 @@ class OrthofxTracer(torch.fx.Tracer):
             state.restore()
         if graph is not None and updates:
             _record_buffer_updates(graph, updates)
+
+
+def _mapping_node(tracer: torch.fx.Tracer, mapping: dict) -> torch.fx.Node | None:
+    """A node that builds ``mapping``'s own class again from its traced values, for a dict subclass in the graph
+    (a forward returning ``collections.OrderedDict`` or a ``ModelOutput``-style class, an OrderedDict subclass
+    with attribute access, often also a dataclass); ``None`` when the class cannot be rebuilt that way.
+
+    fx records any dict as a plain ``dict``, so ``out.logits`` on the captured model's output would fail where it
+    works on the model's. A dataclass is rebuilt from its keys as keyword arguments (as fx does for dataclasses
+    that are not dicts), any other class from its ``(key, value)`` pairs, as ``dict(pairs)`` takes them; the
+    constructor is tried first on placeholder values, and a class that does not give back the same keys that way
+    (a ``defaultdict``, a constructor with other arguments) stays a plain dict."""
+    cls = type(mapping)
+    if cls.__module__.startswith("torch.fx"):  # fx's own immutable_dict
+        return None
+    as_fields = dataclasses.is_dataclass(cls) and all(isinstance(k, str) for k in mapping)
+    placeholders = {k: object() for k in mapping}
+    try:
+        trial = cls(**placeholders) if as_fields else cls(list(placeholders.items()))
+        same = type(trial) is cls and list(trial.keys()) == list(mapping.keys()) and all(
+            trial[k] is v for k, v in placeholders.items())
+    except Exception:  # noqa: BLE001 - any failure: keep fx's plain dict
+        return None
+    if not same:
+        return None
+    if as_fields:
+        return tracer.create_node("call_function", cls, (), {k: tracer.create_arg(v) for k, v in mapping.items()})
+    pairs = [(tracer.create_arg(k), tracer.create_arg(v)) for k, v in mapping.items()]
+    return tracer.create_node("call_function", cls, (pairs,), {})
 
 
 @contextlib.contextmanager
@@ -951,9 +1009,10 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
         if concrete_args:
             raise CaptureError("concrete_args is for capture mode 'fx'; with mode 'export', pass every input's "
                                "value in example_inputs instead", module_path="")
-        return _finish(_capture_export(model, leaf_types, leaf_paths, inputs, kwargs), model)
+        return _finish(_capture_export(model, leaf_types, leaf_paths, inputs, kwargs), model, leaf_types, leaf_paths)
     try:
-        return _finish(_capture_fx(model, leaf_types, leaf_paths, concrete_args, max_retries), model)
+        return _finish(_capture_fx(model, leaf_types, leaf_paths, concrete_args, max_retries), model, leaf_types,
+                       leaf_paths)
     except CaptureError as fx_error:
         if mode == "fx":
             raise
@@ -969,17 +1028,20 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
                 f"cannot capture the model: symbolic tracing (fx) failed: {fx_error} -- and torch.export failed "
                 f"too: {export_error}", module_path=fx_error.module_path) from export_error
         info.fx_error = _short_reason(str(fx_error))
-        return _finish((gm, info), model)
+        return _finish((gm, info), model, leaf_types, leaf_paths)
 
 
-def _finish(captured: tuple[torch.fx.GraphModule, CaptureInfo], model: nn.Module
-            ) -> tuple[torch.fx.GraphModule, CaptureInfo]:
+def _finish(captured: tuple[torch.fx.GraphModule, CaptureInfo], model: nn.Module, leaf_types: tuple = (),
+            leaf_paths: tuple = ()) -> tuple[torch.fx.GraphModule, CaptureInfo]:
     """What every capture mode does last: the model's training flags and buffer persistence on the
     GraphModule's own containers, and the warnings about what a graph cannot reproduce."""
     gm, info = _with_model_flags(captured, model)
     _match_persistence(gm, model)
+    fallbacks = tuple(path for path, _ in info.leaf_fallbacks)
+    info.warnings.extend(hooked_module_warnings(model, leaf_types, tuple(leaf_paths) + fallbacks))
     if info.mode == "fx":
         info.warnings.extend(_root_hook_warnings(model))
+    info.warnings.extend(_state_dict_hook_warnings(model))
     return gm, info
 
 
@@ -1006,10 +1068,47 @@ def _match_persistence(gm: torch.fx.GraphModule, model: nn.Module) -> None:
                 module._non_persistent_buffers_set.add(name)
 
 
+def hooked_module_warnings(model: nn.Module, leaf_types: Iterable[str | type] = (),
+                           leaf_paths: Iterable[str] = ()) -> list[str]:
+    """Say which submodules capture keeps as leaves only because hooks are registered on them
+    (:meth:`OrthofxTracer.is_leaf_module`): their hooks keep firing, but their forward is not in the graph, so
+    the function sites inside it (``torch.linalg.eigh`` ...) are not reachable (their layers still are module
+    sites). Modules inside another leaf are left out: their hooks fire when that leaf calls them."""
+    tracer = OrthofxTracer(leaf_types=leaf_types, leaf_paths=leaf_paths)
+    hooked: list[str] = []
+    leaves: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(leaf + ".") for leaf in leaves):
+            continue
+        if not tracer.is_leaf_module(module, name):
+            continue
+        leaves.append(name)
+        if name not in tracer.leaf_paths and not tracer._is_leaf_type(type(module)):
+            hooked.append(f"{name} ({type(module).__name__}, {call_hook_count(module)} hook(s))")
+    if not hooked:
+        return []
+    return [f"kept as leaves because forward/backward hooks are registered on them, which tracing through would "
+            f"run once and drop: {', '.join(hooked)}; their hooks fire at each call, but the operations inside "
+            "their forward are not graph nodes (their layers are still module sites; function sites such as "
+            "linalg.eigh inside them are not reachable). Remove the hooks before transforming, and register them "
+            "on the returned module, to trace through them"]
+
+
+def _state_dict_hook_warnings(model: nn.Module) -> list[str]:
+    """The returned GraphModule is a new root module: state-dict hooks registered on the model itself (not on its
+    submodules, which the GraphModule shares) are not carried over."""
+    names = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+    hooks = sum(len(getattr(model, name, None) or {}) for name in names)
+    if not hooks:
+        return []
+    return [f"the model itself has {hooks} state-dict hook(s) (register_state_dict_post_hook, "
+            "register_load_state_dict_pre_hook, ...), which the returned module does not have (it is a new root "
+            "module): state_dict() and load_state_dict() on it run without them; register them on it again"]
+
+
 def _root_hook_warnings(model: nn.Module) -> list[str]:
     """Symbolic tracing calls the model's ``forward`` itself, so hooks registered on the model are not traced."""
-    hooks = sum(len(getattr(model, name, None) or {}) for name in (
-        "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"))
+    hooks = call_hook_count(model)
     if not hooks:
         return []
     return [f"the model itself has {hooks} forward/backward hook(s) (register_forward_hook, "
@@ -2055,6 +2154,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         # The order of the leaf calls (a call that leaves no node in the graph, such as nn.Identity's, is put
         # back at its place among the others).
         order: list[str] = []
+        stashed = _stash_call_hooks([source.get_submodule(path) for path in leaves])
         hooks = [source.get_submodule(path).register_forward_pre_hook(
             lambda module, args, path=path: order.append(path)) for path in leaves]
         try:
@@ -2062,6 +2162,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         finally:
             for hook in hooks:
                 hook.remove()
+            _restore_call_hooks(stashed)
             for module, flag in flags:
                 module.training = flag
         # A leaf holding other modules that the forward never called (it called the modules inside it): export
@@ -2103,6 +2204,27 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         return other.graph, other
 
     return _with_other_mode(model, gm, info, export_other_mode), info
+
+
+def _stash_call_hooks(modules: list[nn.Module]) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """Take the user's forward / backward hooks off ``modules`` (the leaves) while torch.export runs.
+
+    The graph calls each leaf as a module, which runs its hooks at each forward; exported with them, a pre-hook's
+    work (``args[0] * 2``) would also be recorded as ATen ops before the call and happen twice. fx mode records
+    no hook of a leaf either. :func:`_restore_call_hooks` puts the same registries back."""
+    stashed = []
+    for module in modules:
+        saved = {name: module.__dict__[name] for name in CALL_HOOK_REGISTRIES if module.__dict__.get(name)}
+        if saved:
+            for name in saved:
+                module.__dict__[name] = type(saved[name])()
+            stashed.append((module, saved))
+    return stashed
+
+
+def _restore_call_hooks(stashed: list[tuple[nn.Module, dict[str, Any]]]) -> None:
+    for module, saved in stashed:
+        module.__dict__.update(saved)
 
 
 def uninitialised_lazy_modules(model: nn.Module) -> list[str]:

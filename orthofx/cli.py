@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import importlib
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from . import models
+from .capture import copy_model
 from .errors import OrthofxError
 from .export import batch_too_small_for_dynamic, check_export_path, export
 from .passes.base import EvalRun
@@ -503,7 +503,7 @@ def _check_digits_model(model: nn.Module, images: torch.Tensor, spec: str) -> No
     """The demo's data is fixed (1 x 8 x 8 digit images, 10 classes): a model that cannot classify it is refused
     before the explain, with the way out, instead of failing in transform with advice about input shapes the
     user cannot change here. The model runs once on a copy in eval mode (its own state is left alone)."""
-    probe = copy.deepcopy(model).eval()
+    probe = copy_model(model).eval()
     try:
         with torch.no_grad():
             out = probe(images)

@@ -53,7 +53,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import re
@@ -64,7 +63,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .capture import ModalGraphModule, batch_dynamic_shapes, capture, unwrap_model
+from .capture import ModalGraphModule, batch_dynamic_shapes, capture, copy_model, unwrap_model
 from .errors import CaptureError, ExportError, OrthofxError
 from .nn.conditioning import power_newton_schulz
 from .passes.base import Manifest, replace_module
@@ -113,7 +112,7 @@ def _captured_with_orthofx_layers(model: nn.Module, example: ExampleCall | None)
     torch.export on the example call, keyword inputs included, where symbolic tracing fails) with a manifest that
     records no change: what :func:`freeze` and :func:`export` need. A model holding no orthofx layer has nothing
     to freeze."""
-    root = copy.deepcopy(unwrap_model(model))
+    root = copy_model(unwrap_model(model))
     if not _modules_to_freeze(root):
         raise OrthofxError(f"{type(root).__name__} was not produced by orthofx.transform and holds no orthofx layer "
                            "(nothing to freeze): call orthofx.transform(model, policy) first, or use the model as "
@@ -159,7 +158,7 @@ def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any 
     example = example_call(example_inputs, example_kwargs)
     if is_transformed(model):
         manifest = manifest_of(model)
-        frozen = copy.deepcopy(unwrap_model(model))
+        frozen = copy_model(unwrap_model(model))
     else:  # captured from a copy of the model already: baked in place
         frozen = _captured_with_orthofx_layers(model, example)
         manifest = manifest_of(frozen)
@@ -321,7 +320,7 @@ def _onnx_form(frozen: fx.GraphModule, example: ExampleCall, iterations: int | N
     found = _decompositions(frozen)
     if not found:
         return frozen, None
-    form = copy.deepcopy(frozen)
+    form = copy_model(frozen)
     before = set(_newton_schulz_nodes(form))
     reasons = to_newton_schulz(form, iterations=iterations or NEWTON_SCHULZ_SCHEDULE[0])
     left = _decompositions(form)

@@ -34,7 +34,7 @@ from torch import fx, nn
 from .capture import ModalGraphModule, _is_torch_layer, module_scopes
 from .errors import PlanError
 from .nn.tracing import is_orthofx_module
-from .passes.base import CaptureInfo, PlanEntry, Site, describe_module
+from .passes.base import CaptureInfo, PlanEntry, Site, derived_weight, describe_module
 from .passes.registry import get_pass
 from .policy import Match, Policy, Rule
 
@@ -116,11 +116,21 @@ def collect_sites(gm: fx.GraphModule, blocks: Iterable[str] = (), graph: fx.Grap
                 continue
             seen_modules.add(target)
             module = gm.get_submodule(target)
+            if isinstance(module, torch.jit.ScriptModule):
+                # compiled TorchScript: no pass can rewrite it, and it takes no hooks (transform's shape recording
+                # registers one on every site); see scripted_module_warnings
+                seen_modules.update(name for name, _ in module.named_modules(prefix=target))
+                continue
             sites.append(Site("module", target, type(module).__name__, node.name, type(module), mode))
             if target in blocks:
                 sites.append(Site("block", target, type(module).__name__, node.name, type(module), mode))
-            # Submodules of a leaf are not in the graph; list them so weight-only passes can reach them.
+            # Submodules of a leaf are not in the graph; list them so weight-only passes can reach them. The modules
+            # of torch parametrizations are no layers: what they compute is the weight of the layer holding them.
+            internals = tuple(f"{name}.parametrizations" for name, sub in module.named_modules(prefix=target)
+                              if torch.nn.utils.parametrize.is_parametrized(sub))
             for sub_name, sub in module.named_modules(prefix=target):
+                if any(sub_name == p or sub_name.startswith(p + ".") for p in internals):
+                    continue
                 if sub_name != target and sub_name not in seen_modules:
                     seen_modules.add(sub_name)
                     sites.append(Site("module", sub_name, type(sub).__name__, None, type(sub), mode))
@@ -518,6 +528,9 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
 
     if model is not None and capture is not None:
         capture.warnings.extend(w for w in unused_leaf_entries(policy, model) if w not in capture.warnings)
+    if capture is not None:
+        notes = scripted_module_warnings(gm) + unhandled_weight_warnings(gm, policy, sites)
+        capture.warnings.extend(w for w in notes if w not in capture.warnings)
 
     replaced: dict[tuple[str, str], tuple[str, str]] = {}  # site -> (rule, pass) that replaces its module
     for rule in policy.rules:
@@ -536,6 +549,8 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 shadowed.append((site, rule.name, winners[key]))
                 continue
             reason = pass_obj.accepts(site, module) or pass_obj.accepts_params(site, module, rule.params)
+            if reason is None:
+                reason = _derived_weight_reason(pass_cls, site, module)
             replacer = replaced.get((site.kind, site.name))
             if reason is None and replacer is not None and pass_cls.needs_original_module:
                 reason = (f"rule '{replacer[0]}' ({replacer[1]}) replaces this layer earlier in the policy, and "
@@ -567,6 +582,75 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                             "'optional: true'.")
     return Plan(entries=entries, sites=sites, skipped=skipped, shadowed=shadowed,
                 unmatched_optional=unmatched_optional, capture=capture, layers=layers)
+
+
+def scripted_module_warnings(gm: fx.GraphModule) -> list[str]:
+    """Say which modules the graph calls are TorchScript (``torch.jit.script``): they are no sites (see
+    :func:`collect_sites`), so their layers keep their weights whatever the policy says."""
+    scripted = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_module"
+                       and isinstance(gm.get_submodule(str(n.target)), torch.jit.ScriptModule)})
+    if not scripted:
+        return []
+    return [f"TorchScript module(s) {', '.join(scripted)} (torch.jit.script) are compiled code orthofx cannot "
+            "rewrite: they are no sites, and the layers inside them are left as they are. Transform the model "
+            "before scripting it (script the returned module, or the frozen one)"]
+
+
+#: Layers holding weight matrices that no built-in pass handles, with the parameters concerned.
+_UNHANDLED_WEIGHTS = ((nn.RNNBase, "recurrent", "weight_ih_l*, weight_hh_l*"),
+                      (nn.RNNCellBase, "recurrent cell", "weight_ih, weight_hh"),
+                      (nn.MultiheadAttention, "input projection", "in_proj_weight (or q/k/v_proj_weight)"),
+                      (nn.Bilinear, "bilinear", "weight"))
+
+
+def unhandled_weight_warnings(gm: fx.GraphModule, policy: Policy, sites: list[Site]) -> list[str]:
+    """Say which layers hold weight matrices that the policy's weight rules cannot reach: recurrent layers
+    (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and their cells), ``nn.MultiheadAttention``'s packed input projection
+    (its ``out_proj`` is a Linear site), ``nn.Bilinear``. Only when the policy has a module rule whose pass acts on
+    Linear layers (L_orth, hard orthogonal layers, isometric init, Riemannian training ...): such a user expects
+    every weight matrix treated, and these are left as they are without a word otherwise."""
+    linear_rules = [rule.name for rule in policy.rules if rule.match.site_kind == "module"
+                    and _acts_on_linear(get_pass(rule.apply))]
+    if not linear_rules:
+        return []
+    warnings = []
+    for cls, kind, weights in _UNHANDLED_WEIGHTS:
+        found = [s.name for s in sites if s.kind == "module" and not s.mode and s.module_type is not None
+                 and issubclass(s.module_type, cls)]
+        if not found:
+            continue
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        types = ", ".join(sorted({type(gm.get_submodule(name)).__name__ for name in found}))
+        warnings.append(
+            f"{shown} ({types}): no pass handles the {kind} weights {weights}, so rule(s) "
+            f"{', '.join(linear_rules)} leave them as they are (the passes act on Conv and Linear layers)"
+            + (". For orthogonal recurrent weights, register torch.nn.utils.parametrizations.orthogonal(layer, "
+               "'weight_hh_l0') on the layer yourself" if issubclass(cls, (nn.RNNBase, nn.RNNCellBase)) else ""))
+    return warnings
+
+
+def _acts_on_linear(pass_cls: type) -> bool:
+    types = getattr(pass_cls, "module_types", ())
+    return "module" in pass_cls.site_kinds and any(issubclass(nn.Linear, t) for t in types)
+
+
+def _derived_weight_reason(pass_cls: type, site: Site, module: nn.Module | None) -> str | None:
+    """Why ``pass_cls`` must skip a layer whose weight is computed (:func:`~orthofx.passes.base.derived_weight`):
+    replacing the layer would silently drop the parametrization or hook that computes the weight (the layer would
+    no longer be weight-normalised, spectrally normalised, pruned ...), and writing or stepping the computed
+    tensor changes nothing (the next call recomputes it). Passes that only read the weight (L_orth) are fine."""
+    if site.kind != "module" or module is None:
+        return None
+    if (pass_cls.wraps_original_module and not pass_cls.needs_weight_parameter
+            and torch.nn.utils.parametrize.is_parametrized(module, "weight")):
+        return None  # the wrapper reads layer.weight, which the parametrization computes at each access
+    if not (pass_cls.replaces_module or pass_cls.needs_original_module or pass_cls.needs_weight_parameter):
+        return None
+    reason = derived_weight(module)
+    if reason is None:
+        return None
+    does = "replacing the layer would drop it" if pass_cls.replaces_module else "a write to the weight is lost"
+    return f"{reason}; {does} (orth_regularizer, which reads the weight, works here)"
 
 
 def unused_leaf_entries(policy: Policy, model: nn.Module) -> list[str]:

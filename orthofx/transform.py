@@ -12,15 +12,16 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
 from torch import fx, nn
 
-from .capture import capture, copy_targets, input_tuple, keyword_inputs, uninitialised_lazy_modules, unwrap_model
+from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_inputs, uninitialised_lazy_modules,
+                      unwrap_model)
 from .errors import ArgumentError, OrthofxError, TransformError
 from .passes.base import MANIFEST_KEY, EvalRun, Manifest, PassContext, PlanEntry, Site, replace_module
 from .passes.registry import get_pass
@@ -164,7 +165,7 @@ def explain(model: nn.Module, policy: Any, example_inputs: Any = None, *, exampl
     example = example_call(example_inputs, example_kwargs)
     # Capture runs the model's forward (symbolic tracing, or torch.export on the example inputs): any Python side
     # effect of that forward (a counter, a cache) would happen on the user's model, so a copy is traced.
-    root = copy.deepcopy(unwrap_model(model))
+    root = copy_model(unwrap_model(model))
     _, plan = _capture_and_plan(root, policy, example)
     return plan
 
@@ -284,9 +285,18 @@ def _where_it_fails(gm: fx.GraphModule, example: ExampleCall, manifest: Manifest
 
 
 def output_tensors(output: Any) -> list[torch.Tensor]:
-    """The tensors of a model's output (any nesting of tuples, lists and dicts), in pytree order."""
-    leaves, _ = torch.utils._pytree.tree_flatten(output)
-    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    """The tensors of a model's output (any nesting of tuples, lists and dicts), in pytree order; inside what
+    pytree keeps whole, a mapping it has no rule for (a ``ModelOutput``-style dict subclass) or a dataclass, in
+    their own order (values, fields): the checks on the outputs would otherwise see no tensor there."""
+    found: list[torch.Tensor] = []
+    for leaf in torch.utils._pytree.tree_flatten(output)[0]:
+        if isinstance(leaf, torch.Tensor):
+            found.append(leaf)
+        elif isinstance(leaf, Mapping):
+            found.extend(output_tensors(list(leaf.values())))
+        elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            found.extend(output_tensors([getattr(leaf, f.name) for f in dataclasses.fields(leaf)]))
+    return found
 
 
 def _check_output(before: Any, after: Any) -> None:
@@ -490,7 +500,7 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, exam
     example = example_call(example_inputs, example_kwargs)
     root = unwrap_model(model)
     _refuse_dropping_attachments(model)
-    work = root if inplace else copy.deepcopy(root)
+    work = root if inplace else copy_model(root)
     gm, plan = _capture_and_plan(work, policy, example)
     gm.training = work.training
     manifest = Manifest(policy=policy, plan=plan, capture=plan.capture)

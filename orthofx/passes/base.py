@@ -13,6 +13,7 @@ Everything here is plain data (picklable, deep-copyable), so a transformed model
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,6 +40,9 @@ __all__ = [
     "describe_module",
     "parameter_owners",
     "require_initialised",
+    "call_hook_count",
+    "move_call_hooks",
+    "derived_weight",
 ]
 
 #: Key of the manifest in ``GraphModule.meta``.
@@ -411,8 +415,10 @@ class UserBuffers:
                 if id(module._buffers) in seen or not owns_user_buffers(module):
                     continue
                 seen.add(id(module._buffers))
-                self.registries.append((module, dict(module._buffers), set(module._non_persistent_buffers_set)))
-                for tensor in module._buffers.values():
+                buffers = dict(module._buffers.items())  # a TorchScript module's BufferDict cannot be iterated
+                if not isinstance(module, torch.jit.ScriptModule):  # compiled code registers no buffers
+                    self.registries.append((module, buffers, set(module._non_persistent_buffers_set)))
+                for tensor in buffers.values():
                     if (tensor is None or id(tensor) in self.values
                             or isinstance(tensor, nn.parameter.UninitializedTensorMixin) or tensor.is_inference()):
                         continue
@@ -481,15 +487,92 @@ def parameter_owners(root: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
     return owners
 
 
+#: The hook registries ``nn.Module.__call__`` runs (forward pre-hooks, forward hooks, backward hooks) with the
+#: per-hook flags torch keeps next to them (keyed by the same handle ids).
+CALL_HOOK_REGISTRIES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                         "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+                         "_backward_hooks")
+_CALL_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def call_hook_count(module: nn.Module) -> int:
+    """How many hooks are registered on ``module`` itself that its ``__call__`` runs: forward pre-hooks, forward
+    hooks and backward hooks (``register_forward_hook`` ...; global hooks and state-dict hooks not counted)."""
+    return sum(len(getattr(module, name, None) or ()) for name in _CALL_HOOKS)
+
+
+def move_call_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Make the forward / backward hooks registered on ``old`` run on ``new``, the layer that replaces it.
+
+    A hook on a layer is about the place the layer has in the model (a feature extractor storing its output, a
+    pre-hook scaling its input); the replacement computes that place's output, so the hooks go with it. The
+    registries themselves move (not copies of them): a ``RemovableHandle`` refers to its registry, so the user's
+    handle still removes the hook, and ``old`` is left with empty registries, so a replacement that still calls
+    ``old`` (a Jacobian probe around a block) does not run them twice. Hooks ``new`` has of its own run after the
+    moved ones. State-dict hooks stay behind: they are about ``old``'s parameters, which the replacement does not
+    have under the same names.
+    """
+    if old is new:
+        return
+    for name in CALL_HOOK_REGISTRIES:
+        moved = old.__dict__.get(name)
+        if not moved:
+            continue
+        own = new.__dict__.get(name)
+        if own is moved:
+            continue
+        if own:
+            moved.update(own)  # handle ids are unique across modules: no key is overwritten
+        new.__dict__[name] = moved
+        old.__dict__[name] = OrderedDict()
+    if new.__dict__.get("_is_full_backward_hook") is None:
+        new.__dict__["_is_full_backward_hook"] = old.__dict__.get("_is_full_backward_hook")
+
+
+def derived_weight(module: nn.Module) -> str | None:
+    """Why ``module.weight`` is computed rather than a parameter of the module's own, and how to undo that
+    (``None`` when it is a parameter): a torch parametrization (``torch.nn.utils.parametrizations.weight_norm`` /
+    ``spectral_norm`` / ``orthogonal``, ``torch.nn.utils.parametrize.register_parametrization``) or a forward
+    pre-hook that rebuilds it before each call (the older ``torch.nn.utils.weight_norm`` and ``spectral_norm``,
+    ``torch.nn.utils.prune``).
+
+    A pass may read such a weight (L_orth of the weight the layer applies, differentiable down to the underlying
+    parameters), but it cannot write it, step it or replace the layer without dropping what computes it."""
+    parametrizations = getattr(module, "parametrizations", None)
+    if isinstance(parametrizations, nn.ModuleDict) and "weight" in parametrizations:
+        kinds = ", ".join(type(p).__name__.lstrip("_") for p in parametrizations["weight"])
+        return (f"its weight is computed by a torch parametrization ({kinds}; undo with "
+                "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'))")
+    if "weight" in module._parameters or not isinstance(getattr(module, "weight", None), torch.Tensor):
+        return None
+    # what the older hooks keep instead of the weight: weight_g / weight_v, weight_orig
+    stored = sorted(n for n, p in module._parameters.items() if p is not None and n.startswith("weight_"))
+    hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()]
+    if not stored or not hooks:
+        return None
+    undo = next((call for kind, call in _HOOK_UNDO.items() if kind in hooks), None)
+    if undo is None and any(hasattr(h, "_tensor_name") for h in module._forward_pre_hooks.values()):
+        undo = _PRUNE_UNDO
+    return (f"its weight is not a parameter: a forward pre-hook ({', '.join(hooks)}) recomputes it from "
+            f"{', '.join(stored)} at each call" + (f" (undo with {undo})" if undo else ""))
+
+
+_HOOK_UNDO = {"WeightNorm": "torch.nn.utils.remove_weight_norm(layer)",
+              "SpectralNorm": "torch.nn.utils.remove_spectral_norm(layer)"}
+_PRUNE_UNDO = "torch.nn.utils.prune.remove(layer, 'weight')"
+
+
 def replace_module(root: nn.Module, qualname: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at ``qualname`` in ``root`` (setattr on the parent) and return the module it replaced.
 
     Graph nodes that call ``qualname`` now call ``new``; this is how passes swap a layer for its orthogonal,
-    normalised or probed version, and how ``freeze`` swaps it back for a plain one.
+    normalised or probed version, and how ``freeze`` swaps it back for a plain one. The forward and backward hooks
+    registered on the replaced module move to ``new`` (:func:`move_call_hooks`), so they keep firing.
     """
     parent_name, _, child = qualname.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     old = getattr(parent, child)
+    move_call_hooks(old, new)
     setattr(parent, child, new)
     if type(new).__module__.startswith("orthofx."):
         new.__dict__[SITE_ATTRIBUTE] = qualname  # the layer's errors name it (errors.layer_label)
@@ -538,6 +621,18 @@ class PassContext:
         return None
 
     def add_optimizer_hook(self, hook: OptimizerHook) -> None:
+        """Record ``hook``; refused (:class:`PlanError`) for a layer whose weight is computed
+        (:func:`derived_weight`): the hook would step a tensor the next forward recomputes, and no optimizer
+        holds it."""
+        try:
+            module = self.module(hook.site)
+        except AttributeError:  # a hook of a function site
+            module = None
+        reason = derived_weight(module) if module is not None and "weight" in hook.parameter_names else None
+        if reason is not None:
+            raise PlanError(f"rule '{hook.rule}': {hook.site} ({describe_module(module)}): {reason}, so "
+                            f"{type(hook).__name__} cannot update it around optimizer.step(): exclude the layer "
+                            "from the rule (match.exclude)")
         self.manifest.optimizer_hooks.append(hook)
 
 
@@ -591,6 +686,15 @@ class Pass:
     #: The pass needs the site's original layer (it writes the weight in place, or rebuilds the layer): a rule
     #: of another group that replaced the layer earlier in the policy leaves it nothing to act on.
     needs_original_module: ClassVar[bool] = False
+    #: The pass writes the layer's weight or updates it around ``optimizer.step()``, so the weight must be a
+    #: parameter of the layer's own. Planning skips layers whose weight is computed (:func:`derived_weight`: torch
+    #: parametrizations, weight_norm / spectral_norm / pruning hooks) for such passes, and for passes that replace
+    #: the layer or need the original one (which would drop what computes the weight).
+    needs_weight_parameter: ClassVar[bool] = False
+    #: The replacement holds the original layer and computes with its ``weight`` attribute (ConvNorm's wrapper), so
+    #: a weight a torch parametrization computes stays computed: planning does not skip such layers for the pass
+    #: (it still skips weights that a forward pre-hook of the layer recomputes: the wrapper does not call it).
+    wraps_original_module: ClassVar[bool] = False
 
     @classmethod
     def param_spec(cls) -> dict[str, Param]:

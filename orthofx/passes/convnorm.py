@@ -82,6 +82,7 @@ class ConvNormPass(Pass):
     group = "convnorm"
     replaces_module = True
     needs_original_module = True
+    wraps_original_module = True  # the wrapper calls the conv itself: a parametrized weight stays computed
 
     def accepts(self, site, module):
         if isinstance(module, nn.modules.conv._ConvTransposeNd):

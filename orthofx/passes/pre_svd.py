@@ -62,8 +62,8 @@ import torch
 from torch import fx, nn
 
 from ..errors import ArgumentError, OrthofxError
-from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, describe_module,
-                   parameter_owners, whole, write_whole)
+from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, derived_weight,
+                   describe_module, parameter_owners, whole, write_whole)
 from .orth_regularizer import lorth_term
 from .orthogonal_conv import orthogonal_layer
 from .registry import register_pass
@@ -368,6 +368,18 @@ class PreSVD(Pass):
         if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
             return f"{site.name} is a lazy layer that has not run yet; run the model once first"
         return None
+
+    def accepts_params(self, site, module, params):
+        # NOG and OLR act on the weight around optimizer.step(), and the hard orthogonal layer replaces the layer:
+        # none of them can keep a weight that a torch parametrization or a weight_norm / pruning hook computes
+        # (lorth and srip only read it)
+        writes = [name for name, on in (("nog", params["nog"]), ("olr", params["olr"]),
+                                        ("weight: orthogonal", params["weight"] == "orthogonal")) if on]
+        reason = derived_weight(module) if writes and module is not None else None
+        if reason is None:
+            return None
+        return (f"{reason}; {', '.join(writes)} cannot act on it (weight: lorth or srip with nog: false and "
+                "olr: false only read it)")
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         for entry in entries:

@@ -236,6 +236,7 @@ class Riemannian(Pass):
     site_kinds = frozenset({"module"})
     module_types = _LAYER_TYPES
     group = "weight"
+    needs_weight_parameter = True  # it projects and retracts the weight around optimizer.step()
 
     def accepts(self, site: Site, module: nn.Module | None) -> str | None:
         """Also declines a layer whose weight has no entries (``Linear(4, 0)``): nothing to keep orthonormal."""
