@@ -100,6 +100,15 @@ An input whose grid has no precomputed filter raises :class:`~orthofx.errors.Lay
 size, the grid, the sizes it has and the fix (run the unfrozen model on that size before freezing, or
 ``to_plain(input_sizes=[...])``), where the unfrozen layer would have computed ``V`` from the weight.
 
+Precision
+---------
+The layer computes in float64 for a float64 weight and in float32 otherwise (half-precision weights, inputs and
+autocast included: ``V`` spans orders of magnitude). The input must have the weight's working precision, as
+torch's convolutions demand matching dtypes: a float32 (or half-precision) input to a float64 layer, or a
+float64 input to a float32 layer, raises :class:`~orthofx.errors.LayerArgumentError` (a float32 input used to
+round the float64 weight and ``V`` to float32 silently). A half-precision input to a float32 layer is accepted:
+computed in float32, returned in the input's dtype.
+
 Affine part
 -----------
 ``affine=True`` adds P3's learned affine part: a depthwise convolution (``groups = M``, kernel
@@ -435,11 +444,19 @@ def _caller(layer: nn.Module | None) -> str:
 
 def _batched_input(x: torch.Tensor, weight: torch.Tensor, groups: int, caller: str) -> tuple[torch.Tensor, bool]:
     """``x`` with a batch dimension (added to an unbatched input) and whether it was added, after checking that it
-    is a floating-point input with the number of dimensions and channels the convolution takes."""
+    is a floating-point input of the weight's working precision with the number of dimensions and channels the
+    convolution takes."""
     d = weight.ndim - 2
     if not x.is_floating_point():
         raise LayerArgumentError(f"{caller}: the input must be a real floating-point tensor (as for torch's "
                                  f"convolutions), got dtype {x.dtype}; convert it first, e.g. x.float()")
+    if _real_dtype(x.dtype) != _real_dtype(weight.dtype):
+        # the layer computes in the input's working precision: a float32 input rounded a float64 weight (and V)
+        # to float32 silently, a float64 input promoted a float32 layer; torch's convolutions refuse both
+        raise LayerArgumentError(
+            f"{caller}: the input is {x.dtype} and the convolution's weight is {weight.dtype}; like torch's "
+            f"convolutions (under autocast too), ConvNorm does not mix float64 with a lower precision: convert "
+            f"the input (x.to({weight.dtype})) or the layer (layer.to({x.dtype}))")
     unbatched = x.ndim == d + 1
     if unbatched:
         x = x.unsqueeze(0)
@@ -972,7 +989,7 @@ class FrozenConvNormNd(nn.Module):
         in_dtype = x.dtype
         work = _real_dtype(in_dtype)
         if self._scaled_conv:
-            y = self._conv_in(x, work)
+            y = self._scaled_conv_out(x, work)
         else:
             y = self._normalised_conv(x, size, work)
         if self.bias is not None:
@@ -994,6 +1011,16 @@ class FrozenConvNormNd(nn.Module):
         if self.extra_pad:
             xw = F.pad(xw, self.extra_pad)
         return _normalise(self._conv_in(xw, work), v, geo)
+
+    def _scaled_conv_out(self, x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+        """The one-tap form: the layer's own conv with per-channel scaled weights. A non-zero padding mode pads
+        first, as the unfrozen layer does: orthofx's circular padding wraps a pad larger than the input around as
+        often as needed, where nn.Conv's own circular padding raises ("wrapping around more than once")."""
+        if not self.pre_pads:
+            return self._conv_in(x, work)
+        x = _explicit_pad(x, self.pre_pads, self.padding_mode)
+        return _CONV_FN[self._dims](x.to(work), self.conv.weight.to(work), None, self.stride, 0, self.dilation,
+                                    self.groups)
 
     def _conv_in(self, x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
         """``conv`` on ``x`` in the working precision (nn.Conv's own forward: its padding and padding mode)."""
