@@ -20,6 +20,7 @@ eager outputs, and the eager and compiled times' ratios to the plain model's in 
     python benchmarks/compile.py --device cuda                    # everything
     python benchmarks/compile.py --device cuda --precisions bf16  # one precision
     python benchmarks/compile.py --quick --device cpu             # smoke run (width 8, batch 8, 3 repeats)
+    python benchmarks/compile.py --quick --backend aot_eager      # the same, no code generated: seconds on a CPU
 
 Writes ``benchmarks/results/compile.json`` (or ``--out``).
 """
@@ -39,6 +40,7 @@ from timing import common_arguments, interleaved, once, positive_int, setup, syn
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+BACKENDS = ["inductor", "aot_eager"]
 
 
 def _autocast(device: str, precision: str):
@@ -58,7 +60,7 @@ def _variant(name: str, width: int, x: torch.Tensor, device: str) -> torch.nn.Mo
         return orthofx.transform(model, name, example_inputs=(x.cpu()[:2],)).to(device)
 
 
-def _train_rows(name, model, x, y, device, precision, repeats, compile_mode=None) -> list[dict]:
+def _train_rows(name, model, x, y, device, precision, repeats, compile_mode=None, backend="inductor") -> list[dict]:
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
@@ -68,7 +70,7 @@ def _train_rows(name, model, x, y, device, precision, repeats, compile_mode=None
         loss = F.cross_entropy(model(inputs), y)
         return loss + orthofx.penalty(model) if carries_penalty else loss
 
-    compiled = torch.compile(loss_fn, fullgraph=True, mode=compile_mode)
+    compiled = torch.compile(loss_fn, fullgraph=True, mode=compile_mode, backend=backend)
     sync = synchronizer(device)
 
     def step(fn):
@@ -93,9 +95,9 @@ def _train_rows(name, model, x, y, device, precision, repeats, compile_mode=None
              "rel_diff": float((compiled_loss - eager_loss).abs() / eager_loss.abs().clamp_min(1e-12))}]
 
 
-def _eval_rows(name, model, x, device, precision, repeats, compile_mode=None) -> list[dict]:
+def _eval_rows(name, model, x, device, precision, repeats, compile_mode=None, backend="inductor") -> list[dict]:
     model.eval()
-    compiled = torch.compile(model, fullgraph=True, mode=compile_mode)
+    compiled = torch.compile(model, fullgraph=True, mode=compile_mode, backend=backend)
     sync = synchronizer(device)
 
     def infer(fn):
@@ -142,12 +144,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=positive_int, default=30)
     parser.add_argument("--mode", default=None, choices=COMPILE_MODES,
                         help="torch.compile mode (default; reduce-overhead: CUDA graphs; max-autotune)")
+    parser.add_argument("--backend", default="inductor", choices=BACKENDS,
+                        help="torch.compile backend (default inductor; aot_eager: the same fullgraph capture and "
+                             "autograd graphs without generating code, a smoke run that compiles in seconds on a "
+                             "CPU: its times are not figures)")
     parser.add_argument("--quick", action="store_true",
                         help="width 8, batch 8, 3 repeats, inductor's caches kept (smoke run: the cold compile "
                              "times are not figures)")
     common_arguments(parser, "compile.json", device="auto", threads=None)
     args = parser.parse_args()
     setup(parser, args)
+    if args.mode is not None and args.backend != "inductor":
+        parser.error(f"--mode {args.mode} is an inductor mode; it does not apply to --backend {args.backend}")
     if args.quick:
         args.width, args.batch, args.repeats = 8, 8, 3
     else:
@@ -175,14 +183,14 @@ def main() -> None:
             for mode in args.modes:
                 if mode == "train":
                     new = _cell(name, precision, mode, lambda: _train_rows(
-                        name, model, x, y, args.device, precision, args.repeats, args.mode))
+                        name, model, x, y, args.device, precision, args.repeats, args.mode, args.backend))
                 else:
                     new = _cell(name, precision, mode, lambda: _eval_rows(
-                        name, model, x, args.device, precision, args.repeats, args.mode))
+                        name, model, x, args.device, precision, args.repeats, args.mode, args.backend))
                     if name != "plain":  # its own cell: a failure of the frozen model keeps the row above
                         new += _cell(f"{name} frozen", precision, mode, lambda: _eval_rows(
                             f"{name} frozen", orthofx.freeze(model), x, args.device, precision, args.repeats,
-                            args.mode))
+                            args.mode, args.backend))
                 for row in new:
                     print(row, flush=True)
                 rows += new
@@ -201,7 +209,7 @@ def main() -> None:
 def _write(args, rows: list[dict]) -> None:
     """The rows so far, with the run's settings, to ``args.out``."""
     write_results(args.out, args.device, rows, machine=platform.machine(), width=args.width, batch=args.batch,
-                  repeats=args.repeats, tf32=False, compile_caches=args.quick)
+                  repeats=args.repeats, tf32=False, compile_caches=args.quick, backend=args.backend)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ failed export records its error instead of a time.
 
     python benchmarks/export.py                 # width 32, batch 32 (CPU)
     python benchmarks/export.py --quick         # width 8, batch 8, fewer repeats
+    python benchmarks/export.py --quick --models deep_mlp   # one model's presets only
     python benchmarks/export.py --device cuda   # inference timing on a GPU (exports run on the CPU)
 
 Writes ``benchmarks/results/export.json`` (or ``--out``).
@@ -67,13 +68,16 @@ def main() -> None:
     parser.add_argument("--formats", nargs="*", choices=FORMATS, default=FORMATS,
                         help="export formats to time (none: no export)")
     parser.add_argument("--quick", action="store_true", help="width 8, batch 8, 5 repeats")
+    parser.add_argument("--models", nargs="+", choices=[name for name, _, _ in CASES], metavar="MODEL",
+                        default=[name for name, _, _ in CASES],
+                        help=f"built-in models to time (of {', '.join(name for name, _, _ in CASES)}; default: all)")
     common_arguments(parser, "export.json", threads=1)
     args = parser.parse_args()
     _, sync = setup(parser, args)
     if args.quick:
         args.width, args.batch, args.repeats = 8, 8, 5
     rows = []
-    for name, kwargs, presets in CASES:
+    for name, kwargs, presets in (case for case in CASES if case[0] in args.models):
         torch.manual_seed(0)
         original = orthofx.models.get(name, **kwargs(args.width)).eval()
         x = orthofx.models.example_input(name, batch=args.batch)

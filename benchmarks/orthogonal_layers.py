@@ -36,6 +36,8 @@ Usage::
 
     python benchmarks/orthogonal_layers.py            # batch 64
     python benchmarks/orthogonal_layers.py --quick    # batch 8, fewer repetitions (CPU)
+    python benchmarks/orthogonal_layers.py --smoke    # 8-16 channels on an 8x8 input, batch 2, one repetition:
+                                                      # checks that every layer runs, in seconds (no figures)
 
 Peers: ``pip install -e ".[bench]"`` (orthogonium, deel-torchlip; torch stays within orthofx's bound).
 
@@ -64,6 +66,9 @@ SHAPES = [  # (C, M, k, S)
     (256, 256, 3, 1),
 ]
 SIZES = [32, 16]
+#: ``--smoke``'s shapes and input size: stride 1, a strided ``bcop`` (k > S) and one where ``rko`` applies (k <= S)
+SMOKE_SHAPES = [(8, 8, 3, 1), (8, 16, 3, 2), (8, 16, 2, 2)]
+SMOKE_SIZES = [8]
 EXACT_METHODS = ("bcop", "rko")  # OrthogonalConv2d methods for any input size, tried in this order
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 #: every layer name a run can time (what ``--skip`` is checked against); ``build_layers`` makes them
@@ -198,6 +203,9 @@ def step(module, x):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 8 and fewer repetitions (CPU)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes (8-16 channels, 8x8 input), batch 2, one repetition: a check that every "
+                             "layer runs, in seconds (its times are not figures)")
     parser.add_argument("--batch", type=positive_int, default=None, help="batch size (default 64; 8 with --quick)")
     parser.add_argument("--reps", type=positive_int, default=None,
                         help="timed repetitions (default 20; 7 with --quick)")
@@ -217,8 +225,9 @@ def main(argv=None):
     if unknown:
         parser.error(f"--skip {' '.join(unknown)}: no layer name contains it; the layers are "
                      f"{', '.join(LAYER_NAMES)} (and '... (compiled)' with --compile)")
-    batch = args.batch or (8 if args.quick else 64)
-    reps = args.reps or (7 if args.quick else 20)
+    batch = args.batch or (2 if args.smoke else 8 if args.quick else 64)
+    reps = args.reps or (1 if args.smoke else 7 if args.quick else 20)
+    shapes, sizes = (SMOKE_SHAPES, SMOKE_SIZES) if args.smoke else (SHAPES, SIZES)
     cayley_max_n = args.cayley_max_n if args.cayley_max_n is not None else (128 if args.quick else None)
     peers, notes = peer_factories()
     for note in notes:
@@ -226,12 +235,12 @@ def main(argv=None):
     torch.manual_seed(0)
 
     rows = []
-    for (c_in, c_out, k, stride) in SHAPES:
-        for n in SIZES:
+    for (c_in, c_out, k, stride) in shapes:
+        for n in sizes:
             layers = build_layers(c_in, c_out, k, stride, device, n, cayley_max_n, peers)
             layers = {name: m for name, m in layers.items()
                       if name == "nn.Conv2d" or not any(part in name for part in args.skip)}
-            if args.compile and n == SIZES[0]:
+            if args.compile and n == sizes[0]:
                 layers.update(compiled_layers(layers, args.compile))
             x = torch.randn(batch, c_in, n, n, device=device, requires_grad=True)
             # interleaved: one step of each layer per repetition
@@ -261,8 +270,8 @@ def main(argv=None):
     print()
     # ``device`` is written as its name (the GPU's, or "cpu"); ``device_spec`` keeps the argument (a CUDA index)
     write_results(args.out, device, rows, device_spec=str(device), batch=batch, reps=reps,
-                  platform=platform.platform(), quick=args.quick, cayley_max_n=cayley_max_n, compile=args.compile,
-                  notes=notes,
+                  platform=platform.platform(), quick=args.quick, smoke=args.smoke, cayley_max_n=cayley_max_n,
+                  compile=args.compile, notes=notes,
                   timing="median and min forward+backward (loss = mean(y^2)), layers interleaved round-robin")
 
 
