@@ -549,7 +549,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 shadowed.append((site, rule.name, winners[key]))
                 continue
             reason = pass_obj.accepts(site, module) or pass_obj.accepts_params(site, module, rule.params)
-            if reason is None:
+            if reason is None and not pass_obj.handles_derived_weight(rule.params):
                 reason = _derived_weight_reason(pass_cls, site, module)
             replacer = replaced.get((site.kind, site.name))
             if reason is None and replacer is not None and pass_cls.needs_original_module:

@@ -149,10 +149,12 @@ def test_state_dict_hooks_on_the_model_itself_are_reported():
 
 def test_replacing_passes_skip_a_parametrized_layer_and_keep_it():
     """orthogonal_conv replaced a weight_norm-parametrized Linear (dropping the parametrization) and report()
-    then failed on the parametrization's submodule sites; the layer is skipped with the reason instead."""
+    then failed on the parametrization's submodule sites; the layer is skipped with the reason instead (the
+    orthogonal preset's on_impossible: regularize puts L_orth on it, see below)."""
     model, x = _mlp(), torch.randn(2, 6)
     parametrizations.weight_norm(model[2])
-    gm = orthofx.transform(model, "orthogonal", example_inputs=(x,))
+    policy = {"rules": [{"match": {"type": "Linear"}, "apply": "orthogonal_conv"}]}
+    gm = orthofx.transform(model, policy, example_inputs=(x,))
     status = {row["site"]: row["status"] for row in orthofx.manifest_of(gm).plan.rows()}
     assert status["2"].startswith("skipped: its weight is computed by a torch parametrization (WeightNorm")
     kept = gm.get_submodule("2")
@@ -386,3 +388,23 @@ def test_output_tensors_look_inside_dict_subclasses_and_dataclasses():
     found = output_tensors((_AttributeDict(logits=a, tokens=b), _Prediction(logits=c, extra={"b": b})))
     assert [t.shape for t in found] == [a.shape, b.shape, c.shape, b.shape]
     assert all(x is y for x, y in zip(found, (a, b, c, b)))
+
+
+def test_the_orthogonal_preset_regularises_a_layer_whose_weight_is_computed():
+    """"Hard where possible, L_orth elsewhere": a weight-normalised conv cannot be replaced (that drops the
+    parametrization) and was left without any treatment; with on_impossible: regularize it gets L_orth of the
+    weight it computes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    parametrizations.weight_norm(model[2])
+    gm = orthofx.transform(model, "orthogonal", example_inputs=(torch.randn(2, 3, 8, 8),))
+    layer = gm.get_submodule("2")
+    assert torch.nn.utils.parametrize.is_parametrized(layer, "weight")
+    terms = orthofx.penalty_terms(gm)
+    assert list(terms) == ["orthogonal/2"]
+    reference = 0.01 * orthofx.metrics.lorth(layer.weight.detach().double())
+    torch.testing.assert_close(terms["orthogonal/2"].double(), reference, rtol=1e-5, atol=0)
+    orthofx.penalty(gm).backward()
+    assert layer.parametrizations.weight.original1.grad.abs().sum() > 0
+    status = {change.site: change.status for change in orthofx.manifest_of(gm).changes}
+    assert status["2"] == "regularised (computed weight)" and status["0"].startswith("hard")

@@ -729,5 +729,11 @@ class Pass:
         skipped like one :meth:`accepts` declines: ``explain`` and ``report`` show ``skipped: <reason>``."""
         return None
 
+    def handles_derived_weight(self, params: dict[str, Any]) -> bool:
+        """Whether the pass, with the rule's ``params``, takes a layer whose weight is computed
+        (:func:`derived_weight`) that planning would skip for it (``needs_weight_parameter``, or a pass that replaces
+        the layer): ``orthogonal_conv`` with ``on_impossible: regularize`` puts L_orth on it instead."""
+        return False
+
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -52,8 +52,8 @@ from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3
                               OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
                               circular_alignment, keeps_output_size, transposed_alignment,
                               transposed_keeps_output_size, transposed_size_keeping_padding)
-from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, describe_module, parameter_owners,
-                   require_initialised)
+from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, derived_weight, describe_module,
+                   parameter_owners, require_initialised)
 from .orth_regularizer import lorth_term
 from .registry import register_pass
 
@@ -263,12 +263,22 @@ class OrthogonalConvPass(Pass):
                     "(exact) or zero padding only; use 'padding: circular'")
         return None
 
+    def handles_derived_weight(self, params):
+        # "hard where possible, L_orth elsewhere": a layer whose weight a parametrization computes cannot be
+        # replaced (that would drop the parametrization), but L_orth reads the computed weight
+        return params["on_impossible"] == "regularize"
+
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         modules = [ctx.module(entry.site) for entry in entries]
         ties = _tie_problems(entries, modules, parameter_owners(ctx.gm))
         built: dict[int, tuple[str, nn.Module]] = {}  # id(weight) -> (site, its orthogonal layer)
         for entry, module in zip(entries, modules):
             require_initialised(entry, module, "it has no shape to build an orthogonal layer for")
+            computed = derived_weight(module)
+            if computed is not None:  # planning lets it through only for on_impossible: regularize
+                self._impossible(ctx, entry, module, f"{computed}; replacing the layer would drop it",
+                                 why="computed weight")
+                continue
             if entry.site.name in ties:
                 self._impossible(ctx, entry, module, ties[entry.site.name], why="tied weight")
                 continue
