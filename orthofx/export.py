@@ -66,6 +66,7 @@ from torch import fx, nn
 from .capture import ModalGraphModule, batch_dynamic_shapes, capture, copy_model, unwrap_model
 from .errors import CaptureError, ExportError, OrthofxError
 from .nn.conditioning import power_newton_schulz
+from .nn.tracing import is_orthofx_module
 from .passes.base import Manifest, replace_module
 from .passes.svd_conditioning import (decomposition_op, fold_constant_decompositions, plain_decompositions,
                                       to_newton_schulz)
@@ -113,6 +114,9 @@ def _captured_with_orthofx_layers(model: nn.Module, example: ExampleCall | None)
     records no change: what :func:`freeze` and :func:`export` need. A model holding no orthofx layer has nothing
     to freeze."""
     root = copy_model(unwrap_model(model))
+    if is_orthofx_module(root) and callable(getattr(root, "to_plain", None)):  # _modules_to_freeze: below the root
+        raise OrthofxError(f"{type(root).__name__} is a single orthofx layer, not a model holding one: its plain torch "
+                           "form is layer.to_plain() (orthofx.freeze is for models; nn.Sequential(layer) works too)")
     if not _modules_to_freeze(root):
         raise OrthofxError(f"{type(root).__name__} was not produced by orthofx.transform and holds no orthofx layer "
                            "(nothing to freeze): call orthofx.transform(model, policy) first, or use the model as "

@@ -349,3 +349,12 @@ def test_onnx_tolerance_is_1e_4_for_float32_and_float16_rounding_steps_for_half_
     assert onnx_tolerance([big.double()]) == ONNX_TOLERANCE
     assert onnx_tolerance([big.half()]) == pytest.approx(8 * 2.0 ** -10 * 20.0)
     assert onnx_tolerance([torch.full((3,), 1e-3).half()]) == ONNX_TOLERANCE  # never below the float32 bar
+
+
+@pytest.mark.parametrize("layer", [lambda: orthofx.nn.OrthogonalConv2d(4, 4, 3),
+                                   lambda: orthofx.nn.ConvNormConv2d(nn.Conv2d(2, 2, 3, padding=1)),
+                                   lambda: orthofx.nn.OrthogonalLinear(4, 4)])
+def test_freeze_of_a_bare_orthofx_layer_points_to_to_plain(layer):
+    # the message said the layer "holds no orthofx layer"
+    with pytest.raises(orthofx.OrthofxError, match=r"is a single orthofx layer.*layer\.to_plain\(\)"):
+        orthofx.freeze(layer())
