@@ -407,6 +407,12 @@ class Plan:
         return order
 
     def rows(self) -> list[dict[str, Any]]:
+        """The ``explain`` table as plain data (str values only, so ``json.dumps(plan.rows())`` works): one dict
+        per applied entry, skipped and shadowed match, in site order (applied first at a site), with the keys
+        ``site`` (its name), ``kind`` (``module`` / ``function`` / ``block``), ``layer`` (e.g.
+        ``Conv2d(3->16, k=3, s=1)``, the op for a function site), ``rule`` (the rule's name), ``pass`` (the pass
+        applied; ``""`` when not applied), ``params`` (``"k=v, ..."``; ``""`` when not applied) and ``status``
+        (``"apply"``, ``"skipped: <why>"`` or ``"shadowed by <rule>"``)."""
         rows = []
         for e in self.entries:
             rows.append({"site": e.site.name, "kind": e.site.kind, "layer": self.layers.get(e.site.name, e.site.target),

@@ -66,6 +66,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -100,11 +101,21 @@ _LINEAR_TYPES = (nn.Linear, OrthogonalLinear)
 def _weight_values(module: nn.Module) -> torch.Tensor | None:
     """The layer's weight, detached; ``None`` when it has no values to measure (no tensor weight, a lazy layer that
     has not run yet, or weights on the meta device)."""
+    if any(t.is_meta for t in _held_tensors(module)):
+        # An orthofx layer computes ``weight`` from its parameters (a Cayley / matrix-exponential kernel): reading
+        # it on the meta device would run that computation there, which some steps (autocast checks) refuse.
+        return None
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.parameter.UninitializedParameter) \
             or weight.is_meta:
         return None
     return weight.detach()
+
+
+def _held_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The parameters and buffers of ``module`` and its submodules (a parametrization's ``original`` included),
+    found without reading properties (an orthofx layer's ``weight`` computes its kernel)."""
+    return list(module.parameters()) + list(module.buffers())
 
 
 def _grid(input_shape: tuple[int, ...] | None, dims: int, stride: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -152,7 +163,8 @@ def _is_full_size(module: nn.Module) -> bool:
 def _existence(module: nn.Module) -> str:
     if _is_full_size(module):
         return "yes (full-size kernel)"
-    if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+    # looked up without reading ``weight``, which an orthofx layer computes (and cannot on the meta device)
+    if isinstance(module._parameters.get("weight"), nn.parameter.UninitializedParameter):
         return "? (lazy layer, not run yet: its input size is unknown)"
     if isinstance(module, _LINEAR_TYPES):
         return "yes (" + ("RO" if module.out_features <= module.in_features else "CO") + ")"
@@ -211,8 +223,9 @@ class Report:
 
     def __init__(self, rows: list[dict[str, Any]], capture: dict[str, Any], spectra: dict[str, torch.Tensor],
                  penalties: list[dict[str, Any]], output_change: float | None = None,
-                 conditioning: dict[str, list[float]] | None = None):
+                 conditioning: dict[str, list[float]] | None = None, notes: list[str] | None = None):
         self.output_change = output_change
+        self.notes = list(notes or [])  # lines shown under the table: why some figures are missing
         self.conditioning = dict(conditioning or {})
         self.rows = rows
         self.capture = capture
@@ -220,9 +233,26 @@ class Report:
         self.penalties = penalties
 
     def to_dict(self) -> dict[str, Any]:
-        return {"capture": dict(self.capture), "rows": [dict(r) for r in self.rows],
-                "penalties": [dict(p) for p in self.penalties], "output_change": self.output_change,
-                "conditioning": {site: list(values) for site, values in self.conditioning.items()}}
+        """The report as JSON data (``json.dumps(report.to_dict(), allow_nan=False)`` works), keys:
+
+        * ``capture``: ``mode``, ``summary``, ``leaf_fallbacks`` (``[path, reason]`` pairs), ``warnings``;
+        * ``rows``: one dict per row of the table, keys ``site``, ``layer``, ``pass``, ``params``, ``lorth``,
+          ``sigma_min``, ``sigma_max``, ``input`` (the spatial size seen, a list; None for linears or when unknown),
+          ``exists``; rows of monitored sites also ``kappa``, ``kappa_max``, ``updates``, ``nan_events``,
+          ``inf_events``;
+        * ``penalties``: one dict per penalty term, keys ``site``, ``rule``, ``weight``, ``value``, ``weighted``;
+        * ``output_change``: the relative output change on the example inputs (None without them);
+        * ``conditioning``: ``{site: [kappa, ...]}``, the monitors' histories;
+        * ``notes``: the lines under the table saying why some figures are missing (e.g. no example inputs).
+
+        None is a figure that does not apply or cannot be computed. A figure that is not finite (a NaN kappa after
+        a NaN input, the L_orth of a weight holding an inf) is the string ``"nan"``, ``"inf"`` or ``"-inf"``
+        (``float()`` reads it back): JSON has no such numbers. Tuples become lists, tensors and NumPy scalars
+        Python numbers. :attr:`rows` keeps the figures as floats.
+        """
+        return _plain({"capture": self.capture, "rows": self.rows, "penalties": self.penalties,
+                       "output_change": self.output_change, "conditioning": self.conditioning,
+                       "notes": self.notes})
 
     def __str__(self) -> str:
         lines = [f"capture: {self.capture.get('summary') or self.capture['mode']}"]
@@ -236,7 +266,11 @@ class Report:
             headers += ["kappa", "kappa_max", "nan"]
             columns += ["kappa", "kappa_max", "nan_events"]
         table = [[_fmt(row.get(c)) for c in columns] for row in self.rows]
-        lines.append(tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True))
+        if table:
+            lines.append(tabulate(table, headers=headers, tablefmt="simple", disable_numparse=True))
+        else:  # a header over nothing reads as a failure to measure; say why there is no row
+            lines.append("(no rows: the model has no conv / linear layer and the policy changed no site)")
+        lines.extend(f"note: {note}" for note in self.notes)
         if self.output_change is not None:
             lines.append(f"relative output change on the example inputs: {self.output_change:.3g}")
         if self.penalties:
@@ -344,6 +378,26 @@ def _check_plot_arguments(path: Any, max_layers: Any) -> None:
                             f"{max_layers!r}")
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as JSON data: dicts (keys as str), lists, str, bool, int, None and finite floats; a non-finite
+    float as ``"nan"`` / ``"inf"`` / ``"-inf"``; a one-element tensor or a NumPy scalar as its Python number."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
+        value = value.item()
+    elif hasattr(value, "item") and callable(value.item) and not isinstance(value, torch.Tensor):
+        value = value.item()  # a NumPy scalar
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else str(value)  # str(float): "nan", "inf", "-inf"
+    return value if isinstance(value, (str, bool)) or value is None else str(value)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -381,6 +435,7 @@ def report(model: nn.Module) -> Report:
     spectra: dict[str, torch.Tensor] = {}
     conditioning: dict[str, list[float]] = {}
     entries_by_site: dict[tuple[str, str], list] = {}
+    unsized: list[str] = []  # conv rows without sigma because no input reached them
     for entry in plan.entries:
         entries_by_site.setdefault((entry.site.kind, entry.site.name), []).append(entry)
     for site in plan.sites:
@@ -399,8 +454,11 @@ def report(model: nn.Module) -> Report:
         module = root.get_submodule(site.name)
         if not isinstance(module, _CONV_TYPES + _LINEAR_TYPES) and not entries:
             continue
-        rows.append(_layer_row(site.name, _reported_module(root, site.name, module), pass_text, _params(entries),
-                               _input_shape(root, site.name, manifest.input_shapes), spectra))
+        reported = _reported_module(root, site.name, module)
+        shape = _input_shape(root, site.name, manifest.input_shapes)
+        rows.append(_layer_row(site.name, reported, pass_text, _params(entries), shape, spectra))
+        if shape is None and rows[-1]["sigma_min"] is None and _needs_input_size(reported):
+            unsized.append(site.name)
     penalties = []
     with torch.no_grad():
         for term in manifest.penalties:
@@ -409,7 +467,25 @@ def report(model: nn.Module) -> Report:
                               "weighted": None if value is None else term.weight * value})
     capture = {"mode": manifest.capture.mode, "leaf_fallbacks": list(manifest.capture.leaf_fallbacks),
                "warnings": list(manifest.capture.warnings), "summary": manifest.capture.summary()}
-    return Report(rows, capture, spectra, penalties, manifest.output_change, conditioning)
+    return Report(rows, capture, spectra, penalties, manifest.output_change, conditioning, _unsized_note(unsized))
+
+
+def _needs_input_size(module: nn.Module) -> bool:
+    """Whether a row's sigma_min / sigma_max need the input size seen: a conv's circular operator depends on the
+    grid (a linear's does not; a Cayley-FFT layer holds its own)."""
+    measured = _measured_layer(module)
+    return isinstance(measured, _CONV_TYPES + (FrozenConvNormNd,)) and not _is_full_size(measured) \
+        and _weight_values(measured if not isinstance(measured, FrozenConvNormNd) else measured.conv) is not None
+
+
+def _unsized_note(sites: list[str]) -> list[str]:
+    """The note for conv rows without sigma_min / sigma_max because transform recorded no input size there."""
+    if not sites:
+        return []
+    shown = ", ".join(sites[:4]) + (f" and {len(sites) - 4} more" if len(sites) > 4 else "")
+    return [f"no sigma_min / sigma_max for {shown}: a conv's singular values depend on its input size, which "
+            "transform records on the example inputs, and none reached these layers (pass "
+            "example_inputs=(x,) to orthofx.transform)"]
 
 
 def _penalty_value(root: nn.Module, term) -> float | None:
