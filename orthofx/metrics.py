@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from orthofx.errors import ArgumentError
+from orthofx.nn.precision import autocast_enabled
 from orthofx.theory import _flag as _theory_flag, _positive_int as _int, orthogonality_case
 
 __all__ = [
@@ -951,7 +952,7 @@ def _estimate_dtype(products: torch.Tensor) -> torch.dtype:
     """The dtype of a Jacobian estimate built from ``products`` (the block's ``J v``): theirs, but float32 for
     half-precision ones under ``torch.autocast`` (a reduction, as autocast's own sums and losses); outside autocast a
     half-precision block (``model.half()``) gets its own dtype back, after the float32 sums (:func:`_squared`)."""
-    if products.dtype in _HALF_PRECISION and torch.is_autocast_enabled(products.device.type):
+    if products.dtype in _HALF_PRECISION and autocast_enabled(products.device.type):
         return torch.float32
     return products.dtype
 

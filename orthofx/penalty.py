@@ -26,6 +26,7 @@ from torch import nn
 from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError
 from .nn.jacobian import JacobianProbe
+from .nn.precision import autocast_enabled
 from .nn.tracing import is_orthofx_layer, is_orthofx_module
 from .passes.base import PenaltyTerm, zero_like_parameters
 from .transform import is_transformed, manifest_of
@@ -83,8 +84,7 @@ def _autocast_device_type(root: nn.Module) -> str | None:
     for tensor in root.parameters():
         if tensor.is_floating_point():
             kind = tensor.device.type
-            # is_autocast_enabled raises for a device type autocast does not know (meta)
-            return kind if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind) else None
+            return kind if autocast_enabled(kind) else None
     return None
 
 

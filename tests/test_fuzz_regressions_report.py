@@ -4,6 +4,7 @@ import json
 import math
 import re
 
+import pytest
 import torch
 from torch import nn
 
@@ -116,3 +117,16 @@ def test_row_and_dict_keys_are_documented():
     keys = set(data) | {k for row in data["rows"] for k in row} | {k for p in data["penalties"] for k in p} \
         | set(data["capture"])
     assert _documented(Report.to_dict.__doc__, keys) == []
+
+
+@pytest.mark.parametrize("layer", [lambda: orthofx.nn.OrthogonalConv2d(4, 4, 3),
+                                   lambda: orthofx.nn.OrthogonalConv2d(4, 8, 2, stride=2),
+                                   lambda: orthofx.nn.OrthogonalLinear(4, 6)])
+def test_orthofx_layers_build_their_weight_and_run_on_the_meta_device(layer):
+    # torch.is_autocast_enabled("meta") raises: the kernel build's autocast check failed on meta
+    plain = layer()
+    meta = layer().to("meta")
+    assert meta.weight.is_meta and meta.weight.shape == plain.weight.shape
+    x = torch.randn(2, 4, 8, 8) if meta.weight.dim() == 4 else torch.randn(2, 4)
+    out = meta(x.to("meta"))
+    assert out.is_meta and out.shape == plain(x).shape

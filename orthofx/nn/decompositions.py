@@ -110,6 +110,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from orthofx.errors import LayerArgumentError, layer_label
+from orthofx.nn.precision import autocast_enabled
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf
 
 __all__ = [
@@ -251,7 +252,7 @@ def _working_dtypes(A: Tensor, float64: bool) -> tuple[torch.dtype, torch.dtype]
     if not isinstance(A, Tensor):  # a torch.fx Proxy: its dtype is unknown at trace time, keep the plain call
         return (torch.float64 if float64 else None), None
     if A.dtype in _LOW_PRECISION:
-        returned = torch.float32 if torch.is_autocast_enabled(A.device.type) else A.dtype
+        returned = torch.float32 if autocast_enabled(A.device.type) else A.dtype
         return (torch.float64 if float64 else torch.float32), returned
     return (torch.float64 if float64 else A.dtype), A.dtype
 
@@ -631,7 +632,7 @@ def _newton_schulz_power(A: Tensor, iterations: int, inverse: bool) -> Tensor:
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
         raise LayerArgumentError(f"iterations must be an int >= 0, got {iterations!r}")
     work, returned = _working_dtypes(A, float64=False)
-    if returned is not None and (work != A.dtype or torch.is_autocast_enabled(A.device.type)):
+    if returned is not None and (work != A.dtype or autocast_enabled(A.device.type)):
         # bfloat16 matmuls would lose the iteration's accuracy: run it in float32 with autocast off; the trace
         # and the final scaling stay in float32 too (a float16 trace above 65504 was inf, and so was the result)
         with torch.autocast(device_type=A.device.type, enabled=False):

@@ -47,6 +47,7 @@ from orthofx.errors import LayerArgumentError, layer_label
 from orthofx.theory import _flag as _theory_flag, _positive_int
 
 from .orthogonal import _frozen_requires_grad
+from .precision import autocast_enabled
 from .stiefel import orthonormal
 
 __all__ = ["OrthogonalActivationBlock", "ReflectionResidualBlock", "ISOMETRIC_ACTIVATIONS"]
@@ -109,7 +110,7 @@ def _check_input(x: torch.Tensor, features: int, layer: nn.Module) -> None:
             f"{tuple(x.shape)}; pass inputs whose last dimension is {features}, or build the block with features "
             "equal to the input's last dimension")
     dtype = _raw_dtype(layer)
-    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+    if x.dtype != dtype and not autocast_enabled(x.device.type):
         name = str(dtype).replace("torch.", "")
         raise LayerArgumentError(
             f"{layer_label(layer)}: the input's dtype {str(x.dtype).replace('torch.', '')} is not the block's "

@@ -120,6 +120,7 @@ from torch.nn.utils import parametrize
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, layer_label
 from orthofx.nn.padding import CircularFold, CircularPad, circular_fold, circular_pad, flat_pads
+from orthofx.nn.precision import autocast_enabled
 from orthofx.nn.stiefel import orthonormal, project_to_stiefel
 from orthofx.theory import _flag, adjoint_case, orthogonal_conv_exists
 
@@ -386,7 +387,7 @@ def _autocast_off(reference: torch.Tensor):
     orthogonal to 1e-2 only, and an eval-mode layer would keep that kernel cached after the autocast block);
     nothing otherwise (a trace outside autocast records no switch)."""
     device_type = reference.device.type
-    if torch.is_autocast_enabled(device_type):
+    if autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 
