@@ -107,6 +107,12 @@ class _StepGuard:
                 self._optimizer.step = self._own
 
 
+def _run_eagerly(function):
+    """``function`` outside any torch.compile graph (``torch.compiler.disable``): dynamo stops its graph before the
+    call and resumes after it, and ``function`` runs as plain Python, once per call, as it would without compile."""
+    return torch.compiler.disable(function, recursive=True)
+
+
 def _unscale_for_hooks(optimizer: torch.optim.Optimizer) -> None:
     """Unscale the gradients a ``GradScaler`` left scaled for a fused optimizer.
 
@@ -202,7 +208,8 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     Attaching the same model twice to one optimizer is an
     error (the updates would run twice). OLR moves each Pre-SVD weight into a parameter group of its own, so an
     optimizer state saved after ``attach`` loads (``optimizer.load_state_dict``) after ``attach``; create LR
-    schedulers after ``attach`` too.
+    schedulers after ``attach`` too. Under ``torch.compile`` (of ``optimizer.step`` or of a whole training step,
+    ``fullgraph=False``) the hooks run eagerly between the compiled graphs, with the eager results.
 
     Example::
 
@@ -282,6 +289,12 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
 
     started = []  # non-empty from the "before" hooks of a step until its "after" hooks
 
+    # Under torch.compile (of ``optimizer.step`` or of a whole training step) the hooks run eagerly, as a graph
+    # break: their work is data-dependent (the Newton-Schulz loop stops on a measured error, NOG checks its
+    # gradient for NaN, OLR's lr is a Python float read from the gradient), so dynamo would split it into many
+    # small graphs and recompile them on every new float; OLR's param-group edits and the registry of added
+    # hooks are Python state that must change exactly once per step. The optimizer's own update stays compiled.
+    @_run_eagerly
     def run_before(opt):
         if skipped:
             activate_added(opt)
@@ -291,6 +304,7 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         started.append(True)
         run_hooks(opt, "before")
 
+    @_run_eagerly
     def run_after(opt):
         # from the post-hook, or from the step guard when the step raised (then the post-hook never ran)
         if started:
