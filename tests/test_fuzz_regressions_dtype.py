@@ -46,17 +46,23 @@ def test_lorth_of_a_half_precision_linear_weight_has_the_float64_gradient(dtype)
     most of bfloat16's 8 bits, and the gradient came out 14 % off in direction (float16: 1 %). It is now computed
     in float32 from the half-precision values and returned in their dtype."""
     w = _near_orthogonal(16, 16, 3e-3).to(dtype)
+    _assert_lorth_matches_float64(w, _gram_defect_squared)  # the gradient was 0.14 off in bfloat16, 0.013 in float16
+
+
+def _assert_lorth_matches_float64(w: torch.Tensor, definition) -> None:
+    """L_orth of the half-precision ``w``: its value one rounding to ``w``'s dtype from ``definition`` evaluated in
+    float64 on the same values, its gradient within the gradient's own rounding (4 eps, relative)."""
     leaf = w.clone().requires_grad_()
     value = metrics.lorth(leaf)
     value.backward()
     exact = w.double().requires_grad_()
-    reference = _gram_defect_squared(exact)
+    reference = definition(exact)
     reference.backward()
-    eps = torch.finfo(dtype).eps
-    assert value.dtype == dtype
-    torch.testing.assert_close(value.double(), reference.detach(), rtol=eps, atol=0)  # one rounding to dtype
+    eps = torch.finfo(w.dtype).eps
+    assert value.dtype == w.dtype
+    torch.testing.assert_close(value.double(), reference.detach(), rtol=eps, atol=0)
     error = (leaf.grad.double() - exact.grad).norm() / exact.grad.norm()
-    assert error < 4 * eps, error  # the gradient's own rounding to dtype (was 0.14 in bfloat16, 0.013 in float16)
+    assert error < 4 * eps, error
 
 
 def _lorth_conv1d_by_definition(K: torch.Tensor) -> torch.Tensor:
@@ -77,16 +83,7 @@ def test_lorth_of_a_half_precision_conv_weight_has_the_float64_gradient(dtype):
     torch.manual_seed(0)
     kernel = OrthogonalConv1d(8, 8, 3).weight.detach().double()
     w = (kernel + 2e-3 * torch.randn(8, 8, 3, dtype=torch.float64)).to(dtype)
-    leaf = w.clone().requires_grad_()
-    value = metrics.lorth(leaf)
-    value.backward()
-    exact = w.double().requires_grad_()
-    reference = _lorth_conv1d_by_definition(exact)
-    reference.backward()
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(value.double(), reference.detach(), rtol=eps, atol=0)
-    error = (leaf.grad.double() - exact.grad).norm() / exact.grad.norm()
-    assert error < 4 * eps, error
+    _assert_lorth_matches_float64(w, _lorth_conv1d_by_definition)
 
 
 def test_lorth_penalty_of_a_bfloat16_model_matches_float64():

@@ -12,6 +12,8 @@ import orthofx.passes.pre_svd  # noqa: F401  (registers the pass)
 import orthofx.passes.riemannian  # noqa: F401  (registers the pass)
 from orthofx.errors import ArgumentError
 
+from test_fuzz_regressions_optim import LinearEigvalsh
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 RIEMANNIAN = {"rules": [{"match": {"type": "Linear"}, "apply": "riemannian"}]}
@@ -37,19 +39,6 @@ def _tangent64(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     w, g = w.to(torch.float64), g.to(torch.float64)
     s = w.T @ g
     return g - w @ (s + s.T) / 2
-
-
-class LinearEigvalsh(nn.Module):
-    """A Linear whose output feeds an eigvalsh (the Pre-SVD site 'a'), and a head."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(6, 4)
-        self.head = nn.Linear(4, 1)
-
-    def forward(self, x):
-        f = self.a(x)
-        return self.head(f).sum() + torch.linalg.eigvalsh(f.T @ f / x.shape[0] + torch.eye(4)).sum()
 
 
 def _pre_svd(**params) -> nn.Module:
