@@ -52,6 +52,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import itertools
 import operator
 import os
 import sys
@@ -946,6 +947,25 @@ def _in_other_mode(model: nn.Module, run: Callable[[], Any]) -> Any:
             module.training = flag
 
 
+def _unwritable_in_code(name: str) -> bool:
+    """Whether torch.fx's generated code cannot hold ``name`` (a module / parameter / buffer name): it writes names
+    between ``"`` unescaped, so a double quote, a backslash or a line break (a ModuleDict key ``"a\\nb"``) gives a
+    SyntaxError or a wrong attribute lookup (a tab, a space or any other printable character is fine)."""
+    return any(c in name for c in '"\\\n\r')
+
+
+def _check_attribute_names(model: nn.Module) -> None:
+    """CaptureError naming the first module, parameter or buffer whose name the graph's code cannot hold."""
+    named = itertools.chain(((name, "module") for name, _ in model.named_modules()),
+                            ((name, "parameter") for name, _ in model.named_parameters()),
+                            ((name, "buffer") for name, _ in model.named_buffers()))
+    for name, kind in named:
+        if _unwritable_in_code(name):
+            raise CaptureError(f"the {kind} name {name!r} holds a double quote, a backslash or a line break, "
+                               "which torch.fx's generated code cannot hold (a SyntaxError or a wrong attribute "
+                               "lookup): rename it (e.g. the nn.ModuleDict key)", module_path=name)
+
+
 def _check_leaves(leaf_types: Iterable, leaf_paths: Iterable) -> None:
     """ArgumentError unless every leaf type is a class name or a class and every leaf path a string."""
     bad = [t for t in leaf_types if not isinstance(t, (str, type))]
@@ -1001,6 +1021,7 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
     leaf_types = tuple(leaf_types)
     leaf_paths = tuple(leaf_paths)
     _check_leaves(leaf_types, leaf_paths)
+    _check_attribute_names(model)
     inputs = input_tuple(example_inputs)
     kwargs = keyword_inputs(example_kwargs)
     if kwargs and inputs is None:

@@ -408,3 +408,25 @@ def test_the_orthogonal_preset_regularises_a_layer_whose_weight_is_computed():
     assert layer.parametrizations.weight.original1.grad.abs().sum() > 0
     status = {change.site: change.status for change in orthofx.manifest_of(gm).changes}
     assert status["2"] == "regularised (computed weight)" and status["0"].startswith("hard")
+
+
+@pytest.mark.parametrize("key", ['q"r', "a\\b", "a\nb", "a\rb"])
+def test_a_name_fx_code_cannot_hold_is_a_capture_error(key):
+    """fx writes module names between double quotes unescaped: a ModuleDict key with a quote, a backslash or a line
+    break gave a SyntaxError (or a wrong lookup) from the generated code; a tab or a space works."""
+    def model(name):
+        class Keyed(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.d = nn.ModuleDict({name: nn.Linear(4, 4)})
+
+            def forward(self, x):
+                return self.d[name](x)
+        return Keyed()
+
+    x = torch.randn(2, 4)
+    with pytest.raises(orthofx.CaptureError, match=r"module name 'd\..*' holds a double quote, a backslash or a line "
+                                                   r"break.*rename it"):
+        orthofx.transform(model(key), "lorth", example_inputs=(x,))
+    gm = orthofx.transform(model("a\tb c"), "lorth", example_inputs=(x,))
+    assert gm(x).shape == (2, 4)
