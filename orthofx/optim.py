@@ -62,8 +62,8 @@ class AttachHandle:
         self.hooks = hooks
         #: hooks left out because their parameters are frozen and not in the optimizer (see :func:`attach`); one
         #: whose parameters are added to the optimizer later (``add_param_group`` when unfreezing) moves to
-        #: ``hooks`` at the next step
-        self.skipped = list(skipped or [])
+        #: ``hooks`` at the next step (attach's step hooks update these two lists in place)
+        self.skipped = [] if skipped is None else skipped
         self._handles = handles
 
     def remove(self) -> None:
@@ -342,6 +342,5 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after),
                _StepGuard(optimizer, run_after)]
     handle = AttachHandle(optimizer, hooks, handles, skipped)
-    handle.skipped = skipped  # the list activate_added updates
     optimizer.__dict__.setdefault("_orthofx_attached", {})[handle._key] = id(root)
     return handle
