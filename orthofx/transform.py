@@ -28,8 +28,7 @@ from .passes.registry import get_pass
 from .plan import Plan, block_paths, build_plan, other_mode_graph
 from .policy import Policy
 
-__all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed", "as_input_tuple",
-           "output_tensors"]
+__all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed", "output_tensors"]
 
 
 # GraphModule pickling (torch.save of the whole module) rebuilds ``meta`` empty but keeps unknown attributes, so
@@ -86,11 +85,6 @@ def is_transformed(model: nn.Module) -> bool:
     except OrthofxError:
         return False
     return True
-
-
-def as_input_tuple(example_inputs: Any) -> tuple | None:
-    """``example_inputs`` as a tuple of model inputs (a single tensor is wrapped; None stays None)."""
-    return input_tuple(example_inputs, error=TransformError)
 
 
 @dataclasses.dataclass(frozen=True)
