@@ -2094,7 +2094,7 @@ def _shape_mismatch(x: Any, name: str, shape: tuple, batch: bool) -> str:
 def require_input_value(value: Any, name: str, expected: Any) -> None:
     """Refuse a non-tensor input that differs from the value torch.export fixed it to: the captured graph would
     ignore it and compute with the example's value (``reduce="sum"`` running the ``"mean"`` branch)."""
-    if not isinstance(value, torch.Tensor) and (value == expected or (value != value and expected != expected)):
+    if not isinstance(value, torch.Tensor) and _same_value(value, expected):
         return
     raise ArgumentError(
         f"input '{name}': this model was captured with torch.export for {name}={expected!r} only (export fixes "
@@ -2124,7 +2124,7 @@ def require_default_argument(value: Any, name: str, default: Any, shown: str) ->
     """Refuse a value for a parameter the example inputs left at its default (``shown``; ``default`` is the
     placeholder's, None for a default that cannot be written in code): torch.export captured the graph for the
     default, which has no input for it and would ignore the value."""
-    if _is_default(value, default):
+    if _same_value(value, default):
         return
     got = f"a {type(value).__name__}" + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
                                          else f" ({value!r})")
@@ -2135,7 +2135,9 @@ def require_default_argument(value: Any, name: str, default: Any, shown: str) ->
         f"...}} for capture)")
 
 
-def _is_default(value: Any, default: Any) -> bool:
+def _same_value(value: Any, default: Any) -> bool:
+    """Whether an input ``value`` is the constant torch.export fixed (``default``): the same object, or equal
+    non-tensor values (NaN equal to NaN; a value whose ``==`` gives no bool, an array, is not the same)."""
     if value is default:
         return True
     if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor):
