@@ -507,26 +507,31 @@ def _reported_module(root: nn.Module, site: str, module: nn.Module) -> nn.Module
     """The module a site's row is about: ``module``, the one at ``site``, except for the ``conv`` of a frozen
     ConvNorm layer (the site ``<name>.conv`` of a model written with ConvNorm layers, then frozen), which runs at
     stride 1 on the layer's FFT grid, one part of the layer's operator: the frozen layer itself."""
-    parent, _, child = site.rpartition(".")
-    if child == "conv" and parent:
-        owner = root.get_submodule(parent)
-        if isinstance(owner, FrozenConvNormNd) and owner.conv is module:
-            return owner
+    owner = _convnorm_owning(root, site)
+    if isinstance(owner, FrozenConvNormNd) and owner.conv is module:
+        return owner
     return module
+
+
+def _convnorm_owning(root: nn.Module, site: str) -> nn.Module | None:
+    """The ConvNorm wrapper, frozen or not, whose ``conv`` the site ``<wrapper>.conv`` is; ``None`` for any other
+    site."""
+    parent, _, child = site.rpartition(".")
+    if child != "conv" or not parent:
+        return None
+    try:
+        owner = root.get_submodule(parent)
+    except AttributeError:
+        return None
+    return owner if isinstance(owner, (ConvNormConvNd, FrozenConvNormNd)) else None
 
 
 def _input_shape(root: nn.Module, site: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
     """The input shape recorded at ``site``; for the conv a ConvNorm wrapper owns, frozen or not (which the wrapper
     runs through the functional conv, so it records none), the wrapper's: the conv's input is the wrapper's."""
     shape = shapes.get(site)
-    parent, _, child = site.rpartition(".")
-    if shape is None and child == "conv" and parent:
-        try:
-            owner = root.get_submodule(parent)
-        except AttributeError:
-            return None
-        if isinstance(owner, (ConvNormConvNd, FrozenConvNormNd)):
-            return shapes.get(parent)
+    if shape is None and _convnorm_owning(root, site) is not None:
+        return shapes.get(site.rpartition(".")[0])
     return shape
 
 
