@@ -66,6 +66,7 @@ from torch import fx, nn
 from .capture import ModalGraphModule, batch_dynamic_shapes, capture, copy_model, unwrap_model
 from .errors import CaptureError, ExportError, OrthofxError
 from .nn.conditioning import power_newton_schulz
+from .nn.precision import HALF_PRECISION
 from .nn.tracing import is_orthofx_module
 from .passes.base import Manifest, replace_module
 from .passes.svd_conditioning import (decomposition_op, fold_constant_decompositions, plain_decompositions,
@@ -401,7 +402,7 @@ def onnx_tolerance(expected: list[torch.Tensor]) -> float:
     onnxruntime and torch round their half-precision sums differently)."""
     tolerance = ONNX_TOLERANCE
     for e in expected:
-        if e.dtype in (torch.float16, torch.bfloat16) and e.numel():
+        if e.dtype in HALF_PRECISION and e.numel():
             scale = float(e.detach().abs().max().float())
             tolerance = max(tolerance, HALF_PRECISION_ULPS * torch.finfo(e.dtype).eps * scale)
     return tolerance

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from orthofx.errors import ArgumentError
-from orthofx.nn.precision import autocast_enabled
+from orthofx.nn.precision import HALF_PRECISION, autocast_enabled
 from orthofx.theory import _flag as _theory_flag, _positive_int as _int, orthogonality_case
 
 __all__ = [
@@ -63,8 +63,6 @@ __all__ = [
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _KIND = {3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
-#: Dtypes whose sums of squares run in float32 here: bfloat16 keeps 8 bits, float16 overflows past 65504.
-_HALF_PRECISION = (torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -365,7 +363,7 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
     _check_tensor(weight)
     _one_of(case, (None, "RO", "CO"), "case", "lorth")
     _flag(fast_backward, "fast_backward", "lorth")
-    if weight.dtype in _HALF_PRECISION:
+    if weight.dtype in HALF_PRECISION:
         # the defect conv(K, K) - I of a near-orthogonal weight cancels most of bfloat16's 8 bits (the gradient of a
         # 16 x 16 Linear's L_orth came out 14 % off in direction; float16: 1 %): computed in float32 from the
         # half-precision values, the value rounded once to their dtype (the gradient reaches them through the cast)
@@ -943,7 +941,7 @@ def _squared(t: torch.Tensor, per_sample: bool) -> torch.Tensor:
     """``||t||^2`` (a scalar), or per sample (shape ``(B,)``; a sample may be a scalar). A half-precision ``t`` is
     squared and summed in float32: in float16 the sum over one 16 x 32 x 32 feature map passed 65504 (inf), and
     bfloat16's 8 bits swamp the variance ``offdiag`` takes of these sums."""
-    if t.dtype in _HALF_PRECISION:
+    if t.dtype in HALF_PRECISION:
         t = t.float()
     return t.reshape(t.shape[0], -1).square().sum(1) if per_sample else t.square().sum()
 
@@ -952,7 +950,7 @@ def _estimate_dtype(products: torch.Tensor) -> torch.dtype:
     """The dtype of a Jacobian estimate built from ``products`` (the block's ``J v``): theirs, but float32 for
     half-precision ones under ``torch.autocast`` (a reduction, as autocast's own sums and losses); outside autocast a
     half-precision block (``model.half()``) gets its own dtype back, after the float32 sums (:func:`_squared`)."""
-    if products.dtype in _HALF_PRECISION and autocast_enabled(products.device.type):
+    if products.dtype in HALF_PRECISION and autocast_enabled(products.device.type):
         return torch.float32
     return products.dtype
 
@@ -1233,7 +1231,7 @@ def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,
     jac = _jacobian_matrix(f, x).detach()
     if jac.is_meta:
         raise ArgumentError(f"{what}: fn's output is on the meta device (meta parameters?): no values to decompose")
-    if jac.dtype in (torch.float16, torch.bfloat16):  # no SVD in half precision: decompose in float32
+    if jac.dtype in HALF_PRECISION:  # no SVD in half precision: decompose in float32
         jac = jac.float()
     if not per_sample:  # (a non-finite Jacobian gives NaN values, see _batched_svdvals)
         return _batched_svdvals(jac.reshape(1, y.numel(), x.numel()))[0]

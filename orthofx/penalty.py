@@ -26,7 +26,7 @@ from torch import nn
 from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError
 from .nn.jacobian import JacobianProbe
-from .nn.precision import autocast_enabled
+from .nn.precision import autocast_off
 from .nn.tracing import is_orthofx_layer, is_orthofx_module
 from .passes.base import PenaltyTerm, zero_like_parameters
 from .transform import is_transformed, manifest_of
@@ -79,28 +79,24 @@ def lazy_site_module(root: nn.Module, term: PenaltyTerm) -> nn.Module | None:
     return None
 
 
-def _autocast_device_type(root: nn.Module) -> str | None:
-    """The device type of ``root``'s first floating-point parameter when autocast is on for it, else ``None``."""
-    for tensor in root.parameters():
-        if tensor.is_floating_point():
-            kind = tensor.device.type
-            return kind if autocast_enabled(kind) else None
-    return None
+def _first_float_parameter(root: nn.Module) -> torch.Tensor | None:
+    """``root``'s first floating-point parameter (the device autocast is switched off for), or ``None``."""
+    return next((p for p in root.parameters() if p.is_floating_point()), None)
 
 
-def _term_value(root: nn.Module, term: PenaltyTerm, autocast_device: str | None = None) -> torch.Tensor:
+def _term_value(root: nn.Module, term: PenaltyTerm, reference: torch.Tensor | None = None) -> torch.Tensor:
     """``term``'s unweighted value; a lazy layer that has not run is refused with the fix, not torch's error.
     Looked for only when the term fails: penalty runs at every training step, and a layer stays initialised.
 
-    Computed with autocast off (``autocast_device``: the device type it is on for): the usual training step
-    evaluates ``criterion(gm(x), y) + orthofx.penalty(gm)`` inside ``torch.autocast``, which would run a term's
-    convolutions and products in bfloat16 / float16. Each term measures a small defect ``W^T W - I`` of a
-    near-orthogonal weight, which those 8 or 11 bits cannot resolve (a conv L_orth's gradient came out 25% off);
-    the terms are tiny next to the forward, so they run in the weights' own dtype."""
+    Computed with autocast off for ``reference``'s device (:func:`~orthofx.nn.precision.autocast_off`): the usual
+    training step evaluates ``criterion(gm(x), y) + orthofx.penalty(gm)`` inside ``torch.autocast``, which would
+    run a term's convolutions and products in bfloat16 / float16. Each term measures a small defect ``W^T W - I``
+    of a near-orthogonal weight, which those 8 or 11 bits cannot resolve (a conv L_orth's gradient came out 25%
+    off); the terms are tiny next to the forward, so they run in the weights' own dtype."""
     try:
-        if autocast_device is None:
+        if reference is None:
             return term.value(root)
-        with torch.autocast(autocast_device, enabled=False):
+        with autocast_off(reference):
             return term.value(root)
     except Exception as exc:
         lazy = lazy_site_module(root, term)
@@ -129,8 +125,8 @@ def penalty_terms(model: nn.Module) -> dict[str, torch.Tensor]:
         return {f"JacobianProbe/{name}": zero_like_parameters(probe) if probe.estimate is None else probe.penalty()
                 for name, probe in _probes(model)}
     root = unwrap_model(model)
-    autocast_device = _autocast_device_type(root)
-    return {f"{t.rule}/{t.site}": t.weight * _term_value(root, t, autocast_device)
+    reference = _first_float_parameter(root)
+    return {f"{t.rule}/{t.site}": t.weight * _term_value(root, t, reference)
             for t in manifest_of(model).penalties}
 
 
@@ -151,8 +147,8 @@ def penalty(model: nn.Module) -> torch.Tensor:
     """
     root = unwrap_model(model)
     if is_transformed(model):
-        autocast_device = _autocast_device_type(root)
-        weighted = [term.weight * _term_value(root, term, autocast_device) for term in manifest_of(model).penalties
+        reference = _first_float_parameter(root)
+        weighted = [term.weight * _term_value(root, term, reference) for term in manifest_of(model).penalties
                     if term.weight != 0.0]
     else:
         weighted = [probe.penalty() for _, probe in _probes(model)

@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from orthofx.errors import LayerArgumentError
+from orthofx.nn.precision import HALF_PRECISION
 
 from .decompositions import (ConditionMonitor, _finite_part, _nan_where, eigh_stable, inv_sqrtm_newton_schulz,
                              sqrtm_newton_schulz, svd_stable)
@@ -113,7 +114,7 @@ def _complement(Q: Tensor) -> Tensor:
     """Orthonormal columns spanning the orthogonal complement of the (orthonormal) columns of ``Q`` (detached)."""
     m, k = Q.shape[-2], Q.shape[-1]
     Q = Q.detach()
-    if Q.dtype in (torch.float16, torch.bfloat16):  # no half-precision QR kernel: complete in float32
+    if Q.dtype in HALF_PRECISION:  # no half-precision QR kernel: complete in float32
         return torch.linalg.qr(Q.float(), mode="complete").Q[..., :, k:m].to(Q.dtype)
     full = torch.linalg.qr(Q, mode="complete").Q
     return full[..., :, k:m]

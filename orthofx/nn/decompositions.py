@@ -110,7 +110,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from orthofx.errors import LayerArgumentError, layer_label
-from orthofx.nn.precision import autocast_enabled
+from orthofx.nn.precision import HALF_PRECISION, autocast_enabled, autocast_off
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf
 
 __all__ = [
@@ -241,9 +241,6 @@ def _check_args(taylor_order, clamp_gap) -> None:
         raise LayerArgumentError(f"clamp_gap must be None or a float > 0, got {clamp_gap!r}")
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
 def _working_dtypes(A: Tensor, float64: bool) -> tuple[torch.dtype, torch.dtype]:
     """(dtype the decomposition runs in, dtype it returns). Half-precision inputs (what ``torch.autocast`` hands
     over after a bfloat16 matmul) are decomposed in float32 (LAPACK and cuSOLVER have no half kernels, and
@@ -251,7 +248,7 @@ def _working_dtypes(A: Tensor, float64: bool) -> tuple[torch.dtype, torch.dtype]
     autocast's own float32 ops, and is cast back to the input's dtype outside it."""
     if not isinstance(A, Tensor):  # a torch.fx Proxy: its dtype is unknown at trace time, keep the plain call
         return (torch.float64 if float64 else None), None
-    if A.dtype in _LOW_PRECISION:
+    if A.dtype in HALF_PRECISION:
         returned = torch.float32 if autocast_enabled(A.device.type) else A.dtype
         return (torch.float64 if float64 else torch.float32), returned
     return (torch.float64 if float64 else A.dtype), A.dtype
@@ -301,7 +298,7 @@ def _nan_where(bad: Tensor | None, *outputs: Tensor) -> tuple[Tensor, ...]:
 
 @torch.library.custom_op("orthofx::eigh_stable", mutates_args=())
 def _eigh_op(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor]:
-    if A.dtype in _LOW_PRECISION:
+    if A.dtype in HALF_PRECISION:
         # only a graph that holds the op itself (fx tracing keeps the plain call, which cannot see the dtype)
         # hands half precision to the kernel: decompose in float32 (no half LAPACK / cuSOLVER kernel), return
         # the input's dtype as the fake kernel says; the backward runs in float32 too (_without_autocast)
@@ -337,7 +334,7 @@ def _eigh_setup(ctx, inputs, output) -> None:
 def _saved(ctx) -> tuple[Tensor, ...]:
     """The saved outputs in the backward's working dtype: float32 for half-precision ones (a traced
     graph's plain op call on half-precision input, see _eigh_op)."""
-    return tuple(t.float() if t.dtype in _LOW_PRECISION else t for t in ctx.saved_tensors)
+    return tuple(t.float() if t.dtype in HALF_PRECISION else t for t in ctx.saved_tensors)
 
 
 def _without_autocast(backward):
@@ -348,9 +345,9 @@ def _without_autocast(backward):
 
     def wrapped(ctx, *grads):
         reference = ctx.saved_tensors[0]
-        work = torch.float32 if reference.dtype in _LOW_PRECISION else reference.dtype
+        work = torch.float32 if reference.dtype in HALF_PRECISION else reference.dtype
         grads = tuple(g if g is None else g.to(work) for g in grads)
-        with torch.autocast(device_type=reference.device.type, enabled=False):
+        with autocast_off(reference):
             gA, *rest = backward(ctx, *grads)
         return (gA if gA is None else gA.to(reference.dtype), *rest)
 
@@ -474,7 +471,7 @@ def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
 
 @torch.library.custom_op("orthofx::svd_stable", mutates_args=())
 def _svd_op(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor, Tensor]:
-    if A.dtype in _LOW_PRECISION:  # a traced graph's plain op call, as in _eigh_op
+    if A.dtype in HALF_PRECISION:  # a traced graph's plain op call, as in _eigh_op
         return tuple(t.to(A.dtype) for t in _svd_op(A.float(), taylor_order, clamp_gap))
     A, bad = _finite_part(A)
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
@@ -635,7 +632,7 @@ def _newton_schulz_power(A: Tensor, iterations: int, inverse: bool) -> Tensor:
     if returned is not None and (work != A.dtype or autocast_enabled(A.device.type)):
         # bfloat16 matmuls would lose the iteration's accuracy: run it in float32 with autocast off; the trace
         # and the final scaling stay in float32 too (a float16 trace above 65504 was inf, and so was the result)
-        with torch.autocast(device_type=A.device.type, enabled=False):
+        with autocast_off(A):
             return _newton_schulz_power(A.to(work), iterations, inverse).to(returned)
     Y, Z, trace, zero = _newton_schulz(A, iterations)
     if inverse:

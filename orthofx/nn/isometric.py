@@ -46,8 +46,8 @@ from torch import nn
 from orthofx.errors import LayerArgumentError, layer_label
 from orthofx.theory import _flag as _theory_flag, _positive_int
 
-from .orthogonal import _frozen_requires_grad
-from .precision import autocast_enabled
+from .orthogonal import _baked_linear, _frozen_requires_grad
+from .precision import HALF_PRECISION, autocast_enabled
 from .stiefel import orthonormal
 
 __all__ = ["OrthogonalActivationBlock", "ReflectionResidualBlock", "ISOMETRIC_ACTIVATIONS"]
@@ -62,7 +62,7 @@ def _qf(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     (Here and not in :func:`orthonormal`, which must stay free of dtype branches for symbolic tracing.)
     ``dtype`` is the parameter's concrete dtype, passed separately: while ``torch.fx`` traces the forward,
     ``raw`` is a Proxy whose ``dtype`` cannot decide a Python branch (the branch is resolved at trace time)."""
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype in HALF_PRECISION:
         return orthonormal(raw.float(), tall=True).to(dtype)
     return orthonormal(raw, tall=True)
 
@@ -172,7 +172,7 @@ class OrthogonalActivationBlock(nn.Module):
     def to_plain(self) -> torch.fx.GraphModule:
         """The protocol ``orthofx.freeze`` uses: ``sigma(linear(x))`` with ``linear`` a plain ``nn.Linear`` holding
         the current ``Q`` and ``b`` (same outputs; ``requires_grad`` follows ``raw``'s and the bias's)."""
-        linear = _baked_linear(self, self.weight, self.bias)
+        linear = _baked_linear(self.weight, self.bias)
         graph = torch.fx.Graph()
         z = graph.call_module("linear", (graph.placeholder("x"),))
         if self.activation != "identity":
@@ -237,7 +237,7 @@ class ReflectionResidualBlock(nn.Module):
         ``hidden`` holding ``W`` and ``b``, ``back`` (no bias) holding ``W^T`` (same outputs; ``requires_grad``
         follows ``raw``'s and the bias's)."""
         w = self.weight
-        modules = {"hidden": _baked_linear(self, w, self.bias), "back": _baked_linear(self, w.transpose(0, 1), None)}
+        modules = {"hidden": _baked_linear(w, self.bias), "back": _baked_linear(w.transpose(0, 1), None)}
         graph = torch.fx.Graph()
         x = graph.placeholder("x")
         back = graph.call_module("back", (graph.call_function(torch.relu, (graph.call_module("hidden", (x,)),)),))
@@ -246,17 +246,6 @@ class ReflectionResidualBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"features={self.features}, hidden={self.hidden}, bias={self.bias is not None}"
-
-
-def _baked_linear(block: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """A plain ``nn.Linear`` holding copies of ``weight`` (``out x in``) and ``bias``, on the block's device and
-    in its dtype."""
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                       dtype=weight.dtype)
-    linear.weight.copy_(weight)
-    if bias is not None:
-        linear.bias.copy_(bias)
-    return linear
 
 
 def _plain_module(block: nn.Module, modules: dict[str, nn.Module], graph: torch.fx.Graph) -> torch.fx.GraphModule:

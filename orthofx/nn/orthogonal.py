@@ -108,7 +108,6 @@ operator.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import weakref
 from typing import Sequence
@@ -120,7 +119,7 @@ from torch.nn.utils import parametrize
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, layer_label
 from orthofx.nn.padding import CircularFold, CircularPad, circular_fold, circular_pad, flat_pads
-from orthofx.nn.precision import autocast_enabled
+from orthofx.nn.precision import HALF_PRECISION, autocast_off
 from orthofx.nn.stiefel import orthonormal, project_to_stiefel
 from orthofx.theory import _flag, adjoint_case, orthogonal_conv_exists
 
@@ -381,15 +380,16 @@ def _kept_parameter(module: nn.Module, name: str) -> torch.Tensor:
     return next(t for t in (*kept._parameters.values(), *kept._buffers.values()) if t is not None)
 
 
-def _autocast_off(reference: torch.Tensor):
-    """A context in which the orthogonal kernel is built as ``compute_dtype`` says: ``torch.autocast`` turned off
-    for ``reference``'s device where it is on (it would run the float32 build's matmuls in bfloat16 / float16,
-    orthogonal to 1e-2 only, and an eval-mode layer would keep that kernel cached after the autocast block);
-    nothing otherwise (a trace outside autocast records no switch)."""
-    device_type = reference.device.type
-    if autocast_enabled(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
+@torch.no_grad()
+def _baked_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain ``nn.Linear`` holding copies of ``weight`` (``out x in``) and ``bias``, on ``weight``'s device and in
+    its dtype: the frozen form of a layer whose weight is computed (orthofx's linears and isometric blocks)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)
+    linear.weight.copy_(weight)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return linear
 
 
 def _check_floating(x: torch.Tensor, layer: nn.Module | str) -> None:
@@ -533,7 +533,7 @@ def _fit_best(params: list[nn.Parameter], loss_fn, best: float, steps: int, lr: 
     dtypes = [p.dtype for p in params]
     with torch.no_grad():
         for p in params:
-            if p.dtype in (torch.float16, torch.bfloat16):
+            if p.dtype in HALF_PRECISION:
                 p.data = p.data.float()
     best_state = [p.detach().clone() for p in params]
     try:
@@ -822,7 +822,7 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
     def _cayley_unit_symbol(self, cd: torch.dtype | None = None) -> torch.Tensor:
         r"""The per-frequency matrices without gain, ``(g, F, M, C S^d)`` complex: the needed block of the Cayley
         transform :math:`Q = (I - A)(I + A)^{-1} = (I + A)^{-1}(I - A)` (the factors commute)."""
-        with _autocast_off(_kept_parameter(self, "cayley_kernel")):
+        with autocast_off(_kept_parameter(self, "cayley_kernel")):
             return self._cayley_transform(cd or self.compute_dtype)
 
     def _cayley_transform(self, cd: torch.dtype) -> torch.Tensor:
@@ -1128,7 +1128,9 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         ``shift``: the blocks are known to form a pure shift by these taps (:meth:`_paired_shift`); the kernel is
         then the orthonormal matrix on the window at the shift, zero elsewhere, built without the block product
         (the same kernel to rounding)."""
-        with _autocast_off(_kept_parameter(self, "matrix")):
+        # built as compute_dtype says, also inside torch.autocast: in bfloat16 the kernel would be orthogonal to
+        # 1e-2 only, and an eval-mode layer would keep that kernel cached after the autocast block
+        with autocast_off(_kept_parameter(self, "matrix")):
             return self._block_kernel(cd or self.compute_dtype, shift)
 
     def _block_kernel(self, cd: torch.dtype, shift: tuple[int, ...] | None) -> torch.Tensor:
@@ -2071,7 +2073,7 @@ class OrthogonalLinear(_EvalCache, nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The ``out x in`` weight, ``gain`` times orthonormal rows or columns (differentiable)."""
-        with _autocast_off(_kept_parameter(self, "raw_weight")):
+        with autocast_off(_kept_parameter(self, "raw_weight")):
             W = orthonormal(self.raw_weight.to(self.compute_dtype), tall=self.out_features >= self.in_features)
         W = W * self.gain
         return W.to(self.raw_weight.dtype)
@@ -2092,13 +2094,7 @@ class OrthogonalLinear(_EvalCache, nn.Module):
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the baked weight (and bias), same outputs, no constraint; ``requires_grad``
         follows the layer's (the weight's that of ``raw_weight``, the bias's that of the bias)."""
-        ref = self.raw_weight
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=ref.device,
-                        dtype=ref.dtype)
-        lin.weight.copy_(self.weight)
-        if self.bias is not None:
-            lin.bias.copy_(self.bias)
-        return _frozen_requires_grad(self, lin)
+        return _frozen_requires_grad(self, _baked_linear(self.weight, self.bias))
 
     def to_plain(self) -> nn.Module:
         """The protocol ``orthofx.freeze`` uses: same as :meth:`to_linear`."""

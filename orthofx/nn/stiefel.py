@@ -65,6 +65,7 @@ import math
 import torch
 
 from orthofx.errors import LayerArgumentError
+from orthofx.nn.precision import HALF_PRECISION
 
 __all__ = [
     "sym",
@@ -101,7 +102,7 @@ def _check_matrix(x: torch.Tensor, name: str) -> None:
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return torch.float32 if x.dtype in HALF_PRECISION else x.dtype
 
 
 def sym(a: torch.Tensor) -> torch.Tensor:

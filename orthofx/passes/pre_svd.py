@@ -62,8 +62,9 @@ import torch
 from torch import fx, nn
 
 from ..errors import ArgumentError, OrthofxError
-from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, derived_weight,
-                   describe_module, parameter_owners, whole, write_whole)
+from ..nn.precision import HALF_PRECISION
+from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, describe_module,
+                   parameter_owners, whole, write_whole)
 from .orth_regularizer import lorth_term
 from .orthogonal_conv import orthogonal_layer
 from .registry import register_pass
@@ -118,7 +119,7 @@ def srip(weight: torch.Tensor, groups: int = 1, iterations: int = 10) -> torch.T
     :func:`orthofx.metrics.lorth` does: ``Gram - I`` of a near-orthogonal weight cancels most of bfloat16's 8 bits."""
     if iterations < 1:
         raise ArgumentError(f"iterations must be >= 1, got {iterations}")
-    if weight.dtype in (torch.float16, torch.bfloat16):
+    if weight.dtype in HALF_PRECISION:
         return srip(weight.float(), groups, iterations).to(weight.dtype)
     out = weight.shape[0]
     if out % groups:
@@ -358,6 +359,7 @@ class PreSVD(Pass):
     site_kinds = frozenset({"module"})
     module_types = _LAYER_TYPES
     group = "weight"
+    needs_weight_parameter = True  # except where handles_derived_weight says the rule only reads it
 
     def accepts(self, site, module):
         reason = super().accepts(site, module)
@@ -369,17 +371,10 @@ class PreSVD(Pass):
             return f"{site.name} is a lazy layer that has not run yet; run the model once first"
         return None
 
-    def accepts_params(self, site, module, params):
-        # NOG and OLR act on the weight around optimizer.step(), and the hard orthogonal layer replaces the layer:
-        # none of them can keep a weight that a torch parametrization or a weight_norm / pruning hook computes
-        # (lorth and srip only read it)
-        writes = [name for name, on in (("nog", params["nog"]), ("olr", params["olr"]),
-                                        ("weight: orthogonal", params["weight"] == "orthogonal")) if on]
-        reason = derived_weight(module) if writes and module is not None else None
-        if reason is None:
-            return None
-        return (f"{reason}; {', '.join(writes)} cannot act on it (weight: lorth or srip with nog: false and "
-                "olr: false only read it)")
+    def handles_derived_weight(self, params):
+        # NOG and OLR act on the weight around optimizer.step(), and the hard orthogonal layer replaces the layer;
+        # lorth and srip only read it, so a weight a parametrization computes is fine for them alone
+        return not (params["nog"] or params["olr"] or params["weight"] == "orthogonal")
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         for entry in entries:
