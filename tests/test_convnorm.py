@@ -416,8 +416,34 @@ def test_autocast_normalises_in_float32(stride):
     rows, cols = [slice(st, st + sd * (no - 1) + 1, sd)
                   for st, sd, no in zip(geo.start, geo.stride, geo.output_size)]
     expected = full[..., rows, cols]
-    assert y.shape == expected.shape
-    assert float((y.detach().double() - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+    # returned in autocast's dtype, as nn.Conv2d is: each value is the float32 result rounded once to bfloat16
+    # (relative error <= 2^-8, 8 significant bits); a normalisation computed in bfloat16 would be off by several ulps
+    assert y.dtype == torch.bfloat16 and y.shape == expected.shape
+    bound = 2.0 ** -8 * expected.abs() + 1e-5 * float(expected.abs().max())
+    assert bool(((y.detach().double() - expected).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("kernel, stride, affine", [(3, 1, False), (3, 2, False), (1, 1, False), (3, 1, True)])
+def test_autocast_output_dtype_is_that_of_nn_conv(kernel, stride, affine):
+    # nn.Conv2d returns bfloat16 under CPU autocast; so do the layer, its frozen form and the functional form,
+    # which returned float32 before (the float32 normalisation's result was cast back to the float32 input's dtype)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=kernel // 2)
+    layer = ConvNormConv2d(conv, affine=affine)
+    x = torch.randn(2, 4, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_dtype = conv(x).dtype
+        y = layer(x)
+        frozen = layer.to_plain(input_sizes=[(9, 9)])
+        y_frozen = frozen(x)
+        y_functional = conv_norm(x, conv.weight, conv.bias, stride, kernel // 2)
+    assert expected_dtype == torch.bfloat16
+    assert y.dtype == y_frozen.dtype == y_functional.dtype == expected_dtype
+    reference = layer(x)  # float32 outside autocast: the autocast result is within bfloat16's rounding of it
+    for out in (y, y_frozen):
+        torch.testing.assert_close(out.float(), reference, rtol=0.03, atol=0.03)
+    # a half-precision input without autocast still comes back in its own dtype
+    assert layer(x.bfloat16()).dtype == torch.bfloat16 and frozen(x.bfloat16()).dtype == torch.bfloat16
 
 
 def test_bad_arguments():

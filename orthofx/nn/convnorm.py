@@ -107,7 +107,8 @@ autocast included: ``V`` spans orders of magnitude). The input must have the wei
 torch's convolutions demand matching dtypes: a float32 (or half-precision) input to a float64 layer, or a
 float64 input to a float32 layer, raises :class:`~orthofx.errors.LayerArgumentError` (a float32 input used to
 round the float64 weight and ``V`` to float32 silently). A half-precision input to a float32 layer is accepted:
-computed in float32, returned in the input's dtype.
+computed in float32, returned in the input's dtype. Under ``torch.autocast`` the conv runs in autocast's half
+precision, the normalisation in float32, and the layer returns autocast's dtype, as ``nn.Conv2d`` does there.
 
 Affine part
 -----------
@@ -162,6 +163,7 @@ from torch import nn
 from orthofx.errors import LayerArgumentError, layer_label
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf
 from orthofx.nn.padding import circular_pad, flat_pads
+from orthofx.nn.precision import HALF_PRECISION
 
 __all__ = [
     "ConvNormGeometry",
@@ -470,6 +472,19 @@ def _batched_input(x: torch.Tensor, weight: torch.Tensor, groups: int, caller: s
     return x, unbatched
 
 
+def _output_dtype(in_dtype: torch.dtype, conv_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a ConvNorm layer returns: the input's, or the half precision ``torch.autocast`` gave the conv
+    inside it (``conv_dtype``), as ``nn.Conv`` returns under autocast; the normalisation between runs in float32
+    all the same."""
+    return conv_dtype if conv_dtype in HALF_PRECISION else in_dtype
+
+
+def _apply_affine(affine: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The affine depthwise conv on ``y``, in its weight's dtype and back: a half-precision input to a float32
+    layer comes back half precision (nn.Conv refuses the mixed dtypes, which autocast would have cast)."""
+    return affine(y.to(affine.weight.dtype)).to(y.dtype)
+
+
 def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int, eps: float,
                padding_mode: str, v_for, layer: nn.Module | None = None) -> torch.Tensor:
     """Shared forward; ``v_for(grid, geometry)`` returns the filter for the grid (or ``None`` to compute it);
@@ -493,18 +508,20 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
     v = v_for(geo.grid, geo)
     if v is None and _one_tap(ks):
         y = _CONV_FN[d](xw, w, None, stride, padding, dil, groups)
-        y = y * _one_tap_scale(weight, eps).to(work).view((1, -1) + (1,) * d)
+        out_dtype = _output_dtype(in_dtype, y.dtype)
+        y = y.to(work) * _one_tap_scale(weight, eps).to(work).view((1, -1) + (1,) * d)
     else:
         if geo.pad_left == geo.pad_right:
             z = _CONV_FN[d](xw, w, None, 1, geo.pad_left, dil, groups)
         else:
             z = _CONV_FN[d](F.pad(xw, flat_pads(list(zip(geo.pad_left, geo.pad_right)))), w, None, 1, 0, dil, groups)
+        out_dtype = _output_dtype(in_dtype, z.dtype)
         if v is None:
             v = _filter(weight, geo.grid, dil, eps)
         y = _normalise(z, v, geo)
     if bias is not None:
         y = y + bias.to(work).view((1, -1) + (1,) * d)
-    y = y.to(in_dtype)
+    y = y.to(out_dtype)
     return y.squeeze(0) if unbatched else y
 
 
@@ -825,7 +842,7 @@ class ConvNormConvNd(nn.Module):
         if not torch.compiler.is_compiling():
             self._remember(x)  # after the checks: a refused input is no size to freeze for
         if self.affine is not None:
-            y = self.affine(y)
+            y = _apply_affine(self.affine, y)
         return y
 
     def extra_repr(self) -> str:
@@ -990,17 +1007,22 @@ class FrozenConvNormNd(nn.Module):
         work = _real_dtype(in_dtype)
         if self._scaled_conv:
             y = self._scaled_conv_out(x, work)
+            out_dtype = _output_dtype(in_dtype, y.dtype)
+            y = y.to(work)
         else:
-            y = self._normalised_conv(x, size, work)
+            y, conv_dtype = self._normalised_conv(x, size, work)
+            out_dtype = _output_dtype(in_dtype, conv_dtype)
         if self.bias is not None:
             y = y + self.bias.to(work).view((1, -1) + (1,) * d)
-        y = y.to(in_dtype)
+        y = y.to(out_dtype)
         y = y.squeeze(0) if unbatched else y
         if self.affine is not None:
-            y = self.affine(y)
+            y = _apply_affine(self.affine, y)
         return y
 
-    def _normalised_conv(self, x: torch.Tensor, size: tuple[int, ...], work: torch.dtype) -> torch.Tensor:
+    def _normalised_conv(self, x: torch.Tensor, size: tuple[int, ...],
+                         work: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
+        """The normalised conv output (in ``work``) and the dtype the conv itself gave (autocast's, inside it)."""
         if self.pre_pads:
             x = _explicit_pad(x, self.pre_pads, self.padding_mode)
         geo = convnorm_geometry(x.shape[2:], self.kernel_size, self.stride, self.geometry_padding, self.dilation)
@@ -1010,7 +1032,8 @@ class FrozenConvNormNd(nn.Module):
         xw = x.to(work)
         if self.extra_pad:
             xw = F.pad(xw, self.extra_pad)
-        return _normalise(self._conv_in(xw, work), v, geo)
+        z = self._conv_in(xw, work)
+        return _normalise(z, v, geo), z.dtype
 
     def _scaled_conv_out(self, x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
         """The one-tap form: the layer's own conv with per-channel scaled weights. A non-zero padding mode pads
