@@ -10,6 +10,18 @@ torch as well: for an interrupt there to be caught too, the package's ``__init__
 import sys
 
 
+#: The exit status of a command ended by Ctrl-C: 128 + SIGINT, as a shell reports a command it interrupted.
+INTERRUPTED = 130
+
+
+def report_interrupt() -> int:
+    """Say on stderr that the command was interrupted (one line, no traceback); returns :data:`INTERRUPTED`.
+    The one place for it: :func:`orthofx.cli.main` calls it for a Ctrl-C during the command, :func:`run` for one
+    before the CLI is loaded."""
+    print("orthofx: interrupted", file=sys.stderr)
+    return INTERRUPTED
+
+
 def run(argv=None) -> int:
     """Import the CLI and run it on ``argv`` (``sys.argv[1:]`` when ``None``); its exit status, 130 on Ctrl-C."""
     try:
@@ -18,8 +30,7 @@ def run(argv=None) -> int:
     except KeyboardInterrupt:  # while importing, or while parsing the command line
         if "--debug" in (sys.argv[1:] if argv is None else argv):
             raise
-        print("orthofx: interrupted", file=sys.stderr)  # the line orthofx.cli.main prints once loaded
-        return 130
+        return report_interrupt()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from . import models
+from .__main__ import report_interrupt
 from .capture import copy_model
 from .errors import OrthofxError
 from .export import batch_too_small_for_dynamic, check_export_path, export
@@ -666,11 +667,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except KeyboardInterrupt:  # Ctrl-C: 128 + SIGINT, as a shell reports a command it interrupted
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        print("orthofx: interrupted", file=sys.stderr)
-        return 130
+        return report_interrupt()
     except (OrthofxError, OSError) as exc:
         if args.debug:
             raise
