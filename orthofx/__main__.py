@@ -3,8 +3,8 @@
 Importing the CLI imports torch and orthofx's passes, which takes seconds. A Ctrl-C then ends the command as one
 during the command does (:func:`orthofx.cli.main`): exit status 130 (128 + SIGINT) and ``orthofx: interrupted``
 on stderr, the traceback only with ``--debug``. So this module imports nothing heavy itself: the CLI is imported
-inside :func:`run`, where the interrupt can be caught. (``import orthofx`` itself, which runs first, imports
-torch as well: for an interrupt there to be caught too, the package's ``__init__`` must import it lazily.)
+inside :func:`run`, where the interrupt can be caught. (``import orthofx``, which runs first, imports nothing
+heavy either: the package's ``__init__`` imports its names on first use.)
 """
 
 import sys

@@ -1,5 +1,9 @@
 """Edge cases of the public API found by an audit: each test failed before its fix."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -147,3 +151,21 @@ def test_cli_model_files_that_fail_exit_2_with_one_line(capsys, tmp_path, source
     code = main(["explain", f"{path}:build", "--policy", "lorth"])
     _, err = capsys.readouterr()
     assert code == 2 and fragment in err and err.count("\n") == 1
+
+
+def test_the_package_imports_its_names_lazily_and_keeps_the_functions_over_same_named_submodules():
+    # ``import orthofx`` does not import torch (the CLI's Ctrl-C during torch's import relies on it); importing the
+    # submodules transform / export / report / penalty first must not hide the functions of the same names
+    code = ("import sys, orthofx; print('torch' in sys.modules); import orthofx.cli, orthofx.export; "
+            "print(sorted(n for n in ('transform', 'export', 'report', 'penalty') "
+            "if not callable(getattr(orthofx, n)) or type(getattr(orthofx, n)).__name__ != 'function'))")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["False", "[]"]
+    assert orthofx.transform.__module__ == "orthofx.transform" and orthofx.export.__module__ == "orthofx.export"
+    assert set(orthofx.__all__) <= set(dir(orthofx))
+    assert all(getattr(orthofx, name) is not None for name in orthofx.__all__)
+    assert orthofx.nn.OrthogonalConv2d.__module__ == "orthofx.nn.orthogonal"
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        orthofx.no_such_name
