@@ -31,6 +31,7 @@ from torch import nn
 from .capture import unwrap_model
 from .errors import ArgumentError
 from .passes.base import refuse_fsdp1
+from .passes.riemannian import is_zero_redundancy
 from .transform import manifest_of
 
 __all__ = ["attach", "AttachHandle"]
@@ -208,8 +209,11 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     Attaching the same model twice to one optimizer is an
     error (the updates would run twice). OLR moves each Pre-SVD weight into a parameter group of its own, so an
     optimizer state saved after ``attach`` loads (``optimizer.load_state_dict``) after ``attach``; create LR
-    schedulers after ``attach`` too. Under ``torch.compile`` (of ``optimizer.step`` or of a whole training step,
-    ``fullgraph=False``) the hooks run eagerly between the compiled graphs, with the eager results.
+    schedulers after ``attach`` too. A ``ZeroRedundancyOptimizer`` works (each rank's hooks see the whole
+    all-reduced gradients and weights), except with ``overlap_with_ddp=True``, whose steps run inside DDP's
+    communication hook instead of ``step()``: refused. Under ``torch.compile`` (of ``optimizer.step`` or of a
+    whole training step, ``fullgraph=False``) the hooks run eagerly between the compiled graphs, with the eager
+    results.
 
     Example::
 
@@ -236,6 +240,14 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
                             "before attaching again")
     owned = _optimizer_parameters(optimizer)
     recorded = list(manifest_of(model).optimizer_hooks)
+    if recorded and is_zero_redundancy(optimizer) and getattr(optimizer, "_overlap_with_ddp", False):
+        # its steps run inside DDP's communication hook (ZeRO's _local_step), per bucket, and step() is not
+        # called: no pre- or post-step hook would ever run, so the weights would train unconstrained, silently
+        raise ArgumentError(
+            f"site '{recorded[0].site}' (rule '{recorded[0].rule}'): this ZeroRedundancyOptimizer was built with "
+            "overlap_with_ddp=True, so its steps run inside DDP's communication hook and optimizer.step() is never "
+            "called: orthofx's optimizer hooks (Riemannian updates, NOG, OLR) would never run. Build it with "
+            "overlap_with_ddp=False (the default) and call optimizer.step() after backward")
     hooks, skipped = [], []
     for hook in recorded:
         module = root.get_submodule(hook.site)

@@ -40,27 +40,20 @@ references and sensitivity checks, on the whole parameters gathered at the end. 
 Jacobian scenarios train like the reference while the others are refused with orthofx's error.
 
 About 15-30 s in all on two busy cores (two interpreters importing torch; the references take ~1.5 s), so not
-marked slow. Nothing can hang: the process group is
-rendezvoused through a file in ``tmp_path`` (no TCP port to pick, so no port race), ``init_process_group`` has a
-60 s timeout that also bounds every collective, each worker destroys its process group in ``finally``, and the
-spawn is joined with a deadline after which the workers are terminated (by their own process objects).
+marked slow. The processes are spawned by :func:`ddp_util.run_jobs` (shared with test_fuzz_regressions_ddp.py),
+which also makes sure nothing can hang.
 """
 
 from __future__ import annotations
 
-import datetime
-import os
-import time
-import traceback
+import functools
 
 import pytest
 import torch
+from ddp_util import WORLD, run_jobs
 
-WORLD = 2
 STEPS = 3
 LR = 0.05
-JOIN_DEADLINE_S = 240
-PG_TIMEOUT_S = 60
 # DDP's averaged float32 gradient and the reference's differ by rounding: after STEPS steps the parameters
 # agree to 6e-8 (measured; 0 for the "mean" scenarios). The plausible bugs (penalty on one replica / summed,
 # hooks on a replica's own gradient, no hooks) move them by 5e-4 and more; see _assert_sensitive.
@@ -281,26 +274,6 @@ def _run(scenario: str, rank: int) -> dict:
             "olr_groups": sum(1 for g in optimizer.param_groups if "orthofx_olr" in g)}
 
 
-def _worker(rank: int, store: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    try:
-        for wrapper, run, scenarios in WRAPPERS:
-            for scenario in scenarios:
-                try:
-                    result = run(scenario, rank)
-                except Exception:  # noqa: BLE001 - reported to the test, which fails with the traceback
-                    result = {"error": traceback.format_exc()}
-                torch.save(result, os.path.join(out_dir, f"{wrapper}_{scenario}_rank{rank}.pt"))
-                dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 def _run_fsdp_mixed(scenario: str, rank: int) -> dict:
     return _run_fsdp(scenario, rank, mixed=True)
 
@@ -323,23 +296,10 @@ def fsdp_results(all_results):
 
 @pytest.fixture(scope="module")
 def all_results(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    out_dir = tmp_path_factory.mktemp("ddp")
-    store = out_dir / "store"  # a FileStore rendezvous: must not exist yet, and names no port
-    context = mp.spawn(_worker, args=(str(store), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + JOIN_DEADLINE_S
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"DDP workers did not finish within {JOIN_DEADLINE_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-    return {wrapper: {scenario: [torch.load(out_dir / f"{wrapper}_{scenario}_rank{r}.pt", weights_only=False)
-                                 for r in range(WORLD)] for scenario in scenarios}
+    jobs = [(f"{wrapper}_{scenario}", functools.partial(run, scenario))
+            for wrapper, run, scenarios in WRAPPERS for scenario in scenarios]
+    results = run_jobs(jobs, tmp_path_factory.mktemp("ddp"))
+    return {wrapper: {scenario: results[f"{wrapper}_{scenario}"] for scenario in scenarios}
             for wrapper, _, scenarios in WRAPPERS}
 
 

@@ -80,7 +80,8 @@ recent weights. Two behaviours are offered:
   state dict it loads are unexpected keys (``load_state_dict`` fails with torch's usual message under
   ``strict=True`` and ignores them under ``strict=False``); construct it with ``momentum=...`` to load them.
   Buffers are created in ``forward``, which makes ``torch.compile`` break the graph on
-  the first call of a new size.
+  the first call of a new size, and under DistributedDataParallel every rank must train on the same input sizes:
+  DDP broadcasts rank 0's buffers, and ranks holding different sets abort in that broadcast.
 
 Freezing (inference form)
 -------------------------

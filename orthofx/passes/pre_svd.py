@@ -38,7 +38,9 @@ gets, by its parameters:
     are matched by identity, so DataParallel / DDP prefixes do not matter (the reference's OLR matched none under
     DataParallel). LBFGS (which reads its lr before the closure computes the gradient), Rprop (which uses its lr
     only as the first step size) and ASGD (which steps by a size computed from the previous step's lr) would never
-    use ``eta*``: ``attach`` refuses OLR with them.
+    use ``eta*``: ``attach`` refuses OLR with them. A ``ZeroRedundancyOptimizer`` partitions its groups over the
+    ranks when it is built and cannot take a weight out of one later: build it with the weight in a param group
+    of its own (OLR then needs no split; ``attach`` refuses the split otherwise).
 ``penalty_weight`` (default 0.01): weight of the ``lorth`` / ``srip`` term in ``orthofx.penalty``.
 
 Several layers feeding one decomposition each get their own hooks (and param groups); a layer feeding several
@@ -68,6 +70,7 @@ from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm,
 from .orth_regularizer import lorth_term
 from .orthogonal_conv import orthogonal_layer
 from .registry import register_pass
+from .riemannian import is_zero_redundancy
 
 __all__ = ["PreSVD", "SripTerm", "NearestOrthogonalGradient", "OptimalLearningRate", "srip", "polar_factor",
            "optimal_learning_rate"]
@@ -243,6 +246,17 @@ class OptimalLearningRate(OptimizerHook):
                                     f"{kind.__name__} {why}, so no step would use the eta* of its own gradient. "
                                     "Set 'olr: false' in the rule (NOG and the other hooks still work), or use "
                                     "SGD, Adam, AdamW or RMSprop")
+        # ZeroRedundancyOptimizer partitions its param groups over the ranks when it is built, and its local
+        # optimizers keep their shards; it supports adding a group of new parameters only. Moving a weight out of
+        # a group re-partitions the old groups under the local optimizers' feet: another layer's weight was then
+        # stepped by the wrong rank's shard (2e-2 off after one step), silently.
+        if is_zero_redundancy(optimizer) and len(_group_of(optimizer, weight)["params"]) > 1:
+            raise ArgumentError(f"{where}: OLR sets this weight's lr in a param group of its own, and a "
+                                "ZeroRedundancyOptimizer cannot move a weight out of a group after it partitioned "
+                                "its groups over the ranks. Build it with the weight in a group of its own, e.g. "
+                                "ZeroRedundancyOptimizer([{'params': others}, {'params': [gm.get_submodule("
+                                f"{self.site!r}).weight]}}], optimizer_class=..., ...), or set 'olr: false' in the "
+                                "rule")
         # An LR scheduler stores one base lr per param group when it is created ('initial_lr' in every group) and
         # pairs them with the groups at each step: the group setup() adds would fail its next step with "zip()
         # argument 2 is longer than argument 1" (LambdaLR, CosineAnnealingLR, CyclicLR, ...) or go unscheduled.

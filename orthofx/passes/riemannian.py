@@ -62,7 +62,9 @@ Parameters (``with:``):
   Linears on the manifold.
 
 Under DDP the hooks run inside ``optimizer.step()``, so after the gradients were all-reduced; every replica
-computes the same projection and retraction, nothing else is needed.
+computes the same projection and retraction, nothing else is needed. With ``ZeroRedundancyOptimizer`` each rank
+steps its shard of the weights and keeps their state in its local optimizer: the hooks retract every weight on
+every rank (after ZeRO's broadcast), and the rank that owns a weight transports its first moment.
 
 Example::
 
@@ -79,6 +81,7 @@ Example::
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
@@ -95,6 +98,34 @@ __all__ = ["Riemannian", "StiefelHook"]
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Optimizer state entries that hold a first moment (a direction) and are projected with ``momentum: project``.
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+
+
+def is_zero_redundancy(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is a ``torch.distributed.optim.ZeroRedundancyOptimizer``. The class is looked up in
+    ``sys.modules`` only: such an optimizer exists only once its module was imported, and importing
+    ``torch.distributed.optim`` at every step would cost time for nothing."""
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    zero = getattr(module, "ZeroRedundancyOptimizer", None)
+    return zero is not None and isinstance(optimizer, zero)
+
+
+def zero_redundancy_local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
+    """The local optimizer of a ``ZeroRedundancyOptimizer`` (``None`` for any other optimizer). ZeRO partitions
+    the parameters over the ranks; each rank steps its shard with this local optimizer (``optimizer.optim``), which
+    holds that shard's state, and broadcasts the result; ZeRO's own ``state`` stays empty."""
+    return getattr(optimizer, "optim", None) if is_zero_redundancy(optimizer) else None
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -> dict:
+    """The optimizer's state of ``parameter`` (empty if it has none yet). For a ZeroRedundancyOptimizer, the state
+    its local optimizer keeps on the rank that owns the parameter (the other ranks hold none, as they never step
+    it)."""
+    state = optimizer.state.get(parameter)
+    if state is None:
+        local = zero_redundancy_local_optimizer(optimizer)
+        if local is not None:
+            state = local.state.get(parameter)
+    return state or {}
 
 
 def _not_square(module: nn.Module) -> str | None:
@@ -200,7 +231,7 @@ class StiefelHook(OptimizerHook):
                 for i, (hook, weight, _) in enumerate(items):
                     if hook.momentum != "project":
                         continue
-                    state = optimizer.state.get(weight, {})
+                    state = optimizer_state(optimizer, weight)  # ZeRO: its local optimizer's, on the owning rank
                     for name in MOMENTUM_KEYS:
                         buf = state.get(name)
                         if isinstance(buf, torch.Tensor) and buf.shape == weight.shape:
