@@ -7,11 +7,19 @@ penalty is ``sum_i weight_i * term_i(gm)``, differentiable with respect to the m
 the result of ``torch.compile`` and on DDP/DataParallel wrappers too (the terms are evaluated on the wrapped
 module's parameters, outside the compiled graph).
 
-A model written with orthofx's layers (``orthofx.nn``) that ``orthofx.transform`` did not return has no manifest:
-its penalty is ``sum_p p.penalty()`` over its :class:`~orthofx.nn.JacobianProbe` modules ``p`` (each the probe's
-``weight * estimate`` after a training-mode forward; zero before it, in eval mode and on the calls ``every``
-skips), its terms keyed ``"JacobianProbe/<module path>"``. A model holding no orthofx layer raises
-:class:`~orthofx.OrthofxError` ("an orthofx layer": :func:`orthofx.nn.tracing.is_orthofx_layer`).
+A model that ``orthofx.transform`` did not return has no manifest of its own. When it holds transformed models
+(a transformed backbone inside a bigger model, or a wrapper module whose forward runs one, as
+``torch.func.functional_call`` needs), their terms are its terms, keyed ``"<rule>/<path>.<site>"`` with the
+transformed model's path in it (the outermost ones: a transformed model inside another counts through that one's
+manifest). Its other orthofx layers (``orthofx.nn``) contribute ``sum_p p.penalty()`` over the
+:class:`~orthofx.nn.JacobianProbe` modules ``p`` outside the transformed models (each the probe's ``weight *
+estimate`` after a training-mode forward; zero before it, in eval mode and on the calls ``every`` skips), keyed
+``"JacobianProbe/<module path>"``. A model holding neither raises :class:`~orthofx.OrthofxError` ("an orthofx
+layer": :func:`orthofx.nn.tracing.is_orthofx_layer`).
+
+The terms are looked up by module path at each call and read the parameters there, so under
+``torch.func.functional_call`` of a module whose forward calls ``orthofx.penalty`` (or of the bigger model
+holding the transformed one) they are the substituted tensors, and ``torch.func.grad`` differentiates them.
 
 A frozen model (``orthofx.freeze``) keeps a manifest without terms: its penalty is a zero, its ``penalty_terms``
 empty. Frozen layers (``to_plain()``'s ``FourierConv``, ``FrozenConvNormNd`` ...) are not orthofx layers: a model
@@ -31,7 +39,8 @@ from .nn.tracing import is_orthofx_layer, is_orthofx_module
 from .passes.base import PenaltyTerm, zero_like_parameters
 from .transform import is_transformed, manifest_of
 
-__all__ = ["penalty", "penalty_terms", "is_orthofx_layer", "holding_orthofx_layers", "lazy_site_module"]
+__all__ = ["penalty", "penalty_terms", "is_orthofx_layer", "holding_orthofx_layers", "lazy_site_module",
+           "transformed_parts"]
 
 # ``is_orthofx_layer`` (defined in orthofx.nn.tracing, the one definition) stays importable from here.
 
@@ -60,9 +69,50 @@ def _frozen_note(root: nn.Module) -> str:
             "is zero)")
 
 
-def _probes(model: nn.Module) -> list[tuple[str, JacobianProbe]]:
-    """``(module path, probe)`` of every JacobianProbe of a model holding orthofx layers (not transformed)."""
-    return [(name, m) for name, m in holding_orthofx_layers(model).named_modules() if isinstance(m, JacobianProbe)]
+def _inside(name: str, path: str) -> bool:
+    """Whether the module path ``name`` is ``path`` or lies below it."""
+    return name == path or name.startswith(path + ".")
+
+
+def transformed_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(module path, module)`` of the outermost submodules of ``model`` (not ``model`` itself) that
+    ``orthofx.transform`` returned, possibly wrapped (torch.compile, DDP): a transformed backbone inside a bigger
+    model. Their penalty terms are the bigger model's (see the module docs)."""
+    root = unwrap_model(model)
+    parts: list[tuple[str, nn.Module]] = []
+    for name, module in root.named_modules():
+        if module is root or any(_inside(name, path) for path, _ in parts):
+            continue
+        if is_transformed(module):
+            parts.append((name, module))
+    return parts
+
+
+def _untransformed_sources(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, JacobianProbe]]]:
+    """What the penalty of a model that ``orthofx.transform`` did not return is made of: its transformed parts
+    (:func:`transformed_parts`) and the JacobianProbes outside them (a probe inside a transformed part is one of
+    that part's terms); raises like :func:`holding_orthofx_layers` for a model holding neither."""
+    root = unwrap_model(model)
+    parts = transformed_parts(root)
+    if not parts:
+        holding_orthofx_layers(root)
+    probes = [(name, m) for name, m in root.named_modules()
+              if isinstance(m, JacobianProbe) and not any(_inside(name, path) for path, _ in parts)]
+    return parts, probes
+
+
+def _site_path(path: str, site: str) -> str:
+    """``site`` of a transformed part at ``path``, as a path in the bigger model."""
+    return ".".join(p for p in (path, site) if p)
+
+
+def _weighted_terms(model: nn.Module, skip_zero: bool = False) -> list[tuple[PenaltyTerm, torch.Tensor]]:
+    """``(term, weight * value)`` of every term of the transformed ``model``; without the terms of weight 0 when
+    ``skip_zero``."""
+    root = unwrap_model(model)
+    reference = _first_float_parameter(root)
+    return [(t, t.weight * _term_value(root, t, reference))
+            for t in manifest_of(model).penalties if not (skip_zero and t.weight == 0.0)]
 
 
 def lazy_site_module(root: nn.Module, term: PenaltyTerm) -> nn.Module | None:
@@ -109,9 +159,10 @@ def _term_value(root: nn.Module, term: PenaltyTerm, reference: torch.Tensor | No
 
 
 def penalty_terms(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Each term's weighted value, keyed ``"<rule>/<site>"`` (for logging which layers dominate); for a model
-    holding orthofx layers but not transformed, ``"JacobianProbe/<module path>"``: ``probe.penalty()``, or a zero
-    like the probe's parameters when it has no current estimate.
+    """Each term's weighted value, keyed ``"<rule>/<site>"`` (for logging which layers dominate). For a model not
+    transformed itself: the terms of the transformed models it holds, keyed ``"<rule>/<path>.<site>"``, and for
+    each JacobianProbe outside them ``"JacobianProbe/<module path>"``: ``probe.penalty()``, or a zero like the
+    probe's parameters when it has no current estimate (module docs).
 
     Example::
 
@@ -121,20 +172,21 @@ def penalty_terms(model: nn.Module) -> dict[str, torch.Tensor]:
         terms = orthofx.penalty_terms(gm)    # {'lorth/conv1': tensor(...), ...}
         torch.testing.assert_close(sum(terms.values()), orthofx.penalty(gm))
     """
-    if not is_transformed(model):
-        return {f"JacobianProbe/{name}": zero_like_parameters(probe) if probe.estimate is None else probe.penalty()
-                for name, probe in _probes(model)}
-    root = unwrap_model(model)
-    reference = _first_float_parameter(root)
-    return {f"{t.rule}/{t.site}": t.weight * _term_value(root, t, reference)
-            for t in manifest_of(model).penalties}
+    if is_transformed(model):
+        return {f"{t.rule}/{t.site}": value for t, value in _weighted_terms(model)}
+    parts, probes = _untransformed_sources(model)
+    terms = {f"{t.rule}/{_site_path(path, t.site)}": value
+             for path, part in parts for t, value in _weighted_terms(part)}
+    terms.update({f"JacobianProbe/{name}": zero_like_parameters(probe) if probe.estimate is None else probe.penalty()
+                  for name, probe in probes})
+    return terms
 
 
 def penalty(model: nn.Module) -> torch.Tensor:
-    """Sum of all weighted regularisers attached by the policy (for a model holding orthofx layers but not
-    transformed: of its JacobianProbes' ``penalty()``); a zero scalar (in the dtype and on the device of the
-    model's parameters) when there are none or all have weight 0. Inside ``torch.autocast`` the terms still run in
-    the weights' dtype (autocast is switched off for them).
+    """Sum of all weighted regularisers attached by the policy (for a model not transformed itself: those of the
+    transformed models it holds, plus the ``penalty()`` of its JacobianProbes outside them; module docs); a zero
+    scalar (in the dtype and on the device of the model's parameters) when there are none or all have weight 0.
+    Inside ``torch.autocast`` the terms still run in the weights' dtype (autocast is switched off for them).
 
     Example::
 
@@ -147,12 +199,12 @@ def penalty(model: nn.Module) -> torch.Tensor:
     """
     root = unwrap_model(model)
     if is_transformed(model):
-        reference = _first_float_parameter(root)
-        weighted = [term.weight * _term_value(root, term, reference) for term in manifest_of(model).penalties
-                    if term.weight != 0.0]
+        weighted = [value for _, value in _weighted_terms(model, skip_zero=True)]
     else:
-        weighted = [probe.penalty() for _, probe in _probes(model)
-                    if probe.estimate is not None and probe.penalty_weight != 0.0]
+        parts, probes = _untransformed_sources(model)
+        weighted = [value for _, part in parts for _, value in _weighted_terms(part, skip_zero=True)]
+        weighted += [probe.penalty() for _, probe in probes
+                     if probe.estimate is not None and probe.penalty_weight != 0.0]
     if not weighted:
         return zero_like_parameters(root)
     return sum(weighted[1:], weighted[0])

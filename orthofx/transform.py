@@ -56,6 +56,16 @@ def manifest_of(model: nn.Module) -> Manifest:
         assert [term.site for term in manifest.penalties] == ["conv1", "conv2", "conv3", "fc"]
         assert manifest.policy == orthofx.Policy.preset("lorth")
     """
+    manifest = _find_manifest(model)
+    if manifest is None:
+        raise OrthofxError(f"{type(unwrap_model(model)).__name__} was not produced by orthofx.transform (no manifest "
+                           f"in gm.meta[{MANIFEST_KEY!r}]); call orthofx.transform(model, policy) first")
+    return manifest
+
+
+def _find_manifest(model: nn.Module) -> Manifest | None:
+    """:func:`manifest_of` without the error: ``None`` for a model ``orthofx.transform`` did not return (a test
+    that raises nothing, for the penalty's search through a bigger model's submodules at every step)."""
     root = unwrap_model(model)
     meta = getattr(root, "meta", None)
     if isinstance(meta, dict) and isinstance(meta.get(MANIFEST_KEY), Manifest):
@@ -65,8 +75,7 @@ def manifest_of(model: nn.Module) -> Manifest:
         if isinstance(meta, dict):
             meta[MANIFEST_KEY] = manifest
         return manifest
-    raise OrthofxError(f"{type(root).__name__} was not produced by orthofx.transform (no manifest in "
-                       f"gm.meta[{MANIFEST_KEY!r}]); call orthofx.transform(model, policy) first")
+    return None
 
 
 def is_transformed(model: nn.Module) -> bool:
@@ -80,11 +89,7 @@ def is_transformed(model: nn.Module) -> bool:
         assert orthofx.is_transformed(gm) and not orthofx.is_transformed(model)
         assert orthofx.is_transformed(torch.nn.DataParallel(gm))      # wrappers are looked through
     """
-    try:
-        manifest_of(model)
-    except OrthofxError:
-        return False
-    return True
+    return _find_manifest(model) is not None
 
 
 @dataclasses.dataclass(frozen=True)

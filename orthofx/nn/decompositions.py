@@ -221,16 +221,29 @@ def _check_input(A, what: str, square: bool) -> None:
         raise LayerArgumentError(f"{what} expects {kind}, got shape {tuple(A.shape)}")
 
 
+def _forward_mode_error(what: str) -> NotImplementedError:
+    """The error for a forward-mode derivative of a stable decomposition (see :func:`_refuse_forward_mode`)."""
+    return NotImplementedError(
+        f"{what}: forward-mode AD (torch.func.jvp, jacfwd, hessian = jacfwd(jacrev) / torch.autograd.forward_ad) is "
+        "not supported: the bounded gradient is a backward formula, and the custom op would get a zero tangent; "
+        "use reverse mode (torch.autograd.grad, .backward(), torch.func.jacrev; second derivatives by "
+        "jacrev(jacrev) or torch.autograd.functional.hessian), or plain=True (torch.linalg, exact forward mode)")
+
+
 def _refuse_forward_mode(A, what: str) -> None:
     """The custom ops have a backward formula only, and torch gives a custom op without a forward-mode formula a
     zero tangent (``torch.func.jvp``) or none (``torch.autograd.forward_ad``) instead of an error: a JVP through
     the decomposition silently treated it as a constant. Raise instead (``NotImplementedError``, the usual signal
-    of a missing forward-mode formula, on which orthofx's Jacobian estimate falls back to reverse mode)."""
-    if isinstance(A, Tensor) and not torch.compiler.is_compiling() and _fwad.unpack_dual(A).tangent is not None:
-        raise NotImplementedError(
-            f"{what}: forward-mode AD (torch.func.jvp / torch.autograd.forward_ad) is not supported: the bounded "
-            "gradient is a backward formula, and the custom op would get a zero tangent; use reverse mode "
-            "(torch.autograd.grad, .backward()), or plain=True (torch.linalg, exact forward mode)")
+    of a missing forward-mode formula, on which orthofx's Jacobian estimate falls back to reverse mode).
+
+    Inside a ``torch.func`` transform the ops run as :func:`_func_transform_function`'s ``autograd.Function``,
+    whose ``jvp`` raises this error itself, at whatever level the tangent is: the check here sees only the
+    innermost level (``hessian``'s forward level lies under ``jacrev``'s and torch raised its own "You must
+    implement the jvp function"), and under ``vmap`` it failed itself ("Batching rule not implemented for
+    aten::_unpack_dual")."""
+    if (isinstance(A, Tensor) and not torch.compiler.is_compiling() and not in_func_transform()
+            and _fwad.unpack_dual(A).tangent is not None):
+        raise _forward_mode_error(what)
 
 
 def _check_args(taylor_order, clamp_gap) -> None:
@@ -404,20 +417,34 @@ torch.library.register_autograd("orthofx::eigh_stable", _eigh_backward, setup_co
 # ------------------------------------------------------------------------------------------- torch.func
 
 
-def _func_transform_function(plain, setup_context, backward, name: str) -> type[torch.autograd.Function]:
-    """A stable decomposition as an ``autograd.Function`` with a separate ``setup_context`` and a generated vmap
-    rule, for calls inside ``torch.func`` transforms (per-sample gradients: ``vmap(grad(functional_call))``). The
-    custom op's registered autograd is a generated ``autograd.Function`` without ``setup_context``, which
-    ``torch.func`` refuses ("it must override the setup_context staticmethod", pytorch/pytorch#168393). Same
-    forward values (``plain``, the host-sync-free form: a vmapped kernel cannot branch on data) and the same
-    backward formula as the op."""
+def _func_transform_function(plain, setup_context, backward, name: str,
+                             what: str) -> type[torch.autograd.Function]:
+    """A stable decomposition as an ``autograd.Function`` with a separate ``setup_context`` and a vmap rule, for
+    calls inside ``torch.func`` transforms (per-sample gradients: ``vmap(grad(functional_call))``). The custom
+    op's registered autograd is a generated ``autograd.Function`` without ``setup_context``, which ``torch.func``
+    refuses ("it must override the setup_context staticmethod", pytorch/pytorch#168393). Same forward values
+    (``plain``, the host-sync-free form: a vmapped kernel cannot branch on data) and the same backward formula as
+    the op; its ``jvp`` raises :func:`_forward_mode_error` (``what``: the op's name), as the op does outside the
+    transforms.
+
+    The vmap rule moves the vmapped dimension to the front, where the decompositions batch anyway, and applies the
+    function again one level down. A generated rule (``generate_vmap_rule``) would also vmap the ``jvp``, and
+    torch's generated vmapped ``jvp`` fails before calling it ("flat_bdims must not be None", a forward-mode
+    derivative of a vmapped call, ``jacfwd(vmap(f))``), so the refusal never came."""
 
     class Function(torch.autograd.Function):
-        generate_vmap_rule = True
-
         @staticmethod
         def forward(A, taylor_order, clamp_gap):
             return plain(A, taylor_order, clamp_gap)
+
+        @staticmethod
+        def vmap(info, in_dims, A, taylor_order, clamp_gap):
+            outputs = Function.apply(A.movedim(in_dims[0], 0), taylor_order, clamp_gap)
+            return outputs, (0,) * len(outputs)
+
+        @staticmethod
+        def jvp(ctx, *tangents):
+            raise _forward_mode_error(what)
 
     Function.setup_context = staticmethod(setup_context)
     Function.backward = staticmethod(backward)
@@ -425,7 +452,8 @@ def _func_transform_function(plain, setup_context, backward, name: str) -> type[
     return Function
 
 
-_EighFunction = _func_transform_function(_eigh_plain, _eigh_setup, _eigh_backward, "_EighFunction")
+_EighFunction = _func_transform_function(_eigh_plain, _eigh_setup, _eigh_backward, "_EighFunction",
+                                         "eigh_stable")
 
 
 def _eigh_function(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor]:
@@ -560,7 +588,8 @@ def _svd_grad(U, S, Vh, gU, gS, gVh, taylor_order, clamp_gap, inplace: bool) -> 
 torch.library.register_autograd("orthofx::svd_stable", _svd_backward, setup_context=_svd_setup)
 
 
-_SvdFunction = _func_transform_function(_svd_plain, _svd_setup, _svd_backward, "_SvdFunction")
+_SvdFunction = _func_transform_function(_svd_plain, _svd_setup, _svd_backward, "_SvdFunction",
+                                        "svd_stable")
 
 
 def _svd_function(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor, Tensor]:

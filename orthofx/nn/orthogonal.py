@@ -571,12 +571,21 @@ class _EvalCache:
     memory), storage address, layout, version counter, dtype and device plus ``gain`` and ``compute_dtype`` (an
     optimizer step, ``load_state_dict`` or ``.to()`` invalidates it), and is dropped by ``train()`` and by any
     forward with gradients enabled (a training pass in eval mode: fused optimizers write the parameters without
-    bumping their version counters). Parameters that are inference tensors or ``torch.func`` transformed tensors
-    are never cached, nor is a layer with a ``torch.nn.utils.parametrize`` parametrization (its parameters live in
-    the parametrization modules, and torch recomputes a parametrized tensor at every access too, outside
-    ``parametrize.cached()``). It is not part of the state_dict. Code that writes through ``param.data`` in eval
-    mode (``torch.nn.utils.vector_to_parameters`` does) bypasses the version counter: call
-    ``module.train(False)`` again (or ``train()``) afterwards.
+    bumping their version counters). The entry also holds the parameters' storages (detached aliases of the
+    tensors it was built from): ``param.data = t`` keeps the parameter object and its version counter, so only
+    the address tells the new data apart, and an allocator may hand ``t`` the address of storage freed since
+    (two assignments in a row, or ``.half()`` then ``.float()``, gave the stale kernel); a storage the entry holds
+    cannot be freed, so new data always has a new address (the price: the tensors a ``functional_call``
+    substituted stay allocated until the next eval forward replaces the entry or ``train()`` drops it). Parameters
+    that are inference tensors or ``torch.func`` transformed tensors are never cached, nor is a layer with a
+    ``torch.nn.utils.parametrize`` parametrization (its parameters live in the parametrization modules, and torch
+    recomputes a parametrized tensor at every access too, outside ``parametrize.cached()``). It is not part of
+    the state_dict. In-place
+    writes that bump no version counter of the parameter bypass the key: writes through ``param.data``
+    (``param.data.copy_(t)``) and writes into a tensor that the parameters alias through ``.data``, e.g. the
+    vector given to ``torch.nn.utils.vector_to_parameters`` (which assigns ``param.data`` = views of it: the call
+    itself is seen, a later ``vec.add_(...)`` is not). After such writes in eval mode call ``module.train(False)``
+    again (or ``train()``).
     """
 
     def _cached(self, name: str, build):
@@ -604,11 +613,14 @@ class _EvalCache:
         # the address and version alone do not name a tensor: a functional_call's substituted tensor may sit where
         # the freed one of the call before sat, with the same (zero) version, or be a transposed view of it
         if cache is None or cache[0] != key or any(ref() is not p for ref, p in zip(cache[1], params)):
-            cache = (key, [weakref.ref(p) for p in params], {})
+            # the detached aliases pin the storages the entry was built from, so that no later data (a
+            # ``param.data = t``, which keeps the object and the version) can get one of their addresses
+            cache = (key, [weakref.ref(p) for p in params], [p.detach() for p in params], {})
             self.__dict__["_eval_cache"] = cache
-        if name not in cache[2]:
-            cache[2][name] = build()
-        return cache[2][name]
+        values = cache[3]
+        if name not in values:
+            values[name] = build()
+        return values[name]
 
     def train(self, mode: bool = True):
         self.__dict__.pop("_eval_cache", None)

@@ -56,6 +56,12 @@ Matrix products are cheap and batch well (a batch of same-shaped matrices is one
 one LAPACK call per matrix: on a 64-layer MLP of 64 x 64 weights the Newton-Schulz retraction of all layers
 costs a few percent of their SVDs. Half precision inputs are computed in float32 and cast back (except by
 :func:`orthonormal`, which stays traceable by ``torch.fx`` and takes float32 or float64).
+
+Inside ``torch.func.vmap`` (at any level, e.g. ``vmap(grad(f))``) the polar factor is always the SVD's: choosing
+the route reads the errors on the host, which a vmapped tensor cannot do ("vmap: It looks like you're calling
+.item()"), and the SVD route has no data-dependent branch; the values agree with the other routes to working
+precision (its gradient is torch's SVD gradient, which is not finite for repeated singular values). For the same
+reason :func:`qr_retraction` uses Householder QR there on every device.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ import torch
 
 from orthofx.errors import LayerArgumentError
 from orthofx.nn.precision import HALF_PRECISION
+from orthofx.nn.tracing import in_vmap
 
 __all__ = [
     "sym",
@@ -180,11 +187,12 @@ def _polar_from_gram(a: torch.Tensor, gram: torch.Tensor | None = None) -> torch
 
 def _polar_factor(a: torch.Tensor) -> torch.Tensor:
     """``U V^T`` of ``a = U S V^T`` (thin): by Newton-Schulz near the manifold, from the Gram matrix's
-    eigendecomposition when ``a`` is well conditioned, and by the SVD otherwise (module docstring)."""
+    eigendecomposition when ``a`` is well conditioned, and by the SVD otherwise and inside ``vmap`` (module
+    docstring)."""
     dtype = _work_dtype(a)
     work = a.to(dtype)
     wide = is_wide(work)
-    if work.numel():
+    if work.numel() and not in_vmap():
         tall = _tall(work, wide)
         gram = tall.mT @ tall
         polar = _polar_newton_schulz(tall, gram)
@@ -283,7 +291,8 @@ def qr_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     a = a.to(_work_dtype(a))
     wide = is_wide(a)
     tall = _tall(a, wide)
-    q = _cholesky_qr2(tall) if tall.device.type in CHOLESKY_QR_DEVICES else None
+    # Cholesky QR checks its result on the host, which vmap cannot (module docstring)
+    q = _cholesky_qr2(tall) if tall.device.type in CHOLESKY_QR_DEVICES and not in_vmap() else None
     if q is None:
         q = orthonormal(tall, tall=True)
     return _tall(q, wide).to(w.dtype)

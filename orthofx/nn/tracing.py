@@ -80,6 +80,16 @@ def in_func_transform() -> bool:
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def in_vmap() -> bool:
+    """Whether ``torch.func.vmap`` runs this call eagerly, at any level of the transform stack (in
+    ``vmap(grad(f))`` the top level is ``grad``, and the tensors are still batched): no tensor can be read on the
+    host there (``.item()``, ``bool(t)``)."""
+    if torch.compiler.is_compiling():
+        return False
+    stack = torch._C._functorch.get_interpreter_stack()
+    return bool(stack) and any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack)
+
+
 # --------------------------------------------------------------------------------------- orthofx's own modules
 
 _LAYER_TYPES: tuple[type, ...] | None = None
