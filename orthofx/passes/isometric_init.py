@@ -1,4 +1,5 @@
-"""Pass ``isometric_init``: orthogonal initialisation of Linears, delta-orthogonal initialisation of convolutions.
+"""Pass ``isometric_init``: orthogonal initialisation of Linears, delta-orthogonal initialisation of convolutions
+and transposed convolutions.
 
 At transform time each selected layer's weight is overwritten (the graph is not changed):
 
@@ -20,6 +21,20 @@ At transform time each selected layer's weight is overwritten (the graph is not 
   ``(k - 1) // 2`` holds an ``(out / groups, in / groups)`` matrix. The Change's ``exact`` says whether the layer
   is exactly orthogonal on every input size divisible by ``S`` (``false`` also for padding that changes the
   output size: the layer then crops or extends the map).
+* ConvTranspose1d / 2d / 3d ``(in, out / groups, *kernel)``: the layer is the adjoint ``T = A^T`` of the conv
+  ``A`` with the same weight tensor, stride, padding, dilation and groups (``out -> in`` channels, read on the
+  layer's output), so it gets that conv's delta-orthogonal kernel: the same taps, ``Q`` of shape
+  ``(in / groups, out / groups * S^d)`` per group, and the same singular values, with the sides swapped: ``Q``
+  with orthonormal rows (``in <= out S^d``) makes ``T`` an isometry (``T^T T = A A^T``), orthonormal columns a
+  co-isometry. On input size ``n`` the output has ``n S + e`` entries, ``e = d (k - 1) + 1 - S - 2p + o``
+  (``o``: output_padding). ``T`` is an isometry on every ``n`` when the taps' reads ``S i + t d - p`` stay
+  inside the output (``0 <= t d - p`` and ``t d - p < S + e``) and a co-isometry when they read every output
+  entry once (the whole block, ``e <= 0``): both for the usual decoder layers ``k = 4, S = 2, p = 1``;
+  ``k = 2, S = 2, p = 0``; ``k = 3, S = 1, p = 1``; ``k = 3, S = 2, p = 1, o = 1`` (``e = 0``, output
+  ``n S``), whereas ``k = 3, S = 2, p = 1, o = 0`` (output ``n S - 1``) is exact only as a co-isometry. The
+  Change's ``exact`` says whether it is exactly one or the other on every input size. A transposed layer whose
+  weight is tied to a conv's (a tied autoencoder) with the same taps shares its matrix: the decoder is then the
+  encoder's exact adjoint.
 
 ``scale = gain * activation_gain(activation)``, so the layer's Jacobian spectrum at initialisation concentrates
 at ``scale`` (exactly, all singular values equal to it, for Linears and the convs the Change marks ``exact``):
@@ -34,7 +49,11 @@ Further parameters: ``bias`` (``zero`` (default) or ``keep``): whether biases ar
 initialisation usually does; ``seed`` (integer or ``null``, default ``null``): with a seed the matrices come from a
 private generator seeded once per pass run (one per distinct seed) and consumed in plan order, rule by rule and
 in graph order within a rule (reproducible; the global RNG is left untouched); ``null`` draws from the global
-RNG (so ``torch.manual_seed`` before ``transform`` also reproduces).
+RNG (so ``torch.manual_seed`` before ``transform`` also reproduces); ``frozen`` (``skip`` (default) or
+``overwrite``): a layer whose weight (or, with ``bias: zero``, bias) has ``requires_grad=False`` is usually a
+pretrained one kept fixed on purpose, which a broad rule should not replace with a random matrix that training
+never corrects: planning skips it (``explain`` and ``report`` show ``skipped: frozen (...)``; a rule selecting
+only frozen layers is a PlanError unless ``optional``), and ``overwrite`` initialises it anyway.
 
 A weight tied between selected layers (``b.weight = a.weight``) is written once, at the first of them; the others
 record that they share it. Where they would need different matrices (another scale, or other taps for a conv)
@@ -44,8 +63,9 @@ layer's matrix and leave its Change describing a weight that is gone.
 Each layer gets a Change with an orthogonality measure before and after (the latter of ``W / scale``, so zero up
 to round-off when the layer is exactly orthogonal) and the scale: for a Linear ``orth_defect`` = ``max |W^T W - I|``
 (:func:`orthofx.nn.stiefel.orthogonality_defect`, rows for wide weights); for a convolution P0's ``lorth`` at the
-layer's stride (zero when the circular convolution operator is orthogonal) and ``exact``, whether the layer's own
-padding keeps it so (above).
+layer's stride (zero when the circular convolution operator is orthogonal; for a transposed conv that of its
+adjoint conv, the same singular values) and ``exact``, whether the layer's own padding keeps it so (above). The
+``what`` names the orthonormal side of the layer's Jacobian (rows: a co-isometry, columns: an isometry).
 
 Example::
 
@@ -54,12 +74,17 @@ Example::
     policy = {"rules": [{"match": {"type": "Conv2d"}, "apply": "isometric_init", "with": {"activation": "relu"}}]}
     gm = orthofx.transform(model, policy)
     orthofx.manifest_of(gm).changes[0].after["exact"]   # True: taps 1 and 2 read each 2 x 2 block once
+    decoder = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1), torch.nn.ReLU())
+    decoder[0].weight.requires_grad_(False)              # frozen: skipped unless the rule opts in
+    rules = [{"match": {"type": "ConvTranspose2d"}, "apply": "isometric_init", "with": {"frozen": "overwrite"}}]
+    change = orthofx.manifest_of(orthofx.transform(decoder, {"rules": rules})).changes[0]
+    change.after["exact"], change.what   # True, '... (orthonormal columns, scale 1)': 8 < 4 * 2^2: an isometry
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -68,12 +93,15 @@ from .. import metrics
 from ..errors import ArgumentError, PlanError
 from ..nn import stiefel
 from ..nn.orthogonal import keeps_output_size
-from .base import Change, Param, Pass, PassContext, PlanEntry, require_initialised
+from .base import Change, Param, Pass, PassContext, PlanEntry, Site, require_initialised
 from .registry import register_pass
 
-__all__ = ["IsometricInit", "activation_gain", "delta_orthogonal_", "delta_taps", "orthogonal_"]
+__all__ = ["IsometricInit", "activation_gain", "delta_orthogonal_", "delta_taps", "frozen_parameters",
+           "orthogonal_"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_KERNEL_TYPES = _CONV_TYPES + _TRANSPOSED_TYPES  # layers with a (channels, channels / groups, *kernel) weight
 _ACTIVATIONS = ("linear", "relu", "tanh", "abs")
 
 
@@ -157,35 +185,95 @@ def delta_orthogonal_(weight: torch.Tensor, scale: float = 1.0, generator: torch
 
 
 def delta_taps(conv: nn.Module) -> tuple[tuple[tuple[int, int], ...], bool]:
-    """The taps ``((first, count), ...)`` a delta-orthogonal init of ``conv`` fills, and whether the layer is then
-    exactly orthogonal with its own padding (see the module docstring).
+    """The taps ``((first, count), ...)`` a delta-orthogonal init of ``conv`` (a ``Conv{d}d`` or a
+    ``ConvTranspose{d}d``) fills, and whether the layer is then exactly orthogonal with its own padding (see the
+    module docstring).
 
     Per dimension the taps ``t`` with ``0 <= t d - p < S`` read inside the block of ``S`` inputs of each output
-    position, each a different input; when there are none, the centre tap (not exact). With the whole block read
-    in every dimension the layer is an isometry or co-isometry by ``Q``'s shape; with part of it (``k < S``, a
-    dilation) only a co-isometry, when ``Q`` has orthonormal rows (P0's row-orthogonal case)."""
-    taps, whole, exact = [], True, keeps_output_size(conv)
-    for i, (k, s, d) in enumerate(zip(conv.kernel_size, conv.stride, conv.dilation)):
-        if isinstance(conv.padding, str):
-            left = d * (k - 1) // 2 if conv.padding == "same" else 0
-        else:
-            left = conv.padding[i]
-        first, last = -(-left // d), min((left + s - 1) // d, k - 1)
-        if first > last:
-            taps.append(((k - 1) // 2, 1))
-            exact = False
-        else:
-            taps.append((first, last - first + 1))
-            whole = whole and last - first + 1 == s and (d == 1 or s == 1)
-    rows = conv.out_channels // conv.groups
-    columns = conv.in_channels // conv.groups * math.prod(c for _, c in taps)
-    return tuple(taps), exact and (whole or rows <= columns)
+    position, each a different input (for a transposed layer: of its adjoint conv, which has the same weight,
+    stride, padding and dilation); when there are none, the centre tap. A conv is exact (on inputs divisible by
+    ``S``) when it keeps the output size ``n / S`` and either reads the whole block in every dimension (an
+    isometry or co-isometry by ``Q``'s shape) or ``Q`` has orthonormal rows (a co-isometry: P0's row-orthogonal
+    case, also where ``k < S`` or a dilation reads part of the block); a transposed layer by
+    :func:`_transposed_exact`."""
+    taps, aligned = [], True
+    for k, s, d, left in zip(conv.kernel_size, conv.stride, conv.dilation, _left_padding(conv)):
+        block = _block_taps(k, s, d, left)
+        aligned = aligned and block is not None
+        taps.append(block if block is not None else ((k - 1) // 2, 1))
+    taps = tuple(taps)
+    if getattr(conv, "transposed", False):
+        return taps, _transposed_exact(conv, taps)
+    whole = aligned and all(c == s and (d == 1 or s == 1)
+                            for (_, c), s, d in zip(taps, conv.stride, conv.dilation))
+    rows, columns = _q_shape(conv, taps)
+    return taps, keeps_output_size(conv) and aligned and (whole or rows <= columns)
+
+
+def _left_padding(conv: nn.Module) -> tuple[int, ...]:
+    """The zeros in front of the input per dimension (``'same'``: torch's split, the smaller half in front)."""
+    if isinstance(conv.padding, str):
+        if conv.padding != "same":  # 'valid'
+            return (0,) * len(conv.kernel_size)
+        return tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+    return tuple(conv.padding)
+
+
+def _block_taps(k: int, s: int, d: int, left: int) -> tuple[int, int] | None:
+    """``(first, count)`` of the taps ``t < k`` with ``0 <= t d - left < s``: those that read the block
+    ``S o .. S o + S - 1`` of output ``o``, each a different input; ``None`` when no tap does."""
+    first, last = -(-left // d), min((left + s - 1) // d, k - 1)
+    return None if first > last else (first, last - first + 1)
+
+
+def _q_shape(conv: nn.Module, taps: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The shape of each group's matrix ``Q`` on the filled taps: ``(out / g, in / g * prod(count))`` for a conv
+    and, read through the weight layout, ``(in / g, out / g * prod(count))`` for a transposed conv (its adjoint
+    conv's ``Q``)."""
+    rows, columns = conv.out_channels, conv.in_channels
+    if getattr(conv, "transposed", False):
+        rows, columns = columns, rows
+    return rows // conv.groups, columns // conv.groups * math.prod(c for _, c in taps)
+
+
+def _transposed_exact(conv: nn.Module, taps: Sequence[tuple[int, int]]) -> bool:
+    r"""Whether the delta-orthogonal ``ConvTranspose{d}d`` ``conv`` has all singular values equal to the scale on
+    every input size ``n``.
+
+    The layer is :math:`T = A^T`, ``A`` the zero-padded conv with its weight, stride ``S``, padding ``p`` and
+    dilation ``D`` on the layer's output ``y`` (size :math:`L = nS + e`, :math:`e = D(k - 1) + 1 - S - 2p + o`,
+    ``o`` the output_padding), restricted to the outputs ``i < n``. Output ``i`` of ``A`` reads
+    :math:`y[S i + r]` at the filled taps' offsets :math:`r = D t - p`, so :math:`A = (Q \otimes I) G` with ``G``
+    a gather whose reads are distinct (the offsets lie in one block of ``S``, or there is one tap). Hence, per
+    dimension and for every ``n``:
+
+    * every read lies inside ``y`` iff :math:`0 \le r_{first}` and :math:`r_{last} < S + e`; then
+      :math:`G G^T = I` and :math:`T^T T = A A^T = s^2 I` where ``Q`` has orthonormal rows
+      (``in / g <= out / g * prod(count)``): an isometry;
+    * every entry of ``y`` is read, once, iff the offsets are ``S`` consecutive integers (the whole block) and the
+      reads :math:`[r_{first}, nS - 1 + r_{first}]` cover :math:`[0, nS + e)`: :math:`e \le r_{first} \le 0`
+      (``r = 0`` and ``e = 0`` is :func:`~orthofx.nn.orthogonal.transposed_keeps_output_size`; ``e < 0``: the
+      layer crops); then :math:`G^T G = I` and :math:`T T^T = A^T A = s^2 I` where ``Q`` has orthonormal columns:
+      a co-isometry.
+
+    Elsewhere an output of ``A`` reads a padded zero, or an entry of ``y`` is never written, and the random ``Q``
+    gives some other singular value."""
+    rows, columns = _q_shape(conv, taps)
+    reads_inside, reads_all = True, True
+    for (first, count), k, s, d, p, o in zip(taps, conv.kernel_size, conv.stride, conv.dilation, conv.padding,
+                                               conv.output_padding):
+        excess = d * (k - 1) + 1 - s - 2 * p + o  # the output size is n S + excess
+        low, high = d * first - p, d * (first + count - 1) - p  # offsets of the first and the last filled tap
+        reads_inside = reads_inside and 0 <= low and high < s + excess
+        reads_all = reads_all and count == s and (d == 1 or s == 1) and excess <= low <= 0
+    return (rows <= columns and reads_inside) or (rows >= columns and reads_all)
 
 
 @register_pass
 class IsometricInit(Pass):
-    """Orthogonal (Linear) and delta-orthogonal (Conv1d/Conv2d/Conv3d) initialisation, scaled by ``gain`` and the
-    activation's gain, so each layer's Jacobian has all singular values equal to that scale."""
+    """Orthogonal (Linear) and delta-orthogonal (Conv1d/2d/3d, ConvTranspose1d/2d/3d) initialisation, scaled by
+    ``gain`` and the activation's gain, so each layer's Jacobian has all singular values equal to that scale.
+    Layers with a frozen weight are skipped unless the rule says ``frozen: overwrite``."""
 
     name = "isometric_init"
     params = (
@@ -195,11 +283,25 @@ class IsometricInit(Pass):
         Param("bias", "zero", (str,), "zero the bias or keep it", choices=("zero", "keep")),
         Param("seed", None, (int, type(None)), "seed of a private generator (null: the global RNG)", minimum=0,
               maximum=2**63 - 1),  # what torch.Generator.manual_seed accepts
+        Param("frozen", "skip", (str,), "a layer whose weight (or, with bias: zero, bias) has requires_grad=False: "
+              "skip it (left as it is) or overwrite it", choices=("skip", "overwrite")),
     )
     site_kinds = frozenset({"module"})
-    module_types = (nn.Linear,) + _CONV_TYPES
+    module_types = (nn.Linear,) + _KERNEL_TYPES
     group = "init"
     needs_original_module = True
+
+    def accepts_params(self, site: Site, module: nn.Module | None, params: dict[str, Any]) -> str | None:
+        """Decline a frozen layer (:func:`frozen_parameters`) unless the rule says ``frozen: overwrite``: a weight
+        with ``requires_grad=False`` is usually a pretrained one kept fixed on purpose, and a broad rule
+        (``type: Conv2d``) selecting it would replace it with a random matrix that training never corrects.
+        Planning then shows it as ``skipped: frozen ...``, and a later rule of the group may take it."""
+        if params.get("frozen", "skip") == "overwrite" or module is None:
+            return None
+        frozen = frozen_parameters(module, params.get("bias", "zero") == "zero")
+        if not frozen:
+            return None
+        return f"frozen ({' and '.join(frozen)} requires_grad=False; with: {{frozen: overwrite}} initialises it)"
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         generators: dict[int, torch.Generator] = {}
@@ -215,11 +317,14 @@ class IsometricInit(Pass):
             module = ctx.module(entry.site)
             require_initialised(entry, module, "it has no weight to initialise")
             weight = module.weight
-            is_conv = isinstance(module, _CONV_TYPES)
+            is_conv = isinstance(module, _KERNEL_TYPES)
+            transposed = isinstance(module, _TRANSPOSED_TYPES)
             groups = module.groups if is_conv else 1
             scale = params["gain"] * activation_gain(params["activation"])
             taps, exact = delta_taps(module) if is_conv else (None, None)
             what = "delta-orthogonal initialisation" if is_conv else "orthogonal initialisation"
+            if transposed:
+                what += " of a transposed conv"
             layout = (groups, taps)  # what decides the matrix's structure besides the scale
             tied = initialised.get(id(weight))
             if tied is None:
@@ -244,10 +349,23 @@ class IsometricInit(Pass):
             after = _defect(written, module, scale)
             if is_conv:
                 after["exact"] = exact
-            rows = "rows" if shape[0] < shape[1] else "columns"
+            # the Jacobian's orthonormal side: Q's for a Linear or a conv, the other one for a transposed conv
+            # (T = A^T: Q Q^T = I makes T^T T = I); 'columns' for a square Q, as for a Linear
+            wide = shape[0] > shape[1] if transposed else shape[0] < shape[1]
+            rows = "rows" if wide else "columns"
             ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
                               what=f"{what} (orthonormal {rows}, scale {scale:.4g})", params=params,
                               before=before, after={**after, "scale": scale}))
+
+
+def frozen_parameters(module: nn.Module, with_bias: bool = True) -> list[str]:
+    """Names of the parameters ``isometric_init`` would write that have ``requires_grad=False``: the weight,
+    and the bias when ``with_bias`` (``bias: zero``). Only parameters registered on the layer itself: reading a
+    weight a torch parametrization computes would run it (spectral_norm's power iteration updates its vectors),
+    and planning skips such a layer anyway (:func:`~orthofx.passes.base.derived_weight`)."""
+    names = ("weight", "bias") if with_bias else ("weight",)
+    parameters = [(name, module._parameters.get(name)) for name in names]
+    return [name for name, p in parameters if p is not None and not p.requires_grad]
 
 
 def _check_tied(entry: PlanEntry, first: PlanEntry, scale: float, first_scale: float, layout, first_layout) -> None:
@@ -274,7 +392,7 @@ def _defect(weight: torch.Tensor, module: nn.Module, scale: float) -> dict[str, 
     orth_regularizer and report measure it) for a conv. A block of taps (``_tap_block``) has the L_orth of the
     whole kernel it was cut from also under a dilation: the dilated kernel is the dilated block, shifted."""
     w = weight / scale
-    if not isinstance(module, _CONV_TYPES):
+    if not isinstance(module, _KERNEL_TYPES):
         return {"orth_defect": float(stiefel.orthogonality_defect(w))}
     return {"lorth": float(metrics.lorth(w, stride=tuple(module.stride), groups=module.groups,
                                          dilation=tuple(module.dilation)))}
