@@ -30,13 +30,23 @@ Three capture modes (``capture: {mode: ...}`` in a policy):
     calls), so leaf calls inside them are ``call_module`` nodes too; lazy layers that have not run yet are
     exported from a copy that ran once on the example inputs (:func:`_materialised`).
 ``auto`` (the default)
-    fx first (with the leaf fallback); when the top-level trace fails and example inputs were given, export.
+    fx first (with the leaf fallback); when the top-level trace fails (or cannot follow the example call's branch
+    of ``if mask is None:``, see below) and example inputs were given, export.
     :attr:`CaptureInfo.mode` says which one was used and :attr:`CaptureInfo.fx_error` why fx was not.
 
 Train and eval: a trace resolves ``if self.training:`` (and ``F.dropout(x, training=self.training)``) in the mode
 the model is in. Both modes therefore capture the model a second time in the other training mode; when the two
 graphs differ, :func:`capture` returns a :class:`ModalGraphModule` holding both, whose forward runs the graph of
 its current mode, and :attr:`CaptureInfo.mode_dependent` names the modules whose code differs.
+
+Inputs: the returned module's forward takes its inputs as the model's does, with the same names, order, kinds
+(positional-only, keyword-only, ``*args``) and defaults (:func:`keep_parameter_kinds`). A traced input is never None,
+so symbolic tracing of ``if mask is not None:`` (or ``if mask is None: mask = ...``) keeps one branch: for a forward
+that branches on whether a parameter defaulting to None is given (:func:`_none_branches`), fx mode captures the
+branch of the example call (the given value, or None when the example leaves it out; without example inputs, a given
+value) and the graph refuses the other with an :class:`~orthofx.errors.ArgumentError` naming the argument
+(:func:`require_argument_given`, :func:`require_default_argument`); when the example's branch cannot be traced,
+``auto`` captures with torch.export. Export mode keeps the example's values the same way.
 
 Capturing never modifies the model: the returned GraphModule shares the model's leaf submodules, parameters and
 buffers (as ``torch.fx.GraphModule(model, graph)`` does); callers that rewrite the graph copy it first. What a
@@ -55,10 +65,12 @@ import io
 import itertools
 import operator
 import os
+import re
 import sys
 import sysconfig
 import threading
 import traceback
+import types
 from typing import Any, Callable, Iterable
 
 import torch
@@ -165,8 +177,10 @@ class OrthofxTracer(torch.fx.Tracer):
 
     def __init__(self, leaf_types: Iterable[str | type] = (), leaf_paths: Iterable[str] = (),
                  autowrap_functions: tuple[Callable[..., Any], ...] = ()):
-        # default_argument stays a call when a captured graph's code is traced again (unpickling, a copy)
-        super().__init__(autowrap_functions=tuple(autowrap_functions) + (default_argument,) + _GRAPH_HELPERS)
+        # default_argument and the argument checks stay calls when a captured graph's code is traced again
+        # (unpickling, a copy)
+        super().__init__(autowrap_functions=tuple(autowrap_functions) + (default_argument,) + _GRAPH_HELPERS
+                         + _ARGUMENT_CHECKS)
         leaf_types = tuple(leaf_types)
         self.leaf_type_names = frozenset(t for t in leaf_types if isinstance(t, str))
         self.leaf_type_classes = tuple(t for t in leaf_types if isinstance(t, type))
@@ -306,6 +320,8 @@ class OrthofxTracer(torch.fx.Tracer):
             raise
         self._restore(states, graph)
         _move_tensor_defaults(graph)
+        _name_concrete_placeholders(graph, concrete_args)
+        keep_parameter_kinds(graph, forward_parameter_kinds(root.forward))
         return graph
 
     def _restore(self, states: list[_ModuleState], graph: torch.fx.Graph | None) -> None:
@@ -488,6 +504,96 @@ def _move_tensor_defaults(graph: torch.fx.Graph) -> None:
 def default_argument(value: Any, default: Any) -> Any:
     """``value``, or the forward's default ``default`` when the caller left the argument out (None)."""
     return default if value is None else value
+
+
+# ---------------------------------------------------------------------------------------------- parameter kinds
+
+_P = inspect.Parameter
+#: The order of parameter kinds in a ``def`` line, as Python requires it.
+_KIND_RANK = {_P.POSITIONAL_ONLY: 0, _P.POSITIONAL_OR_KEYWORD: 1, _P.VAR_POSITIONAL: 2, _P.KEYWORD_ONLY: 3,
+              _P.VAR_KEYWORD: 4}
+
+
+def forward_parameter_kinds(forward: Callable[..., Any]) -> dict[str, Any]:
+    """``{name: inspect.Parameter kind}`` of a forward's parameters (empty when it has no readable signature)."""
+    try:
+        return {name: p.kind for name, p in inspect.signature(forward).parameters.items()}
+    except (TypeError, ValueError):  # a builtin or C forward without a signature
+        return {}
+
+
+def _placeholder_name(node: torch.fx.Node) -> str:
+    return str(node.target).lstrip("*")
+
+
+def keep_parameter_kinds(graph: torch.fx.Graph, kinds: dict[str, Any]) -> None:
+    """Make ``graph``'s code take its inputs with the forward's parameter kinds (``kinds``: placeholder name ->
+    ``inspect.Parameter`` kind; other placeholders are positional-or-keyword).
+
+    torch.fx writes every placeholder as a positional-or-keyword parameter, in the order it made them: keyword-only
+    ones before ``*args`` (``def forward(self, x, scale=1.0, *args)`` for ``forward(self, x, *args, scale=1.0)``,
+    so that ``gm(x, a, b)`` binds ``a`` to ``scale``), and a positional-only or keyword-only parameter accepts
+    calls the model refuses. The placeholders are put in the order of their kinds (stable within a kind) and the
+    code's ``def`` line gets ``/`` after the positional-only parameters and ``*`` before the keyword-only ones
+    (when no ``*args`` precedes them). The order of placeholders is the order of the ``def`` line, so a call
+    bound to ``inspect.signature(gm.forward)`` gives ``fx.Interpreter`` its inputs in placeholder order. Graphs
+    whose inputs are taken apart by pytree code (torch.export of nested inputs) keep their code.
+    """
+    codegen = graph._codegen
+    if type(codegen) is not torch.fx.graph.CodeGen:
+        return
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+
+    def kind(node: torch.fx.Node) -> Any:
+        return kinds.get(_placeholder_name(node), _P.POSITIONAL_OR_KEYWORD)
+
+    order = sorted(placeholders, key=lambda node: _KIND_RANK[kind(node)])
+    if order != placeholders:
+        first = next(n for n in graph.nodes if n.op != "placeholder")
+        for node in order:
+            first.prepend(node)
+    positional_only = tuple(_placeholder_name(n) for n in order if kind(n) is _P.POSITIONAL_ONLY)
+    keyword_only = tuple(_placeholder_name(n) for n in order if kind(n) is _P.KEYWORD_ONLY)
+    if not positional_only and not keyword_only:
+        vars(codegen).pop("gen_fn_def", None)
+        return
+    # The codegen stays a plain CodeGen (code elsewhere tells pytree code apart by the codegen's type); its
+    # gen_fn_def is replaced on the instance, which copies (deepcopy of the graph) keep.
+    codegen.orthofx_parameter_kinds = (positional_only, keyword_only)
+    codegen.gen_fn_def = types.MethodType(_def_line_with_kinds, codegen)
+
+
+def _def_line_with_kinds(codegen: torch.fx.graph.CodeGen, free_vars: list[str], maybe_return_annotation: str,
+                         *, expanded_def: bool = False) -> str:
+    """fx's ``def`` line with ``/`` after the positional-only parameters and ``*`` before the keyword-only ones
+    (``codegen.orthofx_parameter_kinds``; see :func:`keep_parameter_kinds`)."""
+    positional_only, keyword_only = codegen.orthofx_parameter_kinds
+    # a free variable is written 'name', 'name : type = default' or '*name'
+    names = [re.split(r"[:=#]", v, maxsplit=1)[0].strip().lstrip("*") for v in free_vars]
+    marked = list(free_vars)
+    first_keyword = next((i for i, name in enumerate(names) if name in keyword_only), None)
+    if first_keyword is not None and not any(v.startswith("*") for v in free_vars[:first_keyword]):
+        marked.insert(first_keyword, "*")
+    last_positional = max((i for i, name in enumerate(names) if name in positional_only), default=None)
+    if last_positional is not None:  # before the '*' above, so its index is still right
+        marked.insert(last_positional + 1, "/")
+    return torch.fx.graph.CodeGen.gen_fn_def(codegen, marked, maybe_return_annotation, expanded_def=expanded_def)
+
+
+def _name_concrete_placeholders(graph: torch.fx.Graph, concrete_args: dict[str, Any] | None) -> None:
+    """Give the placeholder fx makes for a concrete argument (``mask_1`` for ``concrete_args={"mask": None}``)
+    the parameter's name again, so that the graph takes the argument by its name as the model does."""
+    if not concrete_args:
+        return
+    taken = {str(n.target) for n in graph.nodes if n.op == "placeholder"}
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name = str(node.target)
+        base = name[:-2] if name.endswith("_1") else None
+        if base in concrete_args and base not in taken and f"{base}_2" not in taken:
+            node.target = base
+            taken.add(base)
 
 
 _MISSING = object()
@@ -708,10 +814,15 @@ class _RetraceTracer(torch.fx.Tracer):
     proxy_buffer_attributes = True
 
     def __init__(self, *args: Any, **kwargs: Any):
-        kwargs.setdefault("autowrap_functions",
-                          (require_input_shape, require_input_value, require_input_count, require_default_argument,
-                           default_argument) + _GRAPH_HELPERS)
+        kwargs.setdefault("autowrap_functions", _ARGUMENT_CHECKS + (default_argument,) + _GRAPH_HELPERS)
         super().__init__(*args, **kwargs)
+
+    def trace(self, root: nn.Module | Callable[..., Any], concrete_args: dict[str, Any] | None = None):
+        graph = super().trace(root, concrete_args)
+        # the graph's code has the parameter kinds of the model's forward (keep_parameter_kinds); fx's trace of it
+        # makes them positional-or-keyword again
+        keep_parameter_kinds(graph, forward_parameter_kinds(root.forward if isinstance(root, nn.Module) else root))
+        return graph
 
 
 def _rebuild_modal_graph_module(rebuild: Callable, body: dict, import_block: str, other_src: str,
@@ -849,12 +960,16 @@ class _NodeIndex(int):
     __hash__ = int.__hash__
 
 
-def _graph_signature(graph: torch.fx.Graph) -> list[tuple]:
-    """Per node: op, target and arguments (other nodes by position); equal for graphs of the same code."""
-    index: dict[torch.fx.Node, _NodeIndex] = {}
+def _graph_signature(graph: torch.fx.Graph, stand_ins: dict[torch.fx.Node, Any] | None = None) -> list[tuple]:
+    """Per node: op, target and arguments (other nodes by position); equal for graphs of the same code. The nodes
+    of ``stand_ins`` are left out, and their value stands for them in the arguments of the others."""
+    stand_ins = stand_ins or {}
+    index: dict[torch.fx.Node, Any] = dict(stand_ins)
     signature = []
-    for i, node in enumerate(graph.nodes):
-        index[node] = _NodeIndex(i)
+    for node in graph.nodes:
+        if node in stand_ins:
+            continue
+        index[node] = _NodeIndex(len(signature))
         args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: index[n])
         signature.append((node.op, node.target, args))
     return signature
@@ -1032,8 +1147,8 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
                                "value in example_inputs instead", module_path="")
         return _finish(_capture_export(model, leaf_types, leaf_paths, inputs, kwargs), model, leaf_types, leaf_paths)
     try:
-        return _finish(_capture_fx(model, leaf_types, leaf_paths, concrete_args, max_retries), model, leaf_types,
-                       leaf_paths)
+        return _finish(_capture_fx(model, leaf_types, leaf_paths, concrete_args, max_retries, inputs, kwargs), model,
+                       leaf_types, leaf_paths)
     except CaptureError as fx_error:
         if mode == "fx":
             raise
@@ -1191,18 +1306,60 @@ def _short_reason(message: str) -> str:
 
 
 def _capture_fx(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, concrete_args: dict[str, Any] | None,
-                max_retries: int | None) -> tuple[torch.fx.GraphModule, CaptureInfo]:
-    """Symbolic tracing with leaf fallback (capture mode ``fx``)."""
+                max_retries: int | None, inputs: tuple | None = None,
+                kwargs: dict[str, Any] | None = None) -> tuple[torch.fx.GraphModule, CaptureInfo]:
+    """Symbolic tracing with leaf fallback (capture mode ``fx``).
+
+    ``inputs`` / ``kwargs``: the example call, if any. A forward that branches on whether a parameter defaulting to
+    None was given (``if mask is not None:``) is traced for the example's choice (see :func:`_none_branches`)."""
     paths = set(leaf_paths)
     if max_retries is None:
         max_retries = sum(1 for _ in model.modules()) - 1
     info = CaptureInfo(mode="fx")
+    graph, tracer = _trace_with_fallbacks(model, leaf_types, paths, concrete_args, max_retries, info)
+    branching = _none_branches(model, leaf_types, paths, concrete_args, graph, tracer)
+    left_out = _left_out(model, branching, inputs, kwargs)
+    if left_out:
+        concrete_args = {**(concrete_args or {}), **dict.fromkeys(left_out)}
+        try:
+            graph, tracer = _trace_with_fallbacks(model, leaf_types, paths, concrete_args, max_retries, info)
+        except CaptureError as exc:
+            raise CaptureError(
+                f"symbolic tracing cannot capture the forward of {type(model).__name__} with "
+                f"{_names(left_out)} left out, as the example inputs leave {'it' if len(left_out) == 1 else 'them'} "
+                f"(the forward branches on whether {_names(left_out, 'or')} is None, and a trace keeps one branch): "
+                f"{exc} Or pass {_names(left_out)} in the example inputs (the graph is then captured for calls "
+                f"that pass {'it' if len(left_out) == 1 else 'them'}), or capture the model with torch.export "
+                f"(capture: {{mode: export}}), which captures the example's call",
+                module_path=exc.module_path) from (exc.__cause__ or exc)
+    _check_none_arguments(graph, branching, left_out)
+    info.warnings.extend(_none_branch_warnings(branching, left_out))
 
+    _drop_string_annotations(graph)
+    gm = torch.fx.GraphModule(_Overlay(model, tracer.constants), graph, type(model).__name__)
+    info.warnings.extend(_constant_warnings(gm, tracer))
+    info.warnings.extend(_store_warnings(tracer.attribute_stores))
+
+    def trace_other_mode() -> tuple[torch.fx.Graph, nn.Module]:
+        other_tracer = OrthofxTracer(leaf_types=leaf_types, leaf_paths=paths)
+        other_graph = other_tracer.trace(model, concrete_args)
+        _check_none_arguments(other_graph, branching, left_out)
+        _drop_string_annotations(other_graph)
+        return other_graph, _Overlay(model, other_tracer.constants)
+
+    return _with_other_mode(model, gm, info, trace_other_mode), info
+
+
+def _trace_with_fallbacks(model: nn.Module, leaf_types: tuple, paths: set[str],
+                          concrete_args: dict[str, Any] | None, max_retries: int,
+                          info: CaptureInfo) -> tuple[torch.fx.Graph, OrthofxTracer]:
+    """Trace ``model``, making each submodule whose forward cannot be traced a leaf (added to ``paths`` and
+    ``info.leaf_fallbacks``) and tracing again; CaptureError when the top-level forward fails or after
+    ``max_retries`` fallbacks."""
     while True:
         tracer = OrthofxTracer(leaf_types=leaf_types, leaf_paths=paths)
         try:
-            graph = tracer.trace(model, concrete_args)
-            break
+            return tracer.trace(model, concrete_args), tracer
         except Exception as exc:  # noqa: BLE001 - every trace failure is reported as a CaptureError
             path, cls = tracer.failure_location(exc)
             cause = _describe_cause(exc)
@@ -1216,18 +1373,148 @@ def _capture_fx(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, concrete
             paths.add(path)
             info.leaf_fallbacks.append((path, cause))
 
-    _drop_string_annotations(graph)
-    gm = torch.fx.GraphModule(_Overlay(model, tracer.constants), graph, type(model).__name__)
-    info.warnings.extend(_constant_warnings(gm, tracer))
-    info.warnings.extend(_store_warnings(tracer.attribute_stores))
 
-    def trace_other_mode() -> tuple[torch.fx.Graph, nn.Module]:
-        other_tracer = OrthofxTracer(leaf_types=leaf_types, leaf_paths=paths)
-        other_graph = other_tracer.trace(model, concrete_args)
-        _drop_string_annotations(other_graph)
-        return other_graph, _Overlay(model, other_tracer.constants)
+# ---- forward parameters that default to None
 
-    return _with_other_mode(model, gm, info, trace_other_mode), info
+def _none_branches(model: nn.Module, leaf_types: tuple, paths: set[str], concrete_args: dict[str, Any] | None,
+                   graph: torch.fx.Graph, tracer: OrthofxTracer) -> list[str]:
+    """The forward's parameters defaulting to None whose None-ness changes what it computes, for ``graph``, its
+    trace with every parameter a traced input.
+
+    A traced input is never None, so ``if mask is not None:`` takes its branch in the trace and ``if mask is
+    None: mask = causal_mask(x)`` does not: called without the argument, the graph would fail inside, or compute
+    silently without the default the model would make. Python's ``is`` cannot be intercepted, so the forward is
+    traced once more with such parameters fixed to None: when that trace is ``graph`` with None in place of the
+    parameters (the same ops on the same arguments), the graph computes what the model does in both cases
+    (``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` passes None through); otherwise the parameters
+    are traced one at a time to find those that differ, and all of them count when none does alone (a branch
+    on two of them together). A trace that fails with None counts as differing."""
+    candidates = _none_default_parameters(model, concrete_args)
+    if not candidates or not _root_traced_with_proxies(graph, candidates):
+        return []
+
+    def alike(names: list[str]) -> bool:
+        trial = OrthofxTracer(leaf_types=leaf_types, leaf_paths=paths)
+        try:
+            other = trial.trace(model, {**(concrete_args or {}), **dict.fromkeys(names)})
+        except Exception:  # noqa: BLE001 - the forward cannot be traced with None there: not alike
+            return False
+        return _same_computation(graph, _Overlay(model, tracer.constants), _as_none(graph, names),
+                                 other, _Overlay(model, trial.constants), _as_none(other, names))
+
+    if alike(candidates):
+        return []
+    if len(candidates) == 1:
+        return candidates
+    differing = [name for name in candidates if not alike([name])]
+    return differing or candidates
+
+
+def _none_default_parameters(model: nn.Module, concrete_args: dict[str, Any] | None) -> list[str]:
+    """Names of the forward's parameters whose default is None (those in ``concrete_args`` excepted)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C forward without a signature
+        return []
+    return [p.name for p in parameters if p.default is None and p.name not in (concrete_args or {})
+            and p.kind not in (_P.VAR_POSITIONAL, _P.VAR_KEYWORD)]
+
+
+def _root_traced_with_proxies(graph: torch.fx.Graph, names: list[str]) -> bool:
+    """Whether ``graph`` has a placeholder for one of ``names`` (fx traced the parameter as an input)."""
+    return any(n.op == "placeholder" and n.target in names for n in graph.nodes)
+
+
+def _as_none(graph: torch.fx.Graph, names: list[str]) -> dict[torch.fx.Node, Any]:
+    """The nodes of ``graph`` that :func:`_same_computation` leaves out: the placeholders of ``names`` (None in
+    their place where a node uses them) and fx's checks that such a placeholder is None (concrete_args)."""
+    stand_ins: dict[torch.fx.Node, Any] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.target in names:
+            stand_ins[node] = None
+        elif (node.op == "call_function" and node.target is torch.fx._symbolic_trace._assert_is_none
+              and node.args and node.args[0] in stand_ins):
+            stand_ins[node] = None
+    return stand_ins
+
+
+def _same_computation(graph: torch.fx.Graph, root: nn.Module, stand_ins: dict[torch.fx.Node, Any],
+                      other: torch.fx.Graph, other_root: nn.Module,
+                      other_stand_ins: dict[torch.fx.Node, Any]) -> bool:
+    """Whether two traces make the same calls on the same arguments and constants, the nodes of ``stand_ins``
+    (``other_stand_ins``) left out and replaced by their value where used."""
+    signature, other_signature = _graph_signature(graph, stand_ins), _graph_signature(other, other_stand_ins)
+    if len(signature) != len(other_signature):
+        return False
+    kept = [n for n in graph.nodes if n not in stand_ins]
+    other_kept = [n for n in other.nodes if n not in other_stand_ins]
+    for node, other_node, mine, theirs in zip(kept, other_kept, signature, other_signature):
+        if not _same_entry(mine, theirs):
+            return False
+        if node.op == "get_attr" and not _same_constant(_fetch(root, str(node.target)),
+                                                        _fetch(other_root, str(other_node.target))):
+            return False
+    return True
+
+
+def _left_out(model: nn.Module, names: list[str], inputs: tuple | None, kwargs: dict[str, Any] | None) -> list[str]:
+    """Those of ``names`` the example call leaves out or passes as None (none without an example call, or when
+    it does not bind to the forward's signature)."""
+    if not names or inputs is None:
+        return []
+    try:
+        bound = inspect.signature(model.forward).bind(*inputs, **(kwargs or {}))
+    except (TypeError, ValueError):  # the call does not fit the forward: running the example will say so
+        return []
+    return [name for name in names if bound.arguments.get(name) is None]
+
+
+def _check_none_arguments(graph: torch.fx.Graph, branching: list[str], left_out: list[str]) -> None:
+    """First thing in ``graph``: refuse None for each parameter of ``branching`` traced as an input
+    (:func:`require_argument_given`), and a value for each of ``left_out``, traced as None
+    (:func:`require_default_argument`, in place of fx's own check, an AssertionError that says no fix)."""
+    if not branching:
+        return
+    placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+    for node in list(graph.nodes):
+        if (node.op == "call_function" and node.target is torch.fx._symbolic_trace._assert_is_none
+                and node.args and getattr(node.args[0], "target", None) in left_out):
+            graph.erase_node(node)
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        for name in branching:
+            node = placeholders.get(name)
+            if node is None:
+                continue
+            if name in left_out:
+                how = f"symbolic tracing (the forward branches on whether {name} is None)"
+                graph.call_function(require_default_argument, (node, name, None, "None", how))
+            else:
+                graph.call_function(require_argument_given, (node, name))
+
+
+def _none_branch_warnings(branching: list[str], left_out: list[str]) -> list[str]:
+    found = []
+    given = [name for name in branching if name not in left_out]
+    if given:
+        found.append(
+            f"the forward branches on whether {_names(given, 'or')} is None, and symbolic tracing keeps the branch "
+            f"for a given value: the captured model requires {_names(given)} (None raises an error); for calls "
+            f"without {'it' if len(given) == 1 else 'them'}, transform the model with example inputs that leave "
+            f"{'it' if len(given) == 1 else 'them'} out")
+    if left_out:
+        found.append(
+            f"the forward branches on whether {_names(left_out, 'or')} is None, and the example inputs leave "
+            f"{'it' if len(left_out) == 1 else 'them'} out: the captured model computes with "
+            f"{_names(left_out)}=None and refuses a value (an error); for calls that pass "
+            f"{'it' if len(left_out) == 1 else 'them'}, transform the model with {_names(left_out)} in the example "
+            f"inputs")
+    return found
+
+
+def _names(names: list[str], joiner: str = "and") -> str:
+    quoted = [f"'{name}'" for name in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} {joiner} {quoted[-1]}"
 
 
 # ------------------------------------------------------------------------------------------------ export capture
@@ -1328,6 +1615,14 @@ def batch_dynamic_shapes(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]
     return specs[:named] + (specs[named:],)
 
 
+def _forward_parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
+    """``model.forward``'s parameters by name (empty when the signature cannot be read)."""
+    try:
+        return dict(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # a builtin or C forward without a signature
+        return {}
+
+
 def _var_positional_index(model: nn.Module) -> int | None:
     """How many positional parameters ``model.forward`` has before its ``*args`` parameter; None without one (or
     when the signature cannot be read)."""
@@ -1343,19 +1638,15 @@ def _var_positional_index(model: nn.Module) -> int | None:
 
 def _forward_layout(model: nn.Module, arg_names: list[str], keyword_count: int
                     ) -> tuple[tuple[str, list[str]] | None, list[tuple[str, Any]]]:
-    """How the rebuilt graph's forward takes inputs besides one placeholder per input of the example, in torch.export's
-    order (``arg_names``: the positional inputs, ``args_0``, ``args_1`` ... for those a ``*args`` parameter
-    collected, then the ``keyword_count`` keyword inputs).
+    """How the rebuilt graph's forward takes inputs besides one placeholder per input of the example
+    (``arg_names``, in torch.export's order: the positional inputs, ``args_0``, ``args_1`` ... for those a
+    ``*args`` parameter collected, then the ``keyword_count`` keyword inputs).
 
     Returns ``(star, defaults)``. ``star``: ``(name, element names)`` when the model's forward has a ``*args``
     parameter and no keyword input follows its inputs: the graph takes them as ``*name`` (and checks their number).
     ``defaults``: ``(name, default)`` of the parameters the example left at their default, which the graph takes
-    after the inputs (before ``*args``), with that default (and checks that it stays so); keyword-only ones only
-    without ``*args``, since fx's re-tracing of the graph's code (unpickling) moves parameters after ``*args``
-    before it.
-
-    The inputs keep export's order so that a call with them flattened in that order (torch.export of the graph
-    module, ``torch.fx.Interpreter``) still binds them as the example did.
+    with that default (and checks that it stays so). :meth:`_ExportRebuilder._forward_inputs` puts them all in the
+    order and with the kinds of the forward's parameters.
     """
     try:
         parameters = list(inspect.signature(model.forward).parameters.values())
@@ -1365,18 +1656,22 @@ def _forward_layout(model: nn.Module, arg_names: list[str], keyword_count: int
     varargs = next((p for p in parameters if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
     if varargs is not None:
         positional = arg_names[:len(arg_names) - keyword_count]
-        elements: list[str] = []
-        while f"{varargs.name}_{len(elements)}" in positional:
-            elements.append(f"{varargs.name}_{len(elements)}")
+        elements = _vararg_elements(varargs.name, positional)
         if not keyword_count and positional[len(positional) - len(elements):] == elements:
             star = (varargs.name, elements)
     known = set(arg_names)
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if star is None:
-        kinds += (inspect.Parameter.KEYWORD_ONLY,)
+    kinds = (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD, _P.KEYWORD_ONLY)
     defaults = [(p.name, p.default) for p in parameters
                 if p.kind in kinds and p.name not in known and p.default is not inspect.Parameter.empty]
     return star, defaults
+
+
+def _vararg_elements(name: str, arg_names: list[str]) -> list[str]:
+    """The names torch.export gives the inputs a ``*name`` parameter collected (``name_0``, ``name_1`` ...)."""
+    elements: list[str] = []
+    while f"{name}_{len(elements)}" in arg_names:
+        elements.append(f"{name}_{len(elements)}")
+    return elements
 
 
 def _failing_submodule(model: nn.Module, exc: BaseException) -> str:
@@ -1588,6 +1883,7 @@ class _ExportRebuilder:
         self.member_of: dict[torch.fx.Node, _LeafCall] = {}
         self.waiting: list[_LeafCall] = []  # calls without nodes of their own (nn.Identity), emitted when ready
         self.inputs: list[torch.fx.Node] = []  # the nodes standing for the exported graph's user inputs
+        self.kinds: dict[str, Any] = {}  # placeholder name -> the forward's parameter kind (_forward_inputs)
         self.prologue_end: torch.fx.Node | None = None
         # grad-mode switches of the forward (see _grad_switch): the mode torch.export traced in, which is this one
         self.grad_mode = torch.is_grad_enabled()
@@ -1782,29 +2078,67 @@ class _ExportRebuilder:
         self.inputs.append(new)
 
     def _forward_inputs(self, user: list[torch.fx.Node], arg_names: list[str], keyword_count: int) -> None:
-        """One placeholder per input of the example, named as the forward's parameters, in export's order; the
-        inputs of a ``*args`` parameter as one ``*args`` placeholder whose number of inputs is checked; the
-        parameters the example left at their default last, with that default, checked to stay so (see
-        :func:`_forward_layout`)."""
+        """One placeholder per input of the example, named as the forward's parameters; the inputs of a ``*args``
+        parameter as one ``*args`` placeholder whose number of inputs is checked; the parameters the example left
+        at their default, with that default, checked to stay so (see :func:`_forward_layout`).
+
+        The placeholders are in the order of the forward's parameters, and :attr:`kinds` keeps their kinds for the
+        graph's code (:func:`keep_parameter_kinds`: keyword-only stays keyword-only, positional-only stays
+        positional-only; inputs a ``**kwargs`` parameter collected are keyword-only), so the graph binds a call as
+        the model does. An input the example gave keeps the parameter's default too (None where code cannot
+        write it): a call leaving it out reaches the input checks, which say what the graph was captured for,
+        instead of failing in Python's binding."""
         star, defaults = _forward_layout(self.model, arg_names, keyword_count)
+        parameters = _forward_parameters(self.model)
+        rank = {name: i for i, name in enumerate(parameters)}
+        varargs = next((p.name for p in parameters.values() if p.kind is _P.VAR_POSITIONAL), None)
+        varkw = next((p.name for p in parameters.values() if p.kind is _P.VAR_KEYWORD), None)
+        elements = set(_vararg_elements(varargs, arg_names)) if varargs is not None else set()
         inside = set(star[1]) if star is not None else set()
-        for name, old in zip(arg_names, user):
-            if name not in inside:
-                self._input(old, self.graph.placeholder(name))
-        checks = []
-        for name, default in defaults:
-            held = default if isinstance(default, _GUARDED_VALUE_TYPES) else None  # a value code can write
-            node = self.graph.placeholder(name, default_value=held)
-            checks.append((node, name, held, _default_text(default)))
+        given = dict(zip(arg_names, user))
+        # (rank among the forward's parameters, name, kind, default) per placeholder
+        slots: list[tuple[int, str, Any, Any]] = []
+        for name in arg_names:
+            if name in inside:
+                continue
+            if name in parameters:
+                slots.append((rank[name], name, parameters[name].kind, parameters[name].default))
+            elif name in elements:
+                slots.append((rank[varargs], name, _P.POSITIONAL_OR_KEYWORD, _P.empty))
+            else:  # a keyword input a **kwargs parameter collected (or a forward without a readable signature)
+                slots.append((rank.get(varkw, len(rank)), name,
+                              _P.KEYWORD_ONLY if varkw is not None else _P.POSITIONAL_OR_KEYWORD, _P.empty))
+        slots += [(rank[name], name, parameters[name].kind, default) for name, default in defaults]
         if star is not None:
-            name, elements = star
-            node = self.graph.placeholder("*" + name)
-            before = len(arg_names) - len(elements)
-            self.graph.call_function(require_input_count, (node, name, len(elements), before))
-            given = dict(zip(arg_names, user))
-            for i, element in enumerate(elements):
+            slots.append((rank[star[0]], "*" + star[0], _P.VAR_POSITIONAL, _P.empty))
+        slots.sort(key=lambda slot: slot[0])  # stable: export's order within a rank (the elements of *args)
+        self.kinds = {name.lstrip("*"): kind for _, name, kind, _ in slots}
+        left = dict(defaults)
+        defaulted = False  # a positional parameter before this one has a default: so must this one
+        checks = []
+        star_node = None
+        for _, name, kind, default in slots:
+            positional = kind in (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD)
+            held = _P.empty
+            if default is not _P.empty:
+                held = default if isinstance(default, _GUARDED_VALUE_TYPES) else None  # a value code can write
+            elif defaulted and positional:
+                held = None  # the input checks refuse None
+            defaulted = defaulted or (positional and held is not _P.empty)
+            node = self.graph.placeholder(name, default_value=held)
+            if kind is _P.VAR_POSITIONAL:
+                star_node = node
+            elif name in left:
+                checks.append((node, name, held, _default_text(default)))
+            else:
+                self._input(given[name], node)
+        if star is not None:
+            name, star_elements = star
+            before = len(arg_names) - len(star_elements)
+            self.graph.call_function(require_input_count, (star_node, name, len(star_elements), before))
+            for i, element in enumerate(star_elements):
                 self._input(given[element], self.graph.create_node(
-                    "call_function", operator.getitem, (node, i), name=element))
+                    "call_function", operator.getitem, (star_node, i), name=element))
         for args in checks:
             self.graph.call_function(require_default_argument, args)
 
@@ -1860,6 +2194,7 @@ class _ExportRebuilder:
         for node in reversed(list(self.graph.nodes)):
             if node.op == "get_attr" and not node.users:
                 self.graph.erase_node(node)
+        keep_parameter_kinds(self.graph, self.kinds)
         self.graph.lint()
         return self.graph
 
@@ -2068,6 +2403,10 @@ def require_input_shape(x: Any, name: str, shape: tuple, batch: bool = False) ->
 
 def _shape_mismatch(x: Any, name: str, shape: tuple, batch: bool) -> str:
     expected = "(" + ", ".join(_size_text(size) for size in shape) + ")"
+    if x is None:  # left out, or None: the example gave a tensor, and the graph has no branch for None
+        return (f"input '{name}': this model was captured with torch.export with a tensor for {name} (of shape "
+                f"{expected}; '*': any size), and its graph has no path for {name}=None, got None. Fix: pass {name}, "
+                f"or, for calls without it, transform the model again with example inputs that leave {name} out")
     if not isinstance(x, torch.Tensor):
         got = f"a {type(x).__name__}"
     else:
@@ -2120,19 +2459,41 @@ def require_input_count(values: Any, name: str, count: int, before: int) -> None
 
 
 @torch.fx.node.has_side_effect  # kept by dead-code elimination: it has no users
-def require_default_argument(value: Any, name: str, default: Any, shown: str) -> None:
+def require_default_argument(value: Any, name: str, default: Any, shown: str,
+                             captured_with: str = "torch.export") -> None:
     """Refuse a value for a parameter the example inputs left at its default (``shown``; ``default`` is the
-    placeholder's, None for a default that cannot be written in code): torch.export captured the graph for the
-    default, which has no input for it and would ignore the value."""
+    placeholder's, None for a default that cannot be written in code): the graph was captured for the default
+    (by torch.export, or by symbolic tracing for a forward that branches on ``mask is None``: ``captured_with``
+    says which), has no input for it and would ignore the value."""
     if _same_value(value, default):
         return
     got = f"a {type(value).__name__}" + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
                                          else f" ({value!r})")
     raise ArgumentError(
-        f"input '{name}': this model was captured with torch.export with {name} left at its default ({shown}): the "
-        f"captured graph computes with the default and has no input for it, got {got}. Fix: leave {name} out, or "
-        f"transform the model again with {name} in the example inputs (positional, or example_kwargs={{{name!r}: "
-        f"...}} for capture)")
+        f"input '{name}': this model was captured with {captured_with} with {name} left at its default ({shown}): "
+        f"the captured graph computes with the default and has no input for it, got {got}. Fix: leave {name} out, "
+        f"or transform the model again with {name} in the example inputs (positional, or "
+        f"example_kwargs={{{name!r}: ...}} for capture)")
+
+
+@torch.fx.node.has_side_effect  # kept by dead-code elimination: it has no users
+def require_argument_given(value: Any, name: str) -> None:
+    """Refuse None for a parameter whose None-ness the forward branches on (``if mask is not None:``) in a graph
+    captured by symbolic tracing with a value for it: a trace takes the branch for a given value (a traced
+    ``mask`` is never None), so on None the graph would fail inside or compute the other branch's ops without
+    the default the model would use."""
+    if value is not None:
+        return
+    raise ArgumentError(
+        f"input '{name}': this model was captured by symbolic tracing for calls that pass {name} (its forward "
+        f"branches on whether {name} is None, and the graph keeps the branch for a given {name}), got None. Fix: "
+        f"pass {name}, or, for calls without it, transform the model again with example inputs that leave {name} "
+        f"out (the graph then keeps the branch for {name}=None)")
+
+
+#: The checks an input of a captured graph goes through (calls that stay calls when the graph's code is traced again).
+_ARGUMENT_CHECKS = (require_input_shape, require_input_value, require_input_count, require_default_argument,
+                    require_argument_given)
 
 
 def _same_value(value: Any, default: Any) -> bool:

@@ -76,28 +76,29 @@ def test_cli_export_with_the_default_batch_of_one_works(capsys, tmp_path):
     assert program(orthofx.models.example_input("small_cnn", batch=1)).shape == (1, 10)
 
 
-class OptionalMask(nn.Module):
-    """A forward with an optional argument, as in most attention code: fx traces the ``mask is not None`` branch."""
+class TensorOrDict(nn.Module):
+    """A forward taking a tensor or a dict holding it: a traced input is a Proxy, not a Tensor, so fx traces the
+    dict branch, and the graph indexes the example's tensor with a string."""
 
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 3)
 
-    def forward(self, x, mask=None):
-        if mask is not None:
-            x = x * mask
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor):
+            x = x["input"]
         return self.fc(x)
 
 
 def test_a_graph_that_fails_where_the_model_runs_blames_capture_not_the_inputs():
     x = torch.randn(2, 4)
     with pytest.raises(orthofx.TransformError) as info:
-        orthofx.transform(OptionalMask(), LORTH_LINEAR, example_inputs=(x,))
+        orthofx.transform(TensorOrDict(), LORTH_LINEAR, example_inputs=(x,))
     message = str(info.value)
     assert "model itself runs" in message and "mode: export" in message
     assert "shapes and dtypes" not in message  # the inputs are fine
     # the fix the message gives works
-    model = OptionalMask()
+    model = TensorOrDict()
     gm = orthofx.transform(model, dict(LORTH_LINEAR, capture={"mode": "export"}), example_inputs=(x,))
     torch.testing.assert_close(gm(x), model(x))
 
