@@ -9,6 +9,13 @@
   ``torch.load(weights_only=True)``); the result reports the largest difference from the frozen model.
 * :func:`load` replays a ``.pt`` file's policy on the original model and restores the weights.
 
+A model that :func:`orthofx.transform` did not return but that holds transformed models (a transformed backbone
+inside a bigger model: :func:`orthofx.penalty.transformed_parts`) is frozen part by part: :func:`freeze` returns a
+copy of it (its own class, not a graph) in which each part is replaced by ``freeze(part)`` and any other orthofx
+layer by its plain form, and ``.onnx`` / ``.pt2`` export that copy. ``.pt`` refuses it: the file holds one
+policy, which :func:`load` replays on the model given, not on its parts; export a part to ``.pt`` on its own, or
+save the whole model's weights with ``torch.save(model.state_dict(), path)``.
+
 Decompositions and export
 -------------------------
 ONNX has no eigendecomposition or SVD. Where the graph computes a matrix square root or inverse square root from
@@ -71,6 +78,7 @@ from .nn.tracing import is_orthofx_module
 from .passes.base import Manifest, replace_module
 from .passes.svd_conditioning import (decomposition_op, fold_constant_decompositions, plain_decompositions,
                                       to_newton_schulz)
+from .penalty import _site_path, transformed_parts
 from .plan import build_plan, collect_sites, producers_feeding
 from .policy import Policy
 from .transform import (ExampleCall, example_call, is_transformed, manifest_of, output_tensors,
@@ -129,12 +137,17 @@ def _captured_with_orthofx_layers(model: nn.Module, example: ExampleCall | None)
     return gm
 
 
-def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any = None) -> fx.GraphModule:
+def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any = None) -> nn.Module:
     """A copy of a transformed model made of plain torch layers, in eval mode, with the same eval outputs.
 
     A model written with orthofx's layers (``orthofx.nn``: orthogonal convs and linears, ConvNorm, ...) that
     :func:`orthofx.transform` did not return is frozen too: it is captured first (symbolic tracing, or
     torch.export on the example inputs where that fails), its orthofx layers kept as calls.
+
+    A model holding transformed models (``nn.Sequential(gm, head)``, a wrapper whose ``self.backbone`` is a model
+    ``orthofx.transform`` returned) is not captured: the copy is of the model's own class, each transformed part
+    replaced by its frozen form (``freeze(part)``, a GraphModule with a frozen manifest) and each orthofx layer
+    outside the parts by its plain form. The example call runs on the whole copy, before the parts are frozen.
 
     ``example_inputs`` (optional): the copy runs once on them (eval mode, no gradients) before its layers are
     baked, so layers whose plain form depends on the input size (ConvNorm's filters) cover those sizes even when
@@ -161,6 +174,8 @@ def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any 
         torch.testing.assert_close(frozen(x), gm.eval()(x))
     """
     example = example_call(example_inputs, example_kwargs)
+    if not is_transformed(model) and transformed_parts(model):
+        return _freeze_parts(model, example)
     if is_transformed(model):
         manifest = manifest_of(model)
         frozen = copy_model(unwrap_model(model))
@@ -171,26 +186,8 @@ def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any 
         # a forward with `if self.training:` branches: the frozen model is the eval-mode graph alone
         frozen = frozen.single_mode(training=False)
     frozen.eval()
-    if example is not None:
-        try:
-            with torch.no_grad():
-                example.run(frozen)
-        except Exception as exc:  # bad inputs: say that they are the problem, not the layer torch failed in
-            given = "example_inputs and example_kwargs" if example.kwargs else "example_inputs"
-            raise ExportError(f"the model failed on {given} ({_root_cause(exc)}); pass inputs the model "
-                              f"takes: {_describe_inputs(example)} given") from exc
-    # A module's plain form may itself hold orthofx layers (a probe around a block): repeat until none is left.
-    for _ in range(100):
-        pending = _modules_to_freeze(frozen)
-        if not pending:
-            break
-        for name, module in pending:
-            with torch.no_grad():
-                plain = module.to_plain()
-            plain.eval()
-            replace_module(frozen, name, plain)
-    else:  # pragma: no cover - a to_plain() that returns itself
-        raise ExportError("freeze did not terminate: a module's to_plain() keeps returning orthofx layers")
+    _run_example(frozen, example)
+    _replace_by_plain_forms(frozen)
     frozen.recompile()
     names = _site_names(frozen)
     folded = fold_constant_decompositions(frozen)
@@ -198,6 +195,53 @@ def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any 
     plain_decompositions(frozen)
     store_manifest(frozen, dataclasses.replace(manifest, penalties=[], optimizer_hooks=[], frozen=True))
     return frozen
+
+
+def _run_example(frozen: nn.Module, example: ExampleCall | None) -> None:
+    """Run the copy being frozen (in eval mode) once on the example call, without gradients, so that layers whose
+    plain form depends on the input size (ConvNorm's filters) know the sizes; inputs it fails on are an
+    :class:`ExportError` that says so (not the layer torch failed in)."""
+    if example is None:
+        return
+    try:
+        with torch.no_grad():
+            example.run(frozen)
+    except Exception as exc:
+        given = "example_inputs and example_kwargs" if example.kwargs else "example_inputs"
+        raise ExportError(f"the model failed on {given} ({_root_cause(exc)}); pass inputs the model "
+                          f"takes: {_describe_inputs(example)} given") from exc
+
+
+def _replace_by_plain_forms(frozen: nn.Module) -> None:
+    """Replace, in place, every module of ``frozen`` that offers ``to_plain()`` (:func:`_modules_to_freeze`) by
+    its plain form, in eval mode. A module's plain form may itself hold orthofx layers (a probe around a block):
+    repeated until none is left."""
+    for _ in range(100):
+        pending = _modules_to_freeze(frozen)
+        if not pending:
+            return
+        for name, module in pending:
+            with torch.no_grad():
+                plain = module.to_plain()
+            plain.eval()
+            replace_module(frozen, name, plain)
+    # a to_plain() that keeps returning a module with to_plain()
+    raise ExportError("freeze did not terminate: a module's to_plain() keeps returning orthofx layers")
+
+
+def _freeze_parts(model: nn.Module, example: ExampleCall | None) -> nn.Module:
+    """:func:`freeze` of a model that ``orthofx.transform`` did not return but that holds transformed models: a
+    copy (the user's model is not changed), in eval mode, run once on the example call (so that every part sees
+    the inputs it gets inside the model), in which each transformed part is replaced by ``freeze(part)`` and
+    each orthofx layer outside the parts by its plain form. Each part keeps its eval outputs (freeze's promise),
+    and the rest of the model is the same modules in eval mode, so the copy's eval outputs are the model's."""
+    frozen = copy_model(unwrap_model(model))
+    frozen.eval()
+    _run_example(frozen, example)
+    for path, part in transformed_parts(frozen):
+        replace_module(frozen, path, freeze(part))
+    _replace_by_plain_forms(frozen)
+    return frozen.eval()
 
 
 def _named_inputs(example: ExampleCall) -> list[tuple[str, Any]]:
@@ -429,8 +473,8 @@ def _export_call(frozen: fx.GraphModule, example: ExampleCall) -> ExampleCall:
     the example's positional inputs changes. Without keyword inputs, and for graphs whose inputs are taken apart
     by pytree code (nested inputs) or collected by ``*args``, the call is returned unchanged.
     """
-    if not example.kwargs:
-        return example
+    if not example.kwargs or not isinstance(frozen, fx.GraphModule):
+        return example  # a frozen model holding frozen parts is called through its own forward, by name
     placeholders = [node for node in frozen.graph.nodes if node.op == "placeholder"]
     position = {node.target: i for i, node in enumerate(placeholders)}
     pytree_code = type(frozen.graph._codegen) is not fx.graph.CodeGen  # nested inputs, taken apart by pytree code
@@ -610,7 +654,11 @@ def _onnxruntime_call(call, path: str, what: str):
 
 
 def _leaf_hint(model: nn.Module) -> str:
-    leaves = [path for path, _ in manifest_of(model).capture.leaf_fallbacks]
+    """The note on submodules kept as fx leaves, for an export failure: the model's, or for a frozen model holding
+    frozen parts theirs (prefixed with the part's path)."""
+    sources = [("", model)] if is_transformed(model) else transformed_parts(model)
+    leaves = [_site_path(path, leaf) for path, part in sources
+              for leaf, _ in manifest_of(part).capture.leaf_fallbacks]
     if not leaves:
         return ""
     return (f". Submodules kept as fx leaves because they could not be traced ({', '.join(leaves)}) usually "
@@ -766,6 +814,8 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
                           "the example's batch size")
     path, suffix = check_export_path(path)
     if suffix == ".pt":
+        if not is_transformed(model) and transformed_parts(model):
+            raise _pt_of_parts_error(model, path)
         if not is_transformed(model):
             raise ExportError(f"cannot write {type(unwrap_model(model)).__name__} to {path!r}: a .pt file holds the "
                               "weights and the policy orthofx.load replays, and this model was not returned by "
@@ -810,6 +860,26 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
         return ExportResult(path, "onnx", diff, time.perf_counter() - started, newton_schulz)
     diff = _export_pt2(frozen, path, call, dynamic_batch)
     return ExportResult(path, "pt2", diff, time.perf_counter() - started)
+
+
+def _pt_of_parts_error(model: nn.Module, path: str) -> ExportError:
+    """Why :func:`export` refuses a ``.pt`` file of a model holding transformed parts, and what to do instead.
+
+    The file holds the weights and one policy, which :func:`load` replays on the model it is given with
+    ``transform(model, policy)``: it has no way to replay a part's policy on a submodule of a bigger model (nor
+    the parts' own example inputs, which a part captured with torch.export needs)."""
+    name = type(unwrap_model(model)).__name__
+    paths = [p for p, _ in transformed_parts(model)]
+    first = paths[0]
+    return ExportError(
+        f"cannot write {name} to {path!r}: a .pt file holds one transformed model's weights and the policy "
+        f"orthofx.load replays on it, and {name} was not returned by orthofx.transform: it holds the transformed "
+        f"part(s) {', '.join(repr(p) for p in paths)}, whose policies orthofx.load cannot replay inside it. Either "
+        f"export a part on its own (orthofx.export(model.get_submodule({first!r}), 'part.pt'), restored with "
+        "orthofx.load(<the part's original model>, 'part.pt')), or save the whole model's weights with "
+        "torch.save(model.state_dict(), path) and restore them with model.load_state_dict(torch.load(path)) into a "
+        "model built the same way (its parts transformed by the same policies); .pt2 and .onnx export the whole "
+        "model frozen")
 
 
 def _check_untransformed(root: nn.Module, path: str) -> None:

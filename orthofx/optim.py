@@ -16,6 +16,10 @@ so that what the "before" hooks changed is undone (OLR's lr); torch skips post-h
 A hook class may define classmethods ``before_step_group(hooks, root, optimizer)`` and
 ``after_step_group(hooks, root, optimizer)``: ``attach`` then hands it all its hooks at once, so that it can batch
 their work (the Riemannian hooks retract all same-shaped weights in one batched call).
+
+A model that ``orthofx.transform`` did not return but that holds transformed models (a transformed backbone inside
+a bigger model: :func:`orthofx.penalty.transformed_parts`) gets the hooks of every such part, each run on its part
+as ``attach(optimizer, part)`` would run them; one handle removes them all.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ import torch
 from torch import nn
 
 from .capture import unwrap_model
-from .errors import ArgumentError
+from .errors import ArgumentError, OrthofxError
 from .passes.base import refuse_fsdp1
 from .passes.riemannian import is_zero_redundancy
-from .transform import manifest_of
+from .penalty import _site_path, transformed_parts
+from .transform import is_transformed, manifest_of
 
 __all__ = ["attach", "AttachHandle"]
 
@@ -162,12 +167,12 @@ def _missing_parameters(hook, root: nn.Module, owned: set[int]) -> list[str]:
     return [name for name in hook.parameter_names if id(getattr(module, name, None)) not in owned]
 
 
-def _not_optimised_message(hook, missing: list[str], recorded: list, root: nn.Module, owned: set[int]) -> str:
-    """Why ``attach`` refuses an optimizer that leaves out a trainable parameter a hook acts on, and the fix. An
-    optimizer holding none of the hooked parameters is most often the second optimizer of a split (one for the
-    orthogonal weights, one for the rest), which needs no attach at all."""
-    where = f"site '{hook.site}' (rule '{hook.rule}'): its parameter(s) {missing} are not optimised by this optimizer"
-    holds_any = any(len(_missing_parameters(h, root, owned)) < len(h.parameter_names) for h in recorded)
+def _not_optimised_message(site: str, hook, missing: list[str], holds_any: bool) -> str:
+    """Why ``attach`` refuses an optimizer that leaves out a trainable parameter a hook acts on, and the fix.
+    ``site``: the hook's site as the attached model names it; ``holds_any``: whether the optimizer holds any of the
+    parameters the hooks act on. An optimizer holding none of them is most often the second optimizer of a split
+    (one for the orthogonal weights, one for the rest), which needs no attach at all."""
+    where = f"site '{site}' (rule '{hook.rule}'): its parameter(s) {missing} are not optimised by this optimizer"
     if not holds_any:
         return (f"{where}, which holds none of the parameters orthofx's optimizer hooks act on: attach the "
                 "optimizer that optimises them (with several optimizers, an optimizer for the other parameters "
@@ -197,6 +202,115 @@ def _batches(hooks: list) -> list[tuple[type | None, list]]:
     return batches
 
 
+class _PartHooks:
+    """The optimizer hooks of one transformed model that an ``attach`` serves: the attached model itself (``path``
+    ""), or a transformed part of it at ``path`` (:func:`orthofx.penalty.transformed_parts`). ``root`` is that
+    transformed model without its wrappers: its hooks find their parameters there by site, exactly as
+    ``attach(optimizer, part)`` would run them. ``hooks`` run at every step, in ``batches``; ``skipped`` wait until
+    their frozen parameters are added to the optimizer (:meth:`activate`)."""
+
+    def __init__(self, path: str, model: nn.Module):
+        self.path = path
+        self.root = unwrap_model(model)
+        self.recorded = list(manifest_of(model).optimizer_hooks)
+        self.hooks: list = []
+        self.skipped: list = []
+        self.batches: list[tuple[type | None, list]] = []
+        self._position = {id(hook): i for i, hook in enumerate(self.recorded)}
+
+    def site(self, hook) -> str:
+        """``hook``'s site as the attached model names it (the part's path in front)."""
+        return _site_path(self.path, hook.site)
+
+    def holds_any(self, owned: set[int]) -> bool:
+        """Whether the optimizer (its parameters' ids: ``owned``) holds a parameter some hook of this part acts on."""
+        return any(len(_missing_parameters(h, self.root, owned)) < len(h.parameter_names) for h in self.recorded)
+
+    def sort_out(self, owned: set[int], holds_any) -> None:
+        """Split the recorded hooks into ``hooks`` and ``skipped`` (every parameter frozen and not in the optimizer:
+        no step changes it, which is the usual fine-tuning optimizer); refuse an FSDP1 parameter and a trainable
+        parameter the optimizer leaves out (``holds_any()``: whether it holds any hooked parameter of the model)."""
+        for hook in self.recorded:
+            module = self.root.get_submodule(hook.site)
+            for name in hook.parameter_names:
+                parameter = getattr(module, name, None)
+                if isinstance(parameter, torch.Tensor):
+                    refuse_fsdp1(parameter, f"site '{self.site(hook)}' (rule '{hook.rule}'): {type(hook).__name__}")
+            missing = _missing_parameters(hook, self.root, owned)
+            if missing and len(missing) == len(hook.parameter_names) and all(
+                    _frozen(getattr(module, name, None)) for name in missing):
+                self.skipped.append(hook)  # until the weight is added to the optimizer: see activate
+                continue
+            if missing:
+                raise ArgumentError(_not_optimised_message(self.site(hook), hook, missing, holds_any()))
+            self.hooks.append(hook)
+        self.batches = _batches(self.hooks)
+
+    def check(self, optimizer: torch.optim.Optimizer, hooks: list) -> None:
+        for hook in hooks:
+            hook.check(self.root, optimizer)
+
+    def setup(self, optimizer: torch.optim.Optimizer, hooks: list) -> None:
+        for hook in hooks:
+            hook.setup(self.root, optimizer)
+
+    def added(self, owned: set[int]) -> list:
+        """The skipped hooks whose parameters the optimizer (``owned``) now holds: a weight frozen at attach time,
+        added since (``add_param_group`` when unfreezing layers), is trained from this step on."""
+        return [hook for hook in self.skipped if not _missing_parameters(hook, self.root, owned)]
+
+    def activate(self, added: list) -> None:
+        """Move ``added`` (checked and set up) from ``skipped`` to ``hooks``, in the recorded order (NOG before OLR
+        on one weight). In place: the handle's lists are rebuilt from these after each change."""
+        self.skipped[:] = [hook for hook in self.skipped if all(hook is not a for a in added)]
+        self.hooks.extend(added)
+        self.hooks.sort(key=lambda hook: self._position[id(hook)])
+        self.batches[:] = _batches(self.hooks)
+
+    def run(self, optimizer: torch.optim.Optimizer, stage: str) -> None:
+        """Run the hooks' ``stage`` ("before" / "after") work; a hook class with a ``<stage>_step_group``
+        classmethod gets its hooks of this part at once."""
+        for cls, batch in self.batches:
+            if cls is None:
+                getattr(batch[0], f"{stage}_step")(self.root, optimizer)
+            else:
+                getattr(cls, f"{stage}_step_group")(batch, self.root, optimizer)
+
+
+def _attached_parts(model: nn.Module) -> list[_PartHooks]:
+    """The transformed models whose hooks ``attach(optimizer, model)`` registers: ``model`` itself when
+    ``orthofx.transform`` returned it, else its transformed parts (:func:`orthofx.penalty.transformed_parts`; one
+    reached twice, bare and through a ``torch.compile`` wrapper, counts once: its hooks would run twice); raises
+    :class:`~orthofx.OrthofxError` for a model holding none."""
+    if is_transformed(model):
+        return [_PartHooks("", model)]
+    parts: list[_PartHooks] = []
+    for path, part in transformed_parts(model):
+        if all(unwrap_model(part) is not p.root for p in parts):
+            parts.append(_PartHooks(path, part))
+    if not parts:
+        raise OrthofxError(f"{type(unwrap_model(model)).__name__} was not produced by orthofx.transform and holds no "
+                           "model it returned (a transformed part), so it has no optimizer hooks to attach; call "
+                           "orthofx.transform(model, policy) first, or attach the optimizer to the transformed model")
+    return parts
+
+
+def _already_attached(parts: list[_PartHooks], optimizer: torch.optim.Optimizer) -> str | None:
+    """Why ``attach`` refuses ``parts`` because the hooks of one of them are attached to ``optimizer`` already
+    (directly or through a bigger model holding it: the updates would run twice); ``None`` when none is."""
+    attached = [roots for roots in optimizer.__dict__.get("_orthofx_attached", {}).values()]
+    for part in parts:
+        if not any(id(part.root) in roots for roots in attached):
+            continue
+        if not part.path:
+            return ("this model's hooks are already attached to this optimizer; call handle.remove() before "
+                    "attaching again (an attach of a model holding it as a part attaches its hooks too)")
+        return (f"the hooks of '{part.path}', a transformed part of this model, are already attached to this "
+                "optimizer (by an attach of that part, or of another model holding it), and would run twice; call "
+                "handle.remove() on that attachment before attaching again, or attach only one of the two")
+    return None
+
+
 def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     """Register the optimizer hooks of a transformed model on ``optimizer``; returns a removable handle.
 
@@ -207,7 +321,11 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     when unfreezing): from the next step on they run like the others. With ``GradScaler`` and a fused optimizer, a
     step whose gradients hold inf/NaN (``optimizer.found_inf``, which the fused kernel skips) runs no hook either.
     Attaching the same model twice to one optimizer is an
-    error (the updates would run twice). OLR moves each Pre-SVD weight into a parameter group of its own, so an
+    error (the updates would run twice). A model that ``orthofx.transform`` did not return but that holds
+    transformed models (``nn.Sequential(gm, head)``, a wrapper with ``self.backbone = orthofx.transform(...)``) gets
+    the hooks of each of them, run on it as ``attach(optimizer, part)`` would (``handle.hooks``' sites are relative
+    to their part); attaching a part that is attached already, directly or through another model, is refused too.
+    OLR moves each Pre-SVD weight into a parameter group of its own, so an
     optimizer state saved after ``attach`` loads (``optimizer.load_state_dict``) after ``attach``; create LR
     schedulers after ``attach`` too. A ``ZeroRedundancyOptimizer`` works (each rank's hooks see the whole
     all-reduced gradients and weights), except with ``overlap_with_ddp=True``, whose steps run inside DDP's
@@ -232,72 +350,59 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ArgumentError(f"attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}; call "
                             "orthofx.attach(optimizer, gm)")
-    root = unwrap_model(model)
+    parts = _attached_parts(model)
     # read only: the registry is written once the checks have passed, so a refused attach leaves the optimizer as
     # it was
-    if id(root) in optimizer.__dict__.get("_orthofx_attached", {}).values():
-        raise ArgumentError("this model's hooks are already attached to this optimizer; call handle.remove() "
-                            "before attaching again")
+    refusal = _already_attached(parts, optimizer)
+    if refusal is not None:
+        raise ArgumentError(refusal)
     owned = _optimizer_parameters(optimizer)
-    recorded = list(manifest_of(model).optimizer_hooks)
-    if recorded and is_zero_redundancy(optimizer) and getattr(optimizer, "_overlap_with_ddp", False):
+    first = next(((part, part.recorded[0]) for part in parts if part.recorded), None)
+    if first is not None and is_zero_redundancy(optimizer) and getattr(optimizer, "_overlap_with_ddp", False):
         # its steps run inside DDP's communication hook (ZeRO's _local_step), per bucket, and step() is not
         # called: no pre- or post-step hook would ever run, so the weights would train unconstrained, silently
+        part, hook = first
         raise ArgumentError(
-            f"site '{recorded[0].site}' (rule '{recorded[0].rule}'): this ZeroRedundancyOptimizer was built with "
+            f"site '{part.site(hook)}' (rule '{hook.rule}'): this ZeroRedundancyOptimizer was built with "
             "overlap_with_ddp=True, so its steps run inside DDP's communication hook and optimizer.step() is never "
             "called: orthofx's optimizer hooks (Riemannian updates, NOG, OLR) would never run. Build it with "
             "overlap_with_ddp=False (the default) and call optimizer.step() after backward")
-    hooks, skipped = [], []
-    for hook in recorded:
-        module = root.get_submodule(hook.site)
-        for name in hook.parameter_names:
-            parameter = getattr(module, name, None)
-            if isinstance(parameter, torch.Tensor):
-                refuse_fsdp1(parameter, f"site '{hook.site}' (rule '{hook.rule}'): {type(hook).__name__}")
-        missing = _missing_parameters(hook, root, owned)
-        if missing and len(missing) == len(hook.parameter_names) and all(
-                _frozen(getattr(module, name, None)) for name in missing):
-            # the usual fine-tuning optimizer holds only the trainable parameters: no step ever changes a frozen
-            # one, so its hook has nothing to act on (until the weight is added to the optimizer: see run_before)
-            skipped.append(hook)
-            continue
-        if missing:
-            raise ArgumentError(_not_optimised_message(hook, missing, recorded, root, owned))
-        hooks.append(hook)
-    for hook in hooks:
-        hook.check(root, optimizer)
-    for hook in hooks:
-        hook.setup(root, optimizer)
-    batches = _batches(hooks)
-    position = {id(hook): i for i, hook in enumerate(recorded)}
+
+    def holds_any() -> bool:  # asked only for the message of a refusal
+        return any(part.holds_any(owned) for part in parts)
+
+    for part in parts:
+        part.sort_out(owned, holds_any)
+    for part in parts:
+        part.check(optimizer, part.hooks)
+    for part in parts:
+        part.setup(optimizer, part.hooks)
+    # the handle's lists: every part's hooks, rebuilt in place when a skipped hook starts to run (the closures hold
+    # these lists, not the handle, which would make a reference cycle through the optimizer's hook dicts)
+    hooks = [hook for part in parts for hook in part.hooks]
+    skipped = [hook for part in parts for hook in part.skipped]
 
     def activate_added(opt):
         # A weight frozen at attach time (its hook skipped) that has since been added to the optimizer
         # (``add_param_group`` when unfreezing layers) is trained from this step on: its hook runs from now on too,
         # or the weight would leave the manifold (Riemannian) or step by its raw gradient (NOG) unnoticed.
         owned_now = _optimizer_parameters(opt)
-        added = [hook for hook in skipped if not _missing_parameters(hook, root, owned_now)]
-        if not added:
+        added = [(part, part.added(owned_now)) for part in parts]
+        if not any(hooks_added for _, hooks_added in added):
             return
-        for hook in added:
-            hook.check(root, opt)
-        for hook in added:
-            hook.setup(root, opt)
-        # in place: the handle's ``skipped`` and ``hooks`` are these lists (the closures hold no handle, which would
-        # make a reference cycle through the optimizer's hook dicts)
-        skipped[:] = [hook for hook in skipped if all(hook is not a for a in added)]
-        hooks.extend(added)
-        hooks.sort(key=lambda hook: position[id(hook)])  # the recorded order (NOG before OLR on one weight)
-        batches[:] = _batches(hooks)
+        for part, hooks_added in added:
+            part.check(opt, hooks_added)
+        for part, hooks_added in added:
+            part.setup(opt, hooks_added)
+        for part, hooks_added in added:
+            part.activate(hooks_added)
+        hooks[:] = [hook for part in parts for hook in part.hooks]
+        skipped[:] = [hook for part in parts for hook in part.skipped]
 
     def run_hooks(opt, stage: str):
-        # stage "before" / "after": a hook class with a ``<stage>_step_group`` classmethod gets its hooks at once
-        for cls, batch in batches:
-            if cls is None:
-                getattr(batch[0], f"{stage}_step")(root, opt)
-            else:
-                getattr(cls, f"{stage}_step_group")(batch, root, opt)
+        # stage "before" / "after"; the parts act on different parameters, so their order changes no result
+        for part in parts:
+            part.run(opt, stage)
 
     started = []  # non-empty from the "before" hooks of a step until its "after" hooks
 
@@ -354,5 +459,6 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after),
                _StepGuard(optimizer, run_after)]
     handle = AttachHandle(optimizer, hooks, handles, skipped)
-    optimizer.__dict__.setdefault("_orthofx_attached", {})[handle._key] = id(root)
+    # the roots whose hooks this attachment runs: an attach of any of them again is refused (_already_attached)
+    optimizer.__dict__.setdefault("_orthofx_attached", {})[handle._key] = tuple(id(part.root) for part in parts)
     return handle

@@ -52,6 +52,14 @@ layers), the monitors' kappa figures and the probes' penalty terms. The model is
 :func:`monitors` of such a model lists the :class:`~orthofx.nn.ConditionMonitor` modules it holds (by module
 path). A model holding no orthofx layer raises :class:`~orthofx.OrthofxError`.
 
+A model that ``transform`` did not return but that holds transformed models (a transformed backbone inside a
+bigger model: :func:`orthofx.penalty.transformed_parts`) gets each part's rows, penalty terms, spectra, kappa
+histories and notes as ``report(part)`` gives them, their sites prefixed with the part's path (as
+``orthofx.penalty_terms`` keys are: ``backbone.conv1``), and the rows of its modules outside the parts as above (its
+orthofx and conv / linear layers as written; a JacobianProbe's penalty term), in module order. Its capture
+``mode`` is ``"parts"``; leaf fallbacks and warnings are the parts', prefixed; ``output_change`` is None.
+:func:`monitors` of it gives the parts' monitors (prefixed) and those outside them.
+
 Example::
 
     import orthofx
@@ -84,7 +92,7 @@ from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d
 from .passes.base import describe_module
 from .errors import ArgumentError
 from .nn.tracing import is_orthofx_layer
-from .penalty import holding_orthofx_layers, lazy_site_module
+from .penalty import _inside, _site_path, holding_orthofx_layers, lazy_site_module, transformed_parts
 from .transform import is_transformed, manifest_of
 
 __all__ = ["Report", "report", "monitors", "layer_singular_values"]
@@ -409,8 +417,10 @@ def _fmt(value: Any) -> str:
 
 
 def report(model: nn.Module) -> Report:
-    """Report on a model returned by :func:`orthofx.transform` (compiled or wrapped models too), or on a model
-    written with ``orthofx.nn`` layers (:func:`_layers_report`: its orthofx and conv / linear layers, not run).
+    """Report on a model returned by :func:`orthofx.transform` (compiled or wrapped models too), on a model
+    holding such models (:func:`_parts_report`: their rows, sites prefixed with their paths, and the layers outside
+    them), or on a model written with ``orthofx.nn`` layers (:func:`_layers_report`: its orthofx and conv / linear
+    layers, not run).
 
     Example::
 
@@ -423,7 +433,13 @@ def report(model: nn.Module) -> Report:
         assert abs(conv2["sigma_min"] - 1) < 1e-5 and abs(conv2["sigma_max"] - 1) < 1e-5
     """
     if not is_transformed(model):
-        return _layers_report(model)
+        parts = transformed_parts(model)
+        return _parts_report(model, parts) if parts else _layers_report(model)
+    return _transformed_report(model)
+
+
+def _transformed_report(model: nn.Module) -> Report:
+    """The report of a model returned by :func:`orthofx.transform` (or of one of its wrappers)."""
     manifest = manifest_of(model)
     root = unwrap_model(model)
     plan = manifest.plan
@@ -662,13 +678,14 @@ _NOT_TRANSFORMED = {"mode": "none", "leaf_fallbacks": [], "warnings": [],
                                "as written (not run: sigma only where a layer knows its input size)"}
 
 
-def _reported_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
+def _reported_modules(root: nn.Module, parts: list[str] = ()) -> list[tuple[str, nn.Module]]:
     """``(path, module)`` of every conv / linear layer and orthofx layer of a model as written, not those nested
     in an orthofx layer (its row stands for them), except in a JacobianProbe, whose children are its block's
-    (same paths: the probe is transparent)."""
+    (same paths: the probe is transparent), nor those at or below the paths ``parts`` (transformed parts, whose
+    own reports give their rows)."""
     found, outer = [], []
     for name, module in root.named_modules():
-        if any(not o or name.startswith(o + ".") for o in outer):
+        if any(not o or name.startswith(o + ".") for o in outer) or any(_inside(name, p) for p in parts):
             continue
         if is_orthofx_layer(module) and not isinstance(module, JacobianProbe):
             outer.append(name)
@@ -679,8 +696,7 @@ def _reported_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _layers_report(model: nn.Module) -> Report:
     """The report of a model holding orthofx layers that ``orthofx.transform`` did not return: one row per module
-    of :func:`_reported_modules` (pass ``"orthofx layer"`` for orthofx's, None for torch's; no params; a probe's
-    row measures its block when that is a conv / linear), monitors' kappa figures, the probes' penalty terms.
+    of :func:`_reported_modules` (:func:`_module_rows`), monitors' kappa figures, the probes' penalty terms.
     Nothing runs the model: a layer's input size is known only when it holds one (``cayley_fft``'s
     ``input_size``)."""
     root = holding_orthofx_layers(model)
@@ -689,21 +705,64 @@ def _layers_report(model: nn.Module) -> Report:
     conditioning: dict[str, list[float]] = {}
     penalties: list[dict[str, Any]] = []
     for name, module in _reported_modules(root):
-        probe = module if isinstance(module, JacobianProbe) else None
-        measured = module if probe is None else probe.block
-        size = getattr(measured, "input_size", None)
-        row = _layer_row(name, measured, "orthofx layer" if is_orthofx_layer(module) else None, None,
-                         tuple(size) if isinstance(size, tuple) else None, spectra)
-        if probe is not None:
-            row["layer"] = f"JacobianProbe({row['layer']})"
-            value = 0.0 if probe.estimate is None else float(probe.estimate.detach())
-            penalties.append({"site": name, "rule": "JacobianProbe", "weight": probe.penalty_weight, "value": value,
-                              "weighted": probe.penalty_weight * value})
-        if isinstance(module, ConditionMonitor):
-            row.update(_monitor_figures(module))
-            conditioning[name] = module.history
-        rows.append(row)
+        rows.append(_module_row(name, module, spectra, conditioning, penalties))
     return Report(rows, dict(_NOT_TRANSFORMED), spectra, penalties, None, conditioning)
+
+
+def _module_row(name: str, module: nn.Module, spectra: dict[str, torch.Tensor],
+                conditioning: dict[str, list[float]], penalties: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row of a module of a model as written (:func:`_reported_modules`): pass ``"orthofx layer"`` for
+    orthofx's, None for torch's; no params; a probe's row measures its block when that is a conv / linear, and its
+    penalty term goes into ``penalties``; a monitor's kappa history into ``conditioning``."""
+    probe = module if isinstance(module, JacobianProbe) else None
+    measured = module if probe is None else probe.block
+    size = getattr(measured, "input_size", None)
+    row = _layer_row(name, measured, "orthofx layer" if is_orthofx_layer(module) else None, None,
+                     tuple(size) if isinstance(size, tuple) else None, spectra)
+    if probe is not None:
+        row["layer"] = f"JacobianProbe({row['layer']})"
+        value = 0.0 if probe.estimate is None else float(probe.estimate.detach())
+        penalties.append({"site": name, "rule": "JacobianProbe", "weight": probe.penalty_weight, "value": value,
+                          "weighted": probe.penalty_weight * value})
+    if isinstance(module, ConditionMonitor):
+        row.update(_monitor_figures(module))
+        conditioning[name] = module.history
+    return row
+
+
+def _parts_report(model: nn.Module, parts: list[tuple[str, nn.Module]]) -> Report:
+    """The report of a model holding the transformed ``parts`` (:func:`orthofx.penalty.transformed_parts`) that
+    ``orthofx.transform`` did not return: each part's report (:func:`_transformed_report`) with its sites, spectra,
+    kappa histories and penalty sites prefixed with the part's path (:func:`orthofx.penalty._site_path`, as
+    ``penalty_terms`` keys are), its notes, leaf fallbacks and warnings too; the modules outside the parts as
+    :func:`_layers_report` reports them (:func:`_module_row`). Rows in module order (a part's rows at its place),
+    penalty terms in ``penalty_terms``' order: the parts', then the probes outside them."""
+    root = unwrap_model(model)
+    order = {name: i for i, (name, _) in enumerate(root.named_modules())}
+    placed: list[tuple[int, list[dict[str, Any]]]] = []  # (module order, rows)
+    spectra: dict[str, torch.Tensor] = {}
+    conditioning: dict[str, list[float]] = {}
+    penalties: list[dict[str, Any]] = []
+    notes: list[str] = []
+    capture = {"mode": "parts", "leaf_fallbacks": [], "warnings": [], "summary": ""}
+    summaries = []
+    for path, part in parts:
+        sub = _transformed_report(part)
+        placed.append((order[path], [dict(row, site=_site_path(path, row["site"])) for row in sub.rows]))
+        spectra.update({_site_path(path, site): values for site, values in sub.spectra.items()})
+        conditioning.update({_site_path(path, site): history for site, history in sub.conditioning.items()})
+        penalties += [dict(term, site=_site_path(path, term["site"])) for term in sub.penalties]
+        notes += [f"{path}: {note}" for note in sub.notes]
+        capture["leaf_fallbacks"] += [(_site_path(path, leaf), reason)
+                                      for leaf, reason in sub.capture["leaf_fallbacks"]]
+        capture["warnings"] += [f"{path}: {warning}" for warning in sub.capture["warnings"]]
+        summaries.append(f"{path} ({sub.capture['summary']})")
+    for name, module in _reported_modules(root, [path for path, _ in parts]):
+        placed.append((order[name], [_module_row(name, module, spectra, conditioning, penalties)]))
+    capture["summary"] = (f"parts: not transformed itself; transformed parts {', '.join(summaries)}; the layers "
+                          "outside them as written (not run)")
+    rows = [row for _, block in sorted(placed, key=lambda item: item[0]) for row in block]
+    return Report(rows, capture, spectra, penalties, None, conditioning, notes)
 
 
 def monitors(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -712,7 +771,8 @@ def monitors(model: nn.Module) -> dict[str, dict[str, Any]]:
     with ``orthofx.nn`` layers that ``transform`` did not return, ``{module path: figures}`` of every
     :class:`~orthofx.nn.ConditionMonitor` it holds (a ``DecompositionMonitor`` included), in module order (none:
     ``{}``, as for a transformed model without monitors; a model holding no orthofx layer raises
-    :class:`~orthofx.OrthofxError`, as :func:`report` does).
+    :class:`~orthofx.OrthofxError`, as :func:`report` does). For a model holding transformed models (parts): their
+    monitors, keyed ``<part path>.<site>``, and the ConditionMonitors outside them.
 
     The figures are :meth:`ConditionMonitor.summary`'s: ``kappa`` (latest ``lambda_max / lambda_min``),
     ``kappa_max``, ``updates``, ``nan_events``, ``inf_events``, plus ``monitor``, the submodule's name (so
@@ -729,7 +789,8 @@ def monitors(model: nn.Module) -> dict[str, dict[str, Any]]:
         monitors(gm)   # {'cov_pool:linalg.eigh': {'kappa': 61.6, ..., 'monitor': 'orthofx_monitor_0'}}
     """
     if not is_transformed(model):
-        return _held_monitors(model)
+        parts = transformed_parts(model)
+        return _parts_monitors(model, parts) if parts else _held_monitors(model)
     root = unwrap_model(model)
     changes: dict[str, list] = {}
     for change in manifest_of(model).changes:
@@ -748,6 +809,18 @@ def _held_monitors(model: nn.Module) -> dict[str, dict[str, Any]]:
     root = holding_orthofx_layers(model)
     return {name: dict(module.summary(), monitor=name) for name, module in root.named_modules()
             if isinstance(module, ConditionMonitor)}
+
+
+def _parts_monitors(model: nn.Module, parts: list[tuple[str, nn.Module]]) -> dict[str, dict[str, Any]]:
+    """:func:`monitors` of a model holding the transformed ``parts``: each part's, keyed by its site with the
+    part's path in front (``figures["monitor"]`` too), then the ConditionMonitors outside the parts by path."""
+    found: dict[str, dict[str, Any]] = {}
+    for path, part in parts:
+        found.update({_site_path(path, site): dict(figures, monitor=_site_path(path, figures["monitor"]))
+                      for site, figures in monitors(part).items()})
+    found.update({name: dict(module.summary(), monitor=name) for name, module in unwrap_model(model).named_modules()
+                  if isinstance(module, ConditionMonitor) and not any(_inside(name, p) for p, _ in parts)})
+    return found
 
 
 # ``orthofx.report`` is the function above (the package re-exports it over this module's name), so the lookup is
