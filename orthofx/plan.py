@@ -438,7 +438,7 @@ class Plan:
                 lines.append(f"  warning: {warning}")
         rows = self.rows()
         if rows:
-            lines.append(tabulate(rows, headers="keys", tablefmt="simple"))
+            lines.append(tabulate(rows, headers="keys", tablefmt="simple", disable_numparse=True))
         else:
             lines.append("(no site matched)")
         for name in self.unmatched_optional:

@@ -305,3 +305,12 @@ def test_explain_does_not_touch_the_model():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plan_for(model, [{"match": {"type": "Conv2d"}, "apply": "orth_regularizer"}])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_explain_prints_numeric_looking_site_names_as_they_are():
+    # nested Sequentials name their layers '0.0', '1.0' ...: tabulate parsed them as numbers and printed '0', '1'
+    inner = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    model = nn.Sequential(inner, nn.Sequential(nn.Conv2d(4, 4, 3)))
+    text = str(orthofx.explain(model, "lorth"))
+    sites = [line.split()[0] for line in text.splitlines() if "orth_regularizer" in line]
+    assert sites == ["0.0", "0.1", "1.0"]
