@@ -631,12 +631,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", parents=[common], help="explain, transform, train briefly on digits and report")
-    demo.add_argument("--model", default="small_cnn", help="a built-in model taking 1x8x8 images")
-    demo.add_argument("--policy", default="lorth")
-    demo.add_argument("--steps", type=positive_int, default=300)
-    demo.add_argument("--batch-size", type=positive_int, default=64)
-    demo.add_argument("--lr", type=positive_float, default=_DEMO_LR)
-    demo.add_argument("--seed", type=torch_seed, default=0)
+    demo.add_argument("--model", default="small_cnn",
+                      help="a built-in model taking 1x8x8 images (default: %(default)s)")
+    demo.add_argument("--policy", default="lorth", help="preset name, YAML file or YAML text (default: %(default)s)")
+    demo.add_argument("--steps", type=positive_int, default=300, help="training steps (default: %(default)s)")
+    demo.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default: %(default)s)")
+    demo.add_argument("--lr", type=positive_float, default=_DEMO_LR,
+                      help="Adam learning rate (default: %(default)s)")
+    demo.add_argument("--seed", type=torch_seed, default=0,
+                      help="seed of the weights, the data split and the batches (default: %(default)s)")
     # usage_error: a bound that depends on the data (--batch-size), checked once the data is loaded
     demo.set_defaults(run=_cmd_demo, usage_error=demo.error)
 
