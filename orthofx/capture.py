@@ -514,12 +514,17 @@ _KIND_RANK = {_P.POSITIONAL_ONLY: 0, _P.POSITIONAL_OR_KEYWORD: 1, _P.VAR_POSITIO
               _P.VAR_KEYWORD: 4}
 
 
-def forward_parameter_kinds(forward: Callable[..., Any]) -> dict[str, Any]:
-    """``{name: inspect.Parameter kind}`` of a forward's parameters (empty when it has no readable signature)."""
+def forward_parameters(forward: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    """A forward's parameters by name (empty when it has no readable signature)."""
     try:
-        return {name: p.kind for name, p in inspect.signature(forward).parameters.items()}
+        return dict(inspect.signature(forward).parameters)
     except (TypeError, ValueError):  # a builtin or C forward without a signature
         return {}
+
+
+def forward_parameter_kinds(forward: Callable[..., Any]) -> dict[str, Any]:
+    """``{name: inspect.Parameter kind}`` of a forward's parameters (empty when it has no readable signature)."""
+    return {name: p.kind for name, p in forward_parameters(forward).items()}
 
 
 def _placeholder_name(node: torch.fx.Node) -> str:
@@ -1412,11 +1417,7 @@ def _none_branches(model: nn.Module, leaf_types: tuple, paths: set[str], concret
 
 def _none_default_parameters(model: nn.Module, concrete_args: dict[str, Any] | None) -> list[str]:
     """Names of the forward's parameters whose default is None (those in ``concrete_args`` excepted)."""
-    try:
-        parameters = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):  # a builtin or C forward without a signature
-        return []
-    return [p.name for p in parameters if p.default is None and p.name not in (concrete_args or {})
+    return [p.name for p in forward_parameters(model.forward).values() if p.default is None and p.name not in (concrete_args or {})
             and p.kind not in (_P.VAR_POSITIONAL, _P.VAR_KEYWORD)]
 
 
@@ -1615,22 +1616,10 @@ def batch_dynamic_shapes(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]
     return specs[:named] + (specs[named:],)
 
 
-def _forward_parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
-    """``model.forward``'s parameters by name (empty when the signature cannot be read)."""
-    try:
-        return dict(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):  # a builtin or C forward without a signature
-        return {}
-
-
 def _var_positional_index(model: nn.Module) -> int | None:
     """How many positional parameters ``model.forward`` has before its ``*args`` parameter; None without one (or
     when the signature cannot be read)."""
-    try:
-        parameters = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):  # a builtin or C forward without a signature
-        return None
-    for index, parameter in enumerate(parameters):
+    for index, parameter in enumerate(forward_parameters(model.forward).values()):
         if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
             return index
     return None
@@ -1648,10 +1637,7 @@ def _forward_layout(model: nn.Module, arg_names: list[str], keyword_count: int
     with that default (and checks that it stays so). :meth:`_ExportRebuilder._forward_inputs` puts them all in the
     order and with the kinds of the forward's parameters.
     """
-    try:
-        parameters = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):  # a builtin or C forward without a signature
-        return None, []
+    parameters = list(forward_parameters(model.forward).values())  # none without a readable signature
     star = None
     varargs = next((p for p in parameters if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
     if varargs is not None:
@@ -2089,7 +2075,7 @@ class _ExportRebuilder:
         write it): a call leaving it out reaches the input checks, which say what the graph was captured for,
         instead of failing in Python's binding."""
         star, defaults = _forward_layout(self.model, arg_names, keyword_count)
-        parameters = _forward_parameters(self.model)
+        parameters = forward_parameters(self.model.forward)
         rank = {name: i for i, name in enumerate(parameters)}
         varargs = next((p.name for p in parameters.values() if p.kind is _P.VAR_POSITIONAL), None)
         varkw = next((p.name for p in parameters.values() if p.kind is _P.VAR_KEYWORD), None)
