@@ -1417,7 +1417,8 @@ def _none_branches(model: nn.Module, leaf_types: tuple, paths: set[str], concret
 
 def _none_default_parameters(model: nn.Module, concrete_args: dict[str, Any] | None) -> list[str]:
     """Names of the forward's parameters whose default is None (those in ``concrete_args`` excepted)."""
-    return [p.name for p in forward_parameters(model.forward).values() if p.default is None and p.name not in (concrete_args or {})
+    return [p.name for p in forward_parameters(model.forward).values()
+            if p.default is None and p.name not in (concrete_args or {})
             and p.kind not in (_P.VAR_POSITIONAL, _P.VAR_KEYWORD)]
 
 

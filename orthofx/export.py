@@ -78,7 +78,7 @@ from .nn.tracing import is_orthofx_module
 from .passes.base import Manifest, replace_module
 from .passes.svd_conditioning import (decomposition_op, fold_constant_decompositions, plain_decompositions,
                                       to_newton_schulz)
-from .penalty import _site_path, transformed_parts
+from .penalty import part_site_path, transformed_parts
 from .plan import build_plan, collect_sites, producers_feeding
 from .policy import Policy
 from .transform import (ExampleCall, example_call, is_transformed, manifest_of, output_tensors,
@@ -657,7 +657,7 @@ def _leaf_hint(model: nn.Module) -> str:
     """The note on submodules kept as fx leaves, for an export failure: the model's, or for a frozen model holding
     frozen parts theirs (prefixed with the part's path)."""
     sources = [("", model)] if is_transformed(model) else transformed_parts(model)
-    leaves = [_site_path(path, leaf) for path, part in sources
+    leaves = [part_site_path(path, leaf) for path, part in sources
               for leaf, _ in manifest_of(part).capture.leaf_fallbacks]
     if not leaves:
         return ""

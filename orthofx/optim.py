@@ -36,7 +36,7 @@ from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError
 from .passes.base import refuse_fsdp1
 from .passes.riemannian import is_zero_redundancy
-from .penalty import _site_path, transformed_parts
+from .penalty import part_site_path, transformed_parts
 from .transform import is_transformed, manifest_of
 
 __all__ = ["attach", "AttachHandle"]
@@ -220,7 +220,7 @@ class _PartHooks:
 
     def site(self, hook) -> str:
         """``hook``'s site as the attached model names it (the part's path in front)."""
-        return _site_path(self.path, hook.site)
+        return part_site_path(self.path, hook.site)
 
     def holds_any(self, owned: set[int]) -> bool:
         """Whether the optimizer (its parameters' ids: ``owned``) holds a parameter some hook of this part acts on."""

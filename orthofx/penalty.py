@@ -40,7 +40,7 @@ from .passes.base import PenaltyTerm, zero_like_parameters
 from .transform import is_transformed, manifest_of
 
 __all__ = ["penalty", "penalty_terms", "is_orthofx_layer", "holding_orthofx_layers", "lazy_site_module",
-           "transformed_parts"]
+           "transformed_parts", "part_site_path", "module_path_within"]
 
 # ``is_orthofx_layer`` (defined in orthofx.nn.tracing, the one definition) stays importable from here.
 
@@ -69,7 +69,7 @@ def _frozen_note(root: nn.Module) -> str:
             "is zero)")
 
 
-def _inside(name: str, path: str) -> bool:
+def module_path_within(name: str, path: str) -> bool:
     """Whether the module path ``name`` is ``path`` or lies below it."""
     return name == path or name.startswith(path + ".")
 
@@ -81,7 +81,7 @@ def transformed_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     root = unwrap_model(model)
     parts: list[tuple[str, nn.Module]] = []
     for name, module in root.named_modules():
-        if module is root or any(_inside(name, path) for path, _ in parts):
+        if module is root or any(module_path_within(name, path) for path, _ in parts):
             continue
         if is_transformed(module):
             parts.append((name, module))
@@ -97,11 +97,11 @@ def _untransformed_sources(model: nn.Module) -> tuple[list[tuple[str, nn.Module]
     if not parts:
         holding_orthofx_layers(root)
     probes = [(name, m) for name, m in root.named_modules()
-              if isinstance(m, JacobianProbe) and not any(_inside(name, path) for path, _ in parts)]
+              if isinstance(m, JacobianProbe) and not any(module_path_within(name, path) for path, _ in parts)]
     return parts, probes
 
 
-def _site_path(path: str, site: str) -> str:
+def part_site_path(path: str, site: str) -> str:
     """``site`` of a transformed part at ``path``, as a path in the bigger model."""
     return ".".join(p for p in (path, site) if p)
 
@@ -175,7 +175,7 @@ def penalty_terms(model: nn.Module) -> dict[str, torch.Tensor]:
     if is_transformed(model):
         return {f"{t.rule}/{t.site}": value for t, value in _weighted_terms(model)}
     parts, probes = _untransformed_sources(model)
-    terms = {f"{t.rule}/{_site_path(path, t.site)}": value
+    terms = {f"{t.rule}/{part_site_path(path, t.site)}": value
              for path, part in parts for t, value in _weighted_terms(part)}
     terms.update({f"JacobianProbe/{name}": zero_like_parameters(probe) if probe.estimate is None else probe.penalty()
                   for name, probe in probes})

@@ -92,7 +92,8 @@ from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d
 from .passes.base import describe_module
 from .errors import ArgumentError
 from .nn.tracing import is_orthofx_layer
-from .penalty import _inside, _site_path, holding_orthofx_layers, lazy_site_module, transformed_parts
+from .penalty import (holding_orthofx_layers, lazy_site_module, module_path_within, part_site_path,
+                      transformed_parts)
 from .transform import is_transformed, manifest_of
 
 __all__ = ["Report", "report", "monitors", "layer_singular_values"]
@@ -685,7 +686,7 @@ def _reported_modules(root: nn.Module, parts: list[str] = ()) -> list[tuple[str,
     own reports give their rows)."""
     found, outer = [], []
     for name, module in root.named_modules():
-        if any(not o or name.startswith(o + ".") for o in outer) or any(_inside(name, p) for p in parts):
+        if any(not o or name.startswith(o + ".") for o in outer) or any(module_path_within(name, p) for p in parts):
             continue
         if is_orthofx_layer(module) and not isinstance(module, JacobianProbe):
             outer.append(name)
@@ -733,7 +734,7 @@ def _module_row(name: str, module: nn.Module, spectra: dict[str, torch.Tensor],
 def _parts_report(model: nn.Module, parts: list[tuple[str, nn.Module]]) -> Report:
     """The report of a model holding the transformed ``parts`` (:func:`orthofx.penalty.transformed_parts`) that
     ``orthofx.transform`` did not return: each part's report (:func:`_transformed_report`) with its sites, spectra,
-    kappa histories and penalty sites prefixed with the part's path (:func:`orthofx.penalty._site_path`, as
+    kappa histories and penalty sites prefixed with the part's path (:func:`orthofx.penalty.part_site_path`, as
     ``penalty_terms`` keys are), its notes, leaf fallbacks and warnings too; the modules outside the parts as
     :func:`_layers_report` reports them (:func:`_module_row`). Rows in module order (a part's rows at its place),
     penalty terms in ``penalty_terms``' order: the parts', then the probes outside them."""
@@ -748,12 +749,12 @@ def _parts_report(model: nn.Module, parts: list[tuple[str, nn.Module]]) -> Repor
     summaries = []
     for path, part in parts:
         sub = _transformed_report(part)
-        placed.append((order[path], [dict(row, site=_site_path(path, row["site"])) for row in sub.rows]))
-        spectra.update({_site_path(path, site): values for site, values in sub.spectra.items()})
-        conditioning.update({_site_path(path, site): history for site, history in sub.conditioning.items()})
-        penalties += [dict(term, site=_site_path(path, term["site"])) for term in sub.penalties]
+        placed.append((order[path], [dict(row, site=part_site_path(path, row["site"])) for row in sub.rows]))
+        spectra.update({part_site_path(path, site): values for site, values in sub.spectra.items()})
+        conditioning.update({part_site_path(path, site): history for site, history in sub.conditioning.items()})
+        penalties += [dict(term, site=part_site_path(path, term["site"])) for term in sub.penalties]
         notes += [f"{path}: {note}" for note in sub.notes]
-        capture["leaf_fallbacks"] += [(_site_path(path, leaf), reason)
+        capture["leaf_fallbacks"] += [(part_site_path(path, leaf), reason)
                                       for leaf, reason in sub.capture["leaf_fallbacks"]]
         capture["warnings"] += [f"{path}: {warning}" for warning in sub.capture["warnings"]]
         summaries.append(f"{path} ({sub.capture['summary']})")
@@ -816,10 +817,10 @@ def _parts_monitors(model: nn.Module, parts: list[tuple[str, nn.Module]]) -> dic
     part's path in front (``figures["monitor"]`` too), then the ConditionMonitors outside the parts by path."""
     found: dict[str, dict[str, Any]] = {}
     for path, part in parts:
-        found.update({_site_path(path, site): dict(figures, monitor=_site_path(path, figures["monitor"]))
+        found.update({part_site_path(path, site): dict(figures, monitor=part_site_path(path, figures["monitor"]))
                       for site, figures in monitors(part).items()})
     found.update({name: dict(module.summary(), monitor=name) for name, module in unwrap_model(model).named_modules()
-                  if isinstance(module, ConditionMonitor) and not any(_inside(name, p) for p, _ in parts)})
+                  if isinstance(module, ConditionMonitor) and not any(module_path_within(name, p) for p, _ in parts)})
     return found
 
 
