@@ -78,7 +78,7 @@ from .nn.tracing import is_orthofx_module
 from .passes.base import Manifest, replace_module
 from .passes.svd_conditioning import (decomposition_op, fold_constant_decompositions, plain_decompositions,
                                       to_newton_schulz)
-from .penalty import part_site_path, transformed_parts
+from .penalty import module_path_within, part_site_path, transformed_parts
 from .plan import build_plan, collect_sites, producers_feeding
 from .policy import Policy
 from .transform import (ExampleCall, example_call, is_transformed, manifest_of, output_tensors,
@@ -238,10 +238,23 @@ def _freeze_parts(model: nn.Module, example: ExampleCall | None) -> nn.Module:
     frozen = copy_model(unwrap_model(model))
     frozen.eval()
     _run_example(frozen, example)
-    for path, part in transformed_parts(frozen):
-        replace_module(frozen, path, freeze(part))
+    for _, part in transformed_parts(frozen):
+        frozen_part = freeze(part)
+        for alias in _paths_reaching(frozen, unwrap_model(part)):
+            replace_module(frozen, alias, frozen_part)
     _replace_by_plain_forms(frozen)
     return frozen.eval()
+
+
+def _paths_reaching(root: nn.Module, target: nn.Module) -> list[str]:
+    """The outermost paths in ``root`` of ``target`` itself or a wrapper of it (``self.fast =
+    torch.compile(self.backbone)``), each name of a module registered twice included, so that a part frozen once
+    replaces every way the model reaches it."""
+    paths: list[str] = []
+    for name, module in root.named_modules(remove_duplicate=False):
+        if name and not any(module_path_within(name, path) for path in paths) and unwrap_model(module) is target:
+            paths.append(name)
+    return paths
 
 
 def _named_inputs(example: ExampleCall) -> list[tuple[str, Any]]:

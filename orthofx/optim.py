@@ -279,15 +279,12 @@ class _PartHooks:
 
 def _attached_parts(model: nn.Module) -> list[_PartHooks]:
     """The transformed models whose hooks ``attach(optimizer, model)`` registers: ``model`` itself when
-    ``orthofx.transform`` returned it, else its transformed parts (:func:`orthofx.penalty.transformed_parts`; one
-    reached twice, bare and through a ``torch.compile`` wrapper, counts once: its hooks would run twice); raises
-    :class:`~orthofx.OrthofxError` for a model holding none."""
+    ``orthofx.transform`` returned it, else its transformed parts (:func:`orthofx.penalty.transformed_parts`, which
+    lists a part reached twice, bare and through a ``torch.compile`` wrapper, once: its hooks would run twice);
+    raises :class:`~orthofx.OrthofxError` for a model holding none."""
     if is_transformed(model):
         return [_PartHooks("", model)]
-    parts: list[_PartHooks] = []
-    for path, part in transformed_parts(model):
-        if all(unwrap_model(part) is not p.root for p in parts):
-            parts.append(_PartHooks(path, part))
+    parts = [_PartHooks(path, part) for path, part in transformed_parts(model)]
     if not parts:
         raise OrthofxError(f"{type(unwrap_model(model)).__name__} was not produced by orthofx.transform and holds no "
                            "model it returned (a transformed part), so it has no optimizer hooks to attach; call "

@@ -77,13 +77,18 @@ def module_path_within(name: str, path: str) -> bool:
 def transformed_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(module path, module)`` of the outermost submodules of ``model`` (not ``model`` itself) that
     ``orthofx.transform`` returned, possibly wrapped (torch.compile, DDP): a transformed backbone inside a bigger
-    model. Their penalty terms are the bigger model's (see the module docs)."""
+    model. Their penalty terms are the bigger model's (see the module docs).
+
+    A part reached twice, bare and through a wrapper (``self.fast = torch.compile(self.backbone)``), is listed
+    once, at its first path: its weights, terms, report rows and optimizer hooks are one model's."""
     root = unwrap_model(model)
     parts: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
     for name, module in root.named_modules():
         if module is root or any(module_path_within(name, path) for path, _ in parts):
             continue
-        if is_transformed(module):
+        if is_transformed(module) and id(unwrap_model(module)) not in seen:
+            seen.add(id(unwrap_model(module)))
             parts.append((name, module))
     return parts
 

@@ -324,3 +324,73 @@ def test_export_onnx_of_a_model_holding_parts(tmp_path):
     (out,) = session.run(None, {session.get_inputs()[0].name: x5.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), model.eval()(x5), atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------- a part reached by two paths
+
+class BareAndCompiled(nn.Module):
+    """The same transformed part held bare and through a ``torch.compile`` wrapper (a fast path for inference)."""
+
+    def __init__(self, part: nn.Module):
+        super().__init__()
+        self.bare = part
+        self.fast = torch.compile(part)
+
+    def forward(self, x):
+        return self.bare(x)
+
+
+class HeldTwice(nn.Module):
+    """The same transformed part registered under two names (weight sharing)."""
+
+    def __init__(self, part: nn.Module):
+        super().__init__()
+        self.a = part
+        self.b = part
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def _lorth_part() -> nn.Module:
+    torch.manual_seed(0)
+    return orthofx.transform(nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6)), "lorth",
+                             example_inputs=(_x(),))
+
+
+def _lorth_by_hand(weight: torch.Tensor) -> torch.Tensor:
+    """||W W^T - I||_F^2 in float64 (a square weight: rows and columns orthonormal alike)."""
+    w = weight.detach().double()
+    return (w @ w.T - torch.eye(w.shape[0], dtype=torch.float64)).square().sum()
+
+
+def test_a_part_reached_bare_and_through_torch_compile_counts_once_in_penalty_and_report():
+    """Before, penalty and penalty_terms counted the part's terms twice (under 'bare' and 'fast'), and report
+    gave each row twice; attach already counted it once."""
+    part = _lorth_part()
+    model = BareAndCompiled(part)
+    terms = orthofx.penalty_terms(model)
+    assert list(terms) == ["lorth/bare.0", "lorth/bare.2"]
+    weight = orthofx.manifest_of(part).penalties[0].weight
+    expected = weight * sum(_lorth_by_hand(part.get_submodule(site).weight) for site in ("0", "2"))
+    torch.testing.assert_close(orthofx.penalty(model).double(), expected, rtol=1e-5, atol=0)
+    sites = [row["site"] for row in orthofx.report(model).rows]
+    assert sites == ["bare.0", "bare.2"]
+    handle = orthofx.attach(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    assert len(handle.hooks) == len(orthofx.attach(torch.optim.SGD(part.parameters(), lr=0.1), part).hooks)
+
+
+def test_freeze_replaces_every_name_of_a_part_held_twice_by_one_frozen_part():
+    """Before, only the first name was replaced; the second still held the transformed part (its orthofx layers
+    swapped for plain ones inside it, its penalty bookkeeping kept)."""
+    torch.manual_seed(0)
+    part = orthofx.transform(nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6)), "orthogonal",
+                             example_inputs=(_x(),))
+    model = HeldTwice(part)
+    frozen = orthofx.freeze(model)
+    assert frozen.a is frozen.b and orthofx.manifest_of(frozen.b).frozen
+    assert not any(is_orthofx_layer(m) for m in frozen.modules())
+    x = _x(seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model.eval()(x), atol=1e-5, rtol=0)
+    assert isinstance(model.b.get_submodule("0"), OrthogonalLinear)  # the user's model is untouched
