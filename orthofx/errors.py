@@ -18,6 +18,7 @@ __all__ = [
     "ExportError",
     "ArgumentError",
     "LayerArgumentError",
+    "MetaWeightError",
     "layer_label",
 ]
 
@@ -79,6 +80,14 @@ class ArgumentError(OrthofxError, ValueError):
 
 class LayerArgumentError(ArgumentError):
     """A layer of :mod:`orthofx.nn` got a bad argument; the message says what to pass instead."""
+
+
+class MetaWeightError(LayerArgumentError, TransformError):
+    """An orthofx layer was asked to start near the weight of a layer on the meta device (``from_conv`` /
+    ``from_linear`` / ``from_conv_transpose`` with ``init="nearest"``, or the ``orthogonal_conv`` pass on a model
+    built under ``torch.device("meta")``): the weight has a shape but no values. A
+    :class:`LayerArgumentError` (pass ``init="random"`` or a materialised layer) and a :class:`TransformError`
+    (what ``orthofx.transform`` raises when a pass fails)."""
 
 
 def layer_label(module) -> str:

@@ -344,24 +344,27 @@ def _eigh_setup(ctx, inputs, output) -> None:
     ctx.clamp_gap = clamp_gap
 
 
-def _saved(ctx) -> tuple[Tensor, ...]:
+def _in_working_dtype(saved: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """The saved outputs in the backward's working dtype: float32 for half-precision ones (a traced
     graph's plain op call on half-precision input, see _eigh_op)."""
-    return tuple(t.float() if t.dtype in HALF_PRECISION else t for t in ctx.saved_tensors)
+    return tuple(t.float() if t.dtype in HALF_PRECISION else t for t in saved)
 
 
 def _without_autocast(backward):
     """Run a backward in the saved tensors' dtype (float32 for half-precision ones, the gradient cast back to
     theirs) with autocast off: called inside ``torch.autocast`` (a training loop that calls ``backward()`` in the
     autocast block), matmuls would otherwise drop to bfloat16 and clash with the float32 buffers, and the
-    gradient of a decomposition needs float32 anyway."""
+    gradient of a decomposition needs float32 anyway. ``backward(ctx, saved, *grads)`` gets the saved tensors
+    (:func:`_in_working_dtype`) from here: ``ctx.saved_tensors`` is read once per backward, since non-reentrant
+    activation checkpointing refuses a second unpack of the same saved tensor."""
 
     def wrapped(ctx, *grads):
-        reference = ctx.saved_tensors[0]
+        saved = ctx.saved_tensors
+        reference = saved[0]
         work = torch.float32 if reference.dtype in HALF_PRECISION else reference.dtype
         grads = tuple(g if g is None else g.to(work) for g in grads)
         with autocast_off(reference):
-            gA, *rest = backward(ctx, *grads)
+            gA, *rest = backward(ctx, _in_working_dtype(saved), *grads)
         return (gA if gA is None else gA.to(reference.dtype), *rest)
 
     wrapped.__name__ = backward.__name__
@@ -370,8 +373,8 @@ def _without_autocast(backward):
 
 
 @_without_autocast
-def _eigh_backward(ctx, gL, gV):
-    L, V = _saved(ctx)
+def _eigh_backward(ctx, saved, gL, gV):
+    L, V = saved
     if gV is None and gL is None:
         return None, None, None
     inplace = not torch.is_grad_enabled()
@@ -530,8 +533,8 @@ def _svd_setup(ctx, inputs, output) -> None:
 
 
 @_without_autocast
-def _svd_backward(ctx, gU, gS, gVh):
-    U, S, Vh = _saved(ctx)
+def _svd_backward(ctx, saved, gU, gS, gVh):
+    U, S, Vh = saved
     if gU is None and gS is None and gVh is None:
         return None, None, None
     if not torch.is_grad_enabled():
@@ -847,12 +850,19 @@ class ConditionMonitor(nn.Module):
         return buf[start:] + buf[:start]
 
     def reset(self) -> None:
+        """Forget every recorded kappa (the state of a new monitor)."""
         self.last.fill_(float("nan"))
         self.running_max.fill_(float("nan"))
         self.updates.zero_()
         self.nan_events.zero_()
         self.inf_events.zero_()
         self.history_buffer.fill_(float("nan"))
+
+    def reset_parameters(self) -> None:
+        """:meth:`reset`, under the name deferred initialisation calls (``to_empty()`` after building on the meta
+        device leaves the buffers uninitialised: a garbage ``updates`` count, history and events; torch's own
+        stateful layers, e.g. BatchNorm, reset their running statistics there too)."""
+        self.reset()
 
     def extra_repr(self) -> str:
         return f"history_size={self.history_size}"

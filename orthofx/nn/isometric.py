@@ -117,6 +117,20 @@ def _check_input(x: torch.Tensor, features: int, layer: nn.Module) -> None:
             f"{name}; convert the input (x.to(torch.{name})) or the block (block.to(x.dtype))")
 
 
+@torch.no_grad()
+def _reset_block(block: nn.Module) -> None:
+    """A block's initialisation, also after deferred construction (``torch.device("meta")`` then ``to_empty()``,
+    whose memory is uninitialised, as ``nn.Linear.reset_parameters`` serves there): ``raw`` Gaussian, so that
+    ``qf(raw)`` is Haar-random, and ``b = 0``.
+
+    ``weight`` is computed from ``raw`` at every access: an initialiser applied to it (``nn.init.*_(block.weight)``,
+    ``block.weight.data.copy_(...)``) writes into that temporary and changes nothing. Re-initialise with this, or
+    write ``raw`` (any full-rank matrix: its Q factor is used)."""
+    block.raw.normal_()
+    if block.bias is not None:
+        block.bias.zero_()
+
+
 class OrthogonalActivationBlock(nn.Module):
     """``y = sigma(Q x + b)``, ``Q`` orthogonal (``features x features``), ``|sigma'| = 1``: orthogonal Jacobian.
 
@@ -149,12 +163,18 @@ class OrthogonalActivationBlock(nn.Module):
         self.activation = activation
         bias = _flag(self, bias, "bias")
         factory = _factory(self, device, dtype)
-        self.raw = nn.Parameter(torch.randn(self.features, self.features, **factory))
-        self.bias = nn.Parameter(torch.zeros(self.features, **factory)) if bias else None
+        self.raw = nn.Parameter(torch.empty(self.features, self.features, **factory))
+        self.bias = nn.Parameter(torch.empty(self.features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """:func:`_reset_block`: a Haar-random ``Q`` again, ``b = 0``."""
+        _reset_block(self)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The orthogonal matrix ``Q`` (``features x features``)."""
+        """The orthogonal matrix ``Q`` (``features x features``), computed from ``raw`` at every access
+        (:func:`_reset_block` says how to re-initialise it)."""
         return _qf(self.raw, _raw_dtype(self))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,12 +235,18 @@ class ReflectionResidualBlock(nn.Module):
                                      f"({features}): W needs orthonormal rows; pass hidden <= {self.features}")
         bias = _flag(self, bias, "bias")
         factory = _factory(self, device, dtype)
-        self.raw = nn.Parameter(torch.randn(self.features, self.hidden, **factory))  # W^T = qf(raw)
-        self.bias = nn.Parameter(torch.zeros(self.hidden, **factory)) if bias else None
+        self.raw = nn.Parameter(torch.empty(self.features, self.hidden, **factory))  # W^T = qf(raw)
+        self.bias = nn.Parameter(torch.empty(self.hidden, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """:func:`_reset_block`: Haar-random orthonormal rows ``W`` again, ``b = 0``."""
+        _reset_block(self)
 
     @property
     def weight(self) -> torch.Tensor:
-        """``W`` (``hidden x features``, orthonormal rows)."""
+        """``W`` (``hidden x features``, orthonormal rows), computed from ``raw`` at every access
+        (:func:`_reset_block` says how to re-initialise it)."""
         return _qf(self.raw, _raw_dtype(self)).transpose(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

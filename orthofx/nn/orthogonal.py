@@ -99,6 +99,15 @@ errors add up over the blocks: measured ``1e-6 .. 4e-6`` for 64..512 channels, `
 :math:`O(n^3 \prod k_i)` per rebuild (plus its backward), small next to a forward pass over a batch of images.
 ``to_conv()`` / ``to_linear()`` bake the weight into plain torch layers for inference and export.
 
+Initialisation. Since :attr:`weight` is computed, an initialiser written for ``nn.Conv2d`` / ``nn.Linear``
+(``nn.init.kaiming_normal_(m.weight)``, ``m.weight.data.copy_(w)``, ``module.apply(init_fn)`` testing
+``hasattr(m, "weight")``) writes into a temporary copy and changes nothing, and one testing
+``isinstance(m, nn.Conv2d)`` skips these layers (they are not subclasses): the kernel stays the orthogonal one it
+was. Re-initialise with ``reset_parameters()`` (Haar-random; convs also ``init="centre"``), start from a given
+kernel with ``from_conv`` / ``from_linear`` (the nearest orthogonal one), or write the parameters themselves.
+Deferred initialisation works as for torch's layers: build under ``torch.device("meta")`` (or ``from_conv`` of
+a meta conv with ``init="random"``), then ``to_empty(device=...)`` and ``reset_parameters()``, or ``load_state_dict(sd, assign=True)``.
+
 Boundary. Exact orthogonality needs circular padding (P0 Proposition 6: with zero 'same' padding at stride 1
 an orthogonal kernel has only its centre tap non-zero). ``padding_mode="zeros"`` is accepted (the
 ``orthogonal_conv`` pass uses it for ``padding: keep``); the layer is then orthogonal only away from the
@@ -117,7 +126,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from orthofx.errors import ImpossibleLayerError, LayerArgumentError, layer_label
+from orthofx.errors import ImpossibleLayerError, LayerArgumentError, MetaWeightError, layer_label
 from orthofx.nn.padding import CircularFold, CircularPad, circular_fold, circular_pad, flat_pads
 from orthofx.nn.precision import HALF_PRECISION, autocast_off
 from orthofx.nn.stiefel import orthonormal, project_to_stiefel
@@ -133,6 +142,7 @@ __all__ = [
     "OrthogonalConvTranspose3d",
     "OrthogonalLinear",
     "LayerArgumentError",
+    "MetaWeightError",
     "circular_alignment",
     "keeps_output_size",
     "orthonormal",
@@ -485,6 +495,19 @@ def _check_conversion(cls: type, constructor: str, module, torch_type: type, ini
                                  f"{type(module).__name__}")
     if init not in ("nearest", "random"):
         raise LayerArgumentError(f"init must be 'nearest' or 'random', got {init!r}")
+    _check_nearest_has_values(cls, constructor, module, init)
+
+
+def _check_nearest_has_values(cls: type, constructor: str, module, init: str) -> None:
+    """``init="nearest"`` reads the weight's values, which a layer on the meta device does not have (the fit failed
+    inside torch: "Tensor.item() cannot be called on meta tensors"); ``init="random"`` needs none (:func:`_deferred`)."""
+    if init == "nearest" and module.weight.is_meta:
+        raise MetaWeightError(
+            f"{cls.__name__}.{constructor}: the {type(module).__name__}'s weight is on the meta device (a shape "
+            f"without values), so there is no weight to start near (init='nearest'). Materialise it first "
+            f"(module.to_empty(device='cpu') and load its weights), or pass init='random' for a layer on the meta "
+            f"device, to materialise later with to_empty(device=...) and reset_parameters() or "
+            f"load_state_dict(..., assign=True)")
 
 
 def _mirror_requires_grad(original: nn.Module, layer: nn.Module) -> None:
@@ -507,6 +530,18 @@ def _frozen_requires_grad(layer: nn.Module, frozen: nn.Module) -> nn.Module:
             elif name != "bias" and sources:
                 parameter.requires_grad_(any(p.requires_grad for p in sources))
     return frozen
+
+
+def _deferred(original: nn.Module, layer: nn.Module) -> nn.Module:
+    """The end of ``from_conv`` / ``from_linear`` with ``init="random"`` for an ``original`` on the meta device
+    (deferred initialisation: a model built under ``torch.device("meta")``): ``layer`` is on the meta device too,
+    with the original's mode and ``requires_grad`` and ``init_error = None`` (the distance reads numbers, and
+    failed with "Tensor.item() cannot be called on meta tensors"). Materialise it as any meta module:
+    ``to_empty(device=...)`` then ``reset_parameters()``, or ``load_state_dict(..., assign=True)``."""
+    layer.init_error = None
+    layer._adopt_mode(original.training)
+    _mirror_requires_grad(original, layer)
+    return layer
 
 
 def _broadcast_index(indices: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -557,6 +592,47 @@ def _fit_best(params: list[nn.Parameter], loss_fn, best: float, steps: int, lr: 
                     p.data = b.to(dtype)
         for p in params:
             p.grad = None
+
+
+def without_memory_format(fn):
+    """``fn`` (the function ``nn.Module._apply`` maps over a module's tensors) for tensors that are not
+    convolution kernels, so that the memory format of ``module.to(memory_format=...)`` does not reach them: where
+    ``fn`` refuses a 4-D or 5-D tensor the format of the other rank, it converts a flat view of it instead, and
+    strides it gave a contiguous tensor are undone. Same values, device and dtype as ``fn`` gives; ``fn(t)`` itself
+    otherwise (``t`` itself where there is nothing to convert, as ``swap_tensors`` conversions need).
+
+    ``Module.to(memory_format=torch.channels_last)`` gives every 4-D and 5-D tensor that format, and torch refuses
+    the other rank ("required rank 4 tensor to use channels_last format"): right for conv kernels (a Conv3d is not
+    a channels_last layer), wrong for tensors that only hold a layer's parameters in another layout. A
+    ``cayley_fft`` OrthogonalConv2d (5-D ``cayley_kernel``), its frozen :class:`FourierConv` (5-D ``symbol``) and
+    an OrthogonalConv3d with blocks (4-D ``proj_a`` under ``channels_last_3d``) made ``model.to(memory_format=...)``
+    raise where the plain conv they replace converts; and a ``symbol`` given ``channels_last_3d`` strides lost the
+    unit last stride ``view_as_complex`` needs, failing the frozen layer's forward."""
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() not in (4, 5):
+            return fn(t)
+        try:
+            out = fn(t)
+        except RuntimeError as exc:  # the other rank's format: convert a flat view, which no format applies to
+            if "channels_last" not in str(exc):
+                raise
+            flat = t.reshape(-1)
+            out = fn(flat)
+            # nothing else to convert: t itself, as fn gives it (swap_tensors, the future conversion mode, refuses
+            # to swap a tensor with a view of itself)
+            return t if out is flat else out.reshape(t.shape)
+        if out is not t and t.is_contiguous() and not out.is_contiguous():
+            out = out.contiguous()  # this rank's format: the strides it gave undone
+        return out
+    return apply
+
+
+class _FormatFree:
+    """Mixin for layers none of whose tensors is a convolution kernel in torch's layout (:func:`without_memory_format`):
+    ``.to(memory_format=...)`` leaves them as they are, whatever their rank."""
+
+    def _apply(self, fn, recurse=True):
+        return super()._apply(without_memory_format(fn), recurse)
 
 
 class _EvalCache:
@@ -642,7 +718,7 @@ class _EvalCache:
         return state
 
 
-class _OrthogonalConvNd(_EvalCache, nn.Module):
+class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
     """Shared implementation of :class:`OrthogonalConv1d` and :class:`OrthogonalConv2d` (see the module docs)."""
 
     _dims = 0
@@ -1170,7 +1246,8 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         orthonormal mixing / reshaped kernel), rebuilt at every access in ``compute_dtype`` and rounded to the
         layer's dtype. With ``method="cayley_fft"`` it is the *effective full-size kernel*
         ``(out_channels, in_channels / groups, *input_size)`` of the Fourier-domain operator, read at the offsets
-        of :attr:`pads` (:meth:`to_conv` uses it; the forward pass does not).
+        of :attr:`pads` (:meth:`to_conv` uses it; the forward pass does not). Writing into it (``nn.init``)
+        changes nothing: see "Initialisation" in the module docs.
         """
         if self.method == "cayley_fft":
             q = self._symbol_taps(self._cayley_unit_symbol())
@@ -1338,6 +1415,11 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
 
         ``fit_steps``: default (``None``) 200 for the block constructions, 0 for ``cayley_fft``.
 
+        A conv on the meta device (deferred initialisation) has no values to start near: ``init="random"`` gives a
+        layer on the meta device (``init_error`` ``None``), to be materialised with ``to_empty()`` +
+        ``reset_parameters()`` or ``load_state_dict(..., assign=True)``; ``init="nearest"`` raises
+        :class:`MetaWeightError` (a :class:`~orthofx.errors.LayerArgumentError`).
+
         ``method="cayley_fft"`` (needs ``input_size``): the nearest start is the closed form of
         :meth:`_cayley_fit` (per-frequency polar factor, inverse Cayley transform, least-squares ``k``-tap
         parameter kernel) refined by ``fit_steps`` Adam steps (each one a Cayley transform and its backward); a
@@ -1372,6 +1454,8 @@ class _OrthogonalConvNd(_EvalCache, nn.Module):
         with torch.no_grad():
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias)
+        if w0.is_meta:
+            return _deferred(conv, layer)
         # cayley_fft's operator is free of any window alignment; its nearest start reads the conv's taps where
         # the conv reads them (else a k = S patch conv's target would be shifted by a pixel and out of reach)
         alignment = circular_alignment(conv) if layer.method == "cayley_fft" else "same"
@@ -1965,7 +2049,7 @@ class OrthogonalConvTranspose3d(_OrthogonalConvTransposeNd):
 _ORTHOGONAL_CONV = {1: OrthogonalConv1d, 2: OrthogonalConv2d, 3: OrthogonalConv3d}
 
 
-class FourierConv(nn.Module):
+class FourierConv(_FormatFree, nn.Module):
     r"""A circular (strided) convolution applied in the Fourier domain with precomputed per-frequency matrices.
 
     :math:`y = \mathrm{IFFT}\big(Q(f)\, \mathrm{FFT}(x')(f)\big) + b`, where :math:`x'` is the input rearranged
@@ -2084,7 +2168,9 @@ class OrthogonalLinear(_EvalCache, nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The ``out x in`` weight, ``gain`` times orthonormal rows or columns (differentiable)."""
+        """The ``out x in`` weight, ``gain`` times orthonormal rows or columns (differentiable), computed from
+        ``raw_weight`` at every access: writing into it (``nn.init``) changes nothing, use :meth:`reset_parameters`
+        or write ``raw_weight`` (see "Initialisation" in the module docs)."""
         with autocast_off(_kept_parameter(self, "raw_weight")):
             W = orthonormal(self.raw_weight.to(self.compute_dtype), tall=self.out_features >= self.in_features)
         W = W * self.gain
@@ -2120,19 +2206,23 @@ class OrthogonalLinear(_EvalCache, nn.Module):
         ``init="nearest"``: the polar factor of ``weight / gain``, the nearest matrix with orthonormal rows or
         columns (exact; an orthonormal weight is returned unchanged). ``init="random"``: Haar-random. The bias is
         copied; ``requires_grad`` follows the linear's (a frozen layer stays frozen). ``layer.init_error`` is
-        :math:`\|W - W_0\|_F / \|W_0\|_F`.
+        :math:`\|W - W_0\|_F / \|W_0\|_F` (a linear on the meta device: ``init="random"`` gives a meta layer with ``init_error`` ``None``,
+        ``"nearest"`` raises :class:`MetaWeightError`, as in :meth:`OrthogonalConv2d.from_conv`).
         """
         if not isinstance(linear, nn.Linear):
             raise LayerArgumentError(f"{cls.__name__}.from_linear expects a torch.nn.Linear, got "
                                      f"{type(linear).__name__}")
         if init not in ("nearest", "random"):
             raise LayerArgumentError(f"init must be 'nearest' or 'random', got {init!r}")
+        _check_nearest_has_values(cls, "from_linear", linear, init)
         w0 = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w0.device,
                     dtype=w0.dtype, gain=gain, compute_dtype=compute_dtype)
         with torch.no_grad():
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
+            if w0.is_meta:
+                return _deferred(linear, layer)
             if init == "nearest":
                 polar = project_to_stiefel(w0.to(layer.compute_dtype) / layer.gain)
                 layer.raw_weight.copy_(polar.to(layer.raw_weight))
