@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from orthofx.errors import ArgumentError
+from orthofx.nn.convnorm import running_filters_held
 from orthofx.nn.precision import HALF_PRECISION, autocast_enabled
 from orthofx.theory import _flag as _theory_flag, _positive_int as _int, orthogonality_case
 
@@ -862,10 +863,13 @@ class _Call:
             state.update({name: self._cast(p) for name, p in module.named_parameters()})
         if params:
             state.update(params)
-        if not state:
-            return module(x, *self.rest, **self.kwargs)
-        return torch.func.functional_call(module, state, (x, *self.rest), self.kwargs, strict=False,
-                                          tie_weights=True)
+        # the copies of the buffers keep BatchNorm's running statistics where they are; ConvNorm's running filters
+        # are not buffers: held instead
+        with running_filters_held(module):
+            if not state:
+                return module(x, *self.rest, **self.kwargs)
+            return torch.func.functional_call(module, state, (x, *self.rest), self.kwargs, strict=False,
+                                              tie_weights=True)
 
     def tangent_parameters(self) -> dict[str, torch.Tensor]:
         """The module's parameters that are likely combined with activations by broadcasting (at most one

@@ -13,10 +13,13 @@ reference's gradient of the concatenated batch differ by rounding only), or repl
 ``jacobian``    the Jacobian regulariser with ``every: 2`` and ``per_sample`` (steps without an estimate, where the
                 penalty is a zero), under plain DDP, ``find_unused_parameters=True`` and ``static_graph=True``:
                 no DDP error, replicas in sync, each rank's penalty equal to the reference's;
-``convnorm``    the convnorm preset with running filters (``momentum=0.1``, one buffer per FFT grid, registered by
-                the first forward of an input size, so after DDP was built) on two input sizes: in sync and equal
-                to the reference when every rank sees the same size at a step; not when each rank has its own
-                size (a strict xfail: the fix belongs in orthofx/nn/convnorm.py);
+``convnorm``    the convnorm preset with running filters (``momentum=0.1``, one per FFT grid, made by the first
+                forward of an input size, so after DDP was built; not buffers, so DDP does not broadcast them) and
+                a buffer of the model's own, so that DDP broadcasts buffers before each forward: in sync and equal
+                to the reference when every rank sees the same size at a step; when the ranks train on sizes of
+                their own (in a spawn of its own: ranks that held different buffer sets aborted in DDP's
+                broadcast), no abort, and each rank's running filters are the exponential average of the filters
+                of the reference's weights at the steps that rank trained on each size;
 ``syncbn``      replicas trained apart first (weights, BatchNorm statistics, the orthogonal layers' eval-mode kernel
                 cache), then wrapped: DDP's initial broadcast must leave identical replicas, no stale cache; and
                 ``SyncBatchNorm.convert_sync_batchnorm`` of a transformed model (BatchNorm inside a JacobianProbe's
@@ -241,8 +244,9 @@ def _jac_reference(data, *, every: int = JAC_EVERY, penalty_scale: float = 1.0) 
 # ------------------------------------------------------------------------- convnorm (running filters per grid)
 
 CN_SIZES = {"same": [[(8, 8), (12, 12), (8, 8)]] * WORLD,   # both ranks: the same size at each step
-            "per_rank": [[(8, 8)] * STEPS, [(12, 12)] * STEPS]}   # each rank its own size
-CN_EVAL_SIZES = ((8, 8), (12, 12), (10, 10))  # the last one never trained on: V of the current weight
+            "per_rank": [[(8, 8), (12, 12), (8, 8)], [(8, 8), (10, 10), (8, 8)]]}   # 12 x 12 and 10 x 10: one rank
+CN_EVAL_SIZES = ((8, 8), (12, 12), (10, 10))  # the last one never trained on in "same": V of the current weight
+CN_MOMENTUM = 0.1
 
 
 def _cn_model():
@@ -252,7 +256,7 @@ def _cn_model():
     layers = [m for m in gm.modules() if isinstance(m, ConvNormConvNd)]
     assert len(layers) == 3
     for layer in layers:
-        layer.momentum = 0.1  # P3's running filters (the preset recomputes V; running ones are the buffers here)
+        layer.momentum = CN_MOMENTUM  # P3's running filters (the preset recomputes V and keeps none)
     return gm
 
 
@@ -268,10 +272,18 @@ def _cn_eval(model) -> list[torch.Tensor]:
         return [model(torch.randn(2, 1, *size, generator=generator, dtype=torch.float64)) for size in CN_EVAL_SIZES]
 
 
+def _cn_running(model) -> dict[str, torch.Tensor]:
+    """The running filters, by state_dict key (they are state, not buffers)."""
+    return {k: v.clone() for k, v in model.state_dict().items() if ".running_v_" in k}
+
+
 def _convnorm(case: str, rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     gm = _cn_model()
+    # a buffer of the model's own (a BatchNorm's statistics would do the same): DDP then broadcasts rank 0's buffers
+    # before every forward, where ranks holding different sets of running-filter buffers aborted
+    gm.register_buffer("steps", torch.zeros((), dtype=torch.int64))
     ddp = DDP(gm)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=LR)
     data = _cn_data(rank, CN_SIZES[case][rank])
@@ -280,9 +292,10 @@ def _convnorm(case: str, rank: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        gm.steps += 1
     evaluation = _cn_eval(ddp.eval())
-    return {"params": _params(gm), "buffers": {k: v.clone() for k, v in gm.named_buffers()}, "data": data,
-            "eval": evaluation}
+    return {"params": _params(gm), "running": _cn_running(gm), "buffers": [n for n, _ in gm.named_buffers()],
+            "data": data, "eval": evaluation}
 
 
 def _cn_reference(data) -> dict:
@@ -295,8 +308,46 @@ def _cn_reference(data) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return {"params": _params(gm), "buffers": {k: v.clone() for k, v in gm.named_buffers()},
-            "eval": _cn_eval(gm.eval())}
+    return {"params": _params(gm), "running": _cn_running(gm), "eval": _cn_eval(gm.eval())}
+
+
+def _cn_grids(size: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """The FFT grid of each ConvNorm layer of small_cnn for an input size: 3 x 3 kernels with padding 1 have the
+    grid ``n + 2`` (stride-1 correlation padded by 2 on each side); conv2 has stride 2, so conv3 sees
+    ``(n - 1) // 2 + 1``."""
+    n = size[0]
+    half = (n - 1) // 2 + 1
+    return {"conv1": (n + 2, n + 2), "conv2": (n + 2, n + 2), "conv3": (half + 2, half + 2)}
+
+
+def _dense_filter(weight: torch.Tensor, grid: tuple[int, int], eps: float) -> torch.Tensor:
+    """ConvNorm's V from a dense FFT of the zero-padded kernel (float64): (sum_c |K_hat_mc|^2 + eps)^(-1/2)."""
+    spectrum = torch.fft.rfft2(weight.detach().double(), s=grid)
+    return (spectrum.abs().square().sum(1) + eps).rsqrt()
+
+
+def _cn_per_rank_reference(data) -> dict:
+    """One process that steps with the mean of both ranks' losses (what DDP's averaged gradient is; the ranks'
+    inputs differ in size, so they cannot be concatenated), and each rank's running filters recomputed from the
+    weights before each step: per layer and grid, V of the weights at the first step that rank trained on the
+    grid, then ``(1 - m) running + m V`` at each later one (independent of orthofx's filter code)."""
+    gm = _cn_model()
+    eps = {name: gm.get_submodule(name).eps for name in ("conv1", "conv2", "conv3")}
+    optimizer = torch.optim.SGD(gm.parameters(), lr=LR)
+    running = [{} for _ in data]
+    for step in zip(*data):
+        for rank, (x, _) in enumerate(step):
+            for name, grid in _cn_grids(tuple(x.shape[2:])).items():
+                v = _dense_filter(gm.get_submodule(name).weight, grid, eps[name])
+                key = f"{name}.running_v_{grid[0]}x{grid[1]}"
+                old = running[rank].get(key)
+                running[rank][key] = v if old is None else (1 - CN_MOMENTUM) * old + CN_MOMENTUM * v
+        losses = [nn.functional.cross_entropy(gm(x), target) for x, target in step]
+        loss = sum(losses) / len(losses) + orthofx.penalty(gm)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return {"params": _params(gm), "running": running}
 
 
 # --------------------------------------------------------------------------------------- syncbn (conversion)
@@ -499,7 +550,7 @@ ZERO_CASES = ("own_group", "shared_group", "overlap")
 
 JOBS = ([(f"accumulate_{v}", functools.partial(_accumulate, v)) for v in ACC_VARIANTS]
         + [(f"jacobian_{m}", functools.partial(_jacobian, m)) for m in DDP_MODES]
-        + [(f"convnorm_{c}", functools.partial(_convnorm, c)) for c in CN_SIZES]
+        + [("convnorm_same", functools.partial(_convnorm, "same"))]
         + [(f"syncbn_{c}", functools.partial(_syncbn, c)) for c in SYNCBN_CASES]
         + [(f"modes_{p}_{m}", functools.partial(_modes, p, m)) for p in MODE_PRESETS for m in ("find_unused", "static")]
         + [(f"checkpoint_{w}", functools.partial(_checkpoint, w)) for w in (False, True)]
@@ -509,6 +560,15 @@ JOBS = ([(f"accumulate_{v}", functools.partial(_accumulate, v)) for v in ACC_VAR
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     return run_jobs(JOBS, tmp_path_factory.mktemp("ddp_fuzz"))
+
+
+@pytest.fixture(scope="module")
+def per_rank_results(tmp_path_factory):
+    """The ConvNorm job whose ranks train on sizes of their own, in a spawn of its own: when the running filters
+    were buffers, DDP's broadcast of sets that differ across ranks aborted the workers (gloo: 'Received data size
+    doesn't match expected size'), which would have taken every other job's results with it."""
+    jobs = [("convnorm_per_rank", functools.partial(_convnorm, "per_rank"))]
+    return run_jobs(jobs, tmp_path_factory.mktemp("ddp_fuzz_convnorm"))
 
 
 # --------------------------------------------------------------------------------------------------- tests
@@ -563,34 +623,45 @@ def test_jacobian_every_and_per_sample_under_ddp(results, mode):
 
 
 def test_convnorm_running_filters_same_sizes(results):
-    """Running ConvNorm filters registered at the first forward of each input size (after DDP was built): both
-    replicas hold the same buffers, equal to the single-process run's, and evaluate alike on every size."""
+    """Running ConvNorm filters made at the first forward of each input size (after DDP was built): both replicas
+    hold the same ones, equal to the single-process run's, and evaluate alike on every size."""
     ranks = _ok(results, "convnorm_same")
+    assert ranks[0]["buffers"] == ranks[1]["buffers"] == ["steps"]  # the running filters are no buffers
     _assert_replicas_identical(ranks)
-    _assert_replicas_identical(ranks, "buffers")
-    assert sorted(ranks[0]["buffers"]) == sorted(f"conv{i}.running_v_{g}" for i, g in
+    _assert_replicas_identical(ranks, "running")
+    assert sorted(ranks[0]["running"]) == sorted(f"conv{i}.running_v_{g}" for i, g in
                                                  ((1, "10x10"), (1, "14x14"), (2, "10x10"), (2, "14x14"),
                                                   (3, "6x6"), (3, "8x8")))
     reference = _cn_reference([rank["data"] for rank in ranks])
     assert _max_diff(ranks[0]["params"], reference["params"]) <= F64_ATOL
-    assert _max_diff(ranks[0]["buffers"], reference["buffers"]) <= F64_ATOL
+    assert _max_diff(ranks[0]["running"], reference["running"]) <= F64_ATOL
     for ours, theirs, other in zip(ranks[0]["eval"], reference["eval"], ranks[1]["eval"]):
         assert torch.equal(ours, other)
         torch.testing.assert_close(ours, theirs, atol=F64_ATOL, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "orthofx/nn/convnorm.py registers a running filter as a buffer at the first forward of each input size, after "
-    "DDP was built: DDP never broadcasts buffers when the model had none at construction (here: each replica "
-    "keeps the filters of the sizes it saw), and with a BatchNorm it broadcasts all current buffers, whose sets "
-    "then differ across ranks (gloo aborts the process: 'Received data size doesn't match expected size')"))
-def test_convnorm_running_filters_per_rank_sizes(results):
-    """Each rank trains on its own input size: the weights still agree, and DDP's broadcast_buffers says the
-    replicas hold rank 0's buffers, so they must evaluate alike on every size."""
-    ranks = _ok(results, "convnorm_per_rank")
+def test_convnorm_running_filters_per_rank_sizes(per_rank_results):
+    """Each rank trains on sizes of its own (8 x 8 at the same steps on both, then 12 x 12 on rank 0 and 10 x 10
+    on rank 1) under a DDP that broadcasts buffers: no abort, the weights agree with each other and with one
+    process stepping on the mean of both ranks' losses, and each rank holds the running filters of the grids it
+    trained on, the exponential average of V of those weights at its own steps (so both ranks hold the same
+    filters for 8 x 8 and evaluate alike on it, and differ on 12 x 12, which only rank 0 trained on)."""
+    ranks = _ok(per_rank_results, "convnorm_per_rank")
+    assert ranks[0]["buffers"] == ranks[1]["buffers"] == ["steps"]
     _assert_replicas_identical(ranks)
-    for ours, other in zip(ranks[0]["eval"], ranks[1]["eval"]):
-        assert torch.equal(ours, other)
+    reference = _cn_per_rank_reference([rank["data"] for rank in ranks])
+    assert _max_diff(ranks[0]["params"], reference["params"]) <= F64_ATOL
+    for rank, expected in zip(ranks, reference["running"]):
+        assert sorted(rank["running"]) == sorted(expected)
+        for key, v in expected.items():
+            torch.testing.assert_close(rank["running"][key], v, rtol=1e-10, atol=0, msg=key)
+    shared = {key for key in ranks[0]["running"] if key in ranks[1]["running"]}
+    assert shared == {f"conv{i}.running_v_{g}" for i, g in ((1, "10x10"), (2, "10x10"), (3, "6x6"))}
+    for key in shared:
+        torch.testing.assert_close(ranks[0]["running"][key], ranks[1]["running"][key], rtol=1e-12, atol=0)
+    (ours8, ours12, _), (other8, other12, _) = ranks[0]["eval"], ranks[1]["eval"]
+    torch.testing.assert_close(ours8, other8, rtol=1e-12, atol=0)
+    assert (ours12 - other12).abs().max() > 1e-6  # rank 1 never trained on 12 x 12: V of the current weight
 
 
 @pytest.mark.parametrize("case", list(SYNCBN_CASES))

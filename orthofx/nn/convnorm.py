@@ -72,16 +72,32 @@ recent weights. Two behaviours are offered:
 * ``momentum=None`` (default): train and eval both use ``V`` recomputed from the current weight. Train and eval
   outputs agree exactly, every input size works, nothing is stored. This is the recommended mode.
 * ``momentum=m`` (float in (0, 1]): P3's behaviour. Each training forward updates a running filter for its grid,
-  ``running <- (1 - m) running + m V`` (initialised with the first ``V`` seen for that grid, not with ones), kept as
-  a buffer ``running_v_<L1>x<L2>`` (so it is in the ``state_dict``, moves with ``.to()`` and loads into a fresh
-  module; a cast to half precision leaves it in float32, the precision ``V`` is computed in for such
-  weights). Eval uses the running filter of its grid, and falls back to ``V`` of the current weight for a grid
-  never seen in training. A layer with ``momentum=None`` has no running filters: ``running_v_*`` keys in a
-  state dict it loads are unexpected keys (``load_state_dict`` fails with torch's usual message under
-  ``strict=True`` and ignores them under ``strict=False``); construct it with ``momentum=...`` to load them.
-  Buffers are created in ``forward``, which makes ``torch.compile`` break the graph on
-  the first call of a new size, and under DistributedDataParallel every rank must train on the same input sizes:
-  DDP broadcasts rank 0's buffers, and ranks holding different sets abort in that broadcast.
+  ``running <- (1 - m) running + m V`` (initialised with the first ``V`` seen for that grid, not with ones). Eval
+  uses the running filter of its grid, and falls back to ``V`` of the current weight for a grid never seen in
+  training. The running filters are kept in a dict keyed by the grid (:attr:`~ConvNormConvNd.running_grids`,
+  :meth:`~ConvNormConvNd.running_filter`), not as buffers, since the grids a layer has seen depend on the input
+  sizes it ran on (see DDP below); they are state all the same: ``state_dict`` holds one entry
+  ``running_v_<L1>x<L2>`` per grid (the key a buffer of that name had), ``load_state_dict`` restores them
+  (``assign=True`` too; a filter for a grid the layer has never seen is made for it; the loaded filters replace
+  the layer's, so none is "missing"), and they move with ``.to()``, ``.double()``, ``.cuda()`` ..., are deep-copied
+  and pickled with the layer. A cast to half precision leaves them in float32, the precision ``V`` is computed in
+  for such weights. A layer with ``momentum=None`` has no running filters: ``running_v_*`` keys in a state dict
+  it loads are unexpected keys (``load_state_dict`` fails with torch's usual message under ``strict=True`` and
+  ignores them under ``strict=False``); construct it with ``momentum=...`` to load them. ``named_buffers()`` does
+  not list them, so neither does ``torch.func.functional_call`` swap them: code that runs extra training forwards
+  on copies of a module's buffers (so as not to move its running statistics) runs them under
+  :func:`running_filters_held`, in which the layers use ``V`` and store nothing. ``torch.compile(fullgraph=True)``
+  traces the update and the storing of a new grid's filter, for every size (dynamic shapes too).
+
+  DistributedDataParallel broadcasts rank 0's buffers (at construction, and before each forward once the model has
+  any), and ranks holding different buffer sets abort in that broadcast; the running filters, not being buffers,
+  are never broadcast, so ranks may train on different input sizes (variable-size batches, a smaller last batch).
+  Each rank holds its own running filters: for each grid, the exponential average of ``V`` of the weights at the steps
+  where *that rank* trained on that grid. DDP keeps the weights identical on every rank, so ranks that train on
+  the same grids at the same steps hold the same running filters; a rank that trained on a grid at other steps, or
+  never, holds another filter for it, or none (its eval then uses ``V`` of the weight), and replicas' eval outputs
+  on that size differ. A checkpoint saved on one rank holds that rank's filters, and loading it on every rank
+  gives them all the same. With ``momentum=None`` there is nothing per rank.
 
 Freezing (inference form)
 -------------------------
@@ -137,7 +153,7 @@ layer itself, so outputs, gradients, running-filter updates and every input size
 and eval mode. Tracing the layer itself as the root (``symbolic_trace(layer)``) cannot give such a node and
 raises :class:`~orthofx.errors.CaptureError`. ``torch.func`` transforms (``vmap`` / ``grad`` of a
 ``functional_call``, per-sample gradients) work with ``momentum=None`` and in eval mode; a training-mode update of
-a running filter is an in-place buffer write they cannot make, refused with a
+a running filter is an in-place write to the layer's state they cannot make, refused with a
 :class:`~orthofx.errors.LayerArgumentError` naming those two fixes.
 
 Example::
@@ -153,6 +169,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import ClassVar, NamedTuple, Sequence
@@ -163,6 +180,7 @@ from torch import nn
 
 from orthofx.errors import LayerArgumentError, layer_label
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf
+from orthofx.nn.orthogonal import without_memory_format
 from orthofx.nn.padding import circular_pad, flat_pads
 from orthofx.nn.precision import HALF_PRECISION
 
@@ -178,6 +196,7 @@ __all__ = [
     "ConvNormConv3d",
     "with_convnorm",
     "FrozenConvNormNd",
+    "running_filters_held",
     "WRAPPED_MARKER",
 ]
 
@@ -372,6 +391,12 @@ def _checked_eps(eps) -> float:
     return float(eps)
 
 
+def _grid_key(grid: Sequence) -> tuple[int, ...]:
+    """An FFT grid as the key of a layer's running filters: a tuple of Python ints (from ints, SymInts under
+    ``torch.compile``, or the digits of a ``running_v_<L1>x...`` name)."""
+    return tuple(int(g) for g in grid)
+
+
 def _one_tap(kernel_size: Sequence[int]) -> bool:
     return all(k == 1 for k in kernel_size)
 
@@ -385,18 +410,32 @@ def _one_tap_scale(weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (w.square().flatten(1).sum(1) + eps).rsqrt()
 
 
+def _kept_real(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """A ConvNorm filter ``old`` after ``nn.Module._apply`` made ``new`` of it (``.to()``, ``.half()``, ``.cuda()``
+    ...): ``new``, except that a cast to half precision gives float32 instead (converted from the values before
+    the cast, so not rounded), the precision the layer computes ``V`` in for half-precision weights. In half
+    precision ``V`` would be off by up to 0.4 % and a running average of it would stall."""
+    if new.dtype in (torch.float32, torch.float64):
+        return new
+    return old.detach().to(device=new.device, dtype=torch.float32)
+
+
+def _converted_filter(fn, old: torch.Tensor) -> torch.Tensor:
+    """A ConvNorm filter through ``fn``, the function ``nn.Module._apply`` maps over a module's tensors: moved and
+    cast as :func:`_kept_real` says, and not given a memory format (a filter is a half spectrum per channel, not a
+    conv kernel: ``.to(memory_format=torch.channels_last_3d)`` refused a 3-D layer's 4-D filters)."""
+    return _kept_real(old, without_memory_format(fn)(old))
+
+
 def _apply_keeping_filters_real(module: nn.Module, apply, fn, recurse: bool, prefix: str) -> nn.Module:
-    """``nn.Module._apply`` (``.to()``, ``.half()``, ``.cuda()`` ...) for a module holding ConvNorm filters as buffers
-    named ``<prefix>...``: they move with it, but a cast to half precision leaves them in float32 (converted from
-    the values before the cast, so not rounded), the precision the layer computes ``V`` in for half-precision
-    weights. In half precision ``V`` would be off by up to 0.4 % and a running average of it would stall."""
-    before = {name: buf for name, buf in module._buffers.items() if name.startswith(prefix) and buf is not None}
-    apply(fn, recurse)
-    for name, old in before.items():
-        new = module._buffers.get(name)
-        if new is not None and new.dtype not in (torch.float32, torch.float64):
-            module._buffers[name] = old.detach().to(device=new.device, dtype=torch.float32)
-    return module
+    """``nn.Module._apply`` for a module holding ConvNorm filters as buffers named ``<prefix>...``: they move with
+    it, converted as :func:`_converted_filter` says; its other tensors go through ``fn`` itself."""
+    filters = {id(buf) for name, buf in module._buffers.items() if name.startswith(prefix) and buf is not None}
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        return _converted_filter(fn, t) if id(t) in filters else fn(t)
+
+    return apply(convert, recurse)
 
 
 def channel_gains(weight: torch.Tensor, grid: Sequence[int], dilation=1) -> torch.Tensor:
@@ -611,7 +650,19 @@ class ConvNormConvNd(nn.Module):
         else:
             self.affine = None
         self._input_sizes: dict[tuple[int, ...], None] = {}
+        # the running filters per FFT grid: a plain dict, not buffers (see "Running V and eval mode")
+        self._running_filters: dict[tuple[int, ...], torch.Tensor] = {}
+        self._running_held = False  # True inside running_filters_held
         self.train(conv.training)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_running_held", False)
+        if "_running_filters" not in self.__dict__:
+            # a layer pickled when its running filters were buffers named running_v_<L1>x...: take them out
+            self._running_filters = {
+                _grid_key(name[len(_RUNNING_PREFIX):].split("x")): self._buffers.pop(name)
+                for name in [n for n in self._buffers if n.startswith(_RUNNING_PREFIX)]}
 
     # ---- the conv's attributes, read-only
 
@@ -669,22 +720,31 @@ class ConvNormConvNd(nn.Module):
 
     @staticmethod
     def _buffer_name(grid: Sequence[int]) -> str:
+        """The ``state_dict`` key (after the layer's prefix) of the running filter of an FFT grid."""
         return _RUNNING_PREFIX + "x".join(str(int(g)) for g in grid)
 
     def running_filter(self, grid: Sequence[int]) -> torch.Tensor | None:
         """The running ``V`` kept for an FFT grid (see :meth:`geometry`), or ``None``."""
-        return self._buffers.get(self._buffer_name(grid))
+        return self._running_filters.get(_grid_key(grid))
 
     @property
     def running_grids(self) -> list[tuple[int, ...]]:
         """The FFT grids a running ``V`` is kept for."""
-        return [tuple(int(v) for v in name[len(_RUNNING_PREFIX):].split("x"))
-                for name in self._buffers if name.startswith(_RUNNING_PREFIX)]
+        return list(self._running_filters)
 
     def reset_running_stats(self) -> None:
         """Forget every running ``V``."""
-        for name in [n for n in self._buffers if n.startswith(_RUNNING_PREFIX)]:
-            del self._buffers[name]
+        self._running_filters.clear()
+
+    def reset_parameters(self) -> None:
+        """The state of a new layer: the conv's own initialisation (``conv.reset_parameters()``), the identity
+        affine part and no running filters. For deferred initialisation (built under ``torch.device("meta")``,
+        then ``to_empty(device=...)``, which leaves every tensor uninitialised, running filters included). A loop
+        calling ``reset_parameters()`` on every submodule resets the affine part (an ``nn.Conv``) to torch's random
+        initialisation after this: call :meth:`reset_affine` after such a loop."""
+        self.conv.reset_parameters()
+        self.reset_affine()
+        self.reset_running_stats()
 
     def geometry(self, input_size: Sequence[int]) -> ConvNormGeometry:
         """The FFT grid, crop offset and output size for a spatial input size (padding modes other than zeros
@@ -710,28 +770,31 @@ class ConvNormConvNd(nn.Module):
     def _v_for(self, grid, geo) -> torch.Tensor | None:
         if self.momentum is None:
             return None
-        name = self._buffer_name(grid)
-        running = self._buffers.get(name)
+        key = _grid_key(grid)
+        running = self._running_filters.get(key)
         if not self.training:
             return running
         v = _filter(self.conv.weight, grid, self.conv.dilation, self.eps)
+        if self._running_held:
+            return v
         self._refuse_running_update_under_transform()
         with torch.no_grad():
             if running is None or running.shape != v.shape:
-                # a buffer made under inference_mode would be an inference tensor, which later training steps
-                # could not update in place (BatchNorm's running statistics keep working in that sequence)
+                # made outside inference mode: made under inference_mode it would be an inference tensor, which
+                # later training steps could not update in place (BatchNorm's running statistics keep working in
+                # that sequence)
                 with torch.inference_mode(False):
-                    self.register_buffer(name, v.clone())
+                    self._running_filters[key] = v.clone()
             else:
                 running.lerp_(v.to(running.dtype), self.momentum)
         return v
 
     def _refuse_running_update_under_transform(self) -> None:
-        """The training-mode update of a running filter writes a buffer in place (or registers a new one), which a
-        ``torch.func`` transform (``vmap`` / ``grad`` of a ``functional_call``: per-sample gradients) cannot do:
-        torch refuses the in-place ``lerp_`` on a captured tensor, and a first call would leave a functorch-wrapped
-        tensor as the layer's buffer. Say so with the fixes instead (as torch's BatchNorm, which has the same
-        limitation)."""
+        """The training-mode update of a running filter writes the layer's state in place (or stores a new filter),
+        which a ``torch.func`` transform (``vmap`` / ``grad`` of a ``functional_call``: per-sample gradients) cannot
+        do: torch refuses the in-place ``lerp_`` on a captured tensor, and a first call would leave a
+        functorch-wrapped tensor as the layer's running filter. Say so with the fixes instead (as torch's BatchNorm,
+        which has the same limitation)."""
         if not in_func_transform():
             return
         raise LayerArgumentError(
@@ -741,42 +804,87 @@ class ConvNormConvNd(nn.Module):
             f"(layer.eval(): the running filters are then only read), or build the layer with momentum=None (the "
             f"default: the filter is recomputed from the weight and nothing is stored)")
 
+    # ---- the running filters as state: kept in a plain dict, not as buffers (see "Running V and eval mode")
+
     def _apply(self, fn, recurse=True):
-        return _apply_keeping_filters_real(self, super()._apply, fn, recurse, _RUNNING_PREFIX)
+        """``nn.Module._apply`` (``.to()``, ``.double()``, ``.half()``, ``.cuda()``, ``.to_empty()`` ...): the
+        running filters go through ``fn`` as torch's buffers do, except that a cast to half precision keeps them in
+        float32 and no memory format is given (:func:`_converted_filter`)."""
+        super()._apply(fn, recurse)
+        for grid, old in list(self._running_filters.items()):
+            self._running_filters[grid] = _converted_filter(fn, old)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The layer's own state, then a ``running_v_<L1>x...`` entry per running filter: the keys, values and
+        order a buffer of that name had (the layer has no parameters or buffers of its own; its children follow)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for grid, v in self._running_filters.items():
+            destination[prefix + self._buffer_name(grid)] = v if keep_vars else v.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # Running filters are created on demand: make room for the ones the state dict holds. With momentum=None
-        # the layer never uses running filters, so none is made: torch reports them as unexpected keys (a strict
-        # load fails, strict=False ignores them).
-        # The loaded running filters replace this layer's: ones the state dict lacks were made from other
-        # weights, so they are dropped rather than kept stale (or reported missing by a strict load).
-        incoming = set()
-        for key, value in state_dict.items() if self.momentum is not None else ():
-            if key.startswith(prefix + _RUNNING_PREFIX):
-                name = key[len(prefix):]
-                if "." not in name and isinstance(value, torch.Tensor):
-                    problem = self._running_filter_problem(name, value)
-                    if problem is not None:
-                        # refused as torch refuses a parameter of the wrong shape (also under strict=False): a
-                        # filter shaped otherwise would broadcast over the channels in eval, silently
-                        error_msgs.append(f"{problem} (key {key!r})")
-                        continue
-                    incoming.add(name)
-                    if name not in self._buffers:
-                        # made outside inference mode (as in _v_for): a load_state_dict under
-                        # torch.inference_mode() would leave an inference tensor that a later training forward
-                        # could not update in place (BatchNorm's running statistics keep working in that sequence)
-                        with torch.inference_mode(False):
-                            self.register_buffer(name, torch.empty(value.shape, device=self.conv.weight.device,
-                                                                   dtype=_real_dtype(self.conv.weight.dtype)))
-        for name in [n for n in self._buffers if n.startswith(_RUNNING_PREFIX) and n not in incoming]:
-            del self._buffers[name]
+        loaded = self._load_running_filters(state_dict, prefix, local_metadata, error_msgs)
+        reported = len(unexpected_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        # torch reports each key under this prefix that names no parameter, buffer or child as unexpected: the
+        # running filters just loaded are none of those, but they are expected
+        unexpected_keys[reported:] = [key for key in unexpected_keys[reported:] if key not in loaded]
+
+    def _load_running_filters(self, state_dict, prefix: str, local_metadata, error_msgs: list) -> set[str]:
+        """Replace the running filters by the ``running_v_*`` entries of ``state_dict`` (``load_state_dict``);
+        the keys it took.
+
+        The loaded filters replace this layer's: ones the state dict lacks were made from other weights, so they
+        are dropped rather than kept stale (or reported missing by a strict load). A layer with ``momentum=None``
+        never uses running filters and takes none: torch reports them as unexpected keys (a strict load fails,
+        ``strict=False`` ignores them). A filter of a grid the layer has already is copied into it in place; one
+        of a new grid into a new tensor of the layer's device and working precision; with ``assign=True`` the
+        state dict's tensor itself is kept, as torch does for buffers. An entry of the wrong shape, or whose name
+        gives no grid, is refused as torch refuses a parameter of the wrong shape (an error, under
+        ``strict=False`` too: a filter shaped otherwise would broadcast over the channels in eval, silently).
+        """
+        incoming: dict[tuple[int, ...], tuple[str, torch.Tensor]] = {}
+        for key, value in state_dict.items() if self.momentum is not None else ():
+            name = key[len(prefix):]
+            if not key.startswith(prefix + _RUNNING_PREFIX) or "." in name or not isinstance(value, torch.Tensor):
+                continue  # not a running filter of this layer: left to torch (a child's, or unexpected)
+            problem = self._running_filter_problem(name, value)
+            if problem is not None:
+                error_msgs.append(f"{problem} (key {key!r})")
+                continue
+            incoming[_grid_key(name[len(_RUNNING_PREFIX):].split("x"))] = (key, value)
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        current = self._running_filters
+        # the grids kept keep their place, new ones follow in the state dict's order (as buffers did)
+        order = [grid for grid in current if grid in incoming] + [grid for grid in incoming if grid not in current]
+        loaded, taken = {}, set()
+        for grid in order:
+            key, value = incoming[grid]
+            if assign:
+                loaded[grid] = value
+            else:
+                target = current.get(grid)
+                if target is None:
+                    with torch.inference_mode(False):  # a tensor later training steps can update (see _v_for)
+                        target = torch.empty(value.shape, device=self.conv.weight.device,
+                                             dtype=_real_dtype(self.conv.weight.dtype))
+                try:
+                    with torch.no_grad():
+                        target.copy_(value)
+                except Exception as error:  # noqa: BLE001 - reported as torch reports a failed copy
+                    error_msgs.append(f'While copying the running ConvNorm filter named "{key}", an exception '
+                                      f'occurred: {error.args}.')
+                    continue
+                loaded[grid] = target
+            taken.add(key)
+        current.clear()
+        current.update(loaded)
+        return taken
 
     def _running_filter_problem(self, name: str, value: torch.Tensor) -> str | None:
-        """Why the tensor ``value`` loaded as the buffer ``name`` (``running_v_<L1>x...x<Ld>``) cannot be a running
+        """Why the tensor ``value`` loaded under the key ``name`` (``running_v_<L1>x...x<Ld>``) cannot be a running
         filter of this layer, or ``None``: its name must give ``d`` positive grid sizes and its shape must be the
         rfft half spectrum of that grid for every output channel, ``(M, L_1, ..., L_d // 2 + 1)``."""
         sizes = name[len(_RUNNING_PREFIX):].split("x")
@@ -1072,3 +1180,36 @@ def with_convnorm(conv: nn.Module, **kwargs) -> ConvNormConvNd:
             return cls(conv, **kwargs)
     raise _not_a_conv(conv, "with_convnorm wraps an nn.Conv1d, nn.Conv2d or nn.Conv3d (or a subclass)",
                       "pass the convolution layer itself")
+
+
+@contextlib.contextmanager
+def running_filters_held(module: nn.Module):
+    """Within the block, the ConvNorm layers of ``module`` (itself included) with ``momentum`` run their training
+    forwards as usual (normalised by ``V`` of the current weight) but leave their running filters as they are:
+    no update, no new grid stored.
+
+    For code that runs extra training forwards of a module without moving its running statistics
+    (``orthofx.metrics``' Jacobian estimator runs them on copies of the buffers, with
+    ``torch.func.functional_call``): the running filters are not buffers (see "Running V and eval mode"), so such
+    code runs the forwards under this as well. Nothing is written in place, so those forwards may also run inside
+    ``torch.func`` transforms (``jvp``, ``vmap``), where an update is refused.
+
+    >>> import torch
+    >>> layer = ConvNormConv2d(torch.nn.Conv2d(3, 4, 3, padding=1), momentum=0.5).train()
+    >>> _ = layer(torch.randn(1, 3, 8, 8))
+    >>> before = layer.running_filter((10, 10)).clone()
+    >>> with running_filters_held(layer):
+    ...     _ = layer(torch.randn(1, 3, 8, 8))       # the training output, from V of the current weight
+    ...     _ = layer(torch.randn(1, 3, 6, 6))       # a new size: nothing stored
+    >>> torch.equal(layer.running_filter((10, 10)), before), layer.running_grids
+    (True, [(10, 10)])
+    """
+    layers = [m for m in module.modules() if isinstance(m, ConvNormConvNd)]
+    held = [layer._running_held for layer in layers]
+    for layer in layers:
+        layer._running_held = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, held):
+            layer._running_held = was

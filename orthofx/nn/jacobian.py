@@ -196,6 +196,12 @@ class JacobianProbe(nn.Module):
         self.block.training = mode
         return self
 
+    def _apply(self, fn, recurse=True):
+        # the block's own _apply, on the registries the probe shares: a class-specific one (ConvNorm's running
+        # filters, kept outside the buffers) must run for .to() / .double() of the probe too
+        self.block._apply(fn, recurse)
+        return self
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.block._save_to_state_dict(destination, prefix, keep_vars)
 
