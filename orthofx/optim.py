@@ -36,7 +36,7 @@ from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError
 from .passes.base import refuse_fsdp1
 from .passes.riemannian import is_zero_redundancy
-from .penalty import part_site_path, transformed_parts
+from .penalty import averaged_copies, part_site_path, trained_parts, transformed_parts
 from .transform import is_transformed, manifest_of
 
 __all__ = ["attach", "AttachHandle"]
@@ -281,12 +281,20 @@ def _attached_parts(model: nn.Module) -> list[_PartHooks]:
     """The transformed models whose hooks ``attach(optimizer, model)`` registers: ``model`` itself when
     ``orthofx.transform`` returned it, else its transformed parts (:func:`orthofx.penalty.transformed_parts`, which
     lists a part reached twice, bare and through a ``torch.compile`` wrapper, once: its hooks would run twice);
-    raises :class:`~orthofx.OrthofxError` for a model holding none."""
+    raises :class:`~orthofx.OrthofxError` for a model holding none. A part inside an EMA / SWA copy
+    (``torch.optim.swa_utils.AveragedModel``, :func:`orthofx.penalty.averaged_copies`) is left out: its weights
+    are averages that ``update_parameters`` sets, which no optimizer steps."""
     if is_transformed(model):
         return [_PartHooks("", model)]
-    parts = [_PartHooks(path, part) for path, part in transformed_parts(model)]
+    parts = [_PartHooks(path, part) for path, part in trained_parts(model)]
     if not parts:
-        raise OrthofxError(f"{type(unwrap_model(model)).__name__} was not produced by orthofx.transform and holds no "
+        name = type(unwrap_model(model)).__name__
+        if transformed_parts(model):
+            raise OrthofxError(f"{name} holds transformed models only inside averaged copies "
+                               f"({', '.join(averaged_copies(model))}: "
+                               "AveragedModel, an EMA or SWA of the trained weights), which no optimizer steps; "
+                               "attach the optimizer to the model it trains (the one update_parameters reads)")
+        raise OrthofxError(f"{name} was not produced by orthofx.transform and holds no "
                            "model it returned (a transformed part), so it has no optimizer hooks to attach; call "
                            "orthofx.transform(model, policy) first, or attach the optimizer to the transformed model")
     return parts
@@ -321,7 +329,8 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     error (the updates would run twice). A model that ``orthofx.transform`` did not return but that holds
     transformed models (``nn.Sequential(gm, head)``, a wrapper with ``self.backbone = orthofx.transform(...)``) gets
     the hooks of each of them, run on it as ``attach(optimizer, part)`` would (``handle.hooks``' sites are relative
-    to their part); attaching a part that is attached already, directly or through another model, is refused too.
+    to their part), except the copies inside an EMA / SWA ``torch.optim.swa_utils.AveragedModel``, which no
+    optimizer steps; attaching a part that is attached already, directly or through another model, is refused too.
     OLR moves each Pre-SVD weight into a parameter group of its own, so an
     optimizer state saved after ``attach`` loads (``optimizer.load_state_dict``) after ``attach``; create LR
     schedulers after ``attach`` too. A ``ZeroRedundancyOptimizer`` works (each rank's hooks see the whole

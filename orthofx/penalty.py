@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError
@@ -40,7 +41,7 @@ from .passes.base import PenaltyTerm, zero_like_parameters
 from .transform import is_transformed, manifest_of
 
 __all__ = ["penalty", "penalty_terms", "is_orthofx_layer", "holding_orthofx_layers", "lazy_site_module",
-           "transformed_parts", "part_site_path", "module_path_within"]
+           "transformed_parts", "trained_parts", "averaged_copies", "part_site_path", "module_path_within"]
 
 # ``is_orthofx_layer`` (defined in orthofx.nn.tracing, the one definition) stays importable from here.
 
@@ -93,16 +94,39 @@ def transformed_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return parts
 
 
-def _untransformed_sources(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, JacobianProbe]]]:
-    """What the penalty of a model that ``orthofx.transform`` did not return is made of: its transformed parts
-    (:func:`transformed_parts`) and the JacobianProbes outside them (a probe inside a transformed part is one of
-    that part's terms); raises like :func:`holding_orthofx_layers` for a model holding neither."""
+def averaged_copies(model: nn.Module) -> list[str]:
+    """Module paths of the ``torch.optim.swa_utils.AveragedModel`` s inside ``model`` (below it, through its
+    wrappers): an EMA or SWA copy kept next to the trained model (``self.ema = AveragedModel(self.net)``).
+
+    Such a copy's weights are set by ``update_parameters`` (averages of the trained weights, ``p_avg <-
+    lerp(p_avg, p, 1 - decay)`` for an EMA), never by a gradient step: a transformed model or a JacobianProbe
+    inside it has no penalty to train and no optimizer step to hook (:func:`trained_parts`). ``orthofx.penalty``
+    of the averaged model itself (``orthofx.penalty(ema)``) still measures it: there it is the root, not a copy
+    inside."""
     root = unwrap_model(model)
-    parts = transformed_parts(root)
+    return [name for name, module in root.named_modules() if module is not root and isinstance(module, AveragedModel)]
+
+
+def trained_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """:func:`transformed_parts` of ``model`` outside its EMA / SWA copies (:func:`averaged_copies`): the parts
+    whose terms ``orthofx.penalty`` adds and whose hooks ``orthofx.attach`` registers."""
+    averaged = averaged_copies(model)
+    return [(path, part) for path, part in transformed_parts(model)
+            if not any(module_path_within(path, copy) for copy in averaged)]
+
+
+def _untransformed_sources(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, JacobianProbe]]]:
+    """What the penalty of a model that ``orthofx.transform`` did not return is made of: its trained transformed
+    parts (:func:`trained_parts`) and the JacobianProbes outside them and outside EMA / SWA copies (a probe inside a
+    transformed part is one of that part's terms); raises like :func:`holding_orthofx_layers` for a model holding
+    neither."""
+    root = unwrap_model(model)
+    parts = trained_parts(root)
     if not parts:
         holding_orthofx_layers(root)
+    outside = [path for path, _ in parts] + averaged_copies(root)
     probes = [(name, m) for name, m in root.named_modules()
-              if isinstance(m, JacobianProbe) and not any(module_path_within(name, path) for path, _ in parts)]
+              if isinstance(m, JacobianProbe) and not any(module_path_within(name, path) for path in outside)]
     return parts, probes
 
 

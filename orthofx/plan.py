@@ -34,7 +34,7 @@ from torch import fx, nn
 from .capture import ModalGraphModule, _is_torch_layer, module_scopes
 from .errors import PlanError
 from .nn.tracing import is_orthofx_module
-from .passes.base import CaptureInfo, PlanEntry, Site, derived_weight, describe_module
+from .passes.base import CaptureInfo, PlanEntry, Site, derived_weight, describe_module, reads_only_metadata
 from .passes.registry import get_pass
 from .policy import Match, Policy, Rule
 
@@ -198,7 +198,9 @@ def producers_feeding(gm: fx.GraphModule, node: fx.Node) -> list[str]:
 
     The walk goes upstream through reshapes, elementwise operations, reductions, matmuls and non-weight modules
     (activations, normalisation, pooling), and stops at the first conv/linear module on each path: those are
-    the layers whose orthogonality conditions the matrix that ``node`` decomposes (P4's Pre-SVD layers).
+    the layers whose orthogonality conditions the matrix that ``node`` decomposes (P4's Pre-SVD layers). It does
+    not pass through a read of a tensor's shape (``cov / h.shape[0]``): the layer producing ``h`` does not feed
+    the matrix by that.
     """
     found: list[str] = []
     seen: set[fx.Node] = set()
@@ -214,8 +216,8 @@ def producers_feeding(gm: fx.GraphModule, node: fx.Node) -> list[str]:
                 if current.target not in found:
                     found.append(str(current.target))
                 continue
-        if current.op in ("placeholder", "get_attr"):
-            continue
+        if current.op in ("placeholder", "get_attr") or reads_only_metadata(current):
+            continue  # a shape read (``h.shape[0]``) passes on none of ``h``'s values
         stack.extend(current.all_input_nodes)
     return found
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..errors import SITE_ATTRIBUTE, OrthofxError, PlanError
 from ..nn.jacobian import JacobianProbe
@@ -43,6 +43,7 @@ __all__ = [
     "call_hook_count",
     "move_call_hooks",
     "derived_weight",
+    "reads_only_metadata",
 ]
 
 #: Key of the manifest in ``GraphModule.meta``.
@@ -474,6 +475,29 @@ def require_initialised(entry: PlanEntry, module: nn.Module, purpose: str) -> No
         raise PlanError(f"rule '{entry.rule_name}': {entry.site.name} ({type(module).__name__}) is a lazy layer that "
                         f"has not run yet, so {purpose}. Pass example_inputs=(x,) to orthofx.transform (the model "
                         "runs once before the rewrite), or run the model once before transforming it")
+
+
+#: Tensor attributes, methods and functions whose result says what a tensor is (its shape, dtype, device), not
+#: what it holds: a graph node computing one of them carries none of the tensor's values.
+_METADATA_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "layout", "is_cuda", "is_sparse", "is_meta",
+                                  "is_quantized", "requires_grad"})
+_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "stride", "storage_offset",
+                               "get_device", "is_contiguous", "is_floating_point", "is_complex", "element_size"})
+_METADATA_FUNCTIONS = frozenset({torch.numel, torch.is_tensor, torch.is_floating_point, torch.is_complex,
+                                 torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default,
+                                 torch.ops.aten.sym_stride.int, torch.ops.aten.sym_storage_offset.default})
+
+
+def reads_only_metadata(node: fx.Node) -> bool:
+    """Whether ``node`` reads only its input's metadata: ``x.shape``, ``x.size(0)``, ``x.dim()``, ``x.numel()``
+    (symbolic tracing) or ``aten.sym_size`` (torch.export). Its value depends on the input's shape, not its
+    values, so a data-flow walk (which layers feed a decomposition) must not pass through it: ``cov / x.shape[0]``
+    divides by the batch size, and the layer producing ``x`` does not feed the covariance by that."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _METADATA_ATTRIBUTES
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    return node.op == "call_function" and node.target in _METADATA_FUNCTIONS
 
 
 def parameter_owners(root: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:

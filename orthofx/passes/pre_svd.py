@@ -66,7 +66,7 @@ from torch import fx, nn
 from ..errors import ArgumentError, OrthofxError
 from ..nn.precision import HALF_PRECISION
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, describe_module,
-                   parameter_owners, whole, write_whole)
+                   parameter_owners, reads_only_metadata, whole, write_whole)
 from .orth_regularizer import lorth_term
 from .orthogonal_conv import orthogonal_layer
 from .registry import register_pass
@@ -324,7 +324,9 @@ class OptimalLearningRate(OptimizerHook):
 # ---------------------------------------------------------------------------------------------------- pass
 
 def _decompositions_fed(ctx: PassContext, name: str) -> list[str]:
-    """Function sites (decompositions) downstream of module ``name`` before another conv/linear intervenes."""
+    """Function sites (decompositions) downstream of module ``name`` before another conv/linear intervenes; a
+    read of a tensor's shape (``x.shape[0]``, :func:`~orthofx.passes.base.reads_only_metadata`) carries none of
+    its values, so the walk does not pass through it."""
     plan = ctx.manifest.plan
     by_node = {s.node: s.name for s in getattr(plan, "sites", ()) if s.kind == "function"}
     start = [n for n in ctx.gm.graph.nodes if n.op == "call_module" and n.target == name]
@@ -346,6 +348,8 @@ def _decompositions_fed(ctx: PassContext, name: str) -> list[str]:
                 module = None
             if isinstance(module, _PRODUCERS):
                 continue
+        if reads_only_metadata(node):
+            continue
         stack.extend(node.users)
     return sorted(found)
 
