@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 import orthofx
 import orthofx.passes.pre_svd  # noqa: F401  (registers the pass)
 import orthofx.passes.riemannian  # noqa: F401  (registers the pass)
+from references import polar64, tangent64
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
@@ -32,19 +33,6 @@ def _batch(step: int, rows: int = 8, features: int = 6) -> torch.Tensor:
     return torch.randn(rows, features, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
 
 
-def _polar64(a: torch.Tensor) -> torch.Tensor:
-    """``U V^T`` of ``a = U S V^T`` by a float64 SVD."""
-    u, _, vh = torch.linalg.svd(a.to(torch.float64), full_matrices=False)
-    return u @ vh
-
-
-def _tangent64(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``G - W sym(W^T G)`` (square ``W``), in float64."""
-    w, g = w.to(torch.float64), g.to(torch.float64)
-    s = w.T @ g
-    return g - w @ (s + s.T) / 2
-
-
 def _riemannian_sgd_reference(model: nn.Module, grads: dict[str, torch.Tensor], lr: float,
                               constrained: tuple[str, ...]) -> None:
     """One plain SGD step of ``model`` by hand: P1's ``W <- polar(W - lr P_W(G))`` for the ``constrained``
@@ -52,7 +40,7 @@ def _riemannian_sgd_reference(model: nn.Module, grads: dict[str, torch.Tensor], 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in constrained:
-                p.copy_(_polar64(p - lr * _tangent64(p, grads[name])))
+                p.copy_(polar64(p - lr * tangent64(p, grads[name])))
             else:
                 p.sub_(lr * grads[name])
 
@@ -216,10 +204,10 @@ def test_gradient_accumulation_with_zero_grad_to_zeros_steps_once_on_the_summed_
                     grads[name] += p.grad
         with torch.no_grad():
             for name, p in reference.named_parameters():
-                g = _tangent64(p, grads[name])
+                g = tangent64(p, grads[name])
                 buffers[name] = g if name not in buffers else 0.9 * buffers[name] + g
-                p.copy_(_polar64(p + _tangent64(p, -0.2 * buffers[name])))
-                buffers[name] = _tangent64(p, buffers[name])
+                p.copy_(polar64(p + tangent64(p, -0.2 * buffers[name])))
+                buffers[name] = tangent64(p, buffers[name])
     for (name, p), q in zip(gm.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), atol=1e-12, rtol=0, msg=name)
 

@@ -11,6 +11,7 @@ import orthofx
 import orthofx.passes.pre_svd  # noqa: F401  (registers the pass)
 import orthofx.passes.riemannian  # noqa: F401  (registers the pass)
 from orthofx.errors import ArgumentError
+from references import polar64, tangent64
 
 from test_fuzz_regressions_optim import LinearEigvalsh
 
@@ -26,19 +27,6 @@ def _mlp(dtype=torch.float32) -> nn.Module:
 
 def _batch(step: int, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(8, 6, generator=torch.Generator().manual_seed(step), dtype=dtype)
-
-
-def _polar64(a: torch.Tensor) -> torch.Tensor:
-    """``U V^T`` of ``a = U S V^T`` by a float64 SVD."""
-    u, _, vh = torch.linalg.svd(a.to(torch.float64), full_matrices=False)
-    return u @ vh
-
-
-def _tangent64(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``G - W sym(W^T G)`` (square ``W``), in float64."""
-    w, g = w.to(torch.float64), g.to(torch.float64)
-    s = w.T @ g
-    return g - w @ (s + s.T) / 2
 
 
 def _pre_svd(**params) -> nn.Module:
@@ -100,7 +88,7 @@ def test_a_frozen_weight_added_to_the_optimizer_later_gets_its_riemannian_hook()
         (gm(_batch(step, torch.float64)) - 1).square().mean().backward()
         w, g = first.weight.detach().clone(), first.weight.grad.clone()
         optimizer.step()
-        torch.testing.assert_close(first.weight.detach(), _polar64(w + _tangent64(w, -0.3 * g)), atol=1e-12, rtol=0)
+        torch.testing.assert_close(first.weight.detach(), polar64(w + tangent64(w, -0.3 * g)), atol=1e-12, rtol=0)
     assert handle.skipped == [] and [hook.site for hook in handle.hooks] == ["0", "2", "4"]
 
 
@@ -115,7 +103,7 @@ def test_a_frozen_weight_added_to_the_optimizer_later_gets_nog():
     gm(torch.randn(16, 6, generator=torch.Generator().manual_seed(1))).backward()
     w, g = gm.a.weight.detach().clone(), gm.a.weight.grad.clone()
     optimizer.step()
-    torch.testing.assert_close(gm.a.weight.detach().double(), w.double() - 0.1 * _polar64(g), atol=1e-6, rtol=0)
+    torch.testing.assert_close(gm.a.weight.detach().double(), w.double() - 0.1 * polar64(g), atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------ attach's errors
