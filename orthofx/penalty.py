@@ -88,8 +88,8 @@ def transformed_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in root.named_modules():
         if module is root or any(module_path_within(name, path) for path, _ in parts):
             continue
-        if is_transformed(module) and id(unwrap_model(module)) not in seen:
-            seen.add(id(unwrap_model(module)))
+        if is_transformed(module) and id(part := unwrap_model(module)) not in seen:
+            seen.add(id(part))
             parts.append((name, module))
     return parts
 

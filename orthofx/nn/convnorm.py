@@ -661,7 +661,7 @@ class ConvNormConvNd(nn.Module):
         if "_running_filters" not in self.__dict__:
             # a layer pickled when its running filters were buffers named running_v_<L1>x...: take them out
             self._running_filters = {
-                _grid_key(name[len(_RUNNING_PREFIX):].split("x")): self._buffers.pop(name)
+                _grid_key(self._name_sizes(name)): self._buffers.pop(name)
                 for name in [n for n in self._buffers if n.startswith(_RUNNING_PREFIX)]}
 
     # ---- the conv's attributes, read-only
@@ -722,6 +722,11 @@ class ConvNormConvNd(nn.Module):
     def _buffer_name(grid: Sequence[int]) -> str:
         """The ``state_dict`` key (after the layer's prefix) of the running filter of an FFT grid."""
         return _RUNNING_PREFIX + "x".join(str(int(g)) for g in grid)
+
+    @staticmethod
+    def _name_sizes(name: str) -> list[str]:
+        """The grid sizes, as written, in a key :meth:`_buffer_name` made (``running_v_10x10`` -> ``['10', '10']``)."""
+        return name[len(_RUNNING_PREFIX):].split("x")
 
     def running_filter(self, grid: Sequence[int]) -> torch.Tensor | None:
         """The running ``V`` kept for an FFT grid (see :meth:`geometry`), or ``None``."""
@@ -854,7 +859,7 @@ class ConvNormConvNd(nn.Module):
             if problem is not None:
                 error_msgs.append(f"{problem} (key {key!r})")
                 continue
-            incoming[_grid_key(name[len(_RUNNING_PREFIX):].split("x"))] = (key, value)
+            incoming[_grid_key(self._name_sizes(name))] = (key, value)
         assign = local_metadata.get("assign_to_params_buffers", False)
         current = self._running_filters
         # the grids kept keep their place, new ones follow in the state dict's order (as buffers did)
@@ -887,7 +892,7 @@ class ConvNormConvNd(nn.Module):
         """Why the tensor ``value`` loaded under the key ``name`` (``running_v_<L1>x...x<Ld>``) cannot be a running
         filter of this layer, or ``None``: its name must give ``d`` positive grid sizes and its shape must be the
         rfft half spectrum of that grid for every output channel, ``(M, L_1, ..., L_d // 2 + 1)``."""
-        sizes = name[len(_RUNNING_PREFIX):].split("x")
+        sizes = self._name_sizes(name)
         if len(sizes) != self._dims or not all(v.isdigit() and int(v) > 0 for v in sizes):
             return (f"unexpected running ConvNorm filter {name}: its name does not give the {self._dims} FFT grid "
                     f"sizes of a {self._dims}-d layer ({_RUNNING_PREFIX}<L1>x...x<Ld>)")
