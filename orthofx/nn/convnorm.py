@@ -181,7 +181,7 @@ from torch import nn
 from orthofx.errors import LayerArgumentError, layer_label
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf
 from orthofx.nn.orthogonal import without_memory_format
-from orthofx.nn.padding import circular_pad, flat_pads
+from orthofx.nn.padding import circular_pad, conv_zero_pads, flat_pads
 from orthofx.nn.precision import HALF_PRECISION
 
 __all__ = [
@@ -264,29 +264,6 @@ def _sizes_list(input_sizes, d: int) -> list[tuple[int, ...]]:
     return [_ntuple(size, d, "each of input_sizes") for size in input_sizes]
 
 
-def _layer_pads(padding, kernel_size: tuple[int, ...], dilation: tuple[int, ...],
-                stride: tuple[int, ...] = ()) -> tuple[tuple[int, int], ...]:
-    """(left, right) zero padding per spatial dimension, torch's convention for the strings."""
-    d = len(kernel_size)
-    if isinstance(padding, str):
-        if padding == "valid":
-            return ((0, 0),) * d
-        if padding == "same":
-            if any(s != 1 for s in stride):
-                raise LayerArgumentError(f"padding='same' needs stride 1 (as for torch's convolutions), got "
-                                         f"stride={stride}; give the padding as numbers")
-            pads = []
-            for k, dil in zip(kernel_size, dilation):
-                total = dil * (k - 1)
-                pads.append((total // 2, total - total // 2))
-            return tuple(pads)
-        raise LayerArgumentError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
-    p = _ntuple(padding, d, "padding")
-    if any(v < 0 for v in p):
-        raise LayerArgumentError(f"padding must be non-negative, got {padding!r}")
-    return tuple((v, v) for v in p)
-
-
 def _dilated_extent(kernel_size: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
     """``k_e = D (k - 1) + 1`` per dimension: the span of the dilated kernel's taps."""
     return tuple(di * (ki - 1) + 1 for ki, di in zip(kernel_size, dilation))
@@ -304,7 +281,7 @@ def convnorm_geometry(input_size: Sequence[int], kernel_size, stride=1, padding=
     dil = _ntuple(dilation, d, "dilation")
     if any(v < 1 for v in k + s + dil):
         raise LayerArgumentError(f"kernel_size, stride and dilation must be positive, got {k}, {s}, {dil}")
-    pads = _layer_pads(padding, k, dil, s)
+    pads = conv_zero_pads(padding, k, dil, s)
     ql, qr, grid, start, out = [], [], [], [], []
     for ni, ke, si, (pl, pr) in zip(n, _dilated_extent(k, dil), s, pads):
         if ni + pl + pr < ke:
@@ -537,7 +514,7 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
     ks = tuple(weight.shape[2:])
     dil = _ntuple(dilation, d, "dilation")
     if padding_mode != "zeros":
-        x = _explicit_pad(x, _layer_pads(padding, ks, dil, _ntuple(stride, d, "stride")), padding_mode)
+        x = _explicit_pad(x, conv_zero_pads(padding, ks, dil, _ntuple(stride, d, "stride")), padding_mode)
         padding = 0
     geo = convnorm_geometry(x.shape[2:], ks, stride, padding, dil)
 
@@ -761,7 +738,7 @@ class ConvNormConvNd(nn.Module):
                                      f"sizes, one per spatial dimension of the convolution")
         padding = conv.padding
         if conv.padding_mode != "zeros":
-            pads = _layer_pads(conv.padding, conv.kernel_size, conv.dilation)
+            pads = conv_zero_pads(conv.padding, conv.kernel_size, conv.dilation)
             size = tuple(n + a + b for n, (a, b) in zip(size, pads))
             padding = 0
         return convnorm_geometry(size, conv.kernel_size, conv.stride, padding, conv.dilation)
@@ -1056,7 +1033,7 @@ class FrozenConvNormNd(nn.Module):
         self.padding_mode = conv.padding_mode
         self.layer_padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
         if conv.padding_mode != "zeros":
-            self.pre_pads = _layer_pads(conv.padding, self.kernel_size, self.dilation)
+            self.pre_pads = conv_zero_pads(conv.padding, self.kernel_size, self.dilation)
             self.geometry_padding = 0
         else:
             self.pre_pads = ()

@@ -1110,9 +1110,11 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         ``init="random"`` (default): Gaussian parameters, i.e. Haar-random orthonormal matrices and projectors.
         ``init="centre"``: consecutive blocks complementary, so the block part is a pure shift and the kernel is
         a random orthonormal matrix on its centre taps (one tap for odd ``k`` at stride 1).
+        ``init_error`` becomes ``None``: it measured the start :meth:`from_conv` made.
         """
         if init not in ("random", "centre"):
             raise LayerArgumentError(f"init must be 'random' or 'centre', got {init!r}")
+        self.init_error = None
         if self.method == "cayley_fft":
             # random: entries N(0, 1 / (N k_p)), so A(f)'s eigenvalues are O(1) and Q spreads over the unitary
             # group; centre: V = 0, A = 0, Q = I (the identity on the first min(M, C S^d) channels)
@@ -1855,9 +1857,11 @@ class _OrthogonalConvTransposeNd(nn.Module):
             self.bias.uniform_(-bound, bound)
 
     def reset_parameters(self, init: str = "random") -> None:
-        """Re-initialise the adjoint conv's kernel (:meth:`OrthogonalConv2d.reset_parameters`) and the bias."""
+        """Re-initialise the adjoint conv's kernel (:meth:`OrthogonalConv2d.reset_parameters`) and the bias;
+        ``init_error`` becomes ``None``."""
         self.conv.reset_parameters(init)
         self.reset_bias()
+        self.init_error = None
 
     # ---------------------------------------------------------------------------------------- properties
 
@@ -2160,8 +2164,10 @@ class OrthogonalLinear(_EvalCache, nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Haar-random orthonormal weight; bias uniform in :math:`\\pm 1/\\sqrt{in}` like nn.Linear."""
+        """Haar-random orthonormal weight; bias uniform in :math:`\\pm 1/\\sqrt{in}` like nn.Linear;
+        ``init_error`` ``None`` (it described the start :meth:`from_linear` made)."""
         self.raw_weight.normal_()
+        self.init_error = None
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features)
             self.bias.uniform_(-bound, bound)

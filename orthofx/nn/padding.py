@@ -21,7 +21,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CircularFold", "CircularPad", "circular_fold", "circular_pad", "flat_pads", "pairs", "periodic_pad"]
+from orthofx.errors import LayerArgumentError
+
+__all__ = ["CircularFold", "CircularPad", "circular_fold", "circular_pad", "conv_zero_pads", "flat_pads", "pairs",
+           "periodic_pad"]
+
+
+def conv_zero_pads(padding, kernel_size: Sequence[int], dilation: Sequence[int],
+                   stride: Sequence[int] = ()) -> tuple[tuple[int, int], ...]:
+    """``(left, right)`` zeros per spatial dimension of a torch conv's ``padding``: an int, one int per dimension,
+    ``"valid"`` (none) or ``"same"`` (``D (k - 1)`` zeros, the smaller half in front, as torch splits them).
+
+    >>> conv_zero_pads("same", (4, 3), (1, 2))
+    ((1, 2), (2, 2))
+    """
+    d = len(kernel_size)
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0),) * d
+        if padding == "same":
+            if any(s != 1 for s in stride):
+                raise LayerArgumentError(f"padding='same' needs stride 1 (as for torch's convolutions), got "
+                                         f"stride={tuple(stride)}; give the padding as numbers")
+            return tuple((D * (k - 1) // 2, D * (k - 1) - D * (k - 1) // 2) for k, D in zip(kernel_size, dilation))
+        raise LayerArgumentError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
+    pads = tuple(padding) if isinstance(padding, (tuple, list)) else (padding,) * d
+    if len(pads) != d or any(isinstance(v, bool) or not isinstance(v, int) for v in pads):
+        raise LayerArgumentError(f"padding must be an int or {d} ints, got {padding!r}")
+    if any(v < 0 for v in pads):
+        raise LayerArgumentError(f"padding must be non-negative, got {padding!r}")
+    return tuple((v, v) for v in pads)
 
 
 def flat_pads(pads: Sequence[tuple[int, int]]) -> list[int]:

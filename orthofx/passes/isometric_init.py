@@ -93,6 +93,7 @@ from .. import metrics
 from ..errors import ArgumentError, PlanError
 from ..nn import stiefel
 from ..nn.orthogonal import keeps_output_size
+from ..nn.padding import conv_zero_pads
 from .base import Change, Param, Pass, PassContext, PlanEntry, Site, require_initialised
 from .registry import register_pass
 
@@ -197,7 +198,8 @@ def delta_taps(conv: nn.Module) -> tuple[tuple[tuple[int, int], ...], bool]:
     case, also where ``k < S`` or a dilation reads part of the block); a transposed layer by
     :func:`_transposed_exact`."""
     taps, aligned = [], True
-    for k, s, d, left in zip(conv.kernel_size, conv.stride, conv.dilation, _left_padding(conv)):
+    lefts = [left for left, _ in conv_zero_pads(conv.padding, conv.kernel_size, conv.dilation)]
+    for k, s, d, left in zip(conv.kernel_size, conv.stride, conv.dilation, lefts):
         block = _block_taps(k, s, d, left)
         aligned = aligned and block is not None
         taps.append(block if block is not None else ((k - 1) // 2, 1))
@@ -208,15 +210,6 @@ def delta_taps(conv: nn.Module) -> tuple[tuple[tuple[int, int], ...], bool]:
                             for (_, c), s, d in zip(taps, conv.stride, conv.dilation))
     rows, columns = _q_shape(conv, taps)
     return taps, keeps_output_size(conv) and aligned and (whole or rows <= columns)
-
-
-def _left_padding(conv: nn.Module) -> tuple[int, ...]:
-    """The zeros in front of the input per dimension (``'same'``: torch's split, the smaller half in front)."""
-    if isinstance(conv.padding, str):
-        if conv.padding != "same":  # 'valid'
-            return (0,) * len(conv.kernel_size)
-        return tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
-    return tuple(conv.padding)
 
 
 def _block_taps(k: int, s: int, d: int, left: int) -> tuple[int, int] | None:
