@@ -12,14 +12,15 @@ fails with the worker's traceback; the next job still runs. :func:`shared_dir` i
 
 Nothing can hang: the process group is rendezvoused through a file (no TCP port to pick, so no port race),
 ``init_process_group`` has a timeout that also bounds every collective, each worker destroys its process group in
-``finally``, and the spawn is joined with a deadline after which the workers are terminated (by their own process
-objects).
+``finally`` (and, after its last job, exits without the interpreter's finalisation), and the spawn is joined with a
+deadline after which the workers are terminated (by their own process objects).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -65,6 +66,12 @@ def _worker(rank: int, store: str, out_dir: str, jobs: list) -> None:
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Every result is saved and both ranks passed the last barrier. Leave without the interpreter's finalisation:
+    # gloo's threads can still hold work objects whose tensors need the GIL there, and a rank then died with
+    # SIGABRT ("terminate called without an active exception") once under load, after its jobs had all finished.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_jobs(jobs: list, out_dir: str | os.PathLike, deadline_s: float = JOIN_DEADLINE_S) -> dict[str, list]:
