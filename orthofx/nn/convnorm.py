@@ -86,8 +86,11 @@ recent weights. Two behaviours are offered:
   ignores them under ``strict=False``); construct it with ``momentum=...`` to load them. ``named_buffers()`` does
   not list them, so neither does ``torch.func.functional_call`` swap them: code that runs extra training forwards
   on copies of a module's buffers (so as not to move its running statistics) runs them under
-  :func:`running_filters_held`, in which the layers use ``V`` and store nothing. ``torch.compile(fullgraph=True)``
-  traces the update and the storing of a new grid's filter, for every size (dynamic shapes too).
+  :func:`running_filters_held`, in which the layers use ``V`` and store nothing. Activation checkpointing's
+  recomputation of a forward during backward (``torch.utils.checkpoint``) stores nothing either: the forward
+  updated the filter, and a second update (what BatchNorm's running statistics get there) would count the step
+  twice. ``torch.compile(fullgraph=True)`` traces the update and the storing of a new grid's filter, for every size
+  (dynamic shapes too).
 
   DistributedDataParallel broadcasts rank 0's buffers (at construction, and before each forward once the model has
   any), and ranks holding different buffer sets abort in that broadcast; the running filters, not being buffers,
@@ -179,7 +182,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orthofx.errors import LayerArgumentError, layer_label
-from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf
+from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
 from orthofx.nn.orthogonal import without_memory_format
 from orthofx.nn.padding import circular_pad, conv_zero_pads, flat_pads
 from orthofx.nn.precision import HALF_PRECISION
@@ -757,7 +760,7 @@ class ConvNormConvNd(nn.Module):
         if not self.training:
             return running
         v = _filter(self.conv.weight, grid, self.conv.dilation, self.eps)
-        if self._running_held:
+        if self._running_held or recomputing_in_backward():  # checkpointing's recomputation: updated already
             return v
         self._refuse_running_update_under_transform()
         with torch.no_grad():

@@ -111,7 +111,7 @@ from torch import Tensor, nn
 
 from orthofx.errors import LayerArgumentError, layer_label
 from orthofx.nn.precision import HALF_PRECISION, autocast_enabled, autocast_off
-from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf
+from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
 
 __all__ = [
     "eigh_stable",
@@ -803,7 +803,8 @@ class ConditionMonitor(nn.Module):
     @torch.no_grad()
     def update(self, eigenvalues: Tensor) -> Tensor:
         """Record the (worst, over the batch) kappa of ``eigenvalues`` ``[..., n]`` and return it (0-dim); an empty
-        batch or ``n = 0`` (0 x 0 matrices, which torch decomposes) records nothing and returns NaN."""
+        batch or ``n = 0`` (0 x 0 matrices, which torch decomposes) records nothing and returns NaN. Activation
+        checkpointing's recomputation of the forward during backward records nothing either (the forward did)."""
         if eigenvalues.dim() < 1:
             raise LayerArgumentError(f"expected eigenvalues of shape [..., n], got {tuple(eigenvalues.shape)}")
         if in_func_transform():
@@ -824,6 +825,8 @@ class ConditionMonitor(nn.Module):
         has_nan = k.isnan().any()
         finite_max = torch.where(k.isnan(), torch.zeros_like(k), k).amax()
         worst = torch.where(has_nan, torch.full_like(k[0], float("nan")), finite_max)
+        if recomputing_in_backward():  # activation checkpointing's recomputation: this call is recorded already
+            return worst
         self.nan_events += has_nan.long()
         self.inf_events += (lam.isinf().any() | k.isinf().any()).long()
         self.last.copy_(worst)

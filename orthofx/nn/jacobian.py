@@ -55,7 +55,7 @@ from torch import nn
 from .. import metrics
 from ..errors import LayerArgumentError, layer_label
 from ..theory import _positive_int
-from .tracing import fx_tracer_of, in_func_transform, record_as_leaf
+from .tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
 
 __all__ = ["JacobianProbe"]
 
@@ -246,9 +246,7 @@ class JacobianProbe(nn.Module):
                                   "with nested autograd on concrete tensors and keeps the estimate on the probe")
         block = self.block
         block.training = self.training
-        # (both checks are eager-only: dynamo does not trace these autograd-engine queries)
-        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
-            # activation checkpointing recomputes the forward inside backward: not a new call, no new estimate
+        if recomputing_in_backward():  # activation checkpointing: not a new call, no new estimate
             return block(*args, **kwargs)
         if not self.training or not torch.is_grad_enabled():
             self.estimate = None

@@ -38,8 +38,8 @@ from torch import nn
 
 from orthofx.errors import CaptureError, layer_label
 
-__all__ = ["fx_tracer_of", "record_as_leaf", "in_func_transform", "is_orthofx_layer", "orthofx_layer_types",
-           "is_orthofx_nn_class", "is_orthofx_module"]
+__all__ = ["fx_tracer_of", "record_as_leaf", "in_func_transform", "recomputing_in_backward", "is_orthofx_layer",
+           "orthofx_layer_types", "is_orthofx_nn_class", "is_orthofx_module"]
 
 #: The package whose classes are orthofx's layers and their helpers.
 ORTHOFX_NN_PACKAGE = "orthofx.nn"
@@ -78,6 +78,16 @@ def in_func_transform() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev`` ...) is running this call eagerly
     (under ``torch.compile`` the query is not traced, and answers no)."""
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def recomputing_in_backward() -> bool:
+    """Whether this call runs inside a backward pass, as activation checkpointing's recomputation of a forward
+    (``torch.utils.checkpoint``, reentrant or not) does, eagerly. State that a forward updates (running filters,
+    condition-number records, Jacobian estimates) must not be updated again there: the step's forward already did,
+    and BatchNorm's double update of its running statistics is the behaviour to avoid. Under ``torch.compile`` the
+    query is not traced and answers no (compiled checkpointing recomputes the graph's operations, not the module's
+    Python code)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def in_vmap() -> bool:
