@@ -84,7 +84,11 @@ recent weights. Two behaviours are offered:
   for such weights. A layer with ``momentum=None`` has no running filters: ``running_v_*`` keys in a state dict
   it loads are unexpected keys (``load_state_dict`` fails with torch's usual message under ``strict=True`` and
   ignores them under ``strict=False``); construct it with ``momentum=...`` to load them. ``named_buffers()`` does
-  not list them, so neither does ``torch.func.functional_call`` swap them: code that runs extra training forwards
+  not list them, so neither does ``torch.func.functional_call`` swap them (torch's model ensembling,
+  ``stack_module_state`` + ``vmap(functional_call)``, runs every member in eval with the base layer's filters: use
+  ``momentum=None`` there); a layer's ``running_v_<L1>x...`` attribute is the filter, as a buffer's name would be
+  (tools that look state-dict keys up with ``getattr``, such as ``torch.distributed.checkpoint``'s
+  ``get_model_state_dict``, read them). Code that runs extra training forwards
   on copies of a module's buffers (so as not to move its running statistics) runs them under
   :func:`running_filters_held`, in which the layers use ``V`` and store nothing. Activation checkpointing's
   recomputation of a forward during backward (``torch.utils.checkpoint``) stores nothing either: the forward
@@ -100,7 +104,10 @@ recent weights. Two behaviours are offered:
   the same grids at the same steps hold the same running filters; a rank that trained on a grid at other steps, or
   never, holds another filter for it, or none (its eval then uses ``V`` of the weight), and replicas' eval outputs
   on that size differ. A checkpoint saved on one rank holds that rank's filters, and loading it on every rank
-  gives them all the same. With ``momentum=None`` there is nothing per rank.
+  gives them all the same. With ``momentum=None`` there is nothing per rank. ``nn.DataParallel`` gives each replica
+  a dict of its own: the replica on the first device updates the layer's filters in place (kept, as DataParallel
+  keeps buffer updates there; the filter of a grid new to the layer stays with the replica), a replica on another
+  device updates copies that go with it.
 
 Freezing (inference form)
 -------------------------
@@ -644,6 +651,25 @@ class ConvNormConvNd(nn.Module):
                 _grid_key(self._name_sizes(name)): self._buffers.pop(name)
                 for name in [n for n in self._buffers if n.startswith(_RUNNING_PREFIX)]}
 
+    def __getattr__(self, name: str):
+        # the running filters' state_dict keys name them as attributes, as a buffer's key does, and tools that
+        # walk a state_dict look each key up with getattr (torch.distributed.checkpoint's get_model_state_dict)
+        if name.startswith(_RUNNING_PREFIX):
+            filters = self.__dict__.get("_running_filters", {})
+            sizes = self._name_sizes(name)
+            if all(v.isdigit() for v in sizes) and _grid_key(sizes) in filters:
+                return filters[_grid_key(sizes)]
+        return super().__getattr__(name)
+
+    def _replicate_for_data_parallel(self):
+        # nn.DataParallel's replicas copy __dict__ shallowly: each gets a dict of its own, so that a replica on
+        # another device stores its filters there (moved copies, lost with the replica, as DataParallel loses
+        # buffer updates there), not in the layer's dict; the replica on the first device updates the layer's
+        # tensors in place (recorded, as for buffers)
+        replica = super()._replicate_for_data_parallel()
+        replica._running_filters = dict(self._running_filters)
+        return replica
+
     # ---- the conv's attributes, read-only
 
     @property
@@ -757,6 +783,9 @@ class ConvNormConvNd(nn.Module):
             return None
         key = _grid_key(grid)
         running = self._running_filters.get(key)
+        if running is not None and running.device != self.conv.weight.device:
+            # a DataParallel replica on another device (see _replicate_for_data_parallel): its own copy
+            running = self._running_filters[key] = running.to(self.conv.weight.device)
         if not self.training:
             return running
         v = _filter(self.conv.weight, grid, self.conv.dilation, self.eps)

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import torch
@@ -46,8 +47,12 @@ def conv_zero_pads(padding, kernel_size: Sequence[int], dilation: Sequence[int],
             return tuple((D * (k - 1) // 2, D * (k - 1) - D * (k - 1) // 2) for k, D in zip(kernel_size, dilation))
         raise LayerArgumentError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
     pads = tuple(padding) if isinstance(padding, (tuple, list)) else (padding,) * d
-    if len(pads) != d or any(isinstance(v, bool) or not isinstance(v, int) for v in pads):
-        raise LayerArgumentError(f"padding must be an int or {d} ints, got {padding!r}")
+    try:  # any integer torch takes (numpy's too), not a bool
+        if len(pads) != d or any(isinstance(v, bool) for v in pads):
+            raise TypeError
+        pads = tuple(operator.index(v) for v in pads)
+    except TypeError:
+        raise LayerArgumentError(f"padding must be an int or {d} ints, got {padding!r}") from None
     if any(v < 0 for v in pads):
         raise LayerArgumentError(f"padding must be non-negative, got {padding!r}")
     return tuple((v, v) for v in pads)
