@@ -84,7 +84,8 @@ def recomputing_in_backward() -> bool:
     """Whether this call runs inside a backward pass, as activation checkpointing's recomputation of a forward
     (``torch.utils.checkpoint``, reentrant or not) does, eagerly. State that a forward updates (running filters,
     condition-number records, Jacobian estimates) must not be updated again there: the step's forward already did,
-    and BatchNorm's double update of its running statistics is the behaviour to avoid. Under ``torch.compile`` the
+    and BatchNorm's double update of its running statistics is the behaviour to avoid. (A forward that user code
+    runs from inside a backward hook looks the same and updates nothing either.) Under ``torch.compile`` the
     query is not traced and answers no (compiled checkpointing recomputes the graph's operations, not the module's
     Python code)."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
