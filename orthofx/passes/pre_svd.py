@@ -260,8 +260,18 @@ class OptimalLearningRate(OptimizerHook):
         # An LR scheduler stores one base lr per param group when it is created ('initial_lr' in every group) and
         # pairs them with the groups at each step: the group setup() adds would fail its next step with "zip()
         # argument 2 is longer than argument 1" (LambdaLR, CosineAnnealingLR, CyclicLR, ...) or go unscheduled.
-        if len(_group_of(optimizer, weight)["params"]) > 1:
+        group = _group_of(optimizer, weight)
+        if len(group["params"]) > 1:
             scheduled = [i for i, group in enumerate(optimizer.param_groups) if "initial_lr" in group]
+            if scheduled and "initial_lr" not in group:
+                # the weight's group came after the scheduler: add_param_group when unfreezing a frozen weight,
+                # whose hook attach checks at the first step that trains it (the advice below was followed)
+                raise ArgumentError(f"{where}: OLR moves the weight into a param group of its own, and its group "
+                                    "was added to the optimizer after an LR scheduler was created (add_param_group "
+                                    "when unfreezing), so the scheduler would not schedule the split-off group. "
+                                    "Add the weight in a group of its own, optimizer.add_param_group({'params': "
+                                    f"[gm.get_submodule({self.site!r}).weight]}}) (its bias in another), or create "
+                                    "the LR scheduler after adding the groups")
             if scheduled:
                 raise ArgumentError(f"{where}: OLR moves the weight into a param group of its own, and an LR "
                                     f"scheduler already holds the optimizer's groups (param group {scheduled[0]} "

@@ -87,7 +87,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ArgumentError, OrthofxError
+from ..errors import ArgumentError, LayerArgumentError, OrthofxError
 from ..nn import stiefel
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, require_initialised, whole,
                    write_whole)
@@ -218,14 +218,20 @@ class StiefelHook(OptimizerHook):
                 continue
             batches.setdefault((hook.retraction, pre.shape, pre.dtype, pre.device), []).append(
                 (hook, hook._weight(root), pre))
+        diverged: list[StiefelHook] = []
         with torch.no_grad():
             for (retraction, *_), items in batches.items():
                 w0 = torch.stack([pre for _, _, pre in items])  # float32 for a half-precision weight
                 w1 = torch.stack([hook._matrix(whole(weight.detach())) for hook, weight, _ in items]).to(w0.dtype)
                 xi = stiefel.tangent_projection(w0, w1 - w0)
-                new = stiefel.retract(w0, xi, retraction)
+                new = _finite_retraction(w0, xi, retraction)
+                if new is None:  # a NaN / inf step: the weights go back to where the step started, then the error
+                    diverged += [hook for hook, _, _ in items]
+                    new = w0
                 for i, (_, weight, _) in enumerate(items):
                     write_whole(weight, new[i].reshape(weight.shape))
+                if new is w0:
+                    continue
                 # momentum: project the first moments onto the tangent spaces at the new points (a transport)
                 index, buffers, matrices = [], [], []
                 for i, (hook, weight, _) in enumerate(items):
@@ -242,10 +248,30 @@ class StiefelHook(OptimizerHook):
                     moved = stiefel.tangent_projection(new[index], torch.stack(matrices))
                     for j, buf in enumerate(buffers):
                         write_whole(buf, moved[j].reshape(buf.shape))
+        if diverged:
+            sites = ", ".join(f"'{hook.site}'" for hook in diverged)
+            raise OrthofxError(
+                f"riemannian (rule '{diverged[0].rule}'): the optimizer step left the weights of {sites} NaN or inf "
+                "(their gradients or the optimizer's state hold NaN / inf: a diverged step), so there is no point "
+                "of the Stiefel manifold to retract to. Those weights are back at their values before the step; "
+                "lower the learning rate, look for a NaN loss, or train with torch.amp.GradScaler, which skips "
+                "such steps before orthofx's hooks run")
 
     def __repr__(self) -> str:
         return (f"StiefelHook(site={self.site!r}, rule={self.rule!r}, retraction={self.retraction!r}, "
                 f"momentum={self.momentum!r})")
+
+
+def _finite_retraction(w: torch.Tensor, xi: torch.Tensor, retraction: str) -> torch.Tensor | None:
+    """``stiefel.retract(w, xi, retraction)``, or ``None`` where the step is not finite (the polar factor refuses
+    it; a QR factor would be NaN). One host read per batch of same-shaped weights, as the retractions make."""
+    try:
+        new = stiefel.retract(w, xi, retraction)
+    except LayerArgumentError:
+        if bool(torch.isfinite(xi).all()):
+            raise
+        return None
+    return new if bool(torch.isfinite(new).all()) else None
 
 
 @register_pass
