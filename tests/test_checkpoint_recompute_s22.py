@@ -25,11 +25,15 @@ def _steps(model, batches, checkpointed, reentrant):
         optimizer.step()
 
 
+def _two_convnorms():
+    torch.manual_seed(0)
+    return nn.Sequential(ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1), momentum=0.5), nn.Tanh(),
+                         ConvNormConv2d(nn.Conv2d(4, 4, 3, padding=1), momentum=0.5)).double().train()
+
+
 @pytest.mark.parametrize("reentrant", REENTRANT)
 def test_convnorm_running_filters_are_updated_once_per_checkpointed_step(reentrant):
-    torch.manual_seed(0)
-    plain = nn.Sequential(ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1), momentum=0.5), nn.Tanh(),
-                          ConvNormConv2d(nn.Conv2d(4, 4, 3, padding=1), momentum=0.5)).double().train()
+    plain = _two_convnorms()
     checked = copy.deepcopy(plain)
     batches = [torch.randn(2, 3, 6, 6, dtype=torch.float64) for _ in range(3)]
     _steps(plain, batches, False, reentrant)
@@ -40,9 +44,7 @@ def test_convnorm_running_filters_are_updated_once_per_checkpointed_step(reentra
                                    rtol=0, atol=1e-12)
     # the plain layers hold the exponential average of V of the weights each step started from, written out here
     # (so the comparison above is not between two equal mistakes)
-    torch.manual_seed(0)
-    fresh = nn.Sequential(ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1), momentum=0.5), nn.Tanh(),
-                          ConvNormConv2d(nn.Conv2d(4, 4, 3, padding=1), momentum=0.5)).double().train()
+    fresh = _two_convnorms()
     optimizer, expected = torch.optim.SGD(fresh.parameters(), lr=0.1), None
     for x in batches:
         v = fresh[0].filter(x.shape[-2:]).detach()

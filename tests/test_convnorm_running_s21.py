@@ -56,16 +56,22 @@ def _trained(dtype=torch.float64, sizes=SIZES) -> tuple[ConvNormConv2d, dict]:
     """A layer trained on ``sizes`` (one forward each, the weight changed after each) and the running filters it
     must hold: per grid, ``V`` of the weight of its first forward on that grid, then ``(1 - m) running + m V``."""
     layer = _layer(dtype=dtype)
+    return layer, _train(layer, layer, dtype, sizes)
+
+
+def _train(layer: ConvNormConv2d, forward, dtype=torch.float64, sizes=SIZES) -> dict:
+    """Run ``forward`` (the layer, or a module around it) once on each of ``sizes``, changing the layer's weight
+    after each, and return the running filters the layer must then hold (see :func:`_trained`)."""
     expected = {}
     generator = torch.Generator().manual_seed(1)
     for size in sizes:
         grid = (size[0] + 2, size[1] + 2)
         v = _dense_filter(layer.conv.weight, grid, layer.eps)
         expected[grid] = v if grid not in expected else (1 - MOMENTUM) * expected[grid] + MOMENTUM * v
-        layer(torch.randn(2, 3, *size, generator=generator, dtype=dtype))
+        forward(torch.randn(2, 3, *size, generator=generator, dtype=dtype))
         with torch.no_grad():
             layer.conv.weight.mul_(1.1).add_(0.05)
-    return layer, expected
+    return expected
 
 
 def _assert_running(layer: ConvNormConv2d, expected: dict, rtol: float = 1e-10) -> None:
@@ -291,17 +297,12 @@ def test_a_jacobian_probe_around_the_layer_moves_the_running_filters_once_per_st
 
     layer = _layer()
     probe = JacobianProbe(layer, route=route)
-    expected = {}
-    generator = torch.Generator().manual_seed(1)
-    for size in SIZES:
-        grid = (size[0] + 2, size[1] + 2)
-        v = _dense_filter(layer.conv.weight, grid, layer.eps)
-        expected[grid] = v if grid not in expected else (1 - MOMENTUM) * expected[grid] + MOMENTUM * v
-        probe(torch.randn(2, 3, *size, generator=generator, dtype=torch.float64))
+
+    def forward(x):
+        probe(x)
         assert probe.estimate is not None
-        with torch.no_grad():
-            layer.conv.weight.mul_(1.1).add_(0.05)
-    _assert_running(layer, expected)
+
+    _assert_running(layer, _train(layer, forward))
 
 
 def test_casting_a_jacobian_probe_around_the_layer_casts_its_running_filters():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orthofx.errors import LayerArgumentError
-from orthofx.nn import OrthogonalConv2d, OrthogonalConvTranspose2d, OrthogonalLinear
+from orthofx.nn import ConvNormConv2d, OrthogonalConv2d, OrthogonalConvTranspose2d, OrthogonalLinear
 from orthofx.nn.padding import conv_zero_pads, flat_pads
 
 
@@ -51,7 +51,6 @@ def test_conv_zero_pads_refuses_what_torch_refuses(padding, stride, message):
 
 def _convnorm_with_filter(momentum=0.5):
     torch.manual_seed(0)
-    from orthofx.nn import ConvNormConv2d
     layer = ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1), momentum=momentum).train()
     layer(torch.randn(2, 3, 8, 8))  # one training forward: a running filter for the 10 x 10 grid
     return layer

@@ -655,10 +655,11 @@ class ConvNormConvNd(nn.Module):
         # the running filters' state_dict keys name them as attributes, as a buffer's key does, and tools that
         # walk a state_dict look each key up with getattr (torch.distributed.checkpoint's get_model_state_dict)
         if name.startswith(_RUNNING_PREFIX):
-            filters = self.__dict__.get("_running_filters", {})
             sizes = self._name_sizes(name)
-            if all(v.isdigit() for v in sizes) and _grid_key(sizes) in filters:
-                return filters[_grid_key(sizes)]
+            if all(v.isdigit() for v in sizes):
+                running = self.__dict__.get("_running_filters", {}).get(_grid_key(sizes))
+                if running is not None:
+                    return running
         return super().__getattr__(name)
 
     def _replicate_for_data_parallel(self):
