@@ -1806,14 +1806,18 @@ class _OrthogonalConvTransposeNd(nn.Module):
                                                       padding="circular", dilation=self.dilation)
         if not exists:
             dilated = "" if all(dl == 1 for dl in self.dilation) else f", dilation={self.dilation}"
+            # the residues mod S a dilated kernel's taps read (theory.orthogonal_conv_exists): min(k, S / gcd(D, S))
+            reads = math.prod(min(k, s // math.gcd(dl, s))
+                              for k, s, dl in zip(self.kernel_size, self.stride, self.dilation))
+            co_fix = "kernel_size >= stride" + (" and a dilation coprime to the stride" if dilated else "")
             raise ImpossibleLayerError(
                 f"{name}(in_channels={self.in_channels}, out_channels={self.out_channels}, "
                 f"kernel_size={self.kernel_size}, stride={self.stride}{dilated}, groups={self.groups}): no "
                 f"orthogonal transposed convolution exists. It is the adjoint of the convolution from "
                 f"out_channels={self.out_channels} to in_channels={self.in_channels} channels (C={self.out_channels}"
                 f", M={self.in_channels} below), which is orthogonal iff it is, and by P0 Theorem 4 (circular "
-                f"padding): {reason}. Fix: use in_channels <= out_channels * prod(min(kernel_size, stride)) (RO "
-                f"conv) or kernel_size >= stride in every dimension (CO conv), or keep a plain ConvTranspose{d}d "
+                f"padding): {reason}. Fix: use in_channels <= {self.out_channels * reads} (RO conv) or {co_fix} "
+                f"in every dimension (CO conv), or keep a plain ConvTranspose{d}d "
                 f"(e.g. with the orth_regularizer pass) for this layer")
         self.init_error: float | None = None
 

@@ -24,7 +24,8 @@ Parameters:
   Fourier-domain ``FourierConv``.
 * ``padding``: ``circular`` (exactly orthogonal, output size ``n / S``; allowed only where it keeps the layer's
   output size, which holds for the usual ``k // 2`` padding) or ``keep`` (the layer's own zero padding: orthogonal
-  only away from the borders, P0 Proposition 6; the report says so).
+  only away from the borders, P0 Proposition 6; the report says so, except for layers whose windows never read
+  the padding, such as 1x1 convs, which are exactly orthogonal and reported ``hard``).
 * ``init``: ``nearest`` starts from the orthogonal layer closest to the original weights (exact for linears,
   1x1 and ``k <= S`` kernels; for larger kernels a closed-form Procrustes start, refined by ``fit_steps`` Adam
   steps, about 10 ms each on CPU) so a trained model changes least; ``random`` starts Haar-random. The Change
@@ -52,6 +53,7 @@ from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3
                               OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
                               circular_alignment, keeps_output_size, transposed_alignment,
                               transposed_keeps_output_size, transposed_size_keeping_padding)
+from ..nn.padding import conv_zero_pads
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, derived_weight, describe_module,
                    parameter_owners, require_initialised)
 from .orth_regularizer import lorth_term
@@ -167,11 +169,21 @@ def _hard_status(original: nn.Module, padding: str) -> str:
     if isinstance(original, nn.Linear) or padding == "circular":
         return "hard"
     if original.padding_mode != "circular":
+        if not _reads_padding(original) and keeps_output_size(original):
+            # no window reaches past the grid (d(k-1) < S, no pad: a 1x1 conv, a k = S patch embedding), so on a
+            # grid divisible by the stride the zero-padded layer is the circular one, exactly orthogonal
+            return "hard"
         return "hard (zero padding: not at borders)"
     if keeps_output_size(original):
         return "hard"
     return (f"orthogonal kernel, not an orthogonal layer: the conv's circular padding={original.padding} changes "
             "the output size (use 'padding: circular')")
+
+
+def _reads_padding(conv: nn.Module) -> bool:
+    """Whether ``conv``'s own padding adds any zero (``"same"`` with a 1 x 1 extent and ``"valid"`` add none)."""
+    pads = conv_zero_pads(conv.padding, conv.kernel_size, conv.dilation)
+    return any(side > 0 for pair in pads for side in pair)
 
 
 def _configuration(module: nn.Module) -> tuple:
