@@ -69,6 +69,24 @@ def test_readme_starts_with_the_install_commands_and_ci_runs_the_test_one():
     assert test_command in ci or commands[1] in ci
 
 
+def test_the_install_commands_pin_a_torch_the_package_admits():
+    """constraints.txt (the README's ``-c``) pins the torch CI runs on, and that release must lie in the range
+    pyproject.toml declares: a pin outside it would make the install fail, a range bumped alone would leave CI on
+    a release no longer claimed."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
+        declared = [Requirement(r) for r in tomllib.load(handle)["project"]["dependencies"]]
+    with open(os.path.join(ROOT, "constraints.txt")) as handle:
+        pinned = [Requirement(line.strip()) for line in handle if line.strip() and not line.startswith("#")]
+    torch_range = next(r.specifier for r in declared if r.name == "torch")
+    torch_pin = next(r.specifier for r in pinned if r.name == "torch")
+    (pin,) = list(torch_pin)
+    assert pin.operator == "==" and torch_range.contains(pin.version), (str(torch_range), str(torch_pin))
+    assert all("-c constraints.txt" in command for command in _readme_commands())
+
+
 def test_readme_python_example_is_the_quickstart():
     with open(os.path.join(ROOT, "README.md")) as handle:
         readme = handle.read()
