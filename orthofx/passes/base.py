@@ -465,6 +465,17 @@ def describe_module(module: nn.Module) -> str:
     return name
 
 
+def weight_groups(module: nn.Module) -> int:
+    """The number of independent blocks of ``module.weight``: a conv's ``groups`` (its weight is ``groups`` blocks
+    ``out/groups x rest``, each acting on its own input channels), 1 for a linear. Read as an attribute, so that
+    a wrapper at the site that keeps its conv's ``groups`` (ConvNorm's) counts too."""
+    groups = getattr(module, "groups", 1)
+    weight = getattr(module, "weight", None)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or weight is None:
+        return 1
+    return groups if weight.shape[0] % groups == 0 else 1
+
+
 def require_initialised(entry: PlanEntry, module: nn.Module, purpose: str) -> None:
     """Refuse a lazy layer that has not run yet (``purpose``: what its missing shape or weight prevents).
 

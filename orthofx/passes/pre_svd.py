@@ -22,9 +22,15 @@ gets, by its parameters:
     tied between several sites is counted once (as L_orth is).
 ``nog`` (default true): Nearest Orthogonal Gradient. An optimizer hook (:class:`NearestOrthogonalGradient`)
     replaces, before every ``optimizer.step()``, the weight's gradient ``G`` (reshaped to ``out x rest``) by its
-    polar factor ``U V^T`` from the SVD ``G = U S V^T`` (float64). Directions with a zero singular value (at most
-    ``min(max(m, n) * eps, sqrt(eps)) * s_max``, ``eps`` of the gradient's dtype; see :func:`polar_factor`) are
-    dropped, so a rank-deficient gradient gives the partial isometry ``U_r V_r^T`` and a zero gradient stays zero.
+    polar factor ``U V^T`` from the SVD ``G = U S V^T`` (float64). A grouped conv's gradient is
+    ``groups x (out / groups) x rest`` and each group's block gets its own polar factor: the group's rows act on
+    its own input channels only, which is the sense in which L_orth, SRIP, the hard orthogonal conv and the
+    Riemannian pass make a grouped conv orthogonal (one polar factor of the stacked blocks mixed the groups' rows:
+    a group's step depended on the other groups' gradients, and a depthwise conv's was not of unit norm).
+    Directions with a zero singular value (at most ``min(max(m, n) * eps, sqrt(eps)) * s_max``, ``eps`` of the
+    gradient's dtype; see :func:`polar_factor`) are dropped, so a rank-deficient gradient gives the partial
+    isometry ``U_r V_r^T`` and a zero gradient stays zero. On a layer whose weight is not a parameter (a buffer),
+    which no optimizer steps, NOG and OLR are refused at planning.
 ``olr`` (default false): Optimal Learning Rate. With ``w``, ``g`` the flattened weight and gradient (the gradient
     after NOG when both are on), ``a = w.w``, ``b = g.w``, ``c = g.g``: ``eta* = a b / (a c + 2 b^2)``; the layer's
     learning rate for the step is ``eta*`` when ``0 < eta* < base lr`` and the base lr otherwise, a Python float
@@ -65,8 +71,8 @@ from torch import fx, nn
 
 from ..errors import ArgumentError, OrthofxError
 from ..nn.precision import HALF_PRECISION
-from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, describe_module,
-                   parameter_owners, reads_only_metadata, whole, write_whole)
+from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, derived_weight,
+                   describe_module, parameter_owners, reads_only_metadata, weight_groups, whole, write_whole)
 from .orth_regularizer import lorth_term
 from .orthogonal_conv import orthogonal_layer
 from .registry import register_pass
@@ -93,15 +99,17 @@ def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
     with the directions of zero singular values dropped: a rank-``r`` matrix gives ``U_r V_r^T``, a zero matrix
     gives zero. Zero means ``<= min(max(m, n) * eps, sqrt(eps)) * s_max`` with ``eps`` of ``matrix``'s dtype:
     rounding noise of a low-rank gradient is not a direction, and the cap keeps a half-precision gradient's real
-    directions (``max(m, n) * eps`` alone reaches 1 for a 128-wide bfloat16 matrix and dropped every one)."""
-    if matrix.dim() != 2:
-        raise ArgumentError(f"polar_factor expects a 2-D matrix, got shape {tuple(matrix.shape)}")
+    directions (``max(m, n) * eps`` alone reaches 1 for a 128-wide bfloat16 matrix and dropped every one).
+    A ``(..., m, n)`` stack gives each matrix its own polar factor (and its own ``s_max``)."""
+    if matrix.dim() < 2:
+        raise ArgumentError(f"polar_factor expects a 2-D matrix (or a stack of them), got shape "
+                            f"{tuple(matrix.shape)}")
     m64 = matrix.detach().to(torch.float64)
     U, S, Vh = torch.linalg.svd(m64, full_matrices=False)
     eps = torch.finfo(matrix.dtype).eps if matrix.is_floating_point() else torch.finfo(torch.float64).eps
-    tol = S[:1] * min(max(matrix.shape) * eps, math.sqrt(eps))
+    tol = S[..., :1] * min(max(matrix.shape[-2:]) * eps, math.sqrt(eps))
     keep = (S > tol).to(m64.dtype)
-    return ((U * keep.unsqueeze(0)) @ Vh).to(matrix.dtype)
+    return ((U * keep.unsqueeze(-2)) @ Vh).to(matrix.dtype)
 
 
 def optimal_learning_rate(weight: torch.Tensor, grad: torch.Tensor) -> float | None:
@@ -161,14 +169,16 @@ class SripTerm(PenaltyTerm):
 
 
 class NearestOrthogonalGradient(OptimizerHook):
-    """NOG (P4): before each step the weight's gradient (``out x rest``) becomes its polar factor ``U V^T``."""
+    """NOG (P4): before each step the weight's gradient (``out x rest``; per group for a grouped conv,
+    ``groups x out/groups x rest``) becomes its polar factor ``U V^T``."""
 
     def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        weight = root.get_submodule(self.site).weight
-        grad = weight.grad
+        module = root.get_submodule(self.site)
+        grad = module.weight.grad
         if grad is None or grad.is_sparse:
             return
-        G = whole(grad).reshape(grad.shape[0], -1)
+        groups = weight_groups(module)
+        G = whole(grad).reshape(groups, grad.shape[0] // groups, -1)
         if not bool(torch.isfinite(G).all()):
             return  # leave a NaN/inf gradient for the user's own checks (an SVD of it would fail)
         write_whole(grad, polar_factor(G).reshape(grad.shape))
@@ -399,6 +409,20 @@ class PreSVD(Pass):
             return f"{site.name} is a lazy layer that has not run yet; run the model once first"
         return None
 
+    def accepts_params(self, site, module, params):
+        # NOG and OLR act on the weight around optimizer.step(): a weight that is a buffer (or None) is in no
+        # optimizer, so attach would skip their hooks as if the weight were frozen, while the Change said
+        # "NOG + OLR". A weight a parametrization computes is refused by planning, with its own reason.
+        if not (params["nog"] or params["olr"]) or derived_weight(module) is not None:
+            return None
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            return None
+        kind = "None" if weight is None else f"a {type(weight).__name__} that is not an nn.Parameter (a buffer?)"
+        return (f"its weight is {kind}, so no optimizer steps it and the NOG / OLR optimizer hooks "
+                "would never run; make the weight an nn.Parameter of the layer, or set 'nog: false' and "
+                "'olr: false' in the rule")
+
     def handles_derived_weight(self, params):
         # NOG and OLR act on the weight around optimizer.step(), and the hard orthogonal layer replaces the layer;
         # lorth and srip only read it, so a weight a parametrization computes is fine for them alone
@@ -413,7 +437,7 @@ class PreSVD(Pass):
         module = ctx.module(name)
         before: dict[str, Any] = {"layer": describe_module(module), "feeds": _decompositions_fed(ctx, name)}
         with torch.no_grad():
-            before["orthogonality_error"] = _flat_orthogonality_error(module.weight)
+            before["orthogonality_error"] = _flat_orthogonality_error(module.weight, weight_groups(module))
         after: dict[str, Any] = {}
         parts: list[str] = []
         hooks_allowed = True
@@ -443,7 +467,7 @@ class PreSVD(Pass):
             with torch.no_grad():
                 after["lorth"] = float(term.value(ctx.gm))
         elif treatment == "srip":
-            term = SripTerm(name, entry.rule_name, params["penalty_weight"], groups=getattr(module, "groups", 1),
+            term = SripTerm(name, entry.rule_name, params["penalty_weight"], groups=weight_groups(module),
                             iterations=params["power_iterations"])
             shared = ctx.add_penalty(term)
             if shared is not None:
@@ -493,9 +517,12 @@ class PreSVD(Pass):
         return layer, None
 
 
-def _flat_orthogonality_error(weight: torch.Tensor) -> float:
-    """``||W W^T - I||_F`` (or ``W^T W``, the smaller Gram) of the weight reshaped to ``out x rest``."""
-    W = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
-    gram = W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W
-    return float(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)))
+def _flat_orthogonality_error(weight: torch.Tensor, groups: int = 1) -> float:
+    """``||W W^T - I||_F`` (or ``W^T W``, the smaller Gram) of the weight reshaped to ``out x rest``; for a grouped
+    conv, of each ``out/groups x rest`` block, combined as the Frobenius norm of the block-diagonal ``Gram - I``
+    (``sqrt(sum_g ||Gram_g - I||_F^2)``)."""
+    W = weight.detach().reshape(groups, weight.shape[0] // groups, -1).to(torch.float64)
+    gram = W @ W.mT if W.shape[1] <= W.shape[2] else W.mT @ W
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return float(torch.linalg.vector_norm(gram - eye))
 

@@ -89,8 +89,8 @@ from torch import nn
 
 from ..errors import ArgumentError, LayerArgumentError, OrthofxError
 from ..nn import stiefel
-from .base import (Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, require_initialised, whole,
-                   write_whole)
+from .base import (Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, require_initialised,
+                   weight_groups, whole, write_whole)
 from .registry import register_pass
 
 __all__ = ["Riemannian", "StiefelHook"]
@@ -129,12 +129,8 @@ def optimizer_state(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -
 
 
 def _not_square(module: nn.Module) -> str | None:
-    rows, cols = stiefel.flatten_weight(module.weight.detach(), _groups(module)).shape[-2:]
+    rows, cols = stiefel.flatten_weight(module.weight.detach(), weight_groups(module)).shape[-2:]
     return None if rows == cols else f"not square ({rows}x{cols}; only_square: true)"
-
-
-def _groups(module: nn.Module) -> int:
-    return getattr(module, "groups", 1) if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else 1
 
 
 class StiefelHook(OptimizerHook):
@@ -347,7 +343,7 @@ class Riemannian(Pass):
         params = dict(entry.params)
         name = entry.site.name
         module = ctx.module(entry.site)
-        groups = _groups(module)
+        groups = weight_groups(module)
         weight = module.weight
         matrix = stiefel.flatten_weight(weight.detach(), groups)
         shape = "x".join(str(s) for s in matrix.shape[-2:])
