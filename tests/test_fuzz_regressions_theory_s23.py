@@ -79,3 +79,27 @@ def test_transposed_impossible_error_gives_a_channel_bound_that_builds(kernel, s
     OrthogonalConvTranspose2d(in_channels=bound, **kw)
     with pytest.raises(ImpossibleLayerError):
         OrthogonalConvTranspose2d(in_channels=bound + 1, **kw)
+
+
+@pytest.mark.parametrize("conv, rows_orthonormal", [
+    (nn.Conv2d(6, 3, 3), True),                          # RO (3 <= 6 * 1), no padding: a subset of orthonormal rows
+    (nn.Conv2d(4, 4, 3), True),                          # square: its rows are orthonormal too
+    (nn.Conv2d(2, 4, 3, stride=2, dilation=3), True),    # RO at stride 2 (4 <= 2 * 4), dilation coprime
+    (nn.Conv2d(4, 4, 3, padding=1), False),              # zero padding read at the borders: not orthogonal there
+    (nn.Conv2d(2, 4, 1, padding=1), False),              # a 1x1 conv whose padding adds zero border outputs
+], ids=["ro-valid", "square-valid", "ro-strided-dilated-valid", "zero-same", "1x1-padded"])
+def test_padding_keep_without_padding_reports_orthonormal_rows(conv, rows_orthonormal):
+    """A kept zero padding of 0 drops the outputs whose windows would wrap: the operator is the circular layer's
+    rows for the others, orthonormal in the RO case, which the status must say (it said 'not at borders')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(conv).double()
+    x = torch.randn(1, conv.in_channels, GRID, GRID, dtype=torch.float64)
+    gm = orthofx.transform(model, _rule(), example_inputs=(x,))
+    matrix = _dense(gm.get_submodule("0"), conv.in_channels)
+    rows_defect = float((matrix @ matrix.T - torch.eye(matrix.shape[0], dtype=matrix.dtype)).abs().max())
+    status = orthofx.manifest_of(gm).changes[0].status
+    if rows_orthonormal:
+        assert rows_defect < 1e-12
+        assert status == "hard (rows orthonormal: no padding, the outputs at the borders are dropped)"
+    else:
+        assert rows_defect > 1e-2 and status == "hard (zero padding: not at borders)"

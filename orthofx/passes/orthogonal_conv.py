@@ -25,7 +25,8 @@ Parameters:
 * ``padding``: ``circular`` (exactly orthogonal, output size ``n / S``; allowed only where it keeps the layer's
   output size, which holds for the usual ``k // 2`` padding) or ``keep`` (the layer's own zero padding: orthogonal
   only away from the borders, P0 Proposition 6; the report says so, except for layers whose windows never read
-  the padding, such as 1x1 convs, which are exactly orthogonal and reported ``hard``).
+  the padding, such as 1x1 convs, which are exactly orthogonal and reported ``hard``, and for RO layers with no
+  padding, whose outputs are rows of the circular layer, orthonormal, reported ``hard (rows orthonormal ...)``).
 * ``init``: ``nearest`` starts from the orthogonal layer closest to the original weights (exact for linears,
   1x1 and ``k <= S`` kernels; for larger kernels a closed-form Procrustes start, refined by ``fit_steps`` Adam
   steps, about 10 ms each on CPU) so a trained model changes least; ``random`` starts Haar-random. The Change
@@ -173,6 +174,11 @@ def _hard_status(original: nn.Module, padding: str) -> str:
             # no window reaches past the grid (d(k-1) < S, no pad: a 1x1 conv, a k = S patch embedding), so on a
             # grid divisible by the stride the zero-padded layer is the circular one, exactly orthogonal
             return "hard"
+        if not _reads_padding(original) and theory.orthogonality_case(
+                original.in_channels, original.out_channels, original.stride, dims=len(original.stride)) == "RO":
+            # no padding: the outputs are the circular layer's whose windows do not wrap, a subset of its rows,
+            # which are orthonormal in the RO case (theory: 'valid' padding, RO as for circular)
+            return "hard (rows orthonormal: no padding, the outputs at the borders are dropped)"
         return "hard (zero padding: not at borders)"
     if keeps_output_size(original):
         return "hard"

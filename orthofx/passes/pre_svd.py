@@ -35,7 +35,9 @@ gets, by its parameters:
     after NOG when both are on), ``a = w.w``, ``b = g.w``, ``c = g.g``: ``eta* = a b / (a c + 2 b^2)``; the layer's
     learning rate for the step is ``eta*`` when ``0 < eta* < base lr`` and the base lr otherwise, a Python float
     (no autograd history). ``eta*`` is the minimiser of ``||w - eta g||^2 + 2 eta^2 (g.w)^2 / (w.w)`` (derived by
-    us from the reference formula; see tests/test_svd_passes.py). Implemented by :class:`OptimalLearningRate`:
+    us from the reference formula; see tests/test_svd_passes.py). That is the step ``w - eta g`` of plain SGD: with
+    momentum or Adam the step taken is not ``eta g`` (Adam's per-entry scaling also undoes most of NOG's polar
+    factor), and ``eta*`` is P4's rule applied as it is, not the minimiser. Implemented by :class:`OptimalLearningRate`:
     ``orthofx.attach`` **edits the optimizer's param groups**: the weight is moved into a param group of its own
     (a copy of its group's settings, marked ``"orthofx_olr": site``); before each step that group's ``lr`` is set,
     after the step it is put back to the base lr, so LR schedulers keep scaling the base lr (create schedulers
