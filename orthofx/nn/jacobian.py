@@ -321,8 +321,13 @@ class JacobianProbe(nn.Module):
         return estimate
 
     def penalty(self) -> torch.Tensor:
-        """``weight * estimate`` (a zero scalar when there is no current estimate)."""
+        """``weight * estimate``; without a current estimate (eval mode, a step ``every`` skips) a 0-dim zero in
+        the dtype and on the device of the block's first floating-point parameter or buffer (float32 on the
+        default device when it has none), as ``orthofx.penalty_terms`` reports it: a float32 zero turned the
+        loss of a bfloat16 or float16 model into float32 on exactly the steps without an estimate."""
         if self.estimate is None:
-            reference = next(iter(self.parameters()), None)
-            return torch.zeros((), device=None if reference is None else reference.device)
+            for tensor in (*self.parameters(), *self.buffers()):
+                if tensor.is_floating_point():
+                    return torch.zeros((), dtype=tensor.dtype, device=tensor.device)
+            return torch.zeros(())
         return self.penalty_weight * self.estimate

@@ -126,6 +126,16 @@ def optimal_learning_rate(weight: torch.Tensor, grad: torch.Tensor) -> float | N
     return a * b / denominator
 
 
+def _power_iteration_start(groups: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    """A fixed ``(groups, n, 1)`` start vector with entries spread over ``(-0.5, 0.5)`` (the fractional part of
+    ``43758.5453 sin(12.9898 i + 78.233)``, a hash of the index), made on ``like``'s device in its dtype: no
+    generator (a CPU one cost a host-to-device copy per penalty and broke ``torch.compile(fullgraph=True)``), and
+    like a random start, orthogonal to the top eigenvector only by coincidence."""
+    index = torch.arange(groups * n, device=like.device, dtype=torch.float64)
+    hashed = torch.sin(index * 12.9898 + 78.233) * 43758.5453
+    return (hashed - hashed.floor() - 0.5).reshape(groups, n, 1).to(like.dtype)
+
+
 def srip(weight: torch.Tensor, groups: int = 1, iterations: int = 10) -> torch.Tensor:
     """SRIP of a (conv or linear) weight: sum over groups of ``sigma_max(Gram - I)`` (see the module docstring).
     A bfloat16 / float16 weight is measured in float32 and the value rounded to its dtype, as
@@ -141,9 +151,8 @@ def srip(weight: torch.Tensor, groups: int = 1, iterations: int = 10) -> torch.T
     gram = W @ W.mT if W.shape[1] <= W.shape[2] else W.mT @ W
     n = gram.shape[-1]
     M = gram - torch.eye(n, dtype=gram.dtype, device=gram.device)
-    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        v = torch.randn(groups, n, 1, generator=generator, dtype=torch.float64).to(M)
+        v = _power_iteration_start(groups, n, M)
         Md = M.detach()
         for _ in range(iterations):
             v = Md @ v
