@@ -10,8 +10,8 @@
 MODEL is a built-in name (``orthofx.models.names()``), ``package.module:factory`` or ``path/to/file.py:factory``
 (a callable taking no arguments that returns an ``nn.Module``). Exit status 0 on success, 2 on bad input with a
 one-line message, 1 with a one-line message on an unexpected failure or a demo whose training diverged, 130 with
-``orthofx: interrupted`` on Ctrl-C (``--debug`` shows the traceback). The output files of ``transform`` are written
-only when every one of them could be: a failure or an interrupt leaves none behind.
+``orthofx: interrupted`` on Ctrl-C (``--debug`` adds the traceback, with the same exit status). The output files
+of ``transform`` are written only when every one of them could be: a failure or an interrupt leaves none behind.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from typing import Callable, Sequence
 
 import torch
@@ -668,24 +669,26 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    # --debug adds the traceback before the one-line message; the exit status stays the documented one (a
+    # re-raised exception would end the process with 1 whatever happened)
     try:
         return args.run(args)
     except KeyboardInterrupt:
         if args.debug:
-            raise
+            traceback.print_exc()
         return report_interrupt()
     except (OrthofxError, OSError) as exc:
         if args.debug:
-            raise
+            traceback.print_exc()
         message = " ".join(str(exc).split())
         print(f"orthofx: error: {message}", file=sys.stderr)
         return getattr(exc, "exit_status", 2)
     except Exception as exc:  # a bug in orthofx or in the model: one line here too, the traceback with --debug
         if args.debug:
-            raise
+            traceback.print_exc()
         message = " ".join(str(exc).split())
-        print(f"orthofx: error: unexpected {type(exc).__name__}: {message} (--debug shows the traceback)",
-              file=sys.stderr)
+        hint = "" if args.debug else " (--debug shows the traceback)"
+        print(f"orthofx: error: unexpected {type(exc).__name__}: {message}{hint}", file=sys.stderr)
         return 1
 
 

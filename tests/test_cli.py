@@ -352,12 +352,14 @@ def test_example_input_follows_the_models_device(capsys, tmp_path):
 
 def test_debug_after_the_subcommand_shows_the_traceback(capsys):
     # the messages say "--debug shows the traceback", but `orthofx explain ... --debug` was refused by argparse
+    # and with the same exit status as without (a re-raised error ended the process with 1 instead of 2)
     argv = ["explain", "missing.py:f", "--policy", "lorth"]
-    with pytest.raises(CliError, match="does not exist"):
-        main(argv + ["--debug"])
-    with pytest.raises(CliError, match="does not exist"):
-        main(["--debug"] + argv)  # before the subcommand, as before
-    assert run(capsys, *argv)[0] == 2
+    for debug_argv in (argv + ["--debug"], ["--debug"] + argv):  # after the subcommand, or before it as before
+        code, _, err = run(capsys, *debug_argv)
+        assert code == 2 and "Traceback (most recent call last)" in err and "CliError" in err
+        assert err.rstrip().splitlines()[-1].startswith("orthofx: error: ") and "does not exist" in err
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "Traceback" not in err
 
 
 def test_plot_without_matplotlib_fails_before_the_transform(capsys, tmp_path, monkeypatch):

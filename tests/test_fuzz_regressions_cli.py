@@ -235,8 +235,9 @@ def test_an_unexpected_failure_exits_1_with_one_line(capsys, monkeypatch):
     code, _, err = run(capsys, *TRANSFORM)
     assert code == 1 and err.count("\n") == 1
     assert "unexpected RuntimeError: boom second line" in err and "--debug" in err
-    with pytest.raises(RuntimeError, match="boom"):
-        main(TRANSFORM + ["--debug"])
+    code, _, err = run(capsys, *TRANSFORM, "--debug")  # the traceback, then the same line and status
+    assert code == 1 and "Traceback (most recent call last)" in err and "RuntimeError: boom" in err
+    assert err.rstrip().splitlines()[-1] == "orthofx: error: unexpected RuntimeError: boom second line"
 
 
 # ------------------------------------------------------------------------------------------------ Ctrl-C
@@ -269,8 +270,8 @@ def test_ctrl_c_exits_130_with_one_line(capsys, monkeypatch, argv, step):
     monkeypatch.setattr(orthofx.cli, step, interrupt)
     code, out, err = run_interrupted(capsys, *argv)
     assert (code, out, err) == (130, "", "orthofx: interrupted\n")
-    with pytest.raises(KeyboardInterrupt):  # the traceback with --debug
-        main(argv + ["--debug"])
+    code, out, err = run_interrupted(capsys, *argv, "--debug")  # the traceback too, the same status
+    assert code == 130 and "Traceback (most recent call last)" in err and err.endswith("orthofx: interrupted\n")
 
 
 def test_ctrl_c_while_writing_the_outputs_leaves_no_file_behind(capsys, monkeypatch, tmp_path):
