@@ -23,6 +23,7 @@ from torch import fx, nn
 from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_inputs, uninitialised_lazy_modules,
                       unwrap_model)
 from .errors import ArgumentError, OrthofxError, TransformError
+from .nn.precision import relative_distance
 from .passes.base import MANIFEST_KEY, EvalRun, Manifest, PassContext, PlanEntry, Site, replace_module
 from .passes.registry import get_pass
 from .plan import Plan, block_paths, build_plan, other_mode_graph
@@ -313,13 +314,14 @@ def _check_output(before: Any, after: Any) -> None:
                                  "example_inputs; check the policy's parameters (e.g. gain, eps) and the inputs")
 
 
-def _relative_change(before: Any, after: Any) -> float:
+def _relative_change(before: Any, after: Any) -> float | None:
+    """The floating outputs' relative change (:func:`~orthofx.nn.precision.relative_distance`: ``None`` for a
+    zero or non-finite original output); 0 for a model without floating outputs."""
     old = [t.detach().double().flatten() for t in output_tensors(before) if t.is_floating_point()]
     new = [t.detach().double().flatten() for t in output_tensors(after) if t.is_floating_point()]
     if not old:
         return 0.0
-    old_all, new_all = torch.cat(old), torch.cat(new)
-    return float((new_all - old_all).norm() / old_all.norm().clamp_min(1e-300))
+    return relative_distance(torch.cat(new), torch.cat(old))
 
 
 def _run_passes(ctx: PassContext, plan: Plan, selected: Callable[[Site], bool]) -> None:

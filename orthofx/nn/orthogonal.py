@@ -128,7 +128,7 @@ from torch.nn.utils import parametrize
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, MetaWeightError, layer_label
 from orthofx.nn.padding import CircularFold, CircularPad, circular_fold, circular_pad, flat_pads
-from orthofx.nn.precision import HALF_PRECISION, autocast_off
+from orthofx.nn.precision import HALF_PRECISION, autocast_off, relative_distance
 from orthofx.nn.stiefel import orthonormal, project_to_stiefel
 from orthofx.theory import _flag, adjoint_case, orthogonal_conv_exists
 
@@ -373,12 +373,6 @@ def _inverse_cayley(unitary: torch.Tensor, max_angle: float = math.pi - 1e-2) ->
     return 0.5 * (a - a.mH)
 
 
-def _relative_distance(value: torch.Tensor, reference: torch.Tensor) -> float:
-    """``||value - reference||_F / ||reference||_F`` in float64 (a layer's ``init_error``)."""
-    value, reference = value.to(torch.float64), reference.to(torch.float64)
-    return float(torch.linalg.vector_norm(value - reference) / torch.linalg.vector_norm(reference).clamp_min(1e-300))
-
-
 def _kept_parameter(module: nn.Module, name: str) -> torch.Tensor:
     """The tensor that holds the parameter ``name`` of ``module``, read from ``_parameters`` (``torch.fx``'s tracer
     turns ``module.<name>`` into a Proxy, whose dtype and device cannot decide a Python branch). A
@@ -496,6 +490,26 @@ def _check_conversion(cls: type, constructor: str, module, torch_type: type, ini
     if init not in ("nearest", "random"):
         raise LayerArgumentError(f"init must be 'nearest' or 'random', got {init!r}")
     _check_nearest_has_values(cls, constructor, module, init)
+    _check_nearest_is_finite(cls, constructor, module, init)
+
+
+def _check_nearest_is_finite(cls: type, constructor: str, module, init: str) -> None:
+    """``init="nearest"`` needs a finite weight: no orthogonal kernel is nearest to one with NaN or inf entries.
+    Without this check the fit failed inside LAPACK ("linalg.svd: ... contained non-finite values"), or with the
+    polar factor's message for a diverged training step, or (where the start reads only the centre taps and a NaN
+    sat on another tap) gave a layer with ``init_error`` NaN."""
+    if init != "nearest" or module.weight.is_meta:
+        return
+    weight = module.weight.detach()
+    finite = torch.isfinite(weight)
+    if bool(finite.all()):
+        return
+    nan = int(torch.isnan(weight).sum())
+    inf = weight.numel() - int(finite.sum()) - nan
+    raise LayerArgumentError(
+        f"{cls.__name__}.{constructor}: the {layer_label(module)}'s weight {tuple(weight.shape)} has {nan} NaN and "
+        f"{inf} inf entries, so there is no nearest orthogonal weight to start from (init='nearest'). Load finite "
+        f"weights (a diverged or corrupted checkpoint?), or pass init='random'")
 
 
 def _check_nearest_has_values(cls: type, constructor: str, module, init: str) -> None:
@@ -1412,8 +1426,10 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         re-fits the matrix; the best kernel seen is kept. ``init="random"``: random orthogonal, the bias copied.
 
         The relative Frobenius distance :math:`\|K - K_0\|_F / \|K_0\|_F` of the resulting kernel is stored in
-        ``layer.init_error`` (for both inits). ``requires_grad`` of the new parameters follows the conv's weight
-        (the bias follows its bias): a frozen layer stays frozen.
+        ``layer.init_error`` (for both inits; ``None`` where it is undefined: a zero ``K_0``, or ``K_0`` with NaN or
+        inf entries and ``init="random"``). ``init="nearest"`` of a weight with NaN or inf entries raises
+        :class:`~orthofx.errors.LayerArgumentError` (no orthogonal kernel is nearest to it). ``requires_grad`` of
+        the new parameters follows the conv's weight (the bias follows its bias): a frozen layer stays frozen.
 
         ``fit_steps``: default (``None``) 200 for the block constructions, 0 for ``cayley_fft``.
 
@@ -1477,8 +1493,8 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
             g, M, C = self.groups, self._M, self._C
             q0 = self._conv_taps(target.to(torch.float64).reshape(g, M, C, *target.shape[2:]), lefts)
             q = self._symbol_taps(self._cayley_unit_symbol(torch.float64)) * self.gain
-            return _relative_distance(q, q0)
-        return _relative_distance(self._cached("weight", lambda: self._explicit_kernel(shift)), target)
+            return relative_distance(q, q0)
+        return relative_distance(self._cached("weight", lambda: self._explicit_kernel(shift)), target)
 
     def _paired_shift(self) -> tuple[int, ...] | None:
         """The per-dimension shift that the block part is when consecutive blocks are complementary (right after
@@ -2216,8 +2232,10 @@ class OrthogonalLinear(_EvalCache, nn.Module):
         ``init="nearest"``: the polar factor of ``weight / gain``, the nearest matrix with orthonormal rows or
         columns (exact; an orthonormal weight is returned unchanged). ``init="random"``: Haar-random. The bias is
         copied; ``requires_grad`` follows the linear's (a frozen layer stays frozen). ``layer.init_error`` is
-        :math:`\|W - W_0\|_F / \|W_0\|_F` (a linear on the meta device: ``init="random"`` gives a meta layer with ``init_error`` ``None``,
-        ``"nearest"`` raises :class:`MetaWeightError`, as in :meth:`OrthogonalConv2d.from_conv`).
+        :math:`\|W - W_0\|_F / \|W_0\|_F`, ``None`` where undefined (a zero ``W_0``, or a non-finite one with
+        ``init="random"``; ``"nearest"`` refuses NaN or inf weights, as :meth:`OrthogonalConv2d.from_conv` does). A
+        linear on the meta device: ``init="random"`` gives a meta layer with ``init_error`` ``None``,
+        ``"nearest"`` raises :class:`MetaWeightError`, as in :meth:`OrthogonalConv2d.from_conv`.
         """
         if not isinstance(linear, nn.Linear):
             raise LayerArgumentError(f"{cls.__name__}.from_linear expects a torch.nn.Linear, got "
@@ -2225,6 +2243,7 @@ class OrthogonalLinear(_EvalCache, nn.Module):
         if init not in ("nearest", "random"):
             raise LayerArgumentError(f"init must be 'nearest' or 'random', got {init!r}")
         _check_nearest_has_values(cls, "from_linear", linear, init)
+        _check_nearest_is_finite(cls, "from_linear", linear, init)
         w0 = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w0.device,
                     dtype=w0.dtype, gain=gain, compute_dtype=compute_dtype)
@@ -2238,7 +2257,7 @@ class OrthogonalLinear(_EvalCache, nn.Module):
                 layer.raw_weight.copy_(polar.to(layer.raw_weight))
         layer.train(False)  # as in from_conv: the weight built for init_error stays cached
         with torch.no_grad():
-            layer.init_error = _relative_distance(layer._cached("weight", lambda: layer.weight), w0)
+            layer.init_error = relative_distance(layer._cached("weight", lambda: layer.weight), w0)
         layer._adopt_mode(linear.training)
         _mirror_requires_grad(linear, layer)
         return layer

@@ -18,10 +18,11 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
-__all__ = ["HALF_PRECISION", "autocast_enabled", "autocast_off"]
+__all__ = ["HALF_PRECISION", "autocast_enabled", "autocast_off", "relative_distance"]
 
 #: The half-precision floating dtypes: what orthofx computes in float32 at least (bfloat16 keeps 8 bits, float16
 #: overflows past 65504, and torch has no half-precision QR, SVD or eigh on the CPU).
@@ -41,3 +42,33 @@ def autocast_off(reference: torch.Tensor):
     if autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _scaled_norm(x: torch.Tensor) -> tuple[float, float]:
+    """``||x||_F`` as ``(peak, norm of x / peak)`` in float64, ``peak = max |x|``: the plain float64 norm squares
+    the entries, which overflows beyond ~1e154 (a float64 kernel of 1e200 gave inf / inf = NaN) and underflows
+    below ~1e-154 (a kernel of 1e-200 had norm 0)."""
+    peak = float(x.abs().amax()) if x.numel() else 0.0
+    if peak == 0.0 or not math.isfinite(peak):
+        return peak, 1.0
+    return peak, float(torch.linalg.vector_norm(x / peak))
+
+
+def relative_distance(value: torch.Tensor, reference: torch.Tensor) -> float | None:
+    """``||value - reference||_F / ||reference||_F`` in float64 with norms scaled by the largest entry (so entries
+    of 1e200 or 1e-200 do not overflow or underflow when squared): a layer's ``init_error``, the output change
+    ``transform`` and ``orthogonal_conv`` report. ``None`` where it is undefined: a zero ``reference`` (a relative
+    distance to zero has no meaning), NaN or inf entries, or a ratio beyond the float range.
+
+    >>> relative_distance(torch.zeros(2, dtype=torch.float64), torch.tensor([3e200, 4e200], dtype=torch.float64))
+    1.0
+    >>> relative_distance(torch.ones(2), torch.zeros(2)) is None
+    True
+    """
+    value, reference = value.to(torch.float64), reference.to(torch.float64)
+    peak, norm = _scaled_norm(reference)
+    if peak == 0.0 or not math.isfinite(peak):
+        return None
+    gap_peak, gap_norm = _scaled_norm(value - reference)
+    ratio = (gap_peak / peak) * (gap_norm / norm)
+    return ratio if math.isfinite(ratio) else None

@@ -185,6 +185,20 @@ def _polar_from_gram(a: torch.Tensor, gram: torch.Tensor | None = None) -> torch
     return (a64 @ ((vectors * eigenvalues.rsqrt().unsqueeze(-2)) @ vectors.mT)).to(a.dtype)
 
 
+def _unit_scaled(a: torch.Tensor) -> torch.Tensor:
+    """``a`` (a finite batch of matrices) times ``2^-e`` per matrix, ``e`` the exponent of its largest entry, so
+    that this entry lies in ``[1/2, 1)``: exact (a power of two), and the same polar factor. ``a`` itself (no
+    copy) when every matrix is already so (or zero), the common case near the manifold."""
+    peak = a.abs().amax(dim=(-2, -1), keepdim=True)
+    _, exponent = torch.frexp(peak)  # peak = m 2^e, m in [1/2, 1); e = 0 for a zero matrix
+    if not bool(exponent.any()):
+        return a
+    # in two halves: 2^-e alone overflows for a subnormal peak (float32: e = -132, 2^132 > max)
+    half = torch.div(exponent, 2, rounding_mode="floor")
+    two = torch.full_like(peak, 2.0)
+    return a * two.pow(-half) * two.pow(half - exponent)
+
+
 def _polar_factor(a: torch.Tensor) -> torch.Tensor:
     """``U V^T`` of ``a = U S V^T`` (thin): by Newton-Schulz near the manifold, from the Gram matrix's
     eigendecomposition when ``a`` is well conditioned, and by the SVD otherwise and inside ``vmap`` (module
@@ -201,6 +215,12 @@ def _polar_factor(a: torch.Tensor) -> torch.Tensor:
                 raise LayerArgumentError(f"the polar factor of a {tuple(a.shape)} matrix with NaN or inf entries "
                                          "is undefined; in training this is a diverged step (lower the learning "
                                          "rate, check the loss for NaN)")
+            # far from the manifold the entries may be of any size: a float64 matrix of entries ~1e200 had an
+            # infinite Gram matrix, on which eigh failed inside LAPACK. The polar factor does not change under
+            # a positive scaling, and a power of two scales exactly
+            scaled = _unit_scaled(tall)
+            if scaled is not tall:
+                tall, work, gram = scaled, _tall(scaled, wide), None
             polar = _polar_from_gram(tall, gram if dtype == torch.float64 else None)
         if polar is not None:
             return _tall(polar, wide).to(a.dtype)

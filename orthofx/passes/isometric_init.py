@@ -386,6 +386,7 @@ def _defect(weight: torch.Tensor, module: nn.Module, scale: float) -> dict[str, 
     whole kernel it was cut from also under a dilation: the dilated kernel is the dilated block, shifted."""
     w = weight / scale
     if not isinstance(module, _KERNEL_TYPES):
-        return {"orth_defect": float(stiefel.orthogonality_defect(w))}
+        # in float64: a float32 weight of entries ~1e30 has a Gram matrix beyond float32 (the defect was NaN)
+        return {"orth_defect": float(stiefel.orthogonality_defect(w.double()))}
     return {"lorth": float(metrics.lorth(w, stride=tuple(module.stride), groups=module.groups,
                                          dilation=tuple(module.dilation)))}

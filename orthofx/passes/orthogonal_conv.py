@@ -30,8 +30,10 @@ Parameters:
 * ``init``: ``nearest`` starts from the orthogonal layer closest to the original weights (exact for linears,
   1x1 and ``k <= S`` kernels; for larger kernels a closed-form Procrustes start, refined by ``fit_steps`` Adam
   steps, about 10 ms each on CPU) so a trained model changes least; ``random`` starts Haar-random. The Change
-  records the kernel's relative distance and, with example inputs, the relative change of the layer's output on
-  them.
+  records the kernel's relative distance (``init_error``) and, with example inputs, the relative change of the
+  layer's output on them (``output_change``); each is ``None`` where it is undefined (a zero original weight or
+  output, or one with NaN or inf entries). ``nearest`` refuses a weight with NaN or inf entries (no orthogonal
+  layer is nearest to it): use ``random`` there.
 * ``gain``: the layer is ``gain`` times orthogonal.
 
 Example::
@@ -49,12 +51,13 @@ import torch
 from torch import nn
 
 from .. import theory
-from ..errors import ImpossibleLayerError, PlanError
+from ..errors import ImpossibleLayerError, PlanError, TransformError
 from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                               OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
                               circular_alignment, keeps_output_size, transposed_alignment,
                               transposed_keeps_output_size, transposed_size_keeping_padding)
 from ..nn.padding import conv_zero_pads
+from ..nn.precision import relative_distance
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, derived_weight, describe_module,
                    parameter_owners, require_initialised)
 from .orth_regularizer import lorth_term
@@ -192,6 +195,20 @@ def _reads_padding(conv: nn.Module) -> bool:
     return any(side > 0 for pair in pads for side in pair)
 
 
+def _require_finite(entry: PlanEntry, module: nn.Module) -> None:
+    """Refuse ``init: nearest`` for a layer whose weight holds NaN or inf: no orthogonal layer is nearest to it
+    (the layer constructors refuse it too, without the site; a start reading only the centre taps went through
+    and reported ``init_error`` NaN)."""
+    weight = module.weight.detach()
+    if weight.is_meta or bool(torch.isfinite(weight).all()):
+        return
+    bad = int((~torch.isfinite(weight)).sum())
+    raise TransformError(
+        f"rule '{entry.rule_name}': {entry.site.name} ({describe_module(module)}): its weight has {bad} NaN or inf "
+        f"entries (of {weight.numel()}), so there is no nearest orthogonal layer to start from (init: nearest). "
+        "Load finite weights (a diverged or corrupted checkpoint?), or set 'init: random' in the rule's 'with:'")
+
+
 def _configuration(module: nn.Module) -> tuple:
     """What must agree for two layers with one tied weight to share one orthogonal replacement."""
     attrs = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding",
@@ -311,6 +328,8 @@ class OrthogonalConvPass(Pass):
             problem = None if isinstance(module, nn.Linear) else _impossibility(
                 module, entry.params["padding"], method, input_size)
             if problem is None:
+                if entry.params["init"] == "nearest":
+                    _require_finite(entry, module)
                 layer = orthogonal_layer(module, init=entry.params["init"], method=method,
                                          padding=entry.params["padding"], gain=entry.params["gain"],
                                          fit_steps=entry.params["fit_steps"], input_size=input_size)
@@ -347,7 +366,10 @@ class OrthogonalConvPass(Pass):
                 reference = old(*inputs)
             with EvalRun(new):  # a conv or linear: the mode only decides whether new's kernel cache is used
                 changed = new(*inputs)
-            after["output_change"] = float((changed - reference).norm() / reference.norm().clamp_min(1e-30))
+            # in float64 with scaled norms (a float16 output's norm overflowed: inf / inf = NaN), and None where
+            # the relative change is undefined: a zero original output (it was ||change|| / 1e-30, ~1e31) or one
+            # with NaN or inf entries
+            after["output_change"] = relative_distance(changed.detach(), reference.detach())
         ctx.replace_module(entry.site, new)
         ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
                           what=f"replaced by an exactly orthogonal {type(new).__name__}", params=dict(entry.params),

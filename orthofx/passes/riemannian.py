@@ -87,7 +87,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ArgumentError, LayerArgumentError, OrthofxError
+from ..errors import ArgumentError, LayerArgumentError, OrthofxError, TransformError
 from ..nn import stiefel
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, require_initialised,
                    weight_groups, whole, write_whole)
@@ -347,7 +347,8 @@ class Riemannian(Pass):
         weight = module.weight
         matrix = stiefel.flatten_weight(weight.detach(), groups)
         shape = "x".join(str(s) for s in matrix.shape[-2:])
-        before = {"orth_defect": float(stiefel.orthogonality_defect(matrix).max())}
+        # in float64: a float32 weight of entries ~1e30 has a Gram matrix beyond float32, so the defect was NaN
+        before = {"orth_defect": float(stiefel.orthogonality_defect(matrix.double()).max())}
         if name == free_site or (free_weight is not None and weight is free_weight):
             what = f"left free (unconstrained, free: {params['free']})"
             if name != free_site:
@@ -356,6 +357,14 @@ class Riemannian(Pass):
                               before=before, after={"free_site": free_site}, status="free"))
             return
         if params["init"] == "project":
+            if not bool(torch.isfinite(matrix).all()):
+                # the polar factor refused it with its message for a diverged training step, naming no layer
+                bad = int((~torch.isfinite(matrix)).sum())
+                raise TransformError(
+                    f"riemannian (rule '{entry.rule_name}'): {name}: its weight has {bad} NaN or inf entries (of "
+                    f"{matrix.numel()}), so it has no nearest orthonormal matrix to project onto (init: project). "
+                    "Load finite weights (a diverged or corrupted checkpoint?), or re-initialise the layer (e.g. "
+                    "with the isometric_init pass before this rule)")
             with torch.no_grad():
                 weight.copy_(stiefel.unflatten_weight(stiefel.project_to_stiefel(matrix), weight))
         after = {"orth_defect": float(stiefel.orthogonality_defect(stiefel.flatten_weight(weight.detach(),
