@@ -414,12 +414,13 @@ class Plan:
         ``site`` (its name), ``kind`` (``module`` / ``function`` / ``block``), ``layer`` (e.g.
         ``Conv2d(3->16, k=3, s=1)``, the op for a function site), ``rule`` (the rule's name), ``pass`` (the pass
         applied; ``""`` when not applied), ``params`` (``"k=v, ..."``; ``""`` when not applied) and ``status``
-        (``"apply"``, ``"skipped: <why>"`` or ``"shadowed by <rule>"``)."""
+        (``"apply"``, ``"apply: <outcome>"`` where the pass can tell that applying will not make its usual change,
+        ``"skipped: <why>"`` or ``"shadowed by <rule>"``)."""
         rows = []
         for e in self.entries:
             rows.append({"site": e.site.name, "kind": e.site.kind, "layer": self.layers.get(e.site.name, e.site.target),
                          "rule": e.rule_name, "pass": e.pass_name, "params": _format_params(e.params),
-                         "status": "apply"})
+                         "status": f"apply: {e.outcome}" if e.outcome else "apply"})
         for site, rule, reason in self.skipped:
             rows.append({"site": site.name, "kind": site.kind, "layer": self.layers.get(site.name, site.target),
                          "rule": rule, "pass": "", "params": "", "status": f"skipped: {reason}"})
@@ -427,7 +428,7 @@ class Plan:
             rows.append({"site": site.name, "kind": site.kind, "layer": self.layers.get(site.name, site.target),
                          "rule": rule, "pass": "", "params": "", "status": f"shadowed by {winner}"})
         order = {s.name: i for i, s in enumerate(self.sites)}
-        rows.sort(key=lambda r: (order.get(r["site"], len(order)), r["status"] != "apply"))
+        rows.sort(key=lambda r: (order.get(r["site"], len(order)), not r["status"].startswith("apply")))
         return rows
 
     def __str__(self) -> str:
@@ -572,7 +573,8 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 replaced.setdefault((site.kind, site.name), (rule.name, pass_cls.name))
             entries.append(PlanEntry(site=site, rule_name=rule.name, rule_index=rule.index,
                                      pass_name=pass_cls.name, params=dict(rule.params),
-                                     reason=f"first '{group}' rule matching {site.name}"))
+                                     reason=f"first '{group}' rule matching {site.name}",
+                                     outcome=pass_obj.planned_outcome(site, module, rule.params) or ""))
         skipped.extend((site, rule.name, reason) for site, reason in rejected)
         hidden = _hidden_by_tracing(rule, model, traced)
         if hidden and (selected or rule.optional) and capture is not None:

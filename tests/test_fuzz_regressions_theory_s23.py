@@ -103,3 +103,26 @@ def test_padding_keep_without_padding_reports_orthonormal_rows(conv, rows_orthon
         assert status == "hard (rows orthonormal: no padding, the outputs at the borders are dropped)"
     else:
         assert rows_defect > 1e-2 and status == "hard (zero padding: not at borders)"
+
+
+@pytest.mark.parametrize("action, predicted, applied", [
+    ("error", "apply: fails: no orthogonal convolution exists", None),
+    ("skip", "apply: left unchanged: no orthogonal convolution exists", "skipped: no orthogonal convolution exists"),
+    ("regularize", "apply: L_orth instead: no orthogonal convolution exists", "regularised (no orthogonal version)"),
+])
+def test_explain_predicts_what_on_impossible_does(action, predicted, applied):
+    """explain said 'apply' for a strided 1x1 shortcut that transform then refuses, skips or regularises (P0
+    Theorem 4: M = 16 > C k^d = 8 in the RO case); it now says what applying will do, and a possible layer stays
+    'apply'. The reference is what transform itself does with the same policy."""
+    model = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2), nn.Conv2d(16, 16, 3, padding=1))
+    x = torch.randn(2, 8, GRID, GRID)
+    policy = {"rules": [{"match": {"type": "Conv2d"}, "apply": "orthogonal_conv", "with": {"on_impossible": action}}]}
+    status = {row["site"]: row["status"] for row in orthofx.explain(model, policy, example_inputs=(x,)).rows()}
+    assert status["0"].startswith(predicted) and "(on_impossible: " + action + ")" in status["0"]
+    assert status["1"] == "apply"
+    if applied is None:
+        with pytest.raises(orthofx.ImpossibleLayerError, match="no orthogonal convolution exists"):
+            orthofx.transform(model, policy, example_inputs=(x,))
+        return
+    changes = {c.site: c.status for c in orthofx.manifest_of(orthofx.transform(model, policy)).changes}
+    assert changes["0"].startswith(applied) and changes["1"] == "hard"

@@ -163,6 +163,7 @@ class PlanEntry:
     pass_name: str
     params: dict[str, Any]
     reason: str = ""  # why this rule won the site (shown by explain)
+    outcome: str = ""  # what applying will do, when it is not the pass's usual change (Pass.planned_outcome)
 
 
 @dataclass
@@ -762,6 +763,12 @@ class Pass:
         """Like :meth:`accepts`, for reasons that depend on the rule's validated parameters (e.g. the
         ``riemannian`` pass's ``only_square``): ``None`` (the default) accepts. A site declined here is
         skipped like one :meth:`accepts` declines: ``explain`` and ``report`` show ``skipped: <reason>``."""
+        return None
+
+    def planned_outcome(self, site: Site, module: nn.Module | None, params: dict[str, Any]) -> str | None:
+        """What applying the pass to a site it accepts will do, when that is not its usual change and can be
+        told before running it (``orthogonal_conv`` on a layer no orthogonal version of exists: its
+        ``on_impossible``); ``explain`` shows ``apply: <outcome>``. ``None`` (the default): the usual change."""
         return None
 
     def handles_derived_weight(self, params: dict[str, Any]) -> bool:

@@ -298,6 +298,20 @@ class OrthogonalConvPass(Pass):
                     "(exact) or zero padding only; use 'padding: circular'")
         return None
 
+    def planned_outcome(self, site, module, params):
+        # explain said 'apply' for a layer that apply then refuses (P0 Theorem 4), skips or regularises: tell it
+        # from the layer's shape now, as apply will (cayley_fft's checks need the input size, known at apply only)
+        if isinstance(module, nn.Linear) or getattr(module, "weight", None) is None or module.weight.dim() < 3 \
+                or (params["method"] == "cayley_fft" and not isinstance(module, _TRANSPOSED_TYPES)):
+            return None
+        problem = _impossibility(module, params["padding"], params["method"])
+        if problem is None:
+            return None
+        action = params["on_impossible"]
+        if action == "error":
+            return f"fails: {problem} (on_impossible: error)"
+        return f"{'left unchanged' if action == 'skip' else 'L_orth instead'}: {problem} (on_impossible: {action})"
+
     def handles_derived_weight(self, params):
         # "hard where possible, L_orth elsewhere": a layer whose weight a parametrization computes cannot be
         # replaced (that would drop the parametrization), but L_orth reads the computed weight
