@@ -274,3 +274,19 @@ def test_before_orth_defect_of_a_huge_float32_weight_is_finite(pass_name):
     gm = orthofx.transform(model, _linear_rule(pass_name))
     before = orthofx.manifest_of(gm).changes[0].before["orth_defect"]
     assert before == pytest.approx(expected, rel=1e-12)
+
+
+def test_riemannian_init_project_leaves_a_frozen_weight_as_it_is():
+    """The isometric preset says layers with frozen weights are left as they are, but its Riemannian rule's
+    init: project replaced a frozen square Linear's weight by its polar factor. A frozen weight now keeps its
+    values bitwise; a trainable one next to it is still projected (orthonormal to float64 rounding)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+    model[0].weight.requires_grad_(False)
+    frozen_before = model[0].weight.detach().clone()
+    gm = orthofx.transform(model, "isometric", example_inputs=(torch.randn(3, 6),))
+    assert torch.equal(gm.get_submodule("0").weight, frozen_before)
+    trained = gm.get_submodule("2").weight.detach().double()
+    assert float((trained.T @ trained - torch.eye(6, dtype=torch.float64)).abs().max()) < 1e-6
+    what = {c.site: c.what for c in orthofx.manifest_of(gm).changes if c.pass_name == "riemannian"}
+    assert "frozen" in what["0"] and "frozen" not in what["2"]

@@ -51,8 +51,9 @@ Parameters (``with:``):
   point; each step's projection of ``d`` discards them, so steps are shorter than the optimizer's. ``keep`` is
   there for comparison.
 * ``init``: ``project`` (default): at transform time the weight is replaced by its nearest orthonormal matrix
-  (polar factor), so the constraint holds from step 0; ``keep``: the weight is left as is and lands on the
-  manifold at the first step's retraction.
+  (polar factor), so the constraint holds from step 0, except a frozen weight (``requires_grad=False``), which
+  is left as the user froze it; ``keep``: the weight is left as is and lands on the manifold at the first step's
+  retraction.
 * ``only_square``: ``false`` (default); ``true`` constrains only layers whose (flattened, per group) weight is
   square. The others are declined at planning time (:meth:`Riemannian.accepts_params`), so ``explain`` and
   ``report`` show them as ``skipped: not square (out x in)`` and they train unconstrained; a rule (not
@@ -356,7 +357,10 @@ class Riemannian(Pass):
             ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name, what=what, params=params,
                               before=before, after={"free_site": free_site}, status="free"))
             return
-        if params["init"] == "project":
+        # a frozen weight is left as it is (the user froze those values; attach gives it no hooks while it is
+        # frozen): if it is unfrozen later, the first step's retraction puts it on the manifold, as init: keep does
+        frozen = not weight.requires_grad
+        if params["init"] == "project" and not frozen:
             if not bool(torch.isfinite(matrix).all()):
                 # the polar factor refused it with its message for a diverged training step, naming no layer
                 bad = int((~torch.isfinite(matrix)).sum())
@@ -373,7 +377,9 @@ class Riemannian(Pass):
         ctx.add_optimizer_hook(StiefelHook(name, entry.rule_name, retraction=params["retraction"],
                                            momentum=params["momentum"], groups=groups))
         rows = "rows" if stiefel.is_wide(matrix) else "columns"
+        kept = ("; the weight is frozen (requires_grad=False), so init: project left it as it is"
+                if frozen and params["init"] == "project" else "")
         ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name,
                           what=f"Riemannian training on the Stiefel manifold ({shape}, orthonormal {rows}, "
-                               f"{params['retraction']} retraction)",
+                               f"{params['retraction']} retraction){kept}",
                           params=params, before=before, after=after, status=f"Stiefel, {params['retraction']}"))
