@@ -170,6 +170,7 @@ from torch import nn  # noqa: E402
 
 import orthofx  # noqa: E402
 from orthofx import metrics  # noqa: E402
+from references import lorth64  # noqa: E402
 
 
 class _PenaltyNet(nn.Module):
@@ -200,6 +201,9 @@ def test_penalty_is_the_weighted_sum_of_the_terms_by_hand():
     gm = _penalty_model()
     a, b = gm.get_submodule("a").weight, gm.get_submodule("b").weight
     expected = 0.3 * metrics.lorth(a, stride=2, groups=2) + 0.7 * metrics.lorth(b)
+    # the terms by hand are P0's L_orth: the dense circular operator's Gram error (Theorem 7), float64
+    dense = 0.3 * lorth64(a, stride=2, groups=2) + 0.7 * lorth64(b)
+    assert float(expected) == pytest.approx(dense, rel=1e-10)
     value = orthofx.penalty(gm)
     assert value.dtype == torch.float64 and value.shape == ()
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)

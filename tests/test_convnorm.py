@@ -19,6 +19,7 @@ from orthofx import models
 from orthofx.nn.convnorm import (ConvNormConv1d, ConvNormConv2d, ConvNormConv3d, conv_norm, convnorm_filter,
                                  convnorm_geometry, with_convnorm)
 from orthofx.passes import get_pass
+from references import lorth64
 
 # ------------------------------------------------------------------------------------- direct construction
 
@@ -594,7 +595,10 @@ def test_composes_with_lorth_penalty():
                         {"match": {"type": "Conv2d"}, "apply": "orth_regularizer", "with": {"weight": 0.1}}]}
     gm = orthofx.transform(model, policy, example_inputs=(x,))
     pen = orthofx.penalty(gm)
-    assert torch.isfinite(pen) and pen > 0
+    # 0.1 L_orth of every conv weight (the one ConvNorm wraps, unchanged), each from its dense circular operator
+    expected = 0.1 * sum(lorth64(m.weight, stride=m.stride, groups=m.groups)
+                         for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert float(pen) == pytest.approx(expected, rel=1e-5)
     pen.backward()
     assert gm.get_submodule(_conv_names(model)[0]).conv.weight.grad is not None
 

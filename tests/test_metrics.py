@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orthofx import metrics
-from orthofx.errors import OrthofxError
+from orthofx.errors import ArgumentError, OrthofxError
 from orthofx.metrics import (
     conv_singular_values,
     linear_singular_values,
@@ -465,33 +465,33 @@ def test_gram_iteration_linear_and_realistic_conv():
 
 
 def test_bad_inputs_raise_clear_value_errors():
-    with pytest.raises(ValueError, match="3 \\(Conv1d\\), 4 \\(Conv2d\\)"):
+    with pytest.raises(ArgumentError, match="3 \\(Conv1d\\), 4 \\(Conv2d\\)"):
         conv_singular_values(torch.randn(3, 3), 4)
-    with pytest.raises(ValueError, match="Conv1d"):
+    with pytest.raises(ArgumentError, match="Conv1d"):
         lorth(torch.randn(3))
-    with pytest.raises(ValueError, match="Conv1d"):
+    with pytest.raises(ArgumentError, match="Conv1d"):
         lorth(torch.randn(2, 2, 2, 2, 2, 2))
-    with pytest.raises(ValueError, match="divisible by the stride"):
+    with pytest.raises(ArgumentError, match="divisible by the stride"):
         conv_singular_values(torch.randn(2, 2, 3, 3), 7, stride=2)
-    with pytest.raises(ValueError, match="divisible by the stride"):
+    with pytest.raises(ArgumentError, match="divisible by the stride"):
         orthogonality_error(torch.randn(2, 2, 3, 3), (8, 9), stride=2)
-    with pytest.raises(ValueError, match="input_size"):
+    with pytest.raises(ArgumentError, match="input_size"):
         orthogonality_error(torch.randn(2, 2, 3, 3))
-    with pytest.raises(ValueError, match="input_size"):
+    with pytest.raises(ArgumentError, match="input_size"):
         spectral_norm_bound(torch.randn(2, 2, 3, 3))
-    with pytest.raises(ValueError, match="groups=4 must divide"):
+    with pytest.raises(ArgumentError, match="groups=4 must divide"):
         lorth(torch.randn(6, 1, 3, 3), groups=4)
-    with pytest.raises(ValueError, match="stride"):
+    with pytest.raises(ArgumentError, match="stride"):
         lorth(torch.randn(6, 1, 3, 3), stride=(1, 2, 3))
-    with pytest.raises(ValueError, match="stride"):
+    with pytest.raises(ArgumentError, match="stride"):
         lorth(torch.randn(6, 1, 3, 3), stride=0)
-    with pytest.raises(ValueError, match="case"):
+    with pytest.raises(ArgumentError, match="case"):
         lorth(torch.randn(6, 1, 3, 3), case="row")
-    with pytest.raises(ValueError, match="floating-point"):
+    with pytest.raises(ArgumentError, match="floating-point"):
         lorth(torch.ones(2, 2, 3, 3, dtype=torch.int64))
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ArgumentError, match="2-D"):
         linear_singular_values(torch.randn(2, 2, 3))
-    with pytest.raises(ValueError, match="Linear"):
+    with pytest.raises(ArgumentError, match="Linear"):
         lorth(torch.randn(3, 4), stride=2)
     for fn in (lorth, linear_singular_values, orthogonality_error, spectral_norm_bound):
         with pytest.raises(OrthofxError, match="empty"):

@@ -428,12 +428,32 @@ def test_dbn_running_stats_update_and_eval_uses_them():
     assert torch.equal(dbn.running_cov, running)
 
 
+def _assert_gradient_matches_central_differences(loss, weight, entries=3, eps=1e-6):
+    """``weight.grad`` (after ``loss().backward()``) against ``(loss(w + eps e_i) - loss(w - eps e_i)) / 2 eps``
+    at a few seeded entries, in float64."""
+    for index in torch.randperm(weight.numel(), generator=torch.Generator().manual_seed(1))[:entries].tolist():
+        with torch.no_grad():
+            start = weight.view(-1)[index].item()
+            weight.view(-1)[index] = start + eps
+            up = loss().item()
+            weight.view(-1)[index] = start - eps
+            down = loss().item()
+            weight.view(-1)[index] = start
+        assert (up - down) / (2 * eps) == pytest.approx(weight.grad.view(-1)[index].item(), rel=1e-5, abs=1e-9)
+
+
 def test_dbn_backward_is_finite():
     model = build("dbn_cnn").train()
     x = models.example_input("dbn_cnn", batch=16)
     model(x).square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert model.conv1.weight.grad is not None
+    # and it is the gradient: float64 central differences through the ZCA whitening (batch statistics in training)
+    model = model.double()
+    model.zero_grad()
+    x = x.double()
+    model(x).square().mean().backward()
+    _assert_gradient_matches_central_differences(lambda: model(x).square().mean(), model.conv1.weight)
 
 
 @pytest.mark.parametrize("name", ["dbn_cnn", "gcp_cnn"])
@@ -487,6 +507,12 @@ def test_gcp_backward_is_finite():
     model = build("gcp_cnn").train()
     model(models.example_input("gcp_cnn", batch=8)).square().mean().backward()
     assert torch.isfinite(model.conv_last.weight.grad).all()
+    # and it is the gradient: float64 central differences through the covariance square root
+    model = model.double()
+    model.zero_grad()
+    x = models.example_input("gcp_cnn", batch=8).double()
+    model(x).square().mean().backward()
+    _assert_gradient_matches_central_differences(lambda: model(x).square().mean(), model.conv_last.weight)
 
 
 # ------------------------------------------------------------------------------------------ argument checks

@@ -159,11 +159,28 @@ def test_symbolic_trace_and_frozen_form_match():
 
 def test_gradients_reach_the_parameters():
     torch.manual_seed(3)
-    layer = OrthogonalConvTranspose2d(8, 4, 4, stride=2, padding=1)
-    layer(torch.randn(2, 8, 4, 4)).square().sum().backward()
+    layer = OrthogonalConvTranspose2d(8, 4, 4, stride=2, padding=1).double()
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    target = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+
+    def loss():
+        return (layer(x) * target).sum() + layer(x).square().sum()
+
+    loss().backward()
+    assert {n for n, _ in layer.named_parameters()} >= {"bias", "conv.matrix"}
+    # every parameter's gradient against central differences in float64 (3 entries each)
+    eps = 1e-6
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert {n for n, _ in layer.named_parameters()} >= {"bias", "conv.matrix"}
+        for index in torch.randperm(p.numel(), generator=torch.Generator().manual_seed(0))[:3].tolist():
+            with torch.no_grad():
+                start = p.view(-1)[index].item()
+                p.view(-1)[index] = start + eps
+                up = loss().item()
+                p.view(-1)[index] = start - eps
+                down = loss().item()
+                p.view(-1)[index] = start
+            assert (up - down) / (2 * eps) == pytest.approx(p.grad.view(-1)[index].item(), rel=1e-6, abs=1e-6), name
 
 
 class Decoder(nn.Module):

@@ -9,6 +9,7 @@ from torch import nn
 
 import orthofx
 from orthofx import metrics
+from references import circular_operator64, lorth64
 
 POLICY = {"rules": [{"match": {"type": ["Conv2d", "Linear"], "exclude": ["head"]}, "apply": "orth_regularizer"}]}
 
@@ -43,8 +44,12 @@ def test_rows_cover_every_conv_and_linear_with_exact_singular_values():
     assert rows["ortho"]["sigma_min"] == pytest.approx(1.0, abs=1e-5)
     assert rows["ortho"]["sigma_max"] == pytest.approx(1.0, abs=1e-5)
     assert rows["ortho"]["lorth"] == pytest.approx(0.0, abs=1e-9)
-    sv = metrics.conv_singular_values(model.conv.weight.detach(), (6, 6))
+    # the singular values of the dense circular operator on the 6 x 6 input the example gave the layer
+    sv = torch.linalg.svdvals(circular_operator64(model.conv.weight, grid=(6, 6)))
     assert rows["conv"]["sigma_max"] == pytest.approx(float(sv.max()), rel=1e-6)
+    assert rows["conv"]["sigma_min"] == pytest.approx(float(sv.min()), rel=1e-6)
+    assert rows["conv"]["lorth"] == pytest.approx(lorth64(model.conv.weight), rel=1e-6)
+    assert rows["down"]["lorth"] == pytest.approx(lorth64(model.down.weight, stride=2), rel=1e-6)
     assert rows["conv"]["input"] == (6, 6)
     assert rows["down"]["exists"].startswith("no")
     assert rows["conv"]["exists"].startswith("yes")
@@ -55,10 +60,14 @@ def test_rows_cover_every_conv_and_linear_with_exact_singular_values():
 
 
 def test_report_without_example_inputs_leaves_conv_sigmas_blank():
-    rep = orthofx.report(orthofx.transform(build(), POLICY))
+    model = build()
+    rep = orthofx.report(orthofx.transform(model, POLICY))
     rows = {r["site"]: r for r in rep.rows}
-    assert rows["conv"]["sigma_max"] is None and rows["conv"]["lorth"] is not None
-    assert rows["head"]["sigma_max"] is not None  # a linear layer needs no input size
+    assert rows["conv"]["sigma_max"] is None and rows["conv"]["sigma_min"] is None
+    assert rows["conv"]["lorth"] == pytest.approx(lorth64(model.conv.weight), rel=1e-6)  # needs no input size
+    sv = torch.linalg.svdvals(model.head.weight.detach().double())  # nor does a linear layer's spectrum
+    assert rows["head"]["sigma_max"] == pytest.approx(float(sv.max()), rel=1e-6)
+    assert rows["head"]["sigma_min"] == pytest.approx(float(sv.min()), rel=1e-6)
 
 
 def test_penalty_summary_and_plot(tmp_path):

@@ -757,7 +757,12 @@ def test_olr_is_the_minimiser_of_its_objective():
 
 
 def _expected_lr(weight, grad, base):
-    eta = pre_svd.optimal_learning_rate(weight, grad)
+    """P4's OLR written out in float64 (not orthofx's optimal_learning_rate): ``eta* = a b / (a c + 2 b^2)`` with
+    ``a = w.w, b = g.w, c = g.g`` of the flattened weight and gradient, used when ``0 < eta* < base``."""
+    w, g = weight.detach().reshape(-1).double(), grad.detach().reshape(-1).double()
+    a, b, c = float(w @ w), float(g @ w), float(g @ g)
+    denominator = a * c + 2 * b * b
+    eta = a * b / denominator if denominator > 0 else None
     return eta if eta is not None and 0 < eta < base else base
 
 
@@ -799,7 +804,8 @@ def test_olr_uses_the_nog_gradient():
     w0 = gm.a.weight.detach().clone()
     optimizer.zero_grad()
     gm(x).backward()
-    polar = pre_svd.polar_factor(gm.a.weight.grad)
+    u, _, vh = torch.linalg.svd(gm.a.weight.grad.double(), full_matrices=False)
+    polar = (u @ vh).float()  # NOG's gradient, the polar factor U V^T, by a float64 SVD
     optimizer.step()
     lr = _expected_lr(w0, polar, 10.0)
     assert torch.allclose(w0 - gm.a.weight.detach(), lr * polar, rtol=1e-5, atol=1e-8)

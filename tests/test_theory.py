@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from orthofx.errors import ArgumentError
 from orthofx.metrics import lorth, orthogonality_error
 from orthofx.theory import ExistenceResult, orthogonal_conv_exists, orthogonality_case, theorem8_constants
 
@@ -105,21 +106,21 @@ def test_valid_and_zero_padding_hand_derived():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="groups=3 must divide both c_in=8 and c_out=9"):
+    with pytest.raises(ArgumentError, match="groups=3 must divide both c_in=8 and c_out=9"):
         orthogonal_conv_exists(8, 9, 3, groups=3)
-    with pytest.raises(ValueError, match="c_in"):
+    with pytest.raises(ArgumentError, match="c_in"):
         orthogonal_conv_exists(0, 4, 3)
-    with pytest.raises(ValueError, match="kernel_size"):
+    with pytest.raises(ArgumentError, match="kernel_size"):
         orthogonal_conv_exists(4, 4, 0)
-    with pytest.raises(ValueError, match="stride"):
+    with pytest.raises(ArgumentError, match="stride"):
         orthogonal_conv_exists(4, 4, 3, stride=-1)
-    with pytest.raises(ValueError, match="kernel_size must be an int or a tuple of 2"):
+    with pytest.raises(ArgumentError, match="kernel_size must be an int or a tuple of 2"):
         orthogonal_conv_exists(4, 4, (3, 3, 3))
-    with pytest.raises(ValueError, match="padding must be one of"):
+    with pytest.raises(ArgumentError, match="padding must be one of"):
         orthogonal_conv_exists(4, 4, 3, padding="reflect")
-    with pytest.raises(ValueError, match="dims"):
+    with pytest.raises(ArgumentError, match="dims"):
         orthogonality_case(4, 4, dims=4)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ArgumentError, match="positive integer"):
         theorem8_constants(4, 4, 2.5)
 
 

@@ -9,6 +9,7 @@ from torch import nn
 import orthofx
 from orthofx import metrics
 from orthofx.passes import Change, Param, Pass, register_pass, unregister_pass
+from references import lorth64
 
 LORTH_ALL = {"orthofx": 1, "rules": [{"name": "soft", "match": {"type": ["Conv1d", "Conv2d", "Linear"]},
                                        "apply": "orth_regularizer", "with": {"weight": 0.5}}]}
@@ -115,12 +116,15 @@ def test_penalty_is_the_weighted_sum_of_lorth():
     torch.manual_seed(0)
     model = Mixed()
     gm = orthofx.transform(model, LORTH_ALL)
-    expected = 0.5 * (metrics.lorth(model.c1.weight) + metrics.lorth(model.c2.weight, stride=2)
-                      + metrics.lorth(model.g.weight, groups=2) + metrics.lorth(model.fc.weight))
-    torch.testing.assert_close(orthofx.penalty(gm), expected)
+    # each term from the dense circular operator (Theorem 7) in float64, not from metrics.lorth
+    by_site = {"c1": lorth64(model.c1.weight), "c2": lorth64(model.c2.weight, stride=2),
+               "g": lorth64(model.g.weight, groups=2), "fc": lorth64(model.fc.weight)}
+    expected = torch.tensor(0.5 * sum(by_site.values()), dtype=torch.float64)
+    torch.testing.assert_close(orthofx.penalty(gm).detach().double(), expected, rtol=1e-5, atol=0)
     terms = orthofx.penalty_terms(gm)
     assert set(terms) == {"soft/c1", "soft/c2", "soft/g", "soft/fc"}
-    torch.testing.assert_close(sum(terms.values()), expected)
+    for site, reference in by_site.items():
+        assert float(terms[f"soft/{site}"]) == pytest.approx(0.5 * reference, rel=1e-5), site
 
 
 def test_a_stride_per_dimension_gets_its_lorth_term():
@@ -197,9 +201,15 @@ def test_compile_option_returns_a_compiled_module_every_function_accepts():
 
 
 def test_wrapped_models_are_unwrapped():
+    torch.manual_seed(2)
     model = Mixed()
     gm = orthofx.transform(nn.DataParallel(model), LORTH_ALL)
-    assert orthofx.penalty(nn.DataParallel(gm)).requires_grad
+    assert not isinstance(gm, nn.DataParallel) and gm.get_submodule("c2").weight is not model.c2.weight
+    value = orthofx.penalty(nn.DataParallel(gm))
+    assert value.requires_grad
+    expected = 0.5 * (lorth64(model.c1.weight) + lorth64(model.c2.weight, stride=2)
+                      + lorth64(model.g.weight, groups=2) + lorth64(model.fc.weight))
+    assert float(value) == pytest.approx(expected, rel=1e-5)
 
 
 def test_functions_reject_models_that_were_not_transformed():
