@@ -260,6 +260,11 @@ class JacobianProbe(nn.Module):
         if step % self.every != 0:
             self.estimate = None
             return block(*args, **kwargs)
+        if call == 0:
+            # a new step: the last step's estimate goes before this one is made, not after. Its graph still holds
+            # the saved activations of the block's extra passes when no backward went through it (a loss that
+            # left the penalty out), which would add to this forward's peak memory
+            self.estimate = None
         # the estimate first: a block opening with an in-place op (ReLU(inplace=True)) overwrites its input
         if torch.compiler.is_compiling() or torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
             estimate = self._estimate(args, kwargs)
@@ -270,7 +275,7 @@ class JacobianProbe(nn.Module):
             with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
                 estimate = self._estimate(args, kwargs)
         # a block called several times per forward: the estimates of one step's calls add up
-        self.estimate = estimate if call == 0 or self.estimate is None else self.estimate + estimate
+        self.estimate = estimate if self.estimate is None else self.estimate + estimate
         return block(*args, **kwargs)
 
     def _refuse_untraceable_estimate(self) -> None:
