@@ -55,3 +55,16 @@ def lorth64(weight: torch.Tensor, stride=1, groups: int = 1) -> float:
     gram = a @ a.T if row_orthogonal else a.T @ a
     positions = a.shape[0] // w.shape[0]
     return float((gram - torch.eye(gram.shape[0], dtype=torch.float64)).square().sum()) / positions
+
+
+def central_difference(fn, tensor: torch.Tensor, index, eps: float = 1e-6) -> float:
+    """``(fn() with tensor[index] + eps  -  fn() with tensor[index] - eps) / (2 eps)``; the entry is restored.
+    ``tensor.view(-1)`` takes a flat index."""
+    with torch.no_grad():
+        old = float(tensor[index])
+        tensor[index] = old + eps
+        up = float(fn().detach())
+        tensor[index] = old - eps
+        down = float(fn().detach())
+        tensor[index] = old
+    return (up - down) / (2 * eps)

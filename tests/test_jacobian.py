@@ -19,6 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from references import central_difference
 
 import orthofx
 import orthofx.passes.jacobian_isometry  # noqa: F401  (registers the pass until orthofx.passes imports it)
@@ -68,18 +69,6 @@ def samples(fn, x, kind, count, seed=0, **kw) -> torch.Tensor:
 
 def value(t: torch.Tensor) -> float:
     return float(t.detach())
-
-
-def central_difference(fn, tensor: torch.Tensor, index, eps: float = 1e-6) -> float:
-    """``(fn() with tensor[index] + eps  -  fn() with tensor[index] - eps) / (2 eps)``; the entry is restored."""
-    with torch.no_grad():
-        old = float(tensor[index])
-        tensor[index] = old + eps
-        up = value(fn())
-        tensor[index] = old - eps
-        down = value(fn())
-        tensor[index] = old
-    return (up - down) / (2 * eps)
 
 
 def assert_unbiased(values: torch.Tensor, expected: float) -> None:

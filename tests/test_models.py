@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.fx
 import torch.nn as nn
+from references import central_difference
 
 MODELS_PATH = pathlib.Path(__file__).resolve().parents[1] / "orthofx" / "models.py"
 
@@ -432,14 +433,8 @@ def _assert_gradient_matches_central_differences(loss, weight, entries=3, eps=1e
     """``weight.grad`` (after ``loss().backward()``) against ``(loss(w + eps e_i) - loss(w - eps e_i)) / 2 eps``
     at a few seeded entries, in float64."""
     for index in torch.randperm(weight.numel(), generator=torch.Generator().manual_seed(1))[:entries].tolist():
-        with torch.no_grad():
-            start = weight.view(-1)[index].item()
-            weight.view(-1)[index] = start + eps
-            up = loss().item()
-            weight.view(-1)[index] = start - eps
-            down = loss().item()
-            weight.view(-1)[index] = start
-        assert (up - down) / (2 * eps) == pytest.approx(weight.grad.view(-1)[index].item(), rel=1e-5, abs=1e-9)
+        assert central_difference(loss, weight.view(-1), index, eps) == pytest.approx(
+            weight.grad.view(-1)[index].item(), rel=1e-5, abs=1e-9)
 
 
 def test_dbn_backward_is_finite():
