@@ -37,7 +37,8 @@ from .errors import ArgumentError, OrthofxError
 from .nn.jacobian import JacobianProbe
 from .nn.precision import autocast_off
 from .nn.tracing import is_orthofx_layer, is_orthofx_module
-from .passes.base import PenaltyTerm, zero_like_parameters
+from .nn.precision import zero_like_parameters
+from .passes.base import PenaltyTerm
 from .transform import is_transformed, manifest_of
 
 __all__ = ["penalty", "penalty_terms", "is_orthofx_layer", "holding_orthofx_layers", "lazy_site_module",
@@ -206,8 +207,7 @@ def penalty_terms(model: nn.Module) -> dict[str, torch.Tensor]:
     parts, probes = _untransformed_sources(model)
     terms = {f"{t.rule}/{part_site_path(path, t.site)}": value
              for path, part in parts for t, value in _weighted_terms(part)}
-    terms.update({f"JacobianProbe/{name}": zero_like_parameters(probe) if probe.estimate is None else probe.penalty()
-                  for name, probe in probes})
+    terms.update({f"JacobianProbe/{name}": probe.penalty() for name, probe in probes})
     return terms
 
 

@@ -55,6 +55,7 @@ from torch import nn
 from .. import metrics
 from ..errors import LayerArgumentError, layer_label
 from ..theory import _positive_int
+from .precision import zero_like_parameters
 from .tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
 
 __all__ = ["JacobianProbe"]
@@ -326,13 +327,9 @@ class JacobianProbe(nn.Module):
         return estimate
 
     def penalty(self) -> torch.Tensor:
-        """``weight * estimate``; without a current estimate (eval mode, a step ``every`` skips) a 0-dim zero in
-        the dtype and on the device of the block's first floating-point parameter or buffer (float32 on the
-        default device when it has none), as ``orthofx.penalty_terms`` reports it: a float32 zero turned the
-        loss of a bfloat16 or float16 model into float32 on exactly the steps without an estimate."""
+        """``weight * estimate``; without a current estimate (eval mode, a step ``every`` skips) the zero of
+        :func:`~orthofx.nn.precision.zero_like_parameters`, in the block's dtype and on its device, which every
+        absent penalty term is: a float32 zero turned a bfloat16 loss into float32 on the steps without one."""
         if self.estimate is None:
-            for tensor in (*self.parameters(), *self.buffers()):
-                if tensor.is_floating_point():
-                    return torch.zeros((), dtype=tensor.dtype, device=tensor.device)
-            return torch.zeros(())
+            return zero_like_parameters(self)
         return self.penalty_weight * self.estimate

@@ -8,6 +8,7 @@ kernel, the small defect ``W^T W - I`` a penalty measures) inside a user's ``tor
 Example::
 
     import torch
+from torch import nn
     from orthofx.nn.precision import autocast_enabled
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -22,7 +23,7 @@ import math
 
 import torch
 
-__all__ = ["HALF_PRECISION", "autocast_enabled", "autocast_off", "relative_distance"]
+__all__ = ["HALF_PRECISION", "autocast_enabled", "autocast_off", "relative_distance", "zero_like_parameters"]
 
 #: The half-precision floating dtypes: what orthofx computes in float32 at least (bfloat16 keeps 8 bits, float16
 #: overflows past 65504, and torch has no half-precision QR, SVD or eigh on the CPU).
@@ -72,3 +73,13 @@ def relative_distance(value: torch.Tensor, reference: torch.Tensor) -> float | N
     gap_peak, gap_norm = _scaled_norm(value - reference)
     ratio = (gap_peak / peak) * (gap_norm / norm)
     return ratio if math.isfinite(ratio) else None
+
+
+def zero_like_parameters(module: nn.Module) -> torch.Tensor:
+    """A 0-dim zero in the dtype and on the device of ``module``'s first floating-point parameter (or buffer);
+    float32 on the default device when it has none. An absent penalty term is this zero, so that adding it to a
+    task loss changes neither the loss's dtype nor its device."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return torch.zeros((), dtype=tensor.dtype, device=tensor.device)
+    return torch.zeros(())

@@ -180,16 +180,6 @@ class Change:
     status: str = ""  # short verdict the report shows next to the pass, e.g. "hard", "regularised", "skipped"
 
 
-def zero_like_parameters(module: nn.Module) -> torch.Tensor:
-    """A 0-dim zero in the dtype and on the device of ``module``'s first floating-point parameter (or buffer);
-    float32 on the default device when it has none. An absent penalty term is this zero, so that adding it to a
-    task loss changes neither the loss's dtype nor its device."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        if tensor.is_floating_point():
-            return torch.zeros((), dtype=tensor.dtype, device=tensor.device)
-    return torch.zeros(())
-
-
 class PenaltyTerm:
     """A differentiable regulariser a pass attached to a site; ``orthofx.penalty`` sums ``weight * value``.
 

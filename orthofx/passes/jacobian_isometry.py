@@ -60,7 +60,8 @@ from torch import nn
 from .. import metrics
 from ..errors import OrthofxError
 from ..nn.jacobian import JacobianProbe
-from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, Site, zero_like_parameters
+from ..nn.precision import zero_like_parameters
+from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, Site
 from .registry import register_pass
 
 __all__ = ["JacobianIsometry", "JacobianTerm"]
