@@ -469,7 +469,12 @@ def _worst_output(expected: list[torch.Tensor], actual: list) -> tuple[float, fl
     """``(difference, tolerance)`` of the output whose difference is the largest fraction of its own tolerance
     (:func:`onnx_tolerance` of that output alone). Each output is held to its own scale: a large output (a sum
     of ~1e6) must not lend its tolerance to a small one (logits of ~1) whose translation is wrong."""
-    pairs = [(d, onnx_tolerance([e])) for d, e in zip(_output_diffs(expected, actual), expected)]
+    return _worst_of(_output_diffs(expected, actual), expected)
+
+
+def _worst_of(diffs: list[float], expected: list[torch.Tensor]) -> tuple[float, float]:
+    """:func:`_worst_output` from the outputs' differences ``diffs`` (:func:`_output_diffs`)."""
+    pairs = [(d, onnx_tolerance([e])) for d, e in zip(diffs, expected)]
     return max(pairs, key=lambda pair: pair[0] / pair[1], default=(0.0, ONNX_TOLERANCE))
 
 
@@ -674,8 +679,10 @@ def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_bat
 
 
 def _onnx_measure(expected: list[torch.Tensor], actual: list) -> tuple[float, tuple[float, float]]:
-    """The largest difference (what :class:`ExportResult` reports) and :func:`_worst_output` (what is checked)."""
-    return _max_diff(expected, actual), _worst_output(expected, actual)
+    """The largest difference (what :class:`ExportResult` reports) and :func:`_worst_output` (what is checked),
+    from one comparison of the outputs."""
+    diffs = _output_diffs(expected, actual)
+    return max(diffs, default=0.0), _worst_of(diffs, expected)
 
 
 def _onnx_positional(example: ExampleCall) -> tuple:

@@ -173,15 +173,16 @@ def _hard_status(original: nn.Module, padding: str) -> str:
     if isinstance(original, nn.Linear) or padding == "circular":
         return "hard"
     if original.padding_mode != "circular":
-        if not _reads_padding(original) and keeps_output_size(original):
-            # no window reaches past the grid (d(k-1) < S, no pad: a 1x1 conv, a k = S patch embedding), so on a
-            # grid divisible by the stride the zero-padded layer is the circular one, exactly orthogonal
-            return "hard"
-        if not _reads_padding(original) and theory.orthogonality_case(
-                original.in_channels, original.out_channels, original.stride, dims=len(original.stride)) == "RO":
-            # no padding: the outputs are the circular layer's whose windows do not wrap, a subset of its rows,
-            # which are orthonormal in the RO case (theory: 'valid' padding, RO as for circular)
-            return "hard (rows orthonormal: no padding, the outputs at the borders are dropped)"
+        if not _reads_padding(original):
+            if keeps_output_size(original):
+                # no window reaches past the grid (d(k-1) < S: a 1x1 conv, a k = S patch embedding), so on a grid
+                # divisible by the stride the zero-padded layer is the circular one, exactly orthogonal
+                return "hard"
+            if theory.orthogonality_case(original.in_channels, original.out_channels, original.stride,
+                                         dims=len(original.stride)) == "RO":
+                # the outputs are the circular layer's whose windows do not wrap, a subset of its rows, which are
+                # orthonormal in the RO case (theory: 'valid' padding, RO as for circular)
+                return "hard (rows orthonormal: no padding, the outputs at the borders are dropped)"
         return "hard (zero padding: not at borders)"
     if keeps_output_size(original):
         return "hard"
