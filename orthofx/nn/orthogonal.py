@@ -128,7 +128,7 @@ from torch.nn.utils import parametrize
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, MetaWeightError, layer_label
 from orthofx.nn.padding import CircularFold, CircularPad, circular_fold, circular_pad, flat_pads
-from orthofx.nn.precision import HALF_PRECISION, autocast_off, relative_distance
+from orthofx.nn.precision import HALF_PRECISION, autocast_off, describe_nonfinite, relative_distance
 from orthofx.nn.stiefel import orthonormal, project_to_stiefel
 from orthofx.theory import _flag, adjoint_case, orthogonal_conv_exists
 
@@ -500,15 +500,12 @@ def _check_nearest_is_finite(cls: type, constructor: str, module, init: str) -> 
     sat on another tap) gave a layer with ``init_error`` NaN."""
     if init != "nearest" or module.weight.is_meta:
         return
-    weight = module.weight.detach()
-    finite = torch.isfinite(weight)
-    if bool(finite.all()):
+    nonfinite = describe_nonfinite(module.weight.detach())
+    if nonfinite is None:
         return
-    nan = int(torch.isnan(weight).sum())
-    inf = weight.numel() - int(finite.sum()) - nan
     raise LayerArgumentError(
-        f"{cls.__name__}.{constructor}: the {layer_label(module)}'s weight {tuple(weight.shape)} has {nan} NaN and "
-        f"{inf} inf entries, so there is no nearest orthogonal weight to start from (init='nearest'). Load finite "
+        f"{cls.__name__}.{constructor}: the {layer_label(module)}'s weight {tuple(module.weight.shape)} has "
+        f"{nonfinite}, so there is no nearest orthogonal weight to start from (init='nearest'). Load finite "
         f"weights (a diverged or corrupted checkpoint?), or pass init='random'")
 
 

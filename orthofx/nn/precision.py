@@ -8,7 +8,6 @@ kernel, the small defect ``W^T W - I`` a penalty measures) inside a user's ``tor
 Example::
 
     import torch
-from torch import nn
     from orthofx.nn.precision import autocast_enabled
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -22,8 +21,10 @@ import contextlib
 import math
 
 import torch
+from torch import nn
 
-__all__ = ["HALF_PRECISION", "autocast_enabled", "autocast_off", "relative_distance", "zero_like_parameters"]
+__all__ = ["HALF_PRECISION", "autocast_enabled", "autocast_off", "describe_nonfinite", "relative_distance",
+           "zero_like_parameters"]
 
 #: The half-precision floating dtypes: what orthofx computes in float32 at least (bfloat16 keeps 8 bits, float16
 #: overflows past 65504, and torch has no half-precision QR, SVD or eigh on the CPU).
@@ -73,6 +74,26 @@ def relative_distance(value: torch.Tensor, reference: torch.Tensor) -> float | N
     gap_peak, gap_norm = _scaled_norm(value - reference)
     ratio = (gap_peak / peak) * (gap_norm / norm)
     return ratio if math.isfinite(ratio) else None
+
+
+def describe_nonfinite(tensor: torch.Tensor) -> str | None:
+    """How many entries of ``tensor`` are NaN and how many inf, e.g. ``"1 NaN and 2 inf entries (of 36)"``, for the
+    errors that refuse such a weight; ``None`` when every entry is finite (or the tensor has no values: meta).
+
+    >>> describe_nonfinite(torch.tensor([1.0, float("nan"), float("inf"), -float("inf")]))
+    '1 NaN and 2 inf entries (of 4)'
+    >>> describe_nonfinite(torch.ones(3)) is None
+    True
+    """
+    if tensor.is_meta or not tensor.is_floating_point() and not tensor.is_complex():
+        return None
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return None
+    nan = int(torch.isnan(tensor).sum())
+    inf = tensor.numel() - int(finite.sum()) - nan
+    counts = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "inf")) if n)
+    return f"{counts} {'entry' if nan + inf == 1 else 'entries'} (of {tensor.numel()})"
 
 
 def zero_like_parameters(module: nn.Module) -> torch.Tensor:

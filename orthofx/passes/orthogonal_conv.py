@@ -57,7 +57,7 @@ from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3
                               circular_alignment, keeps_output_size, transposed_alignment,
                               transposed_keeps_output_size, transposed_size_keeping_padding)
 from ..nn.padding import conv_zero_pads
-from ..nn.precision import relative_distance
+from ..nn.precision import describe_nonfinite, relative_distance
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, derived_weight, describe_module,
                    parameter_owners, require_initialised)
 from .orth_regularizer import lorth_term
@@ -200,13 +200,12 @@ def _require_finite(entry: PlanEntry, module: nn.Module) -> None:
     """Refuse ``init: nearest`` for a layer whose weight holds NaN or inf: no orthogonal layer is nearest to it
     (the layer constructors refuse it too, without the site; a start reading only the centre taps went through
     and reported ``init_error`` NaN)."""
-    weight = module.weight.detach()
-    if weight.is_meta or bool(torch.isfinite(weight).all()):
+    nonfinite = describe_nonfinite(module.weight.detach())
+    if nonfinite is None:
         return
-    bad = int((~torch.isfinite(weight)).sum())
     raise TransformError(
-        f"rule '{entry.rule_name}': {entry.site.name} ({describe_module(module)}): its weight has {bad} NaN or inf "
-        f"entries (of {weight.numel()}), so there is no nearest orthogonal layer to start from (init: nearest). "
+        f"rule '{entry.rule_name}': {entry.site.name} ({describe_module(module)}): its weight has {nonfinite}, "
+        "so there is no nearest orthogonal layer to start from (init: nearest). "
         "Load finite weights (a diverged or corrupted checkpoint?), or set 'init: random' in the rule's 'with:'")
 
 

@@ -90,6 +90,7 @@ from torch import nn
 
 from ..errors import ArgumentError, LayerArgumentError, OrthofxError, TransformError
 from ..nn import stiefel
+from ..nn.precision import describe_nonfinite
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, require_initialised,
                    weight_groups, whole, write_whole)
 from .registry import register_pass
@@ -361,12 +362,12 @@ class Riemannian(Pass):
         # frozen): if it is unfrozen later, the first step's retraction puts it on the manifold, as init: keep does
         frozen = not weight.requires_grad
         if params["init"] == "project" and not frozen:
-            if not bool(torch.isfinite(matrix).all()):
+            nonfinite = describe_nonfinite(matrix)
+            if nonfinite is not None:
                 # the polar factor refused it with its message for a diverged training step, naming no layer
-                bad = int((~torch.isfinite(matrix)).sum())
                 raise TransformError(
-                    f"riemannian (rule '{entry.rule_name}'): {name}: its weight has {bad} NaN or inf entries (of "
-                    f"{matrix.numel()}), so it has no nearest orthonormal matrix to project onto (init: project). "
+                    f"riemannian (rule '{entry.rule_name}'): {name}: its weight has {nonfinite}, so it has no "
+                    "nearest orthonormal matrix to project onto (init: project). "
                     "Load finite weights (a diverged or corrupted checkpoint?), or re-initialise the layer (e.g. "
                     "with the isometric_init pass before this rule)")
             with torch.no_grad():
