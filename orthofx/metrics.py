@@ -330,6 +330,17 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
     take a shortcut with the same value: each group's Gram matrix, the smaller of :math:`W W^T` and
     :math:`W^T W` (a ResNet-50's penalty, forward + backward on CPU: 0.65x the time of the convolution route).
 
+    Range: a float32 value is finite wherever :math:`L_{orth}` itself is below float32's largest number
+    (:math:`3.4 \cdot 10^{38}`): every entry of :math:`\mathrm{conv}(K, K)` and its partial sums are bounded
+    (Cauchy-Schwarz) by about the value's square root, the squares' partial sums by the value, so nothing
+    overflows before the value does. A weight with an entry :math:`|K| = a` has
+    :math:`L_{orth} \ge (a^2 - 1)^2 - M` (the centre diagonal holds :math:`\|K_m\|^2`), so
+    entries past about :math:`4 \cdot 10^9` give ``inf`` in float32, rightly (entries of :math:`10^{30}`:
+    :math:`L_{orth} \approx 10^{120}`); pass ``weight.double()`` for a finite figure. From about :math:`10^{19}`
+    the products of entries overflow and sum to NaN: a value without gradient is ``inf`` there
+    (:func:`_beyond_range_as_inf`); a differentiated one is left NaN, value and gradient (whose entries, of the
+    order of :math:`|K|^3`, are then past float32's range too), to keep the penalty's path free of extra work.
+
     A 2-D weight (``nn.Linear``, ``out x in``) gives :math:`\|W W^T - I\|_F^2` if ``out <= in`` (or
     ``case="RO"``) and :math:`\|W^T W - I\|_F^2` otherwise, which is the 1x1, stride-1 case of the formula above.
 
@@ -370,6 +381,15 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
         # half-precision values, the value rounded once to their dtype (the gradient reaches them through the cast)
         return lorth(weight.float(), stride, groups, case, dilation=dilation,
                      fast_backward=fast_backward).to(weight.dtype)
+    value = _lorth_value(weight, stride, groups, case, dilation, fast_backward)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return value  # differentiated: the plain computation, with no extra work on the penalty's path
+    return _beyond_range_as_inf(value, weight)
+
+
+def _lorth_value(weight: torch.Tensor, stride, groups, case: str | None, dilation, fast_backward: bool
+                 ) -> torch.Tensor:
+    """:func:`lorth` of a float32 / float64 weight (its other arguments still to check) by the route that suits it."""
     if weight.ndim == 2:
         for name, value in (("stride", stride), ("groups", groups), ("dilation", dilation)):
             _linear_one(value, name, "lorth")
@@ -450,6 +470,16 @@ def _lorth_one_tap(w: torch.Tensor, strides: tuple[int, ...], case: str) -> torc
     constant = g * max(m - c, 0) - (g * m - g * c * math.prod(strides) if case == "CO" else 0)
     value = (gram - eye).square().sum()
     return value + constant if constant else value
+
+
+def _beyond_range_as_inf(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    r"""``value`` (an L_orth of ``weight`` needing no gradient), ``inf`` where :math:`\|K\|_F^2` overflows the dtype:
+    then some row has :math:`\|K_m\|^2 \ge \|K\|_F^2 / M` and :math:`L_{orth} \ge (\|K_m\|^2 - 1)^2 - M` is
+    past the range too, while the products :math:`K_a K_b` of mixed signs that overflowed in the Gram matrix or the
+    convolution had summed to ``inf - inf``, NaN (float32 entries from about :math:`10^{19}`). A NaN in the weight
+    still gives NaN. Tensor operations only (no host read): it also runs compiled, vmapped and on the meta device."""
+    overflow = weight.detach().square().sum().isinf()
+    return torch.where(overflow, torch.full_like(value, math.inf), value)
 
 
 def _lorth_fourier(weight: torch.Tensor, strides: tuple[int, ...], groups: int, case: str) -> torch.Tensor:
