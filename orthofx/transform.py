@@ -23,7 +23,7 @@ from torch import fx, nn
 from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_inputs, uninitialised_lazy_modules,
                       unwrap_model)
 from .errors import ArgumentError, OrthofxError, TransformError
-from .nn.precision import relative_distance
+from .nn.precision import describe_nonfinite, relative_distance
 from .passes.base import MANIFEST_KEY, EvalRun, Manifest, PassContext, PlanEntry, Site, replace_module
 from .passes.registry import get_pass
 from .plan import Plan, block_paths, build_plan, other_mode_graph
@@ -299,7 +299,87 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
     return found
 
 
-def _check_output(before: Any, after: Any) -> None:
+def _nonfinite_indices(output: Any) -> list[int]:
+    """Indices (in :func:`output_tensors` order) of the floating outputs holding NaN or inf."""
+    return [i for i, t in enumerate(output_tensors(output))
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _listed(entries: list[str], limit: int = 3) -> str:
+    """The first ``limit`` entries joined, ``"and N more"`` for the rest: errors stay readable on big models."""
+    return ", ".join(entries[:limit]) + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
+
+
+def _nonfinite_tensors(named: Any) -> list[str]:
+    """``'conv.bias' (1 NaN entry (of 4))`` for each of the ``(name, tensor)`` pairs holding NaN or inf."""
+    found = []
+    for name, tensor in named:
+        # an uninitialised lazy parameter has no values to read (the example run initialises the copy's only)
+        if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+            continue
+        counts = describe_nonfinite(tensor.detach())
+        if counts is not None:
+            found.append(f"{name!r} ({counts})")
+    return found
+
+
+def _nonfinite_inputs(example: ExampleCall) -> list[str]:
+    """``example_inputs[0] (1 NaN entry (of 216))`` for each floating leaf of the example call holding NaN or
+    inf, labelled as the user passed it (nested inputs by their pytree path, e.g. ``example_inputs[0]['x']``)."""
+    pytree = torch.utils._pytree
+    top = ([(f"example_inputs[{i}]", x) for i, x in enumerate(example.args)]
+           + [(f"example_kwargs[{name!r}]", x) for name, x in example.kwargs.items()])
+    leaves = [(label + pytree.keystr(path), leaf)
+              for label, value in top for path, leaf in pytree.tree_flatten_with_path(value)[0]]
+    return [f"{label} ({counts})" for label, leaf in leaves if isinstance(leaf, torch.Tensor)
+            and (counts := describe_nonfinite(leaf.detach())) is not None]
+
+
+def _model_cause(model: nn.Module, example: ExampleCall) -> str:
+    """Why the model's own output on the example call is not finite, and how to fix it: its parameters/buffers
+    and the example inputs holding NaN or inf, by name. Read before any pass runs (with ``inplace=True`` the passes
+    change ``model``'s weights), and only once an output is known to be non-finite."""
+    tensors = _nonfinite_tensors([*model.named_parameters(), *model.named_buffers()])
+    inputs = _nonfinite_inputs(example)
+    holds = []
+    if tensors:
+        holds.append(f"The model's parameters/buffers holding NaN or inf: {_listed(tensors)}")
+    if inputs:
+        holds.append(f"{'the' if tensors else 'The'} example inputs holding NaN or inf: {_listed(inputs)}")
+    if not holds:
+        return ("The model's parameters, buffers and example inputs are all finite, so its forward makes the NaN/inf "
+                "(an overflow, 0/0, the log of a negative...). Fix: transform a model that is finite on the "
+                "example inputs, or pass example inputs it is finite on")
+    fix = " and ".join(what for what, found in (("load finite weights into the model", tensors),
+                                                ("pass finite example inputs", inputs)) if found)
+    return f"{'; '.join(holds)}. Fix: {fix}, then transform it"
+
+
+def _rewrite_suspects(rewritten: nn.Module | None, example: ExampleCall | None) -> str:
+    """``; the rewritten model's parameters holding NaN or inf: ...`` (and the example inputs holding some, which
+    the model's own output did not depend on) for an error blaming the passes; ``""`` when there are none.
+    Parameters only: buffers of a fresh monitor hold NaN on purpose (an empty history)."""
+    tensors = _nonfinite_tensors(rewritten.named_parameters()) if rewritten is not None else []
+    inputs = _nonfinite_inputs(example) if example is not None else []
+    text = ""
+    if tensors:
+        text += f"; the rewritten model's parameters holding NaN or inf: {_listed(tensors)}"
+    if inputs:
+        text += (f"; the example inputs hold NaN or inf that the model's own output did not depend on: "
+                 f"{_listed(inputs)}")
+    return text
+
+
+def _check_output(before: Any, after: Any, *, model_cause: str = "", rewritten: nn.Module | None = None,
+                  example: ExampleCall | None = None) -> None:
+    """Refuse a rewritten model whose outputs ``after`` differ in number or shape from the model's ``before``
+    (both on the example inputs) or hold NaN / inf.
+
+    A non-finite output is blamed on what caused it: when the model's own output is already non-finite there, on
+    the model or its inputs (``model_cause``, from :func:`_model_cause`), since the rewrite did not cause it and
+    the output change and the parity checks would be meaningless; otherwise on the passes, naming the rewritten
+    model's non-finite parameters (``rewritten``) if a pass produced any. A rewrite that makes a non-finite output
+    finite (``isometric`` zeroes a NaN bias) passes."""
     old, new = output_tensors(before), output_tensors(after)
     if len(old) != len(new):
         raise TransformError(f"the rewritten model returns {len(new)} tensors where the model returned "
@@ -308,10 +388,18 @@ def _check_output(before: Any, after: Any) -> None:
         if a.shape != b.shape:
             raise TransformError(f"output {i} changed shape from {tuple(a.shape)} to {tuple(b.shape)} after "
                                  "rewriting; a pass broke the model's shapes")
-        if b.is_floating_point() and not torch.isfinite(b).all():
-            bad = int((~torch.isfinite(b)).sum())
-            raise TransformError(f"output {i} of the rewritten model has {bad} non-finite value(s) on "
-                                 "example_inputs; check the policy's parameters (e.g. gain, eps) and the inputs")
+    already = _nonfinite_indices(before)
+    for i in _nonfinite_indices(after):
+        bad = int((~torch.isfinite(new[i])).sum())
+        if i in already:
+            raise TransformError(f"output {i} of the model has {int((~torch.isfinite(old[i])).sum())} non-finite "
+                                 f"value(s) on example_inputs before any rewrite (the rewritten model's: {bad}): "
+                                 "they come from the model or its inputs, not from the rewrite. "
+                                 f"{model_cause or 'Check the weights of the model and the example inputs'}")
+        raise TransformError(f"output {i} of the rewritten model has {bad} non-finite value(s) on example_inputs "
+                             f"where the model's own output is finite: a pass made it so"
+                             f"{_rewrite_suspects(rewritten, example)}; check the policy's parameters (e.g. gain, "
+                             "eps)")
 
 
 def _relative_change(before: Any, after: Any) -> float | None:
@@ -466,8 +554,10 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, exam
         policy: a :class:`orthofx.Policy`, a dict, a YAML path or text, or a preset name (``orthofx presets``).
         example_inputs: a tensor or a tuple of inputs. When given, the model runs once before and once after
             rewriting (eval mode, no gradients): input sizes are recorded for the report and the result is
-            checked for unchanged output shapes and finite values. Capture mode ``export`` (and ``auto`` when
-            symbolic tracing fails) builds the graph with torch.export on them, so they are needed there.
+            checked for unchanged output shapes and finite values (a non-finite output that the model already has
+            on them is refused naming its NaN/inf parameters, buffers or inputs). Capture mode ``export`` (and
+            ``auto`` when symbolic tracing fails) builds the graph with torch.export on them, so they are needed
+            there.
         example_kwargs: a dict of keyword inputs of the example call, for a forward such as
             ``forward(self, x, *, mask=None)``: the example is ``model(*example_inputs, **example_kwargs)``.
             Export capture makes them inputs of the graph by name; an argument the example leaves out keeps its
@@ -506,6 +596,8 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, exam
     gm.training = work.training
     manifest = Manifest(policy=policy, plan=plan, capture=plan.capture)
     before, site_inputs = _observe(gm, plan, example, manifest, work) if example is not None else (None, {})
+    # what makes the model's own output non-finite, read now: the passes may change ``work``'s weights in place
+    model_cause = _model_cause(work, example) if example is not None and _nonfinite_indices(before) else ""
 
     # Module sites are modules whichever graph calls them: their passes all run on gm.
     _run_passes(PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs), plan,
@@ -527,6 +619,6 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, exam
                 where = _where_it_fails(gm, example, manifest)
                 raise TransformError(f"the rewritten model failed on example_inputs{where}: "
                                      f"{type(exc).__name__}: {exc}") from exc
-        _check_output(before, after)
+        _check_output(before, after, model_cause=model_cause, rewritten=gm, example=example)
         manifest.output_change = _relative_change(before, after)
     return _compile(gm, compile_options)
