@@ -68,3 +68,64 @@ def central_difference(fn, tensor: torch.Tensor, index, eps: float = 1e-6) -> fl
         down = float(fn().detach())
         tensor[index] = old
     return (up - down) / (2 * eps)
+
+
+def stable_kernel64(lam: torch.Tensor, taylor_order: int | None, clamp_gap: float | None = None,
+                    descending: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The gradient weights ``K[i, j] ~ 1 / (lam_j - lam_i)`` of orthofx's bounded eigh / SVD backward as the module
+    docstring of ``orthofx.nn.decompositions`` states them, one pair at a time in float64 (``lam`` sorted, one
+    matrix). ``dtype`` is the working dtype of the op, whose ``eps`` / ``tiny`` set the smallest denominator
+    ``floor = max(eps max|lam|, sqrt(tiny))``:
+
+    * exact (``taylor_order=None``): ``1 / max(|lam_j - lam_i|, floor, clamp_gap)``;
+    * Taylor form of order ``T``: with ``a`` the larger and ``b`` the smaller of ``|lam_i|, |lam_j|``, the minimum
+      of ``(1/a) sum_{k<=T} (b/a)^k`` (``a`` clamped at ``floor``) and the exact value above;
+    * the sign is the index order's (sorted values: the sign of ``lam_j - lam_i`` where they differ), ``+`` above
+      the diagonal for ascending ``lam``, ``-`` for descending."""
+    lam = [float(v) for v in lam.detach().to(torch.float64)]
+    info = torch.finfo(dtype)
+    floor = max(info.eps * max((abs(v) for v in lam), default=0.0), math.sqrt(info.tiny))
+    gap_floor = floor if clamp_gap is None else max(floor, clamp_gap)
+    n = len(lam)
+    K = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            mag = 1.0 / max(abs(lam[j] - lam[i]), gap_floor)
+            if taylor_order is not None:
+                a, b = max(abs(lam[i]), abs(lam[j])), min(abs(lam[i]), abs(lam[j]))
+                a = max(a, floor)
+                mag = min(mag, sum((b / a) ** k for k in range(taylor_order + 1)) / a)
+            K[i, j], K[j, i] = (-mag, mag) if descending else (mag, -mag)
+    return K
+
+
+def eigh_backward64(L, V, gL, gV, K) -> torch.Tensor:
+    """``sym(V (diag(gL) + K o skew(V^T gV)) V^T)`` in float64: the documented backward of ``eigh_stable`` for
+    its outputs ``L, V`` and their gradients ``gL, gV`` (``K`` from :func:`stable_kernel64`)."""
+    L, V, gL, gV = (t.detach().to(torch.float64) for t in (L, V, gL, gV))
+    X = V.T @ gV
+    G = V @ (torch.diag(gL) + K * (X - X.T) / 2) @ V.T
+    return (G + G.T) / 2
+
+
+def svd_backward64(U, S, Vh, gU, gS, gVh, K, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The documented backward of ``svd_stable`` (reduced SVD ``A = U diag(S) Vh``, ``k = len(S)``) in float64::
+
+        U [ (K o (U^T gU - gU^T U)) S + S (K o (V^T gV - gV^T V)) + diag(gS) ] V^T
+          + (I - U U^T) gU S^-1 V^T  (m > k)  +  U S^-1 gV^T (I - V V^T)  (n > k)
+
+    with ``V = Vh^T``, ``gV = gVh^T``, ``K`` from :func:`stable_kernel64` of ``S^2`` (descending) and ``S^-1``
+    clamped at ``max(eps max S, sqrt(tiny))`` (``eps``, ``tiny`` of the op's ``dtype``)."""
+    U, S, Vh, gU, gS, gVh = (t.detach().to(torch.float64) for t in (U, S, Vh, gU, gS, gVh))
+    V, gV = Vh.T, gVh.T
+    m, n, k = U.shape[0], V.shape[0], S.shape[0]
+    D = torch.diag(S)
+    inner = (K * (U.T @ gU - gU.T @ U)) @ D + D @ (K * (V.T @ gV - gV.T @ V)) + torch.diag(gS)
+    gA = U @ inner @ V.T
+    info = torch.finfo(dtype)
+    s_inv = torch.diag(1 / S.clamp_min(max(info.eps * (float(S.max()) if k else 0.0), math.sqrt(info.tiny))))
+    if m > k:
+        gA = gA + (torch.eye(m, dtype=torch.float64) - U @ U.T) @ gU @ s_inv @ V.T
+    if n > k:
+        gA = gA + U @ s_inv @ gV.T @ (torch.eye(n, dtype=torch.float64) - V @ V.T)
+    return gA

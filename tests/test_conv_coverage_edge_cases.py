@@ -3,6 +3,7 @@ dense float64 references built here by explicit index loops (not by the library'
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from orthofx import metrics
 from orthofx.errors import ArgumentError
 from orthofx.passes.isometric_init import delta_taps
 from orthofx.passes.orth_regularizer import lorth_term
+from references import lorth64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -284,10 +286,12 @@ def test_dilated_kernel_rejects_bad_dilation_and_keeps_the_input():
     out = metrics.dilated_kernel(w, 2)
     assert out.shape == (2, 2, 5) and torch.equal(w, copy)
     assert metrics.dilated_kernel(w, 1) is w or torch.equal(metrics.dilated_kernel(w, 1), w)
-    for bad in (0, -1, (1, 2), 1.5, True):
-        with pytest.raises(ArgumentError):
+    # each message names the argument and quotes the bad value (a tuple of the wrong length: the expected length)
+    for bad, why in ((0, ">= 1"), (-1, ">= 1"), ((1, 2), "an int or a tuple of 1 ints for a 1-D convolution"),
+                     (1.5, "a positive integer"), (True, "a positive integer")):
+        with pytest.raises(ArgumentError, match=rf"dilation must be {why}, got {re.escape(repr(bad))}$"):
             metrics.dilated_kernel(w, bad)
-    with pytest.raises(ArgumentError):
+    with pytest.raises(ArgumentError, match=r"dilation must be >= 1, got 0$"):
         metrics.lorth(w, dilation=0)
 
 
@@ -433,6 +437,11 @@ def test_isometric_init_before_measure_of_a_dilated_strided_conv_is_the_dilated_
         whole = metrics.lorth(layer.weight.detach() / change.after["scale"], stride=tuple(layer.stride),
                               groups=layer.groups, dilation=tuple(layer.dilation))
         assert change.after["lorth"] == pytest.approx(float(whole), rel=1e-10, abs=1e-20)
+        # P0's L_orth from the dense circular operator of the dilated kernel (tests/references.py), not only the
+        # library's own lorth: the written kernel is near orthogonal, hence the absolute tolerance
+        dense = lorth64(dilate_np(layer.weight.detach() / change.after["scale"], tuple(layer.dilation)),
+                        stride=tuple(layer.stride), groups=layer.groups)
+        assert change.after["lorth"] == pytest.approx(dense, rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize("retraction", ["polar", "qr"])

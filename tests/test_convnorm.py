@@ -175,8 +175,14 @@ def test_conv1d_and_conv3d():
     # unbatched input, like torch's convs
     torch.testing.assert_close(ConvNormConv1d(conv1)(x[0]), got[0])
     conv3 = nn.Conv3d(2, 3, (1, 3, 3), padding=(0, 1, 1))
-    y = ConvNormConv3d(conv3)(torch.randn(1, 2, 3, 5, 5))
+    x3 = torch.randn(1, 2, 3, 5, 5)
+    y = ConvNormConv3d(conv3)(x3)
     assert y.shape == (1, 3, 3, 5, 5) and torch.isfinite(y).all()
+    # a kernel of depth 1 has the same spectrum at every depth frequency, so V is a delta in depth: each depth
+    # slice is the 2-D ConvNorm of the 3 x 3 kernel (the direct float64 construction)
+    want = torch.stack([direct_convnorm(x3[:, :, t], conv3.weight[:, :, 0].detach(), conv3.bias.detach(), (1, 1),
+                                        (1, 1), (1, 1), 1, 1e-5) for t in range(3)], dim=2)
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-5)
     assert isinstance(with_convnorm(conv3), ConvNormConv3d)
 
 
@@ -479,8 +485,10 @@ def test_refused_inputs_are_no_sizes_to_freeze_for():
     model = nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU())
     x = torch.randn(1, 3, 8, 8)
     gm = orthofx.transform(model, "convnorm", example_inputs=(x,))
-    for bad in (torch.randn(1, 3, 3, 3), torch.randn(8)):
-        with pytest.raises(orthofx.LayerArgumentError):
+    for bad, message in [(torch.randn(1, 3, 3, 3), r"input size \(3, 3\).*smaller than the dilated kernel extent 5"),
+                         (torch.randn(8), r"ConvNormConv2d at '0': expected a 4-D \(batched\) or 3-D \(unbatched\) "
+                                          r"input for a 2-D convolution, got shape \(8,\)")]:
+        with pytest.raises(orthofx.LayerArgumentError, match=message):
             gm(bad)
     assert gm.get_submodule("0").input_sizes == [(8, 8)]
     gm.eval()

@@ -22,6 +22,7 @@ from orthofx.nn.decompositions import (
     sqrtm_newton_schulz,
     svd_stable,
 )
+from references import eigh_backward64, stable_kernel64, svd_backward64
 
 F64 = torch.float64
 
@@ -184,13 +185,27 @@ def _linear_v_loss(L, V, W):
     return (L * L).sum() + (V * W).sum()  # the gradient sees the whole of V^T dV, degenerate blocks included
 
 
+def _documented_eigh_grad(A, W, taylor_order, clamp_gap=None, working=None):
+    """The gradient of ``_linear_v_loss`` through eigh that the module docstring promises (tests/references.py):
+    the documented backward at the eigenvectors torch returns (the op's forward is torch.linalg.eigh), with the
+    kernel ``K`` of the given mode. At a repeated eigenvalue the gradient of a V-dependent loss is undefined (the
+    basis of the eigenspace is arbitrary); this is the finite value the docstring defines instead."""
+    working = working or A.dtype
+    L, V = torch.linalg.eigh(A.detach().to(working))
+    K = stable_kernel64(L, taylor_order, clamp_gap, dtype=working)
+    return eigh_backward64(L, V, 2 * L, W, K)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_eigh_repeated_eigenvalues_finite_where_torch_is_not(dtype):
     W = torch.randn(6, 6, generator=torch.Generator().manual_seed(8), dtype=F64).to(dtype)
     torch_nonfinite = []
+    modes = [(eigh_stable, dict(taylor_order=9)),
+             (lambda X: eigh_stable(X, taylor_order=None), dict(taylor_order=None)),
+             (lambda X: eigh_stable(X, clamp_gap=1e-3), dict(taylor_order=9, clamp_gap=1e-3)),
+             (lambda X: eigh_stable(X, float64=True), dict(taylor_order=9, working=F64))]
     for name, A in _repeated_cases(dtype).items():
-        for fn in (torch.linalg.eigh, eigh_stable, lambda X: eigh_stable(X, taylor_order=None),
-                   lambda X: eigh_stable(X, clamp_gap=1e-3), lambda X: eigh_stable(X, float64=True)):
+        for fn, mode in [(torch.linalg.eigh, None)] + modes:
             X = A.clone().requires_grad_(True)
             L, V = fn(X)
             (g,) = torch.autograd.grad(_linear_v_loss(L, V, W), X)
@@ -199,6 +214,12 @@ def test_eigh_repeated_eigenvalues_finite_where_torch_is_not(dtype):
                 continue
             assert g.isfinite().all(), name
             assert g.dtype == dtype
+            # (the same eigenvectors as the op: its forward is torch.linalg.eigh in the working dtype)
+            expected = _documented_eigh_grad(A, W, **mode)
+            # entry by entry in float64 (the exact kernel at exact ties gives entries ~ 1 / (eps max|lambda|) next to
+            # entries ~ 1); in float32 relative to the gradient's size, the kernel amplifying the op's rounding
+            tol = dict(atol=1e-9, rtol=1e-9) if dtype == F64 else dict(atol=1e-4 * float(expected.abs().max()), rtol=0)
+            torch.testing.assert_close(g.double(), expected, **tol, msg=lambda m: f"{name} {mode}: {m}")
         # the Taylor form is bounded: |K| <= (T+1)/lambda_max(pair) with lambda >= 1 here
         X = A.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(_linear_v_loss(*eigh_stable(X), W), X)
@@ -215,11 +236,18 @@ def test_eigh_zero_and_negative_eigenvalues_finite():
             X = A.clone().requires_grad_(True)
             (g,) = torch.autograd.grad(_linear_v_loss(*eigh_stable(X, taylor_order=t), W), X)
             assert g.isfinite().all()
+            # the documented value: pairs with a zero or of opposite signs take 1 / (|lambda_i| + |lambda_j|), a
+            # pair of zeros the floor's 1 / (eps max|lambda|)
+            expected = _documented_eigh_grad(A, W, t)
+            torch.testing.assert_close(g, expected, atol=1e-9, rtol=1e-9,
+                                       msg=lambda m: f"{spectrum} order {t}: {m}")
     # rank-deficient covariance (floating-point zeros of either sign)
     u = torch.randn(6, 2, generator=torch.Generator().manual_seed(10))
     X = (u @ u.T).requires_grad_(True)
     (g,) = torch.autograd.grad(_linear_v_loss(*eigh_stable(X), torch.ones(6, 6)), X)
     assert g.isfinite().all()
+    expected = _documented_eigh_grad(X, torch.ones(6, 6), 9)
+    torch.testing.assert_close(g.double(), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
 
 
 def test_svd_repeated_singular_values_finite():
@@ -237,6 +265,14 @@ def test_svd_repeated_singular_values_finite():
                 loss = (U * W_u).sum() + (Vh * W_v).sum() + S.sum()
                 (g,) = torch.autograd.grad(loss, X)
                 assert g.isfinite().all()
+                # the documented backward at the factors torch returns (the op's forward is torch.linalg.svd):
+                # at repeated singular values, U and V depend on the arbitrary basis, so this is the value defined
+                # by the docstring (K from S^2, S^-1 clamped), not a derivative
+                U0, S0, Vh0 = torch.linalg.svd(B, full_matrices=False)
+                expected = svd_backward64(U0, S0, Vh0, W_u, torch.ones_like(S0), W_v,
+                                          stable_kernel64(S0.square(), t, descending=True))
+                torch.testing.assert_close(g, expected, atol=1e-9, rtol=1e-9,
+                                           msg=lambda m: f"{tuple(B.shape)} order {t}: {m}")
     # torch's is not finite on an exactly repeated spectrum: the test above bites
     X = torch.eye(6, 4, dtype=F64).requires_grad_(True)
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
@@ -332,8 +368,13 @@ def test_float64_flag():
     assert L.dtype == V.dtype == torch.float32
     L64, _ = torch.linalg.eigh(A.detach().double())
     assert torch.allclose(L.double(), L64, rtol=0, atol=1e-6)
-    (g,) = torch.autograd.grad(L.sum() + V.square().sum(), A)
+    W = torch.randn(4, 4, generator=torch.Generator().manual_seed(14), dtype=F64)
+    (g,) = torch.autograd.grad(L.sum() + (V.square() * W.float()).sum(), A)  # sign-invariant in V
     assert g.dtype == torch.float32 and g.isfinite().all()
+    # the documented backward run in float64 (Taylor kernel ~ 1e4 on the close pair), cast back to float32
+    L64, V64 = torch.linalg.eigh(A.detach().double())
+    expected = eigh_backward64(L64, V64, torch.ones(4, dtype=F64), 2 * V64 * W, stable_kernel64(L64, 9))
+    torch.testing.assert_close(g.double(), expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
     U, S, Vh = svd_stable(torch.randn(5, 3), float64=True)
     assert U.dtype == S.dtype == Vh.dtype == torch.float32
 

@@ -11,6 +11,7 @@ import torch
 
 import orthofx
 from example_scripts import EXAMPLES, ROOT, import_example
+from references import lorth64
 
 # One intra-op thread in the scripts' subprocesses: the quickstart does not set it itself (it is the README's code),
 # and with two threads on a busy 2-core machine it took 19 s instead of 4.5 s.
@@ -41,10 +42,11 @@ def test_quickstart_runs_deterministically_and_lorth_falls():
     assert second.returncode == 0, second.stderr
     assert second.stdout == first.stdout
     # L_orth after the 100 training steps is below its value at the seeded initialisation, computed here from the
-    # untrained model with orthofx.metrics.lorth (P0 Definition 1), independently of the report.
+    # untrained model from P0's definition on the dense operator (tests/references.py), independently of the report
+    # and of orthofx.metrics.
     torch.manual_seed(0)
     model = orthofx.models.get("small_cnn")
-    initial = {name: float(orthofx.metrics.lorth(layer.weight.detach(), stride=getattr(layer, "stride", 1)))
+    initial = {name: lorth64(layer.weight, stride=getattr(layer, "stride", 1), groups=getattr(layer, "groups", 1))
                for name, layer in model.named_modules() if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear))}
     reported = _report_column(first.stdout.splitlines(), "lorth", "sigma_min", initial)
     assert sorted(reported) == sorted(initial) == ["conv1", "conv2", "conv3", "fc"]

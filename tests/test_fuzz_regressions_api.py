@@ -8,6 +8,7 @@ from torch import nn
 
 import orthofx
 from orthofx.cli import main
+from references import lorth64
 
 
 def small():
@@ -65,6 +66,10 @@ def test_penalty_of_a_lazy_layer_that_has_not_run_says_to_run_it():
     gm(X)  # now the layers have weights: the penalty is the L_orth of each, weighted
     expected = sum(0.01 * orthofx.metrics.lorth(gm.get_submodule(site).weight) for site in ("0", "3"))
     torch.testing.assert_close(orthofx.penalty(gm), expected)
+    # and that is P0's L_orth of the weights the layers initialised on their first call: the dense operator's
+    # Gram error in float64 (tests/references.py)
+    dense = sum(0.01 * lorth64(gm.get_submodule(site).weight) for site in ("0", "3"))
+    assert float(orthofx.penalty(gm)) == pytest.approx(dense, rel=1e-5)
 
 
 @pytest.mark.parametrize("make", [lazy_model, meta_model])

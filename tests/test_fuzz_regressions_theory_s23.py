@@ -77,7 +77,9 @@ def test_transposed_impossible_error_gives_a_channel_bound_that_builds(kernel, s
     quoted = re.search(r"use in_channels <= (\d+) \(RO conv\)", str(info.value))
     assert quoted is not None and int(quoted.group(1)) == bound, str(info.value)
     OrthogonalConvTranspose2d(in_channels=bound, **kw)
-    with pytest.raises(ImpossibleLayerError):
+    with pytest.raises(ImpossibleLayerError,
+                       match=rf"OrthogonalConvTranspose2d\(in_channels={bound + 1},.*here {bound + 1} > {bound}\. "
+                             rf"Fix: use in_channels <= {bound} \(RO conv\)"):
         OrthogonalConvTranspose2d(in_channels=bound + 1, **kw)
 
 

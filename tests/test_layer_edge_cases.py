@@ -166,9 +166,16 @@ def test_isometric_block_arguments():
     # numpy integers are integers (as for torch.nn layers); bad values raise orthofx's LayerArgumentError
     assert OrthogonalActivationBlock(np.int64(4)).weight.shape == (4, 4)
     assert ReflectionResidualBlock(np.int64(5), np.int64(2)).weight.shape == (2, 5)
-    for bad in (lambda: OrthogonalActivationBlock(0), lambda: OrthogonalActivationBlock(4, "tanh"),
-                lambda: OrthogonalActivationBlock(True), lambda: ReflectionResidualBlock(3, 4)):
-        with pytest.raises(LayerArgumentError):
+    for bad, message in [
+        (lambda: OrthogonalActivationBlock(0), r"OrthogonalActivationBlock: features must be >= 1, got 0"),
+        (lambda: OrthogonalActivationBlock(4, "tanh"),
+         r"OrthogonalActivationBlock: activation 'tanh' does not keep the Jacobian orthogonal; choose one of"),
+        (lambda: OrthogonalActivationBlock(True),
+         r"OrthogonalActivationBlock: features must be a positive integer, got True"),
+        (lambda: ReflectionResidualBlock(3, 4),
+         r"ReflectionResidualBlock: hidden \(4\) must not exceed features \(3\).*pass hidden <= 3"),
+    ]:
+        with pytest.raises(LayerArgumentError, match=message):
             bad()
 
 

@@ -21,6 +21,7 @@ from orthofx.errors import CaptureError, LayerArgumentError
 from orthofx.nn import ConvNormConv2d, JacobianProbe, OrthogonalConv1d, OrthogonalConv2d, OrthogonalConvTranspose2d
 from orthofx.nn.conditioning import DecompositionMonitor, stable_eigh
 from orthofx.nn.decompositions import ConditionMonitor, eigh_stable, svd_stable
+from references import lorth64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -430,6 +431,8 @@ def test_report_of_an_untransformed_model_tables_its_layers_without_changing_it(
     assert abs(rows["stem"]["lorth"]) < 1e-10
     want = metrics.lorth(model.down.weight.detach().double(), stride=(2, 2))
     assert rows["down"]["lorth"] == pytest.approx(float(want), rel=1e-12)
+    # and that is P0's L_orth: the dense circular operator's Gram error at stride 2 (tests/references.py)
+    assert rows["down"]["lorth"] == pytest.approx(lorth64(model.down.weight, stride=2), rel=1e-9)
     for site, (c_in, c_out, stride) in {"stem": (4, 8, 1), "down": (8, 8, 2)}.items():
         result = theory.orthogonal_conv_exists(c_in, c_out, 3, stride)
         assert rows[site]["exists"] == f"{'yes' if result.exists else 'no'} ({result.case})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import copy
 import importlib.util
+import math
 import pathlib
 import sys
 import types
@@ -453,11 +454,14 @@ def test_dbn_backward_is_finite():
 
 @pytest.mark.parametrize("name", ["dbn_cnn", "gcp_cnn"])
 def test_eigh_models_follow_dtype(name):
-    model = build(name).double()
+    single = build(name)
+    model = copy.deepcopy(single).double()
     x = models.example_input(name, batch=8).double()
     for training in (True, False):
         y = model.train(training)(x)
         assert y.dtype == torch.float64 and torch.isfinite(y).all()
+        # the same function as the float32 model (measured difference: 3e-7)
+        torch.testing.assert_close(y, single.train(training)(x.float()).double(), atol=1e-5, rtol=0)
         gm = torch.fx.symbolic_trace(copy.deepcopy(model))
         assert gm(x).dtype == torch.float64
 
@@ -630,7 +634,11 @@ def test_bad_forward_inputs_raise_layer_argument_error(errors, layer, training, 
 
 def test_dbn_single_value_per_channel_is_fine_in_eval():
     layer = models.DecorrelatedBatchNorm2d(4).eval()
-    assert torch.isfinite(layer(torch.randn(1, 4, 1, 1))).all()
+    x = torch.randn(1, 4, 1, 1)
+    y = layer(x)
+    assert torch.isfinite(y).all()
+    # eval whitens with the initial running statistics (mean 0, covariance I): (I + eps I)^(-1/2) x
+    torch.testing.assert_close(y, x / math.sqrt(1 + layer.eps), atol=1e-6, rtol=1e-6)
 
 
 def test_argument_errors_are_value_errors_without_orthofx(tmp_path):
@@ -715,9 +723,13 @@ def test_dbn_trains_on_an_input_of_another_dtype_than_its_buffers():
     torch.testing.assert_close(layer.running_cov.double(), expected_cov, atol=1e-6, rtol=0)
 
     model = build("dbn_cnn").train()
+    reference = copy.deepcopy(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(models.example_input("dbn_cnn", batch=8))
     assert out.shape == (8, 10) and torch.isfinite(out).all()
+    # the float32 output to bfloat16's precision (measured: 0.5% of its scale)
+    expected = reference(models.example_input("dbn_cnn", batch=8))
+    torch.testing.assert_close(out.float(), expected, atol=2e-2 * float(expected.abs().max()), rtol=0)
     assert model.dbn.running_cov.dtype == torch.float32 and not torch.equal(model.dbn.running_cov, torch.eye(8))
 
 
@@ -742,10 +754,17 @@ def test_covariance_layers_run_in_half_precision(half):
     sigma = centred @ centred.transpose(1, 2) / flat.shape[2] + pool.eps * torch.eye(4, dtype=torch.float64)
     torch.testing.assert_close(root.double() @ root.double(), sigma, atol=0.05, rtol=0.05)
     for name in ("dbn_cnn", "gcp_cnn"):
-        model = build(name).to(half)
-        for training in (True, False):
-            out = model.train(training)(models.example_input(name, batch=4).to(half))
+        single = build(name)
+        model = copy.deepcopy(single).to(half)
+        x = models.example_input(name, batch=4)
+        for training in (True, False):  # eval after train: both ran one training step on the same batch
+            out = model.train(training)(x.to(half))
             assert out.dtype == half and torch.isfinite(out).all()
+            # the float32 model's output to the half type's precision (measured: 0.5% for bfloat16, 0.05% float16)
+            expected = single.train(training)(x)
+            fraction = 2e-2 if half == torch.bfloat16 else 4e-3
+            torch.testing.assert_close(out.float(), expected, atol=fraction * float(expected.abs().max()), rtol=0,
+                                       msg=lambda m: f"{name} training={training}: {m}")
         gm = torch.fx.symbolic_trace(copy.deepcopy(model).train())
         assert gm(models.example_input(name, batch=4).to(half)).dtype == half
 

@@ -162,7 +162,9 @@ def test_cases_dense_gram_and_forward(d, C, M, k, S):
 ])
 def test_float32_exact_at_realistic_sizes(C, M, k, S, g):
     if not orthogonal_conv_exists(C, M, k, S, groups=g).exists:
-        with pytest.raises(ImpossibleLayerError):
+        # the message names the layer with its arguments and quotes the theorem's condition
+        with pytest.raises(ImpossibleLayerError, match=rf"OrthogonalConv2d\(in_channels={C}, out_channels={M}, "
+                                                       rf".*no orthogonal convolution exists \(P0 Theorem 4"):
             OrthogonalConv2d(C, M, k, S, groups=g)
         return
     torch.manual_seed(1)
@@ -470,7 +472,8 @@ def test_from_conv_padding_keep_and_errors():
         OrthogonalConv2d.from_conv(nn.Conv1d(4, 4, 3))
     with pytest.raises(LayerArgumentError, match="init"):
         OrthogonalConv2d.from_conv(conv, init="closest")
-    with pytest.raises(ImpossibleLayerError):
+    with pytest.raises(ImpossibleLayerError, match=r"in_channels=8, out_channels=16, kernel_size=\(1, 1\), "
+                                                   r"stride=\(2, 2\).*exists iff M <= C\*k\^d, here 16 > 8"):
         OrthogonalConv2d.from_conv(nn.Conv2d(8, 16, 1, stride=2))
 
 
@@ -512,7 +515,8 @@ def test_linear_adam_and_from_linear():
     exact = OrthogonalLinear.from_linear(layer.to_linear(), gain=2.0)
     torch.testing.assert_close(exact.weight, layer.weight, atol=1e-6, rtol=0)
     assert exact.init_error < 1e-6
-    with pytest.raises(LayerArgumentError):
+    with pytest.raises(LayerArgumentError,
+                       match=r"OrthogonalLinear\.from_linear expects a torch\.nn\.Linear, got Conv1d"):
         OrthogonalLinear.from_linear(nn.Conv1d(2, 2, 1))
 
 

@@ -826,10 +826,19 @@ def test_isometric_init_and_the_preset_on_lazy_layers():
 
 def test_isometric_init_helpers_refuse_bad_weights():
     from orthofx.passes.isometric_init import activation_gain, delta_orthogonal_, orthogonal_
-    for call in (lambda: activation_gain("gelu"), lambda: delta_orthogonal_(torch.empty(4, 2, 3, 3), groups=3),
-                 lambda: delta_orthogonal_(torch.empty(5)), lambda: orthogonal_(torch.zeros(4, 4, dtype=torch.int64)),
-                 lambda: delta_orthogonal_(torch.empty(4, 4, 3), taps=((2, 2),))):
-        with pytest.raises(orthofx.ArgumentError):
+    # each message names the function and the argument, and says what it accepts
+    for call, message in [
+        (lambda: activation_gain("gelu"), r"activation_gain: unknown activation 'gelu'; choose one of"),
+        (lambda: delta_orthogonal_(torch.empty(4, 2, 3, 3), groups=3),
+         r"delta_orthogonal_: groups=3 must be a positive integer dividing the 4 output channels"),
+        (lambda: delta_orthogonal_(torch.empty(5)),
+         r"delta_orthogonal_: expected a floating-point weight with at least 3 dimensions, got torch\.float32 \(5,\)"),
+        (lambda: orthogonal_(torch.zeros(4, 4, dtype=torch.int64)),
+         r"orthogonal_: expected a floating-point weight with at least 2 dimensions, got torch\.int64 \(4, 4\)"),
+        (lambda: delta_orthogonal_(torch.empty(4, 4, 3), taps=((2, 2),)),
+         r"delta_orthogonal_: taps=\(\(2, 2\),\) must give \(first, count\) inside the kernel \(3,\)"),
+    ]:
+        with pytest.raises(orthofx.ArgumentError, match=message):
             call()
 
 def test_isometric_init_float32_jacobian_of_a_deep_stack():

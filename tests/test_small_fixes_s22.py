@@ -67,9 +67,11 @@ def test_running_filters_are_reachable_by_their_state_dict_names():
     assert list(got) == list(expected)
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
-    with pytest.raises(AttributeError):
+    # an unknown grid, or a name that is no grid, is the plain "no attribute" error naming that attribute (not one
+    # raised on the way, e.g. by parsing "axb")
+    with pytest.raises(AttributeError, match=r"^'ConvNormConv2d' object has no attribute 'running_v_12x12'$"):
         layer.running_v_12x12  # no filter for that grid
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match=r"^'ConvNormConv2d' object has no attribute 'running_v_axb'$"):
         layer.running_v_axb
 
 

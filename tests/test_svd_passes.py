@@ -25,6 +25,7 @@ from orthofx.nn import conditioning as cond
 from orthofx.nn.decompositions import ConditionMonitor
 from orthofx.passes.orth_regularizer import LorthTerm
 from orthofx.report import monitors
+from references import eigh_backward64, stable_kernel64, svd_backward64
 
 DECOMPOSITIONS = {torch.linalg.eigh, torch.linalg.eigvalsh, torch.linalg.svd, torch.linalg.svdvals, torch.svd}
 STABLE = {cond.stable_eigh, cond.stable_eigvalsh, cond.stable_linalg_svd, cond.stable_svdvals, cond.stable_torch_svd}
@@ -83,6 +84,17 @@ def test_stable_rewrite_keeps_outputs_of_builtin_models(name, mode, method):
         assert torch.allclose(y, y_ref, atol=1e-6, rtol=1e-5)
     y.square().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in gm.parameters() if p.grad is not None)
+    # against torch's gradient (these spectra are well separated, where torch's is right): the exact kernel
+    # ("clamp") gives it to rounding; P4's Taylor form of order 9 approximates 1/(lambda_i - lambda_j), within a
+    # few percent of the gradient's scale here (measured: <= 4%)
+    y_ref.square().sum().backward()
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    got = {n: p.grad for n, p in gm.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys()
+    scale = max(float(g.abs().max()) for g in expected.values())
+    tol = 1e-5 * scale if method == "clamp" else 0.1 * scale
+    for n, g in expected.items():
+        torch.testing.assert_close(got[n], g, atol=tol, rtol=0, msg=lambda m: f"{n}: {m}")
 
 
 # ----------------------------------------------------------------------------------------- hand-written models
@@ -200,17 +212,41 @@ def test_named_tuple_used_whole_is_kept():
     assert torch.allclose(out.eigenvalues, torch.linalg.eigh(a).eigenvalues)
 
 
+def _repeated_eigh_loss(L, V):
+    weights = torch.arange(V.shape[-1], dtype=V.dtype)
+    return (V[..., 0] * weights).sum() + (V @ torch.diag_embed(L.square()) @ V.mT).sum()
+
+
+def _repeated_svd_loss(U, S, Vh):
+    return (U[..., 0] * torch.arange(U.shape[-2], dtype=U.dtype)).sum() + S.sum()
+
+
 class RepeatedEigh(nn.Module):
     def forward(self, a):
-        L, V = torch.linalg.eigh(a)
-        weights = torch.arange(a.shape[-1], dtype=a.dtype)
-        return (V[..., 0] * weights).sum() + (V @ torch.diag_embed(L.square()) @ V.mT).sum()
+        L, V = torch.linalg.eigh(a)  # unpacked here: torch.fx cannot iterate a traced value
+        return _repeated_eigh_loss(L, V)
 
 
 class RepeatedSvd(nn.Module):
     def forward(self, x):
         U, S, Vh = torch.linalg.svd(x, full_matrices=False)
-        return (U[..., 0] * torch.arange(x.shape[-2], dtype=x.dtype)).sum() + S.sum()
+        return _repeated_svd_loss(U, S, Vh)
+
+
+def _documented_gradient(op, matrix, taylor_order):
+    """The gradient the stable op's docstring defines for the loss above at one matrix (tests/references.py):
+    torch's factors (the ops' forward), the loss's gradients with respect to them by autograd, and the
+    documented backward with the kernel of the method (taylor: order 9; clamp: exact, gap at eps max|lambda|)."""
+    if op == "linalg.eigh":
+        factors = [t.requires_grad_(True) for t in torch.linalg.eigh(matrix)]
+        gL, gV = torch.autograd.grad(_repeated_eigh_loss(*factors), factors)
+        L, V = factors
+        return eigh_backward64(L, V, gL, gV, stable_kernel64(L, taylor_order))
+    factors = [t.requires_grad_(True) for t in torch.linalg.svd(matrix, full_matrices=False)]
+    gU, gS, gVh = torch.autograd.grad(_repeated_svd_loss(*factors), factors, allow_unused=True,
+                                      materialize_grads=True)
+    U, S, Vh = factors
+    return svd_backward64(U, S, Vh, gU, gS, gVh, stable_kernel64(S.square(), taylor_order, descending=True))
 
 
 @pytest.mark.parametrize("method", ["taylor", "clamp"])
@@ -225,6 +261,11 @@ def test_gradients_finite_on_repeated_eigenvalues(method):
         fixed = data.clone().requires_grad_(True)
         gm(fixed).backward()
         assert torch.isfinite(fixed.grad).all()
+        # the value the op documents (at exact ties the V-dependent part is no derivative): the pass calls the op
+        # with the method's kernel; "clamp" gives entries ~ 1 / eps here, hence the relative tolerance
+        expected = _documented_gradient(op, data[0], 9 if method == "taylor" else None)
+        for got in fixed.grad:
+            torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-9)
 
 
 # ----------------------------------------------------------------------------------------- Newton-Schulz
@@ -301,9 +342,14 @@ def test_newton_schulz_replaces_inverse_square_root(form):
     assert change.status == "newton_schulz (inverse sqrt, 12 iterations)"
     y_ref, y = model(x), gm(x)
     assert torch.allclose(y, y_ref, atol=2e-4, rtol=1e-3)
-    xg = x.clone().requires_grad_(True)
-    gm(xg).square().sum().backward()
+    # the gradient too, against the eigh / svd form's (torch's, exact on this well-separated spectrum); a fixed
+    # random weighting: |y|^2 of a whitened y is constant, its gradient only rounding noise
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    xg, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (gm(xg) * weights).sum().backward()
+    (model(xr) * weights).sum().backward()
     assert torch.isfinite(xg.grad).all()
+    torch.testing.assert_close(xg.grad, xr.grad, atol=1e-4 * float(xr.grad.abs().max()), rtol=0)
 
 
 def test_newton_schulz_on_gcp_matrix_square_root():

@@ -175,13 +175,19 @@ def test_training_with_the_penalty_lowers_lorth():
     model = nn.Sequential(nn.Conv2d(4, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 8, 3, stride=2))
     gm = orthofx.transform(model, LORTH_ALL)
     optimizer = torch.optim.Adam(gm.parameters(), lr=1e-2)
-    first = float(orthofx.penalty(gm).detach())
+
+    def dense_lorth():  # P0's L_orth of both convs from the dense operators (tests/references.py)
+        return lorth64(gm.get_submodule("0").weight) + lorth64(gm.get_submodule("2").weight, stride=2)
+
+    first, first64 = float(orthofx.penalty(gm).detach()), dense_lorth()
     for _ in range(200):
         loss = orthofx.penalty(gm)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     assert float(orthofx.penalty(gm).detach()) < 0.01 * first
+    # what fell is L_orth itself, not only the penalty's own measure of it
+    assert dense_lorth() < 0.01 * first64
 
 
 def test_compile_option_returns_a_compiled_module_every_function_accepts():
