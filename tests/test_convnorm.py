@@ -485,7 +485,8 @@ def test_refused_inputs_are_no_sizes_to_freeze_for():
     model = nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU())
     x = torch.randn(1, 3, 8, 8)
     gm = orthofx.transform(model, "convnorm", example_inputs=(x,))
-    for bad, message in [(torch.randn(1, 3, 3, 3), r"input size \(3, 3\).*smaller than the dilated kernel extent 5"),
+    for bad, message in [(torch.randn(1, 3, 3, 3), r"ConvNormConv2d at '0': input size \(3, 3\).*smaller than the "
+                                                  r"dilated kernel extent 5"),
                          (torch.randn(8), r"ConvNormConv2d at '0': expected a 4-D \(batched\) or 3-D \(unbatched\) "
                                           r"input for a 2-D convolution, got shape \(8,\)")]:
         with pytest.raises(orthofx.LayerArgumentError, match=message):

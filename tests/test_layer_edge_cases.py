@@ -13,7 +13,7 @@ import orthofx
 import orthofx.passes.convnorm  # noqa: F401  (registers the pass)
 from orthofx.errors import LayerArgumentError, PlanError
 from orthofx.nn import OrthogonalActivationBlock, OrthogonalConv2d, ReflectionResidualBlock
-from orthofx.nn.convnorm import ConvNormConv2d
+from orthofx.nn.convnorm import ConvNormConv2d, conv_norm
 
 
 def _dense(layer: nn.Module, channels: int, size: tuple[int, ...]) -> torch.Tensor:
@@ -217,5 +217,8 @@ def test_convnorm_bad_input_raises_layer_argument_errors():
     layer = ConvNormConv2d(conv)
     with pytest.raises(RuntimeError):
         conv(torch.randn(1, 2, 3, 3))  # reference: the plain conv refuses a 3x3 input for a 5x5 kernel
-    with pytest.raises(LayerArgumentError, match="smaller than the dilated kernel extent 5"):
+    with pytest.raises(LayerArgumentError, match=r"^ConvNormConv2d: input size \(3, 3\).*smaller than the dilated "
+                                                 "kernel extent 5"):
         layer(torch.randn(1, 2, 3, 3))
+    with pytest.raises(LayerArgumentError, match=r"^conv_norm: input size \(3, 3\).*kernel extent 5"):
+        conv_norm(torch.randn(1, 2, 3, 3), conv.weight)

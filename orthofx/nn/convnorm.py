@@ -279,10 +279,12 @@ def _dilated_extent(kernel_size: Sequence[int], dilation: Sequence[int]) -> tupl
     return tuple(di * (ki - 1) + 1 for ki, di in zip(kernel_size, dilation))
 
 
-def convnorm_geometry(input_size: Sequence[int], kernel_size, stride=1, padding=0, dilation=1) -> ConvNormGeometry:
+def convnorm_geometry(input_size: Sequence[int], kernel_size, stride=1, padding=0, dilation=1, *,
+                      where: str = "convnorm_geometry") -> ConvNormGeometry:
     """The grid on which ConvNorm is exact for a conv layer and an input size (see the module docstring).
 
-    ``padding`` is the layer's zero padding: an int, a tuple, ``"same"`` or ``"valid"``.
+    ``padding`` is the layer's zero padding: an int, a tuple, ``"same"`` or ``"valid"``. ``where`` starts the
+    error for an input smaller than the kernel (a layer passes its label).
     """
     n = tuple(int(v) for v in input_size)
     d = len(n)
@@ -295,9 +297,9 @@ def convnorm_geometry(input_size: Sequence[int], kernel_size, stride=1, padding=
     ql, qr, grid, start, out = [], [], [], [], []
     for ni, ke, si, (pl, pr) in zip(n, _dilated_extent(k, dil), s, pads):
         if ni + pl + pr < ke:
-            raise LayerArgumentError(f"input size {n} (padded by {[p for p in pads]}) is smaller than the dilated "
-                                     f"kernel extent {ke} in some dimension (as for the plain convolution): use "
-                                     f"larger inputs, more padding or a smaller kernel / dilation")
+            raise LayerArgumentError(f"{where}: input size {n} (padded by {[p for p in pads]}) is smaller than the "
+                                     f"dilated kernel extent {ke} in some dimension (as for the plain convolution): "
+                                     "use larger inputs, more padding or a smaller kernel / dilation")
         a, b = max(pl, ke - 1), max(pr, ke - 1)
         ql.append(a)
         qr.append(b)
@@ -526,7 +528,7 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
     if padding_mode != "zeros":
         x = _explicit_pad(x, conv_zero_pads(padding, ks, dil, _ntuple(stride, d, "stride")), padding_mode)
         padding = 0
-    geo = convnorm_geometry(x.shape[2:], ks, stride, padding, dil)
+    geo = convnorm_geometry(x.shape[2:], ks, stride, padding, dil, where=_caller(layer))
 
     in_dtype = x.dtype
     work = _real_dtype(in_dtype)
@@ -771,7 +773,7 @@ class ConvNormConvNd(nn.Module):
             pads = conv_zero_pads(conv.padding, conv.kernel_size, conv.dilation)
             size = tuple(n + a + b for n, (a, b) in zip(size, pads))
             padding = 0
-        return convnorm_geometry(size, conv.kernel_size, conv.stride, padding, conv.dilation)
+        return convnorm_geometry(size, conv.kernel_size, conv.stride, padding, conv.dilation, where=layer_label(self))
 
     def filter(self, input_size: Sequence[int]) -> torch.Tensor:
         """The ``V`` the current mode applies for a spatial input size (running in eval when kept)."""
@@ -1149,7 +1151,8 @@ class FrozenConvNormNd(nn.Module):
         """The normalised conv output (in ``work``) and the dtype the conv itself gave (autocast's, inside it)."""
         if self.pre_pads:
             x = _explicit_pad(x, self.pre_pads, self.padding_mode)
-        geo = convnorm_geometry(x.shape[2:], self.kernel_size, self.stride, self.geometry_padding, self.dilation)
+        geo = convnorm_geometry(x.shape[2:], self.kernel_size, self.stride, self.geometry_padding, self.dilation,
+                                where=layer_label(self))
         v = self.filter_for(geo.grid)
         if v is None:
             raise self._missing(size, geo.grid)

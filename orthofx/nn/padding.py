@@ -147,13 +147,13 @@ def periodic_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tens
     for i, (l, r) in enumerate(pads):
         l, r = int(l), int(r)
         if l < 0 or r < 0:
-            raise ValueError(f"periodic_pad: pads must be >= 0, got {tuple(pads)}")
+            raise LayerArgumentError(f"periodic_pad: pads must be >= 0, got {tuple(pads)}")
         if not (l or r):
             continue
         dim = x.dim() - d + i
         n = x.shape[dim]
         if n == 0:
-            raise ValueError(f"periodic_pad: cannot pad an empty dimension (size 0) periodically")
+            raise LayerArgumentError("periodic_pad: cannot pad an empty dimension (size 0) periodically")
         index = torch.remainder(torch.arange(-l, n + r, device=x.device), n)
         x = x.index_select(dim, index)
     return x
@@ -218,13 +218,14 @@ def circular_fold(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Ten
     pads = tuple((int(l), int(r)) for l, r in pads)
     d = len(pads)
     if any(l < 0 or r < 0 for l, r in pads) or x.dim() < d:
-        raise ValueError(f"circular_fold: pads must be >= 0 and at most one pair per dimension of the input, got "
-                         f"pads={pads} for an input of shape {tuple(x.shape)}")
+        raise LayerArgumentError(f"circular_fold: pads must be >= 0 and at most one pair per dimension of the "
+                                 f"input, got pads={pads} for an input of shape {tuple(x.shape)}")
     sizes = [x.shape[x.dim() - d + i] - l - r for i, (l, r) in enumerate(pads)]
     for i, n in enumerate(sizes):
         if n < 1:
-            raise ValueError(f"circular_fold: dimension {x.dim() - d + i} has size {x.shape[x.dim() - d + i]}, not "
-                             f"more than its pads {pads[i]}: nothing to fold onto")
+            raise LayerArgumentError(f"circular_fold: dimension {x.dim() - d + i} has size "
+                                     f"{x.shape[x.dim() - d + i]}, not more than its pads {pads[i]}: nothing to fold "
+                                     "onto")
     if not any(l or r for l, r in pads):
         return x
     if all(l <= n and r <= n for (l, r), n in zip(pads, sizes)) and not torch.compiler.is_compiling():
