@@ -14,7 +14,6 @@ from torch import nn
 import orthofx
 from orthofx import metrics
 from orthofx.errors import ArgumentError
-from orthofx.passes.isometric_init import delta_taps
 from orthofx.passes.orth_regularizer import lorth_term
 from references import lorth64
 

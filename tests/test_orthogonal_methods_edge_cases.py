@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 import orthofx
-from orthofx.errors import ImpossibleLayerError, LayerArgumentError, OrthofxError
+from orthofx.errors import ImpossibleLayerError, LayerArgumentError
 from orthofx.nn.orthogonal import FourierConv, OrthogonalConv1d, OrthogonalConv2d, OrthogonalLinear
 
 CLS = {1: OrthogonalConv1d, 2: OrthogonalConv2d}

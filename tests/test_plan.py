@@ -8,7 +8,7 @@ from torch import nn
 
 import orthofx
 from orthofx.capture import capture
-from orthofx.passes import Change, Param, Pass, register_pass, unregister_pass
+from orthofx.passes import Change, Pass, register_pass, unregister_pass
 from orthofx.plan import build_plan, collect_sites, describe_module
 
 

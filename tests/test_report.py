@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import orthofx
-from orthofx import metrics
 from references import circular_operator64, lorth64
 
 POLICY = {"rules": [{"match": {"type": ["Conv2d", "Linear"], "exclude": ["head"]}, "apply": "orth_regularizer"}]}

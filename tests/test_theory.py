@@ -139,7 +139,6 @@ def test_theorem8_constants_hand_derived():
 
 def orthogonal_kernel(C, M, ks, ss, gen):
     """An explicit orthogonal kernel (constructive half of Theorem 4), built only from the conditions."""
-    d = len(ks)
     K = torch.zeros(M, C, *ks, dtype=torch.float64)
     if M <= C * math.prod(ss):  # RO: M distinct (channel, residue) reads with residue < min(k, S)
         reads = list(itertools.product(range(C), *[range(min(k, s)) for k, s in zip(ks, ss)]))

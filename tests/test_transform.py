@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 import orthofx
-from orthofx import metrics
 from orthofx.passes import Change, Param, Pass, register_pass, unregister_pass
 from references import lorth64
 

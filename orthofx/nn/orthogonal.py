@@ -1518,7 +1518,7 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         window at the shift: no block product (the nearest start of a layer built from a conv, ``fit_steps=0``,
         spent half its time forming that identity)."""
         cd = self.compute_dtype
-        g, M, C, d = self.groups, self._M, self._C, self._dims
+        d = self._dims
         if shift is not None:
             window = (Ellipsis,) + tuple(slice(c, c + r) for c, r in zip(shift, self._r))
             self.matrix.copy_(project_to_stiefel(target[window].reshape(self.matrix.shape)).to(self.matrix))
@@ -1843,9 +1843,9 @@ class _OrthogonalConvTransposeNd(nn.Module):
 
     def _check_padding(self, padding, output_padding, name: str):
         d = self._dims
-        supported = (f"supported: padding='same' (default) or integer padding p and output_padding o with "
-                     f"2*p = dilation*(kernel_size-1)+1 - stride + o and 0 <= o < stride in every dimension (the "
-                     f"output size is then exactly input * stride, e.g. kernel_size=4, stride=2, padding=1)")
+        supported = ("supported: padding='same' (default) or integer padding p and output_padding o with "
+                     "2*p = dilation*(kernel_size-1)+1 - stride + o and 0 <= o < stride in every dimension (the "
+                     "output size is then exactly input * stride, e.g. kernel_size=4, stride=2, padding=1)")
         if isinstance(padding, str):
             if padding != "same":
                 raise LayerArgumentError(f"{name}: padding={padding!r} is not supported; {supported}")
