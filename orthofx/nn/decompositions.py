@@ -44,6 +44,11 @@ symmetrised at the end ((dA + dA^T) / 2). ``K`` is antisymmetric, so ``K o skew(
   (``+`` for ``j > i``, eigenvalues being ascending), which makes the Taylor form continuous across ties.
 * ``clamp_gap=g`` (a float > 0): in every mode, ``|K_ij| <= 1/g`` (for the exact mode this is the same as
   clamping ``|lambda_i - lambda_j|`` from below by ``g``).
+* At an exact tie the result is a bounded surrogate, not the derivative: inside a repeated eigenspace the
+  exact term ``K o skew(X)`` is a 0/0 whose limit carries part of the gradient, and the clamped ``K`` does not
+  recover it. ``L = 1^T A^2 1`` computed from ``eigh`` at ``A = I`` (eigenvectors ``V = I``): ``skew(X) = 0``,
+  so the backward gives ``diag(dL) = 2 I`` where the true gradient is ``2 * 1 1^T``; torch's is NaN there.
+  Near a tie the gradient is the exact one until the gap falls below the clamp.
 
 Backward (SVD)
 --------------
