@@ -1032,6 +1032,7 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
                     "path, example_inputs=(x,)) replays the policy with them.")
         raise ExportError(f"the policy stored in {path!r} does not apply to this model ({exc}); load with the "
                           f"original (untransformed) model the file was exported from.{hint}") from exc
+    _check_saved_dtype_kinds(gm, state, path)
     _match_saved_dtype(gm, state)
     try:
         missing, unexpected = gm.load_state_dict(state, strict=False)
@@ -1086,6 +1087,45 @@ def _check_state_entries(state: dict, path: str, written_by: str) -> None:
         raise ExportError(f"the saved weights in {path!r} are damaged: a state_dict maps parameter names (str) to "
                           f"tensors, and {len(bad)} entr{'y does' if len(bad) == 1 else 'ies do'} not ({shown}); "
                           f"{written_by}")
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    """The kind of value a tensor of ``dtype`` holds: ``'bool'``, ``'integer'``, ``'floating'`` or ``'complex'``.
+
+    A cast within a kind keeps the value up to rounding (float64 -> float32, int32 -> int64); a cast across kinds
+    changes what it means (True -> 1.0, 2.7 -> 2, 1+2j -> 1)."""
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating" if dtype.is_floating_point else "integer"
+
+
+def _check_saved_dtype_kinds(gm: nn.Module, state: dict, path: str) -> None:
+    """Refuse saved tensors whose dtype is of another kind (:func:`_dtype_kind`) than the model's tensor of the same
+    name, before ``load_state_dict`` fills ``gm`` (a fresh transform; ``model`` is never written).
+
+    ``load_state_dict`` copies each saved tensor with ``copy_``, which casts to the model's dtype whatever it is:
+    an int64 or bool tensor (a hand-edited or foreign file) became float weights silently, a complex one lost its
+    imaginary part, a float one was truncated into an integer buffer (BatchNorm's ``num_batches_tracked``). Within
+    a kind the cast is wanted: the file's floating dtype is restored (:func:`_match_saved_dtype`) and an int32
+    count widens into the model's int64. Keys the model lacks are reported by the missing/unexpected check."""
+    targets = gm.state_dict(keep_vars=True)
+    wrong = [(key, tensor.dtype, targets[key].dtype) for key, tensor in state.items()
+             if isinstance(targets.get(key), torch.Tensor)
+             and _dtype_kind(tensor.dtype) != _dtype_kind(targets[key].dtype)]
+    if not wrong:
+        return
+    shown = "; ".join(f"{key!r} is {saved} in the file but {model} ({_dtype_kind(model)}) in the model"
+                      for key, saved, model in wrong[:3])
+    more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+    key, _, model_dtype = wrong[0]
+    raise ExportError(f"the saved weights in {path!r} have the wrong kind of dtype: {shown}{more}. Loading would "
+                      "cast them silently (bool/integer to float, complex dropping its imaginary part, float "
+                      "truncated to integer), so the file was hand-edited or not written for this model. Re-export "
+                      "the model with orthofx.export(gm, 'model.pt'), or convert the tensor in the file to the "
+                      f"model's dtype (saved['state_dict'][{key!r}] = tensor.to({model_dtype}), if its values are "
+                      "meant so). The model was not changed")
 
 
 def _match_saved_dtype(gm: nn.Module, state: dict) -> None:
