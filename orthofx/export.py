@@ -265,18 +265,6 @@ def _paths_reaching(root: nn.Module, target: nn.Module) -> list[str]:
     return paths
 
 
-def _named_inputs(example: ExampleCall) -> list[tuple[str, Any]]:
-    """``(label, value)`` of every input of the example call, nested inputs (a dict, a tuple of tensors) down to
-    their leaves, labelled as the user passed it (``example_inputs[0]``, ``example_inputs[0]['x']``,
-    ``example_kwargs['mask']``), for checks and error messages. The leaves are pytree's, the walk with which
-    torch.export takes the inputs apart and :func:`orthofx.capture.batch_dynamic_shapes` marks their batch."""
-    pytree = torch.utils._pytree
-    top = ([(f"example_inputs[{i}]", x) for i, x in enumerate(example.args)]
-           + [(f"example_kwargs[{name!r}]", x) for name, x in example.kwargs.items()])
-    return [(label + pytree.keystr(path), leaf)
-            for label, value in top for path, leaf in pytree.tree_flatten_with_path(value)[0]]
-
-
 def _describe_inputs(example: ExampleCall) -> str:
     """``shape (2, 1, 8, 8) float32 on cpu`` for each input (other values by type; keyword inputs as
     ``mask=...``), for error messages."""
@@ -499,7 +487,7 @@ def onnx_tolerance(expected: list[torch.Tensor]) -> float:
 
 
 def _check_finite_inputs(example: ExampleCall) -> None:
-    for label, x in _named_inputs(example):
+    for label, x in example.named_inputs():
         if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ExportError(f"{label} holds NaN or inf; the export is checked on the example inputs, so pass "
                               "finite ones")
@@ -802,7 +790,7 @@ def _check_batch(example: ExampleCall, dynamic_batch: bool) -> None:
     int_oo]"); expanded to the batch, it is exported with the batch of the others."""
     if not dynamic_batch:
         return
-    named = [(label, x) for label, x in _named_inputs(example) if isinstance(x, torch.Tensor) and x.dim() > 0]
+    named = [(label, x) for label, x in example.named_inputs() if isinstance(x, torch.Tensor) and x.dim() > 0]
     for label, x in named:
         if not _batch_too_small(x):
             continue

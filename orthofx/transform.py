@@ -104,6 +104,17 @@ class ExampleCall:
     def run(self, fn: Callable) -> Any:
         return fn(*self.args, **self.kwargs)
 
+    def named_inputs(self) -> list[tuple[str, Any]]:
+        """``(label, value)`` of every input of the call, nested inputs (a dict, a tuple of tensors) down to their
+        leaves, labelled as the user passed them (``example_inputs[0]``, ``example_inputs[0]['x']``,
+        ``example_kwargs['mask']``), for checks and error messages. The leaves are pytree's, the walk with which
+        torch.export takes the inputs apart and :func:`orthofx.capture.batch_dynamic_shapes` marks their batch."""
+        pytree = torch.utils._pytree
+        top = ([(f"example_inputs[{i}]", x) for i, x in enumerate(self.args)]
+               + [(f"example_kwargs[{name!r}]", x) for name, x in self.kwargs.items()])
+        return [(label + pytree.keystr(path), leaf)
+                for label, value in top for path, leaf in pytree.tree_flatten_with_path(value)[0]]
+
     def positional(self, gm: fx.GraphModule) -> tuple | None:
         """The inputs in ``gm``'s placeholder order (what ``fx.Interpreter.run`` takes), defaults filled in;
         ``None`` when they do not bind to its forward's signature or it has a variadic parameter."""
@@ -325,13 +336,8 @@ def _nonfinite_tensors(named: Any) -> list[str]:
 
 def _nonfinite_inputs(example: ExampleCall) -> list[str]:
     """``example_inputs[0] (1 NaN entry (of 216))`` for each floating leaf of the example call holding NaN or
-    inf, labelled as the user passed it (nested inputs by their pytree path, e.g. ``example_inputs[0]['x']``)."""
-    pytree = torch.utils._pytree
-    top = ([(f"example_inputs[{i}]", x) for i, x in enumerate(example.args)]
-           + [(f"example_kwargs[{name!r}]", x) for name, x in example.kwargs.items()])
-    leaves = [(label + pytree.keystr(path), leaf)
-              for label, value in top for path, leaf in pytree.tree_flatten_with_path(value)[0]]
-    return [f"{label} ({counts})" for label, leaf in leaves if isinstance(leaf, torch.Tensor)
+    inf, labelled as the user passed it (:meth:`ExampleCall.named_inputs`)."""
+    return [f"{label} ({counts})" for label, leaf in example.named_inputs() if isinstance(leaf, torch.Tensor)
             and (counts := describe_nonfinite(leaf.detach())) is not None]
 
 
