@@ -129,3 +129,19 @@ def svd_backward64(U, S, Vh, gU, gS, gVh, K, dtype: torch.dtype = torch.float64)
     if n > k:
         gA = gA + U @ s_inv @ gV.T @ (torch.eye(n, dtype=torch.float64) - V @ V.T)
     return gA
+
+
+# ------------------------------------------------------------------------------------------------ state snapshots
+
+def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``module.state_dict()``: what a call that must leave the module alone is checked against."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Two state dicts with the same keys, and tensors of the same dtype, shape and bytes (so NaN equals NaN: a
+    monitor's history starts as NaN, and ``torch.equal`` says NaN != NaN)."""
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+        and torch.equal(a[k].detach().contiguous().view(-1).view(torch.uint8),
+                        b[k].detach().contiguous().view(-1).view(torch.uint8)) for k in a)

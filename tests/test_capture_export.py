@@ -25,6 +25,7 @@ from orthofx.errors import CaptureError
 from orthofx.plan import collect_sites
 
 from corpus import eval_outputs
+from references import bitwise_equal, state_copy
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
@@ -188,10 +189,6 @@ def _build(name):
     return cls(), (_input(*shape),)
 
 
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def _transform(model, policy, inputs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -216,13 +213,12 @@ def test_models_are_not_fx_traceable(name):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_presets_on_untraceable_models(preset, name, tmp_path):
     model, inputs = _build(name)
-    before = _state(model)
+    before = state_copy(model)
     expected = eval_outputs(model, inputs)
     gm = _transform(model, preset, inputs)
 
     # the user's model is untouched (weights, buffers, training flags)
-    after = model.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert bitwise_equal(state_copy(model), before)
     assert all(m.training for m in model.modules())
 
     manifest = orthofx.manifest_of(gm)
@@ -569,7 +565,7 @@ def test_auto_without_example_inputs_says_to_pass_them():
 
 def test_model_neither_capture_handles_names_both_failures():
     model = ValueBranch()
-    before = _state(model)
+    before = state_copy(model)
     with pytest.raises(CaptureError) as err:
         orthofx.transform(model, "lorth", example_inputs=(_input(3, 4),))
     message = str(err.value)
@@ -577,8 +573,7 @@ def test_model_neither_capture_handles_names_both_failures():
     assert message.count("y.sum() > 0") == 2  # the line of user code, for both
     assert "data-dependent" in message
     assert err.value.module_path == ""
-    after = model.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert bitwise_equal(state_copy(model), before)
 
 
 def test_export_failure_in_a_submodule_names_it():

@@ -32,6 +32,7 @@ import orthofx
 from corpus import CORPUS, eval_outputs
 from orthofx.nn.orthogonal import OrthogonalConv1d, OrthogonalConv2d
 from orthofx.nn.padding import CircularPad, circular_pad
+from references import bitwise_equal, state_copy
 
 PRESETS = ("lorth", "orthogonal", "convnorm", "jacobian", "isometric", "svd")
 MODELS = tuple(CORPUS)
@@ -84,26 +85,20 @@ def _site_named(message: str, model: torch.nn.Module) -> bool:
     return False
 
 
-def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 class Cell:
     """One (preset, model) transform: the model, its inputs, its eval outputs, and the GraphModule or error."""
 
     def __init__(self, preset: str, name: str):
         self.preset, self.name = preset, name
         self.model, self.inputs = CORPUS[name]()
-        before = _state(self.model)
+        before = state_copy(self.model)
         self.gm = self.error = None
         try:
             self.gm = orthofx.transform(self.model, preset, example_inputs=self.inputs)
         except Exception as exc:  # noqa: BLE001 - judged by the tests
             self.error = exc
             return
-        after = self.model.state_dict()
-        self.model_unchanged = after.keys() == before.keys() and all(torch.equal(after[k], v)
-                                                                     for k, v in before.items())
+        self.model_unchanged = bitwise_equal(state_copy(self.model), before)
         # Eval outputs right after the transform, before any test trains the GraphModule.
         self.expected = eval_outputs(self.model, self.inputs)
         self.got = eval_outputs(self.gm, self.inputs)

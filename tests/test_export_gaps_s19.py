@@ -15,6 +15,7 @@ from torch import nn
 
 import orthofx
 from orthofx.export import _root_cause, batch_too_small_for_dynamic
+from references import bitwise_equal
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
@@ -220,15 +221,6 @@ ROUND_TRIPS = ([(m, p) for m in ("resnet18", "small_cnn") for p in ("lorth", "or
                + [("dbn_cnn", "svd"), ("gcp_cnn", "svd")])
 
 
-def _state_equal(a: dict, b: dict) -> bool:
-    """Bitwise equal state dicts; NaN equals NaN (monitor histories start as NaN)."""
-    return a.keys() == b.keys() and all(
-        a[k].shape == b[k].shape and a[k].dtype == b[k].dtype
-        and bool(torch.equal(a[k], b[k]) or (a[k].is_floating_point() and torch.isnan(a[k]).eq(torch.isnan(b[k])).all()
-                                             and torch.equal(a[k].nan_to_num(0.0), b[k].nan_to_num(0.0))))
-        for k in a)
-
-
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name, preset", ROUND_TRIPS, ids=[f"{m}-{p}" for m, p in ROUND_TRIPS])
 def test_pt_round_trip_of_every_preset_and_load_into_a_transformed_model(tmp_path, name, preset, training):
@@ -251,8 +243,8 @@ def test_pt_round_trip_of_every_preset_and_load_into_a_transformed_model(tmp_pat
     fresh = make().train(training)
     fresh_state = copy.deepcopy(fresh.state_dict())
     restored = orthofx.load(fresh, tmp_path / "m.pt", example_inputs=(x,))
-    assert _state_equal(fresh.state_dict(), fresh_state)  # the user's model is not modified
-    assert _state_equal(restored.state_dict(), gm.state_dict())
+    assert bitwise_equal(fresh.state_dict(), fresh_state)  # the user's model is not modified
+    assert bitwise_equal(restored.state_dict(), gm.state_dict())
     for mode in (True, False):
         gm.train(mode)
         restored.train(mode)
@@ -266,7 +258,7 @@ def test_pt_round_trip_of_every_preset_and_load_into_a_transformed_model(tmp_pat
     with pytest.raises(orthofx.ExportError, match=r"into a model returned by orthofx\.transform.*pass a fresh "
                                                   r"instance.*not changed"):
         orthofx.load(gm, tmp_path / "m.pt", example_inputs=(x,))
-    assert _state_equal(gm.state_dict(), saved_state)
+    assert bitwise_equal(gm.state_dict(), saved_state)
 
 
 # ------------------------------------------------------------------------------------ loads that cannot work
@@ -314,7 +306,7 @@ def test_a_load_that_cannot_work_says_why_and_leaves_the_model_alone(saved, case
     kinds = [type(m) for m in model.modules()]
     with pytest.raises(orthofx.ExportError, match=match):
         orthofx.load(model, root / file)
-    assert _state_equal(model.state_dict(), before) and model.training == training
+    assert bitwise_equal(model.state_dict(), before) and model.training == training
     assert [type(m) for m in model.modules()] == kinds
     # the intact file still loads into a fresh model and reproduces the saved one
     restored = orthofx.load(orthofx.models.SmallCNN(width=4), root / "o.pt")

@@ -15,16 +15,7 @@ import orthofx
 from orthofx.errors import LayerArgumentError, TransformError
 from orthofx.nn import stiefel
 from orthofx.nn.orthogonal import OrthogonalConv2d, OrthogonalLinear
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(
-        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-        and torch.equal(a[k].view(-1).view(torch.uint8), b[k].view(-1).view(torch.uint8)) for k in a)
+from references import bitwise_equal, state_copy
 
 
 def _polar_reference(w: torch.Tensor) -> torch.Tensor:
@@ -57,14 +48,14 @@ def test_from_linear_of_a_zero_weight_has_no_init_error(shape):
     linear = nn.Linear(shape[1], shape[0])
     with torch.no_grad():
         linear.weight.zero_()
-    before = _state(linear)
+    before = state_copy(linear)
     layer = OrthogonalLinear.from_linear(linear)
     assert layer.init_error is None
     w = layer.weight.detach().double()
     assert _defect64(w) < 1e-6
     # every orthonormal matrix is nearest to 0: the distance is sqrt(min(m, n))
     assert float(w.norm()) == pytest.approx(math.sqrt(min(shape)), rel=1e-6)
-    assert _bitwise_equal(before, _state(linear))
+    assert bitwise_equal(before, state_copy(linear))
 
 
 @pytest.mark.parametrize("method", ["auto", "cayley_fft"])
@@ -87,13 +78,13 @@ def test_from_linear_init_error_of_float64_weights_at_the_ends_of_the_range(scal
     linear = nn.Linear(4, 6, dtype=torch.float64)
     with torch.no_grad():
         linear.weight.mul_(scale)
-    before = _state(linear)
+    before = state_copy(linear)
     layer = OrthogonalLinear.from_linear(linear)
     w0 = linear.weight.detach()
     w = layer.weight.detach()
     assert torch.allclose(w, _polar_reference(w0), atol=1e-12)
     assert layer.init_error == pytest.approx(_relative_reference(w, w0), rel=1e-12)
-    assert _bitwise_equal(before, _state(linear))
+    assert bitwise_equal(before, state_copy(linear))
 
 
 @pytest.mark.parametrize("method", ["auto", "cayley_fft"])
@@ -166,13 +157,13 @@ def test_from_conv_random_of_a_weight_with_nan_has_no_init_error(method):
     conv = nn.Conv2d(4, 4, 3, padding=1)
     with torch.no_grad():
         conv.weight[1, 2, 0, 0] = float("nan")
-    before = _state(conv)
+    before = state_copy(conv)
     extra = {"input_size": (8, 8)} if method == "cayley_fft" else {}
     layer = OrthogonalConv2d.from_conv(conv, init="random", method=method, **extra)
     assert layer.init_error is None  # was NaN
     assert all(bool(torch.isfinite(p).all()) for p in layer.parameters())
     assert layer.orthogonality_error((8, 8)) < 1e-5
-    assert _bitwise_equal(before, _state(conv))
+    assert bitwise_equal(before, state_copy(conv))
 
 
 class _ConvHead(nn.Module):
@@ -193,10 +184,10 @@ def test_orthogonal_conv_pass_names_the_layer_whose_weight_has_nan():
     model = _ConvHead()
     with torch.no_grad():
         model.conv.weight[0, 0, 0, 0] = float("nan")  # a border tap: the old start did not read it
-    before = _state(model)
+    before = state_copy(model)
     with pytest.raises(TransformError, match=r"conv \(Conv2d.*has 1 NaN entry \(of 144\).*'init: random'"):
         orthofx.transform(model, _conv_rule())
-    assert _bitwise_equal(before, _state(model))
+    assert bitwise_equal(before, state_copy(model))
     gm = orthofx.transform(model, _conv_rule(init="random"))
     change = orthofx.manifest_of(gm).changes[0]
     assert change.after["init_error"] is None
@@ -208,11 +199,11 @@ def test_orthogonal_conv_pass_output_change_of_a_zero_layer_is_none():
     with torch.no_grad():
         model.conv.weight.zero_()
         model.conv.bias.zero_()
-    before = _state(model)
+    before = state_copy(model)
     gm = orthofx.transform(model, _conv_rule(), example_inputs=(torch.randn(2, 4, 6, 6),))
     after = orthofx.manifest_of(gm).changes[0].after
     assert after["init_error"] is None and after["output_change"] is None
-    assert _bitwise_equal(before, _state(model))
+    assert bitwise_equal(before, state_copy(model))
 
 
 def test_orthogonal_conv_pass_output_change_of_a_float16_layer():
@@ -245,10 +236,10 @@ def test_riemannian_project_names_the_layer_whose_weight_has_nan():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     with torch.no_grad():
         model[1].weight[2, 2] = float("nan")
-    before = _state(model)
+    before = state_copy(model)
     with pytest.raises(TransformError, match=r"riemannian \(rule .*\): 1: its weight has 1 NaN entry \(of 16\)"):
         orthofx.transform(model, _linear_rule("riemannian"))
-    assert _bitwise_equal(before, _state(model))
+    assert bitwise_equal(before, state_copy(model))
 
 
 def test_riemannian_project_of_a_huge_float64_weight():
@@ -256,11 +247,11 @@ def test_riemannian_project_of_a_huge_float64_weight():
     model = nn.Sequential(nn.Linear(3, 5, dtype=torch.float64))
     with torch.no_grad():
         model[0].weight.mul_(1e200)
-    before = _state(model)
+    before = state_copy(model)
     gm = orthofx.transform(model, _linear_rule("riemannian"))
     assert torch.allclose(gm.get_submodule("0").weight.detach(), _polar_reference(model[0].weight.detach()),
                           atol=1e-12)
-    assert _bitwise_equal(before, _state(model))
+    assert bitwise_equal(before, state_copy(model))
 
 
 @pytest.mark.parametrize("pass_name", ["riemannian", "isometric_init"])

@@ -13,6 +13,7 @@ from torch import nn
 import orthofx
 from orthofx.errors import TransformError
 from orthofx.passes import Pass, register_pass, unregister_pass
+from references import bitwise_equal, state_copy
 
 
 class _ConvNet(nn.Module):
@@ -31,16 +32,6 @@ def _net_and_input() -> tuple[nn.Module, torch.Tensor]:
     return _ConvNet().eval(), torch.randn(2, 3, 6, 6)
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(
-        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-        and torch.equal(a[k].view(-1).view(torch.uint8), b[k].view(-1).view(torch.uint8)) for k in a)
-
-
 def _nonfinite_count(model: nn.Module, x: torch.Tensor) -> int:
     """How many of the plain model's outputs on ``x`` are NaN or inf (the reference for the message's count)."""
     with torch.no_grad():
@@ -53,7 +44,7 @@ def test_a_nan_bias_of_the_model_is_named_not_the_policy(preset):
     with torch.no_grad():
         model.conv.bias[1] = float("nan")
     count = _nonfinite_count(model, x)
-    state, inputs = _state(model), x.clone()
+    state, inputs = state_copy(model), x.clone()
     with pytest.raises(TransformError) as info:
         orthofx.transform(model, preset, example_inputs=(x,))
     message = str(info.value)
@@ -61,7 +52,7 @@ def test_a_nan_bias_of_the_model_is_named_not_the_policy(preset):
                      r"rewrite .*not from the rewrite\. The model's parameters/buffers holding NaN or inf: "
                      r"'conv\.bias' \(1 NaN entry \(of 4\)\)\. Fix: load finite weights into the model", message)
     assert "gain" not in message and "example inputs holding" not in message
-    assert _bitwise_equal(state, _state(model)) and torch.equal(inputs, x)
+    assert bitwise_equal(state, state_copy(model)) and torch.equal(inputs, x)
 
 
 def test_nan_example_inputs_are_named():
