@@ -626,7 +626,7 @@ def unhandled_weight_warnings(gm: fx.GraphModule, policy: Policy, sites: list[Si
     warnings = []
     for cls, kind, weights in _UNHANDLED_WEIGHTS:
         found = [s.name for s in sites if s.kind == "module" and not s.mode and s.module_type is not None
-                 and issubclass(s.module_type, cls)]
+                 and issubclass(s.module_type, cls) and not _handled_by_a_rule(gm, policy, s)]
         if not found:
             continue
         shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
@@ -634,9 +634,22 @@ def unhandled_weight_warnings(gm: fx.GraphModule, policy: Policy, sites: list[Si
         warnings.append(
             f"{shown} ({types}): no pass handles the {kind} weights {weights}, so rule(s) "
             f"{', '.join(linear_rules)} leave them as they are (the passes act on Conv and Linear layers)"
-            + (". For orthogonal recurrent weights, register torch.nn.utils.parametrizations.orthogonal(layer, "
-               "'weight_hh_l0') on the layer yourself" if issubclass(cls, (nn.RNNBase, nn.RNNCellBase)) else ""))
+            + (". For orthogonal hidden-to-hidden weights (one orthonormal block per gate), add a rule "
+               f"{{match: {{type: {types.split(', ')[0]}}}, apply: riemannian}}"
+               if issubclass(cls, (nn.RNNBase, nn.RNNCellBase)) else ""))
     return warnings
+
+
+def _handled_by_a_rule(gm: fx.GraphModule, policy: Policy, site: Site) -> bool:
+    """Whether a rule of ``policy`` selects ``site`` with a pass that acts on its layer type (``riemannian`` on a
+    recurrent layer): then the layer's weights are not left without a word."""
+    module = gm.get_submodule(site.name)
+    for rule in policy.rules:
+        types = getattr(get_pass(rule.apply), "module_types", ())
+        if rule.match.site_kind == "module" and any(issubclass(site.module_type, t) for t in types) \
+                and _rule_selects(rule, site, module, {}):
+            return True
+    return False
 
 
 def _acts_on_linear(pass_cls: type) -> bool:

@@ -1,4 +1,5 @@
-"""Pass ``riemannian``: train Linear / Conv1d / Conv2d / Conv3d weights on the Stiefel manifold (P1).
+"""Pass ``riemannian``: train Linear / Conv1d / Conv2d / Conv3d weights, and the hidden-to-hidden weights of
+recurrent layers gate by gate, on the Stiefel manifold (P1).
 
 The graph is not changed. At transform time the pass (optionally) projects each selected weight onto the
 manifold and records a :class:`StiefelHook` per constrained layer; ``orthofx.attach(optimizer, gm)`` runs the
@@ -26,7 +27,14 @@ after the step
 Matrices and shapes follow :mod:`orthofx.nn.stiefel`: a Linear weight ``(out, in)`` has orthonormal columns when
 ``out >= in`` and orthonormal rows when ``out < in``; a convolution weight is flattened to ``(out, in * k * k)``
 (per group for grouped convs) and that matrix is kept orthonormal (kernel orthogonality, which is orthogonality
-of the convolution itself only for 1x1 and delta kernels, see P0). Biases are not constrained. Half-precision
+of the convolution itself only for 1x1 and delta kernels, see P0). Biases are not constrained. A recurrent layer
+(``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``, or a cell) has its hidden-to-hidden weights constrained
+(:func:`recurrent_hidden_weights`; one hook per weight, named in the manifest): each stacks one ``H x H`` block per
+gate (4 for an LSTM, 3 for a GRU, 1 for an RNN; ``H x proj_size`` for an LSTM with ``proj_size``), and each block
+is kept orthonormal on its own (the per-gate orthogonal recurrence of orthogonal RNNs; ``torch``'s
+``parametrizations.orthogonal`` on ``weight_hh_l0`` would instead make the ``4H x H`` stack's columns orthonormal).
+Input weights (``weight_ih_*``), biases and an LSTM's projections (``weight_hr_*``) train freely; a hidden weight
+computed by a torch parametrization makes the pass decline the layer. Half-precision
 (float16 / bfloat16) weights, gradients and first moments are projected and retracted in float32 and written
 back once, in their own dtype.
 
@@ -87,6 +95,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import ArgumentError, LayerArgumentError, OrthofxError, TransformError
 from ..nn import stiefel
@@ -95,9 +104,11 @@ from .base import (Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, S
                    weight_groups, whole, write_whole)
 from .registry import register_pass
 
-__all__ = ["Riemannian", "StiefelHook"]
+__all__ = ["Riemannian", "StiefelHook", "recurrent_hidden_weights"]
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Recurrent layers: their hidden-to-hidden weights are constrained, one orthonormal block per gate.
+_RECURRENT_TYPES = (nn.RNNBase, nn.RNNCellBase)
 #: Optimizer state entries that hold a first moment (a direction) and are projected with ``momentum: project``.
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
 
@@ -130,9 +141,40 @@ def optimizer_state(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -
     return state or {}
 
 
+def recurrent_hidden_weights(module: nn.Module) -> list[tuple[str, int]]:
+    """``(name, gates)`` of each hidden-to-hidden weight of a recurrent layer: ``weight_hh_l<k>`` (and
+    ``weight_hh_l<k>_reverse``) of ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``, ``weight_hh`` of their cells. Such a
+    weight stacks one ``hidden x hidden`` block per gate along dimension 0 (``hidden x proj_size`` for an LSTM with
+    ``proj_size``): ``gates`` = 4 (LSTM: input, forget, cell, output), 3 (GRU: reset, update, new), 1 (RNN).
+
+    >>> [(name, gates) for name, gates in recurrent_hidden_weights(nn.LSTM(3, 5, num_layers=2))]
+    [('weight_hh_l0', 4), ('weight_hh_l1', 4)]
+    """
+    if isinstance(module, nn.RNNBase):  # torch's documented names (a parametrized one is no direct parameter)
+        directions = ("", "_reverse") if module.bidirectional else ("",)
+        names = [f"weight_hh_l{layer}{suffix}" for layer in range(module.num_layers) for suffix in directions]
+    else:
+        names = ["weight_hh"]
+    if module.hidden_size < 1:
+        return []
+    return [(name, getattr(module, name).shape[0] // module.hidden_size) for name in names]
+
+
+def _site_weights(module: nn.Module) -> list[tuple[str, int]]:
+    """``(name, groups)`` of the weights the pass keeps on the Stiefel manifold at a site, each flattened to
+    ``groups`` matrices (:func:`orthofx.nn.stiefel.flatten_weight`): a Linear's or conv's ``weight`` (per conv
+    group), a recurrent layer's hidden-to-hidden weights (per gate, :func:`recurrent_hidden_weights`)."""
+    if isinstance(module, _RECURRENT_TYPES):
+        return recurrent_hidden_weights(module)
+    return [("weight", weight_groups(module))]
+
+
 def _not_square(module: nn.Module) -> str | None:
-    rows, cols = stiefel.flatten_weight(module.weight.detach(), weight_groups(module)).shape[-2:]
-    return None if rows == cols else f"not square ({rows}x{cols}; only_square: true)"
+    for name, groups in _site_weights(module):
+        rows, cols = stiefel.flatten_weight(getattr(module, name).detach(), groups).shape[-2:]
+        if rows != cols:
+            return f"not square ({rows}x{cols}; only_square: true)"
+    return None
 
 
 class StiefelHook(OptimizerHook):
@@ -143,15 +185,21 @@ class StiefelHook(OptimizerHook):
     """
 
     parameter_names = ("weight",)
+    #: The attribute of the site's module that the hook keeps orthonormal (a recurrent layer has several hooks,
+    #: one per hidden-to-hidden weight).
+    parameter = "weight"
 
     def __init__(self, site: str, rule: str, retraction: str = "polar", momentum: str = "project",
-                 groups: int = 1):
+                 groups: int = 1, parameter: str = "weight"):
         super().__init__(site, rule)
         if retraction not in stiefel.RETRACTIONS:
             raise ArgumentError(f"unknown retraction {retraction!r}; choose one of {', '.join(stiefel.RETRACTIONS)}")
         self.retraction = retraction
         self.momentum = momentum
         self.groups = groups
+        if parameter != "weight":
+            self.parameter = parameter
+            self.parameter_names = (parameter,)
         self._pre: dict[int, torch.Tensor] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -160,7 +208,10 @@ class StiefelHook(OptimizerHook):
         return state
 
     def _weight(self, root: nn.Module) -> nn.Parameter:
-        return root.get_submodule(self.site).weight
+        return getattr(root.get_submodule(self.site), self.parameter)
+
+    def _label(self) -> str:
+        return f"'{self.site}'" if self.parameter == "weight" else f"'{self.site}.{self.parameter}'"
 
     def _matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         return stiefel.flatten_weight(tensor, self.groups)
@@ -187,9 +238,9 @@ class StiefelHook(OptimizerHook):
                 hook._pre.pop(key, None)
                 continue
             if weight.grad.is_sparse:
-                raise OrthofxError(f"riemannian ({hook.site}, rule '{hook.rule}'): the weight has a sparse gradient, "
-                                   "and a tangent projection needs a dense one; use a dense layer for this site (e.g. "
-                                   "nn.Embedding(sparse=False)) or exclude it from the rule")
+                raise OrthofxError(f"riemannian ({hook._label()[1:-1]}, rule '{hook.rule}'): the weight has a sparse "
+                                   "gradient, and a tangent projection needs a dense one; use a dense layer for this "
+                                   "site (e.g. nn.Embedding(sparse=False)) or exclude it from the rule")
             shape = hook._matrix(weight.detach()).shape
             batches.setdefault((shape, weight.dtype, weight.device), []).append((hook, weight))
         with torch.no_grad():
@@ -247,7 +298,7 @@ class StiefelHook(OptimizerHook):
                     for j, buf in enumerate(buffers):
                         write_whole(buf, moved[j].reshape(buf.shape))
         if diverged:
-            sites = ", ".join(f"'{hook.site}'" for hook in diverged)
+            sites = ", ".join(hook._label() for hook in diverged)
             raise OrthofxError(
                 f"riemannian (rule '{diverged[0].rule}'): the optimizer step left the weights of {sites} NaN or inf "
                 "(their gradients or the optimizer's state hold NaN / inf: a diverged step), so there is no point "
@@ -256,7 +307,8 @@ class StiefelHook(OptimizerHook):
                 "such steps before orthofx's hooks run")
 
     def __repr__(self) -> str:
-        return (f"StiefelHook(site={self.site!r}, rule={self.rule!r}, retraction={self.retraction!r}, "
+        parameter = "" if self.parameter == "weight" else f", parameter={self.parameter!r}"
+        return (f"StiefelHook(site={self.site!r}{parameter}, rule={self.rule!r}, retraction={self.retraction!r}, "
                 f"momentum={self.momentum!r})")
 
 
@@ -270,6 +322,19 @@ def _finite_retraction(w: torch.Tensor, xi: torch.Tensor, retraction: str) -> to
             raise
         return None
     return new if bool(torch.isfinite(new).all()) else None
+
+
+def _recurrent_reason(module: nn.Module) -> str | None:
+    """Why the pass cannot constrain a recurrent layer's hidden-to-hidden weights (``None`` when it can): none to
+    constrain (``hidden_size=0``), or one computed by a torch parametrization, which the hooks could not step."""
+    weights = recurrent_hidden_weights(module)
+    if not weights or any(getattr(module, name).numel() == 0 for name, _ in weights):
+        return "empty hidden-to-hidden weights: nothing to keep orthonormal"
+    computed = [name for name, _ in weights if parametrize.is_parametrized(module, name)]
+    if computed:
+        return (f"{', '.join(computed)} computed by a torch parametrization (undo with torch.nn.utils.parametrize."
+                f"remove_parametrizations(layer, {computed[0]!r}))")
+    return None
 
 
 @register_pass
@@ -289,13 +354,15 @@ class Riemannian(Pass):
         Param("only_square", False, (bool,), "constrain only layers whose (flattened) weight is square"),
     )
     site_kinds = frozenset({"module"})
-    module_types = _LAYER_TYPES
+    module_types = _LAYER_TYPES + _RECURRENT_TYPES
     group = "weight"
     needs_weight_parameter = True  # it projects and retracts the weight around optimizer.step()
 
     def accepts(self, site: Site, module: nn.Module | None) -> str | None:
         """Also declines a layer whose weight has no entries (``Linear(4, 0)``): nothing to keep orthonormal."""
         reason = super().accepts(site, module)
+        if reason is None and isinstance(module, _RECURRENT_TYPES):
+            return _recurrent_reason(module)
         if reason is None and isinstance(module, _LAYER_TYPES):
             weight = module.weight
             if not isinstance(weight, nn.parameter.UninitializedParameter) and weight.numel() == 0:
@@ -307,9 +374,9 @@ class Riemannian(Pass):
         """Decline non-square weights when the rule says ``only_square: true`` (shown as ``skipped: not square``).
         A lazy layer has no shape yet: it is accepted here and checked in :meth:`apply`, after the example inputs
         have initialised it."""
-        if not params.get("only_square") or not isinstance(module, _LAYER_TYPES):
+        if not params.get("only_square") or not isinstance(module, _LAYER_TYPES + _RECURRENT_TYPES):
             return None
-        if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
             return None
         return _not_square(module)
 
@@ -327,9 +394,10 @@ class Riemannian(Pass):
                 free_site = (rule_entries[0] if free == "first" else rule_entries[-1]).site.name
             # the free layer's weight stays free also where another site of the rule shares it (tied weights):
             # constraining that site would project and retract the free weight too
-            free_weight = ctx.module(free_site).weight if free_site is not None else None
+            free_module = ctx.module(free_site) if free_site is not None else None
+            free_weights = [getattr(free_module, n) for n, _ in _site_weights(free_module)] if free_module else []
             for entry in rule_entries:
-                self._apply_one(ctx, entry, free_site, free_weight)
+                self._apply_one(ctx, entry, free_site, free_weights)
 
     def _skipped_lazy(self, ctx: PassContext, entry: PlanEntry) -> bool:
         """A lazy layer that turned out non-square under ``only_square: true`` (accepts_params could not tell):
@@ -341,17 +409,15 @@ class Riemannian(Pass):
         return reason is not None
 
     def _apply_one(self, ctx: PassContext, entry: PlanEntry, free_site: str | None,
-                   free_weight: torch.Tensor | None = None) -> None:
+                   free_weights: list[torch.Tensor] = ()) -> None:
         params = dict(entry.params)
         name = entry.site.name
         module = ctx.module(entry.site)
-        groups = weight_groups(module)
-        weight = module.weight
-        matrix = stiefel.flatten_weight(weight.detach(), groups)
-        shape = "x".join(str(s) for s in matrix.shape[-2:])
+        weights = [(pname, groups, getattr(module, pname)) for pname, groups in _site_weights(module)]
+        matrices = [stiefel.flatten_weight(weight.detach(), groups) for _, groups, weight in weights]
         # in float64: a float32 weight of entries ~1e30 has a Gram matrix beyond float32, so the defect was NaN
-        before = {"orth_defect": float(stiefel.orthogonality_defect(matrix.double()).max())}
-        if name == free_site or (free_weight is not None and weight is free_weight):
+        before = {"orth_defect": max(float(stiefel.orthogonality_defect(m.double()).max()) for m in matrices)}
+        if name == free_site or any(w is f for _, _, w in weights for f in free_weights):
             what = f"left free (unconstrained, free: {params['free']})"
             if name != free_site:
                 what = f"left free (its weight is tied to the free site '{free_site}', free: {params['free']})"
@@ -360,27 +426,51 @@ class Riemannian(Pass):
             return
         # a frozen weight is left as it is (the user froze those values; attach gives it no hooks while it is
         # frozen): if it is unfrozen later, the first step's retraction puts it on the manifold, as init: keep does
-        frozen = not weight.requires_grad
-        if params["init"] == "project" and not frozen:
+        frozen = [pname for pname, _, weight in weights if not weight.requires_grad]
+        for (pname, groups, weight), matrix in zip(weights, matrices):
+            if params["init"] != "project" or pname in frozen:
+                continue
             nonfinite = describe_nonfinite(matrix)
             if nonfinite is not None:
                 # the polar factor refused it with its message for a diverged training step, naming no layer
+                label = name if pname == "weight" else f"{name}.{pname}"
                 raise TransformError(
-                    f"riemannian (rule '{entry.rule_name}'): {name}: its weight has {nonfinite}, so it has no "
+                    f"riemannian (rule '{entry.rule_name}'): {label}: its weight has {nonfinite}, so it has no "
                     "nearest orthonormal matrix to project onto (init: project). "
                     "Load finite weights (a diverged or corrupted checkpoint?), or re-initialise the layer (e.g. "
                     "with the isometric_init pass before this rule)")
             with torch.no_grad():
                 weight.copy_(stiefel.unflatten_weight(stiefel.project_to_stiefel(matrix), weight))
-        after = {"orth_defect": float(stiefel.orthogonality_defect(stiefel.flatten_weight(weight.detach(),
-                                                                                          groups)).max()),
+        after = {"orth_defect": max(float(stiefel.orthogonality_defect(stiefel.flatten_weight(w.detach(), g)).max())
+                                    for _, g, w in weights),
                  "free_site": free_site}
-        ctx.add_optimizer_hook(StiefelHook(name, entry.rule_name, retraction=params["retraction"],
-                                           momentum=params["momentum"], groups=groups))
-        rows = "rows" if stiefel.is_wide(matrix) else "columns"
-        kept = ("; the weight is frozen (requires_grad=False), so init: project left it as it is"
-                if frozen and params["init"] == "project" else "")
+        for pname, groups, _ in weights:
+            ctx.add_optimizer_hook(StiefelHook(name, entry.rule_name, retraction=params["retraction"],
+                                               momentum=params["momentum"], groups=groups, parameter=pname))
         ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name,
-                          what=f"Riemannian training on the Stiefel manifold ({shape}, orthonormal {rows}, "
-                               f"{params['retraction']} retraction){kept}",
+                          what=f"Riemannian training on the Stiefel manifold ({_describe_matrices(module, weights)}, "
+                               f"{params['retraction']} retraction){_frozen_note(module, frozen, params)}",
                           params=params, before=before, after=after, status=f"Stiefel, {params['retraction']}"))
+
+
+def _describe_matrices(module: nn.Module, weights: list[tuple[str, int, torch.Tensor]]) -> str:
+    """``64x64, orthonormal columns`` for a layer; ``weight_hh_l0, weight_hh_l1: 4 gate blocks of 32x32 each,
+    orthonormal columns`` for a recurrent layer."""
+    matrix = stiefel.flatten_weight(weights[0][2].detach(), weights[0][1])
+    shape = "x".join(str(s) for s in matrix.shape[-2:])
+    rows = "rows" if stiefel.is_wide(matrix) else "columns"
+    if not isinstance(module, _RECURRENT_TYPES):
+        return f"{shape}, orthonormal {rows}"
+    gates = weights[0][1]
+    blocks = f"{gates} gate blocks of {shape} each" if gates > 1 else f"one block of {shape}"
+    return f"{', '.join(pname for pname, _, _ in weights)}: {blocks}, orthonormal {rows}"
+
+
+def _frozen_note(module: nn.Module, frozen: list[str], params: dict) -> str:
+    """What ``init: project`` left alone because it is frozen (``""`` when nothing is)."""
+    if not frozen or params["init"] != "project":
+        return ""
+    if not isinstance(module, _RECURRENT_TYPES):
+        return "; the weight is frozen (requires_grad=False), so init: project left it as it is"
+    return (f"; {', '.join(frozen)} frozen (requires_grad=False): init: project left "
+            f"{'it' if len(frozen) == 1 else 'them'} as is")
