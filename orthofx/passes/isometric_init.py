@@ -388,5 +388,9 @@ def _defect(weight: torch.Tensor, module: nn.Module, scale: float) -> dict[str, 
     if not isinstance(module, _KERNEL_TYPES):
         # in float64: a float32 weight of entries ~1e30 has a Gram matrix beyond float32 (the defect was NaN)
         return {"orth_defect": float(stiefel.orthogonality_defect(w.double()))}
-    return {"lorth": float(metrics.lorth(w, stride=tuple(module.stride), groups=module.groups,
-                                         dilation=tuple(module.dilation)))}
+    options = {"stride": tuple(module.stride), "groups": module.groups, "dilation": tuple(module.dilation)}
+    value = float(metrics.lorth(w, **options))
+    if math.isinf(value) and w.dtype != torch.float64 and bool(torch.isfinite(w).all()):
+        # past float32's range (entries beyond ~4e9 already): the float64 figure, as for a Linear
+        value = float(metrics.lorth(w.double(), **options))
+    return {"lorth": value}
