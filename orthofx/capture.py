@@ -81,7 +81,7 @@ from torch.fx.graph_module import _format_import_block, _forward_from_src
 from torch.package import sys_importer
 from torch.fx.proxy import TraceError
 
-from .errors import ArgumentError, CaptureError
+from .errors import ArgumentError, CaptureError, first_few
 from .passes.base import CALL_HOOK_REGISTRIES, CaptureInfo, call_hook_count
 from .nn.tracing import is_orthofx_nn_class
 
@@ -2617,7 +2617,7 @@ def _materialised(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> nn
     lazy = uninitialised_lazy_modules(model)
     if not lazy:
         return model
-    shown = ", ".join(f"'{path}'" for path in lazy[:3]) + (f" and {len(lazy) - 3} more" if len(lazy) > 3 else "")
+    shown = first_few((f"'{path}'" for path in lazy), 3)
     tensors = [t for t in torch.utils._pytree.tree_leaves((inputs, kwargs, list(model.parameters()),
                                                            list(model.buffers()))) if isinstance(t, torch.Tensor)]
     devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})

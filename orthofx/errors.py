@@ -19,6 +19,7 @@ __all__ = [
     "ArgumentError",
     "LayerArgumentError",
     "MetaWeightError",
+    "first_few",
     "layer_label",
 ]
 
@@ -88,6 +89,17 @@ class MetaWeightError(LayerArgumentError, TransformError):
     built under ``torch.device("meta")``): the weight has a shape but no values. A
     :class:`LayerArgumentError` (pass ``init="random"`` or a materialised layer) and a :class:`TransformError`
     (what ``orthofx.transform`` raises when a pass fails)."""
+
+
+def first_few(items, limit: int) -> str:
+    """The first ``limit`` of ``items`` (strings) joined by commas, ``" and N more"`` after them when there are
+    more, so that an error about many layers stays one readable line.
+
+    >>> first_few(["a", "b", "c", "d"], 2)
+    'a, b and 2 more'
+    """
+    items = list(items)
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def layer_label(module) -> str:

@@ -72,7 +72,7 @@ import torch
 from torch import fx, nn
 
 from .capture import ModalGraphModule, batch_dynamic_shapes, capture, copy_model, unwrap_model
-from .errors import CaptureError, ExportError, OrthofxError
+from .errors import CaptureError, ExportError, OrthofxError, first_few
 from .nn.conditioning import power_newton_schulz
 from .nn.jacobian import JacobianProbe
 from .nn.tracing import is_orthofx_module
@@ -1104,11 +1104,10 @@ def _check_saved_dtype_kinds(gm: nn.Module, state: dict, path: str) -> None:
              and _dtype_kind(tensor.dtype) != _dtype_kind(targets[key].dtype)]
     if not wrong:
         return
-    shown = "; ".join(f"{key!r} is {saved} in the file but {model} ({_dtype_kind(model)}) in the model"
-                      for key, saved, model in wrong[:3])
-    more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+    shown = first_few((f"{key!r} is {saved} in the file but {model} ({_dtype_kind(model)}) in the model"
+                       for key, saved, model in wrong), 3)
     key, _, model_dtype = wrong[0]
-    raise ExportError(f"the saved weights in {path!r} have the wrong kind of dtype: {shown}{more}. Loading would "
+    raise ExportError(f"the saved weights in {path!r} have the wrong kind of dtype: {shown}. Loading would "
                       "cast them silently (bool/integer to float, complex dropping its imaginary part, float "
                       "truncated to integer), so the file was hand-edited or not written for this model. Re-export "
                       "the model with orthofx.export(gm, 'model.pt'), or convert the tensor in the file to the "

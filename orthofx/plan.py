@@ -32,7 +32,7 @@ from tabulate import tabulate
 from torch import fx, nn
 
 from .capture import ModalGraphModule, _is_torch_layer, module_scopes
-from .errors import PlanError
+from .errors import PlanError, first_few
 from .nn.tracing import is_orthofx_module
 from .passes.base import CaptureInfo, PlanEntry, Site, derived_weight, describe_module, reads_only_metadata
 from .passes.registry import get_pass
@@ -501,7 +501,7 @@ def _hidden_by_tracing(rule: Rule, model: nn.Module | None, traced: dict[str, ty
 
 def _traced_through_note(rule: Rule, hidden: list[str], traced: dict[str, type]) -> str:
     classes = sorted({traced[name].__name__ for name in hidden})
-    shown = ", ".join(hidden[:6]) + (f" and {len(hidden) - 6} more" if len(hidden) > 6 else "")
+    shown = first_few(hidden, 6)
     bases = sorted({klass.__name__ for name in hidden for klass in traced[name].__mro__[1:]
                     if _is_torch_layer(klass) and klass not in _CONTAINERS and klass.__name__ in rule.match.type})
     return (f"rule '{rule.name}' does not reach {shown} ({', '.join(classes)}: subclass(es) of "
@@ -629,7 +629,7 @@ def unhandled_weight_warnings(gm: fx.GraphModule, policy: Policy, sites: list[Si
                  and issubclass(s.module_type, cls) and not _handled_by_a_rule(gm, policy, s)]
         if not found:
             continue
-        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        shown = first_few(found, 4)
         types = ", ".join(sorted({type(gm.get_submodule(name)).__name__ for name in found}))
         warnings.append(
             f"{shown} ({types}): no pass handles the {kind} weights {weights}, so rule(s) "

@@ -90,7 +90,7 @@ from .nn.jacobian import JacobianProbe
 from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                             OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
 from .passes.base import describe_module
-from .errors import ArgumentError
+from .errors import ArgumentError, first_few
 from .nn.tracing import is_orthofx_layer
 from .penalty import (holding_orthofx_layers, lazy_site_module, module_path_within, part_site_path,
                       transformed_parts)
@@ -499,7 +499,7 @@ def _unsized_note(sites: list[str]) -> list[str]:
     """The note for conv rows without sigma_min / sigma_max because transform recorded no input size there."""
     if not sites:
         return []
-    shown = ", ".join(sites[:4]) + (f" and {len(sites) - 4} more" if len(sites) > 4 else "")
+    shown = first_few(sites, 4)
     return [f"no sigma_min / sigma_max for {shown}: a conv's singular values depend on its input size, which "
             "transform records on the example inputs, and none reached these layers (pass "
             "example_inputs=(x,) to orthofx.transform)"]

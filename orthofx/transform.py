@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_inputs, uninitialised_lazy_modules,
                       unwrap_model)
-from .errors import ArgumentError, OrthofxError, TransformError
+from .errors import ArgumentError, OrthofxError, TransformError, first_few
 from .nn.precision import describe_nonfinite, relative_distance
 from .passes.base import MANIFEST_KEY, EvalRun, Manifest, PassContext, PlanEntry, Site, replace_module
 from .passes.registry import get_pass
@@ -244,7 +244,7 @@ def _meta_tensors(module: nn.Module) -> list[str]:
 
 def _meta_text(names: list[str]) -> str:
     """Why a model on the meta device cannot be run or rewritten from its weights, and how to fix it."""
-    shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    shown = first_few((repr(n) for n in names), 3)
     return (f"its parameters/buffers {shown} are on the meta device (shapes without values). Materialise the "
             "model first: model.to_empty(device='cpu') and model.load_state_dict(...) (or build it outside "
             "torch.device('meta')), then transform it")
@@ -316,11 +316,6 @@ def _nonfinite_indices(output: Any) -> list[int]:
             if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def _listed(entries: list[str], limit: int = 3) -> str:
-    """The first ``limit`` entries joined, ``"and N more"`` for the rest: errors stay readable on big models."""
-    return ", ".join(entries[:limit]) + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
-
-
 def _nonfinite_tensors(named: Any) -> list[str]:
     """``'conv.bias' (1 NaN entry (of 4))`` for each of the ``(name, tensor)`` pairs holding NaN or inf."""
     found = []
@@ -349,9 +344,9 @@ def _model_cause(model: nn.Module, example: ExampleCall) -> str:
     inputs = _nonfinite_inputs(example)
     holds = []
     if tensors:
-        holds.append(f"The model's parameters/buffers holding NaN or inf: {_listed(tensors)}")
+        holds.append(f"The model's parameters/buffers holding NaN or inf: {first_few(tensors, 3)}")
     if inputs:
-        holds.append(f"{'the' if tensors else 'The'} example inputs holding NaN or inf: {_listed(inputs)}")
+        holds.append(f"{'the' if tensors else 'The'} example inputs holding NaN or inf: {first_few(inputs, 3)}")
     if not holds:
         return ("The model's parameters, buffers and example inputs are all finite, so its forward makes the NaN/inf "
                 "(an overflow, 0/0, the log of a negative...). Fix: transform a model that is finite on the "
@@ -369,10 +364,10 @@ def _rewrite_suspects(rewritten: nn.Module | None, example: ExampleCall | None) 
     inputs = _nonfinite_inputs(example) if example is not None else []
     text = ""
     if tensors:
-        text += f"; the rewritten model's parameters holding NaN or inf: {_listed(tensors)}"
+        text += f"; the rewritten model's parameters holding NaN or inf: {first_few(tensors, 3)}"
     if inputs:
         text += (f"; the example inputs hold NaN or inf that the model's own output did not depend on: "
-                 f"{_listed(inputs)}")
+                 f"{first_few(inputs, 3)}")
     return text
 
 
@@ -453,7 +448,7 @@ def _failing_site(exc: BaseException, entries: list[PlanEntry]) -> str:
     if found is not None:
         return f" at {found.site.name or '<root>'} (rule '{found.rule_name}')"
     names = [entry.site.name or "<root>" for entry in entries]
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    shown = first_few(names, 5)
     return f" on one of its sites ({shown})"
 
 

@@ -93,8 +93,8 @@ def test_load_names_every_wrong_entry_up_to_three(tmp_path):
     for key in ("0.raw_weight", "0.bias", "1.weight", "1.bias"):
         state[key] = state[key].to(torch.int64)
     torch.save(content, tmp_path / "edited.pt")
-    with pytest.raises(ExportError, match=r"'0\.raw_weight' is torch\.int64 in the file .*; '0\.bias' is "
-                                          r"torch\.int64 .*; '1\.weight' is torch\.int64 .* \(and 1 more\)"):
+    with pytest.raises(ExportError, match=r"'0\.raw_weight' is torch\.int64 in the file .*, '0\.bias' is "
+                                          r"torch\.int64 .*, '1\.weight' is torch\.int64 .* and 1 more\. "):
         orthofx.load(_model(), tmp_path / "edited.pt")
 
 
