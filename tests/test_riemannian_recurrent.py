@@ -178,9 +178,9 @@ def test_a_parametrized_hidden_weight_is_declined_with_the_way_to_undo_it():
     model, _, _ = _build("gru")
     parametrizations.orthogonal(model.rnn, "weight_hh_l0")
     x = torch.randn(2, 4, 3)
-    with pytest.raises(PlanError, match=r"weight_hh_l0 computed by a torch parametrization \(undo with "
-                                         r"torch\.nn\.utils\.parametrize\.remove_parametrizations\(layer, "
-                                         r"'weight_hh_l0'\)\)"):
+    with pytest.raises(PlanError, match=r"rnn: its weight_hh_l0 is computed by a torch parametrization "
+                                         r"\(Orthogonal; undo with torch\.nn\.utils\.parametrize\."
+                                         r"remove_parametrizations\(layer, 'weight_hh_l0'\)\)"):
         orthofx.transform(model, {"rules": [{"match": {"type": "GRU"}, "apply": "riemannian"}]},
                           example_inputs=(x,))
 

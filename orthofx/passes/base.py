@@ -555,37 +555,42 @@ def move_call_hooks(old: nn.Module, new: nn.Module) -> None:
         new.__dict__["_is_full_backward_hook"] = old.__dict__.get("_is_full_backward_hook")
 
 
-def derived_weight(module: nn.Module) -> str | None:
-    """Why ``module.weight`` is computed rather than a parameter of the module's own, and how to undo that
-    (``None`` when it is a parameter): a torch parametrization (``torch.nn.utils.parametrizations.weight_norm`` /
-    ``spectral_norm`` / ``orthogonal``, ``torch.nn.utils.parametrize.register_parametrization``) or a forward
-    pre-hook that rebuilds it before each call (the older ``torch.nn.utils.weight_norm`` and ``spectral_norm``,
-    ``torch.nn.utils.prune``).
+def derived_weight(module: nn.Module, name: str = "weight") -> str | None:
+    """Why ``module.<name>`` (``weight``, or e.g. a recurrent layer's ``weight_hh_l0``) is computed rather than a
+    parameter of the module's own, and how to undo that (``None`` when it is a parameter): a torch parametrization
+    (``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm`` / ``orthogonal``,
+    ``torch.nn.utils.parametrize.register_parametrization``) or a forward pre-hook that rebuilds it before each call
+    (the older ``torch.nn.utils.weight_norm`` and ``spectral_norm``, ``torch.nn.utils.prune``).
 
     A pass may read such a weight (L_orth of the weight the layer applies, differentiable down to the underlying
     parameters), but it cannot write it, step it or replace the layer without dropping what computes it."""
+    what = "its weight" if name == "weight" else f"its {name}"
     parametrizations = getattr(module, "parametrizations", None)
-    if isinstance(parametrizations, nn.ModuleDict) and "weight" in parametrizations:
-        kinds = ", ".join(type(p).__name__.lstrip("_") for p in parametrizations["weight"])
-        return (f"its weight is computed by a torch parametrization ({kinds}; undo with "
-                "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'))")
-    if "weight" in module._parameters or not isinstance(getattr(module, "weight", None), torch.Tensor):
+    if isinstance(parametrizations, nn.ModuleDict) and name in parametrizations:
+        kinds = ", ".join(type(p).__name__.lstrip("_") for p in parametrizations[name])
+        return (f"{what} is computed by a torch parametrization ({kinds}; undo with "
+                f"torch.nn.utils.parametrize.remove_parametrizations(layer, {name!r}))")
+    if name in module._parameters or not isinstance(getattr(module, name, None), torch.Tensor):
         return None
-    # what the older hooks keep instead of the weight: weight_g / weight_v, weight_orig
-    stored = sorted(n for n, p in module._parameters.items() if p is not None and n.startswith("weight_"))
-    hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()]
+    # what the older hooks keep instead of the weight: <name>_g / <name>_v (weight_norm), <name>_orig
+    stored = sorted(n for n, p in module._parameters.items()
+                    if p is not None and n in (f"{name}_g", f"{name}_v", f"{name}_orig"))
+    hooks = [h for h in module._forward_pre_hooks.values()
+             if getattr(h, "name", None) == name or getattr(h, "_tensor_name", None) == name]
     if not stored or not hooks:
         return None
-    undo = next((call for kind, call in _HOOK_UNDO.items() if kind in hooks), None)
-    if undo is None and any(hasattr(h, "_tensor_name") for h in module._forward_pre_hooks.values()):
-        undo = _PRUNE_UNDO
-    return (f"its weight is not a parameter: a forward pre-hook ({', '.join(hooks)}) recomputes it from "
-            f"{', '.join(stored)} at each call" + (f" (undo with {undo})" if undo else ""))
+    kinds = [type(h).__name__ for h in hooks]
+    undo = next((call for kind, call in _HOOK_UNDO.items() if kind in kinds), None)
+    if undo is None and any(hasattr(h, "_tensor_name") for h in hooks):
+        undo = "torch.nn.utils.prune.remove(layer, {name!r})"
+    argument = "" if name == "weight" else f", {name!r}"
+    return (f"{what} is not a parameter: a forward pre-hook ({', '.join(kinds)}) recomputes it from "
+            f"{', '.join(stored)} at each call"
+            + (f" (undo with {undo.format(name=name, argument=argument)})" if undo else ""))
 
 
-_HOOK_UNDO = {"WeightNorm": "torch.nn.utils.remove_weight_norm(layer)",
-              "SpectralNorm": "torch.nn.utils.remove_spectral_norm(layer)"}
-_PRUNE_UNDO = "torch.nn.utils.prune.remove(layer, 'weight')"
+_HOOK_UNDO = {"WeightNorm": "torch.nn.utils.remove_weight_norm(layer{argument})",
+              "SpectralNorm": "torch.nn.utils.remove_spectral_norm(layer{argument})"}
 
 
 def replace_module(root: nn.Module, qualname: str, new: nn.Module) -> nn.Module:

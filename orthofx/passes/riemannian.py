@@ -34,7 +34,8 @@ gate (4 for an LSTM, 3 for a GRU, 1 for an RNN; ``H x proj_size`` for an LSTM wi
 is kept orthonormal on its own (the per-gate orthogonal recurrence of orthogonal RNNs; ``torch``'s
 ``parametrizations.orthogonal`` on ``weight_hh_l0`` would instead make the ``4H x H`` stack's columns orthonormal).
 Input weights (``weight_ih_*``), biases and an LSTM's projections (``weight_hr_*``) train freely; a hidden weight
-computed by a torch parametrization makes the pass decline the layer. Half-precision
+computed by a torch parametrization, or recomputed by a forward pre-hook (the older ``torch.nn.utils.weight_norm`` /
+``spectral_norm``, ``torch.nn.utils.prune``), makes the pass decline the layer. Half-precision
 (float16 / bfloat16) weights, gradients and first moments are projected and retracted in float32 and written
 back once, in their own dtype.
 
@@ -95,13 +96,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import ArgumentError, LayerArgumentError, OrthofxError, TransformError
 from ..nn import stiefel
 from ..nn.precision import describe_nonfinite
-from .base import (Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, require_initialised,
-                   weight_groups, whole, write_whole)
+from .base import (Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, derived_weight,
+                   require_initialised, weight_groups, whole, write_whole)
 from .registry import register_pass
 
 __all__ = ["Riemannian", "StiefelHook", "recurrent_hidden_weights"]
@@ -326,14 +326,17 @@ def _finite_retraction(w: torch.Tensor, xi: torch.Tensor, retraction: str) -> to
 
 def _recurrent_reason(module: nn.Module) -> str | None:
     """Why the pass cannot constrain a recurrent layer's hidden-to-hidden weights (``None`` when it can): none to
-    constrain (``hidden_size=0``), or one computed by a torch parametrization, which the hooks could not step."""
+    constrain (``hidden_size=0``), or one computed by a torch parametrization or recomputed by a forward pre-hook
+    (the older ``weight_norm`` / ``spectral_norm``, ``prune``), which the hooks could not step."""
     weights = recurrent_hidden_weights(module)
     if not weights or any(getattr(module, name).numel() == 0 for name, _ in weights):
         return "empty hidden-to-hidden weights: nothing to keep orthonormal"
-    computed = [name for name, _ in weights if parametrize.is_parametrized(module, name)]
-    if computed:
-        return (f"{', '.join(computed)} computed by a torch parametrization (undo with torch.nn.utils.parametrize."
-                f"remove_parametrizations(layer, {computed[0]!r}))")
+    for name, _ in weights:
+        reason = derived_weight(module, name)
+        if reason is None and name not in module._parameters:  # a plain tensor no optimizer holds
+            reason = f"its {name} is not a parameter: register it as an nn.Parameter of the layer"
+        if reason is not None:
+            return reason
     return None
 
 
@@ -455,14 +458,17 @@ class Riemannian(Pass):
 
 def _describe_matrices(module: nn.Module, weights: list[tuple[str, int, torch.Tensor]]) -> str:
     """``64x64, orthonormal columns`` for a layer; ``weight_hh_l0, weight_hh_l1: 4 gate blocks of 32x32 each,
-    orthonormal columns`` for a recurrent layer."""
+    orthonormal columns`` for a recurrent layer (``weight_hh_l0, weight_hh_l1: one block of 32x32 each, ...`` for a
+    two-layer nn.RNN, ``weight_hh: one block of 32x32, ...`` for an nn.RNNCell)."""
     matrix = stiefel.flatten_weight(weights[0][2].detach(), weights[0][1])
     shape = "x".join(str(s) for s in matrix.shape[-2:])
     rows = "rows" if stiefel.is_wide(matrix) else "columns"
     if not isinstance(module, _RECURRENT_TYPES):
         return f"{shape}, orthonormal {rows}"
     gates = weights[0][1]
-    blocks = f"{gates} gate blocks of {shape} each" if gates > 1 else f"one block of {shape}"
+    # "one block" alone would read as one block for all the named weights (an RNN with 3 layers has 3)
+    each = " each" if len(weights) > 1 else ""
+    blocks = f"{gates} gate blocks of {shape} each" if gates > 1 else f"one block of {shape}{each}"
     return f"{', '.join(pname for pname, _, _ in weights)}: {blocks}, orthonormal {rows}"
 
 
