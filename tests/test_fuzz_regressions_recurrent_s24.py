@@ -11,31 +11,11 @@ from torch.nn.utils import prune
 
 import orthofx
 from orthofx.errors import PlanError
-
-
-class Sequence(nn.Module):
-    """A recurrent layer over a sequence and a Linear head on its last step."""
-
-    def __init__(self, rnn: nn.Module, width: int):
-        super().__init__()
-        self.rnn = rnn
-        self.head = nn.Linear(width, 3)
-
-    def forward(self, x):
-        y, _ = self.rnn(x)
-        return self.head(y[:, -1])
+from test_riemannian_recurrent import Sequence, _worst_gate_defect
 
 
 def _rule(kind: str, optional: bool = False) -> dict:
     return {"rules": [{"match": {"type": kind}, "apply": "riemannian", "optional": optional}]}
-
-
-def _worst_gate_defect(weight: torch.Tensor, gates: int) -> float:
-    """max |B^T B - I| over the (tall or square) gate blocks B of a hidden weight, float64."""
-    w = weight.detach().to(torch.float64)
-    blocks = w.reshape(gates, w.shape[0] // gates, w.shape[1])
-    gram = blocks.transpose(1, 2) @ blocks
-    return float((gram - torch.eye(w.shape[1], dtype=torch.float64)).abs().max())
 
 
 def _pruned_gru() -> Sequence:
