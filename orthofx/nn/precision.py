@@ -85,7 +85,7 @@ def describe_nonfinite(tensor: torch.Tensor) -> str | None:
     >>> describe_nonfinite(torch.ones(3)) is None
     True
     """
-    if tensor.is_meta or not tensor.is_floating_point() and not tensor.is_complex():
+    if tensor.is_meta or not (tensor.is_floating_point() or tensor.is_complex()):
         return None
     finite = torch.isfinite(tensor)
     if bool(finite.all()):

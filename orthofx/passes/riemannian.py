@@ -211,7 +211,8 @@ class StiefelHook(OptimizerHook):
         return getattr(root.get_submodule(self.site), self.parameter)
 
     def _label(self) -> str:
-        return f"'{self.site}'" if self.parameter == "weight" else f"'{self.site}.{self.parameter}'"
+        """The site, and the weight's name where the site has several (``rnn.weight_hh_l0``)."""
+        return self.site if self.parameter == "weight" else f"{self.site}.{self.parameter}"
 
     def _matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         return stiefel.flatten_weight(tensor, self.groups)
@@ -238,7 +239,7 @@ class StiefelHook(OptimizerHook):
                 hook._pre.pop(key, None)
                 continue
             if weight.grad.is_sparse:
-                raise OrthofxError(f"riemannian ({hook._label()[1:-1]}, rule '{hook.rule}'): the weight has a sparse "
+                raise OrthofxError(f"riemannian ({hook._label()}, rule '{hook.rule}'): the weight has a sparse "
                                    "gradient, and a tangent projection needs a dense one; use a dense layer for this "
                                    "site (e.g. nn.Embedding(sparse=False)) or exclude it from the rule")
             shape = hook._matrix(weight.detach()).shape
@@ -298,7 +299,7 @@ class StiefelHook(OptimizerHook):
                     for j, buf in enumerate(buffers):
                         write_whole(buf, moved[j].reshape(buf.shape))
         if diverged:
-            sites = ", ".join(hook._label() for hook in diverged)
+            sites = ", ".join(f"'{hook._label()}'" for hook in diverged)
             raise OrthofxError(
                 f"riemannian (rule '{diverged[0].rule}'): the optimizer step left the weights of {sites} NaN or inf "
                 "(their gradients or the optimizer's state hold NaN / inf: a diverged step), so there is no point "
