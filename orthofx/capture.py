@@ -2667,6 +2667,11 @@ def _failure_message(path: str, cls: type | None, cause: str, fallbacks: list[tu
         fixes = ("list the module's class under capture.leaf_modules in the policy "
                  f"(leaf_modules: [{name}]), or pass concrete_args={{...}} for an input that drives "
                  "control flow")
+    elif cls is not None and cls.__module__.startswith("torch.nn."):
+        # a bare torch layer as the model (transform(nn.LSTM(...))): the root is traced through, never a leaf
+        where = f"cannot trace the model's top-level forward ({name}, a torch layer)"
+        fixes = (f"pass the layer inside a module, e.g. torch.nn.Sequential(layer): the {name} is then a site "
+                 "(named '0') that capture keeps as a leaf, instead of the model whose forward is traced")
     else:
         where = f"cannot trace the model's top-level forward ({name})"
         fixes = ("wrap the untraceable part in a submodule and list that submodule's class under "

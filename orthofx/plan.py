@@ -584,7 +584,8 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 unmatched_optional.append(rule.name)
                 continue
             note = f" Note: {_traced_through_note(rule, hidden, traced)}." if hidden else ""
-            raise PlanError(_no_match_message(rule, sites) + _missing_attribute_hint(rule, sites, gm, fed_by) + note)
+            raise PlanError(_no_match_message(rule, sites) + _missing_attribute_hint(rule, sites, gm, fed_by) + note
+                            + _root_layer_hint(rule, model))
         if selected == len(rejected) and not rule.optional:
             details = "; ".join(f"{s.name}: {r}" for s, r in rejected[:5])
             raise PlanError(f"rule '{rule.name}' (apply: {rule.apply}) matched {selected} site(s) but its pass "
@@ -733,6 +734,18 @@ def _has_attribute(module: nn.Module, attr: str) -> bool:
         return _read_attribute(module, attr)[0]
     except _WhereError:
         return True
+
+
+def _root_layer_hint(rule: Rule, model: nn.Module | None) -> str:
+    """Why a module rule finds nothing in a model that is itself one layer of the rule's types (``transform(
+    nn.LSTM(...), ...)``): passes rewrite the layers a model calls, and the root is no such call."""
+    types = getattr(get_pass(rule.apply), "module_types", ())
+    if model is None or rule.match.site_kind != "module" or not types or not isinstance(model, types):
+        return ""
+    layer = type(model).__name__
+    return (f" The model is itself one layer ({layer}): passes rewrite the layers a model calls, never the model "
+            f"itself, so wrap it, e.g. orthofx.transform(torch.nn.Sequential(layer), policy) (the {layer} is then "
+            "site '0')")
 
 
 def _no_match_message(rule: Rule, sites: list[Site]) -> str:

@@ -1,5 +1,5 @@
-"""Pass ``isometric_init``: orthogonal initialisation of Linears, delta-orthogonal initialisation of convolutions
-and transposed convolutions.
+"""Pass ``isometric_init``: orthogonal initialisation of Linears and of recurrent layers' hidden-to-hidden weights,
+delta-orthogonal initialisation of convolutions and transposed convolutions.
 
 At transform time each selected layer's weight is overwritten (the graph is not changed):
 
@@ -35,6 +35,17 @@ At transform time each selected layer's weight is overwritten (the graph is not 
   Change's ``exact`` says whether it is exactly one or the other on every input size. A transposed layer whose
   weight is tied to a conv's (a tied autoencoder) with the same taps shares its matrix: the decoder is then the
   encoder's exact adjoint.
+
+* RNN / LSTM / GRU and their cells: each hidden-to-hidden weight (``weight_hh_l<k>``, ``_reverse``; a cell's
+  ``weight_hh``) stacks one ``H x H`` block per gate (4 for an LSTM, 3 for a GRU, 1 for an RNN; ``H x proj_size``
+  for an LSTM with ``proj_size``), and each block gets ``scale * Q``, ``Q`` Haar-random orthonormal (the blocks
+  :func:`~orthofx.passes.riemannian.recurrent_hidden_weights` names, as the ``riemannian`` pass keeps them). For
+  an ``nn.RNN`` the Jacobian of one step, ``dh_t / dh_{t-1} = diag(f'(a_t)) W_hh``, is then exactly orthogonal at
+  ``a_t = 0`` (tanh or relu slope 1), so a signal neither grows nor decays over time steps there. Input-to-hidden
+  weights and LSTM projections (``weight_hr``) keep their initialisation; ``bias: zero`` zeroes all the layer's
+  biases. The scale is ``gain`` alone: a rule with another ``activation`` skips recurrent layers (its gain would
+  compound over the time steps), and the Change's orthogonality measure is the largest ``orth_defect`` over the
+  gate blocks.
 
 ``scale = gain * activation_gain(activation)``, so the layer's Jacobian spectrum at initialisation concentrates
 at ``scale`` (exactly, all singular values equal to it, for Linears and the convs the Change marks ``exact``):
@@ -96,6 +107,7 @@ from ..nn.orthogonal import keeps_output_size
 from ..nn.padding import conv_zero_pads
 from .base import Change, Param, Pass, PassContext, PlanEntry, Site, require_initialised
 from .registry import register_pass
+from .riemannian import _RECURRENT_TYPES, _describe_matrices, _recurrent_reason, recurrent_hidden_weights
 
 __all__ = ["IsometricInit", "activation_gain", "delta_orthogonal_", "delta_taps", "frozen_parameters",
            "orthogonal_"]
@@ -264,8 +276,9 @@ def _transposed_exact(conv: nn.Module, taps: Sequence[tuple[int, int]]) -> bool:
 
 @register_pass
 class IsometricInit(Pass):
-    """Orthogonal (Linear) and delta-orthogonal (Conv1d/2d/3d, ConvTranspose1d/2d/3d) initialisation, scaled by
-    ``gain`` and the activation's gain, so each layer's Jacobian has all singular values equal to that scale.
+    """Orthogonal (Linear; RNN/LSTM/GRU hidden-to-hidden weights, per gate) and delta-orthogonal (Conv1d/2d/3d,
+    ConvTranspose1d/2d/3d) initialisation, scaled by ``gain`` and the activation's gain, so each layer's Jacobian
+    has all singular values equal to that scale.
     Layers with a frozen weight are skipped unless the rule says ``frozen: overwrite``."""
 
     name = "isometric_init"
@@ -280,15 +293,29 @@ class IsometricInit(Pass):
               "skip it (left as it is) or overwrite it", choices=("skip", "overwrite")),
     )
     site_kinds = frozenset({"module"})
-    module_types = (nn.Linear,) + _KERNEL_TYPES
+    module_types = (nn.Linear,) + _KERNEL_TYPES + _RECURRENT_TYPES
     group = "init"
     needs_original_module = True
+
+    def accepts(self, site: Site, module: nn.Module | None) -> str | None:
+        reason = super().accepts(site, module)
+        if reason is None and isinstance(module, _RECURRENT_TYPES):
+            # hidden weights a parametrization or a pre-hook computes: a write to them is lost at the next call
+            return _recurrent_reason(module)
+        return reason
 
     def accepts_params(self, site: Site, module: nn.Module | None, params: dict[str, Any]) -> str | None:
         """Decline a frozen layer (:func:`frozen_parameters`) unless the rule says ``frozen: overwrite``: a weight
         with ``requires_grad=False`` is usually a pretrained one kept fixed on purpose, and a broad rule
         (``type: Conv2d``) selecting it would replace it with a random matrix that training never corrects.
-        Planning then shows it as ``skipped: frozen ...``, and a later rule of the group may take it."""
+        Planning then shows it as ``skipped: frozen ...``, and a later rule of the group may take it.
+
+        Also decline a recurrent layer under an ``activation`` other than ``linear``: that gain is for the
+        activation after a layer, while a hidden-to-hidden weight feeds the layer's own state back, where any
+        scale above 1 compounds over the time steps."""
+        if isinstance(module, _RECURRENT_TYPES) and params.get("activation", "linear") != "linear":
+            return (f"recurrent layer under activation: {params['activation']} (that gain would compound over the "
+                    "time steps; give recurrent layers a rule of their own, with gain for any scale)")
         if params.get("frozen", "skip") == "overwrite" or module is None:
             return None
         frozen = frozen_parameters(module, params.get("bias", "zero") == "zero")
@@ -309,11 +336,14 @@ class IsometricInit(Pass):
                 generator = generators[seed]
             module = ctx.module(entry.site)
             require_initialised(entry, module, "it has no weight to initialise")
+            scale = params["gain"] * activation_gain(params["activation"])
+            if isinstance(module, _RECURRENT_TYPES):
+                self._apply_recurrent(ctx, entry, module, params, scale, generator, initialised)
+                continue
             weight = module.weight
             is_conv = isinstance(module, _KERNEL_TYPES)
             transposed = isinstance(module, _TRANSPOSED_TYPES)
             groups = module.groups if is_conv else 1
-            scale = params["gain"] * activation_gain(params["activation"])
             taps, exact = delta_taps(module) if is_conv else (None, None)
             what = "delta-orthogonal initialisation" if is_conv else "orthogonal initialisation"
             if transposed:
@@ -350,33 +380,92 @@ class IsometricInit(Pass):
                               what=f"{what} (orthonormal {rows}, scale {scale:.4g})", params=params,
                               before=before, after={**after, "scale": scale}))
 
+    def _apply_recurrent(self, ctx: PassContext, entry: PlanEntry, module: nn.Module, params: dict, scale: float,
+                         generator: torch.Generator | None, initialised: dict[int, tuple]) -> None:
+        """Each hidden-to-hidden weight of a recurrent layer gets ``scale`` times a Haar-random orthonormal block
+        per gate; input weights are left as they are, biases zeroed with ``bias: zero``."""
+        weights = [(name, gates, getattr(module, name)) for name, gates in recurrent_hidden_weights(module)]
+        before = _gate_defect(weights, 1.0)
+        tied_to = []
+        for name, gates, weight in weights:
+            layout = ("gates", gates)
+            tied = initialised.get(id(weight))
+            if tied is None:
+                initialised[id(weight)] = (entry, scale, layout, before)
+                orthogonal_(weight, scale, generator, groups=gates)
+            else:
+                first, first_scale, first_layout, _ = tied
+                _check_tied(entry, first, scale, first_scale, layout, first_layout)
+                tied_to.append(f"{name} tied to {first.site.name}, written there")
+        if params["bias"] == "zero":
+            with torch.no_grad():
+                for bias in _recurrent_biases(module):
+                    bias.zero_()
+        what = (f"orthogonal initialisation of the hidden-to-hidden weights ({_describe_matrices(module, weights)}, "
+                f"scale {scale:.4g})" + (f" ({'; '.join(tied_to)})" if tied_to else ""))
+        ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name, what=what, params=params,
+                          before=before, after={**_gate_defect(weights, scale), "scale": scale}))
+
 
 def frozen_parameters(module: nn.Module, with_bias: bool = True) -> list[str]:
-    """Names of the parameters ``isometric_init`` would write that have ``requires_grad=False``: the weight,
-    and the bias when ``with_bias`` (``bias: zero``). Only parameters registered on the layer itself: reading a
-    weight a torch parametrization computes would run it (spectral_norm's power iteration updates its vectors),
-    and planning skips such a layer anyway (:func:`~orthofx.passes.base.derived_weight`)."""
-    names = ("weight", "bias") if with_bias else ("weight",)
+    """Names of the parameters ``isometric_init`` would write that have ``requires_grad=False``: the weight (a
+    recurrent layer's hidden-to-hidden weights), and the bias (biases) when ``with_bias`` (``bias: zero``). Only
+    parameters registered on the layer itself: reading a weight a torch parametrization computes would run it
+    (spectral_norm's power iteration updates its vectors), and planning skips such a layer anyway
+    (:func:`~orthofx.passes.base.derived_weight`)."""
+    if isinstance(module, _RECURRENT_TYPES):
+        names = [name for name, _ in recurrent_hidden_weights(module)]
+        names += [name for name in module._parameters if with_bias and name.startswith("bias_")]
+    else:
+        names = ["weight", "bias"] if with_bias else ["weight"]
     parameters = [(name, module._parameters.get(name)) for name in names]
     return [name for name, p in parameters if p is not None and not p.requires_grad]
 
 
+def _recurrent_biases(module: nn.Module) -> list[torch.Tensor]:
+    """A recurrent layer's biases (``bias_ih_l0``, ``bias_hh_l0`` ..., a cell's ``bias_ih``, ``bias_hh``)."""
+    return [p for name, p in module._parameters.items() if name.startswith("bias_") and p is not None]
+
+
 def _check_tied(entry: PlanEntry, first: PlanEntry, scale: float, first_scale: float, layout, first_layout) -> None:
     """Refuse a layer whose weight, tied to the already initialised ``first``'s, would need another matrix
-    (``layout``: the layer's ``(groups, taps)``)."""
+    (``layout``: a layer's ``(groups, taps)``, a recurrent weight's ``("gates", gates)``)."""
     if math.isclose(scale, first_scale, rel_tol=1e-12) and layout == first_layout:
         return
-    differs = (f"scale {scale:.4g} (rule '{entry.rule_name}') vs {first_scale:.4g} (rule '{first.rule_name}')"
-               if layout == first_layout else
-               f"(groups, taps) {layout} vs {first_layout}: their groups, padding, stride or dilation differ")
+    if layout == first_layout:
+        differs = f"scale {scale:.4g} (rule '{entry.rule_name}') vs {first_scale:.4g} (rule '{first.rule_name}')"
+        fix = "Give both the same gain and activation, or untie the weights first"
+    else:
+        differs = f"{_layout_text(layout)} vs {_layout_text(first_layout)}"
+        if "gates" not in (layout[0], first_layout[0]):
+            differs += ": their groups, padding, stride or dilation differ"
+        fix = "Untie the weights first, or leave one of the two layers out of the rule"
     raise PlanError(f"isometric_init: {entry.site.name} shares its weight with {first.site.name}, which this pass "
                     f"initialised first, but needs another matrix ({differs}); a second write would replace "
-                    f"{first.site.name}'s. Give both the same gain and activation, or untie the weights first")
+                    f"{first.site.name}'s. {fix}")
+
+
+def _layout_text(layout) -> str:
+    """How a weight is cut into orthonormal matrices: per gate (recurrent), one matrix (a Linear), per group and
+    block of taps (a conv)."""
+    if layout[0] == "gates":
+        return f"{layout[1]} gate blocks, one orthonormal matrix each" if layout[1] > 1 else "one gate block"
+    if layout[1] is None:
+        return "one orthonormal matrix"
+    return f"(groups, taps) {layout}"
 
 
 def _tap_block(weight: torch.Tensor, taps: Sequence[tuple[int, int]]) -> torch.Tensor:
     """The filled block of a delta-orthogonal kernel as a kernel of its own."""
     return weight[(slice(None), slice(None)) + tuple(slice(a, a + c) for a, c in taps)]
+
+
+def _gate_defect(weights: list[tuple[str, int, torch.Tensor]], scale: float) -> dict[str, float]:
+    """``{"orth_defect": max |B^T B - I|}`` over the gate blocks ``B`` of ``W / scale`` for each recurrent weight
+    ``(name, gates, W)`` (rows for wide blocks), in float64 as for a Linear."""
+    defects = [stiefel.orthogonality_defect(stiefel.flatten_weight(w.detach().double() / scale, gates)).max()
+               for _, gates, w in weights]
+    return {"orth_defect": max(float(d) for d in defects)}
 
 
 def _defect(weight: torch.Tensor, module: nn.Module, scale: float) -> dict[str, float | None]:
