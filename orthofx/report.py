@@ -5,7 +5,9 @@ One row per conv/linear layer of the graph (touched or not) and per other planne
 * ``site``, ``layer`` (e.g. ``Conv2d(64->128, k=3, s=2)``), ``pass`` (or why a rule skipped the site), ``params``;
 * ``lorth``: P0's L_orth of the current weight, computed in float64 (per group for grouped convs, that of the
   undilated equivalent kernel for dilated ones, ||WW^T - I||^2 for linears; a transposed conv is the adjoint of
-  the conv with its weight, with the same singular values and L_orth);
+  the conv with its weight, with the same singular values and L_orth); for a recurrent layer (RNN / LSTM / GRU and
+  their cells), the sum over its hidden-to-hidden weights' gate blocks of ||W_g W_g^T - I||^2 (the smaller Gram),
+  what an ``orth_regularizer`` term of the site penalises (:func:`orthofx.passes.orth_regularizer.gate_blocks_lorth`);
 * ``sigma_min`` / ``sigma_max``: the exact extreme singular values of the layer's operator at the input size
   seen on the example inputs, computed with circular padding (Sedghi et al.; exact for circular convs, the
   standard surrogate for zero-padded ones), strided convs through space-to-depth;
@@ -90,6 +92,8 @@ from .nn.jacobian import JacobianProbe
 from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                             OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
 from .passes.base import describe_module
+from .passes.orth_regularizer import gate_blocks_lorth
+from .passes.riemannian import recurrent_hidden_weights
 from .errors import ArgumentError, first_few
 from .nn.tracing import is_orthofx_layer
 from .penalty import (holding_orthofx_layers, lazy_site_module, module_path_within, part_site_path,
@@ -105,6 +109,7 @@ _TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, OrthogonalConv1d, OrthogonalConv2d,
                OrthogonalConv3d) + _TRANSPOSED_TYPES
 _LINEAR_TYPES = (nn.Linear, OrthogonalLinear)
+_RECURRENT_TYPES = (nn.RNNBase, nn.RNNCellBase)
 
 
 def _weight_values(module: nn.Module) -> torch.Tensor | None:
@@ -214,6 +219,19 @@ def _lorth(module: nn.Module) -> float | None:
             return float(metrics.lorth(weight, stride=tuple(module.stride), groups=module.groups,
                                        dilation=tuple(module.dilation)))
     return None
+
+
+def _recurrent_lorth(module: nn.Module) -> float | None:
+    """L_orth of a recurrent layer's hidden-to-hidden weights, gate block by gate block, in float64 (``None`` for
+    any other module, or one with no hidden weights or no values)."""
+    if not isinstance(module, _RECURRENT_TYPES) or any(t.is_meta for t in _held_tensors(module)):
+        return None
+    hidden = recurrent_hidden_weights(module)
+    if not hidden or any(getattr(module, name).numel() == 0 for name, _ in hidden):
+        return None
+    with torch.no_grad():
+        weights = [getattr(module, name).detach().to(torch.float64) for name, _ in hidden]
+        return float(gate_blocks_lorth(weights, hidden[0][1]))
 
 
 class Report:
@@ -568,12 +586,15 @@ def _layer_row(site: str, module: nn.Module, pass_text: str | None, params: str 
     layer = describe_module(module)
     if measured is not module and operator:
         layer += " (figures: its conv, without ConvNorm)"
+    recurrent_lorth = _recurrent_lorth(measured)
+    if recurrent_lorth is not None:
+        layer += " (lorth: hidden-to-hidden weights, per gate block)"
     return {
         "site": site,
         "layer": layer,
         "pass": pass_text,
         "params": params,
-        "lorth": _lorth(measured) if operator else None,
+        "lorth": _lorth(measured) if operator else recurrent_lorth,
         "sigma_min": float(values.min()) if values is not None and values.numel() else None,
         "sigma_max": float(values.max()) if values is not None and values.numel() else None,
         "input": tuple(shape[-dims:]) if shape is not None and dims else None,

@@ -14,6 +14,21 @@ and a transposed convolution (ConvTranspose1d/2d/3d) that of the convolution wit
 is (the same singular values; its RO case is the transposed layer's CO case). A Linear layer with weight W
 (out x in) gets ||W W^T - I||_F^2 when out <= in and ||W^T W - I||_F^2 otherwise.
 
+A recurrent layer (nn.RNN / nn.LSTM / nn.GRU, or nn.RNNCell / nn.LSTMCell / nn.GRUCell) gets the soft form of
+what the ``riemannian`` pass imposes: each hidden-to-hidden weight (``weight_hh_l<k>`` and ``weight_hh_l<k>_reverse``,
+a cell's ``weight_hh``; :func:`orthofx.passes.riemannian.recurrent_hidden_weights`) stacks one block W_g per gate
+(4 for an LSTM: input, forget, cell, output; 3 for a GRU; 1 for an RNN), each ``H x H`` (``H x proj_size`` for an
+LSTM with ``proj_size``), and the term is
+
+    L(layer) = sum over its hidden weights, sum over their gate blocks W_g of
+               ||W_g W_g^T - I||_F^2   (W_g wide or square)      ||W_g^T W_g - I||_F^2   (W_g tall),
+
+zero exactly when every gate block has orthonormal rows or columns (``case`` RO / CO forces one form, as for a
+Linear). Only the recurrence is penalised: the input-to-hidden weights (``weight_ih_*``), the biases and an LSTM's
+projections (``weight_hr_*``) are not. A layer whose hidden weight is computed (a torch parametrization) or
+recomputed by a forward pre-hook (``weight_norm`` / ``spectral_norm`` / ``prune``), or has ``hidden_size=0``, is
+declined, as ``riemannian`` declines it. A hidden weight tied between layers is penalised once.
+
 The graph is not changed: the pass records a :class:`LorthTerm` per layer, and ``orthofx.penalty(gm)`` returns
 ``sum(weight * L_orth)`` over all terms, differentiable with respect to the layers' weights.
 
@@ -24,6 +39,20 @@ Example::
     gm = orthofx.transform(model, {"rules": [{"match": {"type": "Conv2d"}, "apply": "orth_regularizer",
                                               "with": {"weight": 0.1}}]})
     loss = gm(torch.randn(2, 3, 8, 8)).square().mean() + orthofx.penalty(gm)
+    loss.backward()
+
+    class Tagger(torch.nn.Module):           # a recurrent layer: its weight_hh_l0, gate by gate
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.LSTM(3, 8, batch_first=True)
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    gm = orthofx.transform(Tagger(), {"rules": [{"match": {"type": "LSTM"}, "apply": "orth_regularizer",
+                                                 "with": {"weight": 0.1}}]})
+    loss = gm(torch.randn(2, 5, 3)).square().mean() + orthofx.penalty(gm)   # + 0.1 * sum of 4 gate terms
     loss.backward()
 """
 
@@ -36,12 +65,15 @@ from .. import metrics, theory
 from ..errors import ArgumentError
 from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, whole
 from .registry import register_pass
+from .riemannian import _recurrent_reason, recurrent_hidden_weights
 
-__all__ = ["OrthRegularizer", "LorthTerm", "lorth_term"]
+__all__ = ["OrthRegularizer", "LorthTerm", "RecurrentLorthTerm", "lorth_term", "gate_blocks_lorth"]
 
 
 _TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + _TRANSPOSED_TYPES
+#: Recurrent layers: their hidden-to-hidden weights are penalised gate block by gate block.
+_RECURRENT_TYPES = (nn.RNNBase, nn.RNNCellBase)
 
 
 class LorthTerm(PenaltyTerm):
@@ -65,6 +97,46 @@ class LorthTerm(PenaltyTerm):
         return (self.stride, self.groups, self.case, self.dilation)
 
 
+def gate_blocks_lorth(weights: list[torch.Tensor], gates: int, case: str | None = None) -> torch.Tensor:
+    r"""Sum over the hidden-to-hidden ``weights`` (each ``gates * H x c``, all of one shape) and their gate blocks
+    :math:`W_g` (rows ``g H .. (g + 1) H``) of :math:`\|W_g W_g^T - I\|_F^2` (wide or square :math:`W_g`, or
+    ``case="RO"``) or :math:`\|W_g^T W_g - I\|_F^2` (tall, or ``case="CO"``); differentiable.
+
+    Every block is the weight of one group of a grouped one-tap convolution (all weights stacked, ``(B H, c, 1)``
+    with ``B`` blocks in all), whose :func:`orthofx.metrics.lorth` is exactly this sum: each group's Gram matrix
+    (the smaller of the two), one batched product for all blocks, in float32 for a half-precision weight."""
+    stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+    return metrics.lorth(stacked.unsqueeze(-1), groups=len(weights) * gates, case=case)
+
+
+class RecurrentLorthTerm(PenaltyTerm):
+    """:func:`gate_blocks_lorth` of the hidden-to-hidden weights ``parameters`` (attribute names, e.g.
+    ``("weight_hh_l0", "weight_hh_l0_reverse")``) of the recurrent layer at ``site``, ``gates`` blocks each. Input
+    weights, biases and LSTM projections (``weight_hr_*``) are not penalised. A hidden weight tied to one another
+    term penalises already is left out of ``parameters`` (:meth:`OrthRegularizer.apply`)."""
+
+    def __init__(self, site: str, rule: str, weight: float, parameters: tuple[str, ...], gates: int,
+                 case: str | None = None):
+        super().__init__(site, rule, weight)
+        self.parameters = tuple(parameters)
+        self.gates = gates
+        self.case = case
+
+    def value(self, root: nn.Module) -> torch.Tensor:
+        layer = root.get_submodule(self.site)
+        weights = [whole(getattr(layer, name),  # FSDP2 shards: gathered, differentiably
+                         f"site '{self.site}' (rule '{self.rule}'): the L_orth penalty of {name}")
+                   for name in self.parameters]
+        return gate_blocks_lorth(weights, self.gates, self.case)
+
+    def form(self) -> tuple:
+        return (self.gates, self.case)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(site={self.site!r}, weight={self.weight}, parameters={self.parameters}, "
+                f"gates={self.gates})")
+
+
 def lorth_term(module: nn.Module, site: str, rule: str, weight: float, case: str | None = None) -> LorthTerm:
     """The L_orth penalty term of ``module`` at ``site``; ``case`` ("RO" / "CO") is the layer's own. A transposed
     conv is the adjoint of the conv with its weight (the same singular values): its term is that conv's L_orth,
@@ -84,7 +156,8 @@ def lorth_term(module: nn.Module, site: str, rule: str, weight: float, case: str
 @register_pass
 class OrthRegularizer(Pass):
     """Soft orthogonality: P0's L_orth for Conv1d/2d/3d and ConvTranspose1d/2d/3d (per group, dilated ones through
-    their undilated equivalent kernel), ||WW^T - I||_F^2 for Linear."""
+    their undilated equivalent kernel), ||WW^T - I||_F^2 for Linear, and the same per gate block of the
+    hidden-to-hidden weights of RNN / LSTM / GRU layers and their cells."""
 
     name = "orth_regularizer"
     params = (
@@ -94,13 +167,18 @@ class OrthRegularizer(Pass):
               choices=("auto", "RO", "CO")),
     )
     site_kinds = frozenset({"module"})
-    module_types = _LAYER_TYPES
+    module_types = _LAYER_TYPES + _RECURRENT_TYPES
     group = "weight"
 
     def accepts(self, site, module):
         reason = super().accepts(site, module)
         if reason is not None:
             return reason
+        if isinstance(module, _RECURRENT_TYPES):
+            # the layers riemannian declines, declined alike (one rule of the weight group treats a recurrent layer
+            # as either pass would): no hidden weight to measure (hidden_size 0), or one a parametrization or a
+            # forward pre-hook computes
+            return _recurrent_reason(module)
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and not isinstance(weight, nn.parameter.UninitializedParameter) \
                 and weight.numel() == 0:
@@ -111,6 +189,9 @@ class OrthRegularizer(Pass):
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         for entry in entries:
             case = None if entry.params["case"] == "auto" else entry.params["case"]
+            if isinstance(ctx.module(entry.site), _RECURRENT_TYPES):
+                self._apply_recurrent(ctx, entry, case)
+                continue
             term = lorth_term(ctx.module(entry.site), entry.site.name, entry.rule_name, entry.params["weight"],
                               case=case)
             # No L_orth value is computed here: on wide layers it costs as much as a training step's penalty,
@@ -120,3 +201,49 @@ class OrthRegularizer(Pass):
                     f"L_orth of this weight is already attached at {shared} (tied weight: counted once)")
             ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name, what=what,
                               params=dict(entry.params)))
+
+    def _apply_recurrent(self, ctx: PassContext, entry: PlanEntry, case: str | None) -> None:
+        """One :class:`RecurrentLorthTerm` for the layer's hidden weights, less those tied to a hidden weight a term
+        penalises already (``ctx.add_penalty`` dedups by the site's ``weight``, which a recurrent layer has not)."""
+        module = ctx.module(entry.site)
+        hidden = recurrent_hidden_weights(module)
+        gates = hidden[0][1]
+        penalised = _penalised_hidden_weights(ctx, gates, case)
+        own, tied = [], []
+        for name, _ in hidden:
+            tensor = getattr(module, name)
+            if id(tensor) in penalised:
+                tied.append(f"{name} (tied to {penalised[id(tensor)]})")
+            else:
+                own.append(name)
+                penalised[id(tensor)] = f"{entry.site.name}.{name}"  # tied within the layer: counted once too
+        if own:
+            ctx.add_penalty(RecurrentLorthTerm(entry.site.name, entry.rule_name, entry.params["weight"],
+                                               tuple(own), gates, case=case))
+        what = (f"attached L_orth regulariser to {_describe_blocks(module, own, gates)}" if own else
+                "L_orth of its hidden-to-hidden weights is already attached")
+        if tied:
+            what += f"; {', '.join(tied)} already penalised (tied weight: counted once)"
+        ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name, what=what,
+                          params=dict(entry.params)))
+
+
+def _penalised_hidden_weights(ctx: PassContext, gates: int, case: str | None) -> dict[int, str]:
+    """``id(tensor) -> "site.name"`` of the hidden weights the recurrent terms recorded so far penalise in the same
+    form (gates, case): a tied weight is then the same regulariser, counted once."""
+    found: dict[int, str] = {}
+    for term in ctx.manifest.penalties:
+        if isinstance(term, RecurrentLorthTerm) and term.form() == (gates, case):
+            layer = ctx.module(term.site)
+            for name in term.parameters:
+                found.setdefault(id(getattr(layer, name)), f"{term.site}.{name}")
+    return found
+
+
+def _describe_blocks(module: nn.Module, names: list[str], gates: int) -> str:
+    """``weight_hh_l0, weight_hh_l1 (4 gate blocks of 6x6 each)``; ``weight_hh (one block of 5x5)`` for an RNN
+    cell."""
+    rows, cols = getattr(module, names[0]).shape
+    shape = f"{rows // gates}x{cols}"
+    blocks = f"{gates} gate blocks of {shape}" if gates > 1 else f"one block of {shape}"
+    return f"{', '.join(names)} ({blocks}{' each' if len(names) > 1 else ''})"
