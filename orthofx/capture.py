@@ -180,7 +180,7 @@ class OrthofxTracer(torch.fx.Tracer):
         # default_argument and the argument checks stay calls when a captured graph's code is traced again
         # (unpickling, a copy)
         super().__init__(autowrap_functions=tuple(autowrap_functions) + (default_argument,) + _GRAPH_HELPERS
-                         + _ARGUMENT_CHECKS)
+                         + _ARGUMENT_CHECKS + tuple(_SEQUENCE_FUNCTIONS.values()))
         leaf_types = tuple(leaf_types)
         self.leaf_type_names = frozenset(t for t in leaf_types if isinstance(t, str))
         self.leaf_type_classes = tuple(t for t in leaf_types if isinstance(t, type))
@@ -313,12 +313,13 @@ class OrthofxTracer(torch.fx.Tracer):
         self._buffer_ids = {id(b) for b in root.buffers()}
         states = [_ModuleState(path, module) for path, module in root.named_modules()]
         try:
-            with _recording_mode_switches(self):
+            with _recording_mode_switches(self), _sequence_helpers_recorded(self):
                 graph = super().trace(root, concrete_args)
         except BaseException:
             self._restore(states, None)  # a failed trace (retried with a leaf) must leave no proxies either
             raise
         self._restore(states, graph)
+        _sequence_calls_as_helpers(graph)
         _move_tensor_defaults(graph)
         _name_concrete_placeholders(graph, concrete_args)
         keep_parameter_kinds(graph, forward_parameter_kinds(root.forward))
@@ -376,6 +377,39 @@ def _mapping_node(tracer: torch.fx.Tracer, mapping: dict) -> torch.fx.Node | Non
         return tracer.create_node("call_function", cls, (), {k: tracer.create_arg(v) for k, v in mapping.items()})
     pairs = [(tracer.create_arg(k), tracer.create_arg(v)) for k, v in mapping.items()]
     return tracer.create_node("call_function", cls, (pairs,), {})
+
+
+@contextlib.contextmanager
+def _sequence_helpers_recorded(tracer: torch.fx.Tracer):
+    """While ``tracer`` traces, a call of ``torch.nn.utils.rnn.<helper>`` (module attribute, e.g.
+    ``nn.utils.rnn.pack_padded_sequence(...)``) on traced values becomes a :func:`sequence_helper` node. A helper
+    imported by name into a forward's module (``from torch.nn.utils.rnn import ...``) is fx's autowrap's: the
+    tracer lists the functions, and :func:`_sequence_calls_as_helpers` renames those nodes afterwards."""
+    def stand_in(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if _holds_proxy((args, kwargs)):
+                return tracer.create_proxy("call_function", sequence_helper, (name,) + args, kwargs, name=name)
+            return function(*args, **kwargs)
+        return call
+
+    module = torch.nn.utils.rnn
+    for name, function in _SEQUENCE_FUNCTIONS.items():
+        setattr(module, name, stand_in(name, function))
+    try:
+        yield
+    finally:
+        for name, function in _SEQUENCE_FUNCTIONS.items():
+            setattr(module, name, function)
+
+
+def _sequence_calls_as_helpers(graph: torch.fx.Graph) -> None:
+    """Calls of torch's sequence helpers (fx's autowrap names the function itself as the target) as
+    :func:`sequence_helper` calls (see there why)."""
+    names = {function: name for name, function in _SEQUENCE_FUNCTIONS.items()}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in names:
+            node.args = (names[node.target],) + tuple(node.args)
+            node.target = sequence_helper
 
 
 @contextlib.contextmanager
@@ -469,8 +503,26 @@ def exit_autocast(context: Any) -> None:
         context.__exit__(None, None, None)
 
 
+#: torch's variable-length sequence helpers, by name. They read lengths as Python numbers (pack_padded_sequence
+#: sorts them, pad_packed_sequence sizes its output by them), which a traced tensor cannot give, so symbolic
+#: tracing keeps each call as a :func:`sequence_helper` node (:func:`_sequence_helpers_recorded`), and a recurrent
+#: layer that takes their PackedSequence stays a site.
+_SEQUENCE_FUNCTIONS = {name: getattr(torch.nn.utils.rnn, name) for name in (
+    "pack_padded_sequence", "pad_packed_sequence", "pack_sequence", "unpack_sequence", "pad_sequence",
+    "unpad_sequence")}
+
+
+def sequence_helper(name: str, *args: Any, **kwargs: Any) -> Any:
+    """``torch.nn.utils.rnn.<name>(*args, **kwargs)``: the graph's call of one of torch's sequence helpers.
+
+    A call of orthofx's own rather than of torch's function: fx writes a wrapped torch function into the
+    generated code under its dotted name, which it then cannot find among the code's globals when it traces
+    anything else in the process (a KeyError in every later trace)."""
+    return _SEQUENCE_FUNCTIONS[name](*args, **kwargs)
+
+
 #: Functions a captured fx graph calls that must stay calls when its code is traced again (unpickling, copies).
-_GRAPH_HELPERS = (set_grad_mode, restore_grad_mode, enter_autocast, exit_autocast)
+_GRAPH_HELPERS = (set_grad_mode, restore_grad_mode, enter_autocast, exit_autocast, sequence_helper)
 #: torch.export's autocast calls -> fx mode's (see :func:`_flat_mode_regions`); the same arguments.
 _MODE_SWITCHES = {_enter_autocast: enter_autocast, _exit_autocast: exit_autocast}
 

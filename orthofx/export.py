@@ -71,7 +71,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .capture import ModalGraphModule, batch_dynamic_shapes, capture, copy_model, unwrap_model
+from .capture import (ModalGraphModule, batch_dynamic_shapes, capture, copy_model, sequence_helper,
+                      unwrap_model)
 from .errors import CaptureError, ExportError, OrthofxError, first_few
 from .nn.conditioning import power_newton_schulz
 from .nn.jacobian import JacobianProbe
@@ -633,7 +634,8 @@ def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_bat
         if "onnx" in cause.lower() or "decomposition" in cause.lower() or "orthofx" in cause:
             hint = (". Decompositions (eigh, svd) and ops without an ONNX translation need an exportable form; "
                     ".pt2 export keeps them")
-        raise ExportError(f"torch.onnx.export failed: {cause}{hint}{_leaf_hint(frozen)}") from exc
+        raise ExportError(f"torch.onnx.export failed: {cause}{hint}{_leaf_hint(frozen)}"
+                          f"{_packed_sequence_hint(frozen)}") from exc
     try:
         onnx.checker.check_model(path, full_check=True)
     except Exception as exc:  # onnx's ValidationError / InferenceError
@@ -712,6 +714,19 @@ def _leaf_hint(model: nn.Module) -> str:
             "cannot be exported either: rewrite a branch on tensor values with torch.cond or torch.where")
 
 
+def _packed_sequence_hint(model: nn.Module) -> str:
+    """The note for an export failure of a model whose graph packs variable-length sequences
+    (:func:`~orthofx.capture.sequence_helper` calls), which torch.export cannot follow into a recurrent layer."""
+    helpers = sorted({str(node.args[0]) for module in model.modules() if isinstance(module, fx.GraphModule)
+                      for node in module.graph.nodes
+                      if node.op == "call_function" and node.target is sequence_helper})
+    if not helpers:
+        return ""
+    return (f". The model calls torch.nn.utils.rnn.{', '.join(helpers)}: torch.export cannot trace a recurrent layer "
+            "on a PackedSequence (the layer reads its batch sizes as Python numbers). Save the weights and policy "
+            "instead (a .pt path, reloaded with orthofx.load), or give the recurrent layer padded tensors")
+
+
 def _export_pt2(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batch: bool) -> float:
     """Export ``frozen`` with torch.export on ``example`` (the call as torch.export takes it, :func:`_export_call`;
     the program takes its keyword inputs by name), reload it and return its largest difference from ``frozen``."""
@@ -719,7 +734,8 @@ def _export_pt2(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batc
         program = torch.export.export(frozen, example.args, kwargs=example.kwargs or None,
                                       dynamic_shapes=_dynamic_shapes(frozen, example, dynamic_batch))
     except Exception as exc:
-        raise ExportError(f"torch.export failed: {_root_cause(exc)}{_leaf_hint(frozen)}") from exc
+        raise ExportError(f"torch.export failed: {_root_cause(exc)}{_leaf_hint(frozen)}"
+                          f"{_packed_sequence_hint(frozen)}") from exc
     try:
         torch.export.save(program, path)
     except (OSError, RuntimeError) as exc:
