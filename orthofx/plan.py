@@ -636,7 +636,8 @@ def unhandled_weight_warnings(gm: fx.GraphModule, policy: Policy, sites: list[Si
             f"{shown} ({types}): no pass handles the {kind} weights {weights}, so rule(s) "
             f"{', '.join(linear_rules)} leave them as they are (the passes act on Conv and Linear layers)"
             + (". For orthogonal hidden-to-hidden weights (one orthonormal block per gate), add a rule "
-               f"{{match: {{type: {types.split(', ')[0]}}}, apply: riemannian}}"
+               f"{{match: {{type: {types.split(', ')[0]}}}, apply: riemannian}} (kept orthonormal in training; "
+               "or apply: orth_regularizer, a penalty; or isometric_init, at initialisation)"
                if issubclass(cls, (nn.RNNBase, nn.RNNCellBase)) else ""))
     return warnings
 
