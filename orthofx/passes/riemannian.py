@@ -50,7 +50,8 @@ Parameters (``with:``):
   hook). Each rule counts its own sites (after ``only_square``); the manifest records a Change for the free
   site ("left free", status ``free``) and names it in the Changes of the constrained ones
   (``after["free_site"]``). A site of the rule whose weight is tied to the free site's (the same parameter) is
-  left free too, since constraining it would constrain the free weight.
+  left free too, since constraining it would constrain the free weight; a site of *another* rule sharing it
+  is a :class:`~orthofx.errors.PlanError` (that rule would constrain this rule's free weight).
 * ``momentum``: ``project`` (default, described above) or ``keep`` (the optimizer's state is left alone).
   Projection is a vector transport: ``P_{W_new}`` maps the old tangent space onto the new one, is linear, and
   is the identity when the point does not move (the standard transport of Riemannian heavy-ball and Adam
@@ -70,6 +71,14 @@ Parameters (``with:``):
   its sites. The policy's ``where:`` filters compare one attribute with a value and cannot say
   ``in_features == out_features``; this parameter is how the ``isometric`` preset trains only the square
   Linears on the manifold.
+
+A weight tied between selected sites (``b.weight = a.weight``, also across rules) gets one hook, at the first
+of them in plan order; the others record in their Change that the weight is tied to it and constrained there
+(``after["tied_to"]``), since two hooks on one tensor would each retract it from the pre-step point. Where the
+sites would cut the weight into different matrices (a ``GRUCell``'s ``weight_hh``, 3 gate blocks of ``H x H``, tied
+to an ``nn.Linear(H, 3H)``'s one ``3H x H`` matrix; convs with other ``groups``) or step it with another
+``retraction``, ``momentum`` or ``init``, the transform stops with a :class:`~orthofx.errors.PlanError` naming both
+sites: the manifolds do not meet, so whichever hook ran last would decide which constraint holds.
 
 Under DDP the hooks run inside ``optimizer.step()``, so after the gradients were all-reduced; every replica
 computes the same projection and retraction, nothing else is needed. With ``ZeroRedundancyOptimizer`` each rank
@@ -92,12 +101,12 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from ..errors import ArgumentError, LayerArgumentError, OrthofxError, TransformError
+from ..errors import ArgumentError, LayerArgumentError, OrthofxError, PlanError, TransformError
 from ..nn import stiefel
 from ..nn.precision import describe_nonfinite
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, derived_weight,
@@ -388,39 +397,57 @@ class Riemannian(Pass):
         by_rule: dict[int, list[PlanEntry]] = {}
         for entry in entries:  # plan entries of one rule come in graph order
             by_rule.setdefault(entry.rule_index, []).append(entry)
+        rules = []
         for rule_entries in by_rule.values():
             for entry in rule_entries:
                 require_initialised(entry, ctx.module(entry.site), "its weight has no shape to keep orthonormal")
-            rule_entries = [e for e in rule_entries if not self._skipped_lazy(ctx, e)]
-            free = rule_entries[0].params["free"] if rule_entries else "none"
+            kept = [e for e in rule_entries if _lazy_not_square(ctx, e) is None]
+            free = kept[0].params["free"] if kept else "none"
             free_site = None
             if free != "none":
-                free_site = (rule_entries[0] if free == "first" else rule_entries[-1]).site.name
+                free_site = (kept[0] if free == "first" else kept[-1]).site.name
             # the free layer's weight stays free also where another site of the rule shares it (tied weights):
             # constraining that site would project and retract the free weight too
             free_module = ctx.module(free_site) if free_site is not None else None
             free_weights = [getattr(free_module, n) for n, _ in _site_weights(free_module)] if free_module else []
+            rules.append((rule_entries, kept, free_site, free_weights))
+        # every rule's free weights are known before any site is constrained, so that a site of another rule tied
+        # to a free weight is refused whichever rule comes first
+        left_free = {id(weight): (free_site, kept[0]) for _, kept, free_site, weights in rules for weight in weights}
+        constrained: dict[int, _Constrained] = {}  # id(weight) -> the site whose hook steps it
+        for rule_entries, kept, free_site, free_weights in rules:
+            kept_ids = {id(e) for e in kept}
             for entry in rule_entries:
-                self._apply_one(ctx, entry, free_site, free_weights)
+                if id(entry) not in kept_ids:
+                    self._record_lazy_skip(ctx, entry)
+            for entry in kept:
+                self._apply_one(ctx, entry, free_site, free_weights, left_free, constrained)
 
-    def _skipped_lazy(self, ctx: PassContext, entry: PlanEntry) -> bool:
+    def _record_lazy_skip(self, ctx: PassContext, entry: PlanEntry) -> None:
         """A lazy layer that turned out non-square under ``only_square: true`` (accepts_params could not tell):
         recorded as skipped, like the layers planning declined."""
-        reason = _not_square(ctx.module(entry.site)) if entry.params["only_square"] else None
-        if reason is not None:
-            ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
-                              what=f"left unchanged: {reason}", params=dict(entry.params), status=f"skipped: {reason}"))
-        return reason is not None
+        reason = _lazy_not_square(ctx, entry)
+        ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
+                          what=f"left unchanged: {reason}", params=dict(entry.params), status=f"skipped: {reason}"))
 
     def _apply_one(self, ctx: PassContext, entry: PlanEntry, free_site: str | None,
-                   free_weights: list[torch.Tensor] = ()) -> None:
+                   free_weights: list[torch.Tensor], left_free: dict[int, tuple[str, PlanEntry]],
+                   constrained: dict[int, _Constrained]) -> None:
+        """Constrain the site's weights, or leave them free (``free``). ``left_free``: ``id(weight) -> (free site,
+        an entry of its rule)`` over all rules; ``constrained``: ``id(weight) ->`` the site whose hook steps that
+        weight, filled here. A weight tied to one an earlier site constrains gets no second hook (see
+        :func:`_check_tied`)."""
         params = dict(entry.params)
         name = entry.site.name
         module = ctx.module(entry.site)
         weights = [(pname, groups, getattr(module, pname)) for pname, groups in _site_weights(module)]
         matrices = [stiefel.flatten_weight(weight.detach(), groups) for _, groups, weight in weights]
-        # in float64: a float32 weight of entries ~1e30 has a Gram matrix beyond float32, so the defect was NaN
-        before = {"orth_defect": max(float(stiefel.orthogonality_defect(m.double()).max()) for m in matrices)}
+        # in float64: a float32 weight of entries ~1e30 has a Gram matrix beyond float32, so the defect was NaN;
+        # a weight an earlier site constrains (tied) was projected there: its defect before that projection
+        defects = [constrained[id(w)].before if id(w) in constrained
+                   else float(stiefel.orthogonality_defect(m.double()).max())
+                   for (_, _, w), m in zip(weights, matrices)]
+        before = {"orth_defect": max(defects)}
         if name == free_site or any(w is f for _, _, w in weights for f in free_weights):
             what = f"left free (unconstrained, free: {params['free']})"
             if name != free_site:
@@ -428,11 +455,21 @@ class Riemannian(Pass):
             ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name, what=what, params=params,
                               before=before, after={"free_site": free_site}, status="free"))
             return
+        _check_not_free_elsewhere(entry, module, weights, left_free)
+        own, tied_to = [], {}  # the weights this site's hooks step; pname -> the site that steps a tied one
+        for (pname, groups, weight), defect in zip(weights, defects):
+            this = _Constrained.at(entry, module, pname, groups, defect)
+            first = constrained.setdefault(id(weight), this)
+            if first is this:
+                own.append(pname)
+            else:
+                _check_tied(this, first)
+                tied_to[pname] = first.label
         # a frozen weight is left as it is (the user froze those values; attach gives it no hooks while it is
         # frozen): if it is unfrozen later, the first step's retraction puts it on the manifold, as init: keep does
         frozen = [pname for pname, _, weight in weights if not weight.requires_grad]
         for (pname, groups, weight), matrix in zip(weights, matrices):
-            if params["init"] != "project" or pname in frozen:
+            if params["init"] != "project" or pname in frozen or pname not in own:
                 continue
             nonfinite = describe_nonfinite(matrix)
             if nonfinite is not None:
@@ -448,13 +485,123 @@ class Riemannian(Pass):
         after = {"orth_defect": max(float(stiefel.orthogonality_defect(stiefel.flatten_weight(w.detach(), g)).max())
                                     for _, g, w in weights),
                  "free_site": free_site}
+        if tied_to:
+            after["tied_to"] = tied_to
         for pname, groups, _ in weights:
-            ctx.add_optimizer_hook(StiefelHook(name, entry.rule_name, retraction=params["retraction"],
-                                               momentum=params["momentum"], groups=groups, parameter=pname))
+            if pname in own:  # one hook per tensor: a tied weight takes one update per step, at its first site
+                ctx.add_optimizer_hook(StiefelHook(name, entry.rule_name, retraction=params["retraction"],
+                                                   momentum=params["momentum"], groups=groups, parameter=pname))
         ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name,
                           what=f"Riemannian training on the Stiefel manifold ({_describe_matrices(module, weights)}, "
-                               f"{params['retraction']} retraction){_frozen_note(module, frozen, params)}",
+                               f"{params['retraction']} retraction){_tied_note(tied_to)}"
+                               f"{_frozen_note(module, frozen, params)}",
                           params=params, before=before, after=after, status=f"Stiefel, {params['retraction']}"))
+
+
+def _lazy_not_square(ctx: PassContext, entry: PlanEntry) -> str | None:
+    """Why a lazy layer is declined under ``only_square: true`` once initialised (``None`` when it is not)."""
+    return _not_square(ctx.module(entry.site)) if entry.params["only_square"] else None
+
+
+#: The parameters that decide how a tied weight is stepped; two sites sharing a weight must agree on them.
+_TIED_SETTINGS = ("retraction", "momentum", "init")
+
+
+class _Constrained(NamedTuple):
+    """A weight as one site of the pass constrains it: where (``entry``, ``label``: ``site`` or
+    ``site.weight_hh_l0``, ``kind``: the layer's type), how (``groups``: the number of matrices
+    :func:`stiefel.flatten_weight` cuts it into, which fixes them for one tensor; ``layout``: those matrices in
+    words; ``settings``: :data:`_TIED_SETTINGS`) and its defect ``max |W^T W - I|`` before the pass
+    (``before``)."""
+
+    entry: PlanEntry
+    label: str
+    kind: str
+    groups: int
+    layout: str
+    settings: tuple
+    before: float
+
+    @classmethod
+    def at(cls, entry: PlanEntry, module: nn.Module, pname: str, groups: int, before: float) -> _Constrained:
+        label = entry.site.name if pname == "weight" else f"{entry.site.name}.{pname}"
+        layout = _layout_text(module, getattr(module, pname), groups)
+        settings = tuple(entry.params[key] for key in _TIED_SETTINGS)
+        return cls(entry, label, type(module).__name__, groups, layout, settings, before)
+
+    def where(self) -> str:
+        return f"'{self.label}' ({self.kind}, rule '{self.entry.rule_name}')"
+
+
+def _layout_text(module: nn.Module, weight: torch.Tensor, groups: int) -> str:
+    """The matrices the pass keeps orthonormal in ``weight`` (:func:`stiefel.flatten_weight` with ``groups``):
+    ``one 18x6 matrix with orthonormal columns``, ``3 gate blocks of 6x6, each with orthonormal columns`` (a
+    recurrent layer), ``2 groups of 2x2, each ...`` (a grouped conv)."""
+    matrix = stiefel.flatten_weight(weight.detach(), groups)
+    shape = "x".join(str(s) for s in matrix.shape[-2:])
+    side = "rows" if stiefel.is_wide(matrix) else "columns"
+    if groups == 1:
+        return f"one {shape} matrix with orthonormal {side}"
+    unit = "gate blocks" if isinstance(module, _RECURRENT_TYPES) else "groups"
+    return f"{groups} {unit} of {shape}, each with orthonormal {side}"
+
+
+def _check_tied(this: _Constrained, first: _Constrained) -> None:
+    """Refuse a weight tied to one that ``first``, an earlier site, constrains already, unless both cut it into
+    the same matrices with the same settings (then ``first``'s hook is its only one).
+
+    Two hooks on one tensor each project its gradient and retract it from the pre-step point onto their own
+    manifold: with different layouts (a GRU's 3 gate blocks of ``H x H`` vs a Linear's one ``3H x H`` matrix,
+    whose orthonormal columns make the blocks' ``B_i^T B_i`` sum to ``I``, not each equal ``I``) the two
+    manifolds do not meet, and the last retraction decides which constraint holds. With another retraction the
+    second hook retracts again from the pre-step point, along the projection of the first one's result; with
+    ``momentum: keep`` against ``project`` the one buffer is transported anyway; with ``init: keep`` against
+    ``project`` the weight is projected anyway. Either way a Change describes an update that is not the one
+    made."""
+    if this.groups == first.groups and this.settings == first.settings:
+        return
+    both = (f"riemannian: {this.where()} shares its weight with {first.where()}, which this pass constrains "
+            "already")
+    if this.groups != first.groups:
+        raise PlanError(
+            f"{both}, but the two cut it into different matrices: '{this.label}' into {this.layout}, "
+            f"'{first.label}' into {first.layout}. Their updates would retract the one tensor onto two manifolds that "
+            "do not meet at every step, so one of the two constraints would never hold. Untie the weights, or leave "
+            "one of the two layers out of the riemannian rules (match.exclude) so that one layout applies")
+    differs = ", ".join(f"{key} {mine} vs {theirs}" for key, mine, theirs in zip(_TIED_SETTINGS, this.settings,
+                                                                                 first.settings) if mine != theirs)
+    raise PlanError(
+        f"{both}, with other settings ({differs}; both cut it into {this.layout}). The one tensor takes one "
+        "Riemannian update per step, which cannot follow both. Give both rules the same retraction, momentum and "
+        "init, or untie the weights")
+
+
+def _check_not_free_elsewhere(entry: PlanEntry, module: nn.Module, weights: list[tuple[str, int, torch.Tensor]],
+                              left_free: dict[int, tuple[str, PlanEntry]]) -> None:
+    """Refuse to constrain a weight that another rule's ``free`` leaves unconstrained (a site of the same rule
+    tied to its free site is left free instead): that rule's free layer would be projected and retracted too."""
+    for pname, _, weight in weights:
+        free_site, free_entry = left_free.get(id(weight), (None, None))
+        if free_entry is None or free_entry.rule_index == entry.rule_index:
+            continue
+        label = entry.site.name if pname == "weight" else f"{entry.site.name}.{pname}"
+        raise PlanError(
+            f"riemannian: '{label}' ({type(module).__name__}, rule '{entry.rule_name}') shares its weight with "
+            f"'{free_site}', which rule '{free_entry.rule_name}' leaves free (free: {free_entry.params['free']}); "
+            f"constraining '{label}' would project and retract that free weight too. Untie the weights, or select "
+            "both layers with one rule (a site tied to the rule's free site is left free with it)")
+
+
+def _tied_note(tied_to: dict[str, str]) -> str:
+    """``; its weight is tied to 'a', constrained there`` (``; weight_hh_l1 tied to 'lstm.weight_hh_l0',
+    constrained there`` for a recurrent weight): what this site's Change adds for weights whose one hook is at an
+    earlier site."""
+    if not tied_to:
+        return ""
+    if list(tied_to) == ["weight"]:
+        return f"; its weight is tied to '{tied_to['weight']}', constrained there (one update per step)"
+    ties = "; ".join(f"{pname} tied to '{first}'" for pname, first in tied_to.items())
+    return f"; {ties}, constrained there (one update per step)"
 
 
 def _describe_matrices(module: nn.Module, weights: list[tuple[str, int, torch.Tensor]]) -> str:
