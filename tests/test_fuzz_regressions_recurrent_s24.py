@@ -11,7 +11,8 @@ from torch.nn.utils import prune
 
 import orthofx
 from orthofx.errors import PlanError
-from test_riemannian_recurrent import Sequence, _worst_gate_defect
+from recurrent_models import Sequence
+from test_riemannian_recurrent import _worst_gate_defect
 
 
 def _rule(kind: str, optional: bool = False) -> dict:

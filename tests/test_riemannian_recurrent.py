@@ -13,38 +13,10 @@ import orthofx
 from orthofx.errors import PlanError
 from orthofx.passes.riemannian import recurrent_hidden_weights
 from references import bitwise_equal, polar64, state_copy, tangent64
+from recurrent_models import CellLoop, Sequence
 
 RULE = {"rules": [{"match": {"type": ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]},
                    "apply": "riemannian"}]}
-
-
-class Sequence(nn.Module):
-    """A recurrent layer over a sequence and a Linear head on its last step."""
-
-    def __init__(self, rnn: nn.Module, width: int):
-        super().__init__()
-        self.rnn = rnn
-        self.head = nn.Linear(width, 3)
-
-    def forward(self, x):
-        y, _ = self.rnn(x)
-        return self.head(y[:, -1])
-
-
-class CellLoop(nn.Module):
-    """A cell stepped over the sequence in a Python loop (traced unrolled: one site called several times)."""
-
-    def __init__(self, cell: nn.Module):
-        super().__init__()
-        self.cell = cell
-        self.head = nn.Linear(cell.hidden_size, 3)
-
-    def forward(self, x):
-        h = torch.zeros(x.shape[0], self.cell.hidden_size)
-        state = (h, h) if isinstance(self.cell, nn.LSTMCell) else h
-        for t in range(x.shape[1]):
-            state = self.cell(x[:, t], state)
-        return self.head(state[0] if isinstance(state, tuple) else state)
 
 
 def _gate_blocks(weight: torch.Tensor, gates: int) -> torch.Tensor:
@@ -94,8 +66,8 @@ def test_init_projects_each_gate_block_and_leaves_the_rest(name):
     x = torch.randn(2, 4, 3)
     gm = orthofx.transform(model, RULE, example_inputs=(x,))
     assert bitwise_equal(state_copy(model), before)  # the user's model is not modified
-    rnn = gm.get_submodule("rnn" if hasattr(model, "rnn") else "cell")
-    original = model.get_submodule("rnn" if hasattr(model, "rnn") else "cell")
+    rnn = gm.rnn
+    original = model.rnn
     for pname, param in rnn.named_parameters():
         if pname in names:
             assert _worst_gate_defect(param, gates) < 1e-6
@@ -143,7 +115,7 @@ def test_training_keeps_every_gate_block_orthonormal(name, optimizer_name):
     generator = torch.Generator().manual_seed(1)
     # sequences of the example's length: the cell loop over x.shape[1] is captured by torch.export, for that length
     x, y = torch.randn(16, 4, 3, generator=generator), torch.randn(16, 3, generator=generator)
-    rnn = gm.get_submodule("rnn" if hasattr(model, "rnn") else "cell")
+    rnn = gm.rnn
     start = {n: getattr(rnn, n).detach().clone() for n in names}
     losses = []
     for _ in range(40):
