@@ -91,9 +91,8 @@ from .nn.decompositions import ConditionMonitor
 from .nn.jacobian import JacobianProbe
 from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                             OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
-from .passes.base import describe_module
+from .passes.base import RECURRENT_TYPES, describe_module, recurrent_hidden_weights
 from .passes.orth_regularizer import gate_blocks_lorth
-from .passes.riemannian import recurrent_hidden_weights
 from .errors import ArgumentError, first_few
 from .nn.tracing import is_orthofx_layer
 from .penalty import (holding_orthofx_layers, lazy_site_module, module_path_within, part_site_path,
@@ -109,7 +108,6 @@ _TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, OrthogonalConv1d, OrthogonalConv2d,
                OrthogonalConv3d) + _TRANSPOSED_TYPES
 _LINEAR_TYPES = (nn.Linear, OrthogonalLinear)
-_RECURRENT_TYPES = (nn.RNNBase, nn.RNNCellBase)
 
 
 def _weight_values(module: nn.Module) -> torch.Tensor | None:
@@ -224,7 +222,7 @@ def _lorth(module: nn.Module) -> float | None:
 def _recurrent_lorth(module: nn.Module) -> float | None:
     """L_orth of a recurrent layer's hidden-to-hidden weights, gate block by gate block, in float64 (``None`` for
     any other module, or one with no hidden weights or no values)."""
-    if not isinstance(module, _RECURRENT_TYPES) or any(t.is_meta for t in _held_tensors(module)):
+    if not isinstance(module, RECURRENT_TYPES) or any(t.is_meta for t in _held_tensors(module)):
         return None
     hidden = recurrent_hidden_weights(module)
     if not hidden or any(getattr(module, name).numel() == 0 for name, _ in hidden):
@@ -487,7 +485,9 @@ def _transformed_report(model: nn.Module) -> Report:
                 rows.append(row)
             continue
         module = root.get_submodule(site.name)
-        if not isinstance(module, _CONV_TYPES + _LINEAR_TYPES) and not entries:
+        # a recurrent layer a rule selected but skipped (frozen, declined) gets its row too, as a conv does
+        skipped_recurrent = isinstance(module, RECURRENT_TYPES) and site.name in skipped
+        if not isinstance(module, _CONV_TYPES + _LINEAR_TYPES) and not entries and not skipped_recurrent:
             continue
         reported = _reported_module(root, site.name, module)
         shape = _input_shape(root, site.name, manifest.input_shapes)

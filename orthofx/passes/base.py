@@ -43,6 +43,9 @@ __all__ = [
     "call_hook_count",
     "move_call_hooks",
     "derived_weight",
+    "RECURRENT_TYPES",
+    "recurrent_hidden_weights",
+    "recurrent_weights_reason",
     "reads_only_metadata",
 ]
 
@@ -591,6 +594,47 @@ def derived_weight(module: nn.Module, name: str = "weight") -> str | None:
 
 _HOOK_UNDO = {"WeightNorm": "torch.nn.utils.remove_weight_norm(layer{argument})",
               "SpectralNorm": "torch.nn.utils.remove_spectral_norm(layer{argument})"}
+
+
+#: Recurrent layers: their hidden-to-hidden weights stack one block per gate (:func:`recurrent_hidden_weights`).
+RECURRENT_TYPES = (nn.RNNBase, nn.RNNCellBase)
+
+
+def recurrent_hidden_weights(module: nn.Module) -> list[tuple[str, int]]:
+    """``(name, gates)`` of each hidden-to-hidden weight of a recurrent layer: ``weight_hh_l<k>`` (and
+    ``weight_hh_l<k>_reverse``) of ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``, ``weight_hh`` of their cells. Such a
+    weight stacks one ``hidden x hidden`` block per gate along dimension 0 (``hidden x proj_size`` for an LSTM with
+    ``proj_size``): ``gates`` = 4 (LSTM: input, forget, cell, output), 3 (GRU: reset, update, new), 1 (RNN).
+
+    >>> [(name, gates) for name, gates in recurrent_hidden_weights(nn.LSTM(3, 5, num_layers=2))]
+    [('weight_hh_l0', 4), ('weight_hh_l1', 4)]
+    """
+    if isinstance(module, nn.RNNBase):  # torch's documented names (a parametrized one is no direct parameter)
+        directions = ("", "_reverse") if module.bidirectional else ("",)
+        names = [f"weight_hh_l{layer}{suffix}" for layer in range(module.num_layers) for suffix in directions]
+    else:
+        names = ["weight_hh"]
+    if module.hidden_size < 1:
+        return []
+    return [(name, getattr(module, name).shape[0] // module.hidden_size) for name in names]
+
+
+def recurrent_weights_reason(module: nn.Module) -> str | None:
+    """Why a pass cannot treat a recurrent layer's hidden-to-hidden weights (``None`` when it can): none to treat
+    (``hidden_size=0``), or one computed by a torch parametrization or recomputed by a forward pre-hook (the
+    older ``weight_norm`` / ``spectral_norm``, ``prune``), which an optimizer hook could not step and a write
+    would not reach (the penalty of ``orth_regularizer`` declines them alike, so one rule treats a recurrent
+    layer as any of the passes would)."""
+    weights = recurrent_hidden_weights(module)
+    if not weights or any(getattr(module, name).numel() == 0 for name, _ in weights):
+        return "empty hidden-to-hidden weights (hidden_size=0): nothing to make orthogonal"
+    for name, _ in weights:
+        reason = derived_weight(module, name)
+        if reason is None and name not in module._parameters:  # a plain tensor no optimizer holds
+            reason = f"its {name} is not a parameter: register it as an nn.Parameter of the layer"
+        if reason is not None:
+            return reason
+    return None
 
 
 def replace_module(root: nn.Module, qualname: str, new: nn.Module) -> nn.Module:

@@ -39,7 +39,7 @@ At transform time each selected layer's weight is overwritten (the graph is not 
 * RNN / LSTM / GRU and their cells: each hidden-to-hidden weight (``weight_hh_l<k>``, ``_reverse``; a cell's
   ``weight_hh``) stacks one ``H x H`` block per gate (4 for an LSTM, 3 for a GRU, 1 for an RNN; ``H x proj_size``
   for an LSTM with ``proj_size``), and each block gets ``scale * Q``, ``Q`` Haar-random orthonormal (the blocks
-  :func:`~orthofx.passes.riemannian.recurrent_hidden_weights` names, as the ``riemannian`` pass keeps them). For
+  :func:`~orthofx.passes.base.recurrent_hidden_weights` names, as the ``riemannian`` pass keeps them). For
   an ``nn.RNN`` the Jacobian of one step, ``dh_t / dh_{t-1} = diag(f'(a_t)) W_hh``, is then exactly orthogonal at
   ``a_t = 0`` (tanh or relu slope 1), so a signal neither grows nor decays over time steps there. Input-to-hidden
   weights and LSTM projections (``weight_hr``) keep their initialisation; ``bias: zero`` zeroes all the layer's
@@ -105,9 +105,10 @@ from ..errors import ArgumentError, PlanError
 from ..nn import stiefel
 from ..nn.orthogonal import keeps_output_size
 from ..nn.padding import conv_zero_pads
-from .base import Change, Param, Pass, PassContext, PlanEntry, Site, require_initialised
+from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PlanEntry, Site, recurrent_hidden_weights,
+                   recurrent_weights_reason, require_initialised)
 from .registry import register_pass
-from .riemannian import _RECURRENT_TYPES, _describe_matrices, _recurrent_reason, recurrent_hidden_weights
+from .riemannian import _describe_matrices
 
 __all__ = ["IsometricInit", "activation_gain", "delta_orthogonal_", "delta_taps", "frozen_parameters",
            "orthogonal_"]
@@ -293,15 +294,15 @@ class IsometricInit(Pass):
               "skip it (left as it is) or overwrite it", choices=("skip", "overwrite")),
     )
     site_kinds = frozenset({"module"})
-    module_types = (nn.Linear,) + _KERNEL_TYPES + _RECURRENT_TYPES
+    module_types = (nn.Linear,) + _KERNEL_TYPES + RECURRENT_TYPES
     group = "init"
     needs_original_module = True
 
     def accepts(self, site: Site, module: nn.Module | None) -> str | None:
         reason = super().accepts(site, module)
-        if reason is None and isinstance(module, _RECURRENT_TYPES):
+        if reason is None and isinstance(module, RECURRENT_TYPES):
             # hidden weights a parametrization or a pre-hook computes: a write to them is lost at the next call
-            return _recurrent_reason(module)
+            return recurrent_weights_reason(module)
         return reason
 
     def accepts_params(self, site: Site, module: nn.Module | None, params: dict[str, Any]) -> str | None:
@@ -313,7 +314,7 @@ class IsometricInit(Pass):
         Also decline a recurrent layer under an ``activation`` other than ``linear``: that gain is for the
         activation after a layer, while a hidden-to-hidden weight feeds the layer's own state back, where any
         scale above 1 compounds over the time steps."""
-        if isinstance(module, _RECURRENT_TYPES) and params.get("activation", "linear") != "linear":
+        if isinstance(module, RECURRENT_TYPES) and params.get("activation", "linear") != "linear":
             return (f"recurrent layer under activation: {params['activation']} (that gain would compound over the "
                     "time steps; give recurrent layers a rule of their own, with gain for any scale)")
         if params.get("frozen", "skip") == "overwrite" or module is None:
@@ -337,7 +338,7 @@ class IsometricInit(Pass):
             module = ctx.module(entry.site)
             require_initialised(entry, module, "it has no weight to initialise")
             scale = params["gain"] * activation_gain(params["activation"])
-            if isinstance(module, _RECURRENT_TYPES):
+            if isinstance(module, RECURRENT_TYPES):
                 self._apply_recurrent(ctx, entry, module, params, scale, generator, initialised)
                 continue
             weight = module.weight
@@ -388,7 +389,9 @@ class IsometricInit(Pass):
         before = _gate_defect(weights, 1.0)
         tied_to = []
         for name, gates, weight in weights:
-            layout = ("gates", gates)
+            # one gate block is one orthonormal matrix, as a Linear's: a Linear tied to an nn.RNN's hidden weight
+            # needs the same matrix
+            layout = ("gates", gates) if gates > 1 else (1, None)
             tied = initialised.get(id(weight))
             if tied is None:
                 initialised[id(weight)] = (entry, scale, layout, before)
@@ -413,7 +416,7 @@ def frozen_parameters(module: nn.Module, with_bias: bool = True) -> list[str]:
     parameters registered on the layer itself: reading a weight a torch parametrization computes would run it
     (spectral_norm's power iteration updates its vectors), and planning skips such a layer anyway
     (:func:`~orthofx.passes.base.derived_weight`)."""
-    if isinstance(module, _RECURRENT_TYPES):
+    if isinstance(module, RECURRENT_TYPES):
         names = [name for name, _ in recurrent_hidden_weights(module)]
         names += [name for name in module._parameters if with_bias and name.startswith("bias_")]
     else:
@@ -429,7 +432,8 @@ def _recurrent_biases(module: nn.Module) -> list[torch.Tensor]:
 
 def _check_tied(entry: PlanEntry, first: PlanEntry, scale: float, first_scale: float, layout, first_layout) -> None:
     """Refuse a layer whose weight, tied to the already initialised ``first``'s, would need another matrix
-    (``layout``: a layer's ``(groups, taps)``, a recurrent weight's ``("gates", gates)``)."""
+    (``layout``: a layer's ``(groups, taps)``, a recurrent weight's ``("gates", gates)``, or a Linear's
+    ``(1, None)`` for one gate block)."""
     if math.isclose(scale, first_scale, rel_tol=1e-12) and layout == first_layout:
         return
     if layout == first_layout:
@@ -449,7 +453,7 @@ def _layout_text(layout) -> str:
     """How a weight is cut into orthonormal matrices: per gate (recurrent), one matrix (a Linear), per group and
     block of taps (a conv)."""
     if layout[0] == "gates":
-        return f"{layout[1]} gate blocks, one orthonormal matrix each" if layout[1] > 1 else "one gate block"
+        return f"{layout[1]} gate blocks, one orthonormal matrix each"
     if layout[1] is None:
         return "one orthonormal matrix"
     return f"(groups, taps) {layout}"

@@ -16,7 +16,7 @@ is (the same singular values; its RO case is the transposed layer's CO case). A 
 
 A recurrent layer (nn.RNN / nn.LSTM / nn.GRU, or nn.RNNCell / nn.LSTMCell / nn.GRUCell) gets the soft form of
 what the ``riemannian`` pass imposes: each hidden-to-hidden weight (``weight_hh_l<k>`` and ``weight_hh_l<k>_reverse``,
-a cell's ``weight_hh``; :func:`orthofx.passes.riemannian.recurrent_hidden_weights`) stacks one block W_g per gate
+a cell's ``weight_hh``; :func:`orthofx.passes.base.recurrent_hidden_weights`) stacks one block W_g per gate
 (4 for an LSTM: input, forget, cell, output; 3 for a GRU; 1 for an RNN), each ``H x H`` (``H x proj_size`` for an
 LSTM with ``proj_size``), and the term is
 
@@ -63,17 +63,15 @@ from torch import nn
 
 from .. import metrics, theory
 from ..errors import ArgumentError
-from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, whole
+from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry,
+                   recurrent_hidden_weights, recurrent_weights_reason, whole)
 from .registry import register_pass
-from .riemannian import _recurrent_reason, recurrent_hidden_weights
 
 __all__ = ["OrthRegularizer", "LorthTerm", "RecurrentLorthTerm", "lorth_term", "gate_blocks_lorth"]
 
 
 _TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + _TRANSPOSED_TYPES
-#: Recurrent layers: their hidden-to-hidden weights are penalised gate block by gate block.
-_RECURRENT_TYPES = (nn.RNNBase, nn.RNNCellBase)
 
 
 class LorthTerm(PenaltyTerm):
@@ -167,18 +165,18 @@ class OrthRegularizer(Pass):
               choices=("auto", "RO", "CO")),
     )
     site_kinds = frozenset({"module"})
-    module_types = _LAYER_TYPES + _RECURRENT_TYPES
+    module_types = _LAYER_TYPES + RECURRENT_TYPES
     group = "weight"
 
     def accepts(self, site, module):
         reason = super().accepts(site, module)
         if reason is not None:
             return reason
-        if isinstance(module, _RECURRENT_TYPES):
+        if isinstance(module, RECURRENT_TYPES):
             # the layers riemannian declines, declined alike (one rule of the weight group treats a recurrent layer
             # as either pass would): no hidden weight to measure (hidden_size 0), or one a parametrization or a
             # forward pre-hook computes
-            return _recurrent_reason(module)
+            return recurrent_weights_reason(module)
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and not isinstance(weight, nn.parameter.UninitializedParameter) \
                 and weight.numel() == 0:
@@ -189,14 +187,17 @@ class OrthRegularizer(Pass):
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         for entry in entries:
             case = None if entry.params["case"] == "auto" else entry.params["case"]
-            if isinstance(ctx.module(entry.site), _RECURRENT_TYPES):
+            if isinstance(ctx.module(entry.site), RECURRENT_TYPES):
                 self._apply_recurrent(ctx, entry, case)
                 continue
-            term = lorth_term(ctx.module(entry.site), entry.site.name, entry.rule_name, entry.params["weight"],
-                              case=case)
+            module = ctx.module(entry.site)
+            term = lorth_term(module, entry.site.name, entry.rule_name, entry.params["weight"], case=case)
             # No L_orth value is computed here: on wide layers it costs as much as a training step's penalty,
             # and orthofx.report computes it when asked.
-            shared = ctx.add_penalty(term)
+            # a Linear's weight tied to an nn.RNN's hidden weight (one gate block): the same regulariser
+            shared = (_penalised_hidden_weights(ctx, 1, case).get(id(module.weight))
+                      if isinstance(module, nn.Linear) else None)
+            shared = shared or ctx.add_penalty(term)
             what = ("attached L_orth regulariser" if shared is None else
                     f"L_orth of this weight is already attached at {shared} (tied weight: counted once)")
             ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name, what=what,
@@ -230,13 +231,17 @@ class OrthRegularizer(Pass):
 
 def _penalised_hidden_weights(ctx: PassContext, gates: int, case: str | None) -> dict[int, str]:
     """``id(tensor) -> "site.name"`` of the hidden weights the recurrent terms recorded so far penalise in the same
-    form (gates, case): a tied weight is then the same regulariser, counted once."""
+    form (gates, case): a tied weight is then the same regulariser, counted once. With one gate, also the weights
+    of the Linears' terms of that case: ``||W W^T - I||^2`` (or ``W^T W``) of one block is a Linear's L_orth."""
     found: dict[int, str] = {}
     for term in ctx.manifest.penalties:
         if isinstance(term, RecurrentLorthTerm) and term.form() == (gates, case):
             layer = ctx.module(term.site)
             for name in term.parameters:
                 found.setdefault(id(getattr(layer, name)), f"{term.site}.{name}")
+        elif (gates == 1 and type(term) is LorthTerm and term.form() == (1, 1, case, 1)
+              and isinstance(ctx.module(term.site), nn.Linear)):
+            found.setdefault(id(ctx.module(term.site).weight), f"{term.site}.weight")
     return found
 
 

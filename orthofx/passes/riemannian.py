@@ -109,15 +109,14 @@ from torch import nn
 from ..errors import ArgumentError, LayerArgumentError, OrthofxError, PlanError, TransformError
 from ..nn import stiefel
 from ..nn.precision import describe_nonfinite
-from .base import (Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, derived_weight,
-                   require_initialised, weight_groups, whole, write_whole)
+from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site,
+                   recurrent_hidden_weights, recurrent_weights_reason, require_initialised, weight_groups, whole,
+                   write_whole)
 from .registry import register_pass
 
-__all__ = ["Riemannian", "StiefelHook", "recurrent_hidden_weights"]
+__all__ = ["Riemannian", "StiefelHook", "recurrent_hidden_weights"]  # the latter from .base, named here as before
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-#: Recurrent layers: their hidden-to-hidden weights are constrained, one orthonormal block per gate.
-_RECURRENT_TYPES = (nn.RNNBase, nn.RNNCellBase)
 #: Optimizer state entries that hold a first moment (a direction) and are projected with ``momentum: project``.
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
 
@@ -150,30 +149,11 @@ def optimizer_state(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -
     return state or {}
 
 
-def recurrent_hidden_weights(module: nn.Module) -> list[tuple[str, int]]:
-    """``(name, gates)`` of each hidden-to-hidden weight of a recurrent layer: ``weight_hh_l<k>`` (and
-    ``weight_hh_l<k>_reverse``) of ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``, ``weight_hh`` of their cells. Such a
-    weight stacks one ``hidden x hidden`` block per gate along dimension 0 (``hidden x proj_size`` for an LSTM with
-    ``proj_size``): ``gates`` = 4 (LSTM: input, forget, cell, output), 3 (GRU: reset, update, new), 1 (RNN).
-
-    >>> [(name, gates) for name, gates in recurrent_hidden_weights(nn.LSTM(3, 5, num_layers=2))]
-    [('weight_hh_l0', 4), ('weight_hh_l1', 4)]
-    """
-    if isinstance(module, nn.RNNBase):  # torch's documented names (a parametrized one is no direct parameter)
-        directions = ("", "_reverse") if module.bidirectional else ("",)
-        names = [f"weight_hh_l{layer}{suffix}" for layer in range(module.num_layers) for suffix in directions]
-    else:
-        names = ["weight_hh"]
-    if module.hidden_size < 1:
-        return []
-    return [(name, getattr(module, name).shape[0] // module.hidden_size) for name in names]
-
-
 def _site_weights(module: nn.Module) -> list[tuple[str, int]]:
     """``(name, groups)`` of the weights the pass keeps on the Stiefel manifold at a site, each flattened to
     ``groups`` matrices (:func:`orthofx.nn.stiefel.flatten_weight`): a Linear's or conv's ``weight`` (per conv
     group), a recurrent layer's hidden-to-hidden weights (per gate, :func:`recurrent_hidden_weights`)."""
-    if isinstance(module, _RECURRENT_TYPES):
+    if isinstance(module, RECURRENT_TYPES):
         return recurrent_hidden_weights(module)
     return [("weight", weight_groups(module))]
 
@@ -334,22 +314,6 @@ def _finite_retraction(w: torch.Tensor, xi: torch.Tensor, retraction: str) -> to
     return new if bool(torch.isfinite(new).all()) else None
 
 
-def _recurrent_reason(module: nn.Module) -> str | None:
-    """Why the pass cannot constrain a recurrent layer's hidden-to-hidden weights (``None`` when it can): none to
-    constrain (``hidden_size=0``), or one computed by a torch parametrization or recomputed by a forward pre-hook
-    (the older ``weight_norm`` / ``spectral_norm``, ``prune``), which the hooks could not step."""
-    weights = recurrent_hidden_weights(module)
-    if not weights or any(getattr(module, name).numel() == 0 for name, _ in weights):
-        return "empty hidden-to-hidden weights: nothing to keep orthonormal"
-    for name, _ in weights:
-        reason = derived_weight(module, name)
-        if reason is None and name not in module._parameters:  # a plain tensor no optimizer holds
-            reason = f"its {name} is not a parameter: register it as an nn.Parameter of the layer"
-        if reason is not None:
-            return reason
-    return None
-
-
 @register_pass
 class Riemannian(Pass):
     """Riemannian training on the Stiefel manifold (P1): tangent-projected gradients and retractions, run by
@@ -367,15 +331,15 @@ class Riemannian(Pass):
         Param("only_square", False, (bool,), "constrain only layers whose (flattened) weight is square"),
     )
     site_kinds = frozenset({"module"})
-    module_types = _LAYER_TYPES + _RECURRENT_TYPES
+    module_types = _LAYER_TYPES + RECURRENT_TYPES
     group = "weight"
     needs_weight_parameter = True  # it projects and retracts the weight around optimizer.step()
 
     def accepts(self, site: Site, module: nn.Module | None) -> str | None:
         """Also declines a layer whose weight has no entries (``Linear(4, 0)``): nothing to keep orthonormal."""
         reason = super().accepts(site, module)
-        if reason is None and isinstance(module, _RECURRENT_TYPES):
-            return _recurrent_reason(module)
+        if reason is None and isinstance(module, RECURRENT_TYPES):
+            return recurrent_weights_reason(module)
         if reason is None and isinstance(module, _LAYER_TYPES):
             weight = module.weight
             if not isinstance(weight, nn.parameter.UninitializedParameter) and weight.numel() == 0:
@@ -387,7 +351,7 @@ class Riemannian(Pass):
         """Decline non-square weights when the rule says ``only_square: true`` (shown as ``skipped: not square``).
         A lazy layer has no shape yet: it is accepted here and checked in :meth:`apply`, after the example inputs
         have initialised it."""
-        if not params.get("only_square") or not isinstance(module, _LAYER_TYPES + _RECURRENT_TYPES):
+        if not params.get("only_square") or not isinstance(module, _LAYER_TYPES + RECURRENT_TYPES):
             return None
         if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
             return None
@@ -542,7 +506,7 @@ def _layout_text(module: nn.Module, weight: torch.Tensor, groups: int) -> str:
     side = "rows" if stiefel.is_wide(matrix) else "columns"
     if groups == 1:
         return f"one {shape} matrix with orthonormal {side}"
-    unit = "gate blocks" if isinstance(module, _RECURRENT_TYPES) else "groups"
+    unit = "gate blocks" if isinstance(module, RECURRENT_TYPES) else "groups"
     return f"{groups} {unit} of {shape}, each with orthonormal {side}"
 
 
@@ -611,7 +575,7 @@ def _describe_matrices(module: nn.Module, weights: list[tuple[str, int, torch.Te
     matrix = stiefel.flatten_weight(weights[0][2].detach(), weights[0][1])
     shape = "x".join(str(s) for s in matrix.shape[-2:])
     rows = "rows" if stiefel.is_wide(matrix) else "columns"
-    if not isinstance(module, _RECURRENT_TYPES):
+    if not isinstance(module, RECURRENT_TYPES):
         return f"{shape}, orthonormal {rows}"
     gates = weights[0][1]
     # "one block" alone would read as one block for all the named weights (an RNN with 3 layers has 3)
@@ -624,7 +588,7 @@ def _frozen_note(module: nn.Module, frozen: list[str], params: dict) -> str:
     """What ``init: project`` left alone because it is frozen (``""`` when nothing is)."""
     if not frozen or params["init"] != "project":
         return ""
-    if not isinstance(module, _RECURRENT_TYPES):
+    if not isinstance(module, RECURRENT_TYPES):
         return "; the weight is frozen (requires_grad=False), so init: project left it as it is"
     return (f"; {', '.join(frozen)} frozen (requires_grad=False): init: project left "
             f"{'it' if len(frozen) == 1 else 'them'} as is")
