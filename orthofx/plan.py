@@ -34,7 +34,8 @@ from torch import fx, nn
 from .capture import ModalGraphModule, _is_torch_layer, module_scopes
 from .errors import PlanError, first_few
 from .nn.tracing import is_orthofx_module
-from .passes.base import CaptureInfo, PlanEntry, Site, derived_weight, describe_module, reads_only_metadata
+from .passes.base import (RECURRENT_TYPES, CaptureInfo, PlanEntry, Site, derived_weight, describe_module,
+                          reads_only_metadata)
 from .passes.registry import get_pass
 from .policy import Match, Policy, Rule
 
@@ -633,12 +634,12 @@ def unhandled_weight_warnings(gm: fx.GraphModule, policy: Policy, sites: list[Si
         shown = first_few(found, 4)
         types = ", ".join(sorted({type(gm.get_submodule(name)).__name__ for name in found}))
         warnings.append(
-            f"{shown} ({types}): no pass handles the {kind} weights {weights}, so rule(s) "
-            f"{', '.join(linear_rules)} leave them as they are (the passes act on Conv and Linear layers)"
+            f"{shown} ({types}): no rule of the policy treats the {kind} weights {weights}: rule(s) "
+            f"{', '.join(linear_rules)} select Conv and Linear layers and leave these as they are"
             + (". For orthogonal hidden-to-hidden weights (one orthonormal block per gate), add a rule "
                f"{{match: {{type: {types.split(', ')[0]}}}, apply: riemannian}} (kept orthonormal in training; "
                "or apply: orth_regularizer, a penalty; or isometric_init, at initialisation)"
-               if issubclass(cls, (nn.RNNBase, nn.RNNCellBase)) else ""))
+               if issubclass(cls, RECURRENT_TYPES) else ""))
     return warnings
 
 

@@ -332,8 +332,8 @@ def test_recurrent_and_packed_attention_weights_are_reported_as_unhandled(cell):
     model = _Recurrent(cell)
     plan = orthofx.explain(model, "orthogonal", example_inputs=(torch.randn(2, 5, 6),))
     text = str(plan)
-    assert f"rnn ({cell.__name__}): no pass handles the recurrent weights weight_ih_l*, weight_hh_l*" in text
-    assert "attn (MultiheadAttention): no pass handles the input projection weights in_proj_weight" in text
+    assert f"rnn ({cell.__name__}): no rule of the policy treats the recurrent weights weight_ih_l*, weight_hh_l*" in text
+    assert "attn (MultiheadAttention): no rule of the policy treats the input projection weights in_proj_weight" in text
     assert [entry.site.name for entry in plan.entries] == ["attn.out_proj", "head"]
 
 

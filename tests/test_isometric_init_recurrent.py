@@ -208,9 +208,9 @@ def test_isometric_preset_initialises_recurrent_layers_and_stays_quiet_about_the
     gm = orthofx.transform(model, "isometric", example_inputs=(torch.randn(3, 2, 3),))
     assert max(_block_defect(b, 1.0) for b in _gate_blocks(gm.layer.weight_hh_l0, 4)) < 1e-6
     # the plan warning about recurrent weights no pass handles is for layers no rule treats
-    assert "no pass handles the recurrent" not in str(orthofx.explain(model, "isometric"))
+    assert "no rule of the policy treats the recurrent" not in str(orthofx.explain(model, "isometric"))
     unhandled = str(orthofx.explain(model, "lorth"))
-    assert "no pass handles the recurrent" in unhandled and "or apply: orth_regularizer, a penalty" in unhandled
+    assert "no rule of the policy treats the recurrent" in unhandled and "or apply: orth_regularizer, a penalty" in unhandled
 
 
 def test_a_bare_layer_as_the_model_says_to_wrap_it():

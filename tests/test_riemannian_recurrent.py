@@ -137,7 +137,7 @@ def test_explain_and_warnings_for_recurrent_layers():
     x = torch.randn(2, 4, 3)
     linear_only = {"rules": [{"match": {"type": "Linear"}, "apply": "orth_regularizer"}]}
     warnings = orthofx.manifest_of(orthofx.transform(model, linear_only, example_inputs=(x,))).capture.warnings
-    assert any("rnn (LSTM): no pass handles the recurrent weights" in w
+    assert any("rnn (LSTM): no rule of the policy treats the recurrent weights" in w
                and "{match: {type: LSTM}, apply: riemannian}" in w for w in warnings)
     both = {"rules": [linear_only["rules"][0], {"match": {"type": "LSTM"}, "apply": "riemannian"}]}
     warnings = orthofx.manifest_of(orthofx.transform(model, both, example_inputs=(x,))).capture.warnings
