@@ -402,8 +402,8 @@ class IsometricInit(Pass):
                 tied_to.append(f"{name} tied to {first.site.name}, written there")
         if params["bias"] == "zero":
             with torch.no_grad():
-                for bias in _recurrent_biases(module):
-                    bias.zero_()
+                for name in _recurrent_bias_names(module):
+                    getattr(module, name).zero_()
         what = (f"orthogonal initialisation of the hidden-to-hidden weights ({_describe_matrices(module, weights)}, "
                 f"scale {scale:.4g})" + (f" ({'; '.join(tied_to)})" if tied_to else ""))
         ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name, what=what, params=params,
@@ -418,16 +418,16 @@ def frozen_parameters(module: nn.Module, with_bias: bool = True) -> list[str]:
     (:func:`~orthofx.passes.base.derived_weight`)."""
     if isinstance(module, RECURRENT_TYPES):
         names = [name for name, _ in recurrent_hidden_weights(module)]
-        names += [name for name in module._parameters if with_bias and name.startswith("bias_")]
+        names += _recurrent_bias_names(module) if with_bias else []
     else:
         names = ["weight", "bias"] if with_bias else ["weight"]
     parameters = [(name, module._parameters.get(name)) for name in names]
     return [name for name, p in parameters if p is not None and not p.requires_grad]
 
 
-def _recurrent_biases(module: nn.Module) -> list[torch.Tensor]:
+def _recurrent_bias_names(module: nn.Module) -> list[str]:
     """A recurrent layer's biases (``bias_ih_l0``, ``bias_hh_l0`` ..., a cell's ``bias_ih``, ``bias_hh``)."""
-    return [p for name, p in module._parameters.items() if name.startswith("bias_") and p is not None]
+    return [name for name, p in module._parameters.items() if name.startswith("bias_") and p is not None]
 
 
 def _check_tied(entry: PlanEntry, first: PlanEntry, scale: float, first_scale: float, layout, first_layout) -> None:
