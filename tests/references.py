@@ -133,6 +133,22 @@ def svd_backward64(U, S, Vh, gU, gS, gVh, K, dtype: torch.dtype = torch.float64)
 
 # ------------------------------------------------------------------------------------------------ state snapshots
 
+def penalised_sgd_steps(gm: torch.nn.Module, x: torch.Tensor, steps: int, lr: float, attach: bool = False) -> None:
+    """``steps`` plain SGD steps on ``mean(gm(x)^2) + orthofx.penalty(gm)`` in the mode ``gm`` is in (with
+    orthofx's optimizer hooks when ``attach``), so that a saved state differs from a fresh transform's."""
+    import orthofx
+
+    optimizer = torch.optim.SGD(gm.parameters(), lr=lr)
+    handle = orthofx.attach(optimizer, gm) if attach else None
+    for _ in range(steps):
+        loss = gm(x).square().mean() + orthofx.penalty(gm)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    if handle is not None:
+        handle.remove()
+
+
 def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of ``module.state_dict()``: what a call that must leave the module alone is checked against."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -15,7 +15,7 @@ from torch import nn
 
 import orthofx
 from orthofx.export import _root_cause, batch_too_small_for_dynamic
-from references import bitwise_equal
+from references import bitwise_equal, penalised_sgd_steps
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
@@ -232,12 +232,7 @@ def test_pt_round_trip_of_every_preset_and_load_into_a_transformed_model(tmp_pat
     torch.manual_seed(0)
     gm = orthofx.transform(make().train(training), preset, example_inputs=(x,))
     gm.train(training)
-    optimizer = torch.optim.SGD(gm.parameters(), lr=0.05)
-    for _ in range(2):
-        loss = gm(x).square().mean() + orthofx.penalty(gm)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    penalised_sgd_steps(gm, x, 2, lr=0.05)
     orthofx.export(gm, tmp_path / "m.pt")
     torch.manual_seed(1)  # other initial weights
     fresh = make().train(training)

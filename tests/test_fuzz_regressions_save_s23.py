@@ -14,19 +14,13 @@ from torch import nn
 
 import orthofx
 from orthofx.export import ONNX_TOLERANCE, onnx_tolerance
+from references import penalised_sgd_steps
 
 
 def _train(gm: nn.Module, x: torch.Tensor, steps: int) -> None:
     """A few SGD steps on ``mean(out^2) + penalty``, so the saved state differs from a fresh transform's."""
     gm.train()
-    optimizer = torch.optim.SGD(gm.parameters(), lr=0.05)
-    handle = orthofx.attach(optimizer, gm)
-    for _ in range(steps):
-        loss = gm(x).square().mean() + orthofx.penalty(gm)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    handle.remove()
+    penalised_sgd_steps(gm, x, steps, lr=0.05, attach=True)
 
 
 # ------------------------------------------------------------------------------ ONNX check at the outputs' scale

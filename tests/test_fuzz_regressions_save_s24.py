@@ -17,6 +17,7 @@ from torch import nn
 
 import orthofx
 from orthofx.errors import ExportError
+from references import penalised_sgd_steps
 
 
 def _model() -> nn.Module:
@@ -30,12 +31,7 @@ def _trained(x: torch.Tensor) -> nn.Module:
     ``num_batches_tracked`` (2) differ from a fresh transform's."""
     gm = orthofx.transform(_model(), "orthogonal", example_inputs=(x,))
     gm.train()
-    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1)
-    for _ in range(2):
-        loss = gm(x).square().mean() + orthofx.penalty(gm)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    penalised_sgd_steps(gm, x, 2, lr=0.1)
     return gm
 
 
