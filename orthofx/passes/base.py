@@ -204,6 +204,15 @@ class PenaltyTerm:
         the term is not a function of its site's weight alone and is never merged."""
         return None
 
+    def penalised(self, root: nn.Module) -> list[tuple[str, torch.Tensor, tuple]]:
+        """``(name, tensor, form)`` for each tensor of ``root`` this term is a sum of regularisers of: two terms
+        that penalise one tensor in equal forms (of any classes) count it once (:meth:`PassContext.add_penalty`).
+        The default: the site's ``weight``, named by the site, in the form ``(class name, *form())``; nothing when
+        :meth:`form` is ``None``."""
+        form = self.form()
+        weight = getattr(root.get_submodule(self.site), "weight", None) if form is not None else None
+        return [] if weight is None else [(self.site, weight, (type(self).__name__, *form))]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(site={self.site!r}, weight={self.weight})"
 
@@ -682,18 +691,24 @@ class PassContext:
         self.manifest.changes.append(change)
 
     def add_penalty(self, term: PenaltyTerm) -> str | None:
-        """Add ``term`` to the penalty, unless a term of its class and :meth:`~PenaltyTerm.form` is there already for
-        the same weight tensor (layers with a tied weight); returns that earlier term's site, or ``None`` when
-        ``term`` was added."""
-        form = term.form()
-        weight = getattr(self.module(term.site), "weight", None) if form is not None else None
-        if weight is not None:
-            for other in self.manifest.penalties:
-                if (type(other) is type(term) and other.form() == form
-                        and getattr(self.module(other.site), "weight", None) is weight):
-                    return other.site
+        """Add ``term`` to the penalty, unless the terms there already penalise every tensor it penalises in the
+        same form (:meth:`~PenaltyTerm.penalised`: layers with a tied weight); returns the name the earlier terms
+        give that tensor, or ``None`` when ``term`` was added."""
+        earlier = [self.penalised_tensors(form).get(id(tensor)) for _, tensor, form in term.penalised(self.gm)]
+        if earlier and all(earlier):
+            return earlier[0]
         self.manifest.penalties.append(term)
         return None
+
+    def penalised_tensors(self, form: tuple) -> dict[int, str]:
+        """``id(tensor) -> name`` of the tensors the penalty's terms so far penalise in ``form``, for a pass that
+        leaves those out of a term of its own (a tied weight is counted once)."""
+        found: dict[int, str] = {}
+        for term in self.manifest.penalties:
+            for name, tensor, term_form in term.penalised(self.gm):
+                if term_form == form:
+                    found.setdefault(id(tensor), name)
+        return found
 
     def add_optimizer_hook(self, hook: OptimizerHook) -> None:
         """Record ``hook``; refused (:class:`PlanError`) for a layer whose weight is computed

@@ -94,6 +94,14 @@ class LorthTerm(PenaltyTerm):
     def form(self) -> tuple:
         return (self.stride, self.groups, self.case, self.dilation)
 
+    def penalised(self, root: nn.Module) -> list[tuple[str, torch.Tensor, tuple]]:
+        """A Linear's weight in the form of one gate block (:func:`gate_blocks_lorth`): its L_orth is that block's,
+        so a Linear tied to a one-gate RNN's hidden weight is one regulariser; other layers as the base class."""
+        layer = root.get_submodule(self.site)
+        if isinstance(layer, nn.Linear):
+            return [(self.site, layer.weight, _gate_blocks_form(1, self.case))]
+        return super().penalised(root)
+
 
 def gate_blocks_lorth(weights: list[torch.Tensor], gates: int, case: str | None = None) -> torch.Tensor:
     r"""Sum over the hidden-to-hidden ``weights`` (each ``gates * H x c``, all of one shape) and their gate blocks
@@ -129,6 +137,11 @@ class RecurrentLorthTerm(PenaltyTerm):
 
     def form(self) -> tuple:
         return (self.gates, self.case)
+
+    def penalised(self, root: nn.Module) -> list[tuple[str, torch.Tensor, tuple]]:
+        layer = root.get_submodule(self.site)
+        return [(f"{self.site}.{name}", getattr(layer, name), _gate_blocks_form(self.gates, self.case))
+                for name in self.parameters]
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(site={self.site!r}, weight={self.weight}, parameters={self.parameters}, "
@@ -194,22 +207,19 @@ class OrthRegularizer(Pass):
             term = lorth_term(module, entry.site.name, entry.rule_name, entry.params["weight"], case=case)
             # No L_orth value is computed here: on wide layers it costs as much as a training step's penalty,
             # and orthofx.report computes it when asked.
-            # a Linear's weight tied to an nn.RNN's hidden weight (one gate block): the same regulariser
-            shared = (_penalised_hidden_weights(ctx, 1, case).get(id(module.weight))
-                      if isinstance(module, nn.Linear) else None)
-            shared = shared or ctx.add_penalty(term)
+            shared = ctx.add_penalty(term)
             what = ("attached L_orth regulariser" if shared is None else
                     f"L_orth of this weight is already attached at {shared} (tied weight: counted once)")
             ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name, what=what,
                               params=dict(entry.params)))
 
     def _apply_recurrent(self, ctx: PassContext, entry: PlanEntry, case: str | None) -> None:
-        """One :class:`RecurrentLorthTerm` for the layer's hidden weights, less those tied to a hidden weight a term
-        penalises already (``ctx.add_penalty`` dedups by the site's ``weight``, which a recurrent layer has not)."""
+        """One :class:`RecurrentLorthTerm` for the layer's hidden weights, less those a term penalises already in
+        the same form (tied weights: counted once)."""
         module = ctx.module(entry.site)
         hidden = recurrent_hidden_weights(module)
         gates = hidden[0][1]
-        penalised = _penalised_hidden_weights(ctx, gates, case)
+        penalised = ctx.penalised_tensors(_gate_blocks_form(gates, case))
         own, tied = [], []
         for name, _ in hidden:
             tensor = getattr(module, name)
@@ -229,20 +239,9 @@ class OrthRegularizer(Pass):
                           params=dict(entry.params)))
 
 
-def _penalised_hidden_weights(ctx: PassContext, gates: int, case: str | None) -> dict[int, str]:
-    """``id(tensor) -> "site.name"`` of the hidden weights the recurrent terms recorded so far penalise in the same
-    form (gates, case): a tied weight is then the same regulariser, counted once. With one gate, also the weights
-    of the Linears' terms of that case: ``||W W^T - I||^2`` (or ``W^T W``) of one block is a Linear's L_orth."""
-    found: dict[int, str] = {}
-    for term in ctx.manifest.penalties:
-        if isinstance(term, RecurrentLorthTerm) and term.form() == (gates, case):
-            layer = ctx.module(term.site)
-            for name in term.parameters:
-                found.setdefault(id(getattr(layer, name)), f"{term.site}.{name}")
-        elif (gates == 1 and type(term) is LorthTerm and term.form() == (1, 1, case, 1)
-              and isinstance(ctx.module(term.site), nn.Linear)):
-            found.setdefault(id(ctx.module(term.site).weight), f"{term.site}.weight")
-    return found
+def _gate_blocks_form(gates: int, case: str | None) -> tuple:
+    """The form (:meth:`~orthofx.passes.base.PenaltyTerm.penalised`) of :func:`gate_blocks_lorth` on one weight."""
+    return ("gate blocks", gates, case)
 
 
 def _describe_blocks(module: nn.Module, names: list[str], gates: int) -> str:
