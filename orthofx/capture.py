@@ -384,7 +384,12 @@ def _sequence_helpers_recorded(tracer: torch.fx.Tracer):
     """While ``tracer`` traces, a call of ``torch.nn.utils.rnn.<helper>`` (module attribute, e.g.
     ``nn.utils.rnn.pack_padded_sequence(...)``) on traced values becomes a :func:`sequence_helper` node. A helper
     imported by name into a forward's module (``from torch.nn.utils.rnn import ...``) is fx's autowrap's: the
-    tracer lists the functions, and :func:`_sequence_calls_as_helpers` renames those nodes afterwards."""
+    tracer lists the functions, and :func:`_sequence_calls_as_helpers` renames those nodes afterwards.
+
+    So does a ``PackedSequence(data, batch_sizes, ...)`` built from traced values (``PackedSequence(f(p.data),
+    p.batch_sizes, p.sorted_indices, p.unsorted_indices)``): its constructor checks ``batch_sizes.device`` in a
+    Python branch, which a traced value cannot decide. The class's ``__new__`` is replaced rather than the name,
+    so the class imported by name works as well and ``isinstance(x, PackedSequence)`` keeps working."""
     def stand_in(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
             if _holds_proxy((args, kwargs)):
@@ -392,14 +397,27 @@ def _sequence_helpers_recorded(tracer: torch.fx.Tracer):
             return function(*args, **kwargs)
         return call
 
+    packed = torch.nn.utils.rnn.PackedSequence
+    real_new = packed.__dict__["__new__"]
+    construct = packed.__new__
+
+    def new(cls: type, *args: Any, **kwargs: Any) -> Any:
+        if cls is packed and _holds_proxy((args, kwargs)):
+            # a Proxy is not an instance of cls, so Python calls no __init__ on it
+            return tracer.create_proxy("call_function", sequence_helper, (_PACKED_SEQUENCE,) + args, kwargs,
+                                       name="packed_sequence")
+        return construct(cls, *args, **kwargs)
+
     module = torch.nn.utils.rnn
     for name, function in _SEQUENCE_FUNCTIONS.items():
         setattr(module, name, stand_in(name, function))
+    packed.__new__ = staticmethod(new)
     try:
         yield
     finally:
         for name, function in _SEQUENCE_FUNCTIONS.items():
             setattr(module, name, function)
+        packed.__new__ = real_new
 
 
 def _sequence_calls_as_helpers(graph: torch.fx.Graph) -> None:
@@ -510,14 +528,19 @@ def exit_autocast(context: Any) -> None:
 _SEQUENCE_FUNCTIONS = {name: getattr(torch.nn.utils.rnn, name) for name in (
     "pack_padded_sequence", "pad_packed_sequence", "pack_sequence", "unpack_sequence", "pad_sequence",
     "unpad_sequence")}
+#: The name :func:`sequence_helper` calls ``PackedSequence``'s constructor by (see :func:`_sequence_helpers_recorded`).
+_PACKED_SEQUENCE = "PackedSequence"
 
 
 def sequence_helper(name: str, *args: Any, **kwargs: Any) -> Any:
-    """``torch.nn.utils.rnn.<name>(*args, **kwargs)``: the graph's call of one of torch's sequence helpers.
+    """``torch.nn.utils.rnn.<name>(*args, **kwargs)``: the graph's call of one of torch's sequence helpers, or of
+    the ``PackedSequence`` constructor.
 
     A call of orthofx's own rather than of torch's function: fx writes a wrapped torch function into the
     generated code under its dotted name, which it then cannot find among the code's globals when it traces
     anything else in the process (a KeyError in every later trace)."""
+    if name == _PACKED_SEQUENCE:
+        return torch.nn.utils.rnn.PackedSequence(*args, **kwargs)
     return _SEQUENCE_FUNCTIONS[name](*args, **kwargs)
 
 
@@ -1731,6 +1754,34 @@ def _failing_submodule(model: nn.Module, exc: BaseException) -> str:
     return found
 
 
+def _packed_sequence_use(model: nn.Module, exc: BaseException) -> str:
+    """What failed on a variable-length sequence where ``exc`` was raised: ``"torch.nn.utils.rnn.<helper>"`` for
+    a failure inside one of torch's sequence helpers, ``"the recurrent layer 'rnn' (LSTM) on a PackedSequence"``
+    for one inside a torch.nn layer's forward that holds a PackedSequence; '' when the traceback shows neither.
+
+    The outermost such frame of ``exc``'s chain counts (the call the user's code made). Positive evidence from
+    the frames rather than from torch's message, whose wording (a FakeTensor where ``zeros()`` wants ints, a
+    data-dependent guard) says nothing about sequences."""
+    names = {id(m): name for name, m in model.named_modules()}
+    helpers = os.path.splitext(os.path.realpath(torch.nn.utils.rnn.__file__))[0]
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            if os.path.splitext(os.path.realpath(frame.f_code.co_filename))[0] == helpers:
+                return f"torch.nn.utils.rnn.{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)}"
+            owner = frame.f_locals.get("self")
+            if (isinstance(owner, nn.Module) and _is_torch_layer(type(owner)) and id(owner) in names
+                    and any(isinstance(v, torch.nn.utils.rnn.PackedSequence) for v in frame.f_locals.values())):
+                return f"the recurrent layer '{names[id(owner)]}' ({type(owner).__name__}) on a PackedSequence"
+            tb = tb.tb_next
+        e = e.__cause__ if e.__cause__ is not None else e.__context__
+    return ""
+
+
 def _describe_export_failure(exc: BaseException) -> str:
     first = _first_line(str(exc), 300)
     cause = f"{type(exc).__name__}" + (f": {first}" if first else "")
@@ -1767,6 +1818,15 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
         return program
     assert error is not None
     path = _failing_submodule(model, error)
+    packed = _packed_sequence_use(model, error)
+    if packed:
+        raise CaptureError(
+            f"torch.export (non-strict) cannot capture the model: it fails in {packed} "
+            f"({_describe_export_failure(error)}). torch.export cannot trace a recurrent layer on a PackedSequence, "
+            "nor torch.nn.utils.rnn's packing helpers (they read the batch sizes and lengths as Python numbers). "
+            "Fix: capture with symbolic tracing, capture: {mode: fx} or {mode: auto} in the policy (auto, the "
+            "default, tries fx first), which keeps the torch.nn.utils.rnn helpers as calls in the graph",
+            module_path=path) from error
     where = f"in submodule '{path}' ({type(model.get_submodule(path)).__name__})" if path else \
         f"in the forward of {type(model).__name__}"
     raise CaptureError(

@@ -10,11 +10,12 @@ import pickle
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
+from torch.nn import functional as F
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence, pad_sequence
 
 import orthofx
 from orthofx.capture import sequence_helper
-from orthofx.errors import ExportError
+from orthofx.errors import CaptureError, ExportError
 
 
 class PackedByName(nn.Module):
@@ -127,3 +128,89 @@ def test_export_of_packed_sequences_says_what_torch_cannot_do(tmp_path):
     orthofx.export(gm, str(tmp_path / "m.pt"), example)  # the way the message gives
     restored = orthofx.load(PackedByName(), str(tmp_path / "m.pt"))
     torch.testing.assert_close(restored(*example), gm(*example), rtol=0, atol=0)
+
+
+class PackUnpack(nn.Module):
+    """Packing and unpacking without a recurrent layer: torch.export fails in ``pad_packed_sequence`` itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x, lengths):
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        return self.head(pad_packed_sequence(packed, batch_first=True)[0])
+
+
+@pytest.mark.parametrize("cls, failing", [
+    (PackedByName, "the recurrent layer 'rnn' (LSTM) on a PackedSequence"),
+    (PackUnpack, "torch.nn.utils.rnn.pad_packed_sequence")], ids=["layer", "helper"])
+def test_export_capture_of_packed_sequences_says_to_use_fx(cls, failing):
+    torch.manual_seed(3)
+    example = (torch.randn(2, 3, 4), torch.tensor([3, 1]))
+    rules = [{"match": {"type": "Linear"}, "apply": "isometric_init"}]
+    with pytest.raises(CaptureError) as caught:
+        orthofx.transform(cls(), {"capture": {"mode": "export"}, "rules": rules}, example_inputs=example)
+    message = str(caught.value)
+    assert f"it fails in {failing} (" in message
+    assert "torch.export cannot trace a recurrent layer on a PackedSequence" in message
+    assert "Fix: capture with symbolic tracing, capture: {mode: fx} or {mode: auto}" in message
+    # auto (the fix the message gives) captures with fx, and the graph computes what the model does
+    gm = orthofx.transform(cls(), {"capture": {"mode": "auto"}, "rules": rules}, example_inputs=example)
+    assert orthofx.manifest_of(gm).capture.mode == "fx"
+    _check_against_original(cls, gm, [example, (torch.randn(3, 6, 4), torch.tensor([2, 6, 5]))])
+
+
+class RebuiltByName(nn.Module):
+    """``PackedSequence(f(p.data), p.batch_sizes, p.sorted_indices, p.unsorted_indices)`` on traced values."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 5)
+        self.rnn = nn.GRU(5, 6, batch_first=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x, lengths):
+        p = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        p = PackedSequence(torch.tanh(self.proj(p.data)), p.batch_sizes, p.sorted_indices, p.unsorted_indices)
+        out, _ = self.rnn(p)
+        return self.head(pad_packed_sequence(out, batch_first=True)[0])
+
+
+class RebuiltByAttribute(nn.Module):
+    """The class through ``nn.utils.rnn``, keyword arguments, no ``unsorted_indices`` (the constructor inverts
+    ``sorted_indices``) and a dropout that depends on the training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 3, batch_first=True)
+
+    def forward(self, x, lengths):
+        p = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        p = nn.utils.rnn.PackedSequence(F.dropout(p.data, 0.5, self.training), batch_sizes=p.batch_sizes,
+                                        sorted_indices=p.sorted_indices)
+        return self.rnn(p)[1][0][-1]
+
+
+@pytest.mark.parametrize("cls", [RebuiltByName, RebuiltByAttribute], ids=["imported", "attribute"])
+def test_packed_sequence_rebuilt_from_traced_values_stays_a_graph_call(cls):
+    torch.manual_seed(4)
+    constructor = PackedSequence.__dict__["__new__"]
+    example = (torch.randn(3, 5, 4), torch.tensor([5, 2, 4]))
+    gm = orthofx.transform(cls(), "isometric", example_inputs=example)
+    assert orthofx.manifest_of(gm).capture.mode == "fx"
+    assert "rnn" in {c.site for c in orthofx.manifest_of(gm).changes}
+    assert "PackedSequence" in [node.args[0] for node in gm.graph.nodes if node.target is sequence_helper]
+    assert PackedSequence.__dict__["__new__"] is constructor  # torch's class is left as it was
+    reference = cls()
+    reference.load_state_dict(gm.state_dict())
+    other = (torch.randn(2, 7, 4), torch.tensor([3, 7]))
+    for training in (True, False):  # the same seed: the same dropout mask in both
+        gm.train(training), reference.train(training)
+        for args in (example, other):
+            torch.manual_seed(5)
+            expected = reference(*args)
+            torch.manual_seed(5)
+            torch.testing.assert_close(gm(*args), expected, rtol=0, atol=0)
+    for copied in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm)), orthofx.freeze(gm)):
+        torch.testing.assert_close(copied.eval()(*other), gm(*other), rtol=0, atol=0)
