@@ -30,7 +30,8 @@ _SOURCES = {
     "attach": "optim", "AttachHandle": "optim",
     "freeze": "export", "export": "export", "load": "export", "ExportResult": "export",
     **{name: "errors" for name in ("OrthofxError", "PolicyError", "CaptureError", "PlanError", "TransformError",
-                                   "ImpossibleLayerError", "LayerArgumentError", "ArgumentError", "ExportError")},
+                                   "ImpossibleLayerError", "LayerArgumentError", "ArgumentError", "ExportError",
+                                   "OrthofxWarning", "ScaleLostWarning", "RunningFiltersDroppedWarning")},
 }
 _SUBMODULES = ("metrics", "theory", "models")
 
@@ -39,7 +40,7 @@ __all__ = [
     "register_pass", "manifest_of", "is_transformed", "attach", "AttachHandle",
     "freeze", "export", "load", "ExportResult", "ExportError",
     "OrthofxError", "PolicyError", "CaptureError", "PlanError", "TransformError", "ImpossibleLayerError",
-    "LayerArgumentError", "ArgumentError",
+    "LayerArgumentError", "ArgumentError", "OrthofxWarning", "ScaleLostWarning", "RunningFiltersDroppedWarning",
     "metrics", "theory", "models",
 ]
 
@@ -81,7 +82,8 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from . import metrics, models, theory
     from .errors import (ArgumentError, CaptureError, ExportError, ImpossibleLayerError, LayerArgumentError,
-                         OrthofxError, PlanError, PolicyError, TransformError)
+                         OrthofxError, OrthofxWarning, PlanError, PolicyError, RunningFiltersDroppedWarning,
+                         ScaleLostWarning, TransformError)
     from .export import ExportResult, export, freeze, load
     from .optim import AttachHandle, attach
     from .passes import register_pass

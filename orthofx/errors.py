@@ -1,9 +1,10 @@
-"""Exception types raised by orthofx.
+"""Exception and warning types raised by orthofx.
 
 Every error orthofx raises on bad input derives from :class:`OrthofxError`, and its message says what was
 wrong, where (a file:line:col, a module path or a graph site) and how to fix it. The concrete types also derive
 from the built-in exception a user would otherwise expect (``ValueError``, ``RuntimeError``), so existing
-``except ValueError`` code keeps working.
+``except ValueError`` code keeps working. The warnings orthofx issues (something asked for is done, but not all
+of it holds) derive from :class:`OrthofxWarning`, a ``UserWarning``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ __all__ = [
     "ArgumentError",
     "LayerArgumentError",
     "MetaWeightError",
+    "OrthofxWarning",
+    "ScaleLostWarning",
+    "RunningFiltersDroppedWarning",
     "first_few",
     "layer_label",
 ]
@@ -108,3 +112,22 @@ def layer_label(module) -> str:
     ``"ConvNormConv2d at 'layer2.0.conv1'"``."""
     site = module.__dict__.get(SITE_ATTRIBUTE)
     return f"{type(module).__name__} at {site!r}" if site else type(module).__name__
+
+
+class OrthofxWarning(UserWarning):
+    """Base class of the warnings orthofx issues: something the user asked for is done, but not all of it holds
+    (``warnings.simplefilter("error", orthofx.OrthofxWarning)`` turns them into errors)."""
+
+
+class ScaleLostWarning(OrthofxWarning):
+    """A layer's weight had a scale other than 1 from another pass of the policy (``isometric_init`` with a
+    ``gain`` or an ``activation`` gain), and the ``riemannian`` pass constrains it to the Stiefel manifold, where
+    every singular value is 1: the scale is gone (at transform time with ``init: project``, at the first step's
+    retraction with ``init: keep`` or when the initialisation came after the constraint). The layer's Change says
+    so too (``after["scale_lost"]``)."""
+
+
+class RunningFiltersDroppedWarning(OrthofxWarning):
+    """A ConvNorm layer with ``momentum`` trained on more FFT grids (input sizes) than its ``max_running_grids`` and
+    dropped the running filter of the least recently updated one: eval on that size now uses ``V`` of the current
+    weight. Issued once per layer; the message names the layer, its grids, the bound and how to raise it."""

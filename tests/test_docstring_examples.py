@@ -112,11 +112,13 @@ def test_doctest_output_matches(qualname, doc, module, tmp_path, monkeypatch):
 
 # Public names that may go without an example in their own docstring, each with the reason. Every other class and
 # function in ``orthofx.__all__``, ``orthofx.nn.__all__`` and ``orthofx.theory.__all__`` needs one.
-_EXCEPTION_CLASS = "an exception class: orthofx raises it, users catch it; nothing to build or call"
+_EXCEPTION_CLASS = ("an exception or warning class: orthofx raises or issues it, users catch or filter it; nothing "
+                    "to build or call")
 EXAMPLE_EXEMPT = {
     **{f"orthofx.{name}": _EXCEPTION_CLASS
        for name in ("OrthofxError", "PolicyError", "CaptureError", "PlanError", "TransformError",
-                    "ImpossibleLayerError", "LayerArgumentError", "ArgumentError", "ExportError")},
+                    "ImpossibleLayerError", "LayerArgumentError", "ArgumentError", "ExportError",
+                    "OrthofxWarning", "ScaleLostWarning", "RunningFiltersDroppedWarning")},
 }
 
 

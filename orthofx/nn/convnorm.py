@@ -74,10 +74,22 @@ recent weights. Two behaviours are offered:
 * ``momentum=m`` (float in (0, 1]): P3's behaviour. Each training forward updates a running filter for its grid,
   ``running <- (1 - m) running + m V`` (initialised with the first ``V`` seen for that grid, not with ones). Eval
   uses the running filter of its grid, and falls back to ``V`` of the current weight for a grid never seen in
-  training. The running filters are kept in a dict keyed by the grid (:attr:`~ConvNormConvNd.running_grids`,
-  :meth:`~ConvNormConvNd.running_filter`), not as buffers, since the grids a layer has seen depend on the input
-  sizes it ran on (see DDP below); they are state all the same: ``state_dict`` holds one entry
-  ``running_v_<L1>x<L2>`` per grid (the key a buffer of that name had), ``load_state_dict`` restores them
+  training. A layer keeps at most ``max_running_grids`` running filters (default 16, ``None``: no bound; each
+  holds ``M x L_1 x ... x (L_d // 2 + 1)`` floats, 2 MB for 256 channels on a 64 x 64 grid, and multi-scale
+  training or variable-length signals would otherwise store one per size, per layer, without end): a training
+  forward on a new grid when the layer holds that many drops the filter of the least recently *updated* grid
+  (eval forwards read filters and do not count) and issues a :class:`RunningFiltersDroppedWarning`, once per
+  layer, naming its grids, the bound and how to raise it (a compiled forward cannot issue a warning: the layer's
+  next eager forward or ``.train()`` / ``.eval()`` does). Eval on the dropped grid's size then uses ``V`` of the
+  current weight, exactly as for a grid never seen. ``load_state_dict`` loads every filter a state dict holds,
+  more than the bound too (the user saved them; refusing would make checkpoints of layers trained without a
+  bound unloadable, dropping some would lose state silently), in the state dict's order as the order of updates;
+  the next new grid then drops the oldest down to the bound. The order of updates is not part of the state dict
+  (it travels with ``deepcopy`` and pickling). The running filters are kept in a dict keyed by the grid
+  (:attr:`~ConvNormConvNd.running_grids`, :meth:`~ConvNormConvNd.running_filter`), not as buffers, since the
+  grids a layer has seen depend on the input sizes it ran on (see DDP below); they are state all the same:
+  ``state_dict`` holds one entry ``running_v_<L1>x<L2>`` per grid (the key a buffer of that name had),
+  ``load_state_dict`` restores them
   (``assign=True`` too; a filter for a grid the layer has never seen is made for it; the loaded filters replace
   the layer's, so none is "missing"), and they move with ``.to()``, ``.double()``, ``.cuda()`` ..., are deep-copied
   and pickled with the layer. A cast to half precision leaves them in float32, the precision ``V`` is computed in
@@ -182,13 +194,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from typing import ClassVar, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orthofx.errors import LayerArgumentError, layer_label
+from orthofx.errors import LayerArgumentError, RunningFiltersDroppedWarning, layer_label
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
 from orthofx.nn.orthogonal import without_memory_format
 from orthofx.nn.padding import circular_pad, conv_zero_pads, flat_pads
@@ -207,6 +220,8 @@ __all__ = [
     "with_convnorm",
     "FrozenConvNormNd",
     "running_filters_held",
+    "RunningFiltersDroppedWarning",
+    "MAX_RUNNING_GRIDS",
     "WRAPPED_MARKER",
 ]
 
@@ -220,6 +235,9 @@ _RUNNING_PREFIX = "running_v_"
 _FROZEN_PREFIX = "v_"
 #: How many distinct input sizes a ConvNorm layer remembers for :meth:`ConvNormConvNd.to_plain`.
 MAX_REMEMBERED_SIZES = 16
+#: The default of :class:`ConvNormConvNd`'s ``max_running_grids``: the most running filters (one per FFT grid) a
+#: layer with ``momentum`` keeps.
+MAX_RUNNING_GRIDS = 16
 #: Why ``torch.fx.symbolic_trace`` records a ConvNorm layer as one call (see "Symbolic tracing" in the docs).
 _TRACE_REASON = ("its FFT grid, filter and output crop follow from the input's spatial size (and, with momentum, "
                  "the running filter of that grid), which a torch.fx Proxy does not carry")
@@ -378,6 +396,17 @@ def _checked_eps(eps) -> float:
         raise LayerArgumentError(f"eps must be a finite number > 0 (it keeps ConvNorm's filter finite where all "
                                  f"kernels of a channel vanish), got {eps!r}")
     return float(eps)
+
+
+def _checked_max_running_grids(value) -> int | None:
+    """``max_running_grids`` as an int >= 1, or ``None`` (no bound)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LayerArgumentError(
+            f"max_running_grids must be None (no bound) or an integer >= 1 (the most running ConvNorm filters, one "
+            f"per FFT grid, that a layer with momentum keeps; default {MAX_RUNNING_GRIDS}), got {value!r}")
+    return int(value)
 
 
 def _grid_key(grid: Sequence) -> tuple[int, ...]:
@@ -602,13 +631,19 @@ class ConvNormConvNd(nn.Module):
         momentum: ``None`` (default) to recompute ``V`` from the weight in eval too; a float in (0, 1] to keep
             P3's running ``V`` per grid size for eval.
         affine_kernel_size: kernel size of the affine depthwise conv (default: the conv's kernel size).
+        max_running_grids: with ``momentum``, the most running filters (one per FFT grid, so per input size) the
+            layer keeps (default 16; ``None``: no bound). A training forward on a new grid when the layer holds
+            this many drops the filter of the least recently *updated* grid, with a
+            :class:`RunningFiltersDroppedWarning` (once per layer); eval on that size then uses ``V`` of the
+            current weight, as for a size never trained on. Each filter holds ``M x L_1 x ... x (L_d // 2 + 1)``
+            floats (2 MB for 256 channels on a 64 x 64 grid). Also an attribute, which may be changed later.
     """
 
     _dims: ClassVar[int] = 0
     _conv_type: ClassVar[type] = nn.Conv2d
 
     def __init__(self, conv: nn.Module, eps: float = 1e-5, affine: bool = False, momentum: float | None = None,
-                 affine_kernel_size=None):
+                 affine_kernel_size=None, max_running_grids: int | None = MAX_RUNNING_GRIDS):
         super().__init__()
         d = self._dims
         if not isinstance(conv, self._conv_type):
@@ -621,9 +656,11 @@ class ConvNormConvNd(nn.Module):
         if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
                                      or not 0 < momentum <= 1):
             raise LayerArgumentError(f"momentum must be None or a number in (0, 1], got {momentum!r}")
+        max_running_grids = _checked_max_running_grids(max_running_grids)
         self.conv = conv
         self.eps = float(eps)
         self.momentum = None if momentum is None else float(momentum)
+        self.max_running_grids = max_running_grids
         setattr(conv, WRAPPED_MARKER, True)
         if affine:
             m = conv.out_channels
@@ -641,17 +678,29 @@ class ConvNormConvNd(nn.Module):
         self._input_sizes: dict[tuple[int, ...], None] = {}
         # the running filters per FFT grid: a plain dict, not buffers (see "Running V and eval mode")
         self._running_filters: dict[tuple[int, ...], torch.Tensor] = {}
+        # the same grids, least recently updated first (_running_filters keeps the order they were stored in,
+        # which is the state_dict's order): the one dropped first when max_running_grids is reached
+        self._running_order: dict[tuple[int, ...], None] = {}
         self._running_held = False  # True inside running_filters_held
+        self._drop_warned = False  # the RunningFiltersDroppedWarning was issued (or is pending)
+        self._drop_pending: tuple | None = None  # (new grid, dropped grids) of a drop in a compiled forward
         self.train(conv.training)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_running_held", False)
+        # layers pickled before the bound existed kept every filter: they get the default bound from now on
+        self.__dict__.setdefault("max_running_grids", MAX_RUNNING_GRIDS)
+        self.__dict__.setdefault("_drop_warned", False)
+        self.__dict__.setdefault("_drop_pending", None)
         if "_running_filters" not in self.__dict__:
             # a layer pickled when its running filters were buffers named running_v_<L1>x...: take them out
             self._running_filters = {
                 _grid_key(self._name_sizes(name)): self._buffers.pop(name)
                 for name in [n for n in self._buffers if n.startswith(_RUNNING_PREFIX)]}
+        if set(self.__dict__.get("_running_order", ())) != set(self._running_filters):
+            # pickled before updates were ordered: the order the filters were stored in
+            self._running_order = dict.fromkeys(self._running_filters)
 
     def __getattr__(self, name: str):
         # the running filters' state_dict keys name them as attributes, as a buffer's key does, and tools that
@@ -671,6 +720,7 @@ class ConvNormConvNd(nn.Module):
         # tensors in place (recorded, as for buffers)
         replica = super()._replicate_for_data_parallel()
         replica._running_filters = dict(self._running_filters)
+        replica._running_order = dict(self._running_order)
         return replica
 
     # ---- the conv's attributes, read-only
@@ -743,12 +793,14 @@ class ConvNormConvNd(nn.Module):
 
     @property
     def running_grids(self) -> list[tuple[int, ...]]:
-        """The FFT grids a running ``V`` is kept for."""
+        """The FFT grids a running ``V`` is kept for (at most ``max_running_grids`` once a training forward stores
+        a new one), in the order they were stored in (the ``state_dict``'s)."""
         return list(self._running_filters)
 
     def reset_running_stats(self) -> None:
         """Forget every running ``V``."""
         self._running_filters.clear()
+        self._running_order.clear()
 
     def reset_parameters(self) -> None:
         """The state of a new layer: the conv's own initialisation (``conv.reset_parameters()``), the identity
@@ -795,6 +847,7 @@ class ConvNormConvNd(nn.Module):
         if self._running_held or recomputing_in_backward():  # checkpointing's recomputation: updated already
             return v
         self._refuse_running_update_under_transform()
+        dropped = self._make_room_for(key)
         with torch.no_grad():
             if running is None or running.shape != v.shape:
                 # made outside inference mode: made under inference_mode it would be an inference tensor, which
@@ -804,7 +857,56 @@ class ConvNormConvNd(nn.Module):
                     self._running_filters[key] = v.clone()
             else:
                 running.lerp_(v.to(running.dtype), self.momentum)
+        # the grid is now the most recently updated one
+        self._running_order.pop(key, None)
+        self._running_order[key] = None
+        if dropped and not self._drop_warned:
+            self._report_drop(key, dropped)
         return v
+
+    def _make_room_for(self, grid: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        """Before storing the filter of ``grid``: if the layer has none for it and already holds
+        ``max_running_grids`` (or more, loaded from a state dict), drop the least recently updated ones until one
+        more fits; the grids dropped. Plain dict operations, which ``torch.compile`` traces (full graph)."""
+        bound = self.max_running_grids
+        dropped = ()
+        if bound is None or grid in self._running_filters:
+            return dropped
+        while self._running_order and len(self._running_filters) >= bound:
+            oldest = next(iter(self._running_order))
+            del self._running_order[oldest]
+            del self._running_filters[oldest]
+            dropped = dropped + (oldest,)
+        return dropped
+
+    def _report_drop(self, grid: tuple[int, ...], dropped: tuple[tuple[int, ...], ...]) -> None:
+        """Issue the :class:`RunningFiltersDroppedWarning` for this layer (once). ``torch.compile`` cannot trace
+        ``warnings.warn`` (a graph break, an error under ``fullgraph=True``): a compiled forward keeps the warning
+        and the layer's next eager forward, or its next ``.train()`` / ``.eval()``, issues it."""
+        self._drop_warned = True
+        if torch.compiler.is_compiling():
+            self._drop_pending = (grid, dropped)
+        else:
+            self._warn_drop(grid, dropped)
+
+    def _issue_pending_drop_warning(self) -> None:
+        pending = self.__dict__.get("_drop_pending")
+        if pending is not None:
+            self._drop_pending = None
+            self._warn_drop(*pending)
+
+    def _warn_drop(self, grid: tuple[int, ...], dropped: tuple[tuple[int, ...], ...]) -> None:
+        momentum = "" if self.momentum is None else f" (momentum={self.momentum:g})"
+        warnings.warn(
+            f"{layer_label(self)}{momentum} keeps at most max_running_grids={self.max_running_grids} running "
+            f"ConvNorm filters, one per FFT grid (so per input size) it trains on: training on the grid {grid} "
+            f"dropped the filter of the least recently updated grid{'s' if len(dropped) > 1 else ''} "
+            f"{', '.join(map(str, dropped))} (later drops of this layer are not reported). It keeps the grids "
+            f"{self.running_grids}; eval on an input size whose grid has no running filter uses V of the current "
+            f"weight, as for a size never trained on. To keep more, raise the bound: "
+            f"{type(self).__name__}(conv, momentum=..., max_running_grids=N) (None: no bound), or set "
+            f"layer.max_running_grids = N",
+            RunningFiltersDroppedWarning, stacklevel=3)
 
     def _refuse_running_update_under_transform(self) -> None:
         """The training-mode update of a running filter writes the layer's state in place (or stores a new filter),
@@ -861,6 +963,8 @@ class ConvNormConvNd(nn.Module):
         state dict's tensor itself is kept, as torch does for buffers. An entry of the wrong shape, or whose name
         gives no grid, is refused as torch refuses a parameter of the wrong shape (an error, under
         ``strict=False`` too: a filter shaped otherwise would broadcast over the channels in eval, silently).
+        Every filter is loaded, more than ``max_running_grids`` too (the bound applies when a training forward
+        stores a new grid); the state dict's order becomes the order of updates (the first is dropped first).
         """
         incoming: dict[tuple[int, ...], tuple[str, torch.Tensor]] = {}
         for key, value in state_dict.items() if self.momentum is not None else ():
@@ -873,7 +977,7 @@ class ConvNormConvNd(nn.Module):
                 continue
             incoming[_grid_key(self._name_sizes(name))] = (key, value)
         assign = local_metadata.get("assign_to_params_buffers", False)
-        current = self._running_filters
+        current, updated = self._running_filters, self._running_order
         # the grids kept keep their place, new ones follow in the state dict's order (as buffers did)
         order = [grid for grid in current if grid in incoming] + [grid for grid in incoming if grid not in current]
         loaded, taken = {}, set()
@@ -898,6 +1002,9 @@ class ConvNormConvNd(nn.Module):
             taken.add(key)
         current.clear()
         current.update(loaded)
+        # every filter is the state dict's now, all loaded at once: its order counts as the order of updates
+        updated.clear()
+        updated.update(dict.fromkeys(grid for grid in incoming if grid in loaded))
         return taken
 
     def _running_filter_problem(self, name: str, value: torch.Tensor) -> str | None:
@@ -958,10 +1065,17 @@ class ConvNormConvNd(nn.Module):
         frozen.train(self.training)
         return frozen
 
+    def train(self, mode: bool = True):
+        if not torch.compiler.is_compiling():
+            self._issue_pending_drop_warning()  # a drop in a compiled forward, before eval uses the filters
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tracer = fx_tracer_of((x,))
         if tracer is not None:
             return record_as_leaf(self, tracer, (x,), {}, _TRACE_REASON)
+        if not torch.compiler.is_compiling():
+            self._issue_pending_drop_warning()
         conv = self.conv
         y = _conv_norm(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
                        self.eps, conv.padding_mode, self._v_for, self)
@@ -975,6 +1089,7 @@ class ConvNormConvNd(nn.Module):
         parts = [f"eps={self.eps:g}"]
         if self.momentum is not None:
             parts.append(f"momentum={self.momentum:g}")
+            parts.append(f"max_running_grids={self.max_running_grids}")
         return ", ".join(parts)
 
 
