@@ -514,7 +514,8 @@ def _traced_through_note(rule: Rule, hidden: list[str], traced: dict[str, type])
 
 def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None = None,
                blocks: Iterable[str] = (), model: nn.Module | None = None) -> Plan:
-    """Match ``policy`` against the captured ``gm``; raise :class:`PlanError` for a rule that matches nothing.
+    """Match ``policy`` against the captured ``gm``; raise :class:`PlanError` for a rule that matches nothing, and
+    for entries a pass refuses together (:func:`_check_pass_plans`: ``riemannian``'s conflicting tied weights).
 
     ``model``: the module ``gm`` was captured from; with it, rules on a layer type also look for subclasses of
     that layer that capture traced through (:func:`traced_through_layers`): a rule that matches nothing says so
@@ -592,8 +593,21 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
             raise PlanError(f"rule '{rule.name}' (apply: {rule.apply}) matched {selected} site(s) but its pass "
                             f"can handle none of them: {details}. Narrow the rule's match, or mark it "
                             "'optional: true'.")
+    _check_pass_plans(gm, entries)
     return Plan(entries=entries, sites=sites, skipped=skipped, shadowed=shadowed,
                 unmatched_optional=unmatched_optional, capture=capture, layers=layers)
+
+
+def _check_pass_plans(gm: fx.GraphModule, entries: list[PlanEntry]) -> None:
+    """Let each pass refuse a combination of its entries that its ``apply`` would refuse (a pass's
+    ``check_plan(gm, entries)``, given the entries of that pass in plan order, as ``apply`` gets them; e.g.
+    ``riemannian``'s tied weights cut into other matrices), so that ``explain`` raises the :class:`PlanError`
+    that ``transform`` would raise, before any pass has run."""
+    by_pass: dict[str, list[PlanEntry]] = {}
+    for entry in entries:
+        by_pass.setdefault(entry.pass_name, []).append(entry)
+    for pass_name, pass_entries in by_pass.items():
+        get_pass(pass_name)().check_plan(gm, pass_entries)
 
 
 def scripted_module_warnings(gm: fx.GraphModule) -> list[str]:

@@ -831,5 +831,11 @@ class Pass:
         the layer): ``orthogonal_conv`` with ``on_impossible: regularize`` puts L_orth on it instead."""
         return False
 
+    def check_plan(self, gm: nn.Module, entries: list[PlanEntry]) -> None:
+        """Raise :class:`PlanError` for a combination of this pass's ``entries`` (all of them, in plan order, as
+        :meth:`apply` gets them) that :meth:`apply` would refuse, e.g. a weight tied between two sites that need
+        different matrices; called when the plan is built, so that ``explain`` refuses what ``transform`` refuses,
+        before any pass runs. Reads shapes and tensor identities, not values. The default accepts everything."""
+
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -95,13 +95,14 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .. import metrics
-from ..errors import ArgumentError, PlanError
+from ..errors import ArgumentError, PlanError, ScaleLostWarning
 from ..nn import stiefel
 from ..nn.orthogonal import keeps_output_size
 from ..nn.padding import conv_zero_pads
@@ -324,9 +325,21 @@ class IsometricInit(Pass):
             return None
         return f"frozen ({' and '.join(frozen)} requires_grad=False; with: {{frozen: overwrite}} initialises it)"
 
+    def check_plan(self, gm: nn.Module, entries: list[PlanEntry]) -> None:
+        """Refuse, when the plan is built, a weight tied between sites that need other matrices or scales
+        (:func:`_check_ties`), so that ``explain`` raises the PlanError ``transform`` would. A lazy layer that has
+        not run has no shape yet: then :meth:`apply` decides."""
+        modules = [gm.get_submodule(entry.site.name) for entry in entries]
+        if not any(isinstance(getattr(m, "weight", None), nn.parameter.UninitializedParameter) for m in modules):
+            _check_ties(entries, modules)
+
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
+        for entry in entries:
+            require_initialised(entry, ctx.module(entry.site), "it has no weight to initialise")
+        # every tie is checked before any weight is written (with inplace=True the weights are the user's)
+        _check_ties(entries, [ctx.module(entry.site) for entry in entries])
         generators: dict[int, torch.Generator] = {}
-        initialised: dict[int, tuple] = {}  # id(weight) -> (first writer's entry, scale, layout, before)
+        initialised: dict[int, tuple] = {}  # id(weight) -> (first writer's entry, before)
         for entry in entries:
             params = dict(entry.params)
             seed = params["seed"]
@@ -336,8 +349,7 @@ class IsometricInit(Pass):
                     generators[seed] = torch.Generator().manual_seed(int(seed))
                 generator = generators[seed]
             module = ctx.module(entry.site)
-            require_initialised(entry, module, "it has no weight to initialise")
-            scale = params["gain"] * activation_gain(params["activation"])
+            scale = _scale(params)
             if isinstance(module, RECURRENT_TYPES):
                 self._apply_recurrent(ctx, entry, module, params, scale, generator, initialised)
                 continue
@@ -349,18 +361,16 @@ class IsometricInit(Pass):
             what = "delta-orthogonal initialisation" if is_conv else "orthogonal initialisation"
             if transposed:
                 what += " of a transposed conv"
-            layout = (groups, taps)  # what decides the matrix's structure besides the scale
             tied = initialised.get(id(weight))
             if tied is None:
                 before = _defect(weight.detach(), module, 1.0)
-                initialised[id(weight)] = (entry, scale, layout, before)
+                initialised[id(weight)] = (entry, before)
                 if is_conv:
                     delta_orthogonal_(weight, scale, generator, groups, taps)
                 else:
                     orthogonal_(weight, scale, generator)
-            else:
-                first, first_scale, first_layout, before = tied
-                _check_tied(entry, first, scale, first_scale, layout, first_layout)
+            else:  # the same matrix and scale (_check_ties)
+                first, before = tied
                 what += f" (weight tied to {first.site.name}, written there)"
             if params["bias"] == "zero" and getattr(module, "bias", None) is not None:
                 with torch.no_grad():
@@ -377,9 +387,9 @@ class IsometricInit(Pass):
             # (T = A^T: Q Q^T = I makes T^T T = I); 'columns' for a square Q, as for a Linear
             wide = shape[0] > shape[1] if transposed else shape[0] < shape[1]
             rows = "rows" if wide else "columns"
-            ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
-                              what=f"{what} (orthonormal {rows}, scale {scale:.4g})", params=params,
-                              before=before, after={**after, "scale": scale}))
+            what += f" (orthonormal {rows}, scale {scale:.4g}){_scale_dropped_later(ctx, entry, module, scale)}"
+            ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name, what=what,
+                              params=params, before=before, after={**after, "scale": scale}))
 
     def _apply_recurrent(self, ctx: PassContext, entry: PlanEntry, module: nn.Module, params: dict, scale: float,
                          generator: torch.Generator | None, initialised: dict[int, tuple]) -> None:
@@ -389,23 +399,19 @@ class IsometricInit(Pass):
         before = _gate_defect(weights, 1.0)
         tied_to = []
         for name, gates, weight in weights:
-            # one gate block is one orthonormal matrix, as a Linear's: a Linear tied to an nn.RNN's hidden weight
-            # needs the same matrix
-            layout = ("gates", gates) if gates > 1 else (1, None)
             tied = initialised.get(id(weight))
             if tied is None:
-                initialised[id(weight)] = (entry, scale, layout, before)
+                initialised[id(weight)] = (entry, before)
                 orthogonal_(weight, scale, generator, groups=gates)
-            else:
-                first, first_scale, first_layout, _ = tied
-                _check_tied(entry, first, scale, first_scale, layout, first_layout)
-                tied_to.append(f"{name} tied to {first.site.name}, written there")
+            else:  # the same gate blocks and scale (_check_ties)
+                tied_to.append(f"{name} tied to {tied[0].site.name}, written there")
         if params["bias"] == "zero":
             with torch.no_grad():
                 for name in _recurrent_bias_names(module):
                     getattr(module, name).zero_()
         what = (f"orthogonal initialisation of the hidden-to-hidden weights ({_describe_matrices(module, weights)}, "
-                f"scale {scale:.4g})" + (f" ({'; '.join(tied_to)})" if tied_to else ""))
+                f"scale {scale:.4g})" + (f" ({'; '.join(tied_to)})" if tied_to else "")
+                + _scale_dropped_later(ctx, entry, module, scale))
         ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name, what=what, params=params,
                           before=before, after={**_gate_defect(weights, scale), "scale": scale}))
 
@@ -428,6 +434,57 @@ def frozen_parameters(module: nn.Module, with_bias: bool = True) -> list[str]:
 def _recurrent_bias_names(module: nn.Module) -> list[str]:
     """A recurrent layer's biases (``bias_ih_l0``, ``bias_hh_l0`` ..., a cell's ``bias_ih``, ``bias_hh``)."""
     return [name for name, p in module._parameters.items() if name.startswith("bias_") and p is not None]
+
+
+def _scale_dropped_later(ctx: PassContext, entry: PlanEntry, module: nn.Module, scale: float) -> str:
+    """Warn (:class:`~orthofx.errors.ScaleLostWarning`) when an earlier ``riemannian`` rule of the policy keeps this
+    site's weight on the Stiefel manifold and ``scale`` is not 1: the first optimizer step's retraction puts every
+    singular value back at 1 (the reverse order, riemannian after this pass, warns in riemannian); the note for
+    the Change ('' otherwise)."""
+    if math.isclose(scale, 1.0, rel_tol=1e-9):
+        return ""
+    stiefel_rules = [c.rule for c in ctx.manifest.changes
+                     if c.site == entry.site.name and c.pass_name == "riemannian" and c.status.startswith("Stiefel")]
+    if not stiefel_rules:
+        return ""
+    warnings.warn(
+        f"isometric_init (rule '{entry.rule_name}'): '{entry.site.name}' ({type(module).__name__}): scale {scale:.4g}, "
+        f"but riemannian (rule '{stiefel_rules[-1]}', earlier in the policy) keeps this weight on the Stiefel "
+        "manifold, where all singular values are 1: the first optimizer step's retraction drops the scale. To keep "
+        "the gain, leave this layer out of the riemannian rule (match.exclude, or its free layer); to constrain "
+        "it, give it gain: 1 and activation: linear", ScaleLostWarning, stacklevel=2)
+    return (f"; riemannian (rule '{stiefel_rules[-1]}') keeps the weight on the Stiefel manifold, so the first "
+            "step's retraction drops this scale")
+
+
+def _scale(params: dict[str, Any]) -> float:
+    """The singular value a rule gives its layers: ``gain`` times the activation's gain."""
+    return params["gain"] * activation_gain(params["activation"])
+
+
+def _written_matrices(module: nn.Module) -> list[tuple[torch.Tensor, tuple]]:
+    """``(tensor, layout)`` for each weight the pass writes at a layer: the layout is what decides the matrices
+    it is cut into besides the scale (a conv's ``(groups, taps)``, a recurrent weight's ``("gates", gates)``, a
+    Linear's or one gate block's ``(1, None)``: one orthonormal matrix, so a Linear tied to an nn.RNN's hidden
+    weight needs the same matrix)."""
+    if isinstance(module, RECURRENT_TYPES):
+        return [(getattr(module, name), ("gates", gates) if gates > 1 else (1, None))
+                for name, gates in recurrent_hidden_weights(module)]
+    if isinstance(module, _KERNEL_TYPES):
+        return [(module.weight, (module.groups, delta_taps(module)[0]))]
+    return [(module.weight, (1, None))]
+
+
+def _check_ties(entries: list[PlanEntry], modules: list[nn.Module]) -> None:
+    """Raise :class:`PlanError` (:func:`_check_tied`) for a weight that two of the ``entries`` (at ``modules``)
+    would write as different matrices or with different scales: the second write would replace the first's."""
+    first_writer: dict[int, tuple[PlanEntry, float, tuple]] = {}
+    for entry, module in zip(entries, modules):
+        scale = _scale(entry.params)
+        for weight, layout in _written_matrices(module):
+            first = first_writer.setdefault(id(weight), (entry, scale, layout))
+            if first[0] is not entry:
+                _check_tied(entry, first[0], scale, first[1], layout, first[2])
 
 
 def _check_tied(entry: PlanEntry, first: PlanEntry, scale: float, first_scale: float, layout, first_layout) -> None:

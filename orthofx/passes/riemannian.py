@@ -63,7 +63,8 @@ Parameters (``with:``):
 * ``init``: ``project`` (default): at transform time the weight is replaced by its nearest orthonormal matrix
   (polar factor), so the constraint holds from step 0, except a frozen weight (``requires_grad=False``), which
   is left as the user froze it; ``keep``: the weight is left as is and lands on the manifold at the first step's
-  retraction.
+  retraction. Either way the weight ends on the manifold, with all singular values 1: a gain an earlier pass
+  gave it is lost (see below).
 * ``only_square``: ``false`` (default); ``true`` constrains only layers whose (flattened, per group) weight is
   square. The others are declined at planning time (:meth:`Riemannian.accepts_params`), so ``explain`` and
   ``report`` show them as ``skipped: not square (out x in)`` and they train unconstrained; a rule (not
@@ -77,8 +78,16 @@ of them in plan order; the others record in their Change that the weight is tied
 (``after["tied_to"]``), since two hooks on one tensor would each retract it from the pre-step point. Where the
 sites would cut the weight into different matrices (a ``GRUCell``'s ``weight_hh``, 3 gate blocks of ``H x H``, tied
 to an ``nn.Linear(H, 3H)``'s one ``3H x H`` matrix; convs with other ``groups``) or step it with another
-``retraction``, ``momentum`` or ``init``, the transform stops with a :class:`~orthofx.errors.PlanError` naming both
-sites: the manifolds do not meet, so whichever hook ran last would decide which constraint holds.
+``retraction``, ``momentum`` or ``init``, planning stops with a :class:`~orthofx.errors.PlanError` naming both
+sites: the manifolds do not meet, so whichever hook ran last would decide which constraint holds. These checks
+run when the plan is built (:meth:`Riemannian.check_plan`), so ``orthofx.explain`` raises the same error as
+``orthofx.transform``.
+
+A weight an earlier pass of the policy scaled (``isometric_init`` with a ``gain`` or ``activation: relu``: all its
+singular values equal the scale) loses that scale here, since the Stiefel constraint fixes every singular value at
+1 (with ``init: keep`` at the first step's retraction): the pass warns (:class:`ScaleLostWarning`) and the site's
+Change says so (``after["scale_lost"]``). Give the layers this pass constrains scale 1, or leave out (or
+``free``) the layer that should carry a gain.
 
 Under DDP the hooks run inside ``optimizer.step()``, so after the gradients were all-reduced; every replica
 computes the same projection and retraction, nothing else is needed. With ``ZeroRedundancyOptimizer`` each rank
@@ -101,12 +110,13 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, NamedTuple
+import warnings
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from ..errors import ArgumentError, LayerArgumentError, OrthofxError, PlanError, TransformError
+from ..errors import ArgumentError, LayerArgumentError, OrthofxError, PlanError, ScaleLostWarning, TransformError
 from ..nn import stiefel
 from ..nn.precision import describe_nonfinite
 from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site,
@@ -114,7 +124,8 @@ from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassCont
                    write_whole)
 from .registry import register_pass
 
-__all__ = ["Riemannian", "StiefelHook", "recurrent_hidden_weights"]  # the latter from .base, named here as before
+__all__ = ["Riemannian", "ScaleLostWarning", "StiefelHook",
+           "recurrent_hidden_weights"]  # the latter from .base, named here as before
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Optimizer state entries that hold a first moment (a direction) and are projected with ``momentum: project``.
@@ -357,35 +368,36 @@ class Riemannian(Pass):
             return None
         return _not_square(module)
 
+    def check_plan(self, gm: nn.Module, entries: list[PlanEntry]) -> None:
+        """Refuse, when the plan is built, the tied weights :meth:`apply` would refuse (:func:`_tie_decisions`: a
+        weight two sites cut into other matrices or step with other settings, or one that a rule leaves free and
+        another constrains), so that ``orthofx.explain`` raises the PlanError ``orthofx.transform`` raises instead
+        of showing both sites as ``apply``. Reads only shapes and which tensors are shared. A lazy layer that has
+        not run has no shape yet: then the decision waits for :meth:`apply` (after the example inputs ran)."""
+        modules = {entry.site.name: gm.get_submodule(entry.site.name) for entry in entries}
+        if any(isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter)
+               for module in modules.values()):
+            return
+        # planning declined the non-square layers of only_square rules already (accepts_params): all are kept
+        _tie_decisions(_by_rule(entries), modules.__getitem__)
+
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
-        by_rule: dict[int, list[PlanEntry]] = {}
-        for entry in entries:  # plan entries of one rule come in graph order
-            by_rule.setdefault(entry.rule_index, []).append(entry)
-        rules = []
-        for rule_entries in by_rule.values():
+        by_rule = _by_rule(entries)
+        kept_by_rule = []
+        for rule_entries in by_rule:
             for entry in rule_entries:
                 require_initialised(entry, ctx.module(entry.site), "its weight has no shape to keep orthonormal")
-            kept = [e for e in rule_entries if _lazy_not_square(ctx, e) is None]
-            free = kept[0].params["free"] if kept else "none"
-            free_site = None
-            if free != "none":
-                free_site = (kept[0] if free == "first" else kept[-1]).site.name
-            # the free layer's weight stays free also where another site of the rule shares it (tied weights):
-            # constraining that site would project and retract the free weight too
-            free_module = ctx.module(free_site) if free_site is not None else None
-            free_weights = [getattr(free_module, n) for n, _ in _site_weights(free_module)] if free_module else []
-            rules.append((rule_entries, kept, free_site, free_weights))
-        # every rule's free weights are known before any site is constrained, so that a site of another rule tied
-        # to a free weight is refused whichever rule comes first
-        left_free = {id(weight): (free_site, kept[0]) for _, kept, free_site, weights in rules for weight in weights}
-        constrained: dict[int, _Constrained] = {}  # id(weight) -> the site whose hook steps it
-        for rule_entries, kept, free_site, free_weights in rules:
+            kept_by_rule.append([e for e in rule_entries if _lazy_not_square(ctx, e) is None])
+        # every tie is decided (and refused) before any weight is projected
+        decisions = _tie_decisions(kept_by_rule, ctx.module)
+        defects: dict[int, float] = {}  # id(weight) -> its defect before this pass projected it
+        for rule_entries, kept, rule_decisions in zip(by_rule, kept_by_rule, decisions):
             kept_ids = {id(e) for e in kept}
             for entry in rule_entries:
                 if id(entry) not in kept_ids:
                     self._record_lazy_skip(ctx, entry)
-            for entry in kept:
-                self._apply_one(ctx, entry, free_site, free_weights, left_free, constrained)
+            for decision in rule_decisions:
+                self._apply_one(ctx, decision, defects)
 
     def _record_lazy_skip(self, ctx: PassContext, entry: PlanEntry) -> None:
         """A lazy layer that turned out non-square under ``only_square: true`` (accepts_params could not tell):
@@ -394,44 +406,31 @@ class Riemannian(Pass):
         ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
                           what=f"left unchanged: {reason}", params=dict(entry.params), status=f"skipped: {reason}"))
 
-    def _apply_one(self, ctx: PassContext, entry: PlanEntry, free_site: str | None,
-                   free_weights: list[torch.Tensor], left_free: dict[int, tuple[str, PlanEntry]],
-                   constrained: dict[int, _Constrained]) -> None:
-        """Constrain the site's weights, or leave them free (``free``). ``left_free``: ``id(weight) -> (free site,
-        an entry of its rule)`` over all rules; ``constrained``: ``id(weight) ->`` the site whose hook steps that
-        weight, filled here. A weight tied to one an earlier site constrains gets no second hook (see
-        :func:`_check_tied`)."""
+    def _apply_one(self, ctx: PassContext, decision: _Decision, defects: dict[int, float]) -> None:
+        """Constrain the site's weights as ``decision`` says (:func:`_tie_decisions`), or leave them free
+        (``free``). ``defects``: ``id(weight) ->`` its ``max |W^T W - I|`` before this pass changed it, filled at the
+        first site holding the weight (a tied weight is projected at its first constrained site, so a later site
+        reads the figure from before that projection)."""
+        entry, free_site = decision.entry, decision.free_site
         params = dict(entry.params)
         name = entry.site.name
         module = ctx.module(entry.site)
         weights = [(pname, groups, getattr(module, pname)) for pname, groups in _site_weights(module)]
         matrices = [stiefel.flatten_weight(weight.detach(), groups) for _, groups, weight in weights]
-        # in float64: a float32 weight of entries ~1e30 has a Gram matrix beyond float32, so the defect was NaN;
-        # a weight an earlier site constrains (tied) was projected there: its defect before that projection
-        defects = [constrained[id(w)].before if id(w) in constrained
-                   else float(stiefel.orthogonality_defect(m.double()).max())
-                   for (_, _, w), m in zip(weights, matrices)]
-        before = {"orth_defect": max(defects)}
-        if name == free_site or any(w is f for _, _, w in weights for f in free_weights):
-            what = f"left free (unconstrained, free: {params['free']})"
-            if name != free_site:
-                what = f"left free (its weight is tied to the free site '{free_site}', free: {params['free']})"
-            ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name, what=what, params=params,
-                              before=before, after={"free_site": free_site}, status="free"))
+        # in float64: a float32 weight of entries ~1e30 has a Gram matrix beyond float32, so the defect was NaN
+        for (_, _, weight), matrix in zip(weights, matrices):
+            if id(weight) not in defects:
+                defects[id(weight)] = float(stiefel.orthogonality_defect(matrix.double()).max())
+        before = {"orth_defect": max(defects[id(w)] for _, _, w in weights)}
+        if decision.free_what is not None:
+            ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name, what=decision.free_what,
+                              params=params, before=before, after={"free_site": free_site}, status="free"))
             return
-        _check_not_free_elsewhere(entry, module, weights, left_free)
-        own, tied_to = [], {}  # the weights this site's hooks step; pname -> the site that steps a tied one
-        for (pname, groups, weight), defect in zip(weights, defects):
-            this = _Constrained.at(entry, module, pname, groups, defect)
-            first = constrained.setdefault(id(weight), this)
-            if first is this:
-                own.append(pname)
-            else:
-                _check_tied(this, first)
-                tied_to[pname] = first.label
+        own, tied_to = decision.own, decision.tied_to
         # a frozen weight is left as it is (the user froze those values; attach gives it no hooks while it is
         # frozen): if it is unfrozen later, the first step's retraction puts it on the manifold, as init: keep does
         frozen = [pname for pname, _, weight in weights if not weight.requires_grad]
+        lost = _scale_lost(ctx, entry, module, [p for p in own if p not in frozen])
         for (pname, groups, weight), matrix in zip(weights, matrices):
             if params["init"] != "project" or pname in frozen or pname not in own:
                 continue
@@ -451,6 +450,8 @@ class Riemannian(Pass):
                  "free_site": free_site}
         if tied_to:
             after["tied_to"] = tied_to
+        if lost is not None:
+            after["scale_lost"] = lost.scale
         for pname, groups, _ in weights:
             if pname in own:  # one hook per tensor: a tied weight takes one update per step, at its first site
                 ctx.add_optimizer_hook(StiefelHook(name, entry.rule_name, retraction=params["retraction"],
@@ -458,8 +459,16 @@ class Riemannian(Pass):
         ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name,
                           what=f"Riemannian training on the Stiefel manifold ({_describe_matrices(module, weights)}, "
                                f"{params['retraction']} retraction){_tied_note(tied_to)}"
-                               f"{_frozen_note(module, frozen, params)}",
+                               f"{_frozen_note(module, frozen, params)}{'' if lost is None else lost.note}",
                           params=params, before=before, after=after, status=f"Stiefel, {params['retraction']}"))
+
+
+def _by_rule(entries: list[PlanEntry]) -> list[list[PlanEntry]]:
+    """The entries grouped by rule, in the order the rules first appear (a rule's entries come in graph order)."""
+    by_rule: dict[int, list[PlanEntry]] = {}
+    for entry in entries:
+        by_rule.setdefault(entry.rule_index, []).append(entry)
+    return list(by_rule.values())
 
 
 def _lazy_not_square(ctx: PassContext, entry: PlanEntry) -> str | None:
@@ -467,31 +476,104 @@ def _lazy_not_square(ctx: PassContext, entry: PlanEntry) -> str | None:
     return _not_square(ctx.module(entry.site)) if entry.params["only_square"] else None
 
 
+# ------------------------------------------------------------------------------------------- tied weights
+
 #: The parameters that decide how a tied weight is stepped; two sites sharing a weight must agree on them.
 _TIED_SETTINGS = ("retraction", "momentum", "init")
 
 
+class _Decision(NamedTuple):
+    """What :meth:`Riemannian.apply` does at one site (:func:`_tie_decisions`): leave it free (``free_what``: the
+    Change's text, ``None`` for a constrained site), or constrain it, with the hooks of the weights named in
+    ``own`` here and ``tied_to``: ``weight name ->`` the earlier site whose hook steps that (tied) weight.
+    ``free_site``: the free site of the entry's rule, if any."""
+
+    entry: PlanEntry
+    free_site: str | None
+    free_what: str | None
+    own: tuple[str, ...]
+    tied_to: dict[str, str]
+
+
+def _tie_decisions(kept_by_rule: list[list[PlanEntry]], module_of: Callable[[str], nn.Module]
+                   ) -> list[list[_Decision]]:
+    """Per rule (its kept entries, in graph order), a :class:`_Decision` per site: its rule's ``free`` site and
+    the sites of that rule sharing its weight are left free; every other weight gets its one hook at the first
+    site holding it, in plan order. Raises the PlanErrors of :func:`_check_not_free_elsewhere` (a weight one rule
+    leaves free and another constrains) and :func:`_check_tied` (a weight two sites cut into other matrices or
+    step with other settings). The one place these are decided: planning runs it (:meth:`Riemannian.check_plan`,
+    so ``explain`` refuses what ``transform`` refuses), and ``apply`` again on the layers as the passes found
+    them. ``module_of``: site name -> module. Reads shapes and tensor identities, no values."""
+    rules = []
+    for kept in kept_by_rule:
+        free = kept[0].params["free"] if kept else "none"
+        free_site = None
+        if free != "none":
+            free_site = (kept[0] if free == "first" else kept[-1]).site.name
+        # the free layer's weight stays free also where another site of the rule shares it (tied weights):
+        # constraining that site would project and retract the free weight too
+        free_module = module_of(free_site) if free_site is not None else None
+        free_weights = [getattr(free_module, n) for n, _ in _site_weights(free_module)] if free_module else []
+        rules.append((kept, free_site, free_weights))
+    # every rule's free weights are known before any site is decided, so that a site of another rule tied to a
+    # free weight is refused whichever rule comes first
+    left_free = {id(weight): (free_site, kept[0]) for kept, free_site, weights in rules for weight in weights}
+    constrained: dict[int, _Constrained] = {}  # id(weight) -> the site whose hook steps it
+    return [[_decide(entry, module_of(entry.site.name), free_site, free_weights, left_free, constrained)
+             for entry in kept] for kept, free_site, free_weights in rules]
+
+
+def _decide(entry: PlanEntry, module: nn.Module, free_site: str | None, free_weights: list[torch.Tensor],
+            left_free: dict[int, tuple[str, PlanEntry]], constrained: dict[int, _Constrained]) -> _Decision:
+    """One site's :class:`_Decision`. ``left_free``: ``id(weight) -> (free site, an entry of its rule)`` over all
+    rules; ``constrained``: ``id(weight) ->`` the site whose hook steps that weight, filled here."""
+    name = entry.site.name
+    weights = [(pname, groups, getattr(module, pname)) for pname, groups in _site_weights(module)]
+    if name == free_site or any(w is f for _, _, w in weights for f in free_weights):
+        what = f"left free (unconstrained, free: {entry.params['free']})"
+        if name != free_site:
+            what = f"left free (its weight is tied to the free site '{free_site}', free: {entry.params['free']})"
+        return _Decision(entry, free_site, what, (), {})
+    _check_not_free_elsewhere(entry, module, weights, left_free)
+    own, tied_to = [], {}
+    for pname, groups, weight in weights:
+        this = _Constrained.at(entry, module, pname, groups)
+        first = constrained.setdefault(id(weight), this)
+        if first is this:
+            own.append(pname)
+        else:
+            _check_tied(this, first)
+            tied_to[pname] = first.label
+    return _Decision(entry, free_site, None, tuple(own), tied_to)
+
+
 class _Constrained(NamedTuple):
     """A weight as one site of the pass constrains it: where (``entry``, ``label``: ``site`` or
-    ``site.weight_hh_l0``, ``kind``: the layer's type), how (``groups``: the number of matrices
-    :func:`stiefel.flatten_weight` cuts it into, which fixes them for one tensor; ``layout``: those matrices in
-    words; ``settings``: :data:`_TIED_SETTINGS`) and its defect ``max |W^T W - I|`` before the pass
-    (``before``)."""
+    ``site.weight_hh_l0``, ``module``, ``pname``: the weight's name there) and how (``groups``: the number of
+    matrices :func:`stiefel.flatten_weight` cuts it into, which fixes them for one tensor; ``settings``:
+    :data:`_TIED_SETTINGS`)."""
 
     entry: PlanEntry
     label: str
-    kind: str
+    module: nn.Module
+    pname: str
     groups: int
-    layout: str
     settings: tuple
-    before: float
 
     @classmethod
-    def at(cls, entry: PlanEntry, module: nn.Module, pname: str, groups: int, before: float) -> _Constrained:
+    def at(cls, entry: PlanEntry, module: nn.Module, pname: str, groups: int) -> _Constrained:
         label = entry.site.name if pname == "weight" else f"{entry.site.name}.{pname}"
-        layout = _layout_text(module, getattr(module, pname), groups)
         settings = tuple(entry.params[key] for key in _TIED_SETTINGS)
-        return cls(entry, label, type(module).__name__, groups, layout, settings, before)
+        return cls(entry, label, module, pname, groups, settings)
+
+    @property
+    def kind(self) -> str:
+        return type(self.module).__name__
+
+    @property
+    def layout(self) -> str:
+        """Those matrices in words (built for an error only: a reshape of a non-contiguous weight copies it)."""
+        return _layout_text(self.module, getattr(self.module, self.pname), self.groups)
 
     def where(self) -> str:
         return f"'{self.label}' ({self.kind}, rule '{self.entry.rule_name}')"
@@ -554,6 +636,44 @@ def _check_not_free_elsewhere(entry: PlanEntry, module: nn.Module, weights: list
             f"'{free_site}', which rule '{free_entry.rule_name}' leaves free (free: {free_entry.params['free']}); "
             f"constraining '{label}' would project and retract that free weight too. Untie the weights, or select "
             "both layers with one rule (a site tied to the rule's free site is left free with it)")
+
+
+class _ScaleLost(NamedTuple):
+    """The scale an earlier pass gave a weight this site constrains (``scale``), and the note for its Change."""
+
+    scale: float
+    note: str
+
+
+def _scale_lost(ctx: PassContext, entry: PlanEntry, module: nn.Module, stepped: list[str]) -> _ScaleLost | None:
+    """Warn (:class:`ScaleLostWarning`) when an earlier pass of the policy recorded a scale other than 1 for this
+    site (``Change.after["scale"]``: ``isometric_init``'s ``gain * activation_gain``, whose weight has all singular
+    values equal to it) and the site's weights (``stepped``: those this site projects and steps) go onto the
+    Stiefel manifold, where ``W^T W = I`` (or ``W W^T = I``) fixes every singular value at 1: the polar factor
+    ``U V^T`` of ``s Q`` is ``Q``, so the scale ``s`` is dropped, now (``init: project``) or at the first step's
+    retraction (``init: keep``). Read from the manifest, not the weight: the recorded scale names the pass and
+    rule that set it, and costs no decomposition."""
+    if not stepped:
+        return None
+    scaled = [c for c in ctx.manifest.changes if c.site == entry.site.name and c.pass_name != Riemannian.name
+              and isinstance(c.after.get("scale"), (int, float)) and not isinstance(c.after["scale"], bool)]
+    if not scaled or math.isclose(scaled[-1].after["scale"], 1.0, rel_tol=1e-9):
+        return None
+    earlier, scale = scaled[-1], float(scaled[-1].after["scale"])
+    by = f"{earlier.pass_name} (rule '{earlier.rule}')"
+    when = ("init: project replaces the weight by its polar factor now" if entry.params["init"] == "project" else
+            "init: keep leaves it until the first optimizer step, whose retraction puts it on the manifold")
+    label = entry.site.name if stepped == ["weight"] else f"{entry.site.name} ({', '.join(stepped)})"
+    warnings.warn(
+        f"riemannian (rule '{entry.rule_name}'): '{label}' ({type(module).__name__}): {by} gave its weight scale "
+        f"{scale:.4g}, but the Stiefel constraint fixes all its singular values at 1: {when}, so the layer is back "
+        f"at scale 1 and that gain is lost. To keep the gain, leave this layer out of the riemannian rule "
+        f"(match.exclude, or free: first / last for the layer that carries the scale, as in P1); to constrain it, "
+        f"drop the gain for it ({earlier.pass_name} with gain: 1, activation: linear). init: keep does not keep it: "
+        f"the first step's retraction drops it", ScaleLostWarning, stacklevel=2)
+    note = (f"; the scale {scale:.4g} that {by} gave the weight is lost (the Stiefel constraint fixes all "
+            "singular values at 1)")
+    return _ScaleLost(scale, note)
 
 
 def _tied_note(tied_to: dict[str, str]) -> str:
