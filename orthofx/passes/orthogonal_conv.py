@@ -216,6 +216,18 @@ def _configuration(module: nn.Module) -> tuple:
     return (type(module),) + tuple(getattr(module, a, None) for a in attrs)
 
 
+def _check_cayley_padding(entry: PlanEntry, module: nn.Module) -> None:
+    """:class:`PlanError` for ``method: cayley_fft`` with ``padding: keep`` on a conv (not a Linear or a transposed
+    conv, which cayley_fft builds by other means): the Cayley-FFT layer is circular with 'same' padding only."""
+    if (entry.params["method"] != "cayley_fft" or entry.params["padding"] == "circular"
+            or isinstance(module, (nn.Linear,) + _TRANSPOSED_TYPES)):
+        return
+    raise PlanError(f"rule '{entry.rule_name}': {entry.site.name} ({describe_module(module)}): method 'cayley_fft' "
+                    "builds only the circular layer with 'same' padding, and 'padding: keep' asks for the conv's own "
+                    f"padding={module.padding}, padding_mode={module.padding_mode!r}. Use 'padding: circular', or "
+                    "method 'bcop' for 'padding: keep'")
+
+
 def _tie_problems(entries: list[PlanEntry], modules: list[nn.Module], owners: dict) -> dict[str, str]:
     """Site name -> why its layer cannot be replaced because its weight is tied to another layer's.
 
@@ -317,6 +329,11 @@ class OrthogonalConvPass(Pass):
         # replaced (that would drop the parametrization), but L_orth reads the computed weight
         return params["on_impossible"] == "regularize"
 
+    def check_plan(self, gm: nn.Module, entries: list[PlanEntry]) -> None:
+        """``method: cayley_fft`` with ``padding: keep`` on a conv is refused while planning (explain too)."""
+        for entry in entries:
+            _check_cayley_padding(entry, gm.get_submodule(entry.site.name))
+
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         modules = [ctx.module(entry.site) for entry in entries]
         ties = _tie_problems(entries, modules, parameter_owners(ctx.gm))
@@ -358,11 +375,7 @@ class OrthogonalConvPass(Pass):
     def _cayley_input_size(self, ctx: PassContext, entry: PlanEntry, module: nn.Module) -> tuple[int, ...]:
         """The spatial input size of a conv site for ``method: cayley_fft`` (from the example inputs)."""
         where = f"rule '{entry.rule_name}': {entry.site.name} ({describe_module(module)})"
-        if entry.params["padding"] != "circular":
-            raise PlanError(f"{where}: method 'cayley_fft' builds only the circular layer with 'same' padding, and "
-                            f"'padding: keep' asks for the conv's own padding={module.padding}, "
-                            f"padding_mode={module.padding_mode!r}. Use 'padding: circular', or method 'bcop' for "
-                            "'padding: keep'")
+        _check_cayley_padding(entry, module)
         shape = ctx.manifest.input_shapes.get(entry.site.name)
         dims = module.weight.dim() - 2
         if shape is None or len(shape) < dims + 1:
