@@ -216,6 +216,13 @@ def _configuration(module: nn.Module) -> tuple:
     return (type(module),) + tuple(getattr(module, a, None) for a in attrs)
 
 
+def _outcome(problem: str, action: str) -> str:
+    """What ``explain`` shows for a layer ``apply`` will not replace because of ``problem`` (``on_impossible``)."""
+    if action == "error":
+        return f"fails: {problem} (on_impossible: error)"
+    return f"{'left unchanged' if action == 'skip' else 'L_orth instead'}: {problem} (on_impossible: {action})"
+
+
 def _check_cayley_padding(entry: PlanEntry, module: nn.Module) -> None:
     """:class:`PlanError` for ``method: cayley_fft`` with ``padding: keep`` on a conv (not a Linear or a transposed
     conv, which cayley_fft builds by other means): the Cayley-FFT layer is circular with 'same' padding only."""
@@ -317,12 +324,7 @@ class OrthogonalConvPass(Pass):
                 or (params["method"] == "cayley_fft" and not isinstance(module, _TRANSPOSED_TYPES)):
             return None
         problem = _impossibility(module, params["padding"], params["method"])
-        if problem is None:
-            return None
-        action = params["on_impossible"]
-        if action == "error":
-            return f"fails: {problem} (on_impossible: error)"
-        return f"{'left unchanged' if action == 'skip' else 'L_orth instead'}: {problem} (on_impossible: {action})"
+        return None if problem is None else _outcome(problem, params["on_impossible"])
 
     def handles_derived_weight(self, params):
         # "hard where possible, L_orth elsewhere": a layer whose weight a parametrization computes cannot be
@@ -330,9 +332,17 @@ class OrthogonalConvPass(Pass):
         return params["on_impossible"] == "regularize"
 
     def check_plan(self, gm: nn.Module, entries: list[PlanEntry]) -> None:
-        """``method: cayley_fft`` with ``padding: keep`` on a conv is refused while planning (explain too)."""
+        """``method: cayley_fft`` with ``padding: keep`` on a conv is refused while planning (explain too); a
+        layer whose tied weight keeps it from being replaced (:func:`_tie_problems`) gets the outcome ``apply``
+        will give it (``on_impossible``), which ``explain`` shows."""
+        modules = [gm.get_submodule(entry.site.name) for entry in entries]
+        for entry, module in zip(entries, modules):
+            _check_cayley_padding(entry, module)
+        problems = _tie_problems(entries, modules, parameter_owners(gm))
         for entry in entries:
-            _check_cayley_padding(entry, gm.get_submodule(entry.site.name))
+            problem = problems.get(entry.site.name)
+            if problem is not None and not entry.outcome:
+                entry.outcome = _outcome(problem, entry.params["on_impossible"])
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         modules = [ctx.module(entry.site) for entry in entries]
