@@ -262,14 +262,10 @@ class OrthofxTracer(torch.fx.Tracer):
         Exceptions re-raised as a new one (``raise New from old``) are located through their chain when the new
         exception itself was not seen inside a submodule.
         """
-        seen: set[int] = set()
-        e: BaseException | None = exc
-        while e is not None and id(e) not in seen:
-            seen.add(id(e))
+        for e in _exception_chain(exc):
             hit = self._failures.get(id(e))
             if hit is not None and hit[0] is e and hit[1]:
                 return hit[1][-1]
-            e = e.__cause__ if e.__cause__ is not None else e.__context__
         return "", None
 
     # ---- constants (kept off the model)
@@ -1740,18 +1736,31 @@ def _failing_submodule(model: nn.Module, exc: BaseException) -> str:
     """Qualified name of the innermost submodule whose ``forward`` frame is in ``exc``'s traceback ('' if none)."""
     names = {id(m): name for name, m in model.named_modules()}
     found = ""
+    for frame in _chain_frames(exc):
+        owner = frame.f_locals.get("self")
+        if owner is not None and id(owner) in names and names[id(owner)]:
+            found = names[id(owner)]
+    return found
+
+
+def _exception_chain(exc: BaseException):
+    """``exc``, then the exceptions it was raised from or while handling (``__cause__``, else ``__context__``),
+    each once."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        yield e
+        e = e.__cause__ if e.__cause__ is not None else e.__context__
+
+
+def _chain_frames(exc: BaseException):
+    """The frames of the tracebacks of :func:`_exception_chain`, outermost first within each exception."""
+    for e in _exception_chain(exc):
         tb = e.__traceback__
         while tb is not None:
-            owner = tb.tb_frame.f_locals.get("self")
-            if owner is not None and id(owner) in names and names[id(owner)]:
-                found = names[id(owner)]
+            yield tb.tb_frame
             tb = tb.tb_next
-        e = e.__cause__ if e.__cause__ is not None else e.__context__
-    return found
 
 
 def _packed_sequence_use(model: nn.Module, exc: BaseException) -> str:
@@ -1764,21 +1773,13 @@ def _packed_sequence_use(model: nn.Module, exc: BaseException) -> str:
     data-dependent guard) says nothing about sequences."""
     names = {id(m): name for name, m in model.named_modules()}
     helpers = os.path.splitext(os.path.realpath(torch.nn.utils.rnn.__file__))[0]
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        tb = e.__traceback__
-        while tb is not None:
-            frame = tb.tb_frame
-            if os.path.splitext(os.path.realpath(frame.f_code.co_filename))[0] == helpers:
-                return f"torch.nn.utils.rnn.{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)}"
-            owner = frame.f_locals.get("self")
-            if (isinstance(owner, nn.Module) and _is_torch_layer(type(owner)) and id(owner) in names
-                    and any(isinstance(v, torch.nn.utils.rnn.PackedSequence) for v in frame.f_locals.values())):
-                return f"the recurrent layer '{names[id(owner)]}' ({type(owner).__name__}) on a PackedSequence"
-            tb = tb.tb_next
-        e = e.__cause__ if e.__cause__ is not None else e.__context__
+    for frame in _chain_frames(exc):
+        if os.path.splitext(os.path.realpath(frame.f_code.co_filename))[0] == helpers:
+            return f"torch.nn.utils.rnn.{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)}"
+        owner = frame.f_locals.get("self")
+        if (isinstance(owner, nn.Module) and _is_torch_layer(type(owner)) and id(owner) in names
+                and any(isinstance(v, torch.nn.utils.rnn.PackedSequence) for v in frame.f_locals.values())):
+            return f"the recurrent layer '{names[id(owner)]}' ({type(owner).__name__}) on a PackedSequence"
     return ""
 
 
