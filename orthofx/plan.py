@@ -515,7 +515,7 @@ def _traced_through_note(rule: Rule, hidden: list[str], traced: dict[str, type])
 def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None = None,
                blocks: Iterable[str] = (), model: nn.Module | None = None) -> Plan:
     """Match ``policy`` against the captured ``gm``; raise :class:`PlanError` for a rule that matches nothing, and
-    for entries a pass refuses together (:func:`_check_pass_plans`: ``riemannian``'s conflicting tied weights).
+    for entries a pass refuses together (:func:`_check_pass_plans`, e.g. ``riemannian``'s conflicting tied weights).
 
     ``model``: the module ``gm`` was captured from; with it, rules on a layer type also look for subclasses of
     that layer that capture traced through (:func:`traced_through_layers`): a rule that matches nothing says so

@@ -43,6 +43,7 @@ __all__ = [
     "call_hook_count",
     "move_call_hooks",
     "derived_weight",
+    "is_uninitialised",
     "RECURRENT_TYPES",
     "recurrent_hidden_weights",
     "recurrent_weights_reason",
@@ -479,13 +480,18 @@ def weight_groups(module: nn.Module) -> int:
     return groups if weight.shape[0] % groups == 0 else 1
 
 
+def is_uninitialised(module: nn.Module) -> bool:
+    """Whether ``module`` is a lazy layer that has not run yet (its weight has no shape)."""
+    return isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter)
+
+
 def require_initialised(entry: PlanEntry, module: nn.Module, purpose: str) -> None:
     """Refuse a lazy layer that has not run yet (``purpose``: what its missing shape or weight prevents).
 
     For a pass's ``apply``, not ``accepts``: the example inputs run between planning and the passes, and that run
     is what initialises a lazy layer, so only a transform without example inputs ends here.
     """
-    if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+    if is_uninitialised(module):
         raise PlanError(f"rule '{entry.rule_name}': {entry.site.name} ({type(module).__name__}) is a lazy layer that "
                         f"has not run yet, so {purpose}. Pass example_inputs=(x,) to orthofx.transform (the model "
                         "runs once before the rewrite), or run the model once before transforming it")

@@ -106,10 +106,10 @@ from ..errors import ArgumentError, PlanError, ScaleLostWarning
 from ..nn import stiefel
 from ..nn.orthogonal import keeps_output_size
 from ..nn.padding import conv_zero_pads
-from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PlanEntry, Site, recurrent_hidden_weights,
-                   recurrent_weights_reason, require_initialised)
+from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PlanEntry, Site, is_uninitialised,
+                   recurrent_hidden_weights, recurrent_weights_reason, require_initialised)
 from .registry import register_pass
-from .riemannian import _describe_matrices
+from .riemannian import StiefelHook, _describe_matrices
 
 __all__ = ["IsometricInit", "activation_gain", "delta_orthogonal_", "delta_taps", "frozen_parameters",
            "orthogonal_"]
@@ -330,7 +330,7 @@ class IsometricInit(Pass):
         (:func:`_check_ties`), so that ``explain`` raises the PlanError ``transform`` would. A lazy layer that has
         not run has no shape yet: then :meth:`apply` decides."""
         modules = [gm.get_submodule(entry.site.name) for entry in entries]
-        if not any(isinstance(getattr(m, "weight", None), nn.parameter.UninitializedParameter) for m in modules):
+        if not any(is_uninitialised(m) for m in modules):
             _check_ties(entries, modules)
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
@@ -443,8 +443,10 @@ def _scale_dropped_later(ctx: PassContext, entry: PlanEntry, module: nn.Module, 
     the Change ('' otherwise)."""
     if math.isclose(scale, 1.0, rel_tol=1e-9):
         return ""
-    stiefel_rules = [c.rule for c in ctx.manifest.changes
-                     if c.site == entry.site.name and c.pass_name == "riemannian" and c.status.startswith("Stiefel")]
+    # the hooks that step this site's weights (at this site, or at the site a tied weight is constrained at)
+    written = {id(weight) for weight, _ in _written_matrices(module)}
+    stiefel_rules = [hook.rule for hook in ctx.manifest.optimizer_hooks
+                     if isinstance(hook, StiefelHook) and id(hook._weight(ctx.gm)) in written]
     if not stiefel_rules:
         return ""
     warnings.warn(

@@ -135,9 +135,6 @@ class RecurrentLorthTerm(PenaltyTerm):
                    for name in self.parameters]
         return gate_blocks_lorth(weights, self.gates, self.case)
 
-    def form(self) -> tuple:
-        return (self.gates, self.case)
-
     def penalised(self, root: nn.Module) -> list[tuple[str, torch.Tensor, tuple]]:
         layer = root.get_submodule(self.site)
         return [(f"{self.site}.{name}", getattr(layer, name), _gate_blocks_form(self.gates, self.case))

@@ -74,7 +74,8 @@ from torch import fx, nn
 from ..errors import ArgumentError, OrthofxError
 from ..nn.precision import HALF_PRECISION
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, derived_weight,
-                   describe_module, parameter_owners, reads_only_metadata, weight_groups, whole, write_whole)
+                   describe_module, is_uninitialised, parameter_owners, reads_only_metadata, weight_groups, whole,
+                   write_whole)
 from .orth_regularizer import lorth_term
 from .orthogonal_conv import orthogonal_layer
 from .registry import register_pass
@@ -416,7 +417,7 @@ class PreSVD(Pass):
             return reason
         if not site.name:
             return "the Pre-SVD treatment needs a named layer, not the root module"
-        if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+        if is_uninitialised(module):
             return f"{site.name} is a lazy layer that has not run yet; run the model once first"
         return None
 

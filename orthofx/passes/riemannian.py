@@ -120,8 +120,8 @@ from ..errors import ArgumentError, LayerArgumentError, OrthofxError, PlanError,
 from ..nn import stiefel
 from ..nn.precision import describe_nonfinite
 from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site,
-                   recurrent_hidden_weights, recurrent_weights_reason, require_initialised, weight_groups, whole,
-                   write_whole)
+                   is_uninitialised, recurrent_hidden_weights, recurrent_weights_reason, require_initialised,
+                   weight_groups, whole, write_whole)
 from .registry import register_pass
 
 __all__ = ["Riemannian", "ScaleLostWarning", "StiefelHook",
@@ -169,6 +169,12 @@ def _site_weights(module: nn.Module) -> list[tuple[str, int]]:
     return [("weight", weight_groups(module))]
 
 
+def _weight_label(site: str, name: str) -> str:
+    """How messages name a constrained weight: the site for a layer's ``weight``, ``site.name`` for one of several
+    (``rnn.weight_hh_l0``)."""
+    return site if name == "weight" else f"{site}.{name}"
+
+
 def _not_square(module: nn.Module) -> str | None:
     for name, groups in _site_weights(module):
         rows, cols = stiefel.flatten_weight(getattr(module, name).detach(), groups).shape[-2:]
@@ -212,7 +218,7 @@ class StiefelHook(OptimizerHook):
 
     def _label(self) -> str:
         """The site, and the weight's name where the site has several (``rnn.weight_hh_l0``)."""
-        return self.site if self.parameter == "weight" else f"{self.site}.{self.parameter}"
+        return _weight_label(self.site, self.parameter)
 
     def _matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         return stiefel.flatten_weight(tensor, self.groups)
@@ -364,7 +370,7 @@ class Riemannian(Pass):
         have initialised it."""
         if not params.get("only_square") or not isinstance(module, _LAYER_TYPES + RECURRENT_TYPES):
             return None
-        if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+        if is_uninitialised(module):
             return None
         return _not_square(module)
 
@@ -375,8 +381,7 @@ class Riemannian(Pass):
         of showing both sites as ``apply``. Reads only shapes and which tensors are shared. A lazy layer that has
         not run has no shape yet: then the decision waits for :meth:`apply` (after the example inputs ran)."""
         modules = {entry.site.name: gm.get_submodule(entry.site.name) for entry in entries}
-        if any(isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter)
-               for module in modules.values()):
+        if any(is_uninitialised(module) for module in modules.values()):
             return
         # planning declined the non-square layers of only_square rules already (accepts_params): all are kept
         _tie_decisions(_by_rule(entries), modules.__getitem__)
@@ -437,7 +442,7 @@ class Riemannian(Pass):
             nonfinite = describe_nonfinite(matrix)
             if nonfinite is not None:
                 # the polar factor refused it with its message for a diverged training step, naming no layer
-                label = name if pname == "weight" else f"{name}.{pname}"
+                label = _weight_label(name, pname)
                 raise TransformError(
                     f"riemannian (rule '{entry.rule_name}'): {label}: its weight has {nonfinite}, so it has no "
                     "nearest orthonormal matrix to project onto (init: project). "
@@ -562,7 +567,7 @@ class _Constrained(NamedTuple):
 
     @classmethod
     def at(cls, entry: PlanEntry, module: nn.Module, pname: str, groups: int) -> _Constrained:
-        label = entry.site.name if pname == "weight" else f"{entry.site.name}.{pname}"
+        label = _weight_label(entry.site.name, pname)
         settings = tuple(entry.params[key] for key in _TIED_SETTINGS)
         return cls(entry, label, module, pname, groups, settings)
 
@@ -630,7 +635,7 @@ def _check_not_free_elsewhere(entry: PlanEntry, module: nn.Module, weights: list
         free_site, free_entry = left_free.get(id(weight), (None, None))
         if free_entry is None or free_entry.rule_index == entry.rule_index:
             continue
-        label = entry.site.name if pname == "weight" else f"{entry.site.name}.{pname}"
+        label = _weight_label(entry.site.name, pname)
         raise PlanError(
             f"riemannian: '{label}' ({type(module).__name__}, rule '{entry.rule_name}') shares its weight with "
             f"'{free_site}', which rule '{free_entry.rule_name}' leaves free (free: {free_entry.params['free']}); "
