@@ -14,8 +14,8 @@ import orthofx
 from orthofx.errors import PlanError
 from orthofx.nn import stiefel
 from orthofx.errors import ScaleLostWarning
-from test_riemannian_tied import (GroupedConvTiedToConv, GruTiedToLinear, LstmTiedToLinear, TiedLinears, inputs,
-                                  rule)
+from test_riemannian_tied import (OTHER_SETTINGS, GroupedConvTiedToConv, GruTiedToLinear, LstmTiedToLinear,
+                                  TiedLinears, inputs, rule)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices (tests/conftest.py)
 
@@ -47,11 +47,7 @@ def test_explain_refuses_a_tied_weight_cut_into_other_matrices(model_class, type
     assert "cut it into different matrices" in explained
 
 
-@pytest.mark.parametrize("setting, value, differs", [
-    ("retraction", "qr", "retraction qr vs polar"),
-    ("momentum", "keep", "momentum keep vs project"),
-    ("init", "keep", "init keep vs project"),
-])
+@pytest.mark.parametrize("setting, value, differs", OTHER_SETTINGS)
 def test_explain_refuses_a_tied_weight_with_other_settings(setting, value, differs):
     policy = {"rules": [rule({"name": "a"}, name="first"), rule({"name": "b"}, name="second", **{setting: value})]}
     explained = plan_error(lambda: orthofx.explain(TiedLinears(), policy))

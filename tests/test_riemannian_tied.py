@@ -136,11 +136,15 @@ def test_tied_weight_cut_into_other_matrices_is_a_plan_error(model_class, types,
     assert "Untie the weights, or leave one of the two layers out of the riemannian rules (match.exclude)" in message
 
 
-@pytest.mark.parametrize("setting, value, differs", [
+#: A setting a tied site may not differ in: (name, the other value, how the error says it differs).
+OTHER_SETTINGS = [
     ("retraction", "qr", "retraction qr vs polar"),
     ("momentum", "keep", "momentum keep vs project"),
     ("init", "keep", "init keep vs project"),
-])
+]
+
+
+@pytest.mark.parametrize("setting, value, differs", OTHER_SETTINGS)
 def test_tied_weight_with_other_settings_is_a_plan_error(setting, value, differs):
     """Two rules stepping one tensor with another retraction (or momentum, init): the polar hook retracted the
     weight, then the qr hook retracted again from the pre-step point along the projection of the polar result,
