@@ -250,7 +250,8 @@ class Report:
                  penalties: list[dict[str, Any]], output_change: float | None = None,
                  conditioning: dict[str, list[float]] | None = None, notes: list[str] | None = None):
         self.output_change = output_change
-        self.notes = list(notes or [])  # lines shown under the table: why some figures are missing
+        # lines shown under the table: why some figures are missing, a scale a Stiefel constraint undoes
+        self.notes = list(notes or [])
         self.conditioning = dict(conditioning or {})
         self.rows = rows
         self.capture = capture
@@ -268,7 +269,8 @@ class Report:
         * ``penalties``: one dict per penalty term, keys ``site``, ``rule``, ``weight``, ``value``, ``weighted``;
         * ``output_change``: the relative output change on the example inputs (None without them);
         * ``conditioning``: ``{site: [kappa, ...]}``, the monitors' histories;
-        * ``notes``: the lines under the table saying why some figures are missing (e.g. no example inputs).
+        * ``notes``: the lines under the table saying why some figures are missing (e.g. no example inputs) and
+          which sites lose a scale to a Stiefel constraint (:class:`~orthofx.ScaleLostWarning`).
 
         None is a figure that does not apply or cannot be computed. A figure that is not finite (a NaN kappa after
         a NaN input, the L_orth of a weight holding an inf) is the string ``"nan"``, ``"inf"`` or ``"-inf"``
@@ -502,7 +504,9 @@ def _transformed_report(model: nn.Module) -> Report:
                               "weighted": None if value is None else term.weight * value})
     capture = {"mode": manifest.capture.mode, "leaf_fallbacks": list(manifest.capture.leaf_fallbacks),
                "warnings": list(manifest.capture.warnings), "summary": manifest.capture.summary()}
-    return Report(rows, capture, spectra, penalties, manifest.output_change, conditioning, _unsized_note(unsized))
+    notes = _unsized_note(unsized) + [_scale_lost_note(change) for change in manifest.changes
+                                      if "scale_lost" in change.after]
+    return Report(rows, capture, spectra, penalties, manifest.output_change, conditioning, notes)
 
 
 def _needs_input_size(module: nn.Module) -> bool:
@@ -521,6 +525,15 @@ def _unsized_note(sites: list[str]) -> list[str]:
     return [f"no sigma_min / sigma_max for {shown}: a conv's singular values depend on its input size, which "
             "transform records on the example inputs, and none reached these layers (pass "
             "example_inputs=(x,) to orthofx.transform)"]
+
+
+def _scale_lost_note(change) -> str:
+    """The note for a site whose scale a Stiefel constraint undoes (``Change.after["scale_lost"]``, recorded by
+    ``riemannian`` or ``isometric_init``, whichever came second), which the table's ``lorth`` of the current weight
+    does not show before the first optimizer step."""
+    return (f"{change.site}: {change.pass_name} (rule '{change.rule}'): the scale {change.after['scale_lost']:.4g} "
+            "is lost: riemannian keeps the weight on the Stiefel manifold, where all singular values are 1 "
+            "(ScaleLostWarning)")
 
 
 def _penalty_value(root: nn.Module, term) -> float | None:

@@ -109,7 +109,7 @@ from ..nn.padding import conv_zero_pads
 from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PlanEntry, Site, is_uninitialised,
                    recurrent_hidden_weights, recurrent_weights_reason, require_initialised)
 from .registry import register_pass
-from .riemannian import StiefelHook, _describe_matrices
+from .riemannian import StiefelHook, _describe_matrices, scale_kept_or_dropped
 
 __all__ = ["IsometricInit", "activation_gain", "delta_orthogonal_", "delta_taps", "frozen_parameters",
            "orthogonal_"]
@@ -387,9 +387,10 @@ class IsometricInit(Pass):
             # (T = A^T: Q Q^T = I makes T^T T = I); 'columns' for a square Q, as for a Linear
             wide = shape[0] > shape[1] if transposed else shape[0] < shape[1]
             rows = "rows" if wide else "columns"
-            what += f" (orthonormal {rows}, scale {scale:.4g}){_scale_dropped_later(ctx, entry, module, scale)}"
+            dropped = _scale_dropped_later(ctx, entry, module, scale)
+            what += f" (orthonormal {rows}, scale {scale:.4g}){dropped}"
             ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name, what=what,
-                              params=params, before=before, after={**after, "scale": scale}))
+                              params=params, before=before, after={**after, "scale": scale, **_lost(dropped, scale)}))
 
     def _apply_recurrent(self, ctx: PassContext, entry: PlanEntry, module: nn.Module, params: dict, scale: float,
                          generator: torch.Generator | None, initialised: dict[int, tuple]) -> None:
@@ -409,11 +410,12 @@ class IsometricInit(Pass):
             with torch.no_grad():
                 for name in _recurrent_bias_names(module):
                     getattr(module, name).zero_()
+        dropped = _scale_dropped_later(ctx, entry, module, scale)
         what = (f"orthogonal initialisation of the hidden-to-hidden weights ({_describe_matrices(module, weights)}, "
-                f"scale {scale:.4g})" + (f" ({'; '.join(tied_to)})" if tied_to else "")
-                + _scale_dropped_later(ctx, entry, module, scale))
+                f"scale {scale:.4g})" + (f" ({'; '.join(tied_to)})" if tied_to else "") + dropped)
         ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name, what=what, params=params,
-                          before=before, after={**_gate_defect(weights, scale), "scale": scale}))
+                          before=before, after={**_gate_defect(weights, scale), "scale": scale,
+                                                **_lost(dropped, scale)}))
 
 
 def frozen_parameters(module: nn.Module, with_bias: bool = True) -> list[str]:
@@ -452,11 +454,16 @@ def _scale_dropped_later(ctx: PassContext, entry: PlanEntry, module: nn.Module, 
     warnings.warn(
         f"isometric_init (rule '{entry.rule_name}'): '{entry.site.name}' ({type(module).__name__}): scale {scale:.4g}, "
         f"but riemannian (rule '{stiefel_rules[-1]}', earlier in the policy) keeps this weight on the Stiefel "
-        "manifold, where all singular values are 1: the first optimizer step's retraction drops the scale. To keep "
-        "the gain, leave this layer out of the riemannian rule (match.exclude, or its free layer); to constrain "
-        "it, give it gain: 1 and activation: linear", ScaleLostWarning, stacklevel=2)
+        f"manifold, where all singular values are 1: the first optimizer step's retraction drops the scale. "
+        f"{scale_kept_or_dropped(IsometricInit.name)}", ScaleLostWarning, stacklevel=2)
     return (f"; riemannian (rule '{stiefel_rules[-1]}') keeps the weight on the Stiefel manifold, so the first "
             "step's retraction drops this scale")
+
+
+def _lost(dropped: str, scale: float) -> dict[str, float]:
+    """``{"scale_lost": scale}`` for a Change whose scale an earlier riemannian rule drops (``dropped``: the note
+    of :func:`_scale_dropped_later`), as riemannian records it in the other order; ``{}`` otherwise."""
+    return {"scale_lost": scale} if dropped else {}
 
 
 def _scale(params: dict[str, Any]) -> float:

@@ -650,6 +650,14 @@ class _ScaleLost(NamedTuple):
     note: str
 
 
+def scale_kept_or_dropped(scaler: str) -> str:
+    """The two ways out when a rule's Stiefel constraint meets a scale that ``scaler`` (a pass name) gave the
+    weight: the advice of :class:`ScaleLostWarning`, from either pass."""
+    return ("To keep the gain, leave this layer out of the riemannian rule (match.exclude, or free: first / last for "
+            f"the layer that carries the scale, as in P1); to constrain it, drop the gain for it ({scaler} with "
+            "gain: 1, activation: linear).")
+
+
 def _scale_lost(ctx: PassContext, entry: PlanEntry, module: nn.Module, stepped: list[str]) -> _ScaleLost | None:
     """Warn (:class:`ScaleLostWarning`) when an earlier pass of the policy recorded a scale other than 1 for this
     site (``Change.after["scale"]``: ``isometric_init``'s ``gain * activation_gain``, whose weight has all singular
@@ -672,9 +680,7 @@ def _scale_lost(ctx: PassContext, entry: PlanEntry, module: nn.Module, stepped: 
     warnings.warn(
         f"riemannian (rule '{entry.rule_name}'): '{label}' ({type(module).__name__}): {by} gave its weight scale "
         f"{scale:.4g}, but the Stiefel constraint fixes all its singular values at 1: {when}, so the layer is back "
-        f"at scale 1 and that gain is lost. To keep the gain, leave this layer out of the riemannian rule "
-        f"(match.exclude, or free: first / last for the layer that carries the scale, as in P1); to constrain it, "
-        f"drop the gain for it ({earlier.pass_name} with gain: 1, activation: linear). init: keep does not keep it: "
+        f"at scale 1 and that gain is lost. {scale_kept_or_dropped(earlier.pass_name)} init: keep does not keep it: "
         f"the first step's retraction drops it", ScaleLostWarning, stacklevel=2)
     note = (f"; the scale {scale:.4g} that {by} gave the weight is lost (the Stiefel constraint fixes all "
             "singular values at 1)")
