@@ -206,6 +206,7 @@ from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, 
 from orthofx.nn.orthogonal import without_memory_format
 from orthofx.nn.padding import circular_pad, conv_zero_pads, flat_pads
 from orthofx.nn.precision import HALF_PRECISION
+from orthofx.theory import _flag
 
 __all__ = [
     "ConvNormGeometry",
@@ -312,6 +313,7 @@ def convnorm_geometry(input_size: Sequence[int], kernel_size, stride=1, padding=
     if any(v < 1 for v in k + s + dil):
         raise LayerArgumentError(f"kernel_size, stride and dilation must be positive, got {k}, {s}, {dil}")
     pads = conv_zero_pads(padding, k, dil, s)
+    _check_nonempty(n, where)
     ql, qr, grid, start, out = [], [], [], [], []
     for ni, ke, si, (pl, pr) in zip(n, _dilated_extent(k, dil), s, pads):
         if ni + pl + pr < ke:
@@ -325,6 +327,37 @@ def convnorm_geometry(input_size: Sequence[int], kernel_size, stride=1, padding=
         start.append(a - pl)
         out.append((ni + pl + pr - ke) // si + 1)
     return ConvNormGeometry(tuple(ql), tuple(qr), tuple(grid), tuple(start), s, tuple(out))
+
+
+def _check_nonempty(size: Sequence[int], where: str) -> None:
+    """A convolution needs at least one input entry along every spatial dimension: torch's convolutions refuse an
+    empty one ("Only zero batch or zero channel inputs are supported"), and padding it explicitly (non-zero
+    padding modes) used to fail inside ``F.pad`` without naming the layer, or to give a filter for a size no
+    forward can run on (``to_plain(input_sizes=...)``)."""
+    if any(v < 1 for v in size):
+        raise LayerArgumentError(f"{where}: input size {tuple(size)} has an empty (or negative) spatial dimension; a "
+                                 f"convolution needs at least one entry along each (torch's convolutions refuse it "
+                                 f"too): pass inputs (or input_sizes) whose spatial sizes are all >= 1")
+
+
+def _explicit_pads(size: Sequence[int], kernel_size, stride, padding, dilation, padding_mode: str,
+                   where: str) -> tuple[tuple[int, int], ...]:
+    """``(left, right)`` per spatial dimension by which a conv's non-zero ``padding_mode`` pads an input of spatial
+    ``size`` before ConvNorm's geometry, after the checks the geometry of the padded size (with no padding left)
+    could not make or name: the input is non-empty and covers the dilated kernel once padded (the error names the
+    input's own size and its padding), and reflect padding is smaller than the input (it mirrors the input without
+    repeating its edge, so it has ``n - 1`` entries to mirror; ``F.pad`` and torch's conv require the same)."""
+    convnorm_geometry(size, kernel_size, stride, padding, dilation, where=where)
+    d = len(size)
+    pads = conv_zero_pads(padding, _ntuple(kernel_size, d, "kernel_size"), _ntuple(dilation, d, "dilation"),
+                          _ntuple(stride, d, "stride"))
+    if padding_mode == "reflect" and any(max(pair) >= n for n, pair in zip(size, pads)):
+        raise LayerArgumentError(
+            f"{where}: padding_mode='reflect' pads the input by {[tuple(p) for p in pads]} (left, right) per spatial "
+            f"dimension, and reflect padding must be smaller than the input size {tuple(int(n) for n in size)} in "
+            f"each (it mirrors the input without repeating its edge; torch's conv requires the same): use larger "
+            f"inputs, less padding, or padding_mode='replicate' / 'circular'")
+    return pads
 
 
 # ------------------------------------------------------------------------------------------------ filters
@@ -360,6 +393,10 @@ def _power(weight: torch.Tensor, grid: Sequence[int], dilation) -> torch.Tensor:
     d = weight.ndim - 2
     grid = tuple(int(v) for v in grid)
     dil = _ntuple(dilation, d, "dilation")
+    if any(v < 1 for v in dil):
+        # a dilation of 0 put every tap at offset 0 (V of the kernel's sum), a negative one mirrored it: a wrong V
+        raise LayerArgumentError(f"dilation must be a positive integer per spatial dimension (the conv's own), got "
+                                 f"{dilation!r}")
     ks = tuple(weight.shape[2:])
     extent = _dilated_extent(ks, dil)
     if len(grid) != d or any(g < e for g, e in zip(grid, extent)):
@@ -398,14 +435,16 @@ def _checked_eps(eps) -> float:
     return float(eps)
 
 
-def _checked_max_running_grids(value) -> int | None:
-    """``max_running_grids`` as an int >= 1, or ``None`` (no bound)."""
+def _checked_max_running_grids(value, where: str = "") -> int | None:
+    """``max_running_grids`` as an int >= 1, or ``None`` (no bound); ``where`` starts the error (a layer's label
+    when the attribute is set later)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        prefix = f"{where}: " if where else ""
         raise LayerArgumentError(
-            f"max_running_grids must be None (no bound) or an integer >= 1 (the most running ConvNorm filters, one "
-            f"per FFT grid, that a layer with momentum keeps; default {MAX_RUNNING_GRIDS}), got {value!r}")
+            f"{prefix}max_running_grids must be None (no bound) or an integer >= 1 (the most running ConvNorm filters, "
+            f"one per FFT grid, that a layer with momentum keeps; default {MAX_RUNNING_GRIDS}), got {value!r}")
     return int(value)
 
 
@@ -555,7 +594,8 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
     ks = tuple(weight.shape[2:])
     dil = _ntuple(dilation, d, "dilation")
     if padding_mode != "zeros":
-        x = _explicit_pad(x, conv_zero_pads(padding, ks, dil, _ntuple(stride, d, "stride")), padding_mode)
+        x = _explicit_pad(x, _explicit_pads(x.shape[2:], ks, stride, padding, dil, padding_mode, _caller(layer)),
+                          padding_mode)
         padding = 0
     geo = convnorm_geometry(x.shape[2:], ks, stride, padding, dil, where=_caller(layer))
 
@@ -602,6 +642,11 @@ def conv_norm(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     else:
         def v_for(grid, geo):
             return None
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+        # torch's conv raised its own error for a count not dividing the output channels; 0 read as "takes 0 channels"
+        raise LayerArgumentError(f"conv_norm: groups must be a positive integer dividing the weight's "
+                                 f"{weight.shape[0]} output channels (weight {tuple(weight.shape)}: out_channels x "
+                                 f"in_channels / groups x kernel), got {groups!r}")
     return _conv_norm(input, weight, bias, stride, padding, dilation, groups, _checked_eps(eps), padding_mode,
                       v_for)
 
@@ -657,11 +702,12 @@ class ConvNormConvNd(nn.Module):
                                      or not 0 < momentum <= 1):
             raise LayerArgumentError(f"momentum must be None or a number in (0, 1], got {momentum!r}")
         max_running_grids = _checked_max_running_grids(max_running_grids)
+        # a truthy non-bool (affine="no", "false" from a config file) added a learned part silently
+        affine = _flag(affine, "affine (add the learned depthwise-conv affine part or not)", LayerArgumentError)
         self.conv = conv
         self.eps = float(eps)
         self.momentum = None if momentum is None else float(momentum)
-        self.max_running_grids = max_running_grids
-        setattr(conv, WRAPPED_MARKER, True)
+        self._max_running_grids = max_running_grids
         if affine:
             m = conv.out_channels
             k = conv.kernel_size if affine_kernel_size is None else _ntuple(affine_kernel_size, d,
@@ -675,6 +721,8 @@ class ConvNormConvNd(nn.Module):
             self.reset_affine()
         else:
             self.affine = None
+        # marked only once every argument is checked: a refused wrapper leaves the user's conv as it was
+        setattr(conv, WRAPPED_MARKER, True)
         self._input_sizes: dict[tuple[int, ...], None] = {}
         # the running filters per FFT grid: a plain dict, not buffers (see "Running V and eval mode")
         self._running_filters: dict[tuple[int, ...], torch.Tensor] = {}
@@ -689,8 +737,10 @@ class ConvNormConvNd(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_running_held", False)
-        # layers pickled before the bound existed kept every filter: they get the default bound from now on
-        self.__dict__.setdefault("max_running_grids", MAX_RUNNING_GRIDS)
+        # layers pickled before the bound existed kept every filter: they get the default bound from now on; layers
+        # pickled while it was a plain attribute kept it under the property's name
+        if "_max_running_grids" not in self.__dict__:
+            self._max_running_grids = self.__dict__.pop("max_running_grids", MAX_RUNNING_GRIDS)
         self.__dict__.setdefault("_drop_warned", False)
         self.__dict__.setdefault("_drop_pending", None)
         if "_running_filters" not in self.__dict__:
@@ -722,6 +772,17 @@ class ConvNormConvNd(nn.Module):
         replica._running_filters = dict(self._running_filters)
         replica._running_order = dict(self._running_order)
         return replica
+
+    @property
+    def max_running_grids(self) -> int | None:
+        """The most running filters (one per FFT grid) the layer keeps, or ``None`` (no bound); may be set, to an
+        integer >= 1 or ``None`` (the constructor's check: 0 used to keep one filter all the same, a string failed
+        in the middle of the next training forward)."""
+        return self._max_running_grids
+
+    @max_running_grids.setter
+    def max_running_grids(self, value) -> None:
+        self._max_running_grids = _checked_max_running_grids(value, layer_label(self))
 
     # ---- the conv's attributes, read-only
 
@@ -822,7 +883,8 @@ class ConvNormConvNd(nn.Module):
                                      f"sizes, one per spatial dimension of the convolution")
         padding = conv.padding
         if conv.padding_mode != "zeros":
-            pads = conv_zero_pads(conv.padding, conv.kernel_size, conv.dilation)
+            pads = _explicit_pads(size, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.padding_mode,
+                                  layer_label(self))
             size = tuple(n + a + b for n, (a, b) in zip(size, pads))
             padding = 0
         return convnorm_geometry(size, conv.kernel_size, conv.stride, padding, conv.dilation, where=layer_label(self))
@@ -1244,6 +1306,7 @@ class FrozenConvNormNd(nn.Module):
         d = self._dims
         x, unbatched = _batched_input(x, self.conv.weight, self.groups, layer_label(self))
         size = tuple(x.shape[2:])
+        self._check_size(size)
         in_dtype = x.dtype
         work = _real_dtype(in_dtype)
         if self._scaled_conv:
@@ -1260,6 +1323,17 @@ class FrozenConvNormNd(nn.Module):
         if self.affine is not None:
             y = _apply_affine(self.affine, y)
         return y
+
+    def _check_size(self, size: tuple[int, ...]) -> None:
+        """The unfrozen layer's checks of the spatial input size, made before any padding or conv: the paths that
+        pad explicitly (non-zero padding modes) or run the layer's own conv (one-tap) would otherwise fail inside
+        torch without naming the layer (the filtered zero-padding path checks in :func:`convnorm_geometry`)."""
+        where = layer_label(self)
+        if self.padding_mode != "zeros":
+            _explicit_pads(size, self.kernel_size, self.stride, self.layer_padding, self.dilation, self.padding_mode,
+                           where)
+        elif self._scaled_conv:
+            convnorm_geometry(size, self.kernel_size, self.stride, self.layer_padding, self.dilation, where=where)
 
     def _normalised_conv(self, x: torch.Tensor, size: tuple[int, ...],
                          work: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
