@@ -112,7 +112,7 @@ def test_more_sizes_than_the_bound_keep_the_most_recently_updated_and_warn_once(
     # the first drop: the 11 x 11 grid (input 9 x 9) dropped the 9 x 9 grid (input 7 x 7)
     assert "max_running_grids=3" in message and "training on the grid (11, 11)" in message
     assert "least recently updated grid (9, 9) " in message
-    assert "It keeps the grids [(8, 8), (10, 10), (11, 11)]" in message
+    assert "It keeps the grids (8, 8), (10, 10), (11, 11);" in message
     assert "max_running_grids=N" in message and "None: no bound" in message
     assert "momentum=0.25" in message
     # eval reads the filters: it neither drops nor counts as an update
@@ -192,7 +192,7 @@ def test_each_layer_warns_once_with_its_own_grids():
         for n in (5, 6, 7, 8):
             model(torch.randn(1, 3, n, n))
     first, second = _drop_warnings(caught)
-    assert "max_running_grids=1" in first and "grid (8, 8) dropped" in first and "grids [(8, 8)]" in first
+    assert "max_running_grids=1" in first and "grid (8, 8) dropped" in first and "keeps the grids (8, 8);" in first
     assert "max_running_grids=2" in second and "grid (7, 7) dropped" in second and "(5, 5)" in second
     assert model[0].running_grids == [(10, 10)] and model[1].running_grids == [(7, 7), (8, 8)]
 
@@ -253,3 +253,19 @@ def test_compiled_fullgraph_training_drops_as_eager_and_warns_at_eval():
     assert compiled_layer.running_grids == eager.running_grids == [(8, 8), (10, 10)]
     for grid in eager.running_grids:
         torch.testing.assert_close(compiled_layer.running_filter(grid), eager.running_filter(grid), rtol=0, atol=0)
+
+
+def test_the_drop_warning_names_a_few_grids_when_many_are_dropped_at_once():
+    """Lowering the bound by hand drops many grids at the next new one: the warning listed each of them (20 in a
+    fuzz run) and every grid kept; it names four of each and counts the rest."""
+    layer = _layer(None)
+    for n in range(4, 14):
+        layer(torch.randn(1, 3, n, n, dtype=torch.float64))
+    layer.max_running_grids = 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer(torch.randn(1, 3, 14, 14, dtype=torch.float64))
+    (message,) = _drop_warnings(caught)
+    assert "least recently updated grids (6, 6), (7, 7), (8, 8), (9, 9) and 5 more (later drops" in message
+    assert "It keeps the grids (15, 15), (16, 16);" in message
+    assert len(layer.running_grids) == 2

@@ -201,7 +201,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orthofx.errors import LayerArgumentError, RunningFiltersDroppedWarning, layer_label
+from orthofx.errors import LayerArgumentError, RunningFiltersDroppedWarning, first_few, layer_label
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
 from orthofx.nn.orthogonal import without_memory_format
 from orthofx.nn.padding import circular_pad, conv_zero_pads, flat_pads
@@ -963,8 +963,8 @@ class ConvNormConvNd(nn.Module):
             f"{layer_label(self)}{momentum} keeps at most max_running_grids={self.max_running_grids} running "
             f"ConvNorm filters, one per FFT grid (so per input size) it trains on: training on the grid {grid} "
             f"dropped the filter of the least recently updated grid{'s' if len(dropped) > 1 else ''} "
-            f"{', '.join(map(str, dropped))} (later drops of this layer are not reported). It keeps the grids "
-            f"{self.running_grids}; eval on an input size whose grid has no running filter uses V of the current "
+            f"{first_few(map(str, dropped), 4)} (later drops of this layer are not reported). It keeps the grids "
+            f"{first_few(map(str, self.running_grids), 4)}; eval on an input size whose grid has no running filter uses V of the current "
             f"weight, as for a size never trained on. To keep more, raise the bound: "
             f"{type(self).__name__}(conv, momentum=..., max_running_grids=N) (None: no bound), or set "
             f"layer.max_running_grids = N",
