@@ -35,9 +35,9 @@ from .capture import ModalGraphModule, _is_torch_layer, module_scopes
 from .errors import PlanError, first_few
 from .nn.tracing import is_orthofx_module
 from .passes.base import (RECURRENT_TYPES, CaptureInfo, PlanEntry, Site, derived_weight, describe_module,
-                          reads_only_metadata)
+                          reads_only_metadata, require_initialised)
 from .passes.registry import get_pass
-from .policy import Match, Policy, Rule
+from .policy import Match, Policy, Rule, match_pattern
 
 __all__ = ["Plan", "build_plan", "block_paths", "collect_sites", "describe_module", "other_mode_graph",
            "producers_feeding", "unused_leaf_entries", "FUNCTION_OPS"]
@@ -329,8 +329,11 @@ def _equal(module: nn.Module, attr: str, actual: Any, expected: Any) -> bool:
             "kernel_size, padding_mode") from None
 
 
-def _selects(match: Match, site: Site, module: nn.Module | None, fed_by: dict[str, set[str]]) -> bool:
-    if site.kind != match.site_kind or not match.matches_name(site.name):
+def _selects(match: Match, site: Site, module: nn.Module | None, fed_by: dict[str, set[str]],
+             aliases: tuple[str, ...] = ()) -> bool:
+    """Whether ``match`` selects ``site``; ``aliases``: the other paths of the site's module
+    (:func:`module_aliases`)."""
+    if site.kind != match.site_kind or not _name_selected(match, (site.name, *aliases)):
         return False
     if site.kind == "function":
         return not match.op or site.target in match.op
@@ -343,10 +346,41 @@ def _selects(match: Match, site: Site, module: nn.Module | None, fed_by: dict[st
     return True
 
 
-def _rule_selects(rule: Rule, site: Site, module: nn.Module | None, fed_by: dict[str, set[str]]) -> bool:
+def _name_selected(match: Match, names: tuple[str, ...]) -> bool:
+    """``match``'s ``name`` / ``exclude`` patterns on a module reachable by each of ``names`` (its site name first,
+    then its other paths): selected when a ``name`` pattern matches one of them (or there are none), unless an
+    ``exclude`` pattern matches one of them. One module under two names (``self.b = self.a``) is one layer: a rule
+    naming either path means it, and excluding either path leaves it alone (it cannot be treated under one name
+    and not the other)."""
+    if len(names) == 1:
+        return match.matches_name(names[0])
+    if match.name and not any(match_pattern(p, n) for p in match.name for n in names):
+        return False
+    return not any(match_pattern(p, n) for p in match.exclude for n in names)
+
+
+def module_aliases(model: nn.Module | None) -> dict[str, tuple[str, ...]]:
+    """First path -> the other paths of each module of ``model`` reachable by more than one (two attributes naming
+    one module, ``self.b = self.a``; an ``nn.Sequential`` holding one layer twice; the submodules below them). A
+    site is named by the first path, as ``model.named_modules()`` and fx name it, whatever path a rule names."""
+    if model is None:
+        return {}
+    first: dict[int, str] = {}
+    for name, module in model.named_modules():
+        first.setdefault(id(module), name)
+    aliases: dict[str, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        canonical = first.get(id(module))
+        if canonical is not None and name != canonical and name not in aliases.get(canonical, ()):
+            aliases.setdefault(canonical, []).append(name)
+    return {name: tuple(paths) for name, paths in aliases.items()}
+
+
+def _rule_selects(rule: Rule, site: Site, module: nn.Module | None, fed_by: dict[str, set[str]],
+                  aliases: tuple[str, ...] = ()) -> bool:
     """:func:`_selects` for a policy rule; a ``where:`` value that cannot be compared is a PlanError naming it."""
     try:
-        return _selects(rule.match, site, module, fed_by)
+        return _selects(rule.match, site, module, fed_by, aliases)
     except _WhereError as exc:
         loc = getattr(rule, "location", None)
         at = f" ({loc})" if loc is not None and getattr(loc, "line", None) is not None else ""
@@ -522,6 +556,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
     in its error, and one that matches other sites adds a capture warning (shown by ``explain`` and ``report``)."""
     sites, nodes = _all_sites(gm, blocks)
     traced = traced_through_layers(model, sites) if model is not None else {}
+    aliases = {name: paths for name, paths in module_aliases(model).items() if name}
     fed_by: dict[str, set[str]] = {}
     for site in sites:
         if site.kind == "function":
@@ -552,7 +587,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
         rejected: list[tuple[Site, str]] = []
         for site in sites:
             module = _module_or_none(gm, site)
-            if not _rule_selects(rule, site, module, fed_by):
+            if not _rule_selects(rule, site, module, fed_by, aliases.get(site.name, ())):
                 continue
             selected += 1
             key = (site.kind, site.name, group)
@@ -602,12 +637,33 @@ def _check_pass_plans(gm: fx.GraphModule, entries: list[PlanEntry]) -> None:
     """Let each pass refuse a combination of its entries that its ``apply`` would refuse (a pass's
     ``check_plan(gm, entries)``, given the entries of that pass in plan order, as ``apply`` gets them; e.g.
     ``riemannian``'s tied weights cut into other matrices), so that ``explain`` raises the :class:`PlanError`
-    that ``transform`` would raise, before any pass has run."""
+    that ``transform`` would raise, before any pass has run (with ``inplace=True`` an earlier pass of the policy
+    would have written the user's weights by the time a later one refused). Lazy layers that have not run are
+    refused here too, for the passes that need their weight (:func:`_refuse_lazy_layers`)."""
     by_pass: dict[str, list[PlanEntry]] = {}
     for entry in entries:
         by_pass.setdefault(entry.pass_name, []).append(entry)
     for pass_name, pass_entries in by_pass.items():
-        get_pass(pass_name)().check_plan(gm, pass_entries)
+        pass_cls = get_pass(pass_name)
+        _refuse_lazy_layers(gm, pass_cls, pass_entries)
+        pass_cls().check_plan(gm, pass_entries)
+
+
+def _refuse_lazy_layers(gm: fx.GraphModule, pass_cls: type, entries: list[PlanEntry]) -> None:
+    """:class:`PlanError` for a lazy layer that has not run yet (``nn.LazyLinear`` ...) at a module site of a pass
+    that writes, steps or replaces the layer's weight (``needs_weight_parameter``, ``needs_original_module``,
+    ``replaces_module``): it has no shape or values to do that with. Planning sees the layers as the passes will:
+    given example inputs, ``transform`` and ``explain`` run the model before planning, which initialises its lazy
+    layers, so one still lazy here stays so (no example inputs, or none reaching it), and the pass's ``apply``
+    would refuse it, after the passes before it had run. Passes that only read the weight when the penalty is
+    computed (``orth_regularizer``) or wrap a block (``jacobian_isometry``) take lazy layers."""
+    if not (pass_cls.needs_weight_parameter or pass_cls.needs_original_module or pass_cls.replaces_module):
+        return
+    purpose = (f"{pass_cls.name} has no shape to build its replacement from" if pass_cls.replaces_module
+               else f"{pass_cls.name} has no weight to write or to step")
+    for entry in entries:
+        if entry.site.kind == "module":
+            require_initialised(entry, gm.get_submodule(entry.site.name), purpose)
 
 
 def scripted_module_warnings(gm: fx.GraphModule) -> list[str]:
