@@ -26,7 +26,7 @@ from .errors import ArgumentError, OrthofxError, TransformError, first_few
 from .nn.precision import describe_nonfinite, relative_distance
 from .passes.base import MANIFEST_KEY, EvalRun, Manifest, PassContext, PlanEntry, Site, replace_module
 from .passes.registry import get_pass
-from .plan import Plan, block_paths, build_plan, other_mode_graph
+from .plan import Plan, block_paths, build_plan, module_aliases, other_mode_graph
 from .policy import Policy
 
 __all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed", "output_tensors"]
@@ -462,6 +462,7 @@ def _share_replaced_layers(root: nn.Module, gm: fx.GraphModule) -> None:
         graphs.append(other[0])
     called = sorted({node.target for graph in graphs for node in graph.nodes if node.op == "call_module"},
                     key=lambda path: path.count("."))
+    aliases = module_aliases(root)
     done: list[str] = []
     for path in called:
         if any(path.startswith(outer + ".") for outer in done):
@@ -472,7 +473,10 @@ def _share_replaced_layers(root: nn.Module, gm: fx.GraphModule) -> None:
             continue  # a module the passes added (a monitor): the model has no place for it
         new = gm.get_submodule(path)
         if new is not old:
-            replace_module(root, path, new)
+            # a module under two names (self.b = self.a) is one site, named by its first path: the model must
+            # call the new layer under every name, as gm does
+            for alias in (path, *aliases.get(path, ())):
+                replace_module(root, alias, new)
             done.append(path)
 
 
