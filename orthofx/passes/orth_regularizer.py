@@ -92,14 +92,16 @@ class LorthTerm(PenaltyTerm):
                              dilation=self.dilation)
 
     def form(self) -> tuple:
-        return (self.stride, self.groups, self.case, self.dilation)
+        # not the case: L_orth's RO and CO forms differ by the constant M - C S^d (P0), so they are one regulariser
+        # (the same gradient); a tensor tied between sites that force other cases was penalised twice
+        return (self.stride, self.groups, self.dilation)
 
     def penalised(self, root: nn.Module) -> list[tuple[str, torch.Tensor, tuple]]:
         """A Linear's weight in the form of one gate block (:func:`gate_blocks_lorth`): its L_orth is that block's,
         so a Linear tied to a one-gate RNN's hidden weight is one regulariser; other layers as the base class."""
         layer = root.get_submodule(self.site)
         if isinstance(layer, nn.Linear):
-            return [(self.site, layer.weight, _gate_blocks_form(1, self.case))]
+            return [(self.site, layer.weight, _gate_blocks_form(1))]
         return super().penalised(root)
 
 
@@ -137,7 +139,7 @@ class RecurrentLorthTerm(PenaltyTerm):
 
     def penalised(self, root: nn.Module) -> list[tuple[str, torch.Tensor, tuple]]:
         layer = root.get_submodule(self.site)
-        return [(f"{self.site}.{name}", getattr(layer, name), _gate_blocks_form(self.gates, self.case))
+        return [(f"{self.site}.{name}", getattr(layer, name), _gate_blocks_form(self.gates))
                 for name in self.parameters]
 
     def __repr__(self) -> str:
@@ -216,7 +218,7 @@ class OrthRegularizer(Pass):
         module = ctx.module(entry.site)
         hidden = recurrent_hidden_weights(module)
         gates = hidden[0][1]
-        penalised = ctx.penalised_tensors(_gate_blocks_form(gates, case))
+        penalised = ctx.penalised_tensors(_gate_blocks_form(gates))
         own, tied = [], []
         for name, _ in hidden:
             tensor = getattr(module, name)
@@ -236,9 +238,10 @@ class OrthRegularizer(Pass):
                           params=dict(entry.params)))
 
 
-def _gate_blocks_form(gates: int, case: str | None) -> tuple:
-    """The form (:meth:`~orthofx.passes.base.PenaltyTerm.penalised`) of :func:`gate_blocks_lorth` on one weight."""
-    return ("gate blocks", gates, case)
+def _gate_blocks_form(gates: int) -> tuple:
+    """The form (:meth:`~orthofx.passes.base.PenaltyTerm.penalised`) of :func:`gate_blocks_lorth` on one weight;
+    without the case, as for :meth:`LorthTerm.form` (each block's RO and CO forms differ by a constant)."""
+    return ("gate blocks", gates)
 
 
 def _describe_blocks(module: nn.Module, names: list[str], gates: int) -> str:
