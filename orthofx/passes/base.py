@@ -634,6 +634,12 @@ def recurrent_hidden_weights(module: nn.Module) -> list[tuple[str, int]]:
     return [(name, getattr(module, name).shape[0] // module.hidden_size) for name in names]
 
 
+def gate_blocks_text(gates: int, block_shape: str) -> str:
+    """How passes name the blocks a recurrent weight is cut into (:func:`recurrent_hidden_weights`):
+    ``4 gate blocks of 6x6``, ``one block of 6x6`` (an ``nn.RNN``'s single gate)."""
+    return f"{gates} gate blocks of {block_shape}" if gates > 1 else f"one block of {block_shape}"
+
+
 def recurrent_weights_reason(module: nn.Module) -> str | None:
     """Why a pass cannot treat a recurrent layer's hidden-to-hidden weights (``None`` when it can): none to treat
     (``hidden_size=0``), or one computed by a torch parametrization or recomputed by a forward pre-hook (the

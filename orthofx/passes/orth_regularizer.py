@@ -63,7 +63,7 @@ from torch import nn
 
 from .. import metrics, theory
 from ..errors import ArgumentError
-from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry,
+from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, gate_blocks_text,
                    recurrent_hidden_weights, recurrent_weights_reason, whole)
 from .registry import register_pass
 
@@ -248,6 +248,5 @@ def _describe_blocks(module: nn.Module, names: list[str], gates: int) -> str:
     """``weight_hh_l0, weight_hh_l1 (4 gate blocks of 6x6 each)``; ``weight_hh (one block of 5x5)`` for an RNN
     cell."""
     rows, cols = getattr(module, names[0]).shape
-    shape = f"{rows // gates}x{cols}"
-    blocks = f"{gates} gate blocks of {shape}" if gates > 1 else f"one block of {shape}"
+    blocks = gate_blocks_text(gates, f"{rows // gates}x{cols}")
     return f"{', '.join(names)} ({blocks}{' each' if len(names) > 1 else ''})"

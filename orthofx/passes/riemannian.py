@@ -120,8 +120,8 @@ from ..errors import ArgumentError, LayerArgumentError, OrthofxError, PlanError,
 from ..nn import stiefel
 from ..nn.precision import describe_nonfinite
 from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site,
-                   is_uninitialised, recurrent_hidden_weights, recurrent_weights_reason, require_initialised,
-                   weight_groups, whole, write_whole)
+                   gate_blocks_text, is_uninitialised, recurrent_hidden_weights, recurrent_weights_reason,
+                   require_initialised, weight_groups, whole, write_whole)
 from .registry import register_pass
 
 __all__ = ["Riemannian", "ScaleLostWarning", "StiefelHook",
@@ -593,8 +593,8 @@ def _layout_text(module: nn.Module, weight: torch.Tensor, groups: int) -> str:
     side = "rows" if stiefel.is_wide(matrix) else "columns"
     if groups == 1:
         return f"one {shape} matrix with orthonormal {side}"
-    unit = "gate blocks" if isinstance(module, RECURRENT_TYPES) else "groups"
-    return f"{groups} {unit} of {shape}, each with orthonormal {side}"
+    blocks = gate_blocks_text(groups, shape) if isinstance(module, RECURRENT_TYPES) else f"{groups} groups of {shape}"
+    return f"{blocks}, each with orthonormal {side}"
 
 
 def _check_tied(this: _Constrained, first: _Constrained) -> None:
@@ -710,8 +710,8 @@ def _describe_matrices(module: nn.Module, weights: list[tuple[str, int, torch.Te
         return f"{shape}, orthonormal {rows}"
     gates = weights[0][1]
     # "one block" alone would read as one block for all the named weights (an RNN with 3 layers has 3)
-    each = " each" if len(weights) > 1 else ""
-    blocks = f"{gates} gate blocks of {shape} each" if gates > 1 else f"one block of {shape}{each}"
+    each = " each" if len(weights) > 1 or gates > 1 else ""
+    blocks = gate_blocks_text(gates, shape) + each
     return f"{', '.join(pname for pname, _, _ in weights)}: {blocks}, orthonormal {rows}"
 
 
