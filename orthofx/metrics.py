@@ -48,7 +48,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from orthofx.errors import ArgumentError
+from orthofx.errors import ArgumentError, LayerArgumentError
 from orthofx.nn.convnorm import running_filters_held
 from orthofx.nn.precision import HALF_PRECISION, autocast_enabled
 from orthofx.theory import _flag as _theory_flag, _positive_int as _int, orthogonality_case
@@ -835,6 +835,13 @@ class _ComposedNorms(torch.overrides.TorchFunctionMode):
                     eps=1e-5):
         if not training and running_mean is not None and running_var is not None:
             return func(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if input.numel() == input.shape[1]:
+            # torch refuses it ("Expected more than 1 value per channel when training"); normalised here it was
+            # zero, a Jacobian of 0 and an estimate without gradient (batch_fraction can leave one sample)
+            raise ArgumentError(
+                f"a BatchNorm in training mode got one value per channel (input {tuple(input.shape)}) in the "
+                "Jacobian estimate: its batch statistics need more than one sample. Give the estimate more samples "
+                "(a larger batch_fraction or batch), or put the BatchNorm in eval mode")
         return _channel_affine(_normalised(input, [0] + list(range(2, input.dim())), eps), weight, bias)
 
     @staticmethod
@@ -872,18 +879,31 @@ class _Call:
     leaf that requires grad, which a block opening with an in-place op (``nn.ReLU(inplace=True)``) may not write.
     """
 
-    def __init__(self, fn, rest: tuple = (), kwargs: dict | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, fn, rest: tuple = (), kwargs: dict | None = None, dtype: torch.dtype | None = None,
+                 label: str | None = None):
         if not isinstance(fn, _nn.Module) and not callable(fn):
             raise ArgumentError(f"fn must be a callable or an nn.Module, got {type(fn).__name__}")
         self.fn = fn
         self.rest = tuple(rest)
         self.kwargs = dict(kwargs or {})
         self.dtype = dtype
+        # a JacobianProbe's label: fn is its block, and an output that is not one tensor is refused naming the layer
+        self.label = label
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
 
     def __call__(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        y = self._call(x, params)
+        if self.label is not None and not isinstance(y, torch.Tensor):
+            raise LayerArgumentError(
+                f"{self.label} ({type(self.fn).__name__}): the block returns a {type(y).__name__}, not one tensor, so "
+                "it has no single input-output Jacobian to regularise. Select a block that returns one tensor (one "
+                "of its submodules, or the layers after it), or wrap it in a module that returns the output to "
+                "regularise")
+        return y
+
+    def _call(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None) -> object:
         module = self.fn
         x = x.clone()
         if not isinstance(module, _nn.Module):
@@ -922,7 +942,7 @@ class _Call:
         def pick(a):
             return a[index] if isinstance(a, torch.Tensor) and a.ndim > 0 and a.shape[0] == batch else a
         return _Call(self.fn, tuple(pick(a) for a in self.rest), {k: pick(a) for k, a in self.kwargs.items()},
-                     self.dtype)
+                     self.dtype, self.label)
 
 
 def _as_function(fn, dtype: torch.dtype | None = None) -> _Call:

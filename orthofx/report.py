@@ -750,7 +750,7 @@ def _module_row(name: str, module: nn.Module, spectra: dict[str, torch.Tensor],
     orthofx's, None for torch's; no params; a probe's row measures its block when that is a conv / linear, and its
     penalty term goes into ``penalties``; a monitor's kappa history into ``conditioning``."""
     probe = module if isinstance(module, JacobianProbe) else None
-    measured = module if probe is None else probe.block
+    measured = module if probe is None else probe._block
     size = getattr(measured, "input_size", None)
     row = _layer_row(name, measured, "orthofx layer" if is_orthofx_layer(module) else None, None,
                      tuple(size) if isinstance(size, tuple) else None, spectra)

@@ -15,7 +15,9 @@ parent) changes no checkpoint key and no module path: ``layer1.0.conv1.weight`` 
 saved state and every name-based reference). Saving and loading go through the block's own
 ``_save_to_state_dict`` / ``_load_from_state_dict`` (class-specific versions, extra state). Attributes the probe
 does not have are looked up on the block (``probe.in_features`` of a wrapped Linear). :attr:`block` is the
-wrapped module; :meth:`to_plain` returns it (``orthofx.freeze`` uses it to remove the probe).
+wrapped module (unless that has a submodule named ``block``, which it then is, so paths through the probe stay
+the block's); :meth:`to_plain` returns it (``orthofx.freeze`` uses it to remove the probe). A block with a member
+named like one of the probe's own attributes (``penalty``, ``kind``, ``every`` ...) is refused.
 
 The estimate's extra forward passes run the block on copies of its buffers (``torch.func.functional_call``), so
 BatchNorm running statistics move once per step, as without the probe; they draw from the global RNG (the probes,
@@ -46,6 +48,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -69,12 +72,42 @@ def _keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+# How many probe estimates are running (nested blocks: a probe inside another probe's block). A probe called
+# while an estimate runs is part of that estimate's extra forward passes: it only runs its block (its own
+# estimate, made at its real call, must neither be made there, inside the outer one's function transform, nor be
+# reset or counted as a call of the step).
+_estimates_running = 0
+
+
+def _first_parameter(module: nn.Module) -> str | None:
+    """The name of the first parameter of ``module.forward`` when it can be given by keyword and positionally
+    (``def forward(self, x, ...)``), else None."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature (a builtin)
+        return None
+    if parameters and parameters[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        return parameters[0].name
+    return None
+
+
+def _hidden_names() -> tuple[str, ...]:
+    """The names a member of the wrapped block cannot have: the probe's own attributes and the methods it adds to
+    ``nn.Module``'s (``probe.penalty`` must stay the method). ``block`` is not among them: a submodule of that name
+    is what :attr:`JacobianProbe.block` returns."""
+    added = {name for name in vars(JacobianProbe) if not name.startswith("__")} - set(dir(nn.Module)) - {"block"}
+    return tuple(sorted(set(_OWN) | added))
+
+
 class JacobianProbe(nn.Module):
     """Wrap ``block``; in training mode also estimate its Jacobian isometry defect (see the module docstring).
 
     Args:
-        block: the module to wrap; its first positional argument is the input the Jacobian is taken with
-            respect to (other arguments are held fixed), and it must return one tensor.
+        block: the module to wrap; the first argument of its forward (positional, or by keyword as fx keeps
+            ``block(x=h)``) is the input the Jacobian is taken with respect to (other arguments are held fixed),
+            and it must return one tensor (a tuple or dict output raises, naming the layer). A probe inside
+            another probe's block (nested sites) runs only its block during the outer estimate; each probe makes
+            its own estimate at its real call.
         weight: multiplier used by :meth:`penalty` (``orthofx.penalty`` uses the rule's weight, the same value).
         probes: Rademacher probes per estimate (``offdiag`` uses at least 2).
         kind: ``"full"`` (||J^T J - I||_F^2), ``"partial"`` (||J J^T J - J||_F^2) or ``"offdiag"``
@@ -132,12 +165,18 @@ class JacobianProbe(nn.Module):
             raise LayerArgumentError(f"weight must be a finite number >= 0, got {weight!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise LayerArgumentError(f"seed must be an integer or None, got {seed!r}")
+        for name, flag in (("per_sample", per_sample), ("normalize", normalize)):
+            # bool("no") is True: a string or a number here is a mistake, not a switch
+            if not isinstance(flag, bool):
+                raise LayerArgumentError(f"JacobianProbe: {name} must be True or False, got {flag!r}")
         batch_fraction = metrics._check_fraction(batch_fraction, "JacobianProbe")
-        clash = [name for name in _OWN if name in block._modules or name in block._parameters
+        clash = [name for name in _hidden_names() if name in block._modules or name in block._parameters
                  or name in block._buffers]
         if clash:
-            raise LayerArgumentError(f"cannot wrap {type(block).__name__}: its member(s) {', '.join(clash)} would be "
-                                     "hidden by the probe's own attributes")
+            raise LayerArgumentError(
+                f"cannot wrap {type(block).__name__} in a JacobianProbe: its member(s) {', '.join(clash)} would be "
+                "hidden by the probe's own attributes (model.get_submodule and checkpoint paths through them would "
+                "reach the probe's instead); rename the member(s), or select the block's submodules")
         super().__init__()
         # The wrapped block is not registered as a child: the probe adopts its registries instead (see the module
         # docstring), so paths and state_dict keys are the block's.
@@ -149,9 +188,9 @@ class JacobianProbe(nn.Module):
         self._version = getattr(block, "_version", 1)  # state_dict metadata: the block's class version
         self.training = block.training
         self.penalty_weight = float(weight)
-        self.probes = _positive_int(probes, "probes", LayerArgumentError)
+        self.probes = _positive_int(probes, "JacobianProbe: probes", LayerArgumentError)
         self.kind = kind
-        self.every = _positive_int(every, "every", LayerArgumentError)
+        self.every = _positive_int(every, "JacobianProbe: every", LayerArgumentError)
         self.per_sample = bool(per_sample)
         self.normalize = bool(normalize)
         self.route = route
@@ -166,7 +205,18 @@ class JacobianProbe(nn.Module):
 
     @property
     def block(self) -> nn.Module:
-        """The wrapped module (shares its parameters, buffers and submodules with the probe)."""
+        """The wrapped module (shares its parameters, buffers and submodules with the probe).
+
+        Except when the wrapped module has a submodule named ``block`` itself (torchvision's MBConv does): then,
+        as for every other name, ``probe.block`` is that submodule, so that ``model.get_submodule`` and
+        checkpoint paths through the probe (``features.1.0.block.0``) reach what they reach in the plain model;
+        :meth:`to_plain` returns the wrapped module."""
+        wrapped = self.__dict__["_wrapped"]
+        return wrapped._modules["block"] if "block" in wrapped._modules else wrapped
+
+    @property
+    def _block(self) -> nn.Module:
+        """The wrapped module, always (see :attr:`block`)."""
         return self.__dict__["_wrapped"]
 
     def __getattr__(self, name: str) -> Any:
@@ -181,34 +231,34 @@ class JacobianProbe(nn.Module):
     # Container protocols of the block (``model.layer1[0]`` keeps working on a wrapped Sequential); Python looks
     # special methods up on the class, so __getattr__ alone would not forward them.
     def __getitem__(self, index: Any) -> Any:
-        return self.block[index]
+        return self._block[index]
 
     def __len__(self) -> int:
-        return len(self.block)
+        return len(self._block)
 
     def __iter__(self):
-        return iter(self.block)
+        return iter(self._block)
 
     def __bool__(self) -> bool:  # a module is truthy whatever __len__ says about its block
         return True
 
     def train(self, mode: bool = True) -> JacobianProbe:
         super().train(mode)
-        self.block.training = mode
+        self._block.training = mode
         return self
 
     def _apply(self, fn, recurse=True):
         # the block's own _apply, on the registries the probe shares: a class-specific one (ConvNorm's running
         # filters, kept outside the buffers) must run for .to() / .double() of the probe too
-        self.block._apply(fn, recurse)
+        self._block._apply(fn, recurse)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self.block._save_to_state_dict(destination, prefix, keep_vars)
+        self._block._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        self.block._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+        self._block._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                          unexpected_keys, error_msgs)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -228,8 +278,8 @@ class JacobianProbe(nn.Module):
 
     def to_plain(self) -> nn.Module:
         """The wrapped block (with the probe's training flag), for ``orthofx.freeze``."""
-        self.block.training = self.training
-        return self.block
+        self._block.training = self.training
+        return self._block
 
     def extra_repr(self) -> str:
         fraction = "" if self.batch_fraction == 1 else f", batch_fraction={self.batch_fraction:g}"
@@ -245,9 +295,13 @@ class JacobianProbe(nn.Module):
             # could not trace through it, and the estimate is nested autograd on concrete tensors
             return record_as_leaf(self, tracer, args, kwargs, "in training mode it estimates the block's Jacobian "
                                   "with nested autograd on concrete tensors and keeps the estimate on the probe")
-        block = self.block
+        block = self._block
         block.training = self.training
         if recomputing_in_backward():  # activation checkpointing: not a new call, no new estimate
+            return block(*args, **kwargs)
+        if _estimates_running:
+            # inside the estimate of a probe around this one (nested blocks): one of its extra forward passes, not
+            # a call of the step; this probe's own estimate is made at its real call
             return block(*args, **kwargs)
         if not self.training or not torch.is_grad_enabled():
             self.estimate = None
@@ -301,12 +355,43 @@ class JacobianProbe(nn.Module):
 
     def _estimate(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The block's Jacobian estimate at these inputs (sets :attr:`route_used`)."""
+        global _estimates_running
+        _estimates_running += 1
+        try:
+            return self._estimate_at(*self._input_first(args, kwargs))
+        except RuntimeError as exc:
+            if "use_reentrant" not in str(exc):
+                raise
+            # torch: "When use_reentrant=True, torch.utils.checkpoint is incompatible with .grad()": the estimate's
+            # products are autograd.grad calls through the block
+            raise LayerArgumentError(
+                f"{layer_label(self)} ({type(self._block).__name__}): the block runs torch.utils.checkpoint with "
+                "use_reentrant=True, through which the Jacobian's products (torch.autograd.grad) cannot be taken. "
+                "Pass use_reentrant=False to its checkpoint calls (the same memory saving, and it supports them)"
+            ) from exc
+        finally:
+            _estimates_running -= 1
+
+    def _input_first(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` with the Jacobian's variable first in ``args``: a call that gives the block's first
+        parameter by keyword (``block(x=h)``, which fx keeps as it is) has it moved there (the estimate passes it
+        positionally)."""
+        if args or not kwargs:
+            return args, kwargs
+        name = _first_parameter(self._block)
+        if name is None or name not in kwargs:
+            return args, kwargs
+        rest = {key: value for key, value in kwargs.items() if key != name}
+        return (kwargs[name],), rest
+
+    def _estimate_at(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """:meth:`_estimate` once the Jacobian's variable is ``args[0]``."""
         if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
             got = args[0].dtype if args and isinstance(args[0], torch.Tensor) else type(args[0] if args else None)
             raise LayerArgumentError(
-                f"{layer_label(self)} ({type(self.block).__name__}): the Jacobian is taken with respect to the first "
-                f"positional argument, which must be a floating-point tensor (got {got}); regularise a block whose "
-                "input is continuous (e.g. the layers after an embedding)")
+                f"{layer_label(self)} ({type(self._block).__name__}): the Jacobian is taken with respect to the first "
+                f"argument of the block's forward, which must be a floating-point tensor (got {got}); regularise a "
+                "block whose input is continuous (e.g. the layers after an embedding)")
         if self.seed is not None and torch.compiler.is_compiling():
             raise LayerArgumentError(
                 f"{layer_label(self)}: seed={self.seed} makes a torch.Generator at each estimate, which torch.compile "
@@ -321,7 +406,7 @@ class JacobianProbe(nn.Module):
         # the other inputs are held fixed, like the first: the regulariser shapes this block's parameters only
         rest, fixed = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (args[1:], kwargs))
         estimate, self.route_used = metrics._jacobian_isometry(
-            metrics._Call(self.block, rest, fixed), args[0], probes=self.probes, kind=self.kind,
+            metrics._Call(self._block, rest, fixed, label=layer_label(self)), args[0], probes=self.probes, kind=self.kind,
             per_sample=self.per_sample, generator=generator, normalize=self.normalize, route=route,
             batch_fraction=self.batch_fraction, what=f"jacobian_isometry of {layer_label(self)}")
         return estimate

@@ -395,7 +395,7 @@ def owns_user_buffers(module: nn.Module) -> bool:
     (:func:`orthofx.nn.tracing.is_orthofx_module`: ConvNorm's per-input-size filters, a monitor's statistics,
     which a run legitimately fills). A JacobianProbe adopts its wrapped block's registries (its buffers *are*
     the block's), so the block decides."""
-    owner = module.block if isinstance(module, JacobianProbe) else module
+    owner = module._block if isinstance(module, JacobianProbe) else module
     return not is_orthofx_module(owner)
 
 

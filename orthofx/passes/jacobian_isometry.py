@@ -81,6 +81,33 @@ class JacobianTerm(PenaltyTerm):
         return probe.estimate
 
 
+def _no_jacobian(ctx: PassContext, name: str) -> str | None:
+    """Why the example run showed the block at ``name`` to have no Jacobian to regularise, or None (also when
+    there was no example run: the probe then says so at its first training step)."""
+    inputs = ctx.site_inputs.get(name)
+    if inputs and not (isinstance(inputs[0], torch.Tensor) and inputs[0].is_floating_point()):
+        got = inputs[0].dtype if isinstance(inputs[0], torch.Tensor) else type(inputs[0]).__name__
+        return (f"its first input is {got}, not a floating-point tensor: there is no Jacobian to regularise "
+                "(select the blocks after it)")
+    if name in ctx.manifest.input_shapes and name not in ctx.manifest.output_shapes:
+        # the example run records the output shape of a block that returns one tensor only
+        return ("it returns a tuple, dict or other non-tensor, not one tensor: there is no single input-output "
+                "Jacobian to regularise (select a submodule that returns one tensor, or the layers after it)")
+    return None
+
+
+def _calls_per_step(calls: Counter, name: str) -> int:
+    """Calls of the module at ``name`` in one forward of the graph: its own ``call_module`` nodes, or, for a
+    module inside a leaf of the graph (a block nested in another selected block), the calls of the nearest
+    enclosing leaf (assumed to call it once per call)."""
+    path = name
+    while path:
+        if calls.get(path):
+            return calls[path]
+        path = path.rpartition(".")[0]
+    return 1
+
+
 @register_pass
 class JacobianIsometry(Pass):
     """Wrap blocks in :class:`JacobianProbe` and attach their Jacobian isometry estimates as penalty terms."""
@@ -120,18 +147,15 @@ class JacobianIsometry(Pass):
             p = entry.params
             name = entry.site.name
             block = ctx.module(entry.site)
-            inputs = ctx.site_inputs.get(name)
-            if inputs and not (isinstance(inputs[0], torch.Tensor) and inputs[0].is_floating_point()):
-                got = inputs[0].dtype if isinstance(inputs[0], torch.Tensor) else type(inputs[0]).__name__
-                reason = (f"its first input is {got}, not a floating-point tensor: there is no Jacobian to "
-                          "regularise (select the blocks after it)")
+            reason = _no_jacobian(ctx, name)
+            if reason is not None:
                 ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name, what="left unchanged: " +
                                   reason, params=dict(p), status=f"skipped: {reason}"))
                 continue
             probe = JacobianProbe(block, weight=p["weight"], probes=p["probes"], kind=p["kind"], every=p["every"],
                                   per_sample=p["per_sample"], normalize=p["normalize"], route=p["route"],
                                   batch_fraction=p["batch_fraction"])
-            probe.calls_per_step = max(1, calls.get(name, 1))
+            probe.calls_per_step = _calls_per_step(calls, name)
             ctx.replace_module(name, probe)
             ctx.add_penalty(JacobianTerm(name, entry.rule_name, p["weight"]))
             before = {}
