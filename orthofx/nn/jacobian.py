@@ -405,10 +405,11 @@ class JacobianProbe(nn.Module):
             route = "double_vjp"
         # the other inputs are held fixed, like the first: the regulariser shapes this block's parameters only
         rest, fixed = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (args[1:], kwargs))
+        block = metrics._Call(self._block, rest, fixed, label=layer_label(self))
         estimate, self.route_used = metrics._jacobian_isometry(
-            metrics._Call(self._block, rest, fixed, label=layer_label(self)), args[0], probes=self.probes, kind=self.kind,
-            per_sample=self.per_sample, generator=generator, normalize=self.normalize, route=route,
-            batch_fraction=self.batch_fraction, what=f"jacobian_isometry of {layer_label(self)}")
+            block, args[0], probes=self.probes, kind=self.kind, per_sample=self.per_sample, generator=generator,
+            normalize=self.normalize, route=route, batch_fraction=self.batch_fraction,
+            what=f"jacobian_isometry of {layer_label(self)}")
         return estimate
 
     def penalty(self) -> torch.Tensor:
