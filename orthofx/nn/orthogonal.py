@@ -253,6 +253,29 @@ def keeps_output_size(conv: nn.Module) -> bool:
     return True
 
 
+def build_stride(kernel_size, stride, dilation) -> tuple[int, ...]:
+    """The stride an orthogonal kernel is built for, per dimension: ``S / gcd(D, S)`` (module docs, item 5), ``S``
+    undilated and for one-tap dimensions (a single tap has no spacing)."""
+    return tuple(s // math.gcd(dl, s) if k > 1 else s for k, s, dl in zip(kernel_size, stride, dilation))
+
+
+def rko_problem(kernel_size, stride, dilation) -> str | None:
+    """The condition that ``method="rko"`` (the reshaped kernel alone, no blocks) misses for these sizes (tuples),
+    with the numbers, or ``None`` where it builds them: ``kernel_size <= S / gcd(D, S)`` (:func:`build_stride`)
+    in every dimension. A dilation sharing a factor with the stride makes the taps read fewer residues mod ``S``,
+    so e.g. ``k = S = D = 2`` needs blocks although ``k <= S`` (checking ``k <= S`` alone, the pass let such a
+    layer fail inside the constructor, with an error that ``on_impossible`` did not handle)."""
+    built = build_stride(kernel_size, stride, dilation)
+    if all(k <= b for k, b in zip(kernel_size, built)):
+        return None
+    if tuple(built) == tuple(stride):
+        return (f"kernel_size <= stride in every dimension, got kernel_size={tuple(kernel_size)}, "
+                f"stride={tuple(stride)}")
+    return (f"kernel_size <= stride / gcd(dilation, stride) = {built} in every dimension (the dilated taps "
+            f"read only that many residues mod the stride), got kernel_size={tuple(kernel_size)}, "
+            f"stride={tuple(stride)}, dilation={tuple(dilation)}")
+
+
 # symbolic tracing records the padding as one node (it traces through the orthogonal layers' forward, and
 # circular_pad's size checks need concrete shapes); fx.wrap acts on this module's own name for the function
 torch.fx.wrap("circular_pad")
@@ -793,8 +816,8 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         nblocks = [kp - 1 for kp in self._kp]
         if method == "rko" and any(nblocks):
             raise LayerArgumentError(
-                f"{name}: method='rko' (reshaped kernel only) is exact only when kernel_size <= stride in every "
-                f"dimension, got kernel_size={self.kernel_size}, stride={self.stride}; use method='bcop' or 'auto'")
+                f"{name}: method='rko' (reshaped kernel only) is exact only when "
+                f"{rko_problem(self.kernel_size, self.stride, self.dilation)}; use method='bcop' or 'auto'")
         self.method = ("rko" if not any(nblocks) else "bcop") if method == "auto" else method
         # block j of dimension i has rank ra = n // 2 (j even, class a) or rb = n - ra (j odd, class b). A block
         # of rank n is the identity (P = I, taps [I, 0]), left out of the list and counted in _identity_taps
@@ -1044,10 +1067,8 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
 
     @property
     def _build_stride(self) -> tuple[int, ...]:
-        """The stride the kernel is built for, per dimension: ``S / gcd(D, S)`` (module docs, item 5), ``S``
-        undilated and for one-tap dimensions (a single tap has no spacing)."""
-        return tuple(s // math.gcd(dl, s) if k > 1 else s
-                     for k, s, dl in zip(self.kernel_size, self.stride, self.dilation))
+        """The stride the kernel is built for (:func:`build_stride`)."""
+        return build_stride(self.kernel_size, self.stride, self.dilation)
 
     def _impossible_fix(self, case: str) -> str:
         g, C, M = self.groups, self._C, self._M

@@ -13,9 +13,10 @@ convolution (e.g. the ResNet strided shortcut, (M, C, k, S) = (2C, C, 1, 2)), ``
 Parameters:
 
 * ``method``: ``auto`` (the cheapest exact construction), ``bcop`` (projector blocks + reshaped kernel), ``rko``
-  (reshaped kernel only, exact when ``k <= S``) or ``cayley_fft`` (Trockman & Kolter's Cayley transform per
-  spatial frequency, for the input size the layer sees on the example inputs: ``transform`` needs
-  ``example_inputs``, and the rewritten layer accepts that size only). ``auto`` never picks ``cayley_fft``.
+  (reshaped kernel only, exact when ``k <= S / gcd(D, S)``, ``D`` the dilation) or ``cayley_fft`` (Trockman &
+  Kolter's Cayley transform per spatial frequency, for the input size the layer sees on the example inputs:
+  ``transform`` needs ``example_inputs``, and the rewritten layer accepts that size only). ``auto`` never picks
+  ``cayley_fft``.
   ``cayley_fft``'s effective kernel is full size, so it also exists where Theorem 4 admits no ``k x k``
   orthogonal kernel (e.g. the strided 1x1 shortcut): there it replaces the layer instead of ``on_impossible``.
   It needs ``padding: circular`` and no dilation. Cost: a batched ``N x N`` complex solve per frequency
@@ -54,7 +55,7 @@ from .. import theory
 from ..errors import ImpossibleLayerError, PlanError, TransformError
 from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                               OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
-                              circular_alignment, keeps_output_size, transposed_alignment,
+                              circular_alignment, keeps_output_size, rko_problem, transposed_alignment,
                               transposed_keeps_output_size, transposed_size_keeping_padding)
 from ..nn.padding import conv_zero_pads
 from ..nn.precision import describe_nonfinite, relative_distance
@@ -76,8 +77,9 @@ def orthogonal_layer(module: nn.Module, *, init: str = "nearest", method: str = 
     ``padding="circular"`` gives the circular layer with the conv's window alignment (its own padding where
     that keeps the output size ``n / S``, else ``"same"``; see :func:`orthofx.nn.orthogonal.circular_alignment`;
     a transposed conv's own padding and output_padding where its output is ``n * S``,
-    :func:`orthofx.nn.orthogonal.transposed_alignment`), ``"keep"`` the conv's own zero padding (not for transposed
-    convs); ``input_size`` (spatial) is needed by ``method="cayley_fft"`` only."""
+    :func:`orthofx.nn.orthogonal.transposed_alignment`), ``"keep"`` the conv's own zero or circular padding, or
+    none where a reflect / replicate conv pads nothing (not for transposed convs); ``input_size`` (spatial) is
+    needed by ``method="cayley_fft"`` only."""
     if isinstance(module, nn.Linear):
         return OrthogonalLinear.from_linear(module, init=init, gain=gain)
     if isinstance(module, _TRANSPOSED_TYPES):
@@ -86,10 +88,13 @@ def orthogonal_layer(module: nn.Module, *, init: str = "nearest", method: str = 
         return cls.from_conv_transpose(module, init=init, method=method, padding=layer_padding,
                                        output_padding=output_padding, gain=gain, fit_steps=fit_steps)
     cls = {1: OrthogonalConv1d, 2: OrthogonalConv2d, 3: OrthogonalConv3d}[module.weight.dim() - 2]
-    layer_padding = "keep"
+    layer_padding, padding_mode = "keep", "circular"
     if padding == "circular":
         layer_padding = "same" if method == "cayley_fft" else circular_alignment(module)
-    return cls.from_conv(module, init=init, method=method, padding=layer_padding, padding_mode="circular",
+    elif module.padding_mode not in ("zeros", "circular") and not _reads_padding(module):
+        # a reflect / replicate conv that pads nothing: its boundary is the zero one (no padding at all)
+        layer_padding, padding_mode = module.padding, "zeros"
+    return cls.from_conv(module, init=init, method=method, padding=layer_padding, padding_mode=padding_mode,
                          gain=gain, fit_steps=fit_steps,
                          input_size=input_size if method == "cayley_fft" else None)
 
@@ -118,9 +123,10 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
                                                       dilation=conv.dilation)
     if not exists:
         return f"no orthogonal convolution exists (P0 Theorem 4): {reason}"
-    if method == "rko" and any(k > s for k, s in zip(conv.kernel_size, conv.stride)):
-        return (f"method rko (the reshaped kernel only) is exact only when kernel_size <= stride, got "
-                f"kernel_size={conv.kernel_size}, stride={conv.stride}; use method auto or bcop for this layer")
+    rko_miss = rko_problem(conv.kernel_size, conv.stride, conv.dilation) if method == "rko" else None
+    if rko_miss is not None:
+        return (f"method rko (the reshaped kernel only) is exact only when {rko_miss}; use method auto or bcop for "
+                "this layer")
     if padding == "circular" and not keeps_output_size(conv):
         return (f"padding={conv.padding} gives another output size than the circular 'same' padding an "
                 "exactly orthogonal layer needs; use 'padding: keep' (orthogonal away from the borders)")
@@ -142,9 +148,10 @@ def _transposed_impossibility(conv: nn.Module, padding: str, method: str) -> str
     if not exists:
         return (f"no orthogonal transposed convolution exists: it is the adjoint of the convolution "
                 f"{conv.out_channels} -> {conv.in_channels} channels, and for that one (P0 Theorem 4) {reason}")
-    if method == "rko" and any(k > s for k, s in zip(conv.kernel_size, conv.stride)):
-        return (f"method rko (the reshaped kernel only) is exact only when kernel_size <= stride, got "
-                f"kernel_size={conv.kernel_size}, stride={conv.stride}; use method auto or bcop for this layer")
+    rko_miss = rko_problem(conv.kernel_size, conv.stride, conv.dilation) if method == "rko" else None
+    if rko_miss is not None:
+        return (f"method rko (the reshaped kernel only) is exact only when {rko_miss}; use method auto or bcop for "
+                "this layer")
     if not transposed_keeps_output_size(conv.padding, conv.output_padding, conv.kernel_size, conv.stride,
                                         conv.dilation):
         return (f"padding={conv.padding}, output_padding={conv.output_padding} give another output size than "
@@ -310,9 +317,11 @@ class OrthogonalConvPass(Pass):
         return reason
 
     def accepts_params(self, site, module, params):
-        # with 'padding: circular' every padding mode is replaced by the exact circular boundary, as zeros is
+        # with 'padding: circular' every padding mode is replaced by the exact circular boundary, as zeros is; a
+        # conv whose padding adds nothing ('valid', 0) keeps it whatever its mode (it was refused, and the advice
+        # 'padding: circular' then failed on the output size, which advised 'padding: keep')
         if params["padding"] == "keep" and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) \
-                and module.padding_mode not in ("zeros", "circular"):
+                and module.padding_mode not in ("zeros", "circular") and _reads_padding(module):
             return (f"padding_mode={module.padding_mode!r} with 'padding: keep': orthogonal layers keep circular "
                     "(exact) or zero padding only; use 'padding: circular'")
         return None
