@@ -73,7 +73,7 @@ from torch import fx, nn
 
 from .capture import (ModalGraphModule, batch_dynamic_shapes, capture, copy_model, sequence_helper,
                       unwrap_model)
-from .errors import CaptureError, ExportError, OrthofxError, first_few
+from .errors import SITE_ATTRIBUTE, CaptureError, ExportError, OrthofxError, first_few
 from .nn.conditioning import power_newton_schulz
 from .nn.jacobian import JacobianProbe
 from .nn.tracing import is_orthofx_module
@@ -108,6 +108,13 @@ NEWTON_SCHULZ_SCHEDULE = (5, 10, 15, 20, 30, 40, 60, 80)
 NEWTON_SCHULZ_TARGET = ONNX_TOLERANCE / 10
 #: ``frozen.meta`` key of the decompositions ``freeze`` evaluated once: ``{site: [buffer names]}``.
 FOLDED_KEY = "orthofx_folded"
+#: Name prefix of the buffers holding those decompositions' stored results.
+FOLDED_PREFIX = "orthofx_folded_"
+#: Instance attribute (in ``module.__dict__``, so copies and pickles keep it) that :func:`freeze` sets on each plain
+#: form it puts in place of an orthofx layer: the class name of the layer it was baked from. The plain form is often
+#: a torch layer (``nn.Conv2d(padding_mode="circular")``) that nothing else tells from the user's own; ``.pt``
+#: export needs to know (:func:`_check_replayable`).
+BAKED_ATTRIBUTE = "orthofx_baked_from"
 
 
 def _modules_to_freeze(root: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -234,8 +241,23 @@ def _replace_by_plain_forms(frozen: nn.Module) -> None:
                 plain = module.to_plain()
             plain.eval()
             replace_module(frozen, name, plain)
+            if _computes_otherwise(module, plain):
+                plain.__dict__[BAKED_ATTRIBUTE] = type(module).__name__
     # a to_plain() that keeps returning a module with to_plain()
     raise ExportError("freeze did not terminate: a module's to_plain() keeps returning orthofx layers")
+
+
+def _holds_state(module: nn.Module) -> bool:
+    """Whether ``module`` (or a submodule) has a parameter or a buffer."""
+    return next(module.parameters(), None) is not None or next(module.buffers(), None) is not None
+
+
+def _computes_otherwise(module: nn.Module, plain: nn.Module) -> bool:
+    """Whether ``plain``, the plain form :func:`freeze` puts in place of the orthofx layer ``module``, is a layer of
+    its own with baked state (an orthogonal conv's circular ``nn.Conv2d``, a ``FrozenConvNormNd``), rather than
+    what ``module`` wrapped (a Jacobian probe's block, the user's own) or a stateless pass-through (a condition
+    monitor's), which the original model computes the same way."""
+    return not any(plain is inner for inner in module.modules()) and _holds_state(plain)
 
 
 def _freeze_parts(model: nn.Module, example: ExampleCall | None) -> nn.Module:
@@ -833,7 +855,10 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
     frozen model on ``example_inputs``; an ONNX difference above 1e-4 raises :class:`orthofx.ExportError` (or
     above 8 rounding steps of the outputs' dtype at their scale where that is more: float16 outputs, and float32
     outputs above ~100; see :func:`onnx_tolerance`).
-    ``.pt`` stores the state_dict and the policy (no pickled code; :func:`load` restores it).
+    ``.pt`` stores the state_dict and the policy (no pickled code; :func:`load` restores it). A model transformed
+    from a frozen or transformed one (``transform`` allows it when the first carries no penalty or hook) is refused
+    with an :class:`orthofx.ExportError`: the file would hold the second policy only, which :func:`load` replays on
+    the original model (:func:`_check_replayable`); transform the original once with both policies' rules.
 
     ``example_kwargs`` (a dict by name): the keyword inputs of the example call
     ``model(*example_inputs, **example_kwargs)``, for a forward such as ``forward(self, x, *, mask=None)``. The
@@ -892,6 +917,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
                               "plain layers do not come back that way. Export the transformed model before "
                               "freezing (orthofx.export(gm, 'model.pt'), then orthofx.freeze(orthofx.load(model, "
                               "'model.pt'), example_inputs=(x,))), or export the frozen model to .pt2 or .onnx")
+        _check_replayable(unwrap_model(model), manifest, path)
         state = {k: v.detach().cpu() for k, v in unwrap_model(model).state_dict().items()}
         content = {"orthofx_format": FORMAT_VERSION, "policy": manifest.policy.to_yaml(), "state_dict": state}
         phases = _probe_phases(unwrap_model(model))
@@ -947,6 +973,47 @@ def _pt_of_parts_error(model: nn.Module, path: str) -> ExportError:
         "torch.save(model.state_dict(), path) and restore them with model.load_state_dict(torch.load(path)) into a "
         "model built the same way (its parts transformed by the same policies); .pt2 and .onnx export the whole "
         "model frozen")
+
+
+def _not_from_this_transform(root: nn.Module, manifest: Manifest) -> tuple[str, str] | None:
+    """``(path, what it is)`` of the first part of ``root`` that the transform recorded in ``manifest`` did not make
+    from the original model, or ``None``: a plain layer :func:`freeze` baked from an orthofx layer
+    (:data:`BAKED_ATTRIBUTE`), a decomposition ``freeze`` stored as a buffer (:data:`FOLDED_PREFIX`), or a module
+    an orthofx pass put at a site (``replace_module`` records the site in it) that none of this manifest's changes
+    names and that holds state: such a model was transformed from a frozen or transformed one. A user's own orthofx
+    layers carry no site, so a model written with them passes; so do a frozen Jacobian probe's block and a monitor's
+    stateless pass-through, which the original model computes the same way."""
+    own = {change.site for change in manifest.changes}
+    for path, module in root.named_modules(remove_duplicate=False):
+        baked = module.__dict__.get(BAKED_ATTRIBUTE)
+        if baked is not None:
+            return path, f"a plain {type(module).__name__} that orthofx.freeze baked from the orthofx layer {baked}"
+        placed = module.__dict__.get(SITE_ATTRIBUTE)
+        if placed is not None and placed not in own and path not in own and _holds_state(module):
+            return path, f"the orthofx layer {type(module).__name__} that an earlier orthofx.transform put there"
+    for name, _ in root.named_buffers():
+        if name.rpartition(".")[2].startswith(FOLDED_PREFIX):
+            return name, "a decomposition result that orthofx.freeze computed once and stored"
+    return None
+
+
+def _check_replayable(root: nn.Module, manifest: Manifest, path: str) -> None:
+    """Refuse a ``.pt`` file that :func:`load` could not restore: one of a model transformed from a frozen or
+    transformed model (:func:`_not_from_this_transform`). The file holds this transform's policy only, and ``load``
+    replays it on the original model, where the first policy's layers are the original ones again: their saved
+    weights do not fit (an orthogonal layer's parameters against a conv's ``weight``), or, worse, fit a layer that
+    computes something else (a frozen orthogonal conv's circular padding against the original zero padding)."""
+    found = _not_from_this_transform(root, manifest)
+    if found is None:
+        return
+    where, what = found
+    raise ExportError(f"cannot write {path!r}: the model's {where!r} is {what}, so it was transformed from a "
+                      "frozen or transformed model. A .pt file holds the weights and the last transform's policy "
+                      "only, which orthofx.load replays on the original model, where that part is as the original "
+                      "model has it, so the file could not restore this model. Transform the original model once with "
+                      "a policy holding the rules of both (Policy.from_dict({'rules': [*first.to_dict()['rules'], "
+                      "*second.to_dict()['rules']]})) and export that to .pt, or export this model to .pt2 or .onnx "
+                      "(frozen; orthofx.export(gm, 'model.pt2', example_inputs=(x,)))")
 
 
 def _check_untransformed(root: nn.Module, path: str) -> None:
