@@ -599,9 +599,12 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 reason = _derived_weight_reason(pass_cls, site, module)
             replacer = replaced.get((site.kind, site.name))
             if reason is None and replacer is not None and pass_cls.needs_original_module:
+                # two passes that each replace the layer: either order skips the second, so "put this rule
+                # first" would only send the user back and forth
+                fix = ("a layer takes one replacement: narrow one of the matches" if pass_cls.replaces_module else
+                       f"put this rule before '{replacer[0]}', or narrow one of the matches")
                 reason = (f"rule '{replacer[0]}' ({replacer[1]}) replaces this layer earlier in the policy, and "
-                          f"{pass_cls.name} needs the original layer: put this rule before '{replacer[0]}', or "
-                          "narrow one of the matches")
+                          f"{pass_cls.name} needs the original layer: {fix}")
             if reason is not None:
                 rejected.append((site, reason))
                 continue

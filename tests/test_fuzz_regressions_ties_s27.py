@@ -182,3 +182,17 @@ def test_a_tied_weight_under_two_srip_weights_is_one_regulariser():
     wd = gm.a.weight.detach().double()
     sigma = torch.linalg.svdvals(wd.T @ wd - torch.eye(4, dtype=torch.float64))[0]
     assert float(orthofx.penalty(gm)) == pytest.approx(0.1 * float(sigma), rel=1e-3)
+
+
+@pytest.mark.parametrize("first, second", [("convnorm", "orthogonal_conv"), ("orthogonal_conv", "convnorm")])
+def test_two_replacing_passes_on_one_layer_do_not_advise_each_others_order(first, second):
+    """Each order skipped the second rule with 'put this rule before' the first: following the advice skipped the
+    other one with the opposite advice."""
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1))
+    policy = {"rules": [{"name": "one", "match": {"type": "Conv2d"}, "apply": first},
+                        {"name": "two", "match": {"type": "Conv2d"}, "apply": second, "optional": True}]}
+    plan = orthofx.explain(model, policy)
+    [(site, rule, reason)] = plan.skipped
+    assert (site.name, rule) == ("0", "two")
+    assert reason == (f"rule 'one' ({first}) replaces this layer earlier in the policy, and {second} needs the "
+                      "original layer: a layer takes one replacement: narrow one of the matches")
