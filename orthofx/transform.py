@@ -598,6 +598,9 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, exam
     _refuse_dropping_attachments(model)
     work = root if inplace else copy_model(root)
     gm, plan = _capture_and_plan(work, policy, example)
+    for entry in plan.entries:
+        if entry.refusal is not None:
+            raise entry.refusal
     gm.training = work.training
     manifest = Manifest(policy=policy, plan=plan, capture=plan.capture)
     before, site_inputs = _observe(gm, plan, example, manifest, work) if example is not None else (None, {})

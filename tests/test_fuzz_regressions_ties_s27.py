@@ -196,3 +196,26 @@ def test_two_replacing_passes_on_one_layer_do_not_advise_each_others_order(first
     assert (site.name, rule) == ("0", "two")
     assert reason == (f"rule 'one' ({first}) replaces this layer earlier in the policy, and {second} needs the "
                       "original layer: a layer takes one replacement: narrow one of the matches")
+
+
+def test_on_impossible_error_refuses_before_an_earlier_rule_writes_the_users_weights():
+    """explain showed 'fails:' for a layer orthogonal_conv cannot make orthogonal (P0 Theorem 4) with
+    on_impossible: error, but transform raised only inside the pass: with inplace=True the isometric_init rule
+    before it had rewritten the user's first layer by then."""
+    torch.manual_seed(0)
+    # a strided 1 x 1 shortcut, 4 -> 8 at stride 2: P0's Theorem 4 admits no orthogonal kernel of that shape
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 8, 1, stride=2))
+    original = [p.detach().clone() for p in model.parameters()]
+    policy = {"rules": [{"match": {"name": "0"}, "apply": "isometric_init"},
+                        {"match": {"name": "1"}, "apply": "orthogonal_conv", "with": {"on_impossible": "error"}}]}
+    [_, entry] = orthofx.explain(model, policy).entries
+    assert entry.outcome.startswith("fails: no orthogonal convolution exists (P0 Theorem 4)")
+    with pytest.raises(orthofx.ImpossibleLayerError) as raised:
+        orthofx.transform(model, policy, inplace=True)
+    assert str(raised.value).startswith("rule 'orthogonal_conv[1]': 1 (Conv2d(4->8, k=1, s=2)): no orthogonal "
+                                        "convolution exists (P0 Theorem 4)")
+    assert str(raised.value).endswith("Set 'on_impossible: regularize' (L_orth instead) or 'skip' in the rule's "
+                                      "'with:', or exclude the layer from the rule's match")
+    for before, after in zip(original, model.parameters()):
+        assert torch.equal(before, after.detach())
+    assert type(model[1]) is nn.Conv2d

@@ -168,6 +168,9 @@ class PlanEntry:
     params: dict[str, Any]
     reason: str = ""  # why this rule won the site (shown by explain)
     outcome: str = ""  # what applying will do, when it is not the pass's usual change (Pass.planned_outcome)
+    # the error applying will raise, known while planning (Pass.check_plan): transform raises it before any pass
+    # runs, so that no earlier rule has written a weight; explain shows the outcome instead
+    refusal: Exception | None = None
 
 
 @dataclass

@@ -60,7 +60,7 @@ from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3
 from ..nn.padding import conv_zero_pads
 from ..nn.precision import describe_nonfinite, relative_distance
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, derived_weight, describe_module,
-                   parameter_owners, require_initialised)
+                   is_uninitialised, parameter_owners, require_initialised)
 from .orth_regularizer import lorth_term
 from .registry import register_pass
 
@@ -230,6 +230,24 @@ def _outcome(problem: str, action: str) -> str:
     return f"{'left unchanged' if action == 'skip' else 'L_orth instead'}: {problem} (on_impossible: {action})"
 
 
+def _shape_problem(module: nn.Module, params: dict) -> str | None:
+    """Why ``apply`` will not replace ``module`` by its shape alone (P0 Theorem 4, the method, the padding), or
+    ``None``: what planning can tell before the example run (cayley_fft's checks need the input size; a Linear always
+    has an orthogonal version; a lazy layer has no shape yet)."""
+    if isinstance(module, nn.Linear) or getattr(module, "weight", None) is None or module.weight.dim() < 3 \
+            or is_uninitialised(module) \
+            or (params["method"] == "cayley_fft" and not isinstance(module, _TRANSPOSED_TYPES)):
+        return None
+    return _impossibility(module, params["padding"], params["method"])
+
+
+def _impossible_error(entry: PlanEntry, module: nn.Module, problem: str) -> ImpossibleLayerError:
+    """The error for a layer ``on_impossible: error`` refuses because of ``problem``."""
+    return ImpossibleLayerError(
+        f"rule '{entry.rule_name}': {entry.site.name} ({describe_module(module)}): {problem}. Set 'on_impossible: "
+        "regularize' (L_orth instead) or 'skip' in the rule's 'with:', or exclude the layer from the rule's match")
+
+
 def _check_cayley_padding(entry: PlanEntry, module: nn.Module) -> None:
     """:class:`PlanError` for ``method: cayley_fft`` with ``padding: keep`` on a conv (not a Linear or a transposed
     conv, which cayley_fft builds by other means): the Cayley-FFT layer is circular with 'same' padding only."""
@@ -328,11 +346,8 @@ class OrthogonalConvPass(Pass):
 
     def planned_outcome(self, site, module, params):
         # explain said 'apply' for a layer that apply then refuses (P0 Theorem 4), skips or regularises: tell it
-        # from the layer's shape now, as apply will (cayley_fft's checks need the input size, known at apply only)
-        if isinstance(module, nn.Linear) or getattr(module, "weight", None) is None or module.weight.dim() < 3 \
-                or (params["method"] == "cayley_fft" and not isinstance(module, _TRANSPOSED_TYPES)):
-            return None
-        problem = _impossibility(module, params["padding"], params["method"])
+        # from the layer's shape now, as apply will
+        problem = _shape_problem(module, params)
         return None if problem is None else _outcome(problem, params["on_impossible"])
 
     def handles_derived_weight(self, params):
@@ -348,10 +363,15 @@ class OrthogonalConvPass(Pass):
         for entry, module in zip(entries, modules):
             _check_cayley_padding(entry, module)
         problems = _tie_problems(entries, modules, parameter_owners(gm))
-        for entry in entries:
+        for entry, module in zip(entries, modules):
             problem = problems.get(entry.site.name)
             if problem is not None and not entry.outcome:
                 entry.outcome = _outcome(problem, entry.params["on_impossible"])
+            # on_impossible: error: transform raises before any pass runs (with inplace=True an earlier rule would
+            # have written the user's weights by the time apply got here); explain shows the outcome
+            problem = problem or _shape_problem(module, entry.params)  # in apply's order
+            if problem is not None and entry.params["on_impossible"] == "error":
+                entry.refusal = _impossible_error(entry, module, problem)
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         modules = [ctx.module(entry.site) for entry in entries]
@@ -427,11 +447,8 @@ class OrthogonalConvPass(Pass):
         the report's status (an orthogonal version may exist, e.g. for a weight tied to a layer it cannot share
         one with)."""
         action = entry.params["on_impossible"]
-        where = f"{entry.site.name} ({describe_module(module)})"
         if action == "error":
-            raise ImpossibleLayerError(
-                f"rule '{entry.rule_name}': {where}: {problem}. Set 'on_impossible: regularize' (L_orth instead) "
-                "or 'skip' in the rule's 'with:', or exclude the layer from the rule's match")
+            raise _impossible_error(entry, module, problem)
         if action == "skip":
             ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
                               what="left unchanged: " + problem, params=dict(entry.params),
