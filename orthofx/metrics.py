@@ -887,23 +887,14 @@ class _Call:
         self.rest = tuple(rest)
         self.kwargs = dict(kwargs or {})
         self.dtype = dtype
-        # a JacobianProbe's label: fn is its block, and an output that is not one tensor is refused naming the layer
+        # a JacobianProbe's label: fn is its block, and _check_output refuses an output that is not one tensor
+        # naming the layer
         self.label = label
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
 
     def __call__(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        y = self._call(x, params)
-        if self.label is not None and not isinstance(y, torch.Tensor):
-            raise LayerArgumentError(
-                f"{self.label} ({type(self.fn).__name__}): the block returns a {type(y).__name__}, not one tensor, so "
-                "it has no single input-output Jacobian to regularise. Select a block that returns one tensor (one "
-                "of its submodules, or the layers after it), or wrap it in a module that returns the output to "
-                "regularise")
-        return y
-
-    def _call(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None) -> object:
         module = self.fn
         x = x.clone()
         if not isinstance(module, _nn.Module):
@@ -958,7 +949,12 @@ def _check_input(x, what: str) -> None:
                             f"got dtype {x.dtype}")
 
 
-def _check_output(y, x: torch.Tensor, per_sample: bool, what: str) -> torch.Tensor:
+def _check_output(y, x: torch.Tensor, per_sample: bool, what: str, f: _Call | None = None) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor) and f is not None and f.label is not None:
+        raise LayerArgumentError(
+            f"{f.label} ({type(f.fn).__name__}): the block returns a {type(y).__name__}, not one tensor, so it has no "
+            "single input-output Jacobian to regularise. Select a block that returns one tensor (one of its "
+            "submodules, or the layers after it), or wrap it in a module that returns the output to regularise")
     if not isinstance(y, torch.Tensor):
         raise ArgumentError(f"{what}: fn must return a single tensor, got {type(y).__name__}; wrap fn so that it "
                             "returns the output to measure")
@@ -1035,7 +1031,7 @@ def _jvp_products(f: _Call, xp: torch.Tensor, v: torch.Tensor, kind: str, per_sa
             y, u = torch.func.jvp(f, (xp, params), (v, zeros))
         else:
             y, u = torch.func.jvp(f, (xp,), (v,))
-    _check_output(y, xp, per_sample, what)
+    _check_output(y, xp, per_sample, what, f)
     if kind == "offdiag":
         return u, None
     if kind == "full":
@@ -1052,7 +1048,7 @@ class _Linearisation:
 
     def __init__(self, f, xp: torch.Tensor, per_sample: bool, what: str):
         self.xp = xp
-        self.y = _check_output(f(xp), xp, per_sample, what)
+        self.y = _check_output(f(xp), xp, per_sample, what, f)
         self.c = torch.zeros_like(self.y, requires_grad=True)
         self.g = _vjp(self.y, xp, self.c)
 
@@ -1080,7 +1076,7 @@ class _FunctionalLinearisation(_Linearisation):
 
     def __init__(self, f, xp: torch.Tensor, per_sample: bool, what: str):
         self.y, self._vjp_fn = torch.func.vjp(f, xp)
-        _check_output(self.y, xp, per_sample, what)
+        _check_output(self.y, xp, per_sample, what, f)
         _, self._transpose_vjp = torch.func.vjp(self.transpose, torch.zeros_like(self.y))
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
@@ -1281,7 +1277,7 @@ def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,
     if x.is_meta:
         raise ArgumentError(f"{what}: x is on the meta device (no values): a Jacobian needs real tensors")
     with torch.no_grad():
-        y = _check_output(f(x), x, per_sample, what)
+        y = _check_output(f(x), x, per_sample, what, f)
     jac = _jacobian_matrix(f, x).detach()
     if jac.is_meta:
         raise ArgumentError(f"{what}: fn's output is on the meta device (meta parameters?): no values to decompose")
