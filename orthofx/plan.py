@@ -37,7 +37,7 @@ from .nn.tracing import is_orthofx_module
 from .passes.base import (RECURRENT_TYPES, CaptureInfo, PlanEntry, Site, derived_weight, describe_module,
                           reads_only_metadata, require_initialised)
 from .passes.registry import get_pass
-from .policy import Match, Policy, Rule, match_pattern
+from .policy import Match, Policy, Rule
 
 __all__ = ["Plan", "build_plan", "block_paths", "collect_sites", "describe_module", "other_mode_graph",
            "producers_feeding", "unused_leaf_entries", "FUNCTION_OPS"]
@@ -333,7 +333,7 @@ def _selects(match: Match, site: Site, module: nn.Module | None, fed_by: dict[st
              aliases: tuple[str, ...] = ()) -> bool:
     """Whether ``match`` selects ``site``; ``aliases``: the other paths of the site's module
     (:func:`module_aliases`)."""
-    if site.kind != match.site_kind or not _name_selected(match, (site.name, *aliases)):
+    if site.kind != match.site_kind or not match.matches_name(site.name, *aliases):
         return False
     if site.kind == "function":
         return not match.op or site.target in match.op
@@ -344,19 +344,6 @@ def _selects(match: Match, site: Site, module: nn.Module | None, fed_by: dict[st
     if match.feeds and not any(site.name in fed_by.get(op, ()) for op in match.feeds):
         return False
     return True
-
-
-def _name_selected(match: Match, names: tuple[str, ...]) -> bool:
-    """``match``'s ``name`` / ``exclude`` patterns on a module reachable by each of ``names`` (its site name first,
-    then its other paths): selected when a ``name`` pattern matches one of them (or there are none), unless an
-    ``exclude`` pattern matches one of them. One module under two names (``self.b = self.a``) is one layer: a rule
-    naming either path means it, and excluding either path leaves it alone (it cannot be treated under one name
-    and not the other)."""
-    if len(names) == 1:
-        return match.matches_name(names[0])
-    if match.name and not any(match_pattern(p, n) for p in match.name for n in names):
-        return False
-    return not any(match_pattern(p, n) for p in match.exclude for n in names)
 
 
 def module_aliases(model: nn.Module | None) -> dict[str, tuple[str, ...]]:

@@ -168,11 +168,16 @@ class Match:
             return self.kind
         return "function" if self.op else "module"
 
-    def matches_name(self, name: str) -> bool:
-        """True if ``name`` matches one of the ``name`` patterns (or there are none) and no ``exclude`` pattern."""
-        if self.name and not any(match_pattern(p, name) for p in self.name):
+    def matches_name(self, name: str, *aliases: str) -> bool:
+        """True if ``name`` matches one of the ``name`` patterns (or there are none) and no ``exclude`` pattern.
+
+        ``aliases``: the module's other paths (``self.b = self.a``, one layer twice in an ``nn.Sequential``): one
+        module is one layer, so a ``name`` pattern matching any of its paths selects it and an ``exclude`` pattern
+        matching any of them leaves it alone (it cannot be treated under one name and not the other)."""
+        names = (name, *aliases)
+        if self.name and not any(match_pattern(p, n) for p in self.name for n in names):
             return False
-        return not any(match_pattern(p, name) for p in self.exclude)
+        return not any(match_pattern(p, n) for p in self.exclude for n in names)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
