@@ -123,14 +123,22 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
                                                       dilation=conv.dilation)
     if not exists:
         return f"no orthogonal convolution exists (P0 Theorem 4): {reason}"
-    rko_miss = rko_problem(conv.kernel_size, conv.stride, conv.dilation) if method == "rko" else None
+    rko_miss = _rko_impossibility(conv, method)
     if rko_miss is not None:
-        return (f"method rko (the reshaped kernel only) is exact only when {rko_miss}; use method auto or bcop for "
-                "this layer")
+        return rko_miss
     if padding == "circular" and not keeps_output_size(conv):
         return (f"padding={conv.padding} gives another output size than the circular 'same' padding an "
                 "exactly orthogonal layer needs; use 'padding: keep' (orthogonal away from the borders)")
     return None
+
+
+def _rko_impossibility(conv: nn.Module, method: str) -> str | None:
+    """Why ``method: rko`` cannot build ``conv`` (a conv or a transposed conv: the same kernel condition), or
+    ``None`` (another method, or one rko builds)."""
+    miss = rko_problem(conv.kernel_size, conv.stride, conv.dilation) if method == "rko" else None
+    if miss is None:
+        return None
+    return f"method rko (the reshaped kernel only) is exact only when {miss}; use method auto or bcop for this layer"
 
 
 def _transposed_impossibility(conv: nn.Module, padding: str, method: str) -> str | None:
@@ -148,10 +156,9 @@ def _transposed_impossibility(conv: nn.Module, padding: str, method: str) -> str
     if not exists:
         return (f"no orthogonal transposed convolution exists: it is the adjoint of the convolution "
                 f"{conv.out_channels} -> {conv.in_channels} channels, and for that one (P0 Theorem 4) {reason}")
-    rko_miss = rko_problem(conv.kernel_size, conv.stride, conv.dilation) if method == "rko" else None
+    rko_miss = _rko_impossibility(conv, method)
     if rko_miss is not None:
-        return (f"method rko (the reshaped kernel only) is exact only when {rko_miss}; use method auto or bcop for "
-                "this layer")
+        return rko_miss
     if not transposed_keeps_output_size(conv.padding, conv.output_padding, conv.kernel_size, conv.stride,
                                         conv.dilation):
         return (f"padding={conv.padding}, output_padding={conv.output_padding} give another output size than "
@@ -367,10 +374,12 @@ class OrthogonalConvPass(Pass):
             problem = problems.get(entry.site.name)
             if problem is not None and not entry.outcome:
                 entry.outcome = _outcome(problem, entry.params["on_impossible"])
-            # on_impossible: error: transform raises before any pass runs (with inplace=True an earlier rule would
-            # have written the user's weights by the time apply got here); explain shows the outcome
+            if entry.params["on_impossible"] != "error":
+                continue
+            # transform raises it before any pass runs (with inplace=True an earlier rule would have written the
+            # user's weights by the time apply got here); explain shows the outcome
             problem = problem or _shape_problem(module, entry.params)  # in apply's order
-            if problem is not None and entry.params["on_impossible"] == "error":
+            if problem is not None:
                 entry.refusal = _impossible_error(entry, module, problem)
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
