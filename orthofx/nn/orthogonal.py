@@ -187,15 +187,33 @@ def _factory(device, dtype) -> dict:
     return {"device": device, "dtype": dtype}
 
 
-def _gain(gain) -> float:
+def _gain(gain, dtype: torch.dtype | None, name: str) -> float:
+    """``gain`` as a float, checked for the layer ``name`` whose weights are ``dtype`` (None: the default dtype)."""
     try:
         value = float(gain)
     except (TypeError, ValueError):
-        raise LayerArgumentError(f"gain must be a positive float, got {gain!r}") from None
+        raise LayerArgumentError(f"{name}: gain must be a positive float, got {gain!r}") from None
     if not math.isfinite(value) or value <= 0:
-        raise LayerArgumentError(f"gain must be a positive finite float (the kernel is orthogonal times gain), "
-                                 f"got {gain!r}")
+        raise LayerArgumentError(f"{name}: gain must be a positive finite float (the kernel is orthogonal times "
+                                 f"gain), got {gain!r}")
+    problem = gain_range_problem(value, dtype or torch.get_default_dtype())
+    if problem is not None:
+        raise LayerArgumentError(f"{name}: {problem}")
     return value
+
+
+def gain_range_problem(gain: float, dtype: torch.dtype) -> str | None:
+    """Why weights of ``dtype`` cannot hold ``gain`` times an orthogonal matrix, or ``None``.
+
+    The entries of an orthogonal matrix lie in [-1, 1] and are about ``1 / sqrt(n)``, so a gain above the dtype's
+    largest number fills the weight with inf (then NaN), and one below its smallest normal number leaves the entries
+    zero or subnormal: a layer whose Jacobian is not ``gain`` times orthogonal, without a word."""
+    info = torch.finfo(dtype)
+    if info.tiny <= gain <= info.max:
+        return None
+    what = "overflows to inf" if gain > info.max else "underflows to zero (or to subnormal numbers)"
+    return (f"gain={gain!r} is outside the range of normal {dtype} numbers ({info.tiny:.3g} to {info.max:.3g}): "
+            f"the weight, gain times an orthogonal matrix, {what}. Use a gain in that range, or a wider dtype")
 
 
 def _compute_dtype(requested=None) -> torch.dtype:
@@ -775,7 +793,7 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         if method not in _METHODS:
             raise LayerArgumentError(f"{name}: method must be one of {_METHODS} ('auto' picks the cheapest exact "
                                      f"construction), got {method!r}")
-        self.gain = _gain(gain)
+        self.gain = _gain(gain, factory["dtype"], name)
         bias = _flag(bias, f"{name}: bias", LayerArgumentError)  # bias="no" is truthy: it built a bias
         self.compute_dtype = _compute_dtype(compute_dtype)
         self.init_error: float | None = None
@@ -2184,7 +2202,7 @@ class OrthogonalLinear(_EvalCache, nn.Module):
         factory = _factory(device, dtype)
         self.in_features = _int(in_features, "in_features")
         self.out_features = _int(out_features, "out_features")
-        self.gain = _gain(gain)
+        self.gain = _gain(gain, factory["dtype"], "OrthogonalLinear")
         bias = _flag(bias, "OrthogonalLinear: bias", LayerArgumentError)
         self.raw_weight = nn.Parameter(torch.empty(self.out_features, self.in_features, **factory))
         if bias:

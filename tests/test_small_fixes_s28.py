@@ -1,0 +1,48 @@
+"""Small fixes of session 28, each with the input that showed the old behaviour."""
+
+import pytest
+import torch
+from torch import nn
+
+import orthofx
+from orthofx.nn.orthogonal import OrthogonalConv2d, OrthogonalLinear
+from references import circular_operator64, state_copy, bitwise_equal
+
+
+def orthogonal_rule(gain):
+    return {"rules": [{"match": {"type": "Conv2d"}, "apply": "orthogonal_conv", "with": {"gain": gain}}]}
+
+
+@pytest.mark.parametrize("gain", [1e39, 1e-40, 1e-320])
+def test_a_gain_float32_weights_cannot_hold_is_refused_by_the_layer(gain):
+    """gain 1e39 filled a float32 kernel with inf (NaN outputs); 1e-40 and 1e-320 left it zero or subnormal, a layer
+    that is not gain times orthogonal, without a word."""
+    with pytest.raises(orthofx.LayerArgumentError, match=r"OrthogonalConv2d: gain=.*outside the range of normal "
+                                                         r"torch.float32"):
+        OrthogonalConv2d(4, 4, 3, gain=gain)
+    with pytest.raises(orthofx.LayerArgumentError, match=r"OrthogonalLinear: gain=.*torch.float32"):
+        OrthogonalLinear(3, 3, gain=gain)
+
+
+def test_a_large_gain_within_the_dtype_range_builds_gain_times_an_orthogonal_operator():
+    for gain, dtype in ((1e30, torch.float32), (1e39, torch.float64)):
+        layer = OrthogonalConv2d(3, 3, 3, gain=gain, bias=False, dtype=dtype)
+        sigma = torch.linalg.svdvals(circular_operator64(layer.weight, grid=(5, 5)))
+        assert float((sigma / gain - 1).abs().max()) < 1e-5, (gain, dtype)
+        linear = OrthogonalLinear(4, 4, gain=gain, bias=False, dtype=dtype)
+        w = linear.weight.detach().to(torch.float64) / gain
+        assert torch.allclose(w @ w.T, torch.eye(4, dtype=torch.float64), atol=1e-5)
+
+
+def test_the_orthogonal_conv_pass_refuses_such_a_gain_while_planning():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+    before = state_copy(model)
+    for call in (orthofx.explain, orthofx.transform):
+        with pytest.raises(orthofx.PlanError, match=r"rule 'orthogonal_conv\[0\]': 0 \(Conv2d.*gain=1e\+39 is outside "
+                                                    r"the range of normal torch.float32.*overflows to inf"):
+            call(model, orthogonal_rule(1e39))
+    assert bitwise_equal(state_copy(model), before)
+    # the layer is built in the conv's dtype: a float64 model takes that gain
+    gm = orthofx.transform(model.double(), orthogonal_rule(1e39))
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    assert torch.isfinite(gm(x)).all()
