@@ -9,6 +9,7 @@ the seeded (hence deterministic) penalty in float64.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -232,8 +233,11 @@ def test_members_the_probe_would_hide_are_refused_and_switches_must_be_booleans(
     # bool("no") is True: the string switched the per-sample estimate on
     with pytest.raises(orthofx.LayerArgumentError, match="per_sample must be True or False, got 'no'"):
         JacobianProbe(nn.Linear(2, 2), per_sample="no")
-    with pytest.raises(orthofx.LayerArgumentError, match="normalize must be True or False, got 1"):
-        JacobianProbe(nn.Linear(2, 2), normalize=1)
+    with pytest.raises(orthofx.LayerArgumentError, match="normalize must be True or False, got 2"):
+        JacobianProbe(nn.Linear(2, 2), normalize=2)
+    # 0 and 1 are flags, as theory._flag reads every other orthofx switch
+    probe = JacobianProbe(nn.Linear(2, 2), per_sample=1, normalize=np.bool_(False))
+    assert probe.per_sample is True and probe.normalize is False
 
 
 

@@ -57,7 +57,7 @@ from torch import nn
 
 from .. import metrics
 from ..errors import LayerArgumentError, layer_label
-from ..theory import _positive_int
+from ..theory import _flag, _positive_int
 from .precision import zero_like_parameters
 from .tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
 
@@ -165,10 +165,9 @@ class JacobianProbe(nn.Module):
             raise LayerArgumentError(f"weight must be a finite number >= 0, got {weight!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise LayerArgumentError(f"seed must be an integer or None, got {seed!r}")
-        for name, flag in (("per_sample", per_sample), ("normalize", normalize)):
-            # bool("no") is True: a string or a number here is a mistake, not a switch
-            if not isinstance(flag, bool):
-                raise LayerArgumentError(f"JacobianProbe: {name} must be True or False, got {flag!r}")
+        # bool("no") is True: a string here is a mistake, not a switch (0 and 1 pass, as for every orthofx flag)
+        per_sample = _flag(per_sample, "JacobianProbe: per_sample", LayerArgumentError)
+        normalize = _flag(normalize, "JacobianProbe: normalize", LayerArgumentError)
         batch_fraction = metrics._check_fraction(batch_fraction, "JacobianProbe")
         clash = [name for name in _hidden_names() if name in block._modules or name in block._parameters
                  or name in block._buffers]
@@ -191,8 +190,8 @@ class JacobianProbe(nn.Module):
         self.probes = _positive_int(probes, "JacobianProbe: probes", LayerArgumentError)
         self.kind = kind
         self.every = _positive_int(every, "JacobianProbe: every", LayerArgumentError)
-        self.per_sample = bool(per_sample)
-        self.normalize = bool(normalize)
+        self.per_sample = per_sample
+        self.normalize = normalize
         self.route = route
         self.seed = seed
         self.batch_fraction = batch_fraction
