@@ -80,7 +80,9 @@ def test_condition_monitor_records_each_checkpointed_call_once(reentrant):
     _steps(checked, batches, True, reentrant)
     assert int(plain.monitor.updates) == 3
     assert int(checked.monitor.updates) == 3  # was 6: each recomputation recorded its call again
-    assert checked.monitor.history == pytest.approx(plain.monitor.history, rel=1e-12)
+    # the recomputed backward rounds differently (1e-16 relative in the weights after a step), and a condition number
+    # kappa ~ 6e4 amplifies that by kappa: 9e-12 relative was seen on one machine; a double-count would be far off
+    assert checked.monitor.history == pytest.approx(plain.monitor.history, rel=1e-9)
 
 
 @pytest.mark.parametrize("reentrant", REENTRANT)
