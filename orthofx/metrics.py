@@ -46,11 +46,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
 
 from orthofx.errors import ArgumentError, LayerArgumentError
 from orthofx.nn.convnorm import running_filters_held
-from orthofx.nn.precision import HALF_PRECISION, autocast_enabled
+from orthofx.nn.precision import HALF_PRECISION, autocast_enabled, autocast_off
 from orthofx.theory import _flag as _theory_flag, _positive_int as _int, orthogonality_case
 
 __all__ = [
@@ -69,14 +70,17 @@ _KIND = {3: "Conv1d", 4: "Conv2d", 5: "Conv3d"}
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def _check_tensor(weight, name: str = "weight") -> None:
+def _check_tensor(weight, what: str) -> None:
+    """``weight`` is a real floating-point tensor, and not an empty 2-D one; ``what`` (the public function called)
+    starts the error message."""
     if not isinstance(weight, torch.Tensor):
-        raise ArgumentError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+        raise ArgumentError(f"{what}: weight must be a torch.Tensor (a layer's .weight), got {type(weight).__name__}")
     if weight.is_complex() or not weight.is_floating_point():
-        raise ArgumentError(f"{name} must be a real floating-point tensor, got dtype {weight.dtype}")
+        raise ArgumentError(f"{what}: weight must be a real floating-point tensor, got dtype {weight.dtype}; pass "
+                            "e.g. weight.float()")
     if weight.ndim == 2 and weight.numel() == 0:
-        raise ArgumentError(f"{name} is empty, shape {tuple(weight.shape)}: a layer needs at least one input and "
-                            "one output feature")
+        raise ArgumentError(f"{what}: weight is empty, shape {tuple(weight.shape)}: a layer needs at least one "
+                            "input and one output feature")
 
 
 def _is_real_float_dtype(dtype) -> bool:
@@ -86,7 +90,8 @@ def _is_real_float_dtype(dtype) -> bool:
 def _check_svd_inputs(weight: torch.Tensor, dtype, what: str) -> None:
     """The singular-value routines need the weight's values (not a meta tensor) and a dtype LAPACK decomposes."""
     if not _is_real_float_dtype(dtype):
-        raise ArgumentError(f"dtype must be a real floating-point torch.dtype (e.g. torch.float64), got {dtype!r}")
+        raise ArgumentError(f"{what}: dtype must be a real floating-point torch.dtype (e.g. torch.float64), "
+                            f"got {dtype!r}")
     if dtype not in (torch.float32, torch.float64):
         raise ArgumentError(f"{what}: dtype must be torch.float32 or float64 (no SVD in {dtype}); the weight itself "
                             "may be in any floating-point dtype")
@@ -98,7 +103,7 @@ def _check_svd_inputs(weight: torch.Tensor, dtype, what: str) -> None:
 
 def _check_conv_weight(weight, what: str) -> int:
     """Validates a conv weight; returns the number of spatial dims."""
-    _check_tensor(weight)
+    _check_tensor(weight, what)
     if weight.ndim not in _KIND:
         extra = " (a 2-D weight is a Linear layer: use linear_singular_values)" if weight.ndim == 2 else ""
         raise ArgumentError(
@@ -174,30 +179,34 @@ def _grid(weight: torch.Tensor, input_size, stride) -> tuple[tuple[int, ...], tu
     return sizes, strides, tuple(n // s for n, s in zip(sizes, strides))
 
 
+def _space_to_depth(weight: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
+    r"""``K'[m, (c, r), a] = K[m, c, S a + r]`` (module docstring): ``(M, C/g, *k)`` -> ``(M, C/g * prod(S), *a)``
+    with :math:`a_i = \lceil k_i / S_i \rceil`, the kernel zero-padded to a multiple of the stride first.
+    Differentiable."""
+    d = weight.ndim - 2
+    M, Cg = weight.shape[:2]
+    # zero-pad each spatial dim to a multiple of the stride (F.pad lists the last dim first)
+    pad = []
+    for k, s in reversed(list(zip(weight.shape[2:], strides))):
+        pad += [0, (-k) % s]
+    w = F.pad(weight, pad) if any(pad) else weight
+    blocks = tuple(w.shape[2 + i] // strides[i] for i in range(d))
+    # (M, Cg, a_1 S_1, ..., a_d S_d) -> (M, Cg, a_1, S_1, ..., a_d, S_d) -> (M, Cg, S_1, ..., S_d, a_1, ..., a_d)
+    split = [M, Cg]
+    for a, s in zip(blocks, strides):
+        split += [a, s]
+    perm = [0, 1] + [3 + 2 * i for i in range(d)] + [2 + 2 * i for i in range(d)]
+    return w.reshape(split).permute(perm).reshape(M, Cg * math.prod(strides), *blocks)
+
+
 def _space_to_depth_kernel(weight: torch.Tensor, input_size, stride, groups, dtype
                            ) -> tuple[torch.Tensor, tuple[int, ...], int]:
     """``(K', grid, groups)``: the stride-1 kernel ``(M, C/g * prod(S), a_1, ..., a_d)`` on the ``n/S`` grid
     (module docstring), in ``dtype``, taps folded modulo the grid."""
-    d = weight.ndim - 2
     sizes, strides, grid = _grid(weight, input_size, stride)
     g = _groups(weight, groups)
-    M, Cg = weight.shape[:2]
-    ks = weight.shape[2:]
-    w = weight.detach().to(dtype)
-    # zero-pad each spatial dim to a multiple of the stride (F.pad lists the last dim first)
-    pad = []
-    for k, s in reversed(list(zip(ks, strides))):
-        pad += [0, (-k) % s]
-    if any(pad):
-        w = F.pad(w, pad)
-    blocks = tuple(w.shape[2 + i] // strides[i] for i in range(d))
-    # space-to-depth: (M, Cg, a_1 S_1, ..., a_d S_d) -> (M, Cg * S_1 ... S_d, a_1, ..., a_d)
-    split = [M, Cg]
-    for a, s in zip(blocks, strides):
-        split += [a, s]
-    w = w.reshape(split)
-    perm = [0, 1] + [3 + 2 * i for i in range(d)] + [2 + 2 * i for i in range(d)]
-    w = w.permute(perm).reshape(M, Cg * math.prod(strides), *blocks)
+    w = _space_to_depth(weight.detach().to(dtype), strides)
+    blocks = tuple(w.shape[2:])
     # fold taps modulo the grid (a kernel larger than the grid wraps around)
     for i, (a, q) in enumerate(zip(blocks, grid)):
         if a > q:
@@ -326,7 +335,14 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
     ``(M/g, C/g)`` block on its own (one grouped convolution). It is zero iff the circular convolution is
     orthogonal, and :math:`N^d L_{orth}` is :math:`\|\mathcal{K}\mathcal{K}^T - I\|_F^2` (RO) or
     :math:`\|\mathcal{K}^T\mathcal{K} - I\|_F^2` (CO) on any grid with :math:`SN \ge 2k-1` (Theorem 7).
-    In the CO case the value is a difference and can be a rounding error below zero. One-tap (1 x 1) kernels
+    A tall operator (:math:`M > C \prod_i S_i` per group) is computed through its smaller Gram matrix
+    :math:`\mathcal{K}^T\mathcal{K}` instead, the same value: with the space-to-depth kernel
+    :math:`K'[m, (c, r), a] = K[m, c, S a + r]` (module docstring) and
+    :math:`K'^T[(c, r), m, a] = K'[m, (c, r), a]`,
+    :math:`\|\mathrm{conv}(K, K, P, S) - I_{r0}\|_F^2 = \|\mathrm{conv}(K'^T, K'^T, P', 1) - I_{r0}\|_F^2
+    + (M - C S^d)` with :math:`P'_i = \lceil k_i / S_i \rceil - 1`,
+    so the CO value cancels no large constant (float32 keeps its digits near orthogonality) and the convolution is
+    :math:`C S^d \times C S^d` rather than :math:`M \times M`. One-tap (1 x 1) kernels
     take a shortcut with the same value: each group's Gram matrix, the smaller of :math:`W W^T` and
     :math:`W^T W` (a ResNet-50's penalty, forward + backward on CPU: 0.65x the time of the convolution route).
 
@@ -351,18 +367,21 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
     weight and stride: the same singular values, so the same L_orth, with RO and CO swapped.
 
     Returns a 0-dim tensor in the weight's dtype and device (a bfloat16 / float16 weight: computed in float32,
-    then rounded to its dtype). A weight on the meta device gives a meta tensor
+    then rounded to its dtype), under ``torch.autocast`` too (computed with autocast off, as ``orthofx.penalty``
+    runs its terms). A weight on the meta device gives a meta tensor
     (no value, no error), unlike the singular-value functions, which need values: ``orthofx.penalty`` of a model
     on the meta device then still builds (shapes, dtypes, tracing), and ``orthofx.report`` turns such a value into
-    a row without figures. A float64 weight without gradient (what reports
-    measure) takes the value from Theorem 7 instead, through the per-frequency matrices on the smallest grid it
-    holds on (the same value to rounding; float64 convolutions have no fast CPU kernel).
+    a row without figures. A float64 weight without gradient (what reports measure; neither reverse mode nor a
+    forward-mode tangent, ``torch.func.jvp`` / ``jacfwd``) takes the value from Theorem 7 instead, through the
+    per-frequency matrices on the smallest grid it holds on (the same value to rounding; float64 convolutions have
+    no fast CPU kernel).
 
     ``fast_backward`` (default True): :math:`\mathrm{conv}(K, K)` is symmetric under swapping its two arguments
     (with :math:`m_1 \leftrightarrow m_2`, :math:`j \leftrightarrow -j`), so the gradient is twice the gradient
-    through the first argument alone; backpropagating through that one argument only gives the exact first
-    derivative about 2x faster. Higher derivatives (``create_graph=True``: Hessian-vector products, gradient
-    penalties on this loss) are then not those of :math:`L_{orth}`; pass ``fast_backward=False`` for them.
+    through the first argument alone; differentiating through that one argument only gives the exact first
+    derivative (reverse or forward mode) about 2x faster. Higher derivatives (``create_graph=True``: Hessian-vector
+    products, gradient penalties on this loss) are then not those of :math:`L_{orth}`; pass ``fast_backward=False``
+    for them.
 
     >>> import torch
     >>> w = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))[0].reshape(8, 8, 1, 1)
@@ -372,7 +391,7 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
     >>> round(float(lorth(k)), 6)                    # the shift-2 correlation, twice (1/2)^2
     0.5
     """
-    _check_tensor(weight)
+    _check_tensor(weight, "lorth")
     _one_of(case, (None, "RO", "CO"), "case", "lorth")
     _flag(fast_backward, "fast_backward", "lorth")
     if weight.dtype in HALF_PRECISION:
@@ -381,15 +400,35 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
         # half-precision values, the value rounded once to their dtype (the gradient reaches them through the cast)
         return lorth(weight.float(), stride, groups, case, dilation=dilation,
                      fast_backward=fast_backward).to(weight.dtype)
-    value = _lorth_value(weight, stride, groups, case, dilation, fast_backward)
-    if torch.is_grad_enabled() and weight.requires_grad:
+    reverse = torch.is_grad_enabled() and weight.requires_grad
+    # autocast would run the convolution / Gram products in bfloat16 / float16 (a float32 conv's L_orth gradient came
+    # out 39 % off, and the value in bfloat16): the weight's own dtype, as orthofx.penalty runs its terms
+    with autocast_off(weight):
+        value = _lorth_value(weight, stride, groups, case, dilation, fast_backward,
+                             reverse or _forward_mode(weight))
+    if reverse:
         return value  # differentiated: the plain computation, with no extra work on the penalty's path
     return _beyond_range_as_inf(value, weight)
 
 
-def _lorth_value(weight: torch.Tensor, stride, groups, case: str | None, dilation, fast_backward: bool
-                 ) -> torch.Tensor:
-    """:func:`lorth` of a float32 / float64 weight (its other arguments still to check) by the route that suits it."""
+def _forward_mode(tensor: torch.Tensor) -> bool:
+    """Whether a forward-mode derivative of ``tensor`` is being taken (``torch.func.jvp``, ``jacfwd``, the forward
+    level of ``hessian``; ``torch.autograd.forward_ad``), which ``tensor.requires_grad`` does not show. Under
+    ``torch.func`` transforms the interpreter stack says so (``unpack_dual`` has no batching rule under ``vmap``);
+    under ``torch.compile`` the query is not traced, and answers no."""
+    if torch.compiler.is_compiling():
+        return False
+    stack = torch._C._functorch.get_interpreter_stack()
+    if stack:
+        return any(level.key() == torch._C._functorch.TransformType.Jvp for level in stack)
+    return _fwad.unpack_dual(tensor).tangent is not None
+
+
+def _lorth_value(weight: torch.Tensor, stride, groups, case: str | None, dilation, fast_backward: bool,
+                 differentiated: bool) -> torch.Tensor:
+    """:func:`lorth` of a float32 / float64 weight (its other arguments still to check) by the route that suits it;
+    ``differentiated``: a derivative (reverse or forward mode) of the value is being taken, so the value-only
+    Fourier route is out and the fast backward's doubling is needed."""
     if weight.ndim == 2:
         for name, value in (("stride", stride), ("groups", groups), ("dilation", dilation)):
             _linear_one(value, name, "lorth")
@@ -409,25 +448,53 @@ def _lorth_value(weight: torch.Tensor, stride, groups, case: str | None, dilatio
         case = orthogonality_case(C, M, strides, dims=d)
     if all(k == 1 for k in ks):
         return _lorth_one_tap(weight.reshape(g, M // g, Cg), strides, case)
-    if weight.dtype == torch.float64 and not (torch.is_grad_enabled() and weight.requires_grad):
+    if weight.dtype == torch.float64 and not differentiated:
         return _lorth_fourier(weight, strides, g, case)
+    m, c = M // g, Cg * math.prod(strides)
+    if m <= c:
+        value = _gram_defect(weight, strides, g, fast_backward, differentiated)
+        constant = g * (c - m) if case == "CO" else 0
+    else:
+        # A tall operator (M > C S^d): the smaller Gram matrix, A^T A's, stands in, as in _lorth_one_tap and
+        # _lorth_fourier. A is the stride-1 conv with the space-to-depth kernel K' (M, C S^d, a) composed with a
+        # permutation of its input, so A^T A is the stride-1 conv whose kernel is conv(K'^T, K'^T) with
+        # K'^T[(c, r), m, a] = K'[m, (c, r), a] (Theorem 7 at stride 1, the same grid): ||conv(K, K, P, S) - I||^2 =
+        # ||conv(K'^T, K'^T) - I||^2 + (M - C S^d) per group. The CO value then cancels no large constant (in float32
+        # it had lost most of its digits near orthogonality: a 35 % error at L_orth 5e-5 for 16 -> 256 channels),
+        # and the convolution is the smaller one.
+        tall = _space_to_depth(weight, strides)
+        blocks = tall.shape[2:]
+        tall = tall.reshape(g, m, c, *blocks).transpose(1, 2).reshape(g * c, m, *blocks)
+        value = _gram_defect(tall, (1,) * d, g, fast_backward, differentiated)
+        constant = g * (m - c) if case == "RO" else 0
+    return value + constant if constant else value
+
+
+def _gram_defect(weight: torch.Tensor, strides: tuple[int, ...], g: int, fast_backward: bool,
+                 differentiated: bool) -> torch.Tensor:
+    r""":math:`\|\mathrm{conv}(K, K, P, S) - I_{r0}\|_F^2` of a conv weight ``(M, C/g, *k)`` (P0 Definition 1, summed
+    over the ``g`` groups), computed in one ``F.conv{d}d`` call: ``K`` as a batch of ``M / g`` images, correlated
+    with the filters ``K`` at stride ``S`` with padding :math:`P_i = \lfloor (k_i-1)/S_i \rfloor S_i`. With
+    ``fast_backward`` only the images carry the derivative, doubled (see :func:`lorth`)."""
+    d = weight.ndim - 2
+    M, Cg = weight.shape[:2]
+    ks = tuple(weight.shape[2:])
     pads = tuple(((k - 1) // s) * s for k, s in zip(ks, strides))
     if g == 1:
         images = weight
     else:
         # images[m1, (group, c)] = K[group * M/g + m1, c]; the grouped conv then correlates within each group
-        images = weight.reshape(g, M // g, Cg, *ks).transpose(0, 1).reshape(M // g, C, *ks)
+        images = weight.reshape(g, M // g, Cg, *ks).transpose(0, 1).reshape(M // g, Cg * g, *ks)
     filters = weight.detach() if fast_backward else weight
     out = _CONV[d](images, filters, stride=strides, padding=pads, groups=g)  # (M/g, M, J_1, ..., J_d)
-    if fast_backward and out.requires_grad:
-        out = 2 * out - out.detach()  # same value (exactly), twice the gradient: the filters' share by symmetry
+    if fast_backward and differentiated:
+        # same value (exactly), twice the derivative: the filters' share by symmetry (in forward mode too, where the
+        # detached filters carry no tangent: the loss's tangent 2 <out - I, d out> takes equal shares from both)
+        out = 2 * out - out.detach()
     target = torch.zeros_like(out)
     centre = (slice(None), slice(None)) + tuple(p // s for p, s in zip(pads, strides))
     target[centre] = torch.eye(M // g, dtype=out.dtype, device=out.device).repeat(1, g)
-    value = (out - target).square().sum()
-    if case == "CO":
-        value = value - (M - C * math.prod(strides))
-    return value
+    return (out - target).square().sum()
 
 
 def dilated_kernel(weight: torch.Tensor, dilation) -> torch.Tensor:
@@ -568,7 +635,7 @@ def linear_singular_values(weight: torch.Tensor, dtype: torch.dtype = torch.floa
     >>> linear_singular_values(torch.diag(torch.tensor([3.0, -1.0])))
     tensor([3., 1.], dtype=torch.float64)
     """
-    _check_tensor(weight)
+    _check_tensor(weight, "linear_singular_values")
     if weight.ndim != 2:
         raise ArgumentError(f"linear_singular_values expects a 2-D weight (out, in), got shape {tuple(weight.shape)}"
                             + (" (use conv_singular_values for convolutions)" if weight.ndim in _KIND else ""))
@@ -594,7 +661,7 @@ def orthogonality_error(weight: torch.Tensor, input_size=None, stride=1, groups:
     >>> round(orthogonality_error(2 * torch.eye(3).reshape(3, 3, 1), input_size=4), 6)
     1.0
     """
-    _check_tensor(weight)
+    _check_tensor(weight, "orthogonality_error")
     if weight.ndim == 2:
         _linear_one(stride, "stride", "orthogonality_error")
         _linear_one(groups, "groups", "orthogonality_error")
@@ -655,7 +722,7 @@ def spectral_norm_bound(weight: torch.Tensor, input_size=None, stride=1, iterati
     >>> s1 <= spectral_norm_bound(w) <= 1.05 * s1
     True
     """
-    _check_tensor(weight)
+    _check_tensor(weight, "spectral_norm_bound")
     iterations = _int(iterations, "iterations", minimum=0)
     if iterations > _MAX_GRAM_ITERATIONS:
         raise ArgumentError(f"spectral_norm_bound: iterations={iterations} is more than the {_MAX_GRAM_ITERATIONS} "
@@ -765,7 +832,6 @@ def spectral_norm_bound(weight: torch.Tensor, input_size=None, stride=1, iterati
 import contextlib as _contextlib  # noqa: E402  (this section's own imports)
 import warnings as _warnings  # noqa: E402
 
-import torch.autograd.forward_ad as _fwad  # noqa: E402
 from torch import nn as _nn  # noqa: E402
 
 __all__ += ["jacobian_isometry", "jacobian_singular_values", "isometry_moments", "JACOBIAN_KINDS"]
