@@ -267,14 +267,20 @@ class _PartHooks:
         self.hooks.sort(key=lambda hook: self._position[id(hook)])
         self.batches[:] = _batches(self.hooks)
 
-    def run(self, optimizer: torch.optim.Optimizer, stage: str) -> None:
+    def run(self, optimizer: torch.optim.Optimizer, stage: str, errors: list[Exception] | None = None) -> None:
         """Run the hooks' ``stage`` ("before" / "after") work; a hook class with a ``<stage>_step_group``
-        classmethod gets its hooks of this part at once."""
+        classmethod gets its hooks of this part at once. With ``errors`` (a list), a batch that raises does not
+        stop the others: its exception is appended there for the caller to raise."""
         for cls, batch in self.batches:
-            if cls is None:
-                getattr(batch[0], f"{stage}_step")(self.root, optimizer)
-            else:
-                getattr(cls, f"{stage}_step_group")(batch, self.root, optimizer)
+            try:
+                if cls is None:
+                    getattr(batch[0], f"{stage}_step")(self.root, optimizer)
+                else:
+                    getattr(cls, f"{stage}_step_group")(batch, self.root, optimizer)
+            except Exception as error:
+                if errors is None:
+                    raise
+                errors.append(error)
 
 
 def _attached_parts(model: nn.Module) -> list[_PartHooks]:
@@ -406,9 +412,15 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         skipped[:] = [hook for part in parts for hook in part.skipped]
 
     def run_hooks(opt, stage: str):
-        # stage "before" / "after"; the parts act on different parameters, so their order changes no result
+        # stage "before" / "after"; the parts act on different parameters, so their order changes no result.
+        # Every "after" hook runs even when one raises (a Riemannian step gone NaN): each undoes or completes what
+        # its "before" hook and the step did (OLR's lr, another weight's retraction back onto the manifold), and
+        # one that did not run would leave that behind for the steps after the error; the first error follows.
+        errors: list[Exception] | None = [] if stage == "after" else None
         for part in parts:
-            part.run(opt, stage)
+            part.run(opt, stage, errors)
+        if errors:
+            raise errors[0]
 
     started = []  # non-empty from the "before" hooks of a step until its "after" hooks
 

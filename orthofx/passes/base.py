@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Hashable, NamedTuple
 
 import torch
 from torch import fx, nn
@@ -641,6 +641,66 @@ def gate_blocks_text(gates: int, block_shape: str) -> str:
     """How passes name the blocks a recurrent weight is cut into (:func:`recurrent_hidden_weights`):
     ``4 gate blocks of 6x6``, ``one block of 6x6`` (an ``nn.RNN``'s single gate)."""
     return f"{gates} gate blocks of {block_shape}" if gates > 1 else f"one block of {block_shape}"
+
+
+def matrices_text(count: int, blocks: str = "groups", shape: str | None = None, side: str | None = None) -> str:
+    """How passes name the orthonormal matrices they cut a weight into: ``count`` of them, called ``blocks``
+    (``"groups"`` of a conv, ``"gate blocks"`` of a recurrent weight), each ``shape`` (``"6x6"``) with orthonormal
+    ``side`` (``"rows"`` / ``"columns"``) where the pass names them: ``one 18x6 matrix with orthonormal columns``,
+    ``3 gate blocks of 6x6, each with orthonormal columns``; ``one orthonormal matrix``, ``3 gate blocks, one
+    orthonormal matrix each`` without them."""
+    if count == 1:
+        return f"one {shape} matrix with orthonormal {side}" if shape and side else "one orthonormal matrix"
+    several = f"{count} {blocks}" + (f" of {shape}" if shape else "")
+    return f"{several}, each with orthonormal {side}" if side else f"{several}, one orthonormal matrix each"
+
+
+class TiedUse(NamedTuple):
+    """How one site of a pass treats a weight it shares with other sites (tied weights), as :func:`check_tied`
+    compares two of them. ``name``: the site (or ``site.weight_hh_l0``); ``where``: how a message introduces it
+    (``'lin' (Linear, rule 'r')``, or just ``name``); ``layout``: what fixes the matrices the pass cuts the weight
+    into (equal layouts, the same matrices); ``matrices``: those matrices in words (:func:`matrices_text`), a
+    callable, run for an error only; ``settings``: ``(name, value, shown)`` for each other choice that decides what
+    the pass does to the weight (``shown``: the value as a message writes it)."""
+
+    name: str
+    where: str
+    layout: Hashable
+    matrices: Callable[[], str]
+    settings: tuple[tuple[str, Any, str], ...] = ()
+
+
+def _same_setting(value: Any, other: Any) -> bool:
+    """Settings agree: numbers (a scale) to 12 significant digits, anything else by ``==``."""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, other)):
+        return math.isclose(value, other, rel_tol=1e-12)
+    return value == other
+
+
+def check_tied(pass_name: str, this: TiedUse, first: TiedUse, done: str, *, other_matrices: str,
+               other_settings: str) -> None:
+    """Raise :class:`PlanError` unless ``this`` site treats a weight it shares with ``first`` (an earlier site,
+    which this pass ``done`` already: ``"constrains already"``) as ``first`` does: the same matrices (``layout``)
+    and the same ``settings``. Then the weight gets the pass's work once, at ``first``; otherwise whichever site
+    came second would undo or redo the other's.
+
+    The message reads ``<pass>: <this> shares its weight with <first>, which this pass <done>`` and goes on with
+    ``other_matrices`` (the layouts differ) or ``other_settings`` (a setting differs), format strings that may
+    name ``{this}`` / ``{first}`` (the sites' names), ``{this_matrices}`` / ``{first_matrices}`` (their
+    ``matrices()``) and ``{differs}`` (``<setting> <this one's> vs <first's>`` for each setting that differs)."""
+    if this.layout != first.layout:
+        rest = other_matrices
+    elif any(not _same_setting(mine[1], theirs[1]) for mine, theirs in zip(this.settings, first.settings)):
+        rest = other_settings
+    else:
+        return
+    differs = ", ".join(f"{mine[0]} {mine[2]} vs {theirs[2]}" for mine, theirs in zip(this.settings, first.settings)
+                        if not _same_setting(mine[1], theirs[1]))
+    needs = {"this": this.name, "first": first.name, "differs": differs}
+    if "matrices}" in rest:  # built for the message only (a reshape of a non-contiguous weight copies it)
+        needs.update(this_matrices=this.matrices(), first_matrices=first.matrices())
+    raise PlanError(f"{pass_name}: {this.where} shares its weight with {first.where}, which this pass {done}"
+                    + rest.format(**needs))
 
 
 def recurrent_weights_reason(module: nn.Module) -> str | None:

@@ -102,12 +102,13 @@ import torch
 from torch import nn
 
 from .. import metrics
-from ..errors import ArgumentError, PlanError, ScaleLostWarning
+from ..errors import ArgumentError, ScaleLostWarning
 from ..nn import stiefel
 from ..nn.orthogonal import keeps_output_size
 from ..nn.padding import conv_zero_pads
-from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PlanEntry, Site, is_uninitialised,
-                   recurrent_hidden_weights, recurrent_weights_reason, require_initialised)
+from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PlanEntry, Site, TiedUse, check_tied,
+                   is_uninitialised, matrices_text, recurrent_hidden_weights, recurrent_weights_reason,
+                   require_initialised)
 from .registry import register_pass
 from .riemannian import StiefelHook, _describe_matrices, scale_kept_or_dropped
 
@@ -485,44 +486,40 @@ def _written_matrices(module: nn.Module) -> list[tuple[torch.Tensor, tuple]]:
 
 
 def _check_ties(entries: list[PlanEntry], modules: list[nn.Module]) -> None:
-    """Raise :class:`PlanError` (:func:`_check_tied`) for a weight that two of the ``entries`` (at ``modules``)
-    would write as different matrices or with different scales: the second write would replace the first's."""
-    first_writer: dict[int, tuple[PlanEntry, float, tuple]] = {}
+    """Raise :class:`PlanError` (:func:`~orthofx.passes.base.check_tied`) for a weight that two of the ``entries``
+    (at ``modules``) would write as different matrices or with different scales: the second write would replace
+    the first's."""
+    first_writer: dict[int, tuple[PlanEntry, TiedUse]] = {}
     for entry, module in zip(entries, modules):
         scale = _scale(entry.params)
         for weight, layout in _written_matrices(module):
-            first = first_writer.setdefault(id(weight), (entry, scale, layout))
-            if first[0] is not entry:
-                _check_tied(entry, first[0], scale, first[1], layout, first[2])
+            this = _tied_use(entry, scale, layout)
+            first, first_use = first_writer.setdefault(id(weight), (entry, this))
+            if first is entry:
+                continue
+            convs = "gates" not in (layout[0], first_use.layout[0])
+            check_tied(
+                IsometricInit.name, this, first_use, "initialised first",
+                other_matrices=(", but needs another matrix ({this_matrices} vs {first_matrices}"
+                                + (": their groups, padding, stride or dilation differ" if convs else "")
+                                + "); a second write would replace {first}'s. Untie the weights first, or leave "
+                                "one of the two layers out of the rule"),
+                other_settings=(", but needs another matrix ({differs}); a second write would replace {first}'s. "
+                                "Give both the same gain and activation, or untie the weights first"))
 
 
-def _check_tied(entry: PlanEntry, first: PlanEntry, scale: float, first_scale: float, layout, first_layout) -> None:
-    """Refuse a layer whose weight, tied to the already initialised ``first``'s, would need another matrix
-    (``layout``: a layer's ``(groups, taps)``, a recurrent weight's ``("gates", gates)``, or a Linear's
-    ``(1, None)`` for one gate block)."""
-    if math.isclose(scale, first_scale, rel_tol=1e-12) and layout == first_layout:
-        return
-    if layout == first_layout:
-        differs = f"scale {scale:.4g} (rule '{entry.rule_name}') vs {first_scale:.4g} (rule '{first.rule_name}')"
-        fix = "Give both the same gain and activation, or untie the weights first"
-    else:
-        differs = f"{_layout_text(layout)} vs {_layout_text(first_layout)}"
-        if "gates" not in (layout[0], first_layout[0]):
-            differs += ": their groups, padding, stride or dilation differ"
-        fix = "Untie the weights first, or leave one of the two layers out of the rule"
-    raise PlanError(f"isometric_init: {entry.site.name} shares its weight with {first.site.name}, which this pass "
-                    f"initialised first, but needs another matrix ({differs}); a second write would replace "
-                    f"{first.site.name}'s. {fix}")
-
-
-def _layout_text(layout) -> str:
-    """How a weight is cut into orthonormal matrices: per gate (recurrent), one matrix (a Linear), per group and
-    block of taps (a conv)."""
+def _tied_use(entry: PlanEntry, scale: float, layout: tuple) -> TiedUse:
+    """A written weight at ``entry`` (``layout``: as :func:`_written_matrices` gives it) as
+    :func:`~orthofx.passes.base.check_tied` compares it with another site's: its layout and its scale. The
+    matrices in words: per gate (recurrent), one matrix (a Linear, or one gate block), a conv's ``(groups, taps)``."""
     if layout[0] == "gates":
-        return f"{layout[1]} gate blocks, one orthonormal matrix each"
-    if layout[1] is None:
-        return "one orthonormal matrix"
-    return f"(groups, taps) {layout}"
+        matrices = matrices_text(layout[1], "gate blocks")
+    elif layout[1] is None:
+        matrices = matrices_text(1)
+    else:
+        matrices = f"(groups, taps) {layout}"
+    shown = f"{scale:.4g} (rule '{entry.rule_name}')"
+    return TiedUse(entry.site.name, entry.site.name, layout, lambda: matrices, (("scale", scale, shown),))
 
 
 def _tap_block(weight: torch.Tensor, taps: Sequence[tuple[int, int]]) -> torch.Tensor:

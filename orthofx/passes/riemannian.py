@@ -119,9 +119,9 @@ from torch import nn
 from ..errors import ArgumentError, LayerArgumentError, OrthofxError, PlanError, ScaleLostWarning, TransformError
 from ..nn import stiefel
 from ..nn.precision import describe_nonfinite
-from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site,
-                   gate_blocks_text, is_uninitialised, recurrent_hidden_weights, recurrent_weights_reason,
-                   require_initialised, weight_groups, whole, write_whole)
+from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, TiedUse,
+                   check_tied, gate_blocks_text, is_uninitialised, matrices_text, recurrent_hidden_weights,
+                   recurrent_weights_reason, require_initialised, weight_groups, whole, write_whole)
 from .registry import register_pass
 
 __all__ = ["Riemannian", "ScaleLostWarning", "StiefelHook",
@@ -130,6 +130,8 @@ __all__ = ["Riemannian", "ScaleLostWarning", "StiefelHook",
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Optimizer state entries that hold a first moment (a direction) and are projected with ``momentum: project``.
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+#: The values of the ``momentum`` parameter (module docstring).
+MOMENTUM_MODES = ("project", "keep")
 
 
 def is_zero_redundancy(optimizer: torch.optim.Optimizer) -> bool:
@@ -175,6 +177,18 @@ def _weight_label(site: str, name: str) -> str:
     return site if name == "weight" else f"{site}.{name}"
 
 
+def _complex_reason(module: nn.Module) -> str | None:
+    """Why the pass declines a layer with a complex weight (``None`` for real ones): see :meth:`Riemannian.accepts`.
+    Read from the dtype alone, so also for a lazy layer that has not run (it keeps the dtype it was built with)."""
+    recurrent = isinstance(module, RECURRENT_TYPES)  # (not _site_weights: a lazy weight has no shape to cut)
+    for name in [name for name, _ in recurrent_hidden_weights(module)] if recurrent else ["weight"]:
+        weight = getattr(module, name, None)
+        if isinstance(weight, torch.Tensor) and weight.is_complex():
+            return (f"complex weight ({weight.dtype}): riemannian keeps real weights on the real Stiefel manifold "
+                    "(W^T W = I); leave this layer out of the rule (match.exclude) or give it a real dtype")
+    return None
+
+
 def _not_square(module: nn.Module) -> str | None:
     for name, groups in _site_weights(module):
         rows, cols = stiefel.flatten_weight(getattr(module, name).detach(), groups).shape[-2:]
@@ -200,6 +214,8 @@ class StiefelHook(OptimizerHook):
         super().__init__(site, rule)
         if retraction not in stiefel.RETRACTIONS:
             raise ArgumentError(f"unknown retraction {retraction!r}; choose one of {', '.join(stiefel.RETRACTIONS)}")
+        if momentum not in MOMENTUM_MODES:  # any other value would leave the state alone, as 'keep' does
+            raise ArgumentError(f"unknown momentum {momentum!r}; choose one of {', '.join(MOMENTUM_MODES)}")
         self.retraction = retraction
         self.momentum = momentum
         self.groups = groups
@@ -280,18 +296,16 @@ class StiefelHook(OptimizerHook):
                 w0 = torch.stack([pre for _, _, pre in items])  # float32 for a half-precision weight
                 w1 = torch.stack([hook._matrix(whole(weight.detach())) for hook, weight, _ in items]).to(w0.dtype)
                 xi = stiefel.tangent_projection(w0, w1 - w0)
-                new = _finite_retraction(w0, xi, retraction)
-                if new is None:  # a NaN / inf step: the weights go back to where the step started, then the error
-                    diverged += [hook for hook, _, _ in items]
-                    new = w0
+                # a NaN / inf step: that weight goes back to where the step started (the error follows); the
+                # others of the batch are retracted as they would be alone
+                new, failed = _finite_retraction(w0, xi, retraction)
+                diverged += [items[i][0] for i in failed]
                 for i, (_, weight, _) in enumerate(items):
                     write_whole(weight, new[i].reshape(weight.shape))
-                if new is w0:
-                    continue
                 # momentum: project the first moments onto the tangent spaces at the new points (a transport)
                 index, buffers, matrices = [], [], []
                 for i, (hook, weight, _) in enumerate(items):
-                    if hook.momentum != "project":
+                    if hook.momentum != "project" or i in failed:
                         continue
                     state = optimizer_state(optimizer, weight)  # ZeRO: its local optimizer's, on the owning rank
                     for name in MOMENTUM_KEYS:
@@ -305,9 +319,15 @@ class StiefelHook(OptimizerHook):
                     for j, buf in enumerate(buffers):
                         write_whole(buf, moved[j].reshape(buf.shape))
         if diverged:
-            sites = ", ".join(f"'{hook._label()}'" for hook in diverged)
+            rules = list(dict.fromkeys(hook.rule for hook in diverged))
+            if len(rules) == 1:
+                where = f"riemannian (rule '{rules[0]}'): the optimizer step left the weights of "
+                sites = ", ".join(f"'{hook._label()}'" for hook in diverged)
+            else:  # each site with its rule
+                where = "riemannian: the optimizer step left the weights of "
+                sites = ", ".join(f"'{hook._label()}' (rule '{hook.rule}')" for hook in diverged)
             raise OrthofxError(
-                f"riemannian (rule '{diverged[0].rule}'): the optimizer step left the weights of {sites} NaN or inf "
+                f"{where}{sites} NaN or inf "
                 "(their gradients or the optimizer's state hold NaN / inf: a diverged step), so there is no point "
                 "of the Stiefel manifold to retract to. Those weights are back at their values before the step; "
                 "lower the learning rate, look for a NaN loss, or train with torch.amp.GradScaler, which skips "
@@ -319,16 +339,26 @@ class StiefelHook(OptimizerHook):
                 f"momentum={self.momentum!r})")
 
 
-def _finite_retraction(w: torch.Tensor, xi: torch.Tensor, retraction: str) -> torch.Tensor | None:
-    """``stiefel.retract(w, xi, retraction)``, or ``None`` where the step is not finite (the polar factor refuses
-    it; a QR factor would be NaN). One host read per batch of same-shaped weights, as the retractions make."""
+def _finite_retraction(w: torch.Tensor, xi: torch.Tensor, retraction: str) -> tuple[torch.Tensor, list[int]]:
+    """``stiefel.retract(w, xi, retraction)`` of a batch of matrices, and the indices of those whose step is not
+    finite (NaN / inf in ``w + xi`` or in its retraction: no point of the manifold to retract to), which keep
+    ``w``; every other matrix is retracted as it would be alone. One host read for a finite batch, as the
+    retractions make; a batch holding a non-finite step is retracted again without it."""
     try:
         new = stiefel.retract(w, xi, retraction)
-    except LayerArgumentError:
-        if bool(torch.isfinite(xi).all()):
+    except LayerArgumentError:  # the polar factor refuses NaN / inf; anything else is a real error
+        if bool(torch.isfinite(w + xi).all()):
             raise
-        return None
-    return new if bool(torch.isfinite(new).all()) else None
+        new = None
+    if new is not None and bool(torch.isfinite(new).all()):
+        return new, []
+    finite = torch.isfinite(w + xi).flatten(-2).all(-1)
+    out = w.clone()
+    if bool(finite.any()):
+        out[finite] = stiefel.retract(w[finite], xi[finite], retraction)
+    failed = ~(finite & torch.isfinite(out).flatten(-2).all(-1))
+    out[failed] = w[failed]
+    return out, failed.nonzero().flatten().tolist()
 
 
 @register_pass
@@ -342,7 +372,7 @@ class Riemannian(Pass):
         Param("free", "none", (str,), "leave the first/last site of this rule (graph order) unconstrained (P1)",
               choices=("none", "first", "last")),
         Param("momentum", "project", (str,), "project the optimizer's first moment (SGD momentum_buffer, Adam "
-              "exp_avg) onto the new tangent space after each step, or keep it", choices=("project", "keep")),
+              "exp_avg) onto the new tangent space after each step, or keep it", choices=MOMENTUM_MODES),
         Param("init", "project", (str,), "replace the weight by its nearest orthonormal matrix at transform time, "
               "or keep it", choices=("project", "keep")),
         Param("only_square", False, (bool,), "constrain only layers whose (flattened) weight is square"),
@@ -353,8 +383,12 @@ class Riemannian(Pass):
     needs_weight_parameter = True  # it projects and retracts the weight around optimizer.step()
 
     def accepts(self, site: Site, module: nn.Module | None) -> str | None:
-        """Also declines a layer whose weight has no entries (``Linear(4, 0)``): nothing to keep orthonormal."""
+        """Also declines a layer whose weight has no entries (``Linear(4, 0)``): nothing to keep orthonormal; and
+        one whose weight is complex: the manifold here is the real Stiefel manifold (``W^T W = I``), which a complex
+        weight is not on, and no real retraction keeps it there."""
         reason = super().accepts(site, module)
+        if reason is None and isinstance(module, _LAYER_TYPES + RECURRENT_TYPES):
+            reason = _complex_reason(module)
         if reason is None and isinstance(module, RECURRENT_TYPES):
             return recurrent_weights_reason(module)
         if reason is None and isinstance(module, _LAYER_TYPES):
@@ -571,30 +605,20 @@ class _Constrained(NamedTuple):
         settings = tuple(entry.params[key] for key in _TIED_SETTINGS)
         return cls(entry, label, module, pname, groups, settings)
 
-    @property
-    def kind(self) -> str:
-        return type(self.module).__name__
+    def use(self) -> TiedUse:
+        """The weight's use here, as :func:`~orthofx.passes.base.check_tied` compares it with another site's."""
+        settings = tuple((key, value, str(value)) for key, value in zip(_TIED_SETTINGS, self.settings))
+        return TiedUse(f"'{self.label}'", f"'{self.label}' ({type(self.module).__name__}, rule "
+                       f"'{self.entry.rule_name}')", self.groups, self.matrices, settings)
 
-    @property
-    def layout(self) -> str:
-        """Those matrices in words (built for an error only: a reshape of a non-contiguous weight copies it)."""
-        return _layout_text(self.module, getattr(self.module, self.pname), self.groups)
-
-    def where(self) -> str:
-        return f"'{self.label}' ({self.kind}, rule '{self.entry.rule_name}')"
-
-
-def _layout_text(module: nn.Module, weight: torch.Tensor, groups: int) -> str:
-    """The matrices the pass keeps orthonormal in ``weight`` (:func:`stiefel.flatten_weight` with ``groups``):
-    ``one 18x6 matrix with orthonormal columns``, ``3 gate blocks of 6x6, each with orthonormal columns`` (a
-    recurrent layer), ``2 groups of 2x2, each ...`` (a grouped conv)."""
-    matrix = stiefel.flatten_weight(weight.detach(), groups)
-    shape = "x".join(str(s) for s in matrix.shape[-2:])
-    side = "rows" if stiefel.is_wide(matrix) else "columns"
-    if groups == 1:
-        return f"one {shape} matrix with orthonormal {side}"
-    blocks = gate_blocks_text(groups, shape) if isinstance(module, RECURRENT_TYPES) else f"{groups} groups of {shape}"
-    return f"{blocks}, each with orthonormal {side}"
+    def matrices(self) -> str:
+        """The matrices the pass keeps orthonormal in the weight (:func:`stiefel.flatten_weight` with ``groups``),
+        in words: ``one 18x6 matrix with orthonormal columns``, ``3 gate blocks of 6x6, each with orthonormal
+        columns`` (a recurrent layer), ``2 groups of 2x2, each ...`` (a grouped conv)."""
+        matrix = stiefel.flatten_weight(getattr(self.module, self.pname).detach(), self.groups)
+        side = "rows" if stiefel.is_wide(matrix) else "columns"
+        blocks = "gate blocks" if isinstance(self.module, RECURRENT_TYPES) else "groups"
+        return matrices_text(self.groups, blocks, "x".join(str(s) for s in matrix.shape[-2:]), side)
 
 
 def _check_tied(this: _Constrained, first: _Constrained) -> None:
@@ -609,22 +633,17 @@ def _check_tied(this: _Constrained, first: _Constrained) -> None:
     ``momentum: keep`` against ``project`` the one buffer is transported anyway; with ``init: keep`` against
     ``project`` the weight is projected anyway. Either way a Change describes an update that is not the one
     made."""
-    if this.groups == first.groups and this.settings == first.settings:
-        return
-    both = (f"riemannian: {this.where()} shares its weight with {first.where()}, which this pass constrains "
-            "already")
-    if this.groups != first.groups:
-        raise PlanError(
-            f"{both}, but the two cut it into different matrices: '{this.label}' into {this.layout}, "
-            f"'{first.label}' into {first.layout}. Their updates would retract the one tensor onto two manifolds that "
-            "do not meet at every step, so one of the two constraints would never hold. Untie the weights, or leave "
-            "one of the two layers out of the riemannian rules (match.exclude) so that one layout applies")
-    differs = ", ".join(f"{key} {mine} vs {theirs}" for key, mine, theirs in zip(_TIED_SETTINGS, this.settings,
-                                                                                 first.settings) if mine != theirs)
-    raise PlanError(
-        f"{both}, with other settings ({differs}; both cut it into {this.layout}). The one tensor takes one "
-        "Riemannian update per step, which cannot follow both. Give both rules the same retraction, momentum and "
-        "init, or untie the weights")
+    check_tied(
+        "riemannian", this.use(), first.use(), "constrains already",
+        other_matrices=(
+            ", but the two cut it into different matrices: {this} into {this_matrices}, {first} into "
+            "{first_matrices}. Their updates would retract the one tensor onto two manifolds that do not meet at "
+            "every step, so one of the two constraints would never hold. Untie the weights, or leave one of the two "
+            "layers out of the riemannian rules (match.exclude) so that one layout applies"),
+        other_settings=(
+            ", with other settings ({differs}; both cut it into {this_matrices}). The one tensor takes one "
+            "Riemannian update per step, which cannot follow both. Give both rules the same retraction, momentum "
+            "and init, or untie the weights"))
 
 
 def _check_not_free_elsewhere(entry: PlanEntry, module: nn.Module, weights: list[tuple[str, int, torch.Tensor]],
