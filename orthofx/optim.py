@@ -15,7 +15,8 @@ so that what the "before" hooks changed is undone (OLR's lr); torch skips post-h
 ``optimizer.step`` on the instance (as torch's LR schedulers do; ``handle.remove()`` unwraps it).
 A hook class may define classmethods ``before_step_group(hooks, root, optimizer)`` and
 ``after_step_group(hooks, root, optimizer)``: ``attach`` then hands it all its hooks at once, so that it can batch
-their work (the Riemannian hooks retract all same-shaped weights in one batched call).
+their work (the Riemannian hooks retract all same-shaped weights in one batched call); an optional
+``check_group(hooks, root, optimizer)`` then replaces the hooks' own ``check`` calls.
 
 A model that ``orthofx.transform`` did not return but that holds transformed models (a transformed backbone inside
 a bigger model: :func:`orthofx.penalty.transformed_parts`) gets the hooks of every such part, each run on its part
@@ -247,8 +248,13 @@ class _PartHooks:
         self.batches = _batches(self.hooks)
 
     def check(self, optimizer: torch.optim.Optimizer, hooks: list) -> None:
-        for hook in hooks:
-            hook.check(self.root, optimizer)
+        for cls, batch in _batches(hooks):
+            check_group = getattr(cls, "check_group", None)
+            if callable(check_group):  # one check of the class's hooks together (one warning, not one per site)
+                check_group(batch, self.root, optimizer)
+            else:
+                for hook in batch:
+                    hook.check(self.root, optimizer)
 
     def setup(self, optimizer: torch.optim.Optimizer, hooks: list) -> None:
         for hook in hooks:

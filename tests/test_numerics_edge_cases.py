@@ -94,7 +94,8 @@ def test_lbfgs_closure_runs_the_hooks_once_per_step():
     the Riemannian pre-step weight is the step's starting point and the weight still ends on the manifold."""
     gm, x = _closure_models("riemannian")
     optimizer = torch.optim.LBFGS(gm.parameters(), lr=0.5, max_iter=4)
-    orthofx.attach(optimizer, gm)
+    with pytest.warns(orthofx.OrthofxWarning, match="LBFGS with max_iter=4 takes 4 steps inside one"):
+        orthofx.attach(optimizer, gm)
     evaluations = []
 
     def closure():

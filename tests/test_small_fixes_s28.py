@@ -1,5 +1,7 @@
 """Small fixes of session 28, each with the input that showed the old behaviour."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -46,3 +48,43 @@ def test_the_orthogonal_conv_pass_refuses_such_a_gain_while_planning():
     gm = orthofx.transform(model.double(), orthogonal_rule(1e39))
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     assert torch.isfinite(gm(x)).all()
+
+
+def riemannian_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+    return orthofx.transform(model, {"rules": [{"match": {"type": "Linear"}, "apply": "riemannian"}]})
+
+
+def test_lbfgs_with_inner_steps_warns_that_its_steps_are_euclidean():
+    gm = riemannian_model()
+    with pytest.warns(orthofx.OrthofxWarning, match=r"riemannian \(rule 'riemannian\[0\]': '0', '2'\): LBFGS "
+                                                    r"with max_iter=20 .*max_iter=1") as caught:
+        orthofx.attach(torch.optim.LBFGS(gm.parameters(), lr=1.0), gm)
+    assert len(caught) == 1 and caught[0].filename == __file__  # once, at the user's attach call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other = riemannian_model()
+        orthofx.attach(torch.optim.LBFGS(other.parameters(), lr=1.0, max_iter=1), other)
+
+
+def test_a_weight_the_step_does_not_move_keeps_its_bits():
+    """A retraction of a zero step gave the weight back only to rounding: lr 0 moved it by ~1e-7 per step."""
+    gm = riemannian_model()
+    x = torch.randn(8, 6)
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.0)
+    orthofx.attach(optimizer, gm)
+    before = state_copy(gm)
+    for _ in range(5):
+        optimizer.zero_grad()
+        gm(x).square().mean().backward()
+        optimizer.step()
+    assert bitwise_equal(state_copy(gm), before)
+    # a real step still moves and retracts (against the float64 Gram matrix)
+    optimizer.param_groups[0]["lr"] = 0.1
+    optimizer.zero_grad()
+    gm(x).square().mean().backward()
+    optimizer.step()
+    w = gm.get_submodule("0").weight.detach().double()
+    assert not torch.equal(gm.get_submodule("0").weight, before["0.weight"])
+    assert float((w @ w.T - torch.eye(6, dtype=torch.float64)).abs().max()) < 1e-6

@@ -116,7 +116,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from ..errors import ArgumentError, LayerArgumentError, OrthofxError, PlanError, ScaleLostWarning, TransformError
+from ..errors import (ArgumentError, LayerArgumentError, OrthofxError, OrthofxWarning, PlanError, ScaleLostWarning,
+                      TransformError, first_few)
 from ..nn import stiefel
 from ..nn.precision import describe_nonfinite
 from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, TiedUse,
@@ -239,6 +240,28 @@ class StiefelHook(OptimizerHook):
     def _matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         return stiefel.flatten_weight(tensor, self.groups)
 
+    @classmethod
+    def check_group(cls, hooks: list[StiefelHook], root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """:meth:`check` of every hook in ``hooks`` at once (``attach``). LBFGS with ``max_iter > 1`` gets one
+        :class:`~orthofx.OrthofxWarning`: it takes several inner steps per ``optimizer.step()`` and the hooks run
+        only around the call (the projection after the closure's first evaluation), so the inner steps are
+        Euclidean and the curvature history LBFGS keeps stops matching the retracted weights. The weights still end
+        each step on the manifold, but training may diverge where plain LBFGS converges (lr 1, max_iter 20, no line
+        search: the loss went from 1.5 to 1e8 in 8 steps)."""
+        for hook in hooks:
+            hook.check(root, optimizer)
+        inner = [group["max_iter"] for group in optimizer.param_groups if group["max_iter"] > 1] \
+            if isinstance(optimizer, torch.optim.LBFGS) else []
+        if hooks and inner:
+            rules = [f"'{rule}'" for rule in dict.fromkeys(hook.rule for hook in hooks)]
+            sites = first_few([f"'{hook._label()}'" for hook in hooks], 4)
+            warnings.warn(
+                f"riemannian (rule{'s' * (len(rules) > 1)} {', '.join(rules)}: {sites}): LBFGS with max_iter={inner[0]} takes {inner[0]} steps inside "
+                "one optimizer.step(), and the Riemannian projection and retraction run only around the call: its "
+                "inner steps are Euclidean and its curvature history stops matching the retracted weights, which "
+                "can make training diverge. Build LBFGS with max_iter=1 (with line_search_fn='strong_wolfe' it "
+                "converged in tests), or use SGD / Adam", OrthofxWarning, stacklevel=4)
+
     def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         type(self).before_step_group([self], root, optimizer)
 
@@ -300,6 +323,9 @@ class StiefelHook(OptimizerHook):
                 # others of the batch are retracted as they would be alone
                 new, failed = _finite_retraction(w0, xi, retraction)
                 diverged += [items[i][0] for i in failed]
+                # a weight the step did not move (lr 0, a layer unused with zero_grad(set_to_none=False)) keeps
+                # its bits: a retraction of a zero step gives it back only to rounding (1e-7 per step in float32)
+                new = torch.where((w1 == w0).flatten(-2).all(-1)[..., None, None], w0, new)
                 for i, (_, weight, _) in enumerate(items):
                     write_whole(weight, new[i].reshape(weight.shape))
                 # momentum: project the first moments onto the tangent spaces at the new points (a transport)
