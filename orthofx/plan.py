@@ -33,9 +33,8 @@ from torch import fx, nn
 
 from .capture import ModalGraphModule, _is_torch_layer, module_scopes
 from .errors import PlanError, first_few
-from .nn.tracing import is_orthofx_module
 from .passes.base import (RECURRENT_TYPES, CaptureInfo, PlanEntry, Site, derived_weight, describe_module,
-                          reads_only_metadata, require_initialised)
+                          reads_only_metadata, require_initialised, stops_producer_walk)
 from .passes.registry import get_pass
 from .policy import Match, Policy, Rule
 
@@ -73,10 +72,6 @@ _VALUES_ONLY = {
     getattr(getattr(torch.ops.aten, "_linalg_eigh", None), "default", None): (2, "compute_v", "linalg.eigvalsh"),
     getattr(getattr(torch.ops.aten, "_linalg_svd", None), "default", None): (2, "compute_uv", "linalg.svdvals"),
 }
-
-# Layers whose weights shape their output linearly: where a walk upstream from a decomposition stops.
-_PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                   nn.ConvTranspose3d)
 
 
 # ----------------------------------------------------------------------------------------------- sites
@@ -182,18 +177,6 @@ def _all_sites(gm: fx.GraphModule, blocks: Iterable[str]) -> tuple[list[Site], d
     return sites, nodes
 
 
-def _is_producer(module: nn.Module) -> bool:
-    """Whether the walk of :func:`producers_feeding` stops at ``module``: a torch conv / linear, or a module of
-    orthofx's own (:func:`~orthofx.nn.tracing.is_orthofx_module`: its layers, their subclasses and frozen forms)
-    that has a weight (orthogonal convs and linears, ConvNorm, a JacobianProbe around a linear). Looked up
-    without reading it: orthofx's layers compute ``weight`` as a property (the orthogonal kernel)."""
-    if isinstance(module, _PRODUCER_TYPES):
-        return True
-    has_weight = (hasattr(type(module), "weight") or "weight" in module._parameters
-                  or "weight" in module._buffers)
-    return has_weight and is_orthofx_module(module)
-
-
 def producers_feeding(gm: fx.GraphModule, node: fx.Node) -> list[str]:
     """Qualified names of the conv/linear modules whose outputs reach ``node``'s inputs.
 
@@ -213,7 +196,7 @@ def producers_feeding(gm: fx.GraphModule, node: fx.Node) -> list[str]:
         seen.add(current)
         if current.op == "call_module":
             module = gm.get_submodule(str(current.target))
-            if _is_producer(module):
+            if stops_producer_walk(module):
                 if current.target not in found:
                     found.append(str(current.target))
                 continue

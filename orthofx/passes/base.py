@@ -511,6 +511,26 @@ _METADATA_FUNCTIONS = frozenset({torch.numel, torch.is_tensor, torch.is_floating
                                  torch.ops.aten.sym_stride.int, torch.ops.aten.sym_storage_offset.default})
 
 
+# Layers whose weights shape their output linearly: where a walk between a layer and a decomposition stops.
+PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                  nn.ConvTranspose3d)
+
+
+def stops_producer_walk(module: nn.Module | None) -> bool:
+    """Whether a walk between layers and the decompositions they feed (``plan.producers_feeding``, pre_svd's
+    Change) stops at ``module``: a torch conv / linear, or a module of orthofx's own
+    (:func:`~orthofx.nn.tracing.is_orthofx_module`: its layers, their subclasses and frozen forms) that has a weight
+    (orthogonal convs and linears, ConvNorm, a JacobianProbe around a linear). Looked up without reading it:
+    orthofx's layers compute ``weight`` as a property (the orthogonal kernel)."""
+    if module is None:
+        return False
+    if isinstance(module, PRODUCER_TYPES):
+        return True
+    has_weight = (hasattr(type(module), "weight") or "weight" in module._parameters
+                  or "weight" in module._buffers)
+    return has_weight and is_orthofx_module(module)
+
+
 def reads_only_metadata(node: fx.Node) -> bool:
     """Whether ``node`` reads only its input's metadata: ``x.shape``, ``x.size(0)``, ``x.dim()``, ``x.numel()``
     (symbolic tracing) or ``aten.sym_size`` (torch.export). Its value depends on the input's shape, not its

@@ -74,19 +74,18 @@ from torch import fx, nn
 from ..errors import ArgumentError, OrthofxError
 from ..nn.precision import HALF_PRECISION
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, derived_weight,
-                   describe_module, is_uninitialised, parameter_owners, reads_only_metadata, weight_groups, whole,
-                   write_whole)
+                   describe_module, is_uninitialised, parameter_owners, reads_only_metadata, stops_producer_walk,
+                   weight_groups, whole, write_whole)
 from .orth_regularizer import lorth_term
 from .orthogonal_conv import orthogonal_layer
 from .registry import register_pass
 from .riemannian import is_zero_redundancy
+from .svd_conditioning import each_mode
 
 __all__ = ["PreSVD", "SripTerm", "NearestOrthogonalGradient", "OptimalLearningRate", "srip", "polar_factor",
            "optimal_learning_rate"]
 
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d,
-              nn.ConvTranspose3d)
 #: Param-group key marking the group OLR created; the value is the site.
 OLR_GROUP_KEY = "orthofx_olr"
 _BASE_LR_KEY = "orthofx_olr_base_lr"
@@ -358,33 +357,35 @@ class OptimalLearningRate(OptimizerHook):
 # ---------------------------------------------------------------------------------------------------- pass
 
 def _decompositions_fed(ctx: PassContext, name: str) -> list[str]:
-    """Function sites (decompositions) downstream of module ``name`` before another conv/linear intervenes; a
-    read of a tensor's shape (``x.shape[0]``, :func:`~orthofx.passes.base.reads_only_metadata`) carries none of
-    its values, so the walk does not pass through it."""
-    plan = ctx.manifest.plan
-    by_node = {s.node: s.name for s in getattr(plan, "sites", ()) if s.kind == "function"}
-    start = [n for n in ctx.gm.graph.nodes if n.op == "call_module" and n.target == name]
+    """Function sites (decompositions) downstream of module ``name`` before another conv/linear intervenes, in the
+    captured graph and in the other training mode's graph of a two-mode model; a read of a tensor's shape
+    (``x.shape[0]``, :func:`~orthofx.passes.base.reads_only_metadata`) carries none of its values, so the walk
+    does not pass through it. A node is named by the site a pass recorded on it, else by the plan's site of that
+    node name *in the same mode's graph* (both graphs of a two-mode model hold a node named ``linalg_eigh``)."""
+    sites = [s for s in getattr(ctx.manifest.plan, "sites", ()) if s.kind == "function"]
     found: list[str] = []
-    seen: set[fx.Node] = set()
-    stack = [u for n in start for u in n.users]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        site = node.meta.get("orthofx_site") or by_node.get(node.name)
-        if site and site not in found and not site == name:
-            found.append(site)
-        if node.op == "call_module":
-            try:
-                module = ctx.gm.get_submodule(str(node.target))
-            except AttributeError:
-                module = None
-            if isinstance(module, _PRODUCERS):
+    for suffix in each_mode(ctx.gm):  # ctx.gm.graph is that mode's graph
+        by_node = {s.node: s.name for s in sites if s.mode == suffix[1:]}
+        stack = [u for n in ctx.gm.graph.nodes if n.op == "call_module" and n.target == name for u in n.users]
+        seen: set[fx.Node] = set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
                 continue
-        if reads_only_metadata(node):
-            continue
-        stack.extend(node.users)
+            seen.add(node)
+            site = node.meta.get("orthofx_site") or by_node.get(node.name)
+            if site and site not in found and not site == name:
+                found.append(site)
+            if node.op == "call_module":
+                try:
+                    module = ctx.gm.get_submodule(str(node.target))
+                except AttributeError:
+                    module = None
+                if stops_producer_walk(module):
+                    continue
+            if reads_only_metadata(node):
+                continue
+            stack.extend(node.users)
     return sorted(found)
 
 

@@ -24,7 +24,9 @@ Each selected function site (``torch.linalg.eigh``, ``eigvalsh``, ``svd``, ``svd
 
 Graph patterns recognised for the power (``V``: eigenvectors, or for an SVD ``U`` / ``V``; ``L``: eigenvalues or
 singular values; ``T(.)``: ``.mT``, ``.transpose(-2, -1)`` / ``(-1, -2)`` / ``(1, 2)`` / ``(0, 1)``, ``swapaxes``,
-``.T`` / ``.t()`` (2-D), ``permute`` swapping the last two dims; ``@``: ``@``, ``matmul``, ``bmm``, ``mm``)::
+``.T`` / ``.t()`` (2-D), ``permute`` swapping the last two dims; ``@``: ``@``, ``matmul``, ``bmm``, ``mm``; in a
+graph captured by torch.export also the ATen overloads it keeps, ``aten.swapaxes``, ``aten.numpy_T``, and full
+``aten.slice`` s before an unsqueeze)::
 
     D = f(L)                       f: sqrt, rsqrt, pow(+-0.5), ** +-0.5, 1 / sqrt(.), reciprocal(sqrt(.))
                                       (also times 1.0, as torch.export records 1 / x),
@@ -38,7 +40,8 @@ symmetric PD input). Ranks are usually unknown to an fx graph: index arithmetic 
 ranks (``unsqueeze(0)``, ``transpose(0, 1)``, ``.T``) is recorded in the replacement's ``layout`` argument and
 checked against the input's rank on the first call (a ``LayerArgumentError``, which is a ``ValueError``, naming
 the mismatch, at transform time when example inputs are given); it is checked at transform time when the graph's
-nodes carry shapes (export capture).
+nodes carry shapes (export capture), and so is a non-square decomposed matrix (an SVD of a data matrix), which
+then goes to ``fallback``.
 
 Monitoring (``monitor: true``): a :class:`orthofx.nn.conditioning.DecompositionMonitor` is registered in the
 GraphModule as ``orthofx_monitor_<n>`` and called on the decomposition's result (a pass-through), recording
@@ -170,8 +173,18 @@ _MUL_FNS = {operator.mul, torch.mul}
 _MUL_METHODS = {"mul", "__mul__"}
 _ADD_FNS = {operator.add, torch.add}
 _ADD_METHODS = {"add", "__add__", "__radd__"}
-_TRANSPOSE_FNS = {torch.transpose, torch.swapaxes, torch.swapdims}
+# torch.export capture keeps some views as ATen overloads (same arguments as the torch functions): a graph
+# captured that way wrote V.swapaxes(-1, -2) as aten.swapaxes, V.T as aten.numpy_T and L[:, None] as a full
+# aten.slice before the unsqueeze, and none of its patterns was recognised
+_ATEN = torch.ops.aten
+_TRANSPOSE_FNS = {torch.transpose, torch.swapaxes, torch.swapdims, _ATEN.transpose.int, _ATEN.swapaxes.default,
+                  _ATEN.swapdims.default}
 _TRANSPOSE_METHODS = {"transpose", "swapaxes", "swapdims"}
+_T_FNS = {torch.t, _ATEN.t.default, _ATEN.numpy_T.default}  # a transpose of 2-D matrices only
+_PERMUTE_FNS = {torch.permute, _ATEN.permute.default}
+_UNSQUEEZE_FNS = {torch.unsqueeze, _ATEN.unsqueeze.default}
+_DIAG_EMBED_FNS = {torch.diag_embed, _ATEN.diag_embed.default}
+_DIAG_FNS = {torch.diag, _ATEN.diag.default}
 _NUMBER = (int, float)
 
 
@@ -217,9 +230,9 @@ def _transpose_of(node: Any) -> tuple[fx.Node, list] | None:
         if isinstance(i, int) and isinstance(j, int):
             return node.args[0], [("transpose", i, j)]
         return None
-    if _is(node, {torch.t}, {"t"}) and len(node.args) == 1:
+    if _is(node, _T_FNS, {"t"}) and len(node.args) == 1:
         return node.args[0], [("ndim", 2)]
-    if _is(node, {torch.permute}, {"permute"}):
+    if _is(node, _PERMUTE_FNS, {"permute"}):
         rest = node.args[1:]
         if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
             dims = tuple(rest[0])
@@ -234,11 +247,16 @@ def _transpose_of(node: Any) -> tuple[fx.Node, list] | None:
     return None
 
 
-def _unsqueeze_of(node: Any) -> tuple[fx.Node, int] | None:
-    """``(source, dim)`` for ``source.unsqueeze(dim)`` and the equivalent indexing with a single ``None``."""
-    if _is(node, {torch.unsqueeze}, {"unsqueeze"}):
+def _unsqueeze_of(node: Any) -> tuple[fx.Node, int, list[fx.Node]] | None:
+    """``(source, dim, slices)`` for ``source.unsqueeze(dim)`` and the equivalent indexing with a single ``None``;
+    ``slices``: the full slices between ``source`` and the unsqueeze (torch.export records ``L[:, None]`` as one
+    before ``unsqueeze(L, 1)``), which are skipped."""
+    if _is(node, _UNSQUEEZE_FNS, {"unsqueeze"}):
         dim = _arg(node, 1, "dim")
-        return (node.args[0], dim) if isinstance(dim, int) else None
+        if not isinstance(dim, int):
+            return None
+        source, slices = _through_full_slices(node.args[0])
+        return source, dim, slices
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem:
         src, index = node.args
         if not isinstance(index, tuple):
@@ -250,19 +268,36 @@ def _unsqueeze_of(node: Any) -> tuple[fx.Node, int] | None:
             if index[0] is not Ellipsis:
                 return None
             tail = index[1:]  # (..., None, :) -> -2, (..., None) -> -1
-            return src, tail.index(None) - len(tail)
-        return src, index.index(None)
+            return src, tail.index(None) - len(tail), []
+        return src, index.index(None), []
     return None
 
 
+def _through_full_slices(node: Any) -> tuple[Any, list[fx.Node]]:
+    """``(x, slices)``: ``x`` for ``aten.slice.Tensor(x, dim, start, end, step)`` taking all of ``dim`` (start 0 or
+    None, end None or at least 2^62, step 1), repeatedly, and the slices passed; ``(node, [])`` for other nodes.
+    Such a slice is the identity."""
+    slices: list[fx.Node] = []
+    while (isinstance(node, fx.Node) and node.op == "call_function" and node.target is _ATEN.slice.Tensor
+           and not node.kwargs and len(node.args) <= 5):
+        start = node.args[2] if len(node.args) > 2 else None
+        end = node.args[3] if len(node.args) > 3 else None
+        step = node.args[4] if len(node.args) > 4 else 1
+        if start not in (0, None) or step != 1 or not (end is None or (isinstance(end, int) and end >= 2 ** 62)):
+            break
+        slices.append(node)
+        node = node.args[0]
+    return node, slices
+
+
 def _diag_of(node: Any) -> tuple[fx.Node, list] | None:
-    if _is(node, {torch.diag_embed}, {"diag_embed"}):
+    if _is(node, _DIAG_EMBED_FNS, {"diag_embed"}):
         offset = _arg(node, 1, "offset", 0)
         dim1, dim2 = _arg(node, 2, "dim1", -2), _arg(node, 3, "dim2", -1)
         if offset == 0 and dim1 == -2 and dim2 == -1:
             return node.args[0], []
         return None
-    if _is(node, {torch.diag}, {"diag"}) and _arg(node, 1, "diagonal", 0) == 0:
+    if _is(node, _DIAG_FNS, {"diag"}) and _arg(node, 1, "diagonal", 0) == 0:
         return node.args[0], [("ndim", 2)]
     return None
 
@@ -407,7 +442,7 @@ def _scaled_factor(node: Any, side: str, dec: fx.Node, info: _OpInfo):
             if pw is None:
                 continue
             kind = "col" if side == "left" else "row"
-            return pw, f[1] + [(kind, u[1])], f[2] + [other, node]
+            return pw, f[1] + [(kind, u[1])], f[2] + u[2] + [other, node]
         return None
     pair = _binary(node, _MATMUL_FNS, _MATMUL_METHODS) if isinstance(node, fx.Node) else None
     if pair is not None:
@@ -471,12 +506,17 @@ def _find_powers(gm: fx.GraphModule, dec: fx.Node, info: _OpInfo) -> tuple[list[
     return matches, None
 
 
-def _static_ndim(node: fx.Node) -> int | None:
+def _static_shape(node: fx.Node) -> tuple | None:
+    """The shape a node's metadata records (export capture), else ``None`` (symbolic tracing records none)."""
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
-        return val.dim()
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
+        return tuple(val.shape)
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def _static_ndim(node: fx.Node) -> int | None:
+    shape = _static_shape(node)
     return len(shape) if shape is not None else None
 
 
@@ -550,9 +590,18 @@ def _rewrite_powers(gm: fx.GraphModule, dec: fx.Node, matrix: fx.Node, uplo: str
 
 
 def _layout_problem(matrix: fx.Node, matches: list[_Match]) -> str | None:
-    ndim = _static_ndim(matrix)
-    if ndim is None:
+    """Why the matches cannot become Newton-Schulz iterations on ``matrix``, as far as its recorded shape tells:
+    index arithmetic that does not act on its last two dimensions, or a non-square matrix (an SVD of a data matrix
+    ``X``, whose ``U diag(f(S)) U^T`` is ``f`` of ``(X X^T)^(1/2)``, not of ``X``), so that ``fallback`` applies
+    instead of the rewritten model failing on its first call."""
+    shape = _static_shape(matrix)
+    if shape is None:
         return None
+    ndim = len(shape)
+    rows, cols = shape[-2:] if ndim >= 2 else (None, None)
+    if isinstance(rows, int) and isinstance(cols, int) and rows != cols:
+        return (f"the decomposed matrix has shape {shape}, not square (an SVD of a data matrix): Newton-Schulz "
+                "computes powers of square symmetric positive definite matrices only")
     for m in matches:
         problem = cond.check_layout(ndim, tuple(tuple(e) for e in m.layout))
         if problem is not None:
@@ -763,6 +812,25 @@ def _qualified(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+def each_mode(gm: fx.GraphModule):
+    """Yield ``""`` with ``gm.graph`` the graph ``gm`` was captured in, then, for a two-mode graph module
+    (``orthofx.capture.ModalGraphModule``: a forward branching on ``self.training``), ``"@<mode>"`` with
+    ``gm.graph`` the other mode's graph (the root's ``training`` flag is set for that, and restored). The helpers
+    below rewrite every graph of ``gm``: on the current one alone, a two-mode model's other mode kept its
+    decompositions (``gm.eval()`` ran the eigh that ``to_newton_schulz`` reported as replaced); ``pre_svd`` walks
+    both graphs with it."""
+    if getattr(gm, "other_graph", None) is None:
+        yield ""
+        return
+    training = gm.training
+    try:
+        for flag in (gm.graph_training, not gm.graph_training):
+            gm.training = flag
+            yield "" if flag == gm.graph_training else f"@{gm.other_mode}"
+    finally:
+        gm.training = training
+
+
 def to_newton_schulz(gm: fx.GraphModule, iterations: int = 5, float64: bool = False) -> dict[str, str]:
     """Rewrite, in place, every ``V diag(lambda^(+-1/2)) V^T`` computed from an eigh/SVD of ``gm`` (torch's or the
     stable stand-ins this pass inserts) into Newton-Schulz iterations, and recompile ``gm``.
@@ -773,8 +841,10 @@ def to_newton_schulz(gm: fx.GraphModule, iterations: int = 5, float64: bool = Fa
     error after ``T`` steps grows with the condition number of ``A``). :func:`orthofx.export` uses it for
     ``.onnx`` files, choosing ``iterations`` on the example inputs. A monitor (or the pass-through a frozen model
     has in its place) between a stable decomposition and its users is removed with the decomposition. Graphs
-    nested in ``gm`` (GraphModule submodules) are rewritten too. Returns ``{node name: "replaced" or the reason
-    it was left}`` for every decomposition node found (nested ones as ``<submodule path>.<node name>``).
+    nested in ``gm`` (GraphModule submodules) are rewritten too, and so is the other training mode's graph of a
+    model whose forward branches on ``self.training``. Returns ``{node name: "replaced" or the reason it was
+    left}`` for every decomposition node found (nested ones as ``<submodule path>.<node name>``, those of the other
+    mode's graph as ``<node name>@<mode>``).
 
     Example::
 
@@ -788,8 +858,9 @@ def to_newton_schulz(gm: fx.GraphModule, iterations: int = 5, float64: bool = Fa
         raise ArgumentError(f"iterations must be an int >= 1, got {iterations!r}")
     results: dict[str, str] = {}
     for path, module in list(_graph_modules(gm)):
-        for name, outcome in _to_newton_schulz(module, iterations, float64).items():
-            results[_qualified(path, name)] = outcome
+        for suffix in each_mode(module):
+            for name, outcome in _to_newton_schulz(module, iterations, float64).items():
+                results[_qualified(path, name) + suffix] = outcome
     return results
 
 
@@ -969,18 +1040,17 @@ def plain_decompositions(gm: fx.GraphModule) -> int:
     """Make every stable stand-in call of ``gm`` (and of the graph modules inside it) run its plain form
     (``plain=True``: the same values from ``torch.linalg`` and tensor ops instead of orthofx's custom ops, with
     torch's gradient): a frozen model's exported program then holds ``linalg_eigh`` / ``linalg_svd`` and loads
-    without orthofx. In place; returns the number of calls changed."""
+    without orthofx. Both graphs of a two-mode model are changed. In place; returns the number of calls changed."""
     changed = 0
-    for module in gm.modules():
-        if not isinstance(module, fx.GraphModule):
-            continue
-        nodes = [n for n in module.graph.nodes if n.op == "call_function" and n.target in _STAND_INS
-                 and not n.kwargs.get("plain")]
-        for node in nodes:
-            node.kwargs = {**node.kwargs, "plain": True}
-        if nodes:
-            module.recompile()
-            changed += len(nodes)
+    for _, module in list(_graph_modules(gm)):
+        for _ in each_mode(module):
+            nodes = [n for n in module.graph.nodes if n.op == "call_function" and n.target in _STAND_INS
+                     and not n.kwargs.get("plain")]
+            for node in nodes:
+                node.kwargs = {**node.kwargs, "plain": True}
+            if nodes:
+                module.recompile()
+                changed += len(nodes)
     return changed
 
 
