@@ -88,3 +88,16 @@ def test_a_weight_the_step_does_not_move_keeps_its_bits():
     w = gm.get_submodule("0").weight.detach().double()
     assert not torch.equal(gm.get_submodule("0").weight, before["0.weight"])
     assert float((w @ w.T - torch.eye(6, dtype=torch.float64)).abs().max()) < 1e-6
+
+
+def test_a_complex_matrix_at_a_rewritten_decomposition_says_how_to_leave_the_site_out():
+    """The stand-in told a user who had called torch.linalg.eigh to 'use torch.linalg for complex matrices'."""
+    class Whiten(nn.Module):
+        def forward(self, a):
+            return torch.linalg.eigh(a)[0]
+
+    gm = orthofx.transform(Whiten(), "svd")
+    a = torch.randn(3, 3, dtype=torch.complex64)
+    with pytest.raises(orthofx.LayerArgumentError, match=r"complex64\. .*torch.linalg's own function.*svd_conditioning"
+                                                         r" pass.*match.exclude"):
+        gm(a @ a.mH)

@@ -219,8 +219,11 @@ def _check_input(A, what: str, square: bool) -> None:
     if not isinstance(A, Tensor):
         raise LayerArgumentError(f"{what} expects a torch.Tensor of matrices [..., m, n], got {type(A).__name__}")
     if A.is_complex() or not A.is_floating_point():
-        raise LayerArgumentError(f"{what} supports real floating-point matrices only, got dtype {A.dtype}; "
-                                 "use torch.linalg for complex matrices, or cast integer ones with .float()")
+        raise LayerArgumentError(f"{what} supports real floating-point matrices only, got dtype {A.dtype}. Cast "
+                                 "integer ones with .float(); for complex ones call torch.linalg's own function, "
+                                 "and where the svd_conditioning pass put this stand-in in place of that call, "
+                                 "leave the site out of the rule (match.exclude), whose stable backward covers "
+                                 "real matrices only")
     if A.dim() < 2 or (square and A.shape[-1] != A.shape[-2]):
         kind = "square matrices [..., n, n]" if square else "matrices [..., m, n]"
         raise LayerArgumentError(f"{what} expects {kind}, got shape {tuple(A.shape)}")
