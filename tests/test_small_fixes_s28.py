@@ -101,3 +101,47 @@ def test_a_complex_matrix_at_a_rewritten_decomposition_says_how_to_leave_the_sit
     with pytest.raises(orthofx.LayerArgumentError, match=r"complex64\. .*torch.linalg's own function.*svd_conditioning"
                                                          r" pass.*match.exclude"):
         gm(a @ a.mH)
+
+
+@pytest.mark.parametrize("gain", [1e39, 1e-320])
+def test_isometric_init_refuses_a_scale_the_weight_cannot_hold_while_planning(gain):
+    """gain 1e39 filled a float32 weight with inf (a later riemannian rule called it a corrupted checkpoint);
+    1e-320 left it zero, without a word."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    before = state_copy(model)
+    policy = {"rules": [{"match": {"type": "Linear"}, "apply": "isometric_init", "with": {"gain": gain}},
+                        {"match": {"type": "Linear"}, "apply": "riemannian"}]}
+    for call in (orthofx.explain, orthofx.transform):
+        with pytest.raises(orthofx.PlanError, match=r"rule 'isometric_init\[0\]': 0 \(Linear.*scale=.* is outside the "
+                                                    r"range of normal torch.float32.*the rule's gain"):
+            call(model, policy)
+    assert bitwise_equal(state_copy(model), before)
+    if gain > 1:  # float64 holds 1e39: gain times orthonormal, to rounding
+        gm = orthofx.transform(model.double(), {"rules": policy["rules"][:1]})
+        w = gm.get_submodule("0").weight.detach() / gain
+        assert torch.allclose(w @ w.T, torch.eye(4, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("apply", ["isometric_init", "orthogonal_conv", "orth_regularizer", "riemannian", "pre_svd",
+                                   "convnorm"])
+def test_a_layer_with_a_complex_weight_is_skipped_with_the_reason_by_every_weight_pass(apply):
+    """isometric_init and orthogonal_conv failed inside the pass with an error naming no layer, orth_regularizer
+    planned the layer and penalty() then failed; only riemannian skipped it."""
+    kind = "Conv2d" if apply == "convnorm" else "Linear"
+    real = nn.Conv2d(2, 2, 3) if apply == "convnorm" else nn.Linear(3, 3)
+    odd = (nn.Conv2d(2, 2, 3) if apply == "convnorm" else nn.Linear(3, 3)).to(torch.complex64)
+    model = nn.ModuleDict({"real": real, "odd": odd})
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.real, self.odd = real, odd
+
+        def forward(self, x):
+            return self.real(x), self.odd(x.to(torch.complex64))
+
+    del model
+    plan = orthofx.explain(Two(), {"rules": [{"match": {"type": kind}, "apply": apply}]})
+    row = [line for line in str(plan).splitlines() if line.startswith("odd")][0]
+    assert f"skipped: complex weight (torch.complex64): {apply} " in row and "match.exclude" in row
+    assert [line for line in str(plan).splitlines() if line.startswith("real")][0].rstrip().endswith("apply")

@@ -202,18 +202,19 @@ def _gain(gain, dtype: torch.dtype | None, name: str) -> float:
     return value
 
 
-def gain_range_problem(gain: float, dtype: torch.dtype) -> str | None:
+def gain_range_problem(gain: float, dtype: torch.dtype, name: str = "gain") -> str | None:
     """Why weights of ``dtype`` cannot hold ``gain`` times an orthogonal matrix, or ``None``.
 
     The entries of an orthogonal matrix lie in [-1, 1] and are about ``1 / sqrt(n)``, so a gain above the dtype's
     largest number fills the weight with inf (then NaN), and one below its smallest normal number leaves the entries
-    zero or subnormal: a layer whose Jacobian is not ``gain`` times orthogonal, without a word."""
+    zero or subnormal: a layer whose Jacobian is not ``gain`` times orthogonal, without a word. ``name``: what
+    the message calls the number."""
     info = torch.finfo(dtype)
     if info.tiny <= gain <= info.max:
         return None
     what = "overflows to inf" if gain > info.max else "underflows to zero (or to subnormal numbers)"
-    return (f"gain={gain!r} is outside the range of normal {dtype} numbers ({info.tiny:.3g} to {info.max:.3g}): "
-            f"the weight, gain times an orthogonal matrix, {what}. Use a gain in that range, or a wider dtype")
+    return (f"{name}={gain!r} is outside the range of normal {dtype} numbers ({info.tiny:.3g} to {info.max:.3g}): "
+            f"the weight, {name} times an orthogonal matrix, {what}. Use a {name} in that range, or a wider dtype")
 
 
 def _compute_dtype(requested=None) -> torch.dtype:

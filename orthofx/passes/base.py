@@ -657,6 +657,21 @@ def recurrent_hidden_weights(module: nn.Module) -> list[tuple[str, int]]:
     return [(name, getattr(module, name).shape[0] // module.hidden_size) for name in names]
 
 
+def complex_weight_reason(module: nn.Module, why: str) -> str | None:
+    """``skipped``'s reason for a layer whose weight (a recurrent layer: a hidden-to-hidden weight) is complex, a
+    pass ``why`` cannot treat; ``None`` for real ones. Read from the registered tensors' dtype alone: also for a
+    lazy layer that has not run (it keeps the dtype it was built with), and without computing a weight that a
+    property or a parametrization builds."""
+    names = [name for name, _ in recurrent_hidden_weights(module)] if isinstance(module, RECURRENT_TYPES) \
+        else ["weight"]
+    for name in names:
+        weight = module._parameters.get(name, module._buffers.get(name))
+        if isinstance(weight, torch.Tensor) and weight.is_complex():
+            return (f"complex weight ({weight.dtype}): {why}; leave this layer out of the rule (match.exclude) or "
+                    "give it a real dtype")
+    return None
+
+
 def gate_blocks_text(gates: int, block_shape: str) -> str:
     """How passes name the blocks a recurrent weight is cut into (:func:`recurrent_hidden_weights`):
     ``4 gate blocks of 6x6``, ``one block of 6x6`` (an ``nn.RNN``'s single gate)."""
@@ -880,6 +895,10 @@ class Pass:
     #: a weight a torch parametrization computes stays computed: planning does not skip such layers for the pass
     #: (it still skips weights that a forward pre-hook of the layer recomputes: the wrapper does not call it).
     wraps_original_module: ClassVar[bool] = False
+    #: Why the pass cannot treat a layer whose weight is complex, as the end of a sentence (``None``: it can);
+    #: planning then declines such a layer (:func:`complex_weight_reason`), rather than the pass failing on it
+    #: with an error that names no site.
+    complex_weights: ClassVar[str | None] = None
 
     @classmethod
     def param_spec(cls) -> dict[str, Param]:
@@ -906,6 +925,8 @@ class Pass:
             return f"pass '{self.name}' handles {names}, not {type(module).__name__}"
         if site.kind == "function" and self.ops and site.target not in self.ops:
             return f"pass '{self.name}' handles {', '.join(self.ops)}, not {site.target}"
+        if site.kind == "module" and self.complex_weights and module is not None:
+            return complex_weight_reason(module, f"{self.name} {self.complex_weights}")
         return None
 
     def accepts_params(self, site: Site, module: nn.Module | None, params: dict[str, Any]) -> str | None:

@@ -80,6 +80,7 @@ class ConvNormPass(Pass):
     site_kinds = frozenset({"module"})
     module_types = _CONV_TYPES
     group = "convnorm"
+    complex_weights = "normalises real convolutions only"
     replaces_module = True
     needs_original_module = True
     wraps_original_module = True  # the wrapper calls the conv itself: a parametrized weight stays computed

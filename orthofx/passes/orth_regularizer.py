@@ -179,6 +179,7 @@ class OrthRegularizer(Pass):
     site_kinds = frozenset({"module"})
     module_types = _LAYER_TYPES + RECURRENT_TYPES
     group = "weight"
+    complex_weights = "measures real weights only (L_orth)"
 
     def accepts(self, site, module):
         reason = super().accepts(site, module)

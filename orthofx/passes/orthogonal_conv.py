@@ -36,6 +36,12 @@ Parameters:
   output, or one with NaN or inf entries). ``nearest`` refuses a weight with NaN or inf entries (no orthogonal
   layer is nearest to it): use ``random`` there.
 * ``gain``: the layer is ``gain`` times orthogonal.
+* ``frozen``: ``skip`` (default) leaves a layer whose weight has ``requires_grad=False`` as it is (``explain``
+  and ``report`` show ``skipped: frozen ...``; a later rule of the ``weight`` group may take it), ``overwrite``
+  replaces it anyway (the orthogonal layer's parameters stay frozen). A frozen weight is usually a pretrained one
+  kept fixed on purpose: its replacement, the nearest orthogonal layer, computes another function that training
+  would never correct, as ``isometric_init`` and ``riemannian`` leave such weights alone too. A frozen bias alone
+  does not count (it is copied as it is).
 
 Example::
 
@@ -61,6 +67,7 @@ from ..nn.padding import conv_zero_pads
 from ..nn.precision import describe_nonfinite, relative_distance
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, derived_weight, describe_module,
                    is_uninitialised, parameter_owners, require_initialised)
+from .isometric_init import frozen_parameters
 from .orth_regularizer import lorth_term
 from .registry import register_pass
 
@@ -340,10 +347,13 @@ class OrthogonalConvPass(Pass):
               choices=("error", "skip", "regularize")),
         Param("regularize_weight", 0.01, (float,), "weight of the L_orth fallback", minimum=0.0),
         Param("gain", 1.0, (float,), "the layer is gain times orthogonal", minimum=0.0, exclusive_minimum=True),
+        Param("frozen", "skip", (str,), "a layer whose weight has requires_grad=False: skip it (left as it is) or "
+              "overwrite it (replaced, still frozen)", choices=("skip", "overwrite")),
     )
     site_kinds = frozenset({"module"})
     module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _TRANSPOSED_TYPES
     group = "weight"
+    complex_weights = "builds real orthogonal layers"
     replaces_module = True
     needs_original_module = True
 
@@ -361,6 +371,11 @@ class OrthogonalConvPass(Pass):
                 and module.padding_mode not in ("zeros", "circular") and _reads_padding(module):
             return (f"padding_mode={module.padding_mode!r} with 'padding: keep': orthogonal layers keep circular "
                     "(exact) or zero padding only; use 'padding: circular'")
+        # a frozen weight (a pretrained layer kept fixed on purpose) would be replaced by the nearest orthogonal
+        # layer, another function that no step could correct (it was replaced silently, frozen)
+        if params.get("frozen", "skip") == "skip" and module is not None \
+                and frozen_parameters(module, with_bias=False):
+            return "frozen (weight requires_grad=False; with: {frozen: overwrite} replaces it)"
         return None
 
     def planned_outcome(self, site, module, params):

@@ -412,6 +412,7 @@ class PreSVD(Pass):
     site_kinds = frozenset({"module"})
     module_types = _LAYER_TYPES
     group = "weight"
+    complex_weights = "treats real weights only (NOG, OLR, SRIP and orthogonal weights)"
     needs_weight_parameter = True  # except where handles_derived_weight says the rule only reads it
 
     def accepts(self, site, module):

@@ -178,18 +178,6 @@ def _weight_label(site: str, name: str) -> str:
     return site if name == "weight" else f"{site}.{name}"
 
 
-def _complex_reason(module: nn.Module) -> str | None:
-    """Why the pass declines a layer with a complex weight (``None`` for real ones): see :meth:`Riemannian.accepts`.
-    Read from the dtype alone, so also for a lazy layer that has not run (it keeps the dtype it was built with)."""
-    recurrent = isinstance(module, RECURRENT_TYPES)  # (not _site_weights: a lazy weight has no shape to cut)
-    for name in [name for name, _ in recurrent_hidden_weights(module)] if recurrent else ["weight"]:
-        weight = getattr(module, name, None)
-        if isinstance(weight, torch.Tensor) and weight.is_complex():
-            return (f"complex weight ({weight.dtype}): riemannian keeps real weights on the real Stiefel manifold "
-                    "(W^T W = I); leave this layer out of the rule (match.exclude) or give it a real dtype")
-    return None
-
-
 def _not_square(module: nn.Module) -> str | None:
     for name, groups in _site_weights(module):
         rows, cols = stiefel.flatten_weight(getattr(module, name).detach(), groups).shape[-2:]
@@ -406,6 +394,7 @@ class Riemannian(Pass):
     site_kinds = frozenset({"module"})
     module_types = _LAYER_TYPES + RECURRENT_TYPES
     group = "weight"
+    complex_weights = "keeps real weights on the real Stiefel manifold (W^T W = I)"
     needs_weight_parameter = True  # it projects and retracts the weight around optimizer.step()
 
     def accepts(self, site: Site, module: nn.Module | None) -> str | None:
@@ -413,8 +402,6 @@ class Riemannian(Pass):
         one whose weight is complex: the manifold here is the real Stiefel manifold (``W^T W = I``), which a complex
         weight is not on, and no real retraction keeps it there."""
         reason = super().accepts(site, module)
-        if reason is None and isinstance(module, _LAYER_TYPES + RECURRENT_TYPES):
-            reason = _complex_reason(module)
         if reason is None and isinstance(module, RECURRENT_TYPES):
             return recurrent_weights_reason(module)
         if reason is None and isinstance(module, _LAYER_TYPES):
