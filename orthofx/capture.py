@@ -140,12 +140,21 @@ def copy_model(model: nn.Module) -> nn.Module:
     protocol"). Such tensors are copied detached: the copy's own hook recomputes them from the copied parameters at
     its first call, as the model's does. Parameters, buffers and every other attribute are copied as by
     ``deepcopy``.
+
+    A lazy layer's buffers before its first call (``nn.LazyBatchNorm1d``'s ``running_mean``, a ``UninitializedBuffer``)
+    refuse ``deepcopy`` too ("Attempted to use an uninitialized parameter"); the copy gets new uninitialised buffers
+    of the same dtype and device, which its own first call materialises, as the model's does.
     """
     memo: dict[int, Any] = {}
+    uninitialised = torch.nn.parameter.UninitializedBuffer
     for module in model.modules():
         for value in vars(module).values():
             if isinstance(value, torch.Tensor) and not value.is_leaf and id(value) not in memo:
                 memo[id(value)] = value.detach().clone()
+        for value in module._buffers.values():
+            if isinstance(value, uninitialised) and id(value) not in memo:
+                memo[id(value)] = uninitialised(requires_grad=value.requires_grad, device=value.device,
+                                                dtype=value.dtype)
     return copy.deepcopy(model, memo)
 
 
@@ -267,6 +276,19 @@ class OrthofxTracer(torch.fx.Tracer):
             if hit is not None and hit[0] is e and hit[1]:
                 return hit[1][-1]
         return "", None
+
+    def caught_failure(self) -> tuple[str, type, BaseException] | None:
+        """``(qualified name, class, exception)`` of the first exception that tracing caused in a submodule's
+        forward (a :class:`~torch.fx.proxy.TraceError`, or an error about a ``Proxy``) and that the model's own code
+        then caught, in a trace that succeeded; None when there was none.
+
+        ``try: h = self.block(x)`` / ``except Exception: h = x`` traces the except branch when ``block`` cannot be
+        traced: the graph silently skips a block the model runs. Call after :meth:`trace`."""
+        for exc, stack in self._failures.values():
+            if stack and any(isinstance(e, TraceError) or "Proxy" in str(e) for e in _exception_chain(exc)):
+                path, cls = stack[-1]
+                return path, cls, exc
+        return None
 
     # ---- constants (kept off the model)
 
@@ -1419,6 +1441,10 @@ def _capture_fx(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, concrete
     def trace_other_mode() -> tuple[torch.fx.Graph, nn.Module]:
         other_tracer = OrthofxTracer(leaf_types=leaf_types, leaf_paths=paths)
         other_graph = other_tracer.trace(model, concrete_args)
+        caught = other_tracer.caught_failure()
+        if caught is not None:  # the graph would hold the except branch of the model's try/except
+            raise CaptureError(f"submodule '{caught[0]}': {_describe_cause(caught[2])}, which the calling code "
+                               "caught", module_path=caught[0]) from caught[2]
         _check_none_arguments(other_graph, branching, left_out)
         _drop_string_annotations(other_graph)
         return other_graph, _Overlay(model, other_tracer.constants)
@@ -1435,19 +1461,28 @@ def _trace_with_fallbacks(model: nn.Module, leaf_types: tuple, paths: set[str],
     while True:
         tracer = OrthofxTracer(leaf_types=leaf_types, leaf_paths=paths)
         try:
-            return tracer.trace(model, concrete_args), tracer
+            graph = tracer.trace(model, concrete_args)
         except Exception as exc:  # noqa: BLE001 - every trace failure is reported as a CaptureError
-            path, cls = tracer.failure_location(exc)
-            cause = _describe_cause(exc)
+            failure = exc  # `exc` is unbound after the except block
+            path, cls = tracer.failure_location(failure)
+            cause = _describe_cause(failure)
             if not path:
                 raise CaptureError(_failure_message("", type(model), cause, info.leaf_fallbacks),
-                                   module_path="") from exc
-            if path in paths or len(info.leaf_fallbacks) >= max_retries:
-                message = _failure_message(path, cls, cause, info.leaf_fallbacks)
-                raise CaptureError(f"{message} (gave up after {len(info.leaf_fallbacks)} leaf fallbacks: "
-                                   f"max_retries={max_retries})", module_path=path) from exc
-            paths.add(path)
-            info.leaf_fallbacks.append((path, cause))
+                                   module_path="") from failure
+        else:
+            caught = tracer.caught_failure()
+            if caught is None:
+                return graph, tracer
+            # a failure the model's own try/except hid: the graph would hold the except branch
+            path, cls, failure = caught
+            cause = (f"{_describe_cause(failure)}, which the calling code caught (a trace would have followed its "
+                     "except branch)")
+        if path in paths or len(info.leaf_fallbacks) >= max_retries:
+            message = _failure_message(path, cls, cause, info.leaf_fallbacks)
+            raise CaptureError(f"{message} (gave up after {len(info.leaf_fallbacks)} leaf fallbacks: "
+                               f"max_retries={max_retries})", module_path=path) from failure
+        paths.add(path)
+        info.leaf_fallbacks.append((path, cause))
 
 
 # ---- forward parameters that default to None
@@ -1680,12 +1715,27 @@ def batch_dynamic_shapes(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]
             bound = inspect.signature(model.forward).bind(*inputs, **kwargs)
         except (TypeError, ValueError):  # inputs the forward does not take: export says so, with static shapes
             return None
-        return {name: torch.utils._pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
-    specs = tuple(torch.utils._pytree.tree_map(spec, value) for value in inputs)
+        return {name: _shapes_tree(spec, value) for name, value in bound.arguments.items()}
+    specs = tuple(_shapes_tree(spec, value) for value in inputs)
     named = _var_positional_index(model)
     if named is None or len(specs) < named:
         return specs
     return specs[:named] + (specs[named:],)
+
+
+def _shapes_tree(spec: Callable[[Any], Any], value: Any) -> Any:
+    """``spec`` of every leaf of the input ``value``, in the structure torch.export matches ``dynamic_shapes``
+    against: tuples, lists, dicts and named tuples as themselves, a class registered with pytree by the user (a
+    dataclass after ``torch.export.register_dataclass``) as the list of its flattened children, since torch.export
+    cannot assume such a class holds shape specs (a copy of the class itself is refused: "Node type mismatch")."""
+    pytree = torch.utils._pytree
+    kind = pytree._get_node_type(value)
+    node = pytree.SUPPORTED_NODES.get(kind)
+    if node is None:
+        return spec(value)
+    children, context = node.flatten_fn(value)
+    specs = [_shapes_tree(spec, child) for child in children]
+    return node.unflatten_fn(specs, context) if kind in pytree.BUILTIN_TYPES else specs
 
 
 def _var_positional_index(model: nn.Module) -> int | None:
@@ -1732,14 +1782,30 @@ def _vararg_elements(name: str, arg_names: list[str]) -> list[str]:
     return elements
 
 
+def _module_names(model: nn.Module) -> dict[int, str]:
+    """``{key: qualified name}`` of ``model``'s modules, for :func:`_frame_module`."""
+    return {id(m.__dict__): name for name, m in model.named_modules()}
+
+
+def _frame_module(frame: Any, names: dict[int, str]) -> str | None:
+    """The qualified name (:func:`_module_names`) of the module whose method ``frame`` runs, or None.
+
+    Modules are known by their ``__dict__``, not by themselves: where a model reaches a module by two paths (``self.h
+    = self.g``, tied layers), torch.export (non-strict) calls each module through a stand-in object of another class
+    that shares the module's ``__dict__`` (its ``AttrProxy``), so the frames' ``self`` is never the model's module."""
+    owner = frame.f_locals.get("self")
+    attributes = getattr(owner, "__dict__", None) if isinstance(owner, nn.Module) else None
+    return None if attributes is None else names.get(id(attributes))
+
+
 def _failing_submodule(model: nn.Module, exc: BaseException) -> str:
     """Qualified name of the innermost submodule whose ``forward`` frame is in ``exc``'s traceback ('' if none)."""
-    names = {id(m): name for name, m in model.named_modules()}
+    names = _module_names(model)
     found = ""
     for frame in _chain_frames(exc):
-        owner = frame.f_locals.get("self")
-        if owner is not None and id(owner) in names and names[id(owner)]:
-            found = names[id(owner)]
+        name = _frame_module(frame, names)
+        if name:
+            found = name
     return found
 
 
@@ -1771,15 +1837,16 @@ def _packed_sequence_use(model: nn.Module, exc: BaseException) -> str:
     The outermost such frame of ``exc``'s chain counts (the call the user's code made). Positive evidence from
     the frames rather than from torch's message, whose wording (a FakeTensor where ``zeros()`` wants ints, a
     data-dependent guard) says nothing about sequences."""
-    names = {id(m): name for name, m in model.named_modules()}
+    names = _module_names(model)
     helpers = os.path.splitext(os.path.realpath(torch.nn.utils.rnn.__file__))[0]
     for frame in _chain_frames(exc):
         if os.path.splitext(os.path.realpath(frame.f_code.co_filename))[0] == helpers:
             return f"torch.nn.utils.rnn.{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)}"
         owner = frame.f_locals.get("self")
-        if (isinstance(owner, nn.Module) and _is_torch_layer(type(owner)) and id(owner) in names
+        name = _frame_module(frame, names)
+        if (name is not None and _is_torch_layer(type(owner))
                 and any(isinstance(v, torch.nn.utils.rnn.PackedSequence) for v in frame.f_locals.values())):
-            return f"the recurrent layer '{names[id(owner)]}' ({type(owner).__name__}) on a PackedSequence"
+            return f"the recurrent layer '{name}' ({type(owner).__name__}) on a PackedSequence"
     return ""
 
 
@@ -1828,6 +1895,17 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
             "Fix: capture with symbolic tracing, capture: {mode: fx} or {mode: auto} in the policy (auto, the "
             "default, tries fx first), which keeps the torch.nn.utils.rnn helpers as calls in the graph",
             module_path=path) from error
+    unsupported = _unsupported_input_class(inputs, kwargs, error)
+    if unsupported is not None:
+        name = f"{unsupported.__module__}.{unsupported.__qualname__}"
+        raise CaptureError(
+            f"torch.export (non-strict) cannot capture the model: an example input is a {name}, which torch.export "
+            "cannot take apart (it takes tensors, numbers, strings and tuples, lists and dicts of them, and classes "
+            f"registered with torch's pytree). Fix: register the class (torch.export.register_dataclass({name}) "
+            "for a dataclass, torch.utils._pytree.register_pytree_node otherwise; give it a serialized_type_name "
+            "to export the model to .pt2 later), pass its tensors as inputs of their own, or capture with symbolic "
+            "tracing, capture: {mode: fx} or {mode: auto} in the policy, which takes any input",
+            module_path="") from error
     where = f"in submodule '{path}' ({type(model.get_submodule(path)).__name__})" if path else \
         f"in the forward of {type(model).__name__}"
     raise CaptureError(
@@ -1835,6 +1913,18 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
         "check that the model runs on example_inputs; for a Python branch on a tensor's value, move it into a "
         "submodule (symbolic tracing, capture mode fx or auto, then keeps that submodule as a leaf) or write it "
         "with torch.cond", module_path=path) from error
+
+
+def _unsupported_input_class(inputs: tuple, kwargs: dict[str, Any], error: BaseException) -> type | None:
+    """The class of the first example input (nested ones included) that torch.export refused as an input type
+    (an unregistered dataclass or container), when that is why ``error`` was raised; None otherwise."""
+    if not any(isinstance(e, ValueError) and "Unsupported input type" in str(e) for e in _exception_chain(error)):
+        return None
+    plain = (torch.Tensor, int, float, bool, complex, str, type(None), torch.dtype, torch.device)
+    for leaf in torch.utils._pytree.tree_leaves((inputs, kwargs)):
+        if not isinstance(leaf, plain):
+            return type(leaf)
+    return None
 
 
 def _unaliased_inputs(inputs: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:

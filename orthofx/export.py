@@ -60,6 +60,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -70,6 +71,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .capture import (ModalGraphModule, batch_dynamic_shapes, capture, copy_model, sequence_helper,
                       unwrap_model)
@@ -213,15 +215,90 @@ def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any 
     return frozen
 
 
+def _fresh(call: ExampleCall) -> ExampleCall:
+    """``call`` with a new copy of each of its tensors (nested ones included), to run a model on.
+
+    A forward may write into its inputs (``x.mul_(2)``, ``x[:, 0] = 0``), as the exported programs then do too:
+    every run on the example inputs gets its own copy, so that the user's tensors stay as they were and each of
+    the runs compared (frozen model, written model, larger batch) reads the same values."""
+    def own(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        return value.detach().clone().requires_grad_(value.requires_grad)
+
+    args, kwargs = torch.utils._pytree.tree_map(own, (call.args, call.kwargs))
+    return ExampleCall(tuple(args), dict(kwargs))
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module):
+    """Put every buffer of ``module`` back as it was (the same tensor, the same values) when the block ends.
+
+    A forward may update a buffer in eval mode too (a step counter, a running mean written in place). The runs on
+    the example inputs that freezing and the export checks make must not do so: the frozen model would hold the
+    state after one more call than the model it was frozen from (other eval outputs), and an ONNX graph, which
+    cannot keep state, computes every call from the state it was exported with."""
+    # a lazy layer's uninitialised buffers have no values: the run materialises them, as it should
+    lazy = torch.nn.parameter.UninitializedTensorMixin
+    saved = [(owner, name, value, value.detach().clone()) for owner in module.modules()
+             for name, value in owner._buffers.items() if value is not None and not isinstance(value, lazy)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for owner, name, value, before in saved:
+                owner._buffers[name] = value  # the tensor itself, should the forward have rebound the name
+                value.copy_(before)
+
+
+def _checked_run(module: nn.Module, call: ExampleCall) -> Any:
+    """``module``'s output on ``call`` as each check of :func:`export` computes it: without gradients, on a copy
+    of the inputs (:func:`_fresh`), from the module's state as it is (its buffers kept, :func:`_buffers_kept`), so
+    that every run of the checks, on the frozen model and on the written one, computes the same function of the
+    same values."""
+    with torch.no_grad(), _buffers_kept(module):
+        return _fresh(call).run(module)
+
+
+def _outputs(module: nn.Module, call: ExampleCall) -> list[torch.Tensor]:
+    """The output tensors of :func:`_checked_run` (copies: an output may be a buffer the run put back)."""
+    return [t.detach().clone() for t in output_tensors(_checked_run(module, call))]
+
+
+def _python_values(output: Any) -> list[tuple[str, Any]]:
+    """``(position, value)`` of each Python number or string among the leaves of a model's output (``[1]``,
+    ``['count']``)."""
+    pytree = torch.utils._pytree
+    return [(pytree.keystr(path), leaf) for path, leaf in pytree.tree_flatten_with_path(output)[0]
+            if isinstance(leaf, (str, bytes, int, float, complex))]
+
+
+def _describe_values(values: list[tuple[str, Any]]) -> str:
+    return ", ".join(f"output{position} is {value!r} (a Python {type(value).__name__})"
+                     for position, value in values[:3])
+
+
+def _check_onnx_outputs(frozen: nn.Module, example: ExampleCall) -> None:
+    """ExportError unless every output of ``frozen`` is a tensor (or None): an ONNX graph returns tensors only,
+    and torch's exporter fails on a Python value ("'float' object has no attribute 'name'") or returns a size as
+    one more tensor output than the model has."""
+    values = _python_values(_checked_run(frozen, example))
+    if values:
+        raise ExportError(f"ONNX graphs return tensors only, and the model's {_describe_values(values)}. Fix: return "
+                          "tensors only (torch.tensor(value) for a number the graph computes, nothing for a "
+                          "constant), or export to .pt2, which keeps Python values among the outputs")
+
+
 def _run_example(frozen: nn.Module, example: ExampleCall | None) -> None:
     """Run the copy being frozen (in eval mode) once on the example call, without gradients, so that layers whose
     plain form depends on the input size (ConvNorm's filters) know the sizes; inputs it fails on are an
-    :class:`ExportError` that says so (not the layer torch failed in)."""
+    :class:`ExportError` that says so (not the layer torch failed in). The run changes no buffer
+    (:func:`_buffers_kept`) and no input (:func:`_fresh`)."""
     if example is None:
         return
     try:
-        with torch.no_grad():
-            example.run(frozen)
+        with torch.no_grad(), _buffers_kept(frozen):
+            _fresh(example).run(frozen)
     except Exception as exc:
         given = "example_inputs and example_kwargs" if example.kwargs else "example_inputs"
         raise ExportError(f"the model failed on {given} ({_root_cause(exc)}); pass inputs the model "
@@ -408,15 +485,14 @@ def _onnx_form(frozen: fx.GraphModule, example: ExampleCall, iterations: int | N
     if left:
         raise _no_onnx_form(left, reasons)
     nodes = [v for k, v in _newton_schulz_nodes(form).items() if k not in before]
-    with torch.no_grad():
-        expected = output_tensors(example.run(frozen))
-        schedule = (iterations,) if iterations is not None else NEWTON_SCHULZ_SCHEDULE
-        tried: list[tuple[int, float]] = []
-        for count in schedule:
-            _set_iterations(nodes, count)
-            tried.append((count, _max_diff(expected, output_tensors(example.run(form)))))
-            if tried[-1][1] <= NEWTON_SCHULZ_TARGET:
-                break
+    expected = _outputs(frozen, example)
+    schedule = (iterations,) if iterations is not None else NEWTON_SCHULZ_SCHEDULE
+    tried: list[tuple[int, float]] = []
+    for count in schedule:
+        _set_iterations(nodes, count)
+        tried.append((count, _max_diff(expected, _outputs(form, example))))
+        if tried[-1][1] <= NEWTON_SCHULZ_TARGET:
+            break
     # None reached the target (float32 rounding of an ill-conditioned matrix function): past convergence more
     # iterations only move rounding errors, so take the fewest within 10 % of the best difference.
     best = min(diff for _, diff in tried)
@@ -587,8 +663,7 @@ def _check_dynamic_batch(path: str, batched: set[int], example: ExampleCall, ref
                           f"traced; {fix}")
     grown = _grown_batch(example, batched)
     try:
-        with torch.no_grad():
-            expected = output_tensors(grown.run(reference))
+        expected = _outputs(reference, grown)
         actual = run(grown)
         return measure(expected, actual)
     except Exception as exc:
@@ -679,9 +754,7 @@ def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_bat
         feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), tensors)}
         return _onnxruntime_call(lambda: session.run(None, feeds), path, "run")
 
-    with torch.no_grad():
-        expected = output_tensors(example.run(reference))
-    diff, worst = _onnx_measure(expected, run(example))
+    diff, worst = _onnx_measure(_outputs(reference, example), run(example))
     if dynamic_batch:
         batched = _batched_leaves(example, [tuple(arg.shape) for arg in session.get_inputs()])
         grown_diff, grown_worst = _check_dynamic_batch(path, batched, example, reference, run, measure=_onnx_measure)
@@ -749,6 +822,32 @@ def _packed_sequence_hint(model: nn.Module) -> str:
             "instead (a .pt path, reloaded with orthofx.load), or give the recurrent layer padded tensors")
 
 
+def _mutable_output_containers(program: Any) -> None:
+    """Make ``program`` (an ExportedProgram of a GraphModule) return lists and dicts where it returned fx's
+    ``immutable_list`` / ``immutable_dict``.
+
+    torch.export runs a GraphModule with ``fx.Interpreter``, whose output containers are fx's immutable ones, and
+    records their types as the program's output structure: the model returns ``[a, b]`` and the ``.pt2`` program an
+    ``immutable_list``, on which ``out.append(...)`` or ``out["extra"] = ...`` raise. The structure is rewritten
+    with the plain types (the leaves and their order are the same)."""
+    pytree = torch.utils._pytree
+    signature = program.module_call_graph[0].signature
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, immutable_list):
+            return [plain(v) for v in value]
+        if isinstance(value, immutable_dict):
+            return {k: plain(v) for k, v in value.items()}
+        node = pytree.SUPPORTED_NODES.get(pytree._get_node_type(value))
+        if node is None:
+            return value
+        children, context = node.flatten_fn(value)
+        return node.unflatten_fn([plain(child) for child in children], context)
+
+    leaves = [object() for _ in range(signature.out_spec.num_leaves)]
+    signature.out_spec = pytree.tree_structure(plain(pytree.tree_unflatten(leaves, signature.out_spec)))
+
+
 def _export_pt2(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batch: bool) -> float:
     """Export ``frozen`` with torch.export on ``example`` (the call as torch.export takes it, :func:`_export_call`;
     the program takes its keyword inputs by name), reload it and return its largest difference from ``frozen``."""
@@ -758,20 +857,48 @@ def _export_pt2(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batc
     except Exception as exc:
         raise ExportError(f"torch.export failed: {_root_cause(exc)}{_leaf_hint(frozen)}"
                           f"{_packed_sequence_hint(frozen)}") from exc
+    _mutable_output_containers(program)
+    # written next to the path and moved into place once complete: a save that fails part-way (a class it cannot
+    # name, a full disk) leaves neither a truncated file nor a damaged earlier one at the path
+    directory, name = os.path.split(os.path.abspath(path))
+    partial = os.path.join(directory, f".{name}.{os.getpid()}.partial.pt2")
     try:
-        torch.export.save(program, path)
+        try:
+            torch.export.save(program, partial)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    except NotImplementedError as exc:
+        if "serializ" not in str(exc):
+            raise ExportError(f"cannot write {path!r}: {_root_cause(exc)}") from exc
+        # a class in the inputs or outputs (a NamedTuple, a registered dataclass) that pytree knows without a name
+        raise ExportError(
+            f"cannot write {path!r}: torch.export.save records the structure of the model's inputs and outputs by "
+            f"class name, and a class there has none ({_root_cause(exc)}). Fix: register it with a name, here and "
+            "before torch.export.load: a NamedTuple with torch.utils._pytree._register_namedtuple(cls, "
+            "serialized_type_name='package.Class'), a dataclass with torch.export.register_dataclass(cls, "
+            "serialized_type_name='package.Class'); or return (take) plain tuples and dicts; or export to .onnx, "
+            "whose inputs and outputs are flat") from exc
     except (OSError, RuntimeError) as exc:
         raise ExportError(f"cannot write {path!r}: {_root_cause(exc)}") from exc
-    loaded = torch.export.load(path).module()
-    with torch.no_grad():
-        diff = _max_diff(output_tensors(example.run(frozen)), output_tensors(example.run(loaded)))
+    try:
+        loaded = torch.export.load(path).module()
+    except Exception as exc:  # noqa: BLE001 - torch's deserialisation errors have no common type
+        os.remove(path)  # a file torch.export.load cannot read is of no use
+        strings = [(p, v) for p, v in _python_values(_checked_run(frozen, example)) if isinstance(v, (str, bytes))]
+        hint = (f"; the model's {_describe_values(strings)}: torch.export writes a string output but cannot read "
+                "it back, so return tensors and numbers only") if strings else ""
+        raise ExportError(f"torch.export.load cannot read back the file written to {path!r} ({_root_cause(exc)})"
+                          f"{hint}; the file was removed") from exc
+    diff = _max_diff(_outputs(frozen, example), _outputs(loaded, example))
     if dynamic_batch:
         placeholders = {node.name: node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder"}
         values = [placeholders.get(name) for name in program.graph_signature.user_inputs if isinstance(name, str)]
         shapes = [tuple(v.shape) for v in values if isinstance(v, torch.Tensor)]
         batched = _batched_leaves(example, shapes)
         diff = max(diff, _check_dynamic_batch(path, batched, example, frozen,
-                                              lambda call: output_tensors(call.run(loaded))))
+                                              lambda call: _outputs(loaded, call)))
     return diff
 
 
@@ -939,6 +1066,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
     frozen = freeze(model, example.args, example_kwargs=example.kwargs)
     call = _export_call(frozen, example)
     if suffix == ".onnx":
+        _check_onnx_outputs(frozen, call)
         form, newton_schulz = _onnx_form(frozen, call, newton_schulz_iterations)
         diff, (worst, tolerance) = _export_onnx(form, path, call, dynamic_batch, opset, reference=frozen)
         if worst > tolerance:
@@ -1066,7 +1194,10 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
         raise ExportError(f"cannot read {path!r}: no such file")
     # checked here so that their errors are not reported as the stored policy not fitting the model
     _check_untransformed(unwrap_model(model), path)
-    example_call(example_inputs, example_kwargs)
+    example = example_call(example_inputs, example_kwargs)
+    if example is not None:  # transform runs the model on them: a forward may write into its inputs
+        example = _fresh(example)
+        example_inputs, example_kwargs = example.args, example.kwargs
     written_by = "write it with orthofx.export(gm, 'model.pt') (a file of state_dict and policy, no pickled code)"
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
