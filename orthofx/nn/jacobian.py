@@ -13,7 +13,11 @@ block's own dictionaries), so ``probe.state_dict()`` has exactly the block's key
 parent) changes no checkpoint key and no module path: ``layer1.0.conv1.weight`` stays ``layer1.0.conv1.weight``
 (a probe with the block as a registered child would rename it ``layer1.block.0.conv1.weight`` and break every
 saved state and every name-based reference). Saving and loading go through the block's own
-``_save_to_state_dict`` / ``_load_from_state_dict`` (class-specific versions, extra state). Attributes the probe
+``_save_to_state_dict`` / ``_load_from_state_dict`` (class-specific versions, extra state). The probe's step in its
+``every`` period (:attr:`JacobianProbe.calls`) travels in the state dict's metadata (``state_dict()._metadata``,
+next to the block's ``version``, as torch keeps a module's version: no key is added), so a training run resumed from
+``gm.state_dict()`` estimates on the steps the uninterrupted run would; a state dict without it (the plain
+model's) leaves the probe's step as it is. Attributes the probe
 does not have are looked up on the block (``probe.in_features`` of a wrapped Linear). :attr:`block` is the
 wrapped module (unless that has a submodule named ``block``, which it then is, so paths through the probe stay
 the block's); :meth:`to_plain` returns it (``orthofx.freeze`` uses it to remove the probe). A block with a member
@@ -64,6 +68,8 @@ from .tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputin
 __all__ = ["JacobianProbe"]
 
 _ROUTES = ("auto", "jvp", "double_vjp")
+#: Key of the probe's step in its ``every`` period in its state-dict metadata (``state_dict()._metadata[path]``).
+PHASE_METADATA_KEY = "orthofx_probe_calls"
 _OWN = ("penalty_weight", "probes", "kind", "every", "per_sample", "normalize", "route", "seed", "estimate",
         "route_used", "calls", "batch_fraction", "calls_per_step")
 
@@ -254,11 +260,28 @@ class JacobianProbe(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._block._save_to_state_dict(destination, prefix, keep_vars)
+        # the step in the ``every`` period is training state (a resumed run must estimate on the same steps), but a
+        # key would change the block's keys: it goes into this module's metadata, which Module.state_dict has put
+        # there before calling this (``{"version": ...}``) and torch.save / torch.load(weights_only=True) keep
+        metadata = getattr(destination, "_metadata", None)
+        if isinstance(metadata, dict) and isinstance(metadata.get(prefix[:-1]), dict):
+            metadata[prefix[:-1]][PHASE_METADATA_KEY] = int(self.calls)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         self._block._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                          unexpected_keys, error_msgs)
+        if PHASE_METADATA_KEY not in local_metadata:
+            return  # a state dict of the plain model, or from before the phase was saved: the step stays
+        calls = local_metadata[PHASE_METADATA_KEY]
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            raise LayerArgumentError(
+                f"{layer_label(self)}: the state dict's metadata for '{prefix[:-1]}' holds {PHASE_METADATA_KEY}="
+                f"{calls!r}, the probe's step in its every period, which must be an int >= 0; remove the entry "
+                f"(state_dict._metadata['{prefix[:-1]}']) to keep the probe's own step")
+        # modulo this probe's period: a state saved with another 'every' still lands inside the period (under
+        # torch.compile the phase is a guarded constant, kept bounded)
+        self.calls = calls % (self.every * self.calls_per_step)
 
     def __getstate__(self) -> dict[str, Any]:
         # The estimate is a non-leaf tensor tied to one step's graph: not copied, pickled or saved.

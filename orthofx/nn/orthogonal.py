@@ -125,6 +125,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, MetaWeightError, layer_label
 from orthofx.nn.padding import CircularFold, CircularPad, circular_fold, circular_pad, flat_pads
@@ -688,6 +689,26 @@ class _FormatFree:
         return super()._apply(without_memory_format(fn), recurse)
 
 
+#: Optimizer steps taken (any optimizer, counted eagerly by a global step post hook registered with the first eval
+#: cache entry): part of the eval cache's key, for the updates that bump no version counter (fused optimizers).
+_OPTIMIZER_STEPS = [0]
+_STEP_HOOK: list = []
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    # a compiled step is traced (this hook inlined): its in-place updates bump the parameters' version counters,
+    # which the key sees, and a counter read there would make dynamo guard on its value (a recompile per step)
+    if not torch.compiler.is_compiling():
+        _OPTIMIZER_STEPS[0] += 1
+
+
+def _optimizer_steps() -> int:
+    """The number of optimizer steps taken since the first call (registers the counting hook then)."""
+    if not _STEP_HOOK:
+        _STEP_HOOK.append(register_optimizer_step_post_hook(_count_optimizer_step))
+    return _OPTIMIZER_STEPS[0]
+
+
 class _EvalCache:
     """Mixin: in eval mode with autograd off, build the orthogonal kernel (or Fourier symbol) once and reuse it.
 
@@ -696,25 +717,27 @@ class _EvalCache:
     ResNet-18 in eval ran 10x slower than its frozen form). A validation pass changes no parameter, so the kernel
     is cached there. The cache is used only when ``not self.training``, ``torch.is_grad_enabled()`` is False and
     nothing traces the module (compile, export), is keyed by every parameter's identity (a weak reference: the
-    tensors ``torch.func.functional_call`` substitutes are new objects, even where one reuses a freed one's
-    memory), storage address, layout, version counter, dtype and device plus ``gain`` and ``compute_dtype`` (an
-    optimizer step, ``load_state_dict`` or ``.to()`` invalidates it), and is dropped by ``train()`` and by any
-    forward with gradients enabled (a training pass in eval mode: fused optimizers write the parameters without
-    bumping their version counters). The entry also holds the parameters' storages (detached aliases of the
-    tensors it was built from): ``param.data = t`` keeps the parameter object and its version counter, so only
-    the address tells the new data apart, and an allocator may hand ``t`` the address of storage freed since
-    (two assignments in a row, or ``.half()`` then ``.float()``, gave the stale kernel); a storage the entry holds
-    cannot be freed, so new data always has a new address (the price: the tensors a ``functional_call``
-    substituted stay allocated until the next eval forward replaces the entry or ``train()`` drops it). Parameters
-    that are inference tensors or ``torch.func`` transformed tensors are never cached, nor is a layer with a
-    ``torch.nn.utils.parametrize`` parametrization (its parameters live in the parametrization modules, and torch
-    recomputes a parametrized tensor at every access too, outside ``parametrize.cached()``). It is not part of
-    the state_dict. In-place
-    writes that bump no version counter of the parameter bypass the key: writes through ``param.data``
-    (``param.data.copy_(t)``) and writes into a tensor that the parameters alias through ``.data``, e.g. the
-    vector given to ``torch.nn.utils.vector_to_parameters`` (which assigns ``param.data`` = views of it: the call
-    itself is seen, a later ``vec.add_(...)`` is not). After such writes in eval mode call ``module.train(False)``
-    again (or ``train()``).
+    tensors ``torch.func.functional_call`` substitutes are new objects, even where one reuses a freed one's memory),
+    storage address, layout, version counter, dtype and device plus ``gain`` and ``compute_dtype`` (an optimizer
+    step, ``load_state_dict`` or ``.to()`` invalidates it), and by the count of optimizer steps taken (any
+    optimizer's ``step()``, counted by a global step post hook registered with the first entry): fused optimizers
+    write the parameters without bumping their version counters, so an eval forward between ``backward()`` and a
+    fused ``step()`` (metrics on the training batch of a model trained in eval mode) kept the kernel of the weights
+    before the step for every later eval forward. It is dropped by ``train()`` and by any forward with gradients
+    enabled (a training pass in eval mode, after which a fused step may follow). The entry also holds the
+    parameters' storages (detached aliases of the tensors it was built from): ``param.data = t`` keeps the parameter
+    object and its version counter, so only the address tells the new data apart, and an allocator may hand ``t``
+    the address of storage freed since (two assignments in a row, or ``.half()`` then ``.float()``, gave the stale
+    kernel); a storage the entry holds cannot be freed, so new data always has a new address (the price: the tensors
+    a ``functional_call`` substituted stay allocated until the next eval forward replaces the entry or ``train()``
+    drops it). Parameters that are inference tensors or ``torch.func`` transformed tensors are never cached, nor is
+    a layer with a ``torch.nn.utils.parametrize`` parametrization (its parameters live in the parametrization
+    modules, and torch recomputes a parametrized tensor at every access too, outside ``parametrize.cached()``). It
+    is not part of the state_dict. In-place writes that bump no version counter of the parameter bypass the key:
+    writes through ``param.data`` (``param.data.copy_(t)``) and writes into a tensor that the parameters alias
+    through ``.data``, e.g. the vector given to ``torch.nn.utils.vector_to_parameters`` (which assigns
+    ``param.data`` = views of it: the call itself is seen, a later ``vec.add_(...)`` is not). After such writes in
+    eval mode call ``module.train(False)`` again (or ``train()``).
     """
 
     def _cached(self, name: str, build):
@@ -736,7 +759,7 @@ class _EvalCache:
         params = list(self.parameters(recurse=False))
         if any(p.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(p) for p in params):
             return build()  # no version counter (inference tensors) or no storage (torch.func transforms)
-        key = (self.gain, self.compute_dtype,
+        key = (self.gain, self.compute_dtype, _optimizer_steps(),
                tuple((p.data_ptr(), p.shape, p.stride(), p._version, p.dtype, p.device) for p in params))
         cache = self.__dict__.get("_eval_cache")
         # the address and version alone do not name a tensor: a functional_call's substituted tensor may sit where
