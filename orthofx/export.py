@@ -215,21 +215,6 @@ def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any 
     return frozen
 
 
-def _fresh(call: ExampleCall) -> ExampleCall:
-    """``call`` with a new copy of each of its tensors (nested ones included), to run a model on.
-
-    A forward may write into its inputs (``x.mul_(2)``, ``x[:, 0] = 0``), as the exported programs then do too:
-    every run on the example inputs gets its own copy, so that the user's tensors stay as they were and each of
-    the runs compared (frozen model, written model, larger batch) reads the same values."""
-    def own(value: Any) -> Any:
-        if not isinstance(value, torch.Tensor):
-            return value
-        return value.detach().clone().requires_grad_(value.requires_grad)
-
-    args, kwargs = torch.utils._pytree.tree_map(own, (call.args, call.kwargs))
-    return ExampleCall(tuple(args), dict(kwargs))
-
-
 @contextlib.contextmanager
 def _buffers_kept(module: nn.Module):
     """Put every buffer of ``module`` back as it was (the same tensor, the same values) when the block ends.
@@ -253,11 +238,11 @@ def _buffers_kept(module: nn.Module):
 
 def _checked_run(module: nn.Module, call: ExampleCall) -> Any:
     """``module``'s output on ``call`` as each check of :func:`export` computes it: without gradients, on a copy
-    of the inputs (:func:`_fresh`), from the module's state as it is (its buffers kept, :func:`_buffers_kept`), so
+    of the inputs (:meth:`ExampleCall.fresh`), from the module's state as it is (its buffers kept, :func:`_buffers_kept`), so
     that every run of the checks, on the frozen model and on the written one, computes the same function of the
     same values."""
     with torch.no_grad(), _buffers_kept(module):
-        return _fresh(call).run(module)
+        return call.run(module)
 
 
 def _outputs(module: nn.Module, call: ExampleCall) -> list[torch.Tensor]:
@@ -293,12 +278,12 @@ def _run_example(frozen: nn.Module, example: ExampleCall | None) -> None:
     """Run the copy being frozen (in eval mode) once on the example call, without gradients, so that layers whose
     plain form depends on the input size (ConvNorm's filters) know the sizes; inputs it fails on are an
     :class:`ExportError` that says so (not the layer torch failed in). The run changes no buffer
-    (:func:`_buffers_kept`) and no input (:func:`_fresh`)."""
+    (:func:`_buffers_kept`) and no input (:meth:`ExampleCall.run` copies them)."""
     if example is None:
         return
     try:
         with torch.no_grad(), _buffers_kept(frozen):
-            _fresh(example).run(frozen)
+            example.run(frozen)
     except Exception as exc:
         given = "example_inputs and example_kwargs" if example.kwargs else "example_inputs"
         raise ExportError(f"the model failed on {given} ({_root_cause(exc)}); pass inputs the model "
@@ -1196,7 +1181,7 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
     _check_untransformed(unwrap_model(model), path)
     example = example_call(example_inputs, example_kwargs)
     if example is not None:  # transform runs the model on them: a forward may write into its inputs
-        example = _fresh(example)
+        example = example.fresh()
         example_inputs, example_kwargs = example.args, example.kwargs
     written_by = "write it with orthofx.export(gm, 'model.pt') (a file of state_dict and policy, no pickled code)"
     try:

@@ -102,7 +102,23 @@ class ExampleCall:
     kwargs: dict[str, Any]
 
     def run(self, fn: Callable) -> Any:
-        return fn(*self.args, **self.kwargs)
+        """``fn`` called on a copy of the inputs (:meth:`fresh`)."""
+        call = self.fresh()
+        return fn(*call.args, **call.kwargs)
+
+    def fresh(self) -> ExampleCall:
+        """The call with a new copy of each of its tensors (nested ones included).
+
+        A forward may write into its inputs (``x.mul_(2)``, ``x[:, 0] = 0``): every run on the example inputs gets
+        its own copy, so that the user's tensors stay as they were and each run compared (the model before and
+        after the rewrite, a frozen model and the program written from it) reads the same values."""
+        def own(value: Any) -> Any:
+            if not isinstance(value, torch.Tensor):
+                return value
+            return value.detach().clone().requires_grad_(value.requires_grad)
+
+        args, kwargs = torch.utils._pytree.tree_map(own, (self.args, self.kwargs))
+        return ExampleCall(tuple(args), dict(kwargs))
 
     def named_inputs(self) -> list[tuple[str, Any]]:
         """``(label, value)`` of every input of the call, nested inputs (a dict, a tuple of tensors) down to their
@@ -150,8 +166,8 @@ def _capture_and_plan(root: nn.Module, policy: Policy, example: ExampleCall | No
     paths = {name for name, _ in root.named_modules() if name}
     named = [entry for entry in policy.capture.leaf_modules if isinstance(entry, str) and entry in paths]
     gm, info = capture(root, leaf_types=policy.capture.leaf_modules, leaf_paths=list(blocks) + named,
-                       mode=policy.capture.mode, example_inputs=None if example is None else example.args,
-                       example_kwargs=None if example is None else example.kwargs)
+                       mode=policy.capture.mode, example_inputs=None if example is None else example.fresh().args,
+                       example_kwargs=None if example is None else example.fresh().kwargs)
     plan = build_plan(gm, policy, info, blocks=blocks, model=root)
     return gm, plan
 
@@ -275,7 +291,7 @@ def _where_it_fails(gm: fx.GraphModule, example: ExampleCall, manifest: Manifest
     node, found by running the graph again node by node; ``""`` when that run does not fail (or cannot say
     where)."""
     tracker = _NodeTracker(gm)
-    inputs = example.positional(gm)
+    inputs = example.fresh().positional(gm)
     if inputs is None:
         return ""
     try:
@@ -502,6 +518,23 @@ def _rewrite_other_mode(gm: fx.GraphModule, graph: fx.Graph, mode: str, plan: Pl
     graph.owning_module = gm
 
 
+def _versions(model: nn.Module) -> dict[str, int]:
+    """``{name: version counter}`` of ``model``'s parameters and buffers (an in-place write bumps it)."""
+    return {name: t._version for name, t in (*model.named_parameters(), *model.named_buffers())
+            if not t.is_inference()}
+
+
+def _note_written_weights(exc: OrthofxError, model: nn.Module, versions: dict[str, int]) -> None:
+    """With ``inplace=True``, add to ``exc``'s message the tensors of the user's ``model`` that the passes before
+    the failing one had written already (``versions``: before any pass ran): the error stops the transform, not
+    what it had done to the model."""
+    written = [name for name, t in (*model.named_parameters(), *model.named_buffers())
+               if name in versions and t._version != versions[name]]
+    if written and exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]}. With inplace=True, earlier rules had already written {first_few(written, 4)} "
+                    "of the model: load its weights again before retrying",) + exc.args[1:]
+
+
 def _compile_options(compile: Any) -> dict[str, Any] | None:
     """``transform``'s ``compile`` argument as ``torch.compile`` options (``None``: do not compile), checked before
     any work is done."""
@@ -608,8 +641,13 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, exam
     model_cause = _model_cause(work, example) if example is not None and _nonfinite_indices(before) else ""
 
     # Module sites are modules whichever graph calls them: their passes all run on gm.
-    _run_passes(PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs), plan,
-                lambda site: site.kind != "function" or not site.mode)
+    versions = _versions(work) if inplace else {}
+    try:
+        _run_passes(PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs), plan,
+                    lambda site: site.kind != "function" or not site.mode)
+    except OrthofxError as exc:
+        _note_written_weights(exc, work, versions)
+        raise
     gm.graph.lint()
     other = other_mode_graph(gm)
     if other is not None:

@@ -145,3 +145,45 @@ def test_a_layer_with_a_complex_weight_is_skipped_with_the_reason_by_every_weigh
     row = [line for line in str(plan).splitlines() if line.startswith("odd")][0]
     assert f"skipped: complex weight (torch.complex64): {apply} " in row and "match.exclude" in row
     assert [line for line in str(plan).splitlines() if line.startswith("real")][0].rstrip().endswith("apply")
+
+
+class _Doubles(nn.Module):
+    """A forward that writes into its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x.mul_(2)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_transform_leaves_the_example_inputs_as_they_were(mode):
+    """transform ran the model on the user's tensors: x came back multiplied by 4 (two runs), and the 'after' run
+    read the doubled input, so L_orth (which changes no weight) reported an output change of 0.97."""
+    x = torch.ones(3, 4)
+    policy = {"capture": {"mode": mode}, "rules": [{"match": {"type": "Linear"}, "apply": "orth_regularizer"}]}
+    gm = orthofx.transform(_Doubles(), policy, example_inputs=(x,))
+    assert torch.equal(x, torch.ones(3, 4))
+    assert orthofx.report(gm).to_dict()["output_change"] == 0
+    y = torch.ones(3, 4)
+    expected = 2 * y @ gm.fc.weight.detach().T + gm.fc.bias.detach()
+    torch.testing.assert_close(gm(y), expected)
+
+
+def test_a_failed_inplace_transform_names_the_weights_it_had_written():
+    """With inplace=True an earlier rule's writes stay in the user's model when a later rule fails: the error
+    now says which."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Unflatten(1, (4, 1, 1)), nn.Conv2d(4, 4, 3, padding=1))
+    with torch.no_grad():
+        model[2].weight[0, 0, 0, 0] = float("nan")
+    policy = {"rules": [{"match": {"type": "Linear"}, "apply": "isometric_init"},
+                        {"match": {"type": "Conv2d"}, "apply": "orthogonal_conv"}]}
+    with pytest.raises(orthofx.TransformError, match=r"no nearest orthogonal layer.*With inplace=True, earlier rules "
+                                                     r"had already written 0\.weight, 0\.bias of the model"):
+        orthofx.transform(model, policy, inplace=True)
+    with pytest.raises(orthofx.TransformError) as caught:  # a copy: nothing of the user's was written
+        orthofx.transform(model, policy)
+    assert "inplace" not in str(caught.value)
