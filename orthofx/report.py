@@ -112,14 +112,15 @@ _LINEAR_TYPES = (nn.Linear, OrthogonalLinear)
 
 def _weight_values(module: nn.Module) -> torch.Tensor | None:
     """The layer's weight, detached; ``None`` when it has no values to measure (no tensor weight, a lazy layer that
-    has not run yet, or weights on the meta device)."""
+    has not run yet, weights on the meta device, or a complex weight, which the passes skip and the real singular
+    value and L_orth routines do not take)."""
     if any(t.is_meta for t in _held_tensors(module)):
         # An orthofx layer computes ``weight`` from its parameters (a Cayley / matrix-exponential kernel): reading
         # it on the meta device would run that computation there, which some steps (autocast checks) refuse.
         return None
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.parameter.UninitializedParameter) \
-            or weight.is_meta:
+            or weight.is_meta or not weight.is_floating_point():
         return None
     return weight.detach()
 

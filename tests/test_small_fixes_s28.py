@@ -187,3 +187,21 @@ def test_a_failed_inplace_transform_names_the_weights_it_had_written():
     with pytest.raises(orthofx.TransformError) as caught:  # a copy: nothing of the user's was written
         orthofx.transform(model, policy)
     assert "inplace" not in str(caught.value)
+
+
+def test_report_of_a_model_holding_a_skipped_complex_layer_shows_it_without_figures():
+    """report() raised linear_singular_values' dtype error for the layer the pass had skipped."""
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4, dtype=torch.cfloat)
+            self.g = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.g(self.fc(x).real)
+
+    gm = orthofx.transform(Mixed(), "lorth", example_inputs=(torch.randn(2, 4, dtype=torch.cfloat),))
+    rows = {row["site"]: row for row in orthofx.report(gm).to_dict()["rows"]}
+    assert rows["fc"]["pass"].startswith("skipped: complex weight") and rows["fc"]["lorth"] is None
+    w = gm.g.weight.detach().double()
+    assert rows["g"]["sigma_max"] == pytest.approx(float(torch.linalg.svdvals(w)[0]), rel=1e-6)
