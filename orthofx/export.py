@@ -1204,8 +1204,10 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
     state = saved["state_dict"]
     _check_state_entries(state, path, written_by)
     phases = _saved_probe_phases(saved, path, written_by)
+    converted = _in_saved_dtype(model, state, example)
     try:
-        gm = transform(model, policy, example_inputs=example_inputs, example_kwargs=example_kwargs)
+        gm = transform(model if converted is None else converted, policy, example_inputs=example_inputs,
+                       example_kwargs=example_kwargs, inplace=converted is not None)
     except OrthofxError as exc:
         hint = ""
         if isinstance(exc, CaptureError):  # capture with torch.export runs the model on the example call
@@ -1312,6 +1314,25 @@ def _check_saved_dtype_kinds(gm: nn.Module, state: dict, path: str) -> None:
                       "the model with orthofx.export(gm, 'model.pt'), or convert the tensor in the file to the "
                       f"model's dtype (saved['state_dict'][{key!r}] = tensor.to({model_dtype}), if its values are "
                       "meant so). The model was not changed")
+
+
+def _in_saved_dtype(model: nn.Module, state: dict, example: ExampleCall | None) -> nn.Module | None:
+    """A copy of ``model`` converted to the floating dtype of the saved tensors, when the example inputs are in
+    that dtype and the model is not (``None`` otherwise; ``model`` itself is not changed).
+
+    ``load`` replays the policy on the example call before it restores the weights: a ``.pt`` of a model saved
+    after ``.double()``, loaded with float64 example inputs into the float32 model ``load`` is normally given, failed
+    there ("Input type (double) and bias type (float) should be the same"), reported as the policy not fitting the
+    model. With float32 example inputs the model is transformed as it is and converted afterwards
+    (:func:`_match_saved_dtype`)."""
+    if example is None:
+        return None
+    saved = {t.dtype for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    inputs = {t.dtype for _, t in example.named_inputs() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    current = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(saved) != 1 or inputs != saved or not current or current == saved:
+        return None
+    return copy_model(unwrap_model(model)).to(saved.pop())
 
 
 def _match_saved_dtype(gm: nn.Module, state: dict) -> None:

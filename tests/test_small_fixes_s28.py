@@ -205,3 +205,22 @@ def test_report_of_a_model_holding_a_skipped_complex_layer_shows_it_without_figu
     assert rows["fc"]["pass"].startswith("skipped: complex weight") and rows["fc"]["lorth"] is None
     w = gm.g.weight.detach().double()
     assert rows["g"]["sigma_max"] == pytest.approx(float(torch.linalg.svdvals(w)[0]), rel=1e-6)
+
+
+def test_load_of_a_float64_model_takes_float64_example_inputs(tmp_path):
+    """load replayed the policy on the float32 model it was given with the float64 inputs, which failed, reported
+    as the policy not fitting the model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    gm = orthofx.transform(model, "lorth", example_inputs=(x.float(),)).double()
+    path = tmp_path / "m.pt"
+    orthofx.export(gm, path)
+    fresh = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    before = state_copy(fresh)
+    restored = orthofx.load(fresh, path, example_inputs=(x,))
+    assert next(restored.parameters()).dtype == torch.float64
+    assert torch.equal(restored(x), gm(x))
+    assert bitwise_equal(state_copy(fresh), before) and fresh[0].weight.dtype == torch.float32
+    # float32 example inputs still work, as before (the model is converted after the replay)
+    assert torch.equal(orthofx.load(fresh, path, example_inputs=(x.float(),))(x), gm(x))
