@@ -224,3 +224,17 @@ def test_load_of_a_float64_model_takes_float64_example_inputs(tmp_path):
     assert bitwise_equal(state_copy(fresh), before) and fresh[0].weight.dtype == torch.float32
     # float32 example inputs still work, as before (the model is converted after the replay)
     assert torch.equal(orthofx.load(fresh, path, example_inputs=(x.float(),))(x), gm(x))
+
+
+def test_attach_refuses_an_optimizer_of_the_model_before_the_transform():
+    """An optimizer built from the original model holds none of gm's parameters: with a policy without hooks
+    (lorth) attach said nothing and optimizer.step() never updated gm."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    stale = torch.optim.SGD(model.parameters(), lr=0.1)
+    gm = orthofx.transform(model, "lorth")
+    with pytest.raises(orthofx.ArgumentError, match=r"holds none of the model's trainable parameters.*before "
+                                                    r"orthofx.transform"):
+        orthofx.attach(stale, gm)
+    assert len(orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm).hooks) == 0
+    # an optimizer of a part of gm only (several optimizers) is fine
+    orthofx.attach(torch.optim.SGD(gm.get_submodule("2").parameters(), lr=0.1), gm)
