@@ -238,3 +238,27 @@ def test_attach_refuses_an_optimizer_of_the_model_before_the_transform():
     assert len(orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm).hooks) == 0
     # an optimizer of a part of gm only (several optimizers) is fine
     orthofx.attach(torch.optim.SGD(gm.get_submodule("2").parameters(), lr=0.1), gm)
+
+
+def test_pre_svd_orthogonal_weight_skips_a_frozen_layer_unless_told_to_overwrite():
+    """'weight: orthogonal' replaced a frozen (pretrained, kept fixed) Pre-SVD layer by its nearest orthogonal
+    one, another function, without a word."""
+    class Whiten(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(6, 4)
+
+        def forward(self, x):
+            f = self.proj(x)
+            return torch.linalg.eigvalsh(f.T @ f / x.shape[0] + torch.eye(4)).sum()
+
+    model = Whiten()
+    model.proj.requires_grad_(False)
+    rule = {"match": {"feeds": "linalg.eigvalsh"}, "apply": "pre_svd", "with": {"weight": "orthogonal"}}
+    with pytest.raises(orthofx.PlanError, match=r"proj: frozen \(weight requires_grad=False.*frozen: overwrite"):
+        orthofx.explain(model, {"rules": [rule]})
+    rule["with"]["frozen"] = "overwrite"
+    gm = orthofx.transform(model, {"rules": [rule]})
+    w = gm.proj.weight.detach().double()
+    assert type(gm.proj).__name__ == "OrthogonalLinear" and not gm.proj.raw_weight.requires_grad
+    assert torch.allclose(w @ w.T, torch.eye(4, dtype=torch.float64), atol=1e-6)

@@ -11,7 +11,8 @@ gets, by its parameters:
     Theorem 4), the layer cannot be built, or the new layer would change the output shape, the pass falls back to
     the L_orth regulariser and the Change's status says so. The hard layer's weight is a function of other
     parameters, so NOG / OLR are not attached to it (status says so); combine NOG with ``lorth`` or ``srip``
-    for P4's NOG + OW.
+    for P4's NOG + OW. A layer whose weight is frozen (``requires_grad=False``) is skipped unless the rule says
+    ``frozen: overwrite`` (as for ``orthogonal_conv``).
     ``lorth``: P0's L_orth (:class:`orthofx.passes.orth_regularizer.LorthTerm`), weighted by ``penalty_weight``.
     ``srip``: SRIP, the spectral restricted isometry penalty (Bansal et al., NeurIPS 2018): with ``W`` the weight
     reshaped to ``out x rest`` (per group), ``sigma_max(W W^T - I)`` when ``out <= rest`` and
@@ -76,6 +77,7 @@ from ..nn.precision import HALF_PRECISION
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, derived_weight,
                    describe_module, is_uninitialised, parameter_owners, reads_only_metadata, stops_producer_walk,
                    weight_groups, whole, write_whole)
+from .isometric_init import frozen_parameters
 from .orth_regularizer import lorth_term
 from .orthogonal_conv import orthogonal_layer
 from .registry import register_pass
@@ -408,6 +410,8 @@ class PreSVD(Pass):
         Param("power_iterations", 10, (int,), "power iterations of the SRIP estimate", minimum=1),
         Param("padding", "keep", (str,), "weight: orthogonal: keep the conv's padding, or circular 'same' (exact)",
               choices=("keep", "circular")),
+        Param("frozen", "skip", (str,), "weight: orthogonal on a layer whose weight has requires_grad=False: skip "
+              "it (left as it is) or overwrite it (replaced, still frozen)", choices=("skip", "overwrite")),
     )
     site_kinds = frozenset({"module"})
     module_types = _LAYER_TYPES
@@ -426,6 +430,12 @@ class PreSVD(Pass):
         return None
 
     def accepts_params(self, site, module, params):
+        # 'weight: orthogonal' replaces the layer by its nearest orthogonal one, another function: a frozen weight
+        # (a pretrained layer kept fixed) was replaced silently, as orthogonal_conv's 'frozen' option now prevents
+        if params["weight"] == "orthogonal" and params["frozen"] == "skip" \
+                and frozen_parameters(module, with_bias=False):
+            return ("frozen (weight requires_grad=False; 'weight: orthogonal' would replace it, with: {frozen: "
+                    "overwrite} does)")
         # NOG and OLR act on the weight around optimizer.step(): a weight that is a buffer (or None) is in no
         # optimizer, so attach would skip their hooks as if the weight were frozen, while the Change said
         # "NOG + OLR". A weight a parametrization computes is refused by planning, with its own reason.
