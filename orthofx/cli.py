@@ -10,7 +10,8 @@
 MODEL is a built-in name (``orthofx.models.names()``), ``package.module:factory`` or ``path/to/file.py:factory``
 (a callable taking no arguments that returns an ``nn.Module``). Exit status 0 on success, 2 on bad input with a
 one-line message, 1 with a one-line message on an unexpected failure or a demo whose training diverged, 130 with
-``orthofx: interrupted`` on Ctrl-C (``--debug`` adds the traceback, with the same exit status). The output files
+``orthofx: interrupted`` on Ctrl-C (``--debug`` adds the traceback, with the same exit status), 1 without a message
+when standard output is a pipe whose reader stopped early (``orthofx explain ... | head``). The output files
 of ``transform`` are written only when every one of them could be: a failure or an interrupt leaves none behind.
 """
 
@@ -29,8 +30,10 @@ import logging
 import math
 import os
 import re
+import select
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -197,7 +200,15 @@ def _input_shape(text: str | None, model_spec: str | None) -> tuple[int, ...] | 
     parts = text.replace("x", ",").split(",")
     if not all(_DIMENSION.fullmatch(part) for part in parts):
         raise CliError(f"--input-shape must be comma-separated integers like 1,3,32,32, got {text!r}")
-    shape = tuple(int(part) for part in parts)
+    # leading zeros dropped first: int() refuses over 4300 digits (ValueError), zeros included
+    digits = [part.strip().lstrip("0") or "0" for part in parts]
+    for dimension in digits:
+        if len(dimension) > 19 or int(dimension) > 2 ** 63 - 1:  # torch takes sizes up to 2^63 - 1 (int64)
+            given = text if len(text) <= 80 else f"{text[:40]}... ({len(text)} characters)"
+            shown = dimension if len(dimension) <= 24 else f"{dimension[:12]}... ({len(dimension)} digits)"
+            raise CliError(f"--input-shape {given}: the dimension {shown} is too large (at most 2^63 - 1); give "
+                           "the shape of one input, batch first, like 1,3,32,32")
+    shape = tuple(int(dimension) for dimension in digits)
     if any(n < 1 for n in shape):
         raise CliError(f"--input-shape must contain positive integers, got {text!r}")
     return shape
@@ -396,6 +407,27 @@ def _write(output: _Output, write: Callable[[str], object]) -> object:
         raise CliError(f"{output.option} {output.path}: {message}") from exc
 
 
+def _input_files(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The files ``transform`` reads, which none of its outputs may replace: the policy's (a path, as
+    :meth:`Policy.load` finds it after the preset names) and the model's (``file.py:factory``)."""
+    found = []
+    if args.policy.strip() not in presets():
+        policy = next((path for path in (args.policy, args.policy.strip()) if _is_file(path)), None)
+        if policy is not None:
+            found.append(("the policy file (--policy)", policy))
+    target = args.model.rpartition(":")[0]
+    if ":" in args.model and _is_file(target):
+        found.append(("the model file (MODEL)", target))
+    return found
+
+
+def _same_file(first: str, second: str) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except (OSError, ValueError):  # one of them does not exist (yet)
+        return False
+
+
 def _check_plot_path(path: str) -> None:
     """Matplotlib draws the format the suffix names and adds '.png' to a path without one: refuse both an unknown
     suffix and none before the transform (the file written must be the one named)."""
@@ -424,6 +456,11 @@ def _cmd_transform(args: argparse.Namespace) -> int:
         for second in outputs[i + 1:]:
             if first.target == second.target:
                 raise CliError(f"{first.option} and {second.option} both name {second.path}; give each its own file")
+    for output in outputs:
+        for what, path in _input_files(args):
+            if not output.in_place and _same_file(output.target, path):
+                raise CliError(f"{output.option} {output.path} is {what}: the output would replace it; choose "
+                               "another path")
     model = load_model(args.model)
     inputs = _example(model, args.input_shape, args.model)
     if args.export and inputs is None and os.path.splitext(args.export)[1].lower() != ".pt":
@@ -669,10 +706,23 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    status = _run(args)
+    try:  # what a failed command printed before its error: the interpreter's flush at exit cannot report it
+        sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        _silence_stdout()
+    return status
+
+
+def _run(args: argparse.Namespace) -> int:
     # --debug adds the traceback before the one-line message; the exit status stays the documented one (a
     # re-raised exception would end the process with 1 whatever happened)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at the interpreter's exit
+        return status
     except KeyboardInterrupt:
         if args.debug:
             traceback.print_exc()
@@ -680,6 +730,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OrthofxError, OSError) as exc:
         if args.debug:
             traceback.print_exc()
+        if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
+            # 'orthofx explain ... | head': the reader has what it wanted; no message, as other commands
+            _silence_stdout()
+            return 1
         message = " ".join(str(exc).split())
         print(f"orthofx: error: {message}", file=sys.stderr)
         return getattr(exc, "exit_status", 2)
@@ -690,6 +744,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "" if args.debug else " (--debug shows the traceback)"
         print(f"orthofx: error: unexpected {type(exc).__name__}: {message}{hint}", file=sys.stderr)
         return 1
+
+
+def _stdout_reader_gone() -> bool:
+    """True when standard output is a pipe whose reading end is closed (``orthofx explain ... | head -1`` once
+    ``head`` has exited): a write there fails with EPIPE, and poll() reports an error on it."""
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a StringIO), no poll() (Windows)
+        return False
+
+
+def _silence_stdout() -> None:
+    """Point standard output's file descriptor at the null device, so that what is still buffered for the closed
+    pipe goes nowhere instead of failing again when the interpreter flushes it at exit ('Exception ignored ...
+    BrokenPipeError', exit status 120)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,6 +20,7 @@ into plain Python values here, so no tag in a policy can construct objects or ru
 
 from __future__ import annotations
 
+import codecs
 import copy
 import difflib
 import fnmatch
@@ -29,6 +30,8 @@ import math
 import numbers
 import os
 import re
+import stat
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +40,7 @@ from typing import Any
 import yaml
 
 from .capture import CAPTURE_MODES
-from .errors import ArgumentError, PolicyError
+from .errors import ArgumentError, OrthofxWarning, PolicyError
 from .passes import registry as _registry  # importing orthofx.passes registers the built-in passes
 from .passes.base import Pass
 
@@ -284,7 +287,7 @@ class Policy:
         """Read a policy from a YAML file (a ``Path``, or a ``str`` naming an existing file) or YAML text."""
         if isinstance(path_or_text, os.PathLike):
             path = Path(path_or_text)
-            if not path.is_file():
+            if not _path_test(_is_policy_source, str(path)):
                 raise _no_policy_file(str(path))
             return _policy_from_file(path)
         if not isinstance(path_or_text, str):
@@ -400,7 +403,9 @@ def _preset_files() -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=512)
 def _compiled_regex(regex: str) -> re.Pattern:
-    return re.compile(regex)
+    with warnings.catch_warnings():  # a FutureWarning about the expression was given, with its place, at load
+        warnings.simplefilter("ignore", FutureWarning)
+        return re.compile(regex)
 
 
 def match_pattern(pattern: str, name: str) -> bool:
@@ -432,6 +437,8 @@ _TAG = "tag:yaml.org,2002:"
 _STR, _INT, _FLOAT, _BOOL, _NULL, _TIMESTAMP = (_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp"))
 _MAP, _SEQ, _MERGE, _VALUE = _TAG + "map", _TAG + "seq", _TAG + "merge", _TAG + "value"
 
+# YAML 1.1 (PyYAML) reads 010 as the octal 8; YAML 1.2 (and most tools now) as 10.
+_YAML11_OCTAL = re.compile(r"^[-+]?0[0-7_]+$")
 # YAML 1.1 (PyYAML) reads 1e-2, 1E-3 and 1.0e5 as strings: its float form needs a dot and a signed exponent.
 _EXP_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 
@@ -514,8 +521,9 @@ def _tag_name(tag: str) -> str:
     return "!!" + tag[len(_TAG):] if tag.startswith(_TAG) else tag
 
 
-def _path_test(test, text: str) -> bool:
-    """``os.path.isfile`` / ``isdir`` of a string that may not be a valid path at all (a NUL byte, too long)."""
+def _path_test(test, text: str) -> Any:
+    """``test(text)`` (``os.path.isdir``, :func:`_is_policy_source` ...) of a string that may not be a valid path
+    at all (a NUL byte, too long) or name nothing: ``False`` then."""
     try:
         return test(text)
     except (OSError, ValueError):
@@ -534,13 +542,35 @@ def _looks_like_a_path(word: str) -> bool:
 def _no_policy_file(word: str) -> PolicyError:
     if _path_test(os.path.isdir, word):
         return PolicyError(f"{word!r} is a directory, not a policy file; name a .yaml file in it", file=word)
+    kind = _path_test(_special_file_kind, word)
+    if kind:
+        return PolicyError(f"{word!r} is {kind}, not a policy file; name a .yaml file, or pipe the policy in "
+                           "(<(command) or /dev/stdin)", file=word)
     return PolicyError(f"policy file not found: {word!r}", file=word)
+
+
+def _is_policy_source(path: str) -> bool:
+    """A path a policy can be read from: a regular file, or a pipe (``orthofx check <(make_policy)`` passes
+    ``/dev/fd/63``; ``... | orthofx check /dev/stdin``), read to its end once. Other special files are refused:
+    reading ``/dev/zero`` would never end, and a terminal would wait for typing."""
+    mode = os.stat(path).st_mode
+    return stat.S_ISREG(mode) or stat.S_ISFIFO(mode)
+
+
+def _special_file_kind(path: str) -> str:
+    """What an existing path that is neither a directory nor a policy source is (``""`` when it is not one)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "")
 
 
 def _is_existing_file(text: str) -> bool:
     if "\n" in text or not text.strip() or len(text) > 4096:
         return False
-    return _path_test(os.path.isfile, text)
+    return _path_test(_is_policy_source, text)
 
 
 def _policy_from_file(path: Path) -> Policy:
@@ -552,8 +582,36 @@ def _policy_from_file(path: Path) -> Policy:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise PolicyError(f"policy file is not UTF-8 text ({e.reason} at byte {e.start})", file=file) from None
+        # utf-8-sig counts from after its byte order mark; the file's offset is what a hex viewer shows
+        start = e.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
+        # where an editor shows the byte: after the text before it, decoded as far as it goes
+        before = raw[:start].decode("utf-8-sig", "replace")
+        line, column = _line_and_column(before, len(before))
+        encoding = next((name for bom, name in _OTHER_BOMS if raw.startswith(bom)), None)
+        what = f"it is {encoding} text; save it as UTF-8" if encoding else f"{e.reason} at byte {start}"
+        raise PolicyError(f"policy file is not UTF-8 text ({what})", file=file, line=line,
+                          column=column) from None
     return _policy_from_text(text, file, require_version=True)
+
+
+#: Byte order marks of the encodings a policy file is sometimes saved in by mistake (UTF-32 first: its
+#: little-endian mark begins with UTF-16's).
+_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+               (b"\xfe\xff", "UTF-16"))
+
+#: The line breaks of YAML 1.1, as PyYAML counts lines ("\r\n" is one break).
+_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+
+
+def _line_and_column(text: str, position: int) -> tuple[int, int]:
+    """1-based line and column of character ``position`` of ``text``, counted as PyYAML counts them: every YAML
+    line break (CR alone, as an old Mac editor writes, NEL, LS and PS too) starts a line, and a byte order mark
+    takes no column."""
+    lines = _LINE_BREAK.split(text[:position])
+    last = lines[-1]
+    if len(lines) == 1 and last.startswith("\ufeff"):
+        last = last[1:]
+    return len(lines), len(last) + 1
 
 
 def _policy_from_text(text: str, source: str, *, require_version: bool) -> Policy:
@@ -573,9 +631,7 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, _Positions]:
         raise PolicyError(f"invalid YAML: {what}", file=file, line=mark.line + 1 if mark else None,
                           column=mark.column + 1 if mark else None) from None
     except yaml.reader.ReaderError as e:
-        before = text[: e.position]
-        line = before.count("\n") + 1
-        column = e.position - (before.rfind("\n") + 1) + 1
+        line, column = _line_and_column(text, e.position)
         raise PolicyError(f"invalid YAML: {e.reason} (character {e.character!r})", file=file, line=line,
                           column=column) from None
     except yaml.YAMLError as e:
@@ -674,6 +730,12 @@ class _NodeWalker:
             message = _too_large_int(value, path)
             if message is not None:
                 raise self.fail(node, message)
+            if _YAML11_OCTAL.match(node.value):
+                decimal = int(node.value.replace("_", ""), 10)
+                if decimal != value:
+                    raise self.fail(node, f"{_fmt(path)}: {node.value} has a leading zero, which makes it the octal "
+                                          f"number {value} in YAML 1.1 (read here) but {decimal} in YAML 1.2; "
+                                          f"write {value} or {decimal}, without the leading zero")
             return value
         raise self.fail(node, self._bad_tag(node, path))
 
@@ -682,8 +744,12 @@ def _plain(obj: Any, path: tuple, pos: _Positions, depth: int) -> Any:
     """A deep copy of dict input as plain data; anything but plain values is an error naming its path."""
     if depth > 64:
         raise pos.error(f"the policy is nested too deeply at {_fmt(path)}", path)
-    if obj is None or isinstance(obj, (str, bool)):
+    if obj is None or isinstance(obj, bool):
         return obj
+    if isinstance(obj, str):
+        # a str subclass (an enum.StrEnum member, a user's str type) as the plain string it holds: str(obj) may
+        # be another text (an Enum's 'Color.RED'), and YAML cannot dump the subclass
+        return str.__str__(obj)
     if isinstance(obj, numbers.Integral):
         message = _too_large_int(int(obj), path)
         if message is not None:
@@ -695,13 +761,21 @@ def _plain(obj: Any, path: tuple, pos: _Positions, depth: int) -> Any:
         out = {}
         for key, value in obj.items():
             if not (key is None or isinstance(key, (str, int, float, bool))):
-                raise pos.error(f"keys in {_fmt(path)} must be strings, found {type(key).__name__} {key!r}", path)
+                raise pos.error(f"keys in {_fmt(path)} must be strings, found {_type_name(key)} {key!r}", path)
+            key = _plain(key, path, pos, depth + 1)
             out[key] = _plain(value, path + (key,), pos, depth + 1)
         return out
     if isinstance(obj, (list, tuple)):
         return [_plain(v, path + (i,), pos, depth + 1) for i, v in enumerate(obj)]
-    raise pos.error(f"{_fmt(path)}: unsupported value of type {type(obj).__name__} ({obj!r:.60}); a policy holds "
+    raise pos.error(f"{_fmt(path)}: unsupported value of type {_type_name(obj)} ({obj!r:.60}); a policy holds "
                     "only plain values: strings, numbers, booleans, None, lists and dicts", path)
+
+
+def _type_name(obj: Any) -> str:
+    """The name of ``obj``'s type, qualified by its module unless built in (NumPy's bool is ``numpy.bool``, not
+    ``bool``)."""
+    kind = type(obj)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -740,6 +814,16 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
+#: Words other tools use for a key of a policy, too far from it in spelling for difflib to suggest it.
+_KEY_SYNONYMS = {
+    **dict.fromkeys(("params", "parameters", "args", "kwargs", "options", "config", "settings"), "with"),
+    **dict.fromkeys(("pass", "use", "run", "transform", "action"), "apply"),
+    **dict.fromkeys(("select", "selector", "selectors", "filter", "when", "target", "targets"), "match"),
+    **dict.fromkeys(("leaf", "leaves", "leafs", "leaf_module"), "leaf_modules"),
+    **dict.fromkeys(("class", "classes", "module_type", "layer_type"), "type"),
+}
+
+
 def _check_keys(mapping: dict, allowed: tuple[str, ...], path: tuple, pos: _Positions, where: str,
                 extra: str = "") -> None:
     for key in mapping:
@@ -747,6 +831,9 @@ def _check_keys(mapping: dict, allowed: tuple[str, ...], path: tuple, pos: _Posi
             hint = _did_you_mean(key, allowed)
             if key == "version" and "orthofx" in allowed and not hint:
                 hint = " (the schema version is given as 'orthofx: 1')"
+            synonym = _KEY_SYNONYMS.get(key.lower()) if isinstance(key, str) else None
+            if not hint and synonym in allowed:
+                hint = f" (did you mean '{synonym}'?)"
             raise pos.error(f"unknown key {key!r} {where}{extra}; allowed: {', '.join(allowed)}{hint}",
                             path + (key,), key=True)
 
@@ -762,8 +849,9 @@ def _build_policy(data: Any, pos: _Positions, *, require_version: bool) -> Polic
     if "orthofx" in data:
         version = data["orthofx"]
         if isinstance(version, bool) or not isinstance(version, int) or version != SCHEMA_VERSION:
-            raise pos.error(f"unsupported policy schema version {version!r} (key 'orthofx'); this orthofx reads "
-                            f"version {SCHEMA_VERSION}", ("orthofx",))
+            shown = repr(version) if isinstance(version, (int, float, str)) else _describe(version)
+            raise pos.error(f"unsupported policy schema version {shown} (key 'orthofx'); this orthofx reads "
+                            f"version {SCHEMA_VERSION}: write 'orthofx: {SCHEMA_VERSION}'", ("orthofx",))
     elif require_version:
         raise pos.error(f"missing schema version: add 'orthofx: {SCHEMA_VERSION}' at the top of the policy", ())
 
@@ -792,8 +880,13 @@ def _build_policy(data: Any, pos: _Positions, *, require_version: bool) -> Polic
             first = rules[seen[rule.name]]
             at = f" (line {first.location.line})" if first.location.line is not None else ""
             path = ("rules", rule.index, "name")
-            raise pos.error(f"duplicate rule name {rule.name!r} in rules[{rule.index}]; already used by "
-                            f"rules[{first.index}]{at}; rule names must be unique", path)
+            if "name" in raw_rules[rule.index]:
+                raise pos.error(f"duplicate rule name {rule.name!r} in rules[{rule.index}]; already used by "
+                                f"rules[{first.index}]{at}; rule names must be unique", path)
+            # this rule has no name: its default one, '<apply>[<index>]', is what an earlier rule was named
+            raise pos.error(f"rules[{rule.index}] has no name, and its default name {rule.name!r} "
+                            f"('<apply>[<index>]') is already the name of rules[{first.index}]{at}; rule names must "
+                            f"be unique: rename rules[{first.index}] or give rules[{rule.index}] a name", path)
         seen[rule.name] = rule.index
     return Policy(version=SCHEMA_VERSION, capture=capture, rules=rules, description=description, source=pos.file)
 
@@ -866,8 +959,9 @@ def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
     apply = raw["apply"]
     if not isinstance(apply, str) or apply not in passes:
         hint = _did_you_mean(apply, passes)
-        raise pos.error(f"unknown pass {apply!r} in {label}.apply; available: {', '.join(passes) or 'none'}{hint}",
-                        path + ("apply",))
+        found = (f"unknown pass {apply!r} in {label}.apply" if isinstance(apply, str) else
+                 f"{label}.apply must name a pass, found {_describe(apply)}")
+        raise pos.error(f"{found}; available: {', '.join(passes) or 'none'}{hint}", path + ("apply",))
     pass_cls = passes[apply]
 
     match = _build_match(raw["match"], path + ("match",), pos)
@@ -987,31 +1081,67 @@ def _build_match(raw: Any, path: tuple, pos: _Positions) -> Match:
 def _patterns(raw: dict, key: str, path: tuple, pos: _Positions, *, allow_empty: bool) -> tuple[str, ...]:
     patterns = _strings(raw, key, path, pos, allow_empty=allow_empty)
     for i, pattern in enumerate(patterns):
-        if pattern.startswith("re:"):
-            item_path = _elem_path(raw, key, path, i)
+        item_path = _elem_path(raw, key, path, i)
+        if not pattern.startswith("re:"):
+            at = _unclosed_bracket(pattern)
+            if at is not None:  # names hold no '[' (only a ModuleDict key could): such a glob selects nothing
+                raise pos.error(f"{_fmt(item_path)}: the '[' at position {at + 1} of the glob {pattern!r} is never "
+                                "closed, so it would only match a literal '[' (it would select or leave out nothing "
+                                "that way); close the set, as in 'conv[12]', write '[[]' for a literal '[', or use "
+                                "'re:' for a regular expression", item_path)
+        else:
             regex = pattern[3:]
             if not regex:
                 raise pos.error(f"{_fmt(item_path)}: empty regular expression after 're:'", item_path)
-            problem = _regex_problem(regex)
+            problem, notes = _regex_problem(regex)
+            shown = repr(regex) if len(regex) <= 80 else repr(regex[:60]) + "..."
             if problem is not None:
-                shown = repr(regex) if len(regex) <= 80 else repr(regex[:60]) + "..."
                 raise pos.error(f"{_fmt(item_path)}: invalid regular expression {shown}: {problem}", item_path)
+            for note in notes:  # re's FutureWarning would name a line of this file, not the policy's
+                warnings.warn(f"{pos.location(item_path)}: {_fmt(item_path)}: regular expression {shown}: {note} "
+                              "(a later Python may read it otherwise; escape the character with a backslash if it "
+                              "is meant literally)", OrthofxWarning, stacklevel=2)
     return patterns
 
 
-def _regex_problem(regex: str) -> str | None:
-    """Why ``regex`` does not compile, ``None`` when it does. Besides ``re.error``, Python's parser raises
-    OverflowError for a repeat count beyond its limit (``a{99999999999}``) and RecursionError for groups nested
-    hundreds deep: both are mistakes in the policy, not in orthofx."""
-    try:
-        re.compile(regex)
-    except re.error as e:
-        return str(e)
-    except OverflowError:
-        return "a repeat count in braces is too large (Python's re allows up to 4294967294); use '+' or '*'"
-    except RecursionError:
-        return "groups are nested too deeply for Python's re; flatten the expression"
+def _unclosed_bracket(pattern: str) -> int | None:
+    """Index of the first '[' of glob ``pattern`` that no ']' closes, ``None`` when every set is closed. Read as
+    ``fnmatch`` reads it: after '[' (and '!'), a ']' is a member of the set, not its end; an unclosed '[' is
+    matched as a literal '[' character."""
+    i, n = 0, len(pattern)
+    while i < n:
+        if pattern[i] != "[":
+            i += 1
+            continue
+        j = i + 1
+        if j < n and pattern[j] == "!":
+            j += 1
+        if j < n and pattern[j] == "]":
+            j += 1
+        while j < n and pattern[j] != "]":
+            j += 1
+        if j >= n:
+            return i
+        i = j + 1
     return None
+
+
+def _regex_problem(regex: str) -> tuple[str | None, list[str]]:
+    """Why ``regex`` does not compile (``None`` when it does), and the FutureWarnings ``re`` gives about it
+    ("Possible nested set at position 1" for ``[[a]``). Besides ``re.error``, Python's parser raises OverflowError
+    for a repeat count beyond its limit (``a{99999999999}``) and RecursionError for groups nested hundreds deep:
+    both are mistakes in the policy, not in orthofx."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        try:
+            re.compile(regex)
+        except re.error as e:
+            return str(e), []
+        except OverflowError:
+            return "a repeat count in braces is too large (Python's re allows up to 4294967294); use '+' or '*'", []
+        except RecursionError:
+            return "groups are nested too deeply for Python's re; flatten the expression", []
+    return None, [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
 
 
 def _ops(raw: dict, key: str, path: tuple, pos: _Positions) -> tuple[str, ...]:
