@@ -595,7 +595,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 continue
             note = f" Note: {_traced_through_note(rule, hidden, traced)}." if hidden else ""
             raise PlanError(_no_match_message(rule, sites) + _missing_attribute_hint(rule, sites, gm, fed_by) + note
-                            + _root_layer_hint(rule, model))
+                            + _excluded_all_hint(rule, sites, gm, fed_by) + _root_layer_hint(rule, model))
         if selected == len(rejected) and not rule.optional:
             details = "; ".join(f"{s.name}: {r}" for s, r in rejected[:5])
             raise PlanError(f"rule '{rule.name}' (apply: {rule.apply}) matched {selected} site(s) but its pass "
@@ -771,6 +771,20 @@ def _missing_attribute_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by
         hints.append(f"none of the {len(modules)} layer(s) it selects without 'where' has an attribute '{attr}'"
                      + (f" (did you mean {' or '.join(close)}?)" if close else ""))
     return (" The rule's where: " + "; ".join(hints) + ".") if hints else ""
+
+
+def _excluded_all_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: dict[str, set[str]]) -> str:
+    """For a rule that matched nothing: the sites its ``exclude`` left out, when it selects some without it
+    (``exclude: '*'`` or a pattern broader than meant), so the message does not send the user to the rest of the
+    match."""
+    if not rule.match.exclude:
+        return ""
+    unexcluded = dataclasses.replace(rule.match, exclude=())
+    left_out = [s.name for s in sites if _selects(unexcluded, s, _module_or_none(gm, s), fed_by)]
+    if not left_out:
+        return ""
+    return (f" Its exclude ({', '.join(rule.match.exclude)}) left out all {len(left_out)} site(s) it selects "
+            f"otherwise: {first_few(left_out, 4)}.")
 
 
 def _has_attribute(module: nn.Module, attr: str) -> bool:

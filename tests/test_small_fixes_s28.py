@@ -262,3 +262,16 @@ def test_pre_svd_orthogonal_weight_skips_a_frozen_layer_unless_told_to_overwrite
     w = gm.proj.weight.detach().double()
     assert type(gm.proj).__name__ == "OrthogonalLinear" and not gm.proj.raw_weight.requires_grad
     assert torch.allclose(w @ w.T, torch.eye(4, dtype=torch.float64), atol=1e-6)
+
+
+def test_a_rule_whose_exclude_leaves_out_everything_says_so():
+    """The error listed the graph's sites (which the rule's type did match) and never mentioned the exclude."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    policy = {"rules": [{"match": {"type": "Linear", "exclude": ["0", "[0-9]"]}, "apply": "orth_regularizer"}]}
+    with pytest.raises(orthofx.PlanError, match=r"Its exclude \(0, \[0-9\]\) left out all 2 site\(s\) it selects "
+                                                r"otherwise: 0, 2\."):
+        orthofx.explain(model, policy)
+    policy["rules"][0]["match"]["where"] = {"in_features": 5}  # nothing to leave out: no exclude hint
+    with pytest.raises(orthofx.PlanError) as caught:
+        orthofx.explain(model, policy)
+    assert "exclude" not in str(caught.value)
