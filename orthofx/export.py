@@ -149,8 +149,9 @@ def _captured_with_orthofx_layers(model: nn.Module, example: ExampleCall | None)
                            "(nothing to freeze): call orthofx.transform(model, policy) first, or use the model as "
                            "it is (torch.export / torch.onnx.export work on it directly)")
     policy = Policy(description="a model holding orthofx layers, frozen without a transform")
-    gm, info = capture(root, mode="auto", example_inputs=None if example is None else example.args,
-                       example_kwargs=None if example is None else example.kwargs)
+    call = None if example is None else example.fresh()  # capture may run the model (lazy layers, torch.export)
+    gm, info = capture(root, mode="auto", example_inputs=None if call is None else call.args,
+                       example_kwargs=None if call is None else call.kwargs)
     store_manifest(gm, Manifest(policy=policy, plan=build_plan(gm, policy, info, model=root), capture=info))
     return gm
 
@@ -237,10 +238,10 @@ def _buffers_kept(module: nn.Module):
 
 
 def _checked_run(module: nn.Module, call: ExampleCall) -> Any:
-    """``module``'s output on ``call`` as each check of :func:`export` computes it: without gradients, on a copy
-    of the inputs (:meth:`ExampleCall.fresh`), from the module's state as it is (its buffers kept, :func:`_buffers_kept`), so
-    that every run of the checks, on the frozen model and on the written one, computes the same function of the
-    same values."""
+    """``module``'s output on ``call`` as freezing and each check of :func:`export` compute it: without gradients,
+    on a copy of the inputs (:meth:`ExampleCall.fresh`), from the module's state as it is (its buffers kept,
+    :func:`_buffers_kept`), so that every run of the checks, on the frozen model and on the written one, computes
+    the same function of the same values."""
     with torch.no_grad(), _buffers_kept(module):
         return call.run(module)
 
@@ -277,13 +278,12 @@ def _check_onnx_outputs(frozen: nn.Module, example: ExampleCall) -> None:
 def _run_example(frozen: nn.Module, example: ExampleCall | None) -> None:
     """Run the copy being frozen (in eval mode) once on the example call, without gradients, so that layers whose
     plain form depends on the input size (ConvNorm's filters) know the sizes; inputs it fails on are an
-    :class:`ExportError` that says so (not the layer torch failed in). The run changes no buffer
-    (:func:`_buffers_kept`) and no input (:meth:`ExampleCall.run` copies them)."""
+    :class:`ExportError` that says so (not the layer torch failed in). The run changes no buffer and no input
+    (:func:`_checked_run`)."""
     if example is None:
         return
     try:
-        with torch.no_grad(), _buffers_kept(frozen):
-            example.run(frozen)
+        _checked_run(frozen, example)
     except Exception as exc:
         given = "example_inputs and example_kwargs" if example.kwargs else "example_inputs"
         raise ExportError(f"the model failed on {given} ({_root_cause(exc)}); pass inputs the model "
@@ -1179,10 +1179,7 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
         raise ExportError(f"cannot read {path!r}: no such file")
     # checked here so that their errors are not reported as the stored policy not fitting the model
     _check_untransformed(unwrap_model(model), path)
-    example = example_call(example_inputs, example_kwargs)
-    if example is not None:  # transform runs the model on them: a forward may write into its inputs
-        example = example.fresh()
-        example_inputs, example_kwargs = example.args, example.kwargs
+    example = example_call(example_inputs, example_kwargs)  # transform runs the model on copies of them
     written_by = "write it with orthofx.export(gm, 'model.pt') (a file of state_dict and policy, no pickled code)"
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -1206,8 +1203,10 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
     phases = _saved_probe_phases(saved, path, written_by)
     converted = _in_saved_dtype(model, state, example)
     try:
+        # not inplace on the converted copy: a failing rule's message would tell the user that the rules before it
+        # had written their model, which load never touches
         gm = transform(model if converted is None else converted, policy, example_inputs=example_inputs,
-                       example_kwargs=example_kwargs, inplace=converted is not None)
+                       example_kwargs=example_kwargs)
     except OrthofxError as exc:
         hint = ""
         if isinstance(exc, CaptureError):  # capture with torch.export runs the model on the example call

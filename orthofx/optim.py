@@ -378,10 +378,13 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     trainable = [p for part in parts for p in part.root.parameters() if p.requires_grad]
     if trainable and not any(id(p) in owned for p in trainable):
         # with a policy without hooks nothing else would notice: gm would never train
+        which = "the model's" if parts[0].path == "" else \
+            f"the transformed parts' ({', '.join(repr(part.path) for part in parts)})"
         raise ArgumentError(
-            "attach: the optimizer holds none of the model's trainable parameters, so optimizer.step() would never "
-            "update it. Was it built from the model before orthofx.transform, which rewrites a copy? Build the "
-            "optimizer from gm.parameters() after the transform (or pass inplace=True to transform), then attach it")
+            f"attach: the optimizer holds none of {which} trainable parameters, so optimizer.step() would never "
+            "update them. Was it built from the model before orthofx.transform, which rewrites a copy? Build the "
+            "optimizer from gm.parameters() after the transform (or pass inplace=True to transform), then attach "
+            "it. With several optimizers, one for the other parameters only needs no attach")
     first = next(((part, part.recorded[0]) for part in parts if part.recorded), None)
     if first is not None and is_zero_redundancy(optimizer) and getattr(optimizer, "_overlap_with_ddp", False):
         # its steps run inside DDP's communication hook (ZeRO's _local_step), per bucket, and step() is not

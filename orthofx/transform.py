@@ -165,9 +165,10 @@ def _capture_and_plan(root: nn.Module, policy: Policy, example: ExampleCall | No
     # capture.leaf_modules holds class names and module paths: the entries naming a submodule are paths
     paths = {name for name, _ in root.named_modules() if name}
     named = [entry for entry in policy.capture.leaf_modules if isinstance(entry, str) and entry in paths]
+    call = None if example is None else example.fresh()  # one copy of the inputs for capture's own runs
     gm, info = capture(root, leaf_types=policy.capture.leaf_modules, leaf_paths=list(blocks) + named,
-                       mode=policy.capture.mode, example_inputs=None if example is None else example.fresh().args,
-                       example_kwargs=None if example is None else example.fresh().kwargs)
+                       mode=policy.capture.mode, example_inputs=None if call is None else call.args,
+                       example_kwargs=None if call is None else call.kwargs)
     plan = build_plan(gm, policy, info, blocks=blocks, model=root)
     return gm, plan
 

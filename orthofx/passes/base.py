@@ -657,14 +657,20 @@ def recurrent_hidden_weights(module: nn.Module) -> list[tuple[str, int]]:
     return [(name, getattr(module, name).shape[0] // module.hidden_size) for name in names]
 
 
+def treated_weight_names(module: nn.Module) -> list[str]:
+    """The names of the weights the weight passes treat at a layer: a recurrent layer's hidden-to-hidden weights
+    (:func:`recurrent_hidden_weights`), any other layer's ``weight``."""
+    if isinstance(module, RECURRENT_TYPES):
+        return [name for name, _ in recurrent_hidden_weights(module)]
+    return ["weight"]
+
+
 def complex_weight_reason(module: nn.Module, why: str) -> str | None:
     """``skipped``'s reason for a layer whose weight (a recurrent layer: a hidden-to-hidden weight) is complex, a
     pass ``why`` cannot treat; ``None`` for real ones. Read from the registered tensors' dtype alone: also for a
     lazy layer that has not run (it keeps the dtype it was built with), and without computing a weight that a
     property or a parametrization builds."""
-    names = [name for name, _ in recurrent_hidden_weights(module)] if isinstance(module, RECURRENT_TYPES) \
-        else ["weight"]
-    for name in names:
+    for name in treated_weight_names(module):
         weight = module._parameters.get(name, module._buffers.get(name))
         if isinstance(weight, torch.Tensor) and weight.is_complex():
             return (f"complex weight ({weight.dtype}): {why}; leave this layer out of the rule (match.exclude) or "

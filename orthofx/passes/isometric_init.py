@@ -108,12 +108,12 @@ from ..nn.orthogonal import gain_range_problem, keeps_output_size
 from ..nn.padding import conv_zero_pads
 from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PlanEntry, Site, TiedUse, check_tied,
                    describe_module, is_uninitialised, matrices_text, recurrent_hidden_weights, recurrent_weights_reason,
-                   require_initialised)
+                   require_initialised, treated_weight_names)
 from .registry import register_pass
 from .riemannian import StiefelHook, _describe_matrices, scale_kept_or_dropped
 
 __all__ = ["IsometricInit", "activation_gain", "delta_orthogonal_", "delta_taps", "frozen_parameters",
-           "orthogonal_"]
+           "frozen_reason", "orthogonal_"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -322,10 +322,7 @@ class IsometricInit(Pass):
                     "time steps; give recurrent layers a rule of their own, with gain for any scale)")
         if params.get("frozen", "skip") == "overwrite" or module is None:
             return None
-        frozen = frozen_parameters(module, params.get("bias", "zero") == "zero")
-        if not frozen:
-            return None
-        return f"frozen ({' and '.join(frozen)} requires_grad=False; with: {{frozen: overwrite}} initialises it)"
+        return frozen_reason(module, params.get("bias", "zero") == "zero", "initialises it")
 
     def check_plan(self, gm: nn.Module, entries: list[PlanEntry]) -> None:
         """Refuse, when the plan is built, a weight tied between sites that need other matrices or scales
@@ -428,13 +425,21 @@ def frozen_parameters(module: nn.Module, with_bias: bool = True) -> list[str]:
     parameters registered on the layer itself: reading a weight a torch parametrization computes would run it
     (spectral_norm's power iteration updates its vectors), and planning skips such a layer anyway
     (:func:`~orthofx.passes.base.derived_weight`)."""
-    if isinstance(module, RECURRENT_TYPES):
-        names = [name for name, _ in recurrent_hidden_weights(module)]
-        names += _recurrent_bias_names(module) if with_bias else []
-    else:
-        names = ["weight", "bias"] if with_bias else ["weight"]
+    names = treated_weight_names(module)
+    if with_bias:
+        names += _recurrent_bias_names(module) if isinstance(module, RECURRENT_TYPES) else ["bias"]
     parameters = [(name, module._parameters.get(name)) for name in names]
     return [name for name, p in parameters if p is not None and not p.requires_grad]
+
+
+def frozen_reason(module: nn.Module, with_bias: bool, overwrite_does: str) -> str | None:
+    """``skipped``'s reason for a layer whose weight (or, ``with_bias``, bias) has ``requires_grad=False``
+    (:func:`frozen_parameters`), which a pass's ``frozen: skip`` leaves alone: ``overwrite_does`` says what
+    ``frozen: overwrite`` would do (``"initialises it"``); ``None`` when nothing is frozen."""
+    frozen = frozen_parameters(module, with_bias)
+    if not frozen:
+        return None
+    return f"frozen ({' and '.join(frozen)} requires_grad=False; with: {{frozen: overwrite}} {overwrite_does})"
 
 
 def _recurrent_bias_names(module: nn.Module) -> list[str]:
@@ -479,9 +484,7 @@ def _check_scale_range(entry: PlanEntry, module: nn.Module) -> None:
     """:class:`PlanError` for a scale (gain times the activation's gain) that the layer's weight dtype cannot hold
     times an orthonormal matrix: gain 1e39 filled a float32 weight with inf, which a later riemannian rule then
     called a corrupted checkpoint, and 1e-40 left it zero, without a word."""
-    names = [name for name, _ in recurrent_hidden_weights(module)] if isinstance(module, RECURRENT_TYPES) \
-        else ["weight"]
-    for name in names:
+    for name in treated_weight_names(module):
         weight = module._parameters.get(name)
         if isinstance(weight, torch.Tensor) and weight.is_floating_point():
             problem = gain_range_problem(_scale(entry.params), weight.dtype, "scale")

@@ -67,7 +67,7 @@ from ..nn.padding import conv_zero_pads
 from ..nn.precision import describe_nonfinite, relative_distance
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, derived_weight, describe_module,
                    is_uninitialised, parameter_owners, require_initialised)
-from .isometric_init import frozen_parameters
+from .isometric_init import frozen_reason
 from .orth_regularizer import lorth_term
 from .registry import register_pass
 
@@ -248,8 +248,8 @@ def _shape_problem(module: nn.Module, params: dict) -> str | None:
     """Why ``apply`` will not replace ``module`` by its shape alone (P0 Theorem 4, the method, the padding), or
     ``None``: what planning can tell before the example run (cayley_fft's checks need the input size; a Linear always
     has an orthogonal version; a lazy layer has no shape yet)."""
-    if isinstance(module, nn.Linear) or getattr(module, "weight", None) is None or module.weight.dim() < 3 \
-            or is_uninitialised(module) \
+    if isinstance(module, nn.Linear) or is_uninitialised(module) or getattr(module, "weight", None) is None \
+            or module.weight.dim() < 3 \
             or (params["method"] == "cayley_fft" and not isinstance(module, _TRANSPOSED_TYPES)):
         return None
     return _impossibility(module, params["padding"], params["method"])
@@ -373,9 +373,8 @@ class OrthogonalConvPass(Pass):
                     "(exact) or zero padding only; use 'padding: circular'")
         # a frozen weight (a pretrained layer kept fixed on purpose) would be replaced by the nearest orthogonal
         # layer, another function that no step could correct (it was replaced silently, frozen)
-        if params.get("frozen", "skip") == "skip" and module is not None \
-                and frozen_parameters(module, with_bias=False):
-            return "frozen (weight requires_grad=False; with: {frozen: overwrite} replaces it)"
+        if params.get("frozen", "skip") == "skip" and module is not None:
+            return frozen_reason(module, False, "replaces it")
         return None
 
     def planned_outcome(self, site, module, params):

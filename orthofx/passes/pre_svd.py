@@ -77,7 +77,7 @@ from ..nn.precision import HALF_PRECISION
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, derived_weight,
                    describe_module, is_uninitialised, parameter_owners, reads_only_metadata, stops_producer_walk,
                    weight_groups, whole, write_whole)
-from .isometric_init import frozen_parameters
+from .isometric_init import frozen_reason
 from .orth_regularizer import lorth_term
 from .orthogonal_conv import orthogonal_layer
 from .registry import register_pass
@@ -432,10 +432,10 @@ class PreSVD(Pass):
     def accepts_params(self, site, module, params):
         # 'weight: orthogonal' replaces the layer by its nearest orthogonal one, another function: a frozen weight
         # (a pretrained layer kept fixed) was replaced silently, as orthogonal_conv's 'frozen' option now prevents
-        if params["weight"] == "orthogonal" and params["frozen"] == "skip" \
-                and frozen_parameters(module, with_bias=False):
-            return ("frozen (weight requires_grad=False; 'weight: orthogonal' would replace it, with: {frozen: "
-                    "overwrite} does)")
+        frozen = frozen_reason(module, False, "replaces it (weight: orthogonal)") \
+            if params["weight"] == "orthogonal" and params["frozen"] == "skip" else None
+        if frozen is not None:
+            return frozen
         # NOG and OLR act on the weight around optimizer.step(): a weight that is a buffer (or None) is in no
         # optimizer, so attach would skip their hooks as if the weight were frozen, while the Change said
         # "NOG + OLR". A weight a parametrization computes is refused by planning, with its own reason.

@@ -244,11 +244,12 @@ class StiefelHook(OptimizerHook):
             rules = [f"'{rule}'" for rule in dict.fromkeys(hook.rule for hook in hooks)]
             sites = first_few([f"'{hook._label()}'" for hook in hooks], 4)
             warnings.warn(
-                f"riemannian (rule{'s' * (len(rules) > 1)} {', '.join(rules)}: {sites}): LBFGS with max_iter={inner[0]} takes {inner[0]} steps inside "
-                "one optimizer.step(), and the Riemannian projection and retraction run only around the call: its "
-                "inner steps are Euclidean and its curvature history stops matching the retracted weights, which "
-                "can make training diverge. Build LBFGS with max_iter=1 (with line_search_fn='strong_wolfe' it "
-                "converged in tests), or use SGD / Adam", OrthofxWarning, stacklevel=4)
+                f"riemannian (rule{'s' * (len(rules) > 1)} {', '.join(rules)}: {sites}): LBFGS with "
+                f"max_iter={inner[0]} takes {inner[0]} steps inside one optimizer.step(), and the Riemannian "
+                "projection and retraction run only around the call: its inner steps are Euclidean and its curvature "
+                "history stops matching the retracted weights, which can make training diverge. Build LBFGS with "
+                "max_iter=1 (with line_search_fn='strong_wolfe' it converged in tests), or use SGD / Adam",
+                OrthofxWarning, stacklevel=4)
 
     def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         type(self).before_step_group([self], root, optimizer)
@@ -312,8 +313,10 @@ class StiefelHook(OptimizerHook):
                 new, failed = _finite_retraction(w0, xi, retraction)
                 diverged += [items[i][0] for i in failed]
                 # a weight the step did not move (lr 0, a layer unused with zero_grad(set_to_none=False)) keeps
-                # its bits: a retraction of a zero step gives it back only to rounding (1e-7 per step in float32)
-                new = torch.where((w1 == w0).flatten(-2).all(-1)[..., None, None], w0, new)
+                # its bits where it is on the manifold already: a retraction of a zero step gives it back only to
+                # rounding (1e-7 per step in float32). One that is not (init: keep before its first retraction)
+                # is retracted: the first step puts it on the manifold, whatever the step
+                new = torch.where(_on_manifold_unmoved(w0, w1, new, [weight.dtype for _, weight, _ in items]), w0, new)
                 for i, (_, weight, _) in enumerate(items):
                     write_whole(weight, new[i].reshape(weight.shape))
                 # momentum: project the first moments onto the tangent spaces at the new points (a transport)
@@ -351,6 +354,21 @@ class StiefelHook(OptimizerHook):
         parameter = "" if self.parameter == "weight" else f", parameter={self.parameter!r}"
         return (f"StiefelHook(site={self.site!r}{parameter}, rule={self.rule!r}, retraction={self.retraction!r}, "
                 f"momentum={self.momentum!r})")
+
+
+def _on_manifold_unmoved(w0: torch.Tensor, w1: torch.Tensor, new: torch.Tensor, dtypes: list[torch.dtype]
+                         ) -> torch.Tensor:
+    """Per matrix of a batch (shape ``(batch, 1, 1)``): the step left it where it was (``w1 == w0``) and its
+    retraction ``new`` is ``w0`` to rounding, so ``w0`` is a point of the manifold already. Rounding: within
+    ``sqrt(eps)`` of the computation dtype times ``max |w0|`` (a float64 projection at transform time left a 6 x 6
+    weight 1e-14 off, ~100 eps), or ``4 eps`` of a half-precision weight's own dtype (``dtypes``, the weights'
+    dtypes: the float32 retraction sees their storage rounding; one factor for the batch, the largest, so that no
+    tensor is sent to the device at every step). A weight off the manifold (``init: keep``) is off by far more:
+    ``max |polar(W) - W| / max |W|`` is 0.6 to 3 for torch's default Linear init."""
+    factor = max(max(torch.finfo(w0.dtype).eps ** 0.5, 4 * torch.finfo(d).eps) for d in dtypes)
+    tolerance = factor * w0.abs().flatten(-2).amax(-1)
+    unmoved = (w1 == w0).flatten(-2).all(-1) & ((new - w0).abs().flatten(-2).amax(-1) <= tolerance)
+    return unmoved[..., None, None]
 
 
 def _finite_retraction(w: torch.Tensor, xi: torch.Tensor, retraction: str) -> tuple[torch.Tensor, list[int]]:
