@@ -1263,7 +1263,7 @@ def _restore_probe_phases(gm: nn.Module, phases: dict[str, int], path: str) -> N
                           f"of this model (its probes: {sorted(probes)[:5]}); load with the model the file was "
                           "exported from")
     for name, calls in phases.items():
-        probes[name].calls = calls
+        probes[name].restore_calls(calls)
 
 
 def _check_state_entries(state: dict, path: str, written_by: str) -> None:

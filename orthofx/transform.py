@@ -112,10 +112,14 @@ class ExampleCall:
         A forward may write into its inputs (``x.mul_(2)``, ``x[:, 0] = 0``): every run on the example inputs gets
         its own copy, so that the user's tensors stay as they were and each run compared (the model before and
         after the rewrite, a frozen model and the program written from it) reads the same values."""
+        copies: dict[int, torch.Tensor] = {}  # one copy per tensor: inputs given twice, (x, x), stay one tensor
+
         def own(value: Any) -> Any:
             if not isinstance(value, torch.Tensor):
                 return value
-            return value.detach().clone().requires_grad_(value.requires_grad)
+            if id(value) not in copies:
+                copies[id(value)] = value.detach().clone().requires_grad_(value.requires_grad)
+            return copies[id(value)]
 
         args, kwargs = torch.utils._pytree.tree_map(own, (self.args, self.kwargs))
         return ExampleCall(tuple(args), dict(kwargs))
@@ -532,7 +536,7 @@ def _note_written_weights(exc: OrthofxError, model: nn.Module, versions: dict[st
     written = [name for name, t in (*model.named_parameters(), *model.named_buffers())
                if name in versions and t._version != versions[name]]
     if written and exc.args and isinstance(exc.args[0], str):
-        exc.args = (f"{exc.args[0]}. With inplace=True, earlier rules had already written {first_few(written, 4)} "
+        exc.args = (f"{exc.args[0].rstrip('.')}. With inplace=True, earlier rules had already written {first_few(written, 4)} "
                     "of the model: load its weights again before retrying",) + exc.args[1:]
 
 

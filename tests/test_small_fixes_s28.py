@@ -275,3 +275,43 @@ def test_a_rule_whose_exclude_leaves_out_everything_says_so():
     with pytest.raises(orthofx.PlanError) as caught:
         orthofx.explain(model, policy)
     assert "exclude" not in str(caught.value)
+
+
+def test_example_inputs_given_twice_stay_one_tensor_in_the_copies():
+    """transform's copies of the example inputs made (x, x) two tensors: a forward writing one argument and reading
+    the other ran differently from the user's call."""
+    class WritesFirstReadsSecond(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, a, b):
+            a.add_(1)
+            return self.fc(b)
+
+    from orthofx.transform import ExampleCall
+    x = torch.zeros(2, 3)
+    call = ExampleCall((x, x), {"c": x}).fresh()
+    assert call.args[0] is call.args[1] is call.kwargs["c"] and call.args[0] is not x
+    model = WritesFirstReadsSecond()
+    gm = orthofx.transform(model, "lorth", example_inputs=(x, x))
+    assert torch.equal(x, torch.zeros(2, 3)) and orthofx.report(gm).to_dict()["output_change"] == 0
+
+
+def test_a_saved_probe_step_beyond_the_period_is_taken_modulo_it(tmp_path):
+    """The .pt file's probe steps were restored as they were, while the state dict's metadata took them modulo the
+    probe's period; a step from a file saved with a longer 'every' left the probe outside its period."""
+    from orthofx.export import PROBE_PHASES_KEY
+    from orthofx.nn.jacobian import JacobianProbe
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 3), nn.Tanh()), nn.Linear(3, 2))
+    policy = {"rules": [{"match": {"kind": "block", "name": "0"}, "apply": "jacobian_isometry",
+                         "with": {"every": 3}}]}
+    gm = orthofx.transform(model, policy)
+    path = tmp_path / "m.pt"
+    orthofx.export(gm, path)
+    saved = torch.load(path, weights_only=True)
+    saved[PROBE_PHASES_KEY] = {"0": 7}
+    torch.save(saved, path)
+    restored = orthofx.load(model, path)
+    probe = restored.get_submodule("0")
+    assert isinstance(probe, JacobianProbe) and probe.calls == 7 % 3

@@ -279,8 +279,12 @@ class JacobianProbe(nn.Module):
                 f"{layer_label(self)}: the state dict's metadata for '{prefix[:-1]}' holds {PHASE_METADATA_KEY}="
                 f"{calls!r}, the probe's step in its every period, which must be an int >= 0; remove the entry "
                 f"(state_dict._metadata['{prefix[:-1]}']) to keep the probe's own step")
-        # modulo this probe's period: a state saved with another 'every' still lands inside the period (under
-        # torch.compile the phase is a guarded constant, kept bounded)
+        self.restore_calls(calls)
+
+    def restore_calls(self, calls: int) -> None:
+        """Put the probe at step ``calls`` of its ``every`` period (a saved :attr:`calls`), modulo the period: a
+        state saved with another ``every`` still lands inside it (under torch.compile the phase is a guarded
+        constant, kept bounded)."""
         self.calls = calls % (self.every * self.calls_per_step)
 
     def __getstate__(self) -> dict[str, Any]:
