@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from orthofx.errors import ArgumentError, LayerArgumentError
 from orthofx.nn.convnorm import running_filters_held
 from orthofx.nn.precision import HALF_PRECISION, autocast_enabled, autocast_off
+from orthofx.nn.tracing import in_func_transform, in_jvp
 from orthofx.theory import _flag as _theory_flag, _positive_int as _int, orthogonality_case
 
 __all__ = [
@@ -416,12 +417,9 @@ def _forward_mode(tensor: torch.Tensor) -> bool:
     level of ``hessian``; ``torch.autograd.forward_ad``), which ``tensor.requires_grad`` does not show. Under
     ``torch.func`` transforms the interpreter stack says so (``unpack_dual`` has no batching rule under ``vmap``);
     under ``torch.compile`` the query is not traced, and answers no."""
-    if torch.compiler.is_compiling():
-        return False
-    stack = torch._C._functorch.get_interpreter_stack()
-    if stack:
-        return any(level.key() == torch._C._functorch.TransformType.Jvp for level in stack)
-    return _fwad.unpack_dual(tensor).tangent is not None
+    if in_func_transform():
+        return in_jvp()
+    return not torch.compiler.is_compiling() and _fwad.unpack_dual(tensor).tangent is not None
 
 
 def _lorth_value(weight: torch.Tensor, stride, groups, case: str | None, dilation, fast_backward: bool,

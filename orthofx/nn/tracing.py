@@ -91,14 +91,27 @@ def recomputing_in_backward() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
+def _in_transform(kind) -> bool:
+    """Whether a ``torch.func`` transform of ``kind`` (a ``torch._C._functorch.TransformType``) runs this call
+    eagerly, at any level of the transform stack (under ``torch.compile`` the query is not traced: no)."""
+    if torch.compiler.is_compiling():
+        return False
+    stack = torch._C._functorch.get_interpreter_stack()
+    return bool(stack) and any(level.key() == kind for level in stack)
+
+
 def in_vmap() -> bool:
     """Whether ``torch.func.vmap`` runs this call eagerly, at any level of the transform stack (in
     ``vmap(grad(f))`` the top level is ``grad``, and the tensors are still batched): no tensor can be read on the
     host there (``.item()``, ``bool(t)``)."""
-    if torch.compiler.is_compiling():
-        return False
-    stack = torch._C._functorch.get_interpreter_stack()
-    return bool(stack) and any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack)
+    return _in_transform(torch._C._functorch.TransformType.Vmap)
+
+
+def in_jvp() -> bool:
+    """Whether a forward-mode ``torch.func`` transform (``jvp``, ``jacfwd``, ``hessian``'s forward level) runs this
+    call eagerly, at any level of the transform stack: tensors then carry tangents that ``requires_grad`` does not
+    show."""
+    return _in_transform(torch._C._functorch.TransformType.Jvp)
 
 
 # --------------------------------------------------------------------------------------- orthofx's own modules
