@@ -1173,6 +1173,10 @@ def _subsample(f: _Call, x: torch.Tensor, batch_fraction: float, generator: torc
     return f.subset(index, batch), x[index], batch / size
 
 
+#: The most Rademacher probes one estimate takes (a typo such as 10**6 ran for hours, or unrolled a compiled graph).
+MAX_JACOBIAN_PROBES = 1024
+
+
 def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", per_sample: bool = False,
                        generator: torch.Generator | None = None, normalize: bool = False,
                        create_graph: bool = True, route: str = "auto", batch_fraction: float = 1.0,
@@ -1184,6 +1188,10 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
     _one_of(route, _ROUTES, "route", what)
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ArgumentError(f"{what}: probes must be a positive integer, got {probes!r}")
+    if probes > MAX_JACOBIAN_PROBES:
+        raise ArgumentError(f"{what}: probes={probes} is more than {MAX_JACOBIAN_PROBES}: each probe is one more "
+                            "Jacobian-vector product per estimate (unrolled under torch.compile), and the estimate's "
+                            "variance falls only as 1/probes; use fewer, or an exact Jacobian for small blocks")
     for name, value in (("per_sample", per_sample), ("normalize", normalize), ("create_graph", create_graph)):
         _flag(value, name, what)
     if generator is not None and not isinstance(generator, torch.Generator):

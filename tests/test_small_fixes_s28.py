@@ -315,3 +315,26 @@ def test_a_saved_probe_step_beyond_the_period_is_taken_modulo_it(tmp_path):
     restored = orthofx.load(model, path)
     probe = restored.get_submodule("0")
     assert isinstance(probe, JacobianProbe) and probe.calls == 7 % 3
+
+
+def test_jacobian_probes_have_an_upper_bound_everywhere():
+    """probes: 2**80 was accepted (an estimate that would never finish, or a compiled graph unrolled without end)."""
+    from orthofx.metrics import MAX_JACOBIAN_PROBES
+    from orthofx.nn.jacobian import JacobianProbe
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 3), nn.Tanh()), nn.Linear(3, 2))
+    rule = {"match": {"kind": "block", "name": "0"}, "apply": "jacobian_isometry",
+            "with": {"probes": MAX_JACOBIAN_PROBES + 1}}
+    with pytest.raises(orthofx.PolicyError, match=r"probes.*<= 1024"):
+        orthofx.explain(model, {"rules": [rule]})
+    with pytest.raises(orthofx.LayerArgumentError, match="probes=1025 is more than 1024"):
+        JacobianProbe(nn.Linear(2, 2), probes=MAX_JACOBIAN_PROBES + 1)
+    with pytest.raises(orthofx.ArgumentError, match="probes=1025 is more than 1024"):
+        orthofx.metrics.jacobian_isometry(nn.Linear(2, 2), torch.randn(2, 2), probes=MAX_JACOBIAN_PROBES + 1)
+    # the bound itself is allowed: the mean over 1024 probes of a linear map's ||(J^T J - I) v||^2 is near its
+    # expectation ||J^T J - I||_F^2 (per sample: the Jacobian of x -> W x is W)
+    torch.manual_seed(0)
+    linear = nn.Linear(2, 2, bias=False).double()
+    a = linear.weight.detach().T @ linear.weight.detach() - torch.eye(2, dtype=torch.float64)
+    x = torch.randn(1, 2, dtype=torch.float64)
+    estimate = orthofx.metrics.jacobian_isometry(linear, x, probes=MAX_JACOBIAN_PROBES)
+    assert float(estimate) == pytest.approx(float(a.square().sum()), rel=0.15)

@@ -194,6 +194,9 @@ class JacobianProbe(nn.Module):
         self.training = block.training
         self.penalty_weight = float(weight)
         self.probes = _positive_int(probes, "JacobianProbe: probes", LayerArgumentError)
+        if self.probes > metrics.MAX_JACOBIAN_PROBES:
+            raise LayerArgumentError(f"JacobianProbe: probes={self.probes} is more than {metrics.MAX_JACOBIAN_PROBES} "
+                                     "(each is one Jacobian-vector product per estimate); use fewer")
         self.kind = kind
         self.every = _positive_int(every, "JacobianProbe: every", LayerArgumentError)
         self.per_sample = per_sample

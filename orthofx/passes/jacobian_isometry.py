@@ -115,7 +115,8 @@ class JacobianIsometry(Pass):
     name = "jacobian_isometry"
     params = (
         Param("weight", 0.1, (float,), "multiplier of the term in orthofx.penalty", minimum=0.0),
-        Param("probes", 1, (int,), "Rademacher probes per estimate (offdiag uses at least 2)", minimum=1),
+        Param("probes", 1, (int,), "Rademacher probes per estimate (offdiag uses at least 2)", minimum=1,
+              maximum=metrics.MAX_JACOBIAN_PROBES),
         Param("kind", "full", (str,), "full: ||J^T J - I||_F^2; partial: ||J J^T J - J||_F^2; offdiag: "
               "off-diagonal part of J^T J", choices=metrics.JACOBIAN_KINDS),
         Param("every", 1, (int,), "estimate on every every-th training step", minimum=1),
