@@ -375,7 +375,8 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
     a row without figures. A float64 weight without gradient (what reports measure; neither reverse mode nor a
     forward-mode tangent, ``torch.func.jvp`` / ``jacfwd``) takes the value from Theorem 7 instead, through the
     per-frequency matrices on the smallest grid it holds on (the same value to rounding; float64 convolutions have
-    no fast CPU kernel).
+    no fast CPU kernel). Without a derivative, at stride 1, taps that are zero at the kernel's borders for every
+    channel pair are dropped first (the same value: a delta-orthogonal kernel is measured as its one tap).
 
     ``fast_backward`` (default True): :math:`\mathrm{conv}(K, K)` is symmetric under swapping its two arguments
     (with :math:`m_1 \leftrightarrow m_2`, :math:`j \leftrightarrow -j`), so the gradient is twice the gradient
@@ -444,6 +445,10 @@ def _lorth_value(weight: torch.Tensor, stride, groups, case: str | None, dilatio
     C = Cg * g
     if case is None:
         case = orthogonality_case(C, M, strides, dims=d)
+    if not differentiated and all(s == 1 for s in strides) and not weight.is_meta \
+            and not torch.compiler.is_compiling():
+        weight = _without_zero_border_taps(weight)
+        ks = tuple(weight.shape[2:])
     if all(k == 1 for k in ks):
         return _lorth_one_tap(weight.reshape(g, M // g, Cg), strides, case)
     if weight.dtype == torch.float64 and not differentiated:
@@ -466,6 +471,22 @@ def _lorth_value(weight: torch.Tensor, stride, groups, case: str | None, dilatio
         value = _gram_defect(tall, (1,) * d, g, fast_backward, differentiated)
         constant = g * (m - c) if case == "RO" else 0
     return value + constant if constant else value
+
+
+def _without_zero_border_taps(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` without the taps at its spatial borders that are zero for every channel pair (a delta-orthogonal
+    kernel: its one centre tap). At stride 1 that changes no L_orth: :math:`\mathrm{conv}(K, K)` loses only zero
+    entries, and its centre (the identity's place) stays the centre. For values only (the trimmed taps get no
+    gradient); reads the weight on the host, so not under ``torch.compile``."""
+    taps = weight.ne(0)
+    spatial = range(2, weight.ndim)
+    index = [slice(None), slice(None)]
+    for dim in spatial:
+        used = taps.any(dim=tuple(i for i in range(weight.ndim) if i != dim)).nonzero().flatten().tolist()
+        if not used:  # an all-zero kernel: nothing to trim to
+            return weight
+        index.append(slice(used[0], used[-1] + 1))
+    return weight[tuple(index)]
 
 
 def _gram_defect(weight: torch.Tensor, strides: tuple[int, ...], g: int, fast_backward: bool,
