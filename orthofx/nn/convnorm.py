@@ -142,12 +142,14 @@ size, the grid, the sizes it has and the fix (run the unfrozen model on that siz
 Precision
 ---------
 The layer computes in float64 for a float64 weight and in float32 otherwise (half-precision weights, inputs and
-autocast included: ``V`` spans orders of magnitude). The input must have the weight's working precision, as
-torch's convolutions demand matching dtypes: a float32 (or half-precision) input to a float64 layer, or a
-float64 input to a float32 layer, raises :class:`~orthofx.errors.LayerArgumentError` (a float32 input used to
-round the float64 weight and ``V`` to float32 silently). A half-precision input to a float32 layer is accepted:
-computed in float32, returned in the input's dtype. Under ``torch.autocast`` the conv runs in autocast's half
-precision, the normalisation in float32, and the layer returns autocast's dtype, as ``nn.Conv2d`` does there.
+autocast included: ``V`` spans orders of magnitude; it is computed in float64 and then rounded, so that weights of
+any magnitude and any ``eps > 0`` give a finite ``V``, clamped to float32's largest value). The input must have the
+weight's working precision, as torch's convolutions demand matching dtypes: a float32 (or half-precision) input to
+a float64 layer, or a float64 input to a float32 layer, raises :class:`~orthofx.errors.LayerArgumentError` (a
+float32 input used to round the float64 weight and ``V`` to float32 silently). A half-precision input to a float32
+layer is accepted: computed in float32, returned in the input's dtype. Under ``torch.autocast`` the conv runs in
+autocast's half precision, the normalisation in float32, and the layer returns autocast's dtype, as ``nn.Conv2d``
+does there.
 
 Affine part
 -----------
@@ -380,7 +382,7 @@ def _pair_offsets(kernel_size: Sequence[int], dilation: Sequence[int], grid: Seq
 
 
 def _power(weight: torch.Tensor, grid: Sequence[int], dilation) -> torch.Tensor:
-    """sum_c |K_hat_{m,c}(w)|^2 on the grid (rfft layout: the last axis has L_d // 2 + 1 frequencies).
+    """sum_c |K_hat_{m,c}(w)|^2 on the grid (rfft layout: the last axis has L_d // 2 + 1 frequencies), float64.
 
     Computed as the DFT of each output channel's autocorrelation summed over its input channels,
     ``A_m(t) = sum_c sum_s K_{m,c}[s] K_{m,c}[s + t]`` (``t`` wrapped onto the grid; ``|K_hat|^2`` is the DFT of
@@ -408,7 +410,7 @@ def _power(weight: torch.Tensor, grid: Sequence[int], dilation) -> torch.Tensor:
     autocorrelation.index_add_(1, _pair_offsets(ks, dil, grid, gram.device), gram.flatten(1))
     spectrum = torch.fft.rfftn(autocorrelation.reshape(-1, *grid), dim=tuple(range(-d, 0)))
     # real up to rounding (A_m is even); a sum of squares cannot be negative
-    return spectrum.real.clamp_min(0).to(_real_dtype(weight.dtype))
+    return spectrum.real.clamp_min(0)
 
 
 def convnorm_filter(weight: torch.Tensor, grid: Sequence[int], dilation=1, eps: float = 1e-5) -> torch.Tensor:
@@ -424,7 +426,20 @@ def _filter(weight: torch.Tensor, grid: Sequence[int], dilation, eps: float) -> 
     """:func:`convnorm_filter` for an ``eps`` checked already (by the layer's constructor, or by
     :func:`conv_norm`'s entry): in the forward, where ``torch.compile(dynamic=True)`` makes a float attribute
     symbolic and ``math.isfinite`` cannot take it."""
-    return (_power(weight, grid, dilation) + eps).rsqrt()
+    return _inverse_sqrt(_power(weight, grid, dilation) + eps, _real_dtype(weight.dtype))
+
+
+def _inverse_sqrt(power: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``power^(-1/2)`` of a float64 ``power + eps``, in ``dtype``. Taken in float64, then cast: in float32 a
+    power above 3.4e38 (weights of magnitude 1e19 and more) overflowed to inf and gave ``V = 0`` (the layer
+    returned its bias alone), and an ``eps`` below float32's smallest subnormal (1.4e-45) rounded to 0 and gave
+    ``V = inf`` where a channel's kernels vanish (``0 * inf``: NaN outputs). ``V`` larger than ``dtype`` holds (a
+    power + eps below ~1e-77 in float32) is clamped to its largest finite value, so that a vanishing frequency
+    stays 0."""
+    v = power.rsqrt()
+    if dtype != torch.float64:
+        v = v.clamp_max(torch.finfo(dtype).max)
+    return v.to(dtype)
 
 
 def _checked_eps(eps) -> float:
@@ -463,8 +478,8 @@ def _one_tap_scale(weight: torch.Tensor, eps: float) -> torch.Tensor:
     ``(||w_m||^2 + eps)^(-1/2)`` per output channel, ``(M,)``, from the detached weight (real dtype as
     :func:`convnorm_filter`). ConvNorm of such a layer is the plain conv with channel ``m`` scaled by it, on every
     grid: no FFT is needed."""
-    w = weight.detach().to(_real_dtype(weight.dtype))
-    return (w.square().flatten(1).sum(1) + eps).rsqrt()
+    w = weight.detach().to(torch.float64)  # float64 as in _filter: the square overflowed float32 (see _inverse_sqrt)
+    return _inverse_sqrt(w.square().flatten(1).sum(1) + eps, _real_dtype(weight.dtype))
 
 
 def _kept_real(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -498,7 +513,8 @@ def _apply_keeping_filters_real(module: nn.Module, apply, fn, recurse: bool, pre
 def channel_gains(weight: torch.Tensor, grid: Sequence[int], dilation=1) -> torch.Tensor:
     """``sqrt(sum_c |K_hat_{m,c}(w)|^2)``: the gain (singular value) of output channel ``m``'s row operator at
     each frequency of the circular grid; ConvNorm makes them ``sqrt(g^2 / (g^2 + eps))``, i.e. about 1."""
-    return _power(weight, grid, dilation).sqrt()
+    # the square root in float64: the power of float32 weights of magnitude 1e19 and more overflows float32
+    return _power(weight, grid, dilation).sqrt().to(_real_dtype(weight.dtype))
 
 
 # ------------------------------------------------------------------------------------------------ functional
@@ -647,6 +663,13 @@ def conv_norm(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise LayerArgumentError(f"conv_norm: groups must be a positive integer dividing the weight's "
                                  f"{weight.shape[0]} output channels (weight {tuple(weight.shape)}: out_channels x "
                                  f"in_channels / groups x kernel), got {groups!r}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        # added after the normalisation by broadcasting: a 1-entry (or (M, 1)) bias was accepted silently, where
+        # torch's convolutions refuse it
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise LayerArgumentError(f"conv_norm: bias must be None or a 1-D tensor with one entry per output channel "
+                                 f"({weight.shape[0]}, the weight's first dimension; as for torch's convolutions), "
+                                 f"got {got}")
     return _conv_norm(input, weight, bias, stride, padding, dilation, groups, _checked_eps(eps), padding_mode,
                       v_for)
 
@@ -964,8 +987,8 @@ class ConvNormConvNd(nn.Module):
             f"ConvNorm filters, one per FFT grid (so per input size) it trains on: training on the grid {grid} "
             f"dropped the filter of the least recently updated grid{'s' if len(dropped) > 1 else ''} "
             f"{first_few(map(str, dropped), 4)} (later drops of this layer are not reported). It keeps the grids "
-            f"{first_few(map(str, self.running_grids), 4)}; eval on an input size whose grid has no running filter uses V of the current "
-            f"weight, as for a size never trained on. To keep more, raise the bound: "
+            f"{first_few(map(str, self.running_grids), 4)}; eval on an input size whose grid has no running filter "
+            f"uses V of the current weight, as for a size never trained on. To keep more, raise the bound: "
             f"{type(self).__name__}(conv, momentum=..., max_running_grids=N) (None: no bound), or set "
             f"layer.max_running_grids = N",
             RunningFiltersDroppedWarning, stacklevel=3)
