@@ -340,7 +340,7 @@ class IsometricInit(Pass):
         # every tie is checked before any weight is written (with inplace=True the weights are the user's)
         _check_ties(entries, [ctx.module(entry.site) for entry in entries])
         generators: dict[int, torch.Generator] = {}
-        initialised: dict[int, tuple] = {}  # id(weight) -> (first writer's entry, before)
+        initialised: dict[int, tuple] = {}  # id(weight) -> (first writer's entry, its figure before the write)
         for entry in entries:
             params = dict(entry.params)
             seed = params["seed"]
@@ -398,15 +398,20 @@ class IsometricInit(Pass):
         """Each hidden-to-hidden weight of a recurrent layer gets ``scale`` times a Haar-random orthonormal block
         per gate; input weights are left as they are, biases zeroed with ``bias: zero``."""
         weights = [(name, gates, getattr(module, name)) for name, gates in recurrent_hidden_weights(module)]
-        before = _gate_defect(weights, 1.0)
-        tied_to = []
+        # each weight's defect before any write, kept per tensor: a weight tied to an earlier site was written there
+        # already (its figure from then), and a Linear tied to one of several hidden weights reads that one's alone
+        defects, tied_to = [], []
         for name, gates, weight in weights:
             tied = initialised.get(id(weight))
             if tied is None:
-                initialised[id(weight)] = (entry, before)
+                defect = _gate_defect([(name, gates, weight)], 1.0)
+                initialised[id(weight)] = (entry, defect)
                 orthogonal_(weight, scale, generator, groups=gates)
             else:  # the same gate blocks and scale (_check_ties)
+                defect = tied[1]
                 tied_to.append(f"{name} tied to {tied[0].site.name}, written there")
+            defects.append(defect["orth_defect"])
+        before = {"orth_defect": max(defects)}
         if params["bias"] == "zero":
             with torch.no_grad():
                 for name in _recurrent_bias_names(module):

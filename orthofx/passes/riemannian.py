@@ -372,9 +372,10 @@ def _on_manifold_unmoved(w0: torch.Tensor, w1: torch.Tensor, new: torch.Tensor, 
 
 
 def _finite_retraction(w: torch.Tensor, xi: torch.Tensor, retraction: str) -> tuple[torch.Tensor, list[int]]:
-    """``stiefel.retract(w, xi, retraction)`` of a batch of matrices, and the indices of those whose step is not
-    finite (NaN / inf in ``w + xi`` or in its retraction: no point of the manifold to retract to), which keep
-    ``w``; every other matrix is retracted as it would be alone. One host read for a finite batch, as the
+    """``stiefel.retract(w, xi, retraction)`` of a batch of weights (``(batch, r, c)``, or ``(batch, blocks, r, c)``
+    for weights cut into several matrices), and the indices of those whose step is not finite (NaN / inf in
+    ``w + xi`` or in its retraction, in any of its matrices: no point of the manifold to retract to), which keep
+    ``w``; every other weight is retracted as it would be alone. One host read for a finite batch, as the
     retractions make; a batch holding a non-finite step is retracted again without it."""
     try:
         new = stiefel.retract(w, xi, retraction)
@@ -384,11 +385,14 @@ def _finite_retraction(w: torch.Tensor, xi: torch.Tensor, retraction: str) -> tu
         new = None
     if new is not None and bool(torch.isfinite(new).all()):
         return new, []
-    finite = torch.isfinite(w + xi).flatten(-2).all(-1)
+    # per weight of the batch (dim 0), over all its matrices: a recurrent weight's gate blocks or a conv's groups
+    # (``(batch, gates, r, c)``) fail or step together, so a weight is never left part stepped, part put back, and
+    # the indices are the weights' (per block they named other weights, or none: an IndexError)
+    finite = torch.isfinite(w + xi).flatten(1).all(-1)
     out = w.clone()
     if bool(finite.any()):
         out[finite] = stiefel.retract(w[finite], xi[finite], retraction)
-    failed = ~(finite & torch.isfinite(out).flatten(-2).all(-1))
+    failed = ~(finite & torch.isfinite(out).flatten(1).all(-1))
     out[failed] = w[failed]
     return out, failed.nonzero().flatten().tolist()
 
