@@ -138,7 +138,8 @@ def copy_model(model: nn.Module) -> nn.Module:
     tensor (``g * v / ||v||``, ``weight_orig * mask``) that a forward pre-hook recomputes before each call, and
     ``deepcopy`` refuses non-leaf tensors ("Only Tensors created explicitly by the user ... support the deepcopy
     protocol"). Such tensors are copied detached: the copy's own hook recomputes them from the copied parameters at
-    its first call, as the model's does. Parameters, buffers and every other attribute are copied as by
+    its first call, as the model's does (the same for such tensors in a list attribute: an RNN's ``_flat_weights``
+    after a forward through a parametrized weight). Parameters, buffers and every other attribute are copied as by
     ``deepcopy``.
 
     A lazy layer's buffers before its first call (``nn.LazyBatchNorm1d``'s ``running_mean``, a ``UninitializedBuffer``)
@@ -149,8 +150,11 @@ def copy_model(model: nn.Module) -> nn.Module:
     uninitialised = torch.nn.parameter.UninitializedBuffer
     for module in model.modules():
         for value in vars(module).values():
-            if isinstance(value, torch.Tensor) and not value.is_leaf and id(value) not in memo:
-                memo[id(value)] = value.detach().clone()
+            # a list of them too: an RNN's _flat_weights holds the weight a torch parametrization computed at the
+            # last forward (the copy's first forward refreshes it, as the RNN does whenever a weight changed)
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(item, torch.Tensor) and not item.is_leaf and id(item) not in memo:
+                    memo[id(item)] = item.detach().clone()
         for value in module._buffers.values():
             if isinstance(value, uninitialised) and id(value) not in memo:
                 memo[id(value)] = uninitialised(requires_grad=value.requires_grad, device=value.device,

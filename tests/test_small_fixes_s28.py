@@ -366,3 +366,31 @@ def test_lorth_of_a_kernel_with_zero_border_taps_is_unchanged_by_trimming_them(s
     assert float(leaf.grad[index]) == pytest.approx(numeric, rel=1e-5, abs=1e-8)
     if shape[2] > 3:
         assert abs(numeric) > 1e-3
+
+
+def test_a_model_whose_rnn_ran_through_a_parametrized_weight_can_be_copied():
+    """After a forward, an RNN's _flat_weights holds the weight a parametrization computed (a non-leaf tensor):
+    transform's deep copy raised torch's 'Only Tensors created explicitly by the user' RuntimeError."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.RNN(3, 4)
+            parametrize.register_parametrization(self.rnn, "weight_ih_l0", Double())
+
+        def forward(self, x):
+            return self.rnn(x)[0]
+
+    torch.manual_seed(0)
+    model = Model()
+    x = torch.randn(5, 2, 3)
+    model(x).sum().backward()
+    gm = orthofx.transform(model, {"rules": [{"match": {"type": "RNN"}, "apply": "orth_regularizer"}]},
+                           example_inputs=(x,))
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(orthofx.freeze(gm)(x), model(x), rtol=0, atol=0)
