@@ -222,14 +222,16 @@ def _lorth(module: nn.Module) -> float | None:
 
 def _recurrent_lorth(module: nn.Module) -> float | None:
     """L_orth of a recurrent layer's hidden-to-hidden weights, gate block by gate block, in float64 (``None`` for
-    any other module, or one with no hidden weights or no values)."""
+    any other module, or one with no hidden weights or no values); a weight tied within the layer
+    (``weight_hh_l1 = weight_hh_l0``) counts once, as in the penalty."""
     if not isinstance(module, RECURRENT_TYPES) or any(t.is_meta for t in _held_tensors(module)):
         return None
     hidden = recurrent_hidden_weights(module)
     if not hidden or any(getattr(module, name).numel() == 0 for name, _ in hidden):
         return None
     with torch.no_grad():
-        weights = [getattr(module, name).detach().to(torch.float64) for name, _ in hidden]
+        distinct = {id(t): t for t in (getattr(module, name) for name, _ in hidden)}.values()
+        weights = [t.detach().to(torch.float64) for t in distinct]
         return float(gate_blocks_lorth(weights, hidden[0][1]))
 
 

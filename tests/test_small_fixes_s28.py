@@ -394,3 +394,20 @@ def test_a_model_whose_rnn_ran_through_a_parametrized_weight_can_be_copied():
                            example_inputs=(x,))
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
     torch.testing.assert_close(orthofx.freeze(gm)(x), model(x), rtol=0, atol=0)
+
+
+def test_report_counts_a_hidden_weight_tied_within_an_rnn_once_as_the_penalty_does():
+    """A 2-layer RNN with weight_hh_l1 = weight_hh_l0: the report row's L_orth counted the tensor twice (18.3),
+    the penalty once (12.5)."""
+    from references import lorth64
+    torch.manual_seed(0)
+    rnn = nn.RNN(4, 4, num_layers=2)
+    rnn.weight_hh_l1 = rnn.weight_hh_l0
+    model = nn.Sequential(rnn)
+    gm = orthofx.transform(model, {"rules": [{"match": {"type": "RNN"}, "apply": "orth_regularizer",
+                                              "with": {"weight": 1.0}}]})
+    w = rnn.weight_hh_l0.detach().double()
+    expected = lorth64(w.reshape(4, 4, 1))
+    row = orthofx.report(gm).to_dict()["rows"][0]
+    assert row["lorth"] == pytest.approx(expected, rel=1e-9)
+    assert float(orthofx.penalty(gm)) == pytest.approx(expected, rel=1e-5)
