@@ -275,6 +275,18 @@ def _check_onnx_outputs(frozen: nn.Module, example: ExampleCall) -> None:
                           "constant), or export to .pt2, which keeps Python values among the outputs")
 
 
+def _check_onnx_layers(model: nn.Module) -> None:
+    """ExportError for a layer torch's ONNX exporter writes wrongly: an LSTM with ``proj_size`` gets its cell state
+    in the projected size (onnxruntime refuses the file: "Input initial_c must have shape ..."; a bidirectional
+    multi-layer one fails the checker), as for the plain torch model. Said before the export, naming the layer."""
+    projected = [name for name, m in model.named_modules() if isinstance(m, nn.LSTM) and m.proj_size > 0]
+    if projected:
+        raise ExportError(f"torch's ONNX exporter writes an LSTM with proj_size wrongly (its cell state takes the "
+                          f"projected size, and onnxruntime refuses the file), and the model has such layers: "
+                          f"{first_few([repr(n) for n in projected], 3)}. Export it to .pt2 (torch.export), which keeps "
+                          "them exact, or use proj_size=0")
+
+
 def _run_example(frozen: nn.Module, example: ExampleCall | None) -> None:
     """Run the copy being frozen (in eval mode) once on the example call, without gradients, so that layers whose
     plain form depends on the input size (ConvNorm's filters) know the sizes; inputs it fails on are an
@@ -1046,6 +1058,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
                           "keyword inputs) to trace and to check the exported model")
     if suffix == ".onnx":
         _check_opset(opset)
+        _check_onnx_layers(model)
     _check_finite_inputs(example)
     _check_batch(example, dynamic_batch)
     frozen = freeze(model, example.args, example_kwargs=example.kwargs)

@@ -411,3 +411,26 @@ def test_report_counts_a_hidden_weight_tied_within_an_rnn_once_as_the_penalty_do
     row = orthofx.report(gm).to_dict()["rows"][0]
     assert row["lorth"] == pytest.approx(expected, rel=1e-9)
     assert float(orthofx.penalty(gm)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_onnx_export_of_an_lstm_with_proj_size_is_refused_up_front_and_pt2_works(tmp_path):
+    """torch's ONNX exporter writes the projected LSTM's cell state in the wrong size: the error blamed an op
+    onnxruntime lacks, after a full export."""
+    class Projected(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(3, 4, proj_size=2, batch_first=True)
+
+        def forward(self, x):
+            return self.lstm(x)[0]
+
+    torch.manual_seed(0)
+    gm = orthofx.transform(Projected(), {"rules": [{"match": {"type": "LSTM"}, "apply": "orth_regularizer"}]})
+    x = torch.randn(2, 5, 3)
+    with pytest.raises(orthofx.ExportError, match=r"LSTM with proj_size.*'lstm'.*\.pt2"):
+        orthofx.export(gm, tmp_path / "m.onnx", (x,))
+    assert not (tmp_path / "m.onnx").exists()
+    result = orthofx.export(gm, tmp_path / "m.pt2", (x,))
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    torch.testing.assert_close(program(x), gm(x))
+    assert result is not None
