@@ -41,6 +41,7 @@ def conv_zero_pads(padding, kernel_size: Sequence[int], dilation: Sequence[int],
         if padding == "valid":
             return ((0, 0),) * d
         if padding == "same":
+            stride = (stride,) * d if isinstance(stride, int) else tuple(stride)  # an int, as torch's convs take
             if any(s != 1 for s in stride):
                 raise LayerArgumentError(f"padding='same' needs stride 1 (as for torch's convolutions), got "
                                          f"stride={tuple(stride)}; give the padding as numbers")
@@ -136,6 +137,36 @@ def pairs(flat: Sequence[int]) -> tuple[tuple[int, int], ...]:
     return tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
 
 
+def _pad_pairs(pads, where: str, nonnegative: bool = True) -> tuple[tuple[int, int], ...]:
+    """``pads`` as ``((l_1, r_1), ..., (l_d, r_d))`` of Python ints (>= 0 unless ``nonnegative`` is false: the
+    caller words its own message), or a :class:`LayerArgumentError` naming ``where``. A flat list met a raw
+    TypeError, a float was truncated by ``int()`` (1.5 padded 1) and a negative pad gave torch's crop-then-wrap,
+    which is not the periodic extension."""
+    try:
+        given = [tuple(pair) for pair in pads]
+        if any(len(pair) != 2 for pair in given):
+            raise TypeError
+    except TypeError:
+        raise LayerArgumentError(f"{where}: pads must be one (left, right) pair per trailing dimension, e.g. "
+                                 f"[(1, 1), (2, 0)], got {pads!r}") from None
+    try:  # any integer (numpy's, a 0-d integer tensor), not a bool nor a float
+        if any(isinstance(v, bool) for pair in given for v in pair):
+            raise TypeError
+        out = tuple((operator.index(l), operator.index(r)) for l, r in given)
+    except TypeError:
+        raise LayerArgumentError(f"{where}: pads must be integers, got {pads!r}") from None
+    if nonnegative and any(v < 0 for pair in out for v in pair):
+        raise LayerArgumentError(f"{where}: pads must be >= 0, got {out}; crop with slicing instead of a negative "
+                                 "pad")
+    return out
+
+
+def _f_pad_takes(x: torch.Tensor, d: int) -> bool:
+    """Whether ``F.pad(mode="circular")`` pads ``d`` trailing dimensions of ``x``: 1 to 3 of them, after one or
+    two leading dimensions (no more, no fewer); :func:`periodic_pad` does the rest."""
+    return 1 <= d <= 3 and x.dim() - d in (1, 2)
+
+
 def periodic_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tensor:
     """``x`` extended periodically by ``(left, right)`` entries per trailing dimension, for pads of any size: the
     entry at padded position ``j`` of a dimension of size ``n`` is ``x[(j - left) mod n]``. Where every pad is at
@@ -143,11 +174,12 @@ def periodic_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tens
     wider than the map it runs on, as a 7 x 7 depthwise conv on a 2 x 2 map late in a ConvNeXt), which
     ``F.pad(mode="circular")`` refuses. An ``index_select`` per dimension (its backward sums the copies, it
     traces, exports and vmaps)."""
+    pads = _pad_pairs(pads, "periodic_pad")
     d = len(pads)
+    if x.dim() < d:
+        raise LayerArgumentError(f"periodic_pad: {d} pairs of pads for an input of shape {tuple(x.shape)}; pass at "
+                                 "most one (left, right) pair per dimension")
     for i, (l, r) in enumerate(pads):
-        l, r = int(l), int(r)
-        if l < 0 or r < 0:
-            raise LayerArgumentError(f"periodic_pad: pads must be >= 0, got {tuple(pads)}")
         if not (l or r):
             continue
         dim = x.dim() - d + i
@@ -164,12 +196,20 @@ def circular_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tens
     values, with a faster backward in eager mode (:class:`_CircularPad`). Under ``torch.compile`` and
     ``torch.export`` it is ``F.pad`` itself: dynamo does not trace an autograd.Function with a custom ``jvp``,
     and the compiler fuses the padding's backward anyway. Pads larger than their dimension (which ``F.pad``
-    refuses: "wrapping around more than once") go through :func:`periodic_pad`, in every mode."""
-    pads = tuple((int(l), int(r)) for l, r in pads)
+    refuses: "wrapping around more than once") go through :func:`periodic_pad`, in every mode, as do inputs
+    without a leading (batch or channel) dimension or with more than two, and four or more padded dimensions (which
+    ``F.pad``'s circular mode does not take). Pads are integers >= 0 (:class:`LayerArgumentError` otherwise)."""
+    pads = _pad_pairs(pads, "circular_pad")
+    if x.dim() < len(pads):
+        raise LayerArgumentError(f"circular_pad: {len(pads)} pairs of pads for an input of shape {tuple(x.shape)}; "
+                                 "pass at most one (left, right) pair per dimension")
+    if not any(l or r for l, r in pads):
+        return x  # (F.pad refuses an empty pad list in circular mode)
     sizes = x.shape[x.dim() - len(pads):]
-    if any(l < 0 or r < 0 for l, r in pads) or len(sizes) < len(pads):
-        return F.pad(x, flat_pads(pads), mode="circular")  # (negative pads, too few dimensions: F.pad's own error)
-    if not all(l <= n and r <= n for (l, r), n in zip(pads, sizes)):
+    # pads larger than their dimension, or shapes F.pad's circular mode refuses (no leading dimension, as an
+    # unbatched 1-D signal; three or more leading ones; four padded dimensions): those raised NotImplementedError
+    # unless some pad was larger than its dimension
+    if not all(l <= n and r <= n for (l, r), n in zip(pads, sizes)) or not _f_pad_takes(x, len(pads)):
         return periodic_pad(x, pads)
     if torch.compiler.is_compiling():
         return F.pad(x, flat_pads(pads), mode="circular")
@@ -188,7 +228,7 @@ class CircularPad(nn.Module):
 
     def __init__(self, pads: Sequence[tuple[int, int]]):
         super().__init__()
-        self.pads = tuple((int(l), int(r)) for l, r in pads)
+        self.pads = _pad_pairs(pads, "CircularPad")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return circular_pad(x, self.pads)
@@ -204,7 +244,8 @@ def circular_fold(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Ten
 
     The transposed orthogonal layers' wrap-around (:class:`orthofx.nn.OrthogonalConvTranspose2d`): a transposed
     convolution without padding writes past the ``n`` outputs on both sides, and the circular layer adds that
-    overflow back modulo the grid. Where every pad is at most its dimension's ``n`` (eagerly) it is
+    overflow back modulo the grid. Where every pad is at most its dimension's ``n`` (eagerly, on the shapes
+    ``F.pad``'s circular mode takes) it is
     :class:`_CircularFold`, the backward of :func:`circular_pad`, whose own backward is the circular padding (slices
     and adds both ways; autograd through the slices would build a zero tensor of the full size per strip, which
     took a third of a 64-channel decoder layer's step). Otherwise, and under ``torch.compile`` / ``torch.export``,
@@ -215,7 +256,7 @@ def circular_fold(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Ten
     >>> circular_fold(x, [(1, 2)])     # n = 3: entry j goes to (j - 1) mod 3
     tensor([[[7., 9., 5.]]])
     """
-    pads = tuple((int(l), int(r)) for l, r in pads)
+    pads = _pad_pairs(pads, "circular_fold", nonnegative=False)
     d = len(pads)
     if any(l < 0 or r < 0 for l, r in pads) or x.dim() < d:
         raise LayerArgumentError(f"circular_fold: pads must be >= 0 and at most one pair per dimension of the "
@@ -228,7 +269,9 @@ def circular_fold(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Ten
                                      "onto")
     if not any(l or r for l, r in pads):
         return x
-    if all(l <= n and r <= n for (l, r), n in zip(pads, sizes)) and not torch.compiler.is_compiling():
+    # _CircularFold's backward is F.pad's circular mode: only on the shapes that takes (_f_pad_takes)
+    if (all(l <= n and r <= n for (l, r), n in zip(pads, sizes)) and _f_pad_takes(x, d)
+            and not torch.compiler.is_compiling()):
         return _CircularFold.apply(x, *(v for pair in pads for v in pair))
     return _periodic_fold(x, pads)
 
@@ -265,7 +308,7 @@ class CircularFold(nn.Module):
 
     def __init__(self, pads: Sequence[tuple[int, int]], bias: torch.Tensor | None = None):
         super().__init__()
-        self.pads = tuple((int(l), int(r)) for l, r in pads)
+        self.pads = _pad_pairs(pads, "CircularFold")
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone())
         else:
