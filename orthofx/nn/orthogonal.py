@@ -1816,6 +1816,54 @@ _TORCH_CONV_TRANSPOSE = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.Con
 torch.fx.wrap("circular_fold")
 
 
+def _check_transposed_output_size(x: torch.Tensor, output_size, stride: tuple[int, ...], label: str) -> None:
+    """Refuse an ``output_size`` (read as ``nn.ConvTranspose{d}d`` reads it: the last ``d`` entries of a whole
+    shape) other than ``input * stride``, the only size an exactly orthogonal transposed conv and its frozen form
+    have (torch would pick an ``output_padding`` for it). U-Nets pass ``output_size=skip.shape`` to ConvTranspose
+    layers, which the ``orthogonal_conv`` pass replaces by these. Skipped for symbolic (``torch.fx.Proxy``) sizes."""
+    d = len(stride)
+    if isinstance(x, torch.fx.Proxy) or isinstance(output_size, torch.fx.Proxy):
+        return
+    sizes = list(output_size)
+    if any(isinstance(v, torch.fx.Proxy) for v in sizes):
+        return
+    non_spatial = x.dim() - d
+    if len(sizes) == non_spatial + d:
+        sizes = sizes[non_spatial:]
+    expected = tuple(n * s for n, s in zip(x.shape[-d:], stride))
+    if len(sizes) != d or tuple(int(v) for v in sizes) != expected:
+        raise LayerArgumentError(
+            f"{label}: output_size={output_size!r} for an input of shape {tuple(x.shape)}, but this exactly "
+            f"orthogonal transposed convolution always gives the output size input * stride = {expected} "
+            f"(output_size must have {d} or {non_spatial + d} entries and give that size). Pass inputs whose size "
+            f"times the stride is the wanted size, or crop / pad the output afterwards")
+
+
+class _FrozenConvTranspose(nn.Sequential):
+    """The frozen form of an orthogonal transposed conv (:meth:`_OrthogonalConvTransposeNd.to_conv`):
+    ``nn.Sequential(nn.ConvTranspose{d}d, CircularFold)`` whose forward also takes ``nn.ConvTranspose``'s
+    ``output_size`` (checked to be ``input * stride``), so a model calling ``up(x, output_size=...)`` freezes."""
+
+    def forward(self, x: torch.Tensor, output_size: Sequence[int] | None = None) -> torch.Tensor:
+        if output_size is not None:
+            stride = tuple(self[0].stride)
+            label = layer_label(self).replace(type(self).__name__, f"frozen OrthogonalConvTranspose{len(stride)}d", 1)
+            _check_transposed_output_size(x, output_size, stride, label)
+        return super().forward(x)
+
+
+def _adjoint_conv(layer: nn.Module, build):
+    """``build()``, the adjoint conv of the transposed ``layer``, with its argument errors naming ``layer``: they
+    concern arguments (method, gain, compute_dtype, ...) that the user gave the transposed layer, not a conv."""
+    try:
+        return build()
+    except LayerArgumentError as error:
+        conv = _ORTHOGONAL_CONV[layer._dims].__name__
+        message = str(error)
+        message = message[len(conv) + 2:] if message.startswith(f"{conv}: ") else message
+        raise type(error)(f"{type(layer).__name__} (in its adjoint {conv}): {message}") from error
+
+
 class _OrthogonalConvTransposeNd(nn.Module):
     r"""Shared implementation of :class:`OrthogonalConvTranspose1d` / ``2d`` / ``3d``.
 
@@ -1853,10 +1901,10 @@ class _OrthogonalConvTransposeNd(nn.Module):
         self._configure(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, dilation,
                         padding_mode, method)
         bias = _flag(bias, f"{type(self).__name__}: bias", LayerArgumentError)
-        self.conv = _ORTHOGONAL_CONV[self._dims](
+        self.conv = _adjoint_conv(self, lambda: _ORTHOGONAL_CONV[self._dims](
             self.out_channels, self.in_channels, self.kernel_size, stride=self.stride, padding=self.padding,
             dilation=self.dilation, groups=self.groups, bias=False, padding_mode="circular", method=method,
-            device=device, dtype=dtype, gain=gain, compute_dtype=compute_dtype)
+            device=device, dtype=dtype, gain=gain, compute_dtype=compute_dtype))
         self._register_bias(bias, factory)
 
     def _configure(self, in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, dilation,
@@ -1872,6 +1920,9 @@ class _OrthogonalConvTransposeNd(nn.Module):
                 f"{name}: padding_mode must be 'circular' (the adjoint of the exactly orthogonal circular conv), "
                 f"got {padding_mode!r}")
         self.padding_mode = padding_mode
+        if method not in _METHODS:  # checked here, not by the adjoint conv, so that the error names this layer
+            raise LayerArgumentError(f"{name}: method must be one of ('auto', 'bcop', 'rko') ('auto' picks the "
+                                     f"cheapest exact construction), got {method!r}")
         if method == "cayley_fft":
             raise LayerArgumentError(
                 f"{name}: method='cayley_fft' is not supported for transposed convolutions (its operator lives on "
@@ -1978,9 +2029,13 @@ class _OrthogonalConvTransposeNd(nn.Module):
 
     # ---------------------------------------------------------------------------------------- forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output_size: Sequence[int] | None = None) -> torch.Tensor:
+        """``output_size``: as ``nn.ConvTranspose{d}d``'s (spatial sizes, or the whole shape); the output size is
+        always ``input * stride`` here, so any other one raises :class:`~orthofx.errors.LayerArgumentError`."""
         d = self._dims
         _check_input(x, d, self.in_channels, self)
+        if output_size is not None:
+            _check_transposed_output_size(x, output_size, self.stride, layer_label(self))
         weight = self.conv._cached("weight", lambda: self.conv.weight)
         y = _CONV_TRANSPOSE_FN[d](x, weight, None, self.stride, 0, self._overflow, self.groups, self.dilation)
         y = circular_fold(y, self.pads)
@@ -2006,7 +2061,8 @@ class _OrthogonalConvTransposeNd(nn.Module):
     @torch.no_grad()
     def to_conv(self) -> nn.Sequential:
         """Plain layers with the same outputs: ``nn.Sequential(nn.ConvTranspose{d}d(padding=0, output_padding=...,
-        bias=False), orthofx.nn.padding.CircularFold(pads, bias))``, the kernel baked in. Traces with
+        bias=False), orthofx.nn.padding.CircularFold(pads, bias))`` (whose forward also takes ``output_size``, as
+        the layer's does), the kernel baked in. Traces with
         ``torch.fx``, exports to ``.pt2`` and ONNX; no orthogonality constraint (inference). ``requires_grad``
         follows the layer's (the weight's that of :attr:`conv`'s parameters, the bias's that of the bias)."""
         d = self._dims
@@ -2016,7 +2072,7 @@ class _OrthogonalConvTransposeNd(nn.Module):
                                          dilation=self.dilation, device=ref.device, dtype=ref.dtype)
         plain.weight.copy_(self.weight)
         fold = CircularFold(self.pads, None if self.bias is None else self.bias)
-        frozen = nn.Sequential(plain, fold)
+        frozen = _FrozenConvTranspose(plain, fold)
         frozen.train(self.training)
         return _frozen_requires_grad(self, frozen)  # the weight from self.conv's parameters, the bias from self's
 
@@ -2055,9 +2111,9 @@ class _OrthogonalConvTransposeNd(nn.Module):
                                  dilation=module.dilation, groups=module.groups, bias=False, device="meta")
         adjoint.weight = nn.Parameter(w0, requires_grad=module.weight.requires_grad)
         adjoint.train(module.training)
-        layer.conv = _ORTHOGONAL_CONV[d].from_conv(adjoint, init=init, method=method, padding=layer.padding,
-                                                   padding_mode="circular", gain=gain, fit_steps=fit_steps,
-                                                   compute_dtype=compute_dtype)
+        layer.conv = _adjoint_conv(layer, lambda: _ORTHOGONAL_CONV[d].from_conv(
+            adjoint, init=init, method=method, padding=layer.padding, padding_mode="circular", gain=gain,
+            fit_steps=fit_steps, compute_dtype=compute_dtype))
         layer._register_bias(module.bias is not None, _factory(w0.device, w0.dtype))
         with torch.no_grad():
             if module.bias is not None:
