@@ -474,7 +474,7 @@ def _lorth_value(weight: torch.Tensor, stride, groups, case: str | None, dilatio
 
 
 def _without_zero_border_taps(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` without the taps at its spatial borders that are zero for every channel pair (a delta-orthogonal
+    r"""``weight`` without the taps at its spatial borders that are zero for every channel pair (a delta-orthogonal
     kernel: its one centre tap). At stride 1 that changes no L_orth: :math:`\mathrm{conv}(K, K)` loses only zero
     entries, and its centre (the identity's place) stays the centre. For values only (the trimmed taps get no
     gradient); reads the weight on the host, so not under ``torch.compile``."""

@@ -258,7 +258,9 @@ def _check_args(taylor_order, clamp_gap) -> None:
     if taylor_order is not None and (isinstance(taylor_order, bool) or not isinstance(taylor_order, int)
                                      or taylor_order < 0):
         raise LayerArgumentError(f"taylor_order must be None (exact gradient) or an int >= 0, got {taylor_order!r}")
-    if clamp_gap is not None and not (isinstance(clamp_gap, (int, float)) and clamp_gap > 0):
+    # bool is an int subclass: clamp_gap=True passed as a gap of 1 (taylor_order=True was already refused)
+    if clamp_gap is not None and (isinstance(clamp_gap, bool) or not (isinstance(clamp_gap, (int, float))
+                                                                      and clamp_gap > 0)):
         raise LayerArgumentError(f"clamp_gap must be None or a float > 0, got {clamp_gap!r}")
 
 
@@ -747,7 +749,8 @@ class ConditionMonitor(nn.Module):
 
     def __init__(self, history_size: int = 1000) -> None:
         super().__init__()
-        if not isinstance(history_size, int) or history_size < 1:
+        # bool is an int subclass: history_size=True reached torch.full and raised a bare TypeError
+        if not isinstance(history_size, int) or isinstance(history_size, bool) or history_size < 1:
             raise LayerArgumentError(f"history_size must be an int >= 1, got {history_size!r}")
         self.history_size = history_size
         f64 = torch.float64
