@@ -31,3 +31,20 @@ class CellLoop(nn.Module):
         for t in range(x.shape[1]):
             state = self.rnn(x[:, t], state)
         return self.head(state[0] if isinstance(state, tuple) else state)
+
+
+class RnnTiedToLinear(nn.Module):
+    """An nn.RNN whose first hidden-to-hidden weight is a square Linear's weight (one gate block: the same matrix);
+    ``linear_first`` calls the Linear first in the forward (graph order decides which site a pass meets first)."""
+
+    def __init__(self, linear_first: bool = False, num_layers: int = 1):
+        super().__init__()
+        self.rnn = nn.RNN(4, 4, num_layers=num_layers)
+        self.lin = nn.Linear(4, 4)
+        self.rnn.weight_hh_l0 = self.lin.weight
+        self.linear_first = linear_first
+
+    def forward(self, x):
+        if self.linear_first:
+            return self.rnn(self.lin(x))[0]
+        return self.lin(self.rnn(x)[0])

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import orthofx
+from recurrent_models import RnnTiedToLinear
 
 
 def _gram_defect_sq(w: torch.Tensor) -> float:
@@ -15,23 +16,6 @@ def _gram_defect_sq(w: torch.Tensor) -> float:
     w = w.detach().double()
     gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
     return float((gram - torch.eye(gram.shape[0], dtype=torch.float64)).square().sum())
-
-
-class RnnTiedToLinear(nn.Module):
-    """An nn.RNN whose hidden-to-hidden weight is a square Linear's weight (one gate block: the same matrix);
-    ``linear_first`` calls the Linear first in the forward (graph order decides which site a pass meets first)."""
-
-    def __init__(self, linear_first: bool = False):
-        super().__init__()
-        self.rnn = nn.RNN(4, 4)
-        self.lin = nn.Linear(4, 4)
-        self.rnn.weight_hh_l0 = self.lin.weight
-        self.linear_first = linear_first
-
-    def forward(self, x):
-        if self.linear_first:
-            return self.rnn(self.lin(x))[0]
-        return self.lin(self.rnn(x)[0])
 
 
 @pytest.mark.parametrize("linear_first", [False, True], ids=["rnn-first", "linear-first"])

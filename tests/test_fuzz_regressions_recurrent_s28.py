@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import orthofx
-from recurrent_models import CellLoop, Sequence
+from recurrent_models import CellLoop, RnnTiedToLinear, Sequence
 from references import polar64, tangent64
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices (tests/conftest.py)
@@ -112,23 +112,6 @@ def test_a_nan_in_one_group_of_a_grouped_conv_names_that_conv_alone():
     torch.testing.assert_close(good.detach().double().flatten(1), expected, rtol=0, atol=1e-6)
 
 
-class RnnTiedToLinear(nn.Module):
-    """A two-layer nn.RNN whose first hidden weight is a square Linear's weight; ``linear_first``: the Linear runs
-    (and is initialised) first."""
-
-    def __init__(self, linear_first: bool):
-        super().__init__()
-        self.rnn = nn.RNN(4, 4, num_layers=2)
-        self.lin = nn.Linear(4, 4)
-        self.rnn.weight_hh_l0 = self.lin.weight
-        self.linear_first = linear_first
-
-    def forward(self, x):
-        if self.linear_first:
-            return self.rnn(self.lin(x))[0]
-        return self.lin(self.rnn(x)[0])
-
-
 def _defect64(w: torch.Tensor) -> float:
     w = w.detach().to(torch.float64)
     return float((w.T @ w - torch.eye(w.shape[1], dtype=torch.float64)).abs().max())
@@ -141,7 +124,7 @@ def test_isometric_init_before_figures_of_a_hidden_weight_tied_to_a_linear(linea
     reported the RNN's max over weight_hh_l0 *and* weight_hh_l1 (3.0, the untied l1's, instead of its own 0.21);
     linear-first, the RNN measured weight_hh_l0 after the Linear had written it (0.21, l1's, instead of 3.0)."""
     torch.manual_seed(0)
-    model = RnnTiedToLinear(linear_first)
+    model = RnnTiedToLinear(linear_first, num_layers=2)
     q0, q1 = (torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0] for _ in range(2))
     tied_scale, other_scale = (2.0, 1.1) if linear_first else (1.1, 2.0)  # defects |s^2 - 1|: 3.0 and 0.21
     with torch.no_grad():
