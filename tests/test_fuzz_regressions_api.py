@@ -103,9 +103,15 @@ def test_a_refused_attach_leaves_the_optimizer_as_it_was():
     other = nn.Linear(4, 4)
     optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
     before = dict(optimizer.__dict__)
-    with pytest.raises(orthofx.OrthofxError, match="not optimised by this optimizer"):
+    with pytest.raises(orthofx.OrthofxError, match="holds none of the model's trainable parameters"):
         orthofx.attach(optimizer, gm)
     assert optimizer.__dict__.keys() == before.keys()  # no registry left behind
+    # one that holds some of them but not a hooked weight: refused by the hooks' own check, as cleanly
+    optimizer = torch.optim.SGD(gm.get_submodule("0").parameters(), lr=0.1)
+    before = dict(optimizer.__dict__)
+    with pytest.raises(orthofx.OrthofxError, match="not optimised by this optimizer"):
+        orthofx.attach(optimizer, gm)
+    assert optimizer.__dict__.keys() == before.keys()
 
 
 # ---------------------------------------------------------------------------------------- freeze, export, load
