@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from ..errors import SITE_ATTRIBUTE, OrthofxError, PlanError
 from ..nn.jacobian import JacobianProbe
+from ..nn.orthogonal import gain_range_problem
 from ..nn.tracing import is_orthofx_module
 
 __all__ = [
@@ -663,6 +664,20 @@ def treated_weight_names(module: nn.Module) -> list[str]:
     if isinstance(module, RECURRENT_TYPES):
         return [name for name, _ in recurrent_hidden_weights(module)]
     return ["weight"]
+
+
+def check_scale_range(entry: PlanEntry, module: nn.Module, scale: float, name: str = "gain", note: str = "") -> None:
+    """:class:`PlanError` for a ``scale`` (a rule's ``gain``) that the dtype of a weight the pass writes at
+    ``module`` (:func:`treated_weight_names`) cannot hold times an orthogonal matrix
+    (:func:`~orthofx.nn.orthogonal.gain_range_problem`: gain 1e39 filled a float32 weight with inf, 1e-40 left it
+    zero, without a word), while planning; ``name`` is what the message calls it, ``note`` follows the problem."""
+    for weight_name in treated_weight_names(module):
+        weight = module._parameters.get(weight_name)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            problem = gain_range_problem(scale, weight.dtype, name)
+            if problem is not None:
+                raise PlanError(f"rule '{entry.rule_name}': {entry.site.name} ({describe_module(module)}): "
+                                f"{problem}{note}; set 'gain' in the rule's 'with:'")
 
 
 def complex_weight_reason(module: nn.Module, why: str) -> str | None:

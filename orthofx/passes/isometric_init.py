@@ -102,12 +102,12 @@ import torch
 from torch import nn
 
 from .. import metrics
-from ..errors import ArgumentError, PlanError, ScaleLostWarning
+from ..errors import ArgumentError, ScaleLostWarning
 from ..nn import stiefel
-from ..nn.orthogonal import gain_range_problem, keeps_output_size
+from ..nn.orthogonal import keeps_output_size
 from ..nn.padding import conv_zero_pads
-from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PlanEntry, Site, TiedUse, check_tied,
-                   describe_module, is_uninitialised, matrices_text, recurrent_hidden_weights, recurrent_weights_reason,
+from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PlanEntry, Site, TiedUse, check_scale_range,
+                   check_tied, is_uninitialised, matrices_text, recurrent_hidden_weights, recurrent_weights_reason,
                    require_initialised, treated_weight_names)
 from .registry import register_pass
 from .riemannian import StiefelHook, _describe_matrices, scale_kept_or_dropped
@@ -330,7 +330,9 @@ class IsometricInit(Pass):
         not run has no shape yet: then :meth:`apply` decides."""
         modules = [gm.get_submodule(entry.site.name) for entry in entries]
         for entry, module in zip(entries, modules):
-            _check_scale_range(entry, module)
+            check_scale_range(entry, module, _scale(entry.params), "scale",
+                              f" (the scale is the rule's gain, {entry.params['gain']!r}, times the gain of "
+                              f"activation: {entry.params['activation']})")
         if not any(is_uninitialised(m) for m in modules):
             _check_ties(entries, modules)
 
@@ -483,20 +485,6 @@ def _lost(dropped: str, scale: float) -> dict[str, float]:
 def _scale(params: dict[str, Any]) -> float:
     """The singular value a rule gives its layers: ``gain`` times the activation's gain."""
     return params["gain"] * activation_gain(params["activation"])
-
-
-def _check_scale_range(entry: PlanEntry, module: nn.Module) -> None:
-    """:class:`PlanError` for a scale (gain times the activation's gain) that the layer's weight dtype cannot hold
-    times an orthonormal matrix: gain 1e39 filled a float32 weight with inf, which a later riemannian rule then
-    called a corrupted checkpoint, and 1e-40 left it zero, without a word."""
-    for name in treated_weight_names(module):
-        weight = module._parameters.get(name)
-        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-            problem = gain_range_problem(_scale(entry.params), weight.dtype, "scale")
-            if problem is not None:
-                raise PlanError(f"rule '{entry.rule_name}': {entry.site.name} ({describe_module(module)}): {problem} "
-                                f"(the scale is the rule's gain, {entry.params['gain']!r}, times the gain of "
-                                f"activation: {entry.params['activation']}); set 'gain' in the rule's 'with:'")
 
 
 def _written_matrices(module: nn.Module) -> list[tuple[torch.Tensor, tuple]]:

@@ -61,12 +61,12 @@ from .. import theory
 from ..errors import ImpossibleLayerError, PlanError, TransformError
 from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                               OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
-                              circular_alignment, gain_range_problem, keeps_output_size, rko_problem,
+                              circular_alignment, keeps_output_size, rko_problem,
                               transposed_alignment, transposed_keeps_output_size, transposed_size_keeping_padding)
 from ..nn.padding import conv_zero_pads
 from ..nn.precision import describe_nonfinite, relative_distance
-from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, derived_weight, describe_module,
-                   is_uninitialised, parameter_owners, require_initialised)
+from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, check_scale_range, derived_weight,
+                   describe_module, is_uninitialised, parameter_owners, require_initialised)
 from .isometric_init import frozen_reason
 from .orth_regularizer import lorth_term
 from .registry import register_pass
@@ -274,18 +274,6 @@ def _check_cayley_padding(entry: PlanEntry, module: nn.Module) -> None:
                     "method 'bcop' for 'padding: keep'")
 
 
-def _check_gain_range(entry: PlanEntry, module: nn.Module) -> None:
-    """:class:`PlanError` for a ``gain`` the layer's weight dtype cannot hold times an orthogonal matrix (the layer is
-    built in that dtype), while planning: the layer's constructor would raise it only inside the pass."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        return
-    problem = gain_range_problem(entry.params["gain"], weight.dtype)
-    if problem is not None:
-        raise PlanError(f"rule '{entry.rule_name}': {entry.site.name} ({describe_module(module)}): {problem}; set "
-                        "the rule's 'gain' in its 'with:'")
-
-
 def _tie_problems(entries: list[PlanEntry], modules: list[nn.Module], owners: dict) -> dict[str, str]:
     """Site name -> why its layer cannot be replaced because its weight is tied to another layer's.
 
@@ -395,7 +383,7 @@ class OrthogonalConvPass(Pass):
         modules = [gm.get_submodule(entry.site.name) for entry in entries]
         for entry, module in zip(entries, modules):
             _check_cayley_padding(entry, module)
-            _check_gain_range(entry, module)
+            check_scale_range(entry, module, entry.params["gain"])  # the layer is built in the weight's dtype
         problems = _tie_problems(entries, modules, parameter_owners(gm))
         for entry, module in zip(entries, modules):
             problem = problems.get(entry.site.name)
