@@ -247,8 +247,13 @@ def _checked_run(module: nn.Module, call: ExampleCall) -> Any:
 
 
 def _outputs(module: nn.Module, call: ExampleCall) -> list[torch.Tensor]:
-    """The output tensors of :func:`_checked_run` (copies: an output may be a buffer the run put back)."""
-    return [t.detach().clone() for t in output_tensors(_checked_run(module, call))]
+    """The output tensors of :func:`_checked_run` (:func:`_tensor_copies`)."""
+    return _tensor_copies(_checked_run(module, call))
+
+
+def _tensor_copies(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output, copied (an output may be a buffer the run put back)."""
+    return [t.detach().clone() for t in output_tensors(output)]
 
 
 def _python_values(output: Any) -> list[tuple[str, Any]]:
@@ -264,15 +269,18 @@ def _describe_values(values: list[tuple[str, Any]]) -> str:
                      for position, value in values[:3])
 
 
-def _check_onnx_outputs(frozen: nn.Module, example: ExampleCall) -> None:
-    """ExportError unless every output of ``frozen`` is a tensor (or None): an ONNX graph returns tensors only,
-    and torch's exporter fails on a Python value ("'float' object has no attribute 'name'") or returns a size as
-    one more tensor output than the model has."""
-    values = _python_values(_checked_run(frozen, example))
+def _onnx_expected_outputs(frozen: nn.Module, example: ExampleCall) -> list[torch.Tensor]:
+    """The output tensors of ``frozen`` on the example call (:func:`_outputs`), which the ONNX checks compare with;
+    ExportError unless every output is a tensor (or None): an ONNX graph returns tensors only, and torch's exporter
+    fails on a Python value ("'float' object has no attribute 'name'") or returns a size as one more tensor output
+    than the model has."""
+    output = _checked_run(frozen, example)
+    values = _python_values(output)
     if values:
         raise ExportError(f"ONNX graphs return tensors only, and the model's {_describe_values(values)}. Fix: return "
                           "tensors only (torch.tensor(value) for a number the graph computes, nothing for a "
                           "constant), or export to .pt2, which keeps Python values among the outputs")
+    return _tensor_copies(output)
 
 
 def _check_onnx_layers(model: nn.Module) -> None:
@@ -283,8 +291,8 @@ def _check_onnx_layers(model: nn.Module) -> None:
     if projected:
         raise ExportError(f"torch's ONNX exporter writes an LSTM with proj_size wrongly (its cell state takes the "
                           f"projected size, and onnxruntime refuses the file), and the model has such layers: "
-                          f"{first_few([repr(n) for n in projected], 3)}. Export it to .pt2 (torch.export), which keeps "
-                          "them exact, or use proj_size=0")
+                          f"{first_few([repr(n) for n in projected], 3)}. Export it to .pt2 (torch.export), which "
+                          "keeps them exact, or use proj_size=0")
 
 
 def _run_example(frozen: nn.Module, example: ExampleCall | None) -> None:
@@ -464,10 +472,11 @@ class NewtonSchulzForm:
                 f"max |diff| {self.max_abs_diff:.3g} from the exact decomposition)")
 
 
-def _onnx_form(frozen: fx.GraphModule, example: ExampleCall, iterations: int | None
+def _onnx_form(frozen: fx.GraphModule, example: ExampleCall, iterations: int | None, expected: list[torch.Tensor]
                ) -> tuple[fx.GraphModule, NewtonSchulzForm | None]:
     """The frozen model with its matrix powers computed by Newton-Schulz (a copy), or ``frozen`` itself when it has
-    no decomposition; raises :class:`ExportError` for a decomposition with no matmul-only form."""
+    no decomposition; raises :class:`ExportError` for a decomposition with no matmul-only form. ``expected``:
+    ``frozen``'s output tensors on ``example``, which the iteration count is chosen to reproduce."""
     if iterations is not None and (not isinstance(iterations, int) or isinstance(iterations, bool)
                                    or iterations < 1):
         raise ExportError(f"newton_schulz_iterations must be None (chosen on the example inputs) or an int >= 1, "
@@ -482,7 +491,6 @@ def _onnx_form(frozen: fx.GraphModule, example: ExampleCall, iterations: int | N
     if left:
         raise _no_onnx_form(left, reasons)
     nodes = [v for k, v in _newton_schulz_nodes(form).items() if k not in before]
-    expected = _outputs(frozen, example)
     schedule = (iterations,) if iterations is not None else NEWTON_SCHULZ_SCHEDULE
     tried: list[tuple[int, float]] = []
     for count in schedule:
@@ -703,8 +711,9 @@ def _check_opset(opset: int) -> None:
 
 
 def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batch: bool, opset: int,
-                 reference: nn.Module | None = None) -> tuple[float, tuple[float, float]]:
-    """Export ``frozen`` and return onnxruntime's largest difference from ``reference`` (default ``frozen``) and
+                 reference: nn.Module, expected: list[torch.Tensor]) -> tuple[float, tuple[float, float]]:
+    """Export ``frozen`` and return onnxruntime's largest difference from ``reference`` (``expected``: its output
+    tensors on ``example``, computed once by the caller) and
     ``(difference, tolerance)`` of the output furthest beyond the difference it allows (:func:`_worst_output`,
     on the example call and on the larger batch): the export is wrong where that difference exceeds that
     tolerance.
@@ -742,7 +751,6 @@ def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_bat
                           "this torch.onnx supports")
     session = _onnxruntime_call(lambda: onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]),
                                 path, "load")
-    reference = frozen if reference is None else reference
 
     def run(call: ExampleCall) -> list:
         # only the tensors (pytree order: positional, then keyword) are graph inputs: other values (a float,
@@ -751,7 +759,7 @@ def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_bat
         feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), tensors)}
         return _onnxruntime_call(lambda: session.run(None, feeds), path, "run")
 
-    diff, worst = _onnx_measure(_outputs(reference, example), run(example))
+    diff, worst = _onnx_measure(expected, run(example))
     if dynamic_batch:
         batched = _batched_leaves(example, [tuple(arg.shape) for arg in session.get_inputs()])
         grown_diff, grown_worst = _check_dynamic_batch(path, batched, example, reference, run, measure=_onnx_measure)
@@ -1064,9 +1072,9 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
     frozen = freeze(model, example.args, example_kwargs=example.kwargs)
     call = _export_call(frozen, example)
     if suffix == ".onnx":
-        _check_onnx_outputs(frozen, call)
-        form, newton_schulz = _onnx_form(frozen, call, newton_schulz_iterations)
-        diff, (worst, tolerance) = _export_onnx(form, path, call, dynamic_batch, opset, reference=frozen)
+        expected = _onnx_expected_outputs(frozen, call)  # one run of the frozen model for every comparison below
+        form, newton_schulz = _onnx_form(frozen, call, newton_schulz_iterations, expected)
+        diff, (worst, tolerance) = _export_onnx(form, path, call, dynamic_batch, opset, frozen, expected)
         if worst > tolerance:
             hint = ""
             if newton_schulz is not None:

@@ -533,11 +533,10 @@ def _note_written_weights(exc: OrthofxError, model: nn.Module, versions: dict[st
     """With ``inplace=True``, add to ``exc``'s message the tensors of the user's ``model`` that the passes before
     the failing one had written already (``versions``: before any pass ran): the error stops the transform, not
     what it had done to the model."""
-    written = [name for name, t in (*model.named_parameters(), *model.named_buffers())
-               if name in versions and t._version != versions[name]]
+    written = [name for name, version in _versions(model).items() if versions.get(name, version) != version]
     if written and exc.args and isinstance(exc.args[0], str):
-        exc.args = (f"{exc.args[0].rstrip('.')}. With inplace=True, earlier rules had already written {first_few(written, 4)} "
-                    "of the model: load its weights again before retrying",) + exc.args[1:]
+        exc.args = (f"{exc.args[0].rstrip('.')}. With inplace=True, earlier rules had already written "
+                    f"{first_few(written, 4)} of the model: load its weights again before retrying",) + exc.args[1:]
 
 
 def _compile_options(compile: Any) -> dict[str, Any] | None:
