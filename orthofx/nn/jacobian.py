@@ -63,7 +63,7 @@ from .. import metrics
 from ..errors import LayerArgumentError, layer_label
 from ..theory import _flag, _positive_int
 from .precision import zero_like_parameters
-from .tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
+from .tracing import fx_tracer_of, in_export, in_func_transform, record_as_leaf, recomputing_in_backward
 
 __all__ = ["JacobianProbe"]
 
@@ -369,7 +369,7 @@ class JacobianProbe(nn.Module):
         transformed by a functorch transform"), and under ``torch.export``, which cannot capture it (torch:
         "attempted to apply meta conversion to view functorch tensor"); an exported program has no place for the
         estimate anyway. Eval mode (or no_grad) runs only the block, which both handle."""
-        if torch.compiler.is_exporting():
+        if in_export():
             where = "under torch.export"
         elif in_func_transform():
             where = ("inside a torch.func transform (vmap, grad, jacrev ... e.g. per-sample gradients of a "

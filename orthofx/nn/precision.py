@@ -33,6 +33,10 @@ HALF_PRECISION = (torch.float16, torch.bfloat16)
 
 def autocast_enabled(device_type: str) -> bool:
     """Whether ``torch.autocast`` is on for ``device_type`` (``False`` for a type autocast does not know)."""
+    if torch.compiler.is_compiling():
+        # torch 2.11's dynamo cannot trace is_autocast_available (a graph break, so fullgraph compiles of every
+        # orthogonal layer and penalty failed); a compiled graph runs on a device autocast knows
+        return torch.is_autocast_enabled(device_type)
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 

@@ -38,8 +38,8 @@ from torch import nn
 
 from orthofx.errors import CaptureError, layer_label
 
-__all__ = ["fx_tracer_of", "record_as_leaf", "in_func_transform", "recomputing_in_backward", "is_orthofx_layer",
-           "orthofx_layer_types", "is_orthofx_nn_class", "is_orthofx_module"]
+__all__ = ["fx_tracer_of", "record_as_leaf", "in_export", "in_func_transform", "recomputing_in_backward",
+           "is_orthofx_layer", "orthofx_layer_types", "is_orthofx_nn_class", "is_orthofx_module"]
 
 #: The package whose classes are orthofx's layers and their helpers.
 ORTHOFX_NN_PACKAGE = "orthofx.nn"
@@ -72,6 +72,15 @@ def record_as_leaf(module: nn.Module, tracer: torch.fx.Tracer, args: tuple, kwar
             f"submodule (torch.fx then records the layer as one call_module node), or use the layer as it is",
             module_path="")
     return tracer.create_proxy("call_module", path, tuple(args), dict(kwargs))
+
+
+def in_export() -> bool:
+    """Whether ``torch.export`` is capturing this call, eagerly or under dynamo. ``torch.compiler.is_exporting()``
+    is the public query, but torch 2.11's dynamo answers it ``True`` under every ``torch.compile`` (a compiled
+    Jacobian probe refused to estimate); the flag export sets, which the query returns eagerly, is read instead
+    where torch has it."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 def in_func_transform() -> bool:
