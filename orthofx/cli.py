@@ -8,7 +8,8 @@
                       [--export model.onnx|model.pt2|model.pt]
 
 MODEL is a built-in name (``orthofx.models.names()``), ``package.module:factory`` or ``path/to/file.py:factory``
-(a callable taking no arguments that returns an ``nn.Module``). Exit status 0 on success, 2 on bad input with a
+(a callable taking no arguments that returns an ``nn.Module``), or ``path/to/file.py`` alone for the file's
+``model`` (an ``nn.Module``, or such a callable). Exit status 0 on success, 2 on bad input with a
 one-line message, 1 with a one-line message on an unexpected failure or a demo whose training diverged, 130 with
 ``orthofx: interrupted`` on Ctrl-C (``--debug`` adds the traceback, with the same exit status), 1 without a message
 when standard output is a pipe whose reader stopped early (``orthofx explain ... | head``). The output files
@@ -47,7 +48,7 @@ from torch import nn
 from . import models
 from .__main__ import report_interrupt
 from .capture import copy_model
-from .errors import OrthofxError
+from .errors import OrthofxError, first_few
 from .export import batch_too_small_for_dynamic, check_export_path, export
 from .passes.base import EvalRun
 from .penalty import penalty
@@ -71,8 +72,17 @@ class TrainingDiverged(OrthofxError):
     exit_status = 1
 
 
+#: The attribute a model file given without ``:factory`` (``orthofx explain model.py ...``) must define.
+DEFAULT_MODEL_ATTRIBUTE = "model"
+
+
 def load_model(spec: str) -> nn.Module:
-    """A model from a built-in name, ``package.module:factory`` or ``file.py:factory``.
+    """A model from a built-in name, ``package.module:factory``, ``file.py:factory`` or ``file.py``.
+
+    ``factory`` names a callable taking no arguments that returns an ``nn.Module`` (or an ``nn.Module`` itself).
+    A ``.py`` file given without ``:factory`` uses its attribute ``model`` (:data:`DEFAULT_MODEL_ATTRIBUTE`), so
+    ``model = Net()`` or ``def model(): return Net()`` in ``net.py`` makes ``orthofx explain net.py ...`` work;
+    a file without one is an error listing the callables it defines.
 
     As for ``python dir/file.py``, the file's directory is put first on ``sys.path`` (and stays there: the model
     may import siblings lazily, in its factory or forward), so the file can import the modules next to it, and
@@ -81,17 +91,25 @@ def load_model(spec: str) -> nn.Module:
     absolute path: two files called ``model.py`` in different directories are two modules. An existing file is
     read as Python source whatever its suffix.
     """
-    if ":" not in spec:
+    if ":" not in spec and not _is_python_file_spec(spec):
         try:
             return models.get(spec)
         except ValueError as exc:
-            raise CliError(f"{exc}; or give package.module:factory or file.py:factory") from None
-    target, _, attr = spec.rpartition(":")
-    if not attr.strip():
-        raise CliError(f"model {spec!r} names no factory after ':'; give {target or 'package.module'}:factory, "
-                       "the name of a callable taking no arguments that returns an nn.Module")
+            raise CliError(f"{exc}; or give package.module:factory, file.py:factory or file.py (its "
+                           f"{DEFAULT_MODEL_ATTRIBUTE!r})") from None
+    if ":" in spec:
+        target, _, attr = spec.rpartition(":")
+        if not attr.strip():
+            raise CliError(f"model {spec!r} names no factory after ':'; give {target or 'package.module'}:factory, "
+                           "the name of a callable taking no arguments that returns an nn.Module")
+    else:
+        target, attr = spec, None
     with _script_argv(target):
         module = _load_module(target, spec)
+        if attr is None:
+            if getattr(module, DEFAULT_MODEL_ATTRIBUTE, None) is None:
+                raise CliError(_no_default_model(target, module))
+            attr = DEFAULT_MODEL_ATTRIBUTE
         factory = getattr(module, attr, None)
         if factory is None:
             raise CliError(f"{target!r} has no attribute {attr!r}")
@@ -106,6 +124,27 @@ def load_model(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise CliError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _is_python_file_spec(spec: str) -> bool:
+    """A MODEL without ``:factory`` naming a Python file (its ``model`` is used): a ``.py`` suffix. Other
+    existing files need ``:factory`` (a policy.yaml given as MODEL by mistake must not be run as Python)."""
+    return ":" not in spec and spec.strip().endswith(".py")
+
+
+def _no_default_model(target: str, module) -> str:
+    """The message for a model file given without ``:factory`` that defines no ``model``: what to write, with the
+    callables the file itself defines (functions and nn.Module classes, not what it imports) as candidates."""
+    candidates = sorted(name for name, value in vars(module).items()
+                        if not name.startswith("_") and getattr(value, "__module__", None) == module.__name__
+                        and (isinstance(value, type) and issubclass(value, nn.Module)
+                             or not isinstance(value, type) and callable(value)))
+    example = candidates[0] if candidates else "build"
+    found = f" (it defines {first_few(candidates, 6)})" if candidates else ""
+    return (f"model file {target!r} is given without ':factory', so its attribute {DEFAULT_MODEL_ATTRIBUTE!r} is "
+            f"used, but it defines none{found}; give {target}:{example} naming a callable taking no arguments that "
+            f"returns an nn.Module, or define {DEFAULT_MODEL_ATTRIBUTE} = ... (an nn.Module or such a callable) in "
+            "the file")
 
 
 @contextlib.contextmanager
@@ -409,14 +448,15 @@ def _write(output: _Output, write: Callable[[str], object]) -> object:
 
 def _input_files(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The files ``transform`` reads, which none of its outputs may replace: the policy's (a path, as
-    :meth:`Policy.load` finds it after the preset names) and the model's (``file.py:factory``)."""
+    :meth:`Policy.load` finds it after the preset names) and the model's (``file.py:factory`` or ``file.py``)."""
     found = []
     if args.policy.strip() not in presets():
         policy = next((path for path in (args.policy, args.policy.strip()) if _is_file(path)), None)
         if policy is not None:
             found.append(("the policy file (--policy)", policy))
-    target = args.model.rpartition(":")[0]
-    if ":" in args.model and _is_file(target):
+    # a built-in name (no ':', no '.py') gives no target: rpartition's head is ''
+    target = args.model if _is_python_file_spec(args.model) else args.model.rpartition(":")[0]
+    if target and _is_file(target):
         found.append(("the model file (MODEL)", target))
     return found
 
@@ -692,7 +732,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, func, text in (("explain", _cmd_explain, "show which rule hits which site (dry run)"),
                              ("transform", _cmd_transform, "transform a model and print the report")):
         cmd = sub.add_parser(name, parents=[common], help=text)
-        cmd.add_argument("model", help="built-in name, package.module:factory or file.py:factory")
+        cmd.add_argument("model", help="built-in name, package.module:factory, file.py:factory or file.py (its "
+                                        "'model')")
         cmd.add_argument("--policy", required=True, help="preset name, YAML file or YAML text")
         cmd.add_argument("--input-shape", help="example input shape, e.g. 1,3,32,32")
         if name == "transform":

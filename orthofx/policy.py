@@ -14,8 +14,12 @@ blocks) and names the pass to *apply* to them, with parameters under ``with:``::
 Everything is checked when the policy is loaded: unknown keys, passes, parameters and op names, values of the
 wrong type or out of range, bad regular expressions, inconsistent selectors and duplicate keys all raise
 :class:`orthofx.errors.PolicyError` naming the file, line and column of the offending key or value, what was
-found and what is allowed. YAML is only ever *composed* with PyYAML's safe loader and the node tree is turned
-into plain Python values here, so no tag in a policy can construct objects or run code.
+found and what is allowed; a mistake in content reached through a YAML alias (``*name``) is placed at the anchor
+(``&name``, where it is written) and the message adds where the alias used it. ``null`` (``None`` in a dict) means
+"not given" for every key with a default (a pass parameter that takes null as one of its values gets null); a
+required key given as null is an error. YAML is only ever *composed* with PyYAML's safe loader and the node tree is
+turned into plain Python values here, so no tag in a policy can construct objects or run code, and a policy named
+as Python (``policy.py``, ``policy.py:make``) is refused, never run.
 """
 
 from __future__ import annotations
@@ -201,7 +205,8 @@ class Match:
 class Rule:
     """One rule: the sites ``match`` selects get pass ``apply`` with ``params``.
 
-    ``params`` are validated with defaults filled in; ``given_params`` are exactly as written under ``with:``.
+    ``params`` are validated with defaults filled in; ``given_params`` are as written under ``with:``, less the
+    parameters given as null (which means "not given": the default) that do not take null as a value.
     ``index`` is the rule's position in the policy (0-based); ``location`` where its mapping starts.
     """
 
@@ -287,12 +292,16 @@ class Policy:
         """Read a policy from a YAML file (a ``Path``, or a ``str`` naming an existing file) or YAML text."""
         if isinstance(path_or_text, os.PathLike):
             path = Path(path_or_text)
+            if _names_python(str(path)):
+                raise _python_policy(str(path))
             if not _path_test(_is_policy_source, str(path)):
                 raise _no_policy_file(str(path))
             return _policy_from_file(path)
         if not isinstance(path_or_text, str):
             raise PolicyError(f"Policy.from_yaml expects a file path or YAML text, got {type(path_or_text).__name__}")
         text = path_or_text
+        if _names_python(text.strip()):
+            raise _python_policy(text.strip())
         if _is_existing_file(text):
             return _policy_from_file(Path(text))
         word = text.strip()
@@ -326,7 +335,8 @@ class Policy:
     @classmethod
     def load(cls, obj: Policy | Mapping[str, Any] | str | os.PathLike) -> Policy:
         """Anything a user may pass as a policy: a Policy (returned as is), a dict, a YAML file path, a preset
-        name or YAML text."""
+        name or YAML text. A Python file (``policy.py`` or ``policy.py:make``) is refused with a PolicyError
+        saying to write the policy out as YAML: a policy is data, never code orthofx runs."""
         if isinstance(obj, Policy):
             return obj
         if isinstance(obj, Mapping):
@@ -338,6 +348,8 @@ class Policy:
             word = obj.strip()
             if word in files:
                 return cls.preset(word)
+            if _names_python(word):
+                raise _python_policy(word)
             if _is_existing_file(obj):
                 return cls.from_yaml(obj)
             if _is_existing_file(word):
@@ -443,8 +455,30 @@ _YAML11_OCTAL = re.compile(r"^[-+]?0[0-7_]+$")
 _EXP_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 
 
+class _AliasUse:
+    """Where an alias (``*name``) was written, in the composed tree in place of the node it stands for.
+
+    PyYAML's composer puts the anchored node itself at every alias, so the tree alone cannot tell where an alias
+    was used: errors about content reached through one would name only the anchor's place (or, for a key, the
+    place of use), and not say which use of the content was wrong."""
+
+    __slots__ = ("target", "anchor", "start_mark")
+
+    def __init__(self, target: yaml.Node, anchor: str, start_mark: yaml.Mark):
+        self.target = target
+        self.anchor = anchor
+        self.start_mark = start_mark
+
+
 class _PolicyLoader(yaml.SafeLoader):
-    """The safe loader plus exponent-only floats. Used only to *compose* node trees, never to construct."""
+    """The safe loader plus exponent-only floats, recording where aliases are used (:class:`_AliasUse`). Used
+    only to *compose* node trees, never to construct."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            return _AliasUse(super().compose_node(parent, index), event.anchor, event.start_mark)
+        return super().compose_node(parent, index)
 
 
 class _PolicyDumper(yaml.SafeDumper):
@@ -484,36 +518,57 @@ def _too_large_message(path: tuple, digits: str) -> str:
 
 
 class _Positions:
-    """Marks of the keys and values of a parsed policy, by path (``("rules", 0, "with", "weight")``)."""
+    """Marks of the keys and values of a parsed policy, by path (``("rules", 0, "with", "weight")``), and the
+    aliases (``*name``) the values at some paths were reached through.
+
+    Content reached through an alias is located where it is written (at the anchor, ``&name``: the place to fix
+    it), and errors about it add where it was used: ``... (used through the alias *w at line 9, column 11)``."""
 
     def __init__(self, file: str | None):
         self.file = file
         self.keys: dict[tuple, tuple[int, int]] = {}
         self.values: dict[tuple, tuple[int, int]] = {}
+        self.aliases: dict[tuple, tuple[str, tuple[int, int]]] = {}  # path -> (anchor name, mark of the alias)
 
-    def locate(self, path: tuple, key: bool = False) -> tuple[int | None, int | None]:
+    def _find(self, path: tuple, key: bool) -> tuple[tuple[int | None, int | None], tuple, bool]:
+        """The mark that locates ``path``, the path it was recorded for and whether it is a key's."""
         if key and path in self.keys:
-            return self.keys[path]
+            return self.keys[path], path, True
         p = tuple(path)
         while True:
             if p in self.values:
-                return self.values[p]
+                return self.values[p], p, False
             if p in self.keys:
-                return self.keys[p]
+                return self.keys[p], p, True
             if not p:
-                return (None, None)
+                return (None, None), p, False
             p = p[:-1]
+
+    def locate(self, path: tuple, key: bool = False) -> tuple[int | None, int | None]:
+        return self._find(path, key)[0]
 
     def location(self, path: tuple) -> Location:
         line, column = self.locate(path)
         return Location(self.file, line, column)
 
+    def alias_note(self, path: tuple, key: bool = False) -> str:
+        """`` (used through the alias *a at line L, column C)`` when what locates ``path`` was reached through
+        aliases (the innermost first), ``""`` otherwise. A key is written in the mapping holding it, so the alias
+        a key's value was reached through does not apply to the key."""
+        _, found, is_key = self._find(path, key)
+        end = len(found) - 1 if is_key else len(found)
+        uses = [self.aliases[found[:n]] for n in range(end, 0, -1) if found[:n] in self.aliases]
+        if not uses:
+            return ""
+        shown = [f"*{anchor} at line {line}, column {column}" for anchor, (line, column) in uses]
+        return f" (used through the alias {shown[0]}" + "".join(f", inside {s}" for s in shown[1:]) + ")"
+
     def error(self, message: str, path: tuple, *, key: bool = False) -> PolicyError:
         line, column = self.locate(path, key)
-        return PolicyError(message, file=self.file, line=line, column=column)
+        return PolicyError(message + self.alias_note(path, key), file=self.file, line=line, column=column)
 
 
-def _mark(node: yaml.Node) -> tuple[int, int]:
+def _mark(node: yaml.Node | _AliasUse) -> tuple[int, int]:
     return (node.start_mark.line + 1, node.start_mark.column + 1)
 
 
@@ -537,6 +592,24 @@ def _looks_like_a_path(word: str) -> bool:
     if word.lower().endswith((".yaml", ".yml")) and ": " not in word:
         return True
     return _path_test(os.path.isdir, word)
+
+
+#: A policy argument naming Python code: ``file.py`` or ``file.py:name`` (the form MODEL takes on the command line).
+_PYTHON_SPEC = re.compile(r"\S+\.py(?::[\w.]*)?")
+
+
+def _names_python(word: str) -> bool:
+    return _PYTHON_SPEC.fullmatch(word) is not None
+
+
+def _python_policy(word: str) -> PolicyError:
+    """The error for a policy given as Python code (``policy.py``, ``policy.py:make``): policies are data, read
+    with a safe YAML loader; orthofx never runs a policy (only a MODEL may be ``file.py:factory``)."""
+    return PolicyError(f"{word!r} names Python code, but a policy is YAML text or a .yaml file (or, in Python, a dict "
+                       "or a Policy), never code orthofx runs; write the policy out as YAML and give that file "
+                       "(in Python: Path('policy.yaml').write_text(orthofx.Policy.load(d).to_yaml()) for a dict or "
+                       "Policy d), or pass the dict or Policy itself to orthofx.transform",
+                       file=word.rpartition(":")[0] if ":" in word else word)
 
 
 def _no_policy_file(word: str) -> PolicyError:
@@ -575,6 +648,8 @@ def _is_existing_file(text: str) -> bool:
 
 def _policy_from_file(path: Path) -> Policy:
     file = str(path)
+    if path.suffix == ".py":  # a name with a space, which _names_python does not take for a path
+        raise _python_policy(file)
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -659,7 +734,10 @@ class _NodeWalker:
         line, column = _mark(node)
         return PolicyError(message, file=self.pos.file, line=line, column=column)
 
-    def walk(self, node: yaml.Node, path: tuple) -> Any:
+    def walk(self, node: yaml.Node | _AliasUse, path: tuple) -> Any:
+        if isinstance(node, _AliasUse):
+            self.pos.aliases[path] = (node.anchor, _mark(node))
+            node = node.target
         self.count += 1
         if self.count > _MAX_NODES:
             raise self.fail(node, f"the policy is too large (more than {_MAX_NODES} values, counting aliases)")
@@ -676,6 +754,8 @@ class _NodeWalker:
             out: dict[Any, Any] = {}
             first_seen: dict[Any, yaml.Node] = {}
             for key_node, value_node in node.value:
+                if isinstance(key_node, _AliasUse):  # an alias as a key ('*k: 1'): the key is the anchored text
+                    key_node = key_node.target
                 if key_node.tag == _MERGE:
                     raise self.fail(key_node, f"YAML merge keys ('<<') are not supported in a policy "
                                               f"(in {_fmt(path)}); write the keys out")
@@ -846,7 +926,7 @@ def _build_policy(data: Any, pos: _Positions, *, require_version: bool) -> Polic
                         f"found {_describe(data)}", ())
     _check_keys(data, _TOP_KEYS, (), pos, "at the top level")
 
-    if "orthofx" in data:
+    if "orthofx" in data and (data["orthofx"] is not None or require_version):
         version = data["orthofx"]
         if isinstance(version, bool) or not isinstance(version, int) or version != SCHEMA_VERSION:
             shown = repr(version) if isinstance(version, (int, float, str)) else _describe(version)
@@ -880,7 +960,7 @@ def _build_policy(data: Any, pos: _Positions, *, require_version: bool) -> Polic
             first = rules[seen[rule.name]]
             at = f" (line {first.location.line})" if first.location.line is not None else ""
             path = ("rules", rule.index, "name")
-            if "name" in raw_rules[rule.index]:
+            if raw_rules[rule.index].get("name") is not None:
                 raise pos.error(f"duplicate rule name {rule.name!r} in rules[{rule.index}]; already used by "
                                 f"rules[{first.index}]{at}; rule names must be unique", path)
             # this rule has no name: its default one, '<apply>[<index>]', is what an earlier rule was named
@@ -899,7 +979,7 @@ def _build_capture(raw: Any, pos: _Positions) -> CaptureConfig:
         raise pos.error(f"capture must be a mapping with keys {', '.join(_CAPTURE_KEYS)}, found {_describe(raw)}",
                         path)
     _check_keys(raw, _CAPTURE_KEYS, path, pos, "in capture")
-    mode = raw.get("mode", "auto")
+    mode = _given(raw, "mode", "auto")
     if not isinstance(mode, str) or mode not in CAPTURE_MODES:
         hint = _did_you_mean(mode, CAPTURE_MODES)
         raise pos.error(f"capture.mode must be one of {', '.join(CAPTURE_MODES)}; found {_describe(mode)}"
@@ -914,13 +994,20 @@ def _build_capture(raw: Any, pos: _Positions) -> CaptureConfig:
     return CaptureConfig(mode=mode, leaf_modules=leaves)
 
 
+def _given(mapping: dict, key: str, default: Any) -> Any:
+    """``mapping[key]``, or ``default`` when the key is absent or null: in a policy, null means "not given"."""
+    value = mapping.get(key)
+    return default if value is None else value
+
+
 def _elem_path(mapping: dict, key: str, path: tuple, i: int) -> tuple:
     return path + (key, i) if isinstance(mapping.get(key), list) else path + (key,)
 
 
 def _strings(mapping: dict, key: str, path: tuple, pos: _Positions, *, allow_empty: bool) -> tuple[str, ...]:
-    """``mapping[key]`` as a tuple of non-empty strings (a single string or a list of strings accepted)."""
-    if key not in mapping:
+    """``mapping[key]`` as a tuple of non-empty strings (a single string or a list of strings accepted); ``()``
+    when the key is absent or null."""
+    if mapping.get(key) is None:
         return ()
     value = mapping[key]
     here = path + (key,)
@@ -985,6 +1072,9 @@ def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
         raise pos.error(f"{label}.with must be a mapping of parameters for pass {apply!r}, found "
                         f"{_describe(given)}", with_path)
     spec = pass_cls.param_spec()
+    # null means "not given": the parameter's default, unless null is one of its values (``seed: null``)
+    given = {key: value for key, value in given.items()
+             if not (value is None and key in spec and type(None) not in spec[key].types)}
     for key, value in given.items():
         if key not in spec:
             hint = _did_you_mean(key, spec)
@@ -1001,12 +1091,12 @@ def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
         msg = e.args[0] if e.args else str(e)
         raise pos.error(f"{label}.with: {msg}", with_path) from None
 
-    optional = raw.get("optional", False)
+    optional = _given(raw, "optional", False)
     if not isinstance(optional, bool):
         raise pos.error(f"{label}.optional must be true or false, found {_describe(optional)}",
                         path + ("optional",))
 
-    if "name" in raw:
+    if raw.get("name") is not None:
         name = raw["name"]
         if not isinstance(name, str) or not name.strip():
             raise pos.error(f"{label}.name must be a non-empty string, found {_describe(name)}", path + ("name",))
