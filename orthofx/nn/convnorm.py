@@ -161,11 +161,15 @@ Module design
 -------------
 :class:`ConvNormConv2d` (and ``1d`` / ``3d``) *owns* the convolution as its child ``conv`` and computes
 conv + normalisation in one forward (it calls the functional convolution with ``conv.weight`` at stride 1 and
-padding ``Q``, so forward hooks registered on the inner ``conv`` do not fire). A graph pass replaces the conv
-by the wrapper under the same qualified name, so the conv's parameters become ``<name>.conv.weight`` /
-``<name>.conv.bias``. The wrapper exposes the conv's ``weight``, ``bias``, ``stride``, ``padding``, ``dilation``,
-``groups``, ``kernel_size``, ``in_channels`` and ``out_channels`` as read-only properties, so code that reads a
-layer's weight by name (``orthofx.penalty`` terms, metrics) keeps working on the wrapped layer.
+padding ``Q``, so forward hooks registered on the inner ``conv`` do not fire). The conv's own ``forward`` is never
+called, so a subclass whose class overrides ``forward`` or ``_conv_forward`` (``StdConv2d``'s weight
+standardisation, a scaled output) is refused rather than have that code dropped: the constructor raises a
+:class:`~orthofx.errors.LayerArgumentError`, the ``convnorm`` pass skips the layer with the reason. A graph pass
+replaces the conv by the wrapper under the same qualified name, so the conv's parameters become
+``<name>.conv.weight`` / ``<name>.conv.bias``. The wrapper exposes the conv's ``weight``, ``bias``, ``stride``,
+``padding``, ``dilation``, ``groups``, ``kernel_size``, ``in_channels`` and ``out_channels`` as read-only
+properties, so code that reads a layer's weight by name (``orthofx.penalty`` terms, metrics) keeps working on the
+wrapped layer.
 
 Symbolic tracing
 ----------------
@@ -688,12 +692,51 @@ def _not_a_conv(conv, accepted: str, fix: str) -> _LayerTypeError:
     return _LayerTypeError(f"{accepted}, got a {type(conv).__qualname__}; {fix}")
 
 
+#: The methods of ``nn.Conv{d}d`` whose code decides what the layer computes from its weight and input.
+_CONV_CODE = ("forward", "_conv_forward")
+
+
+def overridden_conv_code(conv: nn.Module) -> str | None:
+    """Why ConvNorm cannot wrap ``conv``, a subclass of ``nn.Conv{d}d`` whose class overrides ``forward`` or
+    ``_conv_forward`` (a weight-standardised ``StdConv2d``, a scaled or shifted output, fake quantisation), or
+    ``None``.
+
+    ConvNorm never calls the conv's forward: it convolves the input with ``conv.weight`` at stride 1 over the
+    whole linear correlation, filters by ``V`` of that weight, then crops and subsamples at the conv's output
+    positions (see the module docs), so another forward's code cannot be put through it and would be dropped
+    silently. The ``ConvNormConv{d}d`` constructor raises it, the ``convnorm`` pass skips the layer with it. A
+    subclass that only adds attributes or a constructor, or a torch parametrization of the weight (which ConvNorm
+    reads at every forward), is fine.
+
+    >>> import torch
+    >>> class Scaled(torch.nn.Conv2d):
+    ...     def forward(self, x):
+    ...         return 2 * super().forward(x)
+    >>> overridden_conv_code(Scaled(3, 4, 3)).split(", whose")[0]
+    'Scaled overrides nn.Conv2d.forward (Scaled.forward)'
+    >>> overridden_conv_code(torch.nn.Conv2d(3, 4, 3)) is None
+    True
+    """
+    mro = type(conv).__mro__
+    base = next((klass for klass in mro if klass in _CONV_CLS.values()), None)
+    if base is None:
+        return None
+    for name in _CONV_CODE:
+        owner = next(klass for klass in mro if name in vars(klass))
+        if mro.index(owner) < mro.index(base):
+            return (f"{type(conv).__qualname__} overrides nn.{base.__name__}.{name} ({owner.__qualname__}.{name}), "
+                    f"whose code ConvNorm would drop (it convolves with the layer's weight itself)")
+    return None
+
+
 class ConvNormConvNd(nn.Module):
     """A convolution followed by ConvNorm (P3), as one module owning the conv (see the module docstring).
 
     Args:
         conv: the convolution (``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` for the 1d / 2d / 3d class; any padding,
-            padding mode, stride, dilation, groups; not transposed). It becomes the child ``conv``.
+            padding mode, stride, dilation, groups; not transposed). It becomes the child ``conv``. A subclass whose
+            class overrides ``forward`` or ``_conv_forward`` is refused (:func:`overridden_conv_code`): the wrapper
+            convolves with ``conv.weight`` itself and would drop that code.
         eps: added to ``sum_c |K_hat|^2`` before the inverse square root (> 0).
         affine: add the learned depthwise-conv affine part (child ``affine``), initialised to the identity.
         momentum: ``None`` (default) to recompute ``V`` from the weight in eval too; a float in (0, 1] to keep
@@ -718,6 +761,16 @@ class ConvNormConvNd(nn.Module):
             raise _not_a_conv(conv, f"{type(self).__name__} wraps an nn.{self._conv_type.__name__}",
                               "pass one, or use orthofx.nn.convnorm.with_convnorm(conv) to pick the class of its "
                               "dimension")
+        problem = overridden_conv_code(conv)
+        if problem is not None:
+            raise _LayerTypeError(
+                f"{type(self).__name__} cannot wrap this convolution: {problem}. ConvNorm never calls the conv's "
+                f"forward: it convolves the input with conv.weight at stride 1 over the whole correlation, filters "
+                f"the result, then crops and subsamples at the conv's output positions, so another forward cannot "
+                f"be put through it. Fix: compute a kernel change (weight standardisation) as "
+                f"torch.nn.utils.parametrize.register_parametrization(conv, 'weight', ...), which ConvNorm reads at "
+                f"every forward; otherwise wrap a plain nn.{self._conv_type.__name__} and keep the rest of the "
+                f"override as a module of its own")
         if isinstance(conv.weight, nn.parameter.UninitializedParameter):
             raise LayerArgumentError("the convolution is lazy and not initialised yet; run it once before wrapping it")
         eps = _checked_eps(eps)

@@ -1849,7 +1849,26 @@ class _FrozenConvTranspose(nn.Sequential):
             stride = tuple(self[0].stride)
             label = layer_label(self).replace(type(self).__name__, f"frozen OrthogonalConvTranspose{len(stride)}d", 1)
             _check_transposed_output_size(x, output_size, stride, label)
-        return super().forward(x)
+        y = self[0](x)
+        return _in_conv_dtype(self[1](y), y)
+
+
+def _in_conv_dtype(out: torch.Tensor, conv_out: torch.Tensor) -> torch.Tensor:
+    """``out`` (the folded output plus the bias) in the dtype of ``conv_out`` (the transposed conv's output).
+
+    Under ``torch.autocast`` the conv runs in autocast's half precision, but the bias is added after the fold,
+    outside the conv autocast casts, and a float32 bias would promote the output back to float32, where
+    ``nn.ConvTranspose{d}d`` (bias inside the conv) and :class:`OrthogonalConv2d` return autocast's dtype. The sum is
+    rounded once, from float32. Outside autocast the dtypes agree and nothing happens; a symbolic
+    (``torch.fx.Proxy``) value gets the cast recorded, so that a traced graph run under autocast does the same.
+
+    >>> conv_out = torch.ones(1, 2, 4, dtype=torch.bfloat16)
+    >>> _in_conv_dtype(conv_out + torch.tensor([0.5, 1.0]).reshape(-1, 1), conv_out).dtype
+    torch.bfloat16
+    """
+    if isinstance(out, torch.fx.Proxy) or out.dtype != conv_out.dtype:
+        return out.to(conv_out.dtype)
+    return out
 
 
 def _adjoint_conv(layer: nn.Module, build):
@@ -2038,10 +2057,10 @@ class _OrthogonalConvTransposeNd(nn.Module):
             _check_transposed_output_size(x, output_size, self.stride, layer_label(self))
         weight = self.conv._cached("weight", lambda: self.conv.weight)
         y = _CONV_TRANSPOSE_FN[d](x, weight, None, self.stride, 0, self._overflow, self.groups, self.dilation)
-        y = circular_fold(y, self.pads)
+        out = circular_fold(y, self.pads)
         if self.bias is not None:
-            y = y + self.bias.reshape(-1, *(1,) * d)
-        return y
+            out = out + self.bias.reshape(-1, *(1,) * d)
+        return _in_conv_dtype(out, y)
 
     def extra_repr(self) -> str:
         s = _conv_arguments_repr(self, self.output_padding)

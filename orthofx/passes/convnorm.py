@@ -15,7 +15,9 @@ node keeps its target and now calls the wrapper. Consequences:
   transformed model; ``accepts`` says why).
 
 Supported: any padding / padding mode, stride, dilation, groups, ``1 x k`` kernels. Not supported: transposed
-convolutions, lazy convolutions that have not run yet.
+convolutions, lazy convolutions that have not run yet, and conv subclasses whose class overrides ``forward`` or
+``_conv_forward`` (skipped with the reason: the wrapper convolves with the weight itself and would drop that code;
+capture traces through an overridden ``forward`` anyway unless ``capture.leaf_modules`` lists the class).
 
 Parameters: ``eps`` (> 0, default 1e-5), ``affine`` (default false: no learned depthwise affine part).
 Eval mode recomputes ``V`` from the weight (the wrapper's ``momentum=None``), so train and eval agree exactly.
@@ -43,7 +45,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn.convnorm import WRAPPED_MARKER, ConvNormConvNd, channel_gains, with_convnorm
+from ..nn.convnorm import (WRAPPED_MARKER, ConvNormConvNd, channel_gains, overridden_conv_code,
+                           with_convnorm)
 from .base import Change, Param, Pass, PassContext, PlanEntry, describe_module, require_initialised
 from .registry import register_pass
 
@@ -96,6 +99,11 @@ class ConvNormPass(Pass):
             return f"{site.name} already belongs to a ConvNorm layer"
         if not site.name:
             return "ConvNorm cannot replace the root module"
+        # the wrapper refuses such a layer: skipped here, not failing in apply after the passes before it ran
+        problem = None if module is None else overridden_conv_code(module)
+        if problem is not None:
+            return (f"{problem}; make a change of the kernel a torch parametrization of the weight "
+                    "(ConvNorm reads it at every forward), or leave the layer without ConvNorm")
         return None
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
