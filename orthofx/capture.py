@@ -2509,6 +2509,76 @@ def _size_text(size: int | tuple[int, int | None] | None) -> str:
     return str(size)
 
 
+# Ops that move or drop an input's dimensions: a recurrent layer reached through one of them does not read the
+# input's own dimension 0 and 1 as its layout says.
+_LAYOUT_CHANGING = {"permute", "transpose", "t", "T", "mT", "movedim", "moveaxis", "swapaxes", "swapdims", "view",
+                    "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "select", "slice", "getitem",
+                    "index", "narrow", "unbind", "split", "chunk", "cat", "concat", "stack", "strided", "unfold"}
+
+
+def recurrent_layout(node: torch.fx.Node, model: nn.Module | None) -> tuple[str, bool, bool] | None:
+    """How the recurrent layer (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``) that the graph input ``node`` feeds reads
+    it: ``(label, batch_first, batched)``, e.g. ``("GRU 'rnn'", False, True)``, when the input reaches one such
+    layer's input through ops that keep its dimensions 0 and 1 in place (an embedding, dropout, elementwise
+    ops; not a transpose, reshape or indexing), else None. ``model``: the module the graph's call_module nodes
+    name."""
+    if model is None:
+        return None
+    found = set()
+    seen = {node}
+    todo = [node]
+    while todo:
+        current = todo.pop()
+        for user in current.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "call_module":
+                try:
+                    module = model.get_submodule(str(user.target))
+                except AttributeError:
+                    continue
+                if isinstance(module, nn.RNNBase):
+                    if user.args and user.args[0] is current:
+                        value = current.meta.get("val")
+                        batched = not (isinstance(value, torch.Tensor) and value.dim() == 2)
+                        found.add((f"{type(module).__name__} '{user.target}'", bool(module.batch_first), batched))
+                    continue
+                if isinstance(module, (nn.Flatten, nn.Unflatten)):
+                    continue
+            elif user.op in ("call_function", "call_method"):
+                name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+                name = name or str(user.target)
+                if set(re.split(r"[^A-Za-z]+", str(name))) & _LAYOUT_CHANGING:
+                    continue
+            else:
+                continue
+            todo.append(user)
+    return found.pop() if len(found) == 1 else None
+
+
+def layout_text(layout: tuple[str, bool, bool]) -> tuple[str, str]:
+    """The layer and its input layout, for messages (:func:`recurrent_layout`'s ``layout``), e.g.
+    ``("the seq-first GRU 'rnn'", "batch_first=False: input (L, N, H_in)")``."""
+    label, batch_first, batched = layout
+    if not batched:
+        return f"the {label}", "unbatched: input (L, H_in)"
+    if batch_first:
+        return f"the {label}", "batch_first=True: input (N, L, H_in)"
+    return f"the seq-first {label}", "batch_first=False: input (L, N, H_in)"
+
+
+def _reads_as(layout: tuple[str, bool, bool] | None, dim: int) -> str:
+    """What a recurrent layer of ``layout`` reads in dimension ``dim`` of its input: ``"sequence length L"``,
+    ``"batch N"``, or ``""`` (the features, or no layout)."""
+    if layout is None:
+        return ""
+    _, batch_first, batched = layout
+    names = ["sequence length L"] if not batched else ["batch N", "sequence length L"] if batch_first else [
+        "sequence length L", "batch N"]
+    return names[dim] if dim < len(names) else ""
+
+
 _GUARDED_VALUE_TYPES = (bool, int, float, str, type(None))
 
 
@@ -2520,8 +2590,14 @@ class _InputGuards:
     ``inputs``: the nodes standing for export's inputs (:attr:`_ExportRebuilder.inputs`: placeholders, and the
     items of a ``*args`` placeholder); the graph's placeholders by default."""
 
-    def __init__(self, graph: torch.fx.Graph, inputs: list[torch.fx.Node] | None = None):
+    def __init__(self, graph: torch.fx.Graph, inputs: list[torch.fx.Node] | None = None,
+                 model: nn.Module | None = None):
         self.placeholders = list(inputs) if inputs is not None else [n for n in graph.nodes if n.op == "placeholder"]
+        # how the recurrent layer an input feeds reads its dimensions: a seq-first layer's dimension 0, which
+        # export keeps dynamic as the batch of every other input, is the sequence length
+        recurrent = model is not None and any(isinstance(m, nn.RNNBase) for m in model.modules())
+        self.layouts = {node: layout for node in self.placeholders if recurrent
+                        and (layout := recurrent_layout(node, model)) is not None}
         self.shapes: dict[torch.fx.Node, tuple[int | None, ...]] = {}
         self.values: dict[torch.fx.Node, Any] = {}
         for node in self.placeholders:
@@ -2551,13 +2627,27 @@ class _InputGuards:
             for node in self.placeholders:
                 if node in self.shapes:
                     flag = (True,) if node is batch_node else ()
+                    if node in self.layouts:
+                        flag = (node is batch_node, self.layouts[node])
                     graph.call_function(require_input_shape, (node, node.name, self.shapes[node]) + flag)
                 elif node in self.values:
                     graph.call_function(require_input_value, (node, node.name, self.values[node]))
 
     def warnings(self) -> list[str]:
         found = []
-        if self.batch is not None:
+        if self.batch is not None and _reads_as(self.layouts.get(self.batch[0]), 0) == "sequence length L":
+            node, length = self.batch
+            layer, layout = layout_text(self.layouts[node])
+            shape, second = self.shapes[node], _reads_as(self.layouts[node], 1)
+            fixed = (f"; its dimension 1, the {second}, is fixed to {shape[1]} too"
+                     if second and len(shape) > 1 and isinstance(shape[1], int) else "")
+            found.append(
+                f"torch.export specialised the graph to dimension 0 of input '{node.name}' = {length}, which {layer} "
+                f"reads as the sequence length L ({layout}), not the batch: the captured model only accepts "
+                f"sequences of length {length} (others raise an error){fixed}. Give example inputs of the sequence "
+                "length you will use, build the layer with batch_first=True (input (N, L, H_in)), or capture with "
+                "symbolic tracing (capture: {mode: fx})")
+        elif self.batch is not None:
             batch = self.batch[1]
             found.append(
                 f"torch.export specialised the graph to batch size {batch} (the forward needs the batch size as a "
@@ -2583,19 +2673,21 @@ class _InputGuards:
 
 
 @torch.fx.node.has_side_effect  # kept by dead-code elimination: it has no users
-def require_input_shape(x: Any, name: str, shape: tuple, batch: bool = False) -> None:
+def require_input_shape(x: Any, name: str, shape: tuple, batch: bool = False, layout: tuple | None = None) -> None:
     """Refuse an input whose shape differs where torch.export specialised the captured graph (``shape``: the
     fixed size of each dimension, None for a dynamic one, ``(lowest, highest)`` for a dynamic one the forward's
     Python code narrowed): the graph would otherwise compute with the example's sizes and return a wrong result (a
     loop over ``x.size(1)`` unrolled five times reads steps 0-4 of any sequence; ``if x.shape[0] > 2:`` kept only
-    the branch the example took). ``batch``: dimension 0 is the batch export fixed (the error says so)."""
+    the branch the example took). ``batch``: dimension 0 is the batch export fixed (the error says so);
+    ``layout``: how the recurrent layer ``x`` feeds reads it (:func:`recurrent_layout`), so that the error names
+    the sequence length or the batch where it says "dimension d"."""
     if (isinstance(x, torch.Tensor) and x.dim() == len(shape)
             and all(_size_fits(x.shape[d], size) for d, size in enumerate(shape))):
         return
-    raise ArgumentError(_shape_mismatch(x, name, shape, batch))
+    raise ArgumentError(_shape_mismatch(x, name, shape, batch, layout))
 
 
-def _shape_mismatch(x: Any, name: str, shape: tuple, batch: bool) -> str:
+def _shape_mismatch(x: Any, name: str, shape: tuple, batch: bool, layout: tuple | None = None) -> str:
     expected = "(" + ", ".join(_size_text(size) for size in shape) + ")"
     if x is None:  # left out, or None: the example gave a tensor, and the graph has no branch for None
         return (f"input '{name}': this model was captured with torch.export with a tensor for {name} (of shape "
@@ -2605,6 +2697,15 @@ def _shape_mismatch(x: Any, name: str, shape: tuple, batch: bool) -> str:
         got = f"a {type(x).__name__}"
     else:
         got = f"shape {tuple(x.shape)}"
+        if batch and x.dim() == len(shape) and x.shape[0] != shape[0] and _reads_as(layout, 0) == "sequence length L":
+            layer, text = layout_text(layout)
+            second = _reads_as(layout, 1)
+            read = f"sequence length {x.shape[0]}" + (f", {second[:-2]} {x.shape[1]}" if second and x.dim() > 1 else "")
+            return (f"input '{name}': this model was captured with torch.export for inputs of size {shape[0]} in "
+                    f"dimension 0 only, which {layer} reads as the sequence length L ({text}), not the batch; got "
+                    f"{got} ({read}). Fix: transform it again with example inputs of the sequence length you will "
+                    "use, build the layer with batch_first=True (input (N, L, H_in)), or capture it with symbolic "
+                    "tracing (capture: {mode: fx} in the policy) if it traces")
         if batch and x.dim() == len(shape) and x.shape[0] != shape[0]:
             return (f"this model was captured with torch.export for batch size {shape[0]} only (its forward needs "
                     f"the batch size as a constant, e.g. a Python loop over x.size(0)); got input '{name}' of "
@@ -2616,6 +2717,10 @@ def _shape_mismatch(x: Any, name: str, shape: tuple, batch: bool) -> str:
                         f"code branched on this size, and the graph keeps only the example's branch)")
             else:
                 got += f": dimension {d} is {x.shape[d]}, not {shape[d]}"
+            what = _reads_as(layout, d)
+            if what:
+                layer, text = layout_text(layout)
+                got += f" ({layer} reads dimension {d} as the {what}; {text})"
     return (f"input '{name}': this model was captured with torch.export for tensors of shape {expected} there "
             f"('*': any size; 'a..b': a size from a to b; the graph is specialised to the others), got {got}. "
             f"Fix: pass inputs of that shape, "
@@ -2770,7 +2875,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
                 f"the call '{exc.call.name}' of leaf module '{exc.call.path}' stays as inlined ATen ops in the "
                 f"exported graph ({exc}): rules do not see this call, passes that replace the module do not "
                 "affect it (its weights are still the module's)")
-    guards = _InputGuards(graph, rebuilder.inputs)
+    guards = _InputGuards(graph, rebuilder.inputs, model)
     guards.insert(graph, rebuilder.prologue_end)
     info.warnings.extend(guards.warnings())
     info.warnings.extend(_device_warnings(graph))

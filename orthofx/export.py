@@ -73,7 +73,7 @@ import torch
 from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-from .capture import (ModalGraphModule, batch_dynamic_shapes, capture, copy_model, sequence_helper,
+from .capture import (ModalGraphModule, batch_dynamic_shapes, capture, copy_model, layout_text, sequence_helper,
                       unwrap_model)
 from .errors import SITE_ATTRIBUTE, CaptureError, ExportError, OrthofxError, first_few
 from .nn.conditioning import power_newton_schulz
@@ -655,15 +655,65 @@ def _grown_batch(example: ExampleCall, batched: set[int]) -> ExampleCall:
     return ExampleCall(tuple(args), dict(kwargs))
 
 
+def _seq_first_inputs(model: nn.Module, example: ExampleCall) -> list[tuple[str, torch.Tensor, str]]:
+    """``(label, tensor, layer)`` of each example tensor that a seq-first recurrent layer of ``model`` (``nn.RNN`` /
+    ``nn.LSTM`` / ``nn.GRU`` with ``batch_first=False``, ``layer`` naming it) reads as ``(L, N, H_in)``: the sizes
+    of its input's dimensions 0 and 1 in one run on the example are the tensor's (an embedding keeps them). A
+    tensor whose two sizes are equal is left out: they cannot tell L from N. For messages only (one more run)."""
+    root = unwrap_model(model)
+    seen: list[tuple[str, tuple[int, int]]] = []
+
+    def hook(name):
+        def record(module, args):
+            if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3:
+                seen.append((name, tuple(args[0].shape[:2])))
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in root.named_modules()
+               if isinstance(module, nn.RNNBase) and not module.batch_first]
+    if not handles:
+        return []
+    try:
+        _checked_run(root, example)
+    except Exception:  # noqa: BLE001 - only a note for a message about another failure
+        return []
+    finally:
+        for handle in handles:
+            handle.remove()
+    found = []
+    for label, x in example.named_inputs():
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] != x.shape[1]:
+            layer = next((name for name, sizes in seen if sizes == tuple(x.shape[:2])), None)
+            if layer is not None:
+                found.append((label, x, f"{type(root.get_submodule(layer)).__name__} '{layer}'"))
+    return found
+
+
+def _seq_first_message(found: list[tuple[str, torch.Tensor, str]], what: str) -> str:
+    """Why a dynamic batch fails for seq-first inputs (:func:`_seq_first_inputs`): dimension 0, which
+    ``dynamic_batch`` makes dynamic, is their sequence length, which torch.export fixes; ``what``: the failure."""
+    label, x, layer = found[0]
+    subject, layout = layout_text((layer, False, True))
+    return (f"{what}: dimension 0 of {label} (shape {tuple(x.shape)}) is not the batch but the sequence length L = "
+            f"{x.shape[0]} of {subject} ({layout}; the batch N = {x.shape[1]} is dimension 1), and dynamic_batch "
+            "makes dimension 0 dynamic, which torch.export fixes for a recurrent layer. Fix: pass "
+            "dynamic_batch=False to export the example's shape, or build the layer with batch_first=True (input "
+            "(N, L, H_in)) for a dynamic batch")
+
+
 def _check_dynamic_batch(path: str, batched: set[int], example: ExampleCall, reference: nn.Module, run,
                          measure=_max_diff) -> Any:
     """Run the exported model (``run(call) -> outputs``) on a batch one larger than the example's and compare
     with ``reference`` (``measure(expected, actual)``: the largest difference, or for ONNX
     :func:`_worst_output`); ``batched``: the tensors the exported model takes with a dynamic dimension 0
-    (:func:`_batched_leaves`)."""
+    (:func:`_batched_leaves`). A failure for an input in a seq-first recurrent layer's layout says so: its
+    dimension 0 is the sequence length (:func:`_seq_first_inputs`)."""
     fix = ("pass dynamic_batch=False to export the example's batch size, or make the batch size a dynamic value "
            "in the model (no Python loop or list over the batch)")
     if not batched:
+        seq_first = _seq_first_inputs(reference, example)
+        if seq_first:
+            raise ExportError(_seq_first_message(seq_first, f"{path}: no input kept a dynamic batch dimension"))
         raise ExportError(f"{path}: no input kept a dynamic batch dimension: the model fixes its batch size when "
                           f"traced; {fix}")
     grown = _grown_batch(example, batched)
@@ -672,6 +722,11 @@ def _check_dynamic_batch(path: str, batched: set[int], example: ExampleCall, ref
         actual = run(grown)
         return measure(expected, actual)
     except Exception as exc:
+        seq_first = _seq_first_inputs(reference, example)
+        if seq_first:
+            raise ExportError(_seq_first_message(
+                seq_first, f"{path}: the exported model does not take a dimension 0 one larger than the example's "
+                           f"({_root_cause(exc)})")) from exc
         raise ExportError(f"{path}: the exported model does not take a batch one larger than the example's "
                           f"({_root_cause(exc)}); {fix}") from exc
 
@@ -951,19 +1006,26 @@ def _batch_too_small(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] < 2
 
 
-def _check_batch(example: ExampleCall, dynamic_batch: bool) -> None:
+def _check_batch(example: ExampleCall, dynamic_batch: bool, model: nn.Module | None = None) -> None:
     """Refuse a dynamic batch that the example's tensors, positional, keyword or nested in either (the leaves
     :func:`orthofx.capture.batch_dynamic_shapes` marks), cannot give (see :func:`batch_too_small_for_dynamic`).
 
     A tensor that broadcasts over the batch of the others (a mask of shape ``(1, ...)``) is refused too: torch.export
     would fix its dimension 0 at 1 in a ``.pt2`` program, and the ONNX exporter fails on it ("1 not in VR[2,
-    int_oo]"); expanded to the batch, it is exported with the batch of the others."""
+    int_oo]"); expanded to the batch, it is exported with the batch of the others. With ``model``, an input that a
+    seq-first recurrent layer of it reads as ``(L, N, H_in)`` is refused as such: its dimension 0 is the sequence
+    length, not the batch (:func:`_seq_first_inputs`)."""
     if not dynamic_batch:
         return
     named = [(label, x) for label, x in example.named_inputs() if isinstance(x, torch.Tensor) and x.dim() > 0]
     for label, x in named:
         if not _batch_too_small(x):
             continue
+        seq_first = [found for found in (_seq_first_inputs(model, example) if model is not None else [])
+                     if found[0] == label]
+        if seq_first:
+            raise ExportError(_seq_first_message(seq_first, f"{label} has size {x.shape[0]} in dimension 0, from "
+                                                            "which torch.export cannot trace a dynamic dimension"))
         batch = x.shape[0]
         batched = [(other, t.shape[0]) for other, t in named if t.shape[0] >= 2]
         broadcast = ""
@@ -1068,7 +1130,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
         _check_opset(opset)
         _check_onnx_layers(model)
     _check_finite_inputs(example)
-    _check_batch(example, dynamic_batch)
+    _check_batch(example, dynamic_batch, model)
     frozen = freeze(model, example.args, example_kwargs=example.kwargs)
     call = _export_call(frozen, example)
     if suffix == ".onnx":

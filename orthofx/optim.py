@@ -16,7 +16,10 @@ so that what the "before" hooks changed is undone (OLR's lr); torch skips post-h
 A hook class may define classmethods ``before_step_group(hooks, root, optimizer)`` and
 ``after_step_group(hooks, root, optimizer)``: ``attach`` then hands it all its hooks at once, so that it can batch
 their work (the Riemannian hooks retract all same-shaped weights in one batched call); an optional
-``check_group(hooks, root, optimizer)`` then replaces the hooks' own ``check`` calls.
+``check_group(hooks, root, optimizer)`` then replaces the hooks' own ``check`` calls. An optional classmethod
+``attach_warning(hooks, parts, optimizer)`` returns the text of a warning (or None) about all the hooks of its class
+in every attached part (``parts``: each hook's part path): ``attach`` gives it once per call, not once per part
+(the Riemannian hooks' warning about LBFGS with ``max_iter > 1``).
 
 A model that ``orthofx.transform`` did not return but that holds transformed models (a transformed backbone inside
 a bigger model: :func:`orthofx.penalty.transformed_parts`) gets the hooks of every such part, each run on its part
@@ -28,13 +31,14 @@ from __future__ import annotations
 import functools
 import itertools
 import types
+import warnings
 import weakref
 
 import torch
 from torch import nn
 
 from .capture import unwrap_model
-from .errors import ArgumentError, OrthofxError
+from .errors import ArgumentError, OrthofxError, OrthofxWarning
 from .passes.base import refuse_fsdp1
 from .passes.riemannian import is_zero_redundancy
 from .penalty import averaged_copies, part_site_path, trained_parts, transformed_parts
@@ -201,6 +205,26 @@ def _batches(hooks: list) -> list[tuple[type | None, list]]:
         else:
             batches.append((None, [hook]))
     return batches
+
+
+def _attach_warnings(checked: list[tuple[_PartHooks, list]], optimizer: torch.optim.Optimizer, given: set[type],
+                     stacklevel: int) -> None:
+    """Give the ``attach_warning`` of each hook class among ``checked`` (``(part, hooks)`` pairs: the hooks just
+    checked, of every part) once for all the parts together, unless ``given`` (the classes already warned about by
+    this attach call) holds the class: a model holding several transformed parts gets one warning per attach."""
+    by_class: dict[type, tuple[list, list[str]]] = {}
+    for part, hooks in checked:
+        for hook in hooks:
+            cls = type(hook)
+            if cls not in given and callable(getattr(cls, "attach_warning", None)):
+                found, paths = by_class.setdefault(cls, ([], []))
+                found.append(hook)
+                paths.append(part.path)
+    for cls, (found, paths) in by_class.items():
+        text = cls.attach_warning(found, paths, optimizer)
+        if text:
+            given.add(cls)
+            warnings.warn(text, OrthofxWarning, stacklevel=stacklevel + 1)
 
 
 class _PartHooks:
@@ -403,6 +427,8 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         part.sort_out(owned, holds_any)
     for part in parts:
         part.check(optimizer, part.hooks)
+    warned: set[type] = set()  # the hook classes whose attach_warning this call gave (once, for all the parts)
+    _attach_warnings([(part, part.hooks) for part in parts], optimizer, warned, stacklevel=2)
     for part in parts:
         part.setup(optimizer, part.hooks)
     # the handle's lists: every part's hooks, rebuilt in place when a skipped hook starts to run (the closures hold
@@ -420,6 +446,7 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
             return
         for part, hooks_added in added:
             part.check(opt, hooks_added)
+        _attach_warnings(added, opt, warned, stacklevel=1)  # inside optimizer.step(): no user frame to point at
         for part, hooks_added in added:
             part.setup(opt, hooks_added)
         for part, hooks_added in added:

@@ -33,6 +33,9 @@ from torch import fx, nn
 
 from .capture import ModalGraphModule, _is_torch_layer, module_scopes
 from .errors import PlanError, first_few
+from .nn import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
+                 OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
+from .nn.convnorm import ConvNormConvNd
 from .passes.base import (RECURRENT_TYPES, CaptureInfo, PlanEntry, Site, derived_weight, describe_module,
                           reads_only_metadata, require_initialised, stops_producer_walk)
 from .passes.registry import get_pass
@@ -516,6 +519,107 @@ def _traced_through_note(rule: Rule, hidden: list[str], traced: dict[str, type])
             f"forward's own code)")
 
 
+# The orthofx.nn layers that passes put in place of a torch layer (orthogonal_conv, pre_svd, convnorm): rules on
+# torch layer types do not select them, so a second transform of a transformed model finds nothing there.
+_EXACTLY_ORTHOGONAL = (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
+                       OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
+_REPLACEMENT_LAYERS = _EXACTLY_ORTHOGONAL + (ConvNormConvNd,)
+
+
+@dataclass(frozen=True)
+class OrthofxLayer:
+    """An orthofx layer of a model (:func:`orthofx_layers`) at ``name``, of class ``layer``: ``original`` (e.g.
+    ``Conv2d(4->4, k=3, s=1)``) is the torch layer it replaced and ``made_by`` (e.g. ``orthogonal_conv (rule
+    'orthogonal')``) the pass that did it, as the manifest of the transform that made it records them; both are
+    empty when no manifest says (a layer the user built)."""
+
+    name: str
+    layer: str
+    exactly_orthogonal: bool
+    original: str = ""
+    made_by: str = ""
+
+    def original_type(self) -> type | None:
+        """The torch.nn class of :attr:`original`, or None when unknown."""
+        cls = getattr(nn, self.original.split("(", 1)[0], None) if self.original else None
+        return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
+
+
+def orthofx_layers(model: nn.Module) -> list[OrthofxLayer]:
+    """The outermost orthofx layers of ``model`` that passes put in place of torch layers (orthogonal
+    convolutions and linears, ConvNorm), with what they replaced and the pass that did it when the manifest of
+    ``model`` (or of a transformed part of it) records that.
+
+    Example::
+
+        import torch, orthofx
+        gm = orthofx.transform(torch.nn.Sequential(torch.nn.Linear(4, 4)), "orthogonal")
+        [layer] = orthofx.plan.orthofx_layers(gm)
+        assert (layer.name, layer.layer, layer.original) == ("0", "OrthogonalLinear", "Linear(4->4)")
+        assert layer.made_by == "orthogonal_conv (rule 'orthogonal')"
+    """
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _REPLACEMENT_LAYERS) and not any(name.startswith(f"{outer}.") for outer in found):
+            found[name] = module
+    if not found:
+        return []
+    from .transform import _find_manifest  # transform imports this module: not at the top
+
+    made: dict[str, tuple[str, str]] = {}  # layer path -> (original layer, pass and rule)
+    for path, module in model.named_modules():
+        manifest = _find_manifest(module)
+        for change in manifest.changes if manifest is not None else ():
+            name = ".".join(p for p in (path, change.site) if p)
+            after = str(change.after.get("layer", ""))
+            if name in found and after.startswith(type(found[name]).__name__) and "layer" in change.before:
+                made.setdefault(name, (str(change.before["layer"]), f"{change.pass_name} (rule '{change.rule}')"))
+    return [OrthofxLayer(name, type(module).__name__, isinstance(module, _EXACTLY_ORTHOGONAL), *made.get(name, ()))
+            for name, module in found.items()]
+
+
+def _passed_over(rule: Rule, layers: list[OrthofxLayer], fed_by: dict[str, set[str]], known_only: bool,
+                 selected: Iterable[str] = ()) -> list[OrthofxLayer]:
+    """The orthofx ``layers`` that ``rule`` would select as the torch layer each replaced (its ``where:`` aside,
+    which reads attributes of a layer that is gone); with ``known_only`` False, the layers whose original is
+    unknown too. A layer holding a site the rule selected (``selected``: ConvNorm's inner conv) is left out."""
+    if rule.match.site_kind != "module":
+        return []
+    match = dataclasses.replace(rule.match, where={})
+    passed = []
+    for layer in layers:
+        if any(name == layer.name or name.startswith(f"{layer.name}.") for name in selected):
+            continue
+        cls = layer.original_type()
+        if cls is None:
+            if not known_only:
+                passed.append(layer)
+        elif _selects(match, Site("module", layer.name, cls.__name__, None, cls), None, fed_by):
+            passed.append(layer)
+    return passed
+
+
+def _already_orthofx_note(layers: list[OrthofxLayer]) -> str:
+    """Why ``layers`` (orthofx layers a rule passes over) are not selected, and what to do instead."""
+    kinds = ", ".join(f"{t} x{n}" for t, n in Counter(layer.layer for layer in layers).most_common())
+    originals = list(dict.fromkeys(layer.original.split("(", 1)[0] for layer in layers if layer.original))
+    passes = list(dict.fromkeys(layer.made_by for layer in layers if layer.made_by))
+    made = (f", put in place of {' / '.join(originals)} layers by {'; '.join(passes)} in an earlier "
+            "orthofx.transform" if passes else "")
+    exact = [layer.layer for layer in layers if layer.exactly_orthogonal]
+    note = (f"{len(layers)} layer(s) of the model are already orthofx layers ({kinds}{made}): "
+            f"{first_few([repr(layer.name) for layer in layers], 4)}, which rules on torch layer types do not "
+            f"select. ")
+    if exact:
+        note += (f"The {' and '.join(dict.fromkeys(exact))} layers are exactly orthogonal already. To apply this "
+                 "policy to them, transform the original model instead (one policy can hold the rules of both "
+                 "transforms), or freeze this one first (orthofx.freeze bakes them into plain layers)")
+    else:
+        note += ("To apply this policy to them, transform the original model instead (one policy can hold the rules "
+                 "of both transforms)")
+    return note
+
+
 def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None = None,
                blocks: Iterable[str] = (), model: nn.Module | None = None) -> Plan:
     """Match ``policy`` against the captured ``gm``; raise :class:`PlanError` for a rule that matches nothing, and
@@ -549,17 +653,21 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
         capture.warnings.extend(w for w in notes if w not in capture.warnings)
 
     replaced: dict[tuple[str, str], tuple[str, str]] = {}  # site -> (rule, pass) that replaces its module
+    # e.g. a second transform of a transformed model: a rule on Conv2d passes over its OrthogonalConv2d layers
+    existing = orthofx_layers(model if model is not None else gm)
     for rule in policy.rules:
         pass_cls = get_pass(rule.apply)
         pass_obj = pass_cls()
         group = getattr(pass_cls, "group", "") or pass_cls.name
         selected = 0
         rejected: list[tuple[Site, str]] = []
+        chosen: list[str] = []
         for site in sites:
             module = _module_or_none(gm, site)
             if not _rule_selects(rule, site, module, fed_by, aliases.get(site.name, ())):
                 continue
             selected += 1
+            chosen.append(site.name)
             key = (site.kind, site.name, group)
             if key in winners:
                 shadowed.append((site, rule.name, winners[key]))
@@ -589,12 +697,18 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
         hidden = _hidden_by_tracing(rule, model, traced)
         if hidden and (selected or rule.optional) and capture is not None:
             capture.warnings.append(_traced_through_note(rule, hidden, traced))
+        passed_over = _passed_over(rule, existing, fed_by, known_only=bool(selected) or rule.optional,
+                                   selected=chosen)
+        if passed_over and (selected or rule.optional) and capture is not None:
+            capture.warnings.append(f"rule '{rule.name}' passes over orthofx layers: "
+                                    f"{_already_orthofx_note(passed_over)}")
         if selected == 0:
             if rule.optional:
                 unmatched_optional.append(rule.name)
                 continue
             note = f" Note: {_traced_through_note(rule, hidden, traced)}." if hidden else ""
-            raise PlanError(_no_match_message(rule, sites) + _missing_attribute_hint(rule, sites, gm, fed_by) + note
+            raise PlanError(_no_match_message(rule, sites, passed_over)
+                            + _missing_attribute_hint(rule, sites, gm, fed_by) + note
                             + _excluded_all_hint(rule, sites, gm, fed_by) + _root_layer_hint(rule, model))
         if selected == len(rejected) and not rule.optional:
             details = "; ".join(f"{s.name}: {r}" for s, r in rejected[:5])
@@ -807,7 +921,8 @@ def _root_layer_hint(rule: Rule, model: nn.Module | None) -> str:
             "site '0')")
 
 
-def _no_match_message(rule: Rule, sites: list[Site]) -> str:
+def _no_match_message(rule: Rule, sites: list[Site], passed_over: list[OrthofxLayer] = ()) -> str:
+    """``passed_over``: the orthofx layers the rule passes over (:func:`_passed_over`), the likely cause."""
     kind = rule.match.site_kind
     candidates = [s for s in sites if s.kind == kind]
     where = ""
@@ -824,5 +939,8 @@ def _no_match_message(rule: Rule, sites: list[Site]) -> str:
         types = Counter(s.target for s in candidates)
         top = ", ".join(f"{t} x{n}" for t, n in types.most_common(8)) or "none"
         hint = f"the graph's module sites: {top}"
+        if passed_over:
+            return (f"rule '{rule.name}'{where} matched no {kind} site; {hint}. {_already_orthofx_note(passed_over)}"
+                    "; or mark the rule 'optional: true' if the policy is meant for several models.")
     return (f"rule '{rule.name}'{where} matched no {kind} site; {hint}. Fix the match, or mark the rule "
             "'optional: true' if the policy is meant for several models.")

@@ -116,8 +116,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from ..errors import (ArgumentError, LayerArgumentError, OrthofxError, OrthofxWarning, PlanError, ScaleLostWarning,
-                      TransformError, first_few)
+from ..errors import (ArgumentError, LayerArgumentError, OrthofxError, PlanError, ScaleLostWarning, TransformError,
+                      first_few)
 from ..nn import stiefel
 from ..nn.precision import describe_nonfinite
 from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, TiedUse,
@@ -229,27 +229,28 @@ class StiefelHook(OptimizerHook):
         return stiefel.flatten_weight(tensor, self.groups)
 
     @classmethod
-    def check_group(cls, hooks: list[StiefelHook], root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """:meth:`check` of every hook in ``hooks`` at once (``attach``). LBFGS with ``max_iter > 1`` gets one
-        :class:`~orthofx.OrthofxWarning`: it takes several inner steps per ``optimizer.step()`` and the hooks run
-        only around the call (the projection after the closure's first evaluation), so the inner steps are
-        Euclidean and the curvature history LBFGS keeps stops matching the retracted weights. The weights still end
-        each step on the manifold, but training may diverge where plain LBFGS converges (lr 1, max_iter 20, no line
-        search: the loss went from 1.5 to 1e8 in 8 steps)."""
-        for hook in hooks:
-            hook.check(root, optimizer)
+    def attach_warning(cls, hooks: list[StiefelHook], parts: list[str], optimizer: torch.optim.Optimizer
+                       ) -> str | None:
+        """The :class:`~orthofx.OrthofxWarning` that ``attach`` gives once per call for these ``hooks``, all the
+        StiefelHooks of every transformed part it attaches (``parts[i]``: the path of ``hooks[i]``'s part, ``""``
+        for the attached model itself), or None. LBFGS with ``max_iter > 1`` takes several inner steps per
+        ``optimizer.step()`` and the hooks run only around the call (the projection after the closure's first
+        evaluation), so the inner steps are Euclidean and the curvature history LBFGS keeps stops matching the
+        retracted weights. The weights still end each step on the manifold, but training may diverge where plain
+        LBFGS converges (lr 1, max_iter 20, no line search: the loss went from 1.5 to 1e8 in 8 steps)."""
         inner = [group["max_iter"] for group in optimizer.param_groups if group["max_iter"] > 1] \
             if isinstance(optimizer, torch.optim.LBFGS) else []
-        if hooks and inner:
-            rules = [f"'{rule}'" for rule in dict.fromkeys(hook.rule for hook in hooks)]
-            sites = first_few([f"'{hook._label()}'" for hook in hooks], 4)
-            warnings.warn(
-                f"riemannian (rule{'s' * (len(rules) > 1)} {', '.join(rules)}: {sites}): LBFGS with "
+        if not hooks or not inner:
+            return None
+        rules = [f"'{rule}'" for rule in dict.fromkeys(hook.rule for hook in hooks)]
+        # sites as the attached model names them: one warning covers every part, whose own site names may repeat
+        sites = first_few([f"'{'.'.join(p for p in (part, hook._label()) if p)}'" for hook, part in zip(hooks, parts)],
+                          4)
+        return (f"riemannian (rule{'s' * (len(rules) > 1)} {', '.join(rules)}: {sites}): LBFGS with "
                 f"max_iter={inner[0]} takes {inner[0]} steps inside one optimizer.step(), and the Riemannian "
                 "projection and retraction run only around the call: its inner steps are Euclidean and its curvature "
                 "history stops matching the retracted weights, which can make training diverge. Build LBFGS with "
-                "max_iter=1 (with line_search_fn='strong_wolfe' it converged in tests), or use SGD / Adam",
-                OrthofxWarning, stacklevel=4)
+                "max_iter=1 (with line_search_fn='strong_wolfe' it converged in tests), or use SGD / Adam")
 
     def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         type(self).before_step_group([self], root, optimizer)
