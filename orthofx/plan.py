@@ -516,7 +516,7 @@ def _traced_through_note(rule: Rule, hidden: list[str], traced: dict[str, type])
             f"{', '.join(bases) or 'a matched torch.nn layer'} with their own forward, which capture traced "
             f"through, so the graph calls no such layer). To treat them as layers, list the class in the policy's "
             f"capture: {{leaf_modules: [{', '.join(classes)}]}} (a pass that replaces the layer then drops its "
-            f"forward's own code)")
+            f"forward's own code; convnorm, which needs the conv's own operation, skips such a layer)")
 
 
 # The orthofx.nn layers that passes put in place of a torch layer (orthogonal_conv, pre_svd, convnorm): rules on
