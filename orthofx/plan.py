@@ -39,6 +39,7 @@ from .nn.convnorm import ConvNormConvNd
 from .passes.base import (RECURRENT_TYPES, CaptureInfo, PlanEntry, Site, derived_weight, describe_module,
                           reads_only_metadata, require_initialised, stops_producer_walk)
 from .passes.registry import get_pass
+from .passes.svd_conditioning import decomposition_op
 from .policy import Match, Policy, Rule
 
 __all__ = ["Plan", "build_plan", "block_paths", "collect_sites", "describe_module", "other_mode_graph",
@@ -531,13 +532,18 @@ class OrthofxLayer:
     """An orthofx layer of a model (:func:`orthofx_layers`) at ``name``, of class ``layer``: ``original`` (e.g.
     ``Conv2d(4->4, k=3, s=1)``) is the torch layer it replaced and ``made_by`` (e.g. ``orthogonal_conv (rule
     'orthogonal')``) the pass that did it, as the manifest of the transform that made it records them; both are
-    empty when no manifest says (a layer the user built)."""
+    empty when no manifest says (a layer the user built).
+
+    ``kind`` ``"function"``: an orthofx decomposition of the graph (:func:`orthofx_decompositions`) at the function
+    site ``name``, ``layer`` the stand-in (``stable_eigh``, ``power_newton_schulz``), ``original`` the torch op it
+    stands in for (``linalg.eigh``: as the manifest records it, else as the graph's call computes it)."""
 
     name: str
     layer: str
     exactly_orthogonal: bool
     original: str = ""
     made_by: str = ""
+    kind: str = "module"
 
     def original_type(self) -> type | None:
         """The torch.nn class of :attr:`original`, or None when unknown."""
@@ -564,30 +570,127 @@ def orthofx_layers(model: nn.Module) -> list[OrthofxLayer]:
             found[name] = module
     if not found:
         return []
+    made: dict[str, tuple[str, str]] = {}  # layer path -> (original layer, pass and rule)
+    for path, change in _recorded_changes(model):
+        name = ".".join(p for p in (path, change.site) if p)
+        after = str(change.after.get("layer", ""))
+        if name in found and after.startswith(type(found[name]).__name__) and "layer" in change.before:
+            made.setdefault(name, (str(change.before["layer"]), f"{change.pass_name} (rule '{change.rule}')"))
+    return [OrthofxLayer(name, type(module).__name__, isinstance(module, _EXACTLY_ORTHOGONAL), *made.get(name, ()))
+            for name, module in found.items()]
+
+
+def _recorded_changes(model: nn.Module):
+    """``(path, change)`` for each Change in the manifests of ``model`` and of the transformed parts inside it."""
     from .transform import _find_manifest  # transform imports this module: not at the top
 
-    made: dict[str, tuple[str, str]] = {}  # layer path -> (original layer, pass and rule)
     for path, module in model.named_modules():
         manifest = _find_manifest(module)
         for change in manifest.changes if manifest is not None else ():
-            name = ".".join(p for p in (path, change.site) if p)
-            after = str(change.after.get("layer", ""))
-            if name in found and after.startswith(type(found[name]).__name__) and "layer" in change.before:
-                made.setdefault(name, (str(change.before["layer"]), f"{change.pass_name} (rule '{change.rule}')"))
-    return [OrthofxLayer(name, type(module).__name__, isinstance(module, _EXACTLY_ORTHOGONAL), *made.get(name, ()))
-            for name, module in found.items()]
+            yield path, change
+
+
+#: The stand-in that replaces a decomposition and the matrix power computed from it (``method: newton_schulz``)
+_NEWTON_SCHULZ = "power_newton_schulz"
+
+
+def _decomposition_family(op: str) -> str:
+    """``"eigh"``, ``"svd"`` or ``"newton_schulz"``: what a graph re-captured from a transformed model still tells
+    of a replaced op (it traces through the stand-ins into the custom ops, so ``stable_svdvals`` is a
+    ``orthofx::svd_stable`` call there)."""
+    return "newton_schulz" if op == _NEWTON_SCHULZ else "eigh" if "eig" in op else "svd"
+
+
+def orthofx_decompositions(gm: fx.GraphModule, model: nn.Module | None = None) -> list[OrthofxLayer]:
+    """The calls in ``gm``'s graph (both graphs of a two-mode model) of orthofx's stable decompositions (the
+    stand-ins ``stable_eigh`` ... that ``svd_conditioning`` puts in place of torch's ops, or the custom ops
+    ``orthofx::eigh_stable`` / ``svd_stable`` they call, as a re-captured graph holds them) and of Newton-Schulz
+    powers: rules on torch's ops do not select them. Where the manifest of ``model`` (default ``gm``) records
+    the replacements, one per call in graph order, each is named by the function site it replaced, with that op
+    and the pass that did it; otherwise by the op it computes (``"<scope>:<op>"``).
+
+    Example::
+
+        import torch, orthofx
+        class Eig(torch.nn.Module):
+            def forward(self, x):
+                return torch.linalg.eigvalsh(x.T @ x)
+        gm = orthofx.transform(Eig(), "svd", example_inputs=(torch.randn(8, 3),))
+        [dec] = orthofx.plan.orthofx_decompositions(gm)
+        assert (dec.name, dec.layer, dec.original) == ("linalg.eigvalsh", "stable_eigvalsh", "linalg.eigvalsh")
+        assert dec.made_by == "svd_conditioning (rule 'stable-decompositions')"
+    """
+    other = other_mode_graph(gm)
+    graphs = [(gm.graph if other is None else gm.graph_for(gm.graph_training), "")]
+    if other is not None:
+        graphs.append(other)
+    found: list[OrthofxLayer] = []
+    recorded: list[OrthofxLayer] | None = None  # the replacements the manifests record, in their order
+    for graph, mode in graphs:
+        counts: Counter[str] = Counter()
+        calls: list[OrthofxLayer] = []
+        for node in graph.nodes:
+            op = decomposition_op(node) if _op_name(node) is None else None  # torch's own are sites
+            if op is None and not (node.op == "call_function"
+                                   and getattr(node.target, "__name__", "") == _NEWTON_SCHULZ):
+                continue
+            op = op or _NEWTON_SCHULZ
+            scope = _scope(node)
+            base = f"{scope}:{op}" if scope else op
+            counts[base] += 1
+            name = (base if counts[base] == 1 else f"{base}#{counts[base]}") + (f"@{mode}" if mode else "")
+            target = str(node.target)  # the custom op prints as orthofx.eigh_stable.default
+            stand_in = (f"orthofx::{target.split('.')[1]}" if target.startswith("orthofx.")
+                        else getattr(node.target, "__name__", target))
+            calls.append(OrthofxLayer(name, stand_in, False, "" if op == _NEWTON_SCHULZ else op, kind="function"))
+        if not calls:
+            continue
+        if recorded is None:  # read once, and only for a graph holding such calls (most hold none)
+            recorded = _recorded_decompositions(model if model is not None else gm)
+        mine = [r for r in recorded if r.name.endswith(f"@{mode}") == bool(mode)]
+        # the manifest names the sites as the first transform saw them; used where it lines up with the graph
+        if len(mine) == len(calls) and all(_decomposition_family(r.original if r.layer != _NEWTON_SCHULZ else r.layer)
+                                           == _decomposition_family(c.original or _NEWTON_SCHULZ)
+                                           for r, c in zip(mine, calls)):
+            calls = mine
+        found += calls
+    return found
+
+
+def _recorded_decompositions(model: nn.Module) -> list[OrthofxLayer]:
+    """The decompositions the manifests of ``model`` (and of transformed parts inside it) record as replaced by
+    orthofx's, in their order, named by the function site each replaced (qualified by the part's path)."""
+    recorded = []
+    for path, change in _recorded_changes(model):
+        after, before = str(change.after.get("op", "")), str(change.before.get("op", ""))
+        if not after.startswith("orthofx.nn.conditioning.") or not before or change.status.startswith("skipped"):
+            continue
+        site = change.site if not path else f"{path}.{change.site}" if ":" in change.site else f"{path}:{change.site}"
+        recorded.append(OrthofxLayer(site, after.rsplit(".", 1)[-1], False, before,
+                                     f"{change.pass_name} (rule '{change.rule}')", kind="function"))
+    return recorded
 
 
 def _passed_over(rule: Rule, layers: list[OrthofxLayer], fed_by: dict[str, set[str]], known_only: bool,
                  selected: Iterable[str] = ()) -> list[OrthofxLayer]:
     """The orthofx ``layers`` that ``rule`` would select as the torch layer each replaced (its ``where:`` aside,
-    which reads attributes of a layer that is gone); with ``known_only`` False, the layers whose original is
-    unknown too. A layer holding a site the rule selected (``selected``: ConvNorm's inner conv) is left out."""
-    if rule.match.site_kind != "module":
+    which reads attributes of a layer that is gone), or for a function rule the orthofx decompositions
+    (:func:`orthofx_decompositions`) it would select as the torch op each computes; with ``known_only`` False, the
+    layers whose original is unknown too. A layer holding a site the rule selected (``selected``: ConvNorm's inner
+    conv) is left out."""
+    kind = rule.match.site_kind
+    if kind not in ("module", "function"):
         return []
     match = dataclasses.replace(rule.match, where={})
     passed = []
     for layer in layers:
+        if layer.kind != kind:
+            continue
+        if kind == "function":
+            if (_selects(match, Site("function", layer.name, layer.original), None, fed_by) if layer.original
+                    else not known_only):
+                passed.append(layer)
+            continue
         if any(name == layer.name or name.startswith(f"{layer.name}.") for name in selected):
             continue
         cls = layer.original_type()
@@ -600,20 +703,28 @@ def _passed_over(rule: Rule, layers: list[OrthofxLayer], fed_by: dict[str, set[s
 
 
 def _already_orthofx_note(layers: list[OrthofxLayer]) -> str:
-    """Why ``layers`` (orthofx layers a rule passes over) are not selected, and what to do instead."""
+    """Why ``layers`` (orthofx layers a rule passes over, or orthofx decompositions: ``kind`` ``"function"``) are
+    not selected, and what to do instead."""
+    decompositions = all(layer.kind == "function" for layer in layers)
     kinds = ", ".join(f"{t} x{n}" for t, n in Counter(layer.layer for layer in layers).most_common())
-    originals = list(dict.fromkeys(layer.original.split("(", 1)[0] for layer in layers if layer.original))
+    originals = list(dict.fromkeys(layer.original.split("(", 1)[0] for layer in layers
+                                   if layer.original and layer.made_by))
     passes = list(dict.fromkeys(layer.made_by for layer in layers if layer.made_by))
-    made = (f", put in place of {' / '.join(originals)} layers by {'; '.join(passes)} in an earlier "
-            "orthofx.transform" if passes else "")
+    made = (f", put in place of {' / '.join(originals)} {'calls' if decompositions else 'layers'} by "
+            f"{'; '.join(passes)} in an earlier orthofx.transform" if passes else "")
     exact = [layer.layer for layer in layers if layer.exactly_orthogonal]
-    note = (f"{len(layers)} layer(s) of the model are already orthofx layers ({kinds}{made}): "
-            f"{first_few([repr(layer.name) for layer in layers], 4)}, which rules on torch layer types do not "
-            f"select. ")
+    what = ("decomposition(s) of the graph are already orthofx's stable ones" if decompositions else
+            "layer(s) of the model are already orthofx layers")
+    select = "rules on torch's decompositions (match: op)" if decompositions else "rules on torch layer types"
+    note = (f"{len(layers)} {what} ({kinds}{made}): {first_few([repr(layer.name) for layer in layers], 4)}, which "
+            f"{select} do not select. ")
     if exact:
         note += (f"The {' and '.join(dict.fromkeys(exact))} layers are exactly orthogonal already. To apply this "
                  "policy to them, transform the original model instead (one policy can hold the rules of both "
                  "transforms), or freeze this one first (orthofx.freeze bakes them into plain layers)")
+    elif decompositions and not passes:  # no manifest: the model calls orthofx's stand-ins itself
+        note += ("To apply this policy to them, call torch's op there instead (torch.linalg.eigh ...), or, if an "
+                 "earlier orthofx.transform put them there, transform the original model instead")
     else:
         note += ("To apply this policy to them, transform the original model instead (one policy can hold the rules "
                  "of both transforms)")
@@ -654,7 +765,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
 
     replaced: dict[tuple[str, str], tuple[str, str]] = {}  # site -> (rule, pass) that replaces its module
     # e.g. a second transform of a transformed model: a rule on Conv2d passes over its OrthogonalConv2d layers
-    existing = orthofx_layers(model if model is not None else gm)
+    existing = orthofx_layers(model if model is not None else gm) + orthofx_decompositions(gm, model)
     for rule in policy.rules:
         pass_cls = get_pass(rule.apply)
         pass_obj = pass_cls()
@@ -700,7 +811,8 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
         passed_over = _passed_over(rule, existing, fed_by, known_only=bool(selected) or rule.optional,
                                    selected=chosen)
         if passed_over and (selected or rule.optional) and capture is not None:
-            capture.warnings.append(f"rule '{rule.name}' passes over orthofx layers: "
+            things = "decompositions" if rule.match.site_kind == "function" else "layers"
+            capture.warnings.append(f"rule '{rule.name}' passes over orthofx {things}: "
                                     f"{_already_orthofx_note(passed_over)}")
         if selected == 0:
             if rule.optional:
@@ -939,8 +1051,8 @@ def _no_match_message(rule: Rule, sites: list[Site], passed_over: list[OrthofxLa
         types = Counter(s.target for s in candidates)
         top = ", ".join(f"{t} x{n}" for t, n in types.most_common(8)) or "none"
         hint = f"the graph's module sites: {top}"
-        if passed_over:
-            return (f"rule '{rule.name}'{where} matched no {kind} site; {hint}. {_already_orthofx_note(passed_over)}"
-                    "; or mark the rule 'optional: true' if the policy is meant for several models.")
+    if passed_over:
+        return (f"rule '{rule.name}'{where} matched no {kind} site; {hint}. {_already_orthofx_note(passed_over)}"
+                "; or mark the rule 'optional: true' if the policy is meant for several models.")
     return (f"rule '{rule.name}'{where} matched no {kind} site; {hint}. Fix the match, or mark the rule "
             "'optional: true' if the policy is meant for several models.")

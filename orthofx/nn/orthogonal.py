@@ -90,6 +90,8 @@ Construction (per group; the math, checked numerically in ``tests/test_orthogona
    ``nn.Conv2d``, about a frozen BCOP conv with circular padding). ``torch.fx.symbolic_trace`` of a model holding
    either traces the symbol op by op from ``cayley_kernel`` (it is fixed by ``input_size``) and records its
    application (input checks, FFTs, bias) as one call of ``_fourier_forward``, which needs concrete shapes.
+   Under ``torch.autocast`` both compute in float32 (torch's FFTs are no autocast op, with no bfloat16 FFT on a
+   CPU) and return autocast's dtype, rounded once, as ``nn.Conv2d`` does there.
 
 The kernel is rebuilt from the parameters at every access of :attr:`weight` (nothing is cached), in
 ``compute_dtype`` (keyword argument and attribute; float64 by default, then rounded to the layer's dtype, which
@@ -129,7 +131,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, MetaWeightError, layer_label
 from orthofx.nn.padding import CircularFold, CircularPad, circular_fold, circular_pad, flat_pads
-from orthofx.nn.precision import HALF_PRECISION, autocast_off, describe_nonfinite, relative_distance
+from orthofx.nn.precision import (HALF_PRECISION, autocast_conv_dtype, autocast_off, describe_nonfinite,
+                                  relative_distance)
 from orthofx.nn.stiefel import orthonormal, project_to_stiefel
 from orthofx.theory import _flag, adjoint_case, orthogonal_conv_exists
 
@@ -326,13 +329,16 @@ def _space_to_depth(x: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
     return x.reshape(shape).permute(perm).reshape(-1, channels * math.prod(stride), *grid)
 
 
-def _apply_symbol(x: torch.Tensor, symbol: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+def _apply_symbol(x: torch.Tensor, symbol: torch.Tensor, stride: tuple[int, ...],
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     r"""``y = IFFT(Q(f) FFT(s2d(x)))``: a circular (strided) convolution given by its per-frequency matrices.
 
     ``x``: ``(B, g C, n_1, ..., n_d)`` real; ``symbol``: ``(g, F, M, C S^d)`` complex, one ``M x C S^d`` matrix per
     frequency of the ``rfftn`` half spectrum of the ``n/S`` grid (``F`` of them, C-order). Returns
-    ``(B, g M, n_1/S_1, ..., n_d/S_d)`` in ``x``'s dtype (computed in float32 for half-precision inputs).
+    ``(B, g M, n_1/S_1, ..., n_d/S_d)`` in ``dtype`` (default ``x``'s; computed in float32 for half-precision
+    inputs, complex64 products also inside ``torch.autocast``, which casts no complex tensor).
     """
+    dtype = x.dtype if dtype is None else dtype
     d = len(stride)
     dims = tuple(range(-d, 0))
     g, nf, m, c = symbol.shape
@@ -340,7 +346,7 @@ def _apply_symbol(x: torch.Tensor, symbol: torch.Tensor, stride: tuple[int, ...]
         # an empty batch, as nn.Conv takes it: the FFT backends refuse it (MKL: "Inconsistent configuration
         # parameters"); the empty sum keeps the output attached to the symbol (zero gradients, as nn.Conv's)
         grid = [n // s for n, s in zip(x.shape[2:], stride)]
-        return x.new_zeros(0, g * m, *grid) + symbol.real.reshape(-1)[:0].sum().to(x.dtype)
+        return x.new_zeros(0, g * m, *grid, dtype=dtype) + symbol.real.reshape(-1)[:0].sum().to(dtype)
     work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     xs = _space_to_depth(x.to(work), stride)
     grid = xs.shape[2:]
@@ -349,7 +355,7 @@ def _apply_symbol(x: torch.Tensor, symbol: torch.Tensor, stride: tuple[int, ...]
     xh = xh.reshape(-1, g, c, nf).permute(1, 3, 2, 0)            # (g, F, C S^d, B)
     yh = torch.matmul(symbol.to(xh.dtype), xh)                   # (g, F, M, B)
     yh = yh.permute(3, 0, 2, 1).reshape(-1, g * m, *freq)
-    return torch.fft.irfftn(yh, s=grid, dim=dims).to(x.dtype)
+    return torch.fft.irfftn(yh, s=grid, dim=dims).to(dtype)
 
 
 def _tap_index(n: int, stride: int, left: int, taps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -476,7 +482,10 @@ def _fourier_forward(x: torch.Tensor, symbol: torch.Tensor, bias: torch.Tensor |
     r"""The forward of a Fourier-domain layer (``method="cayley_fft"`` and :class:`FourierConv`): the input checks,
     :math:`y = \mathrm{IFFT}(Q(f)\,\mathrm{FFT}(x'))` with ``symbol`` :math:`Q` (``(g, F, M, C S^d)`` complex),
     plus ``bias``; an unbatched input gives an unbatched output. ``label`` names the layer in errors; ``frozen``
-    picks the fix an input of another spatial size is told (freeze another method, or build another layer).
+    picks the fix an input of another spatial size is told (freeze another method, or build another layer). The
+    output has ``x``'s dtype, or inside ``torch.autocast`` the dtype ``nn.Conv{d}d`` returns there
+    (:func:`~orthofx.nn.precision.autocast_conv_dtype`: bfloat16 for a float32 input under bfloat16 autocast),
+    computed in float32 and rounded once.
 
     Registered with ``torch.fx.wrap`` below: ``torch.fx.symbolic_trace`` records it as one call (the checks, the
     unbatched case and the empty batch need concrete shapes, which a Proxy does not have), while the symbol, a
@@ -497,10 +506,14 @@ def _fourier_forward(x: torch.Tensor, symbol: torch.Tensor, bias: torch.Tensor |
             f"orthogonal operator lives in the Fourier domain of that one grid: resize the input, {fix} (an explicit "
             f"kernel that works on every size)")
     unbatched = x.dim() == d + 1
-    y = _apply_symbol(x.unsqueeze(0) if unbatched else x, symbol, stride)
+    # under torch.autocast a conv returns autocast's dtype; the FFTs are no autocast op (and the CPU has no
+    # bfloat16 FFT), so the operator and the bias run in float32 and the sum is rounded once, as nn.Conv's
+    dtype = autocast_conv_dtype(x)
+    y = _apply_symbol(x.unsqueeze(0) if unbatched else x, symbol, stride,
+                      x.dtype if dtype == x.dtype else torch.float32)
     if bias is not None:
         y = y + bias.to(y.dtype).reshape(-1, *(1,) * d)
-    return y.squeeze(0) if unbatched else y
+    return (y.squeeze(0) if unbatched else y).to(dtype)
 
 
 torch.fx.wrap("_fourier_forward")

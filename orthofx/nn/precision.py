@@ -23,8 +23,8 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["HALF_PRECISION", "autocast_enabled", "autocast_off", "describe_nonfinite", "relative_distance",
-           "zero_like_parameters"]
+__all__ = ["HALF_PRECISION", "autocast_conv_dtype", "autocast_enabled", "autocast_off", "describe_nonfinite",
+           "relative_distance", "zero_like_parameters"]
 
 #: The half-precision floating dtypes: what orthofx computes in float32 at least (bfloat16 keeps 8 bits, float16
 #: overflows past 65504, and torch has no half-precision QR, SVD or eigh on the CPU).
@@ -48,6 +48,24 @@ def autocast_off(reference: torch.Tensor):
     if autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def autocast_conv_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``nn.Conv{d}d`` returns for the input ``x``: autocast's dtype where ``torch.autocast`` is on for
+    ``x``'s device and casts ``x`` (a float32 or half-precision input: autocast leaves float64 alone), ``x.dtype``
+    otherwise. For a conv-like layer whose computation is no autocast op (an FFT): it computes in float32 and
+    rounds its output once to this dtype, so that it returns what a conv in its place would.
+
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+    ...     autocast_conv_dtype(torch.ones(2)), autocast_conv_dtype(torch.ones(2, dtype=torch.float64))
+    (torch.bfloat16, torch.float64)
+    >>> autocast_conv_dtype(torch.ones(2))
+    torch.float32
+    """
+    device_type = x.device.type
+    if x.is_floating_point() and x.dtype != torch.float64 and autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 def _scaled_norm(x: torch.Tensor) -> tuple[float, float]:
