@@ -1700,9 +1700,13 @@ def _uncalled_outer_leaves(model: nn.Module, leaves: list[str], called: set[str]
             if path not in called and any(name for name, _ in model.get_submodule(path).named_modules())]
 
 
-def batch_dynamic_shapes(model: nn.Module, inputs: tuple, kwargs: dict[str, Any] | None = None) -> Any:
-    """``dynamic_shapes`` marking dim 0 of every tensor input ``Dim.AUTO`` (dynamic unless the model's code needs
-    the batch size as a constant, which export then specialises without an error); None without ``Dim.AUTO``.
+def batch_dynamic_shapes(model: nn.Module, inputs: tuple, kwargs: dict[str, Any] | None = None,
+                         batch_dims: dict[int, RecurrentBatch] | None = None) -> Any:
+    """``dynamic_shapes`` marking the batch dimension of every tensor input ``Dim.AUTO`` (dynamic unless the
+    model's code needs the batch size as a constant, which export then specialises without an error); None
+    without ``Dim.AUTO``. The batch dimension is 0, or ``batch_dims[id(tensor)].dim`` where given
+    (:func:`recurrent_batch_dims`: 1 for the input ``(L, N, H_in)`` of a seq-first recurrent layer and a hidden
+    state ``(D * num_layers, N, H_out)``; None, sizes that cannot tell: dimension 0 as for any input).
 
     torch.export matches ``dynamic_shapes`` against the forward's parameters, so the inputs a ``*args`` parameter
     collects get one entry together (a tuple), as they are one argument. With keyword inputs the entries are a dict
@@ -1710,9 +1714,12 @@ def batch_dynamic_shapes(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]
     auto = getattr(torch.export.Dim, "AUTO", None)
     if auto is None:  # pragma: no cover - torch < 2.6
         return None
+    dims = batch_dims or {}
 
     def spec(value: Any) -> Any:
-        return {0: auto} if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
+        if not isinstance(value, torch.Tensor) or value.dim() < 1:
+            return None
+        return {getattr(dims.get(id(value)), "dim", None) or 0: auto}
 
     if kwargs:
         try:
@@ -1725,6 +1732,105 @@ def batch_dynamic_shapes(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]
     if named is None or len(specs) < named:
         return specs
     return specs[:named] + (specs[named:],)
+
+
+@contextlib.contextmanager
+def buffers_kept(module: nn.Module):
+    """Put every buffer of ``module`` back as it was (the same tensor, the same values) when the block ends.
+
+    A forward may update a buffer in eval mode too (a step counter, a running mean written in place). The runs on
+    the example inputs that freezing, the export checks and :func:`recurrent_batch_dims` make must not do so: the
+    frozen model would hold the state after one more call than the model it was frozen from (other eval outputs),
+    and an ONNX graph, which cannot keep state, computes every call from the state it was exported with."""
+    # a lazy layer's uninitialised buffers have no values: the run materialises them, as it should
+    lazy = torch.nn.parameter.UninitializedTensorMixin
+    saved = [(owner, name, value, value.detach().clone()) for owner in module.modules()
+             for name, value in owner._buffers.items() if value is not None and not isinstance(value, lazy)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for owner, name, value, before in saved:
+                owner._buffers[name] = value  # the tensor itself, should the forward have rebound the name
+                value.copy_(before)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentBatch:
+    """How a recurrent layer reads an input of the model (:func:`recurrent_batch_dims`): ``dim``, its batch
+    dimension (1), or None where its sizes cannot tell (dimension 0 and 1 of equal size); ``layer``, e.g. ``"GRU
+    'rnn'"``; ``role``, ``"input"`` (of a seq-first layer, ``(L, N, H_in)``) or ``"hidden state"``
+    (``(D * num_layers, N, H_out)``, whatever ``batch_first``)."""
+    dim: int | None
+    layer: str
+    role: str
+
+    def text(self) -> str:
+        """E.g. ``"the input of the seq-first GRU 'rnn' (batch_first=False: input (L, N, H_in))"``."""
+        if self.role == "input":
+            subject, layout = layout_text((self.layer, False, True))
+            return f"the input of {subject} ({layout})"
+        return f"the hidden state of the {self.layer} (h_0 / c_0: (D * num_layers, N, H_out))"
+
+
+def recurrent_batch_dims(model: nn.Module, inputs: tuple, kwargs: dict[str, Any] | None = None
+                         ) -> dict[int, RecurrentBatch]:
+    """``{id(tensor): RecurrentBatch}`` for each tensor of the call ``model(*inputs, **kwargs)`` (nested ones
+    included) whose batch is not dimension 0: the input ``(L, N, H_in)`` of a seq-first recurrent layer
+    (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` with ``batch_first=False``) and a batched hidden state ``h_0`` (and
+    ``c_0``), ``(D * num_layers, N, H_out)``, of any of them: both have the batch N in dimension 1.
+
+    Found by one run of ``model`` on a copy of the inputs (no gradients, buffers and random state kept) with
+    hooks on its recurrent layers: a tensor is a layer's input when its dimensions 0 and 1 are the sizes ``(L, N)``
+    of the layer's input (an embedding or dropout in between keeps them), a hidden state when its shape is that
+    of the layer's ``hx``. Where dimensions 0 and 1 have equal sizes the run cannot tell them apart: ``dim`` is
+    None. Empty for a model without a recurrent layer or whose run fails (the export reports that).
+
+    Example: ``nn.GRU(4, 6)`` (seq-first) called on ``x`` of shape ``(5, 3, 4)`` (L = 5, N = 3) gives
+    ``{id(x): RecurrentBatch(1, "GRU 'rnn'", "input")}``; with ``batch_first=True`` and ``x`` of shape ``(3, 5,
+    4)``, ``{}``."""
+    root = unwrap_model(model)
+    layers = [(name, module) for name, module in root.named_modules() if isinstance(module, nn.RNNBase)]
+    if not layers:
+        return {}
+    kwargs = kwargs or {}
+    inputs_of: dict[tuple[int, int], str] = {}  # (L, N) -> layer
+    hidden_of: dict[tuple[int, ...], str] = {}  # shape -> layer
+
+    def hook(label: str, module: nn.RNNBase):
+        def record(_, args, call_kwargs):
+            x = args[0] if args else call_kwargs.get("input")
+            hx = args[1] if len(args) > 1 else call_kwargs.get("hx")
+            if isinstance(x, torch.Tensor) and x.dim() == 3 and not module.batch_first:
+                inputs_of.setdefault(tuple(x.shape[:2]), label)
+            for h in (hx if isinstance(hx, (tuple, list)) else (hx,)):
+                if isinstance(h, torch.Tensor) and h.dim() == 3:
+                    hidden_of.setdefault(tuple(h.shape), label)
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(f"{type(module).__name__} '{name}'", module), with_kwargs=True)
+               for name, module in layers]
+    leaves = [leaf for leaf in torch.utils._pytree.tree_leaves((inputs, kwargs)) if isinstance(leaf, torch.Tensor)]
+    devices = sorted({t.device.index or 0 for t in leaves if t.device.type == "cuda"})
+    copies = torch.utils._pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (inputs, kwargs))
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), buffers_kept(root):
+            root(*copies[0], **copies[1])
+    except Exception:  # noqa: BLE001 - no layout known: the capture or export reports the failure itself
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    found = {}
+    for x in leaves:
+        if x.dim() == 3 and tuple(x.shape) in hidden_of:
+            read = RecurrentBatch(1, hidden_of[tuple(x.shape)], "hidden state")
+        elif x.dim() >= 2 and tuple(x.shape[:2]) in inputs_of:
+            read = RecurrentBatch(1, inputs_of[tuple(x.shape[:2])], "input")
+        else:
+            continue
+        found[id(x)] = read if x.shape[0] != x.shape[1] else dataclasses.replace(read, dim=None)
+    return found
 
 
 def _shapes_tree(spec: Callable[[Any], Any], value: Any) -> Any:
@@ -1864,11 +1970,13 @@ def _describe_export_failure(exc: BaseException) -> str:
 
 
 def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict[str, Any] | None = None) -> Any:
-    """``torch.export.export`` (non-strict) with a dynamic batch dimension, else static shapes."""
+    """``torch.export.export`` (non-strict) with a dynamic batch dimension, else static shapes. The batch of a
+    seq-first recurrent layer's input ``(L, N, H_in)`` and of a hidden state is dimension 1
+    (:func:`recurrent_batch_dims`)."""
     options = {"strict": False, "preserve_module_call_signature": tuple(leaves)}
     inputs, kwargs = _unaliased_inputs(inputs, kwargs or {})
     attempts = []
-    dynamic = batch_dynamic_shapes(model, inputs, kwargs)
+    dynamic = batch_dynamic_shapes(model, inputs, kwargs, recurrent_batch_dims(model, inputs, kwargs))
     if dynamic is not None:
         attempts.append(dynamic)
     attempts.append(None)
@@ -2612,9 +2720,11 @@ class _InputGuards:
                 self.values[node] = val
         tensors = [n for n in self.placeholders if isinstance(n.meta.get("val"), torch.Tensor)
                    and n.meta["val"].dim() >= 1]
-        # The batch is fixed when no input kept a dynamic dimension 0 (an input that is not batched, such as an
-        # attention mask, has a static dimension 0 next to a batched input's dynamic one).
-        fixed = tensors and all(isinstance(self.shapes.get(n, (None,))[0], int) for n in tensors)
+        # The batch is fixed when no input kept a dynamic dimension (an input that is not batched, such as an
+        # attention mask, has a static dimension 0 next to a batched input's dynamic one). Only batch dimensions
+        # are marked dynamic: dimension 0, or 1 for a seq-first recurrent layer's input and a hidden state.
+        fixed = tensors and all(n in self.shapes and all(isinstance(size, int) for size in self.shapes[n])
+                                for n in tensors)
         self.batch: tuple[torch.fx.Node, int] | None = (tensors[0], self.shapes[tensors[0]][0]) if fixed else None
 
     def insert(self, graph: torch.fx.Graph, after: torch.fx.Node | None = None) -> None:

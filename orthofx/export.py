@@ -60,7 +60,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -73,8 +72,8 @@ import torch
 from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-from .capture import (ModalGraphModule, batch_dynamic_shapes, capture, copy_model, layout_text, sequence_helper,
-                      unwrap_model)
+from .capture import (ModalGraphModule, RecurrentBatch, batch_dynamic_shapes, buffers_kept, capture, copy_model,
+                      recurrent_batch_dims, sequence_helper, unwrap_model)
 from .errors import SITE_ATTRIBUTE, CaptureError, ExportError, OrthofxError, first_few
 from .nn.conditioning import power_newton_schulz
 from .nn.jacobian import JacobianProbe
@@ -216,33 +215,12 @@ def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any 
     return frozen
 
 
-@contextlib.contextmanager
-def _buffers_kept(module: nn.Module):
-    """Put every buffer of ``module`` back as it was (the same tensor, the same values) when the block ends.
-
-    A forward may update a buffer in eval mode too (a step counter, a running mean written in place). The runs on
-    the example inputs that freezing and the export checks make must not do so: the frozen model would hold the
-    state after one more call than the model it was frozen from (other eval outputs), and an ONNX graph, which
-    cannot keep state, computes every call from the state it was exported with."""
-    # a lazy layer's uninitialised buffers have no values: the run materialises them, as it should
-    lazy = torch.nn.parameter.UninitializedTensorMixin
-    saved = [(owner, name, value, value.detach().clone()) for owner in module.modules()
-             for name, value in owner._buffers.items() if value is not None and not isinstance(value, lazy)]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for owner, name, value, before in saved:
-                owner._buffers[name] = value  # the tensor itself, should the forward have rebound the name
-                value.copy_(before)
-
-
 def _checked_run(module: nn.Module, call: ExampleCall) -> Any:
     """``module``'s output on ``call`` as freezing and each check of :func:`export` compute it: without gradients,
     on a copy of the inputs (:meth:`ExampleCall.fresh`), from the module's state as it is (its buffers kept,
-    :func:`_buffers_kept`), so that every run of the checks, on the frozen model and on the written one, computes
-    the same function of the same values."""
-    with torch.no_grad(), _buffers_kept(module):
+    :func:`orthofx.capture.buffers_kept`), so that every run of the checks, on the frozen model and on the written
+    one, computes the same function of the same values."""
+    with torch.no_grad(), buffers_kept(module):
         return call.run(module)
 
 
@@ -629,104 +607,71 @@ def _export_call(frozen: fx.GraphModule, example: ExampleCall) -> ExampleCall:
     return ExampleCall(example.args, {name: example.kwargs[name] for name in sorted(example.kwargs, key=position.get)})
 
 
-def _dynamic_shapes(model: nn.Module, example: ExampleCall, dynamic_batch: bool):
-    """Dimension 0 of every tensor input marked ``Dim.AUTO`` (:func:`orthofx.capture.batch_dynamic_shapes`, as
-    export capture marks them: nested inputs leaf by leaf, a ``*args`` parameter's inputs as one entry, keyword
-    inputs by name): torch.export finds which of them are one batch (equal sizes it has to keep equal), which are
-    free, and which the model fixes. One shared ``Dim`` would tie an input that is not batched (a lookup table) to
-    the batch and fail."""
-    return batch_dynamic_shapes(model, example.args, example.kwargs) if dynamic_batch else None
+Batches = dict[int, RecurrentBatch]  # recurrent_batch_dims: the example tensors whose batch is not dimension 0
 
 
-def _batched_leaves(example: ExampleCall, shapes: list[tuple]) -> set[int]:
+def _batch_dims(model: nn.Module, example: ExampleCall, dynamic_batch: bool) -> Batches:
+    """The example tensors whose batch is dimension 1 (:func:`orthofx.capture.recurrent_batch_dims`: the input
+    ``(L, N, H_in)`` of a seq-first recurrent layer, a hidden state ``(D * num_layers, N, H_out)``); the others'
+    is dimension 0. Empty without ``dynamic_batch`` (nothing is marked)."""
+    return recurrent_batch_dims(model, example.args, example.kwargs) if dynamic_batch else {}
+
+
+def _batch_dim(x: torch.Tensor, dims: Batches) -> int:
+    """The batch dimension of the example tensor ``x`` (:func:`_batch_dims`; 0 where its sizes cannot tell)."""
+    read = dims.get(id(x))
+    return read.dim if read is not None and read.dim is not None else 0
+
+
+def _dynamic_shapes(model: nn.Module, example: ExampleCall, dynamic_batch: bool, dims: Batches):
+    """The batch dimension of every tensor input marked ``Dim.AUTO`` (:func:`orthofx.capture.batch_dynamic_shapes`,
+    as export capture marks them: dimension 0, or 1 for the tensors of ``dims``; nested inputs leaf by leaf, a
+    ``*args`` parameter's inputs as one entry, keyword inputs by name): torch.export finds which of them are one
+    batch (equal sizes it has to keep equal), which are free, and which the model fixes. One shared ``Dim`` would
+    tie an input that is not batched (a lookup table) to the batch and fail."""
+    return batch_dynamic_shapes(model, example.args, example.kwargs, dims) if dynamic_batch else None
+
+
+def _batched_leaves(example: ExampleCall, shapes: list[tuple], dims: Batches) -> set[int]:
     """``id`` of each tensor of the example call (nested ones included) that the exported model takes with a
-    symbolic dimension 0; ``shapes``: the exported graph's input shapes, one per tensor leaf of the call in pytree
-    order (symbolic sizes are not ints)."""
+    symbolic batch dimension (:func:`_batch_dim`); ``shapes``: the exported graph's input shapes, one per tensor
+    leaf of the call in pytree order (symbolic sizes are not ints)."""
     leaves = output_tensors((example.args, example.kwargs))
-    return {id(x) for x, shape in zip(leaves, shapes) if shape and not isinstance(shape[0], int)}
+    return {id(x) for x, shape in zip(leaves, shapes)
+            if len(shape) > _batch_dim(x, dims) and not isinstance(shape[_batch_dim(x, dims)], int)}
 
 
-def _grown_batch(example: ExampleCall, batched: set[int]) -> ExampleCall:
-    """``example`` with one more sample (a copy of the first) in each tensor of ``batched``."""
+def _grown_batch(example: ExampleCall, batched: set[int], dims: Batches) -> ExampleCall:
+    """``example`` with one more sample (a copy of the first) in the batch dimension (:func:`_batch_dim`) of each
+    tensor of ``batched``."""
     def grow(x: Any) -> Any:
-        return torch.cat([x, x[:1]]) if isinstance(x, torch.Tensor) and id(x) in batched else x
+        if not (isinstance(x, torch.Tensor) and id(x) in batched):
+            return x
+        dim = _batch_dim(x, dims)
+        return torch.cat([x, x.narrow(dim, 0, 1)], dim=dim)
 
     args, kwargs = torch.utils._pytree.tree_map(grow, (example.args, example.kwargs))
     return ExampleCall(tuple(args), dict(kwargs))
 
 
-def _seq_first_inputs(model: nn.Module, example: ExampleCall) -> list[tuple[str, torch.Tensor, str]]:
-    """``(label, tensor, layer)`` of each example tensor that a seq-first recurrent layer of ``model`` (``nn.RNN`` /
-    ``nn.LSTM`` / ``nn.GRU`` with ``batch_first=False``, ``layer`` naming it) reads as ``(L, N, H_in)``: the sizes
-    of its input's dimensions 0 and 1 in one run on the example are the tensor's (an embedding keeps them). A
-    tensor whose two sizes are equal is left out: they cannot tell L from N. For messages only (one more run)."""
-    root = unwrap_model(model)
-    seen: list[tuple[str, tuple[int, int]]] = []
-
-    def hook(name):
-        def record(module, args):
-            if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3:
-                seen.append((name, tuple(args[0].shape[:2])))
-        return record
-
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in root.named_modules()
-               if isinstance(module, nn.RNNBase) and not module.batch_first]
-    if not handles:
-        return []
-    try:
-        _checked_run(root, example)
-    except Exception:  # noqa: BLE001 - only a note for a message about another failure
-        return []
-    finally:
-        for handle in handles:
-            handle.remove()
-    found = []
-    for label, x in example.named_inputs():
-        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] != x.shape[1]:
-            layer = next((name for name, sizes in seen if sizes == tuple(x.shape[:2])), None)
-            if layer is not None:
-                found.append((label, x, f"{type(root.get_submodule(layer)).__name__} '{layer}'"))
-    return found
-
-
-def _seq_first_message(found: list[tuple[str, torch.Tensor, str]], what: str) -> str:
-    """Why a dynamic batch fails for seq-first inputs (:func:`_seq_first_inputs`): dimension 0, which
-    ``dynamic_batch`` makes dynamic, is their sequence length, which torch.export fixes; ``what``: the failure."""
-    label, x, layer = found[0]
-    subject, layout = layout_text((layer, False, True))
-    return (f"{what}: dimension 0 of {label} (shape {tuple(x.shape)}) is not the batch but the sequence length L = "
-            f"{x.shape[0]} of {subject} ({layout}; the batch N = {x.shape[1]} is dimension 1), and dynamic_batch "
-            "makes dimension 0 dynamic, which torch.export fixes for a recurrent layer. Fix: pass "
-            "dynamic_batch=False to export the example's shape, or build the layer with batch_first=True (input "
-            "(N, L, H_in)) for a dynamic batch")
-
-
 def _check_dynamic_batch(path: str, batched: set[int], example: ExampleCall, reference: nn.Module, run,
-                         measure=_max_diff) -> Any:
+                         dims: Batches, measure=_max_diff) -> Any:
     """Run the exported model (``run(call) -> outputs``) on a batch one larger than the example's and compare
     with ``reference`` (``measure(expected, actual)``: the largest difference, or for ONNX
-    :func:`_worst_output`); ``batched``: the tensors the exported model takes with a dynamic dimension 0
-    (:func:`_batched_leaves`). A failure for an input in a seq-first recurrent layer's layout says so: its
-    dimension 0 is the sequence length (:func:`_seq_first_inputs`)."""
+    :func:`_worst_output`); ``batched``: the tensors the exported model takes with a dynamic batch dimension
+    (:func:`_batched_leaves`; dimension 1 for the tensors of ``dims``, a seq-first recurrent layer's input and
+    hidden states)."""
     fix = ("pass dynamic_batch=False to export the example's batch size, or make the batch size a dynamic value "
            "in the model (no Python loop or list over the batch)")
     if not batched:
-        seq_first = _seq_first_inputs(reference, example)
-        if seq_first:
-            raise ExportError(_seq_first_message(seq_first, f"{path}: no input kept a dynamic batch dimension"))
         raise ExportError(f"{path}: no input kept a dynamic batch dimension: the model fixes its batch size when "
                           f"traced; {fix}")
-    grown = _grown_batch(example, batched)
+    grown = _grown_batch(example, batched, dims)
     try:
         expected = _outputs(reference, grown)
         actual = run(grown)
         return measure(expected, actual)
     except Exception as exc:
-        seq_first = _seq_first_inputs(reference, example)
-        if seq_first:
-            raise ExportError(_seq_first_message(
-                seq_first, f"{path}: the exported model does not take a dimension 0 one larger than the example's "
-                           f"({_root_cause(exc)})")) from exc
         raise ExportError(f"{path}: the exported model does not take a batch one larger than the example's "
                           f"({_root_cause(exc)}); {fix}") from exc
 
@@ -766,14 +711,15 @@ def _check_opset(opset: int) -> None:
 
 
 def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batch: bool, opset: int,
-                 reference: nn.Module, expected: list[torch.Tensor]) -> tuple[float, tuple[float, float]]:
+                 reference: nn.Module, expected: list[torch.Tensor], dims: Batches
+                 ) -> tuple[float, tuple[float, float]]:
     """Export ``frozen`` and return onnxruntime's largest difference from ``reference`` (``expected``: its output
     tensors on ``example``, computed once by the caller) and
     ``(difference, tolerance)`` of the output furthest beyond the difference it allows (:func:`_worst_output`,
     on the example call and on the larger batch): the export is wrong where that difference exceeds that
     tolerance.
     ``example``: the call as torch.export takes it (:func:`_export_call`); its keyword tensors become graph inputs
-    named as the keywords."""
+    named as the keywords. ``dims``: the tensors whose batch is dimension 1 (:func:`_batch_dims`)."""
     _check_opset(opset)
     try:
         import onnx
@@ -783,7 +729,7 @@ def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_bat
     try:
         torch.onnx.export(frozen, _onnx_positional(example), path, kwargs=example.kwargs or None, dynamo=True,
                           opset_version=opset, verbose=False,
-                          dynamic_shapes=_dynamic_shapes(frozen, example, dynamic_batch))
+                          dynamic_shapes=_dynamic_shapes(frozen, example, dynamic_batch, dims))
     except OSError as exc:
         raise ExportError(f"cannot write {path!r}: {exc}") from exc
     except Exception as exc:
@@ -816,8 +762,9 @@ def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_bat
 
     diff, worst = _onnx_measure(expected, run(example))
     if dynamic_batch:
-        batched = _batched_leaves(example, [tuple(arg.shape) for arg in session.get_inputs()])
-        grown_diff, grown_worst = _check_dynamic_batch(path, batched, example, reference, run, measure=_onnx_measure)
+        batched = _batched_leaves(example, [tuple(arg.shape) for arg in session.get_inputs()], dims)
+        grown_diff, grown_worst = _check_dynamic_batch(path, batched, example, reference, run, dims,
+                                                       measure=_onnx_measure)
         diff = max(diff, grown_diff)
         worst = max(worst, grown_worst, key=lambda pair: pair[0] / pair[1])
     return diff, worst
@@ -908,12 +855,13 @@ def _mutable_output_containers(program: Any) -> None:
     signature.out_spec = pytree.tree_structure(plain(pytree.tree_unflatten(leaves, signature.out_spec)))
 
 
-def _export_pt2(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batch: bool) -> float:
+def _export_pt2(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batch: bool, dims: Batches) -> float:
     """Export ``frozen`` with torch.export on ``example`` (the call as torch.export takes it, :func:`_export_call`;
-    the program takes its keyword inputs by name), reload it and return its largest difference from ``frozen``."""
+    the program takes its keyword inputs by name), reload it and return its largest difference from ``frozen``.
+    ``dims``: the tensors whose batch is dimension 1 (:func:`_batch_dims`)."""
     try:
         program = torch.export.export(frozen, example.args, kwargs=example.kwargs or None,
-                                      dynamic_shapes=_dynamic_shapes(frozen, example, dynamic_batch))
+                                      dynamic_shapes=_dynamic_shapes(frozen, example, dynamic_batch, dims))
     except Exception as exc:
         raise ExportError(f"torch.export failed: {_root_cause(exc)}{_leaf_hint(frozen)}"
                           f"{_packed_sequence_hint(frozen)}") from exc
@@ -956,9 +904,9 @@ def _export_pt2(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batc
         placeholders = {node.name: node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder"}
         values = [placeholders.get(name) for name in program.graph_signature.user_inputs if isinstance(name, str)]
         shapes = [tuple(v.shape) for v in values if isinstance(v, torch.Tensor)]
-        batched = _batched_leaves(example, shapes)
+        batched = _batched_leaves(example, shapes, dims)
         diff = max(diff, _check_dynamic_batch(path, batched, example, frozen,
-                                              lambda call: _outputs(loaded, call)))
+                                              lambda call: _outputs(loaded, call), dims))
     return diff
 
 
@@ -1006,38 +954,46 @@ def _batch_too_small(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] < 2
 
 
-def _check_batch(example: ExampleCall, dynamic_batch: bool, model: nn.Module | None = None) -> None:
+def _check_batch(example: ExampleCall, dynamic_batch: bool, dims: Batches | None = None) -> None:
     """Refuse a dynamic batch that the example's tensors, positional, keyword or nested in either (the leaves
     :func:`orthofx.capture.batch_dynamic_shapes` marks), cannot give (see :func:`batch_too_small_for_dynamic`).
+    The batch is dimension 0, or 1 for the tensors of ``dims`` (:func:`_batch_dims`: a seq-first recurrent layer's
+    input ``(L, N, H_in)``, a hidden state ``(D * num_layers, N, H_out)``); such a tensor whose dimensions 0 and 1
+    have equal sizes is refused, since they cannot tell which one the batch is.
 
     A tensor that broadcasts over the batch of the others (a mask of shape ``(1, ...)``) is refused too: torch.export
     would fix its dimension 0 at 1 in a ``.pt2`` program, and the ONNX exporter fails on it ("1 not in VR[2,
-    int_oo]"); expanded to the batch, it is exported with the batch of the others. With ``model``, an input that a
-    seq-first recurrent layer of it reads as ``(L, N, H_in)`` is refused as such: its dimension 0 is the sequence
-    length, not the batch (:func:`_seq_first_inputs`)."""
+    int_oo]"); expanded to the batch, it is exported with the batch of the others."""
     if not dynamic_batch:
         return
+    dims = dims or {}
     named = [(label, x) for label, x in example.named_inputs() if isinstance(x, torch.Tensor) and x.dim() > 0]
     for label, x in named:
-        if not _batch_too_small(x):
+        read = dims.get(id(x))
+        if read is not None and read.dim is None:
+            raise ExportError(
+                f"{label} (shape {tuple(x.shape)}) is {read.text()}, whose batch N is dimension 1, and its dimensions "
+                f"0 and 1 have the same size {x.shape[0]}: orthofx finds which dimension of an input the layer "
+                "reads as the batch from their sizes, so it cannot tell here. Fix: pass example inputs whose "
+                "batch size differs from the sequence length (and from the number of layers for a hidden state), "
+                "or dynamic_batch=False to export the example's shape")
+    for label, x in named:
+        dim = _batch_dim(x, dims)
+        if x.shape[dim] >= 2:
             continue
-        seq_first = [found for found in (_seq_first_inputs(model, example) if model is not None else [])
-                     if found[0] == label]
-        if seq_first:
-            raise ExportError(_seq_first_message(seq_first, f"{label} has size {x.shape[0]} in dimension 0, from "
-                                                            "which torch.export cannot trace a dynamic dimension"))
-        batch = x.shape[0]
-        batched = [(other, t.shape[0]) for other, t in named if t.shape[0] >= 2]
+        where, whose = (f" in dimension {dim}", f"; it is {dims[id(x)].text()}, whose batch N is dimension {dim}"
+                        ) if dim else ("", "")
+        batched = [(other, t.shape[_batch_dim(t, dims)]) for other, t in named if t.shape[_batch_dim(t, dims)] >= 2]
         broadcast = ""
-        if batched:
+        if batched and not dim:  # a broadcast mask: dimension 0
             other, size = batched[0]
             broadcast = (f"; if it broadcasts over the batch ({other} has batch {size}), expand it to that batch in "
                          f"the example (.expand({size}, ...)): the exported model then takes it with the batch of "
                          f"{other}")
-        raise ExportError(f"{label} has batch size {batch} (shape {tuple(x.shape)}), from which torch.export cannot "
-                          "trace a dynamic batch dimension (it specialises sizes 0 and 1). Fix: pass example inputs "
-                          f"with a batch of 2 or more{broadcast}; or pass dynamic_batch=False to export every input "
-                          "with the example's fixed shape")
+        raise ExportError(f"{label} has batch size {x.shape[dim]}{where} (shape {tuple(x.shape)}{whose}), from "
+                          "which torch.export cannot trace a dynamic batch dimension (it specialises sizes 0 and 1). "
+                          f"Fix: pass example inputs with a batch of 2 or more{broadcast}; or pass dynamic_batch=False "
+                          "to export every input with the example's fixed shape")
 
 
 def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *, example_kwargs: Any = None,
@@ -1130,13 +1086,15 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
         _check_opset(opset)
         _check_onnx_layers(model)
     _check_finite_inputs(example)
-    _check_batch(example, dynamic_batch, model)
     frozen = freeze(model, example.args, example_kwargs=example.kwargs)
+    # found on the frozen copy: a run of the model itself could move its probes' step counters
+    dims = _batch_dims(frozen, example, dynamic_batch)
+    _check_batch(example, dynamic_batch, dims)
     call = _export_call(frozen, example)
     if suffix == ".onnx":
         expected = _onnx_expected_outputs(frozen, call)  # one run of the frozen model for every comparison below
         form, newton_schulz = _onnx_form(frozen, call, newton_schulz_iterations, expected)
-        diff, (worst, tolerance) = _export_onnx(form, path, call, dynamic_batch, opset, frozen, expected)
+        diff, (worst, tolerance) = _export_onnx(form, path, call, dynamic_batch, opset, frozen, expected, dims)
         if worst > tolerance:
             hint = ""
             if newton_schulz is not None:
@@ -1147,7 +1105,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
             raise ExportError(f"onnxruntime's output differs from the frozen model by {worst:.3g} (> "
                               f"{tolerance:.3g}){hint}; the file {path} was written but should not be trusted")
         return ExportResult(path, "onnx", diff, time.perf_counter() - started, newton_schulz)
-    diff = _export_pt2(frozen, path, call, dynamic_batch)
+    diff = _export_pt2(frozen, path, call, dynamic_batch, dims)
     return ExportResult(path, "pt2", diff, time.perf_counter() - started)
 
 
