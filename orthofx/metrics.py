@@ -478,6 +478,8 @@ def _without_zero_border_taps(weight: torch.Tensor) -> torch.Tensor:
     kernel: its one centre tap). At stride 1 that changes no L_orth: :math:`\mathrm{conv}(K, K)` loses only zero
     entries, and its centre (the identity's place) stays the centre. For values only (the trimmed taps get no
     gradient); reads the weight on the host, so not under ``torch.compile``."""
+    if all(k == 1 for k in weight.shape[2:]):
+        return weight  # one tap: nothing to trim (its slice would be the weight itself)
     taps = weight.ne(0)
     spatial = range(2, weight.ndim)
     index = [slice(None), slice(None)]

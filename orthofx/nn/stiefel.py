@@ -189,14 +189,15 @@ def _unit_scaled(a: torch.Tensor) -> torch.Tensor:
     """``a`` (a finite batch of matrices) times ``2^-e`` per matrix, ``e`` the exponent of its largest entry, so
     that this entry lies in ``[1/2, 1)``: exact (a power of two), and the same polar factor. ``a`` itself (no
     copy) when every matrix is already so (or zero), the common case near the manifold."""
-    peak = a.abs().amax(dim=(-2, -1), keepdim=True)
+    # max |a| per matrix as the larger of |max| and |min|: the same number, without a full-size |a|
+    peak = torch.maximum(a.amax(dim=(-2, -1), keepdim=True).abs(), a.amin(dim=(-2, -1), keepdim=True).abs())
     _, exponent = torch.frexp(peak)  # peak = m 2^e, m in [1/2, 1); e = 0 for a zero matrix
     if not bool(exponent.any()):
         return a
     # in two halves: 2^-e alone overflows for a subnormal peak (float32: e = -132, 2^132 > max)
     half = torch.div(exponent, 2, rounding_mode="floor")
     two = torch.full_like(peak, 2.0)
-    return a * two.pow(-half) * two.pow(half - exponent)
+    return (a * two.pow(-half)).mul_(two.pow(half - exponent))  # in place: one full-size temporary, not two
 
 
 def _polar_factor(a: torch.Tensor) -> torch.Tensor:
@@ -211,7 +212,11 @@ def _polar_factor(a: torch.Tensor) -> torch.Tensor:
         gram = tall.mT @ tall
         polar = _polar_newton_schulz(tall, gram)
         if polar is None:
-            if not bool(torch.isfinite(work).all()):  # checked off the fast path only: a host sync
+            # checked off the fast path only (a host sync), and on the Gram matrix's diagonal first: a NaN or inf
+            # entry makes its column's squared norm NaN or inf, so a finite diagonal clears ``work`` without a
+            # pass over it (a diagonal that overflowed from finite entries falls through to the full check)
+            if not bool(torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all()) \
+                    and not bool(torch.isfinite(work).all()):
                 raise LayerArgumentError(f"the polar factor of a {tuple(a.shape)} matrix with NaN or inf entries "
                                          "is undefined; in training this is a diverged step (lower the learning "
                                          "rate, check the loss for NaN)")

@@ -555,7 +555,7 @@ def _defect(weight: torch.Tensor, module: nn.Module, scale: float) -> dict[str, 
     the orthogonality measure of the convolution operator, at the layer's stride and dilation per dimension, as
     orth_regularizer and report measure it) for a conv. A block of taps (``_tap_block``) has the L_orth of the
     whole kernel it was cut from also under a dilation: the dilated kernel is the dilated block, shifted."""
-    w = weight / scale
+    w = weight if scale == 1.0 else weight / scale  # / 1.0 changes no entry; it only copied the weight
     if not isinstance(module, _KERNEL_TYPES):
         # in float64: a float32 weight of entries ~1e30 has a Gram matrix beyond float32 (the defect was NaN)
         return {"orth_defect": float(stiefel.orthogonality_defect(w.double()))}
