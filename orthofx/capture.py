@@ -83,7 +83,7 @@ from torch.fx.proxy import TraceError
 
 from .errors import ArgumentError, CaptureError, first_few
 from .passes.base import CALL_HOOK_REGISTRIES, CaptureInfo, call_hook_count
-from .nn.tracing import is_orthofx_nn_class
+from .nn.tracing import exported_as_plain_module, is_orthofx_nn_class
 
 __all__ = ["capture", "unwrap_model", "copy_model", "OrthofxTracer", "ModalGraphModule", "module_scopes",
            "CAPTURE_MODES"]
@@ -1986,7 +1986,7 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
         # (warnings) and drop it on failure, which the CaptureError below explains.
         buffer = io.StringIO()
         try:
-            with contextlib.redirect_stderr(buffer), _flat_mode_regions():
+            with contextlib.redirect_stderr(buffer), _flat_mode_regions(), exported_as_plain_module(model):
                 program = torch.export.export(model, inputs, kwargs=kwargs or None, dynamic_shapes=shapes,
                                               **options)
         except Exception as exc:  # noqa: BLE001 - reported as a CaptureError below

@@ -221,7 +221,21 @@ def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: flo
     transposes or unsqueezes do not act on the last two dimensions the replacement would not be equivalent, and a
     :class:`~orthofx.errors.LayerArgumentError` (a ``ValueError``) says so (this depends only on shapes, so it fails
     on the first call, at transform time when example inputs are given).
+
+    Under ``torch.fx.symbolic_trace`` (``A`` a Proxy, e.g. a second ``orthofx.transform`` of a model that
+    ``method: newton_schulz`` rewrote) the call is recorded as one ``call_function`` node, as a
+    ``torch.fx.wrap``-ped function is: the checks above read ``A``'s shape, which a Proxy does not carry, and
+    tracing into the iteration would only expose its matmuls. Example::
+
+        A = torch.eye(3, dtype=torch.float64) * 4
+        power_newton_schulz(A, -0.5, iterations=20)   # ~ 0.5 * I
     """
+    tracer = fx_tracer_of((A,))
+    if tracer is not None:
+        # the keyword form svd_conditioning writes, so a re-captured node reads as the pass's own
+        return tracer.create_proxy("call_function", power_newton_schulz, (A,),
+                                   {"power": power, "iterations": iterations, "shift": shift, "float64": float64,
+                                    "uplo": uplo, "layout": layout})
     problem = check_layout(A.dim(), tuple(layout))
     if problem is not None:
         raise LayerArgumentError(f"the Newton-Schulz replacement of V diag(lambda^p) V^T does not fit this input: "

@@ -3,6 +3,8 @@
 - :func:`fx_tracer_of` and :func:`record_as_leaf`: a layer whose computation depends on runtime shapes or values
   (ConvNorm's grid, a monitor's buffer writes, a Jacobian probe's nested autograd) records itself as one
   ``call_module`` node when ``torch.fx.symbolic_trace`` hands it a Proxy, as fx does for ``nn.Conv2d``.
+- :func:`exported_as_plain_module`: ``torch.export`` of a GraphModule root (a transformed model captured again)
+  keeps its submodules' call signatures, so orthofx's layers stay leaves in export capture too.
 - :func:`in_func_transform`: whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``) is running the
   call, where in-place buffer writes and nested autograd cannot run.
 - What counts as orthofx's own module, the one definition the rest of orthofx asks (three questions, three
@@ -29,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
@@ -38,8 +41,9 @@ from torch import nn
 
 from orthofx.errors import CaptureError, layer_label
 
-__all__ = ["fx_tracer_of", "record_as_leaf", "in_export", "in_func_transform", "recomputing_in_backward",
-           "is_orthofx_layer", "orthofx_layer_types", "is_orthofx_nn_class", "is_orthofx_module"]
+__all__ = ["fx_tracer_of", "record_as_leaf", "exported_as_plain_module", "in_export", "in_func_transform",
+           "recomputing_in_backward", "is_orthofx_layer", "orthofx_layer_types", "is_orthofx_nn_class",
+           "is_orthofx_module"]
 
 #: The package whose classes are orthofx's layers and their helpers.
 ORTHOFX_NN_PACKAGE = "orthofx.nn"
@@ -72,6 +76,40 @@ def record_as_leaf(module: nn.Module, tracer: torch.fx.Tracer, args: tuple, kwar
             f"submodule (torch.fx then records the layer as one call_module node), or use the layer as it is",
             module_path="")
     return tracer.create_proxy("call_module", path, tuple(args), dict(kwargs))
+
+
+@contextlib.contextmanager
+def exported_as_plain_module(model: nn.Module):
+    """Let ``torch.export.export(model, ..., preserve_module_call_signature=...)`` keep the call signatures of
+    ``model``'s submodules when ``model`` is a ``torch.fx.GraphModule`` (a model that ``orthofx.transform`` or
+    ``orthofx.capture`` returned, captured again).
+
+    torch.export runs a GraphModule root through ``torch.fx.Interpreter`` and skips the submodule wrapping that
+    records call signatures, so every leaf of it, orthofx's monitors included, came back as inlined ATen ops (the
+    eigvalsh inside a :class:`~orthofx.nn.conditioning.DecompositionMonitor` then looked like a decomposition site of
+    the user's). Inside this context ``model``'s class is a plain ``nn.Module`` subclass with the same ``forward``
+    (the GraphModule's generated code, which reads only the module's submodules, parameters, buffers and
+    attributes); the class is restored on exit, also when the export fails. Other modules pass through unchanged.
+
+    Example::
+
+        gm = torch.fx.symbolic_trace(model)
+        with exported_as_plain_module(gm):
+            ep = torch.export.export(gm, (x,), preserve_module_call_signature=("fc",))
+    """
+    if not isinstance(model, torch.fx.GraphModule):
+        yield model
+        return
+    graph_class = type(model)
+    real_recompile = getattr(model, "real_recompile", None)
+    if callable(real_recompile) and getattr(graph_class, "_needs_recompile", lambda: False)():
+        real_recompile()  # a lazy GraphModule compiles its forward on the first call, through its own class
+    model.__class__ = type(graph_class.__name__, (nn.Module,), {"forward": graph_class.forward,
+                                                                  "__module__": graph_class.__module__})
+    try:
+        yield model
+    finally:
+        model.__class__ = graph_class
 
 
 def in_export() -> bool:
