@@ -546,7 +546,7 @@ def _write_json(rep, path: str) -> None:
 def _export(gm: nn.Module, path: str, inputs: tuple[torch.Tensor, ...] | None):
     """``(export result, whether the batch is dynamic)``."""
     # torch.export cannot trace a dynamic batch from a batch of one (the default input shape): fix it then
-    dynamic = inputs is None or batch_too_small_for_dynamic(inputs) is None
+    dynamic = inputs is None or batch_too_small_for_dynamic(inputs, gm) is None
     return export(gm, path, example_inputs=inputs, dynamic_batch=dynamic), dynamic
 
 

@@ -940,18 +940,22 @@ def _check_directory(path: str) -> None:
                           "(os.makedirs(directory, exist_ok=True)) or choose another path")
 
 
-def batch_too_small_for_dynamic(inputs: tuple) -> int | None:
-    """The index of the first input with a tensor (the input itself, or one nested in it) whose batch (dimension 0)
-    is 0 or 1, or ``None``. torch.export specialises sizes 0 and 1, so such a batch cannot be traced as a dynamic
-    batch (``.pt2`` fixes it, ``.onnx`` fails in the exporter)."""
+def batch_too_small_for_dynamic(inputs: tuple, model: nn.Module | None = None) -> int | None:
+    """The index of the first input with a tensor (the input itself, or one nested in it) whose batch is 0 or 1, or
+    ``None``. torch.export specialises sizes 0 and 1, so such a batch cannot be traced as a dynamic batch (``.pt2``
+    fixes it, ``.onnx`` fails in the exporter). The batch is dimension 0; with ``model``, dimension 1 for the
+    tensors :func:`export` reads so (:func:`orthofx.capture.recurrent_batch_dims`: a seq-first recurrent layer's
+    input ``(L, N, H_in)`` of sequence length L = 1 has a batch N it can trace, and one with N = 1 has none; a
+    model without recurrent layers is not run)."""
+    dims = recurrent_batch_dims(model, inputs) if model is not None else {}
     for i, x in enumerate(inputs):
-        if any(_batch_too_small(t) for t in output_tensors(x)):
+        if any(_batch_too_small(t, dims) for t in output_tensors(x)):
             return i
     return None
 
 
-def _batch_too_small(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] < 2
+def _batch_too_small(x: Any, dims: Batches | None = None) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[_batch_dim(x, dims or {})] < 2
 
 
 def _check_batch(example: ExampleCall, dynamic_batch: bool, dims: Batches | None = None) -> None:
