@@ -56,12 +56,15 @@ def test_a_second_transform_says_the_layers_are_orthofx_layers_and_what_to_do(pr
     assert [e.site.name for e in orthofx.explain(model, preset, example_inputs=(X,)).entries][:2] == ["0", "2"]
 
 
-def test_export_capture_of_a_transformed_model_names_the_layers_behind_module_sites_none():
+def test_export_capture_of_a_transformed_model_names_its_orthofx_layers():
+    # export capture keeps the orthofx layers as module sites (it inlined them, "module sites: none", before
+    # nn.tracing.exported_as_plain_module), and the note names them as in fx capture
     gm = orthofx.transform(two_convs(), "orthogonal", example_inputs=(X,))
     policy = orthofx.Policy.preset("orthogonal").to_dict()
     policy["capture"] = {"mode": "export"}
-    with pytest.raises(orthofx.PlanError, match=r"module sites: none\. 2 layer\(s\) of the model are already orthofx "
-                                                r"layers \(OrthogonalConv2d x2, .*orthogonal_conv"):
+    with pytest.raises(orthofx.PlanError, match=r"module sites: OrthogonalConv2d x2, ReLU x1\. 2 layer\(s\) of the "
+                                                r"model are already orthofx layers \(OrthogonalConv2d x2, "
+                                                r".*orthogonal_conv"):
         orthofx.explain(gm, policy, example_inputs=(X,))
 
 

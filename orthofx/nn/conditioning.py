@@ -227,8 +227,12 @@ def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: flo
     ``torch.fx.wrap``-ped function is: the checks above read ``A``'s shape, which a Proxy does not carry, and
     tracing into the iteration would only expose its matmuls. Example::
 
+        import torch
+        from orthofx.nn.conditioning import power_newton_schulz
+
         A = torch.eye(3, dtype=torch.float64) * 4
-        power_newton_schulz(A, -0.5, iterations=20)   # ~ 0.5 * I
+        root = power_newton_schulz(A, -0.5, iterations=20)   # A^(-1/2) = 0.5 * I
+        assert torch.allclose(root, 0.5 * torch.eye(3, dtype=torch.float64))
     """
     tracer = fx_tracer_of((A,))
     if tracer is not None:

@@ -93,9 +93,16 @@ def exported_as_plain_module(model: nn.Module):
 
     Example::
 
-        gm = torch.fx.symbolic_trace(model)
+        import torch
+        from torch import nn
+        from orthofx.nn.tracing import exported_as_plain_module
+
+        gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+        x = torch.randn(2, 3)
         with exported_as_plain_module(gm):
-            ep = torch.export.export(gm, (x,), preserve_module_call_signature=("fc",))
+            ep = torch.export.export(gm, (x,), preserve_module_call_signature=("0",))
+        assert isinstance(gm, torch.fx.GraphModule)  # its class is back
+        assert torch.equal(ep.module()(x), gm(x))
     """
     if not isinstance(model, torch.fx.GraphModule):
         yield model
