@@ -1719,7 +1719,7 @@ def batch_dynamic_shapes(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]
     def spec(value: Any) -> Any:
         if not isinstance(value, torch.Tensor) or value.dim() < 1:
             return None
-        return {getattr(dims.get(id(value)), "dim", None) or 0: auto}
+        return {batch_dim(value, dims): auto}
 
     if kwargs:
         try:
@@ -1771,6 +1771,13 @@ class RecurrentBatch:
             subject, layout = layout_text((self.layer, False, True))
             return f"the input of {subject} ({layout})"
         return f"the hidden state of the {self.layer} (h_0 / c_0: (D * num_layers, N, H_out))"
+
+
+def batch_dim(x: torch.Tensor, batch_dims: dict[int, RecurrentBatch]) -> int:
+    """The batch dimension of the input tensor ``x``: ``batch_dims[id(x)].dim`` (:func:`recurrent_batch_dims`: 1
+    for a seq-first recurrent layer's input or a hidden state), 0 otherwise and where the sizes cannot tell."""
+    read = batch_dims.get(id(x))
+    return read.dim if read is not None and read.dim is not None else 0
 
 
 def recurrent_batch_dims(model: nn.Module, inputs: tuple, kwargs: dict[str, Any] | None = None

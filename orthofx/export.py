@@ -72,8 +72,8 @@ import torch
 from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-from .capture import (ModalGraphModule, RecurrentBatch, batch_dynamic_shapes, buffers_kept, capture, copy_model,
-                      recurrent_batch_dims, sequence_helper, unwrap_model)
+from .capture import (ModalGraphModule, RecurrentBatch, batch_dim, batch_dynamic_shapes, buffers_kept, capture,
+                      copy_model, recurrent_batch_dims, sequence_helper, unwrap_model)
 from .errors import SITE_ATTRIBUTE, CaptureError, ExportError, OrthofxError, first_few
 from .nn.conditioning import power_newton_schulz
 from .nn.jacobian import JacobianProbe
@@ -617,12 +617,6 @@ def _batch_dims(model: nn.Module, example: ExampleCall, dynamic_batch: bool) -> 
     return recurrent_batch_dims(model, example.args, example.kwargs) if dynamic_batch else {}
 
 
-def _batch_dim(x: torch.Tensor, dims: Batches) -> int:
-    """The batch dimension of the example tensor ``x`` (:func:`_batch_dims`; 0 where its sizes cannot tell)."""
-    read = dims.get(id(x))
-    return read.dim if read is not None and read.dim is not None else 0
-
-
 def _dynamic_shapes(model: nn.Module, example: ExampleCall, dynamic_batch: bool, dims: Batches):
     """The batch dimension of every tensor input marked ``Dim.AUTO`` (:func:`orthofx.capture.batch_dynamic_shapes`,
     as export capture marks them: dimension 0, or 1 for the tensors of ``dims``; nested inputs leaf by leaf, a
@@ -634,20 +628,20 @@ def _dynamic_shapes(model: nn.Module, example: ExampleCall, dynamic_batch: bool,
 
 def _batched_leaves(example: ExampleCall, shapes: list[tuple], dims: Batches) -> set[int]:
     """``id`` of each tensor of the example call (nested ones included) that the exported model takes with a
-    symbolic batch dimension (:func:`_batch_dim`); ``shapes``: the exported graph's input shapes, one per tensor
-    leaf of the call in pytree order (symbolic sizes are not ints)."""
+    symbolic batch dimension (:func:`orthofx.capture.batch_dim`); ``shapes``: the exported graph's input shapes,
+    one per tensor leaf of the call in pytree order (symbolic sizes are not ints)."""
     leaves = output_tensors((example.args, example.kwargs))
     return {id(x) for x, shape in zip(leaves, shapes)
-            if len(shape) > _batch_dim(x, dims) and not isinstance(shape[_batch_dim(x, dims)], int)}
+            if len(shape) > batch_dim(x, dims) and not isinstance(shape[batch_dim(x, dims)], int)}
 
 
 def _grown_batch(example: ExampleCall, batched: set[int], dims: Batches) -> ExampleCall:
-    """``example`` with one more sample (a copy of the first) in the batch dimension (:func:`_batch_dim`) of each
-    tensor of ``batched``."""
+    """``example`` with one more sample (a copy of the first) in the batch dimension
+    (:func:`orthofx.capture.batch_dim`) of each tensor of ``batched``."""
     def grow(x: Any) -> Any:
         if not (isinstance(x, torch.Tensor) and id(x) in batched):
             return x
-        dim = _batch_dim(x, dims)
+        dim = batch_dim(x, dims)
         return torch.cat([x, x.narrow(dim, 0, 1)], dim=dim)
 
     args, kwargs = torch.utils._pytree.tree_map(grow, (example.args, example.kwargs))
@@ -955,7 +949,7 @@ def batch_too_small_for_dynamic(inputs: tuple, model: nn.Module | None = None) -
 
 
 def _batch_too_small(x: Any, dims: Batches | None = None) -> bool:
-    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[_batch_dim(x, dims or {})] < 2
+    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[batch_dim(x, dims or {})] < 2
 
 
 def _check_batch(example: ExampleCall, dynamic_batch: bool, dims: Batches | None = None) -> None:
@@ -982,12 +976,12 @@ def _check_batch(example: ExampleCall, dynamic_batch: bool, dims: Batches | None
                 "batch size differs from the sequence length (and from the number of layers for a hidden state), "
                 "or dynamic_batch=False to export the example's shape")
     for label, x in named:
-        dim = _batch_dim(x, dims)
+        dim = batch_dim(x, dims)
         if x.shape[dim] >= 2:
             continue
         where, whose = (f" in dimension {dim}", f"; it is {dims[id(x)].text()}, whose batch N is dimension {dim}"
                         ) if dim else ("", "")
-        batched = [(other, t.shape[_batch_dim(t, dims)]) for other, t in named if t.shape[_batch_dim(t, dims)] >= 2]
+        batched = [(other, t.shape[batch_dim(t, dims)]) for other, t in named if t.shape[batch_dim(t, dims)] >= 2]
         broadcast = ""
         if batched and not dim:  # a broadcast mask: dimension 0
             other, size = batched[0]
