@@ -496,8 +496,9 @@ def _cmd_transform(args: argparse.Namespace) -> int:
         for second in outputs[i + 1:]:
             if first.target == second.target:
                 raise CliError(f"{first.option} and {second.option} both name {second.path}; give each its own file")
+    read = _input_files(args)
     for output in outputs:
-        for what, path in _input_files(args):
+        for what, path in read:
             if not output.in_place and _same_file(output.target, path):
                 raise CliError(f"{output.option} {output.path} is {what}: the output would replace it; choose "
                                "another path")
