@@ -15,8 +15,7 @@ so that what the "before" hooks changed is undone (OLR's lr); torch skips post-h
 ``optimizer.step`` on the instance (as torch's LR schedulers do; ``handle.remove()`` unwraps it).
 A hook class may define classmethods ``before_step_group(hooks, root, optimizer)`` and
 ``after_step_group(hooks, root, optimizer)``: ``attach`` then hands it all its hooks at once, so that it can batch
-their work (the Riemannian hooks retract all same-shaped weights in one batched call); an optional
-``check_group(hooks, root, optimizer)`` then replaces the hooks' own ``check`` calls. An optional classmethod
+their work (the Riemannian hooks retract all same-shaped weights in one batched call). An optional classmethod
 ``attach_warning(hooks, parts, optimizer)`` returns the text of a warning (or None) about all the hooks of its class
 in every attached part (``parts``: each hook's part path): ``attach`` gives it once per call, not once per part
 (the Riemannian hooks' warning about LBFGS with ``max_iter > 1``).
@@ -272,13 +271,9 @@ class _PartHooks:
         self.batches = _batches(self.hooks)
 
     def check(self, optimizer: torch.optim.Optimizer, hooks: list) -> None:
-        for cls, batch in _batches(hooks):
-            check_group = getattr(cls, "check_group", None)
-            if callable(check_group):  # one check of the class's hooks together (one warning, not one per site)
-                check_group(batch, self.root, optimizer)
-            else:
-                for hook in batch:
-                    hook.check(self.root, optimizer)
+        for _, batch in _batches(hooks):
+            for hook in batch:
+                hook.check(self.root, optimizer)
 
     def setup(self, optimizer: torch.optim.Optimizer, hooks: list) -> None:
         for hook in hooks:
