@@ -1057,7 +1057,9 @@ def plain_decompositions(gm: fx.GraphModule) -> int:
 def fold_constant_decompositions(gm: fx.GraphModule, prefix: str = "orthofx_folded_") -> dict[str, list[str]]:
     """Evaluate, once, every decomposition of ``gm`` whose input does not depend on the model's inputs, together
     with what is computed from it before it meets the inputs, and store the results as buffers (in place;
-    ``gm`` is recompiled). Exact: the same ops run once, so the model's outputs do not change.
+    ``gm`` is recompiled). Exact: the same ops run once, so the model's outputs do not change. Newton-Schulz
+    matrix powers of such matrices (:func:`orthofx.nn.conditioning.power_newton_schulz`, which
+    ``method: newton_schulz`` puts in a decomposition's place) are folded the same way.
 
     This is the inference form of decorrelated BatchNorm in eval mode: its whitening matrix
     ``(running_cov + eps I)^(-1/2)``, computed from the running covariance by an eigendecomposition on every
@@ -1086,12 +1088,19 @@ def fold_constant_decompositions(gm: fx.GraphModule, prefix: str = "orthofx_fold
     return folded
 
 
+def _foldable_seed(node: fx.Node) -> bool:
+    """Whether a constant ``node`` starts a folded region: a decomposition, or a Newton-Schulz matrix power
+    (what ``method: newton_schulz`` puts in a decomposition's place; the same ops run once, as exact)."""
+    return decomposition_op(node) is not None or (node.op == "call_function"
+                                                  and node.target is cond.power_newton_schulz)
+
+
 def _fold(gm: fx.GraphModule, prefix: str) -> dict[str, list[str]]:
     graph = gm.graph
     folded: dict[str, list[str]] = {}
     const, casts = _constant_nodes(gm)
     done: set[fx.Node] = set()
-    for seed in [n for n in graph.nodes if n in const and decomposition_op(n) is not None]:
+    for seed in [n for n in graph.nodes if n in const and _foldable_seed(n)]:
         if seed in done:
             continue
         region: set[fx.Node] = set()
