@@ -85,7 +85,7 @@ from .penalty import module_path_within, part_site_path, transformed_parts
 from .plan import build_plan, collect_sites, producers_feeding
 from .policy import Policy
 from .transform import (ExampleCall, example_call, is_transformed, manifest_of, output_tensors,
-                        store_manifest, transform)
+                        store_manifest, transform, transform_private_copy)
 
 __all__ = ["freeze", "export", "load", "ExportResult", "NewtonSchulzForm", "FORMAT_VERSION"]
 
@@ -1242,10 +1242,11 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
     phases = _saved_probe_phases(saved, path, written_by)
     converted = _in_saved_dtype(model, state, example)
     try:
-        # not inplace on the converted copy: a failing rule's message would tell the user that the rules before it
-        # had written their model, which load never touches
-        gm = transform(model if converted is None else converted, policy, example_inputs=example_inputs,
-                       example_kwargs=example_kwargs)
+        if converted is None:
+            gm = transform(model, policy, example_inputs=example_inputs, example_kwargs=example_kwargs)
+        else:  # load's own copy: rewritten without a second copy of the weights
+            gm = transform_private_copy(converted, policy, example_inputs=example_inputs,
+                                        example_kwargs=example_kwargs)
     except OrthofxError as exc:
         hint = ""
         if isinstance(exc, CaptureError):  # capture with torch.export runs the model on the example call

@@ -634,6 +634,26 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, exam
     root = unwrap_model(model)
     _refuse_dropping_attachments(model)
     work = root if inplace else copy_model(root)
+    return _compile(_rewrite(work, policy, example, user_model=root if inplace else None), compile_options)
+
+
+def transform_private_copy(model: nn.Module, policy: Any, example_inputs: Any = None, *,
+                           example_kwargs: Any = None) -> fx.GraphModule:
+    """:func:`transform` of a model the caller made for this call and holds no other reference to (``load``'s
+    copy converted to the saved dtype): its own layers are rewritten, as ``transform`` does to its deep copy,
+    without a second copy of the weights. Errors read as ``transform``'s with ``inplace=False``: no user model
+    is written."""
+    policy = Policy.load(policy)
+    example = example_call(example_inputs, example_kwargs)
+    _refuse_dropping_attachments(model)
+    return _rewrite(unwrap_model(model), policy, example, user_model=None)
+
+
+def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
+             user_model: nn.Module | None) -> fx.GraphModule:
+    """Capture ``work``, plan and run the passes on it, check the result on the example call. ``user_model``
+    (``inplace=True``): the user's model, which is ``work``: errors name what the passes had written into it, and
+    the layers the passes put in place are set at its paths too."""
     gm, plan = _capture_and_plan(work, policy, example)
     for entry in plan.entries:
         if entry.refusal is not None:
@@ -645,7 +665,7 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, exam
     model_cause = _model_cause(work, example) if example is not None and _nonfinite_indices(before) else ""
 
     # Module sites are modules whichever graph calls them: their passes all run on gm.
-    versions = _versions(work) if inplace else {}
+    versions = _versions(work) if user_model is not None else {}
     try:
         _run_passes(PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs), plan,
                     lambda site: site.kind != "function" or not site.mode)
@@ -658,8 +678,8 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, exam
         _rewrite_other_mode(gm, other[0], other[1], plan, manifest)
     gm.recompile()
     store_manifest(gm, manifest)
-    if inplace:
-        _share_replaced_layers(root, gm)
+    if user_model is not None:
+        _share_replaced_layers(user_model, gm)
 
     if example is not None:
         with EvalRun(gm):
@@ -671,4 +691,4 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, exam
                                      f"{type(exc).__name__}: {exc}") from exc
         _check_output(before, after, model_cause=model_cause, rewritten=gm, example=example)
         manifest.output_change = _relative_change(before, after)
-    return _compile(gm, compile_options)
+    return gm
