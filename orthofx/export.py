@@ -79,8 +79,8 @@ from .nn.conditioning import power_newton_schulz
 from .nn.jacobian import JacobianProbe
 from .nn.tracing import is_orthofx_module
 from .passes.base import Manifest, replace_module
-from .passes.svd_conditioning import (decomposition_op, fold_constant_decompositions, plain_decompositions,
-                                      to_newton_schulz)
+from .passes.svd_conditioning import (decomposition_op, fold_constant_decompositions, foldable_seed,
+                                      plain_decompositions, to_newton_schulz)
 from .penalty import module_path_within, part_site_path, transformed_parts
 from .plan import build_plan, collect_sites, producers_feeding
 from .policy import Policy
@@ -361,8 +361,9 @@ def _describe_inputs(example: ExampleCall) -> str:
 
 
 def _site_names(gm: fx.GraphModule) -> dict[str, str]:
-    """``{node name: site name}`` for the decompositions of ``gm`` (nested graphs as ``<path>.<node>``): the site a
-    pass recorded on the node, else the name :func:`orthofx.plan.collect_sites` gives a torch call."""
+    """``{node name: site name}`` for the decompositions and Newton-Schulz powers of ``gm`` (what freeze may
+    fold; nested graphs as ``<path>.<node>``): the site a pass recorded on the node, else the name
+    :func:`orthofx.plan.collect_sites` gives a torch call."""
     names: dict[str, str] = {}
     for path, module in gm.named_modules():
         if not isinstance(module, fx.GraphModule):
@@ -370,7 +371,7 @@ def _site_names(gm: fx.GraphModule) -> dict[str, str]:
         by_node = {site.node: site.name for site in collect_sites(module) if site.kind == "function"}
         for node in module.graph.nodes:
             site = node.meta.get("orthofx_site") or by_node.get(node.name)
-            if site and decomposition_op(node) is not None:
+            if site and foldable_seed(node):
                 key = f"{path}.{node.name}" if path else node.name
                 names[key] = f"{path}.{site}" if path else site
     return names

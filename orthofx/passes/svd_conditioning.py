@@ -1088,7 +1088,7 @@ def fold_constant_decompositions(gm: fx.GraphModule, prefix: str = "orthofx_fold
     return folded
 
 
-def _foldable_seed(node: fx.Node) -> bool:
+def foldable_seed(node: fx.Node) -> bool:
     """Whether a constant ``node`` starts a folded region: a decomposition, or a Newton-Schulz matrix power
     (what ``method: newton_schulz`` puts in a decomposition's place; the same ops run once, as exact)."""
     return decomposition_op(node) is not None or (node.op == "call_function"
@@ -1100,7 +1100,7 @@ def _fold(gm: fx.GraphModule, prefix: str) -> dict[str, list[str]]:
     folded: dict[str, list[str]] = {}
     const, casts = _constant_nodes(gm)
     done: set[fx.Node] = set()
-    for seed in [n for n in graph.nodes if n in const and _foldable_seed(n)]:
+    for seed in [n for n in graph.nodes if n in const and foldable_seed(n)]:
         if seed in done:
             continue
         region: set[fx.Node] = set()
