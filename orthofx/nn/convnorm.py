@@ -98,7 +98,10 @@ recent weights. Two behaviours are offered:
   ignores them under ``strict=False``); construct it with ``momentum=...`` to load them. ``named_buffers()`` does
   not list them, so neither does ``torch.func.functional_call`` swap them (torch's model ensembling,
   ``stack_module_state`` + ``vmap(functional_call)``, runs every member in eval with the base layer's filters: use
-  ``momentum=None`` there); a layer's ``running_v_<L1>x...`` attribute is the filter, as a buffer's name would be
+  ``momentum=None`` there), nor does ``torch.optim.swa_utils.AveragedModel(use_buffers=True)`` average them: an
+  EMA / SWA copy keeps the filters of the weights the model had when it was made, and
+  :func:`update_running_filters` (``update_bn``'s analogue) sets them to ``V`` of its averaged weights; a layer's
+  ``running_v_<L1>x...`` attribute is the filter, as a buffer's name would be
   (tools that look state-dict keys up with ``getattr``, such as ``torch.distributed.checkpoint``'s
   ``get_model_state_dict``, read them). Code that runs extra training forwards
   on copies of a module's buffers (so as not to move its running statistics) runs them under
@@ -227,6 +230,7 @@ __all__ = [
     "with_convnorm",
     "FrozenConvNormNd",
     "running_filters_held",
+    "update_running_filters",
     "RunningFiltersDroppedWarning",
     "MAX_RUNNING_GRIDS",
     "WRAPPED_MARKER",
@@ -1496,3 +1500,70 @@ def running_filters_held(module: nn.Module):
     finally:
         for layer, was in zip(layers, held):
             layer._running_held = was
+
+
+@torch.no_grad()
+def update_running_filters(model: nn.Module) -> int:
+    """Set every running filter of the ConvNorm layers in ``model`` (itself included) to ``V`` of the layer's current
+    weight, for the grids each holds: the analogue of ``torch.optim.swa_utils.update_bn`` for an EMA / SWA copy.
+    Returns how many filters were set (0, and nothing done, for a model without ConvNorm layers with ``momentum``).
+
+    For each layer with ``momentum`` and each FFT grid ``L`` it keeps a running filter for,
+
+        running_L <- V_L(W) = ( sum_c |K_hat_D{m,c}(w)|^2 + eps )^(-1/2)      (w on the grid L, every channel m)
+
+    with ``W`` the layer's weight as it is now (the same filter a ``momentum=None`` layer computes). Its eval output
+    on those grids is then the ``momentum=None`` eval output (up to rounding for a 1 x 1 kernel, whose ``V`` is
+    constant in ``w`` and computed without an FFT there), and on the other grids it is already: eval falls back to
+    ``V`` of the weight for a grid without a running filter. The grids, their order and the tensors (updated in
+    place) stay, so ``state_dict`` keys and ``freeze``'s grids are unchanged. ``model`` is changed in place;
+    anything else passed is refused with a :class:`~orthofx.errors.LayerArgumentError`.
+
+    Why it is needed: ``AveragedModel(model)`` (and a hand-written EMA that copies the model and then averages its
+    ``parameters()``) deep-copies the layers once, with the running filters they hold then (one per grid the model
+    has trained on before the copy is made: a copy made after a warm-up, at SWA's start, or of a loaded
+    checkpoint), and then averages only parameters, and with ``use_buffers=True`` buffers. The running filters are
+    not buffers (see "Running V and eval mode"), so on those grids the copy's eval keeps filtering with the running
+    filters of the weights the model had when the copy was made, while it convolves with the averaged weights: its
+    channels are no longer normalised. (A copy made before any training forward holds no filter, and its eval
+    computes ``V`` of the averaged weight already.) Averaging the filters would not
+    help either (so they are deliberately not made buffers for ``use_buffers=True``): a running filter is already
+    an exponential average of ``V`` of past weights and ``V`` is not linear in the weight, so an average of filters
+    is not ``V`` of the averaged weight the copy convolves with. Call this on the averaged copy after updating it
+    (after each ``update_parameters``, or once before evaluating or saving it), as ``update_bn`` is called after
+    SWA. Calling it on the trained model itself replaces its running averages by ``V`` of its current weight.
+    Layers built with ``momentum=None`` (the default, and what the ``convnorm`` pass inserts) have no running
+    filters: their eval computes ``V`` of the (averaged) weight and needs nothing.
+
+    >>> import torch
+    >>> from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    >>> net = torch.nn.Sequential(ConvNormConv2d(torch.nn.Conv2d(3, 4, 3, padding=1), momentum=0.1))
+    >>> x = torch.randn(2, 3, 8, 8)
+    >>> _ = net(x)                                # a warm-up step: a running filter for the 10 x 10 grid
+    >>> ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9))    # the copy holds it from now on
+    >>> for _ in range(3):                        # training steps; a real loop also steps an optimizer
+    ...     _ = net(x)
+    ...     with torch.no_grad():
+    ...         _ = net[0].weight.mul_(1.5)
+    ...     ema.update_parameters(net)
+    >>> conv = ema.module[0].conv                 # the averaged weight; conv_norm computes V of it
+    >>> reference = conv_norm(x, conv.weight, conv.bias, padding=1)
+    >>> stale = ema.eval()(x)                     # V of the warm-up weight (and no filter update since)
+    >>> update_running_filters(ema)               # one grid (10 x 10) of one layer
+    1
+    >>> torch.allclose(stale, reference, atol=1e-3), torch.allclose(ema(x), reference, atol=1e-6)
+    (False, True)
+    """
+    if not isinstance(model, nn.Module):
+        raise LayerArgumentError(f"update_running_filters takes an nn.Module (the averaged copy, e.g. an "
+                                 f"AveragedModel), got a {type(model).__qualname__}: pass the model whose ConvNorm "
+                                 f"layers' running filters should become V of their current weights")
+    count = 0
+    for layer in model.modules():
+        if not isinstance(layer, ConvNormConvNd) or layer.momentum is None:
+            continue
+        conv = layer.conv
+        for grid, running in layer._running_filters.items():
+            running.copy_(_filter(conv.weight, grid, conv.dilation, layer.eps))
+            count += 1
+    return count
