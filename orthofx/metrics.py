@@ -477,17 +477,24 @@ def _without_zero_border_taps(weight: torch.Tensor) -> torch.Tensor:
     r"""``weight`` without the taps at its spatial borders that are zero for every channel pair (a delta-orthogonal
     kernel: its one centre tap). At stride 1 that changes no L_orth: :math:`\mathrm{conv}(K, K)` loses only zero
     entries, and its centre (the identity's place) stays the centre. For values only (the trimmed taps get no
-    gradient); reads the weight on the host, so not under ``torch.compile``."""
-    if all(k == 1 for k in weight.shape[2:]):
+    gradient); reads the weight on the host once, for all its dimensions (on a GPU a read is a synchronisation:
+    one ``nonzero`` per dimension made one each), so not under ``torch.compile``."""
+    ks = weight.shape[2:]
+    if all(k == 1 for k in ks):
         return weight  # one tap: nothing to trim (its slice would be the weight itself)
-    taps = weight.ne(0)
-    spatial = range(2, weight.ndim)
+    used = weight.ne(0).any(dim=(0, 1))  # the taps nonzero for some channel pair, (k_1, ..., k_d)
+    d = used.ndim
+    # per dimension, its taps used along the others, the d masks one after another: one host read
+    masks = torch.cat([used.any(dim=tuple(j for j in range(d) if j != i)) if d > 1 else used
+                       for i in range(d)]).tolist()
     index = [slice(None), slice(None)]
-    for dim in spatial:
-        used = taps.any(dim=tuple(i for i in range(weight.ndim) if i != dim)).nonzero().flatten().tolist()
-        if not used:  # an all-zero kernel: nothing to trim to
+    start = 0
+    for k in ks:
+        mask, start = masks[start:start + k], start + k
+        if not any(mask):  # an all-zero kernel: nothing to trim to
             return weight
-        index.append(slice(used[0], used[-1] + 1))
+        first, last = mask.index(True), k - 1 - mask[::-1].index(True)
+        index.append(slice(first, last + 1))
     return weight[tuple(index)]
 
 

@@ -117,6 +117,7 @@ from torch import Tensor, nn
 from orthofx.errors import LayerArgumentError, layer_label
 from orthofx.nn.precision import HALF_PRECISION, autocast_enabled, autocast_off
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
+from orthofx.theory import _positive_int
 
 __all__ = [
     "eigh_stable",
@@ -749,10 +750,9 @@ class ConditionMonitor(nn.Module):
 
     def __init__(self, history_size: int = 1000) -> None:
         super().__init__()
-        # bool is an int subclass: history_size=True reached torch.full and raised a bare TypeError
-        if not isinstance(history_size, int) or isinstance(history_size, bool) or history_size < 1:
-            raise LayerArgumentError(f"history_size must be an int >= 1, got {history_size!r}")
-        self.history_size = history_size
+        # the project's integer check (numpy / 0-d tensor integers too, as torch.nn takes them; never a bool, which
+        # reached torch.full and raised a bare TypeError)
+        self.history_size = _positive_int(history_size, f"{layer_label(self)}: history_size", LayerArgumentError)
         f64 = torch.float64
         self.register_buffer("last", torch.tensor(float("nan"), dtype=f64))
         self.register_buffer("running_max", torch.tensor(float("nan"), dtype=f64))

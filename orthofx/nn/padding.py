@@ -174,7 +174,12 @@ def periodic_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tens
     wider than the map it runs on, as a 7 x 7 depthwise conv on a 2 x 2 map late in a ConvNeXt), which
     ``F.pad(mode="circular")`` refuses. An ``index_select`` per dimension (its backward sums the copies, it
     traces, exports and vmaps)."""
-    pads = _pad_pairs(pads, "periodic_pad")
+    return _periodic_pad_valid(x, _pad_pairs(pads, "periodic_pad"))
+
+
+def _periodic_pad_valid(x: torch.Tensor, pads: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """:func:`periodic_pad` of pads that :func:`_pad_pairs` returned already (the route of
+    :func:`_circular_pad_valid` for pads larger than their dimension)."""
     d = len(pads)
     if x.dim() < d:
         raise LayerArgumentError(f"periodic_pad: {d} pairs of pads for an input of shape {tuple(x.shape)}; pass at "
@@ -199,7 +204,13 @@ def circular_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tens
     refuses: "wrapping around more than once") go through :func:`periodic_pad`, in every mode, as do inputs
     without a leading (batch or channel) dimension or with more than two, and four or more padded dimensions (which
     ``F.pad``'s circular mode does not take). Pads are integers >= 0 (:class:`LayerArgumentError` otherwise)."""
-    pads = _pad_pairs(pads, "circular_pad")
+    return _circular_pad_valid(x, _pad_pairs(pads, "circular_pad"))
+
+
+def _circular_pad_valid(x: torch.Tensor, pads: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """:func:`circular_pad` of pads that :func:`_pad_pairs` returned already (:class:`CircularPad` checks its own
+    once, at construction, not at every forward); the checks that need ``x`` are made here, with the same
+    messages."""
     if x.dim() < len(pads):
         raise LayerArgumentError(f"circular_pad: {len(pads)} pairs of pads for an input of shape {tuple(x.shape)}; "
                                  "pass at most one (left, right) pair per dimension")
@@ -210,17 +221,37 @@ def circular_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tens
     # unbatched 1-D signal; three or more leading ones; four padded dimensions): those raised NotImplementedError
     # unless some pad was larger than its dimension
     if not all(l <= n and r <= n for (l, r), n in zip(pads, sizes)) or not _f_pad_takes(x, len(pads)):
-        return periodic_pad(x, pads)
+        return _periodic_pad_valid(x, pads)
     if torch.compiler.is_compiling():
         return F.pad(x, flat_pads(pads), mode="circular")
     return _CircularPad.apply(x, *(v for pair in pads for v in pair))
 
 
-# CircularPad.forward below calls it: symbolic tracing records one call (its pads checks need concrete sizes)
-torch.fx.wrap("circular_pad")
+# CircularPad.forward below calls it: symbolic tracing records one call (its size checks need concrete shapes)
+torch.fx.wrap("_circular_pad_valid")
 
 
-class CircularPad(nn.Module):
+class _CheckedPads(nn.Module):
+    """A module whose ``pads`` are checked by :func:`_pad_pairs` when set (at construction, or assigned later), so
+    that its forward does not check them again at every call; the error names the class, as its constructor's
+    did."""
+
+    @property
+    def pads(self) -> tuple[tuple[int, int], ...]:
+        return self._pads
+
+    @pads.setter
+    def pads(self, pads: Sequence[tuple[int, int]]) -> None:
+        self._pads = _pad_pairs(pads, type(self).__name__)
+
+    def __setstate__(self, state: dict) -> None:
+        if "pads" in state:  # pickled when pads was a plain attribute: the property would hide it
+            state = dict(state)
+            state["_pads"] = _pad_pairs(state.pop("pads"), type(self).__name__)
+        super().__setstate__(state)
+
+
+class CircularPad(_CheckedPads):
     """Circular padding by ``(left, right)`` per trailing spatial dimension (``pads`` in that order), of any size:
     :func:`circular_pad`, so that pads larger than the input wrap around as often as needed, where
     ``nn.CircularPad2d`` and ``nn.Conv2d(padding_mode="circular")`` raise. The padding of the plain convs
@@ -228,10 +259,10 @@ class CircularPad(nn.Module):
 
     def __init__(self, pads: Sequence[tuple[int, int]]):
         super().__init__()
-        self.pads = _pad_pairs(pads, "CircularPad")
+        self.pads = pads  # checked once, by the setter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return circular_pad(x, self.pads)
+        return _circular_pad_valid(x, self.pads)
 
     def extra_repr(self) -> str:
         return f"pads={self.pads}"
@@ -256,7 +287,13 @@ def circular_fold(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Ten
     >>> circular_fold(x, [(1, 2)])     # n = 3: entry j goes to (j - 1) mod 3
     tensor([[[7., 9., 5.]]])
     """
-    pads = _pad_pairs(pads, "circular_fold", nonnegative=False)
+    return _circular_fold_valid(x, _pad_pairs(pads, "circular_fold", nonnegative=False))
+
+
+def _circular_fold_valid(x: torch.Tensor, pads: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """:func:`circular_fold` of pads that :func:`_pad_pairs` returned already (``nonnegative=False``:
+    :class:`CircularFold` checks its own once, at construction); the checks that need ``x`` are made here, with the
+    same messages, negative pads included."""
     d = len(pads)
     if any(l < 0 or r < 0 for l, r in pads) or x.dim() < d:
         raise LayerArgumentError(f"circular_fold: pads must be >= 0 and at most one pair per dimension of the "
@@ -296,10 +333,10 @@ def _periodic_fold(x: torch.Tensor, pads: tuple[tuple[int, int], ...]) -> torch.
 
 
 # CircularFold.forward below calls it: symbolic tracing records one call (its sizes need concrete shapes)
-torch.fx.wrap("circular_fold")
+torch.fx.wrap("_circular_fold_valid")
 
 
-class CircularFold(nn.Module):
+class CircularFold(_CheckedPads):
     """The adjoint of circular padding by ``(left, right)`` per trailing spatial dimension (:func:`circular_fold`),
     then an optional per-channel ``bias``: what a frozen orthogonal transposed convolution applies after its plain
     ``nn.ConvTranspose{d}d`` (padding 0, no bias) to wrap the overflow around the output grid. The bias comes
@@ -308,14 +345,14 @@ class CircularFold(nn.Module):
 
     def __init__(self, pads: Sequence[tuple[int, int]], bias: torch.Tensor | None = None):
         super().__init__()
-        self.pads = _pad_pairs(pads, "CircularFold")
+        self.pads = pads  # checked once, by the setter
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone())
         else:
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = circular_fold(x, self.pads)
+        y = _circular_fold_valid(x, self.pads)
         if self.bias is not None:
             y = y + self.bias.reshape(-1, *(1,) * len(self.pads))
         return y

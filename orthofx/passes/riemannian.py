@@ -309,15 +309,20 @@ class StiefelHook(OptimizerHook):
                 w0 = torch.stack([pre for _, _, pre in items])  # float32 for a half-precision weight
                 w1 = torch.stack([hook._matrix(whole(weight.detach())) for hook, weight, _ in items]).to(w0.dtype)
                 xi = stiefel.tangent_projection(w0, w1 - w0)
+                # per matrix: whether the step changed any entry (NaN != NaN: a NaN step counts as moved)
+                moved = (w1 != w0).flatten(-2).any(-1)
                 # a NaN / inf step: that weight goes back to where the step started (the error follows); the
                 # others of the batch are retracted as they would be alone
-                new, failed = _finite_retraction(w0, xi, retraction)
+                new, failed, all_moved = _finite_retraction(w0, xi, retraction, moved)
                 diverged += [items[i][0] for i in failed]
                 # a weight the step did not move (lr 0, a layer unused with zero_grad(set_to_none=False)) keeps
                 # its bits where it is on the manifold already: a retraction of a zero step gives it back only to
                 # rounding (1e-7 per step in float32). One that is not (init: keep before its first retraction)
-                # is retracted: the first step puts it on the manifold, whatever the step
-                new = torch.where(_on_manifold_unmoved(w0, w1, new, [weight.dtype for _, weight, _ in items]), w0, new)
+                # is retracted: the first step puts it on the manifold, whatever the step. Known from the host
+                # read the retraction makes anyway: when every matrix moved (a training step), nothing to compare
+                if not all_moved:
+                    unmoved = _on_manifold_unmoved(w0, moved, new, [weight.dtype for _, weight, _ in items])
+                    new = torch.where(unmoved, w0, new)
                 for i, (_, weight, _) in enumerate(items):
                     write_whole(weight, new[i].reshape(weight.shape))
                 # momentum: project the first moments onto the tangent spaces at the new points (a transport)
@@ -357,35 +362,40 @@ class StiefelHook(OptimizerHook):
                 f"momentum={self.momentum!r})")
 
 
-def _on_manifold_unmoved(w0: torch.Tensor, w1: torch.Tensor, new: torch.Tensor, dtypes: list[torch.dtype]
+def _on_manifold_unmoved(w0: torch.Tensor, moved: torch.Tensor, new: torch.Tensor, dtypes: list[torch.dtype]
                          ) -> torch.Tensor:
-    """Per matrix of a batch (shape ``(batch, 1, 1)``): the step left it where it was (``w1 == w0``) and its
-    retraction ``new`` is ``w0`` to rounding, so ``w0`` is a point of the manifold already. Rounding: within
-    ``sqrt(eps)`` of the computation dtype times ``max |w0|`` (a float64 projection at transform time left a 6 x 6
-    weight 1e-14 off, ~100 eps), or ``4 eps`` of a half-precision weight's own dtype (``dtypes``, the weights'
-    dtypes: the float32 retraction sees their storage rounding; one factor for the batch, the largest, so that no
-    tensor is sent to the device at every step). A weight off the manifold (``init: keep``) is off by far more:
-    ``max |polar(W) - W| / max |W|`` is 0.6 to 3 for torch's default Linear init."""
+    """Per matrix of a batch (shape ``(batch, 1, 1)``): the step left it where it was (not ``moved``: every entry
+    after the step equals ``w0``'s) and its retraction ``new`` is ``w0`` to rounding, so ``w0`` is a point of the
+    manifold already. Rounding: within ``sqrt(eps)`` of the computation dtype times ``max |w0|`` (a float64
+    projection at transform time left a 6 x 6 weight 1e-14 off, ~100 eps), or ``4 eps`` of a half-precision weight's
+    own dtype (``dtypes``, the weights' dtypes: the float32 retraction sees their storage rounding; one factor for
+    the batch, the largest, so that no tensor is sent to the device at every step). A weight off the manifold
+    (``init: keep``) is off by far more: ``max |polar(W) - W| / max |W|`` is 0.6 to 3 for torch's default Linear
+    init. Only called when some matrix did not move: a training step in which all moved skips it."""
     factor = max(max(torch.finfo(w0.dtype).eps ** 0.5, 4 * torch.finfo(d).eps) for d in dtypes)
     tolerance = factor * w0.abs().flatten(-2).amax(-1)
-    unmoved = (w1 == w0).flatten(-2).all(-1) & ((new - w0).abs().flatten(-2).amax(-1) <= tolerance)
+    unmoved = ~moved & ((new - w0).abs().flatten(-2).amax(-1) <= tolerance)
     return unmoved[..., None, None]
 
 
-def _finite_retraction(w: torch.Tensor, xi: torch.Tensor, retraction: str) -> tuple[torch.Tensor, list[int]]:
+def _finite_retraction(w: torch.Tensor, xi: torch.Tensor, retraction: str, moved: torch.Tensor
+                       ) -> tuple[torch.Tensor, list[int], bool]:
     """``stiefel.retract(w, xi, retraction)`` of a batch of weights (``(batch, r, c)``, or ``(batch, blocks, r, c)``
-    for weights cut into several matrices), and the indices of those whose step is not finite (NaN / inf in
+    for weights cut into several matrices), the indices of those whose step is not finite (NaN / inf in
     ``w + xi`` or in its retraction, in any of its matrices: no point of the manifold to retract to), which keep
-    ``w``; every other weight is retracted as it would be alone. One host read for a finite batch, as the
-    retractions make; a batch holding a non-finite step is retracted again without it."""
+    ``w``; every other weight is retracted as it would be alone; and whether ``moved`` (a bool per matrix) is true
+    throughout, read with the finiteness (False, unread, for a batch holding a non-finite step). One host read for a
+    finite batch, as the retractions make; a batch holding a non-finite step is retracted again without it."""
     try:
         new = stiefel.retract(w, xi, retraction)
     except LayerArgumentError:  # the polar factor refuses NaN / inf; anything else is a real error
         if bool(torch.isfinite(w + xi).all()):
             raise
         new = None
-    if new is not None and bool(torch.isfinite(new).all()):
-        return new, []
+    if new is not None:
+        finite, all_moved = torch.stack((torch.isfinite(new).all(), moved.all())).tolist()
+        if finite:
+            return new, [], all_moved
     # per weight of the batch (dim 0), over all its matrices: a recurrent weight's gate blocks or a conv's groups
     # (``(batch, gates, r, c)``) fail or step together, so a weight is never left part stepped, part put back, and
     # the indices are the weights' (per block they named other weights, or none: an IndexError)
@@ -395,7 +405,7 @@ def _finite_retraction(w: torch.Tensor, xi: torch.Tensor, retraction: str) -> tu
         out[finite] = stiefel.retract(w[finite], xi[finite], retraction)
     failed = ~(finite & torch.isfinite(out).flatten(1).all(-1))
     out[failed] = w[failed]
-    return out, failed.nonzero().flatten().tolist()
+    return out, failed.nonzero().flatten().tolist(), False
 
 
 @register_pass
