@@ -91,28 +91,23 @@ def load_model(spec: str) -> nn.Module:
     absolute path: two files called ``model.py`` in different directories are two modules. An existing file is
     read as Python source whatever its suffix.
     """
-    if ":" not in spec and not _is_python_file_spec(spec):
+    parsed = ModelSpec.parse(spec)
+    if parsed.builtin:
         try:
             return models.get(spec)
         except ValueError as exc:
             raise CliError(f"{exc}; or give package.module:factory, file.py:factory or file.py (its "
                            f"{DEFAULT_MODEL_ATTRIBUTE!r})") from None
-    if ":" in spec:
-        target, _, attr = spec.rpartition(":")
-        if not attr.strip():
-            raise CliError(f"model {spec!r} names no factory after ':'; give {target or 'package.module'}:factory, "
-                           "the name of a callable taking no arguments that returns an nn.Module")
-    else:
-        target, attr = spec, None
+    target, attr = parsed.target, parsed.attr
+    if attr is not None and not attr.strip():
+        raise CliError(f"model {spec!r} names no factory after ':'; give {target or 'package.module'}:factory, "
+                       "the name of a callable taking no arguments that returns an nn.Module")
     with _script_argv(target):
-        module = _load_module(target, spec)
-        if attr is None:
-            if getattr(module, DEFAULT_MODEL_ATTRIBUTE, None) is None:
-                raise CliError(_no_default_model(target, module))
-            attr = DEFAULT_MODEL_ATTRIBUTE
-        factory = getattr(module, attr, None)
+        module = _load_module(parsed)
+        factory = getattr(module, parsed.factory, None)
         if factory is None:
-            raise CliError(f"{target!r} has no attribute {attr!r}")
+            raise CliError(_no_default_model(target, module) if attr is None else
+                           f"{target!r} has no attribute {attr!r}")
         try:
             model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
         except SystemExit as exc:  # a factory that calls sys.exit (or argparse's parse_args) would end orthofx
@@ -126,10 +121,54 @@ def load_model(spec: str) -> nn.Module:
     return model
 
 
-def _is_python_file_spec(spec: str) -> bool:
-    """A MODEL without ``:factory`` naming a Python file (its ``model`` is used): a ``.py`` suffix. Other
-    existing files need ``:factory`` (a policy.yaml given as MODEL by mistake must not be run as Python)."""
-    return ":" not in spec and spec.strip().endswith(".py")
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """MODEL as written on the command line, parsed: the one reading of its forms, for :func:`load_model` (which
+    loads it) and for ``transform``'s check that no output replaces the model file.
+
+    - a built-in name (no ``:``, no ``.py`` suffix): ``builtin``; ``target`` is ``""``;
+    - ``target:attr`` (split at the last ``:``): ``attr`` names the factory in the module or file ``target``;
+    - ``file.py`` alone (a ``.py`` suffix, surrounding spaces ignored, no ``:``): ``target`` is the file and
+      ``attr`` is ``None``: its :data:`DEFAULT_MODEL_ATTRIBUTE` is used. Other existing files need ``:factory``
+      (a policy.yaml given as MODEL by mistake must not be run as Python).
+
+    ``target`` names a file (:attr:`is_file`) when it ends in ``.py`` or is an existing file; otherwise a module
+    to import. Example::
+
+        from orthofx.cli import ModelSpec
+        assert ModelSpec.parse("small_cnn").builtin
+        assert ModelSpec.parse("nets/a.py:build") == ModelSpec("nets/a.py:build", False, "nets/a.py", "build")
+        assert ModelSpec.parse("nets/a.py").factory == "model" and ModelSpec.parse("nets/a.py").is_file
+        assert not ModelSpec.parse("torch.nn:Identity").is_file
+    """
+
+    spec: str
+    builtin: bool
+    target: str
+    attr: str | None
+
+    @classmethod
+    def parse(cls, spec: str) -> ModelSpec:
+        if ":" in spec:
+            target, _, attr = spec.rpartition(":")
+            return cls(spec, False, target, attr)
+        if spec.strip().endswith(".py"):
+            return cls(spec, False, spec, None)
+        return cls(spec, True, "", None)
+
+    @property
+    def factory(self) -> str | None:
+        """The attribute that builds the model: ``attr``, or :data:`DEFAULT_MODEL_ATTRIBUTE` for ``file.py``
+        alone; ``None`` for a built-in name."""
+        if self.builtin:
+            return None
+        return DEFAULT_MODEL_ATTRIBUTE if self.attr is None else self.attr
+
+    @property
+    def is_file(self) -> bool:
+        """Whether :attr:`target` is read as a Python file (a ``.py`` suffix or an existing file) rather than
+        imported as a module."""
+        return not self.builtin and (self.target.endswith(".py") or _is_file(self.target))
 
 
 def _no_default_model(target: str, module) -> str:
@@ -158,10 +197,11 @@ def _script_argv(target: str):
         sys.argv = saved
 
 
-def _load_module(target: str, spec: str):
-    """The module named by the part of ``spec`` before ':': a file (a ``.py`` suffix, or any existing file) or an
-    importable module name."""
-    if target.endswith(".py") or _is_file(target):
+def _load_module(parsed: ModelSpec):
+    """The module named by the part of the spec before ':': a file (:attr:`ModelSpec.is_file`) or an importable
+    module name."""
+    target, spec = parsed.target, parsed.spec
+    if parsed.is_file:
         return _load_file(target)
     if not target.strip():
         raise CliError(f"model {spec!r} names no module before ':'; give package.module:factory or "
@@ -454,10 +494,9 @@ def _input_files(args: argparse.Namespace) -> list[tuple[str, str]]:
         policy = next((path for path in (args.policy, args.policy.strip()) if _is_file(path)), None)
         if policy is not None:
             found.append(("the policy file (--policy)", policy))
-    # a built-in name (no ':', no '.py') gives no target: rpartition's head is ''
-    target = args.model if _is_python_file_spec(args.model) else args.model.rpartition(":")[0]
-    if target and _is_file(target):
-        found.append(("the model file (MODEL)", target))
+    model = ModelSpec.parse(args.model)
+    if model.is_file and _is_file(model.target):
+        found.append(("the model file (MODEL)", model.target))
     return found
 
 

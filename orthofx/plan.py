@@ -37,7 +37,7 @@ from .nn import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, Orthogona
                  OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
 from .nn.convnorm import ConvNormConvNd
 from .passes.base import (RECURRENT_TYPES, CaptureInfo, PlanEntry, Site, derived_weight, describe_module,
-                          reads_only_metadata, require_initialised, stops_producer_walk)
+                          reads_only_metadata, require_initialised, stops_producer_walk, weight_label)
 from .passes.registry import get_pass
 from .passes.svd_conditioning import decomposition_op
 from .policy import Match, Policy, Rule
@@ -356,9 +356,37 @@ def _rule_selects(rule: Rule, site: Site, module: nn.Module | None, fed_by: dict
     try:
         return _selects(rule.match, site, module, fed_by, aliases)
     except _WhereError as exc:
-        loc = getattr(rule, "location", None)
-        at = f" ({loc})" if loc is not None and getattr(loc, "line", None) is not None else ""
-        raise PlanError(f"rule '{rule.name}'{at}: match.{exc} (at site '{site.name}')") from None
+        place = _rule_place(rule, match=True)
+        raise PlanError(f"rule '{rule.name}'{place}: match.{exc} (at site '{site.name}')") from None
+
+
+def _rule_place(rule: Rule, *, match: bool = False) -> str:
+    """`` (p.yaml:7:5)``: where a rule of a YAML policy is written, for errors about the rule; ``""`` for a rule
+    without a line (from a dict). Content reached through a YAML alias is placed as the policy's own errors place it
+    (:attr:`orthofx.policy.Location.alias_note`): where it is written, at the anchor, adding where the alias used it,
+    `` (p.yaml:3:12, used through the alias *m at line 7, column 12)``. ``match=True`` for an error about what the
+    rule selects (it matched nothing, a ``where`` value): the place is then the rule's ``match`` when that alone was
+    reached through an alias (``match: *m``, written elsewhere), the rule's own otherwise. Example::
+
+        import orthofx
+        from orthofx.plan import _rule_place
+        text = ("orthofx: 1\\nrules:\\n  - &r {match: &m {type: Conv2d}, apply: orth_regularizer}\\n  - *r\\n"
+                "  - {match: *m, apply: riemannian}\\n")
+        first, second, third = orthofx.Policy.from_yaml(text).rules
+        assert _rule_place(first) == _rule_place(first, match=True) == " (<string>:3:5)"
+        assert _rule_place(second) == _rule_place(second, match=True) == (
+            " (<string>:3:5, used through the alias *r at line 4, column 5)")
+        assert _rule_place(third) == " (<string>:5:5)"
+        assert _rule_place(third, match=True) == " (<string>:3:16, used through the alias *m at line 5, column 13)"
+    """
+    loc = getattr(rule, "location", None)
+    match_loc = getattr(rule, "match_location", None)
+    if match and match_loc is not None and match_loc.aliases != getattr(loc, "aliases", ()):
+        loc = match_loc  # the match alone came through an alias: it is written (and fixed) at the anchor
+    if loc is None or getattr(loc, "line", None) is None:
+        return ""
+    note = getattr(loc, "alias_note", "")
+    return f" ({loc}{', ' + note if note else ''})"
 
 
 def block_paths(model: nn.Module, policy: Policy) -> list[str]:
@@ -734,7 +762,9 @@ def _already_orthofx_note(layers: list[OrthofxLayer]) -> str:
 def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None = None,
                blocks: Iterable[str] = (), model: nn.Module | None = None) -> Plan:
     """Match ``policy`` against the captured ``gm``; raise :class:`PlanError` for a rule that matches nothing, and
-    for entries a pass refuses together (:func:`_check_pass_plans`, e.g. ``riemannian``'s conflicting tied weights).
+    for entries a pass refuses together (:func:`_check_pass_plans`, e.g. ``riemannian``'s conflicting tied weights)
+    or two passes would both hook (:func:`_refuse_weights_hooked_by_two_passes`: one weight stepped by
+    ``riemannian`` at one layer and by ``pre_svd``'s NOG / OLR at another).
 
     ``model``: the module ``gm`` was captured from; with it, rules on a layer type also look for subclasses of
     that layer that capture traced through (:func:`traced_through_layers`): a rule that matches nothing says so
@@ -824,10 +854,11 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                             + _excluded_all_hint(rule, sites, gm, fed_by) + _root_layer_hint(rule, model))
         if selected == len(rejected) and not rule.optional:
             details = "; ".join(f"{s.name}: {r}" for s, r in rejected[:5])
-            raise PlanError(f"rule '{rule.name}' (apply: {rule.apply}) matched {selected} site(s) but its pass "
-                            f"can handle none of them: {details}. Narrow the rule's match, or mark it "
+            raise PlanError(f"rule '{rule.name}'{_rule_place(rule)} (apply: {rule.apply}) matched {selected} site(s) "
+                            f"but its pass can handle none of them: {details}. Narrow the rule's match, or mark it "
                             "'optional: true'.")
     _check_pass_plans(gm, entries)
+    _refuse_weights_hooked_by_two_passes(gm, entries, policy)
     return Plan(entries=entries, sites=sites, skipped=skipped, shadowed=shadowed,
                 unmatched_optional=unmatched_optional, capture=capture, layers=layers)
 
@@ -846,6 +877,52 @@ def _check_pass_plans(gm: fx.GraphModule, entries: list[PlanEntry]) -> None:
         pass_cls = get_pass(pass_name)
         _refuse_lazy_layers(gm, pass_cls, pass_entries)
         pass_cls().check_plan(gm, pass_entries)
+
+
+def _optimizer_hooked_weights(gm: fx.GraphModule, entries: list[PlanEntry]) -> list[tuple[PlanEntry, str, str]]:
+    """``(entry, weight name, what its hook does)`` for each weight that a pass steps with an optimizer hook at an
+    entry's site (each pass's ``optimizer_hooked_weights``, given its entries as ``check_plan`` gets them), in plan
+    order."""
+    by_pass: dict[str, list[PlanEntry]] = {}
+    for entry in entries:
+        by_pass.setdefault(entry.pass_name, []).append(entry)
+    order = {id(entry): i for i, entry in enumerate(entries)}
+    hooked = [weight for pass_name, pass_entries in by_pass.items()
+              for weight in get_pass(pass_name)().optimizer_hooked_weights(gm, pass_entries)]
+    return sorted(hooked, key=lambda weight: order[id(weight[0])])  # stable: a site's weights keep their order
+
+
+def _refuse_weights_hooked_by_two_passes(gm: fx.GraphModule, entries: list[PlanEntry], policy: Policy) -> None:
+    """:class:`PlanError` for one weight (one ``nn.Parameter`` reached through two layers: ``b.weight =
+    a.weight``) that two passes each step with an optimizer hook (:func:`_optimizer_hooked_weights`), e.g.
+    ``riemannian`` at ``a`` and ``pre_svd``'s NOG at ``b``. Both hooks would act on the one tensor at every
+    ``optimizer.step()``: NOG replaces the gradient ``G`` by its polar factor ``U V^T``, the Riemannian hook
+    projects the gradient onto the tangent space at ``W`` and retracts the step onto the Stiefel manifold; the
+    update made depends on which runs first, i.e. on the order of the rules, and each Change describes its own
+    update only. One pass hooking one weight at two sites is that pass's own matter (``riemannian`` keeps one
+    hook per tensor)."""
+    first: dict[int, tuple[PlanEntry, str, str]] = {}  # id(weight) -> its first hook
+    for entry, pname, what in _optimizer_hooked_weights(gm, entries):
+        weight = getattr(gm.get_submodule(entry.site.name), pname)
+        one, one_name, one_what = first.setdefault(id(weight), (entry, pname, what))
+        if one.pass_name == entry.pass_name:
+            continue
+        two = entry
+        raise PlanError(
+            f"'{weight_label(one.site.name, one_name)}' and '{weight_label(two.site.name, pname)}' are one weight "
+            f"(the same nn.Parameter, reached through two layers), and two passes would step it with optimizer "
+            f"hooks: rule '{one.rule_name}'{_entry_place(one, policy)} applies {one.pass_name} at '{one.site.name}' "
+            f"({one_what}), rule '{two.rule_name}'{_entry_place(two, policy)} applies {two.pass_name} at "
+            f"'{two.site.name}' ({what}). Both hooks would act on the one tensor at every optimizer.step(), so the "
+            "update would depend on the order of the rules. Apply one of them to the weight (leave "
+            f"'{two.site.name}' out of rule '{two.rule_name}' with match.exclude, or '{one.site.name}' out of rule "
+            f"'{one.rule_name}'), or untie the weights (give '{two.site.name}' a weight of its own)")
+
+
+def _entry_place(entry: PlanEntry, policy: Policy) -> str:
+    """:func:`_rule_place` of the rule that made ``entry``."""
+    rules = [rule for rule in policy.rules if rule.index == entry.rule_index and rule.name == entry.rule_name]
+    return _rule_place(rules[0]) if rules else ""
 
 
 def _refuse_lazy_layers(gm: fx.GraphModule, pass_cls: type, entries: list[PlanEntry]) -> None:
@@ -1037,10 +1114,7 @@ def _no_match_message(rule: Rule, sites: list[Site], passed_over: list[OrthofxLa
     """``passed_over``: the orthofx layers the rule passes over (:func:`_passed_over`), the likely cause."""
     kind = rule.match.site_kind
     candidates = [s for s in sites if s.kind == kind]
-    where = ""
-    loc = getattr(rule, "location", None)
-    if loc is not None and getattr(loc, "line", None) is not None:
-        where = f" ({loc.file or '<policy>'}:{loc.line})"
+    where = _rule_place(rule, match=True)
     if kind == "function":
         found = sorted({s.target for s in candidates})
         have = ", ".join(found) if found else "none"

@@ -138,14 +138,35 @@ def _did_you_mean(word: Any, options) -> str:
 
 @dataclass(frozen=True)
 class Location:
-    """Where something was written: 1-based line and column; ``None`` when unknown (a policy from a dict)."""
+    """Where something was written: 1-based line and column; ``None`` when unknown (a policy from a dict).
+
+    Content reached through YAML aliases (``*name``) is located where it is written (at the anchor, ``&name``);
+    ``aliases`` then holds ``(anchor name, line, column)`` of each alias it was used through, the innermost first,
+    and :attr:`alias_note` says so in the words of the policy's own errors. Example::
+
+        import orthofx
+        text = "orthofx: 1\\nrules:\\n  - &r {match: {type: Conv2d}, apply: orth_regularizer}\\n  - *r\\n"
+        loc = orthofx.Policy.from_yaml(text).rules[1].location
+        assert (str(loc), loc.aliases) == ("<string>:3:5", (("r", 4, 5),))
+        assert loc.alias_note == "used through the alias *r at line 4, column 5"
+    """
 
     file: str | None = None
     line: int | None = None
     column: int | None = None
+    aliases: tuple[tuple[str, int, int], ...] = ()
 
     def __str__(self) -> str:
         return ":".join(str(p) for p in (self.file or "<policy>", self.line, self.column) if p is not None)
+
+    @property
+    def alias_note(self) -> str:
+        """``used through the alias *a at line L, column C`` (``, inside *b at ...`` for each outer alias) when the
+        content here was reached through aliases, ``""`` otherwise."""
+        shown = [f"*{anchor} at line {line}, column {column}" for anchor, line, column in self.aliases]
+        if not shown:
+            return ""
+        return f"used through the alias {shown[0]}" + "".join(f", inside {s}" for s in shown[1:])
 
 
 @dataclass
@@ -207,7 +228,9 @@ class Rule:
 
     ``params`` are validated with defaults filled in; ``given_params`` are as written under ``with:``, less the
     parameters given as null (which means "not given": the default) that do not take null as a value.
-    ``index`` is the rule's position in the policy (0-based); ``location`` where its mapping starts.
+    ``index`` is the rule's position in the policy (0-based); ``location`` where its mapping starts,
+    ``match_location`` where its ``match`` mapping is written (at an anchor when the match is an alias, ``match:
+    *m``; :attr:`Location.aliases` then says where the alias used it).
     """
 
     name: str
@@ -218,6 +241,7 @@ class Rule:
     optional: bool = False
     index: int = 0
     location: Location = field(default=Location(), compare=False)
+    match_location: Location = field(default=Location(), compare=False)
 
     @property
     def pass_class(self) -> type[Pass]:
@@ -292,16 +316,14 @@ class Policy:
         """Read a policy from a YAML file (a ``Path``, or a ``str`` naming an existing file) or YAML text."""
         if isinstance(path_or_text, os.PathLike):
             path = Path(path_or_text)
-            if _names_python(str(path)):
-                raise _python_policy(str(path))
+            _refuse_python_policy(str(path))
             if not _path_test(_is_policy_source, str(path)):
                 raise _no_policy_file(str(path))
             return _policy_from_file(path)
         if not isinstance(path_or_text, str):
             raise PolicyError(f"Policy.from_yaml expects a file path or YAML text, got {type(path_or_text).__name__}")
         text = path_or_text
-        if _names_python(text.strip()):
-            raise _python_policy(text.strip())
+        _refuse_python_policy(text)
         if _is_existing_file(text):
             return _policy_from_file(Path(text))
         word = text.strip()
@@ -348,8 +370,7 @@ class Policy:
             word = obj.strip()
             if word in files:
                 return cls.preset(word)
-            if _names_python(word):
-                raise _python_policy(word)
+            _refuse_python_policy(obj)
             if _is_existing_file(obj):
                 return cls.from_yaml(obj)
             if _is_existing_file(word):
@@ -544,28 +565,19 @@ class _Positions:
                 return (None, None), p, False
             p = p[:-1]
 
-    def locate(self, path: tuple, key: bool = False) -> tuple[int | None, int | None]:
-        return self._find(path, key)[0]
-
-    def location(self, path: tuple) -> Location:
-        line, column = self.locate(path)
-        return Location(self.file, line, column)
-
-    def alias_note(self, path: tuple, key: bool = False) -> str:
-        """`` (used through the alias *a at line L, column C)`` when what locates ``path`` was reached through
-        aliases (the innermost first), ``""`` otherwise. A key is written in the mapping holding it, so the alias
-        a key's value was reached through does not apply to the key."""
-        _, found, is_key = self._find(path, key)
+    def location(self, path: tuple, key: bool = False) -> Location:
+        """Where ``path`` is written, with the aliases it was used through (:attr:`Location.aliases`)."""
+        (line, column), found, is_key = self._find(path, key)
+        # a key is written in the mapping holding it, so the alias its value was reached through does not apply
         end = len(found) - 1 if is_key else len(found)
         uses = [self.aliases[found[:n]] for n in range(end, 0, -1) if found[:n] in self.aliases]
-        if not uses:
-            return ""
-        shown = [f"*{anchor} at line {line}, column {column}" for anchor, (line, column) in uses]
-        return f" (used through the alias {shown[0]}" + "".join(f", inside {s}" for s in shown[1:]) + ")"
+        uses = tuple((anchor, at[0], at[1]) for anchor, at in uses)
+        return Location(self.file, line, column, uses)
 
     def error(self, message: str, path: tuple, *, key: bool = False) -> PolicyError:
-        line, column = self.locate(path, key)
-        return PolicyError(message + self.alias_note(path, key), file=self.file, line=line, column=column)
+        loc = self.location(path, key)
+        note = f" ({loc.alias_note})" if loc.alias_note else ""
+        return PolicyError(message + note, file=self.file, line=loc.line, column=loc.column)
 
 
 def _mark(node: yaml.Node | _AliasUse) -> tuple[int, int]:
@@ -598,18 +610,34 @@ def _looks_like_a_path(word: str) -> bool:
 _PYTHON_SPEC = re.compile(r"\S+\.py(?::[\w.]*)?")
 
 
-def _names_python(word: str) -> bool:
-    return _PYTHON_SPEC.fullmatch(word) is not None
+def _refuse_python_policy(word: str) -> None:
+    """Raise the one PolicyError for a policy given as Python code, at every entry point (:meth:`Policy.load`,
+    :meth:`Policy.from_yaml` with a path or a string, the file reader, hence ``--policy`` and ``orthofx check``).
 
+    Python code is ``file.py`` or ``file.py:name`` (the form MODEL takes on the command line; surrounding spaces
+    ignored), or an existing file whose name ends in ``.py`` (``my policy.py``, which the first form, having no
+    spaces, does not take for a path). Policies are data, read with a safe YAML loader; orthofx never runs a
+    policy (only a MODEL may be ``file.py:factory``). Example::
 
-def _python_policy(word: str) -> PolicyError:
-    """The error for a policy given as Python code (``policy.py``, ``policy.py:make``): policies are data, read
-    with a safe YAML loader; orthofx never runs a policy (only a MODEL may be ``file.py:factory``)."""
-    return PolicyError(f"{word!r} names Python code, but a policy is YAML text or a .yaml file (or, in Python, a dict "
-                       "or a Policy), never code orthofx runs; write the policy out as YAML and give that file "
-                       "(in Python: Path('policy.yaml').write_text(orthofx.Policy.load(d).to_yaml()) for a dict or "
-                       "Policy d), or pass the dict or Policy itself to orthofx.transform",
-                       file=word.rpartition(":")[0] if ":" in word else word)
+        from orthofx.errors import PolicyError
+        from orthofx.policy import _refuse_python_policy
+        _refuse_python_policy("policy.yaml")          # not Python: returns
+        try:
+            _refuse_python_policy(" policy.py:make")
+            raise AssertionError("not refused")
+        except PolicyError as e:
+            assert e.file == "policy.py" and "'policy.py:make' names Python code" in str(e)
+    """
+    name = word.strip()
+    named = _PYTHON_SPEC.fullmatch(name) is not None
+    if not named and not (name.endswith(".py") and "\n" not in name
+                          and any(_path_test(os.path.exists, w) for w in (word, name))):
+        return
+    raise PolicyError(f"{name!r} names Python code, but a policy is YAML text or a .yaml file (or, in Python, a dict "
+                      "or a Policy), never code orthofx runs; write the policy out as YAML and give that file "
+                      "(in Python: Path('policy.yaml').write_text(orthofx.Policy.load(d).to_yaml()) for a dict or "
+                      "Policy d), or pass the dict or Policy itself to orthofx.transform",
+                      file=name.rpartition(":")[0] if named and ":" in name else name)
 
 
 def _no_policy_file(word: str) -> PolicyError:
@@ -648,8 +676,7 @@ def _is_existing_file(text: str) -> bool:
 
 def _policy_from_file(path: Path) -> Policy:
     file = str(path)
-    if path.suffix == ".py":  # a name with a space, which _names_python does not take for a path
-        raise _python_policy(file)
+    _refuse_python_policy(file)
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -924,9 +951,10 @@ def _build_policy(data: Any, pos: _Positions, *, require_version: bool) -> Polic
     if not isinstance(data, dict):
         raise pos.error(f"the top level of a policy must be a mapping with keys {', '.join(_TOP_KEYS)}; "
                         f"found {_describe(data)}", ())
+    data = _drop_nulls(data, require_version=require_version)
     _check_keys(data, _TOP_KEYS, (), pos, "at the top level")
 
-    if "orthofx" in data and (data["orthofx"] is not None or require_version):
+    if "orthofx" in data:
         version = data["orthofx"]
         if isinstance(version, bool) or not isinstance(version, int) or version != SCHEMA_VERSION:
             shown = repr(version) if isinstance(version, (int, float, str)) else _describe(version)
@@ -935,13 +963,11 @@ def _build_policy(data: Any, pos: _Positions, *, require_version: bool) -> Polic
     elif require_version:
         raise pos.error(f"missing schema version: add 'orthofx: {SCHEMA_VERSION}' at the top of the policy", ())
 
-    description = data.get("description")
-    if description is None:
-        description = ""
-    elif not isinstance(description, str):
+    description = data.get("description", "")
+    if not isinstance(description, str):
         raise pos.error(f"description must be a string, found {_describe(description)}", ("description",))
 
-    capture = _build_capture(data.get("capture"), pos)
+    capture = _build_capture(data["capture"], pos) if "capture" in data else CaptureConfig()
 
     if "rules" not in data:
         raise pos.error("missing 'rules': a policy needs a non-empty list of rules "
@@ -960,7 +986,7 @@ def _build_policy(data: Any, pos: _Positions, *, require_version: bool) -> Polic
             first = rules[seen[rule.name]]
             at = f" (line {first.location.line})" if first.location.line is not None else ""
             path = ("rules", rule.index, "name")
-            if raw_rules[rule.index].get("name") is not None:
+            if "name" in raw_rules[rule.index]:
                 raise pos.error(f"duplicate rule name {rule.name!r} in rules[{rule.index}]; already used by "
                                 f"rules[{first.index}]{at}; rule names must be unique", path)
             # this rule has no name: its default one, '<apply>[<index>]', is what an earlier rule was named
@@ -973,13 +999,11 @@ def _build_policy(data: Any, pos: _Positions, *, require_version: bool) -> Polic
 
 def _build_capture(raw: Any, pos: _Positions) -> CaptureConfig:
     path = ("capture",)
-    if raw is None:
-        return CaptureConfig()
     if not isinstance(raw, dict):
         raise pos.error(f"capture must be a mapping with keys {', '.join(_CAPTURE_KEYS)}, found {_describe(raw)}",
                         path)
     _check_keys(raw, _CAPTURE_KEYS, path, pos, "in capture")
-    mode = _given(raw, "mode", "auto")
+    mode = raw.get("mode", "auto")
     if not isinstance(mode, str) or mode not in CAPTURE_MODES:
         hint = _did_you_mean(mode, CAPTURE_MODES)
         raise pos.error(f"capture.mode must be one of {', '.join(CAPTURE_MODES)}; found {_describe(mode)}"
@@ -994,10 +1018,58 @@ def _build_capture(raw: Any, pos: _Positions) -> CaptureConfig:
     return CaptureConfig(mode=mode, leaf_modules=leaves)
 
 
-def _given(mapping: dict, key: str, default: Any) -> Any:
-    """``mapping[key]``, or ``default`` when the key is absent or null: in a policy, null means "not given"."""
-    value = mapping.get(key)
-    return default if value is None else value
+#: The keys with a default, for which null means "not given" (:func:`_drop_nulls`), by where they are written.
+#: ``orthofx`` is one of them only in a dict (a YAML policy must state its version); ``rules``, a rule's ``match``
+#: and ``apply`` are required; a pass parameter is one unless null is one of its values (``seed: null``).
+_DEFAULTED_TOP_KEYS = ("description", "capture")
+_DEFAULTED_RULE_KEYS = ("name", "with", "optional")
+
+
+def _drop_nulls(data: dict, *, require_version: bool) -> dict:
+    """The policy's data (the top-level mapping) less every key given as null that has a default: in a policy, null
+    (``~``, an empty value, ``None`` in a dict) means "not given", so the key takes its default. The one place
+    where null is read that way; the builders then see only keys that were given, and a null left in the data is a
+    value: of a required key (an error naming it), in ``where`` (an attribute value), or of a pass parameter that
+    takes null. Mappings are copied, never changed; anything malformed is left for the builders to report.
+
+    With ``P`` the parameters of the rule's pass and ``N(p)`` "null is one of p's values", a key ``k`` whose value
+    is null is dropped from: the top level when ``k`` is description or capture (or orthofx, for a dict), capture
+    (every key), a rule when ``k`` is name, with or optional, its match (every key), its ``with`` when ``k`` is in
+    ``P`` and not ``N(k)``. Example::
+
+        from orthofx.policy import _drop_nulls
+        data = {"description": None, "rules": [{"name": None, "match": {"type": "Conv2d", "kind": None},
+                                                "apply": "orth_regularizer", "with": {"weight": None}}]}
+        assert _drop_nulls(data, require_version=True) == {
+            "rules": [{"match": {"type": "Conv2d"}, "apply": "orth_regularizer", "with": {}}]}
+        assert data["description"] is None  # the input is left as it was
+    """
+    out = _without_nulls(data, _DEFAULTED_TOP_KEYS + (() if require_version else ("orthofx",)))
+    if isinstance(out.get("capture"), dict):
+        out["capture"] = _without_nulls(out["capture"], _CAPTURE_KEYS)
+    if isinstance(out.get("rules"), list):
+        out["rules"] = [_rule_without_nulls(rule) for rule in out["rules"]]
+    return out
+
+
+def _rule_without_nulls(raw: Any) -> Any:
+    """:func:`_drop_nulls` for one rule."""
+    if not isinstance(raw, dict):
+        return raw
+    rule = _without_nulls(raw, _DEFAULTED_RULE_KEYS)
+    if isinstance(rule.get("match"), dict):
+        rule["match"] = _without_nulls(rule["match"], _MATCH_KEYS)
+    apply = rule.get("apply")
+    pass_cls = _registry.available_passes().get(apply) if isinstance(apply, str) else None
+    if pass_cls is not None and isinstance(rule.get("with"), dict):
+        spec = pass_cls.param_spec()
+        rule["with"] = _without_nulls(rule["with"], tuple(k for k, p in spec.items() if type(None) not in p.types))
+    return rule
+
+
+def _without_nulls(mapping: dict, keys: tuple) -> dict:
+    """A copy of ``mapping`` less the ``keys`` whose value is null (other keys, null or not, are kept)."""
+    return {key: value for key, value in mapping.items() if not (value is None and key in keys)}
 
 
 def _elem_path(mapping: dict, key: str, path: tuple, i: int) -> tuple:
@@ -1006,8 +1078,8 @@ def _elem_path(mapping: dict, key: str, path: tuple, i: int) -> tuple:
 
 def _strings(mapping: dict, key: str, path: tuple, pos: _Positions, *, allow_empty: bool) -> tuple[str, ...]:
     """``mapping[key]`` as a tuple of non-empty strings (a single string or a list of strings accepted); ``()``
-    when the key is absent or null."""
-    if mapping.get(key) is None:
+    when the key is absent."""
+    if key not in mapping:
         return ()
     value = mapping[key]
     here = path + (key,)
@@ -1064,17 +1136,12 @@ def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
             raise pos.error(f"pass {apply!r} handles the ops {', '.join(pass_cls.ops)}, not {', '.join(bad)} "
                             f"({label}.match.op)", path + ("match", "op"))
 
-    given = raw.get("with")
+    given = raw.get("with", {})
     with_path = path + ("with",)
-    if given is None:
-        given = {}
     if not isinstance(given, dict):
         raise pos.error(f"{label}.with must be a mapping of parameters for pass {apply!r}, found "
                         f"{_describe(given)}", with_path)
     spec = pass_cls.param_spec()
-    # null means "not given": the parameter's default, unless null is one of its values (``seed: null``)
-    given = {key: value for key, value in given.items()
-             if not (value is None and key in spec and type(None) not in spec[key].types)}
     for key, value in given.items():
         if key not in spec:
             hint = _did_you_mean(key, spec)
@@ -1091,12 +1158,12 @@ def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
         msg = e.args[0] if e.args else str(e)
         raise pos.error(f"{label}.with: {msg}", with_path) from None
 
-    optional = _given(raw, "optional", False)
+    optional = raw.get("optional", False)
     if not isinstance(optional, bool):
         raise pos.error(f"{label}.optional must be true or false, found {_describe(optional)}",
                         path + ("optional",))
 
-    if raw.get("name") is not None:
+    if "name" in raw:
         name = raw["name"]
         if not isinstance(name, str) or not name.strip():
             raise pos.error(f"{label}.name must be a non-empty string, found {_describe(name)}", path + ("name",))
@@ -1104,7 +1171,8 @@ def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
         name = _default_rule_name(apply, index)
 
     return Rule(name=name, match=match, apply=apply, params=copy.deepcopy(params),
-                given_params=copy.deepcopy(given), optional=optional, index=index, location=pos.location(path))
+                given_params=copy.deepcopy(given), optional=optional, index=index, location=pos.location(path),
+                match_location=pos.location(path + ("match",)))
 
 
 def _build_match(raw: Any, path: tuple, pos: _Positions) -> Match:
@@ -1126,7 +1194,7 @@ def _build_match(raw: Any, path: tuple, pos: _Positions) -> Match:
     exclude = _patterns(raw, "exclude", path, pos, allow_empty=True)
 
     where: dict[str, Any] = {}
-    if "where" in raw and raw["where"] is not None:
+    if "where" in raw:
         raw_where = raw["where"]
         where_path = path + ("where",)
         if not isinstance(raw_where, dict):

@@ -489,6 +489,12 @@ def is_uninitialised(module: nn.Module) -> bool:
     return isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter)
 
 
+def weight_label(site: str, name: str) -> str:
+    """How messages name a weight of a site: the site for a layer's ``weight``, ``site.name`` for one of several
+    (``rnn.weight_hh_l0``)."""
+    return site if name == "weight" else f"{site}.{name}"
+
+
 def require_initialised(entry: PlanEntry, module: nn.Module, purpose: str) -> None:
     """Refuse a lazy layer that has not run yet (``purpose``: what its missing shape or weight prevents).
 
@@ -973,6 +979,13 @@ class Pass:
         :meth:`apply` gets them) that :meth:`apply` would refuse, e.g. a weight tied between two sites that need
         different matrices; called when the plan is built, so that ``explain`` refuses what ``transform`` refuses,
         before any pass runs. Reads shapes and tensor identities, not values. The default accepts everything."""
+
+    def optimizer_hooked_weights(self, gm: nn.Module, entries: list[PlanEntry]) -> list[tuple[PlanEntry, str, str]]:
+        """``(entry, weight name at the entry's module, what its hook does)`` for each weight this pass's ``entries``
+        (all of them, in plan order) will step with an optimizer hook (``orthofx.attach`` runs them around
+        ``optimizer.step()``). The plan refuses one weight that two passes hook: the update would depend on the
+        order of the rules. The default hooks nothing."""
+        return []
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

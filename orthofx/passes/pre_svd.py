@@ -454,6 +454,12 @@ class PreSVD(Pass):
         # lorth and srip only read it, so a weight a parametrization computes is fine for them alone
         return not (params["nog"] or params["olr"] or params["weight"] == "orthogonal")
 
+    def optimizer_hooked_weights(self, gm: nn.Module, entries: list[PlanEntry]) -> list[tuple[PlanEntry, str, str]]:
+        """The weight of every site whose rule turns NOG or OLR on (a weight tied to another layer never becomes
+        the hard orthogonal layer, which would carry no hooks: the pass falls back to L_orth and keeps them)."""
+        return [(entry, "weight", " + ".join(name for name in ("nog", "olr") if entry.params[name]).upper())
+                for entry in entries if entry.params["nog"] or entry.params["olr"]]
+
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         for entry in entries:
             self._apply_one(ctx, entry)

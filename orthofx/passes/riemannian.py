@@ -122,7 +122,8 @@ from ..nn import stiefel
 from ..nn.precision import describe_nonfinite
 from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, TiedUse,
                    check_tied, gate_blocks_text, is_uninitialised, matrices_text, recurrent_hidden_weights,
-                   recurrent_weights_reason, require_initialised, weight_groups, whole, write_whole)
+                   recurrent_weights_reason, require_initialised, weight_groups, weight_label, whole,
+                   write_whole)
 from .registry import register_pass
 
 __all__ = ["Riemannian", "ScaleLostWarning", "StiefelHook",
@@ -172,12 +173,6 @@ def _site_weights(module: nn.Module) -> list[tuple[str, int]]:
     return [("weight", weight_groups(module))]
 
 
-def _weight_label(site: str, name: str) -> str:
-    """How messages name a constrained weight: the site for a layer's ``weight``, ``site.name`` for one of several
-    (``rnn.weight_hh_l0``)."""
-    return site if name == "weight" else f"{site}.{name}"
-
-
 def _not_square(module: nn.Module) -> str | None:
     for name, groups in _site_weights(module):
         rows, cols = stiefel.flatten_weight(getattr(module, name).detach(), groups).shape[-2:]
@@ -223,7 +218,7 @@ class StiefelHook(OptimizerHook):
 
     def _label(self) -> str:
         """The site, and the weight's name where the site has several (``rnn.weight_hh_l0``)."""
-        return _weight_label(self.site, self.parameter)
+        return weight_label(self.site, self.parameter)
 
     def _matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         return stiefel.flatten_weight(tensor, self.groups)
@@ -466,6 +461,17 @@ class Riemannian(Pass):
         # planning declined the non-square layers of only_square rules already (accepts_params): all are kept
         _tie_decisions(_by_rule(entries), modules.__getitem__)
 
+    def optimizer_hooked_weights(self, gm: nn.Module, entries: list[PlanEntry]) -> list[tuple[PlanEntry, str, str]]:
+        """The weights of every site its rule does not leave free (:func:`_tie_decisions`, as :meth:`check_plan`
+        decided them); none while a lazy layer has no shape (its decisions wait for :meth:`apply`)."""
+        modules = {entry.site.name: gm.get_submodule(entry.site.name) for entry in entries}
+        if any(is_uninitialised(module) for module in modules.values()):
+            return []
+        return [(d.entry, name, f"Riemannian update, {d.entry.params['retraction']} retraction")
+                for decisions in _tie_decisions(_by_rule(entries), modules.__getitem__)
+                for d in decisions if d.free_what is None
+                for name, _ in _site_weights(modules[d.entry.site.name])]
+
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         by_rule = _by_rule(entries)
         kept_by_rule = []
@@ -522,7 +528,7 @@ class Riemannian(Pass):
             nonfinite = describe_nonfinite(matrix)
             if nonfinite is not None:
                 # the polar factor refused it with its message for a diverged training step, naming no layer
-                label = _weight_label(name, pname)
+                label = weight_label(name, pname)
                 raise TransformError(
                     f"riemannian (rule '{entry.rule_name}'): {label}: its weight has {nonfinite}, so it has no "
                     "nearest orthonormal matrix to project onto (init: project). "
@@ -647,7 +653,7 @@ class _Constrained(NamedTuple):
 
     @classmethod
     def at(cls, entry: PlanEntry, module: nn.Module, pname: str, groups: int) -> _Constrained:
-        label = _weight_label(entry.site.name, pname)
+        label = weight_label(entry.site.name, pname)
         settings = tuple(entry.params[key] for key in _TIED_SETTINGS)
         return cls(entry, label, module, pname, groups, settings)
 
@@ -700,7 +706,7 @@ def _check_not_free_elsewhere(entry: PlanEntry, module: nn.Module, weights: list
         free_site, free_entry = left_free.get(id(weight), (None, None))
         if free_entry is None or free_entry.rule_index == entry.rule_index:
             continue
-        label = _weight_label(entry.site.name, pname)
+        label = weight_label(entry.site.name, pname)
         raise PlanError(
             f"riemannian: '{label}' ({type(module).__name__}, rule '{entry.rule_name}') shares its weight with "
             f"'{free_site}', which rule '{free_entry.rule_name}' leaves free (free: {free_entry.params['free']}); "
