@@ -1729,7 +1729,7 @@ def batch_dynamic_shapes(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]
         return {name: _shapes_tree(spec, value) for name, value in bound.arguments.items()}
     specs = tuple(_shapes_tree(spec, value) for value in inputs)
     named = _var_positional_index(model)
-    if named is None or len(specs) < named:
+    if named is None or len(specs) <= named:  # no input for ``*args``: torch.export's binding has no entry for it
         return specs
     return specs[:named] + (specs[named:],)
 
@@ -1753,6 +1753,36 @@ def buffers_kept(module: nn.Module):
             for owner, name, value, before in saved:
                 owner._buffers[name] = value  # the tensor itself, should the forward have rebound the name
                 value.copy_(before)
+
+
+# A hidden state h_0 / c_0 of nn.RNN / LSTM / GRU is (D * num_layers, N, H_out) whatever ``batch_first``.
+_HIDDEN_BATCH_AXIS = 1
+
+
+def recurrent_input_dims(batch_first: bool, batched: bool) -> tuple[str, ...]:
+    """What ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` reads in the dimensions of its input before the features H_in:
+    ``("batch N", "sequence length L")`` for ``batch_first=True`` (input ``(N, L, H_in)``), ``("sequence length
+    L", "batch N")`` for a seq-first layer (``(L, N, H_in)``), ``("sequence length L",)`` for an unbatched input
+    ``(L, H_in)``. The one place that reads ``batch_first``: the graph walk (:func:`recurrent_layout`, for
+    messages) and the hooked run (:func:`recurrent_batch_dims`, for export's dynamic batch) both use it.
+
+    Example: ``recurrent_input_dims(False, True).index("batch N")`` is 1."""
+    if not batched:
+        return ("sequence length L",)
+    return ("batch N", "sequence length L") if batch_first else ("sequence length L", "batch N")
+
+
+def recurrent_batch_axis(module: nn.RNNBase, x: torch.Tensor) -> int | None:
+    """The dimension of ``x`` that the recurrent layer ``module`` reads as the batch N when ``x`` is its input
+    (:func:`recurrent_input_dims`; a 2-D input is unbatched: None). E.g. 1 for ``nn.GRU(4, 6)`` (seq-first) on
+    ``(5, 3, 4)``, 0 with ``batch_first=True``."""
+    names = recurrent_input_dims(bool(module.batch_first), x.dim() != 2)
+    return names.index("batch N") if x.dim() == 3 and "batch N" in names else None
+
+
+def _recurrent_label(name: str, module: nn.Module) -> str:
+    """How messages name a recurrent layer, e.g. ``"GRU 'rnn'"``."""
+    return f"{type(module).__name__} '{name}'"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1808,14 +1838,14 @@ def recurrent_batch_dims(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]
         def record(_, args, call_kwargs):
             x = args[0] if args else call_kwargs.get("input")
             hx = args[1] if len(args) > 1 else call_kwargs.get("hx")
-            if isinstance(x, torch.Tensor) and x.dim() == 3 and not module.batch_first:
+            if isinstance(x, torch.Tensor) and recurrent_batch_axis(module, x) == 1:
                 inputs_of.setdefault(tuple(x.shape[:2]), label)
             for h in (hx if isinstance(hx, (tuple, list)) else (hx,)):
                 if isinstance(h, torch.Tensor) and h.dim() == 3:
                     hidden_of.setdefault(tuple(h.shape), label)
         return record
 
-    handles = [module.register_forward_pre_hook(hook(f"{type(module).__name__} '{name}'", module), with_kwargs=True)
+    handles = [module.register_forward_pre_hook(hook(_recurrent_label(name, module), module), with_kwargs=True)
                for name, module in layers]
     leaves = [leaf for leaf in torch.utils._pytree.tree_leaves((inputs, kwargs)) if isinstance(leaf, torch.Tensor)]
     devices = sorted({t.device.index or 0 for t in leaves if t.device.type == "cuda"})
@@ -1831,7 +1861,7 @@ def recurrent_batch_dims(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]
     found = {}
     for x in leaves:
         if x.dim() == 3 and tuple(x.shape) in hidden_of:
-            read = RecurrentBatch(1, hidden_of[tuple(x.shape)], "hidden state")
+            read = RecurrentBatch(_HIDDEN_BATCH_AXIS, hidden_of[tuple(x.shape)], "hidden state")
         elif x.dim() >= 2 and tuple(x.shape[:2]) in inputs_of:
             read = RecurrentBatch(1, inputs_of[tuple(x.shape[:2])], "input")
         else:
@@ -2636,7 +2666,12 @@ def recurrent_layout(node: torch.fx.Node, model: nn.Module | None) -> tuple[str,
     it: ``(label, batch_first, batched)``, e.g. ``("GRU 'rnn'", False, True)``, when the input reaches one such
     layer's input through ops that keep its dimensions 0 and 1 in place (an embedding, dropout, elementwise
     ops; not a transpose, reshape or indexing), else None. ``model``: the module the graph's call_module nodes
-    name."""
+    name.
+
+    A graph walk, for the checks and messages of a graph already captured: it follows the input's data flow (no
+    guess from sizes, so L = N is no ambiguity) to layers of every layout. :func:`recurrent_batch_dims` answers
+    before any graph exists (the dynamic shapes torch.export is called with), for hidden states and for layers
+    inside leaf modules too, by a hooked run; both read the layout with :func:`recurrent_input_dims`."""
     if model is None:
         return None
     found = set()
@@ -2656,8 +2691,8 @@ def recurrent_layout(node: torch.fx.Node, model: nn.Module | None) -> tuple[str,
                 if isinstance(module, nn.RNNBase):
                     if user.args and user.args[0] is current:
                         value = current.meta.get("val")
-                        batched = not (isinstance(value, torch.Tensor) and value.dim() == 2)
-                        found.add((f"{type(module).__name__} '{user.target}'", bool(module.batch_first), batched))
+                        batched = not (isinstance(value, torch.Tensor) and value.dim() == 2)  # no value: batched
+                        found.add((_recurrent_label(str(user.target), module), bool(module.batch_first), batched))
                     continue
                 if isinstance(module, (nn.Flatten, nn.Unflatten)):
                     continue
@@ -2676,11 +2711,10 @@ def layout_text(layout: tuple[str, bool, bool]) -> tuple[str, str]:
     """The layer and its input layout, for messages (:func:`recurrent_layout`'s ``layout``), e.g.
     ``("the seq-first GRU 'rnn'", "batch_first=False: input (L, N, H_in)")``."""
     label, batch_first, batched = layout
+    shape = "(" + ", ".join(name.split()[-1] for name in recurrent_input_dims(batch_first, batched)) + ", H_in)"
     if not batched:
-        return f"the {label}", "unbatched: input (L, H_in)"
-    if batch_first:
-        return f"the {label}", "batch_first=True: input (N, L, H_in)"
-    return f"the seq-first {label}", "batch_first=False: input (L, N, H_in)"
+        return f"the {label}", f"unbatched: input {shape}"
+    return f"the {'' if batch_first else 'seq-first '}{label}", f"batch_first={bool(batch_first)}: input {shape}"
 
 
 def _reads_as(layout: tuple[str, bool, bool] | None, dim: int) -> str:
@@ -2689,8 +2723,7 @@ def _reads_as(layout: tuple[str, bool, bool] | None, dim: int) -> str:
     if layout is None:
         return ""
     _, batch_first, batched = layout
-    names = ["sequence length L"] if not batched else ["batch N", "sequence length L"] if batch_first else [
-        "sequence length L", "batch N"]
+    names = recurrent_input_dims(batch_first, batched)
     return names[dim] if dim < len(names) else ""
 
 

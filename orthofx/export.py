@@ -60,6 +60,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -74,7 +75,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .capture import (ModalGraphModule, RecurrentBatch, batch_dim, batch_dynamic_shapes, buffers_kept, capture,
                       copy_model, recurrent_batch_dims, sequence_helper, unwrap_model)
-from .errors import SITE_ATTRIBUTE, CaptureError, ExportError, OrthofxError, first_few
+from .errors import SITE_ATTRIBUTE, CaptureError, ExportError, LayerArgumentError, OrthofxError, first_few
 from .nn.conditioning import power_newton_schulz
 from .nn.jacobian import JacobianProbe
 from .nn.tracing import is_orthofx_module
@@ -91,9 +92,10 @@ __all__ = ["freeze", "export", "load", "ExportResult", "NewtonSchulzForm", "FORM
 
 #: Version of the ``.pt`` file layout written by :func:`export`.
 FORMAT_VERSION = 1
-#: ``.pt`` key (optional: absent in files written before it, and when no probe is mid-period) of the Jacobian
-#: probes' step phases ``{module path: JacobianProbe.calls}``: state that decides on which training step the
-#: next estimate is made (``every``), kept out of the state_dict, whose keys are the probed block's own.
+#: ``.pt`` key that files written before the state dict kept its metadata hold (read, no longer written): the
+#: Jacobian probes' step phases ``{module path: JacobianProbe.calls}``. The step now travels where the probe itself
+#: puts it, the saved state dict's ``_metadata`` (``orthofx.nn.jacobian.PHASE_METADATA_KEY``), as in
+#: ``gm.state_dict()``: one record of it.
 PROBE_PHASES_KEY = "probe_calls"
 #: ONNX difference above which :func:`export` fails for outputs of magnitude up to about 100 (see
 #: :func:`onnx_tolerance`).
@@ -850,6 +852,22 @@ def _mutable_output_containers(program: Any) -> None:
     signature.out_spec = pytree.tree_structure(plain(pytree.tree_unflatten(leaves, signature.out_spec)))
 
 
+def _return_types_in(value: Any, where: str = "the output") -> list[tuple[str, type]]:
+    """``(where, class)`` of each ``torch.return_types`` value (the named tuples of ``torch.max(x, dim=1)``,
+    ``torch.sort``, ``torch.linalg.slogdet`` ...) in a model's output ``value``, e.g. ``[("output[1]",
+    torch.return_types.max)]``: torch registers these classes with pytree without a serialized name."""
+    if type(value).__module__ == "torch.return_types":
+        return [(where, type(value))]
+    if isinstance(value, (tuple, list)):
+        items = enumerate(value)
+    elif isinstance(value, dict):
+        items = ((repr(k), v) for k, v in value.items())
+    else:
+        return []
+    prefix = "output" if where == "the output" else where
+    return [found for key, item in items for found in _return_types_in(item, f"{prefix}[{key}]")]
+
+
 def _export_pt2(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batch: bool, dims: Batches) -> float:
     """Export ``frozen`` with torch.export on ``example`` (the call as torch.export takes it, :func:`_export_call`;
     the program takes its keyword inputs by name), reload it and return its largest difference from ``frozen``.
@@ -875,6 +893,17 @@ def _export_pt2(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batc
     except NotImplementedError as exc:
         if "serializ" not in str(exc):
             raise ExportError(f"cannot write {path!r}: {_root_cause(exc)}") from exc
+        returned = _return_types_in(_checked_run(frozen, example))
+        if returned:
+            where, kind = returned[0]
+            fields = getattr(kind, "__match_args__", ("values", "indices"))
+            call = f"torch.{kind.__name__.replace('linalg_', 'linalg.')}(...)"
+            raise ExportError(
+                f"cannot write {path!r}: the model returns a torch.return_types.{kind.__name__} as {where} (what "
+                f"{call} returns, a named tuple of {', '.join(fields)}), a class torch.export.save cannot record in "
+                "a .pt2 file (torch registers it with pytree without a serialized name). Fix: return its fields "
+                f"as a plain tuple, e.g. `out = {call}; return {', '.join('out.' + f for f in fields)}`; or "
+                "export to .onnx, whose outputs are flat") from exc
         # a class in the inputs or outputs (a NamedTuple, a registered dataclass) that pytree knows without a name
         raise ExportError(
             f"cannot write {path!r}: torch.export.save records the structure of the model's inputs and outputs by "
@@ -1067,11 +1096,12 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
                               "freezing (orthofx.export(gm, 'model.pt'), then orthofx.freeze(orthofx.load(model, "
                               "'model.pt'), example_inputs=(x,))), or export the frozen model to .pt2 or .onnx")
         _check_replayable(unwrap_model(model), manifest, path)
-        state = {k: v.detach().cpu() for k, v in unwrap_model(model).state_dict().items()}
+        source = unwrap_model(model).state_dict()
+        state = collections.OrderedDict((k, v.detach().cpu()) for k, v in source.items())
+        # the metadata as Module.state_dict gives it (torch.load(weights_only=True) reads it back): the modules'
+        # versions, and each Jacobian probe's step in its every period, which load_state_dict restores
+        state._metadata = getattr(source, "_metadata", collections.OrderedDict())
         content = {"orthofx_format": FORMAT_VERSION, "policy": manifest.policy.to_yaml(), "state_dict": state}
-        phases = _probe_phases(unwrap_model(model))
-        if phases:
-            content[PROBE_PHASES_KEY] = phases
         try:
             torch.save(content, path)
         except (OSError, RuntimeError) as exc:
@@ -1270,6 +1300,9 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
         raise ExportError(f"the saved weights in {path!r} do not fit the model: "
                           f"{'; '.join(mismatched[:3]) or exc}; load with the model the file was exported "
                           "from") from exc
+    except LayerArgumentError as exc:  # a damaged entry of the state dict's metadata (a probe's step)
+        raise ExportError(f"{path!r} is damaged: {exc}; or re-export the model with orthofx.export(gm, "
+                          "'model.pt')") from exc
     if missing or unexpected:
         raise ExportError(f"the saved weights in {path!r} do not fit the model: missing {list(missing)[:5]}, "
                           f"unexpected {list(unexpected)[:5]}; load with the model the file was exported from")
@@ -1277,14 +1310,9 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
     return gm
 
 
-def _probe_phases(root: nn.Module) -> dict[str, int]:
-    """``{path: calls}`` of the Jacobian probes of ``root`` that are part-way through their ``every`` period (a
-    probe at phase 0 is where a fresh one starts)."""
-    return {name: int(module.calls) for name, module in root.named_modules()
-            if isinstance(module, JacobianProbe) and module.calls}
-
-
 def _saved_probe_phases(saved: dict, path: str, written_by: str) -> dict[str, int]:
+    """The probe steps of a file written before they travelled in the state dict's metadata
+    (:data:`PROBE_PHASES_KEY`); ``{}`` for newer files."""
     phases = saved.get(PROBE_PHASES_KEY, {})
     valid = isinstance(phases, dict) and all(
         isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in phases.items())
@@ -1295,8 +1323,9 @@ def _saved_probe_phases(saved: dict, path: str, written_by: str) -> dict[str, in
 
 
 def _restore_probe_phases(gm: nn.Module, phases: dict[str, int], path: str) -> None:
-    """Put each Jacobian probe of ``gm`` at the step of its ``every`` period it was saved at, so that the restored
-    model makes its next estimate on the step the saved one would (a fresh probe starts a period)."""
+    """Put each Jacobian probe of ``gm`` at the step of its ``every`` period an older file saved it at
+    (:func:`_saved_probe_phases`), so that the restored model makes its next estimate on the step the saved one
+    would (a fresh probe starts a period). Newer files' steps are restored by ``load_state_dict``."""
     probes = {name: module for name, module in gm.named_modules() if isinstance(module, JacobianProbe)}
     strangers = sorted(set(phases) - set(probes))
     if strangers:

@@ -1207,6 +1207,20 @@ def _subsample(f: _Call, x: torch.Tensor, batch_fraction: float, generator: torc
 MAX_JACOBIAN_PROBES = 1024
 
 
+def jacobian_probe_count(probes, what: str, error: type[ArgumentError] = ArgumentError) -> int:
+    """``probes`` as an int in ``1 .. MAX_JACOBIAN_PROBES``, else ``error`` starting with ``what``: the one check
+    (and wording) of the bound, for :func:`jacobian_isometry` and :class:`orthofx.nn.jacobian.JacobianProbe`.
+    Each probe v is one more product J v per estimate, and the estimate's variance falls only as 1/probes.
+
+    Example: ``jacobian_probe_count(4, "jacobian_isometry")`` is 4; ``2000`` raises :class:`ArgumentError`."""
+    probes = _int(probes, f"{what}: probes", error)
+    if probes > MAX_JACOBIAN_PROBES:
+        raise error(f"{what}: probes={probes} is more than {MAX_JACOBIAN_PROBES}: each probe is one more "
+                    "Jacobian-vector product per estimate (unrolled under torch.compile), and the estimate's "
+                    "variance falls only as 1/probes; use fewer, or an exact Jacobian for small blocks")
+    return probes
+
+
 def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", per_sample: bool = False,
                        generator: torch.Generator | None = None, normalize: bool = False,
                        create_graph: bool = True, route: str = "auto", batch_fraction: float = 1.0,
@@ -1216,12 +1230,7 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
     _check_input(x, what)
     _one_of(kind, JACOBIAN_KINDS, "kind", what)
     _one_of(route, _ROUTES, "route", what)
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-        raise ArgumentError(f"{what}: probes must be a positive integer, got {probes!r}")
-    if probes > MAX_JACOBIAN_PROBES:
-        raise ArgumentError(f"{what}: probes={probes} is more than {MAX_JACOBIAN_PROBES}: each probe is one more "
-                            "Jacobian-vector product per estimate (unrolled under torch.compile), and the estimate's "
-                            "variance falls only as 1/probes; use fewer, or an exact Jacobian for small blocks")
+    probes = jacobian_probe_count(probes, what)
     for name, value in (("per_sample", per_sample), ("normalize", normalize), ("create_graph", create_graph)):
         _flag(value, name, what)
     if generator is not None and not isinstance(generator, torch.Generator):

@@ -193,10 +193,7 @@ class JacobianProbe(nn.Module):
         self._version = getattr(block, "_version", 1)  # state_dict metadata: the block's class version
         self.training = block.training
         self.penalty_weight = float(weight)
-        self.probes = _positive_int(probes, "JacobianProbe: probes", LayerArgumentError)
-        if self.probes > metrics.MAX_JACOBIAN_PROBES:
-            raise LayerArgumentError(f"JacobianProbe: probes={self.probes} is more than {metrics.MAX_JACOBIAN_PROBES} "
-                                     "(each is one Jacobian-vector product per estimate); use fewer")
+        self.probes = metrics.jacobian_probe_count(probes, "JacobianProbe", LayerArgumentError)
         self.kind = kind
         self.every = _positive_int(every, "JacobianProbe: every", LayerArgumentError)
         self.per_sample = per_sample
