@@ -489,6 +489,24 @@ def is_uninitialised(module: nn.Module) -> bool:
     return isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter)
 
 
+def each_mode(gm: nn.Module):
+    """Yield ``""`` with ``gm.graph`` the graph ``gm`` was captured in, then, for a two-mode graph module
+    (``orthofx.capture.ModalGraphModule``: a forward branching on ``self.training``), ``"@<mode>"`` with
+    ``gm.graph`` the other mode's graph (the root's ``training`` flag is set for that, and restored): for code that
+    rewrites or walks every graph of ``gm`` (on the current one alone, a two-mode model's other mode kept its
+    decompositions: ``gm.eval()`` ran the eigh that ``svd_conditioning.to_newton_schulz`` reported as replaced)."""
+    if getattr(gm, "other_graph", None) is None:
+        yield ""
+        return
+    training = gm.training
+    try:
+        for flag in (gm.graph_training, not gm.graph_training):
+            gm.training = flag
+            yield "" if flag == gm.graph_training else f"@{gm.other_mode}"
+    finally:
+        gm.training = training
+
+
 def weight_label(site: str, name: str) -> str:
     """How messages name a weight of a site: the site for a layer's ``weight``, ``site.name`` for one of several
     (``rnn.weight_hh_l0``)."""

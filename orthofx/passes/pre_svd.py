@@ -75,14 +75,13 @@ from torch import fx, nn
 from ..errors import ArgumentError, OrthofxError
 from ..nn.precision import HALF_PRECISION
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, derived_weight,
-                   describe_module, is_uninitialised, parameter_owners, reads_only_metadata, stops_producer_walk,
-                   weight_groups, whole, write_whole)
+                   describe_module, each_mode, is_uninitialised, parameter_owners, reads_only_metadata,
+                   stops_producer_walk, weight_groups, whole, write_whole)
 from .isometric_init import frozen_reason
 from .orth_regularizer import lorth_term
 from .orthogonal_conv import orthogonal_layer
 from .registry import register_pass
 from .riemannian import is_zero_redundancy
-from .svd_conditioning import each_mode
 
 __all__ = ["PreSVD", "SripTerm", "NearestOrthogonalGradient", "OptimalLearningRate", "srip", "polar_factor",
            "optimal_learning_rate"]

@@ -84,7 +84,7 @@ from torch import fx
 
 from ..errors import ArgumentError, TransformError
 from ..nn import conditioning as cond
-from .base import Change, Param, Pass, PassContext, PlanEntry
+from .base import Change, Param, Pass, PassContext, PlanEntry, each_mode
 from .registry import register_pass
 
 __all__ = ["SVDConditioning", "to_newton_schulz", "fold_constant_decompositions", "plain_decompositions",
@@ -810,25 +810,6 @@ def _graph_modules(gm: fx.GraphModule):
 
 def _qualified(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
-
-
-def each_mode(gm: fx.GraphModule):
-    """Yield ``""`` with ``gm.graph`` the graph ``gm`` was captured in, then, for a two-mode graph module
-    (``orthofx.capture.ModalGraphModule``: a forward branching on ``self.training``), ``"@<mode>"`` with
-    ``gm.graph`` the other mode's graph (the root's ``training`` flag is set for that, and restored). The helpers
-    below rewrite every graph of ``gm``: on the current one alone, a two-mode model's other mode kept its
-    decompositions (``gm.eval()`` ran the eigh that ``to_newton_schulz`` reported as replaced); ``pre_svd`` walks
-    both graphs with it."""
-    if getattr(gm, "other_graph", None) is None:
-        yield ""
-        return
-    training = gm.training
-    try:
-        for flag in (gm.graph_training, not gm.graph_training):
-            gm.training = flag
-            yield "" if flag == gm.graph_training else f"@{gm.other_mode}"
-    finally:
-        gm.training = training
 
 
 def to_newton_schulz(gm: fx.GraphModule, iterations: int = 5, float64: bool = False) -> dict[str, str]:
