@@ -3155,10 +3155,13 @@ def _first_line(text: str, limit: int) -> str:
 def _describe_cause(exc: BaseException) -> str:
     """One sentence (no final period) saying why tracing failed, with the user's source line when found."""
     text = str(exc)
-    if isinstance(exc, TraceError) and "control flow" in text:
+    # torch's iteration message also says "control flow": read first, or it was blamed on if/while/bool/len
+    if isinstance(exc, TraceError) and "cannot be iterated" in text:
+        cause = ("its forward iterates over a traced tensor (a for loop, unpacking, or *args/**kwargs, which "
+                 "symbolic tracing passes as one traced value; capture mode export, or auto with example inputs, "
+                 "traces them)")
+    elif isinstance(exc, TraceError) and "control flow" in text:
         cause = "its forward uses a traced tensor in Python control flow (if/while/bool/len)"
-    elif isinstance(exc, TraceError) and "cannot be iterated" in text:
-        cause = "its forward iterates over a traced tensor (a for loop, unpacking, or *args/**kwargs)"
     elif "'len' is not supported" in text:
         cause = "its forward calls len() on a traced tensor"
     else:

@@ -1,0 +1,52 @@
+"""Small fixes of session 30, each with the behaviour the old code got wrong."""
+import pytest
+import torch
+from torch import nn
+
+import orthofx
+
+LINEAR_LORTH = {"match": {"type": "Linear"}, "apply": "orth_regularizer"}
+
+
+class _VarargsGRU(nn.Module):
+    """A forward taking hidden states as ``*h``: symbolic tracing passes ``h`` as one proxy, which ``*h`` iterates."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(4, 6)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x, *h):
+        y, _ = self.rnn(x, *h)
+        return self.fc(y)
+
+
+def test_fx_capture_of_unpacked_varargs_names_iteration_not_control_flow():
+    # torch's message for iterating a proxy also says "control flow", and capture blamed if/while/bool/len
+    policy = {"orthofx": 1, "capture": {"mode": "fx"}, "rules": [LINEAR_LORTH]}
+    with pytest.raises(orthofx.CaptureError) as info:
+        orthofx.transform(_VarargsGRU(), policy, example_inputs=(torch.randn(5, 3, 4),))
+    message = str(info.value)
+    assert "iterates over a traced tensor" in message and "*args" in message
+    assert "control flow (if/while/bool/len)" not in message
+    assert "capture mode export" in message
+    # what the message offers works: the default capture (auto) traces it with export
+    model = _VarargsGRU()
+    gm = orthofx.transform(model, {"orthofx": 1, "rules": [LINEAR_LORTH]}, example_inputs=(torch.randn(5, 3, 4),))
+    x = torch.randn(5, 3, 4)
+    torch.testing.assert_close(gm(x), model(x))  # L_orth changes no weight: the same function
+
+
+def test_fx_capture_of_a_branch_on_a_tensor_still_names_control_flow():
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.fc(x)
+            return x
+
+    with pytest.raises(orthofx.CaptureError, match=r"control flow \(if/while/bool/len\)"):
+        orthofx.transform(Branch(), {"orthofx": 1, "capture": {"mode": "fx"}, "rules": [LINEAR_LORTH]})
