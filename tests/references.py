@@ -161,3 +161,23 @@ def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
         a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
         and torch.equal(a[k].detach().contiguous().view(-1).view(torch.uint8),
                         b[k].detach().contiguous().view(-1).view(torch.uint8)) for k in a)
+
+
+def circular_pad_loop(x: torch.Tensor, pads) -> torch.Tensor:
+    """Periodic extension by ``(left, right)`` per trailing dimension, one dimension at a time: entry ``j`` of a
+    dimension of size ``n`` is ``x[(j - left) % n]``."""
+    d = len(pads)
+    for i, (l, r) in enumerate(pads):
+        dim = x.dim() - d + i
+        n = x.shape[dim]
+        x = torch.stack([x.select(dim, (j - l) % n) for j in range(n + l + r)], dim=dim)
+    return x
+
+
+def text_position(text: str, token: str, occurrence: int = 0) -> tuple[int, int]:
+    """1-based (line, column) of the ``occurrence``-th ``token`` in ``text``: where an editor shows it."""
+    start = -1
+    for _ in range(occurrence + 1):
+        start = text.index(token, start + 1)
+    before = text[:start]
+    return before.count("\n") + 1, start - (before.rfind("\n") + 1) + 1

@@ -29,7 +29,7 @@ from orthofx.nn import padding, stiefel
 from orthofx.nn.conditioning import DecompositionMonitor
 from orthofx.nn.decompositions import ConditionMonitor
 from orthofx.nn.padding import CircularFold, CircularPad, circular_fold, circular_pad
-from references import lorth64, polar64, tangent64
+from references import circular_pad_loop, lorth64, polar64, tangent64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,19 +48,8 @@ class OpCount(TorchDispatchMode):
 
 # ------------------------------------------------------------------------------------------ padding modules
 
-def _loop_pad(x: torch.Tensor, pads) -> torch.Tensor:
-    """Periodic extension, one output entry at a time: entry ``j`` of a dimension of size ``n`` is
-    ``x[(j - l) % n]``."""
-    d = len(pads)
-    for i, (l, r) in enumerate(pads):
-        dim = x.dim() - d + i
-        n = x.shape[dim]
-        x = torch.stack([x.select(dim, (j - l) % n) for j in range(n + l + r)], dim=dim)
-    return x
-
-
 def _loop_fold(x: torch.Tensor, pads) -> torch.Tensor:
-    """Adjoint of :func:`_loop_pad`: entry ``j`` of a dimension of size ``n + l + r`` added onto ``(j - l) % n``."""
+    """Adjoint of :func:`circular_pad_loop`: entry ``j`` of a dimension of size ``n + l + r`` added onto ``(j - l) % n``."""
     d = len(pads)
     for i, (l, r) in enumerate(pads):
         dim = x.dim() - d + i
@@ -90,7 +79,7 @@ def test_padding_modules_check_their_pads_once_not_at_every_forward(monkeypatch,
         z = fold(y)
     assert calls == ["CircularPad", "CircularFold"]
     # the same values as the functions (which check their arguments) and as the loops, bit for bit
-    assert torch.equal(y, circular_pad(x, pads)) and torch.equal(y, _loop_pad(x, pads))
+    assert torch.equal(y, circular_pad(x, pads)) and torch.equal(y, circular_pad_loop(x, pads))
     assert torch.equal(z, circular_fold(y, pads))
     torch.testing.assert_close(z, _loop_fold(y, pads), rtol=0, atol=1e-12)
 
@@ -107,7 +96,7 @@ def test_padding_modules_check_pads_assigned_later_when_assigned():
     pad.pads = [(np.int64(2), torch.tensor(0))]
     assert pad.pads == ((2, 0),) and all(type(v) is int for pair in pad.pads for v in pair)
     x = torch.arange(3.0).reshape(1, 1, 3)
-    assert torch.equal(pad(x), _loop_pad(x, [(2, 0)]))
+    assert torch.equal(pad(x), circular_pad_loop(x, [(2, 0)]))
 
 
 @pytest.mark.parametrize("cls", [CircularPad, CircularFold])

@@ -18,21 +18,13 @@ from orthofx.errors import PolicyError
 from orthofx.passes import Pass, register_pass, registry, unregister_pass
 from orthofx.passes.base import Param
 from orthofx.policy import CaptureConfig, Match, Policy
+from references import text_position
 
 
 def _cli(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def _at(text: str, token: str, occurrence: int = 0) -> tuple[int, int]:
-    """1-based (line, column) of the ``occurrence``-th ``token`` in ``text``: where an editor shows it."""
-    start = -1
-    for _ in range(occurrence + 1):
-        start = text.index(token, start + 1)
-    before = text[:start]
-    return before.count("\n") + 1, start - (before.rfind("\n") + 1) + 1
 
 
 def _load_error(tmp_path, text: str) -> PolicyError:
@@ -60,8 +52,8 @@ def test_a_key_wrong_only_where_an_alias_uses_a_mapping_is_placed_at_the_anchor_
             with: *w
         """)
     err = _load_error(tmp_path, text)
-    assert (err.line, err.column) == _at(text, "weight")  # the key as written, inside the anchored mapping
-    line, column = _at(text, "*w")
+    assert (err.line, err.column) == text_position(text, "weight")  # the key as written, inside the anchored mapping
+    line, column = text_position(text, "*w")
     assert err.reason.startswith("unknown key 'weight' in rules[1].with for pass 'svd_conditioning'")
     assert err.reason.endswith(f"(used through the alias *w at line {line}, column {column})")
     assert (line, column) == (8, 11)
@@ -79,8 +71,8 @@ def test_a_value_wrong_only_where_an_alias_uses_a_scalar_is_placed_at_the_anchor
             with: {case: *k}
         """)
     err = _load_error(tmp_path, text)
-    assert (err.line, err.column) == _at(text, "&k")  # PyYAML marks an anchored node at its anchor
-    line, column = _at(text, "*k")
+    assert (err.line, err.column) == text_position(text, "&k")  # PyYAML marks an anchored node at its anchor
+    line, column = text_position(text, "*k")
     assert err.reason.startswith("rules[1].with.case: parameter 'case' must be one of 'auto', 'RO', 'CO'")
     assert err.reason.endswith(f"(used through the alias *k at line {line}, column {column})")
 
@@ -100,8 +92,8 @@ def test_an_alias_inside_aliased_content_names_both_uses_innermost_first(tmp_pat
             with: *o
         """)
     err = _load_error(tmp_path, text)
-    assert (err.line, err.column) == _at(text, "&g")
-    inner, outer = _at(text, "*g"), _at(text, "*o")
+    assert (err.line, err.column) == text_position(text, "&g")
+    inner, outer = text_position(text, "*g"), text_position(text, "*o")
     assert err.reason.startswith("rules[2].with.weight: parameter 'weight' must be one of 'none', ")
     assert err.reason.endswith(f"(used through the alias *g at line {inner[0]}, column {inner[1]}, inside *o at line "
                                f"{outer[0]}, column {outer[1]})")
@@ -118,8 +110,8 @@ def test_a_whole_rule_used_twice_through_an_alias_names_the_second_use(tmp_path)
           - *r
         """)
     err = _load_error(tmp_path, text)
-    assert (err.line, err.column) == _at(text, "soft")
-    line, column = _at(text, "*r")
+    assert (err.line, err.column) == text_position(text, "soft")
+    line, column = text_position(text, "*r")
     assert err.reason.startswith("duplicate rule name 'soft' in rules[1]; already used by rules[0] (line 3)")
     assert err.reason.endswith(f"(used through the alias *r at line {line}, column {column})")
 
@@ -137,12 +129,12 @@ def test_errors_not_reached_through_an_alias_say_nothing_of_aliases(tmp_path):
             with: *w
         """)
     err = _load_error(tmp_path, text)
-    assert (err.line, err.column) == _at(text, "-1")
+    assert (err.line, err.column) == text_position(text, "-1")
     assert err.reason.startswith("rules[0].with.weight:") and "alias" not in err.reason
     # a key written next to an alias is located at the key, where it is written: no alias note either
     text = text.replace("with: *w", "wiht: *w")
     err = _load_error(tmp_path, text.replace("weight: -1", "weight: 1"))
-    assert (err.line, err.column) == _at(text, "wiht")
+    assert (err.line, err.column) == text_position(text, "wiht")
     assert err.reason.startswith("unknown key 'wiht' in rules[1]") and "alias" not in err.reason
 
 
@@ -151,10 +143,10 @@ def test_the_command_line_prints_the_alias_note_on_its_one_line(capsys, tmp_path
            "  - {match: {op: eigh}, apply: svd_conditioning, with: *w}\n"
     (tmp_path / "p.yaml").write_text(text)
     code, out, err = _cli(capsys, "check", str(tmp_path / "p.yaml"))
-    line, column = _at(text, "weight")
+    line, column = text_position(text, "weight")
     assert (code, out) == (2, "") and err.count("\n") == 1
     assert f"p.yaml:{line}:{column}: unknown key 'weight'" in err
-    alias_line, alias_column = _at(text, "*w")
+    alias_line, alias_column = text_position(text, "*w")
     assert err.endswith(f"(used through the alias *w at line {alias_line}, column {alias_column})\n")
 
 
@@ -277,7 +269,7 @@ def test_a_required_key_that_is_null_is_a_policy_error_naming_it(text, token, fr
     err = info.value
     assert err.reason.startswith(fragment)
     # an empty value is marked where the line ends (after 'orthofx:'), a written null where it is written
-    assert (err.line, err.column) == (_at(text, token) if token else (1, len("orthofx:") + 1))
+    assert (err.line, err.column) == (text_position(text, token) if token else (1, len("orthofx:") + 1))
 
 
 # ----------------------------------------------------------------------------------------------- file.py specs

@@ -37,6 +37,7 @@ from orthofx.errors import PlanError, PolicyError
 from orthofx.passes import Pass, register_pass, registry, unregister_pass
 from orthofx.passes.base import Param
 from orthofx.policy import CaptureConfig, Policy, _drop_nulls
+from references import text_position
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,15 +46,6 @@ def _cli(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def _at(text: str, token: str, occurrence: int = 0) -> tuple[int, int]:
-    """1-based (line, column) of the ``occurrence``-th ``token`` in ``text``."""
-    start = -1
-    for _ in range(occurrence + 1):
-        start = text.index(token, start + 1)
-    before = text[:start]
-    return before.count("\n") + 1, start - (before.rfind("\n") + 1) + 1
 
 
 # ----------------------------------------------------------------------------------------------- 1. Python policies
@@ -316,7 +308,7 @@ def test_a_rule_whose_match_is_an_alias_is_placed_at_the_anchor_with_the_alias(t
     path.write_text(text)
     with pytest.raises(PlanError) as info:
         orthofx.explain(nn.Sequential(nn.Linear(3, 3)), path)
-    (line, column), (alias_line, alias_column) = _at(text, "&m"), _at(text, "*m")
+    (line, column), (alias_line, alias_column) = text_position(text, "&m"), text_position(text, "*m")
     assert str(info.value).startswith(
         f"rule 'riemannian[1]' ({path}:{line}:{column}, used through the alias *m at line {alias_line}, column "
         f"{alias_column}) matched no module site; the graph's module sites: Linear x1.")
@@ -335,7 +327,7 @@ def test_a_rule_used_through_an_alias_names_the_alias_in_planning_errors(tmp_pat
     path.write_text(text)
     policy = Policy.from_yaml(path)
     # PyYAML marks an anchored node at its anchor
-    (line, column), (alias_line, alias_column) = _at(text, "&r"), _at(text, "*r")
+    (line, column), (alias_line, alias_column) = text_position(text, "&r"), text_position(text, "*r")
     assert (policy.rules[1].location.line, policy.rules[1].location.column) == (line, column)
     assert policy.rules[1].location.aliases == (("r", alias_line, alias_column),)
     # the anchored rule itself, planned first, has no alias to name
