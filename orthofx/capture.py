@@ -1284,13 +1284,16 @@ def _finish(captured: tuple[torch.fx.GraphModule, CaptureInfo], model: nn.Module
 
 
 def _match_persistence(gm: torch.fx.GraphModule, model: nn.Module) -> None:
-    """Make the buffers of ``gm``'s own containers persistent exactly where the model's are.
+    """Make the buffers of ``gm``'s own containers persistent exactly where the model's are, on ``gm`` and on its
+    deep copies.
 
     ``torch.fx.GraphModule`` registers every tensor its graph reads as a persistent buffer: a non-persistent
     buffer of the model (``register_buffer(..., persistent=False)``), a plain tensor attribute and a constant of
     the trace would otherwise be keys of ``gm.state_dict()`` the model's has not, and
-    ``gm.load_state_dict(model.state_dict())`` would fail.
+    ``gm.load_state_dict(model.state_dict())`` would fail. A deep copy (an EMA copy, ``freeze``'s copy) rebuilds
+    those containers the same way, so a deepcopy hook (kept by copies of copies) marks the same names there.
     """
+    marked: dict[str, tuple[str, ...]] = {}
     for path, module in gm.named_modules():
         try:
             source = model.get_submodule(path) if path else model
@@ -1304,6 +1307,21 @@ def _match_persistence(gm: torch.fx.GraphModule, model: nn.Module) -> None:
                 module._non_persistent_buffers_set.discard(name)
             else:
                 module._non_persistent_buffers_set.add(name)
+        if module._non_persistent_buffers_set:
+            marked[path] = tuple(sorted(module._non_persistent_buffers_set))
+    if marked:
+        gm._register_deepcopy_hook(functools.partial(_mark_non_persistent, marked))
+
+
+def _mark_non_persistent(marked: dict[str, tuple[str, ...]], gm: torch.fx.GraphModule) -> None:
+    """The deepcopy hook of :func:`_match_persistence`: the buffers ``marked`` (``{module path: names}``) that the
+    copy still holds are non-persistent again (only added: a layer a pass put in place keeps its own flags)."""
+    for path, names in marked.items():
+        try:
+            module = gm.get_submodule(path) if path else gm
+        except AttributeError:
+            continue  # the container is gone (a pass replaced or removed it)
+        module._non_persistent_buffers_set.update(name for name in names if name in module._buffers)
 
 
 def hooked_module_warnings(model: nn.Module, leaf_types: Iterable[str | type] = (),
