@@ -820,7 +820,8 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
             if reason is None and replacer is not None and pass_cls.needs_original_module:
                 # two passes that each replace the layer: either order skips the second, so "put this rule
                 # first" would only send the user back and forth
-                fix = ("a layer takes one replacement: narrow one of the matches" if pass_cls.replaces_module else
+                fix = ("a layer takes one replacement: narrow one of the matches"
+                       if pass_obj.replaces_layer(rule.params) else
                        f"put this rule before '{replacer[0]}', or narrow one of the matches")
                 reason = (f"rule '{replacer[0]}' ({replacer[1]}) replaces this layer earlier in the policy, and "
                           f"{pass_cls.name} needs the original layer: {fix}")
@@ -828,7 +829,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 rejected.append((site, reason))
                 continue
             winners[key] = rule.name
-            if pass_cls.replaces_module:
+            if pass_obj.replaces_layer(rule.params):
                 replaced.setdefault((site.kind, site.name), (rule.name, pass_cls.name))
             entries.append(PlanEntry(site=site, rule_name=rule.name, rule_index=rule.index,
                                      pass_name=pass_cls.name, params=dict(rule.params),

@@ -24,7 +24,8 @@ models, then training, freeze, export / load, copies, EMA). Each test is an xfai
   as a replacing pass (``replaces_module`` is a class attribute, False for pre_svd): a later ``convnorm`` rule on the
   same conv fails in ``with_convnorm`` ("got a OrthogonalConv2d; pass the convolution layer itself"), and a later
   ``isometric_init`` (needs_original_module) with a bare ValueError, instead of the PlanError that ``orthogonal_conv``
-  followed by either gets ("a layer takes one replacement" / "needs the original layer").
+  followed by either gets ("a layer takes one replacement" / "needs the original layer"). Fixed: a pass says
+  whether its parameters replace the layer (``Pass.replaces_layer``).
 - ``convnorm`` on a model frozen from a ``convnorm`` model matches the conv inside each ``FrozenConvNormNd`` and
   wraps it in a ConvNormConv2d, which the frozen layer then calls as a conv: TransformError wrapping "AttributeError:
   'ConvNormConv2d' object has no attribute '_conv_forward'". On the unfrozen model the same policy gets a PlanError
@@ -254,9 +255,6 @@ class _CovConv(nn.Module):
 
 
 @pytest.mark.parametrize("second", ["convnorm", "isometric_init"])
-@pytest.mark.xfail(strict=True, reason="pre_svd weight: orthogonal replaces the conv, then convnorm / isometric_init "
-                                       "fail on the OrthogonalConv2d (with_convnorm's 'pass the convolution layer "
-                                       "itself', a bare ValueError) instead of a PlanError")
 def test_a_pass_after_pre_svd_orthogonal_on_the_same_conv_is_a_plan_conflict(second):
     x = torch.randn(2, 3, 6, 6)
     policy = {"rules": [{"match": {"feeds": "linalg.eigh"}, "apply": "pre_svd", "with": {"weight": "orthogonal"}},

@@ -998,6 +998,12 @@ class Pass:
         different matrices; called when the plan is built, so that ``explain`` refuses what ``transform`` refuses,
         before any pass runs. Reads shapes and tensor identities, not values. The default accepts everything."""
 
+    def replaces_layer(self, params: dict[str, Any]) -> bool:
+        """Whether the pass, run with ``params``, puts another module at its sites, so that a later rule of another
+        group that needs the original layer is refused at planning. Default: :attr:`replaces_module`; a pass
+        that replaces the layer for some parameters only (``pre_svd`` with ``weight: orthogonal``) says so."""
+        return self.replaces_module
+
     def optimizer_hooked_weights(self, gm: nn.Module, entries: list[PlanEntry]) -> list[tuple[PlanEntry, str, str]]:
         """``(entry, weight name at the entry's module, what its hook does)`` for each weight this pass's ``entries``
         (all of them, in plan order) will step with an optimizer hook (``orthofx.attach`` runs them around

@@ -453,6 +453,12 @@ class PreSVD(Pass):
         # lorth and srip only read it, so a weight a parametrization computes is fine for them alone
         return not (params["nog"] or params["olr"] or params["weight"] == "orthogonal")
 
+    def replaces_layer(self, params: dict[str, Any]) -> bool:
+        """``weight: orthogonal`` puts the hard orthogonal layer in place (or L_orth where none exists: planning
+        counts it as a replacement either way, so a later pass needing the original layer is refused, not
+        handed an OrthogonalConv2d)."""
+        return params["weight"] == "orthogonal"
+
     def optimizer_hooked_weights(self, gm: nn.Module, entries: list[PlanEntry]) -> list[tuple[PlanEntry, str, str]]:
         """The weight of every site whose rule turns NOG or OLR on (a weight tied to another layer never becomes
         the hard orthogonal layer, which would carry no hooks: the pass falls back to L_orth and keeps them)."""
