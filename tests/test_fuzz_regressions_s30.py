@@ -29,7 +29,7 @@ models, then training, freeze, export / load, copies, EMA). Each test is an xfai
 - ``convnorm`` on a model frozen from a ``convnorm`` model matches the conv inside each ``FrozenConvNormNd`` and
   wraps it in a ConvNormConv2d, which the frozen layer then calls as a conv: TransformError wrapping "AttributeError:
   'ConvNormConv2d' object has no attribute '_conv_forward'". On the unfrozen model the same policy gets a PlanError
-  ("already belongs to a ConvNorm layer").
+  ("already belongs to a ConvNorm layer"). Fixed: the frozen layer's conv carries the same mark.
 - A non-persistent buffer of the model (``register_buffer(..., persistent=False)``) is kept out of
   ``gm.state_dict()`` by ``capture._match_persistence``, but only on that instance: ``copy.deepcopy(gm)`` (an EMA
   copy), ``pickle`` and ``torch.save`` rebuild the GraphModule's buffers as persistent ones, so the copy's
@@ -267,8 +267,6 @@ def test_a_pass_after_pre_svd_orthogonal_on_the_same_conv_is_a_plan_conflict(sec
     pytest.fail("transform applied a second replacement / initialisation to the orthogonal layer")
 
 
-@pytest.mark.xfail(strict=True, reason="convnorm on a frozen convnorm model wraps the conv inside FrozenConvNormNd: "
-                                       "AttributeError '_conv_forward' instead of a PlanError")
 def test_convnorm_on_a_frozen_convnorm_model_is_refused_at_planning():
     x = torch.randn(2, 4, 6, 6)
     frozen = orthofx.freeze(orthofx.transform(_convs(), "convnorm", example_inputs=(x,)))

@@ -1349,6 +1349,8 @@ class FrozenConvNormNd(nn.Module):
                 (-1,) + (1,) * (d + 1))
         self.conv.weight.data.copy_(weight)
         self.conv.weight.requires_grad_(conv.weight.requires_grad)  # a frozen (untrained) weight stays frozen
+        # part of a ConvNorm layer still: the convnorm pass must not wrap it (its call here is no conv forward)
+        setattr(self.conv, WRAPPED_MARKER, True)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(),
                                                                 requires_grad=conv.bias.requires_grad)
         self.affine = None if affine is None else copy.deepcopy(affine)
