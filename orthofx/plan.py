@@ -781,7 +781,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
     skipped: list[tuple[Site, str, str]] = []
     shadowed: list[tuple[Site, str, str]] = []
     unmatched_optional: list[str] = []
-    winners: dict[tuple[str, str, str], str] = {}  # (site kind, site name, group) -> rule name
+    winners: dict[tuple[str, str, str], str] = {}  # (_module_key of the site, group) -> rule name
     layers = {}
     for site in sites:
         if site.kind != "function":
@@ -793,7 +793,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
         notes = scripted_module_warnings(gm) + unhandled_weight_warnings(gm, policy, sites)
         capture.warnings.extend(w for w in notes if w not in capture.warnings)
 
-    replaced: dict[tuple[str, str], tuple[str, str]] = {}  # site -> (rule, pass) that replaces its module
+    replaced: dict[tuple[str, str], tuple[str, str, bool]] = {}  # _module_key -> (rule, pass, hides the layer)
     # e.g. a second transform of a transformed model: a rule on Conv2d passes over its OrthogonalConv2d layers
     existing = orthofx_layers(model if model is not None else gm) + orthofx_decompositions(gm, model)
     for rule in policy.rules:
@@ -809,15 +809,20 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 continue
             selected += 1
             chosen.append(site.name)
-            key = (site.kind, site.name, group)
+            key = (*_module_key(site), group)
             if key in winners:
                 shadowed.append((site, rule.name, winners[key]))
                 continue
             reason = pass_obj.accepts(site, module) or pass_obj.accepts_params(site, module, rule.params)
             if reason is None and not pass_obj.handles_derived_weight(rule.params):
                 reason = _derived_weight_reason(pass_cls, site, module)
-            replacer = replaced.get((site.kind, site.name))
-            if reason is None and replacer is not None and pass_cls.needs_original_module:
+            replacer = replaced.get(_module_key(site))
+            if reason is None and replacer is not None and replacer[2] and not pass_cls.sees_through_wrappers:
+                # a wrapper (a Jacobian probe) hides the layer's type from every later pass; the other order works
+                reason = (f"rule '{replacer[0]}' ({replacer[1]}) wraps this layer earlier in the policy, and "
+                          f"{pass_cls.name} would get the wrapper, not the layer: put this rule before "
+                          f"'{replacer[0]}', or narrow one of the matches")
+            elif reason is None and replacer is not None and pass_cls.needs_original_module:
                 # two passes that each replace the layer: either order skips the second, so "put this rule
                 # first" would only send the user back and forth
                 fix = ("a layer takes one replacement: narrow one of the matches"
@@ -830,7 +835,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 continue
             winners[key] = rule.name
             if pass_obj.replaces_layer(rule.params):
-                replaced.setdefault((site.kind, site.name), (rule.name, pass_cls.name))
+                replaced.setdefault(_module_key(site), (rule.name, pass_cls.name, pass_cls.hides_layer))
             entries.append(PlanEntry(site=site, rule_name=rule.name, rule_index=rule.index,
                                      pass_name=pass_cls.name, params=dict(rule.params),
                                      reason=f"first '{group}' rule matching {site.name}",
@@ -862,6 +867,12 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
     _refuse_weights_hooked_by_two_passes(gm, entries, policy)
     return Plan(entries=entries, sites=sites, skipped=skipped, shadowed=shadowed,
                 unmatched_optional=unmatched_optional, capture=capture, layers=layers)
+
+
+def _module_key(site: Site) -> tuple[str, str]:
+    """How the plan tells sites apart for shadowing and replacement: a module site and a block site of one path
+    are one layer (a ``kind: block`` rule naming a single layer, or ``name: "*"``, selects it as a block)."""
+    return ("function" if site.kind == "function" else "layer", site.name)
 
 
 def _check_pass_plans(gm: fx.GraphModule, entries: list[PlanEntry]) -> None:

@@ -928,6 +928,12 @@ class Pass:
     group: ClassVar[str] = ""
     #: The pass puts another module at the site (an orthogonal layer, a ConvNorm wrapper).
     replaces_module: ClassVar[bool] = False
+    #: What the pass puts at the site wraps the layer under another type (a Jacobian probe), so no later pass of
+    #: another group can act on the layer there: planning refuses such a rule (the other order works).
+    hides_layer: ClassVar[bool] = False
+    #: The pass acts on the layer's weights through such a wrapper (a Jacobian probe adopts the layer's parameters),
+    #: so planning lets it follow one.
+    sees_through_wrappers: ClassVar[bool] = False
     #: The pass needs the site's original layer (it writes the weight in place, or rebuilds the layer): a rule
     #: of another group that replaced the layer earlier in the policy leaves it nothing to act on.
     needs_original_module: ClassVar[bool] = False

@@ -129,6 +129,12 @@ class JacobianIsometry(Pass):
               exclusive_minimum=True),
     )
     site_kinds = frozenset({"block", "module"})
+    hides_layer = True  # the probe's type, not the layer's, is what a later pass at the site would get
+
+    def replaces_layer(self, params) -> bool:
+        """The probe takes the block's place (not counted as ``replaces_module``: the block itself stays, wrapped,
+        so lazy and parametrized layers are fine)."""
+        return True
 
     def accepts(self, site: Site, module: nn.Module | None) -> str | None:
         reason = super().accepts(site, module)

@@ -424,6 +424,7 @@ class Riemannian(Pass):
     group = "weight"
     complex_weights = "keeps real weights on the real Stiefel manifold (W^T W = I)"
     needs_weight_parameter = True  # it projects and retracts the weight around optimizer.step()
+    sees_through_wrappers = True  # its hooks step the weight tensors, which a Jacobian probe adopts
 
     def accepts(self, site: Site, module: nn.Module | None) -> str | None:
         """Also declines a layer whose weight has no entries (``Linear(4, 0)``): nothing to keep orthonormal; and
