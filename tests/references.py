@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -181,3 +182,16 @@ def text_position(text: str, token: str, occurrence: int = 0) -> tuple[int, int]
         start = text.index(token, start + 1)
     before = text[:start]
     return before.count("\n") + 1, start - (before.rfind("\n") + 1) + 1
+
+
+def nested_replaced(data: dict, path: tuple, value=None, *, drop: bool = False) -> dict:
+    """A deep copy of ``data`` with the entry at ``path`` (keys and indices) set to ``value``, or deleted."""
+    out = copy.deepcopy(data)
+    holder = out
+    for part in path[:-1]:
+        holder = holder[part]
+    if drop:
+        del holder[path[-1]]
+    else:
+        holder[path[-1]] = value
+    return out

@@ -5,7 +5,6 @@ Positions are checked against the policy text itself (the line and column where 
 str.index here), and null handling against the same policy with the key left out and against the documented
 defaults (the ``Param.default`` of each pass parameter, the dataclass defaults of the policy model)."""
 
-import copy
 import sys
 import textwrap
 
@@ -18,7 +17,7 @@ from orthofx.errors import PolicyError
 from orthofx.passes import Pass, register_pass, registry, unregister_pass
 from orthofx.passes.base import Param
 from orthofx.policy import CaptureConfig, Match, Policy
-from references import text_position
+from references import nested_replaced, text_position
 
 
 def _cli(capsys, *argv):
@@ -175,24 +174,12 @@ _DEFAULTED = [
 ]
 
 
-def _with(d: dict, path: tuple, value=None, *, drop: bool = False) -> dict:
-    out = copy.deepcopy(d)
-    holder = out
-    for part in path[:-1]:
-        holder = holder[part]
-    if drop:
-        del holder[path[-1]]
-    else:
-        holder[path[-1]] = value
-    return out
-
-
 @pytest.mark.parametrize("path, holds_default", _DEFAULTED, ids=[".".join(map(str, p)) for p, _ in _DEFAULTED])
 def test_null_means_the_key_is_not_given(path, holds_default):
     # capture.mode, capture.leaf_modules, a rule's name and optional, and match type/name/exclude were refused
     # ('must be a string or a list of strings, found null'), while with, where, kind and capture took null
-    given_null = Policy.from_dict(_with(_BASE, path))
-    left_out = Policy.from_dict(_with(_BASE, path, drop=True))
+    given_null = Policy.from_dict(nested_replaced(_BASE, path))
+    left_out = Policy.from_dict(nested_replaced(_BASE, path, drop=True))
     assert given_null == left_out and holds_default(given_null)
     assert Policy.from_yaml(given_null.to_yaml()) == given_null
 

@@ -19,7 +19,6 @@ notes on planning errors about a rule; a weight tied across two passes that hook
 """
 
 import argparse
-import copy
 import os
 import sys
 import textwrap
@@ -37,7 +36,7 @@ from orthofx.errors import PlanError, PolicyError
 from orthofx.passes import Pass, register_pass, registry, unregister_pass
 from orthofx.passes.base import Param
 from orthofx.policy import CaptureConfig, Policy, _drop_nulls
-from references import text_position
+from references import nested_replaced, text_position
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,25 +147,13 @@ _POSITIONS = [
 ]
 
 
-def _set(d: dict, path: tuple, value=None, *, drop: bool = False) -> dict:
-    out = copy.deepcopy(d)
-    holder = out
-    for part in path[:-1]:
-        holder = holder[part]
-    if drop:
-        del holder[path[-1]]
-    else:
-        holder[path[-1]] = value
-    return out
-
-
 @pytest.mark.parametrize("position, path, holds_default", _POSITIONS,
                          ids=[f"{pos}:{'.'.join(map(str, path))}" for pos, path, _ in _POSITIONS])
 def test_a_null_in_each_position_is_the_key_left_out(position, path, holds_default):
-    given_null, left_out = _set(_FULL, path), _set(_FULL, path, drop=True)
+    given_null, left_out = nested_replaced(_FULL, path), nested_replaced(_FULL, path, drop=True)
     policy = Policy.from_dict(given_null)
     assert policy == Policy.from_dict(left_out) and holds_default(policy)
-    assert given_null == _set(_FULL, path)  # the caller's dict is not changed
+    assert given_null == nested_replaced(_FULL, path)  # the caller's dict is not changed
     if path != ("orthofx",):  # YAML: the same, with null written as '~'
         text = Policy.from_dict(left_out).to_yaml()
         assert Policy.from_yaml(_yaml_with_null(given_null, path)) == Policy.from_yaml(text)
@@ -198,12 +185,12 @@ def test_a_null_where_null_is_a_value_stays_and_a_required_null_is_refused():
                            (("rules", 0, "match"), "rules[0].match must be a mapping of selectors"),
                            (("rules", 0, "apply"), "rules[0].apply must name a pass, found null")]:
         with pytest.raises(PolicyError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
-            Policy.from_dict(_set(_FULL, path))
+            Policy.from_dict(nested_replaced(_FULL, path))
     with pytest.raises(PolicyError, match="unsupported policy schema version null"):
         Policy.from_yaml("orthofx: ~\nrules: [{match: {type: Conv2d}, apply: orth_regularizer}]\n")
     # an unknown key given as null is still an unknown key
     with pytest.raises(PolicyError, match="unknown key 'wieght' in rules\\[0\\].with"):
-        Policy.from_dict(_set(_FULL, ("rules", 0, "with", "wieght")))
+        Policy.from_dict(nested_replaced(_FULL, ("rules", 0, "with", "wieght")))
     assert Policy.from_dict(_FEEDS).rules[0].match.feeds == ("linalg.eigh",)
 
 
