@@ -22,7 +22,7 @@ models, then training, freeze, export / load, copies, EMA). Each test is an xfai
   ``ConvNormConv2d``) refuses with "none reached this layer. Pass example_inputs=(x,)" although the example
   inputs were passed: only the graph's call sites record input shapes. Expected: it works (the shape recorded for
   the nested conv), or the message says that the layer sits inside the leaf '0' instead of asking for the
-  example inputs the user already gave.
+  example inputs the user already gave. Fixed: the message (the graph does not call the layer; method 'auto').
 - ``pre_svd`` with ``weight: orthogonal`` replaces its layer by an OrthogonalConv2d, but the plan does not count it
   as a replacing pass (``replaces_module`` is a class attribute, False for pre_svd): a later ``convnorm`` rule on the
   same conv fails in ``with_convnorm`` ("got a OrthogonalConv2d; pass the convolution layer itself"), and a later
@@ -159,8 +159,6 @@ def test_isometric_init_of_a_conv_inside_a_jacobian_probe(stride):
     assert torch.allclose(gram, torch.eye(gram.shape[0], dtype=torch.float64), atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="cayley_fft on the conv inside a ConvNormConv2d leaf asks for "
-                                       "example_inputs that were passed (no input shape recorded inside a leaf)")
 def test_cayley_fft_inside_a_leaf_does_not_ask_for_the_example_inputs_it_was_given():
     torch.manual_seed(0)
     model = nn.Sequential(ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1)), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))

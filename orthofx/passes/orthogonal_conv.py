@@ -441,6 +441,15 @@ class OrthogonalConvPass(Pass):
         _check_cayley_padding(entry, module)
         shape = ctx.manifest.input_shapes.get(entry.site.name)
         dims = module.weight.dim() - 2
+        if (shape is None or len(shape) < dims + 1) and ctx.manifest.input_shapes and entry.site.node is None \
+                and "." in entry.site.name:
+            # example inputs were given, but the graph never calls this layer: it sits inside a leaf module whose
+            # forward uses it its own way (a ConvNorm layer convolves with its conv's weight)
+            owner = entry.site.name.rpartition(".")[0]
+            raise PlanError(f"{where}: method 'cayley_fft' builds the orthogonal operator for one input size, and "
+                            f"no input size was recorded for this layer: the graph does not call it, it sits inside "
+                            f"'{owner}' ({type(ctx.gm.get_submodule(owner)).__name__}), kept as a leaf. Use method "
+                            "'auto' (explicit kernels, any input size) for it")
         if shape is None or len(shape) < dims + 1:
             raise PlanError(f"{where}: method 'cayley_fft' builds the orthogonal operator for one input size, "
                             "taken from the example inputs, and none reached this layer. Pass "
