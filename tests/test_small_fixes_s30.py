@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import orthofx
+from references import circular_operator64
 
 LINEAR_LORTH = {"match": {"type": "Linear"}, "apply": "orth_regularizer"}
 
@@ -50,3 +51,16 @@ def test_fx_capture_of_a_branch_on_a_tensor_still_names_control_flow():
 
     with pytest.raises(orthofx.CaptureError, match=r"control flow \(if/while/bool/len\)"):
         orthofx.transform(Branch(), {"orthofx": 1, "capture": {"mode": "fx"}, "rules": [LINEAR_LORTH]})
+
+
+def test_cayley_fft_on_a_map_smaller_than_the_kernel_points_to_method_auto():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    x = torch.randn(2, 3, 2, 2)
+    policy = {"rules": [{"match": {"type": "Conv2d"}, "apply": "orthogonal_conv", "with": {"method": "cayley_fft"}}]}
+    with pytest.raises(orthofx.ImpossibleLayerError, match=r"does not fit the input size \(2, 2\).*use method auto"):
+        orthofx.transform(model, policy, example_inputs=(x,))
+    # what it points to works: an exactly orthogonal circular 3 x 3 layer on the 2 x 2 map
+    gm = orthofx.transform(model, {"rules": [{"match": {"type": "Conv2d"}, "apply": "orthogonal_conv"}]},
+                           example_inputs=(x,))
+    operator = circular_operator64(gm.get_submodule("0").weight, grid=(2, 2))  # dense, built in the test
+    assert float((torch.linalg.svdvals(operator) - 1).abs().max()) < 1e-5

@@ -120,7 +120,8 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
             return (f"the input size {tuple(input_size)} is not divisible by stride={conv.stride}, which method "
                     "cayley_fft needs (space-to-depth blocks)")
         if any(-(-k // s) > n // s for k, s, n in zip(conv.kernel_size, conv.stride, input_size)):
-            return f"kernel_size={conv.kernel_size} does not fit the input size {tuple(input_size)}"
+            return (f"kernel_size={conv.kernel_size} does not fit the input size {tuple(input_size)}, the grid method "
+                    "cayley_fft builds its kernel on; use method auto (explicit kernels, circular on any input size)")
         if not keeps_output_size(conv):
             return (f"padding={conv.padding} gives another output size than the circular 'same' padding of an "
                     "exactly orthogonal layer")
