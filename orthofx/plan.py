@@ -35,7 +35,7 @@ from .capture import ModalGraphModule, _is_torch_layer, module_scopes
 from .errors import PlanError, first_few
 from .nn import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                  OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
-from .nn.convnorm import ConvNormConvNd
+from .nn.convnorm import FROZEN_FILTERS_MARKER, ConvNormConvNd
 from .passes.base import (RECURRENT_TYPES, CaptureInfo, PlanEntry, Site, derived_weight, describe_module,
                           reads_only_metadata, require_initialised, stops_producer_walk, weight_label)
 from .passes.registry import get_pass
@@ -1022,7 +1022,8 @@ def _derived_weight_reason(pass_cls: type, site: Site, module: nn.Module | None)
     """Why ``pass_cls`` must skip a layer whose weight is computed (:func:`~orthofx.passes.base.derived_weight`):
     replacing the layer would silently drop the parametrization or hook that computes the weight (the layer would
     no longer be weight-normalised, spectrally normalised, pruned ...), and writing or stepping the computed
-    tensor changes nothing (the next call recomputes it). Passes that only read the weight (L_orth) are fine."""
+    tensor changes nothing (the next call recomputes it). Passes that only read the weight (L_orth) are fine. The
+    conv of a frozen ConvNorm layer is refused the same way: its baked filters are a function of its weight."""
     if site.kind != "module" or module is None:
         return None
     if (pass_cls.wraps_original_module and not pass_cls.needs_weight_parameter
@@ -1030,6 +1031,9 @@ def _derived_weight_reason(pass_cls: type, site: Site, module: nn.Module | None)
         return None  # the wrapper reads layer.weight, which the parametrization computes at each access
     if not (pass_cls.replaces_module or pass_cls.needs_original_module or pass_cls.needs_weight_parameter):
         return None
+    if getattr(module, FROZEN_FILTERS_MARKER, False):
+        return ("the conv of a frozen ConvNorm layer, whose filters were computed from its weight when it was frozen: "
+                "a new weight would leave them stale; transform the model before orthofx.freeze")
     reason = derived_weight(module)
     if reason is None:
         return None

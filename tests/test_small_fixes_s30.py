@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import orthofx
+from orthofx.transform import manifest_of
 from references import circular_operator64
 
 LINEAR_LORTH = {"match": {"type": "Linear"}, "apply": "orth_regularizer"}
@@ -64,3 +65,20 @@ def test_cayley_fft_on_a_map_smaller_than_the_kernel_points_to_method_auto():
                            example_inputs=(x,))
     operator = circular_operator64(gm.get_submodule("0").weight, grid=(2, 2))  # dense, built in the test
     assert float((torch.linalg.svdvals(operator) - 1).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("apply", ["isometric_init", "riemannian", "orthogonal_conv"])
+def test_passes_that_change_a_frozen_convnorm_conv_skip_it(apply):
+    # the frozen layer's filters were computed from its conv's weight: isometric_init wrote a new weight and left
+    # them stale, silently (found by session 30's fuzz round)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(2, 4, 6, 6)
+    frozen = orthofx.freeze(orthofx.transform(model, "convnorm", example_inputs=(x,)))
+    gm = orthofx.transform(frozen, {"rules": [{"match": {"type": "Conv2d"}, "apply": apply, "optional": True}]},
+                           example_inputs=(x,))
+    reasons = {s.name: r for s, _, r in manifest_of(gm).plan.skipped}
+    assert set(reasons) == {"0.conv", "2.conv"} and all("frozen ConvNorm" in r for r in reasons.values())
+    assert torch.equal(gm.get_submodule("0.conv").weight, frozen.get_submodule("0.conv").weight)
+    with torch.no_grad():
+        torch.testing.assert_close(gm.eval()(x), frozen.eval()(x), rtol=0, atol=0)

@@ -234,10 +234,14 @@ __all__ = [
     "RunningFiltersDroppedWarning",
     "MAX_RUNNING_GRIDS",
     "WRAPPED_MARKER",
+    "FROZEN_FILTERS_MARKER",
 ]
 
 #: Attribute set on the convolution (and affine conv) a ConvNorm wrapper owns, so passes can recognise them.
 WRAPPED_MARKER = "_orthofx_convnorm_inner"
+#: Set on the conv of a :class:`FrozenConvNormNd`, whose filters were computed from that conv's weight once:
+#: planning refuses passes that write, step or replace it (the filters would silently go stale).
+FROZEN_FILTERS_MARKER = "_orthofx_frozen_convnorm_conv"
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -1349,8 +1353,10 @@ class FrozenConvNormNd(nn.Module):
                 (-1,) + (1,) * (d + 1))
         self.conv.weight.data.copy_(weight)
         self.conv.weight.requires_grad_(conv.weight.requires_grad)  # a frozen (untrained) weight stays frozen
-        # part of a ConvNorm layer still: the convnorm pass must not wrap it (its call here is no conv forward)
+        # part of a ConvNorm layer still: the convnorm pass must not wrap it (its call here is no conv forward),
+        # and the filters baked above stay valid only while its weight does
         setattr(self.conv, WRAPPED_MARKER, True)
+        setattr(self.conv, FROZEN_FILTERS_MARKER, True)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(),
                                                                 requires_grad=conv.bias.requires_grad)
         self.affine = None if affine is None else copy.deepcopy(affine)
