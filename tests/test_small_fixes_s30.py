@@ -5,7 +5,7 @@ from torch import nn
 
 import orthofx
 from orthofx.transform import manifest_of
-from references import circular_operator64
+from references import circular_operator64, lorth64
 
 LINEAR_LORTH = {"match": {"type": "Linear"}, "apply": "orth_regularizer"}
 
@@ -82,3 +82,26 @@ def test_passes_that_change_a_frozen_convnorm_conv_skip_it(apply):
     assert torch.equal(gm.get_submodule("0.conv").weight, frozen.get_submodule("0.conv").weight)
     with torch.no_grad():
         torch.testing.assert_close(gm.eval()(x), frozen.eval()(x), rtol=0, atol=0)
+
+
+class _CovConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x).flatten(2)
+        return torch.linalg.eigvalsh(h @ h.transpose(1, 2) / h.shape[2] + 1e-3 * torch.eye(4))
+
+
+def test_pre_svd_orthogonal_after_convnorm_names_the_wrapper_not_a_tie():
+    # the ConvNorm wrapper exposes its conv's weight, which read as a weight "tied to conv.conv"
+    policy = {"rules": [{"match": {"type": "Conv2d"}, "apply": "convnorm"},
+                        {"match": {"feeds": "linalg.eigvalsh"}, "apply": "pre_svd", "with": {"weight": "orthogonal"}}]}
+    gm = orthofx.transform(_CovConv(), policy, example_inputs=(torch.randn(2, 3, 6, 6),))
+    change = next(c for c in manifest_of(gm).changes if c.pass_name == "pre_svd")
+    assert "ConvNormConv2d now" in change.after["fallback"] and "tied" not in change.after["fallback"]
+    # the L_orth fallback penalises the conv's kernel (P0's L_orth, penalty_weight 0.01)
+    expected = 0.01 * lorth64(gm.get_submodule("conv.conv").weight)
+    assert float(orthofx.penalty(gm)) == pytest.approx(expected, rel=1e-4)

@@ -73,6 +73,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ArgumentError, OrthofxError
+from ..nn.convnorm import ConvNormConvNd
 from ..nn.precision import HALF_PRECISION
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, derived_weight,
                    describe_module, each_mode, is_uninitialised, parameter_owners, reads_only_metadata,
@@ -531,6 +532,10 @@ class PreSVD(Pass):
     def _try_hard(self, ctx: PassContext, name: str, module: nn.Module, padding: str):
         """The hard orthogonal layer put in place of ``module``, or ``(None, reason)``."""
         tied = [other for other, m in parameter_owners(ctx.gm).get(id(module.weight), []) if m is not module]
+        inner = [other for other in tied if other.startswith(f"{name}.")]
+        if inner and isinstance(module, ConvNormConvNd):  # its conv's weight, not a tie between layers
+            return None, (f"the layer is a {type(module).__name__} now (an earlier rule wrapped it), and a hard "
+                          "orthogonal layer would replace the ConvNorm wrapper")
         if tied:  # a hard layer holds its own parameters: the other layers would keep the old weight
             return None, f"its weight is tied to {', '.join(tied)} (a hard orthogonal layer would untie them)"
         try:
