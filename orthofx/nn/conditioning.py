@@ -100,8 +100,8 @@ def stable_eigh(A: Tensor, UPLO: str = "L", taylor_order: int | None = 9, float6
                 clamp_gap: float | None = None, plain: bool = False) -> tuple[Tensor, Tensor]:
     """``torch.linalg.eigh`` with a bounded gradient: ``(eigenvalues ascending, eigenvectors in columns)``.
     ``plain=True`` (every stand-in here): the same values from plain torch operations, as frozen models run."""
-    return eigh_stable(_lower(A, UPLO), taylor_order=taylor_order, float64=float64, clamp_gap=clamp_gap,
-                       plain=plain)
+    return eigh_stable(A, taylor_order=taylor_order, float64=float64, clamp_gap=clamp_gap, plain=plain,
+                       uplo=_uplo(UPLO))
 
 
 def stable_eigvalsh(A: Tensor, UPLO: str = "L", taylor_order: int | None = 9, float64: bool = False,
@@ -322,7 +322,7 @@ class DecompositionMonitor(ConditionMonitor):
             with torch.no_grad():
                 # a matrix with a NaN/inf gets NaN eigenvalues (a NaN event) instead of a LAPACK error
                 matrix = _lower(x.detach(), self.uplo).to(torch.float64)
-                finite, bad = _finite_part(matrix, lower=True, sync=False)
+                finite, bad = _finite_part(matrix, "L", sync=False)
                 (lam,) = _nan_where(bad, torch.linalg.eigvalsh(finite))
             self.update(lam)
             return x

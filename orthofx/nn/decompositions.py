@@ -3,9 +3,10 @@ condition-number monitor (P4, "Improving covariance conditioning of the SVD meta
 
 Ops
 ---
-``eigh_stable(A, taylor_order=9, float64=False, clamp_gap=None) -> (L, V)``
+``eigh_stable(A, taylor_order=9, float64=False, clamp_gap=None, *, uplo="L") -> (L, V)``
     ``torch.linalg.eigh`` of a symmetric (batched) matrix: eigenvalues ``L`` ascending, eigenvectors in the
-    columns of ``V``. Only the lower triangle of ``A`` is read (as in torch); the gradient is symmetric.
+    columns of ``V``. Only the lower triangle of ``A`` is read (``uplo="U"``: the upper one, as torch's ``UPLO``);
+    the gradient is symmetric.
 ``svd_stable(A, taylor_order=9, float64=False, clamp_gap=None) -> (U, S, Vh)``
     Reduced SVD (``full_matrices=False``) of a real (batched) ``m x n`` matrix; ``S`` descending.
 
@@ -289,10 +290,10 @@ def _run_in(op, A: Tensor, work: torch.dtype | None, returned: torch.dtype | Non
 # ------------------------------------------------------------------------------------------- eigh
 
 
-def _finite_part(A: Tensor, lower: bool = False, sync: bool = True) -> tuple[Tensor, Tensor | None]:
-    """``(A', bad)``: ``A`` with every matrix holding a NaN/inf (in its lower triangle when ``lower``: the part
-    eigh reads) replaced by the identity (``m x n``), and the mask of those matrices (shape ``A.shape[:-2]``).
-    With ``sync`` (inside the custom ops' kernels) ``(A, None)`` when all are finite, which costs a host sync;
+def _finite_part(A: Tensor, uplo: str | None = None, sync: bool = True) -> tuple[Tensor, Tensor | None]:
+    """``(A', bad)``: ``A`` with every matrix holding a NaN/inf (in the triangle eigh reads for ``uplo`` "L" or
+    "U") replaced by the identity (``m x n``), and the mask of those matrices (shape ``A.shape[:-2]``). With
+    ``sync`` (inside the custom ops' kernels) ``(A, None)`` when all are finite, which costs a host sync;
     ``sync=False`` always substitutes, with tensor ops only (for code that torch.compile traces). LAPACK raises
     on such matrices (with a misleading "ill-conditioned" message for eigh), so the kernels decompose the
     identity instead and give the affected matrices NaN outputs (see "Non-finite inputs" in the module
@@ -300,11 +301,11 @@ def _finite_part(A: Tensor, lower: bool = False, sync: bool = True) -> tuple[Ten
     if sync and bool(torch.isfinite(A.sum(dim=(-2, -1))).all()):
         return A, None  # a NaN or inf entry makes the sum non-finite: no matrix has one (one reduction)
     nonfinite = ~torch.isfinite(A)
-    if lower:
-        nonfinite = nonfinite.tril()
+    if uplo is not None:
+        nonfinite = nonfinite.tril() if uplo == "L" else nonfinite.triu()
     bad = nonfinite.any(dim=-1).any(dim=-1)
     if sync and not bool(bad.any()):
-        return A, None  # the sum overflowed, or the non-finite entries are in the upper triangle eigh ignores
+        return A, None  # the sum overflowed, or the non-finite entries are in the triangle eigh ignores
     eye = torch.eye(A.shape[-2], A.shape[-1], dtype=A.dtype, device=A.device)
     return torch.where(bad.unsqueeze(-1).unsqueeze(-1), eye, A), bad
 
@@ -321,34 +322,38 @@ def _nan_where(bad: Tensor | None, *outputs: Tensor) -> tuple[Tensor, ...]:
 
 
 @torch.library.custom_op("orthofx::eigh_stable", mutates_args=())
-def _eigh_op(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor]:
+def _eigh_op(A: Tensor, taylor_order: int | None, clamp_gap: float | None, uplo: str = "L") -> tuple[Tensor, Tensor]:
     if A.dtype in HALF_PRECISION:
         # only a graph that holds the op itself (fx tracing keeps the plain call, which cannot see the dtype)
         # hands half precision to the kernel: decompose in float32 (no half LAPACK / cuSOLVER kernel), return
         # the input's dtype as the fake kernel says; the backward runs in float32 too (_without_autocast)
-        return tuple(t.to(A.dtype) for t in _eigh_op(A.float(), taylor_order, clamp_gap))
-    A, bad = _finite_part(A, lower=True)
-    L, V = torch.linalg.eigh(A)
+        return tuple(t.to(A.dtype) for t in _eigh_op(A.float(), taylor_order, clamp_gap, uplo))
+    A, bad = _finite_part(A, uplo)
+    # UPLO is LAPACK's: eigh of the transposed lower triangle is the same matrix, but its eigenvectors can come
+    # with other signs, and a model's later layers were trained on torch's signs
+    L, V = torch.linalg.eigh(A, UPLO=uplo)
     # LAPACK's V is column-major; the fake kernel promises row-major
     return _nan_where(bad, L, V.contiguous())
 
 
-def _eigh_plain(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor]:
+def _eigh_plain(A: Tensor, taylor_order: int | None, clamp_gap: float | None,
+                uplo: str = "L") -> tuple[Tensor, Tensor]:
     """The op's forward in plain torch operations (no host sync, no gradient kernel): what frozen models run, so
     that an exported program holds ``linalg_eigh`` and needs no orthofx to load."""
-    A, bad = _finite_part(A, lower=True, sync=False)
-    L, V = torch.linalg.eigh(A)
+    A, bad = _finite_part(A, uplo, sync=False)
+    L, V = torch.linalg.eigh(A, UPLO=uplo)
     return _nan_where(bad, L, V)
 
 
 @_eigh_op.register_fake
-def _eigh_fake(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor]:
+def _eigh_fake(A: Tensor, taylor_order: int | None, clamp_gap: float | None,
+               uplo: str = "L") -> tuple[Tensor, Tensor]:
     torch._check(A.shape[-1] == A.shape[-2], lambda: "eigh_stable expects square matrices")
     return A.new_empty(A.shape[:-1]), torch.empty_like(A, memory_format=torch.contiguous_format)
 
 
 def _eigh_setup(ctx, inputs, output) -> None:
-    _, taylor_order, clamp_gap = inputs
+    taylor_order, clamp_gap = inputs[1:3]
     L, V = output
     ctx.save_for_backward(L, V)
     ctx.taylor_order = taylor_order
@@ -387,16 +392,16 @@ def _without_autocast(backward):
 def _eigh_backward(ctx, saved, gL, gV):
     L, V = saved
     if gV is None and gL is None:
-        return None, None, None
+        return None, None, None, None
     inplace = not torch.is_grad_enabled()
     # With U = triu(|K|, 1) (so K = U - U^T for ascending eigenvalues) and P = U o (X - X^T), X = V^T gV:
     # K o skew(X) = (P + P^T) / 2, hence dA = (G + G^T) / 2 with G = V (P + diag(gL)) V^T.
     if gV is None:
         G = V @ torch.diag_embed(gL) @ V.mT
-        return (G + G.mT) * 0.5, None, None
+        return (G + G.mT) * 0.5, None, None, None
     if inplace:
         try:
-            return _eigh_backward_in_place(L, V, gL, gV, ctx.taylor_order, ctx.clamp_gap), None, None
+            return _eigh_backward_in_place(L, V, gL, gV, ctx.taylor_order, ctx.clamp_gap), None, None, None
         except RuntimeError:
             # vmap over the backward (torch.autograd.grad(is_grads_batched=True), jacobian(vectorize=True)):
             # batched gradients cannot be written into unbatched buffers, nor matmul(out=) be batched, and the
@@ -409,7 +414,7 @@ def _eigh_backward(ctx, saved, gL, gV):
     if gL is not None:
         Q = Q + torch.diag_embed(gL)
     G = V @ Q @ V.mT
-    return (G + G.mT) * 0.5, None, None
+    return (G + G.mT) * 0.5, None, None, None
 
 
 def _eigh_backward_in_place(L: Tensor, V: Tensor, gL: Tensor | None, gV: Tensor, taylor_order, clamp_gap) -> Tensor:
@@ -448,12 +453,12 @@ def _func_transform_function(plain, setup_context, backward, name: str,
 
     class Function(torch.autograd.Function):
         @staticmethod
-        def forward(A, taylor_order, clamp_gap):
-            return plain(A, taylor_order, clamp_gap)
+        def forward(A, *options):
+            return plain(A, *options)
 
         @staticmethod
-        def vmap(info, in_dims, A, taylor_order, clamp_gap):
-            outputs = Function.apply(A.movedim(in_dims[0], 0), taylor_order, clamp_gap)
+        def vmap(info, in_dims, A, *options):
+            outputs = Function.apply(A.movedim(in_dims[0], 0), *options)
             return outputs, (0,) * len(outputs)
 
         @staticmethod
@@ -470,12 +475,13 @@ _EighFunction = _func_transform_function(_eigh_plain, _eigh_setup, _eigh_backwar
                                          "eigh_stable")
 
 
-def _eigh_function(A: Tensor, taylor_order: int | None, clamp_gap: float | None) -> tuple[Tensor, Tensor]:
-    return _EighFunction.apply(A, taylor_order, clamp_gap)
+def _eigh_function(A: Tensor, taylor_order: int | None, clamp_gap: float | None,
+                   uplo: str = "L") -> tuple[Tensor, Tensor]:
+    return _EighFunction.apply(A, taylor_order, clamp_gap, uplo)
 
 
 def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
-                clamp_gap: float | None = None, *, plain: bool = False) -> tuple[Tensor, Tensor]:
+                clamp_gap: float | None = None, *, plain: bool = False, uplo: str = "L") -> tuple[Tensor, Tensor]:
     """Eigendecomposition of symmetric ``A`` (``[..., n, n]``) with a bounded gradient.
 
     Returns ``(eigenvalues [..., n] ascending, eigenvectors [..., n, n] in columns)`` like
@@ -485,7 +491,8 @@ def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
     ``torch.autocast``) is decomposed in float32; the outputs are float32 under autocast and the input's dtype
     otherwise. See the module docstring for the formulas. ``plain=True``: the same values from plain torch
     operations, with torch's own gradient instead of the bounded one (what :func:`orthofx.freeze` writes: an
-    exported frozen model then needs no orthofx to load).
+    exported frozen model then needs no orthofx to load). ``uplo`` (``"L"`` or ``"U"``, torch's ``UPLO``): the
+    triangle of ``A`` that is read; the eigenvectors' signs are torch's for the same ``UPLO``.
 
     >>> import torch
     >>> from orthofx.nn import eigh_stable
@@ -499,12 +506,15 @@ def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
     """
     _check_input(A, "eigh_stable", square=True)
     _check_args(taylor_order, clamp_gap)
+    if uplo not in ("L", "U"):
+        raise LayerArgumentError(f"eigh_stable: uplo must be 'L' or 'U' (the triangle of A that is read), got "
+                                 f"{uplo!r}")
     if not plain:
         _refuse_forward_mode(A, "eigh_stable")
     clamp = None if clamp_gap is None else float(clamp_gap)
     work, returned = _working_dtypes(A, float64)
     op = _eigh_plain if plain else (_eigh_function if in_func_transform() else _eigh_op)
-    L, V = _run_in(op, A, work, returned, taylor_order, clamp)
+    L, V = _run_in(op, A, work, returned, taylor_order, clamp, uplo)
     return L, V
 
 
