@@ -622,7 +622,8 @@ class SVDConditioning(Pass):
         Param("method", "taylor", (str,), "taylor (P4's Taylor-form backward), clamp (exact, gap-clamped) or "
               "newton_schulz (SVD-free matrix power)", choices=("taylor", "clamp", "newton_schulz")),
         Param("taylor_order", 9, (int,), "order of the Taylor form of 1/(lambda_i - lambda_j)", minimum=0),
-        Param("float64", False, (bool,), "run the decomposition (or the iteration) in float64"),
+        Param("float64", False, (bool,), "run the decomposition (or the iteration) in float64 (a float32 model's "
+              "eigen- / singular vectors can then come with other signs than its own call's)"),
         Param("clamp_gap", None, (float, type(None)), "bound every gradient weight by 1/clamp_gap",
               minimum=0.0, exclusive_minimum=True),
         Param("iterations", 5, (int,), "Newton-Schulz iterations (method newton_schulz)", minimum=1),
