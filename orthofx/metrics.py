@@ -830,9 +830,12 @@ def spectral_norm_bound(weight: torch.Tensor, input_size=None, stride=1, iterati
 # with zero tangents (_Call.tangent_parameters): the same values and graph, but no tangent is an "efficient zero
 # tensor", whose broadcasting add falls to a slow decomposition (torch 2.11-2.13: x W^T + b with a plain bias
 # cost about 6x the matmul). The estimate with its backward got 20-35% cheaper (a 64-layer MLP, a ResNet stage;
-# CPU and GPU). Matrices and kernels keep no tangent: a zero one would cost a matmul or a convolution per layer
-# (torch's convolution jvp already computes conv(x, 0) for the weight's missing tangent, one wasted
-# convolution per conv layer that only a custom convolution op could avoid).
+# CPU and GPU). Matrices and kernels keep no tangent: a zero one would cost a matmul or a convolution per layer.
+# Inside that jvp (eager, no outer transform) _ExplicitTangents writes out the tangents of convolutions, linear
+# maps and batch-statistics normalisations (torch's convolution jvp computed conv(x, 0) for the weight's missing
+# tangent, addmm's multiplied x by it, and forward mode through the composed normalisation ran each op's formula),
+# and the parameters of those layers get no zero tangent (_Call.written_out_parameters): one training step of the
+# ResNet-18-like model with the jacobian preset went from 4891 to 3513 ATen ops (session 31, benchmarks/RESULTS.md).
 #
 # Cost. For ``full`` with one probe and its gradient: the forward (primal and tangent), the VJP, and the
 # backward of all three (the tangent and the VJP depend on the forward's activations, so the forward is
@@ -929,13 +932,7 @@ class _ComposedNorms(torch.overrides.TorchFunctionMode):
                     eps=1e-5):
         if not training and running_mean is not None and running_var is not None:
             return func(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        if input.numel() == input.shape[1]:
-            # torch refuses it ("Expected more than 1 value per channel when training"); normalised here it was
-            # zero, a Jacobian of 0 and an estimate without gradient (batch_fraction can leave one sample)
-            raise ArgumentError(
-                f"a BatchNorm in training mode got one value per channel (input {tuple(input.shape)}) in the "
-                "Jacobian estimate: its batch statistics need more than one sample. Give the estimate more samples "
-                "(a larger batch_fraction or batch), or put the BatchNorm in eval mode")
+        _batch_statistics_check(input)
         return _channel_affine(_normalised(input, [0] + list(range(2, input.dim())), eps), weight, bias)
 
     @staticmethod
@@ -944,6 +941,120 @@ class _ComposedNorms(torch.overrides.TorchFunctionMode):
         if not use_input_stats:
             return func(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
         return _channel_affine(_normalised(input, list(range(2, input.dim())), eps), weight, bias)
+
+
+def _batch_statistics_check(input: torch.Tensor) -> None:
+    if input.numel() == input.shape[1]:
+        # torch refuses it ("Expected more than 1 value per channel when training"); normalised here it was
+        # zero, a Jacobian of 0 and an estimate without gradient (batch_fraction can leave one sample)
+        raise ArgumentError(
+            f"a BatchNorm in training mode got one value per channel (input {tuple(input.shape)}) in the "
+            "Jacobian estimate: its batch statistics need more than one sample. Give the estimate more samples "
+            "(a larger batch_fraction or batch), or put the BatchNorm in eval mode")
+
+
+def _dual(t) -> tuple:
+    """``(primal, tangent)`` of ``t`` at the current forward-mode level (tangent None when it carries none, or
+    when ``t`` is None)."""
+    return (t, None) if t is None else tuple(_fwad.unpack_dual(t))
+
+
+class _ExplicitTangents(torch.overrides.TorchFunctionMode):
+    r"""Tangents of convolutions, linear maps and batch-statistics normalisations written out, inside the
+    forward-mode route's ``torch.func.jvp`` (eager, outside any other ``torch.func`` transform: the duals there
+    are plain tensors of level 0, see :func:`_jvp_products`).
+
+    Fewer ATen ops (kernel launches on a GPU, where the estimate is launch-bound) for the same tangent:
+
+    * ``conv(x, W, b)`` and ``linear(x, W, b)`` with no tangent on ``W``: :math:`y' = \mathrm{conv}(x', W)
+      (+ b')`. torch's formulas (``convolution_jvp``, ``addmm``'s) give the missing weight tangent an efficient
+      zero tensor and still record ``conv(x, 0)`` (materialised zeros and an add) or multiply ``x`` by it.
+    * normalisation with batch (or instance / layer) statistics over dims ``D``, computed as
+      :class:`_ComposedNorms` does (``c = x - mean_D x``, ``r = (mean_D c^2 + eps)^{-1/2}``, ``y = c r``, then
+      ``w y + b``): :math:`y' = r (c' - y \, \mathrm{mean}_D(y c'))` with :math:`c' = x' - \mathrm{mean}_D x'`
+      (from :math:`v' = 2\,\mathrm{mean}_D(c c')` and :math:`r' = -r^3 v' / 2`), then :math:`w y' (+ w' y + b')`:
+      7 ops, where forward mode through the composition ran the formulas of each op (about 35 ops per layer).
+
+    The tangents are ordinary differentiable tensors (``make_dual`` keeps them as they are), so the estimate's
+    gradient goes through them like through torch's formulas; the primal is computed as before. Anything else,
+    or a weight that carries a tangent (conv, linear), goes to torch's own formula.
+
+    >>> conv = torch.nn.Conv2d(2, 3, 3)
+    >>> x, v = torch.randn(1, 2, 5, 5), torch.randn(1, 2, 5, 5)
+    >>> with _ExplicitTangents():
+    ...     _, u = torch.func.jvp(conv, (x,), (v,))
+    >>> bool(torch.allclose(u, torch.nn.functional.conv2d(v, conv.weight), atol=1e-6))
+    True
+    """
+
+    _CONVS = {F.conv1d, F.conv2d, F.conv3d}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._CONVS or func is F.linear:
+            out = self._affine_map(func, *args, **kwargs)
+        elif func is F.batch_norm:
+            out = self._batch_norm(*args, **kwargs)
+        elif func is F.instance_norm:
+            out = self._instance_norm(*args, **kwargs)
+        elif func is F.layer_norm:
+            out = self._layer_norm(*args, **kwargs)
+        else:
+            out = None
+        return func(*args, **kwargs) if out is None else out
+
+    @staticmethod
+    def _affine_map(func, input, weight, bias=None, *rest, **kwargs):
+        x, x_t = _dual(input)
+        if x_t is None or _fwad.unpack_dual(weight).tangent is not None:
+            return None
+        bias, b_t = _dual(bias)
+        return _fwad.make_dual(func(x, weight, bias, *rest, **kwargs), func(x_t, weight, b_t, *rest, **kwargs))
+
+    @staticmethod
+    def _normalisation(input, dims: list[int], eps: float, weight, bias, shape) -> torch.Tensor | None:
+        x, x_t = _dual(input)
+        if x_t is None:
+            return None
+        centred = x - x.mean(dims, keepdim=True)
+        r = torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+        y = centred * r
+        c_t = x_t - x_t.mean(dims, keepdim=True)
+        y_t = torch.addcmul(c_t, y, (y * c_t).mean(dims, keepdim=True), value=-1) * r
+        if weight is not None:
+            w, w_t = _dual(weight)
+            w = w.reshape(shape)
+            y_t = y_t * w if w_t is None else torch.addcmul(y_t * w, y, w_t.reshape(shape))
+            y = y * w
+        if bias is not None:
+            b, b_t = _dual(bias)
+            y = y + b.reshape(shape)
+            if b_t is not None:
+                y_t = y_t + b_t.reshape(shape)
+        return _fwad.make_dual(y, y_t)
+
+    @classmethod
+    def _batch_norm(cls, input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                    eps=1e-5):
+        if not training and running_mean is not None and running_var is not None:
+            return None
+        _batch_statistics_check(input)
+        return cls._normalisation(input, [0] + list(range(2, input.dim())), eps, weight, bias,
+                                  [1, -1] + [1] * (input.dim() - 2))
+
+    @classmethod
+    def _instance_norm(cls, input, running_mean=None, running_var=None, weight=None, bias=None,
+                       use_input_stats=True, momentum=0.1, eps=1e-5):
+        if not use_input_stats:
+            return None
+        return cls._normalisation(input, list(range(2, input.dim())), eps, weight, bias,
+                                  [1, -1] + [1] * (input.dim() - 2))
+
+    @classmethod
+    def _layer_norm(cls, input, normalized_shape, weight=None, bias=None, eps=1e-5):
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        return cls._normalisation(input, list(range(input.dim() - len(shape), input.dim())), eps, weight, bias,
+                                  list(shape))
 
 
 class _NoForwardModeGaps(torch.overrides.TorchFunctionMode):
@@ -962,11 +1073,19 @@ class _NoForwardModeGaps(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+#: torch's normalisation layers whose forward writes no buffer but ``num_batches_tracked`` and, through a native
+#: ``F.batch_norm`` / ``F.instance_norm`` with batch statistics, the running statistics (see
+#: :meth:`_Call._buffer_state`); subclasses may do more, and are not among them.
+_PLAIN_NORMS = (_nn.BatchNorm1d, _nn.BatchNorm2d, _nn.BatchNorm3d, _nn.InstanceNorm1d, _nn.InstanceNorm2d,
+                _nn.InstanceNorm3d)
+
+
 class _Call:
     """``fn`` as a callable of one tensor ``x``, the Jacobian's variable.
 
-    A plain callable is called as it is. An ``nn.Module`` runs on copies of its buffers (cast to ``dtype`` when
-    given, as are its floating-point parameters), so calling it leaves its running statistics untouched; ``rest``
+    A plain callable is called as it is. An ``nn.Module`` runs on copies of the buffers it may write (cast to
+    ``dtype`` when given, as are its floating-point parameters; see :meth:`_buffer_state`), so calling it leaves its
+    running statistics untouched; ``rest``
     and ``kwargs`` are further arguments held fixed (a block's other inputs). ``params`` overrides some of the
     module's parameters for one call: the forward-mode route passes them as primals of ``torch.func.jvp`` with
     zero tangents (see :meth:`tangent_parameters`). ``x`` is passed on as a copy: the Jacobian's variable is a
@@ -993,7 +1112,7 @@ class _Call:
         x = x.clone()
         if not isinstance(module, _nn.Module):
             return module(x, *self.rest, **self.kwargs)
-        state = {name: self._cast(b).clone() for name, b in module.named_buffers()}
+        state = self._buffer_state()
         if self.dtype is not None:
             state.update({name: self._cast(p) for name, p in module.named_parameters()})
         if params:
@@ -1005,6 +1124,36 @@ class _Call:
                 return module(x, *self.rest, **self.kwargs)
             return torch.func.functional_call(module, state, (x, *self.rest), self.kwargs, strict=False,
                                               tie_weights=True)
+
+    def _buffer_state(self) -> dict[str, torch.Tensor | None]:
+        """The buffers a call of the module runs on: copies (cast to ``dtype`` when given) of those its forward
+        may write, so that the module's own stay where they are.
+
+        Eagerly, without ``dtype``, torch's BatchNorm / InstanceNorm layers (:data:`_PLAIN_NORMS`) are spared the
+        copies they do not need (one ATen op each, three per BatchNorm: a kernel launch on a GPU): layers that
+        normalise with their running statistics (eval mode) only read them, and while :class:`_ComposedNorms` runs
+        the normalisations with batch statistics, which read and update no running statistic, training-mode
+        layers keep theirs uncopied and get ``num_batches_tracked=None``: BatchNorm's forward then skips its
+        increment (and, with ``momentum=None``, the host read of the count), whose only use is the running update
+        the composed normalisation does not make. Under ``torch.compile`` every buffer is copied, as before."""
+        module = self.fn
+        kept: dict[str, torch.Tensor | None] = {}
+        if self.dtype is None and not torch.compiler.is_compiling():
+            composed = any(isinstance(mode, _ComposedNorms)
+                           for mode in torch.overrides._get_current_function_mode_stack())
+            for path, norm in module.named_modules():
+                if type(norm) not in _PLAIN_NORMS:
+                    continue
+                prefix = f"{path}." if path else ""
+                if not (norm.training or not norm.track_running_stats):
+                    kept.update({prefix + name: b for name, b in norm.named_buffers(recurse=False)})
+                elif composed:
+                    kept.update({prefix + name: None if name == "num_batches_tracked" else b
+                                 for name, b in norm.named_buffers(recurse=False)})
+        state = {name: self._cast(b).clone() for name, b in module.named_buffers() if name not in kept}
+        # functional_call needs only the replaced buffers; None ones are replaced by None
+        state.update({name: None for name, b in kept.items() if b is None})
+        return state
 
     def tangent_parameters(self) -> dict[str, torch.Tensor]:
         """The module's parameters that are likely combined with activations by broadcasting (at most one
@@ -1020,6 +1169,24 @@ class _Call:
         if not isinstance(self.fn, _nn.Module) or self.dtype is not None:
             return {}
         return {name: p for name, p in self.fn.named_parameters() if p.dim() <= 1 or 1 in p.shape}
+
+    def written_out_parameters(self) -> set[str]:
+        """Names of the parameters of the module's Linear, Conv1d/2d/3d and batch-statistics normalisation layers
+        (BatchNorm in training mode or without running statistics, InstanceNorm using its input's statistics,
+        LayerNorm), whose tangents :class:`_ExplicitTangents` writes out: there a parameter without a tangent costs
+        nothing, and a zero tangent from :meth:`tangent_parameters` would cost one more product per use (``y w'``).
+        A subclass that uses its parameters otherwise only loses that saving (torch's formula then gives them an
+        efficient zero tangent, with the same values)."""
+        if not isinstance(self.fn, _nn.Module):
+            return set()
+        names = set()
+        for path, module in self.fn.named_modules():
+            written_out = isinstance(module, (_nn.Linear, _nn.Conv1d, _nn.Conv2d, _nn.Conv3d, _nn.LayerNorm)) or (
+                isinstance(module, (_nn.modules.batchnorm._BatchNorm, _nn.modules.instancenorm._InstanceNorm))
+                and (module.training or not module.track_running_stats))
+            if written_out:
+                names.update(f"{path}.{name}" if path else name for name, _ in module.named_parameters(recurse=False))
+        return names
 
     def subset(self, index: torch.Tensor, batch: int) -> "_Call":
         """The same function on the samples ``index`` of a batch of ``batch``: the fixed tensor arguments whose
@@ -1068,8 +1235,10 @@ def _rademacher(like: torch.Tensor, generator: torch.Generator | None) -> torch.
         # torch.randint cannot take the symbolic sizes of a dynamic batch, randint_like can
         return (2 * torch.randint_like(like, 0, 2, dtype=torch.int64) - 1).to(like.dtype)
     device = generator.device if generator is not None else like.device
-    bits = torch.randint(0, 2, like.shape, generator=generator, device=device)
-    return (2 * bits - 1).to(device=like.device, dtype=like.dtype)
+    # drawn in the probe's dtype (the same draws as int64 bits: one random number per entry below 2**32), then
+    # 2 b - 1 in place: 3 ATen ops where int64 bits, 2 b - 1 and a cast took 4
+    bits = torch.randint(0, 2, like.shape, generator=generator, device=device, dtype=like.dtype)
+    return bits.mul_(2).sub_(1).to(like.device)
 
 
 def _vjp(output: torch.Tensor, inputs: torch.Tensor, cotangent: torch.Tensor) -> torch.Tensor:
@@ -1119,7 +1288,14 @@ def _jvp_products(f: _Call, xp: torch.Tensor, v: torch.Tensor, kind: str, per_sa
     """Forward-mode route for one probe: u = J v by torch.func.jvp, then the VJPs ``kind`` needs."""
     _prepare_forward_ad()
     params = f.tangent_parameters()
-    with _NoForwardModeGaps():
+    explicit = _contextlib.nullcontext()
+    if not (in_func_transform() or torch.compiler.is_compiling()):
+        # the duals of this (outermost) jvp are plain tensors, whose tangents _ExplicitTangents can write
+        explicit = _ExplicitTangents()
+        if params:
+            written_out = f.written_out_parameters()
+            params = {name: p for name, p in params.items() if name not in written_out}
+    with _NoForwardModeGaps(), explicit:
         if params:  # zero tangents for the broadcast parameters (speed, see _Call.tangent_parameters)
             zeros = {name: torch.zeros_like(p) for name, p in params.items()}
             y, u = torch.func.jvp(f, (xp, params), (v, zeros))
@@ -1276,17 +1452,18 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
             values.append(_squared(u if kind == "offdiag" else residual, per_sample))
             if returned is None:
                 returned = _estimate_dtype(u)
-        stacked = torch.stack(values)  # (count,) or (count, b)
-        if kind == "offdiag":
-            estimate = stacked.var(dim=0, correction=1) / 2
+        if count == 1:
+            estimate = values[0]  # the mean of one value, without a stack and a mean (two ATen ops and their backward)
+        elif kind == "offdiag":
+            estimate = torch.stack(values).var(dim=0, correction=1) / 2  # values (count,) or (count, b)
         else:
-            estimate = stacked.mean(dim=0)
+            estimate = torch.stack(values).mean(dim=0)
         if per_sample:
             estimate = estimate.mean()  # the subset's mean is unbiased for the batch's mean
         elif scale != 1.0:
             estimate = estimate * scale  # the subset's sum, scaled to the batch
         if normalize:
-            estimate = estimate / (x[0].numel() if per_sample else x.numel())
+            estimate = estimate / (math.prod(x.shape[1:]) if per_sample else x.numel())  # x[0] is an ATen op
         estimate = estimate.to(returned)
     return (estimate if create_graph else estimate.detach()), route
 
