@@ -77,7 +77,7 @@ import torch
 from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
-from torch.fx.graph_module import _format_import_block, _forward_from_src
+from torch.fx.graph_module import _CodeOnlyModule, _format_import_block, _forward_from_src
 from torch.package import sys_importer
 from torch.fx.proxy import TraceError
 
@@ -788,7 +788,7 @@ class ModalGraphModule(torch.fx.GraphModule):
     buffers. Passes rewrite the captured mode's graph; ``orthofx.transform`` applies the function-site rewrites
     to :attr:`other_graph` too.
 
-    It copies (``copy.deepcopy``, ``copy.copy`` as DataParallel does) and pickles with both graphs;
+    It copies (``copy.deepcopy``, ``copy.copy``) and pickles with both graphs (and its buffers' persistence);
     :meth:`single_mode` gives a plain ``GraphModule`` of one of them (``orthofx.freeze`` keeps the eval graph).
 
     Example::
@@ -857,11 +857,12 @@ class ModalGraphModule(torch.fx.GraphModule):
 
     def single_mode(self, training: bool) -> torch.fx.GraphModule:
         """A plain ``torch.fx.GraphModule`` running the graph of mode ``training`` (sharing the submodules and
-        tensors; ``meta`` is copied)."""
+        tensors, with the persistence of the buffers; ``meta`` is copied)."""
         graph = copy.deepcopy(self.graph_for(training))
         gm = torch.fx.GraphModule(self, graph, type(self).__name__)
         gm.meta = dict(self.meta)
         gm.train(self.training)
+        _match_persistence(gm, self)
         return gm
 
     def recompile(self):
@@ -891,8 +892,10 @@ class ModalGraphModule(torch.fx.GraphModule):
         return init
 
     def __copy__(self):
-        res = ModalGraphModule(self, self._graph, self.other_graph, self.graph_training)
+        res = ModalGraphModule(_CodeOnlyModule(dict(self.__dict__)), self._graph, self.other_graph,
+                               self.graph_training)
         res.meta = getattr(self, "meta", {})
+        _match_persistence(res, self)
         return res
 
     def __reduce__(self):
@@ -929,14 +932,21 @@ class _RetraceTracer(torch.fx.Tracer):
 
 def _rebuild_modal_graph_module(rebuild: Callable, body: dict, import_block: str, other_src: str,
                                 other_import_block: str, graph_training: bool) -> ModalGraphModule:
-    """Unpickling of :class:`ModalGraphModule`: each graph is re-traced from its code as torch.fx does."""
+    """Unpickling of :class:`ModalGraphModule`: each graph is re-traced from its code as torch.fx does, and the
+    module holds the pickled one's submodules, parameters and buffers in their order, with their persistence
+    (:func:`_match_persistence`)."""
     other = rebuild({**body, "_code": other_src}, other_import_block)
     plain = rebuild(body, import_block)
     _rename_clashing_constants(plain, other.graph, other, _mode_name(not graph_training))
-    res = ModalGraphModule(plain, plain.graph, other.graph, graph_training, other_root=other)
+    pickled = _CodeOnlyModule(body)
+    # a code-only root hands over every child and tensor of the pickled module in its order, as fx's own unpickling
+    # does (a module root would hand over the graph's targets only, in the order the graph first reads them)
+    res = ModalGraphModule(pickled, plain.graph, other.graph, graph_training, other_root=other)
     for key, value in plain.__dict__.items():
         res.__dict__.setdefault(key, value)
     res.training = bool(body.get("training", graph_training))
+    res.meta = body.get("meta", res.meta)
+    _match_persistence(res, pickled)
     return res
 
 
@@ -1285,13 +1295,32 @@ def _finish(captured: tuple[torch.fx.GraphModule, CaptureInfo], model: nn.Module
 
 def _match_persistence(gm: torch.fx.GraphModule, model: nn.Module) -> None:
     """Make the buffers of ``gm``'s own containers persistent exactly where the model's are, on ``gm`` and on its
-    deep copies.
+    copies and unpickled copies.
 
     ``torch.fx.GraphModule`` registers every tensor its graph reads as a persistent buffer: a non-persistent
     buffer of the model (``register_buffer(..., persistent=False)``), a plain tensor attribute and a constant of
     the trace would otherwise be keys of ``gm.state_dict()`` the model's has not, and
-    ``gm.load_state_dict(model.state_dict())`` would fail. A deep copy (an EMA copy, ``freeze``'s copy) rebuilds
-    those containers the same way, so a deepcopy hook (kept by copies of copies) marks the same names there.
+    ``gm.load_state_dict(model.state_dict())`` would fail. A deep copy (an EMA copy, ``freeze``'s copy), a
+    ``copy.copy`` and unpickling (``pickle``, ``torch.save`` of the whole module) rebuild those containers the
+    same way: a deepcopy hook (kept by copies of copies) marks the same names there, and copying and unpickling
+    call this function again with the original (the pickled module's ``__dict__``) as ``model``
+    (:func:`_copy_graph_module`, :func:`_rebuild_graph_module`, and :class:`ModalGraphModule`'s own).
+
+    Example::
+
+        import pickle, torch, orthofx
+
+        class Scaled(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(4, 3)
+                self.register_buffer("scale", torch.tensor(0.5), persistent=False)
+
+            def forward(self, x):
+                return self.fc(x) * self.scale
+
+        gm = orthofx.transform(Scaled(), "lorth")
+        assert list(pickle.loads(pickle.dumps(gm)).state_dict()) == ["fc.weight", "fc.bias"]
     """
     marked: dict[str, tuple[str, ...]] = {}
     for path, module in gm.named_modules():
@@ -1309,8 +1338,10 @@ def _match_persistence(gm: torch.fx.GraphModule, model: nn.Module) -> None:
                 module._non_persistent_buffers_set.add(name)
         if module._non_persistent_buffers_set:
             marked[path] = tuple(sorted(module._non_persistent_buffers_set))
-    if marked:
-        gm._register_deepcopy_hook(functools.partial(_mark_non_persistent, marked))
+    hooks = gm.__dict__.get("_deepcopy_hooks", [])
+    hooks[:] = [hook for hook in hooks if getattr(hook, "func", None) is not _mark_non_persistent]  # one, the last
+    gm._register_deepcopy_hook(functools.partial(_mark_non_persistent, marked))
+    _copy_and_pickle_with_persistence(gm)
 
 
 def _mark_non_persistent(marked: dict[str, tuple[str, ...]], gm: torch.fx.GraphModule) -> None:
@@ -1322,6 +1353,48 @@ def _mark_non_persistent(marked: dict[str, tuple[str, ...]], gm: torch.fx.GraphM
         except AttributeError:
             continue  # the container is gone (a pass replaced or removed it)
         module._non_persistent_buffers_set.update(name for name in names if name in module._buffers)
+    _copy_and_pickle_with_persistence(gm)  # a deep copy has a class of its own
+
+
+def _copy_and_pickle_with_persistence(gm: torch.fx.GraphModule) -> None:
+    """Let ``copy.copy``, ``pickle`` and ``torch.save`` of the plain GraphModule ``gm`` keep what
+    :func:`_match_persistence` set up.
+
+    torch.fx gives each GraphModule a class of its own (``GraphModuleImpl``, made by ``GraphModule.__new__``) and
+    puts the instance's ``forward`` there; ``__copy__`` and ``__reduce__`` go there too. A
+    :class:`ModalGraphModule` has them in its class, and a subclass of GraphModule other than those two is left as
+    it is (its own ``__reduce__`` rules).
+    """
+    cls = type(gm)
+    if cls.__qualname__.endswith("GraphModuleImpl") and cls.__bases__ == (torch.fx.GraphModule,):
+        cls.__copy__ = _copy_graph_module
+        cls.__reduce__ = _reduce_graph_module
+
+
+def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``copy.copy`` of a plain GraphModule :func:`capture` returned: torch.fx's (sharing submodules, tensors and
+    the graph), holding every child and tensor of ``gm`` in its order, with their persistence."""
+    res = torch.fx.GraphModule(_CodeOnlyModule(dict(gm.__dict__)), gm.graph, type(gm).__name__)
+    res.meta = getattr(gm, "meta", {})
+    _match_persistence(res, gm)
+    return res
+
+
+def _reduce_graph_module(gm: torch.fx.GraphModule) -> tuple:
+    """Pickling of a plain GraphModule :func:`capture` returned: torch.fx's (the graph's code and ``__dict__``,
+    re-traced when unpickled), rebuilt by :func:`_rebuild_graph_module`."""
+    rebuild, (body, import_block) = torch.fx.GraphModule.__reduce__(gm)
+    return (_rebuild_graph_module, (rebuild, body, import_block))
+
+
+def _rebuild_graph_module(rebuild: Callable, body: dict, import_block: str) -> torch.fx.GraphModule:
+    """Unpickling of :func:`_reduce_graph_module`: torch.fx's ``rebuild``, which registers the tensors of the
+    pickled root as persistent buffers and starts an empty ``meta``, then the pickled module's persistence
+    (:func:`_match_persistence`) and ``meta``."""
+    gm = rebuild(body, import_block)
+    gm.meta = body.get("meta", gm.meta)  # fx's rebuild keeps its own, empty one (a deep copy keeps the original's)
+    _match_persistence(gm, _CodeOnlyModule(body))
+    return gm
 
 
 def hooked_module_warnings(model: nn.Module, leaf_types: Iterable[str | type] = (),

@@ -39,8 +39,9 @@ models, then training, freeze, export / load, copies, EMA). Each test is an xfai
   ``state_dict`` has an extra key, ``copy.load_state_dict(model.state_dict())`` fails, and
   ``orthofx.export(copy, "m.pt")`` writes a file that ``orthofx.load`` refuses ("unexpected ['scale']; load with
   the model the file was exported from", which is the model it was given). Reference: the model's own
-  ``state_dict`` keys (plain torch). Fixed for deep copies (a deepcopy hook, which copies keep); ``pickle`` and
-  ``torch.save`` of a whole GraphModule still rebuild it without hooks (xfail).
+  ``state_dict`` keys (plain torch). Fixed for deep copies (a deepcopy hook, which copies keep), and for ``pickle``
+  and ``torch.save`` of a whole GraphModule, which re-apply the pickled module's persistence after torch.fx's
+  rebuild (``capture._rebuild_graph_module``, ``_rebuild_modal_graph_module``; more in tests/test_pickle_s31.py).
 """
 
 from __future__ import annotations
@@ -225,11 +226,7 @@ def _torch_save_copy(module):
 _COPIES = {"deepcopy": copy.deepcopy, "pickle": lambda m: pickle.loads(pickle.dumps(m)), "torch.save": _torch_save_copy}
 
 
-_UNPICKLED = pytest.mark.xfail(strict=True, reason="unpickling rebuilds a plain GraphModule, whose containers "
-                                                  "register every tensor as a persistent buffer, and runs no hook")
-
-
-@pytest.mark.parametrize("how", [pytest.param(how, marks=() if how == "deepcopy" else _UNPICKLED) for how in _COPIES])
+@pytest.mark.parametrize("how", list(_COPIES))
 def test_a_copy_of_a_transformed_model_keeps_non_persistent_buffers_out_of_its_state_dict(how):
     model = _NonPersistent()
     gm = orthofx.transform(model, "lorth", example_inputs=(torch.randn(2, 4),))
