@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -22,7 +23,7 @@ from torch import fx, nn
 
 from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_inputs, uninitialised_lazy_modules,
                       unwrap_model)
-from .errors import ArgumentError, OrthofxError, TransformError, first_few
+from .errors import ArgumentError, OrthofxError, OrthofxWarning, TransformError, first_few
 from .nn.precision import describe_nonfinite, relative_distance
 from .passes.base import MANIFEST_KEY, EvalRun, Manifest, PassContext, PlanEntry, Site, replace_module
 from .passes.registry import get_pass
@@ -649,6 +650,22 @@ def transform_private_copy(model: nn.Module, policy: Any, example_inputs: Any = 
     return _rewrite(unwrap_model(model), policy, example, user_model=None)
 
 
+def _nothing_planned_message(plan: Plan, model_name: str) -> str:
+    """Why a policy changes nothing in a model (its rules matched no site, or skipped every one they matched): an
+    optional rule of a preset meant for other architectures (``jacobian`` on a model without Sequential blocks)
+    would otherwise return an unchanged model silently, and training it would add no orthogonality at all."""
+    reasons = [f"optional rule '{name}' matched nothing" for name in plan.unmatched_optional]
+    for site, rule, reason in plan.skipped[:3]:
+        reasons.append(f"rule '{rule}' skipped '{site.name or '<root>'}': {reason}")
+    if len(plan.skipped) > 3:
+        reasons.append(f"{len(plan.skipped) - 3} more site(s) skipped")
+    why = "; ".join(reasons) if reasons else "no rule matched a site"
+    return (f"the policy changes nothing in {model_name} ({why}): the returned module computes what the model "
+            "computes (no pass applies). orthofx.explain(model, policy) lists what each rule matches; "
+            "name the model's blocks or layers in a rule (e.g. match: {kind: block, name: ...}) or pick another "
+            "preset")
+
+
 def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
              user_model: nn.Module | None) -> fx.GraphModule:
     """Capture ``work``, plan and run the passes on it, check the result on the example call. ``user_model``
@@ -658,6 +675,8 @@ def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
     for entry in plan.entries:
         if entry.refusal is not None:
             raise entry.refusal
+    if not plan.entries:
+        warnings.warn(_nothing_planned_message(plan, type(work).__name__), OrthofxWarning, stacklevel=3)
     gm.training = work.training
     manifest = Manifest(policy=policy, plan=plan, capture=plan.capture)
     before, site_inputs = _observe(gm, plan, example, manifest, work) if example is not None else (None, {})
