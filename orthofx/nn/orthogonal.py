@@ -130,7 +130,7 @@ from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, MetaWeightError, layer_label
-from orthofx.nn.padding import CircularFold, CircularPad, circular_fold, circular_pad, flat_pads
+from orthofx.nn.padding import CircularFold, CircularPad, _circular_fold_valid, _circular_pad_valid, flat_pads
 from orthofx.nn.precision import (HALF_PRECISION, autocast_conv_dtype, autocast_off, describe_nonfinite,
                                   relative_distance)
 from orthofx.nn.stiefel import orthonormal, project_to_stiefel
@@ -300,8 +300,10 @@ def rko_problem(kernel_size, stride, dilation) -> str | None:
 
 
 # symbolic tracing records the padding as one node (it traces through the orthogonal layers' forward, and
-# circular_pad's size checks need concrete shapes); fx.wrap acts on this module's own name for the function
-torch.fx.wrap("circular_pad")
+# the padding's size checks need concrete shapes); fx.wrap acts on this module's own name for the function. The
+# layers call _circular_pad_valid, not circular_pad: their pads are Python ints >= 0 by construction, and
+# circular_pad's argument checks only repeated themselves at every forward
+torch.fx.wrap("_circular_pad_valid")
 
 
 # ------------------------------------------------------------------------------------------ Cayley-FFT helpers
@@ -420,6 +422,26 @@ def _inverse_cayley(unitary: torch.Tensor, max_angle: float = math.pi - 1e-2) ->
     angle = torch.angle(values).clamp(-max_angle, max_angle)
     a = vectors @ torch.diag_embed(-1j * torch.tan(angle / 2)) @ torch.linalg.inv(vectors)
     return 0.5 * (a - a.mH)
+
+
+def _projector_basis(raw: torch.Tensor) -> torch.Tensor:
+    r"""An orthonormal basis ``(..., n, r)`` of the column span of ``raw`` (``n >= r``, float32 or float64): the
+    ``Q`` factor of a reduced Householder QR, as :func:`orthofx.nn.stiefel.orthonormal` computes it, less its sign
+    fix, for callers that use the basis only through the projector :math:`QQ^T` (which the column signs do not
+    change).
+
+    >>> raw = torch.randn(2, 5, 3, dtype=torch.float64)
+    >>> Q = _projector_basis(raw)
+    >>> bool(torch.allclose(Q @ Q.mT, orthonormal(raw) @ orthonormal(raw).mT))
+    True
+    """
+    return torch.linalg.qr(raw, mode="reduced")[0]
+
+
+def _times_gain(K: torch.Tensor, gain: float) -> torch.Tensor:
+    """``K * gain``, and ``K`` itself for ``gain == 1`` (the product is ``K`` bit for bit: one operation less
+    forward and backward per kernel build)."""
+    return K if gain == 1.0 else K * gain
 
 
 def _kept_parameter(module: nn.Module, name: str) -> torch.Tensor:
@@ -1233,19 +1255,23 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
                 self.proj_b[:, ib] = full[..., ra:].to(self.proj_b)
 
     def _projector_bases(self, cd: torch.dtype) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Orthonormal bases ``(g, n, r)`` of the projector blocks, per class (``"a"``, ``"b"``; empty if absent;
+        r"""Orthonormal bases ``(g, n, r)`` of the projector blocks, per class (``"a"``, ``"b"``; empty if absent;
         a sequence, or one fx proxy under symbolic tracing).
 
         One batched QR for both classes when their ranks agree (even ``n``), and ``unbind`` rather than indexing
         per block (its backward is one stack): on a GPU the build is bound by kernel launches, and each QR with
-        its backward is a few dozen of them."""
+        its backward is a few dozen of them. The bases are Householder ``Q`` factors *without* the sign fix of
+        :func:`orthofx.nn.stiefel.orthonormal`: a block uses its basis only through :math:`P = QQ^T`, and
+        :math:`(QS)(QS)^T = QQ^T` for any diagonal :math:`S = \pm 1`, bit for bit (a product of two sign flips is
+        exact, and so is rounding a negated sum), for the values and for the gradients. That saves three operations
+        per forward (and one per backward) of a launch-bound build."""
         a, b = self.proj_a, self.proj_b
         if a is not None and b is not None and self._ra == self._rb:
             count_a = sum(cls == "a" for blocks in self._block_index for cls, _ in blocks)
-            bases = orthonormal(torch.cat([a, b], dim=1).to(cd), tall=True).unbind(1)
+            bases = _projector_basis(torch.cat([a, b], dim=1).to(cd)).unbind(1)
             return {"a": bases[:count_a], "b": bases[count_a:]}
-        return {"a": orthonormal(a.to(cd), tall=True).unbind(1) if a is not None else (),
-                "b": orthonormal(b.to(cd), tall=True).unbind(1) if b is not None else ()}
+        return {"a": _projector_basis(a.to(cd)).unbind(1) if a is not None else (),
+                "b": _projector_basis(b.to(cd)).unbind(1) if b is not None else ()}
 
     def _apply_blocks(self, X: torch.Tensor, cd: torch.dtype, side: str, adjoint: bool = False) -> torch.Tensor:
         r"""``X`` composed with the block part ``A`` of the kernel, block by block, without forming ``A``.
@@ -1260,7 +1286,9 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         resp. :math:`\sum_q A[q]^T X[p + q]`), which shrinks each spatial size by ``k'_i - 1``.
 
         A block acts as :math:`X'[p] = (XP)[p] + (X - XP)[p - 1]` (``PX`` on the left; the adjoint reads
-        ``p + 1``): one product with the projector's basis over all taps. For a 3 x 3 stride-2 layer
+        ``p + 1``): one product with the projector's basis over all taps. On a single tap (the first block of each
+        dimension at stride 1) the two terms do not overlap, :math:`X' = [XP, X - XP]`: one concatenation instead of
+        two zero paddings and a sum (whose backward was two more kernels). For a 3 x 3 stride-2 layer
         :math:`R \star A` costs 10 products of ``n x n`` matrices this way, against 20 when ``A`` is formed
         first (4) and convolved with ``R`` (16)."""
         g, n, d = self.groups, self._n, self._dims
@@ -1275,10 +1303,14 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
             for dim, extra in enumerate(self._identity_taps):
                 if extra:
                     X = X.narrow(1 + dim, 0, X.shape[1 + dim] - extra)
+        # X's taps per dimension (not adjoint): the reshaped kernel's r (1 at stride 1), one more per block. Known
+        # from the layer's sizes, so also under symbolic tracing (no concrete shapes there)
+        taps = list(self._r)
         for dim, (cls, idx) in (reversed(steps) if adjoint else steps):
             axis, trailing = 1 + dim, d - dim + 1  # X is (g, *taps, a, b)
             if (self.proj_a if cls == "a" else self.proj_b) is None:  # rank-0 projector: a pure delay
                 X = X.narrow(axis, 1, X.shape[axis] - 1) if adjoint else _delay(X, trailing)
+                taps[dim] += 1
                 continue
             Q = bases[cls][idx]  # (g, n, r)
             if side == "right":
@@ -1289,8 +1321,11 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
             if adjoint:
                 size = X.shape[axis] - 1
                 X = Y.narrow(axis, 0, size) + (X - Y).narrow(axis, 1, size)
+            elif taps[dim] == 1:  # no overlap: the sum with zeros is the concatenation
+                X = torch.cat([Y, X - Y], dim=axis)
             else:
                 X = _delay(Y, trailing, before=0, after=1) + _delay(X - Y, trailing)
+            taps[dim] += 1
         if not adjoint:
             # an identity block (rank n, not listed) is the polynomial I written on two taps [I, 0]: it commutes
             # with every block, so all of them together append their zero taps at the end of the dimension
@@ -1346,7 +1381,7 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
 
     def _explicit_kernel(self, shift: tuple[int, ...] | None = None) -> torch.Tensor:
         """:attr:`weight` of the explicit-kernel methods (``shift``: as for :meth:`_unit_kernel`)."""
-        K = self._unit_kernel(shift=shift) * self.gain
+        K = _times_gain(self._unit_kernel(shift=shift), self.gain)
         return K.reshape(self.out_channels, self._C, *self.kernel_size).to(self.matrix.dtype)
 
     # ---------------------------------------------------------------------------------------- forward
@@ -1358,7 +1393,7 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         if self.padding_mode == "zeros" and all(l == r for l, r in pads):
             return x, tuple(l for l, _ in pads)
         if self.padding_mode == "circular":
-            return circular_pad(x, pads), 0
+            return _circular_pad_valid(x, pads), 0
         return F.pad(x, flat_pads(pads)), 0
 
     def _check_spatial_size(self, x: torch.Tensor) -> None:
@@ -1825,8 +1860,9 @@ def transposed_alignment(module: nn.Module):
 _CONV_TRANSPOSE_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _TORCH_CONV_TRANSPOSE = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
-# symbolic tracing records the fold as one node (its sizes need concrete shapes)
-torch.fx.wrap("circular_fold")
+# symbolic tracing records the fold as one node (its sizes need concrete shapes); the transposed layers' forward
+# calls _circular_fold_valid, their pads being Python ints >= 0 by construction (as _circular_pad_valid above)
+torch.fx.wrap("_circular_fold_valid")
 
 
 def _check_transposed_output_size(x: torch.Tensor, output_size, stride: tuple[int, ...], label: str) -> None:
@@ -2070,7 +2106,7 @@ class _OrthogonalConvTransposeNd(nn.Module):
             _check_transposed_output_size(x, output_size, self.stride, layer_label(self))
         weight = self.conv._cached("weight", lambda: self.conv.weight)
         y = _CONV_TRANSPOSE_FN[d](x, weight, None, self.stride, 0, self._overflow, self.groups, self.dilation)
-        out = circular_fold(y, self.pads)
+        out = _circular_fold_valid(y, self.pads)
         if self.bias is not None:
             out = out + self.bias.reshape(-1, *(1,) * d)
         return _in_conv_dtype(out, y)
@@ -2347,8 +2383,7 @@ class OrthogonalLinear(_EvalCache, nn.Module):
         or write ``raw_weight`` (see "Initialisation" in the module docs)."""
         with autocast_off(_kept_parameter(self, "raw_weight")):
             W = orthonormal(self.raw_weight.to(self.compute_dtype), tall=self.out_features >= self.in_features)
-        W = W * self.gain
-        return W.to(self.raw_weight.dtype)
+        return _times_gain(W, self.gain).to(self.raw_weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.fx.Proxy):  # symbolic tracing records the forward op by op
