@@ -481,6 +481,12 @@ def _transformed_report(model: nn.Module) -> Report:
         pass_text = _pass_text(entries, changes.get(site.name, []) if site.kind != "function" or entries else [],
                                skipped.get(site.name))
         if site.kind in ("block", "function"):
+            probed = _probed_layer(root, site) if entries else None
+            if probed is not None:
+                # a rule that wrapped one conv / linear layer: the layer's figures, as on a module site
+                shape = _input_shape(root, site.name, manifest.input_shapes)
+                rows.append(_layer_row(site.name, probed, pass_text, _params(entries), shape, spectra))
+                continue
             if entries:
                 row = {"site": site.name, "layer": site.target, "pass": pass_text, "params": _params(entries)}
                 monitor = _monitor_of(root, changes.get(site.name, []))[1]
@@ -510,6 +516,19 @@ def _transformed_report(model: nn.Module) -> Report:
     notes = _unsized_note(unsized) + [_scale_lost_note(change) for change in manifest.changes
                                       if "scale_lost" in change.after]
     return Report(rows, capture, spectra, penalties, manifest.output_change, conditioning, notes)
+
+
+def _probed_layer(root: nn.Module, site) -> nn.Module | None:
+    """The conv / linear layer that a JacobianProbe at the block site ``site`` wraps (a ``kind: block`` rule naming
+    one layer), whose row then has the layer's figures; None for a probe of a larger block or any other site."""
+    if site.kind != "block":
+        return None
+    try:
+        module = root.get_submodule(site.name)
+    except AttributeError:
+        return None
+    block = module._block if isinstance(module, JacobianProbe) else None
+    return block if isinstance(block, _CONV_TYPES + _LINEAR_TYPES) else None
 
 
 def _needs_input_size(module: nn.Module) -> bool:
