@@ -1031,6 +1031,10 @@ class _ExplicitTangents(torch.overrides.TorchFunctionMode):
             y = y + b.reshape(shape)
             if b_t is not None:
                 y_t = y_t + b_t.reshape(shape)
+        if weight is None and bias is None:
+            # the tangent's backward saved y: an in-place op of the block on the output (InstanceNorm2d, whose
+            # default has no affine part, then ReLU(inplace=True)) would write it, and the estimate's backward failed
+            y = y.clone()
         return _fwad.make_dual(y, y_t)
 
     @classmethod
@@ -1057,8 +1061,29 @@ class _ExplicitTangents(torch.overrides.TorchFunctionMode):
                                   list(shape))
 
 
+class _ForwardModeGap(NotImplementedError):
+    """The forward-mode route's signal (from :class:`_NoForwardModeGaps`) that ``op`` has no reliable forward-mode
+    derivative: route ``auto`` falls back to the double-VJP route; route ``jvp`` turns it into an orthofx error
+    naming the op and the estimate (:func:`_jacobian_isometry`)."""
+
+    def __init__(self, op: str):
+        super().__init__(f"{op} has no reliable forward-mode derivative; use route 'auto' (falls back) or "
+                         "'double_vjp'")
+        self.op = op
+
+
+class _JvpRouteError(ArgumentError, NotImplementedError):
+    """Route ``"jvp"`` met an op without a reliable forward-mode derivative (:class:`_ForwardModeGap`): an
+    :class:`~orthofx.errors.ArgumentError` (the route is the caller's choice) that is still the
+    ``NotImplementedError`` a missing forward-mode formula raises, which callers of ``jacobian_isometry`` caught."""
+
+
+class _LayerJvpRouteError(LayerArgumentError, _JvpRouteError):
+    """:class:`_JvpRouteError` of a :class:`~orthofx.nn.JacobianProbe` (a layer's argument)."""
+
+
 class _NoForwardModeGaps(torch.overrides.TorchFunctionMode):
-    """Raise ``NotImplementedError`` (the forward-mode route's signal to fall back to the double-VJP route) at ops
+    """Raise :class:`_ForwardModeGap` (the forward-mode route's signal to fall back to the double-VJP route) at ops
     whose forward mode is silently wrong in torch 2.13: custom operators (``torch.library`` ops, orthofx's own
     ``eigh_stable`` / ``svd_stable`` among them, get a zero tangent instead of an error when they have no
     forward-mode formula: the estimate treated the decomposition as a constant and came out biased low) and
@@ -1068,8 +1093,7 @@ class _NoForwardModeGaps(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.linalg.eigh or (isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
                                          and func.namespace not in ("aten", "prims")):
-            raise NotImplementedError(f"{getattr(func, '__name__', func)} has no reliable forward-mode derivative; "
-                                      "use route 'auto' (falls back) or 'double_vjp'")
+            raise _ForwardModeGap(str(getattr(func, "__name__", func)))
         return func(*args, **(kwargs or {}))
 
 
@@ -1083,13 +1107,13 @@ _PLAIN_NORMS = (_nn.BatchNorm1d, _nn.BatchNorm2d, _nn.BatchNorm3d, _nn.InstanceN
 class _Call:
     """``fn`` as a callable of one tensor ``x``, the Jacobian's variable.
 
-    A plain callable is called as it is. An ``nn.Module`` runs on copies of the buffers it may write (cast to
-    ``dtype`` when given, as are its floating-point parameters; see :meth:`_buffer_state`), so calling it leaves its
-    running statistics untouched; ``rest``
-    and ``kwargs`` are further arguments held fixed (a block's other inputs). ``params`` overrides some of the
-    module's parameters for one call: the forward-mode route passes them as primals of ``torch.func.jvp`` with
-    zero tangents (see :meth:`tangent_parameters`). ``x`` is passed on as a copy: the Jacobian's variable is a
-    leaf that requires grad, which a block opening with an in-place op (``nn.ReLU(inplace=True)``) may not write.
+    A plain callable is called as it is. An ``nn.Module`` runs on copies of the buffers it may write or read
+    (cast to ``dtype`` when given, as are its floating-point parameters; see :meth:`_buffer_state`), so calling it
+    leaves its running statistics untouched; ``rest`` and ``kwargs`` are further arguments held fixed (a block's
+    other inputs). ``params`` overrides some of the module's parameters for one call: the forward-mode route passes
+    them as primals of ``torch.func.jvp`` with zero tangents (see :meth:`tangent_parameters`). ``x`` is passed on
+    as a copy: the Jacobian's variable is a leaf that requires grad, which a block opening with an in-place op
+    (``nn.ReLU(inplace=True)``) may not write.
     """
 
     def __init__(self, fn, rest: tuple = (), kwargs: dict | None = None, dtype: torch.dtype | None = None,
@@ -1127,15 +1151,19 @@ class _Call:
 
     def _buffer_state(self) -> dict[str, torch.Tensor | None]:
         """The buffers a call of the module runs on: copies (cast to ``dtype`` when given) of those its forward
-        may write, so that the module's own stay where they are.
+        may write or read, so that the module's own stay where they are and the estimate's graph holds none of them.
 
         Eagerly, without ``dtype``, torch's BatchNorm / InstanceNorm layers (:data:`_PLAIN_NORMS`) are spared the
         copies they do not need (one ATen op each, three per BatchNorm: a kernel launch on a GPU): layers that
-        normalise with their running statistics (eval mode) only read them, and while :class:`_ComposedNorms` runs
-        the normalisations with batch statistics, which read and update no running statistic, training-mode
-        layers keep theirs uncopied and get ``num_batches_tracked=None``: BatchNorm's forward then skips its
-        increment (and, with ``momentum=None``, the host read of the count), whose only use is the running update
-        the composed normalisation does not make. Under ``torch.compile`` every buffer is copied, as before."""
+        normalise with their running statistics (eval mode) keep ``num_batches_tracked`` uncopied (they do not
+        read it), and while :class:`_ComposedNorms` runs the normalisations with batch statistics, which read and
+        update no running statistic, training-mode layers keep theirs uncopied and get
+        ``num_batches_tracked=None``: BatchNorm's forward then skips its increment (and, with ``momentum=None``,
+        the host read of the count), whose only use is the running update the composed normalisation does not
+        make. The running statistics an eval-mode layer reads are still copied: the estimate's graph saves them
+        for its backward, and a later training-mode forward of the layer updates them in place without a version
+        bump (its gradient then came out silently wrong), a user's in-place edit made the backward fail. Under
+        ``torch.compile`` every buffer is copied, as before."""
         module = self.fn
         kept: dict[str, torch.Tensor | None] = {}
         if self.dtype is None and not torch.compiler.is_compiling():
@@ -1146,7 +1174,8 @@ class _Call:
                     continue
                 prefix = f"{path}." if path else ""
                 if not (norm.training or not norm.track_running_stats):
-                    kept.update({prefix + name: b for name, b in norm.named_buffers(recurse=False)})
+                    kept.update({prefix + name: b for name, b in norm.named_buffers(recurse=False)
+                                 if name == "num_batches_tracked"})
                 elif composed:
                     kept.update({prefix + name: None if name == "num_batches_tracked" else b
                                  for name, b in norm.named_buffers(recurse=False)})
@@ -1400,9 +1429,11 @@ def jacobian_probe_count(probes, what: str, error: type[ArgumentError] = Argumen
 def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", per_sample: bool = False,
                        generator: torch.Generator | None = None, normalize: bool = False,
                        create_graph: bool = True, route: str = "auto", batch_fraction: float = 1.0,
-                       what: str = "jacobian_isometry") -> tuple[torch.Tensor, str]:
+                       what: str = "jacobian_isometry",
+                       error: type[_JvpRouteError] = _JvpRouteError) -> tuple[torch.Tensor, str]:
     """:func:`jacobian_isometry` and the route it took (``"jvp"`` or ``"double_vjp"``); ``what`` starts the
-    error messages (a probe names its layer)."""
+    error messages (a probe names its layer), ``error`` is the type of the one for an op that route ``"jvp"``
+    cannot run (a probe's is :class:`_LayerJvpRouteError`)."""
     _check_input(x, what)
     _one_of(kind, JACOBIAN_KINDS, "kind", what)
     _one_of(route, _ROUTES, "route", what)
@@ -1439,7 +1470,12 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
                     u, residual = _jvp_products(f, xp, v, kind, batched, what)
                 except torch.OutOfMemoryError:
                     raise  # not a forward-mode gap: falling back for good would hide it
-                except (NotImplementedError, RuntimeError):
+                except (NotImplementedError, RuntimeError) as exc:
+                    if route == "jvp" and isinstance(exc, _ForwardModeGap):
+                        raise error(
+                            f"{what}: route 'jvp' (forward mode only) cannot run {exc.op} in the block: it has no "
+                            "reliable forward-mode derivative. Use route 'auto' (forward mode, falling back to the "
+                            "double-VJP route at such ops) or 'double_vjp'") from exc
                     if route == "jvp":
                         raise
                     route = "double_vjp"
@@ -1493,7 +1529,9 @@ def jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", 
         create_graph: keep the graph (default) so the estimate can be used as a regulariser; ``False`` returns
             a detached value.
         route: ``"auto"`` (forward mode, falling back to the double-VJP route when an op or a custom
-            ``autograd.Function`` has no forward-mode formula), ``"jvp"`` or ``"double_vjp"``. Under
+            ``autograd.Function`` has no forward-mode formula), ``"jvp"`` (forward mode only: an
+            :class:`~orthofx.errors.ArgumentError`, also a ``NotImplementedError``, at an op without a reliable
+            forward-mode derivative such as ``torch.linalg.eigh``) or ``"double_vjp"``. Under
             ``torch.compile`` every route is the double-VJP one, written with ``torch.func.vjp`` (traceable).
         batch_fraction: estimate on a uniformly random subset of ``b = ceil(batch_fraction * B)`` of the ``B``
             samples (dimension 0), drawn with ``generator``; ``1`` (default) uses the whole batch. For independent

@@ -435,7 +435,7 @@ class JacobianProbe(nn.Module):
         estimate, self.route_used = metrics._jacobian_isometry(
             block, args[0], probes=self.probes, kind=self.kind, per_sample=self.per_sample, generator=generator,
             normalize=self.normalize, route=route, batch_fraction=self.batch_fraction,
-            what=f"jacobian_isometry of {layer_label(self)}")
+            what=f"jacobian_isometry of {layer_label(self)}", error=metrics._LayerJvpRouteError)
         return estimate
 
     def penalty(self) -> torch.Tensor:
