@@ -59,6 +59,7 @@ from torch import nn
 
 from .. import theory
 from ..errors import ImpossibleLayerError, PlanError, TransformError
+from ..nn.convnorm import FROZEN_FILTERS_MARKER
 from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                               OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
                               circular_alignment, keeps_output_size, rko_problem,
@@ -256,6 +257,23 @@ def _shape_problem(module: nn.Module, params: dict) -> str | None:
     return _impossibility(module, params["padding"], params["method"])
 
 
+def _kept_layer(module: nn.Module | None) -> tuple[str, str] | None:
+    """Why ``module`` must stay the layer it is (problem, short form), which planning lets through only for
+    ``on_impossible: regularize`` (L_orth reads the weight): a weight a parametrization or hook computes
+    (:func:`derived_weight`; replacing the layer would drop it), or the conv of a frozen ConvNorm layer, which calls
+    it with its own conv code and padding (an orthogonal layer there failed in the example run with an
+    AttributeError)."""
+    if module is None:
+        return None
+    computed = derived_weight(module)
+    if computed is not None:
+        return f"{computed}; replacing the layer would drop it", "computed weight"
+    if getattr(module, FROZEN_FILTERS_MARKER, False):
+        return ("the conv of a frozen ConvNorm layer, which calls it with its own padding and baked filters: "
+                "replacing it would break that layer; transform the model before orthofx.freeze"), "frozen ConvNorm"
+    return None
+
+
 def _impossible_error(entry: PlanEntry, module: nn.Module, problem: str) -> ImpossibleLayerError:
     """The error for a layer ``on_impossible: error`` refuses because of ``problem``."""
     return ImpossibleLayerError(
@@ -369,7 +387,8 @@ class OrthogonalConvPass(Pass):
     def planned_outcome(self, site, module, params):
         # explain said 'apply' for a layer that apply then refuses (P0 Theorem 4), skips or regularises: tell it
         # from the layer's shape now, as apply will
-        problem = _shape_problem(module, params)
+        kept = _kept_layer(module)
+        problem = kept[0] if kept is not None else _shape_problem(module, params)
         return None if problem is None else _outcome(problem, params["on_impossible"])
 
     def handles_derived_weight(self, params):
@@ -404,10 +423,9 @@ class OrthogonalConvPass(Pass):
         built: dict[int, tuple[str, nn.Module]] = {}  # id(weight) -> (site, its orthogonal layer)
         for entry, module in zip(entries, modules):
             require_initialised(entry, module, "it has no shape to build an orthogonal layer for")
-            computed = derived_weight(module)
-            if computed is not None:  # planning lets it through only for on_impossible: regularize
-                self._impossible(ctx, entry, module, f"{computed}; replacing the layer would drop it",
-                                 why="computed weight")
+            kept = _kept_layer(module)
+            if kept is not None:  # planning lets it through only for on_impossible: regularize
+                self._impossible(ctx, entry, module, kept[0], why=kept[1])
                 continue
             if entry.site.name in ties:
                 self._impossible(ctx, entry, module, ties[entry.site.name], why="tied weight")
