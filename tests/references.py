@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def polar64(a: torch.Tensor) -> torch.Tensor:
@@ -195,3 +197,16 @@ def nested_replaced(data: dict, path: tuple, value=None, *, drop: bool = False) 
     else:
         holder[path[-1]] = value
     return out
+
+
+class OpCount(TorchDispatchMode):
+    """How many times each ATen op (by packet name, e.g. ``"nonzero"``) ran inside the ``with`` block: ``counts``
+    (each op a kernel launch on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))

@@ -12,14 +12,12 @@ The old formulas are written here, as references the new code must match bit for
 
 from __future__ import annotations
 
-import collections
 import pickle
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import orthofx
 import orthofx.passes.riemannian  # noqa: F401  (registers the pass)
@@ -29,21 +27,9 @@ from orthofx.nn import padding, stiefel
 from orthofx.nn.conditioning import DecompositionMonitor
 from orthofx.nn.decompositions import ConditionMonitor
 from orthofx.nn.padding import CircularFold, CircularPad, circular_fold, circular_pad
-from references import circular_pad_loop, lorth64, polar64, tangent64
+from references import OpCount, circular_pad_loop, lorth64, polar64, tangent64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class OpCount(TorchDispatchMode):
-    """How many times each ATen op (by packet name, e.g. ``"nonzero"``) ran inside the ``with`` block."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 # ------------------------------------------------------------------------------------------ padding modules

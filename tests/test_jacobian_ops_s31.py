@@ -14,8 +14,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from references import central_difference
+from references import OpCount, central_difference
 
 import orthofx
 from orthofx import metrics
@@ -23,18 +22,6 @@ from orthofx.metrics import jacobian_isometry
 
 D = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class CountOps(TorchDispatchMode):
-    """ATen op name -> number of calls."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def dense_jacobian(fn, x):
@@ -122,11 +109,11 @@ def test_estimate_and_gradient_against_dense_jacobian_and_central_differences(na
 def estimate_ops(block, x, **kwargs) -> collections.Counter:
     block(x)  # first call (lazy setup, forward-mode decompositions loaded)
     jacobian_isometry(block, x, route="jvp", **kwargs)
-    counter = CountOps()
+    counter = OpCount()
     with counter:
         value = jacobian_isometry(block, x, route="jvp", **kwargs)
         value.backward()
-    return counter.ops
+    return counter.counts
 
 
 def test_conv_batchnorm_estimate_has_no_zero_tangents_and_no_buffer_copies():
@@ -137,11 +124,11 @@ def test_conv_batchnorm_estimate_has_no_zero_tangents_and_no_buffer_copies():
     torch.manual_seed(0)
     block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
     x = torch.randn(2, 3, 6, 6)
-    counter = CountOps()
+    counter = OpCount()
     jacobian_isometry(block, x)
     with counter:
         jacobian_isometry(block, x)  # forward only
-    ops = counter.ops
+    ops = counter.counts
     assert ops["convolution"] == 2
     for absent in ("_efficientzerotensor", "zeros", "zeros_like", "add_"):
         assert ops[absent] == 0, absent

@@ -22,27 +22,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from orthofx.nn import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose2d,
                         OrthogonalLinear)
-from references import circular_operator64, circular_pad_loop
+from references import OpCount, circular_operator64, circular_pad_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SYNCS = ("nonzero", "item", "is_nonzero", "_local_scalar_dense", "tolist")
-
-
-class OpCount(TorchDispatchMode):
-    """How many times each ATen op (by packet name) ran inside the ``with`` block."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 # ------------------------------------------------------------------------------------------ reference build
