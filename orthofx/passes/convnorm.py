@@ -42,11 +42,12 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from ..nn.convnorm import (WRAPPED_MARKER, ConvNormConvNd, channel_gains, overridden_conv_code,
-                           with_convnorm)
+from ..nn.convnorm import WRAPPED_MARKER, ConvNormConvNd, channel_gain_range, overridden_conv_code, with_convnorm
 from .base import Change, Param, Pass, PassContext, PlanEntry, describe_module, require_initialised
 from .registry import register_pass
 
@@ -55,19 +56,26 @@ __all__ = ["ConvNormPass"]
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _normalised_gain(gain: float, eps: float) -> float:
+    """A channel gain ``g`` after ConvNorm: ``sqrt(g^2 / (g^2 + eps))`` (float64 arithmetic)."""
+    g2 = gain * gain
+    return math.sqrt(g2 / (g2 + eps))
+
+
 def _gain_figures(layer: ConvNormConvNd, input_shape) -> tuple[dict, dict]:
-    """Grid and the range of channel gains before / after the normalisation, for the recorded input size."""
+    """Grid and the range of channel gains before / after the normalisation, for the recorded input size. The
+    normalised gain is increasing in the gain, so its range is that of the gains' extremes: the power spectrum is
+    reduced to its minimum and maximum once, not mapped through square roots and casts on the whole grid."""
     d = layer.conv.weight.ndim - 2
     if input_shape is None or len(input_shape) < d + 1:
         return {}, {}
     geo = layer.geometry(tuple(input_shape)[-d:])
     with torch.no_grad():
-        g2 = channel_gains(layer.conv.weight, geo.grid, layer.conv.dilation).double().square()
-        after = (g2 / (g2 + layer.eps)).sqrt()
-        g = g2.sqrt()
+        low, high = channel_gain_range(layer.conv.weight, geo.grid, layer.conv.dilation)
     grid = list(geo.grid)
-    return ({"grid": grid, "row_gain_min": float(g.min()), "row_gain_max": float(g.max())},
-            {"grid": grid, "row_gain_min": float(after.min()), "row_gain_max": float(after.max())})
+    return ({"grid": grid, "row_gain_min": low, "row_gain_max": high},
+            {"grid": grid, "row_gain_min": _normalised_gain(low, layer.eps),
+             "row_gain_max": _normalised_gain(high, layer.eps)})
 
 
 @register_pass
