@@ -208,6 +208,9 @@ class OrthofxTracer(torch.fx.Tracer):
         #: ``(module path, attribute)`` of the traced values the forward stored on a module (``self.w = w``);
         #: the captured graph does not keep them (see :meth:`trace`).
         self.attribute_stores: list[tuple[str, str]] = []
+        #: ``(module path, table, name)`` of the buffers / parameters the forward registered while traced
+        #: (``register_buffer`` on a first call): the graph cannot create them (see :func:`_created_state_message`).
+        self.created_state: list[tuple[str, str, str]] = []
 
     # ---- leaves
 
@@ -330,6 +333,7 @@ class OrthofxTracer(torch.fx.Tracer):
         self.constants = {}
         self.constant_scopes = {}
         self.attribute_stores = []
+        self.created_state = []
         if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
         self._buffer_ids = {id(b) for b in root.buffers()}
@@ -360,7 +364,11 @@ class OrthofxTracer(torch.fx.Tracer):
         updates: list[tuple[str, torch.fx.Node]] = []
         for state in states:
             for table, key, value, new in state.changes():
-                if table == "_buffers" and not new and isinstance(value, torch.fx.Proxy) and value.tracer is self:
+                if new and table in ("_buffers", "_parameters"):
+                    # registered by the forward itself (on its first call): the graph would read a tensor that
+                    # only the trace created, and the model does not hold
+                    self.created_state.append((state.path, table, key))
+                elif table == "_buffers" and not new and isinstance(value, torch.fx.Proxy) and value.tracer is self:
                     updates.append((_join(state.path, key), value.node))
                 elif _holds_proxy(value):
                     self.attribute_stores.append((state.path, key))
@@ -1566,12 +1574,22 @@ def _trace_with_fallbacks(model: nn.Module, leaf_types: tuple, paths: set[str],
                                    module_path="") from failure
         else:
             caught = tracer.caught_failure()
-            if caught is None:
+            if caught is None and not tracer.created_state:
                 return graph, tracer
-            # a failure the model's own try/except hid: the graph would hold the except branch
-            path, cls, failure = caught
-            cause = (f"{_describe_cause(failure)}, which the calling code caught (a trace would have followed its "
-                     "except branch)")
+            if caught is None:
+                # a module that registers state in its forward: kept as a leaf, it registers it on its first call
+                # as in the model; the top level cannot be a leaf
+                path = tracer.created_state[0][0]
+                if not path:
+                    raise CaptureError(_created_state_message(model, tracer.created_state, "symbolic tracing"),
+                                       module_path="")
+                cls, failure = type(model.get_submodule(path)), None
+                cause = _created_state_message(model, [c for c in tracer.created_state if c[0] == path], "")
+            else:
+                # a failure the model's own try/except hid: the graph would hold the except branch
+                path, cls, failure = caught
+                cause = (f"{_describe_cause(failure)}, which the calling code caught (a trace would have followed "
+                         "its except branch)")
         if path in paths or len(info.leaf_fallbacks) >= max_retries:
             message = _failure_message(path, cls, cause, info.leaf_fallbacks)
             raise CaptureError(f"{message} (gave up after {len(info.leaf_fallbacks)} leaf fallbacks: "
@@ -3081,6 +3099,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         stashed = _stash_call_hooks([source.get_submodule(path) for path in leaves])
         hooks = [source.get_submodule(path).register_forward_pre_hook(
             lambda module, args, path=path: order.append(path)) for path in leaves]
+        states = [_ModuleState(path, module) for path, module in source.named_modules()]
         try:
             ep = _run_export(source, inputs, leaves, kwargs)
         finally:
@@ -3089,6 +3108,10 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
             _restore_call_hooks(stashed)
             for module, flag in flags:
                 module.training = flag
+            created = _drop_created_state(states)
+        if created:
+            # torch.export turns such a buffer's update into a write into an input of the graph (seen: x.copy_(1))
+            raise CaptureError(_created_state_message(source, created, "torch.export"), module_path=created[0][0])
         # A leaf holding other modules that the forward never called (it called the modules inside it): export
         # again with the leaves inside it, else their calls would stay inlined ATen ops where fx sees layers.
         uncalled = _uncalled_outer_leaves(source, leaves, set(order))
@@ -3212,6 +3235,41 @@ def _device_warnings(graph: torch.fx.Graph) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------------- diagnostics
+
+def _drop_created_state(states: list[_ModuleState]) -> list[tuple[str, str, str]]:
+    """Remove the buffers and parameters that a run of the forward registered on the modules of ``states`` (taken
+    before the run); returns them as ``(module path, table, name)``."""
+    created = []
+    for state in states:
+        for table, key, _, new in state.changes():
+            if new and table in ("_buffers", "_parameters"):
+                created.append((state.path, table, key))
+                next(live for name, live, _ in state.tables if name == table).pop(key)
+    return created
+
+
+def _created_state_message(model: nn.Module, created: list[tuple[str, str, str]], how: str) -> str:
+    """What a capture cannot do with a forward that registers buffers / parameters while it runs, and the fixes.
+    ``how``: the capture that saw it (empty: only the cause, for a leaf fallback's reason).
+
+    Example: ``if not hasattr(self, "seen"): self.register_buffer("seen", torch.zeros(()))`` in ``forward``."""
+    path = created[0][0]
+    owner = model.get_submodule(path) if path else model
+    where = f"submodule '{path}' ({type(owner).__name__})" if path else f"the model's top-level forward " \
+        f"({type(owner).__name__})"
+    kinds = {"_buffers": "buffer", "_parameters": "parameter"}
+    what = ", ".join(f"{kinds[table]} '{name}'" for p, table, name in created if p == path)
+    cause = f"{where} registers {what} while it runs (register_buffer / register_parameter in forward, e.g. on " \
+        "its first call), a tensor the model does not hold before that call"
+    if not how:
+        return cause
+    first = next(name for p, _, name in created if p == path)
+    export_note = ", and torch.export would write its update into an input" if how == "torch.export" else ""
+    return (f"{how} cannot capture the model: {cause}; a captured graph cannot create a module's state"
+            f"{export_note}. Fix: register it in __init__ (e.g. "
+            f"self.register_buffer('{first}', torch.zeros(...))), or call the model once on an example input before "
+            "orthofx.transform so that it exists")
+
 
 def _failure_message(path: str, cls: type | None, cause: str, fallbacks: list[tuple[str, str]]) -> str:
     name = cls.__name__ if cls is not None else "?"

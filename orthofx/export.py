@@ -1268,6 +1268,12 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
     except OrthofxError as exc:
         raise ExportError(f"the policy stored in {path!r} is not a valid orthofx policy ({exc}): the file is damaged "
                           f"or was not written by orthofx.export; {written_by}") from exc
+    if policy.capture.mode == "export" and example is None:
+        # not "the policy does not apply to this model": the model is right, the example call is missing
+        raise ExportError(f"the policy stored in {path!r} captures the model with torch.export (capture: "
+                          "{mode: export}), which runs the model on example inputs, and none were given: pass "
+                          "the example inputs orthofx.transform was given, orthofx.load(model, path, "
+                          "example_inputs=(x,)) (and example_kwargs={...} for keyword inputs)")
     state = saved["state_dict"]
     _check_state_entries(state, path, written_by)
     phases = _saved_probe_phases(saved, path, written_by)

@@ -530,14 +530,37 @@ def _versions(model: nn.Module) -> dict[str, int]:
             if not t.is_inference()}
 
 
-def _note_written_weights(exc: OrthofxError, model: nn.Module, versions: dict[str, int]) -> None:
-    """With ``inplace=True``, add to ``exc``'s message the tensors of the user's ``model`` that the passes before
-    the failing one had written already (``versions``: before any pass ran): the error stops the transform, not
-    what it had done to the model."""
+def _note_written_weights(exc: OrthofxError, model: nn.Module, versions: dict[str, int],
+                          modules: dict[str, nn.Module] | None = None, who: str = "earlier rules") -> None:
+    """With ``inplace=True``, add to ``exc``'s message what the passes before the failure had done to the user's
+    ``model``: the tensors they wrote (``versions``: before any pass ran) and the layers they replaced
+    (``modules``: ``named_modules()`` before any pass ran). The error stops the transform, not what it had done to
+    the model."""
     written = [name for name, version in _versions(model).items() if versions.get(name, version) != version]
-    if written and exc.args and isinstance(exc.args[0], str):
-        exc.args = (f"{exc.args[0].rstrip('.')}. With inplace=True, earlier rules had already written "
-                    f"{first_few(written, 4)} of the model: load its weights again before retrying",) + exc.args[1:]
+    replaced: dict[str, nn.Module | None] = {}  # path -> the module there now (None: gone)
+    for path, old in (modules or {}).items():
+        if not path or any(path.startswith(outer + ".") for outer in replaced):
+            continue
+        try:
+            now = model.get_submodule(path)
+        except AttributeError:
+            now = None
+        if now is not old:
+            replaced[path] = now
+    # a replaced layer's tensors are named by the layer
+    written = [name for name in written if not any(name.startswith(path + ".") for path in replaced)]
+    if not (written or replaced) or not exc.args or not isinstance(exc.args[0], str):
+        return
+    done = []
+    if written:
+        done.append(f"written {first_few(written, 4)}")
+    if replaced:
+        kinds = sorted({type(now).__name__ for now in replaced.values() if now is not None})
+        done.append(f"replaced the layers {first_few(list(replaced), 4)}" + (f" (now {', '.join(kinds)})" if kinds
+                                                                             else ""))
+    fix = "rebuild the model (or load its saved weights into a fresh one)" if replaced else "load its weights again"
+    exc.args = (f"{exc.args[0].rstrip('.')}. With inplace=True, {who} had already {' and '.join(done)} of the "
+                f"model: {fix} before retrying",) + exc.args[1:]
 
 
 def _compile_options(compile: Any) -> dict[str, Any] | None:
@@ -685,11 +708,12 @@ def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
 
     # Module sites are modules whichever graph calls them: their passes all run on gm.
     versions = _versions(work) if user_model is not None else {}
+    modules = dict(work.named_modules()) if user_model is not None else {}
     try:
         _run_passes(PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs), plan,
                     lambda site: site.kind != "function" or not site.mode)
     except OrthofxError as exc:
-        _note_written_weights(exc, work, versions)
+        _note_written_weights(exc, work, versions, modules)
         raise
     gm.graph.lint()
     other = other_mode_graph(gm)
@@ -701,13 +725,18 @@ def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
         _share_replaced_layers(user_model, gm)
 
     if example is not None:
-        with EvalRun(gm):
-            try:
-                after = example.run(gm)
-            except Exception as exc:
-                where = _where_it_fails(gm, example, manifest)
-                raise TransformError(f"the rewritten model failed on example_inputs{where}: "
-                                     f"{type(exc).__name__}: {exc}") from exc
-        _check_output(before, after, model_cause=model_cause, rewritten=gm, example=example)
+        try:
+            with EvalRun(gm):
+                try:
+                    after = example.run(gm)
+                except Exception as exc:
+                    where = _where_it_fails(gm, example, manifest)
+                    raise TransformError(f"the rewritten model failed on example_inputs{where}: "
+                                         f"{type(exc).__name__}: {exc}") from exc
+            _check_output(before, after, model_cause=model_cause, rewritten=gm, example=example)
+        except OrthofxError as exc:
+            # the check comes after every pass: with inplace=True the model holds all they did
+            _note_written_weights(exc, work, versions, modules, who="the passes")
+            raise
         manifest.output_change = _relative_change(before, after)
     return gm
