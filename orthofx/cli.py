@@ -278,7 +278,8 @@ def _input_shape(text: str | None, model_spec: str | None) -> tuple[int, ...] | 
         return None
     parts = text.replace("x", ",").split(",")
     if not all(_DIMENSION.fullmatch(part) for part in parts):
-        raise CliError(f"--input-shape must be comma-separated integers like 1,3,32,32, got {text!r}")
+        # a minus sign is no digit: "-8" reads as a shape of positive sizes given wrongly, not as bad text
+        raise CliError(f"--input-shape must be comma-separated positive integers like 1,3,32,32, got {text!r}")
     # leading zeros dropped first: int() refuses over 4300 digits (ValueError), zeros included
     digits = [part.strip().lstrip("0") or "0" for part in parts]
     for dimension in digits:

@@ -195,7 +195,13 @@ def test_a_directory_as_model_file_says_so(capsys, tmp_path):
 def test_input_shape_takes_plain_digits_only(capsys, shape):
     # int() took '1_0' as 10 and Arabic-Indic or full-width digits as 1: the command ran on a shape not written
     code, out, err = run(capsys, "explain", "small_cnn", "--policy", "lorth", "--input-shape", shape)
-    assert code == 2 and "--input-shape must be comma-separated integers" in err and out == ""
+    assert code == 2 and "--input-shape must be comma-separated positive integers" in err and out == ""
+
+
+def test_input_shape_with_a_negative_size_says_sizes_are_positive(capsys):
+    # it said "must be comma-separated integers", which -8 is
+    code, out, err = run(capsys, "explain", "small_cnn", "--policy", "lorth", "--input-shape", "2,1,-8,8")
+    assert code == 2 and "positive integers" in err and out == ""
 
 
 def test_check_with_an_empty_model_is_an_error(capsys):
