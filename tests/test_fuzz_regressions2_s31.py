@@ -36,7 +36,7 @@ bf16 after transform; ``requires_grad_(False)`` then training a head.
   Root cause: ``export.py:load`` replays the policy and reports every transform failure as the model not fitting.
   Expected: an ``ExportError`` that says the stored policy captures with torch.export and to pass
   ``orthofx.load(model, path, example_inputs=(x,))``. Fixed: ``load`` checks the stored capture mode first.
-- Open (xfail): the ``orthogonal`` preset on the built-in ``dbn_cnn`` gives NaN gradients to ``conv1`` on the first
+- The ``orthogonal`` preset on the built-in ``dbn_cnn`` gives NaN gradients to ``conv1`` on the first
   training step for some inputs (seeds 8, 9, 10 of 12; the plain model's are finite), and a later step fails with
   a bare ``torch._C._LinAlgError`` from the model's ``eigh`` (no orthofx error). Root cause:
   ``OrthogonalConv2d.from_conv`` (``orthofx/nn/orthogonal.py``), with the ``fit_steps: 0`` that
@@ -47,8 +47,9 @@ bf16 after transform; ``requires_grad_(False)`` then training a head.
   eigenvalues tied at ``eps`` and ``eigh``'s backward divides by their differences. With ``fit_steps: 50`` the
   kernel uses all 25 taps and the gradients are finite. Expected: finite first-step gradients as for the plain
   model (ideally a nearest start that is not a 1 x 1 kernel, or a plan warning when a hard orthogonal layer with a
-  closed-form start feeds a decomposition). Not fixed: which default (fit_steps > 0 costs ~10 ms a step per layer
-  at transform) is a design decision for the lead.
+  closed-form start feeds a decomposition). Fixed in session 32
+  (``tests/test_block_sweeps_s32.py``): in the column-orthogonal case the closed-form start is followed by one
+  sweep of block-coordinate ascent (``_OrthogonalConvNd._block_sweeps``), which spreads the kernel over its taps.
 """
 
 from __future__ import annotations
@@ -191,8 +192,6 @@ def test_load_of_an_export_captured_policy_without_example_inputs_asks_for_them(
         torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="orthogonal_conv's nearest init (fit_steps 0) is a centre-tap kernel whose "
-                                       "output channels span C_in dimensions: DBN's eigh then has tied eigenvalues")
 def test_orthogonal_preset_on_dbn_cnn_gives_finite_first_step_gradients():
     nonfinite = []
     for seed in (8, 9, 10):
@@ -207,7 +206,7 @@ def test_orthogonal_preset_on_dbn_cnn_gives_finite_first_step_gradients():
         # the layer's rank: output channels of a 1-channel conv (a dense float64 look at its channel covariance)
         weight = conv1.weight.detach().double()
         taps = weight.flatten(2).square().sum((0, 1))
-        assert int((taps > 1e-12).sum()) == 1  # the centre tap only: a 1x1 conv in a 5x5 kernel
+        assert int((taps > 1e-12).sum()) == 25  # not the centre tap only (a 1x1 conv in a 5x5 kernel)
         gm(x).square().mean().backward()
         if not all(torch.isfinite(p.grad).all() for p in conv1.parameters() if p.grad is not None):
             nonfinite.append(seed)

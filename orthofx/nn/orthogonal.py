@@ -1273,7 +1273,8 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         return {"a": _projector_basis(a.to(cd)).unbind(1) if a is not None else (),
                 "b": _projector_basis(b.to(cd)).unbind(1) if b is not None else ()}
 
-    def _apply_blocks(self, X: torch.Tensor, cd: torch.dtype, side: str, adjoint: bool = False) -> torch.Tensor:
+    def _apply_blocks(self, X: torch.Tensor, cd: torch.dtype, side: str, adjoint: bool = False,
+                      projectors: dict | None = None) -> torch.Tensor:
         r"""``X`` composed with the block part ``A`` of the kernel, block by block, without forming ``A``.
 
         ``A[p] = T_1[p_1] \cdots T_d[p_d]``, where the 1-D kernel of dimension ``i`` is the product of its blocks
@@ -1290,9 +1291,12 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         dimension at stride 1) the two terms do not overlap, :math:`X' = [XP, X - XP]`: one concatenation instead of
         two zero paddings and a sum (whose backward was two more kernels). For a 3 x 3 stride-2 layer
         :math:`R \star A` costs 10 products of ``n x n`` matrices this way, against 20 when ``A`` is formed
-        first (4) and convolved with ``R`` (16)."""
+        first (4) and convolved with ``R`` (16).
+
+        ``projectors``: a matrix ``(g, n, n)`` per listed block ``(class, index)``, used in place of the
+        projector from the parameters (the nearest start's block sweeps, :meth:`_block_sweeps`)."""
         g, n, d = self.groups, self._n, self._dims
-        bases = self._projector_bases(cd)
+        bases = self._projector_bases(cd) if projectors is None else None
         # right: X * T_1 * ... * T_d, so dimension 1 first and within it the last block first; left: T_1 * ... *
         # T_d * X, so dimension d first, its first block first; the adjoint runs the same steps backwards
         if side == "right":
@@ -1312,12 +1316,15 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
                 X = X.narrow(axis, 1, X.shape[axis] - 1) if adjoint else _delay(X, trailing)
                 taps[dim] += 1
                 continue
-            Q = bases[cls][idx]  # (g, n, r)
+            P = projectors[cls, idx] if projectors is not None else None  # (g, n, n)
+            Q = bases[cls][idx] if P is None else None  # (g, n, r)
             if side == "right":
-                Y = ((X.reshape(g, -1, n) @ Q) @ Q.mT).reshape(X.shape)
+                rows = X.reshape(g, -1, n)
+                Y = ((rows @ Q) @ Q.mT if P is None else rows @ P).reshape(X.shape)
             else:
                 columns = X.movedim(-2, 1)  # (g, n, *taps, b)
-                Y = (Q @ (Q.mT @ columns.flatten(2))).reshape(columns.shape).movedim(1, -2)
+                flat = columns.flatten(2)
+                Y = (Q @ (Q.mT @ flat) if P is None else P @ flat).reshape(columns.shape).movedim(1, -2)
             if adjoint:
                 size = X.shape[axis] - 1
                 X = Y.narrow(axis, 0, size) + (X - Y).narrow(axis, 1, size)
@@ -1345,22 +1352,25 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         with autocast_off(_kept_parameter(self, "matrix")):
             return self._block_kernel(cd or self.compute_dtype, shift)
 
-    def _block_kernel(self, cd: torch.dtype, shift: tuple[int, ...] | None) -> torch.Tensor:
-        """:meth:`_unit_kernel` in ``cd`` (outside autocast)."""
+    def _block_kernel(self, cd: torch.dtype, shift: tuple[int, ...] | None, projectors: dict | None = None,
+                      W: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`_unit_kernel` in ``cd`` (outside autocast); ``projectors`` (see :meth:`_apply_blocks`) and the
+        orthonormal matrix ``W`` replace those of the parameters where given."""
         g, M, C, d = self.groups, self._M, self._C, self._dims
-        W = orthonormal(self.matrix.to(cd), tall=self._matrix_tall)
+        if W is None:
+            W = orthonormal(self.matrix.to(cd), tall=self._matrix_tall)
         if shift is not None:
             pads = [(c, k - r - c) for c, r, k in zip(shift, self._r, self.kernel_size)]
             return F.pad(W.reshape(g, M, C, *self._r), flat_pads(pads))
         spatial_last = lambda t: t.permute(0, d + 1, d + 2, *range(1, d + 1))  # (g, *k, a, b) -> (g, a, b, *k)
         one_tap = (1,) * d
         if self._embed:      # K[p] = A[p] W: the blocks act on the left of the embedded columns
-            return spatial_last(self._apply_blocks(W.reshape(g, *one_tap, M, C), cd, "left"))
+            return spatial_last(self._apply_blocks(W.reshape(g, *one_tap, M, C), cd, "left", projectors=projectors))
         if not self._strided:  # K[p] = W A[p]
-            return spatial_last(self._apply_blocks(W.reshape(g, *one_tap, M, C), cd, "right"))
+            return spatial_last(self._apply_blocks(W.reshape(g, *one_tap, M, C), cd, "right", projectors=projectors))
         # K = R * A: the S-tap reshaped matrix R convolved with the block part
         R = W.reshape(g, M, C, *self._r).permute(0, *range(3, 3 + d), 1, 2)  # (g, *r, M, C)
-        return spatial_last(self._apply_blocks(R, cd, "right"))
+        return spatial_last(self._apply_blocks(R, cd, "right", projectors=projectors))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -1529,9 +1539,13 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         nearest orthogonal kernel exactly (an orthogonal ``K0`` is returned unchanged). With blocks (a best effort;
         the set of orthogonal kernels is not convex): the blocks start as complementary pairs (a pure shift to the
         centre), the matrix is then the Procrustes optimum for those blocks (the polar factor of
-        :math:`\sum_p K_0[p] A[p]^T`, exact because :math:`\|R \star A\|_F` is constant for orthogonal ``A``), then
-        ``fit_steps`` Adam steps on all parameters minimise :math:`\|K - K_0\|_F^2`, and a final Procrustes step
-        re-fits the matrix; the best kernel seen is kept. ``init="random"``: random orthogonal, the bias copied.
+        :math:`\sum_p K_0[p] A[p]^T`, exact because :math:`\|R \star A\|_F` is constant for orthogonal ``A``). At
+        stride 1 with :math:`M > C` (the embedded case) that start puts every output pixel in the ``C``-dimensional
+        span of the matrix (whitening downstream then has tied zero eigenvalues), so one sweep of exact
+        block-by-block optimisation follows (:meth:`_block_sweeps`; 1 -> 16 channels, 5 x 5, a random conv:
+        relative distance 1.00 -> 0.87, all 25 taps used). Then ``fit_steps`` Adam steps on all parameters
+        minimise :math:`\|K - K_0\|_F^2`, and a final Procrustes step re-fits the matrix; the best kernel seen is
+        kept. ``init="random"``: random orthogonal, the bias copied.
 
         The relative Frobenius distance :math:`\|K - K_0\|_F / \|K_0\|_F` of the resulting kernel is stored in
         ``layer.init_error`` (for both inits; ``None`` where it is undefined: a zero ``K_0``, or ``K_0`` with NaN or
@@ -1658,6 +1672,13 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
             self._reset_blocks_centre()
         shift = self._paired_shift() if has_blocks else None
         self._procrustes(t, shift)
+        if has_blocks and self._embed:
+            # a shift times the M x C embedding: every output pixel in a C-dimensional subspace of the M channels,
+            # whose covariance (whitening, a decomposition downstream) then has tied zero eigenvalues; one sweep
+            # spreads the kernel over its taps, as the conv's own. (A strided column-orthogonal layer's pixels lie
+            # in the C S^d-dimensional span of R for every choice of blocks: no sweep helps its rank.)
+            self._block_sweeps(t)
+            shift = None
         if not has_blocks or steps == 0:
             return shift
         params = [p for p in (self.proj_a, self.proj_b, self.matrix) if p is not None]
@@ -1671,6 +1692,40 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         _fit_best(params, loss_fn, best, steps, lr=self._fit_lr / math.sqrt(max(self._n, 2)))
         self._procrustes(t)
         return None
+
+    def _block_sweeps(self, target: torch.Tensor, sweeps: int = 1) -> None:
+        r"""Block-coordinate ascent of :math:`\langle K, K_0 \rangle` (``target`` :math:`K_0`: ``(g, M, C, *k)`` in
+        compute dtype), which minimises :math:`\|K - K_0\|_F` since every orthogonal kernel has the same norm.
+
+        The kernel is linear in each block's projector :math:`P` with the rest fixed,
+        :math:`\langle K, K_0 \rangle = c + \operatorname{tr}(P G)`, so the best projector of the block's rank
+        ``r`` spans the top ``r`` eigenvectors of :math:`G + G^T` (``G`` is the gradient in ``P``, by autograd
+        through the kernel build with ``P`` given explicitly). Blocks are updated one after the other, each
+        sweep ends with the Procrustes step for the matrix: every update is an exact optimum, so the distance never
+        grows. Runs under ``torch.inference_mode()`` too (on copies made outside it; the parameters are written
+        back inside)."""
+        cd = self.compute_dtype
+        blocks = [block for dim_blocks in self._block_index for block in dim_blocks]
+        raw = {"a": self.proj_a, "b": self.proj_b}
+        for _ in range(sweeps):
+            for block in blocks:
+                cls, idx = block
+                if raw[cls] is None:  # rank 0: a delay, nothing to choose
+                    continue
+                with torch.inference_mode(False), torch.enable_grad():
+                    projectors = {}
+                    for other_cls, other_idx in blocks:
+                        if raw[other_cls] is not None:
+                            Q = _projector_basis(raw[other_cls][:, other_idx].detach().clone().to(cd))
+                            projectors[other_cls, other_idx] = Q @ Q.mT
+                    P = projectors[block].requires_grad_()
+                    W = orthonormal(self.matrix.detach().clone().to(cd), tall=self._matrix_tall)
+                    K = self._block_kernel(cd, None, projectors, W)
+                    (G,) = torch.autograd.grad((K * target.clone()).sum(), P)
+                    top = torch.linalg.eigh(G + G.mT)[1][..., -raw[cls].shape[-1]:]
+                with torch.no_grad():
+                    raw[cls][:, idx] = top.to(raw[cls])
+            self._procrustes(target)
 
     @torch.no_grad()
     def _reset_blocks_centre(self) -> None:

@@ -29,12 +29,13 @@ Parameters:
   the padding, such as 1x1 convs, which are exactly orthogonal and reported ``hard``, and for RO layers with no
   padding, whose outputs are rows of the circular layer, orthonormal, reported ``hard (rows orthonormal ...)``).
 * ``init``: ``nearest`` starts from the orthogonal layer closest to the original weights (exact for linears,
-  1x1 and ``k <= S`` kernels; for larger kernels a closed-form Procrustes start, refined by ``fit_steps`` Adam
-  steps, about 10 ms each on CPU) so a trained model changes least; ``random`` starts Haar-random. The Change
-  records the kernel's relative distance (``init_error``) and, with example inputs, the relative change of the
-  layer's output on them (``output_change``); each is ``None`` where it is undefined (a zero original weight or
-  output, or one with NaN or inf entries). ``nearest`` refuses a weight with NaN or inf entries (no orthogonal
-  layer is nearest to it): use ``random`` there.
+  1x1 and ``k <= S`` kernels; for larger kernels a closed-form Procrustes start, at stride 1 with more output
+  than input channels followed by one sweep of block-by-block optimisation so that the kernel uses all its taps, refined by
+  ``fit_steps`` Adam steps, about 10 ms each on CPU) so a trained model changes least; ``random`` starts
+  Haar-random. The Change records the kernel's relative distance (``init_error``) and, with example inputs, the
+  relative change of the layer's output on them (``output_change``); each is ``None`` where it is undefined (a
+  zero original weight or output, or one with NaN or inf entries). ``nearest`` refuses a weight with NaN or inf
+  entries (no orthogonal layer is nearest to it): use ``random`` there.
 * ``gain``: the layer is ``gain`` times orthogonal.
 * ``frozen``: ``skip`` (default) leaves a layer whose weight has ``requires_grad=False`` as it is (``explain``
   and ``report`` show ``skipped: frozen ...``; a later rule of the ``weight`` group may take it), ``overwrite``
