@@ -43,6 +43,7 @@ to avoid overflow.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -434,7 +435,7 @@ def _lorth_value(weight: torch.Tensor, stride, groups, case: str | None, dilatio
         out_f, in_f = weight.shape
         if case is None:
             case = "RO" if out_f <= in_f else "CO"
-        return _lorth_one_tap(weight.unsqueeze(0), (1,), case)  # a Linear is a one-tap conv at stride 1
+        return _lorth_one_tap(weight.unsqueeze(0), (1,), case, differentiated)  # a one-tap conv at stride 1
     d = _check_conv_weight(weight, "lorth")
     strides = _tuple(stride, d, "stride")
     dilations = _tuple(dilation, d, "dilation")
@@ -450,7 +451,7 @@ def _lorth_value(weight: torch.Tensor, stride, groups, case: str | None, dilatio
         weight = _without_zero_border_taps(weight)
         ks = tuple(weight.shape[2:])
     if all(k == 1 for k in ks):
-        return _lorth_one_tap(weight.reshape(g, M // g, Cg), strides, case)
+        return _lorth_one_tap(weight.reshape(g, M // g, Cg), strides, case, differentiated)
     if weight.dtype == torch.float64 and not differentiated:
         return _lorth_fourier(weight, strides, g, case)
     m, c = M // g, Cg * math.prod(strides)
@@ -503,10 +504,14 @@ def _gram_defect(weight: torch.Tensor, strides: tuple[int, ...], g: int, fast_ba
     r""":math:`\|\mathrm{conv}(K, K, P, S) - I_{r0}\|_F^2` of a conv weight ``(M, C/g, *k)`` (P0 Definition 1, summed
     over the ``g`` groups), computed in one ``F.conv{d}d`` call: ``K`` as a batch of ``M / g`` images, correlated
     with the filters ``K`` at stride ``S`` with padding :math:`P_i = \lfloor (k_i-1)/S_i \rfloor S_i`. With
-    ``fast_backward`` only the images carry the derivative, doubled (see :func:`lorth`)."""
+    ``fast_backward`` only the images carry the derivative, doubled (see :func:`lorth`). A value without a derivative
+    from a large enough kernel comes from the products of its taps instead (:func:`_tap_pairs_defect`)."""
     d = weight.ndim - 2
     M, Cg = weight.shape[:2]
     ks = tuple(weight.shape[2:])
+    pair = M * (M // g) * Cg  # the multiply-adds of one product K_t K_s^T, all groups
+    if not differentiated and pair >= _TAP_PAIRS_MIN_PAIR and pair * math.prod(ks) >= _TAP_PAIRS_MIN_WORK:
+        return _tap_pairs_defect(weight, strides, g)
     pads = tuple(((k - 1) // s) * s for k, s in zip(ks, strides))
     if g == 1:
         images = weight
@@ -523,6 +528,62 @@ def _gram_defect(weight: torch.Tensor, strides: tuple[int, ...], g: int, fast_ba
     centre = (slice(None), slice(None)) + tuple(p // s for p, s in zip(pads, strides))
     target[centre] = torch.eye(M // g, dtype=out.dtype, device=out.device).repeat(1, g)
     return (out - target).square().sum()
+
+
+# below about this many multiply-adds (M * M/g * C/g * taps) the one convolution call is faster than the Python
+# loop of _tap_pairs_defect (64 -> 64 channels 3 x 3: about even; 128 and up: the pairs 1.5-2.2x faster), and
+# below this many per pair of taps (M * M/g * C/g) too (64 -> 64 channels 7 x 7: 11 ms convolution, 14 ms pairs)
+_TAP_PAIRS_MIN_WORK = 1 << 23
+_TAP_PAIRS_MIN_PAIR = 1 << 19
+
+
+@torch.no_grad()
+def _tap_pairs_defect(weight: torch.Tensor, strides: tuple[int, ...], g: int) -> torch.Tensor:
+    r""":func:`_gram_defect`'s value without a derivative, from the products of the kernel's taps, pair by pair.
+
+    With :math:`K_t` the ``(M/g) x (C/g)`` matrix of tap ``t`` (per group),
+    :math:`\mathrm{conv}(K, K, P, S)_j = \sum_t K_t K_{t + S j}^T` (taps outside the kernel are zero), and
+    :math:`\mathrm{conv}_{-j} = \mathrm{conv}_j^T`. So with the taps in lexicographic order (``t < s`` iff
+    ``s - t`` is lexicographically positive)
+
+    .. math::
+
+        \|\mathrm{conv}(K, K, P, S) - I_{r0}\|_F^2 = \|\mathrm{conv}_0 - I\|_F^2
+        + 2 \sum_{j > 0} \|\mathrm{conv}_j\|_F^2,
+
+    and the half :math:`j \ge 0` needs the products :math:`K_t K_s^T` for ``t <= s`` whose taps differ by a
+    multiple of the stride in every dimension: one matrix product per tap ``t`` (with all the later taps of its
+    residue class modulo ``S``). For a 3 x 3 kernel at stride 1 that is 45 products of ``M x C`` by ``C x M``
+    where the convolution, counting only its nonzero taps, makes 81 (``(2k - 1)^d`` shifts times the taps that
+    overlap). Measured on one CPU thread (float32, ``benchmarks/RESULTS.md``): 512 -> 512 channels 3 x 3 170 ->
+    81 ms, 256 -> 256 26 -> 13 ms, at stride 2 61 -> 33 ms. Not for derivatives: the lower half would get none.
+    The same value to rounding (float32 sums in another order; the tests compare both with float64).
+
+    >>> import torch
+    >>> w = torch.randn(128, 128, 3, 3, dtype=torch.float64)
+    >>> conv = torch.nn.functional.conv2d(w, w, padding=2)
+    >>> conv[:, :, 2, 2] -= torch.eye(128, dtype=torch.float64)
+    >>> bool(torch.isclose(_tap_pairs_defect(w, (1, 1), 1), conv.square().sum()))
+    True
+    """
+    M, Cg = weight.shape[:2]
+    m, ks = M // g, tuple(weight.shape[2:])
+    taps = weight.reshape(g, m, Cg, -1).permute(0, 3, 1, 2).contiguous()  # (g, tap, m, C/g): K_t per group
+    coords = list(itertools.product(*(range(k) for k in ks)))  # the taps in the order of the flattened kernel
+    spans = tuple(-(-k // s) for k, s in zip(ks, strides))  # at most this many taps per residue class
+    offsets = [j for j in itertools.product(*(range(1 - n, n) for n in spans)) if j >= (0,) * len(j)]
+    where = {j: i for i, j in enumerate(offsets)}  # offsets[0] is j = 0
+    acc = weight.new_zeros(len(offsets), g, m, m)
+    for residue in itertools.product(*(range(min(s, k)) for s, k in zip(strides, ks))):
+        members = [i for i, c in enumerate(coords) if all(a % s == r for a, s, r in zip(c, strides, residue))]
+        later = taps[:, members].reshape(g, len(members) * m, Cg)
+        for n, t in enumerate(members):
+            products = (taps[:, t] @ later[:, n * m:].mT).reshape(g, m, len(members) - n, m)  # K_t K_s^T, s >= t
+            for b, s in enumerate(members[n:]):
+                j = tuple((q - p) // stride for p, q, stride in zip(coords[t], coords[s], strides))
+                acc[where[j]] += products[:, :, b]
+    acc[0].diagonal(dim1=-2, dim2=-1).sub_(1)
+    return acc[0].square().sum() + 2 * acc[1:].square().sum()
 
 
 def dilated_kernel(weight: torch.Tensor, dilation) -> torch.Tensor:
@@ -552,19 +613,47 @@ def _dilate(weight: torch.Tensor, dilations: tuple[int, ...], what: str) -> torc
     return out
 
 
-def _lorth_one_tap(w: torch.Tensor, strides: tuple[int, ...], case: str) -> torch.Tensor:
+def _lorth_one_tap(w: torch.Tensor, strides: tuple[int, ...], case: str, differentiated: bool = True) -> torch.Tensor:
     r""":func:`lorth` of one-tap (1 x 1) kernels, ``w`` ``(g, m, c)`` per group: :math:`\mathrm{conv}(K, K)` is
     then each group's Gram matrix :math:`W W^T`, and :math:`\|W W^T - I_m\|_F^2 = \|W^T W - I_c\|_F^2 + (m - c)`
     lets the smaller Gram stand in: the same value with :math:`O(mc \min(m, c))` work, where the convolution
     route forms the :math:`m \times m` one (4x the work of a ResNet bottleneck's 4x expansion conv, and more
-    on a CPU, whose conv kernels are slower than its matrix products at this shape)."""
+    on a CPU, whose conv kernels are slower than its matrix products at this shape). A value without a derivative
+    (``differentiated`` false) of a Gram matrix of 256 rows or more takes :func:`_gram_defect_blocks`."""
     g, m, c = w.shape
-    gram = w @ w.mT if m <= c else w.mT @ w
-    eye = torch.eye(gram.shape[-1], dtype=w.dtype, device=w.device)
     # the integer parts are summed exactly first: at stride 1 in the CO case they cancel to 0
     constant = g * max(m - c, 0) - (g * m - g * c * math.prod(strides) if case == "CO" else 0)
+    if not differentiated and min(m, c) >= 256:
+        value = _gram_defect_blocks(w if m <= c else w.mT)
+        return value + constant if constant else value
+    gram = w @ w.mT if m <= c else w.mT @ w
+    eye = torch.eye(gram.shape[-1], dtype=w.dtype, device=w.device)
     value = (gram - eye).square().sum()
     return value + constant if constant else value
+
+
+@torch.no_grad()
+def _gram_defect_blocks(x: torch.Tensor, parts: int = 4) -> torch.Tensor:
+    r""":math:`\|X X^T - I\|_F^2` summed over the batch of ``x`` ``(g, k, n)``, from the upper block triangle of the
+    symmetric :math:`X X^T`: the rows cut into ``parts`` blocks :math:`X_a`, one product :math:`X_a [X_a; X_b;
+    \ldots]^T` per block, whose diagonal block counts once and the rest twice. ``(parts + 1) / (2 parts)`` of the
+    multiply-adds of the whole Gram matrix; on one CPU thread (float32) 0.65-0.75x its time from 512 rows
+    (``benchmarks/RESULTS.md``). The same value to rounding; no derivative.
+
+    >>> import torch
+    >>> x = torch.randn(2, 300, 500, dtype=torch.float64)
+    >>> whole = (x @ x.mT - torch.eye(300, dtype=torch.float64)).square().sum()
+    >>> bool(torch.isclose(_gram_defect_blocks(x), whole))
+    True
+    """
+    k = x.shape[-2]
+    edges = [k * i // parts for i in range(parts + 1)]
+    total = x.new_zeros(())
+    for a, b in zip(edges, edges[1:]):
+        gram = x[:, a:b] @ x[:, a:].mT  # rows a..b against rows a..k
+        gram[..., :b - a].diagonal(dim1=-2, dim2=-1).sub_(1)
+        total += gram[..., :b - a].square().sum() + 2 * gram[..., b - a:].square().sum()
+    return total
 
 
 def _beyond_range_as_inf(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

