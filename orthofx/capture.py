@@ -1241,11 +1241,19 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
         and a :class:`CaptureInfo` with the mode used, the leaf fallbacks and warnings.
 
     Raises:
-        CaptureError: the model is not a module, the mode is unknown, fx tracing failed in the model's
-            top-level forward (or more than ``max_retries`` times) and export was not possible or failed too,
-            or export mode has no example inputs; the message names the module, the cause(s) and the fixes.
+        CaptureError: the model is not a module or is a TorchScript module, the mode is unknown, fx tracing
+            failed in the model's top-level forward (or more than ``max_retries`` times) and export was not
+            possible or failed too, or export mode has no example inputs; the message names the module, the
+            cause(s) and the fixes.
     """
     model = unwrap_model(model)
+    if isinstance(model, torch.jit.ScriptModule):
+        # neither tracer can follow compiled TorchScript: fx failed with advice about leaf_modules and
+        # concrete_args, export with torch's bare "get_submodule is not supported on ScriptModules"
+        raise CaptureError(f"the model is a TorchScript module ({type(model).__name__}, made by torch.jit.script or "
+                           "torch.jit.trace), whose forward is compiled code that orthofx can neither trace nor "
+                           "rewrite: transform the nn.Module it was made from, then script the result if you "
+                           "need to (or export it with orthofx.export to .pt2 / .onnx)", module_path="")
     if mode not in CAPTURE_MODES:
         raise CaptureError(f"unknown capture mode {mode!r}; allowed: "
                            + ", ".join(repr(m) for m in CAPTURE_MODES))
@@ -2453,7 +2461,7 @@ class _ExportRebuilder:
                 return self.env[old]
             if _is_symbolic_size(old):
                 # export shares size computations between modules: recompute this one outside the call
-                value = self.graph.node_copy(old, self._resolve)
+                value = _size_method_form(self.graph.node_copy(old, self._resolve))
                 self.env[old] = value
                 return value
             raise _Isolation(call, f"node '{old.name}' inside the call is used outside it")
@@ -2492,7 +2500,7 @@ class _ExportRebuilder:
             return new
         if old.op == "call_function" and old.target is torch._C._set_grad_enabled and len(old.args) == 1:
             return self._grad_switch(bool(old.args[0]))
-        new = self.graph.node_copy(old, self._resolve)
+        new = _size_method_form(self.graph.node_copy(old, self._resolve))
         if new.op == "call_function":
             if new.target in _MODE_SWITCHES:
                 new.target = _MODE_SWITCHES[new.target]
@@ -2685,8 +2693,29 @@ def _is_constant_argument(arg: Any) -> bool:
     return isinstance(arg, ConstantArgument)
 
 
+#: ``aten.sym_size.int(x, d)`` and its kin -> the Tensor method symbolic tracing records (``x.size(d)``).
+_SIZE_METHODS = {"sym_size": "size", "sym_stride": "stride", "sym_numel": "numel",
+                 "sym_storage_offset": "storage_offset"}
+
+
+def _size_method_form(node: torch.fx.Node) -> torch.fx.Node:
+    """``node`` (a copy of an exported node) rewritten from ``aten.sym_size.int(x, d)`` (and ``sym_stride``,
+    ``sym_numel``, ``sym_storage_offset``) to the method call ``x.size(d)`` that symbolic tracing records, in place.
+
+    The ATen form has no batching rule: a transformed model of export capture failed under ``torch.func.vmap``
+    (per-sample gradients) where the model and its fx capture run (``x.size(0)`` is batched: the sample's size)."""
+    if node.op != "call_function" or node.kwargs:
+        return node
+    method = _SIZE_METHODS.get(getattr(getattr(node.target, "overloadpacket", None), "__name__", ""))
+    if method is not None:
+        node.op, node.target = "call_method", method
+    return node
+
+
 def _is_symbolic_size(node: torch.fx.Node) -> bool:
     """Whether ``node`` computes an integer from sizes (``x.size(0)``, ``s0 * 4``) rather than a tensor."""
+    if node.op == "call_method":  # a rebuilt export node (_size_method_form): it keeps export's symbolic value
+        return node.target in _SIZE_METHODS.values() and isinstance(node.meta.get("val"), torch.SymInt)
     if node.op != "call_function":
         return False
     name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")

@@ -316,9 +316,13 @@ def _example(model: nn.Module, text: str | None, model_spec: str | None) -> tupl
         with EvalRun(model):
             model(*inputs)
     except Exception as exc:  # the user's model on the user's shape
+        # the shape may be right and the input still wrong: the CLI makes one random floating-point tensor, so a
+        # model taking token ids (an nn.Embedding) or several inputs needs example inputs from Python
         raise CliError(f"the model fails on an input of {given} ({dtype}, {device}): {type(exc).__name__}: {exc}; "
-                       "give the shape of one input the model takes, batch first (--debug shows the "
-                       "traceback)") from exc
+                       "give the shape of one input the model takes, batch first. The CLI gives the model one "
+                       "random floating-point input: for a model taking several inputs or integer ids (token "
+                       "indices), leave out --input-shape, or call orthofx.transform(model, policy, "
+                       "example_inputs=(...)) in Python (--debug shows the traceback)") from exc
     return inputs
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from .passes.base import (RECURRENT_TYPES, CaptureInfo, PlanEntry, Site, derived
                           reads_only_metadata, require_initialised, stops_producer_walk, weight_label)
 from .passes.registry import get_pass
 from .passes.svd_conditioning import decomposition_op
-from .policy import Match, Policy, Rule
+from .policy import Match, Policy, Rule, _compiled_regex, _describe
 
 __all__ = ["Plan", "build_plan", "block_paths", "collect_sites", "describe_module", "other_mode_graph",
            "producers_feeding", "unused_leaf_entries", "FUNCTION_OPS"]
@@ -857,7 +858,8 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
             note = f" Note: {_traced_through_note(rule, hidden, traced)}." if hidden else ""
             raise PlanError(_no_match_message(rule, sites, passed_over)
                             + _missing_attribute_hint(rule, sites, gm, fed_by) + note
-                            + _excluded_all_hint(rule, sites, gm, fed_by) + _root_layer_hint(rule, model))
+                            + _excluded_all_hint(rule, sites, gm, fed_by)
+                            + _unmatched_name_hint(rule, sites, gm, fed_by) + _root_layer_hint(rule, model))
         if selected == len(rejected) and not rule.optional:
             details = "; ".join(f"{s.name}: {r}" for s, r in rejected[:5])
             raise PlanError(f"rule '{rule.name}'{_rule_place(rule)} (apply: {rule.apply}) matched {selected} site(s) "
@@ -1074,7 +1076,11 @@ def unused_leaf_entries(policy: Policy, model: nn.Module) -> list[str]:
 
 def _missing_attribute_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: dict[str, set[str]]) -> str:
     """For a rule that matched nothing: the ``where:`` attributes that none of the layers it would otherwise select
-    has (a misspelt key filters everything out), with the closest attribute names those layers do have."""
+    has (a misspelt key filters everything out), with the closest attribute names those layers do have, and the
+    values that none of them holds, with the values they do hold (``groups: '1'``, a quoted string, is no 1).
+
+    Example: ``where: {groups: '1'}`` on three convs adds `` The rule's where: 'groups' is an integer (1) on
+    each of the 3 layer(s) it selects without 'where', never a string ('1').``"""
     if not rule.match.where:
         return ""
     unfiltered = dataclasses.replace(rule.match, where={})
@@ -1082,14 +1088,42 @@ def _missing_attribute_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by
     if not modules:
         return ""
     hints = []
-    for attr in rule.match.where:
-        if any(_has_attribute(m, attr) for m in modules):
+    for attr, expected in rule.match.where.items():
+        holders = [m for m in modules if _has_attribute(m, attr)]
+        if holders:
+            hint = _unmatched_value_hint(attr, expected, holders)
+            if hint:
+                hints.append(hint)
             continue
         known = sorted({a for m in modules for a in vars(m) if not a.startswith("_")})
         close = difflib.get_close_matches(attr, known, n=3)
         hints.append(f"none of the {len(modules)} layer(s) it selects without 'where' has an attribute '{attr}'"
                      + (f" (did you mean {' or '.join(close)}?)" if close else ""))
     return (" The rule's where: " + "; ".join(hints) + ".") if hints else ""
+
+
+def _unmatched_value_hint(attr: str, expected: Any, holders: list[nn.Module]) -> str:
+    """The values of ``attr`` on ``holders`` (the layers a rule selects without its ``where``, that have ``attr``)
+    when the ``where`` value ``expected`` equals none of them; empty when one matches."""
+    try:
+        if any(_attribute_matches(m, {attr: expected}) for m in holders):
+            return ""
+    except _WhereError:  # build_plan raised it for the layer it met first; nothing to add here
+        return ""
+    values = list(dict.fromkeys(_value_text(_read_attribute(m, attr)[1]) for m in holders))
+    where = (f"is {values[0]} on each of the {len(holders)} layer(s)" if len(values) == 1
+             else f"is one of {first_few(values, 4)} on the {len(holders)} layer(s)")
+    return f"'{attr}' {where} it selects without 'where', never {_value_text(expected)}"
+
+
+def _value_text(value: Any) -> str:
+    """A ``where`` value or attribute in a message: sequences as lists (``[3, 3]``), a tensor as set, scalars
+    with their type (``a string ('1')``, ``an integer (1)``), as the policy's own errors write them."""
+    if isinstance(value, torch.Tensor):
+        return "set (a tensor)"
+    if isinstance(value, (tuple, list)):
+        return str(_normalise(value))
+    return _describe(value)
 
 
 def _excluded_all_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: dict[str, set[str]]) -> str:
@@ -1104,6 +1138,44 @@ def _excluded_all_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: dic
         return ""
     return (f" Its exclude ({', '.join(rule.match.exclude)}) left out all {len(left_out)} site(s) it selects "
             f"otherwise: {first_few(left_out, 4)}.")
+
+
+def _unmatched_name_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: dict[str, set[str]]) -> str:
+    """For a rule that matched nothing: when its ``name`` patterns alone left out every site it selects otherwise,
+    the names of those sites, so the message does not send the user to the types of the graph's sites; and per
+    pattern the likely slip: a ``re:`` pattern found inside names (it must match the whole name: ``re:conv`` is
+    no ``re:conv.*``), a glob that matches names in another case (names are case-sensitive), the closest name.
+
+    Example: ``name: Conv1`` under ``orth_regularizer`` on ``small_cnn`` adds `` Its name pattern(s) (Conv1) match
+    none of the 4 site(s) it selects otherwise: conv1, conv2, conv3, fc; 'Conv1' matches conv1 in another case
+    (names are case-sensitive).``"""
+    if not rule.match.name or rule.match.site_kind == "block":  # block sites exist only where a name selected one
+        return ""
+    unnamed = dataclasses.replace(rule.match, name=())
+    selected = [(s, m) for s in sites if _selects(unnamed, s, m := _module_or_none(gm, s), fed_by)]
+    pass_obj = get_pass(rule.apply)()
+    # the layers the rule's pass can take (a name-only rule selects activations and pools too)
+    names = [s.name for s, m in selected if pass_obj.accepts(s, m) is None] or [s.name for s, _ in selected]
+    if not names:
+        return ""
+    notes = []
+    for pattern in rule.match.name:
+        if pattern.startswith("re:"):
+            regex = _compiled_regex(pattern[3:])
+            partial = [n for n in names if regex.search(n)]
+            if partial:
+                notes.append(f"'{pattern}' must match a whole name and matches only part of {first_few(partial, 3)} "
+                             f"(write 're:.*{pattern[3:]}.*', or a glob)")
+            continue
+        other_case = [n for n in names if fnmatch.fnmatchcase(n.lower(), pattern.lower())]
+        if other_case:
+            notes.append(f"'{pattern}' matches {first_few(other_case, 3)} in another case (names are case-sensitive)")
+            continue
+        close = difflib.get_close_matches(pattern, names, n=1)
+        if close:
+            notes.append(f"the closest name to '{pattern}' is {close[0]}")
+    return (f" Its name pattern(s) ({', '.join(rule.match.name)}) match none of the {len(names)} site(s) it selects "
+            f"otherwise: {first_few(names, 6)}" + "".join(f"; {note}" for note in notes) + ".")
 
 
 def _has_attribute(module: nn.Module, attr: str) -> bool:

@@ -184,7 +184,8 @@ def explain(model: nn.Module, policy: Any, example_inputs: Any = None, *, exampl
     ``print(orthofx.explain(model, policy))`` shows the table. ``example_inputs`` are needed when the model is
     captured with torch.export (capture mode ``export``, or ``auto`` when symbolic tracing fails), with
     ``example_kwargs`` for a forward that takes keyword inputs (as in :func:`transform`); the first line of the
-    table says which capture mode was used.
+    table says which capture mode was used. What ``transform`` refuses before planning, ``explain`` refuses alike:
+    a transformed model that carries penalty terms or optimizer hooks (:class:`TransformError`; freeze it first).
 
     Example::
 
@@ -196,6 +197,7 @@ def explain(model: nn.Module, policy: Any, example_inputs: Any = None, *, exampl
     """
     policy = Policy.load(policy)
     example = example_call(example_inputs, example_kwargs)
+    _refuse_dropping_attachments(model)  # the dry run refuses what transform would refuse
     # Capture runs the model's forward (symbolic tracing, or torch.export on the example inputs): any Python side
     # effect of that forward (a counter, a cache) would happen on the user's model, so a copy is traced.
     root = copy_model(unwrap_model(model))
