@@ -568,6 +568,40 @@ def reads_only_metadata(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _METADATA_FUNCTIONS
 
 
+def decompositions_fed(ctx: PassContext, name: str) -> list[str]:
+    """Function sites (decompositions) downstream of module ``name`` before another conv/linear intervenes, in the
+    captured graph and in the other training mode's graph of a two-mode model; a read of a tensor's shape
+    (``x.shape[0]``, :func:`reads_only_metadata`) carries none of its values, so the walk does not pass through
+    it (``pre_svd`` lists these sites; ``isometric_init`` warns when it narrows a layer feeding one). A node is
+    named by the site a pass recorded on it, else by the plan's site of that node name *in the same mode's graph*
+    (both graphs of a two-mode model hold a node named ``linalg_eigh``)."""
+    sites = [s for s in getattr(ctx.manifest.plan, "sites", ()) if s.kind == "function"]
+    found: list[str] = []
+    for suffix in each_mode(ctx.gm):  # ctx.gm.graph is that mode's graph
+        by_node = {s.node: s.name for s in sites if s.mode == suffix[1:]}
+        stack = [u for n in ctx.gm.graph.nodes if n.op == "call_module" and n.target == name for u in n.users]
+        seen: set[fx.Node] = set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            site = node.meta.get("orthofx_site") or by_node.get(node.name)
+            if site and site not in found and not site == name:
+                found.append(site)
+            if node.op == "call_module":
+                try:
+                    module = ctx.gm.get_submodule(str(node.target))
+                except AttributeError:
+                    module = None
+                if stops_producer_walk(module):
+                    continue
+            if reads_only_metadata(node):
+                continue
+            stack.extend(node.users)
+    return sorted(found)
+
+
 def parameter_owners(root: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
     """``id(parameter) -> [(module path, module), ...]`` for every directly registered parameter: a parameter
     with several owners is tied (``b.weight = a.weight``)."""

@@ -20,7 +20,10 @@ At transform time each selected layer's weight is overwritten (the graph is not 
   case); where none reads inside it (an even kernel with a dilation under ``'same'`` padding) the centre tap
   ``(k - 1) // 2`` holds an ``(out / groups, in / groups)`` matrix. The Change's ``exact`` says whether the layer
   is exactly orthogonal on every input size divisible by ``S`` (``false`` also for padding that changes the
-  output size: the layer then crops or extends the map).
+  output size: the layer then crops or extends the map). A conv with more outputs than the inputs its taps read
+  (``1 -> 16`` channels at stride 1) then has every output position in a subspace of that many dimensions; where
+  it feeds a decomposition (``eigh`` of a whitening layer) that no ``svd_conditioning`` rule makes stable, the
+  pass warns (:class:`~orthofx.errors.OrthofxWarning`): tied eigenvalues make torch's own backward NaN.
 * ConvTranspose1d / 2d / 3d ``(in, out / groups, *kernel)``: the layer is the adjoint ``T = A^T`` of the conv
   ``A`` with the same weight tensor, stride, padding, dilation and groups (``out -> in`` channels, read on the
   layer's output), so it gets that conv's delta-orthogonal kernel: the same taps, ``Q`` of shape
@@ -111,13 +114,13 @@ import torch
 from torch import nn
 
 from .. import metrics
-from ..errors import ArgumentError, ScaleLostWarning
+from ..errors import ArgumentError, OrthofxWarning, ScaleLostWarning
 from ..nn import stiefel
 from ..nn.orthogonal import keeps_output_size
 from ..nn.padding import conv_zero_pads
 from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PlanEntry, Site, TiedUse, check_scale_range,
-                   check_tied, is_uninitialised, matrices_text, recurrent_hidden_weights, recurrent_weights_reason,
-                   require_initialised, treated_weight_names)
+                   check_tied, decompositions_fed, is_uninitialised, matrices_text, recurrent_hidden_weights,
+                   recurrent_weights_reason, require_initialised, treated_weight_names)
 from .registry import register_pass
 from .riemannian import StiefelHook, _describe_matrices, scale_kept_or_dropped
 
@@ -413,6 +416,8 @@ class IsometricInit(Pass):
             rows = "rows" if wide else "columns"
             dropped = _scale_dropped_later(ctx, entry, module, scale)
             what += f" (orthonormal {rows}, scale {scale:.4g}){dropped}"
+            if is_conv and not transposed:
+                what += _narrowed_before_decomposition(ctx, entry, module, taps)
             ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name, what=what,
                               params=params, before=before, after={**after, "scale": scale, **_lost(dropped, scale)}))
 
@@ -495,6 +500,41 @@ def _scale_dropped_later(ctx: PassContext, entry: PlanEntry, module: nn.Module, 
         f"{scale_kept_or_dropped(IsometricInit.name)}", ScaleLostWarning, stacklevel=2)
     return (f"; riemannian (rule '{stiefel_rules[-1]}') keeps the weight on the Stiefel manifold, so the first "
             "step's retraction drops this scale")
+
+
+def _narrowed_before_decomposition(ctx: PassContext, entry: PlanEntry, conv: nn.Module,
+                                   taps: Sequence[tuple[int, int]]) -> str:
+    """Warn (:class:`~orthofx.errors.OrthofxWarning`) when the delta-orthogonal kernel of ``conv`` narrows the span
+    of its output channels and the layer feeds a decomposition that no ``svd_conditioning`` rule makes stable; the
+    note for the Change ('' otherwise).
+
+    Each group's output at a position is ``Q`` times the ``C/g * prod(count)`` inputs its taps read, so with more
+    rows than that (``M/g`` outputs, an expanding conv at stride 1) it lies in a ``C/g * prod(count)``-dimensional
+    subspace, where the conv's own kernel reached ``min(M/g, C/g * prod(k))`` dimensions. An exact isometry under
+    zero padding has no other taps (P0 Proposition 6), but a whitening or decomposition downstream then sees tied
+    (zero) eigenvalues, and the backward of torch's ``eigh`` / ``svd`` divides by eigenvalue gaps: the built-in
+    ``dbn_cnn`` (``conv1``: 1 -> 16 channels, 5 x 5, feeding a decorrelated BatchNorm) had NaN gradients at
+    the first step. The stable decompositions of ``svd_conditioning`` (P4) take ties."""
+    rows, columns = _q_shape(conv, taps)
+    reached = min(rows, conv.in_channels // conv.groups * math.prod(conv.kernel_size))
+    if rows <= columns or reached <= columns:
+        return ""
+    stable = {e.site.name for e in getattr(ctx.manifest.plan, "entries", ()) if e.pass_name == "svd_conditioning"}
+    fed = [site for site in decompositions_fed(ctx, entry.site.name) if site not in stable]
+    if not fed:
+        return ""
+    g = conv.groups
+    span = (f"{g * columns}-dimensional subspace of its {g * rows} channels (a kernel of its shape reaches "
+            f"{g * reached})")
+    warnings.warn(
+        f"isometric_init (rule '{entry.rule_name}'): '{entry.site.name}' ({type(conv).__name__}, "
+        f"{conv.in_channels} -> {conv.out_channels} channels) feeds {', '.join(fed)}: its delta-orthogonal kernel "
+        f"puts every output position in a {span}, so the decomposition sees tied eigenvalues, where the backward of "
+        f"torch's eigh / svd divides by their gaps (NaN gradients). Make the decomposition stable: add the svd "
+        f"preset's rule {{match: {{op: [linalg.eigh, linalg.eigvalsh, linalg.svd, linalg.svdvals]}}, apply: "
+        f"svd_conditioning}} to the policy; or leave this layer out of the rule (exclude: '{entry.site.name}')",
+        OrthofxWarning, stacklevel=2)
+    return f"; feeds {', '.join(fed)} with outputs in a {span}"
 
 
 def _lost(dropped: str, scale: float) -> dict[str, float]:

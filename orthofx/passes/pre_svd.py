@@ -70,14 +70,14 @@ import math
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from ..errors import ArgumentError, OrthofxError
 from ..nn.convnorm import ConvNormConvNd
 from ..nn.precision import HALF_PRECISION
-from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, derived_weight,
-                   describe_module, each_mode, is_uninitialised, parameter_owners, reads_only_metadata,
-                   stops_producer_walk, weight_groups, whole, write_whole)
+from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, decompositions_fed,
+                   derived_weight, describe_module, is_uninitialised, parameter_owners, weight_groups, whole,
+                   write_whole)
 from .isometric_init import frozen_reason
 from .orth_regularizer import lorth_term
 from .orthogonal_conv import orthogonal_layer
@@ -358,39 +358,6 @@ class OptimalLearningRate(OptimizerHook):
 
 # ---------------------------------------------------------------------------------------------------- pass
 
-def _decompositions_fed(ctx: PassContext, name: str) -> list[str]:
-    """Function sites (decompositions) downstream of module ``name`` before another conv/linear intervenes, in the
-    captured graph and in the other training mode's graph of a two-mode model; a read of a tensor's shape
-    (``x.shape[0]``, :func:`~orthofx.passes.base.reads_only_metadata`) carries none of its values, so the walk
-    does not pass through it. A node is named by the site a pass recorded on it, else by the plan's site of that
-    node name *in the same mode's graph* (both graphs of a two-mode model hold a node named ``linalg_eigh``)."""
-    sites = [s for s in getattr(ctx.manifest.plan, "sites", ()) if s.kind == "function"]
-    found: list[str] = []
-    for suffix in each_mode(ctx.gm):  # ctx.gm.graph is that mode's graph
-        by_node = {s.node: s.name for s in sites if s.mode == suffix[1:]}
-        stack = [u for n in ctx.gm.graph.nodes if n.op == "call_module" and n.target == name for u in n.users]
-        seen: set[fx.Node] = set()
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            site = node.meta.get("orthofx_site") or by_node.get(node.name)
-            if site and site not in found and not site == name:
-                found.append(site)
-            if node.op == "call_module":
-                try:
-                    module = ctx.gm.get_submodule(str(node.target))
-                except AttributeError:
-                    module = None
-                if stops_producer_walk(module):
-                    continue
-            if reads_only_metadata(node):
-                continue
-            stack.extend(node.users)
-    return sorted(found)
-
-
 def _first_sentence(text: str) -> str:
     head = text.split(". ")[0].strip()
     return head[:200]
@@ -473,7 +440,7 @@ class PreSVD(Pass):
     def _apply_one(self, ctx: PassContext, entry: PlanEntry) -> None:
         name, params = entry.site.name, entry.params
         module = ctx.module(name)
-        before: dict[str, Any] = {"layer": describe_module(module), "feeds": _decompositions_fed(ctx, name)}
+        before: dict[str, Any] = {"layer": describe_module(module), "feeds": decompositions_fed(ctx, name)}
         with torch.no_grad():
             before["orthogonality_error"] = _flat_orthogonality_error(module.weight, weight_groups(module))
         after: dict[str, Any] = {}
