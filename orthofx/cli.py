@@ -523,6 +523,9 @@ def _check_plot_path(path: str) -> None:
         raise CliError(f"--plot {path}: {problem}")
 
 
+_example_path = {"--json": "report.json", "--plot": "spectra.png", "--export": "model.onnx"}
+
+
 def _cmd_transform(args: argparse.Namespace) -> int:
     given = [(option, path) for option, path in (("--json", args.json), ("--plot", args.plot),
                                                  ("--export", args.export)) if path is not None]
@@ -530,6 +533,9 @@ def _cmd_transform(args: argparse.Namespace) -> int:
     for option, path in given:
         if not path.strip():
             raise CliError(f"{option} got an empty path; give a file path, or leave out {option}")
+        if path.strip() == "-":  # the Unix convention for standard output, where the report table goes
+            raise CliError(f"{option} -: writing to standard output is not supported (the report table is printed "
+                           f"there); give a file path, e.g. {option} {_example_path[option]}")
     # the output paths are checked before the model is loaded and transformed, which can take a while
     outputs = [_output(option, path) for option, path in given]
     if args.export:

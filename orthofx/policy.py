@@ -369,6 +369,10 @@ class Policy:
             files = _preset_files()
             word = obj.strip()
             if word in files:
+                if _is_existing_file(word):  # names are looked up as presets first: say which one is used
+                    warnings.warn(f"{word!r} names both a preset and a file in the working directory "
+                                  f"({os.path.abspath(word)}); the preset is used. Pass './{word}' or "
+                                  f"pathlib.Path({word!r}) for the file", OrthofxWarning, stacklevel=2)
                 return cls.preset(word)
             _refuse_python_policy(obj)
             if _is_existing_file(obj):
