@@ -133,7 +133,7 @@ from orthofx.errors import ImpossibleLayerError, LayerArgumentError, MetaWeightE
 from orthofx.nn.padding import CircularFold, CircularPad, _circular_fold_valid, _circular_pad_valid, flat_pads
 from orthofx.nn.precision import (HALF_PRECISION, autocast_conv_dtype, autocast_off, describe_nonfinite,
                                   relative_distance)
-from orthofx.nn.stiefel import orthonormal, project_to_stiefel
+from orthofx.nn.stiefel import _unit_scaled, orthonormal, project_to_stiefel
 from orthofx.theory import _flag, adjoint_case, orthogonal_conv_exists
 
 __all__ = [
@@ -640,6 +640,28 @@ def _broadcast_index(indices: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------ convolutions
+
+
+def _in_safe_range(target: torch.Tensor) -> torch.Tensor:
+    r"""A nearest-start target ``(g, M, C, *k)`` for the scale-free steps (Procrustes, block sweeps: their optima do
+    not change when the target is multiplied by a positive number): ``target`` itself where its largest entry
+    lies in :math:`[2^{-64}, 2^{64}]`, else each group's block times the power of two that brings its largest entry
+    into :math:`[1/2, 1)` (exact, :func:`orthofx.nn.stiefel._unit_scaled`). The steps sum products of the target
+    with entries of an orthogonal kernel (at most 1) over channels and taps; in float32 (``compute_dtype``) a
+    target of entries ``1e38`` overflowed those sums to ``inf`` (``eigh`` failed, the polar factor refused NaN).
+    Inside the range nothing changes, bit for bit.
+
+    >>> t = torch.full((1, 2, 1, 3), 2.0 ** 100)
+    >>> float(_in_safe_range(t).abs().amax())
+    0.5
+    >>> u = t / 2.0 ** 90
+    >>> _in_safe_range(u) is u
+    True
+    """
+    peak = float(target.abs().amax()) if target.numel() else 0.0
+    if peak == 0.0 or 2.0 ** -64 <= peak <= 2.0 ** 64 or not math.isfinite(peak):
+        return target
+    return _unit_scaled(target.reshape(target.shape[0], target.shape[1], -1)).reshape(target.shape)
 
 
 def _fit_best(params: list[nn.Parameter], loss_fn, best: float, steps: int, lr: float) -> None:
@@ -1600,7 +1622,10 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         # the conv reads them (else a k = S patch conv's target would be shifted by a pixel and out of reach)
         alignment = circular_alignment(conv) if layer.method == "cayley_fft" else "same"
         lefts = None if alignment == "same" else alignment    # None: _conv_taps' "same" offsets
-        shift = layer._fit(w0, fit_steps, lefts) if init == "nearest" else None
+        # the start is computed in the dtypes given: autocast (compute_dtype float32) ran the Procrustes and block
+        # sweep products in bfloat16, so the 'exact' optima were those of a rounded problem
+        with autocast_off(w0):
+            shift = layer._fit(w0, fit_steps, lefts) if init == "nearest" else None
         layer.train(False)  # init_error's kernel fills the eval cache, kept by _adopt_mode
         layer.init_error = layer._relative_error(w0, lefts, shift)
         layer._adopt_mode(conv.training)
@@ -1650,7 +1675,7 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
             return
         # the kernel is linear in the matrix, K = L(W), and L preserves norms: the optimum is the polar factor of
         # L*(target), the adjoint (the correlation with the block part) applied block by block
-        K = target.permute(0, *range(3, 3 + d), 1, 2)  # (g, *k, M, C)
+        K = _in_safe_range(target).permute(0, *range(3, 3 + d), 1, 2)  # (g, *k, M, C)
         side = "left" if self._embed else "right"
         G = self._apply_blocks(K, cd, side, adjoint=True)  # (g, *r, M, C), r = 1 at stride 1
         G = G.permute(0, d + 1, d + 2, *range(1, d + 1)).reshape(self.matrix.shape)
@@ -1702,9 +1727,13 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         ``r`` spans the top ``r`` eigenvectors of :math:`G + G^T` (``G`` is the gradient in ``P``, by autograd
         through the kernel build with ``P`` given explicitly). Blocks are updated one after the other, each
         sweep ends with the Procrustes step for the matrix: every update is an exact optimum, so the distance never
-        grows. Runs under ``torch.inference_mode()`` too (on copies made outside it; the parameters are written
-        back inside)."""
+        grows (but for a nudge of ``1e-6`` relative towards the current projector that makes a tie at the rank cut
+        choose the same subspace on every BLAS). Runs under ``torch.inference_mode()`` too (on copies made outside it; the parameters are written
+        back inside). A target with entries past :math:`2^{64}` (or all below :math:`2^{-64}`) is scaled first
+        (:func:`_in_safe_range`): with ``compute_dtype=float32`` entries of ``1e38`` overflowed the gradient's sums
+        and ``eigh`` failed."""
         cd = self.compute_dtype
+        target = _in_safe_range(target)  # the optimum does not change under a positive scaling
         blocks = [block for dim_blocks in self._block_index for block in dim_blocks]
         raw = {"a": self.proj_a, "b": self.proj_b}
         for _ in range(sweeps):
@@ -1722,7 +1751,12 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
                     W = orthonormal(self.matrix.detach().clone().to(cd), tall=self._matrix_tall)
                     K = self._block_kernel(cd, None, projectors, W)
                     (G,) = torch.autograd.grad((K * target.clone()).sum(), P)
-                    top = torch.linalg.eigh(G + G.mT)[1][..., -raw[cls].shape[-1]:]
+                    S = G + G.mT
+                    # eigenvalues tied at the rank cut (S has rank <= 2 C k^d: a null space when C is small) leave
+                    # the optimum's subspace to LAPACK's rounding, so a thread count moved the kernel by 0.08; a
+                    # nudge of 1e-6 of S's scale towards the current projector picks the optimum nearest to it
+                    S = S + (1e-6 * S.abs().amax((-2, -1), keepdim=True)) * P.detach()
+                    top = torch.linalg.eigh(S)[1][..., -raw[cls].shape[-1]:]
                 with torch.no_grad():
                     raw[cls][:, idx] = top.to(raw[cls])
             self._procrustes(target)
