@@ -78,6 +78,7 @@ from .capture import (ModalGraphModule, RecurrentBatch, batch_dim, batch_dynamic
 from .errors import SITE_ATTRIBUTE, CaptureError, ExportError, LayerArgumentError, OrthofxError, first_few
 from .nn.conditioning import power_newton_schulz
 from .nn.jacobian import JacobianProbe
+from .nn.precision import HALF_PRECISION
 from .nn.tracing import is_orthofx_module
 from .passes.base import Manifest, replace_module
 from .passes.svd_conditioning import (decomposition_op, fold_constant_decompositions, foldable_seed,
@@ -1226,7 +1227,10 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
     The file is read with ``torch.load(weights_only=True)``: it holds tensors and the policy's YAML, no code.
     ``model`` is the original (untransformed) model; it is not modified. The restored model has the saved
     parameters' dtype (a model saved after ``.double()`` comes back in float64 from a float32 ``model``) and the
-    Jacobian probes' step within their ``every`` period, so it continues as the saved model would.
+    Jacobian probes' step within their ``every`` period, so it continues as the saved model would. Example inputs
+    in the saved dtype work too: float64 ones replay the policy on a float64 copy of ``model``; half-precision ones
+    are cast to ``model``'s dtype for the replay (a decomposition the policy replaces may have no half-precision
+    kernel), and the result is converted.
 
     ``example_inputs`` and ``example_kwargs`` (a dict by name) are passed to :func:`orthofx.transform` as they
     were when the model was transformed: a model captured with torch.export (capture mode ``export``, or ``auto``
@@ -1278,6 +1282,9 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
     _check_state_entries(state, path, written_by)
     phases = _saved_probe_phases(saved, path, written_by)
     converted = _in_saved_dtype(model, state, example)
+    if converted is None:
+        example_inputs, example_kwargs = _example_in_model_dtype(model, state, example, example_inputs,
+                                                                 example_kwargs)
     try:
         if converted is None:
             gm = transform(model, policy, example_inputs=example_inputs, example_kwargs=example_kwargs)
@@ -1400,14 +1407,46 @@ def _in_saved_dtype(model: nn.Module, state: dict, example: ExampleCall | None) 
     there ("Input type (double) and bias type (float) should be the same"), reported as the policy not fitting the
     model. With float32 example inputs the model is transformed as it is and converted afterwards
     (:func:`_match_saved_dtype`)."""
+    dtype = _saved_dtype_of_inputs(model, state, example)
+    if dtype is None or dtype in HALF_PRECISION:
+        return None
+    return copy_model(unwrap_model(model)).to(dtype)
+
+
+def _saved_dtype_of_inputs(model: nn.Module, state: dict, example: ExampleCall | None) -> torch.dtype | None:
+    """The one floating dtype of the saved parameters when the example inputs are in it and the model is not, else
+    ``None``. The saved tensors of the model's own parameters (by name) decide, where there are any: a pass's
+    float64 buffers (a condition monitor's statistics, kept in float64 through ``.to(dtype)``) say nothing of the
+    dtype the model was saved in."""
     if example is None:
         return None
-    saved = {t.dtype for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    floating = {key: t for key, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    names = {name for name, p in model.named_parameters() if p.is_floating_point()}
+    saved = {t.dtype for key, t in floating.items() if key in names} or {t.dtype for t in floating.values()}
     inputs = {t.dtype for _, t in example.named_inputs() if isinstance(t, torch.Tensor) and t.is_floating_point()}
     current = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(saved) != 1 or inputs != saved or not current or current == saved:
         return None
-    return copy_model(unwrap_model(model)).to(saved.pop())
+    return saved.pop()
+
+
+def _example_in_model_dtype(model: nn.Module, state: dict, example: ExampleCall | None, example_inputs: Any,
+                            example_kwargs: Any) -> tuple[Any, Any]:
+    """``(example_inputs, example_kwargs)`` with their floating tensors cast to the model's dtype when the model was
+    saved in a half precision and the inputs are in it (else unchanged): the policy is replayed on the model as it
+    was transformed (in float32, say) and the restored model converted afterwards (:func:`_match_saved_dtype`).
+    Converting the model first, as for float64, would run it in half precision before the rewrite, where a
+    decomposition has no kernel (``eigh`` in bfloat16 on a CPU) that the transform then replaces."""
+    dtype = _saved_dtype_of_inputs(model, state, example)
+    if dtype is None or dtype not in HALF_PRECISION:
+        return example_inputs, example_kwargs
+    (model_dtype,) = {p.dtype for p in model.parameters() if p.is_floating_point()} or {None}
+    if model_dtype is None:
+        return example_inputs, example_kwargs
+
+    def cast(value):
+        return value.to(model_dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+    return torch.utils._pytree.tree_map(cast, (example_inputs, example_kwargs))
 
 
 def _match_saved_dtype(gm: nn.Module, state: dict) -> None:

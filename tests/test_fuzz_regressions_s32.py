@@ -4,8 +4,7 @@ model again, with every pair of presets, and ``explain`` against ``transform``; 
 freshly transformed model, ``.pt`` export + ``orthofx.load`` into a float64 / eval-mode copy, ``.to(dtype)`` after
 transform, ``requires_grad_(False)`` on part of the parameters; ``torch.func`` (``functional_call``, ``grad``,
 per-sample ``vmap(grad(...))`` against a loop); malformed and odd policies; the CLI with odd arguments). Drivers:
-``.snap/s32/fuzz/`` (``driver_*.py``; ``r_*.py`` are the reductions). Seven findings are fixed, one is open
-(an xfail(strict=True) test).
+``.snap/s32/fuzz/`` (``driver_*.py``; ``r_*.py`` are the reductions). All eight findings are fixed.
 
 - Export capture (a top-level forward symbolic tracing cannot follow, e.g. ``side = int(n ** 0.5)`` of a token
   count) wrote the forward's size reads as ``torch.ops.aten.sym_size.int(x, 0)``, which has no batching rule:
@@ -33,7 +32,7 @@ per-sample ``vmap(grad(...))`` against a loop); malformed and odd policies; the 
   the graph's module *types*, though names were the selector that failed. Root cause: ``plan.py:build_plan``'s
   no-match message had hints for ``where`` and ``exclude`` only. Expected: the names of the layers the rule selects
   otherwise (those its pass can take) and the likely slip. Fixed (``plan._unmatched_name_hint``).
-- Open: ``orthofx.load`` of a ``.pt`` saved after ``gm.to(torch.bfloat16)`` (``svd`` preset) with bfloat16
+- ``orthofx.load`` of a ``.pt`` saved after ``gm.to(torch.bfloat16)`` (``svd`` preset) with bfloat16
   example inputs (the inputs the saved model takes) fails with ``ExportError`` "the policy stored in ... does not
   apply to this model (the model failed on example_inputs before any rewrite: Input type (c10::BFloat16) and bias
   type (float) should be the same ...); load with the original (untransformed) model", though it is that model;
@@ -41,7 +40,10 @@ per-sample ``vmap(grad(...))`` against a loop); malformed and odd policies; the 
   floating tensor, and the condition monitor keeps its buffers in float64 through ``.to(dtype)``, so it sees two
   dtypes and does not convert the model; converting alone does not fix it either (the bfloat16 model cannot run
   ``eigh`` on the CPU before the rewrite). Expected: load works (transform in the model's dtype on the example
-  inputs cast to it, then convert, as float32 inputs do), or the error says to pass float32 example inputs.
+  inputs cast to it, then convert, as float32 inputs do), or the error says to pass float32 example inputs. Fixed
+  in session 32: the saved dtype is read from the model's own parameters (``export._saved_dtype_of_inputs``), and
+  for a half-precision save the example inputs are cast to the model's dtype for the replay
+  (``export._example_in_model_dtype``); the model is converted afterwards, as with float32 inputs.
 - ``orthofx.transform`` / ``explain`` of a TorchScript model (``torch.jit.script(model)`` or ``torch.jit.trace``)
   raised torch's bare "RuntimeError: get_submodule is not supported on ScriptModules" with example inputs (the
   export fallback), and without them a ``CaptureError`` whose fixes (``leaf_modules``, ``concrete_args``,
@@ -196,9 +198,6 @@ class _CovPool(nn.Module):
         return self.fc(torch.linalg.eigh(cov)[0])
 
 
-@pytest.mark.xfail(strict=True, reason="open: load of a .pt saved after .to(torch.bfloat16) (svd preset) with "
-                                       "bfloat16 example inputs fails: export._in_saved_dtype sees two saved dtypes "
-                                       "(the monitor's float64 buffers) and the bf16 model cannot run eigh anyway")
 def test_load_of_a_bfloat16_svd_model_with_bfloat16_example_inputs(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 4)
