@@ -131,9 +131,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, MetaWeightError, layer_label
 from orthofx.nn.padding import CircularFold, CircularPad, _circular_fold_valid, _circular_pad_valid, flat_pads
-from orthofx.nn.precision import (HALF_PRECISION, autocast_conv_dtype, autocast_off, describe_nonfinite,
+from orthofx.nn.precision import (HALF_PRECISION, _peak, autocast_conv_dtype, autocast_off, describe_nonfinite,
                                   relative_distance)
-from orthofx.nn.stiefel import _unit_scaled, orthonormal, project_to_stiefel
+from orthofx.nn.stiefel import _haar_factor, _unit_scaled, orthonormal, project_to_stiefel
 from orthofx.theory import _flag, adjoint_case, orthogonal_conv_exists
 
 __all__ = [
@@ -658,7 +658,7 @@ def _in_safe_range(target: torch.Tensor) -> torch.Tensor:
     >>> _in_safe_range(u) is u
     True
     """
-    peak = float(target.abs().amax()) if target.numel() else 0.0
+    peak = _peak(target)  # max |target| by one aminmax, without a full-size |target|
     if peak == 0.0 or 2.0 ** -64 <= peak <= 2.0 ** 64 or not math.isfinite(peak):
         return target
     return _unit_scaled(target.reshape(target.shape[0], target.shape[1], -1)).reshape(target.shape)
@@ -1272,7 +1272,9 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         for dim_blocks in self._block_index:
             for t in range(len(dim_blocks) // 2):
                 (_, ia), (_, ib) = dim_blocks[2 * t], dim_blocks[2 * t + 1]
-                full = torch.linalg.qr(torch.randn(self.groups, self._n, self._n, dtype=torch.float64))[0]
+                # Q of a float64 Gaussian (the draw and the matrix of torch.linalg.qr, bit for bit, without its R);
+                # its signs do not matter: the blocks use their bases through projectors only
+                full = _haar_factor(self._n, self._n, self.groups)[0]
                 self.proj_a[:, ia] = full[..., :ra].to(self.proj_a)
                 self.proj_b[:, ib] = full[..., ra:].to(self.proj_b)
 
@@ -1671,7 +1673,8 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         d = self._dims
         if shift is not None:
             window = (Ellipsis,) + tuple(slice(c, c + r) for c, r in zip(shift, self._r))
-            self.matrix.copy_(project_to_stiefel(target[window].reshape(self.matrix.shape)).to(self.matrix))
+            # copy_ rounds as .to() does, in one pass (the polar factor of a wide matrix is a transposed view)
+            self.matrix.copy_(project_to_stiefel(target[window].reshape(self.matrix.shape)))
             return
         # the kernel is linear in the matrix, K = L(W), and L preserves norms: the optimum is the polar factor of
         # L*(target), the adjoint (the correlation with the block part) applied block by block
@@ -1679,7 +1682,7 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         side = "left" if self._embed else "right"
         G = self._apply_blocks(K, cd, side, adjoint=True)  # (g, *r, M, C), r = 1 at stride 1
         G = G.permute(0, d + 1, d + 2, *range(1, d + 1)).reshape(self.matrix.shape)
-        self.matrix.copy_(project_to_stiefel(G).to(self.matrix))
+        self.matrix.copy_(project_to_stiefel(G))
 
     def _fit(self, target: torch.Tensor, steps: int, lefts: Sequence[int] | None = None
              ) -> tuple[int, ...] | None:
@@ -1691,7 +1694,8 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
             self._cayley_fit((target.detach().to(cd) / self.gain).reshape(g, M, C, *target.shape[2:]), steps,
                              lefts)
             return None
-        t = (target.detach().to(cd) / self.gain).reshape(g, M, C, *self.kernel_size)
+        t = target.detach().to(cd)
+        t = (t if self.gain == 1.0 else t / self.gain).reshape(g, M, C, *self.kernel_size)  # x / 1 is x: no copy
         has_blocks = self.proj_a is not None or self.proj_b is not None
         if has_blocks:
             self._reset_blocks_centre()
