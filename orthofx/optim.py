@@ -38,7 +38,7 @@ from torch import nn
 
 from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError, OrthofxWarning
-from .passes.base import refuse_fsdp1
+from .passes.base import mark_attached, refuse_fsdp1
 from .passes.riemannian import is_zero_redundancy
 from .penalty import averaged_copies, part_site_path, trained_parts, transformed_parts
 from .transform import is_transformed, manifest_of
@@ -368,7 +368,10 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     all-reduced gradients and weights), except with ``overlap_with_ddp=True``, whose steps run inside DDP's
     communication hook instead of ``step()``: refused. Under ``torch.compile`` (of ``optimizer.step`` or of a
     whole training step, ``fullgraph=False``) the hooks run eagerly between the compiled graphs, with the eager
-    results.
+    results. Forgetting ``attach`` is not silent: the first ``step()`` of an optimizer that updates a hooked weight of
+    a transformed model no optimizer was ever attached to gives an :class:`~orthofx.OrthofxWarning`
+    (:func:`orthofx.passes.base.watch_hooked_weights`; also for a ``copy.deepcopy`` of an attached optimizer, which
+    keeps no hooks).
 
     Example::
 
@@ -426,6 +429,7 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     _attach_warnings([(part, part.hooks) for part in parts], optimizer, warned, stacklevel=2)
     for part in parts:
         part.setup(optimizer, part.hooks)
+        mark_attached(part.root)  # its hooked weights stepped by any optimizer now draw no "not attached" warning
     # the handle's lists: every part's hooks, rebuilt in place when a skipped hook starts to run (the closures hold
     # these lists, not the handle, which would make a reference cycle through the optimizer's hook dicts)
     hooks = [hook for part in parts for hook in part.hooks]

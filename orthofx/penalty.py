@@ -38,7 +38,7 @@ from .nn.jacobian import JacobianProbe
 from .nn.precision import autocast_off
 from .nn.tracing import is_orthofx_layer, is_orthofx_module
 from .nn.precision import zero_like_parameters
-from .passes.base import PenaltyTerm
+from .passes.base import PenaltyTerm, watch_hooked_weights
 from .transform import is_transformed, manifest_of
 
 __all__ = ["penalty", "penalty_terms", "is_orthofx_layer", "holding_orthofx_layers", "lazy_site_module",
@@ -141,8 +141,12 @@ def _weighted_terms(model: nn.Module, skip_zero: bool = False) -> list[tuple[Pen
     ``skip_zero``."""
     root = unwrap_model(model)
     reference = _first_float_parameter(root)
+    manifest = manifest_of(model)
+    # a deep copy of a transformed model (with its optimizer: copies keep no hooks) is registered here, at the
+    # penalty every training step adds, so that stepping it without orthofx.attach warns too
+    watch_hooked_weights(root, manifest.optimizer_hooks)
     return [(t, t.weight * _term_value(root, t, reference))
-            for t in manifest_of(model).penalties if not (skip_zero and t.weight == 0.0)]
+            for t in manifest.penalties if not (skip_zero and t.weight == 0.0)]
 
 
 def lazy_site_module(root: nn.Module, term: PenaltyTerm) -> nn.Module | None:

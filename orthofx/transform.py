@@ -25,7 +25,8 @@ from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_in
                       unwrap_model)
 from .errors import ArgumentError, OrthofxError, OrthofxWarning, TransformError, first_few
 from .nn.precision import describe_nonfinite, relative_distance
-from .passes.base import MANIFEST_KEY, EvalRun, Manifest, PassContext, PlanEntry, Site, replace_module
+from .passes.base import (MANIFEST_KEY, EvalRun, Manifest, PassContext, PlanEntry, Site, replace_module,
+                          watch_hooked_weights)
 from .passes.registry import get_pass
 from .plan import Plan, block_paths, build_plan, module_aliases, other_mode_graph
 from .policy import Policy
@@ -741,4 +742,6 @@ def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
             _note_written_weights(exc, work, versions, modules, who="the passes")
             raise
         manifest.output_change = _relative_change(before, after)
+    # a forgotten orthofx.attach warns at the first optimizer step that updates a hooked weight
+    watch_hooked_weights(gm, manifest.optimizer_hooks)
     return gm

@@ -13,14 +13,18 @@ Everything here is plain data (picklable, deep-copyable), so a transformed model
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Hashable, NamedTuple
 
 import torch
 from torch import fx, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
-from ..errors import SITE_ATTRIBUTE, OrthofxError, PlanError
+from ..errors import SITE_ATTRIBUTE, OrthofxError, OrthofxWarning, PlanError
 from ..nn.jacobian import JacobianProbe
 from ..nn.orthogonal import gain_range_problem
 from ..nn.tracing import is_orthofx_module
@@ -313,6 +317,83 @@ class OptimizerHook:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(site={self.site!r}, rule={self.rule!r})"
+
+
+# Stepping hooked weights without ``orthofx.attach``. The hooks run only from attach, so a forgotten attach (or an
+# optimizer copied with ``copy.deepcopy`` / ``torch.save``, whose ``__getstate__`` keeps no hooks) trains the
+# weights as plain parameters: Stiefel weights drift off the manifold (0.2 after 5 SGD steps), NOG / OLR never run.
+#: hooked parameter -> (weak reference to its transformed model, site, rule); keys by identity, held weakly
+_HOOKED_WEIGHTS = WeakIdKeyDictionary()
+#: transformed models whose hooked weights are registered (``watch_hooked_weights`` once per model)
+_WATCHED_MODELS: weakref.WeakSet = weakref.WeakSet()
+#: transformed models some optimizer was attached to (a later ``handle.remove()`` is deliberate, not forgotten)
+_ATTACHED_MODELS: weakref.WeakSet = weakref.WeakSet()
+_UNATTACHED_STEP_HOOK: list = []
+#: set on an optimizer once its first step was checked: the check costs one dict read per later step
+_UNATTACHED_CHECKED = "_orthofx_unattached_checked"
+
+
+def watch_hooked_weights(root: nn.Module, hooks: list) -> None:
+    """Register the parameters ``hooks`` (a transformed model ``root``'s optimizer hooks) act on, so that the first
+    ``step()`` of an optimizer that updates one of them while no optimizer was ever attached to ``root`` warns
+    (:class:`orthofx.OrthofxWarning`). Called by ``transform`` / ``load`` and by ``orthofx.penalty`` (which reaches
+    deep copies of a model too); registers a global optimizer step post hook the first time.
+
+    Example::
+
+        import torch, orthofx
+        gm = orthofx.transform(torch.nn.Sequential(torch.nn.Linear(8, 8)), "isometric")
+        optimizer = torch.optim.SGD(gm.parameters(), lr=0.1)   # orthofx.attach(optimizer, gm) forgotten
+        gm(torch.randn(4, 8)).sum().backward()
+        optimizer.step()    # OrthofxWarning: ... steps the weight(s) of site '0' ... without orthofx.attach
+    """
+    if torch.compiler.is_compiling() or not hooks or root in _WATCHED_MODELS:
+        return
+    _WATCHED_MODELS.add(root)
+    model = weakref.ref(root)
+    for hook in hooks:
+        try:
+            module = root.get_submodule(hook.site)
+        except AttributeError:
+            continue
+        for name in hook.parameter_names:
+            parameter = getattr(module, name, None)
+            if isinstance(parameter, nn.Parameter):
+                _HOOKED_WEIGHTS[parameter] = (model, hook.site, hook.rule)
+    if not _UNATTACHED_STEP_HOOK:
+        _UNATTACHED_STEP_HOOK.append(register_optimizer_step_post_hook(_warn_unattached_step))
+
+
+def mark_attached(root: nn.Module) -> None:
+    """Record that ``orthofx.attach`` attached an optimizer to the transformed model ``root``: its hooked weights
+    stepped by any optimizer (ZeRO's local optimizers, an inner optimizer a wrapper delegates to) are not warned
+    about, nor after ``handle.remove()``."""
+    _ATTACHED_MODELS.add(root)
+
+
+def _warn_unattached_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Global step post hook: at an optimizer's first step, warn when it updated a hooked weight (one with a
+    gradient) of a transformed model that no optimizer was ever attached to."""
+    if torch.compiler.is_compiling() or optimizer.__dict__.get(_UNATTACHED_CHECKED):
+        return
+    optimizer.__dict__[_UNATTACHED_CHECKED] = True
+    found: dict[int, tuple] = {}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            entry = _HOOKED_WEIGHTS.get(parameter)
+            if entry is None or parameter.grad is None:
+                continue
+            root = entry[0]()
+            if root is not None and root not in _ATTACHED_MODELS:
+                found.setdefault(id(root), entry)
+    for _, site, rule in found.values():
+        warnings.warn(f"{type(optimizer).__name__}.step() updated the weight(s) of site '{site}' (rule '{rule}'), "
+                      "whose orthofx optimizer hooks (Riemannian updates, NOG, OLR) run only in an optimizer "
+                      "passed to orthofx.attach, and no optimizer was attached to this model: the weights train "
+                      "as plain parameters (Riemannian ones leave the Stiefel manifold). Call "
+                      "orthofx.attach(optimizer, gm) after building the optimizer (again for a copy of an attached "
+                      "optimizer: copy.deepcopy and torch.save keep no optimizer hooks)", OrthofxWarning,
+                      stacklevel=3)  # at the user's optimizer.step(), past torch's step wrapper
 
 
 @dataclass
