@@ -257,6 +257,7 @@ def test_fx_and_export_capture_transform_alike_grid(name, preset):
 
 # ------------------------------------------------------------------------------------------ regressions
 
+@pytest.mark.filterwarnings("ignore:.*no optimizer was attached to this model")  # trained without attach on purpose
 def test_export_capture_keeps_the_layers_of_an_uncalled_block_leaf():
     """The jacobian preset makes every top-level Sequential a block leaf; ``nested`` never calls its ``stages``
     (it iterates over ``stages[0]``). fx mode then traces the layers inside; export mode used to take only

@@ -85,6 +85,7 @@ def test_condition_monitor_records_each_checkpointed_call_once(reentrant):
     assert checked.monitor.history == pytest.approx(plain.monitor.history, rel=1e-9)
 
 
+@pytest.mark.filterwarnings("ignore:.*no optimizer was attached to this model")  # trained without attach on purpose
 @pytest.mark.parametrize("reentrant", REENTRANT)
 def test_svd_preset_monitors_of_a_checkpointed_model_match_the_plain_model(reentrant):
     torch.manual_seed(0)

@@ -38,6 +38,7 @@ def test_a_pruned_hidden_weight_is_declined_with_the_way_to_undo_it():
         orthofx.transform(_pruned_gru(), _rule("GRU"), example_inputs=(x,))
 
 
+@pytest.mark.filterwarnings("ignore:.*no optimizer was attached to this model")  # trained without attach on purpose
 def test_an_optional_rule_leaves_the_pruned_layer_as_plain_torch_trains_it():
     """With ``optional: true`` the layer is skipped, with the reason, and trains as the untransformed model does
     (no hook claims to keep it on the manifold)."""
