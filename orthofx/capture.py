@@ -364,7 +364,7 @@ class OrthofxTracer(torch.fx.Tracer):
         updates: list[tuple[str, torch.fx.Node]] = []
         for state in states:
             for table, key, value, new in state.changes():
-                if new and table in ("_buffers", "_parameters"):
+                if _ModuleState.registers_state(table, new):
                     # registered by the forward itself (on its first call): the graph would read a tensor that
                     # only the trace created, and the model does not hold
                     self.created_state.append((state.path, table, key))
@@ -742,6 +742,12 @@ class _ModuleState:
                 if value is not before:
                     found.append((name, key, value, before is _MISSING))
         return found
+
+    @staticmethod
+    def registers_state(table: str, new: bool) -> bool:
+        """Whether a change (:meth:`changes`) registered a parameter or buffer: one that a forward creating state
+        while it runs made (:func:`_drop_created_state`, the tracer's ``created_state``)."""
+        return new and table in ("_buffers", "_parameters")
 
     def restore(self) -> None:
         for _, table, saved in self.tables:
@@ -3271,7 +3277,7 @@ def _drop_created_state(states: list[_ModuleState]) -> list[tuple[str, str, str]
     created = []
     for state in states:
         for table, key, _, new in state.changes():
-            if new and table in ("_buffers", "_parameters"):
+            if _ModuleState.registers_state(table, new):
                 created.append((state.path, table, key))
                 next(live for name, live, _ in state.tables if name == table).pop(key)
     return created

@@ -1193,6 +1193,12 @@ _PLAIN_NORMS = (_nn.BatchNorm1d, _nn.BatchNorm2d, _nn.BatchNorm3d, _nn.InstanceN
                 _nn.InstanceNorm3d)
 
 
+def _uses_batch_statistics(norm: _nn.Module) -> bool:
+    """Whether a BatchNorm / InstanceNorm normalises by its input's statistics (training mode, or no running
+    statistics kept) rather than by its running ones."""
+    return norm.training or not norm.track_running_stats
+
+
 class _Call:
     """``fn`` as a callable of one tensor ``x``, the Jacobian's variable.
 
@@ -1262,7 +1268,7 @@ class _Call:
                 if type(norm) not in _PLAIN_NORMS:
                     continue
                 prefix = f"{path}." if path else ""
-                if not (norm.training or not norm.track_running_stats):
+                if not _uses_batch_statistics(norm):
                     kept.update({prefix + name: b for name, b in norm.named_buffers(recurse=False)
                                  if name == "num_batches_tracked"})
                 elif composed:
@@ -1301,7 +1307,7 @@ class _Call:
         for path, module in self.fn.named_modules():
             written_out = isinstance(module, (_nn.Linear, _nn.Conv1d, _nn.Conv2d, _nn.Conv3d, _nn.LayerNorm)) or (
                 isinstance(module, (_nn.modules.batchnorm._BatchNorm, _nn.modules.instancenorm._InstanceNorm))
-                and (module.training or not module.track_running_stats))
+                and _uses_batch_statistics(module))
             if written_out:
                 names.update(f"{path}.{name}" if path else name for name, _ in module.named_parameters(recurse=False))
         return names
