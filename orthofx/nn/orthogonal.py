@@ -1732,29 +1732,34 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         through the kernel build with ``P`` given explicitly). Blocks are updated one after the other, each
         sweep ends with the Procrustes step for the matrix: every update is an exact optimum, so the distance never
         grows (but for a nudge of ``1e-6`` relative towards the current projector that makes a tie at the rank cut
-        choose the same subspace on every BLAS). Runs under ``torch.inference_mode()`` too (on copies made outside it; the parameters are written
-        back inside). A target with entries past :math:`2^{64}` (or all below :math:`2^{-64}`) is scaled first
-        (:func:`_in_safe_range`): with ``compute_dtype=float32`` entries of ``1e38`` overflowed the gradient's sums
-        and ``eigh`` failed."""
+        choose the same subspace on every BLAS). Runs under ``torch.inference_mode()`` too (on copies made outside
+        it; the parameters are written back inside). A target with entries past :math:`2^{64}` (or all below
+        :math:`2^{-64}`) is scaled first (:func:`_in_safe_range`): with ``compute_dtype=float32`` entries of
+        ``1e38`` overflowed the gradient's sums and ``eigh`` failed."""
         cd = self.compute_dtype
         target = _in_safe_range(target)  # the optimum does not change under a positive scaling
-        blocks = [block for dim_blocks in self._block_index for block in dim_blocks]
         raw = {"a": self.proj_a, "b": self.proj_b}
+        # rank-0 blocks are delays: nothing to choose
+        blocks = [block for dim_blocks in self._block_index for block in dim_blocks if raw[block[0]] is not None]
+
+        def projector(block: tuple[str, int]) -> torch.Tensor:
+            """The block's projector from its parameter as it stands (call outside inference mode)."""
+            cls, idx = block
+            Q = _projector_basis(raw[cls][:, idx].detach().clone().to(cd))
+            return Q @ Q.mT
+
         for _ in range(sweeps):
+            # the matrix changes only at the sweep's end, a projector only at its own update: each is built once
+            with torch.inference_mode(False):
+                fixed_target = target.clone()
+                W = orthonormal(self.matrix.detach().clone().to(cd), tall=self._matrix_tall)
+                projectors = {block: projector(block) for block in blocks}
             for block in blocks:
                 cls, idx = block
-                if raw[cls] is None:  # rank 0: a delay, nothing to choose
-                    continue
                 with torch.inference_mode(False), torch.enable_grad():
-                    projectors = {}
-                    for other_cls, other_idx in blocks:
-                        if raw[other_cls] is not None:
-                            Q = _projector_basis(raw[other_cls][:, other_idx].detach().clone().to(cd))
-                            projectors[other_cls, other_idx] = Q @ Q.mT
-                    P = projectors[block].requires_grad_()
-                    W = orthonormal(self.matrix.detach().clone().to(cd), tall=self._matrix_tall)
-                    K = self._block_kernel(cd, None, projectors, W)
-                    (G,) = torch.autograd.grad((K * target.clone()).sum(), P)
+                    P = projectors[block].detach().requires_grad_()
+                    K = self._block_kernel(cd, None, {**projectors, block: P}, W)
+                    (G,) = torch.autograd.grad((K * fixed_target).sum(), P)
                     S = G + G.mT
                     # eigenvalues tied at the rank cut (S has rank <= 2 C k^d: a null space when C is small) leave
                     # the optimum's subspace to LAPACK's rounding, so a thread count moved the kernel by 0.08; a
@@ -1763,6 +1768,8 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
                     top = torch.linalg.eigh(S)[1][..., -raw[cls].shape[-1]:]
                 with torch.no_grad():
                     raw[cls][:, idx] = top.to(raw[cls])
+                with torch.inference_mode(False):
+                    projectors[block] = projector(block)  # from the written (rounded) parameter, as read later
             self._procrustes(target)
 
     @torch.no_grad()
