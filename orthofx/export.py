@@ -1281,10 +1281,10 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
     state = saved["state_dict"]
     _check_state_entries(state, path, written_by)
     phases = _saved_probe_phases(saved, path, written_by)
-    converted = _in_saved_dtype(model, state, example)
-    if converted is None:
-        example_inputs, example_kwargs = _example_in_model_dtype(model, state, example, example_inputs,
-                                                                 example_kwargs)
+    saved_dtype = _saved_dtype_of_inputs(model, state, example)
+    converted = _in_saved_dtype(model, saved_dtype)
+    if saved_dtype in HALF_PRECISION:
+        example_inputs, example_kwargs = _in_model_dtype(model, example_inputs, example_kwargs)
     try:
         if converted is None:
             gm = transform(model, policy, example_inputs=example_inputs, example_kwargs=example_kwargs)
@@ -1398,19 +1398,19 @@ def _check_saved_dtype_kinds(gm: nn.Module, state: dict, path: str) -> None:
                       "meant so). The model was not changed")
 
 
-def _in_saved_dtype(model: nn.Module, state: dict, example: ExampleCall | None) -> nn.Module | None:
-    """A copy of ``model`` converted to the floating dtype of the saved tensors, when the example inputs are in
-    that dtype and the model is not (``None`` otherwise; ``model`` itself is not changed).
+def _in_saved_dtype(model: nn.Module, saved_dtype: torch.dtype | None) -> nn.Module | None:
+    """A copy of ``model`` converted to ``saved_dtype``, the dtype of the saved parameters when the example inputs
+    are in it and the model is not (:func:`_saved_dtype_of_inputs`); ``None`` when there is none or it is a half
+    precision (:func:`_in_model_dtype` then casts the inputs instead). ``model`` itself is not changed.
 
     ``load`` replays the policy on the example call before it restores the weights: a ``.pt`` of a model saved
     after ``.double()``, loaded with float64 example inputs into the float32 model ``load`` is normally given, failed
     there ("Input type (double) and bias type (float) should be the same"), reported as the policy not fitting the
     model. With float32 example inputs the model is transformed as it is and converted afterwards
     (:func:`_match_saved_dtype`)."""
-    dtype = _saved_dtype_of_inputs(model, state, example)
-    if dtype is None or dtype in HALF_PRECISION:
+    if saved_dtype is None or saved_dtype in HALF_PRECISION:
         return None
-    return copy_model(unwrap_model(model)).to(dtype)
+    return copy_model(unwrap_model(model)).to(saved_dtype)
 
 
 def _saved_dtype_of_inputs(model: nn.Module, state: dict, example: ExampleCall | None) -> torch.dtype | None:
@@ -1430,22 +1430,20 @@ def _saved_dtype_of_inputs(model: nn.Module, state: dict, example: ExampleCall |
     return saved.pop()
 
 
-def _example_in_model_dtype(model: nn.Module, state: dict, example: ExampleCall | None, example_inputs: Any,
-                            example_kwargs: Any) -> tuple[Any, Any]:
-    """``(example_inputs, example_kwargs)`` with their floating tensors cast to the model's dtype when the model was
-    saved in a half precision and the inputs are in it (else unchanged): the policy is replayed on the model as it
-    was transformed (in float32, say) and the restored model converted afterwards (:func:`_match_saved_dtype`).
-    Converting the model first, as for float64, would run it in half precision before the rewrite, where a
-    decomposition has no kernel (``eigh`` in bfloat16 on a CPU) that the transform then replaces."""
-    dtype = _saved_dtype_of_inputs(model, state, example)
-    if dtype is None or dtype not in HALF_PRECISION:
+def _in_model_dtype(model: nn.Module, example_inputs: Any, example_kwargs: Any) -> tuple[Any, Any]:
+    """``(example_inputs, example_kwargs)`` with their floating tensors cast to the model's one floating dtype
+    (unchanged for a model of several). For a model saved in a half precision with example inputs in it: the policy
+    is replayed on the model as it was transformed (in float32, say) and the restored model converted afterwards
+    (:func:`_match_saved_dtype`). Converting the model first, as for float64 (:func:`_in_saved_dtype`), would run it
+    in half precision before the rewrite, where a decomposition has no kernel (``eigh`` in bfloat16 on a CPU) that
+    the transform then replaces."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1:
         return example_inputs, example_kwargs
-    (model_dtype,) = {p.dtype for p in model.parameters() if p.is_floating_point()} or {None}
-    if model_dtype is None:
-        return example_inputs, example_kwargs
+    (dtype,) = dtypes
 
     def cast(value):
-        return value.to(model_dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
     return torch.utils._pytree.tree_map(cast, (example_inputs, example_kwargs))
 
 

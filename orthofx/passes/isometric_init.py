@@ -519,7 +519,8 @@ def _narrowed_before_decomposition(ctx: PassContext, entry: PlanEntry, conv: nn.
     reached = min(rows, conv.in_channels // conv.groups * math.prod(conv.kernel_size))
     if rows <= columns or reached <= columns:
         return ""
-    stable = {e.site.name for e in getattr(ctx.manifest.plan, "entries", ()) if e.pass_name == "svd_conditioning"}
+    plan = ctx.manifest.plan
+    stable = {e.site.name for e in plan.entries_for("svd_conditioning")} if plan is not None else set()
     fed = [site for site in decompositions_fed(ctx, entry.site.name) if site not in stable]
     if not fed:
         return ""
