@@ -178,9 +178,10 @@ def test_existence_matches_explicit_construction(d, C, M, data):
 # ------------------------------------------------------------------------------------------- minimisation
 
 
-def minimise(loss, shape, seed=0, restarts=3, adam_steps=300, lbfgs_iters=300):
+def minimise(loss, shape, seed=0, restarts=3, adam_steps=300, lbfgs_iters=300, stop_below=None):
     """Smallest loss found from random starts: Adam (float64), then L-BFGS to polish (the minima can be flat:
-    quartic along some directions, where first-order steps crawl). Returns (value, argmin)."""
+    quartic along some directions, where first-order steps crawl). Returns (value, argmin); the restarts stop once
+    a value is below ``stop_below`` (a test that only needs one such value)."""
     gen = torch.Generator().manual_seed(seed)
     best, best_w = math.inf, None
     for _ in range(restarts):
@@ -206,6 +207,8 @@ def minimise(loss, shape, seed=0, restarts=3, adam_steps=300, lbfgs_iters=300):
         value = float(loss(w.detach()))
         if value < best:
             best, best_w = value, w.detach().clone()
+        if stop_below is not None and best < stop_below:
+            break
     return best, best_w
 
 
@@ -233,7 +236,7 @@ THEOREM4_GRID = [
 def test_theorem4_by_minimising_lorth(C, M, ks, ss):
     assert M != C * math.prod(ss)
     exists = orthogonal_conv_exists(C, M, ks, ss, dims=len(ks)).exists
-    best, _ = minimise(lambda w: lorth(w, ss), (M, C, *ks))
+    best, _ = minimise(lambda w: lorth(w, ss), (M, C, *ks), stop_below=1e-6 if exists else None)
     if exists:
         assert best < 1e-6
     else:
@@ -285,7 +288,7 @@ def test_padding_variants_by_minimising_the_dense_error(C, M, k, S, padding):
         G = A @ A.T if case == "RO" else A.T @ A
         return (G - torch.eye(G.shape[0], dtype=G.dtype)).square().sum()
 
-    best, best_w = minimise(error, (M, C, k), seed=1)
+    best, best_w = minimise(error, (M, C, k), seed=1, stop_below=1e-6 if exists else None)
     if exists:
         assert best < 1e-6
         if padding == "zeros" and S == 1:  # Proposition 6: only the centre tap survives
