@@ -91,7 +91,7 @@ from .nn.decompositions import ConditionMonitor
 from .nn.jacobian import JacobianProbe
 from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                             OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
-from .passes.base import RECURRENT_TYPES, describe_module, recurrent_hidden_weights
+from .passes.base import RECURRENT_TYPES, ParametrizationState, describe_module, recurrent_hidden_weights
 from .passes.orth_regularizer import gate_blocks_lorth
 from .errors import ArgumentError, first_few
 from .nn.tracing import is_orthofx_layer
@@ -454,10 +454,12 @@ def report(model: nn.Module) -> Report:
         conv2 = next(row for row in report.rows if row["site"] == "conv2")
         assert abs(conv2["sigma_min"] - 1) < 1e-5 and abs(conv2["sigma_max"] - 1) < 1e-5
     """
-    if not is_transformed(model):
-        parts = transformed_parts(model)
-        return _parts_report(model, parts) if parts else _layers_report(model)
-    return _transformed_report(model)
+    # reading a weight advances a training-mode spectral_norm: a report leaves the model's state as it was
+    with ParametrizationState.kept(model):
+        if not is_transformed(model):
+            parts = transformed_parts(model)
+            return _parts_report(model, parts) if parts else _layers_report(model)
+        return _transformed_report(model)
 
 
 def _transformed_report(model: nn.Module) -> Report:

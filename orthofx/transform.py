@@ -25,8 +25,8 @@ from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_in
                       unwrap_model)
 from .errors import ArgumentError, OrthofxError, OrthofxWarning, TransformError, first_few
 from .nn.precision import describe_nonfinite, relative_distance
-from .passes.base import (MANIFEST_KEY, EvalRun, Manifest, PassContext, PlanEntry, Site, replace_module,
-                          watch_hooked_weights)
+from .passes.base import (MANIFEST_KEY, EvalRun, Manifest, ParametrizationState, PassContext, PlanEntry, Site,
+                          replace_module, watch_hooked_weights)
 from .passes.registry import get_pass
 from .plan import Plan, block_paths, build_plan, module_aliases, other_mode_graph
 from .policy import Policy
@@ -696,52 +696,58 @@ def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
              user_model: nn.Module | None) -> fx.GraphModule:
     """Capture ``work``, plan and run the passes on it, check the result on the example call. ``user_model``
     (``inplace=True``): the user's model, which is ``work``: errors name what the passes had written into it, and
-    the layers the passes put in place are set at its paths too."""
-    gm, plan = _capture_and_plan(work, policy, example)
-    for entry in plan.entries:
-        if entry.refusal is not None:
-            raise entry.refusal
-    if not plan.entries:
-        warnings.warn(_nothing_planned_message(plan, type(work).__name__), OrthofxWarning, stacklevel=3)
-    gm.training = work.training
-    manifest = Manifest(policy=policy, plan=plan, capture=plan.capture)
-    before, site_inputs = _observe(gm, plan, example, manifest, work) if example is not None else (None, {})
-    # what makes the model's own output non-finite, read now: the passes may change ``work``'s weights in place
-    model_cause = _model_cause(work, example) if example is not None and _nonfinite_indices(before) else ""
+    the layers the passes put in place are set at its paths too. The torch parametrizations' state is put back
+    before each run on the example inputs and at the end (:class:`~orthofx.passes.base.ParametrizationState`:
+    planning and the passes read weights, which advances a training-mode ``spectral_norm``), so those runs and
+    the returned model see the model's own state."""
+    with ParametrizationState.kept(work) as parametrizations:
+        gm, plan = _capture_and_plan(work, policy, example)
+        for entry in plan.entries:
+            if entry.refusal is not None:
+                raise entry.refusal
+        if not plan.entries:
+            warnings.warn(_nothing_planned_message(plan, type(work).__name__), OrthofxWarning, stacklevel=3)
+        gm.training = work.training
+        manifest = Manifest(policy=policy, plan=plan, capture=plan.capture)
+        parametrizations.restore()  # planning read weights: the runs on the example see the model's own state
+        before, site_inputs = _observe(gm, plan, example, manifest, work) if example is not None else (None, {})
+        # what makes the model's own output non-finite, read now: the passes may change ``work``'s weights in place
+        model_cause = _model_cause(work, example) if example is not None and _nonfinite_indices(before) else ""
 
-    # Module sites are modules whichever graph calls them: their passes all run on gm.
-    versions = _versions(work) if user_model is not None else {}
-    modules = dict(work.named_modules()) if user_model is not None else {}
-    try:
-        _run_passes(PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs), plan,
-                    lambda site: site.kind != "function" or not site.mode)
-    except OrthofxError as exc:
-        _note_written_weights(exc, work, versions, modules)
-        raise
-    gm.graph.lint()
-    other = other_mode_graph(gm)
-    if other is not None:
-        _rewrite_other_mode(gm, other[0], other[1], plan, manifest)
-    gm.recompile()
-    store_manifest(gm, manifest)
-    if user_model is not None:
-        _share_replaced_layers(user_model, gm)
-
-    if example is not None:
+        # Module sites are modules whichever graph calls them: their passes all run on gm.
+        versions = _versions(work) if user_model is not None else {}
+        modules = dict(work.named_modules()) if user_model is not None else {}
         try:
-            with EvalRun(gm):
-                try:
-                    after = example.run(gm)
-                except Exception as exc:
-                    where = _where_it_fails(gm, example, manifest)
-                    raise TransformError(f"the rewritten model failed on example_inputs{where}: "
-                                         f"{type(exc).__name__}: {exc}") from exc
-            _check_output(before, after, model_cause=model_cause, rewritten=gm, example=example)
+            _run_passes(PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs), plan,
+                        lambda site: site.kind != "function" or not site.mode)
         except OrthofxError as exc:
-            # the check comes after every pass: with inplace=True the model holds all they did
-            _note_written_weights(exc, work, versions, modules, who="the passes")
+            _note_written_weights(exc, work, versions, modules)
             raise
-        manifest.output_change = _relative_change(before, after)
-    # a forgotten orthofx.attach warns at the first optimizer step that updates a hooked weight
-    watch_hooked_weights(gm, manifest.optimizer_hooks)
-    return gm
+        gm.graph.lint()
+        other = other_mode_graph(gm)
+        if other is not None:
+            _rewrite_other_mode(gm, other[0], other[1], plan, manifest)
+        gm.recompile()
+        store_manifest(gm, manifest)
+        if user_model is not None:
+            _share_replaced_layers(user_model, gm)
+
+        if example is not None:
+            parametrizations.restore()  # so did the passes
+            try:
+                with EvalRun(gm):
+                    try:
+                        after = example.run(gm)
+                    except Exception as exc:
+                        where = _where_it_fails(gm, example, manifest)
+                        raise TransformError(f"the rewritten model failed on example_inputs{where}: "
+                                             f"{type(exc).__name__}: {exc}") from exc
+                _check_output(before, after, model_cause=model_cause, rewritten=gm, example=example)
+            except OrthofxError as exc:
+                # the check comes after every pass: with inplace=True the model holds all they did
+                _note_written_weights(exc, work, versions, modules, who="the passes")
+                raise
+            manifest.output_change = _relative_change(before, after)
+        # a forgotten orthofx.attach warns at the first optimizer step that updates a hooked weight
+        watch_hooked_weights(gm, manifest.optimizer_hooks)
+        return gm

@@ -12,6 +12,7 @@ Everything here is plain data (picklable, deep-copyable), so a transformed model
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -533,6 +534,45 @@ class UserBuffers:
 
 
 _MISSING = object()
+
+
+class ParametrizationState(UserBuffers):
+    """The buffers of the torch parametrizations in ``root`` (``torch.nn.utils.parametrize``: the
+    ``ParametrizationList`` of each parametrized tensor) as they are now, put back by :meth:`restore`.
+
+    Reading a parametrized weight runs its parametrization, and in training mode ``spectral_norm``'s advances its
+    power iteration (``_u``, ``_v``: ``u <- W v / ||W v||``) at each read. Planning, the passes and the report read
+    weights many times (tens of reads for a 4-layer model); without this, a training-mode model came back from
+    ``transform`` (and from ``report``) with other ``_u`` / ``_v`` than the model's, so other outputs
+    (``sigma`` estimated after more iterations). Only the parametrizations' buffers are kept: a forward is their
+    only intended writer.
+
+    Example::
+
+        import torch
+        from orthofx.passes.base import ParametrizationState
+
+        conv = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Conv2d(3, 4, 3))   # training mode
+        u = conv.parametrizations.weight[0]._u.clone()
+        with ParametrizationState.kept(conv):
+            conv.weight                  # one more power iteration: u changes ...
+        assert torch.equal(conv.parametrizations.weight[0]._u, u)   # ... and is put back on exit
+    """
+
+    def __init__(self, root: nn.Module):
+        modules = root.modules() if isinstance(root, nn.Module) else ()  # the callers refuse other objects
+        lists = [owner for module in modules if torch.nn.utils.parametrize.is_parametrized(module)
+                 for owner in module.parametrizations.values()]
+        super().__init__(nn.ModuleList(lists))
+
+    @classmethod
+    @contextlib.contextmanager
+    def kept(cls, root: nn.Module):
+        state = cls(root)
+        try:
+            yield state
+        finally:
+            state.restore()
 
 
 def describe_module(module: nn.Module) -> str:
