@@ -52,6 +52,7 @@ what :func:`orthofx.freeze` puts in its place.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -85,6 +86,37 @@ MONITOR_SOURCES = ("eigenvalues", "singular_values", "matrix")
 # ------------------------------------------------------------------------------------------- stand-ins
 
 
+def _recorded_when_traced(function):
+    """``function``, recorded as one ``call_function`` node of itself when ``torch.fx`` traces a call of it (a
+    Proxy among the arguments), as a ``torch.fx.wrap``-ped function is, and run otherwise.
+
+    The graph ``svd_conditioning`` writes calls these stand-ins, and its code is traced again whenever the module
+    is unpickled (``torch.save(gm)`` / ``torch.load``: fx rebuilds a GraphModule by tracing its code) or a model
+    holding it is transformed again. Traced into, a stand-in broke that: ``stable_linalg_svd(A,
+    full_matrices=True)`` branches on shapes (``TraceError``) and ``stable_eigh`` came back as the bare
+    ``torch.ops.orthofx.eigh_stable`` op, no longer a site of its decomposition. (``fx.wrap`` cannot do this: it
+    patches the globals of the module calling it, not those of a graph's generated code.)
+
+    Example::
+
+        import torch
+        from orthofx.nn.conditioning import stable_eigh
+
+        gm = torch.fx.symbolic_trace(lambda A: stable_eigh(A)[1])
+        assert [n.target for n in gm.graph.nodes if n.op == "call_function"][0] is stable_eigh   # one node
+    """
+
+    @functools.wraps(function)
+    def traced_or_run(*args, **kwargs):
+        # the first argument is the matrix (the decomposition's result for as_return_type), a Proxy whenever fx
+        # traces the call: one isinstance, where fx_tracer_of's walk over every argument cost ~5 % of a small eigh
+        if args and isinstance(args[0], torch.fx.Proxy):
+            return args[0].tracer.create_proxy("call_function", traced_or_run, args, kwargs)
+        return function(*args, **kwargs)
+
+    return traced_or_run
+
+
 def _uplo(uplo, what: str = "UPLO", allowed: str = "'L' or 'U'") -> str:
     """``"L"`` or ``"U"``; like torch, the lower-case letters are accepted too."""
     if not isinstance(uplo, str) or uplo.upper() not in ("L", "U"):
@@ -96,6 +128,7 @@ def _lower(A: Tensor, uplo: str) -> Tensor:
     return A if _uplo(uplo) == "L" else A.mT
 
 
+@_recorded_when_traced
 def stable_eigh(A: Tensor, UPLO: str = "L", taylor_order: int | None = 9, float64: bool = False,
                 clamp_gap: float | None = None, plain: bool = False) -> tuple[Tensor, Tensor]:
     """``torch.linalg.eigh`` with a bounded gradient: ``(eigenvalues ascending, eigenvectors in columns)``.
@@ -104,6 +137,7 @@ def stable_eigh(A: Tensor, UPLO: str = "L", taylor_order: int | None = 9, float6
                        uplo=_uplo(UPLO))
 
 
+@_recorded_when_traced
 def stable_eigvalsh(A: Tensor, UPLO: str = "L", taylor_order: int | None = 9, float64: bool = False,
                     clamp_gap: float | None = None, plain: bool = False) -> Tensor:
     """``torch.linalg.eigvalsh`` through the stable op (the values' gradient is exact: it needs no gap kernel)."""
@@ -129,6 +163,7 @@ def _completed(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
     return U, Vh
 
 
+@_recorded_when_traced
 def stable_linalg_svd(A: Tensor, full_matrices: bool = True, taylor_order: int | None = 9, float64: bool = False,
                       clamp_gap: float | None = None, plain: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.linalg.svd`` with a bounded gradient: ``(U, S descending, Vh)``; see the module docstring for
@@ -139,12 +174,14 @@ def stable_linalg_svd(A: Tensor, full_matrices: bool = True, taylor_order: int |
     return U, S, Vh
 
 
+@_recorded_when_traced
 def stable_svdvals(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
                    clamp_gap: float | None = None, plain: bool = False) -> Tensor:
     """``torch.linalg.svdvals`` through the stable op (descending)."""
     return svd_stable(A, taylor_order=taylor_order, float64=float64, clamp_gap=clamp_gap, plain=plain)[1]
 
 
+@_recorded_when_traced
 def stable_torch_svd(A: Tensor, some: bool = True, compute_uv: bool = True, taylor_order: int | None = 9,
                      float64: bool = False, clamp_gap: float | None = None,
                      plain: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -159,6 +196,7 @@ def stable_torch_svd(A: Tensor, some: bool = True, compute_uv: bool = True, tayl
     return U, S, Vh.mT
 
 
+@_recorded_when_traced
 def as_return_type(result: tuple, name: str):
     """``torch.return_types.<name>`` (``linalg_eigh``, ``linalg_svd``, ``svd``) built from a plain tuple, for graph
     users that need the named tuple itself (attribute access is rewritten to indexing by the pass)."""
