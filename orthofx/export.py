@@ -737,7 +737,7 @@ def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_bat
             hint = (". Decompositions (eigh, svd) and ops without an ONNX translation need an exportable form; "
                     ".pt2 export keeps them")
         raise ExportError(f"torch.onnx.export failed: {cause}{hint}{_leaf_hint(frozen)}"
-                          f"{_packed_sequence_hint(frozen)}") from exc
+                          f"{_packed_sequence_hint(frozen)}{_dataclass_output_hint(frozen, example)}") from exc
     try:
         onnx.checker.check_model(path, full_check=True)
     except Exception as exc:  # onnx's ValidationError / InferenceError
@@ -814,6 +814,27 @@ def _leaf_hint(model: nn.Module) -> str:
             "cannot be exported either: rewrite a branch on tensor values with torch.cond or torch.where")
 
 
+def _dataclass_output_hint(frozen: nn.Module, example: ExampleCall) -> str:
+    """The fix for an export failure on a dataclass the model returns that pytree does not know (torch.export and
+    the ONNX exporter then stop at "Found <class ...> in output, which is not a known type"): registering it with
+    a serialized name, which a ``.pt2`` file needs too (:func:`_export_pt2`). ``""`` when the output holds none.
+
+    Example: a forward returning ``Out(logits, boxes)`` (``@dataclass class Out``, module ``det``) gets
+    ``". Fix: torch.export.register_dataclass(Out, serialized_type_name='det.Out') ..."``."""
+    try:
+        output = _checked_run(frozen, example)
+    except Exception:  # noqa: BLE001 - only a hint: the export's own error is reported
+        return ""
+    classes = list(dict.fromkeys(type(leaf) for leaf in torch.utils._pytree.tree_leaves(output)
+                                 if dataclasses.is_dataclass(leaf) and not isinstance(leaf, type)))
+    if not classes:
+        return ""
+    calls = "; ".join(f"torch.export.register_dataclass({cls.__qualname__}, serialized_type_name="
+                      f"'{cls.__module__}.{cls.__qualname__}')" for cls in classes)
+    return (f". Fix: register the dataclass the model returns with pytree, before exporting (and before "
+            f"torch.export.load of a .pt2): {calls}; or return a tuple or dict")
+
+
 def _packed_sequence_hint(model: nn.Module) -> str:
     """The note for an export failure of a model whose graph packs variable-length sequences
     (:func:`~orthofx.capture.sequence_helper` calls), which torch.export cannot follow into a recurrent layer."""
@@ -878,7 +899,7 @@ def _export_pt2(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batc
                                       dynamic_shapes=_dynamic_shapes(frozen, example, dynamic_batch, dims))
     except Exception as exc:
         raise ExportError(f"torch.export failed: {_root_cause(exc)}{_leaf_hint(frozen)}"
-                          f"{_packed_sequence_hint(frozen)}") from exc
+                          f"{_packed_sequence_hint(frozen)}{_dataclass_output_hint(frozen, example)}") from exc
     _mutable_output_containers(program)
     # written next to the path and moved into place once complete: a save that fails part-way (a class it cannot
     # name, a full disk) leaves neither a truncated file nor a damaged earlier one at the path
