@@ -119,8 +119,8 @@ from ..nn import stiefel
 from ..nn.orthogonal import keeps_output_size
 from ..nn.padding import conv_zero_pads
 from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PlanEntry, Site, TiedUse, check_scale_range,
-                   check_tied, decompositions_fed, is_uninitialised, matrices_text, recurrent_hidden_weights,
-                   recurrent_weights_reason, require_initialised, treated_weight_names)
+                   check_tied, decompositions_fed, is_uninitialised, matrices_text, parameter_owners,
+                   recurrent_hidden_weights, recurrent_weights_reason, require_initialised, treated_weight_names)
 from .registry import register_pass
 from .riemannian import StiefelHook, _describe_matrices, scale_kept_or_dropped
 
@@ -367,6 +367,8 @@ class IsometricInit(Pass):
         _check_ties(entries, [ctx.module(entry.site) for entry in entries])
         generators: dict[int, torch.Generator] = {}
         initialised: dict[int, tuple] = {}  # id(weight) -> (first writer's entry, its figure before the write)
+        owners = parameter_owners(ctx.gm)
+        selected = {entry.site.name for entry in entries}
         for entry in entries:
             params = dict(entry.params)
             seed = params["seed"]
@@ -396,7 +398,9 @@ class IsometricInit(Pass):
                     delta_orthogonal_(weight, scale, generator, groups, taps)
                 else:
                     orthogonal_(weight, scale, generator)
+                shared = _written_outside(entry, module, owners, selected)
             else:  # the same matrix and scale (_check_ties)
+                shared = ""
                 first, before = tied
                 what += f" (weight tied to {first.site.name}, written there)"
             if params["bias"] == "zero" and getattr(module, "bias", None) is not None:
@@ -415,7 +419,7 @@ class IsometricInit(Pass):
             wide = shape[0] > shape[1] if transposed else shape[0] < shape[1]
             rows = "rows" if wide else "columns"
             dropped = _scale_dropped_later(ctx, entry, module, scale)
-            what += f" (orthonormal {rows}, scale {scale:.4g}){dropped}"
+            what += f" (orthonormal {rows}, scale {scale:.4g}){dropped}{shared}"
             if is_conv and not transposed:
                 what += _narrowed_before_decomposition(ctx, entry, module, taps)
             ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name, what=what,
@@ -500,6 +504,27 @@ def _scale_dropped_later(ctx: PassContext, entry: PlanEntry, module: nn.Module, 
         f"{scale_kept_or_dropped(IsometricInit.name)}", ScaleLostWarning, stacklevel=2)
     return (f"; riemannian (rule '{stiefel_rules[-1]}') keeps the weight on the Stiefel manifold, so the first "
             "step's retraction drops this scale")
+
+
+def _written_outside(entry: PlanEntry, module: nn.Module, owners: dict[int, list[tuple[str, nn.Module]]],
+                     selected: set[str]) -> str:
+    """Warn (:class:`~orthofx.errors.OrthofxWarning`) when the weight just written at ``entry``'s site is also a
+    parameter of layers that no entry of this pass selects (``owners``: :func:`~orthofx.passes.base.parameter_owners`
+    of the graph module), e.g. an output head tied to its embedding (``head.weight = emb.weight``): the orthogonal
+    initialisation replaced their weight too, where no rule asked for it (a tied LM's ``nn.Embedding``, drawn
+    N(0, 1), came back with orthonormal columns, entries ~ 1/sqrt(vocab), and nothing said so). The note for the
+    Change ('' when the weight is the site's alone)."""
+    others = [(name, other) for name, other in owners.get(id(module.weight), [])
+              if name not in selected and other is not module]
+    if not others:
+        return ""
+    names = ", ".join(f"'{name}' ({type(other).__name__})" for name, other in others)
+    warnings.warn(
+        f"isometric_init (rule '{entry.rule_name}'): '{entry.site.name}' ({type(module).__name__}) shares its weight "
+        f"with {names}, which no isometric_init rule selects: the orthogonal initialisation is written there too "
+        f"(one tensor). To keep their initialisation, leave this layer out of the rule (exclude: "
+        f"'{entry.site.name}') or untie the weights first", OrthofxWarning, stacklevel=2)
+    return f"; written to the weight it shares with {names} too"
 
 
 def _narrowed_before_decomposition(ctx: PassContext, entry: PlanEntry, conv: nn.Module,
