@@ -70,7 +70,12 @@ BatchNorm there is nothing to estimate, and a "running" ``V`` is only an exponen
 recent weights. Two behaviours are offered:
 
 * ``momentum=None`` (default): train and eval both use ``V`` recomputed from the current weight. Train and eval
-  outputs agree exactly, every input size works, nothing is stored. This is the recommended mode.
+  outputs agree exactly, every input size works, nothing is stored in the state. This is the recommended mode.
+  In eval mode without gradients the layer keeps ``V`` of each grid it ran on (and the one-tap scale) until the
+  weight changes, as the orthogonal layers keep their kernels (the same conditions and key, see
+  :meth:`ConvNormConvNd._eval_kept`): the same tensor bit for bit, recomputed after an optimizer step,
+  ``load_state_dict``, ``.to()``, ``train()`` / ``eval()`` or any forward with gradients. A write that bumps no
+  version counter of the weight (``conv.weight.data.copy_(t)``) is not seen: call ``layer.eval()`` after it.
 * ``momentum=m`` (float in (0, 1]): P3's behaviour. Each training forward updates a running filter for its grid,
   ``running <- (1 - m) running + m V`` (initialised with the first ``V`` seen for that grid, not with ones). Eval
   uses the running filter of its grid, and falls back to ``V`` of the current weight for a grid never seen in
@@ -212,7 +217,7 @@ from torch import nn
 
 from orthofx.errors import LayerArgumentError, RunningFiltersDroppedWarning, first_few, layer_label
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
-from orthofx.nn.orthogonal import without_memory_format
+from orthofx.nn.orthogonal import _EvalCache, without_memory_format
 from orthofx.nn.padding import circular_pad, conv_zero_pads, flat_pads
 from orthofx.nn.precision import HALF_PRECISION
 from orthofx.theory import _flag
@@ -422,8 +427,8 @@ def _power(weight: torch.Tensor, grid: Sequence[int], dilation) -> torch.Tensor:
         # of a ResNet's convnorm report was this FFT for its 1 x 1 layers); a broadcast view, not a copy
         power = _one_tap_norms(weight).square()
         return power.view((-1,) + (1,) * d).expand((power.shape[0],) + grid[:-1] + (grid[-1] // 2 + 1,))
-    taps = weight.detach().to(torch.float64).flatten(2)          # (M, C, T)
-    gram = taps.mT @ taps                                          # (M, T, T): sum over c of K[s] K[r]
+    taps = weight.detach().flatten(2)                              # (M, C, T)
+    gram = _by_float64_rows(taps, lambda block: block.mT @ block)  # (M, T, T): sum over c of K[s] K[r]
     autocorrelation = gram.new_zeros(gram.shape[0], math.prod(grid))
     autocorrelation.index_add_(1, _pair_offsets(ks, dil, grid, gram.device), gram.flatten(1))
     spectrum = torch.fft.rfftn(autocorrelation.reshape(-1, *grid), dim=tuple(range(-d, 0)))
@@ -444,7 +449,15 @@ def _filter(weight: torch.Tensor, grid: Sequence[int], dilation, eps: float) -> 
     """:func:`convnorm_filter` for an ``eps`` checked already (by the layer's constructor, or by
     :func:`conv_norm`'s entry): in the forward, where ``torch.compile(dynamic=True)`` makes a float attribute
     symbolic and ``math.isfinite`` cannot take it."""
-    return _inverse_sqrt(_power(weight, grid, dilation) + eps, _real_dtype(weight.dtype))
+    return _filter_of_power(_power(weight, grid, dilation), eps, weight.dtype)
+
+
+def _filter_of_power(power: torch.Tensor, eps: float, weight_dtype: torch.dtype) -> torch.Tensor:
+    """``V = (power + eps)^(-1/2)`` of a float64 power spectrum (:func:`_power`, or the squared one-tap norms of
+    :func:`_one_tap_norms`), in the real dtype the layer computes in for a weight of ``weight_dtype``: the one
+    formula of the filter, the one-tap scale, and the filter the layer keeps from :meth:`ConvNormConvNd.gain_range`
+    (so that a kept filter is the computed one bit for bit)."""
+    return _inverse_sqrt(power + eps, _real_dtype(weight_dtype))
 
 
 def _inverse_sqrt(power: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -496,20 +509,51 @@ def _one_tap_scale(weight: torch.Tensor, eps: float) -> torch.Tensor:
     ``(||w_m||^2 + eps)^(-1/2)`` per output channel, ``(M,)``, from the detached weight (real dtype as
     :func:`convnorm_filter`). ConvNorm of such a layer is the plain conv with channel ``m`` scaled by it, on every
     grid: no FFT is needed."""
-    return _inverse_sqrt(_one_tap_norms(weight).square() + eps, _real_dtype(weight.dtype))
+    return _filter_of_power(_one_tap_norms(weight).square(), eps, weight.dtype)
 
 
 def _one_tap_norms(weight: torch.Tensor) -> torch.Tensor:
     """``||w_m||`` per output channel ``m`` (the weight flattened after dimension 0), ``(M,)``, float64, from the
-    detached weight. ``vector_norm`` casts to float64 as it reduces: float32 squares of weights of magnitude 1e19
-    and more overflowed (see :func:`_inverse_sqrt`), and it needs no float64 copy of the whole weight (the 36
-    one-tap scales of a ResNet-50's convnorm transform: 31 -> 16 ms on one CPU thread).
+    detached weight: ``vector_norm`` of its float64 values (float32 squares of weights of magnitude 1e19 and more
+    overflowed, see :func:`_inverse_sqrt`), converted in blocks of rows (:func:`_by_float64_rows`).
 
     >>> w = torch.tensor([[3.0, 4.0], [1e30, 0.0]])
     >>> _one_tap_norms(w).tolist()
     [5.0, 1.0000000150474662e+30]
     """
-    return torch.linalg.vector_norm(weight.detach().flatten(1), dim=1, dtype=torch.float64)
+    return _by_float64_rows(weight.detach().flatten(1), lambda block: torch.linalg.vector_norm(block, dim=1))
+
+
+#: Elements (1 MiB of float64) of a weight converted to float64 at a time by :func:`_by_float64_rows` on CPU.
+_FLOAT64_BLOCK = 1 << 17
+
+
+def _by_float64_rows(weight: torch.Tensor, reduce) -> torch.Tensor:
+    """``reduce(weight.to(float64))`` for a detached weight whose rows ``reduce`` treats each on its own (a batched
+    matmul, a norm along dimension 1), float64.
+
+    On CPU the weight is converted in blocks of rows of about 1 MiB, into one buffer that stays in cache, and each
+    block reduced into its rows of the result: the same kernels on the same float64 rows, so the same numbers bit
+    for bit, without writing and reading back a float64 copy of the whole weight (ResNet-50's convnorm transform:
+    the 17 tap Gram matrices 35 -> 14 ms, the 36 one-tap norms 10 -> 8 ms on one thread; ``vector_norm`` with
+    ``dtype=`` converts its whole input first too). Elsewhere (a GPU: the blocks would be more kernel launches),
+    under ``torch.compile`` / ``torch.export`` (a loop of copies to trace) and in ``torch.func`` transforms (a
+    batched weight cannot be copied into a plain buffer), the whole weight is converted at once."""
+    if (weight.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch._C._functorch.is_functorch_wrapped_tensor(weight)):
+        return reduce(weight.to(torch.float64))
+    rows = weight.shape[0]
+    step = max(1, _FLOAT64_BLOCK // max(1, math.prod(weight.shape[1:])))
+    buffer = torch.empty((min(step, rows),) + tuple(weight.shape[1:]), dtype=torch.float64)
+    out = None
+    for start in range(0, rows, step):
+        block = buffer[:min(step, rows - start)]
+        block.copy_(weight[start:start + block.shape[0]])
+        part = reduce(block)
+        if out is None:
+            out = part.new_empty((rows,) + tuple(part.shape[1:]))
+        out[start:start + part.shape[0]] = part
+    return reduce(buffer) if out is None else out  # no rows: reduce's empty result
 
 
 def _kept_real(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -557,8 +601,14 @@ def channel_gain_range(weight: torch.Tensor, grid: Sequence[int], dilation=1) ->
     >>> channel_gain_range(w, (1, 4))                                         # 2 cos(w / 2): 0 at w = pi
     (0.0, 2.0)
     """
-    low, high = torch.aminmax(_power(weight, grid, dilation))
-    dtype = _real_dtype(weight.dtype)
+    return _gain_range_of_power(_power(weight, grid, dilation), weight.dtype)
+
+
+def _gain_range_of_power(power: torch.Tensor, weight_dtype: torch.dtype) -> tuple[float, float]:
+    """:func:`channel_gain_range` of a float64 power spectrum (or of the squared one-tap norms, which are the
+    spectrum's values at every frequency): the square roots of its extremes, rounded to the weight's real dtype."""
+    low, high = torch.aminmax(power)
+    dtype = _real_dtype(weight_dtype)
     return float(low.sqrt().to(dtype)), float(high.sqrt().to(dtype))
 
 
@@ -668,7 +718,9 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
     if v is None and _one_tap(ks):
         y = _CONV_FN[d](xw, w, None, stride, padding, dil, groups)
         out_dtype = _output_dtype(in_dtype, y.dtype)
-        y = y.to(work) * _one_tap_scale(weight, eps).to(work).view((1, -1) + (1,) * d)
+        scale = _kept_or_built(layer, "scale", None, lambda: _one_tap_scale(weight, eps))
+        # in place: the conv's output is a new tensor its backward does not need (one allocation fewer per layer)
+        y = y.to(work).mul_(scale.to(work).view((1, -1) + (1,) * d))
     else:
         if geo.pad_left == geo.pad_right:
             z = _CONV_FN[d](xw, w, None, 1, geo.pad_left, dil, groups)
@@ -676,12 +728,18 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
             z = _CONV_FN[d](F.pad(xw, flat_pads(list(zip(geo.pad_left, geo.pad_right)))), w, None, 1, 0, dil, groups)
         out_dtype = _output_dtype(in_dtype, z.dtype)
         if v is None:
-            v = _filter(weight, geo.grid, dil, eps)
+            v = _kept_or_built(layer, "filter", geo.grid, lambda: _filter(weight, geo.grid, dil, eps))
         y = _normalise(z, v, geo)
     if bias is not None:
         y = y + bias.to(work).view((1, -1) + (1,) * d)
     y = y.to(out_dtype)
     return y.squeeze(0) if unbatched else y
+
+
+def _kept_or_built(layer: nn.Module | None, kind: str, grid, build):
+    """``build()`` (the one-tap scale or the filter of ``grid`` from the layer's weight), or the same tensor kept by
+    ``layer`` in eval mode (:meth:`ConvNormConvNd._eval_kept`); the functional ``conv_norm`` keeps nothing."""
+    return build() if layer is None else layer._eval_kept(kind, grid, build)
 
 
 def conv_norm(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
@@ -770,7 +828,7 @@ def overridden_conv_code(conv: nn.Module) -> str | None:
     return None
 
 
-class ConvNormConvNd(nn.Module):
+class ConvNormConvNd(_EvalCache, nn.Module):
     """A convolution followed by ConvNorm (P3), as one module owning the conv (see the module docstring).
 
     Args:
@@ -888,6 +946,7 @@ class ConvNormConvNd(nn.Module):
         replica = super()._replicate_for_data_parallel()
         replica._running_filters = dict(self._running_filters)
         replica._running_order = dict(self._running_order)
+        replica.__dict__.pop("_eval_cache", None)
         return replica
 
     @property
@@ -1012,6 +1071,74 @@ class ConvNormConvNd(nn.Module):
         v = None if self.training or self.momentum is None else self.running_filter(geo.grid)
         return _filter(self.conv.weight, geo.grid, self.conv.dilation, self.eps) if v is None else v
 
+    # ---- the eval-mode cache of V (the conditions and key of orthofx.nn.orthogonal._EvalCache)
+
+    def gain_range(self, input_size: Sequence[int]) -> tuple[ConvNormGeometry, float, float]:
+        """The geometry of a spatial input size and the smallest and largest channel gain on its grid
+        (:func:`channel_gain_range` of the weight: ``sqrt(min / max_{m,w} sum_c |K_hat_{m,c}(w)|^2)``), the same
+        numbers; the filter ``V = (power + eps)^(-1/2)`` of that grid (the one-tap scale for a 1 x 1 kernel) is
+        made from the same float64 power on the way and kept as the next eval-mode forward without gradients would
+        keep it (:meth:`_eval_kept`), so that the ``convnorm`` pass's report and ``transform``'s run on the example
+        inputs transform the weight once, not twice.
+
+        >>> import torch
+        >>> layer = ConvNormConv2d(torch.nn.Conv2d(3, 4, 3, padding=1)).eval()
+        >>> geo, low, high = layer.gain_range((8, 8))
+        >>> geo.grid, (low, high) == channel_gain_range(layer.weight, geo.grid)
+        ((10, 10), True)
+        """
+        geo = self.geometry(input_size)
+        conv = self.conv
+        with torch.no_grad():
+            if _one_tap(conv.kernel_size):
+                # the power is ||w_m||^2 at every frequency: its extremes are those of the norms
+                power, kind, grid = _one_tap_norms(conv.weight).square(), "scale", None
+            else:
+                power, kind, grid = _power(conv.weight, geo.grid, conv.dilation), "filter", geo.grid
+            kept = self._eval_values(eval_only=False)
+            if kept is not None:
+                kept_key = (kind, None if grid is None else _grid_key(grid))
+                if kept_key not in kept:
+                    self._keep(kept, kept_key, _filter_of_power(power, self.eps, conv.weight.dtype))
+            low, high = _gain_range_of_power(power, conv.weight.dtype)
+        return geo, low, high
+
+    def _eval_kept(self, kind: str, grid, build) -> torch.Tensor:
+        """``build()``, the one-tap scale (``kind="scale"``) or the filter of ``grid`` (``"filter"``) from the
+        current weight, kept for later eval-mode forwards without gradients.
+
+        The orthogonal layers' kernel cache (``orthofx.nn.orthogonal._EvalCache``, whose conditions and key hold
+        here, with ``eps``, the dilation and the conv's parameters): used only when ``not self.training``,
+        ``torch.is_grad_enabled()`` is False and nothing traces the layer (compile, export, fx); dropped by
+        ``train()`` / ``eval()``, by any forward with gradients, by ``.to()`` and by ``load_state_dict``; rebuilt
+        after an optimizer step. A conv with a ``torch.nn.utils.parametrize`` parametrization, an inference or
+        ``torch.func`` wrapped weight is never kept. Writes that bump no version counter of the weight
+        (``conv.weight.data.copy_(t)``) are not seen: call ``layer.eval()`` again after them. At most
+        ``MAX_REMEMBERED_SIZES`` grids are kept (the oldest dropped first). A kept tensor is the computed one bit
+        for bit, so eval outputs do not change.
+        """
+        kept = self._eval_values()
+        if kept is None:
+            return build()
+        key = (kind, None if grid is None else _grid_key(grid))
+        value = kept.get(key)
+        if value is None:
+            value = self._keep(kept, key, build())
+        return value
+
+    @staticmethod
+    def _keep(kept: dict, key: tuple, value: torch.Tensor) -> torch.Tensor:
+        while len(kept) >= MAX_REMEMBERED_SIZES:
+            kept.pop(next(iter(kept)))
+        kept[key] = value
+        return value
+
+    def _eval_cache_owner(self) -> nn.Module:
+        return self.conv  # V is made of the conv's weight
+
+    def _eval_cache_settings(self) -> tuple:
+        return (self.eps, tuple(self.conv.dilation))
+
     def _v_for(self, grid, geo) -> torch.Tensor | None:
         if self.momentum is None:
             return None
@@ -1108,6 +1235,7 @@ class ConvNormConvNd(nn.Module):
         """``nn.Module._apply`` (``.to()``, ``.double()``, ``.half()``, ``.cuda()``, ``.to_empty()`` ...): the
         running filters go through ``fn`` as torch's buffers do, except that a cast to half precision keeps them in
         float32 and no memory format is given (:func:`_converted_filter`)."""
+        self.__dict__.pop("_eval_cache", None)  # made of the tensors before (it would pin their storage)
         super()._apply(fn, recurse)
         for grid, old in list(self._running_filters.items()):
             self._running_filters[grid] = _converted_filter(fn, old)
@@ -1122,6 +1250,7 @@ class ConvNormConvNd(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        self.__dict__.pop("_eval_cache", None)
         loaded = self._load_running_filters(state_dict, prefix, local_metadata, error_msgs)
         reported = len(unexpected_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -1247,7 +1376,7 @@ class ConvNormConvNd(nn.Module):
     def train(self, mode: bool = True):
         if not torch.compiler.is_compiling():
             self._issue_pending_drop_warning()  # a drop in a compiled forward, before eval uses the filters
-        return super().train(mode)
+        return super().train(mode)  # _EvalCache.train drops the kept filters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tracer = fx_tracer_of((x,))

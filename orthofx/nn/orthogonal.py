@@ -767,7 +767,8 @@ def _optimizer_steps() -> int:
 
 
 class _EvalCache:
-    """Mixin: in eval mode with autograd off, build the orthogonal kernel (or Fourier symbol) once and reuse it.
+    """Mixin: in eval mode with autograd off, build the orthogonal kernel (or Fourier symbol) once and reuse it
+    (ConvNorm keeps its filters with it too, ``orthofx.nn.convnorm.ConvNormConvNd._eval_kept``).
 
     Building the kernel is a chain of small matmuls and QR factorisations that a GPU runs latency-bound (about 5 ms
     per layer on an H200, against 0.5 ms for the convolution itself; ``benchmarks/compile.py``: a transformed
@@ -797,26 +798,39 @@ class _EvalCache:
     eval mode call ``module.train(False)`` again (or ``train()``).
     """
 
-    def _cached(self, name: str, build):
+    def _eval_cache_owner(self) -> nn.Module:
+        """The module whose own parameters the cached values are built from (and keyed by)."""
+        return self
+
+    def _eval_cache_settings(self) -> tuple:
+        """The layer's settings that the cached values depend on besides its parameters (part of the key)."""
+        return (self.gain, self.compute_dtype)
+
+    def _eval_values(self, eval_only: bool = True) -> dict | None:
+        """The dict of values kept for the parameters as they are now (a new, empty one after any change of them),
+        or ``None`` where nothing may be kept (see the class docstring). ``eval_only=False``: also in training mode
+        or with gradients enabled (a value computed there on the side, for the next eval forward to find; the
+        caller computes it without gradients)."""
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-            return build()  # a traced graph must not touch the module's __dict__ (dynamo cannot trace dict.pop)
+            return None  # a traced graph must not touch the module's __dict__ (dynamo cannot trace dict.pop)
         if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
             # build() gives a Proxy there: cached, it was returned by later eager forwards (an eval-mode layer
             # traced under no_grad answered Proxy(getattr_10) instead of a tensor ever after)
-            return build()
-        if self.training or torch.is_grad_enabled():
+            return None
+        if eval_only and (self.training or torch.is_grad_enabled()):
             # a forward with gradients is a training pass in eval mode (frozen BatchNorm): the step after it may
             # be a fused optimizer's, which writes the parameters without bumping their version counters
             self.__dict__.pop("_eval_cache", None)
-            return build()
-        if parametrize.is_parametrized(self):
+            return None
+        owner = self._eval_cache_owner()
+        if parametrize.is_parametrized(owner):
             # the parametrized tensors are computed by modules outside parameters(recurse=False), from parameters
             # (and state) the key would not see
-            return build()
-        params = list(self.parameters(recurse=False))
+            return None
+        params = list(owner.parameters(recurse=False))
         if any(p.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(p) for p in params):
-            return build()  # no version counter (inference tensors) or no storage (torch.func transforms)
-        key = (self.gain, self.compute_dtype, _optimizer_steps(),
+            return None  # no version counter (inference tensors) or no storage (torch.func transforms)
+        key = (self._eval_cache_settings(), _optimizer_steps(),
                tuple((p.data_ptr(), p.shape, p.stride(), p._version, p.dtype, p.device) for p in params))
         cache = self.__dict__.get("_eval_cache")
         # the address and version alone do not name a tensor: a functional_call's substituted tensor may sit where
@@ -826,7 +840,12 @@ class _EvalCache:
             # ``param.data = t``, which keeps the object and the version) can get one of their addresses
             cache = (key, [weakref.ref(p) for p in params], [p.detach() for p in params], {})
             self.__dict__["_eval_cache"] = cache
-        values = cache[3]
+        return cache[3]
+
+    def _cached(self, name, build):
+        values = self._eval_values()
+        if values is None:
+            return build()
         if name not in values:
             values[name] = build()
         return values[name]

@@ -44,10 +44,9 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
-from ..nn.convnorm import WRAPPED_MARKER, ConvNormConvNd, channel_gain_range, overridden_conv_code, with_convnorm
+from ..nn.convnorm import WRAPPED_MARKER, ConvNormConvNd, overridden_conv_code, with_convnorm
 from .base import Change, Param, Pass, PassContext, PlanEntry, describe_module, require_initialised
 from .registry import register_pass
 
@@ -65,13 +64,13 @@ def _normalised_gain(gain: float, eps: float) -> float:
 def _gain_figures(layer: ConvNormConvNd, input_shape) -> tuple[dict, dict]:
     """Grid and the range of channel gains before / after the normalisation, for the recorded input size. The
     normalised gain is increasing in the gain, so its range is that of the gains' extremes: the power spectrum is
-    reduced to its minimum and maximum once, not mapped through square roots and casts on the whole grid."""
+    reduced to its minimum and maximum once, not mapped through square roots and casts on the whole grid. The
+    layer keeps the filter made from the same power (:meth:`~orthofx.nn.convnorm.ConvNormConvNd.gain_range`):
+    ``transform``'s eval run on the example inputs, next, uses it instead of transforming the weight again."""
     d = layer.conv.weight.ndim - 2
     if input_shape is None or len(input_shape) < d + 1:
         return {}, {}
-    geo = layer.geometry(tuple(input_shape)[-d:])
-    with torch.no_grad():
-        low, high = channel_gain_range(layer.conv.weight, geo.grid, layer.conv.dilation)
+    geo, low, high = layer.gain_range(tuple(input_shape)[-d:])
     grid = list(geo.grid)
     return ({"grid": grid, "row_gain_min": low, "row_gain_max": high},
             {"grid": grid, "row_gain_min": _normalised_gain(low, layer.eps),
