@@ -825,13 +825,20 @@ def _dataclass_output_hint(frozen: nn.Module, example: ExampleCall) -> str:
         output = _checked_run(frozen, example)
     except Exception:  # noqa: BLE001 - only a hint: the export's own error is reported
         return ""
-    classes = list(dict.fromkeys(type(leaf) for leaf in torch.utils._pytree.tree_leaves(output)
-                                 if dataclasses.is_dataclass(leaf) and not isinstance(leaf, type)))
+    # the dataclasses in fields of those too: pytree stops at an unregistered one, so an export after registering
+    # the outer class alone failed again on the one it holds (Out(boxes=Boxes(...)))
+    classes: list[type] = []
+    pending = [output]
+    while pending:
+        for leaf in torch.utils._pytree.tree_leaves(pending.pop()):
+            if dataclasses.is_dataclass(leaf) and not isinstance(leaf, type) and type(leaf) not in classes:
+                classes.append(type(leaf))
+                pending.extend(getattr(leaf, field.name, None) for field in dataclasses.fields(leaf))
     if not classes:
         return ""
     calls = "; ".join(f"torch.export.register_dataclass({cls.__qualname__}, serialized_type_name="
                       f"'{cls.__module__}.{cls.__qualname__}')" for cls in classes)
-    return (f". Fix: register the dataclass the model returns with pytree, before exporting (and before "
+    return (f". Fix: register the dataclasses the model returns with pytree, before exporting (and before "
             f"torch.export.load of a .pt2): {calls}; or return a tuple or dict")
 
 

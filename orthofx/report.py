@@ -454,8 +454,10 @@ def report(model: nn.Module) -> Report:
         conv2 = next(row for row in report.rows if row["site"] == "conv2")
         assert abs(conv2["sigma_min"] - 1) < 1e-5 and abs(conv2["sigma_max"] - 1) < 1e-5
     """
-    # reading a weight advances a training-mode spectral_norm: a report leaves the model's state as it was
-    with ParametrizationState.kept(model):
+    # reading a weight advances a training-mode spectral_norm: a report leaves the model's state as it was, and
+    # each parametrized weight is computed once (parametrize.cached), from that state: every figure (sigma, lorth,
+    # the penalty's value) is that of one weight, the one the next forward uses, not of the 1st, 2nd, 3rd read
+    with ParametrizationState.kept(model), torch.nn.utils.parametrize.cached():
         if not is_transformed(model):
             parts = transformed_parts(model)
             return _parts_report(model, parts) if parts else _layers_report(model)

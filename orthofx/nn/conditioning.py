@@ -109,9 +109,11 @@ def _recorded_when_traced(function):
     @functools.wraps(function)
     def traced_or_run(*args, **kwargs):
         # the first argument is the matrix (the decomposition's result for as_return_type), a Proxy whenever fx
-        # traces the call: one isinstance, where fx_tracer_of's walk over every argument cost ~5 % of a small eigh
-        if args and isinstance(args[0], torch.fx.Proxy):
-            return args[0].tracer.create_proxy("call_function", traced_or_run, args, kwargs)
+        # traces the call: one isinstance, where fx_tracer_of's walk over every argument cost ~5 % of a small eigh.
+        # A user's forward may pass it by keyword (stable_linalg_svd(A=x)): traced into, that raised TraceError.
+        first = args[0] if args else kwargs.get("A", kwargs.get("result"))
+        if isinstance(first, torch.fx.Proxy):
+            return first.tracer.create_proxy("call_function", traced_or_run, args, kwargs)
         return function(*args, **kwargs)
 
     return traced_or_run

@@ -518,10 +518,11 @@ def _written_outside(entry: PlanEntry, module: nn.Module, owners: dict[int, list
               if name not in selected and other is not module]
     if not others:
         return ""
-    names = ", ".join(f"'{name}' ({type(other).__name__})" for name, other in others)
+    # '<root>': a parameter the model registers on itself (F.linear(x, self.shared) beside a tied Linear)
+    names = ", ".join(f"'{name or '<root>'}' ({type(other).__name__})" for name, other in others)
     warnings.warn(
         f"isometric_init (rule '{entry.rule_name}'): '{entry.site.name}' ({type(module).__name__}) shares its weight "
-        f"with {names}, which no isometric_init rule selects: the orthogonal initialisation is written there too "
+        f"with {names}, which no isometric_init rule initialises: the orthogonal initialisation is written there too "
         f"(one tensor). To keep their initialisation, leave this layer out of the rule (exclude: "
         f"'{entry.site.name}') or untie the weights first", OrthofxWarning, stacklevel=2)
     return f"; written to the weight it shares with {names} too"
