@@ -827,11 +827,14 @@ class ConditionMonitor(nn.Module):
         has_nan = lam.isnan().any(-1)
         return torch.where(has_nan, torch.full_like(kappa, float("nan")), kappa)
 
-    @torch.no_grad()
     def update(self, eigenvalues: Tensor) -> Tensor:
         """Record the (worst, over the batch) kappa of ``eigenvalues`` ``[..., n]`` and return it (0-dim); an empty
         batch or ``n = 0`` (0 x 0 matrices, which torch decomposes) records nothing and returns NaN. Activation
-        checkpointing's recomputation of the forward during backward records nothing either (the forward did)."""
+        checkpointing's recomputation of the forward during backward records nothing either (the forward did).
+        Everything here is computed from the detached eigenvalues, so no ``torch.no_grad()`` region is needed, and
+        none is opened: ``torch.export`` writes one as a ``wrap_with_set_grad_enabled`` node that its own loader
+        refused (``SpecViolationError: ... missing val field``), so a model calling a monitor could not be saved
+        to ``.pt2``."""
         if eigenvalues.dim() < 1:
             raise LayerArgumentError(f"expected eigenvalues of shape [..., n], got {tuple(eigenvalues.shape)}")
         if in_func_transform():

@@ -191,6 +191,17 @@ def _factory(device, dtype) -> dict:
     return {"device": device, "dtype": dtype}
 
 
+def _bias_flag(bias, name: str) -> bool:
+    """``bias`` as a bool for the layer ``name``. ``None`` is no bias, as in torch's layers (``nn.Conv2d(...,
+    bias=None)`` and ``nn.Linear(..., bias=None)`` test ``if bias:``), whose signatures these layers take; any
+    other non-bool raises (:func:`orthofx.theory._flag`: ``bias="no"`` is truthy and built a bias).
+
+    >>> _bias_flag(None, "OrthogonalLinear"), _bias_flag(True, "OrthogonalLinear")
+    (False, True)
+    """
+    return False if bias is None else _flag(bias, f"{name}: bias", LayerArgumentError)
+
+
 def _gain(gain, dtype: torch.dtype | None, name: str) -> float:
     """``gain`` as a float, checked for the layer ``name`` whose weights are ``dtype`` (None: the default dtype)."""
     try:
@@ -894,7 +905,7 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
             raise LayerArgumentError(f"{name}: method must be one of {_METHODS} ('auto' picks the cheapest exact "
                                      f"construction), got {method!r}")
         self.gain = _gain(gain, factory["dtype"], name)
-        bias = _flag(bias, f"{name}: bias", LayerArgumentError)  # bias="no" is truthy: it built a bias
+        bias = _bias_flag(bias, name)
         self.compute_dtype = _compute_dtype(compute_dtype)
         self.init_error: float | None = None
         self.input_size: tuple[int, ...] | None = None
@@ -1259,7 +1270,10 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
 
         ``init="random"`` (default): Gaussian parameters, i.e. Haar-random orthonormal matrices and projectors.
         ``init="centre"``: consecutive blocks complementary, so the block part is a pure shift and the kernel is
-        a random orthonormal matrix on its centre taps (one tap for odd ``k`` at stride 1).
+        a random orthonormal matrix on its centre taps (one tap for odd ``k`` at stride 1). Where a dimension has
+        an odd number of blocks (``k - S``, the count, is odd: an even ``k`` at stride 1, ``k = 3`` at stride 2)
+        its last block has no partner and stays random (a single projector block is never a pure shift): the
+        kernel then spans one more tap there (2 x 2 for ``k = 4`` at stride 1, all 3 x 3 for ``k = 3`` at stride 2).
         ``init_error`` becomes ``None``: it measured the start :meth:`from_conv` made.
         """
         if init not in ("random", "centre"):
@@ -2161,7 +2175,7 @@ class _OrthogonalConvTransposeNd(nn.Module):
         factory = _factory(device, dtype)
         self._configure(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, dilation,
                         padding_mode, method)
-        bias = _flag(bias, f"{type(self).__name__}: bias", LayerArgumentError)
+        bias = _bias_flag(bias, type(self).__name__)
         self.conv = _adjoint_conv(self, lambda: _ORTHOGONAL_CONV[self._dims](
             self.out_channels, self.in_channels, self.kernel_size, stride=self.stride, padding=self.padding,
             dilation=self.dilation, groups=self.groups, bias=False, padding_mode="circular", method=method,
@@ -2544,7 +2558,7 @@ class OrthogonalLinear(_EvalCache, nn.Module):
         self.in_features = _int(in_features, "in_features")
         self.out_features = _int(out_features, "out_features")
         self.gain = _gain(gain, factory["dtype"], "OrthogonalLinear")
-        bias = _flag(bias, "OrthogonalLinear: bias", LayerArgumentError)
+        bias = _bias_flag(bias, "OrthogonalLinear")
         self.raw_weight = nn.Parameter(torch.empty(self.out_features, self.in_features, **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
