@@ -1108,14 +1108,14 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         current weight, kept for later eval-mode forwards without gradients.
 
         The orthogonal layers' kernel cache (``orthofx.nn.orthogonal._EvalCache``, whose conditions and key hold
-        here, with ``eps``, the dilation and the conv's parameters): used only when ``not self.training``,
-        ``torch.is_grad_enabled()`` is False and nothing traces the layer (compile, export, fx); dropped by
-        ``train()`` / ``eval()``, by any forward with gradients, by ``.to()`` and by ``load_state_dict``; rebuilt
-        after an optimizer step. A conv with a ``torch.nn.utils.parametrize`` parametrization, an inference or
-        ``torch.func`` wrapped weight is never kept. Writes that bump no version counter of the weight
-        (``conv.weight.data.copy_(t)``) are not seen: call ``layer.eval()`` again after them. At most
-        ``MAX_REMEMBERED_SIZES`` grids are kept (the oldest dropped first). A kept tensor is the computed one bit
-        for bit, so eval outputs do not change.
+        here, with ``eps``, the dilation, the conv's parameters and ``conv.weight``, a parameter or not): used only
+        when ``not self.training``, ``torch.is_grad_enabled()`` is False and nothing traces the layer (compile,
+        export, fx); dropped by ``train()`` / ``eval()``, by any forward with gradients, by ``.to()`` and by
+        ``load_state_dict``; rebuilt after an optimizer step. A conv with a ``torch.nn.utils.parametrize``
+        parametrization, an inference or ``torch.func`` wrapped weight is never kept. Writes that bump no version
+        counter of the weight (``conv.weight.data.copy_(t)``) are not seen: call ``layer.eval()`` again after them.
+        At most ``MAX_REMEMBERED_SIZES`` grids are kept (the oldest dropped first). A kept tensor is the computed
+        one bit for bit, so eval outputs do not change.
         """
         kept = self._eval_values()
         if kept is None:
@@ -1137,7 +1137,16 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         return self.conv  # V is made of the conv's weight
 
     def _eval_cache_settings(self) -> tuple:
-        return (self.eps, tuple(self.conv.dilation))
+        # a copy (a list changed in place stays the key's value) of an int too: torch's conv stores a tuple, but
+        # ``conv.dilation = 2`` set afterwards is taken by the forward (_ntuple), and tuple(2) raised TypeError
+        return (self.eps, _ntuple(self.conv.dilation, self._dims, "dilation"))
+
+    def _eval_cache_tensors(self) -> list[torch.Tensor]:
+        # V is made of conv.weight, which need not be one of the conv's parameters: a buffer (an in-place write to
+        # it kept the V of the weight before), or the attribute torch.nn.utils.prune sets next to weight_orig
+        tensors = super()._eval_cache_tensors()
+        weight = self.conv.weight
+        return tensors if any(t is weight for t in tensors) else tensors + [weight]
 
     def _v_for(self, grid, geo) -> torch.Tensor | None:
         if self.momentum is None:

@@ -857,13 +857,23 @@ class ConditionMonitor(nn.Module):
         worst = torch.where(has_nan, torch.full_like(k[0], float("nan")), finite_max)
         if recomputing_in_backward():  # activation checkpointing's recomputation: this call is recorded already
             return worst
+        if any(b.requires_grad for b in self.buffers(recurse=False)):
+            # buffers that require grad (float ones given to functional_call): the writes stay out of autograd, as
+            # under the no_grad decorator before (a leaf's in-place write raised; a non-leaf's running_max carried
+            # gradients through fmax). Never the case in a traced graph, which so gets no grad-mode region
+            with torch.no_grad():
+                self._record(lam, k, has_nan, worst)
+        else:
+            self._record(lam, k, has_nan, worst)
+        return worst
+
+    def _record(self, lam: Tensor, k: Tensor, has_nan: Tensor, worst: Tensor) -> None:
         self.nan_events += has_nan.long()
         self.inf_events += (lam.isinf().any() | k.isinf().any()).long()
         self.last.copy_(worst)
         self.running_max.copy_(torch.fmax(self.running_max, worst))
         self.history_buffer.index_copy_(0, (self.updates % self.history_size).reshape(1), worst.reshape(1))
         self.updates += 1
-        return worst
 
     def forward(self, eigenvalues: Tensor) -> Tensor:
         tracer = fx_tracer_of((eigenvalues,))

@@ -817,6 +817,11 @@ class _EvalCache:
         """The layer's settings that the cached values depend on besides its parameters (part of the key)."""
         return (self.gain, self.compute_dtype)
 
+    def _eval_cache_tensors(self) -> list[torch.Tensor]:
+        """The tensors the cached values are built from, each keyed by identity, address, layout, version, dtype
+        and device: the owner's own parameters."""
+        return list(self._eval_cache_owner().parameters(recurse=False))
+
     def _eval_values(self, eval_only: bool = True) -> dict | None:
         """The dict of values kept for the parameters as they are now (a new, empty one after any change of them),
         or ``None`` where nothing may be kept (see the class docstring). ``eval_only=False``: also in training mode
@@ -838,7 +843,7 @@ class _EvalCache:
             # the parametrized tensors are computed by modules outside parameters(recurse=False), from parameters
             # (and state) the key would not see
             return None
-        params = list(owner.parameters(recurse=False))
+        params = self._eval_cache_tensors()
         if any(p.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(p) for p in params):
             return None  # no version counter (inference tensors) or no storage (torch.func transforms)
         key = (self._eval_cache_settings(), _optimizer_steps(),
