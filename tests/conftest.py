@@ -1,7 +1,22 @@
 """Fixtures shared by several test files."""
 
+import os
+
 import pytest
 import torch
+
+
+def _threads_per_xdist_worker() -> None:
+    """Under pytest-xdist (``pytest -n N``), give each worker its share of the cores as torch threads: N workers
+    of the default (every core) each would oversubscribe the machine N times, and a small op then waits for
+    spinning OpenMP peers (see ``one_thread``)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // int(workers)))
+
+
+_threads_per_xdist_worker()
 
 
 @pytest.fixture(scope="module")
