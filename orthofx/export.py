@@ -80,8 +80,11 @@ from .nn.conditioning import power_newton_schulz
 from .nn.jacobian import JacobianProbe
 from .nn.precision import HALF_PRECISION
 from .nn.tracing import is_orthofx_module
-from .passes.base import Manifest, replace_module
-from .passes.svd_conditioning import (decomposition_op, fold_constant_decompositions, foldable_seed,
+from .nn import conditioning as cond
+from .passes.base import Manifest, each_mode, replace_module
+# the constant-folding helpers fold_constant_decompositions runs on, shared rather than written twice
+from .passes.svd_conditioning import (_constant_nodes, _copy_meta, _erase_dead, _graph_modules, _run_constants,
+                                      decomposition_op, fold_constant_decompositions, foldable_seed,
                                       plain_decompositions, to_newton_schulz)
 from .penalty import module_path_within, part_site_path, transformed_parts
 from .plan import build_plan, collect_sites, producers_feeding
@@ -119,6 +122,9 @@ FOLDED_PREFIX = "orthofx_folded_"
 #: a torch layer (``nn.Conv2d(padding_mode="circular")``) that nothing else tells from the user's own; ``.pt``
 #: export needs to know (:func:`_check_replayable`).
 BAKED_ATTRIBUTE = "orthofx_baked_from"
+#: Name prefix of the buffers :func:`freeze` stores where a forward read an orthofx layer's state outside its call
+#: (``F.linear(h, self.enc.weight.T)``) and no tensor of the layer's plain form holds that value.
+READ_PREFIX = "orthofx_read_"
 
 
 def _modules_to_freeze(root: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -146,14 +152,29 @@ def _captured_with_orthofx_layers(model: nn.Module, example: ExampleCall | None)
     if is_orthofx_module(root) and callable(getattr(root, "to_plain", None)):  # _modules_to_freeze: below the root
         raise OrthofxError(f"{type(root).__name__} is a single orthofx layer, not a model holding one: its plain torch "
                            "form is layer.to_plain() (orthofx.freeze is for models; nn.Sequential(layer) works too)")
-    if not _modules_to_freeze(root):
-        raise OrthofxError(f"{type(root).__name__} was not produced by orthofx.transform and holds no orthofx layer "
-                           "(nothing to freeze): call orthofx.transform(model, policy) first, or use the model as "
-                           "it is (torch.export / torch.onnx.export work on it directly)")
     policy = Policy(description="a model holding orthofx layers, frozen without a transform")
     call = None if example is None else example.fresh()  # capture may run the model (lazy layers, torch.export)
-    gm, info = capture(root, mode="auto", example_inputs=None if call is None else call.args,
-                       example_kwargs=None if call is None else call.kwargs)
+    layers = bool(_modules_to_freeze(root))
+    try:
+        gm, info = capture(root, mode="auto", example_inputs=None if call is None else call.args,
+                           example_kwargs=None if call is None else call.kwargs)
+    except Exception as exc:
+        if layers:
+            raise
+        # a forward calling orthofx.nn.eigh_stable / svd_stable directly holds orthofx's custom ops, which only
+        # freeze (from a graph) turns into plain torch.linalg calls
+        raise OrthofxError(
+            f"{type(root).__name__} was not produced by orthofx.transform and holds no orthofx layer, and it could "
+            f"not be captured to look for calls of orthofx's decompositions ({_root_cause(exc)}). If its forward "
+            "does not call orthofx.nn.eigh_stable / svd_stable, there is nothing to freeze: use the model as it is "
+            "(torch.export / torch.onnx.export work on it directly); if it does, make it traceable (or pass "
+            "example_inputs for torch.export capture), or call torch.linalg.eigh / svd in eval mode") from exc
+    if not layers and not any(str(n.target).removesuffix(".default") in _CUSTOM_DECOMPOSITIONS
+                              for _, g in _graph_modules(gm) for n in g.graph.nodes if n.op == "call_function"):
+        raise OrthofxError(f"{type(root).__name__} was not produced by orthofx.transform and holds no orthofx layer "
+                           "and no call of orthofx.nn.eigh_stable / svd_stable (nothing to freeze): call "
+                           "orthofx.transform(model, policy) first, or use the model as it is (torch.export / "
+                           "torch.onnx.export work on it directly)")
     store_manifest(gm, Manifest(policy=policy, plan=build_plan(gm, policy, info, model=root), capture=info))
     return gm
 
@@ -163,7 +184,10 @@ def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any 
 
     A model written with orthofx's layers (``orthofx.nn``: orthogonal convs and linears, ConvNorm, ...) that
     :func:`orthofx.transform` did not return is frozen too: it is captured first (symbolic tracing, or
-    torch.export on the example inputs where that fails), its orthofx layers kept as calls.
+    torch.export on the example inputs where that fails), its orthofx layers kept as calls. A forward that also
+    reads a layer's state (``F.linear(h, self.enc.weight.T)``, a tied decoder) then reads the plain form's baked
+    tensor holding the same value (``enc.weight`` of the plain ``nn.Linear``), or a buffer ``orthofx_read_<n>``
+    where none does; calls of ``orthofx.nn.eigh_stable`` / ``svd_stable`` become plain ``torch.linalg`` calls.
 
     A model holding transformed models (``nn.Sequential(gm, head)``, a wrapper whose ``self.backbone`` is a model
     ``orthofx.transform`` returned) is not captured: the copy is of the model's own class, each transformed part
@@ -208,7 +232,10 @@ def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any 
         frozen = frozen.single_mode(training=False)
     frozen.eval()
     _run_example(frozen, example)
+    reads = _layer_reads(frozen)
     _replace_by_plain_forms(frozen)
+    _rebind_layer_reads(frozen, reads)
+    _plain_custom_decompositions(frozen)
     frozen.recompile()
     names = _site_names(frozen)
     folded = fold_constant_decompositions(frozen)
@@ -308,6 +335,167 @@ def _replace_by_plain_forms(frozen: nn.Module) -> None:
                 plain.__dict__[BAKED_ATTRIBUTE] = type(module).__name__
     # a to_plain() that keeps returning a module with to_plain()
     raise ExportError("freeze did not terminate: a module's to_plain() keeps returning orthofx layers")
+
+
+@dataclass
+class _LayerReads:
+    """Reads of orthofx layers' state in one graph of a model being frozen (:func:`_layer_reads`)."""
+
+    graph_module: fx.GraphModule
+    layers: list[str]               # paths, relative to graph_module, of the layers freeze replaces
+    values: dict[fx.Node, Any]      # value of every node computed from the reads alone, before the replacement
+    calls: list[tuple[fx.Node, nn.Module]]  # calls of a part of such a layer, and the part called
+
+
+def _under(target: str, layers: list[str]) -> str | None:
+    return next((layer for layer in layers if target.startswith(layer + ".")), None)
+
+
+def _layer_reads(frozen: nn.Module) -> list[_LayerReads]:
+    """Where a graph of ``frozen`` uses an orthofx layer that :func:`_replace_by_plain_forms` will replace other
+    than by calling it: a forward that calls ``self.enc`` and also reads ``self.enc.weight`` (weight tying) is
+    traced into ``get_attr enc.raw_weight`` and the ops computing the weight from it, and the plain form has no
+    ``raw_weight``; one that calls a part of the layer (``self.cn.conv(x)``) needs the plain form to hold the same
+    part. Evaluates, before the replacement, every node computed from such reads and constants alone (the layer's
+    computed weight, in eval mode), for :func:`_rebind_layer_reads`."""
+    found: list[_LayerReads] = []
+    if not isinstance(frozen, fx.GraphModule):
+        return found
+    layers = [name for name, _ in _modules_to_freeze(frozen)]
+    for path, gm in list(_graph_modules(frozen)):
+        local = [name[len(path) + 1:] if path else name for name in layers if not path or name.startswith(path + ".")]
+        calls = [(n, gm.get_submodule(str(n.target))) for n in gm.graph.nodes
+                 if n.op == "call_module" and _under(str(n.target), local) is not None]
+        reads = [n for n in gm.graph.nodes if n.op == "get_attr" and _under(str(n.target), local) is not None]
+        if not reads and not calls:
+            continue
+        const, casts = _constant_nodes(gm)
+        region: set[fx.Node] = set()
+        stack = [n for n in reads if n in const]
+        while stack:  # a cast to a traced value's dtype (w.type_as(x)) stays in the graph, after the read
+            cur = stack.pop()
+            if cur not in region:
+                region.add(cur)
+                stack.extend(u for u in cur.users if u in const and u not in casts)
+        found.append(_LayerReads(gm, local, _run_constants(gm, list(region), const, casts), calls))
+    return found
+
+
+def _same_module(old: nn.Module, new: nn.Module) -> bool:
+    """Whether ``new`` computes what ``old`` did: the same class and equal state."""
+    if new is old:
+        return True
+    if type(new) is not type(old):
+        return False
+    a, b = old.state_dict(), new.state_dict()
+    return a.keys() == b.keys() and all(
+        not isinstance(a[k], torch.Tensor) or (a[k].shape == b[k].shape and torch.equal(a[k], b[k])) for k in a)
+
+
+def _rebind_layer_reads(frozen: nn.Module, found: list[_LayerReads]) -> None:
+    """After :func:`_replace_by_plain_forms`: make the reads :func:`_layer_reads` found read the plain forms.
+
+    Walking the graph in order, a node computed from a replaced layer's old state whose value (recorded before the
+    replacement) equals a tensor of that layer's plain form (same dtype, shape and values: the tied weight of an
+    ``OrthogonalLinear`` is its plain ``nn.Linear``'s ``weight``) becomes a read of that tensor, so the tie holds
+    in the frozen model; what is still computed from old state where it meets the rest of the graph is stored
+    once as a buffer (``orthofx_read_<n>``, the value the unfrozen model computes in eval mode: exact). A read of
+    state the model writes in its forward is an ExportError naming it."""
+    for reads in found:
+        gm, graph = reads.graph_module, reads.graph_module.graph
+        for node, part in reads.calls:
+            layer = _under(str(node.target), reads.layers)
+            try:
+                now = gm.get_submodule(str(node.target))
+            except AttributeError:
+                now = None
+            if now is None or not _same_module(part, now):
+                raise ExportError(f"the forward calls {str(node.target)!r}, a part of the orthofx layer {layer!r} "
+                                  f"(a {type(part).__name__}), which freeze replaces by its plain form "
+                                  f"(layer.to_plain(), a {type(gm.get_submodule(layer)).__name__}) that "
+                                  f"{'has no such part' if now is None else 'holds another one there'}. Fix: call "
+                                  "the layer itself, or keep the part in a module of its own that the forward calls")
+        tensors = [(f"{layer}.{name}", t) for layer in reads.layers
+                   for name, t in (*gm.get_submodule(layer).named_parameters(),
+                                   *gm.get_submodule(layer).named_buffers())]
+        stale: set[fx.Node] = set()
+        rebound: set[fx.Node] = set()
+        for node in list(graph.nodes):
+            if not (node.op == "get_attr" and _under(str(node.target), reads.layers) is not None
+                    or node in reads.values and any(i in stale for i in node.all_input_nodes)):
+                continue
+            value = reads.values.get(node)
+            match = next((name for name, t in tensors if isinstance(value, torch.Tensor) and t.dtype == value.dtype
+                          and t.shape == value.shape and t.device == value.device and torch.equal(t, value)), None)
+            if match is None:
+                stale.add(node)
+                continue
+            with graph.inserting_before(node):
+                new = graph.get_attr(match)
+            _copy_meta(new, node)
+            node.replace_all_uses_with(new)
+            rebound |= {node, new}  # a later node may match too (a cast to the dtype it has): new is then unused
+        _erase_dead(graph, stale | rebound)  # what only the rebound nodes used
+        for node in [n for n in graph.nodes if n in stale and any(u not in stale for u in n.users)]:
+            value = reads.values.get(node)
+            if not isinstance(value, torch.Tensor):
+                what = "depends on state the forward writes" if node not in reads.values else "is not a tensor"
+                read = first_few(sorted({repr(str(n.target)) for n in stale if n.op == "get_attr"}), 3)
+                raise ExportError(f"the forward reads the state of an orthofx layer that freeze replaces by its "
+                                  f"plain form ({read}), and what it computes from it (node {node.name!r}) {what}, "
+                                  "so it cannot be stored. Fix: read the layer's weight as a tensor (layer.weight) "
+                                  "and do not write it in the forward")
+            n = 0
+            while hasattr(gm, f"{READ_PREFIX}{n}"):
+                n += 1
+            gm.register_buffer(f"{READ_PREFIX}{n}", value.detach().clone())
+            with graph.inserting_before(node):
+                new = graph.get_attr(f"{READ_PREFIX}{n}")
+            _copy_meta(new, node)
+            node.replace_all_uses_with(new)
+        _erase_dead(graph, stale | rebound)
+        graph.lint()
+        gm.recompile()
+
+
+#: The custom ops of :mod:`orthofx.nn.decompositions` (by name: ``torch.ops.orthofx.eigh_stable(.default)``) and
+#: the stand-in of :mod:`orthofx.nn.conditioning` computing the same values, with the stand-in's keyword for each
+#: of the op's arguments after the matrix and the stand-in's options that give the op's outputs.
+_CUSTOM_DECOMPOSITIONS = {
+    "orthofx.eigh_stable": (cond.stable_eigh, ("taylor_order", "clamp_gap", "UPLO"), {}),
+    "orthofx.svd_stable": (cond.stable_linalg_svd, ("taylor_order", "clamp_gap"), {"full_matrices": False}),
+}
+
+
+def _plain_custom_decompositions(frozen: nn.Module) -> int:
+    """Put the stand-in of :mod:`orthofx.nn.conditioning` with the same outputs in place of every call of the
+    custom ops ``orthofx::eigh_stable`` / ``orthofx::svd_stable`` in the graphs of ``frozen`` (a hand-written
+    forward calling ``orthofx.nn.eigh_stable``: ``torch.ops.orthofx.eigh_stable.default(A, taylor_order,
+    clamp_gap, uplo)`` becomes ``stable_eigh(A, taylor_order=..., clamp_gap=..., UPLO=uplo)``, the reduced
+    ``svd_stable`` ``stable_linalg_svd(A, full_matrices=False, ...)``), so that :func:`plain_decompositions` makes
+    them run plain ``torch.linalg`` (a frozen model's ``.pt2`` then loads without orthofx) and
+    :func:`fold_constant_decompositions` / ``to_newton_schulz`` see them as the transformed models' calls. In
+    place; returns the number of calls changed."""
+    changed = 0
+    if not isinstance(frozen, fx.GraphModule):
+        return changed
+    for _, gm in list(_graph_modules(frozen)):
+        for _ in each_mode(gm):
+            nodes = [n for n in gm.graph.nodes if n.op == "call_function"
+                     and str(n.target).removesuffix(".default") in _CUSTOM_DECOMPOSITIONS]
+            for node in nodes:
+                name = str(node.target).removesuffix(".default")
+                stand_in, names, options = _CUSTOM_DECOMPOSITIONS[name]
+                schema = ("A", "taylor_order", "clamp_gap", "uplo")
+                given = dict(zip(schema, node.args)) | dict(node.kwargs)
+                kwargs = {new: given[old] for old, new in zip(schema[1:], names) if old in given}
+                node.target = stand_in
+                node.args = (given["A"],)
+                node.kwargs = {**options, **kwargs}
+            if nodes:
+                gm.recompile()
+                changed += len(nodes)
+    return changed
 
 
 def _holds_state(module: nn.Module) -> bool:
