@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import itertools
 import math
 
 import torch
@@ -58,6 +59,16 @@ def lorth64(weight: torch.Tensor, stride=1, groups: int = 1) -> float:
     gram = a @ a.T if row_orthogonal else a.T @ a
     positions = a.shape[0] // w.shape[0]
     return float((gram - torch.eye(gram.shape[0], dtype=torch.float64)).square().sum()) / positions
+
+
+def polynomial_product(a: dict, b: dict) -> dict:
+    """The product of two matrix polynomials in ``d`` variables, each given as ``{tap tuple: matrix}``:
+    ``(AB)[t] = sum_{p + q = t} A[p] B[q]``."""
+    out: dict = {}
+    for (p, x), (q, y) in itertools.product(a.items(), b.items()):
+        tap = tuple(i + j for i, j in zip(p, q))
+        out[tap] = out.get(tap, 0) + x @ y
+    return out
 
 
 def central_difference(fn, tensor: torch.Tensor, index, eps: float = 1e-6) -> float:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from orthofx.nn import OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d
-from tests.references import OpCount, polar64
+from tests.references import polynomial_product as _times, OpCount, polar64
 
 F64 = torch.float64
 LAYERS = {1: OrthogonalConv1d, 2: OrthogonalConv2d, 3: OrthogonalConv3d}
@@ -27,13 +27,6 @@ def _projector(raw: torch.Tensor) -> torch.Tensor:
     return raw @ torch.linalg.solve(raw.T @ raw, raw.T)
 
 
-def _times(a: dict, b: dict) -> dict:
-    """The product of two matrix polynomials in ``d`` variables, given as ``{tap tuple: matrix}``."""
-    out: dict = {}
-    for (p, x), (q, y) in itertools.product(a.items(), b.items()):
-        tap = tuple(i + j for i, j in zip(p, q))
-        out[tap] = out.get(tap, 0) + x @ y
-    return out
 
 
 def _block(P: torch.Tensor, dim: int, d: int) -> dict:

@@ -23,18 +23,12 @@ import pytest
 import torch
 
 from orthofx.nn import OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d
-from tests.references import polar64
+from tests.references import polynomial_product as _times, polar64
 
 F64 = torch.float64
 LAYERS = {1: OrthogonalConv1d, 2: OrthogonalConv2d, 3: OrthogonalConv3d}
 
 
-def _times(a: dict, b: dict) -> dict:
-    out: dict = {}
-    for (p, x), (q, y) in itertools.product(a.items(), b.items()):
-        tap = tuple(i + j for i, j in zip(p, q))
-        out[tap] = out.get(tap, 0) + x @ y
-    return out
 
 
 def _kernel(layer, projectors: dict, W: torch.Tensor) -> torch.Tensor:
