@@ -83,9 +83,10 @@ from .nn.tracing import is_orthofx_module
 from .nn import conditioning as cond
 from .passes.base import Manifest, each_mode, replace_module
 # the constant-folding helpers fold_constant_decompositions runs on, shared rather than written twice
-from .passes.svd_conditioning import (_constant_nodes, _copy_meta, _erase_dead, _graph_modules, _run_constants,
-                                      decomposition_op, fold_constant_decompositions, foldable_seed,
-                                      plain_decompositions, to_newton_schulz)
+from .passes.svd_conditioning import (_constant_nodes, _copy_meta, _erase_dead, _graph_modules, _mutated_attributes,
+                                      _run_constants, _writes_first_argument, decomposition_op,
+                                      fold_constant_decompositions, foldable_seed, plain_decompositions,
+                                      to_newton_schulz)
 from .penalty import module_path_within, part_site_path, transformed_parts
 from .plan import build_plan, collect_sites, producers_feeding
 from .policy import Policy
@@ -146,8 +147,8 @@ def _captured_with_orthofx_layers(model: nn.Module, example: ExampleCall | None)
     """A model written with orthofx's layers (``orthofx.nn.OrthogonalConv2d`` ...) but not returned by
     :func:`orthofx.transform`, captured as ``transform`` would (orthofx layers kept as leaves; ``auto`` mode, so
     torch.export on the example call, keyword inputs included, where symbolic tracing fails) with a manifest that
-    records no change: what :func:`freeze` and :func:`export` need. A model holding no orthofx layer has nothing
-    to freeze."""
+    records no change: what :func:`freeze` and :func:`export` need. A model holding no orthofx layer is captured
+    too, for calls of ``orthofx.nn.eigh_stable`` / ``svd_stable``; with none, it has nothing to freeze."""
     root = copy_model(unwrap_model(model))
     if is_orthofx_module(root) and callable(getattr(root, "to_plain", None)):  # _modules_to_freeze: below the root
         raise OrthofxError(f"{type(root).__name__} is a single orthofx layer, not a model holding one: its plain torch "
@@ -369,7 +370,12 @@ def _layer_reads(frozen: nn.Module) -> list[_LayerReads]:
         reads = [n for n in gm.graph.nodes if n.op == "get_attr" and _under(str(n.target), local) is not None]
         if not reads and not calls:
             continue
-        const, casts = _constant_nodes(gm)
+        # _mutated_attributes takes every attribute upstream of a tensor an in-place op writes as written (a conv's
+        # weight read before `y += 1`): right for folding, which then folds less, but such a read would be refused;
+        # the layers' state counts as written only where a write reaches it through views
+        written = _aliased_by_writes(gm.graph)
+        mutated = {t for t in _mutated_attributes(gm.graph) if _under(t, local) is None or t in written}
+        const, casts = _constant_nodes(gm, mutated)
         region: set[fx.Node] = set()
         stack = [n for n in reads if n in const]
         while stack:  # a cast to a traced value's dtype (w.type_as(x)) stays in the graph, after the read
@@ -379,6 +385,29 @@ def _layer_reads(frozen: nn.Module) -> list[_LayerReads]:
                 stack.extend(u for u in cur.users if u in const and u not in casts)
         found.append(_LayerReads(gm, local, _run_constants(gm, list(region), const, casts), calls))
     return found
+
+
+def _aliased_by_writes(graph: fx.Graph) -> set[str]:
+    """Targets of the ``get_attr`` nodes whose tensor an in-place op of ``graph`` may write: those the written
+    tensor is reached from through first arguments (a view is of its first argument: ``w.T``, ``w[0]``,
+    ``w.type_as(x)``; ``x += y`` returns ``x``). ``y = F.conv2d(x, layer.weight); y += 1`` writes ``y``, a new
+    tensor, not ``layer.weight``; ``layer.weight.t().mul_(2)`` writes it."""
+    written: set[str] = set()
+    for node in graph.nodes:
+        if not _writes_first_argument(node):
+            continue
+        stack = [a for a in (node.args[:1] + (node.kwargs.get("out"),)) if isinstance(a, fx.Node)]
+        seen: set[fx.Node] = set()
+        while stack:
+            cur = stack.pop()
+            if cur in seen:
+                continue
+            seen.add(cur)
+            if cur.op == "get_attr":
+                written.add(str(cur.target))
+            elif cur.args:
+                fx.node.map_arg(cur.args[0], stack.append)  # the nodes in it (a list for torch.cat)
+    return written
 
 
 def _same_module(old: nn.Module, new: nn.Module) -> bool:
@@ -396,8 +425,8 @@ def _rebind_layer_reads(frozen: nn.Module, found: list[_LayerReads]) -> None:
     """After :func:`_replace_by_plain_forms`: make the reads :func:`_layer_reads` found read the plain forms.
 
     Walking the graph in order, a node computed from a replaced layer's old state whose value (recorded before the
-    replacement) equals a tensor of that layer's plain form (same dtype, shape and values: the tied weight of an
-    ``OrthogonalLinear`` is its plain ``nn.Linear``'s ``weight``) becomes a read of that tensor, so the tie holds
+    replacement) equals a tensor of that layer's plain form (same dtype, shape and values, not all equal: the tied
+    weight of an ``OrthogonalLinear`` is its plain ``nn.Linear``'s ``weight``) becomes a read of it, so the tie holds
     in the frozen model; what is still computed from old state where it meets the rest of the graph is stored
     once as a buffer (``orthofx_read_<n>``, the value the unfrozen model computes in eval mode: exact). A read of
     state the model writes in its forward is an ExportError naming it."""
@@ -415,18 +444,26 @@ def _rebind_layer_reads(frozen: nn.Module, found: list[_LayerReads]) -> None:
                                   f"(layer.to_plain(), a {type(gm.get_submodule(layer)).__name__}) that "
                                   f"{'has no such part' if now is None else 'holds another one there'}. Fix: call "
                                   "the layer itself, or keep the part in a module of its own that the forward calls")
-        tensors = [(f"{layer}.{name}", t) for layer in reads.layers
+        tensors = [(layer, f"{layer}.{name}", t) for layer in reads.layers
                    for name, t in (*gm.get_submodule(layer).named_parameters(),
                                    *gm.get_submodule(layer).named_buffers())]
         stale: set[fx.Node] = set()
         rebound: set[fx.Node] = set()
+        sources: dict[fx.Node, set[str]] = {}  # the layers whose old state a node is computed from
         for node in list(graph.nodes):
             if not (node.op == "get_attr" and _under(str(node.target), reads.layers) is not None
                     or node in reads.values and any(i in stale for i in node.all_input_nodes)):
                 continue
+            sources[node] = ({_under(str(node.target), reads.layers)} if node.op == "get_attr" else
+                             set().union(*(sources[i] for i in node.all_input_nodes if i in stale)))
             value = reads.values.get(node)
-            match = next((name for name, t in tensors if isinstance(value, torch.Tensor) and t.dtype == value.dtype
-                          and t.shape == value.shape and t.device == value.device and torch.equal(t, value)), None)
+            # a tensor of those layers only, and not one of equal entries: another layer's tensor equal by chance
+            # (a deep-copied clone's weight) or a zero-initialised bias would tie the read to it in the frozen
+            # model, which then trains or loads them as one; the buffer below is exact too
+            match = next((name for layer, name, t in tensors if layer in sources[node]
+                          and isinstance(value, torch.Tensor) and t.dtype == value.dtype and t.shape == value.shape
+                          and t.device == value.device and torch.equal(t, value)
+                          and t.numel() > 1 and bool((t != t.reshape(-1)[0]).any())), None)
             if match is None:
                 stale.add(node)
                 continue

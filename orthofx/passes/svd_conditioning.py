@@ -942,12 +942,15 @@ def _mutated_attributes(graph: fx.Graph) -> set[str]:
     return mutated
 
 
-def _constant_nodes(gm: fx.GraphModule) -> tuple[set[fx.Node], dict[fx.Node, fx.Node]]:
+def _constant_nodes(gm: fx.GraphModule, mutated: set[str] | None = None) -> tuple[set[fx.Node], dict[fx.Node, fx.Node]]:
     """Nodes whose value does not depend on the inputs: attributes no op writes, and pure calls of constants
     (monitors and their pass-throughs included, as identities); and the casts ``c.type_as(t)`` of a constant to
     the dtype and device of a traced value ``t`` (``{cast: t}``; models write ``buffer.type_as(x)`` to follow the
-    input's dtype), which count as constants whose value is ``c`` cast at run time."""
-    mutated = _mutated_attributes(gm.graph)
+    input's dtype), which count as constants whose value is ``c`` cast at run time. ``mutated``: the attribute
+    targets taken as written (default :func:`_mutated_attributes`, which takes every attribute upstream of a
+    written tensor)."""
+    if mutated is None:
+        mutated = _mutated_attributes(gm.graph)
     const: set[fx.Node] = set()
     casts: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
