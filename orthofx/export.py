@@ -84,9 +84,8 @@ from .nn import conditioning as cond
 from .passes.base import Manifest, each_mode, replace_module
 # the constant-folding helpers fold_constant_decompositions runs on, shared rather than written twice
 from .passes.svd_conditioning import (_constant_nodes, _copy_meta, _erase_dead, _graph_modules, _mutated_attributes,
-                                      _run_constants, _writes_first_argument, decomposition_op,
-                                      fold_constant_decompositions, foldable_seed, plain_decompositions,
-                                      to_newton_schulz)
+                                      _run_constants, decomposition_op, fold_constant_decompositions, foldable_seed,
+                                      plain_decompositions, to_newton_schulz)
 from .penalty import module_path_within, part_site_path, transformed_parts
 from .plan import build_plan, collect_sites, producers_feeding
 from .policy import Policy
@@ -349,6 +348,7 @@ class _LayerReads:
 
 
 def _under(target: str, layers: list[str]) -> str | None:
+    """The path in ``layers`` that the attribute or module path ``target`` lies strictly below, or ``None``."""
     return next((layer for layer in layers if target.startswith(layer + ".")), None)
 
 
@@ -373,7 +373,7 @@ def _layer_reads(frozen: nn.Module) -> list[_LayerReads]:
         # _mutated_attributes takes every attribute upstream of a tensor an in-place op writes as written (a conv's
         # weight read before `y += 1`): right for folding, which then folds less, but such a read would be refused;
         # the layers' state counts as written only where a write reaches it through views
-        written = _aliased_by_writes(gm.graph)
+        written = _mutated_attributes(gm.graph, views_only=True)
         mutated = {t for t in _mutated_attributes(gm.graph) if _under(t, local) is None or t in written}
         const, casts = _constant_nodes(gm, mutated)
         region: set[fx.Node] = set()
@@ -385,29 +385,6 @@ def _layer_reads(frozen: nn.Module) -> list[_LayerReads]:
                 stack.extend(u for u in cur.users if u in const and u not in casts)
         found.append(_LayerReads(gm, local, _run_constants(gm, list(region), const, casts), calls))
     return found
-
-
-def _aliased_by_writes(graph: fx.Graph) -> set[str]:
-    """Targets of the ``get_attr`` nodes whose tensor an in-place op of ``graph`` may write: those the written
-    tensor is reached from through first arguments (a view is of its first argument: ``w.T``, ``w[0]``,
-    ``w.type_as(x)``; ``x += y`` returns ``x``). ``y = F.conv2d(x, layer.weight); y += 1`` writes ``y``, a new
-    tensor, not ``layer.weight``; ``layer.weight.t().mul_(2)`` writes it."""
-    written: set[str] = set()
-    for node in graph.nodes:
-        if not _writes_first_argument(node):
-            continue
-        stack = [a for a in (node.args[:1] + (node.kwargs.get("out"),)) if isinstance(a, fx.Node)]
-        seen: set[fx.Node] = set()
-        while stack:
-            cur = stack.pop()
-            if cur in seen:
-                continue
-            seen.add(cur)
-            if cur.op == "get_attr":
-                written.add(str(cur.target))
-            elif cur.args:
-                fx.node.map_arg(cur.args[0], stack.append)  # the nodes in it (a list for torch.cat)
-    return written
 
 
 def _same_module(old: nn.Module, new: nn.Module) -> bool:
@@ -516,6 +493,7 @@ def _plain_custom_decompositions(frozen: nn.Module) -> int:
     changed = 0
     if not isinstance(frozen, fx.GraphModule):
         return changed
+    schema = ("A", "taylor_order", "clamp_gap", "uplo")  # the custom ops' arguments (svd_stable's lack uplo)
     for _, gm in list(_graph_modules(frozen)):
         for _ in each_mode(gm):
             nodes = [n for n in gm.graph.nodes if n.op == "call_function"
@@ -523,7 +501,6 @@ def _plain_custom_decompositions(frozen: nn.Module) -> int:
             for node in nodes:
                 name = str(node.target).removesuffix(".default")
                 stand_in, names, options = _CUSTOM_DECOMPOSITIONS[name]
-                schema = ("A", "taylor_order", "clamp_gap", "uplo")
                 given = dict(zip(schema, node.args)) | dict(node.kwargs)
                 kwargs = {new: given[old] for old, new in zip(schema[1:], names) if old in given}
                 node.target = stand_in

@@ -922,9 +922,12 @@ def _writes_first_argument(node: fx.Node) -> bool:
     return False
 
 
-def _mutated_attributes(graph: fx.Graph) -> set[str]:
+def _mutated_attributes(graph: fx.Graph, views_only: bool = False) -> set[str]:
     """Targets of every ``get_attr`` an in-place op may write (through views too: every attribute upstream of the
-    written tensor counts)."""
+    written tensor counts). ``views_only``: only those the written tensor is reached from through first arguments
+    (a view is of its first argument: ``w.T``, ``w[0]``, ``w.type_as(x)``; ``x += y`` returns ``x``), so that
+    ``y = F.conv2d(x, layer.weight); y += 1`` writes ``y``, a new tensor, not ``layer.weight``, while
+    ``layer.weight.t().mul_(2)`` writes it."""
     mutated: set[str] = set()
     for node in graph.nodes:
         if not _writes_first_argument(node):
@@ -938,7 +941,10 @@ def _mutated_attributes(graph: fx.Graph) -> set[str]:
             seen.add(cur)
             if cur.op == "get_attr":
                 mutated.add(str(cur.target))
-            stack.extend(cur.all_input_nodes)
+            elif not views_only:
+                stack.extend(cur.all_input_nodes)
+            elif cur.args:
+                fx.node.map_arg(cur.args[0], stack.append)  # the nodes in it (a list for torch.cat)
     return mutated
 
 
