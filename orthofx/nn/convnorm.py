@@ -1137,8 +1137,8 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         return self.conv  # V is made of the conv's weight
 
     def _eval_cache_settings(self) -> tuple:
-        # a copy (a list changed in place stays the key's value) of an int too: torch's conv stores a tuple, but
-        # ``conv.dilation = 2`` set afterwards is taken by the forward (_ntuple), and tuple(2) raised TypeError
+        # a new tuple, made from an int too: a list changed in place would change the key with it, and torch's conv
+        # stores a tuple, but ``conv.dilation = 2`` set afterwards is taken by the forward (_ntuple; tuple(2) raised)
         return (self.eps, _ntuple(self.conv.dilation, self._dims, "dilation"))
 
     def _eval_cache_tensors(self) -> list[torch.Tensor]:

@@ -832,9 +832,9 @@ class ConditionMonitor(nn.Module):
         batch or ``n = 0`` (0 x 0 matrices, which torch decomposes) records nothing and returns NaN. Activation
         checkpointing's recomputation of the forward during backward records nothing either (the forward did).
         Everything here is computed from the detached eigenvalues, so no ``torch.no_grad()`` region is needed, and
-        none is opened: ``torch.export`` writes one as a ``wrap_with_set_grad_enabled`` node that its own loader
-        refused (``SpecViolationError: ... missing val field``), so a model calling a monitor could not be saved
-        to ``.pt2``."""
+        none is opened unless the buffers themselves require grad (never in a traced graph): ``torch.export``
+        writes one as a ``wrap_with_set_grad_enabled`` node that its own loader refused (``SpecViolationError: ...
+        missing val field``), so a model calling a monitor could not be saved to ``.pt2``."""
         if eigenvalues.dim() < 1:
             raise LayerArgumentError(f"expected eigenvalues of shape [..., n], got {tuple(eigenvalues.shape)}")
         if in_func_transform():

@@ -787,8 +787,9 @@ class _EvalCache:
     is cached there. The cache is used only when ``not self.training``, ``torch.is_grad_enabled()`` is False and
     nothing traces the module (compile, export), is keyed by every parameter's identity (a weak reference: the
     tensors ``torch.func.functional_call`` substitutes are new objects, even where one reuses a freed one's memory),
-    storage address, layout, version counter, dtype and device plus ``gain`` and ``compute_dtype`` (an optimizer
-    step, ``load_state_dict`` or ``.to()`` invalidates it), and by the count of optimizer steps taken (any
+    storage address, layout, version counter, dtype and device (an optimizer step, ``load_state_dict`` or ``.to()``
+    invalidates it) plus the layer's settings (:meth:`_eval_cache_settings`: ``gain`` and ``compute_dtype``;
+    ConvNorm's ``eps`` and dilation), and by the count of optimizer steps taken (any
     optimizer's ``step()``, counted by a global step post hook registered with the first entry): fused optimizers
     write the parameters without bumping their version counters, so an eval forward between ``backward()`` and a
     fused ``step()`` (metrics on the training batch of a model trained in eval mode) kept the kernel of the weights
