@@ -453,12 +453,14 @@ def _rebind_layer_reads(frozen: nn.Module, found: list[_LayerReads]) -> None:
         for node in [n for n in graph.nodes if n in stale and any(u not in stale for u in n.users)]:
             value = reads.values.get(node)
             if not isinstance(value, torch.Tensor):
-                what = "depends on state the forward writes" if node not in reads.values else "is not a tensor"
+                written = node not in reads.values
+                what = "depends on state the forward writes in place" if written else "is not a tensor"
+                fix = ("write a copy instead (layer.weight.clone().mul_(2), or the out-of-place layer.weight * 2)"
+                       if written else "read the layer's weight as a tensor (layer.weight)")
                 read = first_few(sorted({repr(str(n.target)) for n in stale if n.op == "get_attr"}), 3)
                 raise ExportError(f"the forward reads the state of an orthofx layer that freeze replaces by its "
                                   f"plain form ({read}), and what it computes from it (node {node.name!r}) {what}, "
-                                  "so it cannot be stored. Fix: read the layer's weight as a tensor (layer.weight) "
-                                  "and do not write it in the forward")
+                                  f"so it cannot be stored. Fix: {fix}")
             n = 0
             while hasattr(gm, f"{READ_PREFIX}{n}"):
                 n += 1

@@ -89,9 +89,23 @@ class WritesRead(nn.Module):
         return self.enc(x) @ w
 
 
+class WritesCopy(WritesRead):
+    def forward(self, x):
+        w = self.enc.weight.t().clone()
+        w.mul_(2.0)  # the fix the error advises: a copy is written, not the read
+        return self.enc(x) @ w
+
+
 def test_read_written_through_a_view_is_still_refused():
-    with pytest.raises(orthofx.ExportError, match="writes"):
-        orthofx.freeze(WritesRead().double().eval(), example_inputs=(torch.randn(3, 4, dtype=torch.float64),))
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(orthofx.ExportError, match=r"writes in place.*Fix: write a copy instead"):
+        orthofx.freeze(WritesRead().double().eval(), example_inputs=(x,))
+    # the advised form freezes, with the eval output (x W^T + b) (2 W^T) computed here in float64
+    model = WritesCopy().double().eval()
+    W, b = model.enc.weight.detach(), model.enc.bias.detach()
+    frozen = orthofx.freeze(model, example_inputs=(x,))
+    for _ in range(2):  # the copy is written, not the frozen weight: the second call gives the same
+        assert torch.allclose(frozen(x), (x @ W.T + b) @ (2 * W.T), atol=1e-12)
 
 
 class Clones(nn.Module):

@@ -925,9 +925,11 @@ def _writes_first_argument(node: fx.Node) -> bool:
 def _mutated_attributes(graph: fx.Graph, views_only: bool = False) -> set[str]:
     """Targets of every ``get_attr`` an in-place op may write (through views too: every attribute upstream of the
     written tensor counts). ``views_only``: only those the written tensor is reached from through first arguments
-    (a view is of its first argument: ``w.T``, ``w[0]``, ``w.type_as(x)``; ``x += y`` returns ``x``), so that
-    ``y = F.conv2d(x, layer.weight); y += 1`` writes ``y``, a new tensor, not ``layer.weight``, while
-    ``layer.weight.t().mul_(2)`` writes it."""
+    (a view is of its first argument: ``w.T``, ``w[0]``, ``w.type_as(x)``; ``x += y`` returns ``x``), but not
+    through a ``clone``: ``y = F.conv2d(x, layer.weight); y += 1`` and ``layer.weight.clone().mul_(2)`` write new
+    tensors, not ``layer.weight``, while ``layer.weight.t().mul_(2)`` writes it. (Other ops with a new result are
+    walked through on purpose: freeze rebinds a node computed from a layer's state, ``(Q * s).to(dtype)``, to the
+    plain form's weight, which a write to a view of that node would then change.)"""
     mutated: set[str] = set()
     for node in graph.nodes:
         if not _writes_first_argument(node):
@@ -943,7 +945,7 @@ def _mutated_attributes(graph: fx.Graph, views_only: bool = False) -> set[str]:
                 mutated.add(str(cur.target))
             elif not views_only:
                 stack.extend(cur.all_input_nodes)
-            elif cur.args:
+            elif cur.args and not (cur.op in ("call_method", "call_function") and _target_name(cur) == "clone"):
                 fx.node.map_arg(cur.args[0], stack.append)  # the nodes in it (a list for torch.cat)
     return mutated
 
