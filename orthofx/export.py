@@ -83,9 +83,10 @@ from .nn.tracing import is_orthofx_module
 from .nn import conditioning as cond
 from .passes.base import Manifest, each_mode, replace_module
 # the constant-folding helpers fold_constant_decompositions runs on, shared rather than written twice
-from .passes.svd_conditioning import (_constant_nodes, _copy_meta, _erase_dead, _graph_modules, _mutated_attributes,
-                                      _run_constants, decomposition_op, fold_constant_decompositions, foldable_seed,
-                                      plain_decompositions, to_newton_schulz)
+from .passes.svd_conditioning import (_constant_nodes, _copy_meta, _erase_dead, _free_attribute_name,
+                                      _graph_modules, _mutated_attributes, _run_constants, decomposition_op,
+                                      fold_constant_decompositions, foldable_seed, plain_decompositions,
+                                      to_newton_schulz)
 from .penalty import module_path_within, part_site_path, transformed_parts
 from .plan import build_plan, collect_sites, producers_feeding
 from .policy import Policy
@@ -169,8 +170,7 @@ def _captured_with_orthofx_layers(model: nn.Module, example: ExampleCall | None)
             "does not call orthofx.nn.eigh_stable / svd_stable, there is nothing to freeze: use the model as it is "
             "(torch.export / torch.onnx.export work on it directly); if it does, make it traceable (or pass "
             "example_inputs for torch.export capture), or call torch.linalg.eigh / svd in eval mode") from exc
-    if not layers and not any(str(n.target).removesuffix(".default") in _CUSTOM_DECOMPOSITIONS
-                              for _, g in _graph_modules(gm) for n in g.graph.nodes if n.op == "call_function"):
+    if not layers and not any(_custom_decomposition(n) for _, g in _graph_modules(gm) for n in g.graph.nodes):
         raise OrthofxError(f"{type(root).__name__} was not produced by orthofx.transform and holds no orthofx layer "
                            "and no call of orthofx.nn.eigh_stable / svd_stable (nothing to freeze): call "
                            "orthofx.transform(model, policy) first, or use the model as it is (torch.export / "
@@ -461,12 +461,10 @@ def _rebind_layer_reads(frozen: nn.Module, found: list[_LayerReads]) -> None:
                 raise ExportError(f"the forward reads the state of an orthofx layer that freeze replaces by its "
                                   f"plain form ({read}), and what it computes from it (node {node.name!r}) {what}, "
                                   f"so it cannot be stored. Fix: {fix}")
-            n = 0
-            while hasattr(gm, f"{READ_PREFIX}{n}"):
-                n += 1
-            gm.register_buffer(f"{READ_PREFIX}{n}", value.detach().clone())
+            buffer = _free_attribute_name(gm, READ_PREFIX)
+            gm.register_buffer(buffer, value.detach().clone())
             with graph.inserting_before(node):
-                new = graph.get_attr(f"{READ_PREFIX}{n}")
+                new = graph.get_attr(buffer)
             _copy_meta(new, node)
             node.replace_all_uses_with(new)
         _erase_dead(graph, stale | rebound)
@@ -481,6 +479,12 @@ _CUSTOM_DECOMPOSITIONS = {
     "orthofx.eigh_stable": (cond.stable_eigh, ("taylor_order", "clamp_gap", "UPLO"), {}),
     "orthofx.svd_stable": (cond.stable_linalg_svd, ("taylor_order", "clamp_gap"), {"full_matrices": False}),
 }
+
+
+def _custom_decomposition(node: fx.Node) -> str | None:
+    """The key in :data:`_CUSTOM_DECOMPOSITIONS` of the custom op ``node`` calls, or ``None``."""
+    name = str(node.target).removesuffix(".default") if node.op == "call_function" else None
+    return name if name in _CUSTOM_DECOMPOSITIONS else None
 
 
 def _plain_custom_decompositions(frozen: nn.Module) -> int:
@@ -498,11 +502,9 @@ def _plain_custom_decompositions(frozen: nn.Module) -> int:
     schema = ("A", "taylor_order", "clamp_gap", "uplo")  # the custom ops' arguments (svd_stable's lack uplo)
     for _, gm in list(_graph_modules(frozen)):
         for _ in each_mode(gm):
-            nodes = [n for n in gm.graph.nodes if n.op == "call_function"
-                     and str(n.target).removesuffix(".default") in _CUSTOM_DECOMPOSITIONS]
+            nodes = [n for n in gm.graph.nodes if _custom_decomposition(n)]
             for node in nodes:
-                name = str(node.target).removesuffix(".default")
-                stand_in, names, options = _CUSTOM_DECOMPOSITIONS[name]
+                stand_in, names, options = _CUSTOM_DECOMPOSITIONS[_custom_decomposition(node)]
                 given = dict(zip(schema, node.args)) | dict(node.kwargs)
                 kwargs = {new: given[old] for old, new in zip(schema[1:], names) if old in given}
                 node.target = stand_in

@@ -546,11 +546,16 @@ def _copy_meta(new: fx.Node, old: fx.Node, site: str | None = None) -> None:
 
 # ------------------------------------------------------------------------------------------------ rewriting
 
-def _add_monitor(gm: fx.GraphModule, monitor: cond.DecompositionMonitor) -> str:
+def _free_attribute_name(gm: torch.nn.Module, prefix: str) -> str:
+    """``prefix`` followed by the smallest number ``n >= 0`` that names no attribute of ``gm`` yet."""
     n = 0
-    while hasattr(gm, f"{MONITOR_PREFIX}{n}"):
+    while hasattr(gm, f"{prefix}{n}"):
         n += 1
-    name = f"{MONITOR_PREFIX}{n}"
+    return f"{prefix}{n}"
+
+
+def _add_monitor(gm: fx.GraphModule, monitor: cond.DecompositionMonitor) -> str:
+    name = _free_attribute_name(gm, MONITOR_PREFIX)
     ref = next(iter(gm.parameters()), None)
     if ref is None:
         ref = next(iter(gm.buffers()), None)
@@ -1115,10 +1120,7 @@ def _fold(gm: fx.GraphModule, prefix: str) -> dict[str, list[str]]:
         done |= region
         names = []
         for node in boundary:
-            n = 0
-            while hasattr(gm, f"{prefix}{n}"):
-                n += 1
-            buffer = f"{prefix}{n}"
+            buffer = _free_attribute_name(gm, prefix)
             gm.register_buffer(buffer, values[node].detach().clone())
             with graph.inserting_before(node):
                 replacement = graph.get_attr(buffer)
