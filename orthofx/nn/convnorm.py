@@ -946,7 +946,7 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         replica = super()._replicate_for_data_parallel()
         replica._running_filters = dict(self._running_filters)
         replica._running_order = dict(self._running_order)
-        replica.__dict__.pop("_eval_cache", None)
+        replica._drop_eval_values()
         return replica
 
     @property
@@ -1095,17 +1095,14 @@ class ConvNormConvNd(_EvalCache, nn.Module):
                 power, kind, grid = _one_tap_norms(conv.weight).square(), "scale", None
             else:
                 power, kind, grid = _power(conv.weight, geo.grid, conv.dilation), "filter", geo.grid
-            kept = self._eval_values(eval_only=False)
-            if kept is not None:
-                kept_key = (kind, None if grid is None else _grid_key(grid))
-                if kept_key not in kept:
-                    self._keep(kept, kept_key, _filter_of_power(power, self.eps, conv.weight.dtype))
+            self._eval_kept(kind, grid, lambda: _filter_of_power(power, self.eps, conv.weight.dtype), eval_only=False)
             low, high = _gain_range_of_power(power, conv.weight.dtype)
         return geo, low, high
 
-    def _eval_kept(self, kind: str, grid, build) -> torch.Tensor:
+    def _eval_kept(self, kind: str, grid, build, eval_only: bool = True) -> torch.Tensor:
         """``build()``, the one-tap scale (``kind="scale"``) or the filter of ``grid`` (``"filter"``) from the
-        current weight, kept for later eval-mode forwards without gradients.
+        current weight, kept for later eval-mode forwards without gradients (``eval_only=False``: kept from a call
+        in training mode too, :meth:`gain_range`'s, which computes it without gradients).
 
         The orthogonal layers' kernel cache (``orthofx.nn.orthogonal._EvalCache``, whose conditions and key hold
         here, with ``eps``, the dilation, the conv's parameters and ``conv.weight``, a parameter or not): used only
@@ -1117,7 +1114,7 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         At most ``MAX_REMEMBERED_SIZES`` grids are kept (the oldest dropped first). A kept tensor is the computed
         one bit for bit, so eval outputs do not change.
         """
-        kept = self._eval_values()
+        kept = self._eval_values(eval_only)
         if kept is None:
             return build()
         key = (kind, None if grid is None else _grid_key(grid))
@@ -1244,7 +1241,7 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         """``nn.Module._apply`` (``.to()``, ``.double()``, ``.half()``, ``.cuda()``, ``.to_empty()`` ...): the
         running filters go through ``fn`` as torch's buffers do, except that a cast to half precision keeps them in
         float32 and no memory format is given (:func:`_converted_filter`)."""
-        self.__dict__.pop("_eval_cache", None)  # made of the tensors before (it would pin their storage)
+        self._drop_eval_values()  # made of the tensors before (it would pin their storage)
         super()._apply(fn, recurse)
         for grid, old in list(self._running_filters.items()):
             self._running_filters[grid] = _converted_filter(fn, old)
@@ -1259,7 +1256,7 @@ class ConvNormConvNd(_EvalCache, nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        self.__dict__.pop("_eval_cache", None)
+        self._drop_eval_values()
         loaded = self._load_running_filters(state_dict, prefix, local_metadata, error_msgs)
         reported = len(unexpected_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

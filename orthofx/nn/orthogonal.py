@@ -837,7 +837,7 @@ class _EvalCache:
         if eval_only and (self.training or torch.is_grad_enabled()):
             # a forward with gradients is a training pass in eval mode (frozen BatchNorm): the step after it may
             # be a fused optimizer's, which writes the parameters without bumping their version counters
-            self.__dict__.pop("_eval_cache", None)
+            self._drop_eval_values()
             return None
         owner = self._eval_cache_owner()
         if parametrize.is_parametrized(owner):
@@ -867,8 +867,12 @@ class _EvalCache:
             values[name] = build()
         return values[name]
 
-    def train(self, mode: bool = True):
+    def _drop_eval_values(self) -> None:
+        """Forget every kept value (and release the storages the entry pins)."""
         self.__dict__.pop("_eval_cache", None)
+
+    def train(self, mode: bool = True):
+        self._drop_eval_values()
         return super().train(mode)
 
     def _adopt_mode(self, training: bool) -> None:
