@@ -687,6 +687,34 @@ def _output_dtype(in_dtype: torch.dtype, conv_dtype: torch.dtype) -> torch.dtype
     return conv_dtype if conv_dtype in HALF_PRECISION else in_dtype
 
 
+def _after_forward_pre_hooks(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run ``conv``'s forward pre-hooks on ``x`` as ``conv(x)`` would, and return the input they leave.
+
+    ConvNorm convolves with ``conv.weight`` itself and never calls ``conv``, but what such hooks do belongs to the
+    conv: ``torch.nn.utils.prune`` and the older ``weight_norm`` / ``spectral_norm`` recompute ``conv.weight`` from
+    their parameters before each call (without that, a second training step backpropagated through the first
+    step's freed graph), and a hook may change the input. The conv's forward hooks do not run: its output is never
+    formed (ConvNorm filters the full correlation before cropping). Global hooks run only on modules called."""
+    for hook_id, hook in tuple(conv._forward_pre_hooks.items()):
+        if hook_id in conv._forward_pre_hooks_with_kwargs:
+            result = hook(conv, (x,), {})
+            if result is not None:
+                x = _one_input(result[0], conv)
+        else:
+            result = hook(conv, (x,))
+            if result is not None:
+                x = _one_input(result if isinstance(result, tuple) else (result,), conv)
+    return x
+
+
+def _one_input(args: tuple, conv: nn.Module) -> torch.Tensor:
+    if len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        raise LayerArgumentError(
+            f"a forward pre-hook of {layer_label(conv)} returned {len(args)} inputs; ConvNorm passes the conv one "
+            f"tensor, so a pre-hook of its conv must return one tensor (or None to keep the input)")
+    return args[0]
+
+
 def _apply_affine(affine: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """The affine depthwise conv on ``y``, in its weight's dtype and back: a half-precision input to a float32
     layer comes back half precision (nn.Conv refuses the mixed dtypes, which autocast would have cast)."""
@@ -835,7 +863,9 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         conv: the convolution (``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` for the 1d / 2d / 3d class; any padding,
             padding mode, stride, dilation, groups; not transposed). It becomes the child ``conv``. A subclass whose
             class overrides ``forward`` or ``_conv_forward`` is refused (:func:`overridden_conv_code`): the wrapper
-            convolves with ``conv.weight`` itself and would drop that code.
+            convolves with ``conv.weight`` itself and would drop that code. The conv's forward pre-hooks run
+            before each forward (``torch.nn.utils.prune`` recomputing the weight, a hook changing the input); its
+            forward hooks do not, since its output is never formed.
         eps: added to ``sum_c |K_hat|^2`` before the inverse square root (> 0).
         affine: add the learned depthwise-conv affine part (child ``affine``), initialised to the identity.
         momentum: ``None`` (default) to recompute ``V`` from the weight in eval too; a float in (0, 1] to keep
@@ -1391,6 +1421,7 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         if not torch.compiler.is_compiling():
             self._issue_pending_drop_warning()
         conv = self.conv
+        x = _after_forward_pre_hooks(conv, x)
         y = _conv_norm(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
                        self.eps, conv.padding_mode, self._v_for, self)
         if not torch.compiler.is_compiling():
