@@ -212,9 +212,9 @@ def check_layout(ndim: int, layout: tuple) -> str | None:
     """``None`` when the recorded index arithmetic of a matched ``V diag(f(lambda)) V^T`` pattern means the last two
     dimensions of ``ndim``-dimensional matrices; otherwise why not. Entries of ``layout``:
 
-    ``("transpose", i, j)``: a transpose of dims ``i, j`` (must be the last two); ``("ndim", k)``: an op that is
-    a transpose of the last two dims only for ``k``-D matrices (``.T``, ``.t()``, ``torch.diag``, ``permute``);
-    ``("col", d)``: ``unsqueeze(d)`` of the eigenvalues
+    ``("transpose", i, j)``: a transpose of dims ``i, j`` (must be the last two); ``("ndim", k)``: an op that does
+    what the pattern needs only for ``k``-D matrices (``.T``, ``.t()``, ``permute`` transpose the last two dims,
+    ``torch.diag`` builds ``diag(L)``, ``V * L`` scales the columns only when ``L`` is 1-D); ``("col", d)``: ``unsqueeze(d)`` of the eigenvalues
     must scale columns (``d`` is ``-2`` or ``ndim - 2``); ``("row", d)``: it must scale rows (``-1`` or
     ``ndim - 1``)."""
     for entry in layout:
@@ -226,8 +226,8 @@ def check_layout(ndim: int, layout: tuple) -> str | None:
                 return f"transpose{entry[1:]} of {ndim}-D matrices does not swap the last two dimensions"
         elif kind == "ndim":
             if ndim != entry[1]:
-                return (f"an op written for {entry[1]}-D matrices (.T, .t(), torch.diag, permute) is applied to "
-                        f"{ndim}-D matrices")
+                return (f"an op written for {entry[1]}-D matrices (.T, .t(), torch.diag, permute, V * L with the "
+                        f"eigenvalues broadcast along the columns) is applied to {ndim}-D matrices")
         elif kind in ("col", "row"):
             want = ndim - 2 if kind == "col" else ndim - 1
             d = entry[1] if entry[1] >= 0 else entry[1] + ndim

@@ -32,8 +32,13 @@ graph captured by torch.export also the ATen overloads it keeps, ``aten.swapaxes
                                       (also times 1.0, as torch.export records 1 / x),
                                       applied to L through clamp(min=c) / clamp_min / relu / + c
     V @ diag_embed(D) @ T(V)       (either association; torch.diag(D) for 2-D)
-    (V * D.unsqueeze(-2)) @ T(V)   (also D[..., None, :], unsqueeze(k) with k = ndim - 2; either operand order)
+    (V * D.unsqueeze(-2)) @ T(V)   (also D[..., None, :], unsqueeze(k) with k = ndim - 2; either operand order;
+                                    V * D for 2-D matrices, where D broadcasts along the columns)
     V @ (D.unsqueeze(-1) * T(V))   (also D[..., None], unsqueeze(ndim - 1))
+
+``V`` and ``L`` may each be cast back from a decomposition run in another precision (``eigh_stable(A,
+float64=True)``, or ``torch.linalg.eigh(A.double())`` with ``.to(A.dtype)`` / ``.float()`` on both outputs): the
+power is then computed from the decomposed (float64) matrix and cast the same way.
 
 For SVDs the left factor may be ``U`` or ``V`` and the right one ``Vh``, ``T(U)`` or ``T(V)`` (equal for a
 symmetric PD input). Ranks are usually unknown to an fx graph: index arithmetic that is only right for some
@@ -215,6 +220,58 @@ def _out_index(node: Any, dec: fx.Node, info: _OpInfo) -> int | None:
     return None
 
 
+_CAST_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _cast_of(node: Any) -> tuple[fx.Node, Any] | None:
+    """``(source, dtype)`` when ``node`` only converts the dtype of ``source``: ``source.to(dtype)`` with a
+    ``torch.dtype`` or a ``x.dtype`` node (``eigh_stable(A, float64=True)`` casts its results back that way),
+    ``.float()`` / ``.double()`` / ``.half()`` / ``.bfloat16()``, torch.export's ``aten._to_copy(source, dtype=)``."""
+    if not isinstance(node, fx.Node) or not node.args:
+        return None
+    if node.op == "call_method" and node.target in _CAST_METHODS and len(node.args) == 1 and not node.kwargs:
+        return node.args[0], _CAST_METHODS[node.target]
+    if node.op == "call_method" and node.target == "to" and len(node.args) + len(node.kwargs) == 2:
+        dtype = node.args[1] if len(node.args) == 2 else node.kwargs.get("dtype")
+    elif node.op == "call_function" and node.target is _ATEN._to_copy.default and len(node.args) == 1 and set(
+            node.kwargs) == {"dtype"}:
+        dtype = node.kwargs["dtype"]
+    else:
+        return None
+    if isinstance(dtype, torch.dtype) or _dtype_read(dtype) is not None:
+        return node.args[0], dtype
+    return None  # .to(device), .to(other_tensor): more than a dtype
+
+
+def _dtype_read(node: Any) -> fx.Node | None:
+    """``x`` when ``node`` is ``x.dtype``."""
+    if (isinstance(node, fx.Node) and node.op == "call_function" and node.target is getattr
+            and node.args[1:] == ("dtype",)):
+        return node.args[0]
+    return None
+
+
+def _same_dtype(a: Any, b: Any) -> bool:
+    """Whether two cast targets are the same dtype: equal constants, or reads of the same tensor's dtype."""
+    if isinstance(a, torch.dtype) or isinstance(b, torch.dtype):
+        return a == b
+    return a is b or (_dtype_read(a) is not None and _dtype_read(a) is _dtype_read(b))
+
+
+def _output_of(node: Any, dec: fx.Node, info: _OpInfo) -> tuple[int, list[fx.Node], Any] | None:
+    """``(i, nodes, cast)`` when ``node`` is output ``i`` of ``dec`` (:func:`_out_index`), or a dtype cast of it
+    (``cast``: its target dtype, else ``None``); ``nodes``: the output's node and the cast."""
+    idx = _out_index(node, dec, info)
+    if idx is not None:
+        return idx, [node], None
+    cast = _cast_of(node)
+    if cast is not None:
+        idx = _out_index(cast[0], dec, info)
+        if idx is not None:
+            return idx, [cast[0], node], cast[1]
+    return None
+
+
 def _transpose_of(node: Any) -> tuple[fx.Node, list] | None:
     """``(source, layout constraints)`` when ``node`` swaps the last two dims of ``source``."""
     if not isinstance(node, fx.Node):
@@ -309,13 +366,14 @@ class _Power:
     shift: float = 0.0
     notes: list[str] = field(default_factory=list)
     nodes: list[fx.Node] = field(default_factory=list)
+    cast: Any = None  # the dtype the values were cast to (see _output_of)
 
 
 def _base_of(node: Any, dec: fx.Node, info: _OpInfo) -> _Power | None:
     """Walk from ``node`` through clamps / relu / ``+ c`` down to the decomposition's values."""
     nodes, notes, shift = [], [], 0.0
     cur = node
-    while isinstance(cur, fx.Node) and _out_index(cur, dec, info) != info.values:
+    while isinstance(cur, fx.Node) and ((out := _output_of(cur, dec, info)) is None or out[0] != info.values):
         if _is(cur, {torch.clamp, torch.clip}, {"clamp", "clip"}):
             low, high = _arg(cur, 1, "min"), _arg(cur, 2, "max")
             if high is not None or not isinstance(low, _NUMBER):
@@ -348,7 +406,7 @@ def _base_of(node: Any, dec: fx.Node, info: _OpInfo) -> _Power | None:
         cur = cur.args[0]
     if not isinstance(cur, fx.Node):
         return None
-    return _Power(values=cur, power=0.0, shift=shift, notes=notes, nodes=nodes + [cur])
+    return _Power(values=cur, power=0.0, shift=shift, notes=notes, nodes=nodes + out[1], cast=out[2])
 
 
 def _power_of(node: Any, dec: fx.Node, info: _OpInfo) -> _Power | None:
@@ -399,14 +457,16 @@ def _power_of(node: Any, dec: fx.Node, info: _OpInfo) -> _Power | None:
     return base
 
 
-def _factor_of(node: Any, dec: fx.Node, info: _OpInfo) -> tuple[str, list, list[fx.Node]] | None:
-    """``("left" | "right", layout, nodes)``: ``node`` is an orthogonal factor of ``dec`` or its transpose."""
-    idx = _out_index(node, dec, info)
-    if idx is not None:
+def _factor_of(node: Any, dec: fx.Node, info: _OpInfo) -> tuple[str, list, list[fx.Node], Any] | None:
+    """``("left" | "right", layout, nodes, cast)``: ``node`` is an orthogonal factor of ``dec`` or its transpose
+    (``cast``: the dtype the factor was cast to, see :func:`_output_of`)."""
+    out = _output_of(node, dec, info)
+    if out is not None:
+        idx, nodes, cast = out
         if idx in info.left:
-            return "left", [], [node]
+            return "left", [], nodes, cast
         if idx in info.right:
-            return "right", [], [node]
+            return "right", [], nodes, cast
         return None
     t = _transpose_of(node)
     if t is None:
@@ -414,8 +474,8 @@ def _factor_of(node: Any, dec: fx.Node, info: _OpInfo) -> tuple[str, list, list[
     sub = _factor_of(t[0], dec, info)
     if sub is None:
         return None
-    side, layout, nodes = sub
-    return ("right" if side == "left" else "left"), layout + t[1], nodes + [node]
+    side, layout, nodes, cast = sub
+    return ("right" if side == "left" else "left"), layout + t[1], nodes + [node], cast
 
 
 @dataclass
@@ -426,23 +486,35 @@ class _Match:
     power: _Power
     layout: list
     nodes: list[fx.Node]  # internal nodes (output excluded)
+    cast: Any = None  # the dtype every output of the decomposition in the pattern was cast to (float64=True)
 
 
 def _scaled_factor(node: Any, side: str, dec: fx.Node, info: _OpInfo):
-    """``(power, layout, nodes)`` when ``node`` is a ``side`` factor scaled by ``f(L)``: ``V * D.unsqueeze(-2)``
-    / ``V @ diag(D)`` for the left side, ``D.unsqueeze(-1) * V^T`` / ``diag(D) @ V^T`` for the right side."""
+    """``(power, layout, nodes, casts)`` when ``node`` is a ``side`` factor scaled by ``f(L)``: ``V *
+    D.unsqueeze(-2)`` / ``V @ diag(D)`` / ``V * D`` (2-D matrices: ``D`` broadcasts along the columns) for the left
+    side, ``D.unsqueeze(-1) * V^T`` / ``diag(D) @ V^T`` for the right side; ``casts``: the factor's and the
+    values' dtype casts (:func:`_output_of`)."""
     pair = _binary(node, _MUL_FNS, _MUL_METHODS) if isinstance(node, fx.Node) else None
     if pair is not None:
         for fac, other in (pair, pair[::-1]):
             f = _factor_of(fac, dec, info)
+            if f is None or f[0] != side:
+                continue
             u = _unsqueeze_of(other)
-            if f is None or f[0] != side or u is None:
+            if u is None and side == "left":
+                # V * D scales V's columns when D is 1-D (the matrix 2-D); on the right, D * V^T would scale the
+                # columns of V^T, which is no V diag(f(L)) V^T
+                pw = _power_of(other, dec, info)
+                if pw is not None:
+                    return pw, f[1] + [("ndim", 2)], f[2] + [node], [f[3], pw.cast]
+                continue
+            if u is None:
                 continue
             pw = _power_of(u[0], dec, info)
             if pw is None:
                 continue
             kind = "col" if side == "left" else "row"
-            return pw, f[1] + [(kind, u[1])], f[2] + u[2] + [other, node]
+            return pw, f[1] + [(kind, u[1])], f[2] + u[2] + [other, node], [f[3], pw.cast]
         return None
     pair = _binary(node, _MATMUL_FNS, _MATMUL_METHODS) if isinstance(node, fx.Node) else None
     if pair is not None:
@@ -454,7 +526,7 @@ def _scaled_factor(node: Any, side: str, dec: fx.Node, info: _OpInfo):
         pw = _power_of(d[0], dec, info)
         if pw is None:
             return None
-        return pw, f[1] + d[1], f[2] + [other, node]
+        return pw, f[1] + d[1], f[2] + [other, node], [f[3], pw.cast]
     return None
 
 
@@ -463,18 +535,20 @@ def _match_power(node: fx.Node, dec: fx.Node, info: _OpInfo) -> _Match | None:
     if pair is None:
         return None
     x, y = pair
-    # (V scaled) @ V^T
-    scaled = _scaled_factor(x, "left", dec, info)
-    right = _factor_of(y, dec, info)
-    if scaled is not None and right is not None and right[0] == "right":
-        pw, layout, nodes = scaled
-        return _Match(node, pw, layout + right[1], nodes + right[2] + pw.nodes)
-    # V @ (V^T scaled)
-    left = _factor_of(x, dec, info)
-    scaled = _scaled_factor(y, "right", dec, info)
-    if scaled is not None and left is not None and left[0] == "left":
-        pw, layout, nodes = scaled
-        return _Match(node, pw, layout + left[1], nodes + left[2] + pw.nodes)
+    # (V scaled) @ V^T, or V @ (V^T scaled)
+    for scaled, plain, side in ((_scaled_factor(x, "left", dec, info), _factor_of(y, dec, info), "right"),
+                                (_scaled_factor(y, "right", dec, info), _factor_of(x, dec, info), "left")):
+        if scaled is None or plain is None or plain[0] != side:
+            continue
+        pw, layout, nodes, casts = scaled
+        casts = casts + [plain[3]]
+        # every output cast alike (eigh in float64, its results cast back) or none: the product of mixed dtypes
+        # would be promoted, which the rewrite's one cast cannot reproduce
+        if any(c is None for c in casts) and any(c is not None for c in casts):
+            return None
+        if casts[0] is not None and not all(_same_dtype(casts[0], c) for c in casts[1:]):
+            return None
+        return _Match(node, pw, layout + plain[1], nodes + plain[2] + pw.nodes, cast=casts[0])
     return None
 
 
@@ -588,10 +662,16 @@ def _rewrite_powers(gm: fx.GraphModule, dec: fx.Node, matrix: fx.Node, uplo: str
                   "uplo": uplo, "layout": layout}
         with graph.inserting_before(m.output):
             ns = graph.call_function(cond.power_newton_schulz, (source,), kwargs)
-        _copy_meta(ns, m.output, site)
+            _copy_meta(ns, m.output, site)
+            if m.cast is not None:  # the pattern was computed from outputs cast to another dtype
+                ns = graph.call_method("to", (ns, m.cast))
+                _copy_meta(ns, m.output, site)
         m.output.replace_all_uses_with(ns)
+    # the casts' reads of x.dtype (x.to(x_in.dtype)), left without users once the casts are gone
+    dtype_reads = [cast[1] for m in matches for n in m.nodes
+                   if (cast := _cast_of(n)) is not None and isinstance(cast[1], fx.Node)]
     doomed = [m.output for m in matches] + [n for m in matches for n in m.nodes] + list(dec.users) + [dec]
-    return _erase_dead(graph, doomed)
+    return _erase_dead(graph, doomed) + _erase_dead(graph, dtype_reads)
 
 
 def _layout_problem(matrix: fx.Node, matches: list[_Match]) -> str | None:
