@@ -2,7 +2,7 @@
 
 * ``(V * L.rsqrt()) @ V.T``: the eigenvalues broadcast along the columns of 2-D eigenvectors, with no
   ``unsqueeze(-2)``; it was "no V diag(lambda^(1/2) or lambda^(-1/2)) V^T ... was found", so ``.onnx`` export
-  refused such a model.
+  refused such a model. So were scalings written as a division, ``(V / L.sqrt()) @ V.T``.
 * outputs cast back from a float64 decomposition: ``orthofx.nn.eigh_stable(A, float64=True)`` (which casts its
   results with ``.to(A.dtype)``), or ``torch.linalg.eigh(A.double())`` followed by ``.float()``; none of the forms
   was recognised through the cast.
@@ -96,13 +96,38 @@ def test_the_power_becomes_newton_schulz_iterations_on_the_decomposed_matrix(for
     torch.testing.assert_close(y, model(x), rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("form, power", [
+    (lambda V, L: (V / L.sqrt()) @ V.T, -0.5),
+    (lambda V, L: (V / L.rsqrt().unsqueeze(-2)) @ V.mT, 0.5),
+    (lambda V, L: V @ (V.mT / L.sqrt().unsqueeze(-1)), -0.5),
+    (lambda V, L: torch.div(V, L.rsqrt()) @ V.T, 0.5),
+], ids=["V / sqrt(L), broadcast", "V / rsqrt(L) unsqueezed", "V^T / sqrt(L) on the right", "torch.div"])
+def test_a_scaling_written_as_a_division_is_the_negated_power(form, power):
+    torch.manual_seed(5)
+
+    class Divided(Whiten):
+        def forward(self, x):
+            h = self.lin(x)
+            cov = h.T @ h / h.shape[0] + 0.5 * torch.eye(N)
+            L, V = torch.linalg.eigh(cov)
+            return form(V, L)
+
+    model = Divided(None, None, power=power).eval()
+    x = torch.randn(32, N)
+    gm = fx.symbolic_trace(model)
+    assert list(to_newton_schulz(gm, iterations=25).values()) == ["replaced"]
+    torch.testing.assert_close(gm(x).double(), _reference(model, x), rtol=2e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize("form, decomposition", [
     # D * V^T scales the columns of V^T: V V^T diag(D) = diag(D), no matrix function
     (lambda V, D: V @ (D * V.mT), torch.linalg.eigh),
     # the values cast to float32, the float64 vectors not: the product is float64, which one cast of the
     # replacement to float32 would not give
     (lambda V, D: (V * D.unsqueeze(-2)) @ V.mT, _values_cast_only),
-], ids=["broadcast on the right", "only the values cast"])
+    # D / V divides by the eigenvectors' entries
+    (lambda V, D: (D / V) @ V.mT, torch.linalg.eigh),
+], ids=["broadcast on the right", "only the values cast", "divided by V"])
 def test_forms_that_are_no_matrix_power_are_left_as_they_are(form, decomposition):
     torch.manual_seed(1)
     model = Whiten(form, decomposition).eval()

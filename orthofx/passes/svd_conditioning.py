@@ -35,6 +35,7 @@ graph captured by torch.export also the ATen overloads it keeps, ``aten.swapaxes
     (V * D.unsqueeze(-2)) @ T(V)   (also D[..., None, :], unsqueeze(k) with k = ndim - 2; either operand order;
                                     V * D for 2-D matrices, where D broadcasts along the columns)
     V @ (D.unsqueeze(-1) * T(V))   (also D[..., None], unsqueeze(ndim - 1))
+    V / D...                       (any of the scalings above written as a division: the power negated)
 
 ``V`` and ``L`` may each be cast back from a decomposition run in another precision (``eigh_stable(A,
 float64=True)``, or ``torch.linalg.eigh(A.double())`` with ``.to(A.dtype)`` / ``.float()`` on both outputs): the
@@ -176,6 +177,8 @@ _MATMUL_FNS = {operator.matmul, torch.matmul, torch.bmm, torch.mm}
 _MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
 _MUL_FNS = {operator.mul, torch.mul}
 _MUL_METHODS = {"mul", "__mul__"}
+_DIV_FNS = {operator.truediv, torch.div, torch.true_divide}
+_DIV_METHODS = {"div", "__truediv__", "true_divide"}
 _ADD_FNS = {operator.add, torch.add}
 _ADD_METHODS = {"add", "__add__", "__radd__"}
 # torch.export capture keeps some views as ATen overloads (same arguments as the torch functions): a graph
@@ -492,29 +495,32 @@ class _Match:
 def _scaled_factor(node: Any, side: str, dec: fx.Node, info: _OpInfo):
     """``(power, layout, nodes, casts)`` when ``node`` is a ``side`` factor scaled by ``f(L)``: ``V *
     D.unsqueeze(-2)`` / ``V @ diag(D)`` / ``V * D`` (2-D matrices: ``D`` broadcasts along the columns) for the left
-    side, ``D.unsqueeze(-1) * V^T`` / ``diag(D) @ V^T`` for the right side; ``casts``: the factor's and the
-    values' dtype casts (:func:`_output_of`)."""
-    pair = _binary(node, _MUL_FNS, _MUL_METHODS) if isinstance(node, fx.Node) else None
-    if pair is not None:
-        for fac, other in (pair, pair[::-1]):
-            f = _factor_of(fac, dec, info)
-            if f is None or f[0] != side:
-                continue
-            u = _unsqueeze_of(other)
-            if u is None and side == "left":
-                # V * D scales V's columns when D is 1-D (the matrix 2-D); on the right, D * V^T would scale the
-                # columns of V^T, which is no V diag(f(L)) V^T
-                pw = _power_of(other, dec, info)
-                if pw is not None:
-                    return pw, f[1] + [("ndim", 2)], f[2] + [node], [f[3], pw.cast]
-                continue
-            if u is None:
-                continue
-            pw = _power_of(u[0], dec, info)
-            if pw is None:
-                continue
+    side, ``D.unsqueeze(-1) * V^T`` / ``diag(D) @ V^T`` for the right side, and ``V / D...``, ``V^T / D...`` (the
+    power negated); ``casts``: the factor's and the values' dtype casts (:func:`_output_of`)."""
+    scalings = []  # (factor, scale, sign of the power)
+    if (pair := _binary(node, _MUL_FNS, _MUL_METHODS) if isinstance(node, fx.Node) else None) is not None:
+        scalings = [(pair[0], pair[1], 1), (pair[1], pair[0], 1)]
+    elif (pair := _binary(node, _DIV_FNS, _DIV_METHODS) if isinstance(node, fx.Node) else None) is not None:
+        scalings = [(pair[0], pair[1], -1)]  # D / V scales nothing
+    for fac, other, sign in scalings:
+        f = _factor_of(fac, dec, info)
+        if f is None or f[0] != side:
+            continue
+        u = _unsqueeze_of(other)
+        if u is None and side == "left":
+            # V * D scales V's columns when D is 1-D (the matrix 2-D); on the right, D * V^T would scale the
+            # columns of V^T, which is no V diag(f(L)) V^T
+            pw, layout, extra = _power_of(other, dec, info), [("ndim", 2)], []
+        elif u is not None:
             kind = "col" if side == "left" else "row"
-            return pw, f[1] + [(kind, u[1])], f[2] + u[2] + [other, node], [f[3], pw.cast]
+            pw, layout, extra = _power_of(u[0], dec, info), [(kind, u[1])], u[2] + [other]
+        else:
+            continue
+        if pw is None:
+            continue
+        pw.power *= sign
+        return pw, f[1] + layout, f[2] + extra + [node], [f[3], pw.cast]
+    if scalings:
         return None
     pair = _binary(node, _MATMUL_FNS, _MATMUL_METHODS) if isinstance(node, fx.Node) else None
     if pair is not None:
