@@ -10,6 +10,8 @@ The hooks are registered with ``Optimizer.register_step_pre_hook`` / ``register_
 ``optimizer.step()`` after gradients are final (after DDP's all-reduce) and need no change to the training loop.
 With ``optimizer.step(closure)`` the gradients are computed inside the step, so the "before" hooks run right
 after the closure's first evaluation (``attach`` wraps the closure), not before the step.
+The hooks run with autocast switched off, so that an ``optimizer.step()`` inside a ``torch.autocast`` block computes
+them, like torch's own updates, as it would outside it.
 If the step raises (in the optimizer or in a hook), the "after" hooks still run before the exception propagates,
 so that what the "before" hooks changed is undone (OLR's lr); torch skips post-hooks then, so ``attach`` also wraps
 ``optimizer.step`` on the instance (as torch's LR schedulers do; ``handle.remove()`` unwraps it).
@@ -27,6 +29,7 @@ as ``attach(optimizer, part)`` would run them; one handle removes them all.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import types
@@ -115,6 +118,28 @@ class _StepGuard:
                 del self._optimizer.step
             else:
                 self._optimizer.step = self._own
+
+
+#: The device types whose autocast the hooks switch off (those ``torch.is_autocast_enabled`` knows).
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu", "privateuseone")
+
+
+@contextlib.contextmanager
+def _autocast_off():
+    """Autocast switched off, for every device type where it is on, while the hooks run. ``optimizer.step()``
+    inside a ``torch.autocast`` block (a whole training step in one ``with``) leaves torch's optimizers as they are
+    (their updates use no autocast op) but ran the hooks' matrix products in bfloat16 / float16: a Riemannian step
+    of a float32 weight was 1e-3 off P1's (1e-7 outside autocast) and its transported momentum 2e-2 off the tangent
+    space."""
+    with contextlib.ExitStack() as stack:
+        for device in _AUTOCAST_DEVICE_TYPES:
+            try:
+                enabled = torch.is_autocast_enabled(device)
+            except RuntimeError:  # a device type this build of torch has no autocast for
+                continue
+            if enabled:
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 def _run_eagerly(function):
@@ -459,8 +484,9 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         # its "before" hook and the step did (OLR's lr, another weight's retraction back onto the manifold), and
         # one that did not run would leave that behind for the steps after the error; the first error follows.
         errors: list[Exception] | None = [] if stage == "after" else None
-        for part in parts:
-            part.run(opt, stage, errors)
+        with _autocast_off():
+            for part in parts:
+                part.run(opt, stage, errors)
         if errors:
             raise errors[0]
 

@@ -199,11 +199,19 @@ class NearestOrthogonalGradient(OptimizerHook):
         write_whole(grad, polar_factor(G).reshape(grad.shape))
 
 
-def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
+def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor, hook: OptimizerHook | None = None) -> dict:
+    """The param group holding ``param``. ``attach`` checked that the optimizer holds the weight, so at a step
+    (``hook``: the OLR hook asking) a weight in no group was replaced after ``attach``: the optimizer still steps
+    the old tensor (as it would without orthofx: the new weight never trains)."""
     for group in optimizer.param_groups:
         if any(p is param for p in group["params"]):
             return group
-    raise OrthofxError("the weight is not in any param group of this optimizer")  # attach checked it; defensive
+    where = "" if hook is None else f"site '{hook.site}' (rule '{hook.rule}'): OLR: "
+    raise OrthofxError(f"{where}the layer's weight is not in any param group of this optimizer: it was replaced "
+                       "after orthofx.attach (load_state_dict(..., assign=True), or a new nn.Parameter assigned to "
+                       "the layer), and the optimizer holds the old tensor, which no longer trains the model. Load "
+                       "or assign the weights before building the optimizer (then attach it), or load them in place "
+                       "(load_state_dict without assign=True)")
 
 
 def _split_off(optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor) -> dict:
@@ -225,6 +233,19 @@ def _split_off(optimizer: torch.optim.Optimizer, group: dict, param: torch.Tenso
     group["params"] = group["params"][:index] + group["params"][index + 1:]
     optimizer.add_param_group(new_group)
     return optimizer.param_groups[-1]
+
+
+def _own_lr_tensor(optimizer: torch.optim.Optimizer, group: dict) -> None:
+    """Give ``group`` a tensor ``lr`` of its own where its ``lr`` is a tensor that another param group or the
+    optimizer's defaults (which ``add_param_group`` hands to new groups) also hold. OLR sets it in place for a
+    step: shared, every holder stepped with ``eta*``, and kept another OLR group's ``eta*`` as its lr after the
+    step (that group stored it as its base lr). ``setup`` gave the group its own tensor, but
+    ``optimizer.load_state_dict`` shares one again among the groups that shared it in the saved state (a state
+    saved before ``attach`` with the weight in a group of its own already)."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and (optimizer.defaults.get("lr") is lr or any(
+            other is not group and other["lr"] is lr for other in optimizer.param_groups)):
+        group["lr"] = lr.clone()
 
 
 def _refuse_state_saved_before_split(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
@@ -313,8 +334,8 @@ class OptimalLearningRate(OptimizerHook):
         else:
             own = _split_off(optimizer, group, weight)
             own[OLR_GROUP_KEY] = self.site
-        # A tensor lr may be one object shared by every group (torch hands each group the default's tensor):
-        # the step sets this group's lr in place, so it gets a tensor of its own.
+        # A tensor lr may be one object shared by every group (torch hands each group the default's tensor), or
+        # by another optimizer: the step sets this group's lr in place, so it gets a tensor of its own.
         if isinstance(own["lr"], torch.Tensor):
             own["lr"] = own["lr"].clone()
         if not optimizer.__dict__.get(_LOAD_CHECK_KEY):
@@ -323,11 +344,12 @@ class OptimalLearningRate(OptimizerHook):
 
     def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         weight = root.get_submodule(self.site).weight
-        group = _group_of(optimizer, weight)
+        group = _group_of(optimizer, weight, self)
         if _BASE_LR_KEY in group:
             # a weight shared by two sites has two OLR hooks: the first set this step's lr (from the same weight
             # and gradient); the base lr it stored is the one to restore, not the eta* it wrote
             return
+        _own_lr_tensor(optimizer, group)
         base = group["lr"]
         base = float(base) if isinstance(base, torch.Tensor) else base
         group[_BASE_LR_KEY] = base
@@ -346,7 +368,7 @@ class OptimalLearningRate(OptimizerHook):
 
     def after_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         weight = root.get_submodule(self.site).weight
-        group = _group_of(optimizer, weight)
+        group = _group_of(optimizer, weight, self)
         base = group.pop(_BASE_LR_KEY, None)
         if base is None:
             return
