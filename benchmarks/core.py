@@ -15,6 +15,7 @@
 
     python benchmarks/core.py            # full
     python benchmarks/core.py --quick    # smaller widths and batches, for a CPU smoke run
+    python benchmarks/core.py --quick --repeats 1    # one timed call per candidate: a test's smoke run
 
 Writes ``benchmarks/results/core.json`` (or ``--out``).
 """
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 import orthofx
-from timing import common_arguments, interleaved, setup, synchronizer, training_step, write_results
+from timing import common_arguments, interleaved, positive_int, setup, synchronizer, training_step, write_results
 
 
 def plain_cnn(depth: int = 50, width: int = 16) -> nn.Module:
@@ -39,7 +40,7 @@ def plain_cnn(depth: int = 50, width: int = 16) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
 
 
-def transform_latency(quick: bool) -> list[dict]:
+def transform_latency(quick: bool, repeats: int | None = None) -> list[dict]:
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_fx
 
@@ -56,7 +57,7 @@ def transform_latency(quick: bool) -> list[dict]:
             "orthofx.transform+inputs": lambda: orthofx.transform(model, "lorth", example_inputs=(x,)),
             "prepare_fx": lambda: prepare_fx(model, qconfig, (x,)),
         }
-        times = interleaved(fns, repeats=5 if quick else 10)
+        times = interleaved(fns, repeats=repeats or (5 if quick else 10))
         n_conv = sum(isinstance(m, nn.Conv2d) for m in model.modules())
         for fn_name, seconds in times.items():
             rows.append({"benchmark": "transform", "model": name, "convs": n_conv, "method": fn_name,
@@ -67,7 +68,7 @@ def transform_latency(quick: bool) -> list[dict]:
 PRESETS_ON_RESNET = ("lorth", "orthogonal", "convnorm", "isometric", "jacobian")
 
 
-def preset_latency(quick: bool) -> list[dict]:
+def preset_latency(quick: bool, repeats: int | None = None) -> list[dict]:
     """``orthofx.transform(resnet50, preset, example_inputs=...)`` for each preset against ``prepare_fx``."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_fx
@@ -79,13 +80,13 @@ def preset_latency(quick: bool) -> list[dict]:
     fns = {f"transform {preset}": (lambda preset=preset: orthofx.transform(model, preset, example_inputs=(x,)))
            for preset in PRESETS_ON_RESNET}
     fns["prepare_fx"] = lambda: prepare_fx(model, qconfig, (x,))
-    times = interleaved(fns, repeats=3)
+    times = interleaved(fns, repeats=repeats or 3)
     return [{"benchmark": "transform_preset", "model": f"resnet50(width={width})", "method": name,
              "seconds": seconds, "ratio_to_prepare_fx": seconds / times["prepare_fx"]}
             for name, seconds in times.items()]
 
 
-def preset_steps(quick: bool, device: str = "cpu") -> list[dict]:
+def preset_steps(quick: bool, device: str = "cpu", repeats: int | None = None) -> list[dict]:
     """Eager training step of each preset against the plain step (CPU: width 32, batch 32; CUDA: width 64,
     batch 128, the shape of ``compile.py``)."""
     torch.manual_seed(0)
@@ -100,13 +101,13 @@ def preset_steps(quick: bool, device: str = "cpu") -> list[dict]:
     for preset in PRESETS_ON_RESNET:
         gm = orthofx.transform(model, preset, example_inputs=(x[:2],)).to(device)
         fns[f"{preset} step"] = training_step(gm, x.to(device), y.to(device), orthofx_terms=True)
-    times = interleaved(fns, repeats=5 if quick else 9, sync=synchronizer(device))
+    times = interleaved(fns, repeats=repeats or (5 if quick else 9), sync=synchronizer(device))
     base = times["plain step"]
     return [{"benchmark": "preset_step", "model": f"resnet18(width={width})", "batch": batch, "device": device,
              "method": name, "seconds": seconds, "ratio_to_plain": seconds / base} for name, seconds in times.items()]
 
 
-def lorth_overhead(quick: bool, device: str = "cpu") -> list[dict]:
+def lorth_overhead(quick: bool, device: str = "cpu", repeats: int | None = None) -> list[dict]:
     """The lorth-transformed model's step with and without ``orthofx.penalty``: the same graph on both sides, so
     the ratio is the penalty's alone (``preset_steps`` compares with the untransformed model instead)."""
     torch.manual_seed(0)
@@ -117,7 +118,7 @@ def lorth_overhead(quick: bool, device: str = "cpu") -> list[dict]:
     y = torch.randint(0, 10, (batch,), device=device)
     times = interleaved({"plain step": training_step(copy.deepcopy(gm), x, y, orthofx_terms=False),
                          "step + penalty": training_step(gm, x, y, orthofx_terms=True)},
-                        repeats=5 if quick else 20, sync=synchronizer(device))
+                        repeats=repeats or (5 if quick else 20), sync=synchronizer(device))
     base = times["plain step"]
     return [{"benchmark": "lorth_overhead", "model": f"resnet18(width={width})", "batch": batch, "device": device,
              "method": k, "seconds": v, "ratio_to_plain": v / base} for k, v in times.items()]
@@ -128,21 +129,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=["transform", "presets", "steps", "lorth"], default=None,
                         help="run one part only")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="timed calls per candidate in every part (default: 10, 3, 9, 20; 5, 3, 5, 5 with --quick)")
     common_arguments(parser, "core.json", device_use="where the L_orth and per-preset step timings run")
     args = parser.parse_args()
     setup(parser, args)
     rows = []
     if args.only in (None, "transform"):
-        rows += transform_latency(args.quick)
+        rows += transform_latency(args.quick, args.repeats)
     if args.only in (None, "presets"):
-        rows += preset_latency(args.quick)
+        rows += preset_latency(args.quick, args.repeats)
     if args.only in (None, "steps"):
-        rows += preset_steps(args.quick, args.device)
+        rows += preset_steps(args.quick, args.device, args.repeats)
     if args.only in (None, "lorth"):
-        rows += lorth_overhead(args.quick, args.device)
+        rows += lorth_overhead(args.quick, args.device, args.repeats)
     from tabulate import tabulate
     print(tabulate(rows, headers="keys", floatfmt=".4g"))
-    write_results(args.out, args.device, rows, machine=platform.machine(), quick=args.quick)
+    write_results(args.out, args.device, rows, machine=platform.machine(), quick=args.quick, repeats=args.repeats)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from the exact frozen model, the float32 exact model's own difference from a flo
 whether the export passed its 1e-4 check. Writes ``benchmarks/results/svd_export.json`` (or ``--out``).
 
     python benchmarks/svd_passes.py --export
+    python benchmarks/svd_passes.py --export --eps 1e-1 1e-4    # two of the five (a smoke run: one passes)
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ import torch
 import torch.nn.functional as F
 
 import orthofx
-from timing import RESULTS, common_arguments, interleaved, positive_int, samples, setup, training_step, write_results
+from timing import (RESULTS, common_arguments, interleaved, positive_float, positive_int, samples, setup, training_step,
+                    write_results)
 
 VARIANTS = {
     "plain": None,
@@ -134,7 +136,11 @@ class CovarianceRoots(torch.nn.Module):
             ((evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.mT @ f.mT).flatten(1)
 
 
-def export_accuracy(out: str, batch: int = 4, vectors: int = 40) -> list[dict]:
+#: The ``--export`` eps values: kappa from ~10 to ~1e5.
+EXPORT_EPS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
+
+
+def export_accuracy(out: str, batch: int = 4, vectors: int = 40, epsilons=EXPORT_EPS) -> list[dict]:
     """The ``--export`` measurement (see the module docstring)."""
     import tempfile
     import warnings
@@ -142,7 +148,7 @@ def export_accuracy(out: str, batch: int = 4, vectors: int = 40) -> list[dict]:
     rows = []
     x = torch.randn(batch, vectors, 5, generator=torch.Generator().manual_seed(0))
     print(f"{'eps':>7}  {'kappa':>8}  {'T':>3}  {'NS vs exact':>11}  {'onnx vs exact':>13}  {'f32 vs f64':>10}  result")
-    for eps in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5):
+    for eps in epsilons:
         torch.manual_seed(0)
         model = CovarianceRoots(eps)
         with torch.no_grad():
@@ -186,11 +192,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default=None, help="JSON path (default results/svd_passes.json, "
                         "results/svd_export.json with --export)")
     parser.add_argument("--export", action="store_true", help="measure the ONNX inference form instead")
+    parser.add_argument("--eps", type=positive_float, nargs="+", default=None,
+                        help="with --export: the eps values measured (default 1e-1 1e-2 1e-3 1e-4 1e-5)")
     common_arguments(parser, None, device=None, threads=1)  # CPU only; --out above: two defaults
     args = parser.parse_args(argv)
     setup(parser, args)
+    if args.eps is not None and not args.export:
+        parser.error("--eps sets the covariances of --export; it does not apply without --export")
     if args.export:
-        return export_accuracy(args.out or os.path.join(RESULTS, "svd_export.json"))
+        return export_accuracy(args.out or os.path.join(RESULTS, "svd_export.json"), epsilons=args.eps or EXPORT_EPS)
     args.out = args.out or os.path.join(RESULTS, "svd_passes.json")
     batches = args.batches or ([64] if args.quick else [64, 256])
     rounds = args.rounds or (10 if args.quick else 30)

@@ -95,9 +95,9 @@ ONNX = ("onnx", "onnxscript", "onnxruntime")
 
 
 def test_core_quick(tmp_path):
-    stdout, results = _run("core", tmp_path, "--quick", "--threads", "1", "--device", "cpu")
+    stdout, results = _run("core", tmp_path, "--quick", "--repeats", "1", "--threads", "1", "--device", "cpu")
     rows = results["rows"]
-    assert results["quick"] is True and results["threads"] == 1
+    assert results["quick"] is True and results["threads"] == 1 and results["repeats"] == 1
     _assert_positive(rows, "seconds")
     by = {}
     for row in rows:
@@ -380,11 +380,14 @@ def test_svd_passes_quick(tmp_path):
 
 
 def test_svd_passes_export(tmp_path):
+    """Two of the five eps values (each an ONNX export of its own through the same loop body; the default five take
+    three times as long): 1e-1 (kappa ~ 14), which passes, and 1e-4 (kappa ~ 1e4), which today fails the export's
+    1e-4 check (the ExportError row and line)."""
     if not _importable(*ONNX):
         pytest.skip("--export needs the onnx extra (onnx, onnxscript, onnxruntime)")
-    stdout, results = _run("svd_passes", tmp_path, "--export", "--threads", "1")
+    stdout, results = _run("svd_passes", tmp_path, "--export", "--eps", "1e-1", "1e-4", "--threads", "1")
     rows = results["rows"]
-    assert [r["eps"] for r in rows] == [1e-1, 1e-2, 1e-3, 1e-4, 1e-5]
+    assert [r["eps"] for r in rows] == [1e-1, 1e-4]
     kappas = [r["kappa"] for r in rows]
     assert all(_positive(k) and k >= 1 for k in kappas) and kappas == sorted(kappas)
     assert rows[0]["passed"]  # kappa ~ 14: Newton-Schulz converges well within the export's 1e-4 check

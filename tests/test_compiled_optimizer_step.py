@@ -36,10 +36,13 @@ NOG_OLR = {"rules": [{"match": {"type": "Linear"}, "apply": "pre_svd", "with": {
 POLICIES = {"isometric": "isometric", "nog": NOG}
 HOWS = ("step_fn", "step_method", "train_step")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-FOREACH = (None, False)
-DEFAULT_CELLS = {("isometric", "sgd", None, "step_fn"), ("isometric", "adam", False, "step_method"),
-                 ("isometric", "adamw", None, "train_step"), ("nog", "sgd", False, "train_step"),
-                 ("nog", "adam", None, "step_fn"), ("nog", "adamw", False, "step_method")}
+# foreach=None only: on CPU tensors torch resolves it to False (torch.optim.optimizer._default_to_fused_or_foreach:
+# foreach kernels on cuda/xpu/mtia only), eagerly and under dynamo, so a False column ran the same single-tensor
+# steps (measured: bitwise equal weights in every cell) at twice the cost.
+FOREACH = (None,)
+DEFAULT_CELLS = {("isometric", "sgd", None, "step_fn"), ("isometric", "adam", None, "step_method"),
+                 ("isometric", "adamw", None, "train_step"), ("nog", "sgd", None, "train_step"),
+                 ("nog", "adam", None, "step_fn"), ("nog", "adamw", None, "step_method")}
 CELLS = [pytest.param(*cell, marks=() if cell in DEFAULT_CELLS else pytest.mark.slow,
                       id="-".join(str(part) for part in cell))
          for cell in itertools.product(POLICIES, OPTIMIZERS, FOREACH, HOWS)]
@@ -92,7 +95,7 @@ def _train(policy, kind: str, foreach, how: str, backend: str | None, attach: bo
     def loss_of(x, y):
         return (gm(x) - y).square().mean() + orthofx.penalty(gm)
 
-    def step():
+    def step_fn():
         optimizer.step()
 
     def train_step(x, y):
@@ -101,8 +104,7 @@ def _train(policy, kind: str, foreach, how: str, backend: str | None, attach: bo
         optimizer.step()
         return loss
 
-    if how == "step_method":
-        step = optimizer.step
+    step = optimizer.step if how == "step_method" else step_fn
     if counter is not None:
         step = torch.compile(step, backend=counter)  # fullgraph=False: torch's own optimizer step breaks the graph
         train_step = torch.compile(train_step, backend=counter)
