@@ -715,6 +715,32 @@ def _one_input(args: tuple, conv: nn.Module) -> torch.Tensor:
     return args[0]
 
 
+def _weight_for_freezing(conv: nn.Module, label: str) -> None:
+    """Run ``conv``'s forward pre-hooks once, on a probe input, so that ``conv.weight`` is the weight they compute
+    from the parameters now: ``torch.nn.utils.prune`` and the older ``weight_norm`` set the attribute at each call,
+    and after an optimizer step it still held the weight of the last forward, which ``to_plain`` baked into the
+    frozen layer (its outputs were those of the weights one step before). They run with the conv in eval mode, as
+    the frozen layer's forward would (``spectral_norm`` takes no power-iteration step), and with gradients on (as in
+    a forward: the weight requires grad where its parameters do, which the frozen layer's weight copies). A hook
+    that changes the input (returns a new tensor) is refused: the frozen layer convolves with a plain conv, which
+    cannot run it."""
+    if not conv._forward_pre_hooks:
+        return
+    probe = conv.weight.new_zeros((1, conv.in_channels, *conv.kernel_size))
+    training = conv.training
+    conv.train(False)
+    try:
+        with torch.enable_grad():
+            x = _after_forward_pre_hooks(conv, probe)
+    finally:
+        conv.train(training)
+    if x is not probe:
+        raise LayerArgumentError(
+            f"{label}: a forward pre-hook of its conv changes the input (it returned a new tensor), and the frozen "
+            f"layer (a plain conv and the precomputed filters) cannot run it, so its outputs would differ from the "
+            f"layer's. Make that change in the model's forward, before the layer, or remove the hook before freezing")
+
+
 def _apply_affine(affine: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """The affine depthwise conv on ``y``, in its weight's dtype and back: a half-precision input to a float32
     layer comes back half precision (nn.Conv refuses the mixed dtypes, which autocast would have cast)."""
@@ -1388,7 +1414,10 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         """The inference form (``orthofx.freeze`` calls this): a :class:`FrozenConvNormNd` with a plain conv of
         the same weights and the eval ``V`` precomputed for every grid known (see the module docs, "Freezing");
         ``input_sizes`` adds spatial sizes. Its outputs equal this layer's in eval mode. A one-tap (1 x 1) kernel
-        without running filters freezes into its own conv with per-channel scaled weights instead (any size)."""
+        without running filters freezes into its own conv with per-channel scaled weights instead (any size). The
+        conv's forward pre-hooks run first (``torch.nn.utils.prune`` recomputing the weight); one changing the input
+        is refused (:func:`_weight_for_freezing`)."""
+        _weight_for_freezing(self.conv, layer_label(self))
         if _one_tap(self.conv.kernel_size) and self.momentum is None:
             frozen = FrozenConvNormNd(self.conv, {}, self.affine,
                                       channel_scale=_one_tap_scale(self.conv.weight, self.eps))

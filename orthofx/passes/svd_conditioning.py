@@ -25,8 +25,8 @@ Each selected function site (``torch.linalg.eigh``, ``eigvalsh``, ``svd``, ``svd
 Graph patterns recognised for the power (``V``: eigenvectors, or for an SVD ``U`` / ``V``; ``L``: eigenvalues or
 singular values; ``T(.)``: ``.mT``, ``.transpose(-2, -1)`` / ``(-1, -2)`` / ``(1, 2)`` / ``(0, 1)``, ``swapaxes``,
 ``.T`` / ``.t()`` (2-D), ``permute`` swapping the last two dims; ``@``: ``@``, ``matmul``, ``bmm``, ``mm``; in a
-graph captured by torch.export also the ATen overloads it keeps, ``aten.swapaxes``, ``aten.numpy_T``, and full
-``aten.slice`` s before an unsqueeze)::
+graph captured by torch.export also the ATen overloads it keeps, ``aten.swapaxes``, ``aten.numpy_T``,
+``aten.div.Tensor``, and full ``aten.slice`` s before an unsqueeze)::
 
     D = f(L)                       f: sqrt, rsqrt, pow(+-0.5), ** +-0.5, 1 / sqrt(.), reciprocal(sqrt(.))
                                       (also times 1.0, as torch.export records 1 / x),
@@ -177,7 +177,7 @@ _MATMUL_FNS = {operator.matmul, torch.matmul, torch.bmm, torch.mm}
 _MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
 _MUL_FNS = {operator.mul, torch.mul}
 _MUL_METHODS = {"mul", "__mul__"}
-_DIV_FNS = {operator.truediv, torch.div, torch.true_divide}
+_DIV_FNS = {operator.truediv, torch.div, torch.true_divide, torch.ops.aten.div.Tensor}
 _DIV_METHODS = {"div", "__truediv__", "true_divide"}
 _ADD_FNS = {operator.add, torch.add}
 _ADD_METHODS = {"add", "__add__", "__radd__"}
@@ -194,6 +194,8 @@ _UNSQUEEZE_FNS = {torch.unsqueeze, _ATEN.unsqueeze.default}
 _DIAG_EMBED_FNS = {torch.diag_embed, _ATEN.diag_embed.default}
 _DIAG_FNS = {torch.diag, _ATEN.diag.default}
 _NUMBER = (int, float)
+# torch.export's check of a tensor's dtype before it casts it (older torch has no such op)
+_METADATA_CHECKS = {_ATEN._assert_tensor_metadata.default} if hasattr(_ATEN, "_assert_tensor_metadata") else set()
 
 
 def _is(node: Any, fns: set = frozenset(), methods: set = frozenset()) -> bool:
@@ -229,7 +231,9 @@ _CAST_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.
 def _cast_of(node: Any) -> tuple[fx.Node, Any] | None:
     """``(source, dtype)`` when ``node`` only converts the dtype of ``source``: ``source.to(dtype)`` with a
     ``torch.dtype`` or a ``x.dtype`` node (``eigh_stable(A, float64=True)`` casts its results back that way),
-    ``.float()`` / ``.double()`` / ``.half()`` / ``.bfloat16()``, torch.export's ``aten._to_copy(source, dtype=)``."""
+    ``.float()`` / ``.double()`` / ``.half()`` / ``.bfloat16()``, torch.export's ``aten.to.dtype(source, dtype)``
+    (after an ``aten._assert_tensor_metadata`` of ``source``, see :func:`_output_of`) and ``aten._to_copy(source,
+    dtype=)``."""
     if not isinstance(node, fx.Node) or not node.args:
         return None
     if node.op == "call_method" and node.target in _CAST_METHODS and len(node.args) == 1 and not node.kwargs:
@@ -239,6 +243,8 @@ def _cast_of(node: Any) -> tuple[fx.Node, Any] | None:
     elif node.op == "call_function" and node.target is _ATEN._to_copy.default and len(node.args) == 1 and set(
             node.kwargs) == {"dtype"}:
         dtype = node.kwargs["dtype"]
+    elif node.op == "call_function" and node.target is _ATEN.to.dtype and len(node.args) == 2 and not node.kwargs:
+        dtype = node.args[1]  # how torch.export records x.to(dtype), x.float(), x.double()
     else:
         return None
     if isinstance(dtype, torch.dtype) or _dtype_read(dtype) is not None:
@@ -271,7 +277,10 @@ def _output_of(node: Any, dec: fx.Node, info: _OpInfo) -> tuple[int, list[fx.Nod
     if cast is not None:
         idx = _out_index(cast[0], dec, info)
         if idx is not None:
-            return idx, [cast[0], node], cast[1]
+            # torch.export checks the source's dtype before each cast (aten._assert_tensor_metadata, a user of the
+            # output without users of its own): part of the casts, erased with them
+            checks = [user for user in cast[0].users if _is(user, _METADATA_CHECKS)]
+            return idx, [cast[0], *checks, node], cast[1]
     return None
 
 
