@@ -103,3 +103,17 @@ def test_forward_hooks_of_the_conv_do_not_run():
     conv.register_forward_hook(lambda module, args, out: seen.append(out))
     ConvNormConv2d(conv)(torch.randn(1, 2, 5, 5))
     assert seen == []
+
+
+def test_a_pre_hook_returning_a_non_tensor_or_keywords_is_refused_with_what_it_returned():
+    conv = nn.Conv2d(2, 3, 3)
+    handle = conv.register_forward_pre_hook(lambda module, args: 3.0)
+    with pytest.raises(OrthofxError, match="returned a float, not a tensor"):
+        ConvNormConv2d(conv)(torch.randn(1, 2, 5, 5))
+    handle.remove()
+    # nn.Module's call would pass the keywords to conv.forward, which takes none (a TypeError); ConvNorm dropped them
+    conv.register_forward_pre_hook(lambda module, args, kwargs: (args, {"scale": 2}), with_kwargs=True)
+    with pytest.raises(TypeError):
+        conv(torch.randn(1, 2, 5, 5))
+    with pytest.raises(OrthofxError, match=r"keyword arguments \['scale'\]"):
+        ConvNormConv2d(conv)(torch.randn(1, 2, 5, 5))

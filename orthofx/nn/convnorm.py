@@ -699,6 +699,10 @@ def _after_forward_pre_hooks(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if hook_id in conv._forward_pre_hooks_with_kwargs:
             result = hook(conv, (x,), {})
             if result is not None:
+                if result[1]:  # conv.forward takes no keyword: nn.Module's call would fail with them
+                    raise LayerArgumentError(
+                        f"a forward pre-hook of {layer_label(conv)} returned keyword arguments {sorted(result[1])}; "
+                        f"ConvNorm passes the conv one tensor and no keywords")
                 x = _one_input(result[0], conv)
         else:
             result = hook(conv, (x,))
@@ -709,9 +713,10 @@ def _after_forward_pre_hooks(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _one_input(args: tuple, conv: nn.Module) -> torch.Tensor:
     if len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        got = f"{len(args)} inputs" if len(args) != 1 else f"a {type(args[0]).__name__}, not a tensor"
         raise LayerArgumentError(
-            f"a forward pre-hook of {layer_label(conv)} returned {len(args)} inputs; ConvNorm passes the conv one "
-            f"tensor, so a pre-hook of its conv must return one tensor (or None to keep the input)")
+            f"a forward pre-hook of {layer_label(conv)} returned {got}; ConvNorm passes the conv one tensor, so a "
+            f"pre-hook of its conv must return one tensor (or None to keep the input)")
     return args[0]
 
 
