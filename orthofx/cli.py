@@ -505,6 +505,24 @@ def _input_files(args: argparse.Namespace) -> list[tuple[str, str]]:
     return found
 
 
+#: What :func:`_written_files` adds to an ONNX export's file.
+_EXTRA_FILE = "the ONNX model's external weights (its name + '.data')"
+
+
+def _written_files(output: _Output) -> list[str]:
+    """The files ``output`` puts in place: its target and, for an ONNX export, the external data file torch's
+    exporter writes next to it (``model.onnx`` -> ``model.onnx.data``, see the README), which :func:`_commit` moves
+    into the same folder. Two outputs, or an output and an input file, must not share any of them.
+
+    >>> _written_files(_Output("--export", "m.onnx", "/tmp/m.onnx"))
+    ['/tmp/m.onnx', '/tmp/m.onnx.data']
+    """
+    files = [output.target]
+    if output.option == "--export" and not output.in_place and output.target.lower().endswith(".onnx"):
+        files.append(output.target + ".data")
+    return files
+
+
 def _same_file(first: str, second: str) -> bool:
     try:
         return os.path.samefile(first, second)
@@ -546,12 +564,19 @@ def _cmd_transform(args: argparse.Namespace) -> int:
         for second in outputs[i + 1:]:
             if first.target == second.target:
                 raise CliError(f"{first.option} and {second.option} both name {second.path}; give each its own file")
+            for one, other in ((first, second), (second, first)):
+                if other.target in _written_files(one)[1:]:
+                    raise CliError(f"{other.option} {other.path} names the file where {one.option} {one.path} writes "
+                                   f"{_EXTRA_FILE}, which would replace it; give each its own file")
     read = _input_files(args)
     for output in outputs:
         for what, path in read:
             if not output.in_place and _same_file(output.target, path):
                 raise CliError(f"{output.option} {output.path} is {what}: the output would replace it; choose "
                                "another path")
+            if not output.in_place and any(_same_file(extra, path) for extra in _written_files(output)[1:]):
+                raise CliError(f"{output.option} {output.path} writes {_EXTRA_FILE} to {what} ({path}), which "
+                               "would replace it; choose another path")
     model = load_model(args.model)
     inputs = _example(model, args.input_shape, args.model)
     if args.export and inputs is None and os.path.splitext(args.export)[1].lower() != ".pt":
