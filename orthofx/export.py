@@ -75,7 +75,8 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .capture import (ModalGraphModule, RecurrentBatch, batch_dim, batch_dynamic_shapes, buffers_kept, capture,
                       copy_model, recurrent_batch_dims, sequence_helper, unwrap_model)
-from .errors import SITE_ATTRIBUTE, CaptureError, ExportError, LayerArgumentError, OrthofxError, first_few
+from .errors import (SITE_ATTRIBUTE, CaptureError, ExportError, LayerArgumentError, OrthofxError, TransformError,
+                     first_few)
 from .nn.conditioning import power_newton_schulz
 from .nn.jacobian import JacobianProbe
 from .nn.precision import HALF_PRECISION
@@ -90,7 +91,7 @@ from .passes.svd_conditioning import (_constant_nodes, _copy_meta, _erase_dead, 
 from .penalty import module_path_within, part_site_path, transformed_parts
 from .plan import build_plan, collect_sites, producers_feeding
 from .policy import Policy
-from .transform import (ExampleCall, example_call, is_transformed, manifest_of, output_tensors,
+from .transform import (ExampleCall, _observe, example_call, is_transformed, manifest_of, output_tensors,
                         store_manifest, transform, transform_private_copy)
 
 __all__ = ["freeze", "export", "load", "ExportResult", "NewtonSchulzForm", "FORMAT_VERSION"]
@@ -175,7 +176,14 @@ def _captured_with_orthofx_layers(model: nn.Module, example: ExampleCall | None)
                            "and no call of orthofx.nn.eigh_stable / svd_stable (nothing to freeze): call "
                            "orthofx.transform(model, policy) first, or use the model as it is (torch.export / "
                            "torch.onnx.export work on it directly)")
-    store_manifest(gm, Manifest(policy=policy, plan=build_plan(gm, policy, info, model=root), capture=info))
+    manifest = Manifest(policy=policy, plan=build_plan(gm, policy, info, model=root), capture=info)
+    store_manifest(gm, manifest)
+    if example is not None:
+        # the input size at each site, as transform records it: a conv's singular values in report(frozen) need it
+        try:
+            _observe(gm, manifest.plan, example.fresh(), manifest)
+        except TransformError:
+            pass  # freeze's own run on the example (_run_example) says what is wrong with it, as an ExportError
     return gm
 
 

@@ -90,7 +90,9 @@ from .nn.convnorm import ConvNormConvNd, FrozenConvNormNd, convnorm_geometry
 from .nn.decompositions import ConditionMonitor
 from .nn.jacobian import JacobianProbe
 from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
-                            OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
+                            OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
+                            FourierConv, _FrozenConvTranspose)
+from .nn.padding import CircularPad
 from .passes.base import RECURRENT_TYPES, ParametrizationState, describe_module, recurrent_hidden_weights
 from .passes.orth_regularizer import gate_blocks_lorth
 from .errors import ArgumentError, first_few
@@ -499,12 +501,24 @@ def _transformed_report(model: nn.Module) -> Report:
                     conditioning[site.name] = monitor.history
                 rows.append(row)
             continue
-        module = root.get_submodule(site.name)
+        try:
+            module = root.get_submodule(site.name)
+        except AttributeError:
+            if not manifest.frozen:
+                raise
+            # a submodule of an orthofx layer that freeze replaced by its plain form (the conv inside an orthogonal
+            # transposed conv of a model written with one): the plain form's row stands for it
+            continue
         # a recurrent layer a rule selected but skipped (frozen, declined) gets its row too, as a conv does
         skipped_recurrent = isinstance(module, RECURRENT_TYPES) and site.name in skipped
-        if not isinstance(module, _CONV_TYPES + _LINEAR_TYPES) and not entries and not skipped_recurrent:
+        if manifest.frozen and isinstance(module, FourierConv):
+            rows.append(_fourier_row(site.name, module, pass_text, _params(entries), spectra))
             continue
-        reported = _reported_module(root, site.name, module)
+        frozen_conv = _frozen_conv(module) if manifest.frozen else None
+        if not isinstance(module, _CONV_TYPES + _LINEAR_TYPES) and frozen_conv is None and not entries \
+                and not skipped_recurrent:
+            continue
+        reported = frozen_conv or _reported_module(root, site.name, module)
         shape = _input_shape(root, site.name, manifest.input_shapes)
         rows.append(_layer_row(site.name, reported, pass_text, _params(entries), shape, spectra))
         if shape is None and rows[-1]["sigma_min"] is None and _needs_input_size(reported):
@@ -575,6 +589,48 @@ def _measured_layer(module: nn.Module) -> nn.Module:
     """The layer whose weight a row measures: a ConvNorm wrapper's own conv (the weight its regularisers penalise
     and its retractions move; ConvNorm's rescaling is not a parameter), any other module itself."""
     return module.conv if isinstance(module, ConvNormConvNd) else module
+
+
+#: The pads that ``orthofx.freeze`` puts before a conv without padding (``OrthogonalConv2d.to_conv``).
+_FREEZE_PADS = (nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+                CircularPad)
+
+
+def _frozen_conv(module: nn.Module) -> nn.Module | None:
+    """The plain conv of a frozen orthogonal layer whose frozen form is not one conv (``to_conv()``, what
+    ``orthofx.freeze`` puts at the layer's site; the row of a frozen model's site measures it), else None:
+
+    * ``nn.Sequential(pad, nn.Conv{d}d(padding=0))`` for asymmetric pads (``"same"`` with an even kernel) or
+      circular pads of 2 or more (a wide or dilated kernel): the pad then the conv is the circular conv with the
+      conv's kernel on the site's input grid (the row's operator), or with zero pads its usual surrogate;
+    * ``_FrozenConvTranspose`` (``nn.ConvTranspose{d}d(padding=0)``, then ``CircularFold``): the adjoint of the
+      circular conv with the transposed conv's weight, the operator a transposed conv's row measures.
+
+    Their rows then have the figures of the layer before freezing (the same weight, stride and grid)."""
+    if isinstance(module, _FrozenConvTranspose):
+        return module[0]
+    if type(module) is nn.Sequential and len(module) == 2 and isinstance(module[0], _FREEZE_PADS) \
+            and isinstance(module[1], (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module[1]
+    return None
+
+
+def _fourier_row(site: str, module: FourierConv, pass_text: str | None, params: str | None,
+                 spectra: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The row of a frozen ``method="cayley_fft"`` layer (:class:`~orthofx.nn.orthogonal.FourierConv`), with the
+    figures of the layer before freezing: its operator is the circular conv whose per-frequency matrices are the
+    buffer ``symbol``, on the rfft half spectrum of the ``input_size / stride`` grid, so its singular values are
+    those of the matrices, each counted for the frequencies it stands for (``metrics._rfft_counts``: a frequency and
+    its conjugate have the same ones). ``lorth`` stays empty, as on the unfrozen row (a full-size kernel)."""
+    with torch.no_grad():
+        symbol = torch.view_as_complex(module.symbol.detach().to(torch.float64).contiguous())  # (g, F, M, C S^d)
+        grid = tuple(n // s for n, s in zip(module.input_size, module.stride))
+        counts = metrics._rfft_counts(grid[-1]).repeat(math.prod(grid[:-1]))
+        values = torch.linalg.svdvals(symbol).repeat_interleave(counts, dim=1).flatten()
+    spectra[site] = values.sort(descending=True).values
+    return {"site": site, "layer": describe_module(module), "pass": pass_text, "params": params, "lorth": None,
+            "sigma_min": float(values.min()), "sigma_max": float(values.max()), "input": module.input_size,
+            "exists": "yes (full-size kernel)"}
 
 
 def _reported_module(root: nn.Module, site: str, module: nn.Module) -> nn.Module:

@@ -240,5 +240,15 @@ def test_frozen_written_convnorm_layer_row_is_the_layer_not_its_stride_1_conv():
     frozen = orthofx.freeze(model, (x,))
     assert frozen.get_submodule("0.conv").stride == (1, 1)
     (row,) = orthofx.report(frozen).rows
-    assert row["site"] == "0.conv" and row["layer"] == "FrozenConvNormNd(4->3, k=3, s=2)"
+    # freeze records the example's input sizes (session 34), so the row has the layer's figures on its FFT grid
+    assert row["site"] == "0.conv" and row["layer"] == ("FrozenConvNormNd(4->3, k=3, s=2) (figures: conv + "
+                                                        "ConvNorm, circular on its FFT grid 8x8)")
     assert row["lorth"] is None and row["exists"] == "yes (RO)"  # 3 outputs <= 4 inputs * 2 * 2 at stride 2
+    # the same figures as the same layer transformed by the convnorm pass, then frozen (the stride-2 operator)
+    twin = nn.Conv2d(4, 3, 3, stride=2, padding=1)
+    twin.load_state_dict(model[0].conv.state_dict())
+    policy = {"orthofx": 1, "rules": [{"match": {"type": "Conv2d"}, "apply": "convnorm"}]}
+    (expected,) = orthofx.report(orthofx.freeze(orthofx.transform(nn.Sequential(twin), policy,
+                                                                  example_inputs=(x,)))).rows
+    assert row["sigma_min"] == pytest.approx(expected["sigma_min"], rel=1e-9)
+    assert row["sigma_max"] == pytest.approx(expected["sigma_max"], rel=1e-9)
