@@ -720,6 +720,25 @@ def _line_and_column(text: str, position: int) -> tuple[int, int]:
     return len(lines), len(last) + 1
 
 
+def _yaml_quoting_hint(what: str) -> str:
+    """The fix for the two YAML errors that unquoted name patterns cause, to append to PyYAML's message (else "").
+
+    A plain value starting with ``*`` is a YAML alias, so the glob ``name: *conv`` reads as a reference to an
+    anchor ``&conv`` ("found undefined alias 'conv'", or "while scanning an alias" for ``name: *``); inside double
+    quotes a backslash starts an escape, so ``"re:conv\\d"`` is refused ("found unknown escape character 'd'").
+
+    >>> _yaml_quoting_hint("found undefined alias 'conv'")[:44]
+    " (a value starting with '*' is a YAML alias,"
+    """
+    if "undefined alias" in what or "scanning an alias" in what:
+        return (" (a value starting with '*' is a YAML alias, a reference to an anchor '&name': quote a glob that "
+                "starts with '*', as in name: '*conv' or exclude: ['*.fc'])")
+    if "unknown escape character" in what:
+        return (" (inside double quotes a backslash starts a YAML escape: write a regular expression in single "
+                "quotes, as in name: 're:layer\\d+', or unquoted)")
+    return ""
+
+
 def _policy_from_text(text: str, source: str, *, require_version: bool) -> Policy:
     data, pos = _parse_yaml(text, source)
     return _build_policy(data, pos, require_version=require_version)
@@ -734,6 +753,7 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, _Positions]:
         what = ", ".join(str(p) for p in (e.context, e.problem) if p)
         if "\\t" in what or "\t" in what:
             what += " (indent YAML with spaces, not tabs)"
+        what += _yaml_quoting_hint(what)
         raise PolicyError(f"invalid YAML: {what}", file=file, line=mark.line + 1 if mark else None,
                           column=mark.column + 1 if mark else None) from None
     except yaml.reader.ReaderError as e:
