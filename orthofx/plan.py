@@ -44,7 +44,7 @@ from .passes.svd_conditioning import decomposition_op
 from .policy import Match, Policy, Rule, _compiled_regex, _describe
 
 __all__ = ["Plan", "build_plan", "block_paths", "collect_sites", "describe_module", "other_mode_graph",
-           "producers_feeding", "unused_leaf_entries", "FUNCTION_OPS"]
+           "producers_feeding", "unused_leaf_entries", "unknown_type_entries", "FUNCTION_OPS"]
 
 #: Callables (functions and tensor methods) recognised as function sites, by canonical op name.
 FUNCTION_OPS: dict[Any, str] = {
@@ -789,7 +789,8 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
             layers[site.name] = describe_module(gm.get_submodule(site.name))
 
     if model is not None and capture is not None:
-        capture.warnings.extend(w for w in unused_leaf_entries(policy, model) if w not in capture.warnings)
+        notes = unused_leaf_entries(policy, model) + unknown_type_entries(policy, model)
+        capture.warnings.extend(w for w in notes if w not in capture.warnings)
     if capture is not None:
         notes = scripted_module_warnings(gm) + unhandled_weight_warnings(gm, policy, sites)
         capture.warnings.extend(w for w in notes if w not in capture.warnings)
@@ -1071,6 +1072,44 @@ def unused_leaf_entries(policy: Policy, model: nn.Module) -> list[str]:
             hint = f" (did you mean {close[0]}?)" if close else ""
         warnings.append(f"capture.leaf_modules entry {entry!r} names no submodule path and no class of the model, "
                         f"so it keeps nothing as a leaf{hint}")
+    return warnings
+
+
+def _layer_class_names(model: nn.Module) -> set[str]:
+    """The names a ``match.type`` entry can mean: the classes along the MRO of ``model``'s modules (``__name__``
+    and ``__module__.__qualname__``, as :func:`_type_matches` compares) and the module classes of ``torch.nn``
+    and ``orthofx.nn`` (the layers a policy names for any model, e.g. a preset's ``Conv3d``)."""
+    namespaces = [vars(nn), vars(sys.modules[__package__ + ".nn"])]
+    classes = {v for space in namespaces for v in space.values() if isinstance(v, type) and issubclass(v, nn.Module)}
+    for module in model.modules():
+        classes.update(k for k in type(module).__mro__ if k is not object)
+    return {name for klass in classes for name in (klass.__name__, f"{klass.__module__}.{klass.__qualname__}")}
+
+
+def unknown_type_entries(policy: Policy, model: nn.Module) -> list[str]:
+    """Warnings for the entries of the rules' ``match.type`` lists that name no class of ``model``, of ``torch.nn``
+    or of ``orthofx.nn`` (:func:`_layer_class_names`; a dotted path is resolved as :func:`_type_matches` resolves
+    it): such an entry selects nothing, and in a rule whose other entries match, that passes in silence (a rule
+    matching nothing is a :class:`PlanError` of its own): ``type: [Conv2d, Linaer]`` treats the convs and leaves
+    every Linear as it is. Warnings, as :func:`unused_leaf_entries`' (``explain`` and ``report`` show them): the
+    class may be one of another model the policy serves.
+
+    Example: ``type: [Conv2d, Linaer]`` on ``small_cnn`` gives ``rule 'orth_regularizer[0]': match.type entry
+    'Linaer' names no class of the model, torch.nn or orthofx.nn, so it selects nothing (did you mean Linear?)``."""
+    if not any(rule.match.type for rule in policy.rules):
+        return []
+    classes = _layer_class_names(model)
+    plain = sorted(c for c in classes if "." not in c)
+    warnings = []
+    for rule in policy.rules:
+        for entry in rule.match.type:
+            if entry in classes or ("." in entry and _dotted_class(entry) is not None):
+                continue
+            # a dotted path torch does not resolve (``nn.Conv2d``: no module is named ``nn``) has its class name last
+            close = difflib.get_close_matches(entry.rpartition(".")[2], plain, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            warnings.append(f"rule '{rule.name}'{_rule_place(rule, match=True)}: match.type entry {entry!r} names "
+                            f"no class of the model, torch.nn or orthofx.nn, so it selects nothing{hint}")
     return warnings
 
 
