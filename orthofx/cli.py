@@ -779,6 +779,8 @@ _DEMO_LR = 1e-2
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orthofx", description="Orthogonality for any PyTorch model.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=_version_line(),
+                        help="print orthofx's version and the torch it runs on, then exit")
     # --debug after the command too (the error messages suggest it): SUPPRESS keeps a --debug given before it
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -818,6 +820,13 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--export", help="export the model: .onnx, .pt2 or .pt (state_dict + policy)")
         cmd.set_defaults(run=func)
     return parser
+
+
+def _version_line() -> str:
+    """``orthofx 0.1.0 (torch 2.13.0, Python 3.11.7)``: what a bug report needs."""
+    from . import __version__
+
+    return f"orthofx {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

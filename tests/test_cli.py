@@ -403,3 +403,15 @@ def test_demo_refuses_a_model_that_cannot_classify_digits_before_the_explain(cap
     pytest.importorskip("sklearn")
     code, out, err = run(capsys, "demo", "--model", model, "--steps", "2")
     assert code == 2 and fragment in err and "small_cnn" in err and "explain" not in out
+
+
+def test_version_prints_orthofx_and_torch_versions_and_exits_0(capsys):
+    import importlib.metadata
+    import platform
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert line == (f"orthofx {importlib.metadata.version('orthofx')} (torch {torch.__version__}, "
+                    f"Python {platform.python_version()})")
