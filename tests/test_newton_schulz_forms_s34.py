@@ -173,3 +173,68 @@ def test_a_model_calling_eigh_stable_in_float64_exports_to_onnx(tmp_path):
     x = torch.randn(32, N)
     result = orthofx.export(model, os.path.join(tmp_path, "whiten.onnx"), (x,), dynamic_batch=False)
     assert result.max_abs_diff <= 1e-4
+
+
+EINSUM_FORMS = {
+    "pq,q,rq->pr": lambda V, L: torch.einsum("ij,j,kj->ik", V, L.rsqrt(), V),
+    "operands as a list, spaces": lambda V, L: torch.einsum("ab, b, cb -> ac", [V, L.rsqrt(), V]),
+    "right factor transposed": lambda V, L: torch.einsum("ij,j,jk->ik", V, L.rsqrt(), V.mT),
+    "left factor transposed": lambda V, L: torch.einsum("ji,j,kj->ik", V.T, L.rsqrt(), V),
+    "batch dimensions": lambda V, L: torch.einsum("...ij,...j,...kj->...ik", V, L.rsqrt(), V),
+}
+
+
+class EinsumWhiten(nn.Module):
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+
+    def forward(self, h):
+        cov = h.mT @ h / h.shape[-2] + 0.5 * torch.eye(N)
+        L, V = torch.linalg.eigh(cov)
+        return self.form(V, L)
+
+
+def _inverse_root64(h: torch.Tensor) -> torch.Tensor:
+    h = h.double()
+    cov = h.mT @ h / h.shape[-2] + 0.5 * torch.eye(N, dtype=torch.float64)
+    L, V = torch.linalg.eigh(cov)
+    return (V * L.rsqrt().unsqueeze(-2)) @ V.mT
+
+
+@pytest.mark.parametrize("form", list(EINSUM_FORMS))
+def test_an_einsum_of_the_factors_and_the_power_becomes_newton_schulz(form):
+    torch.manual_seed(6)
+    model = EinsumWhiten(EINSUM_FORMS[form])
+    h = torch.randn(3, 32, N) if form == "batch dimensions" else torch.randn(32, N)
+    gm = fx.symbolic_trace(model)
+    assert list(to_newton_schulz(gm, iterations=25).values()) == ["replaced"]
+    gm.graph.lint()
+    assert not any("einsum" in str(n.target) or "eigh" in str(n.target) for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(h).double(), _inverse_root64(h), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("form", [
+    lambda V, L: torch.einsum("ij,j,jk->ik", V, L.rsqrt(), V),  # V diag(D) V: no transpose
+    lambda V, L: torch.einsum("ij,j,kj->ki", V, L.rsqrt(), V.flip(0)),  # another matrix on the right
+    lambda V, L: torch.einsum("ij,i,kj->ik", V, L.rsqrt(), V),  # D on the rows of V
+], ids=["no transpose", "other right factor", "rows scaled"])
+def test_einsums_that_are_no_matrix_power_are_left_as_they_are(form):
+    torch.manual_seed(7)
+    model = EinsumWhiten(form)
+    h = torch.randn(32, N)
+    gm = fx.symbolic_trace(model)
+    assert list(to_newton_schulz(gm).values()) != ["replaced"]
+    torch.testing.assert_close(gm(h), model(h), rtol=0, atol=0)
+
+
+def test_the_einsum_form_in_an_export_captured_graph():
+    torch.manual_seed(8)
+    model = EinsumWhiten(EINSUM_FORMS["batch dimensions"])
+    h = torch.randn(2, 32, N)
+    policy = {"capture": {"mode": "export"},
+              "rules": [{"match": {"op": "linalg.eigh"}, "apply": "svd_conditioning",
+                         "with": {"method": "newton_schulz", "iterations": 25, "fallback": "error"}}]}
+    gm = orthofx.transform(model, policy, example_inputs=(h,))
+    assert not any("einsum" in str(n.target) for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(h).double(), _inverse_root64(h), rtol=2e-5, atol=2e-6)

@@ -36,6 +36,7 @@ graph captured by torch.export also the ATen overloads it keeps, ``aten.swapaxes
                                     V * D for 2-D matrices, where D broadcasts along the columns)
     V @ (D.unsqueeze(-1) * T(V))   (also D[..., None], unsqueeze(ndim - 1))
     V / D...                       (any of the scalings above written as a division: the power negated)
+    einsum("pq,q,rq->pr", V, D, V) (also with T(V) as "qr" on the right or "qp" on the left, "..." batch dims)
 
 ``V`` and ``L`` may each be cast back from a decomposition run in another precision (``eigh_stable(A,
 float64=True)``, or ``torch.linalg.eigh(A.double())`` with ``.to(A.dtype)`` / ``.float()`` on both outputs): the
@@ -193,6 +194,7 @@ _PERMUTE_FNS = {torch.permute, _ATEN.permute.default}
 _UNSQUEEZE_FNS = {torch.unsqueeze, _ATEN.unsqueeze.default}
 _DIAG_EMBED_FNS = {torch.diag_embed, _ATEN.diag_embed.default}
 _DIAG_FNS = {torch.diag, _ATEN.diag.default}
+_EINSUM_FNS = {torch.einsum, _ATEN.einsum.default}
 _NUMBER = (int, float)
 # torch.export's check of a tensor's dtype before it casts it (older torch has no such op)
 _METADATA_CHECKS = {_ATEN._assert_tensor_metadata.default} if hasattr(_ATEN, "_assert_tensor_metadata") else set()
@@ -545,7 +547,51 @@ def _scaled_factor(node: Any, side: str, dec: fx.Node, info: _OpInfo):
     return None
 
 
+def _consistent_cast(casts: list) -> tuple[bool, Any]:
+    """``(ok, cast)`` for the dtype casts of a pattern's outputs (:func:`_output_of`): every output cast alike
+    (eigh in float64, its results cast back) or none. The product of mixed dtypes would be promoted, which the
+    rewrite's one cast cannot reproduce."""
+    if any(c is None for c in casts):
+        return all(c is None for c in casts), None
+    return all(_same_dtype(casts[0], c) for c in casts[1:]), casts[0]
+
+
+def _einsum_power(node: fx.Node, dec: fx.Node, info: _OpInfo) -> _Match | None:
+    """``torch.einsum("pq,q,rq->pr", V, D, V)`` (``V diag(D) V^T``; also ``"pq,q,qr->pr"`` with a right factor such
+    as ``Vh``, either factor given transposed by its subscripts, and ``...`` batch dimensions on every operand and
+    the output)."""
+    operands = list(node.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    equation = node.args[0] if node.args else None
+    if not isinstance(equation, str) or len(operands) != 3 or any(v is not None for v in node.kwargs.values()):
+        return None
+    inputs, arrow, output = equation.replace(" ", "").partition("->")
+    terms = inputs.split(",") + [output]
+    batched = [t.startswith("...") for t in terms]
+    if not arrow or len(terms) != 4 or (any(batched) and not all(batched)):
+        return None
+    a, d, b, out = (t[3:] if batched[0] else t for t in terms)
+    if len(a) != 2 or len(d) != 1 or len(b) != 2 or len(set(a + b)) != 3 or d not in a or d not in b \
+            or "." in a + b + d + out or out != a.replace(d, "") + b.replace(d, ""):
+        return None
+    x, pw, y = _factor_of(operands[0], dec, info), _power_of(operands[1], dec, info), _factor_of(operands[2], dec,
+                                                                                                    info)
+    # x[p, q] D[q] y[r, q] is X diag(D) Y^T: x must be the left factor when q is its column, the right one (its
+    # transpose) when q is its row; likewise y the left factor's transpose side
+    if x is None or pw is None or y is None or x[0] != ("left" if a[1] == d else "right") \
+            or y[0] != ("left" if b[1] == d else "right"):
+        return None
+    ok, cast = _consistent_cast([x[3], pw.cast, y[3]])
+    if not ok:
+        return None
+    layout = x[1] + y[1] + ([] if batched[0] else [("ndim", 2)])
+    return _Match(node, pw, layout, x[2] + y[2] + pw.nodes, cast=cast)
+
+
 def _match_power(node: fx.Node, dec: fx.Node, info: _OpInfo) -> _Match | None:
+    if _is(node, _EINSUM_FNS):
+        return _einsum_power(node, dec, info)
     pair = _binary(node, _MATMUL_FNS, _MATMUL_METHODS)
     if pair is None:
         return None
@@ -556,14 +602,10 @@ def _match_power(node: fx.Node, dec: fx.Node, info: _OpInfo) -> _Match | None:
         if scaled is None or plain is None or plain[0] != side:
             continue
         pw, layout, nodes, casts = scaled
-        casts = casts + [plain[3]]
-        # every output cast alike (eigh in float64, its results cast back) or none: the product of mixed dtypes
-        # would be promoted, which the rewrite's one cast cannot reproduce
-        if any(c is None for c in casts) and any(c is not None for c in casts):
+        ok, cast = _consistent_cast(casts + [plain[3]])
+        if not ok:
             return None
-        if casts[0] is not None and not all(_same_dtype(casts[0], c) for c in casts[1:]):
-            return None
-        return _Match(node, pw, layout + plain[1], nodes + plain[2] + pw.nodes, cast=casts[0])
+        return _Match(node, pw, layout + plain[1], nodes + plain[2] + pw.nodes, cast=cast)
     return None
 
 
