@@ -523,6 +523,17 @@ def _written_files(output: _Output) -> list[str]:
     return files
 
 
+def _entry(path: str) -> str:
+    """``path`` with its folders resolved but not its last part: the directory entry that ``os.replace`` onto it
+    replaces (a symbolic link there is replaced, not followed), as :func:`_commit` puts an ONNX export's data file.
+
+    >>> _entry("/tmp/./m.onnx.data") == os.path.join(os.path.realpath("/tmp"), "m.onnx.data")
+    True
+    """
+    absolute = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+
+
 def _same_file(first: str, second: str) -> bool:
     try:
         return os.path.samefile(first, second)
@@ -565,7 +576,8 @@ def _cmd_transform(args: argparse.Namespace) -> int:
             if first.target == second.target:
                 raise CliError(f"{first.option} and {second.option} both name {second.path}; give each its own file")
             for one, other in ((first, second), (second, first)):
-                if other.target in _written_files(one)[1:]:
+                # the data file replaces the entry: a link named by the other output as well as the file it names
+                if {other.target, _entry(other.path)} & set(_written_files(one)[1:]):
                     raise CliError(f"{other.option} {other.path} names the file where {one.option} {one.path} writes "
                                    f"{_EXTRA_FILE}, which would replace it; give each its own file")
     read = _input_files(args)
@@ -574,9 +586,15 @@ def _cmd_transform(args: argparse.Namespace) -> int:
             if not output.in_place and _same_file(output.target, path):
                 raise CliError(f"{output.option} {output.path} is {what}: the output would replace it; choose "
                                "another path")
-            if not output.in_place and any(_same_file(extra, path) for extra in _written_files(output)[1:]):
+            # the input as named and the file it is read from: a link to it at the data file's place is replaced
+            if not output.in_place and {_entry(path), os.path.realpath(path)} & set(_written_files(output)[1:]):
                 raise CliError(f"{output.option} {output.path} writes {_EXTRA_FILE} to {what} ({path}), which "
                                "would replace it; choose another path")
+    for output in outputs:
+        for extra in _written_files(output)[1:]:
+            if os.path.isdir(extra) and not os.path.islink(extra):  # os.replace fails there, after the transform
+                raise CliError(f"{output.option} {output.path} writes {_EXTRA_FILE} to {extra}, an existing "
+                               "directory; remove or rename it, or choose another path")
     model = load_model(args.model)
     inputs = _example(model, args.input_shape, args.model)
     if args.export and inputs is None and os.path.splitext(args.export)[1].lower() != ".pt":

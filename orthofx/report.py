@@ -514,7 +514,8 @@ def _transformed_report(model: nn.Module) -> Report:
         if manifest.frozen and isinstance(module, FourierConv):
             rows.append(_fourier_row(site.name, module, pass_text, _params(entries), spectra))
             continue
-        frozen_conv = _frozen_conv(module) if manifest.frozen else None
+        # a site captured as the Sequential it still is (the user's own pad + conv block) is no frozen layer
+        frozen_conv = _frozen_conv(module) if manifest.frozen and site.module_type is not type(module) else None
         if not isinstance(module, _CONV_TYPES + _LINEAR_TYPES) and frozen_conv is None and not entries \
                 and not skipped_recurrent:
             continue
