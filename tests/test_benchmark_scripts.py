@@ -401,3 +401,20 @@ def test_svd_passes_export(tmp_path):
         result = "ok" if row["passed"] else "ExportError"
         assert any(line.split()[:1] == [f"{row['eps']:.0e}"] and line.endswith(result)
                    for line in stdout.splitlines()), row
+
+
+# ------------------------------------------------------------------------------------------------- lorth_routes.py
+
+def test_lorth_routes_quick(tmp_path):
+    _, results = _run("lorth_routes", tmp_path, "--quick", "--repeats", "1", "--threads", "1")
+    rows = results["rows"]
+    assert results["threads"] == 1 and results["repeats"] == 1
+    assert {r["benchmark"] for r in rows} == {"lorth_shape", "penalty_backward", "training_step"}
+    _assert_positive(rows, "conv_s", "taps_s", "speedup")
+    for row in rows:
+        assert row["speedup"] == pytest.approx(row["conv_s"] / row["taps_s"], rel=1e-9)
+    for row in (r for r in rows if r["benchmark"] == "penalty_backward"):
+        # the tap route adds ATen ops where it is taken, and none where every site stays on the convolution
+        assert row["taps_ops"] >= row["conv_ops"] > 0
+    step = next(r for r in rows if r["benchmark"] == "training_step")
+    assert step["taps_over_plain"] == pytest.approx(step["taps_s"] / step["plain_s"], rel=1e-9)
