@@ -182,3 +182,18 @@ def test_a_kernel_whose_toeplitz_matrix_is_too_large_keeps_the_convolution(monke
     assert not taps_everywhere
     metrics.lorth(w, stride=2).backward()
     assert len(taps_everywhere) == 1
+
+
+def test_kernels_with_many_taps_per_residue_class_keep_the_convolution(taps_everywhere):
+    """The tap products were slower than the convolution from 25 taps per class (5 x 5 and 7 x 7 at stride 1),
+    faster for 7 x 7 at stride 2 (16 per class)."""
+    torch.manual_seed(4)
+    w = torch.randn(8, 8, 7, 7, dtype=torch.float64, requires_grad=True)
+    assert metrics._class_taps(w, (1, 1)) == 49 and metrics._class_taps(w, (2, 2)) == 16
+    metrics.lorth(w).backward()
+    metrics.lorth(w[:, :, :5, :5]).backward()
+    assert not taps_everywhere
+    (grad,) = torch.autograd.grad(metrics.lorth(w, stride=2), w)
+    assert len(taps_everywhere) == 1
+    (reference,) = torch.autograd.grad(metrics.lorth(w, stride=2, fast_backward=False), w)
+    torch.testing.assert_close(grad, reference, rtol=1e-10, atol=1e-10)
