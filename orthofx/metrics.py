@@ -50,7 +50,6 @@ import math
 import torch
 import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from orthofx.errors import ArgumentError, LayerArgumentError
 from orthofx.nn.convnorm import running_filters_held
@@ -386,10 +385,13 @@ def lorth(weight: torch.Tensor, stride=1, groups: int = 1, case: str | None = No
     through the first argument alone; differentiating through that one argument only gives the exact first
     derivative (reverse or forward mode) about 2x faster. Higher derivatives (``create_graph=True``: Hessian-vector
     products, gradient penalties on this loss) are then not those of :math:`L_{orth}`; pass ``fast_backward=False``
-    for them. On a CPU, a kernel with at least :math:`2^{19}` multiply-adds per product of two taps (``M M/g C/g``;
-    128 -> 128 channels: :math:`2^{21}`) is differentiated (reverse mode) through those products instead of the
-    convolution: the same value and first derivative to rounding with less work (:class:`_TapPairsDefect`; a
-    ResNet-18's penalty, forward + backward on one thread: 1.4x faster at width 64).
+    for them. On a CPU, with ``fast_backward``, a kernel with at least :math:`2^{19}` multiply-adds per product of
+    two taps (``M M/g C/g``; 128 -> 128 channels: :math:`2^{21}`) and at most 16 taps per residue class of the
+    stride (3 x 3, or 7 x 7 at stride 2; 5 x 5 and 7 x 7 at stride 1 are slower that way) is differentiated (plain
+    reverse mode, not under ``torch.func``, ``torch.compile`` or ``torch.jit.trace``) through those products
+    instead of the convolution, unless its backward would form a matrix over 256 MB: the same value and first
+    derivative to rounding with less work (:class:`_TapPairsDefect`; a ResNet-18's penalty, forward + backward on
+    one thread: 1.4x faster at width 64).
 
     >>> import torch
     >>> w = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))[0].reshape(8, 8, 1, 1)
@@ -509,7 +511,8 @@ def _gram_defect(weight: torch.Tensor, strides: tuple[int, ...], g: int, fast_ba
     r""":math:`\|\mathrm{conv}(K, K, P, S) - I_{r0}\|_F^2` of a conv weight ``(M, C/g, *k)`` (P0 Definition 1, summed
     over the ``g`` groups), computed in one ``F.conv{d}d`` call (:func:`_conv_defect`), or, for a large enough
     kernel, from the products of its taps (:func:`_tap_pairs_defect`): its value without a derivative on any
-    device, and a reverse-mode first derivative on a CPU outside ``torch.func`` / ``torch.compile``
+    device, and a reverse-mode first derivative on a CPU outside ``torch.func`` / ``torch.compile`` /
+    ``torch.jit.trace`` for at most 16 taps per residue class and a backward matrix up to 256 MB
     (:class:`_TapPairsDefect`; the convolution keeps forward mode, ``fast_backward=False`` and, unmeasured there
     (launch-bound), the GPU)."""
     M, Cg = weight.shape[:2]
@@ -570,14 +573,16 @@ def _conv_defect(weight: torch.Tensor, strides: tuple[int, ...], g: int, fast_ba
     return (out - target).square().sum()
 
 
-# below about this many multiply-adds (M * M/g * C/g * taps) the one convolution call is faster than the Python
-# loop of _tap_pairs_defect (64 -> 64 channels 3 x 3: about even; 128 and up: the pairs 1.5-2.2x faster), and
-# below this many per pair of taps (M * M/g * C/g) too (64 -> 64 channels 7 x 7: 11 ms convolution, 14 ms pairs)
+# below about this many multiply-adds (M * M/g * C/g * taps) the one convolution call is faster than the tap
+# products of _tap_pairs_defect (64 -> 64 channels 3 x 3: about even; 128 and up: the pairs 1.5-2.2x faster), and
+# below this many per pair of taps (M * M/g * C/g) too (64 -> 64 channels 7 x 7: 11 ms convolution, 14 ms pairs);
+# measured in session 32 with one += per pair of taps, before the one index_add_ per tap of session 34
 _TAP_PAIRS_MIN_WORK = 1 << 23
 _TAP_PAIRS_MIN_PAIR = 1 << 19
-# with the derivative (forward + backward, one CPU thread), 3 x 3 kernels: from 128 -> 64 channels at stride 2
-# (2^20) the tap products are 1.3-1.5x faster at stride 1 and 1.5-2.8x at stride 2; 64 -> 64 (2^18) 0.96-1.16x,
-# within noise, and 64 -> 32 at stride 2 0.9-1.0x: those keep the convolution. benchmarks/RESULTS.md, "Session 34"
+# with the derivative (forward + backward, one CPU thread), 3 x 3 kernels, in -> out channels: from 64 -> 128 at
+# stride 2 (2^20) the tap products are 1.2-1.4x faster at stride 1 and 1.3-2.6x at stride 2; 64 -> 64 (2^18)
+# 0.96-1.16x, within noise, and 32 -> 64 at stride 2 0.9-1.0x: those keep the convolution. benchmarks/RESULTS.md,
+# "Session 34"
 _TAP_PAIRS_MIN_PAIR_BACKWARD = 1 << 19
 # the backward's block-Toeplitz matrix grows as (M k^d)^2: 85 MB for a 512-channel 3 x 3 float32 kernel, 340 MB at
 # 1024 channels, where the convolution (whose own temporaries are of the order of its M x M x (2k - 1)^d output)
@@ -590,15 +595,6 @@ _TAP_PAIRS_MAX_CLASS_TAPS = 16
 
 
 def _tap_pairs_plan(ks: tuple[int, ...], strides: tuple[int, ...], device: torch.device) -> tuple:
-    """:func:`_new_tap_pairs_plan`, kept (``lru_cache``) unless a dispatch mode is active: index tensors made under
-    one belong to it (a ``FakeTensorMode``'s, in ``torch.export``, ``make_fx``, shape tracing), and a cached fake
-    index broke every later eager call."""
-    if is_in_torch_dispatch_mode():
-        return _new_tap_pairs_plan(ks, strides, device)
-    return _cached_tap_pairs_plan(ks, strides, device)
-
-
-def _new_tap_pairs_plan(ks: tuple[int, ...], strides: tuple[int, ...], device: torch.device) -> tuple:
     r"""Which tap products make :math:`\mathrm{conv}(K, K, P, S)_j` for the shifts :math:`j \ge 0`
     (lexicographically), per residue class of the taps modulo ``S`` (taps of different classes never meet):
     ``(classes, J, order, inverse)``, each class ``(members, rows, full)``: ``members`` its taps (flattened
@@ -607,7 +603,22 @@ def _new_tap_pairs_plan(ks: tuple[int, ...], strides: tuple[int, ...], device: t
     of members into the ``2J`` blocks :math:`[D_0, \ldots, D_{J-1}, D_0^T, \ldots, D_{J-1}^T]`
     (:math:`D_{-j} = D_j^T`; ``full`` never points at the unused :math:`D_0^T`); then ``order``, the taps class
     by class (each class a contiguous run), and ``inverse``, its inverse permutation (both ``None`` for one class).
-    Index tensors on ``device``."""
+    Index tensors on ``device``, made at each call from the kept lists (:func:`_tap_pairs_lists`; about 30 us for
+    a 3 x 3 kernel): a kept tensor would belong to the mode it was made under (a ``FakeTensorMode`` in
+    ``torch.export`` or ``make_fx``, inference mode) and break later calls."""
+    lists = _tap_pairs_lists.__wrapped__ if torch.compiler.is_compiling() else _tap_pairs_lists
+    classes, count, order, inverse = lists(ks, strides)
+
+    def index(values):
+        return None if values is None else torch.tensor(values, dtype=torch.long, device=device)
+
+    return (tuple((members, tuple(index(r) for r in rows), index(full)) for members, rows, full in classes), count,
+            index(order), index(inverse))
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_pairs_lists(ks: tuple[int, ...], strides: tuple[int, ...]) -> tuple:
+    """:func:`_tap_pairs_plan` as Python lists (kept per kernel size and stride)."""
     coords = list(itertools.product(*(range(k) for k in ks)))
     spans = tuple(-(-k // s) for k, s in zip(ks, strides))  # at most this many taps per residue class
     offsets = [j for j in itertools.product(*(range(1 - n, n) for n in spans)) if j >= (0,) * len(j)]
@@ -617,21 +628,15 @@ def _new_tap_pairs_plan(ks: tuple[int, ...], strides: tuple[int, ...], device: t
     def shift(t, s):
         return where[tuple((q - p) // stride for p, q, stride in zip(coords[t], coords[s], strides))]
 
-    def index(values):
-        return torch.tensor(values, dtype=torch.long, device=device)
-
     classes = []
     for residue in itertools.product(*(range(min(s, k)) for s, k in zip(strides, ks))):
         members = [i for i, c in enumerate(coords) if all(a % s == r for a, s, r in zip(c, strides, residue))]
-        rows = tuple(index([shift(t, s) for s in members[n:]]) for n, t in enumerate(members))
-        classes.append((members, rows, index([shift(t, s) for t in members for s in members])))
+        rows = tuple([shift(t, s) for s in members[n:]] for n, t in enumerate(members))
+        classes.append((members, rows, [shift(t, s) for t in members for s in members]))
     if len(classes) == 1:
         return tuple(classes), len(offsets), None, None
     order = [t for members, _, _ in classes for t in members]
-    return tuple(classes), len(offsets), index(order), index(sorted(range(len(order)), key=order.__getitem__))
-
-
-_cached_tap_pairs_plan = functools.lru_cache(maxsize=64)(_new_tap_pairs_plan)
+    return tuple(classes), len(offsets), order, sorted(range(len(order)), key=order.__getitem__)
 
 
 def _kernel_taps(weight: torch.Tensor, g: int, order: torch.Tensor | None = None) -> torch.Tensor:
@@ -711,7 +716,7 @@ class _TapPairsDefect(torch.autograd.Function):
     :math:`4 B X` with the block-Toeplitz :math:`B_{ts} = D_{(s - t)/S}` (``n m x n m``), one matrix product of
     :math:`n^2` blocks. Forward + backward, 3 x 3 at stride 1: 45 + 81 products of ``m x C`` by ``C x m``, where the
     convolution route (``fast_backward``) makes 81 + 81 with zero-padding overheads (512 -> 512 channels on one CPU
-    thread: 358 -> 258 ms; ``benchmarks/RESULTS.md``, "Session 34"). The backward is not itself differentiated:
+    thread: 369 -> 273 ms; ``benchmarks/RESULTS.md``, "Session 34"). The backward is not itself differentiated:
     under ``create_graph=True`` it runs :func:`_conv_defect` (``fast_backward``) again and takes that one's
     derivative, the graph and higher derivatives the convolution route gives.
 

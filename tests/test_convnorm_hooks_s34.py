@@ -117,3 +117,10 @@ def test_a_pre_hook_returning_a_non_tensor_or_keywords_is_refused_with_what_it_r
         conv(torch.randn(1, 2, 5, 5))
     with pytest.raises(OrthofxError, match=r"keyword arguments \['scale'\]"):
         ConvNormConv2d(conv)(torch.randn(1, 2, 5, 5))
+
+
+def test_a_with_kwargs_pre_hook_returning_no_pair_is_refused_with_what_torch_requires():
+    conv = nn.Conv2d(2, 3, 3)
+    conv.register_forward_pre_hook(lambda module, args, kwargs: args, with_kwargs=True)
+    with pytest.raises(OrthofxError, match=r"with_kwargs=True returned a tuple.*\(args, kwargs\)"):
+        ConvNormConv2d(conv)(torch.randn(1, 2, 5, 5))

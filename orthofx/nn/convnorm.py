@@ -699,10 +699,15 @@ def _after_forward_pre_hooks(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if hook_id in conv._forward_pre_hooks_with_kwargs:
             result = hook(conv, (x,), {})
             if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], tuple)):
+                    raise LayerArgumentError(
+                        f"a forward pre-hook of {layer_label(conv)} registered with with_kwargs=True returned a "
+                        f"{type(result).__name__}; such a hook must return None (keep the input) or a pair "
+                        f"(args, kwargs), as torch requires, e.g. ((x,), {{}})")
                 if result[1]:  # conv.forward takes no keyword: nn.Module's call would fail with them
                     raise LayerArgumentError(
                         f"a forward pre-hook of {layer_label(conv)} returned keyword arguments {sorted(result[1])}; "
-                        f"ConvNorm passes the conv one tensor and no keywords")
+                        f"ConvNorm passes the conv one tensor and no keywords: return ((x,), {{}}) or None")
                 x = _one_input(result[0], conv)
         else:
             result = hook(conv, (x,))
