@@ -214,9 +214,9 @@ def check_layout(ndim: int, layout: tuple) -> str | None:
 
     ``("transpose", i, j)``: a transpose of dims ``i, j`` (must be the last two); ``("ndim", k)``: an op that does
     what the pattern needs only for ``k``-D matrices (``.T``, ``.t()``, ``permute`` transpose the last two dims,
-    ``torch.diag`` builds ``diag(L)``, ``V * L`` scales the columns only when ``L`` is 1-D); ``("col", d)``: ``unsqueeze(d)`` of the eigenvalues
-    must scale columns (``d`` is ``-2`` or ``ndim - 2``); ``("row", d)``: it must scale rows (``-1`` or
-    ``ndim - 1``)."""
+    ``torch.diag`` builds ``diag(L)``, ``V * L`` scales the columns only when ``L`` is 1-D); ``("col", d)``:
+    ``unsqueeze(d)`` of the eigenvalues must scale columns (``d`` is ``-2`` or ``ndim - 2``); ``("row", d)``: it
+    must scale rows (``-1`` or ``ndim - 1``)."""
     for entry in layout:
         kind = entry[0]
         if kind == "transpose":

@@ -451,7 +451,7 @@ def _power_of(node: Any, dec: fx.Node, info: _OpInfo) -> _Power | None:
             sub.power = -sub.power
             sub.nodes.append(node)
         return sub
-    elif _is(node, {operator.truediv, torch.div, torch.true_divide}, {"__rtruediv__"}):
+    elif _is(node, _DIV_FNS, {"__rtruediv__"}):
         num, den = node.args[0], node.args[1] if len(node.args) > 1 else None
         if node.op == "call_method":  # x.__rtruediv__(1) == 1 / x
             num, den = den, num
