@@ -647,14 +647,14 @@ def _kernel_taps(weight: torch.Tensor, g: int, order: torch.Tensor | None = None
     return taps.contiguous() if order is None else taps.index_select(1, order)
 
 
-def _tap_pairs_conv(taps: torch.Tensor, ks: tuple[int, ...], strides: tuple[int, ...]) -> torch.Tensor:
+def _tap_pairs_conv(taps: torch.Tensor, plan: tuple) -> torch.Tensor:
     r""":math:`\mathrm{conv}(K, K, P, S)_j` for the ``J`` shifts :math:`j \ge 0` from :func:`_kernel_taps`'s
-    ``taps`` (already in :func:`_tap_pairs_plan`'s ``order``), as ``acc`` ``(g, M/g, J, M/g)`` with
+    ``taps`` (already in the ``order`` of ``plan``, :func:`_tap_pairs_plan`), as ``acc`` ``(g, M/g, J, M/g)`` with
     ``acc[:, a, j, b]`` the entry ``(a, b)`` of shift ``j``: one matrix product per tap ``t`` (with all the later
     taps of its residue class) and one ``index_add_`` of its blocks into their shifts (:func:`_tap_pairs_defect`).
     No derivative (callers run it without one)."""
     g, _, m, Cg = taps.shape
-    classes, J, _, _ = _tap_pairs_plan(ks, strides, taps.device)
+    classes, J, _, _ = plan
     acc = taps.new_zeros(g, m, J, m)
     start = 0
     for members, rows, _ in classes:
@@ -702,9 +702,8 @@ def _tap_pairs_defect(weight: torch.Tensor, strides: tuple[int, ...], g: int) ->
     >>> bool(torch.isclose(_tap_pairs_defect(w, (1, 1), 1), conv.square().sum()))
     True
     """
-    ks = tuple(weight.shape[2:])
-    return _defect_of_half(_tap_pairs_conv(_kernel_taps(weight, g, _tap_pairs_plan(ks, strides, weight.device)[2]),
-                                           ks, strides))
+    plan = _tap_pairs_plan(tuple(weight.shape[2:]), strides, weight.device)
+    return _defect_of_half(_tap_pairs_conv(_kernel_taps(weight, g, plan[2]), plan))
 
 
 class _TapPairsDefect(torch.autograd.Function):
@@ -730,12 +729,12 @@ class _TapPairsDefect(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, strides: tuple[int, ...], g: int) -> torch.Tensor:
-        ks = tuple(weight.shape[2:])
-        taps = _kernel_taps(weight, g, _tap_pairs_plan(ks, strides, weight.device)[2])
-        acc = _tap_pairs_conv(taps, ks, strides)
+        plan = _tap_pairs_plan(tuple(weight.shape[2:]), strides, weight.device)
+        taps = _kernel_taps(weight, g, plan[2])
+        acc = _tap_pairs_conv(taps, plan)
         value = _defect_of_half(acc)
         ctx.save_for_backward(weight, taps, acc)
-        ctx.strides, ctx.g = strides, g
+        ctx.strides, ctx.g, ctx.plan = strides, g, plan  # the plan's index tensors, for the backward
         return value
 
     @staticmethod
@@ -753,7 +752,7 @@ class _TapPairsDefect(torch.autograd.Function):
                 value = _conv_defect(weight, ctx.strides, ctx.g, True, True)
                 return torch.autograd.grad(value, weight, grad, create_graph=True)[0], None, None
         g, _, m, Cg = taps.shape
-        classes, _, _, inverse = _tap_pairs_plan(tuple(weight.shape[2:]), ctx.strides, taps.device)
+        classes, _, _, inverse = ctx.plan
         both = torch.cat([acc, acc.permute(0, 3, 2, 1)], dim=2)  # (g, m, 2J, m): D_j, then D_j^T at J + j
         parts, start = [], 0
         for members, _, full in classes:
