@@ -800,6 +800,15 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
     return y.squeeze(0) if unbatched else y
 
 
+def _put_bounded(store: dict, key, value) -> None:
+    """``store[key] = value`` as the most recent entry, dropping the oldest beyond ``MAX_REMEMBERED_SIZES``: the
+    input sizes a layer remembers for freezing and the filters it keeps in eval mode."""
+    store.pop(key, None)
+    store[key] = value
+    while len(store) > MAX_REMEMBERED_SIZES:
+        store.pop(next(iter(store)))
+
+
 def _kept_or_built(layer: nn.Module | None, kind: str, grid, build):
     """``build()`` (the one-tap scale or the filter of ``grid`` from the layer's weight), or the same tensor kept by
     ``layer`` in eval mode (:meth:`ConvNormConvNd._eval_kept`); the functional ``conv_norm`` keeps nothing."""
@@ -1186,14 +1195,8 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         key = (kind, None if grid is None else _grid_key(grid))
         value = kept.get(key)
         if value is None:
-            value = self._keep(kept, key, build())
-        return value
-
-    @staticmethod
-    def _keep(kept: dict, key: tuple, value: torch.Tensor) -> torch.Tensor:
-        while len(kept) >= MAX_REMEMBERED_SIZES:
-            kept.pop(next(iter(kept)))
-        kept[key] = value
+            value = build()
+            _put_bounded(kept, key, value)
         return value
 
     def _eval_cache_owner(self) -> nn.Module:
@@ -1412,12 +1415,7 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         return list(getattr(self, "_input_sizes", {}))
 
     def _remember(self, x: torch.Tensor) -> None:
-        sizes = self.__dict__.setdefault("_input_sizes", {})
-        size = tuple(int(n) for n in x.shape[-self._dims:])
-        sizes.pop(size, None)
-        sizes[size] = None
-        while len(sizes) > MAX_REMEMBERED_SIZES:
-            sizes.pop(next(iter(sizes)))
+        _put_bounded(self.__dict__.setdefault("_input_sizes", {}), tuple(int(n) for n in x.shape[-self._dims:]), None)
 
     @torch.no_grad()
     def to_plain(self, input_sizes: Sequence[Sequence[int]] | None = None) -> "FrozenConvNormNd":
