@@ -121,7 +121,8 @@ class _StepGuard:
                 self._optimizer.step = self._own
 
 
-#: The device types whose autocast the hooks switch off (those ``torch.is_autocast_enabled`` knows).
+#: The device types whose autocast the hooks switch off where it is on (``autocast_enabled`` skips the ones this build
+#: of torch has no autocast for).
 _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu", "privateuseone")
 
 

@@ -575,8 +575,8 @@ def _einsum_power(node: fx.Node, dec: fx.Node, info: _OpInfo) -> _Match | None:
     if len(a) != 2 or len(d) != 1 or len(b) != 2 or len(set(a + b)) != 3 or d not in a or d not in b \
             or "." in a + b + d + out or out != a.replace(d, "") + b.replace(d, ""):
         return None
-    x, pw, y = _factor_of(operands[0], dec, info), _power_of(operands[1], dec, info), _factor_of(operands[2], dec,
-                                                                                                    info)
+    x, y = _factor_of(operands[0], dec, info), _factor_of(operands[2], dec, info)
+    pw = _power_of(operands[1], dec, info)
     # x[p, q] D[q] y[r, q] is X diag(D) Y^T: x must be the left factor when q is its column, the right one (its
     # transpose) when q is its row; likewise y the left factor's transpose side
     if x is None or pw is None or y is None or x[0] != ("left" if a[1] == d else "right") \
