@@ -109,19 +109,37 @@ def preset_steps(quick: bool, device: str = "cpu", repeats: int | None = None) -
 
 def lorth_overhead(quick: bool, device: str = "cpu", repeats: int | None = None) -> list[dict]:
     """The lorth-transformed model's step with and without ``orthofx.penalty``: the same graph on both sides, so
-    the ratio is the penalty's alone (``preset_steps`` compares with the untransformed model instead)."""
+    the ratio is the penalty's alone (``preset_steps`` compares with the untransformed model instead). Then with
+    the rule's ``every: k`` (each term on one penalty call in ``k``, spread by cost): the mean step over a period
+    (``k`` steps per timed call, divided by ``k``), and each call of an ``every: 8`` period alone (the count set
+    before the step), whose slowest is the worst step."""
     torch.manual_seed(0)
     width, batch = (16, 16) if quick else (64, 64)
     model = orthofx.models.get("resnet18", width=width)
-    gm = orthofx.transform(model, "lorth").to(device)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    times = interleaved({"plain step": training_step(copy.deepcopy(gm), x, y, orthofx_terms=False),
-                         "step + penalty": training_step(gm, x, y, orthofx_terms=True)},
-                        repeats=repeats or (5 if quick else 20), sync=synchronizer(device))
-    base = times["plain step"]
+    gm = orthofx.transform(model, "lorth").to(device)
+    steps = {"plain step": 1, "step + penalty": 1}
+    fns = {"plain step": training_step(copy.deepcopy(gm), x, y, orthofx_terms=False),
+           "step + penalty": training_step(gm, x, y, orthofx_terms=True)}
+    for every in (4, 8):
+        policy = orthofx.Policy.preset("lorth").to_dict()
+        for rule in policy["rules"]:
+            rule.setdefault("with", {})["every"] = every
+        amortised = orthofx.transform(model, policy).to(device)
+        name = f"step + penalty every {every} (mean)"
+        fns[name], steps[name] = training_step(amortised, x, y, orthofx_terms=True, steps=every), every
+    manifest = orthofx.manifest_of(amortised)  # every 8
+    for call in range(8):
+        def at_call(call=call, step=training_step(amortised, x, y, orthofx_terms=True)):
+            manifest.penalty_calls = call
+            step()
+        fns[f"every 8, call {call}"], steps[f"every 8, call {call}"] = at_call, 1
+    times = interleaved(fns, repeats=repeats or (5 if quick else 20), sync=synchronizer(device))
+    per_step = {k: v / steps[k] for k, v in times.items()}
+    base = per_step["plain step"]
     return [{"benchmark": "lorth_overhead", "model": f"resnet18(width={width})", "batch": batch, "device": device,
-             "method": k, "seconds": v, "ratio_to_plain": v / base} for k, v in times.items()]
+             "method": k, "seconds": v, "ratio_to_plain": v / base} for k, v in per_step.items()]
 
 
 def main() -> None:

@@ -709,7 +709,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n== training {args.steps} steps on scikit-learn digits ({len(x_train)} train / {len(x_test)} test)")
     gm.train()
     generator = torch.Generator().manual_seed(args.seed)
-    first_penalty = None
+    with torch.no_grad():  # every term at its weight (a loss's penalty is amortised over terms' every periods)
+        first_penalty = float(penalty(gm))
     progress_open = False  # a progress line without its newline yet, on stderr
     try:
         for step in range(1, args.steps + 1):
@@ -724,7 +725,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            first_penalty = float(reg.detach()) if first_penalty is None else first_penalty
             if step % max(1, args.steps // 50) == 0 or step == args.steps:
                 _progress(step, args.steps, f"task {task.item():.3f}  penalty {reg.item():.4f}")
                 progress_open = step != args.steps
@@ -738,7 +738,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     gm.eval()
     with torch.no_grad():
         accuracy = (gm(x_test).argmax(1) == y_test).float().mean().item()
-    print(f"\npenalty {first_penalty:.4f} -> {penalty(gm).item():.4f}; test accuracy {accuracy:.3f}\n")
+        last_penalty = penalty(gm).item()
+    print(f"\npenalty {first_penalty:.4f} -> {last_penalty:.4f}; test accuracy {accuracy:.3f}\n")
     print("== report")
     print(report(gm))
     return 0

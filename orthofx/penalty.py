@@ -17,6 +17,11 @@ estimate`` after a training-mode forward; zero before it, in eval mode and on th
 ``"JacobianProbe/<module path>"``. A model holding neither raises :class:`~orthofx.OrthofxError` ("an orthofx
 layer": :func:`orthofx.nn.tracing.is_orthofx_layer`).
 
+A term with ``every = k > 1`` (``orth_regularizer``'s parameter) is evaluated on one call in ``k`` of
+``penalty`` with gradients enabled, at ``k`` times its weight; the transformed model counts those calls
+(``Manifest.penalty_calls``, saved in its state-dict metadata). Under ``torch.no_grad()`` ``penalty`` evaluates
+every term at its weight and counts nothing; ``penalty_terms`` always does so.
+
 The terms are looked up by module path at each call and read the parameters there, so under
 ``torch.func.functional_call`` of a module whose forward calls ``orthofx.penalty`` (or of the bigger model
 holding the transformed one) they are the substituted tensors, and ``torch.func.grad`` differentiates them.
@@ -38,8 +43,8 @@ from .nn.jacobian import JacobianProbe
 from .nn.precision import autocast_off
 from .nn.tracing import is_orthofx_layer, is_orthofx_module
 from .nn.precision import zero_like_parameters
-from .passes.base import PenaltyTerm, watch_hooked_weights
-from .transform import is_transformed, manifest_of
+from .passes.base import Manifest, PenaltyTerm, watch_hooked_weights
+from .transform import is_transformed, keep_penalty_calls_in_state_dict, manifest_of
 
 __all__ = ["penalty", "penalty_terms", "is_orthofx_layer", "holding_orthofx_layers", "lazy_site_module",
            "transformed_parts", "trained_parts", "averaged_copies", "part_site_path", "module_path_within"]
@@ -136,17 +141,37 @@ def part_site_path(path: str, site: str) -> str:
     return ".".join(p for p in (path, site) if p)
 
 
-def _weighted_terms(model: nn.Module, skip_zero: bool = False) -> list[tuple[PenaltyTerm, torch.Tensor]]:
+def _weighted_terms(model: nn.Module, skip_zero: bool = False, amortised: bool = False
+                    ) -> list[tuple[PenaltyTerm, torch.Tensor]]:
     """``(term, weight * value)`` of every term of the transformed ``model``; without the terms of weight 0 when
-    ``skip_zero``."""
+    ``skip_zero``. ``amortised``: one call of the training loss (:func:`_due_terms`), which evaluates only the
+    terms due at this call, each with its weight times its ``every``."""
     root = unwrap_model(model)
     reference = _first_float_parameter(root)
     manifest = manifest_of(model)
     # a deep copy of a transformed model (with its optimizer: copies keep no hooks) is registered here, at the
     # penalty every training step adds, so that stepping it without orthofx.attach warns too
     watch_hooked_weights(root, manifest.optimizer_hooks)
-    return [(t, t.weight * _term_value(root, t, reference))
-            for t in manifest.penalties if not (skip_zero and t.weight == 0.0)]
+    weighted = [(t, t.weight) for t in manifest.penalties]
+    if amortised and manifest.penalty_period() > 1:
+        if not torch.compiler.is_compiling():  # no hooks registered inside a compiled graph: at the eager calls
+            keep_penalty_calls_in_state_dict(root)
+        weighted = _due_terms(manifest)
+    return [(t, weight * _term_value(root, t, reference))
+            for t, weight in weighted if not (skip_zero and weight == 0.0)]
+
+
+def _due_terms(manifest: Manifest) -> list[tuple[PenaltyTerm, float]]:
+    """``(term, weight)`` of the terms this call of the training penalty evaluates, and one call counted: a term
+    with ``every = k`` is due at the calls ``c`` with ``c % k == term.phase``, weighted ``k * weight`` (the same
+    regulariser on average over its period); every term with ``every = 1``, at its own weight.
+
+    The count is kept modulo the terms' common period: under torch.compile it is a guarded constant, so a bounded
+    count gives one graph per call of the period instead of a recompilation at each step."""
+    period = manifest.penalty_period()
+    call = manifest.penalty_calls % period
+    manifest.penalty_calls = (call + 1) % period
+    return [(t, t.weight * t.every) for t in manifest.penalties if call % t.every == t.phase]
 
 
 def lazy_site_module(root: nn.Module, term: PenaltyTerm) -> nn.Module | None:
@@ -193,7 +218,8 @@ def _term_value(root: nn.Module, term: PenaltyTerm, reference: torch.Tensor | No
 
 
 def penalty_terms(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Each term's weighted value, keyed ``"<rule>/<site>"`` (for logging which layers dominate). For a model not
+    """Each term's weighted value, keyed ``"<rule>/<site>"`` (for logging which layers dominate): every term at its
+    own weight, also one with ``every > 1``, and no call counted (module docs). For a model not
     transformed itself: the terms of the transformed models it holds, keyed ``"<rule>/<path>.<site>"``, and for
     each JacobianProbe outside them ``"JacobianProbe/<module path>"``: ``probe.penalty()``, or a zero like the
     probe's parameters when it has no current estimate (module docs).
@@ -221,6 +247,10 @@ def penalty(model: nn.Module) -> torch.Tensor:
     scalar (in the dtype and on the device of the model's parameters) when there are none or all have weight 0.
     Inside ``torch.autocast`` the terms still run in the weights' dtype (autocast is switched off for them).
 
+    With gradients enabled each call is one training step for the terms with ``every = k > 1``: only those due
+    at this call are evaluated, at ``k`` times their weight (the same regulariser on average, at ``1 / k`` of its
+    cost); under ``torch.no_grad()`` every term counts at its weight and no call is counted (module docs).
+
     Example::
 
         import torch, orthofx
@@ -231,11 +261,13 @@ def penalty(model: nn.Module) -> torch.Tensor:
         loss.backward()
     """
     root = unwrap_model(model)
+    amortised = torch.is_grad_enabled()  # a training loss: terms with every > 1 are due on some calls only
     if is_transformed(model):
-        weighted = [value for _, value in _weighted_terms(model, skip_zero=True)]
+        weighted = [value for _, value in _weighted_terms(model, skip_zero=True, amortised=amortised)]
     else:
         parts, probes = _untransformed_sources(model)
-        weighted = [value for _, part in parts for _, value in _weighted_terms(part, skip_zero=True)]
+        weighted = [value for _, part in parts
+                    for _, value in _weighted_terms(part, skip_zero=True, amortised=amortised)]
         weighted += [probe.penalty() for _, probe in probes
                      if probe.estimate is not None and probe.penalty_weight != 0.0]
     if not weighted:

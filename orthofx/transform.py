@@ -40,9 +40,46 @@ _MANIFEST_ATTRIBUTE = "_orthofx_manifest"
 
 
 def store_manifest(gm: fx.GraphModule, manifest: Manifest) -> None:
-    """Attach ``manifest`` to ``gm`` (``gm.meta["orthofx"]``, and an attribute that survives pickling)."""
+    """Attach ``manifest`` to ``gm`` (``gm.meta["orthofx"]``, and an attribute that survives pickling), and the
+    state-dict hooks that save and restore its count of penalty calls."""
     gm.meta[MANIFEST_KEY] = manifest
     setattr(gm, _MANIFEST_ATTRIBUTE, manifest)
+    keep_penalty_calls_in_state_dict(gm)
+
+
+def keep_penalty_calls_in_state_dict(gm: nn.Module) -> None:
+    """Register (once) the hooks that save ``gm``'s count of penalty calls in its state dict's metadata and
+    restore it on load. Again by ``orthofx.penalty`` after unpickling: a GraphModule is rebuilt from its code
+    and attributes, without its hooks."""
+    if _save_penalty_calls not in gm._state_dict_hooks.values():
+        gm.register_state_dict_post_hook(_save_penalty_calls)
+        gm.register_load_state_dict_pre_hook(_load_penalty_calls)
+
+
+#: Key of the transformed model's count of ``orthofx.penalty`` calls (``Manifest.penalty_calls``, where its terms
+#: with ``every > 1`` are in their periods) in its state-dict metadata (``state_dict()._metadata[path]``).
+PENALTY_CALLS_METADATA_KEY = "orthofx_penalty_calls"
+
+
+def _save_penalty_calls(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    # training state (a resumed run must evaluate the same terms at the same steps), but a key would change the
+    # model's keys: it goes into the module's metadata, which torch.save / torch.load(weights_only=True) keep
+    manifest = _find_manifest(module)
+    if manifest is not None and manifest.penalty_period() > 1:
+        local_metadata[PENALTY_CALLS_METADATA_KEY] = int(manifest.penalty_calls)
+
+
+def _load_penalty_calls(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, *args) -> None:
+    manifest = _find_manifest(module)
+    if manifest is None or PENALTY_CALLS_METADATA_KEY not in local_metadata:
+        return  # a plain model's state dict, or one saved without periods: the count stays
+    calls = local_metadata[PENALTY_CALLS_METADATA_KEY]
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+        raise OrthofxError(f"the state dict's metadata for '{prefix[:-1]}' holds {PENALTY_CALLS_METADATA_KEY}="
+                           f"{calls!r}, the count of orthofx.penalty calls of a transformed model, which must be "
+                           f"an int >= 0; remove the entry (state_dict._metadata['{prefix[:-1]}']) to keep the "
+                           "model's own count")
+    manifest.penalty_calls = calls % manifest.penalty_period()  # saved with other periods: still inside this one
 
 
 def manifest_of(model: nn.Module) -> Manifest:

@@ -198,7 +198,15 @@ class PenaltyTerm:
 
     Subclasses implement :meth:`value`, computing the unweighted term from the transformed model ``root``
     (looked up by site name at call time, so the term holds no tensors and survives copies and saving).
+
+    A term with ``every = k > 1`` is evaluated by ``orthofx.penalty`` on one call in ``k`` only, the calls ``c``
+    with ``c % k == phase`` (``c`` counts the model's penalty calls with gradients, ``Manifest.penalty_calls``),
+    its weight multiplied by ``k``: the same regulariser on average, at ``1 / k`` of its cost.
     """
+
+    #: evaluated on one call of orthofx.penalty in ``every`` (class defaults: terms pickled before they existed)
+    every: int = 1
+    phase: int = 0
 
     def __init__(self, site: str, rule: str, weight: float):
         self.site = site
@@ -224,7 +232,8 @@ class PenaltyTerm:
         return [] if weight is None else [(self.site, weight, (type(self).__name__, *form))]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(site={self.site!r}, weight={self.weight})"
+        period = f", every={self.every}, phase={self.phase}" if self.every > 1 else ""
+        return f"{type(self).__name__}(site={self.site!r}, weight={self.weight}{period})"
 
 
 def _dtensor_type() -> type | None:
@@ -437,6 +446,17 @@ class Manifest:
     frozen: bool = False  # set by orthofx.freeze: plain layers, no penalties or hooks
     # Relative change ||f_new(x) - f(x)|| / ||f(x)|| of the model's outputs on the example inputs (eval mode).
     output_change: float | None = None
+    # Calls of orthofx.penalty with gradients so far, modulo penalty_period(): where the terms with every > 1 are
+    # in their periods (training state: saved in the model's state-dict metadata, PENALTY_CALLS_METADATA_KEY).
+    penalty_calls: int = 0
+
+    def penalty_period(self) -> int:
+        """The least common multiple of the terms' ``every`` (1 when every term is evaluated at each call): the
+        calls of orthofx.penalty after which the pattern of evaluated terms repeats."""
+        period = 1
+        for term in self.penalties:
+            period = period * term.every // math.gcd(period, term.every)
+        return period
 
 
 class EvalRun:
