@@ -725,17 +725,20 @@ def _one_input(args: tuple, conv: nn.Module) -> torch.Tensor:
     return args[0]
 
 
-def _weight_for_freezing(conv: nn.Module, label: str) -> None:
+def _recompute_hooked_weight(conv: nn.Module) -> bool:
     """Run ``conv``'s forward pre-hooks once, on a probe input, so that ``conv.weight`` is the weight they compute
-    from the parameters now: ``torch.nn.utils.prune`` and the older ``weight_norm`` set the attribute at each call,
-    and after an optimizer step it still held the weight of the last forward, which ``to_plain`` baked into the
-    frozen layer (its outputs were those of the weights one step before). They run with the conv in eval mode, as
-    the frozen layer's forward would (``spectral_norm`` takes no power-iteration step), and with gradients on (as in
-    a forward: the weight requires grad where its parameters do, which the frozen layer's weight copies). A hook
-    that changes the input (returns a new tensor) is refused: the frozen layer convolves with a plain conv, which
-    cannot run it."""
+    from the parameters now; returns whether a hook changed the input (returned a new tensor).
+
+    ``torch.nn.utils.prune``, the older ``weight_norm`` / ``spectral_norm`` and a user's hook that assigns
+    ``conv.weight`` set the attribute at each call: after an optimizer step (or ``load_state_dict``) it still holds
+    the weight of the last forward, until the next forward runs the hooks. Whatever reads the weight outside the
+    forward (:meth:`ConvNormConvNd.gain_range`, :meth:`~ConvNormConvNd.filter`, :meth:`~ConvNormConvNd.to_plain`,
+    :func:`update_running_filters`) calls this first. The hooks run with the conv in eval mode (``spectral_norm``
+    takes no power-iteration step, so reading the weight does not change it: ``W / sigma`` from the current ``u``,
+    ``v``), and with gradients on, as in a forward (the weight requires grad where its parameters do, and is left
+    as a forward would leave it). A conv without pre-hooks is left alone (no probe is made)."""
     if not conv._forward_pre_hooks:
-        return
+        return False
     probe = conv.weight.new_zeros((1, conv.in_channels, *conv.kernel_size))
     training = conv.training
     conv.train(False)
@@ -744,7 +747,15 @@ def _weight_for_freezing(conv: nn.Module, label: str) -> None:
             x = _after_forward_pre_hooks(conv, probe)
     finally:
         conv.train(training)
-    if x is not probe:
+    return x is not probe
+
+
+def _weight_for_freezing(conv: nn.Module, label: str) -> None:
+    """:func:`_recompute_hooked_weight` before ``to_plain`` bakes ``conv.weight`` into the frozen layer (it baked the
+    weight of the last forward: the frozen layer's outputs were those of the weights one step before). A hook that
+    changes the input (returns a new tensor) is refused: the frozen layer convolves with a plain conv, which cannot
+    run it."""
+    if _recompute_hooked_weight(conv):
         raise LayerArgumentError(
             f"{label}: a forward pre-hook of its conv changes the input (it returned a new tensor), and the frozen "
             f"layer (a plain conv and the precomputed filters) cannot run it, so its outputs would differ from the "
@@ -1141,10 +1152,14 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         return convnorm_geometry(size, conv.kernel_size, conv.stride, padding, conv.dilation, where=layer_label(self))
 
     def filter(self, input_size: Sequence[int]) -> torch.Tensor:
-        """The ``V`` the current mode applies for a spatial input size (running in eval when kept)."""
+        """The ``V`` the current mode applies for a spatial input size (running in eval when kept), of the weight the
+        conv's forward pre-hooks compute now (:func:`_recompute_hooked_weight`) when computed."""
         geo = self.geometry(input_size)
         v = None if self.training or self.momentum is None else self.running_filter(geo.grid)
-        return _filter(self.conv.weight, geo.grid, self.conv.dilation, self.eps) if v is None else v
+        if v is not None:
+            return v
+        _recompute_hooked_weight(self.conv)  # the weight the next forward convolves with, not the last one's
+        return _filter(self.conv.weight, geo.grid, self.conv.dilation, self.eps)
 
     # ---- the eval-mode cache of V (the conditions and key of orthofx.nn.orthogonal._EvalCache)
 
@@ -1154,7 +1169,9 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         numbers; the filter ``V = (power + eps)^(-1/2)`` of that grid (the one-tap scale for a 1 x 1 kernel) is
         made from the same float64 power on the way and kept as the next eval-mode forward without gradients would
         keep it (:meth:`_eval_kept`), so that the ``convnorm`` pass's report and ``transform``'s run on the example
-        inputs transform the weight once, not twice.
+        inputs transform the weight once, not twice. The weight is the one the next forward convolves with: the
+        conv's forward pre-hooks run first (:func:`_recompute_hooked_weight`: ``prune``, ``weight_norm``, a hook
+        assigning ``conv.weight``), not the weight the last forward left.
 
         >>> import torch
         >>> layer = ConvNormConv2d(torch.nn.Conv2d(3, 4, 3, padding=1)).eval()
@@ -1164,14 +1181,18 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         """
         geo = self.geometry(input_size)
         conv = self.conv
+        # the conv's pre-hooks (prune, weight_norm, a user's) compute the weight the forward convolves with: without
+        # them the gains, and the filter kept, were those of the last forward's weight (before an optimizer step)
+        _recompute_hooked_weight(conv)
+        weight = conv.weight
         with torch.no_grad():
             if _one_tap(conv.kernel_size):
                 # the power is ||w_m||^2 at every frequency: its extremes are those of the norms
-                power, kind, grid = _one_tap_norms(conv.weight).square(), "scale", None
+                power, kind, grid = _one_tap_norms(weight).square(), "scale", None
             else:
-                power, kind, grid = _power(conv.weight, geo.grid, conv.dilation), "filter", geo.grid
-            self._eval_kept(kind, grid, lambda: _filter_of_power(power, self.eps, conv.weight.dtype), eval_only=False)
-            low, high = _gain_range_of_power(power, conv.weight.dtype)
+                power, kind, grid = _power(weight, geo.grid, conv.dilation), "filter", geo.grid
+            self._eval_kept(kind, grid, lambda: _filter_of_power(power, self.eps, weight.dtype), eval_only=False)
+            low, high = _gain_range_of_power(power, weight.dtype)
         return geo, low, high
 
     def _eval_kept(self, kind: str, grid, build, eval_only: bool = True) -> torch.Tensor:
@@ -1807,6 +1828,8 @@ def update_running_filters(model: nn.Module) -> int:
         if not isinstance(layer, ConvNormConvNd) or layer.momentum is None:
             continue
         conv = layer.conv
+        if layer._running_filters:
+            _recompute_hooked_weight(conv)  # V of the weight the copy's forward convolves with
         for grid, running in layer._running_filters.items():
             running.copy_(_filter(conv.weight, grid, conv.dilation, layer.eps))
             count += 1

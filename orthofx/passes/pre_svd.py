@@ -31,7 +31,9 @@ gets, by its parameters:
     Directions with a zero singular value (at most ``min(max(m, n) * eps, sqrt(eps)) * s_max``, ``eps`` of the
     gradient's dtype; see :func:`polar_factor`) are dropped, so a rank-deficient gradient gives the partial
     isometry ``U_r V_r^T`` and a zero gradient stays zero. On a layer whose weight is not a parameter (a buffer),
-    which no optimizer steps, NOG and OLR are refused at planning.
+    which no optimizer steps, NOG and OLR are refused at planning. A sparse gradient (a leaf layer whose forward
+    calls ``F.embedding(..., sparse=True)`` on its weight) is refused at the step, by NOG and by OLR, with an
+    ``OrthofxError`` naming the site, as the Riemannian hooks refuse it (it was stepped unchanged).
 ``olr`` (default false): Optimal Learning Rate. With ``w``, ``g`` the flattened weight and gradient (the gradient
     after NOG when both are on), ``a = w.w``, ``b = g.w``, ``c = g.g``: ``eta* = a b / (a c + 2 b^2)``; the layer's
     learning rate for the step is ``eta*`` when ``0 < eta* < base lr`` and the base lr otherwise, a Python float
@@ -183,6 +185,15 @@ class SripTerm(PenaltyTerm):
         return (self.groups, self.iterations)
 
 
+def _sparse_gradient_error(hook: OptimizerHook, treatment: str, needs: str, flag: str) -> OrthofxError:
+    """The error of NOG / OLR on a weight whose gradient is sparse (a layer whose forward makes one, such as an
+    ``nn.Linear`` subclass calling ``F.embedding(..., sparse=True)`` kept as a leaf): stepping it unchanged, as
+    before, left the Change's "NOG" / "OLR" untrue. Worded as the Riemannian hook's refusal."""
+    return OrthofxError(f"pre_svd ({hook.site}, rule '{hook.rule}'): {treatment}: the weight has a sparse gradient, "
+                        f"and {needs} needs a dense one; make the layer's gradient dense (e.g. F.embedding(..., "
+                        f"sparse=False) in its forward) or set '{flag}: false' in the rule")
+
+
 class NearestOrthogonalGradient(OptimizerHook):
     """NOG (P4): before each step the weight's gradient (``out x rest``; per group for a grouped conv,
     ``groups x out/groups x rest``) becomes its polar factor ``U V^T``."""
@@ -190,8 +201,10 @@ class NearestOrthogonalGradient(OptimizerHook):
     def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         module = root.get_submodule(self.site)
         grad = module.weight.grad
-        if grad is None or grad.is_sparse:
+        if grad is None:  # not used this step: the optimizer skips it too
             return
+        if grad.is_sparse:
+            raise _sparse_gradient_error(self, "NOG", "the polar factor U V^T of the gradient", "nog")
         groups = weight_groups(module)
         G = whole(grad).reshape(groups, grad.shape[0] // groups, -1)
         if not bool(torch.isfinite(G).all()):
@@ -344,6 +357,8 @@ class OptimalLearningRate(OptimizerHook):
 
     def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         weight = root.get_submodule(self.site).weight
+        if weight.grad is not None and weight.grad.is_sparse:  # before the group's lr is touched
+            raise _sparse_gradient_error(self, "OLR", "eta* = a b / (a c + 2 b^2) of the flattened gradient", "olr")
         group = _group_of(optimizer, weight, self)
         if _BASE_LR_KEY in group:
             # a weight shared by two sites has two OLR hooks: the first set this step's lr (from the same weight
@@ -354,7 +369,7 @@ class OptimalLearningRate(OptimizerHook):
         base = float(base) if isinstance(base, torch.Tensor) else base
         group[_BASE_LR_KEY] = base
         lr = base
-        if weight.grad is not None and not weight.grad.is_sparse:
+        if weight.grad is not None:
             # maximize=True steps along +g: eta* of the step direction -(-g)
             grad = whole(weight.grad)
             eta = optimal_learning_rate(whole(weight), -grad if group.get("maximize") else grad)
