@@ -232,6 +232,17 @@ def _rfft_counts(q: int) -> torch.Tensor:
     return counts
 
 
+def rfftn_counts(grid: tuple[int, ...]) -> torch.Tensor:
+    """:func:`_rfft_counts` of each frequency of ``rfftn`` over ``grid`` (the last axis halved), flattened in
+    ``rfftn``'s order: a frequency and its conjugate have the same singular values, so each half-spectrum matrix
+    stands for its count of the ``prod(grid)`` frequencies (the counts sum to it).
+
+    >>> rfftn_counts((3, 4)).tolist(), int(rfftn_counts((3, 4)).sum())
+    ([1, 2, 1, 1, 2, 1, 1, 2, 1], 12)
+    """
+    return _rfft_counts(grid[-1]).repeat(math.prod(grid[:-1]))
+
+
 def _frequency_matrices(weight: torch.Tensor, input_size, stride, groups, dtype, max_elements: int | None = None,
                         what: str = "conv_singular_values"):
     """The per-frequency matrices of the (strided, grouped, circular) convolution, in chunks.

@@ -175,9 +175,13 @@ def _is_full_size(module: nn.Module) -> bool:
     return getattr(module, "method", None) == "cayley_fft"
 
 
+#: The "exists" figure of a Cayley-FFT layer, unfrozen or frozen (:func:`_is_full_size`).
+_FULL_SIZE_EXISTS = "yes (full-size kernel)"
+
+
 def _existence(module: nn.Module) -> str:
     if _is_full_size(module):
-        return "yes (full-size kernel)"
+        return _FULL_SIZE_EXISTS
     # looked up without reading ``weight``, which an orthofx layer computes (and cannot on the meta device)
     if isinstance(module._parameters.get("weight"), nn.parameter.UninitializedParameter):
         return "? (lazy layer, not run yet: its input size is unknown)"
@@ -626,12 +630,11 @@ def _fourier_row(site: str, module: FourierConv, pass_text: str | None, params: 
     with torch.no_grad():
         symbol = torch.view_as_complex(module.symbol.detach().to(torch.float64).contiguous())  # (g, F, M, C S^d)
         grid = tuple(n // s for n, s in zip(module.input_size, module.stride))
-        counts = metrics._rfft_counts(grid[-1]).repeat(math.prod(grid[:-1]))
-        values = torch.linalg.svdvals(symbol).repeat_interleave(counts, dim=1).flatten()
+        values = torch.linalg.svdvals(symbol).repeat_interleave(metrics.rfftn_counts(grid), dim=1).flatten()
     spectra[site] = values.sort(descending=True).values
     return {"site": site, "layer": describe_module(module), "pass": pass_text, "params": params, "lorth": None,
             "sigma_min": float(values.min()), "sigma_max": float(values.max()), "input": module.input_size,
-            "exists": "yes (full-size kernel)"}
+            "exists": _FULL_SIZE_EXISTS}
 
 
 def _reported_module(root: nn.Module, site: str, module: nn.Module) -> nn.Module:
