@@ -81,13 +81,12 @@ from .nn.conditioning import power_newton_schulz
 from .nn.jacobian import JacobianProbe
 from .nn.precision import HALF_PRECISION
 from .nn.tracing import is_orthofx_module
-from .nn import conditioning as cond
 from .passes.base import Manifest, each_mode, replace_module
 # the constant-folding helpers fold_constant_decompositions runs on, shared rather than written twice
 from .passes.svd_conditioning import (_constant_nodes, _copy_meta, _erase_dead, _free_attribute_name,
                                       _graph_modules, _mutated_attributes, _run_constants, decomposition_op,
                                       fold_constant_decompositions, foldable_seed, plain_decompositions,
-                                      to_newton_schulz)
+                                      stand_in_call, to_newton_schulz)
 from .penalty import module_path_within, part_site_path, transformed_parts
 from .plan import build_plan, collect_sites, producers_feeding
 from .policy import Policy
@@ -171,7 +170,7 @@ def _captured_with_orthofx_layers(model: nn.Module, example: ExampleCall | None)
             "does not call orthofx.nn.eigh_stable / svd_stable, there is nothing to freeze: use the model as it is "
             "(torch.export / torch.onnx.export work on it directly); if it does, make it traceable (or pass "
             "example_inputs for torch.export capture), or call torch.linalg.eigh / svd in eval mode") from exc
-    if not layers and not any(_custom_decomposition(n) for _, g in _graph_modules(gm) for n in g.graph.nodes):
+    if not layers and not any(stand_in_call(n) for _, g in _graph_modules(gm) for n in g.graph.nodes):
         raise OrthofxError(f"{type(root).__name__} was not produced by orthofx.transform and holds no orthofx layer "
                            "and no call of orthofx.nn.eigh_stable / svd_stable (nothing to freeze): call "
                            "orthofx.transform(model, policy) first, or use the model as it is (torch.export / "
@@ -480,21 +479,6 @@ def _rebind_layer_reads(frozen: nn.Module, found: list[_LayerReads]) -> None:
         gm.recompile()
 
 
-#: The custom ops of :mod:`orthofx.nn.decompositions` (by name: ``torch.ops.orthofx.eigh_stable(.default)``) and
-#: the stand-in of :mod:`orthofx.nn.conditioning` computing the same values, with the stand-in's keyword for each
-#: of the op's arguments after the matrix and the stand-in's options that give the op's outputs.
-_CUSTOM_DECOMPOSITIONS = {
-    "orthofx.eigh_stable": (cond.stable_eigh, ("taylor_order", "clamp_gap", "UPLO"), {}),
-    "orthofx.svd_stable": (cond.stable_linalg_svd, ("taylor_order", "clamp_gap"), {"full_matrices": False}),
-}
-
-
-def _custom_decomposition(node: fx.Node) -> str | None:
-    """The key in :data:`_CUSTOM_DECOMPOSITIONS` of the custom op ``node`` calls, or ``None``."""
-    name = str(node.target).removesuffix(".default") if node.op == "call_function" else None
-    return name if name in _CUSTOM_DECOMPOSITIONS else None
-
-
 def _plain_custom_decompositions(frozen: nn.Module) -> int:
     """Put the stand-in of :mod:`orthofx.nn.conditioning` with the same outputs in place of every call of the
     custom ops ``orthofx::eigh_stable`` / ``orthofx::svd_stable`` in the graphs of ``frozen`` (a hand-written
@@ -507,17 +491,11 @@ def _plain_custom_decompositions(frozen: nn.Module) -> int:
     changed = 0
     if not isinstance(frozen, fx.GraphModule):
         return changed
-    schema = ("A", "taylor_order", "clamp_gap", "uplo")  # the custom ops' arguments (svd_stable's lack uplo)
     for _, gm in list(_graph_modules(frozen)):
         for _ in each_mode(gm):
-            nodes = [n for n in gm.graph.nodes if _custom_decomposition(n)]
+            nodes = [n for n in gm.graph.nodes if stand_in_call(n)]
             for node in nodes:
-                stand_in, names, options = _CUSTOM_DECOMPOSITIONS[_custom_decomposition(node)]
-                given = dict(zip(schema, node.args)) | dict(node.kwargs)
-                kwargs = {new: given[old] for old, new in zip(schema[1:], names) if old in given}
-                node.target = stand_in
-                node.args = (given["A"],)
-                node.kwargs = {**options, **kwargs}
+                node.target, node.args, node.kwargs = stand_in_call(node)
             if nodes:
                 gm.recompile()
                 changed += len(nodes)

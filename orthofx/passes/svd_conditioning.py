@@ -141,6 +141,37 @@ _TARGET_OPS: dict[Any, str] = {
 }
 _STABLE_EXTRA = ("taylor_order", "float64", "clamp_gap", "plain")
 
+#: The custom ops of :mod:`orthofx.nn.decompositions` (what a traced forward calling ``orthofx.nn.eigh_stable`` /
+#: ``svd_stable`` holds, one node; the target prints as ``orthofx.eigh_stable(.default)``), by name: the stand-in
+#: of :mod:`orthofx.nn.conditioning` computing the same values, the stand-in's keyword for each of the op's
+#: arguments after the matrix, and the stand-in's options that give the op's outputs (``svd_stable`` is reduced).
+#: ``float64=True`` is no argument of the op: ``eigh_stable`` casts the matrix before the call and the outputs
+#: back after it, casts that the power patterns read through (:func:`_output_of`).
+_CUSTOM_OPS: dict[str, tuple[Any, tuple[str, ...], dict[str, Any]]] = {
+    "orthofx.eigh_stable": (cond.stable_eigh, ("taylor_order", "clamp_gap", "UPLO"), {}),
+    "orthofx.svd_stable": (cond.stable_linalg_svd, ("taylor_order", "clamp_gap"), {"full_matrices": False}),
+}
+_CUSTOM_SCHEMA = ("A", "taylor_order", "clamp_gap", "uplo")  # the custom ops' arguments (svd_stable's lack uplo)
+
+
+def stand_in_call(node: fx.Node) -> tuple[Any, tuple, dict[str, Any]] | None:
+    """``(stand-in, args, kwargs)``: the call of the stand-in of :mod:`orthofx.nn.conditioning` that computes what
+    ``node``'s call of the custom op ``orthofx::eigh_stable`` / ``orthofx::svd_stable`` computes (``None`` for any
+    other node), so that the code reading the stand-ins' calls reads the custom ops' too.
+
+    Example: ``torch.ops.orthofx.eigh_stable.default(A, 9, None, "U")`` is ``stable_eigh(A, taylor_order=9,
+    clamp_gap=None, UPLO="U")``; ``torch.ops.orthofx.svd_stable.default(A, 9, None)`` is
+    ``stable_linalg_svd(A, full_matrices=False, taylor_order=9, clamp_gap=None)``."""
+    if node.op != "call_function":
+        return None
+    entry = _CUSTOM_OPS.get(str(node.target).removesuffix(".default"))
+    if entry is None:
+        return None
+    stand_in, names, options = entry
+    given = dict(zip(_CUSTOM_SCHEMA, node.args)) | dict(node.kwargs)
+    kwargs = {new: given[old] for old, new in zip(_CUSTOM_SCHEMA[1:], names) if old in given}
+    return stand_in, (given["A"],), {**options, **kwargs}
+
 
 class _Unsupported(Exception):
     """A call this pass cannot rewrite; the message is the reason."""
@@ -149,8 +180,9 @@ class _Unsupported(Exception):
 def _call_options(node: fx.Node, op: str) -> tuple[fx.Node, dict[str, Any]]:
     """The decomposed matrix's node and the call's options (torch's defaults filled in)."""
     info = _INFO[op]
-    args = list(node.args)
-    kwargs = dict(node.kwargs)
+    custom = stand_in_call(node)  # a custom op's call, read as its stand-in's
+    args = list(custom[1] if custom else node.args)
+    kwargs = dict(custom[2] if custom else node.kwargs)
     matrix = args.pop(0) if args else kwargs.pop("input", kwargs.pop("A", None))
     if not isinstance(matrix, fx.Node):
         raise _Unsupported("the decomposed matrix is not a traced value")
@@ -936,12 +968,8 @@ def decomposition_op(node: fx.Node) -> str | None:
         return None
     if op is not None:
         return op
-    name = str(node.target)  # torch.ops.orthofx.eigh_stable(.default) prints as orthofx.eigh_stable(.default)
-    if name.startswith("orthofx.eigh_stable"):
-        return "linalg.eigh"
-    if name.startswith("orthofx.svd_stable"):
-        return "linalg.svd"
-    return None
+    custom = stand_in_call(node)
+    return None if custom is None else DECOMPOSITIONS[custom[0]]
 
 
 def _graph_modules(gm: fx.GraphModule):
@@ -956,8 +984,10 @@ def _qualified(path: str, name: str) -> str:
 
 
 def to_newton_schulz(gm: fx.GraphModule, iterations: int = 5, float64: bool = False) -> dict[str, str]:
-    """Rewrite, in place, every ``V diag(lambda^(+-1/2)) V^T`` computed from an eigh/SVD of ``gm`` (torch's or the
-    stable stand-ins this pass inserts) into Newton-Schulz iterations, and recompile ``gm``.
+    """Rewrite, in place, every ``V diag(lambda^(+-1/2)) V^T`` computed from an eigh/SVD of ``gm`` (torch's, the
+    stable stand-ins this pass inserts, or the custom ops ``orthofx::eigh_stable`` / ``svd_stable`` that a plain
+    trace of a forward calling ``orthofx.nn.eigh_stable`` / ``svd_stable`` holds) into Newton-Schulz iterations,
+    and recompile ``gm``.
 
     This is the SVD-free form of the meta-layer (matmuls only, so ONNX can express it): with ``A`` the decomposed
     matrix (symmetric positive definite), ``V diag(lambda^(1/2)) V^T = A^(1/2)`` and ``V diag(lambda^(-1/2)) V^T =
@@ -1001,8 +1031,9 @@ def _to_newton_schulz(gm: fx.GraphModule, iterations: int, float64: bool) -> dic
             results[name] = (f"{op} returns only the values: there is no V diag(f(lambda)) V^T to compute without "
                              "the decomposition")
             continue
-        if node.op == "call_function" and node.target not in _TARGET_OPS:
-            results[name] = f"a call of {node.target} (not the torch function or a stand-in) is not rewritten"
+        if node.op == "call_function" and node.target not in _TARGET_OPS and stand_in_call(node) is None:
+            results[name] = (f"a call of {node.target} (not the torch function, a stand-in or orthofx's custom op) "
+                             "is not rewritten")
             continue
         info = _INFO[op]
         try:
