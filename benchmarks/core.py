@@ -125,7 +125,8 @@ def lorth_overhead(quick: bool, device: str = "cpu", repeats: int | None = None)
     for every in (4, 8):
         policy = orthofx.Policy.preset("lorth").to_dict()
         for rule in policy["rules"]:
-            rule.setdefault("with", {})["every"] = every
+            rule["with"] = {**rule.get("with", {}), "every": every,  # lazy regularisation: the same average strength
+                            "weight": rule.get("with", {}).get("weight", 0.01) * every}
         amortised = orthofx.transform(model, policy).to(device)
         name = f"step + penalty every {every} (mean)"
         fns[name], steps[name] = training_step(amortised, x, y, orthofx_terms=True, steps=every), every

@@ -51,7 +51,7 @@ from .capture import copy_model
 from .errors import OrthofxError, first_few
 from .export import batch_too_small_for_dynamic, check_export_path, export
 from .passes.base import EvalRun
-from .penalty import penalty
+from .penalty import penalty, penalty_terms
 from .policy import Policy, presets
 from .report import plot_format_problem, report
 from .transform import explain, transform
@@ -709,8 +709,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n== training {args.steps} steps on scikit-learn digits ({len(x_train)} train / {len(x_test)} test)")
     gm.train()
     generator = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():  # every term at its weight (a loss's penalty is amortised over terms' every periods)
-        first_penalty = float(penalty(gm))
+    first_penalty = _whole_penalty(gm)
     progress_open = False  # a progress line without its newline yet, on stderr
     try:
         for step in range(1, args.steps + 1):
@@ -738,11 +737,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     gm.eval()
     with torch.no_grad():
         accuracy = (gm(x_test).argmax(1) == y_test).float().mean().item()
-        last_penalty = penalty(gm).item()
+        last_penalty = _whole_penalty(gm)
     print(f"\npenalty {first_penalty:.4f} -> {last_penalty:.4f}; test accuracy {accuracy:.3f}\n")
     print("== report")
     print(report(gm))
     return 0
+
+
+def _whole_penalty(gm: nn.Module) -> float:
+    """The value of every penalty term (a training loss's ``penalty`` evaluates the terms with ``every > 1`` on
+    some calls only, and counts the call)."""
+    with torch.no_grad():
+        return float(sum(penalty_terms(gm).values()))
 
 
 def _smaller_lr(lr: float) -> str:

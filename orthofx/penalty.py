@@ -18,7 +18,8 @@ estimate`` after a training-mode forward; zero before it, in eval mode and on th
 layer": :func:`orthofx.nn.tracing.is_orthofx_layer`).
 
 A term with ``every = k > 1`` (``orth_regularizer``'s parameter) is evaluated on one call in ``k`` of
-``penalty`` with gradients enabled, at ``k`` times its weight; the transformed model counts those calls
+``penalty`` with gradients enabled, at its weight (lazy regularisation: a rule multiplies its weight by ``k`` to
+keep the average strength, as for the Jacobian pass's ``every``); the transformed model counts those calls
 (``Manifest.penalty_calls``, saved in its state-dict metadata). Under ``torch.no_grad()`` ``penalty`` evaluates
 every term at its weight and counts nothing; ``penalty_terms`` always does so.
 
@@ -41,7 +42,7 @@ from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError
 from .nn.jacobian import JacobianProbe
 from .nn.precision import autocast_off
-from .nn.tracing import is_orthofx_layer, is_orthofx_module
+from .nn.tracing import is_orthofx_layer, is_orthofx_module, recomputing_in_backward
 from .nn.precision import zero_like_parameters
 from .passes.base import Manifest, PenaltyTerm, watch_hooked_weights
 from .transform import is_transformed, keep_penalty_calls_in_state_dict, manifest_of
@@ -144,34 +145,52 @@ def part_site_path(path: str, site: str) -> str:
 def _weighted_terms(model: nn.Module, skip_zero: bool = False, amortised: bool = False
                     ) -> list[tuple[PenaltyTerm, torch.Tensor]]:
     """``(term, weight * value)`` of every term of the transformed ``model``; without the terms of weight 0 when
-    ``skip_zero``. ``amortised``: one call of the training loss (:func:`_due_terms`), which evaluates only the
-    terms due at this call, each with its weight times its ``every``."""
+    ``skip_zero``. ``amortised``: one call of the training loss, which evaluates only the terms due at this call
+    (:func:`_due_terms`)."""
     root = unwrap_model(model)
     reference = _first_float_parameter(root)
     manifest = manifest_of(model)
     # a deep copy of a transformed model (with its optimizer: copies keep no hooks) is registered here, at the
     # penalty every training step adds, so that stepping it without orthofx.attach warns too
     watch_hooked_weights(root, manifest.optimizer_hooks)
-    weighted = [(t, t.weight) for t in manifest.penalties]
+    terms = manifest.penalties
     if amortised and manifest.penalty_period() > 1:
         if not torch.compiler.is_compiling():  # no hooks registered inside a compiled graph: at the eager calls
             keep_penalty_calls_in_state_dict(root)
-        weighted = _due_terms(manifest)
-    return [(t, weight * _term_value(root, t, reference))
-            for t, weight in weighted if not (skip_zero and weight == 0.0)]
+        terms = _due_terms(manifest)
+    return [(t, t.weight * _term_value(root, t, reference)) for t in terms if not (skip_zero and t.weight == 0.0)]
 
 
-def _due_terms(manifest: Manifest) -> list[tuple[PenaltyTerm, float]]:
-    """``(term, weight)`` of the terms this call of the training penalty evaluates, and one call counted: a term
-    with ``every = k`` is due at the calls ``c`` with ``c % k == term.phase``, weighted ``k * weight`` (the same
-    regulariser on average over its period); every term with ``every = 1``, at its own weight.
+def _due_terms(manifest: Manifest) -> list[PenaltyTerm]:
+    """The terms this call of the training penalty evaluates, and one call counted: a term with ``every = k`` is
+    due at the calls ``c`` with ``c % k == term.phase``; a term with ``every = 1`` at every call.
 
     The count is kept modulo the terms' common period: under torch.compile it is a guarded constant, so a bounded
-    count gives one graph per call of the period instead of a recompilation at each step."""
+    count gives one graph per call of the period instead of a recompilation at each step.
+
+    Activation checkpointing's non-reentrant recomputation of a forward that called ``penalty`` (inside
+    backward) is that call again, not a new one: it evaluates the terms of the last call counted and counts
+    nothing, so that it saves the tensors the forward saved (torch raises a CheckpointError otherwise). The
+    reentrant recomputation is counted: its forward ran without gradients, which counted nothing. (Several
+    checkpointed forwards before one backward, micro-batches summed, all replay the last call: torch then raises
+    its CheckpointError; run backward after each.)"""
     period = manifest.penalty_period()
-    call = manifest.penalty_calls % period
-    manifest.penalty_calls = (call + 1) % period
-    return [(t, t.weight * t.every) for t in manifest.penalties if call % t.every == t.phase]
+    if _replaying_checkpointed_forward():
+        call = (manifest.penalty_calls - 1) % period
+    else:
+        call = manifest.penalty_calls % period
+        manifest.penalty_calls = (call + 1) % period
+    return [t for t in manifest.penalties if call % t.every == t.phase]
+
+
+def _replaying_checkpointed_forward() -> bool:
+    """Whether this call runs in ``torch.utils.checkpoint``'s non-reentrant recomputation of a forward, whose
+    saved-tensor hooks (``_recomputation_hook``) are on top then, inside backward (:func:`recomputing_in_backward`).
+    The reentrant recomputation runs without them."""
+    if not recomputing_in_backward():
+        return False
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")
 
 
 def lazy_site_module(root: nn.Module, term: PenaltyTerm) -> nn.Module | None:
@@ -248,8 +267,8 @@ def penalty(model: nn.Module) -> torch.Tensor:
     Inside ``torch.autocast`` the terms still run in the weights' dtype (autocast is switched off for them).
 
     With gradients enabled each call is one training step for the terms with ``every = k > 1``: only those due
-    at this call are evaluated, at ``k`` times their weight (the same regulariser on average, at ``1 / k`` of its
-    cost); under ``torch.no_grad()`` every term counts at its weight and no call is counted (module docs).
+    at this call are evaluated (at ``1 / k`` of their cost); under ``torch.no_grad()`` every term counts and no
+    call is counted (module docs).
 
     Example::
 

@@ -314,6 +314,10 @@ class Report:
             unknown = sum(1 for p in self.penalties if p["weighted"] is None)
             note = (f" ({unknown} term(s) left out: their layers have no values yet, lazy layers that have not run or "
                     "weights on the meta device)") if unknown else ""
+            periodic = sum(1 for p in self.penalties if p.get("every", 1) > 1)
+            if periodic:
+                note += (f" ({periodic} term(s) with every > 1: a training loss's orthofx.penalty evaluates each on "
+                         "one call in every)")
             lines.append(f"penalty: {len(self.penalties)} term(s), weighted sum {total:.4g}{note}")
         return "\n".join(lines)
 
@@ -533,7 +537,7 @@ def _transformed_report(model: nn.Module) -> Report:
         for term in manifest.penalties:
             value = _penalty_value(root, term)
             penalties.append({"site": term.site, "rule": term.rule, "weight": term.weight, "value": value,
-                              "weighted": None if value is None else term.weight * value})
+                              "weighted": None if value is None else term.weight * value, "every": term.every})
     capture = {"mode": manifest.capture.mode, "leaf_fallbacks": list(manifest.capture.leaf_fallbacks),
                "warnings": list(manifest.capture.warnings), "summary": manifest.capture.summary()}
     notes = _unsized_note(unsized) + [_scale_lost_note(change) for change in manifest.changes

@@ -48,10 +48,10 @@ def store_manifest(gm: fx.GraphModule, manifest: Manifest) -> None:
 
 
 def keep_penalty_calls_in_state_dict(gm: nn.Module) -> None:
-    """Register (once) the hooks that save ``gm``'s count of penalty calls in its state dict's metadata and
-    restore it on load. Again by ``orthofx.penalty`` after unpickling: a GraphModule is rebuilt from its code
-    and attributes, without its hooks."""
-    if _save_penalty_calls not in gm._state_dict_hooks.values():
+    """Register (once) on a transformed ``gm`` the hooks that save its count of penalty calls in its state dict's
+    metadata and restore it on load; nothing for another module. Again on a copy or an unpickled ``gm``
+    (``orthofx.capture``'s rebuilds): a GraphModule is rebuilt from its code and attributes, without hooks."""
+    if _find_manifest(gm) is not None and _save_penalty_calls not in gm._state_dict_hooks.values():
         gm.register_state_dict_post_hook(_save_penalty_calls)
         gm.register_load_state_dict_pre_hook(_load_penalty_calls)
 

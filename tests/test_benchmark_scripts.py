@@ -118,7 +118,9 @@ def test_core_quick(tmp_path):
     _assert_ratio(by["transform_preset"], "ratio_to_prepare_fx", "seconds", lambda r: r["model"],
                   lambda r: r["method"] == "prepare_fx")
     assert sorted(r["method"] for r in by["preset_step"]) == sorted(["plain step", *(f"{p} step" for p in presets)])
-    assert sorted(r["method"] for r in by["lorth_overhead"]) == ["plain step", "step + penalty"]
+    assert sorted(r["method"] for r in by["lorth_overhead"]) == sorted(
+        ["plain step", "step + penalty", "step + penalty every 4 (mean)", "step + penalty every 8 (mean)",
+         *(f"every 8, call {call}" for call in range(8))])
     for part in ("preset_step", "lorth_overhead"):
         assert {r["device"] for r in by[part]} == {"cpu"}
         _assert_ratio(by[part], "ratio_to_plain", "seconds", lambda r: r["model"],

@@ -164,7 +164,7 @@ _DEFAULTED = [
     (("capture", "mode"), lambda p: p.capture.mode == "auto"),
     (("capture", "leaf_modules"), lambda p: p.capture.leaf_modules == ()),
     (("rules", 0, "name"), lambda p: p.rules[0].name == "orth_regularizer[0]"),
-    (("rules", 0, "with"), lambda p: p.rules[0].params == {"weight": 0.01, "case": "auto"}),
+    (("rules", 0, "with"), lambda p: p.rules[0].params == {"weight": 0.01, "case": "auto", "every": 1}),
     (("rules", 0, "optional"), lambda p: p.rules[0].optional is False),
     (("rules", 0, "match", "type"), lambda p: p.rules[0].match.type == ()),
     (("rules", 0, "match", "name"), lambda p: p.rules[0].match.name == ()),

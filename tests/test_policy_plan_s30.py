@@ -136,7 +136,7 @@ _POSITIONS = [
     ("capture key", ("capture", "mode"), lambda p: p.capture.mode == "auto"),
     ("capture key", ("capture", "leaf_modules"), lambda p: p.capture.leaf_modules == ()),
     ("rule key", ("rules", 0, "name"), lambda p: p.rules[0].name == "orth_regularizer[0]"),
-    ("rule key", ("rules", 0, "with"), lambda p: p.rules[0].params == {"weight": 0.01, "case": "auto"}),
+    ("rule key", ("rules", 0, "with"), lambda p: p.rules[0].params == {"weight": 0.01, "case": "auto", "every": 1}),
     ("rule key", ("rules", 0, "optional"), lambda p: p.rules[0].optional is False),
     ("match key", ("rules", 0, "match", "name"), lambda p: p.rules[0].match.name == ()),
     ("match key", ("rules", 0, "match", "exclude"), lambda p: p.rules[0].match.exclude == ()),

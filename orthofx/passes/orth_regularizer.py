@@ -35,15 +35,22 @@ The graph is not changed: the pass records a :class:`LorthTerm` per layer, and `
 Cost, and ``every``. The terms do not depend on the batch: on a ResNet-18 (width 64) they cost about as much as
 a training step on about 40 CIFAR images (by multiply-adds, most of them in the 512-channel layers), so at
 batch 64 on a CPU they add about 70 % to a step. With ``every: k`` each term is evaluated on one call of
-``orthofx.penalty`` in ``k`` (the calls with gradients enabled: one per training step), with its weight multiplied
-by ``k``, so that its average pull on the weights is unchanged (as for the Jacobian pass's ``every``); the rule's
-terms are spread over the ``k`` calls by their cost (the costliest first, each to the call with the least cost so
-far), so that every step pays about ``1 / k`` of the penalty, not one step in ``k`` all of it. Under
-``torch.no_grad()`` ``orthofx.penalty`` evaluates every term at its own weight (a logged value is the
-regulariser, not one call's share), and ``orthofx.penalty_terms`` always does; neither counts as a call. The count
+``orthofx.penalty`` in ``k`` (the calls with gradients enabled: one per training step), at its weight: lazy
+regularisation, as the Jacobian pass's ``every``, so multiply ``weight`` by ``k`` to keep the average pull on the
+weights (``weight: 0.08, every: 8`` for the preset's 0.01). The rule's terms are spread over the ``k`` calls by
+their cost (the costliest first, each to the call with the least cost so far), so that every step pays about
+``1 / k`` of the penalty, not one step in ``k`` all of it. Under ``torch.no_grad()`` ``orthofx.penalty``
+evaluates every term (a logged value is the whole regulariser, not one call's share), and
+``orthofx.penalty_terms`` always does; neither counts as a call. The count
 of calls is training state: it travels in the model's state-dict metadata, so a resumed run evaluates the same
-terms on the same steps. Call ``orthofx.penalty`` once per step (with gradient accumulation it counts each
-micro-batch's call).
+terms on the same steps (load it on every rank of a data-parallel run). Call ``orthofx.penalty`` once per step:
+each call with gradients counts, so with gradient accumulation each micro-batch's call is a step of the period,
+and an optimizer that evaluates the loss several times per step (LBFGS's closure, SAM's two passes) moves the
+period at each evaluation. Activation checkpointing's recomputation of a forward that calls it is no new call.
+Under ``torch.compile`` of a loss that calls ``orthofx.penalty`` each call of the period is a graph of its own:
+keep ``every`` (plus the loss's other variants, such as a ``torch.no_grad()`` evaluation) within dynamo's
+recompile limit (``torch._dynamo.config.recompile_limit``, 8), or compile the model and call the penalty
+outside (``orthofx.transform(..., compile=True)``).
 
 Example::
 
@@ -55,10 +62,10 @@ Example::
     loss.backward()
 
     gm = orthofx.transform(model, {"rules": [{"match": {"type": "Conv2d"}, "apply": "orth_regularizer",
-                                              "with": {"weight": 0.1, "every": 4}}]})
+                                              "with": {"weight": 0.4, "every": 4}}]})
     terms = [orthofx.penalty(gm) for _ in range(4)]   # one layer: 0.4 * L_orth on its call, zeros on the others
     with torch.no_grad():
-        assert torch.allclose(sum(terms), 4 * orthofx.penalty(gm))   # 0.1 * L_orth, at no count
+        assert torch.allclose(sum(terms), orthofx.penalty(gm))   # every term, counting no call
 
     class Tagger(torch.nn.Module):           # a recurrent layer: its weight_hh_l0, gate by gate
         def __init__(self):
@@ -194,8 +201,8 @@ class OrthRegularizer(Pass):
               minimum=0.0),
         Param("case", "auto", (str,), "RO (row orthogonal), CO (column orthogonal) or auto (by the shapes)",
               choices=("auto", "RO", "CO")),
-        Param("every", 1, (int,), "evaluate each term on one call of orthofx.penalty in every (weight x every), "
-              "the rule's terms spread over the calls by cost", minimum=1),
+        Param("every", 1, (int,), "evaluate each term on one call of orthofx.penalty in every (lazy: multiply "
+              "weight by every to keep the strength), the rule's terms spread over the calls by cost", minimum=1),
     )
     site_kinds = frozenset({"module"})
     module_types = _LAYER_TYPES + RECURRENT_TYPES
@@ -219,7 +226,7 @@ class OrthRegularizer(Pass):
         return None
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
-        attached: dict[str, list[tuple[PenaltyTerm, Change]]] = {}  # by rule: the terms to spread over periods
+        attached: list[tuple[PenaltyTerm, Change]] = []  # the terms to spread over their periods
         for entry in entries:
             case = None if entry.params["case"] == "auto" else entry.params["case"]
             if isinstance(ctx.module(entry.site), RECURRENT_TYPES):
@@ -228,13 +235,14 @@ class OrthRegularizer(Pass):
                 term, change = self._apply_layer(ctx, entry, case)
             if term is not None:
                 term.every = entry.params["every"]
-                attached.setdefault(entry.rule_name, []).append((term, change))
-        for terms in attached.values():
-            _spread_over_period([term for term, _ in terms], [_evaluation_cost(ctx, term) for term, _ in terms])
-            for term, change in terms:
-                if term.every > 1:
-                    change.what += (f"; evaluated on one orthofx.penalty call in {term.every} (call {term.phase} "
-                                    f"of each period), weight x{term.every}")
+                attached.append((term, change))
+        # all rules' terms at once: rules of one period (one per stage, say) share its calls, which spread per rule
+        # would each load with their costliest term first
+        _spread_over_period([term for term, _ in attached], [_evaluation_cost(ctx, term) for term, _ in attached])
+        for term, change in attached:
+            if term.every > 1:
+                change.what += (f"; evaluated on one orthofx.penalty call in {term.every} (call {term.phase} "
+                                "of each period)")
 
     def _apply_layer(self, ctx: PassContext, entry: PlanEntry, case: str | None
                      ) -> tuple[PenaltyTerm | None, Change]:
@@ -304,15 +312,22 @@ def _evaluation_cost(ctx: PassContext, term: PenaltyTerm) -> int:
 def _spread_over_period(terms: list[PenaltyTerm], costs: list[int]) -> None:
     """Give each term with ``every = k > 1`` the call of its period it is evaluated on (``term.phase``), so that
     the calls share the cost evenly: the costliest first, each to the call with the least cost so far (ties: the
-    earliest call). The terms of one rule share one ``every``."""
-    loads: dict[int, list[int]] = {}
+    one with the fewest terms, then the earliest), the terms of each ``every`` (from any rule) among its calls.
+    Costs that tie (lazy layers, all free) are dealt out one per call in turn, not all on the first call.
+
+    Example: costs 4, 3, 1, 0 at ``every = 2`` give phases 0, 1, 1, 0 (loads 4 and 4); costs 0, 0, 0 at
+    ``every = 3`` give 0, 1, 2."""
+    loads: dict[int, list[tuple[int, int]]] = {}  # by every: (cost, terms) of each call of the period
     for index in sorted(range(len(terms)), key=lambda i: -costs[i]):  # stable: equal costs keep the graph order
         term = terms[index]
         if term.every == 1:
             continue
-        load = loads.setdefault(term.every, [0] * term.every)
-        term.phase = min(range(term.every), key=load.__getitem__)
-        load[term.phase] += costs[index]
+        # n terms fill at most the first n calls (an empty call is the least loaded): no list of every's length,
+        # which a large every (10**9) would make a MemoryError of
+        load = loads.setdefault(term.every, [(0, 0)] * min(term.every, len(terms)))
+        term.phase = min(range(len(load)), key=load.__getitem__)
+        cost, count = load[term.phase]
+        load[term.phase] = (cost + costs[index], count + 1)
 
 
 def _gate_blocks_form(gates: int) -> tuple:
