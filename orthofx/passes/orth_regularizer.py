@@ -37,13 +37,12 @@ a training step on about 40 CIFAR images (by multiply-adds, most of them in the 
 batch 64 on a CPU they add about 70 % to a step. With ``every: k`` each term is evaluated on one call of
 ``orthofx.penalty`` in ``k`` (the calls with gradients enabled: one per training step), at its weight: lazy
 regularisation, as the Jacobian pass's ``every``, so multiply ``weight`` by ``k`` to keep the average pull on the
-weights (``weight: 0.08, every: 8`` for the preset's 0.01). The rule's terms are spread over the ``k`` calls by
-their cost (the costliest first, each to the call with the least cost so far), so that every step pays about
-``1 / k`` of the penalty, not one step in ``k`` all of it. Under ``torch.no_grad()`` ``orthofx.penalty``
-evaluates every term (a logged value is the whole regulariser, not one call's share), and
-``orthofx.penalty_terms`` always does; neither counts as a call. The count
-of calls is training state: it travels in the model's state-dict metadata, so a resumed run evaluates the same
-terms on the same steps (load it on every rank of a data-parallel run). Call ``orthofx.penalty`` once per step:
+weights (``weight: 0.08, every: 8`` for the preset's 0.01). The terms (of every rule with that ``k``) are spread
+over the ``k`` calls by their cost (the costliest first, each to the call with the least cost so far), so that
+every step pays about ``1 / k`` of the penalty, not one step in ``k`` all of it. Under ``torch.no_grad()``
+``orthofx.penalty`` evaluates every term (a logged value is the whole regulariser, not one call's share), and
+``orthofx.penalty_terms`` always does; neither counts as a call. The count of calls is training state: it
+travels in the model's state-dict metadata, so a resumed run evaluates the same terms on the same steps (load it on every rank of a data-parallel run). Call ``orthofx.penalty`` once per step:
 each call with gradients counts, so with gradient accumulation each micro-batch's call is a step of the period,
 and an optimizer that evaluates the loss several times per step (LBFGS's closure, SAM's two passes) moves the
 period at each evaluation. Activation checkpointing's recomputation of a forward that calls it is no new call.
