@@ -732,22 +732,43 @@ def _recompute_hooked_weight(conv: nn.Module) -> bool:
     ``torch.nn.utils.prune``, the older ``weight_norm`` / ``spectral_norm`` and a user's hook that assigns
     ``conv.weight`` set the attribute at each call: after an optimizer step (or ``load_state_dict``) it still holds
     the weight of the last forward, until the next forward runs the hooks. Whatever reads the weight outside the
-    forward (:meth:`ConvNormConvNd.gain_range`, :meth:`~ConvNormConvNd.filter`, :meth:`~ConvNormConvNd.to_plain`,
-    :func:`update_running_filters`) calls this first. The hooks run with the conv in eval mode (``spectral_norm``
-    takes no power-iteration step, so reading the weight does not change it: ``W / sigma`` from the current ``u``,
-    ``v``), and with gradients on, as in a forward (the weight requires grad where its parameters do, and is left
-    as a forward would leave it). A conv without pre-hooks is left alone (no probe is made)."""
+    forward calls this first (:meth:`~ConvNormConvNd.to_plain`; :meth:`ConvNormConvNd.gain_range`,
+    :meth:`~ConvNormConvNd.filter` and :func:`update_running_filters` through :func:`_refresh_hooked_weight`). The
+    hooks run with the conv in eval mode (``spectral_norm`` takes no power-iteration step, so reading the weight
+    does not change it: ``W / sigma`` from the current ``u``, ``v``), and with gradients on, as in a forward (the
+    weight requires grad where its parameters do, and is left as a forward would leave it). A conv without
+    pre-hooks is left alone (no probe is made)."""
     if not conv._forward_pre_hooks:
         return False
     probe = conv.weight.new_zeros((1, conv.in_channels, *conv.kernel_size))
-    training = conv.training
+    # each module's own mode, parents first: conv.train(mode) alone set every submodule to the conv's mode (a hook's
+    # weight generator kept in eval, its dropout off, came back in training mode from a gain_range() call)
+    modes = [(module, module.training) for module in conv.modules()]
     conv.train(False)
     try:
         with torch.enable_grad():
             x = _after_forward_pre_hooks(conv, probe)
     finally:
-        conv.train(training)
+        for module, mode in modes:
+            if module.training != mode:
+                module.train(mode)  # its submodules, later in the list, are set to their own modes after it
     return x is not probe
+
+
+def _refresh_hooked_weight(conv: nn.Module) -> None:
+    """:func:`_recompute_hooked_weight` for what reads the weight outside the forward
+    (:meth:`ConvNormConvNd.gain_range`, :meth:`~ConvNormConvNd.filter`, :func:`update_running_filters`), only
+    where a pre-hook can have set it: where ``conv.weight`` is no parameter of the conv's own nor a
+    parametrization's. ``prune``, the older ``weight_norm`` / ``spectral_norm`` and a user's hook assigning
+    ``conv.weight`` a computed tensor all delete the parameter first (torch refuses a plain tensor under a
+    parameter's name). A conv whose weight is its own parameter keeps its hooks unrun: none of them can have
+    replaced the weight, and run on a probe of zeros outside a forward they counted one call more, fed an
+    input-statistics hook a zero input, or raised from a hook checking the input's size. (A hook writing the
+    parameter in place, e.g. a max-norm ``renorm_``, is not run either: the weight read is the parameter as it
+    is.) A parametrized weight needs no hook: torch computes it at every access."""
+    if "weight" in conv._parameters or nn.utils.parametrize.is_parametrized(conv, "weight"):
+        return
+    _recompute_hooked_weight(conv)
 
 
 def _weight_for_freezing(conv: nn.Module, label: str) -> None:
@@ -1153,12 +1174,12 @@ class ConvNormConvNd(_EvalCache, nn.Module):
 
     def filter(self, input_size: Sequence[int]) -> torch.Tensor:
         """The ``V`` the current mode applies for a spatial input size (running in eval when kept), of the weight the
-        conv's forward pre-hooks compute now (:func:`_recompute_hooked_weight`) when computed."""
+        conv's forward pre-hooks compute now (:func:`_refresh_hooked_weight`) when computed."""
         geo = self.geometry(input_size)
         v = None if self.training or self.momentum is None else self.running_filter(geo.grid)
         if v is not None:
             return v
-        _recompute_hooked_weight(self.conv)  # the weight the next forward convolves with, not the last one's
+        _refresh_hooked_weight(self.conv)  # the weight the next forward convolves with, not the last one's
         return _filter(self.conv.weight, geo.grid, self.conv.dilation, self.eps)
 
     # ---- the eval-mode cache of V (the conditions and key of orthofx.nn.orthogonal._EvalCache)
@@ -1170,8 +1191,8 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         made from the same float64 power on the way and kept as the next eval-mode forward without gradients would
         keep it (:meth:`_eval_kept`), so that the ``convnorm`` pass's report and ``transform``'s run on the example
         inputs transform the weight once, not twice. The weight is the one the next forward convolves with: the
-        conv's forward pre-hooks run first (:func:`_recompute_hooked_weight`: ``prune``, ``weight_norm``, a hook
-        assigning ``conv.weight``), not the weight the last forward left.
+        conv's forward pre-hooks run first where they set it (:func:`_refresh_hooked_weight`: ``prune``,
+        ``weight_norm``, a hook assigning ``conv.weight``), not the weight the last forward left.
 
         >>> import torch
         >>> layer = ConvNormConv2d(torch.nn.Conv2d(3, 4, 3, padding=1)).eval()
@@ -1183,7 +1204,7 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         conv = self.conv
         # the conv's pre-hooks (prune, weight_norm, a user's) compute the weight the forward convolves with: without
         # them the gains, and the filter kept, were those of the last forward's weight (before an optimizer step)
-        _recompute_hooked_weight(conv)
+        _refresh_hooked_weight(conv)
         weight = conv.weight
         with torch.no_grad():
             if _one_tap(conv.kernel_size):
@@ -1829,7 +1850,7 @@ def update_running_filters(model: nn.Module) -> int:
             continue
         conv = layer.conv
         if layer._running_filters:
-            _recompute_hooked_weight(conv)  # V of the weight the copy's forward convolves with
+            _refresh_hooked_weight(conv)  # V of the weight the copy's forward convolves with
         for grid, running in layer._running_filters.items():
             running.copy_(_filter(conv.weight, grid, conv.dilation, layer.eps))
             count += 1
