@@ -870,8 +870,10 @@ class ConditionMonitor(nn.Module):
     def _record(self, lam: Tensor, k: Tensor, has_nan: Tensor, worst: Tensor) -> None:
         self.nan_events += has_nan.long()
         self.inf_events += (lam.isinf().any() | k.isinf().any()).long()
-        self.last.copy_(worst)
-        self.running_max.copy_(torch.fmax(self.running_max, worst))
+        # through a one-element view: torch.compile (2.13, aot_eager and inductor) drops in-place writes into a 0-d
+        # float64 buffer (last and running_max kept their eager values while the history moved on)
+        self.last.view(1).copy_(worst.reshape(1))
+        self.running_max.view(1).copy_(torch.fmax(self.running_max, worst).reshape(1))
         self.history_buffer.index_copy_(0, (self.updates % self.history_size).reshape(1), worst.reshape(1))
         self.updates += 1
 
