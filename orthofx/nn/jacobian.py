@@ -135,7 +135,10 @@ class JacobianProbe(nn.Module):
             subsampled alike.
         seed: when given, every estimate draws its probes from a generator reset to this seed (deterministic,
             for tests and debugging; eager only: ``torch.compile`` cannot create the generator, and with
-            ``fullgraph=True`` raises saying so); by default the global RNG is used.
+            ``fullgraph=True`` raises saying so); by default the global RNG is used. A setting, not state: the
+            ``jacobian_isometry`` pass has no ``seed`` parameter, so a seed set on a transformed model's probe
+            (``probe.seed = 0``) is neither in ``state_dict`` nor replayed by ``orthofx.load``; set it again on
+            the restored probes (``copy.deepcopy`` and pickling keep it).
 
     Attributes:
         estimate: the last estimate (0-d tensor with its graph) or ``None``.
