@@ -88,9 +88,17 @@ recent weights. Two behaviours are offered:
   next eager forward or ``.train()`` / ``.eval()`` does). Eval on the dropped grid's size then uses ``V`` of the
   current weight, exactly as for a grid never seen. ``load_state_dict`` loads every filter a state dict holds,
   more than the bound too (the user saved them; refusing would make checkpoints of layers trained without a
-  bound unloadable, dropping some would lose state silently), in the state dict's order as the order of updates;
-  the next new grid then drops the oldest down to the bound. The order of updates is not part of the state dict
-  (it travels with ``deepcopy`` and pickling). The running filters are kept in a dict keyed by the grid
+  bound unloadable, dropping some would lose state silently); the next new grid then drops the least recently
+  updated down to the bound. The order of updates travels in the state dict's metadata
+  (``state_dict()._metadata[path]["orthofx_running_order"]``, :data:`RUNNING_ORDER_METADATA_KEY`: the grids, least
+  recently updated first, as tuples of ints, which ``torch.save`` / ``torch.load(weights_only=True)`` and
+  ``orthofx.export`` / ``orthofx.load`` keep; no key is added), so a training run resumed from its state dict drops
+  the grids the uninterrupted run drops, as a deep copy or a pickled layer does. A state dict without it (saved
+  before it was, or a dict rebuilt without ``_metadata``) loads as before: the order of its ``running_v_*``
+  entries is taken as the order of updates, the first dropped first. With it, a grid it names that has no filter
+  in the state dict is skipped, and a filter it does not name counts as updated before every grid it names; an
+  entry that is not a list of distinct grids (``d`` ints >= 1 each) raises a
+  :class:`~orthofx.errors.LayerArgumentError` naming it. The running filters are kept in a dict keyed by the grid
   (:attr:`~ConvNormConvNd.running_grids`, :meth:`~ConvNormConvNd.running_filter`), not as buffers, since the
   grids a layer has seen depend on the input sizes it ran on (see DDP below); they are state all the same:
   ``state_dict`` holds one entry ``running_v_<L1>x<L2>`` per grid (the key a buffer of that name had),
@@ -100,7 +108,8 @@ recent weights. Two behaviours are offered:
   and pickled with the layer. A cast to half precision leaves them in float32, the precision ``V`` is computed in
   for such weights. A layer with ``momentum=None`` has no running filters: ``running_v_*`` keys in a state dict
   it loads are unexpected keys (``load_state_dict`` fails with torch's usual message under ``strict=True`` and
-  ignores them under ``strict=False``); construct it with ``momentum=...`` to load them. ``named_buffers()`` does
+  ignores them under ``strict=False``, and the order of updates with them); construct it with ``momentum=...``
+  to load them. ``named_buffers()`` does
   not list them, so neither does ``torch.func.functional_call`` swap them (torch's model ensembling,
   ``stack_module_state`` + ``vmap(functional_call)``, runs every member in eval with the base layer's filters: use
   ``momentum=None`` there), nor does ``torch.optim.swa_utils.AveragedModel(use_buffers=True)`` average them: an
@@ -238,6 +247,7 @@ __all__ = [
     "update_running_filters",
     "RunningFiltersDroppedWarning",
     "MAX_RUNNING_GRIDS",
+    "RUNNING_ORDER_METADATA_KEY",
     "WRAPPED_MARKER",
     "FROZEN_FILTERS_MARKER",
 ]
@@ -258,6 +268,9 @@ MAX_REMEMBERED_SIZES = 16
 #: The default of :class:`ConvNormConvNd`'s ``max_running_grids``: the most running filters (one per FFT grid) a
 #: layer with ``momentum`` keeps.
 MAX_RUNNING_GRIDS = 16
+#: Key of a ConvNorm layer's order of updates of its running filters (the grids, least recently updated first) in
+#: its state-dict metadata (``state_dict()._metadata[path]``).
+RUNNING_ORDER_METADATA_KEY = "orthofx_running_order"
 #: Why ``torch.fx.symbolic_trace`` records a ConvNorm layer as one call (see "Symbolic tracing" in the docs).
 _TRACE_REASON = ("its FFT grid, filter and output crop follow from the input's spatial size (and, with momentum, "
                  "the running filter of that grid), which a torch.fx Proxy does not carry")
@@ -1364,6 +1377,14 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for grid, v in self._running_filters.items():
             destination[prefix + self._buffer_name(grid)] = v if keep_vars else v.detach()
+        # the order of updates decides which grid the next new one drops: training state a resumed run needs, kept
+        # out of the keys (their order is a buffer's, and tools may reorder keys) in this module's metadata, which
+        # Module.state_dict has put there before calling this ({"version": ...}) and torch.save / torch.load
+        # (weights_only=True too: plain tuples of ints) keep
+        metadata = getattr(destination, "_metadata", None)
+        if self.momentum is not None and isinstance(metadata, dict) and isinstance(metadata.get(prefix[:-1]), dict):
+            metadata[prefix[:-1]][RUNNING_ORDER_METADATA_KEY] = [
+                tuple(int(n) for n in grid) for grid in self._running_order if grid in self._running_filters]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -1389,8 +1410,10 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         gives no grid, is refused as torch refuses a parameter of the wrong shape (an error, under
         ``strict=False`` too: a filter shaped otherwise would broadcast over the channels in eval, silently).
         Every filter is loaded, more than ``max_running_grids`` too (the bound applies when a training forward
-        stores a new grid); the state dict's order becomes the order of updates (the first is dropped first).
+        stores a new grid); the order of updates is the saved one (:meth:`_saved_update_order`), else the state
+        dict's order (the first is dropped first). A damaged saved order raises before anything is changed.
         """
+        saved_order = self._saved_update_order(local_metadata, prefix) if self.momentum is not None else None
         incoming: dict[tuple[int, ...], tuple[str, torch.Tensor]] = {}
         for key, value in state_dict.items() if self.momentum is not None else ():
             name = key[len(prefix):]
@@ -1427,10 +1450,42 @@ class ConvNormConvNd(_EvalCache, nn.Module):
             taken.add(key)
         current.clear()
         current.update(loaded)
-        # every filter is the state dict's now, all loaded at once: its order counts as the order of updates
+        # every filter is the state dict's now: the saved order of updates, after the filters it does not name (in
+        # the state dict's order, which is the whole order of a state dict saved without one)
+        named = dict.fromkeys(grid for grid in saved_order or () if grid in loaded)
         updated.clear()
-        updated.update(dict.fromkeys(grid for grid in incoming if grid in loaded))
+        updated.update(dict.fromkeys(grid for grid in incoming if grid in loaded and grid not in named))
+        updated.update(named)
         return taken
+
+    def _saved_update_order(self, local_metadata, prefix: str) -> list[tuple[int, ...]] | None:
+        """The order of updates a state dict's metadata for this layer holds (:data:`RUNNING_ORDER_METADATA_KEY`,
+        written by :meth:`_save_to_state_dict`): its grids, least recently updated first, or ``None`` without one.
+        It must be a list (or tuple) of distinct grids, each a list or tuple of ``d`` ints >= 1; anything else is
+        refused with a :class:`~orthofx.errors.LayerArgumentError` naming the entry to remove."""
+        if not isinstance(local_metadata, dict) or RUNNING_ORDER_METADATA_KEY not in local_metadata:
+            return None  # saved before the order was, or a state dict rebuilt without its metadata
+        value = local_metadata[RUNNING_ORDER_METADATA_KEY]
+        grids: list[tuple[int, ...]] = []
+        problem = None if isinstance(value, (list, tuple)) else f"it is a {type(value).__name__}, not a list"
+        for grid in value if problem is None else ():
+            if not (isinstance(grid, (list, tuple)) and len(grid) == self._dims and all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in grid)):
+                problem = f"its entry {grid!r:.60} is not a grid of {self._dims} ints >= 1"
+                break
+            if tuple(grid) in grids:
+                problem = f"it names the grid {tuple(grid)} twice"
+                break
+            grids.append(tuple(grid))
+        if problem is None:
+            return grids
+        path = prefix[:-1]
+        raise LayerArgumentError(
+            f"{layer_label(self)}: the state dict's metadata for '{path}' holds {RUNNING_ORDER_METADATA_KEY}="
+            f"{value!r:.200}, the order in which the layer updated its running ConvNorm filters (a list of its FFT "
+            f"grids, least recently updated first, each a tuple of {self._dims} ints >= 1), and {problem}; remove the "
+            f"entry (del state_dict._metadata['{path}']['{RUNNING_ORDER_METADATA_KEY}']) to take the order of the "
+            f"state dict's {_RUNNING_PREFIX}* entries as the order of updates")
 
     def _running_filter_problem(self, name: str, value: torch.Tensor) -> str | None:
         """Why the tensor ``value`` loaded under the key ``name`` (``running_v_<L1>x...x<Ld>``) cannot be a running
