@@ -1546,7 +1546,8 @@ def _check_output(y, x: torch.Tensor, per_sample: bool, what: str, f: _Call | No
 
 def _rademacher(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     if generator is None and torch.compiler.is_compiling():
-        # torch.randint cannot take the symbolic sizes of a dynamic batch, randint_like can
+        # torch.randint cannot take the symbolic sizes of a dynamic batch, randint_like can (the caller draws each
+        # probe like the previous one: identical randint_like calls were merged under compile)
         return (2 * torch.randint_like(like, 0, 2, dtype=torch.int64) - 1).to(like.dtype)
     device = generator.device if generator is not None else like.device
     # drawn in the probe's dtype (the same draws as int64 bits: one random number per entry below 2**32), then
@@ -1748,8 +1749,12 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
     returned = None  # the estimate's dtype (_estimate_dtype of the first probe's products)
     with torch.enable_grad(), _sdpa_math(), (_ComposedNorms() if create_graph else _contextlib.nullcontext()):
         linear = None
+        v = None
         for _ in range(count):
-            v = _rademacher(xp, generator)
+            # each probe drawn "like" the previous one (same shape, dtype, device: the same draws): under torch.compile
+            # aot_autograd's common-subexpression elimination (torch 2.13) does not count randint_like as random and
+            # merged identical draws, so every probe was the first (offdiag's variance 0, full averaged one probe)
+            v = _rademacher(xp if v is None else v, generator)
             if route != "double_vjp":
                 try:
                     u, residual = _jvp_products(f, xp, v, kind, batched, what)
