@@ -542,7 +542,7 @@ def test_preset_on_builtin_models(name):
         torch.testing.assert_close(layer.conv.weight, model.get_submodule(c.site).weight)
         assert c.before["weight_key"] == f"{c.site}.weight" and c.after["weight_key"] == f"{c.site}.conv.weight"
         assert 0.99 < c.after["row_gain_min"] <= c.after["row_gain_max"] <= 1.0
-        assert c.params == {"eps": 1e-5, "affine": False}
+        assert c.params == {"eps": 1e-5, "affine": False, "momentum": None}
     keys = set(gm.state_dict())
     assert all(f"{n}.conv.weight" in keys and f"{n}.weight" not in keys for n in convs)
     gm.eval()
@@ -561,7 +561,7 @@ def test_preset_loads():
     policy = orthofx.Policy.load("convnorm")
     (rule,) = policy.rules
     assert rule.apply == "convnorm" and rule.match.type == ("Conv2d",)
-    assert rule.params == {"eps": 1e-5, "affine": False}
+    assert rule.params == {"eps": 1e-5, "affine": False, "momentum": None}
     assert orthofx.Policy.from_yaml(policy.to_yaml()) == policy
 
 

@@ -19,8 +19,13 @@ convolutions, lazy convolutions that have not run yet, and conv subclasses whose
 ``_conv_forward`` (skipped with the reason: the wrapper convolves with the weight itself and would drop that code;
 capture traces through an overridden ``forward`` anyway unless ``capture.leaf_modules`` lists the class).
 
-Parameters: ``eps`` (> 0, default 1e-5), ``affine`` (default false: no learned depthwise affine part).
-Eval mode recomputes ``V`` from the weight (the wrapper's ``momentum=None``), so train and eval agree exactly.
+Parameters: ``eps`` (> 0, default 1e-5), ``affine`` (default false: no learned depthwise affine part),
+``momentum`` (default null). By default eval mode recomputes ``V`` from the weight (the wrapper's
+``momentum=None``), so train and eval agree exactly; ``momentum: m`` in (0, 1] gives P3's running statistics
+instead: each training forward updates a running filter of its input size, ``running <- (1 - m) running + m V``,
+which eval uses (``V`` of the weight for a size never seen in training; at most 16 sizes per layer, see
+:mod:`orthofx.nn.convnorm`). The running filters are state: saved in the state dict (with the order of their
+updates), frozen by ``orthofx.freeze``, averaged for an EMA copy by ``orthofx.nn.update_running_filters``.
 ``orthofx.freeze`` replaces each wrapper by a :class:`orthofx.nn.convnorm.FrozenConvNormNd` (a plain conv with the
 same weights and the filter ``V`` precomputed for every input size the layer ran on, the example inputs
 included): the same eval outputs, no FFT of the weight at inference, and a clear error for an input size not
@@ -86,6 +91,9 @@ class ConvNormPass(Pass):
         Param("eps", 1e-5, (float,), "added to sum_c |K_hat|^2 before the inverse square root", minimum=0.0,
               exclusive_minimum=True),
         Param("affine", False, (bool,), "add the learned depthwise-conv affine part (identity at start)"),
+        Param("momentum", None, (float, type(None)), "P3's running filters for eval, running <- (1 - m) running + "
+              "m V per input size (null: eval recomputes V from the weight)", minimum=0.0, exclusive_minimum=True,
+              maximum=1.0),
     )
     site_kinds = frozenset({"module"})
     module_types = _CONV_TYPES
@@ -118,7 +126,8 @@ class ConvNormPass(Pass):
             name = entry.site.name
             conv = ctx.module(name)
             require_initialised(entry, conv, "ConvNorm has no weight to normalise by")
-            layer = with_convnorm(conv, eps=entry.params["eps"], affine=entry.params["affine"])
+            layer = with_convnorm(conv, eps=entry.params["eps"], affine=entry.params["affine"],
+                                  momentum=entry.params["momentum"])
             ctx.replace_module(name, layer)
             before = {"layer": describe_module(conv), "weight_key": f"{name}.weight"}
             after = {"layer": f"{type(layer).__name__}({describe_module(conv)})", "weight_key": f"{name}.conv.weight"}
