@@ -123,7 +123,10 @@ recent weights. Two behaviours are offered:
   recomputation of a forward during backward (``torch.utils.checkpoint``) stores nothing either: the forward
   updated the filter, and a second update (what BatchNorm's running statistics get there) would count the step
   twice. ``torch.compile(fullgraph=True)`` traces the update and the storing of a new grid's filter, for every size
-  (dynamic shapes too).
+  (dynamic shapes too). Each input size, and each switch between training, eval and ``no_grad``, is a graph of its
+  own without ``dynamic=True``: a model run on many sizes in both modes exceeds dynamo's recompile limit
+  (``torch._dynamo.config.recompile_limit``, 8), an error under ``fullgraph=True``; compile with ``dynamic=True``
+  or raise the limit.
 
   DistributedDataParallel broadcasts rank 0's buffers (at construction, and before each forward once the model has
   any), and ranks holding different buffer sets abort in that broadcast; the running filters, not being buffers,
