@@ -910,7 +910,7 @@ class ModalGraphModule(torch.fx.GraphModule):
                                self.graph_training)
         res.meta = getattr(self, "meta", {})
         _match_persistence(res, self)
-        _keep_root_hooks(res)
+        _register_penalty_call_hooks(res)
         return res
 
     def __reduce__(self):
@@ -962,11 +962,11 @@ def _rebuild_modal_graph_module(rebuild: Callable, body: dict, import_block: str
     res.training = bool(body.get("training", graph_training))
     res.meta = body.get("meta", res.meta)
     _match_persistence(res, pickled)
-    _keep_root_hooks(res)
+    _register_penalty_call_hooks(res)
     return res
 
 
-def _keep_root_hooks(res: nn.Module) -> None:
+def _register_penalty_call_hooks(res: nn.Module) -> None:
     """Register on ``res``, a GraphModule rebuilt from another's ``__dict__`` (a copy, or the unpickled module),
     the root's state-dict hooks ``orthofx.transform`` gave the original (the count of penalty calls saved with the
     model: :func:`orthofx.transform.keep_penalty_calls_in_state_dict`): torch.fx's rebuild makes a new root
@@ -1411,7 +1411,7 @@ def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     res = torch.fx.GraphModule(_CodeOnlyModule(dict(gm.__dict__)), gm.graph, type(gm).__name__)
     res.meta = getattr(gm, "meta", {})
     _match_persistence(res, gm)
-    _keep_root_hooks(res)
+    _register_penalty_call_hooks(res)
     return res
 
 
@@ -1429,7 +1429,7 @@ def _rebuild_graph_module(rebuild: Callable, body: dict, import_block: str) -> t
     gm = rebuild(body, import_block)
     gm.meta = body.get("meta", gm.meta)  # fx's rebuild keeps its own, empty one (a deep copy keeps the original's)
     _match_persistence(gm, _CodeOnlyModule(body))
-    _keep_root_hooks(gm)
+    _register_penalty_call_hooks(gm)
     return gm
 
 

@@ -709,12 +709,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n== training {args.steps} steps on scikit-learn digits ({len(x_train)} train / {len(x_test)} test)")
     gm.train()
     generator = torch.Generator().manual_seed(args.seed)
-    first_penalty = _whole_penalty(gm)
+    first_penalty = last_penalty = float("nan")
     progress_open = False  # a progress line without its newline yet, on stderr
     try:
         for step in range(1, args.steps + 1):
             index = torch.randint(0, len(x_train), (args.batch_size,), generator=generator)
             task = nn.functional.cross_entropy(gm(x_train[index]), y_train[index])
+            # after a training forward, where a Jacobian term has its estimate
+            if step == 1:
+                first_penalty = _whole_penalty(gm)
+            if step == args.steps:
+                last_penalty = _whole_penalty(gm)
             reg = penalty(gm)
             loss = task + reg
             if not torch.isfinite(loss):  # one inf or nan and every later step, and the report, is nan
@@ -737,7 +742,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     gm.eval()
     with torch.no_grad():
         accuracy = (gm(x_test).argmax(1) == y_test).float().mean().item()
-        last_penalty = _whole_penalty(gm)
     print(f"\npenalty {first_penalty:.4f} -> {last_penalty:.4f}; test accuracy {accuracy:.3f}\n")
     print("== report")
     print(report(gm))

@@ -18,8 +18,9 @@ estimate`` after a training-mode forward; zero before it, in eval mode and on th
 layer": :func:`orthofx.nn.tracing.is_orthofx_layer`).
 
 A term with ``every = k > 1`` (``orth_regularizer``'s parameter) is evaluated on one call in ``k`` of
-``penalty`` with gradients enabled, at its weight (lazy regularisation: a rule multiplies its weight by ``k`` to
-keep the average strength, as for the Jacobian pass's ``every``); the transformed model counts those calls
+``penalty`` with gradients enabled, at its weight, not scaled (lazy regularisation, as the Jacobian pass's
+``every``: set the rule's ``weight`` ``k`` times larger to keep the average strength); the transformed model counts
+those calls
 (``Manifest.penalty_calls``, saved in its state-dict metadata). Under ``torch.no_grad()`` ``penalty`` evaluates
 every term at its weight and counts nothing; ``penalty_terms`` always does so.
 
@@ -45,7 +46,7 @@ from .nn.precision import autocast_off
 from .nn.tracing import is_orthofx_layer, is_orthofx_module, recomputing_in_backward
 from .nn.precision import zero_like_parameters
 from .passes.base import Manifest, PenaltyTerm, watch_hooked_weights
-from .transform import is_transformed, keep_penalty_calls_in_state_dict, manifest_of
+from .transform import is_transformed, manifest_of
 
 __all__ = ["penalty", "penalty_terms", "is_orthofx_layer", "holding_orthofx_layers", "lazy_site_module",
            "transformed_parts", "trained_parts", "averaged_copies", "part_site_path", "module_path_within"]
@@ -155,8 +156,6 @@ def _weighted_terms(model: nn.Module, skip_zero: bool = False, amortised: bool =
     watch_hooked_weights(root, manifest.optimizer_hooks)
     terms = manifest.penalties
     if amortised and manifest.penalty_period() > 1:
-        if not torch.compiler.is_compiling():  # no hooks registered inside a compiled graph: at the eager calls
-            keep_penalty_calls_in_state_dict(root)
         terms = _due_terms(manifest)
     return [(t, t.weight * _term_value(root, t, reference)) for t in terms if not (skip_zero and t.weight == 0.0)]
 

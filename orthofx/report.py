@@ -275,7 +275,9 @@ class Report:
           ``sigma_min``, ``sigma_max``, ``input`` (the spatial size seen, a list; None for linears or when unknown),
           ``exists``; rows of monitored sites also ``kappa``, ``kappa_max``, ``updates``, ``nan_events``,
           ``inf_events``;
-        * ``penalties``: one dict per penalty term, keys ``site``, ``rule``, ``weight``, ``value``, ``weighted``;
+        * ``penalties``: one dict per penalty term, keys ``site``, ``rule``, ``weight``, ``value``, ``weighted``,
+          ``every`` (the term is evaluated on one training call of ``orthofx.penalty`` in ``every``; 1 for a
+          JacobianProbe's row, whose own ``every`` skips estimates instead);
         * ``output_change``: the relative output change on the example inputs (None without them);
         * ``conditioning``: ``{site: [kappa, ...]}``, the monitors' histories;
         * ``notes``: the lines under the table saying why some figures are missing (e.g. no example inputs) and
@@ -314,10 +316,10 @@ class Report:
             unknown = sum(1 for p in self.penalties if p["weighted"] is None)
             note = (f" ({unknown} term(s) left out: their layers have no values yet, lazy layers that have not run or "
                     "weights on the meta device)") if unknown else ""
-            periodic = sum(1 for p in self.penalties if p.get("every", 1) > 1)
+            periodic = sum(1 for p in self.penalties if p["every"] > 1)
             if periodic:
                 note += (f" ({periodic} term(s) with every > 1: a training loss's orthofx.penalty evaluates each on "
-                         "one call in every)")
+                         "one call in its every)")
             lines.append(f"penalty: {len(self.penalties)} term(s), weighted sum {total:.4g}{note}")
         return "\n".join(lines)
 
@@ -629,7 +631,7 @@ def _fourier_row(site: str, module: FourierConv, pass_text: str | None, params: 
     """The row of a frozen ``method="cayley_fft"`` layer (:class:`~orthofx.nn.orthogonal.FourierConv`), with the
     figures of the layer before freezing: its operator is the circular conv whose per-frequency matrices are the
     buffer ``symbol``, on the rfft half spectrum of the ``input_size / stride`` grid, so its singular values are
-    those of the matrices, each counted for the frequencies it stands for (``metrics._rfft_counts``: a frequency and
+    those of the matrices, each counted for the frequencies it stands for (``metrics.rfftn_counts``: a frequency and
     its conjugate have the same ones). ``lorth`` stays empty, as on the unfrozen row (a full-size kernel)."""
     with torch.no_grad():
         symbol = torch.view_as_complex(module.symbol.detach().to(torch.float64).contiguous())  # (g, F, M, C S^d)
@@ -848,7 +850,7 @@ def _module_row(name: str, module: nn.Module, spectra: dict[str, torch.Tensor],
         row["layer"] = f"JacobianProbe({row['layer']})"
         value = 0.0 if probe.estimate is None else float(probe.estimate.detach())
         penalties.append({"site": name, "rule": "JacobianProbe", "weight": probe.penalty_weight, "value": value,
-                          "weighted": probe.penalty_weight * value})
+                          "weighted": probe.penalty_weight * value, "every": 1})
     if isinstance(module, ConditionMonitor):
         row.update(_monitor_figures(module))
         conditioning[name] = module.history

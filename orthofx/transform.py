@@ -31,7 +31,8 @@ from .passes.registry import get_pass
 from .plan import Plan, block_paths, build_plan, module_aliases, other_mode_graph
 from .policy import Policy
 
-__all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed", "output_tensors"]
+__all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed", "output_tensors",
+           "PENALTY_CALLS_METADATA_KEY"]
 
 
 # GraphModule pickling (torch.save of the whole module) rebuilds ``meta`` empty but keeps unknown attributes, so
@@ -75,10 +76,12 @@ def _load_penalty_calls(module: nn.Module, state_dict: dict, prefix: str, local_
         return  # a plain model's state dict, or one saved without periods: the count stays
     calls = local_metadata[PENALTY_CALLS_METADATA_KEY]
     if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
-        raise OrthofxError(f"the state dict's metadata for '{prefix[:-1]}' holds {PENALTY_CALLS_METADATA_KEY}="
-                           f"{calls!r}, the count of orthofx.penalty calls of a transformed model, which must be "
-                           f"an int >= 0; remove the entry (state_dict._metadata['{prefix[:-1]}']) to keep the "
-                           "model's own count")
+        path = prefix[:-1]
+        where = f"'{path}'" if path else "the model's root ('')"
+        raise ArgumentError(f"the state dict's metadata for {where} holds {PENALTY_CALLS_METADATA_KEY}="
+                            f"{calls!r:.60}, the count of orthofx.penalty calls of a transformed model, which must "
+                            f"be an int >= 0; remove the entry (del state_dict._metadata['{path}']"
+                            f"['{PENALTY_CALLS_METADATA_KEY}']) to keep the model's own count")
     manifest.penalty_calls = calls % manifest.penalty_period()  # saved with other periods: still inside this one
 
 

@@ -42,7 +42,8 @@ over the ``k`` calls by their cost (the costliest first, each to the call with t
 every step pays about ``1 / k`` of the penalty, not one step in ``k`` all of it. Under ``torch.no_grad()``
 ``orthofx.penalty`` evaluates every term (a logged value is the whole regulariser, not one call's share), and
 ``orthofx.penalty_terms`` always does; neither counts as a call. The count of calls is training state: it
-travels in the model's state-dict metadata, so a resumed run evaluates the same terms on the same steps (load it on every rank of a data-parallel run). Call ``orthofx.penalty`` once per step:
+travels in the model's state-dict metadata, so a resumed run evaluates the same terms on the same steps (load it
+on every rank of a data-parallel run). Call ``orthofx.penalty`` once per step:
 each call with gradients counts, so with gradient accumulation each micro-batch's call is a step of the period,
 and an optimizer that evaluates the loss several times per step (LBFGS's closure, SAM's two passes) moves the
 period at each evaluation. Activation checkpointing's recomputation of a forward that calls it is no new call.
@@ -200,8 +201,8 @@ class OrthRegularizer(Pass):
               minimum=0.0),
         Param("case", "auto", (str,), "RO (row orthogonal), CO (column orthogonal) or auto (by the shapes)",
               choices=("auto", "RO", "CO")),
-        Param("every", 1, (int,), "evaluate each term on one call of orthofx.penalty in every (lazy: multiply "
-              "weight by every to keep the strength), the rule's terms spread over the calls by cost", minimum=1),
+        Param("every", 1, (int,), "evaluate each term on one call of orthofx.penalty in `every` (lazy: multiply "
+              "weight by every to keep the strength), the terms spread over the calls by cost", minimum=1),
     )
     site_kinds = frozenset({"module"})
     module_types = _LAYER_TYPES + RECURRENT_TYPES
