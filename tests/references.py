@@ -221,3 +221,18 @@ class OpCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
+
+
+def running_grids_lru(sizes, bound: int | None) -> list[tuple[int, int]]:
+    """The grids a ConvNorm layer (3 x 3, padding 1) bounded by ``bound`` running filters keeps after training on
+    ``sizes`` (n x n inputs, grid n + 2), least recently updated first: a plain list, each training step moving its
+    grid to the end, the first dropped when a new grid finds the list full."""
+    kept: list[tuple[int, int]] = []
+    for n in sizes:
+        grid = (n + 2, n + 2)
+        if grid in kept:
+            kept.remove(grid)
+        elif bound is not None and len(kept) >= bound:
+            kept.pop(0)
+        kept.append(grid)
+    return kept

@@ -31,6 +31,7 @@ from orthofx.errors import LayerArgumentError
 from orthofx.nn import ConvNormConv1d, ConvNormConv2d
 from orthofx.nn.convnorm import RUNNING_ORDER_METADATA_KEY, RunningFiltersDroppedWarning, update_running_filters
 from orthofx.nn.jacobian import PHASE_METADATA_KEY
+from references import running_grids_lru
 
 MOMENTUM = 0.5
 BOUND = 3
@@ -60,17 +61,7 @@ def _inputs(sizes, seed: int = 1) -> list[torch.Tensor]:
     return [torch.randn(2, 2, n, n, generator=generator, dtype=torch.float64) for n in sizes]
 
 
-def _lru(sizes, bound) -> list[tuple[int, int]]:
-    """The grids a layer bounded by ``bound`` keeps after training on ``sizes``, least recently updated first."""
-    kept: list[tuple[int, int]] = []
-    for n in sizes:
-        grid = (n + 2, n + 2)
-        if grid in kept:
-            kept.remove(grid)
-        elif bound is not None and len(kept) >= bound:
-            kept.pop(0)
-        kept.append(grid)
-    return kept
+_lru = running_grids_lru
 
 
 def _dense_filter(weight: torch.Tensor, grid, eps: float) -> torch.Tensor:

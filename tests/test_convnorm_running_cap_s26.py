@@ -27,6 +27,7 @@ import orthofx
 import orthofx.passes.convnorm  # noqa: F401  (registers the pass)
 from orthofx.nn import ConvNormConv1d, ConvNormConv2d
 from orthofx.nn.convnorm import RunningFiltersDroppedWarning
+from references import running_grids_lru
 
 MOMENTUM = 0.25
 
@@ -47,18 +48,7 @@ def _reference_eval(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, v
     return filtered[..., 1:n + 1, 1:n + 1] + bias.detach().double().view(1, -1, 1, 1)
 
 
-def _lru(sizes, bound: int | None) -> list[tuple[int, int]]:
-    """The grids a layer bounded by ``bound`` keeps after training on ``sizes`` (n x n inputs, grid n + 2), least
-    recently updated first: a plain list, each training step moving its grid to the end."""
-    kept: list[tuple[int, int]] = []
-    for n in sizes:
-        grid = (n + 2, n + 2)
-        if grid in kept:
-            kept.remove(grid)
-        elif bound is not None and len(kept) >= bound:
-            kept.pop(0)
-        kept.append(grid)
-    return kept
+_lru = running_grids_lru
 
 
 def _layer(bound, seed: int = 0) -> ConvNormConv2d:
