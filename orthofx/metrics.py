@@ -1544,11 +1544,16 @@ def _check_output(y, x: torch.Tensor, per_sample: bool, what: str, f: _Call | No
     return y
 
 
-def _rademacher(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _rademacher(like: torch.Tensor, generator: torch.Generator | None, shift: int = 0) -> torch.Tensor:
+    """A Rademacher probe (+-1 entries) shaped like ``like``. ``shift`` (under torch.compile) makes this draw's
+    arguments differ from every other draw of the graph (:func:`_jacobian_isometry`'s ``draw_shift``)."""
     if generator is None and torch.compiler.is_compiling():
-        # torch.randint cannot take the symbolic sizes of a dynamic batch, randint_like can (the caller draws each
-        # probe like the previous one: identical randint_like calls were merged under compile)
-        return (2 * torch.randint_like(like, 0, 2, dtype=torch.int64) - 1).to(like.dtype)
+        # torch.randint cannot take the symbolic sizes of a dynamic batch, randint_like can. aot_autograd's
+        # common-subexpression elimination (torch 2.13) does not count randint_like as random and merged a graph's
+        # draws with equal arguments (every probe of an estimate the first one, two probes of one input alike): the
+        # range is shifted by ``shift`` and the draw shifted back, the same bits from the same generator state
+        bits = torch.randint_like(like, -shift, 2 - shift, dtype=torch.int64) + shift
+        return (2 * bits - 1).to(like.dtype)
     device = generator.device if generator is not None else like.device
     # drawn in the probe's dtype (the same draws as int64 bits: one random number per entry below 2**32), then
     # 2 b - 1 in place: 3 ATen ops where int64 bits, 2 b - 1 and a cast took 4
@@ -1716,10 +1721,13 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
                        generator: torch.Generator | None = None, normalize: bool = False,
                        create_graph: bool = True, route: str = "auto", batch_fraction: float = 1.0,
                        what: str = "jacobian_isometry",
-                       error: type[_JvpRouteError] = _JvpRouteError) -> tuple[torch.Tensor, str]:
+                       error: type[_JvpRouteError] = _JvpRouteError, draw_shift: int = 0) -> tuple[torch.Tensor, str]:
     """:func:`jacobian_isometry` and the route it took (``"jvp"`` or ``"double_vjp"``); ``what`` starts the
     error messages (a probe names its layer), ``error`` is the type of the one for an op that route ``"jvp"``
-    cannot run (a probe's is :class:`_LayerJvpRouteError`)."""
+    cannot run (a probe's is :class:`_LayerJvpRouteError`). ``draw_shift``: the probes' draws under torch.compile
+    are ``_rademacher(x, ..., draw_shift + i)``; a JacobianProbe passes its own multiple of
+    :data:`MAX_JACOBIAN_PROBES`, so that no two draws of one compiled graph have equal arguments (the values are
+    those of the unshifted draws)."""
     _check_input(x, what)
     _one_of(kind, JACOBIAN_KINDS, "kind", what)
     _one_of(route, _ROUTES, "route", what)
@@ -1749,12 +1757,8 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
     returned = None  # the estimate's dtype (_estimate_dtype of the first probe's products)
     with torch.enable_grad(), _sdpa_math(), (_ComposedNorms() if create_graph else _contextlib.nullcontext()):
         linear = None
-        v = None
-        for _ in range(count):
-            # each probe drawn "like" the previous one (same shape, dtype, device: the same draws): under torch.compile
-            # aot_autograd's common-subexpression elimination (torch 2.13) does not count randint_like as random and
-            # merged identical draws, so every probe was the first (offdiag's variance 0, full averaged one probe)
-            v = _rademacher(xp if v is None else v, generator)
+        for index in range(count):
+            v = _rademacher(xp, generator, draw_shift + index)  # distinct arguments for each draw: no CSE merge
             if route != "double_vjp":
                 try:
                     u, residual = _jvp_products(f, xp, v, kind, batched, what)

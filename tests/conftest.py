@@ -45,7 +45,7 @@ class _FixedSigns:
             return fn(*args, **kwargs)
         return run
 
-    def __call__(self, like, generator=None):
+    def __call__(self, like, generator=None, shift=0):  # shift: only makes compiled draws distinct
         shift = self.count
         self.count += 1
         flips = (torch.arange(like.numel(), device=like.device) + shift).remainder(3).eq(0).to(like.dtype)

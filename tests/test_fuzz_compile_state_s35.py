@@ -69,3 +69,34 @@ def test_compiled_probe_estimate_uses_every_probe(kind, probes):
     expected = _dense_estimate(block, x, kind, probes, 7)
     assert expected > 1e-3
     assert float(probe.estimate) == pytest.approx(expected, rel=1e-9)
+
+
+class _TwoProbesOfOneInput(nn.Module):
+    """Two probes around equal blocks reading the same tensor: parallel branches, each with its own estimate."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = JacobianProbe(_block(), kind="full")
+        self.b = JacobianProbe(_block(), kind="full")
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_two_compiled_probes_of_one_input_draw_their_own_probes():
+    """Their draws had equal arguments (``randint_like`` of one input), which the same CSE merged: both estimates
+    came out identical under compile. Each now equals its eager value from the same seed (eager draws a's probe,
+    then b's), and the two differ (the estimates against the dense Jacobian: the eager test above)."""
+    model, x = _TwoProbesOfOneInput(), _x()
+    torch.manual_seed(3)
+    model(x)
+    eager = (float(model.a.estimate), float(model.b.estimate))
+    assert eager[0] != eager[1]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    try:
+        torch.manual_seed(3)
+        compiled(x)
+    finally:
+        torch._dynamo.reset()
+    assert (float(model.a.estimate), float(model.b.estimate)) == pytest.approx(eager, rel=1e-9)

@@ -53,6 +53,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from typing import Any
 
@@ -71,7 +72,12 @@ _ROUTES = ("auto", "jvp", "double_vjp")
 #: Key of the probe's step in its ``every`` period in its state-dict metadata (``state_dict()._metadata[path]``).
 PHASE_METADATA_KEY = "orthofx_probe_calls"
 _OWN = ("penalty_weight", "probes", "kind", "every", "per_sample", "normalize", "route", "seed", "estimate",
-        "route_used", "calls", "batch_fraction", "calls_per_step")
+        "route_used", "calls", "batch_fraction", "calls_per_step", "_draw_shift")
+
+
+#: Numbers the probes of a process: the multiple of MAX_JACOBIAN_PROBES their compiled draws are shifted by
+#: (:func:`orthofx.metrics._jacobian_isometry`'s ``draw_shift``).
+_DRAW_SHIFTS = itertools.count(1)
 
 
 def _keep(tensor: torch.Tensor) -> torch.Tensor:
@@ -208,6 +214,8 @@ class JacobianProbe(nn.Module):
         self.route_used: str | None = None
         self.calls = 0  # phase of the next training-mode call with gradients, modulo ``every`` steps
         self.calls_per_step = 1  # calls of the block in one forward of the model (set by the pass from the graph)
+        # this probe's own draws under torch.compile: two probes of one input in a graph must not be merged
+        self._draw_shift = next(_DRAW_SHIFTS) * metrics.MAX_JACOBIAN_PROBES
 
     # ------------------------------------------------------------------------------------------ wrapping
 
@@ -438,7 +446,8 @@ class JacobianProbe(nn.Module):
         estimate, self.route_used = metrics._jacobian_isometry(
             block, args[0], probes=self.probes, kind=self.kind, per_sample=self.per_sample, generator=generator,
             normalize=self.normalize, route=route, batch_fraction=self.batch_fraction,
-            what=f"jacobian_isometry of {layer_label(self)}", error=metrics._LayerJvpRouteError)
+            what=f"jacobian_isometry of {layer_label(self)}", error=metrics._LayerJvpRouteError,
+            draw_shift=getattr(self, "_draw_shift", 0))  # 0: a probe pickled before it had one
         return estimate
 
     def penalty(self) -> torch.Tensor:
