@@ -19,10 +19,9 @@ layer": :func:`orthofx.nn.tracing.is_orthofx_layer`).
 
 A term with ``every = k > 1`` (``orth_regularizer``'s parameter) is evaluated on one call in ``k`` of
 ``penalty`` with gradients enabled, at its weight, not scaled (lazy regularisation, as the Jacobian pass's
-``every``: set the rule's ``weight`` ``k`` times larger to keep the average strength); the transformed model counts
-those calls
-(``Manifest.penalty_calls``, saved in its state-dict metadata). Under ``torch.no_grad()`` ``penalty`` evaluates
-every term at its weight and counts nothing; ``penalty_terms`` always does so.
+``every``: set the rule's ``weight`` ``k`` times larger to keep the average strength); the transformed model
+counts those calls (``Manifest.penalty_calls``, saved in its state-dict metadata). Under ``torch.no_grad()``
+``penalty`` evaluates every term at its weight and counts nothing; ``penalty_terms`` always does so.
 
 The terms are looked up by module path at each call and read the parameters there, so under
 ``torch.func.functional_call`` of a module whose forward calls ``orthofx.penalty`` (or of the bigger model
@@ -155,14 +154,16 @@ def _weighted_terms(model: nn.Module, skip_zero: bool = False, amortised: bool =
     # penalty every training step adds, so that stepping it without orthofx.attach warns too
     watch_hooked_weights(root, manifest.optimizer_hooks)
     terms = manifest.penalties
-    if amortised and manifest.penalty_period() > 1:
-        terms = _due_terms(manifest)
+    period = manifest.penalty_period() if amortised else 1
+    if period > 1:
+        terms = _due_terms(manifest, period)
     return [(t, t.weight * _term_value(root, t, reference)) for t in terms if not (skip_zero and t.weight == 0.0)]
 
 
-def _due_terms(manifest: Manifest) -> list[PenaltyTerm]:
+def _due_terms(manifest: Manifest, period: int) -> list[PenaltyTerm]:
     """The terms this call of the training penalty evaluates, and one call counted: a term with ``every = k`` is
-    due at the calls ``c`` with ``c % k == term.phase``; a term with ``every = 1`` at every call.
+    due at the calls ``c`` with ``c % k == term.phase``; a term with ``every = 1`` at every call. ``period``:
+    ``manifest.penalty_period()``.
 
     The count is kept modulo the terms' common period: under torch.compile it is a guarded constant, so a bounded
     count gives one graph per call of the period instead of a recompilation at each step.
@@ -173,7 +174,6 @@ def _due_terms(manifest: Manifest) -> list[PenaltyTerm]:
     reentrant recomputation is counted: its forward ran without gradients, which counted nothing. (Several
     checkpointed forwards before one backward, micro-batches summed, all replay the last call: torch then raises
     its CheckpointError; run backward after each.)"""
-    period = manifest.penalty_period()
     if _replaying_checkpointed_forward():
         call = (manifest.penalty_calls - 1) % period
     else:
