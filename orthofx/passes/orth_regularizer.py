@@ -45,7 +45,8 @@ every step pays about ``1 / k`` of the penalty, not one step in ``k`` all of it.
 travels in the model's state-dict metadata, so a resumed run evaluates the same terms on the same steps (load it
 on every rank of a data-parallel run). Call ``orthofx.penalty`` once per step: each call with gradients counts,
 so with gradient accumulation each micro-batch's call is a step of the period, and an optimizer that evaluates
-the loss several times per step (LBFGS's closure, SAM's two passes) moves the period at each evaluation. Activation checkpointing's recomputation of a forward that calls it is no new call.
+the loss several times per step (LBFGS's closure, SAM's two passes) moves the period at each evaluation.
+Activation checkpointing's recomputation of a forward that calls it is no new call.
 Under ``torch.compile`` of a loss that calls ``orthofx.penalty`` each call of the period is a graph of its own:
 keep ``every`` (plus the loss's other variants, such as a ``torch.no_grad()`` evaluation) within dynamo's
 recompile limit (``torch._dynamo.config.recompile_limit``, 8), or compile the model and call the penalty
