@@ -293,6 +293,13 @@ def write_whole(target: torch.Tensor, value: torch.Tensor) -> None:
     target.copy_(value)
 
 
+def sparse_gradient_error(where: str, needs: str, fix: str) -> OrthofxError:
+    """The refusal of an optimizer hook whose weight has a sparse gradient (``where``: the pass, site and rule;
+    ``needs``: what the hook computes from the gradient; ``fix``: what to do), one wording for every hook: stepping
+    it unchanged would leave the hook's Change untrue."""
+    return OrthofxError(f"{where}: the weight has a sparse gradient, and {needs} needs a dense one; {fix}")
+
+
 class OptimizerHook:
     """Work a pass needs done around ``optimizer.step()`` (Riemannian updates, NOG, OLR).
 

@@ -79,7 +79,7 @@ from ..nn.convnorm import ConvNormConvNd
 from ..nn.precision import HALF_PRECISION
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, decompositions_fed,
                    derived_weight, describe_module, is_uninitialised, parameter_owners, weight_groups, whole,
-                   write_whole)
+                   sparse_gradient_error, write_whole)
 from .isometric_init import frozen_reason
 from .orth_regularizer import lorth_term
 from .orthogonal_conv import orthogonal_layer
@@ -186,12 +186,11 @@ class SripTerm(PenaltyTerm):
 
 
 def _sparse_gradient_error(hook: OptimizerHook, treatment: str, needs: str, flag: str) -> OrthofxError:
-    """The error of NOG / OLR on a weight whose gradient is sparse (a layer whose forward makes one, such as an
-    ``nn.Linear`` subclass calling ``F.embedding(..., sparse=True)`` kept as a leaf): stepping it unchanged, as
-    before, left the Change's "NOG" / "OLR" untrue. Worded as the Riemannian hook's refusal."""
-    return OrthofxError(f"pre_svd ({hook.site}, rule '{hook.rule}'): {treatment}: the weight has a sparse gradient, "
-                        f"and {needs} needs a dense one; make the layer's gradient dense (e.g. F.embedding(..., "
-                        f"sparse=False) in its forward) or set '{flag}: false' in the rule")
+    """:func:`~orthofx.passes.base.sparse_gradient_error` of NOG / OLR (a layer whose forward makes a sparse
+    gradient, such as an ``nn.Linear`` subclass calling ``F.embedding(..., sparse=True)`` kept as a leaf)."""
+    return sparse_gradient_error(f"pre_svd ({hook.site}, rule '{hook.rule}'): {treatment}", needs,
+                                 "make the layer's gradient dense (e.g. F.embedding(..., sparse=False) in its "
+                                 f"forward) or set '{flag}: false' in the rule")
 
 
 class NearestOrthogonalGradient(OptimizerHook):

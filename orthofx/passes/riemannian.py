@@ -123,7 +123,7 @@ from ..nn.precision import describe_nonfinite
 from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, TiedUse,
                    check_tied, gate_blocks_text, is_uninitialised, matrices_text, recurrent_hidden_weights,
                    recurrent_weights_reason, require_initialised, weight_groups, weight_label, whole,
-                   write_whole)
+                   sparse_gradient_error, write_whole)
 from .registry import register_pass
 
 __all__ = ["Riemannian", "ScaleLostWarning", "StiefelHook",
@@ -275,9 +275,9 @@ class StiefelHook(OptimizerHook):
                 hook._pre.pop(key, None)
                 continue
             if weight.grad.is_sparse:
-                raise OrthofxError(f"riemannian ({hook._label()}, rule '{hook.rule}'): the weight has a sparse "
-                                   "gradient, and a tangent projection needs a dense one; use a dense layer for this "
-                                   "site (e.g. nn.Embedding(sparse=False)) or exclude it from the rule")
+                raise sparse_gradient_error(f"riemannian ({hook._label()}, rule '{hook.rule}')",
+                                            "a tangent projection", "use a dense layer for this site (e.g. "
+                                            "nn.Embedding(sparse=False)) or exclude it from the rule")
             shape = hook._matrix(weight.detach()).shape
             batches.setdefault((shape, weight.dtype, weight.device), []).append((hook, weight))
         with torch.no_grad():
