@@ -25,6 +25,7 @@ __all__ = [
     "RunningFiltersDroppedWarning",
     "first_few",
     "layer_label",
+    "saved_count",
 ]
 
 # The attribute holding a layer's path in the model, set when a pass or ``orthofx.freeze`` installs it.
@@ -104,6 +105,28 @@ def first_few(items, limit: int) -> str:
     """
     items = list(items)
     return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def saved_count(local_metadata: dict, key: str, prefix: str, meaning: str, keep: str,
+                error: type[OrthofxError] = ArgumentError, label: str = "") -> int | None:
+    """``local_metadata[key]``, an int >= 0 orthofx keeps in a module's state-dict metadata (training state that a
+    key would not fit: a step or a count), or ``None`` when it is absent. Anything else raises ``error`` (starting
+    with ``label``) naming the module's entry (``prefix``: the module's path and a dot), what it holds
+    (``meaning``), and the fix: delete that entry, which keeps ``keep``.
+
+    >>> saved_count({"version": 1, "k": 3}, "k", "", "a count", "the model's own count")
+    3
+    """
+    if key not in local_metadata:
+        return None
+    value = local_metadata[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        path = prefix[:-1]
+        where = f"'{path}'" if path else "the model's root ('')"
+        raise error(f"{label + ': ' if label else ''}the state dict's metadata for {where} holds {key}={value!r:.60}, "
+                    f"{meaning}, which must be an int >= 0; remove the entry (del state_dict._metadata['{path}']"
+                    f"['{key}']) to keep {keep}")
+    return value
 
 
 def layer_label(module) -> str:

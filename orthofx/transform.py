@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_inputs, uninitialised_lazy_modules,
                       unwrap_model)
-from .errors import ArgumentError, OrthofxError, OrthofxWarning, TransformError, first_few
+from .errors import ArgumentError, OrthofxError, OrthofxWarning, TransformError, first_few, saved_count
 from .nn.precision import describe_nonfinite, relative_distance
 from .passes.base import (MANIFEST_KEY, EvalRun, Manifest, ParametrizationState, PassContext, PlanEntry, Site,
                           replace_module, watch_hooked_weights)
@@ -72,16 +72,11 @@ def _save_penalty_calls(module: nn.Module, state_dict: dict, prefix: str, local_
 
 def _load_penalty_calls(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, *args) -> None:
     manifest = _find_manifest(module)
-    if manifest is None or PENALTY_CALLS_METADATA_KEY not in local_metadata:
+    calls = None if manifest is None else saved_count(
+        local_metadata, PENALTY_CALLS_METADATA_KEY, prefix, "the count of orthofx.penalty calls of a transformed model",
+        "the model's own count")
+    if calls is None:
         return  # a plain model's state dict, or one saved without periods: the count stays
-    calls = local_metadata[PENALTY_CALLS_METADATA_KEY]
-    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
-        path = prefix[:-1]
-        where = f"'{path}'" if path else "the model's root ('')"
-        raise ArgumentError(f"the state dict's metadata for {where} holds {PENALTY_CALLS_METADATA_KEY}="
-                            f"{calls!r:.60}, the count of orthofx.penalty calls of a transformed model, which must "
-                            f"be an int >= 0; remove the entry (del state_dict._metadata['{path}']"
-                            f"['{PENALTY_CALLS_METADATA_KEY}']) to keep the model's own count")
     manifest.penalty_calls = calls % manifest.penalty_period()  # saved with other periods: still inside this one
 
 

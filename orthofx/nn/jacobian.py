@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from .. import metrics
-from ..errors import LayerArgumentError, layer_label
+from ..errors import LayerArgumentError, layer_label, saved_count
 from ..theory import _flag, _positive_int
 from .precision import zero_like_parameters
 from .tracing import fx_tracer_of, in_export, in_func_transform, record_as_leaf, recomputing_in_backward
@@ -282,15 +282,10 @@ class JacobianProbe(nn.Module):
                               error_msgs):
         self._block._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                          unexpected_keys, error_msgs)
-        if PHASE_METADATA_KEY not in local_metadata:
-            return  # a state dict of the plain model, or from before the phase was saved: the step stays
-        calls = local_metadata[PHASE_METADATA_KEY]
-        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
-            raise LayerArgumentError(
-                f"{layer_label(self)}: the state dict's metadata for '{prefix[:-1]}' holds {PHASE_METADATA_KEY}="
-                f"{calls!r}, the probe's step in its every period, which must be an int >= 0; remove the entry "
-                f"(state_dict._metadata['{prefix[:-1]}']) to keep the probe's own step")
-        self.restore_calls(calls)
+        calls = saved_count(local_metadata, PHASE_METADATA_KEY, prefix, "the probe's step in its every period",
+                            "the probe's own step", LayerArgumentError, layer_label(self))
+        if calls is not None:  # None: a state dict of the plain model, or from before the phase was saved
+            self.restore_calls(calls)
 
     def restore_calls(self, calls: int) -> None:
         """Put the probe at step ``calls`` of its ``every`` period (a saved :attr:`calls`), modulo the period: a
