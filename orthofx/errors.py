@@ -26,6 +26,7 @@ __all__ = [
     "first_few",
     "layer_label",
     "saved_count",
+    "keep_in_metadata",
 ]
 
 # The attribute holding a layer's path in the model, set when a pass or ``orthofx.freeze`` installs it.
@@ -127,6 +128,24 @@ def saved_count(local_metadata: dict, key: str, prefix: str, meaning: str, keep:
                     f"{meaning}, which must be an int >= 0; remove the entry (del state_dict._metadata['{path}']"
                     f"['{key}']) to keep {keep}")
     return value
+
+
+def keep_in_metadata(destination, prefix: str, key: str, value) -> None:
+    """Write ``value`` under ``key`` into the state-dict metadata of the module at ``prefix`` (its path and a dot),
+    from its ``_save_to_state_dict``: training state that a key would not fit (a key would change the model's keys,
+    and tools reorder keys), read back by :func:`saved_count` or the layer's own reader. ``Module.state_dict`` has
+    put the module's entry (``{"version": ...}``) there before the call, and ``torch.save`` / ``torch.load``
+    (``weights_only=True`` too, for ints and tuples of ints) keep it; a destination without metadata (a plain dict
+    passed as ``destination``) gets nothing.
+
+    >>> import collections
+    >>> state = collections.OrderedDict(); state._metadata = {"layer": {"version": 1}}
+    >>> keep_in_metadata(state, "layer.", "k", 3); state._metadata
+    {'layer': {'version': 1, 'k': 3}}
+    """
+    metadata = getattr(destination, "_metadata", None)
+    if isinstance(metadata, dict) and isinstance(metadata.get(prefix[:-1]), dict):
+        metadata[prefix[:-1]][key] = value
 
 
 def layer_label(module) -> str:

@@ -227,7 +227,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orthofx.errors import LayerArgumentError, RunningFiltersDroppedWarning, first_few, layer_label
+from orthofx.errors import LayerArgumentError, RunningFiltersDroppedWarning, first_few, keep_in_metadata, layer_label
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
 from orthofx.nn.orthogonal import _EvalCache, without_memory_format
 from orthofx.nn.padding import circular_pad, conv_zero_pads, flat_pads
@@ -1380,14 +1380,10 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for grid, v in self._running_filters.items():
             destination[prefix + self._buffer_name(grid)] = v if keep_vars else v.detach()
-        # the order of updates decides which grid the next new one drops: training state a resumed run needs, kept
-        # out of the keys (their order is a buffer's, and tools may reorder keys) in this module's metadata, which
-        # Module.state_dict has put there before calling this ({"version": ...}) and torch.save / torch.load
-        # (weights_only=True too: plain tuples of ints) keep
-        metadata = getattr(destination, "_metadata", None)
-        if self.momentum is not None and isinstance(metadata, dict) and isinstance(metadata.get(prefix[:-1]), dict):
-            metadata[prefix[:-1]][RUNNING_ORDER_METADATA_KEY] = [
-                tuple(int(n) for n in grid) for grid in self._running_order if grid in self._running_filters]
+        # the order of updates decides which grid the next new one drops: training state a resumed run needs
+        if self.momentum is not None:
+            keep_in_metadata(destination, prefix, RUNNING_ORDER_METADATA_KEY, [
+                tuple(int(n) for n in grid) for grid in self._running_order if grid in self._running_filters])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

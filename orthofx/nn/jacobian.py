@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from .. import metrics
-from ..errors import LayerArgumentError, layer_label, saved_count
+from ..errors import LayerArgumentError, keep_in_metadata, layer_label, saved_count
 from ..theory import _flag, _positive_int
 from .precision import zero_like_parameters
 from .tracing import fx_tracer_of, in_export, in_func_transform, record_as_leaf, recomputing_in_backward
@@ -271,12 +271,8 @@ class JacobianProbe(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self._block._save_to_state_dict(destination, prefix, keep_vars)
-        # the step in the ``every`` period is training state (a resumed run must estimate on the same steps), but a
-        # key would change the block's keys: it goes into this module's metadata, which Module.state_dict has put
-        # there before calling this (``{"version": ...}``) and torch.save / torch.load(weights_only=True) keep
-        metadata = getattr(destination, "_metadata", None)
-        if isinstance(metadata, dict) and isinstance(metadata.get(prefix[:-1]), dict):
-            metadata[prefix[:-1]][PHASE_METADATA_KEY] = int(self.calls)
+        # the step in the ``every`` period is training state: a resumed run must estimate on the same steps
+        keep_in_metadata(destination, prefix, PHASE_METADATA_KEY, int(self.calls))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
