@@ -172,4 +172,6 @@ class ScaleLostWarning(OrthofxWarning):
 class RunningFiltersDroppedWarning(OrthofxWarning):
     """A ConvNorm layer with ``momentum`` trained on more FFT grids (input sizes) than its ``max_running_grids`` and
     dropped the running filter of the least recently updated one: eval on that size now uses ``V`` of the current
-    weight. Issued once per layer; the message names the layer, its grids, the bound and how to raise it."""
+    weight. Issued once per layer; the message names the layer, its grids, the bound and how to raise it. Also
+    issued when a layer with ``momentum=None`` loads a state dict holding running filters (saved from a layer with
+    a momentum), which it does not take: its eval outputs then use ``V`` of the weight, not those filters."""

@@ -108,9 +108,9 @@ recent weights. Two behaviours are offered:
   and pickled with the layer. A cast to half precision leaves them in float32, the precision ``V`` is computed in
   for such weights. A layer with ``momentum=None`` has no running filters: ``running_v_*`` keys in a state dict
   it loads are unexpected keys (``load_state_dict`` fails with torch's usual message under ``strict=True`` and
-  ignores them under ``strict=False``, and the order of updates with them); construct it with ``momentum=...``
-  to load them. ``named_buffers()`` does
-  not list them, so neither does ``torch.func.functional_call`` swap them (torch's model ensembling,
+  ignores them under ``strict=False``, and the order of updates with them), and a
+  :class:`RunningFiltersDroppedWarning` names the layer; construct it with ``momentum=...`` to load them.
+  ``named_buffers()`` does not list them, so neither does ``torch.func.functional_call`` swap them (torch's model ensembling,
   ``stack_module_state`` + ``vmap(functional_call)``, runs every member in eval with the base layer's filters: use
   ``momentum=None`` there), nor does ``torch.optim.swa_utils.AveragedModel(use_buffers=True)`` average them: an
   EMA / SWA copy keeps the filters of the weights the model had when it was made, and
@@ -1388,6 +1388,8 @@ class ConvNormConvNd(_EvalCache, nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         self._drop_eval_values()
+        if self.momentum is None:
+            self._warn_running_filters_refused(state_dict, prefix)
         loaded = self._load_running_filters(state_dict, prefix, local_metadata, error_msgs)
         reported = len(unexpected_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -1456,6 +1458,23 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         updated.update(dict.fromkeys(grid for grid in incoming if grid in loaded and grid not in named))
         updated.update(named)
         return taken
+
+    def _warn_running_filters_refused(self, state_dict, prefix: str) -> None:
+        """Issue a :class:`RunningFiltersDroppedWarning` when a layer with ``momentum=None`` is loaded from a state
+        dict holding running filters: its eval outputs then differ from the saved layer's, which read them. torch
+        lists them as unexpected keys (a strict load fails, ``strict=False`` drops them); ``_load_from_state_dict``
+        is told ``strict=True`` either way, so the warning, not an error message, says what they are and what to
+        do."""
+        names = [key[len(prefix):] for key in state_dict if key.startswith(prefix + _RUNNING_PREFIX)
+                 and "." not in key[len(prefix):]]
+        if names:
+            warnings.warn(
+                f"{layer_label(self)} has momentum=None (it recomputes its filter from the weight in eval too) and "
+                f"takes none of the state dict's running ConvNorm filters ({first_few(names, 3)}), saved from a "
+                "layer with a momentum: its eval outputs use the filter of the current weight, not those; "
+                "transform with the convnorm rule's momentum set (as when they were saved) to use them (a strict "
+                "load refuses them as unexpected keys, strict=False drops them)", RunningFiltersDroppedWarning,
+                stacklevel=4)
 
     def _saved_update_order(self, local_metadata, prefix: str) -> list[tuple[int, ...]] | None:
         """The order of updates a state dict's metadata for this layer holds (:data:`RUNNING_ORDER_METADATA_KEY`,

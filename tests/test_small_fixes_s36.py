@@ -1,0 +1,93 @@
+"""Session 36: small fixes.
+
+- ``load_state_dict`` into a ConvNorm layer with ``momentum=None`` of a state dict holding running filters (saved
+  from a layer with a momentum): a strict load fails, as before, with torch's list of unexpected keys, and
+  ``strict=False`` drops them, as before, but silently: the loaded model's eval outputs differ from the saved
+  one's. A ``RunningFiltersDroppedWarning`` now names each such layer, what it refused and how to keep them.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import orthofx
+from orthofx.nn.convnorm import ConvNormConv2d
+
+
+def _convnorm_policy(momentum):
+    params = {} if momentum is None else {"momentum": momentum}
+    return {"rules": [{"match": {"type": "Conv2d"}, "apply": "convnorm", "with": params}]}
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+
+
+def _trained_with_momentum(model, x):
+    gm = orthofx.transform(model, _convnorm_policy(0.1), example_inputs=(x,))
+    gm.train()
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.5)
+    for inputs in (x, torch.randn(2, 3, 6, 6), x):  # the weights move, so the running filters lag behind them
+        gm(inputs).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return gm
+
+
+def _refusals(caught):
+    return [str(w.message) for w in caught if issubclass(w.category, orthofx.errors.RunningFiltersDroppedWarning)]
+
+
+def test_load_of_running_filters_into_layer_without_momentum_warns():
+    model, x = _model(), torch.randn(2, 3, 8, 8)
+    source = _trained_with_momentum(model, x)
+    state = source.state_dict()
+    running = sorted(key for key in state if ".running_v_" in key)
+    assert len(running) == 4  # two layers, two grids each
+    target = orthofx.transform(model, _convnorm_policy(None), example_inputs=(x,))
+    with pytest.warns(orthofx.errors.RunningFiltersDroppedWarning) as caught, pytest.raises(RuntimeError) as error:
+        target.load_state_dict(state)
+    for key in running:
+        assert key in str(error.value)  # torch's list of unexpected keys is still the error
+    messages = _refusals(caught)
+    assert len(messages) == 2
+    for path, message in zip(("'0'", "'2'"), messages):
+        assert message.startswith(f"ConvNormConv2d at {path} has momentum=None")
+        assert "running_v_10x10" in message and "momentum set" in message
+
+    # strict=False drops them, now with the warning: eval reads V of the loaded weight, unlike the saved model
+    with pytest.warns(orthofx.errors.RunningFiltersDroppedWarning) as caught:
+        result = target.load_state_dict(state, strict=False)
+    assert len(_refusals(caught)) == 2
+    assert sorted(result.unexpected_keys) == running and not result.missing_keys
+    source.eval(), target.eval()
+    weights_only = orthofx.transform(model, _convnorm_policy(None), example_inputs=(x,)).eval()
+    weights_only.load_state_dict({k: v for k, v in state.items() if ".running_v_" not in k})
+    torch.testing.assert_close(target(x), weights_only(x), rtol=0, atol=0)
+    assert (target(x) - source(x)).abs().max() > 1e-4  # the saved model's eval used its running filters
+
+
+def test_load_without_running_filters_does_not_warn():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    source, layer = ConvNormConv2d(conv), ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.load_state_dict(source.state_dict())
+        with pytest.raises(RuntimeError, match="stray"):
+            layer.load_state_dict(dict(source.state_dict(), stray=torch.zeros(1)))
+
+
+def test_layer_with_momentum_still_takes_the_running_filters():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    source = ConvNormConv2d(conv, momentum=0.5).train()
+    source(torch.randn(2, 3, 8, 8))
+    target = ConvNormConv2d(nn.Conv2d(3, 4, 3, padding=1), momentum=0.5)
+    target.load_state_dict(source.state_dict())
+    source.eval(), target.eval()
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
