@@ -110,10 +110,10 @@ recent weights. Two behaviours are offered:
   it loads are unexpected keys (``load_state_dict`` fails with torch's usual message under ``strict=True`` and
   ignores them under ``strict=False``, and the order of updates with them), and a
   :class:`RunningFiltersDroppedWarning` names the layer; construct it with ``momentum=...`` to load them.
-  ``named_buffers()`` does not list them, so neither does ``torch.func.functional_call`` swap them (torch's model ensembling,
-  ``stack_module_state`` + ``vmap(functional_call)``, runs every member in eval with the base layer's filters: use
-  ``momentum=None`` there), nor does ``torch.optim.swa_utils.AveragedModel(use_buffers=True)`` average them: an
-  EMA / SWA copy keeps the filters of the weights the model had when it was made, and
+  ``named_buffers()`` does not list them, so neither does ``torch.func.functional_call`` swap them (torch's model
+  ensembling, ``stack_module_state`` + ``vmap(functional_call)``, runs every member in eval with the base
+  layer's filters: use ``momentum=None`` there), nor does ``torch.optim.swa_utils.AveragedModel(use_buffers=True)``
+  average them: an EMA / SWA copy keeps the filters of the weights the model had when it was made, and
   :func:`update_running_filters` (``update_bn``'s analogue) sets them to ``V`` of its averaged weights; a layer's
   ``running_v_<L1>x...`` attribute is the filter, as a buffer's name would be
   (tools that look state-dict keys up with ``getattr``, such as ``torch.distributed.checkpoint``'s
