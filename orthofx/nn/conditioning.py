@@ -24,7 +24,10 @@ gradient flows through the completing columns (torch raises for them, here they 
 
 SVD-free power: :func:`power_newton_schulz` computes ``(A + shift I)^p`` for ``p = 1/2`` or ``-1/2`` with
 :func:`~orthofx.nn.decompositions.sqrtm_newton_schulz` / :func:`~orthofx.nn.decompositions.inv_sqrtm_newton_schulz`
-(matmuls only; valid for symmetric positive definite matrices).
+(matmuls only; valid for symmetric positive definite matrices). With ``uplo=None`` (an SVD site's replacement) a
+matrix that is not symmetric is refused (a ``LayerArgumentError`` in eager calls on CPU; NaN results on other
+devices, where the check's host read would stall the device's queue at every call, and under ``torch.compile`` /
+export), where ``U diag(S^p) Vh`` is no power of it.
 
 Monitor: :class:`DecompositionMonitor`, a :class:`~orthofx.nn.decompositions.ConditionMonitor` that passes its
 first argument through unchanged (so the graph keeps it by data flow, not as a dead node) and records ``kappa``:
@@ -63,7 +66,7 @@ from orthofx.nn.precision import HALF_PRECISION
 
 from .decompositions import (ConditionMonitor, _finite_part, _nan_where, eigh_stable, inv_sqrtm_newton_schulz,
                              sqrtm_newton_schulz, svd_stable)
-from .tracing import fx_tracer_of, record_as_leaf
+from .tracing import fx_tracer_of, in_export, in_func_transform, record_as_leaf
 
 __all__ = [
     "stable_eigh",
@@ -250,12 +253,53 @@ def _check_square(A: Tensor, what: str) -> None:
                                  "SVD of a non-square data matrix); transform with method 'taylor' for this site")
 
 
+def _asymmetric(matrix: Tensor) -> Tensor:
+    """Mask (shape ``matrix.shape[:-2]``) of the square matrices that are not symmetric to ``sqrt(eps)`` relative:
+    ``max|M - M^T| > sqrt(eps) max|M|`` (tensor ops only). A covariance ``X^T X`` computed in floating point is
+    symmetric to rounding, far inside this tolerance."""
+    m = matrix.detach()
+    tol = math.sqrt(torch.finfo(m.dtype).eps) if m.is_floating_point() else 0.0
+    asym = (m - m.mT).abs().amax(dim=(-2, -1))
+    return asym > tol * m.abs().amax(dim=(-2, -1))
+
+
+def _may_sync(A: Tensor) -> bool:
+    """Whether a value of ``A`` may be read on the host here at no cost: an eager call on a CPU tensor, not one
+    that ``torch.compile``, ``torch.export``, ``torch.jit.trace`` or a ``torch.func`` transform traces (where it
+    would break the graph, fail as data-dependent or be baked in). On a GPU the read would wait for the queue at
+    every call of a replacement chosen for its speed."""
+    return A.device.type == "cpu" and not (torch.compiler.is_compiling() or in_export() or torch.jit.is_tracing()
+                                           or in_func_transform())
+
+
+def _refuse_asymmetric(A: Tensor) -> Tensor | None:
+    """For ``uplo=None`` (the replacement of an SVD site's ``U diag(S^p) U^T`` / ``U diag(S^p) Vh`` ...): the
+    iteration computes a power of ``A`` itself, which is the pattern's value only for a symmetric (positive
+    definite) ``A``, where ``U = V``. For a square non-symmetric ``A`` (a data matrix with as many rows as columns)
+    ``U diag(S^p) U^T`` is ``(A A^T)^(p/2)`` and ``U diag(S^p) Vh`` is ``(A A^T)^((p-1)/2) A``: the replacement
+    silently gave other values. Raise in eager calls on CPU (one host read); elsewhere (:func:`_may_sync`) return
+    the mask of such matrices, whose results are then NaN."""
+    asymmetric = _asymmetric(A)
+    if not _may_sync(A):
+        return asymmetric
+    if bool(asymmetric.any()):
+        count = int(asymmetric.sum())
+        raise LayerArgumentError(
+            f"power_newton_schulz (uplo=None): {count} of {max(1, asymmetric.numel())} matrices (input shape "
+            f"{tuple(A.shape)}) are not symmetric (|A - A^T| > sqrt(eps) |A|). The Newton-Schulz replacement of an SVD "
+            "site's U diag(S^p) U^T (or U diag(S^p) Vh) equals it only for a symmetric positive definite matrix "
+            "(a covariance), where U = V; for this input it would compute something else. Transform with method "
+            "'taylor' for this site (or export to .pt2, which keeps the exact SVD)")
+    return None
+
+
 def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: float = 0.0, float64: bool = False,
                         uplo: str | None = None, layout: tuple = ()) -> Tensor:
     """``(A + shift I)^power`` for ``power`` in ``{0.5, -0.5}`` by the coupled Newton-Schulz iteration.
 
     ``uplo="L"`` / ``"U"``: like ``torch.linalg.eigh``, read only that triangle of ``A`` (the matrix is rebuilt
-    symmetric from it); ``None``: use ``A`` as it is (replacing an SVD of a symmetric matrix).
+    symmetric from it); ``None``: use ``A`` as it is (replacing an SVD of a symmetric matrix; a matrix that is not
+    symmetric to ``sqrt(eps)`` is refused, see :func:`_refuse_asymmetric`).
 
     ``layout`` (from the pass) is checked against ``A.dim()`` with :func:`check_layout`: when the replaced code's
     transposes or unsqueezes do not act on the last two dimensions the replacement would not be equivalent, and a
@@ -285,6 +329,7 @@ def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: flo
         raise LayerArgumentError(f"the Newton-Schulz replacement of V diag(lambda^p) V^T does not fit this input: "
                                  f"{problem}; transform with method 'taylor' for this site")
     _check_square(A, "power_newton_schulz")
+    asymmetric = _refuse_asymmetric(A) if uplo is None else None
     dtype = A.dtype
     if float64:
         A = A.to(torch.float64)
@@ -300,6 +345,8 @@ def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: flo
         out = inv_sqrtm_newton_schulz(A, iterations)
     else:
         raise LayerArgumentError(f"power must be 0.5 or -0.5, got {power!r}")
+    if asymmetric is not None:
+        out = out.masked_fill(asymmetric.unsqueeze(-1).unsqueeze(-1), float("nan"))
     return out.to(dtype)
 
 
@@ -345,11 +392,7 @@ class DecompositionMonitor(ConditionMonitor):
         m = matrix.detach()
         if m.shape[-1] != m.shape[-2]:
             return s * s
-        tol = math.sqrt(torch.finfo(m.dtype).eps) if m.is_floating_point() else 0.0
-        asym = (m - m.mT).abs().amax(dim=(-2, -1))
-        scale = m.abs().amax(dim=(-2, -1))
-        symmetric = (asym <= tol * scale).unsqueeze(-1)
-        return torch.where(symmetric, s, s * s)
+        return torch.where(_asymmetric(m).unsqueeze(-1), s * s, s)
 
     def forward(self, x, matrix: Tensor | None = None):
         tracer = fx_tracer_of((x, matrix))

@@ -750,7 +750,8 @@ class ConditionMonitor(nn.Module):
 
     ``torch.fx.symbolic_trace`` records a monitor as one ``call_module`` node
     (:func:`orthofx.nn.tracing.record_as_leaf`: its update branches on shapes and writes its buffers); inside a
-    ``torch.func`` transform the in-place writes cannot run and :meth:`update` raises :class:`~orthofx.errors.LayerArgumentError` naming the fixes.
+    ``torch.func`` transform the in-place writes cannot run and :meth:`update` raises
+    :class:`~orthofx.errors.LayerArgumentError` naming the fixes.
 
     >>> import torch
     >>> from orthofx.nn import ConditionMonitor

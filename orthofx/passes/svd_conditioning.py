@@ -43,12 +43,14 @@ float64=True)``, or ``torch.linalg.eigh(A.double())`` with ``.to(A.dtype)`` / ``
 power is then computed from the decomposed (float64) matrix and cast the same way.
 
 For SVDs the left factor may be ``U`` or ``V`` and the right one ``Vh``, ``T(U)`` or ``T(V)`` (equal for a
-symmetric PD input). Ranks are usually unknown to an fx graph: index arithmetic that is only right for some
-ranks (``unsqueeze(0)``, ``transpose(0, 1)``, ``.T``) is recorded in the replacement's ``layout`` argument and
-checked against the input's rank on the first call (a ``LayerArgumentError``, which is a ``ValueError``, naming
-the mismatch, at transform time when example inputs are given); it is checked at transform time when the graph's
-nodes carry shapes (export capture), and so is a non-square decomposed matrix (an SVD of a data matrix), which
-then goes to ``fallback``.
+symmetric PD input; a matrix that is not symmetric is refused when the replacement runs, see
+:func:`orthofx.nn.conditioning.power_newton_schulz` with ``uplo=None``: a square data matrix's ``U diag(S^p) Vh``
+is no power of it, and the rewrite gave other values). Ranks are usually unknown to an fx graph: index arithmetic
+that is only right for some ranks (``unsqueeze(0)``, ``transpose(0, 1)``, ``.T``) is recorded in the replacement's
+``layout`` argument and checked against the input's rank on the first call (a ``LayerArgumentError``, which is a
+``ValueError``, naming the mismatch, at transform time when example inputs are given); it is checked at transform
+time when the graph's nodes carry shapes (export capture), and so is a non-square decomposed matrix (an SVD of a
+data matrix), which then goes to ``fallback``.
 
 Monitoring (``monitor: true``): a :class:`orthofx.nn.conditioning.DecompositionMonitor` is registered in the
 GraphModule as ``orthofx_monitor_<n>`` and called on the decomposition's result (a pass-through), recording
