@@ -1000,7 +1000,10 @@ def to_newton_schulz(gm: fx.GraphModule, iterations: int = 5, float64: bool = Fa
     nested in ``gm`` (GraphModule submodules) are rewritten too, and so is the other training mode's graph of a
     model whose forward branches on ``self.training``. Returns ``{node name: "replaced" or the reason it was
     left}`` for every decomposition node found (nested ones as ``<submodule path>.<node name>``, those of the other
-    mode's graph as ``<node name>@<mode>``).
+    mode's graph as ``<node name>@<mode>``). A traced-into ``orthofx.nn.eigh_stable(A, plain=True)`` /
+    ``svd_stable(A, plain=True)`` (``torch.linalg.eigh`` of ``torch.where(bad, I, A)``, each output
+    ``masked_fill``-ed with NaN) is first read back as the one stand-in call with ``plain=True`` it computes
+    (:func:`_collapse_plain_forms`; the same values), so its powers are found too.
 
     Example::
 
@@ -1020,8 +1023,107 @@ def to_newton_schulz(gm: fx.GraphModule, iterations: int = 5, float64: bool = Fa
     return results
 
 
+_ISFINITE_FNS = {torch.isfinite, _ATEN.isfinite.default}
+_WHERE_FNS = {torch.where, _ATEN.where.self}
+_EYE_FNS = {torch.eye, _ATEN.eye.default, _ATEN.eye.m}
+_MASKED_FILL_FNS = {torch.masked_fill, _ATEN.masked_fill.Scalar}
+_GUARD_STEPS = {"unsqueeze", "any", "tril", "triu", "invert", "bitwise_not", "logical_not"}  # ATen's too
+_PLAIN_FORMS = {"linalg.eigh": (cond.stable_eigh, 2), "linalg.svd": (cond.stable_linalg_svd, 3)}
+
+
+def _guarded_matrix(node: Any) -> fx.Node | None:
+    """``X`` when ``node`` is ``torch.where(mask, eye, X)`` with ``mask`` computed from ``isfinite(X)``: how
+    :func:`orthofx.nn.decompositions._finite_part` (``sync=False``) hands a matrix to LAPACK."""
+    if not (_is(node, _WHERE_FNS) and len(node.args) == 3 and not node.kwargs):
+        return None
+    mask, eye, matrix = node.args
+    if not (_is(eye, _EYE_FNS) and isinstance(matrix, fx.Node) and isinstance(mask, fx.Node)):
+        return None
+    # ~isfinite(X) [.tril() / .triu()] .any(-1).any(-1) .unsqueeze(-1).unsqueeze(-1): "some entry is not finite"
+    cur, negations = mask, 0
+    while isinstance(cur, fx.Node) and not _is(cur, _ISFINITE_FNS):
+        name = _target_name(cur).split(".")[0]  # any.dim, bitwise_not.default: ATen overloads
+        if name not in _GUARD_STEPS or not cur.args:
+            return None
+        negations += name in ("invert", "bitwise_not", "logical_not")
+        cur = cur.args[0]
+    return matrix if isinstance(cur, fx.Node) and cur.args[0] is matrix and negations == 1 else None
+
+
+def _collapse_plain_forms(gm: fx.GraphModule) -> int:
+    """Read every traced-into ``eigh_stable(X, plain=True)`` / ``svd_stable(X, plain=True)`` back as one stand-in
+    call: ``torch.linalg.eigh(torch.where(bad, eye, X))`` (or the stand-in ``stable_eigh`` the pass put there, with
+    its monitor or a frozen model's pass-through after it) whose every output ``o`` is read only as
+    ``o.masked_fill(bad..., nan)`` (and by ``o.dim()`` for that mask's shape) becomes ``stable_eigh(X, UPLO=...,
+    plain=True)`` (the stand-in's own call on ``X``), its outputs read directly. The same values (the stand-ins give
+    a matrix holding a NaN/inf NaN outputs themselves), but a graph :func:`_to_newton_schulz` can read: the
+    ``masked_fill`` between the decomposition and ``V diag(f(lambda)) V^T`` hid the pattern, and the site was
+    left. Returns how many."""
+    graph = gm.graph
+    collapsed = 0
+    for node in list(graph.nodes):
+        op = decomposition_op(node)
+        if op not in _PLAIN_FORMS or node.op != "call_function" or node.target not in _TARGET_OPS:
+            continue
+        try:
+            guarded, options = _call_options(node, op)
+        except _Unsupported:
+            continue
+        matrix = _guarded_matrix(guarded)
+        stand_in, count = _PLAIN_FORMS[op]
+        if matrix is None or (op == "linalg.svd" and options.get("full_matrices")):
+            continue
+        dec = node
+        if len(node.users) == 1 and (user := next(iter(node.users))).op == "call_module" and isinstance(
+                gm.get_submodule(str(user.target)), (cond.DecompositionMonitor, cond.PassThrough)):
+            dec = user  # the outputs are read through the monitor
+        fills: dict[int, fx.Node] = {}
+        for user in dec.users:
+            idx = _out_index(user, dec, _INFO[op])
+            readers = [u for u in user.users if not (u.op == "call_method" and u.target == "dim")]
+            fill = readers[0] if len(readers) == 1 else None
+            if idx is None or idx in fills or fill is None or not (
+                    _is(fill, _MASKED_FILL_FNS, {"masked_fill"}) and len(fill.args) == 3 and fill.args[0] is user
+                    and isinstance(fill.args[2], float) and fill.args[2] != fill.args[2]):  # the value is NaN
+                break
+            fills[idx] = fill
+        else:
+            if len(fills) != count:
+                continue
+            if node.target in _STAND_INS:  # the stand-in decomposes X itself (and keeps its options)
+                node.replace_input_with(guarded, matrix)
+            else:
+                kwargs = {"full_matrices": False} if op == "linalg.svd" else {"UPLO": options.get("UPLO", "L")}
+                with graph.inserting_before(node):
+                    new = graph.call_function(stand_in, (matrix,), {**kwargs, "plain": True})
+                _copy_meta(new, node, node.meta.get("orthofx_site"))
+                node.replace_all_uses_with(new)
+            for fill in fills.values():
+                fill.replace_all_uses_with(fill.args[0])
+            # the fills, the mask, the identity and the shape reads, now without users
+            doomed = [n for n in _ancestors([*fills.values(), guarded, node])
+                      if n.op in ("call_function", "call_method")]
+            _erase_dead(graph, doomed)
+            collapsed += 1
+    return collapsed
+
+
+def _ancestors(nodes) -> set[fx.Node]:
+    """``nodes`` and every node they are computed from."""
+    found: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        cur = stack.pop()
+        if cur not in found:
+            found.add(cur)
+            stack.extend(cur.all_input_nodes)
+    return found
+
+
 def _to_newton_schulz(gm: fx.GraphModule, iterations: int, float64: bool) -> dict[str, str]:
     results: dict[str, str] = {}
+    if _collapse_plain_forms(gm):
+        gm.graph.lint()
     for node in list(gm.graph.nodes):
         if node.graph is not gm.graph:
             continue  # erased by an earlier rewrite
