@@ -20,8 +20,9 @@ layer": :func:`orthofx.nn.tracing.is_orthofx_layer`).
 A term with ``every = k > 1`` (``orth_regularizer``'s parameter) is evaluated on one call in ``k`` of
 ``penalty`` with gradients enabled, at its weight, not scaled (lazy regularisation, as the Jacobian pass's
 ``every``: set the rule's ``weight`` ``k`` times larger to keep the average strength); the transformed model
-counts those calls (``Manifest.penalty_calls``, saved in its state-dict metadata). Under ``torch.no_grad()``
-``penalty`` evaluates every term at its weight and counts nothing; ``penalty_terms`` always does so.
+counts those calls (``Manifest.penalty_calls``, saved in its state-dict metadata; a call that raises counts
+nothing). Under ``torch.no_grad()`` ``penalty`` evaluates every term at its weight and counts nothing;
+``penalty_terms`` always does so.
 
 The terms are looked up by module path at each call and read the parameters there, so under
 ``torch.func.functional_call`` of a module whose forward calls ``orthofx.penalty`` (or of the bigger model
@@ -142,11 +143,14 @@ def part_site_path(path: str, site: str) -> str:
     return ".".join(p for p in (path, site) if p)
 
 
-def _weighted_terms(model: nn.Module, skip_zero: bool = False, amortised: bool = False
-                    ) -> list[tuple[PenaltyTerm, torch.Tensor]]:
+def _weighted_terms(model: nn.Module, skip_zero: bool = False, amortised: bool = False,
+                    counted: list[tuple[Manifest, int]] | None = None) -> list[tuple[PenaltyTerm, torch.Tensor]]:
     """``(term, weight * value)`` of every term of the transformed ``model``; without the terms of weight 0 when
     ``skip_zero``. ``amortised``: one call of the training loss, which evaluates only the terms due at this call
-    (:func:`_due_terms`)."""
+    (:func:`_due_terms`) and counts it, once every term is computed: a call that raises (a lazy layer that has not
+    run) is no call of the period, so the run that calls again after the fix keeps the uninterrupted schedule.
+    With ``counted`` the count is not stored but appended to it, ``(manifest, new count)``, for the caller to
+    store once all the parts it sums are computed (:func:`penalty` of a bigger model)."""
     root = unwrap_model(model)
     reference = _first_float_parameter(root)
     manifest = manifest_of(model)
@@ -155,14 +159,22 @@ def _weighted_terms(model: nn.Module, skip_zero: bool = False, amortised: bool =
     watch_hooked_weights(root, manifest.optimizer_hooks)
     terms = manifest.penalties
     period = manifest.penalty_period() if amortised else 1
+    count = None
     if period > 1:
-        terms = _due_terms(manifest, period)
-    return [(t, t.weight * _term_value(root, t, reference)) for t in terms if not (skip_zero and t.weight == 0.0)]
+        terms, count = _due_terms(manifest, period)
+    weighted = [(t, t.weight * _term_value(root, t, reference)) for t in terms if not (skip_zero and t.weight == 0.0)]
+    if count is not None:
+        if counted is None:
+            manifest.penalty_calls = count
+        else:
+            counted.append((manifest, count))
+    return weighted
 
 
-def _due_terms(manifest: Manifest, period: int) -> list[PenaltyTerm]:
-    """The terms this call of the training penalty evaluates, and one call counted: a term with ``every = k`` is
-    due at the calls ``c`` with ``c % k == term.phase``; a term with ``every = 1`` at every call. ``period``:
+def _due_terms(manifest: Manifest, period: int) -> tuple[list[PenaltyTerm], int | None]:
+    """The terms this call of the training penalty evaluates, and the count after it (``None``: the call counts
+    nothing), which the caller stores once the terms are computed: a term with ``every = k`` is due at the calls
+    ``c`` with ``c % k == term.phase``; a term with ``every = 1`` at every call. ``period``:
     ``manifest.penalty_period()``.
 
     The count is kept modulo the terms' common period: under torch.compile it is a guarded constant, so a bounded
@@ -175,11 +187,11 @@ def _due_terms(manifest: Manifest, period: int) -> list[PenaltyTerm]:
     checkpointed forwards before one backward, micro-batches summed, all replay the last call: torch then raises
     its CheckpointError; run backward after each.)"""
     if _replaying_checkpointed_forward():
-        call = (manifest.penalty_calls - 1) % period
+        call, count = (manifest.penalty_calls - 1) % period, None
     else:
         call = manifest.penalty_calls % period
-        manifest.penalty_calls = (call + 1) % period
-    return [t for t in manifest.penalties if call % t.every == t.phase]
+        count = (call + 1) % period
+    return [t for t in manifest.penalties if call % t.every == t.phase], count
 
 
 def _replaying_checkpointed_forward() -> bool:
@@ -284,10 +296,13 @@ def penalty(model: nn.Module) -> torch.Tensor:
         weighted = [value for _, value in _weighted_terms(model, skip_zero=True, amortised=amortised)]
     else:
         parts, probes = _untransformed_sources(model)
+        counted: list[tuple[Manifest, int]] = []  # stored once every part's terms are computed: one call for all
         weighted = [value for _, part in parts
-                    for _, value in _weighted_terms(part, skip_zero=True, amortised=amortised)]
+                    for _, value in _weighted_terms(part, skip_zero=True, amortised=amortised, counted=counted)]
         weighted += [probe.penalty() for _, probe in probes
                      if probe.estimate is not None and probe.penalty_weight != 0.0]
+        for manifest, count in counted:
+            manifest.penalty_calls = count
     if not weighted:
         return zero_like_parameters(root)
     return sum(weighted[1:], weighted[0])

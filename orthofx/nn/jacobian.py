@@ -128,8 +128,9 @@ class JacobianProbe(nn.Module):
             and leave the estimate ``None`` (zero penalty). Multiply ``weight`` by ``every`` to keep the average
             strength of the regulariser ("lazy regularisation"). A step is :attr:`calls_per_step` calls of the
             block (the pass sets it to the number of calls in the model's graph: a block used twice per forward
-            is estimated at both calls, and :attr:`estimate` is their sum). Under ``torch.compile`` each phase of
-            the period is one graph (``every: 4`` compiles four; dynamo keeps eight per function by default).
+            is estimated at both calls, and :attr:`estimate` is their sum); a call that raises is no step. Under
+            ``torch.compile`` each phase of the period is one graph (``every: 4`` compiles four; dynamo keeps eight
+            per function by default).
         per_sample: mean over samples of per-sample values instead of the whole-batch value.
         normalize: divide by the input dimension (per sample when ``per_sample``).
         route: ``"auto"`` (forward mode, double-VJP fallback), ``"jvp"`` or ``"double_vjp"``.
@@ -338,11 +339,12 @@ class JacobianProbe(nn.Module):
         # counted modulo one period of ``every`` steps: under torch.compile the count is a guarded constant, so a
         # bounded count gives ``every`` graphs instead of a recompilation at each step
         phase = self.calls % (self.every * self.calls_per_step)
-        self.calls = (phase + 1) % (self.every * self.calls_per_step)
         step, call = divmod(phase, self.calls_per_step)
         if step % self.every != 0:
             self.estimate = None
-            return block(*args, **kwargs)
+            output = block(*args, **kwargs)
+            self.calls = (phase + 1) % (self.every * self.calls_per_step)  # counted once it ran (see below)
+            return output
         if call == 0:
             # a new step: the last step's estimate goes before this one is made, not after. Its graph still holds
             # the saved activations of the block's extra passes when no backward went through it (a loss that
@@ -357,9 +359,13 @@ class JacobianProbe(nn.Module):
             # only the block, would not match the tensors saved here. The estimate keeps its tensors itself.
             with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
                 estimate = self._estimate(args, kwargs)
+        output = block(*args, **kwargs)
+        # counted once the call has run: a call that raised (an input of the wrong shape, out of memory) is no
+        # step of the period, so the run that calls again keeps the schedule of the uninterrupted one
+        self.calls = (phase + 1) % (self.every * self.calls_per_step)
         # a block called several times per forward: the estimates of one step's calls add up
         self.estimate = estimate if self.estimate is None else self.estimate + estimate
-        return block(*args, **kwargs)
+        return output
 
     def _refuse_untraceable_estimate(self) -> None:
         """Refuse a training-mode estimate where it cannot be made: inside a ``torch.func`` transform (``vmap`` /
