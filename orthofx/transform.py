@@ -32,7 +32,7 @@ from .plan import Plan, block_paths, build_plan, module_aliases, other_mode_grap
 from .policy import Policy
 
 __all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed", "output_tensors",
-           "PENALTY_CALLS_METADATA_KEY"]
+           "PENALTY_CALLS_METADATA_KEY", "PENALTY_PHASES_METADATA_KEY"]
 
 
 # GraphModule pickling (torch.save of the whole module) rebuilds ``meta`` empty but keeps unknown attributes, so
@@ -60,24 +60,75 @@ def keep_penalty_calls_in_state_dict(gm: nn.Module) -> None:
 #: Key of the transformed model's count of ``orthofx.penalty`` calls (``Manifest.penalty_calls``, where its terms
 #: with ``every > 1`` are in their periods) in its state-dict metadata (``state_dict()._metadata[path]``).
 PENALTY_CALLS_METADATA_KEY = "orthofx_penalty_calls"
+#: Key of the ``(every, phase)`` of each of its penalty terms (in ``Manifest.penalties`` order) next to the count:
+#: which call of its period each term is evaluated on.
+PENALTY_PHASES_METADATA_KEY = "orthofx_penalty_phases"
 
 
 def _save_penalty_calls(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     # training state (a resumed run must evaluate the same terms at the same steps), but a key would change the
-    # model's keys: it goes into the module's metadata, which torch.save / torch.load(weights_only=True) keep
+    # model's keys: it goes into the module's metadata, which torch.save / torch.load(weights_only=True) keep.
+    # The count means nothing without the call each term is due on: the transform spreads the terms by their
+    # weights' shapes, which a lazy layer has only once it ran (with example_inputs, not without), so the model a
+    # run resumes in may have spread them otherwise; the phases travel with the count
     manifest = _find_manifest(module)
     if manifest is not None and manifest.penalty_period() > 1:
         local_metadata[PENALTY_CALLS_METADATA_KEY] = int(manifest.penalty_calls)
+        local_metadata[PENALTY_PHASES_METADATA_KEY] = tuple((int(t.every), int(t.phase)) for t in manifest.penalties)
 
 
 def _load_penalty_calls(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, *args) -> None:
     manifest = _find_manifest(module)
-    calls = None if manifest is None else saved_count(
+    if manifest is None:
+        return
+    calls = saved_count(
         local_metadata, PENALTY_CALLS_METADATA_KEY, prefix, "the count of orthofx.penalty calls of a transformed model",
         "the model's own count")
+    phases = _saved_phases(local_metadata, prefix, manifest)
+    if phases is not None:
+        for term, phase in zip(manifest.penalties, phases):
+            term.phase = phase
+        _restate_phases(manifest)
     if calls is None:
         return  # a plain model's state dict, or one saved without periods: the count stays
     manifest.penalty_calls = calls % manifest.penalty_period()  # saved with other periods: still inside this one
+
+
+def _saved_phases(local_metadata: dict, prefix: str, manifest: Manifest) -> list[int] | None:
+    """The phases saved next to the count (:func:`_save_penalty_calls`) when they fit ``manifest``'s terms (as
+    many, each with the same ``every``); ``None`` when absent (a state dict saved before they were) or when they
+    fit other terms (another policy or model: the model's own phases stay, the count lands modulo its period).
+    A damaged entry raises like a damaged count."""
+    saved = local_metadata.get(PENALTY_PHASES_METADATA_KEY)
+    if saved is None:
+        return None
+    valid = isinstance(saved, (tuple, list)) and all(
+        isinstance(pair, (tuple, list)) and len(pair) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in pair) and 0 <= pair[1] < pair[0]
+        for pair in saved)
+    if not valid:
+        path = prefix[:-1]
+        where = f"'{path}'" if path else "the model's root ('')"
+        raise ArgumentError(
+            f"the state dict's metadata for {where} holds {PENALTY_PHASES_METADATA_KEY}={saved!r:.60}, the "
+            "(every, phase) of each penalty term of a transformed model, which must be pairs of ints with 0 <= phase "
+            f"< every; remove the entry (del state_dict._metadata['{path}']['{PENALTY_PHASES_METADATA_KEY}']) to "
+            "keep the model's own phases")
+    if len(saved) != len(manifest.penalties) or any(every != t.every for (every, _), t in
+                                                     zip(saved, manifest.penalties)):
+        return None
+    return [phase for _, phase in saved]
+
+
+def _restate_phases(manifest: Manifest) -> None:
+    """The changes of ``orth_regularizer`` say the call of the period each term is now due on."""
+    from .passes.orth_regularizer import OrthRegularizer, restate_period
+
+    terms = {(t.site, t.rule): t for t in manifest.penalties}
+    for change in manifest.changes:
+        term = terms.get((change.site, change.rule))
+        if term is not None and change.pass_name == OrthRegularizer.name:
+            change.what = restate_period(change.what, term)
 
 
 def manifest_of(model: nn.Module) -> Manifest:

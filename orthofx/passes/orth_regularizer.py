@@ -42,15 +42,18 @@ over the ``k`` calls by their cost (the costliest first, each to the call with t
 every step pays about ``1 / k`` of the penalty, not one step in ``k`` all of it. Under ``torch.no_grad()``
 ``orthofx.penalty`` evaluates every term (a logged value is the whole regulariser, not one call's share), and
 ``orthofx.penalty_terms`` always does; neither counts as a call. The count of calls is training state: it
-travels in the model's state-dict metadata, so a resumed run evaluates the same terms on the same steps (load it
-on every rank of a data-parallel run). Call ``orthofx.penalty`` once per step: each call with gradients counts,
+travels in the model's state-dict metadata with the call each term is due on (the spreading sees a lazy layer's
+shape only once it ran, so a model rebuilt with or without ``example_inputs`` may spread otherwise), so a resumed
+run evaluates the same terms on the same steps (load it on every rank of a data-parallel run); a call that raises
+is no call. Call ``orthofx.penalty`` once per step: each call with gradients counts,
 so with gradient accumulation each micro-batch's call is a step of the period, and an optimizer that evaluates
 the loss several times per step (LBFGS's closure, SAM's two passes) moves the period at each evaluation.
 Activation checkpointing's recomputation of a forward that calls it is no new call.
 Under ``torch.compile`` of a loss that calls ``orthofx.penalty`` each call of the period is a graph of its own:
 keep ``every`` (plus the loss's other variants, such as a ``torch.no_grad()`` evaluation) within dynamo's
 recompile limit (``torch._dynamo.config.recompile_limit``, 8), or compile the model and call the penalty
-outside (``orthofx.transform(..., compile=True)``).
+outside (``orthofx.transform(..., compile=True)``). A Jacobian probe's ``every`` in the same compiled loss counts
+too: the graphs are the least common multiple of all the periods (``every: 3`` next to a probe's ``every: 2``: 6).
 
 Example::
 
@@ -84,6 +87,8 @@ Example::
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -93,7 +98,8 @@ from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PenaltyTer
                    recurrent_hidden_weights, recurrent_weights_reason, whole)
 from .registry import register_pass
 
-__all__ = ["OrthRegularizer", "LorthTerm", "RecurrentLorthTerm", "lorth_term", "gate_blocks_lorth"]
+__all__ = ["OrthRegularizer", "LorthTerm", "RecurrentLorthTerm", "lorth_term", "gate_blocks_lorth",
+           "restate_period"]
 
 
 _TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -240,9 +246,7 @@ class OrthRegularizer(Pass):
         # would each load with their costliest term first
         _spread_over_period([term for term, _ in attached], [_evaluation_cost(ctx, term) for term, _ in attached])
         for term, change in attached:
-            if term.every > 1:
-                change.what += (f"; evaluated on one orthofx.penalty call in {term.every} (call {term.phase} "
-                                "of each period)")
+            change.what = restate_period(change.what, term)
 
     def _apply_layer(self, ctx: PassContext, entry: PlanEntry, case: str | None
                      ) -> tuple[PenaltyTerm | None, Change]:
@@ -328,6 +332,23 @@ def _spread_over_period(terms: list[PenaltyTerm], costs: list[int]) -> None:
         term.phase = min(range(len(load)), key=load.__getitem__)
         cost, count = load[term.phase]
         load[term.phase] = (cost + costs[index], count + 1)
+
+
+_PERIOD_NOTE = re.compile(r"; evaluated on one orthofx\.penalty call in \d+ \(call \d+ of each period\)")
+
+
+def restate_period(what: str, term: PenaltyTerm) -> str:
+    """``what`` (a Change's text) with the note of the call of its period ``term`` is evaluated on (``every > 1``):
+    added, or put in place of the note it had (the phases a loaded state dict brings: ``orthofx.transform``'s
+    ``_load_penalty_calls``).
+
+    >>> term = PenaltyTerm("fc", "r", 0.1); term.every, term.phase = 4, 2
+    >>> restate_period("attached L_orth regulariser", term)
+    'attached L_orth regulariser; evaluated on one orthofx.penalty call in 4 (call 2 of each period)'
+    """
+    note = f"; evaluated on one orthofx.penalty call in {term.every} (call {term.phase} of each period)"
+    what, found = _PERIOD_NOTE.subn(note if term.every > 1 else "", what, count=1)
+    return what if found or term.every == 1 else what + note
 
 
 def _gate_blocks_form(gates: int) -> tuple:
