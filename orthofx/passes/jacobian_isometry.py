@@ -45,9 +45,15 @@ differentiated too because the tangent and the VJP depend on its activations). A
 carry most of the compute therefore costs about 4x a plain step, whatever the implementation. The two ways to
 make it cheaper change the sampling, not the quantity estimated: ``every: k`` (estimate on one step in ``k``,
 with ``weight`` multiplied by ``k`` to keep the average strength) and ``batch_fraction: f`` (estimate on a random
-``f`` of the samples; unbiased for independent samples, cost about ``f`` of the full estimate). With BatchNorm
-in training mode the subset is normalised with its own batch statistics, so ``batch_fraction`` then estimates
-the quantity of the smaller batch's map (see :func:`orthofx.metrics.jacobian_isometry`).
+``f`` of the samples; unbiased for independent samples, cost about ``f`` of the full estimate). The probe's steps
+are its training-mode forwards with gradients (L_orth's ``every`` counts ``orthofx.penalty`` calls instead), and
+each forward replaces the last one's estimate: with gradient accumulation add the penalty at each micro-batch.
+Added once, after the last micro-batch, it carries only that micro-batch's estimate, and none at all when
+``every`` divides the number of micro-batches (``every: 2``, two micro-batches: the last is always skipped).
+
+With BatchNorm in training mode the subset of ``batch_fraction`` is normalised with its own batch statistics, so
+``batch_fraction`` then estimates the quantity of the smaller batch's map (see
+:func:`orthofx.metrics.jacobian_isometry`).
 """
 
 from __future__ import annotations
