@@ -654,6 +654,15 @@ def _normalise(z: torch.Tensor, v: torch.Tensor, geo: ConvNormGeometry) -> torch
     return torch.fft.irfft(spectrum, n=geo.grid[-1], dim=-1)[..., keep[-1]]
 
 
+def _check_padding_mode(padding_mode, where: str) -> None:
+    """A conv's ``padding_mode`` must be one torch's convs take (``nn.Conv`` checks it only in its constructor: one
+    set on the conv later reached the geometry, the filters and ``to_plain`` unchecked, and failed in the frozen
+    layer's forward with torch's ``NotImplementedError``)."""
+    if padding_mode not in _PAD_MODES:
+        raise LayerArgumentError(f"{where}: padding_mode must be one of {sorted(_PAD_MODES)} (those torch's "
+                                 f"convolutions take), got {padding_mode!r}; set conv.padding_mode to one of them")
+
+
 def _explicit_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]], padding_mode: str) -> torch.Tensor:
     """``x`` padded by ``(left, right)`` per spatial dimension in a conv's non-zero ``padding_mode`` (circular
     padding through :func:`~orthofx.nn.padding.circular_pad`, whose backward is cheaper than ``F.pad``'s)."""
@@ -810,9 +819,7 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
     """Shared forward; ``v_for(grid, geometry)`` returns the filter for the grid (or ``None`` to compute it);
     error messages name ``layer`` (``None``: the functional ``conv_norm``)."""
     d = weight.ndim - 2
-    if padding_mode not in _PAD_MODES:
-        raise LayerArgumentError(f"{_caller(layer)}: padding_mode must be one of {sorted(_PAD_MODES)}, got "
-                                 f"{padding_mode!r}")
+    _check_padding_mode(padding_mode, _caller(layer))
     x, unbatched = _batched_input(x, weight, groups, _caller(layer))
     ks = tuple(weight.shape[2:])
     dil = _ntuple(dilation, d, "dilation")
@@ -1181,6 +1188,7 @@ class ConvNormConvNd(_EvalCache, nn.Module):
             raise LayerArgumentError(f"{layer_label(self)}: input size {size} must have {self._dims} spatial "
                                      f"sizes, one per spatial dimension of the convolution")
         padding = conv.padding
+        _check_padding_mode(conv.padding_mode, layer_label(self))
         if conv.padding_mode != "zeros":
             pads = _explicit_pads(size, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.padding_mode,
                                   layer_label(self))
@@ -1541,6 +1549,7 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         conv's forward pre-hooks run first (``torch.nn.utils.prune`` recomputing the weight); one changing the input
         is refused (:func:`_weight_for_freezing`)."""
         _weight_for_freezing(self.conv, layer_label(self))
+        _check_padding_mode(self.conv.padding_mode, layer_label(self))  # the frozen layer would fail on every input
         if _one_tap(self.conv.kernel_size) and self.momentum is None:
             frozen = FrozenConvNormNd(self.conv, {}, self.affine,
                                       channel_scale=_one_tap_scale(self.conv.weight, self.eps))
