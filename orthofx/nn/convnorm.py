@@ -151,10 +151,13 @@ weight), the bias and the affine conv; its forward is conv -> rfft -> multiply -
 the weight (the inverse transforms run one axis at a time and keep only the output rows, 1 / S of them at stride
 ``S``). A one-tap (1 x 1) kernel needs no FFT at all: its ``V`` is ``(||w_m||^2 + eps)^(-1/2)`` at every
 frequency, so ConvNorm is the layer's own conv with channel ``m`` scaled by it (also in training), and without
-running filters it freezes into that conv with scaled weights, for every input size. The grids are those of the
-input sizes the layer has run on (each eager forward remembers its spatial input size, the 16 most recent
-ones; ``orthofx.transform`` runs the model once on its example inputs), the grids of the running filters, and
-any ``input_sizes`` passed to ``to_plain``. Eval outputs equal the unfrozen layer's in eval (same operations).
+running filters it freezes into that conv with scaled weights, for every input size (float32 weights for a
+half-precision layer, which computes in float32). The grids are those of the input sizes the layer has run on
+(each eager forward remembers its spatial input size, the 16 most recent ones; ``orthofx.transform`` runs the model
+once on its example inputs), the grids of the running filters, and any ``input_sizes`` passed to ``to_plain``.
+Eval outputs equal the unfrozen layer's in eval (same operations), up to float32 rounding for a one-tap layer
+(``conv(x, w * s)`` for ``conv(x, w) * s``); under ``torch.autocast`` that conv runs in half precision, so there a
+one-tap layer's frozen outputs may differ by one unit in the last place of autocast's dtype.
 An input whose grid has no precomputed filter raises :class:`~orthofx.errors.LayerArgumentError` naming the
 size, the grid, the sizes it has and the fix (run the unfrozen model on that size before freezing, or
 ``to_plain(input_sizes=[...])``), where the unfrozen layer would have computed ``V`` from the weight.
@@ -1663,7 +1666,9 @@ class FrozenConvNormNd(nn.Module):
 
     One-tap kernels (1 x 1) without running filters: ``V`` is a constant per channel (:func:`_one_tap_scale`),
     so ``conv`` is the layer's own conv (stride, padding, padding mode) with channel ``m``'s weights multiplied by
-    it, there are no filters and every input size works: the frozen layer costs what the original conv did.
+    it, there are no filters and every input size works: the frozen layer costs what the original conv did. Those
+    weights are float32 for a half-precision layer (which computes in float32): rounded to its dtype, ``w * s``
+    made half the outputs one unit in the last place off the layer's.
 
     >>> import torch
     >>> layer = ConvNormConv2d(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)).eval()
@@ -1704,10 +1709,14 @@ class FrozenConvNormNd(nn.Module):
         # the scaled form is the layer's own conv; the filtered form is its stride-1 correlation on the grid
         stride, padding, padding_mode = ((self.stride, conv.padding, conv.padding_mode) if self._scaled_conv
                                          else (1, ql if symmetric else 0, "zeros"))
+        # a half-precision layer computes in float32: its one-tap form convolves the half weights in float32 and
+        # scales in float32, so the scaled weights are kept in float32 (as the filters are): rounded to bfloat16,
+        # w * scale was off by up to 2^-9 and half of the frozen layer's outputs were one unit in the last place off
+        dtype = _real_dtype(weight.dtype) if self._scaled_conv else weight.dtype
         # torch's own class: a subclass's constructor need not take nn.Conv's arguments
         self.conv = _CONV_CLS[d](conv.in_channels, conv.out_channels, self.kernel_size, stride=stride, padding=padding,
                                dilation=self.dilation, groups=conv.groups, bias=False, padding_mode=padding_mode,
-                               device=weight.device, dtype=weight.dtype)
+                               device=weight.device, dtype=dtype)
         if self._scaled_conv:
             weight = weight.to(torch.float64) * channel_scale.to(weight.device, torch.float64).view(
                 (-1,) + (1,) * (d + 1))
