@@ -236,3 +236,29 @@ def running_grids_lru(sizes, bound: int | None) -> list[tuple[int, int]]:
             kept.pop(0)
         kept.append(grid)
     return kept
+
+
+def conv_pads(padding, kernel, dilation) -> list[tuple[int, int]]:
+    """``(left, right)`` per spatial dimension of a torch conv's ``padding`` (an int tuple, ``'valid'`` or
+    ``'same'``, whose odd extra goes on the right)."""
+    if padding == "valid":
+        return [(0, 0)] * len(kernel)
+    if padding == "same":
+        return [(dl * (k - 1) // 2, dl * (k - 1) - dl * (k - 1) // 2) for k, dl in zip(kernel, dilation)]
+    return [(p, p) for p in padding]
+
+
+def padded_source(i: int, n: int, mode: str) -> int | None:
+    """The entry of a length-``n`` input that position ``i`` of its padded copy (``i < 0`` or ``i >= n``: the
+    padding) holds in ``padding_mode`` ``mode``; ``None`` for a zero."""
+    if 0 <= i < n:
+        return i
+    if mode == "zeros":
+        return None
+    if mode == "circular":
+        return i % n
+    if mode == "replicate":
+        return min(max(i, 0), n - 1)
+    period = 2 * (n - 1)  # reflect, without repeating the edge
+    j = i % period
+    return j if j < n else period - j

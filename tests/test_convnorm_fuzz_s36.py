@@ -30,6 +30,7 @@ from torch import nn
 import orthofx
 from orthofx.errors import LayerArgumentError
 from orthofx.nn.convnorm import ConvNormConv2d, FrozenConvNormNd, with_convnorm
+from references import conv_pads, padded_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,35 +40,11 @@ CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 # ------------------------------------------------------------------------------------------------ reference
 
-def zero_pads(padding, kernel, dilation) -> list[tuple[int, int]]:
-    """(left, right) per dimension of a torch conv's padding ('same': the smaller half in front)."""
-    if padding == "valid":
-        return [(0, 0)] * len(kernel)
-    if padding == "same":
-        return [(dl * (k - 1) // 2, dl * (k - 1) - dl * (k - 1) // 2) for k, dl in zip(kernel, dilation)]
-    return [(p, p) for p in padding]
-
-
-def source(i: int, n: int, mode: str) -> int | None:
-    """The input entry a padded position ``i`` copies (``None``: a zero)."""
-    if 0 <= i < n:
-        return i
-    if mode == "zeros":
-        return None
-    if mode == "circular":
-        return i % n
-    if mode == "replicate":
-        return min(max(i, 0), n - 1)
-    period = 2 * (n - 1)  # reflect
-    j = i % period
-    return j if j < n else period - j
-
-
 def pad_by_hand(x: np.ndarray, pads, mode: str) -> np.ndarray:
     for axis, (left, right) in enumerate(pads, start=2):
         n = x.shape[axis]
         pieces = [np.zeros_like(np.take(x, [0], axis)) if j is None else np.take(x, [j], axis)
-                  for j in (source(i, n, mode) for i in range(-left, n + right))]
+                  for j in (padded_source(i, n, mode) for i in range(-left, n + right))]
         x = np.concatenate(pieces, axis)
     return x
 
@@ -106,7 +83,7 @@ def reference(x, layer, v_full=None, weight=None) -> np.ndarray:
     x = x.detach().double().numpy()
     w = conv.weight.detach().double().numpy() if weight is None else weight
     d, kernel = w.ndim - 2, w.shape[2:]
-    pads = zero_pads(conv.padding, kernel, conv.dilation)
+    pads = conv_pads(conv.padding, kernel, conv.dilation)
     if conv.padding_mode != "zeros":
         x, pads = pad_by_hand(x, pads, conv.padding_mode), [(0, 0)] * d
     geo = geometry(x.shape[2:], kernel, conv.stride, pads, conv.dilation)
@@ -140,7 +117,7 @@ def reference(x, layer, v_full=None, weight=None) -> np.ndarray:
 
 def depthwise_same(y: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     d = y.ndim - 2
-    pads = zero_pads("same", w.shape[2:], (1,) * d)
+    pads = conv_pads("same", w.shape[2:], (1,) * d)
     yp = np.pad(y, [(0, 0), (0, 0)] + pads)
     out = np.zeros_like(y)
     for tap in itertools.product(*[range(k) for k in w.shape[2:]]):

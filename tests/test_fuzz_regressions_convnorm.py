@@ -31,6 +31,7 @@ from torch import nn
 
 import orthofx
 from orthofx.nn.convnorm import ConvNormConv1d, ConvNormConv2d, ConvNormConv3d, conv_norm
+from references import conv_pads, padded_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,29 +40,6 @@ LAYER = {1: ConvNormConv1d, 2: ConvNormConv2d, 3: ConvNormConv3d}
 
 
 # ------------------------------------------------------------------------------------------------ reference
-
-
-def layer_pads(padding, kernel, dilation):
-    """(left, right) padding per dimension; torch's convention for 'same' (the odd extra on the right)."""
-    if padding == "valid":
-        return [(0, 0)] * len(kernel)
-    if padding == "same":
-        return [(di * (k - 1) // 2, di * (k - 1) - di * (k - 1) // 2) for k, di in zip(kernel, dilation)]
-    return [(p, p) for p in padding]
-
-
-def source_index(i: int, n: int, mode: str) -> int | None:
-    """Which input entry the padded position ``i`` (``i < 0`` or ``i >= n`` outside) copies, ``None`` for a zero."""
-    if 0 <= i < n:
-        return i
-    if mode == "zeros":
-        return None
-    if mode == "circular":
-        return i % n
-    if mode == "replicate":
-        return min(max(i, 0), n - 1)
-    # reflect (without repeating the edge); torch refuses a pad >= n, as the conv does
-    return -i if i < 0 else 2 * (n - 1) - i
 
 
 def pad_by_hand(x: torch.Tensor, pads, mode: str) -> torch.Tensor:
@@ -74,7 +52,7 @@ def pad_by_hand(x: torch.Tensor, pads, mode: str) -> torch.Tensor:
         shape[dim] = n + left + right
         out = torch.zeros(shape, dtype=x.dtype)
         for j in range(-left, n + right):
-            src = source_index(j, n, mode)
+            src = padded_source(j, n, mode)
             if src is not None:
                 out.select(dim, j + left).copy_(x.select(dim, src))
         x = out
@@ -112,7 +90,7 @@ def reference_convnorm(x, w, bias, stride, padding, dilation, groups, eps, paddi
     x, w = x.double(), w.double()
     d = w.ndim - 2
     ks = tuple(w.shape[2:])
-    pads = layer_pads(padding, ks, dilation)
+    pads = conv_pads(padding, ks, dilation)
     if padding_mode != "zeros":
         x = pad_by_hand(x, pads, padding_mode)
         pads = [(0, 0)] * d
@@ -178,7 +156,7 @@ def layer_cases(draw, dims=(1, 2, 3)):
         padding = "valid"
     else:
         padding = tuple(draw(st.lists(st.integers(0, 3), min_size=d, max_size=d)))
-    pads = layer_pads(padding, kernel, dilation)
+    pads = conv_pads(padding, kernel, dilation)
     size = []
     for (left, right), k, di in zip(pads, kernel, dilation):
         smallest = max(1, di * (k - 1) + 1 - left - right)
@@ -203,7 +181,7 @@ def make_conv(case, dtype=torch.float64):
 def conv_output_shape(case) -> tuple[int, ...]:
     """The conv's output shape, by torch's formula (a circular pad larger than the input, which ConvNorm wraps
     around as often as needed like orthofx's circular layers, is one torch's conv refuses to run)."""
-    pads = layer_pads(case["padding"], case["kernel"], case["dilation"])
+    pads = conv_pads(case["padding"], case["kernel"], case["dilation"])
     size = [(n + left + right - di * (k - 1) - 1) // s + 1
             for n, (left, right), k, di, s in zip(case["size"], pads, case["kernel"], case["dilation"], case["stride"])]
     return (case["batch"], case["m"], *size)
