@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -48,7 +49,7 @@ from torch import nn
 from . import models
 from .__main__ import report_interrupt
 from .capture import copy_model
-from .errors import OrthofxError, first_few
+from .errors import OrthofxError, OrthofxWarning, first_few
 from .export import batch_too_small_for_dynamic, check_export_path, export
 from .passes.base import EvalRun
 from .penalty import penalty, penalty_terms
@@ -872,9 +873,47 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    with warnings.catch_warnings():
+        if not args.debug:
+            warnings.showwarning = _warning_line(warnings.showwarning)
+        return _run_command(args)
+
+
+def _warning_line(show: Callable) -> Callable:
+    """``warnings.showwarning`` for the command: the warnings orthofx issues to the user
+    (:class:`~orthofx.errors.OrthofxWarning`, whose messages name the place and the fix) as one line, ``orthofx:
+    warning: <message>``, like the command's errors, rather than Python's form (orthofx's own file and line, then
+    that line of its source, which says nothing to a user); other warnings (torch's) go to ``show`` as they are.
+    ``--debug`` keeps Python's form for all."""
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, OrthofxWarning):
+            return show(message, category, filename, lineno, file, line)
+        stream = sys.stderr if file is None else file
+        try:
+            stream.write(f"orthofx: warning: {' '.join(str(message).split())}\n")
+        except OSError:  # as Python's own: a warning that cannot be shown is lost, not an error
+            pass
+    return show_warning
+
+
+def _refuse_policy_dash(args: argparse.Namespace) -> None:
+    """A policy given as ``-`` (the Unix convention for standard input), when no file is named so: Policy.load
+    would call it neither a preset nor a file, as if the file '-' were missing. Standard input is read as the file
+    ``/dev/stdin`` (or a process substitution), which the error says."""
+    policy = getattr(args, "policy", None)
+    if not isinstance(policy, str) or policy.strip() != "-" or _is_file(policy) or _is_file(policy.strip()):
+        return
+    option, example = (("POLICY", "orthofx check /dev/stdin") if args.command == "check" else
+                       ("--policy", f"orthofx {args.command} ... --policy /dev/stdin"))
+    raise CliError(f"{option} -: a policy is not read from standard input by the name '-'; pipe it in as the file "
+                   f"/dev/stdin (make_policy | {example}) or give <(make_policy)")
+
+
+def _run_command(args: argparse.Namespace) -> int:
     # --debug adds the traceback before the one-line message; the exit status stays the documented one (a
     # re-raised exception would end the process with 1 whatever happened)
     try:
+        _refuse_policy_dash(args)
         status = args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at the interpreter's exit
         return status

@@ -858,6 +858,8 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 continue
             note = f" Note: {_traced_through_note(rule, hidden, traced)}." if hidden else ""
             raise PlanError(_no_match_message(rule, sites, passed_over)
+                            + _unknown_type_hint(rule, model if model is not None else gm)
+                            + _feeds_hint(rule, sites, fed_by)
                             + _missing_attribute_hint(rule, sites, gm, fed_by) + note
                             + _excluded_all_hint(rule, sites, gm, fed_by)
                             + _unmatched_name_hint(rule, sites, gm, fed_by) + _root_layer_hint(rule, model))
@@ -1099,18 +1101,67 @@ def unknown_type_entries(policy: Policy, model: nn.Module) -> list[str]:
     if not any(rule.match.type for rule in policy.rules):
         return []
     classes = _layer_class_names(model)
-    plain = sorted(c for c in classes if "." not in c)
-    warnings = []
-    for rule in policy.rules:
-        for entry in rule.match.type:
-            if entry in classes or ("." in entry and _dotted_class(entry) is not None):
-                continue
-            # a dotted path torch does not resolve (``nn.Conv2d``: no module is named ``nn``) has its class name last
-            close = difflib.get_close_matches(entry.rpartition(".")[2], plain, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            warnings.append(f"rule '{rule.name}'{_rule_place(rule, match=True)}: match.type entry {entry!r} names "
-                            f"no class of the model, torch.nn or orthofx.nn, so it selects nothing{hint}")
-    return warnings
+    return [f"rule '{rule.name}'{_rule_place(rule, match=True)}: match.type entry {entry!r} names no class of the "
+            f"model, torch.nn or orthofx.nn, so it selects nothing{hint}"
+            for rule in policy.rules for entry, hint in _unknown_types(rule, classes)]
+
+
+def _unknown_types(rule: Rule, classes: set[str]) -> list[tuple[str, str]]:
+    """``(entry, hint)`` for each entry of ``rule``'s ``match.type`` that names none of ``classes``
+    (:func:`_layer_class_names`) and no class a dotted path resolves to; ``hint`` is `` (did you mean X?)`` with the
+    closest class name (``conv2d``, ``Linaer``), or ``""``."""
+    plain = None
+    found = []
+    for entry in rule.match.type:
+        if entry in classes or ("." in entry and _dotted_class(entry) is not None):
+            continue
+        plain = sorted(c for c in classes if "." not in c) if plain is None else plain
+        # a dotted path torch does not resolve (``nn.Conv2d``: no module is named ``nn``) has its class name last;
+        # compared in lower case too, where class names differ from a slip in case only (``conv2d``, ``LINEAR``)
+        name = entry.rpartition(".")[2]
+        same_case = [c for c in plain if c.lower() == name.lower()]
+        close = same_case or difflib.get_close_matches(name, plain, n=1)
+        found.append((entry, f" (did you mean {close[0]}?)" if close else ""))
+    return found
+
+
+def _unknown_type_hint(rule: Rule, model: nn.Module) -> str:
+    """For a rule that matched nothing: its ``match.type`` entries that name no class of ``model``, torch.nn or
+    orthofx.nn, with the closest class name, so the error says what the warning of :func:`unknown_type_entries`
+    would have said (``type: conv2d``: `` Its match.type entry 'conv2d' names no class of the model, torch.nn or
+    orthofx.nn (did you mean Conv2d?).``)."""
+    if not rule.match.type:
+        return ""
+    unknown = _unknown_types(rule, _layer_class_names(model))
+    if not unknown:
+        return ""
+    return "".join(f" Its match.type entry {entry!r} names no class of the model, torch.nn or orthofx.nn{hint}."
+                   for entry, hint in unknown)
+
+
+def _feeds_hint(rule: Rule, sites: list[Site], fed_by: dict[str, set[str]]) -> str:
+    """For a ``feeds:`` rule that matched nothing: why, which the module types the error lists cannot show. The graph
+    calls none of the ops (``feeds: svd`` on a model whose decomposition is ``linalg.eigh``), or no conv/linear
+    layer feeds the calls, or the rule's other selectors left out the layers that do.
+
+    Example: ``feeds: svd`` on ``dbn_cnn`` adds `` Its feeds (svd): the graph calls no svd; its decompositions:
+    linalg.eigh.``"""
+    feeds = rule.match.feeds
+    if not feeds:
+        return ""
+    called = sorted({s.target for s in sites if s.kind == "function"})
+    present = [op for op in feeds if op in called]
+    if not present:
+        return (f" Its feeds ({', '.join(feeds)}): the graph calls no {' or '.join(feeds)}; its decompositions: "
+                f"{', '.join(called) or 'none'}.")
+    feeding = sorted({name for op in present for name in fed_by.get(op, ())})
+    if not feeding:
+        return (f" Its feeds ({', '.join(feeds)}): no conv or linear layer feeds the graph's {' or '.join(present)} "
+                "calls (the walk upstream from each call stops at the first conv/linear layer of each path, and "
+                "found none).")
+    shown = first_few([repr(name) for name in feeding], 6)
+    return (f" Its feeds ({', '.join(feeds)}) select {shown}, which the rule's other selectors (type, name, exclude, "
+            "where) leave out.")
 
 
 def _missing_attribute_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: dict[str, set[str]]) -> str:

@@ -35,6 +35,7 @@ import numbers
 import os
 import re
 import stat
+import unicodedata
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from typing import Any
 import yaml
 
 from .capture import CAPTURE_MODES
-from .errors import ArgumentError, OrthofxWarning, PolicyError
+from .errors import ArgumentError, OrthofxWarning, PolicyError, first_few
 from .passes import registry as _registry  # importing orthofx.passes registers the built-in passes
 from .passes.base import Pass
 
@@ -739,6 +740,49 @@ def _yaml_quoting_hint(what: str) -> str:
     return ""
 
 
+#: Characters that look like a space but are none to YAML (text pasted from a web page or a word processor).
+_UNUSUAL_SPACE = re.compile("[\u00a0\u1680\u2000-\u200b\u202f\u205f\u3000\ufeff]")
+
+
+def _unusual_space_hint(text: str, line: int | None) -> str:
+    """For a YAML error at ``line`` (1-based): the first character up to that line that looks like a space but is
+    none to YAML (a no-break space in an indentation, pasted from a web page, makes the line's structure unreadable
+    and PyYAML reports only what it expected), with where it is and the fix; ``""`` when there is none. A byte
+    order mark at the very start is no mistake.
+
+    >>> _unusual_space_hint("a: 1\\n\\u00a0 b: 2\\n", 2)
+    ' (line 2, column 1 holds a NO-BREAK SPACE (U+00A0), which YAML does not read as a space: type a plain space)'
+    """
+    for found in _UNUSUAL_SPACE.finditer(text):
+        if found.start() == 0 and found.group() == "\ufeff":
+            continue
+        at_line, column = _line_and_column(text, found.start())
+        if line is not None and at_line > line:
+            return ""
+        char = found.group()
+        return (f" (line {at_line}, column {column} holds a {unicodedata.name(char, 'space-like character')} "
+                f"(U+{ord(char):04X}), which YAML does not read as a space: type a plain space)")
+    return ""
+
+
+#: A backslash and an n followed by what starts a line of a policy (a key, or an item of a list).
+_ESCAPED_LINE_BREAK = re.compile(r"\\n\s*(?:-\s|[\w.]+:(?:\s|$))")
+
+
+def _escaped_newline_hint(text: str) -> str:
+    r"""For YAML text that did not parse: when it is one line holding ``\n`` (a backslash and an n) where a line
+    would start, the fix. ``orthofx explain MODEL --policy 'orthofx: 1\nrules: ...'`` passes the two characters as
+    written (the shell makes no line break of them), and YAML then finds two mappings on one line.
+
+    >>> _escaped_newline_hint(r"orthofx: 1\nrules: []").startswith(" (the text holds '\\n', a backslash and an n")
+    True
+    """
+    if "\n" in text.strip() or not _ESCAPED_LINE_BREAK.search(text):
+        return ""
+    return (" (the text holds '\\n', a backslash and an n, where a line break was meant: a shell passes them as "
+            "written; put the policy in a .yaml file, or in bash write $'...' to make line breaks of them)")
+
+
 def _policy_from_text(text: str, source: str, *, require_version: bool) -> Policy:
     data, pos = _parse_yaml(text, source)
     return _build_policy(data, pos, require_version=require_version)
@@ -753,7 +797,8 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, _Positions]:
         what = ", ".join(str(p) for p in (e.context, e.problem) if p)
         if "\\t" in what or "\t" in what:
             what += " (indent YAML with spaces, not tabs)"
-        what += _yaml_quoting_hint(what)
+        what += (_yaml_quoting_hint(what) + _unusual_space_hint(text, mark.line + 1 if mark else None)
+                 + _escaped_newline_hint(text))
         raise PolicyError(f"invalid YAML: {what}", file=file, line=mark.line + 1 if mark else None,
                           column=mark.column + 1 if mark else None) from None
     except yaml.reader.ReaderError as e:
@@ -781,7 +826,7 @@ class _NodeWalker:
         self.pos = pos
         self.count = 0
 
-    def fail(self, node: yaml.Node, message: str) -> PolicyError:
+    def fail(self, node: yaml.Node | _AliasUse, message: str) -> PolicyError:
         line, column = _mark(node)
         return PolicyError(message, file=self.pos.file, line=line, column=column)
 
@@ -804,9 +849,10 @@ class _NodeWalker:
                 raise self.fail(node, self._bad_tag(node, path))
             out: dict[Any, Any] = {}
             first_seen: dict[Any, yaml.Node] = {}
-            for key_node, value_node in node.value:
-                if isinstance(key_node, _AliasUse):  # an alias as a key ('*k: 1'): the key is the anchored text
-                    key_node = key_node.target
+            for written, value_node in node.value:
+                # an alias as a key ('*k : 1'): the key is the anchored text, and this mapping holds it where the
+                # alias is written (a duplicate is named there, not at the anchor, which may be the first one)
+                key_node = written.target if isinstance(written, _AliasUse) else written
                 if key_node.tag == _MERGE:
                     raise self.fail(key_node, f"YAML merge keys ('<<') are not supported in a policy "
                                               f"(in {_fmt(path)}); write the keys out")
@@ -816,9 +862,9 @@ class _NodeWalker:
                 key = self.scalar(key_node, path + ("<key>",))
                 if key in first_seen:
                     line, column = _mark(first_seen[key])
-                    raise self.fail(key_node, f"duplicate key {key!r} in {_fmt(path)} (first given at line "
-                                              f"{line}, column {column}); give each key once")
-                first_seen[key] = key_node
+                    raise self.fail(written, f"duplicate key {key!r} in {_fmt(path)} (first given at line "
+                                             f"{line}, column {column}); give each key once")
+                first_seen[key] = written
                 self.pos.keys[path + (key,)] = _mark(key_node)
                 out[key] = self.walk(value_node, path + (key,))
             return out
@@ -959,7 +1005,7 @@ def _check_keys(mapping: dict, allowed: tuple[str, ...], path: tuple, pos: _Posi
                 extra: str = "") -> None:
     for key in mapping:
         if key not in allowed:
-            hint = _did_you_mean(key, allowed)
+            hint = _misplaced_key_hint(key, path, mapping) or _did_you_mean(key, allowed)
             if key == "version" and "orthofx" in allowed and not hint:
                 hint = " (the schema version is given as 'orthofx: 1')"
             synonym = _KEY_SYNONYMS.get(key.lower()) if isinstance(key, str) else None
@@ -967,6 +1013,40 @@ def _check_keys(mapping: dict, allowed: tuple[str, ...], path: tuple, pos: _Posi
                 hint = f" (did you mean '{synonym}'?)"
             raise pos.error(f"unknown key {key!r} {where}{extra}; allowed: {', '.join(allowed)}{hint}",
                             path + (key,), key=True)
+
+
+def _misplaced_key_hint(key: Any, path: tuple, mapping: dict) -> str:
+    """Where ``key``, unknown in the mapping at ``path``, belongs when it is a key of another level of the policy
+    (one level of indentation off is the usual YAML slip): a capture key at the top level, a selector beside
+    ``match``, a pass parameter beside ``with``, a rule key inside ``match``; ``""`` otherwise. Named before the
+    closest spelling, which for ``weight`` beside ``apply`` would be ``with``.
+
+    >>> _misplaced_key_hint("weight", ("rules", 0), {"apply": "orth_regularizer"})
+    " ('weight' is a parameter of orth_regularizer: put it under the rule's with:, as in with: {weight: ...})"
+    """
+    if not isinstance(key, str):
+        return ""
+    depth = len(path)
+    if depth == 0:
+        if key in _CAPTURE_KEYS:
+            return f" ('{key}' belongs under capture:, as in capture: {{{key}: ...}})"
+        if key in _RULE_KEYS + _MATCH_KEYS:
+            return f" ('{key}' belongs in a rule, under rules:, as in rules: [{{match: ..., apply: ...}}])"
+        return ""
+    if depth == 2 and path[0] == "rules":  # a rule
+        if key in _MATCH_KEYS:
+            return f" ('{key}' is a selector: put it under the rule's match:, as in match: {{{key}: ...}})"
+        apply = mapping.get("apply")
+        owners = [name for name, cls in _registry.available_passes().items() if key in cls.param_spec()]
+        if apply in owners:
+            return f" ('{key}' is a parameter of {apply}: put it under the rule's with:, as in with: {{{key}: ...}})"
+        if owners:
+            return (f" ('{key}' is a parameter of {first_few(owners, 4)}{f' (not of {apply})' if apply else ''}, "
+                    "which passes take under with:)")
+        return ""
+    if depth == 3 and path[0] == "rules" and path[2] == "match" and key in _RULE_KEYS:
+        return f" ('{key}' belongs to the rule, beside match:, not inside it)"
+    return ""
 
 
 def _build_policy(data: Any, pos: _Positions, *, require_version: bool) -> Policy:
@@ -1137,6 +1217,10 @@ def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
                         path)
     passes = _registry.available_passes()
     if "apply" not in raw:
+        inside = isinstance(raw["match"], dict) and "apply" in raw["match"]
+        if inside:  # one level of indentation too deep: under match, where _build_match would call it unknown
+            raise pos.error(f"{label} has no 'apply', but its match: holds one: 'apply' belongs to the rule, beside "
+                            "match:, not inside it", path + ("match", "apply"), key=True)
         raise pos.error(f"{label} has no 'apply': name the pass to run; available: {', '.join(passes) or 'none'}",
                         path)
     apply = raw["apply"]
@@ -1168,14 +1252,17 @@ def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
     spec = pass_cls.param_spec()
     for key, value in given.items():
         if key not in spec:
-            hint = _did_you_mean(key, spec)
+            hint = (f" ('{key}' belongs to the rule, beside with:, not inside it)" if key in _RULE_KEYS else
+                    f" ('{key}' is a selector: put it under the rule's match:)" if key in _MATCH_KEYS else
+                    _other_pass_hint(key, apply, passes) or _did_you_mean(key, spec))
             raise pos.error(f"unknown key {key!r} in {label}.with for pass {apply!r}; allowed: "
                             f"{', '.join(sorted(spec)) or 'none (the pass takes no parameters)'}{hint}",
                             with_path + (key,), key=True)
         try:
             spec[key].validate(value)
         except (ValueError, TypeError) as e:
-            raise pos.error(f"{_fmt(with_path + (key,))}: {e}", with_path + (key,)) from None
+            raise pos.error(f"{_fmt(with_path + (key,))}: {e}{_value_hint(spec[key], value)}",
+                            with_path + (key,)) from None
     try:
         params = pass_cls.validate_params(copy.deepcopy(given))
     except (KeyError, ValueError, TypeError) as e:
@@ -1197,6 +1284,59 @@ def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
     return Rule(name=name, match=match, apply=apply, params=copy.deepcopy(params),
                 given_params=copy.deepcopy(given), optional=optional, index=index, location=pos.location(path),
                 match_location=pos.location(path + ("match",)))
+
+
+def _other_pass_hint(key: Any, apply: str, passes: Mapping[str, type[Pass]]) -> str:
+    """The passes other than ``apply`` that take ``key`` under ``with:`` (a parameter given to the wrong pass:
+    ``on_impossible`` under ``orth_regularizer``), as a hint for the unknown-key error; ``""`` when none does.
+
+    >>> from orthofx.passes.registry import available_passes
+    >>> _other_pass_hint("on_impossible", "orth_regularizer", available_passes())
+    " ('on_impossible' is a parameter of orthogonal_conv, not of orth_regularizer)"
+    """
+    owners = [name for name, cls in passes.items() if name != apply and key in cls.param_spec()]
+    if not owners:
+        return ""
+    return f" ({key!r} is a parameter of {first_few(owners, 4)}, not of {apply})"
+
+
+#: YAML's spellings of true and false (YAML 1.1, as PyYAML reads them), lower case -> the value.
+_BOOL_WORDS: dict[str, bool] = dict(yaml.constructor.SafeConstructor.bool_values)
+
+
+def _value_hint(param: Any, value: Any) -> str:
+    """The likely slip behind a pass parameter's value that ``param`` (a :class:`~orthofx.passes.base.Param`)
+    refused, as a hint for its error; ``""`` when there is none to name: a number or boolean written in quotes
+    (``weight: '1e-2'`` is a string), an integer parameter given a float with an integer value (``fit_steps: 1e3``,
+    which YAML reads as the float 1000.0), a choice in another case or misspelt (``method: Taylor``).
+
+    >>> from orthofx.passes.base import Param
+    >>> _value_hint(Param("weight", 0.01, (float,)), "1e-2")
+    '; a number in quotes is a string: write 1e-2 without quotes'
+    >>> _value_hint(Param("fit_steps", 0, (int,), minimum=0), 1000.0)
+    '; write the integer 1000, without a decimal point or exponent'
+    """
+    types = tuple(getattr(param, "types", ()))
+    choices = getattr(param, "choices", None)
+    if choices is not None:
+        return _did_you_mean(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else ""
+    if isinstance(value, str):
+        text = value.strip()
+        if bool in types and text.lower() in _BOOL_WORDS:
+            word = "true" if _BOOL_WORDS[text.lower()] else "false"
+            return f"; true and false in quotes are strings: write {word} without quotes"
+        if float in types or int in types:
+            try:
+                number = float(text)
+            except ValueError:
+                return ""
+            if math.isfinite(number):
+                return f"; a number in quotes is a string: write {text} without quotes"
+        return ""
+    if (isinstance(value, float) and int in types and float not in types and math.isfinite(value)
+            and value == int(value)):
+        return f"; write the integer {int(value)}, without a decimal point or exponent"
+    return ""
 
 
 def _build_match(raw: Any, path: tuple, pos: _Positions) -> Match:
@@ -1315,6 +1455,9 @@ def _regex_problem(regex: str) -> tuple[str | None, list[str]]:
     both are mistakes in the policy, not in orthofx."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FutureWarning)
+        # re keeps the patterns it compiled and gives its warnings only when it parses one: from its cache, a policy
+        # loaded a second time in a process (a notebook, a test run) would pass without the note
+        re.purge()
         try:
             re.compile(regex)
         except re.error as e:
