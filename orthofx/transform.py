@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import warnings
@@ -794,7 +795,9 @@ def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
         if not plan.entries:
             warnings.warn(_nothing_planned_message(plan, type(work).__name__), OrthofxWarning, stacklevel=3)
         gm.training = work.training
-        manifest = Manifest(policy=policy, plan=plan, capture=plan.capture)
+        # a copy: the manifest's policy is what export saves and load replays, which a caller's later edit of the
+        # Policy object it passed (Policy.load(p) is p) must not change
+        manifest = Manifest(policy=copy.deepcopy(policy), plan=plan, capture=plan.capture)
         parametrizations.restore()  # planning read weights: the runs on the example see the model's own state
         before, site_inputs = _observe(gm, plan, example, manifest, work) if example is not None else (None, {})
         # what makes the model's own output non-finite, read now: the passes may change ``work``'s weights in place

@@ -4,6 +4,8 @@
   from a layer with a momentum): a strict load fails, as before, with torch's list of unexpected keys, and
   ``strict=False`` drops them, as before, but silently: the loaded model's eval outputs differ from the saved
   one's. A ``RunningFiltersDroppedWarning`` now names each such layer, what it refused and how to keep them.
+- The transformed model's manifest keeps a copy of the policy: editing the caller's ``Policy`` object after
+  ``transform`` changed what ``export`` saved and ``load`` replayed.
 """
 
 from __future__ import annotations
@@ -91,3 +93,24 @@ def test_layer_with_momentum_still_takes_the_running_filters():
     source.eval(), target.eval()
     x = torch.randn(1, 3, 8, 8)
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+def test_editing_the_policy_object_after_transform_changes_nothing_the_model_saves(tmp_path):
+    """The manifest kept the caller's Policy object itself: a rule appended to it after the transform changed what
+    ``export`` saved, and ``load`` rebuilt another model (its penalty differed from the transformed model's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(2, 3, 8, 8)
+    policy = orthofx.Policy.from_dict({"rules": [{"match": {"name": "0"}, "apply": "orth_regularizer"}]})
+    gm = orthofx.transform(model, policy, example_inputs=(x,))
+    expected = float(orthofx.penalty(gm))
+    extra = orthofx.Policy.from_dict({"rules": [{"match": {"name": "2"}, "apply": "orth_regularizer"}]}).rules[0]
+    policy.rules.append(extra)  # the caller reuses its object for another run
+    path = tmp_path / "m.pt"
+    orthofx.export(gm, path, example_inputs=(x,))
+    loaded = orthofx.load(model, path)
+    # the reference: P0's L_orth of the first conv alone, at the rule's default weight 0.01, in float64
+    from references import lorth64
+    assert expected == pytest.approx(0.01 * lorth64(model[0].weight.detach()), rel=1e-5)
+    assert float(orthofx.penalty(loaded)) == pytest.approx(expected, rel=1e-6)
+    assert [change.site for change in orthofx.manifest_of(loaded).changes] == ["0"]
