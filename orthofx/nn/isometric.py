@@ -19,8 +19,11 @@
 
 Orthonormal parametrisation (self-contained, no ``torch.nn.utils.parametrize``, see DESIGN.md): a free matrix
 ``V`` (``n x p``, ``n >= p``) is mapped to the sign-fixed Q factor of its thin QR decomposition, ``qf(V)``, which has
-orthonormal columns for every full-rank ``V`` and is differentiable. For the square ``Q`` this reaches every
-orthogonal matrix (both determinants); ``V`` starts as a Gaussian matrix, so ``qf(V)`` starts Haar-random.
+orthonormal columns for every full-rank ``V`` and is differentiable. (Householder QR gives orthonormal columns
+for a rank-deficient or zero ``V`` too, though not differentiably: whatever is written into ``raw``, the blocks'
+matrices are orthonormal, so the reflection's requirement ``W W^T = I`` holds by construction.) For the square
+``Q`` this reaches every orthogonal matrix (both determinants); ``V`` starts as a Gaussian matrix, so ``qf(V)``
+starts Haar-random.
 The current matrices are available as :attr:`OrthogonalActivationBlock.weight` and
 :attr:`ReflectionResidualBlock.weight` (computed on access). ``to_plain()`` (what :func:`orthofx.freeze` calls)
 bakes them into plain ``nn.Linear`` layers wired by a small ``torch.fx.GraphModule``: the same outputs, no QR.
@@ -206,7 +209,9 @@ class OrthogonalActivationBlock(nn.Module):
 
 class ReflectionResidualBlock(nn.Module):
     """``y = x - 2 W^T relu(W x + b)``, ``W`` (``hidden x features``) with orthonormal rows: its Jacobian
-    ``I - 2 W^T D W`` is a reflection (orthogonal and symmetric) wherever no unit sits exactly at 0.
+    ``I - 2 W^T D W`` is a reflection (orthogonal and symmetric) wherever no unit sits exactly at 0 (there the
+    block is not differentiable; autograd's ``relu'(0) = 0`` counts the unit inactive, and the Jacobian it
+    returns is a reflection too).
 
     Args:
         features: input and output size.

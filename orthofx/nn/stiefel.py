@@ -57,11 +57,25 @@ one LAPACK call per matrix: on a 64-layer MLP of 64 x 64 weights the Newton-Schu
 costs a few percent of their SVDs. Half precision inputs are computed in float32 and cast back (except by
 :func:`orthonormal`, which stays traceable by ``torch.fx`` and takes float32 or float64).
 
-Inside ``torch.func.vmap`` (at any level, e.g. ``vmap(grad(f))``) the polar factor is always the SVD's: choosing
-the route reads the errors on the host, which a vmapped tensor cannot do ("vmap: It looks like you're calling
-.item()"), and the SVD route has no data-dependent branch; the values agree with the other routes to working
-precision (its gradient is torch's SVD gradient, which is not finite for repeated singular values). For the same
-reason :func:`qr_retraction` uses Householder QR there on every device.
+Under ``torch.compile`` the polar factor is the SVD's: choosing the route reads the errors on the host, which a
+``fullgraph=True`` trace cannot do ("Could not guard on data-dependent expression"), and the SVD route has no
+data-dependent branch; the values agree with the other routes to working precision (a NaN or inf entry makes
+torch's SVD raise ``torch.linalg.LinAlgError`` there). Inside ``torch.func.vmap`` the polar factor's vmap rule
+factors the whole batch at once, by the usual routes; a vmapped tensor that reaches the routes anyway (nested
+transforms) takes the SVD, since it cannot be read on the host ("vmap: It looks like you're calling .item()").
+For the same reasons :func:`qr_retraction` uses Householder QR inside ``vmap`` and ``torch.compile`` on every
+device, and returns NaN columns there for a NaN or inf entry instead of refusing it.
+
+Gradients: the polar factor (:func:`project_to_stiefel`, :func:`polar_retraction`) is differentiated by its exact
+derivative (:func:`_polar_differential`, backward and forward mode) whichever route computed it; it is smooth at
+every full-rank matrix, also where singular values repeat (an orthonormal or scaled orthonormal matrix), where the
+routes' own derivatives (torch's SVD and eigh backward) were NaN or wrong. :func:`qr_retraction` is differentiated
+by QR's backward:
+
+>>> w = random_orthonormal(5, 3, dtype=torch.float64).requires_grad_()
+>>> g, = torch.autograd.grad(project_to_stiefel(3 * w).sum(), w)   # torch's eigh backward: NaN
+>>> bool(torch.isfinite(g).all())
+True
 """
 
 from __future__ import annotations
@@ -69,10 +83,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from orthofx.errors import LayerArgumentError
 from orthofx.nn.precision import HALF_PRECISION
-from orthofx.nn.tracing import in_vmap
+from orthofx.nn.tracing import in_func_transform, in_vmap
+from orthofx.theory import _positive_int
 
 __all__ = [
     "sym",
@@ -233,15 +249,36 @@ def _far_column_norms(tall: torch.Tensor) -> torch.Tensor | None:
 
 def _polar_factor(a: torch.Tensor, far_first: bool = False) -> torch.Tensor:
     """``U V^T`` of ``a = U S V^T`` (thin): by Newton-Schulz near the manifold, from the Gram matrix's
-    eigendecomposition when ``a`` is well conditioned, and by the SVD otherwise and inside ``vmap`` (module
-    docstring). ``far_first``: rule Newton-Schulz out by the columns' norms first (:func:`_far_column_norms`),
+    eigendecomposition when ``a`` is well conditioned, and by the SVD otherwise and under ``torch.compile``
+    (module docstring), differentiated by :class:`_PolarFactor`'s exact formula whichever route
+    gave the value. ``far_first``: rule Newton-Schulz out by the columns' norms first (:func:`_far_column_norms`),
     for callers whose matrices are usually far from orthonormal (:func:`project_to_stiefel`); a retraction, near
     the manifold, would pay one more reduction and host synchronisation per step for nothing."""
-    dtype = _work_dtype(a)
-    work = a.to(dtype)
+    work = a.to(_work_dtype(a))
     wide = is_wide(work)
-    if work.numel() and not in_vmap():
-        tall = _tall(work, wide)
+    tall = _tall(work, wide)
+    if _may_differentiate(tall):
+        # dynamo cannot trace an autograd.Function that defines a jvp ("Unsupported custom jvp")
+        function = _PolarFactor if torch.compiler.is_compiling() else _PolarFactorDual
+        polar = function.apply(tall, far_first, tuple(a.shape))
+    else:  # the optimizer's retractions (no_grad): autograd.Function.apply took 50 us more than a 16 x 16 one's 30
+        polar = _polar_value(tall, far_first, a.shape)
+    return _tall(polar, wide).to(a.dtype)
+
+
+def _may_differentiate(x: torch.Tensor) -> bool:
+    """Whether a derivative of a function of ``x`` may be taken: autograd records it, a ``torch.func`` transform
+    or forward-mode AD (a dual level) runs, or dynamo traces (it records whatever it is given)."""
+    return ((torch.is_grad_enabled() and x.requires_grad) or in_func_transform() or torch.compiler.is_compiling()
+            or _forward_ad._current_level >= 0)
+
+
+def _polar_value(tall: torch.Tensor, far_first: bool, shape: tuple) -> torch.Tensor:
+    """The polar factor of a tall (batch of) ``tall`` by the route :func:`_polar_factor` describes, in ``tall``'s
+    dtype; ``shape``: the caller's matrix shape, for the error message."""
+    dtype = tall.dtype
+    if tall.numel() and not in_vmap() and not torch.compiler.is_compiling():
+        # (compiling: the routes' choice reads errors on the host, which a fullgraph trace cannot do)
         squares = _far_column_norms(tall) if far_first else None
         if squares is None:
             gram = tall.mT @ tall
@@ -251,34 +288,128 @@ def _polar_factor(a: torch.Tensor, far_first: bool = False) -> torch.Tensor:
             gram = polar = None
         if polar is None:
             # checked off the fast path only (a host sync), and on the columns' squared norms first: a NaN or inf
-            # entry makes its column's squared norm NaN or inf, so finite norms clear ``work`` without a pass
+            # entry makes its column's squared norm NaN or inf, so finite norms clear ``tall`` without a pass
             # over it (a norm that overflowed from finite entries falls through to the full check)
-            if not bool(torch.isfinite(squares).all()) and not bool(torch.isfinite(work).all()):
-                raise LayerArgumentError(f"the polar factor of a {tuple(a.shape)} matrix with NaN or inf entries "
-                                         "is undefined; in training this is a diverged step (lower the learning "
-                                         "rate, check the loss for NaN)")
+            if not bool(torch.isfinite(squares).all()) and not bool(torch.isfinite(tall).all()):
+                raise _nonfinite_error("polar factor", shape)
             # far from the manifold the entries may be of any size: a float64 matrix of entries ~1e200 had an
             # infinite Gram matrix, on which eigh failed inside LAPACK. The polar factor does not change under
             # a positive scaling, and a power of two scales exactly
             scaled = _unit_scaled(tall)
             if scaled is not tall:
-                tall, work, gram = scaled, _tall(scaled, wide), None
+                tall, gram = scaled, None
             polar = _polar_from_gram(tall, gram if dtype == torch.float64 else None)
         if polar is not None:
-            return _tall(polar, wide).to(a.dtype)
-    u, _, vh = torch.linalg.svd(work, full_matrices=False)
-    return (u @ vh).to(a.dtype)
+            return polar
+    u, _, vh = torch.linalg.svd(tall, full_matrices=False)
+    return u @ vh
+
+
+def _nonfinite_error(what: str, shape: tuple) -> LayerArgumentError:
+    """The error of a retraction or projection handed a matrix with NaN or inf entries (one message for both)."""
+    return LayerArgumentError(f"the {what} of a {tuple(shape)} matrix with NaN or inf entries is undefined; in "
+                              "training this is a diverged step (lower the learning rate, check the loss for NaN)")
+
+
+def _polar_differential(a: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    r"""The derivative of the polar factor ``Q`` of a tall (batch of) full-rank ``a`` in the direction ``d``; the
+    same linear map is its own adjoint, so ``d = dL/dQ`` gives ``dL/da``. Computed in float64, returned in
+    ``d``'s dtype.
+
+    With ``a = Q H``, ``H = (a^T a)^{1/2} = V \operatorname{diag}(s) V^T`` (the eigendecomposition of the Gram
+    matrix) and ``X = Q^T d``::
+
+        dQ = Q V [(V^T (X - X^T) V) o K] V^T + (d - Q X) V diag(1/s) V^T,     K_ij = 1 / (s_i + s_j)
+
+    (the second term only for ``m > n``: it is zero for a square ``a``). Unlike the SVD's backward, whose
+    ``1 / (s_i^2 - s_j^2)`` is infinite for repeated singular values (torch then returns NaN, or a finite but
+    wrong gradient: 12 % off the finite differences under ``vmap(grad)`` at a scaled orthonormal ``a``), ``K``
+    stays finite for every full-rank ``a``: the polar factor is smooth there. At a rank-deficient ``a`` (a zero
+    ``s``) it is not differentiable and the result holds inf or NaN.
+    """
+    a64, q64, d64 = a.to(torch.float64), q.to(torch.float64), d.to(torch.float64)
+    # Q(c a) = Q(a) for c > 0, so the derivative at a is the one at a / c divided by c: a unit scale keeps the
+    # Gram matrix finite and nonzero for the entries of any size the value's routes accept (1e-300 .. 1e300)
+    scale = a64.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    a64 = a64 / scale
+    lam, v = torch.linalg.eigh(a64.mT @ a64)
+    s = lam.clamp_min(0).sqrt()
+    x = q64.mT @ d64
+    kernel = 1.0 / (s.unsqueeze(-1) + s.unsqueeze(-2))
+    out = q64 @ (v @ ((v.mT @ (x - x.mT) @ v) * kernel) @ v.mT)
+    if a.shape[-2] > a.shape[-1]:
+        out = out + ((d64 - q64 @ x) @ (v / s.unsqueeze(-2))) @ v.mT
+    return (out / scale).to(d.dtype)
+
+
+class _PolarFactor(torch.autograd.Function):
+    """:func:`_polar_value` with the exact derivative :func:`_polar_differential`, whichever route computed the
+    value: the routes' own derivatives were a truncated Newton-Schulz iteration's and torch's eigh / SVD backward,
+    NaN or wrong where eigenvalues or singular values repeat (a scaled orthonormal matrix). Its vmap rule applies it
+    to the batched matrices at once (they are a batch already). Backward mode only: what ``torch.compile`` runs
+    (dynamo refuses a function with a ``jvp``); eagerly :class:`_PolarFactorDual`."""
+
+    @staticmethod
+    def forward(tall, far_first, shape):
+        return _polar_value(tall, far_first, shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, q = ctx.saved_tensors
+        return _polar_differential(a, q, grad), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, tall, far_first, shape):
+        return _PolarFactor.apply(tall.movedim(in_dims[0], 0), far_first, shape), 0
+
+
+class _PolarFactorDual(_PolarFactor):
+    """:class:`_PolarFactor` with forward mode too (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``),
+    by the same derivative."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output)
+        ctx.save_for_forward(inputs[0], output)
+
+    @staticmethod
+    def jvp(ctx, tangent, *_):
+        a, q = ctx.saved_tensors
+        return _polar_differential(a, q, tangent)
+
+    @staticmethod
+    def vmap(info, in_dims, tall, far_first, shape):
+        return _PolarFactorDual.apply(tall.movedim(in_dims[0], 0), far_first, shape), 0
 
 
 def polar_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     """Polar retraction ``R_W(xi) = (W + xi)(I + xi^T xi)^(-1/2)``, computed as the polar factor of ``W + xi``.
 
     Exact for a tangent ``xi``; for any ``xi`` the result is the orthonormal matrix nearest to ``W + xi``.
+    Returned in ``w``'s dtype (half-precision inputs are added and retracted in float32, rounded once at the end);
+    differentiable (:func:`_polar_factor`). NaN or inf entries in ``W + xi`` raise
+    :class:`~orthofx.errors.LayerArgumentError` (under ``torch.compile``: torch's ``LinAlgError``, module
+    docstring).
     """
+    return _polar_factor(_step_sum(w, xi)).to(w.dtype)
+
+
+def _step_sum(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+    """``W + xi`` for a retraction, checked, in the working dtype of both: a bfloat16 sum rounded ``W + xi``
+    before the retraction and again after it (1.3 times the error of rounding the exact result once)."""
     _check_matrix(w, "w")
+    _check_matrix(xi, "xi")
     if xi.shape != w.shape:
         raise LayerArgumentError(f"xi must have the shape of w {tuple(w.shape)}, got {tuple(xi.shape)}")
-    return _polar_factor(w + xi)
+    if w.dtype == xi.dtype and w.dtype not in HALF_PRECISION:
+        return w + xi
+    dtype = torch.promote_types(w.dtype, xi.dtype)
+    work = torch.float32 if dtype in HALF_PRECISION else dtype
+    return w.to(work) + xi.to(work)
 
 
 def orthonormal(raw: torch.Tensor, tall: bool | None = None) -> torch.Tensor:
@@ -335,7 +466,6 @@ def _cholesky_qr2(a: torch.Tensor) -> torch.Tensor | None:
     return q
 
 
-@torch.no_grad()
 def qr_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     """QR retraction ``R_W(xi) = qf(W + xi)``: the Q factor of the thin QR decomposition, with the signs of
     ``Q``'s columns chosen so that ``R``'s diagonal is positive (which makes ``qf`` unique and smooth, and
@@ -345,18 +475,24 @@ def qr_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     tangent ``xi``, ``(W + xi)^T (W + xi) = I + xi^T xi`` has eigenvalues ``>= 1``, so the Gram matrix is always
     well conditioned here, and Householder QR (:func:`orthonormal`) takes over where a factorisation fails (an
     ``xi`` far from tangent that makes ``W + xi`` rank-deficient). Elsewhere Householder QR, which LAPACK runs
-    faster than Cholesky QR (``benchmarks/RESULTS.md``). Both give the same matrix to working precision."""
-    _check_matrix(w, "w")
-    if xi.shape != w.shape:
-        raise LayerArgumentError(f"xi must have the shape of w {tuple(w.shape)}, got {tuple(xi.shape)}")
-    a = w + xi
-    a = a.to(_work_dtype(a))
+    faster than Cholesky QR (``benchmarks/RESULTS.md``). Both give the same matrix to working precision.
+
+    Returned in ``w``'s dtype (half-precision inputs are added and factored in float32); differentiable (QR's
+    backward), as :func:`polar_retraction` is. NaN or inf entries in ``W + xi`` raise
+    :class:`~orthofx.errors.LayerArgumentError`, as in :func:`polar_retraction` (inside ``vmap`` or
+    ``torch.compile``, which cannot read them on the host: NaN columns)."""
+    a = _step_sum(w, xi)
     wide = is_wide(a)
     tall = _tall(a, wide)
-    # Cholesky QR checks its result on the host, which vmap cannot (module docstring)
-    q = _cholesky_qr2(tall) if tall.device.type in CHOLESKY_QR_DEVICES and not in_vmap() else None
+    # Cholesky QR checks its result on the host, which vmap and a fullgraph compile cannot (module docstring)
+    host = not in_vmap() and not torch.compiler.is_compiling()
+    q = _cholesky_qr2(tall) if tall.device.type in CHOLESKY_QR_DEVICES and host else None
     if q is None:
         q = orthonormal(tall, tall=True)
+        # (Cholesky QR's result is checked already.) Householder QR turns a NaN or inf into NaN columns silently;
+        # the entries of an orthonormal Q are at most 1, so their sum is finite unless one is not
+        if host and not bool(torch.isfinite(q.sum())):
+            raise _nonfinite_error("QR retraction", w.shape)
     return _tall(q, wide).to(w.dtype)
 
 
@@ -399,7 +535,21 @@ def random_orthonormal(m: int, n: int, *batch: int, generator: torch.Generator |
                        dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
                        ) -> torch.Tensor:
     """A random ``(*batch, m, n)`` orthonormal matrix (columns if ``m >= n``, rows otherwise), uniformly
-    (Haar) distributed: the sign-fixed Q factor of a Gaussian matrix."""
+    (Haar) distributed: the sign-fixed Q factor of a Gaussian matrix. ``m``, ``n`` and ``batch`` are integers
+    ``>= 0`` and ``dtype`` a real floating-point one (an integer dtype truncated the entries to 0 and +-1, a
+    complex one gave a real matrix with zero imaginary parts); anything else raises
+    :class:`~orthofx.errors.LayerArgumentError`.
+
+    >>> q = random_orthonormal(3, 5, 2, dtype=torch.float64)
+    >>> q.shape, bool(orthogonality_defect(q).max() < 1e-14)
+    (torch.Size([2, 3, 5]), True)
+    """
+    m = _positive_int(m, "random_orthonormal: m", LayerArgumentError, 0)
+    n = _positive_int(n, "random_orthonormal: n", LayerArgumentError, 0)
+    batch = tuple(_positive_int(b, "random_orthonormal: a batch size", LayerArgumentError, 0) for b in batch)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise LayerArgumentError(f"random_orthonormal: dtype must be a real floating-point torch.dtype (e.g. "
+                                 f"torch.float32), got {dtype!r}: an orthonormal matrix has real entries in [-1, 1]")
     q, signs = _haar_factor(m, n, *batch, generator=generator, device=device)
     q = q * signs.unsqueeze(-2)
     if m < n:
