@@ -940,15 +940,16 @@ def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_bat
     if written.get("", opset) != opset:
         raise ExportError(f"{path}: asked for opset {opset}, the exporter wrote opset {written['']}; use an opset "
                           "this torch.onnx supports")
+    hint = _onnxruntime_dtype_hint(frozen, example)
     session = _onnxruntime_call(lambda: onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]),
-                                path, "load")
+                                path, "load", hint)
 
     def run(call: ExampleCall) -> list:
         # only the tensors (pytree order: positional, then keyword) are graph inputs: other values (a float,
         # None) are baked in
         tensors = output_tensors((call.args, call.kwargs))
         feeds = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), tensors)}
-        return _onnxruntime_call(lambda: session.run(None, feeds), path, "run")
+        return _onnxruntime_call(lambda: session.run(None, feeds), path, "run", hint)
 
     diff, worst = _onnx_measure(expected, run(example))
     if dynamic_batch:
@@ -981,17 +982,28 @@ def _onnx_positional(example: ExampleCall) -> tuple:
     return example.args
 
 
-def _onnxruntime_call(call, path: str, what: str):
+def _onnxruntime_dtype_hint(frozen: nn.Module, example: ExampleCall) -> str:
+    """The fix to add to an onnxruntime failure where the model or its inputs hold float64 tensors (a model moved
+    to float64 with ``.double()``): onnxruntime's CPU provider has float64 kernels for few ops (no ``Conv`` or
+    ``ConvTranspose``: "Could not find an implementation for Conv(11)"), so a float32 copy is what exports."""
+    tensors = [*frozen.parameters(), *frozen.buffers(), *output_tensors((example.args, example.kwargs))]
+    if not any(t.dtype == torch.float64 for t in tensors):
+        return ""
+    return ("; the model computes in float64, for which onnxruntime's CPU provider lacks most kernels (Conv, "
+            "ConvTranspose): export a float32 copy (copy.deepcopy(model).float() with float32 example inputs)")
+
+
+def _onnxruntime_call(call, path: str, what: str, hint: str = ""):
     """``call()`` (loading or running the exported file in onnxruntime), its failure an :class:`ExportError`: the
     file is valid ONNX (the checker passed), but onnxruntime's CPU provider may lack a kernel for one of its ops
-    (e.g. a 3-D ConvTranspose)."""
+    (e.g. a 3-D ConvTranspose, or a float64 Conv: ``hint``, :func:`_onnxruntime_dtype_hint`)."""
     try:
         return call()
     except Exception as exc:  # onnxruntime's own exception types (Fail, NotImplemented, InvalidGraph ...)
         raise ExportError(f"onnxruntime could not {what} {path!r}, so the export cannot be checked: "
                           f"{type(exc).__name__}: {str(exc)[:400]}. The file passed the ONNX checker; an op "
                           "onnxruntime's CPU provider does not implement is the usual cause: export to .pt2 "
-                          "(torch.export) instead, or check the file with the runtime you deploy on") from exc
+                          f"(torch.export) instead, or check the file with the runtime you deploy on{hint}") from exc
 
 
 def _leaf_hint(model: nn.Module) -> str:
