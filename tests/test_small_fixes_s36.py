@@ -114,3 +114,64 @@ def test_editing_the_policy_object_after_transform_changes_nothing_the_model_sav
     assert expected == pytest.approx(0.01 * lorth64(model[0].weight.detach()), rel=1e-5)
     assert float(orthofx.penalty(loaded)) == pytest.approx(expected, rel=1e-6)
     assert [change.site for change in orthofx.manifest_of(loaded).changes] == ["0"]
+
+
+def _lorth_every(model, x, every):
+    policy = {"rules": [{"match": {"type": "Conv2d"}, "apply": "orth_regularizer", "with": {"every": every}}]}
+    return orthofx.transform(model, policy, example_inputs=(x,))
+
+
+def _metadata_warnings(caught):
+    return [str(w.message) for w in caught if issubclass(w.category, orthofx.errors.OrthofxWarning)
+            and "carries no torch metadata" in str(w.message)]
+
+
+def test_a_state_dict_without_metadata_says_the_every_count_is_not_restored():
+    """The count of penalty calls (every > 1) travels in the state dict's metadata, which a dict rebuilt key by key
+    drops: loading one kept the fresh model's count silently, and the resumed run evaluated other terms than the
+    run it continued. A warning now says so, only where the count matters and the metadata is missing."""
+    model, x = _model(), torch.randn(2, 3, 8, 8)
+    source = _lorth_every(model, x, every=3)
+    for _ in range(2):
+        orthofx.penalty(source).backward()
+    assert orthofx.manifest_of(source).penalty_calls == 2
+    state = source.state_dict()
+    rebuilt = {key: value.clone() for key, value in state.items()}  # no _metadata
+
+    target = _lorth_every(model, x, every=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        target.load_state_dict(rebuilt)
+    messages = _metadata_warnings(caught)
+    assert len(messages) == 1 and "the model's own count stays" in messages[0]
+    assert orthofx.manifest_of(target).penalty_calls == 0  # not restored: what the warning says
+
+    # the same tensors with the metadata: restored, no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        target.load_state_dict(state)
+    assert not _metadata_warnings(caught) and orthofx.manifest_of(target).penalty_calls == 2
+
+    # nothing to restore: every 1, or a plain model's state dict (metadata present, no count)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _lorth_every(model, x, every=1).load_state_dict(rebuilt)
+        _lorth_every(model, x, every=3).load_state_dict(model.state_dict())
+    assert not _metadata_warnings(caught)
+
+
+def test_a_state_dict_without_metadata_says_the_probe_step_is_not_restored():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    policy = {"rules": [{"match": {"kind": "block", "name": "0"}, "apply": "jacobian_isometry",
+                         "with": {"every": 2}}]}
+    source = orthofx.transform(model, policy, example_inputs=(x,)).train()
+    source(x)  # one training step of the probe's period
+    rebuilt = {key: value for key, value in source.state_dict().items()}
+    target = orthofx.transform(model, policy, example_inputs=(x,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        target.load_state_dict(rebuilt)
+    messages = _metadata_warnings(caught)
+    assert len(messages) == 1 and "the probe's own step stays" in messages[0]
