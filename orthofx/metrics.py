@@ -204,11 +204,14 @@ def _space_to_depth(weight: torch.Tensor, strides: tuple[int, ...]) -> torch.Ten
 
 def _space_to_depth_kernel(weight: torch.Tensor, input_size, stride, groups, dtype
                            ) -> tuple[torch.Tensor, tuple[int, ...], int]:
-    """``(K', grid, groups)``: the stride-1 kernel ``(M, C/g * prod(S), a_1, ..., a_d)`` on the ``n/S`` grid
-    (module docstring), in ``dtype``, taps folded modulo the grid."""
+    r"""``(K', grid, groups)``: the stride-1 kernel ``(M, C/g * prod(r), a_1, ..., a_d)`` on the ``n/S`` grid
+    (module docstring), in ``dtype``, taps folded modulo the grid, with :math:`r_i = \min(k_i, S_i)` residues per
+    dimension: a stride past the kernel leaves the residues ``k_i .. S_i - 1`` unread, zero columns of
+    :math:`\hat K'(u)` that are left out (:func:`_residues`), so that the work and memory do not grow as
+    :math:`S^d` (a 3 x 3 kernel at stride 3000 padded to 3000 x 3000 taps)."""
     sizes, strides, grid = _grid(weight, input_size, stride)
     g = _groups(weight, groups)
-    w = _space_to_depth(weight.detach().to(dtype), strides)
+    w = _space_to_depth(weight.detach().to(dtype), _residues(weight, strides))
     blocks = tuple(w.shape[2:])
     # fold taps modulo the grid (a kernel larger than the grid wraps around)
     for i, (a, q) in enumerate(zip(blocks, grid)):
@@ -221,6 +224,13 @@ def _space_to_depth_kernel(weight: torch.Tensor, input_size, stride, groups, dty
             shape = list(w.shape)
             w = w.reshape(shape[:dim] + [shape[dim] // q, q] + shape[dim + 1:]).sum(dim)
     return w, grid, g
+
+
+def _residues(weight: torch.Tensor, strides: tuple[int, ...]) -> tuple[int, ...]:
+    """``min(k_i, S_i)`` per dimension: the residues modulo the stride that the kernel's taps read. The space-to-depth
+    kernel at these strides is the one at ``S`` without its all-zero columns (a dimension with ``k_i <= S_i`` has one
+    block either way, holding taps ``0 .. k_i - 1``)."""
+    return tuple(min(k, s) for k, s in zip(weight.shape[2:], strides))
 
 
 def _rfft_counts(q: int) -> torch.Tensor:
@@ -245,13 +255,14 @@ def rfftn_counts(grid: tuple[int, ...]) -> torch.Tensor:
 
 def _frequency_matrices(weight: torch.Tensor, input_size, stride, groups, dtype, max_elements: int | None = None,
                         what: str = "conv_singular_values"):
-    """The per-frequency matrices of the (strided, grouped, circular) convolution, in chunks.
+    r"""The per-frequency matrices of the (strided, grouped, circular) convolution, in chunks.
 
-    Yields ``(mats, counts)``: ``mats`` ``(B, M/g, C/g * prod(S))`` (``dtype``; complex but for a one-tap
-    kernel) and ``counts`` ``(B,)``, how many frequencies of the full spectrum each matrix stands for (conjugate
-    frequencies share singular values, so only half are formed). Together the chunks cover every frequency of
-    every group once, each chunk at most ``max_elements`` entries (default :data:`_MAX_FREQUENCY_ELEMENTS`;
-    one frequency of the first grid axis when that alone is larger):
+    Yields ``(mats, counts)``: ``mats`` ``(B, M/g, C/g * prod(r))`` (``dtype``; complex but for a one-tap
+    kernel; :math:`r_i = \min(k_i, S_i)`, the columns of the ``C/g * prod(S)`` that no tap reads left out, see
+    :func:`_space_to_depth_kernel`) and ``counts`` ``(B,)``, how many frequencies of the full spectrum each matrix
+    stands for (conjugate frequencies share singular values, so only half are formed). Together the chunks cover
+    every frequency of every group once, each chunk at most ``max_elements`` entries (default
+    :data:`_MAX_FREQUENCY_ELEMENTS`; one frequency of the first grid axis when that alone is larger):
 
     * a kernel with one tap after space-to-depth (``1 x 1`` convs, ``k <= S``) is the same matrix at every
       frequency: one matrix per group, counted ``prod(n/S)`` times;
@@ -464,8 +475,10 @@ def _lorth_value(weight: torch.Tensor, stride, groups, case: str | None, dilatio
     C = Cg * g
     if case is None:
         case = orthogonality_case(C, M, strides, dims=d)
+    # (the trim reads the weight on the host: not for a meta weight, nor while compiling or under torch.vmap, whose
+    # batched tensors have no data to read)
     if not differentiated and all(s == 1 for s in strides) and not weight.is_meta \
-            and not torch.compiler.is_compiling():
+            and not torch.compiler.is_compiling() and not in_func_transform():
         weight = _without_zero_border_taps(weight)
         ks = tuple(weight.shape[2:])
     if all(k == 1 for k in ks):
@@ -497,7 +510,7 @@ def _without_zero_border_taps(weight: torch.Tensor) -> torch.Tensor:
     kernel: its one centre tap). At stride 1 that changes no L_orth: :math:`\mathrm{conv}(K, K)` loses only zero
     entries, and its centre (the identity's place) stays the centre. For values only (the trimmed taps get no
     gradient); reads the weight on the host once, for all its dimensions (on a GPU a read is a synchronisation:
-    one ``nonzero`` per dimension made one each), so not under ``torch.compile``."""
+    one ``nonzero`` per dimension made one each), so not under ``torch.compile`` or ``torch.vmap``."""
     ks = weight.shape[2:]
     if all(k == 1 for k in ks):
         return weight  # one tap: nothing to trim (its slice would be the weight itself)
@@ -862,9 +875,12 @@ def _lorth_fourier(weight: torch.Tensor, strides: tuple[int, ...], groups: int, 
     :func:`conv_singular_values`, or the same with :math:`\hat K'^H \hat K'` (CO). The smaller Gram matrix of each
     group stands in for either case, :math:`\|G_m - I_m\|_F^2 = \|G_c - I_c\|_F^2 + N^d (m - c)`, so no large
     constant cancels. Taken for float64 weights without gradient (reports): matrix products, where the float64
-    convolution of the general route has no fast CPU kernel (a 512-channel 3 x 3 conv: 0.56 s against 2.8 s)."""
+    convolution of the general route has no fast CPU kernel (a 512-channel 3 x 3 conv: 0.56 s against 2.8 s).
+    The matrices have ``c = C/g * prod(min(k_i, S_i))`` columns (the unread residues left out, all zero): with
+    :math:`c_S = C/g \prod_i S_i`, RO's :math:`\|G_m - I_m\|_F^2` is the same, and CO's is
+    :math:`\|G_m - I_m\|_F^2 - N^d (m - c_S)`."""
     g = groups
-    m, c = weight.shape[0] // g, weight.shape[1] * math.prod(strides)
+    m, c = weight.shape[0] // g, weight.shape[1] * math.prod(_residues(weight, strides))
     grid = tuple(-(-(2 * k - 1) // s) for k, s in zip(weight.shape[2:], strides))
     total = weight.new_zeros((), dtype=weight.dtype)
     with torch.no_grad():
@@ -874,11 +890,9 @@ def _lorth_fourier(weight: torch.Tensor, strides: tuple[int, ...], groups: int, 
             gram.diagonal(dim1=-2, dim2=-1).sub_(1)
             total += (gram.abs().square().sum((-2, -1)) * counts.to(gram.device)).sum()
     value = total / math.prod(grid)
-    if m <= c and case == "CO":
-        return value + g * (c - m)
-    if m > c and case == "RO":
-        return value + g * (m - c)
-    return value
+    # from the smaller Gram matrix to RO's, then to CO's: an integer >= 0 (c <= c_S), so nothing cancels
+    constant = (g * (m - c) if m > c else 0) - (g * (m - weight.shape[1] * math.prod(strides)) if case == "CO" else 0)
+    return value + constant if constant else value
 
 
 # ---------------------------------------------------------------------------------------------------- spectra
@@ -930,6 +944,11 @@ def _conv_singular_values(weight: torch.Tensor, input_size, stride, groups, dtyp
     parts = []
     for mats, counts in _frequency_matrices(weight, input_size, stride, groups, dtype, what=what):
         sv = _batched_svdvals(mats)  # (B, r)
+        missing = min(mats.shape[1], weight.shape[1] * math.prod(strides)) - sv.shape[1]
+        if missing:
+            # the zero columns of the residues no tap reads (_space_to_depth_kernel) add zero singular values
+            # (NaN ones for a non-finite group, as its others: 0 * NaN)
+            sv = torch.cat([sv, (sv[:, :1] * 0).expand(-1, missing)], dim=1)
         parts.append(torch.repeat_interleave(sv, counts.to(sv.device), dim=0).reshape(-1))
     return torch.sort(torch.cat(parts), descending=True).values
 

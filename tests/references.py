@@ -262,3 +262,49 @@ def padded_source(i: int, n: int, mode: str) -> int | None:
     period = 2 * (n - 1)  # reflect, without repeating the edge
     j = i % period
     return j if j < n else period - j
+
+
+def wrapped_operator64(weight: torch.Tensor, grid, stride=1, groups: int = 1, dilation=1) -> torch.Tensor:
+    """The dense float64 matrix of ``y[m, i] = sum_{c, p} K[m, c, p] x[c, (S i + D p) mod n]`` (circular, strided,
+    dilated, grouped) on inputs of spatial size ``grid``, any grid divisible by the stride: also one smaller than the
+    kernel's span, where :func:`circular_operator64`'s padding cannot reach. Each basis input is tiled periodically
+    until the span fits, then a 'valid' torch convolution gives the column; its first ``n / S`` outputs are the
+    circular ones."""
+    w = weight.detach().to(torch.float64)
+    d = w.dim() - 2
+    ss = (stride,) * d if isinstance(stride, int) else tuple(stride)
+    ds = (dilation,) * d if isinstance(dilation, int) else tuple(dilation)
+    grid = (grid,) * d if isinstance(grid, int) else tuple(grid)
+    channels = w.shape[1] * groups
+    basis = torch.eye(channels * math.prod(grid), dtype=torch.float64).reshape(-1, channels, *grid)
+    reps = [-(-(D * (k - 1)) // n) + 1 for k, D, n in zip(w.shape[2:], ds, grid)]
+    tiled = basis.repeat(1, 1, *reps)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+    columns = conv(tiled, w, stride=ss, dilation=ds, groups=groups)
+    columns = columns[(slice(None), slice(None)) + tuple(slice(0, n // s) for n, s in zip(grid, ss))]
+    return columns.reshape(columns.shape[0], -1).T
+
+
+def jacobian_quantities64(jac: torch.Tensor, samples: int | None = None) -> dict[str, float]:
+    """The quantities ``jacobian_isometry`` estimates, from a dense Jacobian ``jac`` (``m x n``), with
+    ``A = J^T J``: ``full`` ``||A - I||_F^2``, ``partial`` ``||J A - J||_F^2``, ``offdiag`` ``sum_{i != j} A_ij^2``.
+    With ``samples = B`` (``per_sample=True``; rows and columns ordered by sample) the mean over ``b`` of each
+    sample's share, as the estimator's section comment defines it: ``full`` the rows of ``A - I`` of input sample
+    ``b``; ``partial`` the rows of ``J A - J`` of output sample ``b``; ``offdiag`` that of ``J_b`` (the rows of
+    output sample ``b``, every column: with coupled samples, the cross-sample blocks too)."""
+    J = jac.detach().to(torch.float64)
+    A = J.T @ J
+    full = A - torch.eye(A.shape[0], dtype=torch.float64)
+    partial = J @ A - J
+    if samples is None:
+        return {"full": float(full.square().sum()), "partial": float(partial.square().sum()),
+                "offdiag": float((A - torch.diag(torch.diag(A))).square().sum())}
+    rows, cols = J.shape[0] // samples, J.shape[1] // samples
+    out = {"full": 0.0, "partial": 0.0, "offdiag": 0.0}
+    for b in range(samples):
+        out["full"] += float(full[b * cols:(b + 1) * cols].square().sum()) / samples
+        out["partial"] += float(partial[b * rows:(b + 1) * rows].square().sum()) / samples
+        Jb = J[b * rows:(b + 1) * rows]
+        Ab = Jb.T @ Jb
+        out["offdiag"] += float((Ab - torch.diag(torch.diag(Ab))).square().sum()) / samples
+    return out
