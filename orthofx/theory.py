@@ -347,9 +347,14 @@ def theorem8_constants(c_in: int, c_out: int, kernel_size, stride=1, dims: int =
     ks = _sizes(kernel_size, dims, "kernel_size")
     ss = _sizes(stride, dims, "stride")
     S = math.prod(ss)
-    lower = 1.0 / (g * min(M, C * S))
+    # int / int rounds correctly (down to 0.0 past float's range); float(int) past it raises OverflowError, so an
+    # upper constant beyond float's range is inf, the nearest float above it
+    lower = 1 / (g * min(M, C * S))
     if M <= C * S:
-        upper = float(math.prod(2 * ((k - 1) // s) + 1 for k, s in zip(ks, ss)) * M)
+        upper = math.prod(2 * ((k - 1) // s) + 1 for k, s in zip(ks, ss)) * M
     else:
-        upper = float(math.prod(2 * k - 1 for k in ks) * C)
-    return lower, upper
+        upper = math.prod(2 * k - 1 for k in ks) * C
+    try:
+        return lower, float(upper)
+    except OverflowError:
+        return lower, math.inf
