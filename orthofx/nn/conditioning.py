@@ -25,7 +25,7 @@ gradient flows through the completing columns (torch raises for them, here they 
 SVD-free power: :func:`power_newton_schulz` computes ``(A + shift I)^p`` for ``p = 1/2`` or ``-1/2`` with
 :func:`~orthofx.nn.decompositions.sqrtm_newton_schulz` / :func:`~orthofx.nn.decompositions.inv_sqrtm_newton_schulz`
 (matmuls only; valid for symmetric positive definite matrices). With ``uplo=None`` (an SVD site's replacement) a
-matrix that is not symmetric is refused (a ``LayerArgumentError`` in eager calls on CPU; NaN results on other
+matrix far from symmetric is refused (a ``LayerArgumentError`` in eager calls on CPU; NaN results on other
 devices, where the check's host read would stall the device's queue at every call, and under ``torch.compile`` /
 export), where ``U diag(S^p) Vh`` is no power of it.
 
@@ -34,9 +34,10 @@ first argument through unchanged (so the graph keeps it by data flow, not as a d
 
 * ``source="eigenvalues"`` (eigh, eigvalsh): ``lambda_max / lambda_min`` of the decomposed matrix.
 * ``source="singular_values"`` (svd, svdvals, torch.svd): the condition number of the *covariance* the SVD
-  stands for. When the decomposed matrix is square and symmetric (to ``sqrt(eps)`` relative, checked per matrix
-  with tensor ops) it is taken to be the covariance itself and ``kappa = s_max / s_min``; otherwise it is taken
-  to be a data matrix ``X`` whose covariance is ``X X^T`` (or ``X^T X``), and ``kappa = (s_max / s_min)^2``
+  stands for. When the decomposed matrix is square and symmetric (to ``max(1e-2, eps^(1/4))`` relative, checked
+  per matrix with tensor ops: a covariance up to its rounding, see :func:`_asymmetric`) it is taken to be the
+  covariance itself and ``kappa = s_max / s_min``; otherwise it is taken to be a data matrix
+  ``X`` whose covariance is ``X X^T`` (or ``X^T X``), and ``kappa = (s_max / s_min)^2``
   (the nonzero eigenvalues of both Gram matrices are ``s^2``).
 * ``source="matrix"`` (the Newton-Schulz form, which has no eigenvalues): ``torch.linalg.eigvalsh`` of the
   detached input in float64 (a forward-only decomposition, no backward; turn the monitor off to run without any
@@ -254,11 +255,13 @@ def _check_square(A: Tensor, what: str) -> None:
 
 
 def _asymmetric(matrix: Tensor) -> Tensor:
-    """Mask (shape ``matrix.shape[:-2]``) of the square matrices that are not symmetric to ``sqrt(eps)`` relative:
-    ``max|M - M^T| > sqrt(eps) max|M|`` (tensor ops only). A covariance ``X^T X`` computed in floating point is
-    symmetric to rounding, far inside this tolerance."""
+    """Mask (shape ``matrix.shape[:-2]``) of the square matrices that are far from symmetric:
+    ``max|M - M^T| > max(1e-2, eps^(1/4)) max|M|`` (tensor ops only). A square data matrix is asymmetric by about
+    its own size; a covariance is symmetric up to its rounding, which a covariance formed by cancellation
+    (``E[x x^T] - mu mu^T`` of float32 data with a large mean: 1e-3 relative) makes far larger than ``sqrt(eps)``,
+    the tolerance first used here, which refused such covariances."""
     m = matrix.detach()
-    tol = math.sqrt(torch.finfo(m.dtype).eps) if m.is_floating_point() else 0.0
+    tol = max(1e-2, torch.finfo(m.dtype).eps ** 0.25) if m.is_floating_point() else 0.0
     asym = (m - m.mT).abs().amax(dim=(-2, -1))
     return asym > tol * m.abs().amax(dim=(-2, -1))
 
@@ -286,10 +289,11 @@ def _refuse_asymmetric(A: Tensor) -> Tensor | None:
         count = int(asymmetric.sum())
         raise LayerArgumentError(
             f"power_newton_schulz (uplo=None): {count} of {max(1, asymmetric.numel())} matrices (input shape "
-            f"{tuple(A.shape)}) are not symmetric (|A - A^T| > sqrt(eps) |A|). The Newton-Schulz replacement of an SVD "
-            "site's U diag(S^p) U^T (or U diag(S^p) Vh) equals it only for a symmetric positive definite matrix "
-            "(a covariance), where U = V; for this input it would compute something else. Transform with method "
-            "'taylor' for this site (or export to .pt2, which keeps the exact SVD)")
+            f"{tuple(A.shape)}) are far from symmetric (max |A - A^T| above 1e-2 of max |A|, more in half "
+            "precision). The Newton-Schulz replacement of an SVD site's U diag(S^p) U^T (or U diag(S^p) Vh) equals "
+            "it only for a symmetric positive definite matrix (a covariance), where U = V; for this input it would "
+            "compute something else. Transform with method 'taylor' for this site (or export to .pt2, which keeps "
+            "the exact SVD)")
     return None
 
 
@@ -298,8 +302,9 @@ def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: flo
     """``(A + shift I)^power`` for ``power`` in ``{0.5, -0.5}`` by the coupled Newton-Schulz iteration.
 
     ``uplo="L"`` / ``"U"``: like ``torch.linalg.eigh``, read only that triangle of ``A`` (the matrix is rebuilt
-    symmetric from it); ``None``: use ``A`` as it is (replacing an SVD of a symmetric matrix; a matrix that is not
-    symmetric to ``sqrt(eps)`` is refused, see :func:`_refuse_asymmetric`).
+    symmetric from it); ``None``: use the symmetric part of ``A`` (replacing an SVD of a symmetric matrix, which a
+    covariance is up to rounding; a matrix far from symmetric is refused, see :func:`_asymmetric` and
+    :func:`_refuse_asymmetric`).
 
     ``layout`` (from the pass) is checked against ``A.dim()`` with :func:`check_layout`: when the replaced code's
     transposes or unsqueezes do not act on the last two dimensions the replacement would not be equivalent, and a
@@ -337,6 +342,8 @@ def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: flo
         A = A.tril() + A.tril(-1).mT
     elif uplo is not None:
         A = A.triu() + A.triu(1).mT
+    else:  # a covariance symmetric up to rounding (see _asymmetric): the power of its symmetric part
+        A = 0.5 * (A + A.mT)
     if shift:
         A = A + torch.diag_embed(A.new_full(A.shape[:-1], float(shift)))
     if power == 0.5:
