@@ -419,3 +419,12 @@ def test_orthogonal_linear_round_trips(sizes):
         other = OrthogonalLinear(*sizes)
         layer.load_state_dict(other.state_dict())
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, other.weight, other.bias))
+
+
+@pytest.mark.parametrize("shape", [(5, 0), (0, 3), (2, 0, 4)])
+def test_the_polar_factor_of_an_empty_matrix_has_an_empty_gradient(shape):
+    """The exact derivative's scale (an amax over the matrix) raised IndexError on an empty matrix, whose gradient
+    the routes had given (an empty tensor of its shape)."""
+    a = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    stiefel.project_to_stiefel(a).sum().backward()
+    assert a.grad is not None and a.grad.shape == a.shape

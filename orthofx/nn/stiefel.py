@@ -257,7 +257,7 @@ def _polar_factor(a: torch.Tensor, far_first: bool = False) -> torch.Tensor:
     work = a.to(_work_dtype(a))
     wide = is_wide(work)
     tall = _tall(work, wide)
-    if _may_differentiate(tall):
+    if tall.numel() and _may_differentiate(tall):  # (an empty matrix: the routes' own empty gradient)
         # dynamo cannot trace an autograd.Function that defines a jvp ("Unsupported custom jvp")
         function = _PolarFactor if torch.compiler.is_compiling() else _PolarFactorDual
         polar = function.apply(tall, far_first, tuple(a.shape))
