@@ -177,6 +177,10 @@ class PlanEntry:
     # the error applying will raise, known while planning (Pass.check_plan): transform raises it before any pass
     # runs, so that no earlier rule has written a weight; explain shows the outcome instead
     refusal: Exception | None = None
+    # whether transform runs the model on example inputs before the passes, so that they can read each module
+    # site's input shape (PassContext.manifest.input_shapes): a pass that needs one refuses the entry without them
+    # in its check_plan (orthogonal_conv's cayley_fft), before any pass runs, rather than in its apply
+    example_inputs: bool = False
 
 
 @dataclass

@@ -294,6 +294,21 @@ def _check_cayley_padding(entry: PlanEntry, module: nn.Module) -> None:
                     "method 'bcop' for 'padding: keep'")
 
 
+def _needs_input_size(entry: PlanEntry, module: nn.Module) -> bool:
+    """Whether ``apply`` builds ``entry``'s layer for the input size seen on the example inputs: ``method:
+    cayley_fft`` on a conv (a Linear and a transposed conv are built without one)."""
+    return entry.params["method"] == "cayley_fft" and not isinstance(module, (nn.Linear,) + _TRANSPOSED_TYPES)
+
+
+def _no_input_size_error(entry: PlanEntry, module: nn.Module, why: str) -> PlanError:
+    """The refusal of a cayley_fft conv (:func:`_needs_input_size`) that has no input size; ``why``: for lack of
+    what."""
+    return PlanError(f"rule '{entry.rule_name}': {entry.site.name} ({describe_module(module)}): method 'cayley_fft' "
+                     f"builds the orthogonal operator for one input size, taken from the example inputs, and {why}. "
+                     "Pass example_inputs=(x,) to orthofx.transform (with inputs of the size the model will see), or "
+                     "use method 'auto' (explicit kernels, any input size)")
+
+
 def _tie_problems(entries: list[PlanEntry], modules: list[nn.Module], owners: dict) -> dict[str, str]:
     """Site name -> why its layer cannot be replaced because its weight is tied to another layer's.
 
@@ -400,7 +415,8 @@ class OrthogonalConvPass(Pass):
     def check_plan(self, gm: nn.Module, entries: list[PlanEntry]) -> None:
         """``method: cayley_fft`` with ``padding: keep`` on a conv is refused while planning (explain too); a
         layer whose tied weight keeps it from being replaced (:func:`_tie_problems`) gets the outcome ``apply``
-        will give it (``on_impossible``), which ``explain`` shows."""
+        will give it (``on_impossible``), which ``explain`` shows; a cayley_fft conv that ``apply`` would build
+        without example inputs (no input size to build it for) gets its refusal, whatever ``on_impossible``."""
         modules = [gm.get_submodule(entry.site.name) for entry in entries]
         for entry, module in zip(entries, modules):
             _check_cayley_padding(entry, module)
@@ -410,6 +426,13 @@ class OrthogonalConvPass(Pass):
             problem = problems.get(entry.site.name)
             if problem is not None and not entry.outcome:
                 entry.outcome = _outcome(problem, entry.params["on_impossible"])
+            if problem is None and _kept_layer(module) is None and _needs_input_size(entry, module) \
+                    and not entry.example_inputs:
+                # apply would refuse it only after the passes before it ran (with inplace=True, having written the
+                # user's weights); a kept or tied layer is regularised or skipped without an input size, as in apply
+                entry.outcome = "fails: method 'cayley_fft' needs the input size of example_inputs, none given"
+                entry.refusal = _no_input_size_error(entry, module, "none were given")
+                continue
             if entry.params["on_impossible"] != "error":
                 continue
             # transform raises it before any pass runs (with inplace=True an earlier rule would have written the
@@ -437,7 +460,7 @@ class OrthogonalConvPass(Pass):
                 continue
             method = entry.params["method"]
             input_size = None
-            if method == "cayley_fft" and not isinstance(module, (nn.Linear,) + _TRANSPOSED_TYPES):
+            if _needs_input_size(entry, module):
                 input_size = self._cayley_input_size(ctx, entry, module)
             problem = None if isinstance(module, nn.Linear) else _impossibility(
                 module, entry.params["padding"], method, input_size)
@@ -471,10 +494,7 @@ class OrthogonalConvPass(Pass):
                             f"'{owner}' ({type(ctx.gm.get_submodule(owner)).__name__}), kept as a leaf. Use method "
                             "'auto' (explicit kernels, any input size) for it")
         if shape is None or len(shape) < dims + 1:
-            raise PlanError(f"{where}: method 'cayley_fft' builds the orthogonal operator for one input size, "
-                            "taken from the example inputs, and none reached this layer. Pass "
-                            "example_inputs=(x,) to orthofx.transform (with inputs of the size the model will "
-                            "see), or use method 'auto' (explicit kernels, any input size)")
+            raise _no_input_size_error(entry, module, "none reached this layer")
         return tuple(int(n) for n in shape[-dims:])
 
     def _replace(self, ctx: PassContext, entry: PlanEntry, old: nn.Module, new: nn.Module, status: str) -> None:
