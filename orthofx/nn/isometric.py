@@ -49,8 +49,8 @@ from torch import nn
 from orthofx.errors import LayerArgumentError, layer_label
 from orthofx.theory import _flag as _theory_flag, _positive_int
 
-from .orthogonal import _baked_linear, _frozen_requires_grad
-from .precision import HALF_PRECISION, autocast_enabled
+from .orthogonal import _baked_linear, _frozen_requires_grad, check_input_dtype
+from .precision import HALF_PRECISION
 from .stiefel import orthonormal
 
 __all__ = ["OrthogonalActivationBlock", "ReflectionResidualBlock", "ISOMETRIC_ACTIVATIONS"]
@@ -112,12 +112,7 @@ def _check_input(x: torch.Tensor, features: int, layer: nn.Module) -> None:
             f"{layer_label(layer)} (features={features}): expected an input of shape (..., {features}), got shape "
             f"{tuple(x.shape)}; pass inputs whose last dimension is {features}, or build the block with features "
             "equal to the input's last dimension")
-    dtype = _raw_dtype(layer)
-    if x.dtype != dtype and not autocast_enabled(x.device.type):
-        name = str(dtype).replace("torch.", "")
-        raise LayerArgumentError(
-            f"{layer_label(layer)}: the input's dtype {str(x.dtype).replace('torch.', '')} is not the block's "
-            f"{name}; convert the input (x.to(torch.{name})) or the block (block.to(x.dtype))")
+    check_input_dtype(x, _raw_dtype(layer), layer, noun="block")
 
 
 @torch.no_grad()

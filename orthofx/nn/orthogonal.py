@@ -131,8 +131,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, MetaWeightError, layer_label
 from orthofx.nn.padding import CircularFold, CircularPad, _circular_fold_valid, _circular_pad_valid, flat_pads
-from orthofx.nn.precision import (HALF_PRECISION, _peak, autocast_conv_dtype, autocast_off, describe_nonfinite,
-                                  relative_distance)
+from orthofx.nn.precision import (HALF_PRECISION, _peak, autocast_conv_dtype, autocast_enabled, autocast_off,
+                                  describe_nonfinite, relative_distance)
 from orthofx.nn.stiefel import _haar_factor, _unit_scaled, orthonormal, project_to_stiefel
 from orthofx.theory import _flag, adjoint_case, orthogonal_conv_exists
 
@@ -488,6 +488,27 @@ def _check_floating(x: torch.Tensor, layer: nn.Module | str) -> None:
             f"{label}: expected a real floating-point input, got dtype {str(x.dtype).replace('torch.', '')}; the "
             "layer is a real orthogonal operator: convert the input first (x.float()), embed token ids, or pass "
             "a complex signal's real and imaginary parts as channels")
+
+
+def check_input_dtype(x: torch.Tensor, dtype: torch.dtype, layer: nn.Module, noun: str = "layer") -> None:
+    """Refuse a floating-point input whose dtype is not ``dtype``, the layer's parameters' (outside
+    ``torch.autocast``, which casts the operands of the matmul or conv itself): torch's raw "mat1 and mat2 must
+    have the same dtype" or "Input type (float) and bias type (c10::BFloat16) should be the same" otherwise,
+    naming neither the layer nor the fix. ``noun``: what the message calls the layer (``"block"`` for the
+    isometric blocks). Call it on a concrete tensor (not a ``torch.fx.Proxy``).
+
+    >>> layer = OrthogonalLinear(4, 4).to(torch.bfloat16)
+    >>> try:
+    ...     layer(torch.randn(2, 4))
+    ... except LayerArgumentError as error:
+    ...     print(str(error).split(";")[0])
+    OrthogonalLinear: the input's dtype float32 is not the layer's bfloat16
+    """
+    if x.dtype != dtype and not autocast_enabled(x.device.type):
+        name = str(dtype).replace("torch.", "")
+        raise LayerArgumentError(
+            f"{layer_label(layer)}: the input's dtype {str(x.dtype).replace('torch.', '')} is not the {noun}'s "
+            f"{name}; convert the input (x.to(torch.{name})) or the {noun} ({noun}.to(x.dtype))")
 
 
 def _check_input(x: torch.Tensor, dims: int, channels: int, layer: nn.Module | str) -> None:
@@ -1520,6 +1541,8 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
             return _fourier_forward(x, Q, self.bias, self.stride, self.input_size, self.in_channels,
                                     layer_label(self), frozen=False)
         _check_input(x, self._dims, self.in_channels, self)
+        if not isinstance(x, torch.fx.Proxy):  # the Fourier-domain forward above casts; the conv does not
+            check_input_dtype(x, self._param_dtype, self)
         self._check_spatial_size(x)
         x, padding = self._pad_input(x)
         weight = self._cached("weight", lambda: self.weight)
@@ -2319,6 +2342,8 @@ class _OrthogonalConvTransposeNd(nn.Module):
         always ``input * stride`` here, so any other one raises :class:`~orthofx.errors.LayerArgumentError`."""
         d = self._dims
         _check_input(x, d, self.in_channels, self)
+        if not isinstance(x, torch.fx.Proxy):
+            check_input_dtype(x, self.conv._param_dtype, self)
         if output_size is not None:
             _check_transposed_output_size(x, output_size, self.stride, layer_label(self))
         weight = self.conv._cached("weight", lambda: self.conv.weight)
@@ -2605,6 +2630,7 @@ class OrthogonalLinear(_EvalCache, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.fx.Proxy):  # symbolic tracing records the forward op by op
             _check_floating(x, self)
+            check_input_dtype(x, _kept_parameter(self, "raw_weight").dtype, self)
         return F.linear(x, self._cached("weight", lambda: self.weight), self.bias)
 
     def extra_repr(self) -> str:
