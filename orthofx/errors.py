@@ -117,24 +117,25 @@ def saved_count(local_metadata: dict, key: str, prefix: str, meaning: str, keep:
     with ``label``) naming the module's entry (``prefix``: the module's path and a dot), what it holds
     (``meaning``), and the fix: delete that entry, which keeps ``keep``.
 
-    ``needed``: the module uses the value (an ``every`` period longer than 1). A state dict without torch's
-    metadata (no ``version`` entry: rebuilt key by key, as ``{k: v.cpu() for k, v in sd.items()}``, or read from
-    safetensors) cannot hold it, and an :class:`OrthofxWarning` says that ``keep`` stays and how to keep the
-    metadata; a state dict that has the metadata but not the key (a plain model's, or one saved before orthofx kept
-    it) is taken silently.
+    ``needed``: the module uses the value (an ``every`` period longer than 1) and the state dict holds the module's
+    keys. A state dict without torch's metadata (no ``version`` entry: rebuilt key by key, as ``{k: v.cpu() for k,
+    v in sd.items()}``, or read from safetensors) cannot hold it, and an :class:`OrthofxWarning` says that ``keep``
+    stays and how to keep the metadata (one message per kind of value, without the module's path, so that Python
+    shows it once; ``warnings.filterwarnings("ignore", message="the state dict carries no torch metadata")``
+    silences it, e.g. when loading pretrained weights); a state dict that has the metadata but not the key (a plain
+    model's, or one saved before orthofx kept it) is taken silently.
 
     >>> saved_count({"version": 1, "k": 3}, "k", "", "a count", "the model's own count")
     3
     """
     if key not in local_metadata:
         if needed and "version" not in local_metadata:
-            where = f"'{prefix[:-1]}'" if prefix else "the model's root"
             warnings.warn(
-                f"{label + ': ' if label else ''}the state dict carries no torch metadata for {where} (a dict rebuilt "
-                f"key by key, safetensors or torch.distributed.checkpoint drop it), which holds {meaning}: {keep} "
-                "stays, so a resumed run may evaluate its terms on other steps than the run it continues. Load the "
-                "state dict as state_dict() returned it (torch.save / torch.load keep the metadata), or copy it over: "
-                "new._metadata = old._metadata", OrthofxWarning, stacklevel=3)
+                f"the state dict carries no torch metadata (a dict rebuilt key by key, safetensors or "
+                f"torch.distributed.checkpoint drop it), which holds {meaning}: {keep} stays, so a resumed run may "
+                "evaluate its terms on other steps than the run it continues. Load the state dict as state_dict() "
+                "returned it (torch.save / torch.load keep the metadata), or copy it over: new._metadata = "
+                "old._metadata", OrthofxWarning, stacklevel=3)
         return None
     value = local_metadata[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -84,7 +84,8 @@ def _load_penalty_calls(module: nn.Module, state_dict: dict, prefix: str, local_
         return
     calls = saved_count(
         local_metadata, PENALTY_CALLS_METADATA_KEY, prefix, "the count of orthofx.penalty calls of a transformed model",
-        "the model's own count", needed=manifest.penalty_period() > 1)
+        "the model's own count",
+        needed=manifest.penalty_period() > 1 and any(key.startswith(prefix) for key in state_dict))
     phases = _saved_phases(local_metadata, prefix, manifest)
     if phases is not None:
         for term, phase in zip(manifest.penalties, phases):

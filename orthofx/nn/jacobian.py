@@ -280,7 +280,8 @@ class JacobianProbe(nn.Module):
         self._block._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                          unexpected_keys, error_msgs)
         calls = saved_count(local_metadata, PHASE_METADATA_KEY, prefix, "the probe's step in its every period",
-                            "the probe's own step", LayerArgumentError, layer_label(self), needed=self.every > 1)
+                            "the probe's own step", LayerArgumentError, layer_label(self),
+                            needed=self.every > 1 and any(key.startswith(prefix) for key in state_dict))
         if calls is not None:  # None: a state dict of the plain model, or from before the phase was saved
             self.restore_calls(calls)
 
