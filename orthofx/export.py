@@ -986,7 +986,8 @@ def _onnxruntime_dtype_hint(frozen: nn.Module, example: ExampleCall) -> str:
     """The fix to add to an onnxruntime failure where the model or its inputs hold float64 tensors (a model moved
     to float64 with ``.double()``): onnxruntime's CPU provider has float64 kernels for few ops (no ``Conv`` or
     ``ConvTranspose``: "Could not find an implementation for Conv(11)"), so a float32 copy is what exports."""
-    tensors = [*frozen.parameters(), *frozen.buffers(), *output_tensors((example.args, example.kwargs))]
+    # parameters and inputs: a float32 model may keep float64 buffers of its own (statistics, precomputed factors)
+    tensors = [*frozen.parameters(), *output_tensors((example.args, example.kwargs))]
     if not any(t.dtype == torch.float64 for t in tensors):
         return ""
     return ("; the model computes in float64, for which onnxruntime's CPU provider lacks most kernels (Conv, "
