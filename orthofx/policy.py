@@ -1034,10 +1034,20 @@ def _misplaced_key_hint(key: Any, path: tuple, mapping: dict) -> str:
             return f" ('{key}' belongs in a rule, under rules:, as in rules: [{{match: ..., apply: ...}}])"
         return ""
     if depth == 2 and path[0] == "rules":  # a rule
-        if key in _MATCH_KEYS:
-            return f" ('{key}' is a selector: put it under the rule's match:, as in match: {{{key}: ...}})"
         apply = mapping.get("apply")
-        owners = [name for name, cls in _registry.available_passes().items() if key in cls.param_spec()]
+        passes = _registry.available_passes()
+        owners = [name for name, cls in passes.items() if key in cls.param_spec()]
+        if key in _MATCH_KEYS:
+            # a key that is both a selector and a parameter (kind: jacobian_isometry's full|partial|offdiag):
+            # beside apply: it may be either, and which one is the user's to say
+            if apply in owners:
+                return (f" ('{key}' is both a selector and a parameter of {apply}: put it under the rule's with: "
+                        f"for the parameter, as in with: {{{key}: ...}}, or under match: for the selector, as in "
+                        f"match: {{{key}: ...}})")
+            if owners and not (isinstance(apply, str) and apply in passes):  # no pass named (or a misspelt one)
+                return (f" ('{key}' is a selector, which goes under the rule's match:, as in match: {{{key}: ...}}, "
+                        f"and a parameter of {first_few(owners, 4)}, which goes under with:)")
+            return f" ('{key}' is a selector: put it under the rule's match:, as in match: {{{key}: ...}})"
         if apply in owners:
             return f" ('{key}' is a parameter of {apply}: put it under the rule's with:, as in with: {{{key}: ...}})"
         if owners:
@@ -1253,7 +1263,7 @@ def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
     for key, value in given.items():
         if key not in spec:
             hint = (f" ('{key}' belongs to the rule, beside with:, not inside it)" if key in _RULE_KEYS else
-                    f" ('{key}' is a selector: put it under the rule's match:)" if key in _MATCH_KEYS else
+                    _selector_in_with_hint(key, apply, passes) if key in _MATCH_KEYS else
                     _other_pass_hint(key, apply, passes) or _did_you_mean(key, spec))
             raise pos.error(f"unknown key {key!r} in {label}.with for pass {apply!r}; allowed: "
                             f"{', '.join(sorted(spec)) or 'none (the pass takes no parameters)'}{hint}",
@@ -1300,6 +1310,34 @@ def _other_pass_hint(key: Any, apply: str, passes: Mapping[str, type[Pass]]) -> 
     return f" ({key!r} is a parameter of {first_few(owners, 4)}, not of {apply})"
 
 
+def _selector_in_with_hint(key: str, apply: str, passes: Mapping[str, type[Pass]]) -> str:
+    """The hint for a selector (``kind``) written under ``with:`` of a pass that does not take it: it belongs under
+    ``match:``, unless another pass was meant that has a parameter of that name (jacobian_isometry's ``kind``).
+
+    >>> from orthofx.passes.registry import available_passes
+    >>> _selector_in_with_hint("kind", "orth_regularizer", available_passes()).split("; ")[1]
+    'it is also a parameter of jacobian_isometry, not of orth_regularizer)'
+    """
+    owners = [name for name, cls in passes.items() if name != apply and key in cls.param_spec()]
+    also = f"; it is also a parameter of {first_few(owners, 4)}, not of {apply}" if owners else ""
+    return f" ('{key}' is a selector: put it under the rule's match:{also})"
+
+
+def _param_choice_hint(key: str, value: Any) -> str:
+    """The hint for a selector's value that is not one of the selector's but is a choice of a pass parameter of the
+    same name (``match: {kind: partial}`` for jacobian_isometry's ``with: {kind: partial}``); ``""`` otherwise.
+
+    >>> _param_choice_hint("kind", "offdiag")
+    " ('offdiag' is a value of the parameter 'kind' of jacobian_isometry, which goes under the rule's with:)"
+    """
+    owners = [name for name, cls in _registry.available_passes().items()
+              if isinstance(value, str) and value in (getattr(cls.param_spec().get(key), "choices", None) or ())]
+    if not owners:
+        return ""
+    return (f" ({value!r} is a value of the parameter '{key}' of {first_few(owners, 4)}, which goes under the "
+            "rule's with:)")
+
+
 #: YAML's spellings of true and false (YAML 1.1, as PyYAML reads them), lower case -> the value.
 _BOOL_WORDS: dict[str, bool] = dict(yaml.constructor.SafeConstructor.bool_values)
 
@@ -1308,13 +1346,17 @@ def _value_hint(param: Any, value: Any) -> str:
     """The likely slip behind a pass parameter's value that ``param`` (a :class:`~orthofx.passes.base.Param`)
     refused, as a hint for its error; ``""`` when there is none to name: a number or boolean written in quotes
     (``weight: '1e-2'`` is a string), an integer parameter given a float with an integer value (``fit_steps: 1e3``,
-    which YAML reads as the float 1000.0), a choice in another case or misspelt (``method: Taylor``).
+    which YAML reads as the float 1000.0), a choice in another case or misspelt (``method: Taylor``). A fix is
+    named only where its result is accepted: quotes to remove where the text unquoted reads as an accepted value
+    (``fit_steps: '1e3'`` unquoted is the float 1000.0, so the hint is the integer 1000; ``'1.5'`` is no integer).
 
     >>> from orthofx.passes.base import Param
     >>> _value_hint(Param("weight", 0.01, (float,)), "1e-2")
     '; a number in quotes is a string: write 1e-2 without quotes'
     >>> _value_hint(Param("fit_steps", 0, (int,), minimum=0), 1000.0)
     '; write the integer 1000, without a decimal point or exponent'
+    >>> _value_hint(Param("fit_steps", 0, (int,), minimum=0), "1e3")
+    '; write the integer 1000, without quotes, a decimal point or exponent'
     """
     types = tuple(getattr(param, "types", ()))
     choices = getattr(param, "choices", None)
@@ -1326,17 +1368,45 @@ def _value_hint(param: Any, value: Any) -> str:
             word = "true" if _BOOL_WORDS[text.lower()] else "false"
             return f"; true and false in quotes are strings: write {word} without quotes"
         if float in types or int in types:
-            try:
-                number = float(text)
-            except ValueError:
+            # what the text reads as unquoted: a quote to remove is a fix only where that value is accepted
+            # (fit_steps: '1e3' unquoted is the float 1000.0, refused too)
+            number = _read_unquoted(text)
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
                 return ""
-            if math.isfinite(number):
+            if _accepted(param, number):
                 return f"; a number in quotes is a string: write {text} without quotes"
+            if isinstance(number, float) and int in types and float not in types:
+                if number != int(number):
+                    return f"; {text} is not an integer, with or without quotes"
+                if _accepted(param, int(number)):
+                    return f"; write the integer {int(number)}, without quotes, a decimal point or exponent"
         return ""
     if (isinstance(value, float) and int in types and float not in types and math.isfinite(value)
-            and value == int(value)):
+            and value == int(value) and _accepted(param, int(value))):
         return f"; write the integer {int(value)}, without a decimal point or exponent"
     return ""
+
+
+def _read_unquoted(text: str) -> Any:
+    """What a policy reads ``text`` as, written without quotes (``1e3``: the float 1000.0); ``None`` where it reads
+    it as null or refuses it (``010``, an ambiguous octal).
+
+    >>> _read_unquoted("1e3"), _read_unquoted("2"), _read_unquoted("1:20")
+    (1000.0, 2, '1:20')
+    """
+    try:
+        return _parse_yaml(text, "<value>")[0]
+    except PolicyError:
+        return None
+
+
+def _accepted(param: Any, value: Any) -> bool:
+    """Whether ``param`` (a :class:`~orthofx.passes.base.Param`) accepts ``value``."""
+    try:
+        param.validate(value)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _build_match(raw: Any, path: tuple, pos: _Positions) -> Match:
@@ -1376,7 +1446,7 @@ def _build_match(raw: Any, path: tuple, pos: _Positions) -> Match:
 
     kind = raw.get("kind")
     if kind is not None and (not isinstance(kind, str) or kind not in MATCH_KINDS):
-        hint = _did_you_mean(kind, MATCH_KINDS)
+        hint = _did_you_mean(kind, MATCH_KINDS) or _param_choice_hint("kind", kind)
         raise pos.error(f"{label}.kind must be one of {', '.join(MATCH_KINDS)}; found {_describe(kind)}{hint}",
                         path + ("kind",))
 

@@ -33,6 +33,12 @@
 7. The warning for a regular expression that a later Python may read otherwise (``re:[[a]``) came from ``re``'s
    FutureWarning, which ``re`` gives only when it parses the pattern, not when its cache holds it: a policy loaded a
    second time in one process (a notebook, a test run) passed without it.
+12. Two of 11's and 2's hints were false. ``kind`` is a selector and a parameter of jacobian_isometry (``kind:
+    full|partial|offdiag``): beside ``apply: jacobian_isometry`` it was called a selector only, so the user's
+    ``kind: partial`` moved under match: was refused there; the hint now names both places (and ``match: {kind:
+    partial}`` names the parameter). A quoted number an integer parameter refuses unquoted too (``fit_steps: '1e3'``,
+    the float 1000.0, or ``'1.5'``) was told to lose its quotes; it now gets the hint the unquoted value gets, and
+    "write the integer N" is given only where N is accepted (``probes: 2e3`` is over probes' maximum).
 
 Positions are found in the policy text (``text_position``), never read back from orthofx.
 """
@@ -376,3 +382,133 @@ def test_a_key_at_the_wrong_level_says_where_it_belongs(text, token, reason):
 def test_a_misspelt_rule_key_still_gets_the_closest_name():
     err = _error(HEAD + "  - match: {type: Conv2d}\n    apply: orth_regularizer\n    wiht: {weight: 1}\n")
     assert err.reason.endswith("(did you mean 'with'?)")
+
+
+# ------------------------------------------------------------------ 12. a key that is a selector and a parameter
+
+def _selector_params() -> list[tuple[str, str]]:
+    """(key, pass) for every selector name that some pass also takes as a parameter, from the registry."""
+    from orthofx.policy import _MATCH_KEYS
+    passes = orthofx.passes.registry.available_passes()
+    return [(key, name) for key in _MATCH_KEYS for name, cls in passes.items() if key in cls.param_spec()]
+
+
+def _site_match(apply: str) -> str:
+    kinds = orthofx.passes.registry.available_passes()[apply].site_kinds
+    return "{type: Conv2d}" if "module" in kinds else "{op: eigh}"
+
+
+def _a_valid_value(apply: str, key: str):
+    param = orthofx.passes.registry.available_passes()[apply].param_spec()[key]
+    return param.choices[-1] if param.choices else param.default
+
+
+def test_the_selector_parameters_are_known():
+    assert ("kind", "jacobian_isometry") in _selector_params()
+
+
+@pytest.mark.parametrize("key, apply", _selector_params())
+def test_a_selector_parameter_beside_apply_names_both_places(key, apply):
+    value = _a_valid_value(apply, key)
+    text = HEAD + f"  - match: {_site_match(apply)}\n    apply: {apply}\n    {key}: {value}\n"
+    err = _error(text)
+    assert err.reason == (f"unknown key '{key}' in rules[0]; allowed: name, match, apply, with, optional ('{key}' is "
+                          f"both a selector and a parameter of {apply}: put it under the rule's with: for the "
+                          f"parameter, as in with: {{{key}: ...}}, or under match: for the selector, as in "
+                          f"match: {{{key}: ...}})")
+    assert (err.line, err.column) == text_position(text, f"{key}: {value}")
+    # the reference: under with: the pass takes the value as written
+    fixed = Policy.from_yaml(_rule(apply, f"{{{key}: {value}}}", match=_site_match(apply)))
+    assert fixed.rules[0].params[key] == value
+
+
+@pytest.mark.parametrize("key, apply", _selector_params())
+def test_a_selector_parameter_without_a_known_pass_names_both_places(key, apply):
+    for rule in ["", "    apply: no_such_pass\n"]:
+        err = _error(HEAD + f"  - match: {{type: Conv2d}}\n{rule}    {key}: x\n")
+        assert err.reason.endswith(f" ('{key}' is a selector, which goes under the rule's match:, as in match: "
+                                   f"{{{key}: ...}}, and a parameter of {apply}, which goes under with:)")
+
+
+@pytest.mark.parametrize("key, owner", _selector_params())
+def test_a_selector_parameter_beside_another_pass_is_a_selector(key, owner):
+    passes = orthofx.passes.registry.available_passes()
+    for apply, cls in passes.items():
+        if key in cls.param_spec():
+            continue
+        err = _error(HEAD + f"  - match: {_site_match(apply)}\n    apply: {apply}\n    {key}: x\n")
+        assert err.reason.endswith(f" ('{key}' is a selector: put it under the rule's match:, as in match: "
+                                   f"{{{key}: ...}})")
+        # under with: of a pass that does not take it: a selector, or the parameter of the passes that do
+        owners = ", ".join(name for name, c in passes.items() if key in c.param_spec())
+        err = _error(_rule(apply, f"{{{key}: x}}", match=_site_match(apply)))
+        assert err.reason.endswith(f" ('{key}' is a selector: put it under the rule's match:; it is also a parameter "
+                                   f"of {owners}, not of {apply})")
+
+
+def test_a_parameters_value_under_match_names_the_parameter():
+    text = HEAD + "  - match: {type: Conv2d, kind: partial}\n    apply: jacobian_isometry\n"
+    err = _error(text)
+    assert err.reason == ("rules[0].match.kind must be one of module, block, function; found a string ('partial') "
+                          "('partial' is a value of the parameter 'kind' of jacobian_isometry, which goes under the "
+                          "rule's with:)")
+    assert (err.line, err.column) == text_position(text, "partial")
+    assert "did you mean 'block'" in _error(text.replace("partial", "blok")).reason  # a selector's misspelling
+    fixed = Policy.from_yaml(_rule("jacobian_isometry", "{kind: partial}"))
+    assert fixed.rules[0].params["kind"] == "partial"
+
+
+# ------------------------------------------------------------ 12. a quoted number an integer parameter refuses
+
+def _int_params() -> list[tuple[str, str]]:
+    """(pass, parameter) for every parameter that takes integers and no floats, from the registry."""
+    passes = orthofx.passes.registry.available_passes()
+    return [(name, key) for name, cls in passes.items() for key, p in cls.param_spec().items()
+            if int in p.types and float not in p.types and p.choices is None]
+
+
+def _loads(apply: str, key: str, written: str) -> bool:
+    try:
+        Policy.from_yaml(_rule(apply, f"{{{key}: {written}}}", match=_site_match(apply)))
+    except PolicyError:
+        return False
+    return True
+
+
+def test_the_integer_parameters_are_known():
+    assert {("orthogonal_conv", "fit_steps"), ("jacobian_isometry", "probes"), ("orth_regularizer", "every"),
+            ("svd_conditioning", "iterations")} <= set(_int_params())
+
+
+@pytest.mark.parametrize("apply, key", _int_params())
+@pytest.mark.parametrize("written, hint, fix", [
+    ("'1e2'", "; write the integer 100, without quotes, a decimal point or exponent", "100"),
+    ("'1.5'", "; 1.5 is not an integer, with or without quotes", None),
+    ("'3'", "; a number in quotes is a string: write 3 without quotes", "3"),
+])
+def test_a_quoted_number_gets_the_hint_of_the_number(apply, key, written, hint, fix):
+    text = _rule(apply, f"{{{key}: {written}}}", match=_site_match(apply))
+    err = _error(text)
+    assert err.reason.startswith(f"rules[0].with.{key}: parameter '{key}' must be ")
+    assert err.reason.endswith(hint)
+    assert (err.line, err.column) == text_position(text, written)
+    # the reference: the value without quotes is refused too, and the fix named is accepted
+    assert _loads(apply, key, written[1:-1]) == (written == "'3'")
+    if fix is not None:
+        assert _loads(apply, key, fix)
+
+
+@pytest.mark.parametrize("written", ["2e3", "'2e3'"])
+def test_no_integer_is_named_that_the_parameter_refuses(written):
+    err = _error(_rule("jacobian_isometry", f"{{probes: {written}}}"))  # probes is at most 1024
+    assert err.reason.startswith("rules[0].with.probes: parameter 'probes' must be an integer >= 1 and <= 1024")
+    assert "write" not in err.reason
+    assert not _loads("jacobian_isometry", "probes", "2000")  # the reference: the integer is refused
+
+
+@pytest.mark.parametrize("written", ["'-1'", "'010'", "'1:20'"])
+def test_no_unquoting_is_named_that_the_parameter_refuses(written):
+    err = _error(_rule("orthogonal_conv", f"{{fit_steps: {written}}}"))
+    assert err.reason == f"rules[0].with.fit_steps: parameter 'fit_steps' must be an integer >= 0, got {written} " \
+                         "(a string)"
+    assert not _loads("orthogonal_conv", "fit_steps", written[1:-1])
