@@ -15,7 +15,8 @@ Two bugs found and fixed:
   ``torch.linalg.eigh(torch.where(bad, I, A))`` with ``masked_fill(.., nan)`` on each output; the fills hid
   ``V diag(f(lambda)) V^T`` from ``to_newton_schulz`` ("no ... was found"), so ``orthofx.export`` to ``.onnx`` of a
   model calling them was refused (also after the ``svd`` preset, which makes the inner eigh a stable stand-in with
-  a monitor). ``to_newton_schulz`` now reads that expansion as one stand-in call on the matrix itself.
+  a monitor). ``to_newton_schulz`` now reads that expansion as one stand-in call on the matrix itself, only when
+  every output's NaN fill is under the guard's own flag (a model's own fill under ``L < 0`` was deleted at first).
 """
 
 from __future__ import annotations
@@ -367,3 +368,74 @@ def test_a_covariance_formed_by_cancellation_is_not_refused():
     out = power_newton_schulz(cov, -0.5, iterations=30, float64=True)
     sym64 = 0.5 * (cov.double() + cov.double().T)
     torch.testing.assert_close(out.double(), _power64(sym64, -0.5), rtol=1e-4, atol=1e-5)
+
+
+class GuardedEighOwnFill(nn.Module):
+    """The plain form's guard written by hand, plus the model's own NaN fill: the eigenvectors of a negative
+    eigenvalue are NaN (so ``V diag(lambda) V^T`` of an indefinite matrix is NaN). That fill reads ``V`` like the
+    guard's fill does, but under ``L < 0``, not under the guard's flag."""
+
+    def forward(self, a):
+        bad = (~torch.isfinite(a)).any(-1).any(-1)
+        eye = torch.eye(a.shape[-2], a.shape[-1], dtype=a.dtype, device=a.device)
+        L, V = torch.linalg.eigh(torch.where(bad.unsqueeze(-1).unsqueeze(-1), eye, a))
+        L = L.masked_fill(bad.unsqueeze(-1), float("nan"))
+        V = V.masked_fill((L < 0).unsqueeze(-2), float("nan"))
+        return L, (V * L.unsqueeze(-2)) @ V.mT
+
+
+def test_to_newton_schulz_keeps_a_models_own_nan_fill_after_a_guarded_eigh():
+    """The old code read any ``o.masked_fill(mask, nan)`` of each output as the plain form's own fill and deleted
+    it (the ``L < 0`` fill here): an indefinite matrix gave a finite ``V diag(lambda) V^T`` instead of NaN. Now a
+    fill must be under the guard's flag (``bad`` reshaped), else the site is left as it was before session 36."""
+    gm = fx.symbolic_trace(GuardedEighOwnFill())
+    status = to_newton_schulz(gm, iterations=30)
+    assert list(status.values()) == ["no V diag(lambda^(1/2) or lambda^(-1/2)) V^T computed from the decomposition "
+                                     "was found"]
+    assert sum(n.target == "masked_fill" for n in gm.graph.nodes) == 2  # both fills kept
+    a = _spd(4, (3,), seed=21)
+    a[1] -= 3.0 * torch.eye(4, dtype=torch.float64)  # eigenvalues 1 - 3 .. 10 - 3: some negative
+    a[2, 0, 3] = float("nan")  # the guard's own case (lower triangle: read by eigh)
+    a[2, 3, 0] = float("nan")
+    L64, V64 = torch.linalg.eigh(torch.where(a.isnan().any(-1).any(-1)[:, None, None], torch.eye(4).double(), a))
+    bad = torch.tensor([False, False, True])
+    L64 = L64.masked_fill(bad[:, None], float("nan"))
+    V64 = V64.masked_fill((L64 < 0)[..., None, :], float("nan"))
+    expected = (L64, (V64 * L64.unsqueeze(-2)) @ V64.mT)
+    assert bool((L64[1] < 0).any()) and not bool((L64[0] < 0).any())
+    for got, ref in zip(gm(a.float()), expected):
+        torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5, equal_nan=True)
+    assert gm(a.float())[1].flatten(1).isnan().all(1).tolist() == [False, True, True]
+
+
+class GuardedEighColumnFill(nn.Module):
+    """The guard's flag, but unsqueezed in front: ``L.masked_fill(bad.unsqueeze(0), nan)`` fills *column* ``j`` of
+    every matrix's values where matrix ``j`` is bad (a batch of ``n`` matrices ``n x n``), not the bad matrix's
+    own row."""
+
+    def forward(self, a):
+        bad = (~torch.isfinite(a)).any(-1).any(-1)
+        eye = torch.eye(a.shape[-2], a.shape[-1], dtype=a.dtype, device=a.device)
+        L, V = torch.linalg.eigh(torch.where(bad.unsqueeze(-1).unsqueeze(-1), eye, a))
+        L = L.masked_fill(bad.unsqueeze(0), float("nan"))
+        V = V.masked_fill(bad.unsqueeze(-1).unsqueeze(-1), float("nan"))
+        return L, (V * L.rsqrt().unsqueeze(-2)) @ V.mT
+
+
+def test_to_newton_schulz_keeps_a_fill_under_the_guards_flag_on_another_axis():
+    """Derived from the flag is not enough: ``bad.unsqueeze(0)`` moves it to another axis. The old code read it as
+    the plain form's fill and deleted it (column 2 of the other matrices' values, and their powers, came out
+    finite)."""
+    gm = fx.symbolic_trace(GuardedEighColumnFill())
+    assert list(to_newton_schulz(gm, iterations=30).values()) == [
+        "no V diag(lambda^(1/2) or lambda^(-1/2)) V^T computed from the decomposition was found"]
+    assert sum(n.target == "masked_fill" for n in gm.graph.nodes) == 2  # both fills kept
+    a = _spd(4, (4,), seed=22)
+    a[2, 1, 1] = float("inf")
+    bad = torch.tensor([False, False, True, False])
+    L64, V64 = torch.linalg.eigh(torch.where(bad[:, None, None], torch.eye(4).double(), a))
+    L64 = L64.masked_fill(bad[None, :], float("nan"))
+    V64 = V64.masked_fill(bad[:, None, None], float("nan"))
+    for got, ref in zip(gm(a.float()), (L64, (V64 * L64.rsqrt().unsqueeze(-2)) @ V64.mT)):
+        torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5, equal_nan=True)
+    assert gm(a.float())[1].flatten(1).isnan().all(1).tolist() == [True] * 4  # column 2 of every L is NaN

@@ -1050,15 +1050,69 @@ def _guarded_matrix(node: Any) -> fx.Node | None:
     return matrix if isinstance(cur, fx.Node) and cur.args[0] is matrix and negations == 1 else None
 
 
+_BROADCASTS = {"expand", "expand_as", "broadcast_to"}  # ATen's too: keep each batch index at its place
+
+
+def _appends_ones(shape: Any, source: fx.Node, step: fx.Node) -> bool:
+    """Whether ``reshape(source, shape)`` (the node ``step``) only appends size-1 dimensions to ``source``'s
+    shape: ``source.shape + (1,) * k`` as fx traces it, or a fixed shape that the recorded shapes of ``source``
+    and ``step`` (``meta["val"]``, torch.export's) show to be that."""
+    if isinstance(shape, fx.Node):  # source.shape + (1,) * k, with k a traced int or an int
+        if not (shape.op == "call_function" and shape.target is operator.add and len(shape.args) == 2):
+            return False
+        head, tail = shape.args
+        if not (isinstance(head, fx.Node) and head.op == "call_function" and head.target is getattr
+                and head.args == (source, "shape")):
+            return False
+        if isinstance(tail, tuple):
+            return all(d == 1 for d in tail)
+        return (isinstance(tail, fx.Node) and tail.op == "call_function" and tail.target is operator.mul
+                and len(tail.args) == 2 and (1,) in [a for a in tail.args if isinstance(a, tuple)])
+    before, after = source.meta.get("val"), step.meta.get("val")
+    if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
+        return False
+    k = after.dim() - before.dim()
+    return k >= 0 and list(after.shape) == [*before.shape, *(1,) * k]
+
+
+def _trailing_ones_source(mask: Any) -> fx.Node | None:
+    """The node ``mask`` is computed from through steps that only append size-1 dimensions (``unsqueeze(-1)``, a
+    reshape to ``bad.shape + (1,) * k``) or broadcast (``expand``): steps after which ``mask[i, ...]`` is still
+    the flag of batch index ``i``, as in ``_nan_where``'s ``bad.reshape(...)`` and ``_finite_part``'s
+    ``bad.unsqueeze(-1).unsqueeze(-1)``. ``bad.unsqueeze(0)`` or any computation (``~bad``, ``bad | x``) stops
+    the walk at itself. Example: ``bad.unsqueeze(-1).expand(-1, 3)`` -> the node ``bad``."""
+    cur = mask
+    while isinstance(cur, fx.Node) and cur.op in ("call_function", "call_method") and cur.args:
+        source = cur.args[0]
+        name = _target_name(cur).split(".")[0]  # unsqueeze.default, reshape.default: ATen overloads
+        if not isinstance(source, fx.Node):
+            break
+        if name == "unsqueeze":
+            dim = _arg(cur, 1, "dim")
+            meta = source.meta.get("val")
+            if not (dim == -1 or (isinstance(meta, torch.Tensor) and dim == meta.dim())):
+                break
+        elif name in ("reshape", "view"):
+            shape = cur.args[1:] if len(cur.args) > 2 else _arg(cur, 1, "shape")
+            if isinstance(shape, torch.dtype) or not _appends_ones(shape, source, cur):
+                break
+        elif name not in _BROADCASTS:
+            break
+        cur = source
+    return cur if isinstance(cur, fx.Node) else None
+
+
 def _collapse_plain_forms(gm: fx.GraphModule) -> int:
     """Read every traced-into ``eigh_stable(X, plain=True)`` / ``svd_stable(X, plain=True)`` back as one stand-in
     call: ``torch.linalg.eigh(torch.where(bad, eye, X))`` (or the stand-in ``stable_eigh`` the pass put there, with
     its monitor or a frozen model's pass-through after it) whose every output ``o`` is read only as
-    ``o.masked_fill(bad..., nan)`` (and by ``o.dim()`` for that mask's shape) becomes ``stable_eigh(X, UPLO=...,
+    ``o.masked_fill(bad..., nan)`` (and by ``o.dim()`` for that mask's shape; ``bad...``: the guard's own flag
+    ``bad`` given trailing size-1 dimensions, see :func:`_trailing_ones_source`) becomes ``stable_eigh(X, UPLO=...,
     plain=True)`` (the stand-in's own call on ``X``), its outputs read directly. The same values (the stand-ins give
     a matrix holding a NaN/inf NaN outputs themselves), but a graph :func:`_to_newton_schulz` can read: the
     ``masked_fill`` between the decomposition and ``V diag(f(lambda)) V^T`` hid the pattern, and the site was
-    left. Returns how many."""
+    left. A site whose outputs are filled under another mask (a model's own ``L.masked_fill(L < 0, nan)`` after
+    such a guard) is left as it is: dropping that fill would change the model's values. Returns how many."""
     graph = gm.graph
     collapsed = 0
     for node in list(graph.nodes):
@@ -1077,6 +1131,9 @@ def _collapse_plain_forms(gm: fx.GraphModule) -> int:
         if len(node.users) == 1 and (user := next(iter(node.users))).op == "call_module" and isinstance(
                 gm.get_submodule(str(user.target)), (cond.DecompositionMonitor, cond.PassThrough)):
             dec = user  # the outputs are read through the monitor
+        # a fill under the guard's own flag (``bad`` reshaped) is the one the plain form computes; one under another
+        # mask (``L < 0``, ``~bad``) is the model's own, and the collapse would silently drop it
+        flag = _trailing_ones_source(guarded.args[0])
         fills: dict[int, fx.Node] = {}
         for user in dec.users:
             idx = _out_index(user, dec, _INFO[op])
@@ -1084,7 +1141,8 @@ def _collapse_plain_forms(gm: fx.GraphModule) -> int:
             fill = readers[0] if len(readers) == 1 else None
             if idx is None or idx in fills or fill is None or not (
                     _is(fill, _MASKED_FILL_FNS, {"masked_fill"}) and len(fill.args) == 3 and fill.args[0] is user
-                    and isinstance(fill.args[2], float) and fill.args[2] != fill.args[2]):  # the value is NaN
+                    and isinstance(fill.args[2], float) and fill.args[2] != fill.args[2]  # the value is NaN
+                    and flag is not None and _trailing_ones_source(fill.args[1]) is flag):
                 break
             fills[idx] = fill
         else:
