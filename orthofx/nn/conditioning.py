@@ -57,7 +57,6 @@ what :func:`orthofx.freeze` puts in its place.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import Tensor, nn
@@ -254,6 +253,12 @@ def _check_square(A: Tensor, what: str) -> None:
                                  "SVD of a non-square data matrix); transform with method 'taylor' for this site")
 
 
+def _symmetry_tolerance(dtype: torch.dtype) -> float:
+    """``max(1e-2, eps^(1/4))`` of ``dtype`` (0 for a non-floating one): how far from symmetric, relative to its
+    largest entry, a matrix may be and still count as a covariance (:func:`_asymmetric`)."""
+    return max(1e-2, torch.finfo(dtype).eps ** 0.25) if dtype.is_floating_point else 0.0
+
+
 def _asymmetric(matrix: Tensor) -> Tensor:
     """Mask (shape ``matrix.shape[:-2]``) of the square matrices that are far from symmetric:
     ``max|M - M^T| > max(1e-2, eps^(1/4)) max|M|`` (tensor ops only). A square data matrix is asymmetric by about
@@ -261,7 +266,7 @@ def _asymmetric(matrix: Tensor) -> Tensor:
     (``E[x x^T] - mu mu^T`` of float32 data with a large mean: 1e-3 relative) makes far larger than ``sqrt(eps)``,
     the tolerance first used here, which refused such covariances."""
     m = matrix.detach()
-    tol = max(1e-2, torch.finfo(m.dtype).eps ** 0.25) if m.is_floating_point() else 0.0
+    tol = _symmetry_tolerance(m.dtype)
     asym = (m - m.mT).abs().amax(dim=(-2, -1))
     return asym > tol * m.abs().amax(dim=(-2, -1))
 
@@ -289,8 +294,8 @@ def _refuse_asymmetric(A: Tensor) -> Tensor | None:
         count = int(asymmetric.sum())
         raise LayerArgumentError(
             f"power_newton_schulz (uplo=None): {count} of {max(1, asymmetric.numel())} matrices (input shape "
-            f"{tuple(A.shape)}) are far from symmetric (max |A - A^T| above 1e-2 of max |A|, more in half "
-            "precision). The Newton-Schulz replacement of an SVD site's U diag(S^p) U^T (or U diag(S^p) Vh) equals "
+            f"{tuple(A.shape)}) are far from symmetric (max |A - A^T| above {_symmetry_tolerance(A.dtype):.2g} "
+            "of max |A|). The Newton-Schulz replacement of an SVD site's U diag(S^p) U^T (or U diag(S^p) Vh) equals "
             "it only for a symmetric positive definite matrix (a covariance), where U = V; for this input it would "
             "compute something else. Transform with method 'taylor' for this site (or export to .pt2, which keeps "
             "the exact SVD)")
