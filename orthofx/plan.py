@@ -761,7 +761,7 @@ def _already_orthofx_note(layers: list[OrthofxLayer]) -> str:
 
 
 def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None = None,
-               blocks: Iterable[str] = (), model: nn.Module | None = None, example_inputs: bool = False) -> Plan:
+               blocks: Iterable[str] = (), model: nn.Module | None = None, has_example_inputs: bool = False) -> Plan:
     """Match ``policy`` against the captured ``gm``; raise :class:`PlanError` for a rule that matches nothing, and
     for entries a pass refuses together (:func:`_check_pass_plans`, e.g. ``riemannian``'s conflicting tied weights)
     or two passes would both hook (:func:`_refuse_weights_hooked_by_two_passes`: one weight stepped by
@@ -771,8 +771,8 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
     that layer that capture traced through (:func:`traced_through_layers`): a rule that matches nothing says so
     in its error, and one that matches other sites adds a capture warning (shown by ``explain`` and ``report``).
 
-    ``example_inputs``: whether the model runs on example inputs before the passes (each entry's
-    ``example_inputs``), so that a pass needing a site's input size refuses it here without them."""
+    ``has_example_inputs``: whether the model runs on example inputs before the passes (each entry's
+    ``has_example_inputs``), so that a pass needing a site's input size refuses it here without them."""
     sites, nodes = _all_sites(gm, blocks)
     traced = traced_through_layers(model, sites) if model is not None else {}
     aliases = {name: paths for name, paths in module_aliases(model).items() if name}
@@ -845,7 +845,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                                      pass_name=pass_cls.name, params=dict(rule.params),
                                      reason=f"first '{group}' rule matching {site.name}",
                                      outcome=pass_obj.planned_outcome(site, module, rule.params) or "",
-                                     example_inputs=example_inputs))
+                                     has_example_inputs=has_example_inputs))
         skipped.extend((site, rule.name, reason) for site, reason in rejected)
         hidden = _hidden_by_tracing(rule, model, traced)
         if hidden and (selected or rule.optional) and capture is not None:

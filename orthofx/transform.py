@@ -263,7 +263,7 @@ def _capture_and_plan(root: nn.Module, policy: Policy, example: ExampleCall | No
     gm, info = capture(root, leaf_types=policy.capture.leaf_modules, leaf_paths=list(blocks) + named,
                        mode=policy.capture.mode, example_inputs=None if call is None else call.args,
                        example_kwargs=None if call is None else call.kwargs)
-    plan = build_plan(gm, policy, info, blocks=blocks, model=root, example_inputs=example is not None)
+    plan = build_plan(gm, policy, info, blocks=blocks, model=root, has_example_inputs=example is not None)
     return gm, plan
 
 

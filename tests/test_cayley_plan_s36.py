@@ -4,7 +4,7 @@
   inputs. Without them ``orthofx.explain`` said ``apply``, and ``orthofx.transform`` raised its PlanError only in
   the pass's ``apply``, after the passes before it had run: with ``inplace=True`` an earlier rule
   (``isometric_init``) had written the user's weights already. Fixed: the plan knows whether example inputs were
-  given (``PlanEntry.example_inputs``), and the pass refuses the entry at planning (``entry.refusal``, raised by
+  given (``PlanEntry.has_example_inputs``), and the pass refuses the entry at planning (``entry.refusal``, raised by
   transform before any pass runs; explain shows ``apply: fails: ...``).
 - ``orthofx.nn.OrthogonalLinear`` (and the explicit-kernel orthogonal convs and transposed convs) with weights of
   one dtype given an input of another failed inside torch ("mat1 and mat2 must have the same dtype", "Input type

@@ -180,7 +180,7 @@ class PlanEntry:
     # whether transform runs the model on example inputs before the passes, so that they can read each module
     # site's input shape (PassContext.manifest.input_shapes): a pass that needs one refuses the entry without them
     # in its check_plan (orthogonal_conv's cayley_fft), before any pass runs, rather than in its apply
-    example_inputs: bool = False
+    has_example_inputs: bool = False
 
 
 @dataclass

@@ -427,7 +427,7 @@ class OrthogonalConvPass(Pass):
             if problem is not None and not entry.outcome:
                 entry.outcome = _outcome(problem, entry.params["on_impossible"])
             if problem is None and _kept_layer(module) is None and _needs_input_size(entry, module) \
-                    and not entry.example_inputs:
+                    and not entry.has_example_inputs:
                 # apply would refuse it only after the passes before it ran (with inplace=True, having written the
                 # user's weights); a kept or tied layer is regularised or skipped without an input size, as in apply
                 entry.outcome = "fails: method 'cayley_fft' needs the input size of example_inputs, none given"
