@@ -28,6 +28,7 @@ __all__ = [
     "first_few",
     "layer_label",
     "saved_count",
+    "damaged_metadata_entry",
     "keep_in_metadata",
 ]
 
@@ -139,12 +140,25 @@ def saved_count(local_metadata: dict, key: str, prefix: str, meaning: str, keep:
         return None
     value = local_metadata[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        path = prefix[:-1]
-        where = f"'{path}'" if path else "the model's root ('')"
-        raise error(f"{label + ': ' if label else ''}the state dict's metadata for {where} holds {key}={value!r:.60}, "
-                    f"{meaning}, which must be an int >= 0; remove the entry (del state_dict._metadata['{path}']"
-                    f"['{key}']) to keep {keep}")
+        raise damaged_metadata_entry(prefix, key, value, meaning, "an int >= 0", keep, error, label)
     return value
+
+
+def damaged_metadata_entry(prefix: str, key: str, value, meaning: str, requirement: str, keep: str,
+                           error: type[OrthofxError] = ArgumentError, label: str = "") -> OrthofxError:
+    """The error (``error``, its message starting with ``label``) for an entry ``key`` of the state-dict metadata
+    of the module at ``prefix`` (its path and a dot) whose ``value`` is not what orthofx wrote there: what it holds
+    (``meaning``), what it must be (``requirement``), and the fix, deleting the entry, which keeps ``keep``.
+
+    >>> print(damaged_metadata_entry("", "k", -1, "a count", "an int >= 0", "the model's own count"))
+    the state dict's metadata for the model's root ('') holds k=-1, a count, which must be an int >= 0; remove the \
+entry (del state_dict._metadata['']['k']) to keep the model's own count
+    """
+    path = prefix[:-1]
+    where = f"'{path}'" if path else "the model's root ('')"
+    return error(f"{label + ': ' if label else ''}the state dict's metadata for {where} holds {key}={value!r:.60}, "
+                 f"{meaning}, which must be {requirement}; remove the entry (del state_dict._metadata['{path}']"
+                 f"['{key}']) to keep {keep}")
 
 
 def keep_in_metadata(destination, prefix: str, key: str, value) -> None:

@@ -24,7 +24,8 @@ from torch import fx, nn
 
 from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_inputs, uninitialised_lazy_modules,
                       unwrap_model)
-from .errors import ArgumentError, OrthofxError, OrthofxWarning, TransformError, first_few, saved_count
+from .errors import (ArgumentError, OrthofxError, OrthofxWarning, TransformError, damaged_metadata_entry,
+                     first_few, saved_count)
 from .nn.precision import describe_nonfinite, relative_distance
 from .passes.base import (MANIFEST_KEY, EvalRun, Manifest, ParametrizationState, PassContext, PlanEntry, Site,
                           replace_module, watch_hooked_weights)
@@ -109,13 +110,9 @@ def _saved_phases(local_metadata: dict, prefix: str, manifest: Manifest) -> list
         and all(isinstance(v, int) and not isinstance(v, bool) for v in pair) and 0 <= pair[1] < pair[0]
         for pair in saved)
     if not valid:
-        path = prefix[:-1]
-        where = f"'{path}'" if path else "the model's root ('')"
-        raise ArgumentError(
-            f"the state dict's metadata for {where} holds {PENALTY_PHASES_METADATA_KEY}={saved!r:.60}, the "
-            "(every, phase) of each penalty term of a transformed model, which must be pairs of ints with 0 <= phase "
-            f"< every; remove the entry (del state_dict._metadata['{path}']['{PENALTY_PHASES_METADATA_KEY}']) to "
-            "keep the model's own phases")
+        raise damaged_metadata_entry(prefix, PENALTY_PHASES_METADATA_KEY, saved,
+                                     "the (every, phase) of each penalty term of a transformed model",
+                                     "pairs of ints with 0 <= phase < every", "the model's own phases")
     if len(saved) != len(manifest.penalties) or any(every != t.every for (every, _), t in
                                                      zip(saved, manifest.penalties)):
         return None
