@@ -1036,7 +1036,7 @@ def _misplaced_key_hint(key: Any, path: tuple, mapping: dict) -> str:
     if depth == 2 and path[0] == "rules":  # a rule
         apply = mapping.get("apply")
         passes = _registry.available_passes()
-        owners = [name for name, cls in passes.items() if key in cls.param_spec()]
+        owners = _passes_taking(key, passes)
         if key in _MATCH_KEYS:
             # a key that is both a selector and a parameter (kind: jacobian_isometry's full|partial|offdiag):
             # beside apply: it may be either, and which one is the user's to say
@@ -1296,6 +1296,11 @@ def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
                 match_location=pos.location(path + ("match",)))
 
 
+def _passes_taking(key: Any, passes: Mapping[str, type[Pass]], besides: str | None = None) -> list[str]:
+    """The names of ``passes`` (but ``besides``) that take ``key`` as a parameter under ``with:``."""
+    return [name for name, cls in passes.items() if name != besides and key in cls.param_spec()]
+
+
 def _other_pass_hint(key: Any, apply: str, passes: Mapping[str, type[Pass]]) -> str:
     """The passes other than ``apply`` that take ``key`` under ``with:`` (a parameter given to the wrong pass:
     ``on_impossible`` under ``orth_regularizer``), as a hint for the unknown-key error; ``""`` when none does.
@@ -1304,7 +1309,7 @@ def _other_pass_hint(key: Any, apply: str, passes: Mapping[str, type[Pass]]) -> 
     >>> _other_pass_hint("on_impossible", "orth_regularizer", available_passes())
     " ('on_impossible' is a parameter of orthogonal_conv, not of orth_regularizer)"
     """
-    owners = [name for name, cls in passes.items() if name != apply and key in cls.param_spec()]
+    owners = _passes_taking(key, passes, besides=apply)
     if not owners:
         return ""
     return f" ({key!r} is a parameter of {first_few(owners, 4)}, not of {apply})"
@@ -1318,7 +1323,7 @@ def _selector_in_with_hint(key: str, apply: str, passes: Mapping[str, type[Pass]
     >>> _selector_in_with_hint("kind", "orth_regularizer", available_passes()).split("; ")[1]
     'it is also a parameter of jacobian_isometry, not of orth_regularizer)'
     """
-    owners = [name for name, cls in passes.items() if name != apply and key in cls.param_spec()]
+    owners = _passes_taking(key, passes, besides=apply)
     also = f"; it is also a parameter of {first_few(owners, 4)}, not of {apply}" if owners else ""
     return f" ('{key}' is a selector: put it under the rule's match:{also})"
 
