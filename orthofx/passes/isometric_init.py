@@ -5,8 +5,8 @@ At transform time each selected layer's weight is overwritten (the graph is not 
 
 * Linear ``(out, in)``: ``W = scale * Q`` with ``Q`` a Haar-random orthonormal matrix, orthonormal columns when
   ``out >= in`` and orthonormal rows when ``out < in`` (the convention of :mod:`orthofx.nn.stiefel`);
-* Conv1d / Conv2d / Conv3d ``(out, in / groups, *kernel)``: *delta-orthogonal*: the kernel is zero except on the taps that
-  read one block of ``S`` inputs per output position (``S`` the stride; one tap at stride 1), which hold
+* Conv1d / Conv2d / Conv3d ``(out, in / groups, *kernel)``: *delta-orthogonal*: the kernel is zero except on the
+  taps that read one block of ``S`` inputs per output position (``S`` the stride; one tap at stride 1), which hold
   ``scale * Q`` with ``Q`` Haar-random of shape ``(out / groups, in / groups * S^d)`` per group (rows or columns
   orthonormal by that shape). Output position ``o`` reads input ``S o - p + t d`` at tap ``t`` (padding ``p`` on
   the left, dilation ``d``), so the taps ``t = (p + j) / d``, ``j = 0 .. S - 1``, read exactly the block
@@ -17,13 +17,15 @@ At transform time each selected layer's weight is overwritten (the graph is not 
   divisible by ``S``) its Jacobian is exactly an isometry (``out >= in S^d``) or a co-isometry of the whole feature
   map, under zero or circular padding alike. Where the taps read only part of the block (``k < S``, a dilated
   strided conv) the layer is exact only as a co-isometry (``Q`` with orthonormal rows: P0's row-orthogonal
-  case); where none reads inside it (an even kernel with a dilation under ``'same'`` padding) the centre tap
-  ``(k - 1) // 2`` holds an ``(out / groups, in / groups)`` matrix. The Change's ``exact`` says whether the layer
-  is exactly orthogonal on every input size divisible by ``S`` (``false`` also for padding that changes the
-  output size: the layer then crops or extends the map). A conv with more outputs than the inputs its taps read
-  (``1 -> 16`` channels at stride 1) then has every output position in a subspace of that many dimensions; where
-  it feeds a decomposition (``eigh`` of a whitening layer) that no ``svd_conditioning`` rule makes stable, the
-  pass warns (:class:`~orthofx.errors.OrthofxWarning`): tied eigenvalues make torch's own backward NaN.
+  case, with a square ``Q`` too); where none reads inside it (an even kernel with a dilation under ``'same'``
+  padding) the centre tap ``(k - 1) // 2`` holds an ``(out / groups, in / groups)`` matrix, which reads a shifted
+  input: exact under circular padding (a cyclic shift is a permutation), not under zero padding. The Change's
+  ``exact`` says whether the layer is exactly orthogonal on every input size divisible by ``S`` (``false`` also for
+  padding that changes the output size: the layer then crops or extends the map). A conv with more outputs than
+  the inputs its taps read (``1 -> 16`` channels at stride 1) then has every output position in a subspace of that
+  many dimensions; where it feeds a decomposition (``eigh`` of a whitening layer) that no ``svd_conditioning`` rule
+  makes stable, the pass warns (:class:`~orthofx.errors.OrthofxWarning`): tied eigenvalues make torch's own
+  backward NaN.
 * ConvTranspose1d / 2d / 3d ``(in, out / groups, *kernel)``: the layer is the adjoint ``T = A^T`` of the conv
   ``A`` with the same weight tensor, stride, padding, dilation and groups (``out -> in`` channels, read on the
   layer's output), so it gets that conv's delta-orthogonal kernel: the same taps, ``Q`` of shape
@@ -57,7 +59,8 @@ at ``scale`` (exactly, all singular values equal to it, for Linears and the conv
 * ``activation`` (``linear`` (default), ``relu``, ``tanh``, ``abs``): the activation that follows, whose standard
   gain multiplies the weight (``torch.nn.init.calculate_gain``: linear 1, relu sqrt(2), tanh 5/3; abs 1, since
   ``|x|`` preserves norms, P2). The defaults give ``scale = 1``: each linear part of the network is exactly
-  isometric at initialisation.
+  isometric at initialisation. Other activations are left to ``gain`` (:func:`activation_gain` says which value
+  matches ``calculate_gain`` for leaky_relu, selu, gelu).
 
 Further parameters: ``bias`` (``zero`` (default) or ``keep``): whether biases are zeroed, as orthogonal
 initialisation usually does; ``seed`` (integer or ``null``, default ``null``): with a seed the matrices come from a
@@ -79,7 +82,9 @@ to round-off when the layer is exactly orthogonal) and the scale: for a Linear `
 (:func:`orthofx.nn.stiefel.orthogonality_defect`, rows for wide weights); for a convolution P0's ``lorth`` at the
 layer's stride (zero when the circular convolution operator is orthogonal; for a transposed conv that of its
 adjoint conv, the same singular values) and ``exact``, whether the layer's own padding keeps it so (above). The
-``what`` names the orthonormal side of the layer's Jacobian (rows: a co-isometry, columns: an isometry).
+``what`` names the orthonormal side of the layer's Jacobian (rows: a co-isometry, columns: an isometry; a square
+one says columns), which for an ``exact`` conv need not be ``Q``'s: ``Conv2d(2, 2, 1, stride=2)`` has a square ``Q``
+but reads one input in four, so it is a co-isometry (rows); a conv that is not ``exact`` names ``Q``'s side.
 
 Precision (``benchmarks/RESULTS.md``, transform latency, session 32): the Gaussian draw is that of
 :func:`~orthofx.nn.stiefel.random_orthonormal`, and a float64 weight gets its matrix bit for bit; a float32 weight
@@ -107,6 +112,7 @@ Example::
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from typing import Any, Sequence
 
@@ -135,7 +141,20 @@ _ACTIVATIONS = ("linear", "relu", "tanh", "abs")
 
 def activation_gain(activation: str) -> float:
     """The weight multiplier that keeps signal norms through ``activation``: linear 1, relu sqrt(2), tanh 5/3
-    (``torch.nn.init.calculate_gain``), abs 1 (it preserves norms)."""
+    (``torch.nn.init.calculate_gain``'s values), abs 1 (it preserves norms; ``calculate_gain`` has no abs).
+
+    Other activations are not offered as names; give their scale as the rule's ``gain`` (with ``activation:
+    linear``):
+
+    * leaky_relu with slope ``a``: ``calculate_gain``'s ``sqrt(2 / (1 + a^2))``, 1.4141 for torch's default
+      ``a = 0.01`` (a slope-dependent value: one name could not say which slope);
+    * selu: ``calculate_gain`` gives 3/4, which torch's documentation says gives up self-normalisation for
+      gradient flow and advises ``linear`` (scale 1) for self-normalising networks: the default here;
+    * gelu, silu: ``calculate_gain`` has none (it raises); relu's sqrt(2) is the usual stand-in.
+
+    >>> activation_gain("relu") == torch.nn.init.calculate_gain("relu")
+    True
+    """
     if activation == "abs":
         return 1.0
     if activation not in _ACTIVATIONS:
@@ -165,12 +184,36 @@ def _check_scale(scale, what: str) -> None:
                             f"{scale!r}")
 
 
+def _check_generator(generator, what: str) -> None:
+    # any other object failed inside the draw ("'int' object has no attribute 'device'")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentError(f"{what}: generator must be a torch.Generator or None, got {type(generator).__name__} "
+                            f"{generator!r}; e.g. torch.Generator().manual_seed(0) for a reproducible matrix")
+
+
+def _checked_taps(taps, kernel: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """``taps`` as ``((first, count), ...)`` of integers, one pair per spatial dimension of ``kernel``, each block
+    inside the kernel; otherwise an :class:`ArgumentError` (a float or a bare int failed inside the slicing with a
+    TypeError naming neither the argument nor the function)."""
+    try:
+        pairs = tuple((operator.index(first), operator.index(count)) for first, count in taps)
+    except (TypeError, ValueError):
+        pairs = None
+    if pairs is None or len(pairs) != len(kernel) or \
+            any(not (0 <= a and 1 <= c and a + c <= k) for (a, c), k in zip(pairs, kernel)):
+        shown = tuple(taps) if isinstance(taps, (list, tuple)) else taps
+        raise ArgumentError(f"delta_orthogonal_: taps={shown!r} must give (first, count), integers, inside the "
+                            f"kernel {kernel} for each of its {len(kernel)} spatial dimensions")
+    return pairs
+
+
 def orthogonal_(weight: torch.Tensor, scale: float = 1.0, generator: torch.Generator | None = None,
                 groups: int = 1) -> torch.Tensor:
     """Fill a 2-d weight (or a per-group batch after :func:`~orthofx.nn.stiefel.flatten_weight`) with ``scale``
     times a Haar-random orthonormal matrix, in place; returns ``weight``."""
     _check_weight(weight, groups, 2, "orthogonal_")
     _check_scale(scale, "orthogonal_")
+    _check_generator(generator, "orthogonal_")
     matrix = stiefel.flatten_weight(weight, groups)
     m, n = matrix.shape[-2:]
     batch = tuple(matrix.shape[:-2])
@@ -210,11 +253,10 @@ def delta_orthogonal_(weight: torch.Tensor, scale: float = 1.0, generator: torch
     _check_weight(weight, groups, 3, "delta_orthogonal_")
     _check_scale(scale, "delta_orthogonal_")
     kernel = tuple(weight.shape[2:])
+    _check_generator(generator, "delta_orthogonal_")
     if taps is None:
         taps = tuple(((k - 1) // 2, 1) for k in kernel)
-    if len(taps) != len(kernel) or any(not (0 <= a and 1 <= c and a + c <= k) for (a, c), k in zip(taps, kernel)):
-        raise ArgumentError(f"delta_orthogonal_: taps={tuple(taps)} must give (first, count) inside the kernel "
-                            f"{kernel} for each of its {len(kernel)} spatial dimensions")
+    taps = _checked_taps(taps, kernel)
     out, per_group = weight.shape[:2]
     counts = tuple(c for _, c in taps)
     q = _scaled_haar(out // groups, per_group * math.prod(counts), (groups,), scale, generator, weight.dtype)
@@ -234,8 +276,15 @@ def delta_taps(conv: nn.Module) -> tuple[tuple[tuple[int, int], ...], bool]:
     stride, padding and dilation); when there are none, the centre tap. A conv is exact (on inputs divisible by
     ``S``) when it keeps the output size ``n / S`` and either reads the whole block in every dimension (an
     isometry or co-isometry by ``Q``'s shape) or ``Q`` has orthonormal rows (a co-isometry: P0's row-orthogonal
-    case, also where ``k < S`` or a dilation reads part of the block); a transposed layer by
-    :func:`_transposed_exact`."""
+    case, also where ``k < S`` or a dilation reads part of the block); at stride 1 under circular padding whatever
+    its one tap (it reads a cyclic shift of the input); a transposed layer by :func:`_transposed_exact`."""
+    taps, side = _delta_layout(conv)
+    return taps, side is not None
+
+
+def _delta_layout(conv: nn.Module) -> tuple[tuple[tuple[int, int], ...], str | None]:
+    """:func:`delta_taps`' taps, and the orthonormal side of the layer's Jacobian (:func:`_exact_side`; ``None``
+    where the layer is not exact)."""
     taps, aligned = [], True
     lefts = [left for left, _ in conv_zero_pads(conv.padding, conv.kernel_size, conv.dilation)]
     for k, s, d, left in zip(conv.kernel_size, conv.stride, conv.dilation, lefts):
@@ -243,12 +292,31 @@ def delta_taps(conv: nn.Module) -> tuple[tuple[tuple[int, int], ...], bool]:
         aligned = aligned and block is not None
         taps.append(block if block is not None else ((k - 1) // 2, 1))
     taps = tuple(taps)
-    if getattr(conv, "transposed", False):
-        return taps, _transposed_exact(conv, taps)
-    whole = aligned and all(c == s and (d == 1 or s == 1)
-                            for (_, c), s, d in zip(taps, conv.stride, conv.dilation))
+    return taps, _exact_side(conv, taps, aligned)
+
+
+def _exact_side(conv: nn.Module, taps: Sequence[tuple[int, int]], aligned: bool) -> str | None:
+    """The orthonormal side of the Jacobian of ``conv`` delta-orthogonally initialised on ``taps``: ``"columns"``
+    where it is an isometry (``J^T J = s^2 I``; also where it is square, both), ``"rows"`` where it is a
+    co-isometry only (``J J^T = s^2 I``), ``None`` where it is neither on some input size divisible by the stride
+    (:func:`delta_taps`; ``aligned``: whether taps read inside the block in every dimension).
+
+    Not always ``Q``'s side: a square ``Q`` on taps that read part of each block (``k < S``, a dilated strided
+    conv) reads every input at most once, but not every one: a co-isometry, like a transposed conv that crops
+    (``Conv2d(2, 2, 1, stride=2)`` maps ``2 n^2`` inputs to ``n^2 / 2`` outputs)."""
     rows, columns = _q_shape(conv, taps)
-    return taps, keeps_output_size(conv) and aligned and (whole or rows <= columns)
+    if getattr(conv, "transposed", False):
+        isometry, coisometry = _transposed_exact(conv, taps)
+    else:
+        # at stride 1 under circular padding the one tap reads a cyclic shift of the input, a permutation, wherever
+        # it lies (the centre tap of an even dilated kernel under 'same' padding reads outside the block)
+        aligned = aligned or (conv.padding_mode == "circular" and all(s == 1 for s in conv.stride))
+        # the whole block of S inputs read in every dimension: J is Q on the space-to-depth input, Q's sides
+        whole = aligned and all(c == s and (d == 1 or s == 1)
+                                for (_, c), s, d in zip(taps, conv.stride, conv.dilation))
+        keeps = keeps_output_size(conv) and aligned
+        isometry, coisometry = keeps and whole and rows >= columns, keeps and rows <= columns
+    return "columns" if isometry else "rows" if coisometry else None
 
 
 def _block_taps(k: int, s: int, d: int, left: int) -> tuple[int, int] | None:
@@ -268,9 +336,9 @@ def _q_shape(conv: nn.Module, taps: Sequence[tuple[int, int]]) -> tuple[int, int
     return rows // conv.groups, columns // conv.groups * math.prod(c for _, c in taps)
 
 
-def _transposed_exact(conv: nn.Module, taps: Sequence[tuple[int, int]]) -> bool:
-    r"""Whether the delta-orthogonal ``ConvTranspose{d}d`` ``conv`` has all singular values equal to the scale on
-    every input size ``n``.
+def _transposed_exact(conv: nn.Module, taps: Sequence[tuple[int, int]]) -> tuple[bool, bool]:
+    r"""Whether the delta-orthogonal ``ConvTranspose{d}d`` ``conv`` is an isometry, and whether it is a
+    co-isometry, with all singular values equal to the scale, on every input size ``n``.
 
     The layer is :math:`T = A^T`, ``A`` the zero-padded conv with its weight, stride ``S``, padding ``p`` and
     dilation ``D`` on the layer's output ``y`` (size :math:`L = nS + e`, :math:`e = D(k - 1) + 1 - S - 2p + o`,
@@ -298,7 +366,7 @@ def _transposed_exact(conv: nn.Module, taps: Sequence[tuple[int, int]]) -> bool:
         low, high = d * first - p, d * (first + count - 1) - p  # offsets of the first and the last filled tap
         reads_inside = reads_inside and 0 <= low and high < s + excess
         reads_all = reads_all and count == s and (d == 1 or s == 1) and excess <= low <= 0
-    return (rows <= columns and reads_inside) or (rows >= columns and reads_all)
+    return rows <= columns and reads_inside, rows >= columns and reads_all
 
 
 @register_pass
@@ -386,7 +454,7 @@ class IsometricInit(Pass):
             is_conv = isinstance(module, _KERNEL_TYPES)
             transposed = isinstance(module, _TRANSPOSED_TYPES)
             groups = module.groups if is_conv else 1
-            taps, exact = delta_taps(module) if is_conv else (None, None)
+            taps, side = _delta_layout(module) if is_conv else (None, None)
             what = "delta-orthogonal initialisation" if is_conv else "orthogonal initialisation"
             if transposed:
                 what += " of a transposed conv"
@@ -413,11 +481,12 @@ class IsometricInit(Pass):
             shape = stiefel.flatten_weight(written, groups).shape[-2:]  # Q's shape (per group)
             after = _defect(written, module, scale)
             if is_conv:
-                after["exact"] = exact
-            # the Jacobian's orthonormal side: Q's for a Linear or a conv, the other one for a transposed conv
+                after["exact"] = side is not None
+            # the Jacobian's orthonormal side: for an exact conv the one it has (a square Q reading part of each
+            # block is a co-isometry only); else Q's for a Linear or a conv, the other one for a transposed conv
             # (T = A^T: Q Q^T = I makes T^T T = I); 'columns' for a square Q, as for a Linear
             wide = shape[0] > shape[1] if transposed else shape[0] < shape[1]
-            rows = "rows" if wide else "columns"
+            rows = side or ("rows" if wide else "columns")
             dropped = _scale_dropped_later(ctx, entry, module, scale)
             what += f" (orthonormal {rows}, scale {scale:.4g}){dropped}{shared}"
             if is_conv and not transposed:

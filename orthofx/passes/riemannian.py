@@ -51,7 +51,9 @@ Parameters (``with:``):
   site ("left free", status ``free``) and names it in the Changes of the constrained ones
   (``after["free_site"]``). A site of the rule whose weight is tied to the free site's (the same parameter) is
   left free too, since constraining it would constrain the free weight; a site of *another* rule sharing it
-  is a :class:`~orthofx.errors.PlanError` (that rule would constrain this rule's free weight).
+  is a :class:`~orthofx.errors.PlanError` (that rule would constrain this rule's free weight). A rule whose
+  ``free`` leaves all it selected free (one site, or sites all sharing the free one's weight) constrains nothing:
+  it warns (:class:`~orthofx.errors.OrthofxWarning`).
 * ``momentum``: ``project`` (default, described above) or ``keep`` (the optimizer's state is left alone).
   Projection is a vector transport: ``P_{W_new}`` maps the old tangent space onto the new one, is linear, and
   is the identity when the point does not move (the standard transport of Riemannian heavy-ball and Adam
@@ -116,8 +118,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from ..errors import (ArgumentError, LayerArgumentError, OrthofxError, PlanError, ScaleLostWarning, TransformError,
-                      first_few)
+from ..errors import (ArgumentError, LayerArgumentError, OrthofxError, OrthofxWarning, PlanError, ScaleLostWarning,
+                      TransformError, first_few)
 from ..nn import stiefel
 from ..nn.precision import describe_nonfinite
 from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, TiedUse,
@@ -496,6 +498,7 @@ class Riemannian(Pass):
                     self._record_lazy_skip(ctx, entry)
             for decision in rule_decisions:
                 self._apply_one(ctx, decision, defects)
+            _warn_constrains_nothing(rule_decisions)
 
     def _record_lazy_skip(self, ctx: PassContext, entry: PlanEntry) -> None:
         """A lazy layer that turned out non-square under ``only_square: true`` (accepts_params could not tell):
@@ -559,6 +562,24 @@ class Riemannian(Pass):
                                f"{params['retraction']} retraction){_tied_note(tied_to)}"
                                f"{_frozen_note(module, frozen, params)}{'' if lost is None else lost.note}",
                           params=params, before=before, after=after, status=f"Stiefel, {params['retraction']}"))
+
+
+def _warn_constrains_nothing(decisions: list[_Decision]) -> None:
+    """Warn (:class:`~orthofx.errors.OrthofxWarning`) when a rule's ``free`` leaves every site it kept free: its
+    only site, or sites all tied to the free one. P1 leaves one layer free *beside* the constrained ones; a rule
+    that constrains nothing trains every layer it selected as plain parameters, while its Change reads like the
+    usual ``free`` one."""
+    if not decisions or any(d.free_what is None for d in decisions):
+        return
+    entry, free_site = decisions[0].entry, decisions[0].free_site
+    tied = [f"'{d.entry.site.name}'" for d in decisions if d.entry.site.name != free_site]
+    which = (f"'{free_site}', its only site" if not tied else
+             f"'{free_site}' and the sites sharing its weight ({', '.join(tied)}), all it selected")
+    warnings.warn(
+        f"riemannian (rule '{entry.rule_name}'): free: {entry.params['free']} leaves {which}, unconstrained, so the "
+        "rule constrains nothing and no weight of it trains on the Stiefel manifold (P1 leaves one layer free beside "
+        "constrained ones). Widen the rule's match to the layers to constrain, or drop free (free: none) to "
+        f"constrain '{free_site}'", OrthofxWarning, stacklevel=2)
 
 
 def _by_rule(entries: list[PlanEntry]) -> list[list[PlanEntry]]:
