@@ -184,6 +184,17 @@ def _tuple(value, dims: int, name: str, minimum: int = 1) -> tuple[int, ...]:
     return (_int(value, name, minimum),) * dims
 
 
+def _check_device_position(device, name: str) -> None:
+    """Refuse a method name where a convolution takes ``device`` (layer ``name``).
+
+    The convolutions take ``device`` and ``dtype`` at torch's positions (``nn.Conv2d(in, out, k, stride, padding,
+    dilation, groups, bias, padding_mode, device, dtype)``) and ``method`` as a keyword; a method name there is a
+    call written for the order before, where ``method`` sat between ``padding_mode`` and ``device``."""
+    if isinstance(device, str) and device in _METHODS:
+        raise LayerArgumentError(f"{name}: device={device!r} is a method name; method is keyword-only (the "
+                                 f"positions after padding_mode are torch's device and dtype): pass method={device!r}")
+
+
 def _factory(device, dtype) -> dict:
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
                               or dtype.is_complex):
@@ -308,6 +319,15 @@ def rko_problem(kernel_size, stride, dilation) -> str | None:
     return (f"kernel_size <= stride / gcd(dilation, stride) = {built} in every dimension (the dilated taps "
             f"read only that many residues mod the stride), got kernel_size={tuple(kernel_size)}, "
             f"stride={tuple(stride)}, dilation={tuple(dilation)}")
+
+
+def dilation_blocks_row_orthogonal(kernel_size, stride, dilation, c_in: int, c_out: int) -> bool:
+    """Whether the dilation alone keeps a row-orthogonal conv (``c_in -> c_out`` per group, sizes as tuples) from
+    existing: its common factor with the stride makes the taps read fewer residues mod the stride
+    (:func:`build_stride`), while the undilated kernel reads ``min(k, S)`` of them, enough for ``c_out`` rows
+    (:func:`orthofx.theory.orthogonal_conv_exists`). The impossibility errors then advise a coprime dilation."""
+    return (build_stride(kernel_size, stride, dilation) != tuple(stride)
+            and c_in * math.prod(min(k, s) for k, s in zip(kernel_size, stride)) >= c_out)
 
 
 # symbolic tracing records the padding as one node (it traces through the orthogonal layers' forward, and
@@ -919,11 +939,12 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
     _fit_lr = 0.3
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding="same", dilation=1, groups=1,
-                 bias=True, padding_mode="circular", method="auto", device=None, dtype=None, *, gain=1.0,
+                 bias=True, padding_mode="circular", device=None, dtype=None, *, method="auto", gain=1.0,
                  compute_dtype=None, input_size=None):
         super().__init__()
         d = self._dims
         name = type(self).__name__
+        _check_device_position(device, name)
         factory = _factory(device, dtype)
         _set_conv_arguments(self, in_channels, out_channels, kernel_size, stride, dilation, groups, f"Conv{d}d")
         if padding_mode not in _PADDING_MODES:
@@ -1236,6 +1257,8 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         largest = g * C * math.prod(min(k, s) for k, s in zip(self.kernel_size, build))
         hints = []
         if case == "RO":
+            if dilation_blocks_row_orthogonal(self.kernel_size, self.stride, self.dilation, C, M):
+                hints.append("use a dilation coprime to the stride in every strided dimension (e.g. dilation=1)")
             k_min = next((k for k in range(1, max(build) + 1)
                           if C * math.prod(min(k, s) for s in build) >= M), None)
             if k_min is not None:
@@ -1923,10 +1946,10 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
 class OrthogonalConv2d(_OrthogonalConvNd):
     r"""A 2-D convolution that is exactly orthogonal (times ``gain``) for circular padding.
 
-    Signature of ``torch.nn.Conv2d`` (``padding="same"`` and ``padding_mode="circular"`` by default), plus
-    ``method`` and the keywords ``gain`` (the kernel is ``gain`` times orthogonal) and ``compute_dtype``
-    (float64 by default, see the module docs). For the ``(C, M, k, S)`` per group that P0 Theorem 4 admits, the
-    operator on any input grid divisible by the stride is row orthogonal (:math:`M \le C S^2`,
+    Signature of ``torch.nn.Conv2d``, positions included (``padding="same"`` and ``padding_mode="circular"`` by
+    default), plus the keywords ``method``, ``gain`` (the kernel is ``gain`` times orthogonal), ``compute_dtype``
+    (float64 by default, see the module docs) and ``input_size``. For the ``(C, M, k, S)`` per group that P0
+    Theorem 4 admits, the operator on any input grid divisible by the stride is row orthogonal (:math:`M \le C S^2`,
     :math:`\mathcal{K}\mathcal{K}^T = \text{gain}^2 I`) or column orthogonal (:math:`\mathcal{K}^T\mathcal{K} =
     \text{gain}^2 I`), to float rounding (:math:`\max|\sigma - 1| \le 10^{-5}` in float32). Other
     configurations raise :class:`~orthofx.errors.ImpossibleLayerError` quoting the condition, e.g. the ResNet
@@ -2202,9 +2225,10 @@ class _OrthogonalConvTransposeNd(nn.Module):
     _dims = 0
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding="same", output_padding=0,
-                 groups=1, bias=True, dilation=1, padding_mode="circular", method="auto", device=None, dtype=None,
-                 *, gain=1.0, compute_dtype=None):
+                 groups=1, bias=True, dilation=1, padding_mode="circular", device=None, dtype=None, *, method="auto",
+                 gain=1.0, compute_dtype=None):
         super().__init__()
+        _check_device_position(device, type(self).__name__)
         factory = _factory(device, dtype)
         self._configure(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, dilation,
                         padding_mode, method)
@@ -2245,13 +2269,19 @@ class _OrthogonalConvTransposeNd(nn.Module):
             reads = math.prod(min(k, s // math.gcd(dl, s))
                               for k, s, dl in zip(self.kernel_size, self.stride, self.dilation))
             co_fix = "kernel_size >= stride" + (" and a dilation coprime to the stride" if dilated else "")
+            g = self.groups
+            ro_fix = f"in_channels <= {self.out_channels * reads} (RO conv)" + (
+                ", a dilation coprime to the stride in every strided dimension (e.g. dilation=1; RO conv)"
+                if case == "RO" and dilation_blocks_row_orthogonal(self.kernel_size, self.stride, self.dilation,
+                                                                   self.out_channels // g, self.in_channels // g)
+                else "")
             raise ImpossibleLayerError(
                 f"{name}(in_channels={self.in_channels}, out_channels={self.out_channels}, "
                 f"kernel_size={self.kernel_size}, stride={self.stride}{dilated}, groups={self.groups}): no "
                 f"orthogonal transposed convolution exists. It is the adjoint of the convolution from "
                 f"out_channels={self.out_channels} to in_channels={self.in_channels} channels (C={self.out_channels}"
                 f", M={self.in_channels} below), which is orthogonal iff it is, and by P0 Theorem 4 (circular "
-                f"padding): {reason}. Fix: use in_channels <= {self.out_channels * reads} (RO conv) or {co_fix} "
+                f"padding): {reason}. Fix: use {ro_fix} or {co_fix} "
                 f"in every dimension (CO conv), or keep a plain ConvTranspose{d}d "
                 f"(e.g. with the orth_regularizer pass) for this layer")
         self.init_error: float | None = None
@@ -2441,7 +2471,8 @@ class OrthogonalConvTranspose2d(_OrthogonalConvTransposeNd):
     The adjoint of the circular :class:`OrthogonalConv2d` from ``out_channels`` to ``in_channels``
     (:attr:`conv`; construction and alignment in :class:`_OrthogonalConvTransposeNd`'s docs). Signature of
     ``torch.nn.ConvTranspose2d`` (``padding="same"`` by default; integer paddings only where the output is
-    ``input * stride``), plus ``method``, ``gain`` and ``compute_dtype`` as for :class:`OrthogonalConv2d`.
+    ``input * stride``; positions as torch's), plus the keywords ``method``, ``gain`` and ``compute_dtype`` as for
+    :class:`OrthogonalConv2d`.
     Exists iff the conv ``(out -> in, k, S)`` does (P0 Theorem 4): CO (:math:`T^T T = I`) when
     ``in_channels <= out_channels * S^2`` (the conv is RO), RO otherwise.
 
