@@ -196,17 +196,18 @@ def _hard_status(original: nn.Module, padding: str) -> str:
     (``padding``: the rule's parameter; 'circular' builds the exact boundary, 'keep' the conv's own)."""
     if isinstance(original, nn.Linear) or padding == "circular":
         return "hard"
+    # a conv that adds no padding is the same layer under either padding_mode
+    if not _reads_padding(original):
+        if keeps_output_size(original):
+            # no window reaches past the grid (d(k-1) < S: a 1x1 conv, a k = S patch embedding), so on a grid
+            # divisible by the stride the layer is the circular one, exactly orthogonal
+            return "hard"
+        if theory.orthogonality_case(original.in_channels, original.out_channels, original.stride,
+                                     dims=len(original.stride)) == "RO":
+            # the outputs are the circular layer's whose windows do not wrap, a subset of its rows, which are
+            # orthonormal in the RO case (theory: 'valid' padding, RO as for circular)
+            return "hard (rows orthonormal: no padding, the outputs at the borders are dropped)"
     if original.padding_mode != "circular":
-        if not _reads_padding(original):
-            if keeps_output_size(original):
-                # no window reaches past the grid (d(k-1) < S: a 1x1 conv, a k = S patch embedding), so on a grid
-                # divisible by the stride the zero-padded layer is the circular one, exactly orthogonal
-                return "hard"
-            if theory.orthogonality_case(original.in_channels, original.out_channels, original.stride,
-                                         dims=len(original.stride)) == "RO":
-                # the outputs are the circular layer's whose windows do not wrap, a subset of its rows, which are
-                # orthonormal in the RO case (theory: 'valid' padding, RO as for circular)
-                return "hard (rows orthonormal: no padding, the outputs at the borders are dropped)"
         return "hard (zero padding: not at borders)"
     if keeps_output_size(original):
         return "hard"
