@@ -40,3 +40,23 @@ def test_keep_status_of_a_circular_conv_extending_the_output_is_not_hard():
     jac = _dense_jacobian64(gm.get_submodule("0"), (1, 3, 8, 8))
     sigma = torch.linalg.svdvals(jac)
     assert (sigma - 1).abs().max() > 0.1  # the extended operator is not orthogonal: the status is right to say so
+
+
+def test_model_eval_after_data_writes_rebuilds_the_cached_kernel():
+    # README: writes through param.data bump no version counter; model.eval() after them drops the eval cache
+    from orthofx.nn import OrthogonalConv2d
+    torch.manual_seed(0)
+    model = nn.Sequential(OrthogonalConv2d(4, 4, 3)).eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        before = model(x)
+        for name, p in model.named_parameters():
+            if not name.endswith("bias"):  # the kernel's parameters (the bias is added as it is)
+                p.data.mul_(0.5).add_(0.1)  # an EMA-like write
+        stale = model(x)
+        model.eval()
+        fresh = model(x)
+        reference = model.train()(x)  # training mode rebuilds the kernel at every forward
+    assert torch.equal(stale, before)  # the documented limitation: the write is not seen
+    assert not torch.allclose(fresh, before, atol=1e-4)
+    assert torch.allclose(fresh, reference, atol=1e-6)
