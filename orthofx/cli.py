@@ -14,6 +14,9 @@ one-line message, 1 with a one-line message on an unexpected failure or a demo w
 ``orthofx: interrupted`` on Ctrl-C (``--debug`` adds the traceback, with the same exit status), 1 without a message
 when standard output is a pipe whose reader stopped early (``orthofx explain ... | head``). The output files
 of ``transform`` are written only when every one of them could be: a failure or an interrupt leaves none behind.
+They replace existing files of the same names (as ``cp`` does; the paths are the user's request), and an ``.onnx``
+export also writes its external weights to ``PATH.data`` next to it (replacing that file too; the command prints
+both names); an output that would replace one of the command's inputs (the policy or model file) is refused.
 """
 
 from __future__ import annotations
@@ -458,9 +461,12 @@ def _interrupts_deferred():
         raise KeyboardInterrupt
 
 
-def _commit(outputs: list[_Output]) -> None:
+def _commit(outputs: list[_Output]) -> dict[str, list[str]]:
     """Move the staged files into place: each folder's extra files first (an ONNX model's external data), the
-    file itself last. A Ctrl-C waits until every file is in place: all of the outputs, not some."""
+    file itself last. A Ctrl-C waits until every file is in place: all of the outputs, not some. Returns the extra
+    files put next to each output (``{option: [path as written, ...]}``), which the command names too: they
+    replace files of those names as the outputs do."""
+    extras: dict[str, list[str]] = {}
     with _interrupts_deferred():
         for output in outputs:
             if output.folder is None:
@@ -468,6 +474,17 @@ def _commit(outputs: list[_Output]) -> None:
             name = os.path.basename(output.target)
             for entry in sorted(os.listdir(output.folder), key=lambda entry: entry == name):
                 os.replace(os.path.join(output.folder, entry), os.path.join(os.path.dirname(output.target), entry))
+                if entry != name:
+                    extras.setdefault(output.option, []).append(_beside(output, entry))
+    return extras
+
+
+def _beside(output: _Output, entry: str) -> str:
+    """The file ``entry`` next to ``output``'s target, named as the user named the output (``m.onnx`` ->
+    ``m.onnx.data``), or by its full path where the given path is a link into another directory."""
+    given = os.path.dirname(output.path)
+    target = os.path.dirname(output.target)
+    return os.path.join(given if os.path.realpath(given or ".") == target else target, entry)
 
 
 def _discard(outputs: list[_Output]) -> None:
@@ -617,7 +634,7 @@ def _cmd_transform(args: argparse.Namespace) -> int:
         with _quiet_torch(args.debug):
             for output in sorted(outputs, key=lambda output: output.in_place):  # in place last
                 results[output.option] = _write(output, writers[output.option])
-        _commit(outputs)
+        extras = _commit(outputs)
     finally:
         _discard(outputs)
     for output in outputs:
@@ -626,6 +643,8 @@ def _cmd_transform(args: argparse.Namespace) -> int:
     if args.export:
         result, dynamic = results["--export"]
         print(dataclasses.replace(result, path=args.export))
+        for extra in extras.get("--export", []):
+            print(f"wrote {extra} (the exported model's external weights, read with it: keep the two together)")
         if not dynamic and not args.export.lower().endswith(".pt"):
             print("note: exported with a fixed batch of 1; give --input-shape with a batch of 2 or more for a "
                   "dynamic batch dimension")
@@ -807,7 +826,8 @@ _DEMO_LR = 1e-2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orthofx", description="Orthogonality for any PyTorch model.")
+    parser = argparse.ArgumentParser(prog="orthofx", description="Orthogonality for any PyTorch model.",
+                                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=_version_line(),
                         help="print orthofx's version and the torch it runs on, then exit")
@@ -818,7 +838,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", parents=[common], help="explain, transform, train briefly on digits and report")
     demo.add_argument("--model", default="small_cnn",
-                      help="a built-in model taking 1x8x8 images (default: %(default)s)")
+                      help="the model to train: a built-in name, package.module:factory, file.py:factory or file.py; "
+                           "it must take 1x8x8 images and give 10 class scores (default: %(default)s)")
     demo.add_argument("--policy", default="lorth", help="preset name, YAML file or YAML text (default: %(default)s)")
     demo.add_argument("--steps", type=positive_int, default=300, help="training steps (default: %(default)s)")
     demo.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default: %(default)s)")
@@ -832,9 +853,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", parents=[common], help="list preset policies").set_defaults(run=_cmd_presets)
 
     check = sub.add_parser("check", parents=[common], help="validate a policy (and plan it on a model)")
-    check.add_argument("policy")
-    check.add_argument("--model")
-    check.add_argument("--input-shape")
+    check.add_argument("policy", help="preset name, YAML file or YAML text")
+    check.add_argument("--model", help="also plan the policy on this model (as 'orthofx explain' does): "
+                                       "built-in name, package.module:factory, file.py:factory or file.py")
+    check.add_argument("--input-shape", metavar="SHAPE", help=_INPUT_SHAPE_HELP + " (needs --model)")
     check.set_defaults(run=_cmd_check)
 
     for name, func, text in (("explain", _cmd_explain, "show which rule hits which site (dry run)"),
@@ -843,13 +865,28 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("model", help="built-in name, package.module:factory, file.py:factory or file.py (its "
                                         "'model')")
         cmd.add_argument("--policy", required=True, help="preset name, YAML file or YAML text")
-        cmd.add_argument("--input-shape", help="example input shape, e.g. 1,3,32,32")
+        cmd.add_argument("--input-shape", metavar="SHAPE", help=_INPUT_SHAPE_HELP)
         if name == "transform":
-            cmd.add_argument("--json", help="write the report as JSON to this path")
-            cmd.add_argument("--plot", help="write the singular-value spectra to this image (.png, .svg, .pdf ...)")
-            cmd.add_argument("--export", help="export the model: .onnx, .pt2 or .pt (state_dict + policy)")
+            cmd.add_argument("--json", metavar="PATH",
+                             help="write the report as JSON to PATH (an existing file is replaced)")
+            cmd.add_argument("--plot", metavar="PATH", help="write the singular-value spectra to the image PATH "
+                                                            "(.png, .svg, .pdf ...; an existing file is replaced)")
+            cmd.add_argument("--export", metavar="PATH",
+                             help="export the model to PATH: .onnx, .pt2 or .pt (state_dict + policy); an existing "
+                                  "file is replaced, and an .onnx export also writes its weights to PATH.data")
         cmd.set_defaults(run=func)
     return parser
+
+
+#: --input-shape's help (explain, transform, check).
+_INPUT_SHAPE_HELP = ("the example input's shape, batch first, e.g. 1,3,32,32 (the model runs on one random input "
+                     "of it); default: a built-in model's own input shape, none for other models")
+
+#: The command's epilog: what its exit statuses mean (the module docstring's list).
+_EPILOG = """exit status: 0 success; 2 bad input (an 'error:' line saying what to fix); 1 an unexpected failure
+or a demo whose training diverged (one line; --debug adds the traceback); 130 interrupted (Ctrl-C).
+transform replaces existing files at the --json, --plot and --export paths (and PATH.data of an .onnx
+export), and only once every one of them has been written: a failure leaves the old files as they were."""
 
 
 def _version_line() -> str:

@@ -93,6 +93,7 @@ from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d
                             OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
                             FourierConv, _FrozenConvTranspose)
 from .nn.padding import CircularPad
+from .nn.precision import describe_nonfinite
 from .passes.base import RECURRENT_TYPES, ParametrizationState, describe_module, recurrent_hidden_weights
 from .passes.orth_regularizer import gate_blocks_lorth
 from .errors import ArgumentError, first_few
@@ -259,7 +260,8 @@ class Report:
                  penalties: list[dict[str, Any]], output_change: float | None = None,
                  conditioning: dict[str, list[float]] | None = None, notes: list[str] | None = None):
         self.output_change = output_change
-        # lines shown under the table: why some figures are missing, a scale a Stiefel constraint undoes
+        # lines shown under the table: why some figures are missing or not finite, a policy that changed nothing,
+        # a scale a Stiefel constraint undoes
         self.notes = list(notes or [])
         self.conditioning = dict(conditioning or {})
         self.rows = rows
@@ -280,7 +282,8 @@ class Report:
           JacobianProbe's row, whose own ``every`` skips estimates instead);
         * ``output_change``: the relative output change on the example inputs (None without them);
         * ``conditioning``: ``{site: [kappa, ...]}``, the monitors' histories;
-        * ``notes``: the lines under the table saying why some figures are missing (e.g. no example inputs) and
+        * ``notes``: the lines under the table saying why some figures are missing (e.g. no example inputs) or
+          not finite (the NaN / inf entries of the layer's parameters), that the policy changed no site, and
           which sites lose a scale to a Stiefel constraint (:class:`~orthofx.ScaleLostWarning`).
 
         None is a figure that does not apply or cannot be computed. A figure that is not finite (a NaN kappa after
@@ -310,7 +313,8 @@ class Report:
             lines.append("(no rows: the model has no conv / linear layer and the policy changed no site)")
         lines.extend(f"note: {note}" for note in self.notes)
         if self.output_change is not None:
-            lines.append(f"relative output change on the example inputs: {self.output_change:.3g}")
+            lines.append(f"relative output change on the example inputs: {_fmt(self.output_change, '.3g')} "
+                         "(||f_new(x) - f(x)|| / ||f(x)||, eval mode)")
         if self.penalties:
             total = sum(p["weighted"] for p in self.penalties if p["weighted"] is not None)
             unknown = sum(1 for p in self.penalties if p["weighted"] is None)
@@ -320,7 +324,7 @@ class Report:
             if periodic:
                 note += (f" ({periodic} term(s) with every > 1: a training loss's orthofx.penalty evaluates each on "
                          "one call in its every)")
-            lines.append(f"penalty: {len(self.penalties)} term(s), weighted sum {total:.4g}{note}")
+            lines.append(f"penalty: {len(self.penalties)} term(s), weighted sum {_fmt(float(total))}{note}")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -440,11 +444,13 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, (str, bool)) or value is None else str(value)
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    """A figure as the table shows it: ``-`` for None, floats to 4 significant digits (``spec``), a negative zero as
+    ``0`` (``-0`` would read as a tiny negative figure, which a norm or an L_orth cannot be)."""
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return format(0.0 if value == 0 else value, spec)
     if isinstance(value, (tuple, list)):
         return "x".join(str(v) for v in value)
     return str(value)
@@ -490,6 +496,7 @@ def _transformed_report(model: nn.Module) -> Report:
     conditioning: dict[str, list[float]] = {}
     entries_by_site: dict[tuple[str, str], list] = {}
     unsized: list[str] = []  # conv rows without sigma because no input reached them
+    nonfinite: list[tuple[dict[str, Any], nn.Module]] = []  # layer rows, checked for NaN / inf figures below
     for entry in plan.entries:
         entries_by_site.setdefault((entry.site.kind, entry.site.name), []).append(entry)
     for site in plan.sites:
@@ -502,6 +509,7 @@ def _transformed_report(model: nn.Module) -> Report:
                 # a rule that wrapped one conv / linear layer: the layer's figures, as on a module site
                 shape = _input_shape(root, site.name, manifest.input_shapes)
                 rows.append(_layer_row(site.name, probed, pass_text, _params(entries), shape, spectra))
+                nonfinite.append((rows[-1], probed))
                 continue
             if entries:
                 row = {"site": site.name, "layer": site.target, "pass": pass_text, "params": _params(entries)}
@@ -532,6 +540,7 @@ def _transformed_report(model: nn.Module) -> Report:
         reported = frozen_conv or _reported_module(root, site.name, module)
         shape = _input_shape(root, site.name, manifest.input_shapes)
         rows.append(_layer_row(site.name, reported, pass_text, _params(entries), shape, spectra))
+        nonfinite.append((rows[-1], reported))
         if shape is None and rows[-1]["sigma_min"] is None and _needs_input_size(reported):
             unsized.append(site.name)
     penalties = []
@@ -542,9 +551,55 @@ def _transformed_report(model: nn.Module) -> Report:
                               "weighted": None if value is None else term.weight * value, "every": term.every})
     capture = {"mode": manifest.capture.mode, "leaf_fallbacks": list(manifest.capture.leaf_fallbacks),
                "warnings": list(manifest.capture.warnings), "summary": manifest.capture.summary()}
-    notes = _unsized_note(unsized) + [_scale_lost_note(change) for change in manifest.changes
-                                      if "scale_lost" in change.after]
+    # example inputs ran through the model: transform recorded input shapes, or told the plan it had them
+    examples = bool(manifest.input_shapes) or any(entry.has_example_inputs for entry in plan.entries)
+    # (a report without rows says that the policy changed no site in place of the table)
+    notes = (_unchanged_note(manifest) if rows else []) + _unsized_note(unsized, examples)
+    notes += [note for row, module in nonfinite if (note := _nonfinite_note(row, module)) is not None]
+    # (orthofx.freeze measures no output change: a frozen model has the one its transform measured, if any)
+    if examples and manifest.output_change is None and not manifest.frozen:
+        notes.append("no relative output change: it is undefined on these example inputs (the model's original "
+                     "output on them is zero, or the change is beyond the float range)")
+    notes += [_scale_lost_note(change) for change in manifest.changes if "scale_lost" in change.after]
     return Report(rows, capture, spectra, penalties, manifest.output_change, conditioning, notes)
+
+
+def _unchanged_note(manifest) -> list[str]:
+    """The note of a transformed model that the policy left as it was (no plan entry): its rows, all without a
+    pass, would otherwise read like those of a model no one asked anything of. None for a model written with
+    orthofx layers and frozen without a transform (its policy has no rules: nothing was asked of it)."""
+    plan = manifest.plan
+    if plan.entries or manifest.frozen and not getattr(manifest.policy, "rules", None):
+        return []
+    if plan.skipped:
+        return ["the policy changed no site: its rules matched only sites they skip (the pass column says why)"]
+    return ["the policy changed no site: no rule matched a site of the model, so every row is a layer as written "
+            "(orthofx.explain(model, policy) lists what each rule matches)"]
+
+
+#: The figures of a row that a NaN / inf weight makes NaN / inf.
+_WEIGHT_FIGURES = ("lorth", "sigma_min", "sigma_max")
+
+
+def _nonfinite_note(row: dict[str, Any], module: nn.Module) -> str | None:
+    """The note for a row whose ``lorth`` / ``sigma_min`` / ``sigma_max`` are NaN or inf: which figures, and which of
+    the measured layer's parameters hold NaN / inf entries (a training step that diverged, a checkpoint that held
+    them), so that a ``nan`` in the table is not left unexplained; ``None`` when the figures are finite."""
+    bad = [key for key in _WEIGHT_FIGURES if isinstance(row.get(key), float) and not math.isfinite(row[key])]
+    if not bad:
+        return None
+    measured = module.conv if isinstance(module, FrozenConvNormNd) else _measured_layer(module)
+    held = [(name, describe_nonfinite(tensor.detach())) for name, tensor in measured.named_parameters()]
+    held = [f"{name} holds {what}" for name, what in held if what is not None]
+    if held:
+        cause = (f"the layer's {first_few(held, 3)}; load finite weights, or restart training from a finite "
+                 "checkpoint with a smaller learning rate")
+    elif _weight_values(measured) is not None and describe_nonfinite(_weight_values(measured)) is not None:
+        cause = "the weight the layer computes from its finite parameters holds NaN / inf entries"
+    else:
+        cause = "the weight's entries are too large for these figures to be finite in float64"
+    values = ", ".join(f"{key} {_fmt(row[key])}" for key in bad)
+    return f"{row['site']}: {values}, because {cause}"
 
 
 def _probed_layer(root: nn.Module, site) -> nn.Module | None:
@@ -568,14 +623,17 @@ def _needs_input_size(module: nn.Module) -> bool:
         and _weight_values(measured if not isinstance(measured, FrozenConvNormNd) else measured.conv) is not None
 
 
-def _unsized_note(sites: list[str]) -> list[str]:
-    """The note for conv rows without sigma_min / sigma_max because transform recorded no input size there."""
+def _unsized_note(sites: list[str], examples: bool = False) -> list[str]:
+    """The note for conv rows without sigma_min / sigma_max because transform recorded no input size there:
+    without example inputs, pass some; with them (``examples``), they did not reach these layers."""
     if not sites:
         return []
     shown = first_few(sites, 4)
+    why = ("the example inputs did not reach these layers (a branch the model did not take on them); give "
+           "example inputs that run them"
+           if examples else "none reached these layers (pass example_inputs=(x,) to orthofx.transform)")
     return [f"no sigma_min / sigma_max for {shown}: a conv's singular values depend on its input size, which "
-            "transform records on the example inputs, and none reached these layers (pass "
-            "example_inputs=(x,) to orthofx.transform)"]
+            f"transform records on the example inputs, and {why}"]
 
 
 def _scale_lost_note(change) -> str:
@@ -831,21 +889,27 @@ def _layers_report(model: nn.Module) -> Report:
     spectra: dict[str, torch.Tensor] = {}
     conditioning: dict[str, list[float]] = {}
     penalties: list[dict[str, Any]] = []
+    notes: list[str] = []
     for name, module in _reported_modules(root):
-        rows.append(_module_row(name, module, spectra, conditioning, penalties))
-    return Report(rows, dict(_NOT_TRANSFORMED), spectra, penalties, None, conditioning)
+        rows.append(_module_row(name, module, spectra, conditioning, penalties, notes))
+    return Report(rows, dict(_NOT_TRANSFORMED), spectra, penalties, None, conditioning, notes)
 
 
 def _module_row(name: str, module: nn.Module, spectra: dict[str, torch.Tensor],
-                conditioning: dict[str, list[float]], penalties: list[dict[str, Any]]) -> dict[str, Any]:
+                conditioning: dict[str, list[float]], penalties: list[dict[str, Any]],
+                notes: list[str]) -> dict[str, Any]:
     """The row of a module of a model as written (:func:`_reported_modules`): pass ``"orthofx layer"`` for
     orthofx's, None for torch's; no params; a probe's row measures its block when that is a conv / linear, and its
-    penalty term goes into ``penalties``; a monitor's kappa history into ``conditioning``."""
+    penalty term goes into ``penalties``; a monitor's kappa history into ``conditioning``; why figures are NaN /
+    inf into ``notes`` (:func:`_nonfinite_note`)."""
     probe = module if isinstance(module, JacobianProbe) else None
     measured = module if probe is None else probe._block
     size = getattr(measured, "input_size", None)
     row = _layer_row(name, measured, "orthofx layer" if is_orthofx_layer(module) else None, None,
                      tuple(size) if isinstance(size, tuple) else None, spectra)
+    note = _nonfinite_note(row, measured)
+    if note is not None:
+        notes.append(note)
     if probe is not None:
         row["layer"] = f"JacobianProbe({row['layer']})"
         value = 0.0 if probe.estimate is None else float(probe.estimate.detach())
@@ -885,7 +949,7 @@ def _parts_report(model: nn.Module, parts: list[tuple[str, nn.Module]]) -> Repor
         capture["warnings"] += [f"{path}: {warning}" for warning in sub.capture["warnings"]]
         summaries.append(f"{path} ({sub.capture['summary']})")
     for name, module in _reported_modules(root, [path for path, _ in parts]):
-        placed.append((order[name], [_module_row(name, module, spectra, conditioning, penalties)]))
+        placed.append((order[name], [_module_row(name, module, spectra, conditioning, penalties, notes)]))
     capture["summary"] = (f"parts: not transformed itself; transformed parts {', '.join(summaries)}; the layers "
                           "outside them as written (not run)")
     rows = [row for _, block in sorted(placed, key=lambda item: item[0]) for row in block]

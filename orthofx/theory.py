@@ -104,18 +104,33 @@ def _flag(value, name: str, error: type[ArgumentError] = ArgumentError) -> bool:
 
 def _sizes(value, dims: int, name: str) -> tuple[int, ...]:
     """An int or a sequence of ``dims`` ints, each >= 1, as a tuple of length ``dims``."""
+    shape = f"an int or a tuple of {dims} ints (dims={dims})"
     if isinstance(value, (tuple, list)):
         values = tuple(value)
         if len(values) != dims:
-            raise ArgumentError(f"{name} must be an int or a tuple of {dims} ints (dims={dims}), got {value!r}")
+            raise ArgumentError(f"{name} must be {shape}, got {value!r}")
         return tuple(_positive_int(v, name) for v in values)
-    return (_positive_int(value, name),) * dims
+    try:
+        return (_positive_int(value, name),) * dims
+    except ArgumentError:
+        if isinstance(value, (str, bytes)) or not _iterable(value):
+            raise
+    # an array or a range: one size per dimension was meant, in a container this function does not read
+    raise ArgumentError(f"{name} must be {shape}, got {value!r}") from None
 
 
-def _dims(dims) -> int:
-    dims = _positive_int(dims, "dims")
+def _iterable(value) -> bool:
+    try:
+        iter(value)
+    except TypeError:  # (a 0-d tensor or array raises TypeError too)
+        return False
+    return True
+
+
+def _dims(dims, where: str) -> int:
+    dims = _positive_int(dims, f"{where}: dims")
     if dims > 3:
-        raise ArgumentError(f"dims must be 1, 2 or 3 (spatial dimensions of the convolution), got {dims}")
+        raise ArgumentError(f"{where}: dims must be 1, 2 or 3 (spatial dimensions of the convolution), got {dims}")
     return dims
 
 
@@ -124,13 +139,18 @@ def _fmt(sizes: tuple[int, ...]) -> str:
     return str(sizes[0]) if len(set(sizes)) == 1 else str(sizes)
 
 
-def _per_group(c_in, c_out, groups) -> tuple[int, int, int]:
-    c_in = _positive_int(c_in, "c_in")
-    c_out = _positive_int(c_out, "c_out")
-    groups = _positive_int(groups, "groups")
+def _channels(c_in, c_out, where: str) -> tuple[int, int]:
+    """``(c_in, c_out)`` checked as channel counts, the errors naming the function ``where``."""
+    return (_positive_int(c_in, f"{where}: c_in (the input channels)"),
+            _positive_int(c_out, f"{where}: c_out (the output channels)"))
+
+
+def _per_group(c_in, c_out, groups, where: str) -> tuple[int, int, int]:
+    c_in, c_out = _channels(c_in, c_out, where)
+    groups = _positive_int(groups, f"{where}: groups")
     if c_in % groups or c_out % groups:
         raise ArgumentError(
-            f"groups={groups} must divide both c_in={c_in} and c_out={c_out} "
+            f"{where}: groups={groups} must divide both c_in={c_in} and c_out={c_out} "
             f"(as in torch.nn.Conv2d); got c_in % groups = {c_in % groups}, c_out % groups = {c_out % groups}"
         )
     return c_in // groups, c_out // groups, groups
@@ -150,10 +170,9 @@ def orthogonality_case(c_in: int, c_out: int, stride=1, dims: int = 2) -> str:
     >>> orthogonality_case(3, 4, stride=(2, 1))
     'RO'
     """
-    dims = _dims(dims)
-    c_in = _positive_int(c_in, "c_in")
-    c_out = _positive_int(c_out, "c_out")
-    strides = _sizes(stride, dims, "stride")
+    dims = _dims(dims, "orthogonality_case")
+    c_in, c_out = _channels(c_in, c_out, "orthogonality_case")
+    strides = _sizes(stride, dims, "orthogonality_case: stride")
     return "RO" if c_out <= c_in * math.prod(strides) else "CO"
 
 
@@ -167,7 +186,7 @@ def adjoint_case(case: str) -> str:
     # (checked as a string first: a list or an array cannot be looked up in a dict)
     swapped = {"RO": "CO", "CO": "RO"}.get(case) if isinstance(case, str) else None
     if swapped is None:
-        raise ArgumentError(f"case must be 'RO' or 'CO', got {case!r}")
+        raise ArgumentError(f"adjoint_case: case must be 'RO' or 'CO', got {case!r}")
     return swapped
 
 
@@ -229,18 +248,20 @@ def orthogonal_conv_exists(
     >>> orthogonal_conv_exists(16, 128, 3, stride=2, padding="valid").exists   # Proposition 5
     False
     """
-    dims = _dims(dims)
-    C, M, g = _per_group(c_in, c_out, groups)
-    ks = _sizes(kernel_size, dims, "kernel_size")
-    ss = _sizes(stride, dims, "stride")
+    where = "orthogonal_conv_exists"
+    dims = _dims(dims, where)
+    C, M, g = _per_group(c_in, c_out, groups, where)
+    ks = _sizes(kernel_size, dims, f"{where}: kernel_size")
+    ss = _sizes(stride, dims, f"{where}: stride")
     if not isinstance(padding, str) or padding not in _PADDINGS:  # ('in' on an array compares elementwise)
-        raise ArgumentError(f"padding must be one of {_PADDINGS}, got {padding!r} "
+        raise ArgumentError(f"{where}: padding must be one of {_PADDINGS}, got {padding!r} "
                             "(a torch Conv with padding=0 is 'valid'; padding_mode='zeros' with 'same'-style "
                             "padding is 'zeros')")
-    ds = _sizes(dilation, dims, "dilation")
+    ds = _sizes(dilation, dims, f"{where}: dilation")
     dilated = any(dl != 1 for dl in ds)
     if dilated and padding != "circular":
-        raise ArgumentError(f"dilation={_fmt(ds)} is modelled for padding='circular' only, got padding={padding!r}")
+        raise ArgumentError(f"{where}: dilation={_fmt(ds)} is modelled for padding='circular' only, got "
+                            f"padding={padding!r}")
     S = math.prod(ss)
     case = "RO" if M <= C * S else "CO"
     isotropic = len(set(ks)) == 1 and len(set(ss)) == 1
@@ -342,10 +363,11 @@ def theorem8_constants(c_in: int, c_out: int, kernel_size, stride=1, dims: int =
     >>> theorem8_constants(8, 4, 3, stride=2)    # RO: alpha' = 1/4, alpha = 3**2 * 4
     (0.25, 36.0)
     """
-    dims = _dims(dims)
-    C, M, g = _per_group(c_in, c_out, groups)
-    ks = _sizes(kernel_size, dims, "kernel_size")
-    ss = _sizes(stride, dims, "stride")
+    where = "theorem8_constants"
+    dims = _dims(dims, where)
+    C, M, g = _per_group(c_in, c_out, groups, where)
+    ks = _sizes(kernel_size, dims, f"{where}: kernel_size")
+    ss = _sizes(stride, dims, f"{where}: stride")
     S = math.prod(ss)
     # int / int rounds correctly (down to 0.0 past float's range); float(int) past it raises OverflowError, so an
     # upper constant beyond float's range is inf, the nearest float above it
