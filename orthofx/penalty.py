@@ -18,11 +18,19 @@ estimate`` after a training-mode forward; zero before it, in eval mode and on th
 layer": :func:`orthofx.nn.tracing.is_orthofx_layer`).
 
 A term with ``every = k > 1`` (``orth_regularizer``'s parameter) is evaluated on one call in ``k`` of
-``penalty`` with gradients enabled, at its weight, not scaled (lazy regularisation, as the Jacobian pass's
-``every``: set the rule's ``weight`` ``k`` times larger to keep the average strength); the transformed model
-counts those calls (``Manifest.penalty_calls``, saved in its state-dict metadata; a call that raises counts
-nothing). Under ``torch.no_grad()`` ``penalty`` evaluates every term at its weight and counts nothing;
-``penalty_terms`` always does so.
+``penalty`` with gradients enabled on a model in training mode, at its weight, not scaled (lazy regularisation, as
+the Jacobian pass's ``every``: set the rule's ``weight`` ``k`` times larger to keep the average strength); the
+transformed model counts those calls (``Manifest.penalty_calls``, saved in its state-dict metadata; a call that
+raises counts nothing). Under ``torch.no_grad()``, and on a model in eval mode (``gm.eval()``; for a bigger model,
+each transformed part's own mode), ``penalty`` evaluates every term at its weight and counts nothing: a
+validation pass that logs the penalty, even with gradients enabled, leaves the training schedule as it was, as a
+JacobianProbe in eval mode makes no estimate and counts no step. ``penalty_terms`` never counts.
+
+A Jacobian term is the estimate the probe made in its last training-mode forward: call ``penalty`` after the
+forward (``criterion(gm(x), y) + orthofx.penalty(gm)``). Written the other way round, Python evaluates the
+penalty first, which reads the last step's estimate; trained on after an optimizer step (or after a backward
+freed it) that estimate raises a :class:`~orthofx.errors.LayerArgumentError` at backward, saying so
+(:meth:`orthofx.nn.JacobianProbe._estimate_for_penalty`).
 
 The terms are looked up by module path at each call and read the parameters there, so under
 ``torch.func.functional_call`` of a module whose forward calls ``orthofx.penalty`` (or of the bigger model
@@ -41,7 +49,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError
-from .nn.jacobian import JacobianProbe
+from .nn.jacobian import (NOT_RECORDED, JacobianProbe, checkpoint_region, record_for_recomputation,
+                          recorded_for_recomputation)
 from .nn.precision import autocast_off
 from .nn.tracing import is_orthofx_layer, is_orthofx_module, recomputing_in_backward
 from .nn.precision import zero_like_parameters
@@ -146,9 +155,10 @@ def part_site_path(path: str, site: str) -> str:
 def _weighted_terms(model: nn.Module, skip_zero: bool = False, amortised: bool = False,
                     counted: list[tuple[Manifest, int]] | None = None) -> list[tuple[PenaltyTerm, torch.Tensor]]:
     """``(term, weight * value)`` of every term of the transformed ``model``; without the terms of weight 0 when
-    ``skip_zero``. ``amortised``: one call of the training loss, which evaluates only the terms due at this call
-    (:func:`_due_terms`) and counts it, once every term is computed: a call that raises (a lazy layer that has not
-    run) is no call of the period, so the run that calls again after the fix keeps the uninterrupted schedule.
+    ``skip_zero``. ``amortised``: one call of the training loss, which, on a model in training mode, evaluates only
+    the terms due at this call (:func:`_due_terms`) and counts it, once every term is computed: a call that raises
+    (a lazy layer that has not run) is no call of the period, so the run that calls again after the fix keeps the
+    uninterrupted schedule.
     With ``counted`` the count is not stored but appended to it, ``(manifest, new count)``, for the caller to
     store once all the parts it sums are computed (:func:`penalty` of a bigger model)."""
     root = unwrap_model(model)
@@ -158,7 +168,9 @@ def _weighted_terms(model: nn.Module, skip_zero: bool = False, amortised: bool =
     # penalty every training step adds, so that stepping it without orthofx.attach warns too
     watch_hooked_weights(root, manifest.optimizer_hooks)
     terms = manifest.penalties
-    period = manifest.penalty_period() if amortised else 1
+    # a model in eval mode is validated, not trained: its penalty (logged with gradients enabled, say) must not move
+    # the training schedule, as a JacobianProbe in eval mode makes no estimate and counts no step
+    period = manifest.penalty_period() if amortised and root.training else 1
     count = None
     if period > 1:
         terms, count = _due_terms(manifest, period)
@@ -171,6 +183,11 @@ def _weighted_terms(model: nn.Module, skip_zero: bool = False, amortised: bool =
     return weighted
 
 
+#: Key of a transformed model's records (with its manifest's id) for checkpointing's recomputation: the call of
+#: the ``every`` periods each ``penalty`` call evaluated.
+_PENALTY_RECORD = "orthofx.penalty call"
+
+
 def _due_terms(manifest: Manifest, period: int) -> tuple[list[PenaltyTerm], int | None]:
     """The terms this call of the training penalty evaluates, and the count after it (``None``: the call counts
     nothing), which the caller stores once the terms are computed: a term with ``every = k`` is due at the calls
@@ -181,27 +198,26 @@ def _due_terms(manifest: Manifest, period: int) -> tuple[list[PenaltyTerm], int 
     count gives one graph per call of the period instead of a recompilation at each step.
 
     Activation checkpointing's non-reentrant recomputation of a forward that called ``penalty`` (inside
-    backward) is that call again, not a new one: it evaluates the terms of the last call counted and counts
-    nothing, so that it saves the tensors the forward saved (torch raises a CheckpointError otherwise). The
-    reentrant recomputation is counted: its forward ran without gradients, which counted nothing. (Several
-    checkpointed forwards before one backward, micro-batches summed, all replay the last call: torch then raises
-    its CheckpointError; run backward after each.)"""
-    if _replaying_checkpointed_forward():
-        call, count = (manifest.penalty_calls - 1) % period, None
+    backward) is that call again, not a new one: it evaluates the terms that call evaluated and counts nothing, so
+    that it saves the tensors the forward saved (torch raises a CheckpointError otherwise). The forward records its
+    call for its own region (:func:`~orthofx.nn.jacobian.record_for_recomputation`), so several checkpointed
+    forwards before one backward (micro-batches summed), recomputed in any order, each replay their own call. A
+    region whose forward ran inside another's recomputation (nested checkpoints) has no record: it replays the last
+    call counted. The reentrant recomputation is counted: its forward ran without gradients, which counted
+    nothing."""
+    key = (_PENALTY_RECORD, id(manifest))
+    region = checkpoint_region()
+    if region is not None and recomputing_in_backward():
+        # a non-reentrant recomputation, or the forward of a region nested in one: no new call
+        call = recorded_for_recomputation(key)
+        if call is NOT_RECORDED:
+            call = (manifest.penalty_calls - 1) % period
+        count = None
     else:
         call = manifest.penalty_calls % period
         count = (call + 1) % period
+    record_for_recomputation(key, call, region)  # for a region's recomputation (nothing outside a region's forward)
     return [t for t in manifest.penalties if call % t.every == t.phase], count
-
-
-def _replaying_checkpointed_forward() -> bool:
-    """Whether this call runs in ``torch.utils.checkpoint``'s non-reentrant recomputation of a forward, whose
-    saved-tensor hooks (``_recomputation_hook``) are on top then, inside backward (:func:`recomputing_in_backward`).
-    The reentrant recomputation runs without them."""
-    if not recomputing_in_backward():
-        return False
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return hooks is not None and "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")
 
 
 def lazy_site_module(root: nn.Module, term: PenaltyTerm) -> nn.Module | None:
@@ -277,9 +293,10 @@ def penalty(model: nn.Module) -> torch.Tensor:
     scalar (in the dtype and on the device of the model's parameters) when there are none or all have weight 0.
     Inside ``torch.autocast`` the terms still run in the weights' dtype (autocast is switched off for them).
 
-    With gradients enabled each call is one training step for the terms with ``every = k > 1``: only those due
-    at this call are evaluated (at ``1 / k`` of their cost); under ``torch.no_grad()`` every term counts and no
-    call is counted (module docs).
+    With gradients enabled each call on a model in training mode is one training step for the terms with
+    ``every = k > 1``: only those due at this call are evaluated (at ``1 / k`` of their cost); under
+    ``torch.no_grad()`` or in eval mode every term counts and no call is counted (module docs). Call it after the
+    forward: a Jacobian term is the estimate of the last training-mode forward (module docs).
 
     Example::
 

@@ -5,7 +5,12 @@ every ``every``-th call, it also computes :func:`orthofx.metrics.jacobian_isomet
 input, differentiable with respect to the block's parameters, and keeps it as :attr:`JacobianProbe.estimate`
 (the last estimate; a plain attribute, not a buffer, so it never enters ``state_dict``). In eval mode, under
 ``torch.no_grad()`` and on skipped calls the probe only runs the block and the estimate is ``None``, so a
-penalty built from it is zero and holds no stale graph.
+penalty built from it is zero and holds no stale graph; none of those calls is a step of ``every`` (a validation
+pass between training steps leaves the schedule as it was, as for ``orthofx.penalty``'s L_orth terms). A penalty
+reads the last estimate, so it is added after the forward: trained on after an optimizer step, or after a backward
+went through it, the estimate of an earlier forward raises a :class:`~orthofx.errors.LayerArgumentError` at
+backward saying so (``orthofx.penalty(gm) + task(gm(x))`` evaluates the penalty first; see
+:meth:`JacobianProbe._estimate_for_penalty`).
 
 Transparent wrapping. The probe shares the block's registries (its parameters, buffers and submodules are the
 block's own dictionaries), so ``probe.state_dict()`` has exactly the block's keys, ``named_parameters()`` and
@@ -29,8 +34,12 @@ and a dropout in the block samples other masks than the block's real forward) an
 block's submodules again. The inputs are detached for the estimate (the first, the Jacobian's variable, and the
 others, held fixed): the regulariser shapes the block's own parameters, not the layers that produce its inputs.
 Under activation checkpointing (``use_reentrant=False``) the estimate keeps its own tensors, outside the
-checkpoint, and the recomputation inside backward runs only the block; with ``use_reentrant=True`` the
-checkpointed forward runs without gradients, so the probe makes no estimate at all: use ``use_reentrant=False``.
+checkpoint, and the recomputation inside backward runs only the block, from the random state the block's call
+started from in the forward (after the estimate's draws; the region itself restores only its starting state), so
+that a dropout in the block or after it draws the forward's masks again and the gradients are those of the
+forward (each checkpointed micro-batch its own; not for a region nested in another's recomputation); with
+``use_reentrant=True`` the checkpointed forward runs without gradients, so the probe makes no estimate at all: use
+``use_reentrant=False``.
 ``torch.fx.symbolic_trace`` of a model holding a probe records the probe as one ``call_module`` node (its block
 is not a registered submodule, and the estimate is nested autograd on concrete tensors), so the traced model makes
 the same estimates. A training-mode estimate cannot run inside ``torch.func`` transforms (``vmap`` / ``grad``,
@@ -55,6 +64,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -82,6 +92,183 @@ _DRAW_SHIFTS = itertools.count(1)
 
 def _keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+# ------------------------------------------------------------------------------------------ checkpoint replay
+# torch.utils.checkpoint (use_reentrant=False) runs a region's forward once, then again inside backward to recompute
+# its saved tensors, and requires the two to save the same tensors (CheckpointError otherwise) and, for correct
+# gradients, to draw the same random numbers. A decision the forward took from state that moves on (the call of an
+# ``every`` period, the random draws of a Jacobian estimate) must therefore be replayed in the recomputation as the
+# forward took it, per region: several checkpointed micro-batches run before one backward, which then recomputes
+# them in any order. torch does not expose the region; its saved-tensor hooks on top (``_checkpoint_hook`` in the
+# forward, ``_recomputation_hook`` in the recomputation) hold its ``_CheckpointFrame`` in their closures.
+
+#: ``frame -> (records, replayed)``: ``records[key]`` the values the region's forward kept, one per call in call
+#: order; ``replayed[(key, backward id)]`` how many of them its recomputation in that backward has read (a graph
+#: kept with retain_graph is recomputed again by the next backward). Weak: a region's records go with its graph.
+_CHECKPOINT_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+#: What :func:`recorded_for_recomputation` returns where nothing was recorded.
+NOT_RECORDED = object()
+
+#: Key of a probe's records (with its id): the random states its block's calls started from, or None.
+_RNG_RECORD = "JacobianProbe random state"
+
+
+def checkpoint_region() -> tuple[Any, Any] | None:
+    """The non-reentrant ``torch.utils.checkpoint`` region this call runs in, read from the saved-tensor hooks on
+    top: ``(frame, None)`` in its forward, ``(frame, backward id)`` in its recomputation inside backward; ``None``
+    elsewhere, under torch.compile (which recomputes graphs, not Python code), in reentrant checkpointing (no hooks),
+    or where other hooks are on top (``save_on_cpu`` inside the region): callers then fall back to their defaults."""
+    if torch.compiler.is_compiling():
+        return None
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is None:
+        return None
+    pack = inspect.unwrap(hooks[0])  # the recomputation's hook is wrapped by torch._dynamo.disable
+    code, closure = getattr(pack, "__code__", None), getattr(pack, "__closure__", None)
+    if code is None or not closure:
+        return None
+    cells = dict(zip(code.co_freevars, closure))
+    name = getattr(pack, "__qualname__", "")
+    try:
+        if name.startswith("_checkpoint_hook.") and "frame" in cells:
+            return cells["frame"].cell_contents, None
+        if name.startswith("_recomputation_hook.") and {"target_frame_ref", "gid"} <= cells.keys():
+            frame = cells["target_frame_ref"].cell_contents()
+            return None if frame is None else (frame, cells["gid"].cell_contents)
+    except (ValueError, TypeError):  # an empty cell, or not the weak reference expected
+        return None
+    return None
+
+
+def record_for_recomputation(key: Any, value: Any, region: tuple[Any, Any] | None) -> None:
+    """Keep ``value`` (what this call decided) for the recomputation of the checkpointed ``region`` whose forward
+    runs this call (:func:`checkpoint_region`); nothing outside a region's forward (``region`` None or a
+    recomputation). The recomputation's ``n``-th call with ``key`` reads the ``n``-th value
+    (:func:`recorded_for_recomputation`)."""
+    if region is None or region[1] is not None:
+        return
+    records, _ = _CHECKPOINT_RECORDS.setdefault(region[0], ({}, {}))
+    records.setdefault(key, []).append(value)
+
+
+def recorded_for_recomputation(key: Any) -> Any:
+    """In the recomputation of a checkpointed region inside backward: the value its forward recorded at the same
+    call (:func:`record_for_recomputation`); :data:`NOT_RECORDED` elsewhere, or when the forward recorded none
+    (a region whose forward ran inside another region's recomputation: nested checkpoints)."""
+    region = checkpoint_region()
+    if region is None or region[1] is None:
+        return NOT_RECORDED
+    frame, backward = region
+    found = _CHECKPOINT_RECORDS.get(frame)
+    if found is None:
+        return NOT_RECORDED
+    records, replayed = found
+    index = replayed.get((key, backward), 0)
+    replayed[(key, backward)] = index + 1
+    values = records.get(key, ())
+    return values[index] if index < len(values) else NOT_RECORDED
+
+
+def _region_rng(frame: Any) -> tuple[list[int], str] | None:
+    """``(device ids, device type)`` whose random states ``frame``'s recomputation restores to the forward's (the
+    CPU's always, when it restores any), read from the recomputation's closure; ``None`` when it restores none
+    (``preserve_rng_state=False``) or the closure is not the one expected."""
+    recompute = getattr(frame, "recompute_fn", None)
+    code, closure = getattr(recompute, "__code__", None), getattr(recompute, "__closure__", None)
+    if code is None or not closure:
+        return None
+    cells = {}
+    for name, cell in zip(code.co_freevars, closure):
+        try:
+            cells[name] = cell.cell_contents
+        except ValueError:  # an empty cell: fwd_devices when the forward's inputs were on no device
+            pass
+    if not cells.get("preserve_rng_state"):
+        return None
+    devices = list(cells.get("fwd_devices") or ()) if cells.get("had_device_in_fwd") else []
+    return devices, cells.get("device_type") or "cuda"
+
+
+def _rng_states(devices: list[int], device_type: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The CPU's random state and those of ``devices`` (of ``device_type``), as checkpointing keeps them."""
+    states = []
+    if devices:
+        module = torch.get_device_module(device_type)
+        for device in devices:
+            with module.device(device):
+                states.append(module.get_rng_state())
+    return torch.get_rng_state(), states
+
+
+def _set_rng_states(states: tuple[torch.Tensor, list[torch.Tensor]], devices: list[int], device_type: str) -> None:
+    """Put back the random states :func:`_rng_states` returned."""
+    torch.set_rng_state(states[0])
+    if devices:
+        module = torch.get_device_module(device_type)
+        for device, state in zip(devices, states[1]):
+            with module.device(device):
+                module.set_rng_state(state)
+
+
+# ------------------------------------------------------------------------------------------ stale estimates
+
+class _EstimateStamp:
+    """What a penalty needs to tell that an estimate is stale: the block's parameters at the estimate (weak
+    references and their in-place versions: an optimizer step bumps them) and whether a backward went through it."""
+
+    __slots__ = ("parameters", "backwarded")
+
+    def __init__(self, parameters):
+        self.parameters = [(weakref.ref(p), p._version) for p in parameters]
+        self.backwarded = False
+
+    def mark_backwarded(self, grad: torch.Tensor) -> None:
+        self.backwarded = True
+
+    def parameters_changed(self, parameters) -> bool:
+        """Whether a parameter the estimate used was updated in place since (the same tensor, another version).
+        A parameter that is another tensor now (swapped by a wrapper such as FSDP) tells nothing: not counted."""
+        return any(ref() is p and p._version != version for (ref, version), p in zip(self.parameters, parameters))
+
+
+def _graph_freed(tensor: torch.Tensor, limit: int = 64) -> bool:
+    """Whether the autograd graph behind ``tensor`` had its saved tensors freed by a backward (without
+    ``retain_graph``): reading one then raises. Looks at up to ``limit`` nodes for a saved tensor; ``False`` when it
+    finds none (nothing saved: nothing to free)."""
+    seen, queue = set(), [tensor.grad_fn]
+    while queue and len(seen) < limit:
+        node = queue.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            try:
+                saved = getattr(node, name)
+            except RuntimeError:  # "Trying to backward through the graph a second time (or directly access ...)"
+                return True
+            if isinstance(saved, torch.Tensor):
+                return False
+        queue.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+class _StaleEstimate(torch.autograd.Function):
+    """The value of a stale estimate, whose backward raises ``error`` (an orthofx error that says what happened
+    and how to fix it) instead of torch's "modified by an inplace operation" / "backward through the graph a
+    second time": logging such a penalty still works, training on it does not."""
+
+    @staticmethod
+    def forward(ctx, estimate: torch.Tensor, error: Exception) -> torch.Tensor:
+        ctx.error = error
+        return estimate.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise ctx.error
 
 
 # How many probe estimates are running (nested blocks: a probe inside another probe's block). A probe called
@@ -126,11 +313,12 @@ class JacobianProbe(nn.Module):
             (sum of squared off-diagonal entries of J^T J).
         every: estimate on every ``every``-th training step (1: every step); the steps in between cost nothing
             and leave the estimate ``None`` (zero penalty). Multiply ``weight`` by ``every`` to keep the average
-            strength of the regulariser ("lazy regularisation"). A step is :attr:`calls_per_step` calls of the
-            block (the pass sets it to the number of calls in the model's graph: a block used twice per forward
-            is estimated at both calls, and :attr:`estimate` is their sum); a call that raises is no step. Under
-            ``torch.compile`` each phase of the period is one graph (``every: 4`` compiles four; dynamo keeps eight
-            per function by default).
+            strength of the regulariser ("lazy regularisation"). Only training-mode calls with gradients count:
+            an eval-mode or ``torch.no_grad()`` call (validation) is no step. A step is :attr:`calls_per_step`
+            calls of the block (the pass sets it to the number of calls in the model's graph: a block used twice
+            per forward is estimated at both calls, and :attr:`estimate` is their sum); a call that raises is no
+            step. Under ``torch.compile`` each phase of the period is one graph (``every: 4`` compiles four;
+            dynamo keeps eight per function by default).
         per_sample: mean over samples of per-sample values instead of the whole-batch value.
         normalize: divide by the input dimension (per sample when ``per_sample``).
         route: ``"auto"`` (forward mode, double-VJP fallback), ``"jvp"`` or ``"double_vjp"``.
@@ -327,14 +515,23 @@ class JacobianProbe(nn.Module):
                                   "with nested autograd on concrete tensors and keeps the estimate on the probe")
         block = self._block
         block.training = self.training
-        if recomputing_in_backward():  # activation checkpointing: not a new call, no new estimate
+        if recomputing_in_backward():
+            # activation checkpointing's recomputation: not a new call, no new estimate. The random state the
+            # block's call started from in the forward (after the estimate's draws: probes, and the dropout masks
+            # of the estimate's own passes) comes back first, so that a dropout in the block, or after it in the
+            # checkpointed region, draws the forward's masks again (the region restores only its starting state)
+            rng = recorded_for_recomputation((_RNG_RECORD, id(self)))
+            if rng is not NOT_RECORDED and rng is not None:
+                _set_rng_states(*rng)
             return block(*args, **kwargs)
         if _estimates_running:
             # inside the estimate of a probe around this one (nested blocks): one of its extra forward passes, not
             # a call of the step; this probe's own estimate is made at its real call
             return block(*args, **kwargs)
+        region = checkpoint_region()  # the forward of a checkpointed region: its recomputation replays this call
         if not self.training or not torch.is_grad_enabled():
             self.estimate = None
+            self._record_random_state(region, estimated=False)
             return block(*args, **kwargs)
         self._refuse_untraceable_estimate()
         # counted modulo one period of ``every`` steps: under torch.compile the count is a guarded constant, so a
@@ -343,6 +540,7 @@ class JacobianProbe(nn.Module):
         step, call = divmod(phase, self.calls_per_step)
         if step % self.every != 0:
             self.estimate = None
+            self._record_random_state(region, estimated=False)
             output = block(*args, **kwargs)
             self.calls = (phase + 1) % (self.every * self.calls_per_step)  # counted once it ran (see below)
             return output
@@ -360,13 +558,29 @@ class JacobianProbe(nn.Module):
             # only the block, would not match the tensors saved here. The estimate keeps its tensors itself.
             with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
                 estimate = self._estimate(args, kwargs)
+        self._record_random_state(region, estimated=True)
         output = block(*args, **kwargs)
         # counted once the call has run: a call that raised (an input of the wrong shape, out of memory) is no
         # step of the period, so the run that calls again keeps the schedule of the uninterrupted one
         self.calls = (phase + 1) % (self.every * self.calls_per_step)
         # a block called several times per forward: the estimates of one step's calls add up
         self.estimate = estimate if self.estimate is None else self.estimate + estimate
+        if not torch.compiler.is_compiling() and self.estimate.requires_grad:
+            # for a penalty to tell a stale estimate (one read after an optimizer step, or after a backward freed
+            # it) from this step's: :meth:`_estimate_for_penalty`. Kept on the tensor, which it describes
+            stamp = _EstimateStamp(block.parameters())
+            self.estimate.register_hook(stamp.mark_backwarded)
+            self.estimate._orthofx_stamp = stamp
         return output
+
+    def _record_random_state(self, region: tuple[Any, Any] | None, estimated: bool) -> None:
+        """For the recomputation of the checkpointed ``region`` whose forward runs this call (None: no region, as
+        under torch.compile): the random states the block's call starts from after this call's estimate drew its
+        numbers (None when it made none, or the region restores no random state: nothing to restore)."""
+        if region is None:
+            return
+        rng = _region_rng(region[0]) if estimated else None
+        record_for_recomputation((_RNG_RECORD, id(self)), None if rng is None else (_rng_states(*rng), *rng), region)
 
     def _refuse_untraceable_estimate(self) -> None:
         """Refuse a training-mode estimate where it cannot be made: inside a ``torch.func`` transform (``vmap`` /
@@ -452,6 +666,40 @@ class JacobianProbe(nn.Module):
         """``weight * estimate``; without a current estimate (eval mode, a step ``every`` skips) the zero of
         :func:`~orthofx.nn.precision.zero_like_parameters`, in the block's dtype and on its device, which every
         absent penalty term is: a float32 zero turned a bfloat16 loss into float32 on the steps without one."""
-        if self.estimate is None:
+        estimate = self._estimate_for_penalty()
+        if estimate is None:
             return zero_like_parameters(self)
-        return self.penalty_weight * self.estimate
+        return self.penalty_weight * estimate
+
+    def _estimate_for_penalty(self) -> torch.Tensor | None:
+        """:attr:`estimate` for a penalty to add to a training loss (:meth:`penalty`, ``orthofx.penalty``).
+
+        An estimate is made by the probe's training-mode forward, from that call's graph. Read with gradients
+        enabled after an optimizer step changed the block's parameters, or after a backward went through it and
+        freed its graph, it is stale: a loss written ``orthofx.penalty(gm) + task(gm(x))`` (Python evaluates the
+        penalty before the forward) reads the last step's. Training on it would make torch raise at backward ("has
+        been modified by an inplace operation" / "backward through the graph a second time"); its value is
+        returned instead with a backward that raises a :class:`~orthofx.errors.LayerArgumentError` saying so and
+        how to fix it, so that a stale read for logging still works. Not checked under ``torch.no_grad()``, under
+        torch.compile, in activation checkpointing's recomputation, or for an estimate made by a compiled forward
+        (none of those is trained on eagerly, or the check cannot run there)."""
+        estimate = self.estimate
+        if estimate is None or not torch.is_grad_enabled() or torch.compiler.is_compiling() \
+                or recomputing_in_backward():
+            return estimate
+        stamp = getattr(estimate, "_orthofx_stamp", None)
+        if stamp is None:
+            return estimate
+        if stamp.parameters_changed(self._block.parameters()):
+            why = "the block's parameters changed since (an optimizer step, or another in-place update)"
+        elif stamp.backwarded and _graph_freed(estimate):
+            why = "a backward already went through it and freed its graph"
+        else:
+            return estimate
+        return _StaleEstimate.apply(estimate, LayerArgumentError(
+            f"{layer_label(self)}: the penalty read a Jacobian estimate made by an earlier forward of the block, and "
+            f"{why}, so it cannot be trained on. The probe estimates the block's Jacobian in its training-mode "
+            "forward, at that call's input, and a penalty reads the last estimate: call the penalty after this "
+            "step's forward, `out = model(x); loss = criterion(out, y) + orthofx.penalty(model)` (in "
+            "`orthofx.penalty(model) + criterion(model(x), y)` Python evaluates the penalty first, which then reads "
+            "the last step's estimate). A penalty read under torch.no_grad() (for logging) is never refused"))

@@ -204,7 +204,8 @@ class PenaltyTerm:
     (looked up by site name at call time, so the term holds no tensors and survives copies and saving).
 
     A term with ``every = k > 1`` is evaluated by ``orthofx.penalty`` on one call in ``k`` only, the calls ``c``
-    with ``c % k == phase`` (``c`` counts the model's penalty calls with gradients, ``Manifest.penalty_calls``), at
+    with ``c % k == phase`` (``c`` counts the model's penalty calls with gradients in training mode,
+    ``Manifest.penalty_calls``), at
     ``1 / k`` of its cost ("lazy regularisation": a weight ``k`` times larger keeps the average strength).
     """
 

@@ -11,7 +11,11 @@ estimates, with Rademacher probes, one of
 differentiable with respect to the block's parameters (estimators and their costs:
 :func:`orthofx.metrics.jacobian_isometry`). The pass records a :class:`JacobianTerm` per block, so
 ``orthofx.penalty(gm)`` adds ``weight * estimate`` after each training-mode forward; in eval mode the probe only
-runs the block and the term is zero.
+runs the block and the term is zero. The penalty reads the estimate of the last forward, so it is added after
+the forward, ``criterion(gm(x), y) + orthofx.penalty(gm)``: in ``orthofx.penalty(gm) + criterion(gm(x), y)``
+Python evaluates it first and reads the last step's estimate, which raises a
+:class:`~orthofx.errors.LayerArgumentError` at backward (after an optimizer step, or once a backward freed it)
+saying so.
 
 Where the probe goes. The probe replaces the block at the block's own path (``setattr`` on the parent), and
 the graph still calls that path. The probe shares the block's parameters, buffers and submodules instead of
@@ -46,7 +50,8 @@ carry most of the compute therefore costs about 4x a plain step, whatever the im
 make it cheaper change the sampling, not the quantity estimated: ``every: k`` (estimate on one step in ``k``,
 with ``weight`` multiplied by ``k`` to keep the average strength) and ``batch_fraction: f`` (estimate on a random
 ``f`` of the samples; unbiased for independent samples, cost about ``f`` of the full estimate). The probe's steps
-are its training-mode forwards with gradients (L_orth's ``every`` counts ``orthofx.penalty`` calls instead), and
+are its training-mode forwards with gradients (L_orth's ``every`` counts ``orthofx.penalty`` calls in training mode
+instead; neither counts a validation pass in eval mode), and
 each forward replaces the last one's estimate: with gradient accumulation add the penalty at each micro-batch.
 Added once, after the last micro-batch, it carries only that micro-batch's estimate, and none at all when
 ``every`` divides the number of micro-batches (``every: 2``, two micro-batches: the last is always skipped).
@@ -82,9 +87,10 @@ class JacobianTerm(PenaltyTerm):
         if not isinstance(probe, JacobianProbe):
             raise OrthofxError(f"the module at {self.site!r} is a {type(probe).__name__}, not the JacobianProbe "
                                "that pass 'jacobian_isometry' put there; was it replaced after the transform?")
-        if probe.estimate is None:
+        estimate = probe._estimate_for_penalty()  # a stale one (an earlier step's) raises at backward, saying so
+        if estimate is None:
             return zero_like_parameters(probe)
-        return probe.estimate
+        return estimate
 
 
 def _no_jacobian(ctx: PassContext, name: str) -> str | None:

@@ -32,23 +32,25 @@ declined, as ``riemannian`` declines it. A hidden weight tied between layers is 
 The graph is not changed: the pass records a :class:`LorthTerm` per layer, and ``orthofx.penalty(gm)`` returns
 ``sum(weight * L_orth)`` over all terms, differentiable with respect to the layers' weights.
 
-Cost, and ``every``. The terms do not depend on the batch: on a ResNet-18 (width 64) they cost about as much as
-a training step on about 40 CIFAR images (by multiply-adds, most of them in the 512-channel layers), so at
-batch 64 on a CPU they add about 70 % to a step. With ``every: k`` each term is evaluated on one call of
-``orthofx.penalty`` in ``k`` (the calls with gradients enabled: one per training step), at its weight: lazy
+Cost, and ``every``. The terms do not depend on the batch: on a ResNet-18 (width 64) they cost about as much as a
+training step on about 40 CIFAR images (by multiply-adds, most of them in the 512-channel layers), so at batch 64 on
+a CPU they add about 70 % to a step. With ``every: k`` each term is evaluated on one call of ``orthofx.penalty`` in
+``k`` (the calls with gradients enabled on the model in training mode: one per training step), at its weight: lazy
 regularisation, as the Jacobian pass's ``every``, so multiply ``weight`` by ``k`` to keep the average pull on the
 weights (``weight: 0.08, every: 8`` for the preset's 0.01). The terms (of every rule with that ``k``) are spread
-over the ``k`` calls by their cost (the costliest first, each to the call with the least cost so far), so that
-every step pays about ``1 / k`` of the penalty, not one step in ``k`` all of it. Under ``torch.no_grad()``
-``orthofx.penalty`` evaluates every term (a logged value is the whole regulariser, not one call's share), and
-``orthofx.penalty_terms`` always does; neither counts as a call. The count of calls is training state: it
+over the ``k`` calls by their cost (the costliest first, each to the call with the least cost so far), so that every
+step pays about ``1 / k`` of the penalty, not one step in ``k`` all of it. Under ``torch.no_grad()``, and on a model
+in eval mode (a validation pass, gradients enabled or not), ``orthofx.penalty`` evaluates every term (a logged value
+is the whole regulariser, not one call's share), and ``orthofx.penalty_terms`` always does; neither counts as a
+call, so validation between training steps does not move the schedule. The count of calls is training state: it
 travels in the model's state-dict metadata with the call each term is due on (the spreading sees a lazy layer's
 shape only once it ran, so a model rebuilt with or without ``example_inputs`` may spread otherwise), so a resumed
-run evaluates the same terms on the same steps (load it on every rank of a data-parallel run); a call that raises
-is no call. Call ``orthofx.penalty`` once per step: each call with gradients counts,
-so with gradient accumulation each micro-batch's call is a step of the period, and an optimizer that evaluates
-the loss several times per step (LBFGS's closure, SAM's two passes) moves the period at each evaluation.
-Activation checkpointing's recomputation of a forward that calls it is no new call.
+run evaluates the same terms on the same steps (load it on every rank of a data-parallel run); a call that raises is
+no call. Call ``orthofx.penalty`` once per step: each training-mode call with gradients counts, so with gradient
+accumulation each micro-batch's call is a step of the period, and an optimizer that evaluates the loss several times
+per step (LBFGS's closure, SAM's two passes) moves the period at each evaluation. Activation checkpointing's
+recomputation of a forward that calls it is no new call (non-reentrant: it evaluates the terms of that forward's
+call, also with several checkpointed micro-batches before one backward).
 Under ``torch.compile`` of a loss that calls ``orthofx.penalty`` each call of the period is a graph of its own:
 keep ``every`` (plus the loss's other variants, such as a ``torch.no_grad()`` evaluation) within dynamo's
 recompile limit (``torch._dynamo.config.recompile_limit``, 8), or compile the model and call the penalty
@@ -208,7 +210,8 @@ class OrthRegularizer(Pass):
         Param("case", "auto", (str,), "RO (row orthogonal), CO (column orthogonal) or auto (by the shapes)",
               choices=("auto", "RO", "CO")),
         Param("every", 1, (int,), "evaluate each term on one call of orthofx.penalty in `every` (lazy: multiply "
-              "weight by every to keep the strength), the terms spread over the calls by cost", minimum=1),
+              "weight by every to keep the strength), the terms spread over the calls by cost; calls in eval mode "
+              "or under no_grad evaluate every term and are not counted", minimum=1),
     )
     site_kinds = frozenset({"module"})
     module_types = _LAYER_TYPES + RECURRENT_TYPES
