@@ -63,6 +63,8 @@ import functools
 import inspect
 import io
 import itertools
+import keyword
+import math
 import operator
 import os
 import re
@@ -952,6 +954,9 @@ def _rebuild_modal_graph_module(rebuild: Callable, body: dict, import_block: str
     (:func:`_match_persistence`)."""
     other = rebuild({**body, "_code": other_src}, other_import_block)
     plain = rebuild(body, import_block)
+    for rebuilt in (other, plain):
+        if _rename_self_nodes(rebuilt.graph):  # fx's re-trace of the code names the call of a module 'self' so
+            rebuilt.recompile()
     _rename_clashing_constants(plain, other.graph, other, _mode_name(not graph_training))
     pickled = _CodeOnlyModule(body)
     # a code-only root hands over every child and tensor of the pickled module in its order, as fx's own unpickling
@@ -1023,6 +1028,8 @@ def _with_other_mode(model: nn.Module, gm: torch.fx.GraphModule, info: CaptureIn
             root.graph.owning_module = None  # no cycle left to keep the model's modules alive until a gc pass
         return gm
     info.mode_dependent = scopes
+    for checked in (gm.graph, graph):
+        _check_graph_names(checked, model, modal=True)
     _rename_clashing_constants(gm, graph, root, _mode_name(not model.training))
     modal = ModalGraphModule(gm, gm.graph, graph, model.training, class_name=type(model).__name__,
                              other_root=root)
@@ -1207,6 +1214,12 @@ def _unwritable_in_code(name: str) -> bool:
     return any(c in name for c in '"\\\n\r')
 
 
+def _keyword_part(name: str) -> str | None:
+    """The first dotted part of ``name`` that is a Python keyword (``class`` in ``heads.class``): torch.fx writes an
+    identifier part as an attribute, ``self.heads.class``, a SyntaxError in the generated code."""
+    return next((part for part in name.split(".") if keyword.iskeyword(part)), None)
+
+
 def _check_attribute_names(model: nn.Module) -> None:
     """CaptureError naming the first module, parameter or buffer whose name the graph's code cannot hold."""
     named = itertools.chain(((name, "module") for name, _ in model.named_modules()),
@@ -1217,6 +1230,65 @@ def _check_attribute_names(model: nn.Module) -> None:
             raise CaptureError(f"the {kind} name {name!r} holds a double quote, a backslash or a line break, "
                                "which torch.fx's generated code cannot hold (a SyntaxError or a wrong attribute "
                                "lookup): rename it (e.g. the nn.ModuleDict key)", module_path=name)
+
+
+@functools.lru_cache(maxsize=None)
+def _graph_module_names(modal: bool) -> frozenset[str]:
+    """The attribute names a GraphModule (``modal``: a :class:`ModalGraphModule`) has of its own, beyond
+    ``nn.Module``'s: ``graph``, ``code``, ``meta``, ``recompile`` ... (and ``other_graph`` ...). A submodule,
+    parameter or buffer the graph reads at the top level under one of them cannot be set on it."""
+    cls = ModalGraphModule if modal else torch.fx.GraphModule
+    names = {name for name in dir(cls) if not hasattr(nn.Module, name)}
+    names |= set(vars(torch.fx.GraphModule(nn.Module(), torch.fx.Graph()))) - set(vars(nn.Module()))
+    if modal:
+        names |= {"other_graph", "graph_training", "_other_code"}  # set in ModalGraphModule.__init__
+    return frozenset(name for name in names if not name.startswith("__"))
+
+
+def _check_graph_names(graph: torch.fx.Graph, model: nn.Module, modal: bool = False) -> None:
+    """Before a GraphModule is built on ``graph``: a CaptureError for a submodule, parameter or buffer the graph
+    uses whose path has a Python keyword in it (:func:`_keyword_part`) or, at the top level, is one of the
+    GraphModule's own attributes (:func:`_graph_module_names`); and a node named ``self`` renamed
+    (:func:`_rename_self_nodes`).
+
+    Example: a GNN's ``self.graph = GraphConv(...)`` is refused naming ``graph`` (``GraphModule.graph`` is the
+    graph); ``nn.Sequential(model)`` is captured, with the layer at ``0.graph``."""
+    reserved = _graph_module_names(modal)
+    cls = "orthofx.capture.ModalGraphModule" if modal else "torch.fx.GraphModule"
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            part = _keyword_part(str(node.target))
+            if part is not None:
+                what = "a module the forward calls" if node.op == "call_module" else "a tensor it reads"
+                error = CaptureError(
+                    f"the name {node.target!r} ({what}) has the part {part!r}, a Python keyword, which torch.fx's "
+                    f"generated code cannot hold (it writes self.{node.target}, a SyntaxError). Fix: rename it in "
+                    f"the model (e.g. the nn.ModuleDict key {part + '_'!r})", module_path=str(node.target))
+                error.same_in_export = True  # capture mode auto: export would write the same code
+                raise error
+            top = str(node.target).split(".", 1)[0]
+            if top in reserved:
+                what = "submodule" if node.op == "call_module" or "." in str(node.target) else \
+                    "parameter" if top in model._parameters else "buffer" if top in model._buffers else "attribute"
+                error = CaptureError(
+                    f"the model's {what} '{top}' has the name of an attribute of {cls} ({cls}.{top}), the class "
+                    f"of the captured model, which cannot hold it under that name. "
+                    f"Fix: rename the attribute in the model (e.g. self.{top}_layer), or transform the model inside "
+                    f"a container, torch.nn.Sequential(model) (site names then start with '0.')", module_path=top)
+                error.same_in_export = True  # capture mode auto: export would build the same GraphModule
+                raise error
+    _rename_self_nodes(graph)
+
+
+def _rename_self_nodes(graph: torch.fx.Graph) -> bool:
+    """Rename a node named ``self`` (the call of a submodule named ``self``: fx names a call by its target), which
+    the generated forward would bind over its ``self``; whether there was one."""
+    found = False
+    for node in graph.nodes:
+        if node.name == "self":
+            node._rename("self_1")
+            found = True
+    return found
 
 
 def _check_leaves(leaf_types: Iterable, leaf_paths: Iterable) -> None:
@@ -1296,8 +1368,14 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
         return _finish(_capture_fx(model, leaf_types, leaf_paths, concrete_args, max_retries, inputs, kwargs), model,
                        leaf_types, leaf_paths)
     except CaptureError as fx_error:
+        if getattr(fx_error, "same_in_export", False) or (mode == "fx" and "torch.export" in str(fx_error)):
+            raise  # export would fail the same way, or the message already points to it
         if mode == "fx":
-            raise
+            # orthofx.transform takes no concrete_args: for its users torch.export is the way to fix a flag
+            raise CaptureError(f"{fx_error} Or capture the model with torch.export: capture: {{mode: auto}} (the "
+                               "default) or {mode: export} in the policy, with example_inputs=(x,); it takes a "
+                               "non-tensor input (a flag, a count) at its example value.",
+                               module_path=fx_error.module_path) from (fx_error.__cause__ or fx_error)
         if inputs is None:
             raise CaptureError(f"{fx_error} Or capture the model with torch.export instead: pass "
                                "example_inputs=(x,) (capture mode 'auto' then falls back to export, or set "
@@ -1319,12 +1397,66 @@ def _finish(captured: tuple[torch.fx.GraphModule, CaptureInfo], model: nn.Module
     GraphModule's own containers, and the warnings about what a graph cannot reproduce."""
     gm, info = _with_model_flags(captured, model)
     _match_persistence(gm, model)
+    _positional_layer_inputs(gm)
     fallbacks = tuple(path for path, _ in info.leaf_fallbacks)
     info.warnings.extend(hooked_module_warnings(model, leaf_types, tuple(leaf_paths) + fallbacks))
     if info.mode == "fx":
         info.warnings.extend(_root_hook_warnings(model))
     info.warnings.extend(_state_dict_hook_warnings(model))
     return gm, info
+
+
+def _positional_layer_inputs(gm: torch.fx.GraphModule) -> None:
+    """Pass the required inputs of every module call positionally: ``self.conv(input=x)`` becomes ``conv(x)``.
+
+    The layers passes put in place of torch's (``OrthogonalConv2d``, ``ConvNormConv2d`` ...) name their input
+    ``x``, not torch's ``input``, and passes read a layer's input as ``node.args[0]``; a call by keyword bound the
+    same values to the same parameters, so moving them is the same call. Only required parameters (no default)
+    that directly follow the positional ones move (``output_size=`` stays a keyword, under the name every
+    replacement keeps), and modules with call hooks keep their call as written: a forward pre-hook sees the
+    positional inputs only. Both graphs of a :class:`ModalGraphModule` are rewritten.
+
+    Example: ``nn.Linear`` called as ``self.fc(input=h)`` is recorded as ``fc(h)``, so the orthogonal preset's
+    ``OrthogonalLinear`` (``forward(self, x)``) takes it."""
+    graphs = [gm.graph_for(True), gm.graph_for(False)] if isinstance(gm, ModalGraphModule) else [gm.graph]
+    changed = False
+    for graph in dict.fromkeys(graphs):
+        for node in graph.nodes:
+            if node.op != "call_module" or not node.kwargs:
+                continue
+            try:
+                module = gm.get_submodule(node.target)
+            except AttributeError:
+                continue
+            if call_hook_count(module):
+                continue
+            args, kwargs = _positional_call(module, node.args, node.kwargs)
+            if len(args) != len(node.args):
+                node.args, node.kwargs = args, kwargs
+                changed = True
+    if changed:
+        gm.recompile()
+
+
+def _positional_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` of a call of ``module`` with the required parameters given by keyword that directly
+    follow the positional ones moved into ``args`` (the same call; see :func:`_positional_layer_inputs`)."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature (a builtin)
+        return tuple(args), dict(kwargs)
+    args, kwargs = list(args), dict(kwargs)
+    for parameter in parameters[len(args):]:
+        if (parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD
+                or parameter.default is not inspect.Parameter.empty or parameter.name not in kwargs):
+            break
+        args.append(kwargs.pop(parameter.name))
+    return tuple(args), kwargs
+
+
+def _positional_call_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """A forward pre-hook (``with_kwargs=True``) making the call :func:`_positional_call`'s."""
+    return _positional_call(module, args, kwargs)
 
 
 def _match_persistence(gm: torch.fx.GraphModule, model: nn.Module) -> None:
@@ -1427,6 +1559,8 @@ def _rebuild_graph_module(rebuild: Callable, body: dict, import_block: str) -> t
     pickled root as persistent buffers and starts an empty ``meta``, then the pickled module's persistence
     (:func:`_match_persistence`) and ``meta``."""
     gm = rebuild(body, import_block)
+    if _rename_self_nodes(gm.graph):  # fx's re-trace of the code names the call of a module 'self' so again
+        gm.recompile()
     gm.meta = body.get("meta", gm.meta)  # fx's rebuild keeps its own, empty one (a deep copy keeps the original's)
     _match_persistence(gm, _CodeOnlyModule(body))
     _register_penalty_call_hooks(gm)
@@ -1541,6 +1675,15 @@ def _capture_fx(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, concrete
 
     ``inputs`` / ``kwargs``: the example call, if any. A forward that branches on whether a parameter defaulting to
     None was given (``if mask is not None:``) is traced for the example's choice (see :func:`_none_branches`)."""
+    if "forward" in vars(model):
+        # torch.fx traces type(model).forward; model(x) runs the instance's (a submodule's is followed: its call
+        # goes through nn.Module.__call__)
+        raise CaptureError(
+            f"the model's forward is replaced on the instance (model.forward = ..., e.g. by a library's hooks), and "
+            f"symbolic tracing traces the class's, {type(model).__name__}.forward: the graph would not compute what "
+            "model(x) computes. Fix: capture with torch.export, which makes the model's own call: capture mode "
+            "auto (the default) or export, with example_inputs=(x,); or move the replacing code into a subclass's "
+            "forward", module_path="")
     paths = set(leaf_paths)
     if max_retries is None:
         max_retries = sum(1 for _ in model.modules()) - 1
@@ -1565,6 +1708,7 @@ def _capture_fx(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, concrete
     info.warnings.extend(_none_branch_warnings(branching, left_out))
 
     _drop_string_annotations(graph)
+    _check_graph_names(graph, model)
     gm = torch.fx.GraphModule(_Overlay(model, tracer.constants), graph, type(model).__name__)
     info.warnings.extend(_constant_warnings(gm, tracer))
     info.warnings.extend(_store_warnings(tracer.attribute_stores))
@@ -1578,6 +1722,7 @@ def _capture_fx(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, concrete
                                "caught", module_path=caught[0]) from caught[2]
         _check_none_arguments(other_graph, branching, left_out)
         _drop_string_annotations(other_graph)
+        _check_graph_names(other_graph, model)
         return other_graph, _Overlay(model, other_tracer.constants)
 
     return _with_other_mode(model, gm, info, trace_other_mode), info
@@ -2159,10 +2304,15 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
         # torch.export prints the partial graph of a failed export to stderr; keep stderr for the success case
         # (warnings) and drop it on failure, which the CaptureError below explains.
         buffer = io.StringIO()
+        # new tensor objects (same memory) for each attempt: a dynamic batch marks the tensors it is given as
+        # dynamic (``_dynamo_weak_dynamic_indices``), which made the static retry dynamic too, and the marks
+        # stayed on the caller's example inputs
+        fresh_inputs, fresh_kwargs = torch.utils._pytree.tree_map_only(
+            torch.Tensor, lambda t: t.detach().requires_grad_(t.requires_grad), (inputs, kwargs))
         try:
             with contextlib.redirect_stderr(buffer), _flat_mode_regions(), exported_as_plain_module(model):
-                program = torch.export.export(model, inputs, kwargs=kwargs or None, dynamic_shapes=shapes,
-                                              **options)
+                program = torch.export.export(model, fresh_inputs, kwargs=fresh_kwargs or None,
+                                              dynamic_shapes=shapes, **options)
         except Exception as exc:  # noqa: BLE001 - reported as a CaptureError below
             error = exc
             if "DataDependent" in type(exc).__name__:
@@ -2284,12 +2434,46 @@ def _flat_mode_regions():
             setattr(module, attribute, original)
 
 
+def _module_aliases(model: nn.Module) -> dict[str, str]:
+    """Every other qualified name of a module registered more than once (``self.first = self.blocks[0]``) ->
+    its name in ``named_modules()``, the one fx mode, ``state_dict`` readers and rules use (``first`` ->
+    ``blocks.0``, and the paths below it: ``first.conv`` -> ``blocks.0.conv``)."""
+    names = {id(module): path for path, module in model.named_modules()}
+    aliases: dict[str, str] = {}
+
+    def walk(module: nn.Module, path: str, ancestors: tuple[int, ...]) -> None:
+        for name, child in module._modules.items():
+            if child is None or id(child) in ancestors:  # a cycle (a child holding its parent): no new names
+                continue
+            child_path = _join(path, name)
+            if names[id(child)] != child_path:
+                aliases[child_path] = names[id(child)]
+            walk(child, child_path, ancestors + (id(child),))
+
+    walk(model, "", (id(model),))
+    return aliases
+
+
+def _canonical_path(target: str, aliases: dict[str, str]) -> str:
+    """``target`` (a module path, or a parameter's / buffer's) with its longest aliased module prefix replaced
+    by the module's name in ``named_modules()`` (see :func:`_module_aliases`)."""
+    if not aliases:
+        return target
+    parts = target.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in aliases:
+            return ".".join([aliases[prefix], *parts[i:]]).strip(".")
+    return target
+
+
 class _LeafCall:
     """One call of a leaf module in the exported graph: its nodes and its preserved call signature."""
 
-    def __init__(self, path: str, name: str, signature: Any):
+    def __init__(self, path: str, name: str, signature: Any, fqn: str | None = None):
         self.path = path
         self.name = name
+        self.fqn = name if fqn is None else fqn  # torch.export's name of the call (the attribute path used)
         self.signature = signature
         self.members: list[torch.fx.Node] = []
         self.outputs: set[torch.fx.Node] = set()
@@ -2343,7 +2527,7 @@ class _ExportRebuilder:
     """Turns an ExportedProgram's graph into an fx graph of fx mode's form (see the module docstring)."""
 
     def __init__(self, ep: Any, model: nn.Module, leaves: list[str], excluded: set[str],
-                 call_order: list[str] = ()):
+                 call_order: list[str] = (), aliases: dict[str, str] | None = None):
         global _TORCH_FORMS
         if _TORCH_FORMS is None:
             _TORCH_FORMS = _torch_forms()
@@ -2364,15 +2548,15 @@ class _ExportRebuilder:
         # grad-mode switches of the forward (see _grad_switch): the mode torch.export traced in, which is this one
         self.grad_mode = torch.is_grad_enabled()
         self.grad_switches: list[tuple[torch.fx.Node, bool]] = []
+        self.aliases = aliases or {}
         leaf_set = set(leaves)
         made = set(call_order)
         calls: dict[str, _LeafCall] = {}
-        for entry in ep.module_call_graph[1:]:
-            path = entry.fqn.split("@")[0]
-            if call_order and entry.fqn not in made:
+        for entry, path, name in self._leaf_entries(leaf_set):
+            if call_order and name not in made:
                 continue  # a leaf the forward did not call on the example inputs (an untaken branch)
-            if path in leaf_set and entry.fqn not in excluded:
-                calls[_STACK_KEY_PREFIX + entry.fqn] = _LeafCall(path, entry.fqn, entry.signature)
+            if name not in excluded:
+                calls[_STACK_KEY_PREFIX + entry.fqn] = _LeafCall(path, name, entry.signature, entry.fqn)
         for node in self.old.nodes:
             for key in node.meta.get("nn_module_stack") or {}:
                 call = calls.get(key)
@@ -2396,6 +2580,33 @@ class _ExportRebuilder:
             last = call
 
     # ---- leaf calls
+
+    def _leaf_entries(self, leaf_set: set[str]) -> list[tuple[Any, str, str]]:
+        """``(entry, path, name)`` of the exported calls of leaves: ``path`` the module's qualified name as
+        ``named_modules()`` gives it, ``name`` the call's (``path``, then ``path@1`` ... in call order, as
+        :func:`_capture_export` counts the calls). torch.export names a call by the attribute path the forward
+        used, so a module registered twice (``self.first = self.blocks[0]``) has calls under both paths: they are
+        calls of one leaf, numbered by where their nodes are in the graph."""
+        entries = []
+        for entry in self.ep.module_call_graph[1:]:
+            used = entry.fqn.split("@")[0]
+            path = _canonical_path(used, self.aliases)
+            if path in leaf_set:
+                entries.append((entry, used, path))
+        aliased = {path for _, used, path in entries if used != path}
+        if not aliased:
+            return [(entry, path, entry.fqn) for entry, _, path in entries]
+        first_node: dict[str, int] = {}
+        for index, node in enumerate(self.old.nodes):
+            for key in node.meta.get("nn_module_stack") or {}:
+                first_node.setdefault(key, index)
+        out = [(entry, path, entry.fqn) for entry, _, path in entries if path not in aliased]
+        for group in aliased:
+            members = [entry for entry, _, path in entries if path == group]
+            # a name the forward did not call the module by (no nodes) last: the call order has no place for it
+            members.sort(key=lambda e: first_node.get(_STACK_KEY_PREFIX + e.fqn, math.inf))
+            out.extend((entry, group, group if k == 0 else f"{group}@{k}") for k, entry in enumerate(members))
+        return out
 
     def _prepare(self, call: _LeafCall) -> None:
         sig = call.signature
@@ -2431,7 +2642,7 @@ class _ExportRebuilder:
             stack = call.members[0].meta.get("nn_module_stack") or {}
             outer = {}
             for key, value in stack.items():
-                if key == _STACK_KEY_PREFIX + call.name:
+                if key == _STACK_KEY_PREFIX + call.fqn:
                     break
                 outer[key] = value
             node.meta["nn_module_stack"] = outer
@@ -2645,7 +2856,7 @@ class _ExportRebuilder:
         for old in placeholders:
             spec = specs[old.name]
             if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
-                self.lazy[old] = (spec.target, None)
+                self.lazy[old] = (_canonical_path(spec.target, self.aliases), None)
             elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
                 self.lazy[old] = (_CONSTANT_PREFIX, self.ep.constants[spec.target])
             elif spec.kind != InputKind.USER_INPUT:
@@ -2670,6 +2881,14 @@ class _ExportRebuilder:
         for node in reversed(list(self.graph.nodes)):
             if node.op == "get_attr" and not node.users:
                 self.graph.erase_node(node)
+        if self.aliases:
+            for node in self.graph.nodes:
+                stack = node.meta.get("nn_module_stack")
+                if stack:  # a new dict: the exported graph's nodes share theirs with the copies
+                    node.meta["nn_module_stack"] = {
+                        key: (_canonical_path(value[0], self.aliases), *value[1:])
+                        if isinstance(value, tuple) and value and isinstance(value[0], str) else value
+                        for key, value in stack.items()}
         keep_parameter_kinds(self.graph, self.kinds)
         self.graph.lint()
         return self.graph
@@ -2684,7 +2903,8 @@ class _ExportRebuilder:
             if spec.kind == kinds.USER_OUTPUT:
                 flat.append(value)
             elif spec.kind in (kinds.BUFFER_MUTATION, kinds.PARAMETER_MUTATION):
-                self.graph.call_function(torch.ops.aten.copy_.default, (self._attr(spec.target), value))
+                target = _canonical_path(spec.target, self.aliases)
+                self.graph.call_function(torch.ops.aten.copy_.default, (self._attr(target), value))
             elif spec.kind == kinds.USER_INPUT_MUTATION:
                 target = next(n for n in self.graph.nodes if n.op == "placeholder" and n.name == spec.target)
                 self.graph.call_function(torch.ops.aten.copy_.default, (target, value))
@@ -3145,12 +3365,22 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         # The order of the leaf calls (a call that leaves no node in the graph, such as nn.Identity's, is put
         # back at its place among the others).
         order: list[str] = []
+        unhooked = [path for path in leaves if not call_hook_count(source.get_submodule(path))]
         stashed = _stash_call_hooks([source.get_submodule(path) for path in leaves])
         hooks = [source.get_submodule(path).register_forward_pre_hook(
             lambda module, args, path=path: order.append(path)) for path in leaves]
+        # the calls as the graph will make them (see _positional_layer_inputs): torch.export refuses a leaf whose
+        # calls give the same input once positionally and once by keyword ("in_spec mismatch")
+        hooks += [source.get_submodule(path).register_forward_pre_hook(_positional_call_hook, with_kwargs=True)
+                  for path in unhooked]
         states = [_ModuleState(path, module) for path, module in source.named_modules()]
+        aliases = _module_aliases(source)
+        leaf_set = set(leaves)
+        # torch.export names a call by the attribute path the forward used: keep the signatures of a leaf's
+        # calls under its other names too
+        preserved = leaves + [alias for alias, path in aliases.items() if path in leaf_set]
         try:
-            ep = _run_export(source, inputs, leaves, kwargs)
+            ep = _run_export(source, inputs, preserved, kwargs)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -3177,7 +3407,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
     excluded: set[str] = set()
     while True:
         try:
-            rebuilder = _ExportRebuilder(ep, source, leaves, excluded, call_order)
+            rebuilder = _ExportRebuilder(ep, source, leaves, excluded, call_order, aliases)
             graph = rebuilder.build()
             # pickling a GraphModule re-traces its code with this tracer (see _RetraceTracer)
             graph._tracer_cls = _RetraceTracer
@@ -3192,6 +3422,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
     guards.insert(graph, rebuilder.prologue_end)
     info.warnings.extend(guards.warnings())
     info.warnings.extend(_device_warnings(graph))
+    _check_graph_names(graph, model)
     gm = torch.fx.GraphModule(_Overlay(model, rebuilder.extras), graph, type(model).__name__)
     if not both_modes:
         return gm, info
@@ -3325,8 +3556,8 @@ def _failure_message(path: str, cls: type | None, cause: str, fallbacks: list[tu
     if path:
         where = f"cannot trace submodule '{path}' ({name})"
         fixes = ("list the module's class under capture.leaf_modules in the policy "
-                 f"(leaf_modules: [{name}]), or pass concrete_args={{...}} for an input that drives "
-                 "control flow")
+                 f"(leaf_modules: [{name}]), or pass concrete_args={{...}} to orthofx.capture.capture for an input "
+                 "that drives control flow")
     elif cls is not None and cls.__module__.startswith("torch.nn."):
         # a bare torch layer as the model (transform(nn.LSTM(...))): the root is traced through, never a leaf
         where = f"cannot trace the model's top-level forward ({name}, a torch layer)"
@@ -3335,8 +3566,8 @@ def _failure_message(path: str, cls: type | None, cause: str, fallbacks: list[tu
     else:
         where = f"cannot trace the model's top-level forward ({name})"
         fixes = ("wrap the untraceable part in a submodule and list that submodule's class under "
-                 "capture.leaf_modules in the policy, or pass concrete_args={...} for an input that drives "
-                 "control flow")
+                 "capture.leaf_modules in the policy, or pass concrete_args={...} to orthofx.capture.capture for an "
+                 "input that drives control flow")
     message = f"{where}: {cause}. Fix: {fixes}."
     if fallbacks:
         message += " (Already kept as leaves after failed traces: " + ", ".join(p for p, _ in fallbacks) + ".)"
