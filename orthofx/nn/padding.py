@@ -41,13 +41,16 @@ def conv_zero_pads(padding, kernel_size: Sequence[int], dilation: Sequence[int],
         if padding == "valid":
             return ((0, 0),) * d
         if padding == "same":
-            stride = (stride,) * d if isinstance(stride, int) else tuple(stride)  # an int, as torch's convs take
+            stride = _per_dimension(stride, d, "stride") if stride not in ((), []) else (1,) * d  # () not given
             if any(s != 1 for s in stride):
                 raise LayerArgumentError(f"padding='same' needs stride 1 (as for torch's convolutions), got "
                                          f"stride={tuple(stride)}; give the padding as numbers")
+            dilation = _per_dimension(dilation, d, "dilation")
             return tuple((D * (k - 1) // 2, D * (k - 1) - D * (k - 1) // 2) for k, D in zip(kernel_size, dilation))
         raise LayerArgumentError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
     pads = tuple(padding) if isinstance(padding, (tuple, list)) else (padding,) * d
+    if len(pads) == 1:  # torch's convolutions apply a one-element padding to every dimension, as an int
+        pads *= d
     try:  # any integer torch takes (numpy's too), not a bool
         if len(pads) != d or any(isinstance(v, bool) for v in pads):
             raise TypeError
@@ -57,6 +60,18 @@ def conv_zero_pads(padding, kernel_size: Sequence[int], dilation: Sequence[int],
     if any(v < 0 for v in pads):
         raise LayerArgumentError(f"padding must be non-negative, got {padding!r}")
     return tuple((v, v) for v in pads)
+
+
+def _per_dimension(value, d: int, name: str) -> tuple:
+    """A conv's ``stride`` or ``dilation`` as ``d`` values: an int or a one-element sequence applies to every
+    dimension, as torch's convolutions take them (``nn.Conv2d(..., dilation=(2,))`` keeps ``(2,)``, which zipped
+    with a 2-d kernel size gave one pair of pads for two dimensions)."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if len(values) == 1:
+        values *= d
+    if len(values) != d:
+        raise LayerArgumentError(f"{name} must be an int or {d} ints (one per spatial dimension), got {value!r}")
+    return values
 
 
 def flat_pads(pads: Sequence[tuple[int, int]]) -> list[int]:
@@ -200,10 +215,11 @@ def circular_pad(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Tens
     """``x`` padded circularly by ``(left, right)`` per trailing dimension, ``F.pad(..., mode="circular")``'s
     values, with a faster backward in eager mode (:class:`_CircularPad`). Under ``torch.compile`` and
     ``torch.export`` it is ``F.pad`` itself: dynamo does not trace an autograd.Function with a custom ``jvp``,
-    and the compiler fuses the padding's backward anyway. Pads larger than their dimension (which ``F.pad``
-    refuses: "wrapping around more than once") go through :func:`periodic_pad`, in every mode, as do inputs
-    without a leading (batch or channel) dimension or with more than two, and four or more padded dimensions (which
-    ``F.pad``'s circular mode does not take). Pads are integers >= 0 (:class:`LayerArgumentError` otherwise)."""
+    and the compiler fuses the padding's backward anyway; under ``torch.jit.trace`` too (a traced
+    autograd.Function is a Python call, which ``torch.jit.save`` refuses). Pads larger than their dimension (which
+    ``F.pad`` refuses: "wrapping around more than once") go through :func:`periodic_pad`, in every mode, as do
+    inputs without a leading (batch or channel) dimension or with more than two, and four or more padded dimensions
+    (which ``F.pad``'s circular mode does not take). Pads are integers >= 0 (:class:`LayerArgumentError` otherwise)."""
     return _circular_pad_valid(x, _pad_pairs(pads, "circular_pad"))
 
 
@@ -222,7 +238,9 @@ def _circular_pad_valid(x: torch.Tensor, pads: tuple[tuple[int, int], ...]) -> t
     # unless some pad was larger than its dimension
     if not all(l <= n and r <= n for (l, r), n in zip(pads, sizes)) or not _f_pad_takes(x, len(pads)):
         return _periodic_pad_valid(x, pads)
-    if torch.compiler.is_compiling():
+    # compiled and jit-traced, plain F.pad: jit.trace records an autograd.Function as a Python call, which
+    # torch.jit.save refuses ("Could not export Python function call") and the TorchScript ONNX exporter inlines
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return F.pad(x, flat_pads(pads), mode="circular")
     return _CircularPad.apply(x, *(v for pair in pads for v in pair))
 
@@ -279,9 +297,10 @@ def circular_fold(x: torch.Tensor, pads: Sequence[tuple[int, int]]) -> torch.Ten
     ``F.pad``'s circular mode takes) it is
     :class:`_CircularFold`, the backward of :func:`circular_pad`, whose own backward is the circular padding (slices
     and adds both ways; autograd through the slices would build a zero tensor of the full size per strip, which
-    took a third of a 64-channel decoder layer's step). Otherwise, and under ``torch.compile`` / ``torch.export``,
-    :func:`_periodic_fold`: plain ops that trace, export (ONNX too) and differentiate, for pads larger than ``n``
-    as well (a kernel wider than a small map wraps around more than once).
+    took a third of a 64-channel decoder layer's step). Otherwise, and under ``torch.compile`` / ``torch.export`` /
+    ``torch.jit.trace``, :func:`_periodic_fold`: plain ops that trace, export (ONNX too, with dynamic sizes) and
+    differentiate, for pads larger than ``n`` as well (a kernel wider than a small map wraps around more than
+    once).
 
     >>> x = torch.tensor([[[1., 2., 3., 4., 5., 6.]]])
     >>> circular_fold(x, [(1, 2)])     # n = 3: entry j goes to (j - 1) mod 3
@@ -300,35 +319,51 @@ def _circular_fold_valid(x: torch.Tensor, pads: tuple[tuple[int, int], ...]) -> 
                                  f"input, got pads={pads} for an input of shape {tuple(x.shape)}")
     sizes = [x.shape[x.dim() - d + i] - l - r for i, (l, r) in enumerate(pads)]
     for i, n in enumerate(sizes):
-        if n < 1:
+        if n < 1 and any(pads[i]):  # an empty dimension with no pads folds onto itself, as circular_pad keeps it
             raise LayerArgumentError(f"circular_fold: dimension {x.dim() - d + i} has size "
                                      f"{x.shape[x.dim() - d + i]}, not more than its pads {pads[i]}: nothing to fold "
                                      "onto")
     if not any(l or r for l, r in pads):
         return x
-    # _CircularFold's backward is F.pad's circular mode: only on the shapes that takes (_f_pad_takes)
+    # _CircularFold's backward is F.pad's circular mode: only on the shapes that takes (_f_pad_takes). Not under
+    # jit.trace: torch.jit.save refused the Python call it records, and the TorchScript ONNX exporter inlined its
+    # in-place adds on slices wrongly (outputs off by the size of the entries, silently)
     if (all(l <= n and r <= n for (l, r), n in zip(pads, sizes)) and _f_pad_takes(x, d)
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
         return _CircularFold.apply(x, *(v for pair in pads for v in pair))
     return _periodic_fold(x, pads)
 
 
 def _periodic_fold(x: torch.Tensor, pads: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    """:func:`circular_fold` for pads of any size: per dimension one zero padding to a multiple of ``n``
-    (``(-l) mod n`` in front, so that entry ``j`` lands at a position congruent to ``j - l``), a reshape to
-    ``(m, n)`` and a sum over ``m``."""
+    """:func:`circular_fold` for pads of any size, per dimension. Pads at most ``n``: the interior plus each strip
+    zero-padded to ``n`` (the left strip onto the last ``l`` entries, the right one onto the first ``r``), out of
+    place. Larger pads: one zero padding to a multiple of ``n`` (``(-l) mod n`` in front, so that entry ``j`` lands
+    at a position congruent to ``j - l``), a reshape to ``(m, n)`` and a sum over ``m``; with a symbolic ``n``
+    (``torch.export`` with a dynamic spatial size) the reshape's size guards cannot be proved, so the common case
+    avoids it."""
     d = len(pads)
     for i, (l, r) in enumerate(pads):
         if not (l or r):
             continue
         dim = x.dim() - d + i
         n = x.shape[dim] - l - r
+        trailing = x.dim() - 1 - dim
+        if l <= n and r <= n:
+            y = x.narrow(dim, l, n)
+            if l:
+                y = y + F.pad(x.narrow(dim, 0, l), [0, 0] * trailing + [n - l, 0])
+            if r:
+                y = y + F.pad(x.narrow(dim, l + n, r), [0, 0] * trailing + [0, n - r])
+            x = y
+            continue
         front = (-l) % n
         back = (-(front + x.shape[dim])) % n
-        trailing = x.dim() - 1 - dim
         x = F.pad(x, [0, 0] * trailing + [front, back])
         m = x.shape[dim] // n
-        x = x.reshape(*x.shape[:dim], m, n, *x.shape[dim + 1:]).sum(dim)
+        folded = x.reshape(*x.shape[:dim], m, n, *x.shape[dim + 1:]).sum(dim)
+        # an integer or bool sum is int64: cast back (wrapping as the F.pad route's in-place adds do; a bool sum
+        # becomes their logical or), so that both routes return x's dtype
+        x = folded if folded.dtype == x.dtype else folded.to(x.dtype)
     return x
 
 

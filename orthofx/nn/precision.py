@@ -92,13 +92,21 @@ def relative_distance(value: torch.Tensor, reference: torch.Tensor) -> float | N
     """``||value - reference||_F / ||reference||_F`` in float64 with norms scaled by the largest entry (so entries
     of 1e200 or 1e-200 do not overflow or underflow when squared): a layer's ``init_error``, the output change
     ``transform`` and ``orthogonal_conv`` report. ``None`` where it is undefined: a zero ``reference`` (a relative
-    distance to zero has no meaning), NaN or inf entries, or a ratio beyond the float range.
+    distance to zero has no meaning), NaN or inf entries, or a ratio beyond the float range. Complex tensors are
+    measured with ``|z|^2 = re(z)^2 + im(z)^2``; the arguments are never written.
 
     >>> relative_distance(torch.zeros(2, dtype=torch.float64), torch.tensor([3e200, 4e200], dtype=torch.float64))
     1.0
     >>> relative_distance(torch.ones(2), torch.zeros(2)) is None
     True
     """
+    # detached: a number, not a graph (a parameter's distance built one, and float() of it warned)
+    value, reference = value.detach(), reference.detach()
+    if value.is_complex() or reference.is_complex():
+        # the Frobenius norm of a complex tensor is that of its real and imaginary parts side by side; the float64
+        # cast alone dropped the imaginary parts (a distance of 0 between tensors differing only there). Views
+        # of an argument that was complex128 already: never written below (value64 is value)
+        value, reference = (torch.view_as_real(t.to(torch.complex128).resolve_conj()) for t in (value, reference))
     value64, reference64 = value.to(torch.float64), reference.to(torch.float64)
     peak = _peak(reference64)
     if peak == 0.0 or not math.isfinite(peak):
@@ -124,6 +132,10 @@ def describe_nonfinite(tensor: torch.Tensor) -> str | None:
     """
     if tensor.is_meta or not (tensor.is_floating_point() or tensor.is_complex()):
         return None
+    if tensor.is_floating_point() and tensor.element_size() == 1:
+        # float8: torch's sum and isfinite refuse most of them on the CPU (and isfinite called float8_e8m0fnu's
+        # NaN finite); float32 holds every float8 value, NaN and inf as they are
+        tensor = tensor.float()
     if bool(torch.isfinite(tensor.sum())):
         # a NaN or inf entry makes the sum NaN or inf, so a finite sum clears every entry in one reduction (no
         # full-size boolean mask); a sum that overflows from finite entries falls through to the count below
