@@ -60,3 +60,15 @@ def test_model_eval_after_data_writes_rebuilds_the_cached_kernel():
     assert torch.equal(stale, before)  # the documented limitation: the write is not seen
     assert not torch.allclose(fresh, before, atol=1e-4)
     assert torch.allclose(fresh, reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", [3, (3, 5), (1, 3), (2, 2)])
+@pytest.mark.parametrize("padding", [(0,), (1,), (2,), 1, (1, 2)])
+@pytest.mark.parametrize("dilation", [1, (2,)])
+def test_keeps_output_size_is_what_torch_computes_for_one_element_tuples(kernel, padding, dilation):
+    # torch keeps padding=(1,) / dilation=(2,) as given and applies them to every dimension; the reference is the
+    # output shape torch's own conv gives on grids divisible by the stride
+    from orthofx.nn.orthogonal import keeps_output_size
+    conv = nn.Conv2d(2, 2, kernel, padding=padding, dilation=dilation)
+    keeps = all(conv(torch.zeros(1, 2, n, n + 2)).shape[-2:] == (n, n + 2) for n in (8, 9))
+    assert keeps_output_size(conv) == keeps

@@ -130,7 +130,8 @@ from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, MetaWeightError, layer_label
-from orthofx.nn.padding import CircularFold, CircularPad, _circular_fold_valid, _circular_pad_valid, flat_pads
+from orthofx.nn.padding import (CircularFold, CircularPad, _circular_fold_valid, _circular_pad_valid, flat_pads,
+                                per_dimension)
 from orthofx.nn.precision import (HALF_PRECISION, _peak, autocast_conv_dtype, autocast_enabled, autocast_off,
                                   describe_nonfinite, relative_distance)
 from orthofx.nn.stiefel import _haar_factor, _unit_scaled, orthonormal, project_to_stiefel
@@ -281,7 +282,8 @@ def _numeric_padding(conv: nn.Module) -> tuple[int, ...] | None:
         return (0,) * len(conv.kernel_size)
     if isinstance(conv.padding, str):
         return None
-    return tuple(int(p) for p in conv.padding)
+    # torch keeps a one-element tuple as given (nn.Conv2d(..., padding=(1,))) and applies it to every dimension
+    return tuple(int(p) for p in per_dimension(conv.padding, len(conv.kernel_size), "padding"))
 
 
 def keeps_output_size(conv: nn.Module) -> bool:
@@ -292,7 +294,9 @@ def keeps_output_size(conv: nn.Module) -> bool:
     pads = _numeric_padding(conv)
     if pads is None:  # "same": torch allows it at stride 1 only, where it keeps the size by definition
         return all(s == 1 for s in conv.stride)
-    for k, s, p, d in zip(conv.kernel_size, conv.stride, pads, conv.dilation):
+    dims = len(conv.kernel_size)
+    for k, s, p, d in zip(conv.kernel_size, per_dimension(conv.stride, dims, "stride"), pads,
+                          per_dimension(conv.dilation, dims, "dilation")):
         if not d * (k - 1) + 1 - s <= 2 * p <= d * (k - 1):
             return False
     return True

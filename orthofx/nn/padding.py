@@ -25,7 +25,7 @@ from torch import nn
 from orthofx.errors import LayerArgumentError
 
 __all__ = ["CircularFold", "CircularPad", "circular_fold", "circular_pad", "conv_zero_pads", "flat_pads", "pairs",
-           "periodic_pad"]
+           "per_dimension", "periodic_pad"]
 
 
 def conv_zero_pads(padding, kernel_size: Sequence[int], dilation: Sequence[int],
@@ -41,11 +41,11 @@ def conv_zero_pads(padding, kernel_size: Sequence[int], dilation: Sequence[int],
         if padding == "valid":
             return ((0, 0),) * d
         if padding == "same":
-            stride = _per_dimension(stride, d, "stride") if stride not in ((), []) else (1,) * d  # () not given
+            stride = per_dimension(stride, d, "stride") if stride not in ((), []) else (1,) * d  # () not given
             if any(s != 1 for s in stride):
                 raise LayerArgumentError(f"padding='same' needs stride 1 (as for torch's convolutions), got "
                                          f"stride={tuple(stride)}; give the padding as numbers")
-            dilation = _per_dimension(dilation, d, "dilation")
+            dilation = per_dimension(dilation, d, "dilation")
             return tuple((D * (k - 1) // 2, D * (k - 1) - D * (k - 1) // 2) for k, D in zip(kernel_size, dilation))
         raise LayerArgumentError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
     pads = tuple(padding) if isinstance(padding, (tuple, list)) else (padding,) * d
@@ -62,7 +62,7 @@ def conv_zero_pads(padding, kernel_size: Sequence[int], dilation: Sequence[int],
     return tuple((v, v) for v in pads)
 
 
-def _per_dimension(value, d: int, name: str) -> tuple:
+def per_dimension(value, d: int, name: str) -> tuple:
     """A conv's ``stride`` or ``dilation`` as ``d`` values: an int or a one-element sequence applies to every
     dimension, as torch's convolutions take them (``nn.Conv2d(..., dilation=(2,))`` keeps ``(2,)``, which zipped
     with a 2-d kernel size gave one pair of pads for two dimensions)."""
