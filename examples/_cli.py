@@ -17,6 +17,11 @@ from orthofx.cli import (non_negative_float, non_negative_int, positive_float,  
 EXTRAS = {"sklearn": ("scikit-learn", "demo"), "matplotlib": ("matplotlib", "plot")}
 
 
+def description(doc: str) -> str:
+    """The first paragraph of a script's docstring, for ``--help`` (its first line alone can stop mid-sentence)."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def png_path(text: str) -> str:
     """A path ending in ``.png`` in an existing, writable folder."""
     if not text.lower().endswith(".png"):

@@ -55,14 +55,14 @@ What it shows (200 steps, seed 0; measured on a shared 2-core CPU):
 variant                       MLP train loss     MLP m1 at init      CNN train loss     CNN m1 at init
 ============================  =================  ==================  =================  ===================
 default                       2.30 (chance)      6e-32               2.30 (chance)      3e-25
-isometric                     0.17, test 0.967   0.012               2.28               0.0012
+isometric                     0.17, test 0.967   0.012               2.27               0.0012
 jacobian                      2.30 (chance)      6e-32               2.30 (chance)      3e-25
-isometric+jacobian            0.18, test 0.967   0.012               2.29               0.0012
-abs+isometric                 2.28               1 (exact)           2.25               0.94
-residual                      0.0007, test 0.98  0.30                0.58, test 0.80    3.1
+isometric+jacobian            0.18, test 0.967   0.012               2.27               0.0012
+abs+isometric                 2.29               1 (exact)           2.25               0.94
+residual                      0.0007, test 0.98  0.30                0.57, test 0.80    3.1
 ============================  =================  ==================  =================  ===================
 
-* Default initialisation kills the signal in both plain networks (singular values 1e-35 .. 1e-12): they stay at
+* Default initialisation kills the signal in both plain networks (singular values 1e-33 .. 1e-12): they stay at
   chance, and the Jacobian regulariser cannot rescue them, because its own gradient vanishes with the Jacobian.
 * Orthogonal initialisation makes the tanh MLP trainable (test accuracy 0.967), but it does not train like the
   residual network, which reaches a 250 times lower training loss in the same steps. Its Jacobian is far from an
@@ -76,12 +76,13 @@ residual                      0.0007, test 0.98  0.30                0.58, test 
   and relu' vanish there, hence sigma min 0.)
 * Delta-orthogonal initialisation of the ReLU CNN with one input channel is a per-pixel map at initialisation
   (only centre taps): the 32 layers mix no neighbouring pixels until training grows the other taps, and 200
-  steps were not enough for any plain CNN variant; the residual CNN trains (0.58, test 0.80).
+  steps were not enough for any plain CNN variant; the residual CNN trains (0.57, test 0.80).
 
 So on this data, at this budget, the measurements do not support "an orthogonal Jacobian trains like a residual
 network": only the residual networks train well, and orthogonal initialisation helps the tanh MLP a lot but not
-to the residual level. The regulariser's step costs 2-5 times the plain step here (``train s``; two runs on a
-shared 2-core CPU: MLP 2.2-5.1x, CNN 4.0-5.1x).
+to the residual level. The regulariser's step costs 2-5 times the plain step here (``train s``; three runs on a
+shared 2-core CPU: MLP 2.2-5.1x, CNN 3.7-5.1x; the MLP's 5.1x also in CPU time, session 37). ``train s`` is wall
+time: other work on the machine inflates single rows (at load 6 on 2 cores one run printed 41 s against 1.3 s).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ import orthofx.passes.isometric_init  # noqa: F401  (registers the passes if ort
 import orthofx.passes.jacobian_isometry  # noqa: F401
 from orthofx.metrics import isometry_moments, jacobian_singular_values
 
-from _cli import non_negative_int, png_path, positive_float, positive_int, require  # examples/_cli.py
+from _cli import description, non_negative_int, png_path, positive_float, positive_int, require  # examples/_cli.py
 
 VARIANTS = ("default", "isometric", "jacobian", "isometric+jacobian", "abs+isometric", "residual")
 STEPS = 200
@@ -385,7 +386,7 @@ def plot(results: dict[str, list[dict]], path: str, steps: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--out", type=png_path, default="deep_isometry.png", help="PNG path (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps, spectra on 1 input (for the "
                         "tests)")
@@ -396,8 +397,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
                       "(default: each variant's own, tuned with --tune)")
     rate.add_argument("--tune", action="store_true", help="train every variant at every learning rate of "
                       f"{LR_GRID} and keep the best (slow: about five times the default run)")
-    parser.add_argument("--arch", choices=("mlp", "cnn", "both"), default="both")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--arch", choices=("mlp", "cnn", "both"), default="both",
+                        help="the 64-layer MLP, the 32-layer CNN or both (default: %(default)s)")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the data split, the weights and the batch order (default: %(default)s)")
     args = parser.parse_args(argv)
     require(parser, "sklearn", "matplotlib")
 

@@ -42,7 +42,7 @@ import orthofx.passes.isometric_init  # noqa: F401  (registers the passes if ort
 import orthofx.passes.riemannian  # noqa: F401
 from orthofx.nn.stiefel import flatten_weight, orthogonality_defect, random_orthonormal
 
-from _cli import png_path, positive_int, require  # examples/_cli.py: argument checks
+from _cli import description, png_path, positive_int, require  # examples/_cli.py: argument checks
 
 TARGET = 1e-6      # loss level whose step count the table reports
 STOP = 1e-11       # runs stop here (float64), so the plot shows the straight line well below TARGET
@@ -141,7 +141,7 @@ def plot(runs: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--out", type=png_path, default="orthonormal_linear.png",
                         help="PNG path (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="depths 2 and 4, width 8, short grid (for tests)")
