@@ -202,8 +202,8 @@ def _checked_taps(taps, kernel: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     if pairs is None or len(pairs) != len(kernel) or \
             any(not (0 <= a and 1 <= c and a + c <= k) for (a, c), k in zip(pairs, kernel)):
         shown = tuple(taps) if isinstance(taps, (list, tuple)) else taps
-        raise ArgumentError(f"delta_orthogonal_: taps={shown!r} must give (first, count), integers, inside the "
-                            f"kernel {kernel} for each of its {len(kernel)} spatial dimensions")
+        raise ArgumentError(f"delta_orthogonal_: taps={shown!r} must give (first, count) inside the kernel "
+                            f"{kernel} for each of its {len(kernel)} spatial dimensions, as integers")
     return pairs
 
 
