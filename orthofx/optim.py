@@ -41,8 +41,8 @@ from torch import nn
 
 from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError, OrthofxWarning
-from .nn.precision import autocast_enabled
-from .passes.base import mark_attached, refuse_fsdp1
+from .nn.precision import HALF_PRECISION, autocast_enabled
+from .passes.base import mark_attached, refuse_fsdp1, whole
 from .passes.riemannian import is_zero_redundancy
 from .penalty import averaged_copies, part_site_path, trained_parts, transformed_parts
 from .transform import is_transformed, manifest_of
@@ -146,24 +146,99 @@ def _run_eagerly(function):
     return torch.compiler.disable(function, recursive=True)
 
 
-def _unscale_for_hooks(optimizer: torch.optim.Optimizer) -> None:
-    """Unscale the gradients a ``GradScaler`` left scaled for a fused optimizer.
+def _unscale_for_hooks(optimizer: torch.optim.Optimizer, parts: list[_PartHooks]) -> list[torch.Tensor]:
+    """Unscale the gradients a ``GradScaler`` left scaled for a fused optimizer, where the hooks of ``parts``
+    (each the hooks of one attached transformed model) need them unscaled; returns the gradients that
+    :func:`_rescale_after_hooks` scales back once the hooks have run.
 
     For optimizers whose kernels unscale (``fused=True``), ``GradScaler.step`` does not unscale the gradients
-    first: it sets ``optimizer.grad_scale`` and the kernel divides by it. The hooks need the true gradients
-    (NOG's polar factor and OLR's ``eta*`` do not scale with them: a scale of 2^16 made NOG's step 2^16 times
-    too small), so the gradients are divided here and the kernel is left nothing to undo (``grad_scale`` None;
-    ``found_inf`` still skips a step with non-finite gradients).
+    first: it sets ``optimizer.grad_scale`` and the kernel divides by it, in float32 for half-precision gradients.
+    The hooks need the true gradients (NOG's polar factor and OLR's ``eta*`` do not scale with them: a scale of
+    2^16 made NOG's step 2^16 times too small). Float32 and float64 gradients are therefore all divided here and
+    the kernel is left nothing to undo (``grad_scale`` None; ``found_inf`` still skips a step with non-finite
+    gradients): the hooks see the true gradients, as without a fused optimizer.
+
+    Half-precision gradients are not all divided in place: a float16 gradient of 2^16 G divided in place stores
+    ``G``, whose entries below 2^-24 flush to zero and below 2^-14 lose bits (an 8 x 8 Riemannian layer trained
+    by fused Adam on a loss of size 1e-6 stepped 7e-3 off the float64 step of 1e-2, now 3e-4, the float16
+    rounding of the weight, and its bias off the step plain torch takes). The kernel keeps ``grad_scale`` and
+    unscales in float32, as it does without orthofx, all gradients but those of weights a hook reads:
+
+    * a hook whose class sets ``gradient_linear`` (the Riemannian projection, ``P_W(s G) = s P_W(G)``) acts on
+      the scaled gradient, unless ``||s G||_F`` exceeds half the dtype's range, where the projection's result
+      could overflow (``||P_W(X)||_F <= ||X||_F``): then every gradient is divided here as for float32;
+    * any other hook (NOG, OLR) gets its weight's gradient divided here, and that gradient (the hook's result)
+      is multiplied back by the scale after the hooks, exactly for a power-of-two scale; a result the scale
+      would overflow (a polar factor's entry near 1 times 2^16 in float16) divides every gradient instead.
     """
     scale = getattr(optimizer, "grad_scale", None)
     if scale is None:
-        return
+        return []
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    read = _true_gradient_readers(parts) if any(g.dtype in HALF_PRECISION for g in grads) else None
+    if read is None:
+        _divide_all(optimizer, scale)
+        return []
+    with torch.no_grad():
+        for g in read:
+            g.div_(scale.to(g.device) if isinstance(scale, torch.Tensor) else scale)
+    return read
+
+
+def _divide_all(optimizer: torch.optim.Optimizer, scale, keep: tuple = ()) -> None:
+    """Divide every gradient but those in ``keep`` (ids) by ``scale`` in place; the kernel then unscales nothing."""
     with torch.no_grad():
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is not None and id(p.grad) not in keep:
                     p.grad.div_(scale.to(p.grad.device) if isinstance(scale, torch.Tensor) else scale)
     optimizer.grad_scale = None
+
+
+def _true_gradient_readers(parts: list[_PartHooks]) -> list[torch.Tensor] | None:
+    """The gradients that hooks of ``parts`` other than ``gradient_linear`` ones read (NOG, OLR: they need them
+    unscaled), or ``None`` where a linear hook's half-precision gradient (one no other hook reads) is too large or
+    non-finite to be projected still scaled (:func:`_unscale_for_hooks`). One host read of those gradients'
+    norms, none without linear hooks."""
+    linear: dict[int, torch.Tensor] = {}
+    other: dict[int, torch.Tensor] = {}
+    for part in parts:
+        for hook in part.hooks:
+            module = part.root.get_submodule(hook.site)
+            kind = linear if getattr(type(hook), "gradient_linear", False) else other
+            for name in hook.parameter_names:
+                grad = getattr(getattr(module, name, None), "grad", None)
+                if isinstance(grad, torch.Tensor):
+                    kind[id(grad)] = grad
+    for key in other:
+        linear.pop(key, None)
+    norms = []
+    for grad in linear.values():
+        if grad.dtype in HALF_PRECISION and not grad.is_sparse:
+            limit = torch.finfo(grad.dtype).max / 2
+            # whole: the norm of a sharded (FSDP2) gradient is that of the whole matrix the hook projects
+            norms.append(torch.linalg.vector_norm(whole(grad), dtype=torch.float32) / limit)
+    # a NaN or inf norm (a step GradScaler will skip) compares False: divided here, as before
+    if norms and not bool(torch.stack([n.to(norms[0].device) for n in norms]).max() <= 1.0):
+        return None
+    return list(other.values())
+
+
+def _rescale_after_hooks(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> None:
+    """Multiply ``grads`` (divided by :func:`_unscale_for_hooks` for hooks that read true gradients, and now
+    their results) by the ``grad_scale`` the fused kernel will divide them by again. Where a result times the
+    scale overflows its dtype, the other gradients are divided instead and the kernel unscales nothing."""
+    scale = getattr(optimizer, "grad_scale", None)
+    if scale is None or not grads:
+        return
+    with torch.no_grad():
+        scaled = [g.float().mul_(scale.to(g.device) if isinstance(scale, torch.Tensor) else scale).to(g.dtype)
+                  for g in grads]
+        if bool(torch.stack([torch.isfinite(t).all().to(scaled[0].device) for t in scaled]).all()):
+            for g, t in zip(grads, scaled):
+                g.copy_(t)
+            return
+    _divide_all(optimizer, scale, keep=tuple(id(g) for g in grads))
 
 
 def _step_will_be_skipped(optimizer: torch.optim.Optimizer) -> bool:
@@ -499,11 +574,12 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     def run_before(opt):
         if skipped:
             activate_added(opt)
-        _unscale_for_hooks(opt)
+        rescale = _unscale_for_hooks(opt, parts)
         if _step_will_be_skipped(opt):  # a fused kernel will skip this step: so do the hooks, before and after
             return
         started.append(True)
         run_hooks(opt, "before")
+        _rescale_after_hooks(opt, rescale)
 
     @_run_eagerly
     def run_after(opt):

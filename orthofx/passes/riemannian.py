@@ -194,6 +194,11 @@ class StiefelHook(OptimizerHook):
     #: The attribute of the site's module that the hook keeps orthonormal (a recurrent layer has several hooks,
     #: one per hidden-to-hidden weight).
     parameter = "weight"
+    #: ``before_step`` maps the gradient linearly (``P_W(s G) = s P_W(G)``) and ``after_step`` reads no gradient:
+    #: ``attach`` may run the hooks on gradients a ``GradScaler`` left scaled for a fused optimizer, whose kernel
+    #: unscales them afterwards in float32 (``orthofx.optim._unscale_for_hooks``; float16 gradients unscaled in
+    #: place before the projection flushed small entries to zero).
+    gradient_linear = True
 
     def __init__(self, site: str, rule: str, retraction: str = "polar", momentum: str = "project",
                  groups: int = 1, parameter: str = "weight"):
