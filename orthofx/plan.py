@@ -393,6 +393,8 @@ def _rule_place(rule: Rule, *, match: bool = False) -> str:
 def block_paths(model: nn.Module, policy: Policy) -> list[str]:
     """Qualified names of the submodules that ``kind: block`` rules select; capture keeps them as leaves."""
     paths = []
+    # a module under two names is selected (and excluded) by either, as build_plan selects its sites
+    aliases = module_aliases(model)
     for rule in policy.rules:
         if rule.match.kind != "block":
             continue
@@ -400,7 +402,7 @@ def block_paths(model: nn.Module, policy: Policy) -> list[str]:
             if not name:
                 continue
             site = Site("block", name, type(module).__name__, None, type(module))
-            if _rule_selects(rule, site, module, {}) and name not in paths:
+            if _rule_selects(rule, site, module, {}, aliases.get(name, ())) and name not in paths:
                 paths.append(name)
     return paths
 

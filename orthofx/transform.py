@@ -12,12 +12,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
 import warnings
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import fx, nn
@@ -246,6 +247,25 @@ def example_call(example_inputs: Any, example_kwargs: Any) -> ExampleCall | None
     return ExampleCall(args or (), kwargs)
 
 
+@contextlib.contextmanager
+def _own_state_dict_hooks_detached(model: nn.Module) -> Iterator[None]:
+    """Take off ``model``'s root the state-dict hooks a transform registered (:func:`keep_penalty_calls_in_state_dict`)
+    while it is captured again, and put them back after: capture warns that the root's state-dict hooks are lost
+    in the new GraphModule, which for these is no loss (the new transform registers them on its result), so a
+    second transform of a transformed model would tell the user to register orthofx's own hooks again."""
+    own = (_save_penalty_calls, _load_penalty_calls)
+    taken = []
+    for hooks in (model._state_dict_hooks, model._load_state_dict_pre_hooks):
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "hook", hook) in own:  # a load pre-hook is kept wrapped (_WrappedHook.hook)
+                taken.append((hooks, key, hooks.pop(key)))
+    try:
+        yield
+    finally:
+        for hooks, key, hook in taken:
+            hooks[key] = hook
+
+
 def _capture_and_plan(root: nn.Module, policy: Policy, example: ExampleCall | None
                       ) -> tuple[fx.GraphModule, Plan]:
     if example is not None and uninitialised_lazy_modules(root):
@@ -257,9 +277,10 @@ def _capture_and_plan(root: nn.Module, policy: Policy, example: ExampleCall | No
     paths = {name for name, _ in root.named_modules() if name}
     named = [entry for entry in policy.capture.leaf_modules if isinstance(entry, str) and entry in paths]
     call = None if example is None else example.fresh()  # one copy of the inputs for capture's own runs
-    gm, info = capture(root, leaf_types=policy.capture.leaf_modules, leaf_paths=list(blocks) + named,
-                       mode=policy.capture.mode, example_inputs=None if call is None else call.args,
-                       example_kwargs=None if call is None else call.kwargs)
+    with _own_state_dict_hooks_detached(root):
+        gm, info = capture(root, leaf_types=policy.capture.leaf_modules, leaf_paths=list(blocks) + named,
+                           mode=policy.capture.mode, example_inputs=None if call is None else call.args,
+                           example_kwargs=None if call is None else call.kwargs)
     plan = build_plan(gm, policy, info, blocks=blocks, model=root, has_example_inputs=example is not None)
     return gm, plan
 
@@ -271,7 +292,8 @@ def explain(model: nn.Module, policy: Any, example_inputs: Any = None, *, exampl
     captured with torch.export (capture mode ``export``, or ``auto`` when symbolic tracing fails), with
     ``example_kwargs`` for a forward that takes keyword inputs (as in :func:`transform`); the first line of the
     table says which capture mode was used. What ``transform`` refuses before planning, ``explain`` refuses alike:
-    a transformed model that carries penalty terms or optimizer hooks (:class:`TransformError`; freeze it first).
+    a transformed model that carries penalty terms or optimizer hooks, or holds a transformed part that does
+    (:class:`TransformError`; freeze it first).
 
     Example::
 
@@ -659,7 +681,17 @@ def _compile_options(compile: Any) -> dict[str, Any] | None:
     if compile is True:
         return {}
     if isinstance(compile, dict):
-        return dict(compile)
+        options = dict(compile)
+        try:
+            # torch.compile checks its arguments when called and compiles lazily, at the first forward: a trial
+            # call on a stand-in finds a bad option (an unknown name, mode or backend) before any pass runs, which
+            # with inplace=True would already have rewritten the user's model
+            torch.compile(nn.Identity(), **options)
+        except Exception as exc:  # noqa: BLE001 - TypeError, RuntimeError, dynamo's InvalidBackend
+            raise ArgumentError(f"torch.compile rejects the compile options {options}: {type(exc).__name__}: "
+                                f"{exc}. Pass options torch.compile accepts (e.g. {{'mode': 'reduce-overhead'}}, "
+                                "{'fullgraph': True}), or compile=True for its defaults") from exc
+        return options
     raise ArgumentError(f"compile must be None, True/False or a dict of torch.compile options (e.g. "
                         f"{{'mode': 'reduce-overhead'}}), got {compile!r}")
 
@@ -677,21 +709,35 @@ def _refuse_dropping_attachments(model: nn.Module) -> None:
     """Refuse to transform a transformed model that carries penalty terms or optimizer hooks: the new manifest
     would replace its own, so ``orthofx.penalty`` and ``orthofx.attach`` would silently lose the first policy's
     regularisers and hooks. A frozen model (no terms, no hooks) or one whose policy attached none may be
-    transformed again."""
-    if not is_transformed(model):
-        return
-    manifest = manifest_of(model)
-    carried = []
-    if manifest.penalties:
-        carried.append(f"{len(manifest.penalties)} penalty term(s)")
-    if manifest.optimizer_hooks:
-        carried.append(f"{len(manifest.optimizer_hooks)} optimizer hook(s)")
-    if carried:
+    transformed again. The same holds for a transformed part of the model (``nn.Sequential(gm, head)``): capture
+    traces through it, so its manifest, and with it its terms and hooks, is not in the result."""
+    root = unwrap_model(model)
+    parts: list[str] = []
+    for path, module in root.named_modules():
+        if any(path.startswith(f"{part}.") for part in parts) or _find_manifest(module) is None:
+            continue
+        parts.append(path)  # a compiled part's inner module is the same part
+        manifest = _find_manifest(module)
+        carried = []
+        if manifest.penalties:
+            carried.append(f"{len(manifest.penalties)} penalty term(s)")
+        if manifest.optimizer_hooks:
+            carried.append(f"{len(manifest.optimizer_hooks)} optimizer hook(s)")
+        if not carried:
+            continue
+        if not path:
+            raise TransformError(
+                f"this model was already transformed and carries {' and '.join(carried)} of its policy, which a "
+                "second transform would drop (its manifest replaces the first). Transform the original model once "
+                "with a policy holding the rules of both (e.g. Policy.from_dict({'rules': [*first.to_dict()['rules'], "
+                "*second.to_dict()['rules']]})), or freeze it first (orthofx.freeze) to start from plain layers")
         raise TransformError(
-            f"this model was already transformed and carries {' and '.join(carried)} of its policy, which a second "
-            "transform would drop (its manifest replaces the first). Transform the original model once with a "
-            "policy holding the rules of both (e.g. Policy.from_dict({'rules': [*first.to_dict()['rules'], "
-            "*second.to_dict()['rules']]})), or freeze it first (orthofx.freeze) to start from plain layers")
+            f"the part '{path}' of this model ({type(unwrap_model(module)).__name__}) was transformed by orthofx and "
+            f"carries {' and '.join(carried)} of its policy, which transforming the whole model would drop: capture "
+            "traces through the part, and the result's manifest holds the new policy's changes only. Transform the "
+            f"other parts alone (each transformed part keeps its own terms: orthofx.penalty(model) sums them all), "
+            f"build the model from the original '{path}' and transform it once, or freeze the part first (set "
+            f"'{path}' to orthofx.freeze(model.get_submodule('{path}')): its terms are then left out on purpose)")
 
 
 def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, example_kwargs: Any = None,
@@ -745,8 +791,23 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, exam
     example = example_call(example_inputs, example_kwargs)
     root = unwrap_model(model)
     _refuse_dropping_attachments(model)
-    work = root if inplace else copy_model(root)
-    return _compile(_rewrite(work, policy, example, user_model=root if inplace else None), compile_options)
+    with _outside_inference_mode():
+        work = root if inplace else copy_model(root)
+        gm = _rewrite(work, policy, example, user_model=root if inplace else None)
+    return _compile(gm, compile_options)
+
+
+@contextlib.contextmanager
+def _outside_inference_mode() -> Iterator[None]:
+    """Leave ``torch.inference_mode`` (gradients stay off, as they were there) while the model is copied and
+    rewritten: a copy, or a layer a pass builds, made inside it holds inference tensors, which autograd refuses
+    to save for backward, so the returned model could not be trained ("Inference tensors cannot be saved for
+    backward" at the first ``loss.backward()``), even where the policy changes nothing."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield
 
 
 def transform_private_copy(model: nn.Module, policy: Any, example_inputs: Any = None, *,
