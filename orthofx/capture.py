@@ -2434,7 +2434,7 @@ def _flat_mode_regions():
             setattr(module, attribute, original)
 
 
-def _module_aliases(model: nn.Module) -> dict[str, str]:
+def first_module_paths(model: nn.Module) -> dict[str, str]:
     """Every other qualified name of a module registered more than once (``self.first = self.blocks[0]``) ->
     its name in ``named_modules()``, the one fx mode, ``state_dict`` readers and rules use (``first`` ->
     ``blocks.0``, and the paths below it: ``first.conv`` -> ``blocks.0.conv``)."""
@@ -2456,7 +2456,7 @@ def _module_aliases(model: nn.Module) -> dict[str, str]:
 
 def _canonical_path(target: str, aliases: dict[str, str]) -> str:
     """``target`` (a module path, or a parameter's / buffer's) with its longest aliased module prefix replaced
-    by the module's name in ``named_modules()`` (see :func:`_module_aliases`)."""
+    by the module's name in ``named_modules()`` (see :func:`first_module_paths`)."""
     if not aliases:
         return target
     parts = target.split(".")
@@ -3374,7 +3374,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         hooks += [source.get_submodule(path).register_forward_pre_hook(_positional_call_hook, with_kwargs=True)
                   for path in unhooked]
         states = [_ModuleState(path, module) for path, module in source.named_modules()]
-        aliases = _module_aliases(source)
+        aliases = first_module_paths(source)
         leaf_set = set(leaves)
         # torch.export names a call by the attribute path the forward used: keep the signatures of a leaf's
         # calls under its other names too

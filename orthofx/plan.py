@@ -32,7 +32,7 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from .capture import ModalGraphModule, _is_torch_layer, module_scopes
+from .capture import ModalGraphModule, _is_torch_layer, first_module_paths, module_scopes
 from .errors import PlanError, first_few
 from .nn import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                  OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
@@ -337,17 +337,13 @@ def _selects(match: Match, site: Site, module: nn.Module | None, fed_by: dict[st
 def module_aliases(model: nn.Module | None) -> dict[str, tuple[str, ...]]:
     """First path -> the other paths of each module of ``model`` reachable by more than one (two attributes naming
     one module, ``self.b = self.a``; an ``nn.Sequential`` holding one layer twice; the submodules below them). A
-    site is named by the first path, as ``model.named_modules()`` and fx name it, whatever path a rule names."""
+    site is named by the first path, as ``model.named_modules()`` and fx name it, whatever path a rule names.
+    The inverse of :func:`orthofx.capture.first_module_paths`."""
     if model is None:
         return {}
-    first: dict[int, str] = {}
-    for name, module in model.named_modules():
-        first.setdefault(id(module), name)
     aliases: dict[str, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        canonical = first.get(id(module))
-        if canonical is not None and name != canonical and name not in aliases.get(canonical, ()):
-            aliases.setdefault(canonical, []).append(name)
+    for other, first in first_module_paths(model).items():
+        aliases.setdefault(first, []).append(other)
     return {name: tuple(paths) for name, paths in aliases.items()}
 
 
