@@ -232,8 +232,11 @@ def _rescale_after_hooks(optimizer: torch.optim.Optimizer, grads: list[torch.Ten
     if scale is None or not grads:
         return
     with torch.no_grad():
-        scaled = [g.float().mul_(scale.to(g.device) if isinstance(scale, torch.Tensor) else scale).to(g.dtype)
-                  for g in grads]
+        # out of place: the gradients stay as they are until every product is known finite (float() of a float32
+        # gradient is the gradient itself, which mul_ scaled before a failed check left it so); half precision
+        # multiplies in float32, the others in their own dtype
+        scaled = [(g.float() if g.dtype in HALF_PRECISION else g)
+                  .mul(scale.to(g.device) if isinstance(scale, torch.Tensor) else scale).to(g.dtype) for g in grads]
         if bool(torch.stack([torch.isfinite(t).all().to(scaled[0].device) for t in scaled]).all()):
             for g, t in zip(grads, scaled):
                 g.copy_(t)

@@ -43,12 +43,14 @@ assembled from them without that manifest is a plain model, refused like any oth
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from .capture import unwrap_model
-from .errors import ArgumentError, OrthofxError
+from .errors import ArgumentError, OrthofxError, OrthofxWarning
 from .nn.jacobian import (NOT_RECORDED, JacobianProbe, checkpoint_region, record_for_recomputation,
                           recorded_for_recomputation)
 from .nn.precision import autocast_off
@@ -171,6 +173,8 @@ def _weighted_terms(model: nn.Module, skip_zero: bool = False, amortised: bool =
     # a model in eval mode is validated, not trained: its penalty (logged with gradients enabled, say) must not move
     # the training schedule, as a JacobianProbe in eval mode makes no estimate and counts no step
     period = manifest.penalty_period() if amortised and root.training else 1
+    if amortised and not root.training:
+        _warn_eval_mode_training(manifest)
     count = None
     if period > 1:
         terms, count = _due_terms(manifest, period)
@@ -181,6 +185,21 @@ def _weighted_terms(model: nn.Module, skip_zero: bool = False, amortised: bool =
         else:
             counted.append((manifest, count))
     return weighted
+
+
+def _warn_eval_mode_training(manifest: Manifest) -> None:
+    """Warn where a penalty with gradients on a model in eval mode evaluates terms with ``every = k > 1`` at every
+    call: a validation pass that logs it is not counted (as a probe's eval-mode call is not), but a loss trained
+    on in eval mode (fine-tuning with frozen normalisation) would then carry those terms ``k`` times as strongly as
+    the training schedule does, at ``k`` times the cost."""
+    if torch.compiler.is_compiling() or manifest.penalty_period() == 1:
+        return
+    warnings.warn(
+        "orthofx.penalty: the model is in eval mode with gradients enabled, so every term is evaluated at its weight "
+        "and no call of 'every' is counted (a validation pass); trained on, the terms with every: k > 1 weigh k "
+        "times their training-mode average. To train with frozen BatchNorm / Dropout keep the model in training "
+        "mode and call .eval() on those layers only; to log a validation penalty, compute it under "
+        "torch.no_grad()", OrthofxWarning, stacklevel=4)
 
 
 #: Key of a transformed model's records (with its manifest's id) for checkpointing's recomputation: the call of

@@ -72,3 +72,53 @@ def test_keeps_output_size_is_what_torch_computes_for_one_element_tuples(kernel,
     conv = nn.Conv2d(2, 2, kernel, padding=padding, dilation=dilation)
     keeps = all(conv(torch.zeros(1, 2, n, n + 2)).shape[-2:] == (n, n + 2) for n in (8, 9))
     assert keeps_output_size(conv) == keeps
+
+
+def test_rescale_after_hooks_leaves_float32_results_unscaled_when_a_float16_one_overflows():
+    # a float16 NOG result of entries 1 times the scale 2^16 overflows: every other gradient is divided instead and
+    # the kernel unscales nothing; the float32 result must then stay the true (unscaled) gradient
+    from types import SimpleNamespace
+    from orthofx.optim import _rescale_after_hooks
+    p32 = nn.Parameter(torch.zeros(2, 2))
+    p16 = nn.Parameter(torch.zeros(2, 2, dtype=torch.float16))
+    other = nn.Parameter(torch.zeros(2))
+    p32.grad, p16.grad = torch.eye(2), torch.eye(2, dtype=torch.float16)  # the hooks' results, unscaled
+    other.grad = torch.full((2,), 65536.0)  # scaled, read by no hook
+    optimizer = SimpleNamespace(param_groups=[{"params": [p32, p16, other]}], grad_scale=torch.tensor(65536.0))
+    _rescale_after_hooks(optimizer, [p32.grad, p16.grad])
+    assert optimizer.grad_scale is None
+    assert torch.equal(p32.grad, torch.eye(2))
+    assert torch.equal(p16.grad, torch.eye(2, dtype=torch.float16))
+    assert torch.equal(other.grad, torch.ones(2))
+
+
+def test_srip_of_a_huge_weight_is_finite_and_near_the_exact_value():
+    # the Krylov estimate squares M: unscaled, (M Q)^T (M Q) overflowed float32 past sigma_max(M) ~ 1.8e19
+    from orthofx.passes.pre_svd import srip
+    torch.manual_seed(0)
+    weight = torch.randn(8, 20) * 1e10
+    value = srip(weight)
+    gram = weight.double() @ weight.double().T - torch.eye(8, dtype=torch.float64)
+    exact = torch.linalg.eigvalsh(gram).abs().max()
+    assert torch.isfinite(value)
+    assert float(value) <= float(exact) * (1 + 1e-5) and float(value) >= 0.99 * float(exact)
+
+
+def test_eval_mode_penalty_with_gradients_warns_where_every_terms_would_be_overweighted():
+    policy = {"rules": [{"match": {"type": "Conv2d"}, "apply": "orth_regularizer", "with": {"every": 2}}]}
+    gm = orthofx.transform(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Conv2d(3, 3, 3)), policy)
+    gm.eval()
+    with pytest.warns(orthofx.OrthofxWarning, match="eval mode with gradients enabled"):
+        orthofx.penalty(gm)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            orthofx.penalty(gm)  # a validation pass: no warning
+        gm.train()
+        orthofx.penalty(gm)  # training: counted, no warning
+    every1 = orthofx.transform(nn.Sequential(nn.Conv2d(2, 3, 3)), "lorth").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        orthofx.penalty(every1)  # every: 1 terms are the same either way
+

@@ -682,7 +682,9 @@ class JacobianProbe(nn.Module):
         returned instead with a backward that raises a :class:`~orthofx.errors.LayerArgumentError` saying so and
         how to fix it, so that a stale read for logging still works. Not checked under ``torch.no_grad()``, under
         torch.compile, in activation checkpointing's recomputation, or for an estimate made by a compiled forward
-        (none of those is trained on eagerly, or the check cannot run there)."""
+        (none of those is trained on eagerly, or the check cannot run there). A fused optimizer (``fused=True``)
+        writes the parameters without bumping their version counters, so a read after its step is not seen (nor
+        does torch see the stale graph then): the gradients come from the earlier forward's tensors."""
         estimate = self.estimate
         if estimate is None or not torch.is_grad_enabled() or torch.compiler.is_compiling() \
                 or recomputing_in_backward():

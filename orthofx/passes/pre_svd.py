@@ -240,8 +240,11 @@ def srip(weight: torch.Tensor, groups: int = 1, iterations: int = 10) -> torch.T
     n = gram.shape[-1]
     M = gram - torch.eye(n, dtype=gram.dtype, device=gram.device)
     with torch.no_grad():
-        y = _krylov_top_vector(M.detach(), iterations)
-    return (M @ y).norm(dim=(-2, -1)).sum()
+        # y does not depend on M's scale: with M's entries scaled to at most 1, neither (M Q)^T (M Q), which squares
+        # M, nor the norm's sum of squares overflows (a weight of entries 1e10 gave inf)
+        peak = M.detach().abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(M.dtype).tiny)
+        y = _krylov_top_vector(M.detach() / peak, iterations)
+    return (peak[..., 0, 0] * ((M / peak) @ y).norm(dim=(-2, -1))).sum()
 
 
 # ------------------------------------------------------------------------------------------ penalties, hooks
