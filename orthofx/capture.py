@@ -1214,6 +1214,19 @@ def _unwritable_in_code(name: str) -> bool:
     return any(c in name for c in '"\\\n\r')
 
 
+def replaced_forward(model: nn.Module) -> Callable | None:
+    """The callable that replaces ``model.forward`` on the instance (``model.forward = f``, as some libraries'
+    wrappers do), or ``None`` where there is none or it is the class's own forward bound to ``model``
+    (``types.MethodType(type(model).forward, model)``), which tracing follows. A ``functools.wraps`` of the bound
+    forward is a replacement: its body may do anything."""
+    forward = vars(model).get("forward")
+    if forward is None:
+        return None
+    if getattr(forward, "__self__", None) is model and getattr(forward, "__func__", None) is type(model).forward:
+        return None
+    return forward
+
+
 def _keyword_part(name: str) -> str | None:
     """The first dotted part of ``name`` that is a Python keyword (``class`` in ``heads.class``): torch.fx writes an
     identifier part as an attribute, ``self.heads.class``, a SyntaxError in the generated code."""
@@ -1675,7 +1688,7 @@ def _capture_fx(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, concrete
 
     ``inputs`` / ``kwargs``: the example call, if any. A forward that branches on whether a parameter defaulting to
     None was given (``if mask is not None:``) is traced for the example's choice (see :func:`_none_branches`)."""
-    if "forward" in vars(model):
+    if replaced_forward(model) is not None:
         # torch.fx traces type(model).forward; model(x) runs the instance's (a submodule's is followed: its call
         # goes through nn.Module.__call__)
         raise CaptureError(

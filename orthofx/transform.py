@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import fx, nn
 
-from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_inputs, uninitialised_lazy_modules,
-                      unwrap_model)
+from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_inputs, replaced_forward,
+                      uninitialised_lazy_modules, unwrap_model)
 from .errors import (ArgumentError, OrthofxError, OrthofxWarning, TransformError, damaged_metadata_entry,
                      first_few, saved_count)
 from .nn.precision import describe_nonfinite, relative_distance
@@ -793,8 +793,26 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, exam
     _refuse_dropping_attachments(model)
     with _outside_inference_mode():
         work = root if inplace else copy_model(root)
+        if not inplace:
+            _refuse_forward_calling_the_original(work)
         gm = _rewrite(work, policy, example, user_model=root if inplace else None)
     return _compile(gm, compile_options)
+
+
+def _refuse_forward_calling_the_original(work: nn.Module) -> None:
+    """Refuse a copy whose forward, replaced on the instance, is no method of the copy itself: a closure or a
+    ``functools.wraps`` of the original's bound forward still calls the original model, so the graph captured
+    from the copy (by torch.export: symbolic tracing refuses a replaced forward) would compute with the
+    original's weights, as constants, and the result would have no parameters of its own to train."""
+    forward = replaced_forward(work)
+    if forward is None or getattr(forward, "__self__", None) is work:  # a method: deepcopy rebinds it to the copy
+        return
+    raise TransformError(
+        f"the model's forward is replaced on the instance ({forward!r}) by a function that is no method of the "
+        "model, so the copy transform works on would still call the original model (a closure over it, or "
+        "functools.wraps of its bound forward) and the result would compute with the original's weights. Fix: "
+        "transform with inplace=True (the model itself is rewritten), bind the replacement as a method "
+        "(types.MethodType(f, model)), or move the code into a subclass's forward")
 
 
 @contextlib.contextmanager

@@ -122,3 +122,52 @@ def test_eval_mode_penalty_with_gradients_warns_where_every_terms_would_be_overw
         warnings.simplefilter("error")
         orthofx.penalty(every1)  # every: 1 terms are the same either way
 
+
+class _OneLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+_LINEAR_LORTH = {"rules": [{"match": {"type": "Linear"}, "apply": "orth_regularizer"}]}
+
+
+def test_a_forward_replaced_by_a_closure_over_the_model_is_refused_on_a_copy_and_captured_in_place():
+    import functools
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    model = _OneLinear()
+    bound = model.forward
+    model.forward = functools.wraps(bound)(lambda *a, **k: bound(*a, **k) * 2)  # closes over the model itself
+    reference = model(x).detach()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # a copy would still call the original: its result would hold the original's weights, with no parameters
+    with pytest.raises(orthofx.TransformError, match="inplace=True"):
+        orthofx.transform(model, _LINEAR_LORTH, example_inputs=(x,))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    gm = orthofx.transform(model, _LINEAR_LORTH, example_inputs=(x,), inplace=True)
+    assert orthofx.manifest_of(gm).capture.mode == "export"  # fx would trace the class's forward, without the * 2
+    assert torch.allclose(gm(x), reference) and len(list(gm.parameters())) == 2
+
+
+def test_a_forward_bound_as_a_method_is_followed_on_a_copy():
+    import types
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    own = _OneLinear()
+    own.forward = types.MethodType(_OneLinear.forward, own)  # the class's forward: symbolic tracing follows it
+    gm = orthofx.transform(own, _LINEAR_LORTH)
+    assert orthofx.manifest_of(gm).capture.mode == "fx" and torch.allclose(gm(x), own(x))
+
+    def shifted(self, x):
+        return self.fc(x) + 1
+
+    other = _OneLinear()
+    other.forward = types.MethodType(shifted, other)  # deepcopy rebinds it to the copy
+    gm = orthofx.transform(other, _LINEAR_LORTH, example_inputs=(x,))
+    assert orthofx.manifest_of(gm).capture.mode == "export"
+    assert torch.allclose(gm(x), other(x)) and len(list(gm.parameters())) == 2
+    assert gm.get_submodule("fc").weight is not other.fc.weight
