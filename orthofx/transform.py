@@ -733,8 +733,9 @@ def _refuse_dropping_attachments(model: nn.Module) -> None:
                 "*second.to_dict()['rules']]})), or freeze it first (orthofx.freeze) to start from plain layers")
         raise TransformError(
             f"the part '{path}' of this model ({type(unwrap_model(module)).__name__}) was transformed by orthofx and "
-            f"carries {' and '.join(carried)} of its policy, which transforming the whole model would drop: capture "
-            "traces through the part, and the result's manifest holds the new policy's changes only. Transform the "
+            f"carries {' and '.join(carried)} of its policy, which transforming the whole model would drop: the "
+            "result's manifest holds the new policy's changes only (capture traces through the part, or keeps it as a "
+            "leaf without its manifest). Transform the "
             f"other parts alone (each transformed part keeps its own terms: orthofx.penalty(model) sums them all), "
             f"build the model from the original '{path}' and transform it once, or freeze the part first (set "
             f"'{path}' to orthofx.freeze(model.get_submodule('{path}')): its terms are then left out on purpose)")
