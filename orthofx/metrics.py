@@ -131,6 +131,15 @@ def _flag(value, name: str, what: str) -> bool:
     return _theory_flag(value, f"{what}: {name}")
 
 
+def check_generator(generator, what: str, drawn: str) -> None:
+    """Refuse a ``generator`` that is neither ``None`` nor a ``torch.Generator`` (:class:`ArgumentError` starting
+    with ``what``; ``drawn`` names what a seeded one makes reproducible): any other object failed inside the draw
+    ("'int' object has no attribute 'device'")."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentError(f"{what}: generator must be a torch.Generator or None, got {type(generator).__name__} "
+                            f"{generator!r}; e.g. torch.Generator().manual_seed(0) for {drawn}")
+
+
 def _one_of(value, choices: tuple, name: str, what: str):
     """``value`` if it is one of the strings ``choices`` (``None`` included when it is one of them); checked by type
     first, since ``in`` on an array or a list compares elementwise or needs a hash."""
@@ -1753,9 +1762,7 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
     probes = jacobian_probe_count(probes, what)
     for name, value in (("per_sample", per_sample), ("normalize", normalize), ("create_graph", create_graph)):
         _flag(value, name, what)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ArgumentError(f"{what}: generator must be a torch.Generator or None, got {type(generator).__name__} "
-                            f"{generator!r}; e.g. torch.Generator().manual_seed(0) for reproducible probes")
+    check_generator(generator, what, "reproducible probes")
     if per_sample and x.ndim == 0:
         raise ArgumentError(f"{what}: per_sample=True needs a batch dimension first, got a 0-d input")
     if per_sample and x.shape[0] == 0:

@@ -184,13 +184,6 @@ def _check_scale(scale, what: str) -> None:
                             f"{scale!r}")
 
 
-def _check_generator(generator, what: str) -> None:
-    # any other object failed inside the draw ("'int' object has no attribute 'device'")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ArgumentError(f"{what}: generator must be a torch.Generator or None, got {type(generator).__name__} "
-                            f"{generator!r}; e.g. torch.Generator().manual_seed(0) for a reproducible matrix")
-
-
 def _checked_taps(taps, kernel: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     """``taps`` as ``((first, count), ...)`` of integers, one pair per spatial dimension of ``kernel``, each block
     inside the kernel; otherwise an :class:`ArgumentError` (a float or a bare int failed inside the slicing with a
@@ -213,7 +206,7 @@ def orthogonal_(weight: torch.Tensor, scale: float = 1.0, generator: torch.Gener
     times a Haar-random orthonormal matrix, in place; returns ``weight``."""
     _check_weight(weight, groups, 2, "orthogonal_")
     _check_scale(scale, "orthogonal_")
-    _check_generator(generator, "orthogonal_")
+    metrics.check_generator(generator, "orthogonal_", "a reproducible matrix")
     matrix = stiefel.flatten_weight(weight, groups)
     m, n = matrix.shape[-2:]
     batch = tuple(matrix.shape[:-2])
@@ -253,7 +246,7 @@ def delta_orthogonal_(weight: torch.Tensor, scale: float = 1.0, generator: torch
     _check_weight(weight, groups, 3, "delta_orthogonal_")
     _check_scale(scale, "delta_orthogonal_")
     kernel = tuple(weight.shape[2:])
-    _check_generator(generator, "delta_orthogonal_")
+    metrics.check_generator(generator, "delta_orthogonal_", "a reproducible matrix")
     if taps is None:
         taps = tuple(((k - 1) // 2, 1) for k in kernel)
     taps = _checked_taps(taps, kernel)
