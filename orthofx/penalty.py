@@ -51,10 +51,10 @@ from torch.optim.swa_utils import AveragedModel
 
 from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError, OrthofxWarning
-from .nn.jacobian import (NOT_RECORDED, JacobianProbe, checkpoint_region, record_for_recomputation,
-                          recorded_for_recomputation)
+from .nn.jacobian import JacobianProbe
 from .nn.precision import autocast_off
-from .nn.tracing import is_orthofx_layer, is_orthofx_module, recomputing_in_backward
+from .nn.tracing import (NOT_RECORDED, checkpoint_region, is_orthofx_layer, is_orthofx_module,
+                         record_for_recomputation, recorded_for_recomputation, recomputing_in_backward)
 from .nn.precision import zero_like_parameters
 from .passes.base import Manifest, PenaltyTerm, watch_hooked_weights
 from .transform import is_transformed, manifest_of
@@ -219,7 +219,7 @@ def _due_terms(manifest: Manifest, period: int) -> tuple[list[PenaltyTerm], int 
     Activation checkpointing's non-reentrant recomputation of a forward that called ``penalty`` (inside
     backward) is that call again, not a new one: it evaluates the terms that call evaluated and counts nothing, so
     that it saves the tensors the forward saved (torch raises a CheckpointError otherwise). The forward records its
-    call for its own region (:func:`~orthofx.nn.jacobian.record_for_recomputation`), so several checkpointed
+    call for its own region (:func:`~orthofx.nn.tracing.record_for_recomputation`), so several checkpointed
     forwards before one backward (micro-batches summed), recomputed in any order, each replay their own call. A
     region whose forward ran inside another's recomputation (nested checkpoints) has no record: it replays the last
     call counted. The reentrant recomputation is counted: its forward ran without gradients, which counted

@@ -7,6 +7,10 @@
   keeps its submodules' call signatures, so orthofx's layers stay leaves in export capture too.
 - :func:`in_func_transform`: whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``) is running the
   call, where in-place buffer writes and nested autograd cannot run.
+- :func:`recomputing_in_backward` and :func:`checkpoint_region`: whether activation checkpointing recomputes the
+  call, and in which region; :func:`record_for_recomputation` / :func:`recorded_for_recomputation` replay a
+  decision a region's forward took (``orthofx.penalty``'s ``every`` call, a probe's random state) in its
+  recomputation.
 - What counts as orthofx's own module, the one definition the rest of orthofx asks (three questions, three
   answers, each a superset of the one before):
 
@@ -33,6 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
+import weakref
+from typing import Any
 
 import torch
 import torch.fx
@@ -42,7 +49,8 @@ from torch import nn
 from orthofx.errors import CaptureError, layer_label
 
 __all__ = ["fx_tracer_of", "record_as_leaf", "exported_as_plain_module", "in_export", "in_func_transform",
-           "recomputing_in_backward", "is_orthofx_layer", "orthofx_layer_types", "is_orthofx_nn_class",
+           "recomputing_in_backward", "checkpoint_region", "record_for_recomputation", "recorded_for_recomputation",
+           "NOT_RECORDED", "is_orthofx_layer", "orthofx_layer_types", "is_orthofx_nn_class",
            "is_orthofx_module"]
 
 #: The package whose classes are orthofx's layers and their helpers.
@@ -143,6 +151,78 @@ def recomputing_in_backward() -> bool:
     query is not traced and answers no (compiled checkpointing recomputes the graph's operations, not the module's
     Python code)."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+# torch.utils.checkpoint (use_reentrant=False) runs a region's forward once, then again inside backward to recompute
+# its saved tensors, and requires the two to save the same tensors (CheckpointError otherwise) and, for correct
+# gradients, to draw the same random numbers. A decision the forward took from state that moves on (the call of an
+# ``every`` period, the random draws of a Jacobian estimate) must therefore be replayed in the recomputation as the
+# forward took it, per region: several checkpointed micro-batches run before one backward, which then recomputes
+# them in any order. torch does not expose the region; its saved-tensor hooks on top (``_checkpoint_hook`` in the
+# forward, ``_recomputation_hook`` in the recomputation) hold its ``_CheckpointFrame`` in their closures.
+
+#: ``frame -> (records, replayed)``: ``records[key]`` the values the region's forward kept, one per call in call
+#: order; ``replayed[(key, backward id)]`` how many of them its recomputation in that backward has read (a graph
+#: kept with retain_graph is recomputed again by the next backward). Weak: a region's records go with its graph.
+_CHECKPOINT_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+#: What :func:`recorded_for_recomputation` returns where nothing was recorded.
+NOT_RECORDED = object()
+
+def checkpoint_region() -> tuple[Any, Any] | None:
+    """The non-reentrant ``torch.utils.checkpoint`` region this call runs in, read from the saved-tensor hooks on
+    top: ``(frame, None)`` in its forward, ``(frame, backward id)`` in its recomputation inside backward; ``None``
+    elsewhere, under torch.compile (which recomputes graphs, not Python code), in reentrant checkpointing (no hooks),
+    or where other hooks are on top (``save_on_cpu`` inside the region): callers then fall back to their defaults."""
+    if torch.compiler.is_compiling():
+        return None
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is None:
+        return None
+    pack = inspect.unwrap(hooks[0])  # the recomputation's hook is wrapped by torch._dynamo.disable
+    code, closure = getattr(pack, "__code__", None), getattr(pack, "__closure__", None)
+    if code is None or not closure:
+        return None
+    cells = dict(zip(code.co_freevars, closure))
+    name = getattr(pack, "__qualname__", "")
+    try:
+        if name.startswith("_checkpoint_hook.") and "frame" in cells:
+            return cells["frame"].cell_contents, None
+        if name.startswith("_recomputation_hook.") and {"target_frame_ref", "gid"} <= cells.keys():
+            frame = cells["target_frame_ref"].cell_contents()
+            return None if frame is None else (frame, cells["gid"].cell_contents)
+    except (ValueError, TypeError):  # an empty cell, or not the weak reference expected
+        return None
+    return None
+
+
+def record_for_recomputation(key: Any, value: Any, region: tuple[Any, Any] | None) -> None:
+    """Keep ``value`` (what this call decided) for the recomputation of the checkpointed ``region`` whose forward
+    runs this call (:func:`checkpoint_region`); nothing outside a region's forward (``region`` None or a
+    recomputation). The recomputation's ``n``-th call with ``key`` reads the ``n``-th value
+    (:func:`recorded_for_recomputation`)."""
+    if region is None or region[1] is not None:
+        return
+    records, _ = _CHECKPOINT_RECORDS.setdefault(region[0], ({}, {}))
+    records.setdefault(key, []).append(value)
+
+
+def recorded_for_recomputation(key: Any) -> Any:
+    """In the recomputation of a checkpointed region inside backward: the value its forward recorded at the same
+    call (:func:`record_for_recomputation`); :data:`NOT_RECORDED` elsewhere, or when the forward recorded none
+    (a region whose forward ran inside another region's recomputation: nested checkpoints)."""
+    region = checkpoint_region()
+    if region is None or region[1] is None:
+        return NOT_RECORDED
+    frame, backward = region
+    found = _CHECKPOINT_RECORDS.get(frame)
+    if found is None:
+        return NOT_RECORDED
+    records, replayed = found
+    index = replayed.get((key, backward), 0)
+    replayed[(key, backward)] = index + 1
+    values = records.get(key, ())
+    return values[index] if index < len(values) else NOT_RECORDED
 
 
 def _in_transform(kind) -> bool:
