@@ -591,10 +591,11 @@ def _nonfinite_note(row: dict[str, Any], module: nn.Module) -> str | None:
     measured = module.conv if isinstance(module, FrozenConvNormNd) else _measured_layer(module)
     held = [(name, describe_nonfinite(tensor.detach())) for name, tensor in measured.named_parameters()]
     held = [f"{name} holds {what}" for name, what in held if what is not None]
+    weight = None if held else _weight_values(measured)  # an orthofx layer builds it: once
     if held:
         cause = (f"the layer's {first_few(held, 3)}; load finite weights, or restart training from a finite "
                  "checkpoint with a smaller learning rate")
-    elif _weight_values(measured) is not None and describe_nonfinite(_weight_values(measured)) is not None:
+    elif weight is not None and describe_nonfinite(weight) is not None:
         cause = "the weight the layer computes from its finite parameters holds NaN / inf entries"
     else:
         cause = "the weight's entries are too large for these figures to be finite in float64"
