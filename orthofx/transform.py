@@ -711,13 +711,13 @@ def _refuse_dropping_attachments(model: nn.Module) -> None:
     regularisers and hooks. A frozen model (no terms, no hooks) or one whose policy attached none may be
     transformed again. The same holds for a transformed part of the model (``nn.Sequential(gm, head)``): capture
     traces through it, so its manifest, and with it its terms and hooks, is not in the result."""
+    from .penalty import transformed_parts  # (penalty imports this module)
+
     root = unwrap_model(model)
-    parts: list[str] = []
-    for path, module in root.named_modules():
-        if any(path.startswith(f"{part}.") for part in parts) or _find_manifest(module) is None:
-            continue
-        parts.append(path)  # a compiled part's inner module is the same part
+    for path, module in [("", root), *transformed_parts(root)]:
         manifest = _find_manifest(module)
+        if manifest is None:
+            continue
         carried = []
         if manifest.penalties:
             carried.append(f"{len(manifest.penalties)} penalty term(s)")
