@@ -1,7 +1,7 @@
 """Built-in example models: the defaults of examples, benchmarks and tests.
 
-Plain torch only: this module imports nothing of orthofx, so a model defined here behaves exactly like a user's
-model would. Every model
+Plain torch only: this module imports nothing of orthofx (but its error types, when it is ``orthofx.models``), so a
+model defined here behaves exactly like a user's model would. Every model
 
 * is traceable by ``torch.fx.symbolic_trace`` (no data-dependent Python control flow; the only Python branches
   are on ``self.training``, which a trace resolves, so orthofx captures such models in both modes, and the input
@@ -13,7 +13,9 @@ model would. Every model
   ``activation`` ...) raises ``orthofx.errors.ArgumentError`` naming the model and the argument, a bad input to
   ``DecorrelatedBatchNorm2d``, ``CovariancePooling`` or ``UpperTriangle`` raises
   ``orthofx.errors.LayerArgumentError``. Both are ``ValueError`` subclasses; they are looked up in ``sys.modules``
-  when raised, not imported (a copy of this file used without orthofx raises plain ``ValueError``).
+  when raised, and imported only by ``orthofx.models`` itself (a copy of this file used without orthofx raises
+  plain ``ValueError`` and imports nothing of orthofx). ``get(name, **kwargs)`` refuses a keyword its model does
+  not take with ``ArgumentError`` too (the valid keywords, did-you-mean), not Python's ``TypeError``.
 
 Registry::
 
@@ -45,6 +47,8 @@ deep_linear    DeepLinear          ``depth`` bias-free Linear layers, no activat
 from __future__ import annotations
 
 import difflib
+import importlib
+import inspect
 import math
 import operator
 import sys
@@ -99,10 +103,15 @@ def _error(message: str, forward: bool = False) -> ValueError:
     """The exception for a bad argument (``forward``: a bad input to a layer's forward).
 
     ``orthofx.errors.ArgumentError`` (``LayerArgumentError`` for forward inputs), both ``ValueError`` subclasses,
-    whenever orthofx is loaded, as it always is for ``orthofx.models``. The class is looked up in ``sys.modules``,
-    not imported, so that this file stays plain torch: a copy of it used without orthofx raises ``ValueError``.
+    for ``orthofx.models`` (which imports ``orthofx.errors`` here if nothing has yet) and for a copy of this file
+    once orthofx is loaded. A copy is looked up in ``sys.modules``, never imported, so that it stays plain torch:
+    used without orthofx it raises ``ValueError``.
     """
     errors = sys.modules.get("orthofx.errors")
+    if errors is None and __name__ == "orthofx.models":
+        # the orthofx package loads its submodules lazily, so orthofx.models can run before orthofx.errors was
+        # ever imported; only the package's own copy may import it (a copy elsewhere stays plain torch)
+        errors = importlib.import_module("orthofx.errors")
     cls = getattr(errors, "LayerArgumentError" if forward else "ArgumentError", ValueError)
     return cls(message)
 
@@ -330,22 +339,26 @@ class ResNet18(ResNet):
     """ResNet-18-like model for 3x32x32: BasicBlocks [2, 2, 2, 2], channels width, 2w, 4w, 8w.
 
     The first block of layer2..layer4 has a ``shortcut`` of a strided 1x1 conv (2C <- C, stride 2) and BatchNorm.
-    ``width`` and ``num_classes`` must be positive integers (``orthofx.errors.ArgumentError`` otherwise).
+    20 convs: the stem, 16 in the blocks, 3 shortcuts; 11,173,962 parameters at the default width 64.
+    ``width``, ``num_classes`` and ``in_channels`` must be positive integers (``orthofx.errors.ArgumentError``
+    otherwise).
     """
 
-    def __init__(self, width: int = 64, num_classes: int = 10):
-        super().__init__(BasicBlock, [2, 2, 2, 2], width=width, num_classes=num_classes)
+    def __init__(self, width: int = 64, num_classes: int = 10, in_channels: int = 3):
+        super().__init__(BasicBlock, [2, 2, 2, 2], width=width, num_classes=num_classes, in_channels=in_channels)
 
 
 class ResNet50(ResNet):
     """ResNet-50-like model for 3x32x32: Bottleneck blocks [3, 4, 6, 3], expansion 4, strided 1x1 shortcuts.
 
-    The stride sits on each stage's first 3x3 conv (``conv2``) and on its 1x1 ``shortcut`` conv.
-    ``width`` and ``num_classes`` must be positive integers (``orthofx.errors.ArgumentError`` otherwise).
+    The stride sits on each stage's first 3x3 conv (``conv2``) and on its 1x1 ``shortcut`` conv. 53 convs: the
+    stem, 48 in the blocks, 4 shortcuts (layer1's too: w -> 4w channels, stride 1); 23,520,842 parameters at the
+    default width 64. ``width``, ``num_classes`` and ``in_channels`` must be positive integers
+    (``orthofx.errors.ArgumentError`` otherwise).
     """
 
-    def __init__(self, width: int = 64, num_classes: int = 10):
-        super().__init__(Bottleneck, [3, 4, 6, 3], width=width, num_classes=num_classes)
+    def __init__(self, width: int = 64, num_classes: int = 10, in_channels: int = 3):
+        super().__init__(Bottleneck, [3, 4, 6, 3], width=width, num_classes=num_classes, in_channels=in_channels)
 
 
 # -------------------------------------------------------------------------------------------------------- VGG
@@ -356,18 +369,19 @@ class VGG11(nn.Module):
 
     ``features``: 8 blocks of conv 3x3 (padding 1, no bias) - BatchNorm - ReLU with channels
     (1, 2, 4, 4, 8, 8, 8, 8) * width, and 2x2 max-pools after blocks 1, 2, 4, 6 and 8 (32 -> 1).
-    ``classifier``: Linear(8w, 8w) - ReLU - Linear(8w, num_classes). ``width`` and ``num_classes`` must be
-    positive integers (``orthofx.errors.ArgumentError`` otherwise).
+    ``classifier``: Linear(8w, 8w) - ReLU - Linear(8w, num_classes); 9,491,018 parameters at the default width 64.
+    ``width``, ``num_classes`` and ``in_channels`` must be positive integers (``orthofx.errors.ArgumentError``
+    otherwise).
     """
 
     _CONFIG = (1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M")
 
-    def __init__(self, width: int = 64, num_classes: int = 10):
+    def __init__(self, width: int = 64, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         width = _positive(width, "width", type(self).__name__)
         num_classes = _positive(num_classes, "num_classes", type(self).__name__)
+        c_in = _positive(in_channels, "in_channels", type(self).__name__)
         layers: list[nn.Module] = []
-        c_in = 3
         for item in self._CONFIG:
             if item == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
@@ -810,9 +824,19 @@ def get(name: str, **kwargs) -> nn.Module:
     """A freshly initialised built-in model; ``kwargs`` go to its constructor (e.g. ``width=8``).
 
     Unknown names raise ``orthofx.errors.ArgumentError`` (a ``ValueError``) listing the available models (with a
-    did-you-mean); bad constructor arguments raise it too, naming the model and the argument.
+    did-you-mean); bad constructor arguments and keywords the model does not take (``get("resnet18", widht=8)``)
+    raise it too, naming the model and the argument.
     """
     cls, _ = _lookup(name)
+    accepted = [p for p in inspect.signature(cls).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    valid = [p.name for p in accepted]
+    for key in kwargs:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            defaults = ", ".join(f"{p.name}={p.default!r}" for p in accepted)
+            raise _error(f"{cls.__name__}: unknown argument {key!r}{hint}; model {name!r} takes {defaults}")
     return cls(**kwargs)
 
 
@@ -824,13 +848,16 @@ def input_shape(name: str) -> tuple[int, ...]:
 def example_input(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
     """A float32 standard-normal batch ``(batch, *input_shape(name))`` from a private generator seeded ``seed``.
 
-    The global RNG is left untouched. ``batch`` must be a positive integer and ``seed`` an integer
-    (``orthofx.errors.ArgumentError`` otherwise).
+    The global RNG is left untouched. ``batch`` must be a positive integer and ``seed`` an integer in torch's seed
+    range [-2**63, 2**64 - 1] (``orthofx.errors.ArgumentError`` otherwise).
     """
     shape = input_shape(name)
     number = _integer(seed)
     if number is None:
         raise _error(f"example_input: seed must be an integer, got {seed!r}")
+    if not -2**63 <= number < 2**64:  # torch.Generator.manual_seed's range (raw 'Overflow' ValueError outside)
+        raise _error(f"example_input: seed must be an integer in [-2**63, 2**64 - 1] (torch's seed range), "
+                     f"got {seed!r}")
     generator = torch.Generator().manual_seed(number)
     return torch.randn((_positive(batch, "batch", "example_input"),) + shape, generator=generator)
 
