@@ -300,8 +300,13 @@ class ConvNormGeometry(NamedTuple):
     output_size: tuple[int, ...]
 
 
-def _ntuple(value, d: int, name: str) -> tuple[int, ...]:
+def _ntuple(value, d: int, name: str, broadcast: bool = False) -> tuple[int, ...]:
+    """``d`` ints of ``value`` (an int, or ``d`` of them); ``broadcast``: a one-element tuple too, for a conv's stride
+    and dilation, which torch's convs apply to every dimension (``nn.Conv2d(..., stride=(2,))`` keeps ``(2,)``, and
+    ConvNorm refused the layer); not for a kernel or input size, where ``(3,)`` is a 1-d size."""
     if isinstance(value, (tuple, list)):
+        if broadcast and len(value) == 1:
+            value = tuple(value) * d
         if len(value) != d:
             raise LayerArgumentError(f"{name} must be an int or {d} ints, got {value!r}")
         out = tuple(value)
@@ -346,8 +351,8 @@ def convnorm_geometry(input_size: Sequence[int], kernel_size, stride=1, padding=
     n = tuple(int(v) for v in input_size)
     d = len(n)
     k = _ntuple(kernel_size, d, "kernel_size")
-    s = _ntuple(stride, d, "stride")
-    dil = _ntuple(dilation, d, "dilation")
+    s = _ntuple(stride, d, "stride", broadcast=True)
+    dil = _ntuple(dilation, d, "dilation", broadcast=True)
     if any(v < 1 for v in k + s + dil):
         raise LayerArgumentError(f"kernel_size, stride and dilation must be positive, got {k}, {s}, {dil}")
     pads = conv_zero_pads(padding, k, dil, s)
@@ -387,8 +392,9 @@ def _explicit_pads(size: Sequence[int], kernel_size, stride, padding, dilation, 
     repeating its edge, so it has ``n - 1`` entries to mirror; ``F.pad`` and torch's conv require the same)."""
     convnorm_geometry(size, kernel_size, stride, padding, dilation, where=where)
     d = len(size)
-    pads = conv_zero_pads(padding, _ntuple(kernel_size, d, "kernel_size"), _ntuple(dilation, d, "dilation"),
-                          _ntuple(stride, d, "stride"))
+    pads = conv_zero_pads(padding, _ntuple(kernel_size, d, "kernel_size"),
+                          _ntuple(dilation, d, "dilation", broadcast=True),
+                          _ntuple(stride, d, "stride", broadcast=True))
     if padding_mode == "reflect" and any(max(pair) >= n for n, pair in zip(size, pads)):
         raise LayerArgumentError(
             f"{where}: padding_mode='reflect' pads the input by {[tuple(p) for p in pads]} (left, right) per spatial "
@@ -430,7 +436,7 @@ def _power(weight: torch.Tensor, grid: Sequence[int], dilation) -> torch.Tensor:
     """
     d = weight.ndim - 2
     grid = tuple(int(v) for v in grid)
-    dil = _ntuple(dilation, d, "dilation")
+    dil = _ntuple(dilation, d, "dilation", broadcast=True)
     if any(v < 1 for v in dil):
         # a dilation of 0 put every tap at offset 0 (V of the kernel's sum), a negative one mirrored it: a wrong V
         raise LayerArgumentError(f"dilation must be a positive integer per spatial dimension (the conv's own), got "
@@ -825,7 +831,7 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
     _check_padding_mode(padding_mode, _caller(layer))
     x, unbatched = _batched_input(x, weight, groups, _caller(layer))
     ks = tuple(weight.shape[2:])
-    dil = _ntuple(dilation, d, "dilation")
+    dil = _ntuple(dilation, d, "dilation", broadcast=True)
     if padding_mode != "zeros":
         x = _explicit_pad(x, _explicit_pads(x.shape[2:], ks, stride, padding, dil, padding_mode, _caller(layer)),
                           padding_mode)
@@ -1274,7 +1280,7 @@ class ConvNormConvNd(_EvalCache, nn.Module):
     def _eval_cache_settings(self) -> tuple:
         # a new tuple, made from an int too: a list changed in place would change the key with it, and torch's conv
         # stores a tuple, but ``conv.dilation = 2`` set afterwards is taken by the forward (_ntuple; tuple(2) raised)
-        return (self.eps, _ntuple(self.conv.dilation, self._dims, "dilation"))
+        return (self.eps, _ntuple(self.conv.dilation, self._dims, "dilation", broadcast=True))
 
     def _eval_cache_tensors(self) -> list[torch.Tensor]:
         # V is made of conv.weight, which need not be one of the conv's parameters: a buffer (an in-place write to
@@ -1687,12 +1693,17 @@ class FrozenConvNormNd(nn.Module):
         self._dims = d
         self._scaled_conv = channel_scale is not None
         self.kernel_size = tuple(conv.kernel_size)
-        self.stride = tuple(conv.stride)
-        self.dilation = tuple(conv.dilation)
+        # d values each: a one-element tuple the conv keeps (torch applies it to every dimension) zipped with the
+        # kernel size read one dimension only
+        self.stride = _ntuple(conv.stride, d, "stride", broadcast=True)
+        self.dilation = _ntuple(conv.dilation, d, "dilation", broadcast=True)
         self.groups = conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.padding_mode = conv.padding_mode
-        self.layer_padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+        # d ints (or the string): tuple() of an int padding set on the conv after construction (which torch's conv
+        # and the layer take) raised a TypeError in to_plain
+        self.layer_padding = conv.padding if isinstance(conv.padding, str) else tuple(
+            left for left, _ in conv_zero_pads(conv.padding, self.kernel_size, self.dilation))
         if conv.padding_mode != "zeros":
             self.pre_pads = conv_zero_pads(conv.padding, self.kernel_size, self.dilation)
             self.geometry_padding = 0
