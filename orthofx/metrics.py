@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from orthofx.errors import ArgumentError, LayerArgumentError
 from orthofx.nn.convnorm import running_filters_held
+from orthofx.nn.padding import per_dimension
 from orthofx.nn.precision import HALF_PRECISION, autocast_enabled, autocast_off
 from orthofx.nn.tracing import in_func_transform, in_jvp
 from orthofx.theory import _flag as _theory_flag, _positive_int as _int, orthogonality_case
@@ -118,12 +119,12 @@ def _check_conv_weight(weight, what: str) -> int:
     return weight.ndim - 2
 
 
-def _tuple(value, d: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, (tuple, list)):
-        if len(value) != d:
-            raise ArgumentError(f"{name} must be an int or a tuple of {d} ints for a {d}-D convolution, got {value!r}")
-        return tuple(_int(v, name) for v in value)
-    return (_int(value, name),) * d
+def _tuple(value, d: int, name: str, broadcast: bool = True) -> tuple[int, ...]:
+    """A conv's ``stride`` or ``dilation`` (an int, or one value per dimension: one value applies to every dimension,
+    as in torch's convs) or, with ``broadcast=False``, an ``input_size`` (exactly ``d`` values), as ``d`` ints >= 1
+    (:func:`orthofx.nn.padding.per_dimension`)."""
+    return per_dimension(value, d, name, item=lambda v: _int(v, name), error=ArgumentError,
+                         expected=f"an int or a tuple of {d} ints for a {d}-D convolution", broadcast=broadcast)
 
 
 def _flag(value, name: str, what: str) -> bool:
@@ -182,7 +183,7 @@ _MAX_ENTRIES = 1 << 31
 def _grid(weight: torch.Tensor, input_size, stride) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """``(input sizes n, strides S, output grid n/S)`` of a checked conv weight, each a tuple of ``d`` ints."""
     d = weight.ndim - 2
-    sizes = _tuple(input_size, d, "input_size")
+    sizes = _tuple(input_size, d, "input_size", broadcast=False)
     strides = _tuple(stride, d, "stride")
     for n, s in zip(sizes, strides):
         if n % s:

@@ -102,18 +102,19 @@ def _flag(value, name: str, error: type[ArgumentError] = ArgumentError) -> bool:
     return bool(value)
 
 
-def _sizes(value, dims: int, name: str) -> tuple[int, ...]:
-    """An int or a sequence of ``dims`` ints, each >= 1, as a tuple of length ``dims``."""
+def _sizes(value, dims: int, name: str, broadcast: bool = True) -> tuple[int, ...]:
+    """An int or a tuple (list) of ``dims`` ints, each >= 1, as a tuple of length ``dims``; a one-element tuple
+    applies to every dimension, as torch's convs take a stride or a dilation, unless ``broadcast`` is false (a
+    ``kernel_size``: ``nn.Conv2d(2, 2, (3,))`` is no 2-d conv). Read by :func:`orthofx.nn.padding.per_dimension`
+    (imported here, not at the top: orthofx.nn's layers import this module)."""
+    from orthofx.nn.padding import per_dimension
+
     shape = f"an int or a tuple of {dims} ints (dims={dims})"
-    if isinstance(value, (tuple, list)):
-        values = tuple(value)
-        if len(values) != dims:
-            raise ArgumentError(f"{name} must be {shape}, got {value!r}")
-        return tuple(_positive_int(v, name) for v in values)
     try:
-        return (_positive_int(value, name),) * dims
+        return per_dimension(value, dims, name, item=lambda v: _positive_int(v, name), error=ArgumentError,
+                             expected=shape, broadcast=broadcast)
     except ArgumentError:
-        if isinstance(value, (str, bytes)) or not _iterable(value):
+        if isinstance(value, (tuple, list, str, bytes)) or not _iterable(value):
             raise
     # an array or a range: one size per dimension was meant, in a container this function does not read
     raise ArgumentError(f"{name} must be {shape}, got {value!r}") from None
@@ -203,7 +204,8 @@ def orthogonal_conv_exists(
     r"""Whether an orthogonal convolution with this architecture exists (P0 Theorem 4, Propositions 5 and 6).
 
     ``M = c_out / groups`` and ``C = c_in / groups`` are the per-group channel counts; ``k`` the kernel size and
-    ``S`` the stride (ints, or tuples of length ``dims``). The case is RO when :math:`M \le C \prod_i S_i`,
+    ``S`` the stride (ints, or tuples of length ``dims``; a one-element stride or dilation tuple applies to every
+    dimension, as in torch's convs). The case is RO when :math:`M \le C \prod_i S_i`,
     CO otherwise (:func:`orthogonality_case`). The grid is assumed large enough (``N >= 2k - 1`` as in P0) and,
     for ``"zeros"``, the input size a multiple of the stride.
 
@@ -251,7 +253,7 @@ def orthogonal_conv_exists(
     where = "orthogonal_conv_exists"
     dims = _dims(dims, where)
     C, M, g = _per_group(c_in, c_out, groups, where)
-    ks = _sizes(kernel_size, dims, f"{where}: kernel_size")
+    ks = _sizes(kernel_size, dims, f"{where}: kernel_size", broadcast=False)
     ss = _sizes(stride, dims, f"{where}: stride")
     if not isinstance(padding, str) or padding not in _PADDINGS:  # ('in' on an array compares elementwise)
         raise ArgumentError(f"{where}: padding must be one of {_PADDINGS}, got {padding!r} "
@@ -366,7 +368,7 @@ def theorem8_constants(c_in: int, c_out: int, kernel_size, stride=1, dims: int =
     where = "theorem8_constants"
     dims = _dims(dims, where)
     C, M, g = _per_group(c_in, c_out, groups, where)
-    ks = _sizes(kernel_size, dims, f"{where}: kernel_size")
+    ks = _sizes(kernel_size, dims, f"{where}: kernel_size", broadcast=False)
     ss = _sizes(stride, dims, f"{where}: stride")
     S = math.prod(ss)
     # int / int rounds correctly (down to 0.0 past float's range); float(int) past it raises OverflowError, so an

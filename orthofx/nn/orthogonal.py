@@ -176,13 +176,20 @@ def _int(value, name: str, minimum: int = 1) -> int:
     return value
 
 
-def _tuple(value, dims: int, name: str, minimum: int = 1) -> tuple[int, ...]:
-    if isinstance(value, (tuple, list)):
-        if len(value) != dims:
-            raise LayerArgumentError(f"{name} must be an int or a tuple of {dims} ints for a {dims}-D convolution, "
-                                     f"got {value!r}")
-        return tuple(_int(v, name, minimum) for v in value)
-    return (_int(value, name, minimum),) * dims
+def _tuple(value, dims: int, name: str, minimum: int = 1, broadcast: bool = True) -> tuple[int, ...]:
+    """``dims`` ints >= ``minimum`` (:func:`~orthofx.nn.padding.per_dimension`): a one-element tuple applies to
+    every dimension, as torch's convs take a stride, dilation, padding or output_padding, unless ``broadcast`` is
+    false (a ``kernel_size``, whose one element gives torch a 1-d weight; an ``input_size``)."""
+    return per_dimension(value, dims, name, item=lambda v: _int(v, name, minimum), error=LayerArgumentError,
+                         expected=f"an int or a tuple of {dims} ints for a {dims}-D convolution", broadcast=broadcast)
+
+
+def _spread(kernel_size, **sizes) -> tuple[tuple, ...]:
+    """``kernel_size`` (one value per dimension) and a conv's other ``sizes`` (name: value) as tuples of as many
+    values (:func:`~orthofx.nn.padding.per_dimension`): a torch conv keeps ``stride=(2,)`` as given, which zipped
+    with a 2-d kernel size read one dimension only."""
+    kernel_size = tuple(kernel_size)
+    return (kernel_size,) + tuple(per_dimension(v, len(kernel_size), name) for name, v in sizes.items())
 
 
 def _check_device_position(device, name: str) -> None:
@@ -305,6 +312,7 @@ def keeps_output_size(conv: nn.Module) -> bool:
 def build_stride(kernel_size, stride, dilation) -> tuple[int, ...]:
     """The stride an orthogonal kernel is built for, per dimension: ``S / gcd(D, S)`` (module docs, item 5), ``S``
     undilated and for one-tap dimensions (a single tap has no spacing)."""
+    kernel_size, stride, dilation = _spread(kernel_size, stride=stride, dilation=dilation)
     return tuple(s // math.gcd(dl, s) if k > 1 else s for k, s, dl in zip(kernel_size, stride, dilation))
 
 
@@ -314,6 +322,7 @@ def rko_problem(kernel_size, stride, dilation) -> str | None:
     in every dimension. A dilation sharing a factor with the stride makes the taps read fewer residues mod ``S``,
     so e.g. ``k = S = D = 2`` needs blocks although ``k <= S`` (checking ``k <= S`` alone, the pass let such a
     layer fail inside the constructor, with an error that ``on_impossible`` did not handle)."""
+    kernel_size, stride, dilation = _spread(kernel_size, stride=stride, dilation=dilation)
     built = build_stride(kernel_size, stride, dilation)
     if all(k <= b for k, b in zip(kernel_size, built)):
         return None
@@ -330,6 +339,7 @@ def dilation_blocks_row_orthogonal(kernel_size, stride, dilation, c_in: int, c_o
     existing: its common factor with the stride makes the taps read fewer residues mod the stride
     (:func:`build_stride`), while the undilated kernel reads ``min(k, S)`` of them, enough for ``c_out`` rows
     (:func:`orthofx.theory.orthogonal_conv_exists`). The impossibility errors then advise a coprime dilation."""
+    kernel_size, stride, dilation = _spread(kernel_size, stride=stride, dilation=dilation)
     return (build_stride(kernel_size, stride, dilation) != tuple(stride)
             and c_in * math.prod(min(k, s) for k, s in zip(kernel_size, stride)) >= c_out)
 
@@ -609,7 +619,7 @@ def _set_conv_arguments(layer: nn.Module, in_channels, out_channels, kernel_size
         raise LayerArgumentError(
             f"{type(layer).__name__}: groups={layer.groups} must divide in_channels={layer.in_channels} and "
             f"out_channels={layer.out_channels} (as in torch.nn.{torch_name})")
-    layer.kernel_size = _tuple(kernel_size, d, "kernel_size")
+    layer.kernel_size = _tuple(kernel_size, d, "kernel_size", broadcast=False)
     layer.stride = _tuple(stride, d, "stride")
     layer.dilation = _tuple(dilation, d, "dilation")
 
@@ -1054,7 +1064,7 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
                 f"{name}: method='cayley_fft' needs input_size, the spatial size of the inputs the layer will see "
                 f"(e.g. input_size={(32,) * d}): its orthogonal operator is built in the Fourier domain of one "
                 f"circular grid. Pass it, or use method='auto' (explicit kernel, any input size)")
-        size = _tuple(input_size, d, "input_size")
+        size = _tuple(input_size, d, "input_size", broadcast=False)
         if self.padding != "same" or self.padding_mode != "circular":
             raise LayerArgumentError(
                 f"{name}: method='cayley_fft' is a circular operator with output size input_size / stride: it needs "
@@ -1591,7 +1601,8 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
         (:func:`orthofx.metrics.orthogonality_error`, exact FFT singular values; a dilated layer through the
         undilated kernel it applies, :func:`orthofx.metrics.dilated_kernel`)."""
         from orthofx.metrics import dilated_kernel, orthogonality_error
-        if self.method == "cayley_fft" and _tuple(input_size, self._dims, "input_size") != self.input_size:
+        if self.method == "cayley_fft" and \
+                _tuple(input_size, self._dims, "input_size", broadcast=False) != self.input_size:
             raise LayerArgumentError(f"{type(self).__name__}(method='cayley_fft') is defined on input_size="
                                      f"{self.input_size} only, got input_size={input_size!r}")
         with torch.no_grad():
@@ -2086,6 +2097,8 @@ def transposed_keeps_output_size(padding, output_padding, kernel_size, stride, d
     :math:`2p = D(k - 1) + 1 - S + o` with :math:`0 \le o < S` (``o``: output_padding). Such a layer is the
     adjoint of the zero-padded conv ``(p, S)``, whose circular version the orthogonal transposed layer's adjoint
     conv is (same window offsets)."""
+    kernel_size, padding, output_padding, stride, dilation = _spread(
+        kernel_size, padding=padding, output_padding=output_padding, stride=stride, dilation=dilation)
     return all(0 <= o < s and 2 * p == dl * (k - 1) + 1 - s + o
                for p, o, k, s, dl in zip(padding, output_padding, kernel_size, stride, dilation))
 
@@ -2102,6 +2115,7 @@ def transposed_size_keeping_padding(kernel_size, stride, dilation):
     (e.g. an even kernel, undilated). ``o < max(S, D)``, torch's own bound, would admit ``o = 1`` there for an odd
     ``D > 1``, but the padding read as a convolution's would then give that adjoint conv ``n + 1`` outputs, not
     ``n`` (:func:`transposed_keeps_output_size`)."""
+    kernel_size, stride, dilation = _spread(kernel_size, stride=stride, dilation=dilation)
     paddings, output_paddings = [], []
     for k, s, dl in zip(kernel_size, stride, dilation):
         excess = dl * (k - 1) + 1 - s
@@ -2399,7 +2413,7 @@ class _OrthogonalConvTransposeNd(nn.Module):
     def orthogonality_error(self, input_size) -> float:
         r""":math:`\max_i |\sigma_i / \text{gain} - 1|` of the layer on an ``input_size`` grid: that of its adjoint
         conv on the output grid ``input_size * stride`` (the same singular values)."""
-        size = _tuple(input_size, self._dims, "input_size")
+        size = _tuple(input_size, self._dims, "input_size", broadcast=False)
         return self.conv.orthogonality_error(tuple(n * s for n, s in zip(size, self.stride)))
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ Example::
 from __future__ import annotations
 
 import operator
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,16 +62,30 @@ def conv_zero_pads(padding, kernel_size: Sequence[int], dilation: Sequence[int],
     return tuple((v, v) for v in pads)
 
 
-def per_dimension(value, d: int, name: str) -> tuple:
-    """A conv's ``stride`` or ``dilation`` as ``d`` values: an int or a one-element sequence applies to every
-    dimension, as torch's convolutions take them (``nn.Conv2d(..., dilation=(2,))`` keeps ``(2,)``, which zipped
-    with a 2-d kernel size gave one pair of pads for two dimensions)."""
+def per_dimension(value, d: int, name: str, *, item: Callable[[object], int] | None = None,
+                  error: type[Exception] = LayerArgumentError, expected: str | None = None,
+                  broadcast: bool = True) -> tuple:
+    """A conv's per-dimension size (``stride``, ``dilation``, ``padding``, ...) as ``d`` values: an int, or a tuple
+    or list of ``d`` values; a one-element tuple or list applies to every dimension, as torch's convolutions take
+    it (``nn.Conv2d(2, 2, 3, stride=(2,))`` keeps ``(2,)`` and strides by 2 in both dimensions), unless
+    ``broadcast`` is false (``kernel_size``: ``nn.Conv2d(2, 2, (3,))`` builds a 1-d weight, which its forward
+    refuses; an input size, where a one-element tuple is more likely a size cut short than a square one).
+
+    The one reader of these sizes for orthofx.metrics, orthofx.theory and the orthogonal layers: each refused
+    one-element tuples, which zipped elsewhere against a ``d``-dimensional size read one dimension only.
+    ``item`` checks and converts each value (the caller's own integer check and message; unchecked without it).
+    A wrong number of values raises ``error`` with ``"{name} must be {expected}, got {value!r}"``.
+
+    >>> per_dimension((2,), 2, "stride"), per_dimension(3, 3, "dilation")
+    ((2, 2), (3, 3, 3))
+    """
     values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-    if len(values) == 1:
+    if len(values) == 1 and (broadcast or not isinstance(value, (tuple, list))):
         values *= d
     if len(values) != d:
-        raise LayerArgumentError(f"{name} must be an int or {d} ints (one per spatial dimension), got {value!r}")
-    return values
+        expected = f"an int or {d} ints (one per spatial dimension)" if expected is None else expected
+        raise error(f"{name} must be {expected}, got {value!r}")
+    return values if item is None else tuple(item(v) for v in values)
 
 
 def flat_pads(pads: Sequence[tuple[int, int]]) -> list[int]:
