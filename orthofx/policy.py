@@ -330,6 +330,9 @@ class Policy:
         word = text.strip()
         if _looks_like_a_path(word):
             raise _no_policy_file(word)
+        if word in _preset_files():  # YAML text 'lorth' is a lone string, which no policy is
+            raise PolicyError(f"{word!r} is the name of a preset, not YAML text or a file; load it with "
+                              f"Policy.preset({word!r}) or Policy.load({word!r})", file="<string>")
         return _policy_from_text(text, "<string>", require_version=True)
 
     @classmethod
@@ -359,8 +362,13 @@ class Policy:
     def load(cls, obj: Policy | Mapping[str, Any] | str | os.PathLike) -> Policy:
         """Anything a user may pass as a policy: a Policy (returned as is), a dict, a YAML file path, a preset
         name or YAML text. A Python file (``policy.py`` or ``policy.py:make``) is refused with a PolicyError
-        saying to write the policy out as YAML: a policy is data, never code orthofx runs."""
+        saying to write the policy out as YAML: a policy is data, never code orthofx runs.
+
+        A Policy is checked again (:class:`PolicyError` naming ``rules[i].with.<param>``, ``rules[i].match.<key>``
+        ...) and returned as is: its dataclasses can be built or edited in code (``p.rules[0].params["weight"] =
+        -1``), which bypasses the checks of :meth:`from_dict`, and a pass would otherwise run with the value."""
         if isinstance(obj, Policy):
+            _check_policy_object(obj)
             return obj
         if isinstance(obj, Mapping):
             return cls.from_dict(obj)
@@ -403,7 +411,14 @@ class Policy:
         capture = self.capture.to_dict()
         if capture:
             out["capture"] = capture
-        out["rules"] = [rule.to_dict() for rule in self.rules]
+        out["rules"] = []
+        for position, rule in enumerate(self.rules):
+            written = rule.to_dict()
+            # a rule taken from another policy (Policy(rules=[p.rules[1]])) keeps the default name of its old place,
+            # which read back at this place would be another name (in the manifest, report and penalty terms)
+            if "name" not in written and rule.name != _default_rule_name(rule.apply, position):
+                written = {"name": rule.name, **written}
+            out["rules"].append(written)
         return out
 
     def to_yaml(self) -> str:
@@ -479,6 +494,8 @@ _MAP, _SEQ, _MERGE, _VALUE = _TAG + "map", _TAG + "seq", _TAG + "merge", _TAG + 
 _YAML11_OCTAL = re.compile(r"^[-+]?0[0-7_]+$")
 # YAML 1.1 (PyYAML) reads 1e-2, 1E-3 and 1.0e5 as strings: its float form needs a dot and a signed exponent.
 _EXP_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+# ... and -.5 and +.5 as strings too (its form of a float starting with the dot takes no sign); YAML 1.2 as floats
+_SIGNED_DOT_FLOAT = re.compile(r"^[-+]\.[0-9][0-9_]*$")
 
 
 class _AliasUse:
@@ -497,8 +514,8 @@ class _AliasUse:
 
 
 class _PolicyLoader(yaml.SafeLoader):
-    """The safe loader plus exponent-only floats, recording where aliases are used (:class:`_AliasUse`). Used
-    only to *compose* node trees, never to construct."""
+    """The safe loader plus exponent-only and signed leading-dot floats (1e-3, -.5), recording where aliases are
+    used (:class:`_AliasUse`). Used only to *compose* node trees, never to construct."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -522,6 +539,7 @@ _PolicyDumper.add_representer(str, _PolicyDumper.represent_str)
 
 for _cls in (_PolicyLoader, _PolicyDumper):
     _cls.add_implicit_resolver(_FLOAT, _EXP_FLOAT, list("-+0123456789."))
+    _cls.add_implicit_resolver(_FLOAT, _SIGNED_DOT_FLOAT, list("-+"))
 del _cls
 
 _SCALARS = yaml.constructor.SafeConstructor()
@@ -652,6 +670,12 @@ def _no_policy_file(word: str) -> PolicyError:
     if kind:
         return PolicyError(f"{word!r} is {kind}, not a policy file; name a .yaml file, or pipe the policy in "
                            "(<(command) or /dev/stdin)", file=word)
+    home = os.path.expanduser(word) if word.startswith("~") else word
+    if home != word and _path_test(os.path.exists, home):
+        # a shell expands '~' before a program sees it; Python's file functions (and so orthofx) do not
+        return PolicyError(f"policy file not found: {word!r} ('~' is not expanded in Python: the file is "
+                           f"{home!r}; pass os.path.expanduser({word!r}) or pathlib.Path({word!r}).expanduser())",
+                           file=word)
     return PolicyError(f"policy file not found: {word!r}", file=word)
 
 
@@ -1001,6 +1025,26 @@ _KEY_SYNONYMS = {
 }
 
 
+#: Top-level keys other tools take to build on another file; a policy holds all its rules itself.
+#: ('base' is left out: it is also where YAML users keep anchors for merge keys)
+_EXTENDING_KEYS = ("extends", "extend", "include", "includes", "inherit", "inherits", "preset", "presets", "import",
+                   "imports")
+
+
+def _extending_hint(value: Any) -> str:
+    """How to build on a preset or another policy (``value``: what the policy tried to extend or include), as the end
+    of an error message.
+
+    >>> _extending_hint("svd")[:78]
+    ' (a policy cannot extend or include another: copy its rules into rules:, e.g. '
+    """
+    named = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v in _preset_files()]
+    source = f"Policy.preset({named[0]!r})" if named else "Policy.load(other)"
+    shown = f"those orthofx.{source}.to_yaml() prints" if named else "those of the other policy"
+    return (f" (a policy cannot extend or include another: copy its rules into rules:, e.g. {shown}, or in Python "
+            f"concatenate them: Policy.from_dict({{'rules': [*{source}.to_dict()['rules'], ...]}}))")
+
+
 def _check_keys(mapping: dict, allowed: tuple[str, ...], path: tuple, pos: _Positions, where: str,
                 extra: str = "") -> None:
     for key in mapping:
@@ -1011,6 +1055,8 @@ def _check_keys(mapping: dict, allowed: tuple[str, ...], path: tuple, pos: _Posi
             synonym = _KEY_SYNONYMS.get(key.lower()) if isinstance(key, str) else None
             if not hint and synonym in allowed:
                 hint = f" (did you mean '{synonym}'?)"
+            if not hint and not path and isinstance(key, str) and key.lower() in _EXTENDING_KEYS:
+                hint = _extending_hint(mapping[key])
             raise pos.error(f"unknown key {key!r} {where}{extra}; allowed: {', '.join(allowed)}{hint}",
                             path + (key,), key=True)
 
@@ -1119,7 +1165,8 @@ def _build_capture(raw: Any, pos: _Positions) -> CaptureConfig:
     _check_keys(raw, _CAPTURE_KEYS, path, pos, "in capture")
     mode = raw.get("mode", "auto")
     if not isinstance(mode, str) or mode not in CAPTURE_MODES:
-        hint = _did_you_mean(mode, CAPTURE_MODES)
+        hint = _did_you_mean(mode, CAPTURE_MODES) or _python_none_hint(
+            mode, "leave the key out, or write null, for its default auto")
         raise pos.error(f"capture.mode must be one of {', '.join(CAPTURE_MODES)}; found {_describe(mode)}"
                         f"{hint}", path + ("mode",))
     leaves = _strings(raw, "leaf_modules", path, pos, allow_empty=True)
@@ -1186,6 +1233,117 @@ def _without_nulls(mapping: dict, keys: tuple) -> dict:
     return {key: value for key, value in mapping.items() if not (value is None and key in keys)}
 
 
+_OBJECT_FILE = "<Policy object>"
+_OBJECT_NOTE = (" (checked when the Policy is used: it was built or changed in code, where its dataclasses check "
+                "nothing, and a rule's with: values are its params; fix the field, or build the policy with "
+                "Policy.from_dict, which fills in the defaults)")
+
+
+def _check_policy_object(policy: Policy) -> None:
+    """Raise the :class:`PolicyError` :meth:`Policy.from_dict` would raise for the content of ``policy``, a Policy
+    object that code may have built or changed field by field: without this a pass ran with a value no rule could
+    hold (``params["weight"] = -1``: a regulariser rewarding non-orthogonal weights, silently), a ``Match(type=
+    "Conv2d")`` selected the classes 'C', 'o', 'n' ..., and a rule whose ``params`` lacked a default failed inside
+    its pass with a bare KeyError. Each rule's ``params`` (what passes read) are checked as its ``with:``; they must
+    hold every parameter of the pass, and ``op`` / ``feeds`` the canonical names that sites carry. The check reads
+    the policy only."""
+    pos = _Positions(_OBJECT_FILE)
+    try:
+        with warnings.catch_warnings():  # a regular expression's note was given when the policy was loaded
+            warnings.simplefilter("ignore", OrthofxWarning)
+            _check_object_fields(policy, pos)
+    except PolicyError as e:
+        raise PolicyError(e.reason + _OBJECT_NOTE, file=e.file, line=e.line, column=e.column) from None
+
+
+def _object_strings(value: Any, path: tuple, pos: _Positions) -> list:
+    """A tuple-of-strings field of a Policy object as a list; a bare string is refused (iterating it would give its
+    characters), so are other non-sequences; the entries are left for the policy's own checks."""
+    if isinstance(value, (tuple, list)):
+        return list(value)
+    shown = f"a string ({value!r})" if isinstance(value, str) else _type_name(value)
+    fix = f": write ({value!r},)" if isinstance(value, str) else ""
+    raise pos.error(f"{_fmt(path)} must be a tuple of strings, found {shown}{fix}", path)
+
+
+def _check_object_fields(policy: Policy, pos: _Positions) -> None:
+    capture = policy.capture
+    if not isinstance(capture, CaptureConfig):
+        raise pos.error(f"capture must be a CaptureConfig, found {_type_name(capture)}", ("capture",))
+    raw_capture = {"mode": capture.mode,
+                   "leaf_modules": _object_strings(capture.leaf_modules, ("capture", "leaf_modules"), pos)}
+    rules = policy.rules
+    if not isinstance(rules, (list, tuple)):
+        raise pos.error(f"rules must be a list of Rule objects, found {_type_name(rules)}", ("rules",))
+    raw_rules = []
+    for i, rule in enumerate(rules):
+        path = ("rules", i)
+        if not isinstance(rule, Rule):
+            raise pos.error(f"{_fmt(path)} must be a Rule, found {_type_name(rule)}", path)
+        if not isinstance(rule.name, str):  # null would read as "not given" below, and the default name be checked
+            raise pos.error(f"{_fmt(path)}.name must be a non-empty string, found {_describe(rule.name)}",
+                            path + ("name",))
+        match = rule.match
+        if not isinstance(match, Match):
+            raise pos.error(f"{_fmt(path + ('match',))} must be a Match, found {_type_name(match)}", path + ("match",))
+        raw_match: dict[str, Any] = {}
+        for key in ("type", "name", "exclude", "op", "feeds"):
+            values = _object_strings(getattr(match, key), path + ("match", key), pos)
+            if values:
+                raw_match[key] = values
+        if not isinstance(match.where, Mapping):
+            raise pos.error(f"{_fmt(path + ('match', 'where'))} must be a dict, found {_type_name(match.where)}",
+                            path + ("match", "where"))
+        if match.where:
+            raw_match["where"] = {k: _untuple(v) for k, v in match.where.items()}
+        if match.kind is not None:
+            raw_match["kind"] = match.kind
+        if not isinstance(rule.params, Mapping):
+            raise pos.error(f"{_fmt(path + ('with',))} (the rule's params) must be a dict, found "
+                            f"{_type_name(rule.params)}", path + ("with",))
+        raw_rules.append({"name": rule.name, "match": raw_match, "apply": rule.apply, "with": dict(rule.params),
+                          "optional": rule.optional})
+    data = _plain({"orthofx": policy.version, "description": policy.description, "capture": raw_capture,
+                   "rules": raw_rules}, (), pos, 0)
+    if not raw_rules:  # a policy without rules changes nothing (from_dict refuses one; a frozen model's holds none)
+        _build_capture(data["capture"], pos)
+        return
+    built = _build_policy(data, pos, require_version=True)
+    for i, (rule, checked) in enumerate(zip(rules, built.rules)):
+        missing = [key for key in checked.params if key not in rule.params]
+        if missing:
+            raise pos.error(f"rules[{i}].params lack {', '.join(map(repr, missing))} of pass {rule.apply!r}, which "
+                            "the pass reads", ("rules", i, "with"))
+        for key in ("op", "feeds"):
+            written, canonical = tuple(getattr(rule.match, key)), getattr(checked.match, key)
+            if written != canonical:
+                raise pos.error(f"rules[{i}].match.{key} holds {list(written)}, but sites are named by the canonical "
+                                f"op names {list(canonical)} (Policy.from_dict turns aliases into them)",
+                                ("rules", i, "match", key))
+        _check_given_params(rule, i, pos)
+
+
+def _check_given_params(rule: Rule, i: int, pos: _Positions) -> None:
+    """``rule.given_params`` (what :meth:`Policy.to_yaml`, hence a ``.pt`` file, writes under ``with:``) must give
+    the pass the values ``rule.params`` (what the pass reads) holds: after ``p.rules[0].params["weight"] = 0.5``
+    alone, transform ran with 0.5 and ``orthofx.load`` replayed the file's policy with the old weight."""
+    path = ("rules", i, "with")
+    given = rule.given_params
+    if not isinstance(given, Mapping):
+        raise pos.error(f"rules[{i}].given_params must be a dict, found {_type_name(given)}", path)
+    try:
+        replayed = rule.pass_class.validate_params(_plain(dict(given), path, pos, 0))
+    except (KeyError, ValueError, TypeError) as e:
+        raise pos.error(f"rules[{i}].given_params (what to_yaml and .pt files write): "
+                        f"{e.args[0] if e.args else e}", path) from None
+    differ = [key for key in rule.params if replayed[key] != rule.params[key]]
+    if differ:
+        shown = ", ".join(f"{key!r}: params {rule.params[key]!r}, given_params "
+                          + (repr(given[key]) if key in given else "leave it out (the default)") for key in differ)
+        raise pos.error(f"rules[{i}].params and rules[{i}].given_params, which to_yaml and .pt files write (orthofx."
+                        f"load replays them), disagree ({shown}); set both", path + (differ[0],))
+
+
 def _elem_path(mapping: dict, key: str, path: tuple, i: int) -> tuple:
     return path + (key, i) if isinstance(mapping.get(key), list) else path + (key,)
 
@@ -1218,8 +1376,9 @@ def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
     path = ("rules", index)
     label = _fmt(path)
     if not isinstance(raw, dict):
+        hint = _extending_hint(raw.strip()) if isinstance(raw, str) and raw.strip() in _preset_files() else ""
         raise pos.error(f"{label} must be a mapping with keys 'match' and 'apply' (optionally name, with, "
-                        f"optional); found {_describe(raw)}", path)
+                        f"optional); found {_describe(raw)}{hint}", path)
     _check_keys(raw, _RULE_KEYS, path, pos, f"in {label}")
 
     if "match" not in raw:
@@ -1250,6 +1409,12 @@ def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
                         f"{label}.match selects {kind} sites{why}", path + ("apply",))
     if match.op and pass_cls.ops:
         bad = [op for op in match.op if op not in pass_cls.ops]
+        odd = [op for op in pass_cls.ops if op not in CANONICAL_OPS]
+        if bad and odd:  # register_pass cannot check them: this module, which defines the names, imports it
+            raise pos.error(f"pass {apply!r} declares ops {', '.join(odd)}, which no site is named by: a pass's ops "
+                            f"are canonical op names ({', '.join(CANONICAL_OPS)}; orthofx.policy.canonical_op gives "
+                            f"them), so it can handle none of {', '.join(bad)} ({label}.match.op)",
+                            path + ("match", "op"))
         if bad:
             raise pos.error(f"pass {apply!r} handles the ops {', '.join(pass_cls.ops)}, not {', '.join(bad)} "
                             f"({label}.match.op)", path + ("match", "op"))
@@ -1281,7 +1446,8 @@ def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
 
     optional = raw.get("optional", False)
     if not isinstance(optional, bool):
-        raise pos.error(f"{label}.optional must be true or false, found {_describe(optional)}",
+        raise pos.error(f"{label}.optional must be true or false, found {_describe(optional)}"
+                        f"{_python_none_hint(optional, 'leave the key out, or write null, for its default false')}",
                         path + ("optional",))
 
     if "name" in raw:
@@ -1365,8 +1531,18 @@ def _value_hint(param: Any, value: Any) -> str:
     """
     types = tuple(getattr(param, "types", ()))
     choices = getattr(param, "choices", None)
+    # null is a value of the parameter, or (dropped while reading) the way to ask for its default
+    none_hint = _python_none_hint(value, "write null (or ~) for null" if type(None) in types or None in (choices or ())
+                                  else f"leave the parameter out, or write null, for its default "
+                                       f"{getattr(param, 'default', None)!r}")
     if choices is not None:
-        return _did_you_mean(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else ""
+        if isinstance(value, bool) and not any(isinstance(c, bool) for c in choices):
+            # 'free: no' or 'weight: off' meant as a word: YAML 1.1 (PyYAML) reads it as false
+            return "; YAML reads yes, no, on and off (also y and n) as true / false: write one of the choices"
+        close = _did_you_mean(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else ""
+        return close or none_hint
+    if none_hint:
+        return none_hint
     if isinstance(value, str):
         text = value.strip()
         if bool in types and text.lower() in _BOOL_WORDS:
@@ -1390,6 +1566,18 @@ def _value_hint(param: Any, value: Any) -> str:
             and value == int(value) and _accepted(param, int(value))):
         return f"; write the integer {int(value)}, without a decimal point or exponent"
     return ""
+
+
+def _python_none_hint(value: Any, fix: str) -> str:
+    """For ``None`` written in a YAML policy (Python's spelling of null), which YAML reads as the string 'None':
+    the hint with ``fix``, as the end of an error message; ``""`` for any other value.
+
+    >>> _python_none_hint("None", "leave the key out")
+    "; None is no null in YAML but the string 'None': leave the key out"
+    """
+    if not (isinstance(value, str) and value.strip() == "None"):
+        return ""
+    return f"; None is no null in YAML but the string 'None': {fix}"
 
 
 def _read_unquoted(text: str) -> Any:
@@ -1451,7 +1639,8 @@ def _build_match(raw: Any, path: tuple, pos: _Positions) -> Match:
 
     kind = raw.get("kind")
     if kind is not None and (not isinstance(kind, str) or kind not in MATCH_KINDS):
-        hint = _did_you_mean(kind, MATCH_KINDS) or _param_choice_hint("kind", kind)
+        hint = (_did_you_mean(kind, MATCH_KINDS) or _param_choice_hint("kind", kind)
+                or _python_none_hint(kind, "leave the key out, or write null, for the kind the other selectors imply"))
         raise pos.error(f"{label}.kind must be one of {', '.join(MATCH_KINDS)}; found {_describe(kind)}{hint}",
                         path + ("kind",))
 

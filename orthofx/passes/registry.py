@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import OrthofxError
-from .base import SITE_KINDS, Pass
+from .base import SITE_KINDS, Param, Pass
 
 __all__ = ["register_pass", "get_pass", "available_passes", "unregister_pass", "UnknownPassError"]
 
@@ -57,6 +57,9 @@ def register_pass(cls: type[Pass] | None = None, *, replace: bool = False):
         unknown = set(pass_cls.site_kinds) - set(SITE_KINDS)
         if unknown or not pass_cls.site_kinds:
             raise OrthofxError(f"{pass_cls.__name__}.site_kinds must be a non-empty subset of {SITE_KINDS}")
+        problem = _malformed(pass_cls)
+        if problem:
+            raise OrthofxError(f"{pass_cls.__name__}: {problem}")
         if name in _PASSES and _PASSES[name] is not pass_cls and not replace:
             raise OrthofxError(f"a pass named '{name}' is already registered ({_PASSES[name].__qualname__}); "
                                "choose another name or pass replace=True")
@@ -64,6 +67,44 @@ def register_pass(cls: type[Pass] | None = None, *, replace: bool = False):
         return pass_cls
 
     return add if cls is None else add(cls)
+
+
+def _malformed(pass_cls: type[Pass]) -> str:
+    """What makes ``pass_cls``'s declarations unusable, ``""`` when nothing does. Checked at registration, where the
+    pass's author reads it: otherwise a rule naming the pass failed later with an AttributeError or TypeError from
+    inside the policy or plan code (params not Param specs, module_types holding names), a parameter declared twice
+    kept only its last spec, a default its own spec refuses ran unchecked (the policy only checks given values),
+    and a pass without ``apply`` failed at the first transform with a bare NotImplementedError."""
+    params = pass_cls.params
+    if isinstance(params, Param) or not isinstance(params, (tuple, list)):
+        return f"params must be a tuple of orthofx.passes.Param, got {params!r:.80}"
+    seen = set()
+    for param in params:
+        if not isinstance(param, Param):
+            return f"params must be a tuple of orthofx.passes.Param, and holds {param!r:.80}"
+        if not isinstance(param.name, str) or not param.name:
+            return f"a Param's name must be a non-empty string, got {param.name!r}"
+        if param.name in seen:
+            return f"params declare {param.name!r} twice; give each parameter once"
+        seen.add(param.name)
+        if not isinstance(param.types, tuple) or not param.types or not all(isinstance(t, type) for t in param.types):
+            return f"Param {param.name!r}: types must be a non-empty tuple of types, got {param.types!r}"
+        try:
+            param.validate(param.default)
+        except (ValueError, TypeError) as e:
+            return (f"the default of Param {param.name!r} is refused by its own spec ({e}); a rule that leaves the "
+                    "parameter out would run with it")
+    types = pass_cls.module_types
+    if not isinstance(types, tuple) or not all(isinstance(t, type) for t in types):
+        return f"module_types must be a tuple of classes (e.g. (torch.nn.Linear,)), got {types!r:.80}"
+    ops = pass_cls.ops
+    if not isinstance(ops, tuple) or not all(isinstance(op, str) and op for op in ops):
+        return f"ops must be a tuple of op names (e.g. ('linalg.eigh',)), got {ops!r:.80}"
+    if not isinstance(pass_cls.group, str):
+        return f"group must be a string (empty: the pass's own name), got {pass_cls.group!r}"
+    if pass_cls.apply is Pass.apply:
+        return "it does not implement apply(self, ctx, entries), which transform calls with the pass's plan entries"
+    return ""
 
 
 def unregister_pass(name: str) -> None:
