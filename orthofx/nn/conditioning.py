@@ -17,9 +17,10 @@ function                     replaces                              returns
 ===========================  ====================================  ===============================================
 
 ``UPLO="U"`` is handled by decomposing ``A^T`` (whose lower triangle is ``A``'s upper one). Full matrices
-(``full_matrices=True`` / ``some=False`` on a non-square input) are the reduced factors completed by an orthonormal
-basis of their orthogonal complement (from a complete QR of the detached reduced factor); as in torch, no
-gradient flows through the completing columns (torch raises for them, here they are constants).
+(``full_matrices=True`` / ``some=False`` on a non-square input) are the reduced factors completed by the columns
+torch's own full SVD of the detached input gives (made orthogonal to the reduced factor, which leaves them as they
+are unless the matrix is rank-deficient); as in torch, no gradient flows through the completing columns (torch
+raises for them, here they are constants).
 ``torch.svd(compute_uv=False)`` returns zero-filled ``U`` (``m x m``) and ``V`` (``n x n``) like torch.
 
 SVD-free power: :func:`power_newton_schulz` computes ``(A + shift I)^p`` for ``p = 1/2`` or ``-1/2`` with
@@ -64,8 +65,8 @@ from torch import Tensor, nn
 from orthofx.errors import LayerArgumentError
 from orthofx.nn.precision import HALF_PRECISION
 
-from .decompositions import (ConditionMonitor, _finite_part, _nan_where, eigh_stable, inv_sqrtm_newton_schulz,
-                             sqrtm_newton_schulz, svd_stable)
+from .decompositions import (ConditionMonitor, _check_input, _finite_part, _nan_where, eigh_stable,
+                             inv_sqrtm_newton_schulz, sqrtm_newton_schulz, svd_stable)
 from .tracing import fx_tracer_of, in_export, in_func_transform, record_as_leaf
 
 __all__ = [
@@ -149,22 +150,47 @@ def stable_eigvalsh(A: Tensor, UPLO: str = "L", taylor_order: int | None = 9, fl
     return stable_eigh(A, UPLO, taylor_order, float64, clamp_gap, plain)[0]
 
 
-def _complement(Q: Tensor) -> Tensor:
-    """Orthonormal columns spanning the orthogonal complement of the (orthonormal) columns of ``Q`` (detached)."""
-    m, k = Q.shape[-2], Q.shape[-1]
-    Q = Q.detach()
-    if Q.dtype in HALF_PRECISION:  # no half-precision QR kernel: complete in float32
-        return torch.linalg.qr(Q.float(), mode="complete").Q[..., :, k:m].to(Q.dtype)
-    full = torch.linalg.qr(Q, mode="complete").Q
-    return full[..., :, k:m]
+def _complement(Q: Tensor, torch_tail: Tensor) -> Tensor:
+    """Orthonormal columns spanning the orthogonal complement of the (orthonormal) columns of ``Q`` (detached):
+    ``torch_tail`` (the completing columns of torch's own full SVD) with its components along ``Q`` projected out,
+    which leaves torch's values up to rounding where ``Q`` spans the space that the leading columns of torch's full
+    factor span (``|Q^T tail| <= sqrt(eps)``: orthonormal to ``O(eps)`` after the projection). A matrix where it does
+    not (``Q``'s columns for the zero singular values of a rank-deficient matrix are an arbitrary basis, torch's
+    full call may pick another) gets the basis of a complete QR of ``Q`` instead (on CPU, computed only when some
+    matrix needs it)."""
+    m, k, dtype = Q.shape[-2], Q.shape[-1], Q.dtype
+    work = torch.float32 if dtype in HALF_PRECISION else dtype  # no half-precision QR kernel
+    Q, tail = Q.detach().to(work), torch_tail.to(work)
+    overlap = Q.mT @ tail
+    projected = tail - Q @ overlap
+    far = (overlap.abs() > torch.finfo(work).eps ** 0.5).flatten(-2).any(-1)  # any() of an empty matrix: False
+    if _may_sync(Q) and not bool(far.any()):  # the usual case, known at the cost of one host read on CPU
+        return projected.to(dtype)
+    fallback = torch.linalg.qr(Q, mode="complete").Q[..., :, k:m]
+    return torch.where(far.unsqueeze(-1).unsqueeze(-1), fallback, projected).to(dtype)
 
 
-def _completed(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+def _completed(A: Tensor, U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+    """The full factors of ``A = U diag(S) Vh`` (reduced), completed with the columns torch's full SVD gives.
+
+    torch's completing columns are one basis of the complement among many; a model using them as they are
+    (``U[..., k:]`` as features, not only ``U U^T``) computed other values after the rewrite when the complement
+    came from a QR of ``U`` alone (a different basis, up to 0.76 off in ``U``'s entries). They are taken from
+    torch's own ``linalg.svd(A, full_matrices=True)`` (no gradient flows there, as in torch) of the detached
+    input (float32 for half precision, as the stable op decomposes it; a matrix holding a NaN/inf, whose factors are
+    NaN already, is decomposed as the identity instead of reaching LAPACK)."""
     m, k, n = U.shape[-2], U.shape[-1], Vh.shape[-1]
+    if m == k and n == k:
+        return U, Vh
+    ref = A.detach()
+    if ref.dtype in HALF_PRECISION:
+        ref = ref.float()
+    ref, _ = _finite_part(ref, sync=False)
+    Uf, _, Vhf = torch.linalg.svd(ref, full_matrices=True)
     if m > k:
-        U = torch.cat([U, _complement(U)], dim=-1)
+        U = torch.cat([U, _complement(U, Uf[..., :, k:])], dim=-1)
     if n > k:
-        Vh = torch.cat([Vh, _complement(Vh.mT).mT], dim=-2)
+        Vh = torch.cat([Vh, _complement(Vh.mT, Vhf[..., k:, :].mT).mT], dim=-2)
     return U, Vh
 
 
@@ -175,7 +201,7 @@ def stable_linalg_svd(A: Tensor, full_matrices: bool = True, taylor_order: int |
     ``full_matrices=True`` on non-square inputs."""
     U, S, Vh = svd_stable(A, taylor_order=taylor_order, float64=float64, clamp_gap=clamp_gap, plain=plain)
     if full_matrices:
-        U, Vh = _completed(U, Vh)
+        U, Vh = _completed(A, U, Vh)
     return U, S, Vh
 
 
@@ -197,7 +223,7 @@ def stable_torch_svd(A: Tensor, some: bool = True, compute_uv: bool = True, tayl
         batch = A.shape[:-2]
         return A.new_zeros((*batch, m, m)), S, A.new_zeros((*batch, n, n))
     if not some:
-        U, Vh = _completed(U, Vh)
+        U, Vh = _completed(A, U, Vh)
     return U, S, Vh.mT
 
 
@@ -339,6 +365,10 @@ def power_newton_schulz(A: Tensor, power: float, iterations: int = 5, shift: flo
         raise LayerArgumentError(f"the Newton-Schulz replacement of V diag(lambda^p) V^T does not fit this input: "
                                  f"{problem}; transform with method 'taylor' for this site")
     _check_square(A, "power_newton_schulz")
+    # the matrix is rebuilt from one triangle by transposes (real symmetric only) and the result cast back to A's
+    # dtype: a complex Hermitian site (V diag(lambda^p) V^T is no power of it either) gave other values, 0.78 off
+    # on a 5 x 5 matrix, and an integer one was truncated (sqrt(9) -> 2); torch.linalg.eigh refuses integers
+    _check_input(A, "power_newton_schulz", square=True)
     asymmetric = _refuse_asymmetric(A) if uplo is None else None
     dtype = A.dtype
     if float64:
@@ -414,6 +444,8 @@ class DecompositionMonitor(ConditionMonitor):
                                   "it records the condition number in its buffers, branching on shapes and values")
         if self.source == "matrix":
             _check_square(x, f"DecompositionMonitor({self.op or 'matrix'})")
+            # a complex matrix lost its imaginary part in the float64 cast below (a ComplexWarning and a wrong kappa)
+            _check_input(x, f"DecompositionMonitor({self.op or 'matrix'})", square=True)
             with torch.no_grad():
                 # a matrix with a NaN/inf gets NaN eigenvalues (a NaN event) instead of a LAPACK error
                 matrix = _lower(x.detach(), self.uplo).to(torch.float64)

@@ -26,7 +26,8 @@ Graph patterns recognised for the power (``V``: eigenvectors, or for an SVD ``U`
 singular values; ``T(.)``: ``.mT``, ``.transpose(-2, -1)`` / ``(-1, -2)`` / ``(1, 2)`` / ``(0, 1)``, ``swapaxes``,
 ``.T`` / ``.t()`` (2-D), ``permute`` swapping the last two dims; ``@``: ``@``, ``matmul``, ``bmm``, ``mm``; in a
 graph captured by torch.export also the ATen overloads it keeps, ``aten.swapaxes``, ``aten.numpy_T``,
-``aten.div.Tensor``, and full ``aten.slice`` s before an unsqueeze)::
+``aten.div.Tensor``, and full ``aten.slice`` s before an unsqueeze; the torch functions also with their tensors
+passed by keyword, ``torch.pow(input=L, exponent=-0.5)``, ``torch.mul(V, other=D)``)::
 
     D = f(L)                       f: sqrt, rsqrt, pow(+-0.5), ** +-0.5, 1 / sqrt(.), reciprocal(sqrt(.))
                                       (also times 1.0, as torch.export records 1 / x),
@@ -50,7 +51,8 @@ that is only right for some ranks (``unsqueeze(0)``, ``transpose(0, 1)``, ``.T``
 ``layout`` argument and checked against the input's rank on the first call (a ``LayerArgumentError``, which is a
 ``ValueError``, naming the mismatch, at transform time when example inputs are given); it is checked at transform
 time when the graph's nodes carry shapes (export capture), and so is a non-square decomposed matrix (an SVD of a
-data matrix), which then goes to ``fallback``.
+data matrix), which then goes to ``fallback``. Index arithmetic that is right for no rank (``V *
+L.rsqrt().unsqueeze(-1)`` scales the rows of ``V``: ``diag(D) V V^T``, no power) is no pattern at all.
 
 Monitoring (``monitor: true``): a :class:`orthofx.nn.conditioning.DecompositionMonitor` is registered in the
 GraphModule as ``orthofx_monitor_<n>`` and called on the decomposition's result (a pass-through), recording
@@ -239,14 +241,50 @@ def _is(node: Any, fns: set = frozenset(), methods: set = frozenset()) -> bool:
         (node.op == "call_function" and node.target in fns) or (node.op == "call_method" and node.target in methods))
 
 
+def _operands(node: fx.Node) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a call with torch's leading tensor parameters moved to ``args``: fx records a call as
+    written, and ``torch.pow(input=L, exponent=-0.5)``, ``torch.unsqueeze(input=D, dim=-2)``, ``torch.clamp(input=L,
+    min=0)`` ... have no positional argument, where the patterns read ``node.args[0]`` (an ``IndexError`` that
+    failed the whole transform). ``other`` / ``mat2`` follow ``input`` (``torch.mul(V, other=D)``, ``torch.bmm(input=X,
+    mat2=Y)``)."""
+    args, kwargs = node.args, node.kwargs
+    if node.op != "call_function" or not (("input" in kwargs and not args) or (
+            len(args) == 1 and ("other" in kwargs or "mat2" in kwargs))):
+        return args, kwargs
+    kwargs = dict(kwargs)
+    if not args:
+        args = (kwargs.pop("input"),)
+    for name in ("other", "mat2"):
+        if name in kwargs:
+            args += (kwargs.pop(name),)
+            break
+    return args, kwargs
+
+
+def _input(node: fx.Node) -> Any:
+    """The first operand of a call (:func:`_operands`), ``None`` when it has none."""
+    args = _operands(node)[0]
+    return args[0] if args else None
+
+
+def _unary(node: fx.Node) -> bool:
+    """Whether the call has exactly one operand and no other argument (``torch.sqrt(L)``, ``sqrt(input=L)``)."""
+    args, kwargs = _operands(node)
+    return len(args) == 1 and not kwargs
+
+
 def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+    args, kwargs = _operands(node)
+    return args[index] if len(args) > index else kwargs.get(name, default)
 
 
 def _binary(node: fx.Node, fns: set, methods: set) -> tuple[Any, Any] | None:
-    if not _is(node, fns, methods) or len(node.args) != 2 or node.kwargs:
+    if not _is(node, fns, methods):
         return None
-    return node.args[0], node.args[1]
+    args, kwargs = _operands(node)
+    if len(args) != 2 or kwargs:
+        return None
+    return args[0], args[1]
 
 
 def _out_index(node: Any, dec: fx.Node, info: _OpInfo) -> int | None:
@@ -330,25 +368,28 @@ def _transpose_of(node: Any) -> tuple[fx.Node, list] | None:
         if node.args[1] == "T":
             return node.args[0], [("ndim", 2)]
         return None
+    if not isinstance(_input(node), fx.Node):
+        return None
     if _is(node, _TRANSPOSE_FNS, _TRANSPOSE_METHODS):
         i, j = _arg(node, 1, "dim0"), _arg(node, 2, "dim1")
         if isinstance(i, int) and isinstance(j, int):
-            return node.args[0], [("transpose", i, j)]
+            return _input(node), [("transpose", i, j)]
         return None
-    if _is(node, _T_FNS, {"t"}) and len(node.args) == 1:
-        return node.args[0], [("ndim", 2)]
+    if _is(node, _T_FNS, {"t"}) and _unary(node):
+        return _input(node), [("ndim", 2)]
     if _is(node, _PERMUTE_FNS, {"permute"}):
-        rest = node.args[1:]
+        args, kwargs = _operands(node)
+        rest = args[1:]
         if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
             dims = tuple(rest[0])
         elif rest:
             dims = tuple(rest)
         else:
-            dims = tuple(node.kwargs.get("dims", ()))
+            dims = tuple(kwargs.get("dims", ()))
         k = len(dims)
         if k >= 2 and all(isinstance(d, int) for d in dims) and [d % k for d in dims] == (
                 list(range(k - 2)) + [k - 1, k - 2]):
-            return node.args[0], [("ndim", k)]
+            return _input(node), [("ndim", k)]
     return None
 
 
@@ -358,9 +399,9 @@ def _unsqueeze_of(node: Any) -> tuple[fx.Node, int, list[fx.Node]] | None:
     before ``unsqueeze(L, 1)``), which are skipped."""
     if _is(node, _UNSQUEEZE_FNS, {"unsqueeze"}):
         dim = _arg(node, 1, "dim")
-        if not isinstance(dim, int):
+        if not isinstance(dim, int) or _input(node) is None:
             return None
-        source, slices = _through_full_slices(node.args[0])
+        source, slices = _through_full_slices(_input(node))
         return source, dim, slices
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem:
         src, index = node.args
@@ -396,14 +437,16 @@ def _through_full_slices(node: Any) -> tuple[Any, list[fx.Node]]:
 
 
 def _diag_of(node: Any) -> tuple[fx.Node, list] | None:
+    if not isinstance(node, fx.Node) or _input(node) is None:
+        return None
     if _is(node, _DIAG_EMBED_FNS, {"diag_embed"}):
         offset = _arg(node, 1, "offset", 0)
         dim1, dim2 = _arg(node, 2, "dim1", -2), _arg(node, 3, "dim2", -1)
         if offset == 0 and dim1 == -2 and dim2 == -1:
-            return node.args[0], []
+            return _input(node), []
         return None
     if _is(node, _DIAG_FNS, {"diag"}) and _arg(node, 1, "diagonal", 0) == 0:
-        return node.args[0], [("ndim", 2)]
+        return _input(node), [("ndim", 2)]
     return None
 
 
@@ -434,7 +477,7 @@ def _base_of(node: Any, dec: fx.Node, info: _OpInfo) -> _Power | None:
                 return None
             notes.append(f"clamp_min({low}) dropped" + ("" if low <= 0 else
                                                         f" (differs where an eigenvalue is below {low})"))
-        elif _is(cur, {torch.relu, F.relu}, {"relu"}) and len(cur.args) == 1:
+        elif _is(cur, {torch.relu, F.relu}, {"relu"}) and _unary(cur):
             notes.append("relu dropped")
         elif (pair := _binary(cur, _ADD_FNS, _ADD_METHODS)) is not None:
             a, b = pair
@@ -451,7 +494,7 @@ def _base_of(node: Any, dec: fx.Node, info: _OpInfo) -> _Power | None:
         else:
             return None
         nodes.append(cur)
-        cur = cur.args[0]
+        cur = _input(cur)
     if not isinstance(cur, fx.Node):
         return None
     return _Power(values=cur, power=0.0, shift=shift, notes=notes, nodes=nodes + out[1], cast=out[2])
@@ -463,14 +506,14 @@ def _power_of(node: Any, dec: fx.Node, info: _OpInfo) -> _Power | None:
         return None
     p = None
     inner = None
-    if _is(node, {torch.sqrt}, {"sqrt"}) and len(node.args) == 1:
-        p, inner = 0.5, node.args[0]
-    elif _is(node, {torch.rsqrt}, {"rsqrt"}) and len(node.args) == 1:
-        p, inner = -0.5, node.args[0]
+    if _is(node, {torch.sqrt}, {"sqrt"}) and _unary(node):
+        p, inner = 0.5, _input(node)
+    elif _is(node, {torch.rsqrt}, {"rsqrt"}) and _unary(node):
+        p, inner = -0.5, _input(node)
     elif _is(node, {torch.pow, operator.pow}, {"pow", "__pow__"}):
         exponent = _arg(node, 1, "exponent")
         if isinstance(exponent, _NUMBER) and float(exponent) in (0.5, -0.5):
-            p, inner = float(exponent), node.args[0]
+            p, inner = float(exponent), _input(node)
     elif (pair := _binary(node, _MUL_FNS, _MUL_METHODS)) is not None and any(
             isinstance(v, _NUMBER) and not isinstance(v, bool) and float(v) == 1.0 for v in pair):
         # x * 1.0: how torch.export records 1 / x (mul(reciprocal(x), 1.0))
@@ -479,17 +522,18 @@ def _power_of(node: Any, dec: fx.Node, info: _OpInfo) -> _Power | None:
         if sub is not None:
             sub.nodes.append(node)
         return sub
-    elif _is(node, {torch.reciprocal}, {"reciprocal"}) and len(node.args) == 1:
-        sub = _power_of(node.args[0], dec, info)
+    elif _is(node, {torch.reciprocal}, {"reciprocal"}) and _unary(node):
+        sub = _power_of(_input(node), dec, info)
         if sub is not None:
             sub.power = -sub.power
             sub.nodes.append(node)
         return sub
     elif _is(node, _DIV_FNS, {"__rtruediv__"}):
-        num, den = node.args[0], node.args[1] if len(node.args) > 1 else None
+        args, kwargs = _operands(node)
+        num, den = (args + (None, None))[:2]
         if node.op == "call_method":  # x.__rtruediv__(1) == 1 / x
             num, den = den, num
-        if isinstance(num, _NUMBER) and float(num) == 1.0 and not node.kwargs:
+        if isinstance(num, _NUMBER) and float(num) == 1.0 and not kwargs:
             sub = _power_of(den, dec, info)
             if sub is not None:
                 sub.power = -sub.power
@@ -643,6 +687,15 @@ def _match_power(node: fx.Node, dec: fx.Node, info: _OpInfo) -> _Match | None:
     return None
 
 
+def _fits_some_rank(layout: list) -> bool:
+    """Whether the index arithmetic of a match means ``V diag(f(L)) V^T`` for matrices of some rank (torch allows
+    at most 64 dimensions). ``V * L.unsqueeze(-1)`` scales the rows of ``V`` whatever the rank: it is another
+    computation, which the pass used to rewrite all the same, and the rewritten model then raised on every call
+    (the rank check that runs with the input) instead of the site falling back."""
+    layout = tuple(tuple(entry) for entry in layout)
+    return any(cond.check_layout(ndim, layout) is None for ndim in range(2, 65))
+
+
 def _find_powers(gm: fx.GraphModule, dec: fx.Node, info: _OpInfo) -> tuple[list[_Match], str | None]:
     """Every power pattern using ``dec``, and ``None``, or why the decomposition cannot be removed."""
     if info.values is None:
@@ -653,7 +706,7 @@ def _find_powers(gm: fx.GraphModule, dec: fx.Node, info: _OpInfo) -> tuple[list[
     matches = []
     for node in gm.graph.nodes:
         m = _match_power(node, dec, info)
-        if m is not None:
+        if m is not None and _fits_some_rank(m.layout):
             matches.append(m)
     if not matches:
         return [], "no V diag(lambda^(1/2) or lambda^(-1/2)) V^T computed from the decomposition was found"
