@@ -57,12 +57,12 @@ def register_pass(cls: type[Pass] | None = None, *, replace: bool = False):
         unknown = set(pass_cls.site_kinds) - set(SITE_KINDS)
         if unknown or not pass_cls.site_kinds:
             raise OrthofxError(f"{pass_cls.__name__}.site_kinds must be a non-empty subset of {SITE_KINDS}")
-        problem = _malformed(pass_cls)
-        if problem:
-            raise OrthofxError(f"{pass_cls.__name__}: {problem}")
         if name in _PASSES and _PASSES[name] is not pass_cls and not replace:
             raise OrthofxError(f"a pass named '{name}' is already registered ({_PASSES[name].__qualname__}); "
                                "choose another name or pass replace=True")
+        problem = _malformed(pass_cls)
+        if problem:
+            raise OrthofxError(f"{pass_cls.__name__}: {problem}")
         _PASSES[name] = pass_cls
         return pass_cls
 
