@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import fnmatch
 import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -33,18 +34,21 @@ from tabulate import tabulate
 from torch import fx, nn
 
 from .capture import ModalGraphModule, _is_torch_layer, first_module_paths, module_scopes
-from .errors import PlanError, first_few
+from .errors import MetaWeightError, PlanError, first_few
 from .nn import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                  OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
 from .nn.convnorm import FROZEN_FILTERS_MARKER, ConvNormConvNd
-from .passes.base import (RECURRENT_TYPES, CaptureInfo, PlanEntry, Site, derived_weight, describe_module,
-                          reads_only_metadata, require_initialised, stops_producer_walk, weight_label)
+from .passes.base import (RECURRENT_TYPES, CaptureInfo, Change, Manifest, PassContext, PlanEntry, Site, derived_weight,
+                          describe_module, reads_only_metadata, require_initialised, stops_producer_walk, weight_label)
+from .passes.isometric_init import IsometricInit, _scale, _scale_dropped_later
 from .passes.registry import get_pass
+from .passes.riemannian import Riemannian, StiefelHook, _by_rule, _scale_lost, _tie_decisions
 from .passes.svd_conditioning import decomposition_op
 from .policy import Match, Policy, Rule, _compiled_regex, _describe
 
 __all__ = ["Plan", "build_plan", "block_paths", "collect_sites", "describe_module", "other_mode_graph",
-           "producers_feeding", "unused_leaf_entries", "unknown_type_entries", "FUNCTION_OPS"]
+           "producers_feeding", "unused_leaf_entries", "unknown_type_entries", "meta_tensors", "meta_text",
+           "FUNCTION_OPS"]
 
 #: Callables (functions and tensor methods) recognised as function sites, by canonical op name.
 FUNCTION_OPS: dict[Any, str] = {
@@ -410,7 +414,8 @@ class Plan:
     """The result of matching a policy against a graph; ``str(plan)`` is the ``explain`` table.
 
     ``entries`` are applied (in policy order); ``skipped`` are (site, rule, reason) where a rule's selectors
-    matched but its pass cannot handle the site; ``shadowed`` are (site, rule, winning rule).
+    matched but its pass cannot handle the site; ``shadowed`` are (site, rule, winning rule); ``notes`` are the
+    lines under the table (the sites whose scale a Stiefel constraint undoes, as ``orthofx.report`` says them).
 
     Example::
 
@@ -432,6 +437,9 @@ class Plan:
     unmatched_optional: list[str] = field(default_factory=list)
     capture: CaptureInfo | None = None
     layers: dict[str, str] = field(default_factory=dict)  # site name -> describe_module
+    # lines under the table, as the report's notes: the sites whose scale a Stiefel constraint undoes
+    # (ScaleLostWarning), which the entry's status says too
+    notes: list[str] = field(default_factory=list)
 
     def entries_for(self, pass_name: str) -> list[PlanEntry]:
         return [e for e in self.entries if e.pass_name == pass_name]
@@ -482,6 +490,7 @@ class Plan:
             lines.append("(no site matched)")
         for name in self.unmatched_optional:
             lines.append(f"optional rule '{name}' matched nothing")
+        lines.extend(getattr(self, "notes", ()))  # (a Plan pickled before notes existed has none)
         n_apply = len(self.entries)
         lines.append(f"{n_apply} change(s) planned, {len(self.skipped)} skipped, {len(self.shadowed)} shadowed")
         return "\n".join(lines)
@@ -872,8 +881,10 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                             "'optional: true'.")
     _check_pass_plans(gm, entries)
     _refuse_weights_hooked_by_two_passes(gm, entries, policy)
-    return Plan(entries=entries, sites=sites, skipped=skipped, shadowed=shadowed,
+    plan = Plan(entries=entries, sites=sites, skipped=skipped, shadowed=shadowed,
                 unmatched_optional=unmatched_optional, capture=capture, layers=layers)
+    _plan_stiefel_outcomes(gm, plan)
+    return plan
 
 
 def _module_key(site: Site) -> tuple[str, str]:
@@ -896,6 +907,7 @@ def _check_pass_plans(gm: fx.GraphModule, entries: list[PlanEntry]) -> None:
         pass_cls = get_pass(pass_name)
         _refuse_lazy_layers(gm, pass_cls, pass_entries)
         pass_cls().check_plan(gm, pass_entries)
+        _refuse_meta_weights(gm, pass_cls, pass_entries)
 
 
 def _optimizer_hooked_weights(gm: fx.GraphModule, entries: list[PlanEntry]) -> list[tuple[PlanEntry, str, str]]:
@@ -959,6 +971,108 @@ def _refuse_lazy_layers(gm: fx.GraphModule, pass_cls: type, entries: list[PlanEn
     for entry in entries:
         if entry.site.kind == "module":
             require_initialised(entry, gm.get_submodule(entry.site.name), purpose)
+
+
+def meta_tensors(module: nn.Module) -> list[str]:
+    """Names of ``module``'s parameters and buffers on the meta device (shapes without values)."""
+    return [name for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+
+
+def meta_text(names: list[str]) -> str:
+    """Why a model on the meta device cannot be run or rewritten from its weights, and how to fix it."""
+    shown = first_few((repr(n) for n in names), 3)
+    return (f"its parameters/buffers {shown} are on the meta device (shapes without values). Materialise the "
+            "model first: model.to_empty(device='cpu') and model.load_state_dict(...) (or build it outside "
+            "torch.device('meta')), then transform it")
+
+
+#: What the built-in passes read of a layer's weight values when they run, by pass name (a function of the rule's
+#: params; ``None``: nothing): on the meta device there are none, and the pass would fail inside torch after the
+#: passes before it had run (with inplace=True, having written the user's weights). The passes that only wrap the
+#: layer or read the weight when the penalty is computed (convnorm, jacobian_isometry, orth_regularizer) and
+#: ``orthogonal_conv`` with ``init: random`` (a layer on the meta device, to materialise later) take such layers.
+_WEIGHT_VALUES_READ = {
+    "orthogonal_conv": lambda params: ("starts the orthogonal layer nearest to the weight (init: nearest; "
+                                       "'init: random' builds one on the meta device, to materialise later)"
+                                       if params["init"] == "nearest" else None),
+    "isometric_init": lambda params: "measures the weight's orthogonality defect before and after writing it",
+    "riemannian": lambda params: "measures the weight's orthogonality defect (and init: project projects it)",
+    "pre_svd": lambda params: "measures the weight's orthogonality error",
+}
+
+
+def _refuse_meta_weights(gm: fx.GraphModule, pass_cls: type, entries: list[PlanEntry]) -> None:
+    """Give the entries of a pass that reads its layers' weight values (:data:`_WEIGHT_VALUES_READ`) at a layer on
+    the meta device the :class:`~orthofx.errors.MetaWeightError` its ``apply`` would meet: ``transform`` raises it
+    before any pass runs, ``explain`` shows ``apply: fails: ...``. An entry whose outcome is already another
+    (``orthogonal_conv``'s L_orth or skip where no orthogonal layer exists) reads no values."""
+    reads = _WEIGHT_VALUES_READ.get(pass_cls.name)
+    for entry in entries:
+        if reads is None or entry.site.kind != "module" or entry.outcome or entry.refusal is not None:
+            continue
+        what = reads(entry.params)
+        module = gm.get_submodule(entry.site.name)
+        names = meta_tensors(module)
+        if what is None or not names:
+            continue
+        entry.outcome = f"fails: {pass_cls.name} {what.split(' (', 1)[0]}, and the layer is on the meta device"
+        entry.refusal = MetaWeightError(
+            f"rule '{entry.rule_name}': {entry.site.name} ({describe_module(module)}): {pass_cls.name} {what}, and "
+            + meta_text([f"{entry.site.name}.{name}" if entry.site.name else name for name in names]))
+
+
+def _plan_stiefel_outcomes(gm: fx.GraphModule, plan: Plan) -> None:
+    """Say in the plan what ``riemannian`` decides when it runs: the sites its ``free`` leaves unconstrained (their
+    outcome is the Change's text), and the sites whose scale a Stiefel constraint undoes, where ``transform`` warns
+    (:class:`~orthofx.errors.ScaleLostWarning`): the entry of the pass that runs second (the one that warns) gets
+    the note of its Change as its outcome, and the plan a note as the report's. The passes' own deciders are run
+    on what the first pass will have recorded (``isometric_init``'s scales, ``riemannian``'s hooks), warnings off."""
+    stiefel = [e for e in plan.entries if e.pass_name == Riemannian.name]
+    if not stiefel:
+        return
+    modules = {e.site.name: gm.get_submodule(e.site.name) for e in stiefel}
+    # a lazy layer's decisions wait for apply (planning refused it already unless example inputs initialised it)
+    if any(isinstance(getattr(m, "weight", None), nn.parameter.UninitializedParameter) for m in modules.values()):
+        return
+    decisions = [d for rule in _tie_decisions(_by_rule(stiefel), modules.__getitem__) for d in rule]
+    for d in decisions:
+        if d.free_what is not None and not d.entry.outcome:
+            d.entry.outcome = d.free_what
+    scaled = [e for e in plan.entries if e.pass_name == IsometricInit.name]
+    if not scaled or any(e.refusal is not None for e in plan.entries):
+        return
+    order = plan.pass_order()
+    manifest = Manifest(policy=None, plan=plan, capture=plan.capture)
+    ctx = PassContext(gm=gm, manifest=manifest)
+    lost: list[tuple[PlanEntry, float, str]] = []
+    constrained = [d for d in decisions if d.free_what is None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transform warns; the plan says it in the entry's status
+        if order.index(IsometricInit.name) < order.index(Riemannian.name):
+            manifest.changes = [Change(site=e.site.name, rule=e.rule_name, pass_name=IsometricInit.name, what="",
+                                       after={"scale": _scale(e.params)}) for e in scaled]
+            for d in constrained:
+                module = modules[d.entry.site.name]
+                # the weights riemannian projects and steps there: a frozen one is left as it is
+                stepped = [p for p in d.own if getattr(module, p).requires_grad]
+                found = _scale_lost(ctx, d.entry, module, stepped)
+                if found is not None:
+                    lost.append((d.entry, found.scale, found.note))
+        else:
+            manifest.optimizer_hooks = [StiefelHook(d.entry.site.name, d.entry.rule_name, parameter=p)
+                                        for d in constrained for p in d.own]
+            for e in scaled:
+                scale = _scale(e.params)
+                note = _scale_dropped_later(ctx, e, gm.get_submodule(e.site.name), scale)
+                if note:
+                    lost.append((e, scale, note))
+    from .report import _scale_lost_note  # report imports transform, which imports this module
+
+    for entry, scale, note in lost:
+        said = note.lstrip("; ") + " (ScaleLostWarning)"
+        entry.outcome = f"{entry.outcome}; {said}" if entry.outcome else said
+        plan.notes.append(_scale_lost_note(Change(site=entry.site.name, rule=entry.rule_name,
+                                                  pass_name=entry.pass_name, what="", after={"scale_lost": scale})))
 
 
 def scripted_module_warnings(gm: fx.GraphModule) -> list[str]:

@@ -31,7 +31,7 @@ from .nn.precision import describe_nonfinite, relative_distance
 from .passes.base import (MANIFEST_KEY, EvalRun, Manifest, ParametrizationState, PassContext, PlanEntry, Site,
                           replace_module, watch_hooked_weights)
 from .passes.registry import get_pass
-from .plan import Plan, block_paths, build_plan, module_aliases, other_mode_graph
+from .plan import Plan, block_paths, build_plan, meta_tensors, meta_text, module_aliases, other_mode_graph
 from .policy import Policy
 
 __all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed", "output_tensors",
@@ -268,6 +268,11 @@ def _own_state_dict_hooks_detached(model: nn.Module) -> Iterator[None]:
 
 def _capture_and_plan(root: nn.Module, policy: Policy, example: ExampleCall | None
                       ) -> tuple[fx.GraphModule, Plan]:
+    meta = meta_tensors(root) if example is not None else []
+    if meta:
+        # the runs on the example inputs fail, or (on meta inputs) give outputs without values, which the checks
+        # of the result read: refused here, so that explain refuses it as transform does, before any work
+        raise TransformError(f"the model cannot run on example_inputs: {meta_text(meta)}")
     if example is not None and uninitialised_lazy_modules(root):
         # the plan must see the shapes the passes will see: an uninitialised LazyLinear reads as Linear(0->2),
         # which a rule for square layers would select and its pass then skip
@@ -293,7 +298,12 @@ def explain(model: nn.Module, policy: Any, example_inputs: Any = None, *, exampl
     ``example_kwargs`` for a forward that takes keyword inputs (as in :func:`transform`); the first line of the
     table says which capture mode was used. What ``transform`` refuses before planning, ``explain`` refuses alike:
     a transformed model that carries penalty terms or optimizer hooks, or holds a transformed part that does
-    (:class:`TransformError`; freeze it first).
+    (:class:`TransformError`; freeze it first), and example inputs for a model with parameters or buffers on the
+    meta device (no run on them could be checked). What the passes will decide, the status column says: ``apply:
+    fails: ...`` where ``transform`` raises before any pass runs (e.g. a pass that needs the values of a weight on
+    the meta device: :class:`~orthofx.errors.MetaWeightError`), ``apply: left free ...`` where ``riemannian``'s
+    ``free`` leaves a layer unconstrained, and the sites whose scale a Stiefel constraint undoes (where
+    ``transform`` warns :class:`~orthofx.ScaleLostWarning`), which the notes under the table list as the report's.
 
     Example::
 
@@ -345,9 +355,9 @@ def _observe(gm: fx.GraphModule, plan: Plan, example: ExampleCall, manifest: Man
         for h in handles:
             h.remove()
     cause = f"{type(failure).__name__}: {failure}"
-    meta = _meta_tensors(gm)
+    meta = meta_tensors(gm)
     if meta:
-        raise TransformError(f"the model cannot run on example_inputs: {_meta_text(meta)} ({cause})") from failure
+        raise TransformError(f"the model cannot run on example_inputs: {meta_text(meta)} ({cause})") from failure
     mode = getattr(plan.capture, "mode", None)
     if model is not None and _runs(model, example):
         why = (". Symbolic tracing cannot see which way a Python branch on an argument goes (e.g. 'if mask is not "
@@ -367,19 +377,6 @@ def _model_dtype_device(module: nn.Module) -> str:
     if not kinds:
         return ""
     return " (the model's parameters: " + ", ".join(f"{dtype} on {device}" for dtype, device in kinds) + ")"
-
-
-def _meta_tensors(module: nn.Module) -> list[str]:
-    """Names of ``module``'s parameters and buffers on the meta device (shapes without values)."""
-    return [name for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
-
-
-def _meta_text(names: list[str]) -> str:
-    """Why a model on the meta device cannot be run or rewritten from its weights, and how to fix it."""
-    shown = first_few((repr(n) for n in names), 3)
-    return (f"its parameters/buffers {shown} are on the meta device (shapes without values). Materialise the "
-            "model first: model.to_empty(device='cpu') and model.load_state_dict(...) (or build it outside "
-            "torch.device('meta')), then transform it")
 
 
 def _runs(model: nn.Module, example: ExampleCall) -> bool:
@@ -558,8 +555,8 @@ def _run_passes(ctx: PassContext, plan: Plan, selected: Callable[[Site], bool]) 
         except Exception as exc:
             # a pass computing from weights that have no values (a model built on the meta device) fails deep
             # inside torch: say so, and how to fix it, instead of torch's message alone
-            meta = _meta_tensors(ctx.gm)
-            why = f". The model cannot be rewritten: {_meta_text(meta)}" if meta else ""
+            meta = meta_tensors(ctx.gm)
+            why = f". The model cannot be rewritten: {meta_text(meta)}" if meta else ""
             raise TransformError(f"pass '{pass_name}' failed{_failing_site(exc, entries)}: "
                                  f"{type(exc).__name__}: {exc}{why}") from exc
 
