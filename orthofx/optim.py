@@ -146,43 +146,37 @@ def _run_eagerly(function):
     return torch.compiler.disable(function, recursive=True)
 
 
-def _unscale_for_hooks(optimizer: torch.optim.Optimizer, parts: list[_PartHooks]) -> list[torch.Tensor]:
-    """Unscale the gradients a ``GradScaler`` left scaled for a fused optimizer, where the hooks of ``parts``
-    (each the hooks of one attached transformed model) need them unscaled; returns the gradients that
-    :func:`_rescale_after_hooks` scales back once the hooks have run.
+def _unscale_for_hooks(optimizer: torch.optim.Optimizer, parts: list[_PartHooks]) -> None:
+    """Unscale the gradients a ``GradScaler`` left scaled for a fused optimizer, where the hooks of ``parts`` (each
+    the hooks of one attached transformed model) could not act on them scaled.
 
     For optimizers whose kernels unscale (``fused=True``), ``GradScaler.step`` does not unscale the gradients
     first: it sets ``optimizer.grad_scale`` and the kernel divides by it, in float32 for half-precision gradients.
-    The hooks need the true gradients (NOG's polar factor and OLR's ``eta*`` do not scale with them: a scale of
-    2^16 made NOG's step 2^16 times too small). Float32 and float64 gradients are therefore all divided here and
+    Float32 and float64 gradients are all divided here (exact, for the power-of-two scales ``GradScaler`` uses) and
     the kernel is left nothing to undo (``grad_scale`` None; ``found_inf`` still skips a step with non-finite
     gradients): the hooks see the true gradients, as without a fused optimizer.
 
-    Half-precision gradients are not all divided in place: a float16 gradient of 2^16 G divided in place stores
-    ``G``, whose entries below 2^-24 flush to zero and below 2^-14 lose bits (an 8 x 8 Riemannian layer trained
-    by fused Adam on a loss of size 1e-6 stepped 7e-3 off the float64 step of 1e-2, now 3e-4, the float16
-    rounding of the weight, and its bias off the step plain torch takes). The kernel keeps ``grad_scale`` and
-    unscales in float32, as it does without orthofx, all gradients but those of weights a hook reads:
+    Half-precision gradients are not divided in place: a float16 gradient of 2^16 G divided in place stores ``G``,
+    whose entries below 2^-24 flush to zero and below 2^-14 lose bits (an 8 x 8 Riemannian layer trained by fused
+    Adam on a loss of size 1e-6 stepped 7e-3 off the float64 step of 1e-2, now 3e-4, the float16 rounding of the
+    weight; NOG's polar factor was 9 % off, and an OLR weight's gradient, divided for OLR and multiplied back, 3 %
+    off the one plain torch steps by). The kernel keeps ``grad_scale`` and unscales in float32, as it does without
+    orthofx, and the hooks act on the scaled gradients, each knowing how:
 
     * a hook whose class sets ``gradient_linear`` (the Riemannian projection, ``P_W(s G) = s P_W(G)``) acts on
       the scaled gradient, unless ``||s G||_F`` exceeds half the dtype's range, where the projection's result
       could overflow (``||P_W(X)||_F <= ||X||_F``): then every gradient is divided here as for float32;
-    * any other hook (NOG, OLR) gets its weight's gradient divided here, and that gradient (the hook's result)
-      is multiplied back by the scale after the hooks, exactly for a power-of-two scale; a result the scale
-      would overflow (a polar factor's entry near 1 times 2^16 in float16) divides every gradient instead.
+    * NOG and OLR read ``optimizer.grad_scale`` (:func:`orthofx.passes.pre_svd._gradient_scale`): NOG's polar
+      factor does not depend on the scale and is written back times it (or, where that overflows, every other
+      gradient is divided instead: :func:`_rescale_after_hooks`); OLR divides the gradient by it in float64.
     """
     scale = getattr(optimizer, "grad_scale", None)
     if scale is None:
-        return []
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    read = _true_gradient_readers(parts) if any(g.dtype in HALF_PRECISION for g in grads) else None
-    if read is None:
+        return
+    half = any(p.grad is not None and p.grad.dtype in HALF_PRECISION
+               for group in optimizer.param_groups for p in group["params"])
+    if not (half and _scaled_projections_fit(parts)):
         _divide_all(optimizer, scale)
-        return []
-    with torch.no_grad():
-        for g in read:
-            g.div_(scale.to(g.device) if isinstance(scale, torch.Tensor) else scale)
-    return read
 
 
 def _divide_all(optimizer: torch.optim.Optimizer, scale, keep: tuple = ()) -> None:
@@ -195,39 +189,34 @@ def _divide_all(optimizer: torch.optim.Optimizer, scale, keep: tuple = ()) -> No
     optimizer.grad_scale = None
 
 
-def _true_gradient_readers(parts: list[_PartHooks]) -> list[torch.Tensor] | None:
-    """The gradients that hooks of ``parts`` other than ``gradient_linear`` ones read (NOG, OLR: they need them
-    unscaled), or ``None`` where a linear hook's half-precision gradient (one no other hook reads) is too large or
-    non-finite to be projected still scaled (:func:`_unscale_for_hooks`). One host read of those gradients'
-    norms, none without linear hooks."""
-    linear: dict[int, torch.Tensor] = {}
-    other: dict[int, torch.Tensor] = {}
+def _scaled_projections_fit(parts: list[_PartHooks]) -> bool:
+    """Whether every half-precision gradient a ``gradient_linear`` hook of ``parts`` projects is small enough to be
+    projected still scaled (:func:`_unscale_for_hooks`): ``False`` where one is too large or non-finite. One host
+    read of those gradients' norms, none without linear hooks."""
+    norms = []
+    seen: set[int] = set()
     for part in parts:
         for hook in part.hooks:
+            if not getattr(type(hook), "gradient_linear", False):
+                continue
             module = part.root.get_submodule(hook.site)
-            kind = linear if getattr(type(hook), "gradient_linear", False) else other
             for name in hook.parameter_names:
                 grad = getattr(getattr(module, name, None), "grad", None)
-                if isinstance(grad, torch.Tensor):
-                    kind[id(grad)] = grad
-    for key in other:
-        linear.pop(key, None)
-    norms = []
-    for grad in linear.values():
-        if grad.dtype in HALF_PRECISION and not grad.is_sparse:
-            limit = torch.finfo(grad.dtype).max / 2
-            # whole: the norm of a sharded (FSDP2) gradient is that of the whole matrix the hook projects
-            norms.append(torch.linalg.vector_norm(whole(grad), dtype=torch.float32) / limit)
-    # a NaN or inf norm (a step GradScaler will skip) compares False: divided here, as before
-    if norms and not bool(torch.stack([n.to(norms[0].device) for n in norms]).max() <= 1.0):
-        return None
-    return list(other.values())
+                if (isinstance(grad, torch.Tensor) and grad.dtype in HALF_PRECISION and not grad.is_sparse
+                        and id(grad) not in seen):
+                    seen.add(id(grad))
+                    limit = torch.finfo(grad.dtype).max / 2
+                    # whole: the norm of a sharded (FSDP2) gradient is that of the whole matrix the hook projects
+                    norms.append(torch.linalg.vector_norm(whole(grad), dtype=torch.float32) / limit)
+    # a NaN or inf norm compares False: divided here, as before
+    return not norms or bool(torch.stack([n.to(norms[0].device) for n in norms]).max() <= 1.0)
 
 
 def _rescale_after_hooks(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> None:
-    """Multiply ``grads`` (divided by :func:`_unscale_for_hooks` for hooks that read true gradients, and now
-    their results) by the ``grad_scale`` the fused kernel will divide them by again. Where a result times the
-    scale overflows its dtype, the other gradients are divided instead and the kernel unscales nothing."""
+    """Multiply ``grads`` (a hook's results in true units, such as NOG's polar factor, written while the other
+    gradients stay scaled: :func:`_unscale_for_hooks`) by the ``grad_scale`` the fused kernel will divide them by.
+    Where a result times the scale overflows its dtype, the other gradients are divided instead and the kernel
+    unscales nothing."""
     scale = getattr(optimizer, "grad_scale", None)
     if scale is None or not grads:
         return
@@ -577,12 +566,12 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     def run_before(opt):
         if skipped:
             activate_added(opt)
-        rescale = _unscale_for_hooks(opt, parts)
-        if _step_will_be_skipped(opt):  # a fused kernel will skip this step: so do the hooks, before and after
+        # a fused kernel will skip this step: so do the hooks, before and after, and the gradients stay as they are
+        if _step_will_be_skipped(opt):
             return
+        _unscale_for_hooks(opt, parts)
         started.append(True)
         run_hooks(opt, "before")
-        _rescale_after_hooks(opt, rescale)
 
     @_run_eagerly
     def run_after(opt):
