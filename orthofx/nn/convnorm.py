@@ -233,7 +233,7 @@ from torch import nn
 from orthofx.errors import LayerArgumentError, RunningFiltersDroppedWarning, first_few, keep_in_metadata, layer_label
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
 from orthofx.nn.orthogonal import _EvalCache, without_memory_format
-from orthofx.nn.padding import circular_pad, conv_zero_pads, flat_pads
+from orthofx.nn.padding import circular_pad, conv_zero_pads, flat_pads, per_dimension
 from orthofx.nn.precision import HALF_PRECISION
 from orthofx.theory import _flag
 
@@ -301,21 +301,17 @@ class ConvNormGeometry(NamedTuple):
 
 
 def _ntuple(value, d: int, name: str, broadcast: bool = False) -> tuple[int, ...]:
-    """``d`` ints of ``value`` (an int, or ``d`` of them); ``broadcast``: a one-element tuple too, for a conv's stride
-    and dilation, which torch's convs apply to every dimension (``nn.Conv2d(..., stride=(2,))`` keeps ``(2,)``, and
-    ConvNorm refused the layer); not for a kernel or input size, where ``(3,)`` is a 1-d size."""
-    if isinstance(value, (tuple, list)):
-        if broadcast and len(value) == 1:
-            value = tuple(value) * d
-        if len(value) != d:
-            raise LayerArgumentError(f"{name} must be an int or {d} ints, got {value!r}")
-        out = tuple(value)
-    else:
-        out = (value,) * d
-    for v in out:
+    """``d`` ints of ``value`` (an int, or ``d`` of them; :func:`~orthofx.nn.padding.per_dimension`, the one reader
+    of a conv's sizes); ``broadcast``: a one-element tuple too, for a conv's stride and dilation, which torch's convs
+    apply to every dimension (``nn.Conv2d(..., stride=(2,))`` keeps ``(2,)``, and ConvNorm refused the layer); not
+    for a kernel or input size, where ``(3,)`` is a 1-d size."""
+    def item(v) -> int:
         if isinstance(v, bool) or not isinstance(v, int):
             raise LayerArgumentError(f"{name} must hold integers, got {value!r}")
-    return out
+        return v
+
+    return per_dimension(value, d, name, item=item, error=LayerArgumentError, expected=f"an int or {d} ints",
+                         broadcast=broadcast)
 
 
 def _sizes_list(input_sizes, d: int) -> list[tuple[int, ...]]:

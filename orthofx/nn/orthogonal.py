@@ -120,7 +120,6 @@ operator.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Sequence
 
 import torch
@@ -840,8 +839,10 @@ class _EvalCache:
     per layer on an H200, against 0.5 ms for the convolution itself; ``benchmarks/compile.py``: a transformed
     ResNet-18 in eval ran 10x slower than its frozen form). A validation pass changes no parameter, so the kernel
     is cached there. The cache is used only when ``not self.training``, ``torch.is_grad_enabled()`` is False and
-    nothing traces the module (compile, export), is keyed by every parameter's identity (a weak reference: the
-    tensors ``torch.func.functional_call`` substitutes are new objects, even where one reuses a freed one's memory),
+    nothing traces the module (compile, export), is keyed by every parameter's identity (the tensors
+    ``torch.func.functional_call`` substitutes are new objects, even where one reuses a freed one's memory; held,
+    not weakly referenced: ``torch.utils.swap_tensors``, which ``load_state_dict`` and ``.to()`` use under
+    ``torch.__future__.set_swap_module_params_on_conversion(True)``, refuses a tensor with a weak reference),
     storage address, layout, version counter, dtype and device (an optimizer step, ``load_state_dict`` or ``.to()``
     invalidates it) plus the layer's settings (:meth:`_eval_cache_settings`: ``gain`` and ``compute_dtype``;
     ConvNorm's ``eps`` and dilation), and by the count of optimizer steps taken (any
@@ -855,7 +856,9 @@ class _EvalCache:
     the address of storage freed since (two assignments in a row, or ``.half()`` then ``.float()``, gave the stale
     kernel); a storage the entry holds cannot be freed, so new data always has a new address (the price: the tensors
     a ``functional_call`` substituted stay allocated until the next eval forward replaces the entry or ``train()``
-    drops it). Parameters that are inference tensors or ``torch.func`` transformed tensors are never cached, nor is
+    drops it; the entry refers to nothing that refers to the layer, so it never keeps the layer alive). Parameters
+    that are inference tensors, ``torch.func`` transformed tensors or results of a graph (a ``grad_fn``: held, they
+    would keep that graph and what it saved alive) are never cached, nor is
     a layer with a ``torch.nn.utils.parametrize`` parametrization (its parameters live in the parametrization
     modules, and torch recomputes a parametrized tensor at every access too, outside ``parametrize.cached()``). It
     is not part of the state_dict. In-place writes that bump no version counter of the parameter bypass the key:
@@ -900,17 +903,21 @@ class _EvalCache:
             # (and state) the key would not see
             return None
         params = self._eval_cache_tensors()
-        if any(p.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(p) for p in params):
-            return None  # no version counter (inference tensors) or no storage (torch.func transforms)
+        if any(p.is_inference() or torch._C._functorch.is_functorch_wrapped_tensor(p) or p.grad_fn is not None
+               for p in params):
+            # no version counter (inference tensors), no storage (torch.func transforms), or a graph the entry
+            # would keep alive (a functional_call's fast weights, computed with gradients, run under no_grad)
+            return None
         key = (self._eval_cache_settings(), _optimizer_steps(),
                tuple((p.data_ptr(), p.shape, p.stride(), p._version, p.dtype, p.device) for p in params))
         cache = self.__dict__.get("_eval_cache")
         # the address and version alone do not name a tensor: a functional_call's substituted tensor may sit where
         # the freed one of the call before sat, with the same (zero) version, or be a transposed view of it
-        if cache is None or cache[0] != key or any(ref() is not p for ref, p in zip(cache[1], params)):
+        if cache is None or cache[0] != key or any(held is not p for held, p in zip(cache[1], params)):
             # the detached aliases pin the storages the entry was built from, so that no later data (a
-            # ``param.data = t``, which keeps the object and the version) can get one of their addresses
-            cache = (key, [weakref.ref(p) for p in params], [p.detach() for p in params], {})
+            # ``param.data = t``, which keeps the object and the version) can get one of their addresses; the
+            # tensors themselves are held for their identity (a weak reference made swap_tensors refuse them)
+            cache = (key, tuple(params), [p.detach() for p in params], {})
             self.__dict__["_eval_cache"] = cache
         return cache[3]
 

@@ -123,7 +123,7 @@ from .. import metrics
 from ..errors import ArgumentError, OrthofxWarning, ScaleLostWarning
 from ..nn import stiefel
 from ..nn.orthogonal import keeps_output_size
-from ..nn.padding import conv_zero_pads
+from ..nn.padding import conv_zero_pads, per_dimension
 from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PlanEntry, Site, TiedUse, check_scale_range,
                    check_tied, decompositions_fed, is_uninitialised, matrices_text, parameter_owners,
                    recurrent_hidden_weights, recurrent_weights_reason, require_initialised, treated_weight_names)
@@ -279,8 +279,9 @@ def _delta_layout(conv: nn.Module) -> tuple[tuple[tuple[int, int], ...], str | N
     """:func:`delta_taps`' taps, and the orthonormal side of the layer's Jacobian (:func:`_exact_side`; ``None``
     where the layer is not exact)."""
     taps, aligned = [], True
-    lefts = [left for left, _ in conv_zero_pads(conv.padding, conv.kernel_size, conv.dilation)]
-    for k, s, d, left in zip(conv.kernel_size, conv.stride, conv.dilation, lefts):
+    stride, dilation = _sizes(conv, "stride", "dilation")
+    lefts = [left for left, _ in conv_zero_pads(conv.padding, conv.kernel_size, dilation)]
+    for k, s, d, left in zip(conv.kernel_size, stride, dilation, lefts):
         block = _block_taps(k, s, d, left)
         aligned = aligned and block is not None
         taps.append(block if block is not None else ((k - 1) // 2, 1))
@@ -303,13 +304,21 @@ def _exact_side(conv: nn.Module, taps: Sequence[tuple[int, int]], aligned: bool)
     else:
         # at stride 1 under circular padding the one tap reads a cyclic shift of the input, a permutation, wherever
         # it lies (the centre tap of an even dilated kernel under 'same' padding reads outside the block)
-        aligned = aligned or (conv.padding_mode == "circular" and all(s == 1 for s in conv.stride))
+        stride, dilation = _sizes(conv, "stride", "dilation")
+        aligned = aligned or (conv.padding_mode == "circular" and all(s == 1 for s in stride))
         # the whole block of S inputs read in every dimension: J is Q on the space-to-depth input, Q's sides
-        whole = aligned and all(c == s and (d == 1 or s == 1)
-                                for (_, c), s, d in zip(taps, conv.stride, conv.dilation))
+        whole = aligned and all(c == s and (d == 1 or s == 1) for (_, c), s, d in zip(taps, stride, dilation))
         keeps = keeps_output_size(conv) and aligned
         isometry, coisometry = keeps and whole and rows >= columns, keeps and rows <= columns
     return "columns" if isometry else "rows" if coisometry else None
+
+
+def _sizes(conv: nn.Module, *names: str) -> tuple[tuple[int, ...], ...]:
+    """The conv's sizes ``names`` (``"stride"``, ``"padding"``, ...) with one value per spatial dimension
+    (:func:`~orthofx.nn.padding.per_dimension`): torch keeps ``stride=(2,)`` as given and applies it to every
+    dimension, while a zip against the kernel size read one dimension only (``delta_orthogonal_`` then refused the
+    one-dimension taps of a 2-d kernel)."""
+    return tuple(per_dimension(getattr(conv, name), len(conv.kernel_size), name) for name in names)
 
 
 def _block_taps(k: int, s: int, d: int, left: int) -> tuple[int, int] | None:
@@ -353,8 +362,8 @@ def _transposed_exact(conv: nn.Module, taps: Sequence[tuple[int, int]]) -> tuple
     gives some other singular value."""
     rows, columns = _q_shape(conv, taps)
     reads_inside, reads_all = True, True
-    for (first, count), k, s, d, p, o in zip(taps, conv.kernel_size, conv.stride, conv.dilation, conv.padding,
-                                               conv.output_padding):
+    for (first, count), k, s, d, p, o in zip(taps, conv.kernel_size,
+                                               *_sizes(conv, "stride", "dilation", "padding", "output_padding")):
         excess = d * (k - 1) + 1 - s - 2 * p + o  # the output size is n S + excess
         low, high = d * first - p, d * (first + count - 1) - p  # offsets of the first and the last filled tap
         reads_inside = reads_inside and 0 <= low and high < s + excess

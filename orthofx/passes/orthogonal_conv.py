@@ -65,7 +65,7 @@ from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3
                               OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
                               circular_alignment, keeps_output_size, rko_problem,
                               transposed_alignment, transposed_keeps_output_size, transposed_size_keeping_padding)
-from ..nn.padding import conv_zero_pads
+from ..nn.padding import conv_zero_pads, per_dimension
 from ..nn.precision import describe_nonfinite, relative_distance
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, check_scale_range, derived_weight,
                    describe_module, is_uninitialised, parameter_owners, require_initialised)
@@ -118,10 +118,12 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
         if any(d > 1 for d in conv.dilation):
             return (f"dilation={conv.dilation}: method cayley_fft builds a full-size kernel, which has no dilation; "
                     "use method bcop (explicit dilated kernels)")
-        if any(n % s for n, s in zip(input_size, conv.stride)):
-            return (f"the input size {tuple(input_size)} is not divisible by stride={conv.stride}, which method "
+        # torch applies a one-element stride=(2,) to every dimension: zipped as it is, it checked one only
+        stride = per_dimension(conv.stride, dims, "stride")
+        if any(n % s for n, s in zip(input_size, stride)):
+            return (f"the input size {tuple(input_size)} is not divisible by stride={stride}, which method "
                     "cayley_fft needs (space-to-depth blocks)")
-        if any(-(-k // s) > n // s for k, s, n in zip(conv.kernel_size, conv.stride, input_size)):
+        if any(-(-k // s) > n // s for k, s, n in zip(conv.kernel_size, stride, input_size)):
             return (f"kernel_size={conv.kernel_size} does not fit the input size {tuple(input_size)}, the grid method "
                     "cayley_fft builds its kernel on; use method auto (explicit kernels, circular on any input size)")
         if not keeps_output_size(conv):
@@ -202,8 +204,9 @@ def _hard_status(original: nn.Module, padding: str) -> str:
             # no window reaches past the grid (d(k-1) < S: a 1x1 conv, a k = S patch embedding), so on a grid
             # divisible by the stride the layer is the circular one, exactly orthogonal
             return "hard"
+        # the kernel size gives the dimensions: a one-element stride=(2,) applies to every one of them
         if theory.orthogonality_case(original.in_channels, original.out_channels, original.stride,
-                                     dims=len(original.stride)) == "RO":
+                                     dims=len(original.kernel_size)) == "RO":
             # the outputs are the circular layer's whose windows do not wrap, a subset of its rows, which are
             # orthonormal in the RO case (theory: 'valid' padding, RO as for circular)
             return "hard (rows orthonormal: no padding, the outputs at the borders are dropped)"
