@@ -69,8 +69,9 @@ device, and returns NaN columns there for a NaN or inf entry instead of refusing
 Gradients: the polar factor (:func:`project_to_stiefel`, :func:`polar_retraction`) is differentiated by its exact
 derivative (:func:`_polar_differential`, backward and forward mode) whichever route computed it; it is smooth at
 every full-rank matrix, also where singular values repeat (an orthonormal or scaled orthonormal matrix), where the
-routes' own derivatives (torch's SVD and eigh backward) were NaN or wrong. :func:`qr_retraction` is differentiated
-by QR's backward:
+routes' own derivatives (torch's SVD and eigh backward) were NaN or wrong; near rank deficiency it is large
+(``1 / s_min``) and still accurate (``s`` from the SVD there, not the Gram matrix). :func:`qr_retraction` is
+differentiated by QR's backward:
 
 >>> w = random_orthonormal(5, 3, dtype=torch.float64).requires_grad_()
 >>> g, = torch.autograd.grad(project_to_stiefel(3 * w).sum(), w)   # torch's eigh backward: NaN
@@ -146,7 +147,9 @@ def tangent_projection(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Orthogonal projection of ``g`` onto the tangent space of the Stiefel manifold at ``w``.
 
     ``P_W(G) = G - W sym(W^T G)`` for tall ``W`` (``W^T W = I``); a wide ``W`` is transposed (see the module
-    docstring). The result ``xi`` satisfies ``W^T xi + xi^T W = 0`` and ``P_W(P_W(G)) = P_W(G)``.
+    docstring). The result ``xi`` satisfies ``W^T xi + xi^T W = 0`` and ``P_W(P_W(G)) = P_W(G)``. NaN or inf
+    entries are not checked (the optimizer projects every step; the retraction that follows refuses them): they
+    propagate, as NaN, into the result. Half-precision inputs are computed in float32 and returned in ``w``'s dtype.
     """
     _check_matrix(w, "w")
     _check_matrix(g, "g")
@@ -317,7 +320,7 @@ def _polar_differential(a: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> to
     ``d``'s dtype.
 
     With ``a = Q H``, ``H = (a^T a)^{1/2} = V \operatorname{diag}(s) V^T`` (the eigendecomposition of the Gram
-    matrix) and ``X = Q^T d``::
+    matrix, or the SVD of ``a`` where that is inaccurate: :func:`_gram_spectrum`) and ``X = Q^T d``::
 
         dQ = Q V [(V^T (X - X^T) V) o K] V^T + (d - Q X) V diag(1/s) V^T,     K_ij = 1 / (s_i + s_j)
 
@@ -332,14 +335,36 @@ def _polar_differential(a: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> to
     # Gram matrix finite and nonzero for the entries of any size the value's routes accept (1e-300 .. 1e300)
     scale = a64.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     a64 = a64 / scale
-    lam, v = torch.linalg.eigh(a64.mT @ a64)
-    s = lam.clamp_min(0).sqrt()
+    s, v = _gram_spectrum(a64)
     x = q64.mT @ d64
     kernel = 1.0 / (s.unsqueeze(-1) + s.unsqueeze(-2))
     out = q64 @ (v @ ((v.mT @ (x - x.mT) @ v) * kernel) @ v.mT)
     if a.shape[-2] > a.shape[-1]:
         out = out + ((d64 - q64 @ x) @ (v / s.unsqueeze(-2))) @ v.mT
     return (out / scale).to(d.dtype)
+
+
+def _gram_spectrum(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The singular values ``s`` and right singular vectors ``V`` of a float64 (batch of) tall ``a`` of unit
+    scale, for :func:`_polar_differential`: from the eigendecomposition of ``a^T a`` (half the time of the SVD),
+    unless some matrix of the batch is too ill-conditioned for it (:data:`_GRAM_MIN_RATIO`, the value's rule),
+    and by the SVD where the condition cannot be read on the host (``vmap``, ``torch.compile``). The Gram matrix
+    loses ``s_min`` below ``sqrt(eps) s_max``: at ``s = (1, 0.5, 1e-9)`` its eigenvalue ``1e-18`` came out as 0
+    or negative and the derivative as NaN, and at ``1e-6`` 3e-5 off the SVD's; the derivative there is large
+    (``1 / s_min``) but finite and defined."""
+    host = not torch.compiler.is_compiling() and not in_vmap() and not _is_fake(a)
+    if host:
+        lam, v = torch.linalg.eigh(a.mT @ a)
+        # (detached: ``a`` requires grad under create_graph, and float() of such a tensor warns)
+        if float((lam[..., 0] / lam[..., -1]).amin().detach()) >= _GRAM_MIN_RATIO:  # a zero matrix: NaN, SVD
+            return lam.sqrt(), v
+    _, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return s, vh.mT
+
+
+def _is_fake(x: torch.Tensor) -> bool:
+    """Whether ``x`` has no data to read (a fake tensor of ``torch.compile``'s backward trace)."""
+    return torch._subclasses.fake_tensor.is_fake(x)
 
 
 class _PolarFactor(torch.autograd.Function):
@@ -430,6 +455,9 @@ def orthonormal(raw: torch.Tensor, tall: bool | None = None) -> torch.Tensor:
     >>> bool(torch.allclose(orthonormal(w), w))
     True
     """
+    if isinstance(raw, torch.Tensor) and raw.dtype in HALF_PRECISION:  # (a Proxy while tracing: not a tensor)
+        raise LayerArgumentError(f"orthonormal: torch has no {raw.dtype} QR; pass raw.float() and round the result "
+                                 "back (orthonormal(raw.float()).to(raw.dtype))")
     if tall is None:
         p, q = raw.shape[-2:]
         tall = p >= q
@@ -550,6 +578,12 @@ def random_orthonormal(m: int, n: int, *batch: int, generator: torch.Generator |
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise LayerArgumentError(f"random_orthonormal: dtype must be a real floating-point torch.dtype (e.g. "
                                  f"torch.float32), got {dtype!r}: an orthonormal matrix has real entries in [-1, 1]")
+    if generator is not None and not isinstance(generator, torch.Generator):  # failed inside the draw otherwise
+        raise LayerArgumentError(f"random_orthonormal: generator must be a torch.Generator or None, got "
+                                 f"{type(generator).__name__} {generator!r}; e.g. torch.Generator().manual_seed(0)")
+    if generator is None and device is not None and torch.device(device).type == "meta":
+        # deferred construction: a meta tensor has a shape and no values (geqrf has no meta kernel)
+        return torch.empty(*batch, m, n, dtype=dtype, device=device)
     q, signs = _haar_factor(m, n, *batch, generator=generator, device=device)
     q = q * signs.unsqueeze(-2)
     if m < n:
@@ -609,8 +643,11 @@ def flatten_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
 
     Linear ``(out, in)``: unchanged. Convolution ``(out, in / groups, *kernel)``: ``(out, in / groups * prod(kernel))``
     for ``groups == 1``, ``(groups, out / groups, in / groups * prod(kernel))`` otherwise (one matrix per group).
-    A view when ``weight`` is contiguous.
+    A view when ``weight`` is contiguous. A transposed convolution's weight ``(in, out / groups, *kernel)`` is split
+    the same way, by its first dimension: one matrix per group, rows the group's input channels.
     """
+    if not isinstance(weight, torch.Tensor):
+        raise LayerArgumentError(f"flatten_weight: weight must be a tensor, got {type(weight).__name__}")
     if weight.dim() < 2:
         raise LayerArgumentError(f"a layer weight has at least 2 dimensions, got shape {tuple(weight.shape)}")
     out = weight.shape[0]
@@ -626,4 +663,8 @@ def flatten_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
 
 def unflatten_weight(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`flatten_weight`: ``matrix`` reshaped to the shape of the layer weight ``like``."""
+    if matrix.numel() != like.numel():  # reshape's own error named neither function nor cause
+        raise LayerArgumentError(f"unflatten_weight: a {tuple(matrix.shape)} matrix ({matrix.numel()} entries) is not "
+                                 f"a flattened {tuple(like.shape)} weight ({like.numel()} entries); pass the weight "
+                                 "it was flattened from as like")
     return matrix.reshape(like.shape)
