@@ -7,7 +7,8 @@
 * :func:`export` writes ``.onnx`` (dynamo exporter, checked with ``onnx.checker`` and run with onnxruntime),
   ``.pt2`` (``torch.export``; reloaded and compared) or ``.pt`` (state_dict + policy, safe to load with
   ``torch.load(weights_only=True)``); the result reports the largest difference from the frozen model.
-* :func:`load` replays a ``.pt`` file's policy on the original model and restores the weights.
+* :func:`load` replays a ``.pt`` file's policy on the original model and restores the weights, after checking
+  that the replay builds the graph the file records (:data:`GRAPH_METADATA_KEY`).
 
 A model that :func:`orthofx.transform` did not return but that holds transformed models (a transformed backbone
 inside a bigger model: :func:`orthofx.penalty.transformed_parts`) is frozen part by part: :func:`freeze` returns a
@@ -75,8 +76,8 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .capture import (ModalGraphModule, RecurrentBatch, batch_dim, batch_dynamic_shapes, buffers_kept, capture,
                       copy_model, recurrent_batch_dims, sequence_helper, unwrap_model)
-from .errors import (SITE_ATTRIBUTE, CaptureError, ExportError, LayerArgumentError, OrthofxError, TransformError,
-                     first_few)
+from .errors import (SITE_ATTRIBUTE, ArgumentError, CaptureError, ExportError, LayerArgumentError, OrthofxError,
+                     TransformError, first_few)
 from .nn.conditioning import power_newton_schulz
 from .nn.jacobian import JacobianProbe
 from .nn.precision import HALF_PRECISION
@@ -102,6 +103,11 @@ FORMAT_VERSION = 1
 #: puts it, the saved state dict's ``_metadata`` (``orthofx.nn.jacobian.PHASE_METADATA_KEY``), as in
 #: ``gm.state_dict()``: one record of it.
 PROBE_PHASES_KEY = "probe_calls"
+#: Key, in the saved state dict's root metadata (``saved["state_dict"]._metadata[""]``), of the transformed model's
+#: graph as :func:`_graph_signature` writes it: :func:`load` compares the graph its replay of the policy builds with
+#: it, so that a model of another forward whose weights happen to fit (another activation module, the same layers
+#: wired otherwise) is refused instead of restored into other computations. Files without it load unchecked.
+GRAPH_METADATA_KEY = "orthofx_graph"
 #: ONNX difference above which :func:`export` fails for outputs of magnitude up to about 100 (see
 #: :func:`onnx_tolerance`).
 ONNX_TOLERANCE = 1e-4
@@ -1334,7 +1340,10 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
         state = collections.OrderedDict((k, v.detach().cpu()) for k, v in source.items())
         # the metadata as Module.state_dict gives it (torch.load(weights_only=True) reads it back): the modules'
         # versions, and each Jacobian probe's step in its every period, which load_state_dict restores
-        state._metadata = getattr(source, "_metadata", collections.OrderedDict())
+        # (copied: the graph's record is the file's, not the model's own metadata)
+        state._metadata = collections.OrderedDict(
+            (key, dict(value)) for key, value in getattr(source, "_metadata", collections.OrderedDict()).items())
+        state._metadata.setdefault("", {})[GRAPH_METADATA_KEY] = _graph_signature(unwrap_model(model))
         content = {"orthofx_format": FORMAT_VERSION, "policy": manifest.policy.to_yaml(), "state_dict": state}
         try:
             torch.save(content, path)
@@ -1454,16 +1463,22 @@ def _other_format_hint(path: str) -> str:
 
 
 def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *,
-         example_kwargs: Any = None) -> fx.GraphModule:
+         example_kwargs: Any = None, check_graph: bool = True) -> fx.GraphModule:
     """Replay the policy stored in a ``.pt`` file (written by :func:`export`) on ``model`` and restore the weights.
 
     The file is read with ``torch.load(weights_only=True)``: it holds tensors and the policy's YAML, no code.
-    ``model`` is the original (untransformed) model; it is not modified. The restored model has the saved
+    ``model`` is the original (untransformed) model; it is not modified. A model that computes otherwise than the
+    saved one (another activation module, the same layers wired otherwise: the file records the transformed graph of
+    a symbolically traced model) or that holds meta tensors is refused with an :class:`~orthofx.ExportError`, as are
+    weights that do not fit it and a file of a newer format. The restored model has the saved
     parameters' dtype (a model saved after ``.double()`` comes back in float64 from a float32 ``model``) and the
     Jacobian probes' step within their ``every`` period, so it continues as the saved model would. Example inputs
     in the saved dtype work too: float64 ones replay the policy on a float64 copy of ``model``; half-precision ones
     are cast to ``model``'s dtype for the replay (a decomposition the policy replaces may have no half-precision
     kernel), and the result is converted.
+
+    ``check_graph=False`` skips the comparison with the recorded graph, for a forward rewritten to compute the
+    same thing in other operations (``x.relu()`` for ``F.relu(x)``); the weights are still checked.
 
     ``example_inputs`` and ``example_kwargs`` (a dict by name) are passed to :func:`orthofx.transform` as they
     were when the model was transformed: a model captured with torch.export (capture mode ``export``, or ``auto``
@@ -1479,6 +1494,8 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
         restored = orthofx.load(orthofx.models.get("small_cnn"), "small_cnn.pt")   # any fresh copy of the model
         torch.testing.assert_close(restored(x), gm(x))
     """
+    if not isinstance(check_graph, bool):
+        raise ArgumentError(f"orthofx.load: check_graph must be True or False, got {check_graph!r}")
     path = _path(path)
     if os.path.isdir(path):
         raise ExportError(f"cannot read {path!r}: it is a directory; give the .pt file orthofx.export wrote")
@@ -1486,6 +1503,7 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
         raise ExportError(f"cannot read {path!r}: no such file")
     # checked here so that their errors are not reported as the stored policy not fitting the model
     _check_untransformed(unwrap_model(model), path)
+    _check_materialized(unwrap_model(model), path)
     example = example_call(example_inputs, example_kwargs)  # transform runs the model on copies of them
     written_by = "write it with orthofx.export(gm, 'model.pt') (a file of state_dict and policy, no pickled code)"
     try:
@@ -1494,7 +1512,12 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
         raise ExportError(f"cannot read {path!r} as an orthofx .pt file: torch.load(weights_only=True) failed "
                           f"({_root_cause(exc)[:160]}), so the file is truncated, corrupt or of another format"
                           f"{_other_format_hint(path)}; {written_by}") from exc
-    if not isinstance(saved, dict) or saved.get("orthofx_format") != FORMAT_VERSION:
+    version = saved.get("orthofx_format") if isinstance(saved, dict) else None
+    if type(version) is int and version > FORMAT_VERSION:  # noqa: E721 (a bool or 1.0 is no format number)
+        raise ExportError(f"{path!r} was written by a newer orthofx (.pt format {version}; this orthofx reads format "
+                          f"{FORMAT_VERSION}): upgrade orthofx where the file is loaded (pip install -U orthofx), or "
+                          "re-export the model with this version. The model was not changed")
+    if type(version) is not int or version != FORMAT_VERSION:  # noqa: E721
         raise ExportError(f"{path!r} is not an orthofx .pt file (format {FORMAT_VERSION}); {written_by}")
     lacking = [key for key, kind in (("policy", str), ("state_dict", dict)) if not isinstance(saved.get(key), kind)]
     if lacking:
@@ -1553,7 +1576,105 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
         raise ExportError(f"the saved weights in {path!r} do not fit the model: missing {list(missing)[:5]}, "
                           f"unexpected {list(unexpected)[:5]}; load with the model the file was exported from")
     _restore_probe_phases(gm, phases, path)
+    if check_graph:
+        _check_same_graph(gm, state, path)
     return gm
+
+
+def _check_materialized(root: nn.Module, path: str) -> None:
+    """Refuse a model whose tensors are on the meta device (built under ``torch.device("meta")``). ``load``
+    restores the weights by copying them into the tensors of ``transform(model, policy)``, and a copy into a meta
+    tensor does nothing: a policy that keeps the layers (``lorth``) returned a model with no weights at all, one
+    whose torch warnings were the only sign."""
+    if not isinstance(root, nn.Module):
+        return  # transform says what the model should be
+    meta = [name for name, tensor in (*root.named_parameters(), *root.named_buffers()) if tensor.is_meta]
+    if meta:
+        raise ExportError(f"cannot load {path!r} into a model whose tensors are on the meta device (shapes without "
+                          f"values: {first_few(meta, 3)}): orthofx.load copies the saved weights into the model's "
+                          "tensors, which a meta tensor cannot hold, so the result would have no weights. Build the "
+                          "model on a real device (outside torch.device('meta')), or materialize it first with "
+                          "model.to_empty(device='cpu') (the file restores every saved parameter and buffer; set the "
+                          "non-persistent buffers yourself). The model was not changed")
+
+
+def _node_row(gm: fx.GraphModule, node: fx.Node) -> str:
+    """One node of a graph as :func:`_graph_signature` records it: its name, what it calls (a module call with the
+    module's class, so that ``nn.ReLU`` and ``nn.Tanh`` at the same path differ) and the nodes it reads, in order.
+    Constants are left out: their reprs may hold object addresses, which differ from one process to the next."""
+    target = node.target
+    if node.op == "call_module":
+        try:
+            module = gm.get_submodule(target)
+        except AttributeError:
+            pass
+        else:
+            # a lazy layer becomes its cls_to_become when it first runs: a model saved after training and its
+            # replay without example inputs hold the same layer
+            lazy = isinstance(module, nn.modules.lazy.LazyModuleMixin)
+            cls = getattr(module, "cls_to_become", None) if lazy else None
+            target = f"{target}: {(cls or type(module)).__name__}"
+    elif not isinstance(target, str):
+        target = getattr(target, "__name__", None) or type(target).__name__
+    return f"{node.name} = {node.op} {target}({', '.join(n.name for n in node.all_input_nodes)})"
+
+
+def _graph_signature(gm: fx.GraphModule) -> dict:
+    """What the transformed model computes, in plain types that ``torch.load(weights_only=True)`` reads: the capture
+    mode and, for a symbolic trace, each graph's nodes (:func:`_node_row`; the training-mode graph first where the
+    model has one per mode). A torch.export graph is recorded by its mode only: its ATen operators depend on the
+    torch release, and a file must load on another one."""
+    mode = manifest_of(gm).capture.mode
+    graphs = []
+    if mode == "fx":
+        modes = (True, False) if isinstance(gm, ModalGraphModule) else (None,)
+        graphs = [[_node_row(gm, node) for node in (gm.graph if training is None else gm.graph_for(training)).nodes]
+                  for training in modes]
+    return {"capture": mode, "graphs": graphs}
+
+
+def _check_same_graph(gm: fx.GraphModule, state: dict, path: str) -> None:
+    """Refuse a restored model whose graph differs from the one the file records (:data:`GRAPH_METADATA_KEY`):
+    the weights fit (checked before), but the model computes something else with them, so ``load`` would return
+    a model that silently differs from the saved one (``nn.Tanh`` where the saved model had ``nn.ReLU``). Files
+    written before the record, or by hand without it, are not checked."""
+    saved = getattr(state, "_metadata", {}).get("", {})
+    saved = saved.get(GRAPH_METADATA_KEY) if isinstance(saved, dict) else None
+    if saved is None:
+        return
+    valid = (isinstance(saved, dict) and isinstance(saved.get("capture"), str)
+             and isinstance(saved.get("graphs"), (list, tuple))
+             and all(isinstance(g, (list, tuple)) and all(isinstance(r, str) for r in g) for g in saved["graphs"]))
+    if not valid:
+        raise ExportError(f"{path!r} is damaged: its record of the model's graph (state_dict._metadata['']["
+                          f"{GRAPH_METADATA_KEY!r}]) is not what orthofx.export writes ({saved!r:.120}); re-export "
+                          "the model with orthofx.export(gm, 'model.pt'), or delete the entry to load unchecked")
+    fix = ("load with an instance of the model class the file was exported from, built as it was (orthofx.load "
+           "restores the weights into the model given, so it must compute what the saved one did), or, for a "
+           "forward rewritten to compute the same thing, pass check_graph=False. The model was not changed")
+    own = _graph_signature(gm)
+    if own["capture"] != saved["capture"]:
+        how = {"fx": "symbolic tracing (fx)", "export": "torch.export"}
+        raise ExportError(f"the model given to orthofx.load is not the one {path!r} was exported from: orthofx "
+                          f"captured the saved model with {how.get(saved['capture'], saved['capture'])} and this one "
+                          f"with {how.get(own['capture'], own['capture'])}, so their forwards differ; {fix}")
+    graphs, new = [list(g) for g in saved["graphs"]], own["graphs"]
+    if graphs == new:
+        return
+    if len(graphs) != len(new):
+        one, two = "one graph", "a graph per training mode (a forward branching on self.training)"
+        raise ExportError(f"the model given to orthofx.load is not the one {path!r} was exported from: the saved "
+                          f"model has {two if len(graphs) > 1 else one} and this one {two if len(new) > 1 else one}; "
+                          f"{fix}")
+    for index, (before, after) in enumerate(zip(graphs, new)):
+        if before == after:
+            continue
+        which = f"its {'training' if index == 0 else 'eval'}-mode graph" if len(new) > 1 else "its graph"
+        at = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b), min(len(before), len(after)))
+        shown = [rows[at] if at < len(rows) else "(the end of the graph)" for rows in (before, after)]
+        raise ExportError(f"the model given to orthofx.load computes otherwise than the one {path!r} was exported "
+                          f"from, though its weights fit: at node {at} of {which} the saved model has "
+                          f"'{shown[0]}' and this one '{shown[1]}' ({len(before)} and {len(after)} nodes); {fix}")
 
 
 def _saved_probe_phases(saved: dict, path: str, written_by: str) -> dict[str, int]:
