@@ -34,17 +34,18 @@ from tabulate import tabulate
 from torch import fx, nn
 
 from .capture import ModalGraphModule, _is_torch_layer, first_module_paths, module_scopes
-from .errors import MetaWeightError, PlanError, first_few
+from .errors import LayerArgumentError, MetaWeightError, PlanError, first_few
 from .nn import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                  OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
 from .nn.convnorm import FROZEN_FILTERS_MARKER, ConvNormConvNd
+from .nn.padding import per_dimension
 from .passes.base import (RECURRENT_TYPES, CaptureInfo, Change, Manifest, PassContext, PlanEntry, Site, derived_weight,
                           describe_module, reads_only_metadata, require_initialised, stops_producer_walk, weight_label)
 from .passes.isometric_init import IsometricInit, _scale, _scale_dropped_later
 from .passes.registry import get_pass
 from .passes.riemannian import Riemannian, StiefelHook, _by_rule, _scale_lost, _tie_decisions
 from .passes.svd_conditioning import decomposition_op
-from .policy import Match, Policy, Rule, _compiled_regex, _describe
+from .policy import Match, Policy, Rule, _compiled_regex, _describe, _python_none_hint
 
 __all__ = ["Plan", "build_plan", "block_paths", "collect_sites", "describe_module", "other_mode_graph",
            "producers_feeding", "unused_leaf_entries", "unknown_type_entries", "meta_tensors", "meta_text",
@@ -258,10 +259,47 @@ class _WhereError(Exception):
     """A ``where:`` value that cannot be compared with the module's attribute (build_plan raises a PlanError)."""
 
 
+#: A conv's per-dimension sizes, which torch's convolutions (and poolings) read as one value per spatial dimension,
+#: a one-element tuple standing for every dimension: ``where:`` compares them as torch applies them.
+_PER_DIMENSION_SIZES = ("stride", "dilation", "padding", "output_padding")
+
+
+def _spatial_dims(module: nn.Module) -> int | None:
+    """The number of spatial dimensions of a conv-like layer, ``len(kernel_size)`` (torch's convolutions keep it as
+    a tuple, orthofx's layers too); None for any other module (no tuple ``kernel_size``: a pooling built with an
+    int, a layer of the user's own)."""
+    try:
+        kernel_size = getattr(module, "kernel_size", None)
+    except Exception:  # noqa: BLE001 - a property of the user's class may raise anything; then no conv sizes
+        return None
+    return len(kernel_size) if isinstance(kernel_size, (tuple, list)) and kernel_size else None
+
+
+def _per_dimension_value(value: Any, d: int, attr: str) -> Any:
+    """A per-dimension size (an attribute or a ``where:`` value) as the ``d`` values torch applies (an int or a
+    one-element list for every dimension: :func:`orthofx.nn.padding.per_dimension`), as a list; ``value`` itself
+    when it is no such size (a string padding such as ``'same'``, a list of another length), which then compares
+    as written."""
+    if isinstance(value, (str, bool)) or not isinstance(value, (int, float, list)):
+        return value
+    try:
+        return list(per_dimension(value, d, attr))
+    except LayerArgumentError:
+        return value
+
+
 def _attribute_matches(module: nn.Module | None, where: dict[str, Any]) -> bool:
     """``where:`` filters: equality, lists compare with tuples, and a scalar matches a tuple of equal entries
     (``kernel_size: 3`` matches ``(3, 3)``). For a tensor attribute (or one that is None), ``true`` / ``false``
-    test whether it is set: ``bias: false`` selects layers built with ``bias=False``."""
+    test whether it is set: ``bias: false`` selects layers built with ``bias=False``; ``null`` selects an
+    attribute that is None (``None`` written in YAML is the string 'None', which the errors say).
+
+    A conv's ``stride``, ``dilation``, ``padding`` and ``output_padding`` (:data:`_PER_DIMENSION_SIZES`, on a
+    layer with a tuple ``kernel_size``) compare per spatial dimension as torch applies them: an int or a
+    one-element list stands for every dimension, on either side, so ``stride: 2``, ``stride: [2]`` and
+    ``stride: [2, 2]`` each select a Conv2d built with ``stride=2``, ``(2,)`` or ``(2, 2)`` (which torch keeps as
+    given and runs alike), ``stride: [2, 1]`` only one whose stride is ``(2, 1)``, and ``stride: [2, 2]`` no Conv1d
+    (one dimension). ``kernel_size`` compares as written: ``nn.Conv2d(2, 2, (3,))`` is no 3 x 3 conv."""
     for attr, expected in where.items():
         if module is None:
             return False
@@ -274,7 +312,8 @@ def _attribute_matches(module: nn.Module | None, where: dict[str, Any]) -> bool:
                     f"where.{attr}: attribute '{attr}' of {type(module).__name__} is a tensor, which cannot be "
                     f"compared with {expected!r}; for a tensor attribute give true or false (whether it is set: "
                     "'bias: false' selects layers without a bias), or filter on plain attributes such as groups, "
-                    "stride, kernel_size, padding_mode")
+                    "stride, kernel_size, padding_mode"
+                    + _python_none_hint(expected, f"write '{attr}: false' for layers without it"))
             if (actual is not None) != expected:
                 return False
             continue
@@ -285,6 +324,8 @@ def _attribute_matches(module: nn.Module | None, where: dict[str, Any]) -> bool:
                 f"so true / false cannot select on it; give the value itself (e.g. '{attr}: {actual!r}')")
         actual = _normalise(actual)
         expected = _normalise(expected)
+        if attr in _PER_DIMENSION_SIZES and (d := _spatial_dims(module)) is not None:
+            actual, expected = _per_dimension_value(actual, d, attr), _per_dimension_value(expected, d, attr)
         if isinstance(actual, list) and not isinstance(expected, list):
             if not actual or not all(_equal(module, attr, a, expected) for a in actual):
                 return False
@@ -802,7 +843,9 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
         notes = unused_leaf_entries(policy, model) + unknown_type_entries(policy, model)
         capture.warnings.extend(w for w in notes if w not in capture.warnings)
     if capture is not None:
-        notes = scripted_module_warnings(gm) + unhandled_weight_warnings(gm, policy, sites)
+        covered = {name for rule in policy.rules for name in _hidden_by_tracing(rule, model, traced)}
+        notes = (scripted_module_warnings(gm) + unhandled_weight_warnings(gm, policy, sites)
+                 + functional_weight_warnings(gm, policy, sites, traced, covered))
         capture.warnings.extend(w for w in notes if w not in capture.warnings)
 
     replaced: dict[tuple[str, str], tuple[str, str, bool]] = {}  # _module_key -> (rule, pass, hides the layer)
@@ -1122,6 +1165,113 @@ def unhandled_weight_warnings(gm: fx.GraphModule, policy: Policy, sites: list[Si
     return warnings
 
 
+def _functional_layer_ops() -> dict[Any, tuple[str, bool | int | None]]:
+    """The functional convolutions and linear maps (as fx records them, and their ATen ops as torch.export does)
+    -> ``(name, transposed)``: ``transposed`` a bool, or the index of the argument saying it
+    (``aten.convolution``'s ``transposed``); None for a linear map."""
+    F = torch.nn.functional
+    ops: dict[Any, tuple[str, bool | int | None]] = {F.linear: ("F.linear", None)}
+    for d in (1, 2, 3):
+        ops[getattr(F, f"conv{d}d")] = (f"F.conv{d}d", False)
+        ops[getattr(F, f"conv_transpose{d}d")] = (f"F.conv_transpose{d}d", True)
+    aten = torch.ops.aten
+    for packet, name, transposed in (
+            [("linear", "F.linear", None), ("convolution", "F.conv*", 6), ("_convolution", "F.conv*", 6)]
+            + [(f"conv{d}d", f"F.conv{d}d", False) for d in (1, 2, 3)]
+            + [(f"conv_transpose{d}d", f"F.conv_transpose{d}d", True) for d in (1, 2, 3)]):
+        overloads = getattr(aten, packet, None)
+        for overload in ("default", "input", "padding"):
+            op = getattr(overloads, overload, None) if overloads is not None else None
+            if op is not None:
+                ops[op] = (name, transposed)
+    return ops
+
+
+#: Calls that compute a conv / linear layer's operation from a weight they are given: no site (sites are module
+#: calls), so a parameter passed to one gets no pass (:func:`functional_weight_warnings`).
+_FUNCTIONAL_LAYER_OPS = _functional_layer_ops()
+
+
+def _graphs(gm: fx.GraphModule) -> list[fx.Graph]:
+    """``gm``'s graph and, for a two-mode graph module, the other mode's (as :func:`_all_sites` reads them)."""
+    other = other_mode_graph(gm)
+    return [gm.graph] if other is None else [gm.graph_for(gm.graph_training), other[0]]
+
+
+def _parameter_at(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
+    """The parameter a ``get_attr`` node reads, None for a buffer, a constant or anything else."""
+    owner, _, name = target.rpartition(".")
+    try:
+        value = getattr(gm.get_submodule(owner), name, None)
+    except Exception:  # noqa: BLE001 - a missing or odd owner: nothing this warning can name
+        return None
+    return value if isinstance(value, nn.Parameter) else None
+
+
+def functional_weight_warnings(gm: fx.GraphModule, policy: Policy, sites: list[Site],
+                               traced: dict[str, type] | None = None, covered: Iterable[str] = ()) -> list[str]:
+    """Say which functional convolutions and linear maps of the graph (``F.conv2d(x, self.w)``, ``F.linear(x,
+    self.w)``: :data:`_FUNCTIONAL_LAYER_OPS`) take a parameter of the model as their weight (a ``get_attr`` node):
+    rules select module calls only, so such a weight gets no pass, no report row and no penalty term. Only when
+    the policy has a module rule whose pass acts on that layer type (as :func:`unhandled_weight_warnings`). Left
+    out: a parameter of a conv / linear module site (a tied weight, treated through its layer) and those of the
+    layers ``covered`` (traced-through subclasses of torch layers that a rule's own note names already); for the
+    other layers of ``traced`` (:func:`traced_through_layers`), the fix is to keep them as leaves."""
+    treated = {s.name for s in sites if s.kind == "module" and s.module_type is not None
+               and issubclass(s.module_type, (nn.Linear,) + _CONV_LAYERS)}
+    covered = set(covered)
+    found: dict[str, tuple[str, str, str, type]] = {}  # parameter -> (node, op, scope, layer type)
+    for graph in _graphs(gm):
+        for node in graph.nodes:
+            spec = _FUNCTIONAL_LAYER_OPS.get(node.target) if node.op == "call_function" else None
+            if spec is None:
+                continue
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+                continue
+            target = str(weight.target)
+            parameter = _parameter_at(gm, target)
+            owner = target.rpartition(".")[0]
+            if parameter is None or target in found or owner in treated or owner in covered:
+                continue
+            name, transposed = spec
+            if isinstance(transposed, int) and not isinstance(transposed, bool):
+                flag = node.args[transposed] if len(node.args) > transposed else node.kwargs.get("transposed")
+                transposed = flag is True
+            d = parameter.dim() - 2
+            layer = (nn.Linear if transposed is None or d not in (1, 2, 3) else
+                     getattr(nn, f"ConvTranspose{d}d" if transposed else f"Conv{d}d"))
+            if name == "F.conv*":  # aten.convolution: which one, from the weight and its flag
+                name = f"F.conv_transpose{d}d" if transposed else f"F.conv{d}d"
+            found[target] = (node.name, name, _scope(node), layer)
+    if not found:
+        return []
+    layer_types = {layer for *_, layer in found.values()}
+    rules = [rule.name for rule in policy.rules if rule.match.site_kind == "module"
+             and any(_acts_on(get_pass(rule.apply), layer) for layer in layer_types)]
+    if not rules:
+        return []
+    calls = [f"'{node}' ({op} of the parameter '{target}'{f' in {scope}' if scope else ''})"
+             for target, (node, op, scope, _) in found.items()]
+    modules = " / ".join(sorted(f"nn.{layer.__name__}" for layer in layer_types))
+    return [f"{first_few(calls, 4)}: no rule of the policy treats the weight(s) of these functional conv / linear "
+            f"calls: rule(s) {', '.join(rules)} select layers, which are module calls (sites), and a weight passed "
+            f"to a function is none, so it gets no pass, no report row and no penalty term. To treat it, hold it "
+            f"in an {modules} module (with the call's stride, padding, dilation and groups) and call that module in "
+            "place of the function" + _traced_owners_note([t.rpartition(".")[0] for t in found], traced or {})]
+
+
+def _traced_owners_note(owners: list[str], traced: dict[str, type]) -> str:
+    """For :func:`functional_weight_warnings`: the owners of the weights that are torch layers capture traced
+    through (subclasses with their own forward), which are layers already and need only be kept as leaves."""
+    classes = sorted({traced[owner].__name__ for owner in owners if owner in traced})
+    if not classes:
+        return ""
+    return (f"; the layers of class {', '.join(classes)} are torch layers with their own forward, which capture "
+            f"traced through: list the class in the policy's capture: {{leaf_modules: [{', '.join(classes)}]}} to "
+            "keep them as layers")
+
+
 def _handled_by_a_rule(gm: fx.GraphModule, policy: Policy, site: Site) -> bool:
     """Whether a rule of ``policy`` selects ``site`` with a pass that acts on its layer type (``riemannian`` on a
     recurrent layer): then the layer's weights are not left without a word."""
@@ -1135,8 +1285,16 @@ def _handled_by_a_rule(gm: fx.GraphModule, policy: Policy, site: Site) -> bool:
 
 
 def _acts_on_linear(pass_cls: type) -> bool:
+    return _acts_on(pass_cls, nn.Linear)
+
+
+def _acts_on(pass_cls: type, layer: type) -> bool:
+    """Whether ``pass_cls`` acts on module sites of the torch layer type ``layer``."""
     types = getattr(pass_cls, "module_types", ())
-    return "module" in pass_cls.site_kinds and any(issubclass(nn.Linear, t) for t in types)
+    return "module" in pass_cls.site_kinds and any(issubclass(layer, t) for t in types)
+
+
+_CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _derived_weight_reason(pass_cls: type, site: Site, module: nn.Module | None) -> str | None:
@@ -1319,7 +1477,8 @@ def _unmatched_value_hint(attr: str, expected: Any, holders: list[nn.Module]) ->
     values = list(dict.fromkeys(_value_text(_read_attribute(m, attr)[1]) for m in holders))
     where = (f"is {values[0]} on each of the {len(holders)} layer(s)" if len(values) == 1
              else f"is one of {first_few(values, 4)} on the {len(holders)} layer(s)")
-    return f"'{attr}' {where} it selects without 'where', never {_value_text(expected)}"
+    return (f"'{attr}' {where} it selects without 'where', never {_value_text(expected)}"
+            + _python_none_hint(expected, f"write '{attr}: null' (or ~) to select layers whose '{attr}' is None"))
 
 
 def _value_text(value: Any) -> str:

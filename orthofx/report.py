@@ -92,7 +92,7 @@ from .nn.jacobian import JacobianProbe
 from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                             OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
                             FourierConv, _FrozenConvTranspose)
-from .nn.padding import CircularPad
+from .nn.padding import CircularPad, per_dimension
 from .nn.precision import describe_nonfinite
 from .passes.base import RECURRENT_TYPES, ParametrizationState, describe_module, recurrent_hidden_weights
 from .passes.orth_regularizer import gate_blocks_lorth
@@ -156,16 +156,19 @@ def layer_singular_values(module: nn.Module, input_shape: tuple[int, ...] | None
             return metrics.linear_singular_values(weight)
         if isinstance(module, _CONV_TYPES):
             dims = weight.dim() - 2
+            # torch keeps a one-element stride as given ((2,) on a Conv2d) and applies it to every dimension;
+            # zipped as it is against the input size, it cut that size to one dimension
+            stride = per_dimension(module.stride, dims, "stride")
             if isinstance(module, _TRANSPOSED_TYPES):
                 # the adjoint of the conv on the output grid n S: its input n is that conv's output grid, any n
                 grid = _grid(input_shape, dims, (1,) * dims)
-                grid = None if grid is None else tuple(n * s for n, s in zip(grid, module.stride))
+                grid = None if grid is None else tuple(n * s for n, s in zip(grid, stride))
             else:
-                grid = _grid(input_shape, dims, tuple(module.stride))
+                grid = _grid(input_shape, dims, stride)
             if grid is None:
                 return None
             kernel = metrics.dilated_kernel(weight, module.dilation)
-            return metrics.conv_singular_values(kernel, grid, stride=tuple(module.stride), groups=module.groups)
+            return metrics.conv_singular_values(kernel, grid, stride=stride, groups=module.groups)
     return None
 
 
@@ -261,7 +264,7 @@ class Report:
                  conditioning: dict[str, list[float]] | None = None, notes: list[str] | None = None):
         self.output_change = output_change
         # lines shown under the table: why some figures are missing or not finite, a policy that changed nothing,
-        # a scale a Stiefel constraint undoes
+        # an optional rule that matched nothing, a scale a Stiefel constraint undoes
         self.notes = list(notes or [])
         self.conditioning = dict(conditioning or {})
         self.rows = rows
@@ -283,8 +286,9 @@ class Report:
         * ``output_change``: the relative output change on the example inputs (None without them);
         * ``conditioning``: ``{site: [kappa, ...]}``, the monitors' histories;
         * ``notes``: the lines under the table saying why some figures are missing (e.g. no example inputs) or
-          not finite (the NaN / inf entries of the layer's parameters), that the policy changed no site, and
-          which sites lose a scale to a Stiefel constraint (:class:`~orthofx.ScaleLostWarning`).
+          not finite (the NaN / inf entries of the layer's parameters), that the policy changed no site, which
+          ``optional: true`` rules matched nothing, and which sites lose a scale to a Stiefel constraint
+          (:class:`~orthofx.ScaleLostWarning`).
 
         None is a figure that does not apply or cannot be computed. A figure that is not finite (a NaN kappa after
         a NaN input, the L_orth of a weight holding an inf) is the string ``"nan"``, ``"inf"`` or ``"-inf"``
@@ -554,7 +558,8 @@ def _transformed_report(model: nn.Module) -> Report:
     # example inputs ran through the model: transform recorded input shapes, or told the plan it had them
     examples = bool(manifest.input_shapes) or any(entry.has_example_inputs for entry in plan.entries)
     # (a report without rows says that the policy changed no site in place of the table)
-    notes = (_unchanged_note(manifest) if rows else []) + _unsized_note(unsized, examples)
+    notes = (_unchanged_note(manifest) if rows else []) + _unmatched_optional_note(plan)
+    notes += _unsized_note(unsized, examples)
     notes += [note for row, module in nonfinite if (note := _nonfinite_note(row, module)) is not None]
     # (orthofx.freeze measures no output change: a frozen model has the one its transform measured, if any)
     if examples and manifest.output_change is None and not manifest.frozen:
@@ -575,6 +580,14 @@ def _unchanged_note(manifest) -> list[str]:
         return ["the policy changed no site: its rules matched only sites they skip (the pass column says why)"]
     return ["the policy changed no site: no rule matched a site of the model, so every row is a layer as written "
             "(orthofx.explain(model, policy) lists what each rule matches)"]
+
+
+def _unmatched_optional_note(plan) -> list[str]:
+    """The notes for the rules marked ``optional: true`` that matched no site, as ``explain`` lists them: without
+    them a misspelt optional rule leaves no trace in the report (its sites' rows just lack the pass)."""
+    # (a Plan pickled before unmatched_optional existed has none)
+    return [f"optional rule '{name}' matched nothing: it changed no site (orthofx.explain(model, policy) lists what "
+            "each rule matches)" for name in getattr(plan, "unmatched_optional", ())]
 
 
 #: The figures of a row that a NaN / inf weight makes NaN / inf.
