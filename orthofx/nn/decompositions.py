@@ -214,16 +214,21 @@ def pair_kernel(lam: Tensor, taylor_order: int | None = 9, clamp_gap: float | No
     return upper.mT - upper if descending else upper - upper.mT
 
 
-def _check_input(A, what: str, square: bool) -> None:
+def _check_input(A, what: str, square: bool, complex_ok: bool = False) -> None:
     """A real floating-point tensor of (batched) matrices, square for eigh. Anything else used to fail late and far
     from the call: a 1-D input with an IndexError, an integer one inside LAPACK, a non-square one with
     ``linalg.eigh``'s message, and a complex one (which the backward formulas do not cover) returned complex
-    eigenvalues and crashed in the backward. A torch.fx Proxy (symbolic tracing) is let through."""
+    eigenvalues and crashed in the backward. A torch.fx Proxy (symbolic tracing) is let through. ``complex_ok``:
+    complex matrices too (the Newton-Schulz powers are matmuls, right for a Hermitian positive definite one)."""
     if isinstance(A, torch.fx.Proxy):
         return
     if not isinstance(A, Tensor):
         raise LayerArgumentError(f"{what} expects a torch.Tensor of matrices [..., m, n], got {type(A).__name__}")
-    if A.is_complex() or not A.is_floating_point():
+    if complex_ok and not A.is_floating_point() and not A.is_complex():
+        raise LayerArgumentError(f"{what} supports floating-point matrices only (real, or complex Hermitian), got "
+                                 f"dtype {A.dtype}: cast it with .double() or .float() (a root of an integer "
+                                 "matrix is no integer matrix)")
+    if not complex_ok and (A.is_complex() or not A.is_floating_point()):
         raise LayerArgumentError(f"{what} supports real floating-point matrices only, got dtype {A.dtype}. Cast "
                                  "integer ones with .float(); for complex ones call torch.linalg's own function, "
                                  "and where the svd_conditioning pass put this stand-in in place of that call, "
@@ -681,10 +686,9 @@ def _newton_schulz(A: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor, 
     return Y, Z, trace, zero
 
 
-def _newton_schulz_power(A: Tensor, iterations: int, inverse: bool) -> Tensor:
+def _newton_schulz_power(A: Tensor, iterations: int, inverse: bool, what: str) -> Tensor:
     """``A^(1/2)`` (``A^(-1/2)`` when ``inverse``) from :func:`_newton_schulz`."""
-    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
-        raise LayerArgumentError(f"expected square matrices [..., n, n], got shape {tuple(A.shape)}")
+    _check_input(A, what, square=True, complex_ok=True)
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
         raise LayerArgumentError(f"iterations must be an int >= 0, got {iterations!r}")
     work, returned = _working_dtypes(A, float64=False)
@@ -692,7 +696,7 @@ def _newton_schulz_power(A: Tensor, iterations: int, inverse: bool) -> Tensor:
         # bfloat16 matmuls would lose the iteration's accuracy: run it in float32 with autocast off; the trace
         # and the final scaling stay in float32 too (a float16 trace above 65504 was inf, and so was the result)
         with autocast_off(A):
-            return _newton_schulz_power(A.to(work), iterations, inverse).to(returned)
+            return _newton_schulz_power(A.to(work), iterations, inverse, what).to(returned)
     Y, Z, trace, zero = _newton_schulz(A, iterations)
     if inverse:
         return Z * trace.rsqrt()
@@ -703,6 +707,8 @@ def _newton_schulz_power(A: Tensor, iterations: int, inverse: bool) -> Tensor:
 def sqrtm_newton_schulz(A: Tensor, iterations: int = 5) -> Tensor:
     """``A^(1/2)`` of symmetric positive definite ``A`` (``[..., n, n]``) by the coupled Newton-Schulz iteration
     (matmuls only); ``iterations`` counts the steps after ``Y0, Z0`` (so ``iterations + 1`` steps in all).
+    ``A`` is floating-point (half precision runs in float32), or complex Hermitian; an integer matrix raises
+    :class:`~orthofx.errors.LayerArgumentError` (it was rounded to a float32 result).
 
     The zero matrix (the one positive semi-definite matrix of trace 0) gives exactly 0, with a zero gradient.
 
@@ -714,12 +720,12 @@ def sqrtm_newton_schulz(A: Tensor, iterations: int = 5) -> Tensor:
     >>> torch.allclose(R @ R, A, atol=1e-6), torch.allclose(R, R.T)
     (True, True)
     """
-    return _newton_schulz_power(A, iterations, inverse=False)
+    return _newton_schulz_power(A, iterations, inverse=False, what="sqrtm_newton_schulz")
 
 
 def inv_sqrtm_newton_schulz(A: Tensor, iterations: int = 5) -> Tensor:
-    """``A^(-1/2)`` of symmetric positive definite ``A`` by the same iteration (``Z / sqrt(tr A)``); the zero matrix
-    has none and gives non-finite values.
+    """``A^(-1/2)`` of symmetric positive definite ``A`` by the same iteration (``Z / sqrt(tr A)``), with the same
+    dtypes as :func:`sqrtm_newton_schulz`; the zero matrix has none and gives non-finite values.
 
     >>> import torch
     >>> from orthofx.nn import inv_sqrtm_newton_schulz
@@ -729,7 +735,7 @@ def inv_sqrtm_newton_schulz(A: Tensor, iterations: int = 5) -> Tensor:
     >>> torch.allclose(W @ A @ W, torch.eye(4, dtype=torch.float64), atol=1e-6)
     True
     """
-    return _newton_schulz_power(A, iterations, inverse=True)
+    return _newton_schulz_power(A, iterations, inverse=True, what="inv_sqrtm_newton_schulz")
 
 
 # ------------------------------------------------------------------------------------------- monitor

@@ -20,7 +20,8 @@ Each selected function site (``torch.linalg.eigh``, ``eigvalsh``, ``svd``, ``svd
     are below ``c``, recorded in the Change), ``lambda + c`` becomes ``A + c I``. When no such pattern covers every
     use of the decomposition (eigvalsh/svdvals, other powers, the eigenvectors used elsewhere ...), ``fallback``
     decides: ``stable`` (default) applies ``taylor`` and the Change's status says why Newton-Schulz was skipped;
-    ``keep`` leaves the site untouched (status ``skipped: <reason>``); ``error`` raises.
+    ``keep`` leaves the site untouched (status ``skipped: <reason>``); ``error`` raises, before any pass runs.
+    These checks read the graph only, so ``orthofx.explain`` shows the fallback each site gets.
 
 Graph patterns recognised for the power (``V``: eigenvectors, or for an SVD ``U`` / ``V``; ``L``: eigenvalues or
 singular values; ``T(.)``: ``.mT``, ``.transpose(-2, -1)`` / ``(-1, -2)`` / ``(1, 2)`` / ``(0, 1)``, ``swapaxes``,
@@ -696,15 +697,16 @@ def _fits_some_rank(layout: list) -> bool:
     return any(cond.check_layout(ndim, layout) is None for ndim in range(2, 65))
 
 
-def _find_powers(gm: fx.GraphModule, dec: fx.Node, info: _OpInfo) -> tuple[list[_Match], str | None]:
-    """Every power pattern using ``dec``, and ``None``, or why the decomposition cannot be removed."""
+def _find_powers(dec: fx.Node, info: _OpInfo) -> tuple[list[_Match], str | None]:
+    """Every power pattern using ``dec`` (in ``dec``'s graph: a two-mode model's other graph is no ``gm.graph``
+    while planning), and ``None``, or why the decomposition cannot be removed."""
     if info.values is None:
         return [], "the op returns only the values; there is no V diag(f(lambda)) V^T to replace"
     for user in dec.users:
         if _out_index(user, dec, info) is None:
             return [], f"the decomposition's result is used whole (by node '{user.name}'), not per output"
     matches = []
-    for node in gm.graph.nodes:
+    for node in dec.graph.nodes:
         m = _match_power(node, dec, info)
         if m is not None and _fits_some_rank(m.layout):
             matches.append(m)
@@ -838,6 +840,41 @@ def _layout_problem(matrix: fx.Node, matches: list[_Match]) -> str | None:
     return None
 
 
+def _newton_schulz_matches(dec: fx.Node, op: str, matrix: fx.Node,
+                           options: dict[str, Any]) -> tuple[list[_Match], str | None]:
+    """The power patterns that Newton-Schulz iterations on ``matrix`` replace, with the decomposition ``dec``, and
+    ``None``; or ``[]`` and why they cannot. The checks of ``method: newton_schulz`` before it rewrites, which
+    planning runs too (:meth:`SVDConditioning.check_plan`), so that ``explain`` shows the ``fallback`` that
+    ``transform`` takes."""
+    if op == "svd" and not options.get("compute_uv", True):
+        return [], "torch.svd(compute_uv=False) has no singular vectors"
+    matches, reason = _find_powers(dec, _INFO[op])
+    return matches, reason or _layout_problem(matrix, matches)
+
+
+def _fallback_error(entry: PlanEntry, reason: str) -> TransformError:
+    return TransformError(f"site '{entry.site.name}' (rule '{entry.rule_name}'): method newton_schulz cannot be "
+                          f"applied: {reason}. Use method taylor, or fallback: stable")
+
+
+def _fallback_outcome(op: str, reason: str, fallback: str) -> str:
+    """What ``explain`` shows for a ``method: newton_schulz`` site that ``fallback`` decides, as ``apply`` records
+    it."""
+    if fallback == "error":
+        return f"fails: newton_schulz cannot be applied: {reason} (fallback: error)"
+    if fallback == "keep":
+        return f"left unchanged: newton_schulz cannot be applied: {reason} (fallback: keep)"
+    return f"stable {_INFO[op].label} (taylor) instead of newton_schulz: {reason} (fallback: stable)"
+
+
+def _site_node(gm: torch.nn.Module, site) -> fx.Node | None:
+    """The node of function site ``site`` in the graph that ``transform`` rewrites it in (a two-mode graph module's
+    other graph for a site of its other mode, as the plan collected it), or ``None``."""
+    other = getattr(gm, "other_graph", None)
+    graph = gm.graph if other is None else other if site.mode else gm.graph_for(gm.graph_training)
+    return next((n for n in graph.nodes if n.name == site.node), None)
+
+
 def _power_name(p: float) -> str:
     return "sqrt" if p == 0.5 else "inverse sqrt"
 
@@ -864,6 +901,32 @@ class SVDConditioning(Pass):
     ops = _OPS
     group = "decomposition"
 
+    def check_plan(self, gm: torch.nn.Module, entries: list[PlanEntry]) -> None:
+        """Give each entry that ``apply`` will not rewrite as its method says the outcome ``explain`` shows (a call
+        it cannot read; for ``method: newton_schulz`` a site without a matrix power to replace: eigvalsh, svdvals,
+        ``torch.svd(compute_uv=False)``, eigenvectors used elsewhere ..., which ``fallback`` decides), by the checks
+        ``apply`` runs. ``fallback: error`` is the entry's refusal: ``transform`` raises it before any pass runs
+        (it was raised by ``apply``, after the passes of earlier rules had run). Passes change no graph node but
+        this one's own, and its rewrite of one site leaves the nodes other sites' checks read."""
+        for entry in entries:
+            node = _site_node(gm, entry.site)
+            if node is None or entry.outcome or entry.refusal is not None:
+                continue
+            op = entry.site.target
+            try:
+                matrix, options = _call_options(node, op)
+            except _Unsupported as exc:
+                entry.outcome = f"left unchanged: {exc}"
+                continue
+            if entry.params["method"] != "newton_schulz":
+                continue
+            _, reason = _newton_schulz_matches(node, op, matrix, options)
+            if reason is None:
+                continue
+            entry.outcome = _fallback_outcome(op, reason, entry.params["fallback"])
+            if entry.params["fallback"] == "error":
+                entry.refusal = _fallback_error(entry, reason)
+
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         for entry in entries:
             node = ctx.node(entry.site)
@@ -876,12 +939,12 @@ class SVDConditioning(Pass):
                 continue
             reason = None
             if params["method"] == "newton_schulz":
-                reason = self._newton_schulz(ctx, entry, node, op, matrix, options)
+                matches, reason = _newton_schulz_matches(node, op, matrix, options)
                 if reason is None:
+                    self._newton_schulz(ctx, entry, node, op, matrix, options, matches)
                     continue
                 if params["fallback"] == "error":
-                    raise TransformError(f"site '{entry.site.name}' (rule '{entry.rule_name}'): method newton_schulz "
-                                         f"cannot be applied: {reason}. Use method taylor, or fallback: stable")
+                    raise _fallback_error(entry, reason)
                 if params["fallback"] == "keep":
                     self._skip(ctx, entry, f"newton_schulz: {reason}")
                     continue
@@ -956,17 +1019,9 @@ class SVDConditioning(Pass):
                           params=dict(params), before={"op": op}, after=after, status=status))
 
     def _newton_schulz(self, ctx: PassContext, entry: PlanEntry, node: fx.Node, op: str, matrix: fx.Node,
-                       options: dict) -> str | None:
-        """Replace the decomposition's matrix powers by Newton-Schulz; ``None`` on success, else why not."""
-        info = _INFO[op]
-        if op == "svd" and not options.get("compute_uv", True):
-            return "torch.svd(compute_uv=False) has no singular vectors"
-        matches, reason = _find_powers(ctx.gm, node, info)
-        if reason is not None:
-            return reason
-        problem = _layout_problem(matrix, matches)
-        if problem is not None:
-            return problem
+                       options: dict, matches: list[_Match]) -> None:
+        """Replace the decomposition's matrix powers (``matches``, :func:`_newton_schulz_matches`) by
+        Newton-Schulz."""
         params = entry.params
         uplo = options.get("UPLO") if op == "linalg.eigh" else None
         monitor_name = None
@@ -991,7 +1046,6 @@ class SVDConditioning(Pass):
         ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,
                           what=f"replaced {op} and V diag(lambda^p) V^T by Newton-Schulz iterations (matmuls only)",
                           params=dict(params), before={"op": op}, after=after, status=status))
-        return None
 
 
 # ------------------------------------------------------------------------------------------------ public helpers
@@ -1250,7 +1304,6 @@ def _to_newton_schulz(gm: fx.GraphModule, iterations: int, float64: bool) -> dic
             results[name] = (f"a call of {node.target} (not the torch function, a stand-in or orthofx's custom op) "
                              "is not rewritten")
             continue
-        info = _INFO[op]
         try:
             matrix, options = _call_options(node, op)
         except _Unsupported as exc:
@@ -1263,11 +1316,7 @@ def _to_newton_schulz(gm: fx.GraphModule, iterations: int, float64: bool) -> dic
                 gm.get_submodule(str(users[0].target)), (cond.DecompositionMonitor, cond.PassThrough)):
             passthrough = users[0]
             dec = passthrough
-        if op == "svd" and not options.get("compute_uv", True):
-            results[name] = "torch.svd(compute_uv=False) has no singular vectors"
-            continue
-        matches, reason = _find_powers(gm, dec, info)
-        reason = reason or _layout_problem(matrix, matches)
+        matches, reason = _newton_schulz_matches(dec, op, matrix, options)
         if reason is not None:
             results[name] = reason
             continue
