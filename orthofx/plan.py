@@ -1029,31 +1029,15 @@ def meta_text(names: list[str]) -> str:
             "torch.device('meta')), then transform it")
 
 
-#: What the built-in passes read of a layer's weight values when they run, by pass name (a function of the rule's
-#: params; ``None``: nothing): on the meta device there are none, and the pass would fail inside torch after the
-#: passes before it had run (with inplace=True, having written the user's weights). The passes that only wrap the
-#: layer or read the weight when the penalty is computed (convnorm, jacobian_isometry, orth_regularizer) and
-#: ``orthogonal_conv`` with ``init: random`` (a layer on the meta device, to materialise later) take such layers.
-_WEIGHT_VALUES_READ = {
-    "orthogonal_conv": lambda params: ("starts the orthogonal layer nearest to the weight (init: nearest; "
-                                       "'init: random' builds one on the meta device, to materialise later)"
-                                       if params["init"] == "nearest" else None),
-    "isometric_init": lambda params: "measures the weight's orthogonality defect before and after writing it",
-    "riemannian": lambda params: "measures the weight's orthogonality defect (and init: project projects it)",
-    "pre_svd": lambda params: "measures the weight's orthogonality error",
-}
-
-
 def _refuse_meta_weights(gm: fx.GraphModule, pass_cls: type, entries: list[PlanEntry]) -> None:
-    """Give the entries of a pass that reads its layers' weight values (:data:`_WEIGHT_VALUES_READ`) at a layer on
+    """Give the entries of a pass that reads its layers' weight values (its ``weight_values_read``) at a layer on
     the meta device the :class:`~orthofx.errors.MetaWeightError` its ``apply`` would meet: ``transform`` raises it
     before any pass runs, ``explain`` shows ``apply: fails: ...``. An entry whose outcome is already another
     (``orthogonal_conv``'s L_orth or skip where no orthogonal layer exists) reads no values."""
-    reads = _WEIGHT_VALUES_READ.get(pass_cls.name)
     for entry in entries:
-        if reads is None or entry.site.kind != "module" or entry.outcome or entry.refusal is not None:
+        if entry.site.kind != "module" or entry.outcome or entry.refusal is not None:
             continue
-        what = reads(entry.params)
+        what = pass_cls().weight_values_read(entry.params)
         module = gm.get_submodule(entry.site.name)
         names = meta_tensors(module)
         if what is None or not names:

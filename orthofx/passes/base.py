@@ -1179,6 +1179,16 @@ class Pass:
         ``on_impossible``); ``explain`` shows ``apply: <outcome>``. ``None`` (the default): the usual change."""
         return None
 
+    def weight_values_read(self, params: dict[str, Any]) -> str | None:
+        """What the pass, run with ``params``, reads of a layer's weight values, as words following its name
+        (``"measures the weight's orthogonality defect"``; a parenthesis after it is shown in errors only), or
+        ``None`` (the default) when it reads none: it wraps the layer, or reads the weight only when the penalty is
+        computed. Planning gives a layer on the meta device (shapes without values) a
+        :class:`~orthofx.errors.MetaWeightError` for such a pass, which ``transform`` raises before any pass runs
+        and ``explain`` shows as ``apply: fails: ...``: the pass would fail inside torch after the passes before it
+        had run (with ``inplace=True``, having written the user's weights)."""
+        return None
+
     def handles_derived_weight(self, params: dict[str, Any]) -> bool:
         """Whether the pass, with the rule's ``params``, takes a layer whose weight is computed
         (:func:`derived_weight`) that planning would skip for it (``needs_weight_parameter``, or a pass that replaces

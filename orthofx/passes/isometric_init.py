@@ -402,6 +402,9 @@ class IsometricInit(Pass):
             return recurrent_weights_reason(module)
         return reason
 
+    def weight_values_read(self, params: dict[str, Any]) -> str | None:
+        return "measures the weight's orthogonality defect before and after writing it"
+
     def accepts_params(self, site: Site, module: nn.Module | None, params: dict[str, Any]) -> str | None:
         """Decline a frozen layer (:func:`frozen_parameters`) unless the rule says ``frozen: overwrite``: a weight
         with ``requires_grad=False`` is usually a pretrained one kept fixed on purpose, and a broad rule

@@ -411,6 +411,11 @@ class OrthogonalConvPass(Pass):
         problem = kept[0] if kept is not None else _shape_problem(module, params)
         return None if problem is None else _outcome(problem, params["on_impossible"])
 
+    def weight_values_read(self, params):
+        # 'init: random' builds the layer on the meta device too, to materialise later
+        return ("starts the orthogonal layer nearest to the weight (init: nearest; 'init: random' builds one on the "
+                "meta device, to materialise later)" if params["init"] == "nearest" else None)
+
     def handles_derived_weight(self, params):
         # "hard where possible, L_orth elsewhere": a layer whose weight a parametrization computes cannot be
         # replaced (that would drop the parametrization), but L_orth reads the computed weight

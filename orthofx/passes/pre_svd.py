@@ -570,6 +570,14 @@ def _first_sentence(text: str) -> str:
     return head[:200]
 
 
+_NOTHING_ASKED = "nothing to apply (weight none, nog and olr off)"
+
+
+def _treats_weight(params: dict) -> bool:
+    """Whether a rule's ``params`` ask the Pre-SVD pass for anything (a weight treatment, NOG or OLR)."""
+    return params["weight"] != "none" or params["nog"] or params["olr"]
+
+
 @register_pass
 class PreSVD(Pass):
     """P4's treatments of the layer feeding an SVD meta-layer: orthogonal weights (hard, L_orth or SRIP), NOG, OLR."""
@@ -603,6 +611,13 @@ class PreSVD(Pass):
         if is_uninitialised(module):
             return f"{site.name} is a lazy layer that has not run yet; run the model once first"
         return None
+
+    def weight_values_read(self, params):
+        return "measures the weight's orthogonality error"
+
+    def planned_outcome(self, site, module, params):
+        # explain said 'apply' where apply records that it did nothing (the same words as its Change)
+        return None if _treats_weight(params) else f"left unchanged: {_NOTHING_ASKED}"
 
     def accepts_params(self, site, module, params):
         # 'weight: orthogonal' replaces the layer by its nearest orthogonal one, another function: a frozen weight
@@ -700,7 +715,7 @@ class PreSVD(Pass):
         elif params["nog"] or params["olr"]:
             parts.append("no NOG/OLR on a hard layer")
 
-        status = " + ".join(parts) if parts else "skipped: nothing to apply (weight none, nog and olr off)"
+        status = " + ".join(parts) if parts else f"skipped: {_NOTHING_ASKED}"
         feeds = ", ".join(before["feeds"]) or "a decomposition"
         ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name,
                           what=f"Pre-SVD layer feeding {feeds}: {status}", params=dict(params), before=before,

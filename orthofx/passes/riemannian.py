@@ -453,6 +453,9 @@ class Riemannian(Pass):
                 return f"empty weight ({shape}): nothing to keep orthonormal"
         return reason
 
+    def weight_values_read(self, params: dict[str, Any]) -> str | None:
+        return "measures the weight's orthogonality defect (and init: project projects it)"
+
     def accepts_params(self, site: Site, module: nn.Module | None, params: dict[str, Any]) -> str | None:
         """Decline non-square weights when the rule says ``only_square: true`` (shown as ``skipped: not square``).
         A lazy layer has no shape yet: it is accepted here and checked in :meth:`apply`, after the example inputs
