@@ -152,11 +152,11 @@ def _unscale_for_hooks(optimizer: torch.optim.Optimizer, parts: list[_PartHooks]
 
     For optimizers whose kernels unscale (``fused=True``), ``GradScaler.step`` does not unscale the gradients
     first: it sets ``optimizer.grad_scale`` and the kernel divides by it, in float32 for half-precision gradients.
-    Float32 and float64 gradients are all divided here (exact, for the power-of-two scales ``GradScaler`` uses) and
-    the kernel is left nothing to undo (``grad_scale`` None; ``found_inf`` still skips a step with non-finite
-    gradients): the hooks see the true gradients, as without a fused optimizer.
+    Where no gradient is half precision, all are divided here (exact, for the power-of-two scales ``GradScaler``
+    uses) and the kernel is left nothing to undo (``grad_scale`` None; ``found_inf`` still skips a step with
+    non-finite gradients): the hooks see the true gradients, as without a fused optimizer.
 
-    Half-precision gradients are not divided in place: a float16 gradient of 2^16 G divided in place stores ``G``,
+    Where one is, no gradient is divided in place (float32 ones stay scaled too, for the kernel): a float16 gradient of 2^16 G divided in place stores ``G``,
     whose entries below 2^-24 flush to zero and below 2^-14 lose bits (an 8 x 8 Riemannian layer trained by fused
     Adam on a loss of size 1e-6 stepped 7e-3 off the float64 step of 1e-2, now 3e-4, the float16 rounding of the
     weight; NOG's polar factor was 9 % off, and an OLR weight's gradient, divided for OLR and multiplied back, 3 %
@@ -166,6 +166,8 @@ def _unscale_for_hooks(optimizer: torch.optim.Optimizer, parts: list[_PartHooks]
     * a hook whose class sets ``gradient_linear`` (the Riemannian projection, ``P_W(s G) = s P_W(G)``) acts on
       the scaled gradient, unless ``||s G||_F`` exceeds half the dtype's range, where the projection's result
       could overflow (``||P_W(X)||_F <= ||X||_F``): then every gradient is divided here as for float32;
+    * a hook of any other class (a user's pass) gets true gradients: every gradient is divided here, as for
+      float32 (:func:`_hooks_take_scaled_gradients`);
     * NOG and OLR read ``optimizer.grad_scale`` (:func:`orthofx.passes.pre_svd._gradient_scale`): NOG's polar
       factor does not depend on the scale and is written back times it (or, where that overflows, every other
       gradient is divided instead: :func:`_rescale_after_hooks`); OLR divides the gradient by it in float64.
@@ -175,8 +177,16 @@ def _unscale_for_hooks(optimizer: torch.optim.Optimizer, parts: list[_PartHooks]
         return
     half = any(p.grad is not None and p.grad.dtype in HALF_PRECISION
                for group in optimizer.param_groups for p in group["params"])
-    if not (half and _scaled_projections_fit(parts)):
+    if not (half and _hooks_take_scaled_gradients(parts) and _scaled_projections_fit(parts)):
         _divide_all(optimizer, scale)
+
+
+def _hooks_take_scaled_gradients(parts: list[_PartHooks]) -> bool:
+    """Whether every hook of ``parts`` can act on gradients still scaled by ``optimizer.grad_scale``: it reads the
+    scale itself or is linear in the gradient (``OptimizerHook.reads_grad_scale`` / ``gradient_linear``). A hook of
+    a user's pass that declares neither would see the gradients times the scale (2^16 by default)."""
+    return all(getattr(type(hook), "reads_grad_scale", False) or getattr(type(hook), "gradient_linear", False)
+               for part in parts for hook in part.hooks)
 
 
 def _divide_all(optimizer: torch.optim.Optimizer, scale, keep: tuple = ()) -> None:

@@ -319,6 +319,13 @@ class OptimizerHook:
 
     #: Attributes of the site's module that the hook updates; ``attach`` checks the optimizer owns them.
     parameter_names: tuple[str, ...] = ("weight",)
+    #: With ``GradScaler`` and a fused optimizer, half-precision gradients stay scaled by ``optimizer.grad_scale``
+    #: (the kernel unscales them in float32). A hook whose class sets this reads the scale itself (NOG, OLR); one
+    #: that sets ``gradient_linear`` acts on scaled gradients as on true ones (a projection). Where any hook sets
+    #: neither, every gradient is divided by the scale before the hooks run, so that such a hook (a user's pass)
+    #: sees the true gradients.
+    reads_grad_scale: bool = False
+    gradient_linear: bool = False
 
     def __init__(self, site: str, rule: str):
         self.site = site

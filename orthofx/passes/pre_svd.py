@@ -320,6 +320,8 @@ class NearestOrthogonalGradient(OptimizerHook):
     """NOG (P4): before each step the weight's gradient (``out x rest``; per group for a grouped conv,
     ``groups x out/groups x rest``) becomes its polar factor ``U V^T``."""
 
+    reads_grad_scale = True  # _gradient_scale
+
     treatment = "NOG"
     #: Whether the rule also turns OLR on, whose ``before_step`` (next) checks the weight's param group itself.
     olr_follows = False
@@ -449,6 +451,7 @@ class OptimalLearningRate(OptimizerHook):
     """
 
     treatment = "OLR"
+    reads_grad_scale = True  # _gradient_scale
 
     def check(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         weight = root.get_submodule(self.site).weight
