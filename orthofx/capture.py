@@ -48,11 +48,8 @@ value) and the graph refuses the other with an :class:`~orthofx.errors.ArgumentE
 (:func:`require_argument_given`, :func:`require_default_argument`); when the example's branch cannot be traced,
 ``auto`` captures with torch.export. Export mode keeps the example's values the same way.
 
-Capturing never modifies what the model computes: the returned GraphModule shares the model's leaf submodules,
-parameters and buffers (as ``torch.fx.GraphModule(model, graph)`` does); callers that rewrite the graph copy it
-first. (The hooks of a module the forward calls by keyword, ``self.conv(input=x)``, are wrapped in place so that
-they see the graph's positional call as the forward wrote it, and the forward's own calls unchanged:
-:func:`_positional_layer_inputs`.) What a
+Capturing never modifies the model: the returned GraphModule shares the model's leaf submodules, parameters and
+buffers (as ``torch.fx.GraphModule(model, graph)`` does); callers that rewrite the graph copy it first. What a
 traced forward stores on ``self`` is undone after the trace: a buffer rebound to a computed value
 (``self.steps += 1``) becomes a ``copy_`` into the buffer in the graph, other stores are dropped with a warning.
 """
@@ -1343,8 +1340,7 @@ def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: It
             their default: the graph is captured for that value, and refuses another.
 
     Returns:
-        ``(gm, info)``: the GraphModule (sharing the model's submodules and weights; what the model computes is
-        not changed, see the module docstring on hooks)
+        ``(gm, info)``: the GraphModule (sharing the model's submodules and weights; the model is not modified)
         and a :class:`CaptureInfo` with the mode used, the leaf fallbacks and warnings.
 
     Raises:
@@ -1414,7 +1410,7 @@ def _finish(captured: tuple[torch.fx.GraphModule, CaptureInfo], model: nn.Module
     GraphModule's own containers, and the warnings about what a graph cannot reproduce."""
     gm, info = _with_model_flags(captured, model)
     _match_persistence(gm, model)
-    info.warnings.extend(_positional_layer_inputs(gm))
+    _positional_layer_inputs(gm)
     fallbacks = tuple(path for path, _ in info.leaf_fallbacks)
     info.warnings.extend(hooked_module_warnings(model, leaf_types, tuple(leaf_paths) + fallbacks))
     if info.mode == "fx":
@@ -1423,200 +1419,57 @@ def _finish(captured: tuple[torch.fx.GraphModule, CaptureInfo], model: nn.Module
     return gm, info
 
 
-def _positional_layer_inputs(gm: torch.fx.GraphModule) -> list[str]:
-    """Pass the required inputs of every module call positionally: ``self.conv(input=x)`` becomes ``conv(x)``;
-    returns capture warnings.
+def _positional_layer_inputs(gm: torch.fx.GraphModule) -> None:
+    """Pass the required inputs of every module call positionally: ``self.conv(input=x)`` becomes ``conv(x)``.
 
     The layers passes put in place of torch's (``OrthogonalConv2d``, ``ConvNormConv2d`` ...) name their input
     ``x``, not torch's ``input``, and passes read a layer's input as ``node.args[0]``; a call by keyword bound the
     same values to the same parameters, so moving them is the same call. Only required parameters (no default)
     that directly follow the positional ones move (``output_size=`` stays a keyword, under the name every
-    replacement keeps). Both graphs of a :class:`ModalGraphModule` are rewritten.
-
-    A module with forward / backward hooks is called positionally too (a replacement inherits its hooks, and
-    its call), but its hooks still see the call as the forward wrote it (:func:`_hooks_see_calls_as_written`): a
-    pre-hook written for ``self.fc(input=x)`` finds ``kwargs["input"]``. Where the forward calls such a module in
-    different ways (``fc(x)`` and ``fc(input=x)``), the graph's calls cannot tell its hooks which was which; they
-    see the positional call, with a warning.
+    replacement keeps), and modules with call hooks keep their call as written: a forward pre-hook sees the
+    positional inputs only. Both graphs of a :class:`ModalGraphModule` are rewritten.
 
     Example: ``nn.Linear`` called as ``self.fc(input=h)`` is recorded as ``fc(h)``, so the orthogonal preset's
     ``OrthogonalLinear`` (``forward(self, x)``) takes it."""
     graphs = [gm.graph_for(True), gm.graph_for(False)] if isinstance(gm, ModalGraphModule) else [gm.graph]
     changed = False
-    hooked_calls: list[tuple[nn.Module, str, int, tuple[str, ...]]] = []
     for graph in dict.fromkeys(graphs):
         for node in graph.nodes:
-            if node.op != "call_module":
+            if node.op != "call_module" or not node.kwargs:
                 continue
             try:
                 module = gm.get_submodule(node.target)
             except AttributeError:
                 continue
-            moved = _moved_keywords(module, node.args, node.kwargs)
             if call_hook_count(module):
-                hooked_calls.append((module, node.target, len(node.args), moved))
-            if moved:
-                node.args = tuple(node.args) + tuple(node.kwargs[name] for name in moved)
-                node.kwargs = {name: value for name, value in node.kwargs.items() if name not in moved}
+                continue
+            args, kwargs = _positional_call(module, node.args, node.kwargs)
+            if len(args) != len(node.args):
+                node.args, node.kwargs = args, kwargs
                 changed = True
     if changed:
         gm.recompile()
-    return _hooks_for_positional_calls(hooked_calls)
-
-
-def _hooks_for_positional_calls(calls: Iterable[tuple[nn.Module, str, int, tuple[str, ...]]]) -> list[str]:
-    """Make the hooks of the modules whose calls the graph makes positional see them as the forward wrote them
-    (:func:`_hooks_see_calls_as_written`); returns the warnings about modules the forward called in several ways.
-
-    ``calls`` holds one ``(module, path, number of positional inputs, names of the keyword inputs passed
-    positionally in the graph)`` per call of a module with hooks, grouped by the module's identity (one module
-    may be called under two names)."""
-    forms: dict[int, tuple[nn.Module, str, set[tuple[int, tuple[str, ...]]]]] = {}
-    for module, path, positional, moved in calls:
-        forms.setdefault(id(module), (module, path, set()))[2].add((positional, moved))
-    warnings = []
-    for module, path, seen in forms.values():
-        keywords = next((moved for _, moved in seen if moved), ())
-        if not keywords:
-            continue
-        if len(seen) == 1:
-            ((positional, moved),) = seen
-            _hooks_see_calls_as_written(module, positional, moved)
-            continue
-        name = keywords[0]
-        warnings.append(
-            f"the forward calls '{path}' ({type(module).__name__}, which has forward/backward hooks) with its "
-            f"input '{name}' given positionally in one call and by keyword in another ({path}(x) and "
-            f"{path}({name}=x)); the graph passes it positionally in both, as a layer replacing it must be called, "
-            f"so its hooks see both calls with that input in args, not in kwargs['{name}']: call it one way in "
-            "the forward, or write its hooks for positional inputs")
-    return warnings
-
-
-def _moved_keywords(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[str, ...]:
-    """The names of the keyword inputs of a call of ``module`` that are required parameters directly following
-    the positional ones, in parameter order: what :func:`_positional_call` passes positionally."""
-    if not kwargs:
-        return ()
-    try:
-        parameters = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):  # no signature (a builtin)
-        return ()
-    moved = []
-    for parameter in parameters[len(args):]:
-        if (parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD
-                or parameter.default is not inspect.Parameter.empty or parameter.name not in kwargs):
-            break
-        moved.append(parameter.name)
-    return tuple(moved)
 
 
 def _positional_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     """``(args, kwargs)`` of a call of ``module`` with the required parameters given by keyword that directly
     follow the positional ones moved into ``args`` (the same call; see :func:`_positional_layer_inputs`)."""
-    moved = _moved_keywords(module, args, kwargs)
-    return (tuple(args) + tuple(kwargs[name] for name in moved),
-            {name: value for name, value in kwargs.items() if name not in moved})
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature (a builtin)
+        return tuple(args), dict(kwargs)
+    args, kwargs = list(args), dict(kwargs)
+    for parameter in parameters[len(args):]:
+        if (parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD
+                or parameter.default is not inspect.Parameter.empty or parameter.name not in kwargs):
+            break
+        args.append(kwargs.pop(parameter.name))
+    return tuple(args), kwargs
 
 
 def _positional_call_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     """A forward pre-hook (``with_kwargs=True``) making the call :func:`_positional_call`'s."""
     return _positional_call(module, args, kwargs)
-
-
-def _recording_positional_call_hook(calls: list, path: str, module: nn.Module, args: tuple,
-                                    kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    """:func:`_positional_call_hook` for a module with hooks (bound with ``functools.partial``), appending the
-    call as written to ``calls`` as :func:`_hooks_for_positional_calls` takes it."""
-    calls.append((module, path, len(args), _moved_keywords(module, args, kwargs)))
-    return _positional_call(module, args, kwargs)
-
-
-def _hooks_see_calls_as_written(module: nn.Module, positional: int, moved: tuple[str, ...]) -> None:
-    """Wrap the forward pre-hooks, forward hooks and full backward hooks on ``module`` (in their registries, under
-    the same handle ids, so the user's handles still remove them and the hooks move with the registries to a
-    layer replacing ``module``) in :class:`_AsWrittenHook`: the graph calls ``module`` with the inputs ``moved``
-    (given by keyword in the forward) positionally after its ``positional`` ones.
-
-    torch's own hook objects (``WeightNorm``, ``SpectralNorm``, pruning methods) read no input, and torch and
-    :func:`~orthofx.passes.base.derived_weight` find them by type: they stay as they are. Hooks wrapped by an
-    earlier capture of the same model stay wrapped once."""
-    pre_kwargs = module._forward_pre_hooks_with_kwargs
-    forward_kwargs = module._forward_hooks_with_kwargs
-    registries = [(module._forward_pre_hooks, lambda key: "pre_kwargs" if key in pre_kwargs else "pre"),
-                  (module._forward_hooks, lambda key: "forward_kwargs" if key in forward_kwargs else "forward")]
-    if getattr(module, "_is_full_backward_hook", None):  # older backward hooks see an op's gradients, not inputs
-        registries.append((module._backward_hooks, lambda key: "backward"))
-    for registry, kind in registries:
-        for key, hook in list(registry.items()):
-            if isinstance(hook, _AsWrittenHook) or type(hook).__module__.startswith("torch."):
-                continue
-            registry[key] = _AsWrittenHook(hook, kind(key), positional, moved)
-
-
-class _AsWrittenHook:
-    """A user's hook on a module that the forward called with keyword inputs (``self.conv(input=x)``) and the
-    graph calls positionally (``conv(x)``, see :func:`_positional_layer_inputs`): the hook is given the call as
-    the forward wrote it (``args`` without those inputs, ``kwargs`` with them; a full backward hook's
-    ``grad_input`` without their gradients, as torch gives it for keyword inputs), and what it returns is put
-    back into the graph's form. A call already in the written form (the model's own forward, which shares the
-    module) reaches the hook unchanged.
-
-    ``kind`` is ``"pre"``, ``"pre_kwargs"`` (registered ``with_kwargs=True``), ``"forward"``,
-    ``"forward_kwargs"`` or ``"backward"`` (full backward hook)."""
-
-    def __init__(self, hook: Callable, kind: str, positional: int, moved: tuple[str, ...]):
-        self.hook, self.kind, self.positional, self.moved = hook, kind, positional, moved
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.hook!r}, moved={self.moved})"
-
-    def _written(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
-        """``(args, kwargs)`` as the forward wrote the call, or None when the call is in that form already."""
-        n, k = self.positional, len(self.moved)
-        if len(args) < n + k or any(name in kwargs for name in self.moved):
-            return None
-        return tuple(args[:n]) + tuple(args[n + k:]), {**dict(zip(self.moved, args[n:n + k])), **kwargs}
-
-    def __call__(self, module: nn.Module, *call: Any) -> Any:
-        if self.kind == "backward":
-            return self._backward(module, *call)
-        with_kwargs = self.kind.endswith("_kwargs")
-        args, kwargs = (call[0], call[1]) if with_kwargs else (call[0], {})
-        written = self._written(args, kwargs)
-        if written is None:
-            return self.hook(module, *call)
-        if self.kind == "forward":
-            return self.hook(module, written[0], call[-1])
-        if self.kind == "forward_kwargs":
-            return self.hook(module, *written, call[-1])
-        n, k = self.positional, len(self.moved)
-        if self.kind == "pre":
-            result = self.hook(module, written[0])
-            if result is None:
-                return None
-            # a pre-hook without kwargs replaces the positional inputs only: the keyword ones stay as given
-            return (result if isinstance(result, tuple) else (result,)) + tuple(args[n:n + k])
-        result = self.hook(module, *written)
-        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict)):
-            return result  # None (no change), or what torch refuses with its own message
-        new_args, new_kwargs = tuple(result[0]), dict(result[1])
-        for name in self.moved:
-            if name not in new_kwargs:
-                break
-            new_args += (new_kwargs.pop(name),)
-        return new_args, new_kwargs
-
-    def _backward(self, module: nn.Module, grad_input: tuple, grad_output: tuple) -> Any:
-        n, k = self.positional, len(self.moved)
-        if len(grad_input) < n + k:
-            return self.hook(module, grad_input, grad_output)
-        result = self.hook(module, tuple(grad_input[:n]) + tuple(grad_input[n + k:]), grad_output)
-        if result is None:
-            return None
-        # torch's hook sees no gradient of a keyword input and cannot replace it: theirs pass through
-        result = tuple(result)
-        return result[:n] + tuple(grad_input[n:n + k]) + result[n:]
 
 
 def _match_persistence(gm: torch.fx.GraphModule, model: nn.Module) -> None:
@@ -3525,17 +3378,14 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         # The order of the leaf calls (a call that leaves no node in the graph, such as nn.Identity's, is put
         # back at its place among the others).
         order: list[str] = []
-        hooked = {path for path in leaves if call_hook_count(source.get_submodule(path))}
+        unhooked = [path for path in leaves if not call_hook_count(source.get_submodule(path))]
         stashed = _stash_call_hooks([source.get_submodule(path) for path in leaves])
         hooks = [source.get_submodule(path).register_forward_pre_hook(
             lambda module, args, path=path: order.append(path)) for path in leaves]
         # the calls as the graph will make them (see _positional_layer_inputs): torch.export refuses a leaf whose
-        # calls give the same input once positionally and once by keyword ("in_spec mismatch"). The calls of a
-        # leaf with hooks are recorded as written, for its hooks (_hooks_for_positional_calls).
-        hooked_calls: list[tuple[nn.Module, str, int, tuple[str, ...]]] = []
-        hooks += [source.get_submodule(path).register_forward_pre_hook(
-            functools.partial(_recording_positional_call_hook, hooked_calls, path) if path in hooked
-            else _positional_call_hook, with_kwargs=True) for path in leaves]
+        # calls give the same input once positionally and once by keyword ("in_spec mismatch")
+        hooks += [source.get_submodule(path).register_forward_pre_hook(_positional_call_hook, with_kwargs=True)
+                  for path in unhooked]
         states = [_ModuleState(path, module) for path, module in source.named_modules()]
         aliases = first_module_paths(source)
         leaf_set = set(leaves)
@@ -3567,9 +3417,6 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         counts[path] = k + 1
         call_order.append(path if k == 0 else f"{path}@{k}")
     info = CaptureInfo(mode="export")
-    # the graph calls the model's modules (``source`` may be a copy that initialised its lazy layers)
-    info.warnings.extend(_hooks_for_positional_calls(
-        (model.get_submodule(path), path, positional, moved) for _, path, positional, moved in hooked_calls))
     excluded: set[str] = set()
     while True:
         try:
