@@ -67,6 +67,7 @@ import math
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +78,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 from .capture import (ModalGraphModule, RecurrentBatch, batch_dim, batch_dynamic_shapes, buffers_kept, capture,
                       copy_model, recurrent_batch_dims, sequence_helper, unwrap_model)
 from .errors import (SITE_ATTRIBUTE, ArgumentError, CaptureError, ExportError, LayerArgumentError, OrthofxError,
-                     TransformError, first_few)
+                     OrthofxWarning, TransformError, first_few)
 from .nn.conditioning import power_newton_schulz
 from .nn.jacobian import JacobianProbe
 from .nn.precision import HALF_PRECISION
@@ -89,7 +90,7 @@ from .passes.svd_conditioning import (_constant_nodes, _copy_meta, _erase_dead, 
                                       fold_constant_decompositions, foldable_seed, plain_decompositions,
                                       stand_in_call, to_newton_schulz)
 from .penalty import module_path_within, part_site_path, transformed_parts
-from .plan import build_plan, collect_sites, producers_feeding
+from .plan import build_plan, collect_sites, meta_tensors, producers_feeding
 from .policy import Policy
 from .transform import (ExampleCall, _observe, example_call, is_transformed, manifest_of, output_tensors,
                         store_manifest, transform, transform_private_copy)
@@ -1588,7 +1589,7 @@ def _check_materialized(root: nn.Module, path: str) -> None:
     whose torch warnings were the only sign."""
     if not isinstance(root, nn.Module):
         return  # transform says what the model should be
-    meta = [name for name, tensor in (*root.named_parameters(), *root.named_buffers()) if tensor.is_meta]
+    meta = meta_tensors(root)
     if meta:
         raise ExportError(f"cannot load {path!r} into a model whose tensors are on the meta device (shapes without "
                           f"values: {first_few(meta, 3)}): orthofx.load copies the saved weights into the model's "
@@ -1630,7 +1631,15 @@ def _graph_signature(gm: fx.GraphModule) -> dict:
         modes = (True, False) if isinstance(gm, ModalGraphModule) else (None,)
         graphs = [[_node_row(gm, node) for node in (gm.graph if training is None else gm.graph_for(training)).nodes]
                   for training in modes]
-    return {"capture": mode, "graphs": graphs}
+    return {"capture": mode, "graphs": graphs, "written_by": _release()}
+
+
+def _release() -> str:
+    """The releases that decide a transformed graph's nodes: orthofx's passes insert some of them and torch's
+    tracer names them (local build tags such as ``+cpu`` do not change a graph)."""
+    from . import __version__
+
+    return f"orthofx {__version__}, torch {torch.__version__.split('+')[0]}"
 
 
 def _check_same_graph(gm: fx.GraphModule, state: dict, path: str) -> None:
@@ -1649,32 +1658,43 @@ def _check_same_graph(gm: fx.GraphModule, state: dict, path: str) -> None:
         raise ExportError(f"{path!r} is damaged: its record of the model's graph (state_dict._metadata['']["
                           f"{GRAPH_METADATA_KEY!r}]) is not what orthofx.export writes ({saved!r:.120}); re-export "
                           "the model with orthofx.export(gm, 'model.pt'), or delete the entry to load unchecked")
-    fix = ("load with an instance of the model class the file was exported from, built as it was (orthofx.load "
-           "restores the weights into the model given, so it must compute what the saved one did), or, for a "
-           "forward rewritten to compute the same thing, pass check_graph=False. The model was not changed")
-    own = _graph_signature(gm)
+    problem = _graph_difference(saved, _graph_signature(gm), path)
+    if problem is None:
+        return
+    if saved.get("written_by") != _release():
+        # a pass's graph edits or torch's tracer may differ between releases: the difference need not be the model's
+        warnings.warn(f"{problem}. The file was written by {saved.get('written_by') or 'an earlier release'} and this "
+                      f"is {_release()}, whose graphs may differ for the same model: check the restored model's "
+                      "outputs against the saved model's, or re-export it with this release", OrthofxWarning,
+                      stacklevel=3)
+        return
+    raise ExportError(f"{problem}; load with an instance of the model class the file was exported from, built as "
+                      "it was (orthofx.load restores the weights into the model given, so it must compute what the "
+                      "saved one did), or, for a forward rewritten to compute the same thing, pass "
+                      "check_graph=False. The model was not changed")
+
+
+def _graph_difference(saved: dict, own: dict, path: str) -> str | None:
+    """How the graph record ``own`` of the restored model differs from the file's ``saved`` one, or ``None``."""
     if own["capture"] != saved["capture"]:
         how = {"fx": "symbolic tracing (fx)", "export": "torch.export"}
-        raise ExportError(f"the model given to orthofx.load is not the one {path!r} was exported from: orthofx "
-                          f"captured the saved model with {how.get(saved['capture'], saved['capture'])} and this one "
-                          f"with {how.get(own['capture'], own['capture'])}, so their forwards differ; {fix}")
+        return (f"the model given to orthofx.load is not the one {path!r} was exported from: orthofx captured the "
+                f"saved model with {how.get(saved['capture'], saved['capture'])} and this one with "
+                f"{how.get(own['capture'], own['capture'])}, so their forwards differ")
     graphs, new = [list(g) for g in saved["graphs"]], own["graphs"]
     if graphs == new:
-        return
+        return None
     if len(graphs) != len(new):
         one, two = "one graph", "a graph per training mode (a forward branching on self.training)"
-        raise ExportError(f"the model given to orthofx.load is not the one {path!r} was exported from: the saved "
-                          f"model has {two if len(graphs) > 1 else one} and this one {two if len(new) > 1 else one}; "
-                          f"{fix}")
-    for index, (before, after) in enumerate(zip(graphs, new)):
-        if before == after:
-            continue
-        which = f"its {'training' if index == 0 else 'eval'}-mode graph" if len(new) > 1 else "its graph"
-        at = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b), min(len(before), len(after)))
-        shown = [rows[at] if at < len(rows) else "(the end of the graph)" for rows in (before, after)]
-        raise ExportError(f"the model given to orthofx.load computes otherwise than the one {path!r} was exported "
-                          f"from, though its weights fit: at node {at} of {which} the saved model has "
-                          f"'{shown[0]}' and this one '{shown[1]}' ({len(before)} and {len(after)} nodes); {fix}")
+        return (f"the model given to orthofx.load is not the one {path!r} was exported from: the saved model has "
+                f"{two if len(graphs) > 1 else one} and this one {two if len(new) > 1 else one}")
+    index, before, after = next((i, b, a) for i, (b, a) in enumerate(zip(graphs, new)) if b != a)
+    which = f"its {'training' if index == 0 else 'eval'}-mode graph" if len(new) > 1 else "its graph"
+    at = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b), min(len(before), len(after)))
+    shown = [rows[at] if at < len(rows) else "(the end of the graph)" for rows in (before, after)]
+    return (f"the model given to orthofx.load computes otherwise than the one {path!r} was exported from, though "
+            f"its weights fit: at node {at} of {which} the saved model has '{shown[0]}' and this one '{shown[1]}' "
+            f"({len(before)} and {len(after)} nodes)")
 
 
 def _saved_probe_phases(saved: dict, path: str, written_by: str) -> dict[str, int]:

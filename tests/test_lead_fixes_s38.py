@@ -2,6 +2,7 @@
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -55,3 +56,39 @@ def test_nog_and_olr_declare_that_they_read_the_scale_and_riemannian_that_it_is_
     assert NearestOrthogonalGradient.reads_grad_scale and OptimalLearningRate.reads_grad_scale
     assert StiefelHook.gradient_linear and not StiefelHook.reads_grad_scale
     assert not OptimizerHook.reads_grad_scale and not OptimizerHook.gradient_linear
+
+
+def test_a_graph_recorded_by_another_release_that_differs_warns_instead_of_refusing(tmp_path):
+    # the record includes the nodes orthofx's passes insert and torch's tracer names: a file written by another
+    # release may differ for the same model, so the difference is a warning there; within one release it is an
+    # ExportError (the reference: the same file with its release field as written)
+    class ReLUNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.conv(x))
+
+    class TanhNet(ReLUNet):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.Tanh()
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = orthofx.transform(ReLUNet(), "lorth", example_inputs=(x,))
+    path = tmp_path / "m.pt"
+    orthofx.export(gm, str(path))
+    with pytest.raises(orthofx.ExportError, match="computes otherwise"):
+        orthofx.load(TanhNet(), str(path))
+    saved = torch.load(str(path), weights_only=True)
+    state = saved["state_dict"]
+    record = state._metadata[""]["orthofx_graph"]
+    assert record["written_by"].startswith("orthofx ") and ", torch " in record["written_by"]
+    record["written_by"] = "orthofx 0.0.1, torch 2.13.0"
+    torch.save(saved, str(path))
+    with pytest.warns(orthofx.OrthofxWarning, match="written by orthofx 0.0.1, torch 2.13.0"):
+        restored = orthofx.load(TanhNet(), str(path))
+    torch.testing.assert_close(restored.get_submodule("conv").weight, gm.get_submodule("conv").weight)
