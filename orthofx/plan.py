@@ -851,7 +851,9 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
     replaced: dict[tuple[str, str], tuple[str, str, bool]] = {}  # _module_key -> (rule, pass, hides the layer)
     # e.g. a second transform of a transformed model: a rule on Conv2d passes over its OrthogonalConv2d layers
     existing = orthofx_layers(model if model is not None else gm) + orthofx_decompositions(gm, model)
-    for rule in policy.rules:
+    # a rule's position in this policy, not its Rule.index: a rule taken from another policy keeps the index it had
+    # there, and two rules with one index were grouped as one (riemannian's free: per rule)
+    for position, rule in enumerate(policy.rules):
         pass_cls = get_pass(rule.apply)
         pass_obj = pass_cls()
         group = getattr(pass_cls, "group", "") or pass_cls.name
@@ -891,7 +893,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
             winners[key] = rule.name
             if pass_obj.replaces_layer(rule.params):
                 replaced.setdefault(_module_key(site), (rule.name, pass_cls.name, pass_cls.hides_layer))
-            entries.append(PlanEntry(site=site, rule_name=rule.name, rule_index=rule.index,
+            entries.append(PlanEntry(site=site, rule_name=rule.name, rule_index=position,
                                      pass_name=pass_cls.name, params=dict(rule.params),
                                      reason=f"first '{group}' rule matching {site.name}",
                                      outcome=pass_obj.planned_outcome(site, module, rule.params) or "",
@@ -995,8 +997,8 @@ def _refuse_weights_hooked_by_two_passes(gm: fx.GraphModule, entries: list[PlanE
 
 def _entry_place(entry: PlanEntry, policy: Policy) -> str:
     """:func:`_rule_place` of the rule that made ``entry``."""
-    rules = [rule for rule in policy.rules if rule.index == entry.rule_index and rule.name == entry.rule_name]
-    return _rule_place(rules[0]) if rules else ""
+    rules = policy.rules[entry.rule_index:entry.rule_index + 1]
+    return _rule_place(rules[0]) if rules and rules[0].name == entry.rule_name else ""
 
 
 def _refuse_lazy_layers(gm: fx.GraphModule, pass_cls: type, entries: list[PlanEntry]) -> None:

@@ -92,3 +92,29 @@ def test_a_graph_recorded_by_another_release_that_differs_warns_instead_of_refus
     with pytest.warns(orthofx.OrthofxWarning, match="written by orthofx 0.0.1, torch 2.13.0"):
         restored = orthofx.load(TanhNet(), str(path))
     torch.testing.assert_close(restored.get_submodule("conv").weight, gm.get_submodule("conv").weight)
+
+
+def test_rules_taken_from_two_policies_are_planned_by_their_position_as_the_same_policy_written_at_once():
+    # both rules had index 0 in their own policies; riemannian's free: is per rule, and the two were grouped as
+    # one (c left free instead of a); the reference is the same two rules written in one dict
+    from orthofx.policy import Policy
+
+    class Three(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x)))
+
+    first = {"name": "r1", "match": {"name": "a"}, "apply": "riemannian", "with": {"free": "last"}}
+    second = {"name": "r2", "match": {"name": ["b", "c"]}, "apply": "riemannian"}
+    borrowed = Policy(rules=[Policy.from_dict({"rules": [first]}).rules[0],
+                             Policy.from_dict({"rules": [second]}).rules[0]])
+    whole = Policy.from_dict({"rules": [first, second]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = [(c.site, c.status) for c in orthofx.manifest_of(orthofx.transform(Three(), borrowed)).changes]
+        want = [(c.site, c.status) for c in orthofx.manifest_of(orthofx.transform(Three(), whole)).changes]
+    assert got == want
+    assert dict(got)["a"] == "free" and dict(got)["c"] != "free"
