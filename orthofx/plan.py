@@ -43,7 +43,7 @@ from .passes.base import (RECURRENT_TYPES, CaptureInfo, Change, Manifest, PassCo
                           describe_module, reads_only_metadata, require_initialised, stops_producer_walk, weight_label)
 from .passes.isometric_init import IsometricInit, _scale, _scale_dropped_later
 from .passes.registry import get_pass
-from .passes.riemannian import Riemannian, StiefelHook, _by_rule, _scale_lost, _tie_decisions
+from .passes.riemannian import Riemannian, StiefelHook, _by_rule, _scale_lost, _tie_decisions, scale_lost_note
 from .passes.svd_conditioning import decomposition_op
 from .policy import Match, Policy, Rule, _compiled_regex, _describe, _python_none_hint
 
@@ -1095,12 +1095,10 @@ def _plan_stiefel_outcomes(gm: fx.GraphModule, plan: Plan) -> None:
                 note = _scale_dropped_later(ctx, e, gm.get_submodule(e.site.name), scale)
                 if note:
                     lost.append((e, scale, note))
-    from .report import _scale_lost_note  # report imports transform, which imports this module
-
     for entry, scale, note in lost:
         said = note.lstrip("; ") + " (ScaleLostWarning)"
         entry.outcome = f"{entry.outcome}; {said}" if entry.outcome else said
-        plan.notes.append(_scale_lost_note(Change(site=entry.site.name, rule=entry.rule_name,
+        plan.notes.append(scale_lost_note(Change(site=entry.site.name, rule=entry.rule_name,
                                                   pass_name=entry.pass_name, what="", after={"scale_lost": scale})))
 
 

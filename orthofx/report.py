@@ -96,6 +96,7 @@ from .nn.padding import CircularPad, per_dimension
 from .nn.precision import describe_nonfinite
 from .passes.base import RECURRENT_TYPES, ParametrizationState, describe_module, recurrent_hidden_weights
 from .passes.orth_regularizer import gate_blocks_lorth
+from .passes.riemannian import scale_lost_note
 from .errors import ArgumentError, first_few
 from .nn.tracing import is_orthofx_layer
 from .penalty import (holding_orthofx_layers, lazy_site_module, module_path_within, part_site_path,
@@ -565,7 +566,7 @@ def _transformed_report(model: nn.Module) -> Report:
     if examples and manifest.output_change is None and not manifest.frozen:
         notes.append("no relative output change: it is undefined on these example inputs (the model's original "
                      "output on them is zero, or the change is beyond the float range)")
-    notes += [_scale_lost_note(change) for change in manifest.changes if "scale_lost" in change.after]
+    notes += [scale_lost_note(change) for change in manifest.changes if "scale_lost" in change.after]
     return Report(rows, capture, spectra, penalties, manifest.output_change, conditioning, notes)
 
 
@@ -648,15 +649,6 @@ def _unsized_note(sites: list[str], examples: bool = False) -> list[str]:
            if examples else "none reached these layers (pass example_inputs=(x,) to orthofx.transform)")
     return [f"no sigma_min / sigma_max for {shown}: a conv's singular values depend on its input size, which "
             f"transform records on the example inputs, and {why}"]
-
-
-def _scale_lost_note(change) -> str:
-    """The note for a site whose scale a Stiefel constraint undoes (``Change.after["scale_lost"]``, recorded by
-    ``riemannian`` or ``isometric_init``, whichever came second), which the table's ``lorth`` of the current weight
-    does not show before the first optimizer step."""
-    return (f"{change.site}: {change.pass_name} (rule '{change.rule}'): the scale {change.after['scale_lost']:.4g} "
-            "is lost: riemannian keeps the weight on the Stiefel manifold, where all singular values are 1 "
-            "(ScaleLostWarning)")
 
 
 def _penalty_value(root: nn.Module, term) -> float | None:

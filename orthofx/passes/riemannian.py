@@ -416,6 +416,15 @@ def _finite_retraction(w: torch.Tensor, xi: torch.Tensor, retraction: str, moved
     return out, failed.nonzero().flatten().tolist(), False
 
 
+def scale_lost_note(change: Change) -> str:
+    """The report's (and explain's) note for a site whose scale a Stiefel constraint undoes
+    (``Change.after["scale_lost"]``, recorded by ``riemannian`` or ``isometric_init``, whichever came second), which
+    the table's ``lorth`` of the current weight does not show before the first optimizer step."""
+    return (f"{change.site}: {change.pass_name} (rule '{change.rule}'): the scale {change.after['scale_lost']:.4g} "
+            "is lost: riemannian keeps the weight on the Stiefel manifold, where all singular values are 1 "
+            "(ScaleLostWarning)")
+
+
 @register_pass
 class Riemannian(Pass):
     """Riemannian training on the Stiefel manifold (P1): tangent-projected gradients and retractions, run by
