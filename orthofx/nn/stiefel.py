@@ -197,11 +197,22 @@ def _polar_from_gram(a: torch.Tensor, gram: torch.Tensor | None = None) -> torch
     Gram matrix (module docstring), in ``a``'s dtype; ``None`` when some matrix of the batch is too
     ill-conditioned for it. ``gram``: the float64 ``a^T a`` when the caller has it."""
     a64 = a.to(torch.float64)
-    eigenvalues, vectors = torch.linalg.eigh(a64.mT @ a64 if gram is None else gram)
-    ratio = eigenvalues[..., 0] / eigenvalues[..., -1]
-    if not float(ratio.amin()) >= _GRAM_MIN_RATIO:  # also a zero matrix (0 / 0) and NaN
+    spectrum = _conditioned_gram_eigh(a64, gram)
+    if spectrum is None:
         return None
+    eigenvalues, vectors = spectrum
     return (a64 @ ((vectors * eigenvalues.rsqrt().unsqueeze(-2)) @ vectors.mT)).to(a.dtype)
+
+
+def _conditioned_gram_eigh(a: torch.Tensor, gram: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``eigh(a^T a)`` (``gram``: that matrix when the caller has it), or ``None`` when some matrix of the batch is
+    too ill-conditioned for the Gram route (:data:`_GRAM_MIN_RATIO`; also a zero matrix, 0 / 0, and NaN): one host
+    read."""
+    eigenvalues, vectors = torch.linalg.eigh(a.mT @ a if gram is None else gram)
+    # (detached: ``a`` requires grad under create_graph, and float() of such a tensor warns)
+    ratio = (eigenvalues[..., 0] / eigenvalues[..., -1]).amin().detach()
+    return (eigenvalues, vectors) if float(ratio) >= _GRAM_MIN_RATIO else None
 
 
 def _unit_scaled(a: torch.Tensor) -> torch.Tensor:
@@ -353,11 +364,9 @@ def _gram_spectrum(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     or negative and the derivative as NaN, and at ``1e-6`` 3e-5 off the SVD's; the derivative there is large
     (``1 / s_min``) but finite and defined."""
     host = not torch.compiler.is_compiling() and not in_vmap() and not _is_fake(a)
-    if host:
-        lam, v = torch.linalg.eigh(a.mT @ a)
-        # (detached: ``a`` requires grad under create_graph, and float() of such a tensor warns)
-        if float((lam[..., 0] / lam[..., -1]).amin().detach()) >= _GRAM_MIN_RATIO:  # a zero matrix: NaN, SVD
-            return lam.sqrt(), v
+    spectrum = _conditioned_gram_eigh(a) if host else None
+    if spectrum is not None:
+        return spectrum[0].sqrt(), spectrum[1]
     _, s, vh = torch.linalg.svd(a, full_matrices=False)
     return s, vh.mT
 
