@@ -734,11 +734,18 @@ def _after_forward_pre_hooks(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
                         f"a forward pre-hook of {layer_label(conv)} registered with with_kwargs=True returned a "
                         f"{type(result).__name__}; such a hook must return None (keep the input) or a pair "
                         f"(args, kwargs), as torch requires, e.g. ((x,), {{}})")
-                if result[1]:  # conv.forward takes no keyword: nn.Module's call would fail with them
-                    raise LayerArgumentError(
-                        f"a forward pre-hook of {layer_label(conv)} returned keyword arguments {sorted(result[1])}; "
-                        f"ConvNorm passes the conv one tensor and no keywords: return ((x,), {{}}) or None")
-                x = _one_input(result[0], conv)
+                args, kwargs = result
+                # conv.forward's one parameter is ``input``: conv(input=x) is a call torch accepts, any other
+                # keyword would make nn.Module's call fail
+                if kwargs:
+                    if set(kwargs) != {"input"} or args:
+                        also = f" besides {len(args)} positional ones" if args else ""
+                        raise LayerArgumentError(
+                            f"a forward pre-hook of {layer_label(conv)} returned keyword arguments {sorted(kwargs)}"
+                            f"{also}; ConvNorm passes the conv one tensor, positionally or as the conv's forward "
+                            f"parameter input: return ((x,), {{}}), ((), {{'input': x}}) or None")
+                    args = (kwargs["input"],)
+                x = _one_input(args, conv)
         else:
             result = hook(conv, (x,))
             if result is not None:
@@ -1580,7 +1587,8 @@ class ConvNormConvNd(_EvalCache, nn.Module):
             self._issue_pending_drop_warning()  # a drop in a compiled forward, before eval uses the filters
         return super().train(mode)  # _EvalCache.train drops the kept filters
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = input  # nn.Conv{d}d's parameter name: a model calling self.conv(input=h) keeps working once replaced
         tracer = fx_tracer_of((x,))
         if tracer is not None:
             return record_as_leaf(self, tracer, (x,), {}, _TRACE_REASON)
@@ -1763,7 +1771,8 @@ class FrozenConvNormNd(nn.Module):
             f"before orthofx.freeze (each ConvNorm layer remembers the sizes it has run on), or freeze the layer with "
             f"to_plain(input_sizes=[{size}])")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = input  # the frozen form of a Conv{d}d replacement keeps nn.Conv{d}d's parameter name
         tracer = fx_tracer_of((x,))
         if tracer is not None:
             return record_as_leaf(self, tracer, (x,), {}, _TRACE_REASON)

@@ -1578,7 +1578,8 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
             f"Use inputs of spatial size >= {need}, or padding='same' with inputs divisible by the stride "
             f"{self.stride}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = input  # nn.Conv{d}d's parameter name: a model calling self.conv(input=h) keeps working once replaced
         if self.method == "cayley_fft":
             Q = self._cached("symbol", lambda: (self._cayley_unit_symbol() * self.gain).to(
                 torch.complex128 if self._param_dtype == torch.float64 else torch.complex64))
@@ -2181,7 +2182,8 @@ class _FrozenConvTranspose(nn.Sequential):
     ``nn.Sequential(nn.ConvTranspose{d}d, CircularFold)`` whose forward also takes ``nn.ConvTranspose``'s
     ``output_size`` (checked to be ``input * stride``), so a model calling ``up(x, output_size=...)`` freezes."""
 
-    def forward(self, x: torch.Tensor, output_size: Sequence[int] | None = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, output_size: Sequence[int] | None = None) -> torch.Tensor:
+        x = input  # nn.ConvTranspose{d}d's signature: up(input=h, output_size=...) keeps working once frozen
         if output_size is not None:
             stride = tuple(self[0].stride)
             label = layer_label(self).replace(type(self).__name__, f"frozen OrthogonalConvTranspose{len(stride)}d", 1)
@@ -2392,9 +2394,11 @@ class _OrthogonalConvTransposeNd(nn.Module):
 
     # ---------------------------------------------------------------------------------------- forward
 
-    def forward(self, x: torch.Tensor, output_size: Sequence[int] | None = None) -> torch.Tensor:
-        """``output_size``: as ``nn.ConvTranspose{d}d``'s (spatial sizes, or the whole shape); the output size is
-        always ``input * stride`` here, so any other one raises :class:`~orthofx.errors.LayerArgumentError`."""
+    def forward(self, input: torch.Tensor, output_size: Sequence[int] | None = None) -> torch.Tensor:
+        """``input`` and ``output_size``: named and used as ``nn.ConvTranspose{d}d``'s (``output_size``: spatial
+        sizes, or the whole shape); the output size is always ``input * stride`` here, so any other one raises
+        :class:`~orthofx.errors.LayerArgumentError`."""
+        x = input
         d = self._dims
         _check_input(x, d, self.in_channels, self)
         if not isinstance(x, torch.fx.Proxy):
@@ -2603,7 +2607,8 @@ class FourierConv(_FormatFree, nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = input  # the frozen form of a Conv{d}d replacement keeps nn.Conv{d}d's parameter name
         symbol = self.symbol
         # the dtype from _buffers: a tracer with proxy_buffer_attributes (orthofx's) makes self.symbol a Proxy
         if self._buffers["symbol"].dtype not in (torch.float32, torch.float64):
@@ -2683,7 +2688,8 @@ class OrthogonalLinear(_EvalCache, nn.Module):
             W = orthonormal(self.raw_weight.to(self.compute_dtype), tall=self.out_features >= self.in_features)
         return _times_gain(W, self.gain).to(self.raw_weight.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = input  # nn.Linear's parameter name: a model calling self.fc(input=h) keeps working once replaced
         if not isinstance(x, torch.fx.Proxy):  # symbolic tracing records the forward op by op
             _check_floating(x, self)
             check_input_dtype(x, _kept_parameter(self, "raw_weight").dtype, self)
