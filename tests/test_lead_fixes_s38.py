@@ -118,3 +118,30 @@ def test_rules_taken_from_two_policies_are_planned_by_their_position_as_the_same
         want = [(c.site, c.status) for c in orthofx.manifest_of(orthofx.transform(Three(), whole)).changes]
     assert got == want
     assert dict(got)["a"] == "free" and dict(got)["c"] != "free"
+
+
+@pytest.mark.parametrize("preset", ["orthogonal", "convnorm", "lorth"])
+def test_a_hooked_layer_called_by_keyword_is_replaced_and_its_hooks_see_the_call_as_written(preset):
+    # the replacement layers take torch's argument name (input), so a keyword call kept as written reaches them;
+    # the reference: the replacement's own forward (no hooks) doubled by hand, as the forward hook does
+    seen = []
+
+    class Hooked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, padding=1)
+            self.c.register_forward_pre_hook(lambda m, a, k: seen.append((len(a), sorted(k))), with_kwargs=True)
+            self.c.register_forward_hook(lambda m, i, o: o * 2)
+
+        def forward(self, x):
+            return self.c(input=x)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = orthofx.transform(Hooked(), preset, example_inputs=(x,)).eval()
+    seen.clear()
+    y = gm(x)
+    assert seen == [(0, ["input"])]
+    torch.testing.assert_close(y, 2 * gm.get_submodule("c").forward(x), rtol=0, atol=0)
