@@ -130,7 +130,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, MetaWeightError, layer_label
 from orthofx.nn.padding import (CircularFold, CircularPad, _circular_fold_valid, _circular_pad_valid, flat_pads,
-                                per_dimension)
+                                per_dimension, sizes_per_dimension)
 from orthofx.nn.precision import (HALF_PRECISION, _peak, autocast_conv_dtype, autocast_enabled, autocast_off,
                                   describe_nonfinite, relative_distance)
 from orthofx.nn.stiefel import _haar_factor, _unit_scaled, orthonormal, project_to_stiefel
@@ -181,14 +181,6 @@ def _tuple(value, dims: int, name: str, minimum: int = 1, broadcast: bool = True
     false (a ``kernel_size``, whose one element gives torch a 1-d weight; an ``input_size``)."""
     return per_dimension(value, dims, name, item=lambda v: _int(v, name, minimum), error=LayerArgumentError,
                          expected=f"an int or a tuple of {dims} ints for a {dims}-D convolution", broadcast=broadcast)
-
-
-def _spread(kernel_size, **sizes) -> tuple[tuple, ...]:
-    """``kernel_size`` (one value per dimension) and a conv's other ``sizes`` (name: value) as tuples of as many
-    values (:func:`~orthofx.nn.padding.per_dimension`): a torch conv keeps ``stride=(2,)`` as given, which zipped
-    with a 2-d kernel size read one dimension only."""
-    kernel_size = tuple(kernel_size)
-    return (kernel_size,) + tuple(per_dimension(v, len(kernel_size), name) for name, v in sizes.items())
 
 
 def _check_device_position(device, name: str) -> None:
@@ -311,7 +303,7 @@ def keeps_output_size(conv: nn.Module) -> bool:
 def build_stride(kernel_size, stride, dilation) -> tuple[int, ...]:
     """The stride an orthogonal kernel is built for, per dimension: ``S / gcd(D, S)`` (module docs, item 5), ``S``
     undilated and for one-tap dimensions (a single tap has no spacing)."""
-    kernel_size, stride, dilation = _spread(kernel_size, stride=stride, dilation=dilation)
+    kernel_size, stride, dilation = (tuple(kernel_size), *sizes_per_dimension(kernel_size, stride=stride, dilation=dilation))
     return tuple(s // math.gcd(dl, s) if k > 1 else s for k, s, dl in zip(kernel_size, stride, dilation))
 
 
@@ -321,7 +313,7 @@ def rko_problem(kernel_size, stride, dilation) -> str | None:
     in every dimension. A dilation sharing a factor with the stride makes the taps read fewer residues mod ``S``,
     so e.g. ``k = S = D = 2`` needs blocks although ``k <= S`` (checking ``k <= S`` alone, the pass let such a
     layer fail inside the constructor, with an error that ``on_impossible`` did not handle)."""
-    kernel_size, stride, dilation = _spread(kernel_size, stride=stride, dilation=dilation)
+    kernel_size, stride, dilation = (tuple(kernel_size), *sizes_per_dimension(kernel_size, stride=stride, dilation=dilation))
     built = build_stride(kernel_size, stride, dilation)
     if all(k <= b for k, b in zip(kernel_size, built)):
         return None
@@ -338,7 +330,7 @@ def dilation_blocks_row_orthogonal(kernel_size, stride, dilation, c_in: int, c_o
     existing: its common factor with the stride makes the taps read fewer residues mod the stride
     (:func:`build_stride`), while the undilated kernel reads ``min(k, S)`` of them, enough for ``c_out`` rows
     (:func:`orthofx.theory.orthogonal_conv_exists`). The impossibility errors then advise a coprime dilation."""
-    kernel_size, stride, dilation = _spread(kernel_size, stride=stride, dilation=dilation)
+    kernel_size, stride, dilation = (tuple(kernel_size), *sizes_per_dimension(kernel_size, stride=stride, dilation=dilation))
     return (build_stride(kernel_size, stride, dilation) != tuple(stride)
             and c_in * math.prod(min(k, s) for k, s in zip(kernel_size, stride)) >= c_out)
 
@@ -2105,7 +2097,7 @@ def transposed_keeps_output_size(padding, output_padding, kernel_size, stride, d
     :math:`2p = D(k - 1) + 1 - S + o` with :math:`0 \le o < S` (``o``: output_padding). Such a layer is the
     adjoint of the zero-padded conv ``(p, S)``, whose circular version the orthogonal transposed layer's adjoint
     conv is (same window offsets)."""
-    kernel_size, padding, output_padding, stride, dilation = _spread(
+    padding, output_padding, stride, dilation = sizes_per_dimension(
         kernel_size, padding=padding, output_padding=output_padding, stride=stride, dilation=dilation)
     return all(0 <= o < s and 2 * p == dl * (k - 1) + 1 - s + o
                for p, o, k, s, dl in zip(padding, output_padding, kernel_size, stride, dilation))
@@ -2123,7 +2115,7 @@ def transposed_size_keeping_padding(kernel_size, stride, dilation):
     (e.g. an even kernel, undilated). ``o < max(S, D)``, torch's own bound, would admit ``o = 1`` there for an odd
     ``D > 1``, but the padding read as a convolution's would then give that adjoint conv ``n + 1`` outputs, not
     ``n`` (:func:`transposed_keeps_output_size`)."""
-    kernel_size, stride, dilation = _spread(kernel_size, stride=stride, dilation=dilation)
+    kernel_size, stride, dilation = (tuple(kernel_size), *sizes_per_dimension(kernel_size, stride=stride, dilation=dilation))
     paddings, output_paddings = [], []
     for k, s, dl in zip(kernel_size, stride, dilation):
         excess = dl * (k - 1) + 1 - s

@@ -48,13 +48,13 @@ def conv_zero_pads(padding, kernel_size: Sequence[int], dilation: Sequence[int],
             dilation = per_dimension(dilation, d, "dilation")
             return tuple((D * (k - 1) // 2, D * (k - 1) - D * (k - 1) // 2) for k, D in zip(kernel_size, dilation))
         raise LayerArgumentError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
-    pads = tuple(padding) if isinstance(padding, (tuple, list)) else (padding,) * d
-    if len(pads) == 1:  # torch's convolutions apply a one-element padding to every dimension, as an int
-        pads *= d
-    try:  # any integer torch takes (numpy's too), not a bool
-        if len(pads) != d or any(isinstance(v, bool) for v in pads):
+    def integer(value):  # any integer torch takes (numpy's too), not a bool
+        if isinstance(value, bool):
             raise TypeError
-        pads = tuple(operator.index(v) for v in pads)
+        return operator.index(value)
+
+    try:
+        pads = per_dimension(padding, d, "padding", item=integer, error=TypeError)
     except TypeError:
         raise LayerArgumentError(f"padding must be an int or {d} ints, got {padding!r}") from None
     if any(v < 0 for v in pads):
@@ -86,6 +86,18 @@ def per_dimension(value, d: int, name: str, *, item: Callable[[object], int] | N
         expected = f"an int or {d} ints (one per spatial dimension)" if expected is None else expected
         raise error(f"{name} must be {expected}, got {value!r}")
     return values if item is None else tuple(item(v) for v in values)
+
+
+def sizes_per_dimension(kernel_size: Sequence[int], **sizes) -> tuple[tuple, ...]:
+    """A conv's other sizes (``stride=``, ``dilation=``, ``padding=``, ``output_padding=``, in the order given)
+    with one value per dimension of ``kernel_size`` (:func:`per_dimension`): torch keeps ``stride=(2,)`` as given,
+    which zipped with a 2-d kernel size read one dimension only.
+
+    >>> sizes_per_dimension((3, 5), stride=(2,), dilation=1)
+    ((2, 2), (1, 1))
+    """
+    d = len(tuple(kernel_size))
+    return tuple(per_dimension(value, d, name) for name, value in sizes.items())
 
 
 def flat_pads(pads: Sequence[tuple[int, int]]) -> list[int]:

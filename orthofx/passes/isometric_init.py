@@ -123,7 +123,7 @@ from .. import metrics
 from ..errors import ArgumentError, OrthofxWarning, ScaleLostWarning
 from ..nn import stiefel
 from ..nn.orthogonal import keeps_output_size
-from ..nn.padding import conv_zero_pads, per_dimension
+from ..nn.padding import conv_zero_pads, sizes_per_dimension
 from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PlanEntry, Site, TiedUse, check_scale_range,
                    check_tied, decompositions_fed, is_uninitialised, matrices_text, parameter_owners,
                    recurrent_hidden_weights, recurrent_weights_reason, require_initialised, treated_weight_names)
@@ -315,10 +315,9 @@ def _exact_side(conv: nn.Module, taps: Sequence[tuple[int, int]], aligned: bool)
 
 def _sizes(conv: nn.Module, *names: str) -> tuple[tuple[int, ...], ...]:
     """The conv's sizes ``names`` (``"stride"``, ``"padding"``, ...) with one value per spatial dimension
-    (:func:`~orthofx.nn.padding.per_dimension`): torch keeps ``stride=(2,)`` as given and applies it to every
-    dimension, while a zip against the kernel size read one dimension only (``delta_orthogonal_`` then refused the
-    one-dimension taps of a 2-d kernel)."""
-    return tuple(per_dimension(getattr(conv, name), len(conv.kernel_size), name) for name in names)
+    (:func:`~orthofx.nn.padding.sizes_per_dimension`): ``delta_orthogonal_`` refused the one-dimension taps of a
+    2-d kernel with ``stride=(2,)``."""
+    return sizes_per_dimension(conv.kernel_size, **{name: getattr(conv, name) for name in names})
 
 
 def _block_taps(k: int, s: int, d: int, left: int) -> tuple[int, int] | None:
