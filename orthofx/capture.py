@@ -1422,15 +1422,15 @@ def _finish(captured: tuple[torch.fx.GraphModule, CaptureInfo], model: nn.Module
 def _positional_layer_inputs(gm: torch.fx.GraphModule) -> None:
     """Pass the required inputs of every module call positionally: ``self.conv(input=x)`` becomes ``conv(x)``.
 
-    The layers passes put in place of torch's (``OrthogonalConv2d``, ``ConvNormConv2d`` ...) name their input
-    ``x``, not torch's ``input``, and passes read a layer's input as ``node.args[0]``; a call by keyword bound the
-    same values to the same parameters, so moving them is the same call. Only required parameters (no default)
-    that directly follow the positional ones move (``output_size=`` stays a keyword, under the name every
-    replacement keeps), and modules with call hooks keep their call as written: a forward pre-hook sees the
-    positional inputs only. Both graphs of a :class:`ModalGraphModule` are rewritten.
+    Graph code reads a layer's input as ``node.args[0]``; a call by keyword bound the same values to the same
+    parameters, so moving them is the same call. Only required parameters (no default) that directly follow the
+    positional ones move (``output_size=`` stays a keyword), and modules with call hooks keep their call as
+    written: a forward pre-hook sees the call as the forward made it (the layers passes put in place of torch's
+    take torch's argument names, ``input``, so such a call reaches them too; code that observes a hooked layer's
+    call reads its input through :func:`positional_call`). Both graphs of a :class:`ModalGraphModule` are
+    rewritten.
 
-    Example: ``nn.Linear`` called as ``self.fc(input=h)`` is recorded as ``fc(h)``, so the orthogonal preset's
-    ``OrthogonalLinear`` (``forward(self, x)``) takes it."""
+    Example: ``nn.Linear`` called as ``self.fc(input=h)`` is recorded as ``fc(h)``."""
     graphs = [gm.graph_for(True), gm.graph_for(False)] if isinstance(gm, ModalGraphModule) else [gm.graph]
     changed = False
     for graph in dict.fromkeys(graphs):
@@ -1443,7 +1443,7 @@ def _positional_layer_inputs(gm: torch.fx.GraphModule) -> None:
                 continue
             if call_hook_count(module):
                 continue
-            args, kwargs = _positional_call(module, node.args, node.kwargs)
+            args, kwargs = positional_call(module, node.args, node.kwargs)
             if len(args) != len(node.args):
                 node.args, node.kwargs = args, kwargs
                 changed = True
@@ -1451,7 +1451,7 @@ def _positional_layer_inputs(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
-def _positional_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+def positional_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     """``(args, kwargs)`` of a call of ``module`` with the required parameters given by keyword that directly
     follow the positional ones moved into ``args`` (the same call; see :func:`_positional_layer_inputs`)."""
     try:
@@ -1468,8 +1468,8 @@ def _positional_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
 
 
 def _positional_call_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    """A forward pre-hook (``with_kwargs=True``) making the call :func:`_positional_call`'s."""
-    return _positional_call(module, args, kwargs)
+    """A forward pre-hook (``with_kwargs=True``) making the call :func:`positional_call`'s."""
+    return positional_call(module, args, kwargs)
 
 
 def _match_persistence(gm: torch.fx.GraphModule, model: nn.Module) -> None:

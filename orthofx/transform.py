@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import fx, nn
 
-from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_inputs, replaced_forward,
-                      uninitialised_lazy_modules, unwrap_model)
+from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_inputs, positional_call,
+                      replaced_forward, uninitialised_lazy_modules, unwrap_model)
 from .errors import (ArgumentError, OrthofxError, OrthofxWarning, TransformError, damaged_metadata_entry,
                      first_few, saved_count)
 from .nn.precision import describe_nonfinite, relative_distance
@@ -334,7 +334,9 @@ def _observe(gm: fx.GraphModule, plan: Plan, example: ExampleCall, manifest: Man
     handles = []
 
     def hook(name):
-        def record(module, args, output):
+        def record(module, args, kwargs, output):
+            # a layer with hooks keeps a keyword call as written (self.c(input=x)): its input is still its first
+            args, _ = positional_call(module, args, kwargs)
             if name in manifest.input_shapes or not args or not isinstance(args[0], torch.Tensor):
                 return
             manifest.input_shapes[name] = tuple(args[0].shape)
@@ -345,7 +347,7 @@ def _observe(gm: fx.GraphModule, plan: Plan, example: ExampleCall, manifest: Man
         return record
 
     for name in names:
-        handles.append(gm.get_submodule(name).register_forward_hook(hook(name)))
+        handles.append(gm.get_submodule(name).register_forward_hook(hook(name), with_kwargs=True))
     try:
         with EvalRun(gm):
             return example.run(gm), site_inputs

@@ -87,9 +87,9 @@ def test_a_graph_recorded_by_another_release_that_differs_warns_instead_of_refus
     state = saved["state_dict"]
     record = state._metadata[""]["orthofx_graph"]
     assert record["written_by"].startswith("orthofx ") and ", torch " in record["written_by"]
-    record["written_by"] = "orthofx 0.0.1, torch 2.13.0"
+    record["written_by"] = "orthofx 0.0.1, torch 2.13"
     torch.save(saved, str(path))
-    with pytest.warns(orthofx.OrthofxWarning, match="written by orthofx 0.0.1, torch 2.13.0"):
+    with pytest.warns(orthofx.OrthofxWarning, match="written by orthofx 0.0.1, torch 2.13"):
         restored = orthofx.load(TanhNet(), str(path))
     torch.testing.assert_close(restored.get_submodule("conv").weight, gm.get_submodule("conv").weight)
 
@@ -145,3 +145,32 @@ def test_a_hooked_layer_called_by_keyword_is_replaced_and_its_hooks_see_the_call
     y = gm(x)
     assert seen == [(0, ["input"])]
     torch.testing.assert_close(y, 2 * gm.get_submodule("c").forward(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["fx", "export"])
+def test_the_example_run_records_the_input_of_a_hooked_layer_called_by_keyword(mode):
+    # a layer with hooks keeps self.c(input=x) in the graph: the example run read args[0] only and recorded no
+    # input shape, no output change, and cayley_fft (built for the input size) refused the layer; the reference
+    # shapes are the tensors the forward hands the layer
+    class Hooked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular")
+            self.c.register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True)
+
+        def forward(self, x):
+            return self.c(input=x)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    policy = {"capture": {"mode": mode},
+              "rules": [{"match": {"type": "Conv2d"}, "apply": "orthogonal_conv", "with": {"method": "cayley_fft"}}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = orthofx.transform(Hooked(), policy, example_inputs=(x,))
+    manifest = orthofx.manifest_of(gm)
+    assert manifest.input_shapes["c"] == (2, 3, 8, 8)
+    assert manifest.output_shapes["c"] == (2, 4, 8, 8)
+    (change,) = manifest.changes
+    assert "cayley" in change.what.lower() or "cayley" in str(change.params)
+    assert gm(x).shape == (2, 4, 8, 8)
