@@ -1469,14 +1469,15 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
 
     The file is read with ``torch.load(weights_only=True)``: it holds tensors and the policy's YAML, no code.
     ``model`` is the original (untransformed) model; it is not modified. A model that computes otherwise than the
-    saved one (another activation module, the same layers wired otherwise: the file records the transformed graph of
-    a symbolically traced model) or that holds meta tensors is refused with an :class:`~orthofx.ExportError`, as are
-    weights that do not fit it and a file of a newer format. The restored model has the saved
-    parameters' dtype (a model saved after ``.double()`` comes back in float64 from a float32 ``model``) and the
-    Jacobian probes' step within their ``every`` period, so it continues as the saved model would. Example inputs
-    in the saved dtype work too: float64 ones replay the policy on a float64 copy of ``model``; half-precision ones
-    are cast to ``model``'s dtype for the replay (a decomposition the policy replaces may have no half-precision
-    kernel), and the result is converted.
+    saved one (another activation module, the same layers wired otherwise: the file records the transformed graph of a
+    symbolically traced model) or that holds meta tensors is refused with an :class:`~orthofx.ExportError`, as are
+    weights that do not fit it and a file of a newer format (a graph recorded by another orthofx or torch release only
+    warns, :class:`~orthofx.OrthofxWarning`: the passes' graph edits and torch's tracer may differ there). The
+    restored model has the saved parameters' dtype (a model saved after ``.double()`` comes back in float64 from a
+    float32 ``model``) and the Jacobian probes' step within their ``every`` period, so it continues as the saved model
+    would. Example inputs in the saved dtype work too: float64 ones replay the policy on a float64 copy of ``model``;
+    half-precision ones are cast to ``model``'s dtype for the replay (a decomposition the policy replaces may have no
+    half-precision kernel), and the result is converted.
 
     ``check_graph=False`` skips the comparison with the recorded graph, for a forward rewritten to compute the
     same thing in other operations (``x.relu()`` for ``F.relu(x)``); the weights are still checked.
@@ -1636,14 +1637,16 @@ def _graph_signature(gm: fx.GraphModule) -> dict:
 
 def _release() -> str:
     """The releases that decide a transformed graph's nodes: orthofx's passes insert some of them and torch's
-    tracer names them (local build tags such as ``+cpu`` do not change a graph)."""
+    tracer names them (torch's major.minor: patch releases and build tags such as ``+cpu`` do not change a graph)."""
     from . import __version__
 
-    return f"orthofx {__version__}, torch {torch.__version__.split('+')[0]}"
+    torch_release = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    return f"orthofx {__version__}, torch {torch_release}"
 
 
 def _check_same_graph(gm: fx.GraphModule, state: dict, path: str) -> None:
-    """Refuse a restored model whose graph differs from the one the file records (:data:`GRAPH_METADATA_KEY`):
+    """Refuse a restored model whose graph differs from the one the file records (:data:`GRAPH_METADATA_KEY`; warn
+    where another release wrote the record):
     the weights fit (checked before), but the model computes something else with them, so ``load`` would return
     a model that silently differs from the saved one (``nn.Tanh`` where the saved model had ``nn.ReLU``). Files
     written before the record, or by hand without it, are not checked."""

@@ -156,12 +156,12 @@ def _unscale_for_hooks(optimizer: torch.optim.Optimizer, parts: list[_PartHooks]
     uses) and the kernel is left nothing to undo (``grad_scale`` None; ``found_inf`` still skips a step with
     non-finite gradients): the hooks see the true gradients, as without a fused optimizer.
 
-    Where one is, no gradient is divided in place (float32 ones stay scaled too, for the kernel): a float16 gradient of 2^16 G divided in place stores ``G``,
-    whose entries below 2^-24 flush to zero and below 2^-14 lose bits (an 8 x 8 Riemannian layer trained by fused
-    Adam on a loss of size 1e-6 stepped 7e-3 off the float64 step of 1e-2, now 3e-4, the float16 rounding of the
-    weight; NOG's polar factor was 9 % off, and an OLR weight's gradient, divided for OLR and multiplied back, 3 %
-    off the one plain torch steps by). The kernel keeps ``grad_scale`` and unscales in float32, as it does without
-    orthofx, and the hooks act on the scaled gradients, each knowing how:
+    Where one is, no gradient is divided in place (float32 ones stay scaled too, for the kernel): a float16 gradient
+    of 2^16 G divided in place stores ``G``, whose entries below 2^-24 flush to zero and below 2^-14 lose bits (an
+    8 x 8 Riemannian layer trained by fused Adam on a loss of size 1e-6 stepped 7e-3 off the float64 step of 1e-2, now
+    3e-4, the float16 rounding of the weight; NOG's polar factor was 9 % off, and an OLR weight's gradient, divided
+    for OLR and multiplied back, 3 % off the one plain torch steps by). The kernel keeps ``grad_scale`` and unscales
+    in float32, as it does without orthofx, and the hooks act on the scaled gradients, each knowing how:
 
     * a hook whose class sets ``gradient_linear`` (the Riemannian projection, ``P_W(s G) = s P_W(G)``) acts on
       the scaled gradient, unless ``||s G||_F`` exceeds half the dtype's range, where the projection's result

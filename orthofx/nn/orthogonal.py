@@ -303,7 +303,8 @@ def keeps_output_size(conv: nn.Module) -> bool:
 def build_stride(kernel_size, stride, dilation) -> tuple[int, ...]:
     """The stride an orthogonal kernel is built for, per dimension: ``S / gcd(D, S)`` (module docs, item 5), ``S``
     undilated and for one-tap dimensions (a single tap has no spacing)."""
-    kernel_size, stride, dilation = (tuple(kernel_size), *sizes_per_dimension(kernel_size, stride=stride, dilation=dilation))
+    stride, dilation = sizes_per_dimension(kernel_size, stride=stride, dilation=dilation)
+    kernel_size = tuple(kernel_size)
     return tuple(s // math.gcd(dl, s) if k > 1 else s for k, s, dl in zip(kernel_size, stride, dilation))
 
 
@@ -313,7 +314,8 @@ def rko_problem(kernel_size, stride, dilation) -> str | None:
     in every dimension. A dilation sharing a factor with the stride makes the taps read fewer residues mod ``S``,
     so e.g. ``k = S = D = 2`` needs blocks although ``k <= S`` (checking ``k <= S`` alone, the pass let such a
     layer fail inside the constructor, with an error that ``on_impossible`` did not handle)."""
-    kernel_size, stride, dilation = (tuple(kernel_size), *sizes_per_dimension(kernel_size, stride=stride, dilation=dilation))
+    stride, dilation = sizes_per_dimension(kernel_size, stride=stride, dilation=dilation)
+    kernel_size = tuple(kernel_size)
     built = build_stride(kernel_size, stride, dilation)
     if all(k <= b for k, b in zip(kernel_size, built)):
         return None
@@ -330,7 +332,8 @@ def dilation_blocks_row_orthogonal(kernel_size, stride, dilation, c_in: int, c_o
     existing: its common factor with the stride makes the taps read fewer residues mod the stride
     (:func:`build_stride`), while the undilated kernel reads ``min(k, S)`` of them, enough for ``c_out`` rows
     (:func:`orthofx.theory.orthogonal_conv_exists`). The impossibility errors then advise a coprime dilation."""
-    kernel_size, stride, dilation = (tuple(kernel_size), *sizes_per_dimension(kernel_size, stride=stride, dilation=dilation))
+    stride, dilation = sizes_per_dimension(kernel_size, stride=stride, dilation=dilation)
+    kernel_size = tuple(kernel_size)
     return (build_stride(kernel_size, stride, dilation) != tuple(stride)
             and c_in * math.prod(min(k, s) for k, s in zip(kernel_size, stride)) >= c_out)
 
@@ -2115,7 +2118,8 @@ def transposed_size_keeping_padding(kernel_size, stride, dilation):
     (e.g. an even kernel, undilated). ``o < max(S, D)``, torch's own bound, would admit ``o = 1`` there for an odd
     ``D > 1``, but the padding read as a convolution's would then give that adjoint conv ``n + 1`` outputs, not
     ``n`` (:func:`transposed_keeps_output_size`)."""
-    kernel_size, stride, dilation = (tuple(kernel_size), *sizes_per_dimension(kernel_size, stride=stride, dilation=dilation))
+    stride, dilation = sizes_per_dimension(kernel_size, stride=stride, dilation=dilation)
+    kernel_size = tuple(kernel_size)
     paddings, output_paddings = [], []
     for k, s, dl in zip(kernel_size, stride, dilation):
         excess = dl * (k - 1) + 1 - s

@@ -25,7 +25,7 @@ from torch import nn
 from orthofx.errors import LayerArgumentError
 
 __all__ = ["CircularFold", "CircularPad", "circular_fold", "circular_pad", "conv_zero_pads", "flat_pads", "pairs",
-           "per_dimension", "periodic_pad"]
+           "per_dimension", "periodic_pad", "sizes_per_dimension"]
 
 
 def conv_zero_pads(padding, kernel_size: Sequence[int], dilation: Sequence[int],
@@ -48,6 +48,7 @@ def conv_zero_pads(padding, kernel_size: Sequence[int], dilation: Sequence[int],
             dilation = per_dimension(dilation, d, "dilation")
             return tuple((D * (k - 1) // 2, D * (k - 1) - D * (k - 1) // 2) for k, D in zip(kernel_size, dilation))
         raise LayerArgumentError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
+
     def integer(value):  # any integer torch takes (numpy's too), not a bool
         if isinstance(value, bool):
             raise TypeError

@@ -128,7 +128,7 @@ from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassCont
                    sparse_gradient_error, write_whole)
 from .registry import register_pass
 
-__all__ = ["Riemannian", "ScaleLostWarning", "StiefelHook",
+__all__ = ["Riemannian", "ScaleLostWarning", "StiefelHook", "scale_lost_note",
            "recurrent_hidden_weights"]  # the latter from .base, named here as before
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
