@@ -48,6 +48,10 @@ __all__ = [
     "require_initialised",
     "call_hook_count",
     "move_call_hooks",
+    "state_dict_hook_kinds",
+    "same_state_dict_entries",
+    "move_state_dict_hooks",
+    "lost_state_dict_hooks_warning",
     "derived_weight",
     "is_uninitialised",
     "RECURRENT_TYPES",
@@ -787,6 +791,32 @@ def call_hook_count(module: nn.Module) -> int:
     return sum(len(getattr(module, name, None) or ()) for name in _CALL_HOOKS)
 
 
+#: The registries of state-dict hooks a module runs for its own entries, with the call that registers each kind.
+STATE_DICT_HOOK_REGISTRIES = (("_state_dict_pre_hooks", "register_state_dict_pre_hook"),
+                              ("_state_dict_hooks", "register_state_dict_post_hook"),
+                              ("_load_state_dict_pre_hooks", "register_load_state_dict_pre_hook"),
+                              ("_load_state_dict_post_hooks", "register_load_state_dict_post_hook"))
+
+
+def state_dict_hook_kinds(module: nn.Module) -> list[str]:
+    """The kinds of state-dict hook registered on ``module`` itself (not its submodules), each named by the call
+    that registers it (``_register_state_dict_hook`` counts as ``register_state_dict_post_hook``)."""
+    return [kind for name, kind in STATE_DICT_HOOK_REGISTRIES if module.__dict__.get(name)]
+
+
+def lost_state_dict_hooks_warning(path: str, old: nn.Module, new: nn.Module) -> str | None:
+    """What to tell the user when ``new`` replaces ``old`` at ``path`` and ``old``'s state-dict hooks are lost
+    (``None`` when it has none, when ``new`` keeps ``old`` as a submodule, whose hooks then still run, or when
+    they move to ``new``, :func:`move_state_dict_hooks`)."""
+    kinds = state_dict_hook_kinds(old)
+    if not kinds or new is old or same_state_dict_entries(old, new) or any(m is old for m in new.modules()):
+        return None
+    return (f"the layer '{path}' has state-dict hook(s) ({', '.join(kinds)}) that are not carried over to the "
+            f"{type(new).__name__} replacing the {type(old).__name__}: its state_dict() entries have other names "
+            "and tensors, so a hook written for the old entries would break or act on the wrong ones; adapt the "
+            f"hooks and register them on gm.get_submodule('{path}')")
+
+
 def move_call_hooks(old: nn.Module, new: nn.Module) -> None:
     """Make the forward / backward hooks registered on ``old`` run on ``new``, the layer that replaces it.
 
@@ -796,11 +826,34 @@ def move_call_hooks(old: nn.Module, new: nn.Module) -> None:
     handle still removes the hook, and ``old`` is left with empty registries, so a replacement that still calls
     ``old`` (a Jacobian probe around a block) does not run them twice. Hooks ``new`` has of its own run after the
     moved ones. State-dict hooks stay behind: they are about ``old``'s parameters, which the replacement does not
-    have under the same names.
+    have under the same names (:func:`lost_state_dict_hooks_warning`), unless ``new`` shares them
+    (:func:`move_state_dict_hooks`).
     """
     if old is new:
         return
-    for name in CALL_HOOK_REGISTRIES:
+    _move_registries(old, new, CALL_HOOK_REGISTRIES)
+    if new.__dict__.get("_is_full_backward_hook") is None:
+        new.__dict__["_is_full_backward_hook"] = old.__dict__.get("_is_full_backward_hook")
+
+
+def same_state_dict_entries(old: nn.Module, new: nn.Module) -> bool:
+    """Whether ``new`` holds ``old``'s very parameter, buffer and submodule registries (a Jacobian probe adopts
+    its block's, and ``to_plain`` gives the block back), so that its state_dict() has ``old``'s entries."""
+    return all(new.__dict__.get(name) is old.__dict__.get(name) for name in ("_parameters", "_buffers", "_modules"))
+
+
+def move_state_dict_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Make the state-dict hooks registered on ``old`` run on ``new`` when ``new`` has ``old``'s state-dict
+    entries (:func:`same_state_dict_entries`): a hook written for those entries is right for ``new`` too, and
+    ``old``'s own ``state_dict`` no longer runs once it is out of the model. Moved as :func:`move_call_hooks`
+    moves the call hooks (the user's handles still remove them). Any other replacement keeps them on ``old``
+    (:func:`lost_state_dict_hooks_warning`)."""
+    if old is not new and same_state_dict_entries(old, new):
+        _move_registries(old, new, tuple(name for name, _ in STATE_DICT_HOOK_REGISTRIES))
+
+
+def _move_registries(old: nn.Module, new: nn.Module, names: tuple[str, ...]) -> None:
+    for name in names:
         moved = old.__dict__.get(name)
         if not moved:
             continue
@@ -811,8 +864,6 @@ def move_call_hooks(old: nn.Module, new: nn.Module) -> None:
             moved.update(own)  # handle ids are unique across modules: no key is overwritten
         new.__dict__[name] = moved
         old.__dict__[name] = OrderedDict()
-    if new.__dict__.get("_is_full_backward_hook") is None:
-        new.__dict__["_is_full_backward_hook"] = old.__dict__.get("_is_full_backward_hook")
 
 
 def derived_weight(module: nn.Module, name: str = "weight") -> str | None:
@@ -1000,12 +1051,14 @@ def replace_module(root: nn.Module, qualname: str, new: nn.Module) -> nn.Module:
 
     Graph nodes that call ``qualname`` now call ``new``; this is how passes swap a layer for its orthogonal,
     normalised or probed version, and how ``freeze`` swaps it back for a plain one. The forward and backward hooks
-    registered on the replaced module move to ``new`` (:func:`move_call_hooks`), so they keep firing.
+    registered on the replaced module move to ``new`` (:func:`move_call_hooks`), so they keep firing; so do its
+    state-dict hooks where ``new`` has its state-dict entries (:func:`move_state_dict_hooks`).
     """
     parent_name, _, child = qualname.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     old = getattr(parent, child)
     move_call_hooks(old, new)
+    move_state_dict_hooks(old, new)
     setattr(parent, child, new)
     if type(new).__module__.startswith("orthofx."):
         new.__dict__[SITE_ATTRIBUTE] = qualname  # the layer's errors name it (errors.layer_label)
@@ -1027,8 +1080,19 @@ class PassContext:
         return self.gm.get_submodule(name)
 
     def replace_module(self, site: Site | str, new: nn.Module) -> nn.Module:
-        """Swap the module at ``site`` for ``new`` (see :func:`replace_module`); returns the old module."""
-        return replace_module(self.gm, site.name if isinstance(site, Site) else site, new)
+        """Swap the module at ``site`` for ``new`` (see :func:`replace_module`); returns the old module.
+
+        State-dict hooks on the old module do not go with it: an :class:`~orthofx.OrthofxWarning` names them,
+        and the capture warnings of the manifest keep the message next to the one about the root's."""
+        name = site.name if isinstance(site, Site) else site
+        message = lost_state_dict_hooks_warning(name, self.gm.get_submodule(name), new)
+        old = replace_module(self.gm, name, new)
+        if message is not None:
+            warnings.warn(message, OrthofxWarning, stacklevel=3)
+            capture = getattr(self.manifest, "capture", None)
+            if capture is not None and message not in capture.warnings:
+                capture.warnings.append(message)
+        return old
 
     def node(self, site: Site) -> torch.fx.Node:
         for n in self.gm.graph.nodes:
