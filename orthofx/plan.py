@@ -160,15 +160,20 @@ def other_mode_graph(gm: fx.GraphModule) -> tuple[fx.Graph, str] | None:
     return gm.other_graph, gm.other_mode
 
 
+def mode_graphs(gm: fx.GraphModule) -> list[tuple[fx.Graph, str]]:
+    """``(graph, mode)`` of ``gm``'s graph in the mode it is in now (mode ``""``) and, for a two-mode graph module,
+    of the other mode's graph (:func:`other_mode_graph`)."""
+    other = other_mode_graph(gm)
+    return [(gm.graph, "")] if other is None else [(gm.graph_for(gm.graph_training), ""), other]
+
+
 def _all_sites(gm: fx.GraphModule, blocks: Iterable[str]) -> tuple[list[Site], dict[str, dict[str, fx.Node]]]:
     """The sites of ``gm.graph`` and, for a two-mode graph module, those of the other mode's graph that the
     first does not have (its function sites, and modules it alone calls), with each graph's nodes by name."""
-    other = other_mode_graph(gm)
-    first = gm.graph if other is None else gm.graph_for(gm.graph_training)  # whatever mode gm is in now
+    (first, _), *others = mode_graphs(gm)  # first: whatever mode gm is in now
     sites = collect_sites(gm, blocks, graph=first)
     nodes = {"": {n.name: n for n in first.nodes}}
-    if other is not None:
-        graph, mode = other
+    for graph, mode in others:
         known = {s.name for s in sites}
         suffix = f"@{mode}"
         for site in collect_sites(gm, blocks, graph=graph, mode=mode):
@@ -697,10 +702,7 @@ def orthofx_decompositions(gm: fx.GraphModule, model: nn.Module | None = None) -
         assert (dec.name, dec.layer, dec.original) == ("linalg.eigvalsh", "stable_eigvalsh", "linalg.eigvalsh")
         assert dec.made_by == "svd_conditioning (rule 'stable-decompositions')"
     """
-    other = other_mode_graph(gm)
-    graphs = [(gm.graph if other is None else gm.graph_for(gm.graph_training), "")]
-    if other is not None:
-        graphs.append(other)
+    graphs = mode_graphs(gm)
     found: list[OrthofxLayer] = []
     recorded: list[OrthofxLayer] | None = None  # the replacements the manifests record, in their order
     for graph, mode in graphs:
@@ -1176,12 +1178,6 @@ def _functional_layer_ops() -> dict[Any, tuple[str, bool | int | None]]:
 _FUNCTIONAL_LAYER_OPS = _functional_layer_ops()
 
 
-def _graphs(gm: fx.GraphModule) -> list[fx.Graph]:
-    """``gm``'s graph and, for a two-mode graph module, the other mode's (as :func:`_all_sites` reads them)."""
-    other = other_mode_graph(gm)
-    return [gm.graph] if other is None else [gm.graph_for(gm.graph_training), other[0]]
-
-
 def _parameter_at(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
     """The parameter a ``get_attr`` node reads, None for a buffer, a constant or anything else."""
     owner, _, name = target.rpartition(".")
@@ -1205,7 +1201,7 @@ def functional_weight_warnings(gm: fx.GraphModule, policy: Policy, sites: list[S
                and issubclass(s.module_type, (nn.Linear,) + _CONV_LAYERS)}
     covered = set(covered)
     found: dict[str, tuple[str, str, str, type]] = {}  # parameter -> (node, op, scope, layer type)
-    for graph in _graphs(gm):
+    for graph, _ in mode_graphs(gm):
         for node in graph.nodes:
             spec = _FUNCTIONAL_LAYER_OPS.get(node.target) if node.op == "call_function" else None
             if spec is None:
