@@ -14,21 +14,23 @@ Three capture modes (``capture: {mode: ...}`` in a policy):
 ``export``
     the graph is built with ``torch.export.export(..., strict=False)`` on the example inputs (batch dimension
     dynamic when the model allows it), which follows Python control flow on shapes, ``x.size(0)`` in Python
-    arithmetic and code from other libraries. The exported ATen-level graph is turned back into a GraphModule of
-    the same form as fx mode: every call of a leaf module (the same leaf rule) becomes one ``call_module`` node
-    calling the model's module at its qualified name (found with ``preserve_module_call_signature`` and the
-    nodes' ``nn_module_stack``), parameters and buffers are ``get_attr`` nodes at their original names (so
-    ``named_modules()``, ``state_dict()`` keys and site names are fx mode's), and decompositions and the ops
-    around them are put back in their ``torch.*`` form (``torch.linalg.eigh`` ...) so that every pass handles
-    both kinds of graph. The other ops stay ATen ops (``torch.ops.aten.*``). What export fixed to the example
-    inputs (every static dimension of a tensor input, the value of a non-tensor input) is checked first thing in
-    the graph (:func:`require_input_shape`, :func:`require_input_value`): other inputs raise
-    :class:`~orthofx.errors.ArgumentError` instead of running with the example's sizes or values. So do another
-    number of inputs for a ``*args`` forward (:func:`require_input_count`) and a value for a parameter the example
-    left at its default (:func:`require_default_argument`); keyword inputs (``example_kwargs``) are inputs by
-    name. ``torch.no_grad()`` and ``torch.autocast(...)`` blocks stay flat (fx mode's :func:`set_grad_mode` ...
-    calls), so leaf calls inside them are ``call_module`` nodes too; lazy layers that have not run yet are
-    exported from a copy that ran once on the example inputs (:func:`_materialised`).
+    arithmetic and code from other libraries. The exported ATen-level graph is turned back into a GraphModule of the
+    same form as fx mode: every call of a leaf module (the same leaf rule) becomes one ``call_module`` node calling
+    the model's module at its qualified name (found with ``preserve_module_call_signature`` and the nodes'
+    ``nn_module_stack``; torch.export keeps one signature per module, so it is given every call of a leaf in one
+    form, :func:`_export_call_form`, and the node makes the call as the forward wrote it), parameters and buffers
+    are ``get_attr`` nodes at their original names (so ``named_modules()``, ``state_dict()`` keys and site names are
+    fx mode's), and decompositions and the ops around them are put back in their ``torch.*`` form
+    (``torch.linalg.eigh`` ...) so that every pass handles both kinds of graph. The other ops stay ATen ops
+    (``torch.ops.aten.*``). What export fixed to the example inputs (every static dimension of a tensor input, the
+    value of a non-tensor input) is checked first thing in the graph (:func:`require_input_shape`,
+    :func:`require_input_value`): other inputs raise :class:`~orthofx.errors.ArgumentError` instead of running with
+    the example's sizes or values. So do another number of inputs for a ``*args`` forward
+    (:func:`require_input_count`) and a value for a parameter the example left at its default
+    (:func:`require_default_argument`); keyword inputs (``example_kwargs``) are inputs by name. ``torch.no_grad()``
+    and ``torch.autocast(...)`` blocks stay flat (fx mode's :func:`set_grad_mode` ... calls), so leaf calls inside
+    them are ``call_module`` nodes too; lazy layers that have not run yet are exported from a copy that ran once on
+    the example inputs (:func:`_materialised`).
 ``auto`` (the default)
     fx first (with the leaf fallback); when the top-level trace fails (or cannot follow the example call's branch
     of ``if mask is None:``, see below) and example inputs were given, export.
@@ -1467,9 +1469,62 @@ def positional_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> t
     return tuple(args), kwargs
 
 
-def _positional_call_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    """A forward pre-hook (``with_kwargs=True``) making the call :func:`positional_call`'s."""
-    return positional_call(module, args, kwargs)
+#: What torch.export takes as a leaf of a module call's flattened arguments besides tensors (wrappers.py).
+_CALL_CONSTANT_TYPES = (str, int, float, bool, type(None))
+
+
+def _export_call_form(module: nn.Module, args: tuple, kwargs: dict[str, Any]
+                      ) -> tuple[tuple, dict[str, Any], tuple[str, ...]]:
+    """``(args, kwargs, names)``: the call of ``module`` torch.export is given, and the names of its positional
+    arguments (shorter than ``args`` by the values of a ``*args`` parameter).
+
+    Every parameter of the forward is given, positionally where it can be, those the call left out at their
+    default, so that calls written in different forms (``self.t(x)``, ``self.t(input=y)``,
+    ``self.a(q, k, v, need_weights=False)``) have one structure. Where a default is not a constant torch.export
+    can take as an argument (a tensor, an object), the call is :func:`positional_call`'s instead."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):  # no signature (a builtin), or a call the forward refuses: as written
+        return tuple(args), dict(kwargs), ()
+    given = set(bound.arguments)
+    bound.apply_defaults()
+    filled = [value for name, value in bound.arguments.items() if name not in given]
+    if not all(isinstance(leaf, _CALL_CONSTANT_TYPES) for leaf in torch.utils._pytree.tree_leaves(filled)):
+        new_args, new_kwargs = positional_call(module, args, kwargs)
+        # positional_call moves only named parameters that directly follow the positional arguments
+        moved = len(new_args) > len(args)
+        return new_args, new_kwargs, tuple(bound.signature.parameters)[:len(new_args)] if moved else ()
+    names = tuple(p.name for p in bound.signature.parameters.values()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+    return tuple(bound.args), dict(bound.kwargs), names
+
+
+def _export_call_recorded(written: list, module: nn.Module, args: tuple, kwargs: dict[str, Any]
+                          ) -> tuple[tuple, dict[str, Any]]:
+    """A forward pre-hook (``with_kwargs=True``, ``written`` bound) making the call :func:`_export_call_form`'s.
+
+    Appends to ``written``, per call, ``(count, keys, names)``: how many arguments the call gave positionally,
+    its keywords in their order, and the names of the positional arguments torch.export was given, which
+    :func:`_call_as_written` takes to give the call back its form."""
+    new_args, new_kwargs, names = _export_call_form(module, args, kwargs)
+    written.append((len(args), tuple(kwargs), names))
+    return new_args, new_kwargs
+
+
+def _call_as_written(args: tuple, kwargs: dict[str, Any], count: int, keys: tuple[str, ...],
+                     names: tuple[str, ...]) -> tuple[tuple, dict[str, Any]]:
+    """The call :func:`_export_call_recorded` was given as the forward wrote it: its first ``count`` positional
+    arguments, and its keywords in their order, read from the positional arguments named ``names`` or the
+    keywords (the defaults it filled in are dropped)."""
+    values = dict(zip(names, args))
+    values.update(kwargs)
+    return tuple(args[:count]), {key: values[key] for key in keys}
+
+
+def _written_call_text(path: str, count: int, keys: tuple[str, ...]) -> str:
+    """``conv(<1 positional>)``, ``conv(input=...)``: the form of a recorded call, for messages."""
+    parts = ([f"<{count} positional>"] if count else []) + [f"{key}=..." for key in keys]
+    return f"{path}({', '.join(parts)})"
 
 
 def _match_persistence(gm: torch.fx.GraphModule, model: nn.Module) -> None:
@@ -2301,10 +2356,14 @@ def _describe_export_failure(exc: BaseException) -> str:
     return cause
 
 
-def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict[str, Any] | None = None) -> Any:
+def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict[str, Any] | None = None,
+                written: dict[str, list[tuple]] | None = None, records: Iterable[list] = ()) -> Any:
     """``torch.export.export`` (non-strict) with a dynamic batch dimension, else static shapes. The batch of a
     seq-first recurrent layer's input ``(L, N, H_in)`` and of a hidden state is dimension 1
-    (:func:`recurrent_batch_dims`)."""
+    (:func:`recurrent_batch_dims`). ``written``: the leaves' calls as :func:`_export_call_recorded` records them,
+    for the message on a leaf whose calls torch.export cannot give one signature. ``records`` (lists the leaves'
+    hooks append to, ``written``'s among them) are emptied before each attempt: they describe the calls of the
+    export returned, not those of an attempt that failed part way."""
     options = {"strict": False, "preserve_module_call_signature": tuple(leaves)}
     inputs, kwargs = _unaliased_inputs(inputs, kwargs or {})
     attempts = []
@@ -2322,6 +2381,8 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
         # stayed on the caller's example inputs
         fresh_inputs, fresh_kwargs = torch.utils._pytree.tree_map_only(
             torch.Tensor, lambda t: t.detach().requires_grad_(t.requires_grad), (inputs, kwargs))
+        for record in records:
+            record.clear()
         try:
             with contextlib.redirect_stderr(buffer), _flat_mode_regions(), exported_as_plain_module(model):
                 program = torch.export.export(model, fresh_inputs, kwargs=fresh_kwargs or None,
@@ -2344,6 +2405,9 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
             "Fix: capture with symbolic tracing, capture: {mode: fx} or {mode: auto} in the policy (auto, the "
             "default, tries fx first), which keeps the torch.nn.utils.rnn helpers as calls in the graph",
             module_path=path) from error
+    mismatch = _call_signature_mismatch(model, error, written or {})
+    if mismatch is not None:
+        raise CaptureError(mismatch[1], module_path=mismatch[0]) from error
     unsupported = _unsupported_input_class(inputs, kwargs, error)
     if unsupported is not None:
         name = f"{unsupported.__module__}.{unsupported.__qualname__}"
@@ -2362,6 +2426,40 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
         "check that the model runs on example_inputs; for a Python branch on a tensor's value, move it into a "
         "submodule (symbolic tracing, capture mode fx or auto, then keeps that submodule as a leaf) or write it "
         "with torch.cond", module_path=path) from error
+
+
+#: torch.export's refusal of a preserved module whose calls differ in structure (torch/_export/wrappers.py).
+_SPEC_MISMATCH = re.compile(r"(in|out)_spec mismatch for (?:_export_root\.)?([\w.]+):")
+
+
+def _call_signature_mismatch(model: nn.Module, error: BaseException, written: dict[str, list[tuple]]
+                             ) -> tuple[str, str] | None:
+    """``(path, message)`` when torch.export refused ``error`` because the calls of a leaf have arguments or
+    results of different structures (it keeps one call signature per module); None otherwise."""
+    for exc in _exception_chain(error):
+        found = _SPEC_MISMATCH.search(str(exc)) if isinstance(exc, AssertionError) else None
+        if found is not None:
+            break
+    else:
+        return None
+    kind, used = found.groups()
+    path = _canonical_path(used, first_module_paths(model))
+    try:
+        cls = type(model.get_submodule(path)).__name__
+    except AttributeError:
+        return None
+    forms = list(dict.fromkeys(_written_call_text(used, count, keys) for count, keys, _ in written.get(path, ())))
+    what = "pass it arguments" if kind == "in" else "return results"
+    calls = f" (the calls: {', '.join(forms)})" if len(forms) > 1 else ""
+    return path, (
+        f"torch.export (non-strict) cannot capture the model: the calls of leaf module '{path}' ({cls}) {what} "
+        f"of different structures{calls}. torch.export keeps one call signature per module, which orthofx "
+        "needs to make each call of a leaf one call of the module in the graph; orthofx already passes every "
+        "argument of such a call positionally (a call by keyword and a positional one are alike), but not a "
+        "value that is None in one call and a tensor or a list in another, nor results of different "
+        "structures. Fix: call the module the same way each time (the same keyword arguments with values of "
+        "the same kind), or capture with symbolic tracing, capture: {mode: fx} or {mode: auto} in the policy "
+        "(auto, the default, tries fx first), which records each call as it is written")
 
 
 def _unsupported_input_class(inputs: tuple, kwargs: dict[str, Any], error: BaseException) -> type | None:
@@ -2540,7 +2638,8 @@ class _ExportRebuilder:
     """Turns an ExportedProgram's graph into an fx graph of fx mode's form (see the module docstring)."""
 
     def __init__(self, ep: Any, model: nn.Module, leaves: list[str], excluded: set[str],
-                 call_order: list[str] = (), aliases: dict[str, str] | None = None):
+                 call_order: list[str] = (), aliases: dict[str, str] | None = None,
+                 as_written: dict[str, tuple[int, tuple[str, ...], tuple[str, ...]]] | None = None):
         global _TORCH_FORMS
         if _TORCH_FORMS is None:
             _TORCH_FORMS = _torch_forms()
@@ -2562,6 +2661,7 @@ class _ExportRebuilder:
         self.grad_mode = torch.is_grad_enabled()
         self.grad_switches: list[tuple[torch.fx.Node, bool]] = []
         self.aliases = aliases or {}
+        self.as_written = as_written or {}  # call name -> how to give it its form back (_call_as_written)
         leaf_set = set(leaves)
         made = set(call_order)
         calls: dict[str, _LeafCall] = {}
@@ -2650,6 +2750,8 @@ class _ExportRebuilder:
         sig = call.signature
         flat = [self._argument(a) for a in sig.inputs]
         args, kwargs = torch.utils._pytree.tree_unflatten(flat, sig.in_spec)
+        if call.name in self.as_written:
+            args, kwargs = _call_as_written(tuple(args), dict(kwargs), *self.as_written[call.name])
         node = self.graph.call_module(call.path, tuple(args), dict(kwargs))
         if call.members:
             stack = call.members[0].meta.get("nn_module_stack") or {}
@@ -3378,14 +3480,18 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         # The order of the leaf calls (a call that leaves no node in the graph, such as nn.Identity's, is put
         # back at its place among the others).
         order: list[str] = []
-        unhooked = [path for path in leaves if not call_hook_count(source.get_submodule(path))]
         stashed = _stash_call_hooks([source.get_submodule(path) for path in leaves])
         hooks = [source.get_submodule(path).register_forward_pre_hook(
             lambda module, args, path=path: order.append(path)) for path in leaves]
-        # the calls as the graph will make them (see _positional_layer_inputs): torch.export refuses a leaf whose
-        # calls give the same input once positionally and once by keyword ("in_spec mismatch")
-        hooks += [source.get_submodule(path).register_forward_pre_hook(_positional_call_hook, with_kwargs=True)
-                  for path in unhooked]
+        # Every leaf call is given to torch.export in one form (_export_call_form: every argument, positionally
+        # where it can be): it keeps one call signature per module, and refused a leaf called once positionally
+        # and once by keyword, or with other keywords ("in_spec mismatch"). The call is the same for the leaf's
+        # forward (its own hooks are stashed meanwhile), and the graph makes each call as the forward wrote it
+        # (``written``): a hooked leaf's hooks see the call as written; the others' calls are made positional at
+        # the end (_positional_layer_inputs), as in fx mode.
+        written: dict[str, list[tuple[int, tuple[str, ...], tuple[str, ...]]]] = {path: [] for path in leaves}
+        hooks += [source.get_submodule(path).register_forward_pre_hook(
+            functools.partial(_export_call_recorded, written[path]), with_kwargs=True) for path in leaves]
         states = [_ModuleState(path, module) for path, module in source.named_modules()]
         aliases = first_module_paths(source)
         leaf_set = set(leaves)
@@ -3393,7 +3499,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         # calls under its other names too
         preserved = leaves + [alias for alias, path in aliases.items() if path in leaf_set]
         try:
-            ep = _run_export(source, inputs, preserved, kwargs)
+            ep = _run_export(source, inputs, preserved, kwargs, written, [order, *written.values()])
         finally:
             for hook in hooks:
                 hook.remove()
@@ -3412,15 +3518,18 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         opened.update(uncalled)
     counts: dict[str, int] = {}
     call_order = []
+    as_written = {}
     for path in order:
         k = counts.get(path, 0)
         counts[path] = k + 1
         call_order.append(path if k == 0 else f"{path}@{k}")
+        if k < len(written[path]):
+            as_written[call_order[-1]] = written[path][k]
     info = CaptureInfo(mode="export")
     excluded: set[str] = set()
     while True:
         try:
-            rebuilder = _ExportRebuilder(ep, source, leaves, excluded, call_order, aliases)
+            rebuilder = _ExportRebuilder(ep, source, leaves, excluded, call_order, aliases, as_written)
             graph = rebuilder.build()
             # pickling a GraphModule re-traces its code with this tracer (see _RetraceTracer)
             graph._tracer_cls = _RetraceTracer

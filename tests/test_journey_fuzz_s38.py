@@ -136,10 +136,6 @@ class _BothWays(nn.Module):
         return self.c(input=self.c(x)).mean((2, 3))
 
 
-@pytest.mark.xfail(strict=True, reason="capture mode export keeps a hooked layer's calls as written, and "
-                                       "torch.export's preserve_module_call_signature refuses one called "
-                                       "positionally and by keyword ('in_spec mismatch'); the CaptureError says to "
-                                       "check the example inputs / a branch on a tensor's value, not the cause")
 def test_export_capture_hooked_layer_called_both_ways():
     x = torch.randn(2, 4, 8, 8)
     torch.export.export(_BothWays(), (x,), strict=False)  # torch itself captures it
