@@ -1477,7 +1477,9 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
     float32 ``model``) and the Jacobian probes' step within their ``every`` period, so it continues as the saved model
     would. Example inputs in the saved dtype work too: float64 ones replay the policy on a float64 copy of ``model``;
     half-precision ones are cast to ``model``'s dtype for the replay (a decomposition the policy replaces may have no
-    half-precision kernel), and the result is converted.
+    half-precision kernel), and the result is converted. A model that torch.export captured in another dtype than
+    ``model``'s (the file records it) is replayed on a copy converted to that dtype, whatever the example inputs'
+    dtype (cast to it): such a graph holds its dtype.
 
     ``check_graph=False`` skips the comparison with the recorded graph, for a forward rewritten to compute the
     same thing in other operations (``x.relu()`` for ``F.relu(x)``); the weights are still checked.
@@ -1541,7 +1543,13 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
     phases = _saved_probe_phases(saved, path, written_by)
     saved_dtype = _saved_dtype_of_inputs(model, state, example)
     converted = _in_saved_dtype(model, saved_dtype)
-    if saved_dtype in HALF_PRECISION:
+    captured = _captured_dtype(model, state)
+    if captured is not None:
+        # a torch.export graph holds the dtype it was captured in (constants, dtype checks, branches on x.dtype):
+        # replayed in the model's dtype and converted, the restored model failed on the saved model's inputs
+        converted = copy_model(unwrap_model(model)).to(captured)
+        example_inputs, example_kwargs = _in_model_dtype(converted, example_inputs, example_kwargs)
+    elif saved_dtype in HALF_PRECISION:
         example_inputs, example_kwargs = _in_model_dtype(model, example_inputs, example_kwargs)
     try:
         if converted is None:
@@ -1576,11 +1584,38 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
                           "'model.pt')") from exc
     if missing or unexpected:
         raise ExportError(f"the saved weights in {path!r} do not fit the model: missing {list(missing)[:5]}, "
-                          f"unexpected {list(unexpected)[:5]}; load with the model the file was exported from")
+                          f"unexpected {list(unexpected)[:5]}; load with the model the file was exported from"
+                          f"{_frozen_layers_hint(model, missing, unexpected)}")
     _restore_probe_phases(gm, phases, path)
     if check_graph:
         _check_same_graph(gm, state, path)
     return gm
+
+
+def _frozen_layers_hint(model: nn.Module, missing: list[str], unexpected: list[str]) -> str:
+    """Where the replay and the file hold other entries for the same layers (an orthofx layer in one, the plain
+    layer in the other), the likely cause: a layer frozen (``requires_grad=False``) in one model and not in the
+    other, as the passes that replace layers leave a frozen one as it is."""
+    def layers(keys: list[str]) -> set[str]:
+        return {key.rpartition(".")[0] for key in keys}
+    # a plain layer's weight on one side only: the other side's entries are the orthofx layer's (raw_weight ...)
+    both = sorted(name for name in layers(missing) & layers(unexpected)
+                  if (f"{name}.weight" in missing) != (f"{name}.weight" in unexpected))
+    if not both:
+        return ""
+    frozen = []
+    for name in both:
+        try:
+            layer = unwrap_model(model).get_submodule(name)
+        except AttributeError:
+            continue
+        if any(not p.requires_grad for p in layer.parameters(recurse=False)):
+            frozen.append(name)
+    state = (f"frozen here (requires_grad=False: {first_few([repr(n) for n in frozen], 3)})" if frozen else
+             "trainable here, so the saved model's was likely frozen (requires_grad=False)")
+    return (f". The file and this model hold other entries for the layers {first_few([repr(n) for n in both], 3)}, "
+            f"{state}: orthogonal_conv and pre_svd (weight: orthogonal) replace a layer but leave a frozen one as it "
+            "is (frozen: skip), so freeze the same layers before orthofx.load as before orthofx.transform")
 
 
 def _check_materialized(root: nn.Module, path: str) -> None:
@@ -1624,15 +1659,35 @@ def _node_row(gm: fx.GraphModule, node: fx.Node) -> str:
 def _graph_signature(gm: fx.GraphModule) -> dict:
     """What the transformed model computes, in plain types that ``torch.load(weights_only=True)`` reads: the capture
     mode and, for a symbolic trace, each graph's nodes (:func:`_node_row`; the training-mode graph first where the
-    model has one per mode). A torch.export graph is recorded by its mode only: its ATen operators depend on the
-    torch release, and a file must load on another one."""
+    model has one per mode). A torch.export graph is recorded by its mode and the floating dtypes of the inputs it
+    was captured with (``input_dtypes``, which :func:`load` replays it in): its ATen operators depend on the torch
+    release, and a file must load on another one."""
     mode = manifest_of(gm).capture.mode
     graphs = []
     if mode == "fx":
         modes = (True, False) if isinstance(gm, ModalGraphModule) else (None,)
         graphs = [[_node_row(gm, node) for node in (gm.graph if training is None else gm.graph_for(training)).nodes]
                   for training in modes]
-    return {"capture": mode, "graphs": graphs, "written_by": _release()}
+    record = {"capture": mode, "graphs": graphs, "written_by": _release()}
+    if mode == "export":
+        record["input_dtypes"] = sorted({str(dtype) for dtype in _captured_input_dtypes(gm)})
+    return record
+
+
+def _captured_input_dtypes(gm: fx.GraphModule) -> set[torch.dtype]:
+    """The floating dtypes of the example inputs a torch.export capture of ``gm`` ran on (its placeholders'
+    recorded values). Such a graph holds the dtypes it was captured in (a ``torch.eye(n, dtype=x.dtype)``, a branch
+    on ``x.dtype``), so :func:`load` replays it in the same dtype."""
+    values = (node.meta.get("val") for node in gm.graph.nodes if node.op == "placeholder")
+    return {v.dtype for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+def _recorded_input_dtypes(state: dict) -> set[str]:
+    """The ``input_dtypes`` of the file's graph record (:func:`_graph_signature`; empty where there is none)."""
+    saved = getattr(state, "_metadata", {}).get("", {})
+    saved = saved.get(GRAPH_METADATA_KEY) if isinstance(saved, dict) else None
+    dtypes = saved.get("input_dtypes") if isinstance(saved, dict) else None
+    return {d for d in dtypes if isinstance(d, str)} if isinstance(dtypes, (list, tuple)) else set()
 
 
 def _release() -> str:
@@ -1805,6 +1860,22 @@ def _saved_dtype_of_inputs(model: nn.Module, state: dict, example: ExampleCall |
     if len(saved) != 1 or inputs != saved or not current or current == saved:
         return None
     return saved.pop()
+
+
+def _captured_dtype(model: nn.Module, state: dict) -> torch.dtype | None:
+    """The dtype the saved model was captured in with torch.export, where the file records one
+    (:func:`_graph_signature`'s ``input_dtypes``), the saved parameters of ``model`` are all in it and ``model``'s
+    are not; else ``None``. :func:`load` replays such a policy on a copy converted to it, whatever the dtype of the
+    example inputs (cast to it): a replay in ``model``'s dtype captures another graph."""
+    model = unwrap_model(model)
+    names = {name for name, p in model.named_parameters() if p.is_floating_point()}
+    saved = {t.dtype for key, t in state.items() if key in names and isinstance(t, torch.Tensor)
+             and t.is_floating_point()}
+    current = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(saved) != 1 or current == saved:
+        return None
+    (dtype,) = saved
+    return dtype if _recorded_input_dtypes(state) == {str(dtype)} else None
 
 
 def _in_model_dtype(model: nn.Module, example_inputs: Any, example_kwargs: Any) -> tuple[Any, Any]:
