@@ -98,15 +98,11 @@ def test_journey_one_element_sizes_keyword_calls(tmp_path, preset, mode, hook):
 
 def _same_padded(padding_mode: str) -> nn.Module:
     torch.manual_seed(0)
-    # torch pads only the last dimension here (its _reversed_padding_repeated_twice zips the one-element
+    # torch pads only the first spatial dimension here (its _reversed_padding_repeated_twice zips the one-element
     # dilation with the kernel size), so the layer's output is (8, 4), not 'same'
     return nn.Sequential(nn.Conv2d(4, 4, 3, padding="same", dilation=(2,), padding_mode=padding_mode))
 
 
-@pytest.mark.xfail(strict=True, reason="orthogonal_conv / ConvNorm spread the one-element dilation over both "
-                                       "dimensions for 'same' padding; torch's non-zeros padding modes pad one "
-                                       "(_reversed_padding_repeated_twice): the replacement's output shape differs "
-                                       "and the pass fails with a raw broadcast RuntimeError")
 @pytest.mark.parametrize("preset", ["orthogonal", "convnorm"])
 @pytest.mark.parametrize("padding_mode", ["reflect", "circular"])
 def test_same_padding_nonzero_mode_one_element_dilation(preset, padding_mode):

@@ -56,6 +56,9 @@ shape and output ``i`` is the normalised value at the centre of the same recepti
 ``padding_mode`` other than ``"zeros"`` (reflect, replicate, circular): the input is padded explicitly with
 that mode first and the formulation above is applied with zero padding ``p = 0`` to the padded signal.
 ``padding="same"`` / ``"valid"`` follow torch's convention (for an odd total, the extra zero goes on the right).
+The explicit pads are ``nn.Conv``'s own: ``padding="same"`` with a one-element ``dilation`` (``dilation=(2,)``
+on a ``Conv2d``) pads the first spatial dimension only, as torch's layer does in those modes (its output is not
+"same"; :func:`~orthofx.nn.padding.conv_mode_pads`), and the functional :func:`conv_norm` pads the same way.
 
 The conv's bias is added *after* the normalisation (filtering a constant bias would only rescale it by
 ``V_m(0)``, and in the linear picture the bias is not part of the operator being normalised).
@@ -233,7 +236,7 @@ from torch import nn
 from orthofx.errors import LayerArgumentError, RunningFiltersDroppedWarning, first_few, keep_in_metadata, layer_label
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
 from orthofx.nn.orthogonal import _EvalCache, without_memory_format
-from orthofx.nn.padding import circular_pad, conv_zero_pads, flat_pads, per_dimension
+from orthofx.nn.padding import circular_pad, conv_mode_pads, conv_zero_pads, flat_pads, per_dimension
 from orthofx.nn.precision import HALF_PRECISION
 from orthofx.theory import _flag
 
@@ -351,7 +354,13 @@ def convnorm_geometry(input_size: Sequence[int], kernel_size, stride=1, padding=
     dil = _ntuple(dilation, d, "dilation", broadcast=True)
     if any(v < 1 for v in k + s + dil):
         raise LayerArgumentError(f"kernel_size, stride and dilation must be positive, got {k}, {s}, {dil}")
-    pads = conv_zero_pads(padding, k, dil, s)
+    return _geometry_of_pads(n, k, s, dil, conv_zero_pads(padding, k, dil, s), where)
+
+
+def _geometry_of_pads(n: tuple[int, ...], k: tuple[int, ...], s: tuple[int, ...], dil: tuple[int, ...],
+                      pads: Sequence[tuple[int, int]], where: str) -> ConvNormGeometry:
+    """:func:`convnorm_geometry` for checked sizes (``d`` ints each) and the ``(left, right)`` zero pads per
+    dimension."""
     _check_nonempty(n, where)
     ql, qr, grid, start, out = [], [], [], [], []
     for ni, ke, si, (pl, pr) in zip(n, _dilated_extent(k, dil), s, pads):
@@ -382,15 +391,27 @@ def _check_nonempty(size: Sequence[int], where: str) -> None:
 def _explicit_pads(size: Sequence[int], kernel_size, stride, padding, dilation, padding_mode: str,
                    where: str) -> tuple[tuple[int, int], ...]:
     """``(left, right)`` per spatial dimension by which a conv's non-zero ``padding_mode`` pads an input of spatial
-    ``size`` before ConvNorm's geometry, after the checks the geometry of the padded size (with no padding left)
-    could not make or name: the input is non-empty and covers the dilated kernel once padded (the error names the
-    input's own size and its padding), and reflect padding is smaller than the input (it mirrors the input without
-    repeating its edge, so it has ``n - 1`` entries to mirror; ``F.pad`` and torch's conv require the same)."""
-    convnorm_geometry(size, kernel_size, stride, padding, dilation, where=where)
+    ``size`` before ConvNorm's geometry: torch's own pads (:func:`~orthofx.nn.padding.conv_mode_pads`; ``"same"``
+    with a one-element ``dilation`` pads the first spatial dimension only, as ``nn.Conv`` does, where spreading it
+    over every dimension gave another output size than the conv's), after :func:`_check_explicit_pads`."""
     d = len(size)
-    pads = conv_zero_pads(padding, _ntuple(kernel_size, d, "kernel_size"),
-                          _ntuple(dilation, d, "dilation", broadcast=True),
-                          _ntuple(stride, d, "stride", broadcast=True))
+    k = _ntuple(kernel_size, d, "kernel_size")
+    s = _ntuple(stride, d, "stride", broadcast=True)
+    dil = _ntuple(dilation, d, "dilation", broadcast=True)
+    if any(v < 1 for v in k + s + dil):
+        raise LayerArgumentError(f"kernel_size, stride and dilation must be positive, got {k}, {s}, {dil}")
+    return _check_explicit_pads(size, k, s, dil, conv_mode_pads(padding, k, dilation, s), padding_mode, where)
+
+
+def _check_explicit_pads(size: Sequence[int], k: tuple[int, ...], s: tuple[int, ...], dil: tuple[int, ...],
+                         pads: Sequence[tuple[int, int]], padding_mode: str, where: str) -> tuple[tuple[int, int], ...]:
+    """``pads`` (``d`` pairs, for a checked kernel size, stride and dilation of ``d`` ints each) after the checks
+    the geometry of the padded size (with no padding left) could not make or name: the input is non-empty and
+    covers the dilated kernel once padded (the error names the input's own size and its padding), and reflect
+    padding is smaller than the input (it mirrors the input without repeating its edge, so it has ``n - 1`` entries
+    to mirror; ``F.pad`` and torch's conv require the same)."""
+    pads = tuple(tuple(pair) for pair in pads)
+    _geometry_of_pads(tuple(int(n) for n in size), k, s, dil, pads, where)
     if padding_mode == "reflect" and any(max(pair) >= n for n, pair in zip(size, pads)):
         raise LayerArgumentError(
             f"{where}: padding_mode='reflect' pads the input by {[tuple(p) for p in pads]} (left, right) per spatial "
@@ -836,8 +857,9 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
     ks = tuple(weight.shape[2:])
     dil = _ntuple(dilation, d, "dilation", broadcast=True)
     if padding_mode != "zeros":
-        x = _explicit_pad(x, _explicit_pads(x.shape[2:], ks, stride, padding, dil, padding_mode, _caller(layer)),
-                          padding_mode)
+        # the dilation as given: a one-element one makes torch's "same" pad one dimension (conv_mode_pads)
+        x = _explicit_pad(x, _explicit_pads(x.shape[2:], ks, stride, padding, dilation, padding_mode,
+                                            _caller(layer)), padding_mode)
         padding = 0
     geo = convnorm_geometry(x.shape[2:], ks, stride, padding, dil, where=_caller(layer))
 
@@ -1709,7 +1731,8 @@ class FrozenConvNormNd(nn.Module):
         self.layer_padding = conv.padding if isinstance(conv.padding, str) else tuple(
             left for left, _ in conv_zero_pads(conv.padding, self.kernel_size, self.dilation))
         if conv.padding_mode != "zeros":
-            self.pre_pads = conv_zero_pads(conv.padding, self.kernel_size, self.dilation)
+            # torch's pads for the mode: "same" with a one-element dilation pads the first dimension only
+            self.pre_pads = conv_mode_pads(conv.padding, self.kernel_size, conv.dilation)
             self.geometry_padding = 0
         else:
             self.pre_pads = ()
@@ -1803,8 +1826,8 @@ class FrozenConvNormNd(nn.Module):
         torch without naming the layer (the filtered zero-padding path checks in :func:`convnorm_geometry`)."""
         where = layer_label(self)
         if self.padding_mode != "zeros":
-            _explicit_pads(size, self.kernel_size, self.stride, self.layer_padding, self.dilation, self.padding_mode,
-                           where)
+            _check_explicit_pads(size, self.kernel_size, self.stride, self.dilation, self.pre_pads, self.padding_mode,
+                                 where)
         elif self._scaled_conv:
             convnorm_geometry(size, self.kernel_size, self.stride, self.layer_padding, self.dilation, where=where)
 

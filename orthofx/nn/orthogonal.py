@@ -130,7 +130,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, MetaWeightError, layer_label
 from orthofx.nn.padding import (CircularFold, CircularPad, _circular_fold_valid, _circular_pad_valid, flat_pads,
-                                per_dimension, sizes_per_dimension)
+                                one_element_same_dilation, per_dimension, sizes_per_dimension)
 from orthofx.nn.precision import (HALF_PRECISION, _peak, autocast_conv_dtype, autocast_enabled, autocast_off,
                                   describe_nonfinite, relative_distance)
 from orthofx.nn.stiefel import _haar_factor, _unit_scaled, orthonormal, project_to_stiefel
@@ -288,10 +288,12 @@ def keeps_output_size(conv: nn.Module) -> bool:
     """Whether the circular ``"same"`` orthogonal layer (output ``n / S``) has the conv's output size on every
     grid divisible by the stride: ``floor((2p - d(k-1) - 1) / S) = -1`` per dimension, i.e.
     ``d(k-1) + 1 - S <= 2p <= d(k-1)``. ``padding="valid"`` is ``p = 0`` (it keeps the size where every
-    window is at most one stride long, e.g. a 1 x 1 conv or a ``k = S`` patch embedding)."""
+    window is at most one stride long, e.g. a 1 x 1 conv or a ``k = S`` patch embedding). ``"same"`` with a
+    one-element dilation and a padding mode other than zeros pads the first dimension only
+    (:func:`~orthofx.nn.padding.one_element_same_dilation`): it does not keep the size."""
     pads = _numeric_padding(conv)
     if pads is None:  # "same": torch allows it at stride 1 only, where it keeps the size by definition
-        return all(s == 1 for s in conv.stride)
+        return all(s == 1 for s in conv.stride) and one_element_same_dilation(conv) is None
     dims = len(conv.kernel_size)
     for k, s, p, d in zip(conv.kernel_size, per_dimension(conv.stride, dims, "stride"), pads,
                           per_dimension(conv.dilation, dims, "dilation")):
@@ -1737,6 +1739,11 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
                 raise LayerArgumentError(
                     f"padding='keep': the conv's padding_mode={conv.padding_mode!r} is not supported; orthogonal "
                     f"layers take 'circular' (exact) or 'zeros'. Pass padding='same' instead")
+            # the layer's "same" pads every dimension; such a conv pads one, and another output size came out
+            problem = one_element_same_dilation(conv)
+            if problem is not None:
+                raise LayerArgumentError(f"{cls.__name__}.from_conv: the {layer_label(conv)} cannot keep its padding "
+                                         f"(padding='keep'): {problem}. Or pass padding='same' (the circular layer)")
             padding, padding_mode = conv.padding, conv.padding_mode
         w0 = conv.weight.detach()
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=padding,

@@ -24,8 +24,8 @@ from torch import nn
 
 from orthofx.errors import LayerArgumentError
 
-__all__ = ["CircularFold", "CircularPad", "circular_fold", "circular_pad", "conv_zero_pads", "flat_pads", "pairs",
-           "per_dimension", "periodic_pad", "sizes_per_dimension"]
+__all__ = ["CircularFold", "CircularPad", "circular_fold", "circular_pad", "conv_mode_pads", "conv_zero_pads",
+           "flat_pads", "one_element_same_dilation", "pairs", "per_dimension", "periodic_pad", "sizes_per_dimension"]
 
 
 def conv_zero_pads(padding, kernel_size: Sequence[int], dilation: Sequence[int],
@@ -61,6 +61,45 @@ def conv_zero_pads(padding, kernel_size: Sequence[int], dilation: Sequence[int],
     if any(v < 0 for v in pads):
         raise LayerArgumentError(f"padding must be non-negative, got {padding!r}")
     return tuple((v, v) for v in pads)
+
+
+def conv_mode_pads(padding, kernel_size: Sequence[int], dilation, stride=()) -> tuple[tuple[int, int], ...]:
+    """``(left, right)`` per spatial dimension by which an ``nn.Conv{d}d`` with a ``padding_mode`` other than
+    ``"zeros"`` pads its input before convolving with no padding (torch's ``_reversed_padding_repeated_twice``):
+    those of :func:`conv_zero_pads`, except for ``padding="same"`` with a one-element ``dilation`` on a conv of
+    two or more dimensions. torch keeps ``dilation=(2,)`` as given and its conv applies it to every dimension, but
+    the module zips it with the kernel size to size the explicit pads, so it pads the first spatial dimension only:
+    ``nn.Conv2d(4, 4, 3, padding="same", dilation=(2,), padding_mode="reflect")`` maps 8 x 8 to 8 x 4. With
+    ``padding_mode="zeros"`` the conv's own ``"same"`` pads every dimension (:func:`conv_zero_pads`).
+
+    >>> conv_mode_pads("same", (3, 3), (2,)), conv_mode_pads("same", (3, 3), 2)
+    (((2, 2), (0, 0)), ((2, 2), (2, 2)))
+    """
+    pads = conv_zero_pads(padding, kernel_size, dilation, stride)
+    if isinstance(padding, str) and padding == "same" and isinstance(dilation, (tuple, list)) and len(dilation) == 1:
+        pads = pads[:1] + ((0, 0),) * (len(pads) - 1)
+    return pads
+
+
+def one_element_same_dilation(conv: nn.Module) -> str | None:
+    """Why ``conv`` (an ``nn.Conv{d}d``) is not the ``"same"`` conv it reads as, or ``None``: ``padding="same"``
+    with a one-element ``dilation`` and a ``padding_mode`` other than ``"zeros"`` pads its first spatial dimension
+    only (:func:`conv_mode_pads`), which changes its output size wherever a later dimension has a kernel wider than
+    one tap. Layers that cannot follow that geometry (an orthogonal layer's padding is all or nothing) refuse with
+    this text, which names the fix."""
+    d = len(tuple(conv.kernel_size))
+    mode = getattr(conv, "padding_mode", "zeros")
+    padding, dilation = conv.padding, conv.dilation
+    if mode == "zeros" or not isinstance(padding, str) or padding != "same" \
+            or not isinstance(dilation, (tuple, list)) or len(dilation) != 1 or d < 2:
+        return None
+    if conv_mode_pads(padding, conv.kernel_size, dilation) == conv_zero_pads(padding, conv.kernel_size, dilation):
+        return None
+    full = tuple(dilation) * d
+    return (f"padding='same' with padding_mode={mode!r} and the one-element dilation={tuple(dilation)}: torch's "
+            f"conv dilates every dimension by {dilation[0]} but pads only the first spatial one (its non-zeros "
+            f"padding modes zip the dilation with the kernel size), so the layer does not keep its input size; "
+            f"write dilation={full} for a 'same' conv")
 
 
 def per_dimension(value, d: int, name: str, *, item: Callable[[object], int] | None = None,

@@ -65,7 +65,7 @@ from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3
                               OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
                               circular_alignment, keeps_output_size, rko_problem,
                               transposed_alignment, transposed_keeps_output_size, transposed_size_keeping_padding)
-from ..nn.padding import conv_zero_pads, per_dimension
+from ..nn.padding import conv_mode_pads, conv_zero_pads, one_element_same_dilation, per_dimension
 from ..nn.precision import describe_nonfinite, relative_distance
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, check_scale_range, derived_weight,
                    describe_module, is_uninitialised, parameter_owners, require_initialised)
@@ -114,6 +114,11 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
     dims = conv.weight.dim() - 2
     if isinstance(conv, _TRANSPOSED_TYPES):
         return _transposed_impossibility(conv, padding, method)
+    # torch's layer pads one dimension of its "same": no orthogonal layer (circular or kept padding, which pads
+    # all or none) has its output size; the replacement failed in the example run with a broadcast RuntimeError
+    one_dimension = one_element_same_dilation(conv)
+    if one_dimension is not None:
+        return one_dimension
     if method == "cayley_fft":
         if any(d > 1 for d in conv.dilation):
             return (f"dilation={conv.dilation}: method cayley_fft builds a full-size kernel, which has no dilation; "
@@ -219,8 +224,11 @@ def _hard_status(original: nn.Module, padding: str) -> str:
 
 
 def _reads_padding(conv: nn.Module) -> bool:
-    """Whether ``conv``'s own padding adds any zero (``"same"`` with a 1 x 1 extent and ``"valid"`` add none)."""
-    pads = conv_zero_pads(conv.padding, conv.kernel_size, conv.dilation)
+    """Whether ``conv``'s own padding adds any entry (``"same"`` with a 1 x 1 extent and ``"valid"`` add none; in a
+    non-zeros padding mode torch's explicit pads, :func:`~orthofx.nn.padding.conv_mode_pads`, which are the zero
+    ones but for ``"same"`` with a one-element dilation)."""
+    pads = (conv_zero_pads if conv.padding_mode == "zeros" else conv_mode_pads)(conv.padding, conv.kernel_size,
+                                                                                conv.dilation)
     return any(side > 0 for pair in pads for side in pair)
 
 
