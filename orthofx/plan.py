@@ -384,6 +384,17 @@ def _selects(match: Match, site: Site, module: nn.Module | None, fed_by: dict[st
     return True
 
 
+def _selects_for_hint(match: Match, site: Site, module: nn.Module | None, fed_by: dict[str, set[str]]) -> bool:
+    """:func:`_selects` for the hints of a rule that matched nothing, which drop one of its selectors (name,
+    exclude, where) and so reach layers the rule itself never compared its ``where:`` values with: a value such a
+    layer cannot compare (``bias: 3`` on a Linear that ``exclude`` left out) does not select it there, rather than
+    replacing the rule's error with an internal one."""
+    try:
+        return _selects(match, site, module, fed_by)
+    except _WhereError:
+        return False
+
+
 def module_aliases(model: nn.Module | None) -> dict[str, tuple[str, ...]]:
     """First path -> the other paths of each module of ``model`` reachable by more than one (two attributes naming
     one module, ``self.b = self.a``; an ``nn.Sequential`` holding one layer twice; the submodules below them). A
@@ -846,7 +857,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
         capture.warnings.extend(w for w in notes if w not in capture.warnings)
     if capture is not None:
         covered = {name for rule in policy.rules for name in _hidden_by_tracing(rule, model, traced)}
-        notes = (scripted_module_warnings(gm) + unhandled_weight_warnings(gm, policy, sites)
+        notes = (scripted_module_warnings(gm) + unhandled_weight_warnings(gm, policy, sites, aliases)
                  + functional_weight_warnings(gm, policy, sites, traced, covered))
         capture.warnings.extend(w for w in notes if w not in capture.warnings)
 
@@ -1123,20 +1134,23 @@ _UNHANDLED_WEIGHTS = ((nn.RNNBase, "recurrent", "weight_ih_l*, weight_hh_l*"),
                       (nn.Bilinear, "bilinear", "weight"))
 
 
-def unhandled_weight_warnings(gm: fx.GraphModule, policy: Policy, sites: list[Site]) -> list[str]:
+def unhandled_weight_warnings(gm: fx.GraphModule, policy: Policy, sites: list[Site],
+                              aliases: dict[str, tuple[str, ...]] | None = None) -> list[str]:
     """Say which layers hold weight matrices that the policy's weight rules cannot reach: recurrent layers
     (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and their cells), ``nn.MultiheadAttention``'s packed input projection
     (its ``out_proj`` is a Linear site), ``nn.Bilinear``. Only when the policy has a module rule whose pass acts on
     Linear layers (L_orth, hard orthogonal layers, isometric init, Riemannian training ...): such a user expects
-    every weight matrix treated, and these are left as they are without a word otherwise."""
+    every weight matrix treated, and these are left as they are without a word otherwise. ``aliases``: the other
+    paths of each site's module (:func:`module_aliases`), which a rule may name, as build_plan selects sites."""
     linear_rules = [rule.name for rule in policy.rules if rule.match.site_kind == "module"
                     and _acts_on_linear(get_pass(rule.apply))]
     if not linear_rules:
         return []
     warnings = []
+    aliases = aliases or {}
     for cls, kind, weights in _UNHANDLED_WEIGHTS:
         found = [s.name for s in sites if s.kind == "module" and not s.mode and s.module_type is not None
-                 and issubclass(s.module_type, cls) and not _handled_by_a_rule(gm, policy, s)]
+                 and issubclass(s.module_type, cls) and not _handled_by_a_rule(gm, policy, s, aliases.get(s.name, ()))]
         if not found:
             continue
         shown = first_few(found, 4)
@@ -1252,14 +1266,14 @@ def _traced_owners_note(owners: list[str], traced: dict[str, type]) -> str:
             "keep them as layers")
 
 
-def _handled_by_a_rule(gm: fx.GraphModule, policy: Policy, site: Site) -> bool:
+def _handled_by_a_rule(gm: fx.GraphModule, policy: Policy, site: Site, aliases: tuple[str, ...] = ()) -> bool:
     """Whether a rule of ``policy`` selects ``site`` with a pass that acts on its layer type (``riemannian`` on a
     recurrent layer): then the layer's weights are not left without a word."""
     module = gm.get_submodule(site.name)
     for rule in policy.rules:
         types = getattr(get_pass(rule.apply), "module_types", ())
         if rule.match.site_kind == "module" and any(issubclass(site.module_type, t) for t in types) \
-                and _rule_selects(rule, site, module, {}):
+                and _rule_selects(rule, site, module, {}, aliases):
             return True
     return False
 
@@ -1478,7 +1492,7 @@ def _excluded_all_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: dic
     if not rule.match.exclude:
         return ""
     unexcluded = dataclasses.replace(rule.match, exclude=())
-    left_out = [s.name for s in sites if _selects(unexcluded, s, _module_or_none(gm, s), fed_by)]
+    left_out = [s.name for s in sites if _selects_for_hint(unexcluded, s, _module_or_none(gm, s), fed_by)]
     if not left_out:
         return ""
     return (f" Its exclude ({', '.join(rule.match.exclude)}) left out all {len(left_out)} site(s) it selects "
@@ -1497,7 +1511,7 @@ def _unmatched_name_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: d
     if not rule.match.name or rule.match.site_kind == "block":  # block sites exist only where a name selected one
         return ""
     unnamed = dataclasses.replace(rule.match, name=())
-    selected = [(s, m) for s in sites if _selects(unnamed, s, m := _module_or_none(gm, s), fed_by)]
+    selected = [(s, m) for s in sites if _selects_for_hint(unnamed, s, m := _module_or_none(gm, s), fed_by)]
     pass_obj = get_pass(rule.apply)()
     # the layers the rule's pass can take (a name-only rule selects activations and pools too)
     names = [s.name for s, m in selected if pass_obj.accepts(s, m) is None] or [s.name for s, _ in selected]

@@ -208,6 +208,19 @@ class Match:
             return False
         return not any(match_pattern(p, n) for p in self.exclude for n in names)
 
+    def __eq__(self, other: object) -> bool:
+        # a Match built in code may hold lists where one read from a policy holds tuples (type=["Conv2d"],
+        # where={"kernel_size": [3, 3]}); they select alike, and to_dict writes them alike
+        if not isinstance(other, Match):
+            return NotImplemented
+        return self._compared() == other._compared()
+
+    __hash__ = None  # mutable, as the generated __eq__ left it
+
+    def _compared(self) -> tuple:
+        where = {k: _tuple(v) for k, v in self.where.items()} if isinstance(self.where, Mapping) else self.where
+        return (*(_tuple(getattr(self, key)) for key in ("type", "name", "exclude", "op", "feeds")), where, self.kind)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key in ("type", "name", "exclude", "op", "feeds"):
@@ -229,7 +242,8 @@ class Rule:
 
     ``params`` are validated with defaults filled in; ``given_params`` are as written under ``with:``, less the
     parameters given as null (which means "not given": the default) that do not take null as a value.
-    ``index`` is the rule's position in the policy (0-based); ``location`` where its mapping starts,
+    ``index`` is the rule's position in the policy it was read from (0-based; not compared by ``==``, as a rule
+    moved to another policy keeps it); ``location`` where its mapping starts,
     ``match_location`` where its ``match`` mapping is written (at an anchor when the match is an alias, ``match:
     *m``; :attr:`Location.aliases` then says where the alias used it).
     """
@@ -240,7 +254,9 @@ class Rule:
     params: dict[str, Any] = field(default_factory=dict)
     given_params: dict[str, Any] = field(default_factory=dict)
     optional: bool = False
-    index: int = 0
+    # where the rule was read, like its location: a rule taken into another policy (Policy(rules=[p.rules[1]])) keeps
+    # it, plans use the rule's position, and to_dict writes what the position would not name the same way
+    index: int = field(default=0, compare=False)
     location: Location = field(default=Location(), compare=False)
     match_location: Location = field(default=Location(), compare=False)
 
@@ -276,6 +292,14 @@ class CaptureConfig:
     mode: str = "auto"
     leaf_modules: tuple[str, ...] = ()
 
+    def __eq__(self, other: object) -> bool:
+        # leaf_modules as a list (built in code) or a tuple (read): one capture
+        if not isinstance(other, CaptureConfig):
+            return NotImplemented
+        return (self.mode, _tuple(self.leaf_modules)) == (other.mode, _tuple(other.leaf_modules))
+
+    __hash__ = None  # mutable, as the generated __eq__ left it
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.mode != "auto":
@@ -309,6 +333,18 @@ class Policy:
     rules: list[Rule] = field(default_factory=list)
     description: str = ""
     source: str | None = field(default=None, compare=False)
+
+    def __eq__(self, other: object) -> bool:
+        # rules as a list or a tuple, a description of None or "" (not given): one policy, which to_dict writes alike
+        if not isinstance(other, Policy):
+            return NotImplemented
+        return self._compared() == other._compared()
+
+    __hash__ = None  # mutable, as the generated __eq__ left it
+
+    def _compared(self) -> tuple:
+        rules = list(self.rules) if isinstance(self.rules, (list, tuple)) else self.rules
+        return self.version, self.capture, rules, self.description or ""
 
     # -- constructors ---------------------------------------------------------------------------------------
 
@@ -404,7 +440,13 @@ class Policy:
     # -- output ---------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data in the YAML's shape (``Policy.from_dict(p.to_dict()) == p``)."""
+        """Plain data in the YAML's shape (``Policy.from_dict(p.to_dict()) == p``).
+
+        A Policy built or changed in code is checked first, as :meth:`load` checks it (:class:`PolicyError` naming
+        the field): otherwise its mistakes were written out as other content (``leaf_modules = "Linear"`` as the
+        classes L, i, n ...; ``optional = "yes"`` as true; a parameter only in ``params`` dropped), or failed
+        inside the YAML writer with a bare AttributeError or RepresenterError."""
+        _check_policy_object(self)
         out: dict[str, Any] = {"orthofx": self.version}
         if self.description:
             out["description"] = self.description

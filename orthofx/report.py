@@ -502,9 +502,17 @@ def _transformed_report(model: nn.Module) -> Report:
     entries_by_site: dict[tuple[str, str], list] = {}
     unsized: list[str] = []  # conv rows without sigma because no input reached them
     nonfinite: list[tuple[dict[str, Any], nn.Module]] = []  # layer rows, checked for NaN / inf figures below
+    # one layer, one row: a layer that rules select both as a module and as a block (a kind: block rule naming it)
+    # is one site for shadowing, and its module site's row holds the entries of both, in policy order (a block
+    # that only block rules select keeps its row, as its module site, the leaf capture made of it, has none)
+    both = {e.site.name for e in plan.entries if e.site.kind == "module"} & {
+        e.site.name for e in plan.entries if e.site.kind == "block"}
     for entry in plan.entries:
-        entries_by_site.setdefault((entry.site.kind, entry.site.name), []).append(entry)
+        kind = "module" if entry.site.kind == "block" and entry.site.name in both else entry.site.kind
+        entries_by_site.setdefault((kind, entry.site.name), []).append(entry)
     for site in plan.sites:
+        if site.kind == "block" and site.name in both:
+            continue
         entries = entries_by_site.get((site.kind, site.name), [])
         pass_text = _pass_text(entries, changes.get(site.name, []) if site.kind != "function" or entries else [],
                                skipped.get(site.name))
@@ -542,7 +550,8 @@ def _transformed_report(model: nn.Module) -> Report:
         if not isinstance(module, _CONV_TYPES + _LINEAR_TYPES) and frozen_conv is None and not entries \
                 and not skipped_recurrent:
             continue
-        reported = frozen_conv or _reported_module(root, site.name, module)
+        # a layer a jacobian_isometry rule wrapped in its probe: the layer's figures, as on a block site naming it
+        reported = frozen_conv or _probed_layer(root, site) or _reported_module(root, site.name, module)
         shape = _input_shape(root, site.name, manifest.input_shapes)
         rows.append(_layer_row(site.name, reported, pass_text, _params(entries), shape, spectra))
         nonfinite.append((rows[-1], reported))
@@ -618,9 +627,10 @@ def _nonfinite_note(row: dict[str, Any], module: nn.Module) -> str | None:
 
 
 def _probed_layer(root: nn.Module, site) -> nn.Module | None:
-    """The conv / linear layer that a JacobianProbe at the block site ``site`` wraps (a ``kind: block`` rule naming
-    one layer), whose row then has the layer's figures; None for a probe of a larger block or any other site."""
-    if site.kind != "block":
+    """The conv / linear layer that a JacobianProbe at the module or block site ``site`` wraps (a jacobian_isometry
+    rule naming one layer), whose row then has the layer's figures; None for a probe of a larger block or any other
+    site."""
+    if site.kind == "function":
         return None
     try:
         module = root.get_submodule(site.name)
