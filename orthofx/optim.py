@@ -43,6 +43,7 @@ from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError, OrthofxWarning
 from .nn.precision import HALF_PRECISION, autocast_enabled
 from .passes.base import mark_attached, refuse_fsdp1, whole
+from .passes.pre_svd import pending_learning_rates
 from .passes.riemannian import is_zero_redundancy
 from .penalty import averaged_copies, part_site_path, trained_parts, transformed_parts
 from .transform import is_transformed, manifest_of
@@ -222,11 +223,13 @@ def _scaled_projections_fit(parts: list[_PartHooks]) -> bool:
     return not norms or bool(torch.stack([n.to(norms[0].device) for n in norms]).max() <= 1.0)
 
 
-def _rescale_after_hooks(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> None:
+def _rescale_after_hooks(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
+                         valid: torch.Tensor | None = None) -> None:
     """Multiply ``grads`` (a hook's results in true units, such as NOG's polar factor, written while the other
     gradients stay scaled: :func:`_unscale_for_hooks`) by the ``grad_scale`` the fused kernel will divide them by.
     Where a result times the scale overflows its dtype, the other gradients are divided instead and the kernel
-    unscales nothing."""
+    unscales nothing. ``valid``: a 0-d bool tensor, false where the hook left ``grads`` as they were (then nothing
+    is done), read on the host with the products' check (one device sync for both)."""
     scale = getattr(optimizer, "grad_scale", None)
     if scale is None or not grads:
         return
@@ -236,7 +239,12 @@ def _rescale_after_hooks(optimizer: torch.optim.Optimizer, grads: list[torch.Ten
         # multiplies in float32, the others in their own dtype
         scaled = [(g.float() if g.dtype in HALF_PRECISION else g)
                   .mul(scale.to(g.device) if isinstance(scale, torch.Tensor) else scale).to(g.dtype) for g in grads]
-        if bool(torch.stack([torch.isfinite(t).all().to(scaled[0].device) for t in scaled]).all()):
+        finite = torch.stack([torch.isfinite(t).all().to(scaled[0].device) for t in scaled]).all()
+        if valid is not None:
+            valid, finite = torch.stack((valid.to(finite.device), finite)).tolist()
+            if not valid:
+                return
+        if bool(finite):
             for g, t in zip(grads, scaled):
                 g.copy_(t)
             return
@@ -559,7 +567,7 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         # its "before" hook and the step did (OLR's lr, another weight's retraction back onto the manifold), and
         # one that did not run would leave that behind for the steps after the error; the first error follows.
         errors: list[Exception] | None = [] if stage == "after" else None
-        with _autocast_off():
+        with _autocast_off(), (pending_learning_rates(opt) if stage == "before" else contextlib.nullcontext()):
             for part in parts:
                 part.run(opt, stage, errors)
         if errors:

@@ -168,15 +168,21 @@ _NS_START = 0.5
 _NS_MAX_ITER = 8
 
 
-def _polar_newton_schulz(a: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor | None:
+def _polar_newton_schulz(a: torch.Tensor, gram: torch.Tensor | None = None, also: list | None = None
+                         ) -> torch.Tensor | None:
     """Polar factor of a tall (batch of) ``a`` by Newton-Schulz (module docstring), or ``None`` when ``a`` is too
     far from orthonormal or does not converge (the caller then uses another route). ``gram``: ``a^T a`` when the
-    caller has it."""
+    caller has it. ``also``: a list holding a 0-d tensor on ``a``'s device that the first host read reads too
+    (:func:`_polar_retraction_reading`); its value (a float) replaces it in the list."""
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     target = math.sqrt(torch.finfo(a.dtype).eps)
     x = a
     gram = x.mT @ x if gram is None else gram
-    error = float(torch.linalg.matrix_norm(gram - eye).amax())
+    first = torch.linalg.matrix_norm(gram - eye).amax()
+    if also:
+        error, also[0] = torch.stack((first, also[0].to(first))).tolist()
+    else:
+        error = float(first)
     if not error <= _NS_START:  # also NaN / inf
         return None
     for _ in range(_NS_MAX_ITER):
@@ -287,16 +293,16 @@ def _may_differentiate(x: torch.Tensor) -> bool:
             or _forward_ad._current_level >= 0)
 
 
-def _polar_value(tall: torch.Tensor, far_first: bool, shape: tuple) -> torch.Tensor:
+def _polar_value(tall: torch.Tensor, far_first: bool, shape: tuple, also: list | None = None) -> torch.Tensor:
     """The polar factor of a tall (batch of) ``tall`` by the route :func:`_polar_factor` describes, in ``tall``'s
-    dtype; ``shape``: the caller's matrix shape, for the error message."""
+    dtype; ``shape``: the caller's matrix shape, for the error message; ``also``: see :func:`_polar_newton_schulz`."""
     dtype = tall.dtype
     if tall.numel() and not in_vmap() and not torch.compiler.is_compiling():
         # (compiling: the routes' choice reads errors on the host, which a fullgraph trace cannot do)
         squares = _far_column_norms(tall) if far_first else None
         if squares is None:
             gram = tall.mT @ tall
-            polar = _polar_newton_schulz(tall, gram)
+            polar = _polar_newton_schulz(tall, gram, also)
             squares = gram.diagonal(dim1=-2, dim2=-1)
         else:  # Newton-Schulz would refuse it: its Gram matrix is formed below, once, scaled
             gram = polar = None
@@ -432,6 +438,21 @@ def polar_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     return _polar_factor(_step_sum(w, xi)).to(w.dtype)
 
 
+def _polar_retraction_reading(w: torch.Tensor, xi: torch.Tensor, also: list) -> torch.Tensor:
+    """:func:`polar_retraction`, whose first host read (Newton-Schulz's error, made on every eager call without
+    gradient that has entries) also reads ``also[0]``, a 0-d tensor on ``w``'s device, and puts its value (a float)
+    in its place: the Riemannian hooks' "did every matrix move?" without a device sync of its own. ``also`` keeps
+    the tensor where nothing was read (an empty matrix, a recorded gradient, ``vmap``, ``torch.compile``)."""
+    a = _step_sum(w, xi)
+    work = a.to(_work_dtype(a))
+    wide = is_wide(work)
+    tall = _tall(work, wide)
+    if not tall.numel() or _may_differentiate(tall) or in_vmap() or torch.compiler.is_compiling():
+        return polar_retraction(w, xi)
+    # _polar_factor's own steps, as polar_retraction takes them
+    return _tall(_polar_value(tall, False, a.shape, also), wide).to(a.dtype).to(w.dtype)
+
+
 def _step_sum(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     """``W + xi`` for a retraction, checked, in the working dtype of both: a bfloat16 sum rounded ``W + xi``
     before the retraction and again after it (1.3 times the error of rounding the exact result once)."""
@@ -480,14 +501,21 @@ def orthonormal(raw: torch.Tensor, tall: bool | None = None) -> torch.Tensor:
 
 def _cholesky_qr2(a: torch.Tensor) -> torch.Tensor | None:
     """``qf(a)`` of a tall ``(..., p, q)`` ``a`` by Cholesky QR applied twice, or None where a Cholesky
-    factorisation fails (``a`` numerically rank-deficient).
+    factorisation fails (``a`` numerically rank-deficient): :func:`_cholesky_qr2_unread`, read on the host."""
+    q, failed = _cholesky_qr2_unread(a)
+    return None if bool(failed) else q
+
+
+def _cholesky_qr2_unread(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q, failed)``: ``qf(a)`` of a tall ``(..., p, q)`` ``a`` by Cholesky QR applied twice, and a 0-d bool
+    tensor, true where a Cholesky factorisation failed (``a`` numerically rank-deficient) or ``Q`` fails its check.
 
     One pass: ``L L^T = a^T a``, ``Q = a L^{-T}``; ``L^T`` is the ``R`` of ``a = QR`` with a positive diagonal, so
     ``Q`` is the same matrix as sign-corrected Householder QR's. Its orthogonality error is about ``kappa(a)^2``
     ulps; the second pass, on a ``Q`` with ``kappa ~ 1``, brings it to working precision. Matrix products, one
     batched Cholesky and one triangular solve per pass: on a GPU this is one launch sequence for a whole batch,
     where cuSOLVER's Householder QR runs matrix by matrix (``benchmarks/RESULTS.md``). The result is checked
-    (``max |Q^T Q - I| <= 16 q eps``), which costs one device synchronisation.
+    (``max |Q^T Q - I| <= 16 q eps``); reading ``failed`` costs one device synchronisation.
     """
     q, failed = a, None
     for _ in range(2):
@@ -498,9 +526,7 @@ def _cholesky_qr2(a: torch.Tensor) -> torch.Tensor | None:
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     defect = (q.mT @ q - eye).abs().amax(dim=(-2, -1))
     tolerance = 16 * q.shape[-1] * torch.finfo(q.dtype).eps
-    if bool((failed | ~(defect <= tolerance)).any()):  # ~(<=): a NaN defect fails too
-        return None
-    return q
+    return q, (failed | ~(defect <= tolerance)).any()  # ~(<=): a NaN defect fails too
 
 
 def qr_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
@@ -531,6 +557,25 @@ def qr_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
         if host and not bool(torch.isfinite(q.sum())):
             raise _nonfinite_error("QR retraction", w.shape)
     return _tall(q, wide).to(w.dtype)
+
+
+def _qr_retraction_unread(w: torch.Tensor, xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`qr_retraction` with its host read left to a caller that reads the result anyway (the Riemannian
+    hooks: one device synchronisation per step instead of two): ``(R, redo)``, ``redo`` a 0-d bool tensor, false
+    where ``R`` is what :func:`qr_retraction` returns; where true (Cholesky QR failed its check, or Householder's
+    ``Q`` holds a NaN or inf) call :func:`qr_retraction`, which takes another route or raises. None inside
+    ``vmap`` or ``torch.compile``, where :func:`qr_retraction` reads nothing."""
+    if in_vmap() or torch.compiler.is_compiling():
+        return None
+    a = _step_sum(w, xi)
+    wide = is_wide(a)
+    tall = _tall(a, wide)
+    if tall.device.type in CHOLESKY_QR_DEVICES:
+        q, redo = _cholesky_qr2_unread(tall)
+    else:
+        q = orthonormal(tall, tall=True)
+        redo = ~torch.isfinite(q.sum())  # qr_retraction's own test
+    return _tall(q, wide).to(w.dtype), redo
 
 
 def retract(w: torch.Tensor, xi: torch.Tensor, method: str = "polar") -> torch.Tensor:

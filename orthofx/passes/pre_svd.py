@@ -73,6 +73,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -129,9 +130,18 @@ def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
 def optimal_learning_rate(weight: torch.Tensor, grad: torch.Tensor) -> float | None:
     """P4's ``eta* = a b / (a c + 2 b^2)`` with ``a = w.w``, ``b = g.w``, ``c = g.g`` (float64, as a Python float);
     ``None`` when the denominator is zero (a zero gradient)."""
+    a, b, c = _olr_dots(weight, grad).tolist()
+    return _eta(a, b, c)
+
+
+def _olr_dots(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``(a, b, c)`` of :func:`optimal_learning_rate`, a float64 tensor on the weight's device (not read)."""
     w = weight.detach().reshape(-1).to(torch.float64)
     g = grad.detach().reshape(-1).to(torch.float64)
-    a, b, c = torch.stack([w.dot(w), g.dot(w), g.dot(g)]).tolist()
+    return torch.stack([w.dot(w), g.dot(w), g.dot(g)])
+
+
+def _eta(a: float, b: float, c: float) -> float | None:
     denominator = a * c + 2.0 * b * b
     if not denominator > 0.0:
         return None
@@ -339,16 +349,19 @@ class NearestOrthogonalGradient(OptimizerHook):
             raise _sparse_gradient_error(self, "NOG", "the polar factor U V^T of the gradient", "nog")
         groups = weight_groups(module)
         G = whole(grad).reshape(groups, grad.shape[0] // groups, -1)
-        if not bool(torch.isfinite(G).all()):
-            return  # leave a NaN/inf gradient for the user's own checks (an SVD of it would fail)
+        # A NaN/inf gradient is left as it was, for the user's own checks; chosen on the device, where a host read
+        # was a device sync per layer and step. The SVD, which fails on such a gradient, factors zeros instead.
         # U V^T of s G is that of G (the zero-direction cut is relative to s_max too): a gradient a GradScaler left
         # scaled needs no unscaling, which in float16 flushed its small entries (the factor came out 9 % off)
-        write_whole(grad, polar_factor(G).reshape(grad.shape))
+        finite = torch.isfinite(G).all()
+        polar = polar_factor(torch.where(finite, G, 0))
+        write_whole(grad, torch.where(finite, polar, G).reshape(grad.shape))
         if _gradient_scale(optimizer) is not None:
             from ..optim import _rescale_after_hooks  # here: orthofx.optim imports the passes
 
-            # the factor is in true units, the other gradients still scaled: back to the kernel's scale
-            _rescale_after_hooks(optimizer, [grad])
+            # the factor is in true units, the other gradients still scaled: back to the kernel's scale (where
+            # finite: read with the products' own check, one host read)
+            _rescale_after_hooks(optimizer, [grad], valid=finite)
 
 
 def _gradient_scale(optimizer: torch.optim.Optimizer | None) -> torch.Tensor | float | None:
@@ -438,6 +451,45 @@ def _refuse_state_saved_before_split(optimizer: torch.optim.Optimizer, state_dic
                         f"{', '.join(map(repr, olr))} param groups of their own, and the state was saved before "
                         "attach (or by an optimizer never attached). Load it before calling orthofx.attach (attach "
                         "then moves the weights' state along), or save the state after attach")
+
+
+#: The optimizer's ``__dict__`` entry where, while ``orthofx.attach`` runs the "before" hooks of a step, the OLR
+#: hooks leave their eta* inputs, read on the host at once when all have run (:func:`pending_learning_rates`).
+_PENDING_KEY = "_orthofx_olr_pending"
+
+
+def _set_learning_rate(group: dict, base: float, dots: list[float] | None) -> None:
+    """Set ``group``'s lr for a step: ``eta*`` of ``dots`` (``a, b, c``; None without a gradient) where
+    ``0 < eta* < base``, else ``base``."""
+    lr = base
+    eta = None if dots is None else _eta(*dots)
+    if eta is not None and 0.0 < eta < base:
+        lr = eta
+    group[_LAST_LR_KEY] = lr
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
+
+
+@contextlib.contextmanager
+def pending_learning_rates(optimizer: torch.optim.Optimizer):
+    """While the "before" hooks of a step run, the OLR hooks leave their ``a, b, c`` (tensors) on ``optimizer``;
+    at the end of the block they are read on the host at once, one device sync per step instead of one per OLR
+    layer, and the lrs set. OLR changes no weight or gradient, so each reads what it would alone; nothing else
+    reads a split-off OLR group's lr before the step. Where the block raises, no lr is set (each OLR group keeps its
+    base lr, which the "after" hooks restore)."""
+    pending = optimizer.__dict__[_PENDING_KEY] = []
+    try:
+        yield
+        ready = [dots for _, _, dots in pending if dots is not None]
+        values = torch.cat([dots.to(ready[0].device) for dots in ready]).tolist() if ready else []
+        at = 0
+        for group, base, dots in pending:
+            _set_learning_rate(group, base, None if dots is None else values[at:at + 3])
+            at += 0 if dots is None else 3
+    finally:
+        optimizer.__dict__.pop(_PENDING_KEY, None)
 
 
 class OptimalLearningRate(OptimizerHook):
@@ -535,7 +587,7 @@ class OptimalLearningRate(OptimizerHook):
         base = group["lr"]
         base = float(base) if isinstance(base, torch.Tensor) else base
         group[_BASE_LR_KEY] = base
-        lr = base
+        dots = None
         if weight.grad is not None:
             # maximize=True steps along +g: eta* of the step direction -(-g)
             grad = whole(weight.grad)
@@ -545,14 +597,12 @@ class OptimalLearningRate(OptimizerHook):
                 # lost its small entries, and the gradient the optimizer then stepped by kept the loss)
                 grad = grad.to(torch.float64) / (scale.to(grad.device, torch.float64)
                                                  if isinstance(scale, torch.Tensor) else scale)
-            eta = optimal_learning_rate(whole(weight), -grad if group.get("maximize") else grad)
-            if eta is not None and 0.0 < eta < base:
-                lr = eta
-        group[_LAST_LR_KEY] = lr
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
+            dots = _olr_dots(whole(weight), -grad if group.get("maximize") else grad)
+        pending = optimizer.__dict__.get(_PENDING_KEY)
+        if pending is not None:  # orthofx.attach's hooks: read with the others' (pending_learning_rates)
+            pending.append((group, base, dots))
         else:
-            group["lr"] = lr
+            _set_learning_rate(group, base, None if dots is None else dots.tolist())
 
     def after_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         weight = root.get_submodule(self.site).weight

@@ -392,14 +392,33 @@ def _finite_retraction(w: torch.Tensor, xi: torch.Tensor, retraction: str, moved
     for weights cut into several matrices), the indices of those whose step is not finite (NaN / inf in
     ``w + xi`` or in its retraction, in any of its matrices: no point of the manifold to retract to), which keep
     ``w``; every other weight is retracted as it would be alone; and whether ``moved`` (a bool per matrix) is true
-    throughout, read with the finiteness (False, unread, for a batch holding a non-finite step). One host read for a
-    finite batch, as the retractions make; a batch holding a non-finite step is retracted again without it."""
+    throughout, read with the finiteness (False, unread, for a batch holding a non-finite step). For a finite batch
+    no host read of its own: the polar retraction's first read (Newton-Schulz's) carries "moved?", and the QR
+    retraction's check is read with the finiteness and "moved?" (one read where there were two); a batch holding a
+    non-finite step is retracted again without it."""
+    unread = stiefel._qr_retraction_unread(w, xi) if retraction == "qr" else None
+    if unread is not None:
+        # the QR retraction's own check (Cholesky QR's on CUDA, a NaN test of Householder's Q elsewhere) read with
+        # this one: one device sync per step, not two. Where it fails, the checked retraction below decides
+        new, redo = unread
+        finite, all_moved, redo = torch.stack((torch.isfinite(new).all(), moved.all(), redo)).tolist()
+        if finite and not redo:
+            return new, [], all_moved
+    also = [moved.all()]
     try:
-        new = stiefel.retract(w, xi, retraction)
+        if retraction == "polar":
+            new = stiefel._polar_retraction_reading(w, xi, also)
+        else:
+            new = stiefel.retract(w, xi, retraction)
     except LayerArgumentError:  # the polar factor refuses NaN / inf; anything else is a real error
         if bool(torch.isfinite(w + xi).all()):
             raise
         new = None
+    if new is not None and retraction == "polar":
+        # a polar factor the retraction returns is finite (that of a matrix with NaN / inf raised above, and the
+        # routes of finite ones give finite factors), so only "every matrix moved?" is left, which the retraction's
+        # first host read (Newton-Schulz's) has read with its own
+        return new, [], bool(also[0])
     if new is not None:
         finite, all_moved = torch.stack((torch.isfinite(new).all(), moved.all())).tolist()
         if finite:
