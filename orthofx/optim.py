@@ -567,7 +567,10 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         # its "before" hook and the step did (OLR's lr, another weight's retraction back onto the manifold), and
         # one that did not run would leave that behind for the steps after the error; the first error follows.
         errors: list[Exception] | None = [] if stage == "after" else None
-        with _autocast_off(), (pending_learning_rates(opt) if stage == "before" else contextlib.nullcontext()):
+        # OLR's lrs are set once all "before" hooks have run (one host read a step) only where every hook is
+        # orthofx's own, none of which reads an lr: a user's pass hook running after an OLR hook sees this step's eta*
+        defer = stage == "before" and all(type(hook).__module__.startswith("orthofx.") for hook in hooks)
+        with _autocast_off(), (pending_learning_rates(opt) if defer else contextlib.nullcontext()):
             for part in parts:
                 part.run(opt, stage, errors)
         if errors:

@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import orthofx
 from orthofx.nn import stiefel
 from orthofx.passes import pre_svd
+from orthofx.passes.base import OptimizerHook
 from references import polar64, tangent64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -410,3 +411,35 @@ def test_polar_finite_retraction_answers_all_moved_as_before(monkeypatch, moved)
     with syncs:
         new, _, all_moved = _finite_retraction(w, far, "polar", moved)
     assert all_moved is bool(moved.all()) and torch.equal(new, stiefel.polar_retraction(w, far))
+
+
+class _SeesLearningRate(OptimizerHook):
+    """A user's pass hook reading the lr of layer a's param group in its before_step (it runs after the OLR hooks)."""
+    parameter_names = ("bias",)
+
+    def __init__(self, site, rule):
+        super().__init__(site, rule)
+        self.seen = []
+
+    def before_step(self, root, optimizer):
+        weight = root.get_submodule("a").weight
+        self.seen.append(next(g for g in optimizer.param_groups if any(p is weight for p in g["params"]))["lr"])
+
+
+def test_a_user_hook_after_olr_sees_this_steps_learning_rate():
+    # OLR's lrs are set at once after the "before" hooks only where all of them are orthofx's: a user's hook that
+    # reads an lr must see the one the step uses (it saw the base lr, 10, when the reads were deferred for it too)
+    gm, x = _nog_model(olr=True)
+    user_hook = _SeesLearningRate("c", "mine")
+    gm.meta["orthofx"].optimizer_hooks.append(user_hook)
+    optimizer = torch.optim.SGD(gm.parameters(), lr=10.0)
+    orthofx.attach(optimizer, gm)
+    layer = gm.get_submodule("a")
+    gm(x).backward()
+    grad = layer.weight.grad.double().clone()
+    before = layer.weight.detach().double().clone()
+    optimizer.step()
+    (seen,) = user_hook.seen
+    assert seen < 10.0
+    # the step used that lr: W - lr * polar(G), the NOG step, in float64
+    torch.testing.assert_close(layer.weight.detach().double(), before - seen * polar64(grad), rtol=0, atol=1e-5)
