@@ -88,7 +88,7 @@ from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm,
                    sparse_gradient_error, write_whole)
 from .isometric_init import frozen_reason
 from .orth_regularizer import lorth_term
-from .orthogonal_conv import orthogonal_layer
+from .orthogonal_conv import _impossibility, orthogonal_layer
 from .registry import register_pass
 from .riemannian import is_zero_redundancy
 
@@ -783,6 +783,12 @@ class PreSVD(Pass):
                           "orthogonal layer would replace the ConvNorm wrapper")
         if tied:  # a hard layer holds its own parameters: the other layers would keep the old weight
             return None, f"its weight is tied to {', '.join(tied)} (a hard orthogonal layer would untie them)"
+        if not isinstance(module, nn.Linear):
+            # the output-shape check below needs example inputs: without them a circular layer of another output
+            # size (a conv with padding=0) replaced the layer silently; refuse what orthogonal_conv refuses
+            problem = _impossibility(module, padding)
+            if problem is not None:
+                return None, problem
         try:
             # from_conv's default nearest-kernel fit (200 steps), as before the helper was shared
             layer = orthogonal_layer(module, padding=padding, fit_steps=200)
