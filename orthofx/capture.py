@@ -75,7 +75,7 @@ import sysconfig
 import threading
 import traceback
 import types
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
@@ -1489,7 +1489,9 @@ def _export_call_form(module: nn.Module, args: tuple, kwargs: dict[str, Any]
     given = set(bound.arguments)
     bound.apply_defaults()
     filled = [value for name, value in bound.arguments.items() if name not in given]
-    if not all(isinstance(leaf, _CALL_CONSTANT_TYPES) for leaf in torch.utils._pytree.tree_leaves(filled)):
+    # the exact types: a subclass (an IntEnum, numpy's float64) fails in torch.export's tracepoint (no weak
+    # reference), so a default of one that the call left out stays out
+    if not all(type(leaf) in _CALL_CONSTANT_TYPES for leaf in torch.utils._pytree.tree_leaves(filled)):
         new_args, new_kwargs = positional_call(module, args, kwargs)
         # positional_call moves only named parameters that directly follow the positional arguments
         moved = len(new_args) > len(args)
@@ -1499,16 +1501,49 @@ def _export_call_form(module: nn.Module, args: tuple, kwargs: dict[str, Any]
     return tuple(bound.args), dict(bound.kwargs), names
 
 
+class _WrittenCall(NamedTuple):
+    """One leaf call as :func:`_export_call_recorded` saw it: ``count`` arguments given positionally, the keywords
+    ``keys`` in their order, ``names`` those of the positional arguments torch.export was given, and the form it was
+    given (``spec`` of its flattened arguments, ``leaves`` their constants, :data:`_NOT_CONSTANT` for the others),
+    which tells the call's signature in the exported program (:func:`_written_form_fits`)."""
+
+    count: int
+    keys: tuple[str, ...]
+    names: tuple[str, ...]
+    spec: Any
+    leaves: tuple
+
+
+#: A leaf of a recorded call's arguments that torch.export does not keep as a constant (a tensor, a SymInt).
+_NOT_CONSTANT = object()
+
+
 def _export_call_recorded(written: list, module: nn.Module, args: tuple, kwargs: dict[str, Any]
                           ) -> tuple[tuple, dict[str, Any]]:
     """A forward pre-hook (``with_kwargs=True``, ``written`` bound) making the call :func:`_export_call_form`'s.
 
-    Appends to ``written``, per call, ``(count, keys, names)``: how many arguments the call gave positionally,
-    its keywords in their order, and the names of the positional arguments torch.export was given, which
-    :func:`_call_as_written` takes to give the call back its form."""
+    Appends a :class:`_WrittenCall` to ``written`` per call, which :func:`_call_as_written` takes to give the call
+    back its form."""
     new_args, new_kwargs, names = _export_call_form(module, args, kwargs)
-    written.append((len(args), tuple(kwargs), names))
+    flat, spec = torch.utils._pytree.tree_flatten((new_args, new_kwargs))
+    leaves = tuple(leaf if type(leaf) in _CALL_CONSTANT_TYPES else _NOT_CONSTANT for leaf in flat)
+    written.append(_WrittenCall(len(args), tuple(kwargs), names, spec, leaves))
     return new_args, new_kwargs
+
+
+def _written_form_fits(record: _WrittenCall, signature: Any) -> bool:
+    """Whether ``record`` is the form of a call whose signature in the exported program is ``signature``: the same
+    structure, and the same constants of the same types (so that the arguments :func:`_call_as_written` drops are
+    the defaults the call left out)."""
+    if record.spec != signature.in_spec or len(record.leaves) != len(signature.inputs):
+        return False
+    for leaf, arg in zip(record.leaves, signature.inputs):
+        if not _is_constant_argument(arg):
+            if leaf is not _NOT_CONSTANT:
+                return False
+        elif leaf is _NOT_CONSTANT or type(leaf) is not type(arg.value) or not _same_value(leaf, arg.value):
+            return False
+    return True
 
 
 def _call_as_written(args: tuple, kwargs: dict[str, Any], count: int, keys: tuple[str, ...],
@@ -2357,7 +2392,7 @@ def _describe_export_failure(exc: BaseException) -> str:
 
 
 def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict[str, Any] | None = None,
-                written: dict[str, list[tuple]] | None = None, records: Iterable[list] = ()) -> Any:
+                written: dict[str, list[_WrittenCall]] | None = None, records: Iterable[list] = ()) -> Any:
     """``torch.export.export`` (non-strict) with a dynamic batch dimension, else static shapes. The batch of a
     seq-first recurrent layer's input ``(L, N, H_in)`` and of a hidden state is dimension 1
     (:func:`recurrent_batch_dims`). ``written``: the leaves' calls as :func:`_export_call_recorded` records them,
@@ -2432,7 +2467,7 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
 _SPEC_MISMATCH = re.compile(r"(in|out)_spec mismatch for (?:_export_root\.)?([\w.]+):")
 
 
-def _call_signature_mismatch(model: nn.Module, error: BaseException, written: dict[str, list[tuple]]
+def _call_signature_mismatch(model: nn.Module, error: BaseException, written: dict[str, list[_WrittenCall]]
                              ) -> tuple[str, str] | None:
     """``(path, message)`` when torch.export refused ``error`` because the calls of a leaf have arguments or
     results of different structures (it keeps one call signature per module); None otherwise."""
@@ -2448,7 +2483,7 @@ def _call_signature_mismatch(model: nn.Module, error: BaseException, written: di
         cls = type(model.get_submodule(path)).__name__
     except AttributeError:
         return None
-    forms = list(dict.fromkeys(_written_call_text(used, count, keys) for count, keys, _ in written.get(path, ())))
+    forms = list(dict.fromkeys(_written_call_text(used, call.count, call.keys) for call in written.get(path, ())))
     what = "pass it arguments" if kind == "in" else "return results"
     calls = f" (the calls: {', '.join(forms)})" if len(forms) > 1 else ""
     return path, (
@@ -2639,7 +2674,7 @@ class _ExportRebuilder:
 
     def __init__(self, ep: Any, model: nn.Module, leaves: list[str], excluded: set[str],
                  call_order: list[str] = (), aliases: dict[str, str] | None = None,
-                 as_written: dict[str, tuple[int, tuple[str, ...], tuple[str, ...]]] | None = None):
+                 as_written: dict[str, _WrittenCall] | None = None):
         global _TORCH_FORMS
         if _TORCH_FORMS is None:
             _TORCH_FORMS = _torch_forms()
@@ -2670,14 +2705,23 @@ class _ExportRebuilder:
                 continue  # a leaf the forward did not call on the example inputs (an untaken branch)
             if name not in excluded:
                 calls[_STACK_KEY_PREFIX + entry.fqn] = _LeafCall(path, name, entry.signature, entry.fqn)
+        nested: set[str] = set()
         for node in self.old.nodes:
+            outer = None
             for key in node.meta.get("nn_module_stack") or {}:
                 call = calls.get(key)
-                if call is not None:
+                if call is None:
+                    continue
+                if outer is None:
+                    outer = call
                     call.members.append(node)
                     self.member_of[node] = call
-                    break
-        self.calls = list(calls.values())
+                else:
+                    nested.add(key)
+        # A call of a leaf made inside another leaf's call (a layer shared by a leaf block and the model's own
+        # forward) is made by that leaf's module: a node of its own would make it twice (a BatchNorm's running
+        # statistics updated twice, its hooks run twice).
+        self.calls = [call for key, call in calls.items() if key not in nested or call.members]
         for call in self.calls:
             self._prepare(call)
         # a call without nodes waits for the leaf call made before it (in the order the forward made them)
@@ -2740,6 +2784,20 @@ class _ExportRebuilder:
         call.outputs = {self.by_name[a.name] for a in sig.outputs
                         if not _is_constant_argument(a) and self.by_name[a.name] not in inputs}
 
+    def _written_form(self, call: _LeafCall) -> _WrittenCall | None:
+        """How the forward wrote ``call``: the record of the call of that number in the call order, else one of the
+        leaf's records of the same form (the calls of a leaf registered under two names are numbered by where
+        their nodes are, which puts a call without nodes last, wherever the forward made it), else None (the
+        call as torch.export was given it, every argument filled in: the same call). A record of another form
+        would drop arguments the call gave (``g(h, 2.0)`` made as ``g(h)``)."""
+        record = self.as_written.get(call.name)
+        if record is not None and _written_form_fits(record, call.signature):
+            return record
+        for name, record in self.as_written.items():
+            if name.split("@")[0] == call.path and _written_form_fits(record, call.signature):
+                return record
+        return None
+
     def _argument(self, arg: Any) -> Any:
         if _is_constant_argument(arg):
             return arg.value
@@ -2750,8 +2808,9 @@ class _ExportRebuilder:
         sig = call.signature
         flat = [self._argument(a) for a in sig.inputs]
         args, kwargs = torch.utils._pytree.tree_unflatten(flat, sig.in_spec)
-        if call.name in self.as_written:
-            args, kwargs = _call_as_written(tuple(args), dict(kwargs), *self.as_written[call.name])
+        written = self._written_form(call)
+        if written is not None:
+            args, kwargs = _call_as_written(tuple(args), dict(kwargs), written.count, written.keys, written.names)
         node = self.graph.call_module(call.path, tuple(args), dict(kwargs))
         if call.members:
             stack = call.members[0].meta.get("nn_module_stack") or {}
@@ -3489,9 +3548,15 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         # forward (its own hooks are stashed meanwhile), and the graph makes each call as the forward wrote it
         # (``written``): a hooked leaf's hooks see the call as written; the others' calls are made positional at
         # the end (_positional_layer_inputs), as in fx mode.
-        written: dict[str, list[tuple[int, tuple[str, ...], tuple[str, ...]]]] = {path: [] for path in leaves}
+        written: dict[str, list[_WrittenCall]] = {path: [] for path in leaves}
         hooks += [source.get_submodule(path).register_forward_pre_hook(
             functools.partial(_export_call_recorded, written[path]), with_kwargs=True) for path in leaves]
+        # a hooked leaf's output that is one of its inputs (nn.Identity, Dropout in eval mode) becomes a node of the
+        # call, so that the graph reads it from the call, whose hooks may change it
+        for module, _ in stashed:
+            returned = _ReturnedInputs()
+            hooks += [module.register_forward_pre_hook(returned.before, with_kwargs=True),
+                      module.register_forward_hook(returned.after, with_kwargs=True)]
         states = [_ModuleState(path, module) for path, module in source.named_modules()]
         aliases = first_module_paths(source)
         leaf_set = set(leaves)
@@ -3569,6 +3634,32 @@ def _stash_call_hooks(modules: list[nn.Module]) -> list[tuple[nn.Module, dict[st
                 module.__dict__[name] = type(saved[name])()
             stashed.append((module, saved))
     return stashed
+
+
+class _ReturnedInputs:
+    """Forward pre-hook and hook (``with_kwargs=True``) on a hooked leaf while torch.export runs: the call returns
+    each of its input tensors that its forward returned as it is as a view of itself (the same values).
+
+    torch.export records a call that returns its input with no node of its own, and the graph's other users then
+    read the input: right for the forward, not for a hooked leaf, whose forward hook (``o * 2``), forward pre-hook
+    (``x * 2`` on nn.Identity) or backward hook acts on what the call returns. An input the forward changed in
+    place (``nn.ReLU(inplace=True)``) is a node of the call already, which the users of the input read."""
+
+    def __init__(self):
+        self.calls: list[dict[int, int]] = []  # per call being made: id -> version of its input tensors
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.calls.append({id(t): t._version for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                           if isinstance(t, torch.Tensor)})
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        inputs = self.calls.pop()
+
+        def returned(t: torch.Tensor) -> torch.Tensor:
+            unchanged = inputs.get(id(t), -1) == t._version and t.layout == torch.strided
+            return t.view_as(t) if unchanged else t
+
+        return torch.utils._pytree.tree_map_only(torch.Tensor, returned, output)
 
 
 def _restore_call_hooks(stashed: list[tuple[nn.Module, dict[str, Any]]]) -> None:
