@@ -1542,8 +1542,9 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
     _check_state_entries(state, path, written_by)
     phases = _saved_probe_phases(saved, path, written_by)
     saved_dtype = _saved_dtype_of_inputs(model, state, example)
-    converted = _in_saved_dtype(model, saved_dtype)
     captured = _captured_dtype(model, state)
+    # one copy of the model at most: the captured dtype's, else the saved dtype's (float64 example inputs)
+    converted = _in_saved_dtype(model, saved_dtype) if captured is None else None
     if captured is not None:
         # a torch.export graph holds the dtype it was captured in (constants, dtype checks, branches on x.dtype):
         # replayed in the model's dtype and converted, the restored model failed on the saved model's inputs
@@ -1601,16 +1602,21 @@ def _frozen_layers_hint(model: nn.Module, missing: list[str], unexpected: list[s
     # a plain layer's weight on one side only: the other side's entries are the orthofx layer's (raw_weight ...)
     both = sorted(name for name in layers(missing) & layers(unexpected)
                   if (f"{name}.weight" in missing) != (f"{name}.weight" in unexpected))
-    if not both:
-        return ""
-    frozen = []
-    for name in both:
+    root = unwrap_model(model)
+
+    def frozen_here(name: str) -> bool:  # the passes skip a layer whose weight is frozen
         try:
-            layer = unwrap_model(model).get_submodule(name)
+            weight = getattr(root.get_submodule(name), "weight", None)
         except AttributeError:
-            continue
-        if any(not p.requires_grad for p in layer.parameters(recurse=False)):
-            frozen.append(name)
+            return False
+        return isinstance(weight, torch.Tensor) and not weight.requires_grad
+    # plain here and frozen here: the pass left it; plain in the file and replaced here: the saved one was frozen.
+    # A layer plain here though trainable was declined for another cause (another configuration), not freezing
+    frozen = [name for name in both if f"{name}.weight" in missing and frozen_here(name)]
+    plain_in_file = [name for name in both if f"{name}.weight" in unexpected]
+    if not frozen and not plain_in_file:
+        return ""
+    both = frozen or plain_in_file
     state = (f"frozen here (requires_grad=False: {first_few([repr(n) for n in frozen], 3)})" if frozen else
              "trainable here, so the saved model's was likely frozen (requires_grad=False)")
     return (f". The file and this model hold other entries for the layers {first_few([repr(n) for n in both], 3)}, "
@@ -1682,12 +1688,13 @@ def _captured_input_dtypes(gm: fx.GraphModule) -> set[torch.dtype]:
     return {v.dtype for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()}
 
 
-def _recorded_input_dtypes(state: dict) -> set[str]:
-    """The ``input_dtypes`` of the file's graph record (:func:`_graph_signature`; empty where there is none)."""
+def _recorded_input_dtypes(state: dict) -> set[str] | None:
+    """The ``input_dtypes`` of the file's graph record (:func:`_graph_signature`); ``None`` where there is none (an
+    fx capture, a file from before the record), an empty set for an export capture without floating inputs."""
     saved = getattr(state, "_metadata", {}).get("", {})
     saved = saved.get(GRAPH_METADATA_KEY) if isinstance(saved, dict) else None
     dtypes = saved.get("input_dtypes") if isinstance(saved, dict) else None
-    return {d for d in dtypes if isinstance(d, str)} if isinstance(dtypes, (list, tuple)) else set()
+    return {d for d in dtypes if isinstance(d, str)} if isinstance(dtypes, (list, tuple)) else None
 
 
 def _release() -> str:
@@ -1875,7 +1882,8 @@ def _captured_dtype(model: nn.Module, state: dict) -> torch.dtype | None:
     if len(saved) != 1 or current == saved:
         return None
     (dtype,) = saved
-    return dtype if _recorded_input_dtypes(state) == {str(dtype)} else None
+    # no floating input (token ids): the graph's dtype choices follow its parameters', which were saved in it
+    return dtype if _recorded_input_dtypes(state) in ({str(dtype)}, set()) else None
 
 
 def _in_model_dtype(model: nn.Module, example_inputs: Any, example_kwargs: Any) -> tuple[Any, Any]:

@@ -246,3 +246,47 @@ def test_load_into_a_model_frozen_otherwise_names_the_frozen_layer(frozen_in_fil
     with pytest.raises(orthofx.ExportError, match=rf"other entries for the layers '0\.0', {re.escape(here)}"):
         orthofx.load(stack(not frozen_in_file), tmp_path / "m.pt")
     orthofx.load(stack(frozen_in_file), tmp_path / "m.pt")  # frozen alike: loads
+
+
+
+
+def _strided_net(stride: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(8, 16, 1, stride=stride), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+
+
+def test_load_into_a_layer_declined_for_its_configuration_does_not_blame_freezing(tmp_path):
+    # the file's layer 0 is orthogonal (stride 1); here it is strided, which has no orthogonal version: no layer is
+    # frozen anywhere, so the error must not say one was
+    orthofx.export(orthofx.transform(_strided_net(1), "orthogonal"), tmp_path / "m.pt")
+    assert all(p.requires_grad for p in _strided_net(2).parameters())
+    with pytest.raises(orthofx.ExportError, match=r"missing \['0\.weight'\]") as info:
+        orthofx.load(_strided_net(2), tmp_path / "m.pt")
+    assert "frozen" not in str(info.value)
+
+
+class _TokenModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(10, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.fc1(self.emb(ids))
+        stats = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h  # symbolic tracing cannot follow
+        h = h / stats.norm(dim=-1, keepdim=True).to(h.dtype)
+        return self.fc2(h + torch.full((6,), 0.5, dtype=h.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_load_replays_an_export_capture_without_floating_inputs_in_its_dtype(dtype, tmp_path):
+    torch.manual_seed(0)
+    model = _TokenModel().to(dtype)
+    ids = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(1))
+    gm = orthofx.transform(model, "lorth", example_inputs=(ids,))
+    assert orthofx.manifest_of(gm).capture.mode == "export"
+    orthofx.export(gm, tmp_path / "m.pt")
+    with torch.no_grad():
+        reference = model(ids)  # reference: the untransformed model (lorth leaves the forward as it is)
+        out = orthofx.load(_TokenModel(), tmp_path / "m.pt", example_inputs=(ids,))(ids)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, reference, atol=0, rtol=0)
