@@ -448,7 +448,9 @@ def test_one_element_stride_and_dilation_apply_to_every_dimension(d, kernel, set
 def test_int_padding_set_on_the_conv_after_construction_freezes(kernel, padding_mode):
     # the conv and the layer take conv.padding = 1; to_plain raised "TypeError: 'int' object is not iterable"
     torch.manual_seed(4)
-    conv = nn.Conv2d(2, 3, kernel, padding_mode=padding_mode).double()
+    # torch's non-zeros modes pad by the list built with the layer, not by conv.padding (which zeros mode reads):
+    # built with padding=1 there, so that torch's layer pads as conv.padding = 1 says
+    conv = nn.Conv2d(2, 3, kernel, padding=0 if padding_mode == "zeros" else 1, padding_mode=padding_mode).double()
     conv.padding = 1
     layer = with_convnorm(conv).eval()
     x = torch.randn(2, 2, 6, 7, dtype=torch.float64)

@@ -59,6 +59,9 @@ that mode first and the formulation above is applied with zero padding ``p = 0``
 The explicit pads are ``nn.Conv``'s own: ``padding="same"`` with a one-element ``dilation`` (``dilation=(2,)``
 on a ``Conv2d``) pads the first spatial dimension only, as torch's layer does in those modes (its output is not
 "same"; :func:`~orthofx.nn.padding.conv_mode_pads`), and the functional :func:`conv_norm` pads the same way.
+A layer pads by the pads its conv's constructor computed, as torch's forward does
+(:func:`~orthofx.nn.padding.torch_mode_pads`): a ``conv.padding`` set later does not change them, and a padding
+torch's ``F.pad`` refuses (``padding=(1,)`` on a ``Conv2d``) raises, as the conv itself cannot run.
 
 The conv's bias is added *after* the normalisation (filtering a constant bias would only rescale it by
 ``V_m(0)``, and in the linear picture the bias is not part of the operator being normalised).
@@ -236,7 +239,7 @@ from torch import nn
 from orthofx.errors import LayerArgumentError, RunningFiltersDroppedWarning, first_few, keep_in_metadata, layer_label
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
 from orthofx.nn.orthogonal import _EvalCache, without_memory_format
-from orthofx.nn.padding import circular_pad, conv_mode_pads, conv_zero_pads, flat_pads, per_dimension
+from orthofx.nn.padding import circular_pad, conv_mode_pads, conv_zero_pads, flat_pads, per_dimension, torch_mode_pads
 from orthofx.nn.precision import HALF_PRECISION
 from orthofx.theory import _flag
 
@@ -389,18 +392,21 @@ def _check_nonempty(size: Sequence[int], where: str) -> None:
 
 
 def _explicit_pads(size: Sequence[int], kernel_size, stride, padding, dilation, padding_mode: str,
-                   where: str) -> tuple[tuple[int, int], ...]:
+                   where: str, conv: nn.Module | None = None) -> tuple[tuple[int, int], ...]:
     """``(left, right)`` per spatial dimension by which a conv's non-zero ``padding_mode`` pads an input of spatial
     ``size`` before ConvNorm's geometry: torch's own pads (:func:`~orthofx.nn.padding.conv_mode_pads`; ``"same"``
     with a one-element ``dilation`` pads the first spatial dimension only, as ``nn.Conv`` does, where spreading it
-    over every dimension gave another output size than the conv's), after :func:`_check_explicit_pads`."""
+    over every dimension gave another output size than the conv's), after :func:`_check_explicit_pads`. For a
+    conv module ``conv`` the pads its constructor computed (:func:`~orthofx.nn.padding.torch_mode_pads`), which
+    its forward uses whatever ``conv.padding`` says now; the functional :func:`conv_norm` has only ``padding``."""
     d = len(size)
     k = _ntuple(kernel_size, d, "kernel_size")
     s = _ntuple(stride, d, "stride", broadcast=True)
     dil = _ntuple(dilation, d, "dilation", broadcast=True)
     if any(v < 1 for v in k + s + dil):
         raise LayerArgumentError(f"kernel_size, stride and dilation must be positive, got {k}, {s}, {dil}")
-    return _check_explicit_pads(size, k, s, dil, conv_mode_pads(padding, k, dilation, s), padding_mode, where)
+    pads = conv_mode_pads(padding, k, dilation, s) if conv is None else torch_mode_pads(conv, where)
+    return _check_explicit_pads(size, k, s, dil, pads, padding_mode, where)
 
 
 def _check_explicit_pads(size: Sequence[int], k: tuple[int, ...], s: tuple[int, ...], dil: tuple[int, ...],
@@ -848,9 +854,10 @@ def _apply_affine(affine: nn.Module, y: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, groups: int, eps: float,
-               padding_mode: str, v_for, layer: nn.Module | None = None) -> torch.Tensor:
+               padding_mode: str, v_for, layer: nn.Module | None = None, conv: nn.Module | None = None) -> torch.Tensor:
     """Shared forward; ``v_for(grid, geometry)`` returns the filter for the grid (or ``None`` to compute it);
-    error messages name ``layer`` (``None``: the functional ``conv_norm``)."""
+    error messages name ``layer`` (``None``: the functional ``conv_norm``); a non-zero padding mode pads by the conv
+    module ``conv``'s own pads where given (:func:`_explicit_pads`)."""
     d = weight.ndim - 2
     _check_padding_mode(padding_mode, _caller(layer))
     x, unbatched = _batched_input(x, weight, groups, _caller(layer))
@@ -859,7 +866,7 @@ def _conv_norm(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dil
     if padding_mode != "zeros":
         # the dilation as given: a one-element one makes torch's "same" pad one dimension (conv_mode_pads)
         x = _explicit_pad(x, _explicit_pads(x.shape[2:], ks, stride, padding, dilation, padding_mode,
-                                            _caller(layer)), padding_mode)
+                                            _caller(layer), conv), padding_mode)
         padding = 0
     geo = convnorm_geometry(x.shape[2:], ks, stride, padding, dil, where=_caller(layer))
 
@@ -1225,7 +1232,7 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         _check_padding_mode(conv.padding_mode, layer_label(self))
         if conv.padding_mode != "zeros":
             pads = _explicit_pads(size, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.padding_mode,
-                                  layer_label(self))
+                                  layer_label(self), conv)
             size = tuple(n + a + b for n, (a, b) in zip(size, pads))
             padding = 0
         return convnorm_geometry(size, conv.kernel_size, conv.stride, padding, conv.dilation, where=layer_label(self))
@@ -1584,6 +1591,8 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         is refused (:func:`_weight_for_freezing`)."""
         _weight_for_freezing(self.conv, layer_label(self))
         _check_padding_mode(self.conv.padding_mode, layer_label(self))  # the frozen layer would fail on every input
+        if self.conv.padding_mode != "zeros":  # as would a conv whose pads torch's F.pad refuses (named here)
+            torch_mode_pads(self.conv, layer_label(self))
         if _one_tap(self.conv.kernel_size) and self.momentum is None:
             frozen = FrozenConvNormNd(self.conv, {}, self.affine,
                                       channel_scale=_one_tap_scale(self.conv.weight, self.eps))
@@ -1619,7 +1628,7 @@ class ConvNormConvNd(_EvalCache, nn.Module):
         conv = self.conv
         x = _after_forward_pre_hooks(conv, x)
         y = _conv_norm(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups,
-                       self.eps, conv.padding_mode, self._v_for, self)
+                       self.eps, conv.padding_mode, self._v_for, self, conv)
         if not torch.compiler.is_compiling():
             self._remember(x)  # after the checks: a refused input is no size to freeze for
         if self.affine is not None:
@@ -1728,15 +1737,17 @@ class FrozenConvNormNd(nn.Module):
         self.padding_mode = conv.padding_mode
         # d ints (or the string): tuple() of an int padding set on the conv after construction (which torch's conv
         # and the layer take) raised a TypeError in to_plain
-        self.layer_padding = conv.padding if isinstance(conv.padding, str) else tuple(
-            left for left, _ in conv_zero_pads(conv.padding, self.kernel_size, self.dilation))
         if conv.padding_mode != "zeros":
-            # torch's pads for the mode: "same" with a one-element dilation pads the first dimension only
-            self.pre_pads = conv_mode_pads(conv.padding, self.kernel_size, conv.dilation)
+            # torch's pads for the mode, those its constructor computed ("same" with a one-element dilation pads
+            # the first dimension only; a padding set later pads by the constructor's)
+            self.pre_pads = torch_mode_pads(conv, layer_label(conv))
             self.geometry_padding = 0
         else:
             self.pre_pads = ()
             self.geometry_padding = conv.padding
+        # conv.padding itself is no padding a non-zero mode applies (a 3-int one set on a Conv2d raised here)
+        self.layer_padding = conv.padding if isinstance(conv.padding, str) else tuple(
+            left for left, _ in (self.pre_pads or conv_zero_pads(conv.padding, self.kernel_size, self.dilation)))
         # Q depends only on the padding and the kernel: any input size gives it
         probe = convnorm_geometry(tuple(e + 1 for e in _dilated_extent(self.kernel_size, self.dilation)),
                                   self.kernel_size, self.stride, self.geometry_padding, self.dilation)

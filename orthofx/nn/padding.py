@@ -25,7 +25,8 @@ from torch import nn
 from orthofx.errors import LayerArgumentError
 
 __all__ = ["CircularFold", "CircularPad", "circular_fold", "circular_pad", "conv_mode_pads", "conv_zero_pads",
-           "flat_pads", "one_element_same_dilation", "pairs", "per_dimension", "periodic_pad", "sizes_per_dimension"]
+           "flat_pads", "one_element_same_dilation", "pairs", "per_dimension", "periodic_pad", "sizes_per_dimension",
+           "stale_mode_pads", "torch_mode_pads"]
 
 
 def conv_zero_pads(padding, kernel_size: Sequence[int], dilation: Sequence[int],
@@ -79,6 +80,58 @@ def conv_mode_pads(padding, kernel_size: Sequence[int], dilation, stride=()) -> 
     if isinstance(padding, str) and padding == "same" and isinstance(dilation, (tuple, list)) and len(dilation) == 1:
         pads = pads[:1] + ((0, 0),) * (len(pads) - 1)
     return pads
+
+
+def torch_mode_pads(conv: nn.Module, where: str) -> tuple[tuple[int, int], ...]:
+    """``(left, right)`` per spatial dimension by which the conv module ``conv`` (padding mode other than
+    ``"zeros"``) pads its input: exactly torch's, read from ``_reversed_padding_repeated_twice``, the list
+    ``nn.Conv`` builds once in its constructor and hands to ``F.pad``. Its ``padding`` attribute is not read again:
+    ``conv.padding = (2, 2)`` set later leaves the pads of the constructor's padding, and ``padding=(1,)`` on a
+    ``Conv2d`` gives 2 entries, which ``F.pad`` refuses for a 4-d input. Derived from ``conv.padding``
+    (:func:`conv_mode_pads`), ConvNorm ran where the conv itself cannot, or gave another output size. A module
+    without the list (not an ``nn.Conv``) has the pads of its attributes. ``where`` names the layer in errors.
+
+    >>> torch_mode_pads(nn.Conv2d(1, 1, 3, padding=(1, 2), padding_mode="reflect"), "conv")
+    ((1, 1), (2, 2))
+    """
+    d = len(tuple(conv.kernel_size))
+    flat = getattr(conv, "_reversed_padding_repeated_twice", None)
+    if flat is None:
+        return conv_mode_pads(conv.padding, conv.kernel_size, conv.dilation, conv.stride)
+    flat = [int(v) for v in flat]
+    # entries past the spatial ones pad the channels (then the batch): torch's conv runs only where they are 0
+    if len(flat) < 2 * d or any(flat[2 * d:]):
+        padding = conv.padding
+        example = tuple(padding) * d if isinstance(padding, (tuple, list)) and len(padding) == 1 else (1,) * d
+        raise LayerArgumentError(
+            f"{where}: padding={conv.padding!r} with padding_mode={conv.padding_mode!r} gives torch's explicit pads "
+            f"{flat} (F.pad's order, last dimension first), not 2 per spatial dimension ({2 * d} entries for a "
+            f"{d}-d conv); torch's own layer cannot run with it either (F.pad refuses the list or pads the "
+            f"channels). Build the conv with one padding per spatial dimension (padding={example} or an int): "
+            f"nn.Conv computes these pads in its constructor, so setting conv.padding later does not change them")
+    return tuple((flat[2 * i], flat[2 * i + 1]) for i in reversed(range(d)))
+
+
+def stale_mode_pads(conv: nn.Module) -> str | None:
+    """Why the ``padding`` of ``conv`` (an ``nn.Conv{d}d`` in a non-zeros padding mode) is not what its layer
+    pads by, or ``None``: torch pads by the list its constructor computed (:func:`torch_mode_pads`), so a padding
+    set later, or one F.pad cannot take, is not the conv it reads as. Layers rebuilt from ``conv.padding`` (an
+    orthogonal layer) refuse with this text, which names the fix."""
+    if getattr(conv, "padding_mode", "zeros") == "zeros" or not hasattr(conv, "_reversed_padding_repeated_twice"):
+        return None
+    try:
+        actual = torch_mode_pads(conv, type(conv).__name__)
+    except LayerArgumentError as error:
+        return str(error)
+    try:
+        read = conv_mode_pads(conv.padding, conv.kernel_size, conv.dilation)
+    except LayerArgumentError:
+        read = None
+    if read == actual:
+        return None
+    return (f"padding={conv.padding!r} with padding_mode={conv.padding_mode!r}, but torch's layer pads by "
+            f"{[tuple(p) for p in actual]} (left, right) per spatial dimension, the pads its constructor computed "
+            f"(a padding set after construction does not change them); build the conv with the padding wanted")
 
 
 def one_element_same_dilation(conv: nn.Module) -> str | None:

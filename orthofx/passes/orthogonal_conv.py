@@ -65,7 +65,7 @@ from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3
                               OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
                               circular_alignment, keeps_output_size, rko_problem,
                               transposed_alignment, transposed_keeps_output_size, transposed_size_keeping_padding)
-from ..nn.padding import conv_mode_pads, conv_zero_pads, one_element_same_dilation, per_dimension
+from ..nn.padding import conv_mode_pads, conv_zero_pads, one_element_same_dilation, per_dimension, stale_mode_pads
 from ..nn.precision import describe_nonfinite, relative_distance
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, check_scale_range, derived_weight,
                    describe_module, is_uninitialised, parameter_owners, require_initialised)
@@ -119,6 +119,10 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
     one_dimension = one_element_same_dilation(conv)
     if one_dimension is not None:
         return one_dimension
+    # the replacement is built from conv.padding; torch's layer pads by its constructor's list (another output size)
+    stale = stale_mode_pads(conv)
+    if stale is not None:
+        return stale
     if method == "cayley_fft":
         if any(d > 1 for d in conv.dilation):
             return (f"dilation={conv.dilation}: method cayley_fft builds a full-size kernel, which has no dilation; "
