@@ -1473,6 +1473,10 @@ def positional_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> t
 _CALL_CONSTANT_TYPES = (str, int, float, bool, type(None))
 
 
+#: Defaults filled in: a str argument of a preserved call fails in torch.export ("Expected code to be unreachable").
+_FILLED_DEFAULT_TYPES = (int, float, bool, type(None))
+
+
 def _export_call_form(module: nn.Module, args: tuple, kwargs: dict[str, Any]
                       ) -> tuple[tuple, dict[str, Any], tuple[str, ...]]:
     """``(args, kwargs, names)``: the call of ``module`` torch.export is given, and the names of its positional
@@ -1491,7 +1495,7 @@ def _export_call_form(module: nn.Module, args: tuple, kwargs: dict[str, Any]
     filled = [value for name, value in bound.arguments.items() if name not in given]
     # the exact types: a subclass (an IntEnum, numpy's float64) fails in torch.export's tracepoint (no weak
     # reference), so a default of one that the call left out stays out
-    if not all(type(leaf) in _CALL_CONSTANT_TYPES for leaf in torch.utils._pytree.tree_leaves(filled)):
+    if not all(type(leaf) in _FILLED_DEFAULT_TYPES for leaf in torch.utils._pytree.tree_leaves(filled)):
         new_args, new_kwargs = positional_call(module, args, kwargs)
         # positional_call moves only named parameters that directly follow the positional arguments
         moved = len(new_args) > len(args)
@@ -2869,9 +2873,31 @@ class _ExportRebuilder:
                 value = _size_method_form(self.graph.node_copy(old, self._resolve))
                 self.env[old] = value
                 return value
+            written = self._written_input(old, call)
+            if written is not None:
+                # the module writes into its input in place (ReLU(inplace=True)): later users read the input, as
+                # in fx mode, not the call's result, which a forward hook may have replaced
+                if not call.emitted:
+                    self._emit(call)
+                self.env[old] = self._resolve(written)
+                return self.env[old]
             raise _Isolation(call, f"node '{old.name}' inside the call is used outside it")
         raise CaptureError(f"cannot rebuild the exported graph: node '{old.name}' is used before it is computed",
                            module_path="")
+
+    def _written_input(self, old: torch.fx.Node, call: _LeafCall) -> torch.fx.Node | None:
+        """The input of ``call`` that ``old`` (a node of the call) is after in-place ops on it, else None."""
+        inputs = {self.by_name[a.name] for a in call.signature.inputs if not _is_constant_argument(a)}
+        node = old
+        while node not in inputs:
+            target = node.target if node.op == "call_function" else None
+            first = target._schema.arguments[0] if isinstance(target, torch._ops.OpOverload) \
+                and target._schema.arguments else None
+            written = first is not None and first.alias_info is not None and first.alias_info.is_write
+            if not written or not node.args or not isinstance(node.args[0], torch.fx.Node):
+                return None
+            node = node.args[0]
+        return node
 
     def _attr(self, target: str) -> torch.fx.Node:
         node = self.attr_nodes.get(target)
@@ -3600,6 +3626,14 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
             graph._tracer_cls = _RetraceTracer
             break
         except _Isolation as exc:
+            if call_hook_count(source.get_submodule(exc.call.path)):
+                # the hooks were taken off while torch.export ran: inlined, the call would run none of them
+                raise CaptureError(
+                    f"torch.export (non-strict) cannot keep the call '{exc.call.name}' of leaf module "
+                    f"'{exc.call.path}' as one call ({exc}), and the module has forward / backward hooks, which "
+                    "its inlined ops would not run. Fix: capture with symbolic tracing, capture: {mode: fx} or "
+                    "{mode: auto} in the policy, or remove the hooks before transforming",
+                    module_path=exc.call.path) from None
             excluded.add(exc.call.name)
             info.warnings.append(
                 f"the call '{exc.call.name}' of leaf module '{exc.call.path}' stays as inlined ATen ops in the "
@@ -3654,9 +3688,11 @@ class _ReturnedInputs:
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         inputs = self.calls.pop()
+        # its own weights too: a returned parameter is otherwise the graph's get_attr, read by every user of it
+        inputs.update((id(t), t._version) for t in (*module.parameters(), *module.buffers()))
 
         def returned(t: torch.Tensor) -> torch.Tensor:
-            unchanged = inputs.get(id(t), -1) == t._version and t.layout == torch.strided
+            unchanged = id(t) in inputs and t.layout == torch.strided  # changed in place too
             return t.view_as(t) if unchanged else t
 
         return torch.utils._pytree.tree_map_only(torch.Tensor, returned, output)
