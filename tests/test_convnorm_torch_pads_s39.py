@@ -144,3 +144,23 @@ def test_orthogonal_pass_refuses_a_padding_torch_does_not_pad_by(mode):
         model = orthofx.transform(broken, "orthogonal")
     with pytest.raises(NotImplementedError):
         model(x)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular"])
+def test_isometric_init_does_not_call_a_stale_padding_exact(mode):
+    """keeps_output_size read conv.padding: a conv built with padding=0 and given padding=(1, 1) afterwards (torch
+    still pads by 0: 8 x 8 -> 6 x 6) was read as size-keeping, and isometric_init recorded 'exact': True for a map
+    of 256 inputs to 144 outputs, which no isometry is."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=0, padding_mode=mode, bias=False)
+    conv.padding = (1, 1)
+    model = nn.Sequential(conv)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert model(x).shape == (1, 4, 6, 6)  # torch's layer: the pads of its constructor
+    policy = {"rules": [{"match": {"type": "Conv2d"}, "apply": "isometric_init"}]}
+    gm = orthofx.transform(model, policy, example_inputs=(x,))
+    (change,) = gm.meta["orthofx"].changes
+    assert change.after["exact"] is False
+    with torch.no_grad():
+        assert gm(x).shape == (1, 4, 6, 6)

@@ -130,7 +130,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, MetaWeightError, layer_label
 from orthofx.nn.padding import (CircularFold, CircularPad, _circular_fold_valid, _circular_pad_valid, flat_pads,
-                                one_element_same_dilation, per_dimension, sizes_per_dimension)
+                                one_element_same_dilation, per_dimension, sizes_per_dimension, stale_mode_pads)
 from orthofx.nn.precision import (HALF_PRECISION, _peak, autocast_conv_dtype, autocast_enabled, autocast_off,
                                   describe_nonfinite, relative_distance)
 from orthofx.nn.stiefel import _haar_factor, _unit_scaled, orthonormal, project_to_stiefel
@@ -290,7 +290,11 @@ def keeps_output_size(conv: nn.Module) -> bool:
     ``d(k-1) + 1 - S <= 2p <= d(k-1)``. ``padding="valid"`` is ``p = 0`` (it keeps the size where every
     window is at most one stride long, e.g. a 1 x 1 conv or a ``k = S`` patch embedding). ``"same"`` with a
     one-element dilation and a padding mode other than zeros pads the first dimension only
-    (:func:`~orthofx.nn.padding.one_element_same_dilation`): it does not keep the size."""
+    (:func:`~orthofx.nn.padding.one_element_same_dilation`): it does not keep the size. Nor, here, does a conv in
+    such a mode whose ``padding`` is not what torch pads it by (set after construction,
+    :func:`~orthofx.nn.padding.stale_mode_pads`)."""
+    if stale_mode_pads(conv) is not None:
+        return False
     pads = _numeric_padding(conv)
     if pads is None:  # "same": torch allows it at stride 1 only, where it keeps the size by definition
         return all(s == 1 for s in conv.stride) and one_element_same_dilation(conv) is None
