@@ -2447,6 +2447,16 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
     mismatch = _call_signature_mismatch(model, error, written or {})
     if mismatch is not None:
         raise CaptureError(mismatch[1], module_path=mismatch[0]) from error
+    text = _str_argument(error) if path in leaves else None
+    if text is not None:
+        raise CaptureError(
+            f"torch.export (non-strict) cannot capture the model: a call of leaf module '{path}' "
+            f"({type(model.get_submodule(path)).__name__}) passes it the string {text}, and torch.export cannot "
+            "keep a string argument in the call signature it keeps for each leaf (which orthofx needs to make each "
+            "call of a leaf one call of the module in the graph). Fix: capture with symbolic tracing, capture: "
+            "{mode: fx} or {mode: auto} in the policy (auto, the default, tries fx first), or give the leaf the "
+            "choice another way (a bool or a number argument, or an attribute set at construction)",
+            module_path=path) from error
     unsupported = _unsupported_input_class(inputs, kwargs, error)
     if unsupported is not None:
         name = f"{unsupported.__module__}.{unsupported.__qualname__}"
@@ -2465,6 +2475,19 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
         "check that the model runs on example_inputs; for a Python branch on a tensor's value, move it into a "
         "submodule (symbolic tracing, capture mode fx or auto, then keeps that submodule as a leaf) or write it "
         "with torch.cond", module_path=path) from error
+
+
+#: torch.export's refusal of a string in a preserved module's call (its tracepoint takes no str argument).
+_STR_ARGUMENT = re.compile(r"Expected code to be unreachable, but got: ('.*')")
+
+
+def _str_argument(error: BaseException) -> str | None:
+    """The string (quoted) a preserved leaf call passed, when that is why torch.export refused ``error``."""
+    for exc in _exception_chain(error):
+        found = _STR_ARGUMENT.search(str(exc)) if isinstance(exc, AssertionError) else None
+        if found is not None:
+            return found.group(1)
+    return None
 
 
 #: torch.export's refusal of a preserved module whose calls differ in structure (torch/_export/wrappers.py).

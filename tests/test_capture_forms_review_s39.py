@@ -334,3 +334,23 @@ def test_export_hooked_leaf_that_cannot_stay_one_call_raises():
     with pytest.raises(orthofx.CaptureError, match="hooks") as info:
         _captured(_SharesInnerLayer().train(), torch.randn(3, 4), ("_Inner",))
     assert info.value.module_path == "blk"
+
+
+class _CallsStrArgument(_CallsStrDefault):
+    def forward(self, x):
+        return self.g(self.lin(x), "b")
+
+
+def test_export_leaf_given_a_str_argument_is_refused_with_the_cause():
+    # torch.export cannot keep a str in a leaf's call signature; the message said to check the example inputs
+    x = torch.randn(3, 4)
+    with pytest.raises(orthofx.CaptureError, match="string 'b'") as info:
+        _captured(_CallsStrArgument(), x, ("_StrDefault",))
+    assert info.value.module_path == "g" and "mode: fx" in str(info.value)
+    torch.manual_seed(0)
+    model = _CallsStrArgument()
+    policy = {"rules": [{"match": {"type": "Linear"}, "apply": "orth_regularizer"}],
+              "capture": {"mode": "auto", "leaf_modules": ["_StrDefault"]}}
+    gm = orthofx.transform(copy.deepcopy(model), policy, example_inputs=(x,))  # fx takes it
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
