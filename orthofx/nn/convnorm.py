@@ -351,13 +351,19 @@ def convnorm_geometry(input_size: Sequence[int], kernel_size, stride=1, padding=
     error for an input smaller than the kernel (a layer passes its label).
     """
     n = tuple(int(v) for v in input_size)
-    d = len(n)
+    k, s, dil = _checked_sizes(len(n), kernel_size, stride, dilation)
+    return _geometry_of_pads(n, k, s, dil, conv_zero_pads(padding, k, dil, s), where)
+
+
+def _checked_sizes(d: int, kernel_size, stride, dilation) -> tuple[tuple[int, ...], ...]:
+    """``(kernel_size, stride, dilation)`` of a ``d``-dimensional conv as ``d`` positive ints each (a one-element
+    stride or dilation applies to every dimension, as in torch)."""
     k = _ntuple(kernel_size, d, "kernel_size")
     s = _ntuple(stride, d, "stride", broadcast=True)
     dil = _ntuple(dilation, d, "dilation", broadcast=True)
     if any(v < 1 for v in k + s + dil):
         raise LayerArgumentError(f"kernel_size, stride and dilation must be positive, got {k}, {s}, {dil}")
-    return _geometry_of_pads(n, k, s, dil, conv_zero_pads(padding, k, dil, s), where)
+    return k, s, dil
 
 
 def _geometry_of_pads(n: tuple[int, ...], k: tuple[int, ...], s: tuple[int, ...], dil: tuple[int, ...],
@@ -399,12 +405,7 @@ def _explicit_pads(size: Sequence[int], kernel_size, stride, padding, dilation, 
     over every dimension gave another output size than the conv's), after :func:`_check_explicit_pads`. For a
     conv module ``conv`` the pads its constructor computed (:func:`~orthofx.nn.padding.torch_mode_pads`), which
     its forward uses whatever ``conv.padding`` says now; the functional :func:`conv_norm` has only ``padding``."""
-    d = len(size)
-    k = _ntuple(kernel_size, d, "kernel_size")
-    s = _ntuple(stride, d, "stride", broadcast=True)
-    dil = _ntuple(dilation, d, "dilation", broadcast=True)
-    if any(v < 1 for v in k + s + dil):
-        raise LayerArgumentError(f"kernel_size, stride and dilation must be positive, got {k}, {s}, {dil}")
+    k, s, dil = _checked_sizes(len(size), kernel_size, stride, dilation)
     pads = conv_mode_pads(padding, k, dilation, s) if conv is None else torch_mode_pads(conv, where)
     return _check_explicit_pads(size, k, s, dil, pads, padding_mode, where)
 
