@@ -267,13 +267,15 @@ def _far_column_norms(tall: torch.Tensor) -> torch.Tensor | None:
     return squares if bool(far.any()) else None
 
 
-def _polar_factor(a: torch.Tensor, far_first: bool = False) -> torch.Tensor:
+def _polar_factor(a: torch.Tensor, far_first: bool = False, also: list | None = None) -> torch.Tensor:
     """``U V^T`` of ``a = U S V^T`` (thin): by Newton-Schulz near the manifold, from the Gram matrix's
     eigendecomposition when ``a`` is well conditioned, and by the SVD otherwise and under ``torch.compile``
     (module docstring), differentiated by :class:`_PolarFactor`'s exact formula whichever route
     gave the value. ``far_first``: rule Newton-Schulz out by the columns' norms first (:func:`_far_column_norms`),
     for callers whose matrices are usually far from orthonormal (:func:`project_to_stiefel`); a retraction, near
-    the manifold, would pay one more reduction and host synchronisation per step for nothing."""
+    the manifold, would pay one more reduction and host synchronisation per step for nothing. ``also``: see
+    :func:`_polar_newton_schulz` (read only on the routes that read the host: not under autograd, ``vmap`` or
+    ``torch.compile``, nor for an empty matrix)."""
     work = a.to(_work_dtype(a))
     wide = is_wide(work)
     tall = _tall(work, wide)
@@ -282,7 +284,7 @@ def _polar_factor(a: torch.Tensor, far_first: bool = False) -> torch.Tensor:
         function = _PolarFactor if torch.compiler.is_compiling() else _PolarFactorDual
         polar = function.apply(tall, far_first, tuple(a.shape))
     else:  # the optimizer's retractions (no_grad): autograd.Function.apply took 50 us more than a 16 x 16 one's 30
-        polar = _polar_value(tall, far_first, a.shape)
+        polar = _polar_value(tall, far_first, a.shape, also)
     return _tall(polar, wide).to(a.dtype)
 
 
@@ -443,14 +445,7 @@ def _polar_retraction_reading(w: torch.Tensor, xi: torch.Tensor, also: list) -> 
     gradient that has entries) also reads ``also[0]``, a 0-d tensor on ``w``'s device, and puts its value (a float)
     in its place: the Riemannian hooks' "did every matrix move?" without a device sync of its own. ``also`` keeps
     the tensor where nothing was read (an empty matrix, a recorded gradient, ``vmap``, ``torch.compile``)."""
-    a = _step_sum(w, xi)
-    work = a.to(_work_dtype(a))
-    wide = is_wide(work)
-    tall = _tall(work, wide)
-    if not tall.numel() or _may_differentiate(tall) or in_vmap() or torch.compiler.is_compiling():
-        return polar_retraction(w, xi)
-    # _polar_factor's own steps, as polar_retraction takes them
-    return _tall(_polar_value(tall, False, a.shape, also), wide).to(a.dtype).to(w.dtype)
+    return _polar_factor(_step_sum(w, xi), also=also).to(w.dtype)
 
 
 def _step_sum(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
