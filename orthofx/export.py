@@ -1543,15 +1543,15 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
     phases = _saved_probe_phases(saved, path, written_by)
     saved_dtype = _saved_dtype_of_inputs(model, state, example)
     captured = _captured_dtype(model, state)
-    # one copy of the model at most: the captured dtype's, else the saved dtype's (float64 example inputs)
-    converted = _in_saved_dtype(model, saved_dtype) if captured is None else None
     if captured is not None:
         # a torch.export graph holds the dtype it was captured in (constants, dtype checks, branches on x.dtype):
         # replayed in the model's dtype and converted, the restored model failed on the saved model's inputs
         converted = copy_model(unwrap_model(model)).to(captured)
         example_inputs, example_kwargs = _in_model_dtype(converted, example_inputs, example_kwargs)
-    elif saved_dtype in HALF_PRECISION:
-        example_inputs, example_kwargs = _in_model_dtype(model, example_inputs, example_kwargs)
+    else:
+        converted = _in_saved_dtype(model, saved_dtype)  # float64 example inputs: a float64 copy
+        if saved_dtype in HALF_PRECISION:
+            example_inputs, example_kwargs = _in_model_dtype(model, example_inputs, example_kwargs)
     try:
         if converted is None:
             gm = transform(model, policy, example_inputs=example_inputs, example_kwargs=example_kwargs)
@@ -1859,14 +1859,21 @@ def _saved_dtype_of_inputs(model: nn.Module, state: dict, example: ExampleCall |
     dtype the model was saved in."""
     if example is None:
         return None
-    floating = {key: t for key, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
-    names = {name for name, p in model.named_parameters() if p.is_floating_point()}
-    saved = {t.dtype for key, t in floating.items() if key in names} or {t.dtype for t in floating.values()}
+    saved, current = _parameter_dtypes(model, state)
+    saved = saved or {t.dtype for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
     inputs = {t.dtype for _, t in example.named_inputs() if isinstance(t, torch.Tensor) and t.is_floating_point()}
-    current = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(saved) != 1 or inputs != saved or not current or current == saved:
         return None
     return saved.pop()
+
+
+def _parameter_dtypes(model: nn.Module, state: dict) -> tuple[set[torch.dtype], set[torch.dtype]]:
+    """``(saved, current)``: the floating dtypes of the saved tensors of ``model``'s floating parameters (by name)
+    and of those parameters now."""
+    names = {name for name, p in model.named_parameters() if p.is_floating_point()}
+    saved = {t.dtype for key, t in state.items() if key in names and isinstance(t, torch.Tensor)
+             and t.is_floating_point()}
+    return saved, {p.dtype for p in model.parameters() if p.is_floating_point()}
 
 
 def _captured_dtype(model: nn.Module, state: dict) -> torch.dtype | None:
@@ -1874,11 +1881,7 @@ def _captured_dtype(model: nn.Module, state: dict) -> torch.dtype | None:
     (:func:`_graph_signature`'s ``input_dtypes``), the saved parameters of ``model`` are all in it and ``model``'s
     are not; else ``None``. :func:`load` replays such a policy on a copy converted to it, whatever the dtype of the
     example inputs (cast to it): a replay in ``model``'s dtype captures another graph."""
-    model = unwrap_model(model)
-    names = {name for name, p in model.named_parameters() if p.is_floating_point()}
-    saved = {t.dtype for key, t in state.items() if key in names and isinstance(t, torch.Tensor)
-             and t.is_floating_point()}
-    current = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    saved, current = _parameter_dtypes(unwrap_model(model), state)
     if len(saved) != 1 or current == saved:
         return None
     (dtype,) = saved
