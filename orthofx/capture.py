@@ -1550,14 +1550,13 @@ def _written_form_fits(record: _WrittenCall, signature: Any) -> bool:
     return True
 
 
-def _call_as_written(args: tuple, kwargs: dict[str, Any], count: int, keys: tuple[str, ...],
-                     names: tuple[str, ...]) -> tuple[tuple, dict[str, Any]]:
-    """The call :func:`_export_call_recorded` was given as the forward wrote it: its first ``count`` positional
-    arguments, and its keywords in their order, read from the positional arguments named ``names`` or the
-    keywords (the defaults it filled in are dropped)."""
-    values = dict(zip(names, args))
+def _call_as_written(args: tuple, kwargs: dict[str, Any], written: _WrittenCall) -> tuple[tuple, dict[str, Any]]:
+    """The call :func:`_export_call_recorded` was given as the forward wrote it (``written``): its first ``count``
+    positional arguments, and its keywords in their order, read from the positional arguments named ``names`` or
+    the keywords (the defaults it filled in are dropped)."""
+    values = dict(zip(written.names, args))
     values.update(kwargs)
-    return tuple(args[:count]), {key: values[key] for key in keys}
+    return tuple(args[:written.count]), {key: values[key] for key in written.keys}
 
 
 def _written_call_text(path: str, count: int, keys: tuple[str, ...]) -> str:
@@ -2483,10 +2482,17 @@ _STR_ARGUMENT = re.compile(r"Expected code to be unreachable, but got: ('.*')")
 
 def _str_argument(error: BaseException) -> str | None:
     """The string (quoted) a preserved leaf call passed, when that is why torch.export refused ``error``."""
+    found = _assertion_match(error, _STR_ARGUMENT)
+    return None if found is None else found.group(1)
+
+
+def _assertion_match(error: BaseException, pattern: re.Pattern) -> re.Match | None:
+    """``pattern``'s match in the first AssertionError of ``error``'s chain that it matches (torch.export's
+    refusals of preserved module calls are assertions), else None."""
     for exc in _exception_chain(error):
-        found = _STR_ARGUMENT.search(str(exc)) if isinstance(exc, AssertionError) else None
+        found = pattern.search(str(exc)) if isinstance(exc, AssertionError) else None
         if found is not None:
-            return found.group(1)
+            return found
     return None
 
 
@@ -2498,11 +2504,8 @@ def _call_signature_mismatch(model: nn.Module, error: BaseException, written: di
                              ) -> tuple[str, str] | None:
     """``(path, message)`` when torch.export refused ``error`` because the calls of a leaf have arguments or
     results of different structures (it keeps one call signature per module); None otherwise."""
-    for exc in _exception_chain(error):
-        found = _SPEC_MISMATCH.search(str(exc)) if isinstance(exc, AssertionError) else None
-        if found is not None:
-            break
-    else:
+    found = _assertion_match(error, _SPEC_MISMATCH)
+    if found is None:
         return None
     kind, used = found.groups()
     path = _canonical_path(used, first_module_paths(model))
@@ -2837,7 +2840,7 @@ class _ExportRebuilder:
         args, kwargs = torch.utils._pytree.tree_unflatten(flat, sig.in_spec)
         written = self._written_form(call)
         if written is not None:
-            args, kwargs = _call_as_written(tuple(args), dict(kwargs), written.count, written.keys, written.names)
+            args, kwargs = _call_as_written(tuple(args), dict(kwargs), written)
         node = self.graph.call_module(call.path, tuple(args), dict(kwargs))
         if call.members:
             stack = call.members[0].meta.get("nn_module_stack") or {}
