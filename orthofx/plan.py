@@ -45,7 +45,7 @@ from .passes.isometric_init import IsometricInit, _scale, _scale_dropped_later
 from .passes.registry import get_pass
 from .passes.riemannian import Riemannian, StiefelHook, _by_rule, _scale_lost, _tie_decisions, scale_lost_note
 from .passes.svd_conditioning import decomposition_op
-from .policy import Match, Policy, Rule, _compiled_regex, _describe, _python_none_hint
+from .policy import Match, Policy, Rule, _compiled_regex, _default_rule_name, _describe, _python_none_hint
 
 __all__ = ["Plan", "build_plan", "block_paths", "collect_sites", "describe_module", "other_mode_graph",
            "producers_feeding", "unused_leaf_entries", "unknown_type_entries", "meta_tensors", "meta_text",
@@ -384,13 +384,15 @@ def _selects(match: Match, site: Site, module: nn.Module | None, fed_by: dict[st
     return True
 
 
-def _selects_for_hint(match: Match, site: Site, module: nn.Module | None, fed_by: dict[str, set[str]]) -> bool:
+def _selects_for_hint(match: Match, site: Site, module: nn.Module | None, fed_by: dict[str, set[str]],
+                      aliases: tuple[str, ...] = ()) -> bool:
     """:func:`_selects` for the hints of a rule that matched nothing, which drop one of its selectors (name,
     exclude, where) and so reach layers the rule itself never compared its ``where:`` values with: a value such a
     layer cannot compare (``bias: 3`` on a Linear that ``exclude`` left out) does not select it there, rather than
-    replacing the rule's error with an internal one."""
+    replacing the rule's error with an internal one. ``aliases``: the site's other paths, which the rule compared
+    its patterns with too (:func:`module_aliases`)."""
     try:
-        return _selects(match, site, module, fed_by)
+        return _selects(match, site, module, fed_by, aliases)
     except _WhereError:
         return False
 
@@ -409,18 +411,23 @@ def module_aliases(model: nn.Module | None) -> dict[str, tuple[str, ...]]:
 
 
 def _rule_selects(rule: Rule, site: Site, module: nn.Module | None, fed_by: dict[str, set[str]],
-                  aliases: tuple[str, ...] = ()) -> bool:
-    """:func:`_selects` for a policy rule; a ``where:`` value that cannot be compared is a PlanError naming it."""
+                  aliases: tuple[str, ...] = (), position: int | None = None, count: int = 1) -> bool:
+    """:func:`_selects` for a policy rule; a ``where:`` value that cannot be compared is a PlanError naming it
+    (``position`` and ``count``: the rule's place in its policy and the number of rules, as :func:`_rule_place`
+    takes them)."""
     try:
         return _selects(rule.match, site, module, fed_by, aliases)
     except _WhereError as exc:
-        place = _rule_place(rule, match=True)
+        place = _rule_place(rule, match=True, position=position, count=count)
         raise PlanError(f"rule '{rule.name}'{place}: match.{exc} (at site '{site.name}')") from None
 
 
-def _rule_place(rule: Rule, *, match: bool = False) -> str:
-    """`` (p.yaml:7:5)``: where a rule of a YAML policy is written, for errors about the rule; ``""`` for a rule
-    without a line (from a dict). Content reached through a YAML alias is placed as the policy's own errors place it
+def _rule_place(rule: Rule, *, match: bool = False, position: int | None = None, count: int = 1) -> str:
+    """`` (p.yaml:7:5)``: where a rule of a YAML policy is written, for errors about the rule. A rule without a line
+    (from a dict, or built in code) is placed by its position in the policy, `` (rules[3])``, when that is given
+    (``position``, of ``count`` rules) and its name does not say it: a name of its own (``'soft'``) sends a user
+    to search a list built in code, the default one (``'orth_regularizer[3]'``) holds the position, and a policy of
+    one rule needs none; ``""`` then. Content reached through a YAML alias is placed as the policy's own errors place it
     (:attr:`orthofx.policy.Location.alias_note`): where it is written, at the anchor, adding where the alias used it,
     `` (p.yaml:3:12, used through the alias *m at line 7, column 12)``. ``match=True`` for an error about what the
     rule selects (it matched nothing, a ``where`` value): the place is then the rule's ``match`` when that alone was
@@ -442,7 +449,9 @@ def _rule_place(rule: Rule, *, match: bool = False) -> str:
     if match and match_loc is not None and match_loc.aliases != getattr(loc, "aliases", ()):
         loc = match_loc  # the match alone came through an alias: it is written (and fixed) at the anchor
     if loc is None or getattr(loc, "line", None) is None:
-        return ""
+        if position is None or count < 2 or rule.name == _default_rule_name(rule.apply, position):
+            return ""
+        return f" (rules[{position}])"
     note = getattr(loc, "alias_note", "")
     return f" ({loc}{', ' + note if note else ''})"
 
@@ -452,14 +461,15 @@ def block_paths(model: nn.Module, policy: Policy) -> list[str]:
     paths = []
     # a module under two names is selected (and excluded) by either, as build_plan selects its sites
     aliases = module_aliases(model)
-    for rule in policy.rules:
+    for position, rule in enumerate(policy.rules):
         if rule.match.kind != "block":
             continue
         for name, module in model.named_modules():
             if not name:
                 continue
             site = Site("block", name, type(module).__name__, None, type(module))
-            if _rule_selects(rule, site, module, {}, aliases.get(name, ())) and name not in paths:
+            if (_rule_selects(rule, site, module, {}, aliases.get(name, ()), position, len(policy.rules))
+                    and name not in paths):
                 paths.append(name)
     return paths
 
@@ -875,7 +885,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
         chosen: list[str] = []
         for site in sites:
             module = _module_or_none(gm, site)
-            if not _rule_selects(rule, site, module, fed_by, aliases.get(site.name, ())):
+            if not _rule_selects(rule, site, module, fed_by, aliases.get(site.name, ()), position, len(policy.rules)):
                 continue
             selected += 1
             chosen.append(site.name)
@@ -926,15 +936,16 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 unmatched_optional.append(rule.name)
                 continue
             note = f" Note: {_traced_through_note(rule, hidden, traced)}." if hidden else ""
-            raise PlanError(_no_match_message(rule, sites, passed_over)
+            raise PlanError(_no_match_message(rule, sites, passed_over, position, len(policy.rules))
                             + _unknown_type_hint(rule, model if model is not None else gm)
                             + _feeds_hint(rule, sites, fed_by)
-                            + _missing_attribute_hint(rule, sites, gm, fed_by) + note
-                            + _excluded_all_hint(rule, sites, gm, fed_by)
-                            + _unmatched_name_hint(rule, sites, gm, fed_by) + _root_layer_hint(rule, model))
+                            + _missing_attribute_hint(rule, sites, gm, fed_by, aliases) + note
+                            + _excluded_all_hint(rule, sites, gm, fed_by, aliases)
+                            + _unmatched_name_hint(rule, sites, gm, fed_by, aliases) + _root_layer_hint(rule, model))
         if selected == len(rejected) and not rule.optional:
             details = "; ".join(f"{s.name}: {r}" for s, r in rejected[:5])
-            raise PlanError(f"rule '{rule.name}'{_rule_place(rule)} (apply: {rule.apply}) matched {selected} site(s) "
+            place = _rule_place(rule, position=position, count=len(policy.rules))
+            raise PlanError(f"rule '{rule.name}'{place} (apply: {rule.apply}) matched {selected} site(s) "
                             f"but its pass can handle none of them: {details}. Narrow the rule's match, or mark it "
                             "'optional: true'.")
     _check_pass_plans(gm, entries)
@@ -1270,10 +1281,10 @@ def _handled_by_a_rule(gm: fx.GraphModule, policy: Policy, site: Site, aliases: 
     """Whether a rule of ``policy`` selects ``site`` with a pass that acts on its layer type (``riemannian`` on a
     recurrent layer): then the layer's weights are not left without a word."""
     module = gm.get_submodule(site.name)
-    for rule in policy.rules:
+    for position, rule in enumerate(policy.rules):
         types = getattr(get_pass(rule.apply), "module_types", ())
         if rule.match.site_kind == "module" and any(issubclass(site.module_type, t) for t in types) \
-                and _rule_selects(rule, site, module, {}, aliases):
+                and _rule_selects(rule, site, module, {}, aliases, position, len(policy.rules)):
             return True
     return False
 
@@ -1319,10 +1330,13 @@ def unused_leaf_entries(policy: Policy, model: nn.Module) -> list[str]:
     each entry with the submodule paths and, along each submodule class's MRO, with ``__name__`` and
     ``__module__.__qualname__`` (see :class:`orthofx.capture.OrthofxTracer`); an entry matching none of them (a
     typo, a re-exported path) is silently without effect. A warning, not an error: one policy may serve several
-    models."""
+    models. A module under two paths (``self.decoder = self.encoder``) is kept as a leaf by the path
+    ``named_modules()`` gives it, the first: an entry naming another one is told so, with the path to write, and
+    the closest path to a typo is looked for among all of them."""
     entries = policy.capture.leaf_modules
     if not entries:
         return []
+    firsts = first_module_paths(model)  # other path -> the module's first path
     known: set[str] = set()
     classes: set[type] = set()
     for name, module in model.named_modules():
@@ -1333,13 +1347,21 @@ def unused_leaf_entries(policy: Policy, model: nn.Module) -> list[str]:
     for entry in entries:
         if entry in known:
             continue
+        if entry in firsts:
+            warnings.append(f"capture.leaf_modules entry {entry!r} is another path of the submodule "
+                            f"{firsts[entry]!r} (one module under two names), and a module is kept as a leaf by "
+                            f"its path in model.named_modules(), so it keeps nothing as a leaf: write "
+                            f"{firsts[entry]!r} instead")
+            continue
         resolved = _dotted_class(entry) if "." in entry else None
         if resolved is not None and resolved in classes:
             hint = (f"; {entry} is defined as {resolved.__module__}.{resolved.__qualname__}: write that path or "
                     f"the class name {resolved.__name__}")
         else:
-            close = difflib.get_close_matches(entry, sorted(known - {""}), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            close = difflib.get_close_matches(entry, sorted((known | set(firsts)) - {""}), n=1)
+            first = firsts.get(close[0]) if close else None
+            hint = ("" if not close else f" (did you mean {close[0]}?)" if first is None else
+                    f" (did you mean {first}, also named {close[0]}?)")
         warnings.append(f"capture.leaf_modules entry {entry!r} names no submodule path and no class of the model, "
                         f"so it keeps nothing as a leaf{hint}")
     return warnings
@@ -1369,9 +1391,10 @@ def unknown_type_entries(policy: Policy, model: nn.Module) -> list[str]:
     if not any(rule.match.type for rule in policy.rules):
         return []
     classes = _layer_class_names(model)
-    return [f"rule '{rule.name}'{_rule_place(rule, match=True)}: match.type entry {entry!r} names no class of the "
-            f"model, torch.nn or orthofx.nn, so it selects nothing{hint}"
-            for rule in policy.rules for entry, hint in _unknown_types(rule, classes)]
+    count = len(policy.rules)
+    return [f"rule '{rule.name}'{_rule_place(rule, match=True, position=position, count=count)}: match.type entry "
+            f"{entry!r} names no class of the model, torch.nn or orthofx.nn, so it selects nothing{hint}"
+            for position, rule in enumerate(policy.rules) for entry, hint in _unknown_types(rule, classes)]
 
 
 def _unknown_types(rule: Rule, classes: set[str]) -> list[tuple[str, str]]:
@@ -1432,17 +1455,22 @@ def _feeds_hint(rule: Rule, sites: list[Site], fed_by: dict[str, set[str]]) -> s
             "where) leave out.")
 
 
-def _missing_attribute_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: dict[str, set[str]]) -> str:
+def _missing_attribute_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: dict[str, set[str]],
+                            aliases: dict[str, tuple[str, ...]] | None = None) -> str:
     """For a rule that matched nothing: the ``where:`` attributes that none of the layers it would otherwise select
     has (a misspelt key filters everything out), with the closest attribute names those layers do have, and the
     values that none of them holds, with the values they do hold (``groups: '1'``, a quoted string, is no 1).
+    ``aliases``: first path -> other paths of the model's shared modules (:func:`module_aliases`), which the rule's
+    name patterns select too.
 
     Example: ``where: {groups: '1'}`` on three convs adds `` The rule's where: 'groups' is an integer (1) on
     each of the 3 layer(s) it selects without 'where', never a string ('1').``"""
     if not rule.match.where:
         return ""
     unfiltered = dataclasses.replace(rule.match, where={})
-    modules = [m for s in sites if (m := _module_or_none(gm, s)) is not None and _selects(unfiltered, s, m, fed_by)]
+    aliases = aliases or {}
+    modules = [m for s in sites if (m := _module_or_none(gm, s)) is not None
+               and _selects(unfiltered, s, m, fed_by, aliases.get(s.name, ()))]
     if not modules:
         return ""
     hints = []
@@ -1485,56 +1513,84 @@ def _value_text(value: Any) -> str:
     return _describe(value)
 
 
-def _excluded_all_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: dict[str, set[str]]) -> str:
+def _excluded_all_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: dict[str, set[str]],
+                       aliases: dict[str, tuple[str, ...]] | None = None) -> str:
     """For a rule that matched nothing: the sites its ``exclude`` left out, when it selects some without it
     (``exclude: '*'`` or a pattern broader than meant), so the message does not send the user to the rest of the
-    match."""
+    match. ``aliases`` as for :func:`_missing_attribute_hint`: a shared module is selected, and left out, by any of
+    its paths (``name: decoder.*`` with ``exclude: encoder.*``, where ``self.decoder = self.encoder``), and its
+    other paths are shown, since the site's name may not be the one the patterns met."""
     if not rule.match.exclude:
         return ""
+    aliases = aliases or {}
     unexcluded = dataclasses.replace(rule.match, exclude=())
-    left_out = [s.name for s in sites if _selects_for_hint(unexcluded, s, _module_or_none(gm, s), fed_by)]
+    left_out = [s.name for s in sites
+                if _selects_for_hint(unexcluded, s, _module_or_none(gm, s), fed_by, aliases.get(s.name, ()))]
     if not left_out:
         return ""
     return (f" Its exclude ({', '.join(rule.match.exclude)}) left out all {len(left_out)} site(s) it selects "
-            f"otherwise: {first_few(left_out, 4)}.")
+            f"otherwise: {first_few([_also_named(name, aliases) for name in left_out], 4)}.")
 
 
-def _unmatched_name_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: dict[str, set[str]]) -> str:
+def _also_named(name: str, aliases: dict[str, tuple[str, ...]]) -> str:
+    """``name`` with the other paths of its module, as hints show a site: ``encoder.lin (also decoder.lin)``.
+
+    >>> _also_named("encoder.lin", {"encoder.lin": ("decoder.lin",)}), _also_named("head", {})
+    ('encoder.lin (also decoder.lin)', 'head')
+    """
+    others = aliases.get(name, ())
+    return f"{name} (also {', '.join(others)})" if others else name
+
+
+def _unmatched_name_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: dict[str, set[str]],
+                         aliases: dict[str, tuple[str, ...]] | None = None) -> str:
     """For a rule that matched nothing: when its ``name`` patterns alone left out every site it selects otherwise,
     the names of those sites, so the message does not send the user to the types of the graph's sites; and per
     pattern the likely slip: a ``re:`` pattern found inside names (it must match the whole name: ``re:conv`` is
     no ``re:conv.*``), a glob that matches names in another case (names are case-sensitive), the closest name.
+    ``aliases`` as for :func:`_missing_attribute_hint`: the slips are looked for among every path of a shared
+    module (``Decoder.lin`` is ``decoder.lin`` in another case, a path of the site ``encoder.lin``).
 
     Example: ``name: Conv1`` under ``orth_regularizer`` on ``small_cnn`` adds `` Its name pattern(s) (Conv1) match
     none of the 4 site(s) it selects otherwise: conv1, conv2, conv3, fc; 'Conv1' matches conv1 in another case
     (names are case-sensitive).``"""
     if not rule.match.name or rule.match.site_kind == "block":  # block sites exist only where a name selected one
         return ""
+    aliases = aliases or {}
     unnamed = dataclasses.replace(rule.match, name=())
-    selected = [(s, m) for s in sites if _selects_for_hint(unnamed, s, m := _module_or_none(gm, s), fed_by)]
+    selected = [(s, m) for s in sites
+                if _selects_for_hint(unnamed, s, m := _module_or_none(gm, s), fed_by, aliases.get(s.name, ()))]
     pass_obj = get_pass(rule.apply)()
     # the layers the rule's pass can take (a name-only rule selects activations and pools too)
     names = [s.name for s, m in selected if pass_obj.accepts(s, m) is None] or [s.name for s, _ in selected]
     if not names:
         return ""
+    # every path a pattern can name the sites by, with the site each names (a shared module's other paths too)
+    site_of = {path: name for name in names for path in (name, *aliases.get(name, ()))}
+    paths = list(site_of)
+
+    def shown(path: str) -> str:
+        return path if site_of[path] == path else f"{path} (a path of {site_of[path]})"
+
     notes = []
     for pattern in rule.match.name:
         if pattern.startswith("re:"):
             regex = _compiled_regex(pattern[3:])
-            partial = [n for n in names if regex.search(n)]
+            partial = [shown(n) for n in paths if regex.search(n)]
             if partial:
                 notes.append(f"'{pattern}' must match a whole name and matches only part of {first_few(partial, 3)} "
                              f"(write 're:.*{pattern[3:]}.*', or a glob)")
             continue
-        other_case = [n for n in names if fnmatch.fnmatchcase(n.lower(), pattern.lower())]
+        other_case = [shown(n) for n in paths if fnmatch.fnmatchcase(n.lower(), pattern.lower())]
         if other_case:
             notes.append(f"'{pattern}' matches {first_few(other_case, 3)} in another case (names are case-sensitive)")
             continue
-        close = difflib.get_close_matches(pattern, names, n=1)
+        close = difflib.get_close_matches(pattern, paths, n=1)
         if close:
-            notes.append(f"the closest name to '{pattern}' is {close[0]}")
+            notes.append(f"the closest name to '{pattern}' is {shown(close[0])}")
     return (f" Its name pattern(s) ({', '.join(rule.match.name)}) match none of the {len(names)} site(s) it selects "
-            f"otherwise: {first_few(names, 6)}" + "".join(f"; {note}" for note in notes) + ".")
+            f"otherwise: {first_few([_also_named(name, aliases) for name in names], 6)}"
+            + "".join(f"; {note}" for note in notes) + ".")
 
 
 def _has_attribute(module: nn.Module, attr: str) -> bool:
@@ -1557,11 +1613,13 @@ def _root_layer_hint(rule: Rule, model: nn.Module | None) -> str:
             "site '0')")
 
 
-def _no_match_message(rule: Rule, sites: list[Site], passed_over: list[OrthofxLayer] = ()) -> str:
-    """``passed_over``: the orthofx layers the rule passes over (:func:`_passed_over`), the likely cause."""
+def _no_match_message(rule: Rule, sites: list[Site], passed_over: list[OrthofxLayer] = (),
+                      position: int | None = None, count: int = 1) -> str:
+    """``passed_over``: the orthofx layers the rule passes over (:func:`_passed_over`), the likely cause;
+    ``position`` / ``count``: the rule's place in the policy, as :func:`_rule_place` takes them."""
     kind = rule.match.site_kind
     candidates = [s for s in sites if s.kind == kind]
-    where = _rule_place(rule, match=True)
+    where = _rule_place(rule, match=True, position=position, count=count)
     if kind == "function":
         found = sorted({s.target for s in candidates})
         have = ", ".join(found) if found else "none"

@@ -615,6 +615,8 @@ class _Positions:
         self.keys: dict[tuple, tuple[int, int]] = {}
         self.values: dict[tuple, tuple[int, int]] = {}
         self.aliases: dict[tuple, tuple[str, tuple[int, int]]] = {}  # path -> (anchor name, mark of the alias)
+        # rule index -> the name given to that rule, for errors inside it where no line tells the rules apart
+        self.rule_names: dict[int, str] = {}
 
     def _find(self, path: tuple, key: bool) -> tuple[tuple[int | None, int | None], tuple, bool]:
         """The mark that locates ``path``, the path it was recorded for and whether it is a key's."""
@@ -642,7 +644,17 @@ class _Positions:
     def error(self, message: str, path: tuple, *, key: bool = False) -> PolicyError:
         loc = self.location(path, key)
         note = f" ({loc.alias_note})" if loc.alias_note else ""
-        return PolicyError(message + note, file=self.file, line=loc.line, column=loc.column)
+        return PolicyError(message + self._rule_note(message, path, loc) + note, file=self.file, line=loc.line,
+                           column=loc.column)
+
+    def _rule_note(self, message: str, path: tuple, loc: Location) -> str:
+        """`` (in rule 'soft')`` for an error inside a rule that has a name of its own, where no line is known (a
+        dict, a Policy object): ``rules[7]`` alone sends a user to count the rules of a list built in code, the name
+        is what they wrote and can search for; ``""`` otherwise, or when the message names the rule already."""
+        if loc.line is not None or len(path) < 2 or path[0] != "rules" or path[1] not in self.rule_names:
+            return ""
+        name = self.rule_names[path[1]]
+        return "" if repr(name) in message else f" (in rule {name!r})"
 
 
 def _mark(node: yaml.Node | _AliasUse) -> tuple[int, int]:
@@ -1181,6 +1193,11 @@ def _build_policy(data: Any, pos: _Positions, *, require_version: bool) -> Polic
     if not raw_rules:
         raise pos.error("rules is empty; a policy needs at least one rule", ("rules",))
 
+    if len(raw_rules) > 1:  # one rule needs no name to be told apart
+        pos.rule_names.update(
+            (i, raw["name"]) for i, raw in enumerate(raw_rules)
+            if isinstance(raw, dict) and isinstance(raw.get("name"), str) and raw["name"].strip()
+            and raw["name"] != _default_rule_name(raw.get("apply"), i))
     rules = [_build_rule(raw, i, pos) for i, raw in enumerate(raw_rules)]
     seen: dict[str, int] = {}
     for rule in rules:
@@ -1343,7 +1360,7 @@ def _check_object_fields(policy: Policy, pos: _Positions) -> None:
         if not isinstance(rule.params, Mapping):
             raise pos.error(f"{_fmt(path + ('with',))} (the rule's params) must be a dict, found "
                             f"{_type_name(rule.params)}", path + ("with",))
-        raw_rules.append({"name": rule.name, "match": raw_match, "apply": rule.apply, "with": dict(rule.params),
+        raw_rules.append({"name": rule.name, "match": raw_match, "apply": rule.apply, "with": _checked_with(rule),
                           "optional": rule.optional})
     data = _plain({"orthofx": policy.version, "description": policy.description, "capture": raw_capture,
                    "rules": raw_rules}, (), pos, 0)
@@ -1363,6 +1380,48 @@ def _check_object_fields(policy: Policy, pos: _Positions) -> None:
                                 f"op names {list(canonical)} (Policy.from_dict turns aliases into them)",
                                 ("rules", i, "match", key))
         _check_given_params(rule, i, pos)
+
+
+def _checked_with(rule: Rule) -> dict[str, Any]:
+    """What the check of a Policy object reads as ``rule``'s ``with:``. Its ``params`` are what the pass's
+    ``validate_params`` made of what was written (``given_params``), which :meth:`Policy.to_yaml` writes; they are
+    read as written values (so that ``params["weight"] = -1`` gets the message of ``with: {weight: -1}``) only
+    where that means something: where they are not exactly what ``given_params`` give (:func:`_replays_params`),
+    and the pass validates with :meth:`Pass.validate_params` itself, which takes back its own output unchanged. A
+    custom pass's own ``validate_params`` may turn a value into another (``'a,b'`` into a list, a fraction into a
+    percentage) that it would refuse, or turn again, as input: ``given_params`` are read then, and
+    :func:`_check_given_params` says where ``params`` differ from what they give."""
+    given = rule.given_params
+    if not isinstance(given, Mapping):  # _check_given_params names it
+        return dict(rule.params)
+    if _replays_params(rule):
+        return dict(given)
+    try:
+        validate = rule.pass_class.validate_params
+    except KeyError:  # an unknown pass: the check of apply names it
+        return dict(rule.params)
+    own = getattr(validate, "__func__", validate) is not Pass.validate_params.__func__
+    return dict(given) if own else dict(rule.params)
+
+
+def _replays_params(rule: Rule) -> bool:
+    """Whether ``rule.params`` are exactly what its pass's ``validate_params`` makes of ``rule.given_params`` (what
+    :meth:`Policy.to_yaml` writes under ``with:``), as for every rule read by :meth:`Policy.from_dict`. Such params
+    need no check of their own, and checking them as ``with:`` would be wrong where ``validate_params`` converts
+    values (a custom pass's ``'a,b'`` -> ``['a', 'b']``): it need not accept, or keep, its own output. Any
+    failure (given_params not a mapping, an unknown pass, a value refused) is ``False``, left for the checks of
+    params and given_params to name."""
+    given, params = rule.given_params, rule.params
+    if not isinstance(given, Mapping) or not isinstance(params, Mapping) or not isinstance(rule.apply, str):
+        return False
+    try:
+        replayed = rule.pass_class.validate_params(_plain(dict(given), (), _Positions(None), 0))
+    except (PolicyError, KeyError, ValueError, TypeError):
+        return False
+    try:
+        return set(replayed) == set(params) and all(bool(replayed[key] == params[key]) for key in params)
+    except (TypeError, ValueError, RuntimeError):  # an == that raises, or gives no truth value (a tensor's)
+        return False
 
 
 def _check_given_params(rule: Rule, i: int, pos: _Positions) -> None:
@@ -1436,7 +1495,10 @@ def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
                         path)
     apply = raw["apply"]
     if not isinstance(apply, str) or apply not in passes:
-        hint = _did_you_mean(apply, passes)
+        # no close name: likely a pass of the user's own, whose module (which registers it) was not imported
+        hint = _did_you_mean(apply, passes) or (
+            " (a pass of your own must be registered with orthofx.passes.register_pass, i.e. the module defining "
+            "it imported, before the policy is read)" if isinstance(apply, str) else "")
         found = (f"unknown pass {apply!r} in {label}.apply" if isinstance(apply, str) else
                  f"{label}.apply must name a pass, found {_describe(apply)}")
         raise pos.error(f"{found}; available: {', '.join(passes) or 'none'}{hint}", path + ("apply",))

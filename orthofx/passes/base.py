@@ -1215,7 +1215,12 @@ class Pass:
 
     @classmethod
     def validate_params(cls, given: dict[str, Any]) -> dict[str, Any]:
-        """Defaults filled in and every given value validated; ``KeyError``/``ValueError`` name the problem."""
+        """Defaults filled in and every given value validated; ``KeyError``/``ValueError`` name the problem.
+
+        A pass may override it to convert values (a string ``'a,b'`` into a list, a fraction into a percentage):
+        the rule's ``params`` are then its output and ``given_params`` what was written, which ``Policy.to_yaml``
+        writes. It need not accept its own output, but must give equal params for equal input: a Policy object
+        whose ``params`` are not what this gives for its ``given_params`` is refused where it is used."""
         spec = cls.param_spec()
         out = {name: p.default for name, p in spec.items()}
         for key, value in given.items():
