@@ -539,19 +539,19 @@ def qr_retraction(w: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     backward), as :func:`polar_retraction` is. NaN or inf entries in ``W + xi`` raise
     :class:`~orthofx.errors.LayerArgumentError`, as in :func:`polar_retraction` (inside ``vmap`` or
     ``torch.compile``, which cannot read them on the host: NaN columns)."""
-    a = _step_sum(w, xi)
-    wide = is_wide(a)
-    tall = _tall(a, wide)
-    # Cholesky QR checks its result on the host, which vmap and a fullgraph compile cannot (module docstring)
-    host = not in_vmap() and not torch.compiler.is_compiling()
-    q = _cholesky_qr2(tall) if tall.device.type in CHOLESKY_QR_DEVICES and host else None
-    if q is None:
-        q = orthonormal(tall, tall=True)
-        # (Cholesky QR's result is checked already.) Householder QR turns a NaN or inf into NaN columns silently;
-        # the entries of an orthonormal Q are at most 1, so their sum is finite unless one is not
-        if host and not bool(torch.isfinite(q.sum())):
-            raise _nonfinite_error("QR retraction", w.shape)
-    return _tall(q, wide).to(w.dtype)
+    # Cholesky QR checks its result on the host, which vmap and a fullgraph compile cannot: Householder QR there,
+    # unchecked (module docstring)
+    if in_vmap() or torch.compiler.is_compiling():
+        return _qr_factor(w, xi, householder=True, check=False)[0]
+    r, redo = _qr_factor(w, xi)
+    redo = bool(redo)  # the first route's host read: Cholesky QR's check, or the NaN test of Householder's Q
+    if redo and r.device.type in CHOLESKY_QR_DEVICES:
+        # Cholesky QR failed its check (an xi far from tangent that makes W + xi rank-deficient): Householder QR
+        r, redo = _qr_factor(w, xi, householder=True)
+        redo = bool(redo)
+    if redo:  # Householder QR turns a NaN or inf into NaN columns silently
+        raise _nonfinite_error("QR retraction", w.shape)
+    return r
 
 
 def _qr_retraction_unread(w: torch.Tensor, xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -562,14 +562,25 @@ def _qr_retraction_unread(w: torch.Tensor, xi: torch.Tensor) -> tuple[torch.Tens
     ``vmap`` or ``torch.compile``, where :func:`qr_retraction` reads nothing."""
     if in_vmap() or torch.compiler.is_compiling():
         return None
+    return _qr_factor(w, xi)
+
+
+def _qr_factor(w: torch.Tensor, xi: torch.Tensor, householder: bool = False, check: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(R, redo)`` with nothing read on the host, the one computation of :func:`qr_retraction` and
+    :func:`_qr_retraction_unread`: ``R = qf(W + xi)`` in ``w``'s dtype, by Cholesky QR on the devices of
+    :data:`CHOLESKY_QR_DEVICES` unless ``householder``, by Householder QR (:func:`orthonormal`) otherwise; ``redo``
+    a 0-d bool tensor, true where ``R`` is not the retraction (Cholesky QR failed its check, or Householder's ``Q``
+    holds a NaN or inf), None without ``check`` (inside ``vmap`` or ``torch.compile``, where it cannot be read)."""
     a = _step_sum(w, xi)
     wide = is_wide(a)
     tall = _tall(a, wide)
-    if tall.device.type in CHOLESKY_QR_DEVICES:
+    if not householder and tall.device.type in CHOLESKY_QR_DEVICES:
         q, redo = _cholesky_qr2_unread(tall)
     else:
         q = orthonormal(tall, tall=True)
-        redo = ~torch.isfinite(q.sum())  # qr_retraction's own test
+        # the entries of an orthonormal Q are at most 1, so their sum is finite unless one is not
+        redo = ~torch.isfinite(q.sum()) if check else None
     return _tall(q, wide).to(w.dtype), redo
 
 

@@ -120,10 +120,10 @@ import torch
 from torch import nn
 
 from .. import metrics
-from ..errors import ArgumentError, OrthofxWarning, ScaleLostWarning
+from ..errors import ArgumentError, LayerArgumentError, OrthofxWarning, ScaleLostWarning
 from ..nn import stiefel
 from ..nn.orthogonal import keeps_output_size
-from ..nn.padding import conv_zero_pads, sizes_per_dimension
+from ..nn.padding import conv_zero_pads, sizes_per_dimension, torch_mode_pads
 from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PlanEntry, Site, TiedUse, check_scale_range,
                    check_tied, decompositions_fed, is_uninitialised, matrices_text, parameter_owners,
                    recurrent_hidden_weights, recurrent_weights_reason, require_initialised, treated_weight_names)
@@ -280,13 +280,28 @@ def _delta_layout(conv: nn.Module) -> tuple[tuple[tuple[int, int], ...], str | N
     where the layer is not exact)."""
     taps, aligned = [], True
     stride, dilation = _sizes(conv, "stride", "dilation")
-    lefts = [left for left, _ in conv_zero_pads(conv.padding, conv.kernel_size, dilation)]
+    lefts = [left for left, _ in _torch_pads(conv, dilation)]
     for k, s, d, left in zip(conv.kernel_size, stride, dilation, lefts):
         block = _block_taps(k, s, d, left)
         aligned = aligned and block is not None
         taps.append(block if block is not None else ((k - 1) // 2, 1))
     taps = tuple(taps)
     return taps, _exact_side(conv, taps, aligned)
+
+
+def _torch_pads(conv: nn.Module, dilation: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """``(left, right)`` per spatial dimension by which torch's layer ``conv`` pads its input. In a padding mode
+    other than zeros, those its constructor computed (:func:`~orthofx.nn.padding.torch_mode_pads`): a ``padding``
+    set later does not change them, and ``"same"`` with a one-element dilation pads the first dimension only.
+    Read from ``conv.padding``, the taps of a reflect conv built with padding 1 and then given padding 0 read its
+    mirrored border, and the layer torch runs was not orthogonal (singular values 0 to 2). In zeros mode (the conv
+    reads ``padding`` at every call), and where torch's list is one its layer cannot run with, ``conv.padding``."""
+    if conv.padding_mode != "zeros":
+        try:
+            return torch_mode_pads(conv, "isometric_init")
+        except LayerArgumentError:  # F.pad refuses the list: the layer fails at its first call whatever its taps
+            pass
+    return conv_zero_pads(conv.padding, conv.kernel_size, dilation)
 
 
 def _exact_side(conv: nn.Module, taps: Sequence[tuple[int, int]], aligned: bool) -> str | None:
