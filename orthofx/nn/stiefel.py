@@ -518,6 +518,8 @@ def _cholesky_qr2_unread(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = torch.linalg.solve_triangular(lower, q.mT, upper=False).mT
         failed = info != 0 if failed is None else failed | (info != 0)
     # kappa(a) beyond 1 / sqrt(eps) can pass both factorisations and leave Q far from orthonormal
+    if q.shape[-1] == 0:  # no columns: nothing to check (and amax refuses an empty reduction)
+        return q, failed.any()
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     defect = (q.mT @ q - eye).abs().amax(dim=(-2, -1))
     tolerance = 16 * q.shape[-1] * torch.finfo(q.dtype).eps
