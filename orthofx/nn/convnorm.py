@@ -116,10 +116,14 @@ recent weights. Two behaviours are offered:
   it loads are unexpected keys (``load_state_dict`` fails with torch's usual message under ``strict=True`` and
   ignores them under ``strict=False``, and the order of updates with them), and a
   :class:`RunningFiltersDroppedWarning` names the layer; construct it with ``momentum=...`` to load them.
-  ``named_buffers()`` does not list them, so neither does ``torch.func.functional_call`` swap them (torch's model
+  ``named_buffers()`` does not list them, so ``torch.func.stack_module_state`` does not stack them (torch's model
   ensembling, ``stack_module_state`` + ``vmap(functional_call)``, runs every member in eval with the base
-  layer's filters: use ``momentum=None`` there), nor does ``torch.optim.swa_utils.AveragedModel(use_buffers=True)``
-  average them: an EMA / SWA copy keeps the filters of the weights the model had when it was made, and
+  layer's filters: use ``momentum=None`` there, or stack the members' ``state_dict()`` entries, which hold them);
+  ``torch.func.functional_call`` substitutes those given in its dict (``layer.running_v_<L1>x... = t`` makes ``t``
+  the filter of that grid, a state dict's keys included; a layer with ``momentum=None``, or a tensor of another
+  shape, is refused with a :class:`~orthofx.errors.LayerArgumentError`).
+  ``torch.optim.swa_utils.AveragedModel(use_buffers=True)`` does not average them either: an EMA / SWA copy keeps
+  the filters of the weights the model had when it was made, and
   :func:`update_running_filters` (``update_bn``'s analogue) sets them to ``V`` of its averaged weights; a layer's
   ``running_v_<L1>x...`` attribute is the filter, as a buffer's name would be
   (tools that look state-dict keys up with ``getattr``, such as ``torch.distributed.checkpoint``'s
@@ -238,7 +242,7 @@ from torch import nn
 
 from orthofx.errors import LayerArgumentError, RunningFiltersDroppedWarning, first_few, keep_in_metadata, layer_label
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
-from orthofx.nn.orthogonal import _EvalCache, without_memory_format
+from orthofx.nn.orthogonal import _ComputedWeight, _EvalCache, refuse_weight_assignment, without_memory_format
 from orthofx.nn.padding import circular_pad, conv_mode_pads, conv_zero_pads, flat_pads, per_dimension, torch_mode_pads
 from orthofx.nn.precision import HALF_PRECISION
 from orthofx.theory import _flag
@@ -274,6 +278,9 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _PAD_MODES = {"zeros", "reflect", "replicate", "circular"}
 _RUNNING_PREFIX = "running_v_"
+# what an assignment to a ConvNorm layer's weight or bias should do instead (refuse_weight_assignment)
+_CONV_PARAMETER_FIX = ("assign the wrapped conv's instead (layer.conv.weight = ...), or give functional_call the keys "
+                       "'<layer path>.conv.weight' and '<layer path>.conv.bias'")
 _FROZEN_PREFIX = "v_"
 #: How many distinct input sizes a ConvNorm layer remembers for :meth:`ConvNormConvNd.to_plain`.
 MAX_REMEMBERED_SIZES = 16
@@ -998,7 +1005,7 @@ def overridden_conv_code(conv: nn.Module) -> str | None:
     return None
 
 
-class ConvNormConvNd(_EvalCache, nn.Module):
+class ConvNormConvNd(_ComputedWeight, _EvalCache, nn.Module):
     """A convolution followed by ConvNorm (P3), as one module owning the conv (see the module docstring).
 
     Args:
@@ -1110,6 +1117,50 @@ class ConvNormConvNd(_EvalCache, nn.Module):
                     return running
         return super().__getattr__(name)
 
+    def __setattr__(self, name: str, value) -> None:
+        # torch.func.functional_call (and torch.nn.utils.stateless) substitutes each key of its dict with setattr
+        # and puts the original back the same way, so a state_dict's running_v_* keys (an ensemble member's
+        # filters, stacked for vmap) arrive here: stored in __dict__ as plain attributes they were ignored by the
+        # forward and left behind, shadowing the layer's own filter for getattr ever after
+        if name.startswith(_RUNNING_PREFIX):
+            self._set_running_filter(name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        # functional_call's restore deletes a key it substituted that the layer did not have (a grid it never saw)
+        if name.startswith(_RUNNING_PREFIX) and "_running_filters" in self.__dict__:
+            sizes = self._name_sizes(name)
+            if all(v.isdigit() for v in sizes) and _grid_key(sizes) in self._running_filters:
+                self._running_filters.pop(_grid_key(sizes))
+                self._running_order.pop(_grid_key(sizes), None)
+                return
+        super().__delattr__(name)
+
+    def _set_running_filter(self, name: str, value) -> None:
+        """``layer.running_v_<L1>x... = tensor``: the running filter of that grid is ``tensor`` itself (kept in its
+        place in the order of updates; a new grid counts as updated last), as a buffer assigned by name is; what
+        ``torch.func.functional_call`` does with a ``state_dict``'s ``running_v_*`` keys, so that an ensemble of
+        layers (each member's filters stacked, ``vmap`` over ``functional_call``) runs each member's filters. A
+        layer with ``momentum=None``, a value that is no tensor or one shaped otherwise than the grid's filter is
+        refused with a :class:`~orthofx.errors.LayerArgumentError` (one shaped otherwise would broadcast over the
+        channels in eval, silently)."""
+        label = layer_label(self)
+        if self.momentum is None:
+            raise LayerArgumentError(
+                f"{label} has momentum=None: it keeps no running ConvNorm filters (its filter is recomputed from the "
+                f"weight in eval too), so it cannot take {name}; leave the running_v_* keys out of the dict given "
+                f"to torch.func.functional_call, or transform with the convnorm rule's momentum set")
+        if not isinstance(value, torch.Tensor):
+            raise LayerArgumentError(f"{label}: {name} is a running ConvNorm filter and must be a tensor, not "
+                                     f"{type(value).__name__}")
+        problem = self._running_filter_problem(name, value)
+        if problem is not None:
+            raise LayerArgumentError(f"{label}: {problem}")
+        grid = _grid_key(self._name_sizes(name))
+        self._running_filters[grid] = value
+        self._running_order.setdefault(grid, None)
+
     def _replicate_for_data_parallel(self):
         # nn.DataParallel's replicas copy __dict__ shallowly: each gets a dict of its own, so that a replica on
         # another device stores its filters there (moved copies, lost with the replica, as DataParallel loses
@@ -1138,9 +1189,25 @@ class ConvNormConvNd(_EvalCache, nn.Module):
     def weight(self) -> torch.Tensor:
         return self.conv.weight
 
+    # weight and bias are the conv's (a ConvNorm holds no parameter of its own), which functional_call with the
+    # model's names from before the transform would assign: refused (_ComputedWeight), naming the keys to give
+    _computed = ("weight", "bias")
+    _computed_what = "and bias are the wrapped conv's (conv.weight, conv.bias)"
+
+    def _refuse_assignment(self) -> None:
+        refuse_weight_assignment(self, self._computed_what, _CONV_PARAMETER_FIX)
+
+    @weight.setter
+    def weight(self, value) -> None:
+        self._refuse_assignment()
+
     @property
     def bias(self) -> torch.Tensor | None:
         return self.conv.bias
+
+    @bias.setter
+    def bias(self, value) -> None:
+        self._refuse_assignment()
 
     @property
     def in_channels(self) -> int:

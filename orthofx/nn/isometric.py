@@ -49,7 +49,8 @@ from torch import nn
 from orthofx.errors import LayerArgumentError, layer_label
 from orthofx.theory import _flag as _theory_flag, _positive_int
 
-from .orthogonal import _baked_linear, _frozen_requires_grad, check_input_dtype
+from .orthogonal import (_baked_linear, _ComputedWeight, _frozen_requires_grad, check_input_dtype,
+                         refuse_weight_assignment)
 from .precision import HALF_PRECISION
 from .stiefel import orthonormal
 
@@ -115,6 +116,17 @@ def _check_input(x: torch.Tensor, features: int, layer: nn.Module) -> None:
     check_input_dtype(x, _raw_dtype(layer), layer, noun="block")
 
 
+class _ComputedBlockWeight(_ComputedWeight):
+    """``weight`` is computed from ``raw``: an assignment (``torch.func.functional_call`` with a key ``weight``)
+    is refused naming the parameters to give instead (:class:`~orthofx.nn.orthogonal._ComputedWeight`)."""
+
+    _computed_what = "is the orthonormal factor of raw, computed at every access"
+
+    def _refuse_assignment(self) -> None:
+        refuse_weight_assignment(self, self._computed_what, "to set it, write raw (any full-rank matrix: its Q factor "
+                                 "is used), or use to_plain() for plain nn.Linear layers whose weight can be set")
+
+
 @torch.no_grad()
 def _reset_block(block: nn.Module) -> None:
     """A block's initialisation, also after deferred construction (``torch.device("meta")`` then ``to_empty()``,
@@ -129,7 +141,7 @@ def _reset_block(block: nn.Module) -> None:
         block.bias.zero_()
 
 
-class OrthogonalActivationBlock(nn.Module):
+class OrthogonalActivationBlock(_ComputedBlockWeight, nn.Module):
     """``y = sigma(Q x + b)``, ``Q`` orthogonal (``features x features``), ``|sigma'| = 1``: orthogonal Jacobian.
 
     Args:
@@ -175,6 +187,10 @@ class OrthogonalActivationBlock(nn.Module):
         (:func:`_reset_block` says how to re-initialise it)."""
         return _qf(self.raw, _raw_dtype(self))
 
+    @weight.setter
+    def weight(self, value) -> None:
+        self._refuse_assignment()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.features, self)
         z = x @ self.weight.transpose(0, 1)
@@ -202,7 +218,7 @@ class OrthogonalActivationBlock(nn.Module):
         return f"features={self.features}, activation={self.activation!r}, bias={self.bias is not None}"
 
 
-class ReflectionResidualBlock(nn.Module):
+class ReflectionResidualBlock(_ComputedBlockWeight, nn.Module):
     """``y = x - 2 W^T relu(W x + b)``, ``W`` (``hidden x features``) with orthonormal rows: its Jacobian
     ``I - 2 W^T D W`` is a reflection (orthogonal and symmetric) wherever no unit sits exactly at 0 (there the
     block is not differentiable; autograd's ``relu'(0) = 0`` counts the unit inactive, and the Jacobian it
@@ -248,6 +264,10 @@ class ReflectionResidualBlock(nn.Module):
         """``W`` (``hidden x features``, orthonormal rows), computed from ``raw`` at every access
         (:func:`_reset_block` says how to re-initialise it)."""
         return _qf(self.raw, _raw_dtype(self)).transpose(0, 1)
+
+    @weight.setter
+    def weight(self, value) -> None:
+        self._refuse_assignment()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.features, self)

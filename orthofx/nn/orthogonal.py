@@ -107,6 +107,10 @@ Initialisation. Since :attr:`weight` is computed, an initialiser written for ``n
 ``isinstance(m, nn.Conv2d)`` skips these layers (they are not subclasses): the kernel stays the orthogonal one it
 was. Re-initialise with ``reset_parameters()`` (Haar-random; convs also ``init="centre"``), start from a given
 kernel with ``from_conv`` / ``from_linear`` (the nearest orthogonal one), or write the parameters themselves.
+Assigning ``weight`` (``m.weight = t``, or ``torch.func.functional_call`` given the replaced layer's key
+``"<path>.weight"``) raises a :class:`~orthofx.errors.LayerArgumentError` (an ``AttributeError`` too) naming the
+parameters to give instead: ``functional_call`` with the layer's own parameters (``model.named_parameters()``)
+rebuilds the kernel from the substituted tensors, differentiably (``vmap`` / ``grad`` per-sample gradients).
 Deferred initialisation works as for torch's layers: build under ``torch.device("meta")`` (or ``from_conv`` of
 a meta conv with ``init="random"``), then ``to_empty(device=...)`` and ``reset_parameters()``, or ``load_state_dict(sd, assign=True)``.
 
@@ -498,6 +502,48 @@ def _kept_parameter(module: nn.Module, name: str) -> torch.Tensor:
         return module._parameters[name]
     kept = module.parametrizations[name]
     return next(t for t in (*kept._parameters.values(), *kept._buffers.values()) if t is not None)
+
+
+class _ComputedWeightError(LayerArgumentError, AttributeError):
+    """An assignment to a layer's computed ``weight`` (an :class:`AttributeError` too, what assigning a read-only
+    property raised before, so code that catches that keeps working)."""
+
+
+def refuse_weight_assignment(layer: nn.Module, what: str, fix: str) -> None:
+    """Raise :class:`_ComputedWeightError` for ``layer.weight = t``: ``what`` says where the weight comes from,
+    ``fix`` what to do instead. ``torch.func.functional_call`` substitutes the keys of its dict with ``setattr``,
+    so a dict keyed by the original model's names (``"conv1.weight"`` of the ``nn.Conv2d`` the transform
+    replaced) came here, and torch's answer ("property 'weight' of 'OrthogonalConv2d' object has no setter")
+    named neither the layer nor the keys it takes."""
+    names = ", ".join(repr(n) for n, _ in layer.named_parameters())
+    raise _ComputedWeightError(
+        f"{layer_label(layer)}: its weight {what} and cannot be assigned (torch.func.functional_call assigns each "
+        f"key of its dict: give it the layer's parameters {names or '(none)'}, prefixed by the layer's path, as "
+        f"model.named_parameters() lists them); {fix}")
+
+
+class _ComputedWeight:
+    """Mixin of the layers whose ``weight`` (and ``_computed`` others) is a read-only property: assigning an
+    ``nn.Parameter`` to it (``torch.func.functional_call`` with another model's ``named_parameters()``) reaches
+    ``register_parameter`` rather than the property's setter, where torch said "attribute 'weight' already
+    exists"; both now raise :func:`refuse_weight_assignment`'s error."""
+
+    _computed = ("weight",)
+    _computed_what = "is the orthogonal kernel built from its parameters at every access"
+
+    def _refuse_assignment(self) -> None:
+        refuse_weight_assignment(self, self._computed_what, _ORTH_FIX)
+
+    def register_parameter(self, name: str, param) -> None:
+        if name in self._computed and name not in self._parameters:
+            self._refuse_assignment()
+        super().register_parameter(name, param)
+
+
+# what an assignment to an orthogonal layer's weight should do instead (refuse_weight_assignment)
+_ORTH_FIX = ("to make the layer compute a given kernel, build it from a layer holding it (from_conv, "
+             "from_conv_transpose or from_linear: the nearest orthogonal one), or orthofx.freeze(model) for plain "
+             "layers whose weight can be set")
 
 
 @torch.no_grad()
@@ -954,7 +1000,7 @@ class _EvalCache:
         return state
 
 
-class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
+class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
     """Shared implementation of :class:`OrthogonalConv1d` and :class:`OrthogonalConv2d` (see the module docs)."""
 
     _dims = 0
@@ -1542,6 +1588,10 @@ class _OrthogonalConvNd(_FormatFree, _EvalCache, nn.Module):
             K = self._cayley_kernel_from_taps(q) * self.gain
             return K.reshape(self.out_channels, self._C, *self.input_size).to(self._param_dtype)
         return self._explicit_kernel()
+
+    @weight.setter
+    def weight(self, value) -> None:
+        self._refuse_assignment()
 
     def _explicit_kernel(self, shift: tuple[int, ...] | None = None) -> torch.Tensor:
         """:attr:`weight` of the explicit-kernel methods (``shift``: as for :meth:`_unit_kernel`)."""
@@ -2229,7 +2279,7 @@ def _adjoint_conv(layer: nn.Module, build):
         raise type(error)(f"{type(layer).__name__} (in its adjoint {conv}): {message}") from error
 
 
-class _OrthogonalConvTransposeNd(nn.Module):
+class _OrthogonalConvTransposeNd(_ComputedWeight, nn.Module):
     r"""Shared implementation of :class:`OrthogonalConvTranspose1d` / ``2d`` / ``3d``.
 
     The layer (``in_channels -> out_channels``, stride ``S``, grid ``n -> n S``) is the adjoint of the circular
@@ -2386,6 +2436,10 @@ class _OrthogonalConvTransposeNd(nn.Module):
         """The kernel ``(in_channels, out_channels / groups, *kernel_size)`` (``nn.ConvTranspose``'s layout), the
         adjoint conv's :attr:`OrthogonalConv2d.weight` (differentiable, rebuilt at every access)."""
         return self.conv.weight
+
+    @weight.setter
+    def weight(self, value) -> None:
+        self._refuse_assignment()
 
     @property
     def pads(self) -> tuple[tuple[int, int], ...]:
@@ -2631,7 +2685,7 @@ class FourierConv(_FormatFree, nn.Module):
 # ------------------------------------------------------------------------------------------ linear
 
 
-class OrthogonalLinear(_EvalCache, nn.Module):
+class OrthogonalLinear(_ComputedWeight, _EvalCache, nn.Module):
     r"""A linear layer with orthonormal rows (``out <= in``) or columns (``out > in``), times ``gain``.
 
     :math:`W = \text{gain} \cdot \operatorname{orthonormal}(V)` with ``V`` an unconstrained ``out x in``
@@ -2694,6 +2748,12 @@ class OrthogonalLinear(_EvalCache, nn.Module):
         with autocast_off(_kept_parameter(self, "raw_weight")):
             W = orthonormal(self.raw_weight.to(self.compute_dtype), tall=self.out_features >= self.in_features)
         return _times_gain(W, self.gain).to(self.raw_weight.dtype)
+
+    _computed_what = "is gain times the orthonormal factor of raw_weight, built at every access"
+
+    @weight.setter
+    def weight(self, value) -> None:
+        self._refuse_assignment()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x = input  # nn.Linear's parameter name: a model calling self.fc(input=h) keeps working once replaced
