@@ -35,6 +35,10 @@ freed it) that estimate raises a :class:`~orthofx.errors.LayerArgumentError` at 
 The terms are looked up by module path at each call and read the parameters there, so under
 ``torch.func.functional_call`` of a module whose forward calls ``orthofx.penalty`` (or of the bigger model
 holding the transformed one) they are the substituted tensors, and ``torch.func.grad`` differentiates them.
+Called outside the ``functional_call`` (``grad(lambda p: loss(functional_call(gm, p, (x,))) + orthofx.penalty(gm))``)
+it reads the parameters the model holds, which the transform does not see: its gradient would be missing from the
+result, so ``penalty`` warns (``OrthofxWarning``) when it runs under a differentiating ``torch.func`` transform
+(``grad``, ``vjp``, ``jacrev``, ``jvp`` ...) on none of the transform's tensors.
 
 A frozen model (``orthofx.freeze``) keeps a manifest without terms: its penalty is a zero, its ``penalty_terms``
 empty. Frozen layers (``to_plain()``'s ``FourierConv``, ``FrozenConvNormNd`` ...) are not orthofx layers: a model
@@ -53,7 +57,7 @@ from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError, OrthofxWarning
 from .nn.jacobian import JacobianProbe
 from .nn.precision import autocast_off
-from .nn.tracing import (NOT_RECORDED, checkpoint_region, is_orthofx_layer, is_orthofx_module,
+from .nn.tracing import (NOT_RECORDED, checkpoint_region, in_func_transform, is_orthofx_layer, is_orthofx_module,
                          record_for_recomputation, recorded_for_recomputation, recomputing_in_backward)
 from .nn.precision import zero_like_parameters
 from .passes.base import Manifest, PenaltyTerm, watch_hooked_weights
@@ -341,4 +345,34 @@ def penalty(model: nn.Module) -> torch.Tensor:
             manifest.penalty_calls = count
     if not weighted:
         return zero_like_parameters(root)
+    if in_func_transform():
+        _warn_constant_under_transform(root)
     return sum(weighted[1:], weighted[0])
+
+
+def _differentiating_transform() -> bool:
+    """Whether a ``torch.func`` transform that differentiates (``grad``, ``vjp``, ``jacrev``: a Grad level;
+    ``jvp``, ``jacfwd``: a Jvp level) runs this call, at any level of the transform stack."""
+    kinds = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+    return any(level.key() in kinds for level in torch._C._functorch.get_interpreter_stack() or ())
+
+
+def _warn_constant_under_transform(root: nn.Module) -> None:
+    """Warn when ``penalty`` runs inside a differentiating ``torch.func`` transform on the model's own parameters:
+    ``grad(lambda p: loss(functional_call(gm, p, (x,))) + orthofx.penalty(gm))(params)`` (MAML, per-sample
+    gradients) evaluates the penalty outside the ``functional_call``, on the parameters the model holds, not on
+    the tensors ``p`` it substituted during the call, so the penalty is a constant to the transform and its
+    gradient is silently missing from the result. Inside the call (a module whose forward returns the loss plus
+    ``orthofx.penalty``) the parameters are the transform's wrapped tensors, and nothing is said."""
+    if not _differentiating_transform():
+        return
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(p) for p in root.parameters()):
+        return
+    warnings.warn(
+        f"orthofx.penalty ran inside a torch.func transform that differentiates (grad, vjp, jacrev, jvp ...) on the "
+        f"parameters {type(root).__name__} holds, none of which the transform sees: called outside "
+        f"torch.func.functional_call, it does not read the tensors functional_call substituted, so it is a "
+        f"constant there and its gradient is missing from the transform's result. Compute it inside the call: a "
+        f"module whose forward returns the loss plus orthofx.penalty (e.g. forward(self, x): return "
+        f"criterion(self.gm(x), y) + orthofx.penalty(self.gm)), given to functional_call with the parameters "
+        f"prefixed by its attribute ('gm.')", OrthofxWarning, stacklevel=3)
