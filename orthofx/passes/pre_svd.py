@@ -338,13 +338,15 @@ class NearestOrthogonalGradient(OptimizerHook):
 
     def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         module = root.get_submodule(self.site)
+        grad = module.weight.grad
+        if grad is None:  # not used this step: the optimizer skips it too
+            return
+        if optimizer is not None and _frozen_out_of(optimizer, module.weight):
+            return
         if optimizer is not None and not self.olr_follows:  # None: the hook called on its own, on a gradient
             # a weight replaced after attach (load_state_dict(..., assign=True), a new nn.Parameter) is in no param
             # group: NOG rewrote the gradient of a tensor nothing steps, and the layer never trained, silently
             _group_of(optimizer, module.weight, self)
-        grad = module.weight.grad
-        if grad is None:  # not used this step: the optimizer skips it too
-            return
         if grad.is_sparse:
             raise _sparse_gradient_error(self, "NOG", "the polar factor U V^T of the gradient", "nog")
         groups = weight_groups(module)
@@ -369,6 +371,22 @@ def _gradient_scale(optimizer: torch.optim.Optimizer | None) -> torch.Tensor | f
     fused optimizer, whose kernel unscales, where ``orthofx.attach`` leaves half-precision gradients scaled (see
     :func:`orthofx.optim._unscale_for_hooks`); ``None`` for true gradients."""
     return None if optimizer is None else getattr(optimizer, "grad_scale", None)
+
+
+def _group_or_none(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict | None:
+    """The param group holding ``param``, or ``None`` where no group holds it (:func:`_group_of` raises there)."""
+    try:
+        return _group_of(optimizer, param)
+    except OrthofxError:
+        return None
+
+
+def _frozen_out_of(optimizer: torch.optim.Optimizer, weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is frozen (``requires_grad=False``) and in no param group: dropped from the optimizer
+    when it was frozen after ``attach`` (fine-tuning), so nothing steps it and its NOG / OLR hooks have nothing to
+    do (a gradient it kept from before is stale). Every step raised that the weight was replaced after ``attach``.
+    A weight that was replaced (``load_state_dict(..., assign=True)``) is trainable and still refused."""
+    return not weight.requires_grad and _group_or_none(optimizer, weight) is None
 
 
 def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor, hook: OptimizerHook | None = None) -> dict:
@@ -578,7 +596,15 @@ class OptimalLearningRate(OptimizerHook):
         weight = root.get_submodule(self.site).weight
         if weight.grad is not None and weight.grad.is_sparse:  # before the group's lr is touched
             raise _sparse_gradient_error(self, "OLR", "eta* = a b / (a c + 2 b^2) of the flattened gradient", "olr")
+        if _frozen_out_of(optimizer, weight):  # nothing steps it: no lr to set
+            return
         group = _group_of(optimizer, weight, self)
+        if OLR_GROUP_KEY not in group:
+            # the weight is back in the optimizer in a group attach did not give it (dropped when frozen, then
+            # add_param_group when unfrozen again): eta* set on a shared group stepped its other parameters by it
+            self.check(root, optimizer)
+            self.setup(root, optimizer)
+            group = _group_of(optimizer, weight, self)
         if _BASE_LR_KEY in group:
             # a weight shared by two sites has two OLR hooks: the first set this step's lr (from the same weight
             # and gradient); the base lr it stored is the one to restore, not the eta* it wrote
@@ -606,7 +632,9 @@ class OptimalLearningRate(OptimizerHook):
 
     def after_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         weight = root.get_submodule(self.site).weight
-        group = _group_of(optimizer, weight, self)
+        group = _group_or_none(optimizer, weight)
+        if group is None:  # before_step set no lr (or raised, naming the weight): nothing to put back
+            return
         base = group.pop(_BASE_LR_KEY, None)
         if base is None:
             return

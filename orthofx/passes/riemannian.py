@@ -191,6 +191,8 @@ class StiefelHook(OptimizerHook):
     """
 
     parameter_names = ("weight",)
+    #: What the hook does, in messages naming it (as NOG's and OLR's ``treatment``).
+    treatment = "Riemannian update"
     #: The attribute of the site's module that the hook keeps orthonormal (a recurrent layer has several hooks,
     #: one per hidden-to-hidden weight).
     parameter = "weight"
