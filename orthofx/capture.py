@@ -2082,6 +2082,58 @@ def _export_leaves(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
     return leaves
 
 
+def _inner_leaves(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, leaves: list[str]) -> list[str]:
+    """Qualified names of the submodules inside ``leaves`` that the fx leaf rule would keep as leaves themselves
+    (a block's ``nn.Linear``, a hooked module) and that hold a hook, themselves or in a submodule.
+
+    Called by the block, such a module runs inside the block's call; called by the forward outside any leaf
+    (``self.block.lin(x)``), symbolic tracing makes it a call of its own, which runs its hooks at each forward.
+    torch.export would instead inline that call, the hooks' work recorded as ATen ops: see :class:`_DirectCalls`."""
+    tracer = OrthofxTracer(leaf_types=leaf_types, leaf_paths=leaf_paths)
+    names = {id(module): name for name, module in model.named_modules()}
+    taken = {id(model.get_submodule(path)) for path in leaves}
+    inner = []
+    for leaf in leaves:
+        for module in model.get_submodule(leaf).modules():
+            # named as named_modules() names it (a module also registered outside the leaf has that name)
+            name = names[id(module)]
+            if id(module) not in taken and tracer.is_leaf_module(module, name) and any(
+                    call_hook_count(m) for m in module.modules()):
+                taken.add(id(module))
+                inner.append(name)
+    return inner
+
+
+class _DirectCalls:
+    """Forward pre-hooks and hooks on the leaves and on :func:`_inner_leaves` while torch.export runs: which inner
+    leaves the forward called outside any leaf's call (``self.block.lin(x)`` beside ``self.block(x)``).
+
+    Such a call is then kept as a leaf call too (exported again with the module among the leaves): inlined, its
+    hooks would run once at capture, their ops baked into the graph (a hook counting calls runs one time fewer
+    per forward than in the model, a hook removed later still acts). Its calls made inside the block are left to
+    the block's module (see :class:`_ExportRebuilder`)."""
+
+    def __init__(self, model: nn.Module, leaves: list[str], inner: list[str]):
+        self.active: list[str] = []  # the leaf calls being made
+        self.direct: list[str] = []  # inner leaves called outside them
+        inner_set = set(inner)
+        self.handles = []
+        for path in [*leaves, *inner]:
+            module = model.get_submodule(path)
+            self.handles += [
+                module.register_forward_pre_hook(functools.partial(self._enter, path, path in inner_set)),
+                module.register_forward_hook(self._exit, always_call=True)]
+
+    def _enter(self, path: str, inner: bool, module: nn.Module, args: tuple) -> None:
+        if inner and not self.active:
+            self.direct.append(path)
+        self.active.append(path)
+
+    def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.active:
+            self.active.pop()
+
+
 def _uncalled_outer_leaves(model: nn.Module, leaves: list[str], called: set[str]) -> list[str]:
     """The ``leaves`` the forward did not call that hold other submodules (whose calls fx mode would see)."""
     return [path for path in leaves
@@ -3585,13 +3637,19 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
     kwargs = kwargs or {}
     source = _materialised(model, inputs, kwargs)
     opened: set[str] = set()
+    direct: set[str] = set()  # inner leaves the forward calls outside any leaf (see _DirectCalls)
     flags = [(m, m.training) for m in source.modules()]
     while True:
         leaves = _export_leaves(source, leaf_types, leaf_paths, opened)
+        leaves += sorted(direct - set(leaves))
         # The order of the leaf calls (a call that leaves no node in the graph, such as nn.Identity's, is put
         # back at its place among the others).
         order: list[str] = []
-        stashed = _stash_call_hooks([source.get_submodule(path) for path in leaves])
+        # the hooks of the hooked modules inside the leaves are off too: torch.export would otherwise record their
+        # ops in a call made outside the leaves, or fail on a hook that reads a value (``float(o.sum())``)
+        inner = _inner_leaves(source, leaf_types, leaf_paths, leaves)
+        stashed = _stash_call_hooks([source.get_submodule(path) for path in leaves + inner])
+        calls = _DirectCalls(source, leaves, inner)
         hooks = [source.get_submodule(path).register_forward_pre_hook(
             lambda module, args, path=path: order.append(path)) for path in leaves]
         # Every leaf call is given to torch.export in one form (_export_call_form: every argument, positionally
@@ -3616,9 +3674,10 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         # calls under its other names too
         preserved = leaves + [alias for alias, path in aliases.items() if path in leaf_set]
         try:
-            ep = _run_export(source, inputs, preserved, kwargs, written, [order, *written.values()])
+            ep = _run_export(source, inputs, preserved, kwargs, written,
+                             [order, calls.active, calls.direct, *written.values()])
         finally:
-            for hook in hooks:
+            for hook in hooks + calls.handles:
                 hook.remove()
             _restore_call_hooks(stashed)
             for module, flag in flags:
@@ -3630,9 +3689,10 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         # A leaf holding other modules that the forward never called (it called the modules inside it): export
         # again with the leaves inside it, else their calls would stay inlined ATen ops where fx sees layers.
         uncalled = _uncalled_outer_leaves(source, leaves, set(order))
-        if not uncalled:
+        if not uncalled and not set(calls.direct) - direct:
             break
         opened.update(uncalled)
+        direct.update(calls.direct)
     counts: dict[str, int] = {}
     call_order = []
     as_written = {}
@@ -3652,14 +3712,19 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
             graph._tracer_cls = _RetraceTracer
             break
         except _Isolation as exc:
-            if call_hook_count(source.get_submodule(exc.call.path)):
-                # the hooks were taken off while torch.export ran: inlined, the call would run none of them
+            inside = {id(m) for m in source.get_submodule(exc.call.path).modules()}
+            hooked = [path for path in inner if id(source.get_submodule(path)) in inside]
+            own = call_hook_count(source.get_submodule(exc.call.path))
+            if own or hooked:
+                # the hooks were taken off while torch.export ran (the leaf's own, and those inside it,
+                # _inner_leaves): inlined, the call would run none of them
+                which = ("the module has forward / backward hooks" if own else
+                         f"modules inside it have forward / backward hooks ({', '.join(hooked)})")
                 raise CaptureError(
                     f"torch.export (non-strict) cannot keep the call '{exc.call.name}' of leaf module "
-                    f"'{exc.call.path}' as one call ({exc}), and the module has forward / backward hooks, which "
-                    "its inlined ops would not run. Fix: capture with symbolic tracing, capture: {mode: fx} or "
-                    "{mode: auto} in the policy, or remove the hooks before transforming",
-                    module_path=exc.call.path) from None
+                    f"'{exc.call.path}' as one call ({exc}), and {which}, which its inlined ops would not run. Fix: "
+                    "capture with symbolic tracing, capture: {mode: fx} or {mode: auto} in the policy, or remove "
+                    "the hooks before transforming", module_path=exc.call.path) from None
             excluded.add(exc.call.name)
             info.warnings.append(
                 f"the call '{exc.call.name}' of leaf module '{exc.call.path}' stays as inlined ATen ops in the "
@@ -3681,7 +3746,8 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
 
 
 def _stash_call_hooks(modules: list[nn.Module]) -> list[tuple[nn.Module, dict[str, Any]]]:
-    """Take the user's forward / backward hooks off ``modules`` (the leaves) while torch.export runs.
+    """Take the user's forward / backward hooks off ``modules`` (the leaves, and the hooked modules inside them,
+    :func:`_inner_leaves`) while torch.export runs.
 
     The graph calls each leaf as a module, which runs its hooks at each forward; exported with them, a pre-hook's
     work (``args[0] * 2``) would also be recorded as ATen ops before the call and happen twice. fx mode records
