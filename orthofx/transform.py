@@ -31,7 +31,8 @@ from .nn.precision import describe_nonfinite, relative_distance
 from .passes.base import (MANIFEST_KEY, EvalRun, Manifest, ParametrizationState, PassContext, PlanEntry, Site,
                           replace_module, watch_hooked_weights)
 from .passes.registry import get_pass
-from .plan import Plan, block_paths, build_plan, meta_tensors, meta_text, module_aliases, other_mode_graph
+from .plan import (Plan, block_paths, build_plan, meta_tensors, meta_text, mode_graphs, module_aliases,
+                   other_mode_graph)
 from .policy import Policy
 
 __all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed", "output_tensors",
@@ -587,11 +588,7 @@ def _share_replaced_layers(root: nn.Module, gm: fx.GraphModule) -> None:
     """``inplace=True``: set the layers the passes put into ``gm`` at the same paths of the user's model. Only
     modules the graphs call are considered: fx builds its own intermediate containers, which must not replace the
     model's."""
-    graphs = [gm.graph]
-    other = other_mode_graph(gm)
-    if other is not None:
-        graphs.append(other[0])
-    called = sorted({node.target for graph in graphs for node in graph.nodes if node.op == "call_module"},
+    called = sorted({node.target for graph, _ in mode_graphs(gm) for node in graph.nodes if node.op == "call_module"},
                     key=lambda path: path.count("."))
     aliases = module_aliases(root)
     done: list[str] = []
