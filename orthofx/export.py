@@ -10,6 +10,9 @@
 * :func:`load` replays a ``.pt`` file's policy on the original model and restores the weights, after checking
   that the replay builds the graph the file records (:data:`GRAPH_METADATA_KEY`).
 
+All three leave torch's global random generators as they found them (:func:`_global_rng_kept`): a checkpoint
+exported in the middle of training does not change the later batches, dropout masks or initialisations.
+
 A model that :func:`orthofx.transform` did not return but that holds transformed models (a transformed backbone
 inside a bigger model: :func:`orthofx.penalty.transformed_parts`) is frozen part by part: :func:`freeze` returns a
 copy of it (its own class, not a graph) in which each part is replaced by ``freeze(part)`` and any other orthofx
@@ -63,6 +66,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -135,6 +139,26 @@ BAKED_ATTRIBUTE = "orthofx_baked_from"
 READ_PREFIX = "orthofx_read_"
 
 
+def _global_rng_kept(function):
+    """``function`` run on a fork of torch's global random number generators (CPU, and each CUDA device holding
+    a tensor among its arguments or a model's parameters and buffers), so that the caller's random stream goes on
+    as if the call had not been made. Nothing these calls return depends on the draws: building a plain layer
+    (``nn.Conv2d(...)`` draws its default initialisation before :func:`freeze` overwrites it), running the model
+    in eval mode, and :func:`load`'s replay of a policy whose random initialisations the saved weights replace. A
+    user who exports a checkpoint in the middle of training would otherwise get other batches, dropout masks and
+    initialisations afterwards than a run without the export (``capture`` forks the generators for its own runs
+    for the same reason)."""
+    @functools.wraps(function)
+    def kept(*args: Any, **kwargs: Any) -> Any:
+        found = [list(v.parameters()) + list(v.buffers()) if isinstance(v, nn.Module) else v
+                 for v in (*args, *kwargs.values())]
+        tensors = [t for t in torch.utils._pytree.tree_leaves(found) if isinstance(t, torch.Tensor)]
+        devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices):
+            return function(*args, **kwargs)
+    return kept
+
+
 def _modules_to_freeze(root: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of every outermost module that needs freezing: one offering ``to_plain()`` (its
     plain torch form). This asks what ``freeze`` must replace, not whether a module is an orthofx layer
@@ -193,6 +217,7 @@ def _captured_with_orthofx_layers(model: nn.Module, example: ExampleCall | None)
     return gm
 
 
+@_global_rng_kept
 def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any = None) -> nn.Module:
     """A copy of a transformed model made of plain torch layers, in eval mode, with the same eval outputs.
 
@@ -1265,6 +1290,7 @@ def _check_batch(example: ExampleCall, dynamic_batch: bool, dims: Batches | None
                           "to export every input with the example's fixed shape")
 
 
+@_global_rng_kept
 def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *, example_kwargs: Any = None,
            dynamic_batch: bool = True, opset: int = 20, newton_schulz_iterations: int | None = None) -> ExportResult:
     """Write a transformed model to ``path``; the suffix chooses the format (``.onnx``, ``.pt2``, ``.pt``).
@@ -1463,6 +1489,7 @@ def _other_format_hint(path: str) -> str:
     return f" (a {os.path.splitext(path)[1]} file is read with {reader}, not orthofx.load)" if reader else ""
 
 
+@_global_rng_kept
 def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *,
          example_kwargs: Any = None, check_graph: bool = True) -> fx.GraphModule:
     """Replay the policy stored in a ``.pt`` file (written by :func:`export`) on ``model`` and restore the weights.
