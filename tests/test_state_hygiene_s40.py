@@ -389,10 +389,6 @@ def _probe(gate):
     return JacobianProbe(nn.Sequential(nn.Linear(4, 4), gate, nn.Tanh()), seed=0).train()
 
 
-@pytest.mark.xfail(strict=True, reason="orthofx/nn/jacobian.py keeps the count of running estimates "
-                   "(_estimates_running) per process: a probe called in another thread while one estimates takes "
-                   "itself for a pass of that estimate and makes none; the count must be per thread (see the s40 "
-                   "hygiene report)")
 def test_probe_estimates_while_another_thread_estimates():
     """Two models trained in two threads: each probe's estimate is its own; the reference is the same call made
     alone."""

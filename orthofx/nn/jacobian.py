@@ -64,6 +64,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+import threading
 import weakref
 from typing import Any
 
@@ -205,8 +206,9 @@ class _StaleEstimate(torch.autograd.Function):
 # How many probe estimates are running (nested blocks: a probe inside another probe's block). A probe called
 # while an estimate runs is part of that estimate's extra forward passes: it only runs its block (its own
 # estimate, made at its real call, must neither be made there, inside the outer one's function transform, nor be
-# reset or counted as a call of the step).
-_estimates_running = 0
+# reset or counted as a call of the step). Per thread: a probe called in another thread meanwhile is a call of its
+# own step, which must make its estimate.
+_estimates_running = threading.local()
 
 
 def _first_parameter(module: nn.Module) -> str | None:
@@ -455,7 +457,7 @@ class JacobianProbe(nn.Module):
             if rng is not NOT_RECORDED and rng is not None:
                 _set_rng_states(*rng)
             return block(*args, **kwargs)
-        if _estimates_running:
+        if getattr(_estimates_running, "count", 0):
             # inside the estimate of a probe around this one (nested blocks): one of its extra forward passes, not
             # a call of the step; this probe's own estimate is made at its real call
             return block(*args, **kwargs)
@@ -535,8 +537,7 @@ class JacobianProbe(nn.Module):
 
     def _estimate(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The block's Jacobian estimate at these inputs (sets :attr:`route_used`)."""
-        global _estimates_running
-        _estimates_running += 1
+        _estimates_running.count = getattr(_estimates_running, "count", 0) + 1
         try:
             return self._estimate_at(*self._input_first(args, kwargs))
         except RuntimeError as exc:
@@ -550,7 +551,7 @@ class JacobianProbe(nn.Module):
                 "Pass use_reentrant=False to its checkpoint calls (the same memory saving, and it supports them)"
             ) from exc
         finally:
-            _estimates_running -= 1
+            _estimates_running.count -= 1
 
     def _input_first(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """``(args, kwargs)`` with the Jacobian's variable first in ``args``: a call that gives the block's first
