@@ -895,7 +895,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 continue
             reason = pass_obj.accepts(site, module) or pass_obj.accepts_params(site, module, rule.params)
             if reason is None and not pass_obj.handles_derived_weight(rule.params):
-                reason = _derived_weight_reason(pass_cls, site, module)
+                reason = _derived_weight_reason(pass_cls, site, module, pass_obj.replaces_layer(rule.params))
             replacer = replaced.get(_module_key(site))
             if reason is None and replacer is not None and replacer[2] and not pass_cls.sees_through_wrappers:
                 # a wrapper (a Jacobian probe) hides the layer's type from every later pass; the other order works
@@ -1302,23 +1302,35 @@ def _acts_on(pass_cls: type, layer: type) -> bool:
 _CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def _derived_weight_reason(pass_cls: type, site: Site, module: nn.Module | None) -> str | None:
+def _derived_weight_reason(pass_cls: type, site: Site, module: nn.Module | None,
+                           replaces: bool = False) -> str | None:
     """Why ``pass_cls`` must skip a layer whose weight is computed (:func:`~orthofx.passes.base.derived_weight`):
     replacing the layer would silently drop the parametrization or hook that computes the weight (the layer would
     no longer be weight-normalised, spectrally normalised, pruned ...), and writing or stepping the computed
-    tensor changes nothing (the next call recomputes it). Passes that only read the weight (L_orth) are fine. The
+    tensor changes nothing (the next call recomputes it). Passes that only read the weight (L_orth) are fine. A
+    pass that ``replaces`` the layer with these parameters (:meth:`Pass.replaces_layer`) also skips a layer whose bias
+    is computed so (the replacement holds a plain bias), unless it is a wrapper and the bias a parametrization. The
     conv of a frozen ConvNorm layer is refused the same way: its baked filters are a function of its weight."""
     if site.kind != "module" or module is None:
         return None
-    if (pass_cls.wraps_original_module and not pass_cls.needs_weight_parameter
-            and torch.nn.utils.parametrize.is_parametrized(module, "weight")):
-        return None  # the wrapper reads layer.weight, which the parametrization computes at each access
-    if not (pass_cls.replaces_module or pass_cls.needs_original_module or pass_cls.needs_weight_parameter):
+    wrapper_reads = pass_cls.wraps_original_module and not pass_cls.needs_weight_parameter
+    if wrapper_reads and torch.nn.utils.parametrize.is_parametrized(module, "weight"):
+        reason = None  # the wrapper reads layer.weight, which the parametrization computes at each access
+    elif not (pass_cls.replaces_module or pass_cls.needs_original_module or pass_cls.needs_weight_parameter):
         return None
-    if getattr(module, FROZEN_FILTERS_MARKER, False):
+    elif getattr(module, FROZEN_FILTERS_MARKER, False):
         return ("the conv of a frozen ConvNorm layer, whose filters were computed from its weight when it was frozen: "
                 "a new weight would leave them stale; transform the model before orthofx.freeze")
-    reason = derived_weight(module)
+    else:
+        reason = derived_weight(module)
+    if reason is None and replaces:
+        # a replacement copies the bias as a plain parameter (an orthogonal layer: the bias a parametrization
+        # computed became a free one, silently) or takes the layer's pre-hooks (pruning's bias hook then failed on
+        # the replacement); a wrapper calling the layer keeps a parametrized bias computed, as the weight
+        if not (wrapper_reads and torch.nn.utils.parametrize.is_parametrized(module, "bias")):
+            bias = derived_weight(module, "bias")
+            if bias is not None:
+                return f"{bias}; replacing the layer would drop it"
     if reason is None:
         return None
     does = "replacing the layer would drop it" if pass_cls.replaces_module else "a write to the weight is lost"

@@ -94,7 +94,8 @@ from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d
                             FourierConv, _FrozenConvTranspose)
 from .nn.padding import CircularPad, per_dimension
 from .nn.precision import describe_nonfinite
-from .passes.base import RECURRENT_TYPES, ParametrizationState, describe_module, recurrent_hidden_weights
+from .passes.base import (RECURRENT_TYPES, ParametrizationState, current_weight, describe_module,
+                          recurrent_hidden_weights)
 from .passes.orth_regularizer import gate_blocks_lorth
 from .passes.riemannian import scale_lost_note
 from .errors import ArgumentError, first_few
@@ -122,7 +123,8 @@ def _weight_values(module: nn.Module) -> torch.Tensor | None:
         # An orthofx layer computes ``weight`` from its parameters (a Cayley / matrix-exponential kernel): reading
         # it on the meta device would run that computation there, which some steps (autocast checks) refuse.
         return None
-    weight = getattr(module, "weight", None)
+    # as the next call computes it: a pruned / weight-normed layer's attribute holds the last forward's tensor
+    weight = current_weight(module)
     if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.parameter.UninitializedParameter) \
             or weight.is_meta or not weight.is_floating_point():
         return None

@@ -22,6 +22,9 @@ from typing import Any, Callable, ClassVar, Hashable, NamedTuple
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -53,6 +56,7 @@ __all__ = [
     "move_state_dict_hooks",
     "lost_state_dict_hooks_warning",
     "derived_weight",
+    "current_weight",
     "is_uninitialised",
     "RECURRENT_TYPES",
     "recurrent_hidden_weights",
@@ -902,6 +906,35 @@ def derived_weight(module: nn.Module, name: str = "weight") -> str | None:
 
 _HOOK_UNDO = {"WeightNorm": "torch.nn.utils.remove_weight_norm(layer{argument})",
               "SpectralNorm": "torch.nn.utils.remove_spectral_norm(layer{argument})"}
+
+
+def current_weight(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
+    """``module.<name>`` as the layer's next call would compute it from its parameters now, differentiably.
+
+    torch's older weight hooks (``torch.nn.utils.prune``, ``weight_norm``, ``spectral_norm``) set the attribute in a
+    forward pre-hook, so between calls it holds the tensor of the last forward: after a ``torch.no_grad()``
+    validation pass one without autograd history (an L_orth penalty read from it sent no gradient to
+    ``weight_orig``), after ``backward()`` one whose graph is freed (a penalty computed before the forward failed
+    inside torch), after an optimizer step the values before the step. Those hooks are recomputed here with the
+    functions torch gives them, without side effects: pruning's ``apply_mask`` (``weight_orig * weight_mask``),
+    ``WeightNorm.compute_weight`` and spectral_norm's ``W / sigma`` without a power-iteration step (``sigma`` from
+    its current ``u``, ``v``, as it applies it in eval mode; a training forward's step is the forward's to take).
+    A parameter, a parametrization (torch computes it at each access) or a user's own hook is read as it is
+    (``None`` where the layer has no such attribute)."""
+    if name in module._parameters:
+        return module._parameters[name]
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod) and getattr(hook, "_tensor_name", None) == name:
+            return hook.apply_mask(module)
+        if isinstance(hook, WeightNorm) and hook.name == name:
+            return hook.compute_weight(module)
+        if isinstance(hook, SpectralNorm) and hook.name == name:
+            # compute_weight(do_power_iteration=False) with u, v cloned: the next training forward steps them in
+            # place, which failed the backward of a penalty computed before it
+            original = getattr(module, f"{name}_orig")
+            u, v = getattr(module, f"{name}_u").clone(), getattr(module, f"{name}_v").clone()
+            return original / torch.dot(u, torch.mv(hook.reshape_weight_to_matrix(original), v))
+    return getattr(module, name, None)
 
 
 #: Recurrent layers: their hidden-to-hidden weights stack one block per gate (:func:`recurrent_hidden_weights`).

@@ -125,7 +125,7 @@ from ..nn import stiefel
 from ..nn.orthogonal import keeps_output_size
 from ..nn.padding import conv_zero_pads, sizes_per_dimension, torch_mode_pads
 from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PlanEntry, Site, TiedUse, check_scale_range,
-                   check_tied, decompositions_fed, is_uninitialised, matrices_text, parameter_owners,
+                   check_tied, decompositions_fed, derived_weight, is_uninitialised, matrices_text, parameter_owners,
                    recurrent_hidden_weights, recurrent_weights_reason, require_initialised, treated_weight_names)
 from .registry import register_pass
 from .riemannian import StiefelHook, _describe_matrices, scale_kept_or_dropped
@@ -431,7 +431,18 @@ class IsometricInit(Pass):
         if isinstance(module, RECURRENT_TYPES) and params.get("activation", "linear") != "linear":
             return (f"recurrent layer under activation: {params['activation']} (that gain would compound over the "
                     "time steps; give recurrent layers a rule of their own, with gain for any scale)")
-        if params.get("frozen", "skip") == "overwrite" or module is None:
+        if module is None:
+            return None
+        if params.get("bias", "zero") == "zero":
+            # module.bias.zero_() on a bias a parametrization or a pre-hook (pruning) computes zeroed a tensor the
+            # next call recomputes: the bias was kept, and the row said it was zeroed. A recurrent layer's biases
+            # are zeroed where they are parameters (a pruned one's <name>_orig: its bias is then zero), so only a
+            # parametrized one is left unzeroed there
+            computed = _computed_biases(module)
+            if computed:
+                return (f"{computed[0][1]}; zeroing it is lost at the next call: write 'bias: keep' in the rule's "
+                        "'with:'")
+        if params.get("frozen", "skip") == "overwrite":
             return None
         return frozen_reason(module, params.get("bias", "zero") == "zero", "initialises it")
 
@@ -565,6 +576,18 @@ def frozen_reason(module: nn.Module, with_bias: bool, overwrite_does: str) -> st
     if not frozen:
         return None
     return f"frozen ({' and '.join(frozen)} requires_grad=False; with: {{frozen: overwrite}} {overwrite_does})"
+
+
+def _computed_biases(module: nn.Module) -> list[tuple[str, str]]:
+    """``(name, why)`` for each bias of ``module`` that ``bias: zero`` cannot zero (:func:`derived_weight`): a
+    layer's ``bias`` that a parametrization or a pre-hook computes, a recurrent layer's parametrized biases."""
+    if not isinstance(module, RECURRENT_TYPES):
+        computed = derived_weight(module, "bias")
+        return [] if computed is None else [("bias", computed)]
+    names = (getattr(module, "_flat_weights_names", None) if isinstance(module, nn.RNNBase)
+             else ["bias_ih", "bias_hh"]) or []
+    return [(name, derived_weight(module, name)) for name in names
+            if name.startswith("bias_") and nn.utils.parametrize.is_parametrized(module, name)]
 
 
 def _recurrent_bias_names(module: nn.Module) -> list[str]:

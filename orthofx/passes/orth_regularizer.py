@@ -96,8 +96,8 @@ from torch import nn
 
 from .. import metrics, theory
 from ..errors import ArgumentError
-from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, gate_blocks_text,
-                   recurrent_hidden_weights, recurrent_weights_reason, whole)
+from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, current_weight,
+                   gate_blocks_text, recurrent_hidden_weights, recurrent_weights_reason, whole)
 from .registry import register_pass
 
 __all__ = ["OrthRegularizer", "LorthTerm", "RecurrentLorthTerm", "lorth_term", "gate_blocks_lorth",
@@ -120,7 +120,9 @@ class LorthTerm(PenaltyTerm):
         self.dilation = dilation
 
     def value(self, root: nn.Module) -> torch.Tensor:
-        layer_weight = whole(root.get_submodule(self.site).weight,  # FSDP2 shards: gathered, differentiably
+        # current_weight: a weight that prune / the older weight_norm / spectral_norm set in a pre-hook, recomputed
+        # from its parameters (the tensor the last forward left can be one without history, or with a freed graph)
+        layer_weight = whole(current_weight(root.get_submodule(self.site)),  # FSDP2 shards: gathered, differentiably
                              f"site '{self.site}' (rule '{self.rule}'): the L_orth penalty")
         return metrics.lorth(layer_weight, stride=self.stride, groups=self.groups, case=self.case,
                              dilation=self.dilation)

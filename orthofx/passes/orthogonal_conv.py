@@ -276,7 +276,7 @@ def _shape_problem(module: nn.Module, params: dict) -> str | None:
 
 def _kept_layer(module: nn.Module | None) -> tuple[str, str] | None:
     """Why ``module`` must stay the layer it is (problem, short form), which planning lets through only for
-    ``on_impossible: regularize`` (L_orth reads the weight): a weight a parametrization or hook computes
+    ``on_impossible: regularize`` (L_orth reads the weight): a weight or bias a parametrization or hook computes
     (:func:`derived_weight`; replacing the layer would drop it), or the conv of a frozen ConvNorm layer, which calls
     it with its own conv code and padding (an orthogonal layer there failed in the example run with an
     AttributeError)."""
@@ -285,6 +285,11 @@ def _kept_layer(module: nn.Module | None) -> tuple[str, str] | None:
     computed = derived_weight(module)
     if computed is not None:
         return f"{computed}; replacing the layer would drop it", "computed weight"
+    # the orthogonal layer copies the bias as a free parameter: a bias parametrization was dropped silently (the
+    # row said 'hard'), and pruning's bias pre-hook, moved to the new layer, failed on it
+    computed = derived_weight(module, "bias")
+    if computed is not None:
+        return f"{computed}; replacing the layer would drop it", "computed bias"
     if getattr(module, FROZEN_FILTERS_MARKER, False):
         return ("the conv of a frozen ConvNorm layer, which calls it with its own padding and baked filters: "
                 "replacing it would break that layer; transform the model before orthofx.freeze"), "frozen ConvNorm"
