@@ -2084,11 +2084,13 @@ def _export_leaves(model: nn.Module, leaf_types: tuple, leaf_paths: tuple,
 
 def _inner_leaves(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, leaves: list[str]) -> list[str]:
     """Qualified names of the submodules inside ``leaves`` that the fx leaf rule would keep as leaves themselves
-    (a block's ``nn.Linear``, a hooked module) and that hold a hook, themselves or in a submodule.
+    (a block's ``nn.Linear``, a hooked module).
 
     Called by the block, such a module runs inside the block's call; called by the forward outside any leaf
-    (``self.block.lin(x)``), symbolic tracing makes it a call of its own, which runs its hooks at each forward.
-    torch.export would instead inline that call, the hooks' work recorded as ATen ops: see :class:`_DirectCalls`."""
+    (``self.block.lin(x)``), symbolic tracing makes it a call of its own: a site that rules match, whose module
+    (its hooks, or the layer a pass puts in its place) runs at each forward. torch.export would instead inline
+    that call as ATen ops on the module's weights (a hook's work recorded once, a replaced layer's padding or
+    normalisation lost): see :class:`_DirectCalls`."""
     tracer = OrthofxTracer(leaf_types=leaf_types, leaf_paths=leaf_paths)
     names = {id(module): name for name, module in model.named_modules()}
     taken = {id(model.get_submodule(path)) for path in leaves}
@@ -2097,21 +2099,27 @@ def _inner_leaves(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, leaves
         for module in model.get_submodule(leaf).modules():
             # named as named_modules() names it (a module also registered outside the leaf has that name)
             name = names[id(module)]
-            if id(module) not in taken and tracer.is_leaf_module(module, name) and any(
-                    call_hook_count(m) for m in module.modules()):
+            if id(module) not in taken and tracer.is_leaf_module(module, name):
                 taken.add(id(module))
                 inner.append(name)
     return inner
+
+
+def _holds_call_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` or a module inside it has forward / backward hooks."""
+    return any(call_hook_count(m) for m in module.modules())
 
 
 class _DirectCalls:
     """Forward pre-hooks and hooks on the leaves and on :func:`_inner_leaves` while torch.export runs: which inner
     leaves the forward called outside any leaf's call (``self.block.lin(x)`` beside ``self.block(x)``).
 
-    Such a call is then kept as a leaf call too (exported again with the module among the leaves): inlined, its
-    hooks would run once at capture, their ops baked into the graph (a hook counting calls runs one time fewer
-    per forward than in the model, a hook removed later still acts). Its calls made inside the block are left to
-    the block's module (see :class:`_ExportRebuilder`)."""
+    Such a call is then kept as a leaf call too (exported again with the module among the leaves), as fx mode
+    keeps it. Inlined, rules would not see it and a pass replacing the module would leave it computing with the
+    old layer's ops on the new layer's weight (an orthogonal conv's circular padding, a ConvNorm lost there);
+    the hooks would run once at capture, their ops baked into the graph (a hook counting calls runs one time
+    fewer per forward than in the model, a hook removed later still acts). Its calls made inside the block are
+    left to the block's module (see :class:`_ExportRebuilder`). A forward without such calls is exported once."""
 
     def __init__(self, model: nn.Module, leaves: list[str], inner: list[str]):
         self.active: list[str] = []  # the leaf calls being made
@@ -2132,6 +2140,19 @@ class _DirectCalls:
     def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.active:
             self.active.pop()
+
+
+def _direct_calls_left_inlined(model: nn.Module, failed: CaptureError, added: set[str]) -> set[str]:
+    """The inner leaves of ``added`` (called outside their leaf block, kept as calls for the first time in the
+    export that failed with ``failed``) to leave inlined, as they were before: the one the error names, or all of
+    them where it names none of them. Empty where one with hooks is to blame (inlined, its hooks would run once
+    at capture only: the error stands) or none was added (the error is not theirs)."""
+    where = failed.module_path or ""
+    named = [path for path in added if where == path or where.startswith(path + ".")]
+    blamed = named or sorted(added)
+    if any(_holds_call_hooks(model.get_submodule(path)) for path in named):
+        return set()
+    return {path for path in blamed if not _holds_call_hooks(model.get_submodule(path))}
 
 
 def _uncalled_outer_leaves(model: nn.Module, leaves: list[str], called: set[str]) -> list[str]:
@@ -3638,6 +3659,9 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
     source = _materialised(model, inputs, kwargs)
     opened: set[str] = set()
     direct: set[str] = set()  # inner leaves the forward calls outside any leaf (see _DirectCalls)
+    added: set[str] = set()  # those that the export about to run keeps as calls for the first time
+    inlined: set[str] = set()  # those torch.export cannot keep as calls, and without hooks: left inlined
+    notes: list[str] = []
     flags = [(m, m.training) for m in source.modules()]
     while True:
         leaves = _export_leaves(source, leaf_types, leaf_paths, opened)
@@ -3673,9 +3697,12 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         # torch.export names a call by the attribute path the forward used: keep the signatures of a leaf's
         # calls under its other names too
         preserved = leaves + [alias for alias, path in aliases.items() if path in leaf_set]
+        failed: CaptureError | None = None
         try:
             ep = _run_export(source, inputs, preserved, kwargs, written,
                              [order, calls.active, calls.direct, *written.values()])
+        except CaptureError as exc:
+            failed = exc
         finally:
             for hook in hooks + calls.handles:
                 hook.remove()
@@ -3683,16 +3710,33 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
             for module, flag in flags:
                 module.training = flag
             created = _drop_created_state(states)
+        if failed is not None:
+            dropped = _direct_calls_left_inlined(source, failed, added)
+            if not dropped:
+                raise failed
+            # the model exported before these calls were kept: it is exported again without them, as before
+            added -= dropped
+            direct -= dropped
+            inlined |= dropped
+            reason = _first_line(str(failed).split(" Fix: ")[0].removeprefix(
+                "torch.export (non-strict) cannot capture the model: ").rstrip("."), 300)
+            notes += [f"the call of '{path}' that the forward makes outside the leaf module holding it stays as "
+                      f"inlined ATen ops in the exported graph, as torch.export cannot keep it as one call "
+                      f"({reason}): rules do not see this call, passes that replace the module do not affect it "
+                      "(its weights are still the module's). Fix: capture with symbolic tracing, capture: "
+                      "{mode: fx} or {mode: auto} in the policy" for path in sorted(dropped)]
+            continue
         if created:
             # torch.export turns such a buffer's update into a write into an input of the graph (seen: x.copy_(1))
             raise CaptureError(_created_state_message(source, created, "torch.export"), module_path=created[0][0])
         # A leaf holding other modules that the forward never called (it called the modules inside it): export
         # again with the leaves inside it, else their calls would stay inlined ATen ops where fx sees layers.
         uncalled = _uncalled_outer_leaves(source, leaves, set(order))
-        if not uncalled and not set(calls.direct) - direct:
+        added = set(calls.direct) - direct - inlined
+        if not uncalled and not added:
             break
         opened.update(uncalled)
-        direct.update(calls.direct)
+        direct.update(added)
     counts: dict[str, int] = {}
     call_order = []
     as_written = {}
@@ -3703,6 +3747,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         if k < len(written[path]):
             as_written[call_order[-1]] = written[path][k]
     info = CaptureInfo(mode="export")
+    info.warnings.extend(notes)
     excluded: set[str] = set()
     while True:
         try:
@@ -3713,7 +3758,8 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
             break
         except _Isolation as exc:
             inside = {id(m) for m in source.get_submodule(exc.call.path).modules()}
-            hooked = [path for path in inner if id(source.get_submodule(path)) in inside]
+            hooked = [path for path in inner if id(source.get_submodule(path)) in inside
+                      and _holds_call_hooks(source.get_submodule(path))]
             own = call_hook_count(source.get_submodule(exc.call.path))
             if own or hooked:
                 # the hooks were taken off while torch.export ran (the leaf's own, and those inside it,
