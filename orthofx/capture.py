@@ -1318,6 +1318,27 @@ def _check_leaves(leaf_types: Iterable, leaf_paths: Iterable) -> None:
                             f"{bad[0]!r} ({type(bad[0]).__name__})")
 
 
+#: Held by every orthofx call that traces a model, for the whole call (:func:`one_trace_at_a_time`). Tracing patches
+#: process-wide functions (torch.fx: ``nn.Module.__call__`` and ``__getattr__``; :func:`_recording_mode_switches`:
+#: ``torch._C._set_grad_enabled``, autocast's ``__enter__`` / ``__exit__``) and puts back what it found: two calls
+#: overlapping in two threads failed ("not installed as a submodule") and left the patches installed. Reentrant:
+#: ``transform`` captures, ``load`` transforms.
+_TRACE_LOCK = threading.RLock()
+
+
+def one_trace_at_a_time(function: Callable) -> Callable:
+    """``function`` run holding :data:`_TRACE_LOCK`: orthofx's calls that trace (``capture``, ``transform``,
+    ``explain``, ``freeze``, ``export``, ``load``) run one at a time across threads, each with the model runs it
+    makes (which another thread's trace would send through its patches). Another thread that runs a model while
+    one of them traces still meets torch.fx's patches: that is torch's, and no lock of orthofx's can hold it."""
+    @functools.wraps(function)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with _TRACE_LOCK:
+            return function(*args, **kwargs)
+    return locked
+
+
+@one_trace_at_a_time
 def capture(model: Any, *, leaf_types: Iterable[str | type] = (), leaf_paths: Iterable[str] = (),
             concrete_args: dict[str, Any] | None = None, mode: str = "auto",
             max_retries: int | None = None,

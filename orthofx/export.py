@@ -80,7 +80,7 @@ from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .capture import (ModalGraphModule, RecurrentBatch, batch_dim, batch_dynamic_shapes, buffers_kept, capture,
-                      copy_model, recurrent_batch_dims, sequence_helper, unwrap_model)
+                      copy_model, one_trace_at_a_time, recurrent_batch_dims, sequence_helper, unwrap_model)
 from .errors import (SITE_ATTRIBUTE, ArgumentError, CaptureError, ExportError, LayerArgumentError, OrthofxError,
                      OrthofxWarning, TransformError, first_few)
 from .nn.conditioning import power_newton_schulz
@@ -218,6 +218,7 @@ def _captured_with_orthofx_layers(model: nn.Module, example: ExampleCall | None)
 
 
 @_global_rng_kept
+@one_trace_at_a_time
 def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any = None) -> nn.Module:
     """A copy of a transformed model made of plain torch layers, in eval mode, with the same eval outputs.
 
@@ -1291,6 +1292,7 @@ def _check_batch(example: ExampleCall, dynamic_batch: bool, dims: Batches | None
 
 
 @_global_rng_kept
+@one_trace_at_a_time
 def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *, example_kwargs: Any = None,
            dynamic_batch: bool = True, opset: int = 20, newton_schulz_iterations: int | None = None) -> ExportResult:
     """Write a transformed model to ``path``; the suffix chooses the format (``.onnx``, ``.pt2``, ``.pt``).
@@ -1490,6 +1492,7 @@ def _other_format_hint(path: str) -> str:
 
 
 @_global_rng_kept
+@one_trace_at_a_time
 def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *,
          example_kwargs: Any = None, check_graph: bool = True) -> fx.GraphModule:
     """Replay the policy stored in a ``.pt`` file (written by :func:`export`) on ``model`` and restore the weights.

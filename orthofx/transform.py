@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import fx, nn
 
-from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_inputs, positional_call,
-                      replaced_forward, uninitialised_lazy_modules, unwrap_model)
+from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_inputs, one_trace_at_a_time,
+                      positional_call, replaced_forward, uninitialised_lazy_modules, unwrap_model)
 from .errors import (ArgumentError, OrthofxError, OrthofxWarning, TransformError, damaged_metadata_entry,
                      first_few, saved_count)
 from .nn.precision import describe_nonfinite, relative_distance
@@ -291,6 +291,7 @@ def _capture_and_plan(root: nn.Module, policy: Policy, example: ExampleCall | No
     return gm, plan
 
 
+@one_trace_at_a_time
 def explain(model: nn.Module, policy: Any, example_inputs: Any = None, *, example_kwargs: Any = None) -> Plan:
     """Dry run of :func:`transform`: the plan of which rule applies which pass to which site; nothing changes.
 
@@ -737,6 +738,7 @@ def _refuse_dropping_attachments(model: nn.Module) -> None:
             f"'{path}' to orthofx.freeze(model.get_submodule('{path}')): its terms are then left out on purpose)")
 
 
+@one_trace_at_a_time
 def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, example_kwargs: Any = None,
               inplace: bool = False, compile: Any = None) -> nn.Module:
     """Rewrite ``model`` according to ``policy`` and return a ``torch.fx.GraphModule``.

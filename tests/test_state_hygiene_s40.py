@@ -352,12 +352,6 @@ _CONCURRENT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="transform is not thread-safe: torch.fx's tracer and orthofx.capture."
-                   "_recording_mode_switches / _flat_mode_regions patch process-wide functions (nn.Module.__call__, "
-                   "torch._C._set_grad_enabled, autocast.__enter__/__exit__) and restore what they saw, so two "
-                   "transforms overlapping in two threads fail and leave the patches installed; fix: one RLock in "
-                   "orthofx/capture.py held by capture() and for the whole of transform() / explain() (the s40 "
-                   "hygiene report)")
 def test_concurrent_transforms_match_sequential_and_restore_torch():
     """Run in a subprocess: the failure leaves torch patched for the rest of the process."""
     done = subprocess.run([sys.executable, "-c", _CONCURRENT], capture_output=True, text=True, timeout=300,
