@@ -38,7 +38,6 @@ import weakref
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError, OrthofxWarning
@@ -87,7 +86,6 @@ class AttachHandle:
             handle.remove()
         self._handles = []
         self.optimizer.__dict__.get("_orthofx_attached", {}).pop(self._key, None)
-        _WAITING.get(self.optimizer, {}).pop(self._key, None)
 
     def __repr__(self) -> str:
         return f"AttachHandle({len(self.hooks)} hook(s): {self.hooks!r})"
@@ -267,75 +265,19 @@ def _step_will_be_skipped(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(found_inf, torch.Tensor) and bool(found_inf.ne(0).any())
 
 
-#: Per attached optimizer (weakly held), per attachment key: the attachment's parts (:class:`_PartHooks`), whose
-#: ``skipped`` hooks ``attach`` left out because their weights were frozen and not in that optimizer (kept up to date
-#: in place). :func:`_warn_waiting_hooks` reads it at every optimizer step while any attachment has such hooks.
-_WAITING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: The handle of the global step post hook :func:`_warn_waiting_hooks` (registered at the first attach with skipped
-#: hooks).
-_WAITING_STEP_HOOK: list = []
-#: The optimizer's ``__dict__`` entry of the weights it was warned about (their ids), so that each warns once.
-_WAITING_WARNED = "_orthofx_waiting_warned"
-
-
-def _warn_waiting_hooks(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Global step post hook: warn (:class:`~orthofx.OrthofxWarning`, once per optimizer and weight) when
-    ``optimizer`` stepped a weight whose hooks an ``attach`` of *another* optimizer skipped because the weight was
-    frozen. The fine-tuning pattern "unfreeze the backbone and give it an optimizer of its own" trained such a
-    weight as a plain parameter, silently: a Riemannian weight left the Stiefel manifold (0.95 off after 3 steps),
-    a NOG weight stepped by its raw gradient. No warning came from the check for a model no optimizer was attached
-    to (:func:`orthofx.passes.base.watch_hooked_weights`), since one was, and the attached optimizer runs a
-    skipped hook only once it holds the weight itself (``add_param_group``). Costs nothing while no attachment
-    has skipped hooks, and one pass over the skipped weights' ``grad`` otherwise."""
-    if torch.compiler.is_compiling() or not _WAITING:
-        return
-    # the models this optimizer is attached to itself: its own pre-step hook runs a hook whose weight it holds now
-    # (attach's activate_added), whichever other attachment still waits for it
-    own = {root for roots in optimizer.__dict__.get("_orthofx_attached", {}).values() for root in roots}
-    waiting = []
-    for attached, records in list(_WAITING.items()):
-        if attached is optimizer:
-            continue
-        for parts in records.values():
-            for part, hook in ((part, hook) for part in parts if id(part.root) not in own for hook in part.skipped):
-                module = part.root.get_submodule(hook.site)
-                stepped = [getattr(module, name, None) for name in hook.parameter_names]
-                if any(isinstance(p, torch.Tensor) and p.grad is not None for p in stepped):
-                    waiting.append((attached, part, hook, stepped))
-    if not waiting:
-        return
-    owned = _optimizer_parameters(optimizer)
-    warned = optimizer.__dict__.setdefault(_WAITING_WARNED, set())
-    # one warning per weight: NOG and OLR wait on the same one
-    found: dict[tuple, tuple] = {}
-    for attached, part, hook, stepped in waiting:
-        key = tuple(id(p) for p in stepped)
-        if key in warned or not any(id(p) in owned for p in stepped):
-            continue
-        _, _, treatments = found.setdefault(key, (attached, (part, hook), []))
-        treatments.append(getattr(hook, "treatment", None) or type(hook).__name__)
-    for key, (attached, (part, hook), treatments) in found.items():
-        warned.add(key)
-        warnings.warn(
-            f"{type(optimizer).__name__}.step() updated the weight(s) {list(hook.parameter_names)} of site "
-            f"'{part.site(hook)}' (rule '{hook.rule}'), whose orthofx hook(s) ({', '.join(treatments)}) wait for "
-            f"the optimizer that orthofx.attach attached to this model ({type(attached).__name__}): the weight was "
-            "frozen then, so they run once that optimizer holds it. This optimizer is not attached, so it trains "
-            "the weight as a plain parameter (a Riemannian one leaves the Stiefel manifold, a NOG one steps by its "
-            "raw gradient). Give the unfrozen weight to the attached optimizer instead, in a param group of its "
-            f"own for its own lr: attached_optimizer.add_param_group({{'params': [gm.get_submodule({hook.site!r})."
-            f"{hook.parameter_names[0]}], 'lr': ...}}); its hooks then run from the next step on",
-            OrthofxWarning, stacklevel=3)  # at the user's optimizer.step(), past torch's step wrapper
-
-
-def _wait_for_skipped(optimizer: torch.optim.Optimizer, key: int, parts: list[_PartHooks]) -> None:
-    """Record the parts of an attachment that has skipped hooks (each part's ``skipped``, updated in place when a
-    hook starts to run) for :func:`_warn_waiting_hooks`, registering that global step post hook the first time."""
-    if not any(part.skipped for part in parts):
-        return
-    _WAITING.setdefault(optimizer, {})[key] = parts
-    if not _WAITING_STEP_HOOK:
-        _WAITING_STEP_HOOK.append(register_optimizer_step_post_hook(_warn_waiting_hooks))
+def _warn_unfrozen_left_out(optimizer: torch.optim.Optimizer, part: _PartHooks, hook) -> None:
+    """The warning of :func:`attach`'s step for a weight frozen at attach, unfrozen since, that the attached
+    optimizer does not hold."""
+    treatment = getattr(hook, "treatment", None) or type(hook).__name__
+    warnings.warn(
+        f"site '{part.site(hook)}' (rule '{hook.rule}'): the weight(s) {list(hook.parameter_names)} were frozen when "
+        f"orthofx.attach attached this {type(optimizer).__name__}, which does not hold them, so their orthofx hook "
+        f"({treatment}) was skipped; they are trainable now and got a gradient, but the hook runs only once this "
+        "optimizer holds them. Another optimizer stepping them trains them as plain parameters (a Riemannian weight "
+        "leaves the Stiefel manifold, a NOG one steps by its raw gradient). Give them to the attached optimizer, in "
+        f"a param group of their own for their own lr: optimizer.add_param_group({{'params': [gm.get_submodule("
+        f"{part.site(hook)!r}).{hook.parameter_names[0]}], 'lr': ...}}); the hook runs from the next step on",
+        OrthofxWarning, stacklevel=4)
 
 
 def _frozen(parameter) -> bool:
@@ -535,9 +477,9 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     DataParallel name prefixes do not matter); otherwise :class:`orthofx.errors.ArgumentError` names the site.
     Only a frozen parameter (``requires_grad=False``) may be left out of the optimizer: no step changes it, so
     its hooks are skipped (listed in ``handle.skipped``) until it is added to the optimizer (``add_param_group``
-    when unfreezing): from the next step on they run like the others. Another optimizer that steps such a weight
-    (one built for the unfrozen layers) runs no hook and warns (:class:`~orthofx.OrthofxWarning`) at its first
-    step that does. With ``GradScaler`` and a fused optimizer, a
+    when unfreezing): from the next step on they run like the others. Such a weight unfrozen and given a gradient
+    but not added (handed to an optimizer of its own, which would train it as a plain parameter, or to none) is
+    warned about (:class:`~orthofx.OrthofxWarning`, once per weight) at the attached optimizer's next step. With ``GradScaler`` and a fused optimizer, a
     step whose gradients hold inf/NaN (``optimizer.found_inf``, which the fused kernel skips) runs no hook either.
     Attaching the same model twice to one optimizer is an
     error (the updates would run twice). A model that ``orthofx.transform`` did not return but that holds
@@ -636,6 +578,22 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         hooks[:] = [hook for part in parts for hook in part.hooks]
         skipped[:] = [hook for part in parts for hook in part.skipped]
 
+    warned_unfrozen: set[int] = set()  # ids of the skipped hooks warned about
+
+    def warn_unfrozen_left_out():
+        # A weight skipped at attach (frozen) that is trainable again and got a gradient, but that this optimizer
+        # still does not hold: its hooks never run. Handed to an optimizer of its own (a backbone's lr), it trains
+        # as a plain parameter (a Riemannian weight leaves the manifold, a NOG one steps by its raw gradient).
+        for part in parts:
+            for hook in part.skipped:
+                if id(hook) in warned_unfrozen:
+                    continue
+                module = part.root.get_submodule(hook.site)
+                weights = [getattr(module, name, None) for name in hook.parameter_names]
+                if any(isinstance(w, torch.Tensor) and w.requires_grad and w.grad is not None for w in weights):
+                    warned_unfrozen.add(id(hook))
+                    _warn_unfrozen_left_out(optimizer, part, hook)
+
     def run_hooks(opt, stage: str):
         # stage "before" / "after"; the parts act on different parameters, so their order changes no result.
         # Every "after" hook runs even when one raises (a Riemannian step gone NaN): each undoes or completes what
@@ -662,6 +620,7 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     def run_before(opt):
         if skipped:
             activate_added(opt)
+            warn_unfrozen_left_out()
         # a fused kernel will skip this step: so do the hooks, before and after, and the gradients stay as they are
         if _step_will_be_skipped(opt):
             return
@@ -709,5 +668,4 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     handle = AttachHandle(optimizer, hooks, handles, skipped)
     # the roots whose hooks this attachment runs: an attach of any of them again is refused (_already_attached)
     optimizer.__dict__.setdefault("_orthofx_attached", {})[handle._key] = tuple(id(part.root) for part in parts)
-    _wait_for_skipped(optimizer, handle._key, parts)
     return handle

@@ -9,9 +9,9 @@ moment transported by ``P_{W_new}``) and P4's NOG / OLR (``G -> U V^T``; ``eta* 
 Found and fixed (these tests failed before):
 
 * a weight frozen at ``attach`` (its hook skipped), unfrozen and given to a second optimizer, trained as a plain
-  parameter with no word (a Stiefel weight 0.95 off the manifold after 3 steps): now that optimizer warns;
+  parameter with no word (a Stiefel weight 0.95 off the manifold after 3 steps): now the attached optimizer warns;
 * a Pre-SVD layer frozen and dropped from the param groups made every step raise that its weight "was replaced
-  after attach"; moved into a new group with its bias, OLR stepped the bias by the weight's ``eta*``.
+  after attach"; moved into a new group with its bias, OLR stepped the bias by the weight's ``eta*`` (now refused).
 """
 
 from __future__ import annotations
@@ -185,8 +185,8 @@ def test_unfrozen_backbone_in_a_second_optimizer_warns_and_the_attached_one_keep
     optimizer of its own, the usual split of a backbone's lr. That optimizer is not attached, so it stepped the
     Stiefel weight by its raw gradient, silently (0.95 off the manifold after 3 steps): the model had an attached
     optimizer, so the check for a forgotten attach stayed quiet, and attaching the second one is refused (the
-    hooked weights belong in one optimizer). Now its first step warns once, naming the site and the fix, and the
-    fix (``add_param_group`` on the attached optimizer) takes P1's step from the first step on."""
+    hooked weights belong in one optimizer). Now the attached optimizer's next step warns once, naming the site and the
+    fix, and the fix (``add_param_group`` on the attached optimizer) takes P1's step from the first step on."""
     def build():
         model = _mlp()
         model[0].requires_grad_(False)
@@ -208,9 +208,8 @@ def test_unfrozen_backbone_in_a_second_optimizer_warns_and_the_attached_one_keep
     backbone = gm.get_submodule("0").weight
     backbone.requires_grad_(True)
     second = torch.optim.SGD([backbone], lr=0.3)
-    with pytest.warns(orthofx.OrthofxWarning, match=r"SGD.step\(\) updated the weight\(s\) \['weight'\] of site '0' "
-                      r"\(rule 'riemannian\[0\]'\), whose orthofx hook\(s\) \(Riemannian update\) wait for the "
-                      r"optimizer .*add_param_group"):
+    with pytest.warns(orthofx.OrthofxWarning, match=r"site '0' \(rule 'riemannian\[0\]'\): the weight\(s\) "
+                      r"\['weight'\] were frozen .*\(Riemannian update\) was skipped.*add_param_group"):
         step(gm, [head, second], 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per optimizer and weight
@@ -417,9 +416,7 @@ def test_presvd_layer_frozen_and_dropped_from_the_groups_then_added_back(olr):
     """Freezing a Pre-SVD layer mid-training and dropping its parameters from the optimizer's groups (so the step
     skips them) made every later step raise "the layer's weight is not in any param group ... replaced after
     attach" from NOG or OLR, a weight nothing steps and nothing replaced. Now the frozen layer stays bit for bit,
-    the other trains by P4's step. Added back unfrozen with its bias in one group (``add_param_group``), OLR set
-    ``eta*`` on that whole group, stepping the bias by it too; now the weight gets a group of its own again, as at
-    attach, and the bias steps by the group's lr."""
+    the other trains by P4's step. Added back unfrozen (with OLR in a group of its own), it trains by P4's step again."""
     torch.manual_seed(0)
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     policy = {"rules": [{"match": {"feeds": ["linalg.eigvalsh"]}, "apply": "pre_svd",
@@ -453,7 +450,11 @@ def test_presvd_layer_frozen_and_dropped_from_the_groups_then_added_back(olr):
         check_nog_step("b", before, 0.4)
         assert all(torch.equal(p, frozen[n]) for n, p in a.named_parameters())
     a.requires_grad_(True)
-    optimizer.add_param_group({"params": [a.weight, a.bias], "lr": 0.2})
+    if olr:  # OLR's lr is the weight's alone: its bias in another group
+        optimizer.add_param_group({"params": [a.weight], "lr": 0.2})
+        optimizer.add_param_group({"params": [a.bias], "lr": 0.2})
+    else:
+        optimizer.add_param_group({"params": [a.weight, a.bias], "lr": 0.2})
     for _ in range(2):
         before = step()
         check_nog_step("a", before, 0.2)
@@ -464,22 +465,40 @@ def test_presvd_layer_frozen_and_dropped_from_the_groups_then_added_back(olr):
                                                                               [0.4, 0.2])
 
 
-def test_olr_weight_moved_into_a_new_group_with_its_bias_keeps_eta_to_itself():
+def test_olr_weight_moved_into_a_group_with_its_bias_is_refused_and_alone_takes_eta():
     """Regrouping after ``attach`` (a layer moved into a group of its own lr, weight and bias together, the
     fine-tuning way of giving a layer another lr): OLR set ``eta*`` as that whole group's lr, so the bias stepped by
-    the weight's ``eta*``. Now the weight is split off into a group of its own again, as ``attach`` does: it steps
-    by P4's NOG + OLR step from the new group's lr, the bias by that lr."""
+    the weight's ``eta*``, silently. Now that step is refused with the fix (splitting the weight off inside the step
+    changed the number of param groups under the user's schedulers and checkpoints); the weight in a group of its
+    own steps by P4's NOG + OLR step from that group's lr, the bias by its own group's lr."""
     torch.manual_seed(0)
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     policy = {"rules": [{"match": {"feeds": ["linalg.eigvalsh"]}, "apply": "pre_svd",
                          "with": {"nog": True, "olr": True}}]}
-    gm = orthofx.transform(_PreSvdPair().double(), policy, example_inputs=(x,))
-    a = gm.get_submodule("a")
-    optimizer = torch.optim.SGD(gm.parameters(), lr=0.4)
-    orthofx.attach(optimizer, gm)
-    for group in optimizer.param_groups:
-        group["params"] = [p for p in group["params"] if p is not a.weight and p is not a.bias]
-    optimizer.add_param_group({"params": [a.weight, a.bias], "lr": 0.3})
+
+    def regrouped(alone: bool):
+        gm = orthofx.transform(_PreSvdPair().double(), policy, example_inputs=(x,))
+        a = gm.get_submodule("a")
+        optimizer = torch.optim.SGD(gm.parameters(), lr=0.4)
+        orthofx.attach(optimizer, gm)
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if p is not a.weight and p is not a.bias]
+        if alone:
+            optimizer.add_param_group({"params": [a.weight], "lr": 0.3})
+            optimizer.add_param_group({"params": [a.bias], "lr": 0.3})
+        else:
+            optimizer.add_param_group({"params": [a.weight, a.bias], "lr": 0.3})
+        return gm, a, optimizer
+
+    gm, a, optimizer = regrouped(alone=False)
+    gm(x).backward()
+    w = a.weight.detach().clone()
+    with pytest.raises(orthofx.ArgumentError, match=r"site 'a' .*1 other parameter.*group of its own"):
+        optimizer.step()
+    assert torch.equal(a.weight.detach(), w)  # refused before the step
+
+    gm, a, optimizer = regrouped(alone=True)
+    groups = len(optimizer.param_groups)
     for _ in range(2):
         optimizer.zero_grad()
         gm(x).backward()
@@ -491,3 +510,4 @@ def test_olr_weight_moved_into_a_new_group_with_its_bias_keeps_eta_to_itself():
         assert 0 < eta < 0.3
         torch.testing.assert_close(a.weight.detach(), w - eta * polar, atol=1e-12, rtol=0)
         torch.testing.assert_close(a.bias.detach(), bias - 0.3 * grad, atol=1e-12, rtol=0)
+    assert len(optimizer.param_groups) == groups  # no group split off inside a step

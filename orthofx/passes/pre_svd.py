@@ -381,6 +381,22 @@ def _group_or_none(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dic
         return None
 
 
+def _adopt_group(hook: "OptimalLearningRate", optimizer: torch.optim.Optimizer, group: dict) -> None:
+    """Take ``group``, which ``attach`` did not set up, as the OLR weight's own, where it holds the weight alone;
+    refuse it where it holds other parameters too, since ``eta*`` set as that group's lr would step them by it (the
+    bias of a layer moved into a group of its own lr). Splitting the weight off here, inside a step, would change
+    the number of param groups after the user's LR schedulers and checkpoints counted them."""
+    if len(group["params"]) == 1:
+        group[OLR_GROUP_KEY] = hook.site
+        return
+    raise ArgumentError(
+        f"site '{hook.site}' (rule '{hook.rule}'): OLR sets this weight's lr at each step from its own gradient, "
+        f"and the weight is in a param group with {len(group['params']) - 1} other parameter(s) (regrouped or added "
+        "back with add_param_group after orthofx.attach), which that lr would step too. Add the weight in a group "
+        f"of its own: optimizer.add_param_group({{'params': [gm.get_submodule({hook.site!r}).weight], 'lr': ...}}), "
+        "its bias in another")
+
+
 def _frozen_out_of(optimizer: torch.optim.Optimizer, weight: torch.Tensor) -> bool:
     """Whether ``weight`` is frozen (``requires_grad=False``) and in no param group: dropped from the optimizer
     when it was frozen after ``attach`` (fine-tuning), so nothing steps it and its NOG / OLR hooks have nothing to
@@ -601,10 +617,8 @@ class OptimalLearningRate(OptimizerHook):
         group = _group_of(optimizer, weight, self)
         if OLR_GROUP_KEY not in group:
             # the weight is back in the optimizer in a group attach did not give it (dropped when frozen, then
-            # add_param_group when unfrozen again): eta* set on a shared group stepped its other parameters by it
-            self.check(root, optimizer)
-            self.setup(root, optimizer)
-            group = _group_of(optimizer, weight, self)
+            # add_param_group when unfrozen again, or regrouped for another lr)
+            _adopt_group(self, optimizer, group)
         if _BASE_LR_KEY in group:
             # a weight shared by two sites has two OLR hooks: the first set this step's lr (from the same weight
             # and gradient); the base lr it stored is the one to restore, not the eta* it wrote
