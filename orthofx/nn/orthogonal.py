@@ -597,11 +597,15 @@ def _check_input(x: torch.Tensor, dims: int, channels: int, layer: nn.Module | s
     count whose product with ``B`` divides evenly would silently be read as another batch size (8 channels into a
     4-channel layer gave two outputs per sample); the explicit-kernel forward would fail inside ``F.pad`` or the
     convolution with a message that does not name the layer. Skipped while ``torch.fx`` symbolically traces the
-    forward (a Proxy has no concrete shape to check)."""
+    forward (a Proxy has no concrete shape to check). The rank is compared with ``!=``, not ``in (dims + 1, dims +
+    2)``: where dynamo traces this function as a frame of its own (after its caller fell back to eager, without
+    ``fullgraph``), ``dims`` is a symbolic int under ``dynamic=True``, and torch 2.13's dynamo reads ``4 in (s + 1,
+    s + 2)`` as False, which raised this error for a valid input (an input of another size, which a
+    ``cayley_fft`` layer refuses, was told it had the wrong channels)."""
     if isinstance(x, torch.fx.Proxy):
         return
     _check_floating(x, layer)
-    if x.dim() not in (dims + 1, dims + 2) or x.shape[-dims - 1] != channels:
+    if (x.dim() != dims + 1 and x.dim() != dims + 2) or x.shape[-dims - 1] != channels:
         spatial = "L" if dims == 1 else ", ".join("HWD"[i] for i in range(dims))
         label = layer if isinstance(layer, str) else layer_label(layer)
         raise LayerArgumentError(
