@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
@@ -25,8 +26,8 @@ from torch import fx, nn
 
 from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_inputs, one_trace_at_a_time,
                       positional_call, replaced_forward, uninitialised_lazy_modules, unwrap_model)
-from .errors import (ArgumentError, OrthofxError, OrthofxWarning, TransformError, damaged_metadata_entry,
-                     first_few, saved_count)
+from .errors import (ArgumentError, CaptureError, OrthofxError, OrthofxWarning, TransformError,
+                     damaged_metadata_entry, first_few, saved_count)
 from .nn.precision import describe_nonfinite, relative_distance
 from .passes.base import (MANIFEST_KEY, EvalRun, Manifest, ParametrizationState, PassContext, PlanEntry, Site,
                           replace_module, watch_hooked_weights)
@@ -320,9 +321,41 @@ def explain(model: nn.Module, policy: Any, example_inputs: Any = None, *, exampl
     _refuse_dropping_attachments(model)  # the dry run refuses what transform would refuse
     # Capture runs the model's forward (symbolic tracing, or torch.export on the example inputs): any Python side
     # effect of that forward (a counter, a cache) would happen on the user's model, so a copy is traced.
-    root = copy_model(unwrap_model(model))
-    _, plan = _capture_and_plan(root, policy, example)
+    with _recursion_explained(model, "explain"):
+        root = copy_model(unwrap_model(model))
+        _, plan = _capture_and_plan(root, policy, example)
     return plan
+
+
+def _nesting(model: nn.Module) -> tuple[int, str]:
+    """How many modules deep ``model`` nests (its direct children: 1) and the path of a deepest one."""
+    depth, deepest = 0, ""
+    for name, _ in model.named_modules(remove_duplicate=False):
+        level = name.count(".") + 1 if name else 0
+        if level > depth:
+            depth, deepest = level, name
+    return depth, deepest
+
+
+@contextlib.contextmanager
+def _recursion_explained(model: nn.Module, what: str) -> Iterator[None]:
+    """Turn a RecursionError into a :class:`CaptureError` that says why and what to do: copying a model
+    (``copy.deepcopy``) and tracing it (``torch.fx``) recurse several Python frames per level of module nesting, so a
+    model nested a few hundred modules deep reaches Python's recursion limit (1000 by default) though it runs."""
+    try:
+        yield
+    except RecursionError as exc:
+        depth, deepest = _nesting(unwrap_model(model))
+        limit = sys.getrecursionlimit()
+        if len(deepest) > 60:
+            deepest = f"{deepest[:28]}...{deepest[-28:]}"
+        raise CaptureError(
+            f"orthofx.{what} reached Python's recursion limit ({limit}) on a model that nests modules {depth} deep "
+            f"(the deepest: '{deepest}'): copying and tracing it take several Python frames per level. Raise the "
+            f"limit before the call (sys.setrecursionlimit({max(limit, 10 * depth + 1000)})) or nest the model's "
+            "modules less deeply (torch.fx's generated code of a model nested 200 deep or more is refused by "
+            "Python's parser); if the model's own forward recurses without end, fix that first "
+            f"({type(exc).__name__}: {exc})") from None
 
 
 def _observe(gm: fx.GraphModule, plan: Plan, example: ExampleCall, manifest: Manifest,
@@ -790,7 +823,7 @@ def transform(model: nn.Module, policy: Any, example_inputs: Any = None, *, exam
     example = example_call(example_inputs, example_kwargs)
     root = unwrap_model(model)
     _refuse_dropping_attachments(model)
-    with _outside_inference_mode():
+    with _outside_inference_mode(), _recursion_explained(root, "transform"):
         work = root if inplace else copy_model(root)
         if not inplace:
             _refuse_forward_calling_the_original(work)

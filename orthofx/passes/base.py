@@ -743,11 +743,14 @@ def decompositions_fed(ctx: PassContext, name: str) -> list[str]:
     it (``pre_svd`` lists these sites; ``isometric_init`` warns when it narrows a layer feeding one). A node is
     named by the site a pass recorded on it, else by the plan's site of that node name *in the same mode's graph*
     (both graphs of a two-mode model hold a node named ``linalg_eigh``)."""
-    sites = [s for s in getattr(ctx.manifest.plan, "sites", ()) if s.kind == "function"]
+    sites = ctx.function_sites()
     found: list[str] = []
     for suffix in each_mode(ctx.gm):  # ctx.gm.graph is that mode's graph
         by_node = {s.node: s.name for s in sites if s.mode == suffix[1:]}
-        stack = [u for n in ctx.gm.graph.nodes if n.op == "call_module" and n.target == name for u in n.users]
+        # fx's index of the call_module nodes, not a scan of every node: this runs once per layer of some passes.
+        # The walk's result is a set (sorted at the end), so the order of the start nodes does not matter.
+        calls = ctx.gm.graph.find_nodes(op="call_module", target=name, sort=False)
+        stack = [u for n in calls for u in n.users]
         seen: set[fx.Node] = set()
         while stack:
             node = stack.pop()
@@ -1079,6 +1082,11 @@ def recurrent_weights_reason(module: nn.Module) -> str | None:
     return None
 
 
+# How many times :func:`replace_module` has run (in any model): a :class:`PassContext` rebuilds its index of the
+# penalised tensors when this moved, as a replaced layer takes its weight with it.
+_MODULE_REPLACEMENTS = [0]
+
+
 def replace_module(root: nn.Module, qualname: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at ``qualname`` in ``root`` (setattr on the parent) and return the module it replaced.
 
@@ -1093,6 +1101,7 @@ def replace_module(root: nn.Module, qualname: str, new: nn.Module) -> nn.Module:
     move_call_hooks(old, new)
     move_state_dict_hooks(old, new)
     setattr(parent, child, new)
+    _MODULE_REPLACEMENTS[0] += 1  # the tensors cached penalty indexes hold may have left (PassContext)
     if type(new).__module__.startswith("orthofx."):
         new.__dict__[SITE_ATTRIBUTE] = qualname  # the layer's errors name it (errors.layer_label)
     return old
@@ -1107,6 +1116,22 @@ class PassContext:
     # Positional inputs of each planned module site's first call on the example inputs (eval mode, detached);
     # empty without example inputs. Held only while the passes run, never stored in the manifest.
     site_inputs: dict[str, tuple] = field(default_factory=dict)
+    # ``form -> {id(tensor): (name, tensor)}`` of the tensors the penalty's terms penalise (first term first), built
+    # incrementally so that adding n terms costs O(n) calls of PenaltyTerm.penalised, not O(n^2); the tensors are
+    # held so that their ids stay theirs. See :meth:`_penalised_index`.
+    _index: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _index_key: tuple = field(default=(), init=False, repr=False, compare=False)
+    _function_sites: tuple = field(default=(None, 0, ()), init=False, repr=False, compare=False)
+
+    def function_sites(self) -> list[Site]:
+        """The plan's function sites (decompositions), kept while the plan's site list is the same one: a pass that
+        asks for each of its layers (:func:`decompositions_fed`) would otherwise scan every site each time."""
+        sites = getattr(self.manifest.plan, "sites", ())
+        kept, count, found = self._function_sites
+        if kept is not sites or count != len(sites):
+            found = [s for s in sites if s.kind == "function"]
+            self._function_sites = (sites, len(sites), found)
+        return found
 
     def module(self, site: Site | str) -> nn.Module:
         name = site.name if isinstance(site, Site) else site
@@ -1140,21 +1165,43 @@ class PassContext:
         """Add ``term`` to the penalty, unless the terms there already penalise every tensor it penalises in the
         same form (:meth:`~PenaltyTerm.penalised`: layers with a tied weight); returns the name the earlier terms
         give that tensor, or ``None`` when ``term`` was added."""
-        earlier = [self.penalised_tensors(form).get(id(tensor)) for _, tensor, form in term.penalised(self.gm)]
+        index = self._penalised_index()
+        penalised = term.penalised(self.gm)
+        earlier = [index.get(form, {}).get(id(tensor), (None,))[0] for _, tensor, form in penalised]
         if earlier and all(earlier):
             return earlier[0]
         self.manifest.penalties.append(term)
+        self._index_term(penalised, len(self.manifest.penalties))  # known already: no second call
         return None
 
     def penalised_tensors(self, form: tuple) -> dict[int, str]:
         """``id(tensor) -> name`` of the tensors the penalty's terms so far penalise in ``form``, for a pass that
-        leaves those out of a term of its own (a tied weight is counted once)."""
-        found: dict[int, str] = {}
-        for term in self.manifest.penalties:
-            for name, tensor, term_form in term.penalised(self.gm):
-                if term_form == form:
-                    found.setdefault(id(tensor), name)
-        return found
+        leaves those out of a term of its own (a tied weight is counted once). A new dict: the caller may add
+        to it."""
+        return {key: name for key, (name, _) in self._penalised_index().get(form, {}).items()}
+
+    def _penalised_index(self) -> dict:
+        """The index of :attr:`_index`, brought up to date: the terms appended since it was built are added; it is
+        built again from all terms when the penalty list is another one, lost or replaced terms, or when a layer
+        was replaced (:func:`replace_module`) since, whose weight an indexed term may no longer penalise."""
+        penalties = self.manifest.penalties
+        key = self._index_key
+        fresh = (key and key[0] is penalties and key[1] <= len(penalties) and key[3] == _MODULE_REPLACEMENTS[0]
+                 and (key[1] == 0 or penalties[key[1] - 1] is key[2]))
+        start = key[1] if fresh else 0
+        if not fresh:  # from scratch; the key names the terms indexed so far (a penalised() may raise)
+            self._index, self._index_key = {}, ()
+        for count, term in enumerate(penalties[start:], start + 1):
+            self._index_term(term.penalised(self.gm), count)
+        return self._index
+
+    def _index_term(self, penalised: list[tuple[str, torch.Tensor, tuple]], count: int) -> None:
+        """Add what the ``count``-th term of the penalty penalises to the index (an earlier term keeps its name),
+        which then holds the first ``count`` terms."""
+        for name, tensor, form in penalised:
+            self._index.setdefault(form, {}).setdefault(id(tensor), (name, tensor))
+        penalties = self.manifest.penalties
+        self._index_key = (penalties, count, penalties[count - 1], _MODULE_REPLACEMENTS[0])
 
     def add_optimizer_hook(self, hook: OptimizerHook) -> None:
         """Record ``hook``; refused (:class:`PlanError`) for a layer whose weight is computed
