@@ -9,6 +9,8 @@ of it holds) derive from :class:`OrthofxWarning`, a ``UserWarning``.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 __all__ = [
@@ -98,6 +100,19 @@ class MetaWeightError(LayerArgumentError, TransformError):
     built under ``torch.device("meta")``): the weight has a shape but no values. A
     :class:`LayerArgumentError` (pass ``init="random"`` or a materialised layer) and a :class:`TransformError`
     (what ``orthofx.transform`` raises when a pass fails)."""
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` made by the function calling this one that names the first frame
+    outside orthofx: the user's call, however many of orthofx's frames (helpers, the decorators of its public
+    functions) lie between. A fixed count broke whenever a frame was added on the way."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def first_few(items, limit: int) -> str:

@@ -82,7 +82,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 from .capture import (ModalGraphModule, RecurrentBatch, batch_dim, batch_dynamic_shapes, buffers_kept, capture,
                       copy_model, one_trace_at_a_time, recurrent_batch_dims, sequence_helper, unwrap_model)
 from .errors import (SITE_ATTRIBUTE, ArgumentError, CaptureError, ExportError, LayerArgumentError, OrthofxError,
-                     OrthofxWarning, TransformError, first_few)
+                     OrthofxWarning, TransformError, caller_stacklevel, first_few)
 from .nn.conditioning import power_newton_schulz
 from .nn.jacobian import JacobianProbe
 from .nn.precision import HALF_PRECISION
@@ -1761,7 +1761,7 @@ def _check_same_graph(gm: fx.GraphModule, state: dict, path: str) -> None:
         warnings.warn(f"{problem}. The file was written by {saved.get('written_by') or 'an earlier release'} and this "
                       f"is {_release()}, whose graphs may differ for the same model: check the restored model's "
                       "outputs against the saved model's, or re-export it with this release", OrthofxWarning,
-                      stacklevel=3)
+                      stacklevel=caller_stacklevel())
         return
     raise ExportError(f"{problem}; load with an instance of the model class the file was exported from, built as "
                       "it was (orthofx.load restores the weights into the model given, so it must compute what the "

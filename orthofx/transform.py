@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_inputs, one_trace_at_a_time,
                       positional_call, replaced_forward, uninitialised_lazy_modules, unwrap_model)
-from .errors import (ArgumentError, CaptureError, OrthofxError, OrthofxWarning, TransformError,
+from .errors import (ArgumentError, CaptureError, OrthofxError, OrthofxWarning, TransformError, caller_stacklevel,
                      damaged_metadata_entry, first_few, saved_count)
 from .nn.precision import describe_nonfinite, relative_distance
 from .passes.base import (MANIFEST_KEY, EvalRun, Manifest, ParametrizationState, PassContext, PlanEntry, Site,
@@ -902,7 +902,8 @@ def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
             if entry.refusal is not None:
                 raise entry.refusal
         if not plan.entries:
-            warnings.warn(_nothing_planned_message(plan, type(work).__name__), OrthofxWarning, stacklevel=3)
+            warnings.warn(_nothing_planned_message(plan, type(work).__name__), OrthofxWarning,
+                          stacklevel=caller_stacklevel())
         gm.training = work.training
         # a copy: the manifest's policy is what export saves and load replays, which a caller's later edit of the
         # Policy object it passed (Policy.load(p) is p) must not change
