@@ -2126,6 +2126,12 @@ def _inner_leaves(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, leaves
     return inner
 
 
+def _held(module: nn.Module) -> list[int]:
+    """The ids of the parameters ``module`` holds (its submodules' too), in order. Not its buffers: a forward may
+    assign a registered buffer a new tensor at each call (a cache), which is the module's own doing."""
+    return [id(t) for t in module.parameters()]
+
+
 def _holds_call_hooks(module: nn.Module) -> bool:
     """Whether ``module`` or a module inside it has forward / backward hooks."""
     return any(call_hook_count(m) for m in module.modules())
@@ -2147,6 +2153,17 @@ class _DirectCalls:
         self.direct: list[str] = []  # inner leaves called outside them
         inner_set = set(inner)
         self.handles = []
+        # the parameters each leaf and inner leaf holds when the forward starts (torch.export has put its own in by
+        # then): a call made with others (torch.func.functional_call substitutes them) computes with those, which a
+        # call of the module would not: an inner leaf's stays inlined, a leaf's is refused (substituted)
+        self.own: dict[str, list[int]] = {}
+
+        self.substituted: list[str] = []  # leaves called (outside any leaf) with tensors other than their own
+
+        def held_at_start(module: nn.Module, args: tuple) -> None:
+            self.own = {path: _held(model.get_submodule(path)) for path in (*leaves, *inner)}
+
+        self.handles.append(model.register_forward_pre_hook(held_at_start))
         for path in [*leaves, *inner]:
             module = model.get_submodule(path)
             self.handles += [
@@ -2154,7 +2171,10 @@ class _DirectCalls:
                 module.register_forward_hook(self._exit, always_call=True)]
 
     def _enter(self, path: str, inner: bool, module: nn.Module, args: tuple) -> None:
-        if inner and not self.active:
+        if not self.active and path in self.own and _held(module) != self.own[path]:
+            if not inner:
+                self.substituted.append(path)
+        elif inner and not self.active:
             self.direct.append(path)
         self.active.append(path)
 
@@ -3683,6 +3703,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
     added: set[str] = set()  # those that the export about to run keeps as calls for the first time
     inlined: set[str] = set()  # those torch.export cannot keep as calls, and without hooks: left inlined
     notes: list[str] = []
+    inner_off = False  # whether the hooks inside the leaves are taken off while torch.export runs (see below)
     flags = [(m, m.training) for m in source.modules()]
     while True:
         leaves = _export_leaves(source, leaf_types, leaf_paths, opened)
@@ -3690,10 +3711,12 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         # The order of the leaf calls (a call that leaves no node in the graph, such as nn.Identity's, is put
         # back at its place among the others).
         order: list[str] = []
-        # the hooks of the hooked modules inside the leaves are off too: torch.export would otherwise record their
-        # ops in a call made outside the leaves, or fail on a hook that reads a value (``float(o.sum())``)
         inner = _inner_leaves(source, leaf_types, leaf_paths, leaves)
-        stashed = _stash_call_hooks([source.get_submodule(path) for path in leaves + inner])
+        # The hooks of the modules inside the leaves stay on (a hook that changes its output's shape is part of
+        # what the forward computes after the leaf), unless an export with them failed: a hook that reads a value
+        # (``float(o.sum())``) fails torch.export, and a leaf's call runs them anyway in the graph; a call of such a
+        # module outside the leaves is found (_DirectCalls) and made a leaf of its own, with its hooks off.
+        stashed = _stash_call_hooks([source.get_submodule(path) for path in leaves + (inner if inner_off else [])])
         calls = _DirectCalls(source, leaves, inner)
         hooks = [source.get_submodule(path).register_forward_pre_hook(
             lambda module, args, path=path: order.append(path)) for path in leaves]
@@ -3732,6 +3755,9 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
                 module.training = flag
             created = _drop_created_state(states)
         if failed is not None:
+            if not inner_off and any(_holds_call_hooks(source.get_submodule(path)) for path in inner):
+                inner_off = True
+                continue
             dropped = _direct_calls_left_inlined(source, failed, added)
             if not dropped:
                 raise failed
@@ -3747,6 +3773,15 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
                       "(its weights are still the module's). Fix: capture with symbolic tracing, capture: "
                       "{mode: fx} or {mode: auto} in the policy" for path in sorted(dropped)]
             continue
+        if calls.substituted:
+            path = calls.substituted[0]
+            raise CaptureError(
+                f"the forward calls the leaf module '{path}' with parameters other than its own "
+                "(torch.func.functional_call, torch.nn.utils.stateless): the graph's call of the module would "
+                "compute with the module's own, so the call cannot be captured as one. Fix: call the module's "
+                "functional form with those tensors (F.linear(x, w, b), F.conv2d ...) in the forward, or, if this "
+                "module should not be a site, keep the code that calls it inside a module listed in "
+                "capture.leaf_modules", module_path=path)
         if created:
             # torch.export turns such a buffer's update into a write into an input of the graph (seen: x.copy_(1))
             raise CaptureError(_created_state_message(source, created, "torch.export"), module_path=created[0][0])

@@ -1,7 +1,12 @@
 """Fixes made by the lead in session 40, each against an independent reference."""
+import warnings
+
 import pytest
 import torch
+from torch import nn
 
+import orthofx
+from orthofx.capture import capture
 from orthofx.nn import stiefel
 
 
@@ -23,3 +28,79 @@ def test_cholesky_qr_route_still_matches_householder_on_nonempty(monkeypatch):
     reference = stiefel.qr_retraction(w, xi)
     monkeypatch.setattr(stiefel, "CHOLESKY_QR_DEVICES", ("cpu",))
     torch.testing.assert_close(stiefel.qr_retraction(w, xi), reference, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- export capture
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+class _InnerCalledWithOtherWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _Block()
+
+    def forward(self, x):
+        y = self.block(x)
+        lin = self.block.lin
+        return torch.func.functional_call(lin, {"weight": lin.weight * 2, "bias": lin.bias}, (y,))
+
+
+def test_export_inner_layer_called_through_functional_call_keeps_the_substituted_weights():
+    # Made a call of its own (as a plain direct call is), the graph's call used the layer's own weight: 0.46 off
+    torch.manual_seed(0)
+    model, x = _InnerCalledWithOtherWeights(), torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm, info = capture(model, mode="export", leaf_types=[_Block], example_inputs=(x,))
+    assert info.mode == "export"
+    with torch.no_grad():
+        reference = torch.tanh(x @ model.block.lin.weight.T + model.block.lin.bias)
+        reference = reference @ (2 * model.block.lin.weight).T + model.block.lin.bias
+        torch.testing.assert_close(gm(x), reference, rtol=1e-6, atol=1e-6)
+
+
+class _LeafCalledWithOtherWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.func.functional_call(self.lin, {"weight": self.lin.weight * 2, "bias": self.lin.bias}, (x,))
+
+
+def test_export_leaf_called_through_functional_call_is_refused_naming_it():
+    # The graph called the Linear with its own weight (1.09 off the model), silently
+    torch.manual_seed(0)
+    with pytest.raises(orthofx.CaptureError, match="leaf module 'lin' with parameters other than its own") as info:
+        capture(_LeafCalledWithOtherWeights(), mode="export", example_inputs=(torch.randn(3, 4),))
+    assert info.value.module_path == "lin"
+
+
+class _ShapeHookInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _Block()
+        self.head = nn.Linear(2, 3)
+        self.block.lin.register_forward_hook(lambda module, args, out: out[:, :2])
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+def test_export_keeps_the_hooks_inside_a_leaf_that_change_a_shape():
+    # The hooks inside leaves were taken off for every export, so the graph after the block had the wrong shape
+    torch.manual_seed(0)
+    model, x = _ShapeHookInside(), torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm, info = capture(model, mode="export", leaf_types=[_Block], example_inputs=(x,))
+    assert info.mode == "export"
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
