@@ -1,4 +1,6 @@
 """Fixes made by the lead in session 40, each against an independent reference."""
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -104,3 +106,31 @@ def test_export_keeps_the_hooks_inside_a_leaf_that_change_a_shape():
     assert info.mode == "export"
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------- Jacobian probe
+
+_PROBE_GRAPHS = """
+import torch
+from torch._dynamo.utils import counters
+from orthofx.nn.jacobian import JacobianProbe
+torch.manual_seed(0)
+probe = JacobianProbe(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4)).double())
+x = torch.randn(3, 4, dtype=torch.float64)
+compiled = torch.compile(lambda x: probe(x).sum() + probe.penalty(), fullgraph=True, backend="eager")
+values = []
+for _ in range(3):
+    torch.manual_seed(1)
+    values.append(float(compiled(x)))
+torch.manual_seed(1)
+eager = float(probe(x).sum() + probe.penalty())
+print(counters["stats"]["unique_graphs"], values[-1] == eager)
+"""
+
+
+def test_compiled_probe_in_a_fresh_process_is_one_graph():
+    # The per-thread count of running estimates had no attribute until the first estimate set it: a compiled
+    # forward guarded on its absence and was traced again (2 graphs). A fresh process, where no estimate ran yet.
+    result = subprocess.run([sys.executable, "-c", _PROBE_GRAPHS], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-2:] == ["1", "True"]

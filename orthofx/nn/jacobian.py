@@ -209,6 +209,9 @@ class _StaleEstimate(torch.autograd.Function):
 # reset or counted as a call of the step). Per thread: a probe called in another thread meanwhile is a call of its
 # own step, which must make its estimate.
 _estimates_running = threading.local()
+# set in the importing thread, so that a compiled forward there does not guard on the attribute's absence (a second
+# graph once the first estimate set it); other threads read the default of getattr
+_estimates_running.count = 0
 
 
 def _first_parameter(module: nn.Module) -> str | None:
