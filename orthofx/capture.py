@@ -1330,7 +1330,9 @@ def one_trace_at_a_time(function: Callable) -> Callable:
     """``function`` run holding :data:`_TRACE_LOCK`: orthofx's calls that trace (``capture``, ``transform``,
     ``explain``, ``freeze``, ``export``, ``load``) run one at a time across threads, each with the model runs it
     makes (which another thread's trace would send through its patches). Another thread that runs a model while
-    one of them traces still meets torch.fx's patches: that is torch's, and no lock of orthofx's can hold it."""
+    one of them traces still meets torch.fx's patches: that is torch's, and no lock of orthofx's can hold it. A
+    model whose forward starts a thread that calls one of them and waits for it would wait forever: call it from the
+    forward's own thread (the lock is reentrant)."""
     @functools.wraps(function)
     def locked(*args: Any, **kwargs: Any) -> Any:
         with _TRACE_LOCK:

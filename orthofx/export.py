@@ -10,8 +10,12 @@
 * :func:`load` replays a ``.pt`` file's policy on the original model and restores the weights, after checking
   that the replay builds the graph the file records (:data:`GRAPH_METADATA_KEY`).
 
-All three leave torch's global random generators as they found them (:func:`_global_rng_kept`): a checkpoint
-exported in the middle of training does not change the later batches, dropout masks or initialisations.
+All three leave torch's global random generators as they found them: a checkpoint exported in the middle of
+training does not change the later batches, dropout masks or initialisations. ``freeze`` and ``export`` draw
+nothing (the plain layers they build skip torch's default initialisation, which they overwrite), so they may run in
+a thread beside training; ``load`` replays a policy whose random starts the saved weights replace, on a fork of the
+generators (:func:`_global_rng_kept`), which puts the global state back when it ends: numbers another thread draws
+meanwhile are drawn again after it.
 
 A model that :func:`orthofx.transform` did not return but that holds transformed models (a transformed backbone
 inside a bigger model: :func:`orthofx.penalty.transformed_parts`) is frozen part by part: :func:`freeze` returns a
@@ -142,12 +146,11 @@ READ_PREFIX = "orthofx_read_"
 def _global_rng_kept(function):
     """``function`` run on a fork of torch's global random number generators (CPU, and each CUDA device holding
     a tensor among its arguments or a model's parameters and buffers), so that the caller's random stream goes on
-    as if the call had not been made. Nothing these calls return depends on the draws: building a plain layer
-    (``nn.Conv2d(...)`` draws its default initialisation before :func:`freeze` overwrites it), running the model
-    in eval mode, and :func:`load`'s replay of a policy whose random initialisations the saved weights replace. A
-    user who exports a checkpoint in the middle of training would otherwise get other batches, dropout masks and
-    initialisations afterwards than a run without the export (``capture`` forks the generators for its own runs
-    for the same reason)."""
+    as if the call had not been made: :func:`load`, whose replay of a policy draws random initialisations that the
+    saved weights then replace (a run that loads a checkpoint would otherwise get other batches and dropout masks
+    afterwards; ``capture`` forks the generators for its own runs for the same reason). The fork restores a
+    process-wide state: draws another thread makes meanwhile are made again after it (``freeze`` and ``export``,
+    which a training script may run in a thread of their own, draw nothing and need no fork)."""
     @functools.wraps(function)
     def kept(*args: Any, **kwargs: Any) -> Any:
         found = [list(v.parameters()) + list(v.buffers()) if isinstance(v, nn.Module) else v
@@ -217,7 +220,6 @@ def _captured_with_orthofx_layers(model: nn.Module, example: ExampleCall | None)
     return gm
 
 
-@_global_rng_kept
 @one_trace_at_a_time
 def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any = None) -> nn.Module:
     """A copy of a transformed model made of plain torch layers, in eval mode, with the same eval outputs.
@@ -1291,7 +1293,6 @@ def _check_batch(example: ExampleCall, dynamic_batch: bool, dims: Batches | None
                           "to export every input with the example's fixed shape")
 
 
-@_global_rng_kept
 @one_trace_at_a_time
 def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *, example_kwargs: Any = None,
            dynamic_batch: bool = True, opset: int = 20, newton_schulz_iterations: int | None = None) -> ExportResult:
@@ -1491,8 +1492,8 @@ def _other_format_hint(path: str) -> str:
     return f" (a {os.path.splitext(path)[1]} file is read with {reader}, not orthofx.load)" if reader else ""
 
 
-@_global_rng_kept
 @one_trace_at_a_time
+@_global_rng_kept
 def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *,
          example_kwargs: Any = None, check_graph: bool = True) -> fx.GraphModule:
     """Replay the policy stored in a ``.pt`` file (written by :func:`export`) on ``model`` and restore the weights.

@@ -204,6 +204,32 @@ def test_checkpoint_export_in_the_middle_of_training_changes_nothing(tmp_path):
         assert torch.equal(value, checkpointed[name]), name
 
 
+def test_freeze_in_a_thread_does_not_rewind_the_main_threads_draws():
+    """A checkpoint frozen in a background thread while training draws: forking the generators around freeze put
+    the global state back when it ended, so the main thread drew again numbers it had drawn meanwhile (50 of 50
+    repeated); freeze now draws nothing and forks nothing."""
+    import threading
+    gm = _orthogonal_gm()
+    torch.manual_seed(1)
+    started, done = threading.Event(), threading.Event()
+
+    def background():
+        started.set()
+        orthofx.freeze(gm, (_x(),))
+        done.set()
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    started.wait()
+    drawn = []
+    while not done.is_set():
+        drawn.append(torch.rand(1, dtype=torch.float64))  # 53 random bits: no repeat by chance
+    thread.join()
+    drawn += [torch.rand(1, dtype=torch.float64) for _ in range(50)]
+    values = torch.cat(drawn)
+    assert values.unique().numel() == values.numel()  # no number drawn twice
+
+
 def test_kept_generator_follows_the_wrapped_functions_signature():
     """The fork wraps freeze / export / load without hiding their signature or docstring (help(), docs)."""
     import inspect

@@ -246,6 +246,7 @@ from typing import ClassVar, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from orthofx.errors import LayerArgumentError, RunningFiltersDroppedWarning, first_few, keep_in_metadata, layer_label
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
@@ -1838,9 +1839,10 @@ class FrozenConvNormNd(nn.Module):
         # w * scale was off by up to 2^-9 and half of the frozen layer's outputs were one unit in the last place off
         dtype = _real_dtype(weight.dtype) if self._scaled_conv else weight.dtype
         # torch's own class: a subclass's constructor need not take nn.Conv's arguments
-        self.conv = _CONV_CLS[d](conv.in_channels, conv.out_channels, self.kernel_size, stride=stride, padding=padding,
-                               dilation=self.dilation, groups=conv.groups, bias=False, padding_mode=padding_mode,
-                               device=weight.device, dtype=dtype)
+        # skip_init: the default initialisation, overwritten below, would draw from the caller's random stream
+        self.conv = skip_init(_CONV_CLS[d], conv.in_channels, conv.out_channels, self.kernel_size, stride=stride,
+                              padding=padding, dilation=self.dilation, groups=conv.groups, bias=False,
+                              padding_mode=padding_mode, device=weight.device, dtype=dtype)
         if self._scaled_conv:
             weight = weight.to(torch.float64) * channel_scale.to(weight.device, torch.float64).view(
                 (-1,) + (1,) * (d + 1))

@@ -129,7 +129,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, skip_init
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from orthofx.errors import ImpossibleLayerError, LayerArgumentError, MetaWeightError, layer_label
@@ -550,7 +550,8 @@ _ORTH_FIX = ("to make the layer compute a given kernel, build it from a layer ho
 def _baked_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """A plain ``nn.Linear`` holding copies of ``weight`` (``out x in``) and ``bias``, on ``weight``'s device and in
     its dtype: the frozen form of a layer whose weight is computed (orthofx's linears and isometric blocks)."""
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+    # skip_init: torch's default initialisation, overwritten here, would draw from the caller's random stream
+    linear = skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
                        dtype=weight.dtype)
     linear.weight.copy_(weight)
     if bias is not None:
@@ -1697,11 +1698,11 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
         symmetric = all(l == r for l, r in pads) and not wraps
         ref = self.cayley_kernel if self.method == "cayley_fft" else self.matrix
         size = self.input_size if self.method == "cayley_fft" else self.kernel_size
-        conv = _TORCH_CONV[d](self.in_channels, self.out_channels, size, stride=self.stride,
-                              padding=tuple(l for l, _ in pads) if symmetric else 0, dilation=self.dilation,
-                              groups=self.groups, bias=self.bias is not None,
-                              padding_mode=self.padding_mode if symmetric else "zeros",
-                              device=ref.device, dtype=ref.dtype)
+        conv = skip_init(_TORCH_CONV[d], self.in_channels, self.out_channels, size, stride=self.stride,
+                         padding=tuple(l for l, _ in pads) if symmetric else 0, dilation=self.dilation,
+                         groups=self.groups, bias=self.bias is not None,
+                         padding_mode=self.padding_mode if symmetric else "zeros",
+                         device=ref.device, dtype=ref.dtype)  # no draw for the init overwritten below
         conv.weight.copy_(self.weight)
         if self.bias is not None:
             conv.bias.copy_(self.bias)
@@ -2501,9 +2502,9 @@ class _OrthogonalConvTransposeNd(_ComputedWeight, nn.Module):
         follows the layer's (the weight's that of :attr:`conv`'s parameters, the bias's that of the bias)."""
         d = self._dims
         ref = self.conv.matrix
-        plain = _TORCH_CONV_TRANSPOSE[d](self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                                         padding=0, output_padding=self._overflow, groups=self.groups, bias=False,
-                                         dilation=self.dilation, device=ref.device, dtype=ref.dtype)
+        plain = skip_init(_TORCH_CONV_TRANSPOSE[d], self.in_channels, self.out_channels, self.kernel_size,
+                          stride=self.stride, padding=0, output_padding=self._overflow, groups=self.groups,
+                          bias=False, dilation=self.dilation, device=ref.device, dtype=ref.dtype)  # no init draw
         plain.weight.copy_(self.weight)
         fold = CircularFold(self.pads, None if self.bias is None else self.bias)
         frozen = _FrozenConvTranspose(plain, fold)
