@@ -375,4 +375,5 @@ def _warn_constant_under_transform(root: nn.Module) -> None:
         f"constant there and its gradient is missing from the transform's result. Compute it inside the call: a "
         f"module whose forward returns the loss plus orthofx.penalty (e.g. forward(self, x): return "
         f"criterion(self.gm(x), y) + orthofx.penalty(self.gm)), given to functional_call with the parameters "
-        f"prefixed by its attribute ('gm.')", OrthofxWarning, stacklevel=3)
+        f"prefixed by its attribute ('gm.'). (A transform differentiating only inputs loses nothing: the "
+        f"penalty does not depend on them.)", OrthofxWarning, stacklevel=3)

@@ -120,7 +120,8 @@ recent weights. Two behaviours are offered:
   ensembling, ``stack_module_state`` + ``vmap(functional_call)``, runs every member in eval with the base
   layer's filters: use ``momentum=None`` there, or stack the members' ``state_dict()`` entries, which hold them);
   ``torch.func.functional_call`` substitutes those given in its dict (``layer.running_v_<L1>x... = t`` makes ``t``
-  the filter of that grid, a state dict's keys included; a layer with ``momentum=None``, or a tensor of another
+  the filter of that grid, a state dict's keys included, under its default ``strict=False``: ``strict=True``
+  refuses them as unexpected keys, not being buffers; a layer with ``momentum=None``, or a tensor of another
   shape, is refused with a :class:`~orthofx.errors.LayerArgumentError`).
   ``torch.optim.swa_utils.AveragedModel(use_buffers=True)`` does not average them either: an EMA / SWA copy keeps
   the filters of the weights the model had when it was made, and
