@@ -1704,13 +1704,15 @@ def hooked_module_warnings(model: nn.Module, leaf_types: Iterable[str | type] = 
     sites). Modules inside another leaf are left out: their hooks fire when that leaf calls them."""
     tracer = OrthofxTracer(leaf_types=leaf_types, leaf_paths=leaf_paths)
     hooked: list[str] = []
-    leaves: list[str] = []
+    leaves: set[str] = set()
     for name, module in model.named_modules():
-        if not name or any(name.startswith(leaf + ".") for leaf in leaves):
+        parts = name.split(".")
+        # inside a leaf: one of its prefixes is one (a set lookup per prefix, not a scan of the leaves per module)
+        if not name or any(".".join(parts[:i]) in leaves for i in range(1, len(parts))):
             continue
         if not tracer.is_leaf_module(module, name):
             continue
-        leaves.append(name)
+        leaves.add(name)
         if name not in tracer.leaf_paths and not tracer._is_leaf_type(type(module)):
             hooked.append(f"{name} ({type(module).__name__}, {call_hook_count(module)} hook(s))")
     if not hooked:
