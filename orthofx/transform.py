@@ -341,21 +341,31 @@ def _nesting(model: nn.Module) -> tuple[int, str]:
 def _recursion_explained(model: nn.Module, what: str) -> Iterator[None]:
     """Turn a RecursionError into a :class:`CaptureError` that says why and what to do: copying a model
     (``copy.deepcopy``) and tracing it (``torch.fx``) recurse several Python frames per level of module nesting, so a
-    model nested a few hundred modules deep reaches Python's recursion limit (1000 by default) though it runs."""
+    model nested a few hundred modules deep reaches Python's recursion limit (1000 by default) though it runs; and
+    the parser's refusal of fx's generated code for such a model, once the limit is raised."""
     try:
         yield
-    except RecursionError as exc:
+    except (RecursionError, SyntaxError) as exc:
+        # torch.fx's generated code nests one call per level of a path (getattr of numeric names): past about
+        # 200 levels Python's parser refuses it, once the recursion limit no longer stops the copy first
+        if isinstance(exc, SyntaxError) and "too many nested parentheses" not in str(exc):
+            raise
         depth, deepest = _nesting(unwrap_model(model))
         limit = sys.getrecursionlimit()
         if len(deepest) > 60:
             deepest = f"{deepest[:28]}...{deepest[-28:]}"
+        where = f"a model that nests modules {depth} deep (the deepest: '{deepest}')"
+        if isinstance(exc, SyntaxError):
+            raise CaptureError(
+                f"orthofx.{what}: Python's parser refuses the code torch.fx generates for {where}, which nests a "
+                "call per level (too many nested parentheses, past about 200 levels); nest the model's modules "
+                "less deeply") from None
         raise CaptureError(
-            f"orthofx.{what} reached Python's recursion limit ({limit}) on a model that nests modules {depth} deep "
-            f"(the deepest: '{deepest}'): copying and tracing it take several Python frames per level. Raise the "
-            f"limit before the call (sys.setrecursionlimit({max(limit, 10 * depth + 1000)})) or nest the model's "
-            "modules less deeply (torch.fx's generated code of a model nested 200 deep or more is refused by "
-            "Python's parser); if the model's own forward recurses without end, fix that first "
-            f"({type(exc).__name__}: {exc})") from None
+            f"orthofx.{what} reached Python's recursion limit ({limit}) on {where}: copying and tracing it take "
+            f"several Python frames per level. Raise the limit before the call (sys.setrecursionlimit("
+            f"{max(limit, 10 * depth + 1000)})) or nest the model's modules less deeply (torch.fx's generated code "
+            "of a model nested 200 deep or more is refused by Python's parser); if the model's own forward recurses "
+            f"without end, fix that first ({type(exc).__name__}: {exc})") from None
 
 
 def _observe(gm: fx.GraphModule, plan: Plan, example: ExampleCall, manifest: Manifest,

@@ -134,3 +134,20 @@ def test_compiled_probe_in_a_fresh_process_is_one_graph():
     result = subprocess.run([sys.executable, "-c", _PROBE_GRAPHS], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-2:] == ["1", "True"]
+
+
+# --------------------------------------------------------------------------------------------- deep nesting
+
+def test_model_nested_past_the_parsers_limit_is_a_capture_error():
+    # With the recursion limit raised (as the recursion message advises), torch.fx's generated code of a model
+    # nested 230 deep failed with a bare SyntaxError ("too many nested parentheses")
+    model = nn.Linear(4, 4)
+    for _ in range(230):
+        model = nn.Sequential(model)
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(10000)
+    try:
+        with pytest.raises(orthofx.CaptureError, match="parser refuses .* nests modules 230 deep"):
+            orthofx.transform(model, "lorth", example_inputs=(torch.randn(2, 4),))
+    finally:
+        sys.setrecursionlimit(old)
