@@ -435,7 +435,9 @@ def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor, hook: Optim
                        "after orthofx.attach (load_state_dict(..., assign=True), or a new nn.Parameter assigned to "
                        "the layer), and the optimizer holds the old tensor, which no longer trains the model. Load "
                        "or assign the weights before building the optimizer (then attach it), or load them in place "
-                       "(load_state_dict without assign=True)")
+                       "(load_state_dict without assign=True). If instead it was taken out of the optimizer's groups "
+                       "(another optimizer for it would train it without this hook), give it back to this one: "
+                       "optimizer.add_param_group({'params': [weight]}), a group of its own")
 
 
 def _split_off(optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor) -> dict:
