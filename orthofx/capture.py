@@ -2168,23 +2168,30 @@ class _DirectCalls:
             self.own = {path: _held(model.get_submodule(path)) for path in (*leaves, *inner)}
 
         self.handles.append(model.register_forward_pre_hook(held_at_start))
+        self.own_call: list[bool] = []  # per call in ``active``: made with the module's own parameters
         for path in [*leaves, *inner]:
             module = model.get_submodule(path)
             self.handles += [
                 module.register_forward_pre_hook(functools.partial(self._enter, path, path in inner_set)),
-                module.register_forward_hook(self._exit, always_call=True)]
+                module.register_forward_hook(functools.partial(self._exit, path), always_call=True)]
 
     def _enter(self, path: str, inner: bool, module: nn.Module, args: tuple) -> None:
-        if not self.active and path in self.own and _held(module) != self.own[path]:
+        own = path not in self.own or _held(module) == self.own[path]
+        if not self.active and not own:
             if not inner:
                 self.substituted.append(path)
         elif inner and not self.active:
             self.direct.append(path)
         self.active.append(path)
+        self.own_call.append(own)
 
-    def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _exit(self, path: str, module: nn.Module, args: tuple, output: Any) -> None:
         if self.active:
             self.active.pop()
+            # a module that rebinds its own parameters in its forward holds those from now on (functional_call
+            # puts the module's back after the call, so a substituted call changes nothing here)
+            if self.own_call.pop() and path in self.own:
+                self.own[path] = _held(module)
 
 
 def _direct_calls_left_inlined(model: nn.Module, failed: CaptureError, added: set[str]) -> set[str]:
@@ -3707,7 +3714,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
     added: set[str] = set()  # those that the export about to run keeps as calls for the first time
     inlined: set[str] = set()  # those torch.export cannot keep as calls, and without hooks: left inlined
     notes: list[str] = []
-    inner_off = False  # whether the hooks inside the leaves are taken off while torch.export runs (see below)
+    inner_off = True  # whether the hooks inside the leaves are taken off while torch.export runs (see below)
     flags = [(m, m.training) for m in source.modules()]
     while True:
         leaves = _export_leaves(source, leaf_types, leaf_paths, opened)
@@ -3716,10 +3723,11 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         # back at its place among the others).
         order: list[str] = []
         inner = _inner_leaves(source, leaf_types, leaf_paths, leaves)
-        # The hooks of the modules inside the leaves stay on (a hook that changes its output's shape is part of
-        # what the forward computes after the leaf), unless an export with them failed: a hook that reads a value
-        # (``float(o.sum())``) fails torch.export, and a leaf's call runs them anyway in the graph; a call of such a
-        # module outside the leaves is found (_DirectCalls) and made a leaf of its own, with its hooks off.
+        # The hooks of the modules inside the leaves are off too (a leaf's call runs them in the graph): on, they
+        # would run at capture on torch.export's fake tensors (a hook keeping its output, counting calls or
+        # registering a buffer would do so on the user's module), and one reading a value (``float(o.sum())``)
+        # fails torch.export. Only where the export fails without them (a hook changing its output's shape, which
+        # the forward after the leaf computes with) is it run again with them on.
         stashed = _stash_call_hooks([source.get_submodule(path) for path in leaves + (inner if inner_off else [])])
         calls = _DirectCalls(source, leaves, inner)
         hooks = [source.get_submodule(path).register_forward_pre_hook(
@@ -3759,8 +3767,8 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
                 module.training = flag
             created = _drop_created_state(states)
         if failed is not None:
-            if not inner_off and any(_holds_call_hooks(source.get_submodule(path)) for path in inner):
-                inner_off = True
+            if inner_off and any(_holds_call_hooks(source.get_submodule(path)) for path in inner):
+                inner_off = False
                 continue
             dropped = _direct_calls_left_inlined(source, failed, added)
             if not dropped:
@@ -3781,7 +3789,8 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
             path = calls.substituted[0]
             raise CaptureError(
                 f"the forward calls the leaf module '{path}' with parameters other than its own "
-                "(torch.func.functional_call, torch.nn.utils.stateless): the graph's call of the module would "
+                "(torch.func.functional_call, torch.nn.utils.stateless, or parameters the forward assigned to it "
+                "between its calls): the graph's call of the module would "
                 "compute with the module's own, so the call cannot be captured as one. Fix: call the module's "
                 "functional form with those tensors (F.linear(x, w, b), F.conv2d ...) in the forward, or, if this "
                 "module should not be a site, keep the code that calls it inside a module listed in "

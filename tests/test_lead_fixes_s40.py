@@ -151,3 +151,64 @@ def test_model_nested_past_the_parsers_limit_is_a_capture_error():
             orthofx.transform(model, "lorth", example_inputs=(torch.randn(2, 4),))
     finally:
         sys.setrecursionlimit(old)
+
+
+class _KeepsOutputInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _Block()
+        self.calls = 0
+
+        def keep(module, args, out):
+            self.calls += 1
+            module.register_buffer("last_out", out.detach())
+
+        self.block.lin.register_forward_hook(keep)
+
+    def forward(self, x):
+        return self.block(x) * 2
+
+
+def test_export_runs_no_hook_inside_a_leaf_at_capture():
+    # Left on while torch.export ran, a hook inside a leaf ran on fake tensors (its counter moved, a buffer it
+    # registered made the capture fail as if the module's forward did); the graph's call of the leaf runs it
+    torch.manual_seed(0)
+    model, x = _KeepsOutputInside(), torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm, _ = capture(model, mode="export", leaf_types=[_Block], example_inputs=(x,))
+    assert model.calls == 0 and "last_out" not in model.block.lin._buffers
+    with torch.no_grad():
+        out = gm(x)
+    assert model.calls == 1
+    torch.testing.assert_close(out, model.block(x) * 2, rtol=0, atol=0)
+
+
+class _RebindsItsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        out = self.lin(x)
+        self.lin.weight = nn.Parameter(self.lin.weight.detach() * 0.5)  # the module's own doing, between calls
+        return out
+
+
+class _CallsTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sr = _RebindsItsWeight()
+
+    def forward(self, x):
+        return self.sr(self.sr(x))
+
+
+def test_export_leaf_whose_forward_rebinds_its_parameter_is_no_substituted_call():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm, info = capture(_CallsTwice(), mode="export", leaf_types=[_RebindsItsWeight], example_inputs=(x,))
+    assert info.mode == "export"
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["sr", "sr"]
