@@ -12,8 +12,9 @@
 
 All three leave torch's global random generators as they found them: a checkpoint exported in the middle of
 training does not change the later batches, dropout masks or initialisations. ``freeze`` and ``export`` draw
-nothing (the plain layers they build skip torch's default initialisation, which they overwrite), so they may run in
-a thread beside training; ``load`` replays a policy whose random starts the saved weights replace, on a fork of the
+nothing themselves (the plain layers they build skip torch's default initialisation, which they overwrite), and
+run the model on the example inputs on a fork of the generators (:func:`_checked_run`: only a model that draws in
+eval mode draws there), so they may run in a thread beside training; ``load`` replays a policy whose random starts the saved weights replace, on a fork of the
 generators (:func:`_global_rng_kept`), which puts the global state back when it ends: numbers another thread draws
 meanwhile are drawn again after it.
 
@@ -153,13 +154,17 @@ def _global_rng_kept(function):
     which a training script may run in a thread of their own, draw nothing and need no fork)."""
     @functools.wraps(function)
     def kept(*args: Any, **kwargs: Any) -> Any:
-        found = [list(v.parameters()) + list(v.buffers()) if isinstance(v, nn.Module) else v
-                 for v in (*args, *kwargs.values())]
-        tensors = [t for t in torch.utils._pytree.tree_leaves(found) if isinstance(t, torch.Tensor)]
-        devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=_cuda_devices(*args, *kwargs.values())):
             return function(*args, **kwargs)
     return kept
+
+
+def _cuda_devices(*values: Any) -> list[int]:
+    """The indices of the CUDA devices holding a tensor among ``values`` (a model's parameters and buffers for a
+    module), for :func:`torch.random.fork_rng`."""
+    found = [list(v.parameters()) + list(v.buffers()) if isinstance(v, nn.Module) else v for v in values]
+    tensors = [t for t in torch.utils._pytree.tree_leaves(found) if isinstance(t, torch.Tensor)]
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
 
 def _modules_to_freeze(root: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -291,8 +296,10 @@ def _checked_run(module: nn.Module, call: ExampleCall) -> Any:
     """``module``'s output on ``call`` as freezing and each check of :func:`export` compute it: without gradients,
     on a copy of the inputs (:meth:`ExampleCall.fresh`), from the module's state as it is (its buffers kept,
     :func:`orthofx.capture.buffers_kept`), so that every run of the checks, on the frozen model and on the written
-    one, computes the same function of the same values."""
-    with torch.no_grad(), buffers_kept(module):
+    one, computes the same function of the same values. On a fork of the random generators (a model that draws
+    in eval mode, noise or MC dropout, draws the same numbers at each run and leaves the caller's stream where it
+    was: numbers another thread draws during the run are drawn again after it)."""
+    with torch.no_grad(), buffers_kept(module), torch.random.fork_rng(devices=_cuda_devices(module, call.args)):
         return call.run(module)
 
 

@@ -207,7 +207,8 @@ def test_checkpoint_export_in_the_middle_of_training_changes_nothing(tmp_path):
 def test_freeze_in_a_thread_does_not_rewind_the_main_threads_draws():
     """A checkpoint frozen in a background thread while training draws: forking the generators around freeze put
     the global state back when it ended, so the main thread drew again numbers it had drawn meanwhile (50 of 50
-    repeated); freeze now draws nothing and forks nothing."""
+    repeated); freeze now draws nothing and forks only around its runs of the model on example inputs (none here:
+    an orthogonal model needs none to freeze)."""
     import threading
     gm = _orthogonal_gm()
     torch.manual_seed(1)
@@ -215,7 +216,7 @@ def test_freeze_in_a_thread_does_not_rewind_the_main_threads_draws():
 
     def background():
         started.set()
-        orthofx.freeze(gm, (_x(),))
+        orthofx.freeze(gm)
         done.set()
 
     thread = threading.Thread(target=background)
@@ -228,6 +229,31 @@ def test_freeze_in_a_thread_does_not_rewind_the_main_threads_draws():
     drawn += [torch.rand(1, dtype=torch.float64) for _ in range(50)]
     values = torch.cat(drawn)
     assert values.unique().numel() == values.numel()  # no number drawn twice
+
+
+class _NoisyInEval(nn.Module):
+    """Draws in eval mode too (noise injection): freeze's and export's runs on the example inputs draw."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return h + 0.01 * torch.randn_like(h)
+
+
+@pytest.mark.parametrize("suffix", [None, ".pt2"])
+def test_freeze_and_export_of_a_model_drawing_in_eval_leave_the_generator(tmp_path, suffix):
+    torch.manual_seed(0)
+    gm = orthofx.transform(_NoisyInEval().eval(), "lorth", example_inputs=(_x(),))
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    if suffix is None:
+        orthofx.freeze(gm, (_x(),))
+    else:
+        orthofx.export(gm, tmp_path / f"m{suffix}", (_x(),))
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_kept_generator_follows_the_wrapped_functions_signature():
