@@ -105,14 +105,22 @@ class MetaWeightError(LayerArgumentError, TransformError):
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
-def caller_stacklevel() -> int:
+def caller_stacklevel(skip_torch: bool = False) -> int:
     """The ``stacklevel`` for a ``warnings.warn`` made by the function calling this one that names the first frame
-    outside orthofx: the user's call, however many of orthofx's frames (helpers, the decorators of its public
-    functions) lie between. A fixed count broke whenever a frame was added on the way."""
+    outside orthofx (and, with ``skip_torch``, outside torch: a warning from an optimizer hook, which torch's
+    ``step`` wrappers call): the user's call, however many frames (helpers, the decorators of orthofx's public
+    functions) lie between. A fixed count broke whenever a frame was added on the way. The outermost frame where
+    every frame is skipped."""
+    skipped = (_PACKAGE_DIR, _torch_dir()) if skip_torch else (_PACKAGE_DIR,)
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame.f_back is not None and os.path.normpath(frame.f_code.co_filename).startswith(skipped):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _torch_dir() -> str:
+    import torch
+    return os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
 def first_few(items, limit: int) -> str:

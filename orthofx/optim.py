@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .capture import unwrap_model
-from .errors import ArgumentError, OrthofxError, OrthofxWarning
+from .errors import ArgumentError, OrthofxError, OrthofxWarning, caller_stacklevel
 from .nn.precision import HALF_PRECISION, autocast_enabled
 from .passes.base import mark_attached, refuse_fsdp1, whole
 from .passes.pre_svd import pending_learning_rates
@@ -277,7 +277,7 @@ def _warn_unfrozen_left_out(optimizer: torch.optim.Optimizer, part: _PartHooks, 
         "leaves the Stiefel manifold, a NOG one steps by its raw gradient). Give them to the attached optimizer, in "
         f"a param group of their own for their own lr: optimizer.add_param_group({{'params': [gm.get_submodule("
         f"{part.site(hook)!r}).{hook.parameter_names[0]}], 'lr': ...}}); the hook runs from the next step on",
-        OrthofxWarning, stacklevel=4)
+        OrthofxWarning, stacklevel=caller_stacklevel(skip_torch=True))
 
 
 def _frozen(parameter) -> bool:
@@ -578,7 +578,7 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         hooks[:] = [hook for part in parts for hook in part.hooks]
         skipped[:] = [hook for part in parts for hook in part.skipped]
 
-    warned_unfrozen: set[int] = set()  # ids of the skipped hooks warned about
+    warned_unfrozen: set[tuple] = set()  # the weights warned about (NOG and OLR wait on the same one: one warning)
 
     def warn_unfrozen_left_out():
         # A weight skipped at attach (frozen) that is trainable again and got a gradient, but that this optimizer
@@ -586,12 +586,13 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         # as a plain parameter (a Riemannian weight leaves the manifold, a NOG one steps by its raw gradient).
         for part in parts:
             for hook in part.skipped:
-                if id(hook) in warned_unfrozen:
-                    continue
                 module = part.root.get_submodule(hook.site)
                 weights = [getattr(module, name, None) for name in hook.parameter_names]
+                key = tuple(id(w) for w in weights)
+                if key in warned_unfrozen:
+                    continue
                 if any(isinstance(w, torch.Tensor) and w.requires_grad and w.grad is not None for w in weights):
-                    warned_unfrozen.add(id(hook))
+                    warned_unfrozen.add(key)
                     _warn_unfrozen_left_out(optimizer, part, hook)
 
     def run_hooks(opt, stage: str):

@@ -511,3 +511,27 @@ def test_olr_weight_moved_into_a_group_with_its_bias_is_refused_and_alone_takes_
         torch.testing.assert_close(a.weight.detach(), w - eta * polar, atol=1e-12, rtol=0)
         torch.testing.assert_close(a.bias.detach(), bias - 0.3 * grad, atol=1e-12, rtol=0)
     assert len(optimizer.param_groups) == groups  # no group split off inside a step
+
+
+def test_unfrozen_presvd_weight_left_out_warns_once_at_the_users_step():
+    """NOG and OLR wait on the same weight: one warning, not one per hook; and it names the user's
+    ``optimizer.step()`` line, not a frame of torch's step wrappers (a fixed stacklevel landed in torch)."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 6, dtype=torch.float64)
+    policy = {"rules": [{"match": {"feeds": ["linalg.eigvalsh"]}, "apply": "pre_svd",
+                         "with": {"nog": True, "olr": True}}]}
+    model = _PreSvdPair().double()
+    model.a.requires_grad_(False)
+    gm = orthofx.transform(model, policy, example_inputs=(x,))
+    optimizer = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.1)
+    assert len(orthofx.attach(optimizer, gm).skipped) == 2  # NOG and OLR of 'a'
+    gm.get_submodule("a").requires_grad_(True)
+    second = torch.optim.SGD(gm.get_submodule("a").parameters(), lr=0.1)
+    gm(x).backward()
+    second.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer.step()
+    ours = [w for w in caught if issubclass(w.category, orthofx.OrthofxWarning)]
+    assert len(ours) == 1 and "site 'a'" in str(ours[0].message)
+    assert ours[0].filename == __file__
