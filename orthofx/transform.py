@@ -30,7 +30,7 @@ from .errors import (ArgumentError, CaptureError, OrthofxError, OrthofxWarning, 
                      damaged_metadata_entry, first_few, saved_count)
 from .nn.precision import describe_nonfinite, relative_distance
 from .passes.base import (MANIFEST_KEY, EvalRun, Manifest, ParametrizationState, PassContext, PlanEntry, Site,
-                          replace_module, watch_hooked_weights)
+                          parameters_watched, replace_module, watch_hooked_weights)
 from .passes.registry import get_pass
 from .plan import (Plan, block_paths, build_plan, meta_tensors, meta_text, mode_graphs, module_aliases,
                    other_mode_graph)
@@ -591,21 +591,22 @@ def _relative_change(before: Any, after: Any) -> float | None:
 
 def _run_passes(ctx: PassContext, plan: Plan, selected: Callable[[Site], bool]) -> None:
     """Apply the plan's entries for the ``selected`` sites, pass by pass in policy order."""
-    for pass_name in plan.pass_order():
-        entries = [e for e in plan.entries_for(pass_name) if selected(e.site)]
-        if not entries:
-            continue
-        try:
-            get_pass(pass_name)().apply(ctx, entries)
-        except OrthofxError:
-            raise
-        except Exception as exc:
-            # a pass computing from weights that have no values (a model built on the meta device) fails deep
-            # inside torch: say so, and how to fix it, instead of torch's message alone
-            meta = meta_tensors(ctx.gm)
-            why = f". The model cannot be rewritten: {meta_text(meta)}" if meta else ""
-            raise TransformError(f"pass '{pass_name}' failed{_failing_site(exc, entries)}: "
-                                 f"{type(exc).__name__}: {exc}{why}") from exc
+    with parameters_watched():  # a pass (of the user's) may tie or untie weights: PassContext's index follows
+        for pass_name in plan.pass_order():
+            entries = [e for e in plan.entries_for(pass_name) if selected(e.site)]
+            if not entries:
+                continue
+            try:
+                get_pass(pass_name)().apply(ctx, entries)
+            except OrthofxError:
+                raise
+            except Exception as exc:
+                # a pass computing from weights that have no values (a model built on the meta device) fails deep
+                # inside torch: say so, and how to fix it, instead of torch's message alone
+                meta = meta_tensors(ctx.gm)
+                why = f". The model cannot be rewritten: {meta_text(meta)}" if meta else ""
+                raise TransformError(f"pass '{pass_name}' failed{_failing_site(exc, entries)}: "
+                                     f"{type(exc).__name__}: {exc}{why}") from exc
 
 
 def _failing_site(exc: BaseException, entries: list[PlanEntry]) -> str:

@@ -212,3 +212,57 @@ def test_export_leaf_whose_forward_rebinds_its_parameter_is_no_substituted_call(
         gm, info = capture(_CallsTwice(), mode="export", leaf_types=[_RebindsItsWeight], example_inputs=(x,))
     assert info.mode == "export"
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["sr", "sr"]
+
+
+# ------------------------------------------------------------------------------- penalty index, custom passes
+
+class _TiedPair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.a(x)))
+        return torch.linalg.eigvalsh(h.T @ h).sum()
+
+
+def test_a_custom_pass_untying_weights_between_two_terms_keeps_both_terms():
+    # PassContext's index of penalised tensors followed replace_module only: after a pass of the user's gave 'a' a
+    # new weight, the index still said 'b''s tensor was penalised at 'a', so 'b' got no term (penalty halved)
+    from orthofx.passes import Change, Pass, register_pass, unregister_pass
+
+    @register_pass
+    class UntieS40(Pass):
+        name = "untie_s40"
+        params = ()
+        site_kinds = frozenset({"module"})
+
+        def apply(self, ctx, entries):
+            for entry in entries:
+                module = ctx.module(entry.site)
+                module.weight = nn.Parameter(module.weight.detach().clone())
+                ctx.record(Change(entry.site.name, entry.rule_name, self.name, "untied", {}))
+
+    policy = {"rules": [
+        {"match": {"name": "a"}, "apply": "orth_regularizer"},
+        {"match": {"name": "a"}, "apply": "untie_s40"},
+        {"match": {"feeds": "linalg.eigvalsh"}, "apply": "pre_svd",
+         "with": {"weight": "lorth", "nog": False, "olr": False}}]}
+    try:
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = orthofx.transform(_TiedPair(), policy, example_inputs=(torch.randn(5, 4),))
+        assert gm.a.weight is not gm.b.weight
+        assert sorted(t.site for t in orthofx.manifest_of(gm).penalties) == ["a", "b"]
+
+        def lorth64(w):
+            w = w.detach().double()
+            return ((w @ w.T - torch.eye(4, dtype=torch.float64)) ** 2).sum()
+
+        expected = 0.01 * (lorth64(gm.a.weight) + lorth64(gm.b.weight))
+        torch.testing.assert_close(orthofx.penalty(gm).double(), expected, rtol=1e-6, atol=0)
+    finally:
+        unregister_pass("untie_s40")

@@ -18,7 +18,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Hashable, NamedTuple
+from typing import Any, Callable, ClassVar, Hashable, Iterator, NamedTuple
 
 import torch
 from torch import fx, nn
@@ -1082,9 +1082,26 @@ def recurrent_weights_reason(module: nn.Module) -> str | None:
     return None
 
 
-# How many times :func:`replace_module` has run (in any model): a :class:`PassContext` rebuilds its index of the
-# penalised tensors when this moved, as a replaced layer takes its weight with it.
+# How many times :func:`replace_module` has run, or a parameter was registered while passes run
+# (:func:`parameters_watched`): a :class:`PassContext` rebuilds its index of the penalised tensors when this moved,
+# as a replaced layer takes its weight with it and a new parameter (a pass of the user's untying or tying weights)
+# changes which tensor a term penalises.
 _MODULE_REPLACEMENTS = [0]
+
+
+@contextlib.contextmanager
+def parameters_watched() -> Iterator[None]:
+    """While the passes run (inside ``transform``'s trace lock): every parameter registration (``m.weight =
+    nn.Parameter(...)``, ``b.weight = a.weight``, a parametrization, ``load_state_dict(assign=True)``) moves
+    :data:`_MODULE_REPLACEMENTS`, so that :class:`PassContext`'s index of penalised tensors is not read stale."""
+    def registered(module, name, parameter):
+        _MODULE_REPLACEMENTS[0] += 1
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(registered)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def replace_module(root: nn.Module, qualname: str, new: nn.Module) -> nn.Module:
