@@ -13,6 +13,8 @@ from torch import nn
 
 import orthofx
 import orthofx.capture as capture_module
+# models shared with the hooked cases
+from tests.test_capture_hooks_s40 import _Inner, _ModalBlock, _OnlyInsideBlock, _Outer, _SharesInnerLayer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
@@ -114,24 +116,6 @@ class _CallsLayerInContainer(nn.Module):
         return self.head(self.block(x) + self.block.seq[0](x))
 
 
-class _Sub(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.lin(x).sigmoid()
-
-
-class _Outer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.sub = _Sub()
-
-    def forward(self, x):
-        return self.sub(x) * 3
-
-
 class _CallsInnerLeaf(nn.Module):
     """A leaf block inside a leaf block, called on its own."""
 
@@ -142,40 +126,6 @@ class _CallsInnerLeaf(nn.Module):
 
     def forward(self, x):
         return self.head(self.outer(x) + self.outer.sub(x))
-
-
-class _Inner(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.bn = nn.BatchNorm1d(4)
-
-    def forward(self, x):
-        return self.bn(self.lin(x))
-
-
-class _SharesInnerLayer(nn.Module):
-    """The block's BatchNorm registered a second time (``self.bn``) and called by that name too."""
-
-    def __init__(self):
-        super().__init__()
-        self.blk = _Inner()
-        self.bn = self.blk.bn
-        self.head = nn.Linear(4, 4)
-
-    def forward(self, x):
-        h = self.blk(x)
-        return self.head(self.bn(h) + h)
-
-
-class _OnlyInsideBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.block = _Block()
-        self.head = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.head(self.block(x))
 
 
 _CASES = {
@@ -279,21 +229,6 @@ def test_export_layer_put_in_place_of_inner_layer_runs_at_both_calls(preset):
         # no weight of the layer is read by the graph itself
         assert not [n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith("block.lin.")]
     assert counts["export"] == counts["fx"] == 2
-
-
-class _Modal(nn.Module):
-    def forward(self, x, how="a"):
-        return x * 2 if how == "a" else x + 2
-
-
-class _ModalBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.g = _Modal()
-        self.lin = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.lin(self.g(x, "b"))
 
 
 class _CallsModalDirectly(nn.Module):
