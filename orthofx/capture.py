@@ -2154,21 +2154,19 @@ class _DirectCalls:
 
     def __init__(self, model: nn.Module, leaves: list[str], inner: list[str]):
         self.active: list[str] = []  # the leaf calls being made
+        self.own_call: list[bool] = []  # per call in ``active``: made with the module's own parameters
         self.direct: list[str] = []  # inner leaves called outside them
-        inner_set = set(inner)
-        self.handles = []
+        self.substituted: list[str] = []  # leaves called (outside any leaf) with parameters other than their own
         # the parameters each leaf and inner leaf holds when the forward starts (torch.export has put its own in by
         # then): a call made with others (torch.func.functional_call substitutes them) computes with those, which a
         # call of the module would not: an inner leaf's stays inlined, a leaf's is refused (substituted)
         self.own: dict[str, list[int]] = {}
 
-        self.substituted: list[str] = []  # leaves called (outside any leaf) with tensors other than their own
-
         def held_at_start(module: nn.Module, args: tuple) -> None:
             self.own = {path: _held(model.get_submodule(path)) for path in (*leaves, *inner)}
 
-        self.handles.append(model.register_forward_pre_hook(held_at_start))
-        self.own_call: list[bool] = []  # per call in ``active``: made with the module's own parameters
+        self.handles = [model.register_forward_pre_hook(held_at_start)]
+        inner_set = set(inner)
         for path in [*leaves, *inner]:
             module = model.get_submodule(path)
             self.handles += [
