@@ -14,9 +14,9 @@ All three leave torch's global random generators as they found them: a checkpoin
 training does not change the later batches, dropout masks or initialisations. ``freeze`` and ``export`` draw
 nothing themselves (the plain layers they build skip torch's default initialisation, which they overwrite), and
 run the model on the example inputs on a fork of the generators (:func:`_checked_run`: only a model that draws in
-eval mode draws there), so they may run in a thread beside training; ``load`` replays a policy whose random starts the saved weights replace, on a fork of the
-generators (:func:`_global_rng_kept`), which puts the global state back when it ends: numbers another thread draws
-meanwhile are drawn again after it.
+eval mode draws there). ``load`` replays a policy whose random starts the saved weights replace, on a fork of the
+generators (:func:`_global_rng_kept`). A fork puts the global state back when it ends: numbers another thread
+draws meanwhile are drawn again after it (``freeze`` without example inputs forks nothing).
 
 A model that :func:`orthofx.transform` did not return but that holds transformed models (a transformed backbone
 inside a bigger model: :func:`orthofx.penalty.transformed_parts`) is frozen part by part: :func:`freeze` returns a

@@ -479,10 +479,10 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     its hooks are skipped (listed in ``handle.skipped``) until it is added to the optimizer (``add_param_group``
     when unfreezing): from the next step on they run like the others. Such a weight unfrozen and given a gradient
     but not added (handed to an optimizer of its own, which would train it as a plain parameter, or to none) is
-    warned about (:class:`~orthofx.OrthofxWarning`, once per weight) at the attached optimizer's next step. With ``GradScaler`` and a fused optimizer, a
-    step whose gradients hold inf/NaN (``optimizer.found_inf``, which the fused kernel skips) runs no hook either.
-    Attaching the same model twice to one optimizer is an
-    error (the updates would run twice). A model that ``orthofx.transform`` did not return but that holds
+    warned about (:class:`~orthofx.OrthofxWarning`, once per weight) at the attached optimizer's next step. With
+    ``GradScaler`` and a fused optimizer, a step whose gradients hold inf/NaN (``optimizer.found_inf``, which the
+    fused kernel skips) runs no hook either. Attaching the same model twice to one optimizer is an error (the
+    updates would run twice). A model that ``orthofx.transform`` did not return but that holds
     transformed models (``nn.Sequential(gm, head)``, a wrapper with ``self.backbone = orthofx.transform(...)``) gets
     the hooks of each of them, run on it as ``attach(optimizer, part)`` would (``handle.hooks``' sites are relative
     to their part), except the copies inside an EMA / SWA ``torch.optim.swa_utils.AveragedModel``, which no
