@@ -20,7 +20,9 @@ A hook class may define classmethods ``before_step_group(hooks, root, optimizer)
 their work (the Riemannian hooks retract all same-shaped weights in one batched call). An optional classmethod
 ``attach_warning(hooks, parts, optimizer)`` returns the text of a warning (or None) about all the hooks of its class
 in every attached part (``parts``: each hook's part path): ``attach`` gives it once per call, not once per part
-(the Riemannian hooks' warning about LBFGS with ``max_iter > 1``).
+(the Riemannian hooks' warning about LBFGS with ``max_iter > 1``). An optional method ``check_added(root,
+optimizer)`` runs before ``check`` for a hook activated inside a step (its weight, frozen at ``attach``, added to the
+optimizer since): it refuses what ``setup`` may do at ``attach`` but not inside ``step()`` (OLR splitting a group).
 
 A model that ``orthofx.transform`` did not return but that holds transformed models (a transformed backbone inside
 a bigger model: :func:`orthofx.penalty.transformed_parts`) gets the hooks of every such part, each run on its part
@@ -393,9 +395,14 @@ class _PartHooks:
             self.hooks.append(hook)
         self.batches = _batches(self.hooks)
 
-    def check(self, optimizer: torch.optim.Optimizer, hooks: list) -> None:
+    def check(self, optimizer: torch.optim.Optimizer, hooks: list, at_step: bool = False) -> None:
+        """Each hook's ``check``; ``at_step``: the hooks are being activated inside ``optimizer.step()`` (their
+        weights added since ``attach``), where a hook's optional ``check_added`` runs first: it refuses what
+        ``setup`` may do at ``attach`` but not inside a step (OLR splitting a param group)."""
         for _, batch in _batches(hooks):
             for hook in batch:
+                if at_step and callable(getattr(hook, "check_added", None)):
+                    hook.check_added(self.root, optimizer)
                 hook.check(self.root, optimizer)
 
     def setup(self, optimizer: torch.optim.Optimizer, hooks: list) -> None:
@@ -477,9 +484,12 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     DataParallel name prefixes do not matter); otherwise :class:`orthofx.errors.ArgumentError` names the site.
     Only a frozen parameter (``requires_grad=False``) may be left out of the optimizer: no step changes it, so
     its hooks are skipped (listed in ``handle.skipped``) until it is added to the optimizer (``add_param_group``
-    when unfreezing): from the next step on they run like the others. Such a weight unfrozen and given a gradient
-    but not added (handed to an optimizer of its own, which would train it as a plain parameter, or to none) is
-    warned about (:class:`~orthofx.OrthofxWarning`, once per weight) at the attached optimizer's next step. With
+    when unfreezing): from the next step on they run like the others (an OLR weight in a param group of its own:
+    OLR splits a shared group at ``attach``, never inside a step, where it is refused). Such a weight unfrozen and
+    given a gradient but not added (handed to an optimizer of its own, which would train it as a plain parameter,
+    or to none) is warned about (:class:`~orthofx.OrthofxWarning`, once per weight) at the attached optimizer's next
+    step; so is a Riemannian weight trainable at ``attach`` and taken out of its groups since (NOG and OLR refuse
+    the step). With
     ``GradScaler`` and a fused optimizer, a step whose gradients hold inf/NaN (``optimizer.found_inf``, which the
     fused kernel skips) runs no hook either. Attaching the same model twice to one optimizer is an error (the
     updates would run twice). A model that ``orthofx.transform`` did not return but that holds
@@ -569,7 +579,7 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         if not any(hooks_added for _, hooks_added in added):
             return
         for part, hooks_added in added:
-            part.check(opt, hooks_added)
+            part.check(opt, hooks_added, at_step=True)
         _attach_warnings(added, opt, warned, stacklevel=1)  # inside optimizer.step(): no user frame to point at
         for part, hooks_added in added:
             part.setup(opt, hooks_added)

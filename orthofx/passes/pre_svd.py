@@ -56,7 +56,9 @@ gets, by its parameters:
     only as the first step size) and ASGD (which steps by a size computed from the previous step's lr) would never
     use ``eta*``: ``attach`` refuses OLR with them. A ``ZeroRedundancyOptimizer`` partitions its groups over the
     ranks when it is built and cannot take a weight out of one later: build it with the weight in a param group
-    of its own (OLR then needs no split; ``attach`` refuses the split otherwise).
+    of its own (OLR then needs no split; ``attach`` refuses the split otherwise). The split happens at ``attach``
+    only: a weight frozen then (its hooks skipped) and added to the optimizer later must come in a param group of
+    its own, as one regrouped after ``attach`` must (inside ``optimizer.step()`` the split is refused).
 ``penalty_weight`` (default 0.01): weight of the ``lorth`` / ``srip`` term in ``orthofx.penalty``.
 
 Several layers feeding one decomposition each get their own hooks (and param groups); a layer feeding several
@@ -389,7 +391,14 @@ def _adopt_group(hook: "OptimalLearningRate", optimizer: torch.optim.Optimizer, 
     if len(group["params"]) == 1:
         group[OLR_GROUP_KEY] = hook.site
         return
-    raise ArgumentError(
+    raise _shared_group_error(hook, group)
+
+
+def _shared_group_error(hook: "OptimalLearningRate", group: dict) -> ArgumentError:
+    """The refusal of an OLR weight found at a step in a param group with other parameters (:func:`_adopt_group`,
+    :meth:`OptimalLearningRate.check_added`): ``eta*`` set as the group's lr would step them too, and splitting the
+    weight off inside the step would change the param groups under the user's LR schedulers and checkpoints."""
+    return ArgumentError(
         f"site '{hook.site}' (rule '{hook.rule}'): OLR sets this weight's lr at each step from its own gradient, "
         f"and the weight is in a param group with {len(group['params']) - 1} other parameter(s) (regrouped or added "
         "back with add_param_group after orthofx.attach), which that lr would step too. Add the weight in a group "
@@ -578,20 +587,41 @@ class OptimalLearningRate(OptimizerHook):
         if len(group["params"]) > 1:
             scheduled = [i for i, group in enumerate(optimizer.param_groups) if "initial_lr" in group]
             if scheduled and "initial_lr" not in group:
-                # the weight's group came after the scheduler: add_param_group when unfreezing a frozen weight,
-                # whose hook attach checks at the first step that trains it (the advice below was followed)
-                raise ArgumentError(f"{where}: OLR moves the weight into a param group of its own, and its group "
-                                    "was added to the optimizer after an LR scheduler was created (add_param_group "
-                                    "when unfreezing), so the scheduler would not schedule the split-off group. "
-                                    "Add the weight in a group of its own, optimizer.add_param_group({'params': "
-                                    f"[gm.get_submodule({self.site!r}).weight]}}) (its bias in another), or create "
-                                    "the LR scheduler after adding the groups")
+                # the weight's group came after the scheduler (add_param_group before attach; added when
+                # unfreezing a weight frozen at attach, check_added gives this message first, at the step)
+                raise self._added_after_scheduler_error(where)
             if scheduled:
                 raise ArgumentError(f"{where}: OLR moves the weight into a param group of its own, and an LR "
                                     f"scheduler already holds the optimizer's groups (param group {scheduled[0]} "
                                     "has 'initial_lr'), so it would not schedule the new group. Create the LR "
                                     "scheduler after orthofx.attach(optimizer, gm) (and load checkpoints of the "
                                     "optimizer and scheduler after both)")
+
+    def _added_after_scheduler_error(self, where: str) -> ArgumentError:
+        return ArgumentError(f"{where}: OLR moves the weight into a param group of its own, and its group "
+                             "was added to the optimizer after an LR scheduler was created (add_param_group "
+                             "when unfreezing), so the scheduler would not schedule the split-off group. "
+                             "Add the weight in a group of its own, optimizer.add_param_group({'params': "
+                             f"[gm.get_submodule({self.site!r}).weight]}}) (its bias in another), or create "
+                             "the LR scheduler after adding the groups")
+
+    def check_added(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """``attach``'s check, at a step, of a weight frozen at ``attach`` (this hook skipped) and added to the
+        optimizer since (``add_param_group`` when unfreezing), before :meth:`check` and before anything changes.
+        :meth:`setup` would split the weight off a group it shares, as ``attach`` does; here that would run inside
+        ``optimizer.step()``, after the user's LR schedulers and checkpoints counted the groups: a state saved after
+        that step had one group more than the same script's optimizer before its first step, whose
+        ``load_state_dict`` then failed, and a scheduler created after ``add_param_group`` got advice to create it
+        after ``attach``, which it was. So the split is refused here, as :func:`_adopt_group` refuses a weight
+        regrouped after ``attach``: the weight must come in a group of its own."""
+        weight = root.get_submodule(self.site).weight
+        group = _group_of(optimizer, weight)
+        if len(group["params"]) == 1:
+            return
+        if "initial_lr" not in group and any("initial_lr" in other for other in optimizer.param_groups):
+            # added after an LR scheduler too: check's message, which names that as well (same advice)
+            raise self._added_after_scheduler_error(f"site '{self.site}' (rule '{self.rule}')")
+        raise _shared_group_error(self, group)
 
     def setup(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         weight = root.get_submodule(self.site).weight
