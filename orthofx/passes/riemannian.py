@@ -96,6 +96,11 @@ computes the same projection and retraction, nothing else is needed. With ``Zero
 steps its shard of the weights and keeps their state in its local optimizer: the hooks retract every weight on
 every rank (after ZeRO's broadcast), and the rank that owns a weight transports its first moment.
 
+A weight taken out of the attached optimizer's groups after ``attach`` (frozen and dropped, then unfrozen into
+another optimizer) is stepped there as a plain parameter: the attached optimizer's next step warns, once per weight
+(:func:`_warn_stepped_elsewhere`; found among the weights its step left unmoved, so a step that moved every weight
+pays nothing).
+
 Example::
 
     import torch, orthofx
@@ -119,7 +124,7 @@ import torch
 from torch import nn
 
 from ..errors import (ArgumentError, LayerArgumentError, OrthofxError, OrthofxWarning, PlanError, ScaleLostWarning,
-                      TransformError, first_few)
+                      TransformError, caller_stacklevel, first_few)
 from ..nn import stiefel
 from ..nn.precision import describe_nonfinite
 from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, TiedUse,
@@ -314,6 +319,7 @@ class StiefelHook(OptimizerHook):
             batches.setdefault((hook.retraction, pre.shape, pre.dtype, pre.device), []).append(
                 (hook, hook._weight(root), pre))
         diverged: list[StiefelHook] = []
+        outside: list[tuple[StiefelHook, nn.Parameter]] = []  # unmoved trainable weights: held by the optimizer?
         with torch.no_grad():
             for (retraction, *_), items in batches.items():
                 w0 = torch.stack([pre for _, _, pre in items])  # float32 for a half-precision weight
@@ -333,6 +339,9 @@ class StiefelHook(OptimizerHook):
                 if not all_moved:
                     unmoved = _on_manifold_unmoved(w0, moved, new, [weight.dtype for _, weight, _ in items])
                     new = torch.where(unmoved, w0, new)
+                    # a weight this optimizer does not hold never moves in its step: found here, on the path a
+                    # step with an unmoved weight takes anyway, at no cost to a step in which every weight moved
+                    outside += [(hook, weight) for hook, weight, _ in items if weight.requires_grad]
                 for i, (_, weight, _) in enumerate(items):
                     write_whole(weight, new[i].reshape(weight.shape))
                 # momentum: project the first moments onto the tangent spaces at the new points (a transport)
@@ -351,6 +360,8 @@ class StiefelHook(OptimizerHook):
                     moved = stiefel.tangent_projection(new[index], torch.stack(matrices))
                     for j, buf in enumerate(buffers):
                         write_whole(buf, moved[j].reshape(buf.shape))
+        if outside:
+            _warn_stepped_elsewhere(optimizer, outside)
         if diverged:
             rules = list(dict.fromkeys(hook.rule for hook in diverged))
             if len(rules) == 1:
@@ -370,6 +381,42 @@ class StiefelHook(OptimizerHook):
         parameter = "" if self.parameter == "weight" else f", parameter={self.parameter!r}"
         return (f"StiefelHook(site={self.site!r}{parameter}, rule={self.rule!r}, retraction={self.retraction!r}, "
                 f"momentum={self.momentum!r})")
+
+
+#: The optimizer's ``__dict__`` entry of the ids of the weights :func:`_warn_stepped_elsewhere` warned about.
+_WARNED_ELSEWHERE_KEY = "_orthofx_riemannian_stepped_elsewhere"
+
+
+def _warn_stepped_elsewhere(optimizer: torch.optim.Optimizer, weights: list[tuple[StiefelHook, nn.Parameter]]
+                            ) -> None:
+    """Warn (:class:`~orthofx.OrthofxWarning`, once per weight and optimizer) about each of ``weights`` (trainable,
+    with a gradient, left unmoved by this step of the attached ``optimizer``) that ``optimizer`` does not hold.
+
+    A weight trainable at ``attach`` keeps its hook there; taken out of the optimizer's groups later (frozen and
+    dropped) and unfrozen into another optimizer, that one steps it as a plain parameter. The hook still runs at
+    the attached optimizer's steps: it projects the gradient and, the step not moving the weight, retracts it back
+    onto the manifold, so depending on which optimizer steps last the weight ends each iteration off the manifold
+    (5e-2 after 5 steps of SGD with momentum) or on it, but never by P1's step (the other optimizer's momentum is
+    not transported). Only weights the step left unmoved are looked up (:func:`orthofx.passes.pre_svd._group_of`'s
+    cached positions): a step in which every weight moved pays nothing."""
+    from .pre_svd import _group_or_none  # pre_svd imports this module
+
+    warned = optimizer.__dict__.setdefault(_WARNED_ELSEWHERE_KEY, set())
+    for hook, weight in weights:
+        if id(weight) in warned or _group_or_none(optimizer, weight) is not None:
+            continue
+        warned.add(id(weight))
+        warnings.warn(
+            f"site '{hook.site}' (rule '{hook.rule}'): the weight(s) {list(hook.parameter_names)} were in this "
+            f"{type(optimizer).__name__} when orthofx.attach attached it (or added since), and have been taken out "
+            "of its param groups; they are trainable and got a gradient, but their orthofx hook (Riemannian "
+            "update) acts only on what this optimizer steps. Another optimizer stepping them trains them as plain "
+            "parameters: they leave the Stiefel manifold between this optimizer's steps, and no step is P1's. "
+            "Give them back to the attached optimizer, in a param group of their own for their own lr (and out of "
+            "the other optimizer): optimizer.add_param_group({'params': "
+            f"[gm.get_submodule({hook.site!r}).{hook.parameter}], 'lr': ...}}); attaching orthofx to the other "
+            "optimizer instead is refused while this one holds the model's other hooked weights",
+            OrthofxWarning, stacklevel=caller_stacklevel(skip_torch=True))
 
 
 def _on_manifold_unmoved(w0: torch.Tensor, moved: torch.Tensor, new: torch.Tensor, dtypes: list[torch.dtype]
