@@ -2157,15 +2157,28 @@ class _DirectCalls:
         self.own_call: list[bool] = []  # per call in ``active``: made with the module's own parameters
         self.direct: list[str] = []  # inner leaves called outside them
         self.substituted: list[str] = []  # leaves called (outside any leaf) with parameters other than their own
+        # ... of those, the calls that got them for the call only (functional_call puts the module's own back when
+        # it returns), by call name (``lin@1``, numbered as _capture_export numbers the leaf calls)
+        self.swapped: list[str] = []
+        self.count: dict[str, int] = {}  # calls of each leaf made so far
         # the parameters each leaf and inner leaf holds when the forward starts (torch.export has put its own in by
         # then): a call made with others (torch.func.functional_call substitutes them) computes with those, which a
-        # call of the module would not: an inner leaf's stays inlined, a leaf's is refused (substituted)
+        # call of the module would not: an inner leaf's stays inlined, so does a leaf's given them for the call only
+        # (swapped) where the leaf has calls of its own; a leaf's otherwise is refused (substituted, or all swapped)
         self.own: dict[str, list[int]] = {}
 
         def held_at_start(module: nn.Module, args: tuple) -> None:
             self.own = {path: _held(model.get_submodule(path)) for path in (*leaves, *inner)}
 
-        self.handles = [model.register_forward_pre_hook(held_at_start)]
+        def held_at_end(module: nn.Module, args: tuple, output: Any) -> None:
+            # functional_call puts the module's own parameters back once the call (hooks included) returned
+            swapped = [name for name in self.substituted
+                       if _held(model.get_submodule(name.split("@")[0])) == self.own.get(name.split("@")[0])]
+            self.swapped += swapped
+            self.substituted = [name for name in self.substituted if name not in swapped]
+
+        self.handles = [model.register_forward_pre_hook(held_at_start),
+                        model.register_forward_hook(held_at_end, always_call=True)]
         inner_set = set(inner)
         for path in [*leaves, *inner]:
             module = model.get_submodule(path)
@@ -2175,9 +2188,12 @@ class _DirectCalls:
 
     def _enter(self, path: str, inner: bool, module: nn.Module, args: tuple) -> None:
         own = path not in self.own or _held(module) == self.own[path]
+        k = self.count.get(path, 0)
+        if not inner:
+            self.count[path] = k + 1
         if not self.active and not own:
             if not inner:
-                self.substituted.append(path)
+                self.substituted.append(path if k == 0 else f"{path}@{k}")
         elif inner and not self.active:
             self.direct.append(path)
         self.active.append(path)
@@ -2631,7 +2647,7 @@ def _call_signature_mismatch(model: nn.Module, error: BaseException, written: di
     if found is None:
         return None
     kind, used = found.groups()
-    path = _canonical_path(used, first_module_paths(model))
+    path = _ModulePaths(model).canonical(used)
     try:
         cls = type(model.get_submodule(path)).__name__
     except AttributeError:
@@ -2733,37 +2749,87 @@ def _flat_mode_regions():
             setattr(module, attribute, original)
 
 
-def first_module_paths(model: nn.Module) -> dict[str, str]:
+#: The paths :func:`_capture_export` walks to list the other names of the leaves before torch.export runs.
+_ALIAS_PATHS_WALKED = 256
+
+
+def first_module_paths(model: nn.Module, limit: int | None = None) -> dict[str, str] | None:
     """Every other qualified name of a module registered more than once (``self.first = self.blocks[0]``) ->
     its name in ``named_modules()``, the one fx mode, ``state_dict`` readers and rules use (``first`` ->
-    ``blocks.0``, and the paths below it: ``first.conv`` -> ``blocks.0.conv``)."""
+    ``blocks.0``, and the paths below it: ``first.conv`` -> ``blocks.0.conv``).
+
+    The map has an entry per path, and a model sharing a module at every level of a nesting (each level holding
+    its child under two names) has 2^depth paths: ``limit`` bounds the paths walked, None returned beyond it.
+    Resolving a path needs no such walk: :class:`_ModulePaths` does it in time linear in the model's size."""
     names = {id(module): path for path, module in model.named_modules()}
     aliases: dict[str, str] = {}
+    walked = 0
 
-    def walk(module: nn.Module, path: str, ancestors: tuple[int, ...]) -> None:
+    def walk(module: nn.Module, path: str, ancestors: tuple[int, ...]) -> bool:
+        nonlocal walked
         for name, child in module._modules.items():
             if child is None or id(child) in ancestors:  # a cycle (a child holding its parent): no new names
                 continue
+            walked += 1
+            if limit is not None and walked > limit:
+                return False
             child_path = _join(path, name)
             if names[id(child)] != child_path:
                 aliases[child_path] = names[id(child)]
-            walk(child, child_path, ancestors + (id(child),))
+            if not walk(child, child_path, ancestors + (id(child),)):
+                return False
+        return True
 
-    walk(model, "", (id(model),))
-    return aliases
+    return aliases if walk(model, "", (id(model),)) else None
 
 
-def _canonical_path(target: str, aliases: dict[str, str]) -> str:
-    """``target`` (a module path, or a parameter's / buffer's) with its longest aliased module prefix replaced
-    by the module's name in ``named_modules()`` (see :func:`first_module_paths`)."""
-    if not aliases:
-        return target
-    parts = target.split(".")
-    for i in range(len(parts), 0, -1):
-        prefix = ".".join(parts[:i])
-        if prefix in aliases:
-            return ".".join([aliases[prefix], *parts[i:]]).strip(".")
-    return target
+class _ModulePaths:
+    """The name ``named_modules()`` gives the module at any attribute path of ``model``, found without walking
+    every path (:func:`first_module_paths` may have to walk 2^depth of them).
+
+    ``edges`` holds, for each module under its first name ``p`` and each child ``c`` of it whose first name is
+    not ``p.c``, ``p.c`` -> the child's first name: one entry at most per (module, child name) edge. A path
+    ``c_1. ... .c_k`` is resolved one step at a time from the root: with ``q`` the first name of the module at
+    ``c_1. ... .c_i``, the module at ``c_1. ... .c_(i+1)`` is the child ``c_(i+1)`` of that module, whose first
+    name is ``edges[q.c_(i+1)]``, or ``q.c_(i+1)`` where that has no entry. Replacing only the longest aliased
+    prefix of the path once would not do: the rest may lead through another alias (a child shared by two parents
+    at different depths). Segments past the last module (a parameter's or buffer's name) are kept as they are."""
+
+    def __init__(self, model: nn.Module):
+        named = list(model.named_modules())
+        first = {id(module): path for path, module in named}
+        self.edges: dict[str, str] = {}
+        for path, module in named:
+            for name, child in module._modules.items():
+                if child is not None and first[id(child)] != _join(path, name):
+                    self.edges[_join(path, name)] = first[id(child)]
+
+    def __bool__(self) -> bool:
+        return bool(self.edges)
+
+    def canonical(self, target: str) -> str:
+        """``target`` (a module path, or a parameter's / buffer's) with its module part named as
+        ``named_modules()`` names that module."""
+        if not self.edges or not target:
+            return target
+        path = ""
+        for part in target.split("."):
+            step = _join(path, part)
+            path = self.edges.get(step, step)
+        return path
+
+
+def _stack_paths(graph: torch.fx.Graph) -> set[str]:
+    """The module paths in the ``nn_module_stack`` of ``graph``'s nodes: the attribute paths the forward called
+    modules by."""
+    return {value[0] for node in graph.nodes for value in (node.meta.get("nn_module_stack") or {}).values()
+            if isinstance(value, tuple) and value and isinstance(value[0], str)}
+
+
+def _canonical_path(target: str, paths: _ModulePaths) -> str:
+    """``target`` (a module path, or a parameter's / buffer's) with its module part replaced by the module's name
+    in ``named_modules()`` (see :class:`_ModulePaths`)."""
+    return paths.canonical(target)
 
 
 class _LeafCall:
@@ -2826,7 +2892,7 @@ class _ExportRebuilder:
     """Turns an ExportedProgram's graph into an fx graph of fx mode's form (see the module docstring)."""
 
     def __init__(self, ep: Any, model: nn.Module, leaves: list[str], excluded: set[str],
-                 call_order: list[str] = (), aliases: dict[str, str] | None = None,
+                 call_order: list[str] = (), aliases: _ModulePaths | None = None,
                  as_written: dict[str, _WrittenCall] | None = None):
         global _TORCH_FORMS
         if _TORCH_FORMS is None:
@@ -2848,7 +2914,7 @@ class _ExportRebuilder:
         # grad-mode switches of the forward (see _grad_switch): the mode torch.export traced in, which is this one
         self.grad_mode = torch.is_grad_enabled()
         self.grad_switches: list[tuple[torch.fx.Node, bool]] = []
-        self.aliases = aliases or {}
+        self.aliases = aliases if aliases is not None else _ModulePaths(model)
         self.as_written = as_written or {}  # call name -> how to give it its form back (_call_as_written)
         leaf_set = set(leaves)
         made = set(call_order)
@@ -3714,6 +3780,8 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
     notes: list[str] = []
     inner_off = True  # whether the hooks inside the leaves are taken off while torch.export runs (see below)
     flags = [(m, m.training) for m in source.modules()]
+    aliases = _ModulePaths(source)
+    used_aliases: set[str] = set()  # other names of leaves the forward called them by (see preserved below)
     while True:
         leaves = _export_leaves(source, leaf_types, leaf_paths, opened)
         leaves += sorted(direct - set(leaves))
@@ -3746,11 +3814,14 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
             hooks += [module.register_forward_pre_hook(returned.before, with_kwargs=True),
                       module.register_forward_hook(returned.after, with_kwargs=True)]
         states = [_ModuleState(path, module) for path, module in source.named_modules()]
-        aliases = first_module_paths(source)
         leaf_set = set(leaves)
         # torch.export names a call by the attribute path the forward used: keep the signatures of a leaf's
-        # calls under its other names too
-        preserved = leaves + [alias for alias, path in aliases.items() if path in leaf_set]
+        # calls under its other names too. Each name given adds hooks to every call of its module, and a module
+        # shared at every level of a nesting has 2^depth names: beyond a few, only the ones torch.export reports
+        # the forward used are given, in one more export (see below).
+        few = first_module_paths(source, _ALIAS_PATHS_WALKED)
+        preserved = leaves + [alias for alias, path in (few or {}).items() if path in leaf_set]
+        preserved += sorted(used_aliases - set(preserved))
         failed: CaptureError | None = None
         try:
             ep = _run_export(source, inputs, preserved, kwargs, written,
@@ -3783,19 +3854,35 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
                       "(its weights are still the module's). Fix: capture with symbolic tracing, capture: "
                       "{mode: fx} or {mode: auto} in the policy" for path in sorted(dropped)]
             continue
-        if calls.substituted:
-            path = calls.substituted[0]
+        # a call given other parameters for the call only (functional_call) stays inlined ATen ops, which compute
+        # with them, beside the module's calls with its own; a leaf with no call of its own would have no site left
+        swapped_only = [name for name in calls.swapped
+                        if sum(other.split("@")[0] == name.split("@")[0] for other in calls.swapped)
+                        == calls.count.get(name.split("@")[0])]
+        if calls.substituted or swapped_only:
+            name = (calls.substituted or swapped_only)[0]
+            path = name.split("@")[0]
+            how = ("through torch.func.functional_call or torch.nn.utils.stateless at each of its calls, so that "
+                   "no call of it is left to keep as the module's" if not calls.substituted else
+                   f"at its call '{name}' after the forward assigned other parameters to it (module.weight = other "
+                   "between its calls, which the module then keeps)")
             raise CaptureError(
-                f"the forward calls the leaf module '{path}' with parameters other than its own "
-                "(torch.func.functional_call, torch.nn.utils.stateless, or parameters the forward assigned to it "
-                "between its calls): the graph's call of the module would "
-                "compute with the module's own, so the call cannot be captured as one. Fix: call the module's "
-                "functional form with those tensors (F.linear(x, w, b), F.conv2d ...) in the forward, or, if this "
-                "module should not be a site, keep the code that calls it inside a module listed in "
-                "capture.leaf_modules", module_path=path)
+                f"the forward calls the leaf module '{path}' with parameters other than its own, {how}: the graph's "
+                "call of the module would compute with the parameters the module holds, so the call cannot be "
+                "captured as one. Fix: call the module's functional form with those tensors (F.linear(x, w, b), "
+                "F.conv2d ...) in the forward, or, if this module should not be a site, keep the code that calls "
+                "it inside a module listed in capture.leaf_modules", module_path=path)
+        swapped = set(calls.swapped)
         if created:
             # torch.export turns such a buffer's update into a write into an input of the graph (seen: x.copy_(1))
             raise CaptureError(_created_state_message(source, created, "torch.export"), module_path=created[0][0])
+        # calls of a leaf by names not given to torch.export have no call signature (they would stay inlined);
+        # the names used are those of the calls' nodes (module_call_graph lists every name, used or not)
+        unsigned = {used for used in _stack_paths(ep.graph) if used not in preserved
+                    and aliases.canonical(used) in leaf_set} - used_aliases
+        if unsigned:
+            used_aliases |= unsigned
+            continue
         # A leaf holding other modules that the forward never called (it called the modules inside it): export
         # again with the leaves inside it, else their calls would stay inlined ATen ops where fx sees layers.
         uncalled = _uncalled_outer_leaves(source, leaves, set(order))
@@ -3815,7 +3902,11 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
             as_written[call_order[-1]] = written[path][k]
     info = CaptureInfo(mode="export")
     info.warnings.extend(notes)
-    excluded: set[str] = set()
+    info.warnings.extend(
+        f"the call '{name}' of leaf module '{name.split('@')[0]}' is given parameters other than the module's own "
+        "(torch.func.functional_call) and stays as inlined ATen ops in the exported graph, computing with those: "
+        "rules do not see this call, passes that replace the module do not affect it" for name in sorted(swapped))
+    excluded: set[str] = set(swapped)
     while True:
         try:
             rebuilder = _ExportRebuilder(ep, source, leaves, excluded, call_order, aliases, as_written)
