@@ -101,8 +101,8 @@ from .passes.svd_conditioning import (_constant_nodes, _copy_meta, _erase_dead, 
 from .penalty import module_path_within, part_site_path, transformed_parts
 from .plan import build_plan, collect_sites, meta_tensors, producers_feeding
 from .policy import Policy
-from .transform import (ExampleCall, _observe, example_call, is_transformed, manifest_of, output_tensors,
-                        store_manifest, transform, transform_private_copy)
+from .transform import (ExampleCall, _observe, _outside_inference_mode, example_call, is_transformed, manifest_of,
+                        output_tensors, store_manifest, transform, transform_private_copy)
 
 __all__ = ["freeze", "export", "load", "ExportResult", "NewtonSchulzForm", "FORMAT_VERSION"]
 
@@ -157,6 +157,19 @@ def _global_rng_kept(function):
         with torch.random.fork_rng(devices=_cuda_devices(*args, *kwargs.values())):
             return function(*args, **kwargs)
     return kept
+
+
+def _outside_inference_mode_call(function):
+    """``function`` run outside ``torch.inference_mode`` (gradients stay off inside, as they were): the models
+    :func:`freeze` and :func:`load` return are built from copies (load's own copy in the saved dtype, for a
+    float64 file), and copies made inside inference mode are inference tensors, so the first ``loss.backward()``
+    of the model fine-tuned afterwards raised torch's "Inference tensors cannot be saved for backward"
+    (``transform`` leaves inference mode the same way)."""
+    @functools.wraps(function)
+    def outside(*args: Any, **kwargs: Any) -> Any:
+        with _outside_inference_mode():
+            return function(*args, **kwargs)
+    return outside
 
 
 def _cuda_devices(*values: Any) -> list[int]:
@@ -226,6 +239,7 @@ def _captured_with_orthofx_layers(model: nn.Module, example: ExampleCall | None)
 
 
 @one_trace_at_a_time
+@_outside_inference_mode_call
 def freeze(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Any = None) -> nn.Module:
     """A copy of a transformed model made of plain torch layers, in eval mode, with the same eval outputs.
 
@@ -1501,6 +1515,7 @@ def _other_format_hint(path: str) -> str:
 
 @one_trace_at_a_time
 @_global_rng_kept
+@_outside_inference_mode_call
 def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, *,
          example_kwargs: Any = None, check_graph: bool = True) -> fx.GraphModule:
     """Replay the policy stored in a ``.pt`` file (written by :func:`export`) on ``model`` and restore the weights.

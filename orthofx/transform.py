@@ -30,7 +30,7 @@ from .errors import (ArgumentError, CaptureError, OrthofxError, OrthofxWarning, 
                      damaged_metadata_entry, first_few, saved_count)
 from .nn.precision import describe_nonfinite, relative_distance
 from .passes.base import (MANIFEST_KEY, EvalRun, Manifest, ParametrizationState, PassContext, PlanEntry, Site,
-                          parameters_watched, replace_module, watch_hooked_weights)
+                          default_device_set_aside, parameters_watched, replace_module, watch_hooked_weights)
 from .passes.registry import get_pass
 from .plan import (Plan, block_paths, build_plan, meta_tensors, meta_text, mode_graphs, module_aliases,
                    other_mode_graph)
@@ -591,7 +591,10 @@ def _relative_change(before: Any, after: Any) -> float | None:
 
 def _run_passes(ctx: PassContext, plan: Plan, selected: Callable[[Site], bool]) -> None:
     """Apply the plan's entries for the ``selected`` sites, pass by pass in policy order."""
-    with parameters_watched():  # a pass (of the user's) may tie or untie weights: PassContext's index follows
+    # a pass (of the user's) may tie or untie weights: PassContext's index follows. The passes build layers and
+    # draw weights on the CPU and move them to the model's device, which a user's torch.set_default_device('meta'
+    # or 'cuda') would otherwise redirect
+    with parameters_watched(), default_device_set_aside():
         for pass_name in plan.pass_order():
             entries = [e for e in plan.entries_for(pass_name) if selected(e.site)]
             if not entries:

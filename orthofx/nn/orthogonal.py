@@ -409,11 +409,14 @@ def _apply_symbol(x: torch.Tensor, symbol: torch.Tensor, stride: tuple[int, ...]
     return torch.fft.irfftn(yh, s=grid, dim=dims).to(dtype)
 
 
-def _tap_index(n: int, stride: int, left: int, taps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _tap_index(n: int, stride: int, left: int, taps: int | None = None,
+               device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Where tap ``t`` of a kernel read at offset ``t - left`` lands after space-to-depth on an ``n/S`` grid:
     ``r = (t - left) mod S`` (the phase) and ``a = -floor((t - left) / S) mod n/S`` (the circular shift of the
-    convolution ``y[i] = sum_j q[i - j] x'[j]``); ``t = 0 .. taps - 1`` (default ``n``)."""
-    u = torch.arange(n if taps is None else taps) - left
+    convolution ``y[i] = sum_j q[i - j] x'[j]``); ``t = 0 .. taps - 1`` (default ``n``). On ``device``, the
+    kernel's: left to torch's default device, a user's ``torch.set_default_device('meta')`` made them valueless
+    (``layer.weight`` of a CPU ``cayley_fft`` layer failed to copy them)."""
+    u = torch.arange(n if taps is None else taps, device=device) - left
     r = torch.remainder(u, stride)
     a = torch.remainder(torch.div(r - u, stride, rounding_mode="floor"), n // stride)
     return r, a
@@ -1249,9 +1252,9 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
         q = q.reshape(g, M, C, *self.stride, *self._grid)
         rs, as_ = [], []
         for n, s, (left, _) in zip(self.input_size, self.stride, self.pads):
-            r, a = _tap_index(n, s, left)
-            rs.append(r.to(q.device))
-            as_.append(a.to(q.device))
+            r, a = _tap_index(n, s, left, device=q.device)
+            rs.append(r)
+            as_.append(a)
         index = (slice(None),) * 3 + tuple(_broadcast_index(rs)) + tuple(_broadcast_index(as_))
         return q[index]
 
@@ -1265,9 +1268,9 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
         q = kernel.new_zeros(*self.stride, *self._grid, g, M, C)
         rs, as_ = [], []
         for n, s, k, left in zip(self.input_size, self.stride, kernel.shape[3:], lefts):
-            r, a = _tap_index(n, s, left, taps=k)
-            rs.append(r.to(q.device))
-            as_.append(a.to(q.device))
+            r, a = _tap_index(n, s, left, taps=k, device=q.device)
+            rs.append(r)
+            as_.append(a)
         values = kernel.permute(*range(3, 3 + d), 0, 1, 2)
         q.index_put_(tuple(_broadcast_index(rs)) + tuple(_broadcast_index(as_)), values, accumulate=True)
         q = q.permute(2 * d, 2 * d + 1, 2 * d + 2, *range(2 * d))   # (g, M, C, *S, *grid)
@@ -1298,7 +1301,7 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
         freq = self._grid[:-1] + (self._grid[-1] // 2 + 1,)
         half = (0.5 * A).reshape(g, *freq, N, N).permute(0, d + 1, d + 2, *range(1, d + 1))
         full = torch.fft.irfftn(half, s=self._grid, dim=tuple(range(-d, 0)))   # (g, N, N, *grid)
-        taps = [torch.remainder(torch.arange(k) - (k - 1) // 2, n).to(full.device)
+        taps = [torch.remainder(torch.arange(k, device=full.device) - (k - 1) // 2, n)
                 for k, n in zip(self._kp, self._grid)]
         start = full[(slice(None),) * 3 + tuple(_broadcast_index(taps))]
 
@@ -1434,7 +1437,9 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
                 (_, ia), (_, ib) = dim_blocks[2 * t], dim_blocks[2 * t + 1]
                 # Q of a float64 Gaussian (the draw and the matrix of torch.linalg.qr, bit for bit, without its R);
                 # its signs do not matter: the blocks use their bases through projectors only
-                full = _haar_factor(self._n, self._n, self.groups)[0]
+                # drawn on the CPU, as the seed's stream is there, whatever torch's default device is (a 'meta'
+                # default had no values to factorise, a 'cuda' one drew another stream)
+                full = _haar_factor(self._n, self._n, self.groups, device="cpu")[0]
                 self.proj_a[:, ia] = full[..., :ra].to(self.proj_a)
                 self.proj_b[:, ib] = full[..., ra:].to(self.proj_b)
 

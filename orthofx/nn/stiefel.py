@@ -643,7 +643,9 @@ def random_orthonormal(m: int, n: int, *batch: int, generator: torch.Generator |
     if generator is not None and not isinstance(generator, torch.Generator):  # failed inside the draw otherwise
         raise LayerArgumentError(f"random_orthonormal: generator must be a torch.Generator or None, got "
                                  f"{type(generator).__name__} {generator!r}; e.g. torch.Generator().manual_seed(0)")
-    if generator is None and device is not None and torch.device(device).type == "meta":
+    # device=None under torch.set_default_device('meta') is meta too (the draw had no values, geqrf failed)
+    target = torch.device(device) if device is not None else torch.get_default_device()
+    if generator is None and target.type == "meta":
         # deferred construction: a meta tensor has a shape and no values (geqrf has no meta kernel)
         return torch.empty(*batch, m, n, dtype=dtype, device=device)
     q, signs = _haar_factor(m, n, *batch, generator=generator, device=device)

@@ -62,6 +62,7 @@ __all__ = [
     "recurrent_hidden_weights",
     "recurrent_weights_reason",
     "reads_only_metadata",
+    "default_device_set_aside",
 ]
 
 #: Key of the manifest in ``GraphModule.meta``.
@@ -484,6 +485,25 @@ class Manifest:
         for term in self.penalties:
             period = period * term.every // math.gcd(period, term.every)
         return period
+
+
+@contextlib.contextmanager
+def default_device_set_aside() -> Iterator[None]:
+    """Tensors created without a ``device`` inside go to the CPU, whatever ``torch.set_default_device`` the user
+    chose (restored on exit, errors included).
+
+    orthofx's own code sizes, draws and computes scratch tensors (Haar draws, frequency grids, gain figures) on the
+    CPU and moves results to the layer's device, so that a seed gives the same weights on every device. A user's
+    default device took those calls elsewhere: with ``'meta'`` they had no values (``orthofx.transform`` of a CPU
+    model failed in ``geqrf`` or ``.item()``), with ``'cuda'`` they drew from another random stream. Only
+    orthofx's own computations run under this: the user's forward (capture, example runs) keeps the user's
+    default, which its own factory calls may rely on. Without a default device set, nothing changes (no torch
+    function mode is entered)."""
+    if torch.get_default_device().type == "cpu":
+        yield
+        return
+    with torch.device("cpu"):  # a DeviceContext replaces the user's for the block and puts it back on exit
+        yield
 
 
 class EvalRun:

@@ -224,7 +224,9 @@ def _scaled_haar(m: int, n: int, batch: tuple[int, ...], scale: float, generator
     and the cast were one more copy each. Bit for bit :func:`random_orthonormal`'s for a float64 weight; for a
     float32 one ``Q`` comes from a triangular solve (``stiefel._haar_factor``), the same matrix to about 1e-13
     before the weight's rounding."""
-    q, signs = stiefel._haar_factor(m, n, *batch, generator=generator, rounded_to=dtype)
+    # the global stream's draw is on the CPU (the weight's copy_ moves it) whatever torch's default device is: a
+    # user's torch.set_default_device('meta') left it without values (geqrf failed), a 'cuda' one drew elsewhere
+    q, signs = stiefel._haar_factor(m, n, *batch, generator=generator, device="cpu", rounded_to=dtype)
     q = q * (scale * signs).unsqueeze(-2)
     return q.transpose(-2, -1) if m < n else q
 
