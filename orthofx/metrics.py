@@ -243,9 +243,10 @@ def _residues(weight: torch.Tensor, strides: tuple[int, ...]) -> tuple[int, ...]
     return tuple(min(k, s) for k, s in zip(weight.shape[2:], strides))
 
 
-def _rfft_counts(q: int) -> torch.Tensor:
-    """How many frequencies of the full spectrum each of ``rfft``'s ``q // 2 + 1`` frequencies stands for."""
-    counts = torch.full((q // 2 + 1,), 2, dtype=torch.long)
+def _rfft_counts(q: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """How many frequencies of the full spectrum each of ``rfft``'s ``q // 2 + 1`` frequencies stands for (on
+    ``device``, not torch's default device, which a user may have set to another)."""
+    counts = torch.full((q // 2 + 1,), 2, dtype=torch.long, device=device)
     counts[0] = 1
     if q % 2 == 0:
         counts[-1] = 1
@@ -292,7 +293,7 @@ def _frequency_matrices(weight: torch.Tensor, input_size, stride, groups, dtype,
     d = len(grid)
     if all(a == 1 for a in w.shape[2:]):
         mats = w.reshape(g, M // g, Cp)
-        yield mats, torch.full((g,), math.prod(grid), dtype=torch.long)
+        yield mats, torch.full((g,), math.prod(grid), dtype=torch.long, device="cpu")
         return
 
     def per_group(hat: torch.Tensor, counts: torch.Tensor):
@@ -313,10 +314,10 @@ def _frequency_matrices(weight: torch.Tensor, input_size, stride, groups, dtype,
     chunk = max(1, max_elements // per_first)
     hat0 = w.to(torch.complex128 if dtype == torch.float64 else torch.complex64)
     for start in range(0, first, chunk):
-        freqs = torch.arange(start, min(first, start + chunk))
+        freqs = torch.arange(start, min(first, start + chunk), device="cpu")
         hat = _dft(hat0, 2, grid[0], freqs)
         for i in range(1, d):  # the other axes in full, the last one halved
-            hat = _dft(hat, 2 + i, grid[i], torch.arange(grid[i] if i < d - 1 else grid[i] // 2 + 1))
+            hat = _dft(hat, 2 + i, grid[i], torch.arange(grid[i] if i < d - 1 else grid[i] // 2 + 1, device="cpu"))
         counts = last_counts.reshape((1,) * (d - 1) + (-1,)) if d > 1 else last_counts[freqs]
         yield per_group(hat, counts)
 
@@ -324,7 +325,7 @@ def _frequency_matrices(weight: torch.Tensor, input_size, stride, groups, dtype,
 def _dft(x: torch.Tensor, axis: int, q: int, freqs: torch.Tensor) -> torch.Tensor:
     """The length-``q`` DFT of complex ``x`` along ``axis`` (its taps, zero beyond), at the frequencies ``freqs``
     only: a direct sum over the few taps of a kernel."""
-    taps = torch.arange(x.shape[axis])
+    taps = torch.arange(x.shape[axis], device=freqs.device)
     # exact angles: the product a * u reduced modulo q before the division
     angles = ((taps[:, None] * freqs[None, :]) % q).to(torch.float64) * (-2 * math.pi / q)
     basis = torch.polar(torch.ones_like(angles), angles).to(device=x.device, dtype=x.dtype)  # (taps, freqs)
@@ -340,7 +341,7 @@ def _batched_svdvals(mats: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Te
     """
     bad = ~torch.isfinite(mats).flatten(1).all(1)  # (B,)
     if bool(bad.any()):
-        sv = _batched_svdvals(torch.where(bad[:, None, None], torch.zeros((), dtype=mats.dtype), mats), chunk_elems)
+        sv = _batched_svdvals(torch.where(bad[:, None, None], mats.new_zeros(()), mats), chunk_elems)
         return sv.masked_fill(bad[:, None], float("nan"))
     B = mats.shape[0]
     per = max(1, chunk_elems // max(1, mats.shape[1] * mats.shape[2]))
@@ -1937,7 +1938,8 @@ def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,
     if batch == 0:
         return jac.new_zeros(0, min(rows, columns))
     blocks = jac.reshape(batch, rows, batch, columns)
-    diagonal = blocks[torch.arange(batch), :, torch.arange(batch), :]  # (B, m_b, n_b)
+    index = torch.arange(batch, device=blocks.device)
+    diagonal = blocks[index, :, index, :]  # (B, m_b, n_b)
     return _batched_svdvals(diagonal)
 
 

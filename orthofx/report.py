@@ -94,8 +94,8 @@ from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d
                             FourierConv, _FrozenConvTranspose)
 from .nn.padding import CircularPad, per_dimension
 from .nn.precision import describe_nonfinite
-from .passes.base import (RECURRENT_TYPES, ParametrizationState, current_weight, describe_module,
-                          recurrent_hidden_weights)
+from .passes.base import (RECURRENT_TYPES, ParametrizationState, current_weight, default_device_set_aside,
+                          describe_module, recurrent_hidden_weights)
 from .passes.orth_regularizer import gate_blocks_lorth
 from .passes.riemannian import scale_lost_note
 from .errors import ArgumentError, first_few
@@ -482,7 +482,9 @@ def report(model: nn.Module) -> Report:
     # reading a weight advances a training-mode spectral_norm: a report leaves the model's state as it was, and
     # each parametrized weight is computed once (parametrize.cached), from that state: every figure (sigma, lorth,
     # the penalty's value) is that of one weight, the one the next forward uses, not of the 1st, 2nd, 3rd read
-    with ParametrizationState.kept(model), torch.nn.utils.parametrize.cached():
+    # the figures' scratch tensors (counts, grids) are made without a device: on the CPU, whatever default device
+    # the user set (the model is not run)
+    with ParametrizationState.kept(model), torch.nn.utils.parametrize.cached(), default_device_set_aside():
         if not is_transformed(model):
             parts = transformed_parts(model)
             return _parts_report(model, parts) if parts else _layers_report(model)

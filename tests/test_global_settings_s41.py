@@ -275,11 +275,6 @@ def test_transform_under_an_explicit_cpu_default_device_and_a_device_context():
     _assert_same_state(reference, gm)
 
 
-@pytest.mark.xfail(strict=True, reason="orthofx/metrics.py _rfft_counts: torch.full(...) without device= makes "
-                   "the counts on the user's default device; conv_singular_values then copies them to the "
-                   "kernel's device ('Cannot copy out of meta tensor'). Fix: _rfft_counts(q, device) with "
-                   "device=sv.device at its callers (or run orthofx.report under "
-                   "passes.base.default_device_set_aside())")
 def test_report_under_a_meta_default_device():
     _, gm, _ = _transformed("conv", "lorth")
     expected = str(orthofx.report(gm))
@@ -287,11 +282,6 @@ def test_report_under_a_meta_default_device():
         assert str(orthofx.report(gm)) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="orthofx/nn/convnorm.py (~line 612, the CPU float64 blocks of the weight "
-                   "for the filter): torch.empty(..., dtype=torch.float64) without device= lands on the user's "
-                   "default device, so a training-mode ConvNorm forward of a CPU model under "
-                   "set_default_device('meta') raises 'Tensor on device meta is not on the expected device cpu'. "
-                   "Fix: device=weight.device there")
 def test_convnorm_training_under_a_meta_default_device():
     _, gm, x = _transformed("conv", "convnorm")
     reference = copy.deepcopy(gm)

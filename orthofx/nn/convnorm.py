@@ -609,7 +609,7 @@ def _by_float64_rows(weight: torch.Tensor, reduce) -> torch.Tensor:
         return reduce(weight.to(torch.float64))
     rows = weight.shape[0]
     step = max(1, _FLOAT64_BLOCK // max(1, math.prod(weight.shape[1:])))
-    buffer = torch.empty((min(step, rows),) + tuple(weight.shape[1:]), dtype=torch.float64)
+    buffer = torch.empty((min(step, rows),) + tuple(weight.shape[1:]), dtype=torch.float64, device=weight.device)
     out = None
     for start in range(0, rows, step):
         block = buffer[:min(step, rows - start)]
