@@ -44,7 +44,7 @@ from torch import nn
 from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError, OrthofxWarning, caller_stacklevel
 from .nn.precision import HALF_PRECISION, autocast_enabled
-from .passes.base import mark_attached, refuse_fsdp1, whole
+from .passes.base import first_warning_outside, mark_attached, refuse_fsdp1, whole
 from .passes.pre_svd import pending_learning_rates
 from .passes.riemannian import is_zero_redundancy
 from .penalty import averaged_copies, part_site_path, trained_parts, transformed_parts
@@ -564,7 +564,7 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     _attach_warnings([(part, part.hooks) for part in parts], optimizer, warned, stacklevel=2)
     for part in parts:
         part.setup(optimizer, part.hooks)
-        mark_attached(part.root)  # its hooked weights stepped by any optimizer now draw no "not attached" warning
+        mark_attached(part.root, optimizer)  # its hooked weights stepped by another now warn only if none holds them
     # the handle's lists: every part's hooks, rebuilt in place when a skipped hook starts to run (the closures hold
     # these lists, not the handle, which would make a reference cycle through the optimizer's hook dicts)
     hooks = [hook for part in parts for hook in part.hooks]
@@ -603,7 +603,8 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
                     continue
                 if any(isinstance(w, torch.Tensor) and w.requires_grad and w.grad is not None for w in weights):
                     warned_unfrozen.add(key)
-                    _warn_unfrozen_left_out(optimizer, part, hook)
+                    if first_warning_outside(weights):  # not already warned about by another optimizer's step
+                        _warn_unfrozen_left_out(optimizer, part, hook)
 
     def run_hooks(opt, stage: str):
         # stage "before" / "after"; the parts act on different parameters, so their order changes no result.

@@ -364,8 +364,11 @@ class OptimizerHook:
 _HOOKED_WEIGHTS = WeakIdKeyDictionary()
 #: transformed models whose hooked weights are registered (``watch_hooked_weights`` once per model)
 _WATCHED_MODELS: weakref.WeakSet = weakref.WeakSet()
-#: transformed models some optimizer was attached to (a later ``handle.remove()`` is deliberate, not forgotten)
-_ATTACHED_MODELS: weakref.WeakSet = weakref.WeakSet()
+#: transformed model -> the optimizers ``orthofx.attach`` attached to it (both held weakly; a later
+#: ``handle.remove()`` is deliberate, not forgotten)
+_ATTACHED_OPTIMIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: hooked weights some orthofx warning said are stepped outside the attached optimizers: one warning per weight
+_WARNED_OUTSIDE = WeakIdKeyDictionary()
 _UNATTACHED_STEP_HOOK: list = []
 #: set on an optimizer once its first step was checked: the check costs one dict read per later step
 _UNATTACHED_CHECKED = "_orthofx_unattached_checked"
@@ -402,28 +405,69 @@ def watch_hooked_weights(root: nn.Module, hooks: list) -> None:
         _UNATTACHED_STEP_HOOK.append(register_optimizer_step_post_hook(_warn_unattached_step))
 
 
-def mark_attached(root: nn.Module) -> None:
-    """Record that ``orthofx.attach`` attached an optimizer to the transformed model ``root``: its hooked weights
-    stepped by any optimizer (ZeRO's local optimizers, an inner optimizer a wrapper delegates to) are not warned
-    about, nor after ``handle.remove()``."""
-    _ATTACHED_MODELS.add(root)
+def mark_attached(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Record that ``orthofx.attach`` attached ``optimizer`` to the transformed model ``root``: its hooked weights
+    stepped by another optimizer are not warned about while an attached one holds them (ZeRO's local optimizers,
+    an inner optimizer a wrapper delegates to, steps after ``handle.remove()``)."""
+    _ATTACHED_OPTIMIZERS.setdefault(root, weakref.WeakSet()).add(optimizer)
+
+
+def first_warning_outside(weights: list) -> bool:
+    """Whether none of ``weights`` (one site's) has been warned about as stepped outside the attached optimizers;
+    marks them. The attached optimizer's step (a weight it left out) and another optimizer's first step (a weight
+    it steps that no attached optimizer holds) may both see the same weight: the user gets one warning."""
+    tensors = [w for w in weights if isinstance(w, torch.Tensor)]
+    if any(w in _WARNED_OUTSIDE for w in tensors):
+        return False
+    for w in tensors:
+        _WARNED_OUTSIDE[w] = True
+    return True
 
 
 def _warn_unattached_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """Global step post hook: at an optimizer's first step, warn when it updated a hooked weight (one with a
-    gradient) of a transformed model that no optimizer was ever attached to."""
+    gradient) of a transformed model that no optimizer was ever attached to, or one that no optimizer attached to
+    its model holds (an optimizer rebuilt for a second phase and not attached, the old one gone; a weight taken
+    out of the attached optimizer and handed to this one)."""
     if torch.compiler.is_compiling() or optimizer.__dict__.get(_UNATTACHED_CHECKED):
         return
     optimizer.__dict__[_UNATTACHED_CHECKED] = True
     found: dict[int, tuple] = {}
+    outside: dict[int, list] = {}  # model -> its entries: attached optimizers exist, none holds the weight
+    held: dict[int, set[int]] = {}  # attached optimizer -> the ids of its parameters (built once per check)
+
+    def holds(other: torch.optim.Optimizer, parameter: torch.Tensor) -> bool:
+        if id(other) not in held:
+            held[id(other)] = {id(p) for g in other.param_groups for p in g["params"]}
+        return id(parameter) in held[id(other)]
+
     for group in optimizer.param_groups:
         for parameter in group["params"]:
             entry = _HOOKED_WEIGHTS.get(parameter)
             if entry is None or parameter.grad is None:
                 continue
             root = entry[0]()
-            if root is not None and root not in _ATTACHED_MODELS:
+            if root is None:
+                continue
+            attached = _ATTACHED_OPTIMIZERS.get(root)
+            if attached is None:
                 found.setdefault(id(root), entry)
+            elif (optimizer not in attached and not any(holds(other, parameter) for other in list(attached))
+                  and first_warning_outside([parameter])):
+                outside.setdefault(id(root), []).append(entry)
+    for entries in outside.values():  # one warning per model, as below
+        _, site, rule = entries[0]
+        more = len({entry[1] for entry in entries}) - 1
+        others = f" (and of {more} other site(s))" if more else ""
+        warnings.warn(f"{type(optimizer).__name__}.step() updated the weight(s) of site '{site}' (rule '{rule}')"
+                      f"{others}, whose orthofx optimizer hooks (Riemannian updates, NOG, OLR) run only in an "
+                      "optimizer passed to orthofx.attach, and no optimizer attached to this model holds them any "
+                      "more (taken out of its param groups, or the attached optimizer is gone): they train as plain "
+                      "parameters "
+                      "(Riemannian ones leave the Stiefel manifold). Call orthofx.attach(optimizer, gm) for this "
+                      "optimizer if it holds the model's trainable hooked weights (a rebuilt optimizer), else give "
+                      "these weights back to the attached optimizer (optimizer.add_param_group)", OrthofxWarning,
+                      stacklevel=3)  # at the user's optimizer.step(), past torch's step wrapper
     for _, site, rule in found.values():
         warnings.warn(f"{type(optimizer).__name__}.step() updated the weight(s) of site '{site}' (rule '{rule}'), "
                       "whose orthofx optimizer hooks (Riemannian updates, NOG, OLR) run only in an optimizer "

@@ -128,9 +128,9 @@ from ..errors import (ArgumentError, LayerArgumentError, OrthofxError, OrthofxWa
 from ..nn import stiefel
 from ..nn.precision import describe_nonfinite
 from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, TiedUse,
-                   check_tied, gate_blocks_text, is_uninitialised, matrices_text, recurrent_hidden_weights,
-                   recurrent_weights_reason, require_initialised, weight_groups, weight_label, whole,
-                   sparse_gradient_error, write_whole)
+                   check_tied, first_warning_outside, gate_blocks_text, is_uninitialised, matrices_text,
+                   recurrent_hidden_weights, recurrent_weights_reason, require_initialised, weight_groups,
+                   weight_label, whole, sparse_gradient_error, write_whole)
 from .registry import register_pass
 
 __all__ = ["Riemannian", "ScaleLostWarning", "StiefelHook", "scale_lost_note",
@@ -383,14 +383,11 @@ class StiefelHook(OptimizerHook):
                 f"momentum={self.momentum!r})")
 
 
-#: The optimizer's ``__dict__`` entry of the ids of the weights :func:`_warn_stepped_elsewhere` warned about.
-_WARNED_ELSEWHERE_KEY = "_orthofx_riemannian_stepped_elsewhere"
-
-
 def _warn_stepped_elsewhere(optimizer: torch.optim.Optimizer, weights: list[tuple[StiefelHook, nn.Parameter]]
                             ) -> None:
-    """Warn (:class:`~orthofx.OrthofxWarning`, once per weight and optimizer) about each of ``weights`` (trainable,
-    with a gradient, left unmoved by this step of the attached ``optimizer``) that ``optimizer`` does not hold.
+    """Warn (:class:`~orthofx.OrthofxWarning`, once per weight: :func:`~orthofx.passes.base.first_warning_outside`)
+    about each of ``weights`` (trainable, with a gradient, left unmoved by this step of the attached ``optimizer``)
+    that ``optimizer`` does not hold.
 
     A weight trainable at ``attach`` keeps its hook there; taken out of the optimizer's groups later (frozen and
     dropped) and unfrozen into another optimizer, that one steps it as a plain parameter. The hook still runs at
@@ -401,11 +398,9 @@ def _warn_stepped_elsewhere(optimizer: torch.optim.Optimizer, weights: list[tupl
     cached positions): a step in which every weight moved pays nothing."""
     from .pre_svd import _group_or_none  # pre_svd imports this module
 
-    warned = optimizer.__dict__.setdefault(_WARNED_ELSEWHERE_KEY, set())
     for hook, weight in weights:
-        if id(weight) in warned or _group_or_none(optimizer, weight) is not None:
+        if _group_or_none(optimizer, weight) is not None or not first_warning_outside([weight]):
             continue
-        warned.add(id(weight))
         warnings.warn(
             f"site '{hook.site}' (rule '{hook.rule}'): the weight(s) {list(hook.parameter_names)} were in this "
             f"{type(optimizer).__name__} when orthofx.attach attached it (or added since), and have been taken out "
