@@ -1335,9 +1335,50 @@ def one_trace_at_a_time(function: Callable) -> Callable:
     forward's own thread (the lock is reentrant)."""
     @functools.wraps(function)
     def locked(*args: Any, **kwargs: Any) -> Any:
-        with _TRACE_LOCK:
+        with _TRACE_LOCK, _modes_restored_on_error():
             return function(*args, **kwargs)
     return locked
+
+
+#: Device types whose autocast state :func:`_modes_restored_on_error` keeps (those torch's autocast supports here).
+_AUTOCAST_DEVICES = tuple(d for d in ("cpu", "cuda", "xpu", "mps") if torch.amp.is_autocast_available(d))
+
+
+def _autocast_nesting() -> int:
+    """The calling thread's count of open autocast blocks (torch has no plain getter)."""
+    nesting = torch.autocast_increment_nesting() - 1
+    torch.autocast_decrement_nesting()
+    return nesting
+
+
+@contextlib.contextmanager
+def _modes_restored_on_error():
+    """Grad mode and autocast state (each device type's enabled flag and dtype, the cast cache flag, the count of
+    open blocks) put back as they were when the block raises.
+
+    A captured graph enters and leaves its forward's ``no_grad`` / ``autocast`` blocks with calls
+    (:func:`set_grad_mode` ... :func:`exit_autocast`), not ``with`` statements: a run that raises between the two
+    leaves the block open. ``freeze(gm, bad_inputs)`` left the autocast nesting at 1, so no later autocast block
+    ever cleared torch's cache of weight casts: every forward under bfloat16 autocast reused the weights cast before
+    the first optimizer step, and training went on from stale weights without a warning. Whatever the call's runs
+    left open, its caller's modes are the ones it entered with; the cache is cleared as ``autocast.__exit__`` does
+    when the count gets back to 0."""
+    grad = torch.is_grad_enabled()
+    autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES]
+    cache, nesting = torch.is_autocast_cache_enabled(), _autocast_nesting()
+    try:
+        yield
+    except BaseException:
+        torch._C._set_grad_enabled(grad)
+        for device, enabled, dtype in autocast:
+            torch.set_autocast_enabled(device, enabled)
+            torch.set_autocast_dtype(device, dtype)
+        torch.set_autocast_cache_enabled(cache)
+        left_open = _autocast_nesting() - nesting
+        for _ in range(left_open):
+            if torch.autocast_decrement_nesting() == 0:
+                torch.clear_autocast_cache()
+        raise
 
 
 @one_trace_at_a_time
