@@ -33,8 +33,8 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from .capture import ModalGraphModule, _is_torch_layer, first_module_paths, module_scopes
-from .errors import LayerArgumentError, MetaWeightError, PlanError, first_few
+from .capture import ModalGraphModule, _is_torch_layer, _ModulePaths, first_module_paths, module_scopes
+from .errors import LayerArgumentError, MetaWeightError, OrthofxWarning, PlanError, caller_stacklevel, first_few
 from .nn import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                  OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
 from .nn.convnorm import FROZEN_FILTERS_MARKER, ConvNormConvNd
@@ -397,17 +397,68 @@ def _selects_for_hint(match: Match, site: Site, module: nn.Module | None, fed_by
         return False
 
 
-def module_aliases(model: nn.Module | None) -> dict[str, tuple[str, ...]]:
+def module_aliases(model: nn.Module | None, limit: int | None = None) -> dict[str, tuple[str, ...]] | None:
     """First path -> the other paths of each module of ``model`` reachable by more than one (two attributes naming
     one module, ``self.b = self.a``; an ``nn.Sequential`` holding one layer twice; the submodules below them). A
     site is named by the first path, as ``model.named_modules()`` and fx name it, whatever path a rule names.
-    The inverse of :func:`orthofx.capture.first_module_paths`."""
+    The inverse of :func:`orthofx.capture.first_module_paths`.
+
+    A module shared at every level of a nesting of depth d has 2^d - 1 other paths: ``limit`` bounds the other
+    paths listed, None returned beyond it (:func:`_listed_aliases` falls back to the linear :func:`_edge_aliases`)."""
     if model is None:
         return {}
+    if limit is not None:
+        # first_module_paths counts every path it walks: the modules' first paths (one each but the root's) too
+        limit += sum(1 for _ in model.named_modules()) - 1
+    firsts = first_module_paths(model, limit)
+    if firsts is None:
+        return None
     aliases: dict[str, list[str]] = {}
-    for other, first in first_module_paths(model).items():
+    for other, first in firsts.items():
         aliases.setdefault(first, []).append(other)
     return {name: tuple(paths) for name, paths in aliases.items()}
+
+
+#: The other paths of shared modules that rules' name patterns are compared with; a model with more (2^depth for a
+#: module shared at every level of a nesting) has them cut to the linear :func:`_edge_aliases`, with a warning.
+_ALIAS_PATHS_LISTED = 4096
+
+
+def _edge_aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """:func:`module_aliases` cut to one path per (module, child name) edge: for each child whose first path is not
+    ``p.c`` (``p`` its parent's first path, ``c`` the child's name there), ``p.c``. Linear in the model's size, and
+    each path listed is a path of its module; the paths below an alias (``first.conv`` for ``blocks.0.conv``) and
+    those through two or more aliases are left out."""
+    aliases: dict[str, list[str]] = {}
+    for other, first in _ModulePaths(model).edges.items():
+        aliases.setdefault(first, []).append(other)
+    return {name: tuple(paths) for name, paths in aliases.items()}
+
+
+def _listed_aliases(model: nn.Module | None, rules: Iterable[Rule]) -> tuple[dict[str, tuple[str, ...]], str | None]:
+    """The other paths of ``model``'s shared modules that ``rules`` compare their name patterns with
+    (:func:`module_aliases`, the root's left out) and a warning when they are not all of them.
+
+    Only ``name`` and ``exclude`` patterns read other paths (:meth:`orthofx.policy.Match.matches_name`): without
+    such a rule none are listed. With more than :data:`_ALIAS_PATHS_LISTED` other paths, each module's
+    :func:`_edge_aliases` are listed; the warning names the rules whose patterns are thus not compared with every
+    path, and the names to write instead."""
+    named = [rule.name for rule in rules if rule.match.name or rule.match.exclude]
+    if model is None or not named:
+        return {}, None
+    aliases = module_aliases(model, _ALIAS_PATHS_LISTED)
+    if aliases is not None:
+        return {name: paths for name, paths in aliases.items() if name}, None
+    aliases = {name: paths for name, paths in _edge_aliases(model).items() if name}
+    first, others = next(iter(aliases.items()), ("", ("",)))
+    example = f" ({others[0]!r} for {first!r})" if first else ""
+    warning = (f"the model's submodules have more than {_ALIAS_PATHS_LISTED} attribute paths besides their "
+               "model.named_modules() names (a module held under two names at every level of a nesting has "
+               f"2^depth of them): the name and exclude patterns of rule(s) {first_few([repr(n) for n in named], 4)} "
+               "are compared with each module's named_modules() name and the paths one other attribute name gives "
+               f"it{example}, not with every path, so a pattern written for a path through two other names, or "
+               "below one, selects (or excludes) nothing there: write it against the named_modules() names")
+    return aliases, warning
 
 
 def _rule_selects(rule: Rule, site: Site, module: nn.Module | None, fed_by: dict[str, set[str]],
@@ -459,8 +510,9 @@ def _rule_place(rule: Rule, *, match: bool = False, position: int | None = None,
 def block_paths(model: nn.Module, policy: Policy) -> list[str]:
     """Qualified names of the submodules that ``kind: block`` rules select; capture keeps them as leaves."""
     paths = []
-    # a module under two names is selected (and excluded) by either, as build_plan selects its sites
-    aliases = module_aliases(model)
+    # a module under two names is selected (and excluded) by either, as build_plan selects its sites (which warns
+    # when there are too many names to list them all)
+    aliases = _listed_aliases(model, [rule for rule in policy.rules if rule.match.kind == "block"])[0]
     for position, rule in enumerate(policy.rules):
         if rule.match.kind != "block":
             continue
@@ -846,7 +898,11 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
     ``has_example_inputs``), so that a pass needing a site's input size refuses it here without them."""
     sites, nodes = _all_sites(gm, blocks)
     traced = traced_through_layers(model, sites) if model is not None else {}
-    aliases = {name: paths for name, paths in module_aliases(model).items() if name}
+    aliases, too_many = _listed_aliases(model, policy.rules)
+    if too_many is not None:
+        warnings.warn(too_many, OrthofxWarning, stacklevel=caller_stacklevel())
+        if capture is not None and too_many not in capture.warnings:
+            capture.warnings.append(too_many)
     fed_by: dict[str, set[str]] = {}
     for site in sites:
         if site.kind == "function":
@@ -1348,7 +1404,12 @@ def unused_leaf_entries(policy: Policy, model: nn.Module) -> list[str]:
     entries = policy.capture.leaf_modules
     if not entries:
         return []
-    firsts = first_module_paths(model)  # other path -> the module's first path
+    # other path -> the module's first path; beyond a bound (2^depth paths of a module shared at every level of a
+    # nesting), an entry is resolved as a path on its own and the close matches are looked for among fewer paths
+    listed = module_aliases(model, _ALIAS_PATHS_LISTED)
+    resolver = None if listed is not None else _ModulePaths(model)
+    firsts = {other: first for first, others in (listed if listed is not None else _edge_aliases(model)).items()
+              for other in others}
     known: set[str] = set()
     classes: set[type] = set()
     for name, module in model.named_modules():
@@ -1359,6 +1420,8 @@ def unused_leaf_entries(policy: Policy, model: nn.Module) -> list[str]:
     for entry in entries:
         if entry in known:
             continue
+        if entry not in firsts and resolver is not None and _is_module_path(model, entry):
+            firsts[entry] = resolver.canonical(entry)
         if entry in firsts:
             warnings.append(f"capture.leaf_modules entry {entry!r} is another path of the submodule "
                             f"{firsts[entry]!r} (one module under two names), and a module is kept as a leaf by "
@@ -1377,6 +1440,16 @@ def unused_leaf_entries(policy: Policy, model: nn.Module) -> list[str]:
         warnings.append(f"capture.leaf_modules entry {entry!r} names no submodule path and no class of the model, "
                         f"so it keeps nothing as a leaf{hint}")
     return warnings
+
+
+def _is_module_path(model: nn.Module, path: str) -> bool:
+    """Whether ``path`` names a submodule of ``model`` (each step a module's child)."""
+    module = model
+    for part in path.split("."):
+        module = module._modules.get(part) if isinstance(module, nn.Module) else None
+        if module is None:
+            return False
+    return True
 
 
 def _layer_class_names(model: nn.Module) -> set[str]:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import fx, nn
 
-from .capture import (capture, copy_model, copy_targets, input_tuple, keyword_inputs, one_trace_at_a_time,
+from .capture import (_join, capture, copy_model, copy_targets, input_tuple, keyword_inputs, one_trace_at_a_time,
                       positional_call, replaced_forward, uninitialised_lazy_modules, unwrap_model)
 from .errors import (ArgumentError, CaptureError, OrthofxError, OrthofxWarning, TransformError, caller_stacklevel,
                      damaged_metadata_entry, first_few, saved_count)
@@ -32,8 +32,7 @@ from .nn.precision import describe_nonfinite, relative_distance
 from .passes.base import (MANIFEST_KEY, EvalRun, Manifest, ParametrizationState, PassContext, PlanEntry, Site,
                           default_device_set_aside, parameters_watched, replace_module, watch_hooked_weights)
 from .passes.registry import get_pass
-from .plan import (Plan, block_paths, build_plan, meta_tensors, meta_text, mode_graphs, module_aliases,
-                   other_mode_graph)
+from .plan import Plan, block_paths, build_plan, meta_tensors, meta_text, mode_graphs, other_mode_graph
 from .policy import Policy
 
 __all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed", "output_tensors",
@@ -635,10 +634,15 @@ def _failing_site(exc: BaseException, entries: list[PlanEntry]) -> str:
 def _share_replaced_layers(root: nn.Module, gm: fx.GraphModule) -> None:
     """``inplace=True``: set the layers the passes put into ``gm`` at the same paths of the user's model. Only
     modules the graphs call are considered: fx builds its own intermediate containers, which must not replace the
-    model's."""
+    model's.
+
+    A module under two names (``self.b = self.a``) is one site, named by its first path: the model must call the
+    new layer under every name, as gm does. Every such name ends in one (module, child name) edge of the model, so
+    the edges holding a replaced module are set, each once: a module shared at every level of a nesting has 2^depth
+    paths but 2 edges per level. The modules inside a replaced one are left as they are, as under its first path."""
     called = sorted({node.target for graph, _ in mode_graphs(gm) for node in graph.nodes if node.op == "call_module"},
                     key=lambda path: path.count("."))
-    aliases = module_aliases(root)
+    replaced: dict[int, tuple[str, nn.Module]] = {}  # id(old) -> (its first path, the new layer)
     done: list[str] = []
     for path in called:
         if any(path.startswith(outer + ".") for outer in done):
@@ -649,11 +653,33 @@ def _share_replaced_layers(root: nn.Module, gm: fx.GraphModule) -> None:
             continue  # a module the passes added (a monitor): the model has no place for it
         new = gm.get_submodule(path)
         if new is not old:
-            # a module under two names (self.b = self.a) is one site, named by its first path: the model must
-            # call the new layer under every name, as gm does
-            for alias in (path, *aliases.get(path, ())):
-                replace_module(root, alias, new)
+            replaced[id(old)] = (path, new)
             done.append(path)
+    if not replaced:
+        return
+    # (the parent's path, the child's name, the new layer, whether that is the layer's first path), found in the
+    # order of named_modules(), which gives the parents their first paths
+    edges: list[tuple[str, str, nn.Module, bool]] = []
+    seen: set[int] = set()
+    stack = [("", root)]
+    while stack:
+        parent_path, parent = stack.pop()
+        if id(parent) in seen:
+            continue
+        seen.add(id(parent))
+        below = []
+        for name, child in parent._modules.items():
+            if child is None:
+                continue
+            if id(child) in replaced:
+                first, new = replaced[id(child)]
+                edges.append((parent_path, name, new, _join(parent_path, name) == first))
+            elif id(child) not in seen:
+                below.append((_join(parent_path, name), child))
+        stack.extend(reversed(below))
+    # the first path last: replace_module labels the layer with the path it puts it at (the site's name)
+    for parent_path, name, new, _ in sorted(edges, key=lambda edge: edge[3]):
+        replace_module(root, _join(parent_path, name), new)
 
 
 def _rewrite_other_mode(gm: fx.GraphModule, graph: fx.Graph, mode: str, plan: Plan, manifest: Manifest) -> None:

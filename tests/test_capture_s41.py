@@ -14,6 +14,10 @@ import orthofx
 from orthofx import capture as capture_module
 from orthofx.capture import _ModulePaths, capture, first_module_paths
 
+#: 2^25 paths: code walking every path takes hours, code linear in the model's edges milliseconds. A bound far
+#: from both, so that a loaded CI machine cannot fail a linear walk (not a timing test).
+HANG_SECONDS = 20.0
+
 
 def _all_paths(model: nn.Module) -> dict[str, nn.Module]:
     """Brute force: every attribute path of every module (a path never revisits a module on it) -> the module."""
@@ -97,7 +101,7 @@ def test_paths_of_a_module_shared_at_every_level_resolve_in_linear_time():
     start = time.perf_counter()
     resolver = _ModulePaths(model)
     assert resolver.canonical(".".join("ab" * 12 + "b") + ".weight") == ".".join("a" * 25) + ".weight"
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < HANG_SECONDS
     assert len(resolver.edges) == 25
     assert first_module_paths(model, limit=1000) is None
 
@@ -106,7 +110,7 @@ def test_fx_capture_of_a_deeply_shared_model_is_fast():
     model, x = _deep(25), torch.randn(2, 4)
     start = time.perf_counter()
     gm, _ = capture(model, mode="fx", example_inputs=(x,))
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < HANG_SECONDS
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
 
 
@@ -131,13 +135,11 @@ def test_export_of_a_deeply_shared_model_gives_torch_export_only_the_names_used(
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="orthofx/plan.py module_aliases lists every path of every shared module "
-                                        "(first_module_paths): 2^depth, so transform hangs on deep sharing")
 def test_transform_of_a_deeply_shared_model_is_fast():
-    model, x = _deep(18), torch.randn(2, 4)
+    model, x = _deep(25), torch.randn(2, 4)
     start = time.perf_counter()
     orthofx.transform(model, "lorth", example_inputs=(x,))
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < HANG_SECONDS
 
 
 # ------------------------------------------------------------------------- a leaf also called via functional_call
