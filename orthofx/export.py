@@ -98,7 +98,7 @@ from .passes.svd_conditioning import (_constant_nodes, _copy_meta, _erase_dead, 
                                       _graph_modules, _mutated_attributes, _run_constants, decomposition_op,
                                       fold_constant_decompositions, foldable_seed, plain_decompositions,
                                       stand_in_call, to_newton_schulz)
-from .penalty import module_path_within, part_site_path, transformed_parts
+from .penalty import part_site_path, transformed_parts
 from .plan import build_plan, collect_sites, meta_tensors, producers_feeding
 from .policy import Policy
 from .transform import (ExampleCall, _observe, _outside_inference_mode, example_call, is_transformed, manifest_of,
@@ -592,10 +592,22 @@ def _paths_reaching(root: nn.Module, target: nn.Module) -> list[str]:
     """The outermost paths in ``root`` of ``target`` itself or a wrapper of it (``self.fast =
     torch.compile(self.backbone)``), each name of a module registered twice included, so that a part frozen once
     replaces every way the model reaches it."""
+    # One path per (parent module, child name) edge that holds the target, each parent under its first name: a
+    # parent shared under several names is one module, so setting its attribute replaces the target under all of
+    # them. Walking every path instead was 2^depth for a module shared at every level of a nesting.
     paths: list[str] = []
-    for name, module in root.named_modules(remove_duplicate=False):
-        if name and not any(module_path_within(name, path) for path in paths) and unwrap_model(module) is target:
-            paths.append(name)
+    seen, stack = {id(root)}, [("", root)]
+    while stack:
+        path, module = stack.pop()
+        for name, child in module._modules.items():
+            child_path = f"{path}.{name}" if path else name
+            if child is None:
+                continue
+            if unwrap_model(child) is target:
+                paths.append(child_path)  # outermost: not entered
+            elif id(child) not in seen:
+                seen.add(id(child))
+                stack.append((child_path, child))
     return paths
 
 
