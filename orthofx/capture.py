@@ -2210,13 +2210,19 @@ class _DirectCalls:
 
         def held_at_start(module: nn.Module, args: tuple) -> None:
             self.own = {path: _held(model.get_submodule(path)) for path in (*leaves, *inner)}
+            # each run of the forward counts afresh: a run torch.export gave up on part way (the dynamic-batch
+            # attempt before the static one) would shift the call names of the run kept (lin@2 for lin@1), and
+            # the call excluded would not be the substituted one
+            self.count.clear()
+            self.substituted.clear()
+            self.swapped.clear()
 
         def held_at_end(module: nn.Module, args: tuple, output: Any) -> None:
             # functional_call puts the module's own parameters back once the call (hooks included) returned
             swapped = [name for name in self.substituted
                        if _held(model.get_submodule(name.split("@")[0])) == self.own.get(name.split("@")[0])]
             self.swapped += swapped
-            self.substituted = [name for name in self.substituted if name not in swapped]
+            self.substituted[:] = [name for name in self.substituted if name not in swapped]
 
         self.handles = [model.register_forward_pre_hook(held_at_start),
                         model.register_forward_hook(held_at_end, always_call=True)]
@@ -2800,23 +2806,22 @@ def first_module_paths(model: nn.Module, limit: int | None = None) -> dict[str, 
     ``blocks.0``, and the paths below it: ``first.conv`` -> ``blocks.0.conv``).
 
     The map has an entry per path, and a model sharing a module at every level of a nesting (each level holding
-    its child under two names) has 2^depth paths: ``limit`` bounds the paths walked, None returned beyond it.
+    its child under two names) has 2^depth paths: ``limit`` bounds the entries (other paths), None returned beyond
+    it.
     Resolving a path needs no such walk: :class:`_ModulePaths` does it in time linear in the model's size."""
     names = {id(module): path for path, module in model.named_modules()}
     aliases: dict[str, str] = {}
-    walked = 0
 
     def walk(module: nn.Module, path: str, ancestors: tuple[int, ...]) -> bool:
-        nonlocal walked
         for name, child in module._modules.items():
             if child is None or id(child) in ancestors:  # a cycle (a child holding its parent): no new names
                 continue
-            walked += 1
-            if limit is not None and walked > limit:
-                return False
             child_path = _join(path, name)
             if names[id(child)] != child_path:
                 aliases[child_path] = names[id(child)]
+                # every path walked is a module's first name (once each) or an entry: the walk is bounded too
+                if limit is not None and len(aliases) > limit:
+                    return False
             if not walk(child, child_path, ancestors + (id(child),)):
                 return False
         return True

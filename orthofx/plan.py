@@ -407,9 +407,6 @@ def module_aliases(model: nn.Module | None, limit: int | None = None) -> dict[st
     paths listed, None returned beyond it (:func:`_listed_aliases` falls back to the linear :func:`_edge_aliases`)."""
     if model is None:
         return {}
-    if limit is not None:
-        # first_module_paths counts every path it walks: the modules' first paths (one each but the root's) too
-        limit += sum(1 for _ in model.named_modules()) - 1
     firsts = first_module_paths(model, limit)
     if firsts is None:
         return None

@@ -47,3 +47,51 @@ def test_frequency_matrices_of_a_cpu_weight_under_a_meta_default_device(shape, i
     sv = torch.cat([torch.linalg.svdvals(m).repeat_interleave(c, 0) for mats, counts in got
                     for m, c in zip(mats, counts)]).sort(descending=True).values
     torch.testing.assert_close(sv, torch.linalg.svdvals(dense), atol=1e-10, rtol=1e-10)
+
+
+# ------------------------------------------------- export capture: a functional_call'd leaf after a failed attempt
+
+class _FunctionalAfterDynamicFailure(torch.nn.Module):
+    """``lin`` called with its own weights, then a dict lookup keyed by the batch size (the dynamic-batch export
+    attempt fails there, the static one goes on), then ``lin`` through functional_call with other weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.other = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        scale = {3: 1.0}[x.shape[0]]
+        fast = {"weight": self.other.weight * 2, "bias": self.other.bias}
+        return torch.func.functional_call(self.lin, fast, (h,)) * scale + h
+
+
+def test_functional_call_after_a_failed_dynamic_attempt_stays_inlined():
+    """The failed attempt's calls were still counted, so the kept run named its calls one off (``lin@2``): the
+    substituted call became ``call_module lin``, computing with lin's own weights (1.32 off the model). The model
+    is the reference."""
+    from orthofx.capture import capture
+
+    torch.manual_seed(0)
+    model, x = _FunctionalAfterDynamicFailure(), torch.randn(3, 4)
+    gm, info = capture(model, mode="export", example_inputs=(x,))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["lin"]
+    assert [w for w in info.warnings if "lin@" in w] and all("'lin@1'" in w for w in info.warnings if "lin@" in w)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+def test_alias_walk_bound_counts_other_paths_not_modules():
+    """``first_module_paths(model, limit)`` gives up past ``limit`` other paths; it counted every module walked,
+    so any model of more than 256 submodules and one shared leaf cost export capture a second torch.export."""
+    from orthofx.capture import first_module_paths
+
+    blocks = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh()) for _ in range(200)])
+    model = torch.nn.Module()
+    model.blocks = blocks
+    model.head = blocks[0][0]
+    assert first_module_paths(model, 1) == {"head": "blocks.0.0"}
+    shared = torch.nn.Module()
+    shared.a = shared.b = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    assert first_module_paths(shared, 2) is None  # b, b.0, b.1
+    assert first_module_paths(shared, 3) == {"b": "a", "b.0": "a.0", "b.1": "a.1"}
