@@ -416,9 +416,18 @@ def module_aliases(model: nn.Module | None, limit: int | None = None) -> dict[st
     return {name: tuple(paths) for name, paths in aliases.items()}
 
 
-#: The other paths of shared modules that rules' name patterns are compared with; a model with more (2^depth for a
-#: module shared at every level of a nesting) has them cut to the linear :func:`_edge_aliases`, with a warning.
+#: The other paths of shared modules that rules' name patterns are compared with, at least; a model with more than
+#: this or 16 per (module, child name) edge (:func:`_alias_paths_listed`) has them cut to the linear
+#: :func:`_edge_aliases`, with a warning.
 _ALIAS_PATHS_LISTED = 4096
+
+
+def _alias_paths_listed(model: nn.Module) -> int:
+    """How many other paths :func:`module_aliases` lists for ``model`` before giving up: an alias of a big subtree
+    (``self.encoder = self.backbone``, a ``torch.compile`` wrapper's ``_orig_mod`` paths) adds about as many as the
+    subtree has edges, a module shared at every level of a nesting of depth d 2^d - 1 for 2d edges."""
+    edges = sum(len(module._modules) for module in model.modules())
+    return max(_ALIAS_PATHS_LISTED, 16 * edges)
 
 
 def _edge_aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
@@ -443,15 +452,16 @@ def _listed_aliases(model: nn.Module | None, rules: Iterable[Rule]) -> tuple[dic
     named = [rule.name for rule in rules if rule.match.name or rule.match.exclude]
     if model is None or not named:
         return {}, None
-    aliases = module_aliases(model, _ALIAS_PATHS_LISTED)
+    limit = _alias_paths_listed(model)
+    aliases = module_aliases(model, limit)
     if aliases is not None:
         return {name: paths for name, paths in aliases.items() if name}, None
     aliases = {name: paths for name, paths in _edge_aliases(model).items() if name}
     first, others = next(iter(aliases.items()), ("", ("",)))
     example = f" ({others[0]!r} for {first!r})" if first else ""
-    warning = (f"the model's submodules have more than {_ALIAS_PATHS_LISTED} attribute paths besides their "
-               "model.named_modules() names (a module held under two names at every level of a nesting has "
-               f"2^depth of them): the name and exclude patterns of rule(s) {first_few([repr(n) for n in named], 4)} "
+    warning = (f"the model's submodules have more than {limit} attribute paths besides their "
+               "model.named_modules() names (modules held under two names at many levels of a nesting: 2^depth "
+               f"paths): the name and exclude patterns of rule(s) {first_few([repr(n) for n in named], 4)} "
                "are compared with each module's named_modules() name and the paths one other attribute name gives "
                f"it{example}, not with every path, so a pattern written for a path through two other names, or "
                "below one, selects (or excludes) nothing there: write it against the named_modules() names")
@@ -1403,7 +1413,7 @@ def unused_leaf_entries(policy: Policy, model: nn.Module) -> list[str]:
         return []
     # other path -> the module's first path; beyond a bound (2^depth paths of a module shared at every level of a
     # nesting), an entry is resolved as a path on its own and the close matches are looked for among fewer paths
-    listed = module_aliases(model, _ALIAS_PATHS_LISTED)
+    listed = module_aliases(model, _alias_paths_listed(model))
     resolver = None if listed is not None else _ModulePaths(model)
     firsts = {other: first for first, others in (listed if listed is not None else _edge_aliases(model)).items()
               for other in others}

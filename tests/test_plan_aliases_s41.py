@@ -191,7 +191,7 @@ def test_past_the_bound_patterns_see_the_names_and_one_other_name_per_edge_with_
     model = _random_model(rng)
     while sum(len(p) - 1 for p in _paths_by_first(model).values()) < 3:
         model = _random_model(rng)
-    monkeypatch.setattr(plan_module, "_ALIAS_PATHS_LISTED", 2)
+    monkeypatch.setattr(plan_module, "_alias_paths_listed", lambda model: 2)
     # the reference cut: a module's name, and for each edge (parent, child name) the parent's name + the child's
     # name where that is not the child's own name
     first = {id(m): name for name, m in model.named_modules()}
@@ -211,7 +211,8 @@ def test_past_the_bound_patterns_see_the_names_and_one_other_name_per_edge_with_
 
 
 def test_a_model_of_many_modules_and_no_sharing_is_no_case_of_the_bound(monkeypatch):
-    monkeypatch.setattr(plan_module, "_ALIAS_PATHS_LISTED", 2)  # the bound counts other paths, not modules
+    # the bound counts other paths, not modules
+    monkeypatch.setattr(plan_module, "_alias_paths_listed", lambda model: 2)
     model = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(5)])
     with warnings.catch_warnings():
         warnings.simplefilter("error", OrthofxWarning)
@@ -319,3 +320,31 @@ def test_freeze_of_a_deeply_shared_model_holding_a_transformed_part_is_fast():
     frozen = orthofx.freeze(model, example_inputs=(x,))
     assert time.perf_counter() - start < HANG_SECONDS
     torch.testing.assert_close(frozen(x), model.eval()(x), rtol=0, atol=0)
+
+
+class _BigBackbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0, self.lin1 = nn.Linear(2, 2), nn.Linear(2, 2)
+        self.spare = nn.ModuleList(nn.Identity() for _ in range(2100))
+
+    def forward(self, x):
+        return self.lin1(torch.tanh(self.lin0(x)))
+
+
+def test_an_alias_of_a_big_subtree_lists_every_path_and_does_not_warn():
+    """The bound on the paths listed grows with the model (16 per edge): two aliases of a big backbone have 4206
+    other paths, past a flat 4096, and an exclude rule written against an alias lost them (the excluded layer was
+    transformed, with a warning blaming deep sharing). The reference is the rule applied to the first
+    names, which name the same modules."""
+    # two Linear sites and 2100 modules the forward does not call: 2 x 2103 other paths ('backbone.*', 'encoder.*')
+    model = nn.Sequential(_BigBackbone())
+    model.backbone = model[0]  # named_modules: '0.*'
+    model.encoder = model[0]
+    rule = {"name": "r", "match": {"type": "Linear", "exclude": ["encoder.lin1"]}, "apply": "orth_regularizer"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = orthofx.explain(model, {"rules": [rule]})
+    reference = orthofx.explain(model, {"rules": [{**rule, "match": {"type": "Linear", "exclude": ["0.lin1"]}}]})
+    sites = {entry.site.name for entry in plan.entries}
+    assert sites == {entry.site.name for entry in reference.entries} == {"0.lin0"}
