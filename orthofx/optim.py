@@ -44,7 +44,8 @@ from torch import nn
 from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError, OrthofxWarning, caller_stacklevel
 from .nn.precision import HALF_PRECISION, autocast_enabled
-from .passes.base import first_warning_outside, mark_attached, refuse_fsdp1, whole
+from .passes.base import (count_attached_step, first_warning_outside, mark_attached, mark_released,
+                          refuse_fsdp1, whole)
 from .passes.pre_svd import pending_learning_rates
 from .passes.riemannian import is_zero_redundancy
 from .penalty import averaged_copies, part_site_path, trained_parts, transformed_parts
@@ -71,8 +72,10 @@ class AttachHandle:
         orthofx.attach(optimizer, gm)   # and may be attached again
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, hooks: list, handles: list, skipped: list | None = None):
+    def __init__(self, optimizer: torch.optim.Optimizer, hooks: list, handles: list, skipped: list | None = None,
+                 roots: list | None = None):
         self.optimizer = optimizer
+        self._roots = [weakref.ref(root) for root in roots or ()]  # the models attached (see remove)
         # the key of this attachment in the optimizer's registry: a number, not id(self), which a handle created
         # after this one is dropped (without remove(): its hooks stay) may reuse, overwriting its entry
         self._key = next(_ATTACHMENT_KEYS)
@@ -88,6 +91,10 @@ class AttachHandle:
             handle.remove()
         self._handles = []
         self.optimizer.__dict__.get("_orthofx_attached", {}).pop(self._key, None)
+        for reference in self._roots:  # their weights stepped by other optimizers from now on: deliberate
+            root = reference()
+            if root is not None:
+                mark_released(root)
 
     def __repr__(self) -> str:
         return f"AttachHandle({len(self.hooks)} hook(s): {self.hooks!r})"
@@ -630,6 +637,7 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     # hooks are Python state that must change exactly once per step. The optimizer's own update stays compiled.
     @_run_eagerly
     def run_before(opt):
+        count_attached_step(opt)  # another optimizer stepping weights this one holds is looked at by its steps
         if skipped:
             activate_added(opt)
             warn_unfrozen_left_out()
@@ -677,7 +685,7 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
 
     handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after),
                _StepGuard(optimizer, run_after)]
-    handle = AttachHandle(optimizer, hooks, handles, skipped)
+    handle = AttachHandle(optimizer, hooks, handles, skipped, roots=[part.root for part in parts])
     # the roots whose hooks this attachment runs: an attach of any of them again is refused (_already_attached)
     optimizer.__dict__.setdefault("_orthofx_attached", {})[handle._key] = tuple(id(part.root) for part in parts)
     return handle

@@ -326,3 +326,64 @@ def test_optimizer_rebuilt_for_a_second_phase_and_not_attached_warns_at_its_firs
         warnings.simplefilter("error")
         _train(gm, [fixed], 7)
     assert _orthonormality(gm.get_submodule("0").weight) < 1e-5
+
+
+def test_rebuilt_optimizer_warns_at_its_third_step_while_the_attached_one_is_alive_and_idle():
+    """The usual form of the forgotten ``attach``: ``optimizer = Adam(gm.parameters())`` rebinds the name, and the
+    attached optimizer is not freed (only the cycle collector frees a torch optimizer; a scheduler keeps it). It
+    holds the weights but no longer steps: the new optimizer's third step warns, once. An attached optimizer that
+    keeps stepping beside it (both training) is not warned about, nor a model whose attachment was removed."""
+    gm = orthofx.transform(_mlp(), _STIEFEL)
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1)
+    orthofx.attach(optimizer, gm)
+    _train(gm, [optimizer], 0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 10)  # keeps the first optimizer alive
+    optimizer = torch.optim.Adam(gm.parameters(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(gm, [optimizer], 1)
+        _train(gm, [optimizer], 2)
+    with pytest.warns(orthofx.OrthofxWarning, match=r"Adam.step\(\) updated the weight\(s\) of site '0'.*\(and of 1 "
+                      r"other site\(s\)\).*has not stepped in this one's first 3 steps") as record:
+        _train(gm, [optimizer], 3)
+    assert [w.filename for w in record if issubclass(w.category, orthofx.OrthofxWarning)] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(gm, [optimizer], 4)
+    assert scheduler.optimizer is not optimizer
+
+
+@pytest.mark.parametrize("released", [False, True])
+def test_attached_optimizer_stepping_beside_another_or_a_removed_attachment_is_quiet(released):
+    gm = orthofx.transform(_mlp(), _STIEFEL)
+    attached = torch.optim.SGD(gm.parameters(), lr=0.1)
+    handle = orthofx.attach(attached, gm)
+    _train(gm, [attached], 0)
+    if released:
+        handle.remove()  # deliberate (README): no warning, whichever optimizer steps the weights
+        del attached, handle
+        import gc
+        gc.collect()
+    other = torch.optim.SGD(gm.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for index in range(1, 6):
+            _train(gm, [other] if released else [other, attached], index)
+
+
+def test_an_optimizer_class_defining_eq_can_be_attached_and_step_beside_attached_models():
+    """``mark_attached`` kept optimizers in a WeakSet, which hashes them: an optimizer class defining ``__eq__``
+    (a dataclass) raised TypeError from attach, and from torch's step hook when it only stepped beside one."""
+    class Comparable(torch.optim.SGD):
+        def __eq__(self, other):
+            return self is other
+
+    gm = orthofx.transform(_mlp(), _STIEFEL)
+    optimizer = Comparable(gm.parameters(), lr=0.1)
+    orthofx.attach(optimizer, gm)
+    _train(gm, [optimizer], 0)
+    other_model = nn.Linear(3, 3)
+    beside = Comparable(other_model.parameters(), lr=0.1)
+    other_model(torch.randn(2, 3)).sum().backward()
+    beside.step()
+    assert _orthonormality(gm.get_submodule("0").weight) < 1e-8

@@ -28,7 +28,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..errors import SITE_ATTRIBUTE, OrthofxError, OrthofxWarning, PlanError
+from ..errors import SITE_ATTRIBUTE, OrthofxError, OrthofxWarning, PlanError, caller_stacklevel
 from ..nn.jacobian import JacobianProbe
 from ..nn.orthogonal import gain_range_problem
 from ..nn.tracing import is_orthofx_module
@@ -364,11 +364,18 @@ class OptimizerHook:
 _HOOKED_WEIGHTS = WeakIdKeyDictionary()
 #: transformed models whose hooked weights are registered (``watch_hooked_weights`` once per model)
 _WATCHED_MODELS: weakref.WeakSet = weakref.WeakSet()
-#: transformed model -> the optimizers ``orthofx.attach`` attached to it (both held weakly; a later
-#: ``handle.remove()`` is deliberate, not forgotten)
-_ATTACHED_OPTIMIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: transformed model -> the optimizers ``orthofx.attach`` attached to it (both held weakly, by identity: an optimizer
+#: class defining ``__eq__`` is not hashable)
+_ATTACHED_OPTIMIZERS = WeakIdKeyDictionary()
+#: transformed models one of whose attachments was removed (``handle.remove()``: deliberate, not forgotten)
+_RELEASED_MODELS = WeakIdKeyDictionary()
 #: hooked weights some orthofx warning said are stepped outside the attached optimizers: one warning per weight
 _WARNED_OUTSIDE = WeakIdKeyDictionary()
+#: an attached optimizer's ``__dict__`` entry: its steps so far (:func:`count_attached_step`)
+_ATTACHED_STEPS = "_orthofx_attached_steps"
+#: the step of another optimizer at which a weight it steps, held at its first step by an attached optimizer that
+#: has not stepped since, is warned about (:func:`_warn_unattached_step`)
+_HOLDERS_RECHECKED_AT = 3
 _UNATTACHED_STEP_HOOK: list = []
 #: set on an optimizer once its first step was checked: the check costs one dict read per later step
 _UNATTACHED_CHECKED = "_orthofx_unattached_checked"
@@ -407,9 +414,26 @@ def watch_hooked_weights(root: nn.Module, hooks: list) -> None:
 
 def mark_attached(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Record that ``orthofx.attach`` attached ``optimizer`` to the transformed model ``root``: its hooked weights
-    stepped by another optimizer are not warned about while an attached one holds them (ZeRO's local optimizers,
-    an inner optimizer a wrapper delegates to, steps after ``handle.remove()``)."""
-    _ATTACHED_OPTIMIZERS.setdefault(root, weakref.WeakSet()).add(optimizer)
+    stepped by another optimizer are not warned about while an attached one holds them and steps too (ZeRO's
+    local optimizers, an inner optimizer a wrapper delegates to)."""
+    _ATTACHED_OPTIMIZERS.setdefault(root, WeakIdKeyDictionary())[optimizer] = True
+
+
+def mark_released(root: nn.Module) -> None:
+    """Record that an attachment to ``root`` was removed (``handle.remove()``): its hooked weights stepped by any
+    optimizer from now on are the user's choice, not warned about."""
+    _RELEASED_MODELS[root] = True
+
+
+def count_attached_step(optimizer: torch.optim.Optimizer) -> None:
+    """Count a step of an attached optimizer (from its step hook): another optimizer stepping weights it holds
+    is warned about when it stops stepping (:func:`_warn_unattached_step`)."""
+    optimizer.__dict__[_ATTACHED_STEPS] = optimizer.__dict__.get(_ATTACHED_STEPS, 0) + 1
+
+
+def warned_outside(weight: torch.Tensor) -> bool:
+    """Whether a warning already said ``weight`` is stepped outside the attached optimizers."""
+    return weight in _WARNED_OUTSIDE
 
 
 def first_warning_outside(weights: list) -> bool:
@@ -427,13 +451,22 @@ def first_warning_outside(weights: list) -> bool:
 def _warn_unattached_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """Global step post hook: at an optimizer's first step, warn when it updated a hooked weight (one with a
     gradient) of a transformed model that no optimizer was ever attached to, or one that no optimizer attached to
-    its model holds (an optimizer rebuilt for a second phase and not attached, the old one gone; a weight taken
-    out of the attached optimizer and handed to this one)."""
-    if torch.compiler.is_compiling() or optimizer.__dict__.get(_UNATTACHED_CHECKED):
+    its model holds (a weight taken out of the attached optimizer and handed to this one; the attached optimizer
+    gone). Where an attached optimizer still holds the weight (an optimizer rebuilt for a second phase and not
+    attached, the old one not yet garbage: a plain optimizer is freed by the cycle collector only, and a scheduler
+    keeps it), the check waits: at this optimizer's step :data:`_HOLDERS_RECHECKED_AT`, it warns if none of those
+    holders stepped since (:func:`count_attached_step`). Later steps cost one dict read. Models one of whose
+    attachments was removed (``handle.remove()``) are not warned about."""
+    state = optimizer.__dict__.get(_UNATTACHED_CHECKED)
+    if torch.compiler.is_compiling() or state is True:
+        return
+    if state is not None:
+        _recheck_holders(optimizer, state)
         return
     optimizer.__dict__[_UNATTACHED_CHECKED] = True
     found: dict[int, tuple] = {}
     outside: dict[int, list] = {}  # model -> its entries: attached optimizers exist, none holds the weight
+    pending: dict[int, dict] = {}  # model -> entries, weights and holders' step counts, to look at again
     held: dict[int, set[int]] = {}  # attached optimizer -> the ids of its parameters (built once per check)
 
     def holds(other: torch.optim.Optimizer, parameter: torch.Tensor) -> bool:
@@ -452,22 +485,24 @@ def _warn_unattached_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
             attached = _ATTACHED_OPTIMIZERS.get(root)
             if attached is None:
                 found.setdefault(id(root), entry)
-            elif (optimizer not in attached and not any(holds(other, parameter) for other in list(attached))
-                  and first_warning_outside([parameter])):
-                outside.setdefault(id(root), []).append(entry)
+                continue
+            if optimizer in attached or root in _RELEASED_MODELS or parameter in _WARNED_OUTSIDE:
+                continue
+            holders = [other for other in list(attached.keys()) if holds(other, parameter)]
+            if not holders:
+                if first_warning_outside([parameter]):
+                    outside.setdefault(id(root), []).append(entry)
+                continue
+            waiting = pending.setdefault(id(root), {"entries": [], "weights": [], "holders": {}})
+            waiting["entries"].append(entry)
+            waiting["weights"].append(parameter)
+            for other in holders:
+                waiting["holders"][id(other)] = (weakref.ref(other), other.__dict__.get(_ATTACHED_STEPS, 0))
+    if pending:
+        optimizer.__dict__[_UNATTACHED_CHECKED] = {"steps": 1, "pending": list(pending.values())}
     for entries in outside.values():  # one warning per model, as below
-        _, site, rule = entries[0]
-        more = len({entry[1] for entry in entries}) - 1
-        others = f" (and of {more} other site(s))" if more else ""
-        warnings.warn(f"{type(optimizer).__name__}.step() updated the weight(s) of site '{site}' (rule '{rule}')"
-                      f"{others}, whose orthofx optimizer hooks (Riemannian updates, NOG, OLR) run only in an "
-                      "optimizer passed to orthofx.attach, and no optimizer attached to this model holds them any "
-                      "more (taken out of its param groups, or the attached optimizer is gone): they train as plain "
-                      "parameters "
-                      "(Riemannian ones leave the Stiefel manifold). Call orthofx.attach(optimizer, gm) for this "
-                      "optimizer if it holds the model's trainable hooked weights (a rebuilt optimizer), else give "
-                      "these weights back to the attached optimizer (optimizer.add_param_group)", OrthofxWarning,
-                      stacklevel=3)  # at the user's optimizer.step(), past torch's step wrapper
+        _warn_outside(optimizer, entries, "no optimizer attached to this model holds them any more (taken out "
+                      "of its param groups, or the attached optimizer is gone)")
     for _, site, rule in found.values():
         warnings.warn(f"{type(optimizer).__name__}.step() updated the weight(s) of site '{site}' (rule '{rule}'), "
                       "whose orthofx optimizer hooks (Riemannian updates, NOG, OLR) run only in an optimizer "
@@ -475,7 +510,40 @@ def _warn_unattached_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
                       "as plain parameters (Riemannian ones leave the Stiefel manifold). Call "
                       "orthofx.attach(optimizer, gm) after building the optimizer (again for a copy of an attached "
                       "optimizer: copy.deepcopy and torch.save keep no optimizer hooks)", OrthofxWarning,
-                      stacklevel=3)  # at the user's optimizer.step(), past torch's step wrapper
+                      stacklevel=caller_stacklevel(skip_torch=True))  # the user's step(), past torch's wrappers
+
+
+def _recheck_holders(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """:func:`_warn_unattached_step` at a later step of ``optimizer``: at step :data:`_HOLDERS_RECHECKED_AT`, warn
+    about the weights whose attached holders (alive at its first step) have none of them stepped since."""
+    state["steps"] += 1
+    if state["steps"] < _HOLDERS_RECHECKED_AT:
+        return
+    optimizer.__dict__[_UNATTACHED_CHECKED] = True
+    for waiting in state["pending"]:
+        stepped = False
+        for reference, steps in waiting["holders"].values():
+            holder = reference()
+            stepped = stepped or (holder is not None and holder.__dict__.get(_ATTACHED_STEPS, 0) > steps)
+        if not stepped and first_warning_outside(waiting["weights"]):
+            _warn_outside(optimizer, waiting["entries"], "the optimizer attached to this model that holds them has "
+                          f"not stepped in this one's first {_HOLDERS_RECHECKED_AT} steps (an optimizer rebuilt "
+                          "for a second phase?)")
+
+
+def _warn_outside(optimizer: torch.optim.Optimizer, entries: list, why: str) -> None:
+    """The warning of :func:`_warn_unattached_step` about hooked weights (``entries``: one model's) that
+    ``optimizer``, not attached, steps while the model's attached optimizers do not."""
+    _, site, rule = entries[0]
+    more = len({entry[1] for entry in entries}) - 1
+    others = f" (and of {more} other site(s))" if more else ""
+    warnings.warn(f"{type(optimizer).__name__}.step() updated the weight(s) of site '{site}' (rule '{rule}')"
+                  f"{others}, whose orthofx optimizer hooks (Riemannian updates, NOG, OLR) run only in an optimizer "
+                  f"passed to orthofx.attach, and {why}: they train as plain parameters (Riemannian ones leave the "
+                  "Stiefel manifold). Call orthofx.attach(optimizer, gm) for this optimizer if it holds the model's "
+                  "trainable hooked weights (a rebuilt optimizer), else give these weights back to the attached "
+                  "optimizer (optimizer.add_param_group)", OrthofxWarning,
+                  stacklevel=caller_stacklevel(skip_torch=True))
 
 
 @dataclass

@@ -130,7 +130,7 @@ from ..nn.precision import describe_nonfinite
 from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, TiedUse,
                    check_tied, first_warning_outside, gate_blocks_text, is_uninitialised, matrices_text,
                    recurrent_hidden_weights, recurrent_weights_reason, require_initialised, weight_groups,
-                   weight_label, whole, sparse_gradient_error, write_whole)
+                   warned_outside, weight_label, whole, sparse_gradient_error, write_whole)
 from .registry import register_pass
 
 __all__ = ["Riemannian", "ScaleLostWarning", "StiefelHook", "scale_lost_note",
@@ -341,7 +341,9 @@ class StiefelHook(OptimizerHook):
                     new = torch.where(unmoved, w0, new)
                     # a weight this optimizer does not hold never moves in its step: found here, on the path a
                     # step with an unmoved weight takes anyway, at no cost to a step in which every weight moved
-                    outside += [(hook, weight) for hook, weight, _ in items if weight.requires_grad]
+                    still = (~moved).tolist()
+                    outside += [(hook, weight) for i, (hook, weight, _) in enumerate(items)
+                                if still[i] and weight.requires_grad and not warned_outside(weight)]
                 for i, (_, weight, _) in enumerate(items):
                     write_whole(weight, new[i].reshape(weight.shape))
                 # momentum: project the first moments onto the tangent spaces at the new points (a transport)
