@@ -387,3 +387,20 @@ def test_an_optimizer_class_defining_eq_can_be_attached_and_step_beside_attached
     other_model(torch.randn(2, 3)).sum().backward()
     beside.step()
     assert _orthonormality(gm.get_submodule("0").weight) < 1e-8
+
+
+def test_a_model_attached_again_after_remove_is_checked_again():
+    """``handle.remove()`` marked the model released for good: attached again (the README's remove-then-attach),
+    then trained by a rebuilt optimizer without attach, it was never warned about (0.3 off the manifold)."""
+    gm = orthofx.transform(_mlp(), _STIEFEL)
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1)
+    handle = orthofx.attach(optimizer, gm)
+    handle.remove()
+    orthofx.attach(optimizer, gm)
+    _train(gm, [optimizer], 0)
+    keep = optimizer  # alive and idle from here
+    optimizer = torch.optim.Adam(gm.parameters(), lr=1e-2)
+    with pytest.warns(orthofx.OrthofxWarning, match=r"Adam.step\(\).*has not stepped in this one's first 3 steps"):
+        for index in range(1, 4):
+            _train(gm, [optimizer], index)
+    assert keep is not optimizer

@@ -417,6 +417,7 @@ def mark_attached(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     stepped by another optimizer are not warned about while an attached one holds them and steps too (ZeRO's
     local optimizers, an inner optimizer a wrapper delegates to)."""
     _ATTACHED_OPTIMIZERS.setdefault(root, WeakIdKeyDictionary())[optimizer] = True
+    _RELEASED_MODELS.pop(root, None)  # attached again after a handle.remove(): checked again
 
 
 def mark_released(root: nn.Module) -> None:
@@ -456,7 +457,9 @@ def _warn_unattached_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
     attached, the old one not yet garbage: a plain optimizer is freed by the cycle collector only, and a scheduler
     keeps it), the check waits: at this optimizer's step :data:`_HOLDERS_RECHECKED_AT`, it warns if none of those
     holders stepped since (:func:`count_attached_step`). Later steps cost one dict read. Models one of whose
-    attachments was removed (``handle.remove()``) are not warned about."""
+    attachments was removed (``handle.remove()``, and not attached again since) are not warned about. A wrapper
+    optimizer holding the weights beside an attached inner optimizer that it steps less often than every third
+    call would be warned about (not a known pattern)."""
     state = optimizer.__dict__.get(_UNATTACHED_CHECKED)
     if torch.compiler.is_compiling() or state is True:
         return
@@ -495,7 +498,7 @@ def _warn_unattached_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
                 continue
             waiting = pending.setdefault(id(root), {"entries": [], "weights": [], "holders": {}})
             waiting["entries"].append(entry)
-            waiting["weights"].append(parameter)
+            waiting["weights"].append(weakref.ref(parameter))  # the optimizer may drop it before the recheck
             for other in holders:
                 waiting["holders"][id(other)] = (weakref.ref(other), other.__dict__.get(_ATTACHED_STEPS, 0))
     if pending:
@@ -525,10 +528,15 @@ def _recheck_holders(optimizer: torch.optim.Optimizer, state: dict) -> None:
         for reference, steps in waiting["holders"].values():
             holder = reference()
             stepped = stepped or (holder is not None and holder.__dict__.get(_ATTACHED_STEPS, 0) > steps)
-        if not stepped and first_warning_outside(waiting["weights"]):
-            _warn_outside(optimizer, waiting["entries"], "the optimizer attached to this model that holds them has "
-                          f"not stepped in this one's first {_HOLDERS_RECHECKED_AT} steps (an optimizer rebuilt "
-                          "for a second phase?)")
+        if stepped:
+            continue
+        # per weight: one warned about another way since the first step leaves the model's others to this one
+        entries = [entry for entry, weight in zip(waiting["entries"], waiting["weights"])
+                   if weight() is not None and first_warning_outside([weight()])]
+        if entries:
+            _warn_outside(optimizer, entries, "the optimizer attached to this model that holds them has not "
+                          f"stepped in this one's first {_HOLDERS_RECHECKED_AT} steps (an optimizer rebuilt for a "
+                          "second phase?)")
 
 
 def _warn_outside(optimizer: torch.optim.Optimizer, entries: list, why: str) -> None:
