@@ -2210,12 +2210,6 @@ class _DirectCalls:
 
         def held_at_start(module: nn.Module, args: tuple) -> None:
             self.own = {path: _held(model.get_submodule(path)) for path in (*leaves, *inner)}
-            # each run of the forward counts afresh: a run torch.export gave up on part way (the dynamic-batch
-            # attempt before the static one) would shift the call names of the run kept (lin@2 for lin@1), and
-            # the call excluded would not be the substituted one
-            self.count.clear()
-            self.substituted.clear()
-            self.swapped.clear()
 
         def held_at_end(module: nn.Module, args: tuple, output: Any) -> None:
             # functional_call puts the module's own parameters back once the call (hooks included) returned
@@ -2581,7 +2575,7 @@ def _describe_export_failure(exc: BaseException) -> str:
 
 
 def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict[str, Any] | None = None,
-                written: dict[str, list[_WrittenCall]] | None = None, records: Iterable[list] = ()) -> Any:
+                written: dict[str, list[_WrittenCall]] | None = None, records: Iterable[list | dict] = ()) -> Any:
     """``torch.export.export`` (non-strict) with a dynamic batch dimension, else static shapes. The batch of a
     seq-first recurrent layer's input ``(L, N, H_in)`` and of a hidden state is dimension 1
     (:func:`recurrent_batch_dims`). ``written``: the leaves' calls as :func:`_export_call_recorded` records them,
@@ -2796,7 +2790,7 @@ def _flat_mode_regions():
             setattr(module, attribute, original)
 
 
-#: The paths :func:`_capture_export` walks to list the other names of the leaves before torch.export runs.
+#: The other paths :func:`_capture_export` lists to give torch.export the leaves' other names before it runs.
 _ALIAS_PATHS_WALKED = 256
 
 
@@ -3870,8 +3864,12 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         preserved += sorted(used_aliases - set(preserved))
         failed: CaptureError | None = None
         try:
+            # each attempt counts afresh (not each root call: a forward may call the root again): an attempt
+            # torch.export gave up on part way (the dynamic batch before the static one) shifted the call names of
+            # the one kept (lin@2 for lin@1), and the call excluded was not the substituted one
             ep = _run_export(source, inputs, preserved, kwargs, written,
-                             [order, calls.active, calls.direct, *written.values()])
+                             [order, calls.active, calls.direct, calls.count, calls.substituted, calls.swapped,
+                              *written.values()])
         except CaptureError as exc:
             failed = exc
         finally:

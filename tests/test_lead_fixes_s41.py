@@ -95,3 +95,40 @@ def test_alias_walk_bound_counts_other_paths_not_modules():
     shared.a = shared.b = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     assert first_module_paths(shared, 2) is None  # b, b.0, b.1
     assert first_module_paths(shared, 3) == {"b": "a", "b.0": "a.0", "b.1": "a.1"}
+
+
+class _Recursive(torch.nn.Module):
+    """``lin`` with its own weights, then the root called again, where ``lin`` is called through functional_call
+    (``substituted_first``: the other way round)."""
+
+    def __init__(self, substituted_first=False):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.other = torch.nn.Linear(4, 4)
+        self.substituted_first = substituted_first
+
+    def forward(self, x, depth: int = 1):
+        fast = {"weight": self.other.weight * 2, "bias": self.other.bias}
+        if self.substituted_first:
+            if depth == 0:
+                return torch.tanh(self.lin(x))
+            h = torch.func.functional_call(self.lin, fast, (x,))
+            return self(h, depth - 1) + h
+        h = torch.tanh(self.lin(x))
+        if depth == 0:
+            return torch.func.functional_call(self.lin, fast, (h,))
+        return self(h, depth - 1) + h
+
+
+@pytest.mark.parametrize("substituted_first", [False, True])
+def test_functional_call_in_a_forward_that_calls_the_root_again(substituted_first):
+    """Counting the leaf calls afresh at every root call (the first fix of the failed-attempt shift) reset the
+    count in the middle of a recursive forward: the wrong call was kept as ``call_module lin`` (1.14 and 3.11 off
+    the model). The model is the reference."""
+    from orthofx.capture import capture
+
+    torch.manual_seed(0)
+    model, x = _Recursive(substituted_first), torch.randn(3, 4)
+    gm, info = capture(model, mode="export", example_inputs=(x,))
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    assert [w for w in info.warnings if "torch.func.functional_call" in w]
