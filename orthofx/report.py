@@ -714,7 +714,8 @@ def _fourier_row(site: str, module: FourierConv, pass_text: str | None, params: 
     with torch.no_grad():
         symbol = torch.view_as_complex(module.symbol.detach().to(torch.float64).contiguous())  # (g, F, M, C S^d)
         grid = tuple(n // s for n, s in zip(module.input_size, module.stride))
-        values = torch.linalg.svdvals(symbol).repeat_interleave(metrics.rfftn_counts(grid), dim=1).flatten()
+        values = torch.linalg.svdvals(symbol).repeat_interleave(metrics.rfftn_counts(grid).to(symbol.device), dim=1)
+        values = values.flatten()
     spectra[site] = values.sort(descending=True).values
     return {"site": site, "layer": describe_module(module), "pass": pass_text, "params": params, "lorth": None,
             "sigma_min": float(values.min()), "sigma_max": float(values.max()), "input": module.input_size,

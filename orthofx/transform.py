@@ -593,6 +593,7 @@ def _run_passes(ctx: PassContext, plan: Plan, selected: Callable[[Site], bool]) 
     # a pass (of the user's) may tie or untie weights: PassContext's index follows. The passes build layers and
     # draw weights on the CPU and move them to the model's device, which a user's torch.set_default_device('meta'
     # or 'cuda') would otherwise redirect
+    ctx.user_default_device = torch.get_default_device()
     with parameters_watched(), default_device_set_aside():
         for pass_name in plan.pass_order():
             entries = [e for e in plan.entries_for(pass_name) if selected(e.site)]

@@ -132,3 +132,31 @@ def test_functional_call_in_a_forward_that_calls_the_root_again(substituted_firs
     gm, info = capture(model, mode="export", example_inputs=(x,))
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
     assert [w for w in info.warnings if "torch.func.functional_call" in w]
+
+
+class _ParameterFreeHead(torch.nn.Module):
+    def forward(self, x):
+        return torch.linalg.eigvalsh(x @ x.mT + torch.eye(x.shape[-1], device=x.device))
+
+
+def test_monitor_of_a_parameter_free_model_takes_the_users_default_device():
+    """The svd preset's condition monitor, added to a model with no parameter or buffer to take a device from,
+    was built inside the passes' CPU default and stayed on the CPU: with the user's default device another one
+    ('meta' here, for 'cuda'), the first forward on that device's inputs failed. The reference is the plain
+    eigvalsh on the same input."""
+    import warnings
+
+    import orthofx
+
+    with _default_device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = orthofx.transform(_ParameterFreeHead(), "svd")
+        assert {b.device.type for b in gm.buffers()} == {"meta"}
+        x = torch.randn(2, 4, 4)
+        assert gm(x).shape == _ParameterFreeHead()(x).shape == (2, 4) and gm(x).device.type == "meta"
+    with warnings.catch_warnings():  # without a default device: on the CPU, the plain head's values
+        warnings.simplefilter("ignore")
+        gm = orthofx.transform(_ParameterFreeHead(), "svd")
+    assert {b.device.type for b in gm.buffers()} == {"cpu"}
+    x = torch.randn(2, 4, 4)
+    torch.testing.assert_close(gm.eval()(x), _ParameterFreeHead()(x))

@@ -1273,6 +1273,9 @@ class PassContext:
     # Positional inputs of each planned module site's first call on the example inputs (eval mode, detached);
     # empty without example inputs. Held only while the passes run, never stored in the manifest.
     site_inputs: dict[str, tuple] = field(default_factory=dict)
+    # torch's default device where the user called transform: the passes run with the CPU as default
+    # (default_device_set_aside), and a module added to a model with no tensor to take the device from takes this
+    user_default_device: torch.device | None = None
     # ``form -> {id(tensor): (name, tensor)}`` of the tensors the penalty's terms penalise (first term first), built
     # incrementally so that adding n terms costs O(n) calls of PenaltyTerm.penalised, not O(n^2); the tensors are
     # held so that their ids stay theirs. See :meth:`_penalised_index`.

@@ -774,13 +774,17 @@ def _free_attribute_name(gm: torch.nn.Module, prefix: str) -> str:
     return f"{prefix}{n}"
 
 
-def _add_monitor(gm: fx.GraphModule, monitor: cond.DecompositionMonitor) -> str:
+def _add_monitor(gm: fx.GraphModule, monitor: cond.DecompositionMonitor,
+                 default_device: torch.device | None = None) -> str:
+    """Add ``monitor`` to ``gm`` on the device of ``gm``'s tensors, or, for a model with none (a parameter-free
+    covariance head), on ``default_device`` (the user's default device: the monitor is built on the CPU)."""
     name = _free_attribute_name(gm, MONITOR_PREFIX)
     ref = next(iter(gm.parameters()), None)
     if ref is None:
         ref = next(iter(gm.buffers()), None)
-    if ref is not None:
-        monitor.to(ref.device)
+    device = ref.device if ref is not None else default_device
+    if device is not None:
+        monitor.to(device)
     monitor.train(gm.training)  # a new module is in training mode; the transformed model keeps the model's mode
     gm.add_submodule(name, monitor)
     return name
@@ -973,7 +977,7 @@ class SVDConditioning(Pass):
         monitor_name = None
         if params["monitor"]:
             monitor = cond.DecompositionMonitor(info.monitor_source, info.values, op)
-            monitor_name = _add_monitor(ctx.gm, monitor)
+            monitor_name = _add_monitor(ctx.gm, monitor, ctx.user_default_device)
             args = (new, matrix) if info.monitor_source == "singular_values" else (new,)
             with graph.inserting_after(new):
                 result = graph.call_module(monitor_name, args)
@@ -1027,7 +1031,7 @@ class SVDConditioning(Pass):
         monitor_name = None
         if params["monitor"]:  # it reads the triangle the replaced eigh read
             monitor = cond.DecompositionMonitor("matrix", None, op, uplo="U" if uplo == "U" else "L")
-            monitor_name = _add_monitor(ctx.gm, monitor)
+            monitor_name = _add_monitor(ctx.gm, monitor, ctx.user_default_device)
         removed = _rewrite_powers(ctx.gm, node, matrix, uplo, matches, params["iterations"], params["float64"],
                                   monitor_name, entry.site.name)
         powers = sorted({_power_name(m.power.power) for m in matches})
