@@ -588,12 +588,21 @@ def _relative_change(before: Any, after: Any) -> float | None:
     return relative_distance(torch.cat(new), torch.cat(old))
 
 
+def _example_device(example: ExampleCall | None) -> torch.device | None:
+    """The device of the example call's first tensor (None without one): where the model's data lives."""
+    if example is None:
+        return None
+    leaves = torch.utils._pytree.tree_leaves((example.args, example.kwargs))
+    return next((t.device for t in leaves if isinstance(t, torch.Tensor)), None)
+
+
 def _run_passes(ctx: PassContext, plan: Plan, selected: Callable[[Site], bool]) -> None:
     """Apply the plan's entries for the ``selected`` sites, pass by pass in policy order."""
     # a pass (of the user's) may tie or untie weights: PassContext's index follows. The passes build layers and
     # draw weights on the CPU and move them to the model's device, which a user's torch.set_default_device('meta'
     # or 'cuda') would otherwise redirect
-    ctx.user_default_device = torch.get_default_device()
+    if ctx.user_default_device is None:  # the example inputs' device where there are some, else the default
+        ctx.user_default_device = torch.get_default_device()
     with parameters_watched(), default_device_set_aside():
         for pass_name in plan.pass_order():
             entries = [e for e in plan.entries_for(pass_name) if selected(e.site)]
@@ -958,7 +967,8 @@ def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
         versions = _versions(work) if user_model is not None else {}
         modules = dict(work.named_modules()) if user_model is not None else {}
         try:
-            _run_passes(PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs), plan,
+            _run_passes(PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs,
+                                    user_default_device=_example_device(example)), plan,
                         lambda site: site.kind != "function" or not site.mode)
         except OrthofxError as exc:
             _note_written_weights(exc, work, versions, modules)

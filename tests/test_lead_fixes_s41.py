@@ -160,3 +160,19 @@ def test_monitor_of_a_parameter_free_model_takes_the_users_default_device():
     assert {b.device.type for b in gm.buffers()} == {"cpu"}
     x = torch.randn(2, 4, 4)
     torch.testing.assert_close(gm.eval()(x), _ParameterFreeHead()(x))
+
+
+def test_monitor_of_a_parameter_free_model_takes_the_example_inputs_device():
+    """With example inputs on another device than the default (CPU batches under a 'cuda' default; 'meta' here),
+    the monitor goes where the data is: on the default device, the example run failed in index_copy. The
+    reference is the plain head on the same input."""
+    import warnings
+
+    import orthofx
+
+    x = torch.randn(2, 4, 4, device="cpu")
+    with _default_device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = orthofx.transform(_ParameterFreeHead(), "svd", example_inputs=(x,))
+    assert {b.device.type for b in gm.buffers()} == {"cpu"}
+    torch.testing.assert_close(gm.eval()(x), _ParameterFreeHead()(x))

@@ -532,7 +532,7 @@ def _recheck_holders(optimizer: torch.optim.Optimizer, state: dict) -> None:
             continue
         # per weight: one warned about another way since the first step leaves the model's others to this one
         entries = [entry for entry, weight in zip(waiting["entries"], waiting["weights"])
-                   if weight() is not None and first_warning_outside([weight()])]
+                   if (alive := weight()) is not None and first_warning_outside([alive])]
         if entries:
             _warn_outside(optimizer, entries, "the optimizer attached to this model that holds them has not "
                           f"stepped in this one's first {_HOLDERS_RECHECKED_AT} steps (an optimizer rebuilt for a "
@@ -1273,8 +1273,8 @@ class PassContext:
     # Positional inputs of each planned module site's first call on the example inputs (eval mode, detached);
     # empty without example inputs. Held only while the passes run, never stored in the manifest.
     site_inputs: dict[str, tuple] = field(default_factory=dict)
-    # torch's default device where the user called transform: the passes run with the CPU as default
-    # (default_device_set_aside), and a module added to a model with no tensor to take the device from takes this
+    # where a module added to a model with no tensor to take the device from goes: the example inputs' device, else
+    # torch's default device where the user called transform (the passes run with the CPU as default device)
     user_default_device: torch.device | None = None
     # ``form -> {id(tensor): (name, tensor)}`` of the tensors the penalty's terms penalise (first term first), built
     # incrementally so that adding n terms costs O(n) calls of PenaltyTerm.penalised, not O(n^2); the tensors are
