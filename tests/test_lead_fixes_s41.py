@@ -1,21 +1,11 @@
-"""Session 41's lead fixes: orthofx's scratch tensors under a user's default device."""
-
-import contextlib
+"""Session 41's lead fixes: orthofx's scratch tensors and added modules under a user's default device, and export
+capture of a leaf called through functional_call (after a failed attempt, in a forward calling the root again)."""
 
 import pytest
 import torch
 
 from orthofx import metrics
-
-
-@contextlib.contextmanager
-def _default_device(device):
-    before = torch.get_default_device()
-    torch.set_default_device(device)
-    try:
-        yield
-    finally:
-        torch.set_default_device(before)
+from tests.test_global_settings_s41 import default_device as _default_device
 
 
 @pytest.mark.parametrize("shape,input_size,stride,chunked", [

@@ -26,23 +26,13 @@ from torch import nn
 import orthofx
 from orthofx.passes import riemannian
 from references import polar64, tangent64
+from tests.test_finetune_journey_s40 import _PreSvdPair
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices (tests/conftest.py)
 
 _OLR = {"rules": [{"match": {"feeds": ["linalg.eigvalsh"]}, "apply": "pre_svd", "with": {"nog": True, "olr": True}}]}
 _STIEFEL = {"rules": [{"match": {"type": "Linear"}, "apply": "riemannian", "with": {"only_square": True}}]}
 _X = torch.randn(32, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-
-
-class _PreSvdPair(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(6, 4)
-        self.b = nn.Linear(6, 4)
-
-    def forward(self, x):
-        h = self.a(x) + 0.5 * self.b(x)
-        return torch.linalg.eigvalsh(h.T @ h / x.shape[0] + torch.eye(4, dtype=x.dtype)).sum()
 
 
 def _eta64(w: torch.Tensor, g: torch.Tensor, base: float) -> float:
