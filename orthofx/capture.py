@@ -2866,10 +2866,31 @@ def _stack_paths(graph: torch.fx.Graph) -> set[str]:
             if isinstance(value, tuple) and value and isinstance(value[0], str)}
 
 
-def _canonical_path(target: str, paths: _ModulePaths) -> str:
-    """``target`` (a module path, or a parameter's / buffer's) with its module part replaced by the module's name
-    in ``named_modules()`` (see :class:`_ModulePaths`)."""
-    return paths.canonical(target)
+def module_edges_holding(root: nn.Module, holds: Callable[[nn.Module], bool]) -> list[tuple[str, str, nn.Module]]:
+    """``(parent's path, child's name, child)`` for each (module, child name) edge of ``root`` whose child
+    ``holds``: each module walked once, in the order of ``named_modules()`` (which gives the parents their first
+    paths), and a child that holds not entered.
+
+    A module under several names is set under all of them by setting each edge once (``setattr(parent, name,
+    new)``): a module shared at every level of a nesting has 2^depth paths but 2 edges per level."""
+    edges: list[tuple[str, str, nn.Module]] = []
+    seen: set[int] = set()
+    stack = [("", root)]
+    while stack:
+        parent_path, parent = stack.pop()
+        if id(parent) in seen:
+            continue
+        seen.add(id(parent))
+        below = []
+        for name, child in parent._modules.items():
+            if child is None:
+                continue
+            if holds(child):
+                edges.append((parent_path, name, child))
+            elif id(child) not in seen:
+                below.append((_join(parent_path, name), child))
+        stack.extend(reversed(below))
+    return edges
 
 
 class _LeafCall:
@@ -3006,7 +3027,7 @@ class _ExportRebuilder:
         entries = []
         for entry in self.ep.module_call_graph[1:]:
             used = entry.fqn.split("@")[0]
-            path = _canonical_path(used, self.aliases)
+            path = self.aliases.canonical(used)
             if path in leaf_set:
                 entries.append((entry, used, path))
         aliased = {path for _, used, path in entries if used != path}
@@ -3311,7 +3332,7 @@ class _ExportRebuilder:
         for old in placeholders:
             spec = specs[old.name]
             if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
-                self.lazy[old] = (_canonical_path(spec.target, self.aliases), None)
+                self.lazy[old] = (self.aliases.canonical(spec.target), None)
             elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
                 self.lazy[old] = (_CONSTANT_PREFIX, self.ep.constants[spec.target])
             elif spec.kind != InputKind.USER_INPUT:
@@ -3341,7 +3362,7 @@ class _ExportRebuilder:
                 stack = node.meta.get("nn_module_stack")
                 if stack:  # a new dict: the exported graph's nodes share theirs with the copies
                     node.meta["nn_module_stack"] = {
-                        key: (_canonical_path(value[0], self.aliases), *value[1:])
+                        key: (self.aliases.canonical(value[0]), *value[1:])
                         if isinstance(value, tuple) and value and isinstance(value[0], str) else value
                         for key, value in stack.items()}
         keep_parameter_kinds(self.graph, self.kinds)
@@ -3358,7 +3379,7 @@ class _ExportRebuilder:
             if spec.kind == kinds.USER_OUTPUT:
                 flat.append(value)
             elif spec.kind in (kinds.BUFFER_MUTATION, kinds.PARAMETER_MUTATION):
-                target = _canonical_path(spec.target, self.aliases)
+                target = self.aliases.canonical(spec.target)
                 self.graph.call_function(torch.ops.aten.copy_.default, (self._attr(target), value))
             elif spec.kind == kinds.USER_INPUT_MUTATION:
                 target = next(n for n in self.graph.nodes if n.op == "placeholder" and n.name == spec.target)

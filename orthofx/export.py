@@ -85,7 +85,8 @@ from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .capture import (ModalGraphModule, RecurrentBatch, batch_dim, batch_dynamic_shapes, buffers_kept, capture,
-                      copy_model, one_trace_at_a_time, recurrent_batch_dims, sequence_helper, unwrap_model)
+                      copy_model, module_edges_holding, one_trace_at_a_time, recurrent_batch_dims, sequence_helper,
+                      unwrap_model)
 from .errors import (SITE_ATTRIBUTE, ArgumentError, CaptureError, ExportError, LayerArgumentError, OrthofxError,
                      OrthofxWarning, TransformError, caller_stacklevel, first_few)
 from .nn.conditioning import power_newton_schulz
@@ -592,23 +593,10 @@ def _paths_reaching(root: nn.Module, target: nn.Module) -> list[str]:
     """The outermost paths in ``root`` of ``target`` itself or a wrapper of it (``self.fast =
     torch.compile(self.backbone)``), each name of a module registered twice included, so that a part frozen once
     replaces every way the model reaches it."""
-    # One path per (parent module, child name) edge that holds the target, each parent under its first name: a
-    # parent shared under several names is one module, so setting its attribute replaces the target under all of
-    # them. Walking every path instead was 2^depth for a module shared at every level of a nesting.
-    paths: list[str] = []
-    seen, stack = {id(root)}, [("", root)]
-    while stack:
-        path, module = stack.pop()
-        for name, child in module._modules.items():
-            child_path = f"{path}.{name}" if path else name
-            if child is None:
-                continue
-            if unwrap_model(child) is target:
-                paths.append(child_path)  # outermost: not entered
-            elif id(child) not in seen:
-                seen.add(id(child))
-                stack.append((child_path, child))
-    return paths
+    # one path per (parent module, child name) edge: setting it replaces the target under every name through that
+    # parent (walking every path instead was 2^depth for a module shared at every level of a nesting)
+    return [f"{parent}.{name}" if parent else name
+            for parent, name, _ in module_edges_holding(root, lambda module: unwrap_model(module) is target)]
 
 
 def _describe_inputs(example: ExampleCall) -> str:

@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import fx, nn
 
-from .capture import (_join, capture, copy_model, copy_targets, input_tuple, keyword_inputs, one_trace_at_a_time,
-                      positional_call, replaced_forward, uninitialised_lazy_modules, unwrap_model)
+from .capture import (_join, capture, copy_model, copy_targets, input_tuple, keyword_inputs, module_edges_holding,
+                      one_trace_at_a_time, positional_call, replaced_forward, uninitialised_lazy_modules, unwrap_model)
 from .errors import (ArgumentError, CaptureError, OrthofxError, OrthofxWarning, TransformError, caller_stacklevel,
                      damaged_metadata_entry, first_few, saved_count)
 from .nn.precision import describe_nonfinite, relative_distance
@@ -667,29 +667,11 @@ def _share_replaced_layers(root: nn.Module, gm: fx.GraphModule) -> None:
             done.append(path)
     if not replaced:
         return
-    # (the parent's path, the child's name, the new layer, whether that is the layer's first path), found in the
-    # order of named_modules(), which gives the parents their first paths
-    edges: list[tuple[str, str, nn.Module, bool]] = []
-    seen: set[int] = set()
-    stack = [("", root)]
-    while stack:
-        parent_path, parent = stack.pop()
-        if id(parent) in seen:
-            continue
-        seen.add(id(parent))
-        below = []
-        for name, child in parent._modules.items():
-            if child is None:
-                continue
-            if id(child) in replaced:
-                first, new = replaced[id(child)]
-                edges.append((parent_path, name, new, _join(parent_path, name) == first))
-            elif id(child) not in seen:
-                below.append((_join(parent_path, name), child))
-        stack.extend(reversed(below))
+    paths = [(_join(parent, name), old) for parent, name, old in
+             module_edges_holding(root, lambda module: id(module) in replaced)]
     # the first path last: replace_module labels the layer with the path it puts it at (the site's name)
-    for parent_path, name, new, _ in sorted(edges, key=lambda edge: edge[3]):
-        replace_module(root, _join(parent_path, name), new)
+    for path, old in sorted(paths, key=lambda item: item[0] == replaced[id(item[1])][0]):
+        replace_module(root, path, replaced[id(old)][1])
 
 
 def _rewrite_other_mode(gm: fx.GraphModule, graph: fx.Graph, mode: str, plan: Plan, manifest: Manifest) -> None:
