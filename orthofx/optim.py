@@ -595,23 +595,18 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         hooks[:] = [hook for part in parts for hook in part.hooks]
         skipped[:] = [hook for part in parts for hook in part.skipped]
 
-    warned_unfrozen: set[tuple] = set()  # the weights warned about (NOG and OLR wait on the same one: one warning)
-
     def warn_unfrozen_left_out():
         # A weight skipped at attach (frozen) that is trainable again and got a gradient, but that this optimizer
         # still does not hold: its hooks never run. Handed to an optimizer of its own (a backbone's lr), it trains
-        # as a plain parameter (a Riemannian weight leaves the manifold, a NOG one steps by its raw gradient).
+        # as a plain parameter (a Riemannian weight leaves the manifold, a NOG one steps by its raw gradient). One
+        # warning per weight (NOG and OLR wait on the same one; another optimizer's first step may have said it).
         for part in parts:
             for hook in part.skipped:
                 module = part.root.get_submodule(hook.site)
                 weights = [getattr(module, name, None) for name in hook.parameter_names]
-                key = tuple(id(w) for w in weights)
-                if key in warned_unfrozen:
-                    continue
-                if any(isinstance(w, torch.Tensor) and w.requires_grad and w.grad is not None for w in weights):
-                    warned_unfrozen.add(key)
-                    if first_warning_outside(weights):  # not already warned about by another optimizer's step
-                        _warn_unfrozen_left_out(optimizer, part, hook)
+                if (any(isinstance(w, torch.Tensor) and w.requires_grad and w.grad is not None for w in weights)
+                        and first_warning_outside(weights)):
+                    _warn_unfrozen_left_out(optimizer, part, hook)
 
     def run_hooks(opt, stage: str):
         # stage "before" / "after"; the parts act on different parameters, so their order changes no result.

@@ -377,7 +377,8 @@ _ATTACHED_STEPS = "_orthofx_attached_steps"
 #: has not stepped since, is warned about (:func:`_warn_unattached_step`)
 _HOLDERS_RECHECKED_AT = 3
 _UNATTACHED_STEP_HOOK: list = []
-#: set on an optimizer once its first step was checked: the check costs one dict read per later step
+#: an optimizer's ``__dict__`` entry: True once :func:`_warn_unattached_step` is done with it (one dict read per
+#: later step), or the weights it waits to look at again (:func:`_recheck_holders`)
 _UNATTACHED_CHECKED = "_orthofx_unattached_checked"
 
 
@@ -489,7 +490,7 @@ def _warn_unattached_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
             if attached is None:
                 found.setdefault(id(root), entry)
                 continue
-            if optimizer in attached or root in _RELEASED_MODELS or parameter in _WARNED_OUTSIDE:
+            if optimizer in attached or root in _RELEASED_MODELS or warned_outside(parameter):
                 continue
             holders = [other for other in list(attached.keys()) if holds(other, parameter)]
             if not holders:
