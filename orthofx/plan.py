@@ -1413,10 +1413,10 @@ def unused_leaf_entries(policy: Policy, model: nn.Module) -> list[str]:
         return []
     # other path -> the module's first path; beyond a bound (2^depth paths of a module shared at every level of a
     # nesting), an entry is resolved as a path on its own and the close matches are looked for among fewer paths
-    listed = module_aliases(model, _alias_paths_listed(model))
-    resolver = None if listed is not None else _ModulePaths(model)
-    firsts = {other: first for first, others in (listed if listed is not None else _edge_aliases(model)).items()
-              for other in others}
+    firsts = first_module_paths(model, _alias_paths_listed(model))
+    resolver = None if firsts is not None else _ModulePaths(model)
+    if resolver is not None:
+        firsts = dict(resolver.edges)  # one other path per edge (as _edge_aliases lists them)
     known: set[str] = set()
     classes: set[type] = set()
     for name, module in model.named_modules():
