@@ -26,12 +26,11 @@ from torch import nn
 import orthofx
 from orthofx.passes import riemannian
 from references import polar64, tangent64
-from tests.test_finetune_journey_s40 import _PreSvdPair
+from tests.test_finetune_journey_s40 import _STIEFEL, _PreSvdPair, _batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices (tests/conftest.py)
 
 _OLR = {"rules": [{"match": {"feeds": ["linalg.eigvalsh"]}, "apply": "pre_svd", "with": {"nog": True, "olr": True}}]}
-_STIEFEL = {"rules": [{"match": {"type": "Linear"}, "apply": "riemannian", "with": {"only_square": True}}]}
 _X = torch.randn(32, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
 
@@ -155,11 +154,6 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 5, bias=False), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).double()
 
 
-def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
-
-
 def _orthonormality(w: torch.Tensor) -> float:
     w = w.detach().to(torch.float64)
     return torch.linalg.matrix_norm(w.T @ w - torch.eye(w.shape[1], dtype=torch.float64)).item()
@@ -182,6 +176,7 @@ def _dropped_backbone():
 
 
 def _train(gm, optimizers, index):
+    # here, not imported: the warnings tested name the user's optimizer.step() line, this file's
     for optimizer in optimizers:
         optimizer.zero_grad()
     x, y = _batch(index)
