@@ -524,6 +524,8 @@ def set_grad_mode(mode: bool) -> bool:
     it, for :func:`restore_grad_mode`."""
     before = torch.is_grad_enabled()
     torch._C._set_grad_enabled(mode)
+    if not torch.compiler.is_dynamo_compiling():
+        _OPEN_BLOCKS.blocks.append(before)
     return before
 
 
@@ -531,6 +533,8 @@ def set_grad_mode(mode: bool) -> bool:
 def restore_grad_mode(before: bool) -> None:
     """Leave a grad-mode block of the traced forward (see :func:`set_grad_mode`)."""
     torch._C._set_grad_enabled(before)
+    if not torch.compiler.is_dynamo_compiling():
+        _block_left(None)
 
 
 @torch.fx.node.has_side_effect  # no user may read its result: keep it
@@ -543,6 +547,7 @@ def enter_autocast(device: str, dtype: torch.dtype, enabled: bool, cache_enabled
         return _enter_autocast(device, dtype, enabled, cache_enabled)
     context = torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
     context.__enter__()
+    _OPEN_BLOCKS.blocks.append(context)
     return context
 
 
@@ -553,6 +558,85 @@ def exit_autocast(context: Any) -> None:
         _exit_autocast(context)
     else:
         context.__exit__(None, None, None)
+        _block_left(context)
+
+
+class _OpenBlocks(threading.local):
+    """The calling thread's grad-mode and autocast blocks that captured graphs entered (:func:`set_grad_mode`,
+    :func:`enter_autocast`) and have not left yet, innermost last: the grad mode before each grad-mode block (a
+    bool) or the context of each autocast block. ``marks``: per running call of a GraphModule that
+    :func:`close_blocks_on_error` guards, ``(id(module), how many blocks were open when the call started)``."""
+
+    def __init__(self) -> None:
+        self.blocks: list[Any] = []
+        self.marks: list[tuple[int, int]] = []
+
+
+_OPEN_BLOCKS = _OpenBlocks()
+
+
+def _block_left(context: Any) -> None:
+    """Take the block just left off :data:`_OPEN_BLOCKS`: the autocast ``context``, or (``None``) the innermost
+    grad-mode block. Searched from the innermost: blocks a run without the guard left open stay below."""
+    blocks = _OPEN_BLOCKS.blocks
+    for i in range(len(blocks) - 1, -1, -1):
+        if blocks[i] is context or (context is None and isinstance(blocks[i], bool)):
+            del blocks[i]
+            return
+
+
+def _mark_open_blocks(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of :func:`close_blocks_on_error`."""
+    if not torch.compiler.is_dynamo_compiling():
+        _OPEN_BLOCKS.marks.append((id(module), len(_OPEN_BLOCKS.blocks)))
+
+
+def _close_blocks_left_open(module: nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook (``always_call``) of :func:`close_blocks_on_error`: the blocks the call entered and did not
+    leave are left, innermost first, as their ``with`` statements would have left them."""
+    marks = _OPEN_BLOCKS.marks
+    if torch.compiler.is_dynamo_compiling() or not marks or marks[-1][0] != id(module):
+        return
+    _, mark = marks.pop()
+    blocks = _OPEN_BLOCKS.blocks
+    while len(blocks) > mark:
+        block = blocks.pop()
+        if isinstance(block, bool):
+            torch._C._set_grad_enabled(block)
+        else:
+            block.__exit__(None, None, None)
+
+
+# hooks of orthofx's own, which orthofx's checks for the user's hooks leave out (passes.base.call_hook_count)
+_mark_open_blocks.orthofx_own_hook = True  # type: ignore[attr-defined]
+_close_blocks_left_open.orthofx_own_hook = True  # type: ignore[attr-defined]
+
+
+def _enters_blocks(gm: torch.fx.GraphModule) -> bool:
+    graphs = (gm.graph, gm.__dict__.get("other_graph"))
+    return any(node.op == "call_function" and node.target in (set_grad_mode, enter_autocast)
+               for graph in graphs if graph is not None for node in graph.nodes)
+
+
+def close_blocks_on_error(gm: torch.fx.GraphModule) -> None:
+    """Make a call of ``gm`` that raises leave the ``no_grad`` / ``autocast`` blocks its forward entered, as the
+    model's ``with`` statements do (nothing for a graph without such blocks).
+
+    The graph enters and leaves them with calls (:func:`set_grad_mode` ... :func:`exit_autocast`), so a forward
+    that raised between the two left the caller in the block: gradients off, or autocast's nesting one too high,
+    after which no autocast block of the thread cleared torch's cache of weight casts again (a training loop that
+    went on after a failed batch used the bfloat16 weights cast before its first optimizer step, silently).
+    A forward pre-hook notes the blocks open at the call, and a forward hook run even when the forward raised
+    (``always_call``) leaves those opened since: a few microseconds per call of a model with such blocks. Not
+    under torch.compile, whose compiled graph holds no Python calls to undo (and runs no hook on an error).
+    ``gm.forward(x)`` called directly bypasses the hooks. Registered once; again on copies (fx's rebuilds drop
+    forward hooks: :func:`_register_root_hooks`, and a deepcopy hook)."""
+    if not _enters_blocks(gm) or _mark_open_blocks in gm._forward_pre_hooks.values():
+        return
+    gm.register_forward_pre_hook(_mark_open_blocks, prepend=True)
+    gm.register_forward_hook(_close_blocks_left_open, always_call=True)
+    if close_blocks_on_error not in gm.__dict__.get("_deepcopy_hooks", []):
+        gm._register_deepcopy_hook(close_blocks_on_error)
 
 
 #: torch's variable-length sequence helpers, by name. They read lengths as Python numbers (pack_padded_sequence
@@ -881,6 +965,7 @@ class ModalGraphModule(torch.fx.GraphModule):
         gm.meta = dict(self.meta)
         gm.train(self.training)
         _match_persistence(gm, self)
+        close_blocks_on_error(gm)
         return gm
 
     def recompile(self):
@@ -914,7 +999,7 @@ class ModalGraphModule(torch.fx.GraphModule):
                                self.graph_training)
         res.meta = getattr(self, "meta", {})
         _match_persistence(res, self)
-        _register_penalty_call_hooks(res)
+        _register_root_hooks(res)
         return res
 
     def __reduce__(self):
@@ -969,18 +1054,20 @@ def _rebuild_modal_graph_module(rebuild: Callable, body: dict, import_block: str
     res.training = bool(body.get("training", graph_training))
     res.meta = body.get("meta", res.meta)
     _match_persistence(res, pickled)
-    _register_penalty_call_hooks(res)
+    _register_root_hooks(res)
     return res
 
 
-def _register_penalty_call_hooks(res: nn.Module) -> None:
+def _register_root_hooks(res: nn.Module) -> None:
     """Register on ``res``, a GraphModule rebuilt from another's ``__dict__`` (a copy, or the unpickled module),
     the root's state-dict hooks ``orthofx.transform`` gave the original (the count of penalty calls saved with the
-    model: :func:`orthofx.transform.keep_penalty_calls_in_state_dict`): torch.fx's rebuild makes a new root
-    without hooks. Registered anew rather than copied: a load hook holds a reference to its module, which would
-    be the original's."""
+    model: :func:`orthofx.transform.keep_penalty_calls_in_state_dict`) and the forward hooks that close the blocks
+    a failed call left open (:func:`close_blocks_on_error`): torch.fx's rebuild makes a new root without hooks.
+    Registered anew rather than copied: a load hook holds a reference to its module, which would be the
+    original's."""
     from .transform import keep_penalty_calls_in_state_dict  # transform imports this module
     keep_penalty_calls_in_state_dict(res)
+    close_blocks_on_error(res)
 
 
 def _has_attribute_at(root: Any, target: str) -> bool:
@@ -1366,9 +1453,11 @@ def _modes_restored_on_error():
     grad = torch.is_grad_enabled()
     autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES]
     cache, nesting = torch.is_autocast_cache_enabled(), _autocast_nesting()
+    open_blocks, marks = len(_OPEN_BLOCKS.blocks), len(_OPEN_BLOCKS.marks)
     try:
         yield
     except BaseException:
+        del _OPEN_BLOCKS.blocks[open_blocks:], _OPEN_BLOCKS.marks[marks:]  # put back below instead
         torch._C._set_grad_enabled(grad)
         for device, enabled, dtype in autocast:
             torch.set_autocast_enabled(device, enabled)
@@ -1476,6 +1565,7 @@ def _finish(captured: tuple[torch.fx.GraphModule, CaptureInfo], model: nn.Module
     GraphModule's own containers, and the warnings about what a graph cannot reproduce."""
     gm, info = _with_model_flags(captured, model)
     _match_persistence(gm, model)
+    close_blocks_on_error(gm)
     _positional_layer_inputs(gm)
     fallbacks = tuple(path for path, _ in info.leaf_fallbacks)
     info.warnings.extend(hooked_module_warnings(model, leaf_types, tuple(leaf_paths) + fallbacks))
@@ -1713,7 +1803,7 @@ def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     res = torch.fx.GraphModule(_CodeOnlyModule(dict(gm.__dict__)), gm.graph, type(gm).__name__)
     res.meta = getattr(gm, "meta", {})
     _match_persistence(res, gm)
-    _register_penalty_call_hooks(res)
+    _register_root_hooks(res)
     return res
 
 
@@ -1733,7 +1823,7 @@ def _rebuild_graph_module(rebuild: Callable, body: dict, import_block: str) -> t
         gm.recompile()
     gm.meta = body.get("meta", gm.meta)  # fx's rebuild keeps its own, empty one (a deep copy keeps the original's)
     _match_persistence(gm, _CodeOnlyModule(body))
-    _register_penalty_call_hooks(gm)
+    _register_root_hooks(gm)
     return gm
 
 

@@ -97,9 +97,6 @@ def test_bf16_step_check_sees_a_stale_cast_cache():
     assert _bf16_step_follows_the_weights()
 
 
-@pytest.mark.xfail(strict=True, reason="a transformed model's own forward that raises inside a no_grad / autocast "
-                                       "block leaves it open (the graph enters and exits it with calls); fix in "
-                                       "orthofx/capture.py, see the session 41 report")
 def test_transformed_model_raising_in_a_block_leaves_modes():
     gm = orthofx.transform(_Net().eval(), "lorth", example_inputs=(_x(),))
     try:

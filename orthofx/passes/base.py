@@ -935,8 +935,10 @@ _CALL_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_
 
 def call_hook_count(module: nn.Module) -> int:
     """How many hooks are registered on ``module`` itself that its ``__call__`` runs: forward pre-hooks, forward
-    hooks and backward hooks (``register_forward_hook`` ...; global hooks and state-dict hooks not counted)."""
-    return sum(len(getattr(module, name, None) or ()) for name in _CALL_HOOKS)
+    hooks and backward hooks (``register_forward_hook`` ...; global hooks, state-dict hooks and orthofx's own hooks
+    on a captured graph, ``orthofx.capture.close_blocks_on_error``, not counted)."""
+    return sum(not getattr(hook, "orthofx_own_hook", False)
+               for name in _CALL_HOOKS for hook in (getattr(module, name, None) or {}).values())
 
 
 #: The registries of state-dict hooks a module runs for its own entries, with the call that registers each kind.

@@ -1,0 +1,233 @@
+"""A transformed model whose forward raises inside its own ``no_grad`` / ``autocast`` block (session 42).
+
+The captured graph enters and leaves the forward's blocks with calls, not ``with`` statements: before this session
+a call that raised between the two left the caller inside the block (gradients off, or autocast's nesting one too
+high, after which no autocast block of the thread cleared torch's cache of weight casts: a training loop that went
+on after a failed batch trained on the bfloat16 weights cast before its first step). The reference is the
+untransformed model, whose ``with`` statements leave their blocks when the forward raises.
+"""
+
+import copy
+import io
+import pickle
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import orthofx
+from tests.test_test_isolation_s41 import _bf16_step_follows_the_weights, _nesting
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _Blocks(nn.Module):
+    """A float32 block (autocast off) holding a ``no_grad`` block; ``inner`` picks where a wrong input fails."""
+
+    def __init__(self, inner="grad"):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+        self.inner = inner
+
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):
+            h = torch.relu(self.c1(x))
+            if self.inner == "grad":
+                with torch.no_grad():
+                    h = self.c2(h)
+            else:
+                with torch.enable_grad():
+                    h = self.c2(h)
+        return self.fc(h.mean((2, 3)))
+
+
+class _Branching(_Blocks):
+    """Another forward in training mode (a ModalGraphModule holds both graphs)."""
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                x = x * 2.0
+        return super().forward(x)
+
+
+def _x(channels=3):
+    return torch.randn(2, channels, 6, 6, generator=torch.Generator().manual_seed(3))
+
+
+def _modes():
+    return (_nesting(), torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_grad_enabled(),
+            torch.is_autocast_cache_enabled())
+
+
+def _modes_after_failing_call(model, outer):
+    """The modes inside the caller's ``outer`` block before and after ``model`` raised, and after the block."""
+    with outer():
+        before = _modes()
+        with pytest.raises(RuntimeError):
+            model(_x(channels=5))  # the model takes 3 channels: c1 fails inside the autocast(enabled=False) block
+        after = _modes()
+    return before, after, _modes()
+
+
+_OUTER = {"plain": lambda: torch.autocast("cpu", enabled=False),
+          "bf16 autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+          "no_grad": torch.no_grad}
+
+
+def _reset_modes():
+    while _nesting() > 0:
+        torch.autocast_decrement_nesting()
+    torch.clear_autocast_cache()
+    torch.set_autocast_enabled("cpu", False)
+    torch.set_autocast_dtype("cpu", torch.bfloat16)
+    torch._C._set_grad_enabled(True)
+
+
+@pytest.fixture
+def modes_reset():
+    """A failing test must not leave its blocks open for the next ones."""
+    yield
+    _reset_modes()
+
+
+@pytest.mark.parametrize("outer", sorted(_OUTER))
+@pytest.mark.parametrize("inner", ["grad", "enable_grad"])
+def test_failed_call_leaves_its_blocks_as_the_model_does(outer, inner, modes_reset):
+    model = _Blocks(inner).eval()
+    reference = _modes_after_failing_call(model, _OUTER[outer])
+    assert reference[0] == reference[1]  # the reference is right: the model's with statements left their blocks
+    gm = orthofx.transform(model, "lorth", example_inputs=(_x(),))
+    assert _modes_after_failing_call(gm, _OUTER[outer]) == reference
+    assert _nesting() == 0 and _bf16_step_follows_the_weights()
+
+
+def _copies(gm, tmp_path):
+    path = tmp_path / "whole.pt"
+    torch.save(gm, path)
+    buffer = io.BytesIO()
+    torch.save(gm, buffer)
+    return {"deepcopy": copy.deepcopy(gm), "copy": copy.copy(gm), "pickle": pickle.loads(pickle.dumps(gm)),
+            "torch.load": torch.load(path, weights_only=False),
+            "deepcopy of a deepcopy": copy.deepcopy(copy.deepcopy(gm))}
+
+
+@pytest.mark.parametrize("cls", [_Blocks, _Branching])
+def test_copies_and_frozen_models_leave_their_blocks(cls, tmp_path, modes_reset):
+    model = cls().train()
+    gm = orthofx.transform(model, "lorth", example_inputs=(_x(),))
+    if cls is _Branching:
+        assert isinstance(gm, orthofx.capture.ModalGraphModule)
+    reference = _modes_after_failing_call(model, _OUTER["bf16 autocast"])
+    models = {**_copies(gm, tmp_path), "frozen": orthofx.freeze(gm), "eval": copy.deepcopy(gm).eval()}
+    for name, candidate in models.items():
+        assert _modes_after_failing_call(candidate, _OUTER["bf16 autocast"]) == reference, name
+        torch.testing.assert_close(candidate.eval()(_x()), model.eval()(_x()), msg=name)
+        model.train()
+    assert _nesting() == 0 and _bf16_step_follows_the_weights()
+
+
+def test_outputs_and_training_after_failed_calls_match_the_model(modes_reset):
+    """Failed batches between training steps: the transformed model follows the model's own trajectory."""
+    torch.manual_seed(0)
+    model = _Blocks().train()
+    gm = orthofx.transform(copy.deepcopy(model), "lorth", example_inputs=(_x(),))
+    for candidate in (model, gm):
+        optimizer = torch.optim.SGD(candidate.parameters(), lr=0.1)
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                with pytest.raises(RuntimeError):
+                    candidate(_x(channels=5))
+                loss = candidate(_x()).float().square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for p, q in zip(model.parameters(), gm.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+def test_transformed_model_inside_another_keeps_the_outer_blocks(modes_reset):
+    """A transformed model called inside another transformed model's block: each call leaves only its own."""
+    inner = orthofx.transform(_Blocks().eval(), "lorth", example_inputs=(_x(),))
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            with torch.no_grad():
+                return self.inner(x)
+
+    outer = Outer().eval()
+    plain_inner = Outer().eval()
+    plain_inner.inner = orthofx.freeze(inner)  # a transformed part cannot be transformed again with its terms
+    for model in (outer, plain_inner, orthofx.transform(plain_inner, "lorth", example_inputs=(_x(),))):
+        before = _modes()
+        with pytest.raises(RuntimeError):
+            model(_x(channels=5))
+        assert _modes() == before
+
+
+def test_no_warning_about_hooks_when_transforming_a_transformed_model():
+    """orthofx's own hooks on the graph are not the user's: no hook warning, and the inner graph is traced through."""
+    inner = orthofx.transform(_Blocks().eval(), "lorth", example_inputs=(_x(),))
+    assert len(inner._forward_pre_hooks) == 1 and len(inner._forward_hooks) == 1
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 2
+
+    def call_hook_warnings(warnings):
+        return [w for w in warnings if "forward/backward hook" in w or "because forward/backward hooks" in w]
+
+    gm, info = orthofx.capture.capture(Outer(), mode="fx")
+    assert not call_hook_warnings(info.warnings)
+    assert not [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "inner"]  # traced through
+    assert not call_hook_warnings(orthofx.capture.capture(inner, mode="fx")[1].warnings)
+    hooked = nn.Linear(2, 2)
+    hooked.register_forward_hook(lambda *a: None)
+    assert orthofx.passes.base.call_hook_count(hooked) == 1  # the user's hooks are still counted
+
+
+def test_failed_call_in_another_thread_leaves_this_thread_alone(modes_reset):
+    gm = orthofx.transform(_Blocks().eval(), "lorth", example_inputs=(_x(),))
+    errors, seen = [], []
+
+    def failing():
+        try:
+            gm(_x(channels=5))
+        except RuntimeError as exc:
+            errors.append(exc)
+        seen.append(_modes())
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = _modes()
+        thread = threading.Thread(target=failing)
+        thread.start()
+        thread.join()
+        assert _modes() == before
+    assert len(errors) == 1 and seen == [(0, False, torch.bfloat16, True, True)]
+
+
+def test_graph_without_blocks_gets_no_hooks():
+    gm = orthofx.transform(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), "lorth")
+    assert not gm._forward_pre_hooks and not gm._forward_hooks
+
+
+def test_compiled_model_has_no_graph_break_and_matches(modes_reset):
+    torch._dynamo.reset()
+    gm = orthofx.transform(_Blocks().eval(), "lorth", example_inputs=(_x(),))
+    explained = torch._dynamo.explain(gm)(_x())
+    assert explained.graph_break_count == 0
+    compiled = torch.compile(gm, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(_x()), gm(_x()))
+    assert _modes() == (0, False, torch.bfloat16, True, True)
+    torch._dynamo.reset()
