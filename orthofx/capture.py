@@ -524,7 +524,7 @@ def set_grad_mode(mode: bool) -> bool:
     it, for :func:`restore_grad_mode`."""
     before = torch.is_grad_enabled()
     torch._C._set_grad_enabled(mode)
-    if not torch.compiler.is_dynamo_compiling():
+    if _OPEN_BLOCKS.marks and not torch.compiler.is_dynamo_compiling():
         _OPEN_BLOCKS.blocks.append(before)
     return before
 
@@ -533,7 +533,7 @@ def set_grad_mode(mode: bool) -> bool:
 def restore_grad_mode(before: bool) -> None:
     """Leave a grad-mode block of the traced forward (see :func:`set_grad_mode`)."""
     torch._C._set_grad_enabled(before)
-    if not torch.compiler.is_dynamo_compiling():
+    if _OPEN_BLOCKS.blocks and not torch.compiler.is_dynamo_compiling():
         _block_left(None)
 
 
@@ -547,7 +547,8 @@ def enter_autocast(device: str, dtype: torch.dtype, enabled: bool, cache_enabled
         return _enter_autocast(device, dtype, enabled, cache_enabled)
     context = torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
     context.__enter__()
-    _OPEN_BLOCKS.blocks.append(context)
+    if _OPEN_BLOCKS.marks:
+        _OPEN_BLOCKS.blocks.append(context)
     return context
 
 
@@ -558,14 +559,16 @@ def exit_autocast(context: Any) -> None:
         _exit_autocast(context)
     else:
         context.__exit__(None, None, None)
-        _block_left(context)
+        if _OPEN_BLOCKS.blocks:
+            _block_left(context)
 
 
 class _OpenBlocks(threading.local):
-    """The calling thread's grad-mode and autocast blocks that captured graphs entered (:func:`set_grad_mode`,
-    :func:`enter_autocast`) and have not left yet, innermost last: the grad mode before each grad-mode block (a
-    bool) or the context of each autocast block. ``marks``: per running call of a GraphModule that
-    :func:`close_blocks_on_error` guards, ``(id(module), how many blocks were open when the call started)``."""
+    """The calling thread's calls of GraphModules that :func:`close_blocks_on_error` guards, and the grad-mode and
+    autocast blocks graphs entered during them (:func:`set_grad_mode`, :func:`enter_autocast`) and have not left
+    yet. ``marks``: per running guarded call, innermost last, ``(id(module), how many blocks were open when it
+    started)``. ``blocks``: innermost last, the grad mode before each grad-mode block (a bool) or the context of
+    each autocast block; nothing is noted while no guarded call runs (no hook would close it)."""
 
     def __init__(self) -> None:
         self.blocks: list[Any] = []
@@ -577,7 +580,7 @@ _OPEN_BLOCKS = _OpenBlocks()
 
 def _block_left(context: Any) -> None:
     """Take the block just left off :data:`_OPEN_BLOCKS`: the autocast ``context``, or (``None``) the innermost
-    grad-mode block. Searched from the innermost: blocks a run without the guard left open stay below."""
+    grad-mode block. Searched from the innermost; a block entered before the guarded call is not there."""
     blocks = _OPEN_BLOCKS.blocks
     for i in range(len(blocks) - 1, -1, -1):
         if blocks[i] is context or (context is None and isinstance(blocks[i], bool)):
@@ -586,16 +589,26 @@ def _block_left(context: Any) -> None:
 
 
 def _mark_open_blocks(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of :func:`close_blocks_on_error`."""
+    """Forward pre-hook of :func:`close_blocks_on_error`: the call starts."""
     if not torch.compiler.is_dynamo_compiling():
         _OPEN_BLOCKS.marks.append((id(module), len(_OPEN_BLOCKS.blocks)))
 
 
-def _close_blocks_left_open(module: nn.Module, args: tuple, output: Any) -> None:
-    """Forward hook (``always_call``) of :func:`close_blocks_on_error`: the blocks the call entered and did not
-    leave are left, innermost first, as their ``with`` statements would have left them."""
+def _forget_blocks_left_open(module: nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook of :func:`close_blocks_on_error`, run when the forward returned: a mode switch it made
+    without leaving it (``torch.set_grad_enabled(False)`` called as a function) is the forward's to make, as in
+    the model; the call's marks go."""
     marks = _OPEN_BLOCKS.marks
-    if torch.compiler.is_dynamo_compiling() or not marks or marks[-1][0] != id(module):
+    if marks and marks[-1][0] == id(module) and not torch.compiler.is_dynamo_compiling():
+        del _OPEN_BLOCKS.blocks[marks.pop()[1]:]
+
+
+def _close_blocks_left_open(module: nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook (``always_call``) of :func:`close_blocks_on_error`, registered after
+    :func:`_forget_blocks_left_open`: where that one did not run, the forward raised, and the blocks it entered
+    and did not leave are left, innermost first, as their ``with`` statements would have left them."""
+    marks = _OPEN_BLOCKS.marks
+    if not marks or marks[-1][0] != id(module) or torch.compiler.is_dynamo_compiling():
         return
     _, mark = marks.pop()
     blocks = _OPEN_BLOCKS.blocks
@@ -607,9 +620,11 @@ def _close_blocks_left_open(module: nn.Module, args: tuple, output: Any) -> None
             block.__exit__(None, None, None)
 
 
-# hooks of orthofx's own, which orthofx's checks for the user's hooks leave out (passes.base.call_hook_count)
-_mark_open_blocks.orthofx_own_hook = True  # type: ignore[attr-defined]
-_close_blocks_left_open.orthofx_own_hook = True  # type: ignore[attr-defined]
+# hooks of orthofx's own, which orthofx's checks for the user's hooks leave out (passes.base.call_hook_count), and
+# pickling too (:func:`_without_own_hooks`)
+for _hook in (_mark_open_blocks, _forget_blocks_left_open, _close_blocks_left_open):
+    _hook.orthofx_own_hook = True  # type: ignore[attr-defined]
+del _hook
 
 
 def _enters_blocks(gm: torch.fx.GraphModule) -> bool:
@@ -626,17 +641,34 @@ def close_blocks_on_error(gm: torch.fx.GraphModule) -> None:
     that raised between the two left the caller in the block: gradients off, or autocast's nesting one too high,
     after which no autocast block of the thread cleared torch's cache of weight casts again (a training loop that
     went on after a failed batch used the bfloat16 weights cast before its first optimizer step, silently).
-    A forward pre-hook notes the blocks open at the call, and a forward hook run even when the forward raised
-    (``always_call``) leaves those opened since: a few microseconds per call of a model with such blocks. Not
-    under torch.compile, whose compiled graph holds no Python calls to undo (and runs no hook on an error).
+    A forward pre-hook notes the call, the graph's blocks note themselves while it runs, a forward hook forgets
+    them when the forward returned, and one run even when it raised (``always_call``) leaves those still open: a
+    few microseconds per call of a model with such blocks. Not under torch.compile, whose compiled graph holds no
+    Python calls to undo (and runs no hook on an error; an eager part after a graph break is not closed either).
     ``gm.forward(x)`` called directly bypasses the hooks. Registered once; again on copies (fx's rebuilds drop
-    forward hooks: :func:`_register_root_hooks`, and a deepcopy hook)."""
+    forward hooks: :func:`_register_root_hooks`, and a deepcopy hook); not pickled (the rebuild registers them)."""
     if not _enters_blocks(gm) or _mark_open_blocks in gm._forward_pre_hooks.values():
         return
     gm.register_forward_pre_hook(_mark_open_blocks, prepend=True)
+    gm.register_forward_hook(_forget_blocks_left_open)
     gm.register_forward_hook(_close_blocks_left_open, always_call=True)
     if close_blocks_on_error not in gm.__dict__.get("_deepcopy_hooks", []):
         gm._register_deepcopy_hook(close_blocks_on_error)
+
+
+def _without_own_hooks(body: dict) -> dict:
+    """``body`` (a GraphModule's ``__dict__`` being pickled) without orthofx's own hooks
+    (:func:`close_blocks_on_error`), which the unpickling rebuild registers again: a pickle that named them would
+    load only where orthofx has these private functions. The module's own registries are left as they are."""
+    own = {key for name in ("_forward_pre_hooks", "_forward_hooks") for key, hook in body.get(name, {}).items()
+           if getattr(hook, "orthofx_own_hook", False)}
+    body = dict(body)
+    for name in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_always_called"):
+        if own and name in body:
+            body[name] = type(body[name])((key, value) for key, value in body[name].items() if key not in own)
+    if close_blocks_on_error in body.get("_deepcopy_hooks", ()):
+        body["_deepcopy_hooks"] = [hook for hook in body["_deepcopy_hooks"] if hook is not close_blocks_on_error]
+    return body
 
 
 #: torch's variable-length sequence helpers, by name. They read lengths as Python numbers (pack_padded_sequence
@@ -1004,6 +1036,7 @@ class ModalGraphModule(torch.fx.GraphModule):
 
     def __reduce__(self):
         rebuild, (body, import_block) = super().__reduce__()
+        body = _without_own_hooks(body)
         other_code = self.other_graph.python_code(root_module="self")
         body.pop("other_graph", None)
         return (_rebuild_modal_graph_module,
@@ -1811,7 +1844,7 @@ def _reduce_graph_module(gm: torch.fx.GraphModule) -> tuple:
     """Pickling of a plain GraphModule :func:`capture` returned: torch.fx's (the graph's code and ``__dict__``,
     re-traced when unpickled), rebuilt by :func:`_rebuild_graph_module`."""
     rebuild, (body, import_block) = torch.fx.GraphModule.__reduce__(gm)
-    return (_rebuild_graph_module, (rebuild, body, import_block))
+    return (_rebuild_graph_module, (rebuild, _without_own_hooks(body), import_block))
 
 
 def _rebuild_graph_module(rebuild: Callable, body: dict, import_block: str) -> torch.fx.GraphModule:

@@ -175,7 +175,7 @@ def test_transformed_model_inside_another_keeps_the_outer_blocks(modes_reset):
 def test_no_warning_about_hooks_when_transforming_a_transformed_model():
     """orthofx's own hooks on the graph are not the user's: no hook warning, and the inner graph is traced through."""
     inner = orthofx.transform(_Blocks().eval(), "lorth", example_inputs=(_x(),))
-    assert len(inner._forward_pre_hooks) == 1 and len(inner._forward_hooks) == 1
+    assert len(inner._forward_pre_hooks) == 1 and len(inner._forward_hooks) == 2
 
     class Outer(nn.Module):
         def __init__(self):
@@ -231,3 +231,81 @@ def test_compiled_model_has_no_graph_break_and_matches(modes_reset):
     torch.testing.assert_close(compiled(_x()), gm(_x()))
     assert _modes() == (0, False, torch.bfloat16, True, True)
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ review of the first version (session 42)
+
+
+class _SwitchOff(nn.Module):
+    """Turns gradients off as a function call: the mode stays off after the forward, in the model too."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        torch.set_grad_enabled(False)
+        return self.fc2(h)
+
+
+class _BlockThenSwitchOn(_SwitchOff):
+    """A no_grad block, then gradients on as a function call (left on after the forward)."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.fc(x)
+        torch.set_grad_enabled(True)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("cls,grad_before", [(_SwitchOff, True), (_BlockThenSwitchOn, False)])
+def test_successful_call_keeps_the_switches_the_forward_leaves_on_purpose(cls, grad_before, modes_reset):
+    x = torch.randn(4, 8)
+    left = []
+    for model in (cls().eval(), orthofx.transform(cls().eval(), "lorth", example_inputs=(x,))):
+        torch._C._set_grad_enabled(grad_before)
+        for _ in range(3):
+            model(x)
+        left.append(torch.is_grad_enabled())
+    assert left[0] == (not grad_before) and left[1] == left[0]
+    assert not orthofx.capture._OPEN_BLOCKS.blocks and not orthofx.capture._OPEN_BLOCKS.marks
+
+
+def test_calls_without_the_hooks_note_nothing(modes_reset):
+    """gm.forward called directly (no hooks) and unbalanced forwards leave no notes behind in the thread."""
+    gm = orthofx.transform(_Blocks().eval(), "lorth", example_inputs=(_x(),))
+    switch = orthofx.transform(_SwitchOff().eval(), "lorth", example_inputs=(torch.randn(4, 8),))
+    for _ in range(20):
+        with pytest.raises(RuntimeError):
+            gm.forward(_x(channels=5))
+        _reset_modes()
+        switch(torch.randn(4, 8))
+        switch.forward(torch.randn(4, 8))
+        gm(_x())
+    assert not orthofx.capture._OPEN_BLOCKS.blocks and not orthofx.capture._OPEN_BLOCKS.marks
+
+
+def test_pickles_do_not_name_the_private_hooks_and_loads_get_them(tmp_path, modes_reset):
+    for cls in (_Blocks, _Branching):
+        gm = orthofx.transform(cls().train(), "lorth", example_inputs=(_x(),))
+        data = pickle.dumps(gm)
+        for name in (b"_mark_open_blocks", b"_forget_blocks_left_open", b"_close_blocks_left_open",
+                     b"close_blocks_on_error"):
+            assert name not in data
+        assert len(gm._forward_pre_hooks) == 1 and len(gm._forward_hooks) == 2  # the model keeps its own
+        loaded = pickle.loads(data)
+        assert len(loaded._forward_pre_hooks) == 1 and len(loaded._forward_hooks) == 2
+        assert _modes_after_failing_call(loaded, _OUTER["bf16 autocast"]) == _modes_after_failing_call(
+            cls().train(), _OUTER["bf16 autocast"])
+
+
+def test_frozen_part_of_a_bigger_model_has_one_set_of_hooks(modes_reset):
+    gm = orthofx.transform(_Blocks().eval(), "lorth", example_inputs=(_x(),))
+    frozen = orthofx.freeze(nn.Sequential(gm, nn.Linear(3, 3)).eval(), (_x(),))
+    for model in (frozen[0], orthofx.freeze(frozen, (_x(),))[0]):
+        assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 2
+        assert len(model._forward_hooks_always_called) == 1
+    assert len(gm._forward_pre_hooks) == 1 and len(gm._forward_hooks) == 2
+    reference = _modes_after_failing_call(nn.Sequential(_Blocks(), nn.Linear(3, 3)).eval(), _OUTER["bf16 autocast"])
+    assert _modes_after_failing_call(frozen, _OUTER["bf16 autocast"]) == reference

@@ -982,8 +982,25 @@ def move_call_hooks(old: nn.Module, new: nn.Module) -> None:
     if old is new:
         return
     _move_registries(old, new, CALL_HOOK_REGISTRIES)
+    _one_of_each_own_hook(new)
     if new.__dict__.get("_is_full_backward_hook") is None:
         new.__dict__["_is_full_backward_hook"] = old.__dict__.get("_is_full_backward_hook")
+
+
+def _one_of_each_own_hook(module: nn.Module) -> None:
+    """Keep one registration of each of orthofx's own hooks on ``module`` (``orthofx_own_hook``: a captured
+    graph's, ``orthofx.capture.close_blocks_on_error``), where a replaced GraphModule's moved onto one that has
+    them too: each one's work is per call, not per registration."""
+    seen = set()
+    for name in ("_forward_pre_hooks", "_forward_hooks"):
+        registry = module.__dict__.get(name) or {}
+        for key, hook in list(registry.items()):
+            if not getattr(hook, "orthofx_own_hook", False):
+                continue
+            if hook in seen:
+                del registry[key]
+                module.__dict__.get("_forward_hooks_always_called", {}).pop(key, None)
+            seen.add(hook)
 
 
 def same_state_dict_entries(old: nn.Module, new: nn.Module) -> bool:
