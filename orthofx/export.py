@@ -1161,7 +1161,11 @@ def _return_types_in(value: Any, where: str = "the output") -> list[tuple[str, t
 def _export_pt2(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batch: bool, dims: Batches) -> float:
     """Export ``frozen`` with torch.export on ``example`` (the call as torch.export takes it, :func:`_export_call`;
     the program takes its keyword inputs by name), reload it and return its largest difference from ``frozen``.
-    ``dims``: the tensors whose batch is dimension 1 (:func:`_batch_dims`)."""
+    ``dims``: the tensors whose batch is dimension 1 (:func:`_batch_dims`).
+
+    A program torch.export.load cannot read back because of its nested ``torch.no_grad()`` / ``torch.autocast``
+    regions is written once more with the regions inlined (:func:`_read_back_inlined`), with an
+    :class:`~orthofx.OrthofxWarning` saying what the file's program no longer does as the model."""
     try:
         program = torch.export.export(frozen, example.args, kwargs=example.kwargs or None,
                                       dynamic_shapes=_dynamic_shapes(frozen, example, dynamic_batch, dims))
@@ -1169,6 +1173,31 @@ def _export_pt2(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batc
         raise ExportError(f"torch.export failed: {_root_cause(exc)}{_leaf_hint(frozen)}"
                           f"{_packed_sequence_hint(frozen)}{_dataclass_output_hint(frozen, example)}") from exc
     _mutable_output_containers(program)
+    _write_pt2(program, path, frozen, example)
+    inlined = None
+    try:
+        loaded = torch.export.load(path).module()
+    except Exception as exc:  # noqa: BLE001 - torch's deserialisation errors have no common type
+        os.remove(path)  # a file torch.export.load cannot read is of no use
+        program, loaded, inlined = _read_back_inlined(program, path, frozen, example, exc)
+    diff = _max_diff(_outputs(frozen, example), _outputs(loaded, example))
+    if dynamic_batch:  # on the program written: the inlined one where the first could not be read back
+        placeholders = {node.name: node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder"}
+        values = [placeholders.get(name) for name in program.graph_signature.user_inputs if isinstance(name, str)]
+        shapes = [tuple(v.shape) for v in values if isinstance(v, torch.Tensor)]
+        batched = _batched_leaves(example, shapes, dims)
+        diff = max(diff, _check_dynamic_batch(path, batched, example, frozen,
+                                              lambda call: _outputs(loaded, call), dims))
+    if inlined is not None:
+        regions, cause = inlined
+        warnings.warn(_inlined_regions_note(path, regions, cause, diff, frozen, loaded, example), OrthofxWarning,
+                      stacklevel=caller_stacklevel())
+    return diff
+
+
+def _write_pt2(program: Any, path: str, frozen: nn.Module, example: ExampleCall) -> None:
+    """``torch.export.save`` of ``program`` to ``path``, atomically; an :class:`~orthofx.ExportError` saying what
+    to change where torch cannot record the model's input or output classes."""
     # written next to the path and moved into place once complete: a save that fails part-way (a class it cannot
     # name, a full disk) leaves neither a truncated file nor a damaged earlier one at the path
     directory, name = os.path.split(os.path.abspath(path))
@@ -1204,24 +1233,94 @@ def _export_pt2(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batc
             "whose inputs and outputs are flat") from exc
     except (OSError, RuntimeError) as exc:
         raise ExportError(f"cannot write {path!r}: {_root_cause(exc)}") from exc
+
+
+#: The higher-order ops in which torch.export records a forward's ``torch.autocast`` and ``torch.no_grad()`` /
+#: ``torch.enable_grad()`` blocks (and what each stands for in :func:`_inlined_regions_note`).
+_REGION_OPS = {"wrap_with_autocast": "torch.autocast", "wrap_with_set_grad_enabled": "torch.no_grad/enable_grad"}
+
+
+def _region_kinds(program: Any) -> collections.Counter:
+    """How many nodes of ``program`` (its graph and the graphs of its submodules) call a region op
+    (:data:`_REGION_OPS`), by the kind of block it stands for; empty for a program without regions."""
+    ops = {getattr(torch.ops.higher_order, name, None): kind for name, kind in _REGION_OPS.items()}
+    ops.pop(None, None)  # an op this torch does not have
+    return collections.Counter(ops[node.target] for module in program.graph_module.modules()
+                               if isinstance(module, fx.GraphModule) for node in module.graph.nodes
+                               if node.op == "call_function" and node.target in ops)
+
+
+def _read_back_inlined(program: Any, path: str, frozen: nn.Module, example: ExampleCall, exc: Exception
+                       ) -> tuple[Any, nn.Module, tuple[collections.Counter, str]]:
+    """``(program written, its module read back, (regions, cause))`` after torch.export.load failed with ``exc`` on
+    the file of ``program`` (removed already): where ``program`` holds autocast / grad-mode regions
+    (:func:`_region_kinds`), it is written once more with the regions inlined (``run_decompositions({})``) and read
+    back; ``regions`` counts the region ops by block kind, ``cause`` is the first failure. Otherwise, or where the
+    retry fails too, the :class:`~orthofx.ExportError` of a file torch.export.load cannot read back.
+
+    torch.export (torch 2.13) writes a program whose regions are nested (``torch.no_grad()`` inside
+    ``torch.autocast(..., enabled=False)``, ``torch.enable_grad()`` inside ``torch.no_grad()``) with a region op
+    whose node has no ``val`` field (an empty region after the inner block), and torch.export.load rejects it
+    ("SpecViolationError: Node.meta wrap_with_autocast is missing val field"); the inlined program holds the same
+    ops with the dtypes they were traced with, and no region."""
+    cause = _root_cause(exc)
+    regions = _region_kinds(program)
+    retried = ""
+    if regions:
+        try:
+            inlined = program.run_decompositions({})
+            _mutable_output_containers(inlined)
+            _write_pt2(inlined, path, frozen, example)
+            return inlined, torch.export.load(path).module(), (regions, cause)
+        except Exception as again:  # noqa: BLE001 - as above; reported with the first failure
+            if os.path.exists(path):
+                os.remove(path)
+            retried = (f"; written again with its {sum(regions.values())} torch.autocast / torch.no_grad regions "
+                       f"inlined (ExportedProgram.run_decompositions({{}})): {_root_cause(again)}")
+    strings = [(p, v) for p, v in _python_values(_checked_run(frozen, example)) if isinstance(v, (str, bytes))]
+    hint = (f"; the model's {_describe_values(strings)}: torch.export writes a string output but cannot read "
+            "it back, so return tensors and numbers only") if strings else ""
+    raise ExportError(f"torch.export.load cannot read back the file written to {path!r} ({cause}{retried})"
+                      f"{hint}; the file was removed") from exc
+
+
+#: The ambient autocast :func:`_inlined_regions_note` runs the model and the inlined program under.
+_AMBIENT_AUTOCAST_DTYPE = torch.bfloat16
+
+
+def _inlined_regions_note(path: str, regions: collections.Counter, cause: str, diff: float, frozen: nn.Module,
+                          loaded: nn.Module, example: ExampleCall) -> str:
+    """The warning of an export whose file holds the program with its autocast / grad-mode regions inlined
+    (:func:`_read_back_inlined`): why, and what differs from the model, since the inlined program no longer
+    switches autocast or gradients itself: its outputs and ``frozen``'s under an ambient ``torch.autocast``
+    (bfloat16, on the inputs' device type), measured, and gradients that pass where a ``no_grad`` block stops them
+    in the model."""
+    kinds = " and ".join(f"{count} {kind}" for kind, count in sorted(regions.items()))
+    device = next((t.device.type for _, t in example.named_inputs() if isinstance(t, torch.Tensor)), "cpu")
+    ambient = f"torch.autocast({device!r}, dtype=torch.{str(_AMBIENT_AUTOCAST_DTYPE).split('.')[-1]})"
     try:
-        loaded = torch.export.load(path).module()
-    except Exception as exc:  # noqa: BLE001 - torch's deserialisation errors have no common type
-        os.remove(path)  # a file torch.export.load cannot read is of no use
-        strings = [(p, v) for p, v in _python_values(_checked_run(frozen, example)) if isinstance(v, (str, bytes))]
-        hint = (f"; the model's {_describe_values(strings)}: torch.export writes a string output but cannot read "
-                "it back, so return tensors and numbers only") if strings else ""
-        raise ExportError(f"torch.export.load cannot read back the file written to {path!r} ({_root_cause(exc)})"
-                          f"{hint}; the file was removed") from exc
-    diff = _max_diff(_outputs(frozen, example), _outputs(loaded, example))
-    if dynamic_batch:
-        placeholders = {node.name: node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder"}
-        values = [placeholders.get(name) for name in program.graph_signature.user_inputs if isinstance(name, str)]
-        shapes = [tuple(v.shape) for v in values if isinstance(v, torch.Tensor)]
-        batched = _batched_leaves(example, shapes, dims)
-        diff = max(diff, _check_dynamic_batch(path, batched, example, frozen,
-                                              lambda call: _outputs(loaded, call), dims))
-    return diff
+        with torch.autocast(device, dtype=_AMBIENT_AUTOCAST_DTYPE):
+            expected, actual = _outputs(frozen, example), _outputs(loaded, example)
+        autocast_diff = _max_diff(expected, actual)
+        scale = max((float(e.detach().abs().max()) for e in expected if e.is_floating_point() and e.numel()),
+                    default=0.0)
+        if autocast_diff <= 1e-5 * max(1.0, scale):
+            under = f"under an ambient {ambient} the two still agree (max |diff| {autocast_diff:.3g})"
+        else:
+            under = (f"under an ambient {ambient} they differ by up to {autocast_diff:.3g} (outputs up to "
+                     f"{scale:.3g}): the program does not switch autocast off (or on) where the model's "
+                     "torch.autocast blocks do, so their ops run in the ambient autocast's dtype")
+    except Exception as exc:  # noqa: BLE001 - a model or an op without a kernel in that dtype: reported as such
+        under = f"under an ambient {ambient} they could not be compared ({_root_cause(exc)})"
+    return (f"{path}: torch.export.load cannot read back the program torch.export writes for this model, whose "
+            f"forward nests torch.no_grad()/torch.autocast blocks (a torch bug; {kinds} region(s); {cause}), so the "
+            "file holds that program with the regions inlined (ExportedProgram.run_decompositions({})): the same "
+            f"ops in the dtypes they were traced with, outputs within {diff:.3g} of the model's (no ambient "
+            f"autocast). Measured on the example inputs: {under}; and gradients are not turned off (or on) where "
+            "the model's torch.no_grad/enable_grad blocks do: use the program for inference, not to differentiate "
+            "through. To "
+            "keep the blocks, do not nest them in the forward (e.g. .detach() in place of an inner "
+            "torch.no_grad()), or save the weights and policy (a .pt path, reloaded with orthofx.load)")
 
 
 def _path(path: Any) -> str:
