@@ -45,7 +45,7 @@ the loss curves.
 
     python examples/deep_isometry.py [--out deep_isometry.png] [--quick] [--steps N] [--tune]
 
-``--quick`` (for the tests) trains 20 steps and measures the spectrum on 1 input (about 20 s); the default (200
+``--quick`` (for the tests) trains 14 steps and measures the spectrum on 1 input (about 15 s); the default (200
 steps, 3 inputs) runs in about two minutes on two CPU cores, ``--tune`` about five times that. The script uses
 one thread: the layers are small.
 
@@ -103,7 +103,9 @@ from _cli import description, non_negative_int, png_path, positive_float, positi
 
 VARIANTS = ("default", "isometric", "jacobian", "isometric+jacobian", "abs+isometric", "residual")
 STEPS = 200
-QUICK_STEPS = 20
+#: ``--quick``'s steps (the tests' run). The MLP's training loss after 14 steps on seeds 0-5: residual 0.21-0.26,
+#: isometric 2.04-2.07, default 2.304-2.307 (after 20: 0.14-0.19, 1.88-1.92, 2.304-2.306).
+QUICK_STEPS = 14
 #: Learning rates ``--tune`` tries; the defaults below are each variant's best on this grid (measured).
 LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
 #: Variants that start from another variant's weights (same seed, the regulariser changes no weight): the

@@ -1,9 +1,10 @@
 """Every benchmark script (benchmarks/*.py) runs end to end on the CPU at its smallest settings, so that a change
 of orthofx's API that breaks one is caught here rather than at the next benchmark run.
 
-Each test runs one script as a subprocess (one thread, ``--out`` into ``tmp_path``) and checks its exit status, the
-JSON it writes (the rows and fields its docstring documents, times finite and positive, each ratio recomputed from
-the times it divides) and the table it prints. Optional peers (geoopt, geotorch, orthogonium, deel-torchlip) are
+Each test runs one script as a subprocess (one thread, ``--out`` into ``tmp_path``; where two tests run the same
+script, one of them calls its ``main()`` in the test's process) and checks its exit status, the JSON it writes
+(the rows and fields its docstring documents, times finite and positive, each ratio recomputed from the times it
+divides) and the table it prints. Optional peers (geoopt, geotorch, orthogonium, deel-torchlip) are
 checked to be skipped with a note when they do not import; ONNX exports need the ``onnx`` extra. The scripts time
 the CPU here (``--device cpu``): their CUDA paths are not run.
 """
@@ -41,6 +42,30 @@ def _run(script, tmp_path, *args, timeout=240):
     assert results["device"] == "cpu" and results["torch"] == torch.__version__
     assert results["rows"], f"{script}.py wrote no rows"
     return proc.stdout, results
+
+
+def _run_in_process(script, tmp_path, monkeypatch, capsys, *args):
+    """``_run``'s checks on ``benchmarks/<script>.py``'s ``main()`` called in this process, for a script that another
+    test runs as a subprocess (this saves the interpreter's start and the imports, ~3 s); one thread, as there."""
+    out = tmp_path / f"{script}.json"
+    path = os.path.join(BENCHMARKS, f"{script}.py")
+    monkeypatch.syspath_prepend(BENCHMARKS)  # the scripts import timing.py from their folder; sys.path is restored
+    monkeypatch.setattr(sys, "argv", [path, *args, "--out", str(out)])
+    spec = importlib.util.spec_from_file_location(f"benchmark_{script}", path)
+    module = importlib.util.module_from_spec(spec)
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(module)
+        torch.set_num_threads(1)
+        module.main()
+    finally:
+        torch.set_num_threads(threads)  # the scripts' setup() sets --threads
+    stdout = capsys.readouterr().out
+    assert f"wrote {out}" in stdout
+    results = json.loads(out.read_text())
+    assert results["device"] == "cpu" and results["torch"] == torch.__version__
+    assert results["rows"], f"{script}.py wrote no rows"
+    return stdout, results
 
 
 def _positive(value):
@@ -196,8 +221,9 @@ def _check_export_rows(rows, models):
         assert [key for key in row if key.endswith("_error")] == [], row
 
 
-def test_export_quick_every_model_pt(tmp_path):
-    stdout, results = _run("export", tmp_path, "--quick", "--repeats", "1", "--formats", ".pt", "--device", "cpu")
+def test_export_quick_every_model_pt(tmp_path, monkeypatch, capsys):
+    stdout, results = _run_in_process("export", tmp_path, monkeypatch, capsys, "--quick", "--repeats", "1",
+                                      "--formats", ".pt", "--device", "cpu")
     rows = results["rows"]
     assert results["width"] == 8 and results["threads"] == 1
     _check_export_rows(rows, list(EXPORT_CASES))
@@ -359,9 +385,9 @@ def test_orthonormal_one_repeat(tmp_path):
 # ----------------------------------------------------------------------------------------------- svd_passes.py
 
 
-def test_svd_passes_quick(tmp_path):
-    stdout, results = _run("svd_passes", tmp_path, "--quick", "--batches", "8", "--rounds", "1", "--inner", "1",
-                           "--hook-calls", "1", "--threads", "1")
+def test_svd_passes_quick(tmp_path, monkeypatch, capsys):
+    stdout, results = _run_in_process("svd_passes", tmp_path, monkeypatch, capsys, "--quick", "--batches", "8",
+                                      "--rounds", "1", "--inner", "1", "--hook-calls", "1", "--threads", "1")
     rows = results["rows"]
     assert results["threads"] == 1 and results["rounds"] == 1 and results["inner"] == 1
     assert [(r["batch"], r["variant"]) for r in rows] == [

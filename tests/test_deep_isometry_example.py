@@ -4,16 +4,13 @@ arguments stop it before any work."""
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import orthofx
-from example_scripts import EXAMPLES, import_example
+from example_scripts import import_example
 
-SCRIPT = os.path.join(EXAMPLES, "deep_isometry.py")
 VARIANTS = ("default", "isometric", "jacobian", "isometric+jacobian", "abs+isometric", "residual")
 COLUMNS = ("lr", "train_loss", "test_acc", "m1", "m2", "sigma_min", "sigma_max", "seconds")
 
@@ -37,17 +34,24 @@ def _tables(stdout):
 
 
 @pytest.mark.slow
-def test_deep_isometry_quick(tmp_path):
+def test_deep_isometry_quick(tmp_path, monkeypatch, capsys):
+    """``main(["--quick", ...])`` in this process (the script's start as a command, ``python
+    examples/deep_isometry.py``, is tests/test_examples.py's, up to its dependency check)."""
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     out = tmp_path / "x.png"
-    result = subprocess.run([sys.executable, SCRIPT, "--quick", "--out", str(out)], capture_output=True, text=True,
-                            timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
-    tables = _tables(result.stdout)
-    assert sorted(tables) == ["32-layer plain CNN", "64-layer plain MLP"], result.stdout
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        _example().main(["--quick", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # main() sets one thread
+    stdout = capsys.readouterr().out
+    assert f": {_example().QUICK_STEPS} SGD steps" in stdout
+    tables = _tables(stdout)
+    assert sorted(tables) == ["32-layer plain CNN", "64-layer plain MLP"], stdout
     for rows in tables.values():
-        assert sorted(rows) == sorted(VARIANTS), result.stdout
+        assert sorted(rows) == sorted(VARIANTS), stdout
         for row in rows.values():
             assert 0.0 <= row["test_acc"] <= 1.0 and math.isfinite(row["train_loss"])
             assert 0.0 <= row["sigma_min"] <= row["sigma_max"] and row["m1"] > 0 and row["m2"] > 0
@@ -64,7 +68,8 @@ def test_deep_isometry_quick(tmp_path):
     # P2's |Q x + b| layers: the MLP's Jacobian is exactly orthogonal (all singular values 1, printed to 3 digits).
     assert all(mlp["abs+isometric"][c] == 1.0 for c in ("m1", "m2", "sigma_min", "sigma_max"))
     assert 0.9 < cnn["abs+isometric"]["m1"] <= 1.0  # a few pixels are zero in every image: sigma 0 there
-    # After 20 steps the residual MLP is far ahead; the isometric MLP has started to learn, the default has not.
+    # After the quick run's 14 steps the residual MLP is far ahead; the isometric MLP has started to learn, the
+    # default has not.
     assert mlp["residual"]["train_loss"] < 0.5 < mlp["isometric"]["train_loss"] < 2.2 < mlp["default"]["train_loss"]
     with open(out, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -6,8 +6,6 @@ import itertools
 import math
 import os
 import pickle
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -789,18 +787,36 @@ def test_isometric_init_of_strided_convs_is_exactly_orthogonal(conv):
     assert _exactly_orthogonal(layer, (6,) * (layer.weight.dim() - 2) if layer.weight.dim() < 5 else (4, 4, 4))
 
 
+class _SideBySide(nn.Module):
+    """Independent layers, each applied to the input: one transform initialises all of them (a transform of each
+    alone costs ~20 ms, mostly tracing and planning)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        return [layer(x) for layer in self.layers]
+
+
 def test_isometric_init_says_where_the_layer_is_not_exact():
     torch.manual_seed(0)
+    cases = [(C, M, k, s, d, pad) for C, M, k, s, d, pad in itertools.product(
+        (2, 4), (2, 4, 8), (1, 2, 3, 4), (1, 2, 3), (1, 2), ("same", "valid", 0, 1, 2))
+        if not (pad == "same" and s > 1)]  # torch refuses 'same' with a stride
+    convs = [nn.Conv1d(C, M, k, stride=s, dilation=d, padding=pad, bias=False).double()
+             for C, M, k, s, d, pad in cases]
+    gm = orthofx.transform(_SideBySide(convs), isometric(seed=0))
+    changes = {change.site: change for change in orthofx.manifest_of(gm).changes}
+    assert sorted(changes) == sorted(f"layers.{i}" for i in range(len(cases)))  # one change per layer
     claimed = 0
-    for C, M, k, s, d, pad in itertools.product((2, 4), (2, 4, 8), (1, 2, 3, 4), (1, 2, 3), (1, 2),
-                                                ("same", "valid", 0, 1, 2)):
-        if pad == "same" and s > 1:
-            continue  # torch refuses it
-        conv = nn.Conv1d(C, M, k, stride=s, dilation=d, padding=pad, bias=False).double()
-        gm = orthofx.transform(nn.Sequential(conv), isometric(seed=0))
-        if orthofx.manifest_of(gm).changes[0].after["exact"]:  # never a false claim
+    for i, case in enumerate(cases):
+        layer = gm.get_submodule(f"layers.{i}")
+        assert (layer.in_channels, layer.out_channels, *layer.kernel_size, *layer.stride, *layer.dilation) \
+            == case[:5], case
+        if changes[f"layers.{i}"].after["exact"]:  # never a false claim
             claimed += 1
-            assert _exactly_orthogonal(gm.get_submodule("0"), (12,)), (C, M, k, s, d, pad)
+            assert _exactly_orthogonal(layer, (12,)), case
     assert claimed > 100
     # an even kernel with a dilation under 'same' padding: no tap is aligned with the output position
     gm = orthofx.transform(nn.Sequential(nn.Conv1d(2, 2, 2, dilation=2, padding="same").double()), isometric())
@@ -937,14 +953,20 @@ def test_isometric_preset():
     orthofx.transform(convs_only, "isometric")  # the Stiefel rule is optional
 
 
-def test_orthonormal_linear_example_runs(tmp_path):
+def test_orthonormal_linear_example_runs(tmp_path, capsys):
+    """The example's main() in this process (tests/test_examples.py runs the same --quick command as a script)."""
     pytest.importorskip("matplotlib")
+    from example_scripts import import_example
+
     out = tmp_path / "curves.png"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "orthonormal_linear.py"), "--quick",
-                             "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    threads = torch.get_num_threads()
+    try:
+        import_example("orthonormal_linear").main(["--quick", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # main() sets one thread
+    stdout = capsys.readouterr().out
     assert out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    rows = [line.split() for line in stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [int(r[0]) for r in rows] == [2, 4]
     rates = [float(r[4]) for r in rows]
     assert all(0 < r < 1 for r in rates) and rates[0] < rates[1]  # linear, and slower when deeper
