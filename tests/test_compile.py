@@ -11,7 +11,8 @@
 * autocast (CPU, bfloat16): orthogonal kernels are built in float32 (exactly orthogonal to 1e-5), and the svd
   preset's decompositions run in float32 / float64 so outputs stay finite.
 
-Models are tiny (width 4, depth 3; ResNet-50's blocks in layers [2, 1, 1, 1]); dynamo is reset before each compile
+Models are tiny (width 4, depth 3; ResNet-18's blocks in layers [1, 1, 1, 1], ResNet-50's in [2, 1, 1, 1]);
+dynamo is reset before each compile
 so tests do not share caches.
 """
 
@@ -28,31 +29,43 @@ import orthofx
 from orthofx import metrics
 
 MODELS = {"small_cnn": {"width": 4}, "gcp_cnn": {"width": 4, "dim": 4}, "deep_mlp": {"depth": 3, "width": 8},
-          "dbn_cnn": {"width": 4}, "resnet18": {"width": 4}, "vgg11": {"width": 4},
+          "dbn_cnn": {"width": 4}, "vgg11": {"width": 4},
           "deep_cnn": {"depth": 3, "width": 4}, "deep_linear": {}}
 #: ResNet-50's Bottleneck blocks (1x1 reduce, strided 3x3, 1x1 expand; strided-conv and identity shortcuts) in
 #: layers [2, 1, 1, 1] instead of [3, 4, 6, 3]: every kind of block and shortcut of the built-in resnet50 (layer1's
 #: second block has the identity one) in 5 blocks instead of 16. Dynamo's trace time grows with the blocks, and
 #: neither orthofx nor dynamo's handling of a block depends on how many follow it.
 SMALL_RESNET50 = "small_resnet50"
+#: ResNet-18's BasicBlocks in layers [1, 1, 1, 1] instead of [2, 2, 2, 2]: layer1's block has the identity shortcut
+#: (3x3 convs C -> C), the first blocks of layers 2-4 the strided 3x3 conv (C -> 2C) and the strided 1x1 conv
+#: shortcut; the second block of each built-in stage repeats the identity kind at another width. Every kind of
+#: block, conv and shortcut of the built-in resnet18 (the same stem, stages layer1..layer4, pool and fc for the
+#: presets' rules to match) in 4 blocks instead of 8, for the reason above.
+SMALL_RESNET18 = "small_resnet18"
 BATCH = 4
 
 # Cells where the preset has something to act on. Left out: convnorm on deep_mlp (no convolution) and svd on
 # small_cnn / deep_mlp (no decomposition): PlanError, see test_presets_without_sites_raise_plan_error; jacobian on
-# small_cnn / gcp_cnn (no top-level Sequential: the preset's optional rule matches nothing, nothing changes).
+# small_cnn / gcp_cnn (no top-level Sequential: the preset's optional rule matches nothing, nothing changes);
+# isometric on small_cnn / gcp_cnn (the lorth cells' graphs without their penalty terms, as for OTHER_CELLS below;
+# isometric-deep_mlp compiles the penalty of a model without terms and has square Linears for the Riemannian rule).
 CELLS = [
     ("lorth", "small_cnn"), ("lorth", "gcp_cnn"), ("lorth", "deep_mlp"),
     ("orthogonal", "small_cnn"), ("orthogonal", "gcp_cnn"), ("orthogonal", "deep_mlp"),
     ("convnorm", "small_cnn"), ("convnorm", "gcp_cnn"),
     ("jacobian", "deep_mlp"),
-    ("isometric", "small_cnn"), ("isometric", "gcp_cnn"), ("isometric", "deep_mlp"),
+    ("isometric", "deep_mlp"),  # not small_cnn, gcp_cnn: lorth's graph without penalties, see OTHER_CELLS
     ("svd", "gcp_cnn"),
     ("svd", "dbn_cnn"),  # a forward with `if self.training:` (orthofx.capture.ModalGraphModule: two graphs)
 ]
 IDS = [f"{p}-{m}" for p, m in CELLS]
-#: The other built-in models with every preset that has sites in them (slow: dynamo traces ResNets and VGG).
-OTHER_CELLS = [(preset, name) for name in ("resnet18", SMALL_RESNET50, "vgg11", "deep_cnn", "deep_linear")
-               for preset in ("lorth", "orthogonal", "convnorm", "jacobian", "isometric")
+OTHER_MODELS = (SMALL_RESNET18, SMALL_RESNET50, "vgg11", "deep_cnn", "deep_linear")
+#: The other built-in models with every preset that has sites in them (slow: dynamo traces ResNets and VGG). Not
+#: isometric: its init only sets weights and its Riemannian rule acts in optimizer.step(), so its transformed graph
+#: of these models is the lorth cell's (the same code and plain torch layers) without penalty terms, and
+#: orthofx.penalty of a model without terms is compiled by the isometric cell of CELLS; its cells here compiled
+#: nothing the lorth cells and those do not (test_isometric_graph_is_the_lorth_graph_without_penalties checks it).
+OTHER_CELLS = [(preset, name) for name in OTHER_MODELS for preset in ("lorth", "orthogonal", "convnorm", "jacobian")
                if (preset, name) != ("convnorm", "deep_linear")]
 #: aot_eager cells run by default (the rest under slow): cheap ones, the custom decomposition ops, ConvNorm's FFT,
 #: the Jacobian estimate (a derivative that aot_autograd differentiates again).
@@ -69,11 +82,13 @@ def _model(name):
         torch.manual_seed(0)
         if name == SMALL_RESNET50:
             return orthofx.models.ResNet(orthofx.models.Bottleneck, [2, 1, 1, 1], width=4)
+        if name == SMALL_RESNET18:
+            return orthofx.models.ResNet(orthofx.models.BasicBlock, [1, 1, 1, 1], width=4)
         return orthofx.models.get(name, **MODELS[name])
 
 
 def _data(name):
-    name = "resnet50" if name == SMALL_RESNET50 else name
+    name = {SMALL_RESNET50: "resnet50", SMALL_RESNET18: "resnet18"}.get(name, name)
     x = orthofx.models.example_input(name, batch=BATCH)
     y = torch.arange(BATCH) % orthofx.models.num_classes(name)
     return x, y
@@ -150,10 +165,26 @@ def test_training_loss_compiles_fullgraph_eager(preset, name):
 @pytest.mark.parametrize("preset,name", OTHER_CELLS, ids=[f"{p}-{m}" for p, m in OTHER_CELLS])
 def test_other_builtin_models_compile_without_graph_breaks(preset, name):
     """Issue 6's "every preset and built-in model": eval with zero graph breaks, and the training loss (penalty
-    included) compiled with fullgraph=True agreeing with eager. ResNet-50 as its blocks in fewer layers
-    (``SMALL_RESNET50``)."""
+    included) compiled with fullgraph=True agreeing with eager. ResNet-18 and ResNet-50 as their blocks in fewer
+    layers (``SMALL_RESNET18``, ``SMALL_RESNET50``)."""
     test_eval_mode_has_no_graph_break(preset, name)
     test_training_loss_compiles_fullgraph_eager(preset, name)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "gcp_cnn", *OTHER_MODELS])
+def test_isometric_graph_is_the_lorth_graph_without_penalties(name):
+    """Why CELLS and OTHER_CELLS leave isometric out on these models: its transformed model runs the lorth cell's
+    forward (the same graph code, the same plain torch layers under the same names, plain parameters, no hooks)
+    and has no penalty term."""
+    isometric, lorth = _transformed("isometric", name), _transformed("lorth", name)
+    assert isometric.code == lorth.code
+    assert type(isometric).__bases__ == type(lorth).__bases__ == (torch.fx.GraphModule,)
+    layers = {n: type(m) for n, m in isometric.named_modules() if n}
+    assert layers == {n: type(m) for n, m in lorth.named_modules() if n}
+    assert all(t.__module__.startswith("torch.nn.modules.") for t in layers.values()), set(layers.values())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in isometric.modules())
+    assert {type(p) for p in isometric.parameters()} == {torch.nn.Parameter}
+    assert not orthofx.manifest_of(isometric).penalties and orthofx.manifest_of(lorth).penalties
 
 
 def _aot_params():
