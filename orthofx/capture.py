@@ -524,7 +524,7 @@ def set_grad_mode(mode: bool) -> bool:
     it, for :func:`restore_grad_mode`."""
     before = torch.is_grad_enabled()
     torch._C._set_grad_enabled(mode)
-    if _OPEN_BLOCKS.marks and not torch.compiler.is_dynamo_compiling():
+    if _OPEN_BLOCKS.marks and not torch.compiler.is_compiling():
         _OPEN_BLOCKS.blocks.append(before)
     return before
 
@@ -533,7 +533,7 @@ def set_grad_mode(mode: bool) -> bool:
 def restore_grad_mode(before: bool) -> None:
     """Leave a grad-mode block of the traced forward (see :func:`set_grad_mode`)."""
     torch._C._set_grad_enabled(before)
-    if _OPEN_BLOCKS.blocks and not torch.compiler.is_dynamo_compiling():
+    if _OPEN_BLOCKS.blocks and not torch.compiler.is_compiling():
         _block_left(None)
 
 
@@ -547,7 +547,7 @@ def enter_autocast(device: str, dtype: torch.dtype, enabled: bool, cache_enabled
         return _enter_autocast(device, dtype, enabled, cache_enabled)
     context = torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
     context.__enter__()
-    if _OPEN_BLOCKS.marks:
+    if _OPEN_BLOCKS.marks and not torch.compiler.is_compiling():
         _OPEN_BLOCKS.blocks.append(context)
     return context
 
@@ -559,7 +559,7 @@ def exit_autocast(context: Any) -> None:
         _exit_autocast(context)
     else:
         context.__exit__(None, None, None)
-        if _OPEN_BLOCKS.blocks:
+        if _OPEN_BLOCKS.blocks and not torch.compiler.is_compiling():
             _block_left(context)
 
 
@@ -567,12 +567,13 @@ class _OpenBlocks(threading.local):
     """The calling thread's calls of GraphModules that :func:`close_blocks_on_error` guards, and the grad-mode and
     autocast blocks graphs entered during them (:func:`set_grad_mode`, :func:`enter_autocast`) and have not left
     yet. ``marks``: per running guarded call, innermost last, ``(id(module), how many blocks were open when it
-    started)``. ``blocks``: innermost last, the grad mode before each grad-mode block (a bool) or the context of
-    each autocast block; nothing is noted while no guarded call runs (no hook would close it)."""
+    started)``, the count ``None`` once its forward returned. ``blocks``: innermost last, the grad mode before each
+    grad-mode block (a bool) or the context of each autocast block; nothing is noted while no guarded call runs (no
+    hook would close it)."""
 
     def __init__(self) -> None:
         self.blocks: list[Any] = []
-        self.marks: list[tuple[int, int]] = []
+        self.marks: list[tuple[int, int | None]] = []
 
 
 _OPEN_BLOCKS = _OpenBlocks()
@@ -589,28 +590,34 @@ def _block_left(context: Any) -> None:
 
 
 def _mark_open_blocks(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of :func:`close_blocks_on_error`: the call starts."""
-    if not torch.compiler.is_dynamo_compiling():
+    """Forward pre-hook of :func:`close_blocks_on_error`: the call starts. Not while torch compiles or exports,
+    whose ``Module.__call__`` runs no ``always_call`` hook on an error (nothing would take the mark off)."""
+    if not torch.compiler.is_compiling():
         _OPEN_BLOCKS.marks.append((id(module), len(_OPEN_BLOCKS.blocks)))
 
 
 def _forget_blocks_left_open(module: nn.Module, args: tuple, output: Any) -> None:
     """Forward hook of :func:`close_blocks_on_error`, run when the forward returned: a mode switch it made
     without leaving it (``torch.set_grad_enabled(False)`` called as a function) is the forward's to make, as in
-    the model; the call's marks go."""
+    the model. The call's mark stays, with its count ``None``, for :func:`_close_blocks_left_open` to take off:
+    a call of the same module made by another hook of this call (a pre-hook) has its own mark above."""
     marks = _OPEN_BLOCKS.marks
-    if marks and marks[-1][0] == id(module) and not torch.compiler.is_dynamo_compiling():
-        del _OPEN_BLOCKS.blocks[marks.pop()[1]:]
+    if marks and marks[-1][0] == id(module) and marks[-1][1] is not None and not torch.compiler.is_compiling():
+        del _OPEN_BLOCKS.blocks[marks[-1][1]:]
+        marks[-1] = (id(module), None)
 
 
 def _close_blocks_left_open(module: nn.Module, args: tuple, output: Any) -> None:
     """Forward hook (``always_call``) of :func:`close_blocks_on_error`, registered after
-    :func:`_forget_blocks_left_open`: where that one did not run, the forward raised, and the blocks it entered
-    and did not leave are left, innermost first, as their ``with`` statements would have left them."""
+    :func:`_forget_blocks_left_open`: takes the call's mark off; where that one did not run, the forward raised,
+    and the blocks it entered and did not leave are left, innermost first, as their ``with`` statements would
+    have left them. (torch runs ``always_call`` hooks for an ``Exception``, not for a ``KeyboardInterrupt``.)"""
     marks = _OPEN_BLOCKS.marks
-    if not marks or marks[-1][0] != id(module) or torch.compiler.is_dynamo_compiling():
+    if not marks or marks[-1][0] != id(module) or torch.compiler.is_compiling():
         return
     _, mark = marks.pop()
+    if mark is None:
+        return
     blocks = _OPEN_BLOCKS.blocks
     while len(blocks) > mark:
         block = blocks.pop()

@@ -1313,8 +1313,9 @@ def _inlined_regions_note(path: str, regions: collections.Counter, cause: str, d
     except Exception as exc:  # noqa: BLE001 - a model or an op without a kernel in that dtype: reported as such
         under = f"under an ambient {ambient} they could not be compared ({_root_cause(exc)})"
     return (f"{path}: torch.export.load cannot read back the program torch.export writes for this model, whose "
-            f"forward nests torch.no_grad()/torch.autocast blocks (a torch bug; {kinds} region(s); {cause}), so the "
-            "file holds that program with the regions inlined (ExportedProgram.run_decompositions({})): the same "
+            f"forward nests torch.no_grad()/torch.autocast blocks (a torch bug; its program holds {kinds} region "
+            f"op(s); {cause}), so the file holds that program with the regions inlined "
+            "(ExportedProgram.run_decompositions({})): the same "
             f"ops in the dtypes they were traced with, outputs within {diff:.3g} of the model's (no ambient "
             f"autocast). Measured on the example inputs: {under}; and gradients are not turned off (or on) where "
             "the model's torch.no_grad/enable_grad blocks do: use the program for inference, not to differentiate "

@@ -309,3 +309,44 @@ def test_frozen_part_of_a_bigger_model_has_one_set_of_hooks(modes_reset):
     assert len(gm._forward_pre_hooks) == 1 and len(gm._forward_hooks) == 2
     reference = _modes_after_failing_call(nn.Sequential(_Blocks(), nn.Linear(3, 3)).eval(), _OUTER["bf16 autocast"])
     assert _modes_after_failing_call(frozen, _OUTER["bf16 autocast"]) == reference
+
+
+# ------------------------------------------------------------------ second review (session 42)
+
+
+def test_failed_torch_export_leaves_no_note_that_a_later_call_would_act_on(modes_reset):
+    """Non-strict torch.export runs no always_call hook when it fails: nothing may be noted while it traces, or
+    the next call (inside the user's autocast block) would exit a stale context and switch autocast off."""
+    gm = orthofx.transform(_Blocks().eval(), "lorth", example_inputs=(_x(),))
+    with pytest.raises(Exception):
+        torch.export.export(nn.Sequential(gm), (_x(channels=5),))
+    _reset_modes()  # the failed trace left the graph's block open (torch runs no always_call hook while exporting;
+    # orthofx.export puts the modes back itself)
+    assert not orthofx.capture._OPEN_BLOCKS.blocks and not orthofx.capture._OPEN_BLOCKS.marks
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = _modes()
+        gm(_x())
+        assert _modes() == before
+    assert _nesting() == 0 and _bf16_step_follows_the_weights()
+
+
+def test_a_call_made_by_a_pre_hook_keeps_the_outer_call_guarded(modes_reset):
+    """A user's forward pre-hook that calls the same model once: the outer call, failing, still closes its
+    blocks (the inner call takes off its own mark only), as the model's with statements do."""
+    def outcome(model):
+        calls = []
+
+        def calls_once(module, args):
+            if not calls:
+                calls.append(1)
+                module(_x())
+
+        handle = model.register_forward_pre_hook(calls_once)
+        try:
+            return _modes_after_failing_call(model, _OUTER["bf16 autocast"])
+        finally:
+            handle.remove()
+
+    reference = outcome(_Blocks().eval())
+    assert reference[0] == reference[1]
+    assert outcome(orthofx.transform(_Blocks().eval(), "lorth", example_inputs=(_x(),))) == reference
