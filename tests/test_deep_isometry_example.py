@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import orthofx
-from example_scripts import import_example
+from example_scripts import import_example, run_main_in_process
 
 VARIANTS = ("default", "isometric", "jacobian", "isometric+jacobian", "abs+isometric", "residual")
 COLUMNS = ("lr", "train_loss", "test_acc", "m1", "m2", "sigma_min", "sigma_max", "seconds")
@@ -41,12 +41,7 @@ def test_deep_isometry_quick(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "x.png"
     monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    try:
-        _example().main(["--quick", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)  # main() sets one thread
-    stdout = capsys.readouterr().out
+    _, stdout = run_main_in_process("deep_isometry", ["--quick", "--out", str(out)], monkeypatch, capsys)
     assert f": {_example().QUICK_STEPS} SGD steps" in stdout
     tables = _tables(stdout)
     assert sorted(tables) == ["32-layer plain CNN", "64-layer plain MLP"], stdout

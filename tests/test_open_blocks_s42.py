@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import orthofx
-from tests.test_test_isolation_s41 import _bf16_step_follows_the_weights, _nesting
+from tests.test_test_isolation_s41 import _bf16_step_follows_the_weights, _nesting, reset_modes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,20 +78,11 @@ _OUTER = {"plain": lambda: torch.autocast("cpu", enabled=False),
           "no_grad": torch.no_grad}
 
 
-def _reset_modes():
-    while _nesting() > 0:
-        torch.autocast_decrement_nesting()
-    torch.clear_autocast_cache()
-    torch.set_autocast_enabled("cpu", False)
-    torch.set_autocast_dtype("cpu", torch.bfloat16)
-    torch._C._set_grad_enabled(True)
-
-
 @pytest.fixture
 def modes_reset():
     """A failing test must not leave its blocks open for the next ones."""
     yield
-    _reset_modes()
+    reset_modes()
 
 
 @pytest.mark.parametrize("outer", sorted(_OUTER))
@@ -279,7 +270,7 @@ def test_calls_without_the_hooks_note_nothing(modes_reset):
     for _ in range(20):
         with pytest.raises(RuntimeError):
             gm.forward(_x(channels=5))
-        _reset_modes()
+        reset_modes()
         switch(torch.randn(4, 8))
         switch.forward(torch.randn(4, 8))
         gm(_x())
@@ -320,7 +311,7 @@ def test_failed_torch_export_leaves_no_note_that_a_later_call_would_act_on(modes
     gm = orthofx.transform(_Blocks().eval(), "lorth", example_inputs=(_x(),))
     with pytest.raises(Exception):
         torch.export.export(nn.Sequential(gm), (_x(channels=5),))
-    _reset_modes()  # the failed trace left the graph's block open (torch runs no always_call hook while exporting;
+    reset_modes()  # the failed trace left the graph's block open (torch runs no always_call hook while exporting;
     # orthofx.export puts the modes back itself)
     assert not orthofx.capture._OPEN_BLOCKS.blocks and not orthofx.capture._OPEN_BLOCKS.marks
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import orthofx
-from example_scripts import import_example
+from example_scripts import import_example, run_main_in_process
 
 MODELS = ("dbn_cnn", "gcp_cnn")
 VARIANTS = ("plain", "+NOG", "+OLR", "+OW", "+NOG+OLR+OW")
@@ -25,12 +25,7 @@ def test_svd_conditioning_example_quick(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "k.png"
     monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    try:
-        _example().main(["--quick", "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)  # main() sets one thread
-    stdout = capsys.readouterr().out
+    _, stdout = run_main_in_process("svd_conditioning", ["--quick", "--out", str(out)], monkeypatch, capsys)
     rows = [line.split() for line in stdout.splitlines()]
     table = {(r[0], r[1]): r for r in rows if len(r) >= 8 and r[0] in MODELS}
     assert f"kappa recorded at {_example().QUICK_STEPS} training steps per run" in stdout
