@@ -322,28 +322,13 @@ def test_export_onnx(preset, name, tmp_path):
 # layers are the ones the grid above already exports (convs, depthwise and transposed convs, attention).
 ONNX_ONCE = {"unet": "orthogonal", "convnext": "orthogonal", "mobilenet_v2": "convnorm", "se_resnet": "isometric",
              "efficientnet": "lorth", "vit": "jacobian", "std_conv": "lorth"}
-# A model's rotated graph-keeping cell exports the model's own computation (see EXPORT_GRID), which its cells under
-# the presets that change the graph export too, around their replaced layers: to ONNX (5-8 s a cell on CI) it is
-# taken only where no such cell exports the model. Each graph-keeping preset still exports to ONNX in
-# ONNX_DEFAULT_CELLS and ONNX_ONCE (test_onnx_grid_keeps_every_preset).
-_GRAPH_CHANGED = {m for p, m in EXPORT_GRID + ONNX_DEFAULT_CELLS
-                  if p not in GRAPH_KEEPING and (p, m) not in EXPECTED_FAILURES}
 ONNX_GRID = [(p, m) for p, m in GRID if (p, m) not in ONNX_DEFAULT_CELLS
-             and (ONNX_ONCE[m] == p if m in ONNX_ONCE
-                  else (p, m) in EXPORT_GRID and (p not in GRAPH_KEEPING or m not in _GRAPH_CHANGED))]
+             and (ONNX_ONCE[m] == p if m in ONNX_ONCE else (p, m) in EXPORT_GRID)]
 
 
 def test_onnx_grid_exports_every_model():
     assert {m for _, m in ONNX_GRID} | {m for _, m in ONNX_DEFAULT_CELLS} == set(MODELS)
     assert not {(p, m) for m, p in ONNX_ONCE.items()} & set(EXPECTED_FAILURES)
-
-
-def test_onnx_grid_keeps_every_preset():
-    cells = [c for c in ONNX_GRID + ONNX_DEFAULT_CELLS if c not in EXPECTED_FAILURES]
-    assert all(sum(p == preset for p, _ in cells) >= 2 for preset in PRESETS)
-    # every model whose graph a preset changes is exported under that preset, as in EXPORT_GRID
-    assert {c for c in EXPORT_GRID if c[0] not in GRAPH_KEEPING and c[1] not in ONNX_ONCE
-            and c not in EXPECTED_FAILURES} <= set(cells)
 
 
 @pytest.mark.parametrize("preset,name", _export_params("onnx", ONNX_GRID, slow=True))
