@@ -182,8 +182,12 @@ def test_isometric_graph_is_the_lorth_graph_without_penalties(name):
     layers = {n: type(m) for n, m in isometric.named_modules() if n}
     assert layers == {n: type(m) for n, m in lorth.named_modules() if n}
     assert all(t.__module__.startswith("torch.nn.modules.") for t in layers.values()), set(layers.values())
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in isometric.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in isometric.modules())
     assert {type(p) for p in isometric.parameters()} == {torch.nn.Parameter}
+    # the backward the dropped cells compiled: no hooks on the parameters either
+    assert not any(getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None)
+                   for p in isometric.parameters())
     assert not orthofx.manifest_of(isometric).penalties and orthofx.manifest_of(lorth).penalties
 
 
