@@ -1725,7 +1725,10 @@ def _subsample(f: _Call, x: torch.Tensor, batch_fraction: float, generator: torc
     if size >= batch:
         return f, x, 1.0
     device = generator.device if generator is not None else x.device
-    index = torch.randperm(batch, generator=generator, device=device)[:size].to(x.device)
+    # no generator= keyword without a generator: torch.randperm(n, generator=None) takes the overload whose fake
+    # kernel specialises n, so a compiled probe with a dynamic batch recompiled for every batch size
+    draw = {"generator": generator} if generator is not None else {}
+    index = torch.randperm(batch, device=device, **draw)[:size].to(x.device)
     return f.subset(index, batch), x[index], batch / size
 
 

@@ -302,6 +302,27 @@ def test_compiled_probe_takes_a_dynamic_batch(kind, batch_fraction, fixed_probe_
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("batch_fraction", [1.0, 0.5])
+def test_compiled_probe_is_one_graph_for_every_batch_size(batch_fraction):
+    """With ``dynamic=True`` one graph serves every batch size (sizes other than the 4 features, which dynamo would
+    take for the same symbol). ``torch.randperm(n, generator=None)`` specialised the batch: the subset of
+    ``batch_fraction < 1`` took one graph per size (4 here), until dynamo's recompile limit."""
+    from torch._dynamo.testing import CompileCounter
+    from orthofx.nn.jacobian import JacobianProbe
+
+    probe = JacobianProbe(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()).double(),
+                          batch_fraction=batch_fraction, probes=2)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(_probe_loss(probe), backend=counter, fullgraph=True, dynamic=True)
+        for batch in (5, 6, 7, 9):
+            assert torch.isfinite(compiled(torch.randn(batch, 4, dtype=torch.float64)))
+        assert counter.frame_count == 1
+    finally:
+        torch._dynamo.reset()
+
+
 def test_compiled_probe_with_a_seed_names_the_fix():
     """A probe's ``seed`` builds a torch.Generator per estimate, which dynamo cannot trace: fullgraph fails with
     orthofx's message (set the seed to None), and without fullgraph the probe runs eagerly with its seed."""
