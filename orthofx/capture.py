@@ -86,7 +86,7 @@ from torch.package import sys_importer
 from torch.fx.proxy import TraceError
 
 from .errors import ArgumentError, CaptureError, first_few
-from .passes.base import CALL_HOOK_REGISTRIES, CaptureInfo, call_hook_count
+from .passes.base import CALL_HOOK_REGISTRIES, CaptureInfo, call_hook_count, is_own_hook, own_hook
 from .nn.tracing import exported_as_plain_module, is_orthofx_nn_class
 
 __all__ = ["capture", "unwrap_model", "copy_model", "OrthofxTracer", "ModalGraphModule", "module_scopes",
@@ -589,6 +589,7 @@ def _block_left(context: Any) -> None:
             return
 
 
+@own_hook
 def _mark_open_blocks(module: nn.Module, args: tuple) -> None:
     """Forward pre-hook of :func:`close_blocks_on_error`: the call starts. Not while torch compiles or exports,
     whose ``Module.__call__`` runs no ``always_call`` hook on an error (nothing would take the mark off)."""
@@ -596,6 +597,7 @@ def _mark_open_blocks(module: nn.Module, args: tuple) -> None:
         _OPEN_BLOCKS.marks.append((id(module), len(_OPEN_BLOCKS.blocks)))
 
 
+@own_hook
 def _forget_blocks_left_open(module: nn.Module, args: tuple, output: Any) -> None:
     """Forward hook of :func:`close_blocks_on_error`, run when the forward returned: a mode switch it made
     without leaving it (``torch.set_grad_enabled(False)`` called as a function) is the forward's to make, as in
@@ -607,6 +609,7 @@ def _forget_blocks_left_open(module: nn.Module, args: tuple, output: Any) -> Non
         marks[-1] = (id(module), None)
 
 
+@own_hook
 def _close_blocks_left_open(module: nn.Module, args: tuple, output: Any) -> None:
     """Forward hook (``always_call``) of :func:`close_blocks_on_error`, registered after
     :func:`_forget_blocks_left_open`: takes the call's mark off; where that one did not run, the forward raised,
@@ -625,13 +628,6 @@ def _close_blocks_left_open(module: nn.Module, args: tuple, output: Any) -> None
             torch._C._set_grad_enabled(block)
         else:
             block.__exit__(None, None, None)
-
-
-# hooks of orthofx's own, which orthofx's checks for the user's hooks leave out (passes.base.call_hook_count), and
-# pickling too (:func:`_without_own_hooks`)
-for _hook in (_mark_open_blocks, _forget_blocks_left_open, _close_blocks_left_open):
-    _hook.orthofx_own_hook = True  # type: ignore[attr-defined]
-del _hook
 
 
 def _enters_blocks(gm: torch.fx.GraphModule) -> bool:
@@ -668,7 +664,7 @@ def _without_own_hooks(body: dict) -> dict:
     (:func:`close_blocks_on_error`), which the unpickling rebuild registers again: a pickle that named them would
     load only where orthofx has these private functions. The module's own registries are left as they are."""
     own = {key for name in ("_forward_pre_hooks", "_forward_hooks") for key, hook in body.get(name, {}).items()
-           if getattr(hook, "orthofx_own_hook", False)}
+           if is_own_hook(hook)}
     body = dict(body)
     for name in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_always_called"):
         if own and name in body:

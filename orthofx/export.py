@@ -84,9 +84,9 @@ import torch
 from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-from .capture import (ModalGraphModule, RecurrentBatch, batch_dim, batch_dynamic_shapes, buffers_kept, capture,
-                      copy_model, module_edges_holding, one_trace_at_a_time, recurrent_batch_dims, sequence_helper,
-                      unwrap_model)
+from .capture import (ModalGraphModule, RecurrentBatch, _join, batch_dim, batch_dynamic_shapes, buffers_kept,
+                      capture, copy_model, module_edges_holding, one_trace_at_a_time, recurrent_batch_dims,
+                      sequence_helper, unwrap_model)
 from .errors import (SITE_ATTRIBUTE, ArgumentError, CaptureError, ExportError, LayerArgumentError, OrthofxError,
                      OrthofxWarning, TransformError, caller_stacklevel, first_few)
 from .nn.conditioning import power_newton_schulz
@@ -595,8 +595,8 @@ def _paths_reaching(root: nn.Module, target: nn.Module) -> list[str]:
     replaces every way the model reaches it."""
     # one path per (parent module, child name) edge: setting it replaces the target under every name through that
     # parent (walking every path instead was 2^depth for a module shared at every level of a nesting)
-    return [f"{parent}.{name}" if parent else name
-            for parent, name, _ in module_edges_holding(root, lambda module: unwrap_model(module) is target)]
+    return [_join(parent, name) for parent, name, _ in
+            module_edges_holding(root, lambda module: unwrap_model(module) is target)]
 
 
 def _describe_inputs(example: ExampleCall) -> str:
@@ -1296,7 +1296,7 @@ def _inlined_regions_note(path: str, regions: collections.Counter, cause: str, d
     (bfloat16, on the inputs' device type), measured, and gradients that pass where a ``no_grad`` block stops them
     in the model."""
     kinds = " and ".join(f"{count} {kind}" for kind, count in sorted(regions.items()))
-    device = next((t.device.type for _, t in example.named_inputs() if isinstance(t, torch.Tensor)), "cpu")
+    device = (example.device() or torch.device("cpu")).type
     ambient = f"torch.autocast({device!r}, dtype=torch.{str(_AMBIENT_AUTOCAST_DTYPE).split('.')[-1]})"
     try:
         with torch.autocast(device, dtype=_AMBIENT_AUTOCAST_DTYPE):
@@ -1315,13 +1315,12 @@ def _inlined_regions_note(path: str, regions: collections.Counter, cause: str, d
     return (f"{path}: torch.export.load cannot read back the program torch.export writes for this model, whose "
             f"forward nests torch.no_grad()/torch.autocast blocks (a torch bug; its program holds {kinds} region "
             f"op(s); {cause}), so the file holds that program with the regions inlined "
-            "(ExportedProgram.run_decompositions({})): the same "
-            f"ops in the dtypes they were traced with, outputs within {diff:.3g} of the model's (no ambient "
-            f"autocast). Measured on the example inputs: {under}; and gradients are not turned off (or on) where "
-            "the model's torch.no_grad/enable_grad blocks do: use the program for inference, not to differentiate "
-            "through. To "
-            "keep the blocks, do not nest them in the forward (e.g. .detach() in place of an inner "
-            "torch.no_grad()), or save the weights and policy (a .pt path, reloaded with orthofx.load)")
+            "(ExportedProgram.run_decompositions({})): the same ops in the dtypes they were traced with, outputs "
+            f"within {diff:.3g} of the model's (no ambient autocast). Measured on the example inputs: {under}; and "
+            "gradients are not turned off (or on) where the model's torch.no_grad/enable_grad blocks do: use the "
+            "program for inference, not to differentiate through. To keep the blocks, do not nest them in the "
+            "forward (e.g. .detach() in place of an inner torch.no_grad()), or save the weights and policy (a .pt "
+            "path, reloaded with orthofx.load)")
 
 
 def _path(path: Any) -> str:

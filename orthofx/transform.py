@@ -224,6 +224,11 @@ class ExampleCall:
         return [(label + pytree.keystr(path), leaf)
                 for label, value in top for path, leaf in pytree.tree_flatten_with_path(value)[0]]
 
+    def device(self) -> torch.device | None:
+        """The device of the call's first tensor (:meth:`named_inputs` order), where the model's data lives; ``None``
+        for a call without tensors."""
+        return next((x.device for _, x in self.named_inputs() if isinstance(x, torch.Tensor)), None)
+
     def positional(self, gm: fx.GraphModule) -> tuple | None:
         """The inputs in ``gm``'s placeholder order (what ``fx.Interpreter.run`` takes), defaults filled in;
         ``None`` when they do not bind to its forward's signature or it has a variadic parameter."""
@@ -588,14 +593,6 @@ def _relative_change(before: Any, after: Any) -> float | None:
     return relative_distance(torch.cat(new), torch.cat(old))
 
 
-def _example_device(example: ExampleCall | None) -> torch.device | None:
-    """The device of the example call's first tensor (None without one): where the model's data lives."""
-    if example is None:
-        return None
-    leaves = torch.utils._pytree.tree_leaves((example.args, example.kwargs))
-    return next((t.device for t in leaves if isinstance(t, torch.Tensor)), None)
-
-
 def _run_passes(ctx: PassContext, plan: Plan, selected: Callable[[Site], bool]) -> None:
     """Apply the plan's entries for the ``selected`` sites, pass by pass in policy order."""
     # a pass (of the user's) may tie or untie weights: PassContext's index follows. The passes build layers and
@@ -950,7 +947,7 @@ def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
         modules = dict(work.named_modules()) if user_model is not None else {}
         try:
             _run_passes(PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs,
-                                    user_default_device=_example_device(example)), plan,
+                                    user_default_device=None if example is None else example.device()), plan,
                         lambda site: site.kind != "function" or not site.mode)
         except OrthofxError as exc:
             _note_written_weights(exc, work, versions, modules)

@@ -933,11 +933,24 @@ CALL_HOOK_REGISTRIES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", 
 _CALL_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
+def own_hook(function: Callable) -> Callable:
+    """Mark ``function`` as a hook orthofx registers for its own bookkeeping (``orthofx.capture``'s
+    :func:`~orthofx.capture.close_blocks_on_error`): :func:`call_hook_count` and the checks built on it leave it out,
+    and pickles of a captured graph drop it (its rebuild registers it again)."""
+    function.orthofx_own_hook = True  # type: ignore[attr-defined]
+    return function
+
+
+def is_own_hook(hook: Any) -> bool:
+    """Whether ``hook`` is marked by :func:`own_hook`."""
+    return getattr(hook, "orthofx_own_hook", False)
+
+
 def call_hook_count(module: nn.Module) -> int:
     """How many hooks are registered on ``module`` itself that its ``__call__`` runs: forward pre-hooks, forward
     hooks and backward hooks (``register_forward_hook`` ...; global hooks, state-dict hooks and orthofx's own hooks
     on a captured graph, ``orthofx.capture.close_blocks_on_error``, not counted)."""
-    return sum(not getattr(hook, "orthofx_own_hook", False)
+    return sum(not is_own_hook(hook)
                for name in _CALL_HOOKS for hook in (getattr(module, name, None) or {}).values())
 
 
@@ -988,14 +1001,14 @@ def move_call_hooks(old: nn.Module, new: nn.Module) -> None:
 
 
 def _one_of_each_own_hook(module: nn.Module) -> None:
-    """Keep one registration of each of orthofx's own hooks on ``module`` (``orthofx_own_hook``: a captured
-    graph's, ``orthofx.capture.close_blocks_on_error``), where a replaced GraphModule's moved onto one that has
+    """Keep one registration of each of orthofx's own hooks on ``module`` (:func:`own_hook`: a captured graph's,
+    ``orthofx.capture.close_blocks_on_error``), where a replaced GraphModule's moved onto one that has
     them too: each one's work is per call, not per registration."""
     seen = set()
     for name in ("_forward_pre_hooks", "_forward_hooks"):
         registry = module.__dict__.get(name) or {}
         for key, hook in list(registry.items()):
-            if not getattr(hook, "orthofx_own_hook", False):
+            if not is_own_hook(hook):
                 continue
             if hook in seen:
                 del registry[key]
