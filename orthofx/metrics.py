@@ -1381,6 +1381,21 @@ class _ForwardModeGap(NotImplementedError):
         self.op = op
 
 
+def _forward_mode_refusal(exc: BaseException) -> bool:
+    """Whether torch raised ``exc`` because forward mode cannot run an op: an op without a forward-AD formula
+    (``NotImplementedError``), or a custom ``autograd.Function`` without ``jvp`` / ``setup_context``, which
+    ``torch.func.jvp`` refuses with a ``RuntimeError`` naming its transforms. Other errors (a shape mismatch in
+    the block) are the block's own and pass through as they are."""
+    if isinstance(exc, NotImplementedError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(word in text for word in ("forward AD", "jvp", "setup_context"))
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 class _JvpRouteError(ArgumentError, NotImplementedError):
     """Route ``"jvp"`` met an op without a reliable forward-mode derivative (:class:`_ForwardModeGap`): an
     :class:`~orthofx.errors.ArgumentError` (the route is the caller's choice) that is still the
@@ -1796,11 +1811,13 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
                 except torch.OutOfMemoryError:
                     raise  # not a forward-mode gap: falling back for good would hide it
                 except (NotImplementedError, RuntimeError) as exc:
-                    if route == "jvp" and isinstance(exc, _ForwardModeGap):
+                    if route == "jvp" and (isinstance(exc, _ForwardModeGap) or _forward_mode_refusal(exc)):
+                        op = exc.op if isinstance(exc, _ForwardModeGap) else "an op"
+                        cause = "" if isinstance(exc, _ForwardModeGap) else f" (torch: {_first_line(exc)})"
                         raise error(
-                            f"{what}: route 'jvp' (forward mode only) cannot run {exc.op} in the block: it has no "
-                            "reliable forward-mode derivative. Use route 'auto' (forward mode, falling back to the "
-                            "double-VJP route at such ops) or 'double_vjp'") from exc
+                            f"{what}: route 'jvp' (forward mode only) cannot run {op} in the block: it has no "
+                            f"reliable forward-mode derivative{cause}. Use route 'auto' (forward mode, falling "
+                            "back to the double-VJP route at such ops) or 'double_vjp'") from exc
                     if route == "jvp":
                         raise
                     route = "double_vjp"

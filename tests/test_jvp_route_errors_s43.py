@@ -1,0 +1,74 @@
+"""Route ``"jvp"`` of ``orthofx.metrics.jacobian_isometry`` at a block forward mode cannot run: an orthofx error
+(also the ``NotImplementedError`` callers caught) that names the fix, not torch's raw message; errors of the block
+itself pass through unchanged. Route ``"auto"`` gives the dense float64 value there."""
+
+import pytest
+import torch
+
+from orthofx.errors import ArgumentError
+from orthofx.metrics import jacobian_isometry
+
+
+class OldStyleSin(torch.autograd.Function):
+    """A custom Function written the pre-functorch way: ``forward(ctx, x)``, no ``setup_context``, no ``jvp``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.sin()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * x.cos()
+
+
+class NoJvpCube(torch.autograd.Function):
+    """A functorch-style custom Function (``setup_context``) without a ``jvp`` rule."""
+
+    @staticmethod
+    def forward(x):
+        return x ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * g * x ** 2
+
+
+@pytest.mark.parametrize("function", [OldStyleSin, NoJvpCube])
+def test_jvp_route_refusal_is_an_orthofx_error_naming_the_other_routes(function):
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(ArgumentError, match="route 'jvp'.*Use route 'auto'.*'double_vjp'") as caught:
+        jacobian_isometry(function.apply, x, route="jvp")
+    assert isinstance(caught.value, NotImplementedError)
+    assert caught.value.__cause__ is not None  # torch's own error stays attached
+
+
+@pytest.mark.parametrize("function", [OldStyleSin, NoJvpCube])
+def test_auto_route_falls_back_and_matches_the_dense_jacobian(function):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    value = jacobian_isometry(function.apply, x, route="auto", generator=g, create_graph=False)
+    # the same Rademacher probe the estimate draws, and the elementwise map's diagonal Jacobian written out
+    v = 2 * torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(5)) - 1
+    slope = x.cos() if function is OldStyleSin else 3 * x ** 2
+    reference = ((slope * slope * v - v) ** 2).sum()
+    assert torch.allclose(value, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_an_error_of_the_block_itself_passes_through_unchanged():
+    weight = torch.randn(5, 4)
+
+    def block(x):
+        return x @ weight  # x has 3 columns: a shape error of the block, not a forward-mode gap
+
+    with pytest.raises(RuntimeError) as caught:
+        jacobian_isometry(block, torch.randn(2, 3), route="jvp")
+    assert not isinstance(caught.value, ArgumentError)
+    assert "shapes cannot be multiplied" in str(caught.value)
