@@ -4,8 +4,9 @@ One row per conv/linear layer of the graph (touched or not) and per other planne
 
 * ``site``, ``layer`` (e.g. ``Conv2d(64->128, k=3, s=2)``), ``pass`` (or why a rule skipped the site), ``params``;
 * ``lorth``: P0's L_orth of the current weight, computed in float64 (per group for grouped convs, that of the
-  undilated equivalent kernel for dilated ones, ||WW^T - I||^2 for linears; a transposed conv is the adjoint of
-  the conv with its weight, with the same singular values and L_orth); for a recurrent layer (RNN / LSTM / GRU and
+  undilated equivalent kernel for dilated ones, ||WW^T - I||^2 for linears, ||W^TW - I||^2 for those with more
+  outputs than inputs; a transposed conv is the adjoint of the conv with its weight, with the same singular values
+  and L_orth); for a recurrent layer (RNN / LSTM / GRU and
   their cells), the sum over its hidden-to-hidden weights' gate blocks of ||W_g W_g^T - I||^2 (the smaller Gram),
   what an ``orth_regularizer`` term of the site penalises (:func:`orthofx.passes.orth_regularizer.gate_blocks_lorth`);
 * ``sigma_min`` / ``sigma_max``: the exact extreme singular values of the layer's operator at the input size

@@ -4,10 +4,11 @@ What it computes
 ----------------
 A convolution with kernel ``K`` (``M`` output channels, ``C`` input channels per group) acts on one output
 channel ``m`` as the row block ``A_m = [A_{m,1} ... A_{m,C}]`` of circulant matrices. ConvNorm replaces ``A_m``
-by ``(A_m A_m^T)^(-1/2) A_m``, whose rows are orthonormal (channel-wise isometry) for the circular operator; with
-zero padding the layer keeps P3's approximation (below: exact rows of a circular operator on a wider grid,
-applied to an input that is zero outside its borders, so the layer's own rows are not orthonormal: for a small
-3-channel stride-1 layer their singular values span 0.4-1.0). All blocks are diagonalised by
+by ``(A_m A_m^T)^(-1/2) A_m``, whose rows are orthonormal (channel-wise isometry) for the circular operator. The
+layer keeps P3's approximation for every padding mode, ``padding_mode="circular"`` included (below: exact rows of
+a circular operator on a wider grid, applied to an input that is zero outside its borders, or padded explicitly
+first, so the layer's own rows are not orthonormal: for a small 3-channel stride-1 layer their singular values
+span 0.4-1.0). All blocks are diagonalised by
 the same DFT, so ``(A_m A_m^T)^(-1/2)`` is the circular filter with frequency response
 
     V_m(w) = ( sum_c |K_hat_{m,c}(w)|^2 + eps )^(-1/2)

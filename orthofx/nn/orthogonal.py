@@ -2067,7 +2067,9 @@ class OrthogonalConv2d(_OrthogonalConvNd):
     Parameters: ``proj_a``, ``proj_b`` (unconstrained ``n x r`` matrices whose column spaces give the
     projectors; ``None`` where no block has one: rank 0, or one channel per group) and ``matrix`` (unconstrained,
     made orthonormal by QR). :attr:`weight` rebuilds the explicit
-    kernel (differentiable) at every forward; nothing is cached.
+    kernel (differentiable) at every forward with gradients or in training mode; an eval-mode forward without
+    gradients reuses the kernel it built (see ``_EvalCache``: writes through ``param.data`` are not seen, call
+    ``.eval()`` again after them).
 
     Padding: ``"same"`` pads ``(k_eff - 1) // 2`` on both sides (``k_eff = dilation*(k-1)+1``; PyTorch's
     asymmetric ``'same'`` split for an even ``k_eff`` at stride 1, see :attr:`pads`), so the output grid is
@@ -2704,7 +2706,8 @@ class OrthogonalLinear(_ComputedWeight, _EvalCache, nn.Module):
     :math:`O(n^3)` for square ones. Computed in float64 (``compute_dtype``, or float32 on request), then
     rounded to the layer's dtype:
     :math:`\|WW^T - I\|` (or :math:`\|W^TW - I\|`) is at float32 rounding (``< 1e-6``). :attr:`weight` is
-    rebuilt at every forward (differentiable, nothing cached).
+    rebuilt at every forward with gradients or in training mode (differentiable); an eval-mode forward without
+    gradients reuses the one it built (writes through ``param.data`` are not seen: call ``.eval()`` again).
 
     >>> import torch
     >>> layer = OrthogonalLinear(64, 16)
