@@ -1053,8 +1053,9 @@ def _mode_name(training: bool) -> str:
 
 class _RetraceTracer(torch.fx.Tracer):
     """The tracer unpickling re-traces an export-captured graph's code with: buffers stay ``get_attr`` nodes
-    (fx's default tracer would run ``buffer * 2`` once and keep the result as a constant), and the input guards
-    (:func:`require_input_shape` ...) stay calls instead of being run on proxies."""
+    (fx's default tracer would run ``buffer * 2`` once and keep the result as a constant), the input guards
+    (:func:`require_input_shape` ...) stay calls instead of being run on proxies, and so do the graph's
+    grad-mode and autocast switches (:func:`_mode_switches_kept`)."""
 
     proxy_buffer_attributes = True
 
@@ -1063,11 +1064,43 @@ class _RetraceTracer(torch.fx.Tracer):
         super().__init__(*args, **kwargs)
 
     def trace(self, root: nn.Module | Callable[..., Any], concrete_args: dict[str, Any] | None = None):
-        graph = super().trace(root, concrete_args)
+        forward = root.forward if isinstance(root, nn.Module) else root
+        with _mode_switches_kept(self, getattr(forward, "__globals__", {})):
+            graph = super().trace(root, concrete_args)
         # the graph's code has the parameter kinds of the model's forward (keep_parameter_kinds); fx's trace of it
         # makes them positional-or-keyword again
-        keep_parameter_kinds(graph, forward_parameter_kinds(root.forward if isinstance(root, nn.Module) else root))
+        keep_parameter_kinds(graph, forward_parameter_kinds(forward))
         return graph
+
+
+#: The calls that enter and leave a graph's ``no_grad`` / ``autocast`` blocks (see :func:`_mode_switches_kept`).
+_MODE_HELPERS = (set_grad_mode, restore_grad_mode, enter_autocast, exit_autocast)
+
+
+@contextlib.contextmanager
+def _mode_switches_kept(tracer: torch.fx.Tracer, scope: dict[str, Any]):
+    """While ``tracer`` traces a captured graph's code whose globals are ``scope`` (:class:`_RetraceTracer`), each
+    call of a mode switch (:func:`set_grad_mode` ... :func:`exit_autocast`) becomes a node of the new graph.
+
+    fx's autowrap records a call only when an argument is a traced value; ``set_grad_mode(False)`` has none, so
+    the trace would run it (and the ``restore_grad_mode`` / ``enter_autocast`` ... after it, on its real result)
+    and keep nothing: the unpickled module would compute a ``no_grad`` block with gradients and an autocast block
+    in full precision, and register no :func:`close_blocks_on_error` hooks. The names in ``scope`` stand for
+    recording calls while the trace runs, and are put back after it. (The re-trace of an fx-captured graph,
+    :class:`OrthofxTracer`, runs the switches and records the mode changes they make instead:
+    :func:`_recording_mode_switches`.)"""
+    held = {name: value for name, value in scope.items() if any(value is helper for helper in _MODE_HELPERS)}
+
+    def recording(helper: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> torch.fx.Proxy:
+            return tracer.create_proxy("call_function", helper, args, kwargs)
+        return call
+
+    scope.update({name: recording(helper) for name, helper in held.items()})
+    try:
+        yield
+    finally:
+        scope.update(held)
 
 
 def _rebuild_modal_graph_module(rebuild: Callable, body: dict, import_block: str, other_src: str,
