@@ -2341,6 +2341,20 @@ def _holds_call_hooks(module: nn.Module) -> bool:
     return any(call_hook_count(m) for m in module.modules())
 
 
+def _outside_branches(hook: Callable) -> Callable:
+    """``hook`` (a forward pre-hook or hook that capture puts on a module while torch.export runs) doing nothing
+    where TorchDynamo traces it: inside a ``torch.cond`` branch, whose body torch.export (non-strict) has dynamo
+    trace as a whole graph, refusing any change to a Python object from outside the branch ("HOP: Unsafe side
+    effect": the hooks' records, torch.export's own call signatures). Such a call is not a call of the module in
+    the graph: it stays as ATen ops in the branch's nested graph (see :func:`_leaves_in_branches`)."""
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_dynamo_compiling():
+            return None
+        return hook(*args, **kwargs)
+
+    return guarded
+
+
 class _DirectCalls:
     """Forward pre-hooks and hooks on the leaves and on :func:`_inner_leaves` while torch.export runs: which inner
     leaves the forward called outside any leaf's call (``self.block.lin(x)`` beside ``self.block(x)``).
@@ -2377,14 +2391,16 @@ class _DirectCalls:
             self.swapped += swapped
             self.substituted[:] = [name for name in self.substituted if name not in swapped]
 
-        self.handles = [model.register_forward_pre_hook(held_at_start),
-                        model.register_forward_hook(held_at_end, always_call=True)]
+        self.handles = [model.register_forward_pre_hook(_outside_branches(held_at_start)),
+                        model.register_forward_hook(_outside_branches(held_at_end), always_call=True)]
         inner_set = set(inner)
         for path in [*leaves, *inner]:
             module = model.get_submodule(path)
             self.handles += [
-                module.register_forward_pre_hook(functools.partial(self._enter, path, path in inner_set)),
-                module.register_forward_hook(functools.partial(self._exit, path), always_call=True)]
+                module.register_forward_pre_hook(_outside_branches(functools.partial(self._enter, path,
+                                                                                     path in inner_set))),
+                module.register_forward_hook(_outside_branches(functools.partial(self._exit, path)),
+                                             always_call=True)]
 
     def _enter(self, path: str, inner: bool, module: nn.Module, args: tuple) -> None:
         own = path not in self.own or _held(module) == self.own[path]
@@ -2761,7 +2777,8 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
         for record in records:
             record.clear()
         try:
-            with contextlib.redirect_stderr(buffer), _flat_mode_regions(), exported_as_plain_module(model):
+            with contextlib.redirect_stderr(buffer), _flat_mode_regions(), _signatures_outside_branches(), \
+                    exported_as_plain_module(model):
                 program = torch.export.export(model, fresh_inputs, kwargs=fresh_kwargs or None,
                                               dynamic_shapes=shapes, **options)
         except Exception as exc:  # noqa: BLE001 - reported as a CaptureError below
@@ -2949,6 +2966,45 @@ def _flat_mode_regions():
             setattr(module, attribute, original)
 
 
+@contextlib.contextmanager
+def _signatures_outside_branches():
+    """Make the hooks torch.export puts on the modules whose call signature it keeps (the leaves,
+    ``preserve_module_call_signature``) do nothing inside a ``torch.cond`` branch while torch.export runs in this
+    thread.
+
+    They record each call's signature in a dict, which TorchDynamo, tracing a branch, refuses ("HOP: Unsafe side
+    effect"): a leaf called in a branch made the capture fail where a plain torch.export succeeds. The call then
+    stays as ATen ops in the branch's nested graph; the leaf's other calls keep their signatures. Where torch has no
+    such function (another version), nothing changes."""
+    try:
+        from torch._export import wrappers
+    except ImportError:  # pragma: no cover - another torch version
+        yield
+        return
+    original = getattr(wrappers, "_wrap_submodule", None)
+    if original is None:  # pragma: no cover - another torch version
+        yield
+        return
+    thread = threading.get_ident()
+
+    def wrap(mod: nn.Module, path: str, specs: dict) -> Any:
+        handles = original(mod, path, specs)
+        if threading.get_ident() != thread:
+            return handles
+        submodule = mod.get_submodule(path)
+        for handle in handles:
+            for registry in (submodule._forward_pre_hooks, submodule._forward_hooks):
+                if handle.id in registry:
+                    registry[handle.id] = _outside_branches(registry[handle.id])
+        return handles
+
+    wrappers._wrap_submodule = wrap
+    try:
+        yield
+    finally:
+        wrappers._wrap_submodule = original
+
+
 #: The other paths :func:`_capture_export` lists to give torch.export the leaves' other names before it runs.
 _ALIAS_PATHS_WALKED = 256
 
@@ -3016,6 +3072,33 @@ class _ModulePaths:
             step = _join(path, part)
             path = self.edges.get(step, step)
         return path
+
+
+def _leaves_in_branches(ep: Any, leaves: list[str], aliases: _ModulePaths) -> dict[str, tuple[str, list[str]]]:
+    """The leaves whose parameters or buffers a nested graph of ``ep`` takes (a ``torch.cond`` branch's, or the
+    body of another higher-order op): leaf -> (where, e.g. ``"a torch.cond branch"``, those weights' names). Such
+    a leaf is called there (or its weights read), which stays as ATen ops in that graph
+    (:func:`_outside_branches`). A leaf without weights called there cannot be told from the graph."""
+    signature = ep.graph_signature
+    held = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+    found: dict[str, tuple[str, list[str]]] = {}
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+            continue
+        flat = torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+        if not any(isinstance(arg, torch.fx.Node) and arg.op == "get_attr"
+                   and isinstance(_fetch(ep.graph_module, str(arg.target)), torch.fx.GraphModule) for arg in flat):
+            continue  # no nested graph
+        op = node.target.name()
+        where = "a torch.cond branch" if op == "cond" else f"the nested graph of torch.ops.higher_order.{op}"
+        for arg in flat:
+            if not isinstance(arg, torch.fx.Node) or arg.op != "placeholder" or arg.target not in held:
+                continue
+            target = aliases.canonical(held[arg.target])
+            leaf = next((path for path in leaves if target.startswith(path + ".")), None)
+            if leaf is not None and target not in found.setdefault(leaf, (where, []))[1]:
+                found[leaf][1].append(target)
+    return found
 
 
 def _stack_paths(graph: torch.fx.Graph) -> set[str]:
@@ -4017,7 +4100,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         stashed = _stash_call_hooks([source.get_submodule(path) for path in leaves + (inner if inner_off else [])])
         calls = _DirectCalls(source, leaves, inner)
         hooks = [source.get_submodule(path).register_forward_pre_hook(
-            lambda module, args, path=path: order.append(path)) for path in leaves]
+            _outside_branches(lambda module, args, path=path: order.append(path))) for path in leaves]
         # Every leaf call is given to torch.export in one form (_export_call_form: every argument, positionally
         # where it can be): it keeps one call signature per module, and refused a leaf called once positionally
         # and once by keyword, or with other keywords ("in_spec mismatch"). The call is the same for the leaf's
@@ -4026,13 +4109,14 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         # the end (_positional_layer_inputs), as in fx mode.
         written: dict[str, list[_WrittenCall]] = {path: [] for path in leaves}
         hooks += [source.get_submodule(path).register_forward_pre_hook(
-            functools.partial(_export_call_recorded, written[path]), with_kwargs=True) for path in leaves]
+            _outside_branches(functools.partial(_export_call_recorded, written[path])), with_kwargs=True)
+            for path in leaves]
         # a hooked leaf's output that is one of its inputs (nn.Identity, Dropout in eval mode) becomes a node of the
         # call, so that the graph reads it from the call, whose hooks may change it
         for module, _ in stashed:
             returned = _ReturnedInputs()
-            hooks += [module.register_forward_pre_hook(returned.before, with_kwargs=True),
-                      module.register_forward_hook(returned.after, with_kwargs=True)]
+            hooks += [module.register_forward_pre_hook(_outside_branches(returned.before), with_kwargs=True),
+                      module.register_forward_hook(_outside_branches(returned.after), with_kwargs=True)]
         states = [_ModuleState(path, module) for path, module in source.named_modules()]
         leaf_set = set(leaves)
         # torch.export names a call by the attribute path the forward used: keep the signatures of a leaf's
@@ -4126,6 +4210,27 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
             as_written[call_order[-1]] = written[path][k]
     info = CaptureInfo(mode="export")
     info.warnings.extend(notes)
+    for path, (where, weights) in _leaves_in_branches(ep, leaves, aliases).items():
+        what = f"leaf module '{path}' ({type(source.get_submodule(path)).__name__})"
+        taken = (f"the nested graph torch.export makes of it takes {_names(weights)} as "
+                 f"operand{'s' if len(weights) > 1 else ''}")
+        if _holds_call_hooks(source.get_submodule(path)):
+            # taken off while torch.export ran (_stash_call_hooks): the branch's ops would run none of them
+            raise CaptureError(
+                f"torch.export (non-strict) cannot keep the call of {what} made inside {where} as one call "
+                f"({taken}): it stays as ATen ops there, and the module (or a module inside it) has forward / "
+                "backward hooks, which those ops would not run. Fix: call the module outside the branch, capture "
+                "with symbolic tracing, capture: {mode: fx} in the policy, with the branch on a tensor's value "
+                "moved into a submodule listed in capture.leaf_modules, or remove the hooks before transforming",
+                module_path=path)
+        info.warnings.append(
+            f"{what} is called inside {where} ({taken}): that call stays as ATen ops in the nested graph, so "
+            "rules do not see this call, and where a pass replaces the module the call keeps its own operation "
+            "(padding, stride ...) on the weights found at those names (the new layer's: an orthogonal layer's "
+            "kernel, a ConvNorm layer's unnormalised one); the module's calls outside the branch are sites as "
+            "usual. Fix: call the module outside the branch, or capture with symbolic tracing, capture: {mode: fx} "
+            "in the policy, with the branch on a tensor's value moved into a submodule listed in "
+            "capture.leaf_modules")
     info.warnings.extend(
         f"the call '{name}' of leaf module '{name.split('@')[0]}' is given parameters other than the module's own "
         "(torch.func.functional_call) and stays as inlined ATen ops in the exported graph, computing with those: "
