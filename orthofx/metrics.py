@@ -51,7 +51,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
 
-from orthofx.errors import ArgumentError, LayerArgumentError
+from orthofx.errors import ArgumentError, LayerArgumentError, OrthofxError
 from orthofx.nn.convnorm import running_filters_held
 from orthofx.nn.padding import per_dimension
 from orthofx.nn.precision import HALF_PRECISION, autocast_enabled, autocast_off
@@ -1381,15 +1381,20 @@ class _ForwardModeGap(NotImplementedError):
         self.op = op
 
 
+#: The starts of torch's messages refusing forward mode (torch 2.13): an op without a forward-AD formula, a custom
+#: ``autograd.Function`` without ``jvp`` (both ``NotImplementedError``), one without ``setup_context``, which
+#: ``torch.func.jvp`` refuses (``RuntimeError``).
+_FORWARD_MODE_REFUSALS = ((NotImplementedError, "Trying to use forward AD with "),
+                          (NotImplementedError, "You must implement the jvp function for custom autograd.Function"),
+                          (RuntimeError, "In order to use an autograd.Function with functorch transforms"))
+
+
 def _forward_mode_refusal(exc: BaseException) -> bool:
-    """Whether torch raised ``exc`` because forward mode cannot run an op: an op without a forward-AD formula
-    (``NotImplementedError``), or a custom ``autograd.Function`` without ``jvp`` / ``setup_context``, which
-    ``torch.func.jvp`` refuses with a ``RuntimeError`` naming its transforms. Other errors (a shape mismatch in
-    the block) are the block's own and pass through as they are."""
-    if isinstance(exc, NotImplementedError):
-        return True
+    """Whether torch raised ``exc`` because forward mode cannot run an op (:data:`_FORWARD_MODE_REFUSALS`). Other
+    errors are the block's own (a shape mismatch, a ``NotImplementedError`` of the user's code, a backward that
+    raises) and pass through as they are."""
     text = str(exc)
-    return isinstance(exc, RuntimeError) and any(word in text for word in ("forward AD", "jvp", "setup_context"))
+    return any(type(exc) is kind and text.startswith(start) for kind, start in _FORWARD_MODE_REFUSALS)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -1559,6 +1564,34 @@ class _Call:
 def _as_function(fn, dtype: torch.dtype | None = None) -> _Call:
     """``fn`` as a callable of one tensor (see :class:`_Call`); a :class:`_Call` is returned as it is."""
     return fn if isinstance(fn, _Call) and dtype is None else _Call(fn, dtype=dtype)
+
+
+def _refuse_inference_mode(what: str) -> None:
+    """Refuse a Jacobian measure under ``torch.inference_mode()``: autograd records nothing there, and
+    ``torch.enable_grad()`` does not lift it, so every product with the Jacobian came out zero (the estimate of
+    an exact isometry was that of a zero map, the singular values of a module zeros), silently."""
+    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+        return
+    raise ArgumentError(
+        f"{what}: called under torch.inference_mode(), where autograd records nothing (torch.enable_grad() does "
+        "not lift it), so the Jacobian would come out zero. Call it outside torch.inference_mode(); "
+        "torch.no_grad() is fine (the measure enables gradients itself)")
+
+
+def _probe_estimates():
+    """The thread's count of running :class:`~orthofx.nn.JacobianProbe` estimates: while it is non-zero a probe
+    only runs its block (it makes no estimate and keeps the one pending for the penalty, and its call counter).
+    Imported here, at the call: ``orthofx.nn.jacobian`` imports this module."""
+    from orthofx.nn import jacobian as probe_module
+    return probe_module._estimates_running
+
+
+def _variable(x: torch.Tensor) -> torch.Tensor:
+    """``x`` detached, as the Jacobian's variable: a copy when ``x`` is an inference tensor (one made under
+    ``torch.inference_mode()``, e.g. a batch kept from an evaluation loop), on which torch refuses
+    ``requires_grad_`` outside inference mode."""
+    x = x.detach()
+    return x.clone() if not torch.compiler.is_compiling() and x.is_inference() else x
 
 
 def _check_input(x, what: str) -> None:
@@ -1798,7 +1831,7 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
         route = "double_vjp"
     # torch.func differentiates with respect to xp itself; autograd.grad needs a leaf that requires grad (which
     # dynamo refuses to create inside a compiled region)
-    xp = xs.detach() if compiling else xs.detach().requires_grad_(True)
+    xp = _variable(xs) if compiling else _variable(xs).requires_grad_(True)
     values: list[torch.Tensor] = []  # per probe: residual norms (full, partial) or ||J v||^2 (offdiag)
     returned = None  # the estimate's dtype (_estimate_dtype of the first probe's products)
     with torch.enable_grad(), _sdpa_math(), (_ComposedNorms() if create_graph else _contextlib.nullcontext()):
@@ -1892,26 +1925,54 @@ def jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", 
     Returns a 0-d tensor in the dtype of ``fn``'s output; for a half-precision output the squares are summed in
     float32, and the result is float32 under ``torch.autocast`` (like autocast's own reductions).
 
+    Gradients are enabled for the estimate, so ``torch.no_grad()`` around the call is fine; under
+    ``torch.inference_mode()``, where autograd records nothing, it raises :class:`~orthofx.errors.ArgumentError`.
+    An inference tensor ``x`` (made under inference mode) is copied. The estimate's passes through
+    :class:`~orthofx.nn.JacobianProbe` layers in training mode only run their blocks: the probes make no
+    estimate, and the one pending for ``orthofx.penalty`` stays.
+
     >>> import torch
     >>> q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
     >>> x = torch.randn(3, 5, dtype=torch.float64)
     >>> float(jacobian_isometry(lambda x: torch.abs(x @ q.T), x, create_graph=False)) < 1e-20   # a plain value
     True
     """
-    return _jacobian_isometry(fn, x, probes=probes, kind=kind, per_sample=per_sample, generator=generator,
-                              normalize=normalize, create_graph=create_graph, route=route,
-                              batch_fraction=batch_fraction)[0]
+    _refuse_inference_mode("jacobian_isometry")
+    # the estimate's passes through a model with JacobianProbes in training mode are extra forward passes, not
+    # calls of a step: the probes only run their blocks (route 'double_vjp' made them estimate again, replacing
+    # the pending penalty term; the other routes were refused by the probes)
+    running = _probe_estimates()
+    running.count = getattr(running, "count", 0) + 1
+    try:
+        return _jacobian_isometry(fn, x, probes=probes, kind=kind, per_sample=per_sample, generator=generator,
+                                  normalize=normalize, create_graph=create_graph, route=route,
+                                  batch_fraction=batch_fraction)[0]
+    finally:
+        running.count -= 1
 
 
 def _jacobian_matrix(f, x: torch.Tensor) -> torch.Tensor:
     """Dense Jacobian of ``f`` at ``x``, shape ``y.shape + x.shape``: torch.func.jacrev, or the loop of
     torch.autograd.functional.jacobian when a function transform refuses ``f`` (e.g. BatchNorm in training
-    mode, which mutates its buffers, or an old-style autograd.Function)."""
+    mode, which mutates its buffers, an old-style autograd.Function, or an orthofx layer's refusal:
+    :func:`_func_transform_refusal`)."""
     with torch.enable_grad(), _sdpa_math():
         try:
             return torch.func.jacrev(f)(x)
         except (RuntimeError, NotImplementedError):
-            return torch.autograd.functional.jacobian(f, x)
+            pass
+        except OrthofxError as exc:
+            if not _func_transform_refusal(exc):
+                raise
+        return torch.autograd.functional.jacobian(f, x)
+
+
+def _func_transform_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is orthofx's own refusal of a ``torch.func`` transform by a layer that writes state in
+    place (a condition-number monitor; its message, as a ConvNorm's for a running-filter update, says the layer
+    "cannot run inside a torch.func transform"): the loop of torch.autograd.functional.jacobian runs such a
+    layer on the copies of its buffers :class:`_Call` gives it. Other orthofx errors are the call's own."""
+    return isinstance(exc, OrthofxError) and "cannot run inside a torch.func transform" in str(exc)
 
 
 def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,
@@ -1924,7 +1985,9 @@ def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,
     ``(B, r)``. ``dtype`` (e.g. ``torch.float64``) casts ``x`` and, for an ``nn.Module``, its floating-point
     parameters and buffers for the computation (the module itself is not changed; a plain callable only sees
     the cast input). Without gradient. A module runs on copies of its buffers. A float16 / bfloat16 Jacobian is
-    decomposed in float32 (the values are then float32).
+    decomposed in float32 (the values are then float32). Not under ``torch.inference_mode()`` (an
+    :class:`~orthofx.errors.ArgumentError`; ``torch.no_grad()`` is fine); :class:`~orthofx.nn.JacobianProbe`
+    layers in training mode only run their blocks (the estimate pending for ``orthofx.penalty`` stays).
 
     >>> import torch
     >>> lin = torch.nn.Linear(3, 2, bias=False)
@@ -1934,19 +1997,27 @@ def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,
     """
     what = "jacobian_singular_values"
     _check_input(x, what)
+    _refuse_inference_mode(what)
     _flag(per_sample, "per_sample", what)
     if dtype is not None and not _is_real_float_dtype(dtype):
         raise ArgumentError(f"jacobian_singular_values: dtype must be None or a real floating-point torch.dtype "
                             f"(e.g. torch.float64), got {dtype!r}")
     f = _as_function(fn, dtype)
-    x = x.detach() if dtype is None else x.detach().to(dtype)
+    x = _variable(x if dtype is None else x.detach().to(dtype))
     if per_sample and x.ndim == 0:
         raise ArgumentError(f"{what}: per_sample=True needs a batch dimension first, got a 0-d input")
     if x.is_meta:
         raise ArgumentError(f"{what}: x is on the meta device (no values): a Jacobian needs real tensors")
-    with torch.no_grad():
-        y = _check_output(f(x), x, per_sample, what, f)
-    jac = _jacobian_matrix(f, x).detach()
+    # JacobianProbes in training mode only run their blocks (see jacobian_isometry): the no_grad check below made
+    # them drop the pending penalty term, and a fallback to torch.autograd.functional.jacobian estimated again
+    running = _probe_estimates()
+    running.count = getattr(running, "count", 0) + 1
+    try:
+        with torch.no_grad():
+            y = _check_output(f(x), x, per_sample, what, f)
+        jac = _jacobian_matrix(f, x).detach()
+    finally:
+        running.count -= 1
     if jac.is_meta:
         raise ArgumentError(f"{what}: fn's output is on the meta device (meta parameters?): no values to decompose")
     if jac.dtype in HALF_PRECISION:  # no SVD in half precision: decompose in float32

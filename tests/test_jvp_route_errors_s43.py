@@ -72,3 +72,48 @@ def test_an_error_of_the_block_itself_passes_through_unchanged():
         jacobian_isometry(block, torch.randn(2, 3), route="jvp")
     assert not isinstance(caught.value, ArgumentError)
     assert "shapes cannot be multiplied" in str(caught.value)
+
+
+class Unsupported(NotImplementedError):
+    """A user's own NotImplementedError subclass."""
+
+
+class RaisingBackward(torch.autograd.Function):
+    """Has a jvp rule; its backward raises NotImplementedError (the user's, not a forward-mode refusal)."""
+
+    @staticmethod
+    def forward(x):
+        return x * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        raise NotImplementedError("RaisingBackward has no backward yet")
+
+
+def _unsupported(x):
+    raise Unsupported("MyBlock only supports 8 features")
+
+
+def _jvp_named_error(x):
+    raise RuntimeError("jvp_head: expected 8 channels, got 4")
+
+
+@pytest.mark.parametrize("block, kind, text", [
+    (_unsupported, Unsupported, "MyBlock only supports 8 features"),
+    (_jvp_named_error, RuntimeError, "jvp_head: expected 8 channels"),
+    (RaisingBackward.apply, NotImplementedError, "RaisingBackward has no backward yet"),
+])
+def test_the_blocks_own_errors_keep_their_type_and_message(block, kind, text):
+    """Errors of the block that are not torch refusing forward mode reach the caller as raised (a user's
+    NotImplementedError subclass, a RuntimeError whose text mentions jvp, a backward that raises)."""
+    with pytest.raises(kind, match=text) as caught:
+        jacobian_isometry(block, torch.randn(2, 3), route="jvp")
+    assert not isinstance(caught.value, ArgumentError)
