@@ -42,10 +42,11 @@ from .nn.padding import per_dimension
 from .passes.base import (RECURRENT_TYPES, CaptureInfo, Change, Manifest, PassContext, PlanEntry, Site, derived_weight,
                           describe_module, reads_only_metadata, require_initialised, stops_producer_walk, weight_label)
 from .passes.isometric_init import IsometricInit, _scale, _scale_dropped_later
-from .passes.registry import get_pass
+from .passes.registry import UnknownPassError, available_passes, get_pass
 from .passes.riemannian import Riemannian, StiefelHook, _by_rule, _scale_lost, _tie_decisions, scale_lost_note
 from .passes.svd_conditioning import decomposition_op
-from .policy import Match, Policy, Rule, _compiled_regex, _default_rule_name, _describe, _python_none_hint
+from .policy import (Match, Policy, Rule, _compiled_regex, _default_rule_name, _describe, _did_you_mean,
+                     _python_none_hint)
 
 __all__ = ["Plan", "build_plan", "block_paths", "collect_sites", "describe_module", "other_mode_graph",
            "producers_feeding", "unused_leaf_entries", "unknown_type_entries", "meta_tensors", "meta_text",
@@ -568,7 +569,15 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     def entries_for(self, pass_name: str) -> list[PlanEntry]:
-        return [e for e in self.entries if e.pass_name == pass_name]
+        """The entries applying the pass ``pass_name`` (``[]`` for a registered pass no rule of the plan applies). A
+        name that is neither a registered pass nor one of the plan's raises :class:`UnknownPassError` with the
+        available names and the closest one: a misspelt name (``"orth_regulariser"``) returned ``[]`` silently."""
+        found = [e for e in self.entries if e.pass_name == pass_name]
+        if not found and not (isinstance(pass_name, str) and pass_name in available_passes()):
+            known = sorted(set(available_passes()) | {e.pass_name for e in self.entries})
+            raise UnknownPassError(f"Plan.entries_for: unknown pass {pass_name!r}; available: {', '.join(known)}"
+                                   f"{_did_you_mean(pass_name, known)}")
+        return found
 
     def pass_order(self) -> list[str]:
         """Passes in order of their first rule in the policy."""

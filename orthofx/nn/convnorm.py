@@ -252,7 +252,8 @@ from torch.nn.utils import skip_init
 
 from orthofx.errors import LayerArgumentError, RunningFiltersDroppedWarning, first_few, keep_in_metadata, layer_label
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
-from orthofx.nn.orthogonal import _ComputedWeight, _EvalCache, refuse_weight_assignment, without_memory_format
+from orthofx.nn.orthogonal import (_ComputedWeight, _EvalCache, check_tensor_input, refuse_weight_assignment,
+                                   without_memory_format)
 from orthofx.nn.padding import circular_pad, conv_mode_pads, conv_zero_pads, flat_pads, per_dimension, torch_mode_pads
 from orthofx.nn.precision import HALF_PRECISION
 from orthofx.theory import _flag
@@ -732,6 +733,7 @@ def _batched_input(x: torch.Tensor, weight: torch.Tensor, groups: int, caller: s
     is a floating-point input of the weight's working precision with the number of dimensions and channels the
     convolution takes."""
     d = weight.ndim - 2
+    check_tensor_input(x, caller)
     if not x.is_floating_point():
         raise LayerArgumentError(f"{caller}: the input must be a real floating-point tensor (as for torch's "
                                  f"convolutions), got dtype {x.dtype}; convert it first, e.g. x.float()")
@@ -1273,9 +1275,27 @@ class ConvNormConvNd(_ComputedWeight, _EvalCache, nn.Module):
         """The grid sizes, as written, in a key :meth:`_buffer_name` made (``running_v_10x10`` -> ``['10', '10']``)."""
         return name[len(_RUNNING_PREFIX):].split("x")
 
+    def _spatial_sizes(self, value, what: str) -> tuple[int, ...]:
+        """A spatial size (an input size or an FFT grid) as a tuple of ints: an int applies to every spatial
+        dimension, as ``to_plain``'s ``input_sizes`` take it (``filter(8)`` failed with "'int' object is not
+        iterable"); a sequence is read as before (its length is checked by the caller). Anything else raises."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (int(value),) * self._dims
+        try:
+            return tuple(int(v) for v in value)
+        except (TypeError, ValueError):
+            raise LayerArgumentError(f"{layer_label(self)}: {what} must be an int or {self._dims} ints (one per "
+                                     f"spatial dimension), got {value!r}") from None
+
     def running_filter(self, grid: Sequence[int]) -> torch.Tensor | None:
-        """The running ``V`` kept for an FFT grid (see :meth:`geometry`), or ``None``."""
-        return self._running_filters.get(_grid_key(grid))
+        """The running ``V`` kept for an FFT grid (see :meth:`geometry`; an int: the same size in every spatial
+        dimension), or ``None``. A grid of another rank or with a size < 1 is refused (it can never be kept)."""
+        key = self._spatial_sizes(grid, "the FFT grid")
+        if len(key) != self._dims or any(g < 1 for g in key):
+            raise LayerArgumentError(
+                f"{layer_label(self)}: running_filter takes an FFT grid of {self._dims} positive sizes (one per "
+                f"spatial dimension, e.g. geometry(input_size).grid; kept: {self.running_grids}), got {grid!r}")
+        return self._running_filters.get(key)
 
     @property
     def running_grids(self) -> list[tuple[int, ...]]:
@@ -1299,10 +1319,10 @@ class ConvNormConvNd(_ComputedWeight, _EvalCache, nn.Module):
         self.reset_running_stats()
 
     def geometry(self, input_size: Sequence[int]) -> ConvNormGeometry:
-        """The FFT grid, crop offset and output size for a spatial input size (padding modes other than zeros
-        pad the input first)."""
+        """The FFT grid, crop offset and output size for a spatial input size (an int: the same size in every
+        spatial dimension; padding modes other than zeros pad the input first)."""
         conv = self.conv
-        size = tuple(int(v) for v in input_size)
+        size = self._spatial_sizes(input_size, "input size")
         if len(size) != self._dims:
             raise LayerArgumentError(f"{layer_label(self)}: input size {size} must have {self._dims} spatial "
                                      f"sizes, one per spatial dimension of the convolution")

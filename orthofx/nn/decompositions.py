@@ -121,7 +121,7 @@ from torch import Tensor, nn
 from orthofx.errors import LayerArgumentError, layer_label
 from orthofx.nn.precision import HALF_PRECISION, autocast_enabled, autocast_off
 from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
-from orthofx.theory import _positive_int
+from orthofx.theory import _flag, _positive_int
 
 __all__ = [
     "eigh_stable",
@@ -272,6 +272,14 @@ def _check_args(taylor_order, clamp_gap) -> None:
     if clamp_gap is not None and (isinstance(clamp_gap, bool) or not (isinstance(clamp_gap, (int, float))
                                                                       and clamp_gap > 0)):
         raise LayerArgumentError(f"clamp_gap must be None or a float > 0, got {clamp_gap!r}")
+
+
+def _flags(what: str, float64, plain) -> tuple[bool, bool]:
+    """``float64`` and ``plain`` as bools (:func:`orthofx.theory._flag`): read by truthiness, ``plain="no"`` switched
+    the bounded gradient off and ``float64="no"`` computed in float64, and a tensor flag failed with torch's
+    "Boolean value of Tensor" error."""
+    return (_flag(float64, f"{what}: float64", LayerArgumentError),
+            _flag(plain, f"{what}: plain", LayerArgumentError))
 
 
 def _working_dtypes(A: Tensor, float64: bool) -> tuple[torch.dtype, torch.dtype]:
@@ -514,6 +522,7 @@ def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
     """
     _check_input(A, "eigh_stable", square=True)
     _check_args(taylor_order, clamp_gap)
+    float64, plain = _flags("eigh_stable", float64, plain)
     if uplo not in ("L", "U"):
         raise LayerArgumentError(f"eigh_stable: uplo must be 'L' or 'U' (the triangle of A that is read), got "
                                  f"{uplo!r}")
@@ -650,6 +659,7 @@ def svd_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
     """
     _check_input(A, "svd_stable", square=False)
     _check_args(taylor_order, clamp_gap)
+    float64, plain = _flags("svd_stable", float64, plain)
     if not plain:
         _refuse_forward_mode(A, "svd_stable")
     clamp = None if clamp_gap is None else float(clamp_gap)
@@ -842,6 +852,9 @@ class ConditionMonitor(nn.Module):
         none is opened unless the buffers themselves require grad (never in a traced graph): ``torch.export``
         writes one as a ``wrap_with_set_grad_enabled`` node that its own loader refused (``SpecViolationError: ...
         missing val field``), so a model calling a monitor could not be saved to ``.pt2``."""
+        if not isinstance(eigenvalues, Tensor):  # None or a list met a raw AttributeError on .dim()
+            raise LayerArgumentError(f"{layer_label(self)}: update takes the eigenvalues of a (batch of) matrices as a "
+                                     f"torch.Tensor of shape [..., n], got {type(eigenvalues).__name__}")
         if eigenvalues.dim() < 1:
             raise LayerArgumentError(f"expected eigenvalues of shape [..., n], got {tuple(eigenvalues.shape)}")
         if in_func_transform():

@@ -412,7 +412,10 @@ class JacobianProbe(nn.Module):
     def restore_calls(self, calls: int) -> None:
         """Put the probe at step ``calls`` of its ``every`` period (a saved :attr:`calls`), modulo the period: a
         state saved with another ``every`` still lands inside it (under torch.compile the phase is a guarded
-        constant, kept bounded)."""
+        constant, kept bounded). ``calls``: an integer >= 0 (numpy's and 0-d tensors' too); a float was stored as
+        it came (``1.5``) and ``None`` met a raw TypeError."""
+        calls = _positive_int(calls, f"{layer_label(self)}: restore_calls: calls (a saved JacobianProbe.calls)",
+                              LayerArgumentError, minimum=0)
         self.calls = calls % (self.every * self.calls_per_step)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -562,10 +562,21 @@ def _baked_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return linear
 
 
+def check_tensor_input(x, layer: nn.Module | str) -> None:
+    """Refuse an input that is not a tensor (``layer(None)``, a list, a number): the layers' forwards failed with a
+    raw AttributeError on the first tensor method they called. ``layer``: the layer or its label."""
+    if not isinstance(x, torch.Tensor):
+        label = layer if isinstance(layer, str) else layer_label(layer)
+        raise LayerArgumentError(f"{label}: expected a torch.Tensor input (a real floating-point tensor), got "
+                                 f"{type(x).__name__}")
+
+
 def _check_floating(x: torch.Tensor, layer: nn.Module | str) -> None:
     """Refuse an integer, boolean or complex input. The Fourier-domain forward casts its input to float32 and its
     output back to the input's dtype, so an integer input gave a silently truncated integer output (and a complex
-    one lost its imaginary part); the explicit-kernel forwards failed inside torch without naming the layer."""
+    one lost its imaginary part); the explicit-kernel forwards failed inside torch without naming the layer. A
+    non-tensor (``layer(None)``, a list) failed with a raw AttributeError on ``is_floating_point``."""
+    check_tensor_input(x, layer)
     if not x.is_floating_point():
         label = layer if isinstance(layer, str) else layer_label(layer)
         raise LayerArgumentError(
@@ -2772,6 +2783,12 @@ class OrthogonalLinear(_ComputedWeight, _EvalCache, nn.Module):
         x = input  # nn.Linear's parameter name: a model calling self.fc(input=h) keeps working once replaced
         if not isinstance(x, torch.fx.Proxy):  # symbolic tracing records the forward op by op
             _check_floating(x, self)
+            # torch's raw "mat1 and mat2 shapes cannot be multiplied" otherwise (OrthogonalConv2d names the layer)
+            if x.dim() < 1 or x.shape[-1] != self.in_features:
+                raise LayerArgumentError(
+                    f"{layer_label(self)} (in_features={self.in_features}): expected an input of shape (..., "
+                    f"{self.in_features}), got shape {tuple(x.shape)}; pass inputs whose last dimension is "
+                    f"{self.in_features}, or build the layer with in_features equal to the input's last dimension")
             check_input_dtype(x, _kept_parameter(self, "raw_weight").dtype, self)
         return F.linear(x, self._cached("weight", lambda: self.weight), self.bias)
 
