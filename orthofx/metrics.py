@@ -51,11 +51,11 @@ import torch
 import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
 
-from orthofx.errors import ArgumentError, LayerArgumentError, OrthofxError
+from orthofx.errors import ArgumentError, LayerArgumentError
 from orthofx.nn.convnorm import running_filters_held
 from orthofx.nn.padding import per_dimension
 from orthofx.nn.precision import HALF_PRECISION, autocast_enabled, autocast_off
-from orthofx.nn.tracing import in_func_transform, in_jvp
+from orthofx.nn.tracing import FuncTransformRefusal, in_func_transform, in_jvp
 from orthofx.theory import _flag as _theory_flag, _positive_int as _int, orthogonality_case
 
 __all__ = [
@@ -1955,24 +1955,15 @@ def _jacobian_matrix(f, x: torch.Tensor) -> torch.Tensor:
     """Dense Jacobian of ``f`` at ``x``, shape ``y.shape + x.shape``: torch.func.jacrev, or the loop of
     torch.autograd.functional.jacobian when a function transform refuses ``f`` (e.g. BatchNorm in training
     mode, which mutates its buffers, an old-style autograd.Function, or an orthofx layer's refusal:
-    :func:`_func_transform_refusal`)."""
+    :class:`~orthofx.nn.tracing.FuncTransformRefusal`)."""
     with torch.enable_grad(), _sdpa_math():
         try:
             return torch.func.jacrev(f)(x)
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError, FuncTransformRefusal):
+            # autograd's loop runs what a function transform refuses (a FuncTransformRefusal: on the copies of its
+            # buffers that _Call gives it)
             pass
-        except OrthofxError as exc:
-            if not _func_transform_refusal(exc):
-                raise
         return torch.autograd.functional.jacobian(f, x)
-
-
-def _func_transform_refusal(exc: BaseException) -> bool:
-    """Whether ``exc`` is orthofx's own refusal of a ``torch.func`` transform by a layer that writes state in
-    place (a condition-number monitor; its message, as a ConvNorm's for a running-filter update, says the layer
-    "cannot run inside a torch.func transform"): the loop of torch.autograd.functional.jacobian runs such a
-    layer on the copies of its buffers :class:`_Call` gives it. Other orthofx errors are the call's own."""
-    return isinstance(exc, OrthofxError) and "cannot run inside a torch.func transform" in str(exc)
 
 
 def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,

@@ -251,7 +251,8 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from orthofx.errors import LayerArgumentError, RunningFiltersDroppedWarning, first_few, keep_in_metadata, layer_label
-from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
+from orthofx.nn.tracing import (FuncTransformRefusal, fx_tracer_of, in_func_transform, record_as_leaf,
+                                recomputing_in_backward)
 from orthofx.nn.orthogonal import (_ComputedWeight, _EvalCache, check_tensor_input, refuse_weight_assignment,
                                    without_memory_format)
 from orthofx.nn.padding import circular_pad, conv_mode_pads, conv_zero_pads, flat_pads, per_dimension, torch_mode_pads
@@ -1502,7 +1503,7 @@ class ConvNormConvNd(_ComputedWeight, _EvalCache, nn.Module):
         which has the same limitation)."""
         if not in_func_transform():
             return
-        raise LayerArgumentError(
+        raise FuncTransformRefusal(
             f"{layer_label(self)} (momentum={self.momentum:g}): in training mode each forward updates the running "
             f"ConvNorm filter of its grid in place, which cannot run inside a torch.func transform (vmap, grad, "
             f"jacrev ... e.g. per-sample gradients of a functional_call). Run the transformed call in eval mode "

@@ -120,7 +120,8 @@ from torch import Tensor, nn
 
 from orthofx.errors import LayerArgumentError, layer_label
 from orthofx.nn.precision import HALF_PRECISION, autocast_enabled, autocast_off
-from orthofx.nn.tracing import fx_tracer_of, in_func_transform, record_as_leaf, recomputing_in_backward
+from orthofx.nn.tracing import (FuncTransformRefusal, fx_tracer_of, in_func_transform, record_as_leaf,
+                                recomputing_in_backward)
 from orthofx.theory import _flag, _positive_int
 
 __all__ = [
@@ -860,7 +861,7 @@ class ConditionMonitor(nn.Module):
         if in_func_transform():
             # torch refuses the in-place buffer writes there ("attempted to call in-place operation ... that
             # would mutate a captured Tensor"), and under vmap one call sees one sample, not the batch
-            raise LayerArgumentError(
+            raise FuncTransformRefusal(
                 f"{layer_label(self)}: a condition-number monitor records into its buffers in place, which cannot "
                 f"run inside a torch.func transform (vmap, grad, jacrev ... e.g. per-sample gradients of a "
                 f"functional_call). Transform the model with the svd_conditioning option monitor: false, or put "

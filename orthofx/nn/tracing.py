@@ -46,12 +46,12 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from orthofx.errors import CaptureError, layer_label
+from orthofx.errors import CaptureError, LayerArgumentError, layer_label
 
 __all__ = ["fx_tracer_of", "record_as_leaf", "exported_as_plain_module", "in_export", "in_func_transform",
            "recomputing_in_backward", "checkpoint_region", "record_for_recomputation", "recorded_for_recomputation",
            "NOT_RECORDED", "is_orthofx_layer", "orthofx_layer_types", "is_orthofx_nn_class",
-           "is_orthofx_module"]
+           "is_orthofx_module", "FuncTransformRefusal"]
 
 #: The package whose classes are orthofx's layers and their helpers.
 ORTHOFX_NN_PACKAGE = "orthofx.nn"
@@ -140,6 +140,13 @@ def in_func_transform() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev`` ...) is running this call eagerly
     (under ``torch.compile`` the query is not traced, and answers no)."""
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+class FuncTransformRefusal(LayerArgumentError):
+    """A layer that writes its state in place (a ConvNorm layer's running filter in training mode, a
+    condition-number monitor's records) refusing to run inside a ``torch.func`` transform
+    (:func:`in_func_transform`), where torch refuses such writes. A caller that can run the call without a
+    transform catches it: ``orthofx.metrics.jacobian_singular_values`` falls back to autograd's loop."""
 
 
 def recomputing_in_backward() -> bool:
