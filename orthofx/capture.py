@@ -697,8 +697,18 @@ def sequence_helper(name: str, *args: Any, **kwargs: Any) -> Any:
     return _SEQUENCE_FUNCTIONS[name](*args, **kwargs)
 
 
+def higher_order_op(name: str, *args: Any, **kwargs: Any) -> Any:
+    """``torch.ops.higher_order.<name>(*args, **kwargs)``: an export-captured graph's call of a higher-order op
+    (``torch.cond``'s ``cond``, ``while_loop`` ..., whose nested graphs are submodules of the graph module).
+
+    A call of orthofx's own rather than of the op: unpickling a GraphModule traces its code again
+    (:class:`_RetraceTracer`), and a higher-order op refuses the traced values it would be given there (the pickle
+    failed); the re-trace records this function as a call instead (:func:`_mode_switches_kept`)."""
+    return getattr(torch.ops.higher_order, name)(*args, **kwargs)
+
+
 #: Functions a captured fx graph calls that must stay calls when its code is traced again (unpickling, copies).
-_GRAPH_HELPERS = (set_grad_mode, restore_grad_mode, enter_autocast, exit_autocast, sequence_helper)
+_GRAPH_HELPERS = (set_grad_mode, restore_grad_mode, enter_autocast, exit_autocast, sequence_helper, higher_order_op)
 #: torch.export's autocast calls -> fx mode's (see :func:`_flat_mode_regions`); the same arguments.
 _MODE_SWITCHES = {_enter_autocast: enter_autocast, _exit_autocast: exit_autocast}
 
@@ -1073,8 +1083,9 @@ class _RetraceTracer(torch.fx.Tracer):
         return graph
 
 
-#: The calls that enter and leave a graph's ``no_grad`` / ``autocast`` blocks (see :func:`_mode_switches_kept`).
-_MODE_HELPERS = (set_grad_mode, restore_grad_mode, enter_autocast, exit_autocast)
+#: The calls that enter and leave a graph's ``no_grad`` / ``autocast`` blocks, and those of higher-order ops (see
+#: :func:`_mode_switches_kept`).
+_MODE_HELPERS = (set_grad_mode, restore_grad_mode, enter_autocast, exit_autocast, higher_order_op)
 
 
 @contextlib.contextmanager
@@ -1088,12 +1099,16 @@ def _mode_switches_kept(tracer: torch.fx.Tracer, scope: dict[str, Any]):
     in full precision, and register no :func:`close_blocks_on_error` hooks. The names in ``scope`` stand for
     recording calls while the trace runs, and are put back after it. (The re-trace of an fx-captured graph,
     :class:`OrthofxTracer`, runs the switches and records the mode changes they make instead:
-    :func:`_recording_mode_switches`.)"""
+    :func:`_recording_mode_switches`.) The calls of :func:`higher_order_op` (a ``torch.cond`` ...) are recorded
+    the same way: the op would refuse the traced values, and a call whose only traced value is a nested graph
+    (a submodule, not a traced value) would be run."""
     held = {name: value for name, value in scope.items() if any(value is helper for helper in _MODE_HELPERS)}
 
     def recording(helper: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> torch.fx.Proxy:
-            return tracer.create_proxy("call_function", helper, args, kwargs)
+            # a higher-order op's node is named after the op ('cond'), as in the captured graph
+            name = args[0] if helper is higher_order_op and args and isinstance(args[0], str) else None
+            return tracer.create_proxy("call_function", helper, args, kwargs, name=name)
         return call
 
     scope.update({name: recording(helper) for name, helper in held.items()})
@@ -3437,6 +3452,8 @@ class _ExportRebuilder:
     def _copy(self, old: torch.fx.Node) -> torch.fx.Node:
         if old.op == "get_attr":
             value = _fetch(self.ep.graph_module, str(old.target))
+            if isinstance(value, torch.fx.GraphModule):  # a nested graph (a torch.cond branch ...)
+                value = _retraceable_nested_graph(value)
             node = self._extra(value, str(old.target))
             node.meta.update(old.meta)
             return node
@@ -3451,7 +3468,9 @@ class _ExportRebuilder:
             return self._grad_switch(bool(old.args[0]))
         new = _size_method_form(self.graph.node_copy(old, self._resolve))
         if new.op == "call_function":
-            if new.target in _MODE_SWITCHES:
+            if _higher_order_name(new.target) is not None:
+                _call_through_helper(new)
+            elif new.target in _MODE_SWITCHES:
                 new.target = _MODE_SWITCHES[new.target]
             elif new.target is torch.ops.aten.mT.default and len(new.args) == 1 and not new.kwargs:
                 new.target = getattr
@@ -3643,6 +3662,49 @@ class _ExportRebuilder:
                 _children(in_spec)[1].context)
         self.graph.output(tuple(flat))
         self.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, self.ep.call_spec.in_spec, out_spec))
+
+
+def _higher_order_name(target: Any) -> str | None:
+    """The name under ``torch.ops.higher_order`` of ``target`` when it is a higher-order op found there (the op
+    itself), else None."""
+    if not isinstance(target, torch._ops.HigherOrderOperator):
+        return None
+    name = target.name()
+    return name if getattr(torch.ops.higher_order, name, None) is target else None
+
+
+def _call_through_helper(node: torch.fx.Node) -> None:
+    """``node``, a call of a higher-order op, rewritten in place as the call of :func:`higher_order_op` with the
+    op's name and the same arguments (the graph's code, and a pickle of it, stay runnable: see the helper)."""
+    node.args = (_higher_order_name(node.target), *node.args)
+    node.target = higher_order_op
+
+
+def _retraceable_nested_graph(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule of ``module``'s graph (a nested graph of the exported program: a ``torch.cond`` branch, the
+    body of a ``while_loop`` ...), holding the same tensors, whose calls of higher-order ops go through
+    :func:`higher_order_op` (its own nested graphs too) and that unpickling re-traces with
+    :class:`_RetraceTracer`.
+
+    torch.export makes these modules with its own tracer class, which torch.fx's unpickling cannot construct
+    (``_ModuleStackTracer`` needs the module it traced): a pickle of the captured graph failed. ``module`` is
+    left as it is."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in module.graph.nodes:
+        new = graph.node_copy(node, lambda arg: env[arg])
+        if new.op == "call_function" and _higher_order_name(new.target) is not None:
+            _call_through_helper(new)
+        env[node] = new
+    graph._tracer_cls = _RetraceTracer
+    res = torch.fx.GraphModule(module, graph, type(module).__name__)
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            value = _fetch(res, str(node.target))
+            if isinstance(value, torch.fx.GraphModule):
+                res.set_submodule(str(node.target), _retraceable_nested_graph(value))
+    res.meta = dict(getattr(module, "meta", {}))
+    return res
 
 
 def _is_constant_argument(arg: Any) -> bool:
