@@ -2356,6 +2356,21 @@ def _holds_call_hooks(module: nn.Module) -> bool:
     return any(call_hook_count(m) for m in module.modules())
 
 
+def _refused_in_branches(path: str) -> Callable:
+    """A forward pre-hook for a module whose own hooks capture took off (:func:`_stash_call_hooks`): called inside
+    a ``torch.cond`` branch (where TorchDynamo traces the hook), the call would stay as ATen ops that run none of
+    its hooks, so it fails the export, as any change to Python state there does; the capture's error says why."""
+    def refuse(module: nn.Module, args: tuple) -> None:
+        if torch.compiler.is_dynamo_compiling():
+            raise RuntimeError(f"{_HOOKED_IN_BRANCH} '{path}'")
+
+    return refuse
+
+
+#: The start of the error of :func:`_refused_in_branches`.
+_HOOKED_IN_BRANCH = "a torch.cond branch (or another higher-order op's body) calls the hooked module"
+
+
 def _outside_branches(hook: Callable) -> Callable:
     """``hook`` (a forward pre-hook or hook that capture puts on a module while torch.export runs) doing nothing
     where TorchDynamo traces it: inside a ``torch.cond`` branch, whose body torch.export (non-strict) has dynamo
@@ -2817,6 +2832,16 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
     mismatch = _call_signature_mismatch(model, error, written or {})
     if mismatch is not None:
         raise CaptureError(mismatch[1], module_path=mismatch[0]) from error
+    hooked = _hooked_in_branch(error)
+    if hooked is not None:
+        raise CaptureError(
+            f"torch.export (non-strict) cannot keep the call of leaf module '{hooked}' "
+            f"({type(model.get_submodule(hooked)).__name__}) made inside a torch.cond branch (or another "
+            "higher-order op's body) as one call: it stays as ATen ops there, and the module (or a module inside "
+            "it) has forward / backward hooks, which those ops would not run. Fix: call the module outside the "
+            "branch, capture with symbolic tracing, capture: {mode: fx} in the policy, with the branch on a "
+            "tensor's value moved into a submodule listed in capture.leaf_modules, or remove the hooks before "
+            "transforming", module_path=hooked) from error
     text = _str_argument(error) if path in leaves else None
     if text is not None:
         raise CaptureError(
@@ -2845,6 +2870,16 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
         "check that the model runs on example_inputs; for a Python branch on a tensor's value, move it into a "
         "submodule (symbolic tracing, capture mode fx or auto, then keeps that submodule as a leaf) or write it "
         "with torch.cond", module_path=path) from error
+
+
+def _hooked_in_branch(error: BaseException) -> str | None:
+    """The path of the hooked module whose call in a branch failed the export (:func:`_refused_in_branches`)."""
+    pattern = re.compile(re.escape(_HOOKED_IN_BRANCH) + r" '([^']*)'")
+    for exc in _exception_chain(error):
+        found = pattern.search(str(exc))
+        if found is not None:
+            return found.group(1)
+    return None
 
 
 #: torch.export's refusal of a string in a preserved module's call (its tracepoint takes no str argument).
@@ -2996,28 +3031,52 @@ def _signatures_outside_branches():
     except ImportError:  # pragma: no cover - another torch version
         yield
         return
-    original = getattr(wrappers, "_wrap_submodule", None)
-    if original is None:  # pragma: no cover - another torch version
+    if getattr(wrappers, "_wrap_submodule", None) is None:  # pragma: no cover - another torch version
         yield
         return
     thread = threading.get_ident()
-
-    def wrap(mod: nn.Module, path: str, specs: dict) -> Any:
-        handles = original(mod, path, specs)
-        if threading.get_ident() != thread:
-            return handles
-        submodule = mod.get_submodule(path)
-        for handle in handles:
-            for registry in (submodule._forward_pre_hooks, submodule._forward_hooks):
-                if handle.id in registry:
-                    registry[handle.id] = _outside_branches(registry[handle.id])
-        return handles
-
-    wrappers._wrap_submodule = wrap
+    # one patch for all the threads capturing at once (each restoring its own would leave another's in place)
+    with _SIGNATURE_PATCH.lock:
+        if not _SIGNATURE_PATCH.threads:
+            _SIGNATURE_PATCH.original = wrappers._wrap_submodule
+            wrappers._wrap_submodule = _wrap_submodule_outside_branches
+        _SIGNATURE_PATCH.threads[thread] = _SIGNATURE_PATCH.threads.get(thread, 0) + 1
     try:
         yield
     finally:
-        wrappers._wrap_submodule = original
+        with _SIGNATURE_PATCH.lock:
+            _SIGNATURE_PATCH.threads[thread] -= 1
+            if not _SIGNATURE_PATCH.threads[thread]:
+                del _SIGNATURE_PATCH.threads[thread]
+            if not _SIGNATURE_PATCH.threads:
+                wrappers._wrap_submodule = _SIGNATURE_PATCH.original
+
+
+class _SignaturePatch:
+    """The state of :func:`_signatures_outside_branches`'s patch: torch's function, and the threads (with their
+    nesting) capturing meanwhile, whose signature hooks it wraps."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.original: Callable[..., Any] | None = None
+        self.threads: dict[int, int] = {}
+
+
+_SIGNATURE_PATCH = _SignaturePatch()
+
+
+def _wrap_submodule_outside_branches(mod: nn.Module, path: str, specs: dict) -> Any:
+    """torch's ``_wrap_submodule`` (:data:`_SIGNATURE_PATCH`), whose hooks do nothing in a branch
+    (:func:`_outside_branches`) when a capture of this thread runs."""
+    handles = _SIGNATURE_PATCH.original(mod, path, specs)
+    if threading.get_ident() not in _SIGNATURE_PATCH.threads:
+        return handles
+    submodule = mod.get_submodule(path)
+    for handle in handles:
+        for registry in (submodule._forward_pre_hooks, submodule._forward_hooks):
+            if handle.id in registry:
+                registry[handle.id] = _outside_branches(registry[handle.id])
+    return handles
 
 
 #: The other paths :func:`_capture_export` lists to give torch.export the leaves' other names before it runs.
@@ -4175,6 +4234,9 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
             for path in leaves]
         # a hooked leaf's output that is one of its inputs (nn.Identity, Dropout in eval mode) becomes a node of the
         # call, so that the graph reads it from the call, whose hooks may change it
+        paths = {id(source.get_submodule(path)): path for path in [*inner, *leaves]}
+        hooks += [module.register_forward_pre_hook(_refused_in_branches(paths[id(module)]), prepend=True)
+                  for module, _ in stashed]
         for module, _ in stashed:
             returned = _ReturnedInputs()
             hooks += [module.register_forward_pre_hook(_outside_branches(returned.before), with_kwargs=True),
@@ -4276,21 +4338,13 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         what = f"leaf module '{path}' ({type(source.get_submodule(path)).__name__})"
         taken = (f"the nested graph torch.export makes of it takes {_names(weights)} as "
                  f"operand{'s' if len(weights) > 1 else ''}")
-        if _holds_call_hooks(source.get_submodule(path)):
-            # taken off while torch.export ran (_stash_call_hooks): the branch's ops would run none of them
-            raise CaptureError(
-                f"torch.export (non-strict) cannot keep the call of {what} made inside {where} as one call "
-                f"({taken}): it stays as ATen ops there, and the module (or a module inside it) has forward / "
-                "backward hooks, which those ops would not run. Fix: call the module outside the branch, capture "
-                "with symbolic tracing, capture: {mode: fx} in the policy, with the branch on a tensor's value "
-                "moved into a submodule listed in capture.leaf_modules, or remove the hooks before transforming",
-                module_path=path)
         info.warnings.append(
-            f"{what} is called inside {where} ({taken}): that call stays as ATen ops in the nested graph, so "
-            "rules do not see this call, and where a pass replaces the module the call keeps its own operation "
+            f"{what} is called inside {where}, or its weights are read there ({taken}): that use stays as ATen "
+            "ops in the nested graph, so rules do not see it, and where a pass replaces the module a call there "
+            "keeps its own operation "
             "(padding, stride ...) on the weights found at those names (the new layer's: an orthogonal layer's "
             "kernel, a ConvNorm layer's unnormalised one); the module's calls outside the branch are sites as "
-            "usual. Fix: call the module outside the branch, or capture with symbolic tracing, capture: {mode: fx} "
+            "usual. Fix: use the module outside the branch, or capture with symbolic tracing, capture: {mode: fx} "
             "in the policy, with the branch on a tensor's value moved into a submodule listed in "
             "capture.leaf_modules")
     info.warnings.extend(

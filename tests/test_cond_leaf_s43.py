@@ -10,9 +10,11 @@ import copy
 import io
 import os
 import pickle
+import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import orthofx
@@ -131,7 +133,7 @@ def test_outputs_warning_and_sites(name, mode):
     for leaf in in_branch:
         named = [w for w in info.warnings if f"leaf module '{leaf}'" in w]
         assert len(named) == 1, info.warnings
-        assert "torch.cond branch" in named[0] and "rules do not see this call" in named[0]
+        assert "torch.cond branch" in named[0] and "rules do not see it" in named[0]
     assert not [w for w in info.warnings if "leaf module" in w and not any(f"'{p}'" in w for p in in_branch)]
     # the calls outside the branch are call_module nodes (sites), those inside are not
     calls = {}
@@ -208,6 +210,93 @@ def test_hooked_leaf_in_branch_is_refused():
     with pytest.raises(CaptureError, match=r"'a' \(Linear\) made inside a torch.cond branch.*hooks"):
         orthofx.transform(model, _policy(), example_inputs=(torch.randn(3, 4),))
     assert len(model.a._forward_hooks) == 1  # the user's hook is back
+
+
+class _HookedActivation(torch.nn.Module):
+    """A weightless leaf (ReLU) with the user's hook, called in the true branch only (a review found its hook
+    dropped silently there: nothing of it reaches the branch's graph to warn about)."""
+
+    def __init__(self, pre: bool):
+        super().__init__()
+        self.a, self.act = torch.nn.Linear(4, 4), torch.nn.ReLU()
+        if pre:
+            self.act.register_forward_pre_hook(lambda module, args: (args[0] * 3.0,))
+        else:
+            self.act.register_forward_hook(lambda module, args, out: out * 10.0)
+
+    def forward(self, x):
+        return self.a(torch.cond(x.sum() > 0, lambda z: self.act(z), lambda z: -z, (x,)))
+
+
+@pytest.mark.parametrize("pre", [False, True])
+def test_hooked_weightless_leaf_in_branch_is_refused(pre):
+    model = _HookedActivation(pre)
+    with pytest.raises(CaptureError, match=r"'act' \(ReLU\) made inside a torch.cond branch.*hooks"):
+        orthofx.transform(model, _policy("export"), example_inputs=(torch.rand(3, 4) + 0.1,))
+    hooks = model.act._forward_pre_hooks if pre else model.act._forward_hooks
+    assert len(hooks) == 1  # the user's hook is back
+    x = torch.rand(3, 4) + 0.1  # the model itself still runs its hook
+    expected = model.a(F.relu(x * 3.0) if pre else F.relu(x) * 10.0)
+    torch.testing.assert_close(model(x), expected)
+
+
+class _ReadsWeightInBranch(torch.nn.Module):
+    """A branch that reads a hooked leaf's weight without calling the leaf (``F.linear`` on ``a.weight``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.a.register_forward_hook(lambda module, args, out: out * 2.0)
+
+    def forward(self, x):
+        y = torch.cond(x.sum() > 0, lambda z: F.linear(z, self.a.weight.t()), lambda z: -z, (x,))
+        return self.a(y)
+
+
+def test_weights_read_in_a_branch_are_not_a_call_of_the_hooked_leaf():
+    torch.manual_seed(0)
+    model = _ReadsWeightInBranch()
+    reference = copy.deepcopy(model)
+    x = torch.rand(3, 4) + 0.1
+    gm = orthofx.transform(model, _policy("export"), example_inputs=(x,))
+    for inputs in (x, -x):
+        torch.testing.assert_close(gm(inputs), reference(inputs), rtol=1e-6, atol=1e-6)
+    warned = [w for w in orthofx.manifest_of(gm).capture.warnings if "leaf module 'a'" in w]
+    assert len(warned) == 1 and "or its weights are read there" in warned[0]
+
+
+def test_signature_patch_is_undone_when_captures_of_two_threads_overlap():
+    """Thread A enters, thread B enters, A leaves, B leaves: torch's own function is back (each restoring what it
+    found left the other thread's patch in place)."""
+    from torch._export import wrappers
+
+    from orthofx.capture import _signatures_outside_branches
+
+    original = wrappers._wrap_submodule
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    patched_inside = []
+
+    def first():
+        with _signatures_outside_branches():
+            patched_inside.append(wrappers._wrap_submodule is not original)
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second():
+        a_in.wait(10)
+        with _signatures_outside_branches():
+            b_in.set()
+            a_out.wait(10)
+            patched_inside.append(wrappers._wrap_submodule is not original)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert patched_inside == [True, True]
+    assert wrappers._wrap_submodule is original
 
 
 def test_transform_replacing_the_layer_still_runs_both_branches():
