@@ -2835,7 +2835,7 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
     hooked = _hooked_in_branch(error)
     if hooked is not None:
         raise CaptureError(
-            f"torch.export (non-strict) cannot keep the call of leaf module '{hooked}' "
+            f"torch.export (non-strict) cannot keep the call of module '{hooked}' "
             f"({type(model.get_submodule(hooked)).__name__}) made inside a torch.cond branch (or another "
             "higher-order op's body) as one call: it stays as ATen ops there, and the module (or a module inside "
             "it) has forward / backward hooks, which those ops would not run. Fix: call the module outside the "
@@ -4268,6 +4268,10 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
                 module.training = flag
             created = _drop_created_state(states)
         if failed is not None:
+            if _hooked_in_branch(failed) is not None:
+                # with the hooks inside the leaves on, the retry below would trace a hook into the branch once, at
+                # capture, as ATen ops: a call the model's hooks no longer reach (removed, or reading Python state)
+                raise failed
             if inner_off and any(_holds_call_hooks(source.get_submodule(path)) for path in inner):
                 inner_off = False
                 continue

@@ -240,6 +240,39 @@ def test_hooked_weightless_leaf_in_branch_is_refused(pre):
     torch.testing.assert_close(model(x), expected)
 
 
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.act = torch.nn.Linear(4, 4), torch.nn.Tanh()
+
+    def forward(self, x):
+        return self.act(self.lin(x))
+
+
+class _InnerCalledInBranch(torch.nn.Module):
+    """A hooked module inside a leaf (``capture.leaf_modules: [_Block]``) called by a branch."""
+
+    def __init__(self, inner: str):
+        super().__init__()
+        self.blk, self.inner = _Block(), inner
+        getattr(self.blk, inner).register_forward_hook(lambda module, args, out: out * 10.0)
+
+    def forward(self, x):
+        return self.blk(x) + torch.cond(x.sum() > 0, lambda z: getattr(self.blk, self.inner)(z), lambda z: -z, (x,))
+
+
+@pytest.mark.parametrize("inner, kind", [("lin", "Linear"), ("act", "Tanh")])
+def test_hooked_module_inside_a_leaf_called_in_branch_is_refused(inner, kind):
+    """A review found the retry with the hooks inside the leaves on tracing the user's hook into the branch once,
+    at capture (the graph kept multiplying by 10 after the hook was removed)."""
+    model = _InnerCalledInBranch(inner)
+    policy = {"capture": {"mode": "export", "leaf_modules": ["_Block"]},
+              "rules": [{"apply": "orth_regularizer", "match": {"type": "Linear"}}]}
+    with pytest.raises(CaptureError, match=rf"'blk.{inner}' \({kind}\) made inside a torch.cond branch.*hooks"):
+        orthofx.transform(model, policy, example_inputs=(torch.rand(3, 4) + 0.1,))
+    assert len(getattr(model.blk, inner)._forward_hooks) == 1
+
+
 class _ReadsWeightInBranch(torch.nn.Module):
     """A branch that reads a hooked leaf's weight without calling the leaf (``F.linear`` on ``a.weight``)."""
 
