@@ -55,7 +55,7 @@ from orthofx.errors import ArgumentError, LayerArgumentError
 from orthofx.nn.convnorm import running_filters_held
 from orthofx.nn.padding import per_dimension
 from orthofx.nn.precision import HALF_PRECISION, autocast_enabled, autocast_off
-from orthofx.nn.tracing import FuncTransformRefusal, in_func_transform, in_jvp
+from orthofx.nn.tracing import ForwardModeRefusal, FuncTransformRefusal, in_func_transform, in_jvp
 from orthofx.theory import _flag as _theory_flag, _positive_int as _int, orthogonality_case
 
 __all__ = [
@@ -1390,9 +1390,11 @@ _FORWARD_MODE_REFUSALS = ((NotImplementedError, "Trying to use forward AD with "
 
 
 def _forward_mode_refusal(exc: BaseException) -> bool:
-    """Whether torch raised ``exc`` because forward mode cannot run an op (:data:`_FORWARD_MODE_REFUSALS`). Other
-    errors are the block's own (a shape mismatch, a ``NotImplementedError`` of the user's code, a backward that
-    raises) and pass through as they are."""
+    """Whether torch raised ``exc`` because forward mode cannot run an op (:data:`_FORWARD_MODE_REFUSALS`), or an
+    orthofx op did (:class:`~orthofx.nn.tracing.ForwardModeRefusal`). Other errors are the block's own (a shape
+    mismatch, a ``NotImplementedError`` of the user's code, a backward that raises) and pass through as they are."""
+    if isinstance(exc, ForwardModeRefusal):
+        return True
     text = str(exc)
     return any(type(exc) is kind and text.startswith(start) for kind, start in _FORWARD_MODE_REFUSALS)
 
@@ -1843,7 +1845,9 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
                     u, residual = _jvp_products(f, xp, v, kind, batched, what)
                 except torch.OutOfMemoryError:
                     raise  # not a forward-mode gap: falling back for good would hide it
-                except (NotImplementedError, RuntimeError) as exc:
+                except (NotImplementedError, RuntimeError, FuncTransformRefusal) as exc:
+                    # a FuncTransformRefusal: a layer writing its state in place (ConvNorm's running filter in
+                    # training mode) refuses torch.func, which the double-VJP route (autograd.grad) does not use
                     if route == "jvp" and (isinstance(exc, _ForwardModeGap) or _forward_mode_refusal(exc)):
                         op = exc.op if isinstance(exc, _ForwardModeGap) else "an op"
                         cause = "" if isinstance(exc, _ForwardModeGap) else f" (torch: {_first_line(exc)})"

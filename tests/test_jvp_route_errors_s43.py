@@ -5,8 +5,10 @@ itself pass through unchanged. Route ``"auto"`` gives the dense float64 value th
 import pytest
 import torch
 
-from orthofx.errors import ArgumentError
+from orthofx.errors import ArgumentError, LayerArgumentError
 from orthofx.metrics import jacobian_isometry
+from orthofx.nn import ConvNormConv2d, JacobianProbe
+from orthofx.nn.decompositions import eigh_stable, svd_stable
 
 
 class OldStyleSin(torch.autograd.Function):
@@ -117,3 +119,48 @@ def test_the_blocks_own_errors_keep_their_type_and_message(block, kind, text):
     with pytest.raises(kind, match=text) as caught:
         jacobian_isometry(block, torch.randn(2, 3), route="jvp")
     assert not isinstance(caught.value, ArgumentError)
+
+
+class _Whitening(torch.nn.Module):
+    """A block through orthofx's stable decomposition (forward mode refused by orthofx, not torch)."""
+
+    def __init__(self, decomposition):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.decomposition = decomposition
+
+    def forward(self, x):
+        h = self.lin(x)
+        covariance = h.T @ h / h.shape[0] + 0.1 * torch.eye(4, dtype=h.dtype)
+        return h @ self.decomposition(covariance)
+
+
+@pytest.mark.parametrize("decomposition", [lambda c: eigh_stable(c)[1], lambda c: svd_stable(c)[0]],
+                         ids=["eigh_stable", "svd_stable"])
+def test_jvp_route_through_orthofx_decompositions_is_the_orthofx_error(decomposition):
+    """A review found orthofx's own refusal (eigh_stable / svd_stable) passed through raw once the refusals were
+    narrowed to torch's messages."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with pytest.raises(ArgumentError, match="route 'jvp'.*Use route 'auto'") as caught:
+        jacobian_isometry(_Whitening(decomposition).double(), x, route="jvp")
+    assert isinstance(caught.value, NotImplementedError)
+    probe = JacobianProbe(_Whitening(decomposition).double(), route="jvp").train()
+    with pytest.raises(LayerArgumentError, match="route 'jvp'"):
+        probe(x)
+
+
+def test_auto_route_falls_back_at_a_layer_refusing_function_transforms():
+    """ConvNorm with running filters refuses torch.func in training mode (FuncTransformRefusal); route 'auto'
+    falls back to the double-VJP route instead of raising it, here through a plain callable (the module itself
+    was measured already). Reference: the dense float64 Jacobian with the estimate's probe."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(ConvNormConv2d(torch.nn.Conv2d(2, 2, 3, padding=1), momentum=0.1),
+                                torch.nn.Tanh()).double().train()
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    value = jacobian_isometry(lambda z: block(z), x, route="auto", generator=torch.Generator().manual_seed(0),
+                              create_graph=False)
+    v = (2 * torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(0)) - 1).to(x.dtype).reshape(-1)
+    J = torch.autograd.functional.jacobian(block, x).reshape(x.numel(), x.numel())
+    reference = (J.T @ (J @ v) - v).square().sum()
+    torch.testing.assert_close(value, reference, rtol=1e-10, atol=1e-10)

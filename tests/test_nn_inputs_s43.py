@@ -260,3 +260,13 @@ def test_restore_calls_takes_integers_modulo_the_period(good):
     period = probe.every * probe.calls_per_step
     probe.restore_calls(good)
     assert type(probe.calls) is int and probe.calls == int(good) % period
+
+
+def test_orthogonal_linear_takes_a_strided_nested_tensor_as_nn_linear_does():
+    """A review found the width check reading the sizes of a strided nested tensor, which has none."""
+    torch.manual_seed(0)
+    layer = N.OrthogonalLinear(4, 3)
+    nested = torch.nested.nested_tensor([torch.randn(2, 4), torch.randn(5, 4)])
+    out = layer(nested)
+    for piece, x in zip(out.unbind(), nested.unbind()):
+        torch.testing.assert_close(piece, F.linear(x, layer.weight, layer.bias))

@@ -120,8 +120,8 @@ from torch import Tensor, nn
 
 from orthofx.errors import LayerArgumentError, layer_label
 from orthofx.nn.precision import HALF_PRECISION, autocast_enabled, autocast_off
-from orthofx.nn.tracing import (FuncTransformRefusal, fx_tracer_of, in_func_transform, record_as_leaf,
-                                recomputing_in_backward)
+from orthofx.nn.tracing import (ForwardModeRefusal, FuncTransformRefusal, fx_tracer_of, in_func_transform,
+                                record_as_leaf, recomputing_in_backward)
 from orthofx.theory import _flag, _positive_int
 
 __all__ = [
@@ -240,9 +240,9 @@ def _check_input(A, what: str, square: bool, complex_ok: bool = False) -> None:
         raise LayerArgumentError(f"{what} expects {kind}, got shape {tuple(A.shape)}")
 
 
-def _forward_mode_error(what: str) -> NotImplementedError:
+def _forward_mode_error(what: str) -> ForwardModeRefusal:
     """The error for a forward-mode derivative of a stable decomposition (see :func:`_refuse_forward_mode`)."""
-    return NotImplementedError(
+    return ForwardModeRefusal(
         f"{what}: forward-mode AD (torch.func.jvp, jacfwd, hessian = jacfwd(jacrev) / torch.autograd.forward_ad) is "
         "not supported: the bounded gradient is a backward formula, and the custom op would get a zero tangent; "
         "use reverse mode (torch.autograd.grad, .backward(), torch.func.jacrev; second derivatives by "

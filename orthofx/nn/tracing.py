@@ -51,7 +51,7 @@ from orthofx.errors import CaptureError, LayerArgumentError, layer_label
 __all__ = ["fx_tracer_of", "record_as_leaf", "exported_as_plain_module", "in_export", "in_func_transform",
            "recomputing_in_backward", "checkpoint_region", "record_for_recomputation", "recorded_for_recomputation",
            "NOT_RECORDED", "is_orthofx_layer", "orthofx_layer_types", "is_orthofx_nn_class",
-           "is_orthofx_module", "FuncTransformRefusal"]
+           "is_orthofx_module", "FuncTransformRefusal", "ForwardModeRefusal"]
 
 #: The package whose classes are orthofx's layers and their helpers.
 ORTHOFX_NN_PACKAGE = "orthofx.nn"
@@ -147,6 +147,12 @@ class FuncTransformRefusal(LayerArgumentError):
     condition-number monitor's records) refusing to run inside a ``torch.func`` transform
     (:func:`in_func_transform`), where torch refuses such writes. A caller that can run the call without a
     transform catches it: ``orthofx.metrics.jacobian_singular_values`` falls back to autograd's loop."""
+
+
+class ForwardModeRefusal(NotImplementedError):
+    """An orthofx op refusing a forward-mode derivative (``eigh_stable`` / ``svd_stable``: their bounded gradient
+    is a backward formula). The ``NotImplementedError`` torch raises for an op without a forward-AD formula, so
+    callers that fall back to reverse mode at such ops (``orthofx.metrics.jacobian_isometry``) treat it alike."""
 
 
 def recomputing_in_backward() -> bool:
