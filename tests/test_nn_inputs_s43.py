@@ -270,3 +270,13 @@ def test_orthogonal_linear_takes_a_strided_nested_tensor_as_nn_linear_does():
     out = layer(nested)
     for piece, x in zip(out.unbind(), nested.unbind()):
         torch.testing.assert_close(piece, F.linear(x, layer.weight, layer.bias))
+
+
+def test_orthogonal_linear_names_itself_for_a_jagged_nested_tensor_of_the_wrong_width():
+    layer = N.OrthogonalLinear(4, 3)
+    jagged = torch.nested.nested_tensor([torch.randn(2, 5), torch.randn(5, 5)], layout=torch.jagged)
+    with pytest.raises(LayerArgumentError, match=r"in_features=4"):
+        layer(jagged)
+    right = torch.nested.nested_tensor([torch.randn(2, 4), torch.randn(5, 4)], layout=torch.jagged)
+    for piece, x in zip(layer(right).unbind(), right.unbind()):
+        torch.testing.assert_close(piece, F.linear(x, layer.weight, layer.bias))

@@ -2784,8 +2784,9 @@ class OrthogonalLinear(_ComputedWeight, _EvalCache, nn.Module):
         if not isinstance(x, torch.fx.Proxy):  # symbolic tracing records the forward op by op
             _check_floating(x, self)
             # torch's raw "mat1 and mat2 shapes cannot be multiplied" otherwise (OrthogonalConv2d names the layer)
-            # (a strided nested tensor has no sizes to read: torch's F.linear checks it)
-            if not x.is_nested and (x.dim() < 1 or x.shape[-1] != self.in_features):
+            # (a strided nested tensor has no sizes to read: torch's F.linear checks it; a jagged one has them)
+            strided_nested = x.is_nested and x.layout is torch.strided
+            if not strided_nested and (x.dim() < 1 or x.shape[-1] != self.in_features):
                 raise LayerArgumentError(
                     f"{layer_label(self)} (in_features={self.in_features}): expected an input of shape (..., "
                     f"{self.in_features}), got shape {tuple(x.shape)}; pass inputs whose last dimension is "
