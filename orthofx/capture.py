@@ -1100,8 +1100,8 @@ def _mode_switches_kept(tracer: torch.fx.Tracer, scope: dict[str, Any]):
     recording calls while the trace runs, and are put back after it. (The re-trace of an fx-captured graph,
     :class:`OrthofxTracer`, runs the switches and records the mode changes they make instead:
     :func:`_recording_mode_switches`.) The calls of :func:`higher_order_op` (a ``torch.cond`` ...) are recorded
-    the same way: the op would refuse the traced values, and a call whose only traced value is a nested graph
-    (a submodule, not a traced value) would be run."""
+    the same way, whatever their arguments: run at trace time, ``torch.ops.higher_order.cond`` refuses the traced
+    values it is given."""
     held = {name: value for name, value in scope.items() if any(value is helper for helper in _MODE_HELPERS)}
 
     def recording(helper: Callable[..., Any]) -> Callable[..., Any]:
@@ -4232,11 +4232,12 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         hooks += [source.get_submodule(path).register_forward_pre_hook(
             _outside_branches(functools.partial(_export_call_recorded, written[path])), with_kwargs=True)
             for path in leaves]
-        # a hooked leaf's output that is one of its inputs (nn.Identity, Dropout in eval mode) becomes a node of the
-        # call, so that the graph reads it from the call, whose hooks may change it
+        # a module whose hooks are off, called in a cond branch, fails the export (its hooks would not run there)
         paths = {id(source.get_submodule(path)): path for path in [*inner, *leaves]}
         hooks += [module.register_forward_pre_hook(_refused_in_branches(paths[id(module)]), prepend=True)
                   for module, _ in stashed]
+        # a hooked leaf's output that is one of its inputs (nn.Identity, Dropout in eval mode) becomes a node of the
+        # call, so that the graph reads it from the call, whose hooks may change it
         for module, _ in stashed:
             returned = _ReturnedInputs()
             hooks += [module.register_forward_pre_hook(_outside_branches(returned.before), with_kwargs=True),

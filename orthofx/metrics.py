@@ -1581,14 +1581,15 @@ def _refuse_inference_mode(what: str) -> None:
 
 
 def _probe_estimates():
-    """The thread's count of running :class:`~orthofx.nn.JacobianProbe` estimates: while it is non-zero a probe
-    only runs its block (it makes no estimate and keeps the one pending for the penalty, and its call counter).
+    """The thread-local whose ``count`` of running Jacobian estimates (a :class:`~orthofx.nn.JacobianProbe`'s, or
+    these measures') makes a probe only run its block while it is non-zero (it makes no estimate and keeps the one
+    pending for the penalty, and its call counter).
     Imported here, at the call: ``orthofx.nn.jacobian`` imports this module."""
     from orthofx.nn import jacobian as probe_module
     return probe_module._estimates_running
 
 
-def _variable(x: torch.Tensor) -> torch.Tensor:
+def _detached_input(x: torch.Tensor) -> torch.Tensor:
     """``x`` detached, as the Jacobian's variable: a copy when ``x`` is an inference tensor (one made under
     ``torch.inference_mode()``, e.g. a batch kept from an evaluation loop), on which torch refuses
     ``requires_grad_`` outside inference mode."""
@@ -1833,7 +1834,7 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
         route = "double_vjp"
     # torch.func differentiates with respect to xp itself; autograd.grad needs a leaf that requires grad (which
     # dynamo refuses to create inside a compiled region)
-    xp = _variable(xs) if compiling else _variable(xs).requires_grad_(True)
+    xp = _detached_input(xs) if compiling else _detached_input(xs).requires_grad_(True)
     values: list[torch.Tensor] = []  # per probe: residual norms (full, partial) or ||J v||^2 (offdiag)
     returned = None  # the estimate's dtype (_estimate_dtype of the first probe's products)
     with torch.enable_grad(), _sdpa_math(), (_ComposedNorms() if create_graph else _contextlib.nullcontext()):
@@ -1850,7 +1851,8 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
                     # training mode) refuses torch.func, which the double-VJP route (autograd.grad) does not use
                     if route == "jvp" and (isinstance(exc, _ForwardModeGap) or _forward_mode_refusal(exc)):
                         op = exc.op if isinstance(exc, _ForwardModeGap) else "an op"
-                        cause = "" if isinstance(exc, _ForwardModeGap) else f" (torch: {_first_line(exc)})"
+                        source = "orthofx" if isinstance(exc, ForwardModeRefusal) else "torch"
+                        cause = "" if isinstance(exc, _ForwardModeGap) else f" ({source}: {_first_line(exc)})"
                         raise error(
                             f"{what}: route 'jvp' (forward mode only) cannot run {op} in the block: it has no "
                             f"reliable forward-mode derivative{cause}. Use route 'auto' (forward mode, falling "
@@ -1998,7 +2000,7 @@ def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,
         raise ArgumentError(f"jacobian_singular_values: dtype must be None or a real floating-point torch.dtype "
                             f"(e.g. torch.float64), got {dtype!r}")
     f = _as_function(fn, dtype)
-    x = _variable(x if dtype is None else x.detach().to(dtype))
+    x = _detached_input(x if dtype is None else x.detach().to(dtype))
     if per_sample and x.ndim == 0:
         raise ArgumentError(f"{what}: per_sample=True needs a batch dimension first, got a 0-d input")
     if x.is_meta:

@@ -19,6 +19,7 @@ from torch import nn
 
 import orthofx
 from orthofx.errors import CaptureError
+from tests.test_capture_export import CondNet
 
 
 class LambdaBranches(nn.Module):
@@ -356,18 +357,7 @@ def test_pickle_of_cond_graph():
 
 # ----------------------------------------------------------- copies (pickle, torch.save, deepcopy) of cond graphs
 
-class PlainCond(nn.Module):
-    """A cond without layer calls in its branches (as tests/test_capture_export.py::CondNet)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x):
-        y = self.conv(x)
-        y = torch.cond(y.mean() > 0, lambda t: t * 2.0, lambda t: t.abs(), (y,))
-        return self.fc(y.mean((2, 3)))
+PlainCond = CondNet  # a cond without layer calls in its branches
 
 
 class ModalCond(nn.Module):

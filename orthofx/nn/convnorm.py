@@ -242,6 +242,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import operator
 import warnings
 from typing import ClassVar, NamedTuple, Sequence
 
@@ -1279,11 +1280,15 @@ class ConvNormConvNd(_ComputedWeight, _EvalCache, nn.Module):
     def _spatial_sizes(self, value, what: str) -> tuple[int, ...]:
         """A spatial size (an input size or an FFT grid) as a tuple of ints: an int applies to every spatial
         dimension, as ``to_plain``'s ``input_sizes`` take it (``filter(8)`` failed with "'int' object is not
-        iterable"); a sequence is read as before (its length is checked by the caller). Anything else raises."""
-        if isinstance(value, int) and not isinstance(value, bool):
-            return (int(value),) * self._dims
+        iterable"); a sequence holds one int per dimension (its length is checked by the caller). Anything else,
+        a float size among it, raises."""
+        def size(v) -> int:  # an int, numpy's too; not a float (8.9 was read as 8) nor a bool
+            if isinstance(v, bool):
+                raise TypeError(v)
+            return operator.index(v)
+
         try:
-            return tuple(int(v) for v in value)
+            return (size(value),) * self._dims if hasattr(value, "__index__") else tuple(size(v) for v in value)
         except (TypeError, ValueError):
             raise LayerArgumentError(f"{layer_label(self)}: {what} must be an int or {self._dims} ints (one per "
                                      f"spatial dimension), got {value!r}") from None
