@@ -50,7 +50,7 @@ from orthofx.errors import LayerArgumentError, layer_label
 from orthofx.theory import _flag as _theory_flag, _positive_int
 
 from .orthogonal import (_baked_linear, _ComputedWeight, _frozen_requires_grad, check_input_dtype,
-                         refuse_weight_assignment)
+                         check_last_dimension, refuse_weight_assignment)
 from .precision import HALF_PRECISION
 from .stiefel import orthonormal
 
@@ -108,11 +108,7 @@ def _check_input(x: torch.Tensor, features: int, layer: nn.Module) -> None:
     if not x.is_floating_point():  # an integer or complex input met a raw matmul dtype error
         raise LayerArgumentError(f"{layer_label(layer)}: expected a real floating-point input, got dtype {x.dtype}; "
                                  "convert it (x.float()) or embed token ids first")
-    if x.dim() < 1 or x.shape[-1] != features:
-        raise LayerArgumentError(
-            f"{layer_label(layer)} (features={features}): expected an input of shape (..., {features}), got shape "
-            f"{tuple(x.shape)}; pass inputs whose last dimension is {features}, or build the block with features "
-            "equal to the input's last dimension")
+    check_last_dimension(x, features, layer, name="features", noun="block")
     check_input_dtype(x, _raw_dtype(layer), layer, noun="block")
 
 

@@ -571,6 +571,20 @@ def check_tensor_input(x, layer: nn.Module | str) -> None:
                                  f"{type(x).__name__}")
 
 
+def check_last_dimension(x: torch.Tensor, size: int, layer: nn.Module, name: str = "in_features",
+                         noun: str = "layer") -> None:
+    """Refuse an input whose last dimension is not ``size`` (the layer's ``name``): torch's raw "mat1 and mat2
+    shapes cannot be multiplied" otherwise, which names no layer. A strided nested tensor has no sizes to read
+    (torch's own matmul checks it); a jagged one has them."""
+    if x.is_nested and x.layout is torch.strided:
+        return
+    if x.dim() < 1 or x.shape[-1] != size:
+        raise LayerArgumentError(
+            f"{layer_label(layer)} ({name}={size}): expected an input of shape (..., {size}), got shape "
+            f"{tuple(x.shape)}; pass inputs whose last dimension is {size}, or build the {noun} with {name} equal to "
+            "the input's last dimension")
+
+
 def _check_floating(x: torch.Tensor, layer: nn.Module | str) -> None:
     """Refuse an integer, boolean or complex input. The Fourier-domain forward casts its input to float32 and its
     output back to the input's dtype, so an integer input gave a silently truncated integer output (and a complex
@@ -2783,14 +2797,7 @@ class OrthogonalLinear(_ComputedWeight, _EvalCache, nn.Module):
         x = input  # nn.Linear's parameter name: a model calling self.fc(input=h) keeps working once replaced
         if not isinstance(x, torch.fx.Proxy):  # symbolic tracing records the forward op by op
             _check_floating(x, self)
-            # torch's raw "mat1 and mat2 shapes cannot be multiplied" otherwise (OrthogonalConv2d names the layer)
-            # (a strided nested tensor has no sizes to read: torch's F.linear checks it; a jagged one has them)
-            strided_nested = x.is_nested and x.layout is torch.strided
-            if not strided_nested and (x.dim() < 1 or x.shape[-1] != self.in_features):
-                raise LayerArgumentError(
-                    f"{layer_label(self)} (in_features={self.in_features}): expected an input of shape (..., "
-                    f"{self.in_features}), got shape {tuple(x.shape)}; pass inputs whose last dimension is "
-                    f"{self.in_features}, or build the layer with in_features equal to the input's last dimension")
+            check_last_dimension(x, self.in_features, self)
             check_input_dtype(x, _kept_parameter(self, "raw_weight").dtype, self)
         return F.linear(x, self._cached("weight", lambda: self.weight), self.bias)
 
