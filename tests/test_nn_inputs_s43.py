@@ -280,3 +280,14 @@ def test_orthogonal_linear_names_itself_for_a_jagged_nested_tensor_of_the_wrong_
     right = torch.nested.nested_tensor([torch.randn(2, 4), torch.randn(5, 4)], layout=torch.jagged)
     for piece, x in zip(layer(right).unbind(), right.unbind()):
         torch.testing.assert_close(piece, F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("size", [5, -1, (3, 3)], ids=["5", "-1", "3x3"])
+def test_convnorm_refuses_an_affine_kernel_size_without_affine(size):
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    before = {k: v.clone() for k, v in conv.state_dict().items()}
+    with pytest.raises(LayerArgumentError, match="affine_kernel_size.*affine is False"):
+        N.ConvNormConv2d(conv, affine_kernel_size=size)
+    assert all(torch.equal(before[k], v) for k, v in conv.state_dict().items())
+    N.ConvNormConv2d(conv)  # the conv is still free to wrap (not marked by the refused call)
+    assert N.ConvNormConv2d(nn.Conv2d(2, 2, 3, padding=1), affine=True, affine_kernel_size=size if size != -1 else 1)

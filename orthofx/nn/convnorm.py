@@ -1087,6 +1087,11 @@ class ConvNormConvNd(_ComputedWeight, _EvalCache, nn.Module):
             setattr(layer, WRAPPED_MARKER, True)
             self.affine = layer
             self.reset_affine()
+        elif affine_kernel_size is not None:
+            # OrthogonalConvNd refuses an unused input_size alike: a size given for nothing was a mistake unseen
+            raise LayerArgumentError(f"affine_kernel_size={affine_kernel_size!r} is given but affine is False: pass "
+                                     "affine=True to add the learned depthwise-conv affine part, or leave "
+                                     "affine_kernel_size out")
         else:
             self.affine = None
         # marked only once every argument is checked: a refused wrapper leaves the user's conv as it was
