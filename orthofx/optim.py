@@ -44,7 +44,7 @@ from torch import nn
 from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError, OrthofxWarning, caller_stacklevel
 from .nn.precision import HALF_PRECISION, autocast_enabled
-from .passes.base import (count_attached_step, first_warning_outside, mark_attached, mark_released,
+from .passes.base import (count_attached_step, first_warning_outside, hooked_weight, mark_attached, mark_released,
                           refuse_fsdp1, whole)
 from .passes.pre_svd import pending_learning_rates
 from .passes.riemannian import is_zero_redundancy
@@ -300,6 +300,9 @@ def _optimizer_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
 def _missing_parameters(hook, root: nn.Module, owned: set[int]) -> list[str]:
     """The names of ``hook``'s parameters that the optimizer (its parameters' ids: ``owned``) does not hold."""
     module = root.get_submodule(hook.site)
+    for name in hook.parameter_names:  # pruned / parametrized since transform: the optimizer holds what computes it
+        if hasattr(module, name):
+            hooked_weight(module, name, f"site '{hook.site}' (rule '{hook.rule}')")
     return [name for name in hook.parameter_names if id(getattr(module, name, None)) not in owned]
 
 
@@ -315,7 +318,9 @@ def _not_optimised_message(site: str, hook, missing: list[str], holds_any: bool)
                 "needs no attach), or build the optimizer from gm.parameters()")
     return (f"{where}; build the optimizer from gm.parameters() before calling orthofx.attach (a frozen "
             "parameter, requires_grad=False, may be left out). All the hooked parameters must be in the one "
-            "attached optimizer: with several optimizers, give the hooked weights to one of them and attach that one")
+            "attached optimizer: with several optimizers, give the hooked weights to one of them and attach that one, "
+            "or, for a model of several transformed parts with an optimizer each (a GAN's generator and "
+            "discriminator), attach each optimizer to its own part (orthofx.attach(optimizer_g, model.G))")
 
 
 def _batches(hooks: list) -> list[tuple[type | None, list]]:

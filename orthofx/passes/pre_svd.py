@@ -340,7 +340,7 @@ class NearestOrthogonalGradient(OptimizerHook):
 
     def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         module = root.get_submodule(self.site)
-        grad = module.weight.grad
+        grad = self._weight(root).grad
         if grad is None:  # not used this step: the optimizer skips it too
             return
         if optimizer is not None and _frozen_out_of(optimizer, module.weight):
@@ -551,7 +551,7 @@ class OptimalLearningRate(OptimizerHook):
     reads_grad_scale = True  # _gradient_scale
 
     def check(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        weight = root.get_submodule(self.site).weight
+        weight = self._weight(root)
         where = f"site '{self.site}' (rule '{self.rule}')"
         if isinstance(optimizer, torch.optim.LBFGS) and len(_group_of(optimizer, weight)["params"]) > 1:
             raise ArgumentError(f"{where}: OLR gives the weight a param group of its own, and LBFGS takes exactly "
@@ -614,7 +614,7 @@ class OptimalLearningRate(OptimizerHook):
         ``load_state_dict`` then failed, and a scheduler created after ``add_param_group`` got advice to create it
         after ``attach``, which it was. So the split is refused here, as :func:`_adopt_group` refuses a weight
         regrouped after ``attach``: the weight must come in a group of its own."""
-        weight = root.get_submodule(self.site).weight
+        weight = self._weight(root)
         group = _group_of(optimizer, weight)
         if len(group["params"]) == 1:
             return
@@ -624,7 +624,7 @@ class OptimalLearningRate(OptimizerHook):
         raise _shared_group_error(self, group)
 
     def setup(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        weight = root.get_submodule(self.site).weight
+        weight = self._weight(root)
         group = _group_of(optimizer, weight)
         if len(group["params"]) == 1:
             group[OLR_GROUP_KEY] = self.site
@@ -641,7 +641,7 @@ class OptimalLearningRate(OptimizerHook):
             optimizer.register_load_state_dict_pre_hook(_refuse_state_saved_before_split)
 
     def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        weight = root.get_submodule(self.site).weight
+        weight = self._weight(root)
         if weight.grad is not None and weight.grad.is_sparse:  # before the group's lr is touched
             raise _sparse_gradient_error(self, "OLR", "eta* = a b / (a c + 2 b^2) of the flattened gradient", "olr")
         if _frozen_out_of(optimizer, weight):  # nothing steps it: no lr to set
@@ -677,7 +677,7 @@ class OptimalLearningRate(OptimizerHook):
             _set_learning_rate(group, base, None if dots is None else dots.tolist())
 
     def after_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        weight = root.get_submodule(self.site).weight
+        weight = self._weight(root)
         group = _group_or_none(optimizer, weight)
         if group is None:  # before_step set no lr (or raised, naming the weight): nothing to put back
             return

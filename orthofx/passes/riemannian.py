@@ -128,7 +128,7 @@ from ..errors import (ArgumentError, LayerArgumentError, OrthofxError, OrthofxWa
 from ..nn import stiefel
 from ..nn.precision import describe_nonfinite
 from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, TiedUse,
-                   check_tied, first_warning_outside, gate_blocks_text, is_uninitialised, matrices_text,
+                   check_tied, first_warning_outside, gate_blocks_text, hooked_weight, is_uninitialised, matrices_text,
                    recurrent_hidden_weights, recurrent_weights_reason, require_initialised, weight_groups,
                    warned_outside, weight_label, whole, sparse_gradient_error, write_whole)
 from .registry import register_pass
@@ -228,7 +228,8 @@ class StiefelHook(OptimizerHook):
         return state
 
     def _weight(self, root: nn.Module) -> nn.Parameter:
-        return getattr(root.get_submodule(self.site), self.parameter)
+        return hooked_weight(root.get_submodule(self.site), self.parameter,
+                             f"riemannian ({self._label()}, rule '{self.rule}')")
 
     def _label(self) -> str:
         """The site, and the weight's name where the site has several (``rnn.weight_hh_l0``)."""
