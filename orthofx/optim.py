@@ -302,7 +302,7 @@ def _missing_parameters(hook, root: nn.Module, owned: set[int]) -> list[str]:
     module = root.get_submodule(hook.site)
     for name in hook.parameter_names:  # pruned / parametrized since transform: the optimizer holds what computes it
         if hasattr(module, name):
-            hooked_weight(module, name, f"site '{hook.site}' (rule '{hook.rule}')")
+            hooked_weight(module, name, lambda: f"site '{hook.site}' (rule '{hook.rule}')")
     return [name for name in hook.parameter_names if id(getattr(module, name, None)) not in owned]
 
 

@@ -71,3 +71,21 @@ def test_pruning_a_nog_olr_site_after_attach_is_refused_at_the_step():
         optimizer.zero_grad()
         (gm(x).float().pow(2).mean() + orthofx.penalty(gm)).backward()
         optimizer.step()
+
+
+@pytest.mark.parametrize("prune_first", [True, False], ids=["pruned-then-attach", "attach-then-pruned"])
+def test_a_frozen_pruned_site_is_skipped_as_any_frozen_weight(prune_first):
+    """A review found the refusal also hitting a frozen layer that nothing trains (the parent skipped it)."""
+    gm, x = _isometric_mlp()
+    frozen = gm.get_submodule("layers.2")
+    frozen.weight.requires_grad_(False)
+    before = frozen.weight.detach().clone()
+    if prune_first:
+        prune.l1_unstructured(frozen, "weight", 0.3)
+    optimizer = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.1)
+    orthofx.attach(optimizer, gm)
+    if not prune_first:
+        prune.l1_unstructured(frozen, "weight", 0.3)
+    _steps(gm, optimizer, x)
+    assert torch.equal(frozen.weight_orig.detach(), before)  # nothing stepped it
+    assert _stiefel_defect(gm.get_submodule("layers.4").weight) < 1e-5  # the trainable sites stay orthonormal

@@ -342,9 +342,8 @@ class OptimizerHook:
 
     def _weight(self, root: nn.Module) -> torch.Tensor:
         """The site's weight the hook acts on (:func:`hooked_weight`: refused once pruned or parametrized)."""
-        treatment = getattr(self, "treatment", type(self).__name__)
-        return hooked_weight(root.get_submodule(self.site), "weight",
-                             f"site '{self.site}' (rule '{self.rule}'): {treatment}")
+        return hooked_weight(root.get_submodule(self.site), "weight", lambda: (
+            f"site '{self.site}' (rule '{self.rule}'): {getattr(self, 'treatment', type(self).__name__)}"))
 
     def check(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Called by ``attach`` for every hook before any :meth:`setup`: raise :class:`orthofx.OrthofxError` when
@@ -1086,20 +1085,35 @@ def derived_weight(module: nn.Module, name: str = "weight") -> str | None:
             + (f" (undo with {undo.format(name=name, argument=argument)})" if undo else ""))
 
 
-def hooked_weight(module: nn.Module, name: str, where: str) -> torch.Tensor:
-    """``module.<name>``, the weight an optimizer hook (Riemannian, NOG, OLR) of the site ``where`` acts on. A
-    parametrization or ``torch.nn.utils.prune`` added after ``orthofx.transform`` (:func:`derived_weight`) makes it
-    a tensor computed from other parameters, which the optimizer steps instead: the hook saw no gradient of its own
-    and did nothing, so the weight left the manifold silently (a Riemannian site's ``max |W^T W - I|``: 0.017 after
-    three SGD steps, 1.8e-7 unpruned). That raises an :class:`~orthofx.errors.OrthofxError` with the undo."""
+def hooked_weight(module: nn.Module, name: str, where: Callable[[], str]) -> torch.Tensor:
+    """``module.<name>``, the weight an optimizer hook (Riemannian, NOG, OLR) acts on (``where()``: its site, for
+    the error). A parametrization or ``torch.nn.utils.prune`` added after ``orthofx.transform``
+    (:func:`derived_weight`) makes it a tensor computed from other parameters, which the optimizer steps instead:
+    the hook saw no gradient of its own and did nothing, so the weight left the manifold silently (a Riemannian
+    site's ``max |W^T W - I|``: 0.017 after three SGD steps, 1.8e-7 unpruned). That raises an
+    :class:`~orthofx.errors.OrthofxError` with the undo, unless what it is computed from is frozen (nothing trains
+    it: the hook is skipped as for any frozen weight)."""
+    weight = module._parameters.get(name)
+    if weight is not None:  # the usual case, checked first: the hooks run at every step
+        return weight
     reason = derived_weight(module, name)
-    if reason is not None:
+    if reason is not None and any(p.requires_grad for p in _derived_from(module, name)):
         raise OrthofxError(
-            f"{where}: {reason}, added after orthofx.transform: the optimizer steps the parameters it is computed "
+            f"{where()}: {reason}, added after orthofx.transform: the optimizer steps the parameters it is computed "
             "from, and orthofx's optimizer hook for this weight would see no gradient of its own and do nothing. "
             "Undo it before training with the attached optimizer, or apply it before orthofx.transform (the pass "
             "then declines the layer and says why)")
     return getattr(module, name)
+
+
+def _derived_from(module: nn.Module, name: str) -> list[torch.Tensor]:
+    """The parameters ``module.<name>`` is computed from (:func:`derived_weight`): a parametrization's, or the older
+    hooks' ``<name>_orig`` / ``<name>_g`` / ``<name>_v``."""
+    parametrizations = getattr(module, "parametrizations", None)
+    if isinstance(parametrizations, nn.ModuleDict) and name in parametrizations:
+        return list(parametrizations[name].parameters())
+    stored = (f"{name}_g", f"{name}_v", f"{name}_orig")
+    return [p for n, p in module._parameters.items() if p is not None and n in stored]
 
 
 _HOOK_UNDO = {"WeightNorm": "torch.nn.utils.remove_weight_norm(layer{argument})",

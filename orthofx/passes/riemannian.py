@@ -229,7 +229,7 @@ class StiefelHook(OptimizerHook):
 
     def _weight(self, root: nn.Module) -> nn.Parameter:
         return hooked_weight(root.get_submodule(self.site), self.parameter,
-                             f"riemannian ({self._label()}, rule '{self.rule}')")
+                             lambda: f"riemannian ({self._label()}, rule '{self.rule}')")
 
     def _label(self) -> str:
         """The site, and the weight's name where the site has several (``rnn.weight_hh_l0``)."""
