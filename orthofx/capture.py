@@ -85,7 +85,7 @@ from torch.fx.graph_module import _CodeOnlyModule, _format_import_block, _forwar
 from torch.package import sys_importer
 from torch.fx.proxy import TraceError
 
-from .errors import ArgumentError, CaptureError, first_few
+from .errors import ArgumentError, CaptureError, first_few, first_line
 from .passes.base import CALL_HOOK_REGISTRIES, CaptureInfo, call_hook_count, is_own_hook, own_hook
 from .nn.tracing import exported_as_plain_module, is_orthofx_nn_class
 
@@ -703,7 +703,7 @@ def higher_order_op(name: str, *args: Any, **kwargs: Any) -> Any:
 
     A call of orthofx's own rather than of the op: unpickling a GraphModule traces its code again
     (:class:`_RetraceTracer`), and a higher-order op refuses the traced values it would be given there (the pickle
-    failed); the re-trace records this function as a call instead (:func:`_mode_switches_kept`)."""
+    failed); the re-trace records this function as a call instead (:func:`_helper_calls_kept`)."""
     return getattr(torch.ops.higher_order, name)(*args, **kwargs)
 
 
@@ -1065,7 +1065,7 @@ class _RetraceTracer(torch.fx.Tracer):
     """The tracer unpickling re-traces an export-captured graph's code with: buffers stay ``get_attr`` nodes
     (fx's default tracer would run ``buffer * 2`` once and keep the result as a constant), the input guards
     (:func:`require_input_shape` ...) stay calls instead of being run on proxies, and so do the graph's
-    grad-mode and autocast switches (:func:`_mode_switches_kept`)."""
+    grad-mode and autocast switches and higher-order ops (:func:`_helper_calls_kept`)."""
 
     proxy_buffer_attributes = True
 
@@ -1075,7 +1075,7 @@ class _RetraceTracer(torch.fx.Tracer):
 
     def trace(self, root: nn.Module | Callable[..., Any], concrete_args: dict[str, Any] | None = None):
         forward = root.forward if isinstance(root, nn.Module) else root
-        with _mode_switches_kept(self, getattr(forward, "__globals__", {})):
+        with _helper_calls_kept(self, getattr(forward, "__globals__", {})):
             graph = super().trace(root, concrete_args)
         # the graph's code has the parameter kinds of the model's forward (keep_parameter_kinds); fx's trace of it
         # makes them positional-or-keyword again
@@ -1083,15 +1083,11 @@ class _RetraceTracer(torch.fx.Tracer):
         return graph
 
 
-#: The calls that enter and leave a graph's ``no_grad`` / ``autocast`` blocks, and those of higher-order ops (see
-#: :func:`_mode_switches_kept`).
-_MODE_HELPERS = (set_grad_mode, restore_grad_mode, enter_autocast, exit_autocast, higher_order_op)
-
-
 @contextlib.contextmanager
-def _mode_switches_kept(tracer: torch.fx.Tracer, scope: dict[str, Any]):
+def _helper_calls_kept(tracer: torch.fx.Tracer, scope: dict[str, Any]):
     """While ``tracer`` traces a captured graph's code whose globals are ``scope`` (:class:`_RetraceTracer`), each
-    call of a mode switch (:func:`set_grad_mode` ... :func:`exit_autocast`) becomes a node of the new graph.
+    call of a graph helper (:data:`_GRAPH_HELPERS`: the mode switches :func:`set_grad_mode` ...
+    :func:`exit_autocast`, :func:`higher_order_op`) becomes a node of the new graph, whatever its arguments.
 
     fx's autowrap records a call only when an argument is a traced value; ``set_grad_mode(False)`` has none, so
     the trace would run it (and the ``restore_grad_mode`` / ``enter_autocast`` ... after it, on its real result)
@@ -1102,7 +1098,9 @@ def _mode_switches_kept(tracer: torch.fx.Tracer, scope: dict[str, Any]):
     :func:`_recording_mode_switches`.) The calls of :func:`higher_order_op` (a ``torch.cond`` ...) are recorded
     the same way, whatever their arguments: run at trace time, ``torch.ops.higher_order.cond`` refuses the traced
     values it is given."""
-    held = {name: value for name, value in scope.items() if any(value is helper for helper in _MODE_HELPERS)}
+    # every graph helper (sequence_helper is never in an export-captured graph: torch.export refuses packed
+    # sequences, so only the mode switches and higher-order ops are there to keep)
+    held = {name: value for name, value in scope.items() if any(value is helper for helper in _GRAPH_HELPERS)}
 
     def recording(helper: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> torch.fx.Proxy:
@@ -1192,7 +1190,7 @@ def _with_other_mode(model: nn.Module, gm: torch.fx.GraphModule, info: CaptureIn
     except Exception as exc:  # noqa: BLE001 - the other mode's forward may not trace; nothing to compare then
         info.warnings.append(
             f"the {'eval' if model.training else 'training'}-mode forward could not be captured "
-            f"({type(exc).__name__}: {_first_line(str(exc), 200)}): if the model branches on self.training, "
+            f"({type(exc).__name__}: {first_line(str(exc), 200)}): if the model branches on self.training, "
             f"gm.train()/gm.eval() do not switch the branch; transform the model in the mode it will run in")
         return gm
     scopes = _differing_scopes(gm.graph, gm, graph, root)
@@ -2771,7 +2769,7 @@ def _packed_sequence_use(model: nn.Module, exc: BaseException) -> str:
 
 
 def _describe_export_failure(exc: BaseException) -> str:
-    first = _first_line(str(exc), 300)
+    first = first_line(str(exc), 300)
     cause = f"{type(exc).__name__}" + (f": {first}" if first else "")
     location = _user_location(exc)
     if location:
@@ -4283,7 +4281,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
             added -= dropped
             direct -= dropped
             inlined |= dropped
-            reason = _first_line(str(failed).split(" Fix: ")[0].removeprefix(
+            reason = first_line(str(failed).split(" Fix: ")[0].removeprefix(
                 "torch.export (non-strict) cannot capture the model: ").rstrip("."), 300)
             notes += [f"the call of '{path}' that the forward makes outside the leaf module holding it stays as "
                       f"inlined ATen ops in the exported graph, as torch.export cannot keep it as one call "
@@ -4346,12 +4344,11 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         info.warnings.append(
             f"{what} is called inside {where}, or its weights are read there ({taken}): that use stays as ATen "
             "ops in the nested graph, so rules do not see it, and where a pass replaces the module a call there "
-            "keeps its own operation "
-            "(padding, stride ...) on the weights found at those names (the new layer's: an orthogonal layer's "
-            "kernel, a ConvNorm layer's unnormalised one); the module's calls outside the branch are sites as "
-            "usual. Fix: use the module outside the branch, or capture with symbolic tracing, capture: {mode: fx} "
-            "in the policy, with the branch on a tensor's value moved into a submodule listed in "
-            "capture.leaf_modules")
+            "keeps its own operation (padding, stride ...) on the weights found at those names (the new layer's: "
+            "an orthogonal layer's kernel, a ConvNorm layer's unnormalised one); the module's calls outside the "
+            "branch are sites as usual. Fix: use the module outside the branch, or capture with symbolic tracing, "
+            "capture: {mode: fx} in the policy, with the branch on a tensor's value moved into a submodule listed "
+            "in capture.leaf_modules")
     info.warnings.extend(
         f"the call '{name}' of leaf module '{name.split('@')[0]}' is given parameters other than the module's own "
         "(torch.func.functional_call) and stays as inlined ATen ops in the exported graph, computing with those: "
@@ -4480,7 +4477,7 @@ def _materialised(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> nn
         raise CaptureError(
             f"the model has lazy layers that have not run yet ({shown}): torch.export cannot capture a layer "
             f"without weights, and running a copy of the model once on example_inputs to initialise them failed: "
-            f"{type(exc).__name__}: {_first_line(str(exc), 200)}. Fix: check the example inputs, or run the model "
+            f"{type(exc).__name__}: {first_line(str(exc), 200)}. Fix: check the example inputs, or run the model "
             f"once on an input (model(x)) before capturing it", module_path="") from exc
     return source
 
@@ -4569,13 +4566,6 @@ def _failure_message(path: str, cls: type | None, cause: str, fallbacks: list[tu
     return message
 
 
-def _first_line(text: str, limit: int) -> str:
-    """The first non-blank line of an error message, stripped, cut to ``limit`` characters."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    first = lines[0] if lines else ""
-    return first if len(first) <= limit else first[:limit - 3] + "..."
-
-
 def _describe_cause(exc: BaseException) -> str:
     """One sentence (no final period) saying why tracing failed, with the user's source line when found."""
     text = str(exc)
@@ -4589,7 +4579,7 @@ def _describe_cause(exc: BaseException) -> str:
     elif "'len' is not supported" in text:
         cause = "its forward calls len() on a traced tensor"
     else:
-        first = _first_line(text, 200)
+        first = first_line(text, 200)
         cause = f"its forward raised {type(exc).__name__}" + (f": {first}" if first else "")
     location = _user_location(exc)
     if location:

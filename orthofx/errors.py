@@ -134,6 +134,17 @@ def first_few(items, limit: int) -> str:
     return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def first_line(text: str, limit: int | None = None) -> str:
+    """The first non-blank line of an error message, stripped (``""`` for none), cut to ``limit`` characters.
+
+    >>> first_line("\\n  cannot run op\\n  details", 10)
+    'cannot ...'
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    return first if limit is None or len(first) <= limit else first[:limit - 3] + "..."
+
+
 def saved_count(local_metadata: dict, key: str, prefix: str, meaning: str, keep: str,
                 error: type[OrthofxError] = ArgumentError, label: str = "", needed: bool = False) -> int | None:
     """``local_metadata[key]``, an int >= 0 orthofx keeps in a module's state-dict metadata (training state that a

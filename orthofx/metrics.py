@@ -51,7 +51,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
 
-from orthofx.errors import ArgumentError, LayerArgumentError
+from orthofx.errors import ArgumentError, LayerArgumentError, first_line
 from orthofx.nn.convnorm import running_filters_held
 from orthofx.nn.padding import per_dimension
 from orthofx.nn.precision import HALF_PRECISION, autocast_enabled, autocast_off
@@ -1399,10 +1399,6 @@ def _forward_mode_refusal(exc: BaseException) -> bool:
     return any(type(exc) is kind and text.startswith(start) for kind, start in _FORWARD_MODE_REFUSALS)
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 class _JvpRouteError(ArgumentError, NotImplementedError):
     """Route ``"jvp"`` met an op without a reliable forward-mode derivative (:class:`_ForwardModeGap`): an
     :class:`~orthofx.errors.ArgumentError` (the route is the caller's choice) that is still the
@@ -1580,13 +1576,12 @@ def _refuse_inference_mode(what: str) -> None:
         "torch.no_grad() is fine (the measure enables gradients itself)")
 
 
-def _probe_estimates():
-    """The thread-local whose ``count`` of running Jacobian estimates (a :class:`~orthofx.nn.JacobianProbe`'s, or
-    these measures') makes a probe only run its block while it is non-zero (it makes no estimate and keeps the one
-    pending for the penalty, and its call counter).
-    Imported here, at the call: ``orthofx.nn.jacobian`` imports this module."""
-    from orthofx.nn import jacobian as probe_module
-    return probe_module._estimates_running
+def _as_estimate(call):
+    """``call()`` as a Jacobian estimate: :class:`~orthofx.nn.JacobianProbe` layers in training mode it runs only
+    run their blocks (:func:`orthofx.nn.jacobian.as_estimate`; imported here, at the call: that module imports
+    this one)."""
+    from orthofx.nn.jacobian import as_estimate
+    return as_estimate(call)
 
 
 def _detached_input(x: torch.Tensor) -> torch.Tensor:
@@ -1850,9 +1845,12 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
                     # a FuncTransformRefusal: a layer writing its state in place (ConvNorm's running filter in
                     # training mode) refuses torch.func, which the double-VJP route (autograd.grad) does not use
                     if route == "jvp" and (isinstance(exc, _ForwardModeGap) or _forward_mode_refusal(exc)):
-                        op = exc.op if isinstance(exc, _ForwardModeGap) else "an op"
-                        source = "orthofx" if isinstance(exc, ForwardModeRefusal) else "torch"
-                        cause = "" if isinstance(exc, _ForwardModeGap) else f" ({source}: {_first_line(exc)})"
+                        op, cause = "an op", ""
+                        if isinstance(exc, _ForwardModeGap):
+                            op = exc.op
+                        else:
+                            source = "orthofx" if isinstance(exc, ForwardModeRefusal) else "torch"
+                            cause = f" ({source}: {first_line(str(exc)) or type(exc).__name__})"
                         raise error(
                             f"{what}: route 'jvp' (forward mode only) cannot run {op} in the block: it has no "
                             f"reliable forward-mode derivative{cause}. Use route 'auto' (forward mode, falling "
@@ -1947,14 +1945,9 @@ def jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", 
     # the estimate's passes through a model with JacobianProbes in training mode are extra forward passes, not
     # calls of a step: the probes only run their blocks (route 'double_vjp' made them estimate again, replacing
     # the pending penalty term; the other routes were refused by the probes)
-    running = _probe_estimates()
-    running.count = getattr(running, "count", 0) + 1
-    try:
-        return _jacobian_isometry(fn, x, probes=probes, kind=kind, per_sample=per_sample, generator=generator,
-                                  normalize=normalize, create_graph=create_graph, route=route,
-                                  batch_fraction=batch_fraction)[0]
-    finally:
-        running.count -= 1
+    return _as_estimate(lambda: _jacobian_isometry(
+        fn, x, probes=probes, kind=kind, per_sample=per_sample, generator=generator, normalize=normalize,
+        create_graph=create_graph, route=route, batch_fraction=batch_fraction)[0])
 
 
 def _jacobian_matrix(f, x: torch.Tensor) -> torch.Tensor:
@@ -2000,21 +1993,19 @@ def jacobian_singular_values(fn, x: torch.Tensor, per_sample: bool = False,
         raise ArgumentError(f"jacobian_singular_values: dtype must be None or a real floating-point torch.dtype "
                             f"(e.g. torch.float64), got {dtype!r}")
     f = _as_function(fn, dtype)
-    x = _detached_input(x if dtype is None else x.detach().to(dtype))
+    x = _detached_input(x if dtype is None else x.to(dtype))
     if per_sample and x.ndim == 0:
         raise ArgumentError(f"{what}: per_sample=True needs a batch dimension first, got a 0-d input")
     if x.is_meta:
         raise ArgumentError(f"{what}: x is on the meta device (no values): a Jacobian needs real tensors")
     # JacobianProbes in training mode only run their blocks (see jacobian_isometry): the no_grad check below made
     # them drop the pending penalty term, and a fallback to torch.autograd.functional.jacobian estimated again
-    running = _probe_estimates()
-    running.count = getattr(running, "count", 0) + 1
-    try:
+    def measure() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            y = _check_output(f(x), x, per_sample, what, f)
-        jac = _jacobian_matrix(f, x).detach()
-    finally:
-        running.count -= 1
+            output = _check_output(f(x), x, per_sample, what, f)
+        return output, _jacobian_matrix(f, x).detach()
+
+    y, jac = _as_estimate(measure)
     if jac.is_meta:
         raise ArgumentError(f"{what}: fn's output is on the meta device (meta parameters?): no values to decompose")
     if jac.dtype in HALF_PRECISION:  # no SVD in half precision: decompose in float32

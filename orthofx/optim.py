@@ -300,10 +300,10 @@ def _optimizer_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
 def _missing_parameters(hook, root: nn.Module, owned: set[int]) -> list[str]:
     """The names of ``hook``'s parameters that the optimizer (its parameters' ids: ``owned``) does not hold."""
     module = root.get_submodule(hook.site)
-    for name in hook.parameter_names:  # pruned / parametrized since transform: the optimizer holds what computes it
-        if hasattr(module, name):
-            hooked_weight(module, name, lambda: f"site '{hook.site}' (rule '{hook.rule}')")
-    return [name for name in hook.parameter_names if id(getattr(module, name, None)) not in owned]
+    # hooked_weight: refused where pruned / parametrized since transform (the optimizer holds what computes it)
+    weights = {name: hooked_weight(module, name, lambda: f"site '{hook.site}' (rule '{hook.rule}')")
+               if hasattr(module, name) else None for name in hook.parameter_names}
+    return [name for name, weight in weights.items() if id(weight) not in owned]
 
 
 def _not_optimised_message(site: str, hook, missing: list[str], holds_any: bool) -> str:

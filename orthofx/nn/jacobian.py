@@ -66,7 +66,7 @@ import itertools
 import math
 import threading
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -212,6 +212,17 @@ _estimates_running = threading.local()
 # set in the importing thread, so that a compiled forward there does not guard on the attribute's absence (a second
 # graph once the first estimate set it); other threads read the default of getattr
 _estimates_running.count = 0
+
+
+def as_estimate(call: Callable[[], Any]) -> Any:
+    """``call()`` run as part of a Jacobian estimate (:data:`_estimates_running`): the probes it calls only run
+    their blocks. A probe's own estimate, and ``orthofx.metrics``' Jacobian measures of a model holding probes
+    (extra forward passes, not calls of a step: the pending penalty term and the probes' counters stay)."""
+    _estimates_running.count = getattr(_estimates_running, "count", 0) + 1
+    try:
+        return call()
+    finally:
+        _estimates_running.count -= 1
 
 
 def _first_parameter(module: nn.Module) -> str | None:
@@ -543,9 +554,8 @@ class JacobianProbe(nn.Module):
 
     def _estimate(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The block's Jacobian estimate at these inputs (sets :attr:`route_used`)."""
-        _estimates_running.count = getattr(_estimates_running, "count", 0) + 1
         try:
-            return self._estimate_at(*self._input_first(args, kwargs))
+            return as_estimate(lambda: self._estimate_at(*self._input_first(args, kwargs)))
         except RuntimeError as exc:
             if "use_reentrant" not in str(exc):
                 raise
@@ -556,8 +566,6 @@ class JacobianProbe(nn.Module):
                 "use_reentrant=True, through which the Jacobian's products (torch.autograd.grad) cannot be taken. "
                 "Pass use_reentrant=False to its checkpoint calls (the same memory saving, and it supports them)"
             ) from exc
-        finally:
-            _estimates_running.count -= 1
 
     def _input_first(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """``(args, kwargs)`` with the Jacobian's variable first in ``args``: a call that gives the block's first

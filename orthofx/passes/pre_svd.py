@@ -340,15 +340,16 @@ class NearestOrthogonalGradient(OptimizerHook):
 
     def before_step(self, root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         module = root.get_submodule(self.site)
-        grad = self._weight(root).grad
+        weight = self._weight(root)
+        grad = weight.grad
         if grad is None:  # not used this step: the optimizer skips it too
             return
-        if optimizer is not None and _frozen_out_of(optimizer, module.weight):
+        if optimizer is not None and _frozen_out_of(optimizer, weight):
             return
         if optimizer is not None and not self.olr_follows:  # None: the hook called on its own, on a gradient
             # a weight replaced after attach (load_state_dict(..., assign=True), a new nn.Parameter) is in no param
             # group: NOG rewrote the gradient of a tensor nothing steps, and the layer never trained, silently
-            _group_of(optimizer, module.weight, self)
+            _group_of(optimizer, weight, self)
         if grad.is_sparse:
             raise _sparse_gradient_error(self, "NOG", "the polar factor U V^T of the gradient", "nog")
         groups = weight_groups(module)
