@@ -24,8 +24,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import fx, nn
 
-from .capture import (_join, capture, copy_model, copy_targets, input_tuple, keyword_inputs, module_edges_holding,
-                      one_trace_at_a_time, positional_call, replaced_forward, uninitialised_lazy_modules, unwrap_model)
+from .capture import (_join, _outside_branches, capture, copy_model, copy_targets, input_tuple, keyword_inputs,
+                      module_edges_holding, one_trace_at_a_time, positional_call, replaced_forward,
+                      uninitialised_lazy_modules, unwrap_model)
 from .errors import (ArgumentError, CaptureError, OrthofxError, OrthofxWarning, TransformError, caller_stacklevel,
                      damaged_metadata_entry, first_few, saved_count)
 from .nn.precision import describe_nonfinite, relative_distance
@@ -386,17 +387,18 @@ def _observe(gm: fx.GraphModule, plan: Plan, example: ExampleCall, manifest: Man
         def record(module, args, kwargs, output):
             # a layer with hooks keeps a keyword call as written (self.c(input=x)): its input is still its first
             args, _ = positional_call(module, args, kwargs)
-            if name in manifest.input_shapes or not args or not isinstance(args[0], torch.Tensor):
+            # a nested tensor (nn.TransformerEncoder's eval fast path with a padding mask) has no single shape
+            if name in manifest.input_shapes or not args or not isinstance(args[0], torch.Tensor) or args[0].is_nested:
                 return
             manifest.input_shapes[name] = tuple(args[0].shape)
-            if isinstance(output, torch.Tensor):
+            if isinstance(output, torch.Tensor) and not output.is_nested:
                 manifest.output_shapes[name] = tuple(output.shape)
             if name in planned:
                 site_inputs[name] = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         return record
 
     for name in names:
-        handles.append(gm.get_submodule(name).register_forward_hook(hook(name), with_kwargs=True))
+        handles.append(gm.get_submodule(name).register_forward_hook(_outside_branches(hook(name)), with_kwargs=True))
     try:
         with EvalRun(gm):
             return example.run(gm), site_inputs
@@ -420,6 +422,18 @@ def _observe(gm: fx.GraphModule, plan: Plan, example: ExampleCall, manifest: Man
                              f"itself runs on them: {cause}{why}") from failure
     raise TransformError(f"the model failed on example_inputs before any rewrite: {cause}. Check the inputs' "
                          f"shapes, dtypes and devices{_model_dtype_device(gm)}.") from failure
+
+
+def _branch_hint(exc: Exception) -> str:
+    """The fix for a rewritten model torch refuses to run because a layer changed by a pass is called inside a
+    ``torch.cond`` / ``while_loop`` / ``map`` body (in a leaf's own forward): torch compiles such a body as a whole
+    and refuses any change to Python state there, which a Jacobian probe makes at each call (its estimate)."""
+    if type(exc).__name__ != "UncapturedHigherOrderOpError":
+        return ""
+    return ("\nA layer a pass changed is called inside a torch.cond / while_loop / map body (in the forward of a "
+            "module kept as a leaf), where torch refuses a layer that changes Python state at each call (a "
+            "jacobian_isometry probe records its estimate). Fix: leave that layer out of the rule (match: {exclude: "
+            "[<its name>]}), or call it outside the branch.")
 
 
 def _model_dtype_device(module: nn.Module) -> str:
@@ -970,7 +984,7 @@ def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
                     except Exception as exc:
                         where = _where_it_fails(gm, example, manifest)
                         raise TransformError(f"the rewritten model failed on example_inputs{where}: "
-                                             f"{type(exc).__name__}: {exc}") from exc
+                                             f"{type(exc).__name__}: {exc}{_branch_hint(exc)}") from exc
                 _check_output(before, after, model_cause=model_cause, rewritten=gm, example=example)
             except OrthofxError as exc:
                 # the check comes after every pass: with inplace=True the model holds all they did

@@ -563,6 +563,23 @@ def _checked_max_running_grids(value, where: str = "") -> int | None:
     return int(value)
 
 
+def _spatial_sizes(value, d: int, label: str, what: str) -> tuple[int, ...]:
+    """A spatial size (an input size or an FFT grid) as a tuple of ints: an int applies to every spatial
+    dimension, as ``to_plain``'s ``input_sizes`` take it (``filter(8)`` failed with "'int' object is not
+    iterable"); a sequence holds one int per dimension (its length is checked by the caller). Anything else,
+    a float size among it, raises."""
+    def size(v) -> int:  # an int, numpy's too; not a float (8.9 was read as 8) nor a bool
+        if isinstance(v, bool):
+            raise TypeError(v)
+        return operator.index(v)
+
+    try:
+        return (size(value),) * d if hasattr(value, "__index__") else tuple(size(v) for v in value)
+    except (TypeError, ValueError):
+        raise LayerArgumentError(f"{label}: {what} must be an int or {d} ints (one per spatial dimension), "
+                                 f"got {value!r}") from None
+
+
 def _grid_key(grid: Sequence) -> tuple[int, ...]:
     """An FFT grid as the key of a layer's running filters: a tuple of Python ints (from ints, SymInts under
     ``torch.compile``, or the digits of a ``running_v_<L1>x...`` name)."""
@@ -1282,26 +1299,10 @@ class ConvNormConvNd(_ComputedWeight, _EvalCache, nn.Module):
         """The grid sizes, as written, in a key :meth:`_buffer_name` made (``running_v_10x10`` -> ``['10', '10']``)."""
         return name[len(_RUNNING_PREFIX):].split("x")
 
-    def _spatial_sizes(self, value, what: str) -> tuple[int, ...]:
-        """A spatial size (an input size or an FFT grid) as a tuple of ints: an int applies to every spatial
-        dimension, as ``to_plain``'s ``input_sizes`` take it (``filter(8)`` failed with "'int' object is not
-        iterable"); a sequence holds one int per dimension (its length is checked by the caller). Anything else,
-        a float size among it, raises."""
-        def size(v) -> int:  # an int, numpy's too; not a float (8.9 was read as 8) nor a bool
-            if isinstance(v, bool):
-                raise TypeError(v)
-            return operator.index(v)
-
-        try:
-            return (size(value),) * self._dims if hasattr(value, "__index__") else tuple(size(v) for v in value)
-        except (TypeError, ValueError):
-            raise LayerArgumentError(f"{layer_label(self)}: {what} must be an int or {self._dims} ints (one per "
-                                     f"spatial dimension), got {value!r}") from None
-
     def running_filter(self, grid: Sequence[int]) -> torch.Tensor | None:
         """The running ``V`` kept for an FFT grid (see :meth:`geometry`; an int: the same size in every spatial
         dimension), or ``None``. A grid of another rank or with a size < 1 is refused (it can never be kept)."""
-        key = self._spatial_sizes(grid, "the FFT grid")
+        key = _spatial_sizes(grid, self._dims, layer_label(self), "the FFT grid")
         if len(key) != self._dims or any(g < 1 for g in key):
             raise LayerArgumentError(
                 f"{layer_label(self)}: running_filter takes an FFT grid of {self._dims} positive sizes (one per "
@@ -1333,7 +1334,7 @@ class ConvNormConvNd(_ComputedWeight, _EvalCache, nn.Module):
         """The FFT grid, crop offset and output size for a spatial input size (an int: the same size in every
         spatial dimension; padding modes other than zeros pad the input first)."""
         conv = self.conv
-        size = self._spatial_sizes(input_size, "input size")
+        size = _spatial_sizes(input_size, self._dims, layer_label(self), "input size")
         if len(size) != self._dims:
             raise LayerArgumentError(f"{layer_label(self)}: input size {size} must have {self._dims} spatial "
                                      f"sizes, one per spatial dimension of the convolution")
@@ -1903,8 +1904,12 @@ class FrozenConvNormNd(nn.Module):
         return list(self._sizes)
 
     def filter_for(self, grid: Sequence[int]) -> torch.Tensor | None:
-        """The precomputed ``V`` of an FFT grid, or ``None``."""
-        return self._buffers.get(_FROZEN_PREFIX + "x".join(str(int(g)) for g in grid))
+        """The precomputed ``V`` of an FFT grid (an int: the same size in every spatial dimension), or ``None``."""
+        return self._filter_of_grid(_spatial_sizes(grid, self._dims, layer_label(self), "the FFT grid"))
+
+    def _filter_of_grid(self, grid: Sequence) -> torch.Tensor | None:
+        # _grid_key: a grid of SymInts under torch.compile names its buffer by its ints, not by symbols
+        return self._buffers.get(_FROZEN_PREFIX + "x".join(map(str, _grid_key(grid))))
 
     def _missing(self, size: tuple[int, ...], grid: tuple[int, ...]) -> LayerArgumentError:
         known = [s for s in self._sizes.values() if s is not None]
@@ -1959,7 +1964,7 @@ class FrozenConvNormNd(nn.Module):
             x = _explicit_pad(x, self.pre_pads, self.padding_mode)
         geo = convnorm_geometry(x.shape[2:], self.kernel_size, self.stride, self.geometry_padding, self.dilation,
                                 where=layer_label(self))
-        v = self.filter_for(geo.grid)
+        v = self._filter_of_grid(geo.grid)
         if v is None:
             raise self._missing(size, geo.grid)
         xw = x.to(work)
