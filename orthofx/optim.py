@@ -40,6 +40,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError, OrthofxWarning, caller_stacklevel
@@ -297,6 +298,56 @@ def _optimizer_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
+# transform(..., inplace=True) sets the layers a pass replaced (orthogonal_conv's OrthogonalConv2d, ...) in the
+# user's model too: the parameters of the layer it replaced (an optimizer built before the transform holds them) are
+# read by no forward any more. Each of them -> a weak reference to the layer now in its place. Weak both ways: the
+# registry keeps neither alive, and gm (its pickling, deepcopy, torch.save) holds nothing of it.
+_REPLACED_PARAMETERS = WeakIdKeyDictionary()
+
+
+def note_replaced_layer(old: nn.Module, new: nn.Module) -> None:
+    """Record that ``transform(..., inplace=True)`` put ``new`` in place of ``old``, for :func:`attach` to refuse an
+    optimizer that holds ``old``'s parameters instead of ``new``'s (:func:`_stale_replaced_message`)."""
+    kept = {id(p) for p in new.parameters()}
+    for parameter in old.parameters():
+        if id(parameter) not in kept:
+            _REPLACED_PARAMETERS[parameter] = weakref.ref(new)
+
+
+def _stale_replaced_message(parts: list[_PartHooks], optimizer: torch.optim.Optimizer) -> str | None:
+    """Why ``attach`` refuses an optimizer built before ``transform(..., inplace=True)`` replaced layers of the
+    model: it holds the replaced layers' parameters and none of the trainable ones of the layers now in their place,
+    which optimizer.step() would never update (the model's other layers, shared, would train: nothing else tells).
+    ``None`` when it does not."""
+    layers: dict[int, nn.Module] = {}  # id -> a layer in place of one whose parameters the optimizer holds
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            layer = _REPLACED_PARAMETERS.get(parameter)
+            layer = layer() if layer is not None else None
+            if layer is not None:
+                layers[id(layer)] = layer
+    if not layers:
+        return None
+    owned = _optimizer_parameters(optimizer)
+    stale: list[str] = []
+    for part in parts:
+        for path, module in part.root.named_modules():
+            if id(module) not in layers:
+                continue
+            del layers[id(module)]  # one site, named by its first path (in the first part holding it)
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            if trainable and not any(id(p) in owned for p in trainable):
+                stale.append(f"'{part_site_path(part.path, path)}' (now {type(module).__name__})")
+    if not stale:
+        return None
+    return (f"attach: the optimizer holds the parameters of layer(s) that orthofx.transform(..., inplace=True) "
+            f"replaced: {', '.join(stale)}. The new layers have parameters of their own, which optimizer.step() would "
+            "never update: those layers would silently never train. inplace=True keeps the model's own parameters "
+            "only in the layers no rule replaces (orthogonal_conv and the 'orthogonal' preset replace them). Build the "
+            "optimizer after the transform, from gm.parameters() (or the parameters of the model holding gm), then "
+            "attach it")
+
+
 def _missing_parameters(hook, root: nn.Module, owned: set[int]) -> list[str]:
     """The names of ``hook``'s parameters that the optimizer (its parameters' ids: ``owned``) does not hold."""
     module = root.get_submodule(hook.site)
@@ -509,6 +560,9 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     the hooks of each of them, run on it as ``attach(optimizer, part)`` would (``handle.hooks``' sites are relative
     to their part), except the copies inside an EMA / SWA ``torch.optim.swa_utils.AveragedModel``, which no
     optimizer steps; attaching a part that is attached already, directly or through another model, is refused too.
+    So is an optimizer built before ``transform(..., inplace=True)`` replaced layers of the model (orthogonal_conv,
+    the ``orthogonal`` preset) that holds none of a new layer's trainable parameters, only the replaced layer's: the
+    error names the layers (build the optimizer from ``gm.parameters()`` after the transform).
     OLR moves each Pre-SVD weight into a parameter group of its own, so an
     optimizer state saved after ``attach`` loads (``optimizer.load_state_dict``) after ``attach``; create LR
     schedulers after ``attach`` too. A ``ZeroRedundancyOptimizer`` works (each rank's hooks see the whole
@@ -543,6 +597,9 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     refusal = _already_attached(parts, optimizer)
     if refusal is not None:
         raise ArgumentError(refusal)
+    refusal = _stale_replaced_message(parts, optimizer)
+    if refusal is not None:
+        raise ArgumentError(refusal)
     owned = _optimizer_parameters(optimizer)
     trainable = [p for part in parts for p in part.root.parameters() if p.requires_grad]
     if trainable and not any(id(p) in owned for p in trainable):
@@ -552,8 +609,10 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         raise ArgumentError(
             f"attach: the optimizer holds none of {which} trainable parameters, so optimizer.step() would never "
             "update them. Was it built from the model before orthofx.transform, which rewrites a copy? Build the "
-            "optimizer from gm.parameters() after the transform (or pass inplace=True to transform), then attach "
-            "it. With several optimizers, one for the other parameters only needs no attach")
+            "optimizer from gm.parameters() after the transform, then attach it (inplace=True to transform keeps "
+            "the model's own parameters only in the layers no rule replaces: a replaced layer, such as "
+            "orthogonal_conv's, has new ones). With several optimizers, one for the other parameters only needs no "
+            "attach")
     first = next(((part, part.recorded[0]) for part in parts if part.recorded), None)
     if first is not None and is_zero_redundancy(optimizer) and getattr(optimizer, "_overlap_with_ddp", False):
         # its steps run inside DDP's communication hook (ZeRO's _local_step), per bucket, and step() is not
