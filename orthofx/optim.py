@@ -298,27 +298,32 @@ def _optimizer_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
-# transform(..., inplace=True) sets the layers a pass replaced (orthogonal_conv's OrthogonalConv2d, ...) in the
-# user's model too: the parameters of the layer it replaced (an optimizer built before the transform holds them) are
-# read by no forward any more. Each of them -> a weak reference to the layer now in its place. Weak both ways: the
-# registry keeps neither alive, and gm (its pickling, deepcopy, torch.save) holds nothing of it.
+# transform(..., inplace=True) sets the layers a pass replaced (orthogonal_conv's OrthogonalConv2d, ConvNorm, ...) in
+# the user's model too, and an optimizer built before the transform holds the replaced layer's parameters: read by no
+# forward any more, or kept inside the new layer (ConvNorm's conv) beside parameters of its own (its affine part).
+# _REPLACED_PARAMETERS: each parameter of a replaced layer -> a weak reference to the layer now in its place;
+# _FORMER_PARAMETERS: that layer -> the ids of the replaced layer's parameters. Weak: the registries keep nothing
+# alive, and gm (its pickling, deepcopy, torch.save) holds nothing of them.
 _REPLACED_PARAMETERS = WeakIdKeyDictionary()
+_FORMER_PARAMETERS = WeakIdKeyDictionary()
 
 
 def note_replaced_layer(old: nn.Module, new: nn.Module) -> None:
-    """Record that ``transform(..., inplace=True)`` put ``new`` in place of ``old``, for :func:`attach` to refuse an
-    optimizer that holds ``old``'s parameters instead of ``new``'s (:func:`_stale_replaced_message`)."""
-    kept = {id(p) for p in new.parameters()}
+    """Record that ``transform(..., inplace=True)`` put ``new`` in place of ``old``, for :func:`attach` to warn about
+    an optimizer that holds ``old``'s parameters and none of ``new``'s own (:func:`_stale_replaced_layers`)."""
+    former = frozenset(id(p) for p in old.parameters())
+    if not former:
+        return
+    _FORMER_PARAMETERS[new] = former
     for parameter in old.parameters():
-        if id(parameter) not in kept:
-            _REPLACED_PARAMETERS[parameter] = weakref.ref(new)
+        _REPLACED_PARAMETERS[parameter] = weakref.ref(new)
 
 
-def _stale_replaced_message(parts: list[_PartHooks], optimizer: torch.optim.Optimizer) -> str | None:
-    """Why ``attach`` refuses an optimizer built before ``transform(..., inplace=True)`` replaced layers of the
-    model: it holds the replaced layers' parameters and none of the trainable ones of the layers now in their place,
-    which optimizer.step() would never update (the model's other layers, shared, would train: nothing else tells).
-    ``None`` when it does not."""
+def _stale_replaced_layers(parts: list[_PartHooks], optimizer: torch.optim.Optimizer) -> list[str]:
+    """The layers (``'path' (now Type)``) that ``transform(..., inplace=True)`` put in place of layers whose
+    parameters ``optimizer`` holds, when it holds none of the trainable parameters a new layer has of its own: an
+    optimizer built before the transform, whose steps never update them (the model's other layers, shared, train:
+    nothing else tells)."""
     layers: dict[int, nn.Module] = {}  # id -> a layer in place of one whose parameters the optimizer holds
     for group in optimizer.param_groups:
         for parameter in group["params"]:
@@ -327,7 +332,7 @@ def _stale_replaced_message(parts: list[_PartHooks], optimizer: torch.optim.Opti
             if layer is not None:
                 layers[id(layer)] = layer
     if not layers:
-        return None
+        return []
     owned = _optimizer_parameters(optimizer)
     stale: list[str] = []
     for part in parts:
@@ -335,17 +340,18 @@ def _stale_replaced_message(parts: list[_PartHooks], optimizer: torch.optim.Opti
             if id(module) not in layers:
                 continue
             del layers[id(module)]  # one site, named by its first path (in the first part holding it)
-            trainable = [p for p in module.parameters() if p.requires_grad]
-            if trainable and not any(id(p) in owned for p in trainable):
+            former = _FORMER_PARAMETERS.get(module, frozenset())
+            own = [p for p in module.parameters() if p.requires_grad and id(p) not in former]
+            if own and not any(id(p) in owned for p in own):
                 stale.append(f"'{part_site_path(part.path, path)}' (now {type(module).__name__})")
-    if not stale:
-        return None
-    return (f"attach: the optimizer holds the parameters of layer(s) that orthofx.transform(..., inplace=True) "
-            f"replaced: {', '.join(stale)}. The new layers have parameters of their own, which optimizer.step() would "
-            "never update: those layers would silently never train. inplace=True keeps the model's own parameters "
-            "only in the layers no rule replaces (orthogonal_conv and the 'orthogonal' preset replace them). Build the "
-            "optimizer after the transform, from gm.parameters() (or the parameters of the model holding gm), then "
-            "attach it")
+    return stale
+
+
+def _replaced_layers_text(stale: list[str]) -> str:
+    return (f"the optimizer holds parameters of layer(s) that orthofx.transform(..., inplace=True) replaced: "
+            f"{', '.join(stale)}, and none of the new layers' own parameters, which its steps never update. "
+            "inplace=True keeps the model's own parameters only in the layers no rule replaces (orthogonal_conv and "
+            "the 'orthogonal' preset replace them, ConvNorm adds its affine part)")
 
 
 def _missing_parameters(hook, root: nn.Module, owned: set[int]) -> list[str]:
@@ -560,9 +566,10 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     the hooks of each of them, run on it as ``attach(optimizer, part)`` would (``handle.hooks``' sites are relative
     to their part), except the copies inside an EMA / SWA ``torch.optim.swa_utils.AveragedModel``, which no
     optimizer steps; attaching a part that is attached already, directly or through another model, is refused too.
-    So is an optimizer built before ``transform(..., inplace=True)`` replaced layers of the model (orthogonal_conv,
-    the ``orthogonal`` preset) that holds none of a new layer's trainable parameters, only the replaced layer's: the
-    error names the layers (build the optimizer from ``gm.parameters()`` after the transform).
+    An optimizer built before ``transform(..., inplace=True)`` replaced layers of the model (orthogonal_conv, the
+    ``orthogonal`` preset, ConvNorm's affine part) that holds the replaced layers' parameters and none of the new
+    layers' own gets an :class:`~orthofx.OrthofxWarning` naming them (build the optimizer from ``gm.parameters()``
+    after the transform; another optimizer may train them).
     OLR moves each Pre-SVD weight into a parameter group of its own, so an
     optimizer state saved after ``attach`` loads (``optimizer.load_state_dict``) after ``attach``; create LR
     schedulers after ``attach`` too. A ``ZeroRedundancyOptimizer`` works (each rank's hooks see the whole
@@ -597,22 +604,21 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     refusal = _already_attached(parts, optimizer)
     if refusal is not None:
         raise ArgumentError(refusal)
-    refusal = _stale_replaced_message(parts, optimizer)
-    if refusal is not None:
-        raise ArgumentError(refusal)
+    stale = _stale_replaced_layers(parts, optimizer)
     owned = _optimizer_parameters(optimizer)
     trainable = [p for part in parts for p in part.root.parameters() if p.requires_grad]
     if trainable and not any(id(p) in owned for p in trainable):
         # with a policy without hooks nothing else would notice: gm would never train
         which = "the model's" if parts[0].path == "" else \
             f"the transformed parts' ({', '.join(repr(part.path) for part in parts)})"
+        before = (f"It was built before the transform: {_replaced_layers_text(stale)}." if stale else
+                  "Was it built from the model before orthofx.transform, which rewrites a copy?")
         raise ArgumentError(
             f"attach: the optimizer holds none of {which} trainable parameters, so optimizer.step() would never "
-            "update them. Was it built from the model before orthofx.transform, which rewrites a copy? Build the "
-            "optimizer from gm.parameters() after the transform, then attach it (inplace=True to transform keeps "
-            "the model's own parameters only in the layers no rule replaces: a replaced layer, such as "
-            "orthogonal_conv's, has new ones). With several optimizers, one for the other parameters only needs no "
-            "attach")
+            f"update them. {before} Build the optimizer from gm.parameters() after the transform, then attach it "
+            "(inplace=True to transform keeps the model's own parameters only in the layers no rule replaces: a "
+            "replaced layer, such as orthogonal_conv's, has new ones). With several optimizers, one for the other "
+            "parameters only needs no attach")
     first = next(((part, part.recorded[0]) for part in parts if part.recorded), None)
     if first is not None and is_zero_redundancy(optimizer) and getattr(optimizer, "_overlap_with_ddp", False):
         # its steps run inside DDP's communication hook (ZeRO's _local_step), per bucket, and step() is not
@@ -633,6 +639,10 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
         part.check(optimizer, part.hooks)
     warned: set[type] = set()  # the hook classes whose attach_warning this call gave (once, for all the parts)
     _attach_warnings([(part, part.hooks) for part in parts], optimizer, warned, stacklevel=2)
+    if stale:  # another optimizer may train them: no refusal
+        warnings.warn(f"attach: {_replaced_layers_text(stale)}: unless another optimizer trains them, those layers "
+                      "never train. Build the optimizer after the transform, from gm.parameters() (or the "
+                      "parameters of the model holding gm), then attach it", OrthofxWarning, stacklevel=2)
     for part in parts:
         part.setup(optimizer, part.hooks)
         mark_attached(part.root, optimizer)  # its hooked weights stepped by another now warn only if none holds them
