@@ -82,6 +82,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .capture import (ModalGraphModule, RecurrentBatch, _join, batch_dim, batch_dynamic_shapes, buffers_kept,
@@ -820,11 +821,35 @@ def onnx_tolerance(expected: list[torch.Tensor]) -> float:
     return tolerance
 
 
-def _check_finite_inputs(example: ExampleCall) -> None:
+def _check_finite_inputs(example: ExampleCall) -> list[str]:
+    """Refuse a floating example tensor holding NaN, and return the labels of those holding +-inf.
+
+    The export is checked by comparing the written model's outputs with the frozen model's on the example call
+    (:func:`_output_diffs`), which needs finite outputs: NaN spreads through almost any model, and a NaN input
+    named here says more than "the output is not finite". An infinite input is often meant: an additive attention
+    mask (``nn.Transformer.generate_square_subsequent_mask``: 0 and -inf) gives finite outputs after the softmax,
+    and those compare as any others; :func:`_check_finite_outputs` names the inputs where they are not finite."""
+    infinite = []
     for label, x in example.named_inputs():
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise ExportError(f"{label} holds NaN or inf; the export is checked on the example inputs, so pass "
-                              "finite ones")
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point()) or bool(torch.isfinite(x).all()):
+            continue
+        if bool(torch.isnan(x).any()):
+            raise ExportError(f"{label} holds NaN; the export is checked on the example inputs, so pass ones without "
+                              "NaN (+-inf is taken where the model's outputs stay finite, as with an additive "
+                              "attention mask)")
+        infinite.append(label)
+    return infinite
+
+
+def _check_finite_outputs(frozen: nn.Module, example: ExampleCall, infinite: list[str]) -> None:
+    """Refuse example inputs holding +-inf (``infinite``: their labels, :func:`_check_finite_inputs`) on which the
+    frozen model's outputs are not finite, naming those inputs: the check of the written model compares outputs."""
+    if not infinite or all(bool(torch.isfinite(t).all()) for t in _outputs(frozen, example)):
+        return
+    raise ExportError(f"{', '.join(infinite)} hold{'s' if len(infinite) == 1 else ''} inf, and the frozen model's "
+                      "output on the example inputs is not finite (NaN or inf), so the exported model cannot be "
+                      "checked against it; pass example inputs on which the model gives finite outputs (an "
+                      "additive attention mask with -inf is fine where no row is masked entirely)")
 
 
 def _export_call(frozen: fx.GraphModule, example: ExampleCall) -> ExampleCall:
@@ -881,10 +906,34 @@ def _dynamic_shapes(model: nn.Module, example: ExampleCall, dynamic_batch: bool,
 def _batched_leaves(example: ExampleCall, shapes: list[tuple], dims: Batches) -> set[int]:
     """``id`` of each tensor of the example call (nested ones included) that the exported model takes with a
     symbolic batch dimension (:func:`orthofx.capture.batch_dim`); ``shapes``: the exported graph's input shapes,
-    one per tensor leaf of the call in pytree order (symbolic sizes are not ints)."""
+    one per tensor leaf of the call in pytree order (symbolic sizes are not ints: :func:`_program_input_shapes`)."""
     leaves = output_tensors((example.args, example.kwargs))
     return {id(x) for x, shape in zip(leaves, shapes)
             if len(shape) > batch_dim(x, dims) and not isinstance(shape[batch_dim(x, dims)], int)}
+
+
+def _program_input_shapes(program: Any) -> list[tuple]:
+    """The shapes of an exported program's tensor inputs (pytree order), each size that the program fixes as an
+    int and the free ones as ``SymInt``.
+
+    A dimension marked ``Dim.AUTO`` that the model fixes (dimension 0 of an attention layer's ``(T, T)``
+    ``attn_mask``, equal to the sequence length) is a ``SymInt`` too: torch.export gives it the constant's
+    expression (``8``), and the ONNX exporter, which traces with ``backed_size_oblivious``, a symbol whose range is
+    that one value (``s11: VR[8, 8]``, an input the ``.onnx`` graph names ``s11``). Taken for a batch, it was grown
+    by one in the check on a larger batch, which then failed."""
+    ranges = program.range_constraints
+
+    def size(d: Any) -> Any:
+        if not isinstance(d, torch.SymInt):
+            return d
+        if is_concrete_int(d):
+            return d.node.maybe_as_int()
+        bounds = ranges.get(d.node.expr)
+        return int(bounds.lower) if bounds is not None and bounds.lower == bounds.upper else d
+
+    placeholders = {node.name: node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder"}
+    values = [placeholders.get(name) for name in program.graph_signature.user_inputs if isinstance(name, str)]
+    return [tuple(size(d) for d in v.shape) for v in values if isinstance(v, torch.Tensor)]
 
 
 def _grown_batch(example: ExampleCall, batched: set[int], dims: Batches) -> ExampleCall:
@@ -973,9 +1022,9 @@ def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_bat
     except ImportError as exc:
         raise ExportError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'orthofx[onnx]'") from exc
     try:
-        torch.onnx.export(frozen, _onnx_positional(example), path, kwargs=example.kwargs or None, dynamo=True,
-                          opset_version=opset, verbose=False,
-                          dynamic_shapes=_dynamic_shapes(frozen, example, dynamic_batch, dims))
+        onnx_program = torch.onnx.export(frozen, _onnx_positional(example), path, kwargs=example.kwargs or None,
+                                         dynamo=True, opset_version=opset, verbose=False,
+                                         dynamic_shapes=_dynamic_shapes(frozen, example, dynamic_batch, dims))
     except OSError as exc:
         raise ExportError(f"cannot write {path!r}: {exc}") from exc
     except Exception as exc:
@@ -1009,7 +1058,11 @@ def _export_onnx(frozen: nn.Module, path: str, example: ExampleCall, dynamic_bat
 
     diff, worst = _onnx_measure(expected, run(example))
     if dynamic_batch:
-        batched = _batched_leaves(example, [tuple(arg.shape) for arg in session.get_inputs()], dims)
+        # the program's shapes: the .onnx graph names a dimension the model fixes as it names a free one
+        program = getattr(onnx_program, "exported_program", None)
+        shapes = ([tuple(arg.shape) for arg in session.get_inputs()] if program is None
+                  else _program_input_shapes(program))
+        batched = _batched_leaves(example, shapes, dims)
         grown_diff, grown_worst = _check_dynamic_batch(path, batched, example, reference, run, dims,
                                                        measure=_onnx_measure)
         diff = max(diff, grown_diff)
@@ -1182,10 +1235,7 @@ def _export_pt2(frozen: nn.Module, path: str, example: ExampleCall, dynamic_batc
         program, loaded, inlined = _read_back_inlined(program, path, frozen, example, exc)
     diff = _max_diff(_outputs(frozen, example), _outputs(loaded, example))
     if dynamic_batch:  # on the program written: the inlined one where the first could not be read back
-        placeholders = {node.name: node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder"}
-        values = [placeholders.get(name) for name in program.graph_signature.user_inputs if isinstance(name, str)]
-        shapes = [tuple(v.shape) for v in values if isinstance(v, torch.Tensor)]
-        batched = _batched_leaves(example, shapes, dims)
+        batched = _batched_leaves(example, _program_input_shapes(program), dims)
         diff = max(diff, _check_dynamic_batch(path, batched, example, frozen,
                                               lambda call: _outputs(loaded, call), dims))
     if inlined is not None:
@@ -1474,10 +1524,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
         if not is_transformed(model) and transformed_parts(model):
             raise _pt_of_parts_error(model, path)
         if not is_transformed(model):
-            raise ExportError(f"cannot write {type(unwrap_model(model)).__name__} to {path!r}: a .pt file holds the "
-                              "weights and the policy orthofx.load replays, and this model was not returned by "
-                              "orthofx.transform. Save its weights with torch.save(model.state_dict(), path), or "
-                              "export it to .pt2 or .onnx (frozen)")
+            raise _pt_of_untransformed_error(model, path)
         manifest = manifest_of(model)
         if manifest.frozen:
             raise ExportError(f"cannot write the frozen model to {path!r}: a .pt file holds the weights and the "
@@ -1507,8 +1554,9 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
     if suffix == ".onnx":
         _check_opset(opset)
         _check_onnx_layers(model)
-    _check_finite_inputs(example)
+    infinite = _check_finite_inputs(example)
     frozen = freeze(model, example.args, example_kwargs=example.kwargs)
+    _check_finite_outputs(frozen, example, infinite)
     # found on the frozen copy: a run of the model itself could move its probes' step counters
     dims = _batch_dims(frozen, example, dynamic_batch)
     _check_batch(example, dynamic_batch, dims)
@@ -1549,6 +1597,26 @@ def _pt_of_parts_error(model: nn.Module, path: str) -> ExportError:
         "torch.save(model.state_dict(), path) and restore them with model.load_state_dict(torch.load(path)) into a "
         "model built the same way (its parts transformed by the same policies); .pt2 and .onnx export the whole "
         "model frozen")
+
+
+def _pt_of_untransformed_error(model: nn.Module, path: str) -> ExportError:
+    """Why :func:`export` refuses a ``.pt`` file of a model :func:`orthofx.transform` did not return, and what
+    works instead. Exporting it frozen to ``.pt2`` / ``.onnx`` is offered only where :func:`freeze` has orthofx
+    layers to bake (:func:`_modules_to_freeze`): of a plain torch model it says "nothing to freeze", and
+    torch.export / torch.onnx.export take the model as it is."""
+    root = unwrap_model(model)
+    name = type(root).__name__
+    start = (f"cannot write {name} to {path!r}: a .pt file holds the weights and the policy orthofx.load replays, "
+             "and this model was not returned by orthofx.transform. Save its weights with "
+             "torch.save(model.state_dict(), path)")
+    if _modules_to_freeze(root):
+        return ExportError(f"{start}, or export it to .pt2 or .onnx (frozen)")
+    if is_orthofx_module(root) and callable(getattr(root, "to_plain", None)):
+        return ExportError(f"{start}, or export it to .pt2 or .onnx (frozen) inside a model "
+                           "(orthofx.export(nn.Sequential(layer), 'layer.pt2', example_inputs=(x,)))")
+    return ExportError(f"{start}. It holds no orthofx layer, so there is nothing to freeze: torch.export / "
+                       "torch.onnx.export take it as it is (orthofx.export to .pt2 / .onnx takes it only where its "
+                       "forward calls orthofx.nn.eigh_stable / svd_stable)")
 
 
 def _not_from_this_transform(root: nn.Module, manifest: Manifest) -> tuple[str, str] | None:
