@@ -994,8 +994,8 @@ def _check_opset(opset: int) -> None:
     if isinstance(opset, bool) or not isinstance(opset, int):
         raise ExportError(f"opset must be an int (e.g. opset=20), got {opset!r}")
     if opset < 18:
-        raise ExportError(f"opset {opset} is not supported: opsets below 18 produce graphs onnxruntime rejects "
-                          "(DESIGN.md); use opset >= 18")
+        raise ExportError(f"opset {opset} is not supported: opsets below 18 produce graphs onnxruntime rejects; use "
+                          "opset >= 18")
     try:
         import onnx
     except ImportError:

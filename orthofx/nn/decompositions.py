@@ -13,7 +13,7 @@ Ops
 Both are ``torch.library.custom_op`` s (``torch.ops.orthofx.eigh_stable`` / ``torch.ops.orthofx.svd_stable``) with
 ``register_autograd`` and ``register_fake``, so that torch.fx symbolic tracing, ``torch.compile(fullgraph=True)``
 and ``torch.export`` keep them as one node and keep their custom backward (an ``autograd.Function`` would be
-inlined and its backward dropped, see DESIGN.md). The real kernels return contiguous (row-major) outputs and the
+inlined and its backward dropped). The real kernels return contiguous (row-major) outputs and the
 fake kernels describe exactly those strides.
 
 Backward (eigh)

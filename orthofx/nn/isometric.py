@@ -17,7 +17,7 @@
   of active units; since ``W W^T = I``, ``P = W^T D W`` is an orthogonal projector, and ``I - 2P`` is a
   reflection: symmetric and orthogonal. A residual form whose Jacobian never drifts from isometry with depth.
 
-Orthonormal parametrisation (self-contained, no ``torch.nn.utils.parametrize``, see DESIGN.md): a free matrix
+Orthonormal parametrisation (self-contained, no ``torch.nn.utils.parametrize``): a free matrix
 ``V`` (``n x p``, ``n >= p``) is mapped to the sign-fixed Q factor of its thin QR decomposition, ``qf(V)``, which has
 orthonormal columns for every full-rank ``V`` and is differentiable. (Householder QR gives orthonormal columns
 for a rank-deficient or zero ``V`` too, though not differentiably: whatever is written into ``raw``, the blocks'
