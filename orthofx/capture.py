@@ -878,9 +878,9 @@ class _ModuleState:
 
     @staticmethod
     def registers_state(table: str, new: bool) -> bool:
-        """Whether a change (:meth:`changes`) registered a parameter or buffer: one that a forward creating state
-        while it runs made (:func:`_drop_created_state`, the tracer's ``created_state``)."""
-        return new and table in ("_buffers", "_parameters")
+        """Whether a change (:meth:`changes`) registered a parameter, buffer or submodule: one that a forward
+        creating state while it runs made (:func:`_drop_created_state`, the tracer's ``created_state``)."""
+        return new and table in ("_buffers", "_parameters", "_modules")
 
     def restore(self) -> None:
         for _, table, saved in self.tables:
@@ -2086,7 +2086,15 @@ def _trace_with_fallbacks(model: nn.Module, leaf_types: tuple, paths: set[str],
             failure = exc  # `exc` is unbound after the except block
             path, cls = tracer.failure_location(failure)
             cause = _describe_cause(failure)
-            if not path:
+            if tracer.created_state:
+                # a forward that sets a new submodule and calls it: fx fails on the call ("not installed as a
+                # submodule"), which the created state explains (a leaf creates it on its first call)
+                path = tracer.created_state[0][0]
+                if not path:
+                    raise _created_state_error(model, tracer.created_state) from failure
+                cls = type(model.get_submodule(path))
+                cause = _created_state_message(model, [c for c in tracer.created_state if c[0] == path], "")
+            elif not path:
                 raise CaptureError(_failure_message("", type(model), cause, info.leaf_fallbacks),
                                    module_path="") from failure
         else:
@@ -2098,8 +2106,7 @@ def _trace_with_fallbacks(model: nn.Module, leaf_types: tuple, paths: set[str],
                 # as in the model; the top level cannot be a leaf
                 path = tracer.created_state[0][0]
                 if not path:
-                    raise CaptureError(_created_state_message(model, tracer.created_state, "symbolic tracing"),
-                                       module_path="")
+                    raise _created_state_error(model, tracer.created_state)
                 cls, failure = type(model.get_submodule(path)), None
                 cause = _created_state_message(model, [c for c in tracer.created_state if c[0] == path], "")
             else:
@@ -4031,9 +4038,10 @@ class _InputGuards:
             fixed = ", ".join(f"{n.name}={v!r}" for n, v in self.values.items())
             found.append(
                 f"torch.export fixed the non-tensor inputs to their example values ({fixed}): the captured graph "
-                f"computes with these values and refuses others (an error); capture with symbolic tracing "
-                f"(capture: {{mode: fx}}, with concrete_args for arguments that drive control flow) to keep them "
-                f"arguments, or transform once per value you will use")
+                f"computes with these values and refuses others (an error); transform once per value you will use "
+                f"(example inputs holding that value), or, for an input the forward does not branch on in Python "
+                f"(it only passes it to torch functions), capture with symbolic tracing (capture: {{mode: fx}}), "
+                f"which keeps it an argument")
         return found
 
 
@@ -4099,11 +4107,13 @@ def require_input_value(value: Any, name: str, expected: Any) -> None:
     ignore it and compute with the example's value (``reduce="sum"`` running the ``"mean"`` branch)."""
     if not isinstance(value, torch.Tensor) and _same_value(value, expected):
         return
+    holding = f"{name}={value!r}" if isinstance(value, (bool, int, float, str)) else f"the {name} you will use"
     raise ArgumentError(
         f"input '{name}': this model was captured with torch.export for {name}={expected!r} only (export fixes "
-        f"non-tensor inputs to their example values), got {value!r}. Fix: pass {name}={expected!r}, transform the "
-        f"model again with the value you will use in example_inputs, or capture it with symbolic tracing "
-        f"(capture: {{mode: fx}} in the policy, concrete_args for arguments that drive control flow) if it traces")
+        f"non-tensor inputs to their example values), got {value!r}. Fix: pass {name}={expected!r}, or transform "
+        f"the model again with example inputs holding {holding} (once per value you will use); if the "
+        f"forward does not branch on {name} in Python (it only passes it to torch functions), capture with symbolic "
+        f"tracing (capture: {{mode: fx}} in the policy) instead, which keeps it an argument")
 
 
 @torch.fx.node.has_side_effect  # kept by dead-code elimination: it has no users
@@ -4513,15 +4523,27 @@ def _drop_created_state(states: list[_ModuleState]) -> list[tuple[str, str, str]
     before the run); returns them as ``(module path, table, name)``."""
     created = []
     for state in states:
-        for table, key, _, new in state.changes():
+        for table, key, value, new in state.changes():
             if _ModuleState.registers_state(table, new):
                 created.append((state.path, table, key))
                 next(live for name, live, _ in state.tables if name == table).pop(key)
+            elif new and table == "__dict__" and _holds_fake_tensor(value):
+                # ``self.scale = torch.ones(8)`` on a first call: the graph makes the tensor itself; the model must
+                # not keep torch.export's fake one (its next call would compute with it). torch.export puts back
+                # an attribute it rebound, not one the forward added.
+                state.tables[0][1].pop(key)
     return created
 
 
+def _holds_fake_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch.export fake tensor or a tuple / list / dict holding one."""
+    fake = torch._subclasses.fake_tensor.FakeTensor
+    return any(isinstance(leaf, fake) for leaf in torch.utils._pytree.tree_leaves(value))
+
+
 def _created_state_message(model: nn.Module, created: list[tuple[str, str, str]], how: str) -> str:
-    """What a capture cannot do with a forward that registers buffers / parameters while it runs, and the fixes.
+    """What a capture cannot do with a forward that registers buffers / parameters (or sets submodules) while it
+    runs, and the fixes.
     ``how``: the capture that saw it (empty: only the cause, for a leaf fallback's reason).
 
     Example: ``if not hasattr(self, "seen"): self.register_buffer("seen", torch.zeros(()))`` in ``forward``."""
@@ -4529,18 +4551,35 @@ def _created_state_message(model: nn.Module, created: list[tuple[str, str, str]]
     owner = model.get_submodule(path) if path else model
     where = f"submodule '{path}' ({type(owner).__name__})" if path else f"the model's top-level forward " \
         f"({type(owner).__name__})"
-    kinds = {"_buffers": "buffer", "_parameters": "parameter"}
+    kinds = {"_buffers": "buffer", "_parameters": "parameter", "_modules": "submodule"}
     what = ", ".join(f"{kinds[table]} '{name}'" for p, table, name in created if p == path)
-    cause = f"{where} registers {what} while it runs (register_buffer / register_parameter in forward, e.g. on " \
-        "its first call), a tensor the model does not hold before that call"
+    if all(table == "_modules" for p, table, _ in created if p == path):
+        cause = f"{where} sets {what} while it runs (self.name = SomeModule(...) in forward, e.g. on its first " \
+            "call), a module the model does not hold before that call"
+    else:
+        cause = f"{where} registers {what} while it runs (register_buffer / register_parameter in forward, e.g. " \
+            "on its first call), a tensor the model does not hold before that call"
     if not how:
         return cause
-    first = next(name for p, _, name in created if p == path)
-    export_note = ", and torch.export would write its update into an input" if how == "torch.export" else ""
+    first, table = next((name, table) for p, table, name in created if p == path)
+    example = {"_buffers": f"register it in __init__ (e.g. self.register_buffer('{first}', torch.zeros(...)))",
+               "_parameters": f"register it in __init__ (e.g. self.{first} = torch.nn.Parameter(torch.zeros(...)))",
+               "_modules": f"set it in __init__ (self.{first} = the module the forward builds)"}[table]
+    export_note = "" if how != "torch.export" else \
+        ", and torch.export would record the module's construction (its weights drawn anew at every call)" \
+        if table == "_modules" else ", and torch.export would write its update into an input"
     return (f"{how} cannot capture the model: {cause}; a captured graph cannot create a module's state"
-            f"{export_note}. Fix: register it in __init__ (e.g. "
-            f"self.register_buffer('{first}', torch.zeros(...))), or call the model once on an example input before "
-            "orthofx.transform so that it exists")
+            f"{export_note}. Fix: {example}, or call the model once on an example input before orthofx.transform "
+            "so that it exists")
+
+
+def _created_state_error(model: nn.Module, created: list[tuple[str, str, str]]) -> CaptureError:
+    """The CaptureError of symbolic tracing for a top-level forward that creates state while it runs
+    (:func:`_created_state_message`); torch.export cannot capture it either, so capture mode auto does not try it
+    (whose error would only repeat this one)."""
+    error = CaptureError(_created_state_message(model, created, "symbolic tracing"), module_path="")
+    error.same_in_export = True
+    return error
 
 
 def _failure_message(path: str, cls: type | None, cause: str, fallbacks: list[tuple[str, str]]) -> str:
@@ -4569,13 +4608,21 @@ def _failure_message(path: str, cls: type | None, cause: str, fallbacks: list[tu
 def _describe_cause(exc: BaseException) -> str:
     """One sentence (no final period) saying why tracing failed, with the user's source line when found."""
     text = str(exc)
+    note = ""
     # torch's iteration message also says "control flow": read first, or it was blamed on if/while/bool/len
     if isinstance(exc, TraceError) and "cannot be iterated" in text:
         cause = ("its forward iterates over a traced tensor (a for loop, unpacking, or *args/**kwargs, which "
                  "symbolic tracing passes as one traced value; capture mode export, or auto with example inputs, "
                  "traces them)")
     elif isinstance(exc, TraceError) and "control flow" in text:
-        cause = "its forward uses a traced tensor in Python control flow (if/while/bool/len)"
+        arguments = _branched_arguments(exc)
+        if arguments:
+            what = ", ".join(f"'{name}' (a {kind})" for name, kind in arguments)
+            cause = (f"its forward uses the non-tensor argument{'s' if len(arguments) > 1 else ''} {what} in Python "
+                     "control flow (if/while/bool/len)")
+            note = " (symbolic tracing passes every argument as a traced value, a tensor or not)"
+        else:
+            cause = "its forward uses a traced tensor in Python control flow (if/while/bool/len)"
     elif "'len' is not supported" in text:
         cause = "its forward calls len() on a traced tensor"
     else:
@@ -4584,7 +4631,62 @@ def _describe_cause(exc: BaseException) -> str:
     location = _user_location(exc)
     if location:
         cause += f" at {location}"
-    return cause
+    return cause + note
+
+
+#: Annotations and defaults of forward parameters that name a non-tensor argument (:func:`_branched_arguments`).
+_PLAIN_TYPES = (bool, int, float, str)
+
+
+def _branched_arguments(exc: BaseException) -> list[tuple[str, str]]:
+    """``(name, type name)`` of the model's forward parameters a failed trace's control flow read (``if double:``,
+    ``if reduce == "mean":``) when they are all it read and each is a plain bool / int / float / str by its
+    annotation or default; empty when the value may hold a tensor (a parameter, a buffer, a layer's output, an
+    argument of unknown type) or the proxy is not found. ``exc``: the TraceError raised by ``Tracer.to_bool``."""
+    proxy = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "to_bool" and isinstance(tb.tb_frame.f_locals.get("obj"), torch.fx.Proxy):
+            proxy = tb.tb_frame.f_locals["obj"]
+        tb = tb.tb_next
+    root = getattr(getattr(proxy, "tracer", None), "root", None)
+    if proxy is None or not isinstance(root, nn.Module):
+        return []
+    try:
+        parameters = inspect.signature(root.forward).parameters
+    except (TypeError, ValueError):
+        return []
+    found: dict[str, str] = {}
+    seen: set[torch.fx.Node] = set()
+    pending = [proxy.node]
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "placeholder":
+            parameter = parameters.get(str(node.target).lstrip("*"))
+            kind = _plain_kind(parameter) if parameter is not None else None
+            if kind is None:
+                return []
+            found[parameter.name] = kind
+        elif node.op in ("call_function", "call_method"):
+            pending.extend(node.all_input_nodes)
+        else:  # get_attr (a parameter or buffer), call_module (a layer's output)
+            return []
+    return sorted(found.items())
+
+
+def _plain_kind(parameter: inspect.Parameter) -> str | None:
+    """The type name of a forward parameter annotated or defaulting to a bool / int / float / str, else None."""
+    annotation = parameter.annotation
+    if isinstance(annotation, str) and annotation in {t.__name__ for t in _PLAIN_TYPES}:
+        return annotation
+    if annotation in _PLAIN_TYPES:
+        return annotation.__name__
+    if annotation is inspect.Parameter.empty and isinstance(parameter.default, _PLAIN_TYPES):
+        return type(parameter.default).__name__
+    return None
 
 
 def _is_library_file(full: str) -> bool:
