@@ -1013,19 +1013,32 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                             + _feeds_hint(rule, sites, fed_by)
                             + _missing_attribute_hint(rule, sites, gm, fed_by, aliases) + note
                             + _excluded_all_hint(rule, sites, gm, fed_by, aliases)
-                            + _unmatched_name_hint(rule, sites, gm, fed_by, aliases) + _root_layer_hint(rule, model))
+                            + _unmatched_name_hint(rule, sites, gm, fed_by, aliases) + _root_layer_hint(rule, model)
+                            + _inside_leaf_hint(rule, sites, model if model is not None else gm, aliases, position,
+                                                len(policy.rules)))
         if selected == len(rejected) and not rule.optional:
-            details = "; ".join(f"{s.name}: {r}" for s, r in rejected[:5])
-            place = _rule_place(rule, position=position, count=len(policy.rules))
-            raise PlanError(f"rule '{rule.name}'{place} (apply: {rule.apply}) matched {selected} site(s) "
-                            f"but its pass can handle none of them: {details}. Narrow the rule's match, or mark it "
-                            "'optional: true'.")
+            raise handles_none_error(rule, position, len(policy.rules), selected,
+                                     [(s.name, r) for s, r in rejected])
     _check_pass_plans(gm, entries)
     _refuse_weights_hooked_by_two_passes(gm, entries, policy)
     plan = Plan(entries=entries, sites=sites, skipped=skipped, shadowed=shadowed,
                 unmatched_optional=unmatched_optional, capture=capture, layers=layers)
     _plan_stiefel_outcomes(gm, plan)
     return plan
+
+
+def handles_none_error(rule: Rule, position: int, count: int, selected: int,
+                       rejected: list[tuple[str, str]]) -> PlanError:
+    """The :class:`PlanError` for a rule (not optional) that matched ``selected`` site(s) of which its pass can
+    handle none: ``rejected`` holds ``(site name, reason)`` (the first five are shown); ``position`` / ``count``:
+    the rule's place in the policy, as :func:`_rule_place` takes them. Planning raises it, and so does a pass that
+    learns only from the run on the example inputs that it can handle none of its rule's sites
+    (``jacobian_isometry``: blocks that return a tuple)."""
+    details = "; ".join(f"{name}: {reason}" for name, reason in rejected[:5])
+    place = _rule_place(rule, position=position, count=count)
+    return PlanError(f"rule '{rule.name}'{place} (apply: {rule.apply}) matched {selected} site(s) "
+                     f"but its pass can handle none of them: {details}. Narrow the rule's match, or mark it "
+                     "'optional: true'.")
 
 
 def _module_key(site: Site) -> tuple[str, str]:
@@ -1712,6 +1725,43 @@ def _root_layer_hint(rule: Rule, model: nn.Module | None) -> str:
     return (f" The model is itself one layer ({layer}): passes rewrite the layers a model calls, never the model "
             f"itself, so wrap it, e.g. orthofx.transform(torch.nn.Sequential(layer), policy) (the {layer} is then "
             "site '0')")
+
+
+def _inside_leaf_hint(rule: Rule, sites: list[Site], model: nn.Module, aliases: dict[str, tuple[str, ...]],
+                      position: int | None = None, count: int = 1) -> str:
+    """For a ``kind: block`` rule that matched no block site: the modules of ``model.named_modules()`` it selects
+    that sit inside a module the graph calls whole (a leaf: a torch.nn layer such as ``nn.TransformerEncoder``,
+    or one kept by ``capture.leaf_modules``), so no block can be attached at them; names the enclosing leaf to
+    select instead (the message sent the user to ``named_modules()``, which lists them)."""
+    if rule.match.site_kind != "block":
+        return ""
+    leaves = {s.name: s.target for s in sites if s.kind == "module" and s.node is not None and s.name}
+    inside: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if not name or name in leaves:
+            continue
+        site = Site("block", name, type(module).__name__, None, type(module))
+        if not _rule_selects(rule, site, module, {}, aliases.get(name, ()), position, count):
+            continue
+        enclosing = [leaf for leaf in leaves if name.startswith(leaf + ".")]
+        if enclosing:
+            inside.setdefault(max(enclosing, key=len), []).append(name)
+    if not inside:
+        return ""
+    blocks = {s.name for s in sites if s.kind == "block"}
+    nested = [leaf for leaf in inside if leaf in blocks]
+    if nested:  # kept whole because another block rule selects it
+        leaf = nested[0]
+        return (f" It selects {first_few(inside[leaf], 3)} inside {leaf}, a block that another rule selects: a "
+                "block is called whole, as one call of the graph, so blocks do not nest: select the outer block or "
+                "the inner one, not both.")
+    notes = [f"{first_few(names, 3)} inside {leaf} ({leaves[leaf]})" for leaf, names in inside.items()]
+    first = next(iter(inside))
+    return (f" It selects {'; '.join(notes[:3])}, but capture keeps "
+            f"{'that module' if len(inside) == 1 else 'those modules'} whole, as one call of the graph (a torch.nn "
+            "layer, a module with hooks, or one listed in capture.leaf_modules), so no block can be attached inside: "
+            f"select the enclosing module instead (e.g. {{kind: block, name: \"{first}\"}}), or make the model's own "
+            "forward call the modules you meant (e.g. an nn.ModuleList of the layers, called in a loop).")
 
 
 def _no_match_message(rule: Rule, sites: list[Site], passed_over: list[OrthofxLayer] = (),

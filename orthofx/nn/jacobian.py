@@ -251,9 +251,13 @@ class JacobianProbe(nn.Module):
     Args:
         block: the module to wrap; the first argument of its forward (positional, or by keyword as fx keeps
             ``block(x=h)``) is the input the Jacobian is taken with respect to (other arguments are held fixed),
-            and it must return one tensor (a tuple or dict output raises, naming the layer). A probe inside
-            another probe's block (nested sites) runs only its block during the outer estimate; each probe makes
-            its own estimate at its real call.
+            and it must return one tensor: a tuple or dict output raises a
+            :class:`~orthofx.errors.LayerArgumentError` naming the layer at the first training-mode forward with
+            gradients (an eval-mode or ``no_grad`` call only runs the block). The ``jacobian_isometry`` pass given
+            example inputs wraps no such block and says so: a :class:`~orthofx.errors.PlanError` for a rule
+            left with no other site (unless optional), an :class:`~orthofx.errors.OrthofxWarning` otherwise. A
+            probe inside another probe's block (nested sites) runs only its block during the outer estimate; each
+            probe makes its own estimate at its real call.
         weight: multiplier used by :meth:`penalty` (``orthofx.penalty`` uses the rule's weight, the same value).
         probes: Rademacher probes per estimate (``offdiag`` uses at least 2).
         kind: ``"full"`` (||J^T J - I||_F^2), ``"partial"`` (||J J^T J - J||_F^2) or ``"offdiag"``

@@ -34,8 +34,13 @@ Targeting. Blocks are submodules named by a ``kind: block`` rule (capture keeps 
 The model's root is not a site. To regularise the whole model's Jacobian, select its top-level children (the
 ``jacobian`` preset takes every top-level ``Sequential``), or wrap the model, ``nn.Sequential(model)``, and
 select the block ``"0"``. A module called several times in one forward is estimated at each call (the term is
-the sum). A block whose input is not floating point (an embedding fed token ids) has no Jacobian: with example
-inputs the pass skips it and says so; without, its first training step raises an error naming it.
+the sum). A block whose input is not floating point (an embedding fed token ids), or that returns a tuple or
+dict (``nn.MultiheadAttention``, a block returning ``(y, aux)``), has no single Jacobian to regularise. With
+example inputs the pass sees it on their run and leaves it unwrapped (``orthofx.report``: ``skipped: ...``):
+a rule with no other site raises the :class:`~orthofx.errors.PlanError` of a rule whose pass can handle none
+of its sites (unless it is ``optional``), and otherwise an :class:`~orthofx.errors.OrthofxWarning` names the
+blocks left out (``explain``, which runs nothing, shows them as ``apply``). Without example inputs the block
+is wrapped, and its first training-mode forward raises a :class:`~orthofx.errors.LayerArgumentError` naming it.
 
 Parameters: ``weight`` (>= 0, default 0.1), ``probes`` (>= 1, default 1), ``kind`` (full | partial | offdiag),
 ``every`` (>= 1: estimate on every ``every``-th training step only), ``per_sample`` (mean over samples instead
@@ -63,13 +68,14 @@ With BatchNorm in training mode the subset of ``batch_fraction`` is normalised w
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import torch
 from torch import nn
 
 from .. import metrics
-from ..errors import OrthofxError
+from ..errors import OrthofxError, OrthofxWarning, caller_stacklevel
 from ..nn.jacobian import JacobianProbe
 from ..nn.precision import zero_like_parameters
 from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, Site
@@ -104,8 +110,45 @@ def _no_jacobian(ctx: PassContext, name: str) -> str | None:
     if name in ctx.manifest.input_shapes and name not in ctx.manifest.output_shapes:
         # the example run records the output shape of a block that returns one tensor only
         return ("it returns a tuple, dict or other non-tensor, not one tensor: there is no single input-output "
-                "Jacobian to regularise (select a submodule that returns one tensor, or the layers after it)")
+                "Jacobian to regularise (select the layers after it, or a submodule that returns one tensor and "
+                "that its forward calls as a module: nn.MultiheadAttention reads its out_proj's weight without "
+                "calling it)")
     return None
+
+
+def _refuse_or_warn_skips(ctx: PassContext, entries: list[PlanEntry], reasons: dict[int, str | None]) -> None:
+    """Speak for the blocks the example run showed to have no Jacobian (``reasons``: by ``id`` of the entry, from
+    :func:`_no_jacobian`); planning, which runs nothing, had planned them as 'apply'. A rule (not optional) left
+    with no site to regularise raises the :class:`~orthofx.errors.PlanError` planning raises for a rule whose pass
+    can handle none of its sites (its penalty would be 0 at every step); a rule that keeps other sites, or an
+    optional one, warns (:class:`~orthofx.errors.OrthofxWarning`) naming the blocks left unwrapped."""
+    from ..plan import handles_none_error  # plan imports the passes
+
+    plan = ctx.manifest.plan
+    policy = ctx.manifest.policy
+    by_rule: dict[int, list[PlanEntry]] = {}
+    for entry in entries:
+        by_rule.setdefault(entry.rule_index, []).append(entry)
+    for position, rule_entries in by_rule.items():
+        skipped = [(entry.site.name, reasons[id(entry)]) for entry in rule_entries if reasons[id(entry)] is not None]
+        if not skipped:
+            continue
+        rule_name = rule_entries[0].rule_name
+        rule = policy.rules[position] if policy is not None and position < len(policy.rules) else None
+        if rule is not None and rule.name != rule_name:
+            rule = None
+        # the rule's other sites, as planning counts them: refused by the pass, or taken by an earlier rule
+        refused = [(site.name, why) for site, name, why in getattr(plan, "skipped", ()) if name == rule_name]
+        shadowed = sum(1 for _, name, _ in getattr(plan, "shadowed", ()) if name == rule_name)
+        if rule is not None and not rule.optional and len(skipped) == len(rule_entries) and not shadowed:
+            raise handles_none_error(rule, position, len(policy.rules), len(rule_entries) + len(refused),
+                                     skipped + refused)
+        listed = "; ".join(f"{name}: {why}" for name, why in skipped[:5])
+        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+        warnings.warn(f"jacobian_isometry (rule '{rule_name}'): the run on the example inputs showed "
+                      f"{len(skipped)} of its {len(rule_entries)} block(s) to have no Jacobian to regularise, so "
+                      f"they are left unwrapped and add nothing to orthofx.penalty: {listed}{more}. Narrow the "
+                      "rule's match to leave them out", OrthofxWarning, stacklevel=caller_stacklevel())
 
 
 def _calls_per_step(calls: Counter, name: str) -> int:
@@ -162,11 +205,13 @@ class JacobianIsometry(Pass):
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         calls = Counter(node.target for node in ctx.gm.graph.nodes if node.op == "call_module")
+        reasons = {id(entry): _no_jacobian(ctx, entry.site.name) for entry in entries}
+        _refuse_or_warn_skips(ctx, entries, reasons)  # before any block is wrapped
         for entry in entries:
             p = entry.params
             name = entry.site.name
             block = ctx.module(entry.site)
-            reason = _no_jacobian(ctx, name)
+            reason = reasons[id(entry)]
             if reason is not None:
                 ctx.record(Change(site=name, rule=entry.rule_name, pass_name=self.name, what="left unchanged: " +
                                   reason, params=dict(p), status=f"skipped: {reason}"))

@@ -762,10 +762,16 @@ class PreSVD(Pass):
         weight = getattr(module, "weight", None)
         if isinstance(weight, nn.Parameter):
             return None
-        kind = "None" if weight is None else f"a {type(weight).__name__} that is not an nn.Parameter (a buffer?)"
-        return (f"its weight is {kind}, so no optimizer steps it and the NOG / OLR optimizer hooks "
-                "would never run; make the weight an nn.Parameter of the layer, or set 'nog: false' and "
-                "'olr: false' in the rule")
+        if weight is None:
+            return ("its weight is None, so no optimizer steps it and the NOG / OLR optimizer hooks would never run; "
+                    "make the weight an nn.Parameter of the layer, or leave the layer out of the rule (exclude: "
+                    f"'{site.name}')")
+        return (f"its weight is a {type(weight).__name__} that is not an nn.Parameter (a buffer?), so no optimizer "
+                "steps it and the NOG / OLR optimizer hooks would never run; make the weight an nn.Parameter of the "
+                "layer, or set 'nog: false' and 'olr: false' in the rule with 'weight: orthogonal' (the hard "
+                "orthogonal layer takes the layer's place, its weight the nearest orthogonal one to this buffer, "
+                "kept fixed as the buffer was; without a weight treatment the rule does nothing, and 'lorth' / "
+                "'srip' would only measure this weight: their penalty's gradient reaches no parameter)")
 
     def handles_derived_weight(self, params):
         # NOG and OLR act on the weight around optimizer.step(), and the hard orthogonal layer replaces the layer;
