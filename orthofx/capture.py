@@ -366,9 +366,10 @@ class OrthofxTracer(torch.fx.Tracer):
         :attr:`constants`.
         """
         updates: list[tuple[str, torch.fx.Node]] = []
+        held = _ModuleState.held_tensors(states)
         for state in states:
             for table, key, value, new in state.changes():
-                if _ModuleState.registers_state(table, new):
+                if _ModuleState.registers_state(table, new, value, held):
                     # registered by the forward itself (on its first call): the graph would read a tensor that
                     # only the trace created, and the model does not hold
                     self.created_state.append((state.path, table, key))
@@ -877,10 +878,23 @@ class _ModuleState:
         return found
 
     @staticmethod
-    def registers_state(table: str, new: bool) -> bool:
-        """Whether a change (:meth:`changes`) registered a parameter, buffer or submodule: one that a forward
-        creating state while it runs made (:func:`_drop_created_state`, the tracer's ``created_state``)."""
-        return new and table in ("_buffers", "_parameters", "_modules")
+    def held_tensors(states: list[_ModuleState]) -> set[int]:
+        """``id`` of every parameter and buffer the modules of ``states`` held before the trace."""
+        return {id(t) for state in states for name, _, saved in state.tables if name in ("_parameters", "_buffers")
+                for t in saved.values() if t is not None}
+
+    @staticmethod
+    def registers_state(table: str, new: bool, value: Any, held: set[int]) -> bool:
+        """Whether a change (:meth:`changes`) registered a parameter or buffer, or set a submodule holding ones the
+        model did not hold (``held``: :meth:`held_tensors`): state that a forward creating it while it runs made
+        (:func:`_drop_created_state`, the tracer's ``created_state``). A submodule set under a new name that holds
+        only the model's own tensors (``self.last = self.block``) or none (``self.act = nn.GELU()``) creates none."""
+        if not new:
+            return False
+        if table in ("_buffers", "_parameters"):
+            return True
+        return table == "_modules" and isinstance(value, nn.Module) and any(
+            id(t) not in held for t in itertools.chain(value.parameters(), value.buffers()))
 
     def restore(self) -> None:
         for _, table, saved in self.tables:
@@ -4040,8 +4054,8 @@ class _InputGuards:
                 f"torch.export fixed the non-tensor inputs to their example values ({fixed}): the captured graph "
                 f"computes with these values and refuses others (an error); transform once per value you will use "
                 f"(example inputs holding that value), or, for an input the forward does not branch on in Python "
-                f"(it only passes it to torch functions), capture with symbolic tracing (capture: {{mode: fx}}), "
-                f"which keeps it an argument")
+                f"(it only passes it to torch functions), capture with symbolic tracing (capture: {{mode: fx}}) if "
+                f"the model traces, which keeps it an argument")
         return found
 
 
@@ -4113,7 +4127,7 @@ def require_input_value(value: Any, name: str, expected: Any) -> None:
         f"non-tensor inputs to their example values), got {value!r}. Fix: pass {name}={expected!r}, or transform "
         f"the model again with example inputs holding {holding} (once per value you will use); if the "
         f"forward does not branch on {name} in Python (it only passes it to torch functions), capture with symbolic "
-        f"tracing (capture: {{mode: fx}} in the policy) instead, which keeps it an argument")
+        f"tracing (capture: {{mode: fx}} in the policy) instead if the model traces, which keeps it an argument")
 
 
 @torch.fx.node.has_side_effect  # kept by dead-code elimination: it has no users
@@ -4522,9 +4536,10 @@ def _drop_created_state(states: list[_ModuleState]) -> list[tuple[str, str, str]
     """Remove the buffers and parameters that a run of the forward registered on the modules of ``states`` (taken
     before the run); returns them as ``(module path, table, name)``."""
     created = []
+    held = _ModuleState.held_tensors(states)
     for state in states:
         for table, key, value, new in state.changes():
-            if _ModuleState.registers_state(table, new):
+            if _ModuleState.registers_state(table, new, value, held):
                 created.append((state.path, table, key))
                 next(live for name, live, _ in state.tables if name == table).pop(key)
             elif new and table == "__dict__" and _holds_fake_tensor(value):
@@ -4617,9 +4632,10 @@ def _describe_cause(exc: BaseException) -> str:
     elif isinstance(exc, TraceError) and "control flow" in text:
         arguments = _branched_arguments(exc)
         if arguments:
-            what = ", ".join(f"'{name}' (a {kind})" for name, kind in arguments)
-            cause = (f"its forward uses the non-tensor argument{'s' if len(arguments) > 1 else ''} {what} in Python "
-                     "control flow (if/while/bool/len)")
+            # the names are the model's forward's: the branch may be in a submodule the argument is passed on to
+            what = ", ".join(f"'{name}' ({'an' if kind == 'int' else 'a'} {kind})" for name, kind in arguments)
+            cause = (f"its forward uses the model's non-tensor argument{'s' if len(arguments) > 1 else ''} {what} in "
+                     "Python control flow (if/while/bool/len)")
             note = " (symbolic tracing passes every argument as a traced value, a tensor or not)"
         else:
             cause = "its forward uses a traced tensor in Python control flow (if/while/bool/len)"

@@ -12,6 +12,7 @@ and checks them against the untransformed model (``orth_regularizer`` changes no
 - ``if double:`` on a bool argument was called "a traced tensor in Python control flow".
 """
 import copy
+import warnings
 
 import pytest
 import torch
@@ -261,3 +262,61 @@ def test_a_branch_on_a_tensor_computed_from_an_argument_still_names_a_tensor():
     with pytest.raises(orthofx.CaptureError) as caught:
         orthofx.transform(Branch(), _policy("fx"))
     assert "traced tensor in Python control flow" in str(caught.value)
+
+
+# --- a review of the first version: a submodule set under a new name in forward is created state only when it holds
+# tensors the model did not hold (an alias of a child, or a module without weights, captured as before)
+
+
+class _TopAlias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Linear(4, 4)
+
+    def forward(self, x):
+        self._last = self.block  # which block ran: no new weights
+        return self._last(x)
+
+
+class _LoopAlias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        for layer in self.layers:
+            self.current = layer
+            x = layer(x)
+        return self.head(x)
+
+
+class _StatelessCreated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if not hasattr(self, "act"):
+            self.act = nn.GELU()  # no parameters or buffers: nothing the graph must keep
+        return self.act(self.a(x))
+
+
+@pytest.mark.parametrize("mode", ["fx", "auto", "export"])
+@pytest.mark.parametrize("cls", [_TopAlias, _LoopAlias, _StatelessCreated], ids=lambda c: c.__name__)
+def test_a_submodule_set_in_forward_without_new_tensors_is_no_created_state(cls, mode):
+    if cls is _StatelessCreated and mode == "fx":
+        pytest.skip("symbolic tracing cannot call a module it has not seen installed (torch.fx); auto takes export")
+    torch.manual_seed(0)
+    model = cls()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 4)
+    policy = {"orthofx": 1, "capture": {"mode": mode},
+              "rules": [{"match": {"type": "Linear"}, "apply": "orth_regularizer"}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = orthofx.transform(model, policy, example_inputs=(x,))
+    torch.testing.assert_close(gm(x), reference(x), rtol=0, atol=0)
+    # every Linear stays a site: nothing was made a leaf
+    assert {row["site"] for row in orthofx.report(gm).rows} >= {
+        name for name, m in reference.named_modules() if isinstance(m, nn.Linear)}
