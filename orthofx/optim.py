@@ -309,14 +309,18 @@ _FORMER_PARAMETERS = WeakIdKeyDictionary()
 
 
 def note_replaced_layer(old: nn.Module, new: nn.Module) -> None:
-    """Record that ``transform(..., inplace=True)`` put ``new`` in place of ``old``, for :func:`attach` to warn about
-    an optimizer that holds ``old``'s parameters and none of ``new``'s own (:func:`_stale_replaced_layers`)."""
+    """Record that a pass put ``new`` in place of ``old`` (the model's own layer with ``transform(..., inplace=True)``)
+    for :func:`attach` to warn about an optimizer that holds ``old``'s parameters and none of ``new``'s own
+    (:func:`_stale_replaced_layers`)."""
     former = frozenset(id(p) for p in old.parameters())
     if not former:
         return
     _FORMER_PARAMETERS[new] = former
     for parameter in old.parameters():
-        _REPLACED_PARAMETERS[parameter] = weakref.ref(new)
+        # the first replacement names the layer: a later one wraps it whole (a Jacobian probe around a block holding
+        # a ConvNorm layer, a second transform), which has no parameters of its own to miss
+        if parameter not in _REPLACED_PARAMETERS:
+            _REPLACED_PARAMETERS[parameter] = weakref.ref(new)
 
 
 def _stale_replaced_layers(parts: list[_PartHooks], optimizer: torch.optim.Optimizer) -> list[str]:

@@ -660,10 +660,7 @@ def _share_replaced_layers(root: nn.Module, gm: fx.GraphModule) -> None:
     A module under two names (``self.b = self.a``) is one site, named by its first path: the model must call the
     new layer under every name, as gm does. Every such name ends in one (module, child name) edge of the model, so
     the edges holding a replaced module are set, each once: a module shared at every level of a nesting has 2^depth
-    paths but 2 edges per level. The modules inside a replaced one are left as they are, as under its first path.
-    Each replaced layer's parameters are recorded (weakly, :func:`orthofx.optim.note_replaced_layer`): an optimizer
-    built before the transform holds them, not the new layer's, and ``attach`` refuses it by name."""
-    from .optim import note_replaced_layer  # optim imports this module
+    paths but 2 edges per level. The modules inside a replaced one are left as they are, as under its first path."""
 
     called = sorted({node.target for graph, _ in mode_graphs(gm) for node in graph.nodes if node.op == "call_module"},
                     key=lambda path: path.count("."))
@@ -680,7 +677,6 @@ def _share_replaced_layers(root: nn.Module, gm: fx.GraphModule) -> None:
         if new is not old:
             replaced[id(old)] = (path, new)
             done.append(path)
-            note_replaced_layer(old, new)
     if not replaced:
         return
     paths = [(_join(parent, name), old) for parent, name, old in

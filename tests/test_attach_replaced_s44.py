@@ -239,3 +239,53 @@ def test_the_record_keeps_no_replaced_parameter_alive_and_copies_of_gm_attach():
     del gm, model
     gc.collect()
     assert new_conv() is None
+
+
+class _BlockModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Tanh())
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(self.body(x).flatten(2)[..., :8])
+
+
+def _with_block_probe(conv_rule):
+    return {"orthofx": 1, "rules": [
+        conv_rule,
+        {"match": {"kind": "block", "name": "body"}, "apply": "jacobian_isometry"},
+        {"match": {"type": "Linear"}, "apply": "riemannian"}]}
+
+
+@pytest.mark.parametrize("conv_rule", [
+    {"match": {"type": "Conv2d"}, "apply": "orthogonal_conv"},
+    {"match": {"type": "Conv2d"}, "apply": "convnorm", "with": {"affine": True}}], ids=["orthogonal", "convnorm"])
+def test_a_replaced_layer_inside_a_probed_block_is_warned_about(conv_rule):
+    """A review: the pass replaced the conv inside the model's own Sequential (inplace=True), and the probe then
+    wrapped that Sequential; only the Sequential -> probe replacement was recorded, so no warning."""
+    torch.manual_seed(0)
+    model = _BlockModel()
+    stale = torch.optim.SGD(model.parameters(), lr=0.1)
+    gm = orthofx.transform(model, _with_block_probe(conv_rule), example_inputs=(example(),), inplace=True)
+    with pytest.warns(orthofx.OrthofxWarning, match=r"replaced: 'body.0' \(now (OrthogonalConv2d|ConvNormConv2d)\)"):
+        orthofx.attach(stale, gm)
+
+
+def test_two_inplace_transforms_keep_the_first_replacement_named():
+    """convnorm (affine) in a first inplace transform, a probe around its block in a second: the conv's parameters
+    still name the ConvNorm layer, whose affine part the optimizer built before both lacks."""
+    torch.manual_seed(0)
+    model = _BlockModel()
+    stale = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = {"orthofx": 1, "rules": [{"match": {"type": "Conv2d"}, "apply": "convnorm", "with": {"affine": True}}]}
+    orthofx.transform(model, first, example_inputs=(example(),), inplace=True)
+    second = {"orthofx": 1, "rules": [{"match": {"kind": "block", "name": "body"}, "apply": "jacobian_isometry"},
+                                      {"match": {"type": "Linear"}, "apply": "riemannian"}]}
+    gm = orthofx.transform(model, second, example_inputs=(example(),), inplace=True)
+    with pytest.warns(orthofx.OrthofxWarning, match=r"'body.0' \(now ConvNormConv2d\)"):
+        orthofx.attach(stale, gm)
+    # an optimizer built after both transforms: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", orthofx.OrthofxWarning)
+        orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm)

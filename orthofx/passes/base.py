@@ -1371,9 +1371,13 @@ class PassContext:
 
         State-dict hooks on the old module do not go with it: an :class:`~orthofx.OrthofxWarning` names them,
         and the capture warnings of the manifest keep the message next to the one about the root's."""
+        from ..optim import note_replaced_layer  # optim imports this module
+
         name = site.name if isinstance(site, Site) else site
         message = lost_state_dict_hooks_warning(name, self.gm.get_submodule(name), new)
         old = replace_module(self.gm, name, new)
+        # with inplace=True the model's own layer: an optimizer built before holds its parameters (attach warns)
+        note_replaced_layer(old, new)
         if message is not None:
             warnings.warn(message, OrthofxWarning, stacklevel=3)
             capture = getattr(self.manifest, "capture", None)
