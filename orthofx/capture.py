@@ -2625,16 +2625,23 @@ def recurrent_batch_dims(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]
     kwargs = kwargs or {}
     inputs_of: dict[tuple[int, int], str] = {}  # (L, N) -> layer
     hidden_of: dict[tuple[int, ...], str] = {}  # shape -> layer
+    # the tensors a layer was called with (the run's copies): an input of the call passed on as it is is read by
+    # what it is, not by a shape it shares (a batch-first input shaped as the hidden state, both (2, 2, 8))
+    called_with: dict[int, RecurrentBatch | None] = {}  # id -> its reading (None: batch in dimension 0)
 
     def hook(label: str, module: nn.RNNBase):
         def record(_, args, call_kwargs):
             x = args[0] if args else call_kwargs.get("input")
             hx = args[1] if len(args) > 1 else call_kwargs.get("hx")
-            if isinstance(x, torch.Tensor) and recurrent_batch_axis(module, x) == 1:
-                inputs_of.setdefault(tuple(x.shape[:2]), label)
+            if isinstance(x, torch.Tensor):
+                first = recurrent_batch_axis(module, x) == 1
+                if first:
+                    inputs_of.setdefault(tuple(x.shape[:2]), label)
+                called_with.setdefault(id(x), RecurrentBatch(1, label, "input") if first else None)
             for h in (hx if isinstance(hx, (tuple, list)) else (hx,)):
                 if isinstance(h, torch.Tensor) and h.dim() == 3:
                     hidden_of.setdefault(tuple(h.shape), label)
+                    called_with.setdefault(id(h), RecurrentBatch(_HIDDEN_BATCH_AXIS, label, "hidden state"))
         return record
 
     handles = [module.register_forward_pre_hook(hook(_recurrent_label(name, module), module), with_kwargs=True)
@@ -2650,9 +2657,14 @@ def recurrent_batch_dims(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]
     finally:
         for handle in handles:
             handle.remove()
+    copied = [leaf for leaf in torch.utils._pytree.tree_leaves(copies) if isinstance(leaf, torch.Tensor)]
     found = {}
-    for x in leaves:
-        if x.dim() == 3 and tuple(x.shape) in hidden_of:
+    for x, copy in zip(leaves, copied):
+        if id(copy) in called_with:
+            read = called_with[id(copy)]
+            if read is None:
+                continue
+        elif x.dim() == 3 and tuple(x.shape) in hidden_of:
             read = RecurrentBatch(_HIDDEN_BATCH_AXIS, hidden_of[tuple(x.shape)], "hidden state")
         elif x.dim() >= 2 and tuple(x.shape[:2]) in inputs_of:
             read = RecurrentBatch(1, inputs_of[tuple(x.shape[:2])], "input")

@@ -154,3 +154,28 @@ def test_transformer_encoder_with_a_padding_mask_transforms(policy):
         reference.eval()
         with torch.no_grad():
             torch.testing.assert_close(fast, reference(x, pad), rtol=0, atol=0)
+
+
+class _Lstm(nn.Module):
+    def __init__(self, batch_first):
+        super().__init__()
+        self.rnn = nn.LSTM(8, 8, num_layers=2, batch_first=batch_first)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, state):
+        return self.fc(self.rnn(x, state)[0])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_export_names_the_ambiguous_hidden_state_not_an_input_of_its_shape(batch_first, tmp_path):
+    """x (2, 2, 8) and h_0 (num_layers 2, N 2, 8) share a shape: the batch of h_0 cannot be told from its sizes, and
+    the refusal named x (example_inputs[0]) as the hidden state, matched by shape (a review)."""
+    x, state = torch.randn(2, 2, 8), (torch.randn(2, 2, 8), torch.randn(2, 2, 8))
+    gm = orthofx.transform(_Lstm(batch_first), "lorth", example_inputs=(x, state))
+    with pytest.raises(orthofx.ExportError) as info:
+        orthofx.export(gm, str(tmp_path / "m.pt2"), example_inputs=(x, state))
+    message = str(info.value)
+    if batch_first:  # x's batch is dimension 0: only h_0 is ambiguous
+        assert message.startswith("example_inputs[1][0] (shape (2, 2, 8)) is the hidden state"), message
+    else:  # seq-first: x (L 2, N 2) is ambiguous itself, and read as the layer's input
+        assert message.startswith("example_inputs[0] (shape (2, 2, 8)) is the input of the seq-first"), message
