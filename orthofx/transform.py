@@ -374,17 +374,23 @@ def _recursion_explained(model: nn.Module, what: str) -> Iterator[None]:
 
 
 def _observe(gm: fx.GraphModule, plan: Plan, example: ExampleCall, manifest: Manifest,
-             model: nn.Module | None = None) -> tuple[Any, dict[str, tuple]]:
+             model: nn.Module | None = None) -> tuple[Any, dict[str, tuple], set[str]]:
     """Run ``gm`` once on the example inputs: record the input/output shape of every module site's first call in
-    the manifest, and return the output and the inputs of the planned module sites (for passes to measure with).
-    When ``gm`` fails, ``model`` (what was captured) is run too, to tell a capture problem from bad inputs."""
+    the manifest, and return the output, the inputs of the planned module sites (for passes to measure with) and
+    the module sites the run called (:attr:`PassContext.called_sites`; a call inside a ``torch.cond`` branch is not
+    seen). The hooks that record them also keep torch's eval fast path of ``nn.TransformerEncoderLayer`` (which
+    computes with its sublayers' weights without calling them, where training calls them) from being taken by a
+    layer holding a site: torch takes it only for a layer with no forward (pre-)hook in it. When ``gm`` fails,
+    ``model`` (what was captured) is run too, to tell a capture problem from bad inputs."""
     names = {site.name for site in plan.sites if site.kind != "function"}
     planned = {entry.site.name for entry in plan.entries if entry.site.kind != "function"}
     site_inputs: dict[str, tuple] = {}
+    called: set[str] = set()
     handles = []
 
     def hook(name):
         def record(module, args, kwargs, output):
+            called.add(name)  # whatever its inputs: the shapes below skip some calls
             # a layer with hooks keeps a keyword call as written (self.c(input=x)): its input is still its first
             args, _ = positional_call(module, args, kwargs)
             # a nested tensor (nn.TransformerEncoder's eval fast path with a padding mask) has no single shape
@@ -401,9 +407,11 @@ def _observe(gm: fx.GraphModule, plan: Plan, example: ExampleCall, manifest: Man
         handles.append(gm.get_submodule(name).register_forward_hook(_outside_branches(hook(name)), with_kwargs=True))
     try:
         with EvalRun(gm):
-            return example.run(gm), site_inputs
+            out = example.run(gm)
     except Exception as exc:
         failure = exc
+    else:
+        return out, site_inputs, called
     finally:
         for h in handles:
             h.remove()
@@ -953,7 +961,8 @@ def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
         # Policy object it passed (Policy.load(p) is p) must not change
         manifest = Manifest(policy=copy.deepcopy(policy), plan=plan, capture=plan.capture)
         parametrizations.restore()  # planning read weights: the runs on the example see the model's own state
-        before, site_inputs = _observe(gm, plan, example, manifest, work) if example is not None else (None, {})
+        before, site_inputs, called = (_observe(gm, plan, example, manifest, work) if example is not None
+                                       else (None, {}, None))
         # what makes the model's own output non-finite, read now: the passes may change ``work``'s weights in place
         model_cause = _model_cause(work, example) if example is not None and _nonfinite_indices(before) else ""
 
@@ -961,7 +970,7 @@ def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
         versions = _versions(work) if user_model is not None else {}
         modules = dict(work.named_modules()) if user_model is not None else {}
         try:
-            _run_passes(PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs,
+            _run_passes(PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs, called_sites=called,
                                     user_default_device=None if example is None else example.device()), plan,
                         lambda site: site.kind != "function" or not site.mode)
         except OrthofxError as exc:

@@ -1342,6 +1342,9 @@ class PassContext:
     # Positional inputs of each planned module site's first call on the example inputs (eval mode, detached);
     # empty without example inputs. Held only while the passes run, never stored in the manifest.
     site_inputs: dict[str, tuple] = field(default_factory=dict)
+    # The module sites the run on the example inputs called as modules (eval mode, no gradients; calls inside a
+    # torch.cond branch are not seen); None without example inputs. Held only while the passes run.
+    called_sites: set[str] | None = None
     # where a module added to a model with no tensor to take the device from goes: the example inputs' device, else
     # torch's default device where the user called transform (the passes run with the CPU as default device)
     user_default_device: torch.device | None = None

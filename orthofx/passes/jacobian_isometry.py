@@ -41,6 +41,11 @@ a rule with no other site raises the :class:`~orthofx.errors.PlanError` of a rul
 of its sites (unless it is ``optional``), and otherwise an :class:`~orthofx.errors.OrthofxWarning` names the
 blocks left out (``explain``, which runs nothing, shows them as ``apply``). Without example inputs the block
 is wrapped, and its first training-mode forward raises a :class:`~orthofx.errors.LayerArgumentError` naming it.
+A probe estimates only where its block is called as a module: ``nn.MultiheadAttention`` reads its ``out_proj``'s
+weight without calling it, so a probe there adds 0 at every step. When the run on the example inputs (eval mode)
+did not call a wrapped block, an :class:`~orthofx.errors.OrthofxWarning` (one per rule) names it; the layers of
+``nn.TransformerEncoderLayer``, which torch's eval fast path skips, are called in that run (its hooks keep the
+fast path off), as in training.
 
 Parameters: ``weight`` (>= 0, default 0.1), ``probes`` (>= 1, default 1), ``kind`` (full | partial | offdiag),
 ``every`` (>= 1: estimate on every ``every``-th training step only), ``per_sample`` (mean over samples instead
@@ -151,6 +156,48 @@ def _refuse_or_warn_skips(ctx: PassContext, entries: list[PlanEntry], reasons: d
                       "rule's match to leave them out", OrthofxWarning, stacklevel=caller_stacklevel())
 
 
+def _warn_uncalled(ctx: PassContext, entries: list[PlanEntry], reasons: dict[int, str | None]) -> None:
+    """Warn (:class:`~orthofx.errors.OrthofxWarning`, once per rule) of the blocks to be wrapped that the run on the
+    example inputs did not call as modules (:attr:`PassContext.called_sites`; no run, no warning): a probe runs
+    only where its block is called, so the block adds 0 to the penalty at every step unless training calls it.
+    ``nn.MultiheadAttention`` never calls its ``out_proj`` (its forward reads the weight). The eval fast path of
+    ``nn.TransformerEncoderLayer``, which skips calling its sublayers where training calls them, is not taken in
+    that run by a layer holding a site (``transform``'s ``_observe`` hooks the sites, and torch takes it only for
+    a layer without hooks), so a sublayer selected there is seen called. A module that the captured training-mode
+    graph calls (the model's forward branching on ``self.training``) is not reported either."""
+    if ctx.called_sites is None:
+        return
+    from ..plan import mode_graphs  # plan imports the passes
+
+    # a module the training-mode graph calls (a branch on self.training in the model's forward) is called there
+    graphed = {node.target for graph, _ in mode_graphs(ctx.gm) for node in graph.nodes if node.op == "call_module"}
+    by_rule: dict[int, list[PlanEntry]] = {}
+    for entry in entries:
+        by_rule.setdefault(entry.rule_index, []).append(entry)
+    for rule_entries in by_rule.values():
+        rule_name = rule_entries[0].rule_name
+        wrapped = [entry.site.name for entry in rule_entries if reasons[id(entry)] is None]
+        uncalled = [name for name in wrapped if name not in ctx.called_sites and name not in graphed]
+        if not uncalled:
+            continue
+        listed = ", ".join(repr(name) for name in uncalled[:5])
+        more = f" (and {len(uncalled) - 5} more)" if len(uncalled) > 5 else ""
+        why = ""
+        for name in uncalled:
+            parent, _, leaf = name.rpartition(".")
+            if leaf == "out_proj" and isinstance(ctx.gm.get_submodule(parent), nn.MultiheadAttention):
+                why = (f" ({name!r}: nn.MultiheadAttention reads its out_proj's weight directly, in training too, "
+                       "and never calls it)")
+                break
+        warnings.warn(f"jacobian_isometry (rule '{rule_name}'): the run on the example inputs (eval mode, without "
+                      f"gradients) did not call {len(uncalled)} of its {len(wrapped)} block(s) as a module: "
+                      f"{listed}{more}{why}. A probe estimates only when its block is called, so their Jacobian "
+                      "penalty stays 0 unless training calls them (a branch on self.training in the forward of a "
+                      "module kept whole); select instead a module that is called and returns one tensor, e.g. a "
+                      "block holding them ({kind: block, name: ...})",
+                      OrthofxWarning, stacklevel=caller_stacklevel())
+
+
 def _calls_per_step(calls: Counter, name: str) -> int:
     """Calls of the module at ``name`` in one forward of the graph: its own ``call_module`` nodes, or, for a
     module inside a leaf of the graph (a block nested in another selected block), the calls of the nearest
@@ -207,6 +254,7 @@ class JacobianIsometry(Pass):
         calls = Counter(node.target for node in ctx.gm.graph.nodes if node.op == "call_module")
         reasons = {id(entry): _no_jacobian(ctx, entry.site.name) for entry in entries}
         _refuse_or_warn_skips(ctx, entries, reasons)  # before any block is wrapped
+        _warn_uncalled(ctx, entries, reasons)
         for entry in entries:
             p = entry.params
             name = entry.site.name
