@@ -254,8 +254,8 @@ class JacobianProbe(nn.Module):
             and it must return one tensor: a tuple or dict output raises a
             :class:`~orthofx.errors.LayerArgumentError` naming the layer at the first training-mode forward with
             gradients (an eval-mode or ``no_grad`` call only runs the block). The ``jacobian_isometry`` pass given
-            example inputs wraps no such block and says so: a :class:`~orthofx.errors.PlanError` for a rule
-            left with no other site (unless optional), an :class:`~orthofx.errors.OrthofxWarning` otherwise. A
+            example inputs wraps no such block and says so (an :class:`~orthofx.errors.OrthofxWarning`, unless
+            the rule is optional; the report row in any case). A
             probe inside another probe's block (nested sites) runs only its block during the outer estimate; each
             probe makes its own estimate at its real call.
         weight: multiplier used by :meth:`penalty` (``orthofx.penalty`` uses the rule's weight, the same value).

@@ -36,10 +36,10 @@ The model's root is not a site. To regularise the whole model's Jacobian, select
 select the block ``"0"``. A module called several times in one forward is estimated at each call (the term is
 the sum). A block whose input is not floating point (an embedding fed token ids), or that returns a tuple or
 dict (``nn.MultiheadAttention``, a block returning ``(y, aux)``), has no single Jacobian to regularise. With
-example inputs the pass sees it on their run and leaves it unwrapped (``orthofx.report``: ``skipped: ...``):
-a rule with no other site raises the :class:`~orthofx.errors.PlanError` of a rule whose pass can handle none
-of its sites (unless it is ``optional``), and otherwise an :class:`~orthofx.errors.OrthofxWarning` names the
-blocks left out (``explain``, which runs nothing, shows them as ``apply``). Without example inputs the block
+example inputs the pass sees it on their run and leaves it unwrapped (``orthofx.report``: ``skipped: ...``),
+and an :class:`~orthofx.errors.OrthofxWarning` names the blocks left out, unless the rule is ``optional``
+(``explain``, which runs nothing, shows them as ``apply``; a warning, not planning's error for a rule whose pass
+can handle none of its sites: a ``.pt`` file written with such a rule loads). Without example inputs the block
 is wrapped, and its first training-mode forward raises a :class:`~orthofx.errors.LayerArgumentError` naming it.
 A probe estimates only where its block is called as a module: ``nn.MultiheadAttention`` reads its ``out_proj``'s
 weight without calling it, so a probe there adds 0 at every step. When the run on the example inputs (eval mode)
@@ -115,21 +115,17 @@ def _no_jacobian(ctx: PassContext, name: str) -> str | None:
     if name in ctx.manifest.input_shapes and name not in ctx.manifest.output_shapes:
         # the example run records the output shape of a block that returns one tensor only
         return ("it returns a tuple, dict or other non-tensor, not one tensor: there is no single input-output "
-                "Jacobian to regularise (select the layers after it, or a submodule that returns one tensor and "
-                "that its forward calls as a module: nn.MultiheadAttention reads its out_proj's weight without "
-                "calling it)")
+                "Jacobian to regularise (select a module of yours that calls it and returns one tensor, such as the "
+                "block holding it with its residual, or the layers after it; nn.MultiheadAttention reads its "
+                "out_proj's weight without calling it)")
     return None
 
 
-def _refuse_or_warn_skips(ctx: PassContext, entries: list[PlanEntry], reasons: dict[int, str | None]) -> None:
-    """Speak for the blocks the example run showed to have no Jacobian (``reasons``: by ``id`` of the entry, from
-    :func:`_no_jacobian`); planning, which runs nothing, had planned them as 'apply'. A rule (not optional) left
-    with no site to regularise raises the :class:`~orthofx.errors.PlanError` planning raises for a rule whose pass
-    can handle none of its sites (its penalty would be 0 at every step); a rule that keeps other sites, or an
-    optional one, warns (:class:`~orthofx.errors.OrthofxWarning`) naming the blocks left unwrapped."""
-    from ..plan import handles_none_error  # plan imports the passes
-
-    plan = ctx.manifest.plan
+def _warn_skips(ctx: PassContext, entries: list[PlanEntry], reasons: dict[int, str | None]) -> None:
+    """Speak for the blocks the example run showed to have no Jacobian to regularise (``reasons``: by ``id`` of
+    the entry, from :func:`_no_jacobian`), which planning, running nothing, had planned as 'apply': an
+    :class:`~orthofx.errors.OrthofxWarning` per rule names the blocks left unwrapped (they add nothing to the
+    penalty), except for an ``optional`` rule (a preset's), whose report rows say it."""
     policy = ctx.manifest.policy
     by_rule: dict[int, list[PlanEntry]] = {}
     for entry in entries:
@@ -140,14 +136,8 @@ def _refuse_or_warn_skips(ctx: PassContext, entries: list[PlanEntry], reasons: d
             continue
         rule_name = rule_entries[0].rule_name
         rule = policy.rules[position] if policy is not None and position < len(policy.rules) else None
-        if rule is not None and rule.name != rule_name:
-            rule = None
-        # the rule's other sites, as planning counts them: refused by the pass, or taken by an earlier rule
-        refused = [(site.name, why) for site, name, why in getattr(plan, "skipped", ()) if name == rule_name]
-        shadowed = sum(1 for _, name, _ in getattr(plan, "shadowed", ()) if name == rule_name)
-        if rule is not None and not rule.optional and len(skipped) == len(rule_entries) and not shadowed:
-            raise handles_none_error(rule, position, len(policy.rules), len(rule_entries) + len(refused),
-                                     skipped + refused)
+        if rule is not None and rule.name == rule_name and rule.optional:
+            continue
         listed = "; ".join(f"{name}: {why}" for name, why in skipped[:5])
         more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
         warnings.warn(f"jacobian_isometry (rule '{rule_name}'): the run on the example inputs showed "
@@ -253,7 +243,7 @@ class JacobianIsometry(Pass):
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
         calls = Counter(node.target for node in ctx.gm.graph.nodes if node.op == "call_module")
         reasons = {id(entry): _no_jacobian(ctx, entry.site.name) for entry in entries}
-        _refuse_or_warn_skips(ctx, entries, reasons)  # before any block is wrapped
+        _warn_skips(ctx, entries, reasons)  # before any block is wrapped
         _warn_uncalled(ctx, entries, reasons)
         for entry in entries:
             p = entry.params
