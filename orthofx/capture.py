@@ -879,22 +879,26 @@ class _ModuleState:
 
     @staticmethod
     def held_tensors(states: list[_ModuleState]) -> set[int]:
-        """``id`` of every parameter and buffer the modules of ``states`` held before the trace."""
-        return {id(t) for state in states for name, _, saved in state.tables if name in ("_parameters", "_buffers")
-                for t in saved.values() if t is not None}
+        """``id`` of every tensor the modules of ``states`` held before the trace: parameters, buffers and plain
+        tensor attributes."""
+        return {id(t) for state in states for _, _, saved in state.tables for t in saved.values()
+                if isinstance(t, torch.Tensor)}
 
     @staticmethod
     def registers_state(table: str, new: bool, value: Any, held: set[int]) -> bool:
-        """Whether a change (:meth:`changes`) registered a parameter or buffer, or set a submodule holding ones the
-        model did not hold (``held``: :meth:`held_tensors`): state that a forward creating it while it runs made
-        (:func:`_drop_created_state`, the tracer's ``created_state``). A submodule set under a new name that holds
-        only the model's own tensors (``self.last = self.block``) or none (``self.act = nn.GELU()``) creates none."""
+        """Whether a change (:meth:`changes`) registered a parameter or buffer, or set a submodule holding tensors
+        the model did not hold (``held``: :meth:`held_tensors`; parameters, buffers, plain tensor attributes): state
+        that a forward creating it while it runs made (:func:`_drop_created_state`, the tracer's ``created_state``).
+        A submodule set under a new name that holds only the model's own tensors (``self.last = self.block``) or
+        none (``self.act = nn.GELU()``) creates none."""
         if not new:
             return False
         if table in ("_buffers", "_parameters"):
             return True
         return table == "_modules" and isinstance(value, nn.Module) and any(
-            id(t) not in held for t in itertools.chain(value.parameters(), value.buffers()))
+            isinstance(t, torch.Tensor) and id(t) not in held
+            for module in value.modules() for t in itertools.chain(
+                module._parameters.values(), module._buffers.values(), module.__dict__.values()))
 
     def restore(self) -> None:
         for _, table, saved in self.tables:
@@ -2659,9 +2663,9 @@ def recurrent_batch_dims(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]
             handle.remove()
     copied = [leaf for leaf in torch.utils._pytree.tree_leaves(copies) if isinstance(leaf, torch.Tensor)]
     found = {}
-    for x, copy in zip(leaves, copied):
-        if id(copy) in called_with:
-            read = called_with[id(copy)]
+    for x, run_copy in zip(leaves, copied):
+        if id(run_copy) in called_with:
+            read = called_with[id(run_copy)]
             if read is None:
                 continue
         elif x.dim() == 3 and tuple(x.shape) in hidden_of:

@@ -319,7 +319,8 @@ def note_replaced_layer(old: nn.Module, new: nn.Module) -> None:
     for parameter in old.parameters():
         # the first replacement names the layer: a later one wraps it whole (a Jacobian probe around a block holding
         # a ConvNorm layer, a second transform), which has no parameters of its own to miss
-        if parameter not in _REPLACED_PARAMETERS:
+        known = _REPLACED_PARAMETERS.get(parameter)
+        if known is None or known() is None:  # a layer swapped back by the user and replaced again: a new record
             _REPLACED_PARAMETERS[parameter] = weakref.ref(new)
 
 

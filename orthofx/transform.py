@@ -971,6 +971,7 @@ def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
         modules = dict(work.named_modules()) if user_model is not None else {}
         try:
             _run_passes(PassContext(gm=gm, manifest=manifest, site_inputs=site_inputs, called_sites=called,
+                                    replaces_user_layers=user_model is not None,
                                     user_default_device=None if example is None else example.device()), plan,
                         lambda site: site.kind != "function" or not site.mode)
         except OrthofxError as exc:

@@ -289,3 +289,30 @@ def test_two_inplace_transforms_keep_the_first_replacement_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error", orthofx.OrthofxWarning)
         orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm)
+
+
+def test_a_copy_transform_records_nothing_so_a_split_optimizer_gets_no_warning():
+    """A second review: with the default copy, the conv inside gm's ConvNorm layer is gm's own; an optimizer holding
+    it (and fc) while another trains the affine part was warned about 'inplace=True replaced' layers."""
+    torch.manual_seed(0)
+    policy = {"orthofx": 1, "rules": [{"match": {"type": "Conv2d"}, "apply": "convnorm", "with": {"affine": True}},
+                                      {"match": {"type": "Linear"}, "apply": "riemannian"}]}
+    gm = orthofx.transform(ConvFc(), policy, example_inputs=(example(),))
+    layer = gm.get_submodule("conv")
+    first = torch.optim.SGD(list(layer.conv.parameters()) + list(gm.get_submodule("fc").parameters()), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", orthofx.OrthofxWarning)
+        orthofx.attach(first, gm)
+
+
+def test_a_layer_swapped_back_and_replaced_again_is_named_again():
+    torch.manual_seed(0)
+    model = ConvFc()
+    stale = torch.optim.SGD(model.parameters(), lr=0.1)
+    conv = model.conv
+    orthofx.transform(model, MIXED, example_inputs=(example(),), inplace=True)
+    model.conv = conv  # the user puts the original back; the first replacement is gone
+    gc.collect()
+    gm = orthofx.transform(model, MIXED, example_inputs=(example(),), inplace=True)
+    with pytest.warns(orthofx.OrthofxWarning, match=r"'conv' \(now OrthogonalConv2d\)"):
+        orthofx.attach(stale, gm)

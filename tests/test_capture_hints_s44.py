@@ -320,3 +320,31 @@ def test_a_submodule_set_in_forward_without_new_tensors_is_no_created_state(cls,
     # every Linear stays a site: nothing was made a leaf
     assert {row["site"] for row in orthofx.report(gm).rows} >= {
         name for name, m in reference.named_modules() if isinstance(m, nn.Linear)}
+
+
+class _CreatedHolder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if not hasattr(self, "noise"):
+            self.noise = nn.Module()  # no parameters or buffers, but a tensor the model did not hold
+            self.noise.scale = torch.full((8,), 0.5)
+        return self.fc(x) * self.noise.scale
+
+
+def test_a_submodule_created_in_forward_holding_a_plain_tensor_is_created_state():
+    """A second review: counting a new submodule by its parameters and buffers only let this one through, and
+    export left torch's fake tensor in the graph (transform then failed with GuardOnDataDependentSymNode)."""
+    policy = {"orthofx": 1, "capture": {"mode": "export"},
+              "rules": [{"match": {"type": "Linear"}, "apply": "orth_regularizer"}]}
+    model = _CreatedHolder()
+    with pytest.raises(orthofx.CaptureError, match=r"sets submodule 'noise' while it runs.*call the model once"):
+        orthofx.transform(model, policy, example_inputs=(torch.randn(4, 8),))
+    assert not hasattr(model, "noise")
+    # the remedy: one call first
+    x = torch.randn(4, 8)
+    model(x)
+    gm = orthofx.transform(model, policy, example_inputs=(x,))
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)

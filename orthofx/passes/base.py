@@ -1345,6 +1345,9 @@ class PassContext:
     # The module sites the run on the example inputs called as modules (eval mode, no gradients; calls inside a
     # torch.cond branch are not seen); None without example inputs. Held only while the passes run.
     called_sites: set[str] | None = None
+    # transform(..., inplace=True): the modules the passes replace are the user's own, whose parameters an optimizer
+    # built before the transform may hold (recorded for attach's warning, optim.note_replaced_layer)
+    replaces_user_layers: bool = False
     # where a module added to a model with no tensor to take the device from goes: the example inputs' device, else
     # torch's default device where the user called transform (the passes run with the CPU as default device)
     user_default_device: torch.device | None = None
@@ -1379,8 +1382,8 @@ class PassContext:
         name = site.name if isinstance(site, Site) else site
         message = lost_state_dict_hooks_warning(name, self.gm.get_submodule(name), new)
         old = replace_module(self.gm, name, new)
-        # with inplace=True the model's own layer: an optimizer built before holds its parameters (attach warns)
-        note_replaced_layer(old, new)
+        if self.replaces_user_layers:
+            note_replaced_layer(old, new)
         if message is not None:
             warnings.warn(message, OrthofxWarning, stacklevel=3)
             capture = getattr(self.manifest, "capture", None)
