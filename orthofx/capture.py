@@ -2653,6 +2653,8 @@ def recurrent_batch_dims(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]
     leaves = [leaf for leaf in torch.utils._pytree.tree_leaves((inputs, kwargs)) if isinstance(leaf, torch.Tensor)]
     devices = sorted({t.device.index or 0 for t in leaves if t.device.type == "cuda"})
     copies = torch.utils._pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (inputs, kwargs))
+    # before the run, beside ``leaves``: a forward that changes a list it is given (state.pop(0)) would shift them
+    copied = [leaf for leaf in torch.utils._pytree.tree_leaves(copies) if isinstance(leaf, torch.Tensor)]
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), buffers_kept(root):
             root(*copies[0], **copies[1])
@@ -2661,7 +2663,6 @@ def recurrent_batch_dims(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]
     finally:
         for handle in handles:
             handle.remove()
-    copied = [leaf for leaf in torch.utils._pytree.tree_leaves(copies) if isinstance(leaf, torch.Tensor)]
     found = {}
     for x, run_copy in zip(leaves, copied):
         if id(run_copy) in called_with:

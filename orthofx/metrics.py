@@ -1604,8 +1604,9 @@ def _check_output(y, x: torch.Tensor, per_sample: bool, what: str, f: _Call | No
     if not isinstance(y, torch.Tensor) and f is not None and f.label is not None:
         raise LayerArgumentError(
             f"{f.label} ({type(f.fn).__name__}): the block returns a {type(y).__name__}, not one tensor, so it has no "
-            "single input-output Jacobian to regularise. Select a block that returns one tensor (one of its "
-            "submodules, or the layers after it), or wrap it in a module that returns the output to regularise")
+            "single input-output Jacobian to regularise. Select a module of yours that calls it and returns one "
+            "tensor (such as the block holding it with its residual), or the layers after it, or wrap it in a module "
+            "that returns the output to regularise")
     if not isinstance(y, torch.Tensor):
         raise ArgumentError(f"{what}: fn must return a single tensor, got {type(y).__name__}; wrap fn so that it "
                             "returns the output to measure")

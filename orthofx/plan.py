@@ -40,10 +40,11 @@ from .nn import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, Orthogona
 from .nn.convnorm import FROZEN_FILTERS_MARKER, ConvNormConvNd
 from .nn.padding import per_dimension
 from .passes.base import (RECURRENT_TYPES, CaptureInfo, Change, Manifest, PassContext, PlanEntry, Site, derived_weight,
-                          describe_module, reads_only_metadata, require_initialised, stops_producer_walk, weight_label)
+                          describe_module, entries_by_rule, reads_only_metadata, require_initialised,
+                          stops_producer_walk, weight_label)
 from .passes.isometric_init import IsometricInit, _scale, _scale_dropped_later
 from .passes.registry import UnknownPassError, available_passes, get_pass
-from .passes.riemannian import Riemannian, StiefelHook, _by_rule, _scale_lost, _tie_decisions, scale_lost_note
+from .passes.riemannian import Riemannian, StiefelHook, _scale_lost, _tie_decisions, scale_lost_note
 from .passes.svd_conditioning import decomposition_op
 from .policy import (Match, Policy, Rule, _compiled_regex, _default_rule_name, _describe, _did_you_mean,
                      _python_none_hint)
@@ -1031,9 +1032,7 @@ def handles_none_error(rule: Rule, position: int, count: int, selected: int,
                        rejected: list[tuple[str, str]]) -> PlanError:
     """The :class:`PlanError` for a rule (not optional) that matched ``selected`` site(s) of which its pass can
     handle none: ``rejected`` holds ``(site name, reason)`` (the first five are shown); ``position`` / ``count``:
-    the rule's place in the policy, as :func:`_rule_place` takes them. Planning raises it, and so does a pass that
-    learns only from the run on the example inputs that it can handle none of its rule's sites
-    (``jacobian_isometry``: blocks that return a tuple)."""
+    the rule's place in the policy, as :func:`_rule_place` takes them."""
     details = "; ".join(f"{name}: {reason}" for name, reason in rejected[:5])
     place = _rule_place(rule, position=position, count=count)
     return PlanError(f"rule '{rule.name}'{place} (apply: {rule.apply}) matched {selected} site(s) "
@@ -1172,7 +1171,8 @@ def _plan_stiefel_outcomes(gm: fx.GraphModule, plan: Plan) -> None:
     # a lazy layer's decisions wait for apply (planning refused it already unless example inputs initialised it)
     if any(isinstance(getattr(m, "weight", None), nn.parameter.UninitializedParameter) for m in modules.values()):
         return
-    decisions = [d for rule in _tie_decisions(_by_rule(stiefel), modules.__getitem__) for d in rule]
+    by_rule = list(entries_by_rule(stiefel).values())
+    decisions = [d for rule in _tie_decisions(by_rule, modules.__getitem__) for d in rule]
     for d in decisions:
         if d.free_what is not None and not d.entry.outcome:
             d.entry.outcome = d.free_what

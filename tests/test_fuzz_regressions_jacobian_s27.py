@@ -110,7 +110,7 @@ def test_a_block_returning_a_tuple_is_named_by_the_probe_and_skipped_by_the_pass
     torch.manual_seed(0)
     x = torch.randn(3, 4)
     with pytest.raises(orthofx.LayerArgumentError, match=r"\(_TupleBlock\): the block returns a tuple, not one "
-                       r"tensor.*Select a block that returns one tensor"):
+                       r"tensor.*Select a module of yours that calls it and returns one"):
         JacobianProbe(_TupleBlock())(x)
     policy = {"rules": [{"match": {"kind": "block", "name": "re:t|body"}, "apply": "jacobian_isometry"}]}
     # with example inputs the pass sees the tuple and leaves the block alone (it used to wrap it, and the first

@@ -179,3 +179,27 @@ def test_export_names_the_ambiguous_hidden_state_not_an_input_of_its_shape(batch
         assert message.startswith("example_inputs[1][0] (shape (2, 2, 8)) is the hidden state"), message
     else:  # seq-first: x (L 2, N 2) is ambiguous itself, and read as the layer's input
         assert message.startswith("example_inputs[0] (shape (2, 2, 8)) is the input of the seq-first"), message
+
+
+class _StateListGru(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(8, 8)  # seq-first
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, state, x):
+        h = state.pop(0)  # changes the list it is given
+        return self.fc(self.gru(x, h)[0])
+
+
+def test_recurrent_layout_pairs_each_input_with_its_own_copy_when_the_forward_changes_a_list():
+    """The final read: the run's copies were listed after the run, so a forward popping from a list it is given
+    shifted them: h_0 was read as the GRU's input and x was left out (the .pt2 export then kept no dynamic batch)."""
+    from orthofx.capture import recurrent_batch_dims
+
+    h0, x = torch.randn(1, 3, 8), torch.randn(5, 3, 8)  # h_0 (layers 1, N 3, 8), x (L 5, N 3, 8)
+    state = [h0]
+    found = recurrent_batch_dims(_StateListGru(), ([h0], x))
+    assert {id(h0): "hidden state", id(x): "input"} == {key: read.role for key, read in found.items()}
+    assert all(read.dim == 1 for read in found.values())
+    assert state == [h0]  # the caller's list is not the one the run changed

@@ -192,6 +192,15 @@ class PlanEntry:
     has_example_inputs: bool = False
 
 
+def entries_by_rule(entries: list[PlanEntry]) -> dict[int, list[PlanEntry]]:
+    """``entries`` grouped by their rule's index in the policy, in the order the rules first appear (a rule's
+    entries keep their order, the graph's)."""
+    by_rule: dict[int, list[PlanEntry]] = {}
+    for entry in entries:
+        by_rule.setdefault(entry.rule_index, []).append(entry)
+    return by_rule
+
+
 @dataclass
 class Change:
     """One edit a pass made, recorded in the manifest and shown by ``orthofx.report``."""

@@ -83,7 +83,7 @@ from .. import metrics
 from ..errors import OrthofxError, OrthofxWarning, caller_stacklevel
 from ..nn.jacobian import JacobianProbe
 from ..nn.precision import zero_like_parameters
-from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, Site
+from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, Site, entries_by_rule
 from .registry import register_pass
 
 __all__ = ["JacobianIsometry", "JacobianTerm"]
@@ -127,10 +127,7 @@ def _warn_skips(ctx: PassContext, entries: list[PlanEntry], reasons: dict[int, s
     :class:`~orthofx.errors.OrthofxWarning` per rule names the blocks left unwrapped (they add nothing to the
     penalty), except for an ``optional`` rule (a preset's), whose report rows say it."""
     policy = ctx.manifest.policy
-    by_rule: dict[int, list[PlanEntry]] = {}
-    for entry in entries:
-        by_rule.setdefault(entry.rule_index, []).append(entry)
-    for position, rule_entries in by_rule.items():
+    for position, rule_entries in entries_by_rule(entries).items():
         skipped = [(entry.site.name, reasons[id(entry)]) for entry in rule_entries if reasons[id(entry)] is not None]
         if not skipped:
             continue
@@ -161,10 +158,7 @@ def _warn_uncalled(ctx: PassContext, entries: list[PlanEntry], reasons: dict[int
 
     # a module the training-mode graph calls (a branch on self.training in the model's forward) is called there
     graphed = {node.target for graph, _ in mode_graphs(ctx.gm) for node in graph.nodes if node.op == "call_module"}
-    by_rule: dict[int, list[PlanEntry]] = {}
-    for entry in entries:
-        by_rule.setdefault(entry.rule_index, []).append(entry)
-    for rule_entries in by_rule.values():
+    for rule_entries in entries_by_rule(entries).values():
         rule_name = rule_entries[0].rule_name
         wrapped = [entry.site.name for entry in rule_entries if reasons[id(entry)] is None]
         uncalled = [name for name in wrapped if name not in ctx.called_sites and name not in graphed]

@@ -128,9 +128,10 @@ from ..errors import (ArgumentError, LayerArgumentError, OrthofxError, OrthofxWa
 from ..nn import stiefel
 from ..nn.precision import describe_nonfinite
 from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, TiedUse,
-                   check_tied, first_warning_outside, gate_blocks_text, hooked_weight, is_uninitialised, matrices_text,
-                   recurrent_hidden_weights, recurrent_weights_reason, require_initialised, weight_groups,
-                   warned_outside, weight_label, whole, sparse_gradient_error, write_whole)
+                   check_tied, entries_by_rule, first_warning_outside, gate_blocks_text, hooked_weight,
+                   is_uninitialised, matrices_text, recurrent_hidden_weights, recurrent_weights_reason,
+                   require_initialised, weight_groups, warned_outside, weight_label, whole, sparse_gradient_error,
+                   write_whole)
 from .registry import register_pass
 
 __all__ = ["Riemannian", "ScaleLostWarning", "StiefelHook", "scale_lost_note",
@@ -551,7 +552,7 @@ class Riemannian(Pass):
         if any(is_uninitialised(module) for module in modules.values()):
             return
         # planning declined the non-square layers of only_square rules already (accepts_params): all are kept
-        _tie_decisions(_by_rule(entries), modules.__getitem__)
+        _tie_decisions(list(entries_by_rule(entries).values()), modules.__getitem__)
 
     def optimizer_hooked_weights(self, gm: nn.Module, entries: list[PlanEntry]) -> list[tuple[PlanEntry, str, str]]:
         """The weights of every site its rule does not leave free (:func:`_tie_decisions`, as :meth:`check_plan`
@@ -560,12 +561,12 @@ class Riemannian(Pass):
         if any(is_uninitialised(module) for module in modules.values()):
             return []
         return [(d.entry, name, f"Riemannian update, {d.entry.params['retraction']} retraction")
-                for decisions in _tie_decisions(_by_rule(entries), modules.__getitem__)
+                for decisions in _tie_decisions(list(entries_by_rule(entries).values()), modules.__getitem__)
                 for d in decisions if d.free_what is None
                 for name, _ in _site_weights(modules[d.entry.site.name])]
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
-        by_rule = _by_rule(entries)
+        by_rule = list(entries_by_rule(entries).values())
         kept_by_rule = []
         for rule_entries in by_rule:
             for entry in rule_entries:
@@ -663,14 +664,6 @@ def _warn_constrains_nothing(decisions: list[_Decision]) -> None:
         "rule constrains nothing and no weight of it trains on the Stiefel manifold (P1 leaves one layer free beside "
         "constrained ones). Widen the rule's match to the layers to constrain, or drop free (free: none) to "
         f"constrain '{free_site}'", OrthofxWarning, stacklevel=2)
-
-
-def _by_rule(entries: list[PlanEntry]) -> list[list[PlanEntry]]:
-    """The entries grouped by rule, in the order the rules first appear (a rule's entries come in graph order)."""
-    by_rule: dict[int, list[PlanEntry]] = {}
-    for entry in entries:
-        by_rule.setdefault(entry.rule_index, []).append(entry)
-    return list(by_rule.values())
 
 
 def _lazy_not_square(ctx: PassContext, entry: PlanEntry) -> str | None:
