@@ -170,7 +170,7 @@ def saved_count(local_metadata: dict, key: str, prefix: str, meaning: str, keep:
                 f"torch.distributed.checkpoint drop it), which holds {meaning}: {keep} stays, so a resumed run may "
                 "evaluate its terms on other steps than the run it continues. Load the state dict as state_dict() "
                 "returned it (torch.save / torch.load keep the metadata), or copy it over: new._metadata = "
-                "old._metadata", OrthofxWarning, stacklevel=3)
+                "old._metadata", OrthofxWarning, stacklevel=caller_stacklevel(skip_torch=True))
         return None
     value = local_metadata[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -54,7 +54,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from .capture import unwrap_model
-from .errors import ArgumentError, OrthofxError, OrthofxWarning
+from .errors import ArgumentError, OrthofxError, OrthofxWarning, caller_stacklevel
 from .nn.jacobian import JacobianProbe
 from .nn.precision import autocast_off
 from .nn.tracing import (NOT_RECORDED, checkpoint_region, in_func_transform, is_orthofx_layer, is_orthofx_module,
@@ -203,7 +203,7 @@ def _warn_eval_mode_training(manifest: Manifest) -> None:
         "and no call of 'every' is counted (a validation pass); trained on, the terms with every: k > 1 weigh k "
         "times their training-mode average. To train with frozen BatchNorm / Dropout keep the model in training "
         "mode and call .eval() on those layers only; to log a validation penalty, compute it under "
-        "torch.no_grad()", OrthofxWarning, stacklevel=4)
+        "torch.no_grad()", OrthofxWarning, stacklevel=caller_stacklevel())
 
 
 #: Key of a transformed model's records (with its manifest's id) for checkpointing's recomputation: the call of
@@ -376,4 +376,4 @@ def _warn_constant_under_transform(root: nn.Module) -> None:
         f"module whose forward returns the loss plus orthofx.penalty (e.g. forward(self, x): return "
         f"criterion(self.gm(x), y) + orthofx.penalty(self.gm)), given to functional_call with the parameters "
         f"prefixed by its attribute ('gm.'). (A transform differentiating only inputs loses nothing: the "
-        f"penalty does not depend on them.)", OrthofxWarning, stacklevel=3)
+        f"penalty does not depend on them.)", OrthofxWarning, stacklevel=caller_stacklevel())

@@ -45,7 +45,7 @@ from typing import Any
 import yaml
 
 from .capture import CAPTURE_MODES
-from .errors import ArgumentError, OrthofxWarning, PolicyError, first_few
+from .errors import ArgumentError, OrthofxWarning, PolicyError, caller_stacklevel, first_few
 from .passes import registry as _registry  # importing orthofx.passes registers the built-in passes
 from .passes.base import Pass
 
@@ -417,7 +417,8 @@ class Policy:
                 if _is_existing_file(word):  # names are looked up as presets first: say which one is used
                     warnings.warn(f"{word!r} names both a preset and a file in the working directory "
                                   f"({os.path.abspath(word)}); the preset is used. Pass './{word}' or "
-                                  f"pathlib.Path({word!r}) for the file", OrthofxWarning, stacklevel=2)
+                                  f"pathlib.Path({word!r}) for the file", OrthofxWarning,
+                                  stacklevel=caller_stacklevel())
                 return cls.preset(word)
             _refuse_python_policy(obj)
             if _is_existing_file(obj):
@@ -1790,7 +1791,7 @@ def _patterns(raw: dict, key: str, path: tuple, pos: _Positions, *, allow_empty:
             for note in notes:  # re's FutureWarning would name a line of this file, not the policy's
                 warnings.warn(f"{pos.location(item_path)}: {_fmt(item_path)}: regular expression {shown}: {note} "
                               "(a later Python may read it otherwise; escape the character with a backslash if it "
-                              "is meant literally)", OrthofxWarning, stacklevel=2)
+                              "is meant literally)", OrthofxWarning, stacklevel=caller_stacklevel())
     return patterns
 
 

@@ -203,3 +203,42 @@ def test_recurrent_layout_pairs_each_input_with_its_own_copy_when_the_forward_ch
     assert {id(h0): "hidden state", id(x): "input"} == {key: read.role for key, read in found.items()}
     assert all(read.dim == 1 for read in found.values())
     assert state == [h0]  # the caller's list is not the one the run changed
+
+
+def _orthofx_warnings(caught):
+    return [w for w in caught if issubclass(w.category, orthofx.OrthofxWarning)]
+
+
+def test_warnings_point_at_the_users_line():
+    """An audit: ten warnings used a fixed stacklevel and named a line of orthofx or torch; they name the caller's
+    line now (errors.caller_stacklevel)."""
+    torch.manual_seed(0)
+    scale_lost = {"orthofx": 1, "rules": [
+        {"match": {"type": "Linear"}, "apply": "isometric_init", "with": {"gain": 2.0}},
+        {"match": {"type": "Linear"}, "apply": "riemannian", "with": {"init": "project"}}]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        orthofx.transform(nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)), scale_lost)
+    found = [w for w in _orthofx_warnings(caught) if issubclass(w.category, orthofx.ScaleLostWarning)]
+    assert found and all(w.filename == __file__ for w in found), [(w.filename, w.lineno) for w in found]
+
+    every = {"orthofx": 1, "rules": [{"match": {"type": "Linear"}, "apply": "orth_regularizer",
+                                      "with": {"every": 3}}]}
+    gm = orthofx.transform(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)), every)
+    state = dict(gm.state_dict())  # a plain dict: no _metadata
+    other = orthofx.transform(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)), every)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        other.load_state_dict(state)
+    found = _orthofx_warnings(caught)
+    assert found and all(w.filename == __file__ for w in found), [(w.filename, w.lineno) for w in found]
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    model[0]._register_state_dict_hook(lambda module, state, prefix, local_metadata: state)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        orthofx.transform(model, "orthogonal", example_inputs=(torch.randn(1, 4, 8, 8),))
+    found = [w for w in _orthofx_warnings(caught) if "state-dict hook" in str(w.message) or
+             "state_dict hook" in str(w.message)]
+    assert found and all(w.filename == __file__ for w in found), [(w.filename, w.lineno, str(w.message)[:80])
+                                                                   for w in _orthofx_warnings(caught)]

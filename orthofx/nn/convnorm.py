@@ -251,7 +251,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from orthofx.errors import LayerArgumentError, RunningFiltersDroppedWarning, first_few, keep_in_metadata, layer_label
+from orthofx.errors import (LayerArgumentError, RunningFiltersDroppedWarning, caller_stacklevel, first_few,
+                            keep_in_metadata, layer_label)
 from orthofx.nn.tracing import (FuncTransformRefusal, fx_tracer_of, in_func_transform, record_as_leaf,
                                 recomputing_in_backward)
 from orthofx.nn.orthogonal import (_ComputedWeight, _EvalCache, check_tensor_input, refuse_weight_assignment,
@@ -1504,7 +1505,7 @@ class ConvNormConvNd(_ComputedWeight, _EvalCache, nn.Module):
             f"uses V of the current weight, as for a size never trained on. To keep more, raise the bound: "
             f"{type(self).__name__}(conv, momentum=..., max_running_grids=N) (None: no bound), or set "
             f"layer.max_running_grids = N",
-            RunningFiltersDroppedWarning, stacklevel=3)
+            RunningFiltersDroppedWarning, stacklevel=caller_stacklevel())
 
     def _refuse_running_update_under_transform(self) -> None:
         """The training-mode update of a running filter writes the layer's state in place (or stores a new filter),
@@ -1633,7 +1634,7 @@ class ConvNormConvNd(_ComputedWeight, _EvalCache, nn.Module):
                 "layer with a momentum: its eval outputs use the filter of the current weight, not those; "
                 "transform with the convnorm rule's momentum set (as when they were saved) to use them (a strict "
                 "load refuses them as unexpected keys, strict=False drops them)", RunningFiltersDroppedWarning,
-                stacklevel=4)
+                stacklevel=caller_stacklevel(skip_torch=True))
 
     def _saved_update_order(self, local_metadata, prefix: str) -> list[tuple[int, ...]] | None:
         """The order of updates a state dict's metadata for this layer holds (:data:`RUNNING_ORDER_METADATA_KEY`,

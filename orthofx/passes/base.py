@@ -1394,7 +1394,7 @@ class PassContext:
         if self.replaces_user_layers:
             note_replaced_layer(old, new)
         if message is not None:
-            warnings.warn(message, OrthofxWarning, stacklevel=3)
+            warnings.warn(message, OrthofxWarning, stacklevel=caller_stacklevel())
             capture = getattr(self.manifest, "capture", None)
             if capture is not None and message not in capture.warnings:
                 capture.warnings.append(message)

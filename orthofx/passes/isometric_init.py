@@ -120,7 +120,7 @@ import torch
 from torch import nn
 
 from .. import metrics
-from ..errors import ArgumentError, LayerArgumentError, OrthofxWarning, ScaleLostWarning
+from ..errors import ArgumentError, LayerArgumentError, OrthofxWarning, ScaleLostWarning, caller_stacklevel
 from ..nn import stiefel
 from ..nn.orthogonal import keeps_output_size
 from ..nn.padding import conv_zero_pads, sizes_per_dimension, torch_mode_pads
@@ -614,7 +614,7 @@ def _scale_dropped_later(ctx: PassContext, entry: PlanEntry, module: nn.Module, 
         f"isometric_init (rule '{entry.rule_name}'): '{entry.site.name}' ({type(module).__name__}): scale {scale:.4g}, "
         f"but riemannian (rule '{stiefel_rules[-1]}', earlier in the policy) keeps this weight on the Stiefel "
         f"manifold, where all singular values are 1: the first optimizer step's retraction drops the scale. "
-        f"{scale_kept_or_dropped(IsometricInit.name)}", ScaleLostWarning, stacklevel=2)
+        f"{scale_kept_or_dropped(IsometricInit.name)}", ScaleLostWarning, stacklevel=caller_stacklevel())
     return (f"; riemannian (rule '{stiefel_rules[-1]}') keeps the weight on the Stiefel manifold, so the first "
             "step's retraction drops this scale")
 
@@ -637,7 +637,8 @@ def _written_outside(entry: PlanEntry, module: nn.Module, owners: dict[int, list
         f"isometric_init (rule '{entry.rule_name}'): '{entry.site.name}' ({type(module).__name__}) shares its weight "
         f"with {names}, which no isometric_init rule initialises: the orthogonal initialisation is written there too "
         f"(one tensor). To keep their initialisation, leave this layer out of the rule (exclude: "
-        f"'{entry.site.name}') or untie the weights first", OrthofxWarning, stacklevel=2)
+        f"'{entry.site.name}') or untie the weights first", OrthofxWarning,
+        stacklevel=caller_stacklevel())
     return f"; written to the weight it shares with {names} too"
 
 
@@ -673,7 +674,7 @@ def _narrowed_before_decomposition(ctx: PassContext, entry: PlanEntry, conv: nn.
         f"torch's eigh / svd divides by their gaps (NaN gradients). Make the decomposition stable: add the svd "
         f"preset's rule {{match: {{op: [linalg.eigh, linalg.eigvalsh, linalg.svd, linalg.svdvals]}}, apply: "
         f"svd_conditioning}} to the policy; or leave this layer out of the rule (exclude: '{entry.site.name}')",
-        OrthofxWarning, stacklevel=2)
+        OrthofxWarning, stacklevel=caller_stacklevel())
     return f"; feeds {', '.join(fed)} with outputs in a {span}"
 
 

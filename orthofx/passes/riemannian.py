@@ -663,7 +663,7 @@ def _warn_constrains_nothing(decisions: list[_Decision]) -> None:
         f"riemannian (rule '{entry.rule_name}'): free: {entry.params['free']} leaves {which}, unconstrained, so the "
         "rule constrains nothing and no weight of it trains on the Stiefel manifold (P1 leaves one layer free beside "
         "constrained ones). Widen the rule's match to the layers to constrain, or drop free (free: none) to "
-        f"constrain '{free_site}'", OrthofxWarning, stacklevel=2)
+        f"constrain '{free_site}'", OrthofxWarning, stacklevel=caller_stacklevel())
 
 
 def _lazy_not_square(ctx: PassContext, entry: PlanEntry) -> str | None:
@@ -856,7 +856,7 @@ def _scale_lost(ctx: PassContext, entry: PlanEntry, module: nn.Module, stepped: 
         f"riemannian (rule '{entry.rule_name}'): '{label}' ({type(module).__name__}): {by} gave its weight scale "
         f"{scale:.4g}, but the Stiefel constraint fixes all its singular values at 1: {when}, so the layer is back "
         f"at scale 1 and that gain is lost. {scale_kept_or_dropped(earlier.pass_name)} init: keep does not keep it: "
-        f"the first step's retraction drops it", ScaleLostWarning, stacklevel=2)
+        f"the first step's retraction drops it", ScaleLostWarning, stacklevel=caller_stacklevel())
     note = (f"; the scale {scale:.4g} that {by} gave the weight is lost (the Stiefel constraint fixes all "
             "singular values at 1)")
     return _ScaleLost(scale, note)
