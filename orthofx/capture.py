@@ -375,7 +375,7 @@ class OrthofxTracer(torch.fx.Tracer):
                     self.created_state.append((state.path, table, key))
                 elif table == "_buffers" and not new and isinstance(value, torch.fx.Proxy) and value.tracer is self:
                     updates.append((_join(state.path, key), value.node))
-                elif _holds_proxy(value):
+                elif _holds(value, torch.fx.Proxy):
                     self.attribute_stores.append((state.path, key))
                 elif not state.path and table == "__dict__" and new:
                     self.constants[key] = value
@@ -427,7 +427,7 @@ def _sequence_helpers_recorded(tracer: torch.fx.Tracer):
     so the class imported by name works as well and ``isinstance(x, PackedSequence)`` keeps working."""
     def stand_in(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            if _holds_proxy((args, kwargs)):
+            if _holds((args, kwargs), torch.fx.Proxy):
                 return tracer.create_proxy("call_function", sequence_helper, (name,) + args, kwargs, name=name)
             return function(*args, **kwargs)
         return call
@@ -437,7 +437,7 @@ def _sequence_helpers_recorded(tracer: torch.fx.Tracer):
     construct = packed.__new__
 
     def new(cls: type, *args: Any, **kwargs: Any) -> Any:
-        if cls is packed and _holds_proxy((args, kwargs)):
+        if cls is packed and _holds((args, kwargs), torch.fx.Proxy):
             # a Proxy is not an instance of cls, so Python calls no __init__ on it
             return tracer.create_proxy("call_function", sequence_helper, (_PACKED_SEQUENCE,) + args, kwargs,
                                        name="packed_sequence")
@@ -847,9 +847,10 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _holds_proxy(value: Any) -> bool:
-    """Whether ``value`` is an fx Proxy or a tuple / list / dict holding one."""
-    return any(isinstance(leaf, torch.fx.Proxy) for leaf in torch.utils._pytree.tree_leaves(value))
+def _holds(value: Any, kind: type) -> bool:
+    """Whether ``value`` is a ``kind`` (an fx Proxy, torch.export's fake tensor) or a tuple / list / dict holding
+    one."""
+    return any(isinstance(leaf, kind) for leaf in torch.utils._pytree.tree_leaves(value))
 
 
 class _ModuleState:
@@ -2106,12 +2107,8 @@ def _trace_with_fallbacks(model: nn.Module, leaf_types: tuple, paths: set[str],
             cause = _describe_cause(failure)
             if tracer.created_state:
                 # a forward that sets a new submodule and calls it: fx fails on the call ("not installed as a
-                # submodule"), which the created state explains (a leaf creates it on its first call)
-                path = tracer.created_state[0][0]
-                if not path:
-                    raise _created_state_error(model, tracer.created_state) from failure
-                cls = type(model.get_submodule(path))
-                cause = _created_state_message(model, [c for c in tracer.created_state if c[0] == path], "")
+                # submodule"), which the created state explains
+                path, cls, cause = _created_state_leaf(model, tracer.created_state, failure)
             elif not path:
                 raise CaptureError(_failure_message("", type(model), cause, info.leaf_fallbacks),
                                    module_path="") from failure
@@ -2119,14 +2116,9 @@ def _trace_with_fallbacks(model: nn.Module, leaf_types: tuple, paths: set[str],
             caught = tracer.caught_failure()
             if caught is None and not tracer.created_state:
                 return graph, tracer
-            if caught is None:
-                # a module that registers state in its forward: kept as a leaf, it registers it on its first call
-                # as in the model; the top level cannot be a leaf
-                path = tracer.created_state[0][0]
-                if not path:
-                    raise _created_state_error(model, tracer.created_state)
-                cls, failure = type(model.get_submodule(path)), None
-                cause = _created_state_message(model, [c for c in tracer.created_state if c[0] == path], "")
+            if caught is None:  # a module that registers state in its forward
+                failure = None
+                path, cls, cause = _created_state_leaf(model, tracer.created_state, failure)
             else:
                 # a failure the model's own try/except hid: the graph would hold the except branch
                 path, cls, failure = caught
@@ -4558,19 +4550,13 @@ def _drop_created_state(states: list[_ModuleState]) -> list[tuple[str, str, str]
         for table, key, value, new in state.changes():
             if _ModuleState.registers_state(table, new, value, held):
                 created.append((state.path, table, key))
-                next(live for name, live, _ in state.tables if name == table).pop(key)
-            elif new and table == "__dict__" and _holds_fake_tensor(value):
-                # ``self.scale = torch.ones(8)`` on a first call: the graph makes the tensor itself; the model must
-                # not keep torch.export's fake one (its next call would compute with it). torch.export puts back
-                # an attribute it rebound, not one the forward added.
-                state.tables[0][1].pop(key)
+            elif not (new and table == "__dict__" and _holds(value, torch._subclasses.fake_tensor.FakeTensor)):
+                continue
+            # a plain attribute holding a fake tensor (``self.scale = torch.ones(8)`` on a first call): the graph
+            # makes the tensor itself; the model must not keep torch.export's fake one (its next call would compute
+            # with it). torch.export puts back an attribute it rebound, not one the forward added.
+            next(live for name, live, _ in state.tables if name == table).pop(key)
     return created
-
-
-def _holds_fake_tensor(value: Any) -> bool:
-    """Whether ``value`` is a torch.export fake tensor or a tuple / list / dict holding one."""
-    fake = torch._subclasses.fake_tensor.FakeTensor
-    return any(isinstance(leaf, fake) for leaf in torch.utils._pytree.tree_leaves(value))
 
 
 def _created_state_message(model: nn.Module, created: list[tuple[str, str, str]], how: str) -> str:
@@ -4603,6 +4589,18 @@ def _created_state_message(model: nn.Module, created: list[tuple[str, str, str]]
     return (f"{how} cannot capture the model: {cause}; a captured graph cannot create a module's state"
             f"{export_note}. Fix: {example}, or call the model once on an example input before orthofx.transform "
             "so that it exists")
+
+
+def _created_state_leaf(model: nn.Module, created: list[tuple[str, str, str]],
+                        failure: BaseException | None) -> tuple[str, type, str]:
+    """``(path, class, reason)`` of the module to keep as a leaf for the state its forward creates while it runs
+    (``created``, the tracer's ``created_state``): a leaf creates it on its first call, as in the model. The top
+    level cannot be a leaf: its :func:`_created_state_error` (from ``failure``, the trace's error if any)."""
+    path = created[0][0]
+    if not path:
+        raise _created_state_error(model, created) from failure
+    own = [c for c in created if c[0] == path]
+    return path, type(model.get_submodule(path)), _created_state_message(model, own, "")
 
 
 def _created_state_error(model: nn.Module, created: list[tuple[str, str, str]]) -> CaptureError:

@@ -324,11 +324,11 @@ def note_replaced_layer(old: nn.Module, new: nn.Module) -> None:
             _REPLACED_PARAMETERS[parameter] = weakref.ref(new)
 
 
-def _stale_replaced_layers(parts: list[_PartHooks], optimizer: torch.optim.Optimizer) -> list[str]:
+def _stale_replaced_layers(parts: list[_PartHooks], optimizer: torch.optim.Optimizer, owned: set[int]) -> list[str]:
     """The layers (``'path' (now Type)``) that ``transform(..., inplace=True)`` put in place of layers whose
-    parameters ``optimizer`` holds, when it holds none of the trainable parameters a new layer has of its own: an
-    optimizer built before the transform, whose steps never update them (the model's other layers, shared, train:
-    nothing else tells)."""
+    parameters ``optimizer`` holds (``owned``: their ids, :func:`_optimizer_parameters`), when it holds none of the
+    trainable parameters a new layer has of its own: an optimizer built before the transform, whose steps never
+    update them (the model's other layers, shared, train: nothing else tells)."""
     layers: dict[int, nn.Module] = {}  # id -> a layer in place of one whose parameters the optimizer holds
     for group in optimizer.param_groups:
         for parameter in group["params"]:
@@ -338,7 +338,6 @@ def _stale_replaced_layers(parts: list[_PartHooks], optimizer: torch.optim.Optim
                 layers[id(layer)] = layer
     if not layers:
         return []
-    owned = _optimizer_parameters(optimizer)
     stale: list[str] = []
     for part in parts:
         for path, module in part.root.named_modules():
@@ -609,8 +608,8 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     refusal = _already_attached(parts, optimizer)
     if refusal is not None:
         raise ArgumentError(refusal)
-    stale = _stale_replaced_layers(parts, optimizer)
     owned = _optimizer_parameters(optimizer)
+    stale = _stale_replaced_layers(parts, optimizer, owned)
     trainable = [p for part in parts for p in part.root.parameters() if p.requires_grad]
     if trainable and not any(id(p) in owned for p in trainable):
         # with a policy without hooks nothing else would notice: gm would never train

@@ -169,6 +169,11 @@ def mode_graphs(gm: fx.GraphModule) -> list[tuple[fx.Graph, str]]:
     return [(gm.graph, "")] if other is None else [(gm.graph_for(gm.graph_training), ""), other]
 
 
+def called_modules(gm: fx.GraphModule) -> set[str]:
+    """The module paths a graph of ``gm`` calls (:func:`mode_graphs`: either mode's of a two-mode graph module)."""
+    return {str(node.target) for graph, _ in mode_graphs(gm) for node in graph.nodes if node.op == "call_module"}
+
+
 def _all_sites(gm: fx.GraphModule, blocks: Iterable[str]) -> tuple[list[Site], dict[str, dict[str, fx.Node]]]:
     """The sites of ``gm.graph`` and, for a two-mode graph module, those of the other mode's graph that the
     first does not have (its function sites, and modules it alone calls), with each graph's nodes by name."""
@@ -1018,26 +1023,17 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                             + _inside_leaf_hint(rule, sites, model if model is not None else gm, aliases, position,
                                                 len(policy.rules)))
         if selected == len(rejected) and not rule.optional:
-            raise handles_none_error(rule, position, len(policy.rules), selected,
-                                     [(s.name, r) for s, r in rejected])
+            details = "; ".join(f"{s.name}: {r}" for s, r in rejected[:5])
+            place = _rule_place(rule, position=position, count=len(policy.rules))
+            raise PlanError(f"rule '{rule.name}'{place} (apply: {rule.apply}) matched {selected} site(s) "
+                            f"but its pass can handle none of them: {details}. Narrow the rule's match, or mark it "
+                            "'optional: true'.")
     _check_pass_plans(gm, entries)
     _refuse_weights_hooked_by_two_passes(gm, entries, policy)
     plan = Plan(entries=entries, sites=sites, skipped=skipped, shadowed=shadowed,
                 unmatched_optional=unmatched_optional, capture=capture, layers=layers)
     _plan_stiefel_outcomes(gm, plan)
     return plan
-
-
-def handles_none_error(rule: Rule, position: int, count: int, selected: int,
-                       rejected: list[tuple[str, str]]) -> PlanError:
-    """The :class:`PlanError` for a rule (not optional) that matched ``selected`` site(s) of which its pass can
-    handle none: ``rejected`` holds ``(site name, reason)`` (the first five are shown); ``position`` / ``count``:
-    the rule's place in the policy, as :func:`_rule_place` takes them."""
-    details = "; ".join(f"{name}: {reason}" for name, reason in rejected[:5])
-    place = _rule_place(rule, position=position, count=count)
-    return PlanError(f"rule '{rule.name}'{place} (apply: {rule.apply}) matched {selected} site(s) "
-                     f"but its pass can handle none of them: {details}. Narrow the rule's match, or mark it "
-                     "'optional: true'.")
 
 
 def _module_key(site: Site) -> tuple[str, str]:

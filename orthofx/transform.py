@@ -33,7 +33,7 @@ from .nn.precision import describe_nonfinite, relative_distance
 from .passes.base import (MANIFEST_KEY, EvalRun, Manifest, ParametrizationState, PassContext, PlanEntry, Site,
                           default_device_set_aside, parameters_watched, replace_module, watch_hooked_weights)
 from .passes.registry import get_pass
-from .plan import Plan, block_paths, build_plan, meta_tensors, meta_text, mode_graphs, other_mode_graph
+from .plan import Plan, block_paths, build_plan, called_modules, meta_tensors, meta_text, other_mode_graph
 from .policy import Policy
 
 __all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed", "output_tensors",
@@ -669,9 +669,7 @@ def _share_replaced_layers(root: nn.Module, gm: fx.GraphModule) -> None:
     new layer under every name, as gm does. Every such name ends in one (module, child name) edge of the model, so
     the edges holding a replaced module are set, each once: a module shared at every level of a nesting has 2^depth
     paths but 2 edges per level. The modules inside a replaced one are left as they are, as under its first path."""
-
-    called = sorted({node.target for graph, _ in mode_graphs(gm) for node in graph.nodes if node.op == "call_module"},
-                    key=lambda path: path.count("."))
+    called = sorted(called_modules(gm), key=lambda path: path.count("."))
     replaced: dict[int, tuple[str, nn.Module]] = {}  # id(old) -> (its first path, the new layer)
     done: list[str] = []
     for path in called:

@@ -52,6 +52,13 @@ def orthogonality_error64(weight):
     return (w.T @ w - torch.eye(w.shape[1], dtype=torch.float64)).abs().max().item()
 
 
+def attach_without_warning(optimizer, model):
+    """orthofx.attach, failing the test on any OrthofxWarning (the stale-optimizer warning among them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", orthofx.OrthofxWarning)
+        return orthofx.attach(optimizer, model)
+
+
 def sgd_step(model, optimizer, x):
     optimizer.zero_grad()
     model(x).square().mean().backward()
@@ -110,9 +117,7 @@ def test_convnorm_affine_part_of_an_optimizer_built_before_is_warned_about():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     policy["rules"][0]["with"] = {"affine": False}
     gm = orthofx.transform(model, policy, example_inputs=(example(),), inplace=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", orthofx.OrthofxWarning)
-        orthofx.attach(optimizer, gm)
+    attach_without_warning(optimizer, gm)
 
 
 def test_mixed_policy_optimizer_built_after_transform_trains_every_parameter():
@@ -162,9 +167,7 @@ def test_shared_layers_with_the_new_layers_parameters_added_attach():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     gm = orthofx.transform(model, MIXED, example_inputs=(example(),), inplace=True)
     optimizer.add_param_group({"params": list(gm.get_submodule("conv").parameters())})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", orthofx.OrthofxWarning)
-        orthofx.attach(optimizer, gm)
+    attach_without_warning(optimizer, gm)
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -286,9 +289,7 @@ def test_two_inplace_transforms_keep_the_first_replacement_named():
     with pytest.warns(orthofx.OrthofxWarning, match=r"'body.0' \(now ConvNormConv2d\)"):
         orthofx.attach(stale, gm)
     # an optimizer built after both transforms: no warning
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", orthofx.OrthofxWarning)
-        orthofx.attach(torch.optim.SGD(gm.parameters(), lr=0.1), gm)
+    attach_without_warning(torch.optim.SGD(gm.parameters(), lr=0.1), gm)
 
 
 def test_a_copy_transform_records_nothing_so_a_split_optimizer_gets_no_warning():
@@ -300,9 +301,7 @@ def test_a_copy_transform_records_nothing_so_a_split_optimizer_gets_no_warning()
     gm = orthofx.transform(ConvFc(), policy, example_inputs=(example(),))
     layer = gm.get_submodule("conv")
     first = torch.optim.SGD(list(layer.conv.parameters()) + list(gm.get_submodule("fc").parameters()), lr=0.1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", orthofx.OrthofxWarning)
-        orthofx.attach(first, gm)
+    attach_without_warning(first, gm)
 
 
 def test_a_layer_swapped_back_and_replaced_again_is_named_again():

@@ -80,7 +80,7 @@ import torch
 from torch import nn
 
 from .. import metrics
-from ..errors import OrthofxError, OrthofxWarning, caller_stacklevel
+from ..errors import OrthofxError, OrthofxWarning, caller_stacklevel, first_few
 from ..nn.jacobian import JacobianProbe
 from ..nn.precision import zero_like_parameters
 from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, Site, entries_by_rule
@@ -154,18 +154,17 @@ def _warn_uncalled(ctx: PassContext, entries: list[PlanEntry], reasons: dict[int
     graph calls (the model's forward branching on ``self.training``) is not reported either."""
     if ctx.called_sites is None:
         return
-    from ..plan import mode_graphs  # plan imports the passes
+    from ..plan import called_modules  # plan imports the passes
 
     # a module the training-mode graph calls (a branch on self.training in the model's forward) is called there
-    graphed = {node.target for graph, _ in mode_graphs(ctx.gm) for node in graph.nodes if node.op == "call_module"}
+    graphed = called_modules(ctx.gm)
     for rule_entries in entries_by_rule(entries).values():
         rule_name = rule_entries[0].rule_name
         wrapped = [entry.site.name for entry in rule_entries if reasons[id(entry)] is None]
         uncalled = [name for name in wrapped if name not in ctx.called_sites and name not in graphed]
         if not uncalled:
             continue
-        listed = ", ".join(repr(name) for name in uncalled[:5])
-        more = f" (and {len(uncalled) - 5} more)" if len(uncalled) > 5 else ""
+        listed = first_few([repr(name) for name in uncalled], 5)
         why = ""
         for name in uncalled:
             parent, _, leaf = name.rpartition(".")
@@ -175,7 +174,7 @@ def _warn_uncalled(ctx: PassContext, entries: list[PlanEntry], reasons: dict[int
                 break
         warnings.warn(f"jacobian_isometry (rule '{rule_name}'): the run on the example inputs (eval mode, without "
                       f"gradients) did not call {len(uncalled)} of its {len(wrapped)} block(s) as a module: "
-                      f"{listed}{more}{why}. A probe estimates only when its block is called, so their Jacobian "
+                      f"{listed}{why}. A probe estimates only when its block is called, so their Jacobian "
                       "penalty stays 0 unless training calls them (a branch on self.training in the forward of a "
                       "module kept whole); select instead a module that is called and returns one tensor, e.g. a "
                       "block holding them ({kind: block, name: ...})",
