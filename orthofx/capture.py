@@ -4103,9 +4103,12 @@ def _shape_mismatch(x: Any, name: str, shape: tuple, batch: bool, layout: tuple 
                     "use, build the layer with batch_first=True (input (N, L, H_in)), or capture it with symbolic "
                     "tracing (capture: {mode: fx} in the policy) if it traces")
         if batch and x.dim() == len(shape) and x.shape[0] != shape[0]:
-            return (f"this model was captured with torch.export for batch size {shape[0]} only (its forward needs "
-                    f"the batch size as a constant, e.g. a Python loop over x.size(0)); got input '{name}' of "
-                    f"{got}. Transform it again with example inputs of the batch size you will use")
+            # torch.export specialises a size-1 dimension whatever the forward does with it
+            cause = ("the example inputs had batch size 1, or the forward needs the batch size as a constant"
+                     if shape[0] == 1 else "its forward needs the batch size as a constant")
+            return (f"this model was captured with torch.export for batch size {shape[0]} only ({cause}, e.g. a "
+                    f"Python loop over x.size(0)); got input '{name}' of {got}. Transform it again with example "
+                    f"inputs of the batch size you will use" + (" (2 or more)" if shape[0] == 1 else ""))
         if x.dim() == len(shape):
             d = next(d for d, size in enumerate(shape) if not _size_fits(x.shape[d], size))
             if isinstance(shape[d], tuple):
