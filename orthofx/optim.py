@@ -46,13 +46,13 @@ from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError, OrthofxWarning, caller_stacklevel
 from .nn.precision import HALF_PRECISION, autocast_enabled
 from .passes.base import (count_attached_step, first_warning_outside, hooked_weight, mark_attached, mark_released,
-                          refuse_fsdp1, whole)
+                          refuse_fsdp1, whole, write_whole)
 from .passes.pre_svd import pending_learning_rates
-from .passes.riemannian import is_zero_redundancy
+from .passes.riemannian import StiefelHook, is_zero_redundancy
 from .penalty import averaged_copies, part_site_path, trained_parts, transformed_parts
 from .transform import is_transformed, manifest_of
 
-__all__ = ["attach", "AttachHandle"]
+__all__ = ["attach", "AttachHandle", "project_stiefel_weights"]
 
 
 _ATTACHMENT_KEYS = itertools.count()
@@ -762,3 +762,72 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     # the roots whose hooks this attachment runs: an attach of any of them again is refused (_already_attached)
     optimizer.__dict__.setdefault("_orthofx_attached", {})[handle._key] = tuple(id(part.root) for part in parts)
     return handle
+
+
+def project_stiefel_weights(model: nn.Module) -> int:
+    """Put every weight that the Riemannian hooks of ``model`` keep on the Stiefel manifold back onto it, in place,
+    as those hooks see it; returns how many weights were projected. For an EMA or SWA copy of a transformed model
+    (``torch.optim.swa_utils.AveragedModel``), whose averaged weights are off the manifold, as ``update_bn`` after
+    SWA (and :func:`orthofx.nn.update_running_filters` for ConvNorm's running filters).
+
+    Each constrained weight is cut into the matrices its hook keeps orthonormal
+    (:meth:`orthofx.passes.riemannian.StiefelHook.projection`): a Linear's ``(out, in)`` weight is one matrix; a
+    convolution's ``(out, in / groups, *kernel)`` one ``out / groups x (in / groups * prod(kernel))`` matrix per group;
+    a recurrent layer's hidden-to-hidden weight one block per gate (an LSTM's ``4H x H`` is four ``H x H``). Each
+    matrix ``A = U S V^T`` (thin SVD) becomes its polar factor ``Q = U V^T``, the nearest point of the Stiefel
+    manifold in Frobenius norm, ``Q = argmin ||A - Q'||_F`` over ``Q'^T Q' = I`` (``Q' Q'^T = I`` for a wide
+    matrix). An average of points of the manifold lies inside it (the mean of ``Q_t`` has singular values <= 1),
+    so an averaged weight needs this; a weight on the manifold already comes back unchanged up to rounding.
+    (``orthofx.nn.stiefel.project_to_stiefel`` of the weight tensor itself is that only for a Linear: it takes a
+    conv weight's leading dimensions as a batch of ``k x k`` matrices, and an LSTM's ``4H x H`` as one matrix.)
+
+    ``model``: a transformed model, a copy of one (``AveragedModel(gm)`` deep-copies ``gm`` with its manifest, which
+    names the sites), or a model holding such (``AveragedModel`` itself): every transformed model in it is projected,
+    so pass the copy, not a model that holds both the copy and the trained one (the trained weights are on the
+    manifold, and would only move by rounding). Frozen weights are projected too, and the weights of a rule's
+    ``free`` site, which has no hook, are not. Nothing is written before every weight is found finite: a weight
+    with NaN / inf raises :class:`~orthofx.OrthofxError` naming it. A model with no such weight (not transformed,
+    or a policy without a riemannian rule that constrains one) raises :class:`~orthofx.OrthofxError`.
+
+    Example::
+
+        import torch, orthofx
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        gm = orthofx.transform(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8)),
+                               "isometric")     # square linears: orthogonal init + Riemannian updates
+        optimizer = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
+        orthofx.attach(optimizer, gm)
+        ema = AveragedModel(gm, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+        for _ in range(5):
+            optimizer.zero_grad()
+            gm(torch.randn(16, 8)).square().mean().backward()
+            optimizer.step()
+            ema.update_parameters(gm)
+        assert orthofx.optim.project_stiefel_weights(ema) == 2     # the averaged copies of '0' and '2'
+        weight = ema.module.get_submodule("0").weight
+        torch.testing.assert_close(weight @ weight.T, torch.eye(8), atol=1e-5, rtol=0)
+    """
+    if not isinstance(model, nn.Module):
+        raise ArgumentError(f"project_stiefel_weights takes an nn.Module (a transformed model, or its EMA / SWA copy: "
+                            f"an AveragedModel), got a {type(model).__qualname__}")
+    parts = [("", model)] if is_transformed(model) else transformed_parts(model)
+    name = type(unwrap_model(model)).__name__
+    if not parts:
+        raise OrthofxError(f"project_stiefel_weights: {name} was not produced by orthofx.transform and holds no model "
+                           "it returned (or a copy of one), so no weight of it is kept on the Stiefel manifold; pass "
+                           "the transformed model or its EMA / SWA copy (the AveragedModel)")
+    hooked = [(unwrap_model(part), hook) for _, part in parts for hook in manifest_of(part).optimizer_hooks
+              if isinstance(hook, StiefelHook)]
+    if not hooked:
+        raise OrthofxError(f"project_stiefel_weights: {name}'s policy keeps no weight on the Stiefel manifold (no "
+                           "riemannian rule constrains one: a rule's free site has no hook), so there is nothing to "
+                           "project; it is for the weights riemannian rules train (the isometric preset's square "
+                           "linears, {apply: riemannian} rules)")
+    projections: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    for root, hook in hooked:  # all computed (and checked finite) before any is written
+        weight, projected = hook.projection(root)
+        projections.setdefault(id(weight), (weight, projected))
+    with torch.no_grad():
+        for weight, projected in projections.values():
+            write_whole(weight, projected)
+    return len(projections)

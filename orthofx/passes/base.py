@@ -392,7 +392,8 @@ _ATTACHED_STEPS = "_orthofx_attached_steps"
 _HOLDERS_RECHECKED_AT = 3
 _UNATTACHED_STEP_HOOK: list = []
 #: an optimizer's ``__dict__`` entry: True once :func:`_warn_unattached_step` is done with it (one dict read per
-#: later step), or the weights it waits to look at again (:func:`_recheck_holders`)
+#: later step), the weights it waits to look at again (:func:`_recheck_holders`), or, until a step gives one of its
+#: hooked weights a gradient, those weights (:class:`_NoHookedGradientYet`)
 _UNATTACHED_CHECKED = "_orthofx_unattached_checked"
 
 
@@ -464,22 +465,52 @@ def first_warning_outside(weights: list) -> bool:
     return True
 
 
+class _NoHookedGradientYet(NamedTuple):
+    """:func:`_warn_unattached_step`'s state of an optimizer none of whose steps so far gave a hooked weight a
+    gradient: ``hooked``, weak references to the hooked weights it holds (found once), and ``groups``, how many
+    param groups it had then (``add_param_group`` when unfreezing makes them stale: found again)."""
+
+    hooked: list
+    groups: int
+
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer) -> _NoHookedGradientYet:
+        hooked = [weakref.ref(p) for group in optimizer.param_groups for p in group["params"] if p in _HOOKED_WEIGHTS]
+        return cls(hooked, len(optimizer.param_groups))
+
+    def stepped(self) -> bool:
+        """Whether a hooked weight it holds has a gradient (one per weight: no parameter but these is read)."""
+        for reference in self.hooked:
+            parameter = reference()
+            if parameter is not None and parameter.grad is not None:
+                return True
+        return False
+
+
 def _warn_unattached_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Global step post hook: at an optimizer's first step, warn when it updated a hooked weight (one with a
-    gradient) of a transformed model that no optimizer was ever attached to, or one that no optimizer attached to
-    its model holds (a weight taken out of the attached optimizer and handed to this one; the attached optimizer
-    gone). Where an attached optimizer still holds the weight (an optimizer rebuilt for a second phase and not
-    attached, the old one not yet garbage: a plain optimizer is freed by the cycle collector only, and a scheduler
-    keeps it), the check waits: at this optimizer's step :data:`_HOLDERS_RECHECKED_AT`, it warns if none of those
-    holders stepped since (:func:`count_attached_step`). Later steps cost one dict read. Models one of whose
-    attachments was removed (``handle.remove()``, and not attached again since) are not warned about. A wrapper
-    optimizer holding the weights beside an attached inner optimizer that it steps less often than every third
-    call would be warned about (not a known pattern)."""
+    """Global step post hook: at an optimizer's first step that updates a hooked weight (one with a gradient), warn
+    when it is a hooked weight of a transformed model that no optimizer was ever attached to, or one that no
+    optimizer attached to its model holds (a weight taken out of the attached optimizer and handed to this one; the
+    attached optimizer gone). Until such a step, the hooked weights it holds are kept (:class:`_NoHookedGradientYet`)
+    and only their gradients are read at each step: a backbone frozen for the first steps (a head warm-up) and then
+    unfrozen is looked at once unfrozen (a check done at the very first step alone saw no gradient and never looked
+    again: the weights left the manifold, 0.4 after 10 steps, with no word). Where an attached optimizer still holds
+    the weight (an optimizer rebuilt for a second phase and not attached, the old one not yet garbage: a plain
+    optimizer is freed by the cycle collector only, and a scheduler keeps it), the check waits: at this optimizer's
+    step :data:`_HOLDERS_RECHECKED_AT` after that one, it warns if none of those holders stepped since
+    (:func:`count_attached_step`). Once done, a step costs one dict read. Models one of whose attachments was
+    removed (``handle.remove()``, and not attached again since) are not warned about. A wrapper optimizer holding the
+    weights beside an attached inner optimizer that it steps less often than every third call would be warned about
+    (not a known pattern)."""
     state = optimizer.__dict__.get(_UNATTACHED_CHECKED)
     if torch.compiler.is_compiling() or state is True:
         return
-    if state is not None:
+    if isinstance(state, dict):
         _recheck_holders(optimizer, state)
+        return
+    if state is None or state.groups != len(optimizer.param_groups):
+        state = optimizer.__dict__[_UNATTACHED_CHECKED] = _NoHookedGradientYet.of(optimizer)
+    if not state.stepped():  # no hooked weight updated yet: look again at the next step
         return
     optimizer.__dict__[_UNATTACHED_CHECKED] = True
     found: dict[int, tuple] = {}
@@ -567,6 +598,35 @@ def _warn_outside(optimizer: torch.optim.Optimizer, entries: list, why: str) -> 
                   "trainable hooked weights (a rebuilt optimizer), else give these weights back to the attached "
                   "optimizer (optimizer.add_param_group)", OrthofxWarning,
                   stacklevel=caller_stacklevel(skip_torch=True))
+
+
+def replaced_after_attach(what: str, many: bool = False) -> str:
+    """Why a hooked weight (``what``: ``"the layer's weight"``; ``many``: several, ``"the weights"``) is in no
+    param group of the attached optimizer when it was replaced after ``attach``, and what to do: one wording for
+    every hook that finds it (OLR / NOG refuse the step, :func:`orthofx.passes.pre_svd._group_of`; the Riemannian
+    hooks warn, :func:`orthofx.passes.riemannian._warn_stepped_elsewhere`). ``load_state_dict(sd, assign=True)``
+    registers new Parameters (biases too); the optimizer keeps stepping the old ones."""
+    be, they, tensor, train = (("are", "they were", "the old tensors", "no longer train") if many else
+                               ("is", "it was", "the old tensor", "no longer trains"))
+    return (f"{what} {be} not in any param group of this optimizer: {they} replaced after orthofx.attach "
+            "(load_state_dict(..., assign=True), or a new nn.Parameter assigned to the layer), and the optimizer "
+            f"holds {tensor}, which {train} the model. Load or assign the weights before building the optimizer "
+            "(then attach it), or load them in place (load_state_dict without assign=True)")
+
+
+def sites_holding_replaced_weights(optimizer: torch.optim.Optimizer, root: nn.Module) -> set[str]:
+    """The sites of the transformed model ``root`` a hooked weight of which, as registered by
+    :func:`watch_hooked_weights` (at ``transform`` / ``load``, or the first ``orthofx.penalty`` of a copy),
+    ``optimizer`` holds. Asked about a site whose current weight the optimizer does not hold, it tells a weight
+    replaced after ``attach`` (``load_state_dict(..., assign=True)``: the optimizer holds the old tensor) from one
+    taken out of the optimizer's groups. Reads every parameter of the optimizer: for a warning's path only."""
+    sites = set()
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            entry = _HOOKED_WEIGHTS.get(parameter)
+            if entry is not None and entry[0]() is root:
+                sites.add(entry[1])
+    return sites
 
 
 @dataclass

@@ -97,9 +97,14 @@ steps its shard of the weights and keeps their state in its local optimizer: the
 every rank (after ZeRO's broadcast), and the rank that owns a weight transports its first moment.
 
 A weight taken out of the attached optimizer's groups after ``attach`` (frozen and dropped, then unfrozen into
-another optimizer) is stepped there as a plain parameter: the attached optimizer's next step warns, once per weight
+another optimizer) is stepped there as a plain parameter, and one replaced after ``attach``
+(``gm.load_state_dict(sd, assign=True)``) is stepped by nothing (the optimizer steps the old tensor): the attached
+optimizer's next step warns, once per weight, one warning per cause for all of a model's sites, each with its remedy
 (:func:`_warn_stepped_elsewhere`; found among the weights its step left unmoved, so a step that moved every weight
 pays nothing).
+
+An EMA / SWA copy of the model (``torch.optim.swa_utils.AveragedModel``) averages the weights off the manifold:
+:func:`orthofx.optim.project_stiefel_weights` puts each back as its hook cuts it (:meth:`StiefelHook.projection`).
 
 Example::
 
@@ -130,8 +135,8 @@ from ..nn.precision import describe_nonfinite
 from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, TiedUse,
                    check_tied, entries_by_rule, first_warning_outside, gate_blocks_text, hooked_weight,
                    is_uninitialised, matrices_text, recurrent_hidden_weights, recurrent_weights_reason,
-                   require_initialised, weight_groups, warned_outside, weight_label, whole, sparse_gradient_error,
-                   write_whole)
+                   replaced_after_attach, require_initialised, sites_holding_replaced_weights, weight_groups,
+                   warned_outside, weight_label, whole, sparse_gradient_error, write_whole)
 from .registry import register_pass
 
 __all__ = ["Riemannian", "ScaleLostWarning", "StiefelHook", "scale_lost_note",
@@ -238,6 +243,25 @@ class StiefelHook(OptimizerHook):
 
     def _matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         return stiefel.flatten_weight(tensor, self.groups)
+
+    def projection(self, root: nn.Module) -> tuple[nn.Parameter, torch.Tensor]:
+        """The weight and its nearest point of the manifold this hook keeps it on (not written: the caller writes,
+        :func:`write_whole`): each matrix of :meth:`_matrix` (the weight flattened per conv group, per gate block)
+        replaced by its polar factor ``U V^T``, the nearest matrix with orthonormal columns (rows, for a wide one) in
+        Frobenius norm, computed in at least float32 and returned in the weight's shape and dtype. For a copy whose
+        weights were set otherwise than by this hook's step (an EMA / SWA average,
+        :func:`orthofx.optim.project_stiefel_weights`). Raises :class:`~orthofx.OrthofxError` where the weight holds
+        NaN / inf (no nearest orthonormal matrix)."""
+        weight = self._weight(root)
+        with torch.no_grad():
+            full = whole(weight.detach())
+            matrix = self._matrix(full)
+            nonfinite = describe_nonfinite(matrix)
+            if nonfinite is not None:
+                raise OrthofxError(
+                    f"riemannian ({self._label()}, rule '{self.rule}'): the weight has {nonfinite}, so it has no "
+                    "nearest orthonormal matrix to project onto. Average or load finite weights (a diverged run?)")
+            return weight, stiefel.unflatten_weight(stiefel.project_to_stiefel(matrix), full)
 
     @classmethod
     def attach_warning(cls, hooks: list[StiefelHook], parts: list[str], optimizer: torch.optim.Optimizer
@@ -365,7 +389,7 @@ class StiefelHook(OptimizerHook):
                     for j, buf in enumerate(buffers):
                         write_whole(buf, moved[j].reshape(buf.shape))
         if outside:
-            _warn_stepped_elsewhere(optimizer, outside)
+            _warn_stepped_elsewhere(optimizer, root, outside)
         if diverged:
             rules = list(dict.fromkeys(hook.rule for hook in diverged))
             if len(rules) == 1:
@@ -387,35 +411,71 @@ class StiefelHook(OptimizerHook):
                 f"momentum={self.momentum!r})")
 
 
-def _warn_stepped_elsewhere(optimizer: torch.optim.Optimizer, weights: list[tuple[StiefelHook, nn.Parameter]]
-                            ) -> None:
-    """Warn (:class:`~orthofx.OrthofxWarning`, once per weight: :func:`~orthofx.passes.base.first_warning_outside`)
-    about each of ``weights`` (trainable, with a gradient, left unmoved by this step of the attached ``optimizer``)
-    that ``optimizer`` does not hold.
+def _warn_stepped_elsewhere(optimizer: torch.optim.Optimizer, root: nn.Module,
+                            weights: list[tuple[StiefelHook, nn.Parameter]]) -> None:
+    """Warn (:class:`~orthofx.OrthofxWarning`) about those of ``weights`` (trainable, with a gradient, left unmoved by
+    this step of the attached ``optimizer``) that ``optimizer`` does not hold: one warning per call (one model's
+    step) for all of them, naming their sites, and each weight once
+    (:func:`~orthofx.passes.base.first_warning_outside`). Two causes, told apart by what the optimizer holds
+    (:func:`~orthofx.passes.base.sites_holding_replaced_weights`), each with its own remedy:
 
-    A weight trainable at ``attach`` keeps its hook there; taken out of the optimizer's groups later (frozen and
-    dropped) and unfrozen into another optimizer, that one steps it as a plain parameter. The hook still runs at
-    the attached optimizer's steps: it projects the gradient and, the step not moving the weight, retracts it back
-    onto the manifold, so depending on which optimizer steps last the weight ends each iteration off the manifold
-    (5e-2 after 5 steps of SGD with momentum) or on it, but never by P1's step (the other optimizer's momentum is
-    not transported). Only weights the step left unmoved are looked up (:func:`orthofx.passes.pre_svd._group_of`'s
-    cached positions): a step in which every weight moved pays nothing."""
+    replaced
+        ``gm.load_state_dict(sd, assign=True)`` (or a new ``nn.Parameter``) after ``attach``: the optimizer holds
+        the site's old weight and steps it, and the model does not train at all (every parameter ``assign``
+        loaded, biases too, is a new tensor: adding the weights back to the optimizer would leave the rest
+        untrained). The text is OLR / NOG's for the same mistake (:func:`~orthofx.passes.base.replaced_after_attach`),
+        which they refuse; the Riemannian hooks warn, as for the other cause.
+    taken out
+        a weight trainable at ``attach``, taken out of the optimizer's groups later (frozen and dropped) and unfrozen
+        into another optimizer, which steps it as a plain parameter. The hook still runs at the attached optimizer's
+        steps: it projects the gradient and, the step not moving the weight, retracts it back onto the manifold, so
+        depending on which optimizer steps last the weight ends each iteration off the manifold (5e-2 after 5 steps of
+        SGD with momentum) or on it, but never by P1's step (the other optimizer's momentum is not transported).
+
+    Only weights the step left unmoved are looked up (:func:`orthofx.passes.pre_svd._group_of`'s cached positions):
+    a step in which every weight moved pays nothing."""
     from .pre_svd import _group_or_none  # pre_svd imports this module
 
-    for hook, weight in weights:
-        if _group_or_none(optimizer, weight) is not None or not first_warning_outside([weight]):
-            continue
+    unheld = [(hook, weight) for hook, weight in weights
+              if _group_or_none(optimizer, weight) is None and first_warning_outside([weight])]
+    if not unheld:
+        return
+    replaced_sites = sites_holding_replaced_weights(optimizer, root)
+    replaced = [hook for hook, _ in unheld if hook.site in replaced_sites]
+    taken_out = [hook for hook, _ in unheld if hook.site not in replaced_sites]
+    if replaced:
+        many = len(replaced) > 1
         warnings.warn(
-            f"site '{hook.site}' (rule '{hook.rule}'): the weight(s) {list(hook.parameter_names)} were in this "
-            f"{type(optimizer).__name__} when orthofx.attach attached it (or added since), and have been taken out "
-            "of its param groups; they are trainable and got a gradient, but their orthofx hook (Riemannian "
-            "update) acts only on what this optimizer steps. Another optimizer stepping them trains them as plain "
-            "parameters: they leave the Stiefel manifold between this optimizer's steps, and no step is P1's. "
-            "Give them back to the attached optimizer, in a param group of their own for their own lr (and out of "
-            "the other optimizer): optimizer.add_param_group({'params': "
-            f"[gm.get_submodule({hook.site!r}).{hook.parameter}], 'lr': ...}}); attaching orthofx to the other "
+            f"{_sites_text(replaced)}: {StiefelHook.treatment}: "
+            f"{replaced_after_attach('the weights' if many else 'the weight', many)}. This "
+            f"{type(optimizer).__name__}'s steps train none of the loaded parameters (assign=True replaced the biases "
+            "too, so adding the weights back with add_param_group would leave those untrained); the Riemannian hooks "
+            "keep the new weights on the Stiefel manifold, unmoved",
+            OrthofxWarning, stacklevel=caller_stacklevel(skip_torch=True))
+    if taken_out:
+        first = taken_out[0]
+        what = (f"the weight(s) {list(first.parameter_names)} were" if len(taken_out) == 1 else "their weights were")
+        more = ", ..." if len(taken_out) > 1 else ""
+        warnings.warn(
+            f"{_sites_text(taken_out)}: {what} in this {type(optimizer).__name__} when orthofx.attach attached it (or "
+            "added since), and have been taken out of its param groups; they are trainable and got a gradient, but "
+            "their orthofx hook (Riemannian update) acts only on what this optimizer steps. Another optimizer stepping "
+            "them trains them as plain parameters: they leave the Stiefel manifold between this optimizer's steps, and "
+            "no step is P1's. Give them back to the attached optimizer, in a param group of their own for their own lr "
+            "(and out of the other optimizer): optimizer.add_param_group({'params': "
+            f"[gm.get_submodule({first.site!r}).{first.parameter}{more}], 'lr': ...}}); attaching orthofx to the other "
             "optimizer instead is refused while this one holds the model's other hooked weights",
             OrthofxWarning, stacklevel=caller_stacklevel(skip_torch=True))
+
+
+def _sites_text(hooks: list[StiefelHook]) -> str:
+    """``site '0' (rule 'r')``, ``sites '0', '2' (rule 'r')``, ``sites 'a' (rule 'r'), 'b' (rule 's')``: where the
+    ``hooks`` are, for a message about all of them (the first 4 named)."""
+    rules = list(dict.fromkeys(hook.rule for hook in hooks))
+    if len(rules) == 1:
+        sites = first_few([f"'{hook._label()}'" for hook in hooks], 4)
+        return f"site{'s' * (len(hooks) > 1)} {sites} (rule '{rules[0]}')"
+    return "sites " + first_few([f"'{hook._label()}' (rule '{hook.rule}')" for hook in hooks], 4)
 
 
 def _on_manifold_unmoved(w0: torch.Tensor, moved: torch.Tensor, new: torch.Tensor, dtypes: list[torch.dtype]
