@@ -86,8 +86,8 @@ from ..errors import ArgumentError, OrthofxError
 from ..nn.convnorm import ConvNormConvNd
 from ..nn.precision import HALF_PRECISION
 from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, decompositions_fed,
-                   derived_weight, describe_module, is_uninitialised, parameter_owners, weight_groups, whole,
-                   sparse_gradient_error, write_whole)
+                   derived_weight, describe_module, is_uninitialised, parameter_owners, replaced_after_attach,
+                   weight_groups, whole, sparse_gradient_error, write_whole)
 from .isometric_init import frozen_reason
 from .orth_regularizer import lorth_term
 from .orthogonal_conv import _impossibility, orthogonal_layer
@@ -441,12 +441,9 @@ def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor, hook: Optim
         return groups[at[0]]
     treatment = getattr(hook, "treatment", type(hook).__name__)
     where = "" if hook is None else f"site '{hook.site}' (rule '{hook.rule}'): {treatment}: "
-    raise OrthofxError(f"{where}the layer's weight is not in any param group of this optimizer: it was replaced "
-                       "after orthofx.attach (load_state_dict(..., assign=True), or a new nn.Parameter assigned to "
-                       "the layer), and the optimizer holds the old tensor, which no longer trains the model. Load "
-                       "or assign the weights before building the optimizer (then attach it), or load them in place "
-                       "(load_state_dict without assign=True). If instead it was taken out of the optimizer's groups "
-                       "(another optimizer for it would train it without this hook), give it back to this one: "
+    raise OrthofxError(where + replaced_after_attach("the layer's weight") + ". If instead it was taken out of the "
+                       "optimizer's groups (another optimizer for it would train it without this hook), give it back "
+                       "to this one: "
                        "optimizer.add_param_group({'params': [weight]}), a group of its own")
 
 
