@@ -205,8 +205,8 @@ def _captured_with_orthofx_layers(model: nn.Module, example: ExampleCall | None)
     too, for calls of ``orthofx.nn.eigh_stable`` / ``svd_stable``; with none, it has nothing to freeze."""
     root = copy_model(unwrap_model(model))
     if is_orthofx_module(root) and callable(getattr(root, "to_plain", None)):  # _modules_to_freeze: below the root
-        raise OrthofxError(f"{type(root).__name__} is a single orthofx layer, not a model holding one: its plain torch "
-                           "form is layer.to_plain() (orthofx.freeze is for models; nn.Sequential(layer) works too)")
+        raise ExportError(f"{type(root).__name__} is a single orthofx layer, not a model holding one: its plain torch "
+                          "form is layer.to_plain() (orthofx.freeze is for models; nn.Sequential(layer) works too)")
     policy = Policy(description="a model holding orthofx layers, frozen without a transform")
     call = None if example is None else example.fresh()  # capture may run the model (lazy layers, torch.export)
     layers = bool(_modules_to_freeze(root))
@@ -218,17 +218,17 @@ def _captured_with_orthofx_layers(model: nn.Module, example: ExampleCall | None)
             raise
         # a forward calling orthofx.nn.eigh_stable / svd_stable directly holds orthofx's custom ops, which only
         # freeze (from a graph) turns into plain torch.linalg calls
-        raise OrthofxError(
+        raise ExportError(
             f"{type(root).__name__} was not produced by orthofx.transform and holds no orthofx layer, and it could "
             f"not be captured to look for calls of orthofx's decompositions ({_root_cause(exc)}). If its forward "
             "does not call orthofx.nn.eigh_stable / svd_stable, there is nothing to freeze: use the model as it is "
             "(torch.export / torch.onnx.export work on it directly); if it does, make it traceable (or pass "
             "example_inputs for torch.export capture), or call torch.linalg.eigh / svd in eval mode") from exc
     if not layers and not any(stand_in_call(n) for _, g in _graph_modules(gm) for n in g.graph.nodes):
-        raise OrthofxError(f"{type(root).__name__} was not produced by orthofx.transform and holds no orthofx layer "
-                           "and no call of orthofx.nn.eigh_stable / svd_stable (nothing to freeze): call "
-                           "orthofx.transform(model, policy) first, or use the model as it is (torch.export / "
-                           "torch.onnx.export work on it directly)")
+        raise ExportError(f"{type(root).__name__} was not produced by orthofx.transform and holds no orthofx layer "
+                          "and no call of orthofx.nn.eigh_stable / svd_stable (nothing to freeze): call "
+                          "orthofx.transform(model, policy) first, or use the model as it is (torch.export / "
+                          "torch.onnx.export work on it directly)")
     manifest = Manifest(policy=policy, plan=build_plan(gm, policy, info, model=root), capture=info)
     store_manifest(gm, manifest)
     if example is not None:
@@ -1485,6 +1485,9 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
     is dynamic too (torch.export and the ONNX exporter both allow it) and the check on a larger batch grows them
     with the positional inputs. Parameters the example leaves out keep their default in the exported graph, which
     has no input for them. ``.pt`` needs no example inputs.
+
+    ``opset`` (``.onnx`` only): the ONNX opset version written; default 20; 18 up to the newest the installed
+    onnx supports (``onnx.defs.onnx_opset_version()``), another an :class:`orthofx.ExportError`.
 
     ``.onnx`` only: matrix square roots / inverse square roots computed through eigh or svd are exported as
     Newton-Schulz iterations; ``newton_schulz_iterations`` fixes their number (default: chosen on the example

@@ -50,6 +50,7 @@ import math
 import torch
 import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from orthofx.errors import ArgumentError, LayerArgumentError, first_line
 from orthofx.nn.convnorm import running_filters_held
@@ -1592,6 +1593,14 @@ def _detached_input(x: torch.Tensor) -> torch.Tensor:
     return x.clone() if not torch.compiler.is_compiling() and x.is_inference() else x
 
 
+def known_empty(x: torch.Tensor) -> bool:
+    """Whether ``x`` has no elements, an empty batch, as far as its size tells without a data-dependent guard:
+    a static size; under torch.compile a backed symbolic batch (0 and 1 are specialised, so dynamo knows it is at
+    least 2: no guard, no recompilation); ``False`` for an unbacked size (a batch selected by a mask inside a
+    compiled graph), where asking would raise dynamo's "Could not guard on data-dependent expression"."""
+    return guard_or_false(x.numel() == 0)
+
+
 def _check_input(x, what: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise ArgumentError(f"{what}: x must be a torch.Tensor, got {type(x).__name__}")
@@ -1817,10 +1826,14 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
     check_generator(generator, what, "reproducible probes")
     if per_sample and x.ndim == 0:
         raise ArgumentError(f"{what}: per_sample=True needs a batch dimension first, got a 0-d input")
-    if per_sample and x.shape[0] == 0:
-        # the mean over no samples is undefined (NaN), which would poison a loss it is added to
-        raise ArgumentError(f"{what}: per_sample=True needs at least one sample, got an empty batch "
-                            f"{tuple(x.shape)}; skip the estimate for an empty batch")
+    if known_empty(x):
+        # undefined whatever the options: the mean over no samples (per_sample) and the division by no input
+        # dimensions (normalize) are NaN, which would poison a loss it is added to, and the plain value (an empty
+        # sum) would pass a zero off as a measurement
+        raise ArgumentError(f"{what}: x is empty (shape {tuple(x.shape)}, no elements): the estimate needs at least "
+                            "one sample with at least one input value, and over none it is undefined (NaN with "
+                            "per_sample or normalize). Skip the estimate for an empty batch (a JacobianProbe does: "
+                            "it makes no estimate for one, and its penalty is zero)")
     batch_fraction = _check_fraction(batch_fraction, what)
     f, xs, scale = _subsample(_as_function(fn), x, batch_fraction, generator, what)
     batched = per_sample or scale != 1.0  # the output's dimension 0 must be the samples'
@@ -1893,7 +1906,9 @@ def jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", 
         fn: a callable or ``nn.Module`` mapping one tensor to one tensor. A module runs on copies of its buffers
             (BatchNorm running statistics are not updated by the estimate).
         x: the input (batch dimension first when batched); detached, so the gradient of the estimate reaches
-            fn's parameters only.
+            fn's parameters only. An empty ``x`` (no elements, such as a batch of 0) raises an
+            :class:`~orthofx.errors.ArgumentError` whatever ``per_sample`` and ``normalize`` are: the estimate is
+            undefined there (a mean over no samples, a division by no input dimensions); skip the call for it.
         probes: number of Rademacher probes averaged (``offdiag`` uses ``max(probes, 2)``: it is a variance).
         kind: ``"full"``: :math:`\|J^T J - I\|_F^2` (``I`` the identity of the input dimension; for a wide
             Jacobian, ``m < n``, this is :math:`\|J J^T - I_m\|_F^2 + n - m`); ``"partial"``:

@@ -6,7 +6,10 @@ input, differentiable with respect to the block's parameters, and keeps it as :a
 (the last estimate; a plain attribute, not a buffer, so it never enters ``state_dict``). In eval mode, under
 ``torch.no_grad()`` and on skipped calls the probe only runs the block and the estimate is ``None``, so a
 penalty built from it is zero and holds no stale graph; none of those calls is a step of ``every`` (a validation
-pass between training steps leaves the schedule as it was, as for ``orthofx.penalty``'s L_orth terms). A penalty
+pass between training steps leaves the schedule as it was, as for ``orthofx.penalty``'s L_orth terms). An empty
+batch (a first input with no elements) in training mode makes no estimate either, so the penalty is zero for it
+(:func:`~orthofx.metrics.jacobian_isometry` refuses one: its value there is undefined), but it is a call of the
+step, counted in ``every``: the schedule follows the model's training forwards. A penalty
 reads the last estimate, so it is added after the forward: trained on after an optimizer step, or after a backward
 went through it, the estimate of an earlier forward raises a :class:`~orthofx.errors.LayerArgumentError` at
 backward saying so (``orthofx.penalty(gm) + task(gm(x))`` evaluates the penalty first; see
@@ -268,8 +271,8 @@ class JacobianProbe(nn.Module):
             an eval-mode or ``torch.no_grad()`` call (validation) is no step. A step is :attr:`calls_per_step`
             calls of the block (the pass sets it to the number of calls in the model's graph: a block used twice
             per forward is estimated at both calls, and :attr:`estimate` is their sum); a call that raises is no
-            step. Under ``torch.compile`` each phase of the period is one graph (``every: 4`` compiles four;
-            dynamo keeps eight per function by default).
+            step; a call on an empty batch is one, without an estimate. Under ``torch.compile`` each phase of the
+            period is one graph (``every: 4`` compiles four; dynamo keeps eight per function by default).
         per_sample: mean over samples of per-sample values instead of the whole-batch value.
         normalize: divide by the input dimension (per sample when ``per_sample``).
         route: ``"auto"`` (forward mode, double-VJP fallback), ``"jvp"`` or ``"double_vjp"``.
@@ -492,17 +495,22 @@ class JacobianProbe(nn.Module):
         # bounded count gives ``every`` graphs instead of a recompilation at each step
         phase = self.calls % (self.every * self.calls_per_step)
         step, call = divmod(phase, self.calls_per_step)
-        if step % self.every != 0:
+        estimating = step % self.every == 0
+        if not estimating or call == 0:
+            # a step ``every`` skips has no estimate; a new step: the last step's estimate goes before this one is
+            # made, not after. Its graph still holds the saved activations of the block's extra passes when no
+            # backward went through it (a loss that left the penalty out), which would add to this forward's peak
+            # memory
             self.estimate = None
+        if not estimating or self._empty_batch(args, kwargs):
+            # an empty batch has no Jacobian to estimate (the metric refuses it: its mean or normalisation over no
+            # samples is NaN) and the penalty is zero for it, as on a skipped step; it is still a call of the step,
+            # so the period keeps counting the model's forwards and the calls within one (a block called on two
+            # subsets per forward keeps its pairs when one is empty)
             self._record_random_state(region, estimated=False)
             output = block(*args, **kwargs)
             self.calls = (phase + 1) % (self.every * self.calls_per_step)  # counted once it ran (see below)
             return output
-        if call == 0:
-            # a new step: the last step's estimate goes before this one is made, not after. Its graph still holds
-            # the saved activations of the block's extra passes when no backward went through it (a loss that
-            # left the penalty out), which would add to this forward's peak memory
-            self.estimate = None
         # the estimate first: a block opening with an in-place op (ReLU(inplace=True)) overwrites its input
         if torch.compiler.is_compiling() or torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
             estimate = self._estimate(args, kwargs)
@@ -526,6 +534,15 @@ class JacobianProbe(nn.Module):
             self.estimate.register_hook(stamp.mark_backwarded)
             self.estimate._orthofx_stamp = stamp
         return output
+
+    def _empty_batch(self, args: tuple, kwargs: dict) -> bool:
+        """Whether the Jacobian's variable (the block's first input) is a floating-point tensor with no elements, an
+        empty batch: a check of its size only, with no guard or recompilation for non-empty batches under
+        torch.compile (:func:`orthofx.metrics.known_empty`). ``False`` for a first input of another kind: the
+        estimate then raises, saying what is wrong with it."""
+        first = self._input_first(args, kwargs)[0]
+        return bool(first) and isinstance(first[0], torch.Tensor) and first[0].is_floating_point() \
+            and metrics.known_empty(first[0])
 
     def _record_random_state(self, region: tuple[Any, Any] | None, estimated: bool) -> None:
         """For the recomputation of the checkpointed ``region`` whose forward runs this call (None: no region, as
