@@ -11,7 +11,14 @@ One row per conv/linear layer of the graph (touched or not) and per other planne
   what an ``orth_regularizer`` term of the site penalises (:func:`orthofx.passes.orth_regularizer.gate_blocks_lorth`);
 * ``sigma_min`` / ``sigma_max``: the exact extreme singular values of the layer's operator at the input size
   seen on the example inputs, computed with circular padding (Sedghi et al.; exact for circular convs, the
-  standard surrogate for zero-padded ones), strided convs through space-to-depth;
+  standard surrogate for zero-padded ones), strided convs through space-to-depth. A strided conv's circular
+  operator needs a grid divisible by the stride: on an input size that is not (a 7x7 map at stride 2), the
+  figures are those of the circular operator on the size rounded up to a multiple of the stride (8x8), a property
+  of the kernel (what L_orth measures; a regularised conv's row), not of what the layer applies to that input.
+  A hard layer of ``orthogonal_conv`` that is not orthogonal on the example's input size (status ``hard kernel;
+  not orthogonal on the example's 7x7 input: ...``) gets instead the exact figures of the operator it applies
+  there, from its dense matrix (``layer`` says so), or none where that has more than 2048 inputs or outputs,
+  and a note either way;
 * ``exists``: whether an orthogonal convolution of that architecture exists (P0, Theorem 4, dilation included),
   with its case.
 
@@ -142,16 +149,26 @@ def _grid(input_shape: tuple[int, ...] | None, dims: int, stride: tuple[int, ...
     if input_shape is None or len(input_shape) < dims:
         return None
     size = input_shape[-dims:]
-    # The circular operator needs a grid divisible by the stride; round up, as the layer's padding would.
+    # A strided circular operator lives on a grid divisible by the stride: an input size that is not is rounded up
+    # to one. No layer pads its input that way (torch's convs read it with zero padding, orthofx's orthogonal ones
+    # wrap around on the size itself), so the figures there are the kernel's (what L_orth drives to 1), not those of
+    # the operator the layer applies to that size: the report measures hard layers there otherwise
+    # (_measure_off_grid).
     return tuple(-(-n // s) * s for n, s in zip(size, stride))
 
 
 def layer_singular_values(module: nn.Module, input_shape: tuple[int, ...] | None) -> torch.Tensor | None:
-    """All singular values of a conv (circular, at ``input_shape``'s spatial size, rounded up to a multiple of the
-    stride; dilated convs through their undilated equivalent kernel) or linear layer's operator; a transposed
-    conv's are those of the conv with its weight (its adjoint) on the grid ``input * stride``, for any input size.
-    ``None`` when they cannot be computed (unknown input size, other layer types, weights without values: meta
-    device, uninitialised lazy layer)."""
+    """All singular values of a linear layer's matrix, or of a conv's kernel as a circular operator (Sedghi et al.,
+    through FFTs; dilated convs through their undilated equivalent kernel) on the grid of ``input_shape``'s spatial
+    size; a transposed conv's are those of the conv with its weight (its adjoint) on the grid ``input * stride``,
+    the operator it applies for any input size. ``None`` when they cannot be computed (unknown input size, other
+    layer types, weights without values: meta device, uninitialised lazy layer).
+
+    A strided conv's circular operator is defined on grids divisible by the stride only: a size that is not is
+    rounded up to a multiple of it. The figures are then a property of the kernel (the circular operator on the
+    nearest larger grid, what L_orth measures), not those of the operator the layer applies to inputs of that
+    size: a conv with circular padding wraps around on the size itself, and an orthogonal one is in general not
+    orthogonal there (:func:`orthofx.passes.orthogonal_conv.orthogonal_on_grid`)."""
     with torch.no_grad():
         weight = _weight_values(module)
         if weight is None:
@@ -506,6 +523,7 @@ def _transformed_report(model: nn.Module) -> Report:
     conditioning: dict[str, list[float]] = {}
     entries_by_site: dict[tuple[str, str], list] = {}
     unsized: list[str] = []  # conv rows without sigma because no input reached them
+    off_grid_notes: list[str] = []  # hard layers on an input they are not orthogonal on (_measure_off_grid)
     nonfinite: list[tuple[dict[str, Any], nn.Module]] = []  # layer rows, checked for NaN / inf figures below
     # one layer, one row: a layer that rules select both as a module and as a block (a kind: block rule naming it)
     # is one site for shadowing, and its module site's row holds the entries of both, in policy order (a block
@@ -562,6 +580,11 @@ def _transformed_report(model: nn.Module) -> Report:
         nonfinite.append((rows[-1], reported))
         if shape is None and rows[-1]["sigma_min"] is None and _needs_input_size(reported):
             unsized.append(site.name)
+        off_grid = _off_grid_size(changes.get(site.name, []))
+        if off_grid is not None:
+            # the operator the site applies: a frozen layer's pad + conv as a whole, else the (probed) layer
+            applied = module if frozen_conv is not None else reported
+            off_grid_notes.append(_measure_off_grid(rows[-1], applied, _measured_layer(reported), off_grid, spectra))
     penalties = []
     with torch.no_grad():
         for term in manifest.penalties:
@@ -575,6 +598,7 @@ def _transformed_report(model: nn.Module) -> Report:
     # (a report without rows says that the policy changed no site in place of the table)
     notes = (_unchanged_note(manifest) if rows else []) + _unmatched_optional_note(plan)
     notes += _unsized_note(unsized, examples)
+    notes += off_grid_notes
     notes += [note for row, module in nonfinite if (note := _nonfinite_note(row, module)) is not None]
     # (orthofx.freeze measures no output change: a frozen model has the one its transform measured, if any)
     if examples and manifest.output_change is None and not manifest.frozen:
@@ -651,6 +675,71 @@ def _needs_input_size(module: nn.Module) -> bool:
     measured = _measured_layer(module)
     return isinstance(measured, _CONV_TYPES + (FrozenConvNormNd,)) and not _is_full_size(measured) \
         and _weight_values(measured if not isinstance(measured, FrozenConvNormNd) else measured.conv) is not None
+
+
+#: The most inputs or outputs of a layer's operator that :func:`_dense_singular_values` builds the matrix of (an SVD
+#: of 2048 x 2048 takes about a second on a CPU).
+_DENSE_LIMIT = 2048
+
+
+def _off_grid_size(changes) -> tuple[int, ...] | None:
+    """The spatial input size on which the ``orthogonal_conv`` pass found the site's hard layer not orthogonal (its
+    Change's ``after["not_orthogonal_on"]``: a size not divisible by the stride,
+    :func:`orthofx.passes.orthogonal_conv.orthogonal_on_grid`); ``None`` for any other site."""
+    for change in changes:
+        size = (change.after or {}).get("not_orthogonal_on")
+        if size is not None:
+            return tuple(size)
+    return None
+
+
+def _measure_off_grid(row: dict[str, Any], applied: nn.Module, measured: nn.Module, size: tuple[int, ...],
+                      spectra: dict[str, torch.Tensor]) -> str:
+    """Give ``row``, that of a hard orthogonal layer on an input grid ``size`` it is not orthogonal on
+    (:func:`_off_grid_size`), the figures of the operator it applies there instead of the circular ones on the
+    grid rounded up to the stride (which are 1: a property of the kernel, on a grid the layer never sees), and return
+    the note saying so: the exact singular values from the dense matrix of ``applied`` where it is small
+    (:func:`_dense_singular_values`), else none. ``measured``: the conv whose weight and stride the row is about."""
+    weight = _weight_values(measured)
+    stride = tuple(measured.stride)
+    where = (f"the example's {'x'.join(map(str, size))} input, which is not divisible by its stride "
+             f"{stride[0] if len(set(stride)) == 1 else 'x'.join(map(str, stride))} (the construction is exact on "
+             "grids divisible by the stride)")
+    remedy = "use inputs divisible by the stride at this layer, or pad them"
+    values = None if weight is None else _dense_singular_values(applied, weight, measured.in_channels, size)
+    spectra.pop(row["site"], None)
+    if not isinstance(values, torch.Tensor):
+        row["sigma_min"] = row["sigma_max"] = None
+        why = "" if values is None else f", and {values}"
+        return (f"{row['site']}: no sigma_min / sigma_max: the layer is not orthogonal on {where}{why} (the circular "
+                f"figures on a grid divisible by the stride, 1, are not this operator's); {remedy}")
+    spectra[row["site"]] = values
+    row["sigma_min"], row["sigma_max"] = float(values.min()), float(values.max())
+    row["layer"] += f" (figures: its operator on the {'x'.join(map(str, size))} input, dense)"
+    return (f"{row['site']}: not orthogonal on {where}: sigma_min / sigma_max are those of the operator it applies "
+            f"there (its dense matrix); {remedy}")
+
+
+def _dense_singular_values(module: nn.Module, weight: torch.Tensor, channels: int,
+                           size: tuple[int, ...]) -> torch.Tensor | str:
+    """All singular values (descending) of the linear map ``module`` applies to inputs ``(channels, *size)``, bias
+    left out (``f(x) - f(0)``), from its dense matrix: the module run on the unit inputs, in ``weight``'s dtype
+    and on its device, the SVD in float64. A text saying why not where the matrix has more than
+    :data:`_DENSE_LIMIT` rows or columns, or the weight is not float32 / float64 (half precision would blur the
+    figures, and a CPU has no half-precision conv for every layout)."""
+    if weight.dtype not in (torch.float32, torch.float64):
+        return f"its {str(weight.dtype).replace('torch.', '')} weights are too coarse to measure it densely"
+    inputs = channels * math.prod(size)
+    too_large = f"its operator there has more than {_DENSE_LIMIT} inputs or outputs to measure densely"
+    if inputs > _DENSE_LIMIT:
+        return too_large
+    with torch.no_grad():
+        zero = module(torch.zeros(1, channels, *size, dtype=weight.dtype, device=weight.device))
+        if zero[0].numel() > _DENSE_LIMIT:
+            return too_large
+        unit = torch.eye(inputs, dtype=weight.dtype, device=weight.device).reshape(inputs, channels, *size)
+        matrix = (module(unit) - zero).reshape(inputs, -1).to(torch.float64)
+        return torch.linalg.svdvals(matrix)
 
 
 def _unsized_note(sites: list[str], examples: bool = False) -> list[str]:

@@ -55,15 +55,17 @@ Example::
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from .. import theory
-from ..errors import ImpossibleLayerError, PlanError, TransformError
+from ..errors import ImpossibleLayerError, OrthofxWarning, PlanError, TransformError, caller_stacklevel, first_few
 from ..nn.convnorm import FROZEN_FILTERS_MARKER
 from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                               OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
-                              circular_alignment, keeps_output_size, rko_problem,
+                              build_stride, circular_alignment, keeps_output_size, rko_problem,
                               transposed_alignment, transposed_keeps_output_size, transposed_size_keeping_padding)
 from ..nn.padding import conv_mode_pads, conv_zero_pads, one_element_same_dilation, per_dimension, stale_mode_pads
 from ..nn.precision import describe_nonfinite, relative_distance
@@ -225,6 +227,91 @@ def _hard_status(original: nn.Module, padding: str) -> str:
         return "hard"
     return (f"orthogonal kernel, not an orthogonal layer: the conv's circular padding={original.padding} changes "
             "the output size (use 'padding: circular')")
+
+
+_ORTHOGONAL_CONVS = (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d)
+
+
+def orthogonal_on_grid(layer: nn.Module, size) -> bool:
+    r"""Whether ``layer``, an explicit-kernel orthogonal conv (:class:`~orthofx.nn.orthogonal.OrthogonalConv2d`
+    ..., not ``cayley_fft``) with circular padding or none, is orthogonal on inputs of spatial ``size``, which
+    need not be divisible by its stride.
+
+    Its kernel is :math:`K = R \star A` (:mod:`orthofx.nn.orthogonal`, items 4 and 5): ``A`` at stride 1, whose
+    circular operator is orthogonal on every grid, then ``R``, ``t = min(k, S')`` taps per dimension
+    (``S' = S / gcd(D, S)``) at stride ``S`` and dilation ``D``, a matrix ``W`` with orthonormal rows (RO) or
+    columns (CO) applied to what its taps read. Output ``j`` (``m = floor((n + l + r - D(k - 1) - 1) / S) + 1``
+    of them per dimension, ``(l, r)`` the layer's pads, which wrap around) reads ``A``'s output at
+    ``(j S - l + u D) mod n``, ``u < t``. So the operator is orthogonal iff, in every dimension, the map
+    ``(j, u) -> position`` is one-to-one (RO: no position read twice, :math:`JJ^T = I`), and for CO also onto
+    (every position read exactly once, :math:`J^TJ = I`). On a grid divisible by the stride it is a bijection.
+    On others it holds for some layers (an RO 1x1 or ``k = S`` conv, which leaves the last positions unread;
+    ``k = 4, S = 2, p = 1``) and fails for others (``k = 3, S = 2, p = 1`` on 7 reads position 6 twice: the first
+    window wraps around to it): then :math:`JJ^T \ne I` for every kernel but degenerate ones (``W`` reading one tap
+    only), so such a layer is not orthogonal there.
+
+    >>> from orthofx.nn import OrthogonalConv1d
+    >>> orthogonal_on_grid(OrthogonalConv1d(4, 8, 3, stride=2, padding=1), (7,))
+    False
+    >>> orthogonal_on_grid(OrthogonalConv1d(4, 8, 4, stride=2, padding=1), (7,))
+    True
+    """
+    built = build_stride(layer.kernel_size, layer.stride, layer.dilation)
+    onto = layer.case == "CO"
+    for n, (left, right), k, s, d, b in zip(size, layer.pads, layer.kernel_size, layer.stride, layer.dilation,
+                                            built):
+        outputs = (n + left + right - d * (k - 1) - 1) // s + 1
+        read = [(j * s - left + u * d) % n for j in range(outputs) for u in range(min(k, b))]
+        if len(set(read)) < len(read) or (onto and len(read) != n):
+            return False
+    return True
+
+
+def _not_orthogonal_on(layer: nn.Module, shape, status: str) -> tuple[int, ...] | None:
+    """The spatial size of ``shape`` (the site's input on the example run) where ``layer``, just built with
+    ``status``, is not orthogonal though the status says it is (:func:`orthogonal_on_grid`: a size not divisible by
+    the stride); ``None`` otherwise: no shape, a size divisible by the stride, a layer orthogonal there anyway, a
+    status that claims less (zero padding: not at the borders whatever the size; a kernel whose padding changes
+    the output size), a ``cayley_fft`` layer (built for that size), a transposed conv (the adjoint of the conv on
+    the grid ``input * stride``, divisible by it: orthogonal on every input size) or a linear."""
+    if not status.startswith("hard") or not isinstance(layer, _ORTHOGONAL_CONVS) or layer.method == "cayley_fft":
+        return None
+    dims = len(layer.kernel_size)
+    if shape is None or len(shape) < dims + 1:
+        return None
+    if layer.padding_mode != "circular" and any(left or right for left, right in layer.pads):
+        return None
+    size = tuple(int(n) for n in shape[-dims:])
+    if all(n % s == 0 for n, s in zip(size, layer.stride)) or orthogonal_on_grid(layer, size):
+        return None
+    return size
+
+
+def _sizes_text(sizes) -> str:
+    """``7x7`` for a size, ``2`` for a stride the same in every dimension (``2x1`` otherwise)."""
+    sizes = tuple(sizes)
+    return str(sizes[0]) if len(set(sizes)) == 1 else "x".join(map(str, sizes))
+
+
+def _off_grid_status(status: str, size: tuple[int, ...], stride) -> str:
+    """The status of a layer whose example input grid ``size`` is one it is not orthogonal on
+    (:func:`_not_orthogonal_on`): its kernel is the hard one, the operator on that input is not orthogonal."""
+    return (f"hard kernel{status[len('hard'):]}; not orthogonal on the example's {'x'.join(map(str, size))} input: "
+            f"not divisible by stride {_sizes_text(stride)}")
+
+
+def _warn_off_grid(layers: list[str]) -> None:
+    """One :class:`~orthofx.errors.OrthofxWarning` for the layers (``"site (7x7 input, stride 2)"``) that
+    :func:`_not_orthogonal_on` found on the example inputs, with the remedy."""
+    if not layers:
+        return
+    warnings.warn(
+        f"orthogonal_conv: {first_few(layers, 4)}: not orthogonal on the example inputs, whose size there is not "
+        "divisible by the layer's stride: the exactly orthogonal construction (P0) is exact on grids divisible by "
+        "the stride only (orthofx.report gives the singular values of the operator on that input). Use inputs "
+        "whose size is divisible by the stride at every such layer (e.g. 32x32 rather than 28x28 for a ResNet whose "
+        "stride-2 stages see 28, 14 and 7), or pad the inputs to such a size",
+        OrthofxWarning, stacklevel=caller_stacklevel())
 
 
 def _reads_padding(conv: nn.Module) -> bool:
@@ -471,6 +558,7 @@ class OrthogonalConvPass(Pass):
         modules = [ctx.module(entry.site) for entry in entries]
         ties = _tie_problems(entries, modules, parameter_owners(ctx.gm))
         built: dict[int, tuple[str, nn.Module]] = {}  # id(weight) -> (site, its orthogonal layer)
+        off_grid: list[str] = []  # hard layers not orthogonal on the example's input size (one warning for all)
         for entry, module in zip(entries, modules):
             require_initialised(entry, module, "it has no shape to build an orthogonal layer for")
             kept = _kept_layer(module)
@@ -482,7 +570,7 @@ class OrthogonalConvPass(Pass):
                 continue
             if id(module.weight) in built:  # tied to a layer replaced already, with the same configuration
                 first, layer = built[id(module.weight)]
-                self._replace(ctx, entry, module, layer, f"hard (shares {first}'s layer: tied weight)")
+                self._replace(ctx, entry, module, layer, f"hard (shares {first}'s layer: tied weight)", off_grid)
                 continue
             method = entry.params["method"]
             input_size = None
@@ -499,10 +587,11 @@ class OrthogonalConvPass(Pass):
                 status = _hard_status(module, entry.params["padding"])
                 if input_size is not None:
                     status = f"hard (cayley_fft, input {'x'.join(map(str, input_size))} only)"
-                self._replace(ctx, entry, module, layer, status)
+                self._replace(ctx, entry, module, layer, status, off_grid)
                 built[id(module.weight)] = (entry.site.name, layer)
             else:
                 self._impossible(ctx, entry, module, problem)
+        _warn_off_grid(off_grid)
 
     def _cayley_input_size(self, ctx: PassContext, entry: PlanEntry, module: nn.Module) -> tuple[int, ...]:
         """The spatial input size of a conv site for ``method: cayley_fft`` (from the example inputs)."""
@@ -523,8 +612,19 @@ class OrthogonalConvPass(Pass):
             raise _no_input_size_error(entry, module, "none reached this layer")
         return tuple(int(n) for n in shape[-dims:])
 
-    def _replace(self, ctx: PassContext, entry: PlanEntry, old: nn.Module, new: nn.Module, status: str) -> None:
+    def _replace(self, ctx: PassContext, entry: PlanEntry, old: nn.Module, new: nn.Module, status: str,
+                 off_grid: list[str]) -> None:
+        """Put ``new`` at the entry's site and record the Change; a hard layer that the example run gave an input
+        it is not orthogonal on (:func:`_not_orthogonal_on`) gets a status saying so and
+        ``after["not_orthogonal_on"]`` (that spatial size, which the report reads), and goes into ``off_grid`` for
+        the warning."""
         after = {"layer": type(new).__name__, "init_error": new.init_error}
+        size = _not_orthogonal_on(new, ctx.manifest.input_shapes.get(entry.site.name), status)
+        if size is not None:
+            status = _off_grid_status(status, size, new.stride)
+            after["not_orthogonal_on"] = size
+            off_grid.append(f"'{entry.site.name}' ({'x'.join(map(str, size))} input, stride "
+                            f"{_sizes_text(new.stride)})")
         inputs = ctx.site_inputs.get(entry.site.name)
         if inputs is not None:
             with torch.no_grad():
