@@ -355,7 +355,8 @@ class Report:
     __repr__ = __str__
 
     def plot(self, path: str, max_layers: int = 24) -> str:
-        """Write a PNG of each layer's singular values (sorted, descending) to ``path``; needs matplotlib.
+        """Write a figure of each layer's singular values (sorted, descending) to ``path``, in the format its suffix
+        names (``.png``, ``.svg``, ``.pdf``: those matplotlib writes); needs matplotlib.
 
         When the model has condition-number monitors (:attr:`conditioning` is not empty) the figure gets a second
         panel: each monitored site's kappa against the monitor's update count, on a log scale.
@@ -548,7 +549,10 @@ def _transformed_report(model: nn.Module) -> Report:
                 nonfinite.append((rows[-1], probed))
                 continue
             if entries:
-                row = {"site": site.name, "layer": site.target, "pass": pass_text, "params": _params(entries)}
+                # no layer to measure (a decomposition, a block of several layers): the figures' keys say so, as on
+                # other rows without figures, so that every row has the documented keys
+                row = {"site": site.name, "layer": site.target, "pass": pass_text, "params": _params(entries),
+                       "lorth": None, "sigma_min": None, "sigma_max": None, "input": None, "exists": None}
                 monitor = _monitor_of(root, changes.get(site.name, []))[1]
                 if monitor is not None:
                     row.update(_monitor_figures(monitor))

@@ -32,3 +32,20 @@ def test_batch_one_export_capture_error_names_the_example_batch():
         gm2 = orthofx.transform(_ShapeBranch(), "lorth", example_inputs=(torch.randn(2, 4),))
     x = torch.randn(3, 4)
     torch.testing.assert_close(gm2(x), gm2.lin(x))
+
+
+def test_every_report_row_has_the_documented_keys():
+    """A decomposition site's row (the svd preset) lacked lorth / sigma / input / exists: a logger reading
+    ``row["lorth"]`` as to_dict documents raised KeyError."""
+    x = orthofx.models.example_input("gcp_cnn", batch=4)
+    gm = orthofx.transform(orthofx.models.get("gcp_cnn"), "svd", example_inputs=(x,))
+    report = orthofx.report(gm)
+    rows = report.to_dict()["rows"]
+    keys = {"site", "layer", "pass", "params", "lorth", "sigma_min", "sigma_max", "input", "exists"}
+    function_rows = [row for row in rows if ":" in row["site"]]
+    assert function_rows, "the svd preset's decomposition sites have rows"
+    for row in rows:
+        assert keys <= set(row), (row["site"], keys - set(row))
+    for row in function_rows:
+        assert row["lorth"] is None and row["sigma_min"] is None and row["input"] is None
+        assert "kappa" in row  # monitored: the monitor's keys too
