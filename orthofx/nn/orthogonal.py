@@ -29,8 +29,10 @@ Construction (per group; the math, checked numerically in ``tests/test_orthogona
    ``n -> n`` orthogonal kernel ``A`` of size ``k'`` (the product over dimensions of the 1-D chains,
    :math:`A[p, q] = T_1[p]\,T_2[q]`). Ranks alternate between ``n // 2`` and ``n - n // 2`` along each
    dimension, so that consecutive blocks can be complementary (their product is then a pure one-tap shift).
-   With ``n = 1`` (one channel per group) they are ``z`` (rank 0) and the identity (rank 1, left out): the
-   kernel is a fixed shift there, and only the matrix below has parameters.
+   With ``n = 1`` (one channel per group) a block is ``z`` (rank 0) or the identity (rank 1): the block part is a
+   pure shift by the count of rank-0 blocks, a discrete choice per group and dimension held in the buffer
+   ``block_shift`` (not trained; the centre by default, the best one for a nearest start), and only the matrix
+   below has parameters.
 
 3. *Reshaped kernel.* With stride ``S`` and a kernel of size :math:`r_i = \min(k_i, S_i) \le S_i`, the windows
    do not overlap, so the strided convolution is the matrix :math:`W \in \mathbb{R}^{M \times C\prod r_i}`
@@ -123,6 +125,7 @@ operator.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Sequence
 
@@ -809,6 +812,37 @@ def _in_safe_range(target: torch.Tensor) -> torch.Tensor:
     return _unit_scaled(target.reshape(target.shape[0], target.shape[1], -1)).reshape(target.shape)
 
 
+def _unit_norm(target: torch.Tensor) -> torch.Tensor:
+    r"""``target`` (finite) times the power of two that brings its Frobenius norm into :math:`[1/2, 1)`: the target of
+    the nearest start's Adam steps, whose course depends on the target's scale (the optimum does not). Exact
+    (but for entries pushed below the normal range, far under the largest), so that targets differing by a power
+    of two give the same fit bit for bit. The norm is taken of ``target`` over its largest entry's power of two
+    (then in :math:`[1/2, \sqrt{numel})`): the squares of entries of ``1e30`` overflow float32 and those of ``1e-30``
+    underflow. ``target`` itself is never written; a zero one is returned as it is.
+
+    >>> t = torch.tensor([3e30, 4e30])
+    >>> u = _unit_norm(t)
+    >>> 0.5 <= float(u.norm()) < 1, bool(torch.equal(_unit_norm(t * 2.0 ** -70), u))
+    (True, True)
+    """
+    peak = _peak(target)
+    if peak == 0.0 or not math.isfinite(peak):
+        return target
+    scaled = _times_power_of_two(target, -math.frexp(peak)[1])
+    exponent = math.frexp(float(torch.linalg.vector_norm(scaled)))[1]
+    return _times_power_of_two(scaled, -exponent, inplace=scaled is not target)
+
+
+def _times_power_of_two(x: torch.Tensor, exponent: int, inplace: bool = False) -> torch.Tensor:
+    """``x * 2^exponent``, exact, by two factors (``2^exponent`` alone overflows for a subnormal's exponent, e.g.
+    ``2^149`` in float32); ``x`` itself for ``exponent == 0``; in place on ``x`` with ``inplace``."""
+    if exponent == 0:
+        return x
+    half = exponent // 2
+    first = x.mul_(math.ldexp(1.0, half)) if inplace else x * math.ldexp(1.0, half)
+    return first.mul_(math.ldexp(1.0, exponent - half))
+
+
 def _fit_best(params: list[nn.Parameter], loss_fn, best: float, steps: int, lr: float) -> None:
     """``steps`` Adam steps on ``loss_fn`` (the nearest-initialisation fits of ``from_conv``), leaving ``params`` at
     the best state seen (the start counts, with loss ``best``) and their gradients cleared.
@@ -1062,6 +1096,7 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
         self.compute_dtype = _compute_dtype(compute_dtype)
         self.init_error: float | None = None
         self.input_size: tuple[int, ...] | None = None
+        self.register_buffer("block_shift", None)  # set below where the blocks are a discrete choice (n == 1)
         if method == "cayley_fft":
             self._init_cayley(input_size, bias, factory, name)
             self.reset_parameters()
@@ -1121,6 +1156,12 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
             self._block_index.append(dim_blocks)
             identities.append(m - len(dim_blocks))
         self._identity_taps = tuple(identities)
+        if n == 1 and any(nblocks):
+            # every block is a delay or the identity, so the block part is a pure shift by 0 .. k' - 1 taps per
+            # dimension: which one is a discrete choice, held per group (module docs, item 2). Not a parameter:
+            # nothing differentiable chooses it (reset_parameters sets the centre, from_conv's nearest start the
+            # best window)
+            self.register_buffer("block_shift", torch.empty(g, d, dtype=torch.long, device=factory["device"]))
         if counts["a"] and self._ra > 0:
             self.proj_a = nn.Parameter(torch.empty(g, counts["a"], n, self._ra, **factory))
         else:
@@ -1198,7 +1239,50 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
         if (key in state_dict and self.method != "cayley_fft" and self._n == 1 and self.proj_b is None
                 and tuple(state_dict[key].shape[-2:]) == (1, 1)):
             state_dict.pop(key)
+        if self._block_shift is not None:
+            self._block_shift_entry(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _block_shift_entry(self, state_dict: dict, prefix: str) -> None:
+        """``block_shift`` of a state_dict being loaded: one saved before the buffer existed (its layer's blocks were
+        the fixed shift to the centre) gets the centre, so that such checkpoints load with the kernel they saved;
+        a saved one is checked, since a shift outside the kernel would give an all-zero one."""
+        key = prefix + "block_shift"
+        value = state_dict.get(key)
+        if value is None:
+            near = state_dict.get(prefix + "matrix")
+            device = near.device if isinstance(near, torch.Tensor) else self._block_shift.device
+            state_dict[key] = self._default_block_shift(device)
+            return
+        if (not isinstance(value, torch.Tensor) or value.is_meta
+                or tuple(value.shape) != tuple(self._block_shift.shape)):
+            return  # torch's own checks report those
+        largest = tuple(kp - 1 for kp in self._kp)
+        if value.is_floating_point() or value.is_complex() or bool(
+                ((value < 0) | (value > torch.tensor(largest, device=value.device))).any()):
+            raise LayerArgumentError(
+                f"{layer_label(self)}: the state_dict's {key!r} must hold integer shifts between 0 and {largest} per "
+                f"dimension (each group's window in the kernel_size={self.kernel_size} kernel), got {value.tolist()}. "
+                f"Load a state_dict saved from a layer of the same configuration")
+
+    @property
+    def _block_shift(self) -> torch.Tensor | None:
+        """The buffer ``block_shift`` (``None`` where the blocks are no discrete choice), read from ``_buffers``: a
+        layer pickled before the buffer existed has none, and builds its kernel through the blocks as it did (the
+        fixed shift to the centre)."""
+        return self._buffers.get("block_shift")
+
+    def _default_block_shift(self, device=None) -> torch.Tensor:
+        """``block_shift`` of a fresh layer, ``(groups, d)``: the count of rank-0 blocks among the ``k' - 1`` of each
+        dimension, which alternate from rank 0 (``ceil((k' - 1) / 2)``, the centre window: ``(k - 1) / 2`` for an odd
+        ``k`` at stride 1)."""
+        return torch.tensor([kp // 2 for kp in self._kp], dtype=torch.long, device=device).expand(
+            self.groups, self._dims).clone()
+
+    def _eval_cache_tensors(self) -> list[torch.Tensor]:
+        """The parameters and ``block_shift`` (the kernel depends on it: a ``load_state_dict`` writes it)."""
+        tensors = super()._eval_cache_tensors()
+        return tensors if self._block_shift is None else [*tensors, self._block_shift]
 
     @property
     def _param_dtype(self) -> torch.dtype:
@@ -1317,7 +1401,10 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
         """
         cd = self.compute_dtype
         d, g, M, cp, N = self._dims, self.groups, self._M, self._cp, self._N
-        q0 = self._conv_taps(target.to(cd), lefts)
+        # at unit norm (exactly, by a power of two): the optimum does not depend on the target's scale, the steps
+        # do (Adam's, see _OrthogonalConvNd._fit; the real-symbol test of _unitary_completion; squares overflowing
+        # float32), so that a kernel of 1e30 or 1e-30 got another start than the same kernel of 1
+        q0 = _unit_norm(self._conv_taps(target.to(cd), lefts))
         norm = float(q0.square().sum()) or 1.0
         T = torch.fft.rfftn(q0, dim=tuple(range(-d, 0)))            # (g, M, cp, *freq)
         T = T.permute(0, *range(3, 3 + d), 1, 2).reshape(g, -1, M, cp)
@@ -1429,6 +1516,7 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
         an odd number of blocks (``k - S``, the count, is odd: an even ``k`` at stride 1, ``k = 3`` at stride 2)
         its last block has no partner and stays random (a single projector block is never a pure shift): the
         kernel then spans one more tap there (2 x 2 for ``k = 4`` at stride 1, all 3 x 3 for ``k = 3`` at stride 2).
+        With one input channel per group (``block_shift``) both inits put every group's window at the centre.
         ``init_error`` becomes ``None``: it measured the start :meth:`from_conv` made.
         """
         if init not in ("random", "centre"):
@@ -1444,6 +1532,8 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
         for p in (self.proj_a, self.proj_b, self.matrix):
             if p is not None:
                 p.normal_()
+        if self._block_shift is not None:  # one channel per group: the blocks a shift to the centre, for both inits
+            self._block_shift.copy_(self._default_block_shift(self._block_shift.device))
         if init == "centre":
             self._pair_blocks()
         if self.bias is not None:
@@ -1587,8 +1677,53 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
         if shift is not None:
             pads = [(c, k - r - c) for c, r, k in zip(shift, self._r, self.kernel_size)]
             return F.pad(W.reshape(g, M, C, *self._r), flat_pads(pads))
+        if self._block_shift is not None:  # n == 1: the blocks are each group's shift
+            return self._shift_windows(W.reshape(g, M, C, *self._r))
         X, side = self._block_start(W)
         return self._spatial_last(self._apply_blocks(X, cd, side))
+
+    def _window_selection(self, like: torch.Tensor) -> torch.Tensor:
+        r"""The 0/1 matrices ``E`` ``(g, r^d, k^d)`` (window taps by kernel taps, C order) with :math:`E[a, p] = 1`
+        iff kernel tap ``p`` is window tap ``a`` moved by the group's ``block_shift``, in ``like``'s dtype and on
+        its device. Taps are compared as flat C-order indices of the kernel: :math:`s_i + a_i \le k_i - 1`, so the
+        index of :math:`s + a` is the sum of theirs.
+
+        Built on the device, from fills and the buffer (a host list made into a tensor would be a blocking copy to
+        a GPU at every kernel build); the buffer enters a product with a tensor made from ``like``, so that
+        ``torch.fx`` tracing records it as a ``get_attr`` node rather than baking its value at tracing time."""
+        radices = [math.prod(self.kernel_size[i + 1:]) for i in range(self._dims)]
+        shift = self._block_shift * like.new_ones(())                                  # (g, d) in like's dtype
+        first = None  # the flat index of each group's first window tap, (g,)
+        for i, w in enumerate(radices):
+            if self._kp[i] > 1:  # (a dimension without blocks has the shift 0)
+                term = shift.select(1, i) * w
+                first = term if first is None else first + term
+        offsets = None  # flat offsets of the window's taps from its first, (r^d,)
+        for i, (r, w) in enumerate(zip(self._r, radices)):
+            if r > 1:
+                step = (like.new_ones(r).cumsum(0) - 1) * w
+                offsets = step if offsets is None else (offsets.unsqueeze(-1) + step).flatten()
+        taps = like.new_ones(math.prod(self.kernel_size)).cumsum(0) - 1               # 0 .. k^d - 1
+        wanted = first.reshape(-1, 1, 1) if offsets is None else first.reshape(-1, 1, 1) + offsets.reshape(1, -1, 1)
+        return (taps == wanted).to(like.dtype)
+
+    def _shift_windows(self, R: torch.Tensor) -> torch.Tensor:
+        """The kernel ``(g, M, C, *k)`` with one channel per group (``block_shift`` set): each group's window
+        ``R`` ``(g, M, C, *r)`` at its shift, zero elsewhere: the products with :meth:`_window_selection`, summed
+        over the window's taps (none to sum at stride 1, ``r = 1``); each entry sums one product by 1 and zeros:
+        ``R``'s values exactly."""
+        g, M, C, A = self.groups, self._M, self._C, math.prod(self._r)
+        # broadcast products, not a batched matmul: the groups' tiny products (1 x 1 by 1 x k^d for a depthwise
+        # conv) cost a batched matmul, forward and backward, three times as much on a CPU
+        K = R.reshape(g, M * C, A, 1) * self._window_selection(R).unsqueeze(1)
+        return (K.squeeze(2) if A == 1 else K.sum(2)).reshape(g, M, C, *self.kernel_size)
+
+    def _read_windows(self, K: torch.Tensor) -> torch.Tensor:
+        """The adjoint of :meth:`_shift_windows`: each group's window of ``K`` ``(g, M, C, *k)`` at its shift,
+        ``(g, M, C, *r)``, exactly."""
+        g, M, C = self.groups, self._M, self._C
+        R = (K.reshape(g, M * C, 1, -1) * self._window_selection(K).unsqueeze(1)).sum(-1)
+        return R.reshape(g, M, C, *self._r)
 
     def _block_start(self, W: torch.Tensor) -> tuple[torch.Tensor, str]:
         """What the blocks act on, ``(g, *r, M, C)``, built from the orthonormal matrix ``W``, and the side they act
@@ -1612,7 +1747,8 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
         r"""The explicit kernel ``(out_channels, in_channels / groups, *kernel_size)``, ``gain`` times orthogonal.
 
         A differentiable function of the parameters (``proj_a``, ``proj_b``: projector blocks; ``matrix``: the
-        orthonormal mixing / reshaped kernel), rebuilt at every access in ``compute_dtype`` and rounded to the
+        orthonormal mixing / reshaped kernel; with one input channel per group, placed at each group's
+        ``block_shift``), rebuilt at every access in ``compute_dtype`` and rounded to the
         layer's dtype. With ``method="cayley_fft"`` it is the *effective full-size kernel*
         ``(out_channels, in_channels / groups, *input_size)`` of the Fourier-domain operator, read at the offsets
         of :attr:`pads` (:meth:`to_conv` uses it; the forward pass does not). Writing into it (``nn.init``)
@@ -1788,7 +1924,13 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
         block-by-block optimisation follows (:meth:`_block_sweeps`; 1 -> 16 channels, 5 x 5, a random conv:
         relative distance 1.00 -> 0.87, all 25 taps used). Then ``fit_steps`` Adam steps on all parameters
         minimise :math:`\|K - K_0\|_F^2`, and a final Procrustes step re-fits the matrix; the best kernel seen is
-        kept. ``init="random"``: random orthogonal, the bias copied.
+        kept. They fit ``K_0`` scaled to unit norm by a power of two (the nearest kernel does not depend on its
+        scale; Adam's steps did, and stalled at the start for weights of ``1e10`` or ``1e-30``). With one input
+        channel per group (a 1-channel or depthwise conv; :meth:`_choose_block_shift`) the blocks are a shift per
+        group (``block_shift``) and the start is exact, with no steps: per group the shift whose window is nearest
+        with its polar factor, at stride 1 the tap of largest :math:`|K_0|` with its sign, the nearest orthogonal
+        kernel of all (a single-channel one is a signed tap). ``init="random"``: random orthogonal, the bias
+        copied.
 
         The relative Frobenius distance :math:`\|K - K_0\|_F / \|K_0\|_F` of the resulting kernel is stored in
         ``layer.init_error`` (for both inits; ``None`` where it is undefined: a zero ``K_0``, or ``K_0`` with NaN or
@@ -1874,7 +2016,7 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
         :meth:`_pair_blocks`): each pair ``[P, I - P]`` then ``[I - P, P]`` multiplies to a shift by one tap.
         ``None`` where a dimension has an unpaired last block with ``n > 1`` (not a shift). With ``n = 1`` every
         listed block is a delay (rank-0 projectors; the rank-1 identities are left out), so the shift is the
-        class-a count."""
+        class-a count: the default ``block_shift`` of every group (the nearest start sets one per group instead)."""
         shifts = []
         for dim_blocks in self._block_index:
             if self._n == 1:
@@ -1900,6 +2042,9 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
             # copy_ rounds as .to() does, in one pass (the polar factor of a wide matrix is a transposed view)
             self.matrix.copy_(project_to_stiefel(target[window].reshape(self.matrix.shape)))
             return
+        if self._block_shift is not None:  # n == 1: each group's window at its own shift (the same reading)
+            self.matrix.copy_(project_to_stiefel(self._read_windows(target).reshape(self.matrix.shape)))
+            return
         # the kernel is linear in the matrix, K = L(W), and L preserves norms: the optimum is the polar factor of
         # L*(target), the adjoint (the correlation with the block part) applied block by block
         K = _in_safe_range(target).permute(0, *range(3, 3 + d), 1, 2)  # (g, *k, M, C)
@@ -1920,6 +2065,12 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
             return None
         t = target.detach().to(cd)
         t = (t if self.gain == 1.0 else t / self.gain).reshape(g, M, C, *self.kernel_size)  # x / 1 is x: no copy
+        if self._block_shift is not None:
+            # n == 1: the blocks are a discrete shift per group, the matrix the Procrustes optimum for it: the best
+            # pair over all shifts is the nearest kernel the layer holds, exactly (no gradient moves a shift)
+            self._choose_block_shift(t)
+            self._procrustes(t)
+            return None
         has_blocks = self.proj_a is not None or self.proj_b is not None
         if has_blocks:
             self._reset_blocks_centre()
@@ -1935,16 +2086,49 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
         if not has_blocks or steps == 0:
             return shift
         params = [p for p in (self.proj_a, self.proj_b, self.matrix) if p is not None]
-        norm = float(torch.linalg.vector_norm(t)) ** 2 or 1.0
+        # the optimum does not depend on the target's scale, Adam's steps do: its eps swamped the gradients of
+        # ||K - t||^2 / ||t||^2 (about 1 / ||t||) for weights of 1e10, and their squares overflowed its float32
+        # state for weights of 1e-30 (cosine to t 0.26 there, 0.58 at ordinary scales); fitted to t scaled to
+        # unit norm by a power of two, the steps are those of every scale
+        unit = _unit_norm(t)
+        norm = float(torch.linalg.vector_norm(unit)) ** 2 or 1.0
 
         def loss_fn():
-            return (self._unit_kernel(cd) - t).square().sum() / norm
+            return (self._unit_kernel(cd) - unit).square().sum() / norm
 
         with torch.no_grad():
             best = float(loss_fn())
         _fit_best(params, loss_fn, best, steps, lr=self._fit_lr / math.sqrt(max(self._n, 2)))
         self._procrustes(t)
         return None
+
+    @torch.no_grad()
+    def _choose_block_shift(self, target: torch.Tensor) -> None:
+        r"""Set ``block_shift`` (one channel per group, ``n = 1``) to the shift of the window nearest to ``target``
+        ``(g, M, 1, *k)``, per group.
+
+        The kernel is the orthonormal ``M x r^d`` matrix ``W`` on the window at the shift ``s``, so
+        :math:`\|K - K_0\|^2 = \|W\|^2 + \|K_0\|^2 - 2 \langle W, K_0[s] \rangle` and the best ``W`` for ``s``
+        (the polar factor of the window :math:`K_0[s]`) leaves :math:`-2 \|K_0[s]\|_*`, the nuclear norm (the
+        vector norm where ``M = 1`` or ``r^d = 1``). All :math:`\prod_i k'_i` shifts are compared (49 for a 7 x 7
+        depthwise conv, in one batched call), and the largest wins: at stride 1 the tap of largest :math:`|K_0|`,
+        with its sign the polar factor's. A circular single-channel orthogonal convolution is a signed tap (its
+        symbol is unimodular on the circle, a finite one a monomial), so that start is the nearest orthogonal
+        kernel of all. Ties keep the centre (the default shift), then the first shift in C order. Each group is
+        scaled by a power of two first (its largest entry in [1/2, 1)), so that the squares neither overflow nor
+        underflow."""
+        g, M = self.groups, self._M
+        scaled = _unit_scaled(target.reshape(g, M, -1)).reshape(target.shape)
+        shifts = list(itertools.product(*(range(kp) for kp in self._kp)))
+        windows = torch.stack([scaled[(Ellipsis,) + tuple(slice(c, c + r) for c, r in zip(shift, self._r))]
+                               .reshape(g, M, -1) for shift in shifts])      # (shifts, g, M, r^d)
+        if min(windows.shape[-2:]) == 1:
+            value = torch.linalg.vector_norm(windows, dim=(-2, -1))
+        else:
+            value = torch.linalg.svdvals(windows).sum(-1)
+        centre = shifts.index(tuple(kp // 2 for kp in self._kp))
+        best = torch.where(value[centre] >= value.amax(0), centre, value.argmax(0))   # argmax: the first largest
+        self._block_shift.copy_(torch.tensor(shifts, dtype=torch.long, device=best.device)[best])
 
     @torch.no_grad()
     def _block_sweeps(self, target: torch.Tensor, sweeps: int = 1) -> None:
@@ -2091,7 +2275,9 @@ class OrthogonalConv2d(_OrthogonalConvNd):
 
     Parameters: ``proj_a``, ``proj_b`` (unconstrained ``n x r`` matrices whose column spaces give the
     projectors; ``None`` where no block has one: rank 0, or one channel per group) and ``matrix`` (unconstrained,
-    made orthonormal by QR). :attr:`weight` rebuilds the explicit
+    made orthonormal by QR). With one input channel per group and blocks (a 1-channel or depthwise conv with
+    ``k > 1``) the blocks are a shift per group, held in the ``long`` buffer ``block_shift`` ``(groups, d)`` (in the
+    state_dict; not trained). :attr:`weight` rebuilds the explicit
     kernel (differentiable) at every forward with gradients or in training mode; an eval-mode forward without
     gradients reuses the kernel it built (see ``_EvalCache``: writes through ``param.data`` are not seen, call
     ``.eval()`` again after them).
