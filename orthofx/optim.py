@@ -46,7 +46,7 @@ from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError, OrthofxWarning, caller_stacklevel
 from .nn.precision import HALF_PRECISION, autocast_enabled
 from .passes.base import (count_attached_step, first_warning_outside, hooked_weight, mark_attached, mark_released,
-                          refuse_fsdp1, whole, write_whole)
+                          refuse_fsdp1, watch_hooked_weights, whole, write_whole)
 from .passes.pre_svd import pending_learning_rates
 from .passes.riemannian import StiefelHook, is_zero_redundancy
 from .penalty import averaged_copies, part_site_path, trained_parts, transformed_parts
@@ -650,6 +650,9 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> AttachHandle:
     for part in parts:
         part.setup(optimizer, part.hooks)
         mark_attached(part.root, optimizer)  # its hooked weights stepped by another now warn only if none holds them
+        # the weights it holds now, which the optimizer holds: a weight replaced later (load_state_dict(...,
+        # assign=True)) is then told from one taken out of the optimizer, also in a copy no penalty has registered
+        watch_hooked_weights(part.root, part.recorded, current=True)
     # the handle's lists: every part's hooks, rebuilt in place when a skipped hook starts to run (the closures hold
     # these lists, not the handle, which would make a reference cycle through the optimizer's hook dicts)
     hooks = [hook for part in parts for hook in part.hooks]
@@ -768,7 +771,9 @@ def project_stiefel_weights(model: nn.Module) -> int:
     """Put every weight that the Riemannian hooks of ``model`` keep on the Stiefel manifold back onto it, in place,
     as those hooks see it; returns how many weights were projected. For an EMA or SWA copy of a transformed model
     (``torch.optim.swa_utils.AveragedModel``), whose averaged weights are off the manifold, as ``update_bn`` after
-    SWA (and :func:`orthofx.nn.update_running_filters` for ConvNorm's running filters).
+    SWA (and :func:`orthofx.nn.update_running_filters` for ConvNorm's running filters): once, before evaluating or
+    saving the copy, not after each ``update_parameters``, where the next update would average the projected copy
+    (another average: entries about 1 apart after 30 steps of SGD, both for SWA and an EMA with decay 0.9).
 
     Each constrained weight is cut into the matrices its hook keeps orthonormal
     (:meth:`orthofx.passes.riemannian.StiefelHook.projection`): a Linear's ``(out, in)`` weight is one matrix; a

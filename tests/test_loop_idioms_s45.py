@@ -10,6 +10,10 @@
 * ``gm.load_state_dict(sd, assign=True)`` after ``attach`` replaces the weights; the Riemannian hooks warned once per
   site that the weights were "taken out of its param groups" and advised ``add_param_group`` (which leaves the
   replaced biases untrained). Now one warning names ``assign=True`` and the remedy, in OLR's words.
+* Review of that: the replaced / taken-out question was asked per site, so one hidden weight of a 2-layer or
+  bidirectional recurrent site taken out was called replaced (now per site and parameter); the bias sentence was
+  said where no bias was replaced; a copy attached without a penalty had no weights registered (``attach`` registers
+  them); an optimizer holding no hooked weight walked its state at every step (now one comparison).
 
 References: float64 polar factors by SVD (tests/references.py), cut into matrices here, independently of orthofx.
 """
@@ -274,9 +278,10 @@ def test_assign_true_after_attach_is_one_warning_naming_assign_and_the_remedy():
             optimizer.step()
 
 
-def test_the_shared_wording_is_olrs_refusal_for_the_same_mistake():
-    """The Pre-SVD preset refuses the step (OLR) with the same text, built by the same helper's words."""
-    from orthofx.passes.base import replaced_after_attach
+def test_olrs_refusal_of_a_weight_replaced_after_attach_names_the_cause_and_the_remedy():
+    """The Pre-SVD preset refuses the step (OLR) of a model whose weights ``load_state_dict(sd, assign=True)``
+    replaced after ``attach``: the raised text itself names the site, the cause and both remedies (checked as
+    written here, not against the helper that builds it)."""
     x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
@@ -288,4 +293,196 @@ def test_the_shared_wording_is_olrs_refusal_for_the_same_mistake():
     nn.functional.cross_entropy(gm(x), y).backward()
     with pytest.raises(orthofx.OrthofxError) as error:
         optimizer.step()
-    assert replaced_after_attach("the layer's weight") in str(error.value)
+    text = str(error.value)
+    assert "site 'conv_last' (rule 'pre-svd')" in text and "OLR" in text
+    assert "not in any param group of this optimizer" in text
+    assert "replaced after orthofx.attach (load_state_dict(..., assign=True)" in text
+    assert "the optimizer holds the old tensor" in text
+    assert "Load or assign the weights before building the optimizer (then attach it)" in text
+    assert "load_state_dict without assign=True" in text
+
+
+def _first_step_warnings(gm: nn.Module, optimizers: list, x: torch.Tensor) -> list[str]:
+    """The OrthofxWarnings of one training step stepping ``optimizers`` in order."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        gm(x).square().mean().backward()
+        for optimizer in optimizers:
+            optimizer.step()
+    return [str(w.message) for w in record if issubclass(w.category, orthofx.OrthofxWarning)]
+
+
+def _attached_mlp():
+    gm = orthofx.transform(_mlp(1), "isometric")
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
+    orthofx.attach(optimizer, gm)
+    return gm, optimizer
+
+
+def test_the_bias_sentence_only_where_assign_replaced_the_biases_the_optimizer_holds():
+    """``assign=True`` of a whole state dict replaces the biases too, which the optimizer holds only as their old
+    tensors: the warning names them. Loading only the weights (``strict=False``), or assigning a new
+    ``nn.Parameter``, leaves the biases trained: no such sentence. No variant calls the new weights "unmoved" (a
+    second optimizer may step them)."""
+    x = torch.randn(24, 8, generator=torch.Generator().manual_seed(0))
+    saved = copy.deepcopy(orthofx.transform(_mlp(0), "isometric").state_dict())
+
+    gm, optimizer = _attached_mlp()
+    gm.load_state_dict(saved, assign=True)
+    whole, = _first_step_warnings(gm, [optimizer], x)
+    assert "'0.bias', '2.bias', '4.bias'" in whole and "add_param_group would leave those untrained" in whole
+
+    gm, optimizer = _attached_mlp()
+    gm.load_state_dict({k: v for k, v in saved.items() if k in ("0.weight", "2.weight")}, strict=False, assign=True)
+    weights_only, = _first_step_warnings(gm, [optimizer], x)
+    assert "sites '0', '2' (rule" in weights_only and "replaced after orthofx.attach" in weights_only
+
+    gm, optimizer = _attached_mlp()
+    gm.get_submodule("2").weight = nn.Parameter(saved["2.weight"].clone())
+    second = torch.optim.SGD([gm.get_submodule("2").weight], lr=0.1)  # steps the new weight
+    new_parameter, = _first_step_warnings(gm, [optimizer, second], x)
+    assert "site '2' (rule" in new_parameter and "replaced after orthofx.attach" in new_parameter
+
+    for text in (weights_only, new_parameter):
+        assert "bias" not in text and "add_param_group" not in text, text
+    for text in (whole, weights_only, new_parameter):
+        assert "unmoved" not in text and "taken out" not in text, text
+
+
+def test_a_deepcopy_attached_without_a_penalty_then_assigned_is_told_replaced():
+    """A ``copy.deepcopy`` of a transformed model, attached and trained without ``orthofx.penalty`` (which used to
+    be what registered a copy's weights), then loaded with ``assign=True``: the warning says replaced, not taken
+    out (``attach`` registers the weights it holds)."""
+    x = torch.randn(24, 8, generator=torch.Generator().manual_seed(0))
+    saved = copy.deepcopy(orthofx.transform(_mlp(0), "isometric").state_dict())
+    gm = copy.deepcopy(orthofx.transform(_mlp(1), "isometric"))
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1)
+    orthofx.attach(optimizer, gm)
+    gm.load_state_dict(saved, assign=True)
+    text, = _first_step_warnings(gm, [optimizer], x)
+    assert "sites '0', '2', '4'" in text and "replaced after orthofx.attach" in text
+    assert "taken out of its param groups" not in text
+
+
+# ------------------------------------------------ 4. one weight of a site with several (2-layer LSTM, bidirectional)
+
+
+class Recurrent(nn.Module):
+    def __init__(self, kind: str, **options):
+        super().__init__()
+        self.rnn = getattr(nn, kind)(6, 6, **options)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+def _attached_recurrent(kind: str, **options):
+    x = torch.randn(5, 3, 6, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    gm = orthofx.transform(Recurrent(kind, **options), {"rules": [{"match": {"type": [kind]}, "apply": "riemannian"}]},
+                           example_inputs=(x,))
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1)
+    orthofx.attach(optimizer, gm)
+    return gm, optimizer, x
+
+
+@pytest.mark.parametrize("kind, options, name", [("LSTM", {"num_layers": 2}, "weight_hh_l1"),
+                                                 ("GRU", {"bidirectional": True}, "weight_hh_l0_reverse")],
+                         ids=["lstm-2-layers", "gru-bidirectional"])
+def test_one_hidden_weight_taken_out_of_a_recurrent_site_is_taken_out_not_replaced(kind, options, name):
+    """One hidden-to-hidden weight of a recurrent site taken out of the attached optimizer into a second one, while
+    the attached optimizer still holds the site's other hidden weights: the warning is the taken-out one for that
+    weight (it was reported as replaced by ``assign=True``, the site being held)."""
+    gm, optimizer, x = _attached_recurrent(kind, **options)
+    weight = getattr(gm.rnn, name)
+    optimizer.param_groups[0]["params"] = [p for p in optimizer.param_groups[0]["params"] if p is not weight]
+    second = torch.optim.SGD([weight], lr=0.1)
+    text, = _first_step_warnings(gm, [optimizer, second], x)
+    assert f"site 'rnn.{name}'" in text and "taken out of its param groups" in text
+    assert "assign=True" not in text and "replaced after orthofx.attach" not in text
+
+
+def test_one_hidden_weight_of_a_two_layer_lstm_replaced_is_told_replaced_without_a_bias_sentence():
+    gm, optimizer, x = _attached_recurrent("LSTM", num_layers=2)
+    gm.rnn.weight_hh_l1 = nn.Parameter(gm.rnn.weight_hh_l1.detach().clone())
+    text, = _first_step_warnings(gm, [optimizer], x)
+    assert "site 'rnn.weight_hh_l1'" in text and "replaced after orthofx.attach" in text
+    assert "weight_hh_l0" not in text and "bias" not in text and "taken out" not in text
+
+
+def test_a_whole_lstm_assigned_names_its_other_replaced_parameters():
+    gm, optimizer, x = _attached_recurrent("LSTM", num_layers=2)
+    gm.load_state_dict(copy.deepcopy(gm.state_dict()), assign=True)
+    text, = _first_step_warnings(gm, [optimizer], x)
+    assert "'rnn.weight_hh_l0', 'rnn.weight_hh_l1' (rule" in text and "replaced after orthofx.attach" in text
+    # the first 4 of the 6 other parameters (input weights, biases) of both layers
+    assert "nor the new 'rnn.weight_ih_l0', 'rnn.bias_ih_l0', 'rnn.bias_hh_l0', 'rnn.weight_ih_l1' and 2 more" in text
+
+
+# -------------------------------------------------------------- 5. projecting: GRU gates, a weight on the manifold
+
+
+def test_a_gru_average_is_projected_per_gate_onto_float64_polar_factors():
+    """A 2-layer GRU's hidden weights (3H x H: three H x H gate blocks each) averaged by SWA: projected block by
+    block onto the float64 polar factors; the input weights and biases are not touched."""
+    gm, optimizer, x = _attached_recurrent("GRU", num_layers=2)
+    swa = AveragedModel(gm)
+    for step in range(6):
+        optimizer.zero_grad()
+        (gm(x + step) - step).square().sum().mul(10).backward()  # steps large enough to spread the average
+        optimizer.step()
+        swa.update_parameters(gm)
+    averaged = {name: p.detach().clone() for name, p in swa.module.named_parameters()}
+    hidden = ("rnn.weight_hh_l0", "rnn.weight_hh_l1")
+    for path in hidden:
+        assert _defect64(averaged[path], 3) > 1e-3, path
+    assert orthofx.optim.project_stiefel_weights(swa) == 2
+    for name, p in swa.module.named_parameters():
+        if name in hidden:
+            torch.testing.assert_close(p.detach().double(), _polar_blocks64(averaged[name], 3), atol=2e-6, rtol=0)
+            assert _defect64(p, 3) < 1e-6
+        else:
+            assert torch.equal(p.detach(), averaged[name]), name
+
+
+def test_weights_on_the_manifold_come_back_unchanged_to_rounding():
+    """A trained model's weights are on the manifold (defect < 1e-5): projecting a copy of it moves each by no more
+    than that order, matching the float64 polar factor of the weight (itself, to rounding)."""
+    gm, _ = _trained_with_average()
+    copied = copy.deepcopy(gm)
+    assert orthofx.optim.project_stiefel_weights(copied) == len(_CONSTRAINED)
+    for path, blocks in _CONSTRAINED.items():
+        before, after = _get(gm, path).detach(), _get(copied, path).detach()
+        assert (after - before).abs().max().item() < 1e-6, path  # 1e-7 seen: float32 rounding
+        torch.testing.assert_close(after.double(), _polar_blocks64(before, blocks), atol=2e-6, rtol=0)
+
+
+# ---------------------------------------------------- 6. a plain optimizer: one comparison per step, found again
+
+
+def test_an_optimizer_holding_no_hooked_weight_returns_before_any_other_check(monkeypatch):
+    """An optimizer holding no hooked weight (any plain optimizer of the process) keeps only its group count: the
+    global step hook compares it and returns, without calling ``torch.compiler.is_compiling`` or walking its
+    weights. A group added with the hooked weights of a transformed model no optimizer was attached to is found at
+    the next step, which warns."""
+    from orthofx.passes import base
+    gm = orthofx.transform(_mlp(1), "isometric")
+    plain = nn.Linear(8, 8)
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.1)
+    for _ in range(2):
+        plain(torch.randn(4, 8)).sum().backward()
+        optimizer.step()
+    calls = []
+    real = torch.compiler.is_compiling
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: calls.append(1) or real())
+    for _ in range(50):
+        base._warn_unattached_step(optimizer, (), {})  # as torch calls it after each step
+    assert calls == []
+    monkeypatch.undo()
+
+    optimizer.add_param_group({"params": list(gm.parameters())})
+    with pytest.warns(orthofx.OrthofxWarning, match="no optimizer was attached to this model"):
+        gm(torch.randn(4, 8)).sum().backward()
+        optimizer.step()

@@ -374,8 +374,12 @@ class OptimizerHook:
 # Stepping hooked weights without ``orthofx.attach``. The hooks run only from attach, so a forgotten attach (or an
 # optimizer copied with ``copy.deepcopy`` / ``torch.save``, whose ``__getstate__`` keeps no hooks) trains the
 # weights as plain parameters: Stiefel weights drift off the manifold (0.2 after 5 SGD steps), NOG / OLR never run.
-#: hooked parameter -> (weak reference to its transformed model, site, rule); keys by identity, held weakly
+#: hooked parameter -> its :class:`WatchedWeight` (model, site, rule, attribute name); keys by identity, held weakly
 _HOOKED_WEIGHTS = WeakIdKeyDictionary()
+#: the other parameters of the hooked sites' modules (a bias, an LSTM's input weights) -> their :class:`WatchedWeight`:
+#: a weight replaced after attach is told apart from its site's other parameters replaced with it
+#: (:func:`replaced_neighbours_held`)
+_SITE_NEIGHBOURS = WeakIdKeyDictionary()
 #: transformed models whose hooked weights are registered (``watch_hooked_weights`` once per model)
 _WATCHED_MODELS: weakref.WeakSet = weakref.WeakSet()
 #: transformed model -> the optimizers ``orthofx.attach`` attached to it (both held weakly, by identity: an optimizer
@@ -392,16 +396,32 @@ _ATTACHED_STEPS = "_orthofx_attached_steps"
 _HOLDERS_RECHECKED_AT = 3
 _UNATTACHED_STEP_HOOK: list = []
 #: an optimizer's ``__dict__`` entry: True once :func:`_warn_unattached_step` is done with it (one dict read per
-#: later step), the weights it waits to look at again (:func:`_recheck_holders`), or, until a step gives one of its
-#: hooked weights a gradient, those weights (:class:`_NoHookedGradientYet`)
+#: later step), the weights it waits to look at again (:func:`_recheck_holders`), until a step gives one of its
+#: hooked weights a gradient, those weights (:class:`_NoHookedGradientYet`), or, holding none, its number of param
+#: groups (an int: a step compares it and returns; every plain optimizer of the process is there)
 _UNATTACHED_CHECKED = "_orthofx_unattached_checked"
 
 
-def watch_hooked_weights(root: nn.Module, hooks: list) -> None:
+class WatchedWeight(NamedTuple):
+    """A parameter registered by :func:`watch_hooked_weights`: ``model``, a weak reference to its transformed model;
+    the ``site`` and ``rule`` of the hook acting at its module; ``parameter``, its attribute name there (``weight``,
+    ``weight_hh_l1``: an LSTM site holds several hooked weights)."""
+
+    model: weakref.ref
+    site: str
+    rule: str
+    parameter: str
+
+
+def watch_hooked_weights(root: nn.Module, hooks: list, current: bool = False) -> None:
     """Register the parameters ``hooks`` (a transformed model ``root``'s optimizer hooks) act on, so that the first
     ``step()`` of an optimizer that updates one of them while no optimizer was ever attached to ``root`` warns
-    (:class:`orthofx.OrthofxWarning`). Called by ``transform`` / ``load`` and by ``orthofx.penalty`` (which reaches
-    deep copies of a model too); registers a global optimizer step post hook the first time.
+    (:class:`orthofx.OrthofxWarning`), and the other parameters of their modules (biases), so that a warning can
+    tell what ``load_state_dict(..., assign=True)`` replaced. Called by ``transform`` / ``load`` and by
+    ``orthofx.penalty`` (which reaches deep copies of a model too), once per model; by ``orthofx.attach`` with
+    ``current``: the weights the model holds then (those the optimizer holds), whether or not it was registered
+    before (a copy no penalty has seen; weights assigned between ``transform`` and ``attach``). Registers a global
+    optimizer step post hook the first time.
 
     Example::
 
@@ -411,19 +431,28 @@ def watch_hooked_weights(root: nn.Module, hooks: list) -> None:
         gm(torch.randn(4, 8)).sum().backward()
         optimizer.step()    # OrthofxWarning: ... steps the weight(s) of site '0' ... without orthofx.attach
     """
-    if torch.compiler.is_compiling() or not hooks or root in _WATCHED_MODELS:
+    if torch.compiler.is_compiling() or not hooks or (root in _WATCHED_MODELS and not current):
         return
     _WATCHED_MODELS.add(root)
     model = weakref.ref(root)
+    hooked_names: dict[str, set[str]] = {}  # site -> the names its hooks act on
+    for hook in hooks:
+        hooked_names.setdefault(hook.site, set()).update(hook.parameter_names)
+    rules: dict[str, str] = {}  # site -> the rule of its first hook, for its other parameters
     for hook in hooks:
         try:
             module = root.get_submodule(hook.site)
         except AttributeError:
             continue
+        rules.setdefault(hook.site, hook.rule)
         for name in hook.parameter_names:
             parameter = getattr(module, name, None)
             if isinstance(parameter, nn.Parameter):
-                _HOOKED_WEIGHTS[parameter] = (model, hook.site, hook.rule)
+                _HOOKED_WEIGHTS[parameter] = WatchedWeight(model, hook.site, hook.rule, name)
+    for site, rule in rules.items():
+        for name, parameter in root.get_submodule(site).named_parameters(recurse=False):
+            if name not in hooked_names[site]:
+                _SITE_NEIGHBOURS[parameter] = WatchedWeight(model, site, rule, name)
     if not _UNATTACHED_STEP_HOOK:
         _UNATTACHED_STEP_HOOK.append(register_optimizer_step_post_hook(_warn_unattached_step))
 
@@ -474,9 +503,13 @@ class _NoHookedGradientYet(NamedTuple):
     groups: int
 
     @classmethod
-    def of(cls, optimizer: torch.optim.Optimizer) -> _NoHookedGradientYet:
+    def of(cls, optimizer: torch.optim.Optimizer) -> _NoHookedGradientYet | int:
+        """The state of ``optimizer``; for one that holds no hooked weight, its number of param groups alone, which
+        a step compares and returns (no list to walk, no ``is_compiling`` call: a plain optimizer, of a model
+        orthofx never saw, pays one dict read and one comparison per step)."""
         hooked = [weakref.ref(p) for group in optimizer.param_groups for p in group["params"] if p in _HOOKED_WEIGHTS]
-        return cls(hooked, len(optimizer.param_groups))
+        groups = len(optimizer.param_groups)
+        return cls(hooked, groups) if hooked else groups
 
     def stepped(self) -> bool:
         """Whether a hooked weight it holds has a gradient (one per weight: no parameter but these is read)."""
@@ -498,18 +531,26 @@ def _warn_unattached_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
     the weight (an optimizer rebuilt for a second phase and not attached, the old one not yet garbage: a plain
     optimizer is freed by the cycle collector only, and a scheduler keeps it), the check waits: at this optimizer's
     step :data:`_HOLDERS_RECHECKED_AT` after that one, it warns if none of those holders stepped since
-    (:func:`count_attached_step`). Once done, a step costs one dict read. Models one of whose attachments was
-    removed (``handle.remove()``, and not attached again since) are not warned about. A wrapper optimizer holding the
-    weights beside an attached inner optimizer that it steps less often than every third call would be warned about
-    (not a known pattern)."""
+    (:func:`count_attached_step`). Once done, a step costs one dict read; for an optimizer that holds no hooked
+    weight (every plain optimizer of the process), a dict read and a comparison of its group count. Models one of
+    whose attachments was removed (``handle.remove()``, and not attached again since) are not warned about. A wrapper
+    optimizer holding the weights beside an attached inner optimizer that it steps less often than every third call
+    would be warned about (not a known pattern)."""
     state = optimizer.__dict__.get(_UNATTACHED_CHECKED)
-    if torch.compiler.is_compiling() or state is True:
+    if state is True:
+        return
+    groups = len(optimizer.param_groups)
+    if state.__class__ is int and state == groups:  # holds no hooked weight, and no group was added since
+        return
+    if torch.compiler.is_compiling():
         return
     if isinstance(state, dict):
         _recheck_holders(optimizer, state)
         return
-    if state is None or state.groups != len(optimizer.param_groups):
+    if state is None or state.__class__ is int or state.groups != groups:  # param groups added: found again
         state = optimizer.__dict__[_UNATTACHED_CHECKED] = _NoHookedGradientYet.of(optimizer)
+        if state.__class__ is int:
+            return
     if not state.stepped():  # no hooked weight updated yet: look again at the next step
         return
     optimizer.__dict__[_UNATTACHED_CHECKED] = True
@@ -528,7 +569,7 @@ def _warn_unattached_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
             entry = _HOOKED_WEIGHTS.get(parameter)
             if entry is None or parameter.grad is None:
                 continue
-            root = entry[0]()
+            root = entry.model()
             if root is None:
                 continue
             attached = _ATTACHED_OPTIMIZERS.get(root)
@@ -552,8 +593,9 @@ def _warn_unattached_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
     for entries in outside.values():  # one warning per model, as below
         _warn_outside(optimizer, entries, "no optimizer attached to this model holds them any more (taken out "
                       "of its param groups, or the attached optimizer is gone)")
-    for _, site, rule in found.values():
-        warnings.warn(f"{type(optimizer).__name__}.step() updated the weight(s) of site '{site}' (rule '{rule}'), "
+    for entry in found.values():
+        warnings.warn(f"{type(optimizer).__name__}.step() updated the weight(s) of site '{entry.site}' (rule "
+                      f"'{entry.rule}'), "
                       "whose orthofx optimizer hooks (Riemannian updates, NOG, OLR) run only in an optimizer "
                       "passed to orthofx.attach, and no optimizer was attached to this model: the weights train "
                       "as plain parameters (Riemannian ones leave the Stiefel manifold). Call "
@@ -588,10 +630,11 @@ def _recheck_holders(optimizer: torch.optim.Optimizer, state: dict) -> None:
 def _warn_outside(optimizer: torch.optim.Optimizer, entries: list, why: str) -> None:
     """The warning of :func:`_warn_unattached_step` about hooked weights (``entries``: one model's) that
     ``optimizer``, not attached, steps while the model's attached optimizers do not."""
-    _, site, rule = entries[0]
-    more = len({entry[1] for entry in entries}) - 1
+    first = entries[0]
+    more = len({entry.site for entry in entries}) - 1
     others = f" (and of {more} other site(s))" if more else ""
-    warnings.warn(f"{type(optimizer).__name__}.step() updated the weight(s) of site '{site}' (rule '{rule}')"
+    warnings.warn(f"{type(optimizer).__name__}.step() updated the weight(s) of site '{first.site}' (rule "
+                  f"'{first.rule}')"
                   f"{others}, whose orthofx optimizer hooks (Riemannian updates, NOG, OLR) run only in an optimizer "
                   f"passed to orthofx.attach, and {why}: they train as plain parameters (Riemannian ones leave the "
                   "Stiefel manifold). Call orthofx.attach(optimizer, gm) for this optimizer if it holds the model's "
@@ -614,19 +657,41 @@ def replaced_after_attach(what: str, many: bool = False) -> str:
             "(then attach it), or load them in place (load_state_dict without assign=True)")
 
 
-def sites_holding_replaced_weights(optimizer: torch.optim.Optimizer, root: nn.Module) -> set[str]:
-    """The sites of the transformed model ``root`` a hooked weight of which, as registered by
-    :func:`watch_hooked_weights` (at ``transform`` / ``load``, or the first ``orthofx.penalty`` of a copy),
-    ``optimizer`` holds. Asked about a site whose current weight the optimizer does not hold, it tells a weight
-    replaced after ``attach`` (``load_state_dict(..., assign=True)``: the optimizer holds the old tensor) from one
-    taken out of the optimizer's groups. Reads every parameter of the optimizer: for a warning's path only."""
-    sites = set()
+def registered_weights_held(optimizer: torch.optim.Optimizer, root: nn.Module) -> set[tuple[str, str]]:
+    """The ``(site, parameter)`` pairs of the transformed model ``root`` (``("lstm", "weight_hh_l1")``) whose hooked
+    weight as registered by :func:`watch_hooked_weights` (at ``transform`` / ``load``, at ``attach``, at the first
+    ``orthofx.penalty`` of a copy) ``optimizer`` holds. Asked about a weight the optimizer does not hold now, it tells
+    one replaced after ``attach`` (``load_state_dict(..., assign=True)``: the optimizer holds the old tensor, and the
+    pair is here) from one taken out of the optimizer's groups (not here: per parameter, as an LSTM site's other
+    weights may still be held). Reads every parameter of the optimizer: for a warning's path only."""
+    pairs = set()
     for group in optimizer.param_groups:
         for parameter in group["params"]:
             entry = _HOOKED_WEIGHTS.get(parameter)
-            if entry is not None and entry[0]() is root:
-                sites.add(entry[1])
-    return sites
+            if entry is not None and entry.model() is root:
+                pairs.add((entry.site, entry.parameter))
+    return pairs
+
+
+def replaced_neighbours_held(optimizer: torch.optim.Optimizer, root: nn.Module, sites: set[str]) -> list[str]:
+    """The labels (``'0.bias'``) of the other parameters of ``sites`` (a bias, an LSTM's input weights; registered
+    by :func:`watch_hooked_weights`) that were replaced as well: ``optimizer`` holds the registered tensor while the
+    module holds another one, which it does not hold (``load_state_dict(..., assign=True)`` loaded them with the
+    weights). Those stay untrained if only the weights are given back to the optimizer. For a warning's path only."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    labels = []
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            entry = _SITE_NEIGHBOURS.get(parameter)
+            if entry is None or entry.model() is not root or entry.site not in sites:
+                continue
+            try:
+                current = getattr(root.get_submodule(entry.site), entry.parameter, None)
+            except AttributeError:  # the site's module itself was replaced: not assign=True's doing
+                continue
+            if isinstance(current, torch.Tensor) and current is not parameter and id(current) not in held:
+                labels.append(weight_label(entry.site, entry.parameter))
+    return labels
 
 
 @dataclass

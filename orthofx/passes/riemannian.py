@@ -135,8 +135,8 @@ from ..nn.precision import describe_nonfinite
 from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, TiedUse,
                    check_tied, entries_by_rule, first_warning_outside, gate_blocks_text, hooked_weight,
                    is_uninitialised, matrices_text, recurrent_hidden_weights, recurrent_weights_reason,
-                   replaced_after_attach, require_initialised, sites_holding_replaced_weights, weight_groups,
-                   warned_outside, weight_label, whole, sparse_gradient_error, write_whole)
+                   registered_weights_held, replaced_after_attach, replaced_neighbours_held, require_initialised,
+                   weight_groups, warned_outside, weight_label, whole, sparse_gradient_error, write_whole)
 from .registry import register_pass
 
 __all__ = ["Riemannian", "ScaleLostWarning", "StiefelHook", "scale_lost_note",
@@ -416,15 +416,17 @@ def _warn_stepped_elsewhere(optimizer: torch.optim.Optimizer, root: nn.Module,
     """Warn (:class:`~orthofx.OrthofxWarning`) about those of ``weights`` (trainable, with a gradient, left unmoved by
     this step of the attached ``optimizer``) that ``optimizer`` does not hold: one warning per call (one model's
     step) for all of them, naming their sites, and each weight once
-    (:func:`~orthofx.passes.base.first_warning_outside`). Two causes, told apart by what the optimizer holds
-    (:func:`~orthofx.passes.base.sites_holding_replaced_weights`), each with its own remedy:
+    (:func:`~orthofx.passes.base.first_warning_outside`). Two causes, told apart per weight by whether the optimizer
+    holds its registered tensor (:func:`~orthofx.passes.base.registered_weights_held`: by site and parameter, as an
+    LSTM site's other weights may still be held), each with its own remedy:
 
     replaced
         ``gm.load_state_dict(sd, assign=True)`` (or a new ``nn.Parameter``) after ``attach``: the optimizer holds
-        the site's old weight and steps it, and the model does not train at all (every parameter ``assign``
-        loaded, biases too, is a new tensor: adding the weights back to the optimizer would leave the rest
-        untrained). The text is OLR / NOG's for the same mistake (:func:`~orthofx.passes.base.replaced_after_attach`),
-        which they refuse; the Riemannian hooks warn, as for the other cause.
+        the site's old weight and steps it, and the new one does not train. Where ``assign`` loaded the site's other
+        parameters too (biases: the optimizer holds their old tensors), adding only the weights back to the
+        optimizer would leave those untrained, which the warning says (:func:`_warn_replaced`). The text is OLR /
+        NOG's for the same mistake (:func:`~orthofx.passes.base.replaced_after_attach`), which they refuse; the
+        Riemannian hooks warn, as for the other cause.
     taken out
         a weight trainable at ``attach``, taken out of the optimizer's groups later (frozen and dropped) and unfrozen
         into another optimizer, which steps it as a plain parameter. The hook still runs at the attached optimizer's
@@ -440,18 +442,11 @@ def _warn_stepped_elsewhere(optimizer: torch.optim.Optimizer, root: nn.Module,
               if _group_or_none(optimizer, weight) is None and first_warning_outside([weight])]
     if not unheld:
         return
-    replaced_sites = sites_holding_replaced_weights(optimizer, root)
-    replaced = [hook for hook, _ in unheld if hook.site in replaced_sites]
-    taken_out = [hook for hook, _ in unheld if hook.site not in replaced_sites]
+    held = registered_weights_held(optimizer, root)  # per (site, parameter): an LSTM site holds several weights
+    replaced = [hook for hook, _ in unheld if (hook.site, hook.parameter) in held]
+    taken_out = [hook for hook, _ in unheld if (hook.site, hook.parameter) not in held]
     if replaced:
-        many = len(replaced) > 1
-        warnings.warn(
-            f"{_sites_text(replaced)}: {StiefelHook.treatment}: "
-            f"{replaced_after_attach('the weights' if many else 'the weight', many)}. This "
-            f"{type(optimizer).__name__}'s steps train none of the loaded parameters (assign=True replaced the biases "
-            "too, so adding the weights back with add_param_group would leave those untrained); the Riemannian hooks "
-            "keep the new weights on the Stiefel manifold, unmoved",
-            OrthofxWarning, stacklevel=caller_stacklevel(skip_torch=True))
+        _warn_replaced(optimizer, root, replaced)
     if taken_out:
         first = taken_out[0]
         what = (f"the weight(s) {list(first.parameter_names)} were" if len(taken_out) == 1 else "their weights were")
@@ -466,6 +461,24 @@ def _warn_stepped_elsewhere(optimizer: torch.optim.Optimizer, root: nn.Module,
             f"[gm.get_submodule({first.site!r}).{first.parameter}{more}], 'lr': ...}}); attaching orthofx to the other "
             "optimizer instead is refused while this one holds the model's other hooked weights",
             OrthofxWarning, stacklevel=caller_stacklevel(skip_torch=True))
+
+
+def _warn_replaced(optimizer: torch.optim.Optimizer, root: nn.Module, replaced: list[StiefelHook]) -> None:
+    """:func:`_warn_stepped_elsewhere`'s warning about weights replaced after ``attach``, in OLR / NOG's words. Where
+    the optimizer still holds the old tensors of those sites' other parameters (``assign=True`` loaded the biases
+    too), it says so: adding only the weights back would leave those untrained. Not where none was replaced (only
+    the weights loaded, ``strict=False``; a new ``nn.Parameter`` assigned)."""
+    many = len(replaced) > 1
+    neighbours = replaced_neighbours_held(optimizer, root, {hook.site for hook in replaced})
+    also = ""
+    if neighbours:
+        also = (f", nor the new {first_few([repr(label) for label in neighbours], 4)}, replaced too (it holds the "
+                "old tensors): adding only the weights back with add_param_group would leave those untrained")
+    warnings.warn(
+        f"{_sites_text(replaced)}: {StiefelHook.treatment}: "
+        f"{replaced_after_attach('the weights' if many else 'the weight', many)}. This {type(optimizer).__name__} "
+        f"steps none of the new weights{also}. The Riemannian hooks still retract the new weights onto the Stiefel "
+        "manifold at its steps", OrthofxWarning, stacklevel=caller_stacklevel(skip_torch=True))
 
 
 def _sites_text(hooks: list[StiefelHook]) -> str:
