@@ -1171,6 +1171,7 @@ def spectral_norm_bound(weight: torch.Tensor, input_size=None, stride=1, iterati
 # torch.randint_like there: torch.randint takes no symbolic sizes (a dynamic batch).
 
 import contextlib as _contextlib  # noqa: E402  (this section's own imports)
+import re as _re  # noqa: E402
 import warnings as _warnings  # noqa: E402
 
 from torch import nn as _nn  # noqa: E402
@@ -1205,29 +1206,103 @@ def _channel_affine(y: torch.Tensor, weight, bias) -> torch.Tensor:
     return y if bias is None else y + bias.reshape(shape)
 
 
-class _ComposedNorms(torch.overrides.TorchFunctionMode):
-    """Layer, batch (with batch statistics) and instance normalisation computed from elementary operations.
+def _in_opmath(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the precision torch's elementwise kernels compute a half-precision tensor in (float32)."""
+    return x.float() if x.dtype in HALF_PRECISION else x
 
-    torch 2.13's own kernels have wrong second-order derivatives through forward mode: the gradient of a
-    ``torch.func.jvp`` tangent of ``F.layer_norm``, ``F.batch_norm(training=True)`` or ``F.instance_norm`` fails
-    ``gradcheck``, and so does the third derivative that the reverse-only route needs (values and first
-    derivatives are right). The penalty's gradient through a block holding one of them came out wrong (e.g. -96
-    against a finite difference of -14.7 for a Linear + BatchNorm1d block in training mode). The estimate runs
-    its block under this mode, whose compositions (mean, centred square, rsqrt) differentiate correctly to every
-    order. Running statistics are not updated: a module's estimate runs on copies of its buffers anyway (see
-    :class:`_Call`). Normalisation with running statistics (eval mode) keeps torch's kernel, which is affine in
-    the input and correct.
+
+def _composable(x) -> bool:
+    """Whether a composition may take ``x`` (a floating-point tensor); other inputs go to torch's op."""
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def _hardsigmoid(x: torch.Tensor) -> torch.Tensor:
+    r""":math:`\min(\max(x + 3, 0), 6) / 6` by selections, twice differentiable: torch's values (bit for bit on CPU,
+    half precision computed in float32 like its kernel) and torch's derivative convention, 1/6 on the open interval
+    (-3, 3) and 0 at the kinks -3 and 3 (``hardsigmoid_backward``; a clamp's derivative would be 1/6 there). The 1/6
+    is exact in x's dtype (torch's backward uses float32's in every dtype: 0.16666667163 in float64). For
+    ``-3 < x < 3``, ``x + 3`` is in ``[0, 6]`` after rounding, so no clamp is needed inside; a NaN stays NaN."""
+    h = _in_opmath(x)
+    return (torch.where(h <= -3, 0.0, torch.where(h >= 3, 6.0, h + 3)) / 6).to(x.dtype)
+
+
+def _glu(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``a * sigmoid(b)`` for the halves ``a, b`` of ``x`` along ``dim`` (torch's GLU, bit for bit on CPU)."""
+    a, b = _in_opmath(x).chunk(2, dim)
+    return (a * torch.sigmoid(b)).to(x.dtype)
+
+
+#: The calls of hardsigmoid a block may make (``nn.Hardsigmoid`` calls ``F.hardsigmoid``, which calls the
+#: ``torch._C._nn`` ones; the ATen overloads are those of a graph captured with torch.export), and the in-place ones.
+_HARDSIGMOIDS_IN_PLACE = {torch._C._nn.hardsigmoid_, torch.ops.aten.hardsigmoid_.default}
+_HARDSIGMOIDS = {F.hardsigmoid, torch._C._nn.hardsigmoid, torch.ops.aten.hardsigmoid.default} | _HARDSIGMOIDS_IN_PLACE
+#: The calls of GLU (``nn.GLU`` calls ``F.glu``).
+_GLUS = {F.glu, torch._C._nn.glu, torch.ops.aten.glu.default}
+
+
+class _ComposedOps(torch.overrides.TorchFunctionMode):
+    """Ops whose torch derivatives are wrong or missing at second order, computed from elementary operations.
+
+    The estimate's products with J are derivatives of the block, and the penalty's gradient differentiates them
+    again: the block's ops need correct second derivatives (third ones on the reverse-only route). The estimate
+    runs its block under this mode, whose compositions differentiate correctly to every order; everything else,
+    and everything outside the estimate, is torch's own op. In torch 2.13:
+
+    * layer, batch (with batch statistics) and instance normalisation: the kernels have wrong second-order
+      derivatives through forward mode: the gradient of a ``torch.func.jvp`` tangent of ``F.layer_norm``,
+      ``F.batch_norm(training=True)`` or ``F.instance_norm`` fails ``gradcheck``, and so does the third derivative
+      that the reverse-only route needs (values and first derivatives are right). The penalty's gradient through
+      a block holding one of them came out wrong (e.g. -96 against a finite difference of -14.7 for a Linear +
+      BatchNorm1d block in training mode). Composed here from mean, centred square and rsqrt. Running statistics
+      are not updated: a module's estimate runs on copies of its buffers anyway (see :class:`_Call`).
+      Normalisation with running statistics (eval mode) keeps torch's kernel, which is affine in the input and
+      correct.
+    * hardsigmoid (``nn.Hardsigmoid``, the gate of MobileNetV3's squeeze-excitation): ``hardsigmoid_backward``
+      has no derivative, so the training backward failed on every route ("derivative for
+      aten::hardsigmoid_backward is not implemented"). Composed by :func:`_hardsigmoid`, in place too.
+    * GLU: its forward-mode tangent (``glu_jvp``) has no derivative, so routes ``jvp`` and ``auto`` failed in the
+      training backward, after the estimate (too late for ``auto``'s fallback). Composed by :func:`_glu`.
+
+    The compositions of hardsigmoid and GLU give torch's values (bit for bit on CPU) and first derivatives; calls
+    they do not cover (an ``out=`` argument, an input that is no floating-point tensor, a GLU dimension of odd
+    size) go to torch, which computes them or raises its own error. ``normalisations=False`` leaves the
+    normalisations to torch (an estimate without gradient: their first and second derivatives are right).
     """
+
+    def __init__(self, normalisations: bool = True):
+        super().__init__()
+        self.normalisations = normalisations
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.layer_norm:
-            return self._layer_norm(*args, **kwargs)
-        if func is F.batch_norm:
-            return self._batch_norm(func, *args, **kwargs)
-        if func is F.instance_norm:
-            return self._instance_norm(func, *args, **kwargs)
-        return func(*args, **kwargs)
+        if self.normalisations:
+            if func is F.layer_norm:
+                return self._layer_norm(*args, **kwargs)
+            if func is F.batch_norm:
+                return self._batch_norm(func, *args, **kwargs)
+            if func is F.instance_norm:
+                return self._instance_norm(func, *args, **kwargs)
+        out = None
+        if func in _HARDSIGMOIDS:
+            out = self._hardsigmoid(func, *args, **kwargs)
+        elif func in _GLUS:
+            out = self._glu(*args, **kwargs)
+        return func(*args, **kwargs) if out is None else out
+
+    @staticmethod
+    def _hardsigmoid(func, input=None, inplace=False, **other):
+        if other or not _composable(input):
+            return None
+        y = _hardsigmoid(input)
+        # in place as torch's: the composition saved no reference to the input for its backward, so writing it is safe
+        return input.copy_(y) if inplace or func in _HARDSIGMOIDS_IN_PLACE else y
+
+    @staticmethod
+    def _glu(input=None, dim=-1, **other):
+        if other or not _composable(input) or not isinstance(dim, int) or not -input.dim() <= dim < input.dim() \
+                or input.shape[dim] % 2:
+            return None  # torch's error (a 0-d input, a dimension out of range or of odd size)
+        return _glu(input, dim)
 
     @staticmethod
     def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -1280,7 +1355,7 @@ class _ExplicitTangents(torch.overrides.TorchFunctionMode):
       (+ b')`. torch's formulas (``convolution_jvp``, ``addmm``'s) give the missing weight tangent an efficient
       zero tensor and still record ``conv(x, 0)`` (materialised zeros and an add) or multiply ``x`` by it.
     * normalisation with batch (or instance / layer) statistics over dims ``D``, computed as
-      :class:`_ComposedNorms` does (``c = x - mean_D x``, ``r = (mean_D c^2 + eps)^{-1/2}``, ``y = c r``, then
+      :class:`_ComposedOps` does (``c = x - mean_D x``, ``r = (mean_D c^2 + eps)^{-1/2}``, ``y = c r``, then
       ``w y + b``): :math:`y' = r (c' - y \, \mathrm{mean}_D(y c'))` with :math:`c' = x' - \mathrm{mean}_D x'`
       (from :math:`v' = 2\,\mathrm{mean}_D(c c')` and :math:`r' = -r^3 v' / 2`), then :math:`w y' (+ w' y + b')`:
       7 ops, where forward mode through the composition ran the formulas of each op (about 35 ops per layer).
@@ -1410,19 +1485,90 @@ class _LayerJvpRouteError(LayerArgumentError, _JvpRouteError):
     """:class:`_JvpRouteError` of a :class:`~orthofx.nn.JacobianProbe` (a layer's argument)."""
 
 
+#: torch's messages (torch 2.13) for a backward that has no derivative of its own: an op without an autograd formula
+#: (RuntimeError), one whose formula is ``not_implemented`` (NotImplementedError); group 1 names the op.
+_SECOND_ORDER_GAPS = ((RuntimeError, _re.compile(r"derivative for (?:aten::)?([\w.]+) is not implemented")),
+                      (NotImplementedError, _re.compile(r"the derivative for '([^']+)' is not implemented")))
+
+
+def _second_order_gap(exc: BaseException) -> str | None:
+    """The op torch names when it raised ``exc`` for a backward it cannot differentiate (:data:`_SECOND_ORDER_GAPS`),
+    else None."""
+    for kind, pattern in _SECOND_ORDER_GAPS:
+        match = pattern.search(str(exc)) if type(exc) is kind else None
+        if match:
+            return match.group(1)
+    return None
+
+
+class _SecondOrderGapError(ArgumentError, NotImplementedError):
+    """The block holds an op whose backward torch cannot differentiate, which the estimate needs: an
+    :class:`~orthofx.errors.ArgumentError` naming the block and the op, and still the ``NotImplementedError`` (a
+    ``RuntimeError``) that torch raised."""
+
+
+class _LayerSecondOrderGapError(LayerArgumentError, _SecondOrderGapError):
+    """:class:`_SecondOrderGapError` of a :class:`~orthofx.nn.JacobianProbe`'s block."""
+
+
+#: What to do instead of an op without a second derivative, where a twice-differentiable form exists in torch.
+_SECOND_ORDER_REMEDIES = {
+    "_cdist_backward": "for torch.cdist with p=2, compute_mode='use_mm_for_euclid_dist' has second derivatives; "}
+
+
+def _raise_second_order_gap(exc: BaseException, f: _Call, what: str) -> None:
+    """Raise :class:`_SecondOrderGapError` (from ``exc``) when torch raised ``exc`` for a backward without a
+    derivative in the block ``f``; return otherwise."""
+    op = _second_order_gap(exc)
+    if op is None:
+        return
+    error = _SecondOrderGapError if f.label is None else _LayerSecondOrderGapError
+    block = f" ({type(f.fn).__name__})" if isinstance(f.fn, _nn.Module) else ""
+    raise error(
+        f"{what}: the block{block} holds an op whose backward torch cannot differentiate (torch: "
+        f"{first_line(str(exc))}), and the Jacobian estimate needs that derivative: its products with J are "
+        "derivatives of the block, and the penalty's gradient differentiates them again. Leave the block out of the "
+        "jacobian_isometry rule (exclude: [its name] in the rule's match) and regularise blocks without the op, or "
+        f"{_SECOND_ORDER_REMEDIES.get(op, '')}write the op in the block from twice-differentiable operations"
+    ) from exc
+
+
 class _NoForwardModeGaps(torch.overrides.TorchFunctionMode):
     """Raise :class:`_ForwardModeGap` (the forward-mode route's signal to fall back to the double-VJP route) at ops
     whose forward mode is silently wrong in torch 2.13: custom operators (``torch.library`` ops, orthofx's own
     ``eigh_stable`` / ``svd_stable`` among them, get a zero tangent instead of an error when they have no
     forward-mode formula: the estimate treated the decomposition as a constant and came out biased low) and
     ``torch.linalg.eigh`` (its tangent's gradient is NaN, so the penalty's gradient was NaN through a
-    decorrelated BatchNorm)."""
+    decorrelated BatchNorm), and the ops of :data:`_WRONG_TANGENT_GRADIENTS`."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.linalg.eigh or (isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
-                                         and func.namespace not in ("aten", "prims")):
+        custom = isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) \
+            and func.namespace not in ("aten", "prims")
+        if func is torch.linalg.eigh or custom or _wrong_tangent_gradient(func):
             raise _ForwardModeGap(str(getattr(func, "__name__", func)))
         return func(*args, **(kwargs or {}))
+
+
+#: The calls whose forward-mode tangent has a wrong gradient in torch 2.13, found by gradcheck of ``torch.func.jvp``
+#: tangents: determinants and solves (their tangent formulas read the LU factors, outputs torch does not
+#: differentiate, so the penalty's gradient through a block holding ``torch.linalg.det`` came out about 4x off) and
+#: Householder products. Their reverse-mode derivatives are right: route ``auto`` takes the double-VJP route there.
+_WRONG_TANGENT_GRADIENTS = frozenset({
+    torch.linalg.det, torch.det, torch.Tensor.det, torch.linalg.slogdet, torch.slogdet, torch.Tensor.slogdet,
+    torch.logdet, torch.Tensor.logdet, torch.linalg.solve, torch.linalg.solve_ex, torch.linalg.tensorsolve,
+    torch.linalg.householder_product, torch.orgqr, torch.Tensor.orgqr})
+#: The same as ATen ops (a graph captured with torch.export), by name.
+_WRONG_TANGENT_GRADIENT_OPS = frozenset({
+    "det", "linalg_det", "_linalg_det", "slogdet", "linalg_slogdet", "_linalg_slogdet", "logdet", "linalg_solve",
+    "linalg_solve_ex", "_linalg_solve_ex", "linalg_tensorsolve", "linalg_householder_product", "orgqr"})
+
+
+def _wrong_tangent_gradient(func) -> bool:
+    """Whether ``func`` (a call a :class:`~torch.overrides.TorchFunctionMode` sees) is one of
+    :data:`_WRONG_TANGENT_GRADIENTS` or an ATen overload of one."""
+    if isinstance(func, torch._ops.OpOverload):
+        return func.namespace == "aten" and func.__name__.split(".")[0] in _WRONG_TANGENT_GRADIENT_OPS
+    return func in _WRONG_TANGENT_GRADIENTS
 
 
 #: torch's normalisation layers whose forward writes no buffer but ``num_batches_tracked`` and, through a native
@@ -1490,7 +1636,7 @@ class _Call:
         Eagerly, without ``dtype``, torch's BatchNorm / InstanceNorm layers (:data:`_PLAIN_NORMS`) are spared the
         copies they do not need (one ATen op each, three per BatchNorm: a kernel launch on a GPU): layers that
         normalise with their running statistics (eval mode) keep ``num_batches_tracked`` uncopied (they do not
-        read it), and while :class:`_ComposedNorms` runs the normalisations with batch statistics, which read and
+        read it), and while :class:`_ComposedOps` runs the normalisations with batch statistics, which read and
         update no running statistic, training-mode layers keep theirs uncopied and get
         ``num_batches_tracked=None``: BatchNorm's forward then skips its increment (and, with ``momentum=None``,
         the host read of the count), whose only use is the running update the composed normalisation does not
@@ -1501,7 +1647,7 @@ class _Call:
         module = self.fn
         kept: dict[str, torch.Tensor | None] = {}
         if self.dtype is None and not torch.compiler.is_compiling():
-            composed = any(isinstance(mode, _ComposedNorms)
+            composed = any(isinstance(mode, _ComposedOps) and mode.normalisations
                            for mode in torch.overrides._get_current_function_mode_stack())
             for path, norm in module.named_modules():
                 if type(norm) not in _PLAIN_NORMS:
@@ -1846,7 +1992,9 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
     xp = _detached_input(xs) if compiling else _detached_input(xs).requires_grad_(True)
     values: list[torch.Tensor] = []  # per probe: residual norms (full, partial) or ||J v||^2 (offdiag)
     returned = None  # the estimate's dtype (_estimate_dtype of the first probe's products)
-    with torch.enable_grad(), _sdpa_math(), (_ComposedNorms() if create_graph else _contextlib.nullcontext()):
+    # the estimate's value needs the second derivatives of the block's ops on the double-VJP route, and its gradient
+    # (create_graph) them all: torch's normalisations are right to first order, so composed only for the gradient
+    with torch.enable_grad(), _sdpa_math(), _ComposedOps(normalisations=create_graph):
         linear = None
         for index in range(count):
             v = _rademacher(xp, generator, draw_shift + index)  # distinct arguments for each draw: no CSE merge
@@ -1870,14 +2018,19 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
                             f"reliable forward-mode derivative{cause}. Use route 'auto' (forward mode, falling "
                             "back to the double-VJP route at such ops) or 'double_vjp'") from exc
                     if route == "jvp":
+                        _raise_second_order_gap(exc, f, what)
                         raise
                     route = "double_vjp"
                 else:
                     route = "jvp"
             if route == "double_vjp":
-                if linear is None:
-                    linear = (_FunctionalLinearisation if compiling else _Linearisation)(f, xp, batched, what)
-                u, residual = linear.products(v, kind)
+                try:
+                    if linear is None:
+                        linear = (_FunctionalLinearisation if compiling else _Linearisation)(f, xp, batched, what)
+                    u, residual = linear.products(v, kind)
+                except (NotImplementedError, RuntimeError) as exc:
+                    _raise_second_order_gap(exc, f, what)
+                    raise
             values.append(_squared(u if kind == "offdiag" else residual, per_sample))
             if returned is None:
                 returned = _estimate_dtype(u)

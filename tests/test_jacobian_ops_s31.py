@@ -57,7 +57,7 @@ def test_written_out_tangents_are_the_jacobians_products(name, block, x):
     before = copy.deepcopy(block.state_dict())
     f = metrics._Call(block)
     v = torch.randn_like(x)
-    with metrics._ComposedNorms():
+    with metrics._ComposedOps():
         u, _ = metrics._jvp_products(f, x.detach().requires_grad_(), v, "offdiag", False, "test")
     J = dense_jacobian(copy.deepcopy(block), x)
     torch.testing.assert_close(u.reshape(-1), J @ v.reshape(-1), rtol=1e-10, atol=1e-10)
