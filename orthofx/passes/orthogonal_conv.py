@@ -9,6 +9,11 @@ same qualified name (the graph is unchanged; state_dict keys change to the new l
 convolution (e.g. the ResNet strided shortcut, (M, C, k, S) = (2C, C, 1, 2)), ``on_impossible`` decides:
 ``error`` raises :class:`orthofx.ImpossibleLayerError` quoting the theorem's condition with the layer's numbers,
 ``skip`` leaves the layer as it is, ``regularize`` attaches P0's L_orth instead (weight ``regularize_weight``).
+So does a layer whose orthogonal versions are finitely many fixed signed shifts, none of which trains: one input and
+one output channel per group (a depthwise conv such as ConvNeXt's 7x7, or a 1 -> 1 conv) at stride 1, where an
+exactly orthogonal kernel is a single tap of +-1 (the status reads ``regularised (no trainable orthogonal
+version)``); a strided one (``k >= S``) trains and is replaced. Build
+:class:`~orthofx.nn.orthogonal.OrthogonalConv2d` directly for such a fixed shift.
 
 Parameters:
 
@@ -55,6 +60,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -67,7 +73,8 @@ from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3
                               OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
                               build_stride, circular_alignment, keeps_output_size, rko_problem,
                               transposed_alignment, transposed_keeps_output_size, transposed_size_keeping_padding)
-from ..nn.padding import conv_mode_pads, conv_zero_pads, one_element_same_dilation, per_dimension, stale_mode_pads
+from ..nn.padding import (conv_mode_pads, conv_zero_pads, one_element_same_dilation, per_dimension,
+                          sizes_per_dimension, stale_mode_pads)
 from ..nn.precision import describe_nonfinite, relative_distance
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, check_scale_range, derived_weight,
                    describe_module, is_uninitialised, parameter_owners, require_initialised)
@@ -111,8 +118,9 @@ def orthogonal_layer(module: nn.Module, *, init: str = "nearest", method: str = 
 
 
 def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_size=None) -> str | None:
-    """Why no exactly orthogonal replacement is possible for ``conv`` (``None`` when one is); for
-    ``method="cayley_fft"`` the spatial ``input_size`` the layer sees (its effective kernel is that large)."""
+    """Why no exactly orthogonal replacement is possible for ``conv`` (``None`` when one is), or none that trains
+    (:func:`_fixed_shift_problem`); for ``method="cayley_fft"`` the spatial ``input_size`` the layer sees (its
+    effective kernel is that large)."""
     dims = conv.weight.dim() - 2
     if isinstance(conv, _TRANSPOSED_TYPES):
         return _transposed_impossibility(conv, padding, method)
@@ -146,6 +154,9 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
                                                       dilation=conv.dilation)
     if not exists:
         return f"no orthogonal convolution exists (P0 Theorem 4): {reason}"
+    fixed = _fixed_shift_problem(conv)
+    if fixed is not None:
+        return fixed
     rko_miss = _rko_impossibility(conv, method)
     if rko_miss is not None:
         return rko_miss
@@ -164,6 +175,59 @@ def _rko_impossibility(conv: nn.Module, method: str) -> str | None:
     return f"method rko (the reshaped kernel only) is exact only when {miss}; use method auto or bcop for this layer"
 
 
+#: How the problem text of a layer whose orthogonal versions cannot train (:func:`_fixed_shift_problem`) begins:
+#: the report's status and the error's remedies tell it from the other problems by it
+_FIXED_SHIFT = "no trainable orthogonal convolution exists"
+
+
+def _fixed_shift_problem(conv: nn.Module) -> str | None:
+    r"""Why ``conv`` (a conv or a transposed conv that Theorem 4 admits, not ``cayley_fft``) has no *trainable*
+    orthogonal version, or ``None``.
+
+    With one input and one output channel per group (a depthwise conv, ``in = out = groups``, or a 1 -> 1 conv)
+    every channel has its own scalar kernel. When its taps read one residue mod the stride in every dimension,
+    :math:`r_i = \min(k_i, S_i / \gcd(D_i, S_i)) = 1` (every stride-1 conv, whatever its k and dilation; a strided
+    one with k = 1 or a dilation that is a multiple of the stride), the circular operator is a selection of inputs
+    followed by a stride-1 scalar filter ``h``, orthogonal iff :math:`|\hat h(\omega)| = 1` at every frequency:
+    :math:`h(z)\,h(z^{-1}) = 1`, which among Laurent polynomials only :math:`\pm z^j` satisfy. So the orthogonal
+    layers are finitely many signed shifts; ``OrthogonalConv{d}d`` builds one, whose only parameter, a 1 x 1
+    ``matrix`` orthonormalised to its sign, never gets a gradient: the pass swapped the user's trainable filter for a
+    fixed shift, silently (the layer class, built directly, still does so on purpose). With :math:`\prod_i r_i \ge 2` the reshaped
+    kernel is a unit vector over those taps (a sphere) and the layer trains; so does ``method: cayley_fft`` (its
+    full-size kernel is any all-pass filter), which :func:`_impossibility` checks before this."""
+    if conv.in_channels != conv.groups or conv.out_channels != conv.groups:
+        return None
+    kernel = tuple(conv.kernel_size)
+    stride, dilation = sizes_per_dimension(kernel, stride=conv.stride, dilation=conv.dilation)
+    reads = tuple(min(k, b) for k, b in zip(kernel, build_stride(kernel, stride, dilation)))
+    if math.prod(reads) > 1:
+        return None
+    what = "depthwise" if conv.groups > 1 else "a single channel"
+    if all(s == 1 for s in stride):
+        where = "at stride 1"
+    else:
+        where = (f"whose taps read one input per window (r=min(k, S/gcd(D, S))={reads} with stride={stride}, "
+                 f"dilation={dilation})")
+    return (f"{_FIXED_SHIFT}: one input and one output channel per group (in={conv.in_channels}, "
+            f"out={conv.out_channels}, groups={conv.groups}: {what}) {where}, kernel_size={kernel}: an exactly "
+            "orthogonal kernel is then a single tap of +-1 (a circular all-pass filter of finite support), so the "
+            "orthogonal layers are a finite set of fixed signed shifts of each channel, none of which trains")
+
+
+def _fixed_shift_remedies(entry: PlanEntry, module: nn.Module) -> str:
+    """What the error of a :func:`_fixed_shift_problem` layer adds to the usual remedies: how to leave such layers
+    out of the rule, and how to have the fixed shift (or a trainable exact layer) anyway."""
+    dims = module.weight.dim() - 2
+    transposed = isinstance(module, _TRANSPOSED_TYPES)
+    layer = f"OrthogonalConv{'Transpose' if transposed else ''}{dims}d"
+    leave_out = ("'where: {groups: 1}' in its match leaves every grouped conv out, 'exclude: "
+                 f"[\"{entry.site.name}\"]' this one" if module.groups > 1
+                 else f"'exclude: [\"{entry.site.name}\"]' in its match leaves it out")
+    cayley = "" if transposed else ("; method 'cayley_fft' builds a trainable exactly orthogonal layer instead (a "
+                                    "full-size kernel, any all-pass filter; for the example input's size only)")
+    return f" ({leave_out}). To have the fixed signed shift anyway, build orthofx.nn.{layer} directly{cayley}"
+
+
 def _transposed_impossibility(conv: nn.Module, padding: str, method: str) -> str | None:
     """:func:`_impossibility` for a ``ConvTranspose{d}d``: its orthogonal version is the adjoint of the circular
     orthogonal conv ``out -> in`` (same kernel, stride, dilation, groups), which exists iff that conv does."""
@@ -179,6 +243,9 @@ def _transposed_impossibility(conv: nn.Module, padding: str, method: str) -> str
     if not exists:
         return (f"no orthogonal transposed convolution exists: it is the adjoint of the convolution "
                 f"{conv.out_channels} -> {conv.in_channels} channels, and for that one (P0 Theorem 4) {reason}")
+    fixed = _fixed_shift_problem(conv)  # the adjoint of a signed shift is one
+    if fixed is not None:
+        return fixed
     rko_miss = _rko_impossibility(conv, method)
     if rko_miss is not None:
         return rko_miss
@@ -385,9 +452,11 @@ def _kept_layer(module: nn.Module | None) -> tuple[str, str] | None:
 
 def _impossible_error(entry: PlanEntry, module: nn.Module, problem: str) -> ImpossibleLayerError:
     """The error for a layer ``on_impossible: error`` refuses because of ``problem``."""
+    extra = _fixed_shift_remedies(entry, module) if problem.startswith(_FIXED_SHIFT) else ""
     return ImpossibleLayerError(
         f"rule '{entry.rule_name}': {entry.site.name} ({describe_module(module)}): {problem}. Set 'on_impossible: "
-        "regularize' (L_orth instead) or 'skip' in the rule's 'with:', or exclude the layer from the rule's match")
+        "regularize' (L_orth instead) or 'skip' in the rule's 'with:', or exclude the layer from the rule's match"
+        f"{extra}")
 
 
 def _check_cayley_padding(entry: PlanEntry, module: nn.Module) -> None:
@@ -590,7 +659,8 @@ class OrthogonalConvPass(Pass):
                 self._replace(ctx, entry, module, layer, status, off_grid)
                 built[id(module.weight)] = (entry.site.name, layer)
             else:
-                self._impossible(ctx, entry, module, problem)
+                why = "no trainable orthogonal version" if problem.startswith(_FIXED_SHIFT) else "no orthogonal version"
+                self._impossible(ctx, entry, module, problem, why=why)
         _warn_off_grid(off_grid)
 
     def _cayley_input_size(self, ctx: PassContext, entry: PlanEntry, module: nn.Module) -> tuple[int, ...]:
