@@ -1,11 +1,12 @@
 """Pass ``pre_svd``: orthogonality for the Pre-SVD layers (P4), the convolutions / linears feeding a decomposition.
 
-Select the layers with ``match: {feeds: linalg.eigh}`` (or any decomposition op); each Conv1d / Conv2d / Linear
-gets, by its parameters:
+Select the layers with ``match: {feeds: linalg.eigh}`` (or any decomposition op); each Conv1d / Conv2d / Conv3d /
+Linear gets, by its parameters (every treatment reads the weight as ``out x rest``, per group, so a video model's
+Conv3d is treated as a Conv2d is: its kernel's depth is one more factor of ``rest``):
 
 ``weight`` (the orthogonal-weight treatment, P4's "OW"; default ``none``)
     ``orthogonal``: the layer is replaced, under the same name, by the exactly orthogonal layer of
-    :mod:`orthofx.nn.orthogonal` (``OrthogonalConv{1,2}d.from_conv`` / ``OrthogonalLinear.from_linear`` with
+    :mod:`orthofx.nn.orthogonal` (``OrthogonalConv{1,2,3}d.from_conv`` / ``OrthogonalLinear.from_linear`` with
     ``init="nearest"``; ``padding: keep`` keeps the conv's own zero/circular padding, ``circular`` uses circular
     "same" padding, exact but a different boundary). When no orthogonal layer exists for the architecture (P0
     Theorem 4), the layer cannot be built, or the new layer would change the output shape, the pass falls back to
@@ -63,6 +64,9 @@ gets, by its parameters:
 
 Several layers feeding one decomposition each get their own hooks (and param groups); a layer feeding several
 decompositions is one module site, treated once. The Change per layer lists the decomposition sites it feeds.
+A transposed conv that a ``feeds`` rule selects (a decoder's) is skipped, saying why: it is not P4's Pre-SVD layer,
+its ``in x out/groups x kernel`` weight is the adjoint's layout, and ``padding: keep`` has no transposed counterpart;
+the ``orth_regularizer`` and ``orthogonal_conv`` passes treat its weight.
 
 Example::
 
@@ -97,7 +101,7 @@ from .riemannian import is_zero_redundancy
 __all__ = ["PreSVD", "SripTerm", "NearestOrthogonalGradient", "OptimalLearningRate", "srip", "polar_factor",
            "optimal_learning_rate"]
 
-_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 #: Param-group key marking the group OLR created; the value is the site.
 OLR_GROUP_KEY = "orthofx_olr"
 _BASE_LR_KEY = "orthofx_olr_base_lr"
@@ -697,6 +701,15 @@ def _first_sentence(text: str) -> str:
 
 _NOTHING_ASKED = "nothing to apply (weight none, nog and olr off)"
 
+#: Why a transposed conv is skipped. Its weight is ``in x out/groups x kernel`` (the adjoint's layout), which NOG's
+#: ``out x rest`` gradient would read as the adjoint conv's matrix, and the hard orthogonal transposed layer takes
+#: its alignment from the layer's output size, not from ``padding: keep``: neither is P4's Pre-SVD layer (a conv
+#: or linear computing the features), so the pass leaves it to the passes made for it.
+_TRANSPOSED_REASON = ("{kind} is a transposed convolution, which pre_svd does not treat (P4's Pre-SVD layer is a "
+                      "Conv1d/2d/3d or Linear, whose weight NOG reads as out x rest; 'padding: keep' has no "
+                      "transposed counterpart); for its orthogonality use the orth_regularizer or orthogonal_conv "
+                      "pass")
+
 
 def _treats_weight(params: dict) -> bool:
     """Whether a rule's ``params`` ask the Pre-SVD pass for anything (a weight treatment, NOG or OLR)."""
@@ -728,6 +741,10 @@ class PreSVD(Pass):
     needs_weight_parameter = True  # except where handles_derived_weight says the rule only reads it
 
     def accepts(self, site, module):
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            # a 'feeds' rule selects a decoder's transposed conv too (a producer); the generic "handles ..., not
+            # ConvTranspose2d" read as an omission, as Conv3d's was, where this one is a choice
+            return _TRANSPOSED_REASON.format(kind=type(module).__name__)
         reason = super().accepts(site, module)
         if reason is not None:
             return reason
