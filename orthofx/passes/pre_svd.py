@@ -94,7 +94,7 @@ from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm,
                    weight_groups, whole, sparse_gradient_error, write_whole)
 from .isometric_init import frozen_reason
 from .orth_regularizer import lorth_term
-from .orthogonal_conv import _impossibility, orthogonal_layer
+from .orthogonal_conv import _hard_status, _impossibility, orthogonal_layer
 from .registry import register_pass
 from .riemannian import is_zero_redundancy
 
@@ -822,7 +822,10 @@ class PreSVD(Pass):
         if treatment == "orthogonal":
             layer, reason = self._try_hard(ctx, name, module, params["padding"])
             if layer is not None:
-                parts.append("orthogonal (hard)")
+                # the orthogonal_conv pass's status for the same layer: zero padding kept is not orthogonal at the
+                # borders, and says so
+                status = _hard_status(module, params["padding"])
+                parts.append("orthogonal (hard)" if status == "hard" else f"orthogonal: {status}")
                 after["layer"] = type(layer).__name__
                 after["init_error"] = getattr(layer, "init_error", None)
                 hooks_allowed = False
