@@ -560,7 +560,7 @@ def test_preset_on_builtin_models(name):
 def test_preset_loads():
     policy = orthofx.Policy.load("convnorm")
     (rule,) = policy.rules
-    assert rule.apply == "convnorm" and rule.match.type == ("Conv2d",)
+    assert rule.apply == "convnorm" and rule.match.type == ("Conv1d", "Conv2d", "Conv3d")
     assert rule.params == {"eps": 1e-5, "affine": False, "momentum": None}
     assert orthofx.Policy.from_yaml(policy.to_yaml()) == policy
 

@@ -49,3 +49,59 @@ def test_every_report_row_has_the_documented_keys():
     for row in function_rows:
         assert row["lorth"] is None and row["sigma_min"] is None and row["input"] is None
         assert "kappa" in row  # monitored: the monitor's keys too
+
+
+@pytest.mark.parametrize("conv, shape", [
+    (torch.nn.Conv1d(1, 4, 8, stride=4, padding=2), (2, 1, 64)),     # an audio stem
+    (torch.nn.Conv3d(2, 4, 3, stride=(1, 2, 2), padding=1), (2, 2, 4, 8, 8)),  # a video conv
+])
+def test_the_convnorm_preset_covers_1d_and_3d_convs(conv, shape):
+    """The preset matched Conv2d only: an audio or video model got a PlanError though the pass takes Conv1d/3d."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(conv)
+    x = torch.randn(*shape)
+    gm = orthofx.transform(model, "convnorm", example_inputs=(x,))
+    wrapped = gm.get_submodule("0")
+    assert isinstance(wrapped, orthofx.nn.convnorm.ConvNormConvNd)
+    rows = orthofx.report(gm).to_dict()["rows"]
+    assert [row["site"] for row in rows] == ["0"] and rows[0]["pass"].startswith("convnorm")
+    # ConvNorm divides each output channel's spectrum by the kernel's: its output differs from the bare conv's and
+    # the conv's weight is the model's
+    torch.testing.assert_close(wrapped.conv.weight, conv.weight)
+    assert gm(x).shape == model(x).shape
+    assert not torch.allclose(gm(x), model(x))
+
+
+class _CovariancePool(torch.nn.Module):
+    def __init__(self, padding_mode):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode=padding_mode)
+
+    def forward(self, x):
+        features = self.conv(x).flatten(2)
+        covariance = features @ features.transpose(1, 2) / features.shape[-1] + 1e-3 * torch.eye(4)
+        return torch.linalg.eigh(covariance)[0]
+
+
+@pytest.mark.parametrize("padding_mode, padding, exact", [("zeros", "keep", False), ("zeros", "circular", True),
+                                                          ("circular", "keep", True)])
+def test_pre_svd_hard_layer_with_zero_padding_kept_says_it_is_not_orthogonal_at_the_borders(padding_mode, padding,
+                                                                                           exact):
+    """pre_svd's weight: orthogonal with the default padding: keep on a zero-padded conv said 'orthogonal (hard)',
+    while the layer's Jacobian is off the identity at the borders (orthogonal_conv says so for the same layer)."""
+    torch.manual_seed(0)
+    policy = {"orthofx": 1, "rules": [{"match": {"feeds": "linalg.eigh"}, "apply": "pre_svd",
+                                       "with": {"weight": "orthogonal", "padding": padding, "nog": False,
+                                                "olr": False}}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = orthofx.transform(_CovariancePool(padding_mode), policy, example_inputs=(torch.randn(2, 3, 6, 6),))
+    (change,) = orthofx.manifest_of(gm).changes
+    layer = gm.get_submodule("conv").double()
+    jacobian = torch.autograd.functional.jacobian(
+        lambda z: layer(z.reshape(1, 3, 6, 6)).reshape(-1), torch.zeros(108, dtype=torch.float64))
+    values = torch.linalg.svdvals(jacobian)
+    is_orthogonal = bool((values - 1).abs().max() < 1e-8)
+    assert is_orthogonal == exact
+    assert ("orthogonal (hard)" in change.what) == exact
+    assert ("not at borders" in change.what) == (not exact)
