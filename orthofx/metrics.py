@@ -50,7 +50,7 @@ import math
 import torch
 import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
-from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 
 from orthofx.errors import ArgumentError, LayerArgumentError, first_line
 from orthofx.nn.convnorm import running_filters_held
@@ -1747,6 +1747,21 @@ def known_empty(x: torch.Tensor) -> bool:
     return guard_or_false(x.numel() == 0)
 
 
+def _at_least_one(size):
+    """``size``, or ``sym_max(size, 1)`` where torch.compile cannot know it is nonzero (an unbacked size: a batch
+    selected by a mask inside the compiled graph, which :func:`known_empty` cannot tell empty). Dividing an empty
+    batch's sum by it gives 0, the penalty an eager probe has for an empty batch, instead of NaN; a known nonzero
+    size (every eager size, a backed dynamic one) is returned as it is: the same graph and values as before."""
+    return size if statically_known_true(size != 0) else torch.sym_max(size, 1)
+
+
+def _mean_or_zero(values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` (one per sample), or 0 for no values where torch.compile cannot know their number
+    (:func:`_at_least_one`)."""
+    count = values.shape[0]
+    return values.mean() if statically_known_true(count != 0) else values.sum() / _at_least_one(count)
+
+
 def _check_input(x, what: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise ArgumentError(f"{what}: x must be a torch.Tensor, got {type(x).__name__}")
@@ -1808,7 +1823,11 @@ def _squared(t: torch.Tensor, per_sample: bool) -> torch.Tensor:
     bfloat16's 8 bits swamp the variance ``offdiag`` takes of these sums."""
     if t.dtype in HALF_PRECISION:
         t = t.float()
-    return t.reshape(t.shape[0], -1).square().sum(1) if per_sample else t.square().sum()
+    if not per_sample:
+        return t.square().sum()
+    # explicit sizes: torch cannot infer a -1 next to a batch that may be 0 (an unbacked size under torch.compile,
+    # :func:`known_empty`) and asserts it nonzero at run time, an opaque error for an empty batch
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])).square().sum(1)
 
 
 def _estimate_dtype(products: torch.Tensor) -> torch.dtype:
@@ -2041,11 +2060,12 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
         else:
             estimate = torch.stack(values).mean(dim=0)
         if per_sample:
-            estimate = estimate.mean()  # the subset's mean is unbiased for the batch's mean
+            estimate = _mean_or_zero(estimate)  # the subset's mean is unbiased for the batch's mean
         elif scale != 1.0:
             estimate = estimate * scale  # the subset's sum, scaled to the batch
         if normalize:
-            estimate = estimate / (math.prod(x.shape[1:]) if per_sample else x.numel())  # x[0] is an ATen op
+            # the sizes' product, not x[0].numel(): x[0] is an ATen op
+            estimate = estimate / _at_least_one(math.prod(x.shape[1:]) if per_sample else x.numel())
         estimate = estimate.to(returned)
     return (estimate if create_graph else estimate.detach()), route
 
@@ -2062,6 +2082,8 @@ def jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", 
             fn's parameters only. An empty ``x`` (no elements, such as a batch of 0) raises an
             :class:`~orthofx.errors.ArgumentError` whatever ``per_sample`` and ``normalize`` are: the estimate is
             undefined there (a mean over no samples, a division by no input dimensions); skip the call for it.
+            Under ``torch.compile`` a batch whose size is data-dependent (selected by a mask inside the compiled
+            graph, or marked unbacked) cannot be told empty while tracing: for it the estimate is 0.
         probes: number of Rademacher probes averaged (``offdiag`` uses ``max(probes, 2)``: it is a variance).
         kind: ``"full"``: :math:`\|J^T J - I\|_F^2` (``I`` the identity of the input dimension; for a wide
             Jacobian, ``m < n``, this is :math:`\|J J^T - I_m\|_F^2 + n - m`); ``"partial"``:

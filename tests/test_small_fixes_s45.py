@@ -3,8 +3,11 @@
 1. A Jacobian probe on an empty batch (batch size 0 in a training forward) makes no estimate: the penalty is 0 for
    it, as in eval mode (the ``jacobian`` preset raised from inside the model; ``per_sample: false, normalize:
    true`` gave a NaN loss); the step still counts in ``every``. ``orthofx.metrics.jacobian_isometry`` refuses an
-   empty input whatever ``per_sample`` / ``normalize`` (it returned NaN, or a zero, silently).
-   References: the plain model's output and gradients, and the run without the empty step.
+   empty input whatever ``per_sample`` / ``normalize`` (it returned NaN, or a zero, silently). Under
+   torch.compile an empty batch of data-dependent size (a mask selection, ``mark_unbacked``) cannot be told empty
+   while tracing: its estimate is 0 (``per_sample`` raised torch's "Runtime assertion failed for expression
+   Ne(u0, 0)", ``normalize`` gave NaN).
+   References: the plain model's output and gradients, the run without the empty step, the eager probe.
 2. ``orthofx.export``'s ``opset`` is documented.
 3. Exporting or freezing a plain torch model raises :class:`orthofx.ExportError` on every path (``.pt2`` /
    ``.onnx`` / ``freeze`` raised a plain OrthofxError, ``.pt`` an ExportError).
@@ -76,6 +79,9 @@ def test_the_step_after_an_empty_batch_estimates_as_without_it(policy):
         torch.manual_seed(11)  # once: an empty step that drew numbers would change the next estimate
         for batch in batches:
             out = gm(batch)
+            if not batch.numel():  # no estimate for the empty batch itself (its penalty was NaN, or it raised)
+                assert float(orthofx.penalty(gm).detach()) == 0.0
+                assert all(probe.estimate is None for probe in _probes(gm))
         loss = out.square().mean() + orthofx.penalty(gm)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in gm.named_parameters()}
@@ -107,16 +113,19 @@ def test_an_empty_batch_is_a_step_of_every_without_an_estimate():
     assert other.calls == 1
 
 
-def test_a_block_called_on_an_empty_and_a_full_subset_keeps_its_pairs():
+@pytest.mark.parametrize("options", [{"per_sample": True}, {"normalize": True}], ids=["per_sample", "normalize"])
+def test_a_block_called_on_an_empty_and_a_full_subset_keeps_its_pairs(options):
     # two calls per step (a block run on two subsets of a batch): the empty one counts as a call, so the
-    # next step starts at the first call again; the step's estimate is the non-empty call's
+    # next step starts at the first call again; the step's estimate is the non-empty call's (the empty call's
+    # estimate raised with per_sample, and was NaN with normalize, which the step's sum kept)
     block = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
-    probe = JacobianProbe(block, seed=0)
+    probe = JacobianProbe(block, seed=0, **options)
     probe.calls_per_step = 2
-    alone = JacobianProbe(copy.deepcopy(block), seed=0)
+    alone = JacobianProbe(copy.deepcopy(block), seed=0, **options)
     x = torch.randn(3, 4)
     for _ in range(3):
         probe(torch.zeros(0, 4))
+        assert probe.estimate is None and probe.calls == 1
         probe(x)
         alone(x)
         assert probe.calls == 0
@@ -162,10 +171,16 @@ def test_compiled_probe_takes_an_empty_batch_and_normal_batches_keep_their_graph
     assert counter.frame_count == 3  # the dynamic graph again
 
 
-def test_compiled_probe_on_a_batch_of_data_dependent_size_matches_eager():
+_OPTIONS = [{}, {"per_sample": True}, {"normalize": True}, {"per_sample": True, "normalize": True, "kind": "offdiag"}]
+_OPTION_IDS = ["plain", "per_sample", "normalize", "per_sample, normalize, offdiag"]
+
+
+@pytest.mark.parametrize("options", _OPTIONS, ids=_OPTION_IDS)
+def test_compiled_probe_on_a_batch_of_data_dependent_size_matches_eager(options):
     # a batch a mask selects inside the compiled graph has an unbacked size: asking whether it is empty must not
-    # raise dynamo's "Could not guard on data-dependent expression" (the probe estimates as before)
-    eager = JacobianProbe(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), seed=None)
+    # raise dynamo's "Could not guard on data-dependent expression" (the probe estimates as before, and the mean
+    # and normalisation over a size that may be 0 give the eager values)
+    eager = JacobianProbe(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), seed=None, **options)
     twin = copy.deepcopy(eager)
 
     def loss(probe, x):
@@ -180,6 +195,65 @@ def test_compiled_probe_on_a_batch_of_data_dependent_size_matches_eager():
     expected = loss(eager, x)
     assert twin.estimate is not None and float(eager.penalty().detach()) > 0
     torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(twin.estimate, eager.estimate)
+
+
+# offdiag's variance over the probes of no samples: torch warns that it has no degrees of freedom (its value, an
+# empty tensor, sums to the 0 asserted)
+_EMPTY_VARIANCE = pytest.mark.filterwarnings(r"ignore:var\(\). degrees of freedom is <= 0:UserWarning")
+
+
+def _compiled_loss(probe: JacobianProbe, select: bool):
+    def loss(x):
+        return probe(x[x[:, 0] > 100] if select else x).square().sum() + probe.penalty()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    return torch.compile(loss, backend=counter, fullgraph=True), counter
+
+
+def _assert_zero_penalty_and_gradient(probe: JacobianProbe, value: torch.Tensor):
+    assert probe.estimate is not None and float(probe.estimate.detach()) == 0.0  # estimated, as zero (documented)
+    assert float(value.detach()) == 0.0 == float(probe.penalty().detach())  # was NaN with normalize
+    value.backward()
+    for name, p in probe.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
+        p.grad = None
+
+
+@_EMPTY_VARIANCE
+@pytest.mark.parametrize("options", _OPTIONS, ids=_OPTION_IDS)
+def test_compiled_probe_on_an_empty_mask_selection_has_a_zero_penalty(options):
+    # the mask selects nothing: an empty batch whose size the trace cannot know, so the probe estimates it; the
+    # estimate is the zero an eager probe's penalty has (per_sample raised "Runtime assertion failed for
+    # expression Ne(u0, 0)", normalize gave NaN)
+    probe = JacobianProbe(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), **options)
+    compiled, counter = _compiled_loss(probe, select=True)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        value = compiled(torch.randn(8, 4))
+    _assert_zero_penalty_and_gradient(probe, value)
+    eager = JacobianProbe(copy.deepcopy(probe.block), **options)
+    x = torch.randn(8, 4)
+    value = eager(x[x[:, 0] > 100]).square().sum() + eager.penalty()
+    assert float(value.detach()) == 0.0 and eager.estimate is None
+    assert counter.frame_count == 1
+
+
+@_EMPTY_VARIANCE
+@pytest.mark.parametrize("options", _OPTIONS, ids=_OPTION_IDS)
+def test_compiled_probe_on_an_unbacked_batch_takes_an_empty_one_in_the_same_graph(options):
+    block = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    probe, eager = JacobianProbe(block, **options), JacobianProbe(copy.deepcopy(block), **options)
+    compiled, counter = _compiled_loss(probe, select=False)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    unbacked = x.clone()
+    torch._dynamo.decorators.mark_unbacked(unbacked, 0)
+    torch.manual_seed(5)
+    value = compiled(unbacked)
+    torch.manual_seed(5)
+    torch.testing.assert_close(value, eager(x).square().sum() + eager.penalty())  # the eager value
+    value = compiled(torch.zeros(0, 4))  # the same graph, whose batch size may be 0
+    assert counter.frame_count == 1
+    _assert_zero_penalty_and_gradient(probe, value)
 
 
 # ------------------------------------------------------------------------------ 1. the metric refuses an empty input

@@ -9,11 +9,13 @@ penalty built from it is zero and holds no stale graph; none of those calls is a
 pass between training steps leaves the schedule as it was, as for ``orthofx.penalty``'s L_orth terms). An empty
 batch (a first input with no elements) in training mode makes no estimate either, so the penalty is zero for it
 (:func:`~orthofx.metrics.jacobian_isometry` refuses one: its value there is undefined), but it is a call of the
-step, counted in ``every``: the schedule follows the model's training forwards. A penalty
-reads the last estimate, so it is added after the forward: trained on after an optimizer step, or after a backward
-went through it, the estimate of an earlier forward raises a :class:`~orthofx.errors.LayerArgumentError` at
-backward saying so (``orthofx.penalty(gm) + task(gm(x))`` evaluates the penalty first; see
-:meth:`JacobianProbe._estimate_for_penalty`).
+step, counted in ``every``: the schedule follows the model's training forwards. Under ``torch.compile`` a
+batch whose size is data-dependent (selected by a mask inside the compiled graph, or marked with
+``torch._dynamo.mark_unbacked``) cannot be told empty while tracing: there an empty batch is estimated, and the
+estimate is a zero tensor (penalty 0, gradient 0) instead of ``None``. A penalty reads the last estimate, so it
+is added after the forward: trained on after an optimizer step, or after a backward went through it, the estimate
+of an earlier forward raises a :class:`~orthofx.errors.LayerArgumentError` at backward saying so
+(``orthofx.penalty(gm) + task(gm(x))`` evaluates the penalty first; see :meth:`JacobianProbe._estimate_for_penalty`).
 
 Transparent wrapping. The probe shares the block's registries (its parameters, buffers and submodules are the
 block's own dictionaries), so ``probe.state_dict()`` has exactly the block's keys, ``named_parameters()`` and
@@ -539,7 +541,8 @@ class JacobianProbe(nn.Module):
         """Whether the Jacobian's variable (the block's first input) is a floating-point tensor with no elements, an
         empty batch: a check of its size only, with no guard or recompilation for non-empty batches under
         torch.compile (:func:`orthofx.metrics.known_empty`). ``False`` for a first input of another kind: the
-        estimate then raises, saying what is wrong with it."""
+        estimate then raises, saying what is wrong with it; ``False`` too for a batch of data-dependent size under
+        torch.compile, whose estimate is 0 when it is empty (the metric divides by ``sym_max(size, 1)``)."""
         first = self._input_first(args, kwargs)[0]
         return bool(first) and isinstance(first[0], torch.Tensor) and first[0].is_floating_point() \
             and metrics.known_empty(first[0])
