@@ -95,6 +95,8 @@ from .nn.jacobian import JacobianProbe
 from .nn.precision import HALF_PRECISION
 from .nn.tracing import is_orthofx_module
 from .passes.base import Manifest, each_mode, replace_module
+# which conv the orthogonal preset leaves to L_orth as untrainable (load names it in a file an older orthofx wrote)
+from .passes.orthogonal_conv import _FIXED_SHIFT, _fixed_shift_problem
 # the constant-folding helpers fold_constant_decompositions runs on, shared rather than written twice
 from .passes.svd_conditioning import (_constant_nodes, _copy_meta, _erase_dead, _free_attribute_name,
                                       _graph_modules, _mutated_attributes, _run_constants, decomposition_op,
@@ -1792,6 +1794,10 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
             # orthofx.transform", which load calls: the inputs go to load
             hint = (" If orthofx.transform was given example inputs, pass them here too: orthofx.load(model, "
                     "path, example_inputs=(x,)) replays the policy with them.")
+        fixed = _fixed_shift_sites(model, state) if _FIXED_SHIFT in str(exc) else []
+        if fixed:  # the right model: the file is older than the refusal of these layers
+            raise ExportError(f"the policy stored in {path!r} now refuses layers of this model ({exc}). "
+                              f"{_fixed_shift_recovery(path, fixed, refused=True)}") from exc
         raise ExportError(f"the policy stored in {path!r} does not apply to this model ({exc}); load with the "
                           f"original (untransformed) model the file was exported from.{hint}") from exc
     _check_saved_dtype_kinds(gm, state, path)
@@ -1807,6 +1813,10 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
         raise ExportError(f"{path!r} is damaged: {exc}; or re-export the model with orthofx.export(gm, "
                           "'model.pt')") from exc
     if missing or unexpected:
+        fixed = _fixed_shift_sites(model, state)
+        if fixed:  # the right model: "load with the model the file was exported from" would mislead
+            raise ExportError(f"the saved weights in {path!r} do not fit the model: missing {list(missing)[:5]}, "
+                              f"unexpected {list(unexpected)[:5]}. {_fixed_shift_recovery(path, fixed)}")
         raise ExportError(f"the saved weights in {path!r} do not fit the model: missing {list(missing)[:5]}, "
                           f"unexpected {list(unexpected)[:5]}; load with the model the file was exported from"
                           f"{_frozen_layers_hint(model, missing, unexpected)}")
@@ -1814,6 +1824,54 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
     if check_graph:
         _check_same_graph(gm, state, path)
     return gm
+
+
+def _fixed_shift_sites(model: nn.Module, state: dict) -> list[tuple[str, nn.Module]]:
+    """``(name, conv)`` of each conv of ``model`` whose orthogonal versions are fixed signed shifts that cannot train
+    (``orthogonal_conv._fixed_shift_problem``: one input and one output channel per group, taps reading one input
+    per stride window, e.g. a stride-1 depthwise conv) and for which the saved ``state`` holds an orthogonal layer's
+    parameters (``matrix``) instead of a ``weight``. An orthofx before that refusal replaced such a conv by a hard
+    layer; the policy replayed now leaves it a conv (L_orth) or refuses it, so the file no longer loads."""
+    found = []
+    for name, module in unwrap_model(model).named_modules():
+        if not name or not isinstance(module, nn.modules.conv._ConvNd) or f"{name}.weight" in state:
+            continue
+        # a transposed hard layer holds its conv's parameters under ``conv.`` (``name.conv.matrix``)
+        holds_matrix = any(key in state for key in (f"{name}.matrix", f"{name}.conv.matrix"))
+        if holds_matrix and _fixed_shift_problem(module) is not None:
+            found.append((name, module))
+    return found
+
+
+def _fixed_shift_recovery(path: str, sites: list[tuple[str, nn.Module]], refused: bool = False) -> str:
+    """Why a file :func:`_fixed_shift_sites` finds layers in does not load into the model it was exported from, and
+    how to recover its weights: the hard layer rebuilt from its saved parameters gives its (fixed-shift) kernel,
+    which becomes the plain conv's ``weight`` in the model the policy now makes."""
+    names = [name for name, _ in sites]
+    described = first_few([f"{name!r} ({type(conv).__name__}, in={conv.in_channels}, out={conv.out_channels}, "
+                           f"groups={conv.groups})" for name, conv in sites], 3)
+    builders = ", ".join(f"({name!r}, orthofx.nn.Orthogonal{type(conv).__name__}."
+                         f"{'from_conv_transpose' if conv.transposed else 'from_conv'})" for name, conv in sites)
+    now = ("refuses them (on_impossible: error)" if refused else
+           "leaves them plain convs (L_orth, or skipped, as its on_impossible says)")
+    policy = ("orthofx.Policy.from_yaml(saved['policy']) changed to leave them to L_orth ('on_impossible: "
+              "regularize' in the rule's 'with:') or out of its match" if refused
+              else "orthofx.Policy.from_yaml(saved['policy'])")
+    recipe = ("saved = torch.load(PATH, weights_only=True); state = saved['state_dict']; for site, build in "
+              "[BUILDERS]: hard = build(model.get_submodule(site), init='random'); hard.load_state_dict("
+              "{k[len(site) + 1:]: state.pop(k) for k in [k for k in state if k.startswith(site + '.')]}); "
+              "state.update({f'{site}.{n}': getattr(hard, n).detach() for n in ('weight', 'bias') "
+              "if getattr(hard, n) is not None}). Then gm = orthofx.transform(model, POLICY) (with the example "
+              "inputs it was given) and gm.load_state_dict(state)")
+    recipe = recipe.replace("PATH", repr(path)).replace("BUILDERS", builders).replace("POLICY", policy)
+    return (f"This is the model the file was exported from, but the file holds an exactly orthogonal layer's "
+            f"parameters (matrix, block_shift) at {described}: an earlier orthofx wrote it, which replaced such "
+            "layers by hard ones. Their orthogonal versions are fixed signed shifts of each channel that cannot "
+            "train (one input and one output channel per group and taps that read only one input per stride "
+            f"window, e.g. a stride-1 depthwise conv), so the policy now {now}. To recover the weights (each hard "
+            f"layer's fixed shift as the conv's kernel, which then trains): {recipe}. The convs keep their own "
+            "padding (the hard layers wrapped around circularly, so outputs differ at the borders). Layers: "
+            f"{first_few([repr(n) for n in names], 8)}")
 
 
 def _frozen_layers_hint(model: nn.Module, missing: list[str], unexpected: list[str]) -> str:

@@ -397,11 +397,22 @@ def test_orthogonal_conv_with_a_kernel_larger_than_the_map(n):
                                atol=1e-12, rtol=0)
 
 
-def test_orthogonal_preset_on_convnext_late_stage():
+def test_orthogonal_preset_on_convnext_late_stage(tmp_path):
+    # stage 2 sees a 2 x 2 map; its depthwise 7 x 7 is L_orth (its orthogonal versions are fixed shifts), so a
+    # full (groups=1) 7 x 7 stands there: its hard layer freezes into orthofx's CircularPad, whose pads of 3 wrap
+    # around the 2 x 2 map (nn.Conv2d's circular padding refuses them), and exports so to ONNX
+    pytest.importorskip("onnxruntime")
     model, inputs = CORPUS["convnext"]()
+    torch.manual_seed(3)
+    model.stage2[0].dwconv = torch.nn.Conv2d(8, 8, 7, padding=3)
     gm = orthofx.transform(model, "orthogonal", example_inputs=inputs)
+    assert isinstance(gm.get_submodule("stage2.0.dwconv"), OrthogonalConv2d)
     frozen = orthofx.freeze(gm)
+    wrapping = [m for m in frozen.get_submodule("stage2.0.dwconv").modules() if isinstance(m, CircularPad)]
+    assert wrapping and all(p > 2 for pair in wrapping[0].pads for p in pair)
     torch.testing.assert_close(eval_outputs(frozen, inputs), eval_outputs(gm, inputs), atol=1e-5, rtol=0)
+    result = orthofx.export(gm, tmp_path / "convnext.onnx", example_inputs=inputs)
+    assert result.max_abs_diff <= 1e-5
 
 
 def test_traced_through_layer_subclass_is_named():

@@ -9,8 +9,10 @@ Conv3d is treated as a Conv2d is: its kernel's depth is one more factor of ``res
     :mod:`orthofx.nn.orthogonal` (``OrthogonalConv{1,2,3}d.from_conv`` / ``OrthogonalLinear.from_linear`` with
     ``init="nearest"``; ``padding: keep`` keeps the conv's own zero/circular padding, ``circular`` uses circular
     "same" padding, exact but a different boundary). When no orthogonal layer exists for the architecture (P0
-    Theorem 4), the layer cannot be built, or the new layer would change the output shape, the pass falls back to
-    the L_orth regulariser and the Change's status says so. The hard layer's weight is a function of other
+    Theorem 4), none that trains (one input and one output channel per group and taps reading only one input per
+    stride window, e.g. a stride-1 depthwise conv feeding an ``eigh``: its orthogonal versions are fixed signed
+    shifts of each channel), the layer cannot be built, or the new layer would change the output shape, the pass
+    falls back to the L_orth regulariser and the Change's status says so. The hard layer's weight is a function of other
     parameters, so NOG / OLR are not attached to it (status says so); combine NOG with ``lorth`` or ``srip``
     for P4's NOG + OW. A layer whose weight is frozen (``requires_grad=False``) is skipped unless the rule says
     ``frozen: overwrite`` (as for ``orthogonal_conv``).
