@@ -15,10 +15,11 @@ One row per conv/linear layer of the graph (touched or not) and per other planne
   operator needs a grid divisible by the stride: on an input size that is not (a 7x7 map at stride 2), the
   figures are those of the circular operator on the size rounded up to a multiple of the stride (8x8), a property
   of the kernel (what L_orth measures; a regularised conv's row), not of what the layer applies to that input.
-  A hard layer of ``orthogonal_conv`` that is not orthogonal on the example's input size (status ``hard kernel;
-  not orthogonal on the example's 7x7 input: ...``) gets instead the exact figures of the operator it applies
-  there, from its dense matrix (``layer`` says so), or none where that has more than 2048 inputs or outputs,
-  and a note either way;
+  A hard layer of ``orthogonal_conv`` that is not orthogonal on an input size of the example run (status ``hard
+  kernel; not orthogonal on the example's 7x7 input: ...``, every such size named) gets instead the exact figures
+  of the operator it applies on the first of them, from its dense matrix built from its weight (in float64; the
+  layer is not run, so no forward hook fires; ``layer`` says so), or none where that has more than 1024 inputs
+  and outputs or more than 4096 of either, and a note either way;
 * ``exists``: whether an orthogonal convolution of that architecture exists (P0, Theorem 4, dilation included),
   with its case.
 
@@ -89,6 +90,7 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 
@@ -100,11 +102,13 @@ from .nn.jacobian import JacobianProbe
 from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                             OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
                             FourierConv, _FrozenConvTranspose)
-from .nn.padding import CircularPad, per_dimension
+from .nn.padding import (CircularPad, circular_pad, conv_zero_pads, flat_pads, pairs, per_dimension,
+                         torch_mode_pads)
 from .nn.precision import describe_nonfinite
 from .passes.base import (RECURRENT_TYPES, ParametrizationState, current_weight, default_device_set_aside,
                           describe_module, recurrent_hidden_weights)
 from .passes.orth_regularizer import gate_blocks_lorth
+from .passes.orthogonal_conv import grid_text, grids_text
 from .passes.riemannian import scale_lost_note
 from .errors import ArgumentError, first_few
 from .nn.tracing import is_orthofx_layer
@@ -584,8 +588,8 @@ def _transformed_report(model: nn.Module) -> Report:
         nonfinite.append((rows[-1], reported))
         if shape is None and rows[-1]["sigma_min"] is None and _needs_input_size(reported):
             unsized.append(site.name)
-        off_grid = _off_grid_size(changes.get(site.name, []))
-        if off_grid is not None:
+        off_grid = _off_grid_sizes(changes.get(site.name, []))
+        if off_grid:
             # the operator the site applies: a frozen layer's pad + conv as a whole, else the (probed) layer
             applied = module if frozen_conv is not None else reported
             off_grid_notes.append(_measure_off_grid(rows[-1], applied, _measured_layer(reported), off_grid, spectra))
@@ -681,36 +685,49 @@ def _needs_input_size(module: nn.Module) -> bool:
         and _weight_values(measured if not isinstance(measured, FrozenConvNormNd) else measured.conv) is not None
 
 
-#: The most inputs or outputs of a layer's operator that :func:`_dense_singular_values` builds the matrix of (an SVD
-#: of 2048 x 2048 takes about a second on a CPU).
-_DENSE_LIMIT = 2048
+#: The limits on a layer's operator that :func:`_dense_singular_values` builds the dense matrix of: the smaller of
+#: its numbers of inputs and outputs (the side of the Gram matrix whose eigenvalues it computes) at most
+#: ``_DENSE_LIMIT``, the larger at most ``_DENSE_SIDE_LIMIT`` (the matrix: 32 MiB in float64). Measured on a
+#: loaded 2-core CPU, float64: Gram + ``eigvalsh`` of 1024 x 1024 0.1 to 0.7 s (8 s at the worst load seen), of
+#: 2048 x 2048 4 to 6 s where ``svdvals`` took 7 to 17 s (18 to 70 s inside a report): every flagged layer of
+#: every report pays it.
+_DENSE_LIMIT = 1024
+_DENSE_SIDE_LIMIT = 4096
 
 
-def _off_grid_size(changes) -> tuple[int, ...] | None:
-    """The spatial input size on which the ``orthogonal_conv`` pass found the site's hard layer not orthogonal (its
-    Change's ``after["not_orthogonal_on"]``: a size not divisible by the stride,
-    :func:`orthofx.passes.orthogonal_conv.orthogonal_on_grid`); ``None`` for any other site."""
+def _off_grid_sizes(changes) -> list[tuple[int, ...]]:
+    """The spatial input sizes on which the ``orthogonal_conv`` pass found the site's hard layer not orthogonal (its
+    Change's ``after["not_orthogonal_on_sizes"]``, or ``after["not_orthogonal_on"]``, the first of them, in a
+    model transformed before the pass recorded them all: sizes not divisible by the stride,
+    :func:`orthofx.passes.orthogonal_conv.orthogonal_on_grid`); empty for any other site."""
     for change in changes:
-        size = (change.after or {}).get("not_orthogonal_on")
-        if size is not None:
-            return tuple(size)
-    return None
+        after = change.after or {}
+        sizes = after.get("not_orthogonal_on_sizes")
+        if sizes is None and after.get("not_orthogonal_on") is not None:
+            sizes = [after["not_orthogonal_on"]]
+        if sizes:
+            return [tuple(size) for size in sizes]
+    return []
 
 
-def _measure_off_grid(row: dict[str, Any], applied: nn.Module, measured: nn.Module, size: tuple[int, ...],
+def _measure_off_grid(row: dict[str, Any], applied: nn.Module, measured: nn.Module, sizes: list[tuple[int, ...]],
                       spectra: dict[str, torch.Tensor]) -> str:
-    """Give ``row``, that of a hard orthogonal layer on an input grid ``size`` it is not orthogonal on
-    (:func:`_off_grid_size`), the figures of the operator it applies there instead of the circular ones on the
-    grid rounded up to the stride (which are 1: a property of the kernel, on a grid the layer never sees), and return
-    the note saying so: the exact singular values from the dense matrix of ``applied`` where it is small
-    (:func:`_dense_singular_values`), else none. ``measured``: the conv whose weight and stride the row is about."""
+    """Give ``row``, that of a hard orthogonal layer on input grids ``sizes`` it is not orthogonal on
+    (:func:`_off_grid_sizes`), the figures of the operator it applies on the first of them instead of the circular
+    ones on the grid rounded up to the stride (which are 1: a property of the kernel, on a grid the layer never
+    sees), and return the note saying so: the exact singular values from the operator's dense matrix where it is
+    small (:func:`_dense_singular_values`), else none. ``applied``: the module at the site (an orthogonal layer, or
+    the plain conv / pad + conv it froze into), whose padding the operator has; ``measured``: the conv whose
+    weight, stride and dilation the row is about."""
     weight = _weight_values(measured)
     stride = tuple(measured.stride)
-    where = (f"the example's {'x'.join(map(str, size))} input, which is not divisible by its stride "
+    size = sizes[0]
+    named = grids_text(sizes)
+    where = (f"the example's {named}, {'which is' if len(sizes) == 1 else 'which are'} not divisible by its stride "
              f"{stride[0] if len(set(stride)) == 1 else 'x'.join(map(str, stride))} (the construction is exact on "
              "grids divisible by the stride)")
     remedy = "use inputs divisible by the stride at this layer, or pad them"
-    values = None if weight is None else _dense_singular_values(applied, weight, measured.in_channels, size)
+    values = None if weight is None else _dense_singular_values(applied, measured, weight, size, row['site'])
     spectra.pop(row["site"], None)
     if not isinstance(values, torch.Tensor):
         row["sigma_min"] = row["sigma_max"] = None
@@ -719,31 +736,70 @@ def _measure_off_grid(row: dict[str, Any], applied: nn.Module, measured: nn.Modu
                 f"figures on a grid divisible by the stride, 1, are not this operator's); {remedy}")
     spectra[row["site"]] = values
     row["sigma_min"], row["sigma_max"] = float(values.min()), float(values.max())
-    row["layer"] += f" (figures: its operator on the {'x'.join(map(str, size))} input, dense)"
+    first = f", the first of the {len(sizes)}" if len(sizes) > 1 else ""
+    row["layer"] += f" (figures: its operator on the {grid_text(size)} input{first}, dense)"
     return (f"{row['site']}: not orthogonal on {where}: sigma_min / sigma_max are those of the operator it applies "
-            f"there (its dense matrix); {remedy}")
+            f"on the {grid_text(size)} input{first} (its dense matrix); {remedy}")
 
 
-def _dense_singular_values(module: nn.Module, weight: torch.Tensor, channels: int,
-                           size: tuple[int, ...]) -> torch.Tensor | str:
-    """All singular values (descending) of the linear map ``module`` applies to inputs ``(channels, *size)``, bias
-    left out (``f(x) - f(0)``), from its dense matrix: the module run on the unit inputs, in ``weight``'s dtype
-    and on its device, the SVD in float64. A text saying why not where the matrix has more than
-    :data:`_DENSE_LIMIT` rows or columns, or the weight is not float32 / float64 (half precision would blur the
-    figures, and a CPU has no half-precision conv for every layout)."""
-    if weight.dtype not in (torch.float32, torch.float64):
-        return f"its {str(weight.dtype).replace('torch.', '')} weights are too coarse to measure it densely"
-    inputs = channels * math.prod(size)
-    too_large = f"its operator there has more than {_DENSE_LIMIT} inputs or outputs to measure densely"
-    if inputs > _DENSE_LIMIT:
-        return too_large
+def _applied_pads(applied: nn.Module, conv: nn.Module, where: str) -> tuple[tuple[tuple[int, int], ...], bool] | None:
+    """``((left, right) per spatial dimension, circular)``: how the module ``applied`` pads its input before its
+    conv ``conv`` reads it without padding: an orthogonal layer's :attr:`pads` and mode, a frozen
+    ``nn.Sequential(pad, conv)``'s pad module (whose conv has no padding of its own, ``to_conv``), or a plain conv's
+    own padding (torch's explicit pads in a non-zeros mode); ``None`` for any other form."""
+    if isinstance(applied, (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d)):
+        return tuple(applied.pads), applied.padding_mode == "circular"
+    if type(applied) is nn.Sequential and len(applied) == 2 and applied[1] is conv:
+        pad = applied[0]
+        if any(p for pair in conv_zero_pads(conv.padding, conv.kernel_size, conv.dilation, conv.stride)
+               for p in pair):
+            return None
+        if isinstance(pad, CircularPad):
+            return tuple(pad.pads), True
+        if isinstance(pad, _FREEZE_PADS):  # torch's pad modules: F.pad's flat order, last dimension first
+            return tuple(reversed(pairs(tuple(pad.padding)))), not isinstance(pad, _TORCH_ZERO_PADS)
+        return None
+    if applied is conv and isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if conv.padding_mode == "zeros":
+            return conv_zero_pads(conv.padding, conv.kernel_size, conv.dilation, conv.stride), False
+        return torch_mode_pads(conv, where), conv.padding_mode == "circular"
+    return None
+
+
+def _dense_singular_values(applied: nn.Module, conv: nn.Module, weight: torch.Tensor, size: tuple[int, ...],
+                           where: str) -> torch.Tensor | str | None:
+    """All singular values (descending) of the linear map the site's module ``applied`` applies to inputs
+    ``(conv.in_channels, *size)``, bias left out, from its dense matrix ``A`` (one row per unit input), built
+    functionally: ``conv``'s ``weight`` as float64 on the CPU (a half-precision layer measured as well: the
+    operator of the weights it holds), padded as ``applied`` pads (:func:`_applied_pads`), ``F.conv{d}d`` with
+    the conv's stride, dilation and groups. The module itself is not run, so none of the user's forward hooks on
+    it fires and no kernel cache or probe state changes.
+
+    The singular values are the square roots of the eigenvalues of the smaller Gram matrix (``A A^T`` or
+    ``A^T A``, ``eigvalsh``, negative rounding clamped to 0): several times cheaper than an SVD of ``A``, exact to
+    about ``1e-15`` relative to ``sigma_max^2`` in the squares (a singular value near 0 reads as up to ``~1e-8``).
+    A text saying why not where ``A`` is larger than :data:`_DENSE_LIMIT` by :data:`_DENSE_SIDE_LIMIT`; ``None`` for a module
+    of another form. ``where``: the site, for errors."""
+    padding = _applied_pads(applied, conv, where)
+    if padding is None:
+        return None
+    pads, circular = padding
+    dims = len(size)
+    outputs = [(n + left + right - d * (k - 1) - 1) // s + 1
+               for n, (left, right), k, s, d in zip(size, pads, conv.kernel_size, conv.stride, conv.dilation)]
+    inputs = conv.in_channels * math.prod(size)
+    sides = sorted((inputs, conv.out_channels * math.prod(outputs)))
+    if sides[0] > _DENSE_LIMIT or sides[1] > _DENSE_SIDE_LIMIT:
+        return (f"its operator there, {inputs} inputs by {sides[0] + sides[1] - inputs} outputs, is too large to "
+                f"measure densely (at most {_DENSE_LIMIT} of the fewer and {_DENSE_SIDE_LIMIT} of the more)")
     with torch.no_grad():
-        zero = module(torch.zeros(1, channels, *size, dtype=weight.dtype, device=weight.device))
-        if zero[0].numel() > _DENSE_LIMIT:
-            return too_large
-        unit = torch.eye(inputs, dtype=weight.dtype, device=weight.device).reshape(inputs, channels, *size)
-        matrix = (module(unit) - zero).reshape(inputs, -1).to(torch.float64)
-        return torch.linalg.svdvals(matrix)
+        kernel = weight.detach().to(device="cpu", dtype=torch.float64)
+        unit = torch.eye(inputs, dtype=torch.float64).reshape(inputs, conv.in_channels, *size)
+        unit = circular_pad(unit, pads) if circular else F.pad(unit, flat_pads(pads))
+        conv_fn = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+        matrix = conv_fn(unit, kernel, None, conv.stride, 0, conv.dilation, conv.groups).reshape(inputs, -1)
+        gram = matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
+        return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0)
 
 
 def _unsized_note(sites: list[str], examples: bool = False) -> list[str]:
@@ -775,8 +831,8 @@ def _measured_layer(module: nn.Module) -> nn.Module:
 
 
 #: The pads that ``orthofx.freeze`` puts before a conv without padding (``OrthogonalConv2d.to_conv``).
-_FREEZE_PADS = (nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
-                CircularPad)
+_TORCH_ZERO_PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)
+_FREEZE_PADS = (nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d, *_TORCH_ZERO_PADS, CircularPad)
 
 
 def _frozen_conv(module: nn.Module) -> nn.Module | None:

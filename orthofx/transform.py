@@ -376,7 +376,7 @@ def _recursion_explained(model: nn.Module, what: str) -> Iterator[None]:
 def _observe(gm: fx.GraphModule, plan: Plan, example: ExampleCall, manifest: Manifest,
              model: nn.Module | None = None) -> tuple[Any, dict[str, tuple], set[str]]:
     """Run ``gm`` once on the example inputs: record the input/output shape of every module site's first call in
-    the manifest, and return the output, the inputs of the planned module sites (for passes to measure with) and
+    the manifest (and every distinct input shape of its calls: ``all_input_shapes``), and return the output, the inputs of the planned module sites (for passes to measure with) and
     the module sites the run called (:attr:`PassContext.called_sites`; a call inside a ``torch.cond`` branch is not
     seen). The hooks that record them also keep torch's eval fast path of ``nn.TransformerEncoderLayer`` (which
     computes with its sublayers' weights without calling them, where training calls them) from being taken by a
@@ -394,9 +394,16 @@ def _observe(gm: fx.GraphModule, plan: Plan, example: ExampleCall, manifest: Man
             # a layer with hooks keeps a keyword call as written (self.c(input=x)): its input is still its first
             args, _ = positional_call(module, args, kwargs)
             # a nested tensor (nn.TransformerEncoder's eval fast path with a padding mask) has no single shape
-            if name in manifest.input_shapes or not args or not isinstance(args[0], torch.Tensor) or args[0].is_nested:
+            if not args or not isinstance(args[0], torch.Tensor) or args[0].is_nested:
                 return
-            manifest.input_shapes[name] = tuple(args[0].shape)
+            # every distinct input shape (a layer called on two input sizes is judged on both: orthogonal_conv)
+            shape = tuple(args[0].shape)
+            seen = manifest.all_input_shapes.setdefault(name, [])
+            if shape not in seen:
+                seen.append(shape)
+            if name in manifest.input_shapes:
+                return
+            manifest.input_shapes[name] = shape
             if isinstance(output, torch.Tensor) and not output.is_nested:
                 manifest.output_shapes[name] = tuple(output.shape)
             if name in planned:

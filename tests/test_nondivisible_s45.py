@@ -57,7 +57,7 @@ def test_dense_jacobian_is_orthogonal_on_divisible_grids_only(make, odd, even):
 def test_status_and_warning_on_a_grid_not_divisible_by_the_stride(make, odd, even):
     torch.manual_seed(0)
     gm, caught = _transform(nn.Sequential(make()).double(), (torch.randn(2, *odd, dtype=torch.float64),))
-    size = "x".join(map(str, odd[1:]))
+    size = "x".join(map(str, odd[1:])) if len(odd) > 2 else f"length-{odd[1]}"  # 1-D: "length-7 input"
     assert _row(gm, "0")["pass"] == (f"orthogonal_conv (hard kernel; not orthogonal on the example's {size} input: "
                                      "not divisible by stride 2)")
     (change,) = [c for c in orthofx.manifest_of(gm).changes if c.site == "0"]
@@ -107,7 +107,7 @@ def test_report_gives_no_figures_where_the_operator_is_too_large_to_measure():
     row = report.rows[0]
     assert row["sigma_min"] is None and row["sigma_max"] is None and "0" not in report.spectra
     (note,) = [note for note in report.notes if note.startswith("0: no sigma_min / sigma_max")]
-    assert "not orthogonal on the example's 7x7 input" in note and "2048" in note
+    assert "not orthogonal on the example's 7x7 input" in note and "1024" in note
 
 
 def test_resnet18_warns_on_28x28_and_not_on_32x32():
@@ -166,7 +166,7 @@ def test_column_orthogonal_patch_embedding_with_kept_padding_is_marked():
     policy = {"rules": [{"match": {"type": "Conv1d"}, "apply": "orthogonal_conv", "with": {"padding": "keep"}}]}
     gm, caught = _transform(model, (torch.randn(2, 4, 7, dtype=torch.float64),), policy)
     assert float(_dense_singular_values(gm, (4, 7)).min()) < 1e-10
-    assert _row(gm, "0")["pass"] == ("orthogonal_conv (hard kernel; not orthogonal on the example's 7 input: "
+    assert _row(gm, "0")["pass"] == ("orthogonal_conv (hard kernel; not orthogonal on the example's length-7 input: "
                                      "not divisible by stride 2)")
     assert len(caught) == 1
 
@@ -226,3 +226,129 @@ def test_orthogonal_on_grid_matches_dense_jacobians():
             assert orthogonal_on_grid(layer, (n,)) == dense, (k, s, d, p, c, m, n)
             checked[dense] += 1
     assert min(checked.values()) > 20  # both answers are exercised
+
+
+# ---- review of the off-grid check (divisible2): every input size, no hooks fired, half precision, old pickles
+
+
+class _CalledTwice(nn.Module):
+    """One conv called on two inputs of different sizes."""
+
+    def __init__(self, make=lambda: nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)):
+        super().__init__()
+        self.c = make()
+
+    def forward(self, *inputs):
+        return sum(self.c(x).sum() for x in inputs)
+
+
+@pytest.mark.parametrize("sizes, flagged", [((8, 7), (7,)), ((7, 8), (7,)), ((7, 5, 8), (7, 5))])
+def test_a_layer_called_on_several_sizes_is_checked_on_each(sizes, flagged):
+    torch.manual_seed(0)
+    model = _CalledTwice().double()
+    example = tuple(torch.randn(1, 4, n, n, dtype=torch.float64) for n in sizes)
+    gm, caught = _transform(model, example)
+    manifest = orthofx.manifest_of(gm)
+    assert manifest.input_shapes["c"] == (1, 4, sizes[0], sizes[0])  # the first call's, as before
+    assert manifest.all_input_shapes["c"] == [(1, 4, n, n) for n in sizes]
+    named = " and ".join(f"{n}x{n}" for n in flagged) + (" input" if len(flagged) == 1 else " inputs")
+    assert _row(gm, "c")["pass"] == (f"orthogonal_conv (hard kernel; not orthogonal on the example's {named}: not "
+                                     "divisible by stride 2)")
+    assert len(caught) == 1 and f"'c' ({named}, stride 2)" in str(caught[0].message)
+    (change,) = [c for c in manifest.changes if c.site == "c"]
+    assert change.after["not_orthogonal_on_sizes"] == [(n, n) for n in flagged]
+    # the report measures the first size flagged, and says which
+    report = orthofx.report(gm)
+    row = _row(gm, "c")
+    dense = _dense_singular_values(gm.get_submodule("c"), (4, flagged[0], flagged[0]))
+    assert row["sigma_min"] == pytest.approx(float(dense.min()), abs=1e-9)
+    assert row["sigma_max"] == pytest.approx(float(dense.max()), abs=1e-9)
+    assert f"on the {flagged[0]}x{flagged[0]} input" in row["layer"]
+    assert any(note.startswith(f"c: not orthogonal on the example's {named}") for note in report.notes)
+
+
+def test_a_layer_called_on_divisible_sizes_only_stays_hard():
+    torch.manual_seed(0)
+    gm, caught = _transform(_CalledTwice(), (torch.randn(1, 4, 8, 8), torch.randn(1, 4, 6, 6)))
+    assert _row(gm, "c")["pass"] == "orthogonal_conv (hard)" and not caught
+
+
+def test_manifest_pickled_before_the_field_existed_loads_with_it_empty():
+    import copy
+    import pickle
+    torch.manual_seed(0)
+    gm, _ = _transform(nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1)), (torch.randn(1, 4, 7, 7),))
+    old = copy.copy(orthofx.manifest_of(gm))
+    del old.__dict__["all_input_shapes"]  # what a model saved before this session holds
+    for change in old.changes:
+        change.after.pop("not_orthogonal_on_sizes", None)
+    loaded = pickle.loads(pickle.dumps(old))
+    assert loaded.all_input_shapes == {} and loaded.input_shapes == old.input_shapes
+    gm.meta["orthofx"] = loaded
+    row = _row(gm, "0")  # the report reads the first flagged size of an old change
+    assert row["sigma_min"] is not None and row["sigma_min"] < 0.5
+    # the whole model round-trips with the new field
+    again = pickle.loads(pickle.dumps(_transform(nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1)),
+                                                 (torch.randn(1, 4, 7, 7),))[0]))
+    assert orthofx.manifest_of(again).all_input_shapes["0"] == [(1, 4, 7, 7)]
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_report_fires_no_forward_hook_of_the_user(freeze):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 4, stride=2, padding=1, bias=False),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False))
+    gm, caught = _transform(model, (torch.randn(1, 4, 14, 14),))  # 14 -> 7: the second conv is flagged
+    assert len(caught) == 1 and "'1' (7x7 input" in str(caught[0].message)
+    if freeze:
+        gm = orthofx.freeze(gm)
+    calls = []
+    for module in gm.get_submodule("1").modules():
+        module.register_forward_hook(lambda m, a, o: calls.append("hook"))
+        module.register_forward_pre_hook(lambda m, a: calls.append("pre-hook"))
+    row = next(row for row in orthofx.report(gm).rows if row["site"] == "1")
+    assert not calls, calls
+    dense = _dense_singular_values(gm.get_submodule("1").double(), (8, 7, 7))
+    assert row["sigma_min"] == pytest.approx(float(dense.min()), abs=1e-6)
+    assert row["sigma_max"] == pytest.approx(float(dense.max()), abs=1e-6)
+
+
+def test_frozen_pad_and_conv_is_measured_with_the_pad_modules_pads():
+    """Circular pads of 2 freeze into Sequential(CircularPad, conv without padding): the operator pads as the pad
+    module does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 8, 5, stride=2, padding=2, bias=False)).double()
+    gm, caught = _transform(model, (torch.randn(2, 4, 9, dtype=torch.float64),))
+    assert len(caught) == 1
+    frozen = orthofx.freeze(gm)
+    assert isinstance(frozen.get_submodule("0"), nn.Sequential)
+    row = next(row for row in orthofx.report(frozen).rows if row["site"] == "0")
+    dense = _dense_singular_values(frozen, (4, 9))
+    assert max(1 - float(dense.min()), float(dense.max()) - 1) > 0.1
+    assert row["sigma_min"] == pytest.approx(float(dense.min()), abs=1e-9)
+    assert row["sigma_max"] == pytest.approx(float(dense.max()), abs=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_layers_get_the_figures_of_their_weights(dtype):
+    torch.manual_seed(0)
+    gm, caught = _transform(nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)).to(dtype),
+                            (torch.randn(1, 4, 7, 7, dtype=dtype),))
+    assert len(caught) == 1
+    row = _row(gm, "0")
+    # reference: the plain conv of the layer's (half-precision) kernel, in float64, its dense Jacobian
+    reference = gm.get_submodule("0").to_conv().double()
+    dense = _dense_singular_values(reference, (4, 7, 7))
+    assert row["sigma_min"] == pytest.approx(float(dense.min()), abs=1e-9)
+    assert row["sigma_max"] == pytest.approx(float(dense.max()), abs=1e-9)
+    assert max(1 - row["sigma_min"], row["sigma_max"] - 1) > 0.1
+
+
+def test_one_dimensional_warning_has_no_image_example():
+    torch.manual_seed(0)
+    gm, caught = _transform(nn.Sequential(nn.Conv1d(4, 8, 3, stride=2, padding=1)), (torch.randn(1, 4, 7),))
+    (warning,) = caught
+    message = str(warning.message)
+    assert "'0' (length-7 input, stride 2)" in message and "32x32" not in message
+    assert "divisible by the stride at every such layer" in message
+    assert "length-7 input" in _row(gm, "0")["pass"]

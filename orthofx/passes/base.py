@@ -731,12 +731,21 @@ class Manifest:
     # Input shape of each module call seen on the example inputs (first call), keyed by qualified name.
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     output_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # Every distinct input shape of each module's calls on the example inputs, in the order first seen (a layer
+    # called on two input sizes); input_shapes keeps the first. Absent from manifests pickled before it existed:
+    # __setstate__ gives those an empty one (readers fall back to input_shapes).
+    all_input_shapes: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
     frozen: bool = False  # set by orthofx.freeze: plain layers, no penalties or hooks
     # Relative change ||f_new(x) - f(x)|| / ||f(x)|| of the model's outputs on the example inputs (eval mode).
     output_change: float | None = None
     # Calls of orthofx.penalty with gradients so far, modulo penalty_period(): where the terms with every > 1 are
     # in their periods (training state: saved in the model's state-dict metadata, PENALTY_CALLS_METADATA_KEY).
     penalty_calls: int = 0
+
+    def __setstate__(self, state: dict) -> None:
+        # a model pickled (torch.save) before a field existed: the field's default
+        self.__dict__.update(state)
+        self.__dict__.setdefault("all_input_shapes", {})
 
     def penalty_period(self) -> int:
         """The least common multiple of the terms' ``every`` (1 when every term is evaluated at each call): the

@@ -317,6 +317,11 @@ def orthogonal_on_grid(layer: nn.Module, size) -> bool:
     window wraps around to it): then :math:`JJ^T \ne I` for every kernel but degenerate ones (``W`` reading one tap
     only), so such a layer is not orthogonal there.
 
+    The answer is the generic one, decided from the layer's geometry (kernel size, stride, dilation, pads, case),
+    not from its current weights: a layer set by hand to such a degenerate kernel (``W`` with zeros on every tap but
+    one, so that the position read twice is read through a zero) can be orthogonal on a grid where this says
+    ``False``. Training from a random or nearest initialisation does not reach those kernels.
+
     >>> from orthofx.nn import OrthogonalConv1d
     >>> orthogonal_on_grid(OrthogonalConv1d(4, 8, 3, stride=2, padding=1), (7,))
     False
@@ -334,24 +339,35 @@ def orthogonal_on_grid(layer: nn.Module, size) -> bool:
     return True
 
 
-def _not_orthogonal_on(layer: nn.Module, shape, status: str) -> tuple[int, ...] | None:
-    """The spatial size of ``shape`` (the site's input on the example run) where ``layer``, just built with
-    ``status``, is not orthogonal though the status says it is (:func:`orthogonal_on_grid`: a size not divisible by
-    the stride); ``None`` otherwise: no shape, a size divisible by the stride, a layer orthogonal there anyway, a
-    status that claims less (zero padding: not at the borders whatever the size; a kernel whose padding changes
-    the output size), a ``cayley_fft`` layer (built for that size), a transposed conv (the adjoint of the conv on
-    the grid ``input * stride``, divisible by it: orthogonal on every input size) or a linear."""
+def example_sizes(manifest, name: str, dims: int) -> list[tuple[int, ...]]:
+    """The distinct spatial sizes (the last ``dims`` entries of each input shape) of the calls of module site
+    ``name`` on the example run, in the order first seen: every call's (``manifest.all_input_shapes``), or the first
+    call's where the manifest holds only that (``manifest.input_shapes``); shapes with fewer than ``dims + 1``
+    entries are left out."""
+    shapes = manifest.all_input_shapes.get(name) or (
+        [manifest.input_shapes[name]] if name in manifest.input_shapes else [])
+    sizes: list[tuple[int, ...]] = []
+    for shape in shapes:
+        size = tuple(int(n) for n in shape[-dims:])
+        if len(shape) >= dims + 1 and size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
+def _not_orthogonal_on(layer: nn.Module, sizes: list[tuple[int, ...]], status: str) -> list[tuple[int, ...]]:
+    """The spatial sizes among ``sizes`` (the site's inputs on the example run, :func:`example_sizes`) where
+    ``layer``, just built with ``status``, is not orthogonal though the status says it is
+    (:func:`orthogonal_on_grid`: a size not divisible by the stride); none for sizes divisible by the stride or
+    where the layer is orthogonal anyway, and none at all for a status that claims less (zero padding: not at the
+    borders whatever the size; a kernel whose padding changes the output size), a ``cayley_fft`` layer (built for
+    one size, which it checks at every call), a transposed conv (the adjoint of the conv on the grid
+    ``input * stride``, divisible by it: orthogonal on every input size) or a linear."""
     if not status.startswith("hard") or not isinstance(layer, _ORTHOGONAL_CONVS) or layer.method == "cayley_fft":
-        return None
-    dims = len(layer.kernel_size)
-    if shape is None or len(shape) < dims + 1:
-        return None
+        return []
     if layer.padding_mode != "circular" and any(left or right for left, right in layer.pads):
-        return None
-    size = tuple(int(n) for n in shape[-dims:])
-    if all(n % s == 0 for n, s in zip(size, layer.stride)) or orthogonal_on_grid(layer, size):
-        return None
-    return size
+        return []
+    return [size for size in sizes
+            if not all(n % s == 0 for n, s in zip(size, layer.stride)) and not orthogonal_on_grid(layer, size)]
 
 
 def _sizes_text(sizes) -> str:
@@ -360,24 +376,40 @@ def _sizes_text(sizes) -> str:
     return str(sizes[0]) if len(set(sizes)) == 1 else "x".join(map(str, sizes))
 
 
-def _off_grid_status(status: str, size: tuple[int, ...], stride) -> str:
-    """The status of a layer whose example input grid ``size`` is one it is not orthogonal on
-    (:func:`_not_orthogonal_on`): its kernel is the hard one, the operator on that input is not orthogonal."""
-    return (f"hard kernel{status[len('hard'):]}; not orthogonal on the example's {'x'.join(map(str, size))} input: "
+def grid_text(size) -> str:
+    """An input's spatial size in words: ``length-7`` for a 1-D one, ``7x7`` / ``7x7x7`` otherwise."""
+    size = tuple(size)
+    return f"length-{size[0]}" if len(size) == 1 else "x".join(map(str, size))
+
+
+def grids_text(sizes) -> str:
+    """``7x7 input``, ``7x7 and 5x5 inputs``, ``length-7, length-5 and length-3 inputs``."""
+    words = [grid_text(size) for size in sizes]
+    if len(words) == 1:
+        return f"{words[0]} input"
+    return f"{', '.join(words[:-1])} and {words[-1]} inputs"
+
+
+def _off_grid_status(status: str, sizes: list[tuple[int, ...]], stride) -> str:
+    """The status of a layer whose example input grids ``sizes`` are ones it is not orthogonal on
+    (:func:`_not_orthogonal_on`): its kernel is the hard one, the operator on those inputs is not orthogonal."""
+    return (f"hard kernel{status[len('hard'):]}; not orthogonal on the example's {grids_text(sizes)}: "
             f"not divisible by stride {_sizes_text(stride)}")
 
 
-def _warn_off_grid(layers: list[str]) -> None:
+def _warn_off_grid(layers: list[str], two_d: bool) -> None:
     """One :class:`~orthofx.errors.OrthofxWarning` for the layers (``"site (7x7 input, stride 2)"``) that
-    :func:`_not_orthogonal_on` found on the example inputs, with the remedy."""
+    :func:`_not_orthogonal_on` found on the example inputs, with the remedy (with a ResNet's image sizes as the
+    example where some of them are 2-D: ``two_d``)."""
     if not layers:
         return
+    example = (" (e.g. 32x32 rather than 28x28 for a ResNet whose stride-2 stages see 28, 14 and 7)" if two_d
+               else "")
     warnings.warn(
         f"orthogonal_conv: {first_few(layers, 4)}: not orthogonal on the example inputs, whose size there is not "
         "divisible by the layer's stride: the exactly orthogonal construction (P0) is exact on grids divisible by "
         "the stride only (orthofx.report gives the singular values of the operator on that input). Use inputs "
-        "whose size is divisible by the stride at every such layer (e.g. 32x32 rather than 28x28 for a ResNet whose "
-        "stride-2 stages see 28, 14 and 7), or pad the inputs to such a size",
+        f"whose size is divisible by the stride at every such layer{example}, or pad the inputs to such a size",
         OrthofxWarning, stacklevel=caller_stacklevel())
 
 
@@ -628,6 +660,7 @@ class OrthogonalConvPass(Pass):
         ties = _tie_problems(entries, modules, parameter_owners(ctx.gm))
         built: dict[int, tuple[str, nn.Module]] = {}  # id(weight) -> (site, its orthogonal layer)
         off_grid: list[str] = []  # hard layers not orthogonal on the example's input size (one warning for all)
+        off_grid_dims: set[int] = set()  # their spatial dimensions (the warning's example fits 2-D layers)
         for entry, module in zip(entries, modules):
             require_initialised(entry, module, "it has no shape to build an orthogonal layer for")
             kept = _kept_layer(module)
@@ -639,7 +672,8 @@ class OrthogonalConvPass(Pass):
                 continue
             if id(module.weight) in built:  # tied to a layer replaced already, with the same configuration
                 first, layer = built[id(module.weight)]
-                self._replace(ctx, entry, module, layer, f"hard (shares {first}'s layer: tied weight)", off_grid)
+                self._replace(ctx, entry, module, layer, f"hard (shares {first}'s layer: tied weight)", off_grid,
+                              off_grid_dims)
                 continue
             method = entry.params["method"]
             input_size = None
@@ -656,12 +690,12 @@ class OrthogonalConvPass(Pass):
                 status = _hard_status(module, entry.params["padding"])
                 if input_size is not None:
                     status = f"hard (cayley_fft, input {'x'.join(map(str, input_size))} only)"
-                self._replace(ctx, entry, module, layer, status, off_grid)
+                self._replace(ctx, entry, module, layer, status, off_grid, off_grid_dims)
                 built[id(module.weight)] = (entry.site.name, layer)
             else:
                 why = "no trainable orthogonal version" if problem.startswith(_FIXED_SHIFT) else "no orthogonal version"
                 self._impossible(ctx, entry, module, problem, why=why)
-        _warn_off_grid(off_grid)
+        _warn_off_grid(off_grid, 2 in off_grid_dims)
 
     def _cayley_input_size(self, ctx: PassContext, entry: PlanEntry, module: nn.Module) -> tuple[int, ...]:
         """The spatial input size of a conv site for ``method: cayley_fft`` (from the example inputs)."""
@@ -683,18 +717,21 @@ class OrthogonalConvPass(Pass):
         return tuple(int(n) for n in shape[-dims:])
 
     def _replace(self, ctx: PassContext, entry: PlanEntry, old: nn.Module, new: nn.Module, status: str,
-                 off_grid: list[str]) -> None:
-        """Put ``new`` at the entry's site and record the Change; a hard layer that the example run gave an input
-        it is not orthogonal on (:func:`_not_orthogonal_on`) gets a status saying so and
-        ``after["not_orthogonal_on"]`` (that spatial size, which the report reads), and goes into ``off_grid`` for
-        the warning."""
+                 off_grid: list[str], off_grid_dims: set[int]) -> None:
+        """Put ``new`` at the entry's site and record the Change; a hard layer that the example run gave inputs
+        it is not orthogonal on (:func:`_not_orthogonal_on`, every size the site was called with) gets a status
+        naming them, ``after["not_orthogonal_on"]`` (the first such spatial size) and
+        ``after["not_orthogonal_on_sizes"]`` (all of them), which the report reads, and goes into ``off_grid``
+        (its number of spatial dimensions into ``off_grid_dims``) for the warning."""
         after = {"layer": type(new).__name__, "init_error": new.init_error}
-        size = _not_orthogonal_on(new, ctx.manifest.input_shapes.get(entry.site.name), status)
-        if size is not None:
-            status = _off_grid_status(status, size, new.stride)
-            after["not_orthogonal_on"] = size
-            off_grid.append(f"'{entry.site.name}' ({'x'.join(map(str, size))} input, stride "
-                            f"{_sizes_text(new.stride)})")
+        dims = len(getattr(new, "kernel_size", ()))
+        sizes = _not_orthogonal_on(new, example_sizes(ctx.manifest, entry.site.name, dims), status)
+        if sizes:
+            status = _off_grid_status(status, sizes, new.stride)
+            after["not_orthogonal_on"] = sizes[0]
+            after["not_orthogonal_on_sizes"] = sizes
+            off_grid.append(f"'{entry.site.name}' ({grids_text(sizes)}, stride {_sizes_text(new.stride)})")
+            off_grid_dims.add(dims)
         inputs = ctx.site_inputs.get(entry.site.name)
         if inputs is not None:
             with torch.no_grad():
