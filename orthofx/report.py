@@ -778,8 +778,8 @@ def _dense_singular_values(applied: nn.Module, conv: nn.Module, weight: torch.Te
     The singular values are the square roots of the eigenvalues of the smaller Gram matrix (``A A^T`` or
     ``A^T A``, ``eigvalsh``, negative rounding clamped to 0): several times cheaper than an SVD of ``A``, exact to
     about ``1e-15`` relative to ``sigma_max^2`` in the squares (a singular value near 0 reads as up to ``~1e-8``).
-    A text saying why not where ``A`` is larger than :data:`_DENSE_LIMIT` by :data:`_DENSE_SIDE_LIMIT`; ``None`` for a module
-    of another form. ``where``: the site, for errors."""
+    A text saying why not where ``A`` is larger than :data:`_DENSE_LIMIT` by :data:`_DENSE_SIDE_LIMIT`; ``None`` for a
+    module of another form. ``where``: the site, for errors."""
     padding = _applied_pads(applied, conv, where)
     if padding is None:
         return None

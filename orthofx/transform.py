@@ -375,13 +375,14 @@ def _recursion_explained(model: nn.Module, what: str) -> Iterator[None]:
 
 def _observe(gm: fx.GraphModule, plan: Plan, example: ExampleCall, manifest: Manifest,
              model: nn.Module | None = None) -> tuple[Any, dict[str, tuple], set[str]]:
-    """Run ``gm`` once on the example inputs: record the input/output shape of every module site's first call in
-    the manifest (and every distinct input shape of its calls: ``all_input_shapes``), and return the output, the inputs of the planned module sites (for passes to measure with) and
-    the module sites the run called (:attr:`PassContext.called_sites`; a call inside a ``torch.cond`` branch is not
-    seen). The hooks that record them also keep torch's eval fast path of ``nn.TransformerEncoderLayer`` (which
-    computes with its sublayers' weights without calling them, where training calls them) from being taken by a
-    layer holding a site: torch takes it only for a layer with no forward (pre-)hook in it. When ``gm`` fails,
-    ``model`` (what was captured) is run too, to tell a capture problem from bad inputs."""
+    """Run ``gm`` once on the example inputs: record the input/output shape of every module site's first call in the
+    manifest (and every distinct input shape of its calls: ``all_input_shapes``), and return the output, the inputs of
+    the planned module sites (for passes to measure with) and the module sites the run called
+    (:attr:`PassContext.called_sites`; a call inside a ``torch.cond`` branch is not seen). The hooks that record them
+    also keep torch's eval fast path of ``nn.TransformerEncoderLayer`` (which computes with its sublayers' weights
+    without calling them, where training calls them) from being taken by a layer holding a site: torch takes it only for
+    a layer with no forward (pre-)hook in it. When ``gm`` fails, ``model`` (what was captured) is run too, to tell a
+    capture problem from bad inputs."""
     names = {site.name for site in plan.sites if site.kind != "function"}
     planned = {entry.site.name for entry in plan.entries if entry.site.kind != "function"}
     site_inputs: dict[str, tuple] = {}

@@ -192,9 +192,9 @@ def _fixed_shift_problem(conv: nn.Module) -> str | None:
     :math:`h(z)\,h(z^{-1}) = 1`, which among Laurent polynomials only :math:`\pm z^j` satisfy. So the orthogonal
     layers are finitely many signed shifts; ``OrthogonalConv{d}d`` builds one, whose only parameter, a 1 x 1
     ``matrix`` orthonormalised to its sign, never gets a gradient: the pass swapped the user's trainable filter for a
-    fixed shift, silently (the layer class, built directly, still does so on purpose). With :math:`\prod_i r_i \ge 2` the reshaped
-    kernel is a unit vector over those taps (a sphere) and the layer trains; so does ``method: cayley_fft`` (its
-    full-size kernel is any all-pass filter), which :func:`_impossibility` checks before this."""
+    fixed shift, silently (the layer class, built directly, still does so on purpose). With :math:`\prod_i r_i \ge 2`
+    the reshaped kernel is a unit vector over those taps (a sphere) and the layer trains; so does ``method: cayley_fft``
+    (its full-size kernel is any all-pass filter), which :func:`_impossibility` checks before this."""
     if conv.in_channels != conv.groups or conv.out_channels != conv.groups:
         return None
     kernel = tuple(conv.kernel_size)
