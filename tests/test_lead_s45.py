@@ -105,3 +105,35 @@ def test_pre_svd_hard_layer_with_zero_padding_kept_says_it_is_not_orthogonal_at_
     assert is_orthogonal == exact
     assert ("orthogonal (hard)" in change.what) == exact
     assert ("not at borders" in change.what) == (not exact)
+
+
+def _fixed_shift_error(conv):
+    policy = {"orthofx": 1, "rules": [{"match": {"type": "Conv2d"}, "apply": "orthogonal_conv"}]}
+    with pytest.raises(orthofx.errors.ImpossibleLayerError) as caught:
+        orthofx.transform(torch.nn.Sequential(conv), policy, example_inputs=(torch.randn(2, 8, 8, 8),))
+    return str(caught.value)
+
+
+def test_fixed_shift_error_offers_cayley_fft_only_where_it_can_build_the_layer():
+    """The remedy 'method: cayley_fft' led in a circle for a dilated depthwise conv (cayley_fft refuses dilation and
+    sends the user to bcop, which refuses the fixed shift again); where it is offered, followed as written (a rule of
+    its own for the depthwise layers), it builds a trainable orthogonal layer and leaves the others' method."""
+    dilated = _fixed_shift_error(torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8))
+    assert "cayley_fft" not in dilated and "where: {groups: 1}" in dilated
+    plain = _fixed_shift_error(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8))
+    assert "cayley_fft" in plain and "where: {groups: 8}" in plain and "train as hard layers" in plain
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.Conv2d(8, 8, 3, padding=1))
+    policy = {"orthofx": 1, "rules": [
+        {"match": {"type": "Conv2d", "where": {"groups": 8}}, "apply": "orthogonal_conv",
+         "with": {"method": "cayley_fft"}},
+        {"match": {"type": "Conv2d"}, "apply": "orthogonal_conv"}]}
+    gm = orthofx.transform(model, policy, example_inputs=(torch.randn(2, 8, 8, 8),))
+    depthwise, full = gm.get_submodule("0"), gm.get_submodule("1")
+    assert depthwise.method == "cayley_fft" and full.method != "cayley_fft"
+    x = torch.randn(1, 8, 8, 8, dtype=torch.float64)
+    operator = torch.autograd.functional.jacobian(lambda z: depthwise.double()(z) - depthwise(torch.zeros_like(z)),
+                                                  x).reshape(512, 512)
+    torch.testing.assert_close(operator.T @ operator, torch.eye(512, dtype=torch.float64), atol=1e-10, rtol=0)
+    depthwise(x).square().sum().backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in depthwise.parameters())
