@@ -224,11 +224,12 @@ def _fixed_shift_remedies(entry: PlanEntry, module: nn.Module) -> str:
                  "layers: strided depthwise convs, several channels per group), 'exclude: "
                  f"[\"{entry.site.name}\"]' this one" if module.groups > 1
                  else f"'exclude: [\"{entry.site.name}\"]' in its match leaves it out")
+    example = (f"'where: {{groups: {module.groups}}}'" if module.groups > 1 else f"'name: \"{entry.site.name}\"'")
     # cayley_fft builds no dilated kernel, and its kernel must fit the input (known at apply only): named where it can
     cayley = "" if transposed or any(d > 1 for d in module.dilation) else (
         "; method 'cayley_fft' builds a trainable exactly orthogonal layer instead (a full-size kernel, any all-pass "
         "filter; for the example input's size only, which must be at least the kernel's), in a rule of its own for "
-        f"these layers (e.g. a match with 'where: {{groups: {module.groups}}}') so that the others keep their method")
+        f"these layers (e.g. a match with {example}) so that the others keep their method")
     return f" ({leave_out}). To have the fixed signed shift anyway, build orthofx.nn.{layer} directly{cayley}"
 
 
