@@ -1217,8 +1217,8 @@ def _composable(x) -> bool:
 
 
 def _hardsigmoid(x: torch.Tensor) -> torch.Tensor:
-    r""":math:`\min(\max(x + 3, 0), 6) / 6` by selections, twice differentiable: torch's values (bit for bit on CPU,
-    half precision computed in float32 like its kernel) and torch's derivative convention, 1/6 on the open interval
+    r""":math:`\min(\max(x + 3, 0), 6) / 6` by selections, twice differentiable: torch's values (equal on CPU, half
+    precision computed in float32 like its kernel) and torch's derivative convention, 1/6 on the open interval
     (-3, 3) and 0 at the kinks -3 and 3 (``hardsigmoid_backward``; a clamp's derivative would be 1/6 there). The 1/6
     is exact in x's dtype (torch's backward uses float32's in every dtype: 0.16666667163 in float64). For
     ``-3 < x < 3``, ``x + 3`` is in ``[0, 6]`` after rounding, so no clamp is needed inside; a NaN stays NaN."""
@@ -1227,7 +1227,8 @@ def _hardsigmoid(x: torch.Tensor) -> torch.Tensor:
 
 
 def _glu(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``a * sigmoid(b)`` for the halves ``a, b`` of ``x`` along ``dim`` (torch's GLU, bit for bit on CPU)."""
+    """``a * sigmoid(b)`` for the halves ``a, b`` of ``x`` along ``dim``: torch's GLU values on CPU (float16 within
+    1 ulp: its kernel rounds some ties differently, 18 of 6M values in a sweep)."""
     a, b = _in_opmath(x).chunk(2, dim)
     return (a * torch.sigmoid(b)).to(x.dtype)
 
@@ -1263,15 +1264,20 @@ class _ComposedOps(torch.overrides.TorchFunctionMode):
     * GLU: its forward-mode tangent (``glu_jvp``) has no derivative, so routes ``jvp`` and ``auto`` failed in the
       training backward, after the estimate (too late for ``auto``'s fallback). Composed by :func:`_glu`.
 
-    The compositions of hardsigmoid and GLU give torch's values (bit for bit on CPU) and first derivatives; calls
-    they do not cover (an ``out=`` argument, an input that is no floating-point tensor, a GLU dimension of odd
-    size) go to torch, which computes them or raises its own error. ``normalisations=False`` leaves the
+    The compositions of hardsigmoid and GLU give torch's values (float16 GLU within 1 ulp) and first derivatives
+    (within an ulp: with an upstream gradient ``g`` the composition's ``g / 6`` is not always torch's
+    ``g * (1/6)``); calls they do not cover (an ``out=`` argument, an input that is no floating-point tensor, a GLU
+    dimension of odd size) go to torch, which computes them or raises its own error. Under torch.compile, Dynamo
+    does not show this mode ``F.hardsigmoid`` (see :func:`_holds_hardsigmoid`). ``normalisations=False`` leaves the
     normalisations to torch (an estimate without gradient: their first and second derivatives are right).
     """
 
     def __init__(self, normalisations: bool = True):
         super().__init__()
         self.normalisations = normalisations
+        #: whether the block called torch.cdist with p=2 (eagerly): the error for its missing second derivative
+        #: then names the compute mode that has one (:func:`_second_order_remedy`)
+        self.euclidean_cdist = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -1282,6 +1288,8 @@ class _ComposedOps(torch.overrides.TorchFunctionMode):
                 return self._batch_norm(func, *args, **kwargs)
             if func is F.instance_norm:
                 return self._instance_norm(func, *args, **kwargs)
+        if func is torch.cdist and not torch.compiler.is_compiling():
+            self.euclidean_cdist |= (args[2] if len(args) > 2 else kwargs.get("p", 2.0)) == 2
         out = None
         if func in _HARDSIGMOIDS:
             out = self._hardsigmoid(func, *args, **kwargs)
@@ -1511,25 +1519,36 @@ class _LayerSecondOrderGapError(LayerArgumentError, _SecondOrderGapError):
     """:class:`_SecondOrderGapError` of a :class:`~orthofx.nn.JacobianProbe`'s block."""
 
 
-#: What to do instead of an op without a second derivative, where a twice-differentiable form exists in torch.
-_SECOND_ORDER_REMEDIES = {
-    "_cdist_backward": "for torch.cdist with p=2, compute_mode='use_mm_for_euclid_dist' has second derivatives; "}
+def _second_order_remedy(op: str, composed: _ComposedOps) -> str:
+    """What to do instead of ``op`` (the op torch named), where a twice-differentiable form exists in torch: a
+    Euclidean ``torch.cdist`` (p=2, which the block called) has one; its other norms have none."""
+    if op == "_cdist_backward" and composed.euclidean_cdist:
+        return "call torch.cdist with compute_mode='use_mm_for_euclid_dist' (p=2), which has second derivatives, or "
+    return ""
 
 
-def _raise_second_order_gap(exc: BaseException, f: _Call, what: str) -> None:
+def _raise_second_order_gap(exc: BaseException, f: _Call, what: str, composed: _ComposedOps) -> None:
     """Raise :class:`_SecondOrderGapError` (from ``exc``) when torch raised ``exc`` for a backward without a
-    derivative in the block ``f``; return otherwise."""
+    derivative in the block ``f``; return otherwise. ``composed``: the estimate's mode (which saw the block's calls).
+
+    Only where the estimate itself differentiates twice: route ``double_vjp`` (and ``auto`` after a fallback), and
+    ``jvp``'s ``partial`` estimate (a VJP of its JVP). With ``kind`` full / offdiag, routes ``jvp`` and ``auto``
+    take first derivatives only (the tangent, and a VJP of the output), and the missing derivative surfaces in the
+    training loss's ``backward()``, outside orthofx, as torch's own error."""
     op = _second_order_gap(exc)
     if op is None:
         return
-    error = _SecondOrderGapError if f.label is None else _LayerSecondOrderGapError
+    probe = f.label is not None
+    error = _LayerSecondOrderGapError if probe else _SecondOrderGapError
     block = f" ({type(f.fn).__name__})" if isinstance(f.fn, _nn.Module) else ""
+    # a probe comes from a rule, whose match can leave the block out; a direct call just measures another block
+    leave_out = ("Leave the block out of the jacobian_isometry rule (exclude: [its name] in the rule's match) and "
+                 "regularise blocks without the op" if probe else "Measure a block without the op")
     raise error(
-        f"{what}: the block{block} holds an op whose backward torch cannot differentiate (torch: "
-        f"{first_line(str(exc))}), and the Jacobian estimate needs that derivative: its products with J are "
-        "derivatives of the block, and the penalty's gradient differentiates them again. Leave the block out of the "
-        "jacobian_isometry rule (exclude: [its name] in the rule's match) and regularise blocks without the op, or "
-        f"{_SECOND_ORDER_REMEDIES.get(op, '')}write the op in the block from twice-differentiable operations"
+        f"{what}: the block{block} holds an op that torch cannot differentiate (or differentiate twice) as the "
+        f"Jacobian estimate needs (torch: {first_line(str(exc))}): the estimate's products with J are derivatives "
+        f"of the block, and the penalty's gradient differentiates them again. {leave_out}, or "
+        f"{_second_order_remedy(op, composed)}write the op in the block from twice-differentiable operations"
     ) from exc
 
 
@@ -2004,6 +2023,9 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
     batched = per_sample or scale != 1.0  # the output's dimension 0 must be the samples'
     count = max(probes, 2) if kind == "offdiag" else probes
     compiling = torch.compiler.is_compiling()
+    if compiling and _holds_hardsigmoid(f):
+        return _eager_jacobian_isometry(fn, x, probes, kind, per_sample, generator, normalize, create_graph, route,
+                                        batch_fraction, what, error, draw_shift)
     if compiling:  # one route, fixed at trace time: no fallback inside a compiled graph (see the section comment)
         route = "double_vjp"
     # torch.func differentiates with respect to xp itself; autograd.grad needs a leaf that requires grad (which
@@ -2013,7 +2035,8 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
     returned = None  # the estimate's dtype (_estimate_dtype of the first probe's products)
     # the estimate's value needs the second derivatives of the block's ops on the double-VJP route, and its gradient
     # (create_graph) them all: torch's normalisations are right to first order, so composed only for the gradient
-    with torch.enable_grad(), _sdpa_math(), _ComposedOps(normalisations=create_graph):
+    composed = _ComposedOps(normalisations=create_graph)
+    with torch.enable_grad(), _sdpa_math(), composed:
         linear = None
         for index in range(count):
             v = _rademacher(xp, generator, draw_shift + index)  # distinct arguments for each draw: no CSE merge
@@ -2037,7 +2060,7 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
                             f"reliable forward-mode derivative{cause}. Use route 'auto' (forward mode, falling "
                             "back to the double-VJP route at such ops) or 'double_vjp'") from exc
                     if route == "jvp":
-                        _raise_second_order_gap(exc, f, what)
+                        _raise_second_order_gap(exc, f, what, composed)
                         raise
                     route = "double_vjp"
                 else:
@@ -2048,7 +2071,7 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
                         linear = (_FunctionalLinearisation if compiling else _Linearisation)(f, xp, batched, what)
                     u, residual = linear.products(v, kind)
                 except (NotImplementedError, RuntimeError) as exc:
-                    _raise_second_order_gap(exc, f, what)
+                    _raise_second_order_gap(exc, f, what, composed)
                     raise
             values.append(_squared(u if kind == "offdiag" else residual, per_sample))
             if returned is None:
@@ -2068,6 +2091,22 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
             estimate = estimate / _at_least_one(math.prod(x.shape[1:]) if per_sample else x.numel())
         estimate = estimate.to(returned)
     return (estimate if create_graph else estimate.detach()), route
+
+
+def _holds_hardsigmoid(f: _Call) -> bool:
+    """Whether the block ``f`` holds an ``nn.Hardsigmoid`` (in a submodule).
+
+    Under torch.compile, Dynamo puts ``F.hardsigmoid`` (and ``F.hardswish``) into the graph without calling the
+    active TorchFunctionModes (torch 2.13: they are not among ``torch.overrides.get_overridable_functions()``), so
+    :class:`_ComposedOps` never sees them there, and the penalty's gradient failed on torch's missing derivative of
+    ``hardsigmoid_backward``. Such a block's estimate runs eagerly (:data:`_eager_jacobian_isometry`). A
+    ``F.hardsigmoid`` called in a forward's own code cannot be seen from here: it still fails under compile."""
+    return isinstance(f.fn, _nn.Module) and any(isinstance(m, _nn.Hardsigmoid) for m in f.fn.modules())
+
+
+#: :func:`_jacobian_isometry` run eagerly inside a compiled region (a graph break), where :class:`_ComposedOps`
+#: composes hardsigmoid (see :func:`_holds_hardsigmoid`); same value and gradients as the eager call.
+_eager_jacobian_isometry = torch.compiler.disable(_jacobian_isometry, recursive=True)
 
 
 def jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full", per_sample: bool = False,

@@ -5,7 +5,8 @@ torch 2.13 has no derivative of ``hardsigmoid_backward`` (both routes failed in 
 forward-mode tangent ``glu_jvp`` (routes jvp and auto failed there); the estimate composes both from elementary
 operations (``metrics._ComposedOps``). The forward-mode tangents of determinants and solves have wrong gradients:
 route jvp refuses them and route auto takes the double-VJP route. An op whose backward has no derivative at all
-(``torch.cdist`` with p=1) is an orthofx error naming the block and the op.
+(``torch.cdist`` with p=1) is an orthofx error naming the block and the op where the estimate itself differentiates
+twice (route double_vjp, and jvp's partial estimate); elsewhere torch's error comes in the loss's backward.
 
 References: dense float64 Jacobians of the block run by plain torch (``torch.autograd.functional.jacobian``, first
 derivatives only) for the estimate, central differences of that dense value for the penalty's gradient, and torch's
@@ -250,7 +251,7 @@ HARDSIGMOID_CALLS = {
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("call", HARDSIGMOID_CALLS)
-def test_composed_hardsigmoid_is_torchs_bit_for_bit(call, dtype):
+def test_composed_hardsigmoid_has_torchs_values(call, dtype):
     x = _inputs(dtype).requires_grad_()
     expected = F.hardsigmoid(x.detach())
     with metrics._ComposedOps():
@@ -269,7 +270,8 @@ GLU_CALLS = {
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("call", GLU_CALLS)
-def test_composed_glu_is_torchs_bit_for_bit(call, dtype):
+def test_composed_glu_has_torchs_values(call, dtype):
+    """Equal, but float16 within 1 ulp (torch's kernel rounds some ties differently)."""
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(6, 2 * 37, 4, generator=g, dtype=torch.float64) * 8).to(dtype)
     x[0, 0, 0], x[0, 37, 0] = math.nan, 30.0
@@ -280,7 +282,12 @@ def test_composed_glu_is_torchs_bit_for_bit(call, dtype):
         with metrics._ComposedOps():
             y = GLU_CALLS[call](xs, dim)
         assert not type(y.grad_fn).__name__.startswith("Glu")  # the composition ran, not torch's kernel
-        torch.testing.assert_close(y.detach(), expected, rtol=0, atol=0, equal_nan=True)
+        if dtype == torch.float16:
+            ulp = torch.nextafter(expected.abs(), torch.full_like(expected, math.inf)) - expected.abs()
+            assert torch.equal(y.isnan(), expected.isnan())
+            assert bool(((y - expected).abs() <= ulp)[~expected.isnan()].all())
+        else:
+            torch.testing.assert_close(y.detach(), expected, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -340,10 +347,29 @@ def test_an_op_without_second_derivative_is_an_orthofx_error_naming_it(route):
     """Before: torch's NotImplementedError "the derivative for '_cdist_backward' is not implemented"."""
     torch.manual_seed(4)
     block = nn.Sequential(nn.Linear(4, 6), L1Distances())
-    with pytest.raises(ArgumentError, match=r"_cdist_backward.*exclude") as info:
+    with pytest.raises(ArgumentError, match=r"cannot differentiate \(or differentiate twice\).*_cdist_backward") \
+            as info:
         jacobian_isometry(block, torch.randn(5, 4), route=route)
     assert isinstance(info.value, NotImplementedError)  # still what torch raised (a RuntimeError)
-    assert "(Sequential)" in str(info.value)
+    message = str(info.value)
+    assert "(Sequential)" in message and "Measure a block without the op" in message
+    assert "exclude" not in message  # a rule's match is no remedy for a direct call
+    assert "compute_mode" not in message  # p=1: no Euclidean compute mode helps
+
+
+class EuclideanDistances(L1Distances):
+    """``torch.cdist`` with p=2 and the compute mode that avoids matrix products (no second derivative)."""
+
+    def forward(self, x):
+        return torch.cdist(x, self.anchors, p=2, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def test_a_euclidean_cdist_without_second_derivative_names_the_compute_mode_that_has_one():
+    torch.manual_seed(4)
+    block = nn.Sequential(nn.Linear(4, 6), EuclideanDistances())
+    with pytest.raises(ArgumentError, match=r"_cdist_backward.*compute_mode='use_mm_for_euclid_dist' \(p=2\), "
+                                            r"which has second derivatives, or write the op"):
+        jacobian_isometry(block, torch.randn(5, 4), route="double_vjp")
 
 
 def test_a_probes_block_without_second_derivative_is_a_layer_error_naming_the_site():
@@ -360,7 +386,7 @@ def test_a_probes_block_without_second_derivative_is_a_layer_error_naming_the_si
     x = torch.randn(5, 4)
     gm = orthofx.transform(Net(), "jacobian", example_inputs=(x,))
     gm.train()
-    with pytest.raises(LayerArgumentError, match=r"'features'.*_cdist_backward.*exclude"):
+    with pytest.raises(LayerArgumentError, match=r"'features'.*_cdist_backward.*exclude: \[its name\] in the rule"):
         gm(x)
 
 
@@ -397,9 +423,59 @@ class Gated(nn.Module):
 
 
 @pytest.mark.parametrize("route, kind", [("jvp", "partial"), ("double_vjp", "full")])
-def test_a_backward_without_derivative_inside_the_estimate_is_an_orthofx_error_on_either_route(route, kind):
+def test_a_backward_without_derivative_is_an_orthofx_error_where_the_estimate_differentiates_twice(route, kind):
     """Route jvp's ``partial`` estimate takes a VJP of the VJP, as the double-VJP route does: where the backward
     has no derivative, both raise the orthofx error (before: torch's RuntimeError)."""
     torch.manual_seed(6)
-    with pytest.raises(ArgumentError, match=r"hardsigmoid_backward.*exclude"):
+    with pytest.raises(ArgumentError, match=r"hardsigmoid_backward.*Measure a block without the op"):
         jacobian_isometry(Gated(), torch.randn(3, 4), route=route, kind=kind)
+
+
+@pytest.mark.parametrize("kind", ["full", "offdiag"])
+def test_route_jvp_full_estimate_leaves_the_missing_second_derivative_to_the_loss_backward(kind):
+    """The documented gap: with first derivatives only in the estimate, the missing derivative is torch's error in
+    the training loss's backward (outside orthofx). Should this become an orthofx error, update the docs."""
+    torch.manual_seed(6)
+    value = jacobian_isometry(Gated(), torch.randn(3, 4), route="jvp", kind=kind)
+    with pytest.raises(RuntimeError, match="hardsigmoid_backward is not implemented"):
+        value.backward()
+
+
+# ------------------------------------------------------------------------------------------------ compiled
+
+class SqueezeGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(_spread(nn.Conv2d(3, 8, 3, padding=1), 4.0), nn.Hardsigmoid())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_training_step_through_hardsigmoid_has_the_eager_gradients(backend):
+    """Under torch.compile Dynamo puts F.hardsigmoid into the graph without calling the estimate's
+    TorchFunctionMode; a block holding nn.Hardsigmoid has its estimate run eagerly there (a graph break). Before:
+    torch's "derivative for aten::hardsigmoid_backward is not implemented" at the compiled step. Reference: the
+    eager step from the same global RNG state (the probe's draw)."""
+    torch.manual_seed(8)
+    x = torch.randn(2, 3, 6, 6)
+    model = orthofx.transform(SqueezeGate(), "jacobian", example_inputs=(x,)).train()
+    compiled_model = copy.deepcopy(model)
+
+    def step(m):
+        loss = m(x).sum() + orthofx.penalty(m)
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in m.named_parameters()}
+
+    torch.manual_seed(9)
+    expected_loss, expected = step(model)
+    torch._dynamo.reset()
+    torch.manual_seed(9)
+    got_loss, got = torch.compile(step, backend=backend)(compiled_model)
+    assert float(orthofx.penalty(model).detach()) > 0
+    torch.testing.assert_close(got_loss, expected_loss)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], msg=name)
