@@ -377,3 +377,100 @@ def test_ordinary_scales_keep_the_closed_form_starts_bit_for_bit():
     window = conv.weight.detach()[:, :, 1, 1]
     torch.testing.assert_close(layer.weight.detach()[:, :, 1, 1], polar64(window), rtol=0, atol=1e-12)
     assert layer.init_error == pytest.approx(_relative64(layer.weight, conv.weight), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------- review of the buffer (s45)
+
+
+def _off_centre_layer(groups=5, seed=2):
+    """A depthwise 3 x 3 layer whose shifts are set off the centre, per group."""
+    layer = OrthogonalConv2d(groups, groups, 3, groups=groups, bias=True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.block_shift.copy_(torch.randint(0, 3, (groups, 2), generator=g))
+        layer.block_shift[0] = torch.tensor([0, 2])  # at least one off the centre
+    return layer
+
+
+def test_a_partial_non_strict_load_keeps_the_shift_and_reports_the_key():
+    layer = _off_centre_layer()
+    shift, kernel = layer.block_shift.clone(), layer.weight.detach().clone()
+    result = layer.load_state_dict({"bias": torch.zeros(5)}, strict=False)
+    assert torch.equal(layer.block_shift, shift) and torch.equal(layer.weight.detach(), kernel)
+    assert set(result.missing_keys) == {"matrix", "block_shift"} and not result.unexpected_keys
+    # nested (fine-tuning from a backbone checkpoint without the layer's keys)
+    model = nn.Sequential(_off_centre_layer())
+    shift = model[0].block_shift.clone()
+    result = model.load_state_dict({"0.bias": torch.zeros(5)}, strict=False)
+    assert torch.equal(model[0].block_shift, shift) and "0.block_shift" in result.missing_keys
+    # a new checkpoint that lost the key is not taken for an old one: a strict load names it
+    state = layer.state_dict()
+    del state["block_shift"]
+    with pytest.raises(RuntimeError, match="Missing key.*block_shift"):
+        OrthogonalConv2d(5, 5, 3, groups=5).load_state_dict(state)
+
+
+def test_an_old_format_checkpoint_loads_at_the_centre():
+    layer = _off_centre_layer()
+    state = layer.state_dict()
+    del state["block_shift"]
+    state._metadata[""]["version"] = 1  # as saved before the buffer (torch's default module version)
+    fresh = _off_centre_layer(seed=5)
+    assert fresh.load_state_dict(state).missing_keys == []
+    assert fresh.block_shift.tolist() == [[1, 1]] * 5
+    centre = torch.zeros(5, 1, 3, 3)
+    centre[:, :, 1, 1] = torch.sign(layer.matrix.detach().reshape(5, 1))
+    torch.testing.assert_close(fresh.weight.detach(), centre, rtol=0, atol=1e-7)
+    assert layer.state_dict()._metadata[""]["version"] == 2
+
+
+@pytest.mark.parametrize("make", [lambda: OrthogonalConv2d(4, 8, 3), lambda: OrthogonalConv2d(4, 4, 1, groups=4),
+                                  lambda: OrthogonalConv2d(8, 8, 3, groups=4),
+                                  lambda: OrthogonalConv2d(1, 2, 3, method="cayley_fft", input_size=(6, 6))])
+def test_layers_without_a_discrete_shift_have_no_key(make):
+    layer = make()
+    assert layer.block_shift is None and "block_shift" not in layer.state_dict()
+
+
+def test_freeze_and_pt2_export_build_the_shifted_kernel(tmp_path):
+    model = nn.Sequential(_off_centre_layer()).eval()
+    x = torch.randn(2, 5, 7, 7, generator=torch.Generator().manual_seed(0))
+    assert model[0].weight[0, 0].nonzero().tolist() == [[0, 2]]  # group 0's tap at its shift, not the centre
+    with torch.no_grad():
+        expected = model(x)
+        wrapped = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="circular")  # the layer's default padding
+        reference = torch.nn.functional.conv2d(wrapped, model[0].weight, model[0].bias, groups=5)
+        torch.testing.assert_close(expected, reference, rtol=0, atol=1e-6)
+        frozen = orthofx.freeze(model, (x,))
+        torch.testing.assert_close(frozen(x), expected, rtol=0, atol=1e-6)
+    orthofx.export(model, tmp_path / "m.pt2", example_inputs=(x,))
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), expected, rtol=0, atol=1e-6)
+
+
+def test_a_layer_pickled_before_the_buffer_loads_new_checkpoints(tmp_path):
+    import pickle
+
+    old = OrthogonalConv2d(5, 5, 3, groups=5)
+    kernel = old.weight.detach().clone()
+    del old._buffers["block_shift"]  # as the old code pickled it
+    plain = OrthogonalConv2d(5, 8, 3)
+    del plain._buffers["block_shift"]
+    old, plain = pickle.loads(pickle.dumps((old, plain)))
+    assert old.block_shift.tolist() == [[1, 1]] * 5 and torch.equal(old.weight.detach(), kernel)
+    assert "block_shift" in old._buffers and plain.block_shift is None
+    new = _off_centre_layer()
+    old.load_state_dict(new.state_dict())
+    assert torch.equal(old.weight.detach(), new.weight.detach())
+
+
+def test_an_out_of_range_shift_error_names_the_first_groups_only():
+    layer = OrthogonalConv2d(1024, 1024, 3, groups=1024, bias=False)
+    state = layer.state_dict()
+    state["block_shift"] = state["block_shift"].clone()
+    state["block_shift"][[3, 7, 8, 500]] = torch.tensor([3, 0])
+    with pytest.raises(LayerArgumentError) as info:
+        OrthogonalConv2d(1024, 1024, 3, groups=1024, bias=False).load_state_dict(state)
+    message = str(info.value)
+    assert "group 3: [3, 0], group 7: [3, 0], group 8: [3, 0] and 1 more" in message and len(message) < 600

@@ -135,7 +135,7 @@ from torch import nn
 from torch.nn.utils import parametrize, skip_init
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from orthofx.errors import ImpossibleLayerError, LayerArgumentError, MetaWeightError, layer_label
+from orthofx.errors import ImpossibleLayerError, LayerArgumentError, MetaWeightError, first_few, layer_label
 from orthofx.nn.padding import (CircularFold, CircularPad, _circular_fold_valid, _circular_pad_valid, flat_pads,
                                 one_element_same_dilation, per_dimension, sizes_per_dimension, stale_mode_pads)
 from orthofx.nn.precision import (HALF_PRECISION, _peak, autocast_conv_dtype, autocast_enabled, autocast_off,
@@ -1067,11 +1067,18 @@ class _EvalCache:
         return state
 
 
+#: The module version (``_OrthogonalConvNd._version``) whose state_dicts hold ``block_shift`` where the layer has one.
+_BLOCK_SHIFT_VERSION = 2
+
+
 class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
     """Shared implementation of :class:`OrthogonalConv1d` and :class:`OrthogonalConv2d` (see the module docs)."""
 
     _dims = 0
     _fit_lr = 0.3
+    #: torch's module version, saved in each state_dict's metadata: 2 since the buffer ``block_shift`` (one
+    #: channel per group); a version-1 checkpoint without it loads at the centre (:meth:`_block_shift_entry`)
+    _version = _BLOCK_SHIFT_VERSION
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding="same", dilation=1, groups=1,
                  bias=True, padding_mode="circular", device=None, dtype=None, *, method="auto", gain=1.0,
@@ -1232,7 +1239,7 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         # a state_dict saved before the identity blocks of n == 1 were left out holds their proj_b, whose value
         # has no effect on the kernel (P = 1 for any 1 x 1 basis): dropped, so that such checkpoints still load
         key = prefix + "proj_b"
@@ -1240,19 +1247,26 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
                 and tuple(state_dict[key].shape[-2:]) == (1, 1)):
             state_dict.pop(key)
         if self._block_shift is not None:
-            self._block_shift_entry(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            self._block_shift_entry(state_dict, prefix, local_metadata)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
-    def _block_shift_entry(self, state_dict: dict, prefix: str) -> None:
-        """``block_shift`` of a state_dict being loaded: one saved before the buffer existed (its layer's blocks were
-        the fixed shift to the centre) gets the centre, so that such checkpoints load with the kernel they saved;
-        a saved one is checked, since a shift outside the kernel would give an all-zero one."""
+    def _block_shift_entry(self, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        """``block_shift`` of a state_dict being loaded: a checkpoint saved before the buffer existed (its layer's
+        blocks were the fixed shift to the centre) gets the centre, so that it loads with the kernel it saved; a
+        saved one is checked, since a shift outside the kernel would give an all-zero one.
+
+        Old means: the layer's metadata gives a version below :attr:`_version` (or none, a dict rebuilt without
+        ``_metadata``) and the dict holds the layer's ``matrix``. Any other dict without the key (a partial
+        ``load_state_dict(..., strict=False)``, e.g. only the bias) leaves it missing, so that the shift the layer
+        holds stays and torch lists the key in ``missing_keys``: filling in the centre there changed the kernel
+        silently."""
         key = prefix + "block_shift"
         value = state_dict.get(key)
         if value is None:
+            version = local_metadata.get("version") if isinstance(local_metadata, dict) else None
             near = state_dict.get(prefix + "matrix")
-            device = near.device if isinstance(near, torch.Tensor) else self._block_shift.device
-            state_dict[key] = self._default_block_shift(device)
+            if (version is None or version < _BLOCK_SHIFT_VERSION) and isinstance(near, torch.Tensor):
+                state_dict[key] = self._default_block_shift(near.device)
             return
         if (not isinstance(value, torch.Tensor) or value.is_meta
                 or tuple(value.shape) != tuple(self._block_shift.shape)):
@@ -1262,14 +1276,37 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
                 ((value < 0) | (value > torch.tensor(largest, device=value.device))).any()):
             raise LayerArgumentError(
                 f"{layer_label(self)}: the state_dict's {key!r} must hold integer shifts between 0 and {largest} per "
-                f"dimension (each group's window in the kernel_size={self.kernel_size} kernel), got {value.tolist()}. "
-                f"Load a state_dict saved from a layer of the same configuration")
+                f"dimension (each group's window in the kernel_size={self.kernel_size} kernel), got "
+                f"{self._bad_shifts(value, largest)}. Load a state_dict saved from a layer of the same configuration")
+
+    @staticmethod
+    def _bad_shifts(value: torch.Tensor, largest: tuple[int, ...]) -> str:
+        """The first few groups' shifts of ``value`` ``(groups, d)`` outside 0 .. ``largest``, ``'group 3: [3, 0]'``
+        each (a groups=1024 layer's whole list ran to thousands of characters); its dtype where not an integer one."""
+        if value.is_floating_point() or value.is_complex():
+            return f"a {value.dtype} tensor"
+        bad = [f"group {i}: {row}" for i, row in enumerate(value.tolist())
+               if any(not 0 <= v <= top for v, top in zip(row, largest))]
+        return first_few(bad, 3)
+
+    def __setstate__(self, state: dict) -> None:
+        """A layer pickled before the buffer ``block_shift`` existed (one channel per group: its blocks were the
+        fixed shift to the centre) gets the centre, so that it builds the same kernel the new way and loads the
+        new checkpoints (else: 'Unexpected key block_shift'); the other layers get the ``None`` entry."""
+        super().__setstate__(state)
+        if "block_shift" in self._buffers:
+            return
+        one_channel = (getattr(self, "method", None) != "cayley_fft" and getattr(self, "_n", 0) == 1
+                       and any(getattr(self, "_block_index", ())))
+        if not one_channel:
+            self.register_buffer("block_shift", None)
+            return
+        self.register_buffer("block_shift", self._default_block_shift(self.matrix.device))
 
     @property
     def _block_shift(self) -> torch.Tensor | None:
-        """The buffer ``block_shift`` (``None`` where the blocks are no discrete choice), read from ``_buffers``: a
-        layer pickled before the buffer existed has none, and builds its kernel through the blocks as it did (the
-        fixed shift to the centre)."""
+        """The buffer ``block_shift`` (``None`` where the blocks are no discrete choice), read from ``_buffers``
+        (:meth:`__setstate__` gives layers pickled before it the entry)."""
         return self._buffers.get("block_shift")
 
     def _default_block_shift(self, device=None) -> torch.Tensor:
@@ -1682,48 +1719,44 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
         X, side = self._block_start(W)
         return self._spatial_last(self._apply_blocks(X, cd, side))
 
-    def _window_selection(self, like: torch.Tensor) -> torch.Tensor:
-        r"""The 0/1 matrices ``E`` ``(g, r^d, k^d)`` (window taps by kernel taps, C order) with :math:`E[a, p] = 1`
-        iff kernel tap ``p`` is window tap ``a`` moved by the group's ``block_shift``, in ``like``'s dtype and on
-        its device. Taps are compared as flat C-order indices of the kernel: :math:`s_i + a_i \le k_i - 1`, so the
-        index of :math:`s + a` is the sum of theirs.
+    def _window_index(self, like: torch.Tensor, columns: int) -> torch.Tensor:
+        r"""Where each group's window taps lie in its kernel: ``(g, columns, r^d)`` (the same row repeated, a view),
+        flat C-order indices of the kernel's ``k^d`` taps, window taps in C order. Tap ``a`` of the window moved by
+        the shift ``s`` is :math:`s + a` (:math:`s_i + a_i \le k_i - 1`), whose flat index is the sum of theirs.
 
-        Built on the device, from fills and the buffer (a host list made into a tensor would be a blocking copy to
-        a GPU at every kernel build); the buffer enters a product with a tensor made from ``like``, so that
-        ``torch.fx`` tracing records it as a ``get_attr`` node rather than baking its value at tracing time."""
+        Integer arithmetic on the buffer, on its device (no host list made into a tensor: that would be a
+        blocking copy to a GPU at every kernel build; the window's offsets come from ``new_ones(r).cumsum``). The
+        buffer enters a sum with a zero made from ``like`` (the window), so that ``torch.fx`` tracing records it as
+        a ``get_attr`` node rather than baking its value at tracing time."""
+        shift = self._block_shift + like.new_zeros((), dtype=torch.long)
         radices = [math.prod(self.kernel_size[i + 1:]) for i in range(self._dims)]
-        shift = self._block_shift * like.new_ones(())                                  # (g, d) in like's dtype
         first = None  # the flat index of each group's first window tap, (g,)
         for i, w in enumerate(radices):
             if self._kp[i] > 1:  # (a dimension without blocks has the shift 0)
-                term = shift.select(1, i) * w
+                term = shift.select(1, i) if w == 1 else shift.select(1, i) * w
                 first = term if first is None else first + term
-        offsets = None  # flat offsets of the window's taps from its first, (r^d,)
-        for i, (r, w) in enumerate(zip(self._r, radices)):
+        index = shift.new_zeros(self.groups, 1) if first is None else first.unsqueeze(1)
+        for r, w in zip(self._r, radices):  # add the window's offsets, dimension by dimension (C order)
             if r > 1:
-                step = (like.new_ones(r).cumsum(0) - 1) * w
-                offsets = step if offsets is None else (offsets.unsqueeze(-1) + step).flatten()
-        taps = like.new_ones(math.prod(self.kernel_size)).cumsum(0) - 1               # 0 .. k^d - 1
-        wanted = first.reshape(-1, 1, 1) if offsets is None else first.reshape(-1, 1, 1) + offsets.reshape(1, -1, 1)
-        return (taps == wanted).to(like.dtype)
+                step = (shift.new_ones(r).cumsum(0) - 1) * w
+                index = (index.unsqueeze(-1) + step).flatten(1)
+        return index.unsqueeze(1).expand(self.groups, columns, index.shape[-1])
 
     def _shift_windows(self, R: torch.Tensor) -> torch.Tensor:
         """The kernel ``(g, M, C, *k)`` with one channel per group (``block_shift`` set): each group's window
-        ``R`` ``(g, M, C, *r)`` at its shift, zero elsewhere: the products with :meth:`_window_selection`, summed
-        over the window's taps (none to sum at stride 1, ``r = 1``); each entry sums one product by 1 and zeros:
-        ``R``'s values exactly."""
-        g, M, C, A = self.groups, self._M, self._C, math.prod(self._r)
-        # broadcast products, not a batched matmul: the groups' tiny products (1 x 1 by 1 x k^d for a depthwise
-        # conv) cost a batched matmul, forward and backward, three times as much on a CPU
-        K = R.reshape(g, M * C, A, 1) * self._window_selection(R).unsqueeze(1)
-        return (K.squeeze(2) if A == 1 else K.sum(2)).reshape(g, M, C, *self.kernel_size)
+        ``R`` ``(g, M, C, *r)`` at its shift, zero elsewhere, by one scatter into a zero kernel: ``R``'s values
+        exactly (its backward a gather). It replaced products with a 0/1 selection matrix rebuilt at every build
+        (4x the time of the whole build for a 1 -> 64, 7 x 7, stride-4 3-D stem)."""
+        g, M, C = self.groups, self._M, self._C
+        windows = R.reshape(g, M * C, -1)
+        K = windows.new_zeros(g, M * C, math.prod(self.kernel_size))
+        return K.scatter(2, self._window_index(R, M * C), windows).reshape(g, M, C, *self.kernel_size)
 
     def _read_windows(self, K: torch.Tensor) -> torch.Tensor:
         """The adjoint of :meth:`_shift_windows`: each group's window of ``K`` ``(g, M, C, *k)`` at its shift,
-        ``(g, M, C, *r)``, exactly."""
+        ``(g, M, C, *r)``, exactly (a gather)."""
         g, M, C = self.groups, self._M, self._C
-        R = (K.reshape(g, M * C, 1, -1) * self._window_selection(K).unsqueeze(1)).sum(-1)
-        return R.reshape(g, M, C, *self._r)
+        return K.reshape(g, M * C, -1).gather(2, self._window_index(K, M * C)).reshape(g, M, C, *self._r)
 
     def _block_start(self, W: torch.Tensor) -> tuple[torch.Tensor, str]:
         """What the blocks act on, ``(g, *r, M, C)``, built from the orthonormal matrix ``W``, and the side they act
