@@ -1865,7 +1865,7 @@ def _fixed_shift_recovery(path: str, sites: list[tuple[str, nn.Module]], refused
               "inputs it was given) and gm.load_state_dict(state)")
     recipe = recipe.replace("PATH", repr(path)).replace("BUILDERS", builders).replace("POLICY", policy)
     return (f"This is the model the file was exported from, but the file holds an exactly orthogonal layer's "
-            f"parameters (matrix, block_shift) at {described}: an earlier orthofx wrote it, which replaced such "
+            f"parameters (matrix) at {described}: an earlier orthofx wrote it, which replaced such "
             "layers by hard ones. Their orthogonal versions are fixed signed shifts of each channel that cannot "
             "train (one input and one output channel per group and taps that read only one input per stride "
             f"window, e.g. a stride-1 depthwise conv), so the policy now {now}. To recover the weights (each hard "

@@ -15,8 +15,9 @@ One row per conv/linear layer of the graph (touched or not) and per other planne
   operator needs a grid divisible by the stride: on an input size that is not (a 7x7 map at stride 2), the
   figures are those of the circular operator on the size rounded up to a multiple of the stride (8x8), a property
   of the kernel (what L_orth measures; a regularised conv's row), not of what the layer applies to that input.
-  A hard layer of ``orthogonal_conv`` that is not orthogonal on an input size of the example run (status ``hard
-  kernel; not orthogonal on the example's 7x7 input: ...``, every such size named) gets instead the exact figures
+  A hard layer (of ``orthogonal_conv``, or of ``pre_svd`` with ``weight: orthogonal``) that is not orthogonal on
+  an input size of the example run (status ``hard kernel; not orthogonal on the example's 7x7 input: ...``, every
+  such size named) gets instead the exact figures
   of the operator it applies on the first of them, from its dense matrix built from its weight (in float64; the
   layer is not run, so no forward hook fires; ``layer`` says so), or none where that has more than 1024 inputs
   and outputs or more than 4096 of either, and a note either way;
@@ -106,7 +107,7 @@ from .nn.padding import (CircularPad, circular_pad, conv_zero_pads, flat_pads, p
                          torch_mode_pads)
 from .nn.precision import describe_nonfinite
 from .passes.base import (RECURRENT_TYPES, ParametrizationState, current_weight, default_device_set_aside,
-                          describe_module, recurrent_hidden_weights)
+                          describe_module, per_dimension_text, recurrent_hidden_weights)
 from .passes.orth_regularizer import gate_blocks_lorth
 from .passes.orthogonal_conv import grid_text, grids_text
 from .passes.riemannian import scale_lost_note
@@ -696,7 +697,8 @@ _DENSE_SIDE_LIMIT = 4096
 
 
 def _off_grid_sizes(changes) -> list[tuple[int, ...]]:
-    """The spatial input sizes on which the ``orthogonal_conv`` pass found the site's hard layer not orthogonal (its
+    """The spatial input sizes on which a pass found the site's hard layer not orthogonal (``orthogonal_conv``'s or
+    ``pre_svd``'s, :class:`orthofx.passes.orthogonal_conv.OffGridLayers`; its
     Change's ``after["not_orthogonal_on_sizes"]``, or ``after["not_orthogonal_on"]``, the first of them, in a
     model transformed before the pass recorded them all: sizes not divisible by the stride,
     :func:`orthofx.passes.orthogonal_conv.orthogonal_on_grid`); empty for any other site."""
@@ -724,7 +726,7 @@ def _measure_off_grid(row: dict[str, Any], applied: nn.Module, measured: nn.Modu
     size = sizes[0]
     named = grids_text(sizes)
     where = (f"the example's {named}, {'which is' if len(sizes) == 1 else 'which are'} not divisible by its stride "
-             f"{stride[0] if len(set(stride)) == 1 else 'x'.join(map(str, stride))} (the construction is exact on "
+             f"{per_dimension_text(stride)} (the construction is exact on "
              "grids divisible by the stride)")
     remedy = "use inputs divisible by the stride at this layer, or pad them"
     values = None if weight is None else _dense_singular_values(applied, measured, weight, size, row['site'])

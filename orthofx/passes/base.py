@@ -506,8 +506,11 @@ class _NoHookedGradientYet(NamedTuple):
     def of(cls, optimizer: torch.optim.Optimizer) -> _NoHookedGradientYet | int:
         """The state of ``optimizer``; for one that holds no hooked weight, its number of param groups alone, which
         a step compares and returns (no list to walk, no ``is_compiling`` call: a plain optimizer, of a model
-        orthofx never saw, pays one dict read and one comparison per step)."""
-        hooked = [weakref.ref(p) for group in optimizer.param_groups for p in group["params"] if p in _HOOKED_WEIGHTS]
+        orthofx never saw, pays one dict read and one comparison per step). Hooked weights of a model this
+        optimizer is attached to are left out, as :func:`_warn_unattached_step` skips them: an attached optimizer
+        whose hooked weights never get a gradient (a frozen backbone) would otherwise walk them at every step."""
+        hooked = [weakref.ref(p) for group in optimizer.param_groups for p in group["params"]
+                  if p in _HOOKED_WEIGHTS and not _attached_to_model_of(optimizer, p)]
         groups = len(optimizer.param_groups)
         return cls(hooked, groups) if hooked else groups
 
@@ -518,6 +521,13 @@ class _NoHookedGradientYet(NamedTuple):
             if parameter is not None and parameter.grad is not None:
                 return True
         return False
+
+
+def _attached_to_model_of(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -> bool:
+    """Whether ``optimizer`` is attached to the transformed model of ``parameter``, a hooked weight."""
+    root = _HOOKED_WEIGHTS[parameter].model()
+    attached = None if root is None else _ATTACHED_OPTIMIZERS.get(root)
+    return attached is not None and optimizer in attached
 
 
 def _warn_unattached_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -911,14 +921,19 @@ class ParametrizationState(UserBuffers):
             state.restore()
 
 
+def per_dimension_text(values) -> str:
+    """A conv's per-dimension kernel size or stride in words: ``3`` where it is the same in every dimension, ``3x1``
+    otherwise."""
+    values = tuple(values)
+    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
+
+
 def describe_module(module: nn.Module) -> str:
     """Short description of a layer, e.g. ``Conv2d(64->128, k=3, s=2)`` or ``Linear(512->10)``; orthofx's own
     conv-like and linear-like layers (same attributes as torch's) are described the same way."""
     name = type(module).__name__
     if all(hasattr(module, a) for a in ("in_channels", "out_channels", "kernel_size", "stride")):
-        k, s = tuple(module.kernel_size), tuple(module.stride)
-        ks = k[0] if len(set(k)) == 1 else "x".join(map(str, k))
-        ss = s[0] if len(set(s)) == 1 else "x".join(map(str, s))
+        ks, ss = per_dimension_text(module.kernel_size), per_dimension_text(module.stride)
         groups = getattr(module, "groups", 1)
         extra = f", g={groups}" if groups != 1 else ""
         dilation = tuple(getattr(module, "dilation", (1,)))

@@ -10,9 +10,12 @@ convolution (e.g. the ResNet strided shortcut, (M, C, k, S) = (2C, C, 1, 2)), ``
 ``error`` raises :class:`orthofx.ImpossibleLayerError` quoting the theorem's condition with the layer's numbers,
 ``skip`` leaves the layer as it is, ``regularize`` attaches P0's L_orth instead (weight ``regularize_weight``).
 So does a layer whose orthogonal versions are finitely many fixed signed shifts, none of which trains: one input and
-one output channel per group (a depthwise conv such as ConvNeXt's 7x7, or a 1 -> 1 conv) at stride 1, where an
-exactly orthogonal kernel is a single tap of +-1 (the status reads ``regularised (no trainable orthogonal
-version)``); a strided one (``k >= S``) trains and is replaced. Build
+one output channel per group (a depthwise conv such as ConvNeXt's 7x7, or a 1 -> 1 conv) whose taps read only one
+input per stride window, ``prod_i min(k_i, S_i / gcd(D_i, S_i)) = 1`` (every stride-1 one; a strided one
+with ``k = 1`` or a dilation that is a multiple of the stride, e.g. ``k = 2, S = 2, D = 2``), where an exactly
+orthogonal kernel is a single tap of +-1 (the status reads ``regularised (no trainable orthogonal version)`` under
+``on_impossible: regularize``). Strided ones whose taps read two or more inputs per window (that product ``>= 2``:
+e.g. ``k = 3, S = 2`` or ``k = 2, S = 3``, undilated) train and are replaced. Build
 :class:`~orthofx.nn.orthogonal.OrthogonalConv2d` directly for such a fixed shift.
 
 Parameters:
@@ -77,7 +80,7 @@ from ..nn.padding import (conv_mode_pads, conv_zero_pads, one_element_same_dilat
                           sizes_per_dimension, stale_mode_pads)
 from ..nn.precision import describe_nonfinite, relative_distance
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, check_scale_range, derived_weight,
-                   describe_module, is_uninitialised, parameter_owners, require_initialised)
+                   describe_module, is_uninitialised, parameter_owners, per_dimension_text, require_initialised)
 from .isometric_init import frozen_reason
 from .orth_regularizer import lorth_term
 from .registry import register_pass
@@ -348,7 +351,9 @@ def example_sizes(manifest, name: str, dims: int) -> list[tuple[int, ...]]:
     """The distinct spatial sizes (the last ``dims`` entries of each input shape) of the calls of module site
     ``name`` on the example run, in the order first seen: every call's (``manifest.all_input_shapes``), or the first
     call's where the manifest holds only that (``manifest.input_shapes``); shapes with fewer than ``dims + 1``
-    entries are left out."""
+    entries are left out; none for ``dims = 0`` (a linear: no spatial size, and ``shape[-0:]`` is the whole shape)."""
+    if dims <= 0:
+        return []
     shapes = manifest.all_input_shapes.get(name) or (
         [manifest.input_shapes[name]] if name in manifest.input_shapes else [])
     sizes: list[tuple[int, ...]] = []
@@ -375,12 +380,6 @@ def _not_orthogonal_on(layer: nn.Module, sizes: list[tuple[int, ...]], status: s
             if not all(n % s == 0 for n, s in zip(size, layer.stride)) and not orthogonal_on_grid(layer, size)]
 
 
-def _sizes_text(sizes) -> str:
-    """``7x7`` for a size, ``2`` for a stride the same in every dimension (``2x1`` otherwise)."""
-    sizes = tuple(sizes)
-    return str(sizes[0]) if len(set(sizes)) == 1 else "x".join(map(str, sizes))
-
-
 def grid_text(size) -> str:
     """An input's spatial size in words: ``length-7`` for a 1-D one, ``7x7`` / ``7x7x7`` otherwise."""
     size = tuple(size)
@@ -399,23 +398,54 @@ def _off_grid_status(status: str, sizes: list[tuple[int, ...]], stride) -> str:
     """The status of a layer whose example input grids ``sizes`` are ones it is not orthogonal on
     (:func:`_not_orthogonal_on`): its kernel is the hard one, the operator on those inputs is not orthogonal."""
     return (f"hard kernel{status[len('hard'):]}; not orthogonal on the example's {grids_text(sizes)}: "
-            f"not divisible by stride {_sizes_text(stride)}")
+            f"not divisible by stride {per_dimension_text(stride)}")
 
 
-def _warn_off_grid(layers: list[str], two_d: bool) -> None:
+def _warn_off_grid(pass_name: str, layers: list[str], two_d: bool) -> None:
     """One :class:`~orthofx.errors.OrthofxWarning` for the layers (``"site (7x7 input, stride 2)"``) that
     :func:`_not_orthogonal_on` found on the example inputs, with the remedy (with a ResNet's image sizes as the
-    example where some of them are 2-D: ``two_d``)."""
+    example where some of them are 2-D: ``two_d``); ``pass_name`` starts the message."""
     if not layers:
         return
     example = (" (e.g. 32x32 rather than 28x28 for a ResNet whose stride-2 stages see 28, 14 and 7)" if two_d
                else "")
     warnings.warn(
-        f"orthogonal_conv: {first_few(layers, 4)}: not orthogonal on the example inputs, whose size there is not "
+        f"{pass_name}: {first_few(layers, 4)}: not orthogonal on the example inputs, whose size there is not "
         "divisible by the layer's stride: the exactly orthogonal construction (P0) is exact on grids divisible by "
         "the stride only (orthofx.report gives the singular values of the operator on that input). Use inputs "
         f"whose size is divisible by the stride at every such layer{example}, or pad the inputs to such a size",
         OrthofxWarning, stacklevel=caller_stacklevel())
+
+
+class OffGridLayers:
+    """The hard layers one pass built that the example run gave inputs they are not orthogonal on (sizes not
+    divisible by the stride, :func:`_not_orthogonal_on`), shared by every pass that builds hard layers
+    (``orthogonal_conv``; ``pre_svd`` with ``weight: orthogonal``) so that their Changes say the same and the
+    report reads the same keys. :meth:`mark` each layer as it is built, then :meth:`warn` once for all of them."""
+
+    def __init__(self, pass_name: str):
+        self.pass_name = pass_name
+        self.layers: list[str] = []  # "'site' (7x7 input, stride 2)", for the warning
+        self.dims: set[int] = set()  # their spatial dimensions (the warning's example fits 2-D layers)
+
+    def mark(self, manifest, site: str, layer: nn.Module, status: str, after: dict) -> str:
+        """The status of ``layer``, built at ``site`` with ``status``: where the example run called the site on
+        sizes the layer is not orthogonal on, one naming them, with ``after["not_orthogonal_on"]`` (the first
+        such spatial size) and ``after["not_orthogonal_on_sizes"]`` (all of them) set for the report; else
+        ``status`` unchanged."""
+        dims = len(getattr(layer, "kernel_size", ()))
+        sizes = _not_orthogonal_on(layer, example_sizes(manifest, site, dims), status)
+        if not sizes:
+            return status
+        after["not_orthogonal_on"] = sizes[0]
+        after["not_orthogonal_on_sizes"] = sizes
+        self.layers.append(f"'{site}' ({grids_text(sizes)}, stride {per_dimension_text(layer.stride)})")
+        self.dims.add(dims)
+        return _off_grid_status(status, sizes, layer.stride)
+
+    def warn(self) -> None:
+        """The one warning for every layer :meth:`mark` found (none where it found none)."""
+        _warn_off_grid(self.pass_name, self.layers, 2 in self.dims)
 
 
 def _reads_padding(conv: nn.Module) -> bool:
@@ -664,8 +694,7 @@ class OrthogonalConvPass(Pass):
         modules = [ctx.module(entry.site) for entry in entries]
         ties = _tie_problems(entries, modules, parameter_owners(ctx.gm))
         built: dict[int, tuple[str, nn.Module]] = {}  # id(weight) -> (site, its orthogonal layer)
-        off_grid: list[str] = []  # hard layers not orthogonal on the example's input size (one warning for all)
-        off_grid_dims: set[int] = set()  # their spatial dimensions (the warning's example fits 2-D layers)
+        off_grid = OffGridLayers(self.name)  # hard layers not orthogonal on the example's inputs (one warning)
         for entry, module in zip(entries, modules):
             require_initialised(entry, module, "it has no shape to build an orthogonal layer for")
             kept = _kept_layer(module)
@@ -677,8 +706,7 @@ class OrthogonalConvPass(Pass):
                 continue
             if id(module.weight) in built:  # tied to a layer replaced already, with the same configuration
                 first, layer = built[id(module.weight)]
-                self._replace(ctx, entry, module, layer, f"hard (shares {first}'s layer: tied weight)", off_grid,
-                              off_grid_dims)
+                self._replace(ctx, entry, module, layer, f"hard (shares {first}'s layer: tied weight)", off_grid)
                 continue
             method = entry.params["method"]
             input_size = None
@@ -695,12 +723,12 @@ class OrthogonalConvPass(Pass):
                 status = _hard_status(module, entry.params["padding"])
                 if input_size is not None:
                     status = f"hard (cayley_fft, input {'x'.join(map(str, input_size))} only)"
-                self._replace(ctx, entry, module, layer, status, off_grid, off_grid_dims)
+                self._replace(ctx, entry, module, layer, status, off_grid)
                 built[id(module.weight)] = (entry.site.name, layer)
             else:
                 why = "no trainable orthogonal version" if problem.startswith(_FIXED_SHIFT) else "no orthogonal version"
                 self._impossible(ctx, entry, module, problem, why=why)
-        _warn_off_grid(off_grid, 2 in off_grid_dims)
+        off_grid.warn()
 
     def _cayley_input_size(self, ctx: PassContext, entry: PlanEntry, module: nn.Module) -> tuple[int, ...]:
         """The spatial input size of a conv site for ``method: cayley_fft`` (from the example inputs)."""
@@ -722,21 +750,12 @@ class OrthogonalConvPass(Pass):
         return tuple(int(n) for n in shape[-dims:])
 
     def _replace(self, ctx: PassContext, entry: PlanEntry, old: nn.Module, new: nn.Module, status: str,
-                 off_grid: list[str], off_grid_dims: set[int]) -> None:
+                 off_grid: OffGridLayers) -> None:
         """Put ``new`` at the entry's site and record the Change; a hard layer that the example run gave inputs
-        it is not orthogonal on (:func:`_not_orthogonal_on`, every size the site was called with) gets a status
-        naming them, ``after["not_orthogonal_on"]`` (the first such spatial size) and
-        ``after["not_orthogonal_on_sizes"]`` (all of them), which the report reads, and goes into ``off_grid``
-        (its number of spatial dimensions into ``off_grid_dims``) for the warning."""
+        it is not orthogonal on gets the status and ``after`` keys of :meth:`OffGridLayers.mark` and goes into
+        ``off_grid`` for the warning."""
         after = {"layer": type(new).__name__, "init_error": new.init_error}
-        dims = len(getattr(new, "kernel_size", ()))
-        sizes = _not_orthogonal_on(new, example_sizes(ctx.manifest, entry.site.name, dims), status)
-        if sizes:
-            status = _off_grid_status(status, sizes, new.stride)
-            after["not_orthogonal_on"] = sizes[0]
-            after["not_orthogonal_on_sizes"] = sizes
-            off_grid.append(f"'{entry.site.name}' ({grids_text(sizes)}, stride {_sizes_text(new.stride)})")
-            off_grid_dims.add(dims)
+        status = off_grid.mark(ctx.manifest, entry.site.name, new, status, after)
         inputs = ctx.site_inputs.get(entry.site.name)
         if inputs is not None:
             with torch.no_grad():

@@ -96,7 +96,7 @@ from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm,
                    weight_groups, whole, sparse_gradient_error, write_whole)
 from .isometric_init import frozen_reason
 from .orth_regularizer import lorth_term
-from .orthogonal_conv import _hard_status, _impossibility, orthogonal_layer
+from .orthogonal_conv import OffGridLayers, _hard_status, _impossibility, orthogonal_layer
 from .registry import register_pass
 from .riemannian import is_zero_redundancy
 
@@ -807,10 +807,13 @@ class PreSVD(Pass):
                 for entry in entries if entry.params["nog"] or entry.params["olr"]]
 
     def apply(self, ctx: PassContext, entries: list[PlanEntry]) -> None:
+        # hard layers not orthogonal on the example's inputs: orthogonal_conv's status, report keys and warning
+        off_grid = OffGridLayers(self.name)
         for entry in entries:
-            self._apply_one(ctx, entry)
+            self._apply_one(ctx, entry, off_grid)
+        off_grid.warn()
 
-    def _apply_one(self, ctx: PassContext, entry: PlanEntry) -> None:
+    def _apply_one(self, ctx: PassContext, entry: PlanEntry, off_grid: OffGridLayers) -> None:
         name, params = entry.site.name, entry.params
         module = ctx.module(name)
         before: dict[str, Any] = {"layer": describe_module(module), "feeds": decompositions_fed(ctx, name)}
@@ -825,11 +828,11 @@ class PreSVD(Pass):
             layer, reason = self._try_hard(ctx, name, module, params["padding"])
             if layer is not None:
                 # the orthogonal_conv pass's status for the same layer: zero padding kept is not orthogonal at the
-                # borders, and says so
-                status = _hard_status(module, params["padding"])
-                parts.append("orthogonal (hard)" if status == "hard" else f"orthogonal: {status}")
+                # borders, nor is a strided layer on example inputs not divisible by its stride, and it says so
                 after["layer"] = type(layer).__name__
                 after["init_error"] = getattr(layer, "init_error", None)
+                status = off_grid.mark(ctx.manifest, name, layer, _hard_status(module, params["padding"]), after)
+                parts.append("orthogonal (hard)" if status == "hard" else f"orthogonal: {status}")
                 hooks_allowed = False
                 if params["nog"] or params["olr"]:
                     after["hooks"] = "NOG/OLR not attached: the hard layer's weight is not a parameter"
