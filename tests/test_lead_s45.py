@@ -137,3 +137,41 @@ def test_fixed_shift_error_offers_cayley_fft_only_where_it_can_build_the_layer()
     torch.testing.assert_close(operator.T @ operator, torch.eye(512, dtype=torch.float64), atol=1e-10, rtol=0)
     depthwise(x).square().sum().backward()
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in depthwise.parameters())
+
+
+def test_traced_frozen_model_loads_without_orthofx(tmp_path):
+    """README: torch.jit.save of a traced frozen model loads where orthofx is not importable (torch.save(frozen)
+    needs orthofx: its GraphModule keeps orthofx's tracer class and manifest)."""
+    import subprocess
+    import sys
+
+    x = orthofx.models.example_input("small_cnn", batch=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = orthofx.transform(orthofx.models.get("small_cnn"), "convnorm", example_inputs=(x,)).eval()
+        frozen = orthofx.freeze(gm, (x,))
+        traced = torch.jit.trace(frozen, (x,))
+    torch.jit.save(traced, tmp_path / "traced.pt")
+    torch.save((x, frozen(x)), tmp_path / "io.pt")
+    torch.save(frozen, tmp_path / "frozen.pt")
+    script = (
+        "import sys\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'orthofx':\n"
+        "            raise ImportError('orthofx is not installed here')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "import torch\n"
+        f"x, y = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        f"model = torch.jit.load({str(tmp_path / 'traced.pt')!r})\n"
+        "print(float((model(x) - y).abs().max()))\n"
+        "try:\n"
+        f"    torch.load({str(tmp_path / 'frozen.pt')!r}, weights_only=False)\n"
+        "    print('loaded')\n"
+        "except ImportError:\n"
+        "    print('needs orthofx')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    difference, pickled = result.stdout.splitlines()
+    assert float(difference) == 0.0
+    assert pickled == "needs orthofx"
