@@ -51,7 +51,7 @@ IDS = [f"{p}-{m}" for p, m in GRID]
 # test_expected_failures_are_exactly_these keeps this table honest.
 EXPECTED_FAILURES = {
     **{("convnorm", m): "matched no module site" for m in (
-        "mha", "transformer", "sdpa_sequential", "conv1d", "functional_conv", "buffers", "spectrum", "recurrent",
+        "mha", "transformer", "sdpa_sequential", "functional_conv", "buffers", "spectrum", "recurrent",
         "data_dependent", "train_eval_branch")},
     # StdConv2d's own forward is traced (no Conv2d module site): the error names the traced-through layers
     ("convnorm", "std_conv"): "does not reach stem, conv1, conv2 (StdConv2d",

@@ -173,5 +173,5 @@ def test_traced_frozen_model_loads_without_orthofx(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     difference, pickled = result.stdout.splitlines()
-    assert float(difference) == 0.0
+    assert float(difference) < 1e-6  # the traced graph's ops, threads as scheduled: within float32 rounding
     assert pickled == "needs orthofx"
