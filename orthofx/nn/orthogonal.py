@@ -817,8 +817,8 @@ def _unit_norm(target: torch.Tensor) -> torch.Tensor:
     the nearest start's Adam steps, whose course depends on the target's scale (the optimum does not). Exact
     (but for entries pushed below the normal range, far under the largest), so that targets differing by a power
     of two give the same fit bit for bit. The norm is taken of ``target`` over its largest entry's power of two
-    (then in :math:`[1/2, \sqrt{numel})`): the squares of entries of ``1e30`` overflow float32 and those of ``1e-30``
-    underflow. ``target`` itself is never written; a zero one is returned as it is.
+    (:func:`orthofx.nn.stiefel._unit_scaled`; then in :math:`[1/2, \sqrt{numel})`): the squares of entries of
+    ``1e30`` overflow float32 and those of ``1e-30`` underflow. ``target`` itself is never written; a zero one is returned as it is.
 
     >>> t = torch.tensor([3e30, 4e30])
     >>> u = _unit_norm(t)
@@ -828,19 +828,10 @@ def _unit_norm(target: torch.Tensor) -> torch.Tensor:
     peak = _peak(target)
     if peak == 0.0 or not math.isfinite(peak):
         return target
-    scaled = _times_power_of_two(target, -math.frexp(peak)[1])
+    # the largest entry into [1/2, 1), then the norm, in [1/2, sqrt(numel)), by a power of two that cannot overflow
+    scaled = _unit_scaled(target.reshape(1, -1)).reshape(target.shape)
     exponent = math.frexp(float(torch.linalg.vector_norm(scaled)))[1]
-    return _times_power_of_two(scaled, -exponent, inplace=scaled is not target)
-
-
-def _times_power_of_two(x: torch.Tensor, exponent: int, inplace: bool = False) -> torch.Tensor:
-    """``x * 2^exponent``, exact, by two factors (``2^exponent`` alone overflows for a subnormal's exponent, e.g.
-    ``2^149`` in float32); ``x`` itself for ``exponent == 0``; in place on ``x`` with ``inplace``."""
-    if exponent == 0:
-        return x
-    half = exponent // 2
-    first = x.mul_(math.ldexp(1.0, half)) if inplace else x * math.ldexp(1.0, half)
-    return first.mul_(math.ldexp(1.0, exponent - half))
+    return scaled * math.ldexp(1.0, -exponent) if exponent else scaled
 
 
 def _fit_best(params: list[nn.Parameter], loss_fn, best: float, steps: int, lr: float) -> None:
