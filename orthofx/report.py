@@ -103,8 +103,8 @@ from .nn.jacobian import JacobianProbe
 from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                             OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
                             FourierConv, _FrozenConvTranspose)
-from .nn.padding import (CircularPad, circular_pad, conv_zero_pads, flat_pads, pairs, per_dimension,
-                         torch_mode_pads)
+from .nn.padding import (CircularPad, circular_pad, conv_output_length, conv_zero_pads, flat_pads, pairs,
+                         per_dimension, torch_mode_pads)
 from .nn.precision import describe_nonfinite
 from .passes.base import (RECURRENT_TYPES, ParametrizationState, current_weight, default_device_set_aside,
                           describe_module, per_dimension_text, recurrent_hidden_weights)
@@ -787,8 +787,8 @@ def _dense_singular_values(applied: nn.Module, conv: nn.Module, weight: torch.Te
         return None
     pads, circular = padding
     dims = len(size)
-    outputs = [(n + left + right - d * (k - 1) - 1) // s + 1
-               for n, (left, right), k, s, d in zip(size, pads, conv.kernel_size, conv.stride, conv.dilation)]
+    outputs = [conv_output_length(n, pad, k, s, d)
+               for n, pad, k, s, d in zip(size, pads, conv.kernel_size, conv.stride, conv.dilation)]
     inputs = conv.in_channels * math.prod(size)
     sides = sorted((inputs, conv.out_channels * math.prod(outputs)))
     if sides[0] > _DENSE_LIMIT or sides[1] > _DENSE_SIDE_LIMIT:

@@ -193,6 +193,17 @@ def sizes_per_dimension(kernel_size: Sequence[int], **sizes) -> tuple[tuple, ...
     return tuple(per_dimension(value, d, name) for name, value in sizes.items())
 
 
+def conv_output_length(n: int, pads: tuple[int, int], kernel: int, stride: int, dilation: int) -> int:
+    """How many outputs a conv gives in one dimension from an input of length ``n`` padded by ``pads``,
+    ``(left, right)``: ``floor((n + left + right - dilation (kernel - 1) - 1) / stride) + 1``, torch's formula.
+
+    >>> conv_output_length(7, (1, 1), 3, 2, 1)
+    4
+    """
+    left, right = pads
+    return (n + left + right - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def flat_pads(pads: Sequence[tuple[int, int]]) -> list[int]:
     """``((l_1, r_1), ..., (l_d, r_d))`` per spatial dimension as ``F.pad`` lists them (last dimension first)."""
     flat: list[int] = []

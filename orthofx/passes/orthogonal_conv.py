@@ -76,8 +76,8 @@ from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3
                               OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear,
                               build_stride, circular_alignment, keeps_output_size, rko_problem,
                               transposed_alignment, transposed_keeps_output_size, transposed_size_keeping_padding)
-from ..nn.padding import (conv_mode_pads, conv_zero_pads, one_element_same_dilation, per_dimension,
-                          sizes_per_dimension, stale_mode_pads)
+from ..nn.padding import (conv_mode_pads, conv_output_length, conv_zero_pads, one_element_same_dilation,
+                          per_dimension, sizes_per_dimension, stale_mode_pads)
 from ..nn.precision import describe_nonfinite, relative_distance
 from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, check_scale_range, derived_weight,
                    describe_module, is_uninitialised, parameter_owners, per_dimension_text, require_initialised)
@@ -340,7 +340,7 @@ def orthogonal_on_grid(layer: nn.Module, size) -> bool:
     onto = layer.case == "CO"
     for n, (left, right), k, s, d, b in zip(size, layer.pads, layer.kernel_size, layer.stride, layer.dilation,
                                             built):
-        outputs = (n + left + right - d * (k - 1) - 1) // s + 1
+        outputs = conv_output_length(n, (left, right), k, s, d)
         read = [(j * s - left + u * d) % n for j in range(outputs) for u in range(min(k, b))]
         if len(set(read)) < len(read) or (onto and len(read) != n):
             return False
