@@ -39,9 +39,9 @@ from .nn import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, Orthogona
                  OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
 from .nn.convnorm import FROZEN_FILTERS_MARKER, ConvNormConvNd
 from .nn.padding import per_dimension
-from .passes.base import (RECURRENT_TYPES, CaptureInfo, Change, Manifest, PassContext, PlanEntry, Site, derived_weight,
-                          describe_module, entries_by_rule, reads_only_metadata, require_initialised,
-                          stops_producer_walk, weight_label)
+from .passes.base import (RECURRENT_TYPES, TORCH_CONV_TYPES, TORCH_TRANSPOSED_CONV_TYPES, CaptureInfo, Change, Manifest,
+                          PassContext, PlanEntry, Site, derived_weight, describe_module, entries_by_rule,
+                          reads_only_metadata, require_initialised, stops_producer_walk, weight_label)
 from .passes.isometric_init import IsometricInit, _scale, _scale_dropped_later
 from .passes.registry import UnknownPassError, available_passes, get_pass
 from .passes.riemannian import Riemannian, StiefelHook, _scale_lost, _tie_decisions, scale_lost_note
@@ -1380,7 +1380,7 @@ def _acts_on(pass_cls: type, layer: type) -> bool:
     return "module" in pass_cls.site_kinds and any(issubclass(layer, t) for t in types)
 
 
-_CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV_LAYERS = TORCH_CONV_TYPES + TORCH_TRANSPOSED_CONV_TYPES
 
 
 def _derived_weight_reason(pass_cls: type, site: Site, module: nn.Module | None,

@@ -106,8 +106,9 @@ from .nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d
 from .nn.padding import (CircularPad, circular_pad, conv_output_length, conv_zero_pads, flat_pads, pairs,
                          per_dimension, torch_mode_pads)
 from .nn.precision import describe_nonfinite
-from .passes.base import (RECURRENT_TYPES, ParametrizationState, current_weight, default_device_set_aside,
-                          describe_module, per_dimension_text, recurrent_hidden_weights)
+from .passes.base import (RECURRENT_TYPES, TORCH_CONV_TYPES, TORCH_TRANSPOSED_CONV_TYPES, ParametrizationState,
+                          current_weight, default_device_set_aside, describe_module, per_dimension_text,
+                          recurrent_hidden_weights)
 from .passes.orth_regularizer import gate_blocks_lorth
 from .passes.orthogonal_conv import grid_text, grids_text
 from .passes.riemannian import scale_lost_note
@@ -121,10 +122,9 @@ __all__ = ["Report", "report", "monitors", "layer_singular_values"]
 
 # Layers whose weight is the operator they apply (ConvNorm wrappers are not: they rescale in Fourier space; their
 # rows measure their conv, see _measured_layer).
-_TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, OrthogonalConvTranspose1d,
-                     OrthogonalConvTranspose2d, OrthogonalConvTranspose3d)
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, OrthogonalConv1d, OrthogonalConv2d,
-               OrthogonalConv3d) + _TRANSPOSED_TYPES
+_TRANSPOSED_TYPES = TORCH_TRANSPOSED_CONV_TYPES + (OrthogonalConvTranspose1d, OrthogonalConvTranspose2d,
+                                                  OrthogonalConvTranspose3d)
+_CONV_TYPES = TORCH_CONV_TYPES + (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d) + _TRANSPOSED_TYPES
 _LINEAR_TYPES = (nn.Linear, OrthogonalLinear)
 
 
@@ -761,7 +761,7 @@ def _applied_pads(applied: nn.Module, conv: nn.Module, where: str) -> tuple[tupl
         if isinstance(pad, _FREEZE_PADS):  # torch's pad modules: F.pad's flat order, last dimension first
             return tuple(reversed(pairs(tuple(pad.padding)))), not isinstance(pad, _TORCH_ZERO_PADS)
         return None
-    if applied is conv and isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if applied is conv and isinstance(conv, TORCH_CONV_TYPES):
         if conv.padding_mode == "zeros":
             return conv_zero_pads(conv.padding, conv.kernel_size, conv.dilation, conv.stride), False
         return torch_mode_pads(conv, where), conv.padding_mode == "circular"
@@ -851,7 +851,7 @@ def _frozen_conv(module: nn.Module) -> nn.Module | None:
     if isinstance(module, _FrozenConvTranspose):
         return module[0]
     if type(module) is nn.Sequential and len(module) == 2 and isinstance(module[0], _FREEZE_PADS) \
-            and isinstance(module[1], (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            and isinstance(module[1], TORCH_CONV_TYPES):
         return module[1]
     return None
 

@@ -59,6 +59,8 @@ __all__ = [
     "current_weight",
     "is_uninitialised",
     "RECURRENT_TYPES",
+    "TORCH_CONV_TYPES",
+    "TORCH_TRANSPOSED_CONV_TYPES",
     "recurrent_hidden_weights",
     "recurrent_weights_reason",
     "reads_only_metadata",
@@ -1008,9 +1010,11 @@ _METADATA_FUNCTIONS = frozenset({torch.numel, torch.is_tensor, torch.is_floating
                                  torch.ops.aten.sym_stride.int, torch.ops.aten.sym_storage_offset.default})
 
 
+# torch's convolutions, one tuple each for the passes and the report to test against.
+TORCH_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TORCH_TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # Layers whose weights shape their output linearly: where a walk between a layer and a decomposition stops.
-PRODUCER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                  nn.ConvTranspose3d)
+PRODUCER_TYPES = TORCH_CONV_TYPES + (nn.Linear,) + TORCH_TRANSPOSED_CONV_TYPES
 
 
 def stops_producer_walk(module: nn.Module | None) -> bool:

@@ -52,12 +52,11 @@ import math
 from torch import nn
 
 from ..nn.convnorm import WRAPPED_MARKER, ConvNormConvNd, overridden_conv_code, with_convnorm
-from .base import Change, Param, Pass, PassContext, PlanEntry, describe_module, require_initialised
+from .base import TORCH_CONV_TYPES, Change, Param, Pass, PassContext, PlanEntry, describe_module, require_initialised
 from .registry import register_pass
 
 __all__ = ["ConvNormPass"]
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _normalised_gain(gain: float, eps: float) -> float:
@@ -96,7 +95,7 @@ class ConvNormPass(Pass):
               maximum=1.0),
     )
     site_kinds = frozenset({"module"})
-    module_types = _CONV_TYPES
+    module_types = TORCH_CONV_TYPES
     group = "convnorm"
     complex_weights = "normalises real convolutions only"
     replaces_module = True

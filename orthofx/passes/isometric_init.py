@@ -124,18 +124,18 @@ from ..errors import ArgumentError, LayerArgumentError, OrthofxWarning, ScaleLos
 from ..nn import stiefel
 from ..nn.orthogonal import keeps_output_size
 from ..nn.padding import conv_zero_pads, sizes_per_dimension, torch_mode_pads
-from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PlanEntry, Site, TiedUse, check_scale_range,
-                   check_tied, decompositions_fed, derived_weight, is_uninitialised, matrices_text, parameter_owners,
-                   recurrent_hidden_weights, recurrent_weights_reason, require_initialised, treated_weight_names)
+from .base import (RECURRENT_TYPES, TORCH_CONV_TYPES, TORCH_TRANSPOSED_CONV_TYPES, Change, Param, Pass, PassContext,
+                   PlanEntry, Site, TiedUse, check_scale_range, check_tied, decompositions_fed, derived_weight,
+                   is_uninitialised, matrices_text, parameter_owners, recurrent_hidden_weights,
+                   recurrent_weights_reason, require_initialised, treated_weight_names)
 from .registry import register_pass
 from .riemannian import StiefelHook, _describe_matrices, scale_kept_or_dropped
 
 __all__ = ["IsometricInit", "activation_gain", "delta_orthogonal_", "delta_taps", "frozen_parameters",
            "frozen_reason", "orthogonal_"]
 
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_KERNEL_TYPES = _CONV_TYPES + _TRANSPOSED_TYPES  # layers with a (channels, channels / groups, *kernel) weight
+# Layers with a (channels, channels / groups, *kernel) weight.
+_KERNEL_TYPES = TORCH_CONV_TYPES + TORCH_TRANSPOSED_CONV_TYPES
 _ACTIVATIONS = ("linear", "relu", "tanh", "abs")
 
 
@@ -484,7 +484,7 @@ class IsometricInit(Pass):
                 continue
             weight = module.weight
             is_conv = isinstance(module, _KERNEL_TYPES)
-            transposed = isinstance(module, _TRANSPOSED_TYPES)
+            transposed = isinstance(module, TORCH_TRANSPOSED_CONV_TYPES)
             groups = module.groups if is_conv else 1
             taps, side = _delta_layout(module) if is_conv else (None, None)
             what = "delta-orthogonal initialisation" if is_conv else "orthogonal initialisation"

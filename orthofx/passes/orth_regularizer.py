@@ -96,16 +96,16 @@ from torch import nn
 
 from .. import metrics, theory
 from ..errors import ArgumentError
-from .base import (RECURRENT_TYPES, Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, current_weight,
-                   gate_blocks_text, recurrent_hidden_weights, recurrent_weights_reason, whole)
+from .base import (RECURRENT_TYPES, TORCH_CONV_TYPES, TORCH_TRANSPOSED_CONV_TYPES, Change, Param, Pass, PassContext,
+                   PenaltyTerm, PlanEntry, current_weight, gate_blocks_text, recurrent_hidden_weights,
+                   recurrent_weights_reason, whole)
 from .registry import register_pass
 
 __all__ = ["OrthRegularizer", "LorthTerm", "RecurrentLorthTerm", "lorth_term", "gate_blocks_lorth",
            "restate_period"]
 
 
-_TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + _TRANSPOSED_TYPES
+_LAYER_TYPES = (nn.Linear,) + TORCH_CONV_TYPES + TORCH_TRANSPOSED_CONV_TYPES
 
 
 class LorthTerm(PenaltyTerm):
@@ -193,7 +193,7 @@ def lorth_term(module: nn.Module, site: str, rule: str, weight: float, case: str
     if not all(hasattr(module, a) for a in ("stride", "groups", "dilation")) or getattr(module, "weight", None) is None:
         raise ArgumentError(f"L_orth is defined for Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d layers, not "
                             f"{type(module).__name__} ('{site}')")
-    if isinstance(module, _TRANSPOSED_TYPES) and case is not None:
+    if isinstance(module, TORCH_TRANSPOSED_CONV_TYPES) and case is not None:
         case = theory.adjoint_case(case)
     return LorthTerm(site, rule, weight, stride=tuple(module.stride), groups=module.groups, case=case,
                      dilation=tuple(module.dilation))

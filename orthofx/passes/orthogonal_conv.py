@@ -79,15 +79,15 @@ from ..nn.orthogonal import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3
 from ..nn.padding import (conv_mode_pads, conv_output_length, conv_zero_pads, one_element_same_dilation,
                           per_dimension, sizes_per_dimension, stale_mode_pads)
 from ..nn.precision import describe_nonfinite, relative_distance
-from .base import (Change, EvalRun, Param, Pass, PassContext, PlanEntry, check_scale_range, derived_weight,
-                   describe_module, is_uninitialised, parameter_owners, per_dimension_text, require_initialised)
+from .base import (TORCH_CONV_TYPES, TORCH_TRANSPOSED_CONV_TYPES, Change, EvalRun, Param, Pass, PassContext, PlanEntry,
+                   check_scale_range, derived_weight, describe_module, is_uninitialised, parameter_owners,
+                   per_dimension_text, require_initialised)
 from .isometric_init import frozen_reason
 from .orth_regularizer import lorth_term
 from .registry import register_pass
 
 __all__ = ["OrthogonalConvPass", "keeps_output_size", "orthogonal_layer"]
 
-_TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _ORTHOGONAL_TRANSPOSED = {1: OrthogonalConvTranspose1d, 2: OrthogonalConvTranspose2d, 3: OrthogonalConvTranspose3d}
 
 
@@ -103,7 +103,7 @@ def orthogonal_layer(module: nn.Module, *, init: str = "nearest", method: str = 
     needed by ``method="cayley_fft"`` only."""
     if isinstance(module, nn.Linear):
         return OrthogonalLinear.from_linear(module, init=init, gain=gain)
-    if isinstance(module, _TRANSPOSED_TYPES):
+    if isinstance(module, TORCH_TRANSPOSED_CONV_TYPES):
         cls = _ORTHOGONAL_TRANSPOSED[module.weight.dim() - 2]
         layer_padding, output_padding = transposed_alignment(module)
         return cls.from_conv_transpose(module, init=init, method=method, padding=layer_padding,
@@ -125,7 +125,7 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
     (:func:`_fixed_shift_problem`); for ``method="cayley_fft"`` the spatial ``input_size`` the layer sees (its
     effective kernel is that large)."""
     dims = conv.weight.dim() - 2
-    if isinstance(conv, _TRANSPOSED_TYPES):
+    if isinstance(conv, TORCH_TRANSPOSED_CONV_TYPES):
         return _transposed_impossibility(conv, padding, method)
     # torch's layer pads one dimension of its "same": no orthogonal layer (circular or kept padding, which pads
     # all or none) has its output size; the replacement failed in the example run with a broadcast RuntimeError
@@ -221,7 +221,7 @@ def _fixed_shift_remedies(entry: PlanEntry, module: nn.Module) -> str:
     """What the error of a :func:`_fixed_shift_problem` layer adds to the usual remedies: how to leave such layers
     out of the rule, and how to have the fixed shift (or a trainable exact layer) anyway."""
     dims = module.weight.dim() - 2
-    transposed = isinstance(module, _TRANSPOSED_TYPES)
+    transposed = isinstance(module, TORCH_TRANSPOSED_CONV_TYPES)
     layer = f"OrthogonalConv{'Transpose' if transposed else ''}{dims}d"
     leave_out = ("'where: {groups: 1}' in its match leaves every grouped conv out (also those that train as hard "
                  "layers: strided depthwise convs, several channels per group), 'exclude: "
@@ -490,7 +490,7 @@ def _shape_problem(module: nn.Module, params: dict) -> str | None:
     has an orthogonal version; a lazy layer has no shape yet)."""
     if isinstance(module, nn.Linear) or is_uninitialised(module) or getattr(module, "weight", None) is None \
             or module.weight.dim() < 3 \
-            or (params["method"] == "cayley_fft" and not isinstance(module, _TRANSPOSED_TYPES)):
+            or (params["method"] == "cayley_fft" and not isinstance(module, TORCH_TRANSPOSED_CONV_TYPES)):
         return None
     return _impossibility(module, params["padding"], params["method"])
 
@@ -530,7 +530,7 @@ def _check_cayley_padding(entry: PlanEntry, module: nn.Module) -> None:
     """:class:`PlanError` for ``method: cayley_fft`` with ``padding: keep`` on a conv (not a Linear or a transposed
     conv, which cayley_fft builds by other means): the Cayley-FFT layer is circular with 'same' padding only."""
     if (entry.params["method"] != "cayley_fft" or entry.params["padding"] == "circular"
-            or isinstance(module, (nn.Linear,) + _TRANSPOSED_TYPES)):
+            or isinstance(module, (nn.Linear,) + TORCH_TRANSPOSED_CONV_TYPES)):
         return
     raise PlanError(f"rule '{entry.rule_name}': {entry.site.name} ({describe_module(module)}): method 'cayley_fft' "
                     "builds only the circular layer with 'same' padding, and 'padding: keep' asks for the conv's own "
@@ -541,7 +541,7 @@ def _check_cayley_padding(entry: PlanEntry, module: nn.Module) -> None:
 def _needs_input_size(entry: PlanEntry, module: nn.Module) -> bool:
     """Whether ``apply`` builds ``entry``'s layer for the input size seen on the example inputs: ``method:
     cayley_fft`` on a conv (a Linear and a transposed conv are built without one)."""
-    return entry.params["method"] == "cayley_fft" and not isinstance(module, (nn.Linear,) + _TRANSPOSED_TYPES)
+    return entry.params["method"] == "cayley_fft" and not isinstance(module, (nn.Linear,) + TORCH_TRANSPOSED_CONV_TYPES)
 
 
 def _no_input_size_error(entry: PlanEntry, module: nn.Module, why: str) -> PlanError:
@@ -618,7 +618,7 @@ class OrthogonalConvPass(Pass):
               "overwrite it (replaced, still frozen)", choices=("skip", "overwrite")),
     )
     site_kinds = frozenset({"module"})
-    module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _TRANSPOSED_TYPES
+    module_types = TORCH_CONV_TYPES + (nn.Linear,) + TORCH_TRANSPOSED_CONV_TYPES
     group = "weight"
     complex_weights = "builds real orthogonal layers"
     replaces_module = True
@@ -634,7 +634,7 @@ class OrthogonalConvPass(Pass):
         # with 'padding: circular' every padding mode is replaced by the exact circular boundary, as zeros is; a
         # conv whose padding adds nothing ('valid', 0) keeps it whatever its mode (it was refused, and the advice
         # 'padding: circular' then failed on the output size, which advised 'padding: keep')
-        if params["padding"] == "keep" and isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) \
+        if params["padding"] == "keep" and isinstance(module, TORCH_CONV_TYPES) \
                 and module.padding_mode not in ("zeros", "circular") and _reads_padding(module):
             return (f"padding_mode={module.padding_mode!r} with 'padding: keep': orthogonal layers keep circular "
                     "(exact) or zero padding only; use 'padding: circular'")

@@ -91,9 +91,9 @@ from torch import nn
 from ..errors import ArgumentError, OrthofxError
 from ..nn.convnorm import ConvNormConvNd
 from ..nn.precision import HALF_PRECISION
-from .base import (Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry, decompositions_fed,
-                   derived_weight, describe_module, is_uninitialised, parameter_owners, replaced_after_attach,
-                   weight_groups, whole, sparse_gradient_error, write_whole)
+from .base import (TORCH_CONV_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry,
+                   decompositions_fed, derived_weight, describe_module, is_uninitialised, parameter_owners,
+                   replaced_after_attach, weight_groups, whole, sparse_gradient_error, write_whole)
 from .isometric_init import frozen_reason
 from .orth_regularizer import lorth_term
 from .orthogonal_conv import OffGridLayers, _hard_status, _impossibility, orthogonal_layer
@@ -103,7 +103,7 @@ from .riemannian import is_zero_redundancy
 __all__ = ["PreSVD", "SripTerm", "NearestOrthogonalGradient", "OptimalLearningRate", "srip", "polar_factor",
            "optimal_learning_rate"]
 
-_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_LAYER_TYPES = TORCH_CONV_TYPES + (nn.Linear,)
 #: Param-group key marking the group OLR created; the value is the site.
 OLR_GROUP_KEY = "orthofx_olr"
 _BASE_LR_KEY = "orthofx_olr_base_lr"

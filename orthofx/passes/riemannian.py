@@ -132,8 +132,8 @@ from ..errors import (ArgumentError, LayerArgumentError, OrthofxError, OrthofxWa
                       TransformError, caller_stacklevel, first_few)
 from ..nn import stiefel
 from ..nn.precision import describe_nonfinite
-from .base import (RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site, TiedUse,
-                   check_tied, entries_by_rule, first_warning_outside, gate_blocks_text, hooked_weight,
+from .base import (TORCH_CONV_TYPES, RECURRENT_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PlanEntry, Site,
+                   TiedUse, check_tied, entries_by_rule, first_warning_outside, gate_blocks_text, hooked_weight,
                    is_uninitialised, matrices_text, recurrent_hidden_weights, recurrent_weights_reason,
                    registered_weights_held, replaced_after_attach, replaced_neighbours_held, require_initialised,
                    weight_groups, warned_outside, weight_label, whole, sparse_gradient_error, write_whole)
@@ -142,7 +142,7 @@ from .registry import register_pass
 __all__ = ["Riemannian", "ScaleLostWarning", "StiefelHook", "scale_lost_note",
            "recurrent_hidden_weights"]  # the latter from .base, named here as before
 
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYER_TYPES = (nn.Linear,) + TORCH_CONV_TYPES
 #: Optimizer state entries that hold a first moment (a direction) and are projected with ``momentum: project``.
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
 #: The values of the ``momentum`` parameter (module docstring).
