@@ -66,7 +66,8 @@ def test_a_nan_in_one_gate_block_of_a_cell_puts_its_weight_back_and_names_it(blo
     torch.manual_seed(0)
     gm = orthofx.transform(CellLoop(nn.GRUCell(3, 4)), _rule("GRUCell"), example_inputs=(torch.randn(2, 4, 3),))
     optimizer, before = _diverge_one_block(gm, "weight_hh", block, 3, lr=0.1)
-    with pytest.raises(orthofx.OrthofxError, match=r"left the weights of 'rnn\.weight_hh' NaN or inf \(their"):
+    with pytest.raises(orthofx.OrthofxError,
+                       match=r"left the weights of site 'rnn\.weight_hh' \(rule '[^']+'\) NaN or inf \(their"):
         optimizer.step()
     assert torch.equal(gm.rnn.weight_hh, before["weight_hh"][0])
 
@@ -83,7 +84,8 @@ def test_a_nan_in_one_gate_block_leaves_the_other_hidden_weight_its_step(bad, go
                            example_inputs=(torch.randn(2, 4, 3),))
     lr = 0.2
     optimizer, before = _diverge_one_block(gm, bad, 1 if bad.endswith("l0") else 2, 3, lr)
-    with pytest.raises(orthofx.OrthofxError, match=rf"left the weights of 'rnn\.{bad}' NaN or inf \(their"):
+    with pytest.raises(orthofx.OrthofxError,
+                       match=rf"left the weights of site 'rnn\.{bad}' \(rule '[^']+'\) NaN or inf \(their"):
         optimizer.step()
     assert torch.equal(getattr(gm.rnn, bad), before[bad][0])
     expected = _sgd_step_reference(*before[good], 3, lr)
@@ -105,7 +107,7 @@ def test_a_nan_in_one_group_of_a_grouped_conv_names_that_conv_alone():
     bad, good = gm.get_submodule("0").weight, gm.get_submodule("2").weight
     bad.grad[3, 0] = float("nan")  # group 1 (output channels 2, 3)
     bad_before, w, g = bad.detach().clone(), good.detach().clone(), good.grad.clone()
-    with pytest.raises(orthofx.OrthofxError, match=r"left the weights of '0' NaN or inf \(their"):
+    with pytest.raises(orthofx.OrthofxError, match=r"left the weights of site '0' \(rule '[^']+'\) NaN or inf \(their"):
         optimizer.step()
     assert torch.equal(bad, bad_before)
     expected = _sgd_step_reference(w.flatten(1), g.flatten(1), 2, lr)  # per group: 2x2 blocks of the (4, 2) matrix

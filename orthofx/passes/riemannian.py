@@ -391,15 +391,8 @@ class StiefelHook(OptimizerHook):
         if outside:
             _warn_stepped_elsewhere(optimizer, root, outside)
         if diverged:
-            rules = list(dict.fromkeys(hook.rule for hook in diverged))
-            if len(rules) == 1:
-                where = f"riemannian (rule '{rules[0]}'): the optimizer step left the weights of "
-                sites = ", ".join(f"'{hook._label()}'" for hook in diverged)
-            else:  # each site with its rule
-                where = "riemannian: the optimizer step left the weights of "
-                sites = ", ".join(f"'{hook._label()}' (rule '{hook.rule}')" for hook in diverged)
             raise OrthofxError(
-                f"{where}{sites} NaN or inf "
+                f"riemannian: the optimizer step left the weights of {_sites_text(diverged)} NaN or inf "
                 "(their gradients or the optimizer's state hold NaN / inf: a diverged step), so there is no point "
                 "of the Stiefel manifold to retract to. Those weights are back at their values before the step; "
                 "lower the learning rate, look for a NaN loss, or train with torch.amp.GradScaler, which skips "
