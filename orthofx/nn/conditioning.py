@@ -16,7 +16,7 @@ function                     replaces                              returns
 :func:`stable_torch_svd`     ``torch.svd(A, some, compute_uv)``    ``(U, S, V)`` (``V``, not ``Vh``, as torch.svd)
 ===========================  ====================================  ===============================================
 
-``UPLO="U"`` is handled by decomposing ``A^T`` (whose lower triangle is ``A``'s upper one). Full matrices
+``UPLO`` is passed on to ``torch.linalg.eigh`` (the same triangle read, the same eigenvector signs). Full matrices
 (``full_matrices=True`` / ``some=False`` on a non-square input) are the reduced factors completed by the columns
 torch's own full SVD of the detached input gives (made orthogonal to the reduced factor, which leaves them as they
 are unless the matrix is rank-deficient); as in torch, no gradient flows through the completing columns (torch
