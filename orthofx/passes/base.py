@@ -1218,7 +1218,9 @@ def derived_weight(module: nn.Module, name: str = "weight") -> str | None:
     parameter of the module's own, and how to undo that (``None`` when it is a parameter): a torch parametrization
     (``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm`` / ``orthogonal``,
     ``torch.nn.utils.parametrize.register_parametrization``) or a forward pre-hook that rebuilds it before each call
-    (the older ``torch.nn.utils.weight_norm`` and ``spectral_norm``, ``torch.nn.utils.prune``).
+    (the older ``torch.nn.utils.weight_norm`` and ``spectral_norm``, ``torch.nn.utils.prune``). A torch conv / Linear
+    layer's weight or bias that is a plain tensor attribute, neither parameter nor buffer, is computed too: a forward
+    pre-hook of the user's own rebuilds it, as those hooks do (:func:`_plain_tensor_weight`).
 
     A pass may read such a weight (L_orth of the weight the layer applies, differentiable down to the underlying
     parameters), but it cannot write it, step it or replace the layer without dropping what computes it."""
@@ -1236,7 +1238,7 @@ def derived_weight(module: nn.Module, name: str = "weight") -> str | None:
     hooks = [h for h in module._forward_pre_hooks.values()
              if getattr(h, "name", None) == name or getattr(h, "_tensor_name", None) == name]
     if not stored or not hooks:
-        return None
+        return _plain_tensor_weight(module, name)
     kinds = [type(h).__name__ for h in hooks]
     undo = next((call for kind, call in _HOOK_UNDO.items() if kind in kinds), None)
     if undo is None and any(hasattr(h, "_tensor_name") for h in hooks):
@@ -1245,6 +1247,33 @@ def derived_weight(module: nn.Module, name: str = "weight") -> str | None:
     return (f"{what} is not a parameter: a forward pre-hook ({', '.join(kinds)}) recomputes it from "
             f"{', '.join(stored)} at each call"
             + (f" (undo with {undo.format(name=name, argument=argument)})" if undo else ""))
+
+
+#: The torch layers whose ``weight`` / ``bias`` the weight passes expect to be parameters of the layer's own.
+_PARAMETER_WEIGHT_LAYERS = (nn.Linear,) + TORCH_CONV_TYPES + TORCH_TRANSPOSED_CONV_TYPES
+
+
+def _plain_tensor_weight(module: nn.Module, name: str) -> str | None:
+    """:func:`derived_weight`'s reason for a torch conv / Linear layer whose ``<name>`` is a plain tensor attribute,
+    neither a parameter nor a buffer: a reparametrization of the user's own, as torch's older weight_norm and
+    pruning were written (``del layer.weight``, a ``weight_raw`` parameter, a forward pre-hook setting
+    ``layer.weight = layer.weight_raw * mask``). A write to that tensor is lost at the next call (an orthogonal
+    initialisation was: ``|W W^T - I|`` 2.29 after it), an optimizer hook steps a tensor no optimizer holds, and a
+    replacement layer loses the hook (an ``OrthogonalLinear`` took it, and failed on ``weight_raw``). ``None`` for
+    any other layer (an orthofx layer computes its weight by design), and for FSDP1's views of its flat parameter
+    (:func:`flattened_by_fsdp1`, refused where they are read)."""
+    if not isinstance(module, _PARAMETER_WEIGHT_LAYERS) or name in module._buffers:
+        return None
+    tensor = getattr(module, name, None)
+    if not isinstance(tensor, torch.Tensor) or flattened_by_fsdp1(tensor):
+        return None
+    what = "its weight" if name == "weight" else f"its {name}"
+    fix = f"make {name} a registered nn.Parameter of the layer, or leave the layer out of the rule with match.exclude"
+    hooks = [getattr(hook, "__qualname__", type(hook).__name__) for hook in module._forward_pre_hooks.values()]
+    if not hooks:
+        return f"{what} is a plain tensor, not a parameter of the layer, so no optimizer holds it ({fix})"
+    return (f"{what} is not a parameter: a forward pre-hook of the layer ({', '.join(hooks)}) recomputes it at each "
+            f"call, as the older weight_norm and pruning hooks do ({fix})")
 
 
 def hooked_weight(module: nn.Module, name: str, where: Callable[[], str]) -> torch.Tensor:
