@@ -54,6 +54,7 @@ from .__main__ import report_interrupt
 from .capture import copy_model
 from .errors import OrthofxError, OrthofxWarning, first_few
 from .export import batch_too_small_for_dynamic, check_export_path, export
+from .optim import attach
 from .passes.base import EvalRun
 from .penalty import penalty, penalty_terms
 from .policy import Policy, presets
@@ -70,8 +71,8 @@ class CliError(OrthofxError):
 
 
 class TrainingDiverged(OrthofxError):
-    """The demo's training reached a non-finite loss or parameters (exit status 1: the input was valid, the run
-    failed)."""
+    """The demo's training reached a non-finite loss or parameters, or an orthofx optimizer hook refused a step
+    (exit status 1: the input was valid, the run failed)."""
 
     exit_status = 1
 
@@ -726,7 +727,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(plan)
     gm = transform(model, policy, example_inputs=example)
     optimizer = torch.optim.Adam(gm.parameters(), lr=args.lr)
+    # as README tells users: the passes' optimizer hooks (Riemannian updates, NOG, OLR) run only in an attached
+    # optimizer; without it the demo trained those weights as plain parameters (a 'riemannian' site ended with
+    # singular values 0.29..3.2) and said so in orthofx's own warning. A policy without hooks attaches none.
+    handle = attach(optimizer, gm)
     print(f"\n== training {args.steps} steps on scikit-learn digits ({len(x_train)} train / {len(x_test)} test)")
+    print(f"Adam, lr {args.lr:g}{_hooks_text(handle.hooks, args.lr)}")
     gm.train()
     generator = torch.Generator().manual_seed(args.seed)
     first_penalty = last_penalty = float("nan")
@@ -748,7 +754,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                        f"{_smaller_lr(args.lr)}")
             optimizer.zero_grad()
             loss.backward()
-            optimizer.step()
+            _demo_step(optimizer, step, args.steps)
             if step % max(1, args.steps // 50) == 0 or step == args.steps:
                 _progress(step, args.steps, f"task {task.item():.3f}  penalty {reg.item():.4f}")
                 progress_open = step != args.steps
@@ -766,6 +772,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print("== report")
     print(report(gm))
     return 0
+
+
+def _hooks_text(hooks: list, lr: float) -> str:
+    """What ``orthofx.attach`` added to the demo's optimizer, per treatment with its sites (``""`` for none): where
+    OLR sets a Pre-SVD layer's lr at each step, the lr printed is not that layer's."""
+    sites: dict[str, list[str]] = {}
+    for hook in hooks:
+        sites.setdefault(getattr(hook, "treatment", type(hook).__name__), []).append(repr(hook.site))
+    if not sites:
+        return ""
+    parts = "; ".join(f"{treatment} at {first_few(names, 4)}" for treatment, names in sites.items())
+    olr = f" (OLR: those layers' lr is P4's eta* where it is below {lr:g}, set each step)" if "OLR" in sites else ""
+    return f"; orthofx.attach runs {parts}{olr}"
+
+
+def _demo_step(optimizer: torch.optim.Optimizer, step: int, steps: int) -> None:
+    """``optimizer.step()``, whose attached orthofx hooks may refuse the step (a Riemannian update the step left
+    NaN or inf, which they undo): the demo's input was valid and its run failed, exit status 1 like a diverged loss,
+    where the error's own type said bad input (2). The hook's message says what happened and what to change."""
+    try:
+        optimizer.step()
+    except OrthofxError as exc:
+        raise TrainingDiverged(f"training stopped at step {step} of {steps}, in optimizer.step(): {exc}") from exc
 
 
 def _whole_penalty(gm: nn.Module) -> float:

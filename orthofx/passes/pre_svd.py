@@ -12,7 +12,9 @@ Conv3d is treated as a Conv2d is: its kernel's depth is one more factor of ``res
     Theorem 4), none that trains (one input and one output channel per group and taps reading only one input per
     stride window, e.g. a stride-1 depthwise conv feeding an ``eigh``: its orthogonal versions are fixed signed
     shifts of each channel), the layer cannot be built, or the new layer would change the output shape, the pass
-    falls back to the L_orth regulariser and the Change's status says so. The hard layer's weight is a function of other
+    falls back to the L_orth regulariser and the Change's status says so; ``explain`` says so too (``apply: L_orth
+    instead: <reason>``) where the layer's shape or a tied weight tells it before the run
+    (:func:`hard_layer_problem`). The hard layer's weight is a function of other
     parameters, so NOG / OLR are not attached to it (status says so); combine NOG with ``lorth`` or ``srip``
     for P4's NOG + OW. A layer whose weight is frozen (``requires_grad=False``) is skipped unless the rule says
     ``frozen: overwrite`` (as for ``orthogonal_conv``).
@@ -101,7 +103,7 @@ from .registry import register_pass
 from .riemannian import is_zero_redundancy
 
 __all__ = ["PreSVD", "SripTerm", "NearestOrthogonalGradient", "OptimalLearningRate", "srip", "polar_factor",
-           "optimal_learning_rate"]
+           "optimal_learning_rate", "hard_layer_problem"]
 
 _LAYER_TYPES = TORCH_CONV_TYPES + (nn.Linear,)
 #: Param-group key marking the group OLR created; the value is the site.
@@ -703,6 +705,58 @@ def _first_sentence(text: str) -> str:
 
 _NOTHING_ASKED = "nothing to apply (weight none, nog and olr off)"
 
+
+def hard_layer_problem(module: nn.Module | None, name: str, padding: str,
+                       owners: dict[int, list[tuple[str, nn.Module]]] | None = None) -> str | None:
+    """Why ``weight: orthogonal`` will put L_orth on the layer ``module`` at site ``name`` instead of the hard
+    orthogonal layer, as far as the layer and the model's other layers tell (``None``: the hard layer is built), in
+    ``apply``'s order: the layer an earlier rule wrapped (a ConvNorm layer), a weight tied to other layers
+    (``owners``: :func:`~orthofx.passes.base.parameter_owners` of the model; ``None`` leaves ties out), a conv no
+    (trainable) orthogonal version of exists (orthogonal_conv's own reasons). ``apply`` asks it before building the
+    layer (which may still fail, or change the output shape on the example inputs); planning asks it so that
+    ``explain`` shows ``apply: L_orth instead: <reason>`` as orthogonal_conv's rows do.
+
+    Example::
+
+        from torch import nn
+        from orthofx.passes.pre_svd import hard_layer_problem
+        hard_layer_problem(nn.Conv2d(4, 8, 1, stride=2), "c", "keep")   # 'no orthogonal convolution exists ...'
+        hard_layer_problem(nn.Conv2d(8, 8, 3, padding=1), "c", "keep")  # None
+    """
+    if module is None or getattr(module, "weight", None) is None or is_uninitialised(module):
+        return None  # planning refuses these for the pass, with its own reasons
+    tied = [] if owners is None else [other for other, m in owners.get(id(module.weight), []) if m is not module]
+    if isinstance(module, ConvNormConvNd) and any(other.startswith(f"{name}.") for other in tied):
+        # its conv's weight, not a tie between layers
+        return (f"the layer is a {type(module).__name__} now (an earlier rule wrapped it), and a hard orthogonal "
+                "layer would replace the ConvNorm wrapper")
+    if tied:  # a hard layer holds its own parameters: the other layers would keep the old weight
+        return f"its weight is tied to {', '.join(tied)} (a hard orthogonal layer would untie them)"
+    if isinstance(module, nn.Linear):
+        return None
+    # the output-shape check of apply needs example inputs: without them a circular layer of another output size (a
+    # conv with padding=0) replaced the layer silently; refuse what orthogonal_conv refuses
+    return _impossibility(module, padding)
+
+
+def _on_meta_device(module: nn.Module | None) -> bool:
+    """Whether ``module`` has a parameter or buffer on the meta device. ``apply`` reads the weight's values
+    whatever it does (its orthogonality error, in the Change), so there the outcome is planning's MetaWeightError,
+    which an outcome of the pass's own keeps from being given (transform then failed inside torch)."""
+    return module is not None and any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
+def _fallback_outcome(module: nn.Module | None, name: str, params: dict[str, Any],
+                      owners: dict[int, list[tuple[str, nn.Module]]] | None = None) -> str | None:
+    """``explain``'s outcome of a site where ``weight: orthogonal`` will put L_orth on the layer
+    (:func:`hard_layer_problem`; orthogonal_conv's words for its ``on_impossible: regularize``), else ``None``
+    (also for a layer on the meta device: :func:`_on_meta_device`)."""
+    if params["weight"] != "orthogonal" or module is None or _on_meta_device(module):
+        return None
+    problem = hard_layer_problem(module, name, params["padding"], owners)
+    return None if problem is None else f"L_orth instead: {problem}"
+
+
 #: Why a transposed conv is skipped. Its weight is ``in x out/groups x kernel`` (the adjoint's layout), which NOG's
 #: ``out x rest`` gradient would read as the adjoint conv's matrix, and the hard orthogonal transposed layer takes
 #: its alignment from the layer's output size, not from ``padding: keep``: neither is P4's Pre-SVD layer (a conv
@@ -760,8 +814,21 @@ class PreSVD(Pass):
         return "measures the weight's orthogonality error"
 
     def planned_outcome(self, site, module, params):
-        # explain said 'apply' where apply records that it did nothing (the same words as its Change)
-        return None if _treats_weight(params) else f"left unchanged: {_NOTHING_ASKED}"
+        # explain said 'apply' where apply records that it did nothing (the same words as its Change), and where
+        # 'weight: orthogonal' falls back to L_orth; ties need the whole model: check_plan
+        if _on_meta_device(module):
+            return None
+        if not _treats_weight(params):
+            return f"left unchanged: {_NOTHING_ASKED}"
+        return _fallback_outcome(module, site.name, params)
+
+    def check_plan(self, gm: nn.Module, entries: list[PlanEntry]) -> None:
+        """The outcome of a ``weight: orthogonal`` site whose weight another layer shares: ``apply`` puts L_orth on
+        it (:func:`hard_layer_problem`, which :meth:`planned_outcome` asked without the model's other layers)."""
+        owners = parameter_owners(gm)
+        for entry in entries:
+            outcome = _fallback_outcome(gm.get_submodule(entry.site.name), entry.site.name, entry.params, owners)
+            entry.outcome = outcome or entry.outcome
 
     def accepts_params(self, site, module, params):
         # 'weight: orthogonal' replaces the layer by its nearest orthogonal one, another function: a frozen weight
@@ -879,19 +946,9 @@ class PreSVD(Pass):
 
     def _try_hard(self, ctx: PassContext, name: str, module: nn.Module, padding: str):
         """The hard orthogonal layer put in place of ``module``, or ``(None, reason)``."""
-        tied = [other for other, m in parameter_owners(ctx.gm).get(id(module.weight), []) if m is not module]
-        inner = [other for other in tied if other.startswith(f"{name}.")]
-        if inner and isinstance(module, ConvNormConvNd):  # its conv's weight, not a tie between layers
-            return None, (f"the layer is a {type(module).__name__} now (an earlier rule wrapped it), and a hard "
-                          "orthogonal layer would replace the ConvNorm wrapper")
-        if tied:  # a hard layer holds its own parameters: the other layers would keep the old weight
-            return None, f"its weight is tied to {', '.join(tied)} (a hard orthogonal layer would untie them)"
-        if not isinstance(module, nn.Linear):
-            # the output-shape check below needs example inputs: without them a circular layer of another output
-            # size (a conv with padding=0) replaced the layer silently; refuse what orthogonal_conv refuses
-            problem = _impossibility(module, padding)
-            if problem is not None:
-                return None, problem
+        problem = hard_layer_problem(module, name, padding, parameter_owners(ctx.gm))
+        if problem is not None:
+            return None, problem
         try:
             # from_conv's default nearest-kernel fit (200 steps), as before the helper was shared
             layer = orthogonal_layer(module, padding=padding, fit_steps=200)
