@@ -19,8 +19,11 @@ from references import lorth64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REASON = "its weight is not a parameter: a forward pre-hook of the layer (_Masked) recomputes it at each call"
-FIX = "make weight a registered nn.Parameter of the layer"
+OUTSIDE = ("is not a parameter of the layer: something outside the layer sets it (a forward pre-hook, the parent's "
+           "forward")
+REASON = f"its weight {OUTSIDE}; the layer's forward pre-hooks: _Masked)"
+FIX = ("write what a hook computes as a parametrization with "
+       "torch.nn.utils.parametrize.register_parametrization(layer, 'weight', module)")
 
 
 class _Masked:
@@ -172,7 +175,7 @@ def test_the_orthogonal_preset_keeps_a_layer_whose_bias_a_user_pre_hook_recomput
     manifest = orthofx.manifest_of(gm)
     _same_plan(explained, manifest.plan)
     outcome = {entry.site.name: entry.outcome for entry in manifest.plan.entries}["2"]
-    assert "its bias is not a parameter: a forward pre-hook of the layer (_Masked)" in outcome
+    assert f"its bias {OUTSIDE}; the layer's forward pre-hooks: _Masked)" in outcome
     assert {change.site: change.status for change in manifest.changes} == {"0": "hard",
                                                                           "2": "regularised (computed bias)"}
     layer = gm.get_submodule("2")
@@ -223,7 +226,8 @@ def test_lorth_reads_the_weight_the_user_hook_computes():
 
 
 def test_a_weight_that_is_a_plain_tensor_without_a_hook_is_skipped_too():
-    """No pre-hook recomputes it, but no optimizer holds it either: the reason says so."""
+    """No pre-hook recomputes it; whatever set it is outside the layer: the reason says so, and proposes a parameter
+    (no hook to keep) or a parametrization."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
     model[2].weight = model[2]._parameters.pop("weight").detach().clone()
@@ -233,8 +237,9 @@ def test_a_weight_that_is_a_plain_tensor_without_a_hook_is_skipped_too():
     plan = orthofx.manifest_of(gm).plan
     _same_plan(explained, plan)
     reasons = {reason for (site, _), reason in _skipped(plan).items() if site == "2"}
-    assert reasons and all(r.startswith("its weight is a plain tensor, not a parameter of the layer, so no "
-                                        "optimizer holds it") for r in reasons)
+    assert reasons and all(r.startswith(f"its weight {OUTSIDE}, an assignment) (make weight an nn.Parameter of the "
+                                        "layer, compute it as a parametrization with torch.nn.utils.parametrize."
+                                        "register_parametrization(layer, 'weight', module)") for r in reasons)
     assert torch.equal(gm.get_submodule("2").weight, model[2].weight)
 
 
@@ -248,3 +253,187 @@ def test_a_buffer_weight_is_not_taken_for_a_computed_one():
     policy = {"rules": [{"match": {"type": "Linear"}, "apply": "isometric_init"}]}
     plan = orthofx.manifest_of(orthofx.transform(model, policy, example_inputs=(x,))).plan
     assert not any(site.name == "2" for site, _, _ in plan.skipped)
+
+
+def _riemannian_model() -> nn.Module:
+    """A transformed model whose Linear layers carry a Riemannian optimizer hook (layer 2 is square: hooked)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    policy = {"rules": [{"match": {"type": "Linear"}, "apply": "riemannian"}]}
+    gm = orthofx.transform(model, policy, example_inputs=(torch.randn(4, 8),))
+    assert [hook.site for hook in orthofx.manifest_of(gm).optimizer_hooks] == ["0", "2"]
+    return gm
+
+
+@pytest.mark.parametrize("last_call", ["none", "train", "no_grad"])
+def test_a_pre_hook_added_after_transform_to_a_hooked_weight_is_refused_at_attach_with_the_reason(last_call):
+    """attach said ``its parameter(s) ['weight'] are not optimised by this optimizer; build the optimizer from
+    gm.parameters()`` (ArgumentError), although it was built so: the hooked weight had become a tensor the pre-hook
+    sets. Now it raises the OrthofxError a prune added after transform gets: the reason, 'added after
+    orthofx.transform' and the fixes; also when the last call ran under no_grad (the tensor it left needs no
+    gradient, though weight_raw trains)."""
+    from orthofx.errors import ArgumentError, OrthofxError
+    gm = _riemannian_model()
+    _mask(gm.get_submodule("2"))
+    x = torch.randn(4, 8)
+    if last_call == "train":
+        gm(x)
+    elif last_call == "no_grad":
+        with torch.no_grad():
+            gm(x)
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1)
+    with pytest.raises(OrthofxError) as raised:
+        orthofx.attach(optimizer, gm)
+    message = str(raised.value)
+    assert not isinstance(raised.value, ArgumentError) and "not optimised by this optimizer" not in message
+    assert message.startswith(f"site '2' (rule 'riemannian[0]'): {REASON}")
+    assert FIX in message
+    assert "added after orthofx.transform: the optimizer steps whatever it is computed from" in message
+
+    pruned = _riemannian_model()  # the same form as prune's
+    torch.nn.utils.prune.random_unstructured(pruned.get_submodule("2"), "weight", amount=0.3)
+    with pytest.raises(OrthofxError) as raised_prune:
+        orthofx.attach(torch.optim.SGD(pruned.parameters(), lr=0.1), pruned)
+    assert type(raised_prune.value) is type(raised.value)
+    assert "added after orthofx.transform" in str(raised_prune.value)
+
+
+def test_a_pre_hook_added_after_attach_to_a_hooked_weight_is_refused_at_the_step():
+    """Between attach and a step: the step raises with the reason rather than leave the weight off the manifold."""
+    from orthofx.errors import OrthofxError
+    gm = _riemannian_model()
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1)
+    orthofx.attach(optimizer, gm)
+    _mask(gm.get_submodule("2"))
+    x = torch.randn(4, 8)
+    gm(x).square().sum().backward()
+    with pytest.raises(OrthofxError, match=r"the layer's forward pre-hooks: _Masked\).*added after orthofx.transform"):
+        optimizer.step()
+
+
+def test_a_frozen_layer_given_a_pre_hook_after_transform_is_skipped_as_frozen():
+    """Nothing trains what the hook computes from (the layer's parameters are frozen): attach skips the hook, as for
+    a frozen pruned weight, and the other site keeps its hook."""
+    gm = _riemannian_model()
+    layer = _mask(gm.get_submodule("2"))
+    layer.requires_grad_(False)
+    gm(torch.randn(4, 8))  # the hook's tensor now needs no gradient
+    handle = orthofx.attach(torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.1), gm)
+    assert [hook.site for hook in handle.hooks] == ["0"] and [hook.site for hook in handle.skipped] == ["2"]
+
+
+def test_an_unrelated_pre_hook_is_not_blamed_for_a_fixed_plain_weight():
+    """A logging pre-hook was named as the one recomputing the weight ('a forward pre-hook of the layer (log_shapes)
+    recomputes it at each call'). The reason lists the layer's pre-hooks without saying any of them sets it."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 8)
+    layer.weight = layer._parameters.pop("weight").detach().clone()
+
+    def log_shapes(module, inputs):
+        return None
+
+    layer.register_forward_pre_hook(log_shapes)
+    reason = orthofx.passes.base.derived_weight(layer)
+    assert reason.startswith(f"its weight {OUTSIDE}; the layer's forward pre-hooks: ")
+    assert "log_shapes" in reason and "recomputes" not in reason
+
+
+class _TiedAutoencoder(nn.Module):
+    """The decoder's weight is the encoder's, transposed, set in the parent's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(8, 4), nn.Linear(4, 8)
+        del self.dec.weight
+        self.dec.weight = self.enc.weight.t()
+
+    def forward(self, x):
+        self.dec.weight = self.enc.weight.t()
+        return self.dec(torch.tanh(self.enc(x)))
+
+
+def test_a_weight_the_parent_ties_is_not_said_to_be_held_by_no_optimizer():
+    """'so no optimizer holds it' was false (the gradient reaches enc.weight, which the optimizer steps); the reason
+    says that something outside the layer sets it, the parent's forward among the candidates."""
+    torch.manual_seed(0)
+    model = _TiedAutoencoder()
+    x = torch.randn(4, 8)
+    skipped = _skipped(orthofx.explain(model, "isometric", example_inputs=(x,)))
+    reason = skipped[("dec", "isometric-init")]
+    assert reason.startswith(f"its weight {OUTSIDE}, an assignment)") and "no optimizer" not in reason
+    model(x).sum().backward()
+    assert model.enc.weight.grad is not None  # what the reason no longer denies
+
+
+class _PropertyMaskedLinear(nn.Linear):
+    """A Linear whose weight is a property: ``weight_raw * mask``."""
+
+    def __init__(self, features: int):
+        super().__init__(features, features)
+        value = self.weight.detach().clone()
+        del self.weight
+        self.weight_raw = nn.Parameter(value)
+        self.register_buffer("mask", (torch.rand(value.shape) > 0.3).to(value.dtype))
+
+    @property
+    def weight(self):
+        return self.weight_raw * self.mask
+
+
+def test_a_weight_property_is_named_as_such():
+    """It was called 'a plain tensor, not a parameter of the layer': the reason names the property."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), _PropertyMaskedLinear(8))
+    skipped = _skipped(orthofx.explain(model, "isometric", example_inputs=(torch.randn(4, 8),)))
+    reason = skipped[("2", "isometric-init")]
+    assert reason.startswith("its weight is not a parameter of the layer: _PropertyMaskedLinear.weight is a property "
+                             "computing it (write that computation as a parametrization with torch.nn.utils."
+                             "parametrize.register_parametrization(layer, 'weight', module) instead")
+    assert "plain tensor" not in reason
+
+
+class _MaskParametrization(nn.Module):
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight):
+        return weight * self.mask
+
+
+def test_the_proposed_fix_keeps_the_mask_and_convnorm_then_treats_the_layer():
+    """The first fix proposed was 'make weight a registered nn.Parameter of the layer', which the hook then fails
+    on at every call (torch refuses to assign a tensor to a parameter). The fix the reason gives now, a
+    parametrization computing ``weight_raw * mask``, keeps the mask, and ConvNorm applies to the layer (it skipped
+    the hooked one): the transformed layer convolves with the masked weight."""
+    model = _conv_model()
+    x = _inputs(model)
+    reason = _skipped(orthofx.explain(model, "convnorm", example_inputs=(x,)))[("2", "convnorm")]
+    assert FIX in reason and "registered nn.Parameter" not in reason
+
+    layer = model[2]
+    mask = next(iter(layer._forward_pre_hooks.values())).mask
+    with pytest.raises(TypeError, match="cannot assign"):  # the former first fix, followed with the hook kept
+        layer.weight = nn.Parameter(layer.weight_raw.detach() * mask)
+        layer(_layer_input(model))
+    torch.manual_seed(0)
+    fixed = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    torch.nn.utils.parametrize.register_parametrization(fixed[2], "weight", _MaskParametrization(mask))
+    gm = orthofx.transform(fixed, "convnorm", example_inputs=(x,))
+    assert "2" in {change.site for change in orthofx.manifest_of(gm).changes}
+    conv = gm.get_submodule("2").conv
+    torch.testing.assert_close(conv.weight, conv.parametrizations.weight.original * mask, rtol=0, atol=0)
+    assert bool((conv.weight[mask == 0] == 0).all()) and bool((conv.weight[mask == 1] != 0).all())
+
+
+def test_a_recurrent_hidden_weight_a_pre_hook_sets_has_the_same_reason():
+    """recurrent_weights_reason's fallback said 'register it as an nn.Parameter of the layer' (which fails with the
+    hook kept); it now gives the wording and fixes of conv / Linear layers."""
+    torch.manual_seed(0)
+    rnn = nn.RNN(6, 6, batch_first=True)
+    _mask(rnn, "weight_hh_l0")
+    reason = orthofx.passes.base.recurrent_weights_reason(rnn)
+    assert reason == (f"its weight_hh_l0 {OUTSIDE}; the layer's forward pre-hooks: _Masked) (write what a hook "
+                      "computes as a parametrization with torch.nn.utils.parametrize.register_parametrization(layer, "
+                      "'weight_hh_l0', module), or drop the hook and make weight_hh_l0 an nn.Parameter of the layer, "
+                      "or leave the layer out of the rule with match.exclude)")

@@ -61,6 +61,7 @@ __all__ = [
     "RECURRENT_TYPES",
     "TORCH_CONV_TYPES",
     "TORCH_TRANSPOSED_CONV_TYPES",
+    "PARAMETER_WEIGHT_LAYERS",
     "recurrent_hidden_weights",
     "recurrent_weights_reason",
     "reads_only_metadata",
@@ -1219,8 +1220,9 @@ def derived_weight(module: nn.Module, name: str = "weight") -> str | None:
     (``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm`` / ``orthogonal``,
     ``torch.nn.utils.parametrize.register_parametrization``) or a forward pre-hook that rebuilds it before each call
     (the older ``torch.nn.utils.weight_norm`` and ``spectral_norm``, ``torch.nn.utils.prune``). A torch conv / Linear
-    layer's weight or bias that is a plain tensor attribute, neither parameter nor buffer, is computed too: a forward
-    pre-hook of the user's own rebuilds it, as those hooks do (:func:`_plain_tensor_weight`).
+    layer's weight or bias that is a tensor but neither a parameter nor a buffer of the layer is computed too: code of
+    the user's own sets it (a forward pre-hook, as those hooks do, the parent's forward, a property;
+    :func:`_plain_tensor_weight_reason`).
 
     A pass may read such a weight (L_orth of the weight the layer applies, differentiable down to the underlying
     parameters), but it cannot write it, step it or replace the layer without dropping what computes it."""
@@ -1238,7 +1240,7 @@ def derived_weight(module: nn.Module, name: str = "weight") -> str | None:
     hooks = [h for h in module._forward_pre_hooks.values()
              if getattr(h, "name", None) == name or getattr(h, "_tensor_name", None) == name]
     if not stored or not hooks:
-        return _plain_tensor_weight(module, name)
+        return _plain_tensor_weight_reason(module, name)
     kinds = [type(h).__name__ for h in hooks]
     undo = next((call for kind, call in _HOOK_UNDO.items() if kind in kinds), None)
     if undo is None and any(hasattr(h, "_tensor_name") for h in hooks):
@@ -1249,52 +1251,89 @@ def derived_weight(module: nn.Module, name: str = "weight") -> str | None:
             + (f" (undo with {undo.format(name=name, argument=argument)})" if undo else ""))
 
 
-#: The torch layers whose ``weight`` / ``bias`` the weight passes expect to be parameters of the layer's own.
-_PARAMETER_WEIGHT_LAYERS = (nn.Linear,) + TORCH_CONV_TYPES + TORCH_TRANSPOSED_CONV_TYPES
+#: The torch layers whose ``weight`` / ``bias`` the weight passes expect to be parameters of the layer's own (also
+#: the layer types of ``orth_regularizer``'s L_orth term).
+PARAMETER_WEIGHT_LAYERS = (nn.Linear,) + TORCH_CONV_TYPES + TORCH_TRANSPOSED_CONV_TYPES
 
 
-def _plain_tensor_weight(module: nn.Module, name: str) -> str | None:
-    """:func:`derived_weight`'s reason for a torch conv / Linear layer whose ``<name>`` is a plain tensor attribute,
-    neither a parameter nor a buffer: a reparametrization of the user's own, as torch's older weight_norm and
-    pruning were written (``del layer.weight``, a ``weight_raw`` parameter, a forward pre-hook setting
-    ``layer.weight = layer.weight_raw * mask``). A write to that tensor is lost at the next call (an orthogonal
-    initialisation was: ``|W W^T - I|`` 2.29 after it), an optimizer hook steps a tensor no optimizer holds, and a
-    replacement layer loses the hook (an ``OrthogonalLinear`` took it, and failed on ``weight_raw``). ``None`` for
-    any other layer (an orthofx layer computes its weight by design), and for FSDP1's views of its flat parameter
-    (:func:`flattened_by_fsdp1`, refused where they are read)."""
-    if not isinstance(module, _PARAMETER_WEIGHT_LAYERS) or name in module._buffers:
+def _plain_tensor_weight_reason(module: nn.Module, name: str) -> str | None:
+    """:func:`derived_weight`'s reason for a torch conv / Linear layer whose ``<name>`` is a tensor but neither a
+    parameter nor a buffer of the layer (:func:`_set_outside_text`): a reparametrization of the user's own, as torch's
+    older weight_norm and pruning were written (``del layer.weight``, a ``weight_raw`` parameter, a forward pre-hook
+    setting ``layer.weight = layer.weight_raw * mask``), a parent's forward tying it (``dec.weight =
+    enc.weight.t()``), a ``weight`` property of a subclass. A write to such a tensor is lost at the next call (an
+    orthogonal initialisation was: ``|W W^T - I|`` 2.29 after it), an optimizer hook steps a tensor that is not what
+    the optimizer holds, and a replacement layer loses the computation (an ``OrthogonalLinear`` took the hook, and
+    failed on ``weight_raw``). ``None`` for any other layer (an orthofx layer computes its weight by design), and
+    for FSDP1's views of its flat parameter (:func:`flattened_by_fsdp1`, refused where they are read)."""
+    if not isinstance(module, PARAMETER_WEIGHT_LAYERS) or name in module._buffers:
         return None
     tensor = getattr(module, name, None)
     if not isinstance(tensor, torch.Tensor) or flattened_by_fsdp1(tensor):
         return None
+    return _set_outside_text(module, name)
+
+
+def _set_outside_text(module: nn.Module, name: str) -> str:
+    """Why ``module.<name>``, a tensor that is no parameter of the module's own, is computed, and the fixes.
+
+    Which code sets it is not known: a pre-hook of the layer may or may not be the one (a logging hook is not), so
+    the hooks are listed as the layer's, not blamed. A parameter named ``<name>`` next to a hook assigning it is no
+    fix (torch refuses to assign a tensor to a parameter at every call); a parametrization is, and it keeps the
+    computation (ConvNorm wraps such a layer, L_orth reads it)."""
     what = "its weight" if name == "weight" else f"its {name}"
-    fix = f"make {name} a registered nn.Parameter of the layer, or leave the layer out of the rule with match.exclude"
+    parametrization = f"with torch.nn.utils.parametrize.register_parametrization(layer, {name!r}, module)"
+    exclude = "or leave the layer out of the rule with match.exclude"
+    if isinstance(getattr(type(module), name, None), property):
+        return (f"{what} is not a parameter of the layer: {type(module).__name__}.{name} is a property computing it "
+                f"(write that computation as a parametrization {parametrization} instead, {exclude})")
     hooks = [getattr(hook, "__qualname__", type(hook).__name__) for hook in module._forward_pre_hooks.values()]
+    outside = (f"{what} is not a parameter of the layer: something outside the layer sets it (a forward pre-hook, "
+               "the parent's forward")
     if not hooks:
-        return f"{what} is a plain tensor, not a parameter of the layer, so no optimizer holds it ({fix})"
-    return (f"{what} is not a parameter: a forward pre-hook of the layer ({', '.join(hooks)}) recomputes it at each "
-            f"call, as the older weight_norm and pruning hooks do ({fix})")
+        return (f"{outside}, an assignment) (make {name} an nn.Parameter of the layer, compute it as a "
+                f"parametrization {parametrization}, {exclude})")
+    return (f"{outside}; the layer's forward pre-hooks: {', '.join(hooks)}) (write what a hook computes as a "
+            f"parametrization {parametrization}, or drop the hook and make {name} an nn.Parameter of the layer, "
+            f"{exclude})")
 
 
 def hooked_weight(module: nn.Module, name: str, where: Callable[[], str]) -> torch.Tensor:
     """``module.<name>``, the weight an optimizer hook (Riemannian, NOG, OLR) acts on (``where()``: its site, for
-    the error). A parametrization or ``torch.nn.utils.prune`` added after ``orthofx.transform``
-    (:func:`derived_weight`) makes it a tensor computed from other parameters, which the optimizer steps instead:
-    the hook saw no gradient of its own and did nothing, so the weight left the manifold silently (a Riemannian
-    site's ``max |W^T W - I|``: 0.017 after three SGD steps, 1.8e-7 unpruned). That raises an
-    :class:`~orthofx.errors.OrthofxError` with the undo, unless what it is computed from is frozen (nothing trains
-    it: the hook is skipped as for any frozen weight)."""
+    the error). A parametrization, ``torch.nn.utils.prune`` or code of the user's own (a pre-hook setting a plain
+    tensor) added after ``orthofx.transform`` (:func:`derived_weight`) makes it a tensor computed from other
+    parameters, which the optimizer steps instead: the hook saw no gradient of its own and did nothing, so the
+    weight left the manifold silently (a Riemannian site's ``max |W^T W - I|``: 0.017 after three SGD steps,
+    1.8e-7 unpruned). That raises an :class:`~orthofx.errors.OrthofxError` with the reason and the undo (for code of
+    the user's own too: ``attach`` said the weight was missing from the optimizer, built from gm.parameters()),
+    unless what it is computed from is frozen (nothing trains it: the hook is skipped as for any frozen weight)."""
     weight = module._parameters.get(name)
     if weight is not None:  # the usual case, checked first: the hooks run at every step
         return weight
     reason = derived_weight(module, name)
-    if reason is not None and any(p.requires_grad for p in _derived_from(module, name)):
+    if reason is not None and _trained_source(module, name):
+        sources = _derived_from(module, name)
+        steps = ("the optimizer steps the parameters it is computed from" if sources else
+                 "the optimizer steps whatever it is computed from, not the weight")
         raise OrthofxError(
-            f"{where()}: {reason}, added after orthofx.transform: the optimizer steps the parameters it is computed "
-            "from, and orthofx's optimizer hook for this weight would see no gradient of its own and do nothing. "
-            "Undo it before training with the attached optimizer, or apply it before orthofx.transform (the pass "
-            "then declines the layer and says why)")
+            f"{where()}: {reason}, added after orthofx.transform: {steps}, and orthofx's optimizer hook for this "
+            "weight would see no gradient of its own and do nothing. Undo it before training with the attached "
+            "optimizer, or apply it before orthofx.transform (the pass then declines the layer and says why)")
     return getattr(module, name)
+
+
+def _trained_source(module: nn.Module, name: str) -> bool:
+    """Whether something trains what ``module.<name>``, a computed weight (:func:`derived_weight`), is computed
+    from. For a parametrization and torch's older hooks, their parameters (:func:`_derived_from`). For code of the
+    user's own the sources are unknown: the layer's own parameters stand for them (its ``weight_raw``), as the tensor
+    the last call left tells nothing (one computed under ``torch.no_grad()`` requires no gradient although its
+    ``weight_raw`` trains; one computed before the layer was frozen still requires one). Only a layer without
+    parameters of its own (a tied weight, no bias) is judged by that tensor."""
+    sources = _derived_from(module, name)
+    if sources:
+        return any(p.requires_grad for p in sources)
+    own = list(module.parameters(recurse=False))
+    return any(p.requires_grad for p in own) if own else getattr(module, name).requires_grad
 
 
 def _derived_from(module: nn.Module, name: str) -> list[torch.Tensor]:
@@ -1475,8 +1514,10 @@ def recurrent_weights_reason(module: nn.Module) -> str | None:
         return "empty hidden-to-hidden weights (hidden_size=0): nothing to make orthogonal"
     for name, _ in weights:
         reason = derived_weight(module, name)
-        if reason is None and name not in module._parameters:  # a plain tensor no optimizer holds
+        if reason is None and name in module._buffers:  # stored, but no optimizer holds it
             reason = f"its {name} is not a parameter: register it as an nn.Parameter of the layer"
+        elif reason is None and name not in module._parameters:  # set by code of the user's own
+            reason = _set_outside_text(module, name)
         if reason is not None:
             return reason
     return None
