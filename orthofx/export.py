@@ -92,6 +92,7 @@ from .errors import (SITE_ATTRIBUTE, ArgumentError, CaptureError, ExportError, L
                      OrthofxWarning, TransformError, caller_stacklevel, first_few)
 from .nn.conditioning import power_newton_schulz
 from .nn.jacobian import JacobianProbe
+from .nn.orthogonal import OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d
 from .nn.precision import HALF_PRECISION
 from .nn.tracing import is_orthofx_module
 from .passes.base import Manifest, each_mode, replace_module
@@ -122,6 +123,12 @@ PROBE_PHASES_KEY = "probe_calls"
 #: it, so that a model of another forward whose weights happen to fit (another activation module, the same layers
 #: wired otherwise) is refused instead of restored into other computations. Files without it load unchecked.
 GRAPH_METADATA_KEY = "orthofx_graph"
+#: ``.pt`` key of the spatial input size of each ``method: cayley_fft`` conv of the saved model, ``{module path:
+#: [n_1, ..., n_d]}`` (:func:`_cayley_input_sizes`; written only for a model that has such layers). Such a layer's
+#: orthogonal operator is built for that one size, from the example inputs, and its ``cayley_kernel`` parameters fit
+#: any size: :func:`load` checks that its replay built the same sizes, before the weights are restored. Files
+#: written before the record load unchecked.
+CAYLEY_SIZES_KEY = "cayley_input_sizes"
 #: ONNX difference above which :func:`export` fails for outputs of magnitude up to about 100 (see
 #: :func:`onnx_tolerance`).
 ONNX_TOLERANCE = 1e-4
@@ -1478,7 +1485,10 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
     ``.pt`` stores the state_dict and the policy (no pickled code; :func:`load` restores it). A model transformed
     from a frozen or transformed one (``transform`` allows it when the first carries no penalty or hook) is refused
     with an :class:`orthofx.ExportError`: the file would hold the second policy only, which :func:`load` replays on
-    the original model (:func:`_check_replayable`); transform the original once with both policies' rules.
+    the original model (:func:`_check_replayable`); transform the original once with both policies' rules, or,
+    where the second transform replaced a layer inside one the first put in place (an orthogonal conv inside a
+    ConvNorm layer, which no single policy builds), save the model with ``torch.save(gm, path)`` or export it to
+    ``.pt2`` / ``.onnx``.
 
     ``example_kwargs`` (a dict by name): the keyword inputs of the example call
     ``model(*example_inputs, **example_kwargs)``, for a forward such as ``forward(self, x, *, mask=None)``. The
@@ -1547,6 +1557,9 @@ def export(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None
             (key, dict(value)) for key, value in getattr(source, "_metadata", collections.OrderedDict()).items())
         state._metadata.setdefault("", {})[GRAPH_METADATA_KEY] = _graph_signature(unwrap_model(model))
         content = {"orthofx_format": FORMAT_VERSION, "policy": manifest.policy.to_yaml(), "state_dict": state}
+        sizes = _cayley_input_sizes(unwrap_model(model))
+        if sizes:  # the files of models without such layers stay as they were
+            content[CAYLEY_SIZES_KEY] = sizes
         try:
             torch.save(content, path)
         except (OSError, RuntimeError) as exc:
@@ -1651,18 +1664,50 @@ def _check_replayable(root: nn.Module, manifest: Manifest, path: str) -> None:
     transformed model (:func:`_not_from_this_transform`). The file holds this transform's policy only, and ``load``
     replays it on the original model, where the first policy's layers are the original ones again: their saved
     weights do not fit (an orthogonal layer's parameters against a conv's ``weight``), or, worse, fit a layer that
-    computes something else (a frozen orthogonal conv's circular padding against the original zero padding)."""
+    computes something else (a frozen orthogonal conv's circular padding against the original zero padding).
+
+    The advice depends on the model: one policy holding both transforms' rules rebuilds most such models, but not
+    one whose second transform replaced a layer inside a layer of the first (:func:`_replaced_inside`: an
+    ``OrthogonalConv2d`` inside a ConvNorm layer), since a layer takes one replacement in a transform."""
     found = _not_from_this_transform(root, manifest)
     if found is None:
         return
     where, what = found
-    raise ExportError(f"cannot write {path!r}: the model's {where!r} is {what}, so it was transformed from a "
-                      "frozen or transformed model. A .pt file holds the weights and the last transform's policy "
-                      "only, which orthofx.load replays on the original model, where that part is as the original "
-                      "model has it, so the file could not restore this model. Transform the original model once with "
-                      "a policy holding the rules of both (Policy.from_dict({'rules': [*first.to_dict()['rules'], "
-                      "*second.to_dict()['rules']]})) and export that to .pt, or export this model to .pt2 or .onnx "
-                      "(frozen; orthofx.export(gm, 'model.pt2', example_inputs=(x,)))")
+    start = (f"cannot write {path!r}: the model's {where!r} is {what}, so it was transformed from a frozen or "
+             "transformed model. A .pt file holds the weights and the last transform's policy only, which "
+             "orthofx.load replays on the original model, where that part is as the original model has it, so the "
+             "file could not restore this model")
+    inside = _replaced_inside(root, manifest, where)
+    if not inside:
+        raise ExportError(f"{start}. Transform the original model once with a policy holding the rules of both "
+                          "(Policy.from_dict({'rules': [*first.to_dict()['rules'], *second.to_dict()['rules']]})) "
+                          "and export that to .pt, or export this model to .pt2 or .onnx (frozen; "
+                          "orthofx.export(gm, 'model.pt2', example_inputs=(x,)))")
+    site, layer = inside[0]
+    raise ExportError(f"{start}. Nor can one policy rebuild it: the second transform replaced {site!r} inside "
+                      f"{where!r} (by {layer}), and in one transform a layer takes one replacement, so the rules of "
+                      "both in one policy give another model (one of the two layers there, not one inside the other). "
+                      "Save this model with torch.save(gm, path) (the whole GraphModule, read back with "
+                      "torch.load(path, weights_only=False) where orthofx is importable, with its outputs, penalty "
+                      "and report), or export it "
+                      "to .pt2 or .onnx for inference (frozen; orthofx.export(gm, 'model.pt2', example_inputs=(x,)))")
+
+
+def _replaced_inside(root: nn.Module, manifest: Manifest, where: str) -> list[tuple[str, str]]:
+    """``(site, class name)`` of the layers this transform (``manifest``) put at sites inside the module at
+    ``where``, one an earlier transform made: the modules there that an orthofx pass placed at that very site
+    (``replace_module`` records it in them)."""
+    placed = []
+    for site in dict.fromkeys(change.site for change in manifest.changes):
+        if not site.startswith(where + "."):
+            continue
+        try:
+            module = root.get_submodule(site)
+        except AttributeError:
+            continue
+        if module.__dict__.get(SITE_ATTRIBUTE) == site:
+            placed.append((site, type(module).__name__))
+    return placed
 
 
 def _check_untransformed(root: nn.Module, path: str) -> None:
@@ -1712,7 +1757,10 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
     ``example_inputs`` and ``example_kwargs`` (a dict by name) are passed to :func:`orthofx.transform` as they
     were when the model was transformed: a model captured with torch.export (capture mode ``export``, or ``auto``
     when symbolic tracing fails) needs them, keyword inputs included for a forward such as
-    ``forward(self, x, *, mask)``.
+    ``forward(self, x, *, mask)``. So do ``method: cayley_fft`` convs, built for the spatial size of the example
+    inputs: the file records each one's size, and inputs of another size are refused with an
+    :class:`~orthofx.ExportError` (the saved ``cayley_kernel`` parameters would fit a layer of that size and
+    compute another operator).
 
     Example::
 
@@ -1766,6 +1814,7 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
     state = saved["state_dict"]
     _check_state_entries(state, path, written_by)
     phases = _saved_probe_phases(saved, path, written_by)
+    sizes = _saved_cayley_input_sizes(saved, path, written_by)
     saved_dtype = _saved_dtype_of_inputs(model, state, example)
     captured = _captured_dtype(model, state)
     if captured is not None:
@@ -1800,6 +1849,7 @@ def load(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None, 
                               f"{_fixed_shift_recovery(path, fixed, refused=True)}") from exc
         raise ExportError(f"the policy stored in {path!r} does not apply to this model ({exc}); load with the "
                           f"original (untransformed) model the file was exported from.{hint}") from exc
+    _check_cayley_input_sizes(gm, sizes, path)
     _check_saved_dtype_kinds(gm, state, path)
     _match_saved_dtype(gm, state)
     try:
@@ -2041,6 +2091,55 @@ def _graph_difference(saved: dict, own: dict, path: str) -> str | None:
     return (f"the model given to orthofx.load computes otherwise than the one {path!r} was exported from, though "
             f"its weights fit: at node {at} of {which} the saved model has '{shown[0]}' and this one '{shown[1]}' "
             f"({len(before)} and {len(after)} nodes)")
+
+
+_CAYLEY_TYPES = (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d)
+
+
+def _cayley_input_sizes(root: nn.Module) -> dict[str, list[int]]:
+    """``{module path: spatial input size}`` of each ``method='cayley_fft'`` conv of ``root`` (what
+    :data:`CAYLEY_SIZES_KEY` records), in plain types that ``torch.load(weights_only=True)`` reads."""
+    return {name: [int(n) for n in module.input_size] for name, module in root.named_modules()
+            if isinstance(module, _CAYLEY_TYPES) and module.input_size is not None}
+
+
+def _saved_cayley_input_sizes(saved: dict, path: str, written_by: str) -> dict[str, tuple[int, ...]] | None:
+    """The file's record of its cayley_fft convs' input sizes (:data:`CAYLEY_SIZES_KEY`); ``None`` for a file
+    written before the record (its sizes are not checked)."""
+    if CAYLEY_SIZES_KEY not in saved:
+        return None
+    sizes = saved[CAYLEY_SIZES_KEY]
+    valid = isinstance(sizes, dict) and all(
+        isinstance(k, str) and isinstance(v, (list, tuple)) and v
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v) for k, v in sizes.items())
+    if not valid:
+        raise ExportError(f"{path!r} is damaged: {CAYLEY_SIZES_KEY!r} must map module paths to spatial input sizes "
+                          f"(lists of ints > 0), found {sizes!r:.120}; {written_by}")
+    return {name: tuple(size) for name, size in sizes.items()}
+
+
+def _check_cayley_input_sizes(gm: nn.Module, saved: dict[str, tuple[int, ...]] | None, path: str) -> None:
+    """Refuse a replay whose ``method='cayley_fft'`` convs were built for other input sizes than the saved model's
+    (``saved``: :func:`_saved_cayley_input_sizes`; nothing to check for ``None``).
+
+    The replay builds each such layer for the spatial size of the example inputs ``load`` is given, and the saved
+    ``cayley_kernel`` parameters fit a layer of any size: restored into one of another size, they would give another
+    operator (a circular convolution on another grid) and a model that refuses the saved model's inputs."""
+    if saved is None:
+        return
+    built = {name: tuple(size) for name, size in _cayley_input_sizes(gm).items()}
+    other = [(name, saved[name], size) for name, size in built.items() if name in saved and saved[name] != size]
+    if not other:
+        return
+    shown = first_few((f"'{name}' (saved for {was}, built here for {now})" for name, was, now in other), 3)
+    raise ExportError(f"the example inputs given to orthofx.load do not have the size the model in {path!r} was "
+                      "transformed for: its method 'cayley_fft' layers are built for the spatial size of the example "
+                      f"inputs, and the saved ones were built for other spatial sizes: {shown}. Such a layer's "
+                      "orthogonal operator is defined on that one input size, and its saved cayley_kernel parameters "
+                      "fit any size, so they would compute another operator and the model would refuse the saved "
+                      "size. Pass example inputs of the saved size (those orthofx.transform was given); for another "
+                      "input size, transform the original model with example inputs of that size. The model was not "
+                      "changed")
 
 
 def _saved_probe_phases(saved: dict, path: str, written_by: str) -> dict[str, int]:

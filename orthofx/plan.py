@@ -33,7 +33,8 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from .capture import ModalGraphModule, _is_torch_layer, _ModulePaths, first_module_paths, module_scopes
+from .capture import (ModalGraphModule, _is_torch_layer, _ModulePaths, first_module_paths, module_scopes,
+                      unwrap_model)
 from .errors import LayerArgumentError, MetaWeightError, OrthofxWarning, PlanError, caller_stacklevel, first_few
 from .nn import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                  OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
@@ -1014,7 +1015,8 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 unmatched_optional.append(rule.name)
                 continue
             note = f" Note: {_traced_through_note(rule, hidden, traced)}." if hidden else ""
-            raise PlanError(_no_match_message(rule, sites, passed_over, position, len(policy.rules))
+            inlined = inlined_blocks(rule, sites, model if model is not None else gm, aliases)
+            raise PlanError(_no_match_message(rule, sites, passed_over, position, len(policy.rules), inlined)
                             + _unknown_type_hint(rule, model if model is not None else gm)
                             + _feeds_hint(rule, sites, fed_by)
                             + _missing_attribute_hint(rule, sites, gm, fed_by, aliases) + note
@@ -1723,21 +1725,36 @@ def _root_layer_hint(rule: Rule, model: nn.Module | None) -> str:
             "site '0')")
 
 
+def _selected_modules(rule: Rule, model: nn.Module, aliases: dict[str, tuple[str, ...]],
+                      position: int | None, count: int) -> list[str]:
+    """The paths of ``model.named_modules()`` (not the root) that the ``kind: block`` ``rule`` selects, by name,
+    type and attributes, whether the graph calls them or not."""
+    selected = []
+    for name, module in model.named_modules():
+        site = Site("block", name, type(module).__name__, None, type(module))
+        if name and _rule_selects(rule, site, module, {}, aliases.get(name, ()), position, count):
+            selected.append(name)
+    return selected
+
+
+def _graph_leaves(sites: list[Site]) -> dict[str, str]:
+    """Path -> type name of the modules the graph calls (module sites with a node)."""
+    return {s.name: s.target for s in sites if s.kind == "module" and s.node is not None and s.name}
+
+
 def _inside_leaf_hint(rule: Rule, sites: list[Site], model: nn.Module, aliases: dict[str, tuple[str, ...]],
                       position: int | None = None, count: int = 1) -> str:
     """For a ``kind: block`` rule that matched no block site: the modules of ``model.named_modules()`` it selects
     that sit inside a module the graph calls whole (a leaf: a torch.nn layer such as ``nn.TransformerEncoder``,
     or one kept by ``capture.leaf_modules``), so no block can be attached at them; names the enclosing leaf to
-    select instead (the message sent the user to ``named_modules()``, which lists them)."""
+    select instead (the message sent the user to ``named_modules()``, which lists them). The containers of a model
+    that orthofx made are no leaves: :func:`inlined_blocks` tells of those."""
     if rule.match.site_kind != "block":
         return ""
-    leaves = {s.name: s.target for s in sites if s.kind == "module" and s.node is not None and s.name}
+    leaves = _graph_leaves(sites)
     inside: dict[str, list[str]] = {}
-    for name, module in model.named_modules():
-        if not name or name in leaves:
-            continue
-        site = Site("block", name, type(module).__name__, None, type(module))
-        if not _rule_selects(rule, site, module, {}, aliases.get(name, ()), position, count):
+    for name in _selected_modules(rule, model, aliases, position, count):
+        if name in leaves:
             continue
         enclosing = [leaf for leaf in leaves if name.startswith(leaf + ".")]
         if enclosing:
@@ -1760,17 +1777,81 @@ def _inside_leaf_hint(rule: Rule, sites: list[Site], model: nn.Module, aliases: 
             "forward call the modules you meant (e.g. an nn.ModuleList of the layers, called in a loop).")
 
 
+@dataclass(frozen=True)
+class InlinedBlocks:
+    """The modules a ``kind: block`` rule selects in a model that ``orthofx.transform`` or ``orthofx.freeze``
+    returned (or in such a part of the model), which its graph never calls (:func:`inlined_blocks`)."""
+
+    names: list[str]
+    made_by: str  # "orthofx.transform" or "orthofx.freeze"
+    part: str  # the path of the transformed part, "" for the model itself
+
+
+def inlined_blocks(rule: Rule, sites: list[Site], model: nn.Module,
+                    aliases: dict[str, tuple[str, ...]] | None = None) -> InlinedBlocks | None:
+    """For a ``kind: block`` rule that matched no block site: the containers its ``name`` / ``exclude`` patterns
+    select in a model that orthofx made (the model itself, or a part of it:
+    :func:`orthofx.penalty.transformed_parts`), which the graph never calls.
+
+    Tracing inlines containers: the GraphModule ``orthofx.transform`` and ``orthofx.freeze`` return calls the
+    layers themselves, and keeps each container (``gm.layer1``) as a plain ``nn.Module`` at its path, never called
+    and of no type a rule names (``Sequential`` selects none), so no block rule can select it. ``None`` when the
+    model is no such model or the rule's names select none of its containers (a typo: the usual message tells of
+    ``named_modules()``). ``aliases``: the modules' other paths (:func:`_listed_aliases`), looked up when not given."""
+    if rule.match.site_kind != "block":
+        return None
+    from .penalty import transformed_parts  # (both modules import this one)
+    from .transform import is_transformed, manifest_of
+
+    root = unwrap_model(model)
+    made = [("", root)] if is_transformed(root) else transformed_parts(root)
+    if not made:
+        return None
+    if aliases is None:
+        aliases = _listed_aliases(root, [rule])[0]
+    called = _graph_leaves(sites)
+    for part, module in made:
+        names = [name for name, sub in root.named_modules()
+                 if name and (not part or name == part or name.startswith(part + ".")) and name not in called
+                 and next(sub.children(), None) is not None  # a container, not a layer the graph leaves unused
+                 and not any(name.startswith(leaf + ".") for leaf in called)  # inside a leaf: _inside_leaf_hint
+                 and rule.match.matches_name(name, *aliases.get(name, ()))]
+        if names:
+            made_by = "orthofx.freeze" if manifest_of(module).frozen else "orthofx.transform"
+            return InlinedBlocks(names, made_by, part)
+    return None
+
+
+def inlined_blocks_text(inlined: InlinedBlocks) -> tuple[str, str]:
+    """What :func:`_no_match_message` says of ``inlined``: why the rule cannot match, and the fix."""
+    which = "this model" if not inlined.part else f"the part '{inlined.part}' of this model"
+    names = first_few([f"'{name}'" for name in inlined.names], 3)
+    hint = (f"{names} {'is' if len(inlined.names) == 1 else 'are'} in named_modules(), but {which} came from "
+            f"{inlined.made_by}, whose graph calls the layers themselves: tracing inlined its containers (kept as "
+            "plain modules at their paths, never called), so no block rule can select them")
+    original = "the original model" if not inlined.part else f"the model built with the original '{inlined.part}'"
+    then = ", then orthofx.freeze the result" if inlined.made_by == "orthofx.freeze" else ""
+    fix = (f"Combine the rules in one transform of {original}, where the blocks are still called: "
+           "orthofx.transform(original, Policy.from_dict({'rules': [*first.to_dict()['rules'], "
+           f"*second.to_dict()['rules']]}})){then}")
+    return hint, fix
+
+
 def _no_match_message(rule: Rule, sites: list[Site], passed_over: list[OrthofxLayer] = (),
-                      position: int | None = None, count: int = 1) -> str:
+                      position: int | None = None, count: int = 1, inlined: InlinedBlocks | None = None) -> str:
     """``passed_over``: the orthofx layers the rule passes over (:func:`_passed_over`), the likely cause;
-    ``position`` / ``count``: the rule's place in the policy, as :func:`_rule_place` takes them."""
+    ``position`` / ``count``: the rule's place in the policy, as :func:`_rule_place` takes them; ``inlined``: the
+    blocks it names in a model orthofx made (:func:`inlined_blocks`), which no match can select there."""
     kind = rule.match.site_kind
     candidates = [s for s in sites if s.kind == kind]
     where = _rule_place(rule, match=True, position=position, count=count)
+    fix = "Fix the match"
     if kind == "function":
         found = sorted({s.target for s in candidates})
         have = ", ".join(found) if found else "none"
         hint = f"the graph's decompositions: {have}"
+    elif kind == "block" and inlined is not None:
+        hint, fix = inlined_blocks_text(inlined)
     elif kind == "block":
         hint = "a block rule selects submodules by name and type; check match.name against model.named_modules()"
     else:
@@ -1780,5 +1861,5 @@ def _no_match_message(rule: Rule, sites: list[Site], passed_over: list[OrthofxLa
     if passed_over:
         return (f"rule '{rule.name}'{where} matched no {kind} site; {hint}. {_already_orthofx_note(passed_over)}"
                 "; or mark the rule 'optional: true' if the policy is meant for several models.")
-    return (f"rule '{rule.name}'{where} matched no {kind} site; {hint}. Fix the match, or mark the rule "
+    return (f"rule '{rule.name}'{where} matched no {kind} site; {hint}. {fix}, or mark the rule "
             "'optional: true' if the policy is meant for several models.")

@@ -33,7 +33,8 @@ from .nn.precision import describe_nonfinite, relative_distance
 from .passes.base import (MANIFEST_KEY, EvalRun, Manifest, ParametrizationState, PassContext, PlanEntry, Site,
                           default_device_set_aside, parameters_watched, replace_module, watch_hooked_weights)
 from .passes.registry import get_pass
-from .plan import Plan, block_paths, build_plan, called_modules, meta_tensors, meta_text, other_mode_graph
+from .plan import (InlinedBlocks, Plan, block_paths, build_plan, called_modules, inlined_blocks,
+                   inlined_blocks_text, meta_tensors, meta_text, other_mode_graph)
 from .policy import Policy
 
 __all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed", "output_tensors",
@@ -930,20 +931,45 @@ def transform_private_copy(model: nn.Module, policy: Any, example_inputs: Any = 
     return _rewrite(unwrap_model(model), policy, example, user_model=None)
 
 
-def _nothing_planned_message(plan: Plan, model_name: str) -> str:
+def _nothing_planned_message(plan: Plan, model_name: str, policy: Policy | None = None,
+                             model: nn.Module | None = None) -> str:
     """Why a policy changes nothing in a model (its rules matched no site, or skipped every one they matched): an
     optional rule of a preset meant for other architectures (``jacobian`` on a model without Sequential blocks)
-    would otherwise return an unchanged model silently, and training it would add no orthogonality at all."""
+    would otherwise return an unchanged model silently, and training it would add no orthogonality at all.
+
+    On a model ``orthofx.transform`` or ``orthofx.freeze`` returned (``policy`` and ``model`` given), an optional
+    block rule matches nothing because tracing inlined the model's containers (:func:`orthofx.plan.inlined_blocks`):
+    naming the blocks in a rule cannot help there, combining the rules in one transform of the original model can."""
     reasons = [f"optional rule '{name}' matched nothing" for name in plan.unmatched_optional]
     for site, rule, reason in plan.skipped[:3]:
         reasons.append(f"rule '{rule}' skipped '{site.name or '<root>'}': {reason}")
     if len(plan.skipped) > 3:
         reasons.append(f"{len(plan.skipped) - 3} more site(s) skipped")
     why = "; ".join(reasons) if reasons else "no rule matched a site"
-    return (f"the policy changes nothing in {model_name} ({why}): the returned module computes what the model "
-            "computes (no pass applies). orthofx.explain(model, policy) lists what each rule matches; "
-            "name the model's blocks or layers in a rule (e.g. match: {kind: block, name: ...}) or pick another "
-            "preset")
+    said = (f"the policy changes nothing in {model_name} ({why}): the returned module computes what the model "
+            "computes (no pass applies). orthofx.explain(model, policy) lists what each rule matches; ")
+    inlined = _inlined_optional_blocks(plan, policy, model)
+    if inlined is None:
+        return said + ("name the model's blocks or layers in a rule (e.g. match: {kind: block, name: ...}) or pick "
+                       "another preset")
+    rule, found = inlined
+    hint, fix = inlined_blocks_text(found)
+    return said + f"the block rule '{rule}' selects none of this model's blocks: {hint}. {fix}."
+
+
+def _inlined_optional_blocks(plan: Plan, policy: Policy | None, model: nn.Module | None
+                             ) -> tuple[str, InlinedBlocks] | None:
+    """The first optional block rule of ``policy`` that matched nothing because ``model`` came from orthofx (its
+    name and :func:`orthofx.plan.inlined_blocks`), or ``None``."""
+    if policy is None or model is None:
+        return None
+    unmatched = set(plan.unmatched_optional)
+    for rule in policy.rules:
+        if rule.name in unmatched:
+            found = inlined_blocks(rule, plan.sites, model)
+            if found is not None:
+                return rule.name, found
+    return None
 
 
 def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
@@ -960,7 +986,7 @@ def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
             if entry.refusal is not None:
                 raise entry.refusal
         if not plan.entries:
-            warnings.warn(_nothing_planned_message(plan, type(work).__name__), OrthofxWarning,
+            warnings.warn(_nothing_planned_message(plan, type(work).__name__, policy, work), OrthofxWarning,
                           stacklevel=caller_stacklevel())
         gm.training = work.training
         # a copy: the manifest's policy is what export saves and load replays, which a caller's later edit of the

@@ -96,16 +96,14 @@ from torch import nn
 
 from .. import metrics, theory
 from ..errors import ArgumentError
-from .base import (RECURRENT_TYPES, TORCH_CONV_TYPES, TORCH_TRANSPOSED_CONV_TYPES, Change, Param, Pass, PassContext,
-                   PenaltyTerm, PlanEntry, current_weight, gate_blocks_text, recurrent_hidden_weights,
+from ..nn.convnorm import FROZEN_FILTERS_MARKER, FrozenConvNormNd
+from .base import (PARAMETER_WEIGHT_LAYERS, RECURRENT_TYPES, TORCH_TRANSPOSED_CONV_TYPES, Change, Param, Pass,
+                   PassContext, PenaltyTerm, PlanEntry, current_weight, gate_blocks_text, recurrent_hidden_weights,
                    recurrent_weights_reason, whole)
 from .registry import register_pass
 
 __all__ = ["OrthRegularizer", "LorthTerm", "RecurrentLorthTerm", "lorth_term", "gate_blocks_lorth",
-           "restate_period"]
-
-
-_LAYER_TYPES = (nn.Linear,) + TORCH_CONV_TYPES + TORCH_TRANSPOSED_CONV_TYPES
+           "restate_period", "frozen_convnorm_owner"]
 
 
 class LorthTerm(PenaltyTerm):
@@ -122,10 +120,17 @@ class LorthTerm(PenaltyTerm):
     def value(self, root: nn.Module) -> torch.Tensor:
         # current_weight: a weight that prune / the older weight_norm / spectral_norm set in a pre-hook, recomputed
         # from its parameters (the tensor the last forward left can be one without history, or with a freed graph)
-        layer_weight = whole(current_weight(root.get_submodule(self.site)),  # FSDP2 shards: gathered, differentiably
+        module = root.get_submodule(self.site)
+        layer_weight = whole(current_weight(module),  # FSDP2 shards: gathered, differentiably
                              f"site '{self.site}' (rule '{self.rule}'): the L_orth penalty")
-        return metrics.lorth(layer_weight, stride=self.stride, groups=self.groups, case=self.case,
-                             dilation=self.dilation)
+        stride, dilation = self.stride, self.dilation
+        if getattr(module, FROZEN_FILTERS_MARKER, False):
+            # looked up here too, not only when the term was built: a term built without the model, or saved before
+            # the frozen layer's geometry was read, holds the inner conv's stride 1
+            owner = frozen_convnorm_owner(root, self.site)
+            if owner is not None:
+                stride, dilation = _conv_geometry(owner)
+        return metrics.lorth(layer_weight, stride=stride, groups=self.groups, case=self.case, dilation=dilation)
 
     def form(self) -> tuple:
         # not the case: L_orth's RO and CO forms differ by the constant M - C S^d (P0), so they are one regulariser
@@ -183,10 +188,13 @@ class RecurrentLorthTerm(PenaltyTerm):
                 f"gates={self.gates})")
 
 
-def lorth_term(module: nn.Module, site: str, rule: str, weight: float, case: str | None = None) -> LorthTerm:
+def lorth_term(module: nn.Module, site: str, rule: str, weight: float, case: str | None = None,
+               root: nn.Module | None = None) -> LorthTerm:
     """The L_orth penalty term of ``module`` at ``site``; ``case`` ("RO" / "CO") is the layer's own. A transposed
     conv is the adjoint of the conv with its weight (the same singular values): its term is that conv's L_orth,
-    with RO and CO swapped. ``ArgumentError`` (a ``ValueError``) for other layer types."""
+    with RO and CO swapped. The conv of a frozen ConvNorm layer (:func:`frozen_convnorm_owner`, looked up in
+    ``root``, the model holding ``site``) has the stride and dilation of the layer that owns it: the term measures
+    the convolution that layer applies. ``ArgumentError`` (a ``ValueError``) for other layer types."""
     if isinstance(module, nn.Linear):
         return LorthTerm(site, rule, weight, case=case)
     # conv-like by what it has (a layer a pass installed in place of a conv, e.g. ConvNorm's, qualifies too)
@@ -195,8 +203,28 @@ def lorth_term(module: nn.Module, site: str, rule: str, weight: float, case: str
                             f"{type(module).__name__} ('{site}')")
     if isinstance(module, TORCH_TRANSPOSED_CONV_TYPES) and case is not None:
         case = theory.adjoint_case(case)
-    return LorthTerm(site, rule, weight, stride=tuple(module.stride), groups=module.groups, case=case,
-                     dilation=tuple(module.dilation))
+    owner = None if root is None else frozen_convnorm_owner(root, site)
+    stride, dilation = _conv_geometry(module if owner is None else owner)
+    return LorthTerm(site, rule, weight, stride=stride, groups=module.groups, case=case, dilation=dilation)
+
+
+def frozen_convnorm_owner(root: nn.Module, site: str) -> FrozenConvNormNd | None:
+    """The :class:`~orthofx.nn.convnorm.FrozenConvNormNd` whose ``conv`` is the module at ``site`` of ``root``, or
+    ``None`` when that module is no such conv (or sits elsewhere than under its layer).
+
+    That conv convolves at stride 1 with the layer's padding ``Q`` (the correlation ConvNorm's filters act on), so
+    its own ``stride`` is not the layer's: L_orth read from it was the stride-1 figure of a stride-2 layer (0.0133
+    for 0.0405 on one layer), another case (RO / CO) too. The layer keeps its conv's stride and dilation."""
+    module = root.get_submodule(site)
+    if not getattr(module, FROZEN_FILTERS_MARKER, False) or "." not in site:
+        return None
+    owner = root.get_submodule(site.rpartition(".")[0])
+    return owner if isinstance(owner, FrozenConvNormNd) and owner.conv is module else None
+
+
+def _conv_geometry(layer: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A conv-like layer's stride and dilation as tuples (what :class:`LorthTerm` keeps)."""
+    return tuple(layer.stride), tuple(layer.dilation)
 
 
 @register_pass
@@ -216,7 +244,7 @@ class OrthRegularizer(Pass):
               "or under no_grad evaluate every term and are not counted", minimum=1),
     )
     site_kinds = frozenset({"module"})
-    module_types = _LAYER_TYPES + RECURRENT_TYPES
+    module_types = PARAMETER_WEIGHT_LAYERS + RECURRENT_TYPES
     group = "weight"
     complex_weights = "measures real weights only (L_orth)"
 
@@ -258,7 +286,7 @@ class OrthRegularizer(Pass):
         """The :class:`LorthTerm` of a Linear / conv layer (``None`` when a tied weight has one already) and its
         recorded change."""
         module = ctx.module(entry.site)
-        term = lorth_term(module, entry.site.name, entry.rule_name, entry.params["weight"], case=case)
+        term = lorth_term(module, entry.site.name, entry.rule_name, entry.params["weight"], case=case, root=ctx.gm)
         # No L_orth value is computed here: on wide layers it costs as much as a training step's penalty,
         # and orthofx.report computes it when asked.
         shared = ctx.add_penalty(term)

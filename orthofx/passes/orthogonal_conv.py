@@ -784,7 +784,7 @@ class OrthogonalConvPass(Pass):
                               what="left unchanged: " + problem, params=dict(entry.params),
                               status=f"skipped: {problem}"))
             return
-        term = lorth_term(module, entry.site.name, entry.rule_name, entry.params["regularize_weight"])
+        term = lorth_term(module, entry.site.name, entry.rule_name, entry.params["regularize_weight"], root=ctx.gm)
         shared = ctx.add_penalty(term)
         what = "attached L_orth instead" if shared is None else f"L_orth instead (counted once, at {shared}: tied)"
         ctx.record(Change(site=entry.site.name, rule=entry.rule_name, pass_name=self.name,

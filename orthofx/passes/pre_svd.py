@@ -911,7 +911,7 @@ class PreSVD(Pass):
             parts.append("L_orth" if treatment == "lorth" else "SRIP")
 
         if treatment == "lorth":
-            term = lorth_term(module, name, entry.rule_name, params["penalty_weight"])
+            term = lorth_term(module, name, entry.rule_name, params["penalty_weight"], root=ctx.gm)
             shared = ctx.add_penalty(term)
             if shared is not None:
                 after["penalty"] = f"counted once, at {shared} (tied weight)"
