@@ -6,7 +6,8 @@ Three capture modes (``capture: {mode: ...}`` in a policy):
     :func:`capture` traces a model symbolically with :class:`OrthofxTracer`. torch.nn's built-in layers,
     orthofx's own layers (``orthofx.nn``) and the classes / module paths the caller names are *leaves*: they
     appear in the graph as one ``call_module`` node each. When the forward of some other submodule cannot be
-    traced (Python control flow on a traced tensor, iteration over a tensor, an op fx cannot record), that
+    traced (Python control flow on a traced tensor, iteration over a tensor, an op fx cannot record, a custom
+    ``torch.autograd.Function`` whose backward a trace would drop: :func:`_autograd_functions_intercepted`), that
     submodule is retried as a leaf, and :class:`~orthofx.passes.base.CaptureInfo` records the fallback. A failure
     in the model's own top-level forward cannot be worked around this way and raises
     :class:`~orthofx.errors.CaptureError`, which names the place, the cause (with the line of user code when it
@@ -78,6 +79,7 @@ import types
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
+import torch.utils.checkpoint
 from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
@@ -215,6 +217,13 @@ class OrthofxTracer(torch.fx.Tracer):
         #: ``(module path, table, name)`` of the buffers / parameters the forward registered while traced
         #: (``register_buffer`` on a first call): the graph cannot create them (see :func:`_created_state_message`).
         self.created_state: list[tuple[str, str, str]] = []
+        #: The modules whose forward called torch.utils.checkpoint, traced as plain code, and the custom
+        #: autograd.Function calls refused, in the last trace (see :func:`_autograd_functions_intercepted`).
+        self.checkpoints: list[str] = []
+        self.refused: list[_AutogradFunctionCall] = []
+        #: The grad mode and autocast blocks the last trace's forward started and ended with
+        #: (:func:`_check_mode_switches`).
+        self.mode_bounds: _ModeBounds | None = None
 
     # ---- leaves
 
@@ -338,13 +347,21 @@ class OrthofxTracer(torch.fx.Tracer):
         self.constant_scopes = {}
         self.attribute_stores = []
         self.created_state = []
+        self.checkpoints = []
+        self.refused = []
+        self.mode_bounds = None
         if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
         self._buffer_ids = {id(b) for b in root.buffers()}
         states = [_ModuleState(path, module) for path, module in root.named_modules()]
+        grad_before, autocast_before = torch.is_grad_enabled(), _autocast_nesting()
         try:
-            with _recording_mode_switches(self), _sequence_helpers_recorded(self):
+            with _recording_mode_switches(self), _sequence_helpers_recorded(self), _autograd_functions_intercepted(
+                    lambda args, kwargs: _holds((args, kwargs), torch.fx.Proxy), self._calling_module,
+                    self.checkpoints, self.refused):
                 graph = super().trace(root, concrete_args)
+                self.mode_bounds = _ModeBounds(grad_before, torch.is_grad_enabled(),
+                                               _autocast_nesting() - autocast_before)
         except BaseException:
             self._restore(states, None)  # a failed trace (retried with a leaf) must leave no proxies either
             raise
@@ -354,6 +371,10 @@ class OrthofxTracer(torch.fx.Tracer):
         _name_concrete_placeholders(graph, concrete_args)
         keep_parameter_kinds(graph, forward_parameter_kinds(root.forward))
         return graph
+
+    def _calling_module(self) -> str:
+        """The path of the module whose forward is being traced ('' for the model's own)."""
+        return self._forward_stack[-1][0] if self._forward_stack else ""
 
     def _restore(self, states: list[_ModuleState], graph: torch.fx.Graph | None) -> None:
         """Put every module's attributes back as they were before the trace.
@@ -517,6 +538,211 @@ def _recording_mode_switches(tracer: torch.fx.Tracer):
     finally:
         torch._C._set_grad_enabled = real_set_grad
         autocast.__enter__, autocast.__exit__ = real_enter, real_exit
+
+
+class _AutogradFunctionCall(TraceError):
+    """Raised where a forward being captured calls a custom ``torch.autograd.Function`` on traced values (see
+    :func:`_autograd_functions_intercepted`). A TraceError, so that a forward catching it is still seen
+    (:meth:`OrthofxTracer.caught_failure`). ``path``: the module whose forward made the call ('' for the model's
+    own)."""
+
+    def __init__(self, function: type, path: str):
+        self.function = function
+        self.path = path
+        super().__init__(
+            f"its forward calls the autograd.Function {_function_name(function)} on traced values: a trace follows "
+            f"{function.__name__}.forward and drops {function.__name__}.backward, so the graph's gradients would not "
+            "be the Function's")
+
+
+def _function_name(function: type) -> str:
+    """``GradReverse (mymodels.GradReverse)``: an autograd.Function's name and where it is defined."""
+    return f"{function.__name__} ({function.__module__}.{function.__qualname__})"
+
+
+def _is_checkpoint_function(function: type) -> bool:
+    """Whether ``function`` is torch's reentrant activation checkpointing (``checkpoint(..., use_reentrant=True)``,
+    the default where ``use_reentrant`` is not passed, and ``checkpoint_sequential``'s segments)."""
+    checkpoint_function = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
+    return checkpoint_function is not None and issubclass(function, checkpoint_function)
+
+
+def _is_torch_function(function: type) -> bool:
+    """Whether ``function`` is one of torch's own (a higher-order op's autograd, as ``torch.cond`` runs it under
+    torch.export, which records it as the op): those are torch's to trace."""
+    return function.__module__ == "torch" or function.__module__.startswith("torch.")
+
+
+def _var_positional_name(function: Callable[..., Any]) -> str | None:
+    return next((p.name for p in inspect.signature(function).parameters.values()
+                 if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+
+
+@contextlib.contextmanager
+def _autograd_functions_intercepted(traced: Callable[[tuple, dict], bool], calling_module: Callable[[], str | None],
+                                    checkpoints: list[str], refused: list[_AutogradFunctionCall]):
+    """Keep the gradients of the ``torch.autograd.Function`` calls of a forward that capture traces in this thread.
+
+    A trace (symbolic, or torch.export's) runs a Function's ``forward`` and records its operations; its ``backward``
+    never runs, so the graph differentiates the forward's operations instead (a gradient reversal layer would
+    reverse nothing, a straight-through estimator would pass zero), and torch's C++ ``apply`` runs ``forward``
+    with gradients off without any switch a trace can record (a ``no_grad`` block inside it was recorded as an
+    entry without its exit: gradients off for the whole process after one call). So, for each call of
+    ``Function.apply`` on traced values (``traced(args, kwargs)``) made by the forward of ``calling_module()`` (a
+    module path, '' for the model's own; None inside a module whose own code the graph runs, which is left alone):
+
+    - torch's reentrant activation checkpointing (:func:`_is_checkpoint_function`) runs the checkpointed function
+      as plain code, whose operations the trace records with their gradients, and the non-reentrant one
+      (``torch.utils.checkpoint._checkpoint_without_reentrant_generator``) does the same: a graph computes without
+      recomputing; ``checkpoints`` gets the module path, for the capture's warning;
+    - any other Function not of torch's own (:func:`_is_torch_function`) raises :class:`_AutogradFunctionCall`
+      (also appended to ``refused``, for a forward that catches it): capture keeps the calling module as a leaf, or
+      refuses a call in the model's own forward.
+    """
+    thread = threading.get_ident()
+    function_class = torch.autograd.Function
+    real_apply = function_class.__dict__["apply"]
+    checkpointing = torch.utils.checkpoint
+    real_region = getattr(checkpointing, "_checkpoint_without_reentrant_generator", None)
+    region_inputs = _var_positional_name(real_region) if real_region is not None else None
+
+    def caller(args: tuple, kwargs: dict) -> str | None:
+        if threading.get_ident() != thread or not traced(args, kwargs):
+            return None
+        return calling_module()
+
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        path = caller(args, kwargs)
+        if path is not None:
+            if _is_checkpoint_function(cls) and len(args) >= 2 and not kwargs:
+                checkpoints.append(path)
+                function, _preserve_rng_state, *inputs = args
+                return function(*inputs)
+            if not _is_torch_function(cls):
+                refused.append(_AutogradFunctionCall(cls, path))
+                raise refused[-1]
+        return real_apply.__func__(cls, *args, **kwargs)
+
+    def region(*args: Any, **kwargs: Any) -> Any:
+        # checkpoint(..., use_reentrant=False): torch's generator runs before and after the checkpointed function
+        bound = inspect.signature(real_region).bind(*args, **kwargs)
+        path = caller(bound.arguments.get(region_inputs, ()), kwargs)
+        if path is None:
+            yield from real_region(*args, **kwargs)
+            return
+        checkpoints.append(path)
+        yield
+
+    function_class.apply = classmethod(apply)
+    if region_inputs is not None:
+        checkpointing._checkpoint_without_reentrant_generator = region
+    try:
+        yield
+    finally:
+        function_class.apply = real_apply
+        if region_inputs is not None:
+            checkpointing._checkpoint_without_reentrant_generator = real_region
+
+
+def _checkpoint_warnings(model: nn.Module, paths: Iterable[str]) -> list[str]:
+    """The capture warning for each module whose forward calls torch.utils.checkpoint (see
+    :func:`_autograd_functions_intercepted`)."""
+    warnings = []
+    for path in dict.fromkeys(paths):
+        name = type(model.get_submodule(path)).__name__
+        if path:
+            where = f"submodule '{path}' ({name}) calls torch.utils.checkpoint in its forward"
+            keep = (f"list its class under capture.leaf_modules (leaf_modules: [{name}]): its forward then runs as "
+                    "written, checkpointing included, and the layers inside it stay sites, while its own code is not "
+                    "in the graph (function rules and op: / feeds: rules do not see it)")
+        else:
+            where = f"the model's forward ({name}) calls torch.utils.checkpoint"
+            keep = ("move the checkpoint call into a submodule's forward and list that submodule's class under "
+                    "capture.leaf_modules: its forward then runs as written, checkpointing included, and the layers "
+                    "inside it stay sites, while its own code is not in the graph")
+        warnings.append(
+            f"{where}: capture traced the checkpointed code as plain operations, so the transformed model keeps its "
+            "activations for backward instead of recomputing them there (the same values and gradients, more "
+            f"memory). To keep the recomputation, {keep}")
+    return warnings
+
+
+def _refused_call(exc: BaseException) -> _AutogradFunctionCall | None:
+    """The refused autograd.Function call that ``exc`` is, or was raised from or while handling; None if none."""
+    return next((e for e in _exception_chain(exc) if isinstance(e, _AutogradFunctionCall)), None)
+
+
+def _refused_function_error(model: nn.Module, call: _AutogradFunctionCall) -> CaptureError:
+    """The CaptureError for a custom autograd.Function called in the model's own forward, which no leaf can keep."""
+    location = _user_location(call)
+    name = call.function.__name__
+    error = CaptureError(
+        f"the model's own forward ({type(model).__name__}) calls the autograd.Function {_function_name(call.function)}"
+        f"{f' at {location}' if location else ''}: a trace follows {name}.forward and drops {name}.backward, so the "
+        "transformed model's gradients would not be the Function's, and capture keeps such a call whole only by "
+        "keeping the submodule whose forward makes it as a leaf, which the model's own forward is not. Fix: move the "
+        f"call into a submodule (a small nn.Module whose forward returns {name}.apply(...)), which capture then keeps "
+        "as a leaf by itself, or list that submodule's class under capture.leaf_modules in the policy",
+        module_path="")
+    error.same_in_export = True  # capture mode auto: torch.export would inline the call the same way
+    return error
+
+
+class _ModeBounds(NamedTuple):
+    """The grad mode when a captured forward started and when it returned, and how many autocast blocks it left
+    open (at capture, on the trace's values)."""
+
+    grad_before: bool
+    grad_after: bool
+    autocast_left_open: int
+
+
+def _graph_mode_bounds(graph: torch.fx.Graph, grad_before: bool) -> tuple[bool, int]:
+    """The grad mode after a run of ``graph``'s switches (:func:`set_grad_mode` ... :func:`exit_autocast`) from
+    ``grad_before``, and how many autocast blocks the run leaves open."""
+    mode = grad_before
+    before_entry: dict[torch.fx.Node, bool] = {}
+    autocast_open: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is set_grad_mode:
+            before_entry[node] = mode
+            mode = bool(node.args[0])
+        elif node.target is restore_grad_mode:
+            mode = before_entry.get(node.args[0], mode)
+        elif node.target is enter_autocast:
+            autocast_open.add(node)
+        elif node.target is exit_autocast:
+            autocast_open.discard(node.args[0])
+    return mode, len(autocast_open)
+
+
+def _check_mode_switches(graph: torch.fx.Graph, bounds: _ModeBounds | None, how: str) -> None:
+    """Refuse a graph whose grad-mode / autocast switches leave another mode behind than the forward did at capture.
+
+    Capture records the forward's ``no_grad`` / ``autocast`` blocks as switches in the graph; a switch made where
+    a trace cannot record it (in C++, as torch's ``autograd.Function.apply`` turns gradients off around
+    ``forward``) pairs the recorded ones wrongly, and the graph then leaves gradients off (or an autocast block
+    open) for the whole process after each call: an error here rather than a silent leak. A forward that leaves a
+    mode changed on purpose (``torch.set_grad_enabled(False)`` as a call) did so at capture as well."""
+    if bounds is None:
+        return
+    grad_after, autocast_left_open = _graph_mode_bounds(graph, bounds.grad_before)
+    if grad_after == bounds.grad_after and autocast_left_open == bounds.autocast_left_open:
+        return
+    if grad_after != bounds.grad_after:
+        what = (f"gradients {'on' if grad_after else 'off'} after each call, where the model's forward leaves them "
+                f"{'on' if bounds.grad_after else 'off'}")
+    else:
+        what = (f"{autocast_left_open} autocast block(s) open after each call, where the model's forward leaves "
+                f"{bounds.autocast_left_open}")
+    raise CaptureError(
+        f"the graph {how} captured would leave {what}: the forward switches grad mode or autocast where capture "
+        "cannot record the switch (in C++ code, such as torch.autograd.Function.apply or torch.inference_mode), so "
+        "the switches it recorded do not pair up. Fix: keep the submodule whose forward makes such a switch as a "
+        "leaf (capture.leaf_modules in the policy), or capture with the other mode (capture: {mode: fx} or "
+        "{mode: export})", module_path="")
 
 
 @torch.fx.node.has_side_effect  # no user may read its result (a block that returns nothing): keep it
@@ -2072,9 +2298,11 @@ def _capture_fx(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, concrete
 
     _drop_string_annotations(graph)
     _check_graph_names(graph, model)
+    _check_mode_switches(graph, tracer.mode_bounds, "symbolic tracing")
     gm = torch.fx.GraphModule(_Overlay(model, tracer.constants), graph, type(model).__name__)
     info.warnings.extend(_constant_warnings(gm, tracer))
     info.warnings.extend(_store_warnings(tracer.attribute_stores))
+    info.warnings.extend(_checkpoint_warnings(model, tracer.checkpoints))
 
     def trace_other_mode() -> tuple[torch.fx.Graph, nn.Module]:
         other_tracer = OrthofxTracer(leaf_types=leaf_types, leaf_paths=paths)
@@ -2086,6 +2314,9 @@ def _capture_fx(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, concrete
         _check_none_arguments(other_graph, branching, left_out)
         _drop_string_annotations(other_graph)
         _check_graph_names(other_graph, model)
+        _check_mode_switches(other_graph, other_tracer.mode_bounds, "symbolic tracing")
+        info.warnings.extend(w for w in _checkpoint_warnings(model, other_tracer.checkpoints)
+                             if w not in info.warnings)
         return other_graph, _Overlay(model, other_tracer.constants)
 
     return _with_other_mode(model, gm, info, trace_other_mode), info
@@ -2105,14 +2336,20 @@ def _trace_with_fallbacks(model: nn.Module, leaf_types: tuple, paths: set[str],
             failure = exc  # `exc` is unbound after the except block
             path, cls = tracer.failure_location(failure)
             cause = _describe_cause(failure)
+            refused = _refused_call(failure)
             if tracer.created_state:
                 # a forward that sets a new submodule and calls it: fx fails on the call ("not installed as a
                 # submodule"), which the created state explains
                 path, cls, cause = _created_state_leaf(model, tracer.created_state, failure)
+            elif refused is not None and not refused.path:
+                raise _refused_function_error(model, refused) from failure
             elif not path:
                 raise CaptureError(_failure_message("", type(model), cause, info.leaf_fallbacks),
                                    module_path="") from failure
         else:
+            at_top = [call for call in tracer.refused if not call.path]
+            if at_top:  # the model's own forward caught the refusal (try/except): its graph would lack the call
+                raise _refused_function_error(model, at_top[0]) from at_top[0]
             caught = tracer.caught_failure()
             if caught is None and not tracer.created_state:
                 return graph, tracer
@@ -2808,13 +3045,18 @@ def _describe_export_failure(exc: BaseException) -> str:
 
 
 def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict[str, Any] | None = None,
-                written: dict[str, list[_WrittenCall]] | None = None, records: Iterable[list | dict] = ()) -> Any:
+                written: dict[str, list[_WrittenCall]] | None = None, records: Iterable[list | dict] = (),
+                forward: _ExportedForward | None = None) -> Any:
     """``torch.export.export`` (non-strict) with a dynamic batch dimension, else static shapes. The batch of a
     seq-first recurrent layer's input ``(L, N, H_in)`` and of a hidden state is dimension 1
     (:func:`recurrent_batch_dims`). ``written``: the leaves' calls as :func:`_export_call_recorded` records them,
     for the message on a leaf whose calls torch.export cannot give one signature. ``records`` (lists the leaves'
     hooks append to, ``written``'s among them) are emptied before each attempt: they describe the calls of the
-    export returned, not those of an attempt that failed part way."""
+    export returned, not those of an attempt that failed part way. ``forward`` (emptied likewise) gets the
+    forward's checkpointing, its refused autograd.Function calls outside ``leaves`` (the export then fails:
+    see :func:`_autograd_functions_intercepted`) and its mode bounds."""
+    forward = forward if forward is not None else _ExportedForward()
+    records = [*records, forward]
     options = {"strict": False, "preserve_module_call_signature": tuple(leaves)}
     inputs, kwargs = _unaliased_inputs(inputs, kwargs or {})
     attempts = []
@@ -2836,13 +3078,13 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
             record.clear()
         try:
             with contextlib.redirect_stderr(buffer), _flat_mode_regions(), _signatures_outside_branches(), \
-                    exported_as_plain_module(model):
+                    exported_as_plain_module(model), forward.watching(model, leaves):
                 program = torch.export.export(model, fresh_inputs, kwargs=fresh_kwargs or None,
                                               dynamic_shapes=shapes, **options)
         except Exception as exc:  # noqa: BLE001 - reported as a CaptureError below
             error = exc
-            if "DataDependent" in type(exc).__name__:
-                break  # a branch on a tensor's value: static shapes would not help
+            if "DataDependent" in type(exc).__name__ or forward.refused:
+                break  # a branch on a tensor's value, a refused Function call: static shapes would not help
             continue
         sys.stderr.write(buffer.getvalue())
         return program
@@ -2898,6 +3140,65 @@ def _run_export(model: nn.Module, inputs: tuple, leaves: list[str], kwargs: dict
         "check that the model runs on example_inputs; for a Python branch on a tensor's value, move it into a "
         "submodule (symbolic tracing, capture mode fx or auto, then keeps that submodule as a leaf) or write it "
         "with torch.cond", module_path=path) from error
+
+
+class _ExportedForward:
+    """What the model's forward did while torch.export traced it (:meth:`watching`): ``checkpoints`` and
+    ``refused`` as :func:`_autograd_functions_intercepted` records them, and ``bounds``, the grad mode and autocast
+    blocks its outermost call started and ended with (:func:`_check_mode_switches`)."""
+
+    def __init__(self) -> None:
+        self.checkpoints: list[str] = []
+        self.refused: list[_AutogradFunctionCall] = []
+        self.bounds: _ModeBounds | None = None
+        self._depth = 0
+        self._start = (True, 0)
+
+    def clear(self) -> None:
+        """Forget an attempt (the lists stay the same objects, which :meth:`watching` hands on)."""
+        self.checkpoints.clear()
+        self.refused.clear()
+        self.bounds = None
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def watching(self, model: nn.Module, leaves: Iterable[str]):
+        """While torch.export runs ``model``: the Function calls of its forward outside ``leaves`` (whose own code
+        the graph runs: :class:`_ExportRebuilder` makes each of their calls a call of the module), and its bounds."""
+        names = _module_names(model)
+        leaf_set = set(leaves)
+
+        def calling_module() -> str | None:
+            innermost = None
+            frame = sys._getframe(1)
+            while frame is not None:
+                name = _frame_module(frame, names)
+                if name in leaf_set:
+                    return None
+                if innermost is None:
+                    innermost = name
+                frame = frame.f_back
+            return innermost
+
+        handles = [model.register_forward_pre_hook(_outside_branches(self._started)),
+                   model.register_forward_hook(_outside_branches(self._returned), always_call=True)]
+        try:
+            with _autograd_functions_intercepted(lambda args, kwargs: True, calling_module, self.checkpoints,
+                                                 self.refused):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _started(self, module: nn.Module, args: tuple) -> None:
+        if not self._depth:
+            self._start = (torch.is_grad_enabled(), _autocast_nesting())
+        self._depth += 1
+
+    def _returned(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._depth -= 1
+        if not self._depth:
+            self.bounds = _ModeBounds(self._start[0], torch.is_grad_enabled(), _autocast_nesting() - self._start[1])
 
 
 def _hooked_in_branch(error: BaseException) -> str | None:
@@ -4231,6 +4532,9 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
                            "example_inputs=(x,) to orthofx.transform / orthofx.explain", module_path="")
     kwargs = kwargs or {}
     source = _materialised(model, inputs, kwargs)
+    leaf_paths = tuple(leaf_paths)
+    forward = _ExportedForward()
+    kept: list[tuple[str, str]] = []  # the modules kept as leaves for their autograd.Function calls, and why
     opened: set[str] = set()
     direct: set[str] = set()  # inner leaves the forward calls outside any leaf (see _DirectCalls)
     added: set[str] = set()  # those that the export about to run keeps as calls for the first time
@@ -4292,7 +4596,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
             # the one kept (lin@2 for lin@1), and the call excluded was not the substituted one
             ep = _run_export(source, inputs, preserved, kwargs, written,
                              [order, calls.active, calls.direct, calls.count, calls.substituted, calls.swapped,
-                              *written.values()])
+                              *written.values()], forward)
         except CaptureError as exc:
             failed = exc
         finally:
@@ -4302,6 +4606,14 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
             for module, flag in flags:
                 module.training = flag
             created = _drop_created_state(states)
+        if forward.refused:
+            # a custom autograd.Function: its module runs as written in the graph (as in fx mode), or none can
+            call = forward.refused[0]
+            if not call.path or call.path in leaf_paths:
+                raise _refused_function_error(model, call) from (failed or call)
+            leaf_paths += (call.path,)
+            kept.append((call.path, _describe_cause(call)))
+            continue
         if failed is not None:
             if _hooked_in_branch(failed) is not None:
                 # with the hooks inside the leaves on, the retry below would trace a hook into the branch once, at
@@ -4371,8 +4683,9 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
         call_order.append(path if k == 0 else f"{path}@{k}")
         if k < len(written[path]):
             as_written[call_order[-1]] = written[path][k]
-    info = CaptureInfo(mode="export")
+    info = CaptureInfo(mode="export", leaf_fallbacks=kept)
     info.warnings.extend(notes)
+    info.warnings.extend(_checkpoint_warnings(source, forward.checkpoints))
     for path, (where, weights) in _leaves_in_branches(ep, leaves, aliases).items():
         what = f"leaf module '{path}' ({type(source.get_submodule(path)).__name__})"
         taken = (f"the nested graph torch.export makes of it takes {_names(weights)} as "
@@ -4417,6 +4730,7 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
                 f"the call '{exc.call.name}' of leaf module '{exc.call.path}' stays as inlined ATen ops in the "
                 f"exported graph ({exc}): rules do not see this call, passes that replace the module do not "
                 "affect it (its weights are still the module's)")
+    _check_mode_switches(graph, forward.bounds, "torch.export")
     guards = _InputGuards(graph, rebuilder.inputs, model)
     guards.insert(graph, rebuilder.prologue_end)
     info.warnings.extend(guards.warnings())
@@ -4643,7 +4957,9 @@ def _describe_cause(exc: BaseException) -> str:
     text = str(exc)
     note = ""
     # torch's iteration message also says "control flow": read first, or it was blamed on if/while/bool/len
-    if isinstance(exc, TraceError) and "cannot be iterated" in text:
+    if isinstance(exc, _AutogradFunctionCall):
+        cause = text
+    elif isinstance(exc, TraceError) and "cannot be iterated" in text:
         cause = ("its forward iterates over a traced tensor (a for loop, unpacking, or *args/**kwargs, which "
                  "symbolic tracing passes as one traced value; capture mode export, or auto with example inputs, "
                  "traces them)")
