@@ -255,11 +255,11 @@ from orthofx.errors import (LayerArgumentError, RunningFiltersDroppedWarning, ca
                             keep_in_metadata, layer_label)
 from orthofx.nn.tracing import (FuncTransformRefusal, fx_tracer_of, in_func_transform, record_as_leaf,
                                 recomputing_in_backward)
-from orthofx.nn.orthogonal import (_ComputedWeight, _EvalCache, check_tensor_input, refuse_weight_assignment,
+from orthofx.nn.orthogonal import (_ComputedWeight, _EvalCache, _real, check_tensor_input, refuse_weight_assignment,
                                    without_memory_format)
 from orthofx.nn.padding import circular_pad, conv_mode_pads, conv_zero_pads, flat_pads, per_dimension, torch_mode_pads
 from orthofx.nn.precision import HALF_PRECISION
-from orthofx.theory import _flag
+from orthofx.theory import _flag, _positive_int
 
 __all__ = [
     "ConvNormGeometry",
@@ -544,11 +544,24 @@ def _inverse_sqrt(power: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _checked_eps(eps) -> float:
-    """``eps`` as a float; it keeps ``V`` finite where a channel's kernels vanish, so it must be > 0."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+    """``eps`` as a float (:func:`~orthofx.nn.orthogonal._real`: numpy's and 0-d tensors' too, as
+    ``nn.BatchNorm2d`` takes them); it keeps ``V`` finite where a channel's kernels vanish, so it must be > 0."""
+    value = _real(eps)
+    if value is None or not math.isfinite(value) or value <= 0:
         raise LayerArgumentError(f"eps must be a finite number > 0 (it keeps ConvNorm's filter finite where all "
                                  f"kernels of a channel vanish), got {eps!r}")
-    return float(eps)
+    return value
+
+
+def _checked_momentum(momentum) -> float | None:
+    """``momentum`` as a float in (0, 1] (:func:`~orthofx.nn.orthogonal._real`: numpy's and 0-d tensors' too, as
+    ``nn.BatchNorm2d`` takes them), or ``None``."""
+    if momentum is None:
+        return None
+    value = _real(momentum)
+    if value is None or not 0 < value <= 1:
+        raise LayerArgumentError(f"momentum must be None or a number in (0, 1], got {momentum!r}")
+    return value
 
 
 def _checked_max_running_grids(value, where: str = "") -> int | None:
@@ -556,12 +569,14 @@ def _checked_max_running_grids(value, where: str = "") -> int | None:
     when the attribute is set later)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    try:  # numpy's and 0-d tensors' integers too; never a bool or a float
+        return _positive_int(value, "max_running_grids", LayerArgumentError)
+    except LayerArgumentError:
         prefix = f"{where}: " if where else ""
         raise LayerArgumentError(
             f"{prefix}max_running_grids must be None (no bound) or an integer >= 1 (the most running ConvNorm filters, "
-            f"one per FFT grid, that a layer with momentum keeps; default {MAX_RUNNING_GRIDS}), got {value!r}")
-    return int(value)
+            f"one per FFT grid, that a layer with momentum keeps; default {MAX_RUNNING_GRIDS}), got {value!r}"
+        ) from None
 
 
 def _spatial_sizes(value, d: int, label: str, what: str) -> tuple[int, ...]:
@@ -1084,15 +1099,13 @@ class ConvNormConvNd(_ComputedWeight, _EvalCache, nn.Module):
         if isinstance(conv.weight, nn.parameter.UninitializedParameter):
             raise LayerArgumentError("the convolution is lazy and not initialised yet; run it once before wrapping it")
         eps = _checked_eps(eps)
-        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                     or not 0 < momentum <= 1):
-            raise LayerArgumentError(f"momentum must be None or a number in (0, 1], got {momentum!r}")
+        momentum = _checked_momentum(momentum)
         max_running_grids = _checked_max_running_grids(max_running_grids)
         # a truthy non-bool (affine="no", "false" from a config file) added a learned part silently
         affine = _flag(affine, "affine (add the learned depthwise-conv affine part or not)", LayerArgumentError)
         self.conv = conv
-        self.eps = float(eps)
-        self.momentum = None if momentum is None else float(momentum)
+        self.eps = eps
+        self.momentum = momentum
         self._max_running_grids = max_running_grids
         if affine:
             m = conv.out_channels

@@ -119,6 +119,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from orthofx.errors import LayerArgumentError, layer_label
+from orthofx.nn.orthogonal import _real
 from orthofx.nn.precision import HALF_PRECISION, autocast_enabled, autocast_off
 from orthofx.nn.tracing import (ForwardModeRefusal, FuncTransformRefusal, fx_tracer_of, in_func_transform,
                                 record_as_leaf, recomputing_in_backward)
@@ -210,7 +211,7 @@ def pair_kernel(lam: Tensor, taylor_order: int | None = 9, clamp_gap: float | No
     """``K[..., i, j] ~ 1 / (lam_j - lam_i)`` (zero diagonal, antisymmetric, always finite) as described in the
     module docstring. ``lam`` holds sorted eigenvalues, ascending unless ``descending``; the order only decides
     the sign at exact ties (+ above the diagonal for ascending, - for descending)."""
-    _check_args(taylor_order, clamp_gap)
+    taylor_order, clamp_gap = _check_args(taylor_order, clamp_gap)
     upper = _pair_magnitude(lam, taylor_order, clamp_gap).triu(1)
     return upper.mT - upper if descending else upper - upper.mT
 
@@ -265,14 +266,22 @@ def _refuse_forward_mode(A, what: str) -> None:
         raise _forward_mode_error(what)
 
 
-def _check_args(taylor_order, clamp_gap) -> None:
-    if taylor_order is not None and (isinstance(taylor_order, bool) or not isinstance(taylor_order, int)
-                                     or taylor_order < 0):
-        raise LayerArgumentError(f"taylor_order must be None (exact gradient) or an int >= 0, got {taylor_order!r}")
-    # bool is an int subclass: clamp_gap=True passed as a gap of 1 (taylor_order=True was already refused)
-    if clamp_gap is not None and (isinstance(clamp_gap, bool) or not (isinstance(clamp_gap, (int, float))
-                                                                      and clamp_gap > 0)):
-        raise LayerArgumentError(f"clamp_gap must be None or a float > 0, got {clamp_gap!r}")
+def _check_args(taylor_order, clamp_gap) -> tuple[int | None, float | None]:
+    """``(taylor_order, clamp_gap)`` as a Python int and float (or None): numpy's and 0-d tensors' numbers too, as
+    torch.nn layers take them (``np.int64(9)`` read from an array was refused), never a bool (``clamp_gap=True``
+    passed as a gap of 1). The custom ops take Python numbers only."""
+    if taylor_order is not None:
+        try:
+            taylor_order = _positive_int(taylor_order, "taylor_order", LayerArgumentError, minimum=0)
+        except LayerArgumentError:
+            raise LayerArgumentError(f"taylor_order must be None (exact gradient) or an int >= 0, got "
+                                     f"{taylor_order!r}") from None
+    if clamp_gap is not None:
+        gap = _real(clamp_gap)
+        if gap is None or not gap > 0:  # NaN too
+            raise LayerArgumentError(f"clamp_gap must be None or a float > 0, got {clamp_gap!r}")
+        clamp_gap = gap
+    return taylor_order, clamp_gap
 
 
 def _flags(what: str, float64, plain) -> tuple[bool, bool]:
@@ -522,7 +531,7 @@ def eigh_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
     True
     """
     _check_input(A, "eigh_stable", square=True)
-    _check_args(taylor_order, clamp_gap)
+    taylor_order, clamp_gap = _check_args(taylor_order, clamp_gap)
     float64, plain = _flags("eigh_stable", float64, plain)
     if uplo not in ("L", "U"):
         raise LayerArgumentError(f"eigh_stable: uplo must be 'L' or 'U' (the triangle of A that is read), got "
@@ -659,7 +668,7 @@ def svd_stable(A: Tensor, taylor_order: int | None = 9, float64: bool = False,
     True
     """
     _check_input(A, "svd_stable", square=False)
-    _check_args(taylor_order, clamp_gap)
+    taylor_order, clamp_gap = _check_args(taylor_order, clamp_gap)
     float64, plain = _flags("svd_stable", float64, plain)
     if not plain:
         _refuse_forward_mode(A, "svd_stable")
@@ -700,8 +709,10 @@ def _newton_schulz(A: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor, 
 def _newton_schulz_power(A: Tensor, iterations: int, inverse: bool, what: str) -> Tensor:
     """``A^(1/2)`` (``A^(-1/2)`` when ``inverse``) from :func:`_newton_schulz`."""
     _check_input(A, what, square=True, complex_ok=True)
-    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
-        raise LayerArgumentError(f"iterations must be an int >= 0, got {iterations!r}")
+    try:  # numpy's and 0-d tensors' integers too; never a bool or a float
+        iterations = _positive_int(iterations, "iterations", LayerArgumentError, minimum=0)
+    except LayerArgumentError:
+        raise LayerArgumentError(f"iterations must be an int >= 0, got {iterations!r}") from None
     work, returned = _working_dtypes(A, float64=False)
     if returned is not None and (work != A.dtype or autocast_enabled(A.device.type)):
         # bfloat16 matmuls would lose the iteration's accuracy: run it in float32 with autocast off; the trace

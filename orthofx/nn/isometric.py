@@ -44,6 +44,7 @@ import operator
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from orthofx.errors import LayerArgumentError, layer_label
@@ -189,9 +190,9 @@ class OrthogonalActivationBlock(_ComputedBlockWeight, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.features, self)
-        z = x @ self.weight.transpose(0, 1)
-        if self.bias is not None:
-            z = z + self.bias
+        # one F.linear, as nn.Linear and the frozen form: under torch.autocast it casts the bias with the matmul's
+        # operands, where ``x @ Q^T + b`` added a float32 bias to the half-precision product and returned float32
+        z = F.linear(x, self.weight, self.bias)
         if self.activation == "abs":
             return z.abs()
         if self.activation == "relu":
@@ -268,10 +269,10 @@ class ReflectionResidualBlock(_ComputedBlockWeight, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.features, self)
         wt = _qf(self.raw, _raw_dtype(self))  # features x hidden, = W^T
-        z = x @ wt
-        if self.bias is not None:
-            z = z + self.bias
-        return x - 2.0 * (torch.relu(z) @ wt.transpose(0, 1))
+        # F.linear, as the frozen form's two nn.Linear layers: under torch.autocast the hidden units are then
+        # autocast's dtype there too (``x @ W^T + b`` promoted them to float32 with the bias)
+        z = F.linear(x, wt.transpose(0, 1), self.bias)
+        return x - 2.0 * F.linear(torch.relu(z), wt)
 
     @torch.no_grad()
     def to_plain(self) -> torch.fx.GraphModule:

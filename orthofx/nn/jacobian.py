@@ -79,6 +79,7 @@ from torch import nn
 from .. import metrics
 from ..errors import LayerArgumentError, keep_in_metadata, layer_label, saved_count
 from ..theory import _flag, _positive_int
+from .orthogonal import _real
 from .precision import zero_like_parameters
 from .tracing import (NOT_RECORDED, checkpoint_region, fx_tracer_of, in_export, in_func_transform, record_as_leaf,
                       recomputing_in_backward, record_for_recomputation, recorded_for_recomputation)
@@ -321,7 +322,8 @@ class JacobianProbe(nn.Module):
             raise LayerArgumentError(f"kind must be one of {', '.join(metrics.JACOBIAN_KINDS)}, got {kind!r}")
         if route not in _ROUTES:
             raise LayerArgumentError(f"route must be one of {', '.join(_ROUTES)}, got {route!r}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+        weight_value = _real(weight)  # numpy's and 0-d tensors' numbers too; never a bool
+        if weight_value is None or not 0 <= weight_value < math.inf:
             raise LayerArgumentError(f"weight must be a finite number >= 0, got {weight!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise LayerArgumentError(f"seed must be an integer or None, got {seed!r}")
@@ -346,7 +348,7 @@ class JacobianProbe(nn.Module):
         self.__dict__["_modules"] = block._modules
         self._version = getattr(block, "_version", 1)  # state_dict metadata: the block's class version
         self.training = block.training
-        self.penalty_weight = float(weight)
+        self.penalty_weight = weight_value
         self.probes = metrics.jacobian_probe_count(probes, "JacobianProbe", LayerArgumentError)
         self.kind = kind
         self.every = _positive_int(every, "JacobianProbe: every", LayerArgumentError)

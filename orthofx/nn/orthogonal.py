@@ -127,6 +127,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -171,6 +172,28 @@ _PADDING_MODES = ("circular", "zeros")
 
 
 # ------------------------------------------------------------------------------------------ argument checks
+
+
+def _real(value) -> float | None:
+    """``value`` as a Python float if it is one real number: an int or a float, numpy's too (``np.float32(1e-5)``
+    read from a config) and a 0-d real tensor's, as torch.nn layers take them (``nn.BatchNorm2d(4,
+    eps=np.float32(1e-5))``); ``None`` for anything else: a bool, numpy's too (``gain=True`` built a gain of 1
+    without a word), a string (``float("2")`` would read one), a complex number, an array or a tensor of several
+    elements. The caller checks the range and names the argument. The orthofx.nn layers' one reading of a real
+    argument (of an integer one: :func:`orthofx.theory._positive_int`, which takes numpy's and 0-d tensors' too).
+
+    >>> import numpy as np
+    >>> _real(np.float32(0.5)), _real(torch.tensor(2)), _real(True), _real("2")
+    (0.5, 2.0, None, None)
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool or value.is_meta:
+            return None
+        return float(value.detach().item())
+    # numbers.Real: int, float, fractions and numpy's integer and floating scalars (not numpy's bool)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
 
 
 def _int(value, name: str, minimum: int = 1) -> int:
@@ -220,11 +243,11 @@ def _bias_flag(bias, name: str) -> bool:
 
 
 def _gain(gain, dtype: torch.dtype | None, name: str) -> float:
-    """``gain`` as a float, checked for the layer ``name`` whose weights are ``dtype`` (None: the default dtype)."""
-    try:
-        value = float(gain)
-    except (TypeError, ValueError):
-        raise LayerArgumentError(f"{name}: gain must be a positive float, got {gain!r}") from None
+    """``gain`` as a float, checked for the layer ``name`` whose weights are ``dtype`` (None: the default dtype):
+    a real number (:func:`_real`: numpy's too; a bool is refused, as everywhere in orthofx)."""
+    value = _real(gain)
+    if value is None:
+        raise LayerArgumentError(f"{name}: gain must be a positive float, got {gain!r}")
     if not math.isfinite(value) or value <= 0:
         raise LayerArgumentError(f"{name}: gain must be a positive finite float (the kernel is orthogonal times "
                                  f"gain), got {gain!r}")
@@ -602,12 +625,13 @@ def _check_floating(x: torch.Tensor, layer: nn.Module | str) -> None:
             "a complex signal's real and imaginary parts as channels")
 
 
-def check_input_dtype(x: torch.Tensor, dtype: torch.dtype, layer: nn.Module, noun: str = "layer") -> None:
+def check_input_dtype(x: torch.Tensor, dtype: torch.dtype, layer: nn.Module | str, noun: str = "layer") -> None:
     """Refuse a floating-point input whose dtype is not ``dtype``, the layer's parameters' (outside
     ``torch.autocast``, which casts the operands of the matmul or conv itself): torch's raw "mat1 and mat2 must
     have the same dtype" or "Input type (float) and bias type (c10::BFloat16) should be the same" otherwise,
-    naming neither the layer nor the fix. ``noun``: what the message calls the layer (``"block"`` for the
-    isometric blocks). Call it on a concrete tensor (not a ``torch.fx.Proxy``).
+    naming neither the layer nor the fix. ``layer``: the layer, or its label (:func:`~orthofx.errors.layer_label`).
+    ``noun``: what the message calls the layer (``"block"`` for the isometric blocks). Call it on a concrete tensor
+    (not a ``torch.fx.Proxy``).
 
     >>> layer = OrthogonalLinear(4, 4).to(torch.bfloat16)
     >>> try:
@@ -618,8 +642,9 @@ def check_input_dtype(x: torch.Tensor, dtype: torch.dtype, layer: nn.Module, nou
     """
     if x.dtype != dtype and not autocast_enabled(x.device.type):
         name = str(dtype).replace("torch.", "")
+        label = layer if isinstance(layer, str) else layer_label(layer)
         raise LayerArgumentError(
-            f"{layer_label(layer)}: the input's dtype {str(x.dtype).replace('torch.', '')} is not the {noun}'s "
+            f"{label}: the input's dtype {str(x.dtype).replace('torch.', '')} is not the {noun}'s "
             f"{name}; convert the input (x.to(torch.{name})) or the {noun} ({noun}.to(x.dtype))")
 
 
@@ -648,7 +673,8 @@ def _check_input(x: torch.Tensor, dims: int, channels: int, layer: nn.Module | s
 
 
 def _fourier_forward(x: torch.Tensor, symbol: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, ...],
-                     input_size: tuple[int, ...], channels: int, label: str, frozen: bool) -> torch.Tensor:
+                     input_size: tuple[int, ...], channels: int, label: str, frozen: bool,
+                     layer_dtype: torch.dtype, half_inputs: bool = False) -> torch.Tensor:
     r"""The forward of a Fourier-domain layer (``method="cayley_fft"`` and :class:`FourierConv`): the input checks,
     :math:`y = \mathrm{IFFT}(Q(f)\,\mathrm{FFT}(x'))` with ``symbol`` :math:`Q` (``(g, F, M, C S^d)`` complex),
     plus ``bias``; an unbatched input gives an unbatched output. ``label`` names the layer in errors; ``frozen``
@@ -657,12 +683,21 @@ def _fourier_forward(x: torch.Tensor, symbol: torch.Tensor, bias: torch.Tensor |
     (:func:`~orthofx.nn.precision.autocast_conv_dtype`: bfloat16 for a float32 input under bfloat16 autocast),
     computed in float32 and rounded once.
 
+    ``layer_dtype``: the layer's parameters' dtype (a half-precision layer's, though its symbol is complex64).
+    Outside autocast an input of another dtype is refused (:func:`check_input_dtype`), as ``nn.Conv{d}d`` and
+    the other orthofx layers refuse it: the symbol's cast to the input's precision ran a float64 layer at float32
+    precision, and returned a float64 output of float32 accuracy from a float32 layer, without a word.
+    ``half_inputs``: a half-precision input is taken too (a frozen half-precision layer without a bias, whose
+    float32 symbol is all that tells its dtype: computed in float32 and rounded, as the layer it came from).
+
     Registered with ``torch.fx.wrap`` below: ``torch.fx.symbolic_trace`` records it as one call (the checks, the
     unbatched case and the empty batch need concrete shapes, which a Proxy does not have), while the symbol, a
     function of the parameters fixed by the layer's ``input_size``, is traced op by op before it, so a traced
     model computes the same outputs and parameter gradients."""
     d = len(input_size)
     _check_input(x, d, channels, label)
+    if not (half_inputs and x.dtype in HALF_PRECISION):
+        check_input_dtype(x, layer_dtype, label)
     size = tuple(x.shape[-d:])
     if size != tuple(input_size):
         if frozen:
@@ -1830,7 +1865,7 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
             Q = self._cached("symbol", lambda: (self._cayley_unit_symbol() * self.gain).to(
                 torch.complex128 if self._param_dtype == torch.float64 else torch.complex64))
             return _fourier_forward(x, Q, self.bias, self.stride, self.input_size, self.in_channels,
-                                    layer_label(self), frozen=False)
+                                    layer_label(self), frozen=False, layer_dtype=self._param_dtype)
         _check_input(x, self._dims, self.in_channels, self)
         if not isinstance(x, torch.fx.Proxy):  # the Fourier-domain forward above casts; the conv does not
             check_input_dtype(x, self._param_dtype, self)
@@ -2878,7 +2913,10 @@ class FourierConv(_FormatFree, nn.Module):
     (``(groups, F, M, C S^d, 2)``: real and imaginary parts, so ``.to(dtype)`` / ``.half()`` cast it like any real
     buffer). Cost per call: two FFTs and one batched complex ``M x C S^d`` matrix product per frequency. It is
     defined for one input size (:class:`~orthofx.errors.LayerArgumentError` for another); ``torch.export`` and
-    the ONNX exporter (DFT + MatMul, opset >= 18) both handle it.
+    the ONNX exporter (DFT + MatMul, opset >= 18) both handle it. Outside ``torch.autocast`` an input must have
+    the layer's dtype, its bias's, else its symbol's (a float32 symbol without a bias, as a frozen half-precision
+    layer keeps, takes half-precision inputs too): another raises a
+    :class:`~orthofx.errors.LayerArgumentError`, as ``nn.Conv{d}d`` refuses it.
 
     >>> import torch
     >>> layer = OrthogonalConv2d(4, 4, 3, method="cayley_fft", input_size=(8, 8))
@@ -2919,10 +2957,16 @@ class FourierConv(_FormatFree, nn.Module):
         x = input  # the frozen form of a Conv{d}d replacement keeps nn.Conv{d}d's parameter name
         symbol = self.symbol
         # the dtype from _buffers: a tracer with proxy_buffer_attributes (orthofx's) makes self.symbol a Proxy
-        if self._buffers["symbol"].dtype not in (torch.float32, torch.float64):
+        dtype = self._buffers["symbol"].dtype
+        if dtype not in (torch.float32, torch.float64):
             symbol = symbol.float()
+        # the layer's dtype, which its inputs must have outside autocast: its bias's (a frozen half-precision layer
+        # keeps its symbol in float32, the precision the layer computed it in), else its symbol's
+        bias = self._parameters.get("bias")
         return _fourier_forward(x, torch.view_as_complex(symbol), self.bias, self.stride, self.input_size,
-                                self.in_channels, layer_label(self), frozen=True)
+                                self.in_channels, layer_label(self), frozen=True,
+                                layer_dtype=dtype if bias is None else bias.dtype,
+                                half_inputs=bias is None and dtype == torch.float32)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, input_size={self.input_size}, stride={self.stride}, "
