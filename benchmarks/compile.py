@@ -19,10 +19,14 @@ eager outputs, and the eager and compiled times' ratios to the plain model's in 
 
     python benchmarks/compile.py --device cuda                    # everything
     python benchmarks/compile.py --device cuda --precisions bf16  # one precision
-    python benchmarks/compile.py --quick --device cpu             # smoke run (width 8, batch 8, 3 repeats)
-    python benchmarks/compile.py --quick --backend aot_eager      # the same, no code generated: seconds on a CPU
+    python benchmarks/compile.py --quick --device cpu             # smoke run (see below): minutes on a CPU
+    python benchmarks/compile.py --quick --backend aot_eager      # the same, no code generated: about a minute
 
-Writes ``benchmarks/results/compile.json`` (or ``--out``).
+``--quick`` is a smoke run: width 8, batch 8, 3 repeats, inductor's caches kept, and unless given, ``--presets
+lorth`` and ``--precisions fp32`` (plain and lorth, train and eval, and lorth's frozen model: five cells; every
+default preset and precision take 22 cells, over 7 minutes on two CPU cores even with ``aot_eager``).
+
+Writes ``benchmarks/results/local/compile.json`` (ignored by git) or ``--out``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ import orthofx
 from timing import common_arguments, interleaved, once, positive_int, setup, synchronizer, write_results
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+PRESETS = ["lorth", "orthogonal", "convnorm"]
+#: ``--quick``'s defaults: one preset, one precision (the smoke run's cells are compiled on every call)
+QUICK_PRESETS, QUICK_PRECISIONS = ["lorth"], ["fp32"]
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 BACKENDS = ["inductor", "aot_eager"]
 
@@ -132,11 +139,11 @@ def _cell(variant: str, precision: str, mode: str, measure) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="*", choices=sorted(orthofx.presets()), metavar="PRESET",
-                        default=["lorth", "orthogonal", "convnorm"],
+    parser.add_argument("--presets", nargs="*", choices=sorted(orthofx.presets()), metavar="PRESET", default=None,
                         help=f"presets timed besides the plain model (of {', '.join(sorted(orthofx.presets()))}; "
-                             "default: lorth orthogonal convnorm)")
-    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
+                             f"default: {' '.join(PRESETS)}; lorth with --quick)")
+    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=None,
+                        help=f"default: {' '.join(PRECISIONS)}; fp32 with --quick")
     parser.add_argument("--modes", nargs="+", choices=["train", "eval"], default=["train", "eval"],
                         help="which steps to time (not the torch.compile mode: that is --mode)")
     parser.add_argument("--width", type=positive_int, default=64)
@@ -146,11 +153,11 @@ def main() -> None:
                         help="torch.compile mode (default; reduce-overhead: CUDA graphs; max-autotune)")
     parser.add_argument("--backend", default="inductor", choices=BACKENDS,
                         help="torch.compile backend (default inductor; aot_eager: the same fullgraph capture and "
-                             "autograd graphs without generating code, a smoke run that compiles in seconds on a "
-                             "CPU: its times are not figures)")
+                             "autograd graphs without generating code, a smoke run whose cells compile in seconds "
+                             "on a CPU: its times are not figures)")
     parser.add_argument("--quick", action="store_true",
-                        help="width 8, batch 8, 3 repeats, inductor's caches kept (smoke run: the cold compile "
-                             "times are not figures)")
+                        help="width 8, batch 8, 3 repeats, inductor's caches kept, --presets lorth and --precisions "
+                             "fp32 unless given (smoke run: the cold compile times are not figures)")
     common_arguments(parser, "compile.json", device="auto", threads=None)
     args = parser.parse_args()
     setup(parser, args)
@@ -158,6 +165,10 @@ def main() -> None:
         parser.error(f"--mode {args.mode} is an inductor mode; it does not apply to --backend {args.backend}")
     if args.quick:
         args.width, args.batch, args.repeats = 8, 8, 3
+    if args.presets is None:
+        args.presets = QUICK_PRESETS if args.quick else PRESETS
+    if args.precisions is None:
+        args.precisions = QUICK_PRECISIONS if args.quick else list(PRECISIONS)
     else:
         # cold means cold: inductor's caches (on disk, kept between runs, and in memory) would serve a graph
         # compiled before (by an earlier run, or by an earlier cell: the frozen lorth model is the lorth eval graph)

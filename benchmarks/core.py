@@ -17,7 +17,7 @@
     python benchmarks/core.py --quick    # smaller widths and batches, for a CPU smoke run
     python benchmarks/core.py --quick --repeats 1    # one timed call per candidate: a test's smoke run
 
-Writes ``benchmarks/results/core.json`` (or ``--out``).
+Writes ``benchmarks/results/local/core.json`` (ignored by git) or ``--out``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ so that drift in machine load hits both alike and neither always runs after the 
 for every dim, unbatched and batched. One timed run = forward, then backward with fixed random output
 gradients (torch.autograd.grad). Prints a table of medians and ratios (median over adjacent run pairs of
 candidate / baseline, robust to machine load that drifts) and writes
-benchmarks/results/decompositions.json (or ``--out``). Quality bar (DESIGN.md): stable ops within 1.5x of torch's.
+benchmarks/results/local/decompositions.json (ignored by git) or ``--out``. Quality bar (DESIGN.md): stable ops
+within 1.5x of torch's.
 """
 
 from __future__ import annotations

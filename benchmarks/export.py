@@ -4,15 +4,17 @@ Issue 6's benchmarks: for each built-in model and preset, ``orthofx.freeze`` of 
 eval mode (``torch.no_grad``) side by side with the original, untransformed model on the same input (goal: ratio
 <= 1.05; a preset that changes the architecture, e.g. ConvNorm's extra normalisation, is expected to cost more),
 and ``orthofx.export`` is timed once per format (``.pt``, ``.pt2``, ``.onnx``: the export's own parity check
-included). The maximum difference each export reports is recorded (none for ``.pt``, which is not checked); a
-failed export records its error instead of a time.
+included). The maximum difference each export reports is recorded (none for ``.pt``, which is not checked;
+``.pt2``'s has been 0 in every run so far: the exported program runs the frozen model's own ATen ops on the same
+device); a failed export (``.onnx`` without the ``onnx`` extra, say) records its error instead of a time, and a
+note under the printed table says why its cells are blank.
 
     python benchmarks/export.py                 # width 32, batch 32 (CPU)
     python benchmarks/export.py --quick         # width 8, batch 8, fewer repeats
     python benchmarks/export.py --quick --models deep_mlp   # one model's presets only
     python benchmarks/export.py --device cuda   # inference timing on a GPU (exports run on the CPU)
 
-Writes ``benchmarks/results/export.json`` (or ``--out``).
+Writes ``benchmarks/results/local/export.json`` (ignored by git) or ``--out``.
 
 On CPU with glibc, fx GraphModules run about 1.2x slower than their source modules because of allocator churn
 (``benchmarks/RESULTS.md``); to time the models without it::
@@ -58,6 +60,22 @@ def _export_seconds(gm: torch.nn.Module, suffix: str, x: torch.Tensor) -> tuple[
         except orthofx.OrthofxError as exc:
             return None, None, str(exc).splitlines()[0][:200]
         return seconds, result.max_abs_diff, None
+
+
+def export_failures(rows: list[dict]) -> list[str]:
+    """One line per distinct export error (the table leaves those cells blank): the format, the error, and the
+    rows it failed on (all of them, for a format that cannot export here at all, as ``.onnx`` without onnx)."""
+    failures: dict[tuple[str, str], list[str]] = {}
+    for row in rows:
+        for key, error in row.items():
+            if key.endswith("_error"):
+                suffix = key[len("export"):-len("_error")]
+                failures.setdefault((suffix, error), []).append(f"{row['model']} {row['preset']}")
+    lines = []
+    for (suffix, error), where in failures.items():
+        which = "every row" if len(where) == len(rows) else ", ".join(where)
+        lines.append(f"{suffix} export failed ({which}), so its cells are blank: {error}")
+    return lines
 
 
 def main() -> None:
@@ -111,8 +129,11 @@ def main() -> None:
     from tabulate import tabulate
     table = [{k: v for k, v in r.items() if not k.endswith("_error")} for r in rows]
     print(tabulate(table, headers="keys", floatfmt=".3g"))
+    notes = export_failures(rows)
+    for note in notes:
+        print(f"note: {note}")
     write_results(args.out, args.device, rows, machine=platform.machine(), width=args.width, batch=args.batch,
-                  repeats=args.repeats)
+                  repeats=args.repeats, notes=notes)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ alike) and the median is reported with its ratio to the plain candidate.
 after every timed call. ``--flush-denormal`` flushes subnormal floats to zero: the 64-layer tanh MLP's Jacobian
 vanishes, the estimate's second-order terms underflow, and some x86 CPUs (a Xeon here, not an AMD EPYC) then
 run its backward about twice as slowly. ``--part jacobian|riemannian`` runs one half. Writes ``--out``
-(default ``benchmarks/results/jacobian.json``).
+(default ``benchmarks/results/local/jacobian.json``, ignored by git).
 """
 
 from __future__ import annotations

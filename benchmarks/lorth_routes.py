@@ -15,7 +15,7 @@ The convolution route is timed by raising the threshold past every shape (the sa
     python benchmarks/lorth_routes.py --threads 1
     python benchmarks/lorth_routes.py --quick --repeats 1    # a smoke run
 
-Writes ``benchmarks/results/lorth_routes.json`` (or ``--out``).
+Writes ``benchmarks/results/local/lorth_routes.json`` (ignored by git) or ``--out``.
 """
 
 from __future__ import annotations

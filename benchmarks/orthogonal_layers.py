@@ -41,7 +41,7 @@ Usage::
 
 Peers: ``pip install -e ".[bench]"`` (orthogonium, deel-torchlip; torch stays within orthofx's bound).
 
-Writes ``benchmarks/results/orthogonal_layers.json`` (or ``--out``).
+Writes ``benchmarks/results/local/orthogonal_layers.json`` (ignored by git) or ``--out``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ form (``to_plain()``: ``nn.ConvTranspose2d(padding=0)`` then ``CircularFold``, t
 
     python benchmarks/orthogonal_transposed.py --threads 1
 
-Writes ``benchmarks/results/orthogonal_transposed_<device>.json`` (or ``--out``).
+Writes ``benchmarks/results/local/orthogonal_transposed_<device>.json`` (ignored by git) or ``--out``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ CUDA only), the largest difference from the Householder ``Q`` and the orthogonal
 
     python benchmarks/orthonormal.py --device cuda
 
-Writes ``benchmarks/results/orthonormal_<device>.json`` (or ``--out``).
+Writes ``benchmarks/results/local/orthonormal_<device>.json`` (ignored by git) or ``--out``.
 """
 
 from __future__ import annotations

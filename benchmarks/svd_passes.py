@@ -22,8 +22,8 @@ hooks taking turns).
     python benchmarks/svd_passes.py            # batches 64 and 256, 30 rounds of 10 steps
     python benchmarks/svd_passes.py --quick    # batch 64, 10 rounds of 5 steps
 
-Writes ``benchmarks/results/svd_passes.json`` (or ``--out``). Uses one CPU thread by default (``--threads``): the
-matrices are tiny and thread synchronisation would dominate on a shared machine.
+Writes ``benchmarks/results/local/svd_passes.json`` (ignored by git) or ``--out``. Uses one CPU thread by default
+(``--threads``): the matrices are tiny and thread synchronisation would dominate on a shared machine.
 
 ``--export`` measures instead the ONNX inference form of the meta-layer (needs onnx, onnxscript, onnxruntime):
 a Linear (5 -> 6) and the per-sample 6 x 6 covariance ``+ eps I`` of its outputs, whose square root and inverse
@@ -31,7 +31,7 @@ square root are computed through ``torch.linalg.eigh``, transformed with the ``s
 ``orthofx.export(gm, "m.onnx")``, for ``eps`` from 1e-1 to 1e-5 (kappa from ~10 to ~1e5). For each: kappa, the
 Newton-Schulz iterations ``export`` chose, the PyTorch Newton-Schulz form's and onnxruntime's largest difference
 from the exact frozen model, the float32 exact model's own difference from a float64 eigendecomposition, and
-whether the export passed its 1e-4 check. Writes ``benchmarks/results/svd_export.json`` (or ``--out``).
+whether the export passed its 1e-4 check. Writes ``benchmarks/results/local/svd_export.json`` or ``--out``.
 
     python benchmarks/svd_passes.py --export
     python benchmarks/svd_passes.py --export --eps 1e-1 1e-4    # two of the five (a smoke run: one passes)
@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 
 import orthofx
-from timing import (RESULTS, common_arguments, interleaved, positive_float, positive_int, samples, setup, training_step,
-                    write_results)
+from timing import (common_arguments, default_out, interleaved, json_path, positive_float, positive_int, samples, setup,
+                    training_step, write_results)
 
 VARIANTS = {
     "plain": None,
@@ -189,8 +189,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--inner", type=positive_int, default=None,
                         help="steps per variant per round (default 10; 5 quick)")
     parser.add_argument("--hook-calls", type=positive_int, default=200, help="calls per hook in the isolated timing")
-    parser.add_argument("--out", default=None, help="JSON path (default results/svd_passes.json, "
-                        "results/svd_export.json with --export)")
+    parser.add_argument("--out", type=json_path, default=None,
+                        help="JSON file for the results, in an existing folder (default: benchmarks/results/local/"
+                             "svd_passes.json, svd_export.json with --export; ignored by git)")
     parser.add_argument("--export", action="store_true", help="measure the ONNX inference form instead")
     parser.add_argument("--eps", type=positive_float, nargs="+", default=None,
                         help="with --export: the eps values measured (default 1e-1 1e-2 1e-3 1e-4 1e-5)")
@@ -200,8 +201,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.eps is not None and not args.export:
         parser.error("--eps sets the covariances of --export; it does not apply without --export")
     if args.export:
-        return export_accuracy(args.out or os.path.join(RESULTS, "svd_export.json"), epsilons=args.eps or EXPORT_EPS)
-    args.out = args.out or os.path.join(RESULTS, "svd_passes.json")
+        return export_accuracy(args.out or default_out("svd_export.json"), epsilons=args.eps or EXPORT_EPS)
+    args.out = args.out or default_out("svd_passes.json")
     batches = args.batches or ([64] if args.quick else [64, 256])
     rounds = args.rounds or (10 if args.quick else 30)
     inner = args.inner or (5 if args.quick else 10)

@@ -1,5 +1,11 @@
 """Side-by-side timing, the command-line options and their checks shared by the benchmark scripts (run them from
-the repository root)."""
+the repository root).
+
+Where results go: a run writes ``benchmarks/results/local/<name>.json`` unless ``--out`` names a file. That folder
+is ignored by git, so a smoke or exploratory run never replaces the committed results in ``benchmarks/results/``
+that ``benchmarks/RESULTS.md`` cites; re-measuring one of those is asked for by name (``--out
+benchmarks/results/<name>.json``, as RESULTS.md's commands write it). ``--out`` is checked when the command line is
+parsed (a ``.json`` file in an existing, writable folder), not after the benchmark has run."""
 
 from __future__ import annotations
 
@@ -16,10 +22,11 @@ from torch import nn
 
 import orthofx
 
-# The argparse types of counts and durations are the examples' (one place for them): ``positive_int`` (an
-# integer >= 1) and ``positive_float`` (a finite number > 0), re-exported for the benchmark scripts.
+# The argparse types of counts, durations and output files are the examples' (one place for them): ``positive_int``
+# (an integer >= 1), ``positive_float`` (a finite number > 0) and ``json_path`` (``--out``), re-exported for the
+# benchmark scripts.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples"))
-from _cli import positive_float, positive_int  # noqa: E402,F401
+from _cli import json_path, positive_float, positive_int  # noqa: E402,F401
 
 
 def synchronizer(device: str | torch.device) -> Callable[[], None]:
@@ -102,9 +109,9 @@ def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, orthofx_te
 
 
 def write_results(out: str, device: str | torch.device, rows: list[dict], **meta) -> None:
-    """Write a benchmark's ``rows`` to the JSON file ``out`` (its folder created) with the run's metadata: torch's
-    version, :func:`device_name`, the thread count and ``meta`` (the script's own settings); say where."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    """Write a benchmark's ``rows`` to the JSON file ``out`` (its folder exists: :func:`setup` checked ``--out`` or
+    made the default's) with the run's metadata: torch's version, :func:`device_name`, the thread count and ``meta``
+    (the script's own settings); say where."""
     with open(out, "w") as f:
         json.dump({"torch": torch.__version__, "device": device_name(device), "threads": torch.get_num_threads(),
                    **meta, "rows": rows}, f, indent=1)
@@ -133,8 +140,17 @@ def checked_device(parser: argparse.ArgumentParser, device: str) -> torch.device
 
 # ------------------------------------------------------------------------------------- the scripts' shared options
 
-#: The folder of the scripts' JSON results (their default ``--out`` lies in it).
+#: The folder of the committed JSON results that RESULTS.md cites (written only when ``--out`` names a file in it).
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+#: The folder of a run's results when ``--out`` is not given: ignored by git (``.gitignore``), made on first use.
+LOCAL_RESULTS = os.path.join(RESULTS, "local")
+
+
+def default_out(name: str) -> str:
+    """``benchmarks/results/local/<name>``, the folder made if missing (it is the scripts' own, ignored by git; a
+    folder the user names in ``--out`` must exist, :func:`json_path`)."""
+    os.makedirs(LOCAL_RESULTS, exist_ok=True)
+    return os.path.join(LOCAL_RESULTS, name)
 
 
 def common_arguments(parser: argparse.ArgumentParser, results: str | None, *, device: str | None = "cpu",
@@ -145,8 +161,9 @@ def common_arguments(parser: argparse.ArgumentParser, results: str | None, *, de
       script times the CPU); ``device_use`` says what runs there, where that is not everything.
     * ``--threads`` (``torch.set_num_threads``): ``threads`` is its default count, ``"torch"`` for torch's own
       (nothing set); ``None``: no option.
-    * ``--out``: ``results`` is the default file's name in ``benchmarks/results``, ``<device>`` in it standing
-      for the device type (``cpu``, ``cuda``); ``None``: no option (the script has its own).
+    * ``--out`` (checked by :func:`json_path` when parsed): ``results`` is the default file's name in
+      ``benchmarks/results/local`` (ignored by git), ``<device>`` in it standing for the device type (``cpu``,
+      ``cuda``); ``None``: no option (the script has its own).
     """
     group = parser.add_argument_group("options shared by the benchmark scripts")
     if device is not None:
@@ -159,18 +176,20 @@ def common_arguments(parser: argparse.ArgumentParser, results: str | None, *, de
         group.add_argument("--threads", type=positive_int, default=None if threads == "torch" else threads,
                            help=f"torch.set_num_threads ({shown})")
     if results is not None:
-        group.add_argument("--out", default=None,
-                           help=f"where the JSON results go (default: benchmarks/results/{results})")
+        group.add_argument("--out", type=json_path, default=None,
+                           help=f"JSON file for the results, in an existing folder (default: "
+                                f"benchmarks/results/local/{results}, ignored by git; the committed "
+                                f"benchmarks/results/*.json are written only when named here)")
         parser.set_defaults(out_template=results)  # read by setup, which knows the device
 
 
 def setup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.device, Callable[[], None]]:
     """Act on :func:`common_arguments`' options: check ``--device`` (``parser.error`` if it cannot be timed; the
-    CPU where the script has no ``--device``), set ``--threads``, fill in ``--out``'s default path; return the
-    device and its :func:`synchronizer`."""
+    CPU where the script has no ``--device``), set ``--threads``, fill in ``--out``'s default path
+    (:func:`default_out`); return the device and its :func:`synchronizer`."""
     device = checked_device(parser, args.device) if "device" in vars(args) else torch.device("cpu")
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if getattr(args, "out_template", None) and args.out is None:
-        args.out = os.path.join(RESULTS, args.out_template.replace("<device>", device.type))
+        args.out = default_out(args.out_template.replace("<device>", device.type))
     return device, synchronizer(device)

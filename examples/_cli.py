@@ -1,8 +1,8 @@
 """Command-line helpers shared by the example scripts: argument types that reject bad values when the command line
-is parsed (orthofx.cli's, re-exported here), an output-path check that runs before any training (not when the
-figure is saved at the end), and a check of the optional dependencies that names the pip command. Not part of
-orthofx; the scripts import it from their own folder (``python examples/<script>.py`` puts that folder on
-``sys.path``)."""
+is parsed (orthofx.cli's, re-exported here), output-path checks that run before any training (not when the figure
+or the results are saved at the end; the benchmark scripts use them too), and a check of the optional dependencies
+that names the pip command. Not part of orthofx; the scripts import it from their own folder (``python
+examples/<script>.py`` puts that folder on ``sys.path``)."""
 
 from __future__ import annotations
 
@@ -22,18 +22,31 @@ def description(doc: str) -> str:
     return " ".join(doc.strip().split("\n\n")[0].split())
 
 
-def png_path(text: str) -> str:
-    """A path ending in ``.png`` in an existing, writable folder."""
-    if not text.lower().endswith(".png"):
-        raise argparse.ArgumentTypeError(f"the figure is a PNG: the path must end in .png, got {text!r}")
+def output_file(text: str, suffix: str, what: str) -> str:
+    """``text`` if it names a file ending in ``suffix`` in an existing, writable folder; else an
+    ``argparse.ArgumentTypeError`` saying what to change (``what``: the kind of file, for the message). Checked
+    when the command line is parsed, so that a bad path stops the script before it runs (the file is written at
+    the end), and no folder is created on the user's behalf (a typo would otherwise grow a tree)."""
     if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file path ending in .png")
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file path ending in {suffix}")
+    if not text.lower().endswith(suffix):
+        raise argparse.ArgumentTypeError(f"{what}: the path must end in {suffix}, got {text!r}")
     folder = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"folder {folder!r} does not exist; create it first")
     if not os.access(folder, os.W_OK):
         raise argparse.ArgumentTypeError(f"folder {folder!r} is not writable")
     return text
+
+
+def png_path(text: str) -> str:
+    """A path ending in ``.png`` in an existing, writable folder (:func:`output_file`)."""
+    return output_file(text, ".png", "the figure is a PNG")
+
+
+def json_path(text: str) -> str:
+    """A path ending in ``.json`` in an existing, writable folder (:func:`output_file`): the benchmarks' ``--out``."""
+    return output_file(text, ".json", "the results are JSON")
 
 
 def require(parser: argparse.ArgumentParser, *modules: str) -> None:

@@ -95,8 +95,6 @@ import torch
 from torch import nn
 
 import orthofx
-import orthofx.passes.isometric_init  # noqa: F401  (registers the passes if orthofx.passes does not yet)
-import orthofx.passes.jacobian_isometry  # noqa: F401
 from orthofx.metrics import isometry_moments, jacobian_singular_values
 
 from _cli import description, non_negative_int, png_path, positive_float, positive_int, require  # examples/_cli.py

@@ -38,8 +38,6 @@ import time
 import torch
 
 import orthofx
-import orthofx.passes.isometric_init  # noqa: F401  (registers the passes if orthofx.passes does not yet)
-import orthofx.passes.riemannian  # noqa: F401
 from orthofx.nn.stiefel import flatten_weight, orthogonality_defect, random_orthonormal
 
 from _cli import description, png_path, positive_int, require  # examples/_cli.py: argument checks

@@ -43,31 +43,36 @@ step per variant, one panel per model, log scale (the shape of P4's conditioning
 
     python examples/svd_conditioning.py [--out svd_conditioning.png] [--steps 600] [--quick]
 
-What it shows (measured with the defaults, seed 0, 600 steps; kappa median / max over training, test accuracy):
+What it shows (the defaults, seed 0, 600 steps; kappa median / max over training, test accuracy). The run is
+deterministic on one machine but not across CPUs (presumably torch's CPU kernels take different code paths,
+vector width or blocking, on different processors: the rounding differs, and 600 steps of SGD amplify it). The
+figures below come from two x86-64 machines (the second an AMD EPYC); a range is the two machines' values, a
+single figure the one both gave. Expect others within or near these ranges:
 
-===========  ==========================  ==========================
-variant      dbn_cnn                     gcp_cnn
-===========  ==========================  ==========================
-plain        43 / 55, 0.992              1.1e3 / 2.7e3, 0.994
-+NOG         37 / 168, 0.978             7.3e2 / 4.1e3, 1.000
-+OLR         36 / 46, 0.989              8.5e2 / 2.5e3, 0.994
-+OW (hard)   4.7 / 5.4, 0.989            4.1e2 / 1.1e3, 0.994
-+NOG+OLR+OW  20 / 39, 0.527 (L_orth)     1.2e3 / 7.2e4, 0.964 (L_orth)
-===========  ==========================  ==========================
+===========  ==============================  =============================================
+variant      dbn_cnn                         gcp_cnn
+===========  ==============================  =============================================
+plain        43 / 55, 0.992                  1.1e3 / 2.7e3-3.5e3, 0.994-0.997
++NOG         37-38 / 168, 0.978-0.992        7.0e2-7.3e2 / 3.7e3-4.1e3, 0.997-1.000
++OLR         36-40 / 46-49, 0.989-0.994      8.3e2-8.5e2 / 2.4e3-2.5e3, 0.994
++OW (hard)   4.7-4.9 / 5.4-5.5, 0.989        4.0e2-4.1e2 / 1.1e3-1.2e3, 0.994
++NOG+OLR+OW  20 / 39, 0.53-0.62 (L_orth)     1.1e3-1.2e3 / 2.8e4-7.2e4, 0.96-0.99 (L_orth)
+===========  ==============================  =============================================
 
 No NaN or inf events in any run. The hard orthogonal Pre-SVD layer is the clear win for conditioning (dbn_cnn:
 kappa ~9x lower, flat from the first step; gcp_cnn: ~3x lower) at a small accuracy cost on dbn_cnn; NOG and OLR
-alone lower the median by 15-31% and keep the accuracy (NOG puts a transient peak into dbn_cnn's first ~50
-steps: its steps have unit spectral norm whatever the gradient's scale). The combined variant, which needs the soft
-L_orth instead of the hard layer, conditions dbn_cnn better than NOG/OLR alone but loses accuracy (0.527 in eval
-mode, with the running whitening; evaluated on the test set as one whitened batch, as before orthofx captured both
-modes, the same weights gave 0.953), and does not help gcp_cnn.
+alone lower the median by 9-36% (least for OLR on dbn_cnn, most for NOG on gcp_cnn) and keep the accuracy (NOG
+puts a transient peak into dbn_cnn's first ~50 steps: its steps have unit spectral norm whatever the gradient's
+scale). The combined variant, which needs the soft L_orth instead of the hard layer, conditions dbn_cnn better
+than NOG/OLR alone but loses accuracy (0.53-0.62 in eval mode, with the running whitening; on the first machine,
+evaluated on the test set as one whitened batch, as before orthofx captured both modes, the same weights gave
+0.953), and does not help gcp_cnn (a higher maximum than plain on both machines).
 Accuracies are single-seed and move by ~1-3 points between seeds. Digits are tiny and the covariances carry
 ``eps * I``, so kappa stays many orders of magnitude below P4's CIFAR-100 DBN figures (plain ~1e9..1e14, +NOG
 ~2e5, +NOG+OW ~6e2): what carries over is the ordering of the treatments, not the absolute values.
 
-Runs in about a minute on two CPU cores (``--quick``: 40 steps per run, about 5 s in all). Matrices are tiny, so
-the script uses one CPU thread.
+Runs in one to three minutes on two CPU cores, longer when they are loaded (``--quick``: 40 steps per run,
+about 5 s in all). Matrices are tiny, so the script uses one CPU thread.
 """
 
 from __future__ import annotations
@@ -81,7 +86,6 @@ import torch
 import torch.nn.functional as F
 
 import orthofx
-import orthofx.passes.pre_svd  # noqa: F401  (registers the passes if orthofx.passes does not yet)
 from orthofx.report import monitors
 
 from _cli import description, non_negative_float, non_negative_int, png_path, positive_int, require  # examples/_cli.py

@@ -157,10 +157,10 @@ def test_core_quick(tmp_path):
 
 
 def test_compile_smoke_with_aot_eager(tmp_path):
-    """The plain and lorth models, train and eval, fp32, through ``torch.compile(fullgraph=True)`` with the
-    aot_eager backend (inductor's code generation would take minutes on two CPU cores)."""
-    stdout, results = _run("compile", tmp_path, "--quick", "--backend", "aot_eager", "--presets", "lorth",
-                           "--precisions", "fp32", "--device", "cpu")
+    """The plain and lorth models, train and eval, fp32 (``--quick``'s presets and precisions), through
+    ``torch.compile(fullgraph=True)`` with the aot_eager backend (inductor's code generation would take minutes on
+    two CPU cores)."""
+    stdout, results = _run("compile", tmp_path, "--quick", "--backend", "aot_eager", "--device", "cpu")
     rows = results["rows"]
     assert results["backend"] == "aot_eager" and results["width"] == 8 and results["repeats"] == 3
     # a cell that failed to compile is written as an error row: here each must have compiled
