@@ -48,7 +48,7 @@ from .passes.registry import UnknownPassError, available_passes, get_pass
 from .passes.riemannian import Riemannian, StiefelHook, _scale_lost, _tie_decisions, scale_lost_note
 from .passes.svd_conditioning import decomposition_op
 from .policy import (Match, Policy, Rule, _compiled_regex, _default_rule_name, _describe, _did_you_mean,
-                     _python_none_hint)
+                     _python_none_hint, match_pattern)
 
 __all__ = ["Plan", "build_plan", "block_paths", "collect_sites", "describe_module", "other_mode_graph",
            "producers_feeding", "unused_leaf_entries", "unknown_type_entries", "meta_tensors", "meta_text",
@@ -999,7 +999,8 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                                      pass_name=pass_cls.name, params=dict(rule.params),
                                      reason=f"first '{group}' rule matching {site.name}",
                                      outcome=pass_obj.planned_outcome(site, module, rule.params) or "",
-                                     has_example_inputs=has_example_inputs))
+                                     has_example_inputs=has_example_inputs,
+                                     replaced_by=replacer[:2] if replacer is not None else None))
         skipped.extend((site, rule.name, reason) for site, reason in rejected)
         hidden = _hidden_by_tracing(rule, model, traced)
         if hidden and (selected or rule.optional) and capture is not None:
@@ -1018,10 +1019,13 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
             inlined = inlined_blocks(rule, sites, model if model is not None else gm, aliases)
             raise PlanError(_no_match_message(rule, sites, passed_over, position, len(policy.rules), inlined)
                             + _unknown_type_hint(rule, model if model is not None else gm)
+                            + _container_type_hint(rule, sites, model if model is not None else gm, aliases,
+                                                   position, len(policy.rules))
                             + _feeds_hint(rule, sites, fed_by)
                             + _missing_attribute_hint(rule, sites, gm, fed_by, aliases) + note
                             + _excluded_all_hint(rule, sites, gm, fed_by, aliases)
-                            + _unmatched_name_hint(rule, sites, gm, fed_by, aliases) + _root_layer_hint(rule, model)
+                            + _unmatched_name_hint(rule, sites, gm, fed_by, aliases, model)
+                            + _root_layer_hint(rule, model)
                             + _inside_leaf_hint(rule, sites, model if model is not None else gm, aliases, position,
                                                 len(policy.rules)))
         if selected == len(rejected) and not rule.optional:
@@ -1416,8 +1420,22 @@ def _derived_weight_reason(pass_cls: type, site: Site, module: nn.Module | None,
                 return f"{bias}; replacing the layer would drop it"
     if reason is None:
         return None
-    does = "replacing the layer would drop it" if pass_cls.replaces_module else "a write to the weight is lost"
+    does = "replacing the layer would drop it" if pass_cls.replaces_module else _weight_write_text(module)
     return f"{reason}; {does} (orth_regularizer, which reads the weight, works here)"
+
+
+def _weight_write_text(module: nn.Module) -> str:
+    """What becomes of a pass's write to ``module.weight``, a computed weight (:func:`derived_weight`), for the
+    reason a pass skips the layer: a parametrization, a forward pre-hook (torch's older weight_norm and pruning, or
+    the user's own) or a property computes it again at the next call, so the write is lost. A plain tensor that no
+    pre-hook of the layer may set (``layer.weight = tensor``, or the parent's forward tying it) keeps a write until
+    whatever set it sets it again, and no optimizer trains it (it is no parameter): "lost" was false there."""
+    plain = not (torch.nn.utils.parametrize.is_parametrized(module, "weight")
+                 or isinstance(getattr(type(module), "weight", None), property))
+    if plain and not module._forward_pre_hooks:
+        return ("a write to it would not be trained (it is no parameter the optimizer holds) and lasts only until "
+                "the code that set it sets it again")
+    return "a write to the weight is lost"
 
 
 def unused_leaf_entries(policy: Policy, model: nn.Module) -> list[str]:
@@ -1655,13 +1673,15 @@ def _also_named(name: str, aliases: dict[str, tuple[str, ...]]) -> str:
 
 
 def _unmatched_name_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: dict[str, set[str]],
-                         aliases: dict[str, tuple[str, ...]] | None = None) -> str:
+                         aliases: dict[str, tuple[str, ...]] | None = None, model: nn.Module | None = None) -> str:
     """For a rule that matched nothing: when its ``name`` patterns alone left out every site it selects otherwise,
     the names of those sites, so the message does not send the user to the types of the graph's sites; and per
     pattern the likely slip: a ``re:`` pattern found inside names (it must match the whole name: ``re:conv`` is
-    no ``re:conv.*``), a glob that matches names in another case (names are case-sensitive), the closest name.
-    ``aliases`` as for :func:`_missing_attribute_hint`: the slips are looked for among every path of a shared
-    module (``Decoder.lin`` is ``decoder.lin`` in another case, a path of the site ``encoder.lin``).
+    no ``re:conv.*``), a glob that matches names in another case (names are case-sensitive), a pattern naming a
+    container the graph does not call (``name: layer1``: :func:`_container_note`; the closest name was
+    ``layer4.1.conv2``), the closest name. ``aliases`` as for :func:`_missing_attribute_hint`: the slips are looked
+    for among every path of a shared module (``Decoder.lin`` is ``decoder.lin`` in another case, a path of the site
+    ``encoder.lin``). ``model``: the module ``gm`` was captured from (its containers' classes), ``gm`` if None.
 
     Example: ``name: Conv1`` under ``orth_regularizer`` on ``small_cnn`` adds `` Its name pattern(s) (Conv1) match
     none of the 4 site(s) it selects otherwise: conv1, conv2, conv3, fc; 'Conv1' matches conv1 in another case
@@ -1685,7 +1705,13 @@ def _unmatched_name_hint(rule: Rule, sites: list[Site], gm: nn.Module, fed_by: d
         return path if site_of[path] == path else f"{path} (a path of {site_of[path]})"
 
     notes = []
+    containers = _uncalled_containers(model if model is not None else gm, sites)
     for pattern in rule.match.name:
+        container = _container_note(rule, pattern, containers, names, sites, model if model is not None else gm,
+                                    aliases)
+        if container:  # checked first: the name is right, the kind of module is not (difflib found a layer inside)
+            notes.append(container)
+            continue
         if pattern.startswith("re:"):
             regex = _compiled_regex(pattern[3:])
             partial = [shown(n) for n in paths if regex.search(n)]
@@ -1726,15 +1752,137 @@ def _root_layer_hint(rule: Rule, model: nn.Module | None) -> str:
 
 
 def _selected_modules(rule: Rule, model: nn.Module, aliases: dict[str, tuple[str, ...]],
-                      position: int | None, count: int) -> list[str]:
-    """The paths of ``model.named_modules()`` (not the root) that the ``kind: block`` ``rule`` selects, by name,
-    type and attributes, whether the graph calls them or not."""
+                      position: int | None, count: int, *, for_hint: bool = False) -> list[str]:
+    """The paths of ``model.named_modules()`` (not the root) that ``rule`` (of kind ``block`` or ``module``) selects,
+    by name, type and attributes, whether the graph calls them or not. ``for_hint``: a ``where:`` value a module
+    cannot compare leaves it out (:func:`_selects_for_hint`) rather than raise the rule's PlanError."""
     selected = []
+    kind = rule.match.site_kind
     for name, module in model.named_modules():
-        site = Site("block", name, type(module).__name__, None, type(module))
-        if name and _rule_selects(rule, site, module, {}, aliases.get(name, ()), position, count):
+        if not name:
+            continue
+        site = Site(kind, name, type(module).__name__, None, type(module))
+        other_paths = aliases.get(name, ())
+        if (_selects_for_hint(rule.match, site, module, {}, other_paths) if for_hint
+                else _rule_selects(rule, site, module, {}, other_paths, position, count)):
             selected.append(name)
     return selected
+
+
+def _uncalled_containers(model: nn.Module, sites: list[Site]) -> dict[str, str]:
+    """Path -> class name of the containers of ``model`` that are no module site: modules holding submodules
+    (``layer1``, a ResNet's ``BasicBlock``) whose forward capture traced through, so the graph calls the layers
+    inside them, not them. Rules of ``kind: module`` select what the graph calls: a rule naming such a container
+    (``name: layer1``, ``type: BasicBlock``) matches nothing (:func:`_container_note`,
+    :func:`_container_type_hint`)."""
+    site_names = {s.name for s in sites if s.kind != "function"}
+    return {name: type(module).__name__ for name, module in model.named_modules()
+            if name and name not in site_names and next(module.children(), None) is not None}
+
+
+def _passes_taking_blocks() -> list[str]:
+    """The registered passes that take ``kind: block`` sites (a container as a whole)."""
+    return [name for name in available_passes() if "block" in get_pass(name).site_kinds]
+
+
+def _as_block_text(rule: Rule, block_match: str, sites: list[Site], model: nn.Module,
+                   aliases: dict[str, tuple[str, ...]], count: int = 1) -> str:
+    """How to select containers as a whole (``block_match``: the match of such a rule, ``{kind: block, name:
+    'layer1'}``) for a rule that named them: in this rule when its pass takes blocks, else with a pass that does;
+    ``""`` where the model came from orthofx, whose graph inlined its containers for good (:func:`inlined_blocks`
+    says so to a block rule). ``count``: how many containers the rule named."""
+    whole = "the container as a whole" if count == 1 else "each container as a whole"
+    as_block = dataclasses.replace(rule, match=dataclasses.replace(rule.match, kind="block", type=(), where={}))
+    if inlined_blocks(as_block, sites, model, aliases) is not None:
+        return ""
+    if "block" in get_pass(rule.apply).site_kinds:
+        return f", or {block_match} for {whole}"
+    takers = _passes_taking_blocks()
+    return (f", or, for {whole}, a rule {block_match} with a pass that takes blocks"
+            + (f" ({', '.join(takers)})" if takers else ""))
+
+
+def _inside(containers: Iterable[str], names: Iterable[str]) -> list[str]:
+    """Those of ``names`` (site paths) inside one of ``containers``."""
+    containers = list(containers)
+    return [name for name in names if any(name.startswith(c + ".") for c in containers)]
+
+
+def _container_note(rule: Rule, pattern: str, containers: dict[str, str], names: list[str], sites: list[Site],
+                    model: nn.Module, aliases: dict[str, tuple[str, ...]]) -> str:
+    """For a ``name`` pattern of a module rule that matched nothing: when it names containers the graph does not
+    call (:func:`_uncalled_containers`), that, with the pattern selecting the layers inside them (``'layer1.*'``)
+    and a block rule for the container as a whole; ``""`` otherwise. ``names``: the sites the rule selects without
+    its name patterns."""
+    if rule.match.site_kind != "module":  # function sites are named '<scope>:<op>', not by paths
+        return ""
+    named = [c for c in containers if any(match_pattern(pattern, path) for path in (c, *aliases.get(c, ())))]
+    if not named:
+        return ""
+    if pattern.startswith("re:"):
+        body = pattern[3:]
+        inner = f"'re:{body if '|' not in body else f'(?:{body})'}\\..*'"
+    else:
+        inner = f"'{pattern}.*'"
+    shown = first_few([f"{c} ({containers[c]})" for c in named], 3)
+    inside = _inside(named, names)
+    layers = (f"write {inner} for the {len(inside)} layer(s) inside that it selects otherwise "
+              f"({first_few(inside, 3)})" if inside else
+              f"none of the sites it selects otherwise is inside ({inner} would name the layers inside)")
+    block = _as_block_text(rule, f"{{kind: block, name: '{pattern}'}}", sites, model, aliases, len(named))
+    return f"'{pattern}' names {shown}, {_not_called_text(len(named))}: {layers}{block}"
+
+
+def _container_type_hint(rule: Rule, sites: list[Site], model: nn.Module, aliases: dict[str, tuple[str, ...]],
+                         position: int | None = None, count: int = 1) -> str:
+    """For a module rule that matched nothing: the containers of ``model`` its ``match.type`` (with its name and
+    where) selects, which the graph does not call (:func:`_uncalled_containers`; ``type: BasicBlock`` on a ResNet),
+    with how to select the layers inside them, or the containers as a whole with a block rule.
+
+    Example: ``type: BasicBlock`` on ``resnet18`` adds `` Its match.type (BasicBlock) selects layer1.0, layer1.1,
+    layer2.0 and 5 more (BasicBlock), containers the graph does not call ...; select the layers inside by their own
+    type (Conv2d) and name (e.g. {type: Conv2d, name: 'layer1.0.*'}), or ...``"""
+    if rule.match.site_kind != "module" or not rule.match.type:
+        return ""
+    containers = _uncalled_containers(model, sites)
+    named = [name for name in _selected_modules(rule, model, aliases, position, count, for_hint=True)
+             if name in containers]
+    if not named:
+        return ""
+    pass_obj = get_pass(rule.apply)()
+    inside_names = set(_inside(named, (s.name for s in sites if s.kind == "module")))
+    inside = [s for s in sites if s.kind == "module" and s.name in inside_names]
+    takes = [s for s in inside if pass_obj.accepts(s, _submodule_or_none(model, s.name)) is None]
+    types = list(dict.fromkeys(s.target for s in takes or inside))
+    classes = ", ".join(dict.fromkeys(containers[name] for name in named))
+    example = f"{{type: {types[0]}, name: '{named[0]}.*'}}" if types else f"{{name: '{named[0]}.*'}}"
+    layers = (f"select the layers inside by their own type ({', '.join(types[:4])}) and name (e.g. {example})"
+              if types else "no layer the graph calls is inside")
+    # a type selecting containers inside one another (Sequential: layer1 and layer2.0.shortcut) would make blocks
+    # that nest, which a block rule refuses: the first container by name then
+    nested = bool(_inside(named, named))
+    block_match = f"{{kind: block, name: '{named[0]}'}}" if nested else f"{{kind: block, type: {rule.match.type[0]}}}"
+    block = _as_block_text(rule, block_match, sites, model, aliases, 1 if nested else len(named))
+    return (f" Its match.type ({', '.join(rule.match.type)}) selects {first_few(named, 3)} ({classes}), "
+            f"{_not_called_text(len(named))}: {layers}{block}.")
+
+
+def _submodule_or_none(model: nn.Module, path: str) -> nn.Module | None:
+    """``model.get_submodule(path)``, or None where ``model`` (the module a graph was captured from, for a hint) has
+    no module at the path of a site of the graph."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _not_called_text(count: int) -> str:
+    """Why ``count`` containers (:func:`_uncalled_containers`) are no sites."""
+    if count == 1:
+        return ("a container the graph does not call (capture traced through its forward: the layers inside are "
+                "the sites)")
+    return ("containers the graph does not call (capture traced through their forward: the layers inside are the "
+            "sites)")
 
 
 def _graph_leaves(sites: list[Site]) -> dict[str, str]:

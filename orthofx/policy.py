@@ -675,11 +675,24 @@ def _path_test(test, text: str) -> Any:
         return False
 
 
+#: The end of a file name: a suffix starting with a letter (``.json``, ``.txt``, ``.yaml``), not a number's decimals.
+_FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9_]*")
+
+
 def _looks_like_a_path(word: str) -> bool:
-    """A one-line string naming a YAML file or a directory rather than holding YAML text."""
-    if not word or "\n" in word:
+    """A one-line string naming a file or a directory rather than holding YAML text: one with a file suffix
+    (``nofile.json``: a missing file of any kind is "not found", as a ``.yaml`` one is, not "neither a preset nor an
+    existing file") or a path separator, or an existing directory. One-line YAML text holding a mapping (``a: 1``,
+    ``{rules: []}``) or a list (``[a.b]``, ``- a.b``) is none.
+
+    >>> [_looks_like_a_path(w) for w in ("p.json", "dir/p", "p.yaml", "lorth", "1.5", "{rules: []}", "a: b.c")]
+    [True, True, True, False, False, False, False]
+    """
+    if (not word or "\n" in word or ": " in word or word.endswith(":") or word[0] in "{[\"'#"
+            or word.startswith("- ")):
         return False
-    if word.lower().endswith((".yaml", ".yml")) and ": " not in word:
+    name = os.path.basename(word.replace("\\", "/"))
+    if _FILE_SUFFIX.search(name) or "/" in word or "\\" in word:
         return True
     return _path_test(os.path.isdir, word)
 
@@ -1229,7 +1242,7 @@ def _build_capture(raw: Any, pos: _Positions) -> CaptureConfig:
             mode, "leave the key out, or write null, for its default auto")
         raise pos.error(f"capture.mode must be one of {', '.join(CAPTURE_MODES)}; found {_describe(mode)}"
                         f"{hint}", path + ("mode",))
-    leaves = _strings(raw, "leaf_modules", path, pos, allow_empty=True)
+    leaves = _strings(raw, "leaf_modules", path, pos, allow_empty=True, paths=True)
     for i, leaf in enumerate(leaves):
         # no class name, class path or module path has an empty dotted part ('a..b', '.a', 'a.')
         if not leaf.strip() or any(c.isspace() for c in leaf) or "" in leaf.split("."):
@@ -1450,9 +1463,11 @@ def _elem_path(mapping: dict, key: str, path: tuple, i: int) -> tuple:
     return path + (key, i) if isinstance(mapping.get(key), list) else path + (key,)
 
 
-def _strings(mapping: dict, key: str, path: tuple, pos: _Positions, *, allow_empty: bool) -> tuple[str, ...]:
+def _strings(mapping: dict, key: str, path: tuple, pos: _Positions, *, allow_empty: bool,
+             paths: bool = False) -> tuple[str, ...]:
     """``mapping[key]`` as a tuple of non-empty strings (a single string or a list of strings accepted); ``()``
-    when the key is absent."""
+    when the key is absent. ``paths``: the strings are module paths or patterns of them (``name``, ``exclude``,
+    ``leaf_modules``), where a number is a path written unquoted (:func:`_unquoted_path_hint`)."""
     if key not in mapping:
         return ()
     value = mapping[key]
@@ -1464,14 +1479,30 @@ def _strings(mapping: dict, key: str, path: tuple, pos: _Positions, *, allow_emp
             raise pos.error(f"{_fmt(here)} is an empty list; give at least one value or leave the key out", here)
         values = value
     else:
-        raise pos.error(f"{_fmt(here)} must be a string or a list of strings, found {_describe(value)}", here)
+        raise pos.error(f"{_fmt(here)} must be a string or a list of strings, found {_describe(value)}"
+                        + (_unquoted_path_hint(value) if paths else ""), here)
     for i, item in enumerate(values):
         item_path = _elem_path(mapping, key, path, i)
         if not isinstance(item, str):
-            raise pos.error(f"{_fmt(item_path)} must be a string, found {_describe(item)}", item_path)
+            raise pos.error(f"{_fmt(item_path)} must be a string, found {_describe(item)}"
+                            + (_unquoted_path_hint(item) if paths else ""), item_path)
         if not item:
             raise pos.error(f"{_fmt(item_path)} is an empty string", item_path)
     return tuple(values)
+
+
+def _unquoted_path_hint(value: Any) -> str:
+    """For a number where a module path is expected: the children of an ``nn.Sequential`` or ``nn.ModuleList`` are
+    named ``'0'``, ``'1'`` ..., which YAML reads unquoted as numbers (``name: 0``), so the path must be quoted.
+
+    >>> _unquoted_path_hint(0)[:15], _unquoted_path_hint(True)
+    ("; quote it: '0'", '')
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ""
+    fix = f"quote it: '{value}'" if isinstance(value, int) else "write the path in quotes, as it is named"
+    return (f"; {fix} (YAML reads it unquoted as a number; the children of an nn.Sequential or nn.ModuleList are "
+            "named '0', '1' ...)")
 
 
 def _build_rule(raw: Any, index: int, pos: _Positions) -> Rule:
@@ -1654,6 +1685,9 @@ def _value_hint(param: Any, value: Any) -> str:
             word = "true" if _BOOL_WORDS[text.lower()] else "false"
             return f"; true and false in quotes are strings: write {word} without quotes"
         if float in types or int in types:
+            prefixed = _prefixed_integer_hint(param, text)
+            if prefixed:
+                return prefixed
             # what the text reads as unquoted: a quote to remove is a fix only where that value is accepted
             # (fit_steps: '1e3' unquoted is the float 1000.0, refused too)
             number = _read_unquoted(text)
@@ -1671,6 +1705,34 @@ def _value_hint(param: Any, value: Any) -> str:
             and value == int(value) and _accepted(param, int(value))):
         return f"; write the integer {int(value)}, without a decimal point or exponent"
     return ""
+
+
+#: An integer with a base prefix in a spelling YAML 1.1 (PyYAML, which policies are read with) reads as a string:
+#: YAML 1.2's octal ``0o17``, and ``0X1F`` / ``0B11`` (YAML 1.1 reads ``0x1f`` and ``0b11``, lower case only).
+_STRING_PREFIXED_INTEGER = re.compile(r"[-+]?0(?:[oO][0-7_]+|X[0-9a-fA-F_]+|B[01_]+)")
+
+
+def _prefixed_integer_hint(param: Any, text: str) -> str:
+    """For a parameter taking a number given ``text``, a string: when it is an integer with a base prefix that
+    YAML 1.1 does not read (:data:`_STRING_PREFIXED_INTEGER`), the hint to write its decimal value (only where that
+    value is accepted); ``""`` otherwise.
+
+    >>> from orthofx.passes.base import Param
+    >>> _prefixed_integer_hint(Param("seed", None, (int, type(None)), minimum=0), "0o17").endswith("decimal 15")
+    True
+    """
+    if not _STRING_PREFIXED_INTEGER.fullmatch(text):
+        return ""
+    try:
+        number = int(text.replace("_", ""), 0)
+    except ValueError:  # digits of underscores only ('0o_')
+        return ""
+    if not _accepted(param, number):
+        return ""
+    octal = text.lstrip("+-")[1] in "oO"
+    why = ("octal is written 017 there, and a 0o prefix is read as text" if octal else
+           "it reads the 0x and 0b prefixes in lower case only")
+    return f"; {text} is no integer in YAML 1.1, which policies are read with ({why}): write the decimal {number}"
 
 
 def _python_none_hint(value: Any, fix: str) -> str:
@@ -1770,7 +1832,7 @@ def _build_match(raw: Any, path: tuple, pos: _Positions) -> Match:
 
 
 def _patterns(raw: dict, key: str, path: tuple, pos: _Positions, *, allow_empty: bool) -> tuple[str, ...]:
-    patterns = _strings(raw, key, path, pos, allow_empty=allow_empty)
+    patterns = _strings(raw, key, path, pos, allow_empty=allow_empty, paths=True)
     for i, pattern in enumerate(patterns):
         item_path = _elem_path(raw, key, path, i)
         if not pattern.startswith("re:"):

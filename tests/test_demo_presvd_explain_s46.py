@@ -169,8 +169,6 @@ def test_explain_says_where_weight_orthogonal_falls_back_to_lorth(case):
     assert change.after["fallback"].startswith(reason)
 
 
-@pytest.mark.xfail(strict=True, reason="planning gives pre_svd's planned_outcome / check_plan no earlier rules, "
-                                       "so it cannot tell that convnorm wraps the layer first (needs plan.py)")
 def test_explain_says_a_layer_convnorm_wrapped_first_gets_lorth():
     policy = {"rules": [{"name": "cn", "match": {"type": "Conv2d", "name": "layer"}, "apply": "convnorm"},
                         _ORTHOGONAL]}

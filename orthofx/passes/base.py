@@ -193,6 +193,10 @@ class PlanEntry:
     # site's input shape (PassContext.manifest.input_shapes): a pass that needs one refuses the entry without them
     # in its check_plan (orthogonal_conv's cayley_fft), before any pass runs, rather than in its apply
     has_example_inputs: bool = False
+    # (rule name, pass name) of an earlier rule of the policy that replaces or wraps this site's layer (convnorm's
+    # ConvNorm layer), set by planning: this entry's pass then gets that replacement, not the layer the site
+    # describes, and its check_plan can say what it will do there (pre_svd's 'weight: orthogonal' falls back to L_orth)
+    replaced_by: tuple[str, str] | None = None
 
 
 def entries_by_rule(entries: list[PlanEntry]) -> dict[int, list[PlanEntry]]:

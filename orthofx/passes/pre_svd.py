@@ -91,11 +91,12 @@ import torch
 from torch import nn
 
 from ..errors import ArgumentError, OrthofxError
-from ..nn.convnorm import ConvNormConvNd
+from ..nn.convnorm import ConvNormConv1d, ConvNormConv2d, ConvNormConv3d, ConvNormConvNd
 from ..nn.precision import HALF_PRECISION
 from .base import (TORCH_CONV_TYPES, Change, OptimizerHook, Param, Pass, PassContext, PenaltyTerm, PlanEntry,
                    decompositions_fed, derived_weight, describe_module, is_uninitialised, parameter_owners,
                    replaced_after_attach, weight_groups, whole, sparse_gradient_error, write_whole)
+from .convnorm import ConvNormPass
 from .isometric_init import frozen_reason
 from .orth_regularizer import lorth_term
 from .orthogonal_conv import OffGridLayers, _hard_status, _impossibility, orthogonal_layer
@@ -728,8 +729,7 @@ def hard_layer_problem(module: nn.Module | None, name: str, padding: str,
     tied = [] if owners is None else [other for other, m in owners.get(id(module.weight), []) if m is not module]
     if isinstance(module, ConvNormConvNd) and any(other.startswith(f"{name}.") for other in tied):
         # its conv's weight, not a tie between layers
-        return (f"the layer is a {type(module).__name__} now (an earlier rule wrapped it), and a hard orthogonal "
-                "layer would replace the ConvNorm wrapper")
+        return _wrapped_problem(type(module).__name__)
     if tied:  # a hard layer holds its own parameters: the other layers would keep the old weight
         return f"its weight is tied to {', '.join(tied)} (a hard orthogonal layer would untie them)"
     if isinstance(module, nn.Linear):
@@ -737,6 +737,19 @@ def hard_layer_problem(module: nn.Module | None, name: str, padding: str,
     # the output-shape check of apply needs example inputs: without them a circular layer of another output size (a
     # conv with padding=0) replaced the layer silently; refuse what orthogonal_conv refuses
     return _impossibility(module, padding)
+
+
+def _wrapped_problem(wrapper: str) -> str:
+    """:func:`hard_layer_problem`'s reason for a layer an earlier rule wrapped in the ConvNorm class ``wrapper``."""
+    return (f"the layer is a {wrapper} now (an earlier rule wrapped it), and a hard orthogonal layer would replace "
+            "the ConvNorm wrapper")
+
+
+def _convnorm_wrapper(module: nn.Module) -> type | None:
+    """The ConvNorm class the convnorm pass wraps the conv ``module`` in (as :func:`~orthofx.nn.with_convnorm` picks
+    it), ``None`` for a layer it does not wrap."""
+    return next((cls for cls in (ConvNormConv1d, ConvNormConv2d, ConvNormConv3d) if isinstance(module, cls._conv_type)),
+                None)
 
 
 def _on_meta_device(module: nn.Module | None) -> bool:
@@ -823,11 +836,19 @@ class PreSVD(Pass):
         return _fallback_outcome(module, site.name, params)
 
     def check_plan(self, gm: nn.Module, entries: list[PlanEntry]) -> None:
-        """The outcome of a ``weight: orthogonal`` site whose weight another layer shares: ``apply`` puts L_orth on
-        it (:func:`hard_layer_problem`, which :meth:`planned_outcome` asked without the model's other layers)."""
+        """The outcome of a ``weight: orthogonal`` site whose weight another layer shares, or whose layer an earlier
+        rule wraps in a ConvNorm layer (``entry.replaced_by``: planning sees the conv, ``apply`` will get the
+        wrapper): ``apply`` puts L_orth on it (:func:`hard_layer_problem`, which :meth:`planned_outcome` asked
+        without the model's other layers and the policy's other rules)."""
         owners = parameter_owners(gm)
         for entry in entries:
-            outcome = _fallback_outcome(gm.get_submodule(entry.site.name), entry.site.name, entry.params, owners)
+            module = gm.get_submodule(entry.site.name)
+            replacer = entry.replaced_by[1] if entry.replaced_by is not None else None
+            wrapper = _convnorm_wrapper(module) if replacer == ConvNormPass.name else None
+            if wrapper is not None and entry.params["weight"] == "orthogonal" and not _on_meta_device(module):
+                entry.outcome = f"L_orth instead: {_wrapped_problem(wrapper.__name__)}"  # apply's first check
+                continue
+            outcome = _fallback_outcome(module, entry.site.name, entry.params, owners)
             entry.outcome = outcome or entry.outcome
 
     def accepts_params(self, site, module, params):
