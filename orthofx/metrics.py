@@ -1994,13 +1994,16 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
                        generator: torch.Generator | None = None, normalize: bool = False,
                        create_graph: bool = True, route: str = "auto", batch_fraction: float = 1.0,
                        what: str = "jacobian_isometry",
-                       error: type[_JvpRouteError] = _JvpRouteError, draw_shift: int = 0) -> tuple[torch.Tensor, str]:
+                       error: type[_JvpRouteError] = _JvpRouteError, draw_shift: int = 0,
+                       full_precision: bool = False) -> tuple[torch.Tensor, str]:
     """:func:`jacobian_isometry` and the route it took (``"jvp"`` or ``"double_vjp"``); ``what`` starts the
     error messages (a probe names its layer), ``error`` is the type of the one for an op that route ``"jvp"``
     cannot run (a probe's is :class:`_LayerJvpRouteError`). ``draw_shift``: the probes' draws under torch.compile
     are ``_rademacher(x, ..., draw_shift + i)``; a JacobianProbe passes its own multiple of
     :data:`MAX_JACOBIAN_PROBES`, so that no two draws of one compiled graph have equal arguments (the values are
-    those of the unshifted draws)."""
+    those of the unshifted draws). ``full_precision``: the estimate of half-precision products is returned in the
+    float32 of its sums (:func:`_squared`), not rounded to :func:`_estimate_dtype`: a JacobianProbe's penalty
+    multiplies it by its weight first (a float16 estimate above 65504 is inf where the weighted one fits)."""
     _check_input(x, what)
     _one_of(kind, JACOBIAN_KINDS, "kind", what)
     _one_of(route, _ROUTES, "route", what)
@@ -2025,7 +2028,7 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
     compiling = torch.compiler.is_compiling()
     if compiling and _holds_hardsigmoid(f):
         return _eager_jacobian_isometry(fn, x, probes, kind, per_sample, generator, normalize, create_graph, route,
-                                        batch_fraction, what, error, draw_shift)
+                                        batch_fraction, what, error, draw_shift, full_precision)
     if compiling:  # one route, fixed at trace time: no fallback inside a compiled graph (see the section comment)
         route = "double_vjp"
     # torch.func differentiates with respect to xp itself; autograd.grad needs a leaf that requires grad (which
@@ -2089,7 +2092,8 @@ def _jacobian_isometry(fn, x: torch.Tensor, probes: int = 1, kind: str = "full",
         if normalize:
             # the sizes' product, not x[0].numel(): x[0] is an ATen op
             estimate = estimate / _at_least_one(math.prod(x.shape[1:]) if per_sample else x.numel())
-        estimate = estimate.to(returned)
+        if not full_precision or returned not in HALF_PRECISION:
+            estimate = estimate.to(returned)
     return (estimate if create_graph else estimate.detach()), route
 
 

@@ -40,6 +40,13 @@ it reads the parameters the model holds, which the transform does not see: its g
 result, so ``penalty`` warns (``OrthofxWarning``) when it runs under a differentiating ``torch.func`` transform
 (``grad``, ``vjp``, ``jacrev``, ``jvp`` ...) on none of the transform's tensors.
 
+Precision. A term of half-precision weights (a float16 / bfloat16 model) is computed in float32 (its L_orth, its
+Jacobian estimate's sums), weighted there, and the terms are summed in float32; the sum is rounded once to the
+dtype the terms' own values have (the weights' dtype; a Jacobian estimate under ``torch.autocast``: float32), as
+is each of ``penalty_terms``' values. Rounded before the weight, a float16 L_orth above 65504 (a pretrained 256 x
+256 layer's: 2.6e5) was inf where ``0.01 * L_orth`` fits (:meth:`PenaltyTerm.full_precision_value
+<orthofx.passes.base.PenaltyTerm.full_precision_value>`).
+
 A frozen model (``orthofx.freeze``) keeps a manifest without terms: its penalty is a zero, its ``penalty_terms``
 empty. Frozen layers (``to_plain()``'s ``FourierConv``, ``FrozenConvNormNd`` ...) are not orthofx layers: a model
 assembled from them without that manifest is a plain model, refused like any other.
@@ -47,6 +54,7 @@ assembled from them without that manifest is a plain model, refused like any oth
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -56,7 +64,7 @@ from torch.optim.swa_utils import AveragedModel
 from .capture import unwrap_model
 from .errors import ArgumentError, OrthofxError, OrthofxWarning, caller_stacklevel
 from .nn.jacobian import JacobianProbe
-from .nn.precision import autocast_off
+from .nn.precision import HALF_PRECISION, autocast_off
 from .nn.tracing import (NOT_RECORDED, checkpoint_region, in_func_transform, is_orthofx_layer, is_orthofx_module,
                          record_for_recomputation, recorded_for_recomputation, recomputing_in_backward)
 from .nn.precision import zero_like_parameters
@@ -159,8 +167,10 @@ def part_site_path(path: str, site: str) -> str:
 
 
 def _weighted_terms(model: nn.Module, skip_zero: bool = False, amortised: bool = False,
-                    counted: list[tuple[Manifest, int]] | None = None) -> list[tuple[PenaltyTerm, torch.Tensor]]:
-    """``(term, weight * value)`` of every term of the transformed ``model``; without the terms of weight 0 when
+                    counted: list[tuple[Manifest, int]] | None = None
+                    ) -> list[tuple[PenaltyTerm, torch.Tensor, torch.dtype]]:
+    """``(term, weight * value, dtype)`` of every term of the transformed ``model``: the weighted value in float32
+    for half-precision weights, and the dtype to round it to (:func:`_weighted`); without the terms of weight 0 when
     ``skip_zero``. ``amortised``: one call of the training loss, which, on a model in training mode, evaluates only
     the terms due at this call (:func:`_due_terms`) and counts it, once every term is computed: a call that raises
     (a lazy layer that has not run) is no call of the period, so the run that calls again after the fix keeps the
@@ -182,7 +192,8 @@ def _weighted_terms(model: nn.Module, skip_zero: bool = False, amortised: bool =
     count = None
     if period > 1:
         terms, count = _due_terms(manifest, period)
-    weighted = [(t, t.weight * _term_value(root, t, reference)) for t in terms if not (skip_zero and t.weight == 0.0)]
+    weighted = [(t, *_weighted(t.weight, *_term_value(root, t, reference))) for t in terms
+                if not (skip_zero and t.weight == 0.0)]
     if count is not None:
         if counted is None:
             manifest.penalty_calls = count
@@ -262,8 +273,18 @@ def _first_float_parameter(root: nn.Module) -> torch.Tensor | None:
     return next((p for p in root.parameters() if p.is_floating_point()), None)
 
 
-def _term_value(root: nn.Module, term: PenaltyTerm, reference: torch.Tensor | None = None) -> torch.Tensor:
-    """``term``'s unweighted value; a lazy layer that has not run is refused with the fix, not torch's error.
+def _weighted(weight: float, value: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
+    """``(weight * value, dtype)`` with the product in float32 at least (a term's ``value`` is float32 already where
+    its weights are half precision: :func:`_term_value`), so that it is rounded once, to ``dtype``, by the caller
+    (after the sum, for :func:`penalty`)."""
+    return weight * (value.float() if value.dtype in HALF_PRECISION else value), dtype
+
+
+def _term_value(root: nn.Module, term: PenaltyTerm,
+                reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.dtype]:
+    """``term``'s unweighted value and the dtype of its weighted value
+    (:meth:`~orthofx.passes.base.PenaltyTerm.full_precision_value`: float32 and the weights' dtype for
+    half-precision weights); a lazy layer that has not run is refused with the fix, not torch's error.
     Looked for only when the term fails: penalty runs at every training step, and a layer stays initialised.
 
     Computed with autocast off for ``reference``'s device (:func:`~orthofx.nn.precision.autocast_off`): the usual
@@ -273,9 +294,9 @@ def _term_value(root: nn.Module, term: PenaltyTerm, reference: torch.Tensor | No
     off); the terms are tiny next to the forward, so they run in the weights' own dtype."""
     try:
         if reference is None:
-            return term.value(root)
+            return term.full_precision_value(root)
         with autocast_off(reference):
-            return term.value(root)
+            return term.full_precision_value(root)
     except Exception as exc:
         lazy = lazy_site_module(root, term)
         if lazy is None:
@@ -302,10 +323,10 @@ def penalty_terms(model: nn.Module) -> dict[str, torch.Tensor]:
         torch.testing.assert_close(sum(terms.values()), orthofx.penalty(gm))
     """
     if is_transformed(model):
-        return {f"{t.rule}/{t.site}": value for t, value in _weighted_terms(model)}
+        return {f"{t.rule}/{t.site}": value.to(dtype) for t, value, dtype in _weighted_terms(model)}
     parts, probes = _untransformed_sources(model)
-    terms = {f"{t.rule}/{part_site_path(path, t.site)}": value
-             for path, part in parts for t, value in _weighted_terms(part)}
+    terms = {f"{t.rule}/{part_site_path(path, t.site)}": value.to(dtype)
+             for path, part in parts for t, value, dtype in _weighted_terms(part)}
     terms.update({f"JacobianProbe/{name}": probe.penalty() for name, probe in probes})
     return terms
 
@@ -333,13 +354,13 @@ def penalty(model: nn.Module) -> torch.Tensor:
     root = unwrap_model(model)
     amortised = torch.is_grad_enabled()  # a training loss: terms with every > 1 are due on some calls only
     if is_transformed(model):
-        weighted = [value for _, value in _weighted_terms(model, skip_zero=True, amortised=amortised)]
+        weighted = [(value, dtype) for _, value, dtype in _weighted_terms(model, skip_zero=True, amortised=amortised)]
     else:
         parts, probes = _untransformed_sources(model)
         counted: list[tuple[Manifest, int]] = []  # stored once every part's terms are computed: one call for all
-        weighted = [value for _, part in parts
-                    for _, value in _weighted_terms(part, skip_zero=True, amortised=amortised, counted=counted)]
-        weighted += [probe.penalty() for _, probe in probes
+        weighted = [(value, dtype) for _, part in parts
+                    for _, value, dtype in _weighted_terms(part, skip_zero=True, amortised=amortised, counted=counted)]
+        weighted += [_weighted(probe.penalty_weight, *probe._estimate_and_dtype()) for _, probe in probes
                      if probe.estimate is not None and probe.penalty_weight != 0.0]
         for manifest, count in counted:
             manifest.penalty_calls = count
@@ -347,7 +368,15 @@ def penalty(model: nn.Module) -> torch.Tensor:
         return zero_like_parameters(root)
     if in_func_transform():
         _warn_constant_under_transform(root)
-    return sum(weighted[1:], weighted[0])
+    return _rounded_sum(weighted)
+
+
+def _rounded_sum(weighted: list[tuple[torch.Tensor, torch.dtype]]) -> torch.Tensor:
+    """The sum of the weighted terms (each at least float32: :func:`_weighted`), rounded once to the dtype their
+    values have (the promotion of the ``dtype`` s: a float16 model's penalty is float16)."""
+    values = [value for value, _ in weighted]
+    total = sum(values[1:], values[0])
+    return total.to(functools.reduce(torch.promote_types, [dtype for _, dtype in weighted]))
 
 
 def _differentiating_transform() -> bool:

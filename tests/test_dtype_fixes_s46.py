@@ -244,3 +244,167 @@ def test_numpy_scalars_do_not_change_the_caller_objects():
     assert eps == np.float32(2.0 ** -10) and type(eps) is np.float32
     for key, value in state.items():
         torch.testing.assert_close(conv.state_dict()[key], value, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ half-precision penalties
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+def _assert_rounded_once(value: torch.Tensor, reference: float, dtype: torch.dtype) -> None:
+    """``value`` is the float64 ``reference`` rounded once to ``dtype``: finite, of that dtype, and within one unit
+    in the last place of it (the float32 computation's own error is far below that unit)."""
+    assert value.dtype == dtype and bool(torch.isfinite(value))
+    ulp = float(torch.finfo(dtype).eps) * 2.0 ** np.floor(np.log2(abs(reference)))
+    assert abs(float(value.detach()) - reference) <= ulp, (float(value), reference, dtype)
+
+
+def _far_from_orthogonal_mlp(dtype: torch.dtype) -> nn.Module:
+    """A 256 x 256 layer far from orthogonal (as a pretrained one): L_orth about 2.6e5, past float16's 65504."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    with torch.no_grad():
+        model[0].weight.normal_(0, 0.3)
+    return model.to(dtype)
+
+
+def _lorth64(weight: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """``||W W^T - I||_F^2`` (``W^T W`` for a tall ``W``) of the weight's values in float64, and its gradient."""
+    W = weight.detach().double().requires_grad_()
+    G = W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W
+    value = (G - torch.eye(G.shape[0], dtype=torch.float64)).square().sum()
+    grad, = torch.autograd.grad(value, W)
+    return float(value.detach()), grad
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_lorth_penalty_is_the_weighted_value_rounded_once(dtype):
+    gm = orthofx.transform(_far_from_orthogonal_mlp(dtype), "lorth", example_inputs=(torch.randn(4, 256).to(dtype),))
+    references = {site: _lorth64(gm.get_submodule(site).weight) for site in ("0", "2")}
+    assert references["0"][0] > 65504  # rounded to float16 before its weight 0.01, the term was inf
+    terms = orthofx.penalty_terms(gm)
+    assert sorted(terms) == ["lorth/0", "lorth/2"]
+    for site, (value, _) in references.items():
+        _assert_rounded_once(terms[f"lorth/{site}"], 0.01 * value, dtype)
+    total = orthofx.penalty(gm)
+    _assert_rounded_once(total, 0.01 * sum(value for value, _ in references.values()), dtype)
+    total.backward()
+    for site, (_, grad) in references.items():
+        torch.testing.assert_close(gm.get_submodule(site).weight.grad.double(), 0.01 * grad, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_recurrent_lorth_term_is_rounded_once(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.RNN(4, 256, batch_first=True))
+    with torch.no_grad():
+        model[0].weight_hh_l0.normal_(0, 0.3)
+    gm = orthofx.transform(model.to(dtype), {"rules": [{"match": {"type": "RNN"}, "apply": "orth_regularizer",
+                                                        "with": {"weight": 0.01}}]})
+    value, _ = _lorth64(gm.get_submodule("0").weight_hh_l0)
+    assert value > 65504
+    terms = orthofx.penalty_terms(gm)
+    assert len(terms) == 1
+    _assert_rounded_once(next(iter(terms.values())), 0.01 * value, dtype)
+    _assert_rounded_once(orthofx.penalty(gm), 0.01 * value, dtype)
+
+
+def test_srip_term_of_a_half_precision_weight_is_float32_until_weighted():
+    from orthofx.passes.pre_svd import SripTerm
+
+    torch.manual_seed(0)
+    root = nn.Sequential(nn.Linear(64, 64)).half()
+    with torch.no_grad():
+        root[0].weight.normal_(0, 40)  # sigma_max(W W^T - I) about 4e5, past float16's 65504
+    term = SripTerm("0", "pre_svd", 0.01)
+    W = root[0].weight.detach().double()
+    reference = float(torch.linalg.eigvalsh(W @ W.T - torch.eye(64, dtype=torch.float64)).abs().max())
+    assert reference > 65504
+    value, dtype = term.full_precision_value(root)
+    assert value.dtype == torch.float32 and dtype == torch.float16
+    torch.testing.assert_close(float(value.detach()), reference, rtol=1e-5, atol=0)
+    assert term.value(root).dtype == torch.float16  # the term's own value keeps srip's dtype (inf here)
+
+
+#: The stretch ``c`` of :func:`_stretching_model` per dtype: ``c^2 - 1`` exact in it (399: 9 bits, past bfloat16's 8)
+STRETCH = {torch.float16: 20.0, torch.bfloat16: 16.0}
+
+
+def _stretching_model(dtype: torch.dtype, probe: bool = False) -> nn.Module:
+    """A top-level Sequential block ``x -> c P x + b`` (``P`` a signed permutation): ``J^T J - I = (c^2 - 1) I``
+    exactly in ``dtype``, so the jacobian preset's estimate (per sample, normalised) is ``(c^2 - 1)^2`` whatever the
+    probe draws: for float16 ``399^2 = 159201``, past its 65504."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 16)
+    with torch.no_grad():
+        signs = torch.where(torch.rand(16) < 0.5, -1.0, 1.0)
+        layer.weight.copy_(STRETCH[dtype] * torch.eye(16)[torch.randperm(16)] * signs)
+    block = JacobianProbe(layer, weight=0.1, per_sample=True, normalize=True) if probe else nn.Sequential(layer)
+    return nn.Sequential(block, nn.Linear(16, 3)).to(dtype)
+
+
+def _jacobian64(layer: nn.Linear) -> float:
+    """The estimate's expectation in float64, ``||J^T J - I||_F^2 / n`` (here every draw's value)."""
+    J = layer.weight.detach().double()
+    return float((J.T @ J - torch.eye(16, dtype=torch.float64)).square().sum()) / 16
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_jacobian_penalty_is_the_weighted_estimate_rounded_once(dtype):
+    model = _stretching_model(dtype)
+    x = torch.randn(8, 16).to(dtype)
+    gm = orthofx.transform(model, "jacobian", example_inputs=(x,))
+    gm.train()
+    gm(x)
+    assert isinstance(gm.get_submodule("0"), JacobianProbe)
+    reference = 0.1 * _jacobian64(gm.get_submodule("0.0"))
+    if dtype == torch.float16:
+        assert reference > 0.1 * 65504  # rounded to float16 before its weight 0.1, the estimate was inf
+    terms = orthofx.penalty_terms(gm)
+    assert len(terms) == 1
+    _assert_rounded_once(next(iter(terms.values())), reference, dtype)
+    _assert_rounded_once(orthofx.penalty(gm), reference, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_probe_outside_a_transformed_model_is_rounded_once(dtype):
+    model = _stretching_model(dtype, probe=True)
+    probe = model[0]
+    model(torch.randn(8, 16).to(dtype))
+    reference = 0.1 * _jacobian64(probe.block)
+    assert probe.estimate.dtype == torch.float32  # a half-precision block's float32 sums, weighted before rounding
+    torch.testing.assert_close(float(probe.estimate.detach()), reference / 0.1, rtol=1e-6, atol=0)
+    _assert_rounded_once(probe.penalty(), reference, dtype)
+    _assert_rounded_once(orthofx.penalty(model), reference, dtype)
+    _assert_rounded_once(orthofx.penalty_terms(model)["JacobianProbe/0"], reference, dtype)
+    model.eval()(torch.randn(8, 16).to(dtype))  # no estimate: the zero in the block's dtype, as before
+    assert probe.penalty().dtype == orthofx.penalty(model).dtype == dtype and float(orthofx.penalty(model)) == 0
+
+
+def test_half_precision_probe_under_autocast_keeps_a_float32_penalty():
+    model = _stretching_model(torch.float16, probe=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        model(torch.randn(8, 16).half())
+    penalty = orthofx.penalty(model)
+    assert penalty.dtype == torch.float32  # as autocast's reductions: what it was before
+    torch.testing.assert_close(float(penalty.detach()), 0.1 * _jacobian64(model[0].block), rtol=1e-6, atol=0)
+
+
+def test_float32_penalty_is_unchanged_by_the_rounding():
+    gm = orthofx.transform(_far_from_orthogonal_mlp(torch.float32), "lorth")
+    terms = orthofx.penalty_terms(gm)
+    expected = 0.01 * sum(orthofx.metrics.lorth(gm.get_submodule(s).weight) for s in ("0", "2"))
+    torch.testing.assert_close(orthofx.penalty(gm), expected, atol=0, rtol=1e-6)
+    assert all(t.dtype == torch.float32 for t in terms.values())
+
+
+def test_half_precision_penalty_compiles_without_a_graph_break():
+    gm = orthofx.transform(_far_from_orthogonal_mlp(torch.float16), "lorth")
+    eager = orthofx.penalty(gm)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda: orthofx.penalty(gm), fullgraph=True, backend="eager")()
+    finally:
+        torch._dynamo.reset()
+    assert compiled.dtype == torch.float16 and bool(torch.isfinite(compiled))
+    torch.testing.assert_close(compiled, eager, atol=0, rtol=0)

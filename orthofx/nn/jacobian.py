@@ -90,7 +90,7 @@ _ROUTES = ("auto", "jvp", "double_vjp")
 #: Key of the probe's step in its ``every`` period in its state-dict metadata (``state_dict()._metadata[path]``).
 PHASE_METADATA_KEY = "orthofx_probe_calls"
 _OWN = ("penalty_weight", "probes", "kind", "every", "per_sample", "normalize", "route", "seed", "estimate",
-        "route_used", "calls", "batch_fraction", "calls_per_step", "_draw_shift")
+        "route_used", "calls", "batch_fraction", "calls_per_step", "_draw_shift", "_penalty_dtype")
 
 
 #: Numbers the probes of a process: the multiple of MAX_JACOBIAN_PROBES their compiled draws are shifted by
@@ -100,6 +100,15 @@ _DRAW_SHIFTS = itertools.count(1)
 
 def _keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def _penalty_dtype_of(output: Any, estimate: torch.Tensor) -> torch.dtype:
+    """The dtype a probe's penalty is returned in: what :func:`~orthofx.metrics.jacobian_isometry` returns for the
+    block's ``output`` (its dtype; float32 for a half-precision one under ``torch.autocast``), though the estimate
+    of a half-precision block is kept in float32 until it is weighted."""
+    if isinstance(output, torch.Tensor) and output.is_floating_point():
+        return metrics._estimate_dtype(output)
+    return estimate.dtype
 
 
 # ------------------------------------------------------------------------------------------ checkpoint replay
@@ -293,7 +302,9 @@ class JacobianProbe(nn.Module):
             the restored probes (``copy.deepcopy`` and pickling keep it).
 
     Attributes:
-        estimate: the last estimate (0-d tensor with its graph) or ``None``.
+        estimate: the last estimate (0-d tensor with its graph) or ``None``; float32 for a half-precision block,
+            whose squares are summed in float32 (a float16 estimate was inf above 65504 where the weighted
+            penalty fits): :meth:`penalty` multiplies it by the weight, then rounds to the block's dtype.
         route_used: the route the last estimate took (after a fallback the probe keeps ``"double_vjp"``).
 
     >>> import torch, orthofx
@@ -310,6 +321,8 @@ class JacobianProbe(nn.Module):
 
     batch_fraction: float = 1.0  # class defaults: probes pickled before these attributes existed
     calls_per_step: int = 1
+    #: the dtype of the penalty of the current estimate (see :meth:`_estimate_and_dtype`); None: the estimate's
+    _penalty_dtype: torch.dtype | None = None
 
     def __init__(self, block: nn.Module, weight: float = 1.0, probes: int = 1, kind: str = "full", every: int = 1,
                  per_sample: bool = False, *, normalize: bool = False, route: str = "auto", seed: int | None = None,
@@ -529,8 +542,10 @@ class JacobianProbe(nn.Module):
         # counted once the call has run: a call that raised (an input of the wrong shape, out of memory) is no
         # step of the period, so the run that calls again keeps the schedule of the uninterrupted one
         self.calls = (phase + 1) % (self.every * self.calls_per_step)
-        # a block called several times per forward: the estimates of one step's calls add up
+        # a block called several times per forward: the estimates of one step's calls add up (in float32 for a
+        # half-precision block, rounded once by the penalty)
         self.estimate = estimate if self.estimate is None else self.estimate + estimate
+        self._penalty_dtype = _penalty_dtype_of(output, estimate)
         if not torch.compiler.is_compiling() and self.estimate.requires_grad:
             # for a penalty to tell a stale estimate (one read after an optimizer step, or after a backward freed
             # it) from this step's: :meth:`_estimate_for_penalty`. Kept on the tensor, which it describes
@@ -631,17 +646,33 @@ class JacobianProbe(nn.Module):
             block, args[0], probes=self.probes, kind=self.kind, per_sample=self.per_sample, generator=generator,
             normalize=self.normalize, route=route, batch_fraction=self.batch_fraction,
             what=f"jacobian_isometry of {layer_label(self)}", error=metrics._LayerJvpRouteError,
-            draw_shift=getattr(self, "_draw_shift", 0))  # 0: a probe pickled before it had one
+            draw_shift=getattr(self, "_draw_shift", 0),  # 0: a probe pickled before it had one
+            full_precision=True)  # float32 for a half-precision block: the penalty weights it before rounding
         return estimate
 
     def penalty(self) -> torch.Tensor:
         """``weight * estimate``; without a current estimate (eval mode, a step ``every`` skips) the zero of
         :func:`~orthofx.nn.precision.zero_like_parameters`, in the block's dtype and on its device, which every
-        absent penalty term is: a float32 zero turned a bfloat16 loss into float32 on the steps without one."""
+        absent penalty term is: a float32 zero turned a bfloat16 loss into float32 on the steps without one.
+
+        In the dtype of the block's output (float32 under ``torch.autocast`` for a half-precision one, as
+        autocast's reductions): a half-precision block's estimate is kept in float32 and multiplied by the weight
+        there, then rounded once (:meth:`_estimate_and_dtype`); rounded first, a float16 estimate above 65504 was
+        inf where ``weight * estimate`` fits."""
+        estimate, dtype = self._estimate_and_dtype()
+        return (self.penalty_weight * estimate).to(dtype)
+
+    def _estimate_and_dtype(self) -> tuple[torch.Tensor, torch.dtype]:
+        """``(estimate, dtype)`` for a penalty: :meth:`_estimate_for_penalty` (without a current one the zero
+        :meth:`penalty` returns), in float32 for a half-precision block, and the dtype a penalty of it is returned
+        in, once weighted: the block output's (:func:`~orthofx.metrics._estimate_dtype`). ``orthofx.penalty``
+        multiplies each term by its weight in float32 and rounds the sum once."""
         estimate = self._estimate_for_penalty()
         if estimate is None:
-            return zero_like_parameters(self)
-        return self.penalty_weight * estimate
+            zero = zero_like_parameters(self)
+            return zero, zero.dtype
+        dtype = self._penalty_dtype
+        return estimate, estimate.dtype if dtype is None else dtype
 
     def _estimate_for_penalty(self) -> torch.Tensor | None:
         """:attr:`estimate` for a penalty to add to a training loss (:meth:`penalty`, ``orthofx.penalty``).

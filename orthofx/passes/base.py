@@ -246,6 +246,15 @@ class PenaltyTerm:
     def value(self, root: nn.Module) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def full_precision_value(self, root: nn.Module) -> tuple[torch.Tensor, torch.dtype]:
+        """``(value, dtype)``: the unweighted value before its rounding to half precision, and the dtype
+        :meth:`value` returns. A term of half-precision weights computed in float32 (L_orth, SRIP, a Jacobian
+        estimate's sums) returns the float32 value and the weights' dtype: ``orthofx.penalty`` multiplies it by
+        the weight and sums in float32, then rounds once (a float16 L_orth above 65504 is inf where
+        ``0.01 * L_orth`` fits). The default: :meth:`value` and its dtype."""
+        value = self.value(root)
+        return value, value.dtype
+
     def form(self) -> tuple | None:
         """What makes two terms of this class on one weight tensor the same regulariser, so that a weight tied
         between sites is counted once (as weight decay counts a shared parameter once); ``None`` (the default):

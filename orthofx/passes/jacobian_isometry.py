@@ -82,7 +82,6 @@ from torch import nn
 from .. import metrics
 from ..errors import OrthofxError, OrthofxWarning, caller_stacklevel, first_few
 from ..nn.jacobian import JacobianProbe
-from ..nn.precision import zero_like_parameters
 from .base import Change, Param, Pass, PassContext, PenaltyTerm, PlanEntry, Site, entries_by_rule
 from .registry import register_pass
 
@@ -94,14 +93,19 @@ class JacobianTerm(PenaltyTerm):
     after an eval-mode forward and on the calls that ``every`` skips)."""
 
     def value(self, root: nn.Module) -> torch.Tensor:
+        value, dtype = self.full_precision_value(root)
+        return value.to(dtype)
+
+    def full_precision_value(self, root: nn.Module) -> tuple[torch.Tensor, torch.dtype]:
+        """``(estimate, dtype)`` of the probe (:meth:`JacobianProbe._estimate_and_dtype`): a half-precision block's
+        estimate in float32, and the dtype its penalty is returned in (``orthofx.penalty`` weights the float32
+        value, then rounds: a float16 estimate above 65504 is inf where ``weight * estimate`` fits)."""
         probe = root.get_submodule(self.site)
         if not isinstance(probe, JacobianProbe):
             raise OrthofxError(f"the module at {self.site!r} is a {type(probe).__name__}, not the JacobianProbe "
                                "that pass 'jacobian_isometry' put there; was it replaced after the transform?")
-        estimate = probe._estimate_for_penalty()  # a stale one (an earlier step's) raises at backward, saying so
-        if estimate is None:
-            return zero_like_parameters(probe)
-        return estimate
+        # a stale estimate (an earlier step's) raises at backward, saying so; none: a zero in the block's dtype
+        return probe._estimate_and_dtype()
 
 
 def _no_jacobian(ctx: PassContext, name: str) -> str | None:

@@ -118,6 +118,13 @@ class LorthTerm(PenaltyTerm):
         self.dilation = dilation
 
     def value(self, root: nn.Module) -> torch.Tensor:
+        value, dtype = self.full_precision_value(root)
+        return value.to(dtype)  # metrics.lorth's own rounding of a half-precision weight's L_orth
+
+    def full_precision_value(self, root: nn.Module) -> tuple[torch.Tensor, torch.dtype]:
+        """``(L_orth, dtype)``: of a half-precision weight in float32, as :func:`orthofx.metrics.lorth` computes
+        it before rounding to the weight's dtype, and that dtype (``orthofx.penalty`` weights the float32 value,
+        then rounds: a float16 L_orth above 65504 is inf where ``weight * L_orth`` fits)."""
         # current_weight: a weight that prune / the older weight_norm / spectral_norm set in a pre-hook, recomputed
         # from its parameters (the tensor the last forward left can be one without history, or with a freed graph)
         module = root.get_submodule(self.site)
@@ -130,7 +137,9 @@ class LorthTerm(PenaltyTerm):
             owner = frozen_convnorm_owner(root, self.site)
             if owner is not None:
                 stride, dilation = _conv_geometry(owner)
-        return metrics.lorth(layer_weight, stride=stride, groups=self.groups, case=self.case, dilation=dilation)
+        value = metrics.lorth(metrics._in_opmath(layer_weight), stride=stride, groups=self.groups, case=self.case,
+                              dilation=dilation)
+        return value, layer_weight.dtype
 
     def form(self) -> tuple:
         # not the case: L_orth's RO and CO forms differ by the constant M - C S^d (P0), so they are one regulariser
@@ -172,11 +181,17 @@ class RecurrentLorthTerm(PenaltyTerm):
         self.case = case
 
     def value(self, root: nn.Module) -> torch.Tensor:
+        value, dtype = self.full_precision_value(root)
+        return value.to(dtype)
+
+    def full_precision_value(self, root: nn.Module) -> tuple[torch.Tensor, torch.dtype]:
+        """``(value, dtype)``: of half-precision weights in float32 (:meth:`LorthTerm.full_precision_value`),
+        and their dtype."""
         layer = root.get_submodule(self.site)
         weights = [whole(getattr(layer, name),  # FSDP2 shards: gathered, differentiably
                          f"site '{self.site}' (rule '{self.rule}'): the L_orth penalty of {name}")
                    for name in self.parameters]
-        return gate_blocks_lorth(weights, self.gates, self.case)
+        return gate_blocks_lorth([metrics._in_opmath(w) for w in weights], self.gates, self.case), weights[0].dtype
 
     def penalised(self, root: nn.Module) -> list[tuple[str, torch.Tensor, tuple]]:
         layer = root.get_submodule(self.site)

@@ -319,9 +319,16 @@ class SripTerm(PenaltyTerm):
         self.iterations = int(iterations)
 
     def value(self, root: nn.Module) -> torch.Tensor:
+        value, dtype = self.full_precision_value(root)
+        return value.to(dtype)  # srip's own rounding of a half-precision weight's value
+
+    def full_precision_value(self, root: nn.Module) -> tuple[torch.Tensor, torch.dtype]:
+        """``(SRIP, dtype)``: of a half-precision weight in float32, as :func:`srip` computes it before rounding
+        to the weight's dtype, and that dtype (``orthofx.penalty`` weights the float32 value, then rounds)."""
         weight = whole(root.get_submodule(self.site).weight,
                        f"site '{self.site}' (rule '{self.rule}'): the SRIP penalty")
-        return srip(weight, self.groups, self.iterations)
+        return srip(weight.float() if weight.dtype in HALF_PRECISION else weight, self.groups,
+                    self.iterations), weight.dtype
 
     def form(self) -> tuple:
         # not the rule's weight: a tensor is one regulariser whatever it is multiplied by (two tied sites with
