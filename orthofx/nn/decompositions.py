@@ -25,8 +25,9 @@ With ``X = V^T dV`` and ``skew(X) = (X - X^T) / 2``::
 symmetrised at the end ((dA + dA^T) / 2). ``K`` is antisymmetric, so ``K o skew(X)`` is symmetric.
 
 * ``taylor_order=None``: the exact ``K_ij = 1 / (lambda_j - lambda_i)``, with the gap's magnitude clamped from
-  below by ``max(clamp_gap, eps * max|lambda|, sqrt(tiny))`` (``eps``/``tiny`` of the dtype), so that exactly
-  repeated eigenvalues give a large but finite gradient instead of inf/NaN.
+  below by ``max(clamp_gap, floor)``, ``floor = eps * max|lambda|`` (``eps`` of the dtype; see "Tiny and huge
+  matrices" for its absolute lower bound), so that exactly repeated eigenvalues give a large but finite gradient
+  instead of inf/NaN.
 * ``taylor_order=T`` (an int >= 0; P4's Taylor form): for a pair with eigenvalues of the same sign, write
   ``a`` for the one of larger magnitude and ``b`` for the other; then ``1/(a - b) = (1/a) sum_k (b/a)^k`` and the
   series is truncated after ``k = T``::
@@ -36,8 +37,8 @@ symmetrised at the end ((dA + dA^T) / 2). ``K`` is antisymmetric, so ``K o skew(
   which is P4's ``(1/lambda_i) sum_k (lambda_j/lambda_i)^k`` for positive eigenvalues (covariances), and the same
   form on the magnitudes for two negative ones. A pair of *opposite* signs (or with a zero) is already
   well separated (``|lambda_i - lambda_j| = |lambda_i| + |lambda_j| >= |a|``): it gets the exact value
-  ``1/(|lambda_i| + |lambda_j|)``. Denominators are clamped from below by ``max(eps * max|lambda|, sqrt(tiny))``
-  (a pair of (near-)zero eigenvalues, e.g. a rank-deficient covariance, gives a large but finite value).
+  ``1/(|lambda_i| + |lambda_j|)``. Denominators are clamped from below by the same ``floor`` (a pair of
+  (near-)zero eigenvalues, e.g. a rank-deficient covariance, gives a large but finite value).
   ``taylor_order=0`` is the one-term form ``1/|a|``; it is *not* the exact K (use ``None`` for that).
   (Computed as ``min(series, exact)``: for the same sign the truncated series of positive terms is below the
   exact value, for opposite signs the exact value is below ``1/|a|``, so one minimum covers both cases.)
@@ -60,15 +61,36 @@ from ``lambda = s^2`` (the eigenvalues of ``A^T A``, all >= 0, so the Taylor for
          + (I - U U^T) dU S^-1 V^T     (only when m > k)
          + U S^-1 dV^T (I - V V^T)     (only when n > k)
 
-with ``K_jk ~ 1/(s_k^2 - s_j^2)``, ``k = min(m, n)``, ``V = Vh^T``, and ``S^-1`` clamped like above. ``K o S`` is
-computed as ``(K' / c) o (S / c)`` with ``K'`` built from ``(S / c)^2`` and ``c`` the power of two just above
-``max(S)``, but not below ``4 sqrt(tiny) / eps`` (3.6e-12 in float32, 2.7e-138 in float64, so that ``|K o S|`` stays
-below ``1 / sqrt(tiny)``, finite): the same values, without overflowing ``S^2`` for huge singular values or
-underflowing it for tiny ones (``sqrt(tiny)`` on the squares of float32 singular values below about 1e-6 clamped
-every gap when ``c`` stopped at 1: the gradient was 8 % off at 1e-10, 49 % at 1e-12). It equals
-torch's gradient for full-rank real matrices with distinct singular values (``taylor_order=None``) and is
-finite for repeated ones. Complex (and integer) inputs are not supported: both ops raise
+with ``K_jk ~ 1/(s_k^2 - s_j^2)``, ``k = min(m, n)``, ``V = Vh^T``, and ``S`` in ``S^-1`` clamped from below by
+``eps * max(S)``. ``K o S`` is computed as ``(K' / c) o (S / c)`` with ``K'`` built from ``(S / c)^2`` (see "Tiny and
+huge matrices" for ``c``): the same values, without overflowing ``S^2`` for huge singular values or underflowing
+it for tiny ones. It equals torch's gradient for full-rank real matrices with distinct singular values
+(``taylor_order=None``) and is finite for repeated ones. Complex (and integer) inputs are not supported: both ops raise
 :class:`orthofx.errors.LayerArgumentError` for them, as for a non-matrix (and, for eigh, a non-square) input.
+
+Tiny and huge matrices
+----------------------
+Both backwards build their kernels (``K``, and the SVD's ``S^-1``) from the spectrum divided by ``c``, a power of
+two with ``max < c <= 2 max`` per matrix (``max``: ``max|lambda|`` for eigh, ``max(S)`` for the SVD), and divide
+the result by ``c`` (``c^2``) again. The scaling is exact, so for matrices of ordinary scale the gradient is the
+same bit for bit as without it, and the clamps are relative to the matrix (``eps * max``). ``c`` is bounded
+below by ``2^-37`` (7.3e-12) in float32 and ``2^-456`` (5.4e-138) in float64, which keeps the kernels finite for
+near-zero spectra: for a smaller ``max`` the scaled spectrum is no longer near 1 and the clamp ``sqrt(tiny)`` on
+it (:func:`_floor`) comes back, ``c * sqrt(tiny)`` in the matrix's units (an all-zero matrix keeps ``c = 1``,
+the bound it always had). The float32 gradients of well-conditioned matrices are right (float32 accuracy, as
+torch's own) in these ranges:
+
+* eigh, ``floor = max(eps * max|lambda|, 2^-100)`` (7.9e-31; ``|K| <= 1.3e30``): for eigenvalue gaps above
+  ~1e-30, so matrices of scale 1e-30 up to 1e36 (torch's float32 gradient is right down to 1e-38; below 1e-30 the
+  gaps are clamped, a bounded surrogate). In float64 the absolute part is ``2^-967`` (5.4e-292).
+* SVD: for singular values from ~1e-20 to 1e36 (torch's float32 gradient is NaN or wrong below ~1e-21, where the
+  squares underflow, and NaN above 1e19, where they overflow). Below 1e-21 the squares ``(S / c)^2`` of the
+  bounded ``c`` fall below ``sqrt(tiny)`` and every gap is clamped: ``|K o S|`` stays finite but is wrong.
+
+Before the scaling, a float32 matrix at scale 1e-20 had every eigen-gap clamped at ``sqrt(tiny)`` (1.1e-19): the
+eigh gradient was 44-99 % off, the SVD's ``S^-1`` terms of a 6 x 4 matrix 57-83 %, and covariance pooling of
+features ~1e-9 under the svd preset gave a conv weight gradient 44 % off (``c`` stopping at 1 for ``(S / c)^2``
+made the square SVD's gradient 8 % off at 1e-10 and 49 % at 1e-12).
 
 Non-finite inputs
 -----------------
@@ -139,7 +161,9 @@ __all__ = [
 
 
 def _floor(absmax: Tensor) -> Tensor:
-    """Smallest denominator allowed: eps * max|lambda| per matrix, at least sqrt(tiny); shape [..., 1, 1]."""
+    """Smallest denominator allowed: eps * max|lambda| per matrix, at least sqrt(tiny); shape [..., 1, 1]. The
+    callers hand it spectra scaled to a maximum near 1 (:func:`_power_of_two_scale`), where sqrt(tiny) decides
+    nothing but for (near-)zero matrices."""
     info = torch.finfo(absmax.dtype)
     return (absmax * info.eps).clamp_min(math.sqrt(info.tiny)).unsqueeze(-1).unsqueeze(-1)
 
@@ -206,13 +230,53 @@ def _pair_magnitude(lam: Tensor, taylor_order: int | None, clamp_gap: float | Te
     return torch.minimum(series * inv_big, mag)
 
 
+def _power_of_two_scale(values: Tensor) -> Tensor:
+    """``c [..., 1]``: a power of two with ``max(values) < c <= 2 max(values)`` per matrix (``values >= 0``: the
+    singular values, or the eigenvalues' magnitudes), but at least ``2^-37`` in float32 (``2^-456`` in float64: the
+    power of two above ``4 sqrt(tiny) / eps``), 1 for a zero matrix, and at most the dtype's largest power of two
+    (``2 max`` is inf above 1.7e38 in float32, and ``values / c`` was 0). The backward kernels are built from
+    ``values / c``, whose largest entry lies in ``[1/2, 1)``: the floor ``eps * max`` then decides every clamp,
+    never the absolute ``sqrt(tiny)`` (which clamped every gap of a float32 matrix scaled by 1e-20), and dividing
+    the result by ``c`` (``c^2``) is exact. The lower bound keeps the kernels finite for (near-)zero matrices (see
+    "Tiny and huge matrices" in the module docstring). A constant of the backward: not differentiated."""
+    info = torch.finfo(values.dtype)
+    _, exponent = torch.frexp(_amax_last(values.detach()))
+    smallest = math.frexp(4 * math.sqrt(info.tiny) / info.eps)[1]
+    largest = math.frexp(info.max)[1] - 1
+    return torch.ldexp(values.new_ones(exponent.shape), exponent.clamp(smallest, largest)).unsqueeze(-1)
+
+
+def _gap_in_scaled_units(clamp_gap: float | None, c: Tensor, power: int, dtype: torch.dtype) -> Tensor | None:
+    """``clamp_gap / c^power`` as ``[..., 1, 1]`` in ``dtype`` (the user's gap in the units of the kernel built
+    from ``values / c``), computed in float64: ``c^2`` may overflow float32, and a float32 clamp_gap above 3.4e38
+    is still valid here."""
+    if clamp_gap is None:
+        return None
+    gap = torch.full_like(c.unsqueeze(-1), float(clamp_gap), dtype=torch.float64)
+    for _ in range(power):  # one division at a time: c^2 may overflow even float64
+        gap = gap / c.unsqueeze(-1)
+    return gap.to(dtype)
+
+
+def _scaled_pair_magnitude(lam: Tensor, taylor_order: int | None, clamp_gap: float | None) -> Tensor:
+    """:func:`_pair_magnitude` of ``lam`` built from ``lam / c`` (:func:`_power_of_two_scale` of ``|lam|``) and
+    divided by ``c``: the same values where ``max|lam|`` is of normal size (bit for bit: the scaling is exact), and
+    the relative floor ``eps * max|lam|`` instead of the absolute ``sqrt(tiny)`` for tiny spectra (a float32
+    matrix at scale 1e-20 had every gap clamped, the gradient 44-99 % off). Differentiable (``c`` is a constant)
+    when grad mode is on, in place on its own temporaries otherwise, as :func:`_pair_magnitude`."""
+    c = _power_of_two_scale(lam.abs())
+    mag = _pair_magnitude(lam / c, taylor_order, _gap_in_scaled_units(clamp_gap, c, 1, lam.dtype))
+    c = c.unsqueeze(-1)
+    return mag.div_(c) if not torch.is_grad_enabled() else mag / c
+
+
 def pair_kernel(lam: Tensor, taylor_order: int | None = 9, clamp_gap: float | None = None,
                 descending: bool = False) -> Tensor:
     """``K[..., i, j] ~ 1 / (lam_j - lam_i)`` (zero diagonal, antisymmetric, always finite) as described in the
     module docstring. ``lam`` holds sorted eigenvalues, ascending unless ``descending``; the order only decides
     the sign at exact ties (+ above the diagonal for ascending, - for descending)."""
     taylor_order, clamp_gap = _check_args(taylor_order, clamp_gap)
-    upper = _pair_magnitude(lam, taylor_order, clamp_gap).triu(1)
+    upper = _scaled_pair_magnitude(lam, taylor_order, clamp_gap).triu(1)
     return upper.mT - upper if descending else upper - upper.mT
 
 
@@ -436,7 +500,7 @@ def _eigh_backward(ctx, saved, gL, gV):
     X = V.mT @ gV
     Q = X - X.mT
     # differentiable (double backward)
-    Q = Q * _pair_magnitude(L, ctx.taylor_order, ctx.clamp_gap).triu(1)
+    Q = Q * _scaled_pair_magnitude(L, ctx.taylor_order, ctx.clamp_gap).triu(1)
     if gL is not None:
         Q = Q + torch.diag_embed(gL)
     G = V @ Q @ V.mT
@@ -448,7 +512,7 @@ def _eigh_backward_in_place(L: Tensor, V: Tensor, gL: Tensor | None, gV: Tensor,
     its own temporaries."""
     X = V.mT @ gV
     Q = X - X.mT
-    Q.mul_(_pair_magnitude(L, taylor_order, clamp_gap).triu_(1))
+    Q.mul_(_scaled_pair_magnitude(L, taylor_order, clamp_gap).triu_(1))
     if gL is not None:
         Q.diagonal(dim1=-2, dim2=-1).add_(gL)
     torch.matmul(V, Q, out=X)
@@ -593,31 +657,18 @@ def _svd_backward(ctx, saved, gU, gS, gVh):
     return _svd_grad(U, S, Vh, gU, gS, gVh, ctx.taylor_order, ctx.clamp_gap, False), None, None
 
 
-def _svd_scale(S: Tensor) -> Tensor:
-    """``c [..., 1]``: the smallest power of two ``>= max(S)`` per matrix, but at least ``4 sqrt(tiny) / eps``: with
-    ``K'`` at most ``1 / (eps max (S / c)^2) <= 4 / eps``, the backward's ``(K' / c) o (S / c)`` then stays below
-    ``1 / sqrt(tiny)``, the bound it had when ``c`` stopped at 1 (a constant of the backward: not differentiated)."""
-    info = torch.finfo(S.dtype)
-    _, exponent = torch.frexp(_amax_last(S.detach()))
-    smallest = math.frexp(4 * math.sqrt(info.tiny) / info.eps)[1]
-    return torch.ldexp(torch.ones_like(S[..., :1]), exponent.clamp_min(smallest).unsqueeze(-1))
-
-
 def _svd_grad(U, S, Vh, gU, gS, gVh, taylor_order, clamp_gap, inplace: bool) -> Tensor:
     """:func:`_svd_backward`'s ``dA``; ``inplace``: with in-place ops on its own temporaries (not differentiable)."""
     m, n, k = U.shape[-2], Vh.shape[-1], S.shape[-1]
     inner = torch.diag_embed(gS) if gS is not None else None
     XU = XV = None
+    c = _power_of_two_scale(S)
+    Sc = S / c
     if gU is not None or gVh is not None:
         # K o S with K_jk ~ 1/(s_k^2 - s_j^2) is (K' / c) o (S / c) with K' built from (S / c)^2: for a power of two
         # c >= max(S) the squares cannot overflow (S * S was inf for s > 1.8e19 in float32, 1.3e154 in float64,
         # and K NaN) nor fall below the floor's sqrt(tiny); the result is the same (c is exact, the floor scales)
-        c = _svd_scale(S)
-        Sc = S / c
-        # clamp_gap / c^2 in float64 (c^2 may overflow, and a float32 clamp_gap above 3.4e38 is still valid here)
-        c64 = c.unsqueeze(-1).to(torch.float64)
-        gap = None if clamp_gap is None else (float(clamp_gap) / c64 / c64).to(S.dtype)
-        upper = _pair_magnitude(Sc * Sc, taylor_order, gap).triu(1)
+        upper = _pair_magnitude(Sc * Sc, taylor_order, _gap_in_scaled_units(clamp_gap, c, 2, S.dtype)).triu(1)
         K = (upper.mT - upper) / c.unsqueeze(-1)  # K'_jk / c, singular values descending
         if gU is not None:
             XU = U.mT @ gU
@@ -631,7 +682,10 @@ def _svd_grad(U, S, Vh, gU, gS, gVh, taylor_order, clamp_gap, inplace: bool) -> 
             inner = T if inner is None else (inner.add_(T) if inplace else inner + T)
     gA = U @ inner @ Vh
     if (gU is not None and m > k) or (gVh is not None and n > k):
-        s_inv = S.clamp_min(_floor(_amax_last(S)).squeeze(-1)).reciprocal()
+        # 1 / S with the floor of S / c (eps * max(S) for max(S) above 7.3e-12 in float32, c sqrt(tiny) below), as for
+        # K o S: the floor of S itself, sqrt(tiny), clamped every singular value of a float32 matrix at 1e-20 (the
+        # gradient 57-83 % off for a 6 x 4 one); the same values at normal scale
+        s_inv = S.clamp_min(_floor(_amax_last(Sc)).squeeze(-1) * c).reciprocal()
         if gU is not None and m > k:
             gA = gA + ((gU - U @ XU) * s_inv.unsqueeze(-2)) @ Vh
         if gVh is not None and n > k:
