@@ -78,7 +78,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import fx, nn
@@ -1645,18 +1645,27 @@ def _not_from_this_transform(root: nn.Module, manifest: Manifest) -> tuple[str, 
     names and that holds state: such a model was transformed from a frozen or transformed one. A user's own orthofx
     layers carry no site, so a model written with them passes; so do a frozen Jacobian probe's block and a monitor's
     stateless pass-through, which the original model computes the same way."""
-    own = {change.site for change in manifest.changes}
-    for path, module in root.named_modules(remove_duplicate=False):
-        baked = module.__dict__.get(BAKED_ATTRIBUTE)
-        if baked is not None:
-            return path, f"a plain {type(module).__name__} that orthofx.freeze baked from the orthofx layer {baked}"
-        placed = module.__dict__.get(SITE_ATTRIBUTE)
-        if placed is not None and placed not in own and path not in own and _holds_state(module):
-            return path, f"the orthofx layer {type(module).__name__} that an earlier orthofx.transform put there"
+    for path, what in _earlier_layers(root, manifest):
+        return path, what
     for name, _ in root.named_buffers():
         if name.rpartition(".")[2].startswith(FOLDED_PREFIX):
             return name, "a decomposition result that orthofx.freeze computed once and stored"
     return None
+
+
+def _earlier_layers(root: nn.Module, manifest: Manifest) -> Iterator[tuple[str, str]]:
+    """``(path, what it is)`` of each module of ``root`` that an earlier ``orthofx.transform`` or ``orthofx.freeze``
+    made, not the transform recorded in ``manifest`` (:func:`_not_from_this_transform` says which), in
+    ``named_modules`` order, a module under two paths once per path."""
+    own = {change.site for change in manifest.changes}
+    for path, module in root.named_modules(remove_duplicate=False):
+        baked = module.__dict__.get(BAKED_ATTRIBUTE)
+        if baked is not None:
+            yield path, f"a plain {type(module).__name__} that orthofx.freeze baked from the orthofx layer {baked}"
+            continue
+        placed = module.__dict__.get(SITE_ATTRIBUTE)
+        if placed is not None and placed not in own and path not in own and _holds_state(module):
+            yield path, f"the orthofx layer {type(module).__name__} that an earlier orthofx.transform put there"
 
 
 def _check_replayable(root: nn.Module, manifest: Manifest, path: str) -> None:
@@ -1677,15 +1686,15 @@ def _check_replayable(root: nn.Module, manifest: Manifest, path: str) -> None:
              "transformed model. A .pt file holds the weights and the last transform's policy only, which "
              "orthofx.load replays on the original model, where that part is as the original model has it, so the "
              "file could not restore this model")
-    inside = _replaced_inside(root, manifest, where)
+    inside = _replaced_inside(root, manifest)
     if not inside:
         raise ExportError(f"{start}. Transform the original model once with a policy holding the rules of both "
                           "(Policy.from_dict({'rules': [*first.to_dict()['rules'], *second.to_dict()['rules']]})) "
                           "and export that to .pt, or export this model to .pt2 or .onnx (frozen; "
                           "orthofx.export(gm, 'model.pt2', example_inputs=(x,)))")
-    site, layer = inside[0]
+    site, layer, outer = inside[0]
     raise ExportError(f"{start}. Nor can one policy rebuild it: the second transform replaced {site!r} inside "
-                      f"{where!r} (by {layer}), and in one transform a layer takes one replacement, so the rules of "
+                      f"{outer!r} (by {layer}), and in one transform a layer takes one replacement, so the rules of "
                       "both in one policy give another model (one of the two layers there, not one inside the other). "
                       "Save this model with torch.save(gm, path) (the whole GraphModule, read back with "
                       "torch.load(path, weights_only=False) where orthofx is importable, with its outputs, penalty "
@@ -1693,20 +1702,24 @@ def _check_replayable(root: nn.Module, manifest: Manifest, path: str) -> None:
                       "to .pt2 or .onnx for inference (frozen; orthofx.export(gm, 'model.pt2', example_inputs=(x,)))")
 
 
-def _replaced_inside(root: nn.Module, manifest: Manifest, where: str) -> list[tuple[str, str]]:
-    """``(site, class name)`` of the layers this transform (``manifest``) put at sites inside the module at
-    ``where``, one an earlier transform made: the modules there that an orthofx pass placed at that very site
-    (``replace_module`` records it in them)."""
+def _replaced_inside(root: nn.Module, manifest: Manifest) -> list[tuple[str, str, str]]:
+    """``(site, class name, enclosing path)`` of the layers this transform (``manifest``) put at sites inside a
+    module an earlier transform or freeze made (any of them, :func:`_earlier_layers`, not only the first one
+    :func:`_not_from_this_transform` names: a model whose first ConvNorm layer kept its conv may hold an orthogonal
+    conv in its second): the modules there that an orthofx pass placed at that very site (``replace_module``
+    records it in them)."""
+    earlier = list(dict.fromkeys(path for path, _ in _earlier_layers(root, manifest)))
     placed = []
     for site in dict.fromkeys(change.site for change in manifest.changes):
-        if not site.startswith(where + "."):
+        outer = next((path for path in earlier if site.startswith(path + ".")), None)
+        if outer is None:
             continue
         try:
             module = root.get_submodule(site)
         except AttributeError:
             continue
         if module.__dict__.get(SITE_ATTRIBUTE) == site:
-            placed.append((site, type(module).__name__))
+            placed.append((site, type(module).__name__, outer))
     return placed
 
 

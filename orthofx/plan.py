@@ -44,6 +44,7 @@ from .passes.base import (RECURRENT_TYPES, TORCH_CONV_TYPES, TORCH_TRANSPOSED_CO
                           PassContext, PlanEntry, Site, derived_weight, describe_module, entries_by_rule,
                           reads_only_metadata, require_initialised, stops_producer_walk, weight_label)
 from .passes.isometric_init import IsometricInit, _scale, _scale_dropped_later
+from .passes.orth_regularizer import frozen_convnorm_owner
 from .passes.registry import UnknownPassError, available_passes, get_pass
 from .passes.riemannian import Riemannian, StiefelHook, _scale_lost, _tie_decisions, scale_lost_note
 from .passes.svd_conditioning import decomposition_op
@@ -175,6 +176,32 @@ def called_modules(gm: fx.GraphModule) -> set[str]:
     return {str(node.target) for graph, _ in mode_graphs(gm) for node in graph.nodes if node.op == "call_module"}
 
 
+def called_module_classes(gm: fx.GraphModule, model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Path -> class names of each submodule of ``model`` (not the root) that a graph of ``gm``, captured from
+    ``model``, calls whole or ran the forward of (its nodes' :func:`~orthofx.capture.module_scopes`): the modules a
+    ``kind: block`` rule could select in ``model``, since capture keeps a selected one as a leaf. A container the
+    forward never calls (an ``nn.ModuleList`` iterated in a loop) is not one. The names are the
+    ``module.qualname`` of each class of the module's MRO (:attr:`Manifest.original_blocks
+    <orthofx.passes.base.Manifest>` records them), and paths are ``model.named_modules()`` names."""
+    first = {id(module): name for name, module in model.named_modules()}
+    paths: set[str] = set()
+    for graph, _ in mode_graphs(gm):
+        for node in graph.nodes:
+            paths.update(module_scopes(node))
+            if node.op == "call_module":
+                paths.add(str(node.target))
+    found = {}
+    for path in paths:
+        try:
+            module = model.get_submodule(path) if path else None
+        except AttributeError:
+            continue  # a path of the graph's own making (none of the model's modules)
+        name = first.get(id(module)) if module is not None else None
+        if name:  # the root is no block
+            found[name] = tuple(f"{klass.__module__}.{klass.__qualname__}" for klass in type(module).__mro__)
+    return dict(sorted(found.items()))
+
+
 def _all_sites(gm: fx.GraphModule, blocks: Iterable[str]) -> tuple[list[Site], dict[str, dict[str, fx.Node]]]:
     """The sites of ``gm.graph`` and, for a two-mode graph module, those of the other mode's graph that the
     first does not have (its function sites, and modules it alone calls), with each graph's nodes by name."""
@@ -240,6 +267,14 @@ def _type_matches(type_names: Iterable[str], cls: type | None) -> bool:
         if klass.__name__ in wanted or f"{klass.__module__}.{klass.__qualname__}" in wanted or klass in aliases:
             return True
     return False
+
+
+def _recorded_type_matches(type_names: Iterable[str], classes: tuple[str, ...]) -> bool:
+    """:func:`_type_matches` for a class recorded as the ``module.qualname`` of each class of its MRO
+    (:func:`called_module_classes`): a bare name is the last part of a qualified one."""
+    wanted = set(type_names)
+    resolved = {f"{klass.__module__}.{klass.__qualname__}" for klass in map(_dotted_class, wanted) if klass is not None}
+    return any(name in wanted or name in resolved or name.rpartition(".")[2] in wanted for name in classes)
 
 
 def _dotted_class(name: str) -> type | None:
@@ -939,7 +974,7 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
     layers = {}
     for site in sites:
         if site.kind != "function":
-            layers[site.name] = describe_module(gm.get_submodule(site.name))
+            layers[site.name] = _layer_text(gm, site.name)
 
     if model is not None and capture is not None:
         notes = unused_leaf_entries(policy, model) + unknown_type_entries(policy, model)
@@ -1040,6 +1075,17 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 unmatched_optional=unmatched_optional, capture=capture, layers=layers)
     _plan_stiefel_outcomes(gm, plan)
     return plan
+
+
+def _layer_text(gm: nn.Module, name: str) -> str:
+    """The ``layer`` column of the module at ``name`` (:func:`describe_module`). The conv of a frozen ConvNorm
+    layer is shown with the layer's stride and dilation, which its L_orth uses (:func:`frozen_convnorm_owner`),
+    and said to be that conv: its own stride 1 is the layer's correlation's."""
+    module = gm.get_submodule(name)
+    owner = frozen_convnorm_owner(gm, name) if module.__dict__.get(FROZEN_FILTERS_MARKER, False) else None
+    if owner is None:
+        return describe_module(module)
+    return describe_module(module, layer=owner, note="frozen ConvNorm conv")
 
 
 def _module_key(site: Site) -> tuple[str, str]:
@@ -1936,17 +1982,26 @@ class InlinedBlocks:
 
 
 def inlined_blocks(rule: Rule, sites: list[Site], model: nn.Module,
-                    aliases: dict[str, tuple[str, ...]] | None = None) -> InlinedBlocks | None:
-    """For a ``kind: block`` rule that matched no block site: the containers its ``name`` / ``exclude`` patterns
-    select in a model that orthofx made (the model itself, or a part of it:
-    :func:`orthofx.penalty.transformed_parts`), which the graph never calls.
+                   aliases: dict[str, tuple[str, ...]] | None = None) -> InlinedBlocks | None:
+    """For a ``kind: block`` rule that matched no block site: the containers it would have selected as blocks in
+    the original of a model that orthofx made (the model itself, or a part of it:
+    :func:`orthofx.penalty.transformed_parts`), which the graph of the model now never calls.
 
     Tracing inlines containers: the GraphModule ``orthofx.transform`` and ``orthofx.freeze`` return calls the
     layers themselves, and keeps each container (``gm.layer1``) as a plain ``nn.Module`` at its path, never called
-    and of no type a rule names (``Sequential`` selects none), so no block rule can select it. ``None`` when the
-    model is no such model or the rule's names select none of its containers (a typo: the usual message tells of
-    ``named_modules()``). ``aliases``: the modules' other paths (:func:`_listed_aliases`), looked up when not given."""
-    if rule.match.site_kind != "block":
+    and of no type a rule names (``Sequential`` selects none), so no block rule can select it. A container counts
+    only where the original model's graph called it (its manifest's ``original_blocks``, recorded by transform
+    and carried through freeze) and the rule selects it as it was there: by its ``name`` / ``exclude`` patterns
+    and its original ``type``. Then one transform of the original, with both policies' rules, does select it.
+
+    ``None`` (the usual message then) when the model is no such model; when its manifest has no record (written
+    before it existed, a model frozen without a transform); when the rule has ``where`` or ``feeds`` selectors
+    (the record holds no attributes or data flow, so whether the original matched is unknown); and when the rule
+    selects none of the recorded containers: a typo, or a container the original never called as a whole (an
+    ``nn.ModuleList`` iterated in the forward, a custom block a ``type: Sequential`` rule leaves out), where
+    combining the rules would select nothing either. ``aliases``: the modules' other paths
+    (:func:`_listed_aliases`), looked up when not given."""
+    if rule.match.site_kind != "block" or rule.match.where or rule.match.feeds:
         return None
     from .penalty import transformed_parts  # (both modules import this one)
     from .transform import is_transformed, manifest_of
@@ -1959,15 +2014,26 @@ def inlined_blocks(rule: Rule, sites: list[Site], model: nn.Module,
         aliases = _listed_aliases(root, [rule])[0]
     called = _graph_leaves(sites)
     for part, module in made:
+        manifest = manifest_of(module)
+        original = _original_blocks_at(manifest.original_blocks, part)
         names = [name for name, sub in root.named_modules()
-                 if name and (not part or name == part or name.startswith(part + ".")) and name not in called
+                 if name in original and name not in called
                  and next(sub.children(), None) is not None  # a container, not a layer the graph leaves unused
                  and not any(name.startswith(leaf + ".") for leaf in called)  # inside a leaf: _inside_leaf_hint
-                 and rule.match.matches_name(name, *aliases.get(name, ()))]
+                 and rule.match.matches_name(name, *aliases.get(name, ()))
+                 and (not rule.match.type or _recorded_type_matches(rule.match.type, original[name]))]
         if names:
-            made_by = "orthofx.freeze" if manifest_of(module).frozen else "orthofx.transform"
+            made_by = "orthofx.freeze" if manifest.frozen else "orthofx.transform"
             return InlinedBlocks(names, made_by, part)
     return None
+
+
+def _original_blocks_at(record: dict[str, tuple[str, ...]] | None, part: str) -> dict[str, tuple[str, ...]]:
+    """A manifest's ``original_blocks`` (paths in the transformed model) at their paths in a model holding that
+    transformed model at ``part`` (``""``: the model itself); ``{}`` without a record."""
+    if not record:
+        return {}
+    return {f"{part}.{path}" if part else path: classes for path, classes in record.items()}
 
 
 def inlined_blocks_text(inlined: InlinedBlocks) -> tuple[str, str]:
@@ -1978,7 +2044,10 @@ def inlined_blocks_text(inlined: InlinedBlocks) -> tuple[str, str]:
             f"{inlined.made_by}, whose graph calls the layers themselves: tracing inlined its containers (kept as "
             "plain modules at their paths, never called), so no block rule can select them")
     original = "the original model" if not inlined.part else f"the model built with the original '{inlined.part}'"
-    then = ", then orthofx.freeze the result" if inlined.made_by == "orthofx.freeze" else ""
+    # a frozen model's rules are combined on the original to be trained: freezing drops the penalty terms, so it
+    # comes after training, for inference
+    then = ("; train that model (its penalty terms act only in training), then orthofx.freeze it for inference"
+            if inlined.made_by == "orthofx.freeze" else "")
     fix = (f"Combine the rules in one transform of {original}, where the blocks are still called: "
            "orthofx.transform(original, Policy.from_dict({'rules': [*first.to_dict()['rules'], "
            f"*second.to_dict()['rules']]}})){then}")

@@ -33,8 +33,8 @@ from .nn.precision import describe_nonfinite, relative_distance
 from .passes.base import (MANIFEST_KEY, EvalRun, Manifest, ParametrizationState, PassContext, PlanEntry, Site,
                           default_device_set_aside, parameters_watched, replace_module, watch_hooked_weights)
 from .passes.registry import get_pass
-from .plan import (InlinedBlocks, Plan, block_paths, build_plan, called_modules, inlined_blocks,
-                   inlined_blocks_text, meta_tensors, meta_text, other_mode_graph)
+from .plan import (InlinedBlocks, Plan, block_paths, build_plan, called_module_classes, called_modules,
+                   inlined_blocks, inlined_blocks_text, meta_tensors, meta_text, other_mode_graph)
 from .policy import Policy
 
 __all__ = ["transform", "explain", "manifest_of", "store_manifest", "is_transformed", "output_tensors",
@@ -972,6 +972,18 @@ def _inlined_optional_blocks(plan: Plan, policy: Policy | None, model: nn.Module
     return None
 
 
+def _original_blocks(gm: fx.GraphModule, work: nn.Module) -> dict[str, tuple[str, ...]] | None:
+    """The manifest's record of the blocks of the original model (:attr:`Manifest.original_blocks`), read from
+    ``gm``, captured from ``work`` before any pass ran (:func:`orthofx.plan.called_module_classes`). For a ``work``
+    that orthofx made, those of its own original, which its graph no longer calls (tracing inlined them), with what
+    its graph calls; ``None`` when its manifest has no record (pickled before it existed)."""
+    own = called_module_classes(gm, work)
+    if not is_transformed(work):
+        return own
+    earlier = manifest_of(work).original_blocks
+    return None if earlier is None else {**earlier, **own}
+
+
 def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
              user_model: nn.Module | None) -> fx.GraphModule:
     """Capture ``work``, plan and run the passes on it, check the result on the example call. ``user_model``
@@ -991,7 +1003,8 @@ def _rewrite(work: nn.Module, policy: Policy, example: ExampleCall | None, *,
         gm.training = work.training
         # a copy: the manifest's policy is what export saves and load replays, which a caller's later edit of the
         # Policy object it passed (Policy.load(p) is p) must not change
-        manifest = Manifest(policy=copy.deepcopy(policy), plan=plan, capture=plan.capture)
+        manifest = Manifest(policy=copy.deepcopy(policy), plan=plan, capture=plan.capture,
+                            original_blocks=_original_blocks(gm, work))
         parametrizations.restore()  # planning read weights: the runs on the example see the model's own state
         before, site_inputs, called = (_observe(gm, plan, example, manifest, work) if example is not None
                                        else (None, {}, None))

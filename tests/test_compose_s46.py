@@ -10,6 +10,10 @@
 * ``orthofx.load`` with example inputs of another size rebuilt ``cayley_fft`` layers for that size silently.
 * The ``.pt`` refusal of a ConvNorm layer holding an orthogonal conv (two transforms) advised one policy holding both
   rules, which builds another model.
+* Review of the above: the "inlined" claim was made for containers the original model never called as blocks (an
+  ``nn.ModuleList``, a custom block a ``type: Sequential`` rule leaves out), whose advice selected nothing; the
+  ``.pt`` advice looked inside the first earlier layer only; the frozen advice said to freeze before training;
+  ``lorth_term`` without ``root`` gave a frozen ConvNorm conv a stride-1 term that its value contradicted.
 """
 
 from __future__ import annotations
@@ -131,7 +135,10 @@ def test_a_block_rule_on_a_transformed_or_frozen_model_says_its_containers_are_i
             assert "inlined its containers" in message
             assert "one transform of the original model" in message
             assert "check match.name against model.named_modules()" not in message
-            assert ("then orthofx.freeze the result" in message) == (made_by == "orthofx.freeze")
+            # a frozen model's advice trains the combined model before freezing it: frozen first, it has no penalty
+            frozen_advice = "train that model (its penalty terms act only in training), then orthofx.freeze it"
+            assert (frozen_advice in message) == (made_by == "orthofx.freeze")
+            assert "then orthofx.freeze the result" not in message
 
 
 def test_a_block_rule_on_a_model_holding_a_transformed_part_names_the_part():
@@ -299,3 +306,213 @@ def test_a_file_of_a_model_without_cayley_layers_holds_no_size_record(tmp_path):
         gm = orthofx.transform(_conv_fc(), "orthogonal", example_inputs=(x,))
     orthofx.export(gm, str(tmp_path / "plain.pt"))
     assert CAYLEY_SIZES_KEY not in torch.load(tmp_path / "plain.pt", weights_only=True)
+
+
+# ------------------------------------------------------------------ review: what the original model called as blocks
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+class _NoSequential(nn.Module):
+    """Blocks of no Sequential type: a custom block called whole, and a ModuleList called element by element."""
+
+    def __init__(self):
+        super().__init__()
+        self.block1 = _Block()
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.block1(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(x)
+
+
+def _quiet(run, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", orthofx.OrthofxWarning)
+        return run(*args, **kwargs)
+
+
+def _no_sequential_made():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    return x, _quiet(orthofx.transform, _NoSequential(), _INIT, example_inputs=(x,))
+
+
+def _block_rule(**match):
+    return {"rules": [{"match": {"kind": "block", **match}, "apply": "jacobian_isometry"}]}
+
+
+def _plan_error(model, policy, x):
+    with pytest.raises(orthofx.PlanError) as caught:
+        _quiet(orthofx.transform, model, policy, example_inputs=(x,))
+    return str(caught.value)
+
+
+def test_the_jacobian_preset_claims_no_inlined_blocks_the_original_never_had():
+    x, made = _no_sequential_made()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        orthofx.transform(made, "jacobian", example_inputs=(x,))
+    messages = [str(w.message) for w in caught if "changes nothing" in str(w.message)]
+    assert len(messages) == 1
+    assert "inlined" not in messages[0] and "one transform of the original" not in messages[0]
+    assert "name the model's blocks or layers in a rule" in messages[0]
+    # what the old advice said to do selects nothing: the original has no Sequential block either
+    both = orthofx.Policy.from_dict({"rules": [*orthofx.Policy.from_dict(_INIT).to_dict()["rules"],
+                                               *orthofx.Policy.load("jacobian").to_dict()["rules"]]})
+    assert not orthofx.manifest_of(_quiet(orthofx.transform, _NoSequential(), both,
+                                          example_inputs=(x,))).penalties
+
+
+@pytest.mark.parametrize("match", [{"name": "blocks"},  # a ModuleList: never called whole
+                                   {"name": "block1", "type": "Sequential"},  # called, but of another type
+                                   {"name": "block1", "type": "TransformerEncoder"}],
+                         ids=["module-list", "other-type", "torch-type"])
+def test_a_block_rule_the_original_would_not_match_gets_the_usual_message(match):
+    x, made = _no_sequential_made()
+    assert "matched no block site" in _plan_error(_NoSequential(), _block_rule(**match), x)  # nor on the original
+    message = _plan_error(made, _block_rule(**match), x)
+    assert "inlined" not in message and "one transform of the original" not in message
+    assert "check match.name against model.named_modules()" in message
+
+
+@pytest.mark.parametrize("match", [{"name": "block1"}, {"name": "blocks.1"}, {"name": "block1", "type": "_Block"},
+                                   {"name": "block1", "type": f"{__name__}._Block"}, {"type": "_Block"}],
+                         ids=["name", "module-list-element", "own-type", "dotted-type", "type-only"])
+def test_a_block_rule_the_original_matches_is_told_of_the_inlining(match):
+    x, made = _no_sequential_made()
+    message = _plan_error(made, _block_rule(**match), x)
+    assert "inlined its containers" in message and "one transform of the original model" in message
+    # and the advice holds: on the original model the rule selects the block
+    again = _quiet(orthofx.transform, _NoSequential(), _block_rule(**match), example_inputs=(x,))
+    assert orthofx.manifest_of(again).penalties
+
+
+def test_a_sequential_rule_names_only_the_sequential_blocks_the_original_called():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+            self.block = _Block()
+            self.spare = nn.Sequential(nn.Linear(8, 8), nn.Tanh())  # never called
+
+        def forward(self, x):
+            return self.block(self.body(x))
+
+    made = _quiet(orthofx.transform, Mixed(), _INIT, example_inputs=(x,))
+    message = _plan_error(made, _block_rule(type="Sequential"), x)
+    assert "'body' is in named_modules()" in message
+    assert "'block'" not in message and "'spare'" not in message
+
+
+def test_a_where_rule_is_not_told_of_the_inlining():
+    # the record holds types, not attributes: whether the original matched is unknown, so nothing is claimed
+    x, made = _no_sequential_made()
+    message = _plan_error(made, _block_rule(name="block1", where={"training": True}), x)
+    assert "inlined" not in message
+
+
+def test_the_record_of_the_original_blocks_survives_freeze_a_second_transform_and_pickling(tmp_path):
+    x, made = _no_sequential_made()
+    record = orthofx.manifest_of(made).original_blocks
+    assert set(record) >= {"block1", "blocks.0", "blocks.1", "fc"} and "blocks" not in record
+    assert record["block1"][0] == f"{__name__}._Block"
+    again = _quiet(orthofx.transform, made, _INIT, example_inputs=(x,))  # its graph calls no block1
+    frozen = _quiet(orthofx.freeze, again, example_inputs=(x,))
+    torch.save(frozen, tmp_path / "frozen.pt")
+    back = torch.load(tmp_path / "frozen.pt", weights_only=False)
+    for model in (again, frozen, back):
+        assert orthofx.manifest_of(model).original_blocks["block1"] == record["block1"]
+        assert "inlined its containers" in _plan_error(model, _block_rule(name="block1"), x)
+
+
+def test_a_manifest_pickled_before_the_record_claims_nothing():
+    import pickle
+
+    from orthofx.transform import store_manifest
+
+    x, made = _no_sequential_made()
+    manifest = orthofx.manifest_of(made)
+    old = pickle.loads(pickle.dumps(manifest))
+    del old.__dict__["original_blocks"]  # as a manifest written before the field was
+    old = pickle.loads(pickle.dumps(old))
+    assert old.original_blocks is None
+    store_manifest(made, old)
+    message = _plan_error(made, _block_rule(name="block1"), x)
+    assert "inlined" not in message and "check match.name against model.named_modules()" in message
+
+
+# ------------------------------------------------------------------ review: .pt advice, every earlier layer
+
+def test_pt_advice_looks_inside_every_layer_an_earlier_transform_made(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 64, 4))
+    convnorm = _quiet(orthofx.transform, model, "convnorm", example_inputs=(x,))
+    second = {"rules": [{"match": {"type": "Conv2d", "name": "2.conv"}, "apply": "orthogonal_conv"}]}
+    twice = _quiet(orthofx.transform, convnorm, second, example_inputs=(x,))
+    # the first earlier layer keeps its conv; the replacement sits in the second
+    assert type(twice.get_submodule("0.conv")) is nn.Conv2d
+    assert type(twice.get_submodule("2.conv")).__name__ == "OrthogonalConv2d"
+    with pytest.raises(orthofx.ExportError) as caught:
+        orthofx.export(twice, str(tmp_path / "twice.pt"))
+    message = str(caught.value)
+    assert "Nor can one policy rebuild it" in message and "replaced '2.conv' inside '2'" in message
+    assert "a policy holding the rules of both" not in message
+
+
+# ------------------------------------------------------------------ review: L_orth term geometry
+
+def test_lorth_term_of_a_frozen_convnorm_conv_needs_the_model():
+    from orthofx.passes.orth_regularizer import lorth_term
+
+    _, frozen, _ = _strided_convnorm_model()
+    conv = frozen.get_submodule("0.conv")
+    with pytest.raises(orthofx.errors.ArgumentError, match="pass root=") as caught:
+        lorth_term(conv, "0.conv", "r", 0.01)
+    assert "frozen ConvNorm" in str(caught.value)
+    term = lorth_term(conv, "0.conv", "r", 0.01, root=frozen)
+    assert tuple(term.stride) == (2, 2) and term.form()[0] == (2, 2)  # what value() uses, stored
+    reference = 0.01 * _lorth_ro_reference(conv.weight, 2)
+    assert 0.01 * float(term.value(frozen).detach()) == pytest.approx(reference, rel=1e-5)
+
+
+def test_lorth_value_reads_the_frozen_marker_without_module_getattr(monkeypatch):
+    # nn.Module.__getattr__ (the slow path, an AttributeError on every layer that has no marker) is not asked for it
+    from orthofx.nn.convnorm import FROZEN_FILTERS_MARKER
+
+    x = torch.randn(2, 3, 8, 8)
+    gm = _quiet(orthofx.transform, _conv_fc(), "lorth", example_inputs=(x,))
+    asked = []
+    original = nn.Module.__getattr__
+
+    def watching(self, name):
+        asked.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(nn.Module, "__getattr__", watching)
+    total = orthofx.penalty(gm)
+    assert FROZEN_FILTERS_MARKER not in asked
+    assert float(total.detach()) > 0
+
+
+# ------------------------------------------------------------------ review: explain's layer column
+
+def test_explain_shows_a_frozen_convnorm_conv_with_the_layers_stride():
+    _, frozen, x = _strided_convnorm_model()
+    table = str(_quiet(orthofx.explain, frozen, "lorth", example_inputs=(x,)))
+    assert "Conv2d(4->8, k=3, s=2; frozen ConvNorm conv)" in table
+    assert "Conv2d(8->8, k=3, s=2, d=3; frozen ConvNorm conv)" in table

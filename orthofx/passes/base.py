@@ -767,11 +767,19 @@ class Manifest:
     # Calls of orthofx.penalty with gradients so far, modulo penalty_period(): where the terms with every > 1 are
     # in their periods (training state: saved in the model's state-dict metadata, PENALTY_CALLS_METADATA_KEY).
     penalty_calls: int = 0
+    # The modules of the original model whose forward its graph ran or called whole (the sites a kind: block rule
+    # could select there, capture keeping a selected one as a leaf): path -> the "module.qualname" of each class of
+    # the module's MRO (strings, so that a class defined in a function pickles). Set by transform (kept from the
+    # model it transformed when that came from orthofx too) and carried through freeze: what
+    # orthofx.plan.inlined_blocks checks before telling a block rule that tracing inlined the blocks it names.
+    # None where unknown (manifests pickled before it existed, a model frozen without a transform): no such claim.
+    original_blocks: dict[str, tuple[str, ...]] | None = None
 
     def __setstate__(self, state: dict) -> None:
         # a model pickled (torch.save) before a field existed: the field's default
         self.__dict__.update(state)
         self.__dict__.setdefault("all_input_shapes", {})
+        self.__dict__.setdefault("original_blocks", None)
 
     def penalty_period(self) -> int:
         """The least common multiple of the terms' ``every`` (1 when every term is evaluated at each call): the
@@ -944,17 +952,23 @@ def per_dimension_text(values) -> str:
     return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
 
 
-def describe_module(module: nn.Module) -> str:
+def describe_module(module: nn.Module, *, layer: nn.Module | None = None, note: str = "") -> str:
     """Short description of a layer, e.g. ``Conv2d(64->128, k=3, s=2)`` or ``Linear(512->10)``; orthofx's own
-    conv-like and linear-like layers (same attributes as torch's) are described the same way."""
+    conv-like and linear-like layers (same attributes as torch's) are described the same way.
+
+    ``layer``: the module whose stride and dilation a conv is shown with, where they are not the conv's own (a
+    frozen ConvNorm layer's, for its inner conv: that conv runs the layer's stride-1 correlation, its L_orth is
+    the layer's); ``note``: said after them, ``Conv2d(4->8, k=3, s=2; frozen ConvNorm conv)``."""
     name = type(module).__name__
     if all(hasattr(module, a) for a in ("in_channels", "out_channels", "kernel_size", "stride")):
-        ks, ss = per_dimension_text(module.kernel_size), per_dimension_text(module.stride)
+        geometry = module if layer is None else layer
+        ks, ss = per_dimension_text(module.kernel_size), per_dimension_text(geometry.stride)
         groups = getattr(module, "groups", 1)
         extra = f", g={groups}" if groups != 1 else ""
-        dilation = tuple(getattr(module, "dilation", (1,)))
+        dilation = tuple(getattr(geometry, "dilation", (1,)))
         if any(d != 1 for d in dilation):
             extra += f", d={dilation[0] if len(set(dilation)) == 1 else dilation}"
+        extra += f"; {note}" if note else ""
         return f"{name}({module.in_channels}->{module.out_channels}, k={ks}, s={ss}{extra})"
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return f"{name}({module.in_features}->{module.out_features})"
