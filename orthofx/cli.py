@@ -754,7 +754,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                        f"{_smaller_lr(args.lr)}")
             optimizer.zero_grad()
             loss.backward()
-            _demo_step(optimizer, step, args.steps)
+            _demo_step(optimizer, step, args.steps, args.lr)
             if step % max(1, args.steps // 50) == 0 or step == args.steps:
                 _progress(step, args.steps, f"task {task.item():.3f}  penalty {reg.item():.4f}")
                 progress_open = step != args.steps
@@ -777,24 +777,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _hooks_text(hooks: list, lr: float) -> str:
     """What ``orthofx.attach`` added to the demo's optimizer, per treatment with its sites (``""`` for none): where
     OLR sets a Pre-SVD layer's lr at each step, the lr printed is not that layer's."""
-    sites: dict[str, list[str]] = {}
+    sites: dict[str, dict[str, None]] = {}  # per treatment, each weight once (an LSTM site has several hooks)
     for hook in hooks:
-        sites.setdefault(getattr(hook, "treatment", type(hook).__name__), []).append(repr(hook.site))
+        label = hook._label() if hasattr(hook, "_label") else hook.site  # a Riemannian hook names its weight
+        sites.setdefault(getattr(hook, "treatment", type(hook).__name__), {})[repr(label)] = None
     if not sites:
         return ""
-    parts = "; ".join(f"{treatment} at {first_few(names, 4)}" for treatment, names in sites.items())
-    olr = f" (OLR: those layers' lr is P4's eta* where it is below {lr:g}, set each step)" if "OLR" in sites else ""
+    parts = "; ".join(f"{treatment} at {first_few(list(names), 4)}" for treatment, names in sites.items())
+    olr = f" (OLR: those weights' lr is P4's eta* where it is below {lr:g}, set each step)" if "OLR" in sites else ""
     return f"; orthofx.attach runs {parts}{olr}"
 
 
-def _demo_step(optimizer: torch.optim.Optimizer, step: int, steps: int) -> None:
+def _demo_step(optimizer: torch.optim.Optimizer, step: int, steps: int, lr: float) -> None:
     """``optimizer.step()``, whose attached orthofx hooks may refuse the step (a Riemannian update the step left
     NaN or inf, which they undo): the demo's input was valid and its run failed, exit status 1 like a diverged loss,
     where the error's own type said bad input (2). The hook's message says what happened and what to change."""
     try:
         optimizer.step()
     except OrthofxError as exc:
-        raise TrainingDiverged(f"training stopped at step {step} of {steps}, in optimizer.step(): {exc}") from exc
+        raise TrainingDiverged(f"training stopped at step {step} of {steps}, in optimizer.step(): {exc}. In this "
+                               f"demo: {_smaller_lr(lr)}") from exc
 
 
 def _whole_penalty(gm: nn.Module) -> float:

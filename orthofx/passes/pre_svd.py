@@ -104,7 +104,7 @@ from .registry import register_pass
 from .riemannian import is_zero_redundancy
 
 __all__ = ["PreSVD", "SripTerm", "NearestOrthogonalGradient", "OptimalLearningRate", "srip", "polar_factor",
-           "optimal_learning_rate", "hard_layer_problem"]
+           "optimal_learning_rate"]
 
 _LAYER_TYPES = TORCH_CONV_TYPES + (nn.Linear,)
 #: Param-group key marking the group OLR created; the value is the site.
