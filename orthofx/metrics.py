@@ -57,7 +57,7 @@ from orthofx.nn.convnorm import running_filters_held
 from orthofx.nn.padding import per_dimension
 from orthofx.nn.precision import HALF_PRECISION, autocast_enabled, autocast_off
 from orthofx.nn.tracing import ForwardModeRefusal, FuncTransformRefusal, in_func_transform, in_jvp
-from orthofx.theory import _flag as _theory_flag, _positive_int as _int, orthogonality_case
+from orthofx.theory import _flag as _theory_flag, _positive_int as _int, _real, orthogonality_case
 
 __all__ = [
     "lorth",
@@ -1947,10 +1947,12 @@ class _FunctionalLinearisation(_Linearisation):
 
 
 def _check_fraction(batch_fraction, what: str) -> float:
-    if isinstance(batch_fraction, bool) or not isinstance(batch_fraction, (int, float)) \
-            or not 0 < batch_fraction <= 1:
+    """``batch_fraction`` as a float in (0, 1]: a real number (:func:`~orthofx.theory._real`: numpy's and 0-d
+    arrays' and tensors' too, ``np.float32(0.5)`` read from a config; never a bool)."""
+    value = _real(batch_fraction)
+    if value is None or not 0 < value <= 1:  # NaN too
         raise ArgumentError(f"{what}: batch_fraction must be a number in (0, 1], got {batch_fraction!r}")
-    return float(batch_fraction)
+    return value
 
 
 def _subsample(f: _Call, x: torch.Tensor, batch_fraction: float, generator: torch.Generator | None, what: str):

@@ -294,9 +294,9 @@ def _term_value(root: nn.Module, term: PenaltyTerm,
     off); the terms are tiny next to the forward, so they run in the weights' own dtype."""
     try:
         if reference is None:
-            return term.full_precision_value(root)
+            return _evaluated(root, term)
         with autocast_off(reference):
-            return term.full_precision_value(root)
+            return _evaluated(root, term)
     except Exception as exc:
         lazy = lazy_site_module(root, term)
         if lazy is None:
@@ -305,6 +305,29 @@ def _term_value(root: nn.Module, term: PenaltyTerm,
                             "has not run yet, so its weight has no values to penalise. Run the model once "
                             "(gm(x)) before orthofx.penalty, or pass example_inputs=(x,) to orthofx.transform"
                             ) from exc
+
+
+def _evaluated(root: nn.Module, term: PenaltyTerm) -> tuple[torch.Tensor, torch.dtype]:
+    """``(value, dtype)`` of ``term``: its :meth:`~orthofx.passes.base.PenaltyTerm.full_precision_value`, unless
+    its class overrides :meth:`~orthofx.passes.base.PenaltyTerm.value` below the class that defines that (a
+    subclass of ``LorthTerm`` changing ``value``, the documented hook, was silently ignored): its ``value`` then,
+    and that value's dtype."""
+    if _value_overridden(type(term)):
+        value = term.value(root)
+        return value, value.dtype
+    return term.full_precision_value(root)
+
+
+def _value_overridden(cls: type) -> bool:
+    """Whether ``cls`` defines ``value`` in a class that comes before, in its method resolution order, the one
+    defining ``full_precision_value``. A few dictionary lookups per term (a term class's MRO is short), not cached:
+    ``torch.compile`` traces it as it is, where it warns about a ``functools.cache`` wrapper."""
+    return _first_defining(cls, "value") < _first_defining(cls, "full_precision_value")
+
+
+def _first_defining(cls: type, name: str) -> int:
+    """The index in ``cls.__mro__`` of the first class defining the attribute ``name`` (past the end: none)."""
+    return next((i for i, klass in enumerate(cls.__mro__) if name in vars(klass)), len(cls.__mro__))
 
 
 def penalty_terms(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@ Grouped convolutions are block diagonal: the conditions apply to each group's
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 from orthofx.errors import ArgumentError
@@ -100,6 +101,32 @@ def _flag(value, name: str, error: type[ArgumentError] = ArgumentError) -> bool:
     if not boolean:
         raise error(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def _real(value) -> float | None:
+    """``value`` as a Python float if it is one real number: an int or a float, numpy's too (``np.float32(1e-5)``
+    read from a config), a 0-d numpy array's (``np.array(2.0)``) and a 0-d real tensor's, as torch.nn layers take
+    them (``nn.BatchNorm2d(4, eps=np.array(1e-5))``); ``None`` for anything else: a bool, numpy's and a bool
+    tensor's too (``gain=True`` built a gain of 1 without a word), a string (``float("2")`` would read one), a
+    complex number, an array or a tensor of several elements. The caller checks the range and names the argument.
+    orthofx's one reading of a real argument (of an integer one: :func:`_positive_int`, of a flag: :func:`_flag`).
+
+    >>> import numpy as np, torch
+    >>> _real(np.float32(0.5)), _real(np.array(2.0)), _real(torch.tensor(2)), _real(True), _real("2")
+    (0.5, 2.0, 2.0, None, None)
+    """
+    # numbers.Real: int, float, fractions and numpy's integer and floating scalars (not numpy's bool)
+    if isinstance(value, numbers.Real):
+        return None if isinstance(value, bool) else float(value)
+    # a 0-d numpy array or tensor (duck-typed: this module does not import torch): its one element, read as above,
+    # so that a bool, complex or string element is refused too
+    if getattr(value, "shape", None) != () or not callable(getattr(value, "item", None)):
+        return None
+    try:
+        item = value.item()
+    except (RuntimeError, TypeError, ValueError):  # a meta tensor has no value
+        return None
+    return _real(item) if isinstance(item, numbers.Real) else None
 
 
 def _sizes(value, dims: int, name: str, broadcast: bool = True) -> tuple[int, ...]:

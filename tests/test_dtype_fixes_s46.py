@@ -9,6 +9,9 @@ float64 computations, the same call with Python scalars):
 * numpy and 0-d tensor scalars are read like Python numbers by ConvNorm (eps, momentum, max_running_grids),
   eigh_stable / svd_stable (taylor_order, clamp_gap), the Newton-Schulz roots (iterations) and JacobianProbe
   (weight); a bool is refused there and as an orthogonal layer's gain (``gain=True`` built a gain of 1).
+* Review: a frozen bias-free FourierConv knows its layer's dtype (``dtype_marker``); a LorthTerm subclass
+  overriding ``value`` counts in the penalty; 0-d numpy arrays, numpy batch_fraction / seed are numbers; a float
+  tensor as a layer size is an orthofx error.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from orthofx.nn import (ConvNormConv2d, JacobianProbe, OrthogonalActivationBlock
                         OrthogonalLinear, ReflectionResidualBlock, eigh_stable, inv_sqrtm_newton_schulz,
                         sqrtm_newton_schulz, svd_stable)
 from orthofx.nn.decompositions import pair_kernel
+from orthofx.nn.orthogonal import FourierConv
+from orthofx.transform import manifest_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
@@ -408,3 +413,127 @@ def test_half_precision_penalty_compiles_without_a_graph_break():
         torch._dynamo.reset()
     assert compiled.dtype == torch.float16 and bool(torch.isfinite(compiled))
     torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ review of the fixes above
+# A frozen bias-free layer knows its dtype; a LorthTerm subclass's value() counts; numpy arguments everywhere.
+
+
+def _frozen_bias_free(dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+    """A bias-free cayley_fft layer of ``dtype`` and its frozen form (whose symbol is float32 for a half one)."""
+    torch.manual_seed(0)
+    layer = OrthogonalConv2d(4, 4, 3, padding="same", method="cayley_fft", input_size=(8, 8), bias=False).to(dtype)
+    return layer, layer.to_plain()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_frozen_bias_free_fourier_layer_refuses_what_the_layer_refuses(dtype):
+    layer, frozen = _frozen_bias_free(dtype)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(frozen(x.to(dtype)), layer(x.to(dtype)), atol=0, rtol=0)
+    for other in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        if other == dtype:
+            continue
+        for module in (layer, frozen):  # the advice names the layer's dtype, not the symbol's
+            with pytest.raises(orthofx.LayerArgumentError, match=rf"dtype {str(other)[6:]} is not the layer's "
+                                                                 rf"{str(dtype)[6:]}; convert the input"):
+                module(x.to(other))
+
+
+def test_frozen_fourier_layer_dtype_follows_to_and_survives_copies_and_old_pickles():
+    _, frozen = _frozen_bias_free(torch.bfloat16)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    assert "dtype_marker" not in frozen.state_dict()  # non-persistent: state dicts are those written before
+    moved = copy.deepcopy(frozen).float()
+    assert moved(x).dtype == torch.float32
+    with pytest.raises(orthofx.LayerArgumentError, match="dtype bfloat16 is not the layer's float32"):
+        moved(x.bfloat16())
+    assert copy.deepcopy(frozen)(x.bfloat16()).dtype == torch.bfloat16
+    # a frozen layer's state dict written without the marker loads strictly into a fresh one
+    fresh = _frozen_bias_free(torch.bfloat16)[1]
+    fresh.load_state_dict({"symbol": frozen.symbol.clone()}, strict=True)
+    torch.testing.assert_close(fresh(x.bfloat16()), frozen(x.bfloat16()), atol=0, rtol=0)
+    # a layer pickled before the marker existed: its symbol's dtype (float32 here)
+    state = frozen.__getstate__().copy()
+    state["_buffers"] = {k: v for k, v in state["_buffers"].items() if k != "dtype_marker"}
+    state["_non_persistent_buffers_set"] = set()
+    old = FourierConv.__new__(FourierConv)
+    old.__setstate__(state)
+    assert old(x).dtype == torch.float32
+    with pytest.raises(orthofx.LayerArgumentError, match="dtype bfloat16 is not the layer's float32"):
+        old(x.bfloat16())
+
+
+def test_a_lorth_term_subclass_overriding_value_takes_effect():
+    from orthofx.passes.orth_regularizer import LorthTerm
+
+    class Doubled(LorthTerm):  # a user's variant of the documented hook
+        def value(self, root):
+            return 2 * super().value(root)
+
+    torch.manual_seed(0)
+    gm = orthofx.transform(nn.Sequential(nn.Linear(8, 8)), "lorth")
+    term, = manifest_of(gm).penalties
+    single = float(orthofx.penalty(gm).detach())
+    expected = 2 * 0.01 * _lorth64(gm.get_submodule("0").weight)[0]  # float64 reference at twice the weight 0.01
+    assert single == pytest.approx(expected / 2, rel=1e-5)
+    term.__class__ = Doubled
+    assert float(orthofx.penalty(gm).detach()) == pytest.approx(expected, rel=1e-5)
+    assert float(orthofx.penalty_terms(gm)["lorth/0"].detach()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_numpy_batch_fraction_and_seed_are_read_as_python_numbers():
+    block = nn.Linear(4, 4)
+    python = JacobianProbe(block, seed=3, batch_fraction=0.5)
+    probe = JacobianProbe(nn.Linear(4, 4), seed=np.int64(3), batch_fraction=np.float32(0.5))
+    assert (probe.seed, probe.batch_fraction) == (3, 0.5)
+    assert type(probe.seed) is int and type(probe.batch_fraction) is float
+    probe = JacobianProbe(block, seed=torch.tensor(3), batch_fraction=np.array(0.5))
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(4))
+    python(x)
+    probe(x)
+    torch.testing.assert_close(probe.estimate, python.estimate, atol=0, rtol=0)  # the same draws and subset
+    for bad in (True, 3.0, np.float64(3.0), "3"):
+        with pytest.raises(orthofx.LayerArgumentError, match="seed must be an integer or None"):
+            JacobianProbe(nn.Linear(4, 4), seed=bad)
+    for bad in (True, np.bool_(True), "0.5", np.float32(1.5), np.array([0.5])):
+        with pytest.raises(orthofx.ArgumentError, match="batch_fraction must be a number in"):
+            JacobianProbe(nn.Linear(4, 4), batch_fraction=bad)
+    torch.testing.assert_close(orthofx.metrics.jacobian_isometry(block, x, batch_fraction=np.float32(0.5),
+                                                                 generator=torch.Generator().manual_seed(5)),
+                               orthofx.metrics.jacobian_isometry(block, x, batch_fraction=0.5,
+                                                                 generator=torch.Generator().manual_seed(5)),
+                               atol=0, rtol=0)
+
+
+def test_zero_dimensional_numpy_arrays_are_numbers_as_for_torch_layers():
+    nn.BatchNorm2d(4, eps=np.array(1e-5))  # torch's layers take them: the reference
+    torch.manual_seed(0)
+    python = OrthogonalLinear(4, 4, gain=2.0)
+    torch.manual_seed(0)
+    layer = OrthogonalLinear(4, 4, gain=np.array(2.0))
+    assert layer.gain == 2.0 and type(layer.gain) is float
+    torch.testing.assert_close(layer.weight, python.weight, atol=0, rtol=0)
+    assert _convnorm(eps=np.array(2.0 ** -10)).eps == 2.0 ** -10
+    for bad in (np.array(True), np.array([2.0]), np.array("2")):
+        with pytest.raises(orthofx.LayerArgumentError, match="gain must be a positive float"):
+            OrthogonalLinear(4, 4, gain=bad)
+
+
+def test_a_float_tensor_size_is_refused_with_an_orthofx_error():
+    for bad in (torch.tensor(4.0), np.float64(4.0), 4.0, True):
+        with pytest.raises(orthofx.LayerArgumentError, match=r"in_features must be an integer >= 1, got"):
+            OrthogonalLinear(bad, 4)
+    layer = OrthogonalLinear(torch.tensor(4), np.int64(3))  # integers of any kind, as nn.Linear takes them
+    assert (layer.in_features, layer.out_features) == (4, 3) and type(layer.in_features) is int
+    with pytest.raises(orthofx.LayerArgumentError, match=r"in_channels must be an integer >= 1, got tensor\(4\.\)"):
+        OrthogonalConv2d(torch.tensor(4.0), 4, 3)
+
+
+def test_real_lives_in_theory_next_to_positive_int():
+    from orthofx import theory
+
+    assert theory._real(np.array(2.0)) == 2.0 and theory._real(np.array(True)) is None
+    import orthofx.nn.decompositions as decompositions
+    import orthofx.nn.jacobian as jacobian
+    assert decompositions._real is jacobian._real is theory._real

@@ -255,11 +255,11 @@ from orthofx.errors import (LayerArgumentError, RunningFiltersDroppedWarning, ca
                             keep_in_metadata, layer_label)
 from orthofx.nn.tracing import (FuncTransformRefusal, fx_tracer_of, in_func_transform, record_as_leaf,
                                 recomputing_in_backward)
-from orthofx.nn.orthogonal import (_ComputedWeight, _EvalCache, _real, check_tensor_input, refuse_weight_assignment,
+from orthofx.nn.orthogonal import (_ComputedWeight, _EvalCache, check_tensor_input, refuse_weight_assignment,
                                    without_memory_format)
 from orthofx.nn.padding import circular_pad, conv_mode_pads, conv_zero_pads, flat_pads, per_dimension, torch_mode_pads
 from orthofx.nn.precision import HALF_PRECISION
-from orthofx.theory import _flag, _positive_int
+from orthofx.theory import _flag, _positive_int, _real
 
 __all__ = [
     "ConvNormGeometry",
@@ -544,7 +544,7 @@ def _inverse_sqrt(power: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _checked_eps(eps) -> float:
-    """``eps`` as a float (:func:`~orthofx.nn.orthogonal._real`: numpy's and 0-d tensors' too, as
+    """``eps`` as a float (:func:`~orthofx.theory._real`: numpy's and 0-d tensors' too, as
     ``nn.BatchNorm2d`` takes them); it keeps ``V`` finite where a channel's kernels vanish, so it must be > 0."""
     value = _real(eps)
     if value is None or not math.isfinite(value) or value <= 0:
@@ -554,7 +554,7 @@ def _checked_eps(eps) -> float:
 
 
 def _checked_momentum(momentum) -> float | None:
-    """``momentum`` as a float in (0, 1] (:func:`~orthofx.nn.orthogonal._real`: numpy's and 0-d tensors' too, as
+    """``momentum`` as a float in (0, 1] (:func:`~orthofx.theory._real`: numpy's and 0-d tensors' too, as
     ``nn.BatchNorm2d`` takes them), or ``None``."""
     if momentum is None:
         return None

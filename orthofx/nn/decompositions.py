@@ -141,11 +141,10 @@ import torch.fx
 from torch import Tensor, nn
 
 from orthofx.errors import LayerArgumentError, layer_label
-from orthofx.nn.orthogonal import _real
 from orthofx.nn.precision import HALF_PRECISION, autocast_enabled, autocast_off
 from orthofx.nn.tracing import (ForwardModeRefusal, FuncTransformRefusal, fx_tracer_of, in_func_transform,
                                 record_as_leaf, recomputing_in_backward)
-from orthofx.theory import _flag, _positive_int
+from orthofx.theory import _flag, _positive_int, _real
 
 __all__ = [
     "eigh_stable",

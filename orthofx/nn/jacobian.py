@@ -78,8 +78,7 @@ from torch import nn
 
 from .. import metrics
 from ..errors import LayerArgumentError, keep_in_metadata, layer_label, saved_count
-from ..theory import _flag, _positive_int
-from .orthogonal import _real
+from ..theory import _flag, _positive_int, _real
 from .precision import zero_like_parameters
 from .tracing import (NOT_RECORDED, checkpoint_region, fx_tracer_of, in_export, in_func_transform, record_as_leaf,
                       recomputing_in_backward, record_for_recomputation, recorded_for_recomputation)
@@ -100,6 +99,16 @@ _DRAW_SHIFTS = itertools.count(1)
 
 def _keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def _seed(seed) -> int:
+    """``seed`` as a Python int (:func:`~orthofx.theory._positive_int` without a lower bound: numpy's and 0-d
+    tensors' integers too, ``np.int64(3)`` read from an array; never a bool or a float), which
+    ``torch.Generator.manual_seed`` takes."""
+    try:
+        return _positive_int(seed, "seed", LayerArgumentError, minimum=-math.inf)
+    except LayerArgumentError:
+        raise LayerArgumentError(f"seed must be an integer or None, got {seed!r}") from None
 
 
 def _penalty_dtype_of(output: Any, estimate: torch.Tensor) -> torch.dtype:
@@ -338,8 +347,8 @@ class JacobianProbe(nn.Module):
         weight_value = _real(weight)  # numpy's and 0-d tensors' numbers too; never a bool
         if weight_value is None or not 0 <= weight_value < math.inf:
             raise LayerArgumentError(f"weight must be a finite number >= 0, got {weight!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise LayerArgumentError(f"seed must be an integer or None, got {seed!r}")
+        if seed is not None:
+            seed = _seed(seed)
         # bool("no") is True: a string here is a mistake, not a switch (0 and 1 pass, as for every orthofx flag)
         per_sample = _flag(per_sample, "JacobianProbe: per_sample", LayerArgumentError)
         normalize = _flag(normalize, "JacobianProbe: normalize", LayerArgumentError)

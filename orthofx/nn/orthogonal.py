@@ -127,7 +127,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 from typing import Sequence
 
 import torch
@@ -142,7 +141,7 @@ from orthofx.nn.padding import (CircularFold, CircularPad, _circular_fold_valid,
 from orthofx.nn.precision import (HALF_PRECISION, _peak, autocast_conv_dtype, autocast_enabled, autocast_off,
                                   describe_nonfinite, relative_distance)
 from orthofx.nn.stiefel import _haar_factor, _unit_scaled, orthonormal, project_to_stiefel
-from orthofx.theory import _flag, adjoint_case, orthogonal_conv_exists
+from orthofx.theory import _flag, _positive_int, _real, adjoint_case, orthogonal_conv_exists
 
 __all__ = [
     "FourierConv",
@@ -174,35 +173,14 @@ _PADDING_MODES = ("circular", "zeros")
 # ------------------------------------------------------------------------------------------ argument checks
 
 
-def _real(value) -> float | None:
-    """``value`` as a Python float if it is one real number: an int or a float, numpy's too (``np.float32(1e-5)``
-    read from a config) and a 0-d real tensor's, as torch.nn layers take them (``nn.BatchNorm2d(4,
-    eps=np.float32(1e-5))``); ``None`` for anything else: a bool, numpy's too (``gain=True`` built a gain of 1
-    without a word), a string (``float("2")`` would read one), a complex number, an array or a tensor of several
-    elements. The caller checks the range and names the argument. The orthofx.nn layers' one reading of a real
-    argument (of an integer one: :func:`orthofx.theory._positive_int`, which takes numpy's and 0-d tensors' too).
-
-    >>> import numpy as np
-    >>> _real(np.float32(0.5)), _real(torch.tensor(2)), _real(True), _real("2")
-    (0.5, 2.0, None, None)
-    """
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool or value.is_meta:
-            return None
-        return float(value.detach().item())
-    # numbers.Real: int, float, fractions and numpy's integer and floating scalars (not numpy's bool)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    return float(value)
-
-
 def _int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise LayerArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    value = int(value.__index__())
-    if value < minimum:
-        raise LayerArgumentError(f"{name} must be an integer >= {minimum}, got {value}")
-    return value
+    """``value`` as an int >= ``minimum``, read by :func:`~orthofx.theory._positive_int` (numpy's and 0-d tensors'
+    integers too; a float tensor's ``__index__`` raised a raw TypeError: ``OrthogonalLinear(torch.tensor(4.), 4)``),
+    refused in the layers' one wording, "must be an integer >= minimum"."""
+    try:
+        return _positive_int(value, name, LayerArgumentError, minimum)
+    except LayerArgumentError:
+        raise LayerArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
 
 
 def _tuple(value, dims: int, name: str, minimum: int = 1, broadcast: bool = True) -> tuple[int, ...]:
@@ -674,7 +652,7 @@ def _check_input(x: torch.Tensor, dims: int, channels: int, layer: nn.Module | s
 
 def _fourier_forward(x: torch.Tensor, symbol: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, ...],
                      input_size: tuple[int, ...], channels: int, label: str, frozen: bool,
-                     layer_dtype: torch.dtype, half_inputs: bool = False) -> torch.Tensor:
+                     layer_dtype: torch.dtype) -> torch.Tensor:
     r"""The forward of a Fourier-domain layer (``method="cayley_fft"`` and :class:`FourierConv`): the input checks,
     :math:`y = \mathrm{IFFT}(Q(f)\,\mathrm{FFT}(x'))` with ``symbol`` :math:`Q` (``(g, F, M, C S^d)`` complex),
     plus ``bias``; an unbatched input gives an unbatched output. ``label`` names the layer in errors; ``frozen``
@@ -687,8 +665,6 @@ def _fourier_forward(x: torch.Tensor, symbol: torch.Tensor, bias: torch.Tensor |
     Outside autocast an input of another dtype is refused (:func:`check_input_dtype`), as ``nn.Conv{d}d`` and
     the other orthofx layers refuse it: the symbol's cast to the input's precision ran a float64 layer at float32
     precision, and returned a float64 output of float32 accuracy from a float32 layer, without a word.
-    ``half_inputs``: a half-precision input is taken too (a frozen half-precision layer without a bias, whose
-    float32 symbol is all that tells its dtype: computed in float32 and rounded, as the layer it came from).
 
     Registered with ``torch.fx.wrap`` below: ``torch.fx.symbolic_trace`` records it as one call (the checks, the
     unbatched case and the empty batch need concrete shapes, which a Proxy does not have), while the symbol, a
@@ -696,8 +672,7 @@ def _fourier_forward(x: torch.Tensor, symbol: torch.Tensor, bias: torch.Tensor |
     model computes the same outputs and parameter gradients."""
     d = len(input_size)
     _check_input(x, d, channels, label)
-    if not (half_inputs and x.dtype in HALF_PRECISION):
-        check_input_dtype(x, layer_dtype, label)
+    check_input_dtype(x, layer_dtype, label)
     size = tuple(x.shape[-d:])
     if size != tuple(input_size):
         if frozen:
@@ -1957,7 +1932,7 @@ class _OrthogonalConvNd(_ComputedWeight, _FormatFree, _EvalCache, nn.Module):
             raise LayerArgumentError(f"{type(self).__name__}: to_fourier() is for method='cayley_fft'; "
                                      f"method={self.method!r} freezes into a plain conv with to_conv()")
         layer = FourierConv(self.frequency_response(), self.input_size, self.stride,
-                            None if self.bias is None else self.bias.detach().clone())
+                            None if self.bias is None else self.bias.detach().clone(), dtype=self._param_dtype)
         layer.train(self.training)
         return _frozen_requires_grad(self, layer)  # the bias only: the symbol is a buffer
 
@@ -2914,9 +2889,11 @@ class FourierConv(_FormatFree, nn.Module):
     buffer). Cost per call: two FFTs and one batched complex ``M x C S^d`` matrix product per frequency. It is
     defined for one input size (:class:`~orthofx.errors.LayerArgumentError` for another); ``torch.export`` and
     the ONNX exporter (DFT + MatMul, opset >= 18) both handle it. Outside ``torch.autocast`` an input must have
-    the layer's dtype, its bias's, else its symbol's (a float32 symbol without a bias, as a frozen half-precision
-    layer keeps, takes half-precision inputs too): another raises a
-    :class:`~orthofx.errors.LayerArgumentError`, as ``nn.Conv{d}d`` refuses it.
+    the layer's dtype (another raises a :class:`~orthofx.errors.LayerArgumentError`, as ``nn.Conv{d}d`` refuses
+    it): that of the layer it was frozen from, ``dtype``, which a half-precision layer's float32 symbol does not
+    tell, so it is kept in the non-persistent, zero-element buffer ``dtype_marker``, which ``.to(dtype)`` casts
+    with the rest (not in the state dict; a layer pickled before it existed reads its bias's dtype, else its
+    symbol's).
 
     >>> import torch
     >>> layer = OrthogonalConv2d(4, 4, 3, method="cayley_fft", input_size=(8, 8))
@@ -2927,7 +2904,8 @@ class FourierConv(_FormatFree, nn.Module):
     True
     """
 
-    def __init__(self, symbol: torch.Tensor, input_size, stride, bias: torch.Tensor | None = None):
+    def __init__(self, symbol: torch.Tensor, input_size, stride, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         if not symbol.is_complex() or symbol.dim() != 4:
             raise LayerArgumentError(f"FourierConv: symbol must be a complex (groups, F, M, C*S^d) tensor, got "
@@ -2952,6 +2930,25 @@ class FourierConv(_FormatFree, nn.Module):
             self.bias = nn.Parameter(bias.detach().clone())
         else:
             self.register_parameter("bias", None)
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise LayerArgumentError(f"FourierConv: dtype must be a real floating-point torch.dtype (the layer's "
+                                     f"inputs'), got {dtype!r}")
+        self._mark_dtype(dtype)
+
+    def _mark_dtype(self, dtype: torch.dtype | None) -> None:
+        """Register ``dtype_marker``: the layer's dtype (``None``: its bias's, else its symbol's real dtype) held
+        by a tensor, so that ``.to()`` / ``.half()`` cast it as they cast the layer. Non-persistent: a state dict
+        without it (written before it existed) loads strictly, and one with it is no different."""
+        if dtype is None:
+            bias = self._parameters.get("bias")
+            dtype = self._buffers["symbol"].dtype if bias is None else bias.dtype
+        self.register_buffer("dtype_marker", torch.empty(0, dtype=dtype, device=self._buffers["symbol"].device),
+                             persistent=False)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "dtype_marker" not in self._buffers:  # pickled before the marker existed: the best the layer tells
+            self._mark_dtype(None)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x = input  # the frozen form of a Conv{d}d replacement keeps nn.Conv{d}d's parameter name
@@ -2960,13 +2957,11 @@ class FourierConv(_FormatFree, nn.Module):
         dtype = self._buffers["symbol"].dtype
         if dtype not in (torch.float32, torch.float64):
             symbol = symbol.float()
-        # the layer's dtype, which its inputs must have outside autocast: its bias's (a frozen half-precision layer
-        # keeps its symbol in float32, the precision the layer computed it in), else its symbol's
-        bias = self._parameters.get("bias")
+        # the layer's dtype, which its inputs must have outside autocast: the marker's (a frozen half-precision
+        # layer keeps its symbol in float32, the precision the layer computed it in), read from _buffers as above
         return _fourier_forward(x, torch.view_as_complex(symbol), self.bias, self.stride, self.input_size,
                                 self.in_channels, layer_label(self), frozen=True,
-                                layer_dtype=dtype if bias is None else bias.dtype,
-                                half_inputs=bias is None and dtype == torch.float32)
+                                layer_dtype=self._buffers["dtype_marker"].dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, input_size={self.input_size}, stride={self.stride}, "

@@ -226,7 +226,12 @@ class PenaltyTerm:
     """A differentiable regulariser a pass attached to a site; ``orthofx.penalty`` sums ``weight * value``.
 
     Subclasses implement :meth:`value`, computing the unweighted term from the transformed model ``root``
-    (looked up by site name at call time, so the term holds no tensors and survives copies and saving).
+    (looked up by site name at call time, so the term holds no tensors and survives copies and saving). That is
+    the hook to override. A term that computes half-precision weights' value in float32 may also implement
+    :meth:`full_precision_value` (its :meth:`value` then rounds that one, as ``LorthTerm``'s does), which
+    ``orthofx.penalty`` calls instead, to weight the float32 value before rounding; a subclass overriding
+    :meth:`value` below the class defining :meth:`full_precision_value` (a ``LorthTerm`` subclass changing
+    ``value``) is evaluated by its :meth:`value`, in its value's dtype.
 
     A term with ``every = k > 1`` is evaluated by ``orthofx.penalty`` on one call in ``k`` only, the calls ``c``
     with ``c % k == phase`` (``c`` counts the model's penalty calls with gradients in training mode,
