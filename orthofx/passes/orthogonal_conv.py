@@ -120,6 +120,34 @@ def orthogonal_layer(module: nn.Module, *, init: str = "nearest", method: str = 
                          input_size=input_size if method == "cayley_fft" else None)
 
 
+class _Problem(str):
+    """The text of why a layer is not replaced (:func:`_impossibility`), which ``apply`` records and planning shows,
+    carrying ``status``: its short form in the report's ``regularised (...)`` status. Only a layer P0 Theorem 4 rules
+    out reads ``no orthogonal version`` there; one refused for its padding, output size or the method's limits reads
+    ``not built: <short reason>`` (an orthogonal version exists, which the report's ``exists`` column shows)."""
+
+    status: str
+
+    def __new__(cls, text: str, status: str):
+        problem = super().__new__(cls, text)
+        problem.status = status
+        return problem
+
+    def __getnewargs__(self) -> tuple[str, str]:  # copy and pickle rebuild it with both arguments
+        return str(self), self.status
+
+
+#: The report's status reason for a layer P0 Theorem 4 rules out (no orthogonal convolution of its shape exists)
+_NO_ORTHOGONAL_VERSION = "no orthogonal version"
+
+
+def _status_reason(problem: str) -> str:
+    """The short form of ``problem`` (from :func:`_impossibility`) in the report's ``regularised (...)`` status."""
+    if problem.startswith(_FIXED_SHIFT):
+        return "no trainable orthogonal version"
+    return getattr(problem, "status", "not built")
+
+
 def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_size=None) -> str | None:
     """Why no exactly orthogonal replacement is possible for ``conv`` (``None`` when one is), or none that trains
     (:func:`_fixed_shift_problem`); for ``method="cayley_fft"`` the spatial ``input_size`` the layer sees (its
@@ -131,32 +159,18 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
     # all or none) has its output size; the replacement failed in the example run with a broadcast RuntimeError
     one_dimension = one_element_same_dilation(conv)
     if one_dimension is not None:
-        return one_dimension
+        return _Problem(one_dimension, "not built: padding")
     # the replacement is built from conv.padding; torch's layer pads by its constructor's list (another output size)
     stale = stale_mode_pads(conv)
     if stale is not None:
-        return stale
+        return _Problem(stale, "not built: padding")
     if method == "cayley_fft":
-        if any(d > 1 for d in conv.dilation):
-            return (f"dilation={conv.dilation}: method cayley_fft builds a full-size kernel, which has no dilation; "
-                    "use method bcop (explicit dilated kernels)")
-        # torch applies a one-element stride=(2,) to every dimension: zipped as it is, it checked one only
-        stride = per_dimension(conv.stride, dims, "stride")
-        if any(n % s for n, s in zip(input_size, stride)):
-            return (f"the input size {tuple(input_size)} is not divisible by stride={stride}, which method "
-                    "cayley_fft needs (space-to-depth blocks)")
-        if any(-(-k // s) > n // s for k, s, n in zip(conv.kernel_size, stride, input_size)):
-            return (f"kernel_size={conv.kernel_size} does not fit the input size {tuple(input_size)}, the grid method "
-                    "cayley_fft builds its kernel on; use method auto (explicit kernels, circular on any input size)")
-        if not keeps_output_size(conv):
-            return (f"padding={conv.padding} gives another output size than the circular 'same' padding of an "
-                    "exactly orthogonal layer")
-        return None
+        return _cayley_problem(conv, input_size)
     exists, _, reason = theory.orthogonal_conv_exists(conv.in_channels, conv.out_channels, conv.kernel_size,
                                                       conv.stride, dims=dims, groups=conv.groups,
                                                       dilation=conv.dilation)
     if not exists:
-        return f"no orthogonal convolution exists (P0 Theorem 4): {reason}"
+        return _Problem(f"no orthogonal convolution exists (P0 Theorem 4): {reason}", _NO_ORTHOGONAL_VERSION)
     fixed = _fixed_shift_problem(conv)
     if fixed is not None:
         return fixed
@@ -164,8 +178,34 @@ def _impossibility(conv: nn.Module, padding: str, method: str = "auto", input_si
     if rko_miss is not None:
         return rko_miss
     if padding == "circular" and not keeps_output_size(conv):
-        return (f"padding={conv.padding} gives another output size than the circular 'same' padding an "
-                "exactly orthogonal layer needs; use 'padding: keep' (orthogonal away from the borders)")
+        return _Problem(f"padding={conv.padding} gives another output size than the circular 'same' padding an "
+                       "exactly orthogonal layer needs; use 'padding: keep' (orthogonal away from the borders)",
+                       "not built: output size")
+    return None
+
+
+def _cayley_problem(conv: nn.Module, input_size=None) -> str | None:
+    """:func:`_impossibility` for ``method: cayley_fft`` on a conv (not transposed): why it cannot be built, or
+    ``None``. The checks on the layer alone come first and run without ``input_size`` (planning, before the example
+    run: explain and the ``on_impossible: error`` refusal see them); those on the spatial ``input_size`` (the
+    example's, known in ``apply``) run only when it is given."""
+    if any(d > 1 for d in conv.dilation):
+        return _Problem(f"dilation={conv.dilation}: method cayley_fft builds a full-size kernel, which has no "
+                       "dilation; use method bcop (explicit dilated kernels)", "not built: dilation, cayley_fft")
+    if not keeps_output_size(conv):
+        return _Problem(f"padding={conv.padding} gives another output size than the circular 'same' padding of an "
+                       "exactly orthogonal layer", "not built: output size")
+    if input_size is None:
+        return None
+    # torch applies a one-element stride=(2,) to every dimension: zipped as it is, it checked one only
+    stride = per_dimension(conv.stride, conv.weight.dim() - 2, "stride")
+    if any(n % s for n, s in zip(input_size, stride)):
+        return _Problem(f"the input size {tuple(input_size)} is not divisible by stride={stride}, which method "
+                       "cayley_fft needs (space-to-depth blocks)", "not built: input size, cayley_fft")
+    if any(-(-k // s) > n // s for k, s, n in zip(conv.kernel_size, stride, input_size)):
+        return _Problem(f"kernel_size={conv.kernel_size} does not fit the input size {tuple(input_size)}, the grid "
+                       "method cayley_fft builds its kernel on; use method auto (explicit kernels, circular on any "
+                       "input size)", "not built: input size, cayley_fft")
     return None
 
 
@@ -175,7 +215,8 @@ def _rko_impossibility(conv: nn.Module, method: str) -> str | None:
     miss = rko_problem(conv.kernel_size, conv.stride, conv.dilation) if method == "rko" else None
     if miss is None:
         return None
-    return f"method rko (the reshaped kernel only) is exact only when {miss}; use method auto or bcop for this layer"
+    return _Problem(f"method rko (the reshaped kernel only) is exact only when {miss}; use method auto or bcop for "
+                    "this layer", "not built: method rko")
 
 
 #: How the problem text of a layer whose orthogonal versions cannot train (:func:`_fixed_shift_problem`) begins:
@@ -240,17 +281,18 @@ def _transposed_impossibility(conv: nn.Module, padding: str, method: str) -> str
     """:func:`_impossibility` for a ``ConvTranspose{d}d``: its orthogonal version is the adjoint of the circular
     orthogonal conv ``out -> in`` (same kernel, stride, dilation, groups), which exists iff that conv does."""
     if method == "cayley_fft":
-        return ("method cayley_fft has no transposed version (its operator lives on one input grid); use method "
-                "auto, bcop or rko for transposed convolutions")
+        return _Problem("method cayley_fft has no transposed version (its operator lives on one input grid); use "
+                        "method auto, bcop or rko for transposed convolutions", "not built: transposed, cayley_fft")
     if padding == "keep":
-        return ("'padding: keep' is not available for transposed convolutions: their orthogonal version is the "
-                "adjoint of a circular conv only; use 'padding: circular'")
+        return _Problem("'padding: keep' is not available for transposed convolutions: their orthogonal version is "
+                        "the adjoint of a circular conv only; use 'padding: circular'", "not built: padding keep")
     exists, _, reason = theory.orthogonal_conv_exists(conv.out_channels, conv.in_channels, conv.kernel_size,
                                                       conv.stride, dims=conv.weight.dim() - 2, groups=conv.groups,
                                                       dilation=conv.dilation)
     if not exists:
-        return (f"no orthogonal transposed convolution exists: it is the adjoint of the convolution "
-                f"{conv.out_channels} -> {conv.in_channels} channels, and for that one (P0 Theorem 4) {reason}")
+        return _Problem(f"no orthogonal transposed convolution exists: it is the adjoint of the convolution "
+                        f"{conv.out_channels} -> {conv.in_channels} channels, and for that one (P0 Theorem 4) "
+                        f"{reason}", _NO_ORTHOGONAL_VERSION)
     fixed = _fixed_shift_problem(conv)  # the adjoint of a signed shift is one
     if fixed is not None:
         return fixed
@@ -259,9 +301,9 @@ def _transposed_impossibility(conv: nn.Module, padding: str, method: str) -> str
         return rko_miss
     if not transposed_keeps_output_size(conv.padding, conv.output_padding, conv.kernel_size, conv.stride,
                                         conv.dilation):
-        return (f"padding={conv.padding}, output_padding={conv.output_padding} give another output size than "
-                f"input * stride, the size of an exactly orthogonal transposed convolution; "
-                f"{_size_keeping_fix(conv)}")
+        return _Problem(f"padding={conv.padding}, output_padding={conv.output_padding} give another output size "
+                        f"than input * stride, the size of an exactly orthogonal transposed convolution; "
+                        f"{_size_keeping_fix(conv)}", "not built: output size")
     return None
 
 
@@ -486,11 +528,11 @@ def _outcome(problem: str, action: str) -> str:
 
 def _shape_problem(module: nn.Module, params: dict) -> str | None:
     """Why ``apply`` will not replace ``module`` by its shape alone (P0 Theorem 4, the method, the padding), or
-    ``None``: what planning can tell before the example run (cayley_fft's checks need the input size; a Linear always
-    has an orthogonal version; a lazy layer has no shape yet)."""
+    ``None``: what planning can tell before the example run (cayley_fft's checks on the input size wait for it,
+    :func:`_cayley_problem`; a Linear always has an orthogonal version; a lazy layer has no shape yet). ``apply``
+    asks the same :func:`_impossibility`, so both give one text."""
     if isinstance(module, nn.Linear) or is_uninitialised(module) or getattr(module, "weight", None) is None \
-            or module.weight.dim() < 3 \
-            or (params["method"] == "cayley_fft" and not isinstance(module, TORCH_TRANSPOSED_CONV_TYPES)):
+            or module.weight.dim() < 3:
         return None
     return _impossibility(module, params["padding"], params["method"])
 
@@ -665,7 +707,10 @@ class OrthogonalConvPass(Pass):
         """``method: cayley_fft`` with ``padding: keep`` on a conv is refused while planning (explain too); a
         layer whose tied weight keeps it from being replaced (:func:`_tie_problems`) gets the outcome ``apply``
         will give it (``on_impossible``), which ``explain`` shows; a cayley_fft conv that ``apply`` would build
-        without example inputs (no input size to build it for) gets its refusal, whatever ``on_impossible``."""
+        without example inputs (no input size to build it for) gets its refusal, whatever ``on_impossible``; with
+        ``on_impossible: error`` a layer :func:`_shape_problem` rules out (cayley_fft's layer-alone checks too) gets
+        its refusal, raised before any pass runs. cayley_fft's checks on the input size wait for ``apply``: the
+        example run that records it comes after planning."""
         modules = [gm.get_submodule(entry.site.name) for entry in entries]
         for entry, module in zip(entries, modules):
             _check_cayley_padding(entry, module)
@@ -675,8 +720,10 @@ class OrthogonalConvPass(Pass):
             problem = problems.get(entry.site.name)
             if problem is not None and not entry.outcome:
                 entry.outcome = _outcome(problem, entry.params["on_impossible"])
+            # a cayley_fft conv that its layer alone rules out (dilation, output size) is regularised or skipped in
+            # apply before it asks for an input size
             if problem is None and _kept_layer(module) is None and _needs_input_size(entry, module) \
-                    and not entry.has_example_inputs:
+                    and not entry.has_example_inputs and _shape_problem(module, entry.params) is None:
                 # apply would refuse it only after the passes before it ran (with inplace=True, having written the
                 # user's weights); a kept or tied layer is regularised or skipped without an input size, as in apply
                 entry.outcome = "fails: method 'cayley_fft' needs the input size of example_inputs, none given"
@@ -710,10 +757,12 @@ class OrthogonalConvPass(Pass):
                 continue
             method = entry.params["method"]
             input_size = None
-            if _needs_input_size(entry, module):
+            # what planning told (explain's outcome, on_impossible: error's refusal), then for cayley_fft what the
+            # example's input size adds: one function, so plan and apply give one text
+            problem = _shape_problem(module, entry.params)
+            if problem is None and _needs_input_size(entry, module):
                 input_size = self._cayley_input_size(ctx, entry, module)
-            problem = None if isinstance(module, nn.Linear) else _impossibility(
-                module, entry.params["padding"], method, input_size)
+                problem = _impossibility(module, entry.params["padding"], method, input_size)
             if problem is None:
                 if entry.params["init"] == "nearest":
                     _require_finite(entry, module)
@@ -726,8 +775,7 @@ class OrthogonalConvPass(Pass):
                 self._replace(ctx, entry, module, layer, status, off_grid)
                 built[id(module.weight)] = (entry.site.name, layer)
             else:
-                why = "no trainable orthogonal version" if problem.startswith(_FIXED_SHIFT) else "no orthogonal version"
-                self._impossible(ctx, entry, module, problem, why=why)
+                self._impossible(ctx, entry, module, problem, why=_status_reason(problem))
         off_grid.warn()
 
     def _cayley_input_size(self, ctx: PassContext, entry: PlanEntry, module: nn.Module) -> tuple[int, ...]:
@@ -772,10 +820,10 @@ class OrthogonalConvPass(Pass):
                           before={"layer": describe_module(old)}, after=after, status=status))
 
     def _impossible(self, ctx: PassContext, entry: PlanEntry, module: nn.Module, problem: str,
-                    why: str = "no orthogonal version") -> None:
+                    why: str) -> None:
         """``on_impossible`` for a layer that is not replaced because of ``problem``; ``why``: its short form in
-        the report's status (an orthogonal version may exist, e.g. for a weight tied to a layer it cannot share
-        one with)."""
+        the report's status (:func:`_status_reason`; an orthogonal version may exist, e.g. for a weight tied to a
+        layer it cannot share one with)."""
         action = entry.params["on_impossible"]
         if action == "error":
             raise _impossible_error(entry, module, problem)
