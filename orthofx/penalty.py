@@ -291,7 +291,8 @@ def _term_value(root: nn.Module, term: PenaltyTerm,
     training step evaluates ``criterion(gm(x), y) + orthofx.penalty(gm)`` inside ``torch.autocast``, which would
     run a term's convolutions and products in bfloat16 / float16. Each term measures a small defect ``W^T W - I``
     of a near-orthogonal weight, which those 8 or 11 bits cannot resolve (a conv L_orth's gradient came out 25%
-    off); the terms are tiny next to the forward, so they run in the weights' own dtype."""
+    off); the terms are tiny next to the forward, so they run in the weights' own dtype (float32 for
+    half-precision weights, rounded once after weighting: module docs)."""
     try:
         if reference is None:
             return _evaluated(root, term)
@@ -312,22 +313,10 @@ def _evaluated(root: nn.Module, term: PenaltyTerm) -> tuple[torch.Tensor, torch.
     its class overrides :meth:`~orthofx.passes.base.PenaltyTerm.value` below the class that defines that (a
     subclass of ``LorthTerm`` changing ``value``, the documented hook, was silently ignored): its ``value`` then,
     and that value's dtype."""
-    if _value_overridden(type(term)):
+    if term.value_overridden:  # PenaltyTerm.__init_subclass__
         value = term.value(root)
         return value, value.dtype
     return term.full_precision_value(root)
-
-
-def _value_overridden(cls: type) -> bool:
-    """Whether ``cls`` defines ``value`` in a class that comes before, in its method resolution order, the one
-    defining ``full_precision_value``. A few dictionary lookups per term (a term class's MRO is short), not cached:
-    ``torch.compile`` traces it as it is, where it warns about a ``functools.cache`` wrapper."""
-    return _first_defining(cls, "value") < _first_defining(cls, "full_precision_value")
-
-
-def _first_defining(cls: type, name: str) -> int:
-    """The index in ``cls.__mro__`` of the first class defining the attribute ``name`` (past the end: none)."""
-    return next((i for i, klass in enumerate(cls.__mro__) if name in vars(klass)), len(cls.__mro__))
 
 
 def penalty_terms(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -59,9 +59,6 @@ __all__ = [
     "current_weight",
     "is_uninitialised",
     "RECURRENT_TYPES",
-    "TORCH_CONV_TYPES",
-    "TORCH_TRANSPOSED_CONV_TYPES",
-    "PARAMETER_WEIGHT_LAYERS",
     "recurrent_hidden_weights",
     "recurrent_weights_reason",
     "reads_only_metadata",
@@ -222,6 +219,11 @@ class Change:
     status: str = ""  # short verdict the report shows next to the pass, e.g. "hard", "regularised", "skipped"
 
 
+def _first_defining(cls: type, name: str) -> int:
+    """The index in ``cls.__mro__`` of the first class defining the attribute ``name`` (past the end: none)."""
+    return next((i for i, klass in enumerate(cls.__mro__) if name in vars(klass)), len(cls.__mro__))
+
+
 class PenaltyTerm:
     """A differentiable regulariser a pass attached to a site; ``orthofx.penalty`` sums ``weight * value``.
 
@@ -242,6 +244,13 @@ class PenaltyTerm:
     #: evaluated on one call of orthofx.penalty in ``every`` (class defaults: terms pickled before they existed)
     every: int = 1
     phase: int = 0
+    #: whether the class defines :meth:`value` below the class defining :meth:`full_precision_value`, so that
+    #: ``orthofx.penalty`` evaluates its :meth:`value`; set once per class (looked up at every term of every step)
+    value_overridden: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.value_overridden = _first_defining(cls, "value") < _first_defining(cls, "full_precision_value")
 
     def __init__(self, site: str, rule: str, weight: float):
         self.site = site

@@ -103,7 +103,7 @@ from .base import (PARAMETER_WEIGHT_LAYERS, RECURRENT_TYPES, TORCH_TRANSPOSED_CO
 from .registry import register_pass
 
 __all__ = ["OrthRegularizer", "LorthTerm", "RecurrentLorthTerm", "lorth_term", "gate_blocks_lorth",
-           "restate_period", "frozen_convnorm_owner"]
+           "restate_period"]
 
 
 class LorthTerm(PenaltyTerm):
