@@ -75,9 +75,10 @@ two with ``max < c <= 2 max`` per matrix (``max``: ``max|lambda|`` for eigh, ``m
 the result by ``c`` (``c^2``) again. The scaling is exact, so for matrices of ordinary scale the gradient is the
 same bit for bit as without it, and the clamps are relative to the matrix (``eps * max``). ``c`` is bounded
 below by ``2^-37`` (7.3e-12) in float32 and ``2^-456`` (5.4e-138) in float64, which keeps the kernels finite for
-near-zero spectra: for a smaller ``max`` the scaled spectrum is no longer near 1 and the clamp ``sqrt(tiny)`` on
-it (:func:`_floor`) comes back, ``c * sqrt(tiny)`` in the matrix's units (an all-zero matrix keeps ``c = 1``,
-the bound it always had). The float32 gradients of well-conditioned matrices are right (float32 accuracy, as
+near-zero spectra: for a smaller ``max`` the scaled spectrum is no longer near 1, and once ``eps * max / c`` falls
+below ``sqrt(tiny)`` (float32: ``max`` below 2^-77, 6.6e-24) the clamp ``sqrt(tiny)`` on it (:func:`_floor`)
+comes back, ``c * sqrt(tiny)`` in the matrix's units (an all-zero matrix keeps ``c = 1``, the bound it always
+had). The float32 gradients of well-conditioned matrices are right (float32 accuracy, as
 torch's own) in these ranges:
 
 * eigh, ``floor = max(eps * max|lambda|, 2^-100)`` (7.9e-31; ``|K| <= 1.3e30``): for eigenvalue gaps above
@@ -681,7 +682,8 @@ def _svd_grad(U, S, Vh, gU, gS, gVh, taylor_order, clamp_gap, inplace: bool) -> 
             inner = T if inner is None else (inner.add_(T) if inplace else inner + T)
     gA = U @ inner @ Vh
     if (gU is not None and m > k) or (gVh is not None and n > k):
-        # 1 / S with the floor of S / c (eps * max(S) for max(S) above 7.3e-12 in float32, c sqrt(tiny) below), as for
+        # 1 / S with the floor of S / c (eps * max(S) for max(S) above 2^-77 = 6.6e-24 in float32, c sqrt(tiny)
+        # below: c stops at 2^-37 and sqrt(tiny) = 2^-63 then exceeds eps * max(S) / c), as for
         # K o S: the floor of S itself, sqrt(tiny), clamped every singular value of a float32 matrix at 1e-20 (the
         # gradient 57-83 % off for a 6 x 4 one); the same values at normal scale
         s_inv = S.clamp_min(_floor(_amax_last(Sc)).squeeze(-1) * c).reciprocal()
