@@ -551,7 +551,7 @@ class _AutogradFunctionCall(TraceError):
         self.path = path
         super().__init__(
             f"its forward calls the autograd.Function {_function_name(function)} on traced values: a trace follows "
-            f"{function.__name__}.forward and drops {function.__name__}.backward, so the graph's gradients would not "
+            f"{function.__name__}.forward and drops {function.__name__}.backward, so the graph's gradients might not "
             "be the Function's")
 
 
@@ -679,13 +679,32 @@ def _refused_function_error(model: nn.Module, call: _AutogradFunctionCall) -> Ca
     error = CaptureError(
         f"the model's own forward ({type(model).__name__}) calls the autograd.Function {_function_name(call.function)}"
         f"{f' at {location}' if location else ''}: a trace follows {name}.forward and drops {name}.backward, so the "
-        "transformed model's gradients would not be the Function's, and capture keeps such a call whole only by "
+        "transformed model's gradients might not be the Function's, and capture keeps such a call whole only by "
         "keeping the submodule whose forward makes it as a leaf, which the model's own forward is not. Fix: move the "
         f"call into a submodule (a small nn.Module whose forward returns {name}.apply(...)), which capture then keeps "
         "as a leaf by itself, or list that submodule's class under capture.leaf_modules in the policy",
         module_path="")
     error.same_in_export = True  # capture mode auto: torch.export would inline the call the same way
     return error
+
+
+class _KeptInOtherMode(Exception):
+    """Raised by a capture of the other training mode (see :func:`_with_other_mode`) whose forward calls a custom
+    autograd.Function in submodules that the first capture traced through (``if self.training: x =
+    GradReverse.apply(x)``): ``kept`` holds ``(path, cause)`` for each, and capture starts again with them as leaves,
+    so that both modes' graphs keep the same modules whole and the Function's backward runs in either mode."""
+
+    def __init__(self, kept: list[tuple[str, str]]):
+        self.kept = kept
+        super().__init__(", ".join(path for path, _ in kept))
+
+
+def _with_kept_leaves(info: CaptureInfo, kept: list[tuple[str, str]]) -> CaptureInfo:
+    """``info`` of a capture run again with the leaves of :class:`_KeptInOtherMode` (passed as leaf paths), listing
+    them first among its leaf fallbacks."""
+    known = {path for path, _ in info.leaf_fallbacks}
+    info.leaf_fallbacks[:0] = [(path, cause) for path, cause in kept if path not in known]
+    return info
 
 
 class _ModeBounds(NamedTuple):
@@ -1432,7 +1451,12 @@ def _with_other_mode(model: nn.Module, gm: torch.fx.GraphModule, info: CaptureIn
     info.warnings.extend(_mixed_mode_warnings(model, gm, capture_other_mode))
     try:
         graph, root = _in_other_mode(model, capture_other_mode)
+    except _KeptInOtherMode:
+        raise
     except Exception as exc:  # noqa: BLE001 - the other mode's forward may not trace; nothing to compare then
+        if _refused_call(exc) is not None:
+            # an autograd.Function called in the model's own forward in that mode only: refused as in this mode
+            raise
         info.warnings.append(
             f"the {'eval' if model.training else 'training'}-mode forward could not be captured "
             f"({type(exc).__name__}: {first_line(str(exc), 200)}): if the model branches on self.training, "
@@ -2306,8 +2330,13 @@ def _capture_fx(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, concrete
 
     def trace_other_mode() -> tuple[torch.fx.Graph, nn.Module]:
         other_tracer = OrthofxTracer(leaf_types=leaf_types, leaf_paths=paths)
-        other_graph = other_tracer.trace(model, concrete_args)
+        try:
+            other_graph = other_tracer.trace(model, concrete_args)
+        except Exception as exc:  # noqa: BLE001 - only a refused autograd.Function call is handled here
+            _keep_refused_in_other_mode(model, other_tracer, exc)
+            raise
         caught = other_tracer.caught_failure()
+        _keep_refused_in_other_mode(model, other_tracer, caught[2] if caught is not None else None)
         if caught is not None:  # the graph would hold the except branch of the model's try/except
             raise CaptureError(f"submodule '{caught[0]}': {_describe_cause(caught[2])}, which the calling code "
                                "caught", module_path=caught[0]) from caught[2]
@@ -2319,7 +2348,26 @@ def _capture_fx(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, concrete
                              if w not in info.warnings)
         return other_graph, _Overlay(model, other_tracer.constants)
 
-    return _with_other_mode(model, gm, info, trace_other_mode), info
+    try:
+        return _with_other_mode(model, gm, info, trace_other_mode), info
+    except _KeptInOtherMode as kept:
+        gm, info = _capture_fx(model, leaf_types, leaf_paths + tuple(path for path, _ in kept.kept), concrete_args,
+                               max_retries, inputs, kwargs)
+        return gm, _with_kept_leaves(info, kept.kept)
+
+
+def _keep_refused_in_other_mode(model: nn.Module, tracer: OrthofxTracer, failure: BaseException | None) -> None:
+    """Handle the custom autograd.Function calls that the other training mode's trace refused (see
+    :func:`_with_other_mode`) as :func:`_trace_with_fallbacks` does in the first: CaptureError for a call in the
+    model's own forward, :class:`_KeptInOtherMode` for a submodule's (``failure``: the trace's exception, or the
+    one a forward caught in a trace that succeeded; None if none)."""
+    at_top = [call for call in tracer.refused if not call.path]
+    if at_top:
+        raise _refused_function_error(model, at_top[0]) from at_top[0]
+    refused = _refused_call(failure) if failure is not None else None
+    if refused is not None:
+        path = tracer.failure_location(failure)[0] or refused.path
+        raise _KeptInOtherMode([(path, _describe_cause(failure))]) from failure
 
 
 def _trace_with_fallbacks(model: nn.Module, leaf_types: tuple, paths: set[str],
@@ -4740,10 +4788,18 @@ def _capture_export(model: nn.Module, leaf_types: tuple, leaf_paths: tuple, inpu
     if not both_modes:
         return gm, info
     def export_other_mode() -> tuple[torch.fx.Graph, nn.Module]:
-        other = _capture_export(model, leaf_types, leaf_paths, inputs, kwargs, both_modes=False)[0]
+        other, other_info = _capture_export(model, leaf_types, leaf_paths, inputs, kwargs, both_modes=False)
+        kept_there = [(path, cause) for path, cause in other_info.leaf_fallbacks if path not in leaf_paths]
+        if kept_there:  # autograd.Function calls in that mode only: both modes keep those modules as leaves
+            raise _KeptInOtherMode(kept_there)
         return other.graph, other
 
-    return _with_other_mode(model, gm, info, export_other_mode), info
+    try:
+        return _with_other_mode(model, gm, info, export_other_mode), info
+    except _KeptInOtherMode as again:
+        gm, info = _capture_export(model, leaf_types, leaf_paths + tuple(path for path, _ in again.kept), inputs,
+                                   kwargs)
+        return gm, _with_kept_leaves(info, kept + again.kept)
 
 
 def _stash_call_hooks(modules: list[nn.Module]) -> list[tuple[nn.Module, dict[str, Any]]]:

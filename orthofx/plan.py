@@ -35,7 +35,8 @@ from torch import fx, nn
 
 from .capture import (ModalGraphModule, _is_torch_layer, _ModulePaths, first_module_paths, module_scopes,
                       unwrap_model)
-from .errors import LayerArgumentError, MetaWeightError, OrthofxWarning, PlanError, caller_stacklevel, first_few
+from .errors import (LayerArgumentError, MetaWeightError, OrthofxWarning, PlanError, caller_stacklevel, first_few,
+                     first_line)
 from .nn import (OrthogonalConv1d, OrthogonalConv2d, OrthogonalConv3d, OrthogonalConvTranspose1d,
                  OrthogonalConvTranspose2d, OrthogonalConvTranspose3d, OrthogonalLinear)
 from .nn.convnorm import FROZEN_FILTERS_MARKER, ConvNormConvNd
@@ -1052,7 +1053,8 @@ def build_plan(gm: fx.GraphModule, policy: Policy, capture: CaptureInfo | None =
                 continue
             note = f" Note: {_traced_through_note(rule, hidden, traced)}." if hidden else ""
             inlined = inlined_blocks(rule, sites, model if model is not None else gm, aliases)
-            raise PlanError(_no_match_message(rule, sites, passed_over, position, len(policy.rules), inlined)
+            raise PlanError(_no_match_message(rule, sites, passed_over, position, len(policy.rules), inlined,
+                                              capture.leaf_fallbacks if capture is not None else ())
                             + _unknown_type_hint(rule, model if model is not None else gm)
                             + _container_type_hint(rule, sites, model if model is not None else gm, aliases,
                                                    position, len(policy.rules))
@@ -2054,11 +2056,31 @@ def inlined_blocks_text(inlined: InlinedBlocks) -> tuple[str, str]:
     return hint, fix
 
 
+def _leaf_fallbacks_hint(leaf_fallbacks: Iterable[tuple[str, str]]) -> str:
+    """What a function rule's no-match message says of the modules capture kept whole as leaves (their code, a
+    decomposition included, is not in the graph); ``""`` for none."""
+    kept = list(leaf_fallbacks)
+    if not kept:
+        return ""
+    listed = first_few([f"'{path}' ({first_line(reason, 240)})" for path, reason in kept], 3)
+    hint = (f"; capture kept {listed} whole as leaf module{'s' if len(kept) > 1 else ''}, and a decomposition "
+            "inside a leaf is no site (the graph calls the module, not its code)")
+    remedies = []
+    if any("autograd.Function" in reason for _, reason in kept):
+        remedies.append("write the custom autograd.Function as a torch.library.custom_op with register_autograd "
+                        "(capture keeps such an op as one call with its backward and traces the rest of the "
+                        "module's forward)")
+    remedies.append("move the decomposition out of that module into a submodule or forward capture traces")
+    return f"{hint}. To make it a site, {', or '.join(remedies)}"
+
+
 def _no_match_message(rule: Rule, sites: list[Site], passed_over: list[OrthofxLayer] = (),
-                      position: int | None = None, count: int = 1, inlined: InlinedBlocks | None = None) -> str:
+                      position: int | None = None, count: int = 1, inlined: InlinedBlocks | None = None,
+                      leaf_fallbacks: Iterable[tuple[str, str]] = ()) -> str:
     """``passed_over``: the orthofx layers the rule passes over (:func:`_passed_over`), the likely cause;
     ``position`` / ``count``: the rule's place in the policy, as :func:`_rule_place` takes them; ``inlined``: the
-    blocks it names in a model orthofx made (:func:`inlined_blocks`), which no match can select there."""
+    blocks it names in a model orthofx made (:func:`inlined_blocks`), which no match can select there;
+    ``leaf_fallbacks``: the capture's (``(path, reason)``), whose decompositions a function rule cannot see."""
     kind = rule.match.site_kind
     candidates = [s for s in sites if s.kind == kind]
     where = _rule_place(rule, match=True, position=position, count=count)
@@ -2066,7 +2088,7 @@ def _no_match_message(rule: Rule, sites: list[Site], passed_over: list[OrthofxLa
     if kind == "function":
         found = sorted({s.target for s in candidates})
         have = ", ".join(found) if found else "none"
-        hint = f"the graph's decompositions: {have}"
+        hint = f"the graph's decompositions: {have}{_leaf_fallbacks_hint(leaf_fallbacks)}"
     elif kind == "block" and inlined is not None:
         hint, fix = inlined_blocks_text(inlined)
     elif kind == "block":

@@ -312,3 +312,188 @@ def test_unpaired_grad_switches_are_a_capture_error():
     _check_mode_switches(_switches(False), _ModeBounds(True, False, 0), "fx")
     with pytest.raises(CaptureError, match="gradients on after each call"):
         _check_mode_switches(_switches(False, "restore"), _ModeBounds(True, False, 0), "fx")
+
+
+# ------------------------------------------------------------------ a Function called in one training mode only
+
+
+class _ReverseWhileTraining(nn.Module):
+    """Reverses the gradient in training mode only (the usual domain-adversarial switch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return GradReverse.apply(h) if self.training else h
+
+
+class _ReverseWhileEvaluating(_ReverseWhileTraining):
+    def forward(self, x):
+        h = self.fc(x)
+        return h if self.training else GradReverse.apply(h)
+
+
+class _OneModeAdversarial(nn.Module):
+    def __init__(self, reverse: type):
+        super().__init__()
+        self.features = nn.Linear(6, 6)
+        self.reverse = reverse()
+        self.domain = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.domain(self.reverse(torch.tanh(self.features(x))))
+
+
+@pytest.mark.parametrize("reverse, transformed_in, run_in", [(_ReverseWhileTraining, "eval", "train"),
+                                                             (_ReverseWhileEvaluating, "train", "eval")])
+@pytest.mark.parametrize("mode", MODES)
+def test_function_called_in_the_other_mode_only_keeps_its_module_in_both_modes(reverse, transformed_in, run_in,
+                                                                              mode):
+    # the other mode's trace refused the call and capture only warned that it could not capture that mode: the
+    # returned module then ran this mode's graph there, with no reversal (fx), or kept another leaf set (export)
+    torch.manual_seed(0)
+    model = _OneModeAdversarial(reverse).double()
+    getattr(model, transformed_in)()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    gm = _transform(model, x, mode)
+    info = _capture_info(gm)
+    assert [path for path, _ in info.leaf_fallbacks] == ["reverse"]
+    assert "autograd.Function GradReverse" in info.leaf_fallbacks[0][1]
+    assert not any("could not be captured" in w for w in info.warnings), info.warnings
+    for run in (run_in, transformed_in):
+        getattr(model, run)()
+        getattr(gm, run)()
+        _assert_same_gradients(model, gm, x)
+    # the Linear inside the kept module is still a site
+    sites = {row["site"] for row in orthofx.explain(model, _policy(mode), example_inputs=(x,)).rows()}
+    assert {"features", "reverse.fc", "domain"} <= sites
+
+
+class _AtTopWhileTraining(_AtTop):
+    def forward(self, x):
+        h = self.features(x)
+        if self.training:
+            h = GradReverse.apply(h)
+        return self.domain(h)
+
+
+@pytest.mark.parametrize("mode", ["fx", "export", "auto"])
+def test_function_in_the_models_own_forward_in_the_other_mode_only_is_refused(mode):
+    model = _AtTopWhileTraining().eval()
+    with pytest.raises(CaptureError) as info:
+        _transform(model, torch.randn(4, 6), mode)
+    text = str(info.value)
+    assert "the model's own forward (_AtTopWhileTraining) calls the autograd.Function GradReverse" in text
+    assert "move the call into a submodule" in text
+    assert "h = GradReverse.apply(h)" in text  # the line of the call
+    assert not model.training  # the model's mode is left as it was
+
+
+# ------------------------------------------------------------ decompositions inside a module kept for a Function
+
+
+class FusedSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return grad * s * (1 + x * (1 - s))
+
+
+@torch.library.custom_op("orthofx_test_s46::reversed_copy", mutates_args=())
+def reversed_copy(x: torch.Tensor) -> torch.Tensor:
+    """A gradient reversal as a custom op: the forward copies, the backward (registered below) negates."""
+    return x.clone()
+
+
+@reversed_copy.register_fake
+def _reversed_copy_fake(x):
+    return torch.empty_like(x)
+
+
+reversed_copy.register_autograd(lambda ctx, grad: -grad)
+
+
+class _Whiten(nn.Module):
+    """A projection, an activation and an eigendecomposition (a site of the svd preset's function rule)."""
+
+    def __init__(self, as_custom_op: bool):
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+        self.as_custom_op = as_custom_op
+
+    def forward(self, x):
+        h = reversed_copy(self.proj(x)) if self.as_custom_op else FusedSiLU.apply(self.proj(x))
+        cov = h.T @ h / h.shape[0] + 1e-3 * torch.eye(6, dtype=h.dtype)
+        _, vectors = torch.linalg.eigh(cov)
+        return h @ vectors
+
+
+class _Whitened(nn.Module):
+    def __init__(self, as_custom_op: bool):
+        super().__init__()
+        self.whiten = _Whiten(as_custom_op)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.whiten(x))
+
+
+def _svd_policy(mode: str) -> orthofx.Policy:
+    data = orthofx.Policy.preset("svd").to_dict()
+    data.setdefault("capture", {})["mode"] = mode
+    return orthofx.Policy.from_dict(data)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_decomposition_matched_names_the_leaf_a_function_kept(mode):
+    model = _Whitened(as_custom_op=False)
+    x = torch.randn(16, 6)
+    for run in (lambda: _quiet(orthofx.transform, model, _svd_policy(mode), example_inputs=(x,)),
+                lambda: _quiet(orthofx.explain, model, _svd_policy(mode), example_inputs=(x,))):
+        with pytest.raises(orthofx.errors.PlanError) as info:
+            run()
+        text = str(info.value)
+        assert "matched no function site" in text
+        assert "capture kept 'whiten' (its forward calls the autograd.Function FusedSiLU" in text
+        assert "a decomposition inside a leaf is no site" in text
+        assert "torch.library.custom_op with register_autograd" in text
+        assert "move the decomposition out of that module" in text
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_custom_op_with_its_autograd_is_kept_as_one_op_and_the_rest_is_traced(mode):
+    # the remedy the message above gives: the module is no leaf, its decomposition is a site, and the op's own
+    # backward (a reversal, where autograd of its forward would pass the gradient unchanged) still runs
+    torch.manual_seed(0)
+    model = _Whitened(as_custom_op=True).double()
+    x = torch.randn(16, 6, dtype=torch.float64)
+    gm = _quiet(orthofx.transform, model, _svd_policy(mode), example_inputs=(x,))
+    assert _capture_info(gm).leaf_fallbacks == []
+    targets = [node.target for node in gm.graph.nodes if node.op == "call_function"]
+    assert torch.ops.orthofx_test_s46.reversed_copy.default in targets
+    assert any(getattr(t, "__name__", "") == "stable_eigh" for t in targets)
+    plain = _transform(model, x, mode)  # Linear rules only: the forward and the gradients are the model's
+    assert _capture_info(plain).leaf_fallbacks == []
+    _assert_same_gradients(model, plain, x)
+    # and the gradient is the reversed one: through the copy alone, autograd of the forward would give +
+    copy = nn.Sequential(nn.Linear(6, 6)).double()
+    inputs = x.clone().requires_grad_(True)
+    reversed_copy(copy(inputs)).sum().backward()
+    reversed_grad = inputs.grad.clone()
+    inputs.grad = None
+    copy(inputs).sum().backward()
+    torch.testing.assert_close(reversed_grad, -inputs.grad)
+
+
+def _quiet(function, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return function(*args, **kwargs)
