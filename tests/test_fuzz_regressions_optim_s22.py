@@ -26,7 +26,7 @@ def test_a_non_finite_step_is_undone_and_named(retraction, bad):
     before, other = first.detach().clone(), second.detach().clone()
     first.grad[0, 0] = bad
     # qr used to write the NaN weight silently (every later step NaN); polar raised without naming the layer
-    with pytest.raises(orthofx.OrthofxError, match=r"weights of '0' NaN or inf"):
+    with pytest.raises(orthofx.OrthofxError, match=r"weights of site '0' \(rule '[^']+'\) NaN or inf"):
         optimizer.step()
     assert torch.equal(first.detach(), before)  # back where the step started
     # the other layer (finite gradient, a batch of its own shape) took its step and stayed on the manifold
