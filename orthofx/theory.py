@@ -72,10 +72,11 @@ class ExistenceResult(NamedTuple):
     reason: str
 
 
-def _positive_int(value, name: str, error: type[ArgumentError] = ArgumentError, minimum: int = 1) -> int:
+def _positive_int(value, name: str, error: type[ArgumentError] = ArgumentError, minimum: int = 1,
+                  message: str | None = None) -> int:
     """``value`` as an int >= ``minimum`` (1: a positive integer); any integer type (numpy and torch ints too, as
     torch.nn layers accept), never a bool. ``error``: the class raised otherwise (orthofx.nn's layers raise
-    LayerArgumentError)."""
+    LayerArgumentError), with ``message`` where the caller words the refusal itself."""
     given = value
     if not isinstance(value, bool):
         try:
@@ -84,9 +85,9 @@ def _positive_int(value, name: str, error: type[ArgumentError] = ArgumentError, 
             pass
     if isinstance(value, bool) or not isinstance(value, int):
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise error(f"{name} must be {kind}, got {given!r}")
+        raise error(message or f"{name} must be {kind}, got {given!r}")
     if value < minimum:
-        raise error(f"{name} must be >= {minimum}, got {value}")
+        raise error(message or f"{name} must be >= {minimum}, got {value}")
     return int(value)
 
 

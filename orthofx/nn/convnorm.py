@@ -569,14 +569,11 @@ def _checked_max_running_grids(value, where: str = "") -> int | None:
     when the attribute is set later)."""
     if value is None:
         return None
-    try:  # numpy's and 0-d tensors' integers too; never a bool or a float
-        return _positive_int(value, "max_running_grids", LayerArgumentError)
-    except LayerArgumentError:
-        prefix = f"{where}: " if where else ""
-        raise LayerArgumentError(
-            f"{prefix}max_running_grids must be None (no bound) or an integer >= 1 (the most running ConvNorm filters, "
-            f"one per FFT grid, that a layer with momentum keeps; default {MAX_RUNNING_GRIDS}), got {value!r}"
-        ) from None
+    prefix = f"{where}: " if where else ""
+    # numpy's and 0-d tensors' integers too; never a bool or a float
+    return _positive_int(value, "max_running_grids", LayerArgumentError, message=(
+        f"{prefix}max_running_grids must be None (no bound) or an integer >= 1 (the most running ConvNorm filters, "
+        f"one per FFT grid, that a layer with momentum keeps; default {MAX_RUNNING_GRIDS}), got {value!r}"))
 
 
 def _spatial_sizes(value, d: int, label: str, what: str) -> tuple[int, ...]:

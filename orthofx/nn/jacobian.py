@@ -105,10 +105,8 @@ def _seed(seed) -> int:
     """``seed`` as a Python int (:func:`~orthofx.theory._positive_int` without a lower bound: numpy's and 0-d
     tensors' integers too, ``np.int64(3)`` read from an array; never a bool or a float), which
     ``torch.Generator.manual_seed`` takes."""
-    try:
-        return _positive_int(seed, "seed", LayerArgumentError, minimum=-math.inf)
-    except LayerArgumentError:
-        raise LayerArgumentError(f"seed must be an integer or None, got {seed!r}") from None
+    return _positive_int(seed, "seed", LayerArgumentError, minimum=-math.inf,
+                         message=f"seed must be an integer or None, got {seed!r}")
 
 
 def _penalty_dtype_of(output: Any, estimate: torch.Tensor) -> torch.dtype:

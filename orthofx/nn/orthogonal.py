@@ -177,10 +177,8 @@ def _int(value, name: str, minimum: int = 1) -> int:
     """``value`` as an int >= ``minimum``, read by :func:`~orthofx.theory._positive_int` (numpy's and 0-d tensors'
     integers too; a float tensor's ``__index__`` raised a raw TypeError: ``OrthogonalLinear(torch.tensor(4.), 4)``),
     refused in the layers' one wording, "must be an integer >= minimum"."""
-    try:
-        return _positive_int(value, name, LayerArgumentError, minimum)
-    except LayerArgumentError:
-        raise LayerArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    return _positive_int(value, name, LayerArgumentError, minimum,
+                         message=f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _tuple(value, dims: int, name: str, minimum: int = 1, broadcast: bool = True) -> tuple[int, ...]:
